@@ -1,0 +1,295 @@
+"""The plain Python API: ``pmap`` and ``parallel``. The magics call these.
+
+Both build a job (``jobs.py``), hand it to the current backend (``pool.py``),
+and make a :class:`~mpmagic.report.Report` of how long it took against
+serial: measured when ``compare=True`` ran the work serially here too,
+estimated from the workers' own task times otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import sys
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import payload
+from .cell import make_cell_spec, run_cell_code, split_last_expression
+from .errors import ParallelError, UsageError, render_traceback
+from .jobs import CellJob, MapJob, RemoteTraceback
+from .pool import get_pool
+from .report import Report
+
+_last_report: Report | None = None
+
+
+def last_report() -> Report | None:
+    """The report of the most recent ``pmap`` or ``parallel`` run."""
+    return _last_report
+
+
+def _check_workers(workers: Any) -> int | None:
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
+    return workers
+
+
+def _check_positive(name: str, value: Any, integer: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok or value <= 0:
+        kind = "a whole number" if integer else "a number"
+        raise UsageError(f"{name} must be {kind} greater than 0, not {value!r}")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Equality that copes with numpy arrays and odd ``__eq__``s."""
+    try:
+        result = a == b
+        if isinstance(result, bool):
+            return result
+    except Exception:
+        pass
+    try:
+        import numpy as np
+
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            return all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        return bool(np.array_equal(a, b))
+    except Exception:
+        try:
+            return payload.dumps_data(a) == payload.dumps_data(b)
+        except Exception:
+            return False
+
+
+def pmap(
+    func: Callable,
+    *iterables: Iterable,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: str = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+) -> list:
+    """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
+
+    ``func`` may be anything defined in a notebook (def, lambda, closure,
+    ``functools.partial``, bound method): it travels by value with cloudpickle,
+    once per call. ``star=True`` calls ``func(*item)`` (like ``starmap``);
+    several iterables are zipped as ``map`` does. ``workers`` limits (or grows)
+    the processes used; ``chunksize`` fixes the items per message (automatic by
+    default, from measured task times). ``compare=True`` also runs the map
+    serially here and reports the measured speedup. ``errors="collect"`` puts a
+    :class:`~mpmagic.jobs.Failed` in the place of each failing item instead of
+    raising. ``timeout`` (seconds) stops an item that runs longer and replaces
+    its worker. ``retries`` re-sends items whose worker died.
+    """
+    __tracebackhide__ = True
+    global _last_report
+    if not callable(func):
+        raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
+    if not iterables:
+        raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
+    for i, it in enumerate(iterables, 2):
+        try:
+            iter(it)
+        except TypeError:
+            raise UsageError(f"argument {i} of map must be iterable, not {type(it).__name__} {payload_repr(it)}") from None
+    workers = _check_workers(workers)
+    _check_positive("chunksize", chunksize, integer=True)
+    _check_positive("timeout", timeout)
+    if errors not in ("raise", "collect"):
+        raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
+    if star and len(iterables) > 1:
+        raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+
+    if compare:  # both runs need the input: keep one-shot iterators
+        iterables = tuple(list(it) if iter(it) is it else it for it in iterables)
+    n_items = _length(iterables)
+    if len(iterables) == 1:
+        items, star_mode = iter(iterables[0]), star
+    else:
+        items, star_mode = zip(*iterables, strict=False), True
+
+    backend = get_pool()
+    n_workers = workers or backend.workers
+    job = MapJob(
+        func,
+        items,
+        n_items,
+        star_mode,
+        n_workers,
+        chunksize=chunksize,
+        collect=errors == "collect",
+        timeout=timeout,
+        retries=retries,
+    )
+    t0 = time.perf_counter()
+    backend.run(job, workers=workers)
+    wall = time.perf_counter() - t0
+    failed = 0
+    try:
+        results = job.results()
+    finally:
+        _last_report = Report(
+            kind="pmap",
+            items=job.items_done,
+            workers=n_workers,
+            backend=backend.name,
+            start_method=getattr(backend, "start_method", None),
+            wall=wall,
+            task_seconds=job.task_seconds,
+            chunks=job.n_chunks,
+            chunksize=job.planner.describe(),
+        )
+    from .jobs import Failed
+
+    failed = sum(isinstance(r, Failed) for r in results)
+    _last_report.failed = failed
+    if compare:
+        t1 = time.perf_counter()
+        if star_mode and len(iterables) == 1:
+            serial = list(itertools.starmap(func, iterables[0]))
+        else:
+            serial = list(map(func, *iterables))
+        _last_report.serial = time.perf_counter() - t1
+        _last_report.equal = _equal(serial, results)
+    if show_report:
+        print(_last_report.line())
+    return results
+
+
+def payload_repr(obj: Any) -> str:
+    from .jobs import short_repr
+
+    return short_repr(obj, 40)
+
+
+def _length(iterables: tuple) -> int | None:
+    try:
+        return min(len(it) for it in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class RankValues(list):
+    """The last values of a ``parallel`` cell, in rank order.
+
+    ``gathered`` maps each ``gather`` name to its per-rank values; ``report``
+    is the run's timing report.
+    """
+
+    gathered: dict[str, list]
+    report: Report | None = None
+
+
+def parallel(
+    code: str,
+    workers: int | None = None,
+    namespace: dict[str, Any] | None = None,
+    compare: bool = False,
+    timeout: float | None = None,
+    gather: Iterable[str] = (),
+    label_output: bool = True,
+    show_report: bool = False,
+) -> RankValues:
+    """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
+
+    Each copy sees ``rank`` (0..size-1), ``size`` and the names of
+    ``namespace`` that the code reads (modules are imported again in the
+    workers, everything else is cloudpickled). Returns each rank's last
+    expression value in rank order (None where the code ends in a statement);
+    ``gather`` names variables to bring back from every rank. What ranks print
+    is shown labelled ``[rank N]``. If ranks fail, each failing rank's traceback
+    is printed and :class:`~mpmagic.errors.ParallelError` is raised.
+    """
+    __tracebackhide__ = True
+    global _last_report
+    workers = _check_workers(workers)
+    _check_positive("timeout", timeout)
+    gather = tuple(gather)
+    for g in gather:
+        if not g.isidentifier():
+            raise UsageError(f"--gather takes variable names, and {g!r} is not one")
+    if namespace is None:
+        namespace = sys._getframe(1).f_globals
+    try:
+        spec = make_cell_spec(code, namespace, gather)
+    except SyntaxError as exc:
+        raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+    backend = get_pool()
+    size = workers or backend.workers
+    spec_bytes = _pack_spec(spec)
+    job = CellJob(spec_bytes, size, timeout=timeout, label=label_output)
+    t0 = time.perf_counter()
+    backend.run(job, workers=size)
+    wall = time.perf_counter() - t0
+    report = Report(
+        kind="parallel",
+        items=size,
+        workers=size,
+        backend=backend.name,
+        start_method=getattr(backend, "start_method", None),
+        wall=wall,
+        task_seconds=job.task_seconds,
+        failed=len(job.failures),
+    )
+    _last_report = report
+    if job.failures:
+        job.flush_output()
+        for rank in sorted(job.failures):
+            exc = job.failures[rank]
+            cause = exc.__cause__
+            text = cause.text if isinstance(cause, RemoteTraceback) else f"{type(exc).__name__}: {exc}"
+            sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
+        n = len(job.failures)
+        ranks = ", ".join(map(str, sorted(job.failures)))
+        first = job.failures[min(job.failures)]
+        raise ParallelError(
+            f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
+            f"rank {min(job.failures)}: {type(first).__name__}: {first}",
+            dict(job.failures),
+        ) from None
+    values = RankValues(job.results())
+    values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in gather}
+    if compare:
+        t1 = time.perf_counter()
+        serial_value, _ = run_cell_code(spec, 0, 1)
+        report.serial = time.perf_counter() - t1
+        report.extra["serial_value"] = serial_value
+    values.report = report
+    if show_report:
+        print(report.line())
+    return values
+
+
+def _pack_spec(spec: Any) -> bytes:
+    try:
+        return payload.dumps_function(spec, "the cell's names")
+    except Exception:
+        for name, value in spec.names.items():
+            try:
+                payload.dumps_function(value, f"`{name}`")
+            except Exception as exc:
+                raise type(exc)(str(exc).replace("the workers", "the ranks")) from None
+        raise
+
+
+def cell_has_value(code: str) -> bool:
+    """Does the cell end in an expression (so it has a value to show)?"""
+    try:
+        return split_last_expression(ast.parse(code))[1] is not None
+    except SyntaxError:
+        return False
+
+
+__all__ = ["pmap", "parallel", "last_report", "RankValues", "render_traceback"]

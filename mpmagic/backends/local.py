@@ -1,0 +1,517 @@
+"""Worker processes on this machine, and the loop that drives them.
+
+Why not ``multiprocessing.Pool``: with spawn or forkserver it cannot run a
+notebook function, it hangs when a worker dies mid-task, it cannot bound a
+task's time, and it cannot run N cell copies at once on distinct workers. So
+each worker gets one duplex pipe, and one loop in the calling thread waits on
+every pipe *and* every worker's process sentinel together
+(``multiprocessing.connection.wait``): a result, a line of output, or a
+worker's death wakes it, so a dead worker is an error with its exit status,
+never a hang. Because the loop runs in the notebook's main thread, Ctrl-C
+(or "interrupt kernel") lands in it directly; workers ignore SIGINT and the
+loop stops the ones busy with the interrupted run and starts replacements.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import types
+import weakref
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+from .. import payload, worker
+from ..cpus import available_cpus
+from ..errors import MPMagicError, UsageError, describe_exitcode
+
+START_METHODS = ("forkserver", "spawn", "fork")
+
+
+def default_start_method() -> str:
+    """forkserver on Linux (spawn-safe and fast to start), spawn elsewhere."""
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One worker process and what the loop knows about it."""
+
+    wid: int
+    proc: Any
+    conn: Any
+    started: float
+    known: set = field(default_factory=set)  # payload keys it has cached
+    inflight: deque = field(default_factory=deque)  # (call_id, unit) in send order
+    deadline: float | None = None
+    tasks: int = 0  # items/ranks finished since it started
+    pid: int | None = None
+    ready: bool = False
+    temporary: bool = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.inflight)
+
+
+@contextmanager
+def _no_main_module():
+    """Hide ``__main__`` while a worker starts.
+
+    multiprocessing makes spawn and forkserver children import the parent's
+    ``__main__`` (the kernel launcher, pytest, a script). Our workers never
+    need it, since notebook code travels by value, and importing it costs time
+    and can run unguarded code. An empty stand-in avoids that.
+    """
+    real = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if real is not None:
+            sys.modules["__main__"] = real
+
+
+@contextmanager
+def _sigint_deferred():
+    """Cleanup that a second Ctrl-C must not cut short: defer SIGINT meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if hits and callable(old):
+            old(signal.SIGINT, None)
+
+
+_live_backends: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for backend in list(_live_backends):
+        backend.stop(timeout=0.5)
+
+
+class LocalBackend:
+    """A managed pool of worker processes on this machine."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        start_method: str | None = None,
+        max_tasks_per_child: int | None = None,
+    ) -> None:
+        method = start_method or default_start_method()
+        if method not in multiprocessing.get_all_start_methods():
+            raise UsageError(
+                f"unknown start method {method!r}: choose one of "
+                f"{', '.join(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())}"
+            )
+        n = available_cpus() if workers is None else workers
+        if not isinstance(n, int) or n < 1:
+            raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
+        self.workers = n
+        self.start_method = method
+        self.max_tasks_per_child = max_tasks_per_child
+        self.ctx = multiprocessing.get_context(method)
+        self.slots: list[_Slot] = []
+        self._next_wid = 0
+        self.tasks_run = 0
+        self.calls_run = 0
+        self.workers_replaced = 0
+        self.created = time.time()
+        self._lock = threading.RLock()
+        self._limit: int | None = None
+        _live_backends.add(self)
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return bool(self.slots)
+
+    def start(self) -> None:
+        """Start the workers (returns at once; they get ready in the background)."""
+        with self._lock:
+            if self.start_method == "forkserver" and not self.slots:
+                try:
+                    self.ctx.set_forkserver_preload(["mpmagic.worker", "mpmagic.cell"])
+                except Exception:
+                    pass
+            while len([s for s in self.slots if not s.temporary]) < self.workers:
+                self.slots.append(self._spawn())
+
+    def _spawn(self, temporary: bool = False) -> _Slot:
+        parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        wid = self._next_wid
+        self._next_wid += 1
+        proc = self.ctx.Process(
+            target=worker.main,
+            args=(child_conn, os.getpid(), wid),
+            name=f"mpmagic-worker-{wid}",
+            daemon=True,
+        )
+        with _no_main_module():
+            proc.start()
+        child_conn.close()
+        return _Slot(wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until every worker has said it is ready (used by ``%pool start``)."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        while not all(s.ready for s in self.slots):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MPMagicError(f"workers not ready after {timeout:g} s")
+            self._pump(None, min(left, 0.2))
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop every worker: ask politely, then terminate, then kill."""
+        with self._lock:
+            slots, self.slots = self.slots, []
+        for s in slots:
+            try:
+                s.conn.send_bytes(pickle.dumps(("stop",)))
+            except Exception:
+                pass
+        deadline = time.monotonic() + timeout
+        for s in slots:
+            s.proc.join(max(0.0, deadline - time.monotonic()))
+        for s in slots:
+            if s.proc.is_alive():
+                s.proc.terminate()
+        for s in slots:
+            s.proc.join(0.5)
+            if s.proc.is_alive():
+                s.proc.kill()
+                s.proc.join(1.0)
+            s.conn.close()
+            try:
+                s.proc.close()
+            except Exception:
+                pass
+
+    def resize(self, workers: int) -> None:
+        if workers < 1:
+            raise UsageError(f"workers must be at least 1, not {workers}")
+        with self._lock:
+            self.workers = workers
+            if self.slots:
+                extra = [s for s in self.slots if not s.temporary][workers:]
+                for s in extra:
+                    self._retire(s)
+                self.start()
+
+    def _retire(self, slot: _Slot) -> None:
+        """Stop one idle worker and forget it."""
+        if slot in self.slots:
+            self.slots.remove(slot)
+        try:
+            slot.conn.send_bytes(pickle.dumps(("stop",)))
+        except Exception:
+            pass
+        slot.conn.close()
+        _reap_later(slot.proc)
+
+    def _kill(self, slot: _Slot) -> None:
+        """Kill a worker at once (timeout, interrupt, abandoned work)."""
+        if slot in self.slots:
+            self.slots.remove(slot)
+        try:
+            slot.proc.kill()
+        except Exception:
+            pass
+        slot.conn.close()
+        _reap_later(slot.proc)
+        self.workers_replaced += 1
+
+    def _replace(self, slot: _Slot) -> None:
+        self._kill(slot)
+        if not slot.temporary:
+            self.slots.append(self._spawn())
+
+    # -- status ------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A snapshot for ``%pool``: backend, method, workers with pids and memory."""
+        import psutil
+
+        workers = []
+        for s in self.slots:
+            try:
+                rss = psutil.Process(s.pid).memory_info().rss if s.pid else None
+            except Exception:
+                rss = None
+            workers.append(
+                {
+                    "id": s.wid,
+                    "pid": s.pid,
+                    "alive": s.proc.is_alive(),
+                    "ready": s.ready,
+                    "busy": s.busy,
+                    "tasks": s.tasks,
+                    "rss": rss,
+                }
+            )
+        return {
+            "backend": "local",
+            "start_method": self.start_method,
+            "workers": self.workers,
+            "running": self.running,
+            "processes": workers,
+            "tasks_run": self.tasks_run,
+            "calls_run": self.calls_run,
+            "workers_replaced": self.workers_replaced,
+            "max_tasks_per_child": self.max_tasks_per_child,
+        }
+
+    # -- running a job -----------------------------------------------------
+    def run(self, job, workers: int | None = None) -> None:
+        """Drive ``job`` to completion on the workers; raise what interrupts it.
+
+        ``workers`` limits a map to that many workers, or grows the pool to it.
+        """
+        __tracebackhide__ = True
+        self.start()
+        self.calls_run += 1
+        if job.kind == "cell":
+            self._ensure_distinct(job.size)
+            self._limit = None
+        else:
+            if workers and workers > self.workers:
+                self.resize(workers)
+            self._limit = workers
+        try:
+            self._loop(job)
+        except BaseException:
+            with _sigint_deferred():
+                self._abandon(job)
+            raise
+        finally:
+            if job.kind == "cell":
+                for s in [s for s in self.slots if s.temporary and not s.busy]:
+                    self._retire(s)
+
+    def _ensure_distinct(self, n: int) -> None:
+        """A cell needs ``n`` workers at once: add temporary ones if the pool is smaller."""
+        have = len(self.slots)
+        if n > have:
+            limit = max(64, 8 * available_cpus())
+            if n > limit:
+                raise UsageError(f"-n {n} is more ranks than this machine can run at once (at most {limit})")
+            for _ in range(n - have):
+                self.slots.append(self._spawn(temporary=True))
+
+    def _depth(self, job) -> int:
+        """Units in flight per worker: 2 hides latency for short chunks."""
+        if job.kind == "cell" or job.timeout:
+            return 1
+        per_item = job.planner.per_item
+        if per_item is None:
+            return 1
+        return 2 if per_item * max(job.planner.sizes_used or {1}) < 0.02 else 1
+
+    def _assign(self, job) -> None:
+        depth = self._depth(job)
+        # Fill idle workers first, then deepen pipelines.
+        slots = self.slots[: self._limit] if self._limit else self.slots
+        for level in range(depth):
+            for slot in sorted(slots, key=lambda s: len(s.inflight)):
+                if len(slot.inflight) > level:
+                    continue
+                if job.kind == "cell" and slot.inflight:
+                    continue
+                if not job.has_work:
+                    return
+                unit = job.next_unit()
+                if unit is None:
+                    return
+                self._send_unit(slot, job, unit)
+
+    def _send_unit(self, slot: _Slot, job, unit) -> None:
+        try:
+            if job.func_key is not None and job.func_key not in slot.known:
+                slot.conn.send_bytes(pickle.dumps(("func", job.func_key, job.func_payload), payload.PROTOCOL))
+                slot.known.add(job.func_key)
+            slot.conn.send_bytes(pickle.dumps(job.message(unit), payload.PROTOCOL))
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            job.requeue(unit)
+            slot.known.discard(job.func_key)
+            return  # the sentinel reports the dead worker
+        slot.inflight.append((job.call_id, unit))
+        if job.timeout and len(slot.inflight) == 1:
+            slot.deadline = time.monotonic() + job.timeout
+
+    def _loop(self, job) -> None:
+        while not job.finished:
+            self._assign(job)
+            if job.finished:
+                break
+            timeout = 0.5
+            now = time.monotonic()
+            deadlines = [s.deadline for s in self.slots if s.deadline is not None]
+            if deadlines:
+                timeout = max(0.0, min(timeout, min(deadlines) - now))
+            self._pump(job, timeout)
+            self._check_deadlines(job)
+            self._check_restarts()
+        if getattr(job, "failure", None) is not None:
+            self._abandon(job, grace=0.5)
+
+    def _pump(self, job, timeout: float) -> None:
+        """Wait for and handle whatever the workers say, or their deaths."""
+        conns = {s.conn: s for s in self.slots}
+        sentinels = {s.proc.sentinel: s for s in self.slots}
+        ready = wait(list(conns) + list(sentinels), timeout)
+        dead = []
+        for r in ready:
+            if r in conns:
+                slot = conns[r]
+                if not self._drain(slot, job):
+                    dead.append(slot)
+            else:
+                dead.append(sentinels[r])
+        for slot in dict.fromkeys(dead):
+            if slot in self.slots:
+                self._drain(slot, job)
+                self._lost(slot, job)
+
+    def _drain(self, slot: _Slot, job) -> bool:
+        """Handle every message waiting on this worker's pipe. False on EOF."""
+        try:
+            while slot.conn.poll():
+                self._handle(slot, pickle.loads(slot.conn.recv_bytes()), job)
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _handle(self, slot: _Slot, msg: tuple, job) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            slot.ready = True
+            slot.pid = msg[1]
+            return
+        call, tag = msg[1], msg[2]
+        current = job is not None and call == job.call_id
+        if kind == "out":
+            if current:
+                job.output(tag, msg[3], msg[4])
+            return
+        # A reply: it answers the oldest unit in flight on this worker.
+        if not slot.inflight or slot.inflight[0][1].id != tag or slot.inflight[0][0] != call:
+            return  # a reply for a unit we already gave up on
+        _, unit = slot.inflight.popleft()
+        slot.deadline = time.monotonic() + job.timeout if (current and job.timeout and slot.inflight) else None
+        if not current:
+            return
+        if kind == "done":
+            slot.tasks += unit.count
+            self.tasks_run += unit.count
+            job.done(unit, msg[3], msg[4])
+        elif kind == "error":
+            slot.tasks += unit.count
+            self.tasks_run += unit.count
+            job.error(unit, msg[3], msg[4], msg[5], msg[6])
+        elif kind == "unpicklable":
+            job.unpicklable(unit, msg[3], msg[4])
+        elif kind == "missing":
+            slot.known.discard(msg[3])
+            job.requeue(unit)
+
+    def _lost(self, slot: _Slot, job) -> None:
+        """A worker died: blame its running unit, send the queued ones again."""
+        slot.proc.join(0.1)
+        code = slot.proc.exitcode
+        reason = describe_exitcode(code)
+        inflight = list(slot.inflight)
+        slot.inflight.clear()
+        if not slot.ready and time.monotonic() - slot.started < 30 and not inflight:
+            self._startup_failures = getattr(self, "_startup_failures", 0) + 1
+            if self._startup_failures >= 3:
+                self._kill(slot)
+                raise MPMagicError(
+                    f"worker processes die while starting (the last {reason}); "
+                    f"check that `python -c 'import mpmagic'` works, or try another start method"
+                )
+        else:
+            self._startup_failures = 0
+        self._replace(slot)
+        if job is None:
+            return
+        for i, (call, unit) in enumerate(inflight):
+            if call != job.call_id:
+                continue
+            if i == 0:
+                job.lost(unit, reason)
+            else:
+                job.requeue(unit)
+
+    def _check_deadlines(self, job) -> None:
+        now = time.monotonic()
+        for slot in list(self.slots):
+            if slot.deadline is not None and now >= slot.deadline and slot.inflight:
+                call, unit = slot.inflight[0]
+                rest = list(slot.inflight)[1:]
+                slot.inflight.clear()
+                self._replace(slot)
+                if call == job.call_id:
+                    job.lost(unit, "ran past its timeout", timed_out=True)
+                for c, u in rest:
+                    if c == job.call_id:
+                        job.requeue(u)
+
+    def _check_restarts(self) -> None:
+        """Recycle workers that reached ``max_tasks_per_child`` once they are idle."""
+        if not self.max_tasks_per_child:
+            return
+        for slot in list(self.slots):
+            if not slot.busy and slot.tasks >= self.max_tasks_per_child:
+                self._retire(slot)
+                if not slot.temporary:
+                    self.slots.append(self._spawn())
+
+    def _abandon(self, job, grace: float = 0.0) -> None:
+        """Stop work of ``job`` still running: wait up to ``grace``, then kill."""
+        deadline = time.monotonic() + grace
+        while grace and any(c == job.call_id for s in self.slots for c, _ in s.inflight):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                self._pump(None, min(left, 0.1))
+            except MPMagicError:
+                break
+        for slot in list(self.slots):
+            if any(c == job.call_id for c, _ in slot.inflight):
+                self._replace(slot)
+
+
+def _reap_later(proc) -> None:
+    """Collect a stopped process's exit status without blocking the notebook."""
+
+    def reap() -> None:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+
+    threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()

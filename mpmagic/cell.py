@@ -1,0 +1,115 @@
+"""The code of a ``%%parallel`` cell: which notebook names it uses, and how a
+worker runs it and returns its last expression's value.
+
+The notebook side (:func:`make_cell_spec`) sends only the names the cell reads:
+modules travel as their import name and are imported again in the worker;
+everything else is cloudpickled. The worker side (:func:`run_cell_code`)
+imports no IPython.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib
+import linecache
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+_counter = 0
+
+
+@dataclass
+class CellSpec:
+    """What a worker needs to run a cell: code, names, modules to import."""
+
+    source: str
+    filename: str
+    names: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=dict)
+    gather: tuple[str, ...] = ()
+
+
+def register_source(source: str, prefix: str = "parallel-cell") -> str:
+    """Give cell source a filename that tracebacks can show lines from."""
+    global _counter
+    _counter += 1
+    filename = f"<{prefix}-{_counter}>"
+    lines = source.splitlines(keepends=True)
+    linecache.cache[filename] = (len(source), None, lines, filename)
+    return filename
+
+
+def names_used(tree: ast.AST) -> set[str]:
+    """Every name the code reads (loads), in any nested scope."""
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+def _module_name(mod: types.ModuleType) -> str | None:
+    name = getattr(mod, "__name__", None)
+    if name in (None, "__main__", "__mp_main__"):
+        return None
+    return name
+
+
+def make_cell_spec(
+    source: str, user_ns: dict[str, Any], gather: tuple[str, ...] = ()
+) -> CellSpec:
+    """Parse the cell (SyntaxError propagates) and pick the names it needs."""
+    tree = ast.parse(source)
+    filename = register_source(source)
+    spec = CellSpec(source=source, filename=filename, gather=tuple(gather))
+    for name in sorted(names_used(tree)):
+        if name in ("rank", "size") or name not in user_ns:
+            continue
+        value = user_ns[name]
+        if isinstance(value, types.ModuleType) and _module_name(value):
+            spec.modules[name] = _module_name(value)
+        elif hasattr(builtins, name) and getattr(builtins, name) is value:
+            continue
+        else:
+            spec.names[name] = value
+    return spec
+
+
+def split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:
+    """Split off a trailing expression statement, as IPython does for Out[]."""
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body[-1].value)
+        body = ast.Module(tree.body[:-1], type_ignores=[])
+        return body, last
+    return tree, None
+
+
+def run_cell_code(spec: CellSpec, rank: int, size: int) -> tuple[Any, dict[str, Any]]:
+    """Run the cell with ``rank`` and ``size`` set; return (last value, gathered)."""
+    linecache.cache[spec.filename] = (
+        len(spec.source),
+        None,
+        spec.source.splitlines(keepends=True),
+        spec.filename,
+    )
+    ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+    for alias, modname in spec.modules.items():
+        ns[alias] = importlib.import_module(modname)
+    ns.update(spec.names)
+    ns["rank"], ns["size"] = rank, size
+    # Code in the cell may import from __main__ or pickle its own classes.
+    main = types.ModuleType("__main__")
+    main.__dict__.update(ns)
+    ns = main.__dict__
+    saved_main = sys.modules.get("__main__")
+    sys.modules["__main__"] = main
+    try:
+        body, last = split_last_expression(ast.parse(spec.source, spec.filename))
+        exec(compile(body, spec.filename, "exec"), ns)
+        value = eval(compile(last, spec.filename, "eval"), ns) if last is not None else None
+    finally:
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+    missing = [g for g in spec.gather if g not in ns]
+    if missing:
+        raise NameError(f"--gather: name(s) {', '.join(map(repr, missing))} not defined in the cell")
+    return value, {g: ns[g] for g in spec.gather}

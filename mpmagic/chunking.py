@@ -1,0 +1,74 @@
+"""How many items go in each chunk sent to a worker.
+
+One message per item makes tiny tasks 100x slower than serial; one huge chunk
+per worker leaves cores idle when items differ in cost. The planner starts
+small, measures the time per item in the workers, and sizes later chunks to
+take about ``target`` seconds, while keeping several chunks per worker for
+the tail of the input so no worker finishes long before the others.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class ChunkPlanner:
+    """Adaptive chunk sizes from measured per-item times (or a fixed size)."""
+
+    def __init__(
+        self,
+        n_items: int | None,
+        workers: int,
+        chunksize: int | None = None,
+        target: float = 0.05,
+        max_chunk: int = 100_000,
+    ) -> None:
+        self.n_items = n_items
+        self.workers = max(1, workers)
+        self.fixed = chunksize
+        self.target = target
+        self.max_chunk = max_chunk
+        self.per_item: float | None = None  # smoothed seconds per item
+        self.sent = 0
+        self.sizes_used: set[int] = set()
+
+    def next_size(self) -> int:
+        """Size of the next chunk to send (at least 1)."""
+        if self.fixed:
+            size = self.fixed
+        else:
+            size = self._adaptive()
+        self.sizes_used.add(size)
+        return size
+
+    def _adaptive(self) -> int:
+        remaining = None if self.n_items is None else max(1, self.n_items - self.sent)
+        if self.per_item is None:
+            # Before any measurement: a small first chunk per worker.
+            if remaining is None:
+                return 1
+            return max(1, min(remaining // (self.workers * 4), 16))
+        size = int(self.target / max(self.per_item, 1e-9))
+        if remaining is not None:
+            # Keep the tail balanced: at least ~2 chunks per worker remain.
+            size = min(size, math.ceil(remaining / (self.workers * 2)))
+        return max(1, min(size, self.max_chunk))
+
+    def record(self, n_items: int, seconds: float) -> None:
+        """Feed back the compute time a worker measured for a chunk."""
+        if n_items <= 0:
+            return
+        t = seconds / n_items
+        self.per_item = t if self.per_item is None else 0.5 * self.per_item + 0.5 * t
+
+    def note_sent(self, n: int) -> None:
+        self.sent += n
+
+    def describe(self) -> str:
+        """For the report: the fixed size, or the range the planner used."""
+        if self.fixed:
+            return str(self.fixed)
+        if not self.sizes_used:
+            return "auto"
+        lo, hi = min(self.sizes_used), max(self.sizes_used)
+        return f"auto ({lo})" if lo == hi else f"auto ({lo}-{hi})"

@@ -1,0 +1,45 @@
+"""How many CPUs this process may really use.
+
+``os.cpu_count()`` counts the machine's CPUs, not the ones a container or a
+``taskset`` lets this process run on. The pool's default size is the smaller
+of the CPU affinity mask and the cgroup CPU quota, so that it never starts
+more busy processes than there are cores to run them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs allowed by a cgroup v2 (``cpu.max``) or v1 (``cfs_quota``) limit."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            return int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            quota_us = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            period_us = int(f.read())
+        if quota_us > 0 and period_us > 0:
+            return quota_us / period_us
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: affinity mask and cgroup quota, at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)

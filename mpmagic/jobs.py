@@ -1,0 +1,399 @@
+"""What one run is, independent of where it runs.
+
+A job hands out units of work (chunks of a map, ranks of a cell), takes back
+their results, errors, output and losses, and assembles the answer in input
+or rank order. Backends (``backends/local.py``, ``backends/dask.py``) only
+move units to workers and report what came back, so every backend gives the
+same results, errors, output and timing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import sys
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import payload
+from .chunking import ChunkPlanner
+from .errors import (
+    ParallelError,
+    RemoteError,
+    RemoteTraceback,
+    RenderRemote,
+    SerializationError,
+    TaskTimeoutError,
+    WorkerLostError,
+    render_traceback,
+)
+
+_call_ids = itertools.count(1)
+
+
+def short_repr(obj: Any, limit: int = 60) -> str:
+    """A repr that fits in an error message."""
+    try:
+        r = repr(obj)
+    except Exception:
+        r = f"<{type(obj).__name__}>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def rebuild_exception(info: Any, where: str) -> BaseException:
+    """The worker's exception as the same type here, with its traceback as cause."""
+    exc: BaseException | None = None
+    if info.exc_bytes:
+        try:
+            exc = pickle.loads(info.exc_bytes)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(info.type_name, info.message)
+    text = render_traceback(info.frames, info.exc_text)
+    exc.__cause__ = RemoteTraceback(text)
+    add_note(exc, where)
+    try:
+        exc._render_traceback_ = RenderRemote(text, where)  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        pass
+    return exc
+
+
+@dataclass
+class Failed:
+    """Stands in the results, with ``errors="collect"``, for an item that failed.
+
+    ``index`` is its position in the input, ``item`` its arguments, ``error``
+    the exception (with the worker's traceback as its ``__cause__``).
+    """
+
+    index: int
+    item: Any
+    error: BaseException
+
+    def __repr__(self) -> str:
+        return f"<Failed item {self.index} {short_repr(self.item, 40)}: {type(self.error).__name__}: {self.error}>"
+
+
+@dataclass
+class Unit:
+    """One message's worth of work: a chunk of items, or one rank of a cell."""
+
+    id: int
+    start: int
+    count: int
+    data: bytes
+    items: list = field(default_factory=list)
+    attempts: int = 0
+
+
+class MapJob:
+    """A parallel map: chunks out in input order, results back in input order."""
+
+    kind = "map"
+
+    def __init__(
+        self,
+        func: Callable,
+        items: Iterator,
+        n_items: int | None,
+        star: bool,
+        workers: int,
+        chunksize: int | None = None,
+        collect: bool = False,
+        timeout: float | None = None,
+        retries: int = 0,
+        func_payload: bytes | None = None,
+        out: Callable[[str, str], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.call_id = next(_call_ids)
+        self.func = func
+        self.func_payload = func_payload or payload.dumps_function(func)
+        self.func_key = payload.payload_key(self.func_payload)
+        self.star = star
+        self.collect = collect
+        self.timeout = timeout
+        self.retries = retries
+        self.planner = ChunkPlanner(n_items, workers, 1 if timeout and not chunksize else chunksize)
+        self._iter = items
+        self._next_id = 0
+        self._next_start = 0
+        self._requeued: deque[Unit] = deque()
+        self.outstanding: dict[int, Unit] = {}
+        self._results: dict[int, list] = {}
+        self.exhausted = False
+        self.failure: BaseException | None = None
+        self.task_seconds = 0.0
+        self.items_done = 0
+        self.n_chunks = 0
+        self._out = out or _print_stream
+        self._progress = progress
+
+    # -- handing out work --------------------------------------------------
+    @property
+    def finished(self) -> bool:
+        if self.failure is not None:
+            return True
+        return self.exhausted and not self._requeued and not self.outstanding
+
+    @property
+    def has_work(self) -> bool:
+        return self.failure is None and (bool(self._requeued) or not self.exhausted)
+
+    def next_unit(self) -> Unit | None:
+        if self.failure is not None:
+            return None
+        if self._requeued:
+            unit = self._requeued.popleft()
+        else:
+            if self.exhausted:
+                return None
+            size = self.planner.next_size()
+            items = list(itertools.islice(self._iter, size))
+            if len(items) < size:
+                self.exhausted = True
+            if not items:
+                return None
+            unit = Unit(self._next_id, self._next_start, len(items), self._pack(items), items)
+            self._next_id += 1
+            self._next_start += len(items)
+            self.planner.note_sent(len(items))
+            self.n_chunks += 1
+        self.outstanding[unit.id] = unit
+        return unit
+
+    def _pack(self, items: list) -> bytes:
+        try:
+            return payload.dumps_data(items)
+        except Exception:
+            for i, item in enumerate(items):
+                try:
+                    payload.dumps_data(item)
+                except Exception as exc:
+                    index = self._next_start + i
+                    raise SerializationError(
+                        f"cannot send item {index} ({short_repr(item)}) to the workers: "
+                        + payload.explain_unpicklable(item, f"item {index}", exc).split(": ", 1)[1]
+                    ) from None
+            raise
+
+    def message(self, unit: Unit) -> tuple:
+        return ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
+
+    # -- taking back results -----------------------------------------------
+    def _where(self, index: int, item: Any) -> str:
+        args = short_repr(item) if self.star else f"({short_repr(item)})"
+        if self.star:
+            args = "(" + args.strip("()[]") + ")" if isinstance(item, (tuple, list)) else args
+        name = getattr(self.func, "__name__", "func")
+        return f"mpmagic: raised by item {index} of the input: {name}{args}"
+
+    def done(self, unit: Unit, data: bytes, seconds: float) -> None:
+        results = payload.loads(data)
+        if self.collect:
+            for i, r in enumerate(results):
+                if type(r).__name__ == "ErrorInfo" and type(r).__module__ == "mpmagic.worker":
+                    idx = unit.start + i
+                    results[i] = Failed(idx, unit.items[i], rebuild_exception(r, self._where(idx, unit.items[i])))
+        self._complete(unit, results, seconds)
+
+    def _complete(self, unit: Unit, results: list, seconds: float) -> None:
+        self.outstanding.pop(unit.id, None)
+        self._results[unit.id] = results
+        self.task_seconds += seconds
+        self.items_done += unit.count
+        self.planner.record(unit.count, seconds)
+        unit.items = []
+        unit.data = b""
+        if self._progress:
+            self._progress(unit.count)
+
+    def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
+        self.outstanding.pop(unit.id, None)
+        self.task_seconds += seconds
+        if index < 0:  # the chunk as a whole could not run (function failed to load)
+            exc = rebuild_exception(info, "mpmagic: the function could not be loaded in a worker")
+        else:
+            idx = unit.start + index
+            exc = rebuild_exception(info, self._where(idx, unit.items[index]))
+        if self.failure is None:
+            self.failure = exc
+
+    def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
+        self.outstanding.pop(unit.id, None)
+        where = "" if index is None else f" (item {unit.start + index}, {short_repr(unit.items[index])})"
+        exc = SerializationError(
+            f"a result{where} cannot be sent back from the worker: {info.exc_text.strip()}. "
+            "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
+        )
+        self._fail_or_collect(unit, exc, index)
+
+    def lost(self, unit: Unit, reason: str, timed_out: bool = False) -> None:
+        """The worker running ``unit`` died or was stopped for a timeout."""
+        self.outstanding.pop(unit.id, None)
+        if not timed_out and unit.attempts < self.retries:
+            unit.attempts += 1
+            self._requeued.append(unit)
+            return
+        first = unit.start
+        if unit.count == 1:
+            what = f"item {first} ({short_repr(unit.items[0])})"
+        else:
+            what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(unit.items[0])})"
+        if timed_out:
+            exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; its worker was stopped and replaced")
+        else:
+            exc = WorkerLostError(f"the worker running {what} {reason}; the pool replaced it")
+        self._fail_or_collect(unit, exc, None)
+
+    def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
+        if self.collect:
+            self._complete(unit, [Failed(unit.start + i, it, exc) for i, it in enumerate(unit.items)], 0.0)
+        elif self.failure is None:
+            self.failure = exc
+
+    def requeue(self, unit: Unit) -> None:
+        """A unit that was queued behind a lost one goes out again."""
+        self.outstanding.pop(unit.id, None)
+        self._requeued.appendleft(unit)
+
+    def output(self, tag: Any, stream: str, text: str) -> None:
+        self._out(stream, text)
+
+    def results(self) -> list:
+        __tracebackhide__ = True
+        if self.failure is not None:
+            raise self.failure
+        out: list = []
+        for k in sorted(self._results):
+            out.extend(self._results[k])
+        return out
+
+
+class CellJob:
+    """A ``%%parallel`` cell: one unit per rank, all running at once."""
+
+    kind = "cell"
+
+    def __init__(
+        self,
+        spec_bytes: bytes,
+        size: int,
+        timeout: float | None = None,
+        out: Callable[[str, str], None] | None = None,
+        label: bool = True,
+    ) -> None:
+        self.call_id = next(_call_ids)
+        self.size = size
+        self.timeout = timeout
+        self.func_key = None
+        self.func_payload = None
+        self._pending = deque(Unit(r, r, 1, spec_bytes) for r in range(size))
+        self.outstanding: dict[int, Unit] = {}
+        self.values: dict[int, Any] = {}
+        self.gathered: dict[int, dict] = {}
+        self.failures: dict[int, BaseException] = {}
+        self.rank_seconds: dict[int, float] = {}
+        self.task_seconds = 0.0
+        self.items_done = 0
+        self.n_chunks = size
+        self._out = out or _print_stream
+        self._label = label
+        self._partial: dict[tuple[int, str], str] = {}
+
+    @property
+    def finished(self) -> bool:
+        return not self._pending and not self.outstanding
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending)
+
+    def next_unit(self) -> Unit | None:
+        if not self._pending:
+            return None
+        unit = self._pending.popleft()
+        self.outstanding[unit.id] = unit
+        return unit
+
+    def message(self, unit: Unit) -> tuple:
+        return ("cell", self.call_id, unit.id, self.size, unit.data)
+
+    def done(self, unit: Unit, data: bytes, seconds: float) -> None:
+        self.outstanding.pop(unit.id, None)
+        self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
+        self.rank_seconds[unit.id] = seconds
+        self.task_seconds += seconds
+        self.items_done += 1
+
+    def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
+        self.outstanding.pop(unit.id, None)
+        self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
+        self.items_done += 1
+
+    def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
+        self.outstanding.pop(unit.id, None)
+        self.failures[unit.id] = SerializationError(
+            f"rank {unit.id}: its last value or a --gather variable cannot be sent back: "
+            f"{info.exc_text.strip()}. End the cell with plain data instead (or `None`)."
+        )
+
+    def lost(self, unit: Unit, reason: str, timed_out: bool = False) -> None:
+        self.outstanding.pop(unit.id, None)
+        if timed_out:
+            self.failures[unit.id] = TaskTimeoutError(
+                f"rank {unit.id} ran past the timeout of {self.timeout:g} s; its worker was stopped and replaced"
+            )
+        else:
+            self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}; the pool replaced it")
+
+    def requeue(self, unit: Unit) -> None:  # ranks never queue behind one another
+        self.outstanding.pop(unit.id, None)
+        self._pending.appendleft(unit)
+
+    def output(self, rank: Any, stream: str, text: str) -> None:
+        if not self._label:
+            self._out(stream, text)
+            return
+        key = (rank, stream)
+        text = self._partial.pop(key, "") + text
+        lines = text.split("\n")
+        if lines[-1]:
+            self._partial[key] = lines[-1]
+        body = "".join(f"[rank {rank}] {line}\n" for line in lines[:-1])
+        if body:
+            self._out(stream, body)
+
+    def flush_output(self) -> None:
+        for (rank, stream), rest in sorted(self._partial.items()):
+            self._out(stream, f"[rank {rank}] {rest}\n")
+        self._partial.clear()
+
+    def results(self) -> list:
+        self.flush_output()
+        if self.failures:
+            n = len(self.failures)
+            ranks = ", ".join(str(r) for r in sorted(self.failures))
+            first = self.failures[min(self.failures)]
+            err = ParallelError(
+                f"{n} of {self.size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
+                f"first: {type(first).__name__}: {first}",
+                dict(self.failures),
+            )
+            raise err from first
+        return [self.values[r] for r in range(self.size)]
+
+
+def _print_stream(stream: str, text: str) -> None:
+    target = sys.stderr if stream == "stderr" else sys.stdout
+    target.write(text)
+    target.flush()

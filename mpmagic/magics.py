@@ -1,0 +1,312 @@
+"""The IPython skin: ``%pmap``, ``%%parallel`` and ``%pool``.
+
+Each magic parses its line, evaluates what it must in the user's namespace,
+calls the plain API (``api.py``, ``pool.py``) and displays the result and the
+timing report. Nothing else happens here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import linecache
+from typing import Any
+
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import display
+
+from . import api, pool
+from .errors import UsageError
+
+_args_counter = 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line usage error instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise IPythonUsageError(f"{self.prog}: {message}\nusage: {self.format_usage().strip().removeprefix('usage: ')}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+    return value
+
+
+def _pmap_parser() -> _Parser:
+    p = _Parser(prog="%pmap", add_help=False, usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]")
+    p.add_argument("-n", "--workers", type=_positive_int, help="worker processes to use (default: the pool's size)")
+    p.add_argument("--chunksize", type=_positive_int, help="items per message (default: automatic)")
+    p.add_argument("--star", action="store_true", help="call FUNC(*item) for each item, like starmap")
+    p.add_argument("--compare", action="store_true", help="also run serially here; report the measured speedup")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
+    p.add_argument("--errors", choices=("raise", "collect"), default="raise",
+                   help="raise the first error (default), or collect failures in place of results")
+    p.add_argument("--timeout", type=_positive_float, help="seconds an item may run before it is stopped")
+    p.add_argument("--retries", type=int, default=0, help="times to re-send items whose worker died")
+    return p
+
+
+def _parallel_parser() -> _Parser:
+    p = _Parser(prog="%%parallel", add_help=False, usage="%(prog)s [options]")
+    p.add_argument("-n", "--workers", type=_positive_int, help="ranks to run at once (default: the pool's size)")
+    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1")
+    p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
+    p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
+    p.add_argument("--gather", metavar="NAME[,NAME]", help="bring these variables of every rank back as lists")
+    p.add_argument("--timeout", type=_positive_float, help="seconds a rank may run before it is stopped")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
+    p.add_argument("--no-label", action="store_true", help="do not prefix output lines with [rank N]")
+    return p
+
+
+def _pool_parser() -> _Parser:
+    p = _Parser(prog="%pool", add_help=False,
+                usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]] [options]")
+    p.add_argument("action", nargs="?", default="status",
+                   choices=("status", "start", "stop", "restart", "resize", "local", "dask"))
+    p.add_argument("target", nargs="?", help="N for resize; ADDRESS for dask")
+    p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
+    p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
+    p.add_argument("--max-tasks-per-child", type=_positive_int, help="recycle a worker after this many items")
+    p.add_argument("--scheduler-file", help="dask: connect to the scheduler described in this file")
+    p.add_argument("--tls-ca-file", help="dask: CA certificate for tls:// addresses")
+    p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
+    p.add_argument("--tls-key", help="dask: client key for tls:// addresses")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler")
+    return p
+
+
+def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str], str]:
+    """Split ``-x VALUE --flag REST`` into option tokens and the rest of the line.
+
+    The rest (map()'s argument list) is Python and is never tokenized as
+    shell words, so its quotes and spaces survive untouched.
+    """
+    tokens: list[str] = []
+    rest = line.strip()
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
+    while rest.startswith("-") and not rest.startswith("--, "):
+        head, _, tail = rest.partition(" ")
+        name = head.split("=", 1)[0]
+        tokens.append(head)
+        rest = tail.lstrip()
+        action = actions.get(name)
+        if action is not None and action.nargs != 0 and "=" not in head:
+            if not rest:
+                break
+            value, _, tail = rest.partition(" ")
+            tokens.append(value)
+            rest = tail.lstrip()
+    return tokens, rest
+
+
+def _eval_map_args(text: str, user_ns: dict[str, Any]) -> tuple:
+    """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace."""
+    __tracebackhide__ = True
+    global _args_counter
+    usage = "usage: %pmap [options] FUNC, ITERABLE [, ITERABLE ...]   (see %pmap?)"
+    if not text:
+        raise IPythonUsageError(f"%pmap: missing FUNC and ITERABLE\n{usage}")
+    source = f"__mpmagic_args__({text})"
+    try:
+        tree = ast.parse(source, mode="eval")
+    except SyntaxError:
+        raise IPythonUsageError(f"%pmap: {text!r} is not an argument list like map()'s\n{usage}") from None
+    call = tree.body
+    if not isinstance(call, ast.Call) or call.keywords:
+        raise IPythonUsageError(f"%pmap: map() takes no keyword arguments: {text!r}\n{usage}")
+    _args_counter += 1
+    filename = f"<pmap-args-{_args_counter}>"
+    linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
+    code = compile(f"__mpmagic_args__({text}\n)", filename, "eval")
+    return eval(code, user_ns, {"__mpmagic_args__": lambda *a: a})
+
+
+@magics_class
+class MPMagics(Magics):
+    """%pmap, %%parallel and %pool."""
+
+    @line_magic
+    def pmap(self, line: str = "") -> Any:
+        __tracebackhide__ = True
+        parser = _pmap_parser()
+        tokens, rest = split_options(line, parser)
+        opts = parser.parse_args(tokens)
+        args = _eval_map_args(rest, self.shell.user_ns)
+        if len(args) < 2:
+            raise IPythonUsageError("%pmap: missing ITERABLE after FUNC\nusage: %pmap [options] FUNC, ITERABLE [, ITERABLE ...]")
+        try:
+            result = api.pmap(
+                args[0],
+                *args[1:],
+                workers=opts.workers,
+                chunksize=opts.chunksize,
+                star=opts.star,
+                compare=opts.compare,
+                errors=opts.errors,
+                timeout=opts.timeout,
+                retries=opts.retries,
+            )
+        except UsageError as exc:
+            raise IPythonUsageError(f"%pmap: {exc}") from None
+        finally:
+            if not opts.quiet and api.last_report() is not None:
+                display(api.last_report())
+        return result
+
+    @cell_magic
+    def parallel(self, line: str = "", cell: str = "") -> Any:
+        __tracebackhide__ = True
+        parser = _parallel_parser()
+        tokens, rest = split_options(line, parser)
+        if rest:
+            tokens.append(rest)
+        opts = parser.parse_args(tokens)
+        reducer = None
+        if opts.reduce:
+            try:
+                reducer = eval(opts.reduce, self.shell.user_ns)
+            except Exception as exc:
+                raise IPythonUsageError(f"%%parallel: --reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
+            if not callable(reducer):
+                raise IPythonUsageError(f"%%parallel: --reduce needs a function such as sum, not {opts.reduce!r}")
+        gather = tuple(g.strip() for g in opts.gather.split(",") if g.strip()) if opts.gather else ()
+        if opts.output and not opts.output.isidentifier():
+            raise IPythonUsageError(f"%%parallel: -o needs a variable name, not {opts.output!r}")
+        try:
+            values = api.parallel(
+                cell,
+                workers=opts.workers,
+                namespace=self.shell.user_ns,
+                compare=opts.compare,
+                timeout=opts.timeout,
+                gather=gather,
+                label_output=not opts.no_label,
+            )
+        except UsageError as exc:
+            raise IPythonUsageError(f"%%parallel: {exc}") from None
+        finally:
+            if not opts.quiet and api.last_report() is not None:
+                display(api.last_report())
+        for name, per_rank in values.gathered.items():
+            self.shell.user_ns[name] = per_rank
+        if opts.output:
+            self.shell.user_ns[opts.output] = values
+        if reducer is not None:
+            return reducer(values)
+        if not api.cell_has_value(cell):
+            return None
+        return values
+
+    @line_magic
+    def pool(self, line: str = "") -> Any:
+        __tracebackhide__ = True
+        import shlex
+
+        parser = _pool_parser()
+        try:
+            opts = parser.parse_args(shlex.split(line))
+        except ValueError as exc:
+            raise IPythonUsageError(f"%pool: {exc}") from None
+        try:
+            return self._pool(opts)
+        except UsageError as exc:
+            raise IPythonUsageError(f"%pool: {exc}") from None
+
+    def _pool(self, opts: argparse.Namespace) -> Any:
+        action = opts.action
+        if action == "start":
+            pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True)
+        elif action == "stop":
+            pool.stop_pool()
+        elif action == "restart":
+            pool.restart_pool()
+        elif action == "resize":
+            n = opts.workers or (_positive_int(opts.target) if opts.target else None)
+            if not n:
+                raise UsageError("resize needs a number of workers: %pool resize 4")
+            pool.get_pool().resize(n)
+        elif action == "local":
+            pool.use_local(opts.workers, opts.start_method, opts.max_tasks_per_child)
+        elif action == "dask":
+            kwargs = {k: v for k, v in vars(opts).items()
+                      if k in ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout") and v is not None}
+            pool.use_dask(opts.target, **kwargs)
+        return pool.pool_status()
+
+
+def _help(parser: argparse.ArgumentParser) -> str:
+    return "\n".join(
+        line for line in parser.format_help().splitlines() if not line.startswith("usage:")
+    )
+
+
+MPMagics.pmap.__doc__ = f"""Parallel map() of a notebook function on the managed worker pool.
+
+Usage::
+
+  %pmap [options] FUNC, ITERABLE [, ITERABLE ...]
+
+Everything after the options is exactly the argument list of Python's map(),
+evaluated in the notebook. The results come back as a list in input order,
+followed by one line of timing against serial ("estimated" from the workers'
+task times, or "measured" with --compare).
+
+Examples::
+
+  %pmap work, range(8)
+  squares = %pmap lambda x: x * x, range(10)
+  %pmap pow, range(10), [2] * 10             # several iterables, as map() takes
+  %pmap --star compute_range, [(1, 250001), (250001, 500001)]
+  %pmap -n 4 --compare work, [3_000_000] * 8
+  res = %pmap --errors collect risky, items  # failures stay in place as Failed
+{_help(_pmap_parser())}
+"""
+
+MPMagics.parallel.__doc__ = f"""Run the cell in N worker processes at once (SPMD, like MPI).
+
+Usage::
+
+  %%parallel [options]
+
+Each copy sees ``rank`` (0..size-1), ``size`` and the notebook names the cell
+uses. The last expression's value of every rank comes back as a list in rank
+order; what each rank prints is shown labelled ``[rank N]``.
+
+Example::
+
+  %%parallel -n 4 --compare
+  lo, hi = rank * N // size, (rank + 1) * N // size
+  sum(x * x for x in range(lo, hi))
+{_help(_parallel_parser())}
+"""
+
+MPMagics.pool.__doc__ = f"""Show and manage the worker pool.
+
+Usage::
+
+  %pool                         status: backend, workers, pids, memory, tasks
+  %pool start -n 4 --start-method spawn
+  %pool stop | restart | resize 4
+  %pool dask                    a local Dask cluster
+  %pool dask tcp://host:8786    a running Dask scheduler
+  %pool local                   back to processes on this machine
+{_help(_pool_parser())}
+"""

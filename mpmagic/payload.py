@@ -1,0 +1,198 @@
+"""Turning notebook objects into bytes for workers, and back.
+
+* Functions (with the globals and closures they use) go by value with
+  cloudpickle, so cell-defined code works under spawn and forkserver. They are
+  serialized once per call and keyed by a content hash, so a worker that has
+  seen the same payload before gets only the key.
+* Data (items, results) go with plain pickle when the bytes would load in any
+  process, and with cloudpickle when they would not (lambdas, instances of
+  cell-defined classes). Both produce standard pickles, read by ``loads``.
+* When something cannot be pickled, :func:`explain_unpicklable` finds *which*
+  variable it is (``query -> conn``) and says what to do instead.
+
+This module imports no IPython: workers import it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import pickle
+import types
+from collections import ChainMap
+from typing import Any
+
+import cloudpickle
+
+from .errors import SerializationError
+
+PROTOCOL = 5
+
+# A plain pickle that names one of these modules refers to a notebook (or
+# spawn-main) definition by reference: another process cannot import it.
+_MAIN_MARKERS = (b"__main__", b"__mp_main__")
+
+
+def _code_reduce_keeping_filename(code: types.CodeType):
+    # cloudpickle >= 3.1 renames every code object's file to "<dynamic-code>";
+    # keep the real one, so a worker's traceback can point at the notebook cell.
+    ctor, args = _cloudpickle_code_reduce(code)
+    return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+_cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, but code objects keep their filenames."""
+
+    if _cloudpickle_code_reduce is not None:
+        dispatch_table = ChainMap(
+            {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
+        )
+
+
+def cloudpickle_dumps(obj: Any) -> bytes:
+    """cloudpickle ``obj`` by value (functions and classes of ``__main__`` included)."""
+    with io.BytesIO() as f:
+        _Pickler(f, protocol=PROTOCOL).dump(obj)
+        return f.getvalue()
+
+
+def dumps_data(obj: Any) -> bytes:
+    """Pickle data for another process: plain pickle if portable, else cloudpickle."""
+    try:
+        data = pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return cloudpickle_dumps(obj)
+    if any(m in data for m in _MAIN_MARKERS):
+        # By-reference to notebook code: send the definitions by value.
+        return cloudpickle_dumps(obj)
+    return data
+
+
+def loads(data: bytes) -> Any:
+    """Load what :func:`dumps_data` or :func:`dumps_function` produced."""
+    return pickle.loads(data)
+
+
+def payload_key(data: bytes) -> bytes:
+    """Content hash of a payload: equal code and captures give equal keys."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def dumps_function(func: Any, what: str = "the function") -> bytes:
+    """cloudpickle a callable with everything it captures, or explain why not."""
+    try:
+        return cloudpickle_dumps(func)
+    except Exception as exc:
+        raise SerializationError(explain_unpicklable(func, what, exc)) from None
+
+
+def dumps_checked(obj: Any, what: str) -> bytes:
+    """Like :func:`dumps_data`, with a clear error naming ``what`` on failure."""
+    try:
+        return dumps_data(obj)
+    except Exception as exc:
+        raise SerializationError(explain_unpicklable(obj, what, exc)) from None
+
+
+# --------------------------------------------------------------------------
+# Explaining what cannot be pickled
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        _Pickler(io.BytesIO(), protocol=PROTOCOL).dump(obj)
+        return True
+    except Exception:
+        return False
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _children(obj: Any) -> list[tuple[str, Any]]:
+    """Named parts of ``obj`` that pickling it would also pickle."""
+    out: list[tuple[str, Any]] = []
+    if isinstance(obj, functools.partial):
+        out.append(("func", obj.func))
+        out += [(f"args[{i}]", a) for i, a in enumerate(obj.args)]
+        out += [(k, v) for k, v in obj.keywords.items()]
+    elif isinstance(obj, types.MethodType):
+        out.append(("self", obj.__self__))
+        out.append((obj.__func__.__name__, obj.__func__))
+    elif isinstance(obj, types.FunctionType):
+        code = obj.__code__
+        if obj.__closure__:
+            for name, cell in zip(code.co_freevars, obj.__closure__, strict=False):
+                try:
+                    out.append((name, cell.cell_contents))
+                except ValueError:
+                    pass
+        g = obj.__globals__
+        for name in sorted(_code_names(code)):
+            if name in g and not isinstance(g[name], types.ModuleType):
+                out.append((name, g[name]))
+        for i, d in enumerate(obj.__defaults__ or ()):
+            out.append((f"default[{i}]", d))
+        for k, d in (obj.__kwdefaults__ or {}).items():
+            out.append((k, d))
+    elif isinstance(obj, dict):
+        out += [(repr(k), v) for k, v in list(obj.items())[:1000]]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        out += [(f"[{i}]", v) for i, v in enumerate(list(obj)[:1000])]
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        out += [(k, v) for k, v in vars(obj).items()]
+    return out
+
+
+def find_unpicklable(obj: Any, root: str, max_depth: int = 6) -> tuple[str, Any] | None:
+    """Depth-first search for the innermost part that cannot be pickled.
+
+    Returns ``("query -> conn", <the object>)`` or None when every part on its
+    own pickles (the failure then comes from ``obj`` itself).
+    """
+    seen: set[int] = set()
+
+    def walk(o: Any, path: str, depth: int) -> tuple[str, Any] | None:
+        if id(o) in seen or depth > max_depth:
+            return None
+        seen.add(id(o))
+        for name, child in _children(o):
+            if _picklable(child):
+                continue
+            deeper = walk(child, f"{path} -> {name}", depth + 1)
+            return deeper or (f"{path} -> {name}", child)
+        return None
+
+    return walk(obj, root, 0)
+
+
+def _root_name(obj: Any, what: str) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if isinstance(obj, functools.partial):
+        name = f"partial({getattr(obj.func, '__name__', 'func')})"
+    return name or what
+
+
+def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
+    """A message that names the variable, its type, its path, and the fix."""
+    found = find_unpicklable(obj, _root_name(obj, what))
+    if found is None:
+        path, bad = _root_name(obj, what), obj
+    else:
+        path, bad = found
+    tname = f"{type(bad).__module__}.{type(bad).__qualname__}".removeprefix("builtins.")
+    return (
+        f"cannot send {what} to the workers: `{path}` is a {tname}, which cannot be "
+        f"pickled ({type(exc).__name__}: {exc}). Create it inside the function "
+        "(or once per worker, e.g. a module-level cache filled on first use) "
+        "instead of capturing it from the notebook."
+    )

@@ -1,0 +1,183 @@
+"""The one managed pool of a notebook: which backend, its lifecycle, its status.
+
+There is one current backend per process. It is created on first use (or by
+``start_pool``), reused by every call while it is warm, switched between the
+local processes and a Dask cluster with ``use_local`` / ``use_dask``, and
+stopped at unload and interpreter exit.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+from typing import Any
+
+from .backends.local import LocalBackend
+from .errors import UsageError
+from .report import fmt_seconds
+
+_lock = threading.RLock()
+_backend: Any = None
+
+
+def get_pool() -> Any:
+    """The current backend, created (not yet started) on first use."""
+    global _backend
+    with _lock:
+        if _backend is None:
+            _backend = LocalBackend()
+        return _backend
+
+
+def current_pool() -> Any | None:
+    """The current backend, or None when none was made yet."""
+    return _backend
+
+
+def start_pool(
+    workers: int | None = None,
+    start_method: str | None = None,
+    max_tasks_per_child: int | None = None,
+    wait: bool = False,
+) -> Any:
+    """Start (or re-create, if its settings change) the local pool."""
+    global _backend
+    with _lock:
+        old = _backend
+        if isinstance(old, LocalBackend):
+            same_method = start_method in (None, old.start_method)
+            if same_method and max_tasks_per_child in (None, old.max_tasks_per_child):
+                if workers is not None and workers != old.workers:
+                    old.resize(workers)
+                old.start()
+                if wait:
+                    old.wait_ready()
+                return old
+        new = LocalBackend(workers, start_method, max_tasks_per_child)
+        if old is not None:
+            old.stop()
+        _backend = new
+        new.start()
+        if wait:
+            new.wait_ready()
+        return new
+
+
+def stop_pool() -> None:
+    """Stop the workers; the next call starts them again."""
+    with _lock:
+        if _backend is not None:
+            _backend.stop()
+
+
+def restart_pool(wait: bool = True) -> Any:
+    """Stop and start again with the same settings (clears workers' state)."""
+    with _lock:
+        backend = get_pool()
+        if hasattr(backend, "restart"):
+            backend.restart()
+            return backend
+        backend.stop()
+        backend.start()
+        if wait:
+            backend.wait_ready()
+        return backend
+
+
+def use_local(
+    workers: int | None = None, start_method: str | None = None, max_tasks_per_child: int | None = None
+) -> Any:
+    """Switch back to processes on this machine (stops a Dask backend)."""
+    global _backend
+    with _lock:
+        if _backend is not None and not isinstance(_backend, LocalBackend):
+            _backend.stop()
+            _backend = None
+        return start_pool(workers, start_method, max_tasks_per_child)
+
+
+def use_dask(address: str | None = None, **options: Any) -> Any:
+    """Run on Dask: a new local cluster, or the scheduler at ``address``."""
+    global _backend
+    try:
+        from .backends.dask import DaskBackend
+    except ImportError as exc:
+        raise UsageError(
+            f"the Dask backend needs dask.distributed ({exc}); install it with: pip install \"mpmagic[dask]\""
+        ) from None
+    with _lock:
+        new = DaskBackend(address, **options)
+        if _backend is not None:
+            _backend.stop()
+        _backend = new
+        return new
+
+
+def shutdown() -> None:
+    """Stop and forget the current backend (extension unload)."""
+    global _backend
+    with _lock:
+        if _backend is not None:
+            _backend.stop()
+        _backend = None
+
+
+class PoolStatus:
+    """What ``%pool`` shows: a text block in a terminal, a table in Jupyter."""
+
+    def __init__(self, info: dict[str, Any]) -> None:
+        self.info = info
+
+    def lines(self) -> list[str]:
+        i = self.info
+        if i.get("backend") != "local":
+            head = [f"pool: {i.get('backend')} backend"]
+            head += [f"  {k}: {v}" for k, v in i.items() if k not in ("backend", "processes")]
+            for p in i.get("processes", []):
+                head.append("  " + ", ".join(f"{k}={v}" for k, v in p.items()))
+            return head
+        state = "running" if i["running"] else "stopped (starts on first use)"
+        out = [
+            f"pool: local, {i['workers']} workers, start method {i['start_method']}, {state}",
+            f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
+            + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else ""),
+        ]
+        for p in i["processes"]:
+            mem = "-" if p["rss"] is None else f"{p['rss'] / 2**20:.0f} MB"
+            flags = "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
+            if not p["alive"]:
+                flags = "dead"
+            out.append(f"  worker {p['id']}: pid {p['pid']}, {flags}, {p['tasks']} tasks, {mem}")
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        lines = self.lines()
+        body = "".join(f"<tr><td style='text-align:left'>{html.escape(x.strip())}</td></tr>" for x in lines[1:])
+        return f"<table class='mpmagic-pool'><caption style='text-align:left'><b>{html.escape(lines[0])}</b></caption>{body}</table>"
+
+
+def pool_status() -> PoolStatus:
+    """Status of the current backend (does not start it)."""
+    return PoolStatus(get_pool().status())
+
+
+__all__ = [
+    "get_pool",
+    "start_pool",
+    "stop_pool",
+    "restart_pool",
+    "use_local",
+    "use_dask",
+    "pool_status",
+    "PoolStatus",
+    "fmt_seconds",
+]

@@ -1,0 +1,276 @@
+"""The loop that runs in a worker process. It imports no IPython.
+
+A worker talks to the notebook over one duplex pipe (a socketpair made by
+``multiprocessing``; nothing listens on a network port). A reader thread moves
+incoming messages into a local queue at once, so the notebook never blocks on
+a busy worker, and it notices when the notebook process goes away. The main
+thread runs tasks one after another:
+
+* ``("func", key, payload)``: cache a cloudpickled function under its key.
+* ``("map", call, chunk, key, star, collect, items)``: run the function over
+  a chunk of items, reply ``("done", ...)`` or ``("error", ...)``.
+* ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
+* ``("stop",)``: exit.
+
+What a task prints is captured and sent home as ``("out", call, tag, stream,
+text)`` in whole lines, so it shows in the cell that ran it. Workers ignore
+SIGINT: the notebook decides what an interrupt cancels.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from typing import Any
+
+from . import payload
+from .errors import extract_frames
+
+_CACHE_SIZE = 16  # function payloads kept per worker
+_FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
+
+
+class ErrorInfo:
+    """A task's exception in a form that always survives the trip home."""
+
+    __slots__ = ("exc_bytes", "type_name", "message", "exc_text", "frames")
+
+    def __init__(self, exc: BaseException) -> None:
+        self.type_name = type(exc).__qualname__
+        self.message = str(exc)
+        self.exc_text = "".join(traceback.format_exception_only(type(exc), exc))
+        self.frames = extract_frames(exc.__traceback__)
+        try:
+            self.exc_bytes: bytes | None = payload.dumps_data(exc)
+            pickle.loads(self.exc_bytes)  # must load again, or send the text only
+        except Exception:
+            self.exc_bytes = None
+
+    def __getstate__(self):
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, state):
+        for s, v in zip(self.__slots__, state, strict=True):
+            setattr(self, s, v)
+
+
+class _Channel:
+    """The worker's end of the pipe: thread-safe sends of pickled tuples."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, msg: tuple) -> None:
+        data = pickle.dumps(msg, payload.PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+
+class _StreamToParent(io.TextIOBase):
+    """A ``sys.stdout``/``sys.stderr`` stand-in that sends whole lines home."""
+
+    def __init__(self, channel: _Channel, stream: str) -> None:
+        self.channel = channel
+        self.stream = stream
+        self.call: Any = None
+        self.tag: Any = None
+        self.buf: list[str] = []
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        with self.lock:
+            self.buf.append(s)
+            if "\n" in s and time.monotonic() - self.last > _FLUSH_INTERVAL:
+                self._send_lines()
+        return len(s)
+
+    def _send_lines(self) -> None:
+        text = "".join(self.buf)
+        cut = text.rfind("\n") + 1
+        self.buf = [text[cut:]] if cut < len(text) else []
+        if cut:
+            self.channel.send(("out", self.call, self.tag, self.stream, text[:cut]))
+        self.last = time.monotonic()
+
+    def flush(self) -> None:
+        with self.lock:
+            self._send_lines()
+
+    def finish(self) -> None:
+        """Send everything, a final partial line included."""
+        with self.lock:
+            text = "".join(self.buf)
+            self.buf = []
+            if text:
+                self.channel.send(("out", self.call, self.tag, self.stream, text))
+
+
+def run_items(func, items: list, star: bool, collect: bool):
+    """Run ``func`` over a chunk of items.
+
+    Returns ``(results, seconds, error)``: ``error`` is ``(index, ErrorInfo)``
+    for the first failing item (its results so far are kept), or None. With
+    ``collect`` a failing item's place holds its ErrorInfo and the chunk goes on.
+    """
+    results: list = []
+    t0 = time.perf_counter()
+    for i, item in enumerate(items):
+        try:
+            results.append(func(*item) if star else func(item))
+        except Exception as exc:
+            info = ErrorInfo(exc)
+            if not collect:
+                return results, time.perf_counter() - t0, (i, info)
+            results.append(info)
+    return results, time.perf_counter() - t0, None
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit when the notebook process is gone, even in the middle of a task."""
+    first_ppid = os.getppid()
+    while True:
+        time.sleep(0.25)
+        gone = os.getppid() != first_ppid
+        if not gone:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                gone = True
+            except PermissionError:
+                pass
+        if gone:
+            os._exit(3)
+
+
+def _reader(conn, inbox: queue.SimpleQueue) -> None:
+    try:
+        while True:
+            inbox.put(conn.recv_bytes())
+    except (EOFError, OSError):
+        # The notebook closed the pipe or died: nothing more will come.
+        os._exit(0)
+
+
+class _Worker:
+    def __init__(self, conn, parent_pid: int, worker_id: int) -> None:
+        self.channel = _Channel(conn)
+        self.worker_id = worker_id
+        self.funcs: OrderedDict[bytes, Any] = OrderedDict()
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.out = _StreamToParent(self.channel, "stdout")
+        self.err = _StreamToParent(self.channel, "stderr")
+        threading.Thread(target=_reader, args=(conn, self.inbox), daemon=True).start()
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+
+    def _capture(self, call, tag) -> None:
+        for s in (self.out, self.err):
+            s.call, s.tag, s.last = call, tag, time.monotonic()
+        sys.stdout, sys.stderr = self.out, self.err
+
+    def _release(self) -> None:
+        self.out.finish()
+        self.err.finish()
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+
+    def serve(self) -> None:
+        self.channel.send(("ready", os.getpid(), self.worker_id))
+        while True:
+            msg = pickle.loads(self.inbox.get())
+            kind = msg[0]
+            if kind == "stop":
+                return
+            if kind == "func":
+                self.load_function(msg[1], msg[2])
+            elif kind == "map":
+                self.run_map(*msg[1:])
+            elif kind == "cell":
+                self.run_cell(*msg[1:])
+
+    def load_function(self, key: bytes, data: bytes) -> None:
+        try:
+            self.funcs[key] = payload.loads(data)
+        except BaseException as exc:  # reported when the function is used
+            self.funcs[key] = ErrorInfo(exc)
+        while len(self.funcs) > _CACHE_SIZE:
+            self.funcs.popitem(last=False)
+
+    def run_map(self, call, chunk, key, star, collect, items_bytes) -> None:
+        func = self.funcs.get(key)
+        if func is None:
+            self.channel.send(("missing", call, chunk, key))
+            return
+        self.funcs.move_to_end(key)
+        if isinstance(func, ErrorInfo):
+            self.channel.send(("error", call, chunk, -1, func, b"", 0.0))
+            return
+        try:
+            items = payload.loads(items_bytes)
+        except BaseException as exc:
+            self.channel.send(("error", call, chunk, -1, ErrorInfo(exc), b"", 0.0))
+            return
+        self._capture(call, chunk)
+        try:
+            results, seconds, error = run_items(func, items, star, collect)
+        finally:
+            self._release()
+        try:
+            data = payload.dumps_data(results)
+        except Exception as exc:
+            bad = _first_unpicklable(results)
+            self.channel.send(("unpicklable", call, chunk, bad, ErrorInfo(exc)))
+            return
+        if error is None:
+            self.channel.send(("done", call, chunk, data, seconds))
+        else:
+            self.channel.send(("error", call, chunk, error[0], error[1], data, seconds))
+
+    def run_cell(self, call, rank, size, data) -> None:
+        from .cell import run_cell_code
+
+        self._capture(call, rank)
+        t0 = time.perf_counter()
+        try:
+            spec = payload.loads(data)
+            value, gathered = run_cell_code(spec, rank, size)
+            seconds = time.perf_counter() - t0
+        except BaseException as exc:
+            self._release()
+            self.channel.send(("error", call, rank, -1, ErrorInfo(exc), b"", 0.0))
+            return
+        self._release()
+        try:
+            out = payload.dumps_data((value, gathered))
+        except Exception as exc:
+            self.channel.send(("unpicklable", call, rank, None, ErrorInfo(exc)))
+            return
+        self.channel.send(("done", call, rank, out, seconds))
+
+
+def _first_unpicklable(results: list) -> int | None:
+    for i, r in enumerate(results):
+        try:
+            payload.dumps_data(r)
+        except Exception:
+            return i
+    return None
+
+
+def main(conn, parent_pid: int, worker_id: int) -> None:
+    """Entry point of a worker process (the target of ``Process``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _Worker(conn, parent_pid, worker_id).serve()
