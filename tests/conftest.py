@@ -53,6 +53,23 @@ def any_method(request):
     yield request.param
 
 
+# Backends the core %pmap / %%parallel tests run against (parametrized, not
+# copied). The Dask backend adds "dask" here once it runs against a real
+# scheduler and workers started by the fixture below.
+BACKENDS = ["local"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """The current pool switched to the requested backend for this test."""
+    if request.param == "local":
+        b = pool_module.get_pool()
+        if getattr(b, "name", None) != "local" or b.workers != 2:
+            mpmagic.use_local(2)
+        return pool_module.get_pool()
+    raise ValueError(f"unknown backend {request.param}")
+
+
 @pytest.fixture
 def local_pool(method):
     """The pool for this test; make sure it is local with the test's method."""
