@@ -41,42 +41,53 @@ def run(ip, code: str):
 
 @pytest.fixture(scope="session", params=["forkserver", "spawn"])
 def method(request):
-    """A running 2-worker local pool per start method (reused across tests)."""
-    mpmagic.use_local(2, request.param)
-    yield request.param
+    """A start method (session-scoped, so pytest groups tests by it)."""
+    return request.param
 
 
 @pytest.fixture(scope="session", params=START_METHODS)
 def any_method(request):
-    """Like ``method`` but with fork too, for the classic lessons."""
-    mpmagic.use_local(2, request.param)
-    yield request.param
+    """Like ``method`` with fork too; use ``ensure_pool(any_method)`` in the test."""
+    return request.param
 
 
-# Backends the core %pmap / %%parallel tests run against (parametrized, not
-# copied). The Dask backend adds "dask" here once it runs against a real
-# scheduler and workers started by the fixture below.
-BACKENDS = ["local"]
+# Pools the core %pmap / %%parallel tests run against (parametrized, not
+# copied): the local backend per start method, and "dask" once the Dask
+# fixtures below can start a real scheduler and workers. Session-scoped
+# parameters let pytest group the tests by pool, so each starts once.
+BACKENDS = ["forkserver", "spawn"]
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    """The current pool switched to the requested backend for this test."""
-    if request.param == "local":
-        b = pool_module.get_pool()
-        if getattr(b, "name", None) != "local" or b.workers != 2:
-            mpmagic.use_local(2)
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend_kind(request):
+    return request.param
+
+
+def ensure_pool(kind: str, request=None):
+    """Make the current pool the one named ``kind`` (re-using it if it is)."""
+    current = pool_module.current_pool()
+    if kind in START_METHODS:
+        if (
+            getattr(current, "name", None) != "local"
+            or current.start_method != kind
+            or current.workers != 2
+            or current.max_tasks_per_child
+        ):
+            mpmagic.use_local(2, kind)
         return pool_module.get_pool()
-    raise ValueError(f"unknown backend {request.param}")
+    raise ValueError(f"unknown pool kind {kind!r}")
+
+
+@pytest.fixture
+def backend(backend_kind, request):
+    """The pool of this test's parameter: local forkserver, local spawn (, dask)."""
+    return ensure_pool(backend_kind, request)
 
 
 @pytest.fixture
 def local_pool(method):
-    """The pool for this test; make sure it is local with the test's method."""
-    backend = pool_module.get_pool()
-    if getattr(backend, "start_method", None) != method or backend.workers != 2:
-        mpmagic.use_local(2, method)
-    return pool_module.get_pool()
+    """A 2-worker local pool with the test's start method."""
+    return ensure_pool(method)
 
 
 def leftover_processes() -> list[psutil.Process]:
