@@ -1,0 +1,202 @@
+"""%pmap and mpmagic.pmap: every kind of notebook callable, input and error.
+
+Functions are defined with ``ip.run_cell`` so they live in a ``__main__``
+without a file, as in a notebook; every test runs on each pool in
+``conftest.BACKENDS`` (local forkserver, local spawn, and Dask).
+"""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+from conftest import run
+from IPython.core.error import UsageError as IPythonUsageError
+
+import mpmagic
+
+
+def test_cell_function(ip, backend):
+    run(ip, "def work(n):\n    s = 0\n    for i in range(n):\n        s += i * i\n    return s\n")
+    assert run(ip, "%pmap -q work, [10, 20, 30, 40]") == [sum(i * i for i in range(n)) for n in (10, 20, 30, 40)]
+
+
+def test_lambda_without_parentheses(ip, backend):
+    assert run(ip, "squares = %pmap -q lambda x: x * x, range(10)\nsquares") == [x * x for x in range(10)]
+
+
+def test_several_iterables_like_map(ip, backend):
+    assert run(ip, "%pmap -q pow, range(10), [2] * 10") == [x**2 for x in range(10)]
+    # map() stops at the shortest iterable
+    assert run(ip, "%pmap -q lambda a, b: a + b, [1, 2, 3], [10, 20]") == [11, 22]
+
+
+def test_closure_and_cell_globals(ip, backend):
+    run(
+        ip,
+        "OFFSET = 100\n"
+        "def helper(x):\n    return x + OFFSET\n"
+        "def make_adder(k):\n    def add(x):\n        return helper(x) + k\n    return add\n",
+    )
+    assert run(ip, "%pmap -q make_adder(5), range(4)") == [105, 106, 107, 108]
+
+
+def test_partial_and_bound_method(ip, backend):
+    run(
+        ip,
+        "import functools\n"
+        "class Scaler:\n    def __init__(self, k):\n        self.k = k\n"
+        "    def scale(self, x):\n        return self.k * x\n"
+        "s = Scaler(3)\n"
+        "def mul(a, b):\n    return a * b\n",
+    )
+    assert run(ip, "%pmap -q s.scale, range(5)") == [0, 3, 6, 9, 12]
+    assert run(ip, "%pmap -q functools.partial(mul, 7), range(3)") == [0, 7, 14]
+
+
+def test_cell_class_instances_as_items_and_results(ip, backend):
+    run(
+        ip,
+        "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+        "def double(p):\n    return Point(p.x * 2, p.y * 2)\n"
+        "pts = [Point(i, -i) for i in range(6)]\n"
+        "out = %pmap -q double, pts\n",
+    )
+    assert run(ip, "all(isinstance(p, Point) for p in out)") is True
+    assert run(ip, "[(p.x, p.y) for p in out]") == [(2 * i, -2 * i) for i in range(6)]
+
+
+def test_generator_range_and_numpy_input(ip, backend):
+    assert run(ip, "%pmap -q lambda x: x + 1, (i for i in range(7))") == list(range(1, 8))
+    assert run(ip, "%pmap -q abs, range(-3, 3)") == [3, 2, 1, 0, 1, 2]
+    res = run(ip, "import numpy as np\n%pmap -q lambda v: float(v.sum()), np.arange(12.0).reshape(4, 3)")
+    assert res == [3.0, 12.0, 21.0, 30.0]
+
+
+def test_empty_input(ip, backend):
+    assert run(ip, "%pmap -q lambda x: x, []") == []
+
+
+def test_star_and_the_classic_sum_of_squares(ip, backend):
+    run(
+        ip,
+        "def compute_range(lo, hi):\n    return sum(i * i for i in range(lo, hi))\n"
+        "ranges = [(1, 250001), (250001, 500001), (500001, 750001), (750001, 1000001)]\n",
+    )
+    parts = run(ip, "%pmap -q --star compute_range, ranges")
+    assert sum(parts) == 333333833333500000
+
+
+def test_exception_in_one_item_keeps_type_and_names_the_item(ip, backend, capsys):
+    run(ip, "def inv(x):\n    return 1 / x\n")
+    with pytest.raises(ZeroDivisionError) as info:
+        run(ip, "%pmap -q inv, [1, 2, 0, 4]")
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "item 2" in notes and "inv(0)" in notes
+    # The worker-side traceback shows the cell's own source line.
+    assert "return 1 / x" in str(info.value.__cause__)
+
+
+def test_errors_collect_keeps_other_results(ip, backend):
+    res = run(ip, "%pmap -q --errors collect lambda x: 10 // x, [5, 0, 2]")
+    assert res[0] == 2 and res[2] == 5
+    assert isinstance(res[1], mpmagic.Failed) and res[1].index == 1
+    assert isinstance(res[1].error, ZeroDivisionError)
+
+
+def test_task_output_shows_in_the_cell(ip, backend, capsys):
+    run(ip, "def chatty(x):\n    print(f'item {x} done')\n    return x\n")
+    capsys.readouterr()
+    run(ip, "%pmap -q chatty, range(5)")
+    out = capsys.readouterr().out
+    for x in range(5):
+        assert f"item {x} done" in out
+
+
+def test_timing_report_estimated_and_measured(ip, backend, capsys):
+    run(ip, "def slowish(n):\n    return sum(range(n))\n")
+    capsys.readouterr()
+    run(ip, "%pmap slowish, [20000] * 8")
+    line = capsys.readouterr().out
+    assert "pmap: 8 items on" in line and "estimated from task times" in line and "speedup ~" in line
+    run(ip, "%pmap --compare slowish, [20000] * 8")
+    line = capsys.readouterr().out
+    assert "measured, results equal" in line
+    rep = mpmagic.last_report()
+    assert rep.serial_measured and rep.items == 8 and rep.equal is True
+    assert "<table" in rep._repr_html_()
+
+
+def test_quiet_prints_no_report(ip, backend, capsys):
+    capsys.readouterr()
+    run(ip, "%pmap -q abs, [1, -2]")
+    assert "pmap:" not in capsys.readouterr().out
+
+
+def test_function_serialized_once_per_call(ip, backend):
+    run(
+        ip,
+        "pickled = [0]\n"
+        "class Counted:\n"
+        "    def __reduce__(self):\n"
+        "        pickled[0] += 1\n"
+        "        return (Counted, ())\n"
+        "token = Counted()\n"
+        "def uses_token(x):\n    return (x, type(token).__name__)\n",
+    )
+    res = run(ip, "%pmap -q --chunksize 1 uses_token, range(20)")
+    assert res == [(x, "Counted") for x in range(20)]
+    assert run(ip, "pickled[0]") == 1
+
+
+def test_changed_global_is_seen_by_the_next_call(ip, backend):
+    run(ip, "FACTOR = 2\ndef times(x):\n    return x * FACTOR\n")
+    assert run(ip, "%pmap -q times, [1, 2]") == [2, 4]
+    run(ip, "FACTOR = 3")
+    assert run(ip, "%pmap -q times, [1, 2]") == [3, 6]
+
+
+def test_api_from_plain_python(backend):
+    assert mpmagic.pmap(divmod, [7, 9], [2, 4], workers=2) == [(3, 1), (2, 1)]
+    assert mpmagic.last_report().kind == "pmap"
+
+
+@pytest.mark.parametrize(
+    "line, words",
+    [
+        ("%pmap --nope abs, [1]", "unrecognized arguments"),
+        ("%pmap", "missing FUNC"),
+        ("%pmap abs", "missing ITERABLE"),
+        ("%pmap -n 0 abs, [1]", "at least 1"),
+        ("%pmap abs, [1], key=2", "keyword"),
+        ("%pmap abs, [1", "not an argument list"),
+        ("%pmap 3, [1]", "must be a function"),
+        ("%pmap abs, 5", "must be iterable"),
+    ],
+)
+def test_bad_input_is_a_one_line_usage_error(ip, line, words, capsys):
+    result = ip.run_cell(line, store_history=False)
+    assert isinstance(result.error_in_exec, IPythonUsageError), result.error_in_exec
+    assert words in str(result.error_in_exec)
+    err = capsys.readouterr()
+    assert "Traceback" not in err.out + err.err
+
+
+def test_help_text_has_examples_and_every_option(ip):
+    doc = ip.find_line_magic("pmap").__doc__
+    for word in ("%pmap [options] FUNC, ITERABLE", "lambda x", "--star", "--compare", "--chunksize", "-q", "--workers"):
+        assert word in doc
+    assert "%%parallel" in ip.find_cell_magic("parallel").__doc__
+
+
+def test_unload_stops_pool_and_removes_magics(ip):
+    mpmagic.pmap(abs, [1, -1])
+    pids = [s.pid for s in mpmagic.get_pool().slots]
+    assert pids
+    run(ip, "%unload_ext mpmagic")
+    try:
+        assert ip.find_line_magic("pmap") is None
+        for pid in pids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        run(ip, "%load_ext mpmagic")
+    assert run(ip, "%pmap -q abs, [-3]") == [3]
