@@ -80,7 +80,10 @@ class Failed:
     error: BaseException
 
     def __repr__(self) -> str:
-        return f"<Failed item {self.index} {short_repr(self.item, 40)}: {type(self.error).__name__}: {self.error}>"
+        return (
+            f"<Failed item {self.index} (input {short_repr(self.item, 40)}): "
+            f"{type(self.error).__name__}: {self.error}>"
+        )
 
 
 @dataclass

@@ -211,8 +211,8 @@ class MPMagics(Magics):
             self.shell.user_ns[opts.output] = values
         if reducer is not None:
             return reducer(values)
-        if not api.cell_has_value(cell):
-            return None
+        if not api.cell_has_value(cell) or all(v is None for v in values):
+            return None  # like a cell ending in print(): nothing to show
         return values
 
     @line_magic
