@@ -57,16 +57,19 @@ __all__ = [
 
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext mpmagic``: register the magics (the pool starts on first use)."""
+    from . import config
     from .magics import MPMagics
 
+    config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
 
 
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext mpmagic``: remove the magics and stop the pool."""
-    from . import pool
+    from . import config, pool
 
     pool.shutdown()
+    config.unregister(ipython)
     magics = ipython.magics_manager.magics
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)

@@ -39,6 +39,15 @@ class Report:
     equal: bool | None = None  # serial and parallel results equal, with compare
     failed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    # What the advice line reasons from (see advice.py); zero / None when not measured.
+    cold_start: bool = False  # the pool was not running when the run began
+    cores: int | None = None  # usable CPU cores, for a local pool
+    bytes_sent: int = 0  # pickled arguments sent to the workers
+    bytes_back: int = 0  # pickled results sent back
+    slowest_task: float | None = None  # longest chunk or rank, in seconds
+    slowest_where: str | None = None  # which items or rank that was
+    insights: Any = None  # an insights.Insights with --insights
+    advice_enabled: bool = True
 
     @property
     def serial_measured(self) -> bool:
@@ -96,17 +105,42 @@ class Report:
     def __str__(self) -> str:
         return self.line()
 
+    @property
+    def advice(self) -> str | None:
+        """One line on why parallel did not pay and what to try; None for a good run."""
+        if not self.advice_enabled:
+            return None
+        from .advice import advise
+
+        return advise(self)
+
+    def text(self) -> str:
+        """The line, plus the advice line when the run did not pay off."""
+        tip = self.advice
+        return self.line() if tip is None else f"{self.line()}\nadvice: {tip}"
+
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(self.line())
+        p.text(self.text())
+
+    def table(self) -> str:
+        """The full report as aligned text rows (what ``%config MPMagic.report = 'html'`` shows in a terminal)."""
+        rows = self.rows()
+        width = max(len(k) for k, _ in rows)
+        out = [f"{self.kind} report"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+        tip = self.advice
+        if tip:
+            out.append(f"  {'advice'.ljust(width)}  {tip}")
+        return "\n".join(out)
 
     def rows(self) -> list[tuple[str, str]]:
+        """(label, value) pairs of the full report, formatted exactly as in :meth:`line`."""
         eff = self.efficiency
         rows = [
             ("items" if self.kind == "pmap" else "ranks", str(self.items)),
             ("workers", self._where()),
         ]
         if self.kind == "pmap":
-            rows.append(("chunks", f"{self.chunks} (size {self.chunksize})"))
+            rows.append(("chunk size", f"{self.chunksize} ({self.chunks} chunks)"))
         rows += [
             ("wall", fmt_seconds(self.wall)),
             ("serial", self._serial_text().removeprefix("serial ")),
@@ -118,13 +152,43 @@ class Report:
         return rows
 
     def _repr_html_(self) -> str:
-        cells = "".join(
-            f"<tr><th style='text-align:left;padding-right:1em'>{html.escape(k)}</th>"
-            f"<td style='text-align:left'>{html.escape(v)}</td></tr>"
-            for k, v in self.rows()
-        )
+        """A compact two-row table (labels over values), and the advice line under it."""
+        rows = self.rows()
+        th = "padding:2px 10px;text-align:left;font-weight:600"
+        td = "padding:2px 10px;text-align:left"
+        head = "".join(f"<th style='{th}'>{html.escape(k)}</th>" for k, _ in rows)
+        body = "".join(f"<td style='{td}'>{html.escape(v)}</td>" for _, v in rows)
+        tip = self.advice
+        foot = ""
+        if tip:
+            foot = (
+                f"<tfoot><tr><td colspan='{len(rows)}' style='{td};color:#a15c00'>"
+                f"advice: {html.escape(tip)}</td></tr></tfoot>"
+            )
         return (
             f"<table class='mpmagic-report' title='{html.escape(self.line(), quote=True)}'>"
             f"<caption style='text-align:left'><b>{html.escape(self.kind)}</b></caption>"
-            f"{cells}</table>"
+            f"<thead><tr>{head}</tr></thead><tbody><tr>{body}</tr></tbody>{foot}</table>"
         )
+
+
+def display_report(report: Report | None, mode: str = "auto") -> None:
+    """Show ``report`` as the user asked: 'auto', 'line', 'html' or 'none'.
+
+    'auto' lets the front end choose (an HTML table in Jupyter, one line, plus
+    advice when there is some, in a terminal); 'line' is the text everywhere;
+    'html' is the full table everywhere (as aligned text in a terminal);
+    'none' shows nothing. Insights, when recorded, are shown after the report.
+    """
+    if report is None or mode == "none":
+        return
+    from IPython.display import display
+
+    if mode == "line":
+        display({"text/plain": report.text()}, raw=True)
+    elif mode == "html":
+        display({"text/plain": report.table(), "text/html": report._repr_html_()}, raw=True)
+    else:
+        display(report)
+    if report.insights is not None:
+        display(report.insights)

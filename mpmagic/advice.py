@@ -1,0 +1,108 @@
+"""One line of advice when a parallel run did not pay off, from what was measured.
+
+A run "did not pay" when it was slower than serial, or its efficiency
+(speedup / workers) is below :data:`LOW_EFFICIENCY`. The likely cause is
+picked from the report's measurements, most specific first:
+
+* the pool was still starting during the run (workers start on first use);
+* more workers than usable CPU cores;
+* large arguments or results copied to and from the workers;
+* tasks too small for the cost of sending them (per chunk, compute time below
+  the overhead the run actually paid per chunk);
+* one slow item (or chunk, or rank) holding everything up;
+* too few items to keep every worker busy.
+
+A good run gets no advice at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LOW_EFFICIENCY = 0.5  # below this share of ideal speedup, say why
+LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def did_not_pay(report: Any) -> bool:
+    """Slower than serial, or efficiency below :data:`LOW_EFFICIENCY`."""
+    sp, eff = report.speedup, report.efficiency
+    if sp is None or eff is None:
+        return False
+    return sp < 1.0 or eff < LOW_EFFICIENCY
+
+
+def advise(report: Any) -> str | None:
+    """The likely cause and what to try, in one line; None for a good (or failed) run."""
+    from .report import fmt_seconds
+
+    if report.failed or report.extra.get("error") or not did_not_pay(report):
+        return None
+    workers = max(1, report.workers)
+    what = "ranks" if report.kind == "parallel" else "items"
+    if report.cold_start:
+        return (
+            "the workers were still starting during this run (they start on first use): "
+            "run it again, or start them beforehand with %pool start"
+        )
+    if report.cores and workers > report.cores:
+        return (
+            f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''}, "
+            f"so they take turns: use -n {report.cores} (or %config MPMagic.workers = {report.cores})"
+        )
+    copied = report.bytes_sent + report.bytes_back
+    if copied >= LARGE_BYTES and copied / max(report.task_seconds, 1e-9) > 50e6:
+        direction = "arguments" if report.bytes_sent >= report.bytes_back else "results"
+        return (
+            f"{_fmt_bytes(copied)} of data was pickled and copied between the notebook and the "
+            f"workers, more than the {fmt_seconds(report.task_seconds)} of work could repay "
+            f"(mostly {direction}): send small things (file names, index ranges, seeds) and "
+            "load or make the big data in the workers"
+        )
+    if report.kind == "pmap" and report.chunks:
+        per_chunk = report.task_seconds / report.chunks
+        overhead = max(0.0, report.wall * workers - report.task_seconds) / report.chunks
+        if per_chunk < overhead:
+            per_item = report.task_seconds / max(1, report.items)
+            fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
+            fix = (
+                "drop --chunksize (automatic sizing) or make it larger"
+                if fixed
+                else "give each call more work (pass a batch of items per call)"
+            )
+            return (
+                f"tasks too small for the transfer cost: each item computes in "
+                f"~{fmt_seconds(per_item)}, a chunk of {report.items / report.chunks:.0f} in "
+                f"~{fmt_seconds(per_chunk)}, but sending and collecting a chunk cost "
+                f"~{fmt_seconds(overhead)}: {fix}, or run it serially"
+            )
+    slowest, where = report.slowest_task, report.slowest_where
+    ideal = report.task_seconds / workers
+    if slowest and slowest > 0.5 * report.wall and slowest > 1.5 * ideal:
+        return (
+            f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
+            f"of the {fmt_seconds(report.wall)} run while other workers waited: "
+            + (
+                "split that rank's share of the work more evenly"
+                if report.kind == "parallel"
+                else "use --chunksize 1 so slow items run alone, or put the slow items first"
+            )
+        )
+    if report.items < workers:
+        return (
+            f"only {report.items} {what} for {workers} workers: some workers had nothing to do; "
+            f"use -n {max(1, report.items)} or split the work into more {what}"
+        )
+    overhead = report.wall - ideal
+    return (
+        f"the run spent ~{fmt_seconds(max(0.0, overhead))} beyond its share of work "
+        f"({fmt_seconds(ideal)} per worker) on starting, sending and collecting: "
+        "give the workers more work per call, or run it serially"
+    )

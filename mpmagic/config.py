@@ -1,0 +1,142 @@
+"""The magics' settings, the IPython way: ``%config MPMagic.<name> = value``.
+
+``MPMagic`` is a traitlets ``Configurable`` that ``%load_ext mpmagic``
+registers with the shell, so each setting can be changed with ``%config``
+and given a default in ``ipython_config.py``::
+
+    c.MPMagic.workers = 4
+    c.MPMagic.progress = False
+
+The magics read these settings for every option the user did not give; the
+plain API (``mpmagic.pmap(...)``) does not: it takes explicit arguments.
+Pool settings (``workers``, ``start_method``) are applied to the local pool
+before the next run after they change, never in the middle of one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from traitlets import Bool, CaselessStrEnum, Float, Int, observe
+from traitlets.config import Configurable
+
+REPORT_MODES = ("auto", "line", "html", "none")
+
+
+class MPMagic(Configurable):
+    """Defaults for ``%pmap``, ``%%parallel`` and the pool they run on."""
+
+    workers = Int(
+        None,
+        allow_none=True,
+        help="Worker processes of the local pool (None: one per usable CPU). "
+        "Also the default of -n for %pmap and %%parallel.",
+    ).tag(config=True)
+
+    start_method = CaselessStrEnum(
+        ("forkserver", "spawn", "fork"),
+        default_value=None,
+        allow_none=True,
+        help="How local workers start (None: forkserver on Linux, spawn elsewhere).",
+    ).tag(config=True)
+
+    chunksize = Int(
+        None,
+        allow_none=True,
+        help="Items per message for %pmap (None: sized automatically from measured task times).",
+    ).tag(config=True)
+
+    progress = Bool(
+        True,
+        help="Show a progress bar for runs that last longer than progress_delay "
+        "(--progress / --no-progress override it per call).",
+    ).tag(config=True)
+
+    progress_delay = Float(
+        1.0,
+        help="Seconds of work before the progress bar appears, so short runs stay quiet.",
+    ).tag(config=True)
+
+    report = CaselessStrEnum(
+        REPORT_MODES,
+        default_value="auto",
+        help="The timing report after each run: 'auto' (HTML table in Jupyter, one line "
+        "in a terminal), 'line' (one line everywhere), 'html' (the full table, also as "
+        "text in a terminal), 'none'. -q hides it for one call.",
+    ).tag(config=True)
+
+    advice = Bool(
+        True,
+        help="Add one line of advice to the report when parallel did not pay off.",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # Settings from ipython_config.py count as changed: the first run applies them.
+        self._pool_pending = self.workers is not None or self.start_method is not None
+
+    @observe("workers", "start_method")
+    def _pool_setting_changed(self, change: dict) -> None:
+        if change["old"] != change["new"]:
+            self._pool_pending = True
+
+    def apply_pool_settings(self) -> None:
+        """Bring the local pool in line with ``workers`` / ``start_method`` if they changed.
+
+        Called by the magics before a run. A Dask backend is left alone: its
+        size is the cluster's business.
+        """
+        if not getattr(self, "_pool_pending", False):
+            return
+        from . import pool
+        from .backends.local import LocalBackend
+
+        backend = pool.current_pool()
+        self._pool_pending = False
+        if backend is not None and not isinstance(backend, LocalBackend):
+            return
+        method = self.start_method
+        if backend is None:
+            pool.use_local(self.workers, method)
+            return
+        if (method and method != backend.start_method) or (
+            self.workers and self.workers != backend.workers
+        ):
+            pool.use_local(self.workers, method)
+
+    def reset(self) -> None:
+        """Every setting back to its default (for tests and ``%config``-happy sessions)."""
+        for name, trait in self.traits(config=True).items():
+            setattr(self, name, trait.default())
+        self._pool_pending = False
+
+
+_current: MPMagic | None = None
+
+
+def current() -> MPMagic:
+    """The settings registered with the shell (or stand-alone defaults)."""
+    global _current
+    if _current is None:
+        _current = MPMagic()
+    return _current
+
+
+def register(shell: Any) -> MPMagic:
+    """Create the shell's ``MPMagic`` (reading ``ipython_config.py``) and let ``%config`` see it."""
+    global _current
+    for c in getattr(shell, "configurables", []):
+        if isinstance(c, MPMagic):
+            _current = c
+            return c
+    _current = MPMagic(parent=shell)
+    shell.configurables.append(_current)
+    return _current
+
+
+def unregister(shell: Any) -> None:
+    """Remove ``MPMagic`` from the shell at ``%unload_ext``."""
+    global _current
+    configurables = getattr(shell, "configurables", [])
+    configurables[:] = [c for c in configurables if not isinstance(c, MPMagic)]
+    _current = None
