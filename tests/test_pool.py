@@ -1,0 +1,90 @@
+"""%pool and the managed pool's lifecycle: start, status, stop, restart, resize."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+import pytest
+from conftest import run
+
+import mpmagic
+from mpmagic import cpus
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_start_status_stop_restart(ip):
+    status = run(ip, "%pool start -n 3 --start-method spawn")
+    text = str(status)
+    assert "pool: local, 3 workers, start method spawn, running" in text
+    pids = [p["pid"] for p in status.info["processes"]]
+    assert len(pids) == 3 and all(_alive(pid) for pid in pids)
+    assert all(p["ready"] for p in status.info["processes"])
+
+    run(ip, "%pmap -q abs, range(-5, 5)")
+    status = run(ip, "%pool")
+    assert status.info["tasks_run"] >= 10 and status.info["calls_run"] >= 1
+    assert "worker 0: pid" in str(status) and "MB" in str(status)
+    assert "<table" in status._repr_html_()
+
+    run(ip, "%pool restart")
+    new = [p["pid"] for p in run(ip, "%pool").info["processes"]]
+    assert set(new).isdisjoint(pids)
+    assert not any(_alive(pid) for pid in pids)
+
+    run(ip, "%pool stop")
+    status = run(ip, "%pool")
+    assert "stopped" in str(status) and status.info["processes"] == []
+    assert not any(_alive(pid) for pid in new)
+    # the next call starts it again
+    assert run(ip, "%pmap -q abs, [-1]") == [1]
+
+
+def test_resize_and_per_call_workers(ip):
+    mpmagic.use_local(2, "forkserver")
+    run(ip, "%pool resize 3")
+    assert len(mpmagic.get_pool().slots) == 3
+    # -n larger than the pool grows it; -n smaller uses only that many
+    run(ip, "import os\n%pmap -q -n 4 lambda x: os.getpid(), range(40)")
+    assert mpmagic.get_pool().workers == 4
+    pids = run(ip, "%pmap -q -n 1 --chunksize 1 lambda x: os.getpid(), range(12)")
+    assert len(set(pids)) == 1
+    mpmagic.use_local(2, "forkserver")
+
+
+def test_bad_pool_commands(ip):
+    from IPython.core.error import UsageError
+
+    for line in ("%pool start --start-method nope", "%pool frobnicate", "%pool resize", "%pool start -n 0"):
+        result = ip.run_cell(line, store_history=False)
+        assert isinstance(result.error_in_exec, UsageError), line
+
+
+def test_default_size_follows_affinity_and_quota(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: None)
+    assert cpus.available_cpus() == 6
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 2.5)
+    assert cpus.available_cpus() == 3
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: 0.2)
+    assert cpus.available_cpus() == 1
+
+
+def test_default_start_method_is_spawn_safe():
+    from mpmagic.backends.local import default_start_method
+
+    assert default_start_method() in ("forkserver", "spawn")
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+def test_every_start_method_runs_notebook_code(ip, method):
+    mpmagic.use_local(2, method)
+    run(ip, "def cube(x):\n    return x ** 3\n")
+    assert run(ip, "%pmap -q cube, range(6)") == [x**3 for x in range(6)]
+    assert mpmagic.get_pool().start_method == method
