@@ -83,8 +83,14 @@ def split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression 
     return tree, None
 
 
-def run_cell_code(spec: CellSpec, rank: int, size: int) -> tuple[Any, dict[str, Any]]:
-    """Run the cell with ``rank`` and ``size`` set; return (last value, gathered)."""
+def run_cell_code(
+    spec: CellSpec, rank: int, size: int, as_main: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """Run the cell with ``rank`` and ``size`` set; return (last value, gathered).
+
+    In a worker (``as_main``) the cell's namespace is also ``__main__`` while it
+    runs; the serial comparison run in the notebook leaves ``__main__`` alone.
+    """
     linecache.cache[spec.filename] = (
         len(spec.source),
         None,
@@ -101,13 +107,14 @@ def run_cell_code(spec: CellSpec, rank: int, size: int) -> tuple[Any, dict[str, 
     main.__dict__.update(ns)
     ns = main.__dict__
     saved_main = sys.modules.get("__main__")
-    sys.modules["__main__"] = main
+    if as_main:
+        sys.modules["__main__"] = main
     try:
         body, last = split_last_expression(ast.parse(spec.source, spec.filename))
         exec(compile(body, spec.filename, "exec"), ns)
         value = eval(compile(last, spec.filename, "eval"), ns) if last is not None else None
     finally:
-        if saved_main is not None:
+        if as_main and saved_main is not None:
             sys.modules["__main__"] = saved_main
     missing = [g for g in spec.gather if g not in ns]
     if missing:
