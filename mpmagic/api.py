@@ -263,7 +263,7 @@ def parallel(
     values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in gather}
     if compare:
         t1 = time.perf_counter()
-        serial_value, _ = run_cell_code(spec, 0, 1)
+        serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
         report.serial = time.perf_counter() - t1
         report.extra["serial_value"] = serial_value
     values.report = report
