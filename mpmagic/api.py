@@ -18,8 +18,10 @@ from typing import Any
 from . import payload
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .errors import ParallelError, UsageError, render_traceback
+from .insights import Recorder
 from .jobs import CellJob, MapJob, RemoteTraceback
 from .pool import get_pool
+from .progress import Progress
 from .report import Report
 
 _last_report: Report | None = None
@@ -79,6 +81,9 @@ def pmap(
     timeout: float | None = None,
     retries: int = 0,
     show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
 ) -> list:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
@@ -92,6 +97,10 @@ def pmap(
     :class:`~mpmagic.jobs.Failed` in the place of each failing item instead of
     raising. ``timeout`` (seconds) stops an item that runs longer and replaces
     its worker. ``retries`` re-sends items whose worker died.
+    ``progress=True`` shows a bar counting items once the run has lasted
+    ``progress_delay`` seconds. ``insights=True`` times every item in the
+    workers and attaches per-worker busy / idle / transfer times and the
+    slowest items to the report (``last_report().insights``).
     """
     __tracebackhide__ = True
     global _last_report
@@ -122,6 +131,9 @@ def pmap(
 
     backend = get_pool()
     n_workers = workers or backend.workers
+    cold = _is_cold(backend)
+    bar = Progress(n_items, "pmap", "item", progress_delay, enabled=progress)
+    recorder = Recorder("pmap", getattr(func, "__name__", "func"), star_mode) if insights else None
     job = MapJob(
         func,
         items,
@@ -132,9 +144,11 @@ def pmap(
         collect=errors == "collect",
         timeout=timeout,
         retries=retries,
+        progress=bar.update,
+        insights=recorder,
     )
     t0 = time.perf_counter()
-    backend.run(job, workers=workers)
+    _run_with_progress(backend, job, bar, workers)
     wall = time.perf_counter() - t0
     failed = 0
     try:
@@ -150,6 +164,7 @@ def pmap(
             task_seconds=job.task_seconds,
             chunks=job.n_chunks,
             chunksize=job.planner.describe(),
+            **_measured(job, backend, cold, recorder, n_workers),
         )
     from .jobs import Failed
 
@@ -166,6 +181,45 @@ def pmap(
     if show_report:
         print(_last_report.line())
     return results
+
+
+def _is_cold(backend: Any) -> bool:
+    """True when the pool's workers are not all up yet (this run pays for their start)."""
+    slots = getattr(backend, "slots", None)
+    if slots is None:
+        return False
+    return not slots or not all(getattr(s, "ready", True) for s in slots)
+
+
+def _run_with_progress(backend: Any, job: Any, bar: Progress, workers: int | None) -> None:
+    """Run the job; close the progress bar however the run ends (done, error, interrupt)."""
+    __tracebackhide__ = True
+    try:
+        backend.run(job, workers=workers)
+    except KeyboardInterrupt:
+        bar.close("interrupted")
+        raise
+    except BaseException:
+        bar.close("error")
+        raise
+    finally:
+        bar.close("error" if getattr(job, "failure", None) is not None or getattr(job, "failures", None) else "done")
+
+
+def _measured(job: Any, backend: Any, cold: bool, recorder: Recorder | None, workers: int) -> dict[str, Any]:
+    """What the report's advice reasons from, and the insights, as Report fields."""
+    from .cpus import available_cpus
+
+    return {
+        "cold_start": cold,
+        "cores": available_cpus() if getattr(backend, "name", None) == "local" else None,
+        "bytes_sent": getattr(job, "bytes_sent", 0),
+        "bytes_back": getattr(job, "bytes_back", 0),
+        "slowest_task": getattr(job, "slowest_task", None) or None,
+        "slowest_where": getattr(job, "slowest_where", None),
+        "insights": recorder.finish(workers) if recorder is not None else None,
+        "extra": {"error": True} if getattr(job, "failure", None) is not None else {},
+    }
 
 
 def payload_repr(obj: Any) -> str:
@@ -201,6 +255,9 @@ def parallel(
     gather: Iterable[str] = (),
     label_output: bool = True,
     show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
 ) -> RankValues:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
@@ -211,6 +268,8 @@ def parallel(
     ``gather`` names variables to bring back from every rank. What ranks print
     is shown labelled ``[rank N]``. If ranks fail, each failing rank's traceback
     is printed and :class:`~mpmagic.errors.ParallelError` is raised.
+    ``progress`` shows a bar counting finished ranks after ``progress_delay``
+    seconds; ``insights`` records each rank's worker and span (see ``pmap``).
     """
     __tracebackhide__ = True
     global _last_report
@@ -229,9 +288,12 @@ def parallel(
     backend = get_pool()
     size = workers or backend.workers
     spec_bytes = _pack_spec(spec)
-    job = CellJob(spec_bytes, size, timeout=timeout, label=label_output)
+    cold = _is_cold(backend)
+    bar = Progress(size, "parallel", "rank", progress_delay, enabled=progress)
+    recorder = Recorder("parallel") if insights else None
+    job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
     t0 = time.perf_counter()
-    backend.run(job, workers=size)
+    _run_with_progress(backend, job, bar, size)
     wall = time.perf_counter() - t0
     report = Report(
         kind="parallel",
@@ -242,6 +304,7 @@ def parallel(
         wall=wall,
         task_seconds=job.task_seconds,
         failed=len(job.failures),
+        **_measured(job, backend, cold, recorder, size),
     )
     _last_report = report
     if job.failures:

@@ -117,6 +117,7 @@ class MapJob:
         func_payload: bytes | None = None,
         out: Callable[[str, str], None] | None = None,
         progress: Callable[[int], None] | None = None,
+        insights: Any = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.func = func
@@ -140,6 +141,12 @@ class MapJob:
         self.n_chunks = 0
         self._out = out or _print_stream
         self._progress = progress
+        # Measured for the report's advice and for --insights (an insights.Recorder).
+        self.insights = insights
+        self.bytes_sent = 0
+        self.bytes_back = 0
+        self.slowest_task = 0.0
+        self.slowest_where: str | None = None
 
     # -- handing out work --------------------------------------------------
     @property
@@ -171,6 +178,7 @@ class MapJob:
             self._next_start += len(items)
             self.planner.note_sent(len(items))
             self.n_chunks += 1
+            self.bytes_sent += len(unit.data)
         self.outstanding[unit.id] = unit
         return unit
 
@@ -190,7 +198,9 @@ class MapJob:
             raise
 
     def message(self, unit: Unit) -> tuple:
-        return ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
+        msg = ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
+        # With insights the worker also times each item (an 8th field old workers ignore).
+        return msg + (True,) if self.insights is not None else msg
 
     # -- taking back results -----------------------------------------------
     def _where(self, index: int, item: Any) -> str:
@@ -200,7 +210,13 @@ class MapJob:
         name = getattr(self.func, "__name__", "func")
         return f"mpmagic: raised by item {index} of the input: {name}{args}"
 
-    def done(self, unit: Unit, data: bytes, seconds: float) -> None:
+    def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
+        """A chunk's results came back. ``meta`` (optional, from newer workers):
+        ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
+        ``item_seconds`` and ``transfer`` seconds."""
+        self.bytes_back += len(data)
+        if self.insights is not None:
+            self.insights.chunk(unit, seconds, meta)
         results = payload.loads(data)
         if self.collect:
             for i, r in enumerate(results):
@@ -215,6 +231,10 @@ class MapJob:
         self.task_seconds += seconds
         self.items_done += unit.count
         self.planner.record(unit.count, seconds)
+        if seconds > self.slowest_task:
+            self.slowest_task = seconds
+            last = unit.start + unit.count - 1
+            self.slowest_where = f"item {unit.start}" if unit.count == 1 else f"the chunk of items {unit.start}-{last}"
         unit.items = []
         unit.data = b""
         if self._progress:
@@ -294,6 +314,8 @@ class CellJob:
         timeout: float | None = None,
         out: Callable[[str, str], None] | None = None,
         label: bool = True,
+        progress: Callable[[int], None] | None = None,
+        insights: Any = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.size = size
@@ -312,6 +334,16 @@ class CellJob:
         self._out = out or _print_stream
         self._label = label
         self._partial: dict[tuple[int, str], str] = {}
+        self._progress = progress  # called with 1 as each rank finishes, however it ends
+        self.insights = insights
+        self.bytes_sent = len(spec_bytes) * size
+        self.bytes_back = 0
+        self.slowest_task = 0.0
+        self.slowest_where: str | None = None
+
+    def _rank_finished(self) -> None:
+        if self._progress:
+            self._progress(1)
 
     @property
     def finished(self) -> bool:
@@ -331,17 +363,24 @@ class CellJob:
     def message(self, unit: Unit) -> tuple:
         return ("cell", self.call_id, unit.id, self.size, unit.data)
 
-    def done(self, unit: Unit, data: bytes, seconds: float) -> None:
+    def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
+        self.bytes_back += len(data)
+        if self.insights is not None:
+            self.insights.chunk(unit, seconds, meta)
         self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
         self.rank_seconds[unit.id] = seconds
         self.task_seconds += seconds
         self.items_done += 1
+        if seconds > self.slowest_task:
+            self.slowest_task, self.slowest_where = seconds, f"rank {unit.id}"
+        self._rank_finished()
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
         self.items_done += 1
+        self._rank_finished()
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -349,6 +388,7 @@ class CellJob:
             f"rank {unit.id}: its last value or a --gather variable cannot be sent back: "
             f"{info.exc_text.strip()}. End the cell with plain data instead (or `None`)."
         )
+        self._rank_finished()
 
     def lost(self, unit: Unit, reason: str, timed_out: bool = False) -> None:
         self.outstanding.pop(unit.id, None)
@@ -358,6 +398,7 @@ class CellJob:
             )
         else:
             self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}; the pool replaced it")
+        self._rank_finished()
 
     def requeue(self, unit: Unit) -> None:  # ranks never queue behind one another
         self.outstanding.pop(unit.id, None)

@@ -7,8 +7,11 @@ a busy worker, and it notices when the notebook process goes away. The main
 thread runs tasks one after another:
 
 * ``("func", key, payload)``: cache a cloudpickled function under its key.
-* ``("map", call, chunk, key, star, collect, items)``: run the function over
-  a chunk of items, reply ``("done", ...)`` or ``("error", ...)``.
+* ``("map", call, chunk, key, star, collect, items[, timing])``: run the
+  function over a chunk of items, reply ``("done", call, chunk, results,
+  seconds, meta)`` or ``("error", ...)``. ``meta`` says which worker ran the
+  chunk and when (``worker``, ``start``, ``end``, epoch seconds); with
+  ``timing`` it also holds each item's seconds and the (un)pickling time.
 * ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
 * ``("stop",)``: exit.
 
@@ -140,6 +143,30 @@ def run_items(func, items: list, star: bool, collect: bool):
     return results, time.perf_counter() - t0, None
 
 
+def run_items_timed(func, items: list, star: bool, collect: bool):
+    """:func:`run_items` that also returns each item's seconds (for ``--insights``).
+
+    A separate function so that the ordinary path pays nothing for it.
+    """
+    results: list = []
+    times: list[float] = []
+    clock = time.perf_counter
+    t0 = clock()
+    for i, item in enumerate(items):
+        t = clock()
+        try:
+            results.append(func(*item) if star else func(item))
+        except Exception as exc:
+            times.append(clock() - t)
+            info = ErrorInfo(exc)
+            if not collect:
+                return results, clock() - t0, (i, info), times
+            results.append(info)
+            continue
+        times.append(clock() - t)
+    return results, clock() - t0, None, times
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Exit when the notebook process is gone, even in the middle of a task."""
     first_ppid = os.getppid()
@@ -209,7 +236,7 @@ class _Worker:
         while len(self.funcs) > _CACHE_SIZE:
             self.funcs.popitem(last=False)
 
-    def run_map(self, call, chunk, key, star, collect, items_bytes) -> None:
+    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False) -> None:
         func = self.funcs.get(key)
         if func is None:
             self.channel.send(("missing", call, chunk, key))
@@ -218,24 +245,36 @@ class _Worker:
         if isinstance(func, ErrorInfo):
             self.channel.send(("error", call, chunk, -1, func, b"", 0.0))
             return
+        t_load = time.perf_counter()
         try:
             items = payload.loads(items_bytes)
         except BaseException as exc:
             self.channel.send(("error", call, chunk, -1, ErrorInfo(exc), b"", 0.0))
             return
+        start = time.time()
+        t_run = time.perf_counter()
         self._capture(call, chunk)
         try:
-            results, seconds, error = run_items(func, items, star, collect)
+            if timing:
+                results, seconds, error, item_seconds = run_items_timed(func, items, star, collect)
+            else:
+                results, seconds, error = run_items(func, items, star, collect)
         finally:
             self._release()
+        end = start + (time.perf_counter() - t_run)
         try:
             data = payload.dumps_data(results)
         except Exception as exc:
             bad = _first_unpicklable(results)
             self.channel.send(("unpicklable", call, chunk, bad, ErrorInfo(exc)))
             return
+        meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end}
+        if timing:
+            meta["item_seconds"] = item_seconds
+            meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
+            meta["sent"] = time.time()
         if error is None:
-            self.channel.send(("done", call, chunk, data, seconds))
+            self.channel.send(("done", call, chunk, data, seconds, meta))
         else:
             self.channel.send(("error", call, chunk, error[0], error[1], data, seconds))
 
@@ -243,6 +282,7 @@ class _Worker:
         from .cell import run_cell_code
 
         self._capture(call, rank)
+        start = time.time()
         t0 = time.perf_counter()
         try:
             spec = payload.loads(data)
@@ -258,7 +298,8 @@ class _Worker:
         except Exception as exc:
             self.channel.send(("unpicklable", call, rank, None, ErrorInfo(exc)))
             return
-        self.channel.send(("done", call, rank, out, seconds))
+        meta = {"worker": self.worker_id, "start": start, "end": start + seconds}
+        self.channel.send(("done", call, rank, out, seconds, meta))
 
 
 def _first_unpicklable(results: list) -> int | None:

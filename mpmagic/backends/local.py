@@ -426,7 +426,10 @@ class LocalBackend:
         if kind == "done":
             slot.tasks += unit.count
             self.tasks_run += unit.count
-            job.done(unit, msg[3], msg[4])
+            meta = msg[5] if len(msg) > 5 else None  # who ran it and when (newer workers)
+            if meta is not None and "sent" in meta:
+                meta["received"] = time.time()  # --insights: the pipe's share of transfer time
+            job.done(unit, msg[3], msg[4], meta)
         elif kind == "error":
             slot.tasks += unit.count
             self.tasks_run += unit.count

@@ -1,0 +1,253 @@
+"""``--insights``: where the time of one run went, per worker and per item.
+
+While the run goes, a :class:`Recorder` collects what each reply's ``meta``
+says (which worker ran the chunk or rank, when it started and ended, and,
+because insights ask the worker to time each item, every item's seconds and
+the (un)pickling time). At the end it becomes an :class:`Insights`:
+
+* per worker: tasks run, busy time (running tasks), transfer time (unpickling
+  arguments, pickling results, and the trip through the pipe), idle time (the
+  rest of the run's wall time);
+* the slowest items, each with a short repr of its arguments;
+* a per-worker timeline of tasks (a Gantt-like chart with matplotlib, or a
+  line of characters per worker without it).
+
+Without insights none of this is measured per item, so ordinary runs pay nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import html
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .jobs import short_repr
+from .report import fmt_seconds
+
+TOP = 5  # slowest items kept
+
+
+@dataclass
+class Task:
+    """One chunk (or rank) on the timeline: who ran it and when (epoch seconds)."""
+
+    worker: Any
+    start: float
+    end: float
+    first: int  # index of its first item (or the rank)
+    count: int
+
+
+@dataclass
+class WorkerTime:
+    """Where one worker's time went during the run."""
+
+    worker: Any
+    tasks: int = 0  # items (or ranks) it ran
+    busy: float = 0.0
+    transfer: float = 0.0
+    idle: float = 0.0
+
+
+@dataclass
+class SlowItem:
+    """One of the slowest items: its index, its seconds, and its arguments in short."""
+
+    index: int
+    seconds: float
+    args: str
+    worker: Any = None
+
+
+class Recorder:
+    """Collects per-chunk and per-item timings from the job's ``done`` replies."""
+
+    def __init__(self, kind: str, func_name: str = "func", star: bool = False, top: int = TOP) -> None:
+        self.kind = kind  # "pmap" or "parallel"
+        self.func_name = func_name
+        self.star = star
+        self.top = top
+        self.begin = time.time()
+        self.tasks: list[Task] = []
+        self.transfer: dict[Any, float] = {}
+        self._heap: list[tuple[float, int, str, Any]] = []  # min-heap of the slowest
+
+    def _args(self, item: Any) -> str:
+        if self.star and isinstance(item, (tuple, list)):
+            return f"{self.func_name}({', '.join(short_repr(a, 30) for a in item)})"
+        return f"{self.func_name}({short_repr(item, 50)})"
+
+    def _offer(self, seconds: float, index: int, item: Any, worker: Any, is_rank: bool = False) -> None:
+        if len(self._heap) >= self.top and seconds <= self._heap[0][0]:
+            return
+        text = f"rank {index}" if is_rank else self._args(item)
+        entry = (seconds, index, text, worker)
+        if len(self._heap) < self.top:
+            heapq.heappush(self._heap, entry)
+        else:
+            heapq.heapreplace(self._heap, entry)
+
+    def chunk(self, unit: Any, seconds: float, meta: dict | None) -> None:
+        """A chunk or rank finished: note its worker, span and items (before the job drops them)."""
+        meta = meta or {}
+        worker = meta.get("worker", "?")
+        end = meta.get("end", time.time())
+        start = meta.get("start", end - seconds)
+        self.tasks.append(Task(worker, start, end, unit.start, unit.count))
+        moved = meta.get("transfer", 0.0)
+        if "sent" in meta and "received" in meta:
+            moved += max(0.0, meta["received"] - meta["sent"])
+        self.transfer[worker] = self.transfer.get(worker, 0.0) + moved
+        if self.kind == "parallel":
+            self._offer(seconds, unit.id, None, worker, is_rank=True)
+            return
+        times = meta.get("item_seconds")
+        if times and len(times) <= len(unit.items):
+            for i, t in enumerate(times):
+                self._offer(t, unit.start + i, unit.items[i], worker)
+        elif unit.items:  # no per-item times (an older worker or another backend): the chunk
+            self._offer(seconds, unit.start, unit.items[0] if unit.count == 1 else unit.items, worker)
+
+    def finish(self, workers: int) -> Insights:
+        """The insights of the finished run, with ``workers`` the number it could use."""
+        end = time.time()
+        span = max(1e-9, end - self.begin)
+        per: dict[Any, WorkerTime] = {}
+        for t in self.tasks:
+            w = per.setdefault(t.worker, WorkerTime(t.worker))
+            w.tasks += t.count
+            w.busy += t.end - t.start
+        for w in per.values():
+            w.transfer = self.transfer.get(w.worker, 0.0)
+            w.idle = max(0.0, span - w.busy - w.transfer)
+        slow = [SlowItem(i, s, a, w) for s, i, a, w in sorted(self._heap, reverse=True)]
+        return Insights(self.kind, workers, self.begin, end, sorted(per.values(), key=lambda w: str(w.worker)),
+                        slow, self.tasks)
+
+
+@dataclass
+class Insights:
+    """Per-worker busy / idle / transfer time, the slowest items, and a task timeline."""
+
+    kind: str
+    workers: int
+    begin: float
+    end: float
+    per_worker: list[WorkerTime]
+    slowest: list[SlowItem]
+    tasks: list[Task] = field(repr=False, default_factory=list)
+
+    @property
+    def wall(self) -> float:
+        return self.end - self.begin
+
+    def table(self) -> str:
+        """A short text table: one row per worker, then the slowest items."""
+        what = "ranks" if self.kind == "parallel" else "items"
+        out = [f"insights: {len(self.per_worker)} of {self.workers} workers ran tasks over {fmt_seconds(self.wall)}"]
+        out.append(f"  {'worker':>6}  {what:>6}  {'busy':>9}  {'transfer':>9}  {'idle':>9}")
+        for w in self.per_worker:
+            out.append(
+                f"  {w.worker!s:>6}  {w.tasks:>6}  {fmt_seconds(w.busy):>9}  "
+                f"{fmt_seconds(w.transfer):>9}  {fmt_seconds(w.idle):>9}"
+            )
+        if self.slowest:
+            label = "slowest ranks" if self.kind == "parallel" else "slowest items"
+            out.append(f"  {label}:")
+            for s in self.slowest[:3]:
+                where = "" if self.kind == "parallel" else f"item {s.index}: "
+                out.append(f"    {fmt_seconds(s.seconds):>9}  {where}{s.args}  (worker {s.worker})")
+        return "\n".join(out)
+
+    def timeline_text(self, width: int = 50) -> str:
+        """Each worker's tasks as a row of characters: '#' busy, '.' idle."""
+        if not self.tasks:
+            return ""
+        scale = width / max(1e-9, self.wall)
+        rows = []
+        for w in self.per_worker:
+            cells = ["."] * width
+            for t in self.tasks:
+                if t.worker != w.worker:
+                    continue
+                a = int(max(0.0, t.start - self.begin) * scale)
+                b = max(a + 1, int(max(0.0, t.end - self.begin) * scale))
+                for i in range(a, min(b, width)):
+                    cells[i] = "#"
+            rows.append(f"  worker {w.worker!s:>3} |{''.join(cells)}|")
+        rows.append(f"  {'':>10} 0{fmt_seconds(self.wall):>{width}}")
+        return "\n".join(rows)
+
+    def figure(self) -> Any:
+        """A matplotlib Figure of the per-worker timeline, or None without matplotlib."""
+        try:
+            import matplotlib  # noqa: F401
+            from matplotlib.figure import Figure
+        except ImportError:
+            return None
+        workers = [w.worker for w in self.per_worker]
+        fig = Figure(figsize=(7, 0.5 + 0.45 * max(1, len(workers))), layout="constrained")
+        ax = fig.add_subplot()
+        slow = {s.index for s in self.slowest[:1]}
+        palette = ("#4c78a8", "#72b7b2")
+        for row, wid in enumerate(workers):
+            spans = [t for t in self.tasks if t.worker == wid]
+            for k, t in enumerate(spans):
+                hot = any(t.first <= i < t.first + t.count for i in slow)
+                ax.broken_barh([(t.start - self.begin, max(t.end - t.start, 1e-6))], (row - 0.4, 0.8),
+                               facecolors="#e45756" if hot else palette[k % 2])
+        ax.set_yticks(range(len(workers)), [f"worker {w}" for w in workers])
+        ax.set_xlim(0, self.wall)
+        ax.set_xlabel("seconds since the run started")
+        ax.set_title("tasks per worker (red: holds the slowest item)", fontsize="medium")
+        ax.invert_yaxis()
+        return fig
+
+    def _png(self) -> bytes | None:
+        fig = self.figure()
+        if fig is None:
+            return None
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        return buf.getvalue()
+
+    def __str__(self) -> str:
+        timeline = self.timeline_text()
+        return self.table() + ("\n" + timeline if timeline else "")
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        th = "padding:2px 10px;text-align:right;font-weight:600"
+        td = "padding:2px 10px;text-align:right"
+        what = "ranks" if self.kind == "parallel" else "items"
+        head = "".join(f"<th style='{th}'>{h}</th>" for h in ("worker", what, "busy", "transfer", "idle"))
+        rows = "".join(
+            "<tr>" + "".join(f"<td style='{td}'>{html.escape(str(v))}</td>" for v in (
+                w.worker, w.tasks, fmt_seconds(w.busy), fmt_seconds(w.transfer), fmt_seconds(w.idle))) + "</tr>"
+            for w in self.per_worker
+        )
+        label = "slowest ranks" if self.kind == "parallel" else "slowest items"
+        slow = "".join(
+            f"<li>{html.escape(fmt_seconds(s.seconds))}: "
+            + ("" if self.kind == "parallel" else f"item {s.index}, ")
+            + f"<code>{html.escape(s.args)}</code> (worker {html.escape(str(s.worker))})</li>"
+            for s in self.slowest[:3]
+        )
+        png = self._png()
+        if png is not None:
+            chart = f"<img alt='timeline of tasks per worker' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
+        else:
+            chart = f"<pre>{html.escape(self.timeline_text())}</pre>"
+        return (
+            "<div class='mpmagic-insights'>"
+            f"<table><caption style='text-align:left'><b>insights</b>: {len(self.per_worker)} of "
+            f"{self.workers} workers ran tasks over {html.escape(fmt_seconds(self.wall))}</caption>"
+            f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            f"<div>{label}:<ul>{slow}</ul></div>{chart}</div>"
+        )
