@@ -1,0 +1,200 @@
+"""Every example notebook runs in a real Jupyter kernel and prints what it should.
+
+Each notebook in ``examples/`` is executed top to bottom with nbclient in a
+kernel of this very Python (jupyter_client starts the ``python3`` kernelspec
+with ``sys.executable``), exactly as "Run All" would in Jupyter. The checks
+read the outputs a person would see: the results, the timing report line
+with its speedup, the HTML report table, the rank-labelled output.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+NOTEBOOKS = sorted(p.name for p in EXAMPLES.glob("*.ipynb"))
+
+
+def execute(name: str, timeout: int = 180) -> nbformat.NotebookNode:
+    """Run one example notebook in a fresh kernel; a cell that raises fails the test."""
+    nb = nbformat.read(EXAMPLES / name, as_version=4)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(EXAMPLES)}},
+    )
+    client.execute()  # raises CellExecutionError, with the cell's traceback, on an error
+    return nb
+
+
+def find_cell(nb: nbformat.NotebookNode, marker: str) -> list:
+    """The one code cell whose source is ``marker`` or else contains it."""
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    cells = [c for c in code if c.source == marker] or [c for c in code if marker in c.source]
+    assert len(cells) == 1, f"expected one cell containing {marker!r}, found {len(cells)}"
+    return cells
+
+
+def cell_text(nb: nbformat.NotebookNode, marker: str) -> str:
+    """All the text the code cell containing ``marker`` showed (streams, plain text, HTML)."""
+    cells = find_cell(nb, marker)
+    parts = []
+    for out in cells[0].outputs:
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("display_data", "execute_result"):
+            parts.extend(str(v) for k, v in out.data.items() if k.startswith("text/"))
+    return "\n".join(parts)
+
+
+def cell_value(nb: nbformat.NotebookNode, marker: str) -> str:
+    """The ``text/plain`` of the cell's Out[] value (its last expression)."""
+    cells = find_cell(nb, marker)
+    values = [o.data["text/plain"] for o in cells[0].outputs if o.output_type == "execute_result"]
+    assert values, f"the cell containing {marker!r} showed no value"
+    return values[-1]
+
+
+def cell_literal(nb: nbformat.NotebookNode, marker: str) -> object:
+    """The cell's Out[] value read back as a Python literal (a list of numbers...)."""
+    return ast.literal_eval(cell_value(nb, marker))
+
+
+def report_lines(text: str, kind: str = "pmap") -> list[str]:
+    """The timing report lines (``pmap: ... | speedup ...``) in a cell's text."""
+    return re.findall(rf"^{kind}: .*\| speedup .*$", text, flags=re.MULTILINE)
+
+
+def work(n: int) -> int:
+    """The quickstart's function, computed here to check the workers' answers."""
+    return sum(i * i for i in range(n))
+
+
+def test_every_notebook_is_generated_and_checked() -> None:
+    """The committed notebooks match their generator and each one has a test here."""
+    from importlib import util
+
+    spec = util.spec_from_file_location("make_notebooks", EXAMPLES / "make_notebooks.py")
+    assert spec and spec.loader
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "run: python examples/make_notebooks.py"
+    assert set(NOTEBOOKS) == set(module.NOTEBOOKS)
+    tested = {name.removeprefix("test_").replace("_notebook", "") + ".ipynb" for name in globals() if name.startswith("test_") and name.endswith("_notebook")}
+    assert set(NOTEBOOKS) <= tested, f"notebooks without a test: {sorted(set(NOTEBOOKS) - tested)}"
+    for name in NOTEBOOKS:
+        nb = nbformat.read(EXAMPLES / name, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} is committed with outputs"
+
+
+def test_quickstart_notebook() -> None:
+    nb = execute("quickstart.ipynb")
+
+    first = cell_text(nb, "%pmap work, [1_000_000] * 8")
+    [line] = report_lines(first)
+    assert "8 items on" in line and "estimated from task times" in line
+    assert "class='mpmagic-report'" in first or 'class="mpmagic-report"' in first
+    assert cell_literal(nb, "%pmap work, [1_000_000] * 8") == [work(1_000_000)] * 8
+
+    compared = cell_text(nb, "%pmap --compare work")
+    [line] = report_lines(compared)
+    assert "measured, results equal" in line
+
+    assert cell_literal(nb, "squares = %pmap") == [x * x for x in range(10)]
+    assert cell_literal(nb, "%pmap -q pow") == [pow(x, 2) for x in range(10)]
+    assert not report_lines(cell_text(nb, "%pmap -q pow")), "-q must hide the report"
+
+    collected = cell_value(nb, "--errors collect")
+    assert collected.startswith("[2.0, ") and collected.endswith(", 5.0]")
+    assert "item 1" in collected and "ZeroDivisionError" in collected
+
+    spmd = cell_text(nb, "%%parallel -n 2")
+    for rank in (0, 1):
+        assert re.search(rf"^\[rank {rank}\] rank {rank} of 2 runs in process \d+$", spmd, re.MULTILINE), spmd
+    assert cell_literal(nb, "%%parallel -n 2") == [0, 10]
+    assert report_lines(spmd, "parallel")
+
+    status = cell_text(nb, "%pool")
+    assert "pool: local" in status and re.search(r"worker \d+: pid \d+", status), status
+
+    long_run = cell_text(nb, "long_results = %pmap")
+    [line] = report_lines(long_run)
+    assert "16 items" in line
+    assert "16 results; pmap: 16 items" in cell_text(nb, "len(long_results)")
+
+
+def test_classic_lessons_notebook() -> None:
+    nb = execute("classic_lessons.ipynb")
+    processes = cell_text(nb, "%%parallel -n 4\nimport os")
+    for rank in range(4):
+        assert f"[rank {rank}] task {rank} of 4 in process" in processes
+    assert cell_literal(nb, "%%parallel -n 4\nimport os") == [0, 1, 2, 3]
+
+    assert cell_literal(nb, "%pmap -q square") == [x * x for x in range(10)]
+    assert cell_literal(nb, "--star pow") == [2**10, 3**4, 10**3]
+
+    # Producer/consumer: the consumer got every item, in order, exactly once.
+    assert cell_literal(nb, "q.put(None)") == [None, [i * i for i in range(1, 11)]]
+    # The shared counter: 4 tasks x 1000 increments under the lock.
+    assert cell_literal(nb, "counter.value") == 4000
+
+    expected = sum(i * i for i in range(1, 1_000_001))
+    assert expected == 333333833333500000
+    star = cell_text(nb, "%pmap --star --compare compute_range")
+    assert f"total: {expected}" in star
+    [line] = report_lines(star)
+    assert "4 items" in line and "measured, results equal" in line
+
+    spmd = cell_text(nb, "--reduce sum")
+    assert cell_literal(nb, "--reduce sum") == expected
+    [line] = report_lines(spmd, "parallel")
+    assert "4 ranks" in line and "measured" in line
+
+
+def test_data_work_notebook() -> None:
+    nb = execute("data_work.ipynb")
+    image = cell_text(nb, "strips(image, 8)")
+    assert "same as smoothing the whole image: True" in image
+    assert "measured, results equal" in report_lines(image)[0]
+
+    pi = cell_text(nb, "count_inside, range(8)")
+    assert "measured, results equal" in report_lines(pi)[0]
+    estimate = float(re.search(r"pi is about (\d\.\d+)", pi).group(1))
+    assert abs(estimate - 3.14159) < 0.01
+
+    groups = cell_text(nb, "bootstrap_mean, groups")
+    assert "measured, results equal" in report_lines(groups)[0]
+    table = cell_value(nb, "bootstrap_mean, groups")
+    rows = [line.split() for line in table.splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == list(range(8))
+    for _, mean, low, high in rows:
+        assert float(low) <= float(mean) <= float(high)
+
+
+def test_scaling_out_notebook() -> None:
+    pytest.importorskip("distributed", reason="the Dask extra is not installed: pip install 'mpmagic[dask]'")
+    nb = execute("scaling_out.ipynb", timeout=240)
+    dask_run = cell_text(nb, "%pmap --compare work")
+    [line] = report_lines(dask_run)
+    assert "8 items" in line and "dask" in line.lower() and "measured, results equal" in line
+    assert cell_literal(nb, "%pmap --compare work") == [work(1_000_000)] * 8
+
+    spmd = cell_text(nb, "%%parallel -n 2")
+    for rank in (0, 1):
+        assert f"[rank {rank}] rank {rank} of 2 on a Dask worker" in spmd
+    assert cell_literal(nb, "%%parallel -n 2") == [0, 10]
+    assert "dask" in cell_text(nb, "%pool").lower()
+    assert cell_literal(nb, "%pool local") == [work(10), work(100)]
+
+
+if __name__ == "__main__":  # pragma: no cover - a quick way to look at one notebook
+    sys.exit(pytest.main([__file__, "-q", *sys.argv[1:]]))
