@@ -140,3 +140,45 @@ def unregister(shell: Any) -> None:
     configurables = getattr(shell, "configurables", [])
     configurables[:] = [c for c in configurables if not isinstance(c, MPMagic)]
     _current = None
+
+
+def add_options(parser: Any, what: str = "items") -> None:
+    """Add the experience options (progress, insights, scaling) to a magic's parser."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help=f"show a progress bar counting {what} (default: %%config MPMagic.progress)")
+    group.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar for this run")
+    parser.add_argument("--insights", action="store_true",
+                        help="record per-worker busy/idle/transfer time and the slowest "
+                        f"{what}; show a timeline of tasks")
+    parser.add_argument("--scaling", action="store_true",
+                        help="run serially and on 1..N workers (N: -n or the pool's size); "
+                        "plot measured speedup against ideal")
+
+
+def apply(opts: Any) -> MPMagic:
+    """Fill a magic's unset options from the settings, and apply pending pool settings.
+
+    Options given on the line always win; ``report = 'none'`` acts as ``-q``.
+    """
+    settings = current()
+    settings.apply_pool_settings()
+    if getattr(opts, "workers", None) is None:
+        opts.workers = settings.workers
+    if hasattr(opts, "chunksize") and opts.chunksize is None:
+        opts.chunksize = settings.chunksize
+    if getattr(opts, "progress", None) is None:
+        opts.progress = settings.progress
+    if settings.report == "none":
+        opts.quiet = True
+    return settings
+
+
+def run_kwargs(opts: Any) -> dict[str, Any]:
+    """The API keywords for progress and insights, from options filled by :func:`apply`."""
+    return {
+        "progress": bool(opts.progress),
+        "progress_delay": current().progress_delay,
+        "insights": bool(getattr(opts, "insights", False)),
+    }

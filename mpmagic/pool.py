@@ -160,9 +160,31 @@ class PoolStatus:
         p.text(str(self))
 
     def _repr_html_(self) -> str:
+        """In Jupyter: the summary as a caption, one table row per worker process."""
+        i = self.info
         lines = self.lines()
-        body = "".join(f"<tr><td style='text-align:left'>{html.escape(x.strip())}</td></tr>" for x in lines[1:])
-        return f"<table class='mpmagic-pool'><caption style='text-align:left'><b>{html.escape(lines[0])}</b></caption>{body}</table>"
+        procs = i.get("processes") or []
+        th = "padding:2px 10px;text-align:left;font-weight:600"
+        td = "padding:2px 10px;text-align:left"
+        if i.get("backend") != "local":
+            cols = list(dict.fromkeys(k for p in procs for k in p))
+            rows = [[str(p.get(k, "")) for k in cols] for p in procs]
+            notes = [x.strip() for x in lines[1:1 + len([k for k in i if k not in ("backend", "processes")])]]
+        else:
+            cols = ["worker", "pid", "state", "tasks", "memory"]
+            rows = []
+            for p in procs:
+                state = "dead" if not p["alive"] else ("busy" if p["busy"] else ("idle" if p["ready"] else "starting"))
+                mem = "-" if p["rss"] is None else f"{p['rss'] / 2**20:.0f} MB"
+                rows.append([str(p["id"]), str(p["pid"]), state, str(p["tasks"]), mem])
+            notes = [lines[1].strip()] if len(lines) > 1 else []
+        head = "".join(f"<th style='{th}'>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td style='{td}'>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+        foot = "".join(f"<tr><td colspan='{max(1, len(cols))}' style='{td}'>{html.escape(n)}</td></tr>" for n in notes)
+        return (
+            f"<table class='mpmagic-pool'><caption style='text-align:left'><b>{html.escape(lines[0])}</b></caption>"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody><tfoot>{foot}</tfoot></table>"
+        )
 
 
 def pool_status() -> PoolStatus:

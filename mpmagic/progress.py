@@ -77,7 +77,6 @@ class Progress:
                 total=self.total,
                 desc=self.desc,
                 unit=self.unit,
-                unit_scale=True,
                 dynamic_ncols=True,
                 mininterval=0.2,
                 leave=True,

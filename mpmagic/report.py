@@ -108,7 +108,7 @@ class Report:
     @property
     def advice(self) -> str | None:
         """One line on why parallel did not pay and what to try; None for a good run."""
-        if not self.advice_enabled:
+        if not self.advice_enabled or not _setting("advice", True):
             return None
         from .advice import advise
 
@@ -120,7 +120,11 @@ class Report:
         return self.line() if tip is None else f"{self.line()}\nadvice: {tip}"
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(self.text())
+        """In a terminal: the line (+ advice), or the table when ``report = 'html'``; then insights."""
+        out = self.table() if _setting("report", "auto") == "html" else self.text()
+        if self.insights is not None:
+            out += "\n" + str(self.insights)
+        p.text(out)
 
     def table(self) -> str:
         """The full report as aligned text rows (what ``%config MPMagic.report = 'html'`` shows in a terminal)."""
@@ -151,8 +155,13 @@ class Report:
             rows.append(("failed", str(self.failed)))
         return rows
 
-    def _repr_html_(self) -> str:
-        """A compact two-row table (labels over values), and the advice line under it."""
+    def _repr_html_(self) -> str | None:
+        """A compact two-row table (labels over values), the advice line under it, then insights.
+
+        None (so Jupyter shows the text line) when ``%config MPMagic.report = 'line'``.
+        """
+        if _setting("report", "auto") == "line":
+            return None
         rows = self.rows()
         th = "padding:2px 10px;text-align:left;font-weight:600"
         td = "padding:2px 10px;text-align:left"
@@ -169,26 +178,16 @@ class Report:
             f"<table class='mpmagic-report' title='{html.escape(self.line(), quote=True)}'>"
             f"<caption style='text-align:left'><b>{html.escape(self.kind)}</b></caption>"
             f"<thead><tr>{head}</tr></thead><tbody><tr>{body}</tr></tbody>{foot}</table>"
+            + (self.insights._repr_html_() if self.insights is not None else "")
         )
 
 
-def display_report(report: Report | None, mode: str = "auto") -> None:
-    """Show ``report`` as the user asked: 'auto', 'line', 'html' or 'none'.
+def _setting(name: str, default: Any) -> Any:
+    """A display setting of ``%config MPMagic`` (how reports render, whether to advise)."""
+    try:
+        from .config import current
 
-    'auto' lets the front end choose (an HTML table in Jupyter, one line, plus
-    advice when there is some, in a terminal); 'line' is the text everywhere;
-    'html' is the full table everywhere (as aligned text in a terminal);
-    'none' shows nothing. Insights, when recorded, are shown after the report.
-    """
-    if report is None or mode == "none":
-        return
-    from IPython.display import display
+        return getattr(current(), name)
+    except Exception:
+        return default
 
-    if mode == "line":
-        display({"text/plain": report.text()}, raw=True)
-    elif mode == "html":
-        display({"text/plain": report.table(), "text/html": report._repr_html_()}, raw=True)
-    else:
-        display(report)
-    if report.insights is not None:
-        display(report.insights)

@@ -1,0 +1,188 @@
+"""``--scaling``: run the same work serially and on 1, 2, ... N workers, and plot it.
+
+The result is a :class:`Scaling`: a small table of wall time, speedup and
+efficiency per number of workers, and (with matplotlib, the ``plot`` extra) a
+figure of measured speedup against the ideal line. It shows as a picture in
+Jupyter and as the table in a terminal; ``.figure`` is the matplotlib Figure
+to save or paste into a report. The serial time is always *measured* here,
+so every speedup on the plot is a measured one.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .report import fmt_seconds
+
+
+@dataclass
+class ScalingPoint:
+    """One run of the scaling series."""
+
+    workers: int
+    wall: float
+    speedup: float
+    efficiency: float
+
+
+@dataclass
+class Scaling:
+    """Measured speedup against serial for 1..N workers; a table and a figure."""
+
+    kind: str  # "pmap" or "parallel"
+    serial: float
+    points: list[ScalingPoint]
+    title: str = ""
+    _figure: Any = field(default=None, repr=False)
+
+    def table(self) -> str:
+        """The series as aligned text (what shows without matplotlib)."""
+        out = [f"scaling of {self.title or self.kind}: serial {fmt_seconds(self.serial)} (measured)"]
+        out.append(f"  {'workers':>7}  {'wall':>9}  {'speedup':>7}  {'ideal':>5}  {'efficiency':>10}")
+        for p in self.points:
+            out.append(
+                f"  {p.workers:>7}  {fmt_seconds(p.wall):>9}  {p.speedup:>6.2f}x  {p.workers:>4}x  {p.efficiency:>10.0%}"
+            )
+        return "\n".join(out)
+
+    @property
+    def figure(self) -> Any:
+        """A matplotlib Figure of measured vs ideal speedup, or None without matplotlib."""
+        if self._figure is None:
+            self._figure = _plot(self)
+        return self._figure
+
+    def savefig(self, path: str, **kwargs: Any) -> None:
+        """Save the figure (PNG, SVG, PDF... by the file's extension)."""
+        fig = self.figure
+        if fig is None:
+            raise ImportError('saving the scaling plot needs matplotlib: pip install "mpmagic[plot]"')
+        fig.savefig(path, **kwargs)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(self.table())
+
+    def _repr_png_(self) -> bytes | None:
+        fig = self.figure
+        if fig is None:
+            return None  # the front end falls back to the text table
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        return buf.getvalue()
+
+
+def _plot(result: Scaling) -> Any:
+    try:
+        import matplotlib  # noqa: F401
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    ws = [p.workers for p in result.points]
+    fig = Figure(figsize=(5, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    top = max(ws) if ws else 1
+    ax.plot([0, top], [0, top], "--", color="grey", label="ideal (speedup = workers)")
+    ax.axhline(1.0, color="#bbbbbb", linewidth=0.8)
+    ax.plot(ws, [p.speedup for p in result.points], "o-", color="#4c78a8", label="measured")
+    for p in result.points:
+        ax.annotate(f"{p.speedup:.2f}x", (p.workers, p.speedup), textcoords="offset points",
+                    xytext=(4, -12), fontsize="small")
+    ax.set_xlim(0, top + 0.5)
+    ax.set_ylim(0, max([top] + [p.speedup for p in result.points]) * 1.15)
+    ax.set_xticks(ws)
+    ax.set_xlabel("workers")
+    ax.set_ylabel("speedup over serial")
+    ax.set_title(f"{result.title or result.kind}: serial {fmt_seconds(result.serial)}", fontsize="medium")
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
+def _counts(max_workers: int | None) -> list[int]:
+    from .pool import get_pool
+
+    n = max_workers or get_pool().workers
+    return list(range(1, max(1, n) + 1))
+
+
+def _warm_up() -> None:
+    """Start the pool before timing, so the first point does not pay for it."""
+    from .pool import get_pool
+
+    backend = get_pool()
+    if hasattr(backend, "wait_ready"):
+        backend.wait_ready()
+
+
+def _point(workers: int, wall: float, serial: float) -> ScalingPoint:
+    speedup = serial / wall if wall > 0 else 0.0
+    return ScalingPoint(workers, wall, speedup, speedup / workers)
+
+
+def pmap_scaling(
+    func: Callable,
+    *iterables: Iterable,
+    max_workers: int | None = None,
+    star: bool = False,
+    chunksize: int | None = None,
+    repeat: int = 1,
+) -> Scaling:
+    """Time ``map(func, *iterables)`` serially and with ``pmap`` on 1..``max_workers`` workers.
+
+    ``max_workers`` defaults to the pool's size. Each point is the best of
+    ``repeat`` runs. The input is read into lists once (it is used N+1 times).
+    """
+    from . import api
+
+    data = [list(it) for it in iterables]
+    t0 = time.perf_counter()
+    if star and len(data) == 1:
+        list(itertools.starmap(func, data[0]))
+    else:
+        list(map(func, *data))
+    serial = time.perf_counter() - t0
+    _warm_up()
+    points = []
+    for k in _counts(max_workers):
+        best = float("inf")
+        for _ in range(max(1, repeat)):
+            api.pmap(func, *data, workers=k, star=star, chunksize=chunksize)
+            best = min(best, api.last_report().wall)
+        points.append(_point(k, best, serial))
+    return Scaling("pmap", serial, points, title=f"pmap {getattr(func, '__name__', 'func')}")
+
+
+def parallel_scaling(
+    code: str,
+    namespace: dict[str, Any],
+    max_workers: int | None = None,
+    repeat: int = 1,
+) -> Scaling:
+    """Time a ``%%parallel`` cell run here with rank 0 of size 1, then on 1..N ranks.
+
+    The cell should split its work by ``rank`` and ``size`` (as SPMD code
+    does), so N ranks each do 1/N of it.
+    """
+    from . import api
+    from .cell import make_cell_spec, run_cell_code
+
+    spec = make_cell_spec(code, namespace)
+    t0 = time.perf_counter()
+    run_cell_code(spec, 0, 1, as_main=False)
+    serial = time.perf_counter() - t0
+    _warm_up()
+    points = []
+    for k in _counts(max_workers):
+        best = float("inf")
+        for _ in range(max(1, repeat)):
+            api.parallel(code, workers=k, namespace=namespace)
+            best = min(best, api.last_report().wall)
+        points.append(_point(k, best, serial))
+    return Scaling("parallel", serial, points, title="%%parallel cell")
