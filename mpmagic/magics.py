@@ -16,7 +16,7 @@ from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 
-from . import api, pool
+from . import api, config, pool, scaling
 from .errors import UsageError
 
 _args_counter = 0
@@ -60,6 +60,7 @@ def _pmap_parser() -> _Parser:
                    help="raise the first error (default), or collect failures in place of results")
     p.add_argument("--timeout", type=_positive_float, help="seconds an item may run before it is stopped")
     p.add_argument("--retries", type=int, default=0, help="times to re-send items whose worker died")
+    config.add_options(p, "items")
     return p
 
 
@@ -73,6 +74,7 @@ def _parallel_parser() -> _Parser:
     p.add_argument("--timeout", type=_positive_float, help="seconds a rank may run before it is stopped")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
     p.add_argument("--no-label", action="store_true", help="do not prefix output lines with [rank N]")
+    config.add_options(p, "ranks")
     return p
 
 
@@ -152,6 +154,10 @@ class MPMagics(Magics):
         args = _eval_map_args(rest, self.shell.user_ns)
         if len(args) < 2:
             raise IPythonUsageError("%pmap: missing ITERABLE after FUNC\nusage: %pmap [options] FUNC, ITERABLE [, ITERABLE ...]")
+        config.apply(opts)  # %config MPMagic defaults for what the line did not say
+        if opts.scaling:
+            return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
+                                        chunksize=opts.chunksize)
         try:
             result = api.pmap(
                 args[0],
@@ -163,6 +169,7 @@ class MPMagics(Magics):
                 errors=opts.errors,
                 timeout=opts.timeout,
                 retries=opts.retries,
+                **config.run_kwargs(opts),
             )
         except UsageError as exc:
             raise IPythonUsageError(f"%pmap: {exc}") from None
@@ -179,6 +186,9 @@ class MPMagics(Magics):
         if rest:
             tokens.append(rest)
         opts = parser.parse_args(tokens)
+        config.apply(opts)  # %config MPMagic defaults for what the line did not say
+        if opts.scaling:
+            return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
         reducer = None
         if opts.reduce:
             try:
@@ -199,6 +209,7 @@ class MPMagics(Magics):
                 timeout=opts.timeout,
                 gather=gather,
                 label_output=not opts.no_label,
+                **config.run_kwargs(opts),
             )
         except UsageError as exc:
             raise IPythonUsageError(f"%%parallel: {exc}") from None
