@@ -341,7 +341,7 @@ def _pack_spec(spec: Any) -> bytes:
     except Exception:
         for name, value in spec.names.items():
             try:
-                payload.dumps_function(value, f"`{name}`")
+                payload.dumps_function(value, name)
             except Exception as exc:
                 raise type(exc)(str(exc).replace("the workers", "the ranks")) from None
         raise

@@ -21,6 +21,11 @@ from .errors import UsageError
 
 _args_counter = 0
 
+_INTERRUPTED = (
+    "{magic} interrupted: the work still running was stopped and its workers "
+    "replaced; the pool is ready for the next run"
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that raises a one-line usage error instead of exiting."""
@@ -36,6 +41,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
 
@@ -59,7 +74,7 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--errors", choices=("raise", "collect"), default="raise",
                    help="raise the first error (default), or collect failures in place of results")
     p.add_argument("--timeout", type=_positive_float, help="seconds an item may run before it is stopped")
-    p.add_argument("--retries", type=int, default=0, help="times to re-send items whose worker died")
+    p.add_argument("--retries", type=_nonnegative_int, default=0, help="times to re-send items whose worker died")
     config.add_options(p, "items")
     return p
 
@@ -158,6 +173,7 @@ class MPMagics(Magics):
         if opts.scaling:
             return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
                                         chunksize=opts.chunksize)
+        before = api.last_report()
         try:
             result = api.pmap(
                 args[0],
@@ -172,10 +188,13 @@ class MPMagics(Magics):
                 **config.run_kwargs(opts),
             )
         except UsageError as exc:
-            raise IPythonUsageError(f"%pmap: {exc}") from None
+            raise IPythonUsageError(f"%pmap: {exc}\n{parser.format_usage().strip()}") from None
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_INTERRUPTED.format(magic="%pmap")) from None
         finally:
-            if not opts.quiet and api.last_report() is not None:
-                display(api.last_report())
+            report = api.last_report()
+            if not opts.quiet and report is not None and report is not before:
+                display(report)  # this run's report, never an older one
         return result
 
     @cell_magic
@@ -200,6 +219,7 @@ class MPMagics(Magics):
         gather = tuple(g.strip() for g in opts.gather.split(",") if g.strip()) if opts.gather else ()
         if opts.output and not opts.output.isidentifier():
             raise IPythonUsageError(f"%%parallel: -o needs a variable name, not {opts.output!r}")
+        before = api.last_report()
         try:
             values = api.parallel(
                 cell,
@@ -212,10 +232,15 @@ class MPMagics(Magics):
                 **config.run_kwargs(opts),
             )
         except UsageError as exc:
-            raise IPythonUsageError(f"%%parallel: {exc}") from None
+            raise IPythonUsageError(f"%%parallel: {exc}\n{parser.format_usage().strip()}") from None
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_INTERRUPTED.format(magic="%%parallel")) from None
         finally:
-            if not opts.quiet and api.last_report() is not None:
-                display(api.last_report())
+            report = api.last_report()
+            if not opts.quiet and report is not None and report is not before:
+                display(report)  # this run's report, never an older one
+
+
         for name, per_rank in values.gathered.items():
             self.shell.user_ns[name] = per_rank
         if opts.output:
@@ -250,7 +275,10 @@ class MPMagics(Magics):
         elif action == "restart":
             pool.restart_pool()
         elif action == "resize":
-            n = opts.workers or (_positive_int(opts.target) if opts.target else None)
+            try:
+                n = opts.workers or (_positive_int(opts.target) if opts.target else None)
+            except argparse.ArgumentTypeError as exc:
+                raise UsageError(f"resize N: {exc}; for example %pool resize 4") from None
             if not n:
                 raise UsageError("resize needs a number of workers: %pool resize 4")
             pool.get_pool().resize(n)

@@ -15,6 +15,7 @@ This module imports no IPython: workers import it.
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
 import io
@@ -53,22 +54,31 @@ class _Pickler(cloudpickle.Pickler):
         )
 
 
-def cloudpickle_dumps(obj: Any) -> bytes:
-    """cloudpickle ``obj`` by value (functions and classes of ``__main__`` included)."""
+def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    """cloudpickle ``obj`` by value (functions and classes of ``__main__`` included).
+
+    ``buffer_callback`` (pickle protocol 5) may take large buffers out of band
+    (``shm.Collector`` does, for shared memory); it is reset before pickling.
+    """
+    if buffer_callback is not None and hasattr(buffer_callback, "reset"):
+        buffer_callback.reset()
     with io.BytesIO() as f:
-        _Pickler(f, protocol=PROTOCOL).dump(obj)
+        _Pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
         return f.getvalue()
 
 
-def dumps_data(obj: Any) -> bytes:
-    """Pickle data for another process: plain pickle if portable, else cloudpickle."""
+def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
+    """Pickle data for another process: plain pickle if portable, else cloudpickle.
+
+    ``buffer_callback`` as in :func:`cloudpickle_dumps`.
+    """
     try:
-        data = pickle.dumps(obj, PROTOCOL)
+        data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
     except Exception:
-        return cloudpickle_dumps(obj)
+        return cloudpickle_dumps(obj, buffer_callback)
     if any(m in data for m in _MAIN_MARKERS):
         # By-reference to notebook code: send the definitions by value.
-        return cloudpickle_dumps(obj)
+        return cloudpickle_dumps(obj, buffer_callback)
     return data
 
 
@@ -82,10 +92,10 @@ def payload_key(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def dumps_function(func: Any, what: str = "the function") -> bytes:
+def dumps_function(func: Any, what: str = "the function", buffer_callback: Any = None) -> bytes:
     """cloudpickle a callable with everything it captures, or explain why not."""
     try:
-        return cloudpickle_dumps(func)
+        return cloudpickle_dumps(func, buffer_callback)
     except Exception as exc:
         raise SerializationError(explain_unpicklable(func, what, exc)) from None
 
@@ -110,8 +120,16 @@ def _picklable(obj: Any) -> bool:
         return False
 
 
+_GLOBAL_OPS = {"LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL", "LOAD_NAME"}
+
+
 def _code_names(code: types.CodeType) -> set[str]:
-    names = set(code.co_names)
+    """Global names the code (and code nested in it) reads.
+
+    From the bytecode, not ``co_names``: that also lists attribute names, and
+    ``h.conn`` must not be reported as the global ``conn``.
+    """
+    names = {i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_OPS}
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _code_names(const)
@@ -182,17 +200,55 @@ def _root_name(obj: Any, what: str) -> str:
     return name or what
 
 
+def _type_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
+
+
+def advice_for(bad: Any) -> str:
+    """What to do instead of sending ``bad``, by the kind of object it is."""
+    tname = _type_name(bad).lower()
+    if isinstance(bad, (types.GeneratorType, types.AsyncGeneratorType, types.CoroutineType)) or (
+        hasattr(bad, "__next__") and not hasattr(bad, "__len__")
+    ):
+        return (
+            "A generator or iterator is consumed where it is made: turn it into a list "
+            "first (`data = list(gen)`), or pass it to %pmap as the iterable to map over."
+        )
+    if isinstance(bad, io.IOBase):
+        return (
+            "An open file belongs to this process: pass the file's path instead and open "
+            "it inside the function (`with open(path) as f: ...`)."
+        )
+    if "lock" in tname or "semaphore" in tname or "condition" in tname or "event" in tname:
+        return (
+            "A thread lock works only inside one process: create it inside the function, "
+            "or use a lock made for processes (mpmagic.Lock() if your version has it, "
+            "else multiprocessing.Manager().Lock())."
+        )
+    if any(k in tname for k in ("socket", "connection", "cursor", "session", "client", "engine")):
+        return (
+            "A connection is tied to this process: open it inside the function, or once "
+            "per worker by caching it in a module-level global on first use."
+        )
+    return (
+        "Create it inside the function (or once per worker, e.g. a module-level cache "
+        "filled on first use) instead of capturing it from the notebook."
+    )
+
+
+def describe_unpicklable(obj: Any, root: str, exc: BaseException) -> tuple[str, Any]:
+    """``("`query -> conn` is a sqlite3.Connection, which cannot be pickled (...)", part)``."""
+    found = find_unpicklable(obj, root)
+    path, bad = found if found is not None else (root, obj)
+    return (
+        f"`{path}` is a {_type_name(bad)}, which cannot be pickled "
+        f"({type(exc).__name__}: {exc})",
+        bad,
+    )
+
+
 def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     """A message that names the variable, its type, its path, and the fix."""
-    found = find_unpicklable(obj, _root_name(obj, what))
-    if found is None:
-        path, bad = _root_name(obj, what), obj
-    else:
-        path, bad = found
-    tname = f"{type(bad).__module__}.{type(bad).__qualname__}".removeprefix("builtins.")
-    return (
-        f"cannot send {what} to the workers: `{path}` is a {tname}, which cannot be "
-        f"pickled ({type(exc).__name__}: {exc}). Create it inside the function "
-        "(or once per worker, e.g. a module-level cache filled on first use) "
-        "instead of capturing it from the notebook."
-    )
+    text, bad = describe_unpicklable(obj, _root_name(obj, what), exc)
+    return f"cannot send {what} to the workers: {text}. {advice_for(bad)}"
+

@@ -35,7 +35,7 @@ from collections import OrderedDict
 from typing import Any
 
 from . import payload
-from .errors import extract_frames
+from .errors import SerializationError, extract_frames
 
 _CACHE_SIZE = 16  # function payloads kept per worker
 _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
@@ -114,6 +114,16 @@ class _StreamToParent(io.TextIOBase):
         with self.lock:
             self._send_lines()
 
+    def flush_stale(self) -> None:
+        """Send complete lines that have waited longer than the flush interval.
+
+        Without this, a line printed just before a long computation would
+        stay here until the task ends (or be lost if it is interrupted).
+        """
+        with self.lock:
+            if self.buf and time.monotonic() - self.last > _FLUSH_INTERVAL:
+                self._send_lines()
+
     def finish(self) -> None:
         """Send everything, a final partial line included."""
         with self.lock:
@@ -184,6 +194,17 @@ def _watch_parent(parent_pid: int) -> None:
             os._exit(3)
 
 
+def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
+    """Stream a task's printed lines home while it runs, not only when it ends."""
+    while True:
+        time.sleep(_FLUSH_INTERVAL * 2)
+        try:
+            for s in streams:
+                s.flush_stale()
+        except (OSError, ValueError):
+            return  # the pipe is gone; the reader thread ends the process
+
+
 def _reader(conn, inbox: queue.SimpleQueue) -> None:
     try:
         while True:
@@ -203,6 +224,7 @@ class _Worker:
         self.err = _StreamToParent(self.channel, "stderr")
         threading.Thread(target=_reader, args=(conn, self.inbox), daemon=True).start()
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+        threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
 
     def _capture(self, call, tag) -> None:
         for s in (self.out, self.err):
@@ -266,8 +288,13 @@ class _Worker:
             data = payload.dumps_data(results)
         except Exception as exc:
             bad = _first_unpicklable(results)
-            self.channel.send(("unpicklable", call, chunk, bad, ErrorInfo(exc)))
-            return
+            info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
+            if not collect or bad is None:
+                self.channel.send(("unpicklable", call, chunk, bad, info))
+                return
+            # --errors collect: only the results that cannot travel become failures.
+            results = [_sendable_or_error(r) for r in results]
+            data = payload.dumps_data(results)
         meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end}
         if timing:
             meta["item_seconds"] = item_seconds
@@ -296,10 +323,35 @@ class _Worker:
         try:
             out = payload.dumps_data((value, gathered))
         except Exception as exc:
-            self.channel.send(("unpicklable", call, rank, None, ErrorInfo(exc)))
+            culprit, root = value, "the cell's last value"
+            for name, v in ([] if _first_unpicklable([value]) is not None else gathered.items()):
+                if _first_unpicklable([v]) is not None:
+                    culprit, root = v, f"--gather {name}"
+                    break
+            self.channel.send(("unpicklable", call, rank, None, _unsendable_info(culprit, root, exc)))
             return
         meta = {"worker": self.worker_id, "start": start, "end": start + seconds}
         self.channel.send(("done", call, rank, out, seconds, meta))
+
+
+def _unsendable_info(obj: Any, root: str, exc: BaseException) -> ErrorInfo:
+    """An ErrorInfo whose text names the part of ``obj`` that cannot be pickled."""
+    info = ErrorInfo(exc)
+    info.exc_text = payload.describe_unpicklable(obj, root, exc)[0]
+    return info
+
+
+def _sendable_or_error(result: Any) -> Any:
+    """The result itself if it can be sent home, else an ErrorInfo saying why not."""
+    try:
+        payload.dumps_data(result)
+        return result
+    except Exception as exc:
+        text = payload.describe_unpicklable(result, "result", exc)[0]
+        return ErrorInfo(SerializationError(
+            f"the result cannot be sent back from the worker: {text}. Return plain data "
+            "(numbers, strings, lists, dicts, numpy arrays) instead."
+        ))
 
 
 def _first_unpicklable(results: list) -> int | None:

@@ -42,6 +42,25 @@ def default_start_method() -> str:
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
+def max_workers() -> int:
+    """The most processes one pool may start: 8 per usable CPU, at least 64.
+
+    A typo such as ``-n 100000`` must be a clear error, not a machine that
+    grinds to a halt starting processes.
+    """
+    return max(64, 8 * available_cpus())
+
+
+def _check_size(n: object, what: str = "workers") -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"{what} must be a whole number of at least 1, not {n!r}")
+    if n > max_workers():
+        raise UsageError(
+            f"{what} = {n} is more processes than this machine can run at once "
+            f"(at most {max_workers()} with {available_cpus()} CPUs)"
+        )
+
+
 @dataclass(eq=False)
 class _Slot:
     """One worker process and what the loop knows about it."""
@@ -128,8 +147,7 @@ class LocalBackend:
                 f"{', '.join(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())}"
             )
         n = available_cpus() if workers is None else workers
-        if not isinstance(n, int) or n < 1:
-            raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
+        _check_size(n)
         self.workers = n
         self.start_method = method
         self.max_tasks_per_child = max_tasks_per_child
@@ -212,8 +230,8 @@ class LocalBackend:
                 pass
 
     def resize(self, workers: int) -> None:
-        if workers < 1:
-            raise UsageError(f"workers must be at least 1, not {workers}")
+        """Grow or shrink the pool to ``workers`` processes (idle ones stop)."""
+        _check_size(workers)
         with self._lock:
             self.workers = workers
             if self.slots:
