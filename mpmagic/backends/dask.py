@@ -1,0 +1,736 @@
+"""A Dask cluster as the pool: the same magics when one machine is not enough.
+
+:class:`DaskBackend` has the interface of :class:`~mpmagic.backends.local.LocalBackend`
+(``start``/``stop``/``restart``/``resize``/``status``/``run``), so ``%pmap``,
+``%%parallel`` and ``%pool`` behave the same on a cluster. It drives the same
+backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
+
+* A job unit (a chunk of a map, a rank of a cell) becomes one Dask task that
+  runs :func:`mpmagic.backends.dask_tasks.run_message` with the very message
+  a local worker would get. Chunks, not items: a plain ``client.map`` over
+  100,000 tiny items pays Dask's per-task overhead 100,000 times.
+* The function's payload is scattered once per call (broadcast to every
+  worker); each worker loads it once and caches it by content key.
+* Keys are unique and non-pure, so two calls with side effects both run.
+* A bounded number of chunks is in flight (two per worker thread, one with a
+  timeout), so the chunk planner's measurements keep steering the sizes.
+* What a task prints is streamed home as Dask events and shown in the cell.
+* A worker that dies: Dask runs its tasks again elsewhere (its
+  ``allowed-failures`` setting); after that the job hears which items were lost.
+* ``%%parallel`` ranks are pinned to distinct worker processes (worker
+  restrictions), so they run at the same time and can talk to one another.
+* An interrupt cancels the futures at once; tasks already running cannot be
+  stopped by Dask, and the notebook is told which (``%pool restart`` stops them).
+
+Dask is optional: importing this module needs ``distributed``; ``pool.use_dask``
+turns its absence into an install hint.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import itertools
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Client
+
+from ..cpus import available_cpus
+from ..errors import MPMagicError, UsageError
+from . import dask_tasks
+from .local import _no_main_module
+
+_LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
+_RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
+_CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
+_keys = itertools.count()
+
+_live_backends: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for backend in list(_live_backends):
+        try:
+            backend.stop(timeout=1.0)
+        except Exception:
+            pass
+
+
+def _security(address: str | None, ca: str | None, cert: str | None, key: str | None) -> Any:
+    """A ``distributed.security.Security`` for TLS options, or None for plain tcp."""
+    given = {"--tls-ca-file": ca, "--tls-cert": cert, "--tls-key": key}
+    tls_address = bool(address and address.startswith("tls://"))
+    if not tls_address and not any(given.values()):
+        return None
+    missing = [opt for opt, v in given.items() if not v]
+    if missing:
+        raise UsageError(
+            f"a tls:// scheduler needs the CA certificate, a client certificate and its key: "
+            f"add {' '.join(f'{m} FILE' for m in missing)}"
+        )
+    for opt, path in given.items():
+        if not os.path.isfile(str(path)):
+            raise UsageError(f"{opt} {path}: no such file")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+
+
+@dataclass(eq=False)
+class _Task:
+    """One unit of a job on its way through Dask."""
+
+    key: str
+    unit: Any
+    future: Any
+    target: str | None = None  # the worker a rank is pinned to
+    started: float | None = None  # monotonic time the task began running
+    worker: str | None = None  # where it is running
+    streamed: int = 0  # output events received
+
+    def describe(self, job: Any) -> str:
+        if job.kind == "cell":
+            return f"rank {self.unit.id}"
+        u = self.unit
+        return f"item {u.start}" if u.count == 1 else f"items {u.start}-{u.start + u.count - 1}"
+
+
+class DaskBackend:
+    """The pool on a Dask cluster: a local one mpmagic starts, or a running scheduler.
+
+    ``address`` (``tcp://host:8786``, ``tls://...``) or ``scheduler_file``
+    connects to a running scheduler; with neither, a ``LocalCluster`` of
+    ``workers`` single-threaded worker processes starts here (by default as
+    many as the local pool would have). With an address, ``workers`` means
+    "wait until that many workers have joined". ``timeout`` bounds the wait
+    for the scheduler (and for workers).
+    """
+
+    name = "dask"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        workers: int | None = None,
+        scheduler_file: str | None = None,
+        tls_ca_file: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        if address is not None and scheduler_file is not None:
+            raise UsageError("give either a scheduler ADDRESS or --scheduler-file, not both")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise UsageError(f"timeout must be a number of seconds greater than 0, not {timeout!r}")
+        if address is not None and "://" not in address:
+            address = f"tcp://{address}"
+        if scheduler_file is not None and not os.path.isfile(scheduler_file):
+            raise UsageError(
+                f"--scheduler-file {scheduler_file}: no such file (a scheduler writes it when started "
+                f"with `dask scheduler --scheduler-file {scheduler_file}`)"
+            )
+        self.address = address
+        self.scheduler_file = scheduler_file
+        self.owns_cluster = address is None and scheduler_file is None
+        if self.owns_cluster and any((tls_ca_file, tls_cert, tls_key)):
+            raise UsageError("the --tls-* options are for connecting to a tls:// scheduler: give its ADDRESS too")
+        self.security = _security(address, tls_ca_file, tls_cert, tls_key)
+        self.requested_workers = workers
+        self.timeout = float(timeout)
+        self.client: Any = None
+        self.cluster: Any = None
+        self.calls_run = 0
+        self.tasks_run = 0
+        self.created = time.time()
+        self._lock = threading.RLock()
+        _live_backends.add(self)
+        self.start()
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.client is not None and self.client.status == "running"
+
+    @property
+    def where(self) -> str:
+        """The scheduler, in words, for messages."""
+        if self.address:
+            return self.address
+        if self.scheduler_file:
+            return f"the scheduler in {self.scheduler_file}"
+        return "the local Dask cluster"
+
+    def start(self) -> None:
+        """Connect (or start the local cluster); a clear error if that fails in time."""
+        with self._lock:
+            if self.running:
+                return
+            self._close_quietly()
+            if self.owns_cluster:
+                self._start_local_cluster()
+            else:
+                self._connect()
+            if self.requested_workers and not self.owns_cluster:
+                self._wait_for_workers(self.requested_workers)
+
+    def _start_local_cluster(self) -> None:
+        from distributed import LocalCluster
+
+        n = self.requested_workers or available_cpus()
+        try:
+            # Its worker processes are spawned: keep them from re-running a script's __main__.
+            with _no_main_module():
+                self.cluster = LocalCluster(
+                    n_workers=n,
+                    threads_per_worker=1,
+                    processes=True,
+                    host="127.0.0.1",
+                    dashboard_address=":0",  # never a fixed port another cluster holds
+                    silence_logs=logging.ERROR,
+                )
+            self.client = Client(self.cluster, set_as_default=False, timeout=self.timeout)
+            # Its workers share the kernel's process group: keep "interrupt kernel" off them.
+            self.client.register_plugin(dask_tasks.IgnoreSigint())
+        except Exception as exc:
+            self._close_quietly()
+            raise MPMagicError(f"could not start a local Dask cluster of {n} workers: {type(exc).__name__}: {exc}") from None
+
+    def _connect(self) -> None:
+        where = self.where
+        kwargs: dict[str, Any] = {"set_as_default": False, "timeout": self.timeout}
+        if self.security is not None:
+            kwargs["security"] = self.security
+        if self.scheduler_file:
+            kwargs["scheduler_file"] = self.scheduler_file
+        t0 = time.monotonic()
+        try:
+            self.client = Client(self.address, **kwargs)
+        except (OSError, TimeoutError) as exc:
+            waited = time.monotonic() - t0
+            self._close_quietly()
+            hint = (
+                "check the address and that `dask scheduler` runs there"
+                + (", and that the certificates match the scheduler's" if self.security else "")
+                + "; --timeout S waits longer"
+            )
+            raise MPMagicError(
+                f"could not connect to the Dask scheduler at {where} within the timeout of "
+                f"{self.timeout:g} s (gave up after {waited:.1f} s: {exc}); {hint}"
+            ) from None
+
+    def _wait_for_workers(self, n: int) -> dict[str, int]:
+        """Worker address -> threads, once at least ``n`` workers are there."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            nthreads = dict(self.client.nthreads())
+            if len(nthreads) >= n:
+                return nthreads
+            if time.monotonic() >= deadline:
+                raise MPMagicError(
+                    f"{where_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}, "
+                    f"and {n} did not join within {self.timeout:g} s: start more with "
+                    f"`dask worker {self.client.scheduler.address}` (or scale the cluster)"
+                )
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Disconnect; a local cluster mpmagic started is shut down (its processes end)."""
+        with self._lock:
+            client, cluster = self.client, self.cluster
+            self.client = self.cluster = None
+        if client is not None:
+            try:
+                client.close(timeout=timeout)
+            except Exception:
+                pass
+        if cluster is not None:
+            try:
+                cluster.close(timeout=max(timeout, 5.0))
+            except Exception:
+                pass
+
+    def _close_quietly(self) -> None:
+        try:
+            self.stop(timeout=1.0)
+        except Exception:
+            pass
+
+    def restart(self) -> None:
+        """Restart every worker process (``client.restart()``): clears their state and
+        stops tasks an interrupt left running. It releases every key on the cluster."""
+        self.start()
+        try:
+            self.client.restart(timeout=max(self.timeout, 30.0))
+        except ValueError as exc:  # workers without nannies
+            raise MPMagicError(f"Dask cannot restart these workers ({exc}); restart them where they run") from None
+        except (OSError, TimeoutError) as exc:
+            raise MPMagicError(f"the Dask workers did not come back after a restart: {exc}") from None
+
+    def resize(self, workers: int) -> None:
+        """Scale the local cluster mpmagic started; a cluster run elsewhere is scaled there."""
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise UsageError(f"workers must be at least 1, not {workers!r}")
+        if not self.owns_cluster:
+            raise UsageError(
+                f"the workers of {self.where} are managed where the cluster runs: start more "
+                "`dask worker` processes, or call cluster.scale(N) on its dask-jobqueue or "
+                "Kubernetes cluster object"
+            )
+        self.requested_workers = workers
+        if not self.running:
+            return
+        self.cluster.scale(workers)
+        deadline = time.monotonic() + max(self.timeout, 30.0)
+        while len(self.client.nthreads()) != workers:
+            if time.monotonic() > deadline:
+                raise MPMagicError(f"the local Dask cluster did not reach {workers} workers in time")
+            time.sleep(0.1)
+
+    @property
+    def workers(self) -> int:
+        """Worker processes connected now (what ``-n`` defaults to)."""
+        if self.running:
+            try:
+                return max(1, len(self.client.nthreads()))
+            except Exception:
+                pass
+        return self.requested_workers or (available_cpus() if self.owns_cluster else 1)
+
+    # -- status ------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
+        base: dict[str, Any] = {
+            "backend": "dask",
+            "cluster": "local cluster started by mpmagic" if self.owns_cluster else "connected to a running scheduler",
+            "scheduler": self.address or self.scheduler_file,
+            "running": self.running,
+            "calls_run": self.calls_run,
+            "tasks_run": self.tasks_run,
+            "dashboard": None,
+            "workers": 0,
+            "threads": 0,
+            "memory_limit": 0,
+            "processes": [],
+        }
+        if not self.running:
+            return base
+        try:
+            info = self.client.scheduler_info(n_workers=-1)
+        except Exception as exc:
+            base["error"] = f"scheduler unreachable: {exc}"
+            return base
+        base["scheduler"] = info.get("address") or self.client.scheduler.address
+        if "dashboard" in info.get("services", {}):
+            try:
+                base["dashboard"] = self.client.dashboard_link
+            except Exception:
+                pass
+        procs = []
+        for addr, w in sorted(info.get("workers", {}).items()):
+            metrics = w.get("metrics", {})
+            procs.append(
+                {
+                    "address": addr,
+                    "name": w.get("name"),
+                    "host": w.get("host"),
+                    "threads": w.get("nthreads", 0),
+                    "memory": metrics.get("memory"),
+                    "memory_limit": w.get("memory_limit") or None,
+                    "executing": metrics.get("task_counts", {}).get("executing", 0),
+                }
+            )
+        base["processes"] = procs
+        base["workers"] = len(procs)
+        base["threads"] = sum(p["threads"] for p in procs)
+        base["memory_limit"] = sum(p["memory_limit"] or 0 for p in procs)
+        return base
+
+    # -- shared helpers ------------------------------------------------------
+    def make_shared(self, kind: str, *args: Any, **kwargs: Any) -> Any:
+        """``mpmagic.Queue()`` etc. on this cluster (Dask's coordination primitives)."""
+        from .dask_shared import make_shared
+
+        self.start()
+        return make_shared(self.client, kind, *args, **kwargs)
+
+    # -- running a job -----------------------------------------------------
+    def run(self, job: Any, workers: int | None = None) -> None:
+        """Drive ``job`` to completion on the cluster; raise what interrupts it.
+
+        ``workers`` limits a map to that many chunks running at once.
+        """
+        __tracebackhide__ = True
+        self.start()
+        self.calls_run += 1
+        nthreads = self._wait_for_workers(1)
+        targets: list[str] = []
+        if job.kind == "cell":
+            targets = self._rank_workers(job.size, nthreads)
+            capacity = job.size
+        else:
+            capacity = workers or sum(nthreads.values())
+            if not job.timeout:
+                capacity *= 2  # one queued behind each running chunk hides the round trip
+        _DaskRun(self, job, capacity, targets).execute()
+
+    def _rank_workers(self, size: int, nthreads: dict[str, int]) -> list[str]:
+        """One distinct worker process per rank, or a clear error."""
+        if len(nthreads) < size:
+            n = len(nthreads)
+            raise UsageError(
+                f"-n {size} needs {size} Dask worker processes at once (one per rank), and "
+                f"{self.where} has {n}: use -n {n} or fewer, or add workers"
+                + (" (%pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
+            )
+        # Idle workers first, so ranks start at once on a shared cluster.
+        try:
+            busy = {a: len(ks) for a, ks in self.client.processing().items()}
+        except Exception:
+            busy = {}
+        return sorted(nthreads, key=lambda a: (busy.get(a, 0), a))[:size]
+
+
+def where_cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+class _DaskRun:
+    """The wait loop of one job on Dask (the counterpart of LocalBackend._loop).
+
+    One inbox receives, from Dask's threads, the completion of each future
+    and the events tasks send (start signal, output lines); the notebook's
+    main thread waits on it, so Ctrl-C lands here and cancels.
+    """
+
+    def __init__(self, backend: DaskBackend, job: Any, capacity: int, targets: list[str]) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.job = job
+        self.capacity = max(1, capacity)
+        self.targets = targets
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.token = uuid.uuid4().hex[:12]
+        self.topic = f"mpmagic-{self.token}"
+        self.tasks: dict[str, _Task] = {}
+        self.deferred: list[str] = []
+        self.payload_future: Any = None
+        self.name = getattr(getattr(job, "func", None), "__name__", "cell") if job.kind == "map" else "cell"
+        self._meta = "meta" in inspect.signature(job.done).parameters
+        self._last_check = time.monotonic()
+
+    # -- the loop ----------------------------------------------------------
+    def execute(self) -> None:
+        __tracebackhide__ = True
+        self.client.subscribe_topic(self.topic, self._on_event)
+        try:
+            if self.job.func_payload is not None:
+                # Once per call and per worker, not once per chunk.
+                self.payload_future = self.client.scatter(self.job.func_payload, broadcast=True, hash=False)
+            self._loop()
+        except KeyboardInterrupt:
+            self._abandon(interrupted=True)
+            raise
+        except BaseException:
+            self._abandon(interrupted=False)
+            raise
+        finally:
+            try:
+                self.client.unsubscribe_topic(self.topic)
+            except Exception:
+                pass
+            self.payload_future = None
+
+    def _loop(self) -> None:
+        job = self.job
+        while not job.finished:
+            self._submit_more()
+            if job.finished:
+                break
+            self._wait(self._next_wait())
+            self._check_deadlines()
+            if job.kind == "cell":
+                self._check_rank_workers()
+        if self.tasks:  # a map that failed early: drop the rest
+            self._abandon(interrupted=False)
+
+    def _next_wait(self) -> float:
+        wait = 0.2
+        if self.job.timeout:
+            now = time.monotonic()
+            for t in self.tasks.values():
+                if t.started is not None:
+                    wait = min(wait, max(0.0, t.started + self.job.timeout - now))
+        return wait
+
+    def _wait(self, timeout: float) -> None:
+        """Handle one message (waiting up to ``timeout``), then all that are queued."""
+        if self.deferred:
+            self._finish(self.deferred.pop(0))
+            return
+        try:
+            msg = self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        self._handle(msg)
+        while not self.job.finished:
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(msg)
+
+    # -- from Dask's threads to the inbox ------------------------------------
+    def _on_event(self, event: Any) -> None:
+        self.inbox.put(("event", event[1]))
+
+    def _on_done(self, future: Any) -> None:
+        self.inbox.put(("done", future.key))
+
+    def _handle(self, msg: tuple) -> None:
+        if msg[0] == "event":
+            self._event(msg[1])
+        else:
+            self._finish(msg[1])
+
+    def _event(self, ev: dict) -> None:
+        task = self.tasks.get(ev.get("tag"))
+        if task is None:
+            return  # from a task this run already gave up on
+        if ev.get("start"):
+            task.started = time.monotonic()
+            task.worker = ev.get("worker")
+            return
+        task.streamed += 1
+        self.job.output(task.unit.id, ev.get("stream", "stdout"), ev.get("text", ""))
+
+    # -- sending -----------------------------------------------------------
+    def _submit_more(self) -> None:
+        job = self.job
+        while len(self.tasks) < self.capacity and job.has_work:
+            unit = job.next_unit()
+            if unit is None:
+                break
+            self._submit(unit)
+
+    def _submit(self, unit: Any) -> None:
+        job = self.job
+        key = f"mpmagic-{self.name}-{job.kind}{unit.id}-{next(_keys)}-{self.token}"
+        msg = job.message(unit)
+        arg: Any = msg
+        if len(unit.data) > _LARGE_MESSAGE:  # keep big data out of the scheduler's task graph
+            arg = self.client.scatter([msg], hash=False)[0]
+        kwargs: dict[str, Any] = {"key": key, "pure": False}
+        target = None
+        if job.kind == "cell":
+            target = self.targets[unit.id]
+            kwargs.update(workers=[target], allow_other_workers=False)
+        future = self.client.submit(dask_tasks.run_message, arg, self.payload_future, self.topic, key, **kwargs)
+        self.tasks[key] = _Task(key, unit, future, target=target)
+        future.add_done_callback(self._on_done)
+
+    # -- receiving ---------------------------------------------------------
+    def _finish(self, key: str) -> None:
+        task = self.tasks.get(key)
+        if task is None:
+            return
+        future, job, unit = task.future, self.job, task.unit
+        status = future.status
+        if status not in ("finished", "error", "cancelled"):
+            return  # pending again (its result was lost and Dask recomputes it)
+        self.tasks.pop(key, None)
+        if status == "cancelled":
+            job.lost(unit, "had its task cancelled on the cluster (was it restarted?)")
+            return
+        if status == "error":
+            self._failed(task, future.exception())
+            return
+        try:
+            reply = future.result()
+        except Exception as exc:
+            self._failed(task, exc)
+            return
+        kind, body, rest, n_streamed = reply[0], reply[1:-2], reply[-2], reply[-1]
+        self._await_output(task, n_streamed)
+        for stream, text in rest:
+            job.output(unit.id, stream, text)
+        if kind == "done":
+            data, seconds, meta = body
+            self.backend.tasks_run += unit.count
+            if self._meta:
+                job.done(unit, data, seconds, meta)
+            else:
+                job.done(unit, data, seconds)
+        elif kind == "error":
+            self.backend.tasks_run += unit.count
+            job.error(unit, *body)
+        else:
+            job.unpicklable(unit, *body)
+
+    def _await_output(self, task: _Task, n_streamed: int) -> None:
+        """Output events can trail the result by a moment: wait briefly for them."""
+        deadline = time.monotonic() + _RESULT_OUTPUT_GRACE
+        self.tasks[task.key] = task  # so its events still find it
+        try:
+            while task.streamed < n_streamed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    msg = self.inbox.get(timeout=left)
+                except queue.Empty:
+                    break
+                if msg[0] == "event":
+                    self._event(msg[1])
+                else:
+                    self.deferred.append(msg[1])
+        finally:
+            self.tasks.pop(task.key, None)
+
+    def _failed(self, task: _Task, exc: BaseException | None) -> None:
+        """Dask itself could not run the task (not an exception of the user's code)."""
+        self.tasks.pop(task.key, None)
+        from distributed.scheduler import KilledWorker
+
+        if isinstance(exc, KilledWorker):
+            tries = getattr(exc, "allowed_failures", None)
+            times = f"{tries + 1} times" if isinstance(tries, int) else "each time"
+            self.job.lost(
+                task.unit,
+                f"died, and so did every worker Dask retried them on ({times}; KilledWorker)",
+            )
+            return
+        if isinstance(exc, ImportError) and "mpmagic" in str(exc):
+            raise MPMagicError(
+                f"the Dask workers of {self.backend.where} cannot import mpmagic ({exc}): install "
+                "the same mpmagic version in the workers' environment (pip install \"mpmagic[dask]\")"
+            ) from None
+        raise MPMagicError(
+            f"Dask could not run {task.describe(self.job)}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+    # -- timeouts and lost ranks ---------------------------------------------
+    def _check_deadlines(self) -> None:
+        timeout = self.job.timeout
+        if not timeout:
+            return
+        now = time.monotonic()
+        for task in list(self.tasks.values()):
+            if task.started is None or now < task.started + timeout:
+                continue
+            self.tasks.pop(task.key, None)
+            self._cancel([task.future])
+            self._restart_worker(task.worker)
+            self.job.lost(task.unit, "ran past its timeout", timed_out=True)
+
+    def _restart_worker(self, address: str | None) -> None:
+        """Stop a task Dask cannot cancel by restarting its worker through its nanny."""
+        if not address:
+            return
+        try:
+            self.client.restart_workers([address], timeout=max(30.0, self.backend.timeout), raise_for_error=False)
+        except Exception as exc:
+            sys.stderr.write(
+                f"mpmagic: could not restart Dask worker {address} to stop a timed-out task ({exc}); "
+                "the task runs on there until it returns\n"
+            )
+
+    def _check_rank_workers(self) -> None:
+        """A rank pinned to a worker that left would wait forever: report it lost."""
+        now = time.monotonic()
+        if now - self._last_check < 0.5:
+            return
+        self._last_check = now
+        try:
+            alive = set(self.client.nthreads())
+        except Exception:
+            return
+        for task in list(self.tasks.values()):
+            if task.target not in alive and task.future.status == "pending":
+                self.tasks.pop(task.key, None)
+                self._cancel([task.future])
+                self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it")
+
+    # -- giving up -----------------------------------------------------------
+    def _cancel(self, futures: list) -> None:
+        """Cancel, but never let a slow scheduler hold the notebook past the budget."""
+        if not futures:
+            return
+        t = threading.Thread(target=_cancel_quietly, args=(self.client, futures), daemon=True)
+        t.start()
+        t.join(_CANCEL_BUDGET)
+
+    def _abandon(self, interrupted: bool) -> None:
+        """Cancel every future of this run; on interrupt, say which tasks keep running."""
+        while True:  # learn which tasks had started
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                break
+            if msg[0] == "event":
+                ev = msg[1]
+                task = self.tasks.get(ev.get("tag"))
+                if task is not None and ev.get("start"):
+                    task.started, task.worker = time.monotonic(), ev.get("worker")
+        tasks = list(self.tasks.values())
+        self.tasks.clear()
+        self._cancel([t.future for t in tasks])
+        if not interrupted:
+            return
+        running = [t for t in tasks if t.started is not None and not t.future.done()]
+        queued = len(tasks) - len(running)
+        msg = f"mpmagic: interrupted; cancelled {queued} queued Dask task{'s' if queued != 1 else ''}"
+        if running:
+            where = sorted({t.worker or "?" for t in running})
+            what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if len(running) > 6 else "")
+            msg += (
+                f". {len(running)} already running ({what}; on {', '.join(where)}) cannot be "
+                "stopped by Dask: they run to the end in the background and their results are "
+                "dropped. `%pool restart` (mpmagic.restart_pool()) stops them now"
+            )
+        sys.stderr.write(msg + ".\n")
+        sys.stderr.flush()
+
+
+def _cancel_quietly(client: Any, futures: list) -> None:
+    try:
+        client.cancel(futures, force=True)
+    except Exception:
+        pass
+
+
+def describe_status(info: dict[str, Any]) -> list[str]:
+    """``%pool`` lines for a Dask backend's status dict (used by ``pool.PoolStatus``)."""
+    state = "connected" if info.get("running") else "not connected (connects on first use)"
+    out = [f"pool: dask, {info.get('cluster')}, {state}"]
+    out.append(f"  scheduler: {info.get('scheduler') or '-'}")
+    if info.get("running"):
+        mem = info.get("memory_limit") or 0
+        out.append(
+            f"  workers: {info.get('workers')}, threads: {info.get('threads')}"
+            + (f", memory limit: {mem / 2**30:.1f} GiB" if mem else "")
+        )
+        out.append(f"  dashboard: {info.get('dashboard') or 'not available (pip install bokeh)'}")
+    if info.get("error"):
+        out.append(f"  {info['error']}")
+    out.append(f"  calls run: {info.get('calls_run', 0)}, tasks run: {info.get('tasks_run', 0)}")
+    for p in info.get("processes", []):
+        used = "-" if p.get("memory") is None else f"{p['memory'] / 2**20:.0f} MB"
+        limit = f" of {p['memory_limit'] / 2**30:.1f} GiB" if p.get("memory_limit") else ""
+        busy = f", {p['executing']} running" if p.get("executing") else ""
+        out.append(f"  worker {p['address']}: {p['threads']} thread{'s' if p['threads'] != 1 else ''}, {used}{limit}{busy}")
+    return out
+
+
+__all__ = ["DaskBackend", "describe_status"]

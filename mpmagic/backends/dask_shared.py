@@ -1,0 +1,243 @@
+"""``mpmagic.Queue``, ``Lock`` and ``Event`` on a Dask cluster.
+
+On the local backend the helpers live in this machine's shared memory. Dask
+workers may run on other machines, so here each helper is a thin wrapper over
+Dask's own coordination primitives (``distributed.Queue``, ``Lock``,
+``Event``), which live in the scheduler and work from the notebook and from
+any task. The wrappers keep the standard-library method names (``put``,
+``get``, ``qsize``, ``empty``; ``acquire``, ``release``, ``with``; ``set``,
+``wait``), pickle our payloads to bytes (``payload.dumps_data``, so
+notebook-defined classes travel too) and travel into tasks by name.
+
+Every operation is a round trip to the scheduler: about a millisecond on one
+machine, more across a network, against microseconds for the local helpers
+(docs/dask.md has the measured figures). ``Value`` and ``Array`` need memory
+shared with the notebook, which a cluster does not have: they raise a
+:class:`~mpmagic.errors.UsageError` that says what to use instead.
+"""
+
+from __future__ import annotations
+
+import queue as std_queue
+import uuid
+from typing import Any
+
+from .. import payload
+from ..errors import UsageError
+
+
+def _client_here() -> Any:
+    """The Dask client to use where a helper is unpickled.
+
+    In a Dask worker, Dask's primitives find the worker's client themselves
+    (None); in the notebook, the current Dask pool's client.
+    """
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return None
+    except ValueError:
+        pass
+    from ..pool import current_pool
+
+    backend = current_pool()
+    if getattr(backend, "name", None) == "dask" and getattr(backend, "running", False):
+        return backend.client
+    return None
+
+
+class DaskQueue:
+    """A FIFO queue shared by the notebook and every task of the Dask cluster.
+
+    ``put(obj)`` / ``get()`` as ``queue.Queue`` and ``multiprocessing.Queue``:
+    ``get(timeout=...)`` raises ``queue.Empty``, ``put`` on a full bounded
+    queue raises ``queue.Full``. Items go through the scheduler: keep them
+    small (for big data, put a path or a scattered future's key instead).
+    """
+
+    def __init__(self, maxsize: int = 0, *, name: str | None = None, client: Any = None) -> None:
+        from distributed import Queue
+
+        if not isinstance(maxsize, int) or maxsize < 0:
+            raise UsageError(f"maxsize must be a whole number of at least 0, not {maxsize!r}")
+        self.maxsize = maxsize
+        self._q = Queue(name=name or f"mpmagic-queue-{uuid.uuid4().hex}", client=client, maxsize=maxsize)
+        self.name = self._q.name
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_queue, (self.name, self.maxsize)
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Queue on Dask {self.name!r}>"
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Add ``obj`` at the end; with a bound, wait for room (or raise queue.Full)."""
+        data = payload.dumps_checked(obj, "an item put in the queue")
+        try:
+            self._q.put(data, timeout=_wait_for(block, timeout))
+        except TimeoutError:
+            raise std_queue.Full from None
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the first item; wait for one (or raise queue.Empty)."""
+        try:
+            data = self._q.get(timeout=_wait_for(block, timeout))
+        except TimeoutError:
+            raise std_queue.Empty from None
+        return payload.loads(data)
+
+    def put_nowait(self, obj: Any) -> None:
+        self.put(obj, block=False)
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+    def qsize(self) -> int:
+        """Items waiting now (exact: the scheduler holds them)."""
+        return int(self._q.qsize())
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return bool(self.maxsize) and self.qsize() >= self.maxsize
+
+    def close(self) -> None:
+        """Nothing to release per process (kept for ``multiprocessing.Queue`` code)."""
+
+    def join_thread(self) -> None:
+        """Nothing to join (kept for ``multiprocessing.Queue`` code)."""
+
+
+def _rebuild_queue(name: str, maxsize: int) -> DaskQueue:
+    q = DaskQueue.__new__(DaskQueue)
+    from distributed import Queue
+
+    q.maxsize = maxsize
+    q._q = Queue(name=name, client=_client_here(), maxsize=maxsize)
+    q.name = name
+    return q
+
+
+def _wait_for(block: bool, timeout: float | None) -> float | None:
+    if not block:
+        return 0
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return timeout
+
+
+class DaskLock:
+    """A lock held by one task (or the notebook) at a time, across the cluster.
+
+    ``acquire(block=True, timeout=None)``, ``release()``, ``locked()`` and
+    ``with lock:`` as ``multiprocessing.Lock``. Built on ``distributed.Lock``,
+    whose lease is kept alive while the holder's process is alive.
+    """
+
+    def __init__(self, *, name: str | None = None, client: Any = None) -> None:
+        self.name = name or f"mpmagic-lock-{uuid.uuid4().hex}"
+        self._lock = _dask_lock(self.name, client)
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_lock, (self.name,)
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Lock on Dask {self.name!r}>"
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; True if taken (False after ``timeout`` or when not blocking)."""
+        if timeout is not None and timeout < 0:  # threading.Lock's "no timeout"
+            timeout = None
+        return bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return bool(self._lock.locked())
+
+    def __enter__(self) -> DaskLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _dask_lock(name: str, client: Any) -> Any:
+    from distributed import Lock
+
+    if client is None:
+        return Lock(name)
+    return Lock(name, scheduler_rpc=client.scheduler, loop=client.loop)
+
+
+def _rebuild_lock(name: str) -> DaskLock:
+    lock = DaskLock.__new__(DaskLock)
+    lock.name = name
+    lock._lock = _dask_lock(name, _client_here())
+    return lock
+
+
+class DaskEvent:
+    """A flag tasks can wait on: ``set``, ``clear``, ``is_set``, ``wait(timeout)``."""
+
+    def __init__(self, *, name: str | None = None, client: Any = None) -> None:
+        from distributed import Event
+
+        self.name = name or f"mpmagic-event-{uuid.uuid4().hex}"
+        self._event = Event(self.name, client=client)
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_event, (self.name,)
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Event on Dask {self.name!r}>"
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return bool(self._event.is_set())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until set; False if ``timeout`` passed first."""
+        return bool(self._event.wait(timeout))
+
+
+def _rebuild_event(name: str) -> DaskEvent:
+    from distributed import Event
+
+    ev = DaskEvent.__new__(DaskEvent)
+    ev.name = name
+    ev._event = Event(name, client=_client_here())
+    return ev
+
+
+_NO_SHARED_MEMORY = (
+    "mpmagic.{kind} needs memory shared with the notebook, which Dask workers (possibly on other "
+    "machines) do not have. On Dask, return values from the tasks and combine them in the notebook "
+    "(total = sum(%pmap f, items)), or send updates through an mpmagic.Queue and add them up, or "
+    "guard a distributed.Variable with an mpmagic.Lock; `%pool local` brings {kind} back."
+)
+
+
+def make_shared(client: Any, kind: str, *args: Any, **kwargs: Any) -> Any:
+    """Make the helper ``kind`` (``"Queue"``, ``"Lock"``, ``"Event"``) on this cluster."""
+    name = kind.capitalize() if kind.islower() else kind
+    if name == "Queue":
+        return DaskQueue(*args, client=client, **kwargs)
+    if name in ("Lock", "RLock"):
+        if name == "RLock":
+            raise UsageError("mpmagic.RLock is not available on Dask (Dask's lock is not re-entrant): use mpmagic.Lock")
+        return DaskLock(client=client, **kwargs)
+    if name == "Event":
+        return DaskEvent(client=client, **kwargs)
+    if name in ("Value", "Array", "RawValue", "RawArray"):
+        raise UsageError(_NO_SHARED_MEMORY.format(kind=name))
+    raise UsageError(f"mpmagic.{kind} is not available on the Dask backend (it offers Queue, Lock and Event)")
