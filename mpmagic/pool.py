@@ -130,6 +130,10 @@ class PoolStatus:
 
     def lines(self) -> list[str]:
         i = self.info
+        if i.get("backend") == "dask":
+            from .backends.dask import describe_status
+
+            return describe_status(i)
         if i.get("backend") != "local":
             head = [f"pool: {i.get('backend')} backend"]
             head += [f"  {k}: {v}" for k, v in i.items() if k not in ("backend", "processes")]
