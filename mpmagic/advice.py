@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-LOW_EFFICIENCY = 0.5  # below this share of ideal speedup, say why
+LOW_EFFICIENCY = 0.6  # below this share of ideal speedup, say why (2 workers: under 1.2x)
 LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
 
 

@@ -1,0 +1,349 @@
+"""The notebook experience: progress bars, %config settings, the report and its
+advice, --scaling and --insights, and the %pool status in HTML.
+
+Everything runs through the magics in a notebook-like shell (``ip``), with
+functions defined by ``run_cell`` so they live in a file-less ``__main__``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from html.parser import HTMLParser
+
+import pytest
+from conftest import ensure_pool, run
+from IPython.utils.capture import capture_output
+from tqdm.std import tqdm as std_tqdm
+
+import mpmagic
+from mpmagic import config, progress
+from mpmagic.jobs import MapJob
+
+# -- helpers -------------------------------------------------------------------
+
+VOID = {"br", "img", "hr", "meta", "input", "col", "wbr", "link", "source"}
+
+
+class StrictHTML(HTMLParser):
+    """Parses HTML and fails on a tag closed out of order or left open."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.text: list[str] = []
+        self.tags: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, f"</{tag}> closes {self.stack[-1:]}"
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_html(markup: str) -> StrictHTML:
+    parser = StrictHTML()
+    parser.feed(markup)
+    parser.close()
+    assert not parser.stack, f"unclosed tags: {parser.stack}"
+    return parser
+
+
+class RecordingBar(std_tqdm):
+    """tqdm's text bar, written to a string, remembering every instance."""
+
+    made: list[RecordingBar] = []
+
+    def __init__(self, *args, **kwargs):
+        self.out = io.StringIO()
+        kwargs["file"] = self.out
+        super().__init__(*args, **kwargs)
+        self.closed_at: int | None = None
+        RecordingBar.made.append(self)
+
+    def close(self):
+        if self.closed_at is None:
+            self.closed_at = self.n
+        super().close()
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    """Progress bars made during the test, instead of bars on the terminal."""
+    RecordingBar.made = []
+    monkeypatch.setattr(progress, "_tqdm_class", lambda: RecordingBar)
+    return RecordingBar.made
+
+
+@pytest.fixture
+def settings():
+    """The shell's %config MPMagic settings, reset to their defaults afterwards."""
+    yield config.current()
+    config.current().reset()
+
+
+@pytest.fixture
+def pool2(ip):
+    """A warm 2-worker forkserver pool (so no run pays for starting workers)."""
+    backend = ensure_pool("forkserver")
+    backend.wait_ready()
+    run(ip, "import time\ndef sq(x):\n    return x * x\ndef nap(s):\n    time.sleep(s)\n    return s\n")
+    return backend
+
+
+def displayed(captured) -> list[dict]:
+    return [o.data for o in captured.outputs]
+
+
+# -- progress ------------------------------------------------------------------
+
+
+def test_progress_counts_items_not_chunks(ip, backend, settings, bars):
+    """10,000 items in 37 chunks: the bar ends at 10,000 of 10,000, with rate and ETA."""
+    run(ip, "def sq(x):\n    return x * x\n")
+    run(ip, "%config MPMagic.progress_delay = 0")
+    result = run(ip, "%pmap -q --progress --chunksize 271 sq, range(10_000)")
+    assert result == [x * x for x in range(10_000)]
+    assert mpmagic.last_report().chunks == 37
+    assert len(bars) == 1
+    bar = bars[0]
+    assert bar.total == 10_000
+    assert bar.closed_at == 10_000
+    assert progress.last.closed and progress.last.outcome == "done"
+    shown = bar.out.getvalue()
+    assert "10000/10000" in shown
+    assert "item/s" in shown  # the rate ...
+    assert re.search(r"\[\d\d:\d\d<\d\d:\d\d", shown)  # ... and elapsed<time left
+
+
+def test_progress_counts_ranks_of_a_cell(ip, pool2, settings, bars):
+    run(ip, "%config MPMagic.progress_delay = 0")
+    run(ip, "%%parallel -n 2 -q --progress\nrank\n")
+    assert len(bars) == 1 and bars[0].total == 2 and bars[0].closed_at == 2
+
+
+def test_progress_closed_after_an_exception(ip, pool2, settings, bars):
+    run(ip, "def boom(x):\n    if x == 900:\n        raise ValueError('bad item')\n    return x\n")
+    run(ip, "%config MPMagic.progress_delay = 0")
+    with pytest.raises(ValueError, match="bad item"):
+        run(ip, "%pmap -q --progress --chunksize 50 boom, range(2000)")
+    assert progress.last.closed and progress.last.outcome == "error"
+    assert len(bars) == 1 and bars[0].closed_at is not None and bars[0].closed_at < 2000
+    assert bars[0] not in std_tqdm._instances  # tqdm's own record of open bars
+
+
+def test_no_progress_bar_for_short_runs(ip, pool2, settings, bars):
+    """The default delay (1 s) keeps quick runs quiet; --no-progress and the setting turn it off."""
+    run(ip, "%pmap -q sq, range(200)")
+    assert not progress.last.shown
+    run(ip, "%config MPMagic.progress_delay = 0")
+    run(ip, "%pmap -q --no-progress sq, range(200)")
+    assert not progress.last.shown
+    run(ip, "%config MPMagic.progress = False")
+    run(ip, "%pmap -q sq, range(200)")
+    assert not progress.last.shown
+    assert bars == []
+    run(ip, "%pmap -q --progress sq, range(200)")  # the option beats the setting
+    assert progress.last.shown and len(bars) == 1
+
+
+# -- %config -------------------------------------------------------------------
+
+
+def test_config_values_take_effect(ip, pool2, settings):
+    run(ip, "%config MPMagic.chunksize = 7")
+    run(ip, "%pmap -q sq, range(70)")
+    assert mpmagic.last_report().chunks == 10 and mpmagic.last_report().chunksize == "7"
+    assert run(ip, "%pmap -q --chunksize 35 sq, range(70)") and mpmagic.last_report().chunks == 2
+
+    run(ip, "%config MPMagic.workers = 3")
+    run(ip, "%pmap -q sq, range(30)")
+    assert mpmagic.get_pool().workers == 3 and mpmagic.last_report().workers == 3
+
+    run(ip, "%config MPMagic.report = 'line'")
+    with capture_output() as cap:
+        run(ip, "%pmap sq, range(10)")
+    (data,) = displayed(cap)
+    assert "text/html" not in data and data["text/plain"].startswith("pmap: 10 items on 3 workers")
+
+    run(ip, "%config MPMagic.report = 'none'")
+    with capture_output() as cap:
+        run(ip, "%pmap sq, range(10)")
+    assert displayed(cap) == []
+
+    run(ip, "%config MPMagic.report = 'auto'")
+    with capture_output() as cap:
+        run(ip, "%pmap sq, range(10)")
+    (data,) = displayed(cap)
+    assert "<table" in data["text/html"] and data["text/plain"].startswith("pmap: 10 items")
+
+
+def test_config_start_method_restarts_the_local_pool(ip, pool2, settings):
+    run(ip, "%config MPMagic.start_method = 'spawn'")
+    assert run(ip, "%pmap -q sq, range(4)") == [0, 1, 4, 9]
+    assert mpmagic.get_pool().start_method == "spawn"
+
+
+def test_config_from_ipython_config_file():
+    """What ipython_config.py sets (c.MPMagic.x = ...) becomes the default."""
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.MPMagic.progress = False
+    cfg.MPMagic.report = "line"
+    cfg.MPMagic.workers = 3
+    settings = config.MPMagic(config=cfg)
+    assert (settings.progress, settings.report, settings.workers) == (False, "line", 3)
+    assert settings._pool_pending  # applied to the pool at the first run
+
+
+def test_config_listed_by_the_config_magic(ip):
+    with capture_output() as cap:
+        run(ip, "%config")
+    assert "MPMagic" in cap.stdout
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def test_html_report_is_valid_and_has_the_numbers_of_the_line(ip, pool2, settings):
+    run(ip, "%pmap -q --compare nap, [0.02] * 6")
+    report = mpmagic.last_report()
+    page = parse_html(report._repr_html_())
+    text = " ".join(page.text)
+    numbers = re.findall(r"\d+(?:\.\d+)?", report.line())
+    assert len(numbers) >= 5
+    for n in numbers:
+        assert n in text, f"{n} of {report.line()!r} missing from the HTML"
+    for label in ("items", "workers", "chunk size", "wall", "serial", "speedup", "efficiency"):
+        assert label in text
+    assert "measured" in text
+    assert f"{report.efficiency:.0%}" in text
+    assert page.tags.count("tr") == 2  # compact: one row of labels, one of values
+
+
+def test_advice_for_a_too_fine_grained_map(ip, pool2, settings):
+    run(ip, "%pmap -q --compare --chunksize 1 sq, range(3000)")
+    report = mpmagic.last_report()
+    assert report.speedup < 1
+    assert report.advice and "too small for the transfer cost" in report.advice
+    assert "--chunksize" in report.advice  # what to try
+    assert report.text().count("\n") == 1  # the line, then one line of advice
+    assert "advice:" in " ".join(parse_html(report._repr_html_()).text)
+
+
+def test_no_advice_for_a_good_map(ip, pool2, settings):
+    run(ip, "%pmap -q nap, [0.15] * 8")
+    report = mpmagic.last_report()
+    assert report.efficiency > 0.5
+    assert report.advice is None
+    assert report.text() == report.line()
+    assert "advice" not in report._repr_html_()
+
+
+def test_advice_names_one_slow_item(ip, pool2, settings):
+    run(ip, "%pmap -q --chunksize 1 nap, [0.6] + [0.001] * 10")
+    report = mpmagic.last_report()
+    assert report.advice and "item 0" in report.advice and "slow" in report.advice
+
+
+def test_advice_can_be_turned_off(ip, pool2, settings):
+    run(ip, "%pmap -q --chunksize 1 sq, range(500)")
+    assert mpmagic.last_report().advice
+    run(ip, "%config MPMagic.advice = False")
+    assert mpmagic.last_report().advice is None
+
+
+# -- scaling -------------------------------------------------------------------
+
+
+def test_scaling_gives_a_figure(ip, pool2, settings):
+    from matplotlib.figure import Figure
+
+    result = run(ip, "%pmap --scaling nap, [0.05] * 8")
+    assert [p.workers for p in result.points] == [1, 2]
+    assert result.serial >= 0.35  # 8 x 50 ms, measured here
+    fig = result.figure
+    assert isinstance(fig, Figure)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "measured" in labels and any("ideal" in x for x in labels)
+    assert result._repr_png_().startswith(b"\x89PNG")
+
+
+def test_scaling_of_a_cell(ip, pool2, settings):
+    from matplotlib.figure import Figure
+
+    result = run(ip, "%%parallel --scaling\nimport time\ntime.sleep(0.2 / size)\nrank\n")
+    assert result.kind == "parallel" and [p.workers for p in result.points] == [1, 2]
+    assert isinstance(result.figure, Figure)
+
+
+def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    result = run(ip, "%pmap --scaling nap, [0.02] * 4")
+    assert result.figure is None and result._repr_png_() is None
+    table = str(result).splitlines()
+    assert "serial" in table[0] and "measured" in table[0]
+    assert table[1].split() == ["workers", "wall", "speedup", "ideal", "efficiency"]
+    assert [row.split()[0] for row in table[2:]] == ["1", "2"]
+
+
+# -- insights ------------------------------------------------------------------
+
+
+def test_insights_find_the_slow_item(ip, pool2, settings):
+    run(ip, "def slowish(x):\n    time.sleep(0.4 if x == 13 else 0.003)\n    return x\n")
+    assert run(ip, "%pmap -q --insights slowish, range(40)") == list(range(40))
+    ins = mpmagic.last_report().insights
+    top = ins.slowest[0]
+    assert top.index == 13 and top.args == "slowish(13)" and top.seconds >= 0.4
+    assert all(s.seconds < 0.2 for s in ins.slowest[1:])
+    assert sum(w.tasks for w in ins.per_worker) == 40
+    holder = next(w for w in ins.per_worker if w.worker == top.worker)
+    assert holder.busy >= 0.4
+    for w in ins.per_worker:
+        assert w.busy + w.idle + w.transfer == pytest.approx(ins.wall, abs=0.05)
+    assert "item 13: slowish(13)" in str(ins)
+    page = parse_html(mpmagic.last_report()._repr_html_())
+    assert "img" in page.tags  # the timeline chart
+    assert "slowish(13)" in " ".join(page.text)
+
+
+def test_insights_of_a_cell_and_star_args(ip, pool2, settings):
+    run(ip, "%%parallel -q --insights\nimport time\ntime.sleep(0.3 if rank == 1 else 0.01)\n")
+    ins = mpmagic.last_report().insights
+    assert ins.slowest[0].args == "rank 1"
+    run(ip, "def add(a, b):\n    time.sleep(0.3 if a == 2 else 0)\n    return a + b\n")
+    run(ip, "%pmap -q --insights --star add, [(i, 10 * i) for i in range(5)]")
+    assert mpmagic.last_report().insights.slowest[0].args == "add(2, 20)"
+
+
+def test_items_are_timed_only_with_insights():
+    """The ordinary message is unchanged; only --insights asks the worker to time items."""
+    plain = MapJob(abs, iter(range(4)), 4, False, 2)
+    timed = MapJob(abs, iter(range(4)), 4, False, 2, insights=object())
+    assert len(plain.message(plain.next_unit())) == 7
+    assert timed.message(timed.next_unit())[-1] is True
+
+
+# -- %pool ---------------------------------------------------------------------
+
+
+def test_pool_status_renders_as_html(ip, pool2):
+    status = run(ip, "%pool")
+    page = parse_html(status._repr_html_())
+    text = " ".join(page.text)
+    for p in status.info["processes"]:
+        assert str(p["pid"]) in text
+    assert "forkserver" in text and page.tags.count("tr") == 1 + len(status.info["processes"]) + 1
