@@ -172,8 +172,8 @@ class PoolStatus:
         td = "padding:2px 10px;text-align:left"
         if i.get("backend") != "local":
             cols = list(dict.fromkeys(k for p in procs for k in p))
-            rows = [[str(p.get(k, "")) for k in cols] for p in procs]
-            notes = [x.strip() for x in lines[1:1 + len([k for k in i if k not in ("backend", "processes")])]]
+            rows = [[_cell(k, p.get(k)) for k in cols] for p in procs]
+            notes = [x.strip() for x in lines[1:len(lines) - len(procs)]]  # process lines come last
         else:
             cols = ["worker", "pid", "state", "tasks", "memory"]
             rows = []
@@ -189,6 +189,15 @@ class PoolStatus:
             f"<table class='mpmagic-pool'><caption style='text-align:left'><b>{html.escape(lines[0])}</b></caption>"
             f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody><tfoot>{foot}</tfoot></table>"
         )
+
+
+def _cell(key: str, value: Any) -> str:
+    """A status value for the HTML table: memory in MB, nothing for None."""
+    if value is None:
+        return "-"
+    if "memory" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value / 2**20:.0f} MB"
+    return str(value)
 
 
 def pool_status() -> PoolStatus:
