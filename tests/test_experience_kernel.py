@@ -1,0 +1,135 @@
+"""The progress bar in a real Jupyter kernel: it shows, and an interrupt closes it.
+
+The kernel is this venv's ``python3`` kernelspec started by jupyter_client;
+"interrupt kernel" is ``KernelManager.interrupt_kernel()``, the same SIGINT a
+notebook front end sends. The kernel (and its pool) is always shut down in
+the fixture's teardown.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import time
+from queue import Empty
+
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _execute(kc, code: str, timeout: float = 60.0) -> tuple[dict, list[dict]]:
+    """Run ``code``; return its shell reply and the iopub messages it caused."""
+    msg_id = kc.execute(code)
+    return _finish(kc, msg_id, timeout)
+
+
+def _finish(kc, msg_id: str, timeout: float, seen: list | None = None) -> tuple[dict, list[dict]]:
+    """Collect iopub messages of ``msg_id`` until the kernel is idle again, then the reply."""
+    deadline = time.monotonic() + timeout
+    msgs = seen if seen is not None else []
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"the kernel did not finish within {timeout:g} s"
+        try:
+            msg = kc.get_iopub_msg(timeout=min(left, 1.0))
+        except Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        msgs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    reply = kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+    return reply, msgs
+
+
+def _value(msgs: list[dict]):
+    for m in msgs:
+        if m["msg_type"] == "execute_result":
+            return ast.literal_eval(m["content"]["data"]["text/plain"])
+    errors = [m["content"] for m in msgs if m["msg_type"] == "error"]
+    raise AssertionError(f"no value: {errors}")
+
+
+def _bar_visible(msg: dict) -> bool:
+    """A tqdm bar appeared: the notebook widget (ipywidgets) or the text bar on stderr."""
+    kind, content = msg["msg_type"], msg["content"]
+    if kind == "comm_open":
+        return "Progress" in str(content.get("data", {}).get("state", {}).get("_model_name", ""))
+    if kind == "stream":
+        return content["name"] == "stderr" and "item" in content["text"]
+    return False
+
+
+@pytest.fixture
+def kernel():
+    km = jupyter_client.KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=ROOT)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        yield km, kc
+    finally:
+        try:
+            _execute(kc, "import mpmagic; mpmagic.stop_pool()", timeout=20)
+        except Exception:
+            pass
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+
+
+def test_progress_bar_closed_after_interrupt(kernel):
+    km, kc = kernel
+    reply, msgs = _execute(
+        kc,
+        "%load_ext mpmagic\n"
+        "%config MPMagic.progress_delay = 0.3\n"
+        "%pool start -n 2\n"
+        "import time\n"
+        "def slow(x):\n"
+        "    time.sleep(0.5)\n"
+        "    return x\n",
+    )
+    assert reply["content"]["status"] == "ok", msgs
+    # 400 items of 0.5 s on 2 workers would take 100 s: only the interrupt ends it soon.
+    msg_id = kc.execute("%pmap slow, range(400)")
+    seen: list[dict] = []
+    deadline = time.monotonic() + 30
+    while not any(_bar_visible(m) for m in seen):
+        assert time.monotonic() < deadline, f"no progress bar within 30 s: {[m['msg_type'] for m in seen]}"
+        try:
+            msg = kc.get_iopub_msg(timeout=1.0)
+        except Empty:
+            continue
+        if msg["parent_header"].get("msg_id") == msg_id:
+            seen.append(msg)
+    time.sleep(0.5)  # let a few more items finish
+    km.interrupt_kernel()
+    reply, msgs = _finish(kc, msg_id, timeout=30, seen=seen)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+    # In the kernel: the bar was shown, then closed as interrupted; tqdm holds no open bar.
+    _, msgs = _execute(
+        kc,
+        "import mpmagic.progress as P\n"
+        "from tqdm.std import tqdm as T\n"
+        "(P.last.shown, P.last.closed, P.last.outcome, len(T._instances), 0 < P.last.n < 400)",
+    )
+    assert _value(msgs) == (True, True, "interrupted", 0, True)
+
+    widget = [m for m in seen if m["msg_type"] == "comm_open"]
+    if widget:  # the notebook widget: its last state marks the stopped run
+        updates = [m["content"]["data"].get("state", {}) for m in seen if m["msg_type"] == "comm_msg"]
+        assert any(u.get("bar_style") == "danger" for u in updates), updates[-3:]
+
+    # The pool is ready for the next run, and a short run shows no bar.
+    reply, msgs = _execute(kc, "%config MPMagic.progress_delay = 1.0\nres = %pmap -q abs, range(-3, 3)\nres")
+    assert reply["content"]["status"] == "ok"
+    assert _value(msgs) == [3, 2, 1, 0, 1, 2]
+    _, msgs = _execute(kc, "P.last.shown")
+    assert _value(msgs) is False
