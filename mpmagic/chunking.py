@@ -4,7 +4,9 @@ One message per item makes tiny tasks 100x slower than serial; one huge chunk
 per worker leaves cores idle when items differ in cost. The planner starts
 small, measures the time per item in the workers, and sizes later chunks to
 take about ``target`` seconds, while keeping several chunks per worker for
-the tail of the input so no worker finishes long before the others.
+the tail of the input so no worker finishes long before the others. Chunks
+are also kept under ``max_bytes`` of packed items (measured as they are
+packed), so large items never make a chunk that floods memory.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ class ChunkPlanner:
         chunksize: int | None = None,
         target: float = 0.05,
         max_chunk: int = 100_000,
+        max_bytes: int = 64 << 20,
     ) -> None:
         self.n_items = n_items
         self.workers = max(1, workers)
         self.fixed = chunksize
         self.target = target
         self.max_chunk = max_chunk
+        self.max_bytes = max_bytes
+        self.bytes_per_item: float | None = None  # largest packed size per item seen
         self.per_item: float | None = None  # smoothed seconds per item
         self.sent = 0
         self.sizes_used: set[int] = set()
@@ -47,8 +52,13 @@ class ChunkPlanner:
             # Before any measurement: a small first chunk per worker.
             if remaining is None:
                 return 1
-            return max(1, min(remaining // (self.workers * 4), 16))
-        size = int(self.target / max(self.per_item, 1e-9))
+            size = min(remaining // (self.workers * 4), 16)
+        else:
+            size = int(self.target / max(self.per_item, 1e-9))
+        if self.bytes_per_item:
+            size = min(size, int(self.max_bytes / self.bytes_per_item))
+        if self.per_item is None:
+            return max(1, size)
         if remaining is not None:
             # Keep the tail balanced: at least ~2 chunks per worker remain.
             size = min(size, math.ceil(remaining / (self.workers * 2)))
@@ -60,6 +70,12 @@ class ChunkPlanner:
             return
         t = seconds / n_items
         self.per_item = t if self.per_item is None else 0.5 * self.per_item + 0.5 * t
+
+    def note_bytes(self, n_items: int, nbytes: int) -> None:
+        """Feed back how many bytes a chunk of ``n_items`` packed into."""
+        if n_items > 0:
+            b = nbytes / n_items
+            self.bytes_per_item = max(b, self.bytes_per_item or 0.0)
 
     def note_sent(self, n: int) -> None:
         self.sent += n

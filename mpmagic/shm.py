@@ -1,0 +1,453 @@
+"""Large buffers travel through POSIX shared memory instead of the pipe.
+
+Why: through a pipe a 256 MB numpy array is copied four times (pickle,
+kernel write, kernel read, unpickle) and every copy lands in freshly faulted
+memory. Pickle protocol 5 lets an object hand its raw buffers to a
+``buffer_callback`` instead of copying them into the pickle (numpy arrays,
+pandas' numpy blocks, Arrow buffers do this). Buffers of at least
+:data:`THRESHOLD` bytes are written once into a shared-memory segment, the
+pickle keeps only a small envelope naming the segment, and the receiving
+process maps the segment and unpickles the object *on* that memory, without
+a copy.
+
+The envelope is an ordinary picklable object whose ``__reduce__`` opens the
+segment on load, so whoever calls plain ``pickle.loads`` gets the arrays
+back: the worker loop and the job code need no special case.
+
+Who owns a segment, and so who unlinks it:
+
+* **lent** (notebook to workers): the notebook owns it. Map items use pooled
+  segments (:class:`SegmentPool`), reused chunk after chunk and call after
+  call, because allocating shared pages is by far the dominant cost (about
+  2 ms per MB on a small VM, against 0.08 ms per MB to copy into pages that
+  are already there). Captured globals get a segment that lives as long as
+  the cached function payload. Workers map lent segments **read-only**
+  (unless ``writable``) and keep the mapping until the notebook says
+  ``unmap`` (:func:`take_unmapped`), so a reused segment costs no page faults
+  on either side.
+* **given** (a worker's result to the notebook): the worker creates it, the
+  notebook maps it and unlinks the name at once. Nothing is left in
+  ``/dev/shm``; the memory lives exactly as long as the arrays that use it.
+
+Every segment this package creates is named ``mpm_<notebook pid>_...``; the
+notebook unlinks its own at pool stop and at exit (:func:`cleanup`), and
+after a worker dies it removes whatever that worker created but never
+handed over (:func:`sweep_worker`).
+
+This module imports no IPython (workers import it) and no numpy.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import mmap
+import os
+import pickle
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+try:  # the module multiprocessing.shared_memory itself is built on (POSIX)
+    import _posixshmem
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None
+
+#: Buffers at least this large (bytes) go through shared memory.
+THRESHOLD = 1 << 20
+#: Free pooled segments kept for reuse between calls (bytes, all segments).
+KEEP_BYTES = 512 << 20
+#: Workers get writable views of lent buffers (default: read-only).
+WRITABLE = False
+
+ENABLED = _posixshmem is not None and os.name == "posix"
+
+_ALIGN = 64
+_GRAIN = 1 << 20  # pooled segment sizes are rounded up to this
+_PROTOCOL = 5
+_counter = itertools.count()
+_lock = threading.Lock()
+
+
+def configure(
+    threshold: int | None = None, keep_bytes: int | None = None, writable: bool | None = None
+) -> None:
+    """Change the shared-memory settings of this notebook.
+
+    ``threshold``: smallest buffer (bytes) sent through shared memory
+    (default 1 MiB; a huge value turns the fast path off). ``keep_bytes``:
+    how much free pooled memory to keep for the next call (default 512 MiB).
+    ``writable``: give workers writable arrays instead of read-only ones
+    (writes stay in the worker's copy of the chunk; they never reach the
+    notebook's array).
+    """
+    global THRESHOLD, KEEP_BYTES, WRITABLE
+    if threshold is not None:
+        THRESHOLD = int(threshold)
+    if keep_bytes is not None:
+        KEEP_BYTES = int(keep_bytes)
+        pool().trim()
+    if writable is not None:
+        WRITABLE = bool(writable)
+
+
+# --------------------------------------------------------------------------
+# Segments
+
+
+#: Set in a worker to the notebook's pid, so every segment carries the notebook's pid.
+NOTEBOOK_PID: int | None = None
+
+
+def _owner_pid() -> int:
+    """The notebook's pid: workers name their segments after it too."""
+    return NOTEBOOK_PID or os.getpid()
+
+
+class Segment:
+    """One named shared-memory mapping (``size`` bytes, writable here)."""
+
+    __slots__ = ("name", "size", "map", "view")
+
+    def __init__(self, name: str, size: int, mapping: mmap.mmap) -> None:
+        self.name = name
+        self.size = size
+        self.map = mapping
+        self.view = memoryview(mapping)
+
+    @classmethod
+    def create(cls, size: int, tag: str = "n") -> Segment:
+        """A new segment of ``size`` bytes (at least 1)."""
+        size = max(1, size)
+        name = f"mpm_{_owner_pid()}_{tag}{os.getpid()}_{next(_counter)}"
+        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+        try:
+            os.ftruncate(fd, size)
+            mapping = mmap.mmap(fd, size)
+        except BaseException:
+            _unlink(name)
+            raise
+        finally:
+            os.close(fd)
+        return cls(name, size, mapping)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> Segment:
+        """Map an existing segment made by another process."""
+        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+        try:
+            mapping = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, mapping)
+
+    def unlink(self) -> None:
+        """Remove the name; the memory stays while any process maps it."""
+        _unlink(self.name)
+
+    def release(self) -> None:
+        """Drop this process's mapping (now, or when the last array using it dies)."""
+        self.view.release()
+        try:
+            self.map.close()
+        except BufferError:
+            pass  # arrays still use it: the mapping goes with the last of them
+
+
+def _unlink(name: str) -> None:
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
+
+
+# --------------------------------------------------------------------------
+# The notebook side: pooled segments for items, a list of names to unmap
+
+
+class SegmentPool:
+    """Segments the notebook lends to workers, reused instead of re-allocated."""
+
+    def __init__(self) -> None:
+        self.free: list[Segment] = []
+        self.live: dict[str, Segment] = {}  # every segment this pool created
+        self.unmapped: list[str] = []  # destroyed since workers were last told
+
+    def acquire(self, nbytes: int) -> Segment:
+        """A segment of at least ``nbytes``: a free one of about that size, or a new one."""
+        with _lock:
+            fits = [s for s in self.free if nbytes <= s.size <= nbytes + nbytes // 4 + _GRAIN]
+            if fits:
+                seg = min(fits, key=lambda s: s.size)
+                self.free.remove(seg)
+                return seg
+        size = -(-max(nbytes, 1) // _GRAIN) * _GRAIN
+        seg = Segment.create(size, "p")
+        with _lock:
+            self.live[seg.name] = seg
+        return seg
+
+    def release(self, seg: Segment) -> None:
+        """Give a segment back for reuse (keeps at most :data:`KEEP_BYTES` free)."""
+        with _lock:
+            if seg.name in self.live and seg not in self.free:
+                self.free.append(seg)
+        self.trim()
+
+    def trim(self, keep: int | None = None) -> None:
+        """Destroy the oldest free segments beyond ``keep`` bytes."""
+        keep = KEEP_BYTES if keep is None else keep
+        with _lock:
+            doomed = []
+            while self.free and sum(s.size for s in self.free) > keep:
+                doomed.append(self.free.pop(0))
+        for seg in doomed:
+            self.destroy(seg)
+
+    def destroy(self, seg: Segment) -> None:
+        """Unlink a segment now; workers drop their mappings when told."""
+        with _lock:
+            self.live.pop(seg.name, None)
+            if seg in self.free:
+                self.free.remove(seg)
+            self.unmapped.append(seg.name)
+        seg.unlink()
+        seg.release()
+
+    def track(self, seg: Segment) -> None:
+        """Count a segment made outside the pool (a captured global) as ours to clean up."""
+        with _lock:
+            self.live[seg.name] = seg
+
+    def clear(self) -> None:
+        """Unlink every segment this notebook lent (pool stop, exit)."""
+        with _lock:
+            segs = list(self.live.values())
+        for seg in segs:
+            self.destroy(seg)
+
+
+_pool: SegmentPool | None = None
+
+
+def pool() -> SegmentPool:
+    """The notebook's segment pool (made on first use)."""
+    global _pool
+    if _pool is None:
+        _pool = SegmentPool()
+    return _pool
+
+
+def take_unmapped() -> list[str]:
+    """Names of segments destroyed since the last call: tell the workers to unmap them."""
+    if _pool is None or not _pool.unmapped:
+        return []
+    with _lock:
+        names, _pool.unmapped = _pool.unmapped, []
+    return names
+
+
+def cleanup() -> None:
+    """Unlink every segment the notebook made (pool stop and interpreter exit)."""
+    if _pool is not None:
+        _pool.clear()
+
+
+atexit.register(cleanup)
+
+
+def sweep_worker(pid: int | None) -> int:
+    """Unlink segments a dead worker created but never handed over. Returns how many."""
+    if not pid or not os.path.isdir("/dev/shm"):
+        return 0
+    prefix = f"mpm_{_owner_pid()}_g{pid}_"
+    n = 0
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return 0
+    for name in names:
+        if name.startswith(prefix):
+            _unlink(name)
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------
+# Packing: pickle with large buffers out of band, into one segment per message
+
+
+class Lease:
+    """The pooled segments one map chunk uses; released when the chunk is done."""
+
+    __slots__ = ("segments",)
+
+    def __init__(self) -> None:
+        self.segments: list[Segment] = []
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def release(self) -> None:
+        p = pool()
+        for seg in self.segments:
+            p.release(seg)
+        self.segments = []
+
+
+class Collector:
+    """A ``buffer_callback`` that takes large contiguous buffers out of band."""
+
+    def __init__(self, threshold: int | None = None) -> None:
+        self.threshold = THRESHOLD if threshold is None else threshold
+        self.buffers: list[memoryview] = []
+
+    def reset(self) -> None:
+        self.buffers = []
+
+    def __call__(self, pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:  # not contiguous: it stays in the pickle
+            return True
+        if raw.nbytes < self.threshold:
+            return True
+        self.buffers.append(raw)
+        return False  # out of band
+
+
+def _spans(buffers: Iterable[memoryview]) -> tuple[list[tuple[int, int]], int]:
+    spans, offset = [], 0
+    for b in buffers:
+        spans.append((offset, b.nbytes))
+        offset += -(-b.nbytes // _ALIGN) * _ALIGN
+    return spans, offset
+
+
+def wrap(
+    data: bytes, buffers: list[memoryview], mode: str, lease: Lease | None = None
+) -> tuple[bytes, Segment]:
+    """Write ``buffers`` into one segment and return (envelope bytes, segment).
+
+    ``mode`` is ``"lend"`` (the notebook keeps the segment: from the pool when
+    ``lease`` is given, else a dedicated one) or ``"give"`` (the receiver
+    unlinks it).
+    """
+    spans, total = _spans(buffers)
+    if lease is not None:
+        seg = pool().acquire(total)
+        lease.segments.append(seg)
+    else:
+        seg = Segment.create(total, "g" if mode == "give" else "l")
+        if mode == "lend":
+            pool().track(seg)
+    for (offset, n), b in zip(spans, buffers, strict=True):
+        seg.view[offset : offset + n] = b
+    writable = mode == "give" or WRITABLE
+    env = _Shared(data, seg.name, seg.size, spans, mode == "give", writable)
+    return pickle.dumps(env, _PROTOCOL), seg
+
+
+def same_buffers(seg: Segment, spans: list[tuple[int, int]], buffers: list[memoryview]) -> bool:
+    """Do ``buffers`` hold exactly the bytes already in ``seg`` (at ``spans``)?"""
+    if len(spans) != len(buffers):
+        return False
+    for (offset, n), b in zip(spans, buffers, strict=True):
+        if b.nbytes != n or not _equal_bytes(b, seg.view[offset : offset + n]):
+            return False
+    return True
+
+
+def _equal_bytes(a: memoryview, b: memoryview) -> bool:
+    step = 8 << 20
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    for i in range(0, a.nbytes, step):
+        x, y = a[i : i + step], b[i : i + step]
+        if np is not None:
+            if not np.array_equal(np.frombuffer(x, np.uint8), np.frombuffer(y, np.uint8)):
+                return False
+        elif x.tobytes() != y.tobytes():
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# Unpacking: the envelope
+
+
+class _Shared:
+    """A pickle whose large buffers live in shared-memory segment ``name``."""
+
+    __slots__ = ("data", "name", "size", "spans", "give", "writable")
+
+    def __init__(self, data: bytes, name: str, size: int, spans: list, give: bool, writable: bool) -> None:
+        self.data, self.name, self.size, self.spans = data, name, size, spans
+        self.give, self.writable = give, writable
+
+    def __reduce__(self):
+        return (_open, (self.data, self.name, self.size, self.spans, self.give, self.writable))
+
+
+# Lent segments mapped in this process (a worker), by name.
+_mapped: dict[str, Segment] = {}
+# Names of the lent segments opened since :func:`opened` last reset it.
+_opened: set[str] = set()
+
+
+def _open(data: bytes, name: str, size: int, spans: list, give: bool, writable: bool) -> Any:
+    if give:
+        seg = Segment.attach(name, size)
+        _unlink(name)  # ours now: nothing left in /dev/shm
+    else:
+        seg = _mapped.get(name)
+        if seg is None:
+            seg = _mapped[name] = Segment.attach(name, size)
+        _opened.add(name)
+    views = [seg.view[o : o + n] for o, n in spans]
+    if not writable:
+        views = [v.toreadonly() for v in views]
+    return pickle.loads(data, buffers=views)
+
+
+def opened() -> set[str]:
+    """Lent segments opened since the last call (and reset the record)."""
+    global _opened
+    names, _opened = _opened, set()
+    return names
+
+
+def forget(names: Iterable[str]) -> None:
+    """Drop this process's mappings of segments the notebook destroyed."""
+    for name in names:
+        seg = _mapped.pop(name, None)
+        if seg is not None:
+            seg.release()
+
+
+def dumps_lent(obj: Any, lease: Lease, dumps) -> bytes:
+    """Pickle map items with ``dumps(obj, collector)``; big buffers go into pooled segments."""
+    collector = Collector()
+    data = dumps(obj, collector)
+    if not collector.buffers:
+        return data
+    return wrap(data, collector.buffers, "lend", lease)[0]
+
+
+def dumps_result(obj: Any, dumps) -> bytes:
+    """Pickle a worker's result with ``dumps(obj, collector)``; big buffers are given.
+
+    ``dumps`` is the data pickler (``payload.dumps_data``) taking a buffer callback.
+    """
+    if not ENABLED:
+        return dumps(obj, None)
+    collector = Collector()
+    data = dumps(obj, collector)
+    if not collector.buffers:
+        return data
+    env, seg = wrap(data, collector.buffers, "give")
+    seg.release()
+    return env
