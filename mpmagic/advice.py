@@ -49,8 +49,8 @@ def advise(report: Any) -> str | None:
     what = "ranks" if report.kind == "parallel" else "items"
     if report.cold_start:
         return (
-            "the workers were still starting during this run (they start on first use): "
-            "run it again, or start them beforehand with %pool start"
+            "the workers were still starting during this run (they start on first use, and "
+            "this run paid for it): run it again to time the work alone"
         )
     if report.cores and workers > report.cores:
         return (
