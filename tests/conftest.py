@@ -52,10 +52,37 @@ def any_method(request):
 
 
 # Pools the core %pmap / %%parallel tests run against (parametrized, not
-# copied): the local backend per start method, and "dask" once the Dask
-# fixtures below can start a real scheduler and workers. Session-scoped
+# copied): the local backend per start method, and "dask": a real scheduler
+# and DASK_WORKERS workers started by ``dask_cluster`` below. Session-scoped
 # parameters let pytest group the tests by pool, so each starts once.
-BACKENDS = ["forkserver", "spawn"]
+BACKENDS = ["forkserver", "spawn", "dask"]
+DASK_WORKERS = 4
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """``dask scheduler`` + two ``dask worker --nworkers 2 --nthreads 1`` on 127.0.0.1.
+
+    That is DASK_WORKERS single-threaded worker processes, enough for the core
+    ``%%parallel -n 4`` tests (Dask runs each rank on its own worker process).
+    Started once per session, each command in its own session (a notebook
+    interrupt does not reach them), and always stopped: their process groups
+    are killed at teardown. ``allowed-failures=1``: a task whose worker dies is
+    retried once elsewhere, then reported (keeps the worker-death tests short).
+    """
+    from dask_cluster import DaskProcesses
+
+    cluster = DaskProcesses(
+        tmp_path_factory.mktemp("dask"),
+        n_commands=2,
+        per_command=DASK_WORKERS // 2,
+        env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "1"},
+    )
+    cluster.start()
+    yield cluster
+    if getattr(pool_module.current_pool(), "name", None) == "dask":
+        pool_module.shutdown()
+    cluster.stop()
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -75,6 +102,14 @@ def ensure_pool(kind: str, request=None):
         ):
             mpmagic.use_local(2, kind)
         return pool_module.get_pool()
+    if kind == "dask":
+        cluster = request.getfixturevalue("dask_cluster")
+        if getattr(current, "name", None) != "dask" or current.address != cluster.address:
+            mpmagic.use_dask(cluster.address)
+        backend = pool_module.get_pool()
+        backend.start()
+        backend.client.wait_for_workers(DASK_WORKERS, timeout=60)  # a test may have killed one
+        return backend
     raise ValueError(f"unknown pool kind {kind!r}")
 
 

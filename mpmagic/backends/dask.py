@@ -153,6 +153,7 @@ class DaskBackend:
         self.cluster: Any = None
         self.calls_run = 0
         self.tasks_run = 0
+        self._most_workers = 0  # the most workers seen at once
         self.created = time.time()
         self._lock = threading.RLock()
         _live_backends.add(self)
@@ -375,8 +376,12 @@ class DaskBackend:
         self.start()
         self.calls_run += 1
         nthreads = self._wait_for_workers(1)
+        self._most_workers = max(self._most_workers, len(nthreads))
         targets: list[str] = []
         if job.kind == "cell":
+            if len(nthreads) < job.size <= self._most_workers:
+                # A worker is restarting (after a timeout or a crash): wait for it.
+                nthreads = self._wait_for_workers(job.size)
             targets = self._rank_workers(job.size, nthreads)
             capacity = job.size
         else:

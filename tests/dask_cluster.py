@@ -1,0 +1,198 @@
+"""A real Dask cluster for the tests: ``dask scheduler`` and ``dask worker``
+processes on 127.0.0.1, started as the user would start them.
+
+Each process gets its own session (``start_new_session=True``), so a
+notebook interrupt (SIGINT to the test's process group) never reaches them,
+and :meth:`DaskProcesses.stop` kills each whole process group (the worker's
+nanny and the worker process it runs), so nothing outlives the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class DaskProcesses:
+    """A scheduler and ``n_commands`` ``dask worker`` commands, each running
+    ``per_command`` single-threaded worker processes (``--nworkers``)."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        n_commands: int = 2,
+        per_command: int = 1,
+        protocol: str = "tcp",
+        tls: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.n_commands = n_commands
+        self.per_command = per_command
+        self.n_workers = n_commands * per_command
+        self.protocol = protocol
+        self.tls = tls or {}
+        self.env = {**os.environ, **(env or {})}
+        self.scheduler_file = str(self.workdir / "scheduler.json")
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--tls-ca-file", self.tls["ca"], "--tls-cert", self.tls["cert"], "--tls-key", self.tls["key"]]
+
+    def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
+        with open(self.workdir / log, "w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dask", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def start(self, timeout: float = 60.0) -> DaskProcesses:
+        """Start everything; return once all workers have joined (or raise)."""
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        scheduler = self._spawn(
+            ["scheduler", "--host", "127.0.0.1", "--port", "0", "--protocol", self.protocol,
+             "--no-dashboard", "--scheduler-file", self.scheduler_file, *self._tls_args()],
+            "scheduler.log",
+        )
+        while not self.address:
+            if scheduler.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"dask scheduler did not start: {self.log('scheduler.log')}")
+            try:
+                self.address = json.loads(Path(self.scheduler_file).read_text())["address"]
+            except (OSError, ValueError, KeyError):
+                time.sleep(0.05)
+        for i in range(self.n_commands):
+            self._spawn(
+                ["worker", self.address, "--nworkers", str(self.per_command), "--nthreads", "1", "--no-dashboard",
+                 "--host", "127.0.0.1", "--local-directory", str(self.workdir / f"w{i}"),
+                 *self._tls_args()],
+                f"worker{i}.log",
+            )
+        self.wait_for_workers(self.n_workers, deadline - time.monotonic())
+
+    def security(self) -> Any:
+        if not self.tls:
+            return None
+        from distributed.security import Security
+
+        return Security(tls_ca_file=self.tls["ca"], tls_client_cert=self.tls["cert"],
+                        tls_client_key=self.tls["key"], require_encryption=True)
+
+    def wait_for_workers(self, n: int, timeout: float = 60.0) -> None:
+        from distributed import Client
+
+        kwargs = {"security": self.security()} if self.tls else {}
+        with Client(self.address, timeout=max(timeout, 5), set_as_default=False, **kwargs) as client:
+            client.wait_for_workers(n, timeout=max(timeout, 5))
+
+    def log(self, name: str) -> str:
+        try:
+            return (self.workdir / name).read_text()[-2000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        """Kill every process group this started: SIGTERM, then SIGKILL."""
+        for p in self.procs:
+            _signal_group(p, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            _signal_group(p, signal.SIGKILL)  # also the nanny's worker child, if it lingers
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.procs.clear()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def make_certificates(directory: Path) -> dict[str, str]:
+    """A throw-away CA and one certificate for 127.0.0.1 (server and client use).
+
+    Dask's TLS is mutual: the scheduler, the workers and the client each show
+    a certificate signed by the CA; one certificate with both uses serves all.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mpmagic test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                    x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": directory / "ca.pem", "cert": directory / "cert.pem", "key": directory / "key.pem"}
+    paths["ca"].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    )
+    return {k: str(v) for k, v in paths.items()}
