@@ -321,6 +321,7 @@ def parallel(
             f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
             f"rank {min(job.failures)}: {type(first).__name__}: {first}",
             dict(job.failures),
+            dict(job.values),
         ) from None
     values = RankValues(job.results())
     values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in gather}

@@ -52,11 +52,21 @@ class RemoteError(MPMagicError):
 
 
 class ParallelError(MPMagicError):
-    """One or more ranks of a ``parallel`` cell failed."""
+    """One or more ranks of a ``parallel`` cell failed.
 
-    def __init__(self, message: str, failures: dict[int, BaseException]) -> None:
+    ``failures`` maps each failed rank to its exception; ``values`` maps each
+    rank that finished to its last value, so nothing computed is lost.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failures: dict[int, BaseException],
+        values: dict[int, object] | None = None,
+    ) -> None:
         super().__init__(message)
         self.failures = failures
+        self.values = dict(values or {})
 
 
 class RemoteTraceback(Exception):

@@ -227,7 +227,7 @@ class MapJob:
 
     def _complete(self, unit: Unit, results: list, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
-        self._results[unit.id] = results
+        self._results[unit.start] = results  # by position: a split chunk stays in order
         self.task_seconds += seconds
         self.items_done += unit.count
         self.planner.record(unit.count, seconds)
@@ -260,13 +260,20 @@ class MapJob:
         )
         self._fail_or_collect(unit, exc, index)
 
-    def lost(self, unit: Unit, reason: str, timed_out: bool = False) -> None:
-        """The worker running ``unit`` died or was stopped for a timeout."""
+    def lost(self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None) -> None:
+        """The worker running ``unit`` died or was stopped for a timeout.
+
+        ``index``, when the backend knows it, is the position in the chunk of
+        the item that was running: only that item is blamed, and the chunk's
+        other items (whose results died with the worker) go out again.
+        """
         self.outstanding.pop(unit.id, None)
         if not timed_out and unit.attempts < self.retries:
             unit.attempts += 1
             self._requeued.append(unit)
             return
+        if index is not None and 0 <= index < unit.count and unit.count > 1:
+            unit = self._isolate(unit, index)
         first = unit.start
         if unit.count == 1:
             what = f"item {first} ({short_repr(unit.items[0])})"
@@ -277,6 +284,17 @@ class MapJob:
         else:
             exc = WorkerLostError(f"the worker running {what} {reason}; the pool replaced it")
         self._fail_or_collect(unit, exc, None)
+
+    def _isolate(self, unit: Unit, index: int) -> Unit:
+        """Split ``unit`` around item ``index``: re-send the others, return the culprit."""
+        for lo, hi in ((0, index), (index + 1, unit.count)):
+            if lo < hi:
+                items = unit.items[lo:hi]
+                part = Unit(self._next_id, unit.start + lo, hi - lo, payload.dumps_data(items), items)
+                self._next_id += 1
+                self._requeued.append(part)
+        culprit = [unit.items[index]]
+        return Unit(unit.id, unit.start + index, 1, b"", culprit, unit.attempts)
 
     def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
         if self.collect:
@@ -390,7 +408,7 @@ class CellJob:
         )
         self._rank_finished()
 
-    def lost(self, unit: Unit, reason: str, timed_out: bool = False) -> None:
+    def lost(self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None) -> None:
         self.outstanding.pop(unit.id, None)
         if timed_out:
             self.failures[unit.id] = TaskTimeoutError(

@@ -207,17 +207,17 @@ def _type_name(obj: Any) -> str:
 def advice_for(bad: Any) -> str:
     """What to do instead of sending ``bad``, by the kind of object it is."""
     tname = _type_name(bad).lower()
+    if isinstance(bad, io.IOBase):
+        return (
+            "An open file belongs to this process: pass the file's path instead and open "
+            "it inside the function (`with open(path) as f: ...`)."
+        )
     if isinstance(bad, (types.GeneratorType, types.AsyncGeneratorType, types.CoroutineType)) or (
         hasattr(bad, "__next__") and not hasattr(bad, "__len__")
     ):
         return (
             "A generator or iterator is consumed where it is made: turn it into a list "
             "first (`data = list(gen)`), or pass it to %pmap as the iterable to map over."
-        )
-    if isinstance(bad, io.IOBase):
-        return (
-            "An open file belongs to this process: pass the file's path instead and open "
-            "it inside the function (`with open(path) as f: ...`)."
         )
     if "lock" in tname or "semaphore" in tname or "condition" in tname or "event" in tname:
         return (

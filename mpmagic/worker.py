@@ -133,16 +133,20 @@ class _StreamToParent(io.TextIOBase):
                 self.channel.send(("out", self.call, self.tag, self.stream, text))
 
 
-def run_items(func, items: list, star: bool, collect: bool):
+def run_items(func, items: list, star: bool, collect: bool, position: Any = None):
     """Run ``func`` over a chunk of items.
 
     Returns ``(results, seconds, error)``: ``error`` is ``(index, ErrorInfo)``
     for the first failing item (its results so far are kept), or None. With
     ``collect`` a failing item's place holds its ErrorInfo and the chunk goes on.
+    ``position`` (shared memory the notebook reads if this process dies) is
+    set to the index of the item running, so a crash blames that item.
     """
     results: list = []
     t0 = time.perf_counter()
     for i, item in enumerate(items):
+        if position is not None:
+            position.value = i
         try:
             results.append(func(*item) if star else func(item))
         except Exception as exc:
@@ -153,7 +157,7 @@ def run_items(func, items: list, star: bool, collect: bool):
     return results, time.perf_counter() - t0, None
 
 
-def run_items_timed(func, items: list, star: bool, collect: bool):
+def run_items_timed(func, items: list, star: bool, collect: bool, position: Any = None):
     """:func:`run_items` that also returns each item's seconds (for ``--insights``).
 
     A separate function so that the ordinary path pays nothing for it.
@@ -163,6 +167,8 @@ def run_items_timed(func, items: list, star: bool, collect: bool):
     clock = time.perf_counter
     t0 = clock()
     for i, item in enumerate(items):
+        if position is not None:
+            position.value = i
         t = clock()
         try:
             results.append(func(*item) if star else func(item))
@@ -215,9 +221,10 @@ def _reader(conn, inbox: queue.SimpleQueue) -> None:
 
 
 class _Worker:
-    def __init__(self, conn, parent_pid: int, worker_id: int) -> None:
+    def __init__(self, conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
         self.channel = _Channel(conn)
         self.worker_id = worker_id
+        self.position = position  # see run_items
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.out = _StreamToParent(self.channel, "stdout")
@@ -268,6 +275,8 @@ class _Worker:
             self.channel.send(("error", call, chunk, -1, func, b"", 0.0))
             return
         t_load = time.perf_counter()
+        if self.position is not None:
+            self.position.value = -1  # a crash while loading blames no single item
         try:
             items = payload.loads(items_bytes)
         except BaseException as exc:
@@ -278,9 +287,9 @@ class _Worker:
         self._capture(call, chunk)
         try:
             if timing:
-                results, seconds, error, item_seconds = run_items_timed(func, items, star, collect)
+                results, seconds, error, item_seconds = run_items_timed(func, items, star, collect, self.position)
             else:
-                results, seconds, error = run_items(func, items, star, collect)
+                results, seconds, error = run_items(func, items, star, collect, self.position)
         finally:
             self._release()
         end = start + (time.perf_counter() - t_run)
@@ -363,7 +372,7 @@ def _first_unpicklable(results: list) -> int | None:
     return None
 
 
-def main(conn, parent_pid: int, worker_id: int) -> None:
+def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
     """Entry point of a worker process (the target of ``Process``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _Worker(conn, parent_pid, worker_id).serve()
+    _Worker(conn, parent_pid, worker_id, position).serve()

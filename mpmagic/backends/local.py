@@ -76,6 +76,9 @@ class _Slot:
     pid: int | None = None
     ready: bool = False
     temporary: bool = False
+    # Shared with the worker: the position in its chunk of the item it is
+    # running, so a crash blames that one item rather than the whole chunk.
+    position: Any = None
 
     @property
     def busy(self) -> bool:
@@ -180,18 +183,21 @@ class LocalBackend:
 
     def _spawn(self, temporary: bool = False) -> _Slot:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        position = self.ctx.RawValue("q", -1)
         wid = self._next_wid
         self._next_wid += 1
         proc = self.ctx.Process(
             target=worker.main,
-            args=(child_conn, os.getpid(), wid),
+            args=(child_conn, os.getpid(), wid, position),
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
         with _no_main_module():
             proc.start()
         child_conn.close()
-        return _Slot(wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary)
+        return _Slot(
+            wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker has said it is ready (used by ``%pool start``)."""
@@ -358,6 +364,8 @@ class LocalBackend:
                     continue
                 if job.kind == "cell" and slot.inflight:
                     continue
+                if self._saturated(slot):
+                    continue  # recycled by _check_restarts once its work is back
                 if not job.has_work:
                     return
                 unit = job.next_unit()
@@ -379,8 +387,16 @@ class LocalBackend:
         if job.timeout and len(slot.inflight) == 1:
             slot.deadline = time.monotonic() + job.timeout
 
+    def _saturated(self, slot: _Slot) -> bool:
+        """Has this worker been given its ``max_tasks_per_child`` items already?"""
+        if not self.max_tasks_per_child:
+            return False
+        queued = sum(unit.count for _, unit in slot.inflight)
+        return slot.tasks + queued >= self.max_tasks_per_child
+
     def _loop(self, job) -> None:
         while not job.finished:
+            self._check_restarts()
             self._assign(job)
             if job.finished:
                 break
@@ -482,7 +498,7 @@ class LocalBackend:
             if call != job.call_id:
                 continue
             if i == 0:
-                job.lost(unit, reason)
+                job.lost(unit, reason, index=_position(slot))
             else:
                 job.requeue(unit)
 
@@ -495,7 +511,7 @@ class LocalBackend:
                 slot.inflight.clear()
                 self._replace(slot)
                 if call == job.call_id:
-                    job.lost(unit, "ran past its timeout", timed_out=True)
+                    job.lost(unit, "ran past its timeout", timed_out=True, index=_position(slot))
                 for c, u in rest:
                     if c == job.call_id:
                         job.requeue(u)
@@ -524,6 +540,12 @@ class LocalBackend:
         for slot in list(self.slots):
             if any(c == job.call_id for c, _ in slot.inflight):
                 self._replace(slot)
+
+
+def _position(slot: _Slot) -> int | None:
+    """Which item of its chunk a (now stopped) worker was running, if known."""
+    value = slot.position.value if slot.position is not None else -1
+    return value if value >= 0 else None
 
 
 def _reap_later(proc) -> None:

@@ -1,0 +1,161 @@
+"""The fast paths of issue 6 give the same answers as the slow ones.
+
+* large numpy arrays as items, results and captured globals travel through
+  shared memory (read-only in workers unless asked), and no segment is left
+  in /dev/shm;
+* a function's payload is reused while nothing it captures changed, and a
+  changed global (rebound, or changed in place) is seen by the next call;
+* input is consumed lazily, and a generator that raises midway raises in the
+  notebook and leaves the pool usable.
+
+No timing here: speed is measured in benchmarks/bench_core.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from conftest import run
+
+import mpmagic
+from mpmagic import payload_cache, shm
+
+pytestmark = pytest.mark.skipif(not shm.ENABLED, reason="POSIX shared memory only")
+
+BIG = (2 << 20) // 8  # float64 elements in a 2 MB array: over the 1 MB threshold
+
+
+def our_segments(kind: str = "") -> list[str]:
+    """Names in /dev/shm that this notebook (or its workers) made."""
+    if not os.path.isdir("/dev/shm"):
+        return []
+    prefix = f"mpm_{os.getpid()}_{kind}"
+    return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+
+
+def test_array_items_arrive_read_only_and_correct(ip, local_pool):
+    run(ip, f"import numpy as np\nparts = [np.arange({BIG}, dtype=np.float64) + k for k in range(6)]")
+    run(ip, "def total(a):\n    return float(a.sum())")
+    assert run(ip, "%pmap -q total, parts") == [float((np.arange(BIG) + k).sum()) for k in range(6)]
+    # Workers map the notebook's copy: read-only, so an in-place write is an error.
+    run(ip, "def writable(a):\n    return a.flags.writeable")
+    assert run(ip, "%pmap -q writable, parts[:2]") == [False, False]
+    run(ip, "def scale(a):\n    a *= 2\n    return a")
+    with pytest.raises(ValueError, match="read-only"):
+        run(ip, "%pmap -q scale, parts[:1]")
+    # ...unless asked for: then writes stay in the worker's copy.
+    shm.configure(writable=True)
+    try:
+        out = run(ip, "%pmap -q scale, parts[:2]")
+    finally:
+        shm.configure(writable=False)
+    assert np.array_equal(out[1], (np.arange(BIG) + 1) * 2)
+    assert np.array_equal(ip.user_ns["parts"][1], np.arange(BIG) + 1)  # the notebook's array is untouched
+    # Pooled segments are reused, not piled up: at most a few per worker.
+    assert len(our_segments("p")) <= 8
+
+
+def test_array_results_come_back_whole_and_writable(ip, local_pool):
+    run(ip, f"def make(k):\n    return np.full({BIG}, k, dtype=np.float64)")
+    run(ip, "import numpy as np")
+    out = run(ip, "%pmap -q make, range(5)")
+    assert [float(a[0]) for a in out] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all(a.shape == (BIG,) and a.flags.writeable for a in out)
+    out[0][:] = 7  # the notebook owns the memory
+    assert float(out[0].sum()) == 7.0 * BIG
+    assert our_segments("g") == []  # result segments are unlinked as soon as they arrive
+
+
+def test_small_arrays_and_mixed_results_still_use_the_pipe(ip, local_pool):
+    run(ip, "def halves(n):\n    return (n, np.ones(n) / 2)")
+    out = run(ip, f"%pmap -q halves, [3, {BIG}, 5]")
+    assert [n for n, _ in out] == [3, BIG, 5]
+    assert [float(a.sum()) for _, a in out] == [1.5, BIG / 2, 2.5]
+
+
+def test_captured_global_array_is_sent_once_and_changes_are_seen(ip, local_pool):
+    run(ip, f"table = np.arange({BIG}, dtype=np.float64)\ndef look(i):\n    return float(table[i])")
+    before = dict(payload_cache.stats)
+    assert run(ip, "%pmap -q look, [0, 5, 9]") == [0.0, 5.0, 9.0]
+    assert run(ip, "%pmap -q look, [1, 2]") == [1.0, 2.0]
+    # The second call found the same bytes: no new payload, no new segment.
+    assert payload_cache.stats["built"] - before["built"] <= 1
+    assert payload_cache.stats["same"] - before["same"] >= 1
+    run(ip, "table[5] = -1.0")  # changed in place
+    assert run(ip, "%pmap -q look, [5]") == [-1.0]
+    run(ip, f"table = np.zeros({BIG})")  # rebound
+    assert run(ip, "%pmap -q look, [5, 6]") == [0.0, 0.0]
+    # A worker sees the captured array read-only too.
+    run(ip, "def poke(i):\n    table[i] = 1.0")
+    with pytest.raises(ValueError, match="read-only"):
+        run(ip, "%pmap -q poke, [0]")
+
+
+def test_cached_payload_sees_every_kind_of_change(ip, local_pool):
+    run(ip, "FACTOR = 2\ndef helper(x):\n    return x * FACTOR\ndef f(x):\n    return helper(x) + 1")
+    assert run(ip, "%pmap -q f, range(3)") == [1, 3, 5]
+    fast = payload_cache.stats["fast"]
+    assert run(ip, "%pmap -q f, range(3)") == [1, 3, 5]
+    assert payload_cache.stats["fast"] == fast + 1  # nothing changed: not even re-pickled
+    run(ip, "FACTOR = 10")  # a global of a function it calls
+    assert run(ip, "%pmap -q f, range(3)") == [1, 11, 21]
+    run(ip, "def helper(x):\n    return -x")  # the called function redefined
+    assert run(ip, "%pmap -q f, range(3)") == [1, 0, -1]
+    # A mutable global changed in place (identity unchanged) is seen too.
+    run(ip, "WEIGHTS = [1, 2]\ndef g(x):\n    return x * sum(WEIGHTS)")
+    assert run(ip, "%pmap -q g, [1]") == [3]
+    run(ip, "WEIGHTS.append(10)")
+    assert run(ip, "%pmap -q g, [1]") == [13]
+    # Closures and defaults.
+    run(ip, "def make(k):\n    def h(x, d=(1,)):\n        return x + k + d[0]\n    return h\nh = make(5)")
+    assert run(ip, "%pmap -q h, [0]") == [6]
+    run(ip, "h = make(7)")
+    assert run(ip, "%pmap -q h, [0]") == [8]
+
+
+def test_lazy_input_is_consumed_while_results_come_back(ip, local_pool):
+    # Each item records when the notebook pulled it; each result when a worker ran it.
+    run(
+        ip,
+        "import time\n"
+        "pulled = []\n"
+        "def items(n):\n    for i in range(n):\n        pulled.append(time.monotonic())\n        yield i\n"
+        "def stamp(i):\n    return time.monotonic()",
+    )
+    ran = run(ip, "%pmap -q stamp, items(3000)")
+    pulled = ip.user_ns["pulled"]
+    assert len(ran) == len(pulled) == 3000
+    # Not materialised up front: the last item was pulled after the first one ran.
+    assert pulled[-1] > ran[0]
+
+
+def test_large_generator_gives_all_results_in_order(ip, local_pool):
+    out = run(ip, "%pmap -q lambda x: x % 7, (i for i in range(300_000))")
+    assert len(out) == 300_000 and out[:8] == [0, 1, 2, 3, 4, 5, 6, 0] and out[-1] == 299_999 % 7
+
+
+def test_generator_that_raises_midway(ip, local_pool):
+    run(
+        ip,
+        "def bad_items():\n    for i in range(1000):\n        if i == 600:\n"
+        "            raise KeyError('item source broke at 600')\n        yield np.ones(1000) * i\n",
+    )
+    with pytest.raises(KeyError, match="broke at 600"):
+        run(ip, "%pmap -q lambda a: float(a[0]), bad_items()")
+    assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]  # the pool is still usable
+
+
+def test_no_segment_is_left_after_the_pool_stops(ip):
+    run(ip, f"arrs = [np.ones({BIG}) * k for k in range(4)]\ndef ident(a):\n    return a")
+    out = run(ip, "%pmap -q ident, arrs")
+    assert [float(a[0]) for a in out] == [0.0, 1.0, 2.0, 3.0]
+    run(ip, "def cap(i):\n    return float(arrs[i][0])")
+    assert run(ip, "%pmap -q cap, [3]") == [3.0]
+    assert our_segments()  # pooled item segments and the captured copy are kept for reuse
+    mpmagic.stop_pool()
+    assert our_segments() == []
+    assert run(ip, "%pmap -q cap, [2]") == [2.0]  # a new pool builds what it needs again
+    mpmagic.stop_pool()
+    assert our_segments() == []
