@@ -1,0 +1,463 @@
+"""Issue 5: crashes, timeouts, what cannot be sent, bad input, long sessions and
+security, through an in-process notebook-like shell (``ip`` from conftest).
+
+Interrupts and the death of the kernel itself need a real kernel: they are in
+tests/test_kernel.py. docs/reliability.md maps each guarantee to its test.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import socket
+import time
+
+import psutil
+import pytest
+from conftest import run
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.utils.capture import capture_output
+
+import mpmagic
+from mpmagic import pool as pool_module
+
+# Long sessions: the full counts of issue 5 (2,000 %pmap calls, 200 %%parallel
+# cells) on the default start method; fewer on the others unless MPMAGIC_LONG=1.
+LONG = os.environ.get("MPMAGIC_LONG") == "1"
+
+
+def session_counts(method: str) -> tuple[int, int]:
+    return (2000, 200) if LONG or method == "forkserver" else (400, 60)
+
+CRASHERS = """
+import ctypes, os, signal, time
+
+def exits(x):
+    if x == 5:
+        os._exit(7)
+    return x * 10
+
+def sigkilled(x):                 # what the kernel's OOM killer does
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 10
+
+def segfaults(x):
+    if x == 5:
+        ctypes.string_at(0)       # reads address 0: SIGSEGV in C
+    return x * 10
+
+def out_of_memory(x):
+    if x == 5:
+        bytearray(1 << 50)        # a petabyte: MemoryError
+    return x * 10
+"""
+
+DEATHS = {
+    "exits": ("exited unexpectedly with exit code 7",),
+    "sigkilled": ("killed by SIGKILL", "possibly out of memory"),
+    "segfaults": ("killed by SIGSEGV", "segmentation fault"),
+}
+
+
+@pytest.fixture
+def pool2(local_pool):
+    """The 2-worker pool of this test's start method, every worker ready."""
+    local_pool.wait_ready()
+    return local_pool
+
+
+def pids(backend) -> set[int]:
+    return {s.pid for s in backend.slots}
+
+
+def assert_healed(ip, backend) -> None:
+    """Two live workers again, and the next run works."""
+    backend.wait_ready(timeout=30)
+    status = mpmagic.pool_status().info
+    assert len(status["processes"]) == 2
+    assert all(p["alive"] and not p["busy"] for p in status["processes"])
+    assert run(ip, "%pmap -q lambda x: x + 1, range(6)") == [1, 2, 3, 4, 5, 6]
+
+
+# -- 1. worker death ------------------------------------------------------
+
+
+@pytest.mark.parametrize("func", sorted(DEATHS))
+def test_worker_death_in_pmap_names_item_and_signal(ip, pool2, func):
+    run(ip, CRASHERS)
+    before = pids(pool2)
+    t0 = time.monotonic()
+    with capture_output():
+        result = ip.run_cell(f"%pmap -q --chunksize 4 {func}, range(8)", store_history=False)
+    elapsed = time.monotonic() - t0
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.WorkerLostError), err
+    assert elapsed < 1.0, f"the error took {elapsed:.2f} s"
+    text = str(err)
+    # Chunks of 4: the worker ran items 4-7, and the error names item 5 alone.
+    assert "item 5 (5)" in text and "items 4-7" not in text
+    for words in DEATHS[func]:
+        assert words in text
+    assert "the pool replaced it" in text
+    assert pids(pool2) != before
+    assert_healed(ip, pool2)
+
+
+@pytest.mark.parametrize("func", [*sorted(DEATHS), "out_of_memory"])
+def test_worker_death_collect_keeps_computed_results(ip, pool2, func):
+    run(ip, CRASHERS)
+    with capture_output():
+        results = run(ip, f"%pmap -q --chunksize 4 --errors collect {func}, range(8)")
+    failed = [r for r in results if isinstance(r, mpmagic.Failed)]
+    # Only item 5 failed; every other item's result is there, in input order,
+    # including 4, 6 and 7, which shared its chunk and died with its worker.
+    assert [f.index for f in failed] == [5]
+    assert [r for r in results if not isinstance(r, mpmagic.Failed)] == [0, 10, 20, 30, 40, 60, 70]
+    assert failed[0].item == 5
+    expected = mpmagic.WorkerLostError if func in DEATHS else MemoryError
+    assert isinstance(failed[0].error, expected)
+    # Rerun only what failed, with a fixed function.
+    ip.user_ns["retry"] = [f.item for f in failed]
+    assert run(ip, "%pmap -q lambda x: x * 10, retry") == [50]
+    assert_healed(ip, pool2)
+
+
+def test_memory_error_comes_back_as_memory_error(ip, pool2):
+    run(ip, CRASHERS)
+    with capture_output():
+        result = ip.run_cell("%pmap -q out_of_memory, range(8)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, MemoryError)
+    assert "item 5" in "\n".join(getattr(err, "__notes__", []))
+    assert_healed(ip, pool2)
+
+
+@pytest.mark.parametrize("func", ["exits", "segfaults"])
+def test_worker_death_in_parallel_names_rank(ip, pool2, func):
+    run(ip, CRASHERS)
+    cell = f"%%parallel -n 2 -q\nif rank == 1:\n    {func}(5)\nrank * 100\n"
+    t0 = time.monotonic()
+    with capture_output() as cap:
+        result = ip.run_cell(cell, store_history=False)
+    elapsed = time.monotonic() - t0
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.ParallelError), err
+    assert elapsed < 1.0, f"the error took {elapsed:.2f} s"
+    assert set(err.failures) == {1}
+    lost = err.failures[1]
+    assert isinstance(lost, mpmagic.WorkerLostError)
+    assert "rank 1" in str(lost)
+    assert DEATHS[func][0] in str(lost)
+    assert "[rank 1]" in cap.stderr
+    assert err.values == {0: 0}  # rank 0's value is not lost
+    assert_healed(ip, pool2)
+
+
+# -- 3. timeouts ----------------------------------------------------------
+
+
+def test_pmap_timeout_kills_the_stuck_item_and_replaces_its_worker(ip, pool2):
+    run(ip, "import time\ndef stuck(x):\n    if x == 3:\n        time.sleep(60)\n    return x\n")
+    replaced = pool2.workers_replaced
+    t0 = time.monotonic()
+    with capture_output():
+        result = ip.run_cell("%pmap -q --timeout 0.5 stuck, range(6)", store_history=False)
+    elapsed = time.monotonic() - t0
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.TaskTimeoutError), err
+    assert "item 3 (3)" in str(err) and "timeout of 0.5 s" in str(err)
+    assert elapsed < 3.0
+    assert pool2.workers_replaced > replaced
+    with capture_output():
+        results = run(ip, "%pmap -q --timeout 0.5 --errors collect stuck, range(6)")
+    assert [r for r in results if not isinstance(r, mpmagic.Failed)] == [0, 1, 2, 4, 5]
+    assert isinstance(results[3], mpmagic.Failed) and isinstance(results[3].error, TimeoutError)
+    assert_healed(ip, pool2)
+
+
+def test_pmap_timeout_with_chunks_blames_the_item(ip, pool2):
+    run(ip, "import time\ndef stuck(x):\n    if x == 3:\n        time.sleep(60)\n    return x\n")
+    with capture_output():
+        results = run(ip, "%pmap -q --timeout 1 --chunksize 3 --errors collect stuck, range(6)")
+    assert [r for r in results if not isinstance(r, mpmagic.Failed)] == [0, 1, 2, 4, 5]
+    assert "item 3 (3)" in str(results[3].error)
+
+
+def test_parallel_timeout_stops_the_stuck_rank(ip, pool2):
+    t0 = time.monotonic()
+    with capture_output() as cap:
+        result = ip.run_cell(
+            "%%parallel -n 2 -q --timeout 0.5\nimport time\nprint('started')\n"
+            "if rank == 1:\n    time.sleep(60)\nrank\n",
+            store_history=False,
+        )
+    elapsed = time.monotonic() - t0
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.ParallelError)
+    assert set(err.failures) == {1}
+    assert isinstance(err.failures[1], mpmagic.TaskTimeoutError)
+    assert "rank 1 ran past the timeout of 0.5 s" in str(err.failures[1])
+    assert err.values == {0: 0}
+    assert "[rank 1] started" in cap.stdout  # its output before the timeout is kept
+    assert elapsed < 3.0
+    assert_healed(ip, pool2)
+
+
+# -- 5. what cannot be sent -------------------------------------------------
+
+UNSENDABLE = """
+import io, socket, sqlite3, threading
+lock = threading.Lock()
+def with_lock(x):
+    with lock:
+        return x
+log = open(os.devnull, "w")
+def with_file(x):
+    log.write(str(x))
+    return x
+sock = socket.socket()
+def with_socket(x):
+    return sock.fileno() + x
+conn = sqlite3.connect(":memory:")
+def query(x):
+    return conn.execute("select ?", (x,)).fetchone()[0]
+numbers = (i for i in range(10))
+def with_generator(x):
+    return next(numbers) + x
+class Holder:
+    def __init__(self):
+        self.conn = conn
+holder = Holder()
+def nested(x):
+    return holder.conn.execute("select 1").fetchone()[0]
+def returns_lock(x):
+    return threading.Lock() if x == 2 else x
+def returns_connection(x):
+    return sqlite3.connect(":memory:")
+"""
+
+CANNOT_SEND = [
+    ("with_lock", "`with_lock -> lock` is a _thread.lock", "lock made for processes"),
+    ("with_file", "`with_file -> log` is a _io.TextIOWrapper", "pass the file's path"),
+    ("with_socket", "`with_socket -> sock` is a socket.socket", "open it inside the function"),
+    ("query", "`query -> conn` is a sqlite3.Connection", "open it inside the function"),
+    ("with_generator", "`with_generator -> numbers` is a generator", "list(gen)"),
+    ("nested", "`nested -> holder -> conn` is a sqlite3.Connection", "open it inside the function"),
+]
+
+
+@pytest.fixture
+def unsendable(ip):
+    run(ip, "import os\n" + UNSENDABLE)
+    yield
+    run(ip, "log.close(); sock.close(); conn.close()")
+
+
+@pytest.mark.parametrize("func, path, advice", CANNOT_SEND)
+def test_function_that_cannot_be_sent(ip, pool2, unsendable, func, path, advice):
+    t0 = time.monotonic()
+    with capture_output() as cap:
+        result = ip.run_cell(f"%pmap -q {func}, range(4)", store_history=False)
+    assert time.monotonic() - t0 < 5.0
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.SerializationError), err
+    text = str(err)
+    assert text.startswith("cannot send the function to the workers:")
+    assert path in text, text
+    assert advice in text, text
+    # One clear message in the cell: none of mpmagic's or cloudpickle's frames.
+    shown = cap.stdout + cap.stderr
+    for internal in ("mpmagic/", "cloudpickle", "Traceback"):
+        assert internal not in shown, shown
+
+
+def test_cell_name_that_cannot_be_sent(ip, pool2, unsendable):
+    with capture_output():
+        result = ip.run_cell("%%parallel -n 2 -q\nconn.execute('select 1')\n", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.SerializationError)
+    assert "cannot send conn to the ranks: `conn` is a sqlite3.Connection" in str(err)
+
+
+def test_item_that_cannot_be_sent(ip, pool2, unsendable):
+    with capture_output():
+        result = ip.run_cell("%pmap -q lambda x: x, [1, 2, lock]", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.SerializationError)
+    assert "cannot send item 2" in str(err) and "_thread.lock" in str(err)
+
+
+def test_result_that_cannot_come_back(ip, pool2, unsendable):
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q returns_connection, range(3)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.SerializationError)
+    text = str(err)
+    assert "cannot be sent back from the worker" in text
+    assert "`result` is a sqlite3.Connection" in text and "Return plain data" in text
+    assert "worker.py" not in cap.stdout + cap.stderr
+    # --errors collect: only the result that cannot travel is a failure.
+    with capture_output():
+        results = run(ip, "%pmap -q --chunksize 4 --errors collect returns_lock, range(4)")
+    assert results[:2] == [0, 1] and results[3] == 3
+    assert isinstance(results[2], mpmagic.Failed)
+    assert "_thread.lock" in str(results[2].error)
+    # A cell whose last value cannot come back says so by rank.
+    with capture_output():
+        result = ip.run_cell("%%parallel -n 2 -q\nthreading.Lock()\n", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.ParallelError) and set(err.failures) == {0, 1}
+    assert "`the cell's last value` is a _thread.lock" in str(err.failures[0])
+    assert_healed(ip, pool2)
+
+
+# -- 6. bad input to the magics -------------------------------------------
+
+BAD_INPUT = [
+    ("%pmap --bogus abs, range(3)", "unrecognized arguments: --bogus"),
+    ("%pmap", "missing FUNC and ITERABLE"),
+    ("%pmap -q", "missing FUNC and ITERABLE"),
+    ("%pmap abs", "missing ITERABLE after FUNC"),
+    ("%pmap 42, range(3)", "must be a function to map, not int 42"),
+    ("%pmap abs, 5", "argument 2 of map must be iterable, not int 5"),
+    ("%pmap abs, range(3", "is not an argument list like map()'s"),
+    ("%pmap -n 0 abs, range(3)", "-n/--workers: must be at least 1, not 0"),
+    ("%pmap -n -3 abs, range(3)", "-n/--workers: must be at least 1, not -3"),
+    ("%pmap -n many abs, range(3)", "'many' is not a whole number"),
+    ("%pmap -n 100000 abs, range(3)", "100000 is more processes than this machine can run"),
+    ("%pmap --timeout -1 abs, range(3)", "--timeout: must be greater than 0"),
+    ("%pmap --retries -2 abs, range(3)", "--retries: must be 0 or more"),
+    ("%pmap --errors ignore abs, range(3)", "invalid choice: 'ignore'"),
+    ("%%parallel -n 0\nrank", "-n/--workers: must be at least 1, not 0"),
+    ("%%parallel -n -3\nrank", "-n/--workers: must be at least 1, not -3"),
+    ("%%parallel -n 100000\nrank", "100000 is more ranks than this machine can run"),
+    ("%%parallel --bogus\nrank", "unrecognized arguments: --bogus"),
+    ("%%parallel\nrank +", "the cell has a syntax error on line 1"),
+    ("%%parallel --reduce 42\nrank", "--reduce needs a function"),
+    ("%pool start --start-method nope", "invalid choice: 'nope'"),
+    ("%pool start -n 0", "must be at least 1, not 0"),
+    ("%pool start -n 100000", "100000 is more processes than this machine can run"),
+    ("%pool resize 0", "must be at least 1, not 0"),
+    ("%pool resize many", "'many' is not a whole number"),
+    ("%pool frobnicate", "invalid choice: 'frobnicate'"),
+]
+
+
+@pytest.mark.parametrize("cell, what", BAD_INPUT, ids=[c.replace("\n", " ") for c, _ in BAD_INPUT])
+def test_bad_input_gives_a_short_usage_error(ip, pool2, cell, what):
+    before = pids(pool2)
+    with capture_output() as cap:
+        result = ip.run_cell(cell, store_history=False)
+    err = result.error_in_exec or result.error_before_exec
+    assert isinstance(err, IPythonUsageError), repr(err)
+    lines = str(err).splitlines()
+    # What is wrong on the first line, named by its magic; at most a usage line after.
+    assert lines[0].startswith(("%pmap:", "%%parallel:", "%pool:")), lines
+    assert what in lines[0], lines
+    assert len(lines) <= 2 and all(len(line) < 300 for line in lines), lines
+    if len(lines) == 2:
+        assert lines[1].startswith("usage: %")
+    shown = cap.stdout + cap.stderr
+    assert "Traceback" not in shown and "mpmagic/" not in shown, shown
+    # Nothing was started or stopped by a bad line.
+    assert pool_module.get_pool() is pool2 and pids(pool2) == before
+
+
+# -- 7. long sessions -------------------------------------------------------
+
+
+def _usage(backend) -> dict[str, int]:
+    me = psutil.Process()
+    workers = [psutil.Process(s.pid) for s in backend.slots]
+    return {
+        "fds": me.num_fds(),
+        "threads": me.num_threads(),
+        "children": len(me.children(recursive=True)),
+        "rss": me.memory_info().rss,
+        "worker_rss": max(w.memory_info().rss for w in workers),
+        "worker_fds": max(w.num_fds() for w in workers),
+        "worker_threads": max(w.num_threads() for w in workers),
+    }
+
+
+def _assert_no_growth(before: dict[str, int], after: dict[str, int], what: str) -> None:
+    mb = 2**20
+    assert after["fds"] <= before["fds"] + 2, (what, before, after)
+    assert after["threads"] <= before["threads"] + 1, (what, before, after)
+    assert after["children"] <= before["children"], (what, before, after)
+    assert after["worker_fds"] <= before["worker_fds"] + 2, (what, before, after)
+    assert after["worker_threads"] <= before["worker_threads"], (what, before, after)
+    assert after["rss"] - before["rss"] < 25 * mb, (what, before, after)
+    assert after["worker_rss"] - before["worker_rss"] < 10 * mb, (what, before, after)
+
+
+def test_long_session_pmap_and_parallel(ip, pool2, method):
+    n_pmap, n_parallel = session_counts(method)
+    run(ip, "def tiny(x):\n    return x + 1\n")
+    ip.user_ns["some"] = list(range(20))
+    for _ in range(30):  # warm up caches, imports, linecache entries
+        run(ip, "%pmap -q tiny, some")
+        run(ip, "%%parallel -n 2 -q\nrank + size\n")
+    gc.collect()
+    before = _usage(pool2)
+    worker_pids = pids(pool2)
+    for i in range(n_pmap):
+        assert run(ip, "%pmap -q tiny, some")[-1] == 20, i
+    gc.collect()
+    after_pmap = _usage(pool2)
+    _assert_no_growth(before, after_pmap, f"{n_pmap} %pmap calls")
+    for i in range(n_parallel):
+        assert run(ip, "%%parallel -n 2 -q\nrank + size\n") == [2, 3], i
+    gc.collect()
+    _assert_no_growth(before, _usage(pool2), f"{n_parallel} %%parallel cells")
+    assert pids(pool2) == worker_pids  # the same warm workers served every call
+
+
+def test_max_tasks_per_child_recycles_a_leaking_worker(ip):
+    run(ip, "%pool start -n 1 --max-tasks-per-child 4")
+    backend = pool_module.get_pool()
+    try:
+        run(
+            ip,
+            "import os\n_hoard = []\n"
+            "def leaks(x):\n"
+            "    _hoard.append(bytearray(8 << 20))   # 8 MB that is never freed\n"
+            "    return os.getpid(), sum(len(b) for b in _hoard) >> 20\n",
+        )
+        with capture_output():
+            out = run(ip, "%pmap -q --chunksize 1 leaks, range(12)")
+        seen_pids = {pid for pid, _ in out}
+        held_mb = [mb for _, mb in out]
+        # Every 4 items the worker is replaced, so what it holds never passes 32 MB.
+        assert len(seen_pids) >= 3, out
+        assert max(held_mb) <= 32, out
+        assert "max tasks per child: 4" in str(mpmagic.pool_status())
+    finally:
+        mpmagic.use_local(2, backend.start_method)
+
+
+# -- 8. security --------------------------------------------------------------
+
+
+def test_workers_are_reached_only_through_pipes(ip, pool2):
+    run(ip, "%pmap -q abs, range(4)")
+    for slot in pool2.slots:
+        proc = psutil.Process(slot.pid)
+        # A worker has no network socket at all, listening or not.
+        assert proc.net_connections(kind="inet") == [], proc.net_connections(kind="inet")
+        # The notebook's end of its channel is a Unix socketpair, not TCP.
+        sock = socket.socket(fileno=os.dup(slot.conn.fileno()))
+        try:
+            assert sock.family == socket.AF_UNIX
+        finally:
+            sock.close()
+    # Nor does the forkserver / resource tracker that starts them listen on a port.
+    for child in psutil.Process().children():
+        try:
+            cmd = " ".join(child.cmdline())
+            conns = child.net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        if "forkserver" in cmd or "resource_tracker" in cmd:
+            assert conns == [], (cmd, conns)
