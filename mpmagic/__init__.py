@@ -56,7 +56,7 @@ __all__ = [
 
 
 def load_ipython_extension(ipython: Any) -> None:
-    """``%load_ext mpmagic``: register the magics (the pool starts on first use)."""
+    """``%load_ext mpmagic``: register the magics and start the pool in the background."""
     from . import config
     from .magics import MPMagics
 
@@ -71,6 +71,38 @@ def unload_ipython_extension(ipython: Any) -> None:
     pool.shutdown()
     config.unregister(ipython)
     magics = ipython.magics_manager.magics
+    _prestart_pool()
+
+
+def _prestart_pool() -> None:
+    """Start the local pool in a background thread, so the first ``%pmap`` finds it warm.
+
+    The load returns at once. Skipped when ``MPMAGIC_PRESTART=0``, or when
+    ``__main__`` is a script's (starting a child would then have to hide it,
+    which is not safe while the user's code runs).
+    """
+    import os
+    import threading
+
+    from . import pool
+    from .backends.local import LocalBackend, can_start_in_background
+
+    if os.environ.get("MPMAGIC_PRESTART", "1") == "0" or not can_start_in_background():
+        return
+    backend = pool.get_pool()
+    if isinstance(backend, LocalBackend) and not backend.running:
+        threading.Thread(target=_start_if_current, args=(backend,), daemon=True, name="mpmagic-prestart").start()
+
+
+def _start_if_current(backend: Any) -> None:
+    from . import pool
+
+    try:
+        with pool._lock:  # not if it was stopped or replaced meanwhile
+            if pool.current_pool() is backend and not backend.running:
+                backend.start()
+    except Exception:
+        pass  # the first call starts it again and reports what is wrong
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)

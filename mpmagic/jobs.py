@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import payload
+from . import payload, payload_cache, shm
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
@@ -96,6 +96,7 @@ class Unit:
     data: bytes
     items: list = field(default_factory=list)
     attempts: int = 0
+    lease: Any = None  # shared-memory segments holding its large buffers (shm.Lease)
 
 
 class MapJob:
@@ -118,11 +119,17 @@ class MapJob:
         out: Callable[[str, str], None] | None = None,
         progress: Callable[[int], None] | None = None,
         insights: Any = None,
+        shared_memory: bool = False,
     ) -> None:
         self.call_id = next(_call_ids)
         self.func = func
-        self.func_payload = func_payload or payload.dumps_function(func)
-        self.func_key = payload.payload_key(self.func_payload)
+        # Large buffers (numpy arrays) go through shared memory: only for
+        # workers on this machine (the backend says so: ``shares_memory``).
+        self.shared_memory = shared_memory and shm.ENABLED
+        if func_payload is not None:
+            self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
+        else:  # reused from the last call when nothing it captures changed
+            self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
         self.star = star
         self.collect = collect
         self.timeout = timeout
@@ -173,7 +180,9 @@ class MapJob:
                 self.exhausted = True
             if not items:
                 return None
-            unit = Unit(self._next_id, self._next_start, len(items), self._pack(items), items)
+            lease = shm.Lease() if self.shared_memory else None
+            unit = Unit(self._next_id, self._next_start, len(items), self._pack(items, lease), items, lease=lease)
+            self.planner.note_bytes(len(items), len(unit.data) + (lease.nbytes if lease else 0))
             self._next_id += 1
             self._next_start += len(items)
             self.planner.note_sent(len(items))
@@ -182,8 +191,10 @@ class MapJob:
         self.outstanding[unit.id] = unit
         return unit
 
-    def _pack(self, items: list) -> bytes:
+    def _pack(self, items: list, lease: Any = None) -> bytes:
         try:
+            if lease is not None:
+                return shm.dumps_lent(items, lease, payload.dumps_data)
             return payload.dumps_data(items)
         except Exception:
             for i, item in enumerate(items):
@@ -237,6 +248,8 @@ class MapJob:
             self.slowest_where = f"item {unit.start}" if unit.count == 1 else f"the chunk of items {unit.start}-{last}"
         unit.items = []
         unit.data = b""
+        if unit.lease is not None:  # its segments serve the next chunks
+            unit.lease.release()
         if self._progress:
             self._progress(unit.count)
 
@@ -306,6 +319,15 @@ class MapJob:
         """A unit that was queued behind a lost one goes out again."""
         self.outstanding.pop(unit.id, None)
         self._requeued.appendleft(unit)
+
+    def release_shared(self) -> None:
+        """The run is over (done, failed or interrupted): give back every segment.
+
+        The backend calls this once no worker can still read this job's chunks.
+        """
+        for unit in [*self.outstanding.values(), *self._requeued]:
+            if unit.lease is not None:
+                unit.lease.release()
 
     def output(self, tag: Any, stream: str, text: str) -> None:
         self._out(stream, text)

@@ -34,7 +34,7 @@ import traceback
 from collections import OrderedDict
 from typing import Any
 
-from . import payload
+from . import payload, shm
 from .errors import SerializationError, extract_frames
 
 _CACHE_SIZE = 16  # function payloads kept per worker
@@ -226,6 +226,7 @@ class _Worker:
         self.worker_id = worker_id
         self.position = position  # see run_items
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
+        self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.out = _StreamToParent(self.channel, "stdout")
         self.err = _StreamToParent(self.channel, "stderr")
@@ -256,14 +257,30 @@ class _Worker:
                 self.run_map(*msg[1:])
             elif kind == "cell":
                 self.run_cell(*msg[1:])
+            elif kind == "unmap":
+                self.unmap(msg[1])
 
     def load_function(self, key: bytes, data: bytes) -> None:
+        shm.opened()
         try:
             self.funcs[key] = payload.loads(data)
         except BaseException as exc:  # reported when the function is used
             self.funcs[key] = ErrorInfo(exc)
+        segments = shm.opened()  # captured arrays mapped from shared memory
+        if segments:
+            self.func_segments[key] = segments
         while len(self.funcs) > _CACHE_SIZE:
-            self.funcs.popitem(last=False)
+            old, _ = self.funcs.popitem(last=False)
+            self.func_segments.pop(old, None)
+
+    def unmap(self, names: list) -> None:
+        """The notebook destroyed these segments: drop them and the functions using them."""
+        gone = set(names)
+        for key, segs in list(self.func_segments.items()):
+            if segs & gone:
+                self.funcs.pop(key, None)
+                del self.func_segments[key]
+        shm.forget(names)
 
     def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False) -> None:
         func = self.funcs.get(key)
@@ -294,7 +311,7 @@ class _Worker:
             self._release()
         end = start + (time.perf_counter() - t_run)
         try:
-            data = payload.dumps_data(results)
+            data = shm.dumps_result(results, payload.dumps_data)
         except Exception as exc:
             bad = _first_unpicklable(results)
             info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
@@ -375,4 +392,5 @@ def _first_unpicklable(results: list) -> int | None:
 def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
     """Entry point of a worker process (the target of ``Process``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     _Worker(conn, parent_pid, worker_id, position).serve()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from .. import payload, worker
+from .. import payload, payload_cache, shm, worker
 from ..cpus import available_cpus
 from ..errors import MPMagicError, UsageError, describe_exitcode
 
@@ -95,12 +95,29 @@ def _no_main_module():
     and can run unguarded code. An empty stand-in avoids that.
     """
     real = sys.modules.get("__main__")
+    if _main_is_harmless(real):  # a notebook's __main__: nothing to hide, nothing swapped
+        yield
+        return
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
         yield
     finally:
         if real is not None:
             sys.modules["__main__"] = real
+
+
+def _main_is_harmless(main: Any) -> bool:
+    """Would a child ignore this ``__main__``? True for a notebook's (no file, no spec).
+
+    Then workers can start from a background thread: no swap of
+    ``sys.modules['__main__']`` that the user's code could see meanwhile.
+    """
+    return getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) is None
+
+
+def can_start_in_background() -> bool:
+    """May the pool start in a background thread (at ``%load_ext``)?"""
+    return _main_is_harmless(sys.modules.get("__main__"))
 
 
 @contextmanager
@@ -136,6 +153,7 @@ class LocalBackend:
     """A managed pool of worker processes on this machine."""
 
     name = "local"
+    shares_memory = True  # large arrays may travel through shared memory (shm.py)
 
     def __init__(
         self,
@@ -234,6 +252,12 @@ class LocalBackend:
                 s.proc.close()
             except Exception:
                 pass
+        # No worker maps our segments any more: unlink them all.
+        for s in slots:
+            shm.sweep_worker(s.pid)
+        shm.cleanup()
+        payload_cache.clear()
+        shm.take_unmapped()
 
     def resize(self, workers: int) -> None:
         """Grow or shrink the pool to ``workers`` processes (idle ones stop)."""
@@ -324,6 +348,7 @@ class LocalBackend:
             if workers and workers > self.workers:
                 self.resize(workers)
             self._limit = workers
+        self._send_unmaps()
         try:
             self._loop(job)
         except BaseException:
@@ -331,6 +356,9 @@ class LocalBackend:
                 self._abandon(job)
             raise
         finally:
+            if hasattr(job, "release_shared"):  # no worker reads its chunks any more
+                job.release_shared()
+            self._send_unmaps()
             if job.kind == "cell":
                 for s in [s for s in self.slots if s.temporary and not s.busy]:
                     self._retire(s)
@@ -452,11 +480,11 @@ class LocalBackend:
             return
         # A reply: it answers the oldest unit in flight on this worker.
         if not slot.inflight or slot.inflight[0][1].id != tag or slot.inflight[0][0] != call:
-            return  # a reply for a unit we already gave up on
+            return _discard(msg)  # a reply for a unit we already gave up on
         _, unit = slot.inflight.popleft()
         slot.deadline = time.monotonic() + job.timeout if (current and job.timeout and slot.inflight) else None
         if not current:
-            return
+            return _discard(msg)
         if kind == "done":
             slot.tasks += unit.count
             self.tasks_run += unit.count
@@ -474,9 +502,22 @@ class LocalBackend:
             slot.known.discard(msg[3])
             job.requeue(unit)
 
+    def _send_unmaps(self) -> None:
+        """Tell every worker which shared-memory segments the notebook destroyed."""
+        names = shm.take_unmapped()
+        if not names:
+            return
+        msg = pickle.dumps(("unmap", names), payload.PROTOCOL)
+        for slot in self.slots:
+            try:
+                slot.conn.send_bytes(msg)
+            except OSError:
+                pass  # a dead worker: its mappings went with it
+
     def _lost(self, slot: _Slot, job) -> None:
         """A worker died: blame its running unit, send the queued ones again."""
         slot.proc.join(0.1)
+        shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
         inflight = list(slot.inflight)
@@ -548,6 +589,15 @@ def _position(slot: _Slot) -> int | None:
     return value if value >= 0 else None
 
 
+def _discard(msg: tuple) -> None:
+    """Drop a stale reply; results it left in shared memory are unlinked."""
+    if msg[0] == "done" and len(msg) > 3 and isinstance(msg[3], bytes):
+        try:
+            payload.loads(msg[3])
+        except Exception:
+            pass
+
+
 def _reap_later(proc) -> None:
     """Collect a stopped process's exit status without blocking the notebook."""
 
@@ -556,5 +606,6 @@ def _reap_later(proc) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
+        shm.sweep_worker(proc.pid)  # results it made but never handed over
 
     threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()
