@@ -690,10 +690,10 @@ class _DaskRun:
                     task.started, task.worker = time.monotonic(), ev.get("worker")
         tasks = list(self.tasks.values())
         self.tasks.clear()
+        running = [t for t in tasks if t.started is not None and not t.future.done()]
         self._cancel([t.future for t in tasks])
         if not interrupted:
             return
-        running = [t for t in tasks if t.started is not None and not t.future.done()]
         queued = len(tasks) - len(running)
         msg = f"mpmagic: interrupted; cancelled {queued} queued Dask task{'s' if queued != 1 else ''}"
         if running:

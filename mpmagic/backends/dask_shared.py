@@ -19,7 +19,9 @@ shared with the notebook, which a cluster does not have: they raise a
 from __future__ import annotations
 
 import queue as std_queue
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from .. import payload
@@ -52,21 +54,38 @@ class DaskQueue:
 
     ``put(obj)`` / ``get()`` as ``queue.Queue`` and ``multiprocessing.Queue``:
     ``get(timeout=...)`` raises ``queue.Empty``, ``put`` on a full bounded
-    queue raises ``queue.Full``. Items go through the scheduler: keep them
-    small (for big data, put a path or a scattered future's key instead).
+    queue raises ``queue.Full``. As with the local ``mpmagic.Queue``,
+    ``close()`` ends the stream (after ``producers`` calls): then ``get`` on
+    the drained queue raises :class:`~mpmagic.shared.QueueClosed` and
+    ``for item in q:`` stops. Items go through the scheduler: keep them small
+    (for big data, put a file path instead).
     """
 
-    def __init__(self, maxsize: int = 0, *, name: str | None = None, client: Any = None) -> None:
+    _SLICE = 0.25  # seconds a blocking get waits before checking for close()
+
+    def __init__(
+        self,
+        maxsize: int = 0,
+        *,
+        producers: int = 1,
+        capacity: int | None = None,
+        name: str | None = None,
+        client: Any = None,
+    ) -> None:
+        for what, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"mpmagic.Queue: {what} must be a whole number of at least {low}, not {value!r}")
+        self._setup(name or f"mpmagic-queue-{uuid.uuid4().hex}", maxsize, producers, client)
+
+    def _setup(self, name: str, maxsize: int, producers: int, client: Any) -> None:
         from distributed import Queue
 
-        if not isinstance(maxsize, int) or maxsize < 0:
-            raise UsageError(f"maxsize must be a whole number of at least 0, not {maxsize!r}")
-        self.maxsize = maxsize
-        self._q = Queue(name=name or f"mpmagic-queue-{uuid.uuid4().hex}", client=client, maxsize=maxsize)
-        self.name = self._q.name
+        self.name, self.maxsize, self.producers = name, maxsize, producers
+        self._q = Queue(name=name, client=client, maxsize=maxsize)
+        self._closes = Queue(name=name + "-closes", client=client)
 
     def __reduce__(self) -> tuple:
-        return _rebuild_queue, (self.name, self.maxsize)
+        return _rebuild_queue, (self.name, self.maxsize, self.producers)
 
     def __repr__(self) -> str:
         return f"<mpmagic.Queue on Dask {self.name!r}>"
@@ -80,18 +99,38 @@ class DaskQueue:
             raise std_queue.Full from None
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Remove and return the first item; wait for one (or raise queue.Empty)."""
-        try:
-            data = self._q.get(timeout=_wait_for(block, timeout))
-        except TimeoutError:
-            raise std_queue.Empty from None
-        return payload.loads(data)
+        """Remove and return the first item; wait for one (or raise queue.Empty,
+        or :class:`~mpmagic.shared.QueueClosed` once closed and drained)."""
+        limit = _wait_for(block, timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            left = self._SLICE if deadline is None else min(self._SLICE, max(0.0, deadline - time.monotonic()))
+            try:
+                return payload.loads(self._q.get(timeout=left))
+            except TimeoutError:
+                pass
+            if self.closed and self.qsize() == 0:
+                from ..shared import QueueClosed
+
+                raise QueueClosed(f"{self!r} is closed and every item has been taken")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise std_queue.Empty
 
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, block=False)
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Items until the queue is closed and drained (safe with several consumers)."""
+        from ..shared import QueueClosed
+
+        while True:
+            try:
+                yield self.get()
+            except QueueClosed:
+                return
 
     def qsize(self) -> int:
         """Items waiting now (exact: the scheduler holds them)."""
@@ -104,19 +143,21 @@ class DaskQueue:
         return bool(self.maxsize) and self.qsize() >= self.maxsize
 
     def close(self) -> None:
-        """Nothing to release per process (kept for ``multiprocessing.Queue`` code)."""
+        """End of stream from this producer, after the items it has put."""
+        self._closes.put(1)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (by every producer, if several)."""
+        return int(self._closes.qsize()) >= self.producers
 
     def join_thread(self) -> None:
         """Nothing to join (kept for ``multiprocessing.Queue`` code)."""
 
 
-def _rebuild_queue(name: str, maxsize: int) -> DaskQueue:
+def _rebuild_queue(name: str, maxsize: int, producers: int = 1) -> DaskQueue:
     q = DaskQueue.__new__(DaskQueue)
-    from distributed import Queue
-
-    q.maxsize = maxsize
-    q._q = Queue(name=name, client=_client_here(), maxsize=maxsize)
-    q.name = name
+    q._setup(name, maxsize, producers, _client_here())
     return q
 
 
@@ -232,10 +273,10 @@ def make_shared(client: Any, kind: str, *args: Any, **kwargs: Any) -> Any:
     name = kind.capitalize() if kind.islower() else kind
     if name == "Queue":
         return DaskQueue(*args, client=client, **kwargs)
-    if name in ("Lock", "RLock"):
-        if name == "RLock":
-            raise UsageError("mpmagic.RLock is not available on Dask (Dask's lock is not re-entrant): use mpmagic.Lock")
+    if name == "Lock":
         return DaskLock(client=client, **kwargs)
+    if name == "Rlock" or kind == "RLock":
+        raise UsageError("mpmagic.RLock is not available on Dask (Dask's lock is not re-entrant): use mpmagic.Lock")
     if name == "Event":
         return DaskEvent(client=client, **kwargs)
     if name in ("Value", "Array", "RawValue", "RawArray"):

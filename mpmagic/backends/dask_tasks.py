@@ -47,6 +47,7 @@ class _TaskOutput:
     def __init__(self, topic: str | None, tag: Any) -> None:
         self.topic = topic
         self.tag = tag
+        self.worker = _current_worker()  # the flusher thread has no worker context
         self.buf: dict[str, list[str]] = {"stdout": [], "stderr": []}
         self.last = time.monotonic()
         self.streamed = 0
@@ -65,11 +66,18 @@ class _TaskOutput:
             if not cut:
                 continue
             self.buf[stream] = [text[cut:]] if cut < len(text) else []
-            if _log_event(self.topic, {"tag": self.tag, "stream": stream, "text": text[:cut]}):
+            if _log_event(self.topic, {"tag": self.tag, "stream": stream, "text": text[:cut]}, self.worker):
                 self.streamed += 1
             else:  # not in a Dask worker: keep it for the reply
                 self.buf[stream].insert(0, text[:cut])
         self.last = time.monotonic()
+
+    def flush_due(self) -> None:
+        """Stream complete lines that waited out the rate limit (flusher thread)."""
+        with self.lock:
+            if self.topic and time.monotonic() - self.last > _FLUSH_INTERVAL:
+                if any("\n" in part for parts in self.buf.values() for part in parts):
+                    self._stream_lines()
 
     def rest(self) -> list[tuple[str, str]]:
         """What was not streamed yet, to travel home with the result."""
@@ -118,9 +126,29 @@ class _ThreadRouter(io.TextIOBase):
 _install_lock = threading.Lock()
 
 
+_flusher: threading.Thread | None = None
+
+
+def _flush_loop() -> None:
+    """Stream lines a task printed and then went quiet after (a long computation)."""
+    while True:
+        time.sleep(_FLUSH_INTERVAL)
+        router = sys.stdout
+        if isinstance(router, _ThreadRouter):
+            for output in list(router.captures.values()):
+                try:
+                    output.flush_due()
+                except Exception:
+                    pass
+
+
 def _routers() -> tuple[_ThreadRouter, _ThreadRouter]:
     """Install the routers once per process (again if someone replaced them)."""
+    global _flusher
     with _install_lock:
+        if _flusher is None:
+            _flusher = threading.Thread(target=_flush_loop, name="mpmagic-output", daemon=True)
+            _flusher.start()
         if not isinstance(sys.stdout, _ThreadRouter):
             sys.stdout = _ThreadRouter("stdout", sys.stdout)
         if not isinstance(sys.stderr, _ThreadRouter):
@@ -147,13 +175,21 @@ class _capture:
             r.captures.pop(ident, None)
 
 
-def _log_event(topic: str | None, msg: dict) -> bool:
-    if not topic:
-        return False
+def _current_worker() -> Any:
     try:
         from distributed import get_worker
 
-        get_worker().log_event(topic, msg)
+        return get_worker()
+    except Exception:
+        return None
+
+
+def _log_event(topic: str | None, msg: dict, worker: Any = None) -> bool:
+    worker = worker or _current_worker()
+    if not topic or worker is None:
+        return False
+    try:
+        worker.log_event(topic, msg)
         return True
     except Exception:
         return False

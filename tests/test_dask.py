@@ -1,0 +1,306 @@
+"""The Dask backend against a real ``dask scheduler`` and ``dask worker``
+processes on 127.0.0.1 (the ``dask_cluster`` fixture in conftest.py).
+
+The core ``%pmap`` / ``%%parallel`` tests run on Dask too (``BACKENDS``);
+here is what only Dask has: chunked non-pure tasks, workers that die, TLS,
+a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+from conftest import DASK_WORKERS, ensure_pool, run
+from IPython.core.error import UsageError as IPythonUsageError
+
+import mpmagic
+from mpmagic import pool as pool_module
+
+
+@pytest.fixture
+def dask_pool(dask_cluster, request):
+    """The session's Dask cluster as the current pool, all workers up."""
+    return ensure_pool("dask", request)
+
+
+def worker_pids(backend) -> dict[str, int]:
+    return backend.client.run(os.getpid)
+
+
+def test_many_tiny_items_go_in_chunks_with_non_pure_keys(ip, dask_pool, tmp_path):
+    res = mpmagic.pmap(lambda x: x + 1, range(100_000))
+    assert res == list(range(1, 100_001))
+    assert mpmagic.last_report().chunks < 500  # chunks, not one task per item
+    # Side effects are not deduplicated: the same call twice runs twice.
+    log = tmp_path / "log"
+    run(ip, f"def touch(x):\n    with open({str(log)!r}, 'a') as f:\n        f.write('x')\n    return x\n")
+    run(ip, "%pmap -q touch, [1, 2, 3]")
+    run(ip, "%pmap -q touch, [1, 2, 3]")
+    assert log.read_text() == "x" * 6
+
+
+def test_function_payload_loaded_once_per_worker(ip, dask_pool, tmp_path):
+    loads = tmp_path / "loads"
+    run(
+        ip,
+        "def _record_load(path):\n"
+        "    with open(path, 'a') as f:\n"
+        "        f.write('L')\n"
+        "    return _LoadCounter(path)\n"
+        "class _LoadCounter:\n"
+        "    def __init__(self, path):\n        self.path = path\n"
+        "    def __reduce__(self):\n        return (_record_load, (self.path,))\n"
+        f"counter = _LoadCounter({str(loads)!r})\n"
+        "def uses_counter(x):\n    return (x, type(counter).__name__)\n",
+    )
+    loads.write_text("")
+    res = run(ip, "%pmap -q --chunksize 1 uses_counter, range(40)")
+    assert res == [(x, "_LoadCounter") for x in range(40)]
+    # 40 tasks, but each worker process loaded the function once at most.
+    assert 1 <= len(loads.read_text()) <= DASK_WORKERS
+
+
+def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool):
+    pids = worker_pids(dask_pool)
+    run(ip, "import time\ndef slow_square(x):\n    time.sleep(0.3)\n    return x * x\n")
+    victim = sorted(pids.values())[0]
+    threading.Timer(0.8, os.kill, (victim, signal.SIGKILL)).start()
+    res = run(ip, "%pmap -q --chunksize 1 slow_square, range(16)")
+    assert res == [x * x for x in range(16)]
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+
+
+def test_items_that_kill_every_worker_are_named_after_dasks_retries(ip, dask_pool):
+    run(
+        ip,
+        "import os, signal, time\n"
+        "def deadly(x):\n"
+        "    if x == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    time.sleep(0.05)\n"
+        "    return x\n",
+    )
+    t0 = time.monotonic()
+    with pytest.raises(mpmagic.WorkerLostError) as info:
+        run(ip, "%pmap -q --chunksize 1 deadly, range(8)")
+    msg = str(info.value)
+    assert "item 5 (5)" in msg and "KilledWorker" in msg
+    assert time.monotonic() - t0 < 60
+    # errors="collect" keeps every other result and puts a Failed in item 5's place.
+    dask_pool.client.wait_for_workers(DASK_WORKERS, timeout=60)
+    res = run(ip, "%pmap -q --chunksize 1 --errors collect deadly, range(8)")
+    assert [r for i, r in enumerate(res) if i != 5] == [0, 1, 2, 3, 4, 6, 7]
+    assert isinstance(res[5], mpmagic.Failed) and isinstance(res[5].error, mpmagic.WorkerLostError)
+
+
+def test_ranks_run_on_distinct_worker_processes(ip, dask_pool):
+    pids = run(ip, f"%%parallel -q -n {DASK_WORKERS}\nimport os\nos.getpid()")
+    assert len(set(pids)) == DASK_WORKERS
+    assert set(pids) == set(worker_pids(dask_pool).values())
+
+
+def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):
+    n = DASK_WORKERS + 1
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, f"%%parallel -q -n {n}\nrank")
+    msg = str(info.value)
+    assert f"-n {n} needs {n} Dask worker processes" in msg and f"has {DASK_WORKERS}" in msg
+
+
+def test_rank_output_is_streamed_while_the_rank_runs(dask_pool, monkeypatch):
+    seen: list[tuple[float, str]] = []
+
+    class Recorder:
+        def write(self, text):
+            seen.append((time.monotonic(), text))
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    mpmagic.parallel("import time\nprint('early', rank)\ntime.sleep(2.5)\nrank", workers=2, namespace={})
+    done = time.monotonic()
+    early = [t for t, text in seen if "early" in text]
+    assert len(early) == 2
+    assert all(t < done - 1.0 for t in early)  # shown while the ranks slept, not at the end
+
+
+def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool, capsys):
+    before = set(worker_pids(dask_pool).values())
+    run(ip, "import time\ndef sleepy(x):\n    time.sleep(30)\n    return x\n")
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    capsys.readouterr()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
+    returned = time.monotonic() - t0
+    assert returned < 1.5 + 2.0  # the interrupt came at 1.5 s; back within 2 s of it
+    err = capsys.readouterr().err
+    assert "interrupted; cancelled" in err and "already running" in err and "%pool restart" in err
+    # %pool restart restarts the worker processes (and with them the stuck tasks).
+    run(ip, "%pool restart")
+    dask_pool.client.wait_for_workers(DASK_WORKERS, timeout=60)
+    after = set(worker_pids(dask_pool).values())
+    assert not before & after
+    assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+
+
+def test_timeout_restarts_the_worker_and_names_the_item(ip, dask_pool):
+    run(ip, "import time\ndef maybe_hang(x):\n    if x == 2:\n        time.sleep(60)\n    return x\n")
+    with pytest.raises(mpmagic.TaskTimeoutError) as info:
+        run(ip, "%pmap -q --timeout 1 maybe_hang, range(4)")
+    assert "item 2 (2)" in str(info.value)
+
+
+def test_pool_status_and_scheduler_file(ip, dask_cluster, dask_pool):
+    status = run(ip, "%pool")
+    text = str(status)
+    assert text.startswith("pool: dask")
+    assert dask_cluster.address in text and f"workers: {DASK_WORKERS}, threads: {DASK_WORKERS}" in text
+    assert text.count("  worker tcp://127.0.0.1:") == DASK_WORKERS
+    assert "<table" in status._repr_html_()
+    run(ip, f"%pool dask --scheduler-file {dask_cluster.scheduler_file}")
+    backend = pool_module.get_pool()
+    assert backend.name == "dask" and backend.client.scheduler.address == dask_cluster.address
+    assert run(ip, "%pmap -q abs, [-3]") == [3]
+    with pytest.raises(IPythonUsageError, match="managed where the cluster runs"):
+        run(ip, "%pool resize 8")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wrong_address_is_a_clear_error_within_the_timeout(dask_pool):
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        mpmagic.use_dask(address, timeout=2)
+    assert time.monotonic() - t0 < 10
+    msg = str(info.value)
+    assert address in msg and "within the timeout of 2 s" in msg and "--timeout" in msg
+    assert pool_module.get_pool() is dask_pool  # the working pool is kept
+
+
+def test_tls_needs_all_certificate_options(tmp_path):
+    with pytest.raises(mpmagic.UsageError, match="--tls-cert FILE --tls-key FILE"):
+        mpmagic.use_dask("tls://127.0.0.1:8786", tls_ca_file=str(tmp_path / "ca.pem"))
+
+
+def test_tls_connection_with_generated_certificates(ip, tmp_path):
+    from dask_cluster import DaskProcesses, make_certificates
+
+    certs = make_certificates(tmp_path)
+    cluster = DaskProcesses(tmp_path, n_commands=1, per_command=1, protocol="tls", tls=certs).start()
+    try:
+        assert cluster.address.startswith("tls://")
+        run(
+            ip,
+            f"%pool dask {cluster.address} --tls-ca-file {certs['ca']} "
+            f"--tls-cert {certs['cert']} --tls-key {certs['key']} --timeout 20",
+        )
+        assert run(ip, "%pmap -q lambda x: x * 2, range(5)") == [0, 2, 4, 6, 8]
+        assert cluster.address in str(run(ip, "%pool"))
+        # The same scheduler without certificates: refused, with a clear error in time.
+        with pytest.raises(mpmagic.MPMagicError, match="certificates"):
+            mpmagic.use_dask(cluster.address, tls_ca_file=certs["ca"], tls_cert=certs["ca"],
+                             tls_key=certs["key"], timeout=2)
+    finally:
+        pool_module.shutdown()
+        cluster.stop()
+
+
+def test_local_cluster_from_the_magic_and_back_to_local(ip):
+    status = str(run(ip, "%pool dask -n 2"))
+    backend = pool_module.get_pool()
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        assert "local cluster started by mpmagic" in status and "workers: 2, threads: 2" in status
+        assert run(ip, "%pmap -q lambda x: -x, range(3)") == [0, -1, -2]
+        pids = set(worker_pids(backend).values())
+        assert pids <= children  # worker processes of this notebook, not of another cluster
+    finally:
+        run(ip, "%pool local -n 2")
+    assert pool_module.get_pool().name == "local"
+    gone_by = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        assert time.monotonic() < gone_by, "the local Dask cluster's workers outlived %pool local"
+        time.sleep(0.1)
+
+
+def test_without_dask_installed_says_how_to_install(monkeypatch):
+    monkeypatch.delitem(sys.modules, "mpmagic.backends.dask", raising=False)
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    with pytest.raises(mpmagic.UsageError, match=r'pip install "mpmagic\[dask\]"'):
+        mpmagic.use_dask()
+
+
+# --------------------------------------------------------------------------
+# The helpers on Dask
+
+
+def test_queue_between_ranks_and_the_notebook(ip, dask_pool):
+    run(ip, "import mpmagic\nq = mpmagic.Queue()")
+    values = run(
+        ip,
+        "%%parallel -q -n 3\n"
+        "if rank == 0:\n"
+        "    for i in range(10):\n"
+        "        q.put({'i': i})\n"
+        "    q.close()\n"
+        "    got = []\n"
+        "else:\n"
+        "    got = [item['i'] for item in q]\n"
+        "got",
+    )
+    assert sorted(values[1] + values[2]) == list(range(10))
+    q = ip.user_ns["q"]
+    assert q.empty() and q.closed
+    q2 = mpmagic.Queue()
+    q2.put([1, "two"])
+    assert q2.qsize() == 1 and q2.get(timeout=5) == [1, "two"]
+    with pytest.raises(__import__("queue").Empty):
+        q2.get(timeout=0.2)
+
+
+def test_lock_serializes_read_modify_write_across_workers(ip, dask_pool, tmp_path):
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    run(
+        ip,
+        "import mpmagic, time\n"
+        "lock = mpmagic.Lock()\n"
+        f"def bump(x, path={str(counter)!r}):\n"
+        "    with lock:\n"
+        "        n = int(open(path).read())\n"
+        "        time.sleep(0.01)\n"
+        "        open(path, 'w').write(str(n + 1))\n"
+        "    return x\n",
+    )
+    run(ip, "%pmap -q --chunksize 1 bump, range(16)")
+    assert counter.read_text() == "16"
+    lock = ip.user_ns["lock"]
+    assert lock.acquire(timeout=5) and lock.locked()
+    lock.release()
+
+
+def test_event_and_unsupported_helpers(dask_pool):
+    ev = mpmagic.shared.Event()
+    assert not ev.is_set()
+    res = mpmagic.parallel("ev.set()\nrank", workers=1, namespace={"ev": ev})
+    assert list(res) == [0] and ev.wait(5)
+    with pytest.raises(mpmagic.UsageError, match="Queue"):
+        mpmagic.Value("i", 0)
+    with pytest.raises(mpmagic.UsageError, match="memory shared"):
+        mpmagic.Array("d", 4)
