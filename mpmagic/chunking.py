@@ -12,6 +12,12 @@ packed), so large items never make a chunk that floods memory.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
+
+# Seconds per item measured for recent functions (by payload key), so a
+# repeated call starts with well-sized chunks instead of small probes.
+_remembered: OrderedDict[bytes, float] = OrderedDict()
+_REMEMBER = 64
 
 
 class ChunkPlanner:
@@ -25,6 +31,7 @@ class ChunkPlanner:
         target: float = 0.05,
         max_chunk: int = 100_000,
         max_bytes: int = 64 << 20,
+        key: bytes | None = None,
     ) -> None:
         self.n_items = n_items
         self.workers = max(1, workers)
@@ -32,8 +39,11 @@ class ChunkPlanner:
         self.target = target
         self.max_chunk = max_chunk
         self.max_bytes = max_bytes
+        self.min_seconds = 0.002  # a chunk shorter than this costs more in messages than in work
         self.bytes_per_item: float | None = None  # largest packed size per item seen
-        self.per_item: float | None = None  # smoothed seconds per item
+        self.key = key
+        # smoothed seconds per item: what this function took last time, until measured
+        self.per_item: float | None = _remembered.get(key) if key is not None else None
         self.sent = 0
         self.sizes_used: set[int] = set()
 
@@ -60,8 +70,14 @@ class ChunkPlanner:
         if self.per_item is None:
             return max(1, size)
         if remaining is not None:
-            # Keep the tail balanced: at least ~2 chunks per worker remain.
+            # Keep the tail balanced: at least ~2 chunks per worker remain...
             size = min(size, math.ceil(remaining / (self.workers * 2)))
+            # ...but never chunks so short that the message costs more than the work
+            # (tiny items would otherwise end in dozens of 1-item round trips).
+            floor = int(self.min_seconds / max(self.per_item, 1e-9))
+            if self.bytes_per_item:
+                floor = min(floor, int(self.max_bytes / self.bytes_per_item))
+            size = max(size, min(floor, remaining))
         return max(1, min(size, self.max_chunk))
 
     def record(self, n_items: int, seconds: float) -> None:
@@ -70,6 +86,11 @@ class ChunkPlanner:
             return
         t = seconds / n_items
         self.per_item = t if self.per_item is None else 0.5 * self.per_item + 0.5 * t
+        if self.key is not None:
+            _remembered[self.key] = self.per_item
+            _remembered.move_to_end(self.key)
+            while len(_remembered) > _REMEMBER:
+                _remembered.popitem(last=False)
 
     def note_bytes(self, n_items: int, nbytes: int) -> None:
         """Feed back how many bytes a chunk of ``n_items`` packed into."""

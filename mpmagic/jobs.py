@@ -134,7 +134,9 @@ class MapJob:
         self.collect = collect
         self.timeout = timeout
         self.retries = retries
-        self.planner = ChunkPlanner(n_items, workers, 1 if timeout and not chunksize else chunksize)
+        self.planner = ChunkPlanner(
+            n_items, workers, 1 if timeout and not chunksize else chunksize, key=self.func_key
+        )
         self._iter = items
         self._next_id = 0
         self._next_start = 0
