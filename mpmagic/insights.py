@@ -107,8 +107,10 @@ class Recorder:
             return
         times = meta.get("item_seconds")
         if times and len(times) <= len(unit.items):
-            for i, t in enumerate(times):
-                self._offer(t, unit.start + i, unit.items[i], worker)
+            # Only this chunk's top few can enter the top list: pick them in C, not item by item.
+            picks = heapq.nlargest(self.top, range(len(times)), key=times.__getitem__)
+            for i in picks:
+                self._offer(times[i], unit.start + i, unit.items[i], worker)
         elif unit.items:  # no per-item times (an older worker or another backend): the chunk
             self._offer(seconds, unit.start, unit.items[0] if unit.count == 1 else unit.items, worker)
 
