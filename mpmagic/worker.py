@@ -197,7 +197,51 @@ def _watch_parent(parent_pid: int) -> None:
             except PermissionError:
                 pass
         if gone:
-            os._exit(3)
+            _exit_notebook_gone(parent_pid, 3)
+
+
+def _notebook_alive(pid: int) -> bool:
+    """Is the notebook process still running (a zombie is not: it was killed)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return True
+
+
+def _exit_notebook_gone(parent_pid: int, code: int) -> None:
+    """Leave at once; if the notebook died, remove its shared memory first.
+
+    A notebook unlinks its ``mpm_<pid>_*`` segments at pool stop and exit, but
+    a kernel killed with SIGKILL cannot: its workers outlive it briefly and
+    sweep them, so nothing stays in /dev/shm.
+    """
+    # The pipe closes while a killed process is still being torn down: give
+    # it a moment to become a zombie (or vanish) before deciding.
+    deadline = time.monotonic() + 1.0
+    alive = _notebook_alive(parent_pid)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = _notebook_alive(parent_pid)
+    if not alive:
+        try:
+            names = os.listdir("/dev/shm")
+        except OSError:
+            names = []
+        for name in names:
+            if name.startswith(f"mpm_{parent_pid}_"):
+                try:
+                    os.unlink(os.path.join("/dev/shm", name))
+                except OSError:
+                    pass
+    os._exit(code)
 
 
 def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
@@ -211,13 +255,13 @@ def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
             return  # the pipe is gone; the reader thread ends the process
 
 
-def _reader(conn, inbox: queue.SimpleQueue) -> None:
+def _reader(conn, inbox: queue.SimpleQueue, parent_pid: int) -> None:
     try:
         while True:
             inbox.put(conn.recv_bytes())
     except (EOFError, OSError):
         # The notebook closed the pipe or died: nothing more will come.
-        os._exit(0)
+        _exit_notebook_gone(parent_pid, 0)
 
 
 class _Worker:
@@ -230,7 +274,7 @@ class _Worker:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.out = _StreamToParent(self.channel, "stdout")
         self.err = _StreamToParent(self.channel, "stderr")
-        threading.Thread(target=_reader, args=(conn, self.inbox), daemon=True).start()
+        threading.Thread(target=_reader, args=(conn, self.inbox, parent_pid), daemon=True).start()
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
         threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
 

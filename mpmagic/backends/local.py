@@ -121,6 +121,31 @@ def can_start_in_background() -> bool:
 
 
 @contextmanager
+def _sigint_ignored_while_starting():
+    """Start workers with SIGINT ignored from their first instruction.
+
+    "Interrupt kernel" signals the kernel's whole process group. A worker sets
+    SIGINT to ignored as soon as it runs, but a second interrupt during a
+    restart could reach a replacement before that and kill it. A process
+    started (fork, or exec for spawn and the forkserver) while SIGINT is
+    ignored inherits the ignoring, and Python keeps it, so there is no window.
+    A Ctrl-C in these few milliseconds of ``start()`` is dropped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextmanager
 def _sigint_deferred():
     """Cleanup that a second Ctrl-C must not cut short: defer SIGINT meanwhile."""
     if threading.current_thread() is not threading.main_thread():
@@ -210,7 +235,7 @@ class LocalBackend:
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
-        with _no_main_module():
+        with _no_main_module(), _sigint_ignored_while_starting():
             proc.start()
         child_conn.close()
         return _Slot(

@@ -1,0 +1,322 @@
+"""mpmagic in a real Jupyter kernel, driven through jupyter_client.
+
+What an in-process shell cannot show: output routed to the cell that ran it
+(iopub messages carry the cell's msg_id), "interrupt kernel" (SIGINT to the
+kernel's process group) during %pmap and %%parallel, and the kernel dying
+under its workers. Issues 2, 3 and 5 (points 2 and 4).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+jupyter_client = pytest.importorskip("jupyter_client")
+from jupyter_client import KernelManager  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+INTERRUPT_BOUND = 2.0  # seconds from "interrupt kernel" to the cell's end (issue 5)
+
+
+@dataclass
+class Reply:
+    """What one executed cell produced, from its own iopub messages only."""
+
+    status: str
+    ename: str | None
+    outputs: list = field(default_factory=list)  # (msg_type, content) of this cell
+    others: list = field(default_factory=list)  # messages that belong to other cells
+    after_interrupt: float | None = None  # seconds from the first interrupt to idle
+
+    def stream(self, name: str = "stdout") -> str:
+        return "".join(c["text"] for t, c in self.outputs if t == "stream" and c["name"] == name)
+
+    def result(self) -> str | None:
+        for t, c in self.outputs:
+            if t == "execute_result":
+                return c["data"]["text/plain"]
+        return None
+
+
+class Kernel:
+    """A real ipykernel started with this venv's Python, and a client to it."""
+
+    def __init__(self) -> None:
+        # The native "python3" spec runs "python", which jupyter_client replaces
+        # with this interpreter (sys.executable): the venv with mpmagic in it.
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+        exe = psutil.Process(self.pid).exe()
+        assert os.path.samefile(exe, sys.executable), (exe, sys.executable)
+
+    @property
+    def pid(self) -> int:
+        return self.km.provisioner.process.pid
+
+    def execute(
+        self,
+        code: str,
+        timeout: float = 60,
+        interrupt_after: float | None = None,
+        interrupt_when: str | None = None,
+        interrupts: int = 1,
+    ) -> Reply:
+        """Run ``code``; optionally interrupt it after some seconds, or once
+        ``interrupt_when`` shows in its stdout; ``interrupts`` > 1 sends more
+        interrupts 50 ms apart (the later ones land during the cleanup)."""
+        msg_id = self.kc.execute(code)
+        reply = Reply("?", None)
+        t0 = time.monotonic()
+        first_interrupt = None
+        while True:
+            now = time.monotonic()
+            due = interrupt_after is not None and now - t0 >= interrupt_after
+            due = due or (interrupt_when is not None and interrupt_when in reply.stream())
+            if first_interrupt is None and due:
+                first_interrupt = time.monotonic()
+                for i in range(interrupts):
+                    if i:
+                        time.sleep(0.05)
+                    self.km.interrupt_kernel()
+            if now - t0 > timeout:
+                raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}")
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.05)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                reply.others.append((msg["msg_type"], msg["content"]))
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "status" and content["execution_state"] == "idle":
+                break
+            reply.outputs.append((kind, content))
+        if first_interrupt is not None:
+            reply.after_interrupt = time.monotonic() - first_interrupt
+        shell = self.kc.get_shell_msg(timeout=10)
+        while shell["parent_header"].get("msg_id") != msg_id:  # e.g. a kernel_info reply
+            shell = self.kc.get_shell_msg(timeout=10)
+        reply.status = shell["content"]["status"]
+        reply.ename = shell["content"].get("ename")
+        return reply
+
+    def ok(self, code: str, timeout: float = 60) -> Reply:
+        reply = self.execute(code, timeout)
+        assert reply.status == "ok", (code, reply.ename, reply.outputs)
+        return reply
+
+    def value(self, expr: str):
+        """The value of a Python literal expression evaluated in the kernel."""
+        import ast
+
+        text = self.ok(expr).result()
+        assert text is not None, expr
+        return ast.literal_eval(text)
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def close(self) -> None:
+        try:
+            self.kc.stop_channels()
+        finally:
+            self.km.shutdown_kernel(now=False)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """One kernel for the module, with mpmagic loaded and a 2-worker pool."""
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        yield k
+    finally:
+        k.close()
+
+
+def worker_pids(k: Kernel) -> list[int]:
+    return k.value("[s.pid for s in __import__('mpmagic').get_pool().slots]")
+
+
+def assert_pool_idle_and_usable(k: Kernel, old_pids: list[int]) -> None:
+    """No worker busy (pool status and CPU), the stopped ones gone, next run works."""
+    status = k.value(
+        "[(p['pid'], p['busy'], p['alive']) for p in __import__('mpmagic').pool_status().info['processes']]"
+    )
+    assert len(status) == 2 and all(alive and not busy for _, busy, alive in status), status
+    for pid in old_pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    procs = k.descendants()
+    for p in procs:
+        p.cpu_percent(None)
+    time.sleep(0.5)
+    busy = []
+    for p in procs:
+        try:
+            if p.cpu_percent(None) > 50:
+                busy.append((p.pid, " ".join(p.cmdline())[:60]))
+        except psutil.Error:
+            pass
+    assert not busy, f"processes still burning CPU after the interrupt: {busy}"
+    assert k.ok("%pmap -q lambda x: -x, range(5)").result() == "[0, -1, -2, -3, -4]"
+
+
+# -- issue 2: %pmap in a real kernel -----------------------------------------
+
+
+def test_pmap_result_and_printed_output_arrive_in_that_cell(kernel):
+    kernel.ok("def shout(x):\n    print(f'item {x} says hi')\n    return x * x\n")
+    reply = kernel.ok("%pmap -q shout, range(6)")
+    assert reply.result() == "[0, 1, 4, 9, 16, 25]"
+    out = reply.stream()
+    for x in range(6):
+        assert f"item {x} says hi\n" in out
+    later = kernel.ok("1 + 1")
+    assert "says hi" not in later.stream()
+    assert not any("says hi" in str(c) for _, c in later.others)
+
+
+def test_interrupt_during_pmap_returns_quickly_and_the_pool_works(kernel):
+    kernel.ok("def spin(x):\n    print('spinning', x, flush=True)\n    while True:\n        pass\n")
+    before = worker_pids(kernel)
+    reply = kernel.execute("%pmap spin, range(8)", interrupt_when="spinning")
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt", reply.outputs
+    assert reply.after_interrupt < INTERRUPT_BOUND, reply.after_interrupt
+    assert "spinning" in reply.stream()
+    assert_pool_idle_and_usable(kernel, before)
+
+
+# -- issue 3: %%parallel in a real kernel --------------------------------------
+
+
+def test_parallel_labelled_output_arrives_in_that_cell(kernel):
+    reply = kernel.ok("%%parallel -n 2 -q\nfor i in range(3):\n    print('line', i, 'of rank', rank)\nrank * 10\n")
+    out = reply.stream()
+    for rank in range(2):
+        for i in range(3):
+            assert f"[rank {rank}] line {i} of rank {rank}\n" in out
+    assert reply.result() == "[0, 10]"
+
+
+def test_interrupt_during_parallel_returns_quickly_and_the_pool_works(kernel):
+    before = worker_pids(kernel)
+    reply = kernel.execute(
+        "%%parallel -n 2\nprint('rank', rank, 'started')\nwhile True:\n    pass\n",
+        interrupt_when="[rank 1] rank 1 started",
+    )
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt"
+    assert reply.after_interrupt < INTERRUPT_BOUND, reply.after_interrupt
+    assert "[rank 0] rank 0 started" in reply.stream()  # streamed while it ran
+    assert_pool_idle_and_usable(kernel, before)
+
+
+# -- issue 5, point 2: tasks that ignore signals or sit in C code ---------------
+
+STUBBORN = {
+    # Sleeps inside libc: no Python bytecode runs, so no Python handler would.
+    "c_code": "import ctypes\ndef stubborn(x):\n    print('in C', flush=True)\n"
+    "    ctypes.CDLL(None).sleep(60)\n",
+    # Blocks every signal an interrupt might use.
+    "signals_blocked": "import signal, time\ndef stubborn(x):\n"
+    "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1})\n"
+    "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "    print('in C', flush=True)\n    time.sleep(60)\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STUBBORN))
+def test_interrupt_a_task_that_ignores_signals(kernel, kind):
+    kernel.ok(STUBBORN[kind])
+    before = worker_pids(kernel)
+    reply = kernel.execute("%pmap -q stubborn, range(2)", interrupt_when="in C")
+    assert reply.ename == "KeyboardInterrupt"
+    assert reply.after_interrupt < INTERRUPT_BOUND, reply.after_interrupt
+    assert_pool_idle_and_usable(kernel, before)
+
+
+def test_a_second_interrupt_during_cleanup_is_safe(kernel):
+    kernel.ok("def spin(x):\n    print('spinning', x, flush=True)\n    while True:\n        pass\n")
+    before = worker_pids(kernel)
+    reply = kernel.execute("%pmap -q spin, range(8)", interrupt_when="spinning", interrupts=4)
+    assert reply.ename == "KeyboardInterrupt"
+    assert reply.after_interrupt < INTERRUPT_BOUND + 0.5
+    # The kernel is alive and idle, no worker is left spinning, the pool works.
+    assert kernel.km.is_alive()
+    assert_pool_idle_and_usable(kernel, before)
+    reply = kernel.execute("%%parallel -n 2 -q\nrank\n")
+    assert reply.status == "ok" and reply.result() == "[0, 1]"
+
+
+# -- issue 5, point 4: the kernel dies ------------------------------------------
+
+
+def _shm_paths(procs: list[psutil.Process]) -> set[str]:
+    """Files under /dev/shm that these processes hold open or have mapped."""
+    paths: set[str] = set()
+    for p in procs:
+        try:
+            paths |= {f.path for f in p.open_files() if f.path.startswith("/dev/shm/")}
+            with open(f"/proc/{p.pid}/maps") as maps:
+                for line in maps:
+                    parts = line.split(maxsplit=5)
+                    if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+                        paths.add(parts[5].strip().removesuffix(" (deleted)"))
+        except (psutil.Error, OSError):
+            pass
+    return paths
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and /dev/shm")
+def test_killing_the_kernel_leaves_no_worker_segment_or_semaphore():
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        # Use the pool: a map over a large array, a cell, and the shared objects
+        # the notebook can make (where this version has them).
+        k.ok(
+            "import numpy as np, mpmagic\n"
+            "big = np.arange(4_000_000, dtype=np.float64)\n"
+            "shared = [f(*a) for f, a in [(getattr(mpmagic, 'Value', None), ('i', 0)),"
+            " (getattr(mpmagic, 'Lock', None), ())] if f is not None]\n"
+        )
+        k.ok("%pmap -q lambda a: float(a.sum()), [big, big]")
+        k.ok("%%parallel -n 2 -q\nrank\n")
+        ours = k.descendants()
+        assert len([p for p in ours if "ipykernel" not in " ".join(p.cmdline())]) >= 2
+        kernel_proc = psutil.Process(k.pid)
+        segments = _shm_paths([kernel_proc, *ours])
+        os.kill(k.pid, signal.SIGKILL)
+        kernel_proc.wait(10)
+        deadline = time.monotonic() + 5
+        alive = ours
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [(p.pid, " ".join(p.cmdline())[:80]) for p in alive]
+        left = {s for s in segments if os.path.exists(s)}
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = {s for s in left if os.path.exists(s)}
+        assert not left, f"shared memory left in /dev/shm: {left}"
+        # Nothing named after the dead kernel either (segments, semaphores).
+        named = [n for n in os.listdir("/dev/shm") if f"_{k.pid}_" in n or n.endswith(f"_{k.pid}")]
+        assert not named, named
+    finally:
+        try:
+            k.kc.stop_channels()
+        finally:
+            k.km.shutdown_kernel(now=True)
