@@ -302,8 +302,9 @@ def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeyp
 # -- insights ------------------------------------------------------------------
 
 
-def test_insights_find_the_slow_item(ip, pool2, settings):
-    run(ip, "def slowish(x):\n    time.sleep(0.4 if x == 13 else 0.003)\n    return x\n")
+def test_insights_find_the_slow_item(ip, backend, settings):
+    """On every backend: the slow item is named, with its arguments and its worker."""
+    run(ip, "import time\ndef slowish(x):\n    time.sleep(0.4 if x == 13 else 0.003)\n    return x\n")
     assert run(ip, "%pmap -q --insights slowish, range(40)") == list(range(40))
     ins = mpmagic.last_report().insights
     top = ins.slowest[0]
