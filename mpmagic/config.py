@@ -29,8 +29,8 @@ class MPMagic(Configurable):
     workers = Int(
         None,
         allow_none=True,
-        help="Worker processes of the local pool (None: one per usable CPU). "
-        "Also the default of -n for %pmap and %%parallel.",
+        help="Worker processes of the local pool (None: one per usable CPU), applied "
+        "before the next run after it changes; -n of %pmap and %%parallel defaults to the pool's size.",
     ).tag(config=True)
 
     start_method = CaselessStrEnum(
@@ -163,9 +163,7 @@ def apply(opts: Any) -> MPMagic:
     Options given on the line always win; ``report = 'none'`` acts as ``-q``.
     """
     settings = current()
-    settings.apply_pool_settings()
-    if getattr(opts, "workers", None) is None:
-        opts.workers = settings.workers
+    settings.apply_pool_settings()  # so -n defaults to the pool's size, as set by `workers`
     if hasattr(opts, "chunksize") and opts.chunksize is None:
         opts.chunksize = settings.chunksize
     if getattr(opts, "progress", None) is None:

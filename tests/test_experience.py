@@ -169,12 +169,18 @@ def test_config_values_take_effect(ip, pool2, settings):
     run(ip, "%config MPMagic.workers = 3")
     run(ip, "%pmap -q sq, range(30)")
     assert mpmagic.get_pool().workers == 3 and mpmagic.last_report().workers == 3
+    run(ip, "%pool resize 2")  # an explicit resize wins until the setting changes again
+    run(ip, "%pmap -q sq, range(30)")
+    assert mpmagic.get_pool().workers == 2
+    run(ip, "%config MPMagic.workers = 3")
+    run(ip, "%pmap -q sq, range(30)")
+    assert mpmagic.get_pool().workers == 2  # unchanged value: nothing to apply
 
     run(ip, "%config MPMagic.report = 'line'")
     with capture_output() as cap:
         run(ip, "%pmap sq, range(10)")
     (data,) = displayed(cap)
-    assert "text/html" not in data and data["text/plain"].startswith("pmap: 10 items on 3 workers")
+    assert "text/html" not in data and data["text/plain"].startswith("pmap: 10 items on 2 workers")
 
     run(ip, "%config MPMagic.report = 'none'")
     with capture_output() as cap:
