@@ -26,6 +26,7 @@ from .errors import (
 from .jobs import Failed
 from .pool import get_pool, pool_status, restart_pool, start_pool, stop_pool, use_dask, use_local
 from .report import Report
+from .shm import share
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "use_local",
     "use_dask",
     "pool_status",
+    "share",
     "MPMagicError",
     "ParallelError",
     "RemoteError",
@@ -62,15 +64,6 @@ def load_ipython_extension(ipython: Any) -> None:
 
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
-
-
-def unload_ipython_extension(ipython: Any) -> None:
-    """``%unload_ext mpmagic``: remove the magics and stop the pool."""
-    from . import config, pool
-
-    pool.shutdown()
-    config.unregister(ipython)
-    magics = ipython.magics_manager.magics
     _prestart_pool()
 
 
@@ -103,6 +96,15 @@ def _start_if_current(backend: Any) -> None:
                 backend.start()
     except Exception:
         pass  # the first call starts it again and reports what is wrong
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """``%unload_ext mpmagic``: remove the magics and stop the pool."""
+    from . import config, pool
+
+    pool.shutdown()
+    config.unregister(ipython)
+    magics = ipython.magics_manager.magics
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)

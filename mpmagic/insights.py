@@ -201,7 +201,8 @@ class Insights:
             for k, t in enumerate(spans):
                 hot = any(t.first <= i < t.first + t.count for i in slow)
                 ax.broken_barh([(t.start - self.begin, max(t.end - t.start, 1e-6))], (row - 0.4, 0.8),
-                               facecolors="#e45756" if hot else palette[k % 2])
+                               facecolors="#e45756" if hot else palette[k % 2],
+                               edgecolors="white", linewidth=0.5)
         ax.set_yticks(range(len(workers)), [f"worker {w}" for w in workers])
         ax.set_xlim(0, self.wall)
         ax.set_xlabel("seconds since the run started")
