@@ -52,8 +52,8 @@ class _Entry:
     inband: bytes  # the pickle without its out-of-band buffers
     key: bytes
     data: bytes  # what workers get: the pickle, or a shared-memory envelope
-    segment: shm.Segment | None = None
-    spans: list | None = None
+    segment: shm.Segment | None = None  # our copy of captured arrays (not share() ones)
+    refs: list | None = None  # where each large buffer lies
 
 
 _entries: OrderedDict[tuple[int, bool], _Entry] = OrderedDict()
@@ -92,12 +92,11 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
         return entry.key, entry.data
 
     stats["built"] += 1
-    segment = spans = None
+    segment = refs = None
     data = inband
     if buffers:
-        data, segment = shm.wrap(inband, buffers, "lend")
-        spans = shm._spans(buffers)[0]
-    new = _Entry(func, shared, captured, inband, payload.payload_key(data), data, segment, spans)
+        data, segment, refs = shm.wrap(inband, buffers, "lend")
+    new = _Entry(func, shared, captured, inband, payload.payload_key(data), data, segment, refs)
     with _lock:
         _drop(slot)
         _entries[slot] = new
@@ -124,9 +123,9 @@ def _segment_alive(entry: _Entry) -> bool:
 
 
 def _same_buffers(entry: _Entry, buffers: list) -> bool:
-    if entry.segment is None:
+    if not entry.refs:
         return not buffers
-    return shm.same_buffers(entry.segment, entry.spans or [], buffers)
+    return shm.same_buffers(entry.segment, entry.refs, buffers)
 
 
 def _same(old: list, new: list) -> bool:

@@ -44,7 +44,9 @@ import itertools
 import mmap
 import os
 import pickle
+import sys
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -248,12 +250,50 @@ def take_unmapped() -> list[str]:
 
 
 def cleanup() -> None:
-    """Unlink every segment the notebook made (pool stop and interpreter exit)."""
+    """Unlink every segment the notebook lent to workers (pool stop, exit).
+
+    Arrays made by :func:`share` stay: they belong to the notebook's
+    variables, not to a pool (see :func:`_cleanup_at_exit`).
+    """
     if _pool is not None:
         _pool.clear()
 
 
-atexit.register(cleanup)
+@atexit.register
+def _cleanup_at_exit() -> None:
+    cleanup()
+    for name in list(_shared):
+        _unlink(name)
+
+
+def sweep_stale() -> int:
+    """Unlink segments left by notebooks that died without cleaning up. Returns how many."""
+    if not os.path.isdir("/dev/shm"):
+        return 0
+    n = 0
+    try:
+        names = [x for x in os.listdir("/dev/shm") if x.startswith("mpm_")]
+    except OSError:
+        return 0
+    for name in names:
+        try:
+            pid = int(name.split("_")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            _unlink(name)
+            n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sweep_worker(pid: int | None) -> int:
@@ -325,46 +365,89 @@ def _spans(buffers: Iterable[memoryview]) -> tuple[list[tuple[int, int]], int]:
     return spans, offset
 
 
+def _address(buf: memoryview) -> int | None:
+    np = sys.modules.get("numpy")  # buffers that matter here come from numpy
+    if np is None:
+        return None
+    try:
+        return int(np.frombuffer(buf, np.uint8).ctypes.data)
+    except Exception:
+        return None
+
+
+def _in_shared(buf: memoryview) -> tuple[str, int, int] | None:
+    """``(segment, its size, offset)`` when ``buf`` lies inside a :func:`share` array."""
+    if not _shared:
+        return None
+    addr = _address(buf)
+    if addr is None:
+        return None
+    for name, (start, size) in list(_shared.items()):
+        if start <= addr and addr + buf.nbytes <= start + size:
+            return name, size, addr - start
+    return None
+
+
+# A buffer's place: (segment name, segment size, offset, length).
+Ref = tuple[str, int, int, int]
+
+
 def wrap(
     data: bytes, buffers: list[memoryview], mode: str, lease: Lease | None = None
-) -> tuple[bytes, Segment]:
-    """Write ``buffers`` into one segment and return (envelope bytes, segment).
+) -> tuple[bytes, Segment | None, list[Ref]]:
+    """Place ``buffers`` in shared memory; return (envelope bytes, new segment, refs).
 
-    ``mode`` is ``"lend"`` (the notebook keeps the segment: from the pool when
-    ``lease`` is given, else a dedicated one) or ``"give"`` (the receiver
-    unlinks it).
+    Buffers inside a :func:`share` array are referred to where they are (no
+    copy). The others are copied into one segment: ``mode`` ``"lend"`` (the
+    notebook keeps it: from the pool when ``lease`` is given, else a
+    dedicated one) or ``"give"`` (a worker's result: the receiver unlinks it).
     """
-    spans, total = _spans(buffers)
-    if lease is not None:
-        seg = pool().acquire(total)
-        lease.segments.append(seg)
-    else:
-        seg = Segment.create(total, "g" if mode == "give" else "l")
-        if mode == "lend":
-            pool().track(seg)
-    for (offset, n), b in zip(spans, buffers, strict=True):
-        seg.view[offset : offset + n] = b
-    writable = mode == "give" or WRITABLE
-    env = _Shared(data, seg.name, seg.size, spans, mode == "give", writable)
-    return pickle.dumps(env, _PROTOCOL), seg
+    refs: list[Ref | None] = [None] * len(buffers)
+    to_copy = []
+    for i, b in enumerate(buffers):
+        found = _in_shared(b) if mode == "lend" else None
+        if found is not None:
+            refs[i] = (found[0], found[1], found[2], b.nbytes)
+        else:
+            to_copy.append(i)
+    seg = None
+    if to_copy:
+        spans, total = _spans(buffers[i] for i in to_copy)
+        if lease is not None:
+            seg = pool().acquire(total)
+            lease.segments.append(seg)
+        else:
+            seg = Segment.create(total, "g" if mode == "give" else "l")
+            if mode == "lend":
+                pool().track(seg)
+        for (offset, n), i in zip(spans, to_copy, strict=True):
+            seg.view[offset : offset + n] = buffers[i]
+            refs[i] = (seg.name, seg.size, offset, n)
+    given = seg.name if (seg is not None and mode == "give") else None
+    env = _Shared(data, refs, given, mode == "give" or WRITABLE)
+    return pickle.dumps(env, _PROTOCOL), seg, refs  # type: ignore[return-value]
 
 
-def same_buffers(seg: Segment, spans: list[tuple[int, int]], buffers: list[memoryview]) -> bool:
-    """Do ``buffers`` hold exactly the bytes already in ``seg`` (at ``spans``)?"""
-    if len(spans) != len(buffers):
+def same_buffers(seg: Segment | None, refs: list[Ref], buffers: list[memoryview]) -> bool:
+    """Do ``buffers`` sit where ``refs`` say (shared arrays) or equal the copy in ``seg``?"""
+    if len(refs) != len(buffers):
         return False
-    for (offset, n), b in zip(spans, buffers, strict=True):
-        if b.nbytes != n or not _equal_bytes(b, seg.view[offset : offset + n]):
+    for (name, _size, offset, n), b in zip(refs, buffers, strict=True):
+        if b.nbytes != n:
             return False
+        if seg is not None and name == seg.name:
+            if not _equal_bytes(b, seg.view[offset : offset + n]):
+                return False
+        else:
+            found = _in_shared(b)
+            if found is None or (found[0], found[2]) != (name, offset):
+                return False
     return True
 
 
 def _equal_bytes(a: memoryview, b: memoryview) -> bool:
     step = 8 << 20
-    try:
-        import numpy as np
-    except ImportError:
-        np = None
+    np = sys.modules.get("numpy")
     for i in range(0, a.nbytes, step):
         x, y = a[i : i + step], b[i : i + step]
         if np is not None:
@@ -376,20 +459,62 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
 
 
 # --------------------------------------------------------------------------
+# Arrays that live in shared memory from the start: zero copies
+
+
+# share() segments alive in this notebook: name -> (address, size)
+_shared: dict[str, tuple[int, int]] = {}
+
+
+def share(array: Any) -> Any:
+    """A copy of a numpy ``array`` that lives in shared memory.
+
+    Pass it (or slices of it) to ``%pmap`` as items, or use it as a captured
+    global: workers then map the very same memory, with no copy per call,
+    per chunk or per worker. Workers see it read-only (unless
+    ``shm.configure(writable=True)``) and see changes the notebook makes to
+    it. The memory is freed when the array and every view of it are gone.
+    """
+    import numpy as np
+
+    a = np.asarray(array)
+    if a.dtype.hasobject:
+        raise TypeError("share() takes numeric numpy arrays; an object array holds references, not data")
+    if not ENABLED:
+        return a.copy()
+    seg = Segment.create(max(1, a.nbytes), "s")
+    mapping = seg.map
+    seg.view.release()  # from here on only the array's views use the mapping
+    out = np.frombuffer(mapping, dtype=a.dtype, count=a.size).reshape(a.shape)
+    np.copyto(out, a)
+    _shared[seg.name] = (int(out.ctypes.data), seg.size)
+    # The mapping lives as long as the array or any view of it.
+    weakref.finalize(mapping, _unshare, seg.name)
+    return out
+
+
+def _unshare(name: str) -> None:
+    """The last view of a shared array is gone: unlink it; workers unmap it."""
+    _shared.pop(name, None)
+    _unlink(name)
+    with _lock:
+        pool().unmapped.append(name)
+
+
+# --------------------------------------------------------------------------
 # Unpacking: the envelope
 
 
 class _Shared:
-    """A pickle whose large buffers live in shared-memory segment ``name``."""
+    """A pickle whose large buffers live in shared-memory segments (``refs``)."""
 
-    __slots__ = ("data", "name", "size", "spans", "give", "writable")
+    __slots__ = ("data", "refs", "given", "writable")
 
-    def __init__(self, data: bytes, name: str, size: int, spans: list, give: bool, writable: bool) -> None:
-        self.data, self.name, self.size, self.spans = data, name, size, spans
-        self.give, self.writable = give, writable
+    def __init__(self, data: bytes, refs: list, given: str | None, writable: bool) -> None:
+        self.data, self.refs, self.given, self.writable = data, refs, given, writable
 
     def __reduce__(self):
-        return (_open, (self.data, self.name, self.size, self.spans, self.give, self.writable))
+        return (_open, (self.data, self.refs, self.given, self.writable))
 
 
 # Lent segments mapped in this process (a worker), by name.
@@ -398,18 +523,23 @@ _mapped: dict[str, Segment] = {}
 _opened: set[str] = set()
 
 
-def _open(data: bytes, name: str, size: int, spans: list, give: bool, writable: bool) -> Any:
-    if give:
-        seg = Segment.attach(name, size)
-        _unlink(name)  # ours now: nothing left in /dev/shm
-    else:
-        seg = _mapped.get(name)
+def _open(data: bytes, refs: list, given: str | None, writable: bool) -> Any:
+    segs: dict[str, Segment] = {}
+    views = []
+    for name, size, offset, n in refs:
+        seg = segs.get(name)
         if seg is None:
-            seg = _mapped[name] = Segment.attach(name, size)
-        _opened.add(name)
-    views = [seg.view[o : o + n] for o, n in spans]
-    if not writable:
-        views = [v.toreadonly() for v in views]
+            if name == given:
+                seg = Segment.attach(name, size)
+                _unlink(name)  # ours now: nothing left in /dev/shm
+            else:
+                seg = _mapped.get(name)
+                if seg is None:
+                    seg = _mapped[name] = Segment.attach(name, size)
+                _opened.add(name)
+            segs[name] = seg
+        view = seg.view[offset : offset + n]
+        views.append(view if writable else view.toreadonly())
     return pickle.loads(data, buffers=views)
 
 
@@ -448,6 +578,7 @@ def dumps_result(obj: Any, dumps) -> bytes:
     data = dumps(obj, collector)
     if not collector.buffers:
         return data
-    env, seg = wrap(data, collector.buffers, "give")
-    seg.release()
+    env, seg, _ = wrap(data, collector.buffers, "give")
+    if seg is not None:
+        seg.release()
     return env

@@ -161,3 +161,22 @@ def test_no_segment_is_left_after_the_pool_stops(ip):
     assert run(ip, "%pmap -q cap, [2]") == [2.0]  # a new pool builds what it needs again
     mpmagic.stop_pool()
     assert our_segments() == []
+
+
+def test_shared_array_travels_without_copies(ip, local_pool):
+    run(ip, f"import numpy as np\nimport mpmagic\nS = mpmagic.share(np.arange({4 * BIG}, dtype=np.float64))")
+    run(ip, "def total(a):\n    return float(a.sum())\ndef at(i):\n    return float(S[i])")
+    pooled, copies = set(our_segments("p")), set(our_segments("l"))
+    expected = [float(p.sum()) for p in np.array_split(np.arange(4 * BIG, dtype=np.float64), 4)]
+    assert run(ip, "%pmap -q total, np.array_split(S, 4)") == expected
+    assert run(ip, "%pmap -q at, [0, 7]") == [0.0, 7.0]
+    # Neither the slices nor the captured array were copied into a segment of ours.
+    assert set(our_segments("p")) <= pooled and set(our_segments("l")) <= copies
+    run(ip, "S[7] = -1.0")  # workers map the very memory the notebook writes
+    assert run(ip, "%pmap -q at, [7]") == [-1.0]
+    run(ip, "def poke(i):\n    S[i] = 0.0")
+    with pytest.raises(ValueError, match="read-only"):
+        run(ip, "%pmap -q poke, [1]")
+    assert len(our_segments("s")) == 1
+    run(ip, "del S, at, poke\nimport gc\ngc.collect()")
+    assert our_segments("s") == []  # freed with the last view of the array

@@ -216,6 +216,8 @@ class LocalBackend:
     def start(self) -> None:
         """Start the workers (returns at once; they get ready in the background)."""
         with self._lock:
+            if not self.slots:
+                shm.sweep_stale()  # segments of notebooks that died without cleaning up
             if self.start_method == "forkserver" and not self.slots:
                 try:
                     self.ctx.set_forkserver_preload(["mpmagic.worker", "mpmagic.cell"])
@@ -405,6 +407,8 @@ class LocalBackend:
         per_item = job.planner.per_item
         if per_item is None:
             return 1
+        if (job.planner.bytes_per_item or 0) * max(job.planner.sizes_used or {1}) > 8 << 20:
+            return 1  # big chunks: a second one in flight would only hold more memory
         return 2 if per_item * max(job.planner.sizes_used or {1}) < 0.02 else 1
 
     def _assign(self, job) -> None:
