@@ -105,8 +105,12 @@ class Recorder:
         if self.kind == "parallel":
             self._offer(seconds, unit.id, None, worker, is_rank=True)
             return
-        times = meta.get("item_seconds")
-        if times and len(times) <= len(unit.items):
+        top = meta.get("item_top")  # the worker's (index, seconds) of its slowest items
+        times = meta.get("item_seconds")  # or every item's seconds (another backend)
+        if top is not None and meta.get("items_timed", 0) <= len(unit.items):
+            for i, t in top:
+                self._offer(t, unit.start + i, unit.items[i], worker)
+        elif times and len(times) <= len(unit.items):
             # Only this chunk's top few can enter the top list: pick them in C, not item by item.
             picks = heapq.nlargest(self.top, range(len(times)), key=times.__getitem__)
             for i in picks:

@@ -226,7 +226,7 @@ class MapJob:
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         """A chunk's results came back. ``meta`` (optional, from newer workers):
         ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
-        ``item_seconds`` and ``transfer`` seconds."""
+        ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds."""
         self.bytes_back += len(data)
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
@@ -259,7 +259,7 @@ class MapJob:
         self.outstanding.pop(unit.id, None)
         self.task_seconds += seconds
         if index < 0:  # the chunk as a whole could not run (function failed to load)
-            exc = rebuild_exception(info, "mpmagic: the function could not be loaded in a worker")
+            exc = rebuild_exception(info, _load_failure_note(info))
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
@@ -477,6 +477,18 @@ class CellJob:
             )
             raise err from first
         return [self.values[r] for r in range(self.size)]
+
+
+def _load_failure_note(info: Any) -> str:
+    """Why a worker could not load the function or its items, and what to do."""
+    note = "mpmagic: the function (or its items) could not be loaded in a worker"
+    if info.type_name in ("ModuleNotFoundError", "ImportError"):
+        note += (
+            ": a module the notebook imports cannot be imported there. If you installed "
+            "it or changed sys.path after the pool started, run %pool restart; otherwise "
+            "install it in the environment the workers run in"
+        )
+    return note
 
 
 def _print_stream(stream: str, text: str) -> None:

@@ -11,7 +11,8 @@ thread runs tasks one after another:
   function over a chunk of items, reply ``("done", call, chunk, results,
   seconds, meta)`` or ``("error", ...)``. ``meta`` says which worker ran the
   chunk and when (``worker``, ``start``, ``end``, epoch seconds); with
-  ``timing`` it also holds each item's seconds and the (un)pickling time.
+  ``timing`` it also holds the chunk's slowest items (index, seconds) and the
+  (un)pickling time.
 * ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
 * ``("stop",)``: exit.
 
@@ -32,12 +33,15 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
+from heapq import nlargest
+from operator import itemgetter
 from typing import Any
 
 from . import payload, shm
 from .errors import SerializationError, extract_frames
 
 _CACHE_SIZE = 16  # function payloads kept per worker
+_TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
 _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
 
 
@@ -367,7 +371,9 @@ class _Worker:
             data = payload.dumps_data(results)
         meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end}
         if timing:
-            meta["item_seconds"] = item_seconds
+            # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
+            meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
+            meta["items_timed"] = len(item_seconds)
             meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
             meta["sent"] = time.time()
         if error is None:
