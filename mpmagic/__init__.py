@@ -26,6 +26,7 @@ from .errors import (
 from .jobs import Failed
 from .pool import get_pool, pool_status, restart_pool, start_pool, stop_pool, use_dask, use_local
 from .report import Report
+from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
 from .shm import share
 
 __version__ = "0.1.0"
@@ -45,6 +46,14 @@ __all__ = [
     "use_dask",
     "pool_status",
     "share",
+    "Queue",
+    "Value",
+    "Array",
+    "Lock",
+    "RLock",
+    "Event",
+    "QueueClosed",
+    "SharedObjectGone",
     "MPMagicError",
     "ParallelError",
     "RemoteError",

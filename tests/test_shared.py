@@ -1,0 +1,532 @@
+"""mpmagic.Queue / Value / Array / Lock / RLock / Event: made in the notebook,
+used by workers that were already running, on every start method.
+
+Cells run through the session's InteractiveShell (``run(ip, ...)``), so the
+functions live in a ``__main__`` without a file, as in a notebook.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import pickle
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+from conftest import ensure_pool, run
+
+import mpmagic
+from mpmagic import pool as pool_module
+from mpmagic import shared
+
+SHM = "/dev/shm"
+
+
+def ours() -> set[str]:
+    """Entries in /dev/shm made by the helpers (segments and sem.* files) of any process."""
+    return {n for n in os.listdir(SHM) if n.startswith((shared.PREFIX, "sem." + shared.PREFIX))}
+
+
+def left_behind(stems: list[str]) -> set[str]:
+    """The /dev/shm entries (segment or sem.*) of these helpers that still exist."""
+    names = {s.lstrip("/") for s in stems}
+    return {n for n in ours() if n.removeprefix("sem.").split(".")[0] in names}
+
+
+def parallel(ip, body: str, n: int = 4, extra: str = ""):
+    """Run a %%parallel cell quietly and return each rank's last value."""
+    ip.user_ns.pop("_ranks", None)
+    run(ip, f"%%parallel -n {n} -q -o _ranks --timeout 120 {extra}\n" + textwrap.dedent(body))
+    return ip.user_ns.pop("_ranks")
+
+
+def drop(ip, *names: str) -> None:
+    """Forget notebook names (and what IPython's output cache holds)."""
+    for name in names:
+        ip.user_ns.pop(name, None)
+    for cached in ("_", "__", "___"):
+        ip.user_ns.pop(cached, None)
+    sys.last_type = sys.last_value = sys.last_traceback = None  # a failed cell's frames
+    gc.collect()
+
+
+def local_helpers() -> None:
+    """Tests of the local helpers need a local current backend (not Dask)."""
+    if hasattr(pool_module.current_pool(), "make_shared"):
+        ensure_pool("forkserver")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_in_dev_shm(ip):
+    """After this module, once the notebook dropped its helpers, none of the names
+    they made is left in /dev/shm: no segment, no sem.* file.
+
+    Only names made by this process count: other test runs on the machine may
+    be using helpers of their own at the same time.
+    """
+    made: list[str] = []
+    real = shared._new_stem
+
+    def recording() -> str:
+        made.append(real())
+        return made[-1]
+
+    shared._new_stem = recording
+    try:
+        yield
+    finally:
+        shared._new_stem = real
+    for name in list(ip.user_ns):
+        if isinstance(ip.user_ns[name], shared._Helper):
+            del ip.user_ns[name]
+    drop(ip)
+    deadline = time.monotonic() + 5
+    while left_behind(made) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        gc.collect()
+    assert len(made) > 50  # the tests did make helpers
+    assert left_behind(made) == set(), "shared helpers left names in /dev/shm"
+
+
+# --------------------------------------------------------------------------
+# The classic lessons, on every start method
+
+
+def test_counter_under_lock_is_exact(ip, any_method):
+    ensure_pool(any_method)
+    run(ip, "import mpmagic\ncounter = mpmagic.Value('i', 0)")
+    parallel(
+        ip,
+        """
+        for _ in range(10_000):
+            with counter.get_lock():
+                counter.value += 1
+        """,
+    )
+    assert run(ip, "counter.value") == 40_000
+    # The same with a cell function that captures the Value, through %pmap.
+    run(ip, "def bump(n):\n    for _ in range(n):\n        with counter.get_lock():\n            counter.value += 1\n    return n\n")
+    assert run(ip, "%pmap -q bump, [10_000] * 4") == [10_000] * 4
+    assert run(ip, "counter.value") == 80_000
+    drop(ip, "counter", "bump")
+
+
+def test_counter_without_lock_races_but_does_not_crash(ip, any_method):
+    """``v.value += 1`` is a read then a write: without the lock, updates get lost."""
+    ensure_pool(any_method)
+    run(ip, "racy = mpmagic.Value('i', 0, lock=False)")
+    parallel(
+        ip,
+        """
+        for _ in range(10_000):
+            racy.value += 1
+        """,
+    )
+    total = run(ip, "racy.value")
+    assert 10_000 <= total <= 40_000
+    with pytest.raises(mpmagic.UsageError, match="lock=False"):
+        run(ip, "racy.get_lock()")
+    drop(ip, "racy")
+
+
+def test_producer_and_three_consumers_take_every_item_once(ip, any_method):
+    ensure_pool(any_method)
+    run(ip, "q = mpmagic.Queue()")
+    ranks = parallel(
+        ip,
+        """
+        if rank == 0:
+            for i in range(20_000):
+                q.put(i)
+            q.close()
+            got = []
+        else:
+            got = [item for item in q]   # ends when q is closed and drained
+        got
+        """,
+    )
+    assert ranks[0] == []
+    taken = [x for r in ranks[1:] for x in r]
+    assert sorted(taken) == list(range(20_000))  # every item, exactly once
+    for r in ranks[1:]:
+        assert r == sorted(r)  # each consumer sees the producer's order
+    assert run(ip, "q.qsize(), q.empty(), q.closed") == (0, True, True)
+    drop(ip, "q")
+
+
+def test_array_written_by_ranks_read_as_numpy(ip, any_method):
+    ensure_pool(any_method)
+    run(ip, "squares = mpmagic.Array('d', 4)")
+    parallel(ip, "squares[rank] = rank ** 2\n")
+    view = run(ip, "import numpy as np\nview = np.asarray(squares)\nview")
+    assert view.tolist() == [0.0, 1.0, 4.0, 9.0]
+    run(ip, "view[0] = 42.5")  # a view, not a copy
+    assert run(ip, "squares[0], squares.as_numpy().dtype.name, squares[1:3]") == (42.5, "float64", [1.0, 4.0])
+    parallel(ip, "squares.as_numpy()[rank] = -rank\n", n=2)  # numpy in the workers too
+    assert run(ip, "squares[:2]") == [0.0, -1.0]
+    drop(ip, "squares", "view")
+
+
+def test_helpers_made_after_the_pool_started(ip, any_method):
+    backend = ensure_pool(any_method)
+    backend.wait_ready()
+    pids = sorted(p["pid"] for p in backend.status()["processes"])
+    run(
+        ip,
+        "late_q = mpmagic.Queue()\nlate_v = mpmagic.Value('d', 0.5)\nlate_a = mpmagic.Array('i', [1, 2, 3])\n"
+        "late_lock = mpmagic.Lock()\nlate_r = mpmagic.RLock()\nlate_e = mpmagic.Event()\n",
+    )
+    run(
+        ip,
+        "def late(x):\n"
+        "    with late_lock:\n"
+        "        late_v.value += x\n"
+        "    with late_r:\n"
+        "        with late_r:\n"
+        "            late_a[x % 3] += 1\n"
+        "    late_e.wait(30)\n"
+        "    late_q.put(x)\n"
+        "    return os.getpid()\n",
+    )
+    run(ip, "import os\nlate_e.set()")
+    worker_pids = run(ip, "%pmap -q late, range(6)")
+    assert set(worker_pids) <= set(pids)  # the workers that were already running
+    assert sorted(p["pid"] for p in backend.status()["processes"]) == pids  # none restarted
+    assert run(ip, "late_v.value") == 0.5 + sum(range(6))
+    assert run(ip, "late_a[:]") == [3, 4, 5]  # [1, 2, 3] plus two each
+    assert sorted(run(ip, "[late_q.get(timeout=10) for _ in range(6)]")) == list(range(6))
+    drop(ip, "late_q", "late_v", "late_a", "late_lock", "late_r", "late_e", "late")
+
+
+# --------------------------------------------------------------------------
+# Queue behaviour
+
+
+def test_bounded_queue_blocks_the_producer(ip, any_method):
+    ensure_pool(any_method)
+    run(ip, "bq = mpmagic.Queue(maxsize=3)\nfor i in range(3):\n    bq.put(i)")
+    assert run(ip, "bq.full(), bq.qsize()") == (True, 3)
+    t0 = time.monotonic()
+    with pytest.raises(queue.Full):
+        run(ip, "bq.put(99, timeout=0.3)")
+    assert time.monotonic() - t0 >= 0.29
+    with pytest.raises(queue.Full):
+        run(ip, "bq.put_nowait(99)")
+    assert run(ip, "[bq.get() for _ in range(3)]") == [0, 1, 2]
+    # Across processes: the producer waits for the slow consumer, never more than 3 in.
+    run(ip, "bq2 = mpmagic.Queue(maxsize=3)")
+    ranks = parallel(
+        ip,
+        """
+        import time
+        if rank == 0:
+            t0 = time.monotonic()
+            most = 0
+            for i in range(30):
+                bq2.put(i)
+                most = max(most, bq2.qsize())
+            bq2.close()
+            out = (most, time.monotonic() - t0)
+        else:
+            time.sleep(1.0)
+            out = list(bq2)
+        out
+        """,
+        n=2,
+    )
+    most, put_seconds = ranks[0]
+    assert most <= 3
+    assert put_seconds >= 0.4  # it was held back until the consumer started
+    assert ranks[1] == list(range(30))
+    drop(ip, "bq", "bq2")
+
+
+def test_many_items_before_any_consumer_and_big_messages(ip, any_method):
+    """put() never blocks an unbounded queue: what does not fit in the ring waits in
+    the producer's backlog; messages bigger than the ring pass in fragments."""
+    ensure_pool(any_method)
+    run(ip, "many = mpmagic.Queue(capacity=64 * 1024)\nfor i in range(50_000):\n    many.put(i)\nmany.close()")
+    assert run(ip, "many.qsize()") == 50_000
+    ranks = parallel(ip, "sum(many)\n", n=2)
+    assert sum(ranks) == sum(range(50_000))
+    assert run(ip, "many.qsize()") == 0
+    # Messages far bigger than the 64 KiB ring, both ways.
+    run(ip, "big = mpmagic.Queue(capacity=64 * 1024)\nimport numpy as np\nbig.put(np.arange(1_000_000))")
+    ranks = parallel(
+        ip,
+        """
+        import numpy as np
+        if rank == 0:
+            arr = big.get(timeout=60)
+            big.put(arr * 2)
+            out = int(arr.sum())
+        else:
+            out = None
+        out
+        """,
+        n=2,
+    )
+    assert ranks[0] == sum(range(1_000_000))
+    back = run(ip, "big.get(timeout=60)")
+    assert isinstance(back, np.ndarray) and back[-1] == 2 * 999_999
+    drop(ip, "many", "big")
+
+
+def test_several_producers_and_end_of_stream(ip, any_method):
+    ensure_pool(any_method)
+    run(ip, "mq = mpmagic.Queue(producers=2)")
+    ranks = parallel(
+        ip,
+        """
+        if rank < 2:
+            for i in range(rank, 2_000, 2):
+                mq.put(i)
+            mq.close()          # one close per producer: the stream ends after both
+            out = []
+        else:
+            out = list(mq)
+        out
+        """,
+    )
+    assert sorted(ranks[2] + ranks[3]) == list(range(2_000))
+    with pytest.raises(mpmagic.QueueClosed):
+        run(ip, "mq.get()")
+    with pytest.raises(queue.Empty):  # QueueClosed is a queue.Empty
+        run(ip, "mq.get_nowait()")
+    with pytest.raises(ValueError, match="closed"):
+        run(ip, "mq.put(1)")
+    drop(ip, "mq")
+
+
+def test_queue_in_one_process(ip):
+    local_helpers()
+    run(ip, "lq = mpmagic.Queue()")
+    assert run(ip, "lq.empty()") is True
+    with pytest.raises(queue.Empty):
+        run(ip, "lq.get_nowait()")
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        run(ip, "lq.get(timeout=0.2)")
+    assert time.monotonic() - t0 >= 0.19
+    run(ip, "class Point:\n    def __init__(self, x):\n        self.x = x\nlq.put(Point(3))\nlq.put_nowait('b')")
+    assert run(ip, "lq.qsize()") == 2
+    assert run(ip, "p = lq.get()\nisinstance(p, Point), p.x") == (True, 3)
+    assert run(ip, "lq.get_nowait()") == "b"
+    assert "qsize=0" in run(ip, "repr(lq)")
+    drop(ip, "lq", "Point", "p")
+
+
+# --------------------------------------------------------------------------
+# Locks, events, values
+
+
+def test_lock_and_rlock_across_processes(ip, method):
+    ensure_pool(method)
+    run(ip, "import mpmagic\nguard = mpmagic.Lock()\nre = mpmagic.RLock()\nlog = mpmagic.Array('i', 2)")
+    run(ip, "guard.acquire()")
+    assert run(ip, "guard.locked()") is True
+    assert parallel(ip, "guard.acquire(timeout=0.2)\n", n=2) == [False, False]  # the notebook holds it
+    run(ip, "guard.release()")
+    parallel(
+        ip,
+        """
+        with guard:
+            with re:
+                with re:                         # re-entrant in the same thread
+                    log[rank] = rank + 1
+        """,
+        n=2,
+    )
+    assert run(ip, "log[:]") == [1, 2]
+    assert run(ip, "guard.acquire(timeout=1), re.acquire(timeout=1)") == (True, True)
+    run(ip, "guard.release()\nre.release()")
+    with pytest.raises(RuntimeError, match="does not hold"):
+        run(ip, "re.release()")
+    drop(ip, "guard", "re", "log")
+
+
+def test_event_wakes_waiting_ranks(ip, method):
+    ensure_pool(method)
+    run(
+        ip,
+        "ev = mpmagic.Event()\nwaiting = mpmagic.Queue()\nimport threading, time\n"
+        "def set_when_both_wait():\n"
+        "    waiting.get(timeout=60)\n"
+        "    waiting.get(timeout=60)\n"
+        "    time.sleep(0.3)\n"
+        "    ev.set()\n"
+        "threading.Thread(target=set_when_both_wait, daemon=True).start()",
+    )
+    ranks = parallel(
+        ip,
+        """
+        import time
+        t0 = time.monotonic()
+        waiting.put(rank)
+        ev.wait(60), time.monotonic() - t0
+        """,
+        n=2,
+    )
+    assert all(ok for ok, _ in ranks)
+    assert all(0.25 <= waited < 30 for _, waited in ranks)
+    assert run(ip, "ev.is_set()") is True
+    run(ip, "ev.clear()")
+    assert run(ip, "ev.wait(0.05)") is False
+    drop(ip, "ev", "waiting", "set_when_both_wait")
+
+
+def test_lock_is_exclusive_across_ranks(ip, method):
+    ensure_pool(method)
+    run(ip, "excl = mpmagic.Lock()\ninside = mpmagic.Value('i', 0)\nmost = mpmagic.Value('i', 0)")
+    parallel(
+        ip,
+        """
+        for _ in range(2_000):
+            with excl:
+                inside.value += 1
+                most.value = max(most.value, inside.value)
+                inside.value -= 1
+        """,
+    )
+    assert run(ip, "most.value") == 1
+    drop(ip, "excl", "inside", "most")
+
+
+def test_value_and_array_api(ip):
+    import ctypes
+
+    local_helpers()
+
+    v = mpmagic.Value(ctypes.c_double, 1.5)
+    assert v.value == 1.5 and "1.5" in repr(v)
+    with v:
+        v.value *= 2
+    assert v.get_obj().value == 3.0
+    c = mpmagic.Value("c")
+    assert c.value == b"\x00"
+    s = mpmagic.Array("c", b"hello")
+    assert s.value == b"hello" and s.raw == b"hello" and len(s) == 5
+    s.value = b"hi"
+    assert s[:2] == b"hi"
+    a = mpmagic.Array("i", range(5))
+    assert list(a) == [0, 1, 2, 3, 4] and a[-1] == 4 and a[1:4] == [1, 2, 3]
+    a[1:3] = [7, 8]
+    assert a[:] == [0, 7, 8, 3, 4]
+    n = mpmagic.Array("f", np.linspace(0, 1, 5, dtype=np.float32))
+    assert np.allclose(n.as_numpy(), np.linspace(0, 1, 5))
+    assert np.asarray(n, dtype=np.float64).dtype == np.float64
+    shared_lock = mpmagic.RLock()
+    x = mpmagic.Value("i", 0, lock=shared_lock)
+    y = mpmagic.Array("i", 3, lock=shared_lock)
+    assert x.get_lock() is y.get_lock()
+    assert pickle.loads(pickle.dumps(a)) is a  # the same object in the owner
+    with pytest.raises(AttributeError, match="'c'"):
+        a.value  # noqa: B018
+
+
+# --------------------------------------------------------------------------
+# Misuse, lifetime, killed holders
+
+
+def test_clear_errors_for_misuse(ip):
+    local_helpers()
+    with pytest.raises(mpmagic.UsageError, match=r"unknown typecode 'x'.*'i'.*'d'.*ctypes"):
+        mpmagic.Value("x", 1)
+    with pytest.raises(mpmagic.UsageError, match="unknown typecode"):
+        mpmagic.Array(float, 3)
+    with pytest.raises(mpmagic.UsageError, match="size must be"):
+        mpmagic.Array("i", -1)
+    with pytest.raises(mpmagic.UsageError, match="maxsize"):
+        mpmagic.Queue(-1)
+    with pytest.raises(mpmagic.UsageError, match="multiprocessing lock"):
+        import multiprocessing
+
+        mpmagic.Value("i", 0, lock=multiprocessing.Lock())
+
+
+def test_helper_whose_owner_dropped_it(ip, method):
+    ensure_pool(method)
+    run(ip, "import pickle\ngone = mpmagic.Value('i', 7)\nstale = pickle.dumps(gone)")
+    drop(ip, "gone")
+    with pytest.raises(mpmagic.SharedObjectGone, match=r"pid \d+\) released it"):
+        run(ip, "pickle.loads(stale)")
+    # In a worker: the same clear error comes back, not a FileNotFoundError.
+    with pytest.raises(mpmagic.SharedObjectGone, match="Make a new mpmagic.Value"):
+        run(ip, "%pmap -q pickle.loads, [stale]")
+    drop(ip, "stale")
+
+
+def test_helper_whose_owner_exited():
+    code = "import pickle, sys, mpmagic\nsys.stdout.write(pickle.dumps(mpmagic.Queue()).hex())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    with pytest.raises(mpmagic.SharedObjectGone, match="has exited"):
+        pickle.loads(bytes.fromhex(out.stdout))
+
+
+def test_resource_tracker_cleans_up_after_a_killed_kernel():
+    """SIGKILL gives the owner no chance to unlink: the resource tracker does it."""
+    code = textwrap.dedent(
+        """
+        import os, signal, sys, mpmagic
+        keep = [mpmagic.Queue(), mpmagic.Value('i', 1), mpmagic.Array('d', 10), mpmagic.Lock(), mpmagic.Event()]
+        print(" ".join(h._stem for h in keep), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    stems = [s.lstrip("/") for s in proc.stdout.split()]
+    assert len(stems) == 5
+    deadline = time.monotonic() + 20
+    while left_behind(stems) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left_behind(stems) == set()
+
+
+def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
+    ensure_pool(method)
+    run(ip, "held = mpmagic.Lock()\ndone = mpmagic.Value('i', 0)")
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -n 1 -q --timeout 1\nheld.acquire()\nimport time\ntime.sleep(30)\n")
+    with pytest.warns(RuntimeWarning, match="died while holding the lock"):
+        assert run(ip, "held.acquire(timeout=10)") is True
+    run(ip, "held.release()")
+    # And a queue whose reader was killed while waiting in get() still works.
+    run(ip, "kq = mpmagic.Queue()")
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -n 1 -q --timeout 1\nkq.get()\n")
+    ranks = parallel(ip, "kq.put(rank) if rank == 0 else kq.get(timeout=30)\n", n=2)
+    assert ranks[1] == 0
+    drop(ip, "held", "done", "kq")
+
+
+def test_dropping_the_helper_releases_its_names(ip):
+    local_helpers()
+    run(ip, "tmp_q = mpmagic.Queue()\ntmp_v = mpmagic.Value('i')\ntmp_e = mpmagic.Event()")
+    stems = run(ip, "[tmp_q._stem, tmp_v._stem, tmp_e._stem]")
+    assert len(left_behind(stems)) == 3 + 5 + 1 + 1  # 3 segments; semaphores: queue 5, value 1, event 1
+    drop(ip, "tmp_q", "tmp_v", "tmp_e")
+    assert left_behind(stems) == set()
+
+
+def test_backend_can_provide_its_own_helpers(monkeypatch):
+    """A backend with make_shared(kind, *args, **kwargs) makes the helpers."""
+    calls = []
+
+    class Backend:
+        def make_shared(self, kind, *args, **kwargs):
+            calls.append((kind, args, kwargs))
+            return NotImplemented if kind == "Lock" else f"{kind} from the backend"
+
+    monkeypatch.setattr(pool_module, "_backend", Backend())
+    assert mpmagic.Queue(5) == "Queue from the backend"
+    assert mpmagic.Value("i", 3) == "Value from the backend"
+    assert mpmagic.Array("d", 4, lock=False) == "Array from the backend"
+    assert isinstance(mpmagic.Lock(), shared.SharedLock)  # NotImplemented: the local one
+    assert calls[:3] == [("Queue", (5,), {}), ("Value", ("i", 3), {}), ("Array", ("d", 4), {"lock": False})]
