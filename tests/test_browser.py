@@ -1,0 +1,277 @@
+"""The quickstart notebook in a real browser, as a new user meets it.
+
+The test starts JupyterLab on 127.0.0.1 with a token (in its own session, on a
+copy of ``examples/quickstart.ipynb`` so the repository's copy is never
+saved over), opens the notebook in headless Chromium driven by Playwright,
+runs every cell through the Run menu, and checks what a person sees: the
+results, the timing report tables (``table.mpmagic-report``), the
+rank-labelled output of ``%%parallel``, and the progress widget of the long
+cell. It saves screenshots to ``artifacts/``.
+
+Chromium is Debian's ``chromium`` package (``.ci/setup-browser.sh`` installs
+it): Playwright's own browser downloads are not used. Without Chromium or
+Playwright the test is skipped with the reason, except under CI (``CI`` set),
+where it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("MPMAGIC_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# JupyterLab plugins that would reach out to the internet; not wanted in a test.
+LAB_DISABLED = [
+    "@jupyterlab/apputils-extension:announcements",
+    "@jupyterlab/extensionmanager-extension",
+]
+
+
+def missing(reason: str) -> None:
+    """Skip outside CI; under CI a missing browser stack is a failure, not a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI is set, so this is a failure; run .ci/setup-browser.sh)")
+    pytest.skip(f"{reason}; run .ci/setup-browser.sh and pip install -e '.[browser]'")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_tree(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Stop a process started in its own session and everything under it.
+
+    Kernels that Jupyter starts are in sessions of their own, so the process
+    group alone is not enough: the descendants are collected first.
+    """
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    _, alive = psutil.wait_procs(family, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+
+
+class Lab:
+    """A running JupyterLab server: its base URL and token."""
+
+    def __init__(self, base: str, token: str) -> None:
+        self.base, self.token = base, token
+
+    @property
+    def notebook_url(self) -> str:
+        return f"{self.base}/lab/tree/quickstart.ipynb?token={self.token}"
+
+    def api(self, path: str, method: str = "GET") -> object:
+        req = urllib.request.Request(f"{self.base}/api/{path}?token={self.token}", method=method)
+        with urllib.request.urlopen(req, timeout=15) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def kernel_idle(self) -> bool:
+        """Has the notebook's kernel started and reported idle to the server?"""
+        sessions = self.api("sessions")
+        return any(s.get("kernel", {}).get("execution_state") == "idle" for s in sessions)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    """A JupyterLab server on a copy of the quickstart, stopped with its kernels after the test."""
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        missing("JupyterLab is not installed")
+    work = tmp_path / "notebooks"
+    work.mkdir()
+    shutil.copy(ROOT / "examples" / "quickstart.ipynb", work / "quickstart.ipynb")
+    settings = tmp_path / "lab-settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension"
+    tracker.mkdir(parents=True)
+    # Every cell attached to the page, so what is checked is what is rendered.
+    (tracker / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
+    labconfig = tmp_path / "config" / "labconfig"
+    labconfig.mkdir(parents=True)
+    # What `jupyter labextension disable` would write, in this server's own config dir.
+    (labconfig / "page_config.json").write_text(json.dumps({"disabledExtensions": dict.fromkeys(LAB_DISABLED, True)}))
+    env = dict(
+        os.environ,
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"),
+        JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+        PYTHONUNBUFFERED="1",
+    )
+    port, token = free_port(), secrets.token_hex(16)
+    cmd = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", f"--IdentityProvider.token={token}",
+        "--ServerApp.port_retries=0", f"--ServerApp.root_dir={work}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+    ]
+    if os.geteuid() == 0:  # CI and these machines run as root
+        cmd.append("--allow-root")
+    log = (tmp_path / "jupyterlab.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"JupyterLab exited with {proc.returncode}:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{base}/api/status?token={token}", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"JupyterLab did not answer within 90 s:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        server = Lab(base, token)
+        yield server
+        # Shut the kernels down through the server, as closing them in Lab would.
+        try:
+            for kernel in server.api("kernels"):
+                server.api(f"kernels/{kernel['id']}", method="DELETE")
+        except OSError:
+            pass
+    finally:
+        stop_tree(proc)
+        log.close()
+
+
+def test_quickstart_in_jupyterlab(lab: Lab) -> None:
+    if not Path(CHROMIUM).exists():
+        missing(f"Chromium is not installed at {CHROMIUM}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing("Python Playwright is not installed")
+    ARTIFACTS.mkdir(exist_ok=True)
+    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(lab.notebook_url, wait_until="domcontentloaded", timeout=90_000)
+            # Wait for every cell of the notebook to be on the page, and the kernel idle.
+            code_cells = page.locator(".jp-Notebook .jp-CodeCell")
+            page.wait_for_function(
+                "n => document.querySelectorAll('.jp-Notebook .jp-CodeCell').length === n",
+                arg=n_code,
+                polling=250,
+                timeout=90_000,
+            )
+            deadline = time.monotonic() + 90
+            while not lab.kernel_idle():
+                assert time.monotonic() < deadline, "the notebook's kernel did not start within 90 s"
+                time.sleep(0.25)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+
+            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+
+            # Every prompt shows a number (not "[*]" nor empty) when all cells have run.
+            prompts = ".jp-Notebook .jp-CodeCell .jp-InputPrompt"
+            try:
+                page.wait_for_function(
+                    """([sel, n]) => {
+                        const p = [...document.querySelectorAll(sel)];
+                        return p.length === n && p.every(e => /\\[\\d+\\]/.test(e.textContent));
+                    }""",
+                    arg=[prompts, n_code],
+                    polling=500,
+                    timeout=150_000,
+                )
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / "quickstart-failed.png"))
+                seen = page.locator(prompts).all_inner_texts()
+                pytest.fail(f"the cells did not all run within 150 s; prompts: {seen}")
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=30_000)
+
+            def cell_output(marker: str) -> str:
+                cell = code_cells.filter(has_text=marker).first
+                return cell.locator(".jp-OutputArea").inner_text()
+
+            text = page.locator(".jp-Notebook").inner_text()
+            assert "Error" not in "".join(
+                page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+            )
+            # The results a person reads.
+            assert "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in text
+            assert "ZeroDivisionError" in cell_output("--errors collect")
+            spmd = cell_output("%%parallel -n 2")
+            assert "[rank 0] rank 0 of 2" in spmd and "[rank 1] rank 1 of 2" in spmd
+            assert "[0, 10]" in spmd
+            assert "pool: local" in cell_output("%pool")
+
+            # The timing report, rendered as a table, with its speedup row.
+            reports = page.locator("table.mpmagic-report")
+            assert reports.count() >= 4, f"expected a report table per run, found {reports.count()}"
+            first = code_cells.filter(has_text="%pmap work, [1_000_000]").first.locator("table.mpmagic-report")
+            first_text = first.inner_text()
+            assert "speedup" in first_text and "8" in first_text
+            compared = code_cells.filter(has_text="%pmap --compare work").first.locator("table.mpmagic-report")
+            assert "measured" in compared.inner_text()
+
+            # The long cell: a progress widget that counted all 16 items, then its report.
+            long_cell = code_cells.filter(has_text="long_results = %pmap").first
+            # ipywidgets' progress bar (tqdm's notebook widget), filled to the end.
+            bar = long_cell.locator(".widget-hprogress .progress-bar")
+            assert bar.count() == 1, "no progress widget in the long cell"
+            assert bar.evaluate("e => e.style.width") == "100%"
+            assert "16/16" in long_cell.locator(".jp-OutputArea").inner_text()
+            assert long_cell.locator("table.mpmagic-report").count() == 1
+
+            first.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "quickstart-report.png"))
+            long_cell.scroll_into_view_if_needed()
+            page.screenshot(path=str(ARTIFACTS / "quickstart-progress.png"))
+        finally:
+            browser.close()
