@@ -163,3 +163,17 @@ def pytest_sessionfinish(session, exitstatus):
         desc = [(p.pid, " ".join(p.cmdline())[:80]) for p in left if p.is_running()]
         print(f"\nLEAKED PROCESSES after the test session: {desc}")
         session.exitstatus = 1
+    segments = leftover_segments()
+    if segments:
+        print(f"\nLEAKED SHARED MEMORY after the test session: {segments}")
+        session.exitstatus = 1
+
+
+def leftover_segments() -> list[str]:
+    """/dev/shm entries named after this process (``mpm_<pid>_...``) once every
+    pool is stopped: the transport's segments must all be unlinked by then."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:  # no /dev/shm (macOS, Windows): nothing to list
+        return []
+    return sorted(n for n in names if n.startswith(f"mpm_{os.getpid()}_"))
