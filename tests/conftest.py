@@ -125,6 +125,17 @@ def local_pool(method):
     return ensure_pool(method)
 
 
+@pytest.fixture(autouse=True)
+def _local_pool_unless_dask_asked(request):
+    """A test that asks for no pool gets the default local one, even right
+    after the Dask-parametrized tests left a Dask pool current."""
+    names = request.fixturenames
+    if "backend" in names or any(n.startswith("dask") for n in names):
+        return
+    if getattr(pool_module.current_pool(), "name", None) == "dask":
+        pool_module.shutdown()
+
+
 def leftover_processes() -> list[psutil.Process]:
     """Descendants of this process other than multiprocessing's own helpers.
 

@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ from .local import _no_main_module
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
 _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
+_PAYLOADS_KEPT = 8  # function payloads kept scattered on the cluster between calls
 _keys = itertools.count()
 
 _live_backends: weakref.WeakSet = weakref.WeakSet()
@@ -154,6 +156,7 @@ class DaskBackend:
         self.calls_run = 0
         self.tasks_run = 0
         self._most_workers = 0  # the most workers seen at once
+        self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> scattered future
         self.created = time.time()
         self._lock = threading.RLock()
         _live_backends.add(self)
@@ -251,6 +254,7 @@ class DaskBackend:
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
+            self._payloads.clear()
         if client is not None:
             try:
                 client.close(timeout=timeout)
@@ -272,6 +276,7 @@ class DaskBackend:
         """Restart every worker process (``client.restart()``): clears their state and
         stops tasks an interrupt left running. It releases every key on the cluster."""
         self.start()
+        self._payloads.clear()
         try:
             self.client.restart(timeout=max(self.timeout, 30.0))
         except ValueError as exc:  # workers without nannies
@@ -358,6 +363,20 @@ class DaskBackend:
         base["memory_limit"] = sum(p["memory_limit"] or 0 for p in procs)
         return base
 
+    def _scattered(self, key: bytes, data: bytes) -> Any:
+        """The function payload on every worker: scattered once (broadcast), then
+        reused by later calls of the same function while Dask still holds it."""
+        with self._lock:
+            fut = self._payloads.get(key)
+            if fut is not None and fut.status == "finished":
+                self._payloads.move_to_end(key)
+                return fut
+            fut = self.client.scatter(data, broadcast=True, hash=False)
+            self._payloads[key] = fut
+            while len(self._payloads) > _PAYLOADS_KEPT:
+                self._payloads.popitem(last=False)
+            return fut
+
     # -- shared helpers ------------------------------------------------------
     def make_shared(self, kind: str, *args: Any, **kwargs: Any) -> Any:
         """``mpmagic.Queue()`` etc. on this cluster (Dask's coordination primitives)."""
@@ -441,8 +460,7 @@ class _DaskRun:
         self.client.subscribe_topic(self.topic, self._on_event)
         try:
             if self.job.func_payload is not None:
-                # Once per call and per worker, not once per chunk.
-                self.payload_future = self.client.scatter(self.job.func_payload, broadcast=True, hash=False)
+                self.payload_future = self.backend._scattered(self.job.func_key, self.job.func_payload)
             self._loop()
         except KeyboardInterrupt:
             self._abandon(interrupted=True)

@@ -1,0 +1,169 @@
+"""mpmagic on a local Dask cluster against plain ``client.map`` and mpmagic's
+local backend, in one run. Every figure is a median over several repeats.
+
+    .venv/bin/python benchmarks/bench_dask.py            # full (a few minutes)
+    .venv/bin/python benchmarks/bench_dask.py --quick    # smoke run
+
+The Dask cluster is the one ``%pool dask -n 2`` starts: a ``LocalCluster`` of
+2 worker processes with 1 thread each; the local backend has 2 workers too.
+Functions are defined as in a notebook (``run_cell`` in an InteractiveShell).
+
+Sections (the printed markdown goes into docs/performance.md as is):
+
+1. 100,000 tiny items (``x * x``): mpmagic chunks them; plain ``client.map``
+   makes one task per item.
+2. CPU-bound speedup on 2 workers: 8 items of ``work(3_000_000)``.
+3. Warm latency of a 2-item map.
+4. The helpers: a put+get round trip on ``mpmagic.Queue`` and an
+   acquire+release on ``mpmagic.Lock``, on Dask (scheduler round trips)
+   against the local shared-memory helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from IPython.core.interactiveshell import InteractiveShell
+
+import mpmagic
+
+CELL = """
+def sq(x):
+    return x * x
+
+def work(n):
+    s = 0
+    for i in range(n):
+        s += i * i
+    return s
+"""
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def per_op(fn: Callable[[], Any], n: int) -> float:
+    """Median over 5 batches of the seconds one call of ``fn`` takes."""
+    def batch() -> None:
+        for _ in range(n):
+            fn()
+    return median_time(batch, 5) / n
+
+
+def fmt(s: float) -> str:
+    if s < 1e-6:
+        return f"{s * 1e9:.0f} ns"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, smaller plain client.map")
+    args = ap.parse_args()
+    reps = 3 if args.quick else 5
+    n_tiny = 100_000
+    n_plain = 2_000 if args.quick else 10_000  # plain client.map: one task per item
+    cpu_items = [3_000_000] * 8
+
+    shell = InteractiveShell.instance()
+    shell.run_cell(CELL, store_history=False)
+    sq, work = shell.user_ns["sq"], shell.user_ns["work"]
+
+    serial_tiny = median_time(lambda: list(map(sq, range(n_tiny))), reps)
+    serial_cpu = median_time(lambda: list(map(work, cpu_items)), 1 if args.quick else 3, warmup=0)
+
+    # -- Dask: mpmagic and plain client.map, same cluster --------------------
+    t0 = time.perf_counter()
+    backend = mpmagic.use_dask(workers=2)
+    dask_start = time.perf_counter() - t0
+    client = backend.client
+
+    def plain_map(items: Any, f: Callable = sq) -> list:
+        return client.gather(client.map(f, items, pure=False))
+
+    res: dict[str, dict[str, float]] = {"dask": {}, "plain": {}, "local": {}}
+    res["dask"]["tiny"] = median_time(lambda: mpmagic.pmap(sq, range(n_tiny)), reps)
+    res["dask"]["tiny_chunks"] = mpmagic.last_report().chunks
+    plain_small = median_time(lambda: plain_map(range(n_plain)), 1 if args.quick else 3)
+    res["plain"]["tiny_measured"] = plain_small
+    res["plain"]["tiny"] = plain_small * n_tiny / n_plain  # one task per item: linear
+    res["dask"]["cpu"] = median_time(lambda: mpmagic.pmap(work, cpu_items), reps)
+    res["plain"]["cpu"] = median_time(lambda: plain_map(cpu_items, work), reps)
+    res["dask"]["latency"] = median_time(lambda: mpmagic.pmap(sq, [1, 2]), 20, warmup=3)
+    res["plain"]["latency"] = median_time(lambda: plain_map([1, 2]), 20, warmup=3)
+
+    dq, dl = mpmagic.Queue(), mpmagic.Lock()
+
+    def dq_roundtrip() -> None:
+        dq.put(1)
+        dq.get()
+
+    def lock_roundtrip(lock: Any) -> Callable[[], None]:
+        def f() -> None:
+            lock.acquire()
+            lock.release()
+        return f
+
+    helpers = {"dask_queue": per_op(dq_roundtrip, 50), "dask_lock": per_op(lock_roundtrip(dl), 50)}
+
+    # -- the local backend -----------------------------------------------------
+    mpmagic.use_local(2)
+    mpmagic.pmap(sq, range(4))  # workers up
+    res["local"]["tiny"] = median_time(lambda: mpmagic.pmap(sq, range(n_tiny)), reps)
+    res["local"]["cpu"] = median_time(lambda: mpmagic.pmap(work, cpu_items), reps)
+    res["local"]["latency"] = median_time(lambda: mpmagic.pmap(sq, [1, 2]), 20, warmup=3)
+    lq, ll = mpmagic.Queue(), mpmagic.Lock()
+
+    def lq_roundtrip() -> None:
+        lq.put(1)
+        lq.get()
+
+    helpers["local_queue"] = per_op(lq_roundtrip, 2000)
+    helpers["local_lock"] = per_op(lock_roundtrip(ll), 2000)
+    mpmagic.stop_pool()
+
+    # -- report ---------------------------------------------------------------
+    cpus = os.cpu_count()
+    print(f"Machine: {platform.processor() or platform.machine()}, {cpus} CPUs, Python {sys.version.split()[0]}, "
+          f"dask {__import__('dask').__version__}. Local Dask cluster started in {dask_start:.1f} s.\n")
+    print("| workload | serial | mpmagic on Dask | plain `client.map` | mpmagic local |")
+    print("|---|---|---|---|---|")
+    print(f"| 100,000 tiny items (`x * x`) | {fmt(serial_tiny)} | {fmt(res['dask']['tiny'])} "
+          f"({res['dask']['tiny_chunks']} chunks) | ~{fmt(res['plain']['tiny'])} "
+          f"(extrapolated from {n_plain:,} items: {fmt(res['plain']['tiny_measured'])}) | {fmt(res['local']['tiny'])} |")
+    print(f"| CPU-bound, 8 x `work(3_000_000)` | {fmt(serial_cpu)} | {fmt(res['dask']['cpu'])} "
+          f"(speedup {serial_cpu / res['dask']['cpu']:.2f}x) | {fmt(res['plain']['cpu'])} "
+          f"(speedup {serial_cpu / res['plain']['cpu']:.2f}x) | {fmt(res['local']['cpu'])} "
+          f"(speedup {serial_cpu / res['local']['cpu']:.2f}x) |")
+    print(f"| warm latency, 2-item map | - | {fmt(res['dask']['latency'])} | {fmt(res['plain']['latency'])} "
+          f"| {fmt(res['local']['latency'])} |")
+    print()
+    print("| helper operation (from the notebook process) | on Dask | local (shared memory) | ratio |")
+    print("|---|---|---|---|")
+    print(f"| `Queue` put + get | {fmt(helpers['dask_queue'])} | {fmt(helpers['local_queue'])} "
+          f"| {helpers['dask_queue'] / helpers['local_queue']:.0f}x |")
+    print(f"| `Lock` acquire + release | {fmt(helpers['dask_lock'])} | {fmt(helpers['local_lock'])} "
+          f"| {helpers['dask_lock'] / helpers['local_lock']:.0f}x |")
+
+
+if __name__ == "__main__":
+    main()
