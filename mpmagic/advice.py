@@ -5,12 +5,13 @@ A run "did not pay" when it was slower than serial, or its efficiency
 picked from the report's measurements, most specific first:
 
 * the pool was still starting during the run (workers start on first use);
-* more workers than usable CPU cores;
+* more workers than usable CPU cores (also when the estimate looks good:
+  on CPU-bound work, measured by the workers' CPU time, it counts waiting);
 * large arguments or results copied to and from the workers;
 * tasks too small for the cost of sending them (per chunk, compute time below
   the overhead the run actually paid per chunk);
-* one slow item (or chunk, or rank) holding everything up;
-* too few items to keep every worker busy.
+* too few items to keep every worker busy;
+* one slow item (or chunk, or rank) holding everything up.
 
 A good run gets no advice at all.
 """
@@ -39,20 +40,42 @@ def did_not_pay(report: Any) -> bool:
     return sp < 1.0 or eff < LOW_EFFICIENCY
 
 
+def oversubscribed(report: Any) -> bool:
+    """More local workers than cores, and the cores were saturated by the run's tasks.
+
+    The workers report the CPU seconds of their tasks; divided by the wall
+    time that is how many cores the run kept busy on average. Near all of
+    them, more workers than cores only take turns (waiting tasks, such as
+    I/O, use next to no CPU and are not counted).
+    """
+    cores, workers = report.cores, max(1, report.workers)
+    if not cores or workers <= cores or report.cpu_seconds is None or report.wall <= 0:
+        return False
+    return report.cpu_seconds / report.wall > 0.75 * cores
+
+
 def advise(report: Any) -> str | None:
     """The likely cause and what to try, in one line; None for a good (or failed) run."""
     from .report import fmt_seconds
 
-    if report.failed or report.extra.get("error") or not did_not_pay(report):
+    if report.failed or report.extra.get("error"):
         return None
     workers = max(1, report.workers)
+    if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
+        return (
+            f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''} on "
+            f"CPU-bound work, so they take turns (an estimated serial time counts their waiting): "
+            f"use -n {report.cores} (or %config MPMagic.workers = {report.cores})"
+        )
+    if not did_not_pay(report):
+        return None
     what = "ranks" if report.kind == "parallel" else "items"
     if report.cold_start:
         return (
             "the workers were still starting during this run (they start on first use, and "
             "this run paid for it): run it again to time the work alone"
         )
-    if report.cores and workers > report.cores:
+    if report.cores and workers > report.cores and report.cpu_seconds is None:
         return (
             f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''}, "
             f"so they take turns: use -n {report.cores} (or %config MPMagic.workers = {report.cores})"
@@ -68,7 +91,8 @@ def advise(report: Any) -> str | None:
         )
     if report.kind == "pmap" and report.chunks:
         per_chunk = report.task_seconds / report.chunks
-        overhead = max(0.0, report.wall * workers - report.task_seconds) / report.chunks
+        busy = min(workers, report.chunks)  # workers that had a chunk at all
+        overhead = max(0.0, report.wall * busy - report.task_seconds) / report.chunks
         if per_chunk < overhead:
             per_item = report.task_seconds / max(1, report.items)
             fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
@@ -83,6 +107,12 @@ def advise(report: Any) -> str | None:
                 f"~{fmt_seconds(per_chunk)}, but sending and collecting a chunk cost "
                 f"~{fmt_seconds(overhead)}: {fix}, or run it serially"
             )
+    if report.items < workers:
+        return (
+            f"only {report.items} {what if report.items != 1 else what[:-1]} for {workers} workers: "
+            "some workers had nothing to do; "
+            f"use -n {max(1, report.items)} or split the work into more {what}"
+        )
     slowest, where = report.slowest_task, report.slowest_where
     ideal = report.task_seconds / workers
     if slowest and slowest > 0.5 * report.wall and slowest > 1.5 * ideal:
@@ -94,11 +124,6 @@ def advise(report: Any) -> str | None:
                 if report.kind == "parallel"
                 else "use --chunksize 1 so slow items run alone, or put the slow items first"
             )
-        )
-    if report.items < workers:
-        return (
-            f"only {report.items} {what} for {workers} workers: some workers had nothing to do; "
-            f"use -n {max(1, report.items)} or split the work into more {what}"
         )
     overhead = report.wall - ideal
     return (

@@ -154,6 +154,7 @@ class MapJob:
         self.insights = insights
         self.bytes_sent = 0
         self.bytes_back = 0
+        self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
 
@@ -228,6 +229,8 @@ class MapJob:
         ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds."""
         self.bytes_back += len(data)
+        if meta and "cpu" in meta:
+            self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         results = payload.loads(data)
@@ -380,6 +383,7 @@ class CellJob:
         self.insights = insights
         self.bytes_sent = len(spec_bytes) * size
         self.bytes_back = 0
+        self.cpu_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
 
@@ -408,6 +412,8 @@ class CellJob:
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
         self.bytes_back += len(data)
+        if meta and "cpu" in meta:
+            self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         self.values[unit.id], self.gathered[unit.id] = payload.loads(data)

@@ -10,7 +10,8 @@ thread runs tasks one after another:
 * ``("map", call, chunk, key, star, collect, items[, timing])``: run the
   function over a chunk of items, reply ``("done", call, chunk, results,
   seconds, meta)`` or ``("error", ...)``. ``meta`` says which worker ran the
-  chunk and when (``worker``, ``start``, ``end``, epoch seconds); with
+  chunk and when (``worker``, ``start``, ``end``, epoch seconds) and its CPU
+  seconds (``cpu``); with
   ``timing`` it also holds the chunk's slowest items (index, seconds) and the
   (un)pickling time.
 * ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
@@ -348,6 +349,7 @@ class _Worker:
             self.channel.send(("error", call, chunk, -1, ErrorInfo(exc), b"", 0.0))
             return
         start = time.time()
+        cpu0 = time.process_time()
         t_run = time.perf_counter()
         self._capture(call, chunk)
         try:
@@ -358,6 +360,7 @@ class _Worker:
         finally:
             self._release()
         end = start + (time.perf_counter() - t_run)
+        cpu = time.process_time() - cpu0
         try:
             data = shm.dumps_result(results, payload.dumps_data)
         except Exception as exc:
@@ -369,7 +372,8 @@ class _Worker:
             # --errors collect: only the results that cannot travel become failures.
             results = [_sendable_or_error(r) for r in results]
             data = payload.dumps_data(results)
-        meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end}
+        # cpu: this process's CPU seconds for the chunk (tells CPU-bound from waiting).
+        meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end, "cpu": cpu}
         if timing:
             # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
             meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
@@ -386,11 +390,13 @@ class _Worker:
 
         self._capture(call, rank)
         start = time.time()
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         try:
             spec = payload.loads(data)
             value, gathered = run_cell_code(spec, rank, size)
             seconds = time.perf_counter() - t0
+            cpu = time.process_time() - cpu0
         except BaseException as exc:
             self._release()
             self.channel.send(("error", call, rank, -1, ErrorInfo(exc), b"", 0.0))
@@ -406,7 +412,7 @@ class _Worker:
                     break
             self.channel.send(("unpicklable", call, rank, None, _unsendable_info(culprit, root, exc)))
             return
-        meta = {"worker": self.worker_id, "start": start, "end": start + seconds}
+        meta = {"worker": self.worker_id, "start": start, "end": start + seconds, "cpu": cpu}
         self.channel.send(("done", call, rank, out, seconds, meta))
 
 

@@ -20,6 +20,7 @@ from tqdm.std import tqdm as std_tqdm
 import mpmagic
 from mpmagic import config, progress
 from mpmagic.jobs import MapJob
+from mpmagic.report import Report
 
 # -- helpers -------------------------------------------------------------------
 
@@ -268,6 +269,33 @@ def test_advice_can_be_turned_off(ip, pool2, settings):
     assert mpmagic.last_report().advice
     run(ip, "%config MPMagic.advice = False")
     assert mpmagic.last_report().advice is None
+
+
+def _report(**kw) -> Report:
+    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
+                wall=1.0, task_seconds=1.9, chunks=8, chunksize="auto (1)", cores=2)
+    base.update(kw)
+    return Report(**base)
+
+
+def test_advice_picks_the_cause_from_the_measurements():
+    """Each cause from its own measurement (synthetic reports: deterministic)."""
+    assert _report().advice is None  # 1.9x on 2 workers
+    # CPU-bound on more workers than cores: said even though the estimate looks fine ...
+    busy = _report(workers=4, task_seconds=3.6, cpu_seconds=1.9)
+    assert "4 workers share 2 CPU cores" in busy.advice and "-n 2" in busy.advice
+    # ... but not when the tasks were waiting (sleep, I/O), not computing.
+    assert _report(workers=4, task_seconds=3.6, cpu_seconds=0.02).advice is None
+    big = _report(wall=0.3, task_seconds=0.001, bytes_sent=20_000_000)
+    assert "copied" in big.advice and "arguments" in big.advice
+    lonely = _report(items=1, chunks=1, wall=0.3, task_seconds=0.3)
+    assert lonely.advice.startswith("only 1 item for 2 workers")
+    straggler = _report(items=11, chunks=11, wall=0.61, task_seconds=0.61, slowest_task=0.6,
+                        slowest_where="item 0")
+    assert "item 0 took 600.0 ms" in straggler.advice
+    cold = _report(wall=3.0, cold_start=True)
+    assert "still starting" in cold.advice
+    assert _report(wall=3.0, failed=1).advice is None  # a failed run gets its error, not advice
 
 
 # -- scaling -------------------------------------------------------------------
