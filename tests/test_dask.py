@@ -235,6 +235,12 @@ def test_local_cluster_from_the_magic_and_back_to_local(ip):
         assert run(ip, "%pmap -q lambda x: -x, range(3)") == [0, -1, -2]
         pids = set(worker_pids(backend).values())
         assert pids <= children  # worker processes of this notebook, not of another cluster
+        # They share the kernel's process group: "interrupt kernel" must not kill them.
+        for pid in pids:
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert run(ip, "%pmap -q abs, [-4, 5]") == [4, 5]
+        assert set(worker_pids(backend).values()) == pids
     finally:
         run(ip, "%pool local -n 2")
     assert pool_module.get_pool().name == "local"

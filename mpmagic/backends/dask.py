@@ -156,6 +156,7 @@ class DaskBackend:
         self.calls_run = 0
         self.tasks_run = 0
         self._most_workers = 0  # the most workers seen at once
+        self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> scattered future
         self.created = time.time()
         self._lock = threading.RLock()
@@ -234,11 +235,21 @@ class DaskBackend:
                 f"{self.timeout:g} s (gave up after {waited:.1f} s: {exc}); {hint}"
             ) from None
 
+    def _nthreads(self, fresh: bool = False) -> dict[str, int]:
+        """Worker address -> threads; asked of the scheduler at most once a second
+        unless ``fresh`` (one round trip saved on every warm call)."""
+        now = time.monotonic()
+        if fresh or self._nthreads_cache is None or now - self._nthreads_cache[0] > 1.0:
+            self._nthreads_cache = (now, dict(self.client.nthreads()))
+        return self._nthreads_cache[1]
+
     def _wait_for_workers(self, n: int) -> dict[str, int]:
         """Worker address -> threads, once at least ``n`` workers are there."""
         deadline = time.monotonic() + self.timeout
+        fresh = False
         while True:
-            nthreads = dict(self.client.nthreads())
+            nthreads = self._nthreads(fresh)
+            fresh = True
             if len(nthreads) >= n:
                 return nthreads
             if time.monotonic() >= deadline:
@@ -255,6 +266,7 @@ class DaskBackend:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
             self._payloads.clear()
+            self._nthreads_cache = None
         if client is not None:
             try:
                 client.close(timeout=timeout)
@@ -277,6 +289,7 @@ class DaskBackend:
         stops tasks an interrupt left running. It releases every key on the cluster."""
         self.start()
         self._payloads.clear()
+        self._nthreads_cache = None
         try:
             self.client.restart(timeout=max(self.timeout, 30.0))
         except ValueError as exc:  # workers without nannies
@@ -298,6 +311,7 @@ class DaskBackend:
         if not self.running:
             return
         self.cluster.scale(workers)
+        self._nthreads_cache = None
         deadline = time.monotonic() + max(self.timeout, 30.0)
         while len(self.client.nthreads()) != workers:
             if time.monotonic() > deadline:
@@ -309,7 +323,7 @@ class DaskBackend:
         """Worker processes connected now (what ``-n`` defaults to)."""
         if self.running:
             try:
-                return max(1, len(self.client.nthreads()))
+                return max(1, len(self._nthreads()))
             except Exception:
                 pass
         return self.requested_workers or (available_cpus() if self.owns_cluster else 1)
@@ -398,6 +412,7 @@ class DaskBackend:
         self._most_workers = max(self._most_workers, len(nthreads))
         targets: list[str] = []
         if job.kind == "cell":
+            nthreads = self._nthreads(fresh=True)  # ranks are pinned: no stale addresses
             if len(nthreads) < job.size <= self._most_workers:
                 # A worker is restarting (after a timeout or a crash): wait for it.
                 nthreads = self._wait_for_workers(job.size)
