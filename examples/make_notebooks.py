@@ -208,13 +208,13 @@ import pandas as pd"""),
     ("md", """\
 ## Image processing in strips
 
-A 2048 x 2048 image is smoothed with 40 passes of a 3 x 3 box blur. Each
-strip is sent with a margin (halo) of 40 rows on each side, so that after
+A 2048 x 2048 image is smoothed with 30 passes of a 3 x 3 box blur. Each
+strip is sent with a margin (halo) of 30 rows on each side, so that after
 cropping, the stitched result is exactly the whole-image result."""),
     ("code", """\
 rng = np.random.default_rng(0)
 image = rng.random((2048, 2048), dtype=np.float32)
-PASSES = 40
+PASSES = 30
 
 def smooth(a, passes=PASSES):
     \"\"\"Box-blur a 2-D array `passes` times; the border pixels stay as they are.\"\"\"
@@ -243,14 +243,14 @@ print("same as smoothing the whole image:", np.array_equal(smoothed, smooth(imag
 Each task draws its own random points from its own seed, so the answer is the
 same serially and in parallel."""),
     ("code", """\
-def count_inside(seed, n=5_000_000):
+def count_inside(seed, n=3_000_000):
     \"\"\"How many of n random points in the unit square fall inside the quarter circle.\"\"\"
     rng = np.random.default_rng(seed)
     x, y = rng.random(n), rng.random(n)
     return int(np.count_nonzero(x * x + y * y <= 1.0))
 
 hits = %pmap --compare count_inside, range(8)
-print(f"pi is about {4 * sum(hits) / (8 * 5_000_000):.4f}")"""),
+print(f"pi is about {4 * sum(hits) / (8 * 3_000_000):.4f}")"""),
     ("md", """\
 ## A group-wise computation with pandas
 
@@ -263,7 +263,7 @@ sales = pd.DataFrame({
     "amount": rng.gamma(2.0, 20.0, 200_000).round(2),
 })
 
-def bootstrap_mean(group, resamples=1000):
+def bootstrap_mean(group, resamples=500):
     \"\"\"Mean sale of one store with a 95% bootstrap confidence interval.\"\"\"
     values = group["amount"].to_numpy()
     rng = np.random.default_rng(int(group["store"].iat[0]))

@@ -129,6 +129,11 @@ def test_quickstart_notebook() -> None:
     long_run = cell_text(nb, "long_results = %pmap")
     [line] = report_lines(long_run)
     assert "16 items" in line
+    # The progress widget of the long cell (tqdm's notebook bar) counted every item.
+    assert "application/vnd.jupyter.widget-view+json" in str(find_cell(nb, "long_results = %pmap")[0].outputs)
+    models = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"].values()
+    bars = [m["state"] for m in models if m["model_name"] in ("FloatProgressModel", "IntProgressModel")]
+    assert any(b.get("value") == b.get("max") == 16 for b in bars), bars
     assert "16 results; pmap: 16 items" in cell_text(nb, "len(long_results)")
 
 
