@@ -455,5 +455,7 @@ def _first_unpicklable(results: list) -> int | None:
 def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
     """Entry point of a worker process (the target of ``Process``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     _Worker(conn, parent_pid, worker_id, position).serve()

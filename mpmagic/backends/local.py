@@ -121,28 +121,26 @@ def can_start_in_background() -> bool:
 
 
 @contextmanager
-def _sigint_ignored_while_starting():
-    """Start workers with SIGINT ignored from their first instruction.
+def _sigint_blocked_while_starting():
+    """Start workers with SIGINT blocked from their first instruction.
 
     "Interrupt kernel" signals the kernel's whole process group. A worker sets
     SIGINT to ignored as soon as it runs, but a second interrupt during a
     restart could reach a replacement before that and kill it. A process
-    started (fork, or exec for spawn and the forkserver) while SIGINT is
-    ignored inherits the ignoring, and Python keeps it, so there is no window.
-    A Ctrl-C in these few milliseconds of ``start()`` is dropped.
+    started (fork, or exec for spawn and the forkserver) by a thread that
+    blocks SIGINT inherits the block until the worker ignores the signal, so
+    there is no window. Blocking is per thread (this works from the
+    background thread that pre-starts the pool) and delays rather than drops
+    a Ctrl-C that arrives meanwhile.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no process-group SIGINT
         yield
         return
-    try:
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:
-        yield
-        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextmanager
@@ -237,7 +235,7 @@ class LocalBackend:
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
-        with _no_main_module(), _sigint_ignored_while_starting():
+        with _no_main_module(), _sigint_blocked_while_starting():
             proc.start()
         child_conn.close()
         return _Slot(
