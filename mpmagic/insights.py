@@ -6,8 +6,7 @@ because insights ask the worker to time each item, every item's seconds and
 the (un)pickling time). At the end it becomes an :class:`Insights`:
 
 * per worker: tasks run, busy time (running tasks), transfer time (unpickling
-  arguments, pickling results, and the trip through the pipe), idle time (the
-  rest of the run's wall time);
+  arguments and pickling results), idle time (the rest of the run's wall time);
 * the slowest items, each with a short repr of its arguments;
 * a per-worker timeline of tasks (a Gantt-like chart with matplotlib, or a
   line of characters per worker without it).
@@ -98,10 +97,9 @@ class Recorder:
         end = meta.get("end", time.time())
         start = meta.get("start", end - seconds)
         self.tasks.append(Task(worker, start, end, unit.start, unit.count))
-        moved = meta.get("transfer", 0.0)
-        if "sent" in meta and "received" in meta:
-            moved += max(0.0, meta["received"] - meta["sent"])
-        self.transfer[worker] = self.transfer.get(worker, 0.0) + moved
+        # The worker's own unpickling of arguments and pickling of results. (The
+        # reply's wait in the pipe is not counted: the worker is already on its next chunk.)
+        self.transfer[worker] = self.transfer.get(worker, 0.0) + meta.get("transfer", 0.0)
         if self.kind == "parallel":
             self._offer(seconds, unit.id, None, worker, is_rank=True)
             return

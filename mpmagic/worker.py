@@ -387,7 +387,6 @@ class _Worker:
             meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
             meta["items_timed"] = len(item_seconds)
             meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
-            meta["sent"] = time.time()
         if error is None:
             self.channel.send(("done", call, chunk, data, seconds, meta))
         else:

@@ -516,8 +516,6 @@ class LocalBackend:
             slot.tasks += unit.count
             self.tasks_run += unit.count
             meta = msg[5] if len(msg) > 5 else None  # who ran it and when (newer workers)
-            if meta is not None and "sent" in meta:
-                meta["received"] = time.time()  # --insights: the pipe's share of transfer time
             job.done(unit, msg[3], msg[4], meta)
         elif kind == "error":
             slot.tasks += unit.count
