@@ -73,7 +73,8 @@ class Recorder:
         self.begin = time.time()
         self.tasks: list[Task] = []
         self.transfer: dict[Any, float] = {}
-        self._heap: list[tuple[float, int, str, Any]] = []  # min-heap of the slowest
+        self._heap: list[tuple[float, int, int, str, Any]] = []  # min-heap of the slowest
+        self._seq = 0  # tie-breaker, so entries never compare their workers
 
     def _args(self, item: Any) -> str:
         if self.star and isinstance(item, (tuple, list)):
@@ -84,7 +85,8 @@ class Recorder:
         if len(self._heap) >= self.top and seconds <= self._heap[0][0]:
             return
         text = f"rank {index}" if is_rank else self._args(item)
-        entry = (seconds, index, text, worker)
+        self._seq += 1
+        entry = (seconds, index, self._seq, text, worker)
         if len(self._heap) < self.top:
             heapq.heappush(self._heap, entry)
         else:
@@ -128,9 +130,11 @@ class Recorder:
         for w in per.values():
             w.transfer = self.transfer.get(w.worker, 0.0)
             w.idle = max(0.0, span - w.busy - w.transfer)
-        slow = [SlowItem(i, s, a, w) for s, i, a, w in sorted(self._heap, reverse=True)]
-        return Insights(self.kind, workers, self.begin, end, sorted(per.values(), key=lambda w: str(w.worker)),
-                        slow, self.tasks)
+        slow = [SlowItem(i, s, a, w) for s, i, _, a, w in sorted(self._heap, reverse=True)]
+        def order(w: WorkerTime) -> tuple:  # local ids in number order, addresses as text
+            return (0, w.worker, "") if isinstance(w.worker, int) else (1, 0, str(w.worker))
+
+        return Insights(self.kind, workers, self.begin, end, sorted(per.values(), key=order), slow, self.tasks)
 
 
 @dataclass
