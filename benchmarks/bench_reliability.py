@@ -1,0 +1,152 @@
+"""How fast mpmagic notices failures, and what a long session costs.
+
+    .venv/bin/python benchmarks/bench_reliability.py      # about 30 s
+
+Measured, never asserted (tests/test_reliability.py and tests/test_kernel.py
+assert only generous "within N seconds" bounds): the time from a worker's
+death to the ``WorkerLostError`` in the cell, how far past ``--timeout`` the
+``TaskTimeoutError`` comes, the time from "interrupt kernel" to an idle
+kernel in a real Jupyter kernel, and the open files, threads, processes and
+memory before and after 2,000 ``%pmap`` calls and 200 ``%%parallel`` cells.
+Prints markdown for docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import mpmagic
+
+SETUP = """
+import os, signal, time
+def killed(x):
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+def stuck(x):
+    if x == 1:
+        time.sleep(60)
+    return x
+def tiny(x):
+    return x + 1
+some = list(range(20))
+"""
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms"
+
+
+def in_process(ip: InteractiveShell, backend) -> list[str]:
+    rows = []
+    death = []
+    for _ in range(15):
+        backend.wait_ready()
+        t = time.perf_counter()
+        with capture_output():
+            r = ip.run_cell("%pmap -q --chunksize 4 killed, range(8)")
+        death.append(time.perf_counter() - t)
+        assert isinstance(r.error_in_exec, mpmagic.WorkerLostError)
+    rows.append(f"| worker SIGKILLed -> `WorkerLostError` in the cell (n=15) | "
+                f"{ms(statistics.median(death))} | {ms(max(death))} |")
+    over = []
+    for _ in range(5):
+        backend.wait_ready()
+        t = time.perf_counter()
+        with capture_output():
+            ip.run_cell("%pmap -q --timeout 0.5 stuck, range(2)")
+        over.append(time.perf_counter() - t - 0.5)
+    rows.append(f"| `--timeout 0.5`: error later than the timeout by (n=5) | "
+                f"{ms(statistics.median(over))} | {ms(max(over))} |")
+    return rows
+
+
+def long_session(ip: InteractiveShell, backend) -> list[str]:
+    for _ in range(30):
+        ip.run_cell("%pmap -q tiny, some")
+        ip.run_cell("%%parallel -n 2 -q\nrank")
+    gc.collect()
+    me = psutil.Process()
+
+    def snap() -> dict[str, float]:
+        workers = [psutil.Process(s.pid) for s in backend.slots]
+        return {
+            "open fds (notebook)": me.num_fds(),
+            "threads (notebook)": me.num_threads(),
+            "child processes": len(me.children(recursive=True)),
+            "RSS notebook (MB)": me.memory_info().rss / 2**20,
+            "RSS largest worker (MB)": max(w.memory_info().rss for w in workers) / 2**20,
+        }
+
+    before = snap()
+    t = time.perf_counter()
+    for _ in range(2000):
+        ip.run_cell("%pmap -q tiny, some")
+    t_pmap = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(200):
+        ip.run_cell("%%parallel -n 2 -q\nrank")
+    t_cells = time.perf_counter() - t
+    gc.collect()
+    after = snap()
+    rows = [
+        f"2,000 `%pmap` calls took {t_pmap:.1f} s ({ms(t_pmap / 2000)} each), "
+        f"200 `%%parallel` cells {t_cells:.1f} s ({ms(t_cells / 200)} each).",
+        "",
+        "| | before | after |",
+        "|---|---|---|",
+    ]
+    rows += [f"| {k} | {before[k]:.1f} | {after[k]:.1f} |" for k in before]
+    return rows
+
+
+def interrupts() -> list[str]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from test_kernel import Kernel
+
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        k.ok("def spin(x):\n    print('spinning', x, flush=True)\n    while True:\n        pass\n")
+        pm, par = [], []
+        for _ in range(7):
+            pm.append(k.execute("%pmap -q spin, range(8)", interrupt_when="spinning").after_interrupt)
+            par.append(k.execute("%%parallel -n 2 -q\nprint('go', flush=True)\nwhile True:\n    pass\n",
+                                 interrupt_when="go").after_interrupt)
+    finally:
+        k.close()
+    return [
+        f"| interrupt kernel during `%pmap` -> kernel idle (n=7) | {ms(statistics.median(pm))} | {ms(max(pm))} |",
+        f"| interrupt kernel during `%%parallel` -> kernel idle (n=7) | {ms(statistics.median(par))} | {ms(max(par))} |",
+    ]
+
+
+def main() -> None:
+    ip = InteractiveShell.instance(colors="nocolor")
+    ip.run_cell("%load_ext mpmagic")
+    backend = mpmagic.use_local(2, "forkserver")
+    backend.wait_ready()
+    ip.run_cell(SETUP)
+    try:
+        rows = in_process(ip, backend)
+        session = long_session(ip, backend)
+    finally:
+        mpmagic.stop_pool()
+    rows += interrupts()
+    print(f"2 workers, forkserver, {psutil.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
+    print("| | median | max |\n|---|---|---|")
+    print("\n".join(rows))
+    print()
+    print("\n".join(session))
+
+
+if __name__ == "__main__":
+    main()
