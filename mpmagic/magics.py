@@ -141,7 +141,7 @@ def _eval_map_args(text: str, user_ns: dict[str, Any]) -> tuple:
     usage = "usage: %pmap [options] FUNC, ITERABLE [, ITERABLE ...]   (see %pmap?)"
     if not text:
         raise IPythonUsageError(f"%pmap: missing FUNC and ITERABLE\n{usage}")
-    source = f"__mpmagic_args__({text})"
+    source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError:
@@ -202,7 +202,7 @@ class MPMagics(Magics):
         __tracebackhide__ = True
         parser = _parallel_parser()
         tokens, rest = split_options(line, parser)
-        if rest:
+        if rest and not rest.startswith("#"):  # a trailing comment is not an argument
             tokens.append(rest)
         opts = parser.parse_args(tokens)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
@@ -258,7 +258,7 @@ class MPMagics(Magics):
 
         parser = _pool_parser()
         try:
-            opts = parser.parse_args(shlex.split(line))
+            opts = parser.parse_args(shlex.split(line, comments=True))
         except ValueError as exc:
             raise IPythonUsageError(f"%pool: {exc}") from None
         try:
