@@ -11,9 +11,9 @@ is a thin skin over the plain API re-exported here, usable from scripts too::
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from .api import RankValues, last_report, parallel, pmap
 from .errors import (
     MPMagicError,
     ParallelError,
@@ -23,11 +23,69 @@ from .errors import (
     UsageError,
     WorkerLostError,
 )
-from .jobs import Failed
-from .pool import get_pool, pool_status, restart_pool, start_pool, stop_pool, use_dask, use_local
-from .report import Report
-from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
-from .shm import share
+
+# The rest of the API is imported on first use (PEP 562). Why: every worker
+# process and the forkserver import this package (``mpmagic.worker``), and
+# the notebook-side modules (api, pool, jobs, reports, progress bars...) took
+# ~100 ms of that and ~10 MB per worker, on the path of the first %pmap.
+_LAZY = {
+    "pmap": "api",
+    "parallel": "api",
+    "last_report": "api",
+    "RankValues": "api",
+    "Failed": "jobs",
+    "get_pool": "pool",
+    "pool_status": "pool",
+    "restart_pool": "pool",
+    "start_pool": "pool",
+    "stop_pool": "pool",
+    "use_dask": "pool",
+    "use_local": "pool",
+    "Report": "report",
+    "Array": "shared",
+    "Event": "shared",
+    "Lock": "shared",
+    "Queue": "shared",
+    "QueueClosed": "shared",
+    "RLock": "shared",
+    "SharedObjectGone": "shared",
+    "Value": "shared",
+    "share": "shm",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
+    from .api import RankValues, last_report, parallel, pmap
+    from .jobs import Failed
+    from .pool import (
+        get_pool,
+        pool_status,
+        restart_pool,
+        start_pool,
+        stop_pool,
+        use_dask,
+        use_local,
+    )
+    from .report import Report
+    from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
+    from .shm import share
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a submodule, ``mpmagic.pool``...) on first use."""
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    else:
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'mpmagic' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __version__ = "0.1.0"
 
