@@ -74,7 +74,7 @@ class Kernel:
     ) -> Reply:
         """Run ``code``; optionally interrupt it after some seconds, or once
         ``interrupt_when`` shows in its stdout; ``interrupts`` > 1 sends more
-        interrupts 50 ms apart (the later ones land during the cleanup)."""
+        interrupts 10 ms apart (the later ones land during the cleanup)."""
         msg_id = self.kc.execute(code)
         reply = Reply("?", None)
         t0 = time.monotonic()
@@ -87,7 +87,7 @@ class Kernel:
                 first_interrupt = time.monotonic()
                 for i in range(interrupts):
                     if i:
-                        time.sleep(0.05)
+                        time.sleep(0.01)
                     self.km.interrupt_kernel()
             if now - t0 > timeout:
                 raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}")
@@ -251,7 +251,7 @@ def test_interrupt_a_task_that_ignores_signals(kernel, kind):
 def test_a_second_interrupt_during_cleanup_is_safe(kernel):
     kernel.ok("def spin(x):\n    print('spinning', x, flush=True)\n    while True:\n        pass\n")
     before = worker_pids(kernel)
-    reply = kernel.execute("%pmap -q spin, range(8)", interrupt_when="spinning", interrupts=4)
+    reply = kernel.execute("%pmap -q spin, range(8)", interrupt_when="spinning", interrupts=6)
     assert reply.ename == "KeyboardInterrupt"
     assert reply.after_interrupt < INTERRUPT_BOUND + 0.5
     # The kernel is alive and idle, no worker is left spinning, the pool works.

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import socket
+import threading
 import time
 
 import psutil
@@ -151,6 +153,46 @@ def test_worker_death_in_parallel_names_rank(ip, pool2, func):
     assert DEATHS[func][0] in str(lost)
     assert "[rank 1]" in cap.stderr
     assert err.values == {0: 0}  # rank 0's value is not lost
+    assert_healed(ip, pool2)
+
+
+# -- 2. interrupts (in-process; the real-kernel tests are in test_kernel.py) --
+
+
+def test_second_interrupt_during_cleanup_is_deferred(ip, pool2, monkeypatch):
+    """Ctrl-C during %pmap, and again while the interrupted workers are being
+    replaced: one KeyboardInterrupt, the cleanup completes, the pool works."""
+    run(ip, "def spin(x):\n    while True:\n        pass\n")
+    busy_before = pids(pool2)
+    real_replace = type(pool2)._replace
+    hits = []
+
+    def replace_with_another_interrupt(self, slot):
+        if not hits:
+            hits.append(slot.pid)
+            os.kill(os.getpid(), signal.SIGINT)  # lands in the middle of the cleanup
+            time.sleep(0.05)
+        return real_replace(self, slot)
+
+    monkeypatch.setattr(type(pool2), "_replace", replace_with_another_interrupt)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with capture_output():
+            result = ip.run_cell("%pmap -q spin, range(4)", store_history=False)
+    finally:
+        timer.cancel()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert "interrupted" in str(result.error_in_exec)
+    assert hits, "the cleanup did not run"
+    monkeypatch.undo()
+    # Both spinning workers were stopped despite the second interrupt.
+    assert not busy_before & pids(pool2)
+    for pid in busy_before:
+        try:
+            psutil.Process(pid).wait(5)
+        except psutil.NoSuchProcess:
+            pass
     assert_healed(ip, pool2)
 
 

@@ -122,25 +122,32 @@ def can_start_in_background() -> bool:
 
 @contextmanager
 def _sigint_blocked_while_starting():
-    """Start workers with SIGINT blocked from their first instruction.
+    """Start workers that cannot be killed by SIGINT before they ignore it.
 
     "Interrupt kernel" signals the kernel's whole process group. A worker sets
-    SIGINT to ignored as soon as it runs, but a second interrupt during a
-    restart could reach a replacement before that and kill it. A process
-    started (fork, or exec for spawn and the forkserver) by a thread that
-    blocks SIGINT inherits the block until the worker ignores the signal, so
-    there is no window. Blocking is per thread (this works from the
-    background thread that pre-starts the pool) and delays rather than drops
-    a Ctrl-C that arrives meanwhile.
+    SIGINT to ignored as soon as it runs, but a second interrupt during the
+    restart that follows a first one could reach a replacement before that.
+    From the main thread, SIGINT is ignored during ``start()``: a process
+    forked or exec'ed meanwhile (spawn workers, the forkserver itself)
+    inherits the ignoring and Python keeps it. Other threads (the pool's
+    background pre-start) cannot change handlers: they block SIGINT, which a
+    forked child inherits. Forkserver children are covered by
+    ``mpmagic.forkserver_preload`` whatever thread started the forkserver.
     """
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no process-group SIGINT
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+    elif hasattr(signal, "pthread_sigmask"):
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    else:
         yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextmanager
@@ -218,7 +225,9 @@ class LocalBackend:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
             if self.start_method == "forkserver" and not self.slots:
                 try:
-                    self.ctx.set_forkserver_preload(["mpmagic.worker", "mpmagic.cell"])
+                    self.ctx.set_forkserver_preload(
+                        ["mpmagic.forkserver_preload", "mpmagic.worker", "mpmagic.cell"]
+                    )
                 except Exception:
                     pass
             while len([s for s in self.slots if not s.temporary]) < self.workers:
@@ -376,7 +385,9 @@ class LocalBackend:
         self._send_unmaps()
         try:
             self._loop(job)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                self._interrupted_at = time.monotonic()
             with _sigint_deferred():
                 self._abandon(job)
             raise
@@ -497,6 +508,7 @@ class LocalBackend:
         kind = msg[0]
         if kind == "ready":
             slot.ready = True
+            self._startup_failures = 0
             slot.pid = msg[1]
             return
         call, tag = msg[1], msg[2]
@@ -547,7 +559,9 @@ class LocalBackend:
         reason = describe_exitcode(code)
         inflight = list(slot.inflight)
         slot.inflight.clear()
-        if not slot.ready and time.monotonic() - slot.started < 30 and not inflight:
+        # A start-up death right after an interrupt is that interrupt, not a broken setup.
+        interrupted = time.monotonic() - getattr(self, "_interrupted_at", float("-inf")) < 5
+        if not slot.ready and time.monotonic() - slot.started < 30 and not inflight and not interrupted:
             self._startup_failures = getattr(self, "_startup_failures", 0) + 1
             if self._startup_failures >= 3:
                 self._kill(slot)
