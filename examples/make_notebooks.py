@@ -127,8 +127,8 @@ def square(x):
 `mpmagic.Queue()` can be handed to workers that are already running, which a
 `multiprocessing.Queue` cannot. The tutorial's consumer loops
 `while not q.empty()`, which can stop early if it looks before the producer
-has put anything. Here the producer sends an end-of-stream marker (`None`)
-and the consumer reads until it sees it."""),
+has put anything. Here the producer closes the queue when it is done, and the
+consumer's `for item in q` ends once the queue is closed *and* drained."""),
     ("code", """\
 q = mpmagic.Queue()"""),
     ("code", """\
@@ -136,12 +136,10 @@ q = mpmagic.Queue()"""),
 if rank == 0:                      # the producer
     for i in range(1, 11):
         q.put(i * i)
-    q.put(None)                    # end of stream
+    q.close()                      # end of stream
     received = None
 else:                              # the consumer
-    received = []
-    while (item := q.get()) is not None:
-        received.append(item)
+    received = [item for item in q]
 received"""),
     ("md", """\
 ## 4. A shared counter

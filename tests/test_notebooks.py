@@ -79,6 +79,14 @@ def work(n: int) -> int:
     return sum(i * i for i in range(n))
 
 
+def test_notebook_kernel_is_this_python() -> None:
+    """The ``python3`` kernel the notebooks run in is this interpreter (with mpmagic installed)."""
+    from jupyter_client.manager import KernelManager
+
+    cmd = KernelManager(kernel_name="python3").format_kernel_cmd()
+    assert Path(cmd[0]).resolve() == Path(sys.executable).resolve(), cmd
+
+
 def test_every_notebook_is_generated_and_checked() -> None:
     """The committed notebooks match their generator and each one has a test here."""
     from importlib import util
@@ -148,7 +156,7 @@ def test_classic_lessons_notebook() -> None:
     assert cell_literal(nb, "--star pow") == [2**10, 3**4, 10**3]
 
     # Producer/consumer: the consumer got every item, in order, exactly once.
-    assert cell_literal(nb, "q.put(None)") == [None, [i * i for i in range(1, 11)]]
+    assert cell_literal(nb, "q.close()") == [None, [i * i for i in range(1, 11)]]
     # The shared counter: 4 tasks x 1000 increments under the lock.
     assert cell_literal(nb, "counter.value") == 4000
 
