@@ -189,6 +189,7 @@ def test_help_text_has_examples_and_every_option(ip):
 
 
 def test_unload_stops_pool_and_removes_magics(ip):
+    mpmagic.use_local(2)
     mpmagic.pmap(abs, [1, -1])
     pids = [s.pid for s in mpmagic.get_pool().slots]
     assert pids
