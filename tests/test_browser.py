@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -217,15 +218,19 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
             page.click(".lm-MenuBar-itemLabel:text-is('Run')")
             page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
 
-            # Every prompt shows a number (not "[*]" nor empty) when all cells have run.
+            # Every prompt shows a number (not "[*]" nor empty) when all cells have run;
+            # if a cell fails, Lab stops there: no prompt is busy and an error is shown.
             prompts = ".jp-Notebook .jp-CodeCell .jp-InputPrompt"
+            stderr = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
             try:
                 page.wait_for_function(
-                    """([sel, n]) => {
+                    """([sel, n, err]) => {
                         const p = [...document.querySelectorAll(sel)];
-                        return p.length === n && p.every(e => /\\[\\d+\\]/.test(e.textContent));
+                        if (p.length === n && p.every(e => /\\[\\d+\\]/.test(e.textContent))) return true;
+                        const busy = p.some(e => e.textContent.includes('*'));
+                        return !busy && document.querySelectorAll(err).length > 0;
                     }""",
-                    arg=[prompts, n_code],
+                    arg=[prompts, n_code, stderr],
                     polling=500,
                     timeout=150_000,
                 )
@@ -240,9 +245,9 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
                 return cell.locator(".jp-OutputArea").inner_text()
 
             text = page.locator(".jp-Notebook").inner_text()
-            assert "Error" not in "".join(
-                page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
-            )
+            errors = page.locator(stderr).all_inner_texts()
+            assert not errors, "a cell wrote to stderr or failed:\n" + "\n".join(errors)
+            assert all(re.search(r"\[\d+\]", t) for t in page.locator(prompts).all_inner_texts())
             # The results a person reads.
             assert "[0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in text
             assert "ZeroDivisionError" in cell_output("--errors collect")
