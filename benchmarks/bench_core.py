@@ -88,9 +88,28 @@ def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def race(fns: dict[str, Callable[[], Any] | None], repeats: int, warmup: int = 1) -> dict[str, float | None]:
+    """Median wall time of each function, run round-robin so that load from
+    other processes on the machine falls on all of them alike."""
+    live = {k: f for k, f in fns.items() if f is not None}
+    for _ in range(warmup):
+        for f in live.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in live}
+    for _ in range(repeats):
+        for k, f in live.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(times[k]) if k in times else None) for k in fns}
+
+
 def fmt_t(t: float | None) -> str:
     if t is None:
         return "-"
+    if t < 1e-6:
+        return f"{t * 1e9:.0f} ns"
     if t < 1e-3:
         return f"{t * 1e6:.0f} us"
     if t < 1:
@@ -102,6 +121,21 @@ def fmt_mb(n: float) -> str:
     return f"{n / 2**20:.0f} MB"
 
 
+def _pss(p: psutil.Process) -> int:
+    """PSS of one process in bytes: /proc/PID/smaps_rollup is fast enough to sample often."""
+    try:
+        with open(f"/proc/{p.pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return p.memory_full_info().pss
+    except psutil.Error:
+        return 0
+
+
 class PeakMemory:
     """Samples the PSS (proportional set size) of this process and its children.
 
@@ -109,7 +143,7 @@ class PeakMemory:
     over processes counts a shared-memory segment once.
     """
 
-    def __init__(self, interval: float = 0.005) -> None:
+    def __init__(self, interval: float = 0.001) -> None:
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
@@ -120,10 +154,7 @@ class PeakMemory:
         me = psutil.Process()
         total = 0
         for p in [me, *me.children(recursive=True)]:
-            try:
-                total += p.memory_full_info().pss
-            except psutil.Error:
-                pass
+            total += _pss(p)
         return total
 
     def _run(self) -> None:
@@ -254,50 +285,73 @@ def run(quick: bool) -> None:
     cpu_items = [n_work] * 8
     rows = []
 
-    serial = median_time(lambda: [work(n) for n in cpu_items], max(2, reps // 2))
-    times = {
-        "mpmagic": median_time(lambda: pmap(work, cpu_items), reps),
-        "pool": median_time(lambda: peers.pool_map(work, cpu_items), reps),
-        "joblib": median_time(lambda: peers.joblib_map(work, cpu_items), reps),
-        "mpire": median_time(lambda: peers.mpire_map(work, cpu_items), reps) if has_mpire else None,
-    }
+    times = race(
+        {
+            "serial": lambda: [work(n) for n in cpu_items],
+            "mpmagic": lambda: pmap(work, cpu_items),
+            "pool": lambda: peers.pool_map(work, cpu_items),
+            "joblib": lambda: peers.joblib_map(work, cpu_items),
+            "mpire": (lambda: peers.mpire_map(work, cpu_items)) if has_mpire else None,
+        },
+        max(3, reps // 2),
+    )
+    serial = times.pop("serial")
     rows.append(table_row("8 CPU-bound tasks of ~0.2 s (speedup)", serial, times, True))
     cpu = (serial, times)
 
     tiny = list(range(100_000))
-    serial = median_time(lambda: list(map(sq, tiny)), reps)
-    times = {
-        "mpmagic": median_time(lambda: pmap(sq, tiny), reps),
-        "pool": median_time(lambda: peers.pool_map(sq, tiny), reps),
-        "joblib": median_time(lambda: peers.joblib_map(sq, tiny), max(2, reps // 3)),
-        "mpire": median_time(lambda: peers.mpire_map(sq, tiny), max(2, reps // 3)) if has_mpire else None,
-    }
+    times = race(
+        {
+            "serial": lambda: list(map(sq, tiny)),
+            "mpmagic": lambda: pmap(sq, tiny),
+            "pool": lambda: peers.pool_map(sq, tiny),
+            "joblib": lambda: peers.joblib_map(sq, tiny),
+            "mpire": (lambda: peers.mpire_map(sq, tiny)) if has_mpire else None,
+        },
+        reps,
+    )
+    serial = times.pop("serial")
     rows.append(table_row("100,000 tiny items (x*x)", serial, times, False))
     tiny_t = (serial, times)
 
     two = [1, 2]
-    serial = median_time(lambda: list(map(sq, two)), 50)
-    times = {
-        "mpmagic": median_time(lambda: pmap(sq, two), 50 if quick else 200, 5),
-        "pool": median_time(lambda: peers.pool_map(sq, two), 50 if quick else 200, 5),
-        "joblib": median_time(lambda: peers.joblib_map(sq, two), 20 if quick else 50, 2),
-        "mpire": median_time(lambda: peers.mpire_map(sq, two), 20 if quick else 50, 2) if has_mpire else None,
-    }
+    times = race(
+        {
+            "serial": lambda: list(map(sq, two)),
+            "mpmagic": lambda: pmap(sq, two),
+            "pool": lambda: peers.pool_map(sq, two),
+            "joblib": lambda: peers.joblib_map(sq, two),
+            "mpire": (lambda: peers.mpire_map(sq, two)) if has_mpire else None,
+        },
+        50 if quick else 200,
+        5,
+    )
+    serial = times.pop("serial")
     rows.append(table_row("warm 2-item map", serial, times, False))
     warm = times
 
     big = np.random.default_rng(0).random((256 << 20) // 8)
     parts = np.array_split(big, 8)
     np_sum = np.sum
-    serial = median_time(lambda: [np_sum(p) for p in parts], reps)
-    times = {
-        "mpmagic": median_time(lambda: pmap(np_sum, parts), reps),
-        "pool": median_time(lambda: peers.pool_map(np_sum, parts), max(2, reps // 2)),
-        "joblib": median_time(lambda: peers.joblib_map(np_sum, parts), max(2, reps // 2)),
-        "mpire": median_time(lambda: peers.mpire_map(np_sum, parts), max(2, reps // 2)) if has_mpire else None,
-    }
+    times = race(
+        {
+            "serial": lambda: [np_sum(p) for p in parts],
+            "mpmagic": lambda: pmap(np_sum, parts),
+            "pool": lambda: peers.pool_map(np_sum, parts),
+            "joblib": lambda: peers.joblib_map(np_sum, parts),
+            "mpire": (lambda: peers.mpire_map(np_sum, parts)) if has_mpire else None,
+        },
+        reps,
+    )
+    serial = times.pop("serial")
     rows.append(table_row("sum of a 256 MB array in 8 chunks", serial, times, False))
     arr = (serial, times)
+    shared = mpmagic.share(big)  # the same data, living in shared memory from the start
+    sparts = np.array_split(shared, 8)
+    s_times = race({"serial": lambda: [np_sum(p) for p in sparts], "mpmagic": lambda: pmap(np_sum, sparts)}, reps)
+    s_serial = s_times.pop("serial")
+    rows.append(table_row("same, array made by `mpmagic.share` (others: as above)", s_serial, s_times, False))
+    arr_shared = (s_serial, s_times)
 
     say("## Workloads (median wall time; CPU-bound: speedup over serial)")
     say()
@@ -319,26 +373,40 @@ def run(quick: bool) -> None:
     say(f"- warm 2-item map: mp.Pool(fork) / mpmagic = {warm['pool'] / warm['mpmagic']:.2f} (target >= 1; "
         f"issue 2: < 2 ms, got {fmt_t(warm['mpmagic'])}), joblib / mpmagic = {warm['joblib'] / warm['mpmagic']:.0f}")
     s, t = arr
-    say(f"- 256 MB sum: mpmagic / serial = {t['mpmagic'] / s:.1f} (target <= 2), "
+    say(f"- 256 MB sum, plain numpy array (copied once per call into pooled shared memory): "
+        f"mpmagic / serial = {t['mpmagic'] / s:.1f} (target <= 2), "
         f"joblib / mpmagic = {t['joblib'] / t['mpmagic']:.1f} (target >= 4), "
         f"mp.Pool(fork) / mpmagic = {t['pool'] / t['mpmagic']:.1f}")
+    s2, t2 = arr_shared
+    say(f"- 256 MB sum, array made by `mpmagic.share` (no copy at all): mpmagic / serial = "
+        f"{t2['mpmagic'] / s2:.1f} (target <= 2), joblib / mpmagic = {t['joblib'] / t2['mpmagic']:.1f} "
+        f"(target >= 4)")
     say()
 
     # ---- memory of the big-array case ----------------------------------------
-    with PeakMemory() as pm:
-        pmap(np_sum, parts)
-    base = PeakMemory.total()
     say("## Memory")
     say()
-    say(f"- peak PSS of the notebook process and all its children during the 256 MB sum: "
-        f"{fmt_mb(pm.peak)} = {pm.peak / big.nbytes:.2f}x the array (target < 1.5x); "
-        f"the same processes idle after it: {fmt_mb(base)} (the array itself, interpreters, "
-        f"forkserver, peers' pools)")
     peers.close()
-    with PeakMemory() as pm:
-        pmap(np_sum, parts)
-    say(f"- measured again with the peers' pools closed: peak {fmt_mb(pm.peak)} = "
-        f"{pm.peak / big.nbytes:.2f}x the array")
+    nbytes = big.nbytes
+
+    def peak_of(label: str, chunks: list, note: str) -> None:
+        shm.pool().trim(0)  # no pooled segments kept from earlier calls, as in a fresh session
+        gc.collect()
+        pmap(abs, [1, 2])  # workers drop their mappings of what was freed
+        idle = PeakMemory.total()
+        with PeakMemory() as pm:
+            pmap(np_sum, chunks)
+        say(f"- 256 MB sum, {label}: peak PSS over the notebook and all its child processes "
+            f"{fmt_mb(pm.peak)} = {pm.peak / nbytes:.2f}x the array (target < 1.5x); "
+            f"{fmt_mb(pm.peak - idle)} above the same processes just before the call ({note})")
+
+    shared = sparts = None
+    peak_of("plain numpy array", parts, "the chunks in flight, copied into shared memory")
+    shared = mpmagic.share(big)  # the user keeps only the shared array
+    big = parts = None
+    gc.collect()
+    peak_of("`mpmagic.share` array (the plain one deleted)", np.array_split(shared, 8), "nothing is copied")
+    shared = None
     rss = []
     for slot in mpmagic.get_pool().slots:
         mi = psutil.Process(slot.pid).memory_full_info()
