@@ -61,6 +61,17 @@ def missing(reason: str) -> None:
     pytest.skip(f"{reason}; run .ci/setup-browser.sh and pip install -e '.[browser]'")
 
 
+def require_browser_stack() -> None:
+    """JupyterLab, Playwright and Chromium must all be here (checked before starting anything)."""
+    if not Path(CHROMIUM).exists():
+        missing(f"Chromium is not installed at {CHROMIUM}")
+    for module, what in (("jupyterlab", "JupyterLab"), ("playwright.sync_api", "Python Playwright")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing(f"{what} is not installed")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,10 +132,7 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     """A JupyterLab server on a copy of the quickstart, stopped with its kernels after the test."""
-    try:
-        import jupyterlab  # noqa: F401
-    except ImportError:
-        missing("JupyterLab is not installed")
+    require_browser_stack()
     work = tmp_path / "notebooks"
     work.mkdir()
     shutil.copy(ROOT / "examples" / "quickstart.ipynb", work / "quickstart.ipynb")
@@ -186,12 +194,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 def test_quickstart_in_jupyterlab(lab: Lab) -> None:
-    if not Path(CHROMIUM).exists():
-        missing(f"Chromium is not installed at {CHROMIUM}")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        missing("Python Playwright is not installed")
+    from playwright.sync_api import sync_playwright
+
     ARTIFACTS.mkdir(exist_ok=True)
     notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
     n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
