@@ -148,17 +148,39 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
     set to the index of the item running, so a crash blames that item.
     """
     results: list = []
+    append = results.append
+    n = len(items)
+    # The index of the running item, written straight into the shared word
+    # (a memoryview store costs less than the ctypes attribute).
+    pos = memoryview(position).cast("B").cast("q") if position is not None else None
     t0 = time.perf_counter()
-    for i, item in enumerate(items):
-        if position is not None:
-            position.value = i
+    while len(results) < n:
+        # Tight loops, one per case, with the try outside: the index of a
+        # failing item is the number of results so far. This per-item overhead
+        # is most of the cost of tiny items.
         try:
-            results.append(func(*item) if star else func(item))
+            start = len(results)
+            if pos is None:
+                if star:
+                    for i in range(start, n):
+                        append(func(*items[i]))
+                else:
+                    for i in range(start, n):
+                        append(func(items[i]))
+            elif star:
+                for i in range(start, n):
+                    pos[0] = i
+                    append(func(*items[i]))
+            else:
+                for i in range(start, n):
+                    pos[0] = i
+                    append(func(items[i]))
         except Exception as exc:
+            i = len(results)
             info = ErrorInfo(exc)
             if not collect:
                 return results, time.perf_counter() - t0, (i, info)
-            results.append(info)
+            append(info)
     return results, time.perf_counter() - t0, None
 
 
