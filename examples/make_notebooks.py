@@ -44,9 +44,12 @@ def work(n):
     return s"""),
     ("md", """\
 `%pmap` takes exactly what `map()` takes. The results come back as a list in
-input order; above them, the timing report: the number of items and workers,
-the wall time, the serial time *estimated* from the time each task took in its
-worker, and the speedup."""),
+input order; above them, the timing report: the number of items, the workers
+(and how they were started), the chunk size (items sent per message, chosen
+from measured task times), the wall time, the serial time *estimated* as the
+sum of the times the tasks took in the workers, the speedup (serial / wall)
+and the efficiency (speedup per worker). The first run also pays for starting
+the workers; later runs reuse them."""),
     ("code", "%pmap work, [1_000_000] * 8"),
     ("md", """\
 With `--compare` the serial run really happens here in the notebook, so the
@@ -68,7 +71,10 @@ exception is raised here with the worker's traceback and the item's index)."""),
     ("md", """\
 `%%parallel` runs the whole cell in several processes at once. Each copy sees
 `rank` and `size`; what it prints is labelled with its rank, and the last
-expression of every rank comes back as a list in rank order."""),
+expression of every rank comes back as a list in rank order. This cell does
+almost no work, so the report adds a line of *advice*: the time went on
+starting and collecting the ranks, not on computing. Such a line appears
+whenever a run did not pay off, with what to try."""),
     ("code", """\
 %%parallel -n 2
 import os
