@@ -72,9 +72,9 @@ exception is raised here with the worker's traceback and the item's index)."""),
 `%%parallel` runs the whole cell in several processes at once. Each copy sees
 `rank` and `size`; what it prints is labelled with its rank, and the last
 expression of every rank comes back as a list in rank order. This cell does
-almost no work, so the report adds a line of *advice*: the time went on
-starting and collecting the ranks, not on computing. Such a line appears
-whenever a run did not pay off, with what to try."""),
+almost no work, so the report most likely adds a line of *advice*: the time
+went on starting and collecting the ranks, not on computing. Such a line
+appears whenever a run did not pay off, with what to try."""),
     ("code", """\
 %%parallel -n 2
 import os
