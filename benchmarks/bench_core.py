@@ -186,11 +186,16 @@ def calibrate_work(ns: dict, seconds: float) -> int:
 # the peers
 
 
+_open_peers: list = []
+
+
 class Peers:
     """Warm pools of the other libraries, 2 workers each."""
 
     def __init__(self) -> None:
         from joblib import Parallel
+
+        _open_peers.append(self)
 
         self.fork_pool = multiprocessing.get_context("fork").Pool(WORKERS)
         self.joblib = Parallel(n_jobs=WORKERS, backend="loky")
@@ -213,6 +218,10 @@ class Peers:
         return self.mpire.map(f, [(x,) for x in xs]) if self.mpire else None
 
     def close(self) -> None:
+        """Stop the peers' worker processes (safe to call twice)."""
+        if self not in _open_peers:
+            return
+        _open_peers.remove(self)
         self.fork_pool.terminate()
         self.fork_pool.join()
         if self.mpire is not None:
@@ -239,8 +248,14 @@ def table_row(name: str, serial: float | None, times: dict[str, float | None], s
     return "| " + " | ".join(cells) + " |"
 
 
-def run(quick: bool) -> None:
+SECTIONS = ("table", "cold", "parallel", "global", "lazy", "scaling")
+
+
+def run(quick: bool, only: set[str] | None = None) -> None:
     reps = 3 if quick else 7
+
+    def want(section: str) -> bool:
+        return only is None or section in only
     out: list[str] = []
 
     def say(line: str = "") -> None:
@@ -256,6 +271,8 @@ def run(quick: bool) -> None:
         f"{mpmagic.get_pool().start_method}")
     say(f"- command: `.venv/bin/python benchmarks/bench_core.py{' --quick' if quick else ''}`, "
         f"medians of {reps} repeats, {WORKERS} workers everywhere")
+    say(f"- load average when the run started (other jobs on the machine): "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     say()
 
     ip = InteractiveShell.instance(colors="nocolor")
@@ -265,8 +282,8 @@ def run(quick: bool) -> None:
     mpmagic.use_local(WORKERS)
     mpmagic.get_pool().wait_ready()
     pmap = mpmagic.pmap
-    peers = Peers()
-    has_mpire = peers.mpire is not None
+    peers = Peers() if want("table") else None
+    has_mpire = peers is not None and peers.mpire is not None
     try:
         import joblib
 
@@ -279,317 +296,329 @@ def run(quick: bool) -> None:
 
         mver = version("mpire")
 
-    # ---- the main table ----------------------------------------------------
     work, sq = ns["work"], ns["sq"]
-    n_work = calibrate_work(ns, 0.2)
-    cpu_items = [n_work] * 8
-    rows = []
-
-    times = race(
-        {
-            "serial": lambda: [work(n) for n in cpu_items],
-            "mpmagic": lambda: pmap(work, cpu_items),
-            "pool": lambda: peers.pool_map(work, cpu_items),
-            "joblib": lambda: peers.joblib_map(work, cpu_items),
-            "mpire": (lambda: peers.mpire_map(work, cpu_items)) if has_mpire else None,
-        },
-        max(3, reps // 2),
-    )
-    serial = times.pop("serial")
-    rows.append(table_row("8 CPU-bound tasks of ~0.2 s (speedup)", serial, times, True))
-    cpu = (serial, times)
-
-    tiny = list(range(100_000))
-    times = race(
-        {
-            "serial": lambda: list(map(sq, tiny)),
-            "mpmagic": lambda: pmap(sq, tiny),
-            "pool": lambda: peers.pool_map(sq, tiny),
-            "joblib": lambda: peers.joblib_map(sq, tiny),
-            "mpire": (lambda: peers.mpire_map(sq, tiny)) if has_mpire else None,
-        },
-        reps,
-    )
-    serial = times.pop("serial")
-    rows.append(table_row("100,000 tiny items (x*x)", serial, times, False))
-    tiny_t = (serial, times)
-
     two = [1, 2]
-    times = race(
-        {
-            "serial": lambda: list(map(sq, two)),
-            "mpmagic": lambda: pmap(sq, two),
-            "pool": lambda: peers.pool_map(sq, two),
-            "joblib": lambda: peers.joblib_map(sq, two),
-            "mpire": (lambda: peers.mpire_map(sq, two)) if has_mpire else None,
-        },
-        50 if quick else 200,
-        5,
-    )
-    serial = times.pop("serial")
-    rows.append(table_row("warm 2-item map", serial, times, False))
-    warm = times
-
-    big = np.random.default_rng(0).random((256 << 20) // 8)
-    parts = np.array_split(big, 8)
     np_sum = np.sum
-    times = race(
-        {
-            "serial": lambda: [np_sum(p) for p in parts],
-            "mpmagic": lambda: pmap(np_sum, parts),
-            "pool": lambda: peers.pool_map(np_sum, parts),
-            "joblib": lambda: peers.joblib_map(np_sum, parts),
-            "mpire": (lambda: peers.mpire_map(np_sum, parts)) if has_mpire else None,
-        },
-        reps,
-    )
-    serial = times.pop("serial")
-    rows.append(table_row("sum of a 256 MB array in 8 chunks", serial, times, False))
-    arr = (serial, times)
-    shared = mpmagic.share(big)  # the same data, living in shared memory from the start
-    sparts = np.array_split(shared, 8)
-    s_times = race({"serial": lambda: [np_sum(p) for p in sparts], "mpmagic": lambda: pmap(np_sum, sparts)}, reps)
-    s_serial = s_times.pop("serial")
-    rows.append(table_row("same, array made by `mpmagic.share` (others: as above)", s_serial, s_times, False))
-    arr_shared = (s_serial, s_times)
 
-    say("## Workloads (median wall time; CPU-bound: speedup over serial)")
-    say()
-    say(f"| workload | serial | mpmagic (forkserver) | mp.Pool(fork) | joblib {jver} (loky) | "
-        f"{'mpire ' + mver + ' (fork)' if has_mpire else 'mpire (not installed)'} |")
-    say("|---|---|---|---|---|---|")
-    for r in rows:
-        say(r)
-    say()
-    say("Ratios (higher is better for mpmagic):")
-    say()
-    s, t = cpu
-    say(f"- CPU-bound: mpmagic speedup {s / t['mpmagic']:.2f}x (target >= 1.9x; issue 2: >= 1.8x); "
-        f"joblib {s / t['joblib']:.2f}x, mp.Pool(fork) {s / t['pool']:.2f}x")
-    s, t = tiny_t
-    say(f"- 100,000 tiny items: mp.Pool(fork) / mpmagic = {t['pool'] / t['mpmagic']:.2f} (target >= 1), "
-        f"joblib / mpmagic = {t['joblib'] / t['mpmagic']:.1f} (target >= 20; issue 2: >= 1), "
-        f"mpmagic / serial = {t['mpmagic'] / s:.1f}")
-    say(f"- warm 2-item map: mp.Pool(fork) / mpmagic = {warm['pool'] / warm['mpmagic']:.2f} (target >= 1; "
-        f"issue 2: < 2 ms, got {fmt_t(warm['mpmagic'])}), joblib / mpmagic = {warm['joblib'] / warm['mpmagic']:.0f}")
-    s, t = arr
-    say(f"- 256 MB sum, plain numpy array (copied once per call into pooled shared memory): "
-        f"mpmagic / serial = {t['mpmagic'] / s:.1f} (target <= 2), "
-        f"joblib / mpmagic = {t['joblib'] / t['mpmagic']:.1f} (target >= 4), "
-        f"mp.Pool(fork) / mpmagic = {t['pool'] / t['mpmagic']:.1f}")
-    s2, t2 = arr_shared
-    say(f"- 256 MB sum, array made by `mpmagic.share` (no copy at all): mpmagic / serial = "
-        f"{t2['mpmagic'] / s2:.1f} (target <= 2), joblib / mpmagic = {t['joblib'] / t2['mpmagic']:.1f} "
-        f"(target >= 4)")
-    say()
+    if want("table"):
+        # ---- the main table ----------------------------------------------------
+        work, sq = ns["work"], ns["sq"]
+        n_work = calibrate_work(ns, 0.2)
+        cpu_items = [n_work] * 8
+        rows = []
 
-    # ---- memory of the big-array case ----------------------------------------
-    say("## Memory")
-    say()
-    peers.close()
-    nbytes = big.nbytes
+        times = race(
+            {
+                "serial": lambda: [work(n) for n in cpu_items],
+                "mpmagic": lambda: pmap(work, cpu_items),
+                "pool": lambda: peers.pool_map(work, cpu_items),
+                "joblib": lambda: peers.joblib_map(work, cpu_items),
+                "mpire": (lambda: peers.mpire_map(work, cpu_items)) if has_mpire else None,
+            },
+            max(3, reps // 2),
+        )
+        serial = times.pop("serial")
+        rows.append(table_row("8 CPU-bound tasks of ~0.2 s (speedup)", serial, times, True))
+        cpu = (serial, times)
 
-    def peak_of(label: str, chunks: list, note: str) -> None:
-        shm.pool().trim(0)  # no pooled segments kept from earlier calls, as in a fresh session
+        tiny = list(range(100_000))
+        times = race(
+            {
+                "serial": lambda: list(map(sq, tiny)),
+                "mpmagic": lambda: pmap(sq, tiny),
+                "pool": lambda: peers.pool_map(sq, tiny),
+                "joblib": lambda: peers.joblib_map(sq, tiny),
+                "mpire": (lambda: peers.mpire_map(sq, tiny)) if has_mpire else None,
+            },
+            reps,
+        )
+        serial = times.pop("serial")
+        rows.append(table_row("100,000 tiny items (x*x)", serial, times, False))
+        tiny_t = (serial, times)
+
+        two = [1, 2]
+        times = race(
+            {
+                "serial": lambda: list(map(sq, two)),
+                "mpmagic": lambda: pmap(sq, two),
+                "pool": lambda: peers.pool_map(sq, two),
+                "joblib": lambda: peers.joblib_map(sq, two),
+                "mpire": (lambda: peers.mpire_map(sq, two)) if has_mpire else None,
+            },
+            50 if quick else 200,
+            5,
+        )
+        serial = times.pop("serial")
+        rows.append(table_row("warm 2-item map", serial, times, False))
+        warm = times
+
+        big = np.random.default_rng(0).random((256 << 20) // 8)
+        parts = np.array_split(big, 8)
+        np_sum = np.sum
+        times = race(
+            {
+                "serial": lambda: [np_sum(p) for p in parts],
+                "mpmagic": lambda: pmap(np_sum, parts),
+                "pool": lambda: peers.pool_map(np_sum, parts),
+                "joblib": lambda: peers.joblib_map(np_sum, parts),
+                "mpire": (lambda: peers.mpire_map(np_sum, parts)) if has_mpire else None,
+            },
+            reps,
+        )
+        serial = times.pop("serial")
+        rows.append(table_row("sum of a 256 MB array in 8 chunks", serial, times, False))
+        arr = (serial, times)
+        shared = mpmagic.share(big)  # the same data, living in shared memory from the start
+        sparts = np.array_split(shared, 8)
+        s_times = race({"serial": lambda: [np_sum(p) for p in sparts], "mpmagic": lambda: pmap(np_sum, sparts)}, reps)
+        s_serial = s_times.pop("serial")
+        rows.append(table_row("same, array made by `mpmagic.share` (others: as above)", s_serial, s_times, False))
+        arr_shared = (s_serial, s_times)
+
+        say("## Workloads (median wall time; CPU-bound: speedup over serial)")
+        say()
+        say(f"| workload | serial | mpmagic (forkserver) | mp.Pool(fork) | joblib {jver} (loky) | "
+            f"{'mpire ' + mver + ' (fork)' if has_mpire else 'mpire (not installed)'} |")
+        say("|---|---|---|---|---|---|")
+        for r in rows:
+            say(r)
+        say()
+        say("Ratios (higher is better for mpmagic):")
+        say()
+        s, t = cpu
+        say(f"- CPU-bound: mpmagic speedup {s / t['mpmagic']:.2f}x (target >= 1.9x; issue 2: >= 1.8x); "
+            f"joblib {s / t['joblib']:.2f}x, mp.Pool(fork) {s / t['pool']:.2f}x")
+        s, t = tiny_t
+        say(f"- 100,000 tiny items: mp.Pool(fork) / mpmagic = {t['pool'] / t['mpmagic']:.2f} (target >= 1), "
+            f"joblib / mpmagic = {t['joblib'] / t['mpmagic']:.1f} (target >= 20; issue 2: >= 1), "
+            f"mpmagic / serial = {t['mpmagic'] / s:.1f}")
+        say(f"- warm 2-item map: mp.Pool(fork) / mpmagic = {warm['pool'] / warm['mpmagic']:.2f} (target >= 1; "
+            f"issue 2: < 2 ms, got {fmt_t(warm['mpmagic'])}), joblib / mpmagic = {warm['joblib'] / warm['mpmagic']:.0f}")
+        s, t = arr
+        say(f"- 256 MB sum, plain numpy array (copied once per call into pooled shared memory): "
+            f"mpmagic / serial = {t['mpmagic'] / s:.1f} (target <= 2), "
+            f"joblib / mpmagic = {t['joblib'] / t['mpmagic']:.1f} (target >= 4), "
+            f"mp.Pool(fork) / mpmagic = {t['pool'] / t['mpmagic']:.1f}")
+        s2, t2 = arr_shared
+        say(f"- 256 MB sum, array made by `mpmagic.share` (no copy at all): mpmagic / serial = "
+            f"{t2['mpmagic'] / s2:.1f} (target <= 2), joblib / mpmagic = {t['joblib'] / t2['mpmagic']:.1f} "
+            f"(target >= 4)")
+        say()
+
+        # ---- memory of the big-array case ----------------------------------------
+        say("## Memory")
+        say()
+        peers.close()
+        nbytes = big.nbytes
+
+        def peak_of(label: str, chunks: list, note: str) -> None:
+            shm.pool().trim(0)  # no pooled segments kept from earlier calls, as in a fresh session
+            gc.collect()
+            pmap(abs, [1, 2])  # workers drop their mappings of what was freed
+            idle = PeakMemory.total()
+            with PeakMemory() as pm:
+                pmap(np_sum, chunks)
+            say(f"- 256 MB sum, {label}: peak PSS over the notebook and all its child processes "
+                f"{fmt_mb(pm.peak)} = {pm.peak / nbytes:.2f}x the array (target < 1.5x); "
+                f"{fmt_mb(pm.peak - idle)} above the same processes just before the call ({note})")
+
+        shared = sparts = None
+        peak_of("plain numpy array", parts, "the chunks in flight, copied into shared memory")
+        shared = mpmagic.share(big)  # the user keeps only the shared array
+        big = parts = None
         gc.collect()
-        pmap(abs, [1, 2])  # workers drop their mappings of what was freed
-        idle = PeakMemory.total()
-        with PeakMemory() as pm:
-            pmap(np_sum, chunks)
-        say(f"- 256 MB sum, {label}: peak PSS over the notebook and all its child processes "
-            f"{fmt_mb(pm.peak)} = {pm.peak / nbytes:.2f}x the array (target < 1.5x); "
-            f"{fmt_mb(pm.peak - idle)} above the same processes just before the call ({note})")
+        peak_of("`mpmagic.share` array (the plain one deleted)", np.array_split(shared, 8), "nothing is copied")
+        shared = None
+        rss = []
+        for slot in mpmagic.get_pool().slots:
+            mi = psutil.Process(slot.pid).memory_full_info()
+            rss.append((mi.rss, mi.pss, mi.uss))
+        big = parts = None
+        gc.collect()
+        mpmagic.restart_pool()
+        fresh = []
+        for slot in mpmagic.get_pool().slots:
+            mi = psutil.Process(slot.pid).memory_full_info()
+            fresh.append((mi.rss, mi.pss, mi.uss))
+        say("- idle worker (fresh): " + ", ".join(f"RSS {fmt_mb(r)} (PSS {fmt_mb(p)}, USS {fmt_mb(u)})" for r, p, u in fresh)
+            + " (target < 40 MB)")
+        say("- idle worker after the numpy runs: " + ", ".join(f"RSS {fmt_mb(r)} (USS {fmt_mb(u)})" for r, _, u in rss))
+        say()
 
-    shared = sparts = None
-    peak_of("plain numpy array", parts, "the chunks in flight, copied into shared memory")
-    shared = mpmagic.share(big)  # the user keeps only the shared array
-    big = parts = None
-    gc.collect()
-    peak_of("`mpmagic.share` array (the plain one deleted)", np.array_split(shared, 8), "nothing is copied")
-    shared = None
-    rss = []
-    for slot in mpmagic.get_pool().slots:
-        mi = psutil.Process(slot.pid).memory_full_info()
-        rss.append((mi.rss, mi.pss, mi.uss))
-    big = parts = None
-    gc.collect()
-    mpmagic.restart_pool()
-    fresh = []
-    for slot in mpmagic.get_pool().slots:
-        mi = psutil.Process(slot.pid).memory_full_info()
-        fresh.append((mi.rss, mi.pss, mi.uss))
-    say("- idle worker (fresh): " + ", ".join(f"RSS {fmt_mb(r)} (PSS {fmt_mb(p)}, USS {fmt_mb(u)})" for r, p, u in fresh)
-        + " (target < 40 MB)")
-    say("- idle worker after the numpy runs: " + ", ".join(f"RSS {fmt_mb(r)} (USS {fmt_mb(u)})" for r, _, u in rss))
-    say()
-
-    # ---- cold start -------------------------------------------------------------
-    say("## Cold start")
-    say()
-    cold = []
-    for _ in range(reps):
-        mpmagic.stop_pool()
-        t0 = time.perf_counter()
-        pmap(sq, two)
-        cold.append(time.perf_counter() - t0)
-    t_pool = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        with multiprocessing.get_context("fork").Pool(WORKERS) as p:
-            p.map(sq, two)
-        t_pool.append(time.perf_counter() - t0)
-    from joblib import Parallel, delayed
-    from joblib.externals.loky import get_reusable_executor
-
-    t_job = []
-    for _ in range(reps):
-        get_reusable_executor().shutdown(wait=True)
-        t0 = time.perf_counter()
-        Parallel(n_jobs=WORKERS)(delayed(sq)(x) for x in two)
-        t_job.append(time.perf_counter() - t0)
-    get_reusable_executor().shutdown(wait=True)
-    say(f"- start pool + first map: mpmagic {fmt_t(statistics.median(cold))} (forkserver), "
-        f"mp.Pool(fork) {fmt_t(statistics.median(t_pool))}, joblib {fmt_t(statistics.median(t_job))}")
-    for pause in (0.0, 1.0):
-        loads, firsts = [], []
+    if want("cold"):
+        # ---- cold start -------------------------------------------------------------
+        say("## Cold start")
+        say()
+        cold = []
         for _ in range(reps):
-            r = subprocess.run(
-                [sys.executable, __file__, "--cold-child", str(pause)], capture_output=True, text=True, timeout=120
-            )
-            try:
-                load, first = map(float, r.stdout.split())
-            except ValueError:
-                print(r.stdout, r.stderr)
-                raise
-            loads.append(load)
-            firsts.append(first)
-        when = "right after it" if not pause else f"{pause:g} s later (as when the next cell is typed)"
-        say(f"- fresh interpreter: `%load_ext mpmagic` takes {fmt_t(statistics.median(loads))}; the first "
-            f"`%pmap sq, [1, 2]` {when}: {fmt_t(statistics.median(firsts))} (target: within 0.3 s)")
-    say()
+            mpmagic.stop_pool()
+            t0 = time.perf_counter()
+            pmap(sq, two)
+            cold.append(time.perf_counter() - t0)
+        t_pool = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            with multiprocessing.get_context("fork").Pool(WORKERS) as p:
+                p.map(sq, two)
+            t_pool.append(time.perf_counter() - t0)
+        from joblib import Parallel, delayed
+        from joblib.externals.loky import get_reusable_executor
 
-    # ---- %%parallel ---------------------------------------------------------------
-    say("## %%parallel")
-    say()
-    empty = median_time(lambda: ip.run_cell("%%parallel -n 2 -q\npass", store_history=False), reps * 3)
-    n = 3_000_000 if quick else 10_000_000
-    ns["N"] = n
-    split = "s = 0\nfor i in range(rank, N, size):\n    s += i * i\ns"
-    t_par = median_time(lambda: ip.run_cell("%%parallel -n 2 -q --reduce sum\n" + split, store_history=False), reps)
-    t_ser = median_time(lambda: ip.run_cell("rank, size = 0, 1\n" + split, store_history=False), max(2, reps // 2))
-    say(f"- `%%parallel -n 2` on an empty cell: {fmt_t(empty)} (overhead of a run)")
-    say(f"- split sum of squares of {n:,} numbers over 2 ranks: {fmt_t(t_par)} against {fmt_t(t_ser)} serial: "
-        f"speedup {t_ser / t_par:.2f}x")
-    say()
+        t_job = []
+        for _ in range(reps):
+            get_reusable_executor().shutdown(wait=True)
+            t0 = time.perf_counter()
+            Parallel(n_jobs=WORKERS)(delayed(sq)(x) for x in two)
+            t_job.append(time.perf_counter() - t0)
+        get_reusable_executor().shutdown(wait=True)
+        say(f"- start pool + first map: mpmagic {fmt_t(statistics.median(cold))} (forkserver), "
+            f"mp.Pool(fork) {fmt_t(statistics.median(t_pool))}, joblib {fmt_t(statistics.median(t_job))}")
+        for pause in (0.0, 1.0):
+            loads, firsts = [], []
+            for _ in range(reps):
+                r = subprocess.run(
+                    [sys.executable, __file__, "--cold-child", str(pause)], capture_output=True, text=True, timeout=120
+                )
+                try:
+                    load, first = map(float, r.stdout.split())
+                except ValueError:
+                    print(r.stdout, r.stderr)
+                    raise
+                loads.append(load)
+                firsts.append(first)
+            when = "right after it" if not pause else f"{pause:g} s later (as when the next cell is typed)"
+            say(f"- fresh interpreter: `%load_ext mpmagic` takes {fmt_t(statistics.median(loads))}; the first "
+                f"`%pmap sq, [1, 2]` {when}: {fmt_t(statistics.median(firsts))} (target: within 0.3 s)")
+        say()
 
-    # ---- large captured global --------------------------------------------------
-    say("## A large captured global used by two consecutive calls")
-    say()
-    ns["big"] = np.random.default_rng(1).random((200 << 20) // 8)
-    pick = ns["pick"]
-    before = dict(payload_cache.stats)
-    t0 = time.perf_counter()
-    pmap(pick, range(64))
-    t1 = time.perf_counter()
-    pmap(pick, range(64))
-    t2 = time.perf_counter()
-    after = {k: payload_cache.stats[k] - before[k] for k in before}
-    say(f"- 200 MB numpy array read by the mapped function: first call {fmt_t(t1 - t0)} (copies it once into "
-        f"shared memory), second call {fmt_t(t2 - t1)} (compares it with the shared copy: unchanged, nothing "
-        f"sent); payloads built {after['built']}, reused {after['same'] + after['fast']}")
-    ns["big"][0] += 1.0  # a change in place must be seen
-    t0 = time.perf_counter()
-    r = pmap(pick, [0])
-    say(f"- after `big[0] += 1` the next call sees the change ({r[0] == ns['big'][0]}) in {fmt_t(time.perf_counter() - t0)}")
-    ns["big"] = None
-    d = {i: str(i) for i in range(2_000_000 if quick else 4_000_000)}
-    ns["table"] = d
-    ip.run_cell("def look(i):\n    return table[i]", store_history=False)
-    t0 = time.perf_counter()
-    pmap(ns["look"], range(64))
-    t1 = time.perf_counter()
-    pmap(ns["look"], range(64))
-    t2 = time.perf_counter()
-    size = len(payload_cache._entries[(id(ns["look"]), True)].data)
-    say(f"- a dict of {len(d):,} entries ({fmt_mb(size)} pickled): first call {fmt_t(t1 - t0)}, second "
-        f"{fmt_t(t2 - t1)} (pickled again to check, not sent again)")
-    ns["table"] = None
-    say()
+    if want("parallel"):
+        # ---- %%parallel ---------------------------------------------------------------
+        say("## %%parallel")
+        say()
+        empty = median_time(lambda: ip.run_cell("%%parallel -n 2 -q\npass", store_history=False), reps * 3)
+        n = 3_000_000 if quick else 10_000_000
+        ns["N"] = n
+        split = "s = 0\nfor i in range(rank, N, size):\n    s += i * i\ns"
+        t_par = median_time(lambda: ip.run_cell("%%parallel -n 2 -q --reduce sum\n" + split, store_history=False), reps)
+        t_ser = median_time(lambda: ip.run_cell("rank, size = 0, 1\n" + split, store_history=False), max(2, reps // 2))
+        say(f"- `%%parallel -n 2` on an empty cell: {fmt_t(empty)} (overhead of a run)")
+        say(f"- split sum of squares of {n:,} numbers over 2 ranks: {fmt_t(t_par)} against {fmt_t(t_ser)} serial: "
+            f"speedup {t_ser / t_par:.2f}x")
+        say()
 
-    # ---- lazy input -----------------------------------------------------------
-    say("## Lazy input")
-    say()
-    n = 1_000_000 if quick else 10_000_000
-    low = ns["low_bits"]
-    gc.collect()
-    rss0 = psutil.Process().memory_info().rss
-    peak = [rss0]
-    stop = threading.Event()
+    if want("global"):
+        # ---- large captured global --------------------------------------------------
+        say("## A large captured global used by two consecutive calls")
+        say()
+        ns["big"] = np.random.default_rng(1).random((200 << 20) // 8)
+        pick = ns["pick"]
+        before = dict(payload_cache.stats)
+        t0 = time.perf_counter()
+        pmap(pick, range(64))
+        t1 = time.perf_counter()
+        pmap(pick, range(64))
+        t2 = time.perf_counter()
+        after = {k: payload_cache.stats[k] - before[k] for k in before}
+        say(f"- 200 MB numpy array read by the mapped function: first call {fmt_t(t1 - t0)} (copies it once into "
+            f"shared memory), second call {fmt_t(t2 - t1)} (compares it with the shared copy: unchanged, nothing "
+            f"sent); payloads built {after['built']}, reused {after['same'] + after['fast']}")
+        ns["big"][0] += 1.0  # a change in place must be seen
+        t0 = time.perf_counter()
+        r = pmap(pick, [0])
+        say(f"- after `big[0] += 1` the next call sees the change ({r[0] == ns['big'][0]}) in {fmt_t(time.perf_counter() - t0)}")
+        ns["big"] = None
+        d = {i: str(i) for i in range(2_000_000 if quick else 4_000_000)}
+        ns["table"] = d
+        ip.run_cell("def look(i):\n    return table[i]", store_history=False)
+        t0 = time.perf_counter()
+        pmap(ns["look"], range(64))
+        t1 = time.perf_counter()
+        pmap(ns["look"], range(64))
+        t2 = time.perf_counter()
+        size = len(payload_cache._entries[(id(ns["look"]), True)].data)
+        say(f"- a dict of {len(d):,} entries ({fmt_mb(size)} pickled): first call {fmt_t(t1 - t0)}, second "
+            f"{fmt_t(t2 - t1)} (pickled again to check, not sent again)")
+        ns["table"] = None
+        say()
 
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], psutil.Process().memory_info().rss)
-            time.sleep(0.01)
+    if want("lazy"):
+        # ---- lazy input -----------------------------------------------------------
+        say("## Lazy input")
+        say()
+        n = 1_000_000 if quick else 10_000_000
+        low = ns["low_bits"]
+        gc.collect()
+        rss0 = psutil.Process().memory_info().rss
+        peak = [rss0]
+        stop = threading.Event()
 
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    res = pmap(low, (i for i in range(n)))
-    t_gen = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    result_bytes = sys.getsizeof(res)
-    t_ser = median_time(lambda: list(map(low, range(n))), 1, 0)
-    say(f"- `pmap(low_bits, (i for i in range({n:,})))`: {fmt_t(t_gen)} (serial {fmt_t(t_ser)}); notebook RSS grew "
-        f"by {fmt_mb(peak[0] - rss0)} at peak, of which the result list is {fmt_mb(result_bytes)} "
-        f"(the input as a list would be {fmt_mb(sys.getsizeof(list(range(n))) + 28 * n)})")
-    del res
-    say()
+        def watch() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], psutil.Process().memory_info().rss)
+                time.sleep(0.01)
 
-    # ---- scaling ------------------------------------------------------------------
-    say("## Scaling")
-    say()
-    say("Cost per item as the number of items grows (x*x):")
-    say()
-    say("| items | serial | mpmagic | per item (mpmagic) |")
-    say("|---|---|---|---|")
-    sizes = [10, 100, 1000, 10_000, 100_000, 1_000_000] + ([] if quick else [10_000_000])
-    for k in sizes:
-        xs = range(k)
-        r = max(1, min(reps, int(3e6 // k)))
-        ts = median_time(lambda xs=xs: list(map(sq, xs)), r)
-        tm = median_time(lambda xs=xs: pmap(sq, xs), r)
-        say(f"| {k:,} | {fmt_t(ts)} | {fmt_t(tm)} | {fmt_t(tm / k)} |")
-    say()
-    say("Cost per item as item size grows (4 numpy uint8 items; `nbytes` sends items only, "
-        "`same` sends them back too):")
-    say()
-    say("| item size | nbytes: mpmagic | nbytes: mp.Pool(fork) | same: mpmagic | same: mp.Pool(fork) | "
-        "through shared memory |")
-    say("|---|---|---|---|---|---|")
-    fork_pool = multiprocessing.get_context("fork").Pool(WORKERS)
-    nb, sm = ns["nbytes"], ns["same"]
-    try:
-        item_sizes = [100, 10_000, 1 << 20, 10 << 20, 100 << 20]
-        if quick:
-            item_sizes = item_sizes[:4]
-        for size in item_sizes:
-            items = [np.full(size, i, np.uint8) for i in range(4)]
-            r = 3 if size >= 10 << 20 else reps
-            a = median_time(lambda items=items: pmap(nb, items), r)
-            b = median_time(lambda items=items: fork_pool.map(nb, items), r)
-            c = median_time(lambda items=items: pmap(sm, items), r)
-            d2 = median_time(lambda items=items: fork_pool.map(sm, items), r)
-            via = "yes" if size >= shm.THRESHOLD else "no (pipe)"
-            say(f"| {size:,} B | {fmt_t(a)} | {fmt_t(b)} | {fmt_t(c)} | {fmt_t(d2)} | {via} |")
-            del items
-    finally:
-        fork_pool.terminate()
-        fork_pool.join()
-    say()
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        t0 = time.perf_counter()
+        res = pmap(low, (i for i in range(n)))
+        t_gen = time.perf_counter() - t0
+        stop.set()
+        th.join()
+        result_bytes = sys.getsizeof(res)
+        t_ser = median_time(lambda: list(map(low, range(n))), 1, 0)
+        say(f"- `pmap(low_bits, (i for i in range({n:,})))`: {fmt_t(t_gen)} (serial {fmt_t(t_ser)}); notebook RSS grew "
+            f"by {fmt_mb(peak[0] - rss0)} at peak, of which the result list is {fmt_mb(result_bytes)} "
+            f"(the input as a list would be {fmt_mb(sys.getsizeof(list(range(n))) + 28 * n)})")
+        del res
+        say()
+
+    if want("scaling"):
+        # ---- scaling ------------------------------------------------------------------
+        say("## Scaling")
+        say()
+        say("Cost per item as the number of items grows (x*x):")
+        say()
+        say("| items | serial | mpmagic | per item (mpmagic) |")
+        say("|---|---|---|---|")
+        sizes = [10, 100, 1000, 10_000, 100_000, 1_000_000] + ([] if quick else [10_000_000])
+        for k in sizes:
+            xs = range(k)
+            r = max(1, min(reps, int(3e6 // k)))
+            ts = median_time(lambda xs=xs: list(map(sq, xs)), r)
+            tm = median_time(lambda xs=xs: pmap(sq, xs), r)
+            say(f"| {k:,} | {fmt_t(ts)} | {fmt_t(tm)} | {fmt_t(tm / k)} |")
+        say()
+        say("Cost per item as item size grows (4 numpy uint8 items; `nbytes` sends items only, "
+            "`same` sends them back too):")
+        say()
+        say("| item size | nbytes: mpmagic | nbytes: mp.Pool(fork) | same: mpmagic | same: mp.Pool(fork) | "
+            "through shared memory |")
+        say("|---|---|---|---|---|---|")
+        fork_pool = multiprocessing.get_context("fork").Pool(WORKERS)
+        nb, sm = ns["nbytes"], ns["same"]
+        try:
+            item_sizes = [100, 10_000, 1 << 20, 10 << 20, 100 << 20]
+            if quick:
+                item_sizes = item_sizes[:4]
+            for size in item_sizes:
+                items = [np.full(size, i, np.uint8) for i in range(4)]
+                r = 3 if size >= 10 << 20 else reps
+                a = median_time(lambda items=items: pmap(nb, items), r)
+                b = median_time(lambda items=items: fork_pool.map(nb, items), r)
+                c = median_time(lambda items=items: pmap(sm, items), r)
+                d2 = median_time(lambda items=items: fork_pool.map(sm, items), r)
+                via = "yes" if size >= shm.THRESHOLD else "no (pipe)"
+                say(f"| {size:,} B | {fmt_t(a)} | {fmt_t(b)} | {fmt_t(c)} | {fmt_t(d2)} | {via} |")
+                del items
+        finally:
+            fork_pool.terminate()
+            fork_pool.join()
+        say()
     mpmagic.stop_pool()
     left = [f for f in os.listdir("/dev/shm") if f.startswith(f"mpm_{os.getpid()}_")] if os.path.isdir("/dev/shm") else []
     say(f"Shared-memory segments left in /dev/shm after `stop_pool()`: {len(left)}")
+    say()
+    say(f"Load average at the end of the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 def cold_child(pause: float) -> None:
@@ -612,14 +641,22 @@ def cold_child(pause: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repeats (a smoke run)")
+    parser.add_argument(
+        "--only", metavar="SECTIONS", help=f"comma-separated sections to run (of {', '.join(SECTIONS)}); default all"
+    )
     parser.add_argument("--cold-child", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cold_child is not None:
         cold_child(args.cold_child)
         return
     try:
-        run(args.quick)
+        only = set(args.only.split(",")) if args.only else None
+        if only and not only <= set(SECTIONS):
+            parser.error(f"unknown section(s): {', '.join(sorted(only - set(SECTIONS)))}")
+        run(args.quick, only)
     finally:
+        for peers in list(_open_peers):  # never leave their workers behind
+            peers.close()
         mpmagic.stop_pool()
 
 
