@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-# Seconds per item measured for recent functions (by payload key), so a
-# repeated call starts with well-sized chunks instead of small probes.
-_remembered: OrderedDict[bytes, float] = OrderedDict()
+# Seconds and packed bytes per item measured for recent functions (by payload
+# key), so a repeated call starts with well-sized chunks instead of small probes.
+_remembered: OrderedDict[bytes, tuple[float, float | None]] = OrderedDict()
 _REMEMBER = 64
 
 
@@ -40,10 +40,11 @@ class ChunkPlanner:
         self.max_chunk = max_chunk
         self.max_bytes = max_bytes
         self.min_seconds = 0.002  # a chunk shorter than this costs more in messages than in work
-        self.bytes_per_item: float | None = None  # largest packed size per item seen
+        last = _remembered.get(key) if key is not None else None
+        self.bytes_per_item: float | None = last[1] if last else None  # largest packed size per item seen
         self.key = key
         # smoothed seconds per item: what this function took last time, until measured
-        self.per_item: float | None = _remembered.get(key) if key is not None else None
+        self.per_item: float | None = last[0] if last else None
         self.sent = 0
         self.sizes_used: set[int] = set()
 
@@ -87,7 +88,7 @@ class ChunkPlanner:
         t = seconds / n_items
         self.per_item = t if self.per_item is None else 0.5 * self.per_item + 0.5 * t
         if self.key is not None:
-            _remembered[self.key] = self.per_item
+            _remembered[self.key] = (self.per_item, self.bytes_per_item)
             _remembered.move_to_end(self.key)
             while len(_remembered) > _REMEMBER:
                 _remembered.popitem(last=False)

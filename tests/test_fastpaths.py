@@ -21,8 +21,16 @@ from conftest import run
 
 import mpmagic
 from mpmagic import payload_cache, shm
+from mpmagic import pool as pool_module
 
 pytestmark = pytest.mark.skipif(not shm.ENABLED, reason="POSIX shared memory only")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_the_pool_afterwards():
+    """Leave no pool behind for later modules (worker numbering starts again at 0)."""
+    yield
+    pool_module.shutdown()
 
 BIG = (2 << 20) // 8  # float64 elements in a 2 MB array: over the 1 MB threshold
 

@@ -425,6 +425,8 @@ class LocalBackend:
         # Fill idle workers first, then deepen pipelines.
         slots = self.slots[: self._limit] if self._limit else self.slots
         for level in range(depth):
+            if level and level >= self._depth(job):
+                break  # what was just packed showed big chunks: one in flight is enough
             for slot in sorted(slots, key=lambda s: len(s.inflight)):
                 if len(slot.inflight) > level:
                     continue
