@@ -151,6 +151,8 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "lab-workspaces"),
         JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
         JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+        JUPYTER_DATA_DIR=str(tmp_path / "data"),  # kernelspecs still come from sys.prefix
+        IPYTHONDIR=str(tmp_path / "ipython"),
         PYTHONUNBUFFERED="1",
     )
     port, token = free_port(), secrets.token_hex(16)
