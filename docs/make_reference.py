@@ -62,6 +62,8 @@ def options_table(parser: argparse.ArgumentParser) -> str:
         flag = action.nargs == 0  # a switch: its "default" is only the opposite state
         shown = "" if flag or default in (None, argparse.SUPPRESS) else f"`{default}`"
         text = formatter._expand_help(action) if action.help else ""  # what %pmap? prints
+        if not text and not action.option_strings:
+            text = "what to do; see the usage above"
         rows.append(f"| {names} | {_argument(action)} | {shown} | {_cell(text)} |")
     return "\n".join(rows) + "\n"
 
