@@ -343,7 +343,9 @@ class MapJob:
             raise self.failure
         out: list = []
         for k in sorted(self._results):
-            out.extend(self._results[k])
+            # pop as we go: each chunk's list is freed once copied, so the peak
+            # is the results once, not twice (10^7 results: ~80 MB less)
+            out.extend(self._results.pop(k))
         return out
 
 
