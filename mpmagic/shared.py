@@ -240,6 +240,7 @@ class _HolderLock:
         self.what = what  # shown in the takeover warning; None for internal locks
         self.owner: int | None = None  # thread ident (recursive locks)
         self.depth = 0
+        self.helper: tuple | None = None  # how to find it again elsewhere (see __reduce__)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         if self.recursive:
@@ -307,6 +308,22 @@ class _HolderLock:
 
     def after_fork(self) -> None:
         self.owner, self.depth = None, 0
+
+    def locked(self) -> bool:
+        """Is it held (by any process) right now?"""
+        return bool(self.sem._is_zero())
+
+    def __reduce__(self) -> tuple:
+        # ``lock = v.get_lock()`` may be passed to workers on its own: it travels
+        # as "the lock of helper STEM", which attaches to the helper by name.
+        if self.helper is None:
+            raise TypeError("an mpmagic queue's internal lock cannot be pickled")
+        return (_lock_of, self.helper)
+
+    def __repr__(self) -> str:
+        holder = self.words[self.slot]
+        kind = "RLock" if self.recursive else "Lock"
+        return f"<mpmagic {kind} of {self.what} {'held by pid ' + str(holder) if holder else 'free'}>"
 
 
 # --------------------------------------------------------------------------
@@ -426,6 +443,20 @@ def _attach(cls: type, stem: str, spec: tuple, owner_pid: int) -> Any:
     return cls._attach(stem, spec, owner_pid)
 
 
+def _lock_of(cls: type, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
+    """Unpickle a helper's lock (what ``get_lock()`` returned).
+
+    The lock keeps its helper alive here, so a later unpickled ``v`` finds the
+    same helper, and the same lock object: two lock objects over one semaphore
+    would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
+    the outer). The owner's own helper needs no such reference.
+    """
+    helper = cls._attach(stem, spec, owner_pid)
+    if helper._owner_pid != _PID:
+        helper._lock.keep = helper
+    return helper._lock
+
+
 def _after_fork_in_child() -> None:
     global _PID
     _PID = os.getpid()
@@ -451,12 +482,9 @@ def _backend_helper(kind: str, args: tuple, kwargs: dict) -> Any:
     return make(kind, *args, **kwargs)
 
 
-def _given(**options: Any) -> dict[str, Any]:
-    """The options whose value is not the default (``_DEFAULT``)."""
-    return {k: v for k, v in options.items() if v is not _DEFAULT}
-
-
-_DEFAULT: Any = type("Default", (), {"__repr__": lambda self: "default"})()
+def _given(**options: tuple[Any, Any]) -> dict[str, Any]:
+    """The options (``name=(value, default)``) whose value is not the default."""
+    return {k: v for k, (v, default) in options.items() if v is not default and v != default}
 
 
 def _check_platform(kind: str) -> None:
@@ -481,6 +509,7 @@ class SharedLock(_Helper):
 
     def _setup(self) -> None:
         self._lock = _HolderLock(self._sems["l"], self._seg, 1, self._recursive, self._describe())
+        self._lock.helper = self.__reduce__()[1]
         self.acquire = self._lock.acquire
         self.release = self._lock.release
 
@@ -495,7 +524,7 @@ class SharedLock(_Helper):
 
     def locked(self) -> bool:
         """Is it held (by any process) right now?"""
-        return bool(self._sems["l"]._is_zero())
+        return self._lock.locked()
 
     def __repr__(self) -> str:
         holder = self._seg.words[1]
@@ -602,6 +631,7 @@ class _Synchronized(_Helper):
         self._obj = ctype.from_buffer(self._seg.mmap, _HEADER)
         if mode == "own":
             self._lock: Any = _HolderLock(self._sems["l"], self._seg, 1, True, self._describe())
+            self._lock.helper = self.__reduce__()[1]
         elif mode == "given":
             self._lock = given._lock
         else:
@@ -1144,7 +1174,7 @@ class SharedQueue(_Helper):
 # The constructors
 
 
-def Queue(maxsize: int = 0, *, producers: int = _DEFAULT, capacity: int = _DEFAULT) -> SharedQueue:
+def Queue(maxsize: int = 0, *, producers: int = 1, capacity: int = 1 << 20) -> SharedQueue:
     """A queue any process can use, like ``multiprocessing.Queue(maxsize)``.
 
     ``maxsize`` > 0 bounds the items in it (``put`` then waits, or raises
@@ -1153,12 +1183,10 @@ def Queue(maxsize: int = 0, *, producers: int = _DEFAULT, capacity: int = _DEFAU
     fragments, and when the ring is full ``put`` keeps items in a backlog of
     the putting process instead of blocking.
     """
-    got = _backend_helper("Queue", (maxsize,), _given(producers=producers, capacity=capacity))
+    got = _backend_helper("Queue", (maxsize,), _given(producers=(producers, 1), capacity=(capacity, 1 << 20)))
     if got is not NotImplemented:
         return got
     _check_platform("Queue")
-    producers = 1 if producers is _DEFAULT else producers
-    capacity = 1 << 20 if capacity is _DEFAULT else capacity
     for name, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1), ("capacity", capacity, 4096)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UsageError(f"mpmagic.Queue: {name} must be a whole number of at least {low}, not {value!r}")
@@ -1166,32 +1194,31 @@ def Queue(maxsize: int = 0, *, producers: int = _DEFAULT, capacity: int = _DEFAU
     return SharedQueue._create((maxsize, capacity, producers), _HEADER + capacity)
 
 
-def Value(typecode: Any, value: Any = 0, lock: Any = _DEFAULT) -> SharedValue:
+def Value(typecode: Any, value: Any = 0, lock: Any = True) -> SharedValue:
     """One shared number, like ``multiprocessing.Value(typecode, value)``.
 
     ``typecode`` as in the array module ('i', 'd', 'b', 'c'...) or a ctypes
     type. ``lock=True`` gives it its own RLock (``get_lock()``), ``False`` none,
     or pass an ``mpmagic.Lock()``/``RLock()`` to share one.
     """
-    got = _backend_helper("Value", (typecode, value), _given(lock=lock))
+    got = _backend_helper("Value", (typecode, value), _given(lock=(lock, True)))
     if got is not NotImplemented:
         return got
-    v = SharedValue._make(typecode, None, True if lock is _DEFAULT else lock)
+    v = SharedValue._make(typecode, None, lock)
     if not (v._spec[0] in "cu" and value == 0):  # Value('c') starts at b"\0", as in the stdlib
         v._obj.value = value
     return v
 
 
-def Array(typecode: Any, size_or_initializer: Any, lock: Any = _DEFAULT) -> SharedArray:
+def Array(typecode: Any, size_or_initializer: Any, lock: Any = True) -> SharedArray:
     """A shared fixed-size array, like ``multiprocessing.Array(typecode, size_or_initializer)``.
 
     A whole number makes that many zeros; a sequence (list, bytes, numpy
     array) gives the length and the contents.
     """
-    got = _backend_helper("Array", (typecode, size_or_initializer), _given(lock=lock))
+    got = _backend_helper("Array", (typecode, size_or_initializer), _given(lock=(lock, True)))
     if got is not NotImplemented:
         return got
-    lock = True if lock is _DEFAULT else lock
     init = size_or_initializer
     if isinstance(init, int) and not isinstance(init, bool):
         if init < 0:

@@ -90,7 +90,6 @@ def nothing_left_in_dev_shm(ip):
     while left_behind(made) and time.monotonic() < deadline:
         time.sleep(0.05)
         gc.collect()
-    assert len(made) > 50  # the tests did make helpers
     assert left_behind(made) == set(), "shared helpers left names in /dev/shm"
 
 
@@ -202,6 +201,17 @@ def test_helpers_made_after_the_pool_started(ip, any_method):
     assert run(ip, "late_a[:]") == [3, 4, 5]  # [1, 2, 3] plus two each
     assert sorted(run(ip, "[late_q.get(timeout=10) for _ in range(6)]")) == list(range(6))
     drop(ip, "late_q", "late_v", "late_a", "late_lock", "late_r", "late_e", "late")
+
+
+def test_helpers_made_before_fork_workers_started(ip):
+    """Fork workers inherit the notebook's helpers, and attach to new ones by name."""
+    ensure_pool("fork")
+    run(ip, "import mpmagic\nbefore_v = mpmagic.Value('i', 0)\nbefore_q = mpmagic.Queue()\nbefore_q.put('from before')")
+    mpmagic.restart_pool()  # these workers are forked with the helpers already there
+    parallel(ip, "with before_v.get_lock():\n    before_v.value += 1\n", n=2)
+    assert run(ip, "before_v.value") == 2
+    assert parallel(ip, "before_q.get(timeout=30) if rank == 0 else None\n", n=2)[0] == "from before"
+    drop(ip, "before_v", "before_q")
 
 
 # --------------------------------------------------------------------------
@@ -379,6 +389,15 @@ def test_event_wakes_waiting_ranks(ip, method):
     run(ip, "ev.clear()")
     assert run(ip, "ev.wait(0.05)") is False
     drop(ip, "ev", "waiting", "set_when_both_wait")
+
+
+def test_get_lock_passed_on_its_own(ip, method):
+    """``lock = v.get_lock()`` travels by itself and is the very lock of ``v`` there."""
+    ensure_pool(method)
+    run(ip, "import mpmagic\ntally = mpmagic.Value('i', 0)\nits_lock = tally.get_lock()  # unpickled before tally: sorted names")
+    assert run(ip, "mpmagic.parallel('with its_lock:\\n    tally.value += 1\\nits_lock is tally.get_lock()', workers=2, namespace={'its_lock': its_lock, 'tally': tally})") == [True, True]
+    assert run(ip, "tally.value") == 2
+    drop(ip, "tally", "its_lock")
 
 
 def test_lock_is_exclusive_across_ranks(ip, method):
