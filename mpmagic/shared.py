@@ -36,6 +36,7 @@ it returns is the helper (it should offer the same API); returning
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -399,6 +400,13 @@ class _Helper:
             _registry[stem] = self
             return self
 
+    def _own_lock(self, recursive: bool) -> _HolderLock:
+        """The helper's lock: semaphore "l", holder pid in header word 1. Pickled on
+        its own (``lock = v.get_lock()``), it travels as "the lock of this helper"."""
+        lock = _HolderLock(self._sems["l"], self._seg, 1, recursive, self._describe())
+        lock.helper = self.__reduce__()[1]
+        return lock
+
     def _gone(self) -> SharedObjectGone:
         if _alive(self._owner_pid):
             why = "released it (the object was dropped there, e.g. deleted or replaced)"
@@ -508,8 +516,7 @@ class SharedLock(_Helper):
     _recursive = False
 
     def _setup(self) -> None:
-        self._lock = _HolderLock(self._sems["l"], self._seg, 1, self._recursive, self._describe())
-        self._lock.helper = self.__reduce__()[1]
+        self._lock = self._own_lock(self._recursive)
         self.acquire = self._lock.acquire
         self.release = self._lock.release
 
@@ -630,8 +637,7 @@ class _Synchronized(_Helper):
         ctype = _TYPES[code] if length is None else _TYPES[code] * length
         self._obj = ctype.from_buffer(self._seg.mmap, _HEADER)
         if mode == "own":
-            self._lock: Any = _HolderLock(self._sems["l"], self._seg, 1, True, self._describe())
-            self._lock.helper = self.__reduce__()[1]
+            self._lock: Any = self._own_lock(recursive=True)
         elif mode == "given":
             self._lock = given._lock
         else:
@@ -739,9 +745,6 @@ class SharedArray(_Synchronized):
         with lock:
             self._obj[index] = value
 
-    def __getslice__(self, start: int, stop: int) -> Any:  # pragma: no cover - py2 name
-        return self[start:stop]
-
     @property
     def value(self) -> Any:
         """For typecode 'c': the bytes up to the first NUL (like the stdlib)."""
@@ -750,7 +753,7 @@ class SharedArray(_Synchronized):
     @value.setter
     def value(self, new: Any) -> None:
         obj = self._char_obj()
-        with self.get_lock() if self._lock else _nolock:
+        with self._lock or contextlib.nullcontext():
             obj.value = new
 
     @property
@@ -782,17 +785,6 @@ class SharedArray(_Synchronized):
         head = self._obj[:8]
         more = ", ..." if len(self) > 8 else ""
         return f"<mpmagic.Array {self._spec[0]!r} len={len(self)} [{str(list(head))[1:-1]}{more}]>"
-
-
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-_nolock = _NoLock()
 
 
 # --------------------------------------------------------------------------
