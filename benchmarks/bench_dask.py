@@ -33,6 +33,8 @@ from typing import Any
 from IPython.core.interactiveshell import InteractiveShell
 
 import mpmagic
+from mpmagic import pool as pool_module
+from mpmagic.backends.local import LocalBackend
 
 CELL = """
 def sq(x):
@@ -88,28 +90,56 @@ def main() -> None:
     shell.run_cell(CELL, store_history=False)
     sq, work = shell.user_ns["sq"], shell.user_ns["work"]
 
-    serial_tiny = median_time(lambda: list(map(sq, range(n_tiny))), reps)
-    serial_cpu = median_time(lambda: list(map(work, cpu_items)), 1 if args.quick else 3, warmup=0)
-
-    # -- Dask: mpmagic and plain client.map, same cluster --------------------
+    # Both pools stay up and every repeat runs each contender once, in turn, so
+    # that load from other processes on the machine hits all of them alike.
     t0 = time.perf_counter()
-    backend = mpmagic.use_dask(workers=2)
+    dask_backend = mpmagic.use_dask(workers=2)
     dask_start = time.perf_counter() - t0
-    client = backend.client
+    client = dask_backend.client
+    local_backend = LocalBackend(2)
+    local_backend.wait_ready()
+
+    def on(backend: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            pool_module._backend = backend  # the benchmark switches without stopping either
+            return fn()
+        return run
 
     def plain_map(items: Any, f: Callable = sq) -> list:
         return client.gather(client.map(f, items, pure=False))
 
-    res: dict[str, dict[str, float]] = {"dask": {}, "plain": {}, "local": {}}
-    res["dask"]["tiny"] = median_time(lambda: mpmagic.pmap(sq, range(n_tiny)), reps)
+    tiny = range(n_tiny)
+    contenders = {
+        "serial": {"tiny": lambda: list(map(sq, tiny)), "cpu": lambda: list(map(work, cpu_items)), "latency": None},
+        "dask": {
+            "tiny": on(dask_backend, lambda: mpmagic.pmap(sq, tiny)),
+            "cpu": on(dask_backend, lambda: mpmagic.pmap(work, cpu_items)),
+            "latency": on(dask_backend, lambda: mpmagic.pmap(sq, [1, 2])),
+        },
+        "plain": {"tiny": None, "cpu": lambda: plain_map(cpu_items, work), "latency": lambda: plain_map([1, 2])},
+        "local": {
+            "tiny": on(local_backend, lambda: mpmagic.pmap(sq, tiny)),
+            "cpu": on(local_backend, lambda: mpmagic.pmap(work, cpu_items)),
+            "latency": on(local_backend, lambda: mpmagic.pmap(sq, [1, 2])),
+        },
+    }
+    samples: dict[str, dict[str, list[float]]] = {c: {"tiny": [], "cpu": [], "latency": []} for c in contenders}
+    for what, rounds, inner in (("latency", 20, 1), ("tiny", reps, 1), ("cpu", reps, 1)):
+        for fns in contenders.values():  # warm-up
+            if fns[what] is not None:
+                fns[what]()
+        for _ in range(rounds):
+            for name, fns in contenders.items():
+                if fns[what] is not None:
+                    samples[name][what].append(median_time(fns[what], inner, warmup=0))
+    res = {c: {w: statistics.median(v) for w, v in ws.items() if v} for c, ws in samples.items()}
+    pool_module._backend = dask_backend
+    mpmagic.pmap(sq, tiny)
     res["dask"]["tiny_chunks"] = mpmagic.last_report().chunks
     plain_small = median_time(lambda: plain_map(range(n_plain)), 1 if args.quick else 3)
     res["plain"]["tiny_measured"] = plain_small
     res["plain"]["tiny"] = plain_small * n_tiny / n_plain  # one task per item: linear
-    res["dask"]["cpu"] = median_time(lambda: mpmagic.pmap(work, cpu_items), reps)
-    res["plain"]["cpu"] = median_time(lambda: plain_map(cpu_items, work), reps)
-    res["dask"]["latency"] = median_time(lambda: mpmagic.pmap(sq, [1, 2]), 20, warmup=3)
-    res["plain"]["latency"] = median_time(lambda: plain_map([1, 2]), 20, warmup=3)
+    serial_tiny, serial_cpu = res["serial"]["tiny"], res["serial"]["cpu"]
 
     dq, dl = mpmagic.Queue(), mpmagic.Lock()
 
@@ -124,13 +154,7 @@ def main() -> None:
         return f
 
     helpers = {"dask_queue": per_op(dq_roundtrip, 50), "dask_lock": per_op(lock_roundtrip(dl), 50)}
-
-    # -- the local backend -----------------------------------------------------
-    mpmagic.use_local(2)
-    mpmagic.pmap(sq, range(4))  # workers up
-    res["local"]["tiny"] = median_time(lambda: mpmagic.pmap(sq, range(n_tiny)), reps)
-    res["local"]["cpu"] = median_time(lambda: mpmagic.pmap(work, cpu_items), reps)
-    res["local"]["latency"] = median_time(lambda: mpmagic.pmap(sq, [1, 2]), 20, warmup=3)
+    pool_module._backend = local_backend
     lq, ll = mpmagic.Queue(), mpmagic.Lock()
 
     def lq_roundtrip() -> None:
@@ -139,12 +163,15 @@ def main() -> None:
 
     helpers["local_queue"] = per_op(lq_roundtrip, 2000)
     helpers["local_lock"] = per_op(lock_roundtrip(ll), 2000)
-    mpmagic.stop_pool()
+    local_backend.stop()
+    dask_backend.stop()
+    pool_module._backend = None
 
     # -- report ---------------------------------------------------------------
     cpus = os.cpu_count()
     print(f"Machine: {platform.processor() or platform.machine()}, {cpus} CPUs, Python {sys.version.split()[0]}, "
-          f"dask {__import__('dask').__version__}. Local Dask cluster started in {dask_start:.1f} s.\n")
+          f"dask {__import__('dask').__version__}, load average {os.getloadavg()[0]:.1f} at the end. "
+          f"Local Dask cluster started in {dask_start:.1f} s.\n")
     print("| workload | serial | mpmagic on Dask | plain `client.map` | mpmagic local |")
     print("|---|---|---|---|---|")
     print(f"| 100,000 tiny items (`x * x`) | {fmt(serial_tiny)} | {fmt(res['dask']['tiny'])} "

@@ -53,6 +53,12 @@ def start_pool(
                 if wait:
                     old.wait_ready()
                 return old
+        elif old is not None and start_method is None and max_tasks_per_child is None:
+            # Another backend (Dask): start it again rather than switch away from it.
+            if workers is not None and workers != old.workers:
+                old.resize(workers)
+            old.start()
+            return old
         new = LocalBackend(workers, start_method, max_tasks_per_child)
         if old is not None:
             old.stop()

@@ -174,6 +174,10 @@ def test_pool_status_and_scheduler_file(ip, dask_cluster, dask_pool):
     assert run(ip, "%pmap -q abs, [-3]") == [3]
     with pytest.raises(IPythonUsageError, match="managed where the cluster runs"):
         run(ip, "%pool resize 8")
+    # stop disconnects; start connects again and stays on Dask.
+    assert "not connected" in str(run(ip, "%pool stop"))
+    assert str(run(ip, "%pool start")).startswith("pool: dask") and pool_module.get_pool() is backend
+    assert run(ip, "%pmap -q abs, [-7]") == [7]
 
 
 def _free_port() -> int:

@@ -9,8 +9,9 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   runs :func:`mpmagic.backends.dask_tasks.run_message` with the very message
   a local worker would get. Chunks, not items: a plain ``client.map`` over
   100,000 tiny items pays Dask's per-task overhead 100,000 times.
-* The function's payload is scattered once per call (broadcast to every
-  worker); each worker loads it once and caches it by content key.
+* The function's payload travels once per worker: it is the result of one
+  small task every chunk depends on (kept between calls of the same
+  function); each worker loads it once and caches it by content key.
 * Keys are unique and non-pure, so two calls with side effects both run.
 * A bounded number of chunks is in flight (two per worker thread, one with a
   timeout), so the chunk planner's measurements keep steering the sizes.
@@ -39,7 +40,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +55,7 @@ from .local import _no_main_module
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
 _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
-_PAYLOADS_KEPT = 8  # function payloads kept scattered on the cluster between calls
+_PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
 _keys = itertools.count()
 
 _live_backends: weakref.WeakSet = weakref.WeakSet()
@@ -99,6 +101,7 @@ class _Task:
     started: float | None = None  # monotonic time the task began running
     worker: str | None = None  # where it is running
     streamed: int = 0  # output events received
+    data_future: Any = None  # a large unit's scattered message
 
     def describe(self, job: Any) -> str:
         if job.kind == "cell":
@@ -157,7 +160,10 @@ class DaskBackend:
         self.tasks_run = 0
         self._most_workers = 0  # the most workers seen at once
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
-        self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> scattered future
+        self._topic = ""
+        self._topic_client: Any = None
+        self._event_sink: Any = None  # the running job's inbox
+        self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> future of its hold task
         self.created = time.time()
         self._lock = threading.RLock()
         _live_backends.add(self)
@@ -377,15 +383,40 @@ class DaskBackend:
         base["memory_limit"] = sum(p["memory_limit"] or 0 for p in procs)
         return base
 
-    def _scattered(self, key: bytes, data: bytes) -> Any:
-        """The function payload on every worker: scattered once (broadcast), then
-        reused by later calls of the same function while Dask still holds it."""
+    def _events_topic(self) -> str:
+        """The Dask event topic this client's tasks report on (start, output lines).
+
+        One per connection, not per call: the scheduler keeps a bounded log per
+        topic but never drops topics. Events of runs that ended are ignored.
+        """
+        with self._lock:
+            if self._topic_client is not self.client:
+                self._topic = f"mpmagic-{uuid.uuid4().hex[:12]}"
+                self.client.subscribe_topic(self._topic, self._on_event)
+                self._topic_client = self.client
+            return self._topic
+
+    def _on_event(self, event: Any) -> None:
+        sink = self._event_sink
+        if sink is not None:
+            sink(event)
+
+    def _payload_future(self, key: bytes, data: bytes) -> Any:
+        """A future for the function payload, reused by later calls of the same function.
+
+        Not ``scatter``: scattered data that loses its last replica (its workers
+        died) cannot be recomputed, and Dask cancels every task that needs it.
+        A task that returns the bytes can be: the scheduler keeps its input and
+        runs it again. Each worker then fetches the bytes once, from a peer.
+        """
         with self._lock:
             fut = self._payloads.get(key)
-            if fut is not None and fut.status == "finished":
+            if fut is not None and fut.status in ("pending", "finished"):
                 self._payloads.move_to_end(key)
                 return fut
-            fut = self.client.scatter(data, broadcast=True, hash=False)
+            fut = self.client.submit(
+                dask_tasks.hold, data, key=f"mpmagic-payload-{key.hex()[:16]}-{uuid.uuid4().hex[:8]}", pure=False
+            )
             self._payloads[key] = fut
             while len(self._payloads) > _PAYLOADS_KEPT:
                 self._payloads.popitem(last=False)
@@ -417,12 +448,11 @@ class DaskBackend:
                 # A worker is restarting (after a timeout or a crash): wait for it.
                 nthreads = self._wait_for_workers(job.size)
             targets = self._rank_workers(job.size, nthreads)
-            capacity = job.size
+            threads, depth = job.size, 1
         else:
-            capacity = workers or sum(nthreads.values())
-            if not job.timeout:
-                capacity *= 2  # one queued behind each running chunk hides the round trip
-        _DaskRun(self, job, capacity, targets).execute()
+            threads = workers or sum(nthreads.values())
+            depth = 1 if job.timeout else 2  # one queued behind each running chunk hides the round trip
+        _DaskRun(self, job, threads, depth, targets).execute()
 
     def _rank_workers(self, size: int, nthreads: dict[str, int]) -> list[str]:
         """One distinct worker process per rank, or a clear error."""
@@ -453,29 +483,33 @@ class _DaskRun:
     main thread waits on it, so Ctrl-C lands here and cancels.
     """
 
-    def __init__(self, backend: DaskBackend, job: Any, capacity: int, targets: list[str]) -> None:
+    def __init__(self, backend: DaskBackend, job: Any, threads: int, depth: int, targets: list[str]) -> None:
         self.backend = backend
         self.client = backend.client
         self.job = job
-        self.capacity = max(1, capacity)
+        self.capacity = max(1, threads) * depth  # units in flight
         self.targets = targets
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.token = uuid.uuid4().hex[:12]
-        self.topic = f"mpmagic-{self.token}"
+        self.topic = backend._events_topic()
         self.tasks: dict[str, _Task] = {}
         self.deferred: list[str] = []
         self.payload_future: Any = None
+        self.resent: dict[int, int] = {}  # unit id -> times resent after losing its scattered data
+        self.killed: set[int] = set()  # units already resent once after a KilledWorker
+        self.quarantine: deque[Any] = deque()  # such units, waiting to run alone
+        self.solo = False  # a quarantined unit is running: nothing else is sent
         self.name = getattr(getattr(job, "func", None), "__name__", "cell") if job.kind == "map" else "cell"
         self._meta = "meta" in inspect.signature(job.done).parameters
-        self._last_check = time.monotonic()
+        self._last_check = self._last_sweep = time.monotonic()
 
     # -- the loop ----------------------------------------------------------
     def execute(self) -> None:
         __tracebackhide__ = True
-        self.client.subscribe_topic(self.topic, self._on_event)
+        self.backend._event_sink = self._on_event
         try:
             if self.job.func_payload is not None:
-                self.payload_future = self.backend._scattered(self.job.func_key, self.job.func_payload)
+                self.payload_future = self.backend._payload_future(self.job.func_key, self.job.func_payload)
             self._loop()
         except KeyboardInterrupt:
             self._abandon(interrupted=True)
@@ -484,10 +518,7 @@ class _DaskRun:
             self._abandon(interrupted=False)
             raise
         finally:
-            try:
-                self.client.unsubscribe_topic(self.topic)
-            except Exception:
-                pass
+            self.backend._event_sink = None
             self.payload_future = None
 
     def _loop(self) -> None:
@@ -497,11 +528,23 @@ class _DaskRun:
             if job.finished:
                 break
             self._wait(self._next_wait())
+            self._sweep()
             self._check_deadlines()
             if job.kind == "cell":
                 self._check_rank_workers()
         if self.tasks:  # a map that failed early: drop the rest
             self._abandon(interrupted=False)
+
+    def _sweep(self) -> None:
+        """Safety net, once a second: a finished future whose callback went missing
+        is handled anyway, so no race in Dask's callbacks can hang the notebook."""
+        now = time.monotonic()
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for key, task in list(self.tasks.items()):
+            if task.future.status in ("finished", "error", "cancelled") and key not in self.deferred:
+                self._finish(key)
 
     def _next_wait(self) -> float:
         wait = 0.2
@@ -556,6 +599,14 @@ class _DaskRun:
     # -- sending -----------------------------------------------------------
     def _submit_more(self) -> None:
         job = self.job
+        if self.quarantine or self.solo:
+            if self.tasks:
+                return  # wait until the cluster is free of this run's other units
+            if self.quarantine:
+                self.solo = True
+                self._submit(self.quarantine.popleft())
+                return
+            self.solo = False
         while len(self.tasks) < self.capacity and job.has_work:
             unit = job.next_unit()
             if unit is None:
@@ -567,15 +618,16 @@ class _DaskRun:
         key = f"mpmagic-{self.name}-{job.kind}{unit.id}-{next(_keys)}-{self.token}"
         msg = job.message(unit)
         arg: Any = msg
+        data_future = None
         if len(unit.data) > _LARGE_MESSAGE:  # keep big data out of the scheduler's task graph
-            arg = self.client.scatter([msg], hash=False)[0]
+            arg = data_future = self.client.scatter([msg], hash=False)[0]
         kwargs: dict[str, Any] = {"key": key, "pure": False}
         target = None
         if job.kind == "cell":
             target = self.targets[unit.id]
             kwargs.update(workers=[target], allow_other_workers=False)
         future = self.client.submit(dask_tasks.run_message, arg, self.payload_future, self.topic, key, **kwargs)
-        self.tasks[key] = _Task(key, unit, future, target=target)
+        self.tasks[key] = _Task(key, unit, future, target=target, data_future=data_future)
         future.add_done_callback(self._on_done)
 
     # -- receiving ---------------------------------------------------------
@@ -586,18 +638,29 @@ class _DaskRun:
         future, job, unit = task.future, self.job, task.unit
         status = future.status
         if status not in ("finished", "error", "cancelled"):
-            return  # pending again (its result was lost and Dask recomputes it)
-        self.tasks.pop(key, None)
-        if status == "cancelled":
-            job.lost(unit, "had its task cancelled on the cluster (was it restarted?)")
+            # Pending again: its result was lost with a worker and Dask computes it
+            # again. A done callback fires once: ask for the next completion.
+            future.add_done_callback(self._on_done)
             return
+        self.tasks.pop(key, None)
         if status == "error":
             self._failed(task, future.exception())
             return
         try:
-            reply = future.result()
+            reply = None if status == "cancelled" else future.result()
+        except CancelledError:
+            reply = None
         except Exception as exc:
             self._failed(task, exc)
+            return
+        if reply is None:
+            data = task.data_future
+            if data is not None and data.status != "finished" and self.resent.get(unit.id, 0) < 3:
+                # The worker holding this chunk's scattered data died: send it again.
+                self.resent[unit.id] = self.resent.get(unit.id, 0) + 1
+                job.requeue(unit)
+                return
+            job.lost(unit, "had its task cancelled on the cluster (was it restarted?)")
             return
         kind, body, rest, n_streamed = reply[0], reply[1:-2], reply[-2], reply[-1]
         self._await_output(task, n_streamed)
@@ -642,11 +705,16 @@ class _DaskRun:
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, KilledWorker):
-            tries = getattr(exc, "allowed_failures", None)
-            times = f"{tries + 1} times" if isinstance(tries, int) else "each time"
+            if self.job.kind == "map" and task.unit.id not in self.killed:
+                # Dask blames every task that was on a dying worker, queued ones
+                # too. Run this unit once more, alone on the cluster: if it kills
+                # its worker again, it is the culprit; if not, it was innocent.
+                self.killed.add(task.unit.id)
+                self.quarantine.append(task.unit)
+                return
             self.job.lost(
                 task.unit,
-                f"died, and so did every worker Dask retried them on ({times}; KilledWorker)",
+                "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)",
             )
             return
         if isinstance(exc, ImportError) and "mpmagic" in str(exc):

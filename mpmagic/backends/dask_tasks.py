@@ -6,8 +6,8 @@ the same message a local worker gets (``job.message(unit)``, see
 ``mpmagic/worker.py``) and answers with the same reply tuples, so
 ``jobs.py`` cannot tell the backends apart:
 
-* the notebook function travels once per call and per worker (the backend
-  scatters its payload bytes with ``broadcast=True``); the loaded function
+* the notebook function travels once per worker (its payload bytes are the
+  result of a :func:`hold` task every chunk depends on); the loaded function
   is cached here by its content key, so later chunks only name it;
 * map chunks run through :func:`mpmagic.worker.run_items`, cells through
   :func:`mpmagic.cell.run_cell_code`, errors become
@@ -206,6 +206,12 @@ def _worker_address() -> str | None:
 
 # --------------------------------------------------------------------------
 # The task
+
+
+def hold(data: bytes) -> bytes:
+    """The function payload as a task result: every chunk depends on it, so each
+    worker fetches it once, and Dask recomputes it if its holders die."""
+    return data
 
 
 def _function(key: bytes, data: bytes) -> Any:
