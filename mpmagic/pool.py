@@ -103,7 +103,17 @@ def use_local(
 
 
 def use_dask(address: str | None = None, **options: Any) -> Any:
-    """Run on Dask: a new local cluster, or the scheduler at ``address``."""
+    """Run on Dask: a new local cluster, or the scheduler at ``address``.
+
+    ``address`` is ``tcp://host:8786`` or ``tls://...``; without it (and
+    without ``scheduler_file``) a local cluster of worker processes starts.
+    Options: ``workers`` (size of the local cluster; with an address, wait
+    until that many workers joined), ``scheduler_file`` (connect to the
+    scheduler it describes), ``tls_ca_file``/``tls_cert``/``tls_key`` (for
+    ``tls://``), ``timeout`` (seconds to wait for the scheduler, default 10).
+    A scheduler that cannot be reached in time is an error and the current
+    pool stays. See docs/dask.md.
+    """
     global _backend
     try:
         from .backends.dask import DaskBackend
