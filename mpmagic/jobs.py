@@ -32,6 +32,12 @@ from .errors import (
 
 _call_ids = itertools.count(1)
 
+_READ_ONLY_NOTE = (
+    "mpmagic: numpy arrays from the notebook (items and captured globals of 1 MB or more) "
+    "reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`), "
+    "or allow writes with `mpmagic.shm.configure(writable=True)` (writes stay in the worker)."
+)
+
 
 def short_repr(obj: Any, limit: int = 60) -> str:
     """A repr that fits in an error message."""
@@ -272,6 +278,8 @@ class MapJob:
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
+            if self.shared_memory and isinstance(exc, ValueError) and "read-only" in str(exc):
+                add_note(exc, _READ_ONLY_NOTE)
         if self.failure is None:
             self.failure = exc
 

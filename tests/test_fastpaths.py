@@ -51,8 +51,9 @@ def test_array_items_arrive_read_only_and_correct(ip, local_pool):
     run(ip, "def writable(a):\n    return a.flags.writeable")
     assert run(ip, "%pmap -q writable, parts[:2]") == [False, False]
     run(ip, "def scale(a):\n    a *= 2\n    return a")
-    with pytest.raises(ValueError, match="read-only"):
+    with pytest.raises(ValueError, match="read-only") as info:
         run(ip, "%pmap -q scale, parts[:1]")
+    assert any("shm.configure(writable=True)" in n for n in getattr(info.value, "__notes__", []))
     # ...unless asked for: then writes stay in the worker's copy.
     shm.configure(writable=True)
     try:
