@@ -260,7 +260,7 @@ class DaskBackend:
                 return nthreads
             if time.monotonic() >= deadline:
                 raise MPMagicError(
-                    f"{where_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}, "
+                    f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}, "
                     f"and {n} did not join within {self.timeout:g} s: start more with "
                     f"`dask worker {self.client.scheduler.address}` (or scale the cluster)"
                 )
@@ -407,7 +407,7 @@ class DaskBackend:
         Not ``scatter``: scattered data that loses its last replica (its workers
         died) cannot be recomputed, and Dask cancels every task that needs it.
         A task that returns the bytes can be: the scheduler keeps its input and
-        runs it again. Each worker then fetches the bytes once, from a peer.
+        runs it again. Its result is replicated to every worker once.
         """
         with self._lock:
             fut = self._payloads.get(key)
@@ -417,6 +417,10 @@ class DaskBackend:
             fut = self.client.submit(
                 dask_tasks.hold, data, key=f"mpmagic-payload-{key.hex()[:16]}-{uuid.uuid4().hex[:8]}", pure=False
             )
+            # On every worker now, so that where it was computed does not pull the
+            # chunks there (Dask places tasks near their data).
+            # (In the background: a slow or dying worker must not hold the call.)
+            threading.Thread(target=_replicate_quietly, args=(self.client, fut), daemon=True).start()
             self._payloads[key] = fut
             while len(self._payloads) > _PAYLOADS_KEPT:
                 self._payloads.popitem(last=False)
@@ -471,7 +475,7 @@ class DaskBackend:
         return sorted(nthreads, key=lambda a: (busy.get(a, 0), a))[:size]
 
 
-def where_cap(text: str) -> str:
+def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
@@ -807,6 +811,13 @@ class _DaskRun:
             )
         sys.stderr.write(msg + ".\n")
         sys.stderr.flush()
+
+
+def _replicate_quietly(client: Any, future: Any) -> None:
+    try:
+        client.replicate([future])
+    except Exception:
+        pass
 
 
 def _cancel_quietly(client: Any, futures: list) -> None:
