@@ -85,7 +85,7 @@ rank * 10"""),
     ("md", """\
 A longer run (about 3 seconds on two cores) shows a progress bar that counts
 items while it works."""),
-    ("code", "long_results = %pmap work, [8_000_000] * 16"),
+    ("code", "long_results = %pmap work, [5_000_000] * 16"),
     ("code", """\
 import mpmagic
 
