@@ -245,6 +245,7 @@ def test_local_cluster_from_the_magic_and_back_to_local(ip):
         time.sleep(0.5)
         assert run(ip, "%pmap -q abs, [-4, 5]") == [4, 5]
         assert set(worker_pids(backend).values()) == pids
+        assert "workers: 1, threads: 1" in str(run(ip, "%pool resize 1"))
     finally:
         run(ip, "%pool local -n 2")
     assert pool_module.get_pool().name == "local"
