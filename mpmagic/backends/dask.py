@@ -17,7 +17,9 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   timeout), so the chunk planner's measurements keep steering the sizes.
 * What a task prints is streamed home as Dask events and shown in the cell.
 * A worker that dies: Dask runs its tasks again elsewhere (its
-  ``allowed-failures`` setting); after that the job hears which items were lost.
+  ``allowed-failures`` setting). Dask then blames every task that was on the
+  dying workers, so a blamed chunk runs once more alone; if it kills its worker
+  again, the job hears which items were lost.
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt cancels the futures at once; tasks already running cannot be

@@ -236,7 +236,7 @@ def run_message(msg: tuple, func_payload: bytes | None, topic: str | None, tag: 
     """Run one unit of a job in this Dask worker; return a worker-style reply.
 
     ``msg`` is ``job.message(unit)``; ``func_payload`` the function's bytes
-    (a scattered future on the notebook side, its data here); ``topic`` the
+    (a future of the :func:`hold` task on the notebook side, its bytes here); ``topic`` the
     Dask event topic that streams output and the start signal; ``tag`` the
     unit's id. The reply is ``(kind, fields..., output_rest, n_streamed)``
     with ``kind`` one of ``done``, ``error``, ``unpicklable``.
