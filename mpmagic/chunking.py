@@ -78,6 +78,10 @@ class ChunkPlanner:
             floor = int(self.min_seconds / max(self.per_item, 1e-9))
             if self.bytes_per_item:
                 floor = min(floor, int(self.max_bytes / self.bytes_per_item))
+            # ...and never fewer chunks than workers: a time remembered from an
+            # earlier call may be wrong for these items, and items may wait on
+            # one another (queues, events), so each worker gets a share.
+            floor = min(floor, math.ceil(remaining / self.workers))
             size = max(size, min(floor, remaining))
         return max(1, min(size, self.max_chunk))
 

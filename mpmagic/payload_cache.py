@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import threading
 import types
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +47,7 @@ _should_pickle_by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_b
 
 @dataclass(eq=False)
 class _Entry:
-    func: Any
+    func: Any  # a weak reference to the function: the cache must not keep it (or what it captures) alive
     shared: bool
     captured: list | None  # the objects of the fast check, or None (always re-pickle)
     inband: bytes  # the pickle without its out-of-band buffers
@@ -57,7 +58,8 @@ class _Entry:
 
 
 _entries: OrderedDict[tuple[int, bool], _Entry] = OrderedDict()
-_lock = threading.Lock()
+_lock = threading.RLock()
+_dead: list[tuple[int, bool]] = []  # entries whose function was collected (dropped on the next call)
 stats = {"fast": 0, "same": 0, "built": 0}  # how calls were served (tests, benchmarks)
 
 
@@ -70,8 +72,12 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     shared = shared and shm.ENABLED
     slot = (id(func), shared)
     with _lock:
+        while _dead:
+            dead = _dead.pop()
+            if dead in _entries and _entries[dead].func() is None:
+                _drop(dead)
         entry = _entries.get(slot)
-        if entry is not None and (entry.func is not func or not _segment_alive(entry)):
+        if entry is not None and (entry.func() is not func or not _segment_alive(entry)):
             _drop(slot)
             entry = None
     captured = _capture(func)
@@ -96,7 +102,13 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     data = inband
     if buffers:
         data, segment, refs = shm.wrap(inband, buffers, "lend")
-    new = _Entry(func, shared, captured, inband, payload.payload_key(data), data, segment, refs)
+    try:
+        ref = weakref.ref(func, lambda _r, slot=slot: _dead.append(slot))
+    except TypeError:  # builtins and the like: cheap to pickle, not cached
+        if segment is not None:
+            shm.pool().track(segment)  # freed at pool stop
+        return payload.payload_key(data), data
+    new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs)
     with _lock:
         _drop(slot)
         _entries[slot] = new
@@ -142,7 +154,8 @@ def _capture(func: Any) -> list | None:
         return None
     objs: list = []
     try:
-        return objs if _ok(func, objs, set(), 0) else None
+        # objs[0] is func itself: left out, the cache holds it only weakly
+        return objs[1:] if _ok(func, objs, set(), 0) else None
     except Exception:  # anything odd: take the safe path
         return None
 

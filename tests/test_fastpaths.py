@@ -17,13 +17,23 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import ensure_pool, run
 
 import mpmagic
 from mpmagic import payload_cache, shm
 from mpmagic import pool as pool_module
 
 pytestmark = pytest.mark.skipif(not shm.ENABLED, reason="POSIX shared memory only")
+
+
+@pytest.fixture(scope="module", params=["forkserver", "spawn"])
+def local_pool(request):
+    """A 2-worker local pool per start method, scoped to this module.
+
+    (Not conftest's session-scoped ``method``: its parameters make pytest
+    regroup tests of other modules around ours.)
+    """
+    return ensure_pool(request.param)
 
 
 @pytest.fixture(autouse=True, scope="module")
