@@ -100,6 +100,9 @@ def ensure_pool(kind: str, request=None):
             or current.workers != 2
             or current.max_tasks_per_child
         ):
+            # use_local keeps settings it is not given (max_tasks_per_child):
+            # start from a clean pool instead.
+            pool_module.shutdown()
             mpmagic.use_local(2, kind)
         return pool_module.get_pool()
     if kind == "dask":
@@ -123,6 +126,16 @@ def backend(backend_kind, request):
 def local_pool(method):
     """A 2-worker local pool with the test's start method."""
     return ensure_pool(method)
+
+
+@pytest.fixture(autouse=True)
+def _settings_back_to_defaults():
+    """``%config MPMagic...`` set by one test (or docs page) must not leak
+    into the next: a leftover chunksize changes how work is split."""
+    yield
+    from mpmagic import config
+
+    config.current().reset()
 
 
 @pytest.fixture(autouse=True)

@@ -85,6 +85,13 @@ def nothing_left_in_dev_shm(ip):
     for name in list(ip.user_ns):
         if isinstance(ip.user_ns[name], shared._Helper):
             del ip.user_ns[name]
+    # IPython keeps the last traceback it showed (sys.last_*): its frames
+    # would keep a helper from an expected `q.get(timeout=...)` Empty alive.
+    for attr in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, attr):
+            setattr(sys, attr, None)
+    ip.run_cell("None", store_history=False)  # replaces last_execution_result and its error
+    ip.InteractiveTB.tb = None  # IPython's traceback printer keeps the last traceback too
     drop(ip)
     deadline = time.monotonic() + 5
     while left_behind(made) and time.monotonic() < deadline:
@@ -178,7 +185,7 @@ def test_helpers_made_after_the_pool_started(ip, any_method):
     pids = sorted(p["pid"] for p in backend.status()["processes"])
     run(
         ip,
-        "late_q = mpmagic.Queue()\nlate_v = mpmagic.Value('d', 0.5)\nlate_a = mpmagic.Array('i', [1, 2, 3])\n"
+        "import mpmagic\nlate_q = mpmagic.Queue()\nlate_v = mpmagic.Value('d', 0.5)\nlate_a = mpmagic.Array('i', [1, 2, 3])\n"
         "late_lock = mpmagic.Lock()\nlate_r = mpmagic.RLock()\nlate_e = mpmagic.Event()\n",
     )
     run(
