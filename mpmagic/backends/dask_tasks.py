@@ -29,7 +29,7 @@ from collections import OrderedDict
 from typing import Any
 
 from .. import payload
-from ..worker import ErrorInfo, run_items
+from ..worker import ErrorInfo, _first_unpicklable, run_items
 
 _CACHE_SIZE = 16  # loaded functions kept per worker process
 _FLUSH_INTERVAL = 0.1  # seconds between streamed output events of one task
@@ -298,15 +298,6 @@ def _run_cell(msg: tuple) -> tuple:
     except Exception as exc:
         return ("unpicklable", None, ErrorInfo(exc))
     return ("done", out, seconds, {"worker": _worker_address(), "start": start, "end": start + seconds})
-
-
-def _first_unpicklable(results: list) -> int | None:
-    for i, r in enumerate(results):
-        try:
-            payload.dumps_data(r)
-        except Exception:
-            return i
-    return None
 
 
 # --------------------------------------------------------------------------
