@@ -308,7 +308,9 @@ class _Worker:
 
     def _capture(self, call, tag) -> None:
         for s in (self.out, self.err):
-            s.call, s.tag, s.last = call, tag, time.monotonic()
+            # last = 0: a task's first line goes home at once (then at most every
+            # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
+            s.call, s.tag, s.last = call, tag, 0.0
         sys.stdout, sys.stderr = self.out, self.err
 
     def _release(self) -> None:

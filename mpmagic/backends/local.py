@@ -497,11 +497,17 @@ class LocalBackend:
                 self._drain(slot, job)
                 self._lost(slot, job)
 
-    def _drain(self, slot: _Slot, job) -> bool:
-        """Handle every message waiting on this worker's pipe. False on EOF."""
+    def _drain(self, slot: _Slot, job, seconds: float | None = None) -> bool:
+        """Handle every message waiting on this worker's pipe. False on EOF.
+
+        ``seconds`` bounds the time spent, for a worker that keeps talking.
+        """
+        deadline = None if seconds is None else time.monotonic() + seconds
         try:
             while slot.conn.poll():
                 self._handle(slot, pickle.loads(slot.conn.recv_bytes()), job)
+                if deadline is not None and time.monotonic() > deadline:
+                    break
         except (EOFError, OSError):
             return False
         return True
@@ -621,6 +627,7 @@ class LocalBackend:
                 break
         for slot in list(self.slots):
             if any(c == job.call_id for c, _ in slot.inflight):
+                self._drain(slot, job, seconds=0.2)  # show what it printed before we stop it
                 self._replace(slot)
 
 
