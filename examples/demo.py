@@ -30,6 +30,37 @@ CELLS = [
         "%%parallel -n 4 -q\nimport os\nprint(f'rank {rank} of {size} in process {os.getpid()}')",
     ),
     (
+        "Lesson 3: producer and consumers through a Queue that ends cleanly",
+        "import mpmagic\n"
+        "jobs = mpmagic.Queue()",
+    ),
+    (
+        "Rank 0 produces 200 items and closes the queue; ranks 1-3 share them out (sum: 200)",
+        "%%parallel -n 4 -q\n"
+        "import time\n"
+        "taken = []\n"
+        "if rank == 0:\n"
+        "    for i in range(200):\n"
+        "        jobs.put(i)\n"
+        "    jobs.close()\n"
+        "else:\n"
+        "    for item in jobs:   # ends when the queue is closed and drained\n"
+        "        taken.append(item)\n"
+        "        time.sleep(0.002)  # the work on each item\n"
+        "    print(f'took {len(taken)} items')\n"
+        "len(taken)",
+    ),
+    (
+        "Lesson 4: a shared counter, incremented under its lock by 4 running workers",
+        "counter = mpmagic.Value('i', 0)\n"
+        "def bump(times):\n"
+        "    for _ in range(times):\n"
+        "        with counter.get_lock():\n"
+        "            counter.value += 1\n"
+        "%pmap -q --chunksize 1 bump, [10_000] * 4\n"
+        "counter.value",
+    ),
+    (
         "Lesson 5: the sum of squares of 1..1,000,000 in four ranges, with starmap",
         "def compute_range(lo, hi):\n"
         "    return sum(i * i for i in range(lo, hi))\n"
