@@ -956,7 +956,22 @@ def _feed(ring: _Ring, local: _Local) -> None:
             local.cond.notify_all()
 
 
-class SharedQueue(_Helper):
+class IterUntilClosed:
+    """``for item in q:`` takes items until the queue is closed and drained.
+
+    Safe with several consumers: each one stops. Shared by every queue that has
+    ``get()`` raising :class:`QueueClosed` (the local one, the Dask one).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield self.get()  # type: ignore[attr-defined]
+            except QueueClosed:
+                return
+
+
+class SharedQueue(IterUntilClosed, _Helper):
     """A FIFO queue between any processes, like ``multiprocessing.Queue``.
 
     ``put(obj, block=True, timeout=None)``, ``get(block=True, timeout=None)``,
@@ -1126,14 +1141,6 @@ class SharedQueue(_Helper):
 
     def _closed_message(self) -> str:
         return f"{self._describe()} is closed and every item has been taken"
-
-    def __iter__(self) -> Iterator[Any]:
-        """Items until the queue is closed and drained (safe with several consumers)."""
-        while True:
-            try:
-                yield self.get()
-            except QueueClosed:
-                return
 
     # -- state ----------------------------------------------------------------
     def qsize(self) -> int:

@@ -227,22 +227,6 @@ def _watch_parent(parent_pid: int) -> None:
             _exit_notebook_gone(parent_pid, 3)
 
 
-def _notebook_alive(pid: int) -> bool:
-    """Is the notebook process still running (a zombie is not: it was killed)?"""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return True
-
-
 def _exit_notebook_gone(parent_pid: int, code: int) -> None:
     """Leave at once; if the notebook died, remove its shared memory first.
 
@@ -253,10 +237,10 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> None:
     # The pipe closes while a killed process is still being torn down: give
     # it a moment to become a zombie (or vanish) before deciding.
     deadline = time.monotonic() + 1.0
-    alive = _notebook_alive(parent_pid)
+    alive = shm.pid_alive(parent_pid)
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = _notebook_alive(parent_pid)
+        alive = shm.pid_alive(parent_pid)
     if not alive:
         try:
             names = os.listdir("/dev/shm")

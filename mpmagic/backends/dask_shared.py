@@ -21,11 +21,11 @@ from __future__ import annotations
 import queue as std_queue
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from .. import payload
 from ..errors import UsageError
+from ..shared import IterUntilClosed
 
 
 def _client_here() -> Any:
@@ -49,7 +49,7 @@ def _client_here() -> Any:
     return None
 
 
-class DaskQueue:
+class DaskQueue(IterUntilClosed):
     """A FIFO queue shared by the notebook and every task of the Dask cluster.
 
     ``put(obj)`` / ``get()`` as ``queue.Queue`` and ``multiprocessing.Queue``:
@@ -121,16 +121,6 @@ class DaskQueue:
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
-
-    def __iter__(self) -> Iterator[Any]:
-        """Items until the queue is closed and drained (safe with several consumers)."""
-        from ..shared import QueueClosed
-
-        while True:
-            try:
-                yield self.get()
-            except QueueClosed:
-                return
 
     def qsize(self) -> int:
         """Items waiting now (exact: the scheduler holds them)."""
