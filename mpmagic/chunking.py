@@ -47,6 +47,7 @@ class ChunkPlanner:
         self.per_item: float | None = last[0] if last else None
         self.sent = 0
         self.sizes_used: set[int] = set()
+        self._tail: int | None = None  # chunk size once the input's end is near (see _adaptive)
 
     def next_size(self) -> int:
         """Size of the next chunk to send (at least 1)."""
@@ -80,9 +81,15 @@ class ChunkPlanner:
                 floor = min(floor, int(self.max_bytes / self.bytes_per_item))
             # ...and never fewer chunks than workers: a time remembered from an
             # earlier call may be wrong for these items, and items may wait on
-            # one another (queues, events), so each worker gets a share.
-            floor = min(floor, math.ceil(remaining / self.workers))
-            size = max(size, min(floor, remaining))
+            # one another (queues, events), so each worker gets a share. Once
+            # what is left is too little to cut finer, it is split evenly once
+            # (halving the rest at each step would end in a dozen round trips
+            # of a few items each).
+            if remaining <= floor * self.workers:
+                if self._tail is None:
+                    self._tail = math.ceil(remaining / self.workers)
+                return max(1, min(self._tail, remaining, self.max_chunk))
+            size = max(size, floor)
         return max(1, min(size, self.max_chunk))
 
     def record(self, n_items: int, seconds: float) -> None:

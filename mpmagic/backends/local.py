@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
@@ -49,6 +50,27 @@ def max_workers() -> int:
     grinds to a halt starting processes.
     """
     return max(64, 8 * available_cpus())
+
+
+# Socket buffer for each direction of a worker's pipe. With the default
+# (~200 kB) a chunk of 25,000 small items already fills it, so the notebook
+# blocks in send() until the worker is scheduled to read, instead of packing
+# the next chunk; likewise a worker blocks on its results. Capped by the
+# kernel (net.core.wmem_max / rmem_max); failures leave the default.
+_SOCKET_BUFFER = 1 << 20
+
+
+def _widen(conn: Any) -> None:
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except OSError:
+        return
+    with sock:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
+            except OSError:
+                pass
 
 
 def _check_size(n: object, what: str = "workers") -> None:
@@ -235,6 +257,8 @@ class LocalBackend:
 
     def _spawn(self, temporary: bool = False) -> _Slot:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        _widen(parent_conn)
+        _widen(child_conn)
         position = self.ctx.RawValue("q", -1)
         wid = self._next_wid
         self._next_wid += 1
