@@ -32,6 +32,11 @@ from .errors import (
 
 _call_ids = itertools.count(1)
 
+# Items faster than this (seconds, as measured) run in blocks of _FAST_BLOCK
+# between crash-position marks (see MapJob._block).
+_FAST_ITEM = 2e-6
+_FAST_BLOCK = 32
+
 _READ_ONLY_NOTE = (
     "mpmagic: numpy arrays from the notebook (items and captured globals of 1 MB or more) "
     "reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`), "
@@ -103,6 +108,12 @@ class Unit:
     items: list = field(default_factory=list)
     attempts: int = 0
     lease: Any = None  # shared-memory segments holding its large buffers (shm.Lease)
+    # Items per crash-position mark in the worker (see worker.run_items): 1
+    # blames a dying worker's exact item; more makes tiny items cheaper.
+    block: int = 1
+    # Set on items re-run one at a time after a worker died in their block:
+    # why it died, to report if they now all succeed.
+    recheck: str | None = None
 
 
 class MapJob:
@@ -194,6 +205,7 @@ class MapJob:
                 return None
             lease = shm.Lease() if self.shared_memory else None
             unit = Unit(self._next_id, self._next_start, len(items), self._pack(items, lease), items, lease=lease)
+            unit.block = self._block()
             self.planner.note_bytes(len(items), len(unit.data) + (lease.nbytes if lease else 0))
             self._next_id += 1
             self._next_start += len(items)
@@ -202,6 +214,15 @@ class MapJob:
             self.bytes_sent += len(unit.data)
         self.outstanding[unit.id] = unit
         return unit
+
+    def _block(self) -> int:
+        """Crash-position granularity for a new chunk: per item, unless items
+        were measured to take under ~2 us, where marking each one would cost
+        as much as the item (the block is then re-run to find a crash)."""
+        per_item = self.planner.per_item
+        if self.timeout or per_item is None or per_item >= _FAST_ITEM:
+            return 1
+        return _FAST_BLOCK
 
     def _pack(self, items: list, lease: Any = None) -> bytes:
         try:
@@ -222,8 +243,8 @@ class MapJob:
 
     def message(self, unit: Unit) -> tuple:
         msg = ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
-        # With insights the worker also times each item (an 8th field old workers ignore).
-        return msg + (True,) if self.insights is not None else msg
+        # With insights the worker also times each item; ``block``: see Unit.
+        return msg + (self.insights is not None, unit.block)
 
     # -- taking back results -----------------------------------------------
     def _where(self, index: int, item: Any) -> str:
@@ -263,6 +284,13 @@ class MapJob:
             self.slowest_task = seconds
             last = unit.start + unit.count - 1
             self.slowest_where = f"item {unit.start}" if unit.count == 1 else f"the chunk of items {unit.start}-{last}"
+        if unit.recheck is not None:
+            last = unit.start + unit.count - 1
+            self._out(
+                "stderr",
+                f"mpmagic: a worker {unit.recheck} while running one of items {unit.start}-{last}; "
+                "re-run one at a time they all succeeded, so no result is missing\n",
+            )
         unit.items = []
         unit.data = b""
         if unit.lease is not None:  # its segments serve the next chunks
@@ -305,6 +333,9 @@ class MapJob:
             self._requeued.append(unit)
             return
         if index is not None and 0 <= index < unit.count and unit.count > 1:
+            if unit.block > 1 and not timed_out:
+                self._recheck(unit, index, reason)
+                return
             unit = self._isolate(unit, index)
         first = unit.start
         if unit.count == 1:
@@ -327,6 +358,21 @@ class MapJob:
                 self._requeued.append(part)
         culprit = [unit.items[index]]
         return Unit(unit.id, unit.start + index, 1, b"", culprit, unit.attempts)
+
+    def _recheck(self, unit: Unit, index: int, reason: str) -> None:
+        """A worker died somewhere in the block of items starting at ``index``:
+        re-send the chunk's other items as they were, and the block's items
+        marking each one, so a crash that repeats is blamed on its exact item."""
+        end = min(unit.count, index + unit.block)
+        for lo, hi, block in ((0, index, unit.block), (index, end, 1), (end, unit.count, unit.block)):
+            if lo < hi:
+                items = unit.items[lo:hi]
+                part = Unit(self._next_id, unit.start + lo, hi - lo, payload.dumps_data(items), items, unit.attempts)
+                part.block = block
+                if block == 1:
+                    part.recheck = reason
+                self._next_id += 1
+                self._requeued.append(part)
 
     def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
         if self.collect:

@@ -7,13 +7,13 @@ a busy worker, and it notices when the notebook process goes away. The main
 thread runs tasks one after another:
 
 * ``("func", key, payload)``: cache a cloudpickled function under its key.
-* ``("map", call, chunk, key, star, collect, items[, timing])``: run the
-  function over a chunk of items, reply ``("done", call, chunk, results,
-  seconds, meta)`` or ``("error", ...)``. ``meta`` says which worker ran the
-  chunk and when (``worker``, ``start``, ``end``, epoch seconds) and its CPU
-  seconds (``cpu``); with
-  ``timing`` it also holds the chunk's slowest items (index, seconds) and the
-  (un)pickling time.
+* ``("map", call, chunk, key, star, collect, items[, timing[, block]])``: run
+  the function over a chunk of items (``block``: see :func:`run_items`),
+  reply ``("done", call, chunk, results, seconds, meta)`` or ``("error", ...)``.
+  ``meta`` says which worker ran the chunk and when (``worker``, ``start``,
+  ``end``, epoch seconds) and its CPU seconds (``cpu``); with ``timing`` it
+  also holds the chunk's slowest items (index, seconds) and the (un)pickling
+  time.
 * ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
 * ``("stop",)``: exit.
 
@@ -35,6 +35,7 @@ import time
 import traceback
 from collections import OrderedDict
 from heapq import nlargest
+from itertools import starmap
 from operator import itemgetter
 from typing import Any
 
@@ -138,35 +139,39 @@ class _StreamToParent(io.TextIOBase):
                 self.channel.send(("out", self.call, self.tag, self.stream, text))
 
 
-def run_items(func, items: list, star: bool, collect: bool, position: Any = None):
+def run_items(func, items: list, star: bool, collect: bool, position: Any = None, block: int = 1):
     """Run ``func`` over a chunk of items.
 
     Returns ``(results, seconds, error)``: ``error`` is ``(index, ErrorInfo)``
     for the first failing item (its results so far are kept), or None. With
     ``collect`` a failing item's place holds its ErrorInfo and the chunk goes on.
     ``position`` (shared memory the notebook reads if this process dies) is
-    set to the index of the item running, so a crash blames that item.
+    set to the index of the running item, so a crash blames that item; with
+    ``block`` > 1 (the notebook asks for it when items take under a few
+    microseconds) it is set once per ``block`` items, to the first of them,
+    and the notebook re-runs that block one item at a time to find the culprit.
     """
     results: list = []
-    append = results.append
+    extend, append = results.extend, results.append
     n = len(items)
+    mapper = starmap if star else map
     # The index of the running item, written straight into the shared word
     # (a memoryview store costs less than the ctypes attribute).
     pos = memoryview(position).cast("B").cast("q") if position is not None else None
     t0 = time.perf_counter()
     while len(results) < n:
-        # Tight loops, one per case, with the try outside: the index of a
-        # failing item is the number of results so far. This per-item overhead
-        # is most of the cost of tiny items.
+        # The calls run in C (list.extend over map), not in a bytecode loop:
+        # that loop and its per-item store were most of the cost of tiny items.
+        # When a call raises, extend keeps the results so far, so the failing
+        # item is the number of results.
         try:
             start = len(results)
             if pos is None:
-                if star:
-                    for i in range(start, n):
-                        append(func(*items[i]))
-                else:
-                    for i in range(start, n):
-                        append(func(items[i]))
+                extend(mapper(func, items[start:] if start else items))
+            elif block > 1:
+                for s in range(start, n, block):
+                    pos[0] = s
+                    extend(mapper(func, items[s : s + block]))
             elif star:
                 for i in range(start, n):
                     pos[0] = i
@@ -348,7 +353,7 @@ class _Worker:
                 del self.func_segments[key]
         shm.forget(names)
 
-    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False) -> None:
+    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False, block=1) -> None:
         func = self.funcs.get(key)
         if func is None:
             self.channel.send(("missing", call, chunk, key))
@@ -372,7 +377,7 @@ class _Worker:
             if timing:
                 results, seconds, error, item_seconds = run_items_timed(func, items, star, collect, self.position)
             else:
-                results, seconds, error = run_items(func, items, star, collect, self.position)
+                results, seconds, error = run_items(func, items, star, collect, self.position, block)
         finally:
             self._release()
         end = start + (time.perf_counter() - t_run)

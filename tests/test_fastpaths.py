@@ -199,3 +199,59 @@ def test_shared_array_travels_without_copies(ip, local_pool):
     assert len(our_segments("s")) == 1
     run(ip, "del S, at, poke\nimport gc\ngc.collect()")
     assert our_segments("s") == []  # freed with the last view of the array
+
+
+@pytest.mark.parametrize("block", [1, 3, 32])
+@pytest.mark.parametrize("star", [False, True])
+def test_worker_chunk_loop_keeps_order_and_the_failing_index(block, star):
+    """The worker's C-level loop (list.extend over map, in blocks between
+    crash-position marks) gives the same results and failing index as a
+    plain loop, with and without --errors collect."""
+    from multiprocessing.sharedctypes import RawValue
+
+    from mpmagic.worker import ErrorInfo, run_items
+
+    def f(x, y=0):
+        if x in (45, 70):
+            raise ValueError(f"bad {x}")
+        return x * 2 + y
+
+    items = [(x, 1) for x in range(100)] if star else list(range(100))
+    expected = [x * 2 + (1 if star else 0) for x in range(100)]
+    for position in (None, RawValue("q", -1)):
+        results, _, error = run_items(f, items, star, False, position, block)
+        assert results == expected[:45]
+        assert error is not None and error[0] == 45 and "bad 45" in error[1].exc_text
+        if position is not None:
+            # The mark the notebook would read had this item killed the worker:
+            # the first item of its block (the item itself with blocks of 1).
+            assert position.value == (45 // block) * block
+        results, _, error = run_items(f, items, star, True, position, block)
+        assert error is None and len(results) == 100
+        assert [i for i, r in enumerate(results) if isinstance(r, ErrorInfo)] == [45, 70]
+        assert [r for r in results if not isinstance(r, ErrorInfo)] == [e for i, e in enumerate(expected) if i not in (45, 70)]
+
+
+def _plan(planner, per_item: float) -> list[int]:
+    """Chunk sizes a planner hands out for its whole input, each chunk's time fed back."""
+    sizes = []
+    while planner.sent < planner.n_items:
+        size = min(planner.next_size(), planner.n_items - planner.sent)
+        planner.note_sent(size)
+        planner.record(size, size * per_item)
+        sizes.append(size)
+    return sizes
+
+
+@pytest.mark.parametrize("per_item", [5e-8, 1e-6, 1e-4])
+def test_chunk_plan_ends_in_one_even_split_not_a_string_of_tiny_chunks(per_item):
+    from mpmagic.chunking import ChunkPlanner
+
+    sizes = _plan(ChunkPlanner(100_000, 2), per_item)
+    assert sum(sizes) == 100_000
+    floor = int(0.002 / per_item)  # a chunk's work should outweigh its message
+    # Past the first probes, every chunk is worth ~1 ms or more, but for the
+    # input's end split evenly once: never a tail of ..., 4, 2, 1 items.
+    small = [s for s in sizes[2:] if s < floor // 2]
+    assert len(small) <= 2, sizes
+    assert sizes[-1] >= sizes[-2] - 1 >= 1, sizes  # the end splits evenly

@@ -125,6 +125,72 @@ def test_worker_death_collect_keeps_computed_results(ip, pool2, func):
     assert_healed(ip, pool2)
 
 
+TINY_CRASHERS = """
+import os, signal
+
+def tiny_dies(x):                 # microsecond items, one of which kills its worker
+    if x < 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+
+def dies_once(x):                 # a death that does not repeat (like an OOM kill)
+    if x < 0 and not os.path.exists(MARK):
+        open(MARK, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+"""
+
+
+@pytest.fixture
+def blocks_sent(monkeypatch):
+    """The crash-position block size of every chunk sent (see MapJob._block)."""
+    sent: list[int] = []
+    original = mpmagic.jobs.MapJob.message
+
+    def message(self, unit):
+        msg = original(self, unit)
+        sent.append(msg[-1])
+        return msg
+
+    monkeypatch.setattr(mpmagic.jobs.MapJob, "message", message)
+    return sent
+
+
+def test_worker_death_among_tiny_items_names_the_item(ip, pool2, blocks_sent):
+    run(ip, TINY_CRASHERS)
+    run(ip, "%pmap -q tiny_dies, range(20_000)")  # measured: items of well under 2 us
+    ip.user_ns["xs"] = xs = list(range(20_000))
+    xs[12_345] = -1
+    with capture_output():
+        result = ip.run_cell("%pmap -q tiny_dies, xs", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.WorkerLostError), err
+    # The chunks ran with a position mark per block of items, not per item...
+    assert max(blocks_sent) > 1
+    # ...yet the block that died was re-run item by item, and the crash, which
+    # repeats, is blamed on its exact item.
+    assert "item 12345 (-1)" in str(err) and "killed by SIGKILL" in str(err)
+    assert_healed(ip, pool2)
+
+
+def test_worker_death_among_tiny_items_that_does_not_repeat(ip, pool2, blocks_sent, tmp_path):
+    ip.user_ns["MARK"] = str(tmp_path / "died")
+    run(ip, TINY_CRASHERS)
+    run(ip, "%pmap -q dies_once, range(20_000)")
+    ip.user_ns["xs"] = xs = list(range(20_000))
+    xs[777] = -1
+    with capture_output() as cap:
+        results = run(ip, "%pmap -q dies_once, xs")
+    assert max(blocks_sent) > 1
+    assert (tmp_path / "died").exists()  # it did die once
+    # Nothing is missing, and the notebook is told what happened.
+    assert results == [x + 1 for x in xs]
+    assert "a worker was killed by SIGKILL" in cap.stderr
+    assert "while running one of items 768-799;" in cap.stderr  # the block of 32 holding item 777
+    assert "re-run one at a time they all succeeded" in cap.stderr
+    assert_healed(ip, pool2)
+
+
 def test_memory_error_comes_back_as_memory_error(ip, pool2):
     run(ip, CRASHERS)
     with capture_output():
