@@ -8,6 +8,8 @@ picked from the report's measurements, most specific first:
 * more workers than usable CPU cores (also when the estimate looks good:
   on CPU-bound work, measured by the workers' CPU time, it counts waiting);
 * large arguments or results copied to and from the workers;
+* large numpy arrays copied into shared memory for the call, where
+  ``mpmagic.share`` would have avoided the copy;
 * tasks too small for the cost of sending them (per chunk, compute time below
   the overhead the run actually paid per chunk);
 * too few items to keep every worker busy;
@@ -22,6 +24,9 @@ from typing import Any
 
 LOW_EFFICIENCY = 0.6  # below this share of ideal speedup, say why (2 workers: under 1.2x)
 LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
+# Array data copied into shared memory per call worth pointing at share():
+# a copy costs more than one pass over the data (a sum) on any machine.
+SHARED_COPY_BYTES = 16 << 20
 
 
 def _fmt_bytes(n: float) -> str:
@@ -88,6 +93,13 @@ def advise(report: Any) -> str | None:
             f"workers, more than the {fmt_seconds(report.task_seconds)} of work could repay "
             f"(mostly {direction}): send small things (file names, index ranges, seeds) and "
             "load or make the big data in the workers"
+        )
+    if report.bytes_shared >= SHARED_COPY_BYTES:
+        return (
+            f"{_fmt_bytes(report.bytes_shared)} of numpy arrays among the items was copied into "
+            "shared memory for this call, and copying costs more than a quick pass over the data: "
+            "make the array once with `x = mpmagic.share(x)`, and later calls pass it (and slices "
+            "of it) to the workers with no copy"
         )
     if report.kind == "pmap" and report.chunks:
         per_chunk = report.task_seconds / report.chunks

@@ -233,6 +233,7 @@ def _measured(job: Any, backend: Any, cold: bool, recorder: Recorder | None, wor
         "cores": _cores() if getattr(backend, "name", None) == "local" else None,
         "bytes_sent": getattr(job, "bytes_sent", 0),
         "bytes_back": getattr(job, "bytes_back", 0),
+        "bytes_shared": getattr(job, "bytes_shared", 0),
         "cpu_seconds": getattr(job, "cpu_seconds", None),
         "slowest_task": getattr(job, "slowest_task", None) or None,
         "slowest_where": getattr(job, "slowest_where", None),

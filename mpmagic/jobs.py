@@ -174,6 +174,7 @@ class MapJob:
         self.insights = insights
         self.bytes_sent = 0
         self.bytes_back = 0
+        self.bytes_shared = 0  # numpy buffers among the items copied into shared memory
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
@@ -212,6 +213,8 @@ class MapJob:
             self.planner.note_sent(len(items))
             self.n_chunks += 1
             self.bytes_sent += len(unit.data)
+            if lease is not None:
+                self.bytes_shared += lease.copied
         self.outstanding[unit.id] = unit
         return unit
 

@@ -44,6 +44,7 @@ class Report:
     cores: int | None = None  # usable CPU cores, for a local pool
     bytes_sent: int = 0  # pickled arguments sent to the workers
     bytes_back: int = 0  # pickled results sent back
+    bytes_shared: int = 0  # array data among the items copied into shared memory
     cpu_seconds: float | None = None  # CPU time of the tasks, when the workers report it
     slowest_task: float | None = None  # longest chunk or rank, in seconds
     slowest_where: str | None = None  # which items or rank that was

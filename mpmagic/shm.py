@@ -326,10 +326,11 @@ def sweep_worker(pid: int | None) -> int:
 class Lease:
     """The pooled segments one map chunk uses; released when the chunk is done."""
 
-    __slots__ = ("segments",)
+    __slots__ = ("segments", "copied")
 
     def __init__(self) -> None:
         self.segments: list[Segment] = []
+        self.copied = 0  # bytes of buffers copied into them (for the report's advice)
 
     @property
     def nbytes(self) -> int:
@@ -429,6 +430,8 @@ def wrap(
         for (offset, n), i in zip(spans, to_copy, strict=True):
             seg.view[offset : offset + n] = buffers[i]
             refs[i] = (seg.name, seg.size, offset, n)
+        if lease is not None:
+            lease.copied += sum(n for _, n in spans)
     given = seg.name if (seg is not None and mode == "give") else None
     env = _Shared(data, refs, given, mode == "give" or WRITABLE)
     return pickle.dumps(env, _PROTOCOL), seg, refs  # type: ignore[return-value]
