@@ -125,7 +125,9 @@ def pmap(
         iterables = tuple(list(it) if iter(it) is it else it for it in iterables)
     n_items = _length(iterables)
     if len(iterables) == 1:
-        items, star_mode = iter(iterables[0]), star
+        # A list or tuple is sliced chunk by chunk (cheaper than iterating it).
+        source = iterables[0]
+        items, star_mode = (source if type(source) in (list, tuple) else iter(source)), star
     else:
         items, star_mode = zip(*iterables, strict=False), True
 

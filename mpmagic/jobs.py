@@ -124,7 +124,7 @@ class MapJob:
     def __init__(
         self,
         func: Callable,
-        items: Iterator,
+        items: Iterator | list | tuple,
         n_items: int | None,
         star: bool,
         workers: int,
@@ -154,7 +154,9 @@ class MapJob:
         self.planner = ChunkPlanner(
             n_items, workers, 1 if timeout and not chunksize else chunksize, key=self.func_key
         )
-        self._iter = items
+        # A list or tuple is sliced; anything else is consumed lazily, chunk by chunk.
+        self._seq = items if type(items) in (list, tuple) else None
+        self._iter = iter(items)
         self._next_id = 0
         self._next_start = 0
         self._requeued: deque[Unit] = deque()
@@ -199,7 +201,12 @@ class MapJob:
             if self.exhausted:
                 return None
             size = self.planner.next_size()
-            items = list(itertools.islice(self._iter, size))
+            if self._seq is not None:
+                items = self._seq[self._next_start : self._next_start + size]
+                if type(items) is tuple:
+                    items = list(items)
+            else:
+                items = list(itertools.islice(self._iter, size))
             if len(items) < size:
                 self.exhausted = True
             if not items:
