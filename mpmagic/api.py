@@ -19,6 +19,8 @@ from . import payload
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .errors import ParallelError, UsageError, render_traceback
 from .insights import Recorder
+from .interrupts import absorb_late_interrupts
+from .interrupts import restore as restore_interrupts
 from .jobs import CellJob, MapJob, RemoteTraceback
 from .pool import get_pool
 from .progress import Progress
@@ -198,9 +200,11 @@ def _is_cold(backend: Any) -> bool:
 def _run_with_progress(backend: Any, job: Any, bar: Progress, workers: int | None) -> None:
     """Run the job; close the progress bar however the run ends (done, error, interrupt)."""
     __tracebackhide__ = True
+    restore_interrupts()  # this run's interrupt is its own, not a repeat of the last one's
     try:
         backend.run(job, workers=workers)
     except KeyboardInterrupt:
+        absorb_late_interrupts()  # more presses of interrupt are repeats of this one
         bar.close("interrupted")
         raise
     except BaseException:

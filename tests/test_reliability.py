@@ -262,6 +262,32 @@ def test_second_interrupt_during_cleanup_is_deferred(ip, pool2, monkeypatch):
     assert_healed(ip, pool2)
 
 
+def test_interrupts_right_after_an_interrupted_run_are_repeats(ip, pool2):
+    """People press interrupt several times: the presses that land just after
+    the run stopped (in a kernel: while it sends the cell's reply, where a
+    KeyboardInterrupt would lose that reply) are dropped; a later one
+    interrupts as usual."""
+    from mpmagic import interrupts
+
+    run(ip, "def spin(x):\n    while True:\n        pass\n")
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with capture_output():
+            result = ip.run_cell("%pmap -q spin, range(4)", store_history=False)
+    finally:
+        timer.cancel()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    os.kill(os.getpid(), signal.SIGINT)  # a repeat: nothing happens
+    time.sleep(0.05)
+    time.sleep(interrupts.WINDOW)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)  # later: an interrupt again
+        time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert_healed(ip, pool2)
+
+
 # -- 3. timeouts ----------------------------------------------------------
 
 
