@@ -514,8 +514,13 @@ def run(quick: bool, only: set[str] | None = None) -> None:
         n = 3_000_000 if quick else 10_000_000
         ns["N"] = n
         split = "s = 0\nfor i in range(rank, N, size):\n    s += i * i\ns"
-        t_par = median_time(lambda: ip.run_cell("%%parallel -n 2 -q --reduce sum\n" + split, store_history=False), reps)
-        t_ser = median_time(lambda: ip.run_cell("rank, size = 0, 1\n" + split, store_history=False), max(2, reps // 2))
+        # silent: the cells' values are not echoed as Out[...] lines
+        t_par = median_time(
+            lambda: ip.run_cell("%%parallel -n 2 -q --reduce sum\n" + split, store_history=False, silent=True), reps
+        )
+        t_ser = median_time(
+            lambda: ip.run_cell("rank, size = 0, 1\n" + split, store_history=False, silent=True), max(2, reps // 2)
+        )
         say(f"- `%%parallel -n 2` on an empty cell: {fmt_t(empty)} (overhead of a run)")
         say(f"- split sum of squares of {n:,} numbers over 2 ranks: {fmt_t(t_par)} against {fmt_t(t_ser)} serial: "
             f"speedup {t_ser / t_par:.2f}x")
