@@ -225,6 +225,17 @@ def test_worker_death_in_parallel_names_rank(ip, pool2, func):
 # -- 2. interrupts (in-process; the real-kernel tests are in test_kernel.py) --
 
 
+def run_interrupted(ip, code: str, after: float):
+    """Run ``code`` in the shell, sending this process SIGINT ``after`` seconds in."""
+    timer = threading.Timer(after, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with capture_output():
+            return ip.run_cell(code, store_history=False)
+    finally:
+        timer.cancel()
+
+
 def test_second_interrupt_during_cleanup_is_deferred(ip, pool2, monkeypatch):
     """Ctrl-C during %pmap, and again while the interrupted workers are being
     replaced: one KeyboardInterrupt, the cleanup completes, the pool works."""
@@ -241,13 +252,7 @@ def test_second_interrupt_during_cleanup_is_deferred(ip, pool2, monkeypatch):
         return real_replace(self, slot)
 
     monkeypatch.setattr(type(pool2), "_replace", replace_with_another_interrupt)
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with capture_output():
-            result = ip.run_cell("%pmap -q spin, range(4)", store_history=False)
-    finally:
-        timer.cancel()
+    result = run_interrupted(ip, "%pmap -q spin, range(4)", after=0.5)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert "interrupted" in str(result.error_in_exec)
     assert hits, "the cleanup did not run"
@@ -270,13 +275,7 @@ def test_interrupts_right_after_an_interrupted_run_are_repeats(ip, pool2):
     from mpmagic import interrupts
 
     run(ip, "def spin(x):\n    while True:\n        pass\n")
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with capture_output():
-            result = ip.run_cell("%pmap -q spin, range(4)", store_history=False)
-    finally:
-        timer.cancel()
+    result = run_interrupted(ip, "%pmap -q spin, range(4)", after=0.3)
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     os.kill(os.getpid(), signal.SIGINT)  # a repeat: nothing happens
     time.sleep(0.05)
