@@ -412,20 +412,22 @@ def run(quick: bool, only: set[str] | None = None) -> None:
         say("## Memory")
         say()
         peers.close()
+        def settle() -> None:
+            """Free what is no longer used, as a fresh session would have it."""
+            shm.pool().trim(0)  # no pooled segments kept from earlier calls
+            gc.collect()
+            pmap(abs, [1, 2])  # workers drop their mappings of what was freed
+
         # Every process's memory before the array exists: the interpreters.
         big = parts = shared = sparts = None
-        gc.collect()
-        shm.pool().trim(0)
-        pmap(abs, [1, 2])  # workers drop their mappings of what was freed
+        settle()
         interpreters = PeakMemory.total()
         big = np.random.default_rng(0).random((256 << 20) // 8)
         parts = np.array_split(big, 8)
         nbytes = big.nbytes
 
         def peak_of(label: str, chunks: list, note: str) -> None:
-            shm.pool().trim(0)  # no pooled segments kept from earlier calls, as in a fresh session
-            gc.collect()
-            pmap(abs, [1, 2])  # workers drop their mappings of what was freed
+            settle()
             idle = PeakMemory.total()
             with PeakMemory() as pm:
                 pmap(np_sum, chunks)

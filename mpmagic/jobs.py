@@ -360,12 +360,9 @@ class MapJob:
 
     def _isolate(self, unit: Unit, index: int) -> Unit:
         """Split ``unit`` around item ``index``: re-send the others, return the culprit."""
-        for lo, hi in ((0, index), (index + 1, unit.count)):
-            if lo < hi:
-                items = unit.items[lo:hi]
-                part = Unit(self._next_id, unit.start + lo, hi - lo, payload.dumps_data(items), items)
-                self._next_id += 1
-                self._requeued.append(part)
+        # The others were not at fault: their retries start afresh.
+        self._resend_part(unit, 0, index, attempts=0)
+        self._resend_part(unit, index + 1, unit.count, attempts=0)
         culprit = [unit.items[index]]
         return Unit(unit.id, unit.start + index, 1, b"", culprit, unit.attempts)
 
@@ -374,15 +371,24 @@ class MapJob:
         re-send the chunk's other items as they were, and the block's items
         marking each one, so a crash that repeats is blamed on its exact item."""
         end = min(unit.count, index + unit.block)
-        for lo, hi, block in ((0, index, unit.block), (index, end, 1), (end, unit.count, unit.block)):
-            if lo < hi:
-                items = unit.items[lo:hi]
-                part = Unit(self._next_id, unit.start + lo, hi - lo, payload.dumps_data(items), items, unit.attempts)
-                part.block = block
-                if block == 1:
-                    part.recheck = reason
-                self._next_id += 1
-                self._requeued.append(part)
+        self._resend_part(unit, 0, index)
+        self._resend_part(unit, index, end, block=1, recheck=reason)
+        self._resend_part(unit, end, unit.count)
+
+    def _resend_part(
+        self, unit: Unit, lo: int, hi: int, block: int | None = None, recheck: str | None = None, attempts: int | None = None
+    ) -> None:
+        """Queue items ``lo:hi`` of ``unit`` to go out again as a unit of their own
+        (with ``unit``'s block size and attempts unless given)."""
+        if lo >= hi:
+            return
+        items = unit.items[lo:hi]
+        tries = unit.attempts if attempts is None else attempts
+        part = Unit(self._next_id, unit.start + lo, hi - lo, payload.dumps_data(items), items, tries)
+        part.block = unit.block if block is None else block
+        part.recheck = recheck
+        self._next_id += 1
+        self._requeued.append(part)
 
     def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
         if self.collect:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import linecache
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
@@ -34,24 +35,23 @@ class _Parser(argparse.ArgumentParser):
         raise IPythonUsageError(f"{self.prog}: {message}\nusage: {self.format_usage().strip().removeprefix('usage: ')}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def _int_at_least(minimum: int, words: str) -> Callable[[str], int]:
+    """An argparse ``type`` for whole numbers >= ``minimum`` (``words`` says so in errors)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {words}, not {value}")
+        return value
+
+    return parse
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+_positive_int = _int_at_least(1, "at least 1")
+_nonnegative_int = _int_at_least(0, "0 or more")
 
 
 def _positive_float(text: str) -> float:

@@ -148,14 +148,7 @@ def pmap_scaling(
     else:
         list(map(func, *data))
     serial = time.perf_counter() - t0
-    _warm_up()
-    points = []
-    for k in _counts(max_workers):
-        best = float("inf")
-        for _ in range(max(1, repeat)):
-            api.pmap(func, *data, workers=k, star=star, chunksize=chunksize)
-            best = min(best, api.last_report().wall)
-        points.append(_point(k, best, serial))
+    points = _sweep(lambda k: api.pmap(func, *data, workers=k, star=star, chunksize=chunksize), serial, max_workers, repeat)
     return Scaling("pmap", serial, points, title=f"pmap {getattr(func, '__name__', 'func')}")
 
 
@@ -177,12 +170,20 @@ def parallel_scaling(
     t0 = time.perf_counter()
     run_cell_code(spec, 0, 1, as_main=False)
     serial = time.perf_counter() - t0
+    points = _sweep(lambda k: api.parallel(code, workers=k, namespace=namespace), serial, max_workers, repeat)
+    return Scaling("parallel", serial, points, title="%%parallel cell")
+
+
+def _sweep(run_on: Callable[[int], Any], serial: float, max_workers: int | None, repeat: int) -> list:
+    """Run ``run_on(k)`` for each worker count k, best wall time of ``repeat`` runs each."""
+    from . import api
+
     _warm_up()
     points = []
     for k in _counts(max_workers):
         best = float("inf")
         for _ in range(max(1, repeat)):
-            api.parallel(code, workers=k, namespace=namespace)
+            run_on(k)
             best = min(best, api.last_report().wall)
         points.append(_point(k, best, serial))
-    return Scaling("parallel", serial, points, title="%%parallel cell")
+    return points
