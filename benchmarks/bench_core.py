@@ -305,72 +305,34 @@ def run(quick: bool, only: set[str] | None = None) -> None:
 
     if want("table"):
         # ---- the main table ----------------------------------------------------
-        work, sq = ns["work"], ns["sq"]
         n_work = calibrate_work(ns, 0.2)
         cpu_items = [n_work] * 8
         rows = []
 
-        times = race(
-            {
-                "serial": lambda: [work(n) for n in cpu_items],
-                "mpmagic": lambda: pmap(work, cpu_items),
-                "pool": lambda: peers.pool_map(work, cpu_items),
-                "joblib": lambda: peers.joblib_map(work, cpu_items),
-                "mpire": (lambda: peers.mpire_map(work, cpu_items)) if has_mpire else None,
-            },
-            reps,
-        )
-        serial = times.pop("serial")
-        rows.append(table_row("8 CPU-bound tasks of ~0.2 s (speedup)", serial, times, True))
-        cpu = (serial, times)
+        def contest(label: str, f: Callable, xs: list, repeats: int, speedup: bool = False, warmup: int = 1):
+            """Race serial map(f, xs) and every library's map on it; add the table row."""
+            times = race(
+                {
+                    "serial": lambda: list(map(f, xs)),
+                    "mpmagic": lambda: pmap(f, xs),
+                    "pool": lambda: peers.pool_map(f, xs),
+                    "joblib": lambda: peers.joblib_map(f, xs),
+                    "mpire": (lambda: peers.mpire_map(f, xs)) if has_mpire else None,
+                },
+                repeats,
+                warmup,
+            )
+            serial = times.pop("serial")
+            rows.append(table_row(label, serial, times, speedup))
+            return serial, times
 
-        tiny = list(range(100_000))
-        times = race(
-            {
-                "serial": lambda: list(map(sq, tiny)),
-                "mpmagic": lambda: pmap(sq, tiny),
-                "pool": lambda: peers.pool_map(sq, tiny),
-                "joblib": lambda: peers.joblib_map(sq, tiny),
-                "mpire": (lambda: peers.mpire_map(sq, tiny)) if has_mpire else None,
-            },
-            reps * 3,  # ~10 ms each: more repeats cost little and steady the medians
-        )
-        serial = times.pop("serial")
-        rows.append(table_row("100,000 tiny items (x*x)", serial, times, False))
-        tiny_t = (serial, times)
-
-        two = [1, 2]
-        times = race(
-            {
-                "serial": lambda: list(map(sq, two)),
-                "mpmagic": lambda: pmap(sq, two),
-                "pool": lambda: peers.pool_map(sq, two),
-                "joblib": lambda: peers.joblib_map(sq, two),
-                "mpire": (lambda: peers.mpire_map(sq, two)) if has_mpire else None,
-            },
-            50 if quick else 200,
-            5,
-        )
-        serial = times.pop("serial")
-        rows.append(table_row("warm 2-item map", serial, times, False))
-        warm = times
-
+        cpu = contest("8 CPU-bound tasks of ~0.2 s (speedup)", work, cpu_items, reps, speedup=True)
+        # ~10 ms each: more repeats cost little and steady the medians
+        tiny_t = contest("100,000 tiny items (x*x)", sq, list(range(100_000)), reps * 3)
+        warm = contest("warm 2-item map", sq, [1, 2], 50 if quick else 200, warmup=5)[1]
         big = np.random.default_rng(0).random((256 << 20) // 8)
         parts = np.array_split(big, 8)
-        np_sum = np.sum
-        times = race(
-            {
-                "serial": lambda: [np_sum(p) for p in parts],
-                "mpmagic": lambda: pmap(np_sum, parts),
-                "pool": lambda: peers.pool_map(np_sum, parts),
-                "joblib": lambda: peers.joblib_map(np_sum, parts),
-                "mpire": (lambda: peers.mpire_map(np_sum, parts)) if has_mpire else None,
-            },
-            reps,
-        )
-        serial = times.pop("serial")
-        rows.append(table_row("sum of a 256 MB array in 8 chunks", serial, times, False))
-        arr = (serial, times)
+        arr = contest("sum of a 256 MB array in 8 chunks", np_sum, parts, reps)
         shared = mpmagic.share(big)  # the same data, living in shared memory from the start
         sparts = np.array_split(shared, 8)
         s_times = race({"serial": lambda: [np_sum(p) for p in sparts], "mpmagic": lambda: pmap(np_sum, sparts)}, reps)
