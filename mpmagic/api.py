@@ -127,9 +127,7 @@ def pmap(
         iterables = tuple(list(it) if iter(it) is it else it for it in iterables)
     n_items = _length(iterables)
     if len(iterables) == 1:
-        # A list or tuple is sliced chunk by chunk (cheaper than iterating it).
-        source = iterables[0]
-        items, star_mode = (source if type(source) in (list, tuple) else iter(source)), star
+        items, star_mode = iterables[0], star  # MapJob slices a list or tuple, iterates the rest
     else:
         items, star_mode = zip(*iterables, strict=False), True
 

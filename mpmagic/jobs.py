@@ -13,7 +13,7 @@ import itertools
 import pickle
 import sys
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +124,7 @@ class MapJob:
     def __init__(
         self,
         func: Callable,
-        items: Iterator | list | tuple,
+        items: Iterable,
         n_items: int | None,
         star: bool,
         workers: int,
@@ -156,7 +156,7 @@ class MapJob:
         )
         # A list or tuple is sliced; anything else is consumed lazily, chunk by chunk.
         self._seq = items if type(items) in (list, tuple) else None
-        self._iter = iter(items)
+        self._iter = iter(items) if self._seq is None else None
         self._next_id = 0
         self._next_start = 0
         self._requeued: deque[Unit] = deque()
