@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench_core import fmt_t as fmt  # this folder is on sys.path when a benchmark runs
 from IPython.core.interactiveshell import InteractiveShell
 
 import mpmagic
@@ -65,16 +66,6 @@ def per_op(fn: Callable[[], Any], n: int) -> float:
         for _ in range(n):
             fn()
     return median_time(batch, 5) / n
-
-
-def fmt(s: float) -> str:
-    if s < 1e-6:
-        return f"{s * 1e9:.0f} ns"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} us"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
 
 
 def main() -> None:
