@@ -69,12 +69,13 @@ class Kernel:
         code: str,
         timeout: float = 60,
         interrupt_after: float | None = None,
-        interrupt_when: str | None = None,
+        interrupt_when: str | tuple[str, ...] | None = None,
         interrupts: int = 1,
     ) -> Reply:
         """Run ``code``; optionally interrupt it after some seconds, or once
-        ``interrupt_when`` shows in its stdout; ``interrupts`` > 1 sends more
-        interrupts 10 ms apart (the later ones land during the cleanup)."""
+        ``interrupt_when`` (each of them, if several) shows in its stdout;
+        ``interrupts`` > 1 sends more interrupts 10 ms apart (the later ones
+        land during the cleanup)."""
         msg_id = self.kc.execute(code)
         reply = Reply("?", None)
         t0 = time.monotonic()
@@ -82,7 +83,10 @@ class Kernel:
         while True:
             now = time.monotonic()
             due = interrupt_after is not None and now - t0 >= interrupt_after
-            due = due or (interrupt_when is not None and interrupt_when in reply.stream())
+            if interrupt_when is not None and not due:
+                wanted = (interrupt_when,) if isinstance(interrupt_when, str) else interrupt_when
+                out = reply.stream()
+                due = all(text in out for text in wanted)
             if first_interrupt is None and due:
                 first_interrupt = time.monotonic()
                 for i in range(interrupts):
@@ -216,7 +220,8 @@ def test_interrupt_during_parallel_returns_quickly_and_the_pool_works(kernel):
     before = worker_pids(kernel)
     reply = kernel.execute(
         "%%parallel -n 2\nprint('rank', rank, 'started')\nwhile True:\n    pass\n",
-        interrupt_when="[rank 1] rank 1 started",
+        # Both ranks running (either may start first), then the interrupt.
+        interrupt_when=("[rank 0] rank 0 started", "[rank 1] rank 1 started"),
     )
     assert reply.status == "error" and reply.ename == "KeyboardInterrupt"
     assert reply.after_interrupt < INTERRUPT_BOUND, reply.after_interrupt
