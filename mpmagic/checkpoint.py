@@ -308,11 +308,16 @@ def checkpointed_parallel(
     size = workers or get_pool().workers
     try:
         spec = make_cell_spec(code, namespace, tuple(gather))
-        run, run_pickle = cell_key(code, spec.names, spec.modules, tuple(gather), size)
+        # --gather names are the cell's outputs: their last values (put in the
+        # notebook by the previous run) are not inputs of this one.
+        names = {k: v for k, v in spec.names.items() if k not in gather}
+        run, run_pickle = cell_key(code, names, spec.modules, tuple(gather), size)
     except Exception as exc:  # a syntax error or an unpicklable name: the core run says which
         log.debug("no key for the cell: %s", exc)
         return core(code, workers=workers, namespace=namespace, gather=gather, show_report=show_report, **kwargs)
     store = open_store(location)
+    if (why := unstable_reason(run_pickle)) is not None:
+        _warn(f"mpmagic: --checkpoint: what the cell reads {why}; a new kernel will run it again")
     rank_keys = [item_key(f"rank {r}")[0] for r in range(size)]
     found = _load(store, run, rank_keys)
     name = "%%parallel: " + (code.strip().splitlines() or [""])[0][:40]

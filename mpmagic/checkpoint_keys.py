@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import pickle
 import pickletools
 import sys
@@ -173,7 +174,6 @@ def item_key(item: Any) -> tuple[bytes, bytes | None]:
 
 # Opcodes that build sets, and those that hold a string or bytes.
 _SET_BYTES = (b"\x8f", b"\x91")  # EMPTY_SET, FROZENSET
-_SET_OPS = {"EMPTY_SET", "FROZENSET", "ADDITEMS"}
 _TEXT_OPS = {
     "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
     "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "SHORT_BINSTRING", "BINSTRING",
@@ -192,9 +192,18 @@ def unstable_reason(data: bytes | None) -> str | None:
     if not any(b in data for b in _SET_BYTES):
         return None
     try:
-        ops = {op.name for op, _arg, _pos in pickletools.genops(data)}
+        ops = [op.name for op, _arg, _pos in pickletools.genops(data)]
     except Exception:  # out-of-band buffers and the like: not worth the risk of a crash
         return None
-    if ops & _SET_OPS and ops & _TEXT_OPS:
-        return "holds a set, whose pickle follows string hashes and changes between kernels"
+    for i, name in enumerate(ops):
+        # A set's elements are pickled between EMPTY_SET and its ADDITEMS, a
+        # frozenset's between a MARK and FROZENSET: strings there mean hash order.
+        if name == "EMPTY_SET":
+            inside = itertools.takewhile(lambda n: n != "ADDITEMS", ops[i + 1 :])
+        elif name == "FROZENSET":
+            inside = itertools.takewhile(lambda n: n != "MARK", reversed(ops[:i]))
+        else:
+            continue
+        if any(n in _TEXT_OPS for n in inside):
+            return "holds a set of strings, whose pickle follows string hashes and changes between kernels"
     return None
