@@ -288,17 +288,19 @@ def test_a_damaged_value_is_computed_again_never_returned(ip, store_dir):
     assert calls(ip) == [2]
 
 
-def _writer(folder: str, run_id: int, n: int) -> None:
+def _writer(folder: str, run_id: int, n: int, barrier) -> None:
     store = Store(folder)
-    for start in range(0, n, 50):
-        store.put(bytes([run_id]) * 16, f"w{run_id}", [(i.to_bytes(16, "big"), (run_id, i)) for i in range(start, start + 50)])
+    barrier.wait(60)  # both write at once: 2 x 200 small transactions interleave
+    for start in range(0, n, 10):
+        store.put(bytes([run_id]) * 16, f"w{run_id}", [(i.to_bytes(16, "big"), (run_id, i)) for i in range(start, start + 10)])
     store.close()
 
 
 def test_two_processes_writing_one_store_at_once_lose_nothing(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     Store(tmp_path).close()
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), r, 1000)) for r in (1, 2)]
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), r, 2000, barrier)) for r in (1, 2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -306,8 +308,8 @@ def test_two_processes_writing_one_store_at_once_lose_nothing(tmp_path):
         assert p.exitcode == 0
     store = Store(tmp_path)
     for r in (1, 2):
-        found = store.load(bytes([r]) * 16, [i.to_bytes(16, "big") for i in range(1000)])
-        assert len(found) == 1000 and found[(999).to_bytes(16, "big")] == (r, 999)
+        found = store.load(bytes([r]) * 16, [i.to_bytes(16, "big") for i in range(2000)])
+        assert len(found) == 2000 and found[(1999).to_bytes(16, "big")] == (r, 1999)
     store.close()
 
 
