@@ -7,15 +7,22 @@ in ``blobs/`` beside it.
 
 Why it survives a ``kill -9`` at any moment:
 
-* WAL journal, one transaction per chunk of results: SQLite commits a chunk
+* One row per chunk of results (its items' keys, one pickle of their
+  results), written in one transaction, WAL journal: SQLite commits a chunk
   whole or not at all, so a killed kernel loses only the chunks in flight.
   ``synchronous=NORMAL`` is durable against a killed *process* (the WAL is in
   the OS's hands once written); only a power cut can lose the last commits.
 * A large result is written to a temporary file, fsynced, renamed into place,
   and only then named by a row. A crash leaves at worst an unreferenced file
   (removed by ``clear``), never a row whose file is missing or half written.
-* Every value carries a 8-byte BLAKE2 digest, checked when it is read: a
-  damaged value is computed again, never returned.
+* Every chunk and file carries an 8-byte BLAKE2 digest, checked when it is
+  read: a damaged value is computed again, never returned.
+
+Why a row per chunk and not per item: a row per item means a random insert
+into a B-tree keyed by a hash, measured at 15-25 us per item here (2.4 s for
+100,000 tiny items, against a target of 0.3 s); a chunk row costs one insert
+for thousands of items, and a resumed run reads the keys of every chunk in
+one scan and unpickles each needed chunk in one ``pickle.loads``.
 
 Two kernels may write the same store at once: SQLite's file locks serialise
 the transactions (``busy_timeout`` waits for the other writer), and rows are
@@ -58,14 +65,18 @@ LARGE = 1 << 20
 _BATCH = 900
 _BLOB_MAGIC = b"MPMCKPT1"
 
+# chunks: ``keys`` is the items' 16-byte keys end to end (before ``data`` so a
+# scan of the keys never reads the results' pages); ``data`` pickles the list
+# of their results, a large one replaced by a ``_File`` naming its file.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS runs(run BLOB PRIMARY KEY, name TEXT, created REAL, used REAL);
-CREATE TABLE IF NOT EXISTS results(
-    run BLOB, item BLOB, value BLOB, file TEXT, size INTEGER, digest BLOB,
-    PRIMARY KEY(run, item)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, run BLOB, n INTEGER, keys BLOB, size INTEGER, digest BLOB, data BLOB);
+CREATE INDEX IF NOT EXISTS chunks_run ON chunks(run);
 """
-_TABLES = {"meta", "runs", "results"}
+_TABLES = {"meta", "runs", "chunks"}
+_KEY = 16  # bytes per item key
 
 
 class CheckpointError(Exception):
@@ -81,6 +92,14 @@ class RunInfo:
     size: int
     used: float
     key: bytes
+
+
+@dataclass(frozen=True)
+class _File:
+    """Stands in a chunk's results for one stored in ``blobs/`` (its name and digest)."""
+
+    name: str
+    digest: bytes
 
 
 def _digest(*parts: bytes | memoryview) -> bytes:
@@ -177,44 +196,59 @@ class Store:
     def load(self, run: bytes, keys: Iterable[bytes]) -> dict[bytes, Any]:
         """The stored results among ``keys`` of ``run``: ``{item key: result}``.
 
-        A value that fails its digest or does not load is left out (and so
-        computed again), with a warning.
+        A chunk or file that fails its digest or does not load is left out
+        (its items are computed again), with one warning.
         """
-        wanted = list(dict.fromkeys(keys))
-        rows: list = []
+        wanted = set(keys)
+        where: dict[bytes, tuple[int, int]] = {}  # item key -> (chunk id, position); later chunks win
         with self._lock:
-            for i in range(0, len(wanted), _BATCH):
-                part = wanted[i : i + _BATCH]
-                marks = ",".join("?" * len(part))
+            for cid, blob in self.conn.execute("SELECT id, keys FROM chunks WHERE run=? ORDER BY id", (run,)):
+                for pos in range(len(blob) // _KEY):
+                    where[blob[pos * _KEY : (pos + 1) * _KEY]] = (cid, pos)
+            need: dict[int, list[tuple[bytes, int]]] = {}
+            for k in wanted:
+                hit = where.get(k)
+                if hit is not None:
+                    need.setdefault(hit[0], []).append((k, hit[1]))
+            rows = []
+            ids = list(need)
+            for i in range(0, len(ids), _BATCH):
+                part = ids[i : i + _BATCH]
                 rows += self.conn.execute(
-                    f"SELECT item, value, file, digest FROM results WHERE run=? AND item IN ({marks})",
-                    (run, *part),
+                    f"SELECT id, digest, data FROM chunks WHERE id IN ({','.join('?' * len(part))})", part
                 ).fetchall()
             if rows:
                 with self.conn:
                     self.conn.execute("UPDATE runs SET used=? WHERE run=?", (time.time(), run))
         found: dict[bytes, Any] = {}
         bad = 0
-        for item, value, file, digest in rows:
+        for cid, digest, data in rows:
             try:
-                found[item] = self._read_file(file, digest) if file else self._read_value(value, digest)
+                if _digest(data) != digest:
+                    raise CheckpointError("digest mismatch")
+                values = payload.loads(data)
             except Exception as exc:
-                bad += 1
-                log.debug("checkpoint value %s unreadable: %s", item.hex(), exc)
+                bad += len(need[cid])
+                log.debug("checkpoint chunk %d unreadable: %s", cid, exc)
+                continue
+            for k, pos in need[cid]:
+                v = values[pos]
+                if type(v) is _File:
+                    try:
+                        v = self._read_file(v)
+                    except Exception as exc:
+                        bad += 1
+                        log.debug("checkpoint file %s unreadable: %s", v.name, exc)
+                        continue
+                found[k] = v
         if bad:
             _warn(f"mpmagic: {bad} stored result{'s' if bad > 1 else ''} in {self.path} failed their check "
                   "(damaged file?); computing them again")
         return found
 
-    @staticmethod
-    def _read_value(value: bytes, digest: bytes) -> Any:
-        if _digest(value) != digest:
-            raise CheckpointError("digest mismatch")
-        return payload.loads(value)
-
-    def _read_file(self, name: str, digest: bytes) -> Any:
-        data = bytearray((self.blobs / name).read_bytes())  # writable: arrays come back writable
-        if data[:8] != _BLOB_MAGIC or _digest(memoryview(data)[8:]) != digest:
+    def _read_file(self, ref: _File) -> Any:
+        data = bytearray((self.blobs / ref.name).read_bytes())  # writable: arrays come back writable
+        if data[:8] != _BLOB_MAGIC or _digest(memoryview(data)[8:]) != ref.digest:
             raise CheckpointError("digest mismatch")
         view = memoryview(data)
         n_inband, n_buf = int.from_bytes(view[8:16], "little"), int.from_bytes(view[16:24], "little")
@@ -223,29 +257,24 @@ class Store:
         inband = view[pos : pos + n_inband]
         pos += n_inband
         buffers = []
-        for s in sizes:
-            buffers.append(view[pos : pos + s])
-            pos += s
+        for size in sizes:
+            buffers.append(view[pos : pos + size])
+            pos += size
         return pickle.loads(inband, buffers=buffers)
 
     # -- writing -------------------------------------------------------------
     def put(self, run: bytes, name: str, results: list[tuple[bytes, Any]]) -> int:
-        """Store ``(item key, result)`` pairs of ``run`` in one transaction; returns bytes stored.
+        """Store ``(item key, result)`` pairs of ``run`` as one chunk, in one transaction.
 
-        Results that cannot be pickled are skipped (a re-run computes them).
+        Returns the bytes stored. Results that cannot be pickled are left out
+        (a re-run computes them).
         """
-        rows = []
-        total = 0
-        for key, result in results:
-            try:
-                row = self._row(run, key, result)
-            except Exception as exc:
-                log.debug("result for item %s not stored: %s", key.hex(), exc)
-                continue
-            rows.append(row)
-            total += row[4]
-        if not rows:
+        if not results:
             return 0
+        keys, data, size = self._pack(run, results)
+        if not keys:
+            return 0
+        size += len(data) + len(keys)
         now = time.time()
         with self._lock:
             conn = self.conn
@@ -255,31 +284,50 @@ class Store:
                     "INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT(run) DO UPDATE SET used=excluded.used",
                     (run, name, now, now),
                 )
-                conn.executemany("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)", rows)
+                conn.execute(
+                    "INSERT INTO chunks(run, n, keys, size, digest, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    (run, len(keys) // _KEY, keys, size, _digest(data), data),
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return total
+        return size
 
-    def _row(self, run: bytes, key: bytes, result: Any) -> tuple:
+    def _pack(self, run: bytes, results: list[tuple[bytes, Any]]) -> tuple[bytes, bytes, int]:
+        """``(keys end to end, pickle of the results, bytes in files)``; large results go to files first."""
+        buffers: list[pickle.PickleBuffer] = []
+        try:  # the common case, one pickle of the chunk: no large buffer among the results
+            data = payload.dumps_data([r for _, r in results], buffers.append)
+            if not buffers:
+                return b"".join(k for k, _ in results), data, 0
+        except Exception:
+            log.debug("a chunk's results do not pickle together; storing them one by one")
+        keys, values, in_files = [], [], 0
+        for key, result in results:
+            try:
+                value, nbytes = self._value(run, key, result)
+            except Exception as exc:
+                log.debug("result for item %s not stored: %s", key.hex(), exc)
+                continue
+            keys.append(key)
+            values.append(value)
+            in_files += nbytes
+        return b"".join(keys), payload.dumps_data(values), in_files
+
+    def _value(self, run: bytes, key: bytes, result: Any) -> tuple[Any, int]:
+        """The result itself, or a ``_File`` once it is written to one (with its size)."""
         buffers: list[pickle.PickleBuffer] = []
         inband = payload.dumps_data(result, buffers.append)
-        raws = []
-        for b in buffers:
-            try:
-                raws.append(b.raw())
-            except BufferError:  # not contiguous: cannot go out of band
-                raws = None
-                break
-        if raws is not None and sum(r.nbytes for r in raws) > LARGE:
-            name = self._write_file(run, key, inband, raws)
-            size = len(inband) + sum(r.nbytes for r in raws)
-            return (run, key, None, name[0], size, name[1])
-        if buffers:
-            inband = payload.dumps_data(result)
-        return (run, key, inband, None, len(inband), _digest(inband))
+        try:
+            raws = [b.raw() for b in buffers]
+        except BufferError:  # not contiguous: it stays in the chunk's pickle
+            return result, 0
+        if sum(r.nbytes for r in raws) <= LARGE:
+            return result, 0
+        name, digest = self._write_file(run, key, inband, raws)
+        return _File(name, digest), len(inband) + sum(r.nbytes for r in raws)
 
     def _write_file(self, run: bytes, key: bytes, inband: bytes, raws: list[memoryview]) -> tuple[str, bytes]:
         """Write a large result to ``blobs/`` atomically: temp file, one writev, fsync, rename."""
@@ -314,27 +362,27 @@ class Store:
         """Stored runs, most recently used first."""
         with self._lock:
             rows = self.conn.execute(
-                "SELECT r.name, count(s.item), coalesce(sum(s.size), 0), r.used, r.run "
-                "FROM runs r LEFT JOIN results s ON s.run = r.run GROUP BY r.run ORDER BY r.used DESC"
+                "SELECT r.name, coalesce(sum(c.n), 0), coalesce(sum(c.size), 0), r.used, r.run "
+                "FROM runs r LEFT JOIN chunks c ON c.run = r.run GROUP BY r.run ORDER BY r.used DESC"
             ).fetchall()
         return [RunInfo(*row) for row in rows]
 
     def total_bytes(self) -> int:
         with self._lock:
-            return self.conn.execute("SELECT coalesce(sum(size), 0) FROM results").fetchone()[0]
+            return self.conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()[0]
 
     def delete(self, runs: Iterable[bytes]) -> int:
         """Delete these runs and their files; returns how many runs were deleted."""
         n = 0
         for run in runs:
             with self._lock:
-                files = [r[0] for r in self.conn.execute(
-                    "SELECT file FROM results WHERE run=? AND file IS NOT NULL", (run,))]
                 with self.conn:
-                    self.conn.execute("DELETE FROM results WHERE run=?", (run,))
+                    self.conn.execute("DELETE FROM chunks WHERE run=?", (run,))
                     n += self.conn.execute("DELETE FROM runs WHERE run=?", (run,)).rowcount
-            for f in files:  # after the commit: a crash in between leaves files, never rows without them
-                (self.blobs / f).unlink(missing_ok=True)
+            # After the commit: a crash in between leaves files, never rows without them.
+            if self.blobs.is_dir():
+                for f in self.blobs.glob(f"{run.hex()}-*.bin"):
+                    f.unlink(missing_ok=True)
         return n
 
     def clear(self, name: str | None = None) -> int:
@@ -349,7 +397,8 @@ class Store:
     def evict(self, max_bytes: int | None, keep: bytes | None = None) -> list[str]:
         """Delete least recently used runs until the store holds at most ``max_bytes``.
 
-        ``keep`` (the run just made) goes last. Returns the names deleted.
+        ``keep`` (the run just made) stays, even alone over the cap: deleting
+        it would throw away the run the user is resuming. Returns the names deleted.
         """
         if max_bytes is None:
             return []
@@ -357,10 +406,11 @@ class Store:
         if total <= max_bytes:
             return []
         gone = []
-        runs = sorted(self.runs(), key=lambda r: (r.key == keep, r.used))
-        for r in runs:
+        for r in sorted(self.runs(), key=lambda r: r.used):
             if total <= max_bytes:
                 break
+            if r.key == keep:
+                continue
             self.delete([r.key])
             total -= r.size
             gone.append(r.name)
