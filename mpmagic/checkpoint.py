@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .checkpoint_keys import cell_key, item_key, run_key, unstable_reason
+from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
 from .checkpoint_store import CheckpointError, RunInfo, Store
 
 log = logging.getLogger("mpmagic")
@@ -146,16 +146,22 @@ class _Plan:
     def add(self, items: list, store: Store | None, run: bytes) -> list:
         """Key a batch of items, take what is stored, return the items to compute."""
         base = len(self.keys)
-        keys = []
-        for i, item in enumerate(items):
-            try:
-                key, data = item_key(item)
-            except Exception as exc:  # unpicklable: the run itself will say so
-                log.debug("item %d has no key: %s", base + i, exc)
-                key, data = b"", None
-            if self.unstable is None and (why := unstable_reason(data)):
-                self.unstable = f"item {base + i} {why}"
-            keys.append(key)
+        try:
+            pairs = item_keys(items)
+        except Exception:  # one item does not pickle: key them one by one to find it
+            pairs = []
+            for i, item in enumerate(items):
+                try:
+                    pairs.append(item_key(item))
+                except Exception as exc:  # unpicklable: the run itself will say so
+                    log.debug("item %d has no key: %s", base + i, exc)
+                    pairs.append((b"", None))
+        keys = [k for k, _ in pairs]
+        if self.unstable is None:
+            for i, (_, data) in enumerate(pairs):
+                if data is not None and (why := unstable_reason(data)):
+                    self.unstable = f"item {base + i} {why}"
+                    break
         found = _load(store, run, [k for k in keys if k])
         self.keys += keys
         todo = []
@@ -210,12 +216,11 @@ def checkpointed_pmap(
     plan = _Plan()
 
     def on_chunk(start: int, results: list) -> None:
-        pairs = []
-        for j, r in enumerate(results):
-            idx = plan.missing[start + j]
-            if not isinstance(r, Failed) and plan.keys[idx]:
-                pairs.append((plan.keys[idx], r))
-        writer.put(pairs)
+        keys = [plan.keys[i] for i in plan.missing[start : start + len(results)]]
+        if errors == "collect":  # only then can a result be a Failed: never stored
+            writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
+        else:
+            writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
 
     if type(items) in (list, tuple, range):
         todo: Iterable = plan.add(list(items), store, run)

@@ -36,6 +36,7 @@ made: a checkpoint is a cache, never a reason to fail a run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import pickle
@@ -203,8 +204,9 @@ class Store:
         where: dict[bytes, tuple[int, int]] = {}  # item key -> (chunk id, position); later chunks win
         with self._lock:
             for cid, blob in self.conn.execute("SELECT id, keys FROM chunks WHERE run=? ORDER BY id", (run,)):
-                for pos in range(len(blob) // _KEY):
-                    where[blob[pos * _KEY : (pos + 1) * _KEY]] = (cid, pos)
+                n = len(blob) // _KEY
+                keys_here = [blob[i : i + _KEY] for i in range(0, n * _KEY, _KEY)]
+                where.update(zip(keys_here, zip(itertools.repeat(cid, n), range(n), strict=True), strict=True))
             need: dict[int, list[tuple[bytes, int]]] = {}
             for k in wanted:
                 hit = where.get(k)
