@@ -22,6 +22,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -95,24 +97,61 @@ def _warn(message: str) -> None:
 
 
 class _Writer:
-    """Stores each accepted chunk; after one failure, warns once and stops storing."""
+    """Stores accepted chunks from a thread of its own; after a failure, stops storing.
+
+    ``put`` only queues: the backend's loop that calls ``on_chunk`` must go
+    back to feeding workers at once. Measured with 400 items of 1 ms on 2
+    workers: committing in that loop made the run 40% slower (a commit is
+    0.5-2 ms on a busy disk, and the workers waited for their next chunk);
+    from this thread, a few percent. Chunks that queue up while a commit runs
+    go in the next transaction together, each as its own row (whole or absent).
+    """
 
     def __init__(self, store: Store | None, run: bytes, name: str) -> None:
         self.store, self.run, self.name = store, run, name
         self.bytes = 0
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
         if self.store is None or not pairs:
             return
-        try:
-            self.bytes += self.store.put(self.run, self.name, pairs)
-        except Exception as exc:
-            _warn(f"mpmagic: could not write to the checkpoint store {self.store.path} "
-                  f"({type(exc).__name__}: {exc}); the rest of this run is not checkpointed")
-            self.store = None
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
+            self._thread.start()
+        self._queue.put(pairs)
+
+    def _run(self) -> None:
+        done = False
+        while not done:
+            chunks = [self._queue.get()]
+            while True:  # whatever else is waiting goes in the same transaction
+                try:
+                    chunks.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if chunks[-1] is None:
+                done = True
+                chunks.pop()
+            if self.error is not None or not chunks:
+                continue
+            try:
+                self.bytes += self.store.put_chunks(self.run, self.name, chunks)
+            except Exception as exc:
+                self.error = exc  # reported by finish(), in the notebook's thread
 
     def finish(self) -> None:
+        """Wait until every queued chunk is stored; warn if storing failed; apply the size cap."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
         if self.store is None:
+            return
+        if self.error is not None:
+            _warn(f"mpmagic: could not write to the checkpoint store {self.store.path} "
+                  f"({type(self.error).__name__}: {self.error}); the rest of this run is not checkpointed")
             return
         try:
             gone = self.store.evict(max_bytes(), keep=self.run)

@@ -271,12 +271,22 @@ class Store:
         Returns the bytes stored. Results that cannot be pickled are left out
         (a re-run computes them).
         """
-        if not results:
+        return self.put_chunks(run, name, [results])
+
+    def put_chunks(self, run: bytes, name: str, chunks: list[list[tuple[bytes, Any]]]) -> int:
+        """Store several chunks (one row each) in one transaction: each is whole or absent."""
+        rows = []
+        total = 0
+        for results in chunks:
+            if not results:
+                continue
+            keys, data, size = self._pack(run, results)
+            if keys:
+                size += len(data) + len(keys)
+                rows.append((run, len(keys) // _KEY, keys, size, _digest(data), data))
+                total += size
+        if not rows:
             return 0
-        keys, data, size = self._pack(run, results)
-        if not keys:
-            return 0
-        size += len(data) + len(keys)
         now = time.time()
         with self._lock:
             conn = self.conn
@@ -286,16 +296,13 @@ class Store:
                     "INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT(run) DO UPDATE SET used=excluded.used",
                     (run, name, now, now),
                 )
-                conn.execute(
-                    "INSERT INTO chunks(run, n, keys, size, digest, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (run, len(keys) // _KEY, keys, size, _digest(data), data),
-                )
+                conn.executemany("INSERT INTO chunks(run, n, keys, size, digest, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return size
+        return total
 
     def _pack(self, run: bytes, results: list[tuple[bytes, Any]]) -> tuple[bytes, bytes, int]:
         """``(keys end to end, pickle of the results, bytes in files)``; large results go to files first."""
