@@ -72,8 +72,10 @@ def open_store(location: Any = True) -> Store | None:
     """The store at ``location`` (kept open for this process), or None with a warning."""
     path = directory(location).resolve()
     store = _stores.get(path)
-    if store is not None and store.path.exists():
-        return store
+    if store is not None:
+        if store.path.exists():
+            return store
+        store.close()  # the folder was deleted under us: start again
     try:
         store = Store(path)
     except (OSError, CheckpointError, Exception) as exc:  # a cache must never fail the run

@@ -122,6 +122,21 @@ def test_item_keys_tell_items_apart_and_sets_of_strings_are_flagged():
     assert unstable_reason(item_key(("a", "b"))[1]) is None
 
 
+@pytest.mark.skipif(not sys.flags.hash_randomization, reason="string hashes are fixed (PYTHONHASHSEED)")
+def test_a_captured_set_of_strings_is_flagged_once_in_one_line(ip, store_dir):
+    run(ip, "WORDS = {'alpha', 'beta', 'gamma'}\ndef count(x):\n    return len(WORDS) + x\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --checkpoint count, range(3)") == [3, 4, 5]
+    flagged = [str(w.message) for w in caught if "set of strings" in str(w.message)]
+    assert len(flagged) == 1 and "`count` captures" in flagged[0] and "\n" not in flagged[0]
+    run(ip, "WORDS = ('alpha', 'beta', 'gamma')")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(ip, "%pmap -q --checkpoint count, range(3)")
+    assert not [w for w in caught if "set of strings" in str(w.message)]
+
+
 # --------------------------------------------------------------------------
 # %pmap --checkpoint in a notebook-like shell
 

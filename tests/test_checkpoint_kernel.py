@@ -77,11 +77,12 @@ def test_a_killed_kernels_run_resumes_in_a_new_kernel(tmp_path):
         second = _calls(record)
         assert len(second) == len(set(second))  # nothing computed twice
         assert set(first) | set(second) == set(range(N))
-        # Only the items in flight at the kill (called, not yet stored) run again.
-        assert len(set(first) & set(second)) <= 20, sorted(set(first) & set(second))
+        # Only the items in flight at the kill (called, not yet stored: up to two
+        # chunks of 5 per worker, and chunks waiting for their commit) run again.
+        assert len(set(first) & set(second)) <= 30, sorted(set(first) & set(second))
         line = k2.value("__import__('mpmagic').api.last_report().line()")
         resumed = N - len(second)
-        assert resumed >= N // 2 - 20
+        assert resumed >= N // 2 - 30
         assert f"resumed: {resumed} of {N} items from the checkpoint, {len(second)} computed" in line
         record.unlink()
 
