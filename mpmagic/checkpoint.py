@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import warnings
@@ -272,6 +273,9 @@ def checkpointed_pmap(
     if pending:
         try:
             computed = core(func, todo, star=star_mode, errors=errors, on_chunk=on_chunk, **kwargs)
+        except Exception as exc:
+            _renumber(exc, plan.missing)
+            raise
         finally:
             writer.finish()
     if plan.unstable:
@@ -282,12 +286,38 @@ def checkpointed_pmap(
         r = computed[j]
         if isinstance(r, Failed):
             r.index = idx
+            _renumber(r.error, plan.missing)
         results[idx] = r
     _amend_report(get_report() if pending else None, set_report, "pmap", len(results),
                   len(results) - len(plan.missing), time.perf_counter() - t0, bool(computed), errors, results)
     if show_report:
         print(get_report().line())
     return results
+
+
+_ITEM_REF = re.compile(r"\bitem (\d+)(?= of the input| \()")
+
+
+def _renumber(exc: BaseException, missing: list[int]) -> None:
+    """Make "item N" in an error's notes and message count in the whole input.
+
+    The core run saw only the missing items, so its "raised by item 3 of the
+    input" means the 4th *missing* item; the user's input position is
+    ``missing[3]``.
+    """
+
+    def fix(text: str) -> str:
+        return _ITEM_REF.sub(lambda m: f"item {missing[int(m.group(1))]}" if int(m.group(1)) < len(missing)
+                             else m.group(0), text)
+
+    notes = getattr(exc, "__notes__", None)
+    if notes:
+        exc.__notes__ = [fix(n) for n in notes]
+    render = getattr(exc, "_render_traceback_", None)
+    if render is not None and isinstance(getattr(render, "note", None), str):
+        render.note = fix(render.note)
+    if type(exc).__module__.startswith("mpmagic") and exc.args and isinstance(exc.args[0], str):
+        exc.args = (fix(exc.args[0]), *exc.args[1:])
 
 
 def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterable, bool]:

@@ -199,6 +199,17 @@ def test_errors_collect_failures_are_not_stored_and_are_retried(ip, store_dir):
     res = run(ip, "%pmap -q --checkpoint --errors collect flaky, range(8)")
     assert sorted(calls(ip)) == [3, 5]  # only the failures ran again
     assert res[3].index == 3 and [r for i, r in enumerate(res) if i not in (3, 5)] == [0, -1, -2, -4, -6, -7]
+    assert "item 5 of the input" in " ".join(res[5].error.__notes__)  # 5 of the input, not 1 of the re-run
+
+
+def test_an_error_in_a_resumed_run_names_the_items_place_in_the_whole_input(ip, store_dir):
+    run(ip, "def picky(x):\n    if x == 7 and BROKEN:\n        raise ValueError(x)\n    return x\nBROKEN = False\n")
+    run(ip, "%pmap -q --checkpoint picky, range(5)")
+    run(ip, "BROKEN = True")  # a new key: nothing resumed; store 0-4 under it first
+    run(ip, "%pmap -q --checkpoint picky, range(5)")
+    with pytest.raises(ValueError) as info:
+        run(ip, "%pmap -q --checkpoint picky, range(10)")  # items 5-9 computed: 7 is the 3rd of them
+    assert "item 7 of the input" in " ".join(info.value.__notes__)
 
 
 def test_a_failing_run_keeps_what_finished(ip, store_dir):
