@@ -289,7 +289,7 @@ def checkpointed_pmap(
             _renumber(r.error, plan.missing)
         results[idx] = r
     _amend_report(get_report() if pending else None, set_report, "pmap", len(results),
-                  len(results) - len(plan.missing), time.perf_counter() - t0, bool(computed), errors, results)
+                  len(results) - len(plan.missing), time.perf_counter() - t0)
     if show_report:
         print(get_report().line())
     return results
@@ -341,8 +341,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterab
 
 
 def _amend_report(
-    report: Any, set_report: Callable[[Any], None], kind: str, total: int, resumed: int,
-    wall: float, ran: bool, errors: str = "raise", results: list | None = None,
+    report: Any, set_report: Callable[[Any], None], kind: str, total: int, resumed: int, wall: float
 ) -> None:
     """The run's report, covering the whole input and saying how much came from the store."""
     from .report import Report
@@ -400,7 +399,7 @@ def checkpointed_parallel(
     if len(found) == size:
         values = RankValues(v for v, _ in (found[k] for k in rank_keys))
         values.gathered = {g: [found[k][1].get(g) for k in rank_keys] for g in gather}
-        _amend_report(None, set_report, "parallel", size, size, time.perf_counter() - t0, False)
+        _amend_report(None, set_report, "parallel", size, size, time.perf_counter() - t0)
         values.report = get_report()
         if show_report:
             print(values.report.line())
@@ -409,7 +408,7 @@ def checkpointed_parallel(
     writer = _Writer(store, run, name)
     writer.put([(rank_keys[r], (v, {g: values.gathered[g][r] for g in gather})) for r, v in enumerate(values)])
     writer.finish()
-    _amend_report(get_report(), set_report, "parallel", size, 0, time.perf_counter() - t0, True)
+    _amend_report(get_report(), set_report, "parallel", size, 0, time.perf_counter() - t0)
     if show_report:
         print(get_report().line())
     return values

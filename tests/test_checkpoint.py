@@ -149,9 +149,25 @@ def test_rerun_computes_nothing_new_items_only_they_and_report_says_so(ip, store
     assert "resumed: 30 of 30 items from the checkpoint, 0 computed" in api.last_report().line()
     assert run(ip, "%pmap -q --checkpoint work, range(40)") == [x * x for x in range(40)]
     assert sorted(calls(ip)) == list(range(30, 40))
-    assert "resumed: 30 of 40 items from the checkpoint, 10 computed" in api.last_report().line()
+    report = api.last_report()
+    assert "resumed: 30 of 40 items from the checkpoint, 10 computed" in report.line()
+    assert "30 of 40 items from the checkpoint, 10 computed" in report._repr_html_()  # Jupyter's table
     assert run(ip, "%pmap -q work, range(5)") == [x * x for x in range(5)]  # without: computes
     assert sorted(calls(ip)) == list(range(5))
+
+
+def test_leftovers_of_a_killed_write_are_harmless_and_clear_removes_them(tmp_path):
+    np = pytest.importorskip("numpy")
+    store = Store(tmp_path)
+    (tmp_path / "blobs").mkdir(exist_ok=True)
+    (tmp_path / "blobs" / ".tmp-deadbeef").write_bytes(b"half a result")  # killed before its rename
+    (tmp_path / "blobs" / "orphan.bin").write_bytes(b"renamed, never committed")  # killed before its row
+    big = np.arange(200_000.0)
+    store.put(b"r" * 16, "f", [(b"k" * 16, big)])
+    assert np.array_equal(store.load(b"r" * 16, [b"k" * 16])[b"k" * 16], big)
+    store.clear()
+    assert list((tmp_path / "blobs").iterdir()) == []
+    store.close()
 
 
 def test_a_changed_captured_global_or_code_recomputes(ip, store_dir):
