@@ -151,7 +151,9 @@ def test_rerun_computes_nothing_new_items_only_they_and_report_says_so(ip, store
     assert sorted(calls(ip)) == list(range(30, 40))
     report = api.last_report()
     assert "resumed: 30 of 40 items from the checkpoint, 10 computed" in report.line()
-    assert "30 of 40 items from the checkpoint, 10 computed" in report._repr_html_()  # Jupyter's table
+    # Jupyter shows the table: its checkpoint cell (the line is also in its title)
+    assert "<td style='padding:2px 10px;text-align:left'>30 of 40 items from the checkpoint, 10 computed</td>" in (
+        report._repr_html_())
     assert run(ip, "%pmap -q work, range(5)") == [x * x for x in range(5)]  # without: computes
     assert sorted(calls(ip)) == list(range(5))
 
