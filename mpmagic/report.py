@@ -166,6 +166,11 @@ class Report:
         ]
         if self.failed:
             rows.append(("failed", str(self.failed)))
+        resumed = self._resumed_text()
+        if resumed:
+            if not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
+                rows = [rows[0], ("wall", fmt_seconds(self.wall))]
+            rows.append(("checkpoint", resumed.removeprefix("resumed: ")))
         return rows
 
     def _repr_html_(self) -> str | None:
