@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,11 @@ _last_report: Report | None = None
 def last_report() -> Report | None:
     """The report of the most recent ``pmap`` or ``parallel`` run."""
     return _last_report
+
+
+def _set_report(report: Report) -> None:
+    global _last_report
+    _last_report = report
 
 
 def _check_workers(workers: Any) -> int | None:
@@ -86,6 +92,8 @@ def pmap(
     progress: bool = False,
     progress_delay: float = 1.0,
     insights: bool = False,
+    checkpoint: bool | str | os.PathLike = False,
+    on_chunk: Callable[[int, list], None] | None = None,
 ) -> list:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
@@ -103,6 +111,9 @@ def pmap(
     ``progress_delay`` seconds. ``insights=True`` times every item in the
     workers and attaches per-worker busy / idle / transfer times and the
     slowest items to the report (``last_report().insights``).
+    ``checkpoint=True`` (or a folder) stores each finished item's result and
+    takes stored ones instead of computing them again (docs/checkpoint.md).
+    ``on_chunk(start, results)`` is called as each chunk's results arrive.
     """
     __tracebackhide__ = True
     global _last_report
@@ -122,6 +133,13 @@ def pmap(
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+    if checkpoint:
+        from .checkpoint import checkpointed_pmap
+
+        kw = dict(workers=workers, chunksize=chunksize, compare=compare, timeout=timeout, retries=retries,
+                  progress=progress, progress_delay=progress_delay, insights=insights)
+        return checkpointed_pmap(pmap, func, iterables, star=star, errors=errors, location=checkpoint,
+                                 show_report=show_report, set_report=_set_report, get_report=last_report, kwargs=kw)
 
     if compare:  # both runs need the input: keep one-shot iterators
         iterables = tuple(list(it) if iter(it) is it else it for it in iterables)
@@ -149,6 +167,7 @@ def pmap(
         progress=bar.update,
         insights=recorder,
         shared_memory=getattr(backend, "shares_memory", False),
+        on_chunk=on_chunk,
     )
     t0 = time.perf_counter()
     _run_with_progress(backend, job, bar, workers)
@@ -282,6 +301,7 @@ def parallel(
     progress: bool = False,
     progress_delay: float = 1.0,
     insights: bool = False,
+    checkpoint: bool | str | os.PathLike = False,
 ) -> RankValues:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
@@ -294,6 +314,7 @@ def parallel(
     is printed and :class:`~mpmagic.errors.ParallelError` is raised.
     ``progress`` shows a bar counting finished ranks after ``progress_delay``
     seconds; ``insights`` records each rank's worker and span (see ``pmap``).
+    ``checkpoint`` keeps the ranks' values: see ``pmap`` and docs/checkpoint.md.
     """
     __tracebackhide__ = True
     global _last_report
@@ -305,6 +326,14 @@ def parallel(
             raise UsageError(f"--gather takes variable names, and {g!r} is not one")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
+    if checkpoint:
+        from .checkpoint import checkpointed_parallel
+
+        kw = dict(compare=compare, timeout=timeout, label_output=label_output, progress=progress,
+                  progress_delay=progress_delay, insights=insights)
+        return checkpointed_parallel(parallel, code, workers=workers, namespace=namespace, gather=gather,
+                                     location=checkpoint, show_report=show_report, set_report=_set_report,
+                                     get_report=last_report, kwargs=kw)
     try:
         spec = make_cell_spec(code, namespace, gather)
     except SyntaxError as exc:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, observe
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, observe
 from traitlets.config import Configurable
 
 REPORT_MODES = ("auto", "line", "html", "none")
@@ -68,6 +68,24 @@ class MPMagic(Configurable):
     advice = Bool(
         True,
         help="Add one line of advice to the report when parallel did not pay off.",
+    ).tag(config=True)
+
+    checkpoint = Bool(
+        False,
+        help="Checkpoint every %pmap and %%parallel run, as if --checkpoint were given (docs/checkpoint.md).",
+    ).tag(config=True)
+
+    checkpoint_dir = Unicode(
+        None,
+        allow_none=True,
+        help="Folder of the checkpoint store (None: .mpmagic in the kernel's working directory).",
+    ).tag(config=True)
+
+    checkpoint_max_bytes = Int(
+        10 * 1024**3,
+        allow_none=True,
+        help="Size cap of the checkpoint store in bytes; the least recently used runs are "
+        "deleted past it (None: no cap).",
     ).tag(config=True)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -149,6 +167,9 @@ def add_options(parser: Any, what: str = "items") -> None:
                        help=f"show a progress bar counting {what} (default: %%config MPMagic.progress)")
     group.add_argument("--no-progress", dest="progress", action="store_false",
                        help="no progress bar for this run")
+    parser.add_argument("--checkpoint", action="store_true", default=None,
+                        help=f"store each finished {what[:-1]}'s result; a re-run computes only what is "
+                        "missing (default: %%config MPMagic.checkpoint)")
     parser.add_argument("--insights", action="store_true",
                         help="record per-worker busy/idle/transfer time and the slowest "
                         f"{what}; show a timeline of tasks")
@@ -179,4 +200,5 @@ def run_kwargs(opts: Any) -> dict[str, Any]:
         "progress": bool(opts.progress),
         "progress_delay": current().progress_delay,
         "insights": bool(getattr(opts, "insights", False)),
+        "checkpoint": bool(getattr(opts, "checkpoint", None) or current().checkpoint),
     }

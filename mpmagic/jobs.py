@@ -137,9 +137,13 @@ class MapJob:
         progress: Callable[[int], None] | None = None,
         insights: Any = None,
         shared_memory: bool = False,
+        on_chunk: Callable[[int, list], None] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.func = func
+        # Called with (start index, results in order) as each chunk is accepted
+        # (checkpoint.py stores them): each position once, in arrival order.
+        self.on_chunk = on_chunk
         # Large buffers (numpy arrays) go through shared memory: only for
         # workers on this machine (the backend says so: ``shares_memory``).
         self.shared_memory = shared_memory and shm.ENABLED
@@ -285,6 +289,8 @@ class MapJob:
         self.outstanding.pop(unit.id, None)
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
+            if self.on_chunk is not None:
+                self.on_chunk(unit.start, results)
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
         self.task_seconds += seconds

@@ -95,10 +95,12 @@ def _parallel_parser() -> _Parser:
 
 def _pool_parser() -> _Parser:
     p = _Parser(prog="%pool", add_help=False,
-                usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]] [options]")
+                usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
+                " | checkpoints [clear [NAME]]] [options]")
     p.add_argument("action", nargs="?", default="status",
-                   choices=("status", "start", "stop", "restart", "resize", "local", "dask"))
-    p.add_argument("target", nargs="?", help="N for resize; ADDRESS for dask")
+                   choices=("status", "start", "stop", "restart", "resize", "local", "dask", "checkpoints"))
+    p.add_argument("target", nargs="?", help="N for resize; ADDRESS for dask; clear for checkpoints")
+    p.add_argument("name", nargs="?", help="checkpoints clear: the function whose stored runs to delete")
     p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_positive_int, help="recycle a worker after this many items")
@@ -288,6 +290,10 @@ class MPMagics(Magics):
             kwargs = {k: v for k, v in vars(opts).items()
                       if k in ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout") and v is not None}
             pool.use_dask(opts.target, **kwargs)
+        elif action == "checkpoints":
+            from . import checkpoint
+
+            return checkpoint.manage(opts.target, opts.name)
         return pool.pool_status()
 
 
@@ -347,5 +353,7 @@ Usage::
   %pool dask                    a local Dask cluster
   %pool dask tcp://host:8786    a running Dask scheduler
   %pool local                   back to processes on this machine
+  %pool checkpoints             stored runs of --checkpoint (function, items, size, last used)
+  %pool checkpoints clear [NAME]  delete them (only NAME's)
 {_help(_pool_parser())}
 """

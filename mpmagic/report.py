@@ -99,10 +99,21 @@ class Report:
     def line(self) -> str:
         """The one-line summary printed after a run."""
         failed = f" ({self.failed} failed)" if self.failed else ""
+        resumed = self._resumed_text()
+        if resumed and not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
+            return f"{self.kind}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
         return (
             f"{self.kind}: {self._what()}{failed} on {self._where()} in {fmt_seconds(self.wall)}"
-            f" | {self._serial_text()} | {self._speedup_text()}"
+            f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
         )
+
+    def _resumed_text(self) -> str:
+        """With --checkpoint: how much came from the store (checkpoint.py fills extra["checkpoint"])."""
+        c = self.extra.get("checkpoint")
+        if not c:
+            return ""
+        what = "items" if self.kind == "pmap" else "ranks"
+        return f"resumed: {c['resumed']:,} of {c['total']:,} {what} from the checkpoint, {c['computed']:,} computed"
 
     def __str__(self) -> str:
         return self.line()
@@ -155,6 +166,11 @@ class Report:
         ]
         if self.failed:
             rows.append(("failed", str(self.failed)))
+        resumed = self._resumed_text()
+        if resumed:
+            if not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
+                rows = [rows[0], ("wall", fmt_seconds(self.wall))]
+            rows.append(("checkpoint", resumed.removeprefix("resumed: ")))
         return rows
 
     def _repr_html_(self) -> str | None:

@@ -1,0 +1,217 @@
+"""Content keys for checkpointed runs, equal across kernels.
+
+A checkpointed ``pmap`` finds an item's stored result by two keys: the *run
+key* (the function's code, everything it captures, ``star``, the Python
+version and the checkpoint format) and the *item key* (the item's pickle).
+
+Why not the payload key the pool already uses (``payload_cache``)? It hashes
+the cloudpickle bytes that workers load, and those hold things that change
+with every kernel though the function did not:
+
+* each code object's ``co_filename``: a notebook cell's "file" is
+  ``/tmp/ipykernel_<pid>/<hash>.py``, with the kernel's pid in it; and its
+  line numbers, which move when a cell above gains a line;
+* the tracker id cloudpickle gives a class defined in the notebook: a random
+  ``uuid4`` per class per process;
+* frozensets among a code object's constants (``x in {"a", "b"}`` compiles to
+  one): their order follows string hashes, randomised per process.
+
+So keys come from a second pickler whose output is hashed, never loaded: code
+objects reduce to what they *do* (bytecode, constants, names, recursively),
+classes lose their tracker id, constant frozensets are sorted. The rest
+(captured globals, closure cells, defaults, notebook functions and classes it
+calls) is cloudpickle's usual by-value walk, so a change in any of them gives
+a new run key.
+
+Large buffers (numpy arrays) are hashed in place through pickle protocol 5's
+``buffer_callback``, never copied into the pickle.
+
+What stays unstable, and is detected where cheap (:func:`unstable_reason`):
+sets (and frozensets) of strings or bytes, captured or inside items, pickle
+in hash order, which differs between kernels unless ``PYTHONHASHSEED`` is
+fixed. A key that differs only means the item is computed again: a key can
+miss, never match the wrong result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import pickle
+import pickletools
+import sys
+import types
+from collections import ChainMap
+from typing import Any
+
+import cloudpickle
+
+# Bump when what a key covers, or how results are stored, changes: old
+# entries then simply stop matching.
+FORMAT = 1
+
+_PROTOCOL = 5
+_TRACKER = getattr(cloudpickle.cloudpickle, "_get_or_create_tracker_id", None)
+_PLAIN = (int, float, str, bytes, bool, type(None), complex)
+
+
+def _code_stub(*parts: Any) -> None:
+    """Stands for a code object in a key pickle (never called: keys are not loaded)."""
+
+
+def _sorted_frozenset(*elements: Any) -> None:
+    """Stands for a frozenset constant, elements sorted (never called)."""
+
+
+def _stable_const(c: Any) -> Any:
+    if type(c) is frozenset:
+        return (_sorted_frozenset, tuple(sorted(c, key=repr)))
+    return c
+
+
+def _code_key_reduce(code: types.CodeType) -> tuple:
+    # What the code does, without where it came from: no co_filename, no line
+    # numbers or line table. Nested code objects among the constants come
+    # back here through the pickler, so functions inside functions count.
+    parts = (
+        code.co_name,
+        getattr(code, "co_qualname", code.co_name),
+        code.co_argcount,
+        code.co_posonlyargcount,
+        code.co_kwonlyargcount,
+        code.co_flags,
+        code.co_code,
+        tuple(_stable_const(c) for c in code.co_consts),
+        code.co_names,
+        code.co_varnames,
+        code.co_freevars,
+        code.co_cellvars,
+    )
+    return _code_stub, parts
+
+
+class _KeyPickler(cloudpickle.Pickler):
+    """cloudpickle with the per-process parts taken out (see the module docstring)."""
+
+    dispatch_table = ChainMap({types.CodeType: _code_key_reduce}, cloudpickle.Pickler.dispatch_table)
+
+    def reducer_override(self, obj: Any) -> Any:
+        rv = super().reducer_override(obj)
+        if _TRACKER is not None and isinstance(obj, type) and isinstance(rv, tuple) and len(rv) > 1:
+            tracker = _TRACKER(obj)
+            rv = (rv[0], tuple(None if a == tracker else a for a in rv[1]), *rv[2:])
+        return rv
+
+
+class _BufferHasher:
+    """``buffer_callback`` that feeds contiguous large buffers to the hash instead of the pickle."""
+
+    def __init__(self, h: Any) -> None:
+        self.h = h
+
+    def __call__(self, buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        self.h.update(len(raw).to_bytes(8, "little"))
+        self.h.update(raw)
+        return False
+
+
+def _key_pickle(obj: Any, h: Any) -> bytes:
+    with io.BytesIO() as f:
+        _KeyPickler(f, protocol=_PROTOCOL, buffer_callback=_BufferHasher(h)).dump(obj)
+        return f.getvalue()
+
+
+def _digest(h: Any, data: bytes) -> bytes:
+    h.update(data)
+    return h.digest()
+
+
+def run_key(func: Any, star: bool) -> tuple[bytes, bytes]:
+    """``(key, key pickle)`` of a map of ``func``: equal across kernels for equal code and captures.
+
+    The pickle is returned so callers can look for sets in it
+    (:func:`unstable_reason`). Raises what pickling raises when ``func``
+    cannot be pickled (the run would fail the same way).
+    """
+    h = hashlib.blake2b(digest_size=16, person=b"mpmagic-run")
+    h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{int(star)}|".encode())
+    data = _key_pickle(func, h)
+    return _digest(h, data), data
+
+
+def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int) -> tuple[bytes, bytes]:
+    """The run key of a ``%%parallel`` cell: its text, the names it reads, its size."""
+    h = hashlib.blake2b(digest_size=16, person=b"mpmagic-cell")
+    h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{size}|{gather}|".encode())
+    h.update(source.encode())
+    data = _key_pickle((sorted(names.items()), sorted(modules.items())), h)
+    return _digest(h, data), data
+
+
+def item_key(item: Any) -> tuple[bytes, bytes | None]:
+    """``(key, pickle)`` of one item; the pickle is None for plain values (nothing to check).
+
+    Plain pickle when it names no notebook code (fast: ~1 us for a number);
+    the key pickler when it does, so a notebook class's code counts too.
+    """
+    if type(item) in _PLAIN:
+        return hashlib.blake2b(pickle.dumps(item, _PROTOCOL), digest_size=16).digest(), None
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        data = pickle.dumps(item, _PROTOCOL, buffer_callback=_BufferHasher(h))
+        if b"__main__" in data or b"__mp_main__" in data:
+            raise pickle.PicklingError("by reference to notebook code")
+    except Exception:
+        h = hashlib.blake2b(digest_size=16)
+        data = _key_pickle(item, h)
+    return _digest(h, data), data
+
+
+def item_keys(items: list) -> list[tuple[bytes, bytes | None]]:
+    """:func:`item_key` of each item; a batch of plain values (numbers, strings) in one tight loop."""
+    if all(type(x) in _PLAIN for x in items):
+        dumps, b2 = pickle.dumps, hashlib.blake2b
+        return [(b2(dumps(x, _PROTOCOL), digest_size=16).digest(), None) for x in items]
+    return [item_key(x) for x in items]
+
+
+# Opcodes that build sets, and those that hold a string or bytes.
+_SET_BYTES = (b"\x8f", b"\x91")  # EMPTY_SET, FROZENSET
+_TEXT_OPS = {
+    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+    "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "SHORT_BINSTRING", "BINSTRING",
+}
+
+
+def unstable_reason(data: bytes | None) -> str | None:
+    """Why the pickle ``data`` may differ in another kernel, or None.
+
+    Detects what is cheap to detect: a set or frozenset in a pickle that also
+    holds strings or bytes, with string hashing randomised (the default).
+    A byte scan first, so the common item (no set) costs a few hundred ns.
+    """
+    if data is None or not sys.flags.hash_randomization:
+        return None
+    if not any(b in data for b in _SET_BYTES):
+        return None
+    try:
+        ops = [op.name for op, _arg, _pos in pickletools.genops(data)]
+    except Exception:  # out-of-band buffers and the like: not worth the risk of a crash
+        return None
+    for i, name in enumerate(ops):
+        # A set's elements are pickled between EMPTY_SET and its ADDITEMS, a
+        # frozenset's between a MARK and FROZENSET: strings there mean hash order.
+        if name == "EMPTY_SET":
+            inside = itertools.takewhile(lambda n: n != "ADDITEMS", ops[i + 1 :])
+        elif name == "FROZENSET":
+            inside = itertools.takewhile(lambda n: n != "MARK", reversed(ops[:i]))
+        else:
+            continue
+        if any(n in _TEXT_OPS for n in inside):
+            return "holds a set of strings, whose pickle follows string hashes and changes between kernels"
+    return None

@@ -1,0 +1,426 @@
+"""The checkpoint store: finished results on disk, by run key and item key.
+
+One SQLite database (``checkpoints.sqlite``, standard library ``sqlite3``) in
+the checkpoint folder (``.mpmagic/`` in the kernel's working directory unless
+``%config MPMagic.checkpoint_dir`` says otherwise), and large results as files
+in ``blobs/`` beside it.
+
+Why it survives a ``kill -9`` at any moment:
+
+* One row per chunk of results (its items' keys, one pickle of their
+  results), written in one transaction, WAL journal: SQLite commits a chunk
+  whole or not at all, so a killed kernel loses only the chunks in flight.
+  ``synchronous=NORMAL`` is durable against a killed *process* (the WAL is in
+  the OS's hands once written); only a power cut can lose the last commits.
+* A large result is written to a temporary file, fsynced, renamed into place,
+  and only then named by a row. A crash leaves at worst an unreferenced file
+  (removed by ``clear``), never a row whose file is missing or half written.
+* Every chunk and file carries an 8-byte BLAKE2 digest, checked when it is
+  read: a damaged value is computed again, never returned.
+
+Why a row per chunk and not per item: a row per item means a random insert
+into a B-tree keyed by a hash, measured at 15-25 us per item here (2.4 s for
+100,000 tiny items, against a target of 0.3 s); a chunk row costs one insert
+for thousands of items, and a resumed run reads the keys of every chunk in
+one scan and unpickles each needed chunk in one ``pickle.loads``.
+
+Two kernels may write the same store at once: SQLite's file locks serialise
+the transactions (``busy_timeout`` waits for the other writer), and rows are
+``INSERT OR REPLACE``: equal keys hold equal results.
+
+A file that is not a store (not SQLite, another program's tables, another
+format version) is moved aside with a one-line warning and a fresh store is
+made: a checkpoint is a cache, never a reason to fail a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import pickle
+import sqlite3
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import payload
+from .checkpoint_keys import FORMAT
+
+log = logging.getLogger("mpmagic")
+
+DB_NAME = "checkpoints.sqlite"
+BLOBS = "blobs"
+_FORMAT_TAG = f"mpmagic-checkpoint-{FORMAT}"
+# Results whose out-of-band buffers (numpy arrays) total more than this go to
+# a file of their own: a 100 MB row would be copied twice through SQLite's
+# page cache, a file is one writev of the array's memory.
+LARGE = 1 << 20
+# Keys per "IN (...)" query: under SQLite's oldest variable limit (999).
+_BATCH = 900
+_BLOB_MAGIC = b"MPMCKPT1"
+
+# chunks: ``keys`` is the items' 16-byte keys end to end (before ``data`` so a
+# scan of the keys never reads the results' pages); ``data`` pickles the list
+# of their results, a large one replaced by a ``_File`` naming its file.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS runs(run BLOB PRIMARY KEY, name TEXT, created REAL, used REAL);
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY, run BLOB, n INTEGER, keys BLOB, size INTEGER, digest BLOB, data BLOB);
+CREATE INDEX IF NOT EXISTS chunks_run ON chunks(run);
+"""
+_TABLES = {"meta", "runs", "chunks"}
+_KEY = 16  # bytes per item key
+
+
+class CheckpointError(Exception):
+    """The store could not be read or written (the run goes on without it)."""
+
+
+@dataclass
+class RunInfo:
+    """One stored run, as ``%pool checkpoints`` lists it."""
+
+    name: str
+    items: int
+    size: int
+    used: float
+    key: bytes
+
+
+@dataclass(frozen=True)
+class _File:
+    """Stands in a chunk's results for one stored in ``blobs/`` (its name and digest)."""
+
+    name: str
+    digest: bytes
+
+
+def _digest(*parts: bytes | memoryview) -> bytes:
+    h = hashlib.blake2b(digest_size=8)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    log.warning(message)
+
+
+class Store:
+    """The store in ``directory`` (created if missing). Thread-safe: one connection under a lock."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
+        self.blobs = self.dir / BLOBS
+        self._lock = threading.RLock()
+        self.conn = self._open()
+
+    # -- opening -------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 60000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            conn = self._connect()
+            problem = self._check(conn)
+        except sqlite3.DatabaseError as exc:
+            conn, problem = None, f"it cannot be read ({exc})"
+        if problem is None:
+            return conn
+        if conn is not None:
+            conn.close()
+        aside = self._move_aside()
+        _warn(
+            f"mpmagic: {self.path} is not a usable checkpoint store: {problem}; "
+            f"{'moved it to ' + aside.name if aside else 'removed it'} and started a fresh one"
+        )
+        conn = self._connect()
+        problem = self._check(conn)
+        if problem is not None:
+            raise CheckpointError(f"cannot make a checkpoint store in {self.dir}: {problem}")
+        return conn
+
+    def _check(self, conn: sqlite3.Connection) -> str | None:
+        """None if ``conn`` is (or has just become) our store; else what is wrong."""
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:  # new: make it ours (IF NOT EXISTS: another kernel may be doing the same)
+            try:
+                conn.executescript(
+                    f"BEGIN IMMEDIATE; {_SCHEMA} INSERT OR IGNORE INTO meta VALUES ('format', '{_FORMAT_TAG}'); COMMIT;"
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not _TABLES <= tables:
+            return "it holds other tables than mpmagic's"
+        row = conn.execute("SELECT value FROM meta WHERE key='format'").fetchone()
+        if row is None or row[0] != _FORMAT_TAG:
+            return f"its format is {row[0] if row else 'unknown'!r}, not {_FORMAT_TAG!r}"
+        conn.execute("SELECT count(*) FROM runs").fetchone()  # reads a page: a damaged file says so here
+        return None
+
+    def _move_aside(self) -> Path | None:
+        aside = self.path.with_name(f"{DB_NAME}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        moved = None
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            try:
+                os.replace(src, Path(str(aside) + suffix))
+                if not suffix:
+                    moved = aside
+            except FileNotFoundError:  # another kernel moved it first, or there was none
+                continue
+        return moved
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # -- reading -------------------------------------------------------------
+    def load(self, run: bytes, keys: Iterable[bytes]) -> dict[bytes, Any]:
+        """The stored results among ``keys`` of ``run``: ``{item key: result}``.
+
+        A chunk or file that fails its digest or does not load is left out
+        (its items are computed again), with one warning.
+        """
+        wanted = set(keys)
+        where: dict[bytes, tuple[int, int]] = {}  # item key -> (chunk id, position); later chunks win
+        with self._lock:
+            for cid, blob in self.conn.execute("SELECT id, keys FROM chunks WHERE run=? ORDER BY id", (run,)):
+                n = len(blob) // _KEY
+                keys_here = [blob[i : i + _KEY] for i in range(0, n * _KEY, _KEY)]
+                where.update(zip(keys_here, zip(itertools.repeat(cid, n), range(n), strict=True), strict=True))
+            need: dict[int, list[tuple[bytes, int]]] = {}
+            for k in wanted:
+                hit = where.get(k)
+                if hit is not None:
+                    need.setdefault(hit[0], []).append((k, hit[1]))
+            rows = []
+            ids = list(need)
+            for i in range(0, len(ids), _BATCH):
+                part = ids[i : i + _BATCH]
+                rows += self.conn.execute(
+                    f"SELECT id, digest, data FROM chunks WHERE id IN ({','.join('?' * len(part))})", part
+                ).fetchall()
+            if rows:
+                with self.conn:
+                    self.conn.execute("UPDATE runs SET used=? WHERE run=?", (time.time(), run))
+        found: dict[bytes, Any] = {}
+        bad = 0
+        for cid, digest, data in rows:
+            try:
+                if _digest(data) != digest:
+                    raise CheckpointError("digest mismatch")
+                values = payload.loads(data)
+            except Exception as exc:
+                bad += len(need[cid])
+                log.debug("checkpoint chunk %d unreadable: %s", cid, exc)
+                continue
+            for k, pos in need[cid]:
+                v = values[pos]
+                if type(v) is _File:
+                    try:
+                        v = self._read_file(v)
+                    except Exception as exc:
+                        bad += 1
+                        log.debug("checkpoint file %s unreadable: %s", v.name, exc)
+                        continue
+                found[k] = v
+        if bad:
+            _warn(f"mpmagic: {bad} stored result{'s' if bad > 1 else ''} in {self.path} failed their check "
+                  "(damaged file?); computing them again")
+        return found
+
+    def _read_file(self, ref: _File) -> Any:
+        data = bytearray((self.blobs / ref.name).read_bytes())  # writable: arrays come back writable
+        if data[:8] != _BLOB_MAGIC or _digest(memoryview(data)[8:]) != ref.digest:
+            raise CheckpointError("digest mismatch")
+        view = memoryview(data)
+        n_inband, n_buf = int.from_bytes(view[8:16], "little"), int.from_bytes(view[16:24], "little")
+        pos = 24 + 8 * n_buf
+        sizes = [int.from_bytes(view[24 + 8 * i : 32 + 8 * i], "little") for i in range(n_buf)]
+        inband = view[pos : pos + n_inband]
+        pos += n_inband
+        buffers = []
+        for size in sizes:
+            buffers.append(view[pos : pos + size])
+            pos += size
+        return pickle.loads(inband, buffers=buffers)
+
+    # -- writing -------------------------------------------------------------
+    def put(self, run: bytes, name: str, results: list[tuple[bytes, Any]]) -> int:
+        """Store ``(item key, result)`` pairs of ``run`` as one chunk, in one transaction.
+
+        Returns the bytes stored. Results that cannot be pickled are left out
+        (a re-run computes them).
+        """
+        return self.put_chunks(run, name, [results])
+
+    def put_chunks(self, run: bytes, name: str, chunks: list[list[tuple[bytes, Any]]]) -> int:
+        """Store several chunks (one row each) in one transaction: each is whole or absent."""
+        rows = []
+        total = 0
+        for results in chunks:
+            if not results:
+                continue
+            keys, data, size = self._pack(run, results)
+            if keys:
+                size += len(data) + len(keys)
+                rows.append((run, len(keys) // _KEY, keys, size, _digest(data), data))
+                total += size
+        if not rows:
+            return 0
+        now = time.time()
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT(run) DO UPDATE SET used=excluded.used",
+                    (run, name, now, now),
+                )
+                conn.executemany("INSERT INTO chunks(run, n, keys, size, digest, data) VALUES (?, ?, ?, ?, ?, ?)", rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return total
+
+    def _pack(self, run: bytes, results: list[tuple[bytes, Any]]) -> tuple[bytes, bytes, int]:
+        """``(keys end to end, pickle of the results, bytes in files)``; large results go to files first."""
+        buffers: list[pickle.PickleBuffer] = []
+        try:  # the common case, one pickle of the chunk: no large buffer among the results
+            data = payload.dumps_data([r for _, r in results], buffers.append)
+            if not buffers:
+                return b"".join(k for k, _ in results), data, 0
+        except Exception:
+            log.debug("a chunk's results do not pickle together; storing them one by one")
+        keys, values, in_files = [], [], 0
+        for key, result in results:
+            try:
+                value, nbytes = self._value(run, key, result)
+            except Exception as exc:
+                log.debug("result for item %s not stored: %s", key.hex(), exc)
+                continue
+            keys.append(key)
+            values.append(value)
+            in_files += nbytes
+        return b"".join(keys), payload.dumps_data(values), in_files
+
+    def _value(self, run: bytes, key: bytes, result: Any) -> tuple[Any, int]:
+        """The result itself, or a ``_File`` once it is written to one (with its size)."""
+        buffers: list[pickle.PickleBuffer] = []
+        inband = payload.dumps_data(result, buffers.append)
+        try:
+            raws = [b.raw() for b in buffers]
+        except BufferError:  # not contiguous: it stays in the chunk's pickle
+            return result, 0
+        if sum(r.nbytes for r in raws) <= LARGE:
+            return result, 0
+        name, digest = self._write_file(run, key, inband, raws)
+        return _File(name, digest), len(inband) + sum(r.nbytes for r in raws)
+
+    def _write_file(self, run: bytes, key: bytes, inband: bytes, raws: list[memoryview]) -> tuple[str, bytes]:
+        """Write a large result to ``blobs/`` atomically: temp file, one writev, fsync, rename."""
+        self.blobs.mkdir(exist_ok=True)
+        head = len(inband).to_bytes(8, "little") + len(raws).to_bytes(8, "little")
+        head += b"".join(r.nbytes.to_bytes(8, "little") for r in raws)
+        parts: list = [head, inband, *raws]
+        digest = _digest(*parts)
+        name = f"{run.hex()}-{key.hex()}.bin"
+        tmp = self.blobs / f".tmp-{uuid.uuid4().hex}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            parts = [_BLOB_MAGIC, *parts]
+            while parts:  # writev may write less than asked (over 2 GB): go on from there
+                n = os.writev(fd, parts)
+                while parts and n >= len(parts[0]):
+                    n -= len(parts[0])
+                    parts.pop(0)
+                if parts and n:
+                    parts[0] = memoryview(parts[0])[n:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        os.replace(tmp, self.blobs / name)
+        return name, digest
+
+    # -- managing --------------------------------------------------------------
+    def runs(self) -> list[RunInfo]:
+        """Stored runs, most recently used first."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT r.name, coalesce(sum(c.n), 0), coalesce(sum(c.size), 0), r.used, r.run "
+                "FROM runs r LEFT JOIN chunks c ON c.run = r.run GROUP BY r.run ORDER BY r.used DESC"
+            ).fetchall()
+        return [RunInfo(*row) for row in rows]
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return self.conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()[0]
+
+    def delete(self, runs: Iterable[bytes]) -> int:
+        """Delete these runs and their files; returns how many runs were deleted."""
+        n = 0
+        for run in runs:
+            with self._lock:
+                with self.conn:
+                    self.conn.execute("DELETE FROM chunks WHERE run=?", (run,))
+                    n += self.conn.execute("DELETE FROM runs WHERE run=?", (run,)).rowcount
+            # After the commit: a crash in between leaves files, never rows without them.
+            if self.blobs.is_dir():
+                for f in self.blobs.glob(f"{run.hex()}-*.bin"):
+                    f.unlink(missing_ok=True)
+        return n
+
+    def clear(self, name: str | None = None) -> int:
+        """Delete the runs named ``name`` (every run if None); returns how many."""
+        runs = [r.key for r in self.runs() if name is None or r.name == name]
+        n = self.delete(runs)
+        if name is None and self.blobs.is_dir():  # and files no row names (left by a crash)
+            for f in self.blobs.iterdir():
+                f.unlink(missing_ok=True)
+        return n
+
+    def evict(self, max_bytes: int | None, keep: bytes | None = None) -> list[str]:
+        """Delete least recently used runs until the store holds at most ``max_bytes``.
+
+        ``keep`` (the run just made) stays, even alone over the cap: deleting
+        it would throw away the run the user is resuming. Returns the names deleted.
+        """
+        if max_bytes is None:
+            return []
+        total = self.total_bytes()
+        if total <= max_bytes:
+            return []
+        gone = []
+        for r in sorted(self.runs(), key=lambda r: r.used):
+            if total <= max_bytes:
+                break
+            if r.key == keep:
+                continue
+            self.delete([r.key])
+            total -= r.size
+            gone.append(r.name)
+        return gone

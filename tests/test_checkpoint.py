@@ -1,0 +1,392 @@
+"""Durable runs (issue 17): %pmap --checkpoint, %%parallel --checkpoint, the store.
+
+Functions are defined with ``ip.run_cell`` (no file, as in a notebook) and
+record every call in a file, so a test knows which items were really
+computed. Serial Python is the oracle for the values. Every store lives in a
+tmp dir (``%config MPMagic.checkpoint_dir``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import run
+
+import mpmagic
+from mpmagic import api, checkpoint
+from mpmagic.checkpoint_keys import item_key, run_key, unstable_reason
+from mpmagic.checkpoint_store import DB_NAME, Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def store_dir(ip, tmp_path):
+    """A fresh checkpoint folder for this test, and a recording `work` function."""
+    folder = tmp_path / "ckpt"
+    record = tmp_path / "calls.txt"
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(folder)!r}")
+    run(ip, f"RECORD = {str(record)!r}\nOFFSET = 0\n"
+            "def work(x):\n"
+            "    with open(RECORD, 'a') as f:\n"
+            "        f.write(f'{x}\\n')\n"
+            "    return x * x + OFFSET\n")
+    yield folder
+    checkpoint.close_stores()
+
+
+def calls(ip) -> list:
+    path = Path(ip.user_ns["RECORD"])
+    if not path.exists():
+        return []
+    out = [int(line) for line in path.read_text().split()]
+    path.unlink()
+    return out
+
+
+# --------------------------------------------------------------------------
+# keys
+
+
+_KEY_SCRIPT = textwrap.dedent("""
+    import sys
+    from mpmagic.checkpoint_keys import run_key, item_key
+    src = '''
+    import math
+    SCALE = 3
+    class Point:
+        def __init__(self, x): self.x = x
+        def norm(self): return abs(self.x)
+    def helper(v):
+        return v if v in {"a", "b", "c", "d"} else Point(v).norm() * SCALE
+    def work(x, *, k=2):
+        return helper(x) + math.sqrt(k)
+    '''
+    ns = {"__name__": "__main__"}
+    exec(compile(src, sys.argv[1], "exec"), ns)
+    print(run_key(ns["work"], False)[0].hex(), item_key(ns["Point"](3))[0].hex())
+""")
+
+
+def _key_in_new_process(filename: str, seed: str) -> str:
+    env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _KEY_SCRIPT, filename], env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return out.stdout.strip()
+
+
+def test_run_key_is_equal_across_processes_with_other_filenames_and_hash_seeds():
+    # A kernel's cell file has its pid in it; string hashing differs per process.
+    a = _key_in_new_process("/tmp/ipykernel_111/abc.py", "1")
+    b = _key_in_new_process("/tmp/ipykernel_222/def.py", "2")
+    assert a == b
+
+
+def test_run_key_changes_with_code_captured_global_called_function_and_default(ip):
+    run(ip, "G = 1\ndef inner(x):\n    return x + G\ndef outer(x, d=5):\n    return inner(x) * 2\n")
+    base = run_key(ip.user_ns["outer"], False)[0]
+    assert run_key(ip.user_ns["outer"], False)[0] == base
+    assert run_key(ip.user_ns["outer"], True)[0] != base  # star changes the call
+    run(ip, "G = 2")
+    assert run_key(ip.user_ns["outer"], False)[0] != base
+    run(ip, "G = 1\ndef inner(x):\n    return x - G\n")
+    assert run_key(ip.user_ns["outer"], False)[0] != base
+    run(ip, "def inner(x):\n    return x + G\n")
+    assert run_key(ip.user_ns["outer"], False)[0] == base
+    run(ip, "def outer(x, d=6):\n    return inner(x) * 2\n")
+    assert run_key(ip.user_ns["outer"], False)[0] != base
+
+
+def test_item_keys_tell_items_apart_and_sets_of_strings_are_flagged():
+    assert item_key(1)[0] == item_key(1)[0]
+    assert item_key(1)[0] != item_key(1.0)[0] != item_key(True)[0]
+    assert item_key((1, "a"))[0] != item_key((1, "b"))[0]
+    np = pytest.importorskip("numpy")
+    a = np.arange(300_000)
+    assert item_key(a)[0] == item_key(a.copy())[0]
+    b = a.copy()
+    b[-1] = -1
+    assert item_key(a)[0] != item_key(b)[0]
+    if sys.flags.hash_randomization:
+        assert unstable_reason(item_key({"x", "y"})[1]) is not None
+    assert unstable_reason(item_key({1, 2})[1]) is None
+    assert unstable_reason(item_key(("a", "b"))[1]) is None
+
+
+@pytest.mark.skipif(not sys.flags.hash_randomization, reason="string hashes are fixed (PYTHONHASHSEED)")
+def test_a_captured_set_of_strings_is_flagged_once_in_one_line(ip, store_dir):
+    run(ip, "WORDS = {'alpha', 'beta', 'gamma'}\ndef count(x):\n    return len(WORDS) + x\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --checkpoint count, range(3)") == [3, 4, 5]
+    flagged = [str(w.message) for w in caught if "set of strings" in str(w.message)]
+    assert len(flagged) == 1 and "`count` captures" in flagged[0] and "\n" not in flagged[0]
+    run(ip, "WORDS = ('alpha', 'beta', 'gamma')")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(ip, "%pmap -q --checkpoint count, range(3)")
+    assert not [w for w in caught if "set of strings" in str(w.message)]
+
+
+# --------------------------------------------------------------------------
+# %pmap --checkpoint in a notebook-like shell
+
+
+def test_rerun_computes_nothing_new_items_only_they_and_report_says_so(ip, store_dir):
+    assert run(ip, "%pmap -q --checkpoint work, range(30)") == [x * x for x in range(30)]
+    assert sorted(calls(ip)) == list(range(30))
+    assert run(ip, "%pmap -q --checkpoint work, range(30)") == [x * x for x in range(30)]
+    assert calls(ip) == []
+    assert "resumed: 30 of 30 items from the checkpoint, 0 computed" in api.last_report().line()
+    assert run(ip, "%pmap -q --checkpoint work, range(40)") == [x * x for x in range(40)]
+    assert sorted(calls(ip)) == list(range(30, 40))
+    report = api.last_report()
+    assert "resumed: 30 of 40 items from the checkpoint, 10 computed" in report.line()
+    # Jupyter shows the table: its checkpoint cell (the line is also in its title)
+    assert "<td style='padding:2px 10px;text-align:left'>30 of 40 items from the checkpoint, 10 computed</td>" in (
+        report._repr_html_())
+    assert run(ip, "%pmap -q work, range(5)") == [x * x for x in range(5)]  # without: computes
+    assert sorted(calls(ip)) == list(range(5))
+
+
+def test_leftovers_of_a_killed_write_are_harmless_and_clear_removes_them(tmp_path):
+    np = pytest.importorskip("numpy")
+    store = Store(tmp_path)
+    (tmp_path / "blobs").mkdir(exist_ok=True)
+    (tmp_path / "blobs" / ".tmp-deadbeef").write_bytes(b"half a result")  # killed before its rename
+    (tmp_path / "blobs" / "orphan.bin").write_bytes(b"renamed, never committed")  # killed before its row
+    big = np.arange(200_000.0)
+    store.put(b"r" * 16, "f", [(b"k" * 16, big)])
+    assert np.array_equal(store.load(b"r" * 16, [b"k" * 16])[b"k" * 16], big)
+    store.clear()
+    assert list((tmp_path / "blobs").iterdir()) == []
+    store.close()
+
+
+def test_a_changed_captured_global_or_code_recomputes(ip, store_dir):
+    run(ip, "%pmap -q --checkpoint work, range(10)")
+    calls(ip)
+    run(ip, "OFFSET = 7")
+    assert run(ip, "%pmap -q --checkpoint work, range(10)") == [x * x + 7 for x in range(10)]
+    assert sorted(calls(ip)) == list(range(10))
+    run(ip, "OFFSET = 0")  # back as before: the first run's results are there again
+    assert run(ip, "%pmap -q --checkpoint work, range(10)") == [x * x for x in range(10)]
+    assert calls(ip) == []
+    run(ip, "def work(x):\n    with open(RECORD, 'a') as f:\n        f.write(f'{x}\\n')\n    return x + 1\n")
+    assert run(ip, "%pmap -q --checkpoint work, range(10)") == [x + 1 for x in range(10)]
+    assert sorted(calls(ip)) == list(range(10))
+
+
+def test_config_checkpoint_is_the_default_and_api_takes_a_folder(ip, store_dir, tmp_path):
+    run(ip, "%config MPMagic.checkpoint = True")
+    run(ip, "%pmap -q work, range(6)")
+    calls(ip)
+    run(ip, "%pmap -q work, range(6)")
+    assert calls(ip) == []
+    other = tmp_path / "elsewhere"
+    work = ip.user_ns["work"]
+    assert mpmagic.pmap(work, [1, 2], checkpoint=str(other)) == [1, 4]
+    assert mpmagic.pmap(work, [1, 2], checkpoint=str(other)) == [1, 4]
+    assert sorted(calls(ip)) == [1, 2]
+    assert (other / DB_NAME).exists()
+
+
+def test_errors_collect_failures_are_not_stored_and_are_retried(ip, store_dir):
+    run(ip, "FAIL = {3, 5}\n"
+            "def flaky(x):\n"
+            "    with open(RECORD, 'a') as f:\n"
+            "        f.write(f'{x}\\n')\n"
+            "    if x in FAIL_NOW:\n"
+            "        raise ValueError(f'bad {x}')\n"
+            "    return -x\n"
+            "FAIL_NOW = FAIL\n")
+    # FAIL_NOW is captured: keep it the same object-content between runs
+    res = run(ip, "%pmap -q --checkpoint --errors collect flaky, range(8)")
+    assert [type(r).__name__ for r in res].count("Failed") == 2
+    assert res[3].index == 3 and res[5].index == 5
+    assert sorted(calls(ip)) == list(range(8))
+    res = run(ip, "%pmap -q --checkpoint --errors collect flaky, range(8)")
+    assert sorted(calls(ip)) == [3, 5]  # only the failures ran again
+    assert res[3].index == 3 and [r for i, r in enumerate(res) if i not in (3, 5)] == [0, -1, -2, -4, -6, -7]
+    assert "item 5 of the input" in " ".join(res[5].error.__notes__)  # 5 of the input, not 1 of the re-run
+
+
+def test_an_error_in_a_resumed_run_names_the_items_place_in_the_whole_input(ip, store_dir):
+    run(ip, "def picky(x):\n    if x == 7 and BROKEN:\n        raise ValueError(x)\n    return x\nBROKEN = False\n")
+    run(ip, "%pmap -q --checkpoint picky, range(5)")
+    run(ip, "BROKEN = True")  # a new key: nothing resumed; store 0-4 under it first
+    run(ip, "%pmap -q --checkpoint picky, range(5)")
+    with pytest.raises(ValueError) as info:
+        run(ip, "%pmap -q --checkpoint picky, range(10)")  # items 5-9 computed: 7 is the 3rd of them
+    assert "item 7 of the input" in " ".join(info.value.__notes__)
+
+
+def test_a_failing_run_keeps_what_finished(ip, store_dir):
+    run(ip, "def boom(x):\n"
+            "    with open(RECORD, 'a') as f:\n"
+            "        f.write(f'{x}\\n')\n"
+            "    if x == 19:\n"
+            "        raise KeyError(x)\n"
+            "    return x\n")
+    with pytest.raises(KeyError):
+        run(ip, "%pmap -q --checkpoint --chunksize 5 -n 1 boom, range(20)")
+    first = calls(ip)
+    assert len(first) == 20
+    with pytest.raises(KeyError):
+        run(ip, "%pmap -q --checkpoint --chunksize 5 -n 1 boom, range(20)")
+    assert sorted(calls(ip)) == list(range(15, 20))  # chunks 0-14 were stored
+
+
+def test_lazy_generator_input_and_several_iterables(ip, store_dir):
+    assert run(ip, "%pmap -q --checkpoint work, (x for x in range(1200))") == [x * x for x in range(1200)]
+    assert len(calls(ip)) == 1200
+    assert run(ip, "%pmap -q --checkpoint work, (x for x in range(1300))") == [x * x for x in range(1300)]
+    assert sorted(calls(ip)) == list(range(1200, 1300))
+    assert run(ip, "%pmap -q --checkpoint pow, range(6), [2] * 6") == [x**2 for x in range(6)]
+    assert run(ip, "%pmap -q --checkpoint pow, range(6), [3] * 6") == [x**3 for x in range(6)]
+    assert "resumed: 0 of 6" in api.last_report().line()
+    assert run(ip, "%pmap -q --checkpoint pow, range(6), [2] * 6") == [x**2 for x in range(6)]
+    assert "resumed: 6 of 6" in api.last_report().line()
+
+
+def test_large_numpy_results_go_to_files_and_come_back_equal(ip, store_dir):
+    np = pytest.importorskip("numpy")
+    run(ip, "import numpy as np\ndef big(n):\n    return np.full(n, n, dtype=np.float64)\n")
+    first = run(ip, "%pmap -q --checkpoint big, [300_000, 10]")
+    files = list((store_dir / "blobs").iterdir())
+    assert len(files) == 1  # 2.4 MB: a file; 80 bytes: a row
+    again = run(ip, "%pmap -q --checkpoint big, [300_000, 10]")
+    assert "resumed: 2 of 2" in api.last_report().line()
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    again[0][0] = 1.0  # writable, as a computed result is
+
+
+def test_parallel_checkpoint_keeps_each_ranks_value(ip, store_dir):
+    cell = ("with open(RECORD, 'a') as f:\n    f.write(f'{rank}\\n')\n"
+            "total = rank * 10 + OFFSET\ntotal\n")
+    values = ip.run_cell_magic("parallel", "-n 2 -q --checkpoint --gather total", cell)
+    assert list(values) == [0, 10]
+    assert sorted(calls(ip)) == [0, 1]
+    values = ip.run_cell_magic("parallel", "-n 2 -q --checkpoint --gather total", cell)
+    assert list(values) == [0, 10] and ip.user_ns["total"] == [0, 10]
+    assert calls(ip) == []
+    assert "resumed: 2 of 2 ranks" in api.last_report().line()
+    run(ip, "OFFSET = 1")
+    assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 11]
+    assert sorted(calls(ip)) == [0, 1]
+
+
+# --------------------------------------------------------------------------
+# the store: damage, foreign files, two writers, listing, the cap
+
+
+def test_a_corrupt_store_file_warns_once_and_starts_fresh(ip, store_dir):
+    run(ip, "%pmap -q --checkpoint work, range(5)")
+    calls(ip)
+    checkpoint.close_stores()
+    (store_dir / DB_NAME).write_bytes(b"this is not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        Path(str(store_dir / DB_NAME) + suffix).unlink(missing_ok=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --checkpoint work, range(5)") == [x * x for x in range(5)]
+    messages = [str(w.message) for w in caught if "checkpoint store" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0] and "started a fresh one" in messages[0]
+    assert sorted(calls(ip)) == list(range(5))
+    assert list(store_dir.glob(f"{DB_NAME}.bad-*"))
+    run(ip, "%pmap -q --checkpoint work, range(5)")
+    assert calls(ip) == []
+
+
+def test_a_foreign_sqlite_file_warns_and_starts_fresh(tmp_path):
+    conn = sqlite3.connect(tmp_path / DB_NAME)
+    conn.execute("CREATE TABLE photos(id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.warns(RuntimeWarning, match="other tables"):
+        store = Store(tmp_path)
+    store.put(b"r" * 16, "f", [(b"k" * 16, 42)])
+    assert store.load(b"r" * 16, [b"k" * 16]) == {b"k" * 16: 42}
+    store.close()
+
+
+def test_a_damaged_chunk_is_computed_again_never_returned(ip, store_dir):
+    run(ip, "%pmap -q --checkpoint --chunksize 2 work, range(4)")
+    calls(ip)
+    checkpoint.close_stores()
+    conn = sqlite3.connect(store_dir / DB_NAME)
+    key = item_key(2)[0]
+    (cid, blob), = [(i, k) for i, k in conn.execute("SELECT id, keys FROM chunks") if key in k]
+    conn.execute("UPDATE chunks SET data=? WHERE id=?", (pickle.dumps([999, 999]), cid))
+    conn.commit()
+    conn.close()
+    with pytest.warns(RuntimeWarning, match="failed their check"):
+        assert run(ip, "%pmap -q --checkpoint work, range(4)") == [0, 1, 4, 9]
+    assert sorted(calls(ip)) == [2, 3]
+
+
+def _writer(folder: str, run_id: int, n: int, barrier) -> None:
+    store = Store(folder)
+    barrier.wait(60)  # both write at once: 2 x 200 small transactions interleave
+    for start in range(0, n, 10):
+        store.put(bytes([run_id]) * 16, f"w{run_id}", [(i.to_bytes(16, "big"), (run_id, i)) for i in range(start, start + 10)])
+    store.close()
+
+
+def test_two_processes_writing_one_store_at_once_lose_nothing(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    Store(tmp_path).close()
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), r, 2000, barrier)) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    store = Store(tmp_path)
+    for r in (1, 2):
+        found = store.load(bytes([r]) * 16, [i.to_bytes(16, "big") for i in range(2000)])
+        assert len(found) == 2000 and found[(1999).to_bytes(16, "big")] == (r, 1999)
+    store.close()
+
+
+def test_pool_checkpoints_lists_clears_by_name_and_the_cap_evicts_lru(ip, store_dir):
+    run(ip, "def other(x):\n    return -x\n")
+    run(ip, "%pmap -q --checkpoint work, range(20)")
+    run(ip, "%pmap -q --checkpoint other, range(5)")
+    listing = repr(run(ip, "%pool checkpoints"))
+    assert "work" in listing and "other" in listing and "20" in listing
+    run(ip, "%pool checkpoints clear other")
+    listing = repr(run(ip, "%pool checkpoints"))
+    assert "other" not in listing and "work" in listing
+    run(ip, "%config MPMagic.checkpoint_max_bytes = 100")
+    run(ip, "%pmap -q --checkpoint other, range(5)")  # the newest run stays; work goes
+    names = [r.name for r in checkpoint.list_runs()]
+    assert names == ["other"]
+    run(ip, "%pool checkpoints clear")
+    assert repr(run(ip, "%pool checkpoints")).startswith("no checkpoints in")
+
+
+def test_dask_backend_stores_results_on_the_notebook_side(ip, store_dir, dask_cluster, request):
+    from conftest import ensure_pool
+
+    ensure_pool("dask", request)
+    try:
+        assert run(ip, "%pmap -q --checkpoint work, range(12)") == [x * x for x in range(12)]
+        calls(ip)  # the record file is shared: same machine
+        assert run(ip, "%pmap -q --checkpoint work, range(12)") == [x * x for x in range(12)]
+        assert calls(ip) == []
+        assert "resumed: 12 of 12" in api.last_report().line()
+    finally:
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()
