@@ -371,6 +371,11 @@ def parallel(
     global _last_report
     workers = _check_workers(workers)
     _check_positive("timeout", timeout)
+    if _in_worker_process():
+        raise UsageError(
+            "parallel() cannot run inside a worker: a worker process cannot start workers of its own "
+            "(ranks run at the same time, so they cannot be run one after another either); call it from the notebook"
+        )
     gather = tuple(gather)
     for g in gather:
         if not g.isidentifier():

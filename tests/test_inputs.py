@@ -112,3 +112,9 @@ def test_nested_pmap_error_is_the_tasks_error(shell):
     run(shell, "import mpmagic\ndef inner_fails(n):\n    return mpmagic.pmap(lambda x: 1 / x, [n, 0])\n")
     kind, message = _outcome(shell, "%pmap -q inner_fails, [1]")
     assert kind is ZeroDivisionError and "division by zero" in message
+
+
+def test_nested_parallel_says_it_cannot_run_in_a_worker(shell):
+    run(shell, "import mpmagic\ndef inner_cell(n):\n    return mpmagic.parallel('rank', workers=2)\n")
+    kind, message = _outcome(shell, "%pmap -q inner_cell, [1]")
+    assert issubclass(kind, ValueError) and "cannot run inside a worker" in message, (kind, message)
