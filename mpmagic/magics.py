@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import difflib
 import linecache
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
@@ -201,6 +202,26 @@ def _interrupted(magic: str) -> KeyboardInterrupt:
     return exc
 
 
+@contextlib.contextmanager
+def _magic_errors(parser: _Parser) -> Iterator[None]:
+    """A run's errors as the magic says them.
+
+    Our UsageError (bad arguments found by the API) becomes the magic's usage
+    error with the pointer to its help, unless a task raised it (it then has
+    the worker's traceback as its cause and is the task's error). An
+    interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`.
+    """
+    __tracebackhide__ = True
+    try:
+        yield
+    except UsageError as exc:
+        if isinstance(exc.__cause__, RemoteTraceback):
+            raise
+        raise parser.usage_error(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(parser.prog) from None
+
+
 @magics_class
 class MPMagics(Magics):
     """%pmap, %%parallel and %pool."""
@@ -220,28 +241,24 @@ class MPMagics(Magics):
             raise parser.usage_error("missing ITERABLE after FUNC")
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.scaling:
-            return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
-                                        chunksize=opts.chunksize)
+            with _magic_errors(parser):
+                return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
+                                            chunksize=opts.chunksize)
         before = api.last_report()
         try:
-            result = api.pmap(
-                args[0],
-                *args[1:],
-                workers=opts.workers,
-                chunksize=opts.chunksize,
-                star=opts.star,
-                compare=opts.compare,
-                errors=opts.errors,
-                timeout=opts.timeout,
-                retries=opts.retries,
-                **config.run_kwargs(opts),
-            )
-        except UsageError as exc:
-            if isinstance(exc.__cause__, RemoteTraceback):  # raised by a task: its error, not the line's
-                raise
-            raise parser.usage_error(str(exc)) from None
-        except KeyboardInterrupt:
-            raise _interrupted("%pmap") from None
+            with _magic_errors(parser):
+                result = api.pmap(
+                    args[0],
+                    *args[1:],
+                    workers=opts.workers,
+                    chunksize=opts.chunksize,
+                    star=opts.star,
+                    compare=opts.compare,
+                    errors=opts.errors,
+                    timeout=opts.timeout,
+                    retries=opts.retries,
+                    **config.run_kwargs(opts),
+                )
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
@@ -258,7 +275,8 @@ class MPMagics(Magics):
         opts = parser.parse_args(tokens)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.scaling:
-            return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
+            with _magic_errors(parser):
+                return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
         reducer = None
         if opts.reduce:
             try:
@@ -272,28 +290,21 @@ class MPMagics(Magics):
             raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
         before = api.last_report()
         try:
-            values = api.parallel(
-                cell,
-                workers=opts.workers,
-                namespace=self.shell.user_ns,
-                compare=opts.compare,
-                timeout=opts.timeout,
-                gather=gather,
-                label_output=not opts.no_label,
-                **config.run_kwargs(opts),
-            )
-        except UsageError as exc:
-            if isinstance(exc.__cause__, RemoteTraceback):  # raised by a task: its error, not the line's
-                raise
-            raise parser.usage_error(str(exc)) from None
-        except KeyboardInterrupt:
-            raise _interrupted("%%parallel") from None
+            with _magic_errors(parser):
+                values = api.parallel(
+                    cell,
+                    workers=opts.workers,
+                    namespace=self.shell.user_ns,
+                    compare=opts.compare,
+                    timeout=opts.timeout,
+                    gather=gather,
+                    label_output=not opts.no_label,
+                    **config.run_kwargs(opts),
+                )
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
                 display(report)  # this run's report, never an older one
-
-
         for name, per_rank in values.gathered.items():
             self.shell.user_ns[name] = per_rank
         if opts.output:

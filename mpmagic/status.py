@@ -109,8 +109,8 @@ class PoolStatus:
         p.text(str(self))
 
     def _repr_html_(self) -> str:
-        """In Jupyter: the heading on its own line (never squeezed to the table's
-        width), one table row per worker process, then the notes."""
+        """In Jupyter: the heading on its own line (a caption would be squeezed to
+        the table's width), one table row per worker process, the notes under them."""
         i = self.info
         lines = self.lines()
         if i.get("backend") == "dask":
@@ -127,13 +127,12 @@ class PoolStatus:
             notes = [html.escape(x.strip()) for x in lines[1:len(lines) - len(procs)]]
         head = "".join(f"<th style='{_TH}'>{html.escape(c)}</th>" for c in cols)
         body = "".join("<tr>" + "".join(f"<td style='{_TD}'>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+        foot = "".join(f"<tr><td colspan='{max(1, len(cols))}' style='{_TD}'>{n}</td></tr>" for n in notes)
         notice = f"<div>{html.escape(self.notice)}</div>" if self.notice else ""
-        table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" if rows else ""
         return (
-            f"<div class='mpmagic-pool'>{notice}<div style='font-weight:600;white-space:nowrap'>"
-            f"{html.escape(lines[0])}</div>{table}"
-            + "".join(f"<div>{n}</div>" for n in notes)
-            + "</div>"
+            f"<div class='mpmagic-pool-status'>{notice}<div style='font-weight:600;white-space:nowrap'>"
+            f"{html.escape(lines[0])}</div><table class='mpmagic-pool'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody><tfoot>{foot}</tfoot></table></div>"
         )
 
     def _dask_table(self) -> tuple[list[str], list[list[str]], list[str]]:

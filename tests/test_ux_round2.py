@@ -159,6 +159,7 @@ def _interrupted(ip, code: str, after: float = 0.6):
 
 
 @pytest.mark.parametrize("magic, cell", [("%pmap", "%pmap -q spin, range(4)"),
+                                         ("%pmap", "%pmap --scaling -n 2 spin, range(4)"),
                                          ("%%parallel", "%%parallel -n 2 -q\nwhile True:\n    pass\n")])
 def test_an_interrupt_shows_only_our_line_in_a_shell(ip, pool2, magic, cell):
     result, cap = _interrupted(ip, cell)
@@ -236,7 +237,7 @@ def test_pool_heading_is_not_squeezed_into_a_caption(ip, pool2):
     page = run(ip, "%pool")._repr_html_()
     assert "<caption" not in page
     assert re.search(r"<div style='[^']*white-space:nowrap'>pool: local, 2 workers", page), page
-    assert page.count("<tr>") == 3  # header + one row per worker
+    assert page.count("<tr>") == 4  # header, one row per worker, the counts
 
 
 def test_pool_local_confirms_that_nothing_was_stopped(ip, pool2):
@@ -275,7 +276,7 @@ def test_dask_status_and_switching_back_to_local(ip, dask_cluster):
         status = run(ip, "%pool")
         page = status._repr_html_()
         assert ">memory used</th>" in page and "GiB" not in page and "GiB" not in str(status)
-        assert page.count("<tr>") == 1 + status.info["workers"]
+        assert page.count("<tr>") == 1 + status.info["workers"] + 4  # header, workers, notes
         back = run(ip, "%pool local")
         assert str(back).splitlines()[0] == (
             f"%pool local: disconnected from the Dask scheduler at {dask_cluster.address} "
