@@ -316,10 +316,8 @@ def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: boo
             "mpmagic: pmap called inside a worker runs serially in that worker "
             "(a worker process cannot start workers of its own)\n"
         )
-    if len(iterables) == 1:
-        items, star = iterables[0], star
-    else:
-        items, star = zip(*iterables, strict=False), True
+    items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+    star = star or len(iterables) > 1
     if not collect:
         return list(itertools.starmap(func, items)) if star else list(map(func, items))
     results: list = []

@@ -198,8 +198,18 @@ def _interrupted(magic: str) -> KeyboardInterrupt:
     ``ename`` are unchanged.
     """
     exc = KeyboardInterrupt(_INTERRUPTED.format(magic=magic))
-    exc._render_traceback_ = lambda: [f"KeyboardInterrupt: {exc}"]  # type: ignore[attr-defined]
+    exc._render_traceback_ = _OneLine(f"KeyboardInterrupt: {exc}")  # type: ignore[attr-defined]
     return exc
+
+
+class _OneLine:
+    """A ``_render_traceback_`` that shows one line (a class, not a lambda, so the exception still pickles)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __call__(self) -> list[str]:
+        return [self.text]
 
 
 @contextlib.contextmanager

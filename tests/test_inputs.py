@@ -104,6 +104,10 @@ def test_nested_pmap_runs_serially_in_the_worker_with_a_note(shell):
     assert values == [sum(map(abs, range(-n, 0))) for n in (3, 4, 5, 6)]
     notes = cap.stderr.count("pmap called inside a worker runs serially")
     assert 1 <= notes <= 2, cap.stderr  # once per worker process at most (2 workers)
+    run(shell, "def inner_pow(n):\n    return mpmagic.pmap(pow, range(n), itertools.repeat(2))\n"
+               "def inner_star(n):\n    return mpmagic.pmap(pow, [(n, 2), (n, 3)], star=True)\n")
+    assert run(shell, "%pmap -q inner_pow, [3, 4]") == [[0, 1, 4], [0, 1, 4, 9]]
+    assert run(shell, "%pmap -q inner_star, [2]") == [[4, 8]]
     collected = run(shell, "%pmap -q inner_collect, [2]")[0]
     assert collected[0] == 0.5 and isinstance(collected[1].error, ZeroDivisionError)
 
