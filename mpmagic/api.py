@@ -141,8 +141,10 @@ def pmap(
         return checkpointed_pmap(pmap, func, iterables, star=star, errors=errors, location=checkpoint,
                                  show_report=show_report, set_report=_set_report, get_report=last_report, kwargs=kw)
 
-    if compare:  # both runs need the input: keep one-shot iterators
-        iterables = tuple(list(it) if iter(it) is it else it for it in iterables)
+    if _in_worker_process():  # a nested call: a worker cannot start workers of its own
+        return _serial_in_worker(func, iterables, star, errors == "collect")
+    if compare:  # both runs need the input: copy one-shot iterators, only as far as map would read
+        iterables, star = _reusable(iterables, star)
     n_items = _length(iterables)
     if len(iterables) == 1:
         items, star_mode = iterables[0], star  # MapJob slices a list or tuple, iterates the rest
@@ -186,6 +188,8 @@ def pmap(
             task_seconds=job.task_seconds,
             chunks=job.n_chunks,
             chunksize=job.planner.describe(),
+            failed_at=getattr(job, "failure_index", None),
+            total=n_items,
             **_measured(job, backend, cold, recorder, n_workers),
         )
     from .jobs import Failed
@@ -272,10 +276,76 @@ def payload_repr(obj: Any) -> str:
 
 
 def _length(iterables: tuple) -> int | None:
-    try:
-        return min(len(it) for it in iterables)  # type: ignore[arg-type]
-    except TypeError:
-        return None
+    """How many items ``map`` will produce, when every iterable says its length; else None.
+
+    ``len()`` raises OverflowError past ``sys.maxsize`` (``range(10**20)``):
+    such an iterable is never the shortest one of a finite map, so it is left
+    out of the minimum (alone, the length is unknown and the input is read lazily).
+    """
+    lengths = []
+    for it in iterables:
+        try:
+            lengths.append(len(it))
+        except OverflowError:
+            continue
+        except TypeError:  # no length (an iterator): the shortest may be this one
+            return None
+    return min(lengths) if lengths else None
+
+
+def _reusable(iterables: tuple, star: bool) -> tuple[tuple, bool]:
+    """The input of a ``compare`` run (read twice), without reading more than ``map`` does.
+
+    One-shot iterators are copied into lists. With several iterables they are
+    zipped first, as ``map`` does, so an endless one (``itertools.repeat(2)``)
+    is read only as far as the shortest: the result is one list of argument
+    tuples, run with ``star`` (the second value returned). Lists, tuples,
+    ranges and other re-iterable inputs are used as they are.
+    """
+    if all(iter(it) is not it for it in iterables):
+        return iterables, star
+    if len(iterables) == 1:
+        return (list(iterables[0]),), star
+    return (list(zip(*iterables, strict=False)),), True
+
+
+_nested_noted = False
+
+
+def _in_worker_process() -> bool:
+    """True in a daemonic process (our workers, Dask's), which multiprocessing forbids to have children."""
+    import multiprocessing
+
+    return bool(multiprocessing.current_process().daemon)
+
+
+def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: bool) -> list:
+    """``pmap`` called inside a worker: run it serially there, with a note the first time.
+
+    A worker process is daemonic, and a daemonic process may not start
+    processes ("daemonic processes are not allowed to have children"). The
+    outer map already uses every worker, so a serial inner map loses nothing.
+    """
+    global _nested_noted
+    from .jobs import Failed
+
+    if not _nested_noted:
+        _nested_noted = True
+        sys.stderr.write(
+            "mpmagic: pmap called inside a worker runs serially in that worker "
+            "(a worker process cannot start workers of its own)\n"
+        )
+    items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+    star = star or len(iterables) > 1
+    if not collect:
+        return list(itertools.starmap(func, items)) if star else list(map(func, items))
+    results: list = []
+    for i, item in enumerate(items):
+        try:
+            results.append(func(*item) if star else func(item))
+        except Exception as exc:
+            results.append(Failed(i, item, exc))
+    return results
 
 
 class RankValues(list):
@@ -320,6 +390,11 @@ def parallel(
     global _last_report
     workers = _check_workers(workers)
     _check_positive("timeout", timeout)
+    if _in_worker_process():
+        raise UsageError(
+            "parallel() cannot run inside a worker: a worker process cannot start workers of its own "
+            "(ranks run at the same time, so they cannot be run one after another either); call it from the notebook"
+        )
     gather = tuple(gather)
     for g in gather:
         if not g.isidentifier():
@@ -357,6 +432,7 @@ def parallel(
         wall=wall,
         task_seconds=job.task_seconds,
         failed=len(job.failures),
+        failed_ranks=tuple(sorted(job.failures)),
         **_measured(job, backend, cold, recorder, size),
     )
     _last_report = report

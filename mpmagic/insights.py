@@ -137,6 +137,23 @@ class Recorder:
         return Insights(self.kind, workers, self.begin, end, sorted(per.values(), key=order), slow, self.tasks)
 
 
+# What the timeline's marks mean (the figure's legend says the same with colours).
+TEXT_LEGEND = "'#' a task running, '.' idle"
+
+
+def _legend(fig: Any, ax: Any, palette: tuple[str, str], kind: str) -> None:
+    """A legend for the timeline's colours, under the axes: what a bar is, and the red one."""
+    from matplotlib.patches import Patch
+
+    what = "rank" if kind == "parallel" else "chunk of items"
+    handles = [
+        Patch(facecolor=palette[0], label=f"a {what}"),
+        Patch(facecolor=palette[1], label=f"the next {what.split()[0]} on that worker"),
+        Patch(facecolor="#e45756", label="the slowest rank" if kind == "parallel" else "holds the slowest item"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small", frameon=False)
+
+
 @dataclass
 class Insights:
     """Per-worker busy / idle / transfer time, the slowest items, and a task timeline."""
@@ -188,6 +205,7 @@ class Insights:
                     cells[i] = "#"
             rows.append(f"  worker {w.worker!s:>3} |{''.join(cells)}|")
         rows.append(f"  {'':>10} 0{fmt_seconds(self.wall):>{width}}")
+        rows.append(f"  {'':>10} {TEXT_LEGEND}")
         return "\n".join(rows)
 
     def figure(self) -> Any:
@@ -198,7 +216,7 @@ class Insights:
         except ImportError:
             return None
         workers = [w.worker for w in self.per_worker]
-        fig = Figure(figsize=(7, 0.5 + 0.45 * max(1, len(workers))), layout="constrained")
+        fig = Figure(figsize=(7, 0.85 + 0.45 * max(1, len(workers))), layout="constrained")
         ax = fig.add_subplot()
         slow = {s.index for s in self.slowest[:1]}
         palette = ("#4c78a8", "#72b7b2")
@@ -212,8 +230,9 @@ class Insights:
         ax.set_yticks(range(len(workers)), [f"worker {w}" for w in workers])
         ax.set_xlim(0, self.wall)
         ax.set_xlabel("seconds since the run started")
-        ax.set_title("tasks per worker (red: holds the slowest item)", fontsize="medium")
+        ax.set_title("tasks per worker", fontsize="medium")
         ax.invert_yaxis()
+        _legend(fig, ax, palette, self.kind)
         return fig
 
     def _png(self) -> bytes | None:

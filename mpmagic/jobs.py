@@ -91,10 +91,7 @@ class Failed:
     error: BaseException
 
     def __repr__(self) -> str:
-        return (
-            f"<Failed item {self.index} (input {short_repr(self.item, 40)}): "
-            f"{type(self.error).__name__}: {self.error}>"
-        )
+        return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {type(self.error).__name__}: {self.error}>"
 
 
 @dataclass
@@ -171,6 +168,7 @@ class MapJob:
         self._in_order: list = []
         self.exhausted = False
         self.failure: BaseException | None = None
+        self.failure_index: int | None = None  # input index of the failing item, when known (for the report)
         self.task_seconds = 0.0
         self.items_done = 0
         self.n_chunks = 0
@@ -326,6 +324,7 @@ class MapJob:
                 add_note(exc, _READ_ONLY_NOTE)
         if self.failure is None:
             self.failure = exc
+            self.failure_index = unit.start + index if index >= 0 else None
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -401,6 +400,8 @@ class MapJob:
             self._complete(unit, [Failed(unit.start + i, it, exc) for i, it in enumerate(unit.items)], 0.0)
         elif self.failure is None:
             self.failure = exc
+            at = index if index is not None else (0 if unit.count == 1 else None)
+            self.failure_index = None if at is None else unit.start + at
 
     def requeue(self, unit: Unit) -> None:
         """A unit that was queued behind a lost one goes out again."""

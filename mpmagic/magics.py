@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import difflib
 import linecache
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
 from IPython.display import display
 
 from . import api, config, pool, scaling
-from .errors import UsageError
+from .errors import RemoteTraceback, UsageError
 
 _args_counter = 0
 
@@ -29,10 +31,41 @@ _INTERRUPTED = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that raises a one-line usage error instead of exiting."""
+    """argparse for a magic's line: no abbreviations, and errors as a short usage error.
+
+    Every error is two lines: what is wrong (an unknown option names the
+    closest real one), then the usage ending with the pointer to the help
+    (``see %pmap?``). argparse would otherwise print and exit, and by default
+    takes ``--worker`` for ``--workers`` (then misreports the value).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, add_help=False, **kwargs)
+
+    def usage_error(self, message: str) -> IPythonUsageError:
+        """The magic's usage error: ``message``, then the usage line and the pointer to its help."""
+        usage = self.format_usage().strip().removeprefix("usage: ")
+        return IPythonUsageError(f"{self.prog}: {message}\nusage: {usage}   (see {self.prog}?)")
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise IPythonUsageError(f"{self.prog}: {message}\nusage: {self.format_usage().strip().removeprefix('usage: ')}")
+        raise self.usage_error(message)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        opts, extra = self.parse_known_args(args, namespace)
+        if extra:
+            raise self.usage_error(self.unknown(extra[0]))
+        return opts
+
+    def unknown(self, token: str) -> str:
+        """What is wrong with a token no option takes, and the closest option when there is one."""
+        if not token.startswith("-"):
+            return f"unexpected argument {token!r}"
+        name = token.split("=", 1)[0]
+        actions = self._option_string_actions  # noqa: SLF001 - argparse has no public table
+        close = difflib.get_close_matches(name, list(actions), n=1, cutoff=0.6)
+        if not close:
+            return f"unknown option {name}"
+        return f"unknown option {name}; did you mean {'/'.join(actions[close[0]].option_strings)}?"
 
 
 def _int_at_least(minimum: int, words: str) -> Callable[[str], int]:
@@ -65,7 +98,7 @@ def _positive_float(text: str) -> float:
 
 
 def _pmap_parser() -> _Parser:
-    p = _Parser(prog="%pmap", add_help=False, usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]")
+    p = _Parser(prog="%pmap", usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]")
     p.add_argument("-n", "--workers", type=_positive_int, help="worker processes to use (default: the pool's size)")
     p.add_argument("--chunksize", type=_positive_int, help="items per message (default: automatic)")
     p.add_argument("--star", action="store_true", help="call FUNC(*item) for each item, like starmap")
@@ -80,7 +113,7 @@ def _pmap_parser() -> _Parser:
 
 
 def _parallel_parser() -> _Parser:
-    p = _Parser(prog="%%parallel", add_help=False, usage="%(prog)s [options]")
+    p = _Parser(prog="%%parallel", usage="%(prog)s [options]")
     p.add_argument("-n", "--workers", type=_positive_int, help="ranks to run at once (default: the pool's size)")
     p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
@@ -94,7 +127,7 @@ def _parallel_parser() -> _Parser:
 
 
 def _pool_parser() -> _Parser:
-    p = _Parser(prog="%pool", add_help=False,
+    p = _Parser(prog="%pool",
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
                 " | checkpoints [clear [NAME]]] [options]")
     p.add_argument("action", nargs="?", default="status",
@@ -136,21 +169,20 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     return tokens, rest
 
 
-def _eval_map_args(text: str, user_ns: dict[str, Any]) -> tuple:
+def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple:
     """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace."""
     __tracebackhide__ = True
     global _args_counter
-    usage = "usage: %pmap [options] FUNC, ITERABLE [, ITERABLE ...]   (see %pmap?)"
     if not text:
-        raise IPythonUsageError(f"%pmap: missing FUNC and ITERABLE\n{usage}")
+        raise parser.usage_error("missing FUNC and ITERABLE")
     source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError:
-        raise IPythonUsageError(f"%pmap: {text!r} is not an argument list like map()'s\n{usage}") from None
+        raise parser.usage_error(f"{text!r} is not an argument list like map()'s") from None
     call = tree.body
     if not isinstance(call, ast.Call) or call.keywords:
-        raise IPythonUsageError(f"%pmap: map() takes no keyword arguments: {text!r}\n{usage}")
+        raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
     _args_counter += 1
     filename = f"<pmap-args-{_args_counter}>"
     linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
@@ -158,41 +190,87 @@ def _eval_map_args(text: str, user_ns: dict[str, Any]) -> tuple:
     return eval(code, user_ns, {"__mpmagic_args__": lambda *a: a})
 
 
+def _interrupted(magic: str) -> KeyboardInterrupt:
+    """The KeyboardInterrupt a magic raises when the user interrupts its run.
+
+    It carries ``_render_traceback_`` (IPython's hook for exceptions that
+    render themselves, as errors.MPMagicError does), so the notebook shows
+    this one line instead of a traceback through the magic; its type stays
+    KeyboardInterrupt, so ``except KeyboardInterrupt`` and the kernel's
+    ``ename`` are unchanged.
+    """
+    exc = KeyboardInterrupt(_INTERRUPTED.format(magic=magic))
+    exc._render_traceback_ = _OneLine(f"KeyboardInterrupt: {exc}")  # type: ignore[attr-defined]
+    return exc
+
+
+class _OneLine:
+    """A ``_render_traceback_`` that shows one line (a class, not a lambda, so the exception still pickles)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __call__(self) -> list[str]:
+        return [self.text]
+
+
+@contextlib.contextmanager
+def _magic_errors(parser: _Parser) -> Iterator[None]:
+    """A run's errors as the magic says them.
+
+    Our UsageError (bad arguments found by the API) becomes the magic's usage
+    error with the pointer to its help, unless a task raised it (it then has
+    the worker's traceback as its cause and is the task's error). An
+    interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`.
+    """
+    __tracebackhide__ = True
+    try:
+        yield
+    except UsageError as exc:
+        if isinstance(exc.__cause__, RemoteTraceback):
+            raise
+        raise parser.usage_error(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _interrupted(parser.prog) from None
+
+
 @magics_class
 class MPMagics(Magics):
     """%pmap, %%parallel and %pool."""
 
+    # The line is Python (map()'s argument list): IPython's {expr} / $name
+    # expansion of magic lines would turn a set or dict literal into other
+    # text ({5, 1, 3} became (5, 1, 3)), as %timeit also avoids.
+    @no_var_expand
     @line_magic
     def pmap(self, line: str = "") -> Any:
         __tracebackhide__ = True
         parser = _pmap_parser()
         tokens, rest = split_options(line, parser)
         opts = parser.parse_args(tokens)
-        args = _eval_map_args(rest, self.shell.user_ns)
+        args = _eval_map_args(rest, self.shell.user_ns, parser)
         if len(args) < 2:
-            raise IPythonUsageError("%pmap: missing ITERABLE after FUNC\nusage: %pmap [options] FUNC, ITERABLE [, ITERABLE ...]")
+            raise parser.usage_error("missing ITERABLE after FUNC")
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.scaling:
-            return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
-                                        chunksize=opts.chunksize)
+            with _magic_errors(parser):
+                return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
+                                            chunksize=opts.chunksize)
         before = api.last_report()
         try:
-            result = api.pmap(
-                args[0],
-                *args[1:],
-                workers=opts.workers,
-                chunksize=opts.chunksize,
-                star=opts.star,
-                compare=opts.compare,
-                errors=opts.errors,
-                timeout=opts.timeout,
-                retries=opts.retries,
-                **config.run_kwargs(opts),
-            )
-        except UsageError as exc:
-            raise IPythonUsageError(f"%pmap: {exc}\n{parser.format_usage().strip()}") from None
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_INTERRUPTED.format(magic="%pmap")) from None
+            with _magic_errors(parser):
+                result = api.pmap(
+                    args[0],
+                    *args[1:],
+                    workers=opts.workers,
+                    chunksize=opts.chunksize,
+                    star=opts.star,
+                    compare=opts.compare,
+                    errors=opts.errors,
+                    timeout=opts.timeout,
+                    retries=opts.retries,
+                    **config.run_kwargs(opts),
+                )
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
@@ -209,40 +287,36 @@ class MPMagics(Magics):
         opts = parser.parse_args(tokens)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.scaling:
-            return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
+            with _magic_errors(parser):
+                return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
         reducer = None
         if opts.reduce:
             try:
                 reducer = eval(opts.reduce, self.shell.user_ns)
             except Exception as exc:
-                raise IPythonUsageError(f"%%parallel: --reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
+                raise parser.usage_error(f"--reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
             if not callable(reducer):
-                raise IPythonUsageError(f"%%parallel: --reduce needs a function such as sum, not {opts.reduce!r}")
+                raise parser.usage_error(f"--reduce needs a function such as sum, not {opts.reduce!r}")
         gather = tuple(g.strip() for g in opts.gather.split(",") if g.strip()) if opts.gather else ()
         if opts.output and not opts.output.isidentifier():
-            raise IPythonUsageError(f"%%parallel: -o needs a variable name, not {opts.output!r}")
+            raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
         before = api.last_report()
         try:
-            values = api.parallel(
-                cell,
-                workers=opts.workers,
-                namespace=self.shell.user_ns,
-                compare=opts.compare,
-                timeout=opts.timeout,
-                gather=gather,
-                label_output=not opts.no_label,
-                **config.run_kwargs(opts),
-            )
-        except UsageError as exc:
-            raise IPythonUsageError(f"%%parallel: {exc}\n{parser.format_usage().strip()}") from None
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(_INTERRUPTED.format(magic="%%parallel")) from None
+            with _magic_errors(parser):
+                values = api.parallel(
+                    cell,
+                    workers=opts.workers,
+                    namespace=self.shell.user_ns,
+                    compare=opts.compare,
+                    timeout=opts.timeout,
+                    gather=gather,
+                    label_output=not opts.no_label,
+                    **config.run_kwargs(opts),
+                )
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
                 display(report)  # this run's report, never an older one
-
-
         for name, per_rank in values.gathered.items():
             self.shell.user_ns[name] = per_rank
         if opts.output:
@@ -261,12 +335,12 @@ class MPMagics(Magics):
         parser = _pool_parser()
         try:
             opts = parser.parse_args(shlex.split(line, comments=True))
-        except ValueError as exc:
-            raise IPythonUsageError(f"%pool: {exc}") from None
+        except ValueError as exc:  # shlex: an unclosed quote
+            raise parser.usage_error(str(exc)) from None
         try:
             return self._pool(opts)
         except UsageError as exc:
-            raise IPythonUsageError(f"%pool: {exc}") from None
+            raise parser.usage_error(str(exc)) from None
 
     def _pool(self, opts: argparse.Namespace) -> Any:
         action = opts.action
@@ -285,7 +359,11 @@ class MPMagics(Magics):
                 raise UsageError("resize needs a number of workers: %pool resize 4")
             pool.get_pool().resize(n)
         elif action == "local":
-            pool.use_local(opts.workers, opts.start_method, opts.max_tasks_per_child)
+            before = pool.current_pool()
+            now = pool.use_local(opts.workers, opts.start_method, opts.max_tasks_per_child)
+            status = pool.pool_status()
+            status.notice = _switched(before, now)
+            return status
         elif action == "dask":
             kwargs = {k: v for k, v in vars(opts).items()
                       if k in ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout") and v is not None}
@@ -295,6 +373,25 @@ class MPMagics(Magics):
 
             return checkpoint.manage(opts.target, opts.name)
         return pool.pool_status()
+
+
+def _switched(before: Any, now: Any) -> str:
+    """What ``%pool local`` did, in one line: the backend it stopped, or that nothing changed."""
+    if before is now:
+        return "%pool local: already on local worker processes; nothing was stopped"
+    if before is None:
+        return "%pool local: started local worker processes"
+    if getattr(before, "name", None) == "dask":
+        where = getattr(before, "address", None) or getattr(before, "scheduler_file", None) or "?"
+        if getattr(before, "owns_cluster", False):
+            what = f"stopped the local Dask cluster mpmagic had started ({where})"
+        else:
+            what = f"disconnected from the Dask scheduler at {where} (its workers keep running)"
+        return f"%pool local: {what}; now on local worker processes"
+    return (
+        f"%pool local: stopped the previous local workers ({getattr(before, 'start_method', '?')}) "
+        "and started new ones with the settings given"
+    )
 
 
 def _help(parser: argparse.ArgumentParser) -> str:

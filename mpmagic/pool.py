@@ -1,20 +1,21 @@
-"""The one managed pool of a notebook: which backend, its lifecycle, its status.
+"""The one managed pool of a notebook: which backend, and its lifecycle.
 
 There is one current backend per process. It is created on first use (or by
 ``start_pool``), reused by every call while it is warm, switched between the
 local processes and a Dask cluster with ``use_local`` / ``use_dask``, and
-stopped at unload and interpreter exit.
+stopped at unload and interpreter exit. What ``%pool`` shows is formatted
+by ``status.PoolStatus``.
 """
 
 from __future__ import annotations
 
-import html
 import threading
 from typing import Any
 
 from .backends.local import LocalBackend
 from .errors import UsageError
 from .report import fmt_seconds
+from .status import PoolStatus  # formatting lives in status.py; importable from here as before
 
 _lock = threading.RLock()
 _backend: Any = None
@@ -136,84 +137,6 @@ def shutdown() -> None:
         if _backend is not None:
             _backend.stop()
         _backend = None
-
-
-class PoolStatus:
-    """What ``%pool`` shows: a text block in a terminal, a table in Jupyter."""
-
-    def __init__(self, info: dict[str, Any]) -> None:
-        self.info = info
-
-    def lines(self) -> list[str]:
-        i = self.info
-        if i.get("backend") == "dask":
-            from .backends.dask import describe_status
-
-            return describe_status(i)
-        if i.get("backend") != "local":
-            head = [f"pool: {i.get('backend')} backend"]
-            head += [f"  {k}: {v}" for k, v in i.items() if k not in ("backend", "processes")]
-            for p in i.get("processes", []):
-                head.append("  " + ", ".join(f"{k}={v}" for k, v in p.items()))
-            return head
-        state = "running" if i["running"] else "stopped (starts on first use)"
-        out = [
-            f"pool: local, {i['workers']} workers, start method {i['start_method']}, {state}",
-            f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
-            + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else ""),
-        ]
-        for p in i["processes"]:
-            mem = "-" if p["rss"] is None else f"{p['rss'] / 2**20:.0f} MB"
-            flags = "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
-            if not p["alive"]:
-                flags = "dead"
-            out.append(f"  worker {p['id']}: pid {p['pid']}, {flags}, {p['tasks']} tasks, {mem}")
-        return out
-
-    def __str__(self) -> str:
-        return "\n".join(self.lines())
-
-    def __repr__(self) -> str:
-        return str(self)
-
-    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
-        p.text(str(self))
-
-    def _repr_html_(self) -> str:
-        """In Jupyter: the summary as a caption, one table row per worker process."""
-        i = self.info
-        lines = self.lines()
-        procs = i.get("processes") or []
-        th = "padding:2px 10px;text-align:left;font-weight:600"
-        td = "padding:2px 10px;text-align:left"
-        if i.get("backend") != "local":
-            cols = list(dict.fromkeys(k for p in procs for k in p))
-            rows = [[_cell(k, p.get(k)) for k in cols] for p in procs]
-            notes = [x.strip() for x in lines[1:len(lines) - len(procs)]]  # process lines come last
-        else:
-            cols = ["worker", "pid", "state", "tasks", "memory"]
-            rows = []
-            for p in procs:
-                state = "dead" if not p["alive"] else ("busy" if p["busy"] else ("idle" if p["ready"] else "starting"))
-                mem = "-" if p["rss"] is None else f"{p['rss'] / 2**20:.0f} MB"
-                rows.append([str(p["id"]), str(p["pid"]), state, str(p["tasks"]), mem])
-            notes = [lines[1].strip()] if len(lines) > 1 else []
-        head = "".join(f"<th style='{th}'>{html.escape(c)}</th>" for c in cols)
-        body = "".join("<tr>" + "".join(f"<td style='{td}'>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
-        foot = "".join(f"<tr><td colspan='{max(1, len(cols))}' style='{td}'>{html.escape(n)}</td></tr>" for n in notes)
-        return (
-            f"<table class='mpmagic-pool'><caption style='text-align:left'><b>{html.escape(lines[0])}</b></caption>"
-            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody><tfoot>{foot}</tfoot></table>"
-        )
-
-
-def _cell(key: str, value: Any) -> str:
-    """A status value for the HTML table: memory in MB, nothing for None."""
-    if value is None:
-        return "-"
-    if "memory" in key and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value / 2**20:.0f} MB"
-    return str(value)
 
 
 def pool_status() -> PoolStatus:

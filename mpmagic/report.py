@@ -16,7 +16,7 @@ def fmt_seconds(s: float | None) -> str:
     if s is None:
         return "-"
     if s < 1e-3:
-        return f"{s * 1e6:.0f} us"
+        return f"{s * 1e6:.0f} µs"
     if s < 1:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"
@@ -38,6 +38,11 @@ class Report:
     serial: float | None = None  # measured serial time, with compare
     equal: bool | None = None  # serial and parallel results equal, with compare
     failed: int = 0
+    # A run that raised: the input index of the item that failed (when known)
+    # and the number of items in the input (when it has a length).
+    failed_at: int | None = None
+    total: int | None = None
+    failed_ranks: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
     # What the advice line reasons from (see advice.py); zero / None when not measured.
     cold_start: bool = False  # the pool was not running when the run began
@@ -94,10 +99,42 @@ class Report:
         sp = self.speedup
         if sp is None:
             return "speedup n/a"
+        if sp < 0.1:  # "~0.0x" reads as "nothing happened"; two digits of a tiny ratio mean nothing
+            return "speedup <0.1x"
         return f"speedup {sp:.2f}x" if self.serial is not None else f"speedup ~{sp:.1f}x"
 
+    def _chunk_text(self) -> str:
+        """``auto: 1 item per chunk, 8 chunks`` from the planner's ``auto (1)`` or a fixed ``5``."""
+        size = self.chunksize
+        auto = size.startswith("auto")
+        sizes = size.removeprefix("auto").strip(" ()") or "-"
+        per = "item" if sizes == "1" else "items"
+        chunks = f"{self.chunks} chunk{'s' if self.chunks != 1 else ''}"
+        if sizes == "-":
+            return f"auto, {chunks}" if auto else chunks
+        return f"{'auto: ' if auto else ''}{sizes} {per} per chunk, {chunks}"
+
+    @property
+    def failed_run(self) -> bool:
+        """The run raised (pmap with errors="raise", or a cell with failing ranks)."""
+        return bool(self.extra.get("error")) or (self.kind == "parallel" and self.failed > 0)
+
+    def failed_line(self) -> str:
+        """The one line that replaces the timing report of a run that raised."""
+        took = fmt_seconds(self.wall)
+        if self.kind == "parallel":
+            ranks = ", ".join(map(str, self.failed_ranks))
+            which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""
+            return f"parallel: {self.failed} of {self.items} ranks failed{which}, {took}"
+        at = "" if self.failed_at is None else f" at item {self.failed_at}"
+        of = "" if self.total is None else f" of {self.total}"
+        done = f"{self.items}{of} item{'s' if (self.total if self.total is not None else self.items) != 1 else ''}"
+        return f"pmap failed{at} after {done}, {took}"
+
     def line(self) -> str:
-        """The one-line summary printed after a run."""
+        """The one-line summary printed after a run (the failure line for a run that raised)."""
+        if self.failed_run:
+            return self.failed_line()
         failed = f" ({self.failed} failed)" if self.failed else ""
         resumed = self._resumed_text()
         if resumed and not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
@@ -134,7 +171,7 @@ class Report:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         """In a terminal: the line (+ advice), or the table when ``report = 'html'``; then insights."""
-        out = self.table() if _setting("report", "auto") == "html" else self.text()
+        out = self.table() if _setting("report", "auto") == "html" and not self.failed_run else self.text()
         if self.insights is not None:
             out += "\n" + str(self.insights)
         p.text(out)
@@ -157,7 +194,7 @@ class Report:
             ("workers", self._where()),
         ]
         if self.kind == "pmap":
-            rows.append(("chunk size", f"{self.chunksize} ({self.chunks} chunks)"))
+            rows.append(("chunk size", self._chunk_text()))
         rows += [
             ("wall", fmt_seconds(self.wall)),
             ("serial", self._serial_text().removeprefix("serial ")),
@@ -180,6 +217,11 @@ class Report:
         """
         if _setting("report", "auto") == "line":
             return None
+        if self.failed_run:  # one line, not a table of timings of work that did not finish
+            return (
+                "<div class='mpmagic-report mpmagic-failed' style='color:#a15c00'>"
+                f"{html.escape(self.failed_line())}</div>"
+            )
         rows = self.rows()
         th = "padding:2px 10px;text-align:left;font-weight:600"
         td = "padding:2px 10px;text-align:left"

@@ -10,6 +10,8 @@ so every speedup on the plot is a measured one.
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import itertools
 import time
@@ -69,6 +71,28 @@ class Scaling:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.table())
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the plot (when matplotlib is there), then the measured points as a small table."""
+        png = self._repr_png_()
+        img = ""
+        if png is not None:
+            img = (f"<img alt='measured speedup against workers' "
+                   f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
+        th = "padding:2px 10px;text-align:right;font-weight:600"
+        td = "padding:2px 10px;text-align:right"
+        head = "".join(f"<th style='{th}'>{h}</th>" for h in ("workers", "wall", "speedup", "ideal", "efficiency"))
+        body = "".join(
+            "<tr>" + "".join(f"<td style='{td}'>{v}</td>" for v in (
+                p.workers, html.escape(fmt_seconds(p.wall)), f"{p.speedup:.2f}x", f"{p.workers}x", f"{p.efficiency:.0%}"))
+            + "</tr>"
+            for p in self.points
+        )
+        caption = html.escape(f"{self.title or self.kind}: serial {fmt_seconds(self.serial)} (measured)")
+        return (
+            f"<div class='mpmagic-scaling'>{img}<div style='white-space:nowrap'>{caption}</div>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+        )
 
     def _repr_png_(self) -> bytes | None:
         fig = self.figure

@@ -117,7 +117,8 @@ def test_timing_report_estimated_and_measured(ip, backend, capsys):
     capsys.readouterr()
     run(ip, "%pmap slowish, [20000] * 8")
     line = capsys.readouterr().out
-    assert "pmap: 8 items on" in line and "estimated from task times" in line and "speedup ~" in line
+    assert "pmap: 8 items on" in line and "estimated from task times" in line
+    assert "speedup ~" in line or "speedup <0.1x" in line  # (under 0.1x there is no digit to estimate)
     run(ip, "%pmap --compare slowish, [20000] * 8")
     line = capsys.readouterr().out
     assert "measured, results equal" in line
@@ -163,7 +164,7 @@ def test_api_from_plain_python(backend):
 @pytest.mark.parametrize(
     "line, words",
     [
-        ("%pmap --nope abs, [1]", "unrecognized arguments"),
+        ("%pmap --nope abs, [1]", "unknown option --nope"),
         ("%pmap", "missing FUNC"),
         ("%pmap abs", "missing ITERABLE"),
         ("%pmap -n 0 abs, [1]", "at least 1"),

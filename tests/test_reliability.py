@@ -469,7 +469,7 @@ def test_module_the_workers_cannot_import(ip, pool2, tmp_path):
 # -- 6. bad input to the magics -------------------------------------------
 
 BAD_INPUT = [
-    ("%pmap --bogus abs, range(3)", "unrecognized arguments: --bogus"),
+    ("%pmap --bogus abs, range(3)", "unknown option --bogus"),
     ("%pmap", "missing FUNC and ITERABLE"),
     ("%pmap -q", "missing FUNC and ITERABLE"),
     ("%pmap abs", "missing ITERABLE after FUNC"),
@@ -486,7 +486,7 @@ BAD_INPUT = [
     ("%%parallel -n 0\nrank", "-n/--workers: must be at least 1, not 0"),
     ("%%parallel -n -3\nrank", "-n/--workers: must be at least 1, not -3"),
     ("%%parallel -n 100000\nrank", "100000 is more ranks than this machine can run"),
-    ("%%parallel --bogus\nrank", "unrecognized arguments: --bogus"),
+    ("%%parallel --bogus\nrank", "unknown option --bogus"),
     ("%%parallel\nrank +", "the cell has a syntax error on line 1"),
     ("%%parallel --reduce 42\nrank", "--reduce needs a function"),
     ("%pool start --start-method nope", "invalid choice: 'nope'"),

@@ -829,27 +829,4 @@ def _cancel_quietly(client: Any, futures: list) -> None:
         pass
 
 
-def describe_status(info: dict[str, Any]) -> list[str]:
-    """``%pool`` lines for a Dask backend's status dict (used by ``pool.PoolStatus``)."""
-    state = "connected" if info.get("running") else "not connected (connects on first use)"
-    out = [f"pool: dask, {info.get('cluster')}, {state}"]
-    out.append(f"  scheduler: {info.get('scheduler') or '-'}")
-    if info.get("running"):
-        mem = info.get("memory_limit") or 0
-        out.append(
-            f"  workers: {info.get('workers')}, threads: {info.get('threads')}"
-            + (f", memory limit: {mem / 2**30:.1f} GiB" if mem else "")
-        )
-        out.append(f"  dashboard: {info.get('dashboard') or 'not available (pip install bokeh)'}")
-    if info.get("error"):
-        out.append(f"  {info['error']}")
-    out.append(f"  calls run: {info.get('calls_run', 0)}, tasks run: {info.get('tasks_run', 0)}")
-    for p in info.get("processes", []):
-        used = "-" if p.get("memory") is None else f"{p['memory'] / 2**20:.0f} MB"
-        limit = f" of {p['memory_limit'] / 2**30:.1f} GiB" if p.get("memory_limit") else ""
-        busy = f", {p['executing']} running" if p.get("executing") else ""
-        out.append(f"  worker {p['address']}: {p['threads']} thread{'s' if p['threads'] != 1 else ''}, {used}{limit}{busy}")
-    return out
-
-
-__all__ = ["DaskBackend", "describe_status"]
+__all__ = ["DaskBackend"]

@@ -1,0 +1,169 @@
+"""What ``%pool`` shows: the status of the current backend, as text or an HTML table.
+
+A backend's ``status()`` returns a plain dict (backend name, workers, per
+process rows); :class:`PoolStatus` only formats it. It lives apart from
+``pool.py`` (the pool's lifecycle) so that formatting needs no backend
+import: ``pool.py`` imports the backends, and the backends never need this.
+
+Memory is shown in one unit everywhere (MB, as the local pool's rows), so a
+worker's use and its limit can be compared at a glance.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+_TH = "padding:2px 10px;text-align:left;font-weight:600"
+_TD = "padding:2px 10px;text-align:left"
+
+
+def fmt_mb(nbytes: float | None) -> str:
+    """Bytes as whole megabytes (``1,536 MB``), or ``-`` when unknown."""
+    return "-" if nbytes is None else f"{nbytes / 2**20:,.0f} MB"
+
+
+def dask_lines(info: dict[str, Any]) -> list[str]:
+    """``%pool`` text lines for a Dask backend's status dict."""
+    state = "connected" if info.get("running") else "not connected (connects on first use)"
+    out = [f"pool: dask, {info.get('cluster')}, {state}"]
+    out.append(f"  scheduler: {info.get('scheduler') or '-'}")
+    if info.get("running"):
+        mem = info.get("memory_limit") or 0
+        out.append(
+            f"  workers: {info.get('workers')}, threads: {info.get('threads')}"
+            + (f", memory limit: {fmt_mb(mem)}" if mem else "")
+        )
+        out.append(f"  dashboard: {info.get('dashboard') or 'not available (pip install bokeh)'}")
+    if info.get("error"):
+        out.append(f"  {info['error']}")
+    out.append(f"  calls run: {info.get('calls_run', 0)}, tasks run: {info.get('tasks_run', 0)}")
+    for p in info.get("processes", []):
+        limit = f" of {fmt_mb(p['memory_limit'])}" if p.get("memory_limit") else ""
+        busy = f", {p['executing']} running" if p.get("executing") else ""
+        threads = p.get("threads", 0)
+        out.append(f"  worker {p['address']}: {threads} thread{'s' if threads != 1 else ''}, {fmt_mb(p.get('memory'))}{limit}{busy}")
+    return out
+
+
+def _local_lines(i: dict[str, Any]) -> list[str]:
+    state = "running" if i["running"] else "stopped (starts on first use)"
+    out = [
+        f"pool: local, {i['workers']} workers, start method {i['start_method']}, {state}",
+        f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
+        + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else ""),
+    ]
+    for p in i["processes"]:
+        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {p['tasks']} tasks, {fmt_mb(p['rss'])}")
+    return out
+
+
+def _state(p: dict[str, Any]) -> str:
+    if not p["alive"]:
+        return "dead"
+    return "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
+
+
+# The Dask status rows' keys as column headings (in this order), with units.
+_DASK_COLUMNS = (
+    ("address", "worker"),
+    ("name", "name"),
+    ("threads", "threads"),
+    ("memory", "memory used"),
+    ("memory_limit", "memory limit"),
+    ("executing", "tasks running"),
+)
+
+
+class PoolStatus:
+    """What ``%pool`` shows: a text block in a terminal, a table in Jupyter.
+
+    ``notice`` is one line about what the command just did (``%pool local``
+    says which backend it stopped), shown above the status.
+    """
+
+    def __init__(self, info: dict[str, Any], notice: str | None = None) -> None:
+        self.info = info
+        self.notice = notice
+
+    def lines(self) -> list[str]:
+        """The status as text lines (without the notice): a heading, then details."""
+        i = self.info
+        if i.get("backend") == "dask":
+            return dask_lines(i)
+        if i.get("backend") == "local":
+            return _local_lines(i)
+        head = [f"pool: {i.get('backend')} backend"]
+        head += [f"  {k}: {v}" for k, v in i.items() if k not in ("backend", "processes")]
+        for p in i.get("processes", []):
+            head.append("  " + ", ".join(f"{k}={v}" for k, v in p.items()))
+        return head
+
+    def __str__(self) -> str:
+        return "\n".join(([self.notice] if self.notice else []) + self.lines())
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        """In Jupyter: the heading on its own line (a caption would be squeezed to
+        the table's width), one table row per worker process, the notes under them."""
+        i = self.info
+        lines = self.lines()
+        if i.get("backend") == "dask":
+            cols, rows, notes = self._dask_table()
+        elif i.get("backend") == "local":
+            cols = ["worker", "pid", "state", "tasks", "memory"]
+            rows = [[str(p["id"]), str(p["pid"]), _state(p), str(p["tasks"]), fmt_mb(p["rss"])]
+                    for p in i["processes"]]
+            notes = [html.escape(lines[1].strip())] if len(lines) > 1 else []
+        else:
+            procs = i.get("processes") or []
+            cols = list(dict.fromkeys(k for p in procs for k in p))
+            rows = [["-" if p.get(k) is None else str(p.get(k)) for k in cols] for p in procs]
+            notes = [html.escape(x.strip()) for x in lines[1:len(lines) - len(procs)]]
+        head = "".join(f"<th style='{_TH}'>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td style='{_TD}'>{html.escape(v)}</td>" for v in r) + "</tr>" for r in rows)
+        foot = "".join(f"<tr><td colspan='{max(1, len(cols))}' style='{_TD}'>{n}</td></tr>" for n in notes)
+        notice = f"<div>{html.escape(self.notice)}</div>" if self.notice else ""
+        return (
+            f"<div class='mpmagic-pool-status'>{notice}<div style='font-weight:600;white-space:nowrap'>"
+            f"{html.escape(lines[0])}</div><table class='mpmagic-pool'><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody><tfoot>{foot}</tfoot></table></div>"
+        )
+
+    def _dask_table(self) -> tuple[list[str], list[list[str]], list[str]]:
+        """Columns, rows and notes (HTML, the dashboard a link) of a Dask status."""
+        i = self.info
+        procs = i.get("processes") or []
+        keys = [(k, label) for k, label in _DASK_COLUMNS if any(p.get(k) is not None for p in procs)]
+        rows = []
+        for p in procs:
+            row = []
+            for k, _ in keys:
+                v = p.get(k)
+                row.append(fmt_mb(v) if k.startswith("memory") else ("-" if v is None else str(v)))
+            rows.append(row)
+        notes = [f"scheduler: {html.escape(str(i.get('scheduler') or '-'))}"]
+        if i.get("running"):
+            mem = i.get("memory_limit") or 0
+            notes.append(
+                f"workers: {i.get('workers')}, threads: {i.get('threads')}"
+                + (f", memory limit: {fmt_mb(mem)}" if mem else "")
+            )
+            link = i.get("dashboard")
+            if link:
+                url = html.escape(str(link), quote=True)
+                notes.append(f"dashboard: <a href='{url}' target='_blank'>{html.escape(str(link))}</a>")
+            else:
+                notes.append("dashboard: not available (pip install bokeh)")
+        if i.get("error"):
+            notes.append(html.escape(str(i["error"])))
+        notes.append(f"calls run: {i.get('calls_run', 0)}, tasks run: {i.get('tasks_run', 0)}")
+        return [label for _, label in keys], rows, notes
+
+
+__all__ = ["PoolStatus", "dask_lines", "fmt_mb"]

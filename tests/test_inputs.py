@@ -1,0 +1,124 @@
+"""Inputs of %pmap compared with serial map() (issue 13, class 5).
+
+The oracle is plain ``map(...)`` with the same argument text, run in the
+same notebook-like shell: same values, or the same exception (type and
+message). Also: ``--compare`` with an endless iterator among several, a
+``range`` too long for ``len()``, and ``pmap`` called inside a task.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run
+from IPython.utils.capture import capture_output
+
+from mpmagic import api
+
+SETUP = (
+    "import itertools\n"
+    "import numpy as np\n"
+    "def inc(x):\n    return x + 1\n"
+    "def pair(a, b):\n    return (a, b)\n"
+    "def raises_at_3():\n"
+    "    yield 1\n    yield 2\n"
+    "    raise ValueError('bad record at 3')\n"
+    # Long rather than endless: a regression then fails fast instead of eating memory.
+    "def very_long():\n    yield from range(10**7)\n"
+)
+
+# map()'s argument text: each is evaluated afresh for the serial run and for %pmap.
+CASES = {
+    "empty list": "inc, []",
+    "empty generator": "inc, (x for x in ())",
+    "several, one empty": "pair, [], [1, 2]",
+    "different lengths": "pair, [1, 2, 3], 'ab'",
+    "generator raising mid-way": "inc, raises_at_3()",
+    "generator raising, with a list": "pair, raises_at_3(), [1, 2, 3, 4]",
+    "string": "str.upper, 'héllo'",
+    "dict (its keys)": "str, {'a': 1, 'b': 2, 3: 4}",
+    "set": "inc, {5, 1, 3}",
+    "numpy 1-d array": "float, np.arange(5)",
+    "numpy 2-d array (its rows)": "list, np.arange(6).reshape(3, 2)",
+    "very long generator with a short list": "pair, very_long(), [7, 8, 9]",
+    "endless iterators first and last": "pair, itertools.count(), 'xy', itertools.repeat(0)",
+    "range too long for len()": "pair, range(10**20), [1, 2]",
+    "two huge ranges and a list": "pair, range(10**20), range(10**19, 10**21), [0]",
+    "bytes": "inc, b'ab'",
+    "zip of lists": "str, zip([1, 2], 'ab')",
+}
+
+
+def _outcome(ip, code: str):
+    """The cell's value, or (type, message) of the exception it raised."""
+    with capture_output():
+        result = ip.run_cell(code, store_history=False)
+    err = result.error_before_exec or result.error_in_exec
+    if err is not None:
+        return type(err), str(err)
+    return result.result
+
+
+@pytest.fixture
+def shell(ip, backend):
+    run(ip, SETUP)
+    return ip
+
+
+@pytest.mark.parametrize("args", list(CASES.values()), ids=list(CASES))
+def test_input_gives_what_serial_map_gives(shell, args):
+    serial = _outcome(shell, f"list(map({args}))")
+    assert _outcome(shell, f"%pmap -q {args}") == serial
+    assert _outcome(shell, f"%pmap -q --compare {args}") == serial
+    # The pool is fine afterwards, also after an input that raised mid-way.
+    assert run(shell, "%pmap -q inc, range(3)") == [1, 2, 3]
+
+
+def test_compare_with_an_endless_iterator_reads_only_what_map_reads(shell):
+    """``--compare`` needs the input twice; an endless iterator among several
+    must be read only as far as the shortest (it once grew without bound)."""
+    run(shell, "seen = []\n"
+               "def tap():\n    for n in range(10**7):\n        seen.append(n)\n        yield n\n")
+    assert run(shell, "%pmap -q --compare pow, [2, 3, 4], itertools.repeat(2)") == [4, 9, 16]
+    assert api.last_report().equal is True
+    assert run(shell, "%pmap -q --compare pair, tap(), 'abc'") == [(0, "a"), (1, "b"), (2, "c")]
+    parallel_reads = run(shell, "len(seen)")
+    run(shell, "seen.clear()\nlist(map(pair, tap(), 'abc'))")
+    assert parallel_reads == run(shell, "len(seen)") == 4  # zip reads one past the shortest, as map does
+
+
+def test_length_of_inputs_never_raises():
+    assert api._length((range(10**20), [1, 2])) == 2
+    assert api._length((range(10**20),)) is None
+    assert api._length(([1, 2, 3], iter([1]))) is None  # an iterator may be the shortest
+    assert api._length(("abc", range(5))) == 3
+
+
+def test_nested_pmap_runs_serially_in_the_worker_with_a_note(shell, backend):
+    """A task that calls mpmagic.pmap: workers are daemonic processes, which
+    may not start processes; the inner map runs serially there, with a note."""
+    run(shell, "import mpmagic\n"
+               "def inner_sum(n):\n    return sum(mpmagic.pmap(abs, range(-n, 0)))\n"
+               "def inner_collect(n):\n    return mpmagic.pmap(lambda x: 1 / x, [n, 0], errors='collect')\n")
+    with capture_output() as cap:
+        values = run(shell, "%pmap -q inner_sum, [3, 4, 5, 6]")
+    assert values == [sum(map(abs, range(-n, 0))) for n in (3, 4, 5, 6)]
+    notes = cap.stderr.count("pmap called inside a worker runs serially")
+    assert 1 <= notes <= backend.workers, cap.stderr  # once per worker process at most
+    run(shell, "def inner_pow(n):\n    return mpmagic.pmap(pow, range(n), itertools.repeat(2))\n"
+               "def inner_star(n):\n    return mpmagic.pmap(pow, [(n, 2), (n, 3)], star=True)\n")
+    assert run(shell, "%pmap -q inner_pow, [3, 4]") == [[0, 1, 4], [0, 1, 4, 9]]
+    assert run(shell, "%pmap -q inner_star, [2]") == [[4, 8]]
+    collected = run(shell, "%pmap -q inner_collect, [2]")[0]
+    assert collected[0] == 0.5 and isinstance(collected[1].error, ZeroDivisionError)
+
+
+def test_nested_pmap_error_is_the_tasks_error(shell):
+    run(shell, "import mpmagic\ndef inner_fails(n):\n    return mpmagic.pmap(lambda x: 1 / x, [n, 0])\n")
+    kind, message = _outcome(shell, "%pmap -q inner_fails, [1]")
+    assert kind is ZeroDivisionError and "division by zero" in message
+
+
+def test_nested_parallel_says_it_cannot_run_in_a_worker(shell):
+    run(shell, "import mpmagic\ndef inner_cell(n):\n    return mpmagic.parallel('rank', workers=2)\n")
+    kind, message = _outcome(shell, "%pmap -q inner_cell, [1]")
+    assert issubclass(kind, ValueError) and "cannot run inside a worker" in message, (kind, message)
