@@ -62,7 +62,8 @@ def _widget_opened(msg: dict) -> bool:
     """
     if msg["msg_type"] != "comm_open":
         return False
-    return "Progress" in str(msg["content"].get("data", {}).get("state", {}).get("_model_name", ""))
+    model = msg["content"].get("data", {}).get("state", {}).get("_model_name")
+    return model in ("FloatProgressModel", "IntProgressModel")  # the bar (not its style model)
 
 
 @pytest.fixture
