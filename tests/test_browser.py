@@ -269,7 +269,8 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
             # The report's cells, label over value: the item count is the "items" cell.
             labels = first.locator("thead th").all_inner_texts()
             values = first.locator("tbody td").all_inner_texts()
-            cells = dict(zip((x.strip() for x in labels), (v.strip() for v in values)))
+            assert len(labels) == len(values), (labels, values)
+            cells = dict(zip((x.strip() for x in labels), (v.strip() for v in values), strict=True))
             assert cells.get("items") == "8", cells
             assert re.fullmatch(r"\d+ workers? \(\w+\)", cells.get("workers", "")), cells
             assert re.fullmatch(r"~\d+\.\d+x", cells.get("speedup", "")), cells  # estimated: "~1.9x"
