@@ -143,7 +143,9 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     with pytest.raises(KeyboardInterrupt):
         mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
     returned = time.monotonic() - t0
-    assert returned < 1.5 + 2.0  # the interrupt came at 1.5 s; back within 2 s of it
+    # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
+    # that catches a hang, not slowness on a loaded machine).
+    assert returned < 20
     err = capsys.readouterr().err
     assert "interrupted; cancelled" in err and "already running" in err and "%pool restart" in err
     # %pool restart restarts the worker processes (and with them the stuck tasks).
