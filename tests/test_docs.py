@@ -9,6 +9,23 @@
   page, may stand right before a python block (use them sparingly):
   ``<!-- docs-test: skip (why) -->`` does not run it, and
   ``<!-- docs-test: raises NameOfError -->`` runs it and expects that error.
+* The output a page shows for a snippet (a ```` ```text ```` block right
+  after the python block) is what the snippet shows when it runs (its
+  printed text, its Out[] value, its report line, its error): every line of
+  the block must appear in the snippet's real output (whitespace runs count
+  as one space, so a long line may be wrapped; ``...`` stands for any text,
+  for the parts that differ from run to run such as a pid or an object's
+  name). Timing figures cannot match from run to run: a block that shows them
+  is marked ``<!-- docs-test: example output -->`` (between the python block
+  and the text block), and then, on each line holding a figure with a unit
+  (``345.8 ms``, ``2.03x``, ``82%``, ``17 MB``), a pid or a session counter
+  (``tasks run: 18``), every number stands
+  for any number; the words, results and order of the parts must still match.
+  An ``advice:`` line depends on those timings: in an example block it is
+  compared only when the run gave advice.
+* The error texts shown on their own in docs/reliability.md and
+  docs/troubleshooting.md (``WorkerLostError: ...``) are compared with the
+  error the code raises for the case the page describes (``ERROR_TEXTS``).
 * Every relative link (and ``#anchor``) in those files points at a file or
   heading that exists, and ``docs/index.md`` links every page in ``docs/``.
 * ``docs/reference.md`` is current: its option and setting tables are the
@@ -31,6 +48,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from IPython.utils.capture import capture_output
 from markdown_it import MarkdownIt
 
 import mpmagic
@@ -43,6 +61,11 @@ PAGES = sorted([ROOT / "README.md", *DOCS.glob("*.md")])
 # Tests reach only this machine: a snippet naming another host is not run.
 REMOTE = re.compile(r"\b(?:tcp|tls|ucx|wss?|https?)://(?!127\.|localhost\b|\[::1\])[\w.\-\[\]:]+")
 MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|raises)\b\s*([^>]*?)\s*-->")
+EXAMPLE_MARKER = re.compile(r"<!--\s*docs-test:\s*example output\s*-->")
+# A figure whose value differs from run to run: a number with a unit, a pid,
+# or a counter of the session (%pool's "calls run: 3, tasks run: 18").
+FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d")
+NUMBER = re.compile(r"~?\d+(?:\.\d+)?")
 
 _md = MarkdownIt("commonmark").enable("table")
 
@@ -56,6 +79,9 @@ class Snippet:
     code: str
     skip: bool = False
     raises: str | None = None
+    output: str | None = None  # the ```text block shown right after it, if any
+    output_line: int = 0
+    example: bool = False  # that block is marked "example output"
 
     def where(self) -> str:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
@@ -75,8 +101,72 @@ def snippets(page: Path) -> list[Snippet]:
                 snip.skip = True
             else:
                 snip.raises = m.group(2).split()[0] if m.group(2) else "Exception"
+        after = tokens[i + 1] if i + 1 < len(tokens) else None
+        if after is not None and after.type == "html_block" and EXAMPLE_MARKER.search(after.content):
+            snip.example = True
+            after = tokens[i + 2] if i + 2 < len(tokens) else None
+        if after is not None and after.type == "fence" and after.info.strip().split(" ")[0] == "text":
+            snip.output, snip.output_line = after.content, after.map[0] + 1
         found.append(snip)
     return found
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+# In a shown line: "..." (any text), a timeline bar "|###...|", or a number
+# with its time unit if it has one ("345.8 ms", "~1.4").
+TOKEN = re.compile(r"(\.\.\.)|(\|[#.]+\|)|(~?\d+(?:\.\d+)?(?: (?:us|ms|s)\b)?)")
+
+
+def line_pattern(line: str, example: bool) -> re.Pattern:
+    """A shown output line as a regex: ``...`` is any text; in an example
+    block, on a line with timing figures, each number is any number (and a
+    time in any unit: 831 us in one run is 1.1 ms in the next), and a
+    timeline bar is any bar."""
+    text = _squeeze(line)
+    masked = example and FIGURE.search(text) is not None
+    out, pos = [], 0
+    for m in TOKEN.finditer(text):
+        dots, bar, number = m.groups()
+        if dots:
+            piece = ".*?"
+        elif bar and example:
+            piece = r"\|[#.]+\|"
+        elif number and masked:
+            piece = r"~?\d+(?:\.\d+)?" + (r" (?:us|ms|s)" if " " in number else "")
+        else:
+            piece = re.escape(m.group(0))
+        out += [re.escape(text[pos : m.start()]), piece]
+        pos = m.end()
+    out.append(re.escape(text[pos:]))
+    return re.compile("".join(out))
+
+
+def shown_lines_missing(shown: str, actual: str, example: bool) -> list[str]:
+    """The lines of a page's output block that the snippet's real output lacks."""
+    real = _squeeze(actual)
+    gave_advice = "advice:" in real
+    missing = []
+    for line in shown.splitlines():
+        if not line.strip():
+            continue
+        if example and line.startswith("advice:") and not gave_advice:
+            continue  # advice follows the timings of this run
+        if not line_pattern(line, example).search(real):
+            missing.append(line)
+    return missing
+
+
+def what_it_showed(cap, error: BaseException | None) -> str:
+    """Everything a snippet put in front of the reader: printed text, displayed
+    objects (the report) and the Out[] value, and its error."""
+    parts = [cap.stdout, cap.stderr]
+    parts += [o.data.get("text/plain", "") for o in cap.outputs]
+    if error is not None:
+        parts.append(f"{type(error).__name__}: {error}")
+    return "\n".join(parts)
 
 
 def github_slug(text: str) -> str:
@@ -146,8 +236,17 @@ def test_snippets_run(docs_shell, page: Path) -> None:
             f"{snip.where()}: the snippet would connect to {remote.group(0)}; tests reach only 127.0.0.1. "
             "Show it as a ```text block, or mark it <!-- docs-test: skip (why) -->"
         )
-        result = docs_shell.run_cell(snip.code, store_history=False, silent=False)
+        with capture_output() as cap:
+            result = docs_shell.run_cell(snip.code, store_history=False, silent=False)
         error = result.error_before_exec or result.error_in_exec
+        if snip.output is not None:
+            missing = shown_lines_missing(snip.output, what_it_showed(cap, error), snip.example)
+            assert not missing, (
+                f"{page.relative_to(ROOT)}:{snip.output_line}: the page shows output the snippet at "
+                f"{snip.where()} does not give:\n" + "\n".join(missing)
+                + f"\n--- it gave:\n{what_it_showed(cap, error)}"
+                + ("" if snip.example else "\n(timing figures? mark the block <!-- docs-test: example output -->)")
+            )
         if snip.raises:
             assert error is not None, f"{snip.where()}: expected {snip.raises}, but the snippet ran without error"
             names = {cls.__name__ for cls in type(error).__mro__}
