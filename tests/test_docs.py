@@ -41,7 +41,10 @@ toolchain.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +258,98 @@ def test_snippets_run(docs_shell, page: Path) -> None:
             raise AssertionError(
                 f"{snip.where()}: the snippet raised {type(error).__name__}: {error}\n{snip.code}"
             ) from error
+
+
+# The cases docs/reliability.md and docs/troubleshooting.md describe, each run
+# for real; the error texts those pages show on their own (not as a
+# snippet's output) must all appear in what these runs show.
+ERROR_PAGES = [DOCS / "reliability.md", DOCS / "troubleshooting.md"]
+ERROR_SETUP = """
+import os, signal, sqlite3, time
+def sigkilled(x):
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+def stuck(x):
+    if x == 3:
+        time.sleep(60)
+    return x
+def spin(x):
+    while True:
+        pass
+conn = sqlite3.connect(":memory:")
+def query(x):
+    return conn.execute("select ?", (x,)).fetchone()[0]
+def dies_once(x):
+    if x < 0 and not os.path.exists(MARK):
+        open(MARK, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+"""
+ERROR_CASES = [
+    "def work(x):\n    # the function of the troubleshooting page\n    return 1 / x\n\n%pmap -q work, [0, 1]",
+    "%pmap -q sigkilled, range(8)",
+    "%%parallel -n 2 -q\nif rank == 1:\n    os._exit(7)\nrank",
+    "_ = %pmap -q dies_once, range(20_000)\n_ = %pmap -q dies_once, xs",  # warm-up; then item 777 dies once
+    "%pmap -q --timeout 0.5 stuck, range(6)",
+    "%%parallel -n 2 -q --timeout 0.5\nif rank == 1:\n    time.sleep(60)\nrank",
+    "%pmap -q query, range(4)",
+    "%pmap -n 0 abs, range(3)",
+    "%%parallel -n 4 -q\n1 / (rank - 2)",
+]
+# "<how it ended>": an angle-bracketed phrase with a space stands for any text.
+PLACEHOLDER = re.compile(r"<[a-z]+(?: [a-z]+)+>")
+
+
+def standalone_error_blocks(page: Path) -> list[tuple[int, str]]:
+    """(line, text) of the ```text blocks of a page that are not a snippet's output."""
+    outputs = {s.output_line for s in snippets(page)}
+    return [
+        (t.map[0] + 1, t.content)
+        for t in _md.parse(page.read_text())
+        if t.type == "fence" and t.info.strip().split(" ")[0] == "text" and t.map[0] + 1 not in outputs
+    ]
+
+
+def test_error_texts_on_the_pages_are_what_the_code_says(docs_shell, tmp_path) -> None:
+    """Each error text shown on its own is what mpmagic says in that case (with
+    ``<how it ended>`` and ``...`` standing for the parts that vary)."""
+    ip = docs_shell
+    if getattr(pool_module.current_pool(), "name", None) != "local":
+        mpmagic.use_local(2)
+    mpmagic.get_pool().wait_ready()
+    ip.user_ns["MARK"] = str(tmp_path / "died")
+    xs = list(range(20_000))
+    xs[777] = -1
+    ip.user_ns["xs"] = xs
+    ip.run_cell(ERROR_SETUP, store_history=False)
+    shown = []
+    try:
+        for code in ERROR_CASES:
+            with capture_output() as cap:
+                result = ip.run_cell(code, store_history=False)
+            shown.append(what_it_showed(cap, result.error_before_exec or result.error_in_exec))
+        # "interrupt kernel" during a run: SIGINT to this process half a second in.
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            with capture_output() as cap:
+                result = ip.run_cell("%pmap -q spin, range(4)", store_history=False)
+        finally:
+            timer.cancel()
+        shown.append(what_it_showed(cap, result.error_in_exec))
+    finally:
+        ip.run_cell("conn.close()", store_history=False)
+    everything = "\n".join(shown)
+    wrong = []
+    checked = 0
+    for page in ERROR_PAGES:
+        for line, text in standalone_error_blocks(page):
+            checked += 1
+            missing = shown_lines_missing(PLACEHOLDER.sub("...", text), everything, example=False)
+            wrong += [f"{page.relative_to(ROOT)}:{line}: {m}" for m in missing]
+    assert checked >= 11, checked  # every block of both pages, none skipped
+    assert not wrong, "error texts shown that the code does not give:\n" + "\n".join(wrong) + f"\n--- it gave:\n{everything}"
 
 
 def test_markers_are_rare_and_used_right() -> None:
