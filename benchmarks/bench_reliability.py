@@ -86,8 +86,8 @@ def in_process(ip: InteractiveShell, backend) -> list[str]:
 
 def long_session(ip: InteractiveShell, backend) -> list[str]:
     for _ in range(30):
-        ip.run_cell("%pmap -q tiny, some")
-        ip.run_cell("%%parallel -n 2 -q\nrank")
+        ip.run_cell("%pmap -q tiny, some", silent=True)
+        ip.run_cell("%%parallel -n 2 -q\nrank", silent=True)
     gc.collect()
     me = psutil.Process()
 
@@ -104,11 +104,11 @@ def long_session(ip: InteractiveShell, backend) -> list[str]:
     before = snap()
     t = time.perf_counter()
     for _ in range(2000):
-        ip.run_cell("%pmap -q tiny, some")
+        ip.run_cell("%pmap -q tiny, some", silent=True)
     t_pmap = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(200):
-        ip.run_cell("%%parallel -n 2 -q\nrank")
+        ip.run_cell("%%parallel -n 2 -q\nrank", silent=True)
     t_cells = time.perf_counter() - t
     gc.collect()
     after = snap()
@@ -162,7 +162,7 @@ def interrupts() -> list[str]:
     return [
         f"| interrupt kernel during `%pmap` -> kernel idle (n=7) | {ms(statistics.median(pm))} | {ms(max(pm))} |",
         f"| interrupt kernel during `%%parallel` -> kernel idle (n=7) | {ms(statistics.median(par))} | {ms(max(par))} |",
-        f"| interrupt kernel during `%pmap` -> no process of the kernel running (n=7) | "
+        f"| interrupt kernel during `%pmap` -> every process of the kernel asleep, replacements started (n=7) | "
         f"{ms(statistics.median(quiet))} | {ms(max(quiet))} |",
     ]
 
