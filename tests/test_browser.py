@@ -266,8 +266,14 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
             reports = page.locator("table.mpmagic-report")
             assert reports.count() >= 4, f"expected a report table per run, found {reports.count()}"
             first = code_cells.filter(has_text="%pmap work, [1_000_000]").first.locator("table.mpmagic-report")
-            first_text = first.inner_text()
-            assert "speedup" in first_text and "8" in first_text
+            # The report's cells, label over value: the item count is the "items" cell.
+            labels = first.locator("thead th").all_inner_texts()
+            values = first.locator("tbody td").all_inner_texts()
+            assert len(labels) == len(values), (labels, values)
+            cells = dict(zip((x.strip() for x in labels), (v.strip() for v in values), strict=True))
+            assert cells.get("items") == "8", cells
+            assert re.fullmatch(r"\d+ workers? \(\w+\)", cells.get("workers", "")), cells
+            assert re.fullmatch(r"~\d+\.\d+x", cells.get("speedup", "")), cells  # estimated: "~1.9x"
             compared = code_cells.filter(has_text="%pmap --compare work").first.locator("table.mpmagic-report")
             assert "measured" in compared.inner_text()
 

@@ -143,7 +143,9 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     with pytest.raises(KeyboardInterrupt):
         mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
     returned = time.monotonic() - t0
-    assert returned < 1.5 + 2.0  # the interrupt came at 1.5 s; back within 2 s of it
+    # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
+    # that catches a hang, not slowness on a loaded machine).
+    assert returned < 20
     err = capsys.readouterr().err
     assert "interrupted; cancelled" in err and "already running" in err and "%pool restart" in err
     # %pool restart restarts the worker processes (and with them the stuck tasks).
@@ -154,11 +156,55 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
 
 
-def test_timeout_restarts_the_worker_and_names_the_item(ip, dask_pool):
-    run(ip, "import time\ndef maybe_hang(x):\n    if x == 2:\n        time.sleep(60)\n    return x\n")
+def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool):
+    """On a cluster mpmagic only connected to: the stuck item is named and the
+    run ends. Whether that cluster's worker is restarted is not asserted here
+    (mpmagic is to leave the workers of a cluster it does not own alone); the
+    restart is checked on a cluster of its own, in the next test."""
+    # 20 s, not longer: a worker of a cluster mpmagic does not own may be left
+    # to finish the sleep, and later tests would wait for it.
+    run(ip, "import time\ndef maybe_hang(x):\n    if x == 2:\n        time.sleep(20)\n    return x\n")
+    t0 = time.monotonic()
     with pytest.raises(mpmagic.TaskTimeoutError) as info:
         run(ip, "%pmap -q --timeout 1 maybe_hang, range(4)")
-    assert "item 2 (2)" in str(info.value)
+    assert "item 2 (2)" in str(info.value) and "timeout of 1 s" in str(info.value)
+    assert time.monotonic() - t0 < 15  # ended, before the sleep would have
+
+
+def test_timeout_restarts_the_worker_of_its_own_local_cluster(ip, tmp_path):
+    """`%pool dask` without an address starts a LocalCluster that mpmagic owns:
+    a timed-out task's worker process is restarted (a new pid in its place)."""
+    run(ip, "%pool dask -n 2")
+    backend = pool_module.get_pool()
+    try:
+        pids_file = tmp_path / "hung_pid"
+        run(
+            ip,
+            "import os, time\n"
+            "def hang_on_2(x):\n"
+            "    if x == 2:\n"
+            f"        open({str(pids_file)!r}, 'w').write(str(os.getpid()))\n"
+            "        time.sleep(60)\n"
+            "    return x\n",
+        )
+        with pytest.raises(mpmagic.TaskTimeoutError) as info:
+            run(ip, "%pmap -q --timeout 1 hang_on_2, range(4)")
+        assert "item 2 (2)" in str(info.value)
+        hung = int(pids_file.read_text())
+        # The nanny replaces the process: the hung pid leaves the cluster and a
+        # new worker process joins, so two are up again (well before the stuck
+        # task's 60 s sleep could end on its own).
+        deadline = time.monotonic() + 30
+        while True:
+            pids = set(worker_pids(backend).values()) if len(backend.client.scheduler_info()["workers"]) == 2 else set()
+            if len(pids) == 2 and hung not in pids:
+                break
+            assert time.monotonic() < deadline, f"the worker {hung} that ran the stuck item was not restarted: {pids}"
+            time.sleep(0.2)
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+    finally:
+        run(ip, "%pool local -n 2")
 
 
 def test_pool_status_and_scheduler_file(ip, dask_cluster, dask_pool):

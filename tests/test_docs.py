@@ -9,6 +9,23 @@
   page, may stand right before a python block (use them sparingly):
   ``<!-- docs-test: skip (why) -->`` does not run it, and
   ``<!-- docs-test: raises NameOfError -->`` runs it and expects that error.
+* The output a page shows for a snippet (a ```` ```text ```` block right
+  after the python block) is what the snippet shows when it runs (its
+  printed text, its Out[] value, its report line, its error): every line of
+  the block must appear in the snippet's real output (whitespace runs count
+  as one space, so a long line may be wrapped; ``...`` stands for any text,
+  for the parts that differ from run to run such as a pid or an object's
+  name). Timing figures cannot match from run to run: a block that shows them
+  is marked ``<!-- docs-test: example output -->`` (between the python block
+  and the text block), and then, on each line holding a figure with a unit
+  (``345.8 ms``, ``2.03x``, ``82%``, ``17 MB``), a pid or a session counter
+  (``tasks run: 18``), every number stands
+  for any number; the words, results and order of the parts must still match.
+  An ``advice:`` line depends on those timings: in an example block it is
+  compared only when the run gave advice.
+* The error texts shown on their own in docs/reliability.md and
+  docs/troubleshooting.md (``WorkerLostError: ...``) are compared with the
+  error the code raises for the case the page describes (``ERROR_TEXTS``).
 * Every relative link (and ``#anchor``) in those files points at a file or
   heading that exists, and ``docs/index.md`` links every page in ``docs/``.
 * ``docs/reference.md`` is current: its option and setting tables are the
@@ -24,13 +41,17 @@ toolchain.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+from IPython.utils.capture import capture_output
 from markdown_it import MarkdownIt
 
 import mpmagic
@@ -43,6 +64,11 @@ PAGES = sorted([ROOT / "README.md", *DOCS.glob("*.md")])
 # Tests reach only this machine: a snippet naming another host is not run.
 REMOTE = re.compile(r"\b(?:tcp|tls|ucx|wss?|https?)://(?!127\.|localhost\b|\[::1\])[\w.\-\[\]:]+")
 MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|raises)\b\s*([^>]*?)\s*-->")
+EXAMPLE_MARKER = re.compile(r"<!--\s*docs-test:\s*example output\s*-->")
+# A figure whose value differs from run to run: a number with a unit, a pid,
+# or a counter of the session (%pool's "calls run: 3, tasks run: 18").
+FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d")
+NUMBER = re.compile(r"~?\d+(?:\.\d+)?")
 
 _md = MarkdownIt("commonmark").enable("table")
 
@@ -56,6 +82,9 @@ class Snippet:
     code: str
     skip: bool = False
     raises: str | None = None
+    output: str | None = None  # the ```text block shown right after it, if any
+    output_line: int = 0
+    example: bool = False  # that block is marked "example output"
 
     def where(self) -> str:
         return f"{self.page.relative_to(ROOT)}:{self.line}"
@@ -75,8 +104,72 @@ def snippets(page: Path) -> list[Snippet]:
                 snip.skip = True
             else:
                 snip.raises = m.group(2).split()[0] if m.group(2) else "Exception"
+        after = tokens[i + 1] if i + 1 < len(tokens) else None
+        if after is not None and after.type == "html_block" and EXAMPLE_MARKER.search(after.content):
+            snip.example = True
+            after = tokens[i + 2] if i + 2 < len(tokens) else None
+        if after is not None and after.type == "fence" and after.info.strip().split(" ")[0] == "text":
+            snip.output, snip.output_line = after.content, after.map[0] + 1
         found.append(snip)
     return found
+
+
+def _squeeze(text: str) -> str:
+    return " ".join(text.split())
+
+
+# In a shown line: "..." (any text), a timeline bar "|###...|", or a number
+# with its time unit if it has one ("345.8 ms", "~1.4").
+TOKEN = re.compile(r"(\.\.\.)|(\|[#.]+\|)|(~?\d+(?:\.\d+)?(?: (?:us|ms|s)\b)?)")
+
+
+def line_pattern(line: str, example: bool) -> re.Pattern:
+    """A shown output line as a regex: ``...`` is any text; in an example
+    block, on a line with timing figures, each number is any number (and a
+    time in any unit: 831 us in one run is 1.1 ms in the next), and a
+    timeline bar is any bar."""
+    text = _squeeze(line)
+    masked = example and FIGURE.search(text) is not None
+    out, pos = [], 0
+    for m in TOKEN.finditer(text):
+        dots, bar, number = m.groups()
+        if dots:
+            piece = ".*?"
+        elif bar and example:
+            piece = r"\|[#.]+\|"
+        elif number and masked:
+            piece = r"~?\d+(?:\.\d+)?" + (r" (?:us|ms|s)" if " " in number else "")
+        else:
+            piece = re.escape(m.group(0))
+        out += [re.escape(text[pos : m.start()]), piece]
+        pos = m.end()
+    out.append(re.escape(text[pos:]))
+    return re.compile("".join(out))
+
+
+def shown_lines_missing(shown: str, actual: str, example: bool) -> list[str]:
+    """The lines of a page's output block that the snippet's real output lacks."""
+    real = _squeeze(actual)
+    gave_advice = "advice:" in real
+    missing = []
+    for line in shown.splitlines():
+        if not line.strip():
+            continue
+        if example and line.startswith("advice:") and not gave_advice:
+            continue  # advice follows the timings of this run
+        if not line_pattern(line, example).search(real):
+            missing.append(line)
+    return missing
+
+
+def what_it_showed(cap, error: BaseException | None) -> str:
+    """Everything a snippet put in front of the reader: printed text, displayed
+    objects (the report) and the Out[] value, and its error."""
+    parts = [cap.stdout, cap.stderr]
+    parts += [o.data.get("text/plain", "") for o in cap.outputs]
+    if error is not None:
+        parts.append(f"{type(error).__name__}: {error}")
+    return "\n".join(parts)
 
 
 def github_slug(text: str) -> str:
@@ -146,8 +239,17 @@ def test_snippets_run(docs_shell, page: Path) -> None:
             f"{snip.where()}: the snippet would connect to {remote.group(0)}; tests reach only 127.0.0.1. "
             "Show it as a ```text block, or mark it <!-- docs-test: skip (why) -->"
         )
-        result = docs_shell.run_cell(snip.code, store_history=False, silent=False)
+        with capture_output() as cap:
+            result = docs_shell.run_cell(snip.code, store_history=False, silent=False)
         error = result.error_before_exec or result.error_in_exec
+        if snip.output is not None:
+            missing = shown_lines_missing(snip.output, what_it_showed(cap, error), snip.example)
+            assert not missing, (
+                f"{page.relative_to(ROOT)}:{snip.output_line}: the page shows output the snippet at "
+                f"{snip.where()} does not give:\n" + "\n".join(missing)
+                + f"\n--- it gave:\n{what_it_showed(cap, error)}"
+                + ("" if snip.example else "\n(timing figures? mark the block <!-- docs-test: example output -->)")
+            )
         if snip.raises:
             assert error is not None, f"{snip.where()}: expected {snip.raises}, but the snippet ran without error"
             names = {cls.__name__ for cls in type(error).__mro__}
@@ -156,6 +258,98 @@ def test_snippets_run(docs_shell, page: Path) -> None:
             raise AssertionError(
                 f"{snip.where()}: the snippet raised {type(error).__name__}: {error}\n{snip.code}"
             ) from error
+
+
+# The cases docs/reliability.md and docs/troubleshooting.md describe, each run
+# for real; the error texts those pages show on their own (not as a
+# snippet's output) must all appear in what these runs show.
+ERROR_PAGES = [DOCS / "reliability.md", DOCS / "troubleshooting.md"]
+ERROR_SETUP = """
+import os, signal, sqlite3, time
+def sigkilled(x):
+    if x == 5:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+def stuck(x):
+    if x == 3:
+        time.sleep(60)
+    return x
+def spin(x):
+    while True:
+        pass
+conn = sqlite3.connect(":memory:")
+def query(x):
+    return conn.execute("select ?", (x,)).fetchone()[0]
+def dies_once(x):
+    if x < 0 and not os.path.exists(MARK):
+        open(MARK, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x + 1
+"""
+ERROR_CASES = [
+    "def work(x):\n    # the function of the troubleshooting page\n    return 1 / x\n\n%pmap -q work, [0, 1]",
+    "%pmap -q sigkilled, range(8)",
+    "%%parallel -n 2 -q\nif rank == 1:\n    os._exit(7)\nrank",
+    "_ = %pmap -q dies_once, range(20_000)\n_ = %pmap -q dies_once, xs",  # warm-up; then item 777 dies once
+    "%pmap -q --timeout 0.5 stuck, range(6)",
+    "%%parallel -n 2 -q --timeout 0.5\nif rank == 1:\n    time.sleep(60)\nrank",
+    "%pmap -q query, range(4)",
+    "%pmap -n 0 abs, range(3)",
+    "%%parallel -n 4 -q\n1 / (rank - 2)",
+]
+# "<how it ended>": an angle-bracketed phrase with a space stands for any text.
+PLACEHOLDER = re.compile(r"<[a-z]+(?: [a-z]+)+>")
+
+
+def standalone_error_blocks(page: Path) -> list[tuple[int, str]]:
+    """(line, text) of the ```text blocks of a page that are not a snippet's output."""
+    outputs = {s.output_line for s in snippets(page)}
+    return [
+        (t.map[0] + 1, t.content)
+        for t in _md.parse(page.read_text())
+        if t.type == "fence" and t.info.strip().split(" ")[0] == "text" and t.map[0] + 1 not in outputs
+    ]
+
+
+def test_error_texts_on_the_pages_are_what_the_code_says(docs_shell, tmp_path) -> None:
+    """Each error text shown on its own is what mpmagic says in that case (with
+    ``<how it ended>`` and ``...`` standing for the parts that vary)."""
+    ip = docs_shell
+    if getattr(pool_module.current_pool(), "name", None) != "local":
+        mpmagic.use_local(2)
+    mpmagic.get_pool().wait_ready()
+    ip.user_ns["MARK"] = str(tmp_path / "died")
+    xs = list(range(20_000))
+    xs[777] = -1
+    ip.user_ns["xs"] = xs
+    ip.run_cell(ERROR_SETUP, store_history=False)
+    shown = []
+    try:
+        for code in ERROR_CASES:
+            with capture_output() as cap:
+                result = ip.run_cell(code, store_history=False)
+            shown.append(what_it_showed(cap, result.error_before_exec or result.error_in_exec))
+        # "interrupt kernel" during a run: SIGINT to this process half a second in.
+        timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        try:
+            with capture_output() as cap:
+                result = ip.run_cell("%pmap -q spin, range(4)", store_history=False)
+        finally:
+            timer.cancel()
+        shown.append(what_it_showed(cap, result.error_in_exec))
+    finally:
+        ip.run_cell("conn.close()", store_history=False)
+    everything = "\n".join(shown)
+    wrong = []
+    checked = 0
+    for page in ERROR_PAGES:
+        for line, text in standalone_error_blocks(page):
+            checked += 1
+            missing = shown_lines_missing(PLACEHOLDER.sub("...", text), everything, example=False)
+            wrong += [f"{page.relative_to(ROOT)}:{line}: {m}" for m in missing]
+    assert checked >= 11, checked  # every block of both pages, none skipped
+    assert not wrong, "error texts shown that the code does not give:\n" + "\n".join(wrong) + f"\n--- it gave:\n{everything}"
 
 
 def test_markers_are_rare_and_used_right() -> None:

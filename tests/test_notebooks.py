@@ -160,10 +160,12 @@ def test_classic_lessons_notebook() -> None:
     # The shared counter: 4 tasks x 1000 increments under the lock.
     assert cell_literal(nb, "counter.value") == 4000
 
+    # The oracle: plain serial Python. The printed total is read back whole
+    # (a substring test would accept a longer number that starts the same).
     expected = sum(i * i for i in range(1, 1_000_001))
-    assert expected == 333333833333500000
     star = cell_text(nb, "%pmap --star --compare compute_range")
-    assert f"total: {expected}" in star
+    printed = re.findall(r"^total: (-?\d+)$", star, flags=re.MULTILINE)
+    assert printed == [str(expected)], star
     [line] = report_lines(star)
     assert "4 items" in line and "measured, results equal" in line
 

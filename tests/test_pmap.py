@@ -83,6 +83,9 @@ def test_star_and_the_classic_sum_of_squares(ip, backend):
         "ranges = [(1, 250001), (250001, 500001), (500001, 750001), (750001, 1000001)]\n",
     )
     parts = run(ip, "%pmap -q --star compute_range, ranges")
+    # Each part in its place, as serial starmap gives it (the sum alone would
+    # accept the parts in any order).
+    assert parts == [ip.user_ns["compute_range"](*r) for r in ip.user_ns["ranges"]]
     assert sum(parts) == 333333833333500000
 
 

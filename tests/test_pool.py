@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import psutil
 import pytest
@@ -76,10 +77,11 @@ def test_default_size_follows_affinity_and_quota(monkeypatch):
     assert cpus.available_cpus() == 1
 
 
-def test_default_start_method_is_spawn_safe():
+def test_default_start_method_is_forkserver_on_linux_and_spawn_elsewhere():
+    """The documented default: forkserver on Linux (spawn-safe, fast to start), spawn elsewhere."""
     from mpmagic.backends.local import default_start_method
 
-    assert default_start_method() in ("forkserver", "spawn")
+    assert default_start_method() == ("forkserver" if sys.platform.startswith("linux") else "spawn")
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])

@@ -1,0 +1,82 @@
+"""``%%parallel`` on the fork start method.
+
+The core cell tests (tests/test_parallel.py) run on forkserver, spawn and
+Dask; fork had only a %pmap smoke test. Fork has its own trap: a forked
+worker inherits the notebook's memory as it was when the pool started, so a
+cell that read its names from that copy would see stale values, and names
+defined later would be missing. Each check below uses names defined or
+changed after the pool's workers were forked; plain serial Python (the same
+code run with each rank by hand) is the oracle.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ensure_pool, run
+from IPython.utils.capture import capture_output
+
+import mpmagic
+
+
+@pytest.fixture
+def fork_pool(ip):
+    """A 2-worker fork pool whose workers are already running (forked now)."""
+    ip.user_ns["scale"] = 1  # in the workers' inherited copy of the notebook
+    backend = ensure_pool("fork")
+    backend.wait_ready()
+    assert backend.start_method == "fork"
+    return backend
+
+
+def serial(code: str, size: int, **names) -> list:
+    """The cell's last value for each rank, run here one rank after another."""
+    body, last = code.rsplit("\n", 1)
+    out = []
+    for rank in range(size):
+        ns = {**names, "rank": rank, "size": size}
+        exec(body, ns)
+        out.append(eval(last, ns))
+    return out
+
+
+def test_cell_sees_names_made_and_changed_after_the_fork(ip, fork_pool):
+    pids_before = {s.pid for s in fork_pool.slots}
+    run(ip, "scale = 7\ndef weight(r):\n    return (r + 1) * scale\nclass Box:\n    def __init__(self, v):\n        self.v = v\n")
+    code = "b = Box(weight(rank))\nb.v + size"
+    values = run(ip, f"%%parallel -n 2 -q\n{code}")
+    assert values == serial(code, 2, weight=ip.user_ns["weight"], Box=ip.user_ns["Box"]) == [9, 16]
+    assert {s.pid for s in fork_pool.slots} == pids_before  # the same forked workers ran it
+    # Changed again: the next cell sees the new value, not the one sent before.
+    run(ip, "scale = 100")
+    assert run(ip, "%%parallel -n 2 -q\nweight(rank)") == [100, 200]
+
+
+def test_output_labelled_values_in_rank_order_and_more_ranks_than_workers(ip, fork_pool):
+    with capture_output() as cap:
+        values = run(ip, "%%parallel -n 3 -q\nprint('hello from', rank)\nrank * rank")
+    assert values == [0, 1, 4]
+    for rank in range(3):
+        assert f"[rank {rank}] hello from {rank}\n" in cap.stdout
+    assert mpmagic.last_report().items == 3
+
+
+def test_error_in_one_rank_names_it_and_keeps_the_others(ip, fork_pool):
+    with capture_output():
+        result = ip.run_cell("%%parallel -n 2 -q\n10 // (rank - 1)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.ParallelError), err
+    assert set(err.failures) == {1} and isinstance(err.failures[1], ZeroDivisionError)
+    assert err.values == {0: -10}  # 10 // -1, as serial Python gives it
+    assert run(ip, "%%parallel -n 2 -q\nrank") == [0, 1]  # the pool still works
+
+
+def test_shared_value_made_after_the_fork(ip, fork_pool):
+    run(ip, "import mpmagic\ncounter = mpmagic.Value('i', 0)\nguard = mpmagic.Lock()")
+    run(
+        ip,
+        "%%parallel -n 2 -q\n"
+        "for _ in range(500):\n"
+        "    with guard:\n"
+        "        counter.value += 1\n",
+    )
+    assert ip.user_ns["counter"].value == 1000

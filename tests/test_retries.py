@@ -1,0 +1,98 @@
+"""``%pmap --retries N``: items whose worker died are sent again, up to N times.
+
+Until now only the option's usage error was tested. These tests kill a
+worker for real (SIGKILL, what the out-of-memory killer sends) from inside
+an item, and count the attempts in files the items write, so what is
+checked is what the workers did, not what the job believes it did. Chunks of
+one item (``--chunksize 1``): with larger chunks a death is first re-run
+item by item to find its culprit, which is another feature
+(tests/test_reliability.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import run
+from IPython.utils.capture import capture_output
+
+import mpmagic
+
+KILLERS = """
+import os, signal
+
+def dies_first_time(x):
+    # Item 3 kills its worker on its first attempt only (like an OOM kill).
+    if x == 3:
+        with open(TRIES, "a") as f:
+            f.write("x")
+        if os.path.getsize(TRIES) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+def always_dies(x):
+    # Item 2 kills every worker it runs on.
+    if x == 2:
+        with open(TRIES, "a") as f:
+            f.write("x")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+"""
+
+
+@pytest.fixture
+def killers(ip, tmp_path):
+    """The functions above, counting item attempts in a fresh file; a ready pool."""
+    backend = mpmagic.get_pool()
+    backend.wait_ready()
+    tries = tmp_path / "tries"
+    ip.user_ns["TRIES"] = str(tries)
+    run(ip, KILLERS)
+    return backend, tries
+
+
+def attempts(path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def test_retries_resend_the_item_whose_worker_died(ip, killers):
+    backend, tries = killers
+    replaced = backend.workers_replaced
+    with capture_output():
+        results = run(ip, "%pmap -q --chunksize 1 --retries 1 dies_first_time, range(8)")
+    assert results == [x * x for x in range(8)]  # as serial Python gives them
+    assert attempts(tries) == 2  # died once, then ran again and returned
+    assert backend.workers_replaced > replaced  # a worker really died
+
+
+def test_without_retries_the_same_death_is_an_error(ip, killers):
+    _, tries = killers
+    with capture_output():
+        result = ip.run_cell("%pmap -q --chunksize 1 dies_first_time, range(8)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.WorkerLostError), err
+    assert "item 3 (3)" in str(err) and "killed by SIGKILL" in str(err)
+    assert attempts(tries) == 1  # not sent again
+
+
+def test_retries_stop_after_n_and_name_the_item(ip, killers):
+    _, tries = killers
+    with capture_output():
+        result = ip.run_cell("%pmap -q --chunksize 1 --retries 2 always_dies, range(5)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.WorkerLostError), err
+    assert "item 2 (2)" in str(err)
+    assert attempts(tries) == 3  # the first run and two retries, no more
+    # With --errors collect the others' results are all there, in order.
+    tries.unlink()
+    with capture_output():
+        results = run(ip, "%pmap -q --chunksize 1 --retries 1 --errors collect always_dies, range(5)")
+    assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 9, 16]
+    assert isinstance(results[2], mpmagic.Failed) and isinstance(results[2].error, mpmagic.WorkerLostError)
+    assert attempts(tries) == 2
+
+
+def test_retries_through_the_api(ip, killers):
+    _, tries = killers
+    func = ip.user_ns["dies_first_time"]  # defined in the notebook-like shell
+    assert mpmagic.pmap(func, range(8), chunksize=1, retries=1) == [x * x for x in range(8)]
+    assert attempts(tries) == 2
