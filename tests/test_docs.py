@@ -67,7 +67,7 @@ MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|raises)\b\s*([^>]*?)\s*-->")
 EXAMPLE_MARKER = re.compile(r"<!--\s*docs-test:\s*example output\s*-->")
 # A figure whose value differs from run to run: a number with a unit, a pid,
 # or a counter of the session (%pool's "calls run: 3, tasks run: 18").
-FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d")
+FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|µs|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d")
 NUMBER = re.compile(r"~?\d+(?:\.\d+)?")
 
 _md = MarkdownIt("commonmark").enable("table")
@@ -120,7 +120,7 @@ def _squeeze(text: str) -> str:
 
 # In a shown line: "..." (any text), a timeline bar "|###...|", or a number
 # with its time unit if it has one ("345.8 ms", "~1.4").
-TOKEN = re.compile(r"(\.\.\.)|(\|[#.]+\|)|(~?\d+(?:\.\d+)?(?: (?:us|ms|s)\b)?)")
+TOKEN = re.compile(r"(\.\.\.)|(\|[#.]+\|)|([~<]?\d+(?:\.\d+)?(?: (?:us|µs|ms|s)\b)?)")
 
 
 def line_pattern(line: str, example: bool) -> re.Pattern:
@@ -138,7 +138,7 @@ def line_pattern(line: str, example: bool) -> re.Pattern:
         elif bar and example:
             piece = r"\|[#.]+\|"
         elif number and masked:
-            piece = r"~?\d+(?:\.\d+)?" + (r" (?:us|ms|s)" if " " in number else "")
+            piece = r"[~<]?\d+(?:\.\d+)?" + (r" (?:us|µs|ms|s)" if " " in number else "")
         else:
             piece = re.escape(m.group(0))
         out += [re.escape(text[pos : m.start()]), piece]
@@ -296,6 +296,9 @@ ERROR_CASES = [
     "%pmap -q query, range(4)",
     "%pmap -n 0 abs, range(3)",
     "%%parallel -n 4 -q\n1 / (rank - 2)",
+    "%pmap --worker 2 abs, range(3)",
+    "def fails_at_3(x):\n    return 1 / (x - 3)\n\n%pmap fails_at_3, range(6)",  # the failed-run line
+    "%%parallel -n 4\n1 / (rank - 2)",
 ]
 # "<how it ended>": an angle-bracketed phrase with a space stands for any text.
 PLACEHOLDER = re.compile(r"<[a-z]+(?: [a-z]+)+>")
