@@ -24,6 +24,7 @@ from conftest import ensure_pool, run
 import mpmagic
 from mpmagic import pool as pool_module
 from mpmagic import shared
+from mpmagic.shared import base as shared_base
 
 SHM = "/dev/shm"
 
@@ -71,19 +72,19 @@ def nothing_left_in_dev_shm(ip):
     be using helpers of their own at the same time.
     """
     made: list[str] = []
-    real = shared._new_stem
+    real = shared_base._new_stem
 
     def recording() -> str:
         made.append(real())
         return made[-1]
 
-    shared._new_stem = recording
+    shared_base._new_stem = recording
     try:
         yield
     finally:
-        shared._new_stem = real
+        shared_base._new_stem = real
     for name in list(ip.user_ns):
-        if isinstance(ip.user_ns[name], shared._Helper):
+        if isinstance(ip.user_ns[name], shared_base._Helper):
             del ip.user_ns[name]
     # IPython keeps the last traceback it showed (sys.last_*): its frames
     # would keep a helper from an expected `q.get(timeout=...)` Empty alive.
