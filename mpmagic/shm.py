@@ -49,6 +49,7 @@ This module imports no IPython (workers import it) and no numpy.
 from __future__ import annotations
 
 import atexit
+import io
 import itertools
 import logging
 import mmap
@@ -59,6 +60,8 @@ import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
+
+import cloudpickle
 
 from . import posixshm
 from .posixshm import NoRoom, pid_alive  # noqa: F401 - pid_alive: the worker's watchdog uses it here
@@ -343,31 +346,27 @@ class Lease:
 class Collector:
     """A ``buffer_callback`` that takes large contiguous buffers out of band.
 
-    ``readonly_too``: also take smaller *read-only* buffers, marked in
-    ``inline``: in the pickle they would come back as ``bytes``, and an array
-    on ``bytes`` is read-only. A worker's results use it, so an array a task
-    returns (its read-only input, say) is writable in the notebook.
+    It also notes whether any buffer was read-only (``readonly``): pickle
+    marks those, and they load read-only, whichever way they travel.
     """
 
-    def __init__(self, threshold: int | None = None, readonly_too: bool = False) -> None:
+    def __init__(self, threshold: int | None = None) -> None:
         self.threshold = THRESHOLD if threshold is None else threshold
-        self.readonly_too = readonly_too
         self.buffers: list[memoryview] = []
-        self.inline: set[int] = set()  # indices of buffers that travel in the envelope
+        self.readonly = False
 
     def reset(self) -> None:
         self.buffers = []
-        self.inline = set()
+        self.readonly = False
 
     def __call__(self, pb: pickle.PickleBuffer) -> bool:
         try:
             raw = pb.raw()
         except BufferError:  # not contiguous: it stays in the pickle
             return True
+        self.readonly = self.readonly or raw.readonly
         if raw.nbytes < self.threshold:
-            if not (self.readonly_too and raw.readonly):
-                return True
-            self.inline.add(len(self.buffers))
+            return True
         self.buffers.append(raw)
         return False  # out of band
 
@@ -627,17 +626,39 @@ def dumps_lent(obj: Any, lease: Lease, dumps) -> bytes:
     return wrap(data, collector.buffers, "lend", lease)[0]
 
 
+class _WritablePickler(cloudpickle.Pickler):
+    """cloudpickle, with every read-only numpy array pickled as a writable copy."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        np = sys.modules.get("numpy")
+        if np is not None and type(obj) is np.ndarray and not obj.flags.writeable:
+            return obj.copy().__reduce_ex__(_PROTOCOL)
+        return super().reducer_override(obj)
+
+
+def _dumps_writable(obj: Any, collector: Collector) -> bytes:
+    """Pickle ``obj`` so that no numpy array in it loads read-only."""
+    collector.reset()
+    with io.BytesIO() as f:
+        _WritablePickler(f, protocol=_PROTOCOL, buffer_callback=collector).dump(obj)
+        return f.getvalue()
+
+
 def dumps_result(obj: Any, dumps) -> bytes:
     """Pickle a worker's result with ``dumps(obj, collector)``; big buffers are given.
 
     ``dumps`` is the data pickler (``payload.dumps_data``) taking a buffer callback.
     """
-    # Without shared memory, read-only buffers are still taken out, to travel writable.
-    collector = Collector(None if ENABLED else 1 << 62, readonly_too=True)
+    collector = Collector(None if ENABLED else 1 << 62)
     data = dumps(obj, collector)
+    if collector.readonly:
+        # A read-only array (a task returning its shared, read-only input, or a
+        # view of it) would load read-only in the notebook: results are
+        # writable there, as map() would give them, so copy those first.
+        data = _dumps_writable(obj, collector)
     if not collector.buffers:
         return data
-    env, seg, _ = wrap(data, collector.buffers, "give", inline=collector.inline)
+    env, seg, _ = wrap(data, collector.buffers, "give")
     if seg is not None:
         seg.release()
     return env
