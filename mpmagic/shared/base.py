@@ -172,6 +172,25 @@ class _HolderLock:
     it over; the segment's flock makes sure only one waiter does. A holder
     killed in the instant between taking the semaphore and writing its pid is
     not seen: this is best effort, not a robust mutex.
+
+    Why not a robust pthread mutex in the segment (PTHREAD_MUTEX_ROBUST, which
+    the kernel hands to the next waiter with EOWNERDEAD)? Python cannot place
+    one in shared memory without a C extension, and the named semaphore is what
+    ``multiprocessing`` already gives us: portable, interruptible by Ctrl-C
+    (``sem.acquire`` with a timeout), and openable by name in any process.
+
+    Why the take-over goes through an ``flock`` and not the semaphore: the
+    semaphore stays taken (its dead holder will never release it), so the
+    waiters must agree among themselves who inherits it. ``flock`` on the
+    segment's descriptor is exclusive, and the kernel drops it if its holder
+    dies, so the agreement itself cannot be wedged by a second death. Inside it
+    the waiter re-reads the holder word: if another waiter already wrote its own
+    pid there, that one won, and this one goes back to waiting.
+
+    Why ``_SLICE`` (0.25 s): a waiter checks the holder only after waiting that
+    long, so the uncontended path costs one ``sem_trywait`` and one store (the
+    locked ``Value`` increment of bench_shared.py: ~600,000/s over 2 ranks), and
+    a dead holder costs the others a quarter of a second, once.
     """
 
     def __init__(self, sem: Any, seg: _Segment, slot: int, recursive: bool, what: str | None) -> None:

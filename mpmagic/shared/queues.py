@@ -405,6 +405,9 @@ def _spill(ring: _Ring, local: _Local) -> None:
         feeder = local.feeder
     if feeder is not None:
         feeder.join(_EXIT_TIMEOUT)  # within _SLICE unless it is mid-stream
+        if feeder.is_alive():  # still writing: spilling now could deliver an item twice
+            log.warning("mpmagic.Queue: the feeder is still writing at exit; its backlog stays here")
+            return
     with local.lock:
         items = [x for x in local.backlog if x is not _CLOSE]
         closes = len(local.backlog) - len(items)
