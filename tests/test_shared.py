@@ -681,3 +681,16 @@ def test_queue_names_items_lost_with_a_killed_producer(ip):
     with pytest.raises(mpmagic.shared.QueueItemsLost):  # every later get is told too
         run(ip, "kq.get(timeout=5)")
     drop(ip, "kq", "put_then_die", "kept", "why")
+
+
+def test_queue_backlogs_survive_a_pool_restart(ip):
+    """%pool restart stops every worker: each hands its backlog over before it exits."""
+    ensure_pool("spawn")
+    try:
+        run(ip, PRODUCE.replace("ITEMS", "15").replace("SIZE", "100_000"))
+        assert run(ip, "%pmap -q produce, range(4)") == [0, 1, 2, 3]
+        run(ip, "%pool restart")
+        run(ip, "lq.close()")
+        assert run(ip, "sorted((i, j) for i, j, _ in lq)") == _expected(4, 15)
+    finally:
+        drop(ip, "lq", "produce")
