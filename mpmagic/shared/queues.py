@@ -90,6 +90,7 @@ _CLOSE = object()  # a close() waiting in the backlog behind this process's item
 _SLOTS = 128  # processes with a backlog at the same time; more wait for room instead
 _SLOT = 5
 _S_PID, _S_ITEMS, _S_CLOSES, _S_SPILL, _S_READ = range(_SLOT)
+_SPILLED = 1 << 63  # set in a spill's pid word: the process's own later puts get a new slot
 TABLE_BYTES = _SLOTS * _SLOT * 8
 _SPILL_REC = struct.Struct("<Q")  # a spilled message: its length, then the bytes (padded)
 _EXIT_WAIT = 0.1  # seconds a stopping process lets its feeder drain before it spills
@@ -205,7 +206,7 @@ class _Ring:
         if not self.w[_W_SLOTS_USED]:
             return False
         with self.mutex:
-            held = [(i, t[i + _S_PID]) for i in range(0, _SLOTS * _SLOT, _SLOT) if t[i + _S_PID]]
+            held = [(i, t[i + _S_PID]) for i in range(0, _SLOTS * _SLOT, _SLOT) if t[i + _S_PID] and not t[i + _S_SPILL]]
         dead = [(i, pid) for i, pid in held if not _alive(pid)]
         changed = False
         with self.mutex:
@@ -233,7 +234,7 @@ class _Ring:
             else:
                 return None
             pid, size, offset = t[i + _S_PID], t[i + _S_SPILL], t[i + _S_READ]
-            name = _spill_name(self.seg.name, pid)
+            name = _spill_name(self.seg.name, pid & ~_SPILLED)
             mapping = self.spills.get(name)
             if mapping is None:
                 mapping = self.spills[name] = posixshm.attach(name, size)
@@ -374,6 +375,7 @@ def _release_queue(local: _Local, stem: str, owner_pid: int) -> None:
 # A process that stops with a backlog: drain it, or spill it
 
 _feeding: set[_Local] = set()  # backlogs whose feeder runs in this process
+_exit_lock = threading.Lock()
 
 
 def flush_at_exit() -> None:
@@ -387,14 +389,23 @@ def flush_at_exit() -> None:
     (see the comment at the top), or, if ``/dev/shm`` has no room for that,
     drained for up to ``_EXIT_TIMEOUT`` seconds.
     """
-    for local in list(_feeding):
-        if local.owner_pid == base._PID or local.ring is None or not _alive(local.owner_pid):
-            continue
-        try:
-            if not local.wait_empty(_EXIT_WAIT):
-                _spill(local.ring, local)
-        except Exception:
-            log.warning("mpmagic.Queue: could not hand over this process's backlog at exit", exc_info=True)
+    # Two threads may get here at once (the worker's main thread returning from a
+    # "stop", its reader thread seeing the pipe close): the second waits for the
+    # first, or it could os._exit the process in the middle of the first's spill.
+    with _exit_lock:
+        for local in list(_feeding):
+            _hand_over(local)
+
+
+def _hand_over(local: _Local) -> None:
+    """Drain one backlog into the ring, or spill what does not drain at once."""
+    if local.owner_pid == base._PID or local.ring is None or not _alive(local.owner_pid):
+        return
+    try:
+        if not local.wait_empty(_EXIT_WAIT):
+            _spill(local.ring, local)
+    except Exception:
+        log.warning("mpmagic.Queue: could not hand over this process's backlog at exit", exc_info=True)
 
 
 def _spill(ring: _Ring, local: _Local) -> None:
@@ -439,6 +450,7 @@ def _spill(ring: _Ring, local: _Local) -> None:
         t[i + _S_CLOSES] = 0
         if items:
             t[i + _S_SPILL], t[i + _S_READ] = size, 0
+            t[i + _S_PID] = base._PID | _SPILLED  # the spill's slot now, no longer this process's
             ring.w[_W_SPILLS] += 1
         else:
             t[i + _S_PID] = t[i + _S_ITEMS] = 0
