@@ -88,6 +88,18 @@ class MPMagic(Configurable):
         "deleted past it (None: no cap).",
     ).tag(config=True)
 
+    shm_threshold = Int(
+        1 << 20,
+        help="Smallest numpy buffer (bytes) sent to local workers through shared memory "
+        "(/dev/shm) instead of the pipe; a huge value sends everything through the pipe.",
+    ).tag(config=True)
+
+    @observe("shm_threshold")
+    def _shm_threshold_changed(self, change: dict) -> None:
+        from . import shm
+
+        shm.configure(threshold=change["new"])
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # Settings from ipython_config.py count as changed: the first run applies them.

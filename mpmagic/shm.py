@@ -34,13 +34,24 @@ notebook unlinks its own at pool stop and at exit (:func:`cleanup`), and
 after a worker dies it removes whatever that worker created but never
 handed over (:func:`sweep_worker`).
 
+When ``/dev/shm`` is too small or full (Docker's default is 64 MB), a new
+segment cannot be reserved (:func:`mpmagic.posixshm.create` raises
+:class:`~mpmagic.posixshm.NoRoom` instead of leaving a page that would
+SIGBUS on first write): the buffers then travel inside the pickle, through
+the pipe, slower but whole, and the notebook prints one line of advice
+(:func:`advise`) once per session. Small read-only buffers in a worker's
+results travel the same way, as writable copies, so results are always
+writable in the notebook.
+
 This module imports no IPython (workers import it) and no numpy.
 """
 
 from __future__ import annotations
 
 import atexit
+import io
 import itertools
+import logging
 import mmap
 import os
 import pickle
@@ -50,10 +61,12 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
-try:  # the module multiprocessing.shared_memory itself is built on (POSIX)
-    import _posixshmem
-except ImportError:  # pragma: no cover - Windows
-    _posixshmem = None
+import cloudpickle
+
+from . import posixshm
+from .posixshm import NoRoom, pid_alive  # noqa: F401 - pid_alive: the worker's watchdog uses it here
+
+log = logging.getLogger("mpmagic")
 
 #: Buffers at least this large (bytes) go through shared memory.
 THRESHOLD = 1 << 20
@@ -62,7 +75,7 @@ KEEP_BYTES = 512 << 20
 #: Workers get writable views of lent buffers (default: read-only).
 WRITABLE = False
 
-ENABLED = _posixshmem is not None and os.name == "posix"
+ENABLED = posixshm.ENABLED
 
 _ALIGN = 64
 _GRAIN = 1 << 20  # pooled segment sizes are rounded up to this
@@ -85,8 +98,12 @@ def configure(
     """
     global THRESHOLD, KEEP_BYTES, WRITABLE
     if threshold is not None:
+        if int(threshold) < 1:
+            raise ValueError(f"shm threshold must be at least 1 byte, not {threshold!r}")
         THRESHOLD = int(threshold)
     if keep_bytes is not None:
+        if int(keep_bytes) < 0:
+            raise ValueError(f"shm keep_bytes must be at least 0, not {keep_bytes!r}")
         KEEP_BYTES = int(keep_bytes)
         pool().trim()
     if writable is not None:
@@ -119,29 +136,18 @@ class Segment:
 
     @classmethod
     def create(cls, size: int, tag: str = "n") -> Segment:
-        """A new segment of ``size`` bytes (at least 1)."""
+        """A new segment of ``size`` bytes (at least 1), every page reserved.
+
+        Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it.
+        """
         size = max(1, size)
         name = f"mpm_{_owner_pid()}_{tag}{os.getpid()}_{next(_counter)}"
-        fd = _posixshmem.shm_open("/" + name, os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
-        try:
-            os.ftruncate(fd, size)
-            mapping = mmap.mmap(fd, size)
-        except BaseException:
-            _unlink(name)
-            raise
-        finally:
-            os.close(fd)
-        return cls(name, size, mapping)
+        return cls(name, size, posixshm.create(name, size))
 
     @classmethod
     def attach(cls, name: str, size: int) -> Segment:
         """Map an existing segment made by another process."""
-        fd = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
-        try:
-            mapping = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        return cls(name, size, mapping)
+        return cls(name, size, posixshm.attach(name, size))
 
     def unlink(self) -> None:
         """Remove the name; the memory stays while any process maps it."""
@@ -157,10 +163,7 @@ class Segment:
 
 
 def _unlink(name: str) -> None:
-    try:
-        _posixshmem.shm_unlink("/" + name)
-    except FileNotFoundError:
-        pass
+    posixshm.unlink(name)
 
 
 # --------------------------------------------------------------------------
@@ -184,7 +187,11 @@ class SegmentPool:
                 self.free.remove(seg)
                 return seg
         size = -(-max(nbytes, 1) // _GRAIN) * _GRAIN
-        seg = Segment.create(size, "p")
+        try:
+            seg = Segment.create(size, "p")
+        except NoRoom:
+            self.trim(0)  # free pooled segments we keep for later may be what fills /dev/shm
+            seg = Segment.create(size, "p")
         with _lock:
             self.live[seg.name] = seg
         return seg
@@ -268,55 +275,48 @@ def _cleanup_at_exit() -> None:
 
 def sweep_stale() -> int:
     """Unlink segments left by notebooks that died without cleaning up. Returns how many."""
-    if not os.path.isdir("/dev/shm"):
-        return 0
-    n = 0
-    try:
-        names = [x for x in os.listdir("/dev/shm") if x.startswith("mpm_")]
-    except OSError:
-        return 0
-    for name in names:
-        try:
-            pid = int(name.split("_")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            _unlink(name)
-            n += 1
-    return n
-
-
-def pid_alive(pid: int) -> bool:
-    """Is process ``pid`` still running? A zombie is not: it has already died."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return True
+    return posixshm.sweep("mpm_", dead_owner=True)
 
 
 def sweep_worker(pid: int | None) -> int:
     """Unlink segments a dead worker created but never handed over. Returns how many."""
-    if not pid or not os.path.isdir("/dev/shm"):
+    if not pid:
         return 0
-    prefix = f"mpm_{_owner_pid()}_g{pid}_"
-    n = 0
-    try:
-        names = os.listdir("/dev/shm")
-    except OSError:
-        return 0
-    for name in names:
-        if name.startswith(prefix):
-            _unlink(name)
-            n += 1
-    return n
+    return posixshm.sweep(f"mpm_{_owner_pid()}_g{pid}_")
+
+
+def sweep_notebook(pid: int) -> int:
+    """Unlink every segment of notebook ``pid`` (a worker whose notebook was killed)."""
+    return posixshm.sweep(f"mpm_{pid}_")
+
+
+#: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks).
+before_exit = posixshm.run_exit_hooks
+
+
+# --------------------------------------------------------------------------
+# When /dev/shm has no room: say so once
+
+_advised = False
+
+
+def advise(nbytes: int, where: str) -> None:
+    # ``where`` finishes the sentence: "among the items went through the pipe".
+    """One line, once per session: shared memory was too small, the pipe carried the data."""
+    global _advised
+    if _advised:
+        return
+    _advised = True
+    free, total = posixshm.room()
+    size = f"{posixshm.fmt_bytes(total)}, {posixshm.fmt_bytes(free)} free" if total else "size unknown"
+    line = (
+        f"mpmagic: /dev/shm is too small or full ({size}): {posixshm.fmt_bytes(nbytes)} of array data "
+        f"{where} instead (slower, still correct). Give it room "
+        "(docker run --shm-size=1g), or send big arrays through the pipe on purpose with "
+        "%config MPMagic.shm_threshold = 10**12 (mpmagic.shm.configure(threshold=...)) to skip this note."
+    )
+    log.info(line)
+    print(line, file=sys.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -344,20 +344,27 @@ class Lease:
 
 
 class Collector:
-    """A ``buffer_callback`` that takes large contiguous buffers out of band."""
+    """A ``buffer_callback`` that takes large contiguous buffers out of band.
+
+    It also notes whether any buffer was read-only (``readonly``): pickle
+    marks those, and they load read-only, whichever way they travel.
+    """
 
     def __init__(self, threshold: int | None = None) -> None:
         self.threshold = THRESHOLD if threshold is None else threshold
         self.buffers: list[memoryview] = []
+        self.readonly = False
 
     def reset(self) -> None:
         self.buffers = []
+        self.readonly = False
 
     def __call__(self, pb: pickle.PickleBuffer) -> bool:
         try:
             raw = pb.raw()
         except BufferError:  # not contiguous: it stays in the pickle
             return True
+        self.readonly = self.readonly or raw.readonly
         if raw.nbytes < self.threshold:
             return True
         self.buffers.append(raw)
@@ -400,7 +407,11 @@ Ref = tuple[str, int, int, int]
 
 
 def wrap(
-    data: bytes, buffers: list[memoryview], mode: str, lease: Lease | None = None
+    data: bytes,
+    buffers: list[memoryview],
+    mode: str,
+    lease: Lease | None = None,
+    inline: Iterable[int] = (),
 ) -> tuple[bytes, Segment | None, list[Ref]]:
     """Place ``buffers`` in shared memory; return (envelope bytes, new segment, refs).
 
@@ -408,33 +419,53 @@ def wrap(
     copy). The others are copied into one segment: ``mode`` ``"lend"`` (the
     notebook keeps it: from the pool when ``lease`` is given, else a
     dedicated one) or ``"give"`` (a worker's result: the receiver unlinks it).
+    Buffers listed in ``inline``, and every buffer when ``/dev/shm`` has no
+    room for the segment, travel inside the envelope itself (then ``refs``
+    is empty: nothing in shared memory to compare with later).
     """
-    refs: list[Ref | None] = [None] * len(buffers)
+    inline = set(inline)
+    refs: list[Any] = [None] * len(buffers)
     to_copy = []
     for i, b in enumerate(buffers):
-        found = _in_shared(b) if mode == "lend" else None
+        found = _in_shared(b) if mode == "lend" and i not in inline else None
         if found is not None:
             refs[i] = (found[0], found[1], found[2], b.nbytes)
-        else:
+        elif i not in inline:
             to_copy.append(i)
     seg = None
+    fallback = 0
     if to_copy:
         spans, total = _spans(buffers[i] for i in to_copy)
-        if lease is not None:
-            seg = pool().acquire(total)
-            lease.segments.append(seg)
-        else:
-            seg = Segment.create(total, "g" if mode == "give" else "l")
+        try:
+            if lease is not None:
+                seg = pool().acquire(total)
+                lease.segments.append(seg)
+            else:
+                seg = Segment.create(total, "g" if mode == "give" else "l")
+                if mode == "lend":
+                    pool().track(seg)
+        except NoRoom:
+            inline.update(to_copy)  # through the pipe, inside the envelope
+            fallback = sum(buffers[i].nbytes for i in to_copy)
             if mode == "lend":
-                pool().track(seg)
-        for (offset, n), i in zip(spans, to_copy, strict=True):
-            seg.view[offset : offset + n] = buffers[i]
-            refs[i] = (seg.name, seg.size, offset, n)
-        if lease is not None:
-            lease.copied += sum(n for _, n in spans)
+                advise(fallback, "among the items went through the pipe")
+        else:
+            for (offset, n), i in zip(spans, to_copy, strict=True):
+                seg.view[offset : offset + n] = buffers[i]
+                refs[i] = (seg.name, seg.size, offset, n)
+            if lease is not None:
+                lease.copied += sum(n for _, n in spans)
+    for i in inline:
+        b = buffers[i]
+        # A writable buffer pickles (in band) as a bytearray, loaded writable; a
+        # read-only one would load as bytes, so it is copied into a bytearray.
+        refs[i] = pickle.PickleBuffer(b) if not b.readonly else bytearray(b)
     given = seg.name if (seg is not None and mode == "give") else None
-    env = _Shared(data, refs, given, mode == "give" or WRITABLE)
-    return pickle.dumps(env, _PROTOCOL), seg, refs  # type: ignore[return-value]
+    env = _Shared(data, refs, given, mode == "give" or WRITABLE, fallback if mode == "give" else 0)
+    out = pickle.dumps(env, _PROTOCOL)
+    if inline:  # refs to compare with later: none, the bytes are in the envelope
+        return out, seg, []
+    return out, seg, refs  # type: ignore[return-value]
 
 
 def same_buffers(seg: Segment | None, refs: list[Ref], buffers: list[memoryview]) -> bool:
@@ -491,7 +522,11 @@ def share(array: Any) -> Any:
         raise TypeError("share() takes numeric numpy arrays; an object array holds references, not data")
     if not ENABLED:
         return a.copy()
-    seg = Segment.create(max(1, a.nbytes), "s")
+    try:
+        seg = Segment.create(max(1, a.nbytes), "s")
+    except NoRoom:
+        advise(a.nbytes, "given to mpmagic.share() stays an ordinary array, copied to workers through the pipe")
+        return a.copy()
     mapping = seg.map
     seg.view.release()  # from here on only the array's views use the mapping
     out = np.frombuffer(mapping, dtype=a.dtype, count=a.size).reshape(a.shape)
@@ -515,15 +550,21 @@ def _unshare(name: str) -> None:
 
 
 class _Shared:
-    """A pickle whose large buffers live in shared-memory segments (``refs``)."""
+    """A pickle whose large buffers live in shared-memory segments (``refs``).
 
-    __slots__ = ("data", "refs", "given", "writable")
+    A ref that is not a segment's place is the buffer itself (a bytearray or
+    a PickleBuffer pickled in band): see :func:`wrap`. ``fallback``: bytes a
+    worker could not put in shared memory (the notebook says so, once).
+    """
 
-    def __init__(self, data: bytes, refs: list, given: str | None, writable: bool) -> None:
+    __slots__ = ("data", "refs", "given", "writable", "fallback")
+
+    def __init__(self, data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0) -> None:
         self.data, self.refs, self.given, self.writable = data, refs, given, writable
+        self.fallback = fallback
 
     def __reduce__(self):
-        return (_open, (self.data, self.refs, self.given, self.writable))
+        return (_open, (self.data, self.refs, self.given, self.writable, self.fallback))
 
 
 # Lent segments mapped in this process (a worker), by name.
@@ -532,10 +573,19 @@ _mapped: dict[str, Segment] = {}
 _opened: set[str] = set()
 
 
-def _open(data: bytes, refs: list, given: str | None, writable: bool) -> Any:
+def _open(data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0) -> Any:
+    if fallback:
+        advise(fallback, "in the results came back through the pipe")
     segs: dict[str, Segment] = {}
     views = []
-    for name, size, offset, n in refs:
+    for ref in refs:
+        if not isinstance(ref, tuple):  # the buffer itself, carried in the envelope
+            view = memoryview(ref)
+            if writable and view.readonly:
+                view = memoryview(bytearray(view))
+            views.append(view if writable else view.toreadonly())
+            continue
+        name, size, offset, n = ref
         seg = segs.get(name)
         if seg is None:
             if name == given:
@@ -576,15 +626,36 @@ def dumps_lent(obj: Any, lease: Lease, dumps) -> bytes:
     return wrap(data, collector.buffers, "lend", lease)[0]
 
 
+class _WritablePickler(cloudpickle.Pickler):
+    """cloudpickle, with every read-only numpy array pickled as a writable copy."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        np = sys.modules.get("numpy")
+        if np is not None and type(obj) is np.ndarray and not obj.flags.writeable:
+            return obj.copy().__reduce_ex__(_PROTOCOL)
+        return super().reducer_override(obj)
+
+
+def _dumps_writable(obj: Any, collector: Collector) -> bytes:
+    """Pickle ``obj`` so that no numpy array in it loads read-only."""
+    collector.reset()
+    with io.BytesIO() as f:
+        _WritablePickler(f, protocol=_PROTOCOL, buffer_callback=collector).dump(obj)
+        return f.getvalue()
+
+
 def dumps_result(obj: Any, dumps) -> bytes:
     """Pickle a worker's result with ``dumps(obj, collector)``; big buffers are given.
 
     ``dumps`` is the data pickler (``payload.dumps_data``) taking a buffer callback.
     """
-    if not ENABLED:
-        return dumps(obj, None)
-    collector = Collector()
+    collector = Collector(None if ENABLED else 1 << 62)
     data = dumps(obj, collector)
+    if collector.readonly:
+        # A read-only array (a task returning its shared, read-only input, or a
+        # view of it) would load read-only in the notebook: results are
+        # writable there, as map() would give them, so copy those first.
+        data = _dumps_writable(obj, collector)
     if not collector.buffers:
         return data
     env, seg, _ = wrap(data, collector.buffers, "give")

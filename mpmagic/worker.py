@@ -246,17 +246,10 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> None:
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
         alive = shm.pid_alive(parent_pid)
-    if not alive:
-        try:
-            names = os.listdir("/dev/shm")
-        except OSError:
-            names = []
-        for name in names:
-            if name.startswith(f"mpm_{parent_pid}_"):
-                try:
-                    os.unlink(os.path.join("/dev/shm", name))
-                except OSError:
-                    pass
+    if alive:
+        shm.before_exit()  # a normal stop: hand over what shared queues still hold here
+    else:
+        shm.sweep_notebook(parent_pid)
     os._exit(code)
 
 

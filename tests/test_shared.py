@@ -24,6 +24,7 @@ from conftest import ensure_pool, run
 import mpmagic
 from mpmagic import pool as pool_module
 from mpmagic import shared
+from mpmagic.shared import base as shared_base
 
 SHM = "/dev/shm"
 
@@ -71,19 +72,19 @@ def nothing_left_in_dev_shm(ip):
     be using helpers of their own at the same time.
     """
     made: list[str] = []
-    real = shared._new_stem
+    real = shared_base._new_stem
 
     def recording() -> str:
         made.append(real())
         return made[-1]
 
-    shared._new_stem = recording
+    shared_base._new_stem = recording
     try:
         yield
     finally:
-        shared._new_stem = real
+        shared_base._new_stem = real
     for name in list(ip.user_ns):
-        if isinstance(ip.user_ns[name], shared._Helper):
+        if isinstance(ip.user_ns[name], shared_base._Helper):
             del ip.user_ns[name]
     # IPython keeps the last traceback it showed (sys.last_*): its frames
     # would keep a helper from an expected `q.get(timeout=...)` Empty alive.
@@ -556,3 +557,140 @@ def test_backend_can_provide_its_own_helpers(monkeypatch):
     assert mpmagic.Array("d", 4, lock=False) == "Array from the backend"
     assert isinstance(mpmagic.Lock(), shared.SharedLock)  # NotImplemented: the local one
     assert calls[:3] == [("Queue", (5,), {}), ("Value", ("i", 3), {}), ("Array", ("d", 4), {"lock": False})]
+
+
+# --------------------------------------------------------------------------
+# The Queue never loses an item (issue 14): items bigger than the ring leaves
+# room for wait in producers' backlogs; the stream ends only when they arrived.
+
+PRODUCE = """
+import mpmagic
+lq = mpmagic.Queue(capacity=1 << 20)
+def produce(i):
+    for j in range(ITEMS):
+        lq.put((i, j, b"x" * SIZE))
+    return i
+"""
+
+
+def _expected(producers: int, items: int) -> list[tuple[int, int]]:
+    return [(i, j) for i in range(producers) for j in range(items)]
+
+
+@pytest.mark.parametrize("size, items", [(100_000, 15), (1_000_000, 3)])
+def test_queue_items_in_producer_backlogs_are_not_lost(ip, size, items):
+    """The docs' pattern: tasks put, the notebook closes after the map, then iterates.
+    60 items of 100 kB (12 of 1 MB) through a 1 MiB ring: once 23 arrived of 60."""
+    ensure_pool("forkserver")
+    run(ip, PRODUCE.replace("ITEMS", str(items)).replace("SIZE", str(size)))
+    assert run(ip, "%pmap -q produce, range(4)") == [0, 1, 2, 3]
+    run(ip, "lq.close()")
+    got = run(ip, "sorted((i, j) for i, j, _ in lq)")
+    assert got == _expected(4, items)
+    drop(ip, "lq", "produce")
+
+
+def test_queue_ranks_close_their_own_stream_through_backlogs(ip):
+    """Producers as %%parallel ranks, each closing; a consumer rank and the notebook read."""
+    ensure_pool("forkserver")
+    run(ip, "import mpmagic\nrq = mpmagic.Queue(producers=2, capacity=1 << 20)")
+    ranks = parallel(
+        ip,
+        """
+        if rank < 2:
+            for j in range(20):
+                rq.put((rank, j, b"x" * 100_000))
+            rq.close()
+            out = []
+        else:
+            out = [(i, j) for i, j, _ in rq]
+        out
+        """,
+        n=3,
+    )
+    assert sorted(ranks[2]) == _expected(2, 20)
+    drop(ip, "rq")
+
+
+def test_queue_backlog_of_temporary_workers_is_handed_over(ip):
+    """%%parallel -n 3 on a 2-worker pool: the temporary worker stops after the cell with
+    items still in its backlog; the notebook, reading only afterwards, gets them all."""
+    ensure_pool("forkserver")
+    run(ip, "import mpmagic\ntq = mpmagic.Queue(producers=3, capacity=1 << 20)")
+    parallel(
+        ip,
+        """
+        for j in range(20):
+            tq.put((rank, j, b"x" * 100_000))
+        tq.close()
+        """,
+        n=3,
+    )
+    time.sleep(1.0)  # the temporary worker is stopping or gone: its backlog was handed over
+    got = run(ip, "sorted((i, j) for i, j, _ in tq)")
+    assert got == _expected(3, 20)
+    drop(ip, "tq")
+
+
+def test_queue_with_max_tasks_per_child(ip):
+    """%pool start --max-tasks-per-child 1: every producer's worker is recycled after
+    its task, backlog and all."""
+    run(ip, "%pool stop")
+    run(ip, "%pool start -n 2 --max-tasks-per-child 1")
+    try:
+        run(ip, PRODUCE.replace("ITEMS", "15").replace("SIZE", "100_000"))
+        assert run(ip, "%pmap -q produce, range(4)") == [0, 1, 2, 3]
+        run(ip, "lq.close()")
+        assert run(ip, "sorted((i, j) for i, j, _ in lq)") == _expected(4, 15)
+    finally:
+        drop(ip, "lq", "produce")
+        pool_module.shutdown()
+
+
+def test_queue_names_items_lost_with_a_killed_producer(ip):
+    """A producer killed with a backlog: the stream ends with QueueItemsLost naming
+    how many never arrived, not silently short and not a hang."""
+    ensure_pool("forkserver")
+    run(ip, "import os, signal, mpmagic\nkq = mpmagic.Queue(capacity=1 << 20)")
+    run(
+        ip,
+        "def put_then_die(n):\n"
+        "    for j in range(n):\n"
+        "        kq.put(b'x' * 100_000)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n",
+    )
+    with pytest.raises(mpmagic.WorkerLostError):  # the worker's death fails the map
+        run(ip, "%pmap -q put_then_die, [30]")
+    run(ip, "kq.close()")
+    # get(timeout=...) rather than `for item in kq`: a bug here fails, it does not hang.
+    run(
+        ip,
+        "kept, why = 0, None\n"
+        "while True:\n"
+        "    try:\n"
+        "        kq.get(timeout=30)\n"
+        "        kept += 1\n"
+        "    except mpmagic.shared.QueueItemsLost as exc:\n"
+        "        why = str(exc)\n"
+        "        break\n",
+    )
+    kept, why = run(ip, "kept, why")
+    assert why is not None and "never arrived" in why, why
+    lost = int(why.split(": ")[1].split()[0])
+    assert 0 < kept < 30 and kept + lost == 30, (kept, why)
+    with pytest.raises(mpmagic.shared.QueueItemsLost):  # every later get is told too
+        run(ip, "kq.get(timeout=5)")
+    drop(ip, "kq", "put_then_die", "kept", "why")
+
+
+def test_queue_backlogs_survive_a_pool_restart(ip):
+    """%pool restart stops every worker: each hands its backlog over before it exits."""
+    ensure_pool("spawn")
+    try:
+        run(ip, PRODUCE.replace("ITEMS", "15").replace("SIZE", "100_000"))
+        assert run(ip, "%pmap -q produce, range(4)") == [0, 1, 2, 3]
+        run(ip, "%pool restart")
+        run(ip, "lq.close()")
+        assert run(ip, "sorted((i, j) for i, j, _ in lq)") == _expected(4, 15)
+    finally:
+        drop(ip, "lq", "produce")

@@ -1,0 +1,223 @@
+"""POSIX shared-memory names: the one layer under :mod:`mpmagic.shm` and :mod:`mpmagic.shared`.
+
+Both the large-buffer path (``shm``: segments ``mpm_<notebook pid>_...``) and
+the helpers (``shared``: segments ``mpsh...`` and semaphores ``sem.mpsh...``)
+create, map and unlink names in ``/dev/shm``, ask whether a process still
+lives, and sweep names nobody will unlink. They do it here, once.
+
+Why segments are *reserved* before use: ``ftruncate`` only sets a segment's
+size; tmpfs gives it pages when they are first touched. If ``/dev/shm`` is
+full at that moment (Docker gives containers 64 MB by default), the kernel
+cannot back the page and sends SIGBUS to whoever wrote it, and a SIGBUS in
+the notebook ends the kernel with all its state. ``os.posix_fallocate``
+allocates every page up front and fails with ``ENOSPC`` instead, an ordinary
+error the callers turn into "send it through the pipe" (``shm``) or a clear
+message (``shared``). On tmpfs the pages it allocates are the ones the
+write would have faulted in anyway, so it moves the cost rather than adding
+one (measured in ``benchmarks/bench_shared.py``, see docs/performance.md).
+
+This module imports no IPython and no numpy: workers import it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import mmap
+import os
+
+try:  # the modules multiprocessing.shared_memory / synchronize are built on (POSIX)
+    import _multiprocessing
+    import _posixshmem
+except ImportError:  # pragma: no cover - Windows
+    _posixshmem = None
+    _multiprocessing = None
+
+SHM_DIR = "/dev/shm"
+ENABLED = _posixshmem is not None and os.name == "posix"
+
+log = logging.getLogger("mpmagic")
+
+
+class NoRoom(OSError):
+    """``/dev/shm`` cannot hold a new segment of ``need`` bytes (it is full or too small)."""
+
+    def __init__(self, need: int) -> None:
+        self.need = need
+        self.free, self.total = room()
+        super().__init__(errno.ENOSPC, f"/dev/shm has no room for {fmt_bytes(need)} ({describe_room()})")
+
+
+def fmt_bytes(n: float) -> str:
+    """``64 MB``, ``1.5 GB``: sizes in messages (decimal units, as ``df -H`` and Docker say)."""
+    for unit in ("bytes", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def room() -> tuple[int, int]:
+    """``(free, total)`` bytes of the filesystem on ``/dev/shm`` (0, 0 if unknown)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0, 0
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def describe_room() -> str:
+    free, total = room()
+    return f"{fmt_bytes(free)} free of {fmt_bytes(total)}" if total else "size unknown"
+
+
+def _path(name: str) -> str:
+    return "/" + name.lstrip("/")
+
+
+def create(name: str, size: int) -> mmap.mmap:
+    """A new segment ``name`` of ``size`` bytes, every page reserved, mapped here.
+
+    Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it (nothing is left
+    behind), ``FileExistsError`` when the name is taken.
+    """
+    fd = _posixshmem.shm_open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    try:
+        os.ftruncate(fd, size)
+        reserve(fd, size)
+        return mmap.mmap(fd, size)
+    except BaseException:
+        unlink(name)
+        raise
+    finally:
+        os.close(fd)
+
+
+def reserve(fd: int, size: int) -> None:
+    """Give the file behind ``fd`` all its pages now, or raise :class:`NoRoom`."""
+    if not hasattr(os, "posix_fallocate"):  # macOS: no tmpfs, shm is not page-faulted this way
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise NoRoom(size) from None
+        if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # A filesystem that cannot preallocate: at least check the free space.
+        free, total = room()
+        if total and free < size:
+            raise NoRoom(size) from None
+
+
+def attach(name: str, size: int | None = None) -> mmap.mmap:
+    """Map the existing segment ``name`` (all of it when ``size`` is None)."""
+    fd = _posixshmem.shm_open(_path(name), os.O_RDWR, mode=0o600)
+    try:
+        if size is None:
+            size = os.fstat(fd).st_size
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_fd(name: str) -> int:
+    """A new descriptor of segment ``name`` (the caller closes it)."""
+    return _posixshmem.shm_open(_path(name), os.O_RDWR, mode=0o600)
+
+
+def unlink(name: str) -> bool:
+    """Remove segment ``name``; False if it was already gone."""
+    try:
+        _posixshmem.shm_unlink(_path(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def unlink_semaphore(name: str) -> bool:
+    """Remove named semaphore ``name``; False if it was already gone."""
+    try:
+        _multiprocessing.sem_unlink(_path(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` running? A zombie (killed, not yet reaped) is not.
+
+    Reads ``/proc/PID/stat`` (about 10 us) where there is one; elsewhere
+    ``kill(pid, 0)``, which cannot tell a zombie from a live process.
+    """
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    end = stat.rindex(b")")  # the command name may hold spaces and parentheses
+    return stat[end + 2 : end + 3] not in (b"Z", b"X")
+
+
+def names(prefix: str) -> list[str]:
+    """Entries of ``/dev/shm`` starting with ``prefix`` (empty if there is none)."""
+    try:
+        return [n for n in os.listdir(SHM_DIR) if n.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def sweep(prefix: str, dead_owner: bool = False) -> int:
+    """Unlink the segments named ``prefix...``; returns how many.
+
+    ``dead_owner``: only those whose name carries, right after ``prefix``, the
+    pid of a process that no longer runs (``mpm_<pid>_...``): the leftovers of
+    a notebook killed before it could clean up.
+    """
+    n = 0
+    for name in names(prefix):
+        if dead_owner:
+            try:
+                pid = int(name[len(prefix) :].split("_", 1)[0])
+            except ValueError:
+                continue
+            if pid_alive(pid):
+                continue
+        if unlink(name):
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------
+# Work a process must do before it exits normally (a queue's backlog)
+
+_exit_hooks: list = []
+
+
+def on_exit(hook) -> None:
+    """Run ``hook()`` when this process stops normally (see :func:`run_exit_hooks`)."""
+    if hook not in _exit_hooks:
+        _exit_hooks.append(hook)
+
+
+def run_exit_hooks() -> None:
+    """Run the exit hooks now. A worker calls this when it leaves on the notebook's
+    word (a "stop" message, or the notebook closing its pipe), since it ends with
+    ``os._exit`` and no ``atexit`` handler would run."""
+    for hook in list(_exit_hooks):
+        try:
+            hook()
+        except Exception:
+            log.warning("mpmagic: an exit hook failed", exc_info=True)

@@ -1,0 +1,486 @@
+"""The base of every helper: names in /dev/shm, locks that know their holder, pickling by name.
+
+A helper is one shared-memory segment (a 128-byte header of u64 words, then
+its data) and a few named semaphores, all named after one random stem
+``/mpshXXXXXXXXXX``. It travels in any pickle as ``(class, stem, spec, owner
+pid)``: the receiving process reopens the names (:meth:`_Helper._attach`), so
+it never needs an inherited file descriptor, and a worker started long before
+the helper existed can use it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import queue
+import secrets
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Iterator
+from multiprocessing import resource_tracker
+from typing import Any
+
+from .. import posixshm
+from ..errors import MPMagicError, UsageError
+
+try:
+    import _multiprocessing
+
+    _SemLock = _multiprocessing.SemLock
+except ImportError:  # Windows: no POSIX names
+    _SemLock = None
+
+log = logging.getLogger("mpmagic")
+
+class SharedObjectGone(MPMagicError):
+    """A shared helper's names were released: its owner dropped it or exited."""
+
+
+class NoSharedMemory(MPMagicError, MemoryError):
+    """``/dev/shm`` cannot hold a new helper: it is full or too small (a container's 64 MB)."""
+
+
+class QueueClosed(MPMagicError, queue.Empty):
+    """``get`` on a queue that is closed and drained: nothing more will come.
+
+    A subclass of :class:`queue.Empty`, so loops that stop on ``Empty`` stop here too.
+    """
+
+
+# --------------------------------------------------------------------------
+# Processes, names and segments
+
+_PID = os.getpid()
+#: Every name a helper creates starts with this (/dev/shm/mpsh..., /dev/shm/sem.mpsh...).
+PREFIX = "mpsh"
+_SLICE = 0.25  # seconds a blocked call waits before checking on a lock's holder
+_SEMAPHORE = 1  # _multiprocessing.SemLock kind: a plain counting semaphore
+_SEM_MAX = getattr(_SemLock, "SEM_VALUE_MAX", 32767) if _SemLock else 0
+_MAGIC = 0x6D706D6167696301  # "mpmagic" + layout version
+_HEADER = 128  # bytes of header (16 words) in front of every helper's data
+
+_registry: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+_registry_lock = threading.Lock()
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running (a zombie, killed but not yet reaped, is not)?"""
+    return pid == _PID or posixshm.pid_alive(pid)
+
+
+def _new_stem() -> str:
+    # Short (macOS allows 31 characters); "mpsh", apart from shm.py's "mpm_".
+    return "/" + PREFIX + secrets.token_hex(5)
+
+
+class _Segment:
+    """A POSIX shared-memory segment mapped into this process.
+
+    A new one has every page reserved (:func:`mpmagic.posixshm.create`): with
+    ``/dev/shm`` full, making the helper raises :class:`NoSharedMemory`
+    instead of a later write ending the process with SIGBUS.
+    """
+
+    def __init__(self, name: str, size: int | None = None, kind: str = "helper") -> None:
+        if size is None:
+            self.mmap = posixshm.attach(name)
+        else:
+            try:
+                self.mmap = posixshm.create(name, size)
+            except posixshm.NoRoom as exc:
+                raise NoSharedMemory(
+                    f"mpmagic.{kind}: /dev/shm has no room for its {posixshm.fmt_bytes(size)} "
+                    f"({posixshm.describe_room()}). Free some (drop helpers and share() arrays you no "
+                    "longer use), make it bigger (docker run --shm-size=1g), or use a smaller capacity"
+                ) from exc
+        self.name = name
+        self.size = len(self.mmap)
+        self.words = memoryview(self.mmap)[:_HEADER].cast("Q")  # the header's u64 words
+
+    def guard(self):
+        """An flock on the segment: held only for microseconds, and released by
+        the kernel if its holder dies. Decides who takes over a dead holder's lock."""
+        return _Flock(self.name)
+
+
+class _Flock:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> _Flock:
+        self.fd = posixshm.open_fd(self.name)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        os.close(self.fd)  # releases the flock
+
+
+def _unlink(name: str, rtype: str) -> None:
+    """Remove one name of a helper, and tell the resource tracker it needs no cleanup."""
+    if rtype == "semaphore":
+        posixshm.unlink_semaphore(name)
+    else:
+        posixshm.unlink(name)
+    try:
+        resource_tracker.unregister(name, rtype)
+    except Exception:  # the tracker is gone (interpreter exit): nothing to tell it
+        log.debug("resource tracker unregister of %s failed", name, exc_info=True)
+
+
+def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any = None) -> None:
+    """Finalizer of an owned helper: unlink its names (only in the owner process)."""
+    if on_release is not None:
+        on_release()
+    if os.getpid() != owner_pid:
+        return  # a forked copy of the owner's object: the names are not ours
+    for name, rtype in names:
+        _unlink(name, rtype)
+
+
+def _notify(sem: Any) -> None:
+    """Wake one waiter on a notification semaphore, keeping at most one token."""
+    try:
+        if sem._get_value() != 0:
+            return
+    except NotImplementedError:  # macOS has no sem_getvalue
+        pass
+    try:
+        sem.release()
+    except (ValueError, OverflowError):
+        pass
+
+
+def _wait(sem: Any, seconds: float) -> bool:
+    """Take a token from ``sem`` within ``seconds`` (interruptible by Ctrl-C)."""
+    return sem.acquire(True, max(0.0, seconds))
+
+
+# --------------------------------------------------------------------------
+# Locks that know their holder
+
+
+class _HolderLock:
+    """A lock on a named semaphore that records its holder's pid in shared memory.
+
+    If a process dies holding it (a worker killed on timeout or interrupt), the
+    next process that waits for it notices within ``_SLICE`` seconds and takes
+    it over; the segment's flock makes sure only one waiter does. A holder
+    killed in the instant between taking the semaphore and writing its pid is
+    not seen: this is best effort, not a robust mutex.
+
+    Why not a robust pthread mutex in the segment (PTHREAD_MUTEX_ROBUST, which
+    the kernel hands to the next waiter with EOWNERDEAD)? Python cannot place
+    one in shared memory without a C extension, and the named semaphore is what
+    ``multiprocessing`` already gives us: portable, interruptible by Ctrl-C
+    (``sem.acquire`` with a timeout), and openable by name in any process.
+
+    Why the take-over goes through an ``flock`` and not the semaphore: the
+    semaphore stays taken (its dead holder will never release it), so the
+    waiters must agree among themselves who inherits it. ``flock`` on the
+    segment's descriptor is exclusive, and the kernel drops it if its holder
+    dies, so the agreement itself cannot be wedged by a second death. Inside it
+    the waiter re-reads the holder word: if another waiter already wrote its own
+    pid there, that one won, and this one goes back to waiting.
+
+    Why ``_SLICE`` (0.25 s): a waiter checks the holder only after waiting that
+    long, so the uncontended path costs one ``sem_trywait`` and one store (the
+    locked ``Value`` increment of bench_shared.py: ~600,000/s over 2 ranks), and
+    a dead holder costs the others a quarter of a second, once.
+    """
+
+    def __init__(self, sem: Any, seg: _Segment, slot: int, recursive: bool, what: str | None) -> None:
+        self.sem = sem
+        self.seg = seg
+        self.words = seg.words
+        self.slot = slot
+        self.recursive = recursive
+        self.what = what  # shown in the takeover warning; None for internal locks
+        self.owner: int | None = None  # thread ident (recursive locks)
+        self.depth = 0
+        self.helper: tuple | None = None  # how to find it again elsewhere (see __reduce__)
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        if self.recursive:
+            me = threading.get_ident()
+            if self.owner == me:
+                self.depth += 1
+                return True
+        if not self.sem.acquire(False):
+            if not block or not self._wait(timeout):
+                return False
+        self.words[self.slot] = _PID
+        if self.recursive:
+            self.owner, self.depth = me, 1
+        return True
+
+    def _wait(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+            if step > 0 and self.sem.acquire(True, step):
+                return True
+            if self._take_over():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def _take_over(self) -> bool:
+        """Become the holder if the recorded one is dead (the semaphore stays taken)."""
+        holder = self.words[self.slot]
+        if not holder or _alive(holder):
+            return False
+        try:
+            with self.seg.guard():
+                if self.words[self.slot] != holder:
+                    return False  # another waiter took it over first
+                self.words[self.slot] = _PID
+        except FileNotFoundError:
+            return False
+        if self.what:
+            warnings.warn(
+                f"{self.what}: process {holder} died while holding the lock (a worker killed on "
+                "timeout or interrupt?); this process took it over, and the data it guarded may be "
+                "half-updated",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return True
+
+    def release(self) -> None:
+        if self.recursive:
+            if self.owner != threading.get_ident():
+                raise RuntimeError("cannot release an RLock this thread does not hold")
+            self.depth -= 1
+            if self.depth:
+                return
+            self.owner = None
+        self.words[self.slot] = 0
+        self.sem.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def after_fork(self) -> None:
+        self.owner, self.depth = None, 0
+
+    def locked(self) -> bool:
+        """Is it held (by any process) right now?"""
+        return bool(self.sem._is_zero())
+
+    def __reduce__(self) -> tuple:
+        # ``lock = v.get_lock()`` may be passed to workers on its own: it travels
+        # as "the lock of helper STEM", which attaches to the helper by name.
+        if self.helper is None:
+            raise TypeError("an mpmagic queue's internal lock cannot be pickled")
+        return (_lock_of, self.helper)
+
+    def __repr__(self) -> str:
+        holder = self.words[self.slot]
+        kind = "RLock" if self.recursive else "Lock"
+        return f"<mpmagic {kind} of {self.what} {'held by pid ' + str(holder) if holder else 'free'}>"
+
+
+# --------------------------------------------------------------------------
+# The base of every helper: names, ownership, pickling by name
+
+
+class _Helper:
+    """What every helper shares: its names, its owner, pickling by name."""
+
+    _kind = "helper"
+    _letters = ""  # its semaphores (see _sem_letters)
+
+    _stem: str
+    _owner_pid: int
+    _spec: tuple
+    _seg: _Segment
+    _sems: dict[str, Any]
+
+    @classmethod
+    def _create(cls, spec: tuple, size: int) -> Any:
+        self = cls.__new__(cls)
+        self._spec, self._owner_pid = spec, _PID
+        names: list[tuple[str, str]] = []
+        for _ in range(8):
+            self._stem = _new_stem()
+            try:
+                self._seg = _Segment(self._stem, size, self._kind)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 8 collisions of 40 random bits
+            raise MPMagicError("could not find a free shared-memory name")
+        names.append((self._stem, "shared_memory"))
+        resource_tracker.register(self._stem, "shared_memory")
+        self._sems = {}
+        try:
+            for letter in self._sem_letters():
+                name = f"{self._stem}.{letter}"
+                value, maxvalue = self._sem_init(letter)
+                try:
+                    self._sems[letter] = _SemLock(_SEMAPHORE, value, maxvalue, name, False)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
+                    raise NoSharedMemory(
+                        f"mpmagic.{self._kind}: /dev/shm is full ({posixshm.describe_room()}): no room "
+                        "for its semaphores. Free some or make it bigger (docker run --shm-size=1g)"
+                    ) from exc
+                names.append((name, "semaphore"))
+                resource_tracker.register(name, "semaphore")
+            self._seg.words[0] = _MAGIC
+            self._init_memory()
+            self._setup()
+        except BaseException:
+            _release_names(names, _PID)
+            raise
+        weakref.finalize(self, _release_names, names, _PID, self._on_release())
+        with _registry_lock:
+            _registry[self._stem] = self
+        return self
+
+    @classmethod
+    def _attach(cls, stem: str, spec: tuple, owner_pid: int) -> Any:
+        with _registry_lock:
+            found = _registry.get(stem)
+            if found is not None:
+                return found
+            self = cls.__new__(cls)
+            self._stem, self._spec, self._owner_pid = stem, spec, owner_pid
+            try:
+                self._seg = _Segment(stem)
+                self._sems = {
+                    letter: _SemLock._rebuild(0, _SEMAPHORE, self._sem_init(letter)[1], f"{stem}.{letter}")
+                    for letter in self._sem_letters()
+                }
+            except FileNotFoundError:
+                raise self._gone() from None
+            if self._seg.words[0] != _MAGIC:
+                raise SharedObjectGone(f"{self._describe()}: its shared memory does not hold an mpmagic helper")
+            self._setup()
+            _registry[stem] = self
+            return self
+
+    def _own_lock(self, recursive: bool) -> _HolderLock:
+        """The helper's lock: semaphore "l", holder pid in header word 1. Pickled on
+        its own (``lock = v.get_lock()``), it travels as "the lock of this helper"."""
+        lock = _HolderLock(self._sems["l"], self._seg, 1, recursive, self._describe())
+        lock.helper = self.__reduce__()[1]
+        return lock
+
+    def _gone(self) -> SharedObjectGone:
+        if _alive(self._owner_pid):
+            why = "released it (the object was dropped there, e.g. deleted or replaced)"
+        else:
+            why = "has exited (kernel restarted or shut down?)"
+        return SharedObjectGone(
+            f"{self._describe()} is gone: the process that made it (pid {self._owner_pid}) {why}. "
+            f"Make a new mpmagic.{self._kind}(...) in the notebook and pass that one."
+        )
+
+    def _describe(self) -> str:
+        return f"mpmagic.{self._kind} {self._stem.lstrip('/')}"
+
+    def __reduce__(self) -> tuple:
+        return (_attach, (type(self), self._stem, self._spec, self._owner_pid))
+
+    # What subclasses fill in
+    def _sem_letters(self) -> str:
+        """One named semaphore per letter, named STEM.LETTER."""
+        return self._letters
+
+    def _sem_init(self, letter: str) -> tuple[int, int]:
+        """(initial value, max value) of the semaphore named by ``letter``."""
+        return 1, 1
+
+    def _init_memory(self) -> None:
+        """Owner only: write the initial contents of the segment."""
+
+    def _setup(self) -> None:
+        """Every process: make the local views and locks."""
+
+    def _on_release(self) -> Any:
+        """A callable the finalizer runs first (e.g. to stop a feeder thread)."""
+        return None
+
+    def _after_fork(self) -> None:
+        """In a forked child: forget this process's threads and lock owners."""
+
+
+def _attach(cls: type, stem: str, spec: tuple, owner_pid: int) -> Any:
+    """Unpickle a helper: the same object if this process has it, else attach by name."""
+    return cls._attach(stem, spec, owner_pid)
+
+
+def _lock_of(cls: type, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
+    """Unpickle a helper's lock (what ``get_lock()`` returned).
+
+    The lock keeps its helper alive here, so a later unpickled ``v`` finds the
+    same helper, and the same lock object: two lock objects over one semaphore
+    would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
+    the outer). The owner's own helper needs no such reference.
+    """
+    helper = cls._attach(stem, spec, owner_pid)
+    if helper._owner_pid != _PID:
+        helper._lock.keep = helper
+    return helper._lock
+
+
+def _after_fork_in_child() -> None:
+    global _PID
+    _PID = os.getpid()
+    for helper in list(_registry.values()):
+        helper._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _backend_helper(kind: str, args: tuple, kwargs: dict) -> Any:
+    """What the current backend makes for this helper, or NotImplemented.
+
+    ``kwargs`` holds only the keyword arguments the user gave (defaults are
+    left out), so a backend need accept only the options it supports.
+    """
+    from ..pool import current_pool
+
+    make = getattr(current_pool(), "make_shared", None)
+    if make is None:
+        return NotImplemented
+    return make(kind, *args, **kwargs)
+
+
+def _given(**options: tuple[Any, Any]) -> dict[str, Any]:
+    """The options (``name=(value, default)``) whose value is not the default."""
+    return {k: v for k, (v, default) in options.items() if v is not default and v != default}
+
+
+def _check_platform(kind: str) -> None:
+    if _SemLock is None:
+        raise UsageError(f"mpmagic.{kind} needs POSIX shared memory and named semaphores (Linux or macOS)")
+
+
+
+class IterUntilClosed:
+    """``for item in q:`` takes items until the queue is closed and drained.
+
+    Safe with several consumers: each one stops. Shared by every queue that has
+    ``get()`` raising :class:`QueueClosed` (the local one, the Dask one).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield self.get()  # type: ignore[attr-defined]
+            except QueueClosed:
+                return
+

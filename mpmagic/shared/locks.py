@@ -1,0 +1,98 @@
+"""Lock, RLock and Event between any processes, on named semaphores.
+
+The lock itself is :class:`~mpmagic.shared.base._HolderLock` (it records its
+holder's pid, so a lock whose holder was killed is taken over); these
+classes give it the standard library's API and a name to travel by.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .base import _SEM_MAX, _SLICE, _Helper, _notify, _wait
+
+# --------------------------------------------------------------------------
+# Lock, RLock, Event
+
+
+class SharedLock(_Helper):
+    """A lock any process can take, like ``multiprocessing.Lock``.
+
+    ``acquire(block=True, timeout=None)``, ``release()``, ``with lock:``. If a
+    process dies holding it, the next waiter takes it over (with a warning).
+    """
+
+    _kind = "Lock"
+    _letters = "l"
+    _recursive = False
+
+    def _setup(self) -> None:
+        self._lock = self._own_lock(self._recursive)
+        self.acquire = self._lock.acquire
+        self.release = self._lock.release
+
+    def _after_fork(self) -> None:
+        self._lock.after_fork()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        """Is it held (by any process) right now?"""
+        return self._lock.locked()
+
+    def __repr__(self) -> str:
+        holder = self._seg.words[1]
+        return f"<mpmagic.{self._kind} {'held by pid ' + str(holder) if holder else 'free'}>"
+
+
+class SharedRLock(SharedLock):
+    """A recursive lock: the holding thread may take it again, and must release it as often."""
+
+    _kind = "RLock"
+    _recursive = True
+
+
+class SharedEvent(_Helper):
+    """A flag processes can wait for, like ``multiprocessing.Event``."""
+
+    _kind = "Event"
+    _letters = "e"
+
+    def _sem_init(self, letter: str) -> tuple[int, int]:
+        return 0, _SEM_MAX
+
+    def _setup(self) -> None:
+        self._sem = self._sems["e"]
+
+    def is_set(self) -> bool:
+        return bool(self._seg.words[1])
+
+    def set(self) -> None:
+        self._seg.words[1] = 1
+        _notify(self._sem)
+
+    def clear(self) -> None:
+        self._seg.words[1] = 0
+        while self._sem.acquire(False):  # drop stale wake-ups
+            pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the flag is set (True) or ``timeout`` seconds pass (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._seg.words[1]:
+            step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+            if step <= 0:
+                return False
+            if _wait(self._sem, step):
+                _notify(self._sem)  # pass the wake-up on to the next waiter
+        return True
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Event {'set' if self.is_set() else 'unset'}>"
+
+

@@ -1,0 +1,701 @@
+"""The Queue: a ring of bytes in one shared segment, with a backlog per process.
+
+See the long comment under the imports for the layout, and
+:class:`SharedQueue` for the API and the end-of-stream rules.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing.util
+import os
+import pickle
+import queue
+import struct
+import threading
+import time
+from collections import deque
+from multiprocessing import resource_tracker
+from typing import Any
+
+from .. import payload, posixshm
+from . import base
+from .base import (
+    _HEADER,
+    _SEM_MAX,
+    _SLICE,
+    IterUntilClosed,
+    QueueClosed,
+    SharedObjectGone,
+    _alive,
+    _Helper,
+    _HolderLock,
+    _notify,
+    _Segment,
+    _unlink,
+    _wait,
+)
+
+log = logging.getLogger("mpmagic")
+
+# --------------------------------------------------------------------------
+# Queue
+#
+# One segment: a header of u64 words, then a ring of ``capacity`` bytes that
+# carries records: a 16-byte head (payload length u32, flags u32, writer pid
+# u64) and the pickled payload, padded to 16 bytes; a payload may wrap around
+# the ring's end. A message too big for the ring travels as fragments
+# (FIRST ... LAST) while one writer holds the write lock and one reader the
+# read lock. Semaphores: "m" guards the header (held for a copy at most), "w"
+# (writers that stream or wait for room) and "r" (readers that wait or
+# stream), "d" wakes the waiting reader, "s" wakes producers waiting for room.
+#
+# put() never blocks on bytes: when the ring is full, the item waits in this
+# process's backlog and a feeder thread writes it as room appears (the stdlib
+# Queue does the same with its pipe). ``qsize`` counts items accepted by put
+# and not yet taken, wherever they are.
+#
+# Why a table of backlogs after the ring: an item in a backlog lives in one
+# process's memory, where no consumer can see it. Counting alone (accepted vs
+# taken) tells a consumer that items are missing, not whether they are still
+# coming or died with their producer; without more, "closed and the ring is
+# empty" ended the stream while items still waited in a worker (issue 14:
+# 23 of 60 items), and a producer killed with a backlog would make consumers
+# wait for ever. So every process with a backlog holds a slot: (pid, items
+# waiting, close() calls waiting, spill size, spill read offset), updated
+# under the mutex in the same step that moves an item into the ring. A
+# consumer that finds the ring empty but items missing checks the slots'
+# pids: a dead one's items are *lost* (counted, and reported at the end of
+# the stream by :class:`QueueItemsLost`), its waiting close() calls count.
+#
+# Why spills: a worker that stops normally (a temporary %%parallel worker, a
+# --max-tasks-per-child recycle, a resize) cannot wait for consumers that may
+# only start after the run: the pool kills a stopping worker after a few
+# seconds. So at exit, a backlog that does not drain at once is written into
+# a segment of its own, STEM.x<pid>, and the slot says so; consumers read it
+# when the ring is empty (after every item this producer put in the ring, so
+# its order holds) and the last one unlinks it.
+
+_W_MAGIC, _W_CAP, _W_MAXSIZE, _W_PRODUCERS = 0, 1, 2, 3
+_W_HEAD, _W_TAIL, _W_ACCEPTED, _W_TAKEN, _W_CLOSES = 4, 5, 6, 7, 8
+_W_STREAMER, _W_MUTEX, _W_WLOCK, _W_RLOCK, _W_LOST = 9, 10, 11, 12, 13
+_W_SLOTS_USED, _W_SPILLS = 14, 15  # slots in use, spills waiting (so the usual case scans nothing)
+_REC = struct.Struct("<IIQ")
+_FIRST, _LAST = 1, 2
+_WHOLE = _FIRST | _LAST
+_CLOSE = object()  # a close() waiting in the backlog behind this process's items
+
+# The backlog table: _SLOTS slots of _SLOT words each (see above).
+_SLOTS = 128  # processes with a backlog at the same time; more wait for room instead
+_SLOT = 5
+_S_PID, _S_ITEMS, _S_CLOSES, _S_SPILL, _S_READ = range(_SLOT)
+_SPILLED = 1 << 63  # set in a spill's pid word: the process's own later puts get a new slot
+TABLE_BYTES = _SLOTS * _SLOT * 8
+_SPILL_REC = struct.Struct("<Q")  # a spilled message: its length, then the bytes (padded)
+_EXIT_WAIT = 0.1  # seconds a stopping process lets its feeder drain before it spills
+_EXIT_TIMEOUT = 30.0  # longest a stopping process waits for a stream or a spill-less drain
+
+
+def _padded(n: int) -> int:
+    return (n + 15) & ~15
+
+
+class _Ring:
+    """The shared part of a queue in one process: header, ring, backlog table, semaphores.
+
+    The feeder thread holds this, not the :class:`SharedQueue`, so the owner
+    dropping the queue still releases it while a backlog waits for room.
+    """
+
+    def __init__(self, seg: _Segment, sems: dict[str, Any], capacity: int) -> None:
+        self.seg, self.cap = seg, capacity
+        self.w = seg.words
+        self.ring = memoryview(seg.mmap)[_HEADER : _HEADER + capacity]
+        self.t = memoryview(seg.mmap)[_HEADER + capacity : _HEADER + capacity + TABLE_BYTES].cast("Q")
+        self.mutex = _HolderLock(sems["m"], seg, _W_MUTEX, False, None)
+        self.wlock = _HolderLock(sems["w"], seg, _W_WLOCK, False, None)
+        self.rlock = _HolderLock(sems["r"], seg, _W_RLOCK, False, None)
+        self.data, self.space = sems["d"], sems["s"]
+        self.spills: dict[str, Any] = {}  # spill segments mapped here, by name
+
+    # The caller holds the mutex for these.
+    def write_record(self, data: memoryview | bytes, flags: int) -> None:
+        w, cap, ring = self.w, self.cap, self.ring
+        tail = w[_W_TAIL]
+        pos = tail % cap
+        _REC.pack_into(ring, pos, len(data), flags, base._PID)
+        start = (pos + 16) % cap
+        first = min(len(data), cap - start)
+        ring[start : start + first] = data[:first]
+        if first < len(data):
+            ring[: len(data) - first] = data[first:]
+        w[_W_TAIL] = tail + 16 + _padded(len(data))
+
+    def read_record(self) -> tuple[int, int, bytes]:
+        w, cap, ring = self.w, self.cap, self.ring
+        head = w[_W_HEAD]
+        pos = head % cap
+        length, flags, pid = _REC.unpack_from(ring, pos)
+        start = (pos + 16) % cap
+        first = min(length, cap - start)
+        data = ring[start : start + first].tobytes()
+        if first < length:
+            data += ring[: length - first].tobytes()
+        w[_W_HEAD] = head + 16 + _padded(length)
+        return flags, pid, data
+
+    def free(self) -> int:
+        return self.cap - (self.w[_W_TAIL] - self.w[_W_HEAD])
+
+    def outstanding(self) -> int:
+        """Items accepted and neither taken nor lost (in the ring, a backlog or a spill)."""
+        w = self.w
+        return w[_W_ACCEPTED] - w[_W_TAKEN] - w[_W_LOST]
+
+    def closed(self) -> bool:
+        return self.w[_W_CLOSES] >= self.w[_W_PRODUCERS]
+
+    def slot(self, local: _Local, create: bool) -> int:
+        """The word index of this process's slot in the table (-1: none, or no room)."""
+        t, pid = self.t, base._PID
+        i = local.slot
+        if i >= 0 and t[i + _S_PID] == pid:
+            return i
+        free = -1
+        for i in range(0, _SLOTS * _SLOT, _SLOT):
+            if t[i + _S_PID] == pid:
+                local.slot = i
+                return i
+            if free < 0 and not t[i + _S_PID]:
+                free = i
+        if create and free >= 0:
+            t[free : free + _SLOT] = memoryview(bytes(_SLOT * 8)).cast("Q")
+            t[free + _S_PID] = pid
+            self.w[_W_SLOTS_USED] += 1
+            local.slot = free
+        return free if create else -1
+
+    def backlog_moved(self, local: _Local, items: int = 0, closes: int = 0) -> None:
+        """``items`` / ``closes`` left this process's backlog (into the ring, or counted)."""
+        i = self.slot(local, False)
+        if i < 0:
+            return
+        t = self.t
+        t[i + _S_ITEMS] -= items
+        t[i + _S_CLOSES] -= closes
+        if not t[i + _S_ITEMS] and not t[i + _S_CLOSES] and not t[i + _S_SPILL]:
+            t[i + _S_PID] = 0
+            self.w[_W_SLOTS_USED] -= 1
+
+    def count_close(self, local: _Local | None = None) -> None:
+        with self.mutex:
+            self.w[_W_CLOSES] += 1
+            if local is not None:
+                self.backlog_moved(local, closes=1)
+        _notify(self.data)
+
+    # -- what consumers do when the ring is empty -----------------------------
+    def reap_dead(self) -> bool:
+        """Count the backlogs of producers that died as lost (their close() calls count).
+
+        The pids are read under the mutex and checked outside it (a /proc read
+        each), then a slot is cleared only if it still names the same pid.
+        """
+        t = self.t
+        if not self.w[_W_SLOTS_USED]:
+            return False
+        with self.mutex:
+            held = [(i, t[i + _S_PID]) for i in range(0, _SLOTS * _SLOT, _SLOT) if t[i + _S_PID] and not t[i + _S_SPILL]]
+        dead = [(i, pid) for i, pid in held if not _alive(pid)]
+        changed = False
+        with self.mutex:
+            for i, pid in dead:
+                if t[i + _S_PID] != pid or t[i + _S_SPILL]:
+                    continue  # reused, or its backlog waits in a spill: not lost
+                self.w[_W_LOST] += t[i + _S_ITEMS]
+                self.w[_W_CLOSES] += t[i + _S_CLOSES]
+                t[i + _S_PID] = t[i + _S_ITEMS] = t[i + _S_CLOSES] = 0
+                self.w[_W_SLOTS_USED] -= 1
+                changed = True
+        if changed:
+            _notify(self.data)
+        return changed
+
+    def take_spilled(self) -> bytes | None:
+        """The next message of a spill (a stopped producer's backlog), or None."""
+        t, w = self.t, self.w
+        if not w[_W_SPILLS]:
+            return None
+        with self.mutex:
+            for i in range(0, _SLOTS * _SLOT, _SLOT):
+                if t[i + _S_PID] and t[i + _S_SPILL]:
+                    break
+            else:
+                return None
+            pid, size, offset = t[i + _S_PID], t[i + _S_SPILL], t[i + _S_READ]
+            name = _spill_name(self.seg.name, pid & ~_SPILLED)
+            mapping = self.spills.get(name)
+            if mapping is None:
+                mapping = self.spills[name] = posixshm.attach(name, size)
+            (length,) = _SPILL_REC.unpack_from(mapping, offset)
+            data = mapping[offset + 8 : offset + 8 + length]
+            t[i + _S_READ] = offset + 8 + _padded(length)
+            t[i + _S_ITEMS] -= 1
+            w[_W_TAKEN] += 1
+            last = not t[i + _S_ITEMS]
+            if last:  # every spilled item is taken: the spill goes
+                t[i + _S_PID] = t[i + _S_SPILL] = t[i + _S_READ] = t[i + _S_CLOSES] = 0
+                w[_W_SLOTS_USED] -= 1
+                w[_W_SPILLS] -= 1
+                _unlink(name, "shared_memory")
+        if last:
+            self.spills.pop(name).close()
+        return data
+
+    # -- writing a backlog -----------------------------------------------------
+    def write_waiting(self, data: bytes, local: _Local) -> bool:
+        """Write one message, waiting for room (in fragments if it is bigger than
+        the ring). False if the queue was released or the process is stopping
+        before any of it was written."""
+        if not self.wlock.acquire(True, None):
+            return False
+        w = self.w
+        try:
+            with self.mutex:
+                w[_W_STREAMER] = 0  # non-zero only if a writer died streaming: its message is void
+            view = memoryview(data)
+            sent, whole = 0, 16 + _padded(len(view)) <= self.cap
+            if not whole:
+                with self.mutex:
+                    w[_W_STREAMER] = base._PID
+            while sent < len(view):
+                left = len(view) - sent
+                with self.mutex:
+                    if whole:
+                        chunk = left if 16 + _padded(left) <= self.free() else 0
+                    else:  # fragments of at least a quarter of the ring, or the rest
+                        chunk = min(left, (self.free() - 16) & ~15)
+                        chunk = chunk if chunk >= min(left, self.cap // 4) else 0
+                    if chunk > 0:
+                        flags = (_FIRST if sent == 0 else 0) | (_LAST if chunk == left else 0)
+                        self.write_record(view[sent : sent + chunk], flags)
+                        if sent == 0:  # from here on the message is the ring's (or lost with us)
+                            self.backlog_moved(local, items=1)
+                        sent += chunk
+                if chunk > 0:
+                    _notify(self.data)
+                elif local.stopped and (sent == 0 or local.released):
+                    return False  # a message half-streamed is finished, unless the queue is gone
+                else:
+                    _wait(self.space, _SLICE)
+            return True
+        finally:
+            if not whole:
+                with self.mutex:
+                    w[_W_STREAMER] = 0
+            self.wlock.release()
+
+
+def _spill_name(stem: str, pid: int) -> str:
+    return f"{stem}.x{pid}"
+
+
+class _Local:
+    """This process's side of a queue: the backlog of items not yet in the ring."""
+
+    def __init__(self, ring: _Ring | None = None, owner_pid: int = 0) -> None:
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.backlog: deque = deque()
+        self.feeder: threading.Thread | None = None
+        self.stopped = False  # the feeder must stop: the queue was released, or we spill
+        self.released = False  # the owner released the queue: the backlog has nowhere to go
+        self.slot = -1  # word index of this process's slot in the table (a hint)
+        self.ring = ring
+        self.owner_pid = owner_pid
+
+    def push(self, ring: _Ring, item: Any) -> None:
+        """Queue ``item`` behind the backlog (the caller holds ``lock``); start the feeder."""
+        self.backlog.append(item)
+        if self.feeder is None:
+            self.stopped = False
+            self.feeder = threading.Thread(target=_feed, args=(ring, self), daemon=True, name="mpmagic-queue-feeder")
+            _feeding.add(self)
+            self.feeder.start()
+
+    def wait_empty(self, timeout: float | None) -> bool:
+        with self.lock:
+            return self.cond.wait_for(lambda: not self.backlog or self.released, timeout)
+
+    def stop(self) -> None:
+        """The owner released the queue: the backlog has nowhere to go."""
+        with self.lock:
+            self.stopped = self.released = True
+            self.cond.notify_all()
+
+
+def _feed(ring: _Ring, local: _Local) -> None:
+    """The feeder thread: write the backlog in order, waiting for room."""
+    while True:
+        with local.lock:
+            if not local.backlog or local.stopped:
+                local.feeder = None
+                _feeding.discard(local)
+                local.cond.notify_all()
+                return
+            item = local.backlog[0]
+        if item is _CLOSE:
+            ring.count_close(local)
+        elif not ring.write_waiting(item, local):
+            continue  # stopped: the loop ends above
+        with local.lock:
+            local.backlog.popleft()
+            local.cond.notify_all()
+
+
+class QueueItemsLost(SharedObjectGone):
+    """The end of a queue's stream, with items missing: a producer died holding them.
+
+    Raised by ``get()`` (and so by ``for item in q:``) in every consumer once
+    the queue is closed and everything that could arrive has arrived, instead
+    of :class:`QueueClosed`, so a short stream is never silent.
+    """
+
+
+def _release_queue(local: _Local, stem: str, owner_pid: int) -> None:
+    """Finalizer part of a queue: stop this process's feeder; the owner removes spills."""
+    local.stop()
+    if os.getpid() == owner_pid:
+        for name in posixshm.names(stem.lstrip("/") + ".x"):
+            _unlink(name, "shared_memory")
+
+
+# --------------------------------------------------------------------------
+# A process that stops with a backlog: drain it, or spill it
+
+_feeding: set[_Local] = set()  # backlogs whose feeder runs in this process
+_exit_lock = threading.Lock()
+
+
+def flush_at_exit() -> None:
+    """Before this process exits normally: no backlog item may be lost.
+
+    Runs at a worker's normal exit (a "stop" message, the notebook closing the
+    pipe: :func:`mpmagic.posixshm.run_exit_hooks`) and at any multiprocessing
+    process's exit (``multiprocessing.util.Finalize``). The queue's owner is
+    skipped: at its exit the queue itself goes. Each backlog gets
+    ``_EXIT_WAIT`` seconds to drain into the ring; what is left is spilled
+    (see the comment at the top), or, if ``/dev/shm`` has no room for that,
+    drained for up to ``_EXIT_TIMEOUT`` seconds.
+    """
+    # Two threads may get here at once (the worker's main thread returning from a
+    # "stop", its reader thread seeing the pipe close): the second waits for the
+    # first, or it could os._exit the process in the middle of the first's spill.
+    with _exit_lock:
+        for local in list(_feeding):
+            _hand_over(local)
+
+
+def _hand_over(local: _Local) -> None:
+    """Drain one backlog into the ring, or spill what does not drain at once."""
+    if local.owner_pid == base._PID or local.ring is None or not _alive(local.owner_pid):
+        return
+    try:
+        if not local.wait_empty(_EXIT_WAIT):
+            _spill(local.ring, local)
+    except Exception:
+        log.warning("mpmagic.Queue: could not hand over this process's backlog at exit", exc_info=True)
+
+
+def _spill(ring: _Ring, local: _Local) -> None:
+    """Stop the feeder and write what is left of the backlog into a spill segment."""
+    with local.lock:
+        local.stopped = True
+        local.cond.notify_all()
+        feeder = local.feeder
+    if feeder is not None:
+        feeder.join(_EXIT_TIMEOUT)  # within _SLICE unless it is mid-stream
+        if feeder.is_alive():  # still writing: spilling now could deliver an item twice
+            log.warning("mpmagic.Queue: the feeder is still writing at exit; its backlog stays here")
+            return
+    with local.lock:
+        items = [x for x in local.backlog if x is not _CLOSE]
+        closes = len(local.backlog) - len(items)
+        if not local.backlog:
+            return
+    size = sum(8 + _padded(len(x)) for x in items) or 8
+    name = _spill_name(ring.seg.name, base._PID)
+    try:
+        mapping = posixshm.create(name, size)
+    except posixshm.NoRoom:
+        log.warning("mpmagic.Queue: no room in /dev/shm to hand over %d items at exit; waiting for consumers", len(items))
+        with local.lock:
+            local.stopped = False
+            local.feeder = threading.Thread(target=_feed, args=(ring, local), daemon=True, name="mpmagic-queue-feeder")
+            local.feeder.start()
+        local.wait_empty(_EXIT_TIMEOUT)
+        return
+    offset = 0
+    for x in items:
+        _SPILL_REC.pack_into(mapping, offset, len(x))
+        mapping[offset + 8 : offset + 8 + len(x)] = x
+        offset += 8 + _padded(len(x))
+    mapping.close()
+    resource_tracker.register(name, "shared_memory")  # unlinked if the notebook is killed first
+    with ring.mutex:
+        i = ring.slot(local, True)
+        t = ring.t
+        ring.w[_W_CLOSES] += closes  # the stream may end once the spilled items are taken
+        t[i + _S_CLOSES] = 0
+        if items:
+            t[i + _S_SPILL], t[i + _S_READ] = size, 0
+            t[i + _S_PID] = base._PID | _SPILLED  # the spill's slot now, no longer this process's
+            ring.w[_W_SPILLS] += 1
+        else:
+            t[i + _S_PID] = t[i + _S_ITEMS] = 0
+            ring.w[_W_SLOTS_USED] -= 1
+    if not items:
+        _unlink(name, "shared_memory")
+    with local.lock:
+        local.backlog.clear()
+        local.cond.notify_all()
+    _notify(ring.data)
+
+
+def _register_at_exit(_obj: object = None) -> None:
+    # multiprocessing runs these finalizers when a child's target returns; a
+    # forked child starts with the registry cleared, hence the after-fork hook.
+    multiprocessing.util.Finalize(None, flush_at_exit, exitpriority=20)
+
+
+posixshm.on_exit(flush_at_exit)
+_register_at_exit()
+multiprocessing.util.register_after_fork(flush_at_exit, _register_at_exit)
+
+
+
+class SharedQueue(IterUntilClosed, _Helper):
+    """A FIFO queue between any processes, like ``multiprocessing.Queue``.
+
+    ``put(obj, block=True, timeout=None)``, ``get(block=True, timeout=None)``,
+    ``put_nowait``, ``get_nowait``, ``qsize()``, ``empty()``, ``full()``.
+
+    End of stream: producers call ``q.close()`` when done; consumers write
+    ``for item in q:``, which ends when the queue is closed and every item has
+    been taken (a blocking ``get`` then raises :class:`QueueClosed`). With
+    several consumers, each one stops. With several producers, make the queue
+    with ``Queue(producers=N)``: the stream ends after N calls to ``close()``
+    (one per producer), or let the notebook call ``close()`` once after all
+    producers have returned.
+    """
+
+    _kind = "Queue"
+    _letters = "mwrds"
+    _spec: tuple  # (maxsize, capacity, producers)
+
+    def _sem_init(self, letter: str) -> tuple[int, int]:
+        return (1, 1) if letter in "mwr" else (0, _SEM_MAX)
+
+    def _init_memory(self) -> None:
+        maxsize, capacity, producers = self._spec
+        w = self._seg.words
+        w[_W_CAP], w[_W_MAXSIZE], w[_W_PRODUCERS] = capacity, maxsize, producers
+
+    def _setup(self) -> None:
+        self._maxsize = self._spec[0]
+        self._r = _Ring(self._seg, self._sems, self._spec[1])
+        self._local = _Local(self._r, self._owner_pid)
+
+    def _on_release(self) -> Any:
+        return functools.partial(_release_queue, self._local, self._stem, self._owner_pid)
+
+    def _after_fork(self) -> None:
+        self._local = _Local(self._r, self._owner_pid)  # the parent's backlog and feeder are the parent's
+
+    # -- put ----------------------------------------------------------------
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put ``obj`` in the queue. Only a bounded queue (``maxsize > 0``) that is
+        full makes it wait: ``queue.Full`` after ``timeout`` seconds, or at once
+        with ``block=False``. Raises ValueError once the queue is closed."""
+        data = payload.dumps_data(obj)
+        need = 16 + _padded(len(data))
+        r, w, maxsize = self._r, self._seg.words, self._maxsize
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            local = self._local
+            with local.lock:
+                accepted = written = room = False
+                with r.mutex:
+                    if r.closed():
+                        raise ValueError(f"{self._describe()} is closed: nothing more can be put in it")
+                    if not maxsize or r.outstanding() < maxsize:
+                        if not local.backlog and not w[_W_STREAMER] and need <= r.free():
+                            r.write_record(data, _WHOLE)
+                            accepted = written = True
+                        else:
+                            # Into the backlog: this process's slot counts it until it is written.
+                            i = r.slot(local, True)
+                            if i >= 0:
+                                r.t[i + _S_ITEMS] += 1
+                                accepted = True
+                        if accepted:
+                            w[_W_ACCEPTED] += 1
+                        room = bool(maxsize) and r.outstanding() < maxsize
+                if accepted:
+                    if written:
+                        _notify(r.data)
+                    else:
+                        local.push(r, data)
+                    if room:
+                        _notify(r.space)  # another blocked producer may go on too
+                    return
+            if not block:
+                raise queue.Full
+            left = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+            if left <= 0:
+                raise queue.Full
+            _wait(r.space, left)
+
+    def put_nowait(self, obj: Any) -> None:
+        self.put(obj, False)
+
+    def close(self) -> None:
+        """End of stream from this producer, after the items it has put."""
+        local, r = self._local, self._r
+        with local.lock:
+            if local.backlog:
+                with r.mutex:
+                    r.t[r.slot(local, True) + _S_CLOSES] += 1  # a backlog always has a slot
+                local.push(r, _CLOSE)
+                return
+        r.count_close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until this process's backlog (items put while the ring was full)
+        is in the shared ring; True if it is, False after ``timeout`` seconds."""
+        return self._local.wait_empty(timeout)
+
+    join_thread = flush  # the stdlib's name for the same wait
+
+    # -- get ----------------------------------------------------------------
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the next item. Waits (up to ``timeout`` seconds) while
+        the queue is empty, then raises ``queue.Empty``; raises :class:`QueueClosed`
+        once the queue is closed and drained."""
+        return pickle.loads(self._take(block, timeout))
+
+    def get_nowait(self) -> Any:
+        return self.get(False)
+
+    def _take(self, block: bool, timeout: float | None) -> bytes:
+        r, w = self._r, self._seg.words
+        # Fast path: a whole record at the head, taken under the mutex alone.
+        with r.mutex:
+            if w[_W_TAIL] != w[_W_HEAD]:
+                if _REC.unpack_from(r.ring, w[_W_HEAD] % r.cap)[1] == _WHOLE:
+                    data = r.read_record()[2]
+                    w[_W_TAKEN] += 1
+                    _notify(r.space)
+                    return data
+            elif not block and not r.closed() and not w[_W_SLOTS_USED]:
+                raise queue.Empty  # nothing in the ring, no backlog anywhere: nothing to wait for
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not r.rlock.acquire(block, timeout):
+            raise queue.Empty
+        try:
+            return self._take_waiting(block, deadline)
+        finally:
+            r.rlock.release()
+
+    def _take_waiting(self, block: bool, deadline: float | None) -> bytes:
+        """Holding the read lock: the next message, waiting and joining fragments."""
+        r, w = self._r, self._seg.words
+        parts: list[bytes] = []
+        writer = 0
+        while True:
+            got = done = None
+            with r.mutex:
+                if w[_W_TAIL] != w[_W_HEAD]:
+                    flags, pid, got = r.read_record()
+                    counted = lost = 0  # messages this record finishes (read), or voids
+                    if flags & _FIRST:
+                        lost += bool(parts)  # a partial one whose writer died
+                        parts, writer = [got], pid
+                    elif parts:
+                        parts.append(got)
+                    elif flags & _LAST:
+                        counted += 1  # the rest of a message whose reader died
+                    if parts and flags & _LAST:
+                        counted += 1
+                        done, parts = parts, []
+                    w[_W_TAKEN] += counted
+                    w[_W_LOST] += lost
+                closed = r.closed()
+            if got is not None:
+                _notify(r.space)
+                if done is not None:
+                    return done[0] if len(done) == 1 else b"".join(done)
+                continue
+            if parts:  # mid-message: wait for the rest while its writer lives
+                if not _alive(writer):
+                    with r.mutex:
+                        w[_W_LOST] += 1  # its writer died half-way: the message is lost
+                    parts = []
+                else:
+                    _wait(r.data, _SLICE)
+                continue
+            spilled = r.take_spilled()
+            if spilled is not None:
+                return spilled
+            if closed and r.outstanding() <= 0:
+                raise self._end()
+            # Items may still wait in a producer's backlog: unless it died (then
+            # they are lost, and counted so), they are coming.
+            if r.reap_dead():
+                continue
+            left = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+            if not block or left <= 0:
+                raise queue.Empty
+            _wait(r.data, left)
+
+    def _end(self) -> QueueClosed | QueueItemsLost:
+        """The end of the stream: QueueClosed, or QueueItemsLost if producers died with items."""
+        lost = self._seg.words[_W_LOST]
+        if not lost:
+            return QueueClosed(self._closed_message())
+        return QueueItemsLost(
+            f"{self._describe()}: {lost} item{'s' if lost != 1 else ''} never arrived: a process that put "
+            "them died (crashed, killed, or timed out) while they still waited in its backlog, before "
+            "reaching the queue. Every other item was delivered."
+        )
+
+    def _closed_message(self) -> str:
+        return f"{self._describe()} is closed and every item has been taken"
+
+    # -- state ----------------------------------------------------------------
+    def qsize(self) -> int:
+        """Items put and not yet taken (approximate while others put and get)."""
+        return max(0, self._r.outstanding())
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+    def full(self) -> bool:
+        return bool(self._maxsize) and self.qsize() >= self._maxsize
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` was called (by every producer, if several)."""
+        return self._r.closed()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._r.closed() else "open"
+        bound = f" maxsize={self._maxsize}" if self._maxsize else ""
+        return f"<mpmagic.Queue {state}{bound} qsize={self.qsize()}>"
+
+

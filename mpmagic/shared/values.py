@@ -1,0 +1,215 @@
+"""Value and Array: ctypes data in a shared segment, behind an optional lock (the stdlib's Synchronized)."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from typing import Any
+
+from ..errors import UsageError
+from .base import _HEADER, _check_platform, _Helper
+from .locks import SharedLock
+
+# --------------------------------------------------------------------------
+# Value and Array
+
+_TYPES: dict[str, Any] = {
+    "c": ctypes.c_char, "u": ctypes.c_wchar, "?": ctypes.c_bool,
+    "b": ctypes.c_byte, "B": ctypes.c_ubyte, "h": ctypes.c_short, "H": ctypes.c_ushort,
+    "i": ctypes.c_int, "I": ctypes.c_uint, "l": ctypes.c_long, "L": ctypes.c_ulong,
+    "q": ctypes.c_longlong, "Q": ctypes.c_ulonglong,
+    "f": ctypes.c_float, "d": ctypes.c_double, "g": ctypes.c_longdouble,
+}  # fmt: skip
+_CODE_OF = {}
+for _code, _t in _TYPES.items():
+    _CODE_OF.setdefault(_t, _code)
+
+
+def _typecode(typecode: Any, kind: str) -> str:
+    """The one-letter code of ``typecode`` (a code or a ctypes type), or a clear error."""
+    if isinstance(typecode, str) and typecode in _TYPES:
+        return typecode
+    if isinstance(typecode, type) and typecode in _CODE_OF:
+        return _CODE_OF[typecode]
+    raise UsageError(
+        f"mpmagic.{kind}: unknown typecode {typecode!r}. Use one of "
+        f"{', '.join(repr(c) for c in _TYPES)} (as in the array module: 'i' int, 'd' float, "
+        "'b' byte, 'c' char...) or a ctypes type such as ctypes.c_double"
+    )
+
+
+def _lock_arg(lock: Any, kind: str) -> tuple[str, Any]:
+    """``lock=True`` (own RLock), False (none) or an mpmagic Lock/RLock to share."""
+    if lock is True:
+        return "own", None
+    if lock is False or lock is None:
+        return "none", None
+    if isinstance(lock, SharedLock):
+        return "given", lock
+    raise UsageError(
+        f"mpmagic.{kind}: lock must be True, False or an mpmagic.Lock()/RLock(), not {type(lock).__name__} "
+        "(a multiprocessing lock cannot reach running workers)"
+    )
+
+
+class _Synchronized(_Helper):
+    """Shared ctypes data behind an optional lock (the stdlib's Synchronized)."""
+
+    _letters = "l"
+    _spec: tuple  # (typecode, length or None, lock mode, given lock)
+
+    def _setup(self) -> None:
+        code, length, mode, given = self._spec
+        ctype = _TYPES[code] if length is None else _TYPES[code] * length
+        self._obj = ctype.from_buffer(self._seg.mmap, _HEADER)
+        if mode == "own":
+            self._lock: Any = self._own_lock(recursive=True)
+        elif mode == "given":
+            self._lock = given._lock
+        else:
+            self._lock = None
+
+    @classmethod
+    def _make(cls, typecode: Any, length: int | None, lock: Any) -> Any:
+        _check_platform(cls._kind)
+        code = _typecode(typecode, cls._kind)
+        mode, given = _lock_arg(lock, cls._kind)
+        size = ctypes.sizeof(_TYPES[code]) * (1 if length is None else length)
+        return cls._create((code, length, mode, given), _HEADER + max(size, 1))
+
+    def _sem_letters(self) -> str:
+        return "l" if self._spec[2] == "own" else ""
+
+    def _after_fork(self) -> None:
+        if self._lock is not None:
+            self._lock.after_fork()
+
+    def get_lock(self) -> Any:
+        """The lock that guards the data (an RLock unless one was given)."""
+        if self._lock is None:
+            raise UsageError(f"{self._describe()} was made with lock=False: it has no lock")
+        return self._lock
+
+    def get_obj(self) -> Any:
+        """The raw ctypes object in shared memory (no locking)."""
+        return self._obj
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        return self.get_lock().acquire(block, timeout)
+
+    def release(self) -> None:
+        self.get_lock().release()
+
+    def __enter__(self) -> bool:
+        return self.get_lock().acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+
+class SharedValue(_Synchronized):
+    """One number in shared memory, like ``multiprocessing.Value``.
+
+    ``v.value`` reads or writes it (under the lock, if it has one). Read-modify-
+    write such as ``v.value += 1`` is *not* atomic: do it inside
+    ``with v.get_lock():``.
+    """
+
+    _kind = "Value"
+
+    @property
+    def value(self) -> Any:
+        lock = self._lock
+        if lock is None:
+            return self._obj.value
+        lock.acquire()
+        try:
+            return self._obj.value
+        finally:
+            lock.release()
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        lock = self._lock
+        if lock is None:
+            self._obj.value = new
+            return
+        lock.acquire()
+        try:
+            self._obj.value = new
+        finally:
+            lock.release()
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Value {self._spec[0]!r} {self._obj.value!r}>"
+
+
+class SharedArray(_Synchronized):
+    """A fixed-size array in shared memory, like ``multiprocessing.Array``.
+
+    Indexing and slicing go through the lock (if it has one). ``as_numpy()``
+    (or ``numpy.asarray(arr)``) is a zero-copy view that takes no lock.
+    """
+
+    _kind = "Array"
+
+    def __len__(self) -> int:
+        return self._spec[1]
+
+    def __getitem__(self, index: Any) -> Any:
+        lock = self._lock
+        if lock is None:
+            return self._obj[index]
+        with lock:
+            return self._obj[index]
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        lock = self._lock
+        if lock is None:
+            self._obj[index] = value
+            return
+        with lock:
+            self._obj[index] = value
+
+    @property
+    def value(self) -> Any:
+        """For typecode 'c': the bytes up to the first NUL (like the stdlib)."""
+        return self._char_obj().value
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        obj = self._char_obj()
+        with self._lock or contextlib.nullcontext():
+            obj.value = new
+
+    @property
+    def raw(self) -> bytes:
+        return self._char_obj().raw
+
+    def _char_obj(self) -> Any:
+        if self._spec[0] != "c":
+            raise AttributeError(f"{self._describe()} has typecode {self._spec[0]!r}: .value and .raw are for 'c'")
+        return self._obj
+
+    def as_numpy(self) -> Any:
+        """A numpy array over the shared memory (no copy, no lock)."""
+        import numpy
+
+        if self._spec[0] == "u":
+            return numpy.frombuffer(self._seg.mmap, dtype=f"<U{1}", count=len(self), offset=_HEADER)
+        return numpy.ctypeslib.as_array(self._obj)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
+        view = self.as_numpy()
+        if dtype is not None:
+            view = view.astype(dtype, copy=bool(copy))
+        elif copy:
+            view = view.copy()
+        return view
+
+    def __repr__(self) -> str:
+        head = self._obj[:8]
+        more = ", ..." if len(self) > 8 else ""
+        return f"<mpmagic.Array {self._spec[0]!r} len={len(self)} [{str(list(head))[1:-1]}{more}]>"
+
+

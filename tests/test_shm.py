@@ -1,0 +1,143 @@
+"""shm.py: the settings (``shm.configure``), the sweep of a dead notebook's
+segments (``shm.sweep_stale``), and results that are writable in the notebook."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ensure_pool, run
+
+import mpmagic
+from mpmagic import posixshm, shm
+
+pytestmark = pytest.mark.skipif(not shm.ENABLED, reason="POSIX shared memory only")
+
+
+def mine() -> set[str]:
+    """This notebook's segments in /dev/shm."""
+    return set(posixshm.names(f"mpm_{os.getpid()}_"))
+
+
+@pytest.fixture
+def settings_back():
+    yield
+    shm.configure(threshold=1 << 20, keep_bytes=512 << 20)
+
+
+# --------------------------------------------------------------------------
+# shm.sweep_stale
+
+
+def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run():
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited and reaped: no such process now
+    assert not posixshm.pid_alive(dead_pid)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    made = {
+        "dead": f"mpm_{dead_pid}_p1_0",
+        "alive": f"mpm_{alive.pid}_p1_0",
+        "ours": f"mpm_{os.getpid()}_test_0",
+        "odd": "mpm_notapid_0",
+    }
+    try:
+        for name in made.values():
+            posixshm.create(name, 4096).close()
+        swept = shm.sweep_stale()
+        left = set(posixshm.names("mpm_"))
+        assert made["dead"] not in left
+        assert {made["alive"], made["ours"], made["odd"]} <= left
+        assert swept >= 1
+        assert shm.sweep_stale() == 0 or made["dead"] not in set(posixshm.names("mpm_"))
+    finally:
+        alive.kill()
+        alive.wait()
+        for name in made.values():
+            posixshm.unlink(name)
+
+
+def test_sweep_stale_treats_a_zombie_as_dead():
+    """A notebook killed but not yet reaped by its parent is a zombie: its segments go."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while posixshm.pid_alive(child.pid):  # exited, not reaped: a zombie
+        os.sched_yield()
+    name = f"mpm_{child.pid}_p1_0"
+    try:
+        posixshm.create(name, 4096).close()
+        shm.sweep_stale()
+        assert name not in posixshm.names("mpm_")
+    finally:
+        child.wait()
+        posixshm.unlink(name)
+
+
+# --------------------------------------------------------------------------
+# shm.configure(threshold=..., keep_bytes=...)
+
+
+def _mapped_segments(arrays: list) -> set[str]:
+    """Run a map over ``arrays``; return the pooled segments it left for reuse."""
+    shm.pool().clear()
+    got = mpmagic.pmap(np.sum, arrays, workers=2)
+    assert got == [a.sum() for a in arrays]
+    return {seg.name for seg in shm.pool().free}
+
+
+def test_threshold_decides_which_arrays_go_through_shared_memory(settings_back):
+    ensure_pool("forkserver")
+    small = [np.ones(4096) for _ in range(2)]  # 32 kB each: under the default 1 MiB
+    assert _mapped_segments(small) == set()
+    shm.configure(threshold=16 << 10)
+    assert _mapped_segments(small) != set()
+    shm.configure(threshold=1 << 40)  # a huge value turns it off
+    assert _mapped_segments([np.ones(300_000)]) == set()  # 2.4 MB through the pipe
+    with pytest.raises(ValueError, match="threshold"):
+        shm.configure(threshold=0)
+
+
+def test_config_shm_threshold_reaches_shm(ip, settings_back):
+    run(ip, "%config MPMagic.shm_threshold = 12345")
+    assert shm.THRESHOLD == 12345
+
+
+def test_keep_bytes_bounds_the_free_segments_kept_between_calls(settings_back):
+    ensure_pool("forkserver")
+    kept = _mapped_segments([np.ones(300_000)])  # one 3 MB pooled segment, kept
+    assert kept and kept <= mine()
+    shm.configure(keep_bytes=0)  # trims at once
+    assert shm.pool().free == []
+    assert not (kept & mine())  # unlinked, not only forgotten
+    assert _mapped_segments([np.ones(300_000)]) == set()  # and nothing kept after a call
+    shm.configure(keep_bytes=64 << 20)
+    assert _mapped_segments([np.ones(300_000)]) != set()
+    with pytest.raises(ValueError, match="keep_bytes"):
+        shm.configure(keep_bytes=-1)
+
+
+# --------------------------------------------------------------------------
+# Results are writable in the notebook (issue 13, class 5)
+
+
+@pytest.mark.parametrize("n", [10, 200_000])
+def test_a_task_returning_its_read_only_input_gives_a_writable_result(ip, n):
+    """Inputs reach workers read-only (shared, not copied); what comes back is the
+    notebook's own writable array, equal to what map() returns."""
+    ensure_pool("forkserver")
+    run(ip, f"import numpy as np\nxs = [np.arange({n}.0), np.arange({n}.0) * 2]")
+    run(ip, "def same(a):\n    return a\n\ndef head(a):\n    return a[:5]\n\ndef pair(a):\n    return {'a': a, 'v': a[1:]}\n")
+    for func in ("same", "head", "pair"):
+        got = run(ip, f"%pmap -q {func}, xs")
+        want = run(ip, f"list(map({func}, xs))")
+        for g, w in zip(got, want, strict=True):
+            for ga, wa in ((g["a"], w["a"]), (g["v"], w["v"])) if func == "pair" else ((g, w),):
+                assert np.array_equal(ga, wa)
+                assert ga.flags.writeable, func
+                ga[0] = -1.0  # and writing works
+    shared = ip.user_ns["shared_x"] = mpmagic.share(np.arange(float(n)))
+    got = run(ip, "%pmap -q same, [shared_x]")
+    assert got[0].flags.writeable and np.array_equal(got[0], shared)
+    for name in ("xs", "same", "head", "pair", "shared_x"):
+        ip.user_ns.pop(name, None)
