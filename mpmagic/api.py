@@ -17,11 +17,11 @@ from typing import Any
 
 from . import payload
 from .cell import make_cell_spec, run_cell_code, split_last_expression
-from .errors import ParallelError, UsageError, render_traceback
+from .errors import ParallelError, UsageError, format_exception, render_traceback
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, MapJob, RemoteTraceback
+from .jobs import CellJob, MapJob
 from .pool import get_pool
 from .progress import Progress
 from .report import Report
@@ -335,8 +335,8 @@ def parallel(
         job.flush_output()
         for rank in sorted(job.failures):
             exc = job.failures[rank]
-            cause = exc.__cause__
-            text = cause.text if isinstance(cause, RemoteTraceback) else f"{type(exc).__name__}: {exc}"
+            # A task's exception shows its own frames as IPython would; ours are one line.
+            text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
             sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
         n = len(job.failures)
         ranks = ", ".join(map(str, sorted(job.failures)))

@@ -10,7 +10,6 @@ same results, errors, output and timing.
 from __future__ import annotations
 
 import itertools
-import pickle
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -22,12 +21,12 @@ from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
     RemoteError,
-    RemoteTraceback,
-    RenderRemote,
+    RemoteTraceback,  # noqa: F401 (imported from here by older callers)
     SerializationError,
     TaskTimeoutError,
     WorkerLostError,
-    render_traceback,
+    fake_traceback,
+    rebuild,
 )
 
 _call_ids = itertools.count(1)
@@ -59,22 +58,15 @@ def add_note(exc: BaseException, note: str) -> None:
 
 
 def rebuild_exception(info: Any, where: str) -> BaseException:
-    """The worker's exception as the same type here, with its traceback as cause."""
-    exc: BaseException | None = None
-    if info.exc_bytes:
-        try:
-            exc = pickle.loads(info.exc_bytes)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
+    """The worker's exception as the same type here, its frames as its traceback,
+    with ``where`` (which item or rank) as a note."""
+    record = getattr(info, "record", None)
+    if record is not None:
+        exc = rebuild(record)
+    else:  # an ErrorInfo made without a record (older worker): words only
         exc = RemoteError(info.type_name, info.message)
-    text = render_traceback(info.frames, info.exc_text)
-    exc.__cause__ = RemoteTraceback(text)
+        exc.__traceback__ = fake_traceback(info.frames)
     add_note(exc, where)
-    try:
-        exc._render_traceback_ = RenderRemote(text, where)  # type: ignore[attr-defined]
-    except AttributeError:  # an exception type with __slots__
-        pass
     return exc
 
 
