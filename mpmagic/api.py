@@ -17,7 +17,7 @@ from typing import Any
 
 from . import payload
 from .cell import make_cell_spec, run_cell_code, split_last_expression
-from .errors import ParallelError, UsageError, format_exception, render_traceback
+from .errors import ParallelError, UsageError, drop_our_frames, format_exception, render_traceback
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
@@ -205,8 +205,9 @@ def _run_with_progress(backend: Any, job: Any, bar: Progress, workers: int | Non
         absorb_late_interrupts()  # more presses of interrupt are repeats of this one
         bar.close("interrupted")
         raise
-    except BaseException:
+    except BaseException as exc:
         bar.close("error")
+        drop_our_frames(exc)  # e.g. a generator input that raised: the user sees its frame, not ours
         raise
     finally:
         bar.close("error" if getattr(job, "failure", None) is not None or getattr(job, "failures", None) else "done")

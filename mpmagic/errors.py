@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import linecache
 import logging
+import os
 import pickle
 import re
 import signal
@@ -381,26 +382,36 @@ _cell_origins: dict[str, tuple[str, int]] = {}
 
 
 def remember_cell_origin(filename: str, source: str) -> None:
-    """Note which notebook cell (IPython's file name for it) holds ``source``.
+    """Name ``filename`` (a ``%%parallel`` body) as the notebook cell holding it.
 
-    Called in the notebook when a ``%%parallel`` body gets its file name; does
-    nothing outside IPython or when the running cell does not hold the body.
+    Called in the notebook when the body gets its file name. IPython caches a
+    cell-magic cell as its one-line transformed call, so the raw cell (magic
+    line and body) is put in ``linecache`` under our file name, frames are
+    moved one line down, and IPython's map of cell file names learns it: a
+    rank's frame then reads "Cell In[5], line 3" with the cell's lines around.
+    Does nothing outside IPython, or when the running cell is not ``%%`` +
+    this body (``mpmagic.parallel(code)`` called from a cell).
     """
     shell = _ipython()
     if shell is None:
         return
     try:
-        count = shell.execution_count
-        names = [n for n, c in shell.compile._filename_map.items() if c == count]
+        raw_cells = shell.history_manager.input_hist_raw
+        filename_map = shell.compile._filename_map
     except AttributeError:
         return
-    body = source.splitlines()
-    for name in names:
-        lines = [line.rstrip("\n") for line in linecache.getlines(name)]
-        for offset in range(min(len(lines), 3)):
-            if body and lines[offset + 1 : offset + 1 + len(body)] == body and lines[offset].lstrip().startswith("%%"):
-                _cell_origins[filename] = (name, offset + 1)
-                return
+    # The running cell was compiled (and numbered) before it ran: the highest
+    # number is its In[N] (``execution_count`` is already the next one in IPython 9).
+    count = max(filename_map.values(), default=None)
+    if count is None:
+        return
+    raw = raw_cells[-1] if raw_cells else ""
+    lines = raw.splitlines(keepends=True)
+    if not lines or not lines[0].lstrip().startswith("%%") or "".join(lines[1:]).rstrip() != source.rstrip():
+        return
+    linecache.cache[filename] = (len(raw), None, lines, filename)
+    filename_map[filename] = count
+    _cell_origins[filename] = (filename, 1)
 
 
 def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
@@ -476,15 +487,42 @@ def came_from_worker(exc: BaseException) -> bool:
 
 
 def _without_hidden_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
-    kept = []
+    """``tb`` without the frames IPython would hide (ours) and IPython's own."""
+    return _relink(
+        t for t in _entries(tb)
+        if not t.tb_frame.f_locals.get("__tracebackhide__")
+        and "/IPython/core/" not in t.tb_frame.f_code.co_filename.replace("\\", "/")
+    )
+
+
+def _entries(tb: types.TracebackType | None) -> list[types.TracebackType]:
+    out = []
     while tb is not None:
-        if not tb.tb_frame.f_locals.get("__tracebackhide__"):
-            kept.append(tb)
+        out.append(tb)
         tb = tb.tb_next
+    return out
+
+
+def _relink(entries: Any) -> types.TracebackType | None:
     head = None
-    for t in reversed(kept):
+    for t in reversed(list(entries)):
         head = types.TracebackType(head, t.tb_frame, t.tb_lasti, t.tb_lineno)
     return head
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def drop_our_frames(exc: BaseException) -> None:
+    """User code that raised while our machinery called it (a generator input
+    consumed chunk by chunk): leave only the user's frames in its traceback.
+
+    An error whose last frame is ours is our bug: it keeps every frame.
+    """
+    entries = _entries(exc.__traceback__)
+    if not entries or entries[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        return
+    exc.__traceback__ = _relink(t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
 
 
 def install_display(shell: Any) -> None:
