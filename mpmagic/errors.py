@@ -56,6 +56,15 @@ class SerializationError(MPMagicError):
     """Something could not be pickled to go to a worker, or to come back."""
 
 
+def unloadable_results(what: str, exc: BaseException) -> SerializationError:
+    """The error for results that came back but cannot be loaded in the notebook."""
+    return SerializationError(
+        f"{what} came back from the worker but cannot be loaded in the notebook "
+        f"({type(exc).__name__}: {exc}). Return types the notebook can import (plain data, "
+        "classes defined in the notebook or in modules installed here), not ones only the workers have."
+    )
+
+
 class RemoteError(MPMagicError):
     """A task raised an exception whose type cannot be loaded in the notebook.
 
@@ -73,8 +82,12 @@ class RemoteError(MPMagicError):
     @property
     def _render_traceback_(self):  # type: ignore[override]
         # Unlike our own errors, this one shows its (worker-side) frames:
-        # hasattr() is False, so IPython renders the traceback as usual.
-        raise AttributeError("_render_traceback_")
+        # hasattr() is False, so IPython renders the traceback as usual
+        # (unless it has no frames: see show_without_frames).
+        render = self.__dict__.get("_render_without_frames")
+        if render is None:
+            raise AttributeError("_render_traceback_")
+        return render
 
 
 class ParallelError(MPMagicError):
@@ -367,6 +380,33 @@ def _new_exception(cls: type, rec: ExcRecord, payload: Any) -> BaseException | N
         except Exception as why:
             logger.debug("attribute %s of %s not restored: %s", k, rec.type_name, why)
     return exc
+
+
+class _ExceptionOnly:
+    """``_render_traceback_`` of a task exception none of whose frames is the
+    user's (a function that failed to load in the worker): without it IPython
+    would show the one frame it never hides, ours that re-raised it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.lines = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n").split("\n")
+        notes = getattr(exc, "__notes__", None)
+        if sys.version_info < (3, 11) and notes:
+            self.lines += [str(n) for n in notes]
+
+    def __call__(self) -> list[str]:
+        return list(self.lines)
+
+
+def show_without_frames(exc: BaseException) -> None:
+    """Make IPython show ``exc`` as its type, message and notes only."""
+    render = _ExceptionOnly(exc)
+    try:
+        if isinstance(exc, RemoteError):
+            exc.__dict__["_render_without_frames"] = render
+        else:
+            exc._render_traceback_ = render  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__: IPython shows our frame
+        logger.debug("cannot set the display of %r", exc)
 
 
 # --------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from .errors import (
     WorkerLostError,
     fake_traceback,
     rebuild,
+    show_without_frames,
+    unloadable_results,
 )
 
 _call_ids = itertools.count(1)
@@ -67,6 +69,8 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
         exc = RemoteError(info.type_name, info.message)
         exc.__traceback__ = fake_traceback(info.frames)
     add_note(exc, where)
+    if exc.__traceback__ is None:  # none of its frames was the user's
+        show_without_frames(exc)
     return exc
 
 
@@ -265,7 +269,14 @@ class MapJob:
             self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
-        results = payload.loads(data)
+        try:
+            results = payload.loads(data)
+        except Exception as exc:
+            self.outstanding.pop(unit.id, None)
+            last = unit.start + unit.count - 1
+            what = f"the result of item {unit.start}" if unit.count == 1 else f"the results of items {unit.start}-{last}"
+            self._fail_or_collect(unit, unloadable_results(what, exc), None)
+            return
         if self.collect:
             for i, r in enumerate(results):
                 if type(r).__name__ == "ErrorInfo" and type(r).__module__ == "mpmagic.worker":
@@ -484,7 +495,12 @@ class CellJob:
             self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
-        self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
+        try:
+            self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
+        except Exception as exc:
+            self.failures[unit.id] = unloadable_results(f"rank {unit.id}'s last value or --gather variables", exc)
+            self._rank_finished()
+            return
         self.rank_seconds[unit.id] = seconds
         self.task_seconds += seconds
         self.items_done += 1
