@@ -266,17 +266,21 @@ def _safe_str(exc: BaseException) -> str:
         return f"<unprintable {type(exc).__name__}>"
 
 
-def capture(exc: BaseException, _depth: int = 0, _seen: set | None = None) -> ExcRecord:
-    """The parts of ``exc`` (and its chain) to send home (runs in the worker)."""
+def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> ExcRecord:
+    """The parts of ``exc`` (and its chain) to send home (runs in the worker).
+
+    An exception met twice (``raise A from B`` makes B both the cause and the
+    context) gets one record, so it is one exception again in the notebook.
+    """
     from . import payload
 
-    seen = set() if _seen is None else _seen
-    seen.add(id(exc))
+    seen: dict[int, ExcRecord] = {} if _seen is None else _seen
     try:
         text = "".join(traceback.format_exception_only(type(exc), exc))
     except Exception:
         text = f"{type(exc).__qualname__}: {_safe_str(exc)}\n"
     rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__))
+    seen[id(exc)] = rec
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         rec.notes = [str(n) for n in notes]
@@ -304,10 +308,11 @@ def capture(exc: BaseException, _depth: int = 0, _seen: set | None = None) -> Ex
         if is_group:
             rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]
     if _depth < _MAX_CHAIN:
-        if exc.__cause__ is not None and id(exc.__cause__) not in seen:
-            rec.cause = capture(exc.__cause__, _depth + 1, seen)
-        if exc.__context__ is not None and id(exc.__context__) not in seen:
-            rec.context = capture(exc.__context__, _depth + 1, seen)
+        for link in ("__cause__", "__context__"):
+            other = getattr(exc, link)
+            if other is not None:
+                other_rec = seen.get(id(other)) or capture(other, _depth + 1, seen)
+                setattr(rec, link.strip("_"), other_rec)
     rec.suppress_context = bool(exc.__suppress_context__)
     return rec
 
@@ -323,9 +328,13 @@ def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
     return data if type(back) is type(exc) and back.args == exc.args else None
 
 
-def rebuild(rec: ExcRecord, _cells: dict | None = None) -> BaseException:
+def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     """The exception of ``rec`` here, as its own type, with its chain and frames."""
     from . import payload
+
+    memo: dict[int, BaseException] = {} if _memo is None else _memo
+    if id(rec) in memo:
+        return memo[id(rec)]
 
     exc: BaseException | None = None
     if rec.whole is not None:
@@ -340,9 +349,10 @@ def rebuild(rec: ExcRecord, _cells: dict | None = None) -> BaseException:
             logger.debug("could not load the type %s: %s", rec.type_name, why)
             cls = None
         if isinstance(cls, type) and issubclass(cls, BaseException):
-            exc = _new_exception(cls, rec, payload)
+            exc = _new_exception(cls, rec, payload, memo)
     if not isinstance(exc, BaseException):
         exc = RemoteError(rec.type_name, rec.message)
+    memo[id(rec)] = exc
     if rec.notes is not None:
         try:
             exc.__notes__ = list(rec.notes)
@@ -350,20 +360,20 @@ def rebuild(rec: ExcRecord, _cells: dict | None = None) -> BaseException:
             logger.debug("notes of %s not restored", rec.type_name)
     exc.__traceback__ = fake_traceback(map_cell_frames(rec.frames))
     if rec.cause is not None:
-        exc.__cause__ = rebuild(rec.cause)
+        exc.__cause__ = rebuild(rec.cause, memo)
     if rec.context is not None:
-        exc.__context__ = rebuild(rec.context)
+        exc.__context__ = rebuild(rec.context, memo)
     exc.__suppress_context__ = rec.suppress_context
     return exc
 
 
-def _new_exception(cls: type, rec: ExcRecord, payload: Any) -> BaseException | None:
+def _new_exception(cls: type, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
     """``cls`` made without calling ``__init__`` (as pickle makes objects), then
     given the args and attributes the worker's exception had."""
     try:
         args = payload.loads(rec.args_bytes) if rec.args_bytes else ()
         if rec.children is not None:
-            exc = cls.__new__(cls, args[0], [rebuild(c) for c in rec.children])
+            exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
         else:
             exc = cls.__new__(cls, *args)
             exc.args = args
@@ -448,10 +458,38 @@ def remember_cell_origin(filename: str, source: str) -> None:
     raw = raw_cells[-1] if raw_cells else ""
     lines = raw.splitlines(keepends=True)
     if not lines or not lines[0].lstrip().startswith("%%") or "".join(lines[1:]).rstrip() != source.rstrip():
-        return
+        # Not in the history (run with store_history=False): the running
+        # cell's transformed code is ``get_ipython().run_cell_magic(name, line, body)``.
+        names = [n for n, c in filename_map.items() if c == count and n not in _cell_origins]
+        lines = _magic_cell_lines(names[-1], source) if names else []
+        if not lines:
+            return
+        raw = "".join(lines)
     linecache.cache[filename] = (len(raw), None, lines, filename)
     filename_map[filename] = count
     _cell_origins[filename] = (filename, 1)
+
+
+def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
+    """The raw lines (``%%name line`` + body) of a cell-magic cell, from its
+    transformed code, if ``source`` is its body; else []."""
+    import ast
+
+    try:
+        tree = ast.parse("".join(linecache.getlines(cell_name)))
+    except SyntaxError:
+        return []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "run_cell_magic"
+            and len(node.args) == 3
+            and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args)
+            and node.args[2].value.rstrip() == source.rstrip()
+        ):
+            name, line, body = (a.value for a in node.args)
+            return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
+    return []
 
 
 def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
