@@ -148,7 +148,8 @@ def test_real_kernel_shows_cell_numbers_for_tasks_and_ranks(kernel):
     assert reply.status == "error" and reply.ename == "AssertionError"
     text = ANSI.sub("", "\n".join(line for t, c in reply.outputs if t == "error" for line in c["traceback"]))
     assert_clean(text)
-    assert "Cell In[2], line 2" in text and "ipykernel_" not in text, text
+    assert "Cell In[2], line 2, in halve" in text and "ipykernel_" not in text, text
+    assert re.search(r"----> 2\s+assert x % 2 == 0", text), text  # the arrow on the failing line
 
     reply = kernel.execute("%%parallel -n 2 -q\ny = 1\nassert rank == 0, 'not rank 0'\n")  # In[4]
     assert reply.status == "error"
