@@ -158,15 +158,19 @@ class FrameInfo:
     lineno: int
     name: str
     line: str | None
+    # The first line of the frame's function (its ``def``): IPython in a
+    # kernel lists a frame's source from there (inspect.getsourcelines).
+    first: int = 0
 
 
 def extract_frames(tb) -> list[FrameInfo]:
     """Frames of a worker-side traceback, our own machinery left out."""
     frames = []
-    for fs in traceback.extract_tb(tb):
+    for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
-        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None))
+        first = frame.f_code.co_firstlineno
+        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first))
     if len(frames) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
         frames = frames[: _MAX_FRAMES // 2] + frames[-_MAX_FRAMES // 2 :]
     return frames
@@ -183,8 +187,7 @@ def render_traceback(frames: list[FrameInfo], exc_text: str) -> str:
     return "\n".join(out)
 
 
-_stub_codes: dict[tuple[str, int, str], types.CodeType] = {}
-_STUB = compile("raise __mpmagic_exc__", "<mpmagic>", "exec")
+_stub_codes: dict[tuple[str, int, str, int], types.CodeType] = {}
 
 
 def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
@@ -197,14 +200,20 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     tail: types.TracebackType | None = None
     marker = _FrameMarker()
     for fr in frames:
-        key = (fr.filename, fr.lineno, fr.name)
+        lineno = max(fr.lineno, 1)
+        first = fr.first if 0 < fr.first <= lineno else lineno
+        key = (fr.filename, lineno, fr.name, first)
         code = _stub_codes.get(key)
         if code is None:
             if len(_stub_codes) > 10_000:
                 _stub_codes.clear()
-            code = _stub_codes[key] = _STUB.replace(
-                co_filename=fr.filename, co_name=fr.name, co_firstlineno=max(fr.lineno, 1)
-            )
+            names = {"co_name": fr.name}
+            if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
+                names["co_qualname"] = fr.name
+            # The raise sits ``lineno - first`` lines below the code's first
+            # line, as the real statement sat below its ``def``.
+            stub = compile("\n" * (lineno - first) + "raise __mpmagic_exc__", "<mpmagic>", "exec")
+            code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
         try:
             exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
         except _FrameMarker as m:
@@ -500,7 +509,7 @@ def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
     for fr in frames:
         origin = _cell_origins.get(fr.filename)
         if origin is not None:
-            fr = FrameInfo(origin[0], fr.lineno + origin[1], fr.name, fr.line)
+            fr = FrameInfo(origin[0], fr.lineno + origin[1], fr.name, fr.line, fr.first + origin[1] if fr.first > 1 else 1)
         out.append(fr)
     return out
 
