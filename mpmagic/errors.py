@@ -332,9 +332,10 @@ def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
     try:
         data = payload.dumps_data(exc)
         back = pickle.loads(data)
-    except Exception:
+        same = type(back) is type(exc) and bool(back.args == exc.args)
+    except Exception:  # (args holding numpy arrays cannot even be compared)
         return None
-    return data if type(back) is type(exc) and back.args == exc.args else None
+    return data if same else None
 
 
 def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
@@ -469,8 +470,9 @@ def remember_cell_origin(filename: str, source: str) -> None:
     if not lines or not lines[0].lstrip().startswith("%%") or "".join(lines[1:]).rstrip() != source.rstrip():
         # Not in the history (run with store_history=False): the running
         # cell's transformed code is ``get_ipython().run_cell_magic(name, line, body)``.
+        # (Unnumbered cells all share one number: take the one whose code holds the body.)
         names = [n for n, c in filename_map.items() if c == count and n not in _cell_origins]
-        lines = _magic_cell_lines(names[-1], source) if names else []
+        lines = next((found for n in reversed(names) if (found := _magic_cell_lines(n, source))), [])
         if not lines:
             return
         raw = "".join(lines)
