@@ -193,8 +193,9 @@ _stub_codes: dict[tuple[str, int, str, int], types.CodeType] = {}
 def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     """A real traceback object whose frames are ``frames`` (file, line, name).
 
-    One code object per distinct (file, line, name), so a recursion's frames
-    are recognised as repeats and collapsed by IPython and Python alike.
+    One code object per distinct frame, so a recursion's frames are
+    recognised as repeats and collapsed by IPython and Python alike (a
+    RecursionError shows a few frames and "[... skipping similar frames]").
     """
     head: types.TracebackType | None = None
     tail: types.TracebackType | None = None
@@ -214,6 +215,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
             # line, as the real statement sat below its ``def``.
             stub = compile("\n" * (lineno - first) + "raise __mpmagic_exc__", "<mpmagic>", "exec")
             code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
+        tb = None
         try:
             exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
         except _FrameMarker as m:
