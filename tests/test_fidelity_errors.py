@@ -188,3 +188,11 @@ def test_dask_keeps_types_and_chain(defined, backend):
     """The same rebuild on every backend (the ``backend`` fixture includes Dask)."""
     compare(defined, "group, [1]")
     compare(defined, "from_none, [1]")
+
+
+def test_errors_collect_keeps_each_exception_as_itself(defined, local_pool):
+    out = run(defined, "%pmap -q --errors collect chained, [1, 2]")
+    ser = [outcome(defined, f"chained({i})") for i in (1, 2)]
+    for failed, expected in zip(out, ser, strict=True):
+        assert isinstance(failed, mpmagic.Failed)
+        assert_same(failed.error, expected)
