@@ -565,8 +565,10 @@ def _cell_names(text: str) -> str:
 # lists every frame, and an exception with an ExceptionGroup in its context
 # with ``traceback.print_exc``, which also lists every frame (ours: magics.py,
 # api.py, jobs.py). For an exception that came from a worker, the shell's
-# ``showtraceback`` is wrapped to show the same thing without the frames that
-# carry ``__tracebackhide__`` (ours), as IPython's VerboseTB does for the rest.
+# ``showtraceback`` is wrapped to drop the frames that carry
+# ``__tracebackhide__`` (ours) before showing it, by either path: the display
+# is then the cell's line and the task's frames, as with serial ``map``
+# (without even IPython's "[... skipping hidden 3 frame]").
 
 _NOTE_PREFIX = "mpmagic: "
 
@@ -629,11 +631,13 @@ def install_display(shell: Any) -> None:
         except ValueError:
             etype = value = tb = None
         if value is not None and not exception_only and came_from_worker(value):
+            # The cell's line, then the task's frames: as the same cell with map() shows.
+            tb = value.__traceback__ = _without_hidden_frames(tb)
             if isinstance(value, SyntaxError) or isinstance(value, _GROUP):
-                value.__traceback__ = _without_hidden_frames(tb)
                 text = _cell_names("".join(traceback.format_exception(value)))
                 shell._showtraceback(etype, value, text.rstrip("\n").split("\n"))
                 return None
+            exc_tuple = (etype, value, tb)
         return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
 
     showtraceback._mpmagic = True  # type: ignore[attr-defined]

@@ -42,6 +42,9 @@ def test_a_task_frame_is_named_as_its_cell(ip, local_pool):
     assert_clean(text)
     assert f"Cell In[{n}], line 3" in text and "return 1 / y" in text
     assert "mpmagic: raised by item 1 of the input: inverse(1)" in text
+    # As serial map shows it: the cell's line, then the task's frames, nothing between.
+    assert "skipping hidden" not in text
+    assert re.search(r"----> 1 get_ipython\(\).run_line_magic\('pmap', 'inverse, \[3, 1\]'\)\n\n" + re.escape(f"Cell In[{n}], line 3"), text), text
 
 
 def test_cause_and_effect_both_shown_as_python_does(ip, local_pool):
