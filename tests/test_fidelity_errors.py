@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import builtins
 import pickle
+import re
 import sys
+import traceback
 
 import pytest
 from conftest import run
@@ -168,6 +170,9 @@ def test_exception_group_comes_back_with_its_sub_exceptions(defined, local_pool)
 def test_deep_recursion_is_a_recursion_error(defined, local_pool):
     par = outcome(defined, "%pmap -q deep, [0]")
     assert type(par) is RecursionError
+    # Outside IPython too (the API in a script), Python collapses the repeats.
+    text = "".join(traceback.format_exception(par))
+    assert re.search(r"\[Previous line repeated \d+ more times\]", text) and len(text.splitlines()) < 20, text
 
 
 def test_a_type_the_notebook_cannot_load_is_a_remote_error(defined, local_pool):

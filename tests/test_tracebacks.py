@@ -153,6 +153,7 @@ def test_real_kernel_shows_cell_numbers_for_tasks_and_ranks(kernel):
     assert_clean(text)
     assert "Cell In[2], line 2, in halve" in text and "ipykernel_" not in text, text
     assert re.search(r"----> 2\s+assert x % 2 == 0", text), text  # the arrow on the failing line
+    assert "skipping hidden" not in text
 
     reply = kernel.execute("%%parallel -n 2 -q\ny = 1\nassert rank == 0, 'not rank 0'\n")  # In[4]
     assert reply.status == "error"
