@@ -309,7 +309,9 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
         except Exception:
             rec.args_bytes = payload.dumps_data(tuple(repr(a) for a in args))
         rec.state = {}
-        for k, v in getattr(exc, "__dict__", {}).items():
+        attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+        attrs.update(getattr(exc, "__dict__", {}))
+        for k, v in attrs.items():
             if k == "__notes__":
                 continue
             try:
@@ -392,13 +394,14 @@ def _new_exception(cls: type, rec: ExcRecord, payload: Any, memo: dict) -> BaseE
     except Exception as why:
         logger.debug("could not rebuild %s: %s", rec.type_name, why)
         return None
+    slots = set(payload.slot_names(cls))
     for k, v in (rec.state or {}).items():
         try:
             value = payload.loads(v)
-            if hasattr(exc, "__dict__"):
-                exc.__dict__[k] = value
+            if k in slots or not hasattr(exc, "__dict__"):
+                object.__setattr__(exc, k, value)  # (not the class's own __setattr__)
             else:
-                setattr(exc, k, value)
+                exc.__dict__[k] = value
         except Exception as why:
             logger.debug("attribute %s of %s not restored: %s", k, rec.type_name, why)
     return exc

@@ -91,7 +91,8 @@ def _rebuild_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
-def _slot_names(cls: type) -> list[str]:
+def slot_names(cls: type) -> list[str]:
+    """Names of the ``__slots__`` of ``cls`` and its bases (not ``__dict__``/``__weakref__``)."""
     names: list[str] = []
     for klass in cls.__mro__:
         slots = klass.__dict__.get("__slots__", ())
@@ -129,7 +130,7 @@ def _slotted_by_value_cached(cls: type) -> bool:
 
 def _slotted_state(obj: Any) -> dict[str, Any]:
     state = {}
-    for name in _slot_names(type(obj)):
+    for name in slot_names(type(obj)):
         try:
             state[name] = object.__getattribute__(obj, name)
         except AttributeError:  # an unset slot stays unset

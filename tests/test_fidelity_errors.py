@@ -38,6 +38,15 @@ class WithLock(Exception):
         self.lock = threading.Lock()   # cannot be pickled
         self.kept = [1, 2]
 
+class SlottedError(Exception):
+    __slots__ = ("code",)
+    def __init__(self, code):
+        super().__init__(f"code {code}")
+        self.code = code
+
+def slotted_error(x):
+    raise SlottedError(x)
+
 def kw_only(x):
     raise HTTPError(400 + x, url=f"http://h/{x}")
 
@@ -154,6 +163,11 @@ def test_context_suppression_notes_and_oserror_fields(defined, local_pool, func)
         assert isinstance(par, FileNotFoundError) and par.errno == 2 and par.filename == "/nonexistent/0"
 
 
+def test_exception_with_slots_keeps_them(defined, local_pool):
+    par = compare(defined, "slotted_error, [9]")
+    assert par.code == 9
+
+
 def test_unpicklable_attribute_loses_only_that_attribute(defined, local_pool):
     par = compare(defined, "with_lock, [2]")
     assert par.kept == [1, 2] and not hasattr(par, "lock")
@@ -201,3 +215,24 @@ def test_errors_collect_keeps_each_exception_as_itself(defined, local_pool):
     for failed, expected in zip(out, ser, strict=True):
         assert isinstance(failed, mpmagic.Failed)
         assert_same(failed.error, expected)
+
+
+class _ImportableSlotted(Exception):
+    __slots__ = ("code",)
+
+    def __init__(self, code):
+        super().__init__(f"code {code}")
+        self.code = code
+
+
+def test_capture_and_rebuild_keep_real_slots():
+    """An importable exception class with real slots (in the worker a notebook
+    class has none: cloudpickle rebuilds it with a __dict__)."""
+    from mpmagic.errors import capture, rebuild
+
+    try:
+        raise _ImportableSlotted(9)
+    except _ImportableSlotted as exc:
+        record = pickle.loads(pickle.dumps(capture(exc)))
+    back = rebuild(record)
+    assert type(back) is _ImportableSlotted and back.code == 9 and back.args == ("code 9",)
