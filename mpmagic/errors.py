@@ -336,10 +336,21 @@ def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
     try:
         data = payload.dumps_data(exc)
         back = pickle.loads(data)
-        same = type(back) is type(exc) and bool(back.args == exc.args)
+        # Same args and the same attributes set: a reducer that drops slots
+        # (tblib's, which distributed installs for every exception) is caught here.
+        same = (
+            type(back) is type(exc)
+            and bool(back.args == exc.args)
+            and _attribute_names(back, payload) == _attribute_names(exc, payload)
+        )
     except Exception:  # (args holding numpy arrays cannot even be compared)
         return None
     return data if same else None
+
+
+def _attribute_names(exc: BaseException, payload: Any) -> set[str]:
+    names = {k for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+    return names | set(getattr(exc, "__dict__", {}))
 
 
 def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
