@@ -130,7 +130,7 @@ def load_ipython_extension(ipython: Any) -> None:
     from .errors import install_display
     from .magics import MPMagics
 
-    install_display(ipython)  # task SyntaxErrors / ExceptionGroups shown without our frames
+    install_display(ipython)  # a task's error shows the cell line and its own frames, none of ours
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
     _prestart_pool()
