@@ -127,8 +127,10 @@ __all__ = [
 def load_ipython_extension(ipython: Any) -> None:
     """``%load_ext mpmagic``: register the magics and start the pool in the background."""
     from . import config
+    from .errors import install_display
     from .magics import MPMagics
 
+    install_display(ipython)  # a task's error shows the cell line and its own frames, none of ours
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
     _prestart_pool()
@@ -168,8 +170,10 @@ def _start_if_current(backend: Any) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext mpmagic``: remove the magics and stop the pool."""
     from . import config, pool
+    from .errors import uninstall_display
 
     pool.shutdown()
+    uninstall_display(ipython)
     config.unregister(ipython)
     magics = ipython.magics_manager.magics
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):

@@ -18,11 +18,11 @@ from typing import Any
 
 from . import payload
 from .cell import make_cell_spec, run_cell_code, split_last_expression
-from .errors import ParallelError, UsageError, render_traceback
+from .errors import ParallelError, UsageError, drop_our_frames, format_exception, render_traceback
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, MapJob, RemoteTraceback
+from .jobs import CellJob, MapJob
 from .pool import get_pool
 from .progress import Progress
 from .report import Report
@@ -228,8 +228,9 @@ def _run_with_progress(backend: Any, job: Any, bar: Progress, workers: int | Non
         absorb_late_interrupts()  # more presses of interrupt are repeats of this one
         bar.close("interrupted")
         raise
-    except BaseException:
+    except BaseException as exc:
         bar.close("error")
+        drop_our_frames(exc)  # e.g. a generator input that raised: the user sees its frame, not ours
         raise
     finally:
         bar.close("error" if getattr(job, "failure", None) is not None or getattr(job, "failures", None) else "done")
@@ -440,8 +441,8 @@ def parallel(
         job.flush_output()
         for rank in sorted(job.failures):
             exc = job.failures[rank]
-            cause = exc.__cause__
-            text = cause.text if isinstance(cause, RemoteTraceback) else f"{type(exc).__name__}: {exc}"
+            # A task's exception shows its own frames as IPython would; ours are one line.
+            text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
             sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
         n = len(job.failures)
         ranks = ", ".join(map(str, sorted(job.failures)))

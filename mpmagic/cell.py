@@ -18,6 +18,8 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import remember_cell_origin
+
 _counter = 0
 
 
@@ -39,6 +41,7 @@ def register_source(source: str, prefix: str = "parallel-cell") -> str:
     filename = f"<{prefix}-{_counter}>"
     lines = source.splitlines(keepends=True)
     linecache.cache[filename] = (len(source), None, lines, filename)
+    remember_cell_origin(filename, source)  # its frames show as the notebook cell's
     return filename
 
 

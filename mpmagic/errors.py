@@ -1,17 +1,31 @@
 """Exceptions mpmagic raises, and how a worker's traceback is carried home.
 
-A task's exception is re-raised in the notebook as the *same* exception type
-(when it can be unpickled there), chained from a :class:`RemoteTraceback` whose
-text is the worker-side traceback rendered with the notebook's own cell
-sources, and carrying a note that says which item or rank raised it.
+A task's exception is re-raised in the notebook as the *same* exception type,
+with its args, attributes, notes, cause and context (:func:`capture` in the
+worker, :func:`rebuild` here), its ``__traceback__`` made of the worker's
+frames (:func:`fake_traceback`), and one note that says which item or rank
+raised it. IPython then shows it as it shows a local error.
 """
 
 from __future__ import annotations
 
+import builtins
 import linecache
+import logging
+import os
+import pickle
+import re
 import signal
+import sys
 import traceback
+import types
 from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger("mpmagic")
+
+# ExceptionGroup exists from Python 3.11; before, nothing is a group.
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
 
 
 class MPMagicError(Exception):
@@ -42,13 +56,38 @@ class SerializationError(MPMagicError):
     """Something could not be pickled to go to a worker, or to come back."""
 
 
+def unloadable_results(what: str, exc: BaseException) -> SerializationError:
+    """The error for results that came back but cannot be loaded in the notebook."""
+    return SerializationError(
+        f"{what} came back from the worker but cannot be loaded in the notebook "
+        f"({type(exc).__name__}: {exc}). Return types the notebook can import (plain data, "
+        "classes defined in the notebook or in modules installed here), not ones only the workers have."
+    )
+
+
 class RemoteError(MPMagicError):
-    """A task raised an exception that could not be re-created in the notebook."""
+    """A task raised an exception whose type cannot be loaded in the notebook.
+
+    Only when the type itself cannot be loaded here (e.g. it comes from a
+    module installed only on the workers); every other exception comes back
+    as its own type. Shown like any traceback (the worker's frames), not as
+    one of our one-line messages.
+    """
 
     def __init__(self, type_name: str, message: str) -> None:
         super().__init__(f"{type_name}: {message}")
         self.type_name = type_name
         self.message = message
+
+    @property
+    def _render_traceback_(self):  # type: ignore[override]
+        # Unlike our own errors, this one shows its (worker-side) frames:
+        # hasattr() is False, so IPython renders the traceback as usual
+        # (unless it has no frames: see show_without_frames).
+        render = self.__dict__.get("_render_without_frames")
+        if render is None:
+            raise AttributeError("_render_traceback_")
+        return render
 
 
 class ParallelError(MPMagicError):
@@ -70,7 +109,12 @@ class ParallelError(MPMagicError):
 
 
 class RemoteTraceback(Exception):
-    """Carries the text of a worker-side traceback; shown as the cause."""
+    """The text of a worker-side traceback (kept for code that reads ``.text``).
+
+    Rebuilt exceptions no longer carry it as their cause (the cause slot keeps
+    the task's own ``raise ... from``): their ``__traceback__`` holds the
+    worker's frames instead, see :func:`fake_traceback`.
+    """
 
     def __init__(self, text: str) -> None:
         super().__init__(text)
@@ -80,26 +124,30 @@ class RemoteTraceback(Exception):
         return "\n" + self.text
 
 
-class RenderRemote:
-    """IPython's ``_render_traceback_`` hook for a re-raised worker exception.
-
-    Set on the exception instance, so the notebook shows the worker-side
-    traceback (with the cell's lines) instead of mpmagic's own frames.
-    """
-
-    def __init__(self, text: str, note: str) -> None:
-        self.text = text
-        self.note = note
-
-    def __call__(self) -> list[str]:
-        lines = self.text.splitlines()
-        if lines and lines[0].startswith("Traceback"):
-            lines[0] = "Traceback in the worker (most recent call last):"
-        return lines + [self.note]
-
+# --------------------------------------------------------------------------
+# Frames: what a worker's traceback is made of, and how it is shown here
+#
+# A worker cannot send its traceback objects (frames hold the whole stack).
+# It sends (file, line, function) triples; the notebook turns them back into
+# real traceback objects (the idea of tblib: run a one-line ``raise`` compiled
+# with the frame's file, line and name). The rebuilt exception then carries
+# the worker's frames as its own ``__traceback__``, and whoever shows it
+# (IPython's VerboseTB, Python's traceback module, a debugger) renders the
+# task's frames exactly as it would a local error: notebook cells as
+# "Cell In[2], line 3" with their lines, repeated recursion frames collapsed,
+# causes and contexts chained as Python chains them.
 
 # Frames from these files are our machinery, not the user's code.
-_INTERNAL_MARKERS = ("/mpmagic/worker.py", "/mpmagic/payload.py", "/cloudpickle/")
+_INTERNAL_MARKERS = (
+    "/mpmagic/worker.py",
+    "/mpmagic/payload.py",
+    "/mpmagic/cell.py",
+    "/mpmagic/backends/dask_tasks.py",
+    "/cloudpickle/",
+)
+# Frames kept per exception: a RecursionError has ~1000; more than this is
+# never read, and each costs a compile here.
+_MAX_FRAMES = 1200
 
 
 @dataclass
@@ -110,32 +158,510 @@ class FrameInfo:
     lineno: int
     name: str
     line: str | None
+    # The first line of the frame's function (its ``def``): IPython in a
+    # kernel lists a frame's source from there (inspect.getsourcelines).
+    first: int = 0
 
 
 def extract_frames(tb) -> list[FrameInfo]:
     """Frames of a worker-side traceback, our own machinery left out."""
     frames = []
-    for fs in traceback.extract_tb(tb):
+    for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
-        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None))
+        first = frame.f_code.co_firstlineno
+        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first))
+    if len(frames) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
+        frames = frames[: _MAX_FRAMES // 2] + frames[-_MAX_FRAMES // 2 :]
     return frames
 
 
 def render_traceback(frames: list[FrameInfo], exc_text: str) -> str:
-    """Render frames like Python does, filling in notebook cell lines locally.
-
-    The worker cannot see the notebook's cell sources (IPython keeps them in the
-    kernel's ``linecache``), so lines it could not find are looked up here.
-    """
+    """Render frames as Python's plain traceback does (notebook lines filled in here)."""
     out = ["Traceback (most recent call last):"]
-    for fr in frames:
-        out.append(f'  File "{fr.filename}", line {fr.lineno}, in {fr.name}')
-        line = fr.line or linecache.getline(fr.filename, fr.lineno).strip()
-        if line:
-            out.append(f"    {line}")
+    summary = traceback.StackSummary.from_list(
+        [(f.filename, f.lineno, f.name, f.line or linecache.getline(f.filename, f.lineno).strip()) for f in frames]
+    )
+    out += [line.rstrip("\n") for line in summary.format()]
     out.append(exc_text.rstrip("\n"))
     return "\n".join(out)
+
+
+_stub_codes: dict[tuple[str, int, str, int], types.CodeType] = {}
+
+
+def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
+    """A real traceback object whose frames are ``frames`` (file, line, name).
+
+    One code object per distinct frame, so a recursion's frames are
+    recognised as repeats and collapsed by IPython and Python alike (a
+    RecursionError shows a few frames and "[... skipping similar frames]").
+    """
+    head: types.TracebackType | None = None
+    tail: types.TracebackType | None = None
+    marker = _FrameMarker()
+    for fr in frames:
+        lineno = max(fr.lineno, 1)
+        first = fr.first if 0 < fr.first <= lineno else lineno
+        key = (fr.filename, lineno, fr.name, first)
+        code = _stub_codes.get(key)
+        if code is None:
+            if len(_stub_codes) > 10_000:
+                _stub_codes.clear()
+            names = {"co_name": fr.name}
+            if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
+                names["co_qualname"] = fr.name
+            # The raise sits ``lineno - first`` lines below the code's first
+            # line, as the real statement sat below its ``def``.
+            stub = compile("\n" * (lineno - first) + "raise __mpmagic_exc__", "<mpmagic>", "exec")
+            code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
+        tb = None
+        try:
+            exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
+        except _FrameMarker as m:
+            tb = m.__traceback__.tb_next  # the stub's own frame (the first is this function's)
+            m.__traceback__ = None
+        if tb is None:
+            continue
+        tb.tb_next = None
+        if tail is None:
+            head = tb
+        else:
+            tail.tb_next = tb
+        tail = tb
+    return head
+
+
+class _FrameMarker(Exception):
+    """Raised by the one-line stubs of :func:`fake_traceback`."""
+
+
+# --------------------------------------------------------------------------
+# Exceptions: captured in the worker, rebuilt as the same type here
+#
+# Pickling an exception calls ``type(exc)(*exc.args)`` on load: that fails for
+# an ``__init__`` with other parameters (``HTTPError(status, *, url)``), and a
+# single unpicklable attribute loses the whole exception. Pickling also drops
+# ``__cause__``, ``__context__`` and the traceback. So the worker sends the
+# parts (type, args, each picklable attribute, notes, chain, frames) and the
+# notebook rebuilds the exception without calling ``__init__``, as pickle
+# itself does for ordinary objects. Only a type that cannot be loaded here
+# gives a RemoteError.
+
+_MAX_CHAIN = 16  # causes/contexts followed per exception
+
+
+@dataclass
+class ExcRecord:
+    """One exception, and its chain, in parts that always travel."""
+
+    type_name: str
+    message: str
+    text: str  # "HTTPError: 404", as Python prints its last line
+    frames: list[FrameInfo]
+    whole: bytes | None = None  # the exception by pickle's usual route, when that loads again
+    type_bytes: bytes | None = None
+    args_bytes: bytes | None = None
+    state: dict[str, bytes] | None = None  # attributes that pickle, one by one
+    notes: list[str] | None = None
+    cause: ExcRecord | None = None
+    context: ExcRecord | None = None
+    suppress_context: bool = False
+    children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> ExcRecord:
+    """The parts of ``exc`` (and its chain) to send home (runs in the worker).
+
+    An exception met twice (``raise A from B`` makes B both the cause and the
+    context) gets one record, so it is one exception again in the notebook.
+    """
+    from . import payload
+
+    seen: dict[int, ExcRecord] = {} if _seen is None else _seen
+    try:
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+    except Exception:
+        text = f"{type(exc).__qualname__}: {_safe_str(exc)}\n"
+    rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__))
+    seen[id(exc)] = rec
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        rec.notes = [str(n) for n in notes]
+    is_group = isinstance(exc, _GROUP)
+    if not is_group:
+        rec.whole = _dumps_loadable(exc, payload)
+    if rec.whole is None:
+        try:
+            rec.type_bytes = payload.dumps_data(type(exc))
+        except Exception as why:
+            logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
+        args = (exc.message,) if is_group else exc.args
+        try:
+            rec.args_bytes = payload.dumps_data(tuple(args))
+        except Exception:
+            rec.args_bytes = payload.dumps_data(tuple(repr(a) for a in args))
+        rec.state = {}
+        attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+        attrs.update(getattr(exc, "__dict__", {}))
+        for k, v in attrs.items():
+            if k == "__notes__":
+                continue
+            try:
+                rec.state[k] = payload.dumps_data(v)
+            except Exception as why:  # that attribute stays behind, the exception comes home
+                logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
+        if is_group:
+            rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]
+    if _depth < _MAX_CHAIN:
+        for link in ("__cause__", "__context__"):
+            other = getattr(exc, link)
+            if other is not None:
+                other_rec = seen.get(id(other)) or capture(other, _depth + 1, seen)
+                setattr(rec, link.strip("_"), other_rec)
+    rec.suppress_context = bool(exc.__suppress_context__)
+    return rec
+
+
+def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
+    """``exc`` pickled whole if that loads back as the same type (exact for the
+    builtins: OSError's errno, SyntaxError's position...), else None."""
+    try:
+        data = payload.dumps_data(exc)
+        back = pickle.loads(data)
+        # Same args and the same attributes set: a reducer that drops slots
+        # (tblib's, which distributed installs for every exception) is caught here.
+        same = (
+            type(back) is type(exc)
+            and bool(back.args == exc.args)
+            and _attribute_names(back, payload) == _attribute_names(exc, payload)
+        )
+    except Exception:  # (args holding numpy arrays cannot even be compared)
+        return None
+    return data if same else None
+
+
+def _attribute_names(exc: BaseException, payload: Any) -> set[str]:
+    names = {k for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+    return names | set(getattr(exc, "__dict__", {}))
+
+
+def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
+    """The exception of ``rec`` here, as its own type, with its chain and frames."""
+    from . import payload
+
+    memo: dict[int, BaseException] = {} if _memo is None else _memo
+    if id(rec) in memo:
+        return memo[id(rec)]
+
+    exc: BaseException | None = None
+    if rec.whole is not None:
+        try:
+            exc = payload.loads(rec.whole)
+        except Exception as why:
+            logger.debug("could not load %s whole: %s", rec.type_name, why)
+    if exc is None and rec.type_bytes is not None:
+        try:
+            cls = payload.loads(rec.type_bytes)
+        except Exception as why:
+            logger.debug("could not load the type %s: %s", rec.type_name, why)
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            exc = _new_exception(cls, rec, payload, memo)
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(rec.type_name, rec.message)
+    memo[id(rec)] = exc
+    if rec.notes is not None:
+        try:
+            exc.__notes__ = list(rec.notes)
+        except AttributeError:
+            logger.debug("notes of %s not restored", rec.type_name)
+    exc.__traceback__ = fake_traceback(map_cell_frames(rec.frames))
+    if rec.cause is not None:
+        exc.__cause__ = rebuild(rec.cause, memo)
+    if rec.context is not None:
+        exc.__context__ = rebuild(rec.context, memo)
+    exc.__suppress_context__ = rec.suppress_context
+    return exc
+
+
+def _new_exception(cls: type, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
+    """``cls`` made without calling ``__init__`` (as pickle makes objects), then
+    given the args and attributes the worker's exception had."""
+    try:
+        args = payload.loads(rec.args_bytes) if rec.args_bytes else ()
+        if rec.children is not None:
+            exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
+        else:
+            exc = cls.__new__(cls, *args)
+            exc.args = args
+    except Exception as why:
+        logger.debug("could not rebuild %s: %s", rec.type_name, why)
+        return None
+    slots = set(payload.slot_names(cls))
+    for k, v in (rec.state or {}).items():
+        try:
+            value = payload.loads(v)
+            if k in slots or not hasattr(exc, "__dict__"):
+                object.__setattr__(exc, k, value)  # (not the class's own __setattr__)
+            else:
+                exc.__dict__[k] = value
+        except Exception as why:
+            logger.debug("attribute %s of %s not restored: %s", k, rec.type_name, why)
+    return exc
+
+
+class _ExceptionOnly:
+    """``_render_traceback_`` of a task exception none of whose frames is the
+    user's (a function that failed to load in the worker): without it IPython
+    would show the one frame it never hides, ours that re-raised it."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.lines = "".join(traceback.format_exception_only(type(exc), exc)).rstrip("\n").split("\n")
+        notes = getattr(exc, "__notes__", None)
+        if sys.version_info < (3, 11) and notes:
+            self.lines += [str(n) for n in notes]
+
+    def __call__(self) -> list[str]:
+        return list(self.lines)
+
+
+def show_without_frames(exc: BaseException) -> None:
+    """Make IPython show ``exc`` as its type, message and notes only."""
+    render = _ExceptionOnly(exc)
+    try:
+        if isinstance(exc, RemoteError):
+            exc.__dict__["_render_without_frames"] = render
+        else:
+            exc._render_traceback_ = render  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__: IPython shows our frame
+        logger.debug("cannot set the display of %r", exc)
+
+
+# --------------------------------------------------------------------------
+# Notebook cells: name them as IPython does
+#
+# A %%parallel body is compiled in the worker as ``<parallel-cell-N>``; its
+# lines are the lines of the notebook cell that holds the magic, one line
+# down (the ``%%parallel`` line). The notebook remembers, when it registers
+# the body, which cell that was, and the worker's frames are moved onto the
+# cell's own file name: IPython then shows them as "Cell In[5], line 3".
+
+_cell_origins: dict[str, tuple[str, int]] = {}
+
+
+def remember_cell_origin(filename: str, source: str) -> None:
+    """Name ``filename`` (a ``%%parallel`` body) as the notebook cell holding it.
+
+    Called in the notebook when the body gets its file name. IPython caches a
+    cell-magic cell as its one-line transformed call, so the raw cell (magic
+    line and body) is put in ``linecache`` under our file name, frames are
+    moved one line down, and IPython's map of cell file names learns it: a
+    rank's frame then reads "Cell In[5], line 3" with the cell's lines around.
+    Does nothing outside IPython, or when the running cell is not ``%%`` +
+    this body (``mpmagic.parallel(code)`` called from a cell).
+    """
+    shell = _ipython()
+    if shell is None:
+        return
+    try:
+        raw_cells = shell.history_manager.input_hist_raw
+        filename_map = shell.compile._filename_map
+    except AttributeError:
+        return
+    # The running cell was compiled (and numbered) before it ran: the highest
+    # number is its In[N] (``execution_count`` is already the next one in IPython 9).
+    count = max(filename_map.values(), default=None)
+    if count is None:
+        return
+    raw = raw_cells[-1] if raw_cells else ""
+    lines = raw.splitlines(keepends=True)
+    if not lines or not lines[0].lstrip().startswith("%%") or "".join(lines[1:]).rstrip() != source.rstrip():
+        # Not in the history (run with store_history=False): the running
+        # cell's transformed code is ``get_ipython().run_cell_magic(name, line, body)``.
+        # (Unnumbered cells all share one number: take the one whose code holds the body.)
+        names = [n for n, c in filename_map.items() if c == count and n not in _cell_origins]
+        lines = next((found for n in reversed(names) if (found := _magic_cell_lines(n, source))), [])
+        if not lines:
+            return
+        raw = "".join(lines)
+    linecache.cache[filename] = (len(raw), None, lines, filename)
+    filename_map[filename] = count
+    _cell_origins[filename] = (filename, 1)
+
+
+def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
+    """The raw lines (``%%name line`` + body) of a cell-magic cell, from its
+    transformed code, if ``source`` is its body; else []."""
+    import ast
+
+    try:
+        tree = ast.parse("".join(linecache.getlines(cell_name)))
+    except SyntaxError:
+        return []
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", None) == "run_cell_magic"
+            and len(node.args) == 3
+            and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args)
+            and node.args[2].value.rstrip() == source.rstrip()
+        ):
+            name, line, body = (a.value for a in node.args)
+            return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
+    return []
+
+
+def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
+    """Frames of a ``%%parallel`` body moved onto the notebook cell holding it."""
+    if not _cell_origins:
+        return frames
+    out = []
+    for fr in frames:
+        origin = _cell_origins.get(fr.filename)
+        if origin is not None:
+            fr = FrameInfo(origin[0], fr.lineno + origin[1], fr.name, fr.line, fr.first + origin[1] if fr.first > 1 else 1)
+        out.append(fr)
+    return out
+
+
+def _ipython() -> Any:
+    """The running IPython shell, or None (never imports IPython: workers import us)."""
+    mod = sys.modules.get("IPython")
+    get = getattr(mod, "get_ipython", None)
+    return get() if get is not None else None
+
+
+def format_exception(exc: BaseException) -> str:
+    """``exc`` with its (worker-side) frames as the notebook shows a traceback.
+
+    In IPython: its own rendering ("Cell In[2], line 3", the cell's lines);
+    elsewhere Python's. Used for each failing ``%%parallel`` rank.
+    """
+    shell = _ipython()
+    if shell is not None and not isinstance(exc, _GROUP) and not isinstance(exc, SyntaxError):
+        try:
+            stb = shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__)
+            return shell.InteractiveTB.stb2text(stb)
+        except Exception as why:
+            logger.debug("IPython could not render %r: %s", exc, why)
+    return _cell_names("".join(traceback.format_exception(exc)))
+
+
+_FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def _cell_names(text: str) -> str:
+    """Python's ``File "<ipython-input-2-…>", line 3`` as IPython's ``Cell In[2], line 3``."""
+    shell = _ipython()
+    fmt = getattr(getattr(shell, "compile", None), "format_code_name", None)
+    if fmt is None:
+        return text
+
+    def sub(m: re.Match) -> str:
+        named = fmt(m.group(1))
+        return f"{named[0]} {named[1]}, line {m.group(2)}" if named else m.group(0)
+
+    return _FILE_LINE.sub(sub, text)
+
+
+# --------------------------------------------------------------------------
+# Display in IPython: the two paths that bypass ``_render_traceback_``
+#
+# IPython shows a SyntaxError (any subclass) with ``showsyntaxerror``, which
+# lists every frame, and an exception with an ExceptionGroup in its context
+# with ``traceback.print_exc``, which also lists every frame (ours: magics.py,
+# api.py, jobs.py). For an exception that came from a worker, the shell's
+# ``showtraceback`` is wrapped to drop the frames that carry
+# ``__tracebackhide__`` (ours) before showing it, by either path: the display
+# is then the cell's line and the task's frames, as with serial ``map``
+# (without even IPython's "[... skipping hidden 3 frame]").
+
+_NOTE_PREFIX = "mpmagic: "
+
+
+def came_from_worker(exc: BaseException) -> bool:
+    """Was ``exc`` rebuilt from a task (it carries our one-line note)?"""
+    notes = getattr(exc, "__notes__", None) or ()
+    return any(isinstance(n, str) and n.startswith(_NOTE_PREFIX) for n in notes)
+
+
+def _without_hidden_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without the frames IPython would hide (ours) and IPython's own."""
+    return _relink(
+        t for t in _entries(tb)
+        if not t.tb_frame.f_locals.get("__tracebackhide__")
+        and "/IPython/core/" not in t.tb_frame.f_code.co_filename.replace("\\", "/")
+    )
+
+
+def _entries(tb: types.TracebackType | None) -> list[types.TracebackType]:
+    out = []
+    while tb is not None:
+        out.append(tb)
+        tb = tb.tb_next
+    return out
+
+
+def _relink(entries: Any) -> types.TracebackType | None:
+    head = None
+    for t in reversed(list(entries)):
+        head = types.TracebackType(head, t.tb_frame, t.tb_lasti, t.tb_lineno)
+    return head
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def drop_our_frames(exc: BaseException) -> None:
+    """User code that raised while our machinery called it (a generator input
+    consumed chunk by chunk): leave only the user's frames in its traceback.
+
+    An error whose last frame is ours is our bug: it keeps every frame.
+    """
+    entries = _entries(exc.__traceback__)
+    if not entries or entries[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        return
+    exc.__traceback__ = _relink(t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
+
+
+def install_display(shell: Any) -> None:
+    """Wrap ``shell.showtraceback`` for task SyntaxErrors and ExceptionGroups."""
+    original = shell.showtraceback
+    if getattr(original, "_mpmagic", False):
+        return
+
+    def showtraceback(exc_tuple=None, filename=None, tb_offset=None, exception_only=False, running_compiled_code=False):
+        __tracebackhide__ = True
+        try:
+            etype, value, tb = shell._get_exc_info(exc_tuple)
+        except ValueError:
+            etype = value = tb = None
+        if value is not None and not exception_only and came_from_worker(value):
+            # The cell's line, then the task's frames: as the same cell with map() shows.
+            tb = value.__traceback__ = _without_hidden_frames(tb)
+            if isinstance(value, SyntaxError) or isinstance(value, _GROUP):
+                text = _cell_names("".join(traceback.format_exception(value)))
+                shell._showtraceback(etype, value, text.rstrip("\n").split("\n"))
+                return None
+            exc_tuple = (etype, value, tb)
+        return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
+
+    showtraceback._mpmagic = True  # type: ignore[attr-defined]
+    shell.showtraceback = showtraceback
+
+
+def uninstall_display(shell: Any) -> None:
+    """Undo :func:`install_display`."""
+    if getattr(shell.__dict__.get("showtraceback"), "_mpmagic", False):
+        del shell.__dict__["showtraceback"]
 
 
 def describe_exitcode(exitcode: int | None) -> str:

@@ -10,7 +10,6 @@ same results, errors, output and timing.
 from __future__ import annotations
 
 import itertools
-import pickle
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -22,12 +21,14 @@ from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
     RemoteError,
-    RemoteTraceback,
-    RenderRemote,
+    RemoteTraceback,  # noqa: F401 (imported from here by older callers)
     SerializationError,
     TaskTimeoutError,
     WorkerLostError,
-    render_traceback,
+    fake_traceback,
+    rebuild,
+    show_without_frames,
+    unloadable_results,
 )
 
 _call_ids = itertools.count(1)
@@ -59,22 +60,17 @@ def add_note(exc: BaseException, note: str) -> None:
 
 
 def rebuild_exception(info: Any, where: str) -> BaseException:
-    """The worker's exception as the same type here, with its traceback as cause."""
-    exc: BaseException | None = None
-    if info.exc_bytes:
-        try:
-            exc = pickle.loads(info.exc_bytes)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
+    """The worker's exception as the same type here, its frames as its traceback,
+    with ``where`` (which item or rank) as a note."""
+    record = getattr(info, "record", None)
+    if record is not None:
+        exc = rebuild(record)
+    else:  # an ErrorInfo made without a record (older worker): words only
         exc = RemoteError(info.type_name, info.message)
-    text = render_traceback(info.frames, info.exc_text)
-    exc.__cause__ = RemoteTraceback(text)
+        exc.__traceback__ = fake_traceback(info.frames)
     add_note(exc, where)
-    try:
-        exc._render_traceback_ = RenderRemote(text, where)  # type: ignore[attr-defined]
-    except AttributeError:  # an exception type with __slots__
-        pass
+    if exc.__traceback__ is None:  # none of its frames was the user's
+        show_without_frames(exc)
     return exc
 
 
@@ -275,7 +271,14 @@ class MapJob:
             self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
-        results = payload.loads(data)
+        try:
+            results = payload.loads(data)
+        except Exception as exc:
+            self.outstanding.pop(unit.id, None)
+            last = unit.start + unit.count - 1
+            what = f"the result of item {unit.start}" if unit.count == 1 else f"the results of items {unit.start}-{last}"
+            self._fail_or_collect(unit, unloadable_results(what, exc), None)
+            return
         if self.collect:
             for i, r in enumerate(results):
                 if type(r).__name__ == "ErrorInfo" and type(r).__module__ == "mpmagic.worker":
@@ -499,7 +502,12 @@ class CellJob:
             self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
-        self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
+        try:
+            self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
+        except Exception as exc:
+            self.failures[unit.id] = unloadable_results(f"rank {unit.id}'s last value or --gather variables", exc)
+            self._rank_finished()
+            return
         self.rank_seconds[unit.id] = seconds
         self.task_seconds += seconds
         self.items_done += 1

@@ -21,6 +21,7 @@ import hashlib
 import io
 import pickle
 import types
+import weakref
 from collections import ChainMap
 from typing import Any
 
@@ -45,13 +46,131 @@ def _code_reduce_keeping_filename(code: types.CodeType):
 _cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
 
 
+# --------------------------------------------------------------------------
+# Reducers for what cloudpickle cannot send
+#
+# cloudpickle sends notebook functions and classes by value, but two kinds of
+# notebook objects still go by reference (by their name in ``__main__``),
+# which another process cannot resolve:
+#
+# * ``functools.lru_cache`` / ``functools.cache`` wrappers (a C type whose
+#   ``__reduce__`` returns its qualified name: cloudpickle#178). We send the
+#   wrapped function by value and the cache's parameters, and wrap it again
+#   there (with an empty cache: a cache is a per-process speed-up). A
+#   recursive cached function finds itself in its globals: pickle's memo makes
+#   that the same wrapper.
+# * Instances of notebook classes with ``__slots__`` (``@dataclass(slots=True)``
+#   included). cloudpickle rebuilds the class in the worker without real slots,
+#   so the instance keeps its values in a ``__dict__``, and its default pickle
+#   state is that dict: loading it onto the notebook's real slotted class then
+#   fails ("'S' object has no attribute '__dict__'"). We send the instance as
+#   its class and a {name: value} of slots and ``__dict__`` together, and set
+#   them with ``object.__setattr__``, which works on either kind of class (and
+#   on frozen dataclasses, as their own ``__init__`` does).
+#
+# Notebook-built modules (``types.ModuleType``) already go by value with
+# cloudpickle; what made them stale was the payload cache (payload_cache._ok).
+
+_LRU_WRAPPER = type(functools.lru_cache(maxsize=1)(lambda: None))
+_OBJECT_REDUCE = (object.__reduce_ex__, object.__reduce__, getattr(object, "__getstate__", None))
+_by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+
+
+def _sent_by_value(obj: Any) -> bool:
+    """Would cloudpickle send this function or class by value (a notebook one)?"""
+    if _by_reference is None:
+        return False
+    try:
+        return not _by_reference(obj)
+    except Exception:
+        return False
+
+
+def _rebuild_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
+    """The receiving side of an ``lru_cache`` wrapper: wrap ``func`` again."""
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
+
+
+def slot_names(cls: type) -> list[str]:
+    """Names of the ``__slots__`` of ``cls`` and its bases (not ``__dict__``/``__weakref__``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        for name in (slots,) if isinstance(slots, str) else slots:
+            if name not in ("__dict__", "__weakref__") and name not in names:
+                names.append(name)
+    return names
+
+
+def _slotted_by_value(cls: type) -> bool:
+    """A notebook class with ``__slots__`` and the default pickling of instances."""
+    if "__slots__" not in cls.__dict__ and not any("__slots__" in k.__dict__ for k in cls.__mro__[1:-1]):
+        return False
+    if (cls.__reduce_ex__, cls.__reduce__, getattr(cls, "__getstate__", None)) != _OBJECT_REDUCE:
+        return False  # the class says how to pickle itself: let it
+    return _sent_by_value(cls)
+
+
+_PLAIN_CONTAINERS = frozenset({tuple, list, dict, set, frozenset, bytearray})
+_slotted_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _slotted_by_value_cached(cls: type) -> bool:
+    """:func:`_slotted_by_value`, decided once per class (thousands of
+    instances of one class are common in results)."""
+    try:
+        return _slotted_seen[cls]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable
+        return _slotted_by_value(cls)
+    decided = _slotted_seen[cls] = _slotted_by_value(cls)
+    return decided
+
+
+def _slotted_state(obj: Any) -> dict[str, Any]:
+    state = {}
+    for name in slot_names(type(obj)):
+        try:
+            state[name] = object.__getattribute__(obj, name)
+        except AttributeError:  # an unset slot stays unset
+            pass
+    state.update(getattr(obj, "__dict__", {}))
+    return state
+
+
+def _rebuild_slotted(cls: type, state: dict[str, Any]) -> Any:
+    """The receiving side of a slotted instance: no ``__init__``, as pickle does."""
+    obj = cls.__new__(cls)
+    for name, value in state.items():
+        object.__setattr__(obj, name, value)
+    return obj
+
+
 class _Pickler(cloudpickle.Pickler):
-    """cloudpickle, but code objects keep their filenames."""
+    """cloudpickle, with code objects keeping their filenames and the reducers above."""
 
     if _cloudpickle_code_reduce is not None:
         dispatch_table = ChainMap(
             {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
         )
+
+    def reducer_override(self, obj: Any) -> Any:
+        # Called for every container pickled: the common ones leave at once
+        # (and skip cloudpickle's own override, which has nothing for them).
+        # Measured: a list of 100k (int, [int]) pairs pickles in 18 ms with
+        # cloudpickle alone, 37 ms through this method without the early exit.
+        t = type(obj)
+        if t in _PLAIN_CONTAINERS:
+            return NotImplemented
+        if t is _LRU_WRAPPER:
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None and _sent_by_value(wrapped):
+                params = obj.cache_parameters()
+                return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
+        elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value_cached(t):
+            return _rebuild_slotted, (t, _slotted_state(obj))
+        return super().reducer_override(obj)
 
 
 def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:

@@ -180,7 +180,10 @@ def _ok(v: Any, objs: list, seen: set, depth: int) -> bool:
     if t is tuple or t is frozenset:
         return len(v) <= 256 and all(_ok(x, objs, seen, depth + 1) for x in v)
     if t is types.ModuleType:
-        return True
+        # An imported module goes by name. One built in the notebook
+        # (types.ModuleType("cfg")) goes by value, and its attributes change
+        # in place: compare its bytes like any mutable capture.
+        return _by_reference(v)
     if t is types.BuiltinFunctionType:
         return isinstance(v.__self__, (types.ModuleType, type(None)))
     if isinstance(v, type):

@@ -32,7 +32,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections import OrderedDict
 from heapq import nlargest
 from itertools import starmap
@@ -40,7 +39,7 @@ from operator import itemgetter
 from typing import Any
 
 from . import payload, shm
-from .errors import SerializationError, extract_frames
+from .errors import SerializationError, capture
 
 _CACHE_SIZE = 16  # function payloads kept per worker
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
@@ -48,20 +47,22 @@ _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
 
 
 class ErrorInfo:
-    """A task's exception in a form that always survives the trip home."""
+    """A task's exception in a form that always survives the trip home.
 
-    __slots__ = ("exc_bytes", "type_name", "message", "exc_text", "frames")
+    ``record`` holds its parts (type, args, attributes, notes, chain, frames:
+    see :func:`mpmagic.errors.capture`), from which the notebook rebuilds the
+    same exception; ``type_name``, ``message`` and ``exc_text`` say it in
+    words when even that is not possible.
+    """
+
+    __slots__ = ("record", "type_name", "message", "exc_text", "frames")
 
     def __init__(self, exc: BaseException) -> None:
-        self.type_name = type(exc).__qualname__
-        self.message = str(exc)
-        self.exc_text = "".join(traceback.format_exception_only(type(exc), exc))
-        self.frames = extract_frames(exc.__traceback__)
-        try:
-            self.exc_bytes: bytes | None = payload.dumps_data(exc)
-            pickle.loads(self.exc_bytes)  # must load again, or send the text only
-        except Exception:
-            self.exc_bytes = None
+        self.record = capture(exc)
+        self.type_name = self.record.type_name
+        self.message = self.record.message
+        self.exc_text = self.record.text
+        self.frames = self.record.frames
 
     def __getstate__(self):
         return tuple(getattr(self, s) for s in self.__slots__)

@@ -65,6 +65,9 @@ PAGES = sorted([ROOT / "README.md", *DOCS.glob("*.md")])
 REMOTE = re.compile(r"\b(?:tcp|tls|ucx|wss?|https?)://(?!127\.|localhost\b|\[::1\])[\w.\-\[\]:]+")
 MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|raises)\b\s*([^>]*?)\s*-->")
 EXAMPLE_MARKER = re.compile(r"<!--\s*docs-test:\s*example output\s*-->")
+# Before a standalone error block that needs a machine set up for it (a small
+# /dev/shm): the test file named compares its real output with the block.
+SHOWN_BY = re.compile(r"<!--\s*docs-test:\s*shown by (tests/[\w/]+\.py)\s*-->")
 # A figure whose value differs from run to run: a number with a unit, a pid,
 # or a counter of the session (%pool's "calls run: 3, tasks run: 18").
 FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|µs|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d")
@@ -304,14 +307,31 @@ ERROR_CASES = [
 PLACEHOLDER = re.compile(r"<[a-z]+(?: [a-z]+)+>")
 
 
-def standalone_error_blocks(page: Path) -> list[tuple[int, str]]:
-    """(line, text) of the ```text blocks of a page that are not a snippet's output."""
+def standalone_error_blocks(page: Path, shown_elsewhere: bool = False) -> list[tuple[int, str]]:
+    """(line, text) of the ```text blocks of a page that are not a snippet's output.
+
+    Blocks right after a ``shown by`` marker are checked by the test file it
+    names; ``shown_elsewhere=True`` lists those instead of the others.
+    """
     outputs = {s.output_line for s in snippets(page)}
-    return [
-        (t.map[0] + 1, t.content)
-        for t in _md.parse(page.read_text())
-        if t.type == "fence" and t.info.strip().split(" ")[0] == "text" and t.map[0] + 1 not in outputs
-    ]
+    lines = page.read_text().splitlines()
+    blocks = []
+    for t in _md.parse(page.read_text()):
+        if t.type != "fence" or t.info.strip().split(" ")[0] != "text" or t.map[0] + 1 in outputs:
+            continue
+        before = next((ln for ln in reversed(lines[: t.map[0]]) if ln.strip()), "")
+        if bool(SHOWN_BY.search(before)) == shown_elsewhere:
+            blocks.append((t.map[0] + 1, t.content))
+    return blocks
+
+
+def test_blocks_shown_by_other_tests_are_checked_there() -> None:
+    """A ``shown by`` marker names a test file that reads the page it sits on."""
+    for page in ERROR_PAGES:
+        for match in SHOWN_BY.finditer(page.read_text()):
+            test_file = ROOT / match.group(1)
+            assert test_file.exists(), match.group(0)
+            assert page.name in test_file.read_text(), f"{test_file.name} does not read {page.name}"
 
 
 def test_error_texts_on_the_pages_are_what_the_code_says(docs_shell, tmp_path) -> None:

@@ -57,6 +57,17 @@ print("LEFT", ours())
 """
 
 
+def assert_troubleshooting_shows(err: str) -> None:
+    """The advice line docs/troubleshooting.md shows is the one printed (sizes vary)."""
+    from test_docs import DOCS, PLACEHOLDER, shown_lines_missing, standalone_error_blocks
+
+    page = DOCS / "troubleshooting.md"
+    blocks = [text for _, text in standalone_error_blocks(page, shown_elsewhere=True) if "/dev/shm" in text]
+    assert blocks, "troubleshooting.md shows no small-/dev/shm block"
+    for text in blocks:
+        assert not shown_lines_missing(PLACEHOLDER.sub("...", text), err, example=False), (text, err)
+
+
 def run_small(size: str, body: str) -> subprocess.CompletedProcess:
     """Run ``body`` as a script with a ``size`` tmpfs on /dev/shm; return the finished process."""
     script = HEADER + textwrap.dedent(body) + FOOTER
@@ -86,6 +97,7 @@ def test_big_items_go_through_the_pipe_with_one_line_of_advice(size):
     """))
     assert err.count("/dev/shm is too small or full") == 1, err  # once per session, not per chunk
     assert "docker run --shm-size=1g" in err and "MPMagic.shm_threshold" in err
+    assert_troubleshooting_shows(err)
 
 
 def test_big_results_come_back_through_the_pipe_writable():

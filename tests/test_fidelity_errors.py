@@ -1,0 +1,238 @@
+"""A task's exception comes back as itself (issue 13, class 2).
+
+The oracle is the same cell with plain ``map`` in the same InteractiveShell:
+same type (``except HTTPError`` catches it), args, message, attributes,
+notes, ``__cause__`` / ``__context__`` / ``__suppress_context__`` down the
+chain, and an ExceptionGroup's sub-exceptions. Only a type that cannot be
+loaded in the notebook becomes a RemoteError.
+"""
+
+from __future__ import annotations
+
+import builtins
+import pickle
+import re
+import sys
+import traceback
+
+import pytest
+from conftest import run
+
+import mpmagic
+
+GROUP = getattr(builtins, "BaseExceptionGroup", ())  # Python 3.11+
+needs_groups = pytest.mark.skipif(sys.version_info < (3, 11), reason="ExceptionGroup is Python 3.11+")
+
+DEFINITIONS = '''
+import errno, threading
+
+class HTTPError(Exception):
+    def __init__(self, status, *, url):
+        super().__init__(status)
+        self.status = status
+        self.url = url
+
+class WithLock(Exception):
+    def __init__(self, msg):
+        super().__init__(msg)
+        self.lock = threading.Lock()   # cannot be pickled
+        self.kept = [1, 2]
+
+class SlottedError(Exception):
+    __slots__ = ("code",)
+    def __init__(self, code):
+        super().__init__(f"code {code}")
+        self.code = code
+
+def slotted_error(x):
+    raise SlottedError(x)
+
+def kw_only(x):
+    raise HTTPError(400 + x, url=f"http://h/{x}")
+
+def chained(x):
+    try:
+        {}["k%d" % x]
+    except KeyError as e:
+        raise HTTPError(500, url="u") from e
+
+def implicit(x):
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        raise ValueError("while handling")
+
+def from_none(x):
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        raise ValueError("hidden") from None
+
+def with_notes(x):
+    e = ValueError(x)
+    e.add_note("a note of the user's")
+    raise e
+
+def with_lock(x):
+    raise WithLock(f"lock {x}")
+
+def no_file(x):
+    open(f"/nonexistent/{x}")
+
+def group(x):
+    raise ExceptionGroup("several", [HTTPError(1, url="a"), ValueError(x)])
+
+def deep(n):
+    return deep(n + 1)
+'''
+
+
+@pytest.fixture
+def defined(ip):
+    run(ip, DEFINITIONS)
+    return ip
+
+
+def outcome(ip, code: str) -> BaseException:
+    """The exception a cell raised (shown output is checked in test_tracebacks)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output():
+        result = ip.run_cell(code, store_history=False)
+    assert result.error_in_exec is not None, f"{code!r} did not raise"
+    return result.error_in_exec
+
+
+def ours(notes) -> bool:
+    return isinstance(notes, str) and notes.startswith("mpmagic: ")
+
+
+def assert_same(par: BaseException, ser: BaseException, depth: int = 0) -> None:
+    """Type, args, message, picklable attributes, notes and chain all equal."""
+    assert type(par) is type(ser), (par, ser)
+    if isinstance(ser, GROUP):  # args hold the sub-exceptions: compared below
+        assert par.message == ser.message and str(par) == str(ser)
+    else:
+        assert par.args == ser.args and str(par) == str(ser)
+    for k, v in vars(ser).items():
+        if k == "__notes__":
+            continue
+        try:
+            pickle.dumps(v)
+        except Exception:
+            continue  # unpicklable attributes stay in the worker (docs/troubleshooting.md)
+        assert getattr(par, k) == v, k
+    notes = [n for n in getattr(par, "__notes__", []) if not ours(n)]
+    assert notes == getattr(ser, "__notes__", [])
+    assert par.__suppress_context__ == ser.__suppress_context__
+    for link in ("__cause__", "__context__"):
+        a, b = getattr(par, link), getattr(ser, link)
+        assert (a is None) == (b is None), link
+        if a is not None and depth < 5:
+            assert_same(a, b, depth + 1)
+    if isinstance(ser, GROUP):
+        assert len(par.exceptions) == len(ser.exceptions)
+        for a, b in zip(par.exceptions, ser.exceptions, strict=True):
+            assert_same(a, b, depth + 1)
+
+
+def compare(ip, args: str) -> BaseException:
+    ser = outcome(ip, f"list(map({args}))")
+    par = outcome(ip, f"%pmap -q {args}")
+    assert_same(par, ser)
+    return par
+
+
+def test_keyword_only_init_comes_back_as_itself_and_is_caught(defined, backend):
+    par = compare(defined, "kw_only, [3]")
+    assert par.url == "http://h/3" and par.status == 403
+    out = run(defined, "try:\n    %pmap -q kw_only, [1]\nexcept HTTPError as e:\n    caught = e.url\ncaught")
+    assert out == "http://h/1"
+
+
+def test_raise_from_keeps_the_cause(defined, backend):
+    par = compare(defined, "chained, [7]")
+    assert isinstance(par.__cause__, KeyError) and par.__cause__.args == ("k7",)
+    assert any(ours(n) for n in par.__notes__)  # our one line is a note, not the cause
+
+
+@pytest.mark.parametrize("func", ["implicit", "from_none", "with_notes", "no_file"])
+def test_context_suppression_notes_and_oserror_fields(defined, local_pool, func):
+    par = compare(defined, f"{func}, [0]")
+    if func == "no_file":
+        assert isinstance(par, FileNotFoundError) and par.errno == 2 and par.filename == "/nonexistent/0"
+
+
+def test_exception_with_slots_keeps_them(defined, local_pool):
+    par = compare(defined, "slotted_error, [9]")
+    assert par.code == 9
+
+
+def test_unpicklable_attribute_loses_only_that_attribute(defined, local_pool):
+    par = compare(defined, "with_lock, [2]")
+    assert par.kept == [1, 2] and not hasattr(par, "lock")
+
+
+@needs_groups
+def test_exception_group_comes_back_with_its_sub_exceptions(defined, local_pool):
+    par = compare(defined, "group, [5]")
+    assert type(par).__name__ == "ExceptionGroup"
+    assert [type(e).__name__ for e in par.exceptions] == ["HTTPError", "ValueError"]
+    assert par.exceptions[0].url == "a"
+
+
+def test_deep_recursion_is_a_recursion_error(defined, local_pool):
+    par = outcome(defined, "%pmap -q deep, [0]")
+    assert type(par) is RecursionError
+    # Outside IPython too (the API in a script), Python collapses the repeats.
+    text = "".join(traceback.format_exception(par))
+    assert re.search(r"\[Previous line repeated \d+ more times\]", text) and len(text.splitlines()) < 20, text
+
+
+def test_a_type_the_notebook_cannot_load_is_a_remote_error(defined, local_pool):
+    run(defined, '''
+def worker_only_error(x):
+    import sys, types
+    mod = sys.modules.setdefault("only_in_the_worker", types.ModuleType("only_in_the_worker"))
+    exec("class Gone(Exception):\\n    pass\\n", mod.__dict__)
+    raise mod.Gone(f"gone {x}")
+''')
+    par = outcome(defined, "%pmap -q worker_only_error, [4]")
+    assert isinstance(par, mpmagic.RemoteError)
+    assert par.type_name == "Gone" and par.message == "gone 4"
+
+
+@needs_groups
+def test_dask_keeps_types_and_chain(defined, backend):
+    """The same rebuild on every backend (the ``backend`` fixture includes Dask)."""
+    compare(defined, "group, [1]")
+    compare(defined, "from_none, [1]")
+
+
+def test_errors_collect_keeps_each_exception_as_itself(defined, local_pool):
+    out = run(defined, "%pmap -q --errors collect chained, [1, 2]")
+    ser = [outcome(defined, f"chained({i})") for i in (1, 2)]
+    for failed, expected in zip(out, ser, strict=True):
+        assert isinstance(failed, mpmagic.Failed)
+        assert_same(failed.error, expected)
+
+
+class _ImportableSlotted(Exception):
+    __slots__ = ("code",)
+
+    def __init__(self, code):
+        super().__init__(f"code {code}")
+        self.code = code
+
+
+def test_capture_and_rebuild_keep_real_slots():
+    """An importable exception class with real slots (in the worker a notebook
+    class has none: cloudpickle rebuilds it with a __dict__)."""
+    from mpmagic.errors import capture, rebuild
+
+    try:
+        raise _ImportableSlotted(9)
+    except _ImportableSlotted as exc:
+        record = pickle.loads(pickle.dumps(capture(exc)))
+    back = rebuild(record)
+    assert type(back) is _ImportableSlotted and back.code == 9 and back.args == ("code 9",)

@@ -1,0 +1,163 @@
+"""What a user sees when a task fails: their own frames, named as IPython
+names notebook cells ("Cell In[2], line 3"), and one line from us; never a
+frame of mpmagic, cloudpickle or multiprocessing (issue 13 class 6, issue 22
+item 4).
+
+Cells run with ``store_history=True`` so that they are numbered In[N] as in a
+notebook; the text checked is what IPython displays (captured output).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from IPython.utils.capture import capture_output
+
+INTERNAL = ("mpmagic/", "mpmagic\\", "cloudpickle", "multiprocessing", "interactiveshell.py", "<parallel-cell-")
+
+
+def shown(ip, code: str) -> tuple[int, str, BaseException | None]:
+    """Run ``code`` as a numbered cell: (its In[N], the text displayed, its error)."""
+    with capture_output() as cap:
+        result = ip.run_cell(code, store_history=True)
+    return result.execution_count, cap.stdout + cap.stderr, result.error_in_exec
+
+
+def defined(ip, code: str) -> int:
+    n, text, err = shown(ip, code)
+    assert err is None, text
+    return n
+
+
+def assert_clean(text: str) -> None:
+    for name in INTERNAL:
+        assert name not in text, f"{name!r} shown:\n{text}"
+
+
+def test_a_task_frame_is_named_as_its_cell(ip, local_pool):
+    n = defined(ip, "def inverse(x):\n    y = x - 1\n    return 1 / y\n")
+    _, text, err = shown(ip, "%pmap inverse, [3, 1]")
+    assert isinstance(err, ZeroDivisionError)
+    assert_clean(text)
+    assert f"Cell In[{n}], line 3" in text and "return 1 / y" in text
+    assert "mpmagic: raised by item 1 of the input: inverse(1)" in text
+    # As serial map shows it: the cell's line, then the task's frames, nothing between.
+    assert "skipping hidden" not in text
+    assert re.search(r"----> 1 get_ipython\(\).run_line_magic\('pmap', 'inverse, \[3, 1\]'\)\n\n" + re.escape(f"Cell In[{n}], line 3"), text), text
+
+
+def test_cause_and_effect_both_shown_as_python_does(ip, local_pool):
+    n = defined(ip, "def lookup(k):\n    try:\n        return {}[k]\n    except KeyError as e:\n        raise LookupError(k) from e\n")
+    _, text, err = shown(ip, "%pmap lookup, ['a']")
+    assert isinstance(err, LookupError) and isinstance(err.__cause__, KeyError)
+    assert_clean(text)
+    assert "The above exception was the direct cause of the following exception" in text
+    assert f"Cell In[{n}], line 3" in text and f"Cell In[{n}], line 5" in text
+
+
+def test_syntax_error_raised_in_a_task(ip, local_pool):
+    n = defined(ip, "def parse(src):\n    return compile(src, 'formula', 'eval')\n")
+    _, text, err = shown(ip, "%pmap parse, ['1 +']")
+    assert type(err) is SyntaxError
+    assert_clean(text)
+    assert f"Cell In[{n}], line 2" in text and "SyntaxError" in text and "formula" in text
+
+
+def test_exception_group_shows_its_sub_exceptions(ip, local_pool):
+    n = defined(ip, "def several(x):\n    raise ExceptionGroup('two', [ValueError(x), TypeError('t')])\n")
+    _, text, err = shown(ip, "%pmap several, [7]")
+    assert type(err).__name__ == "ExceptionGroup"
+    assert_clean(text)
+    assert f"Cell In[{n}], line 2" in text and "ValueError: 7" in text and "TypeError: t" in text
+
+
+def test_generator_input_that_raises_shows_the_generator(ip, local_pool):
+    n = defined(ip, "def numbers():\n    yield 1\n    raise KeyError('ran dry')\n")
+    _, text, err = shown(ip, "%pmap abs, numbers()")
+    assert isinstance(err, KeyError)
+    assert_clean(text)
+    assert f"Cell In[{n}], line 3, in numbers" in text
+
+
+def test_every_failing_rank_names_the_cell_and_its_line(ip, local_pool):
+    n, text, err = shown(ip, "%%parallel -n 2 -q\nx = rank\nif x >= 0:\n    raise ValueError(f'rank {x}')\n")
+    assert type(err).__name__ == "ParallelError"
+    assert_clean(text)
+    for rank in (0, 1):
+        assert f"[rank {rank}] Cell In[{n}], line 4" in text
+        assert f"[rank {rank}] ValueError: rank {rank}" in text
+
+
+def test_deep_recursion_is_collapsed(ip, local_pool):
+    n = defined(ip, "def down(k):\n    return down(k + 1)\n")
+    _, text, err = shown(ip, "%pmap down, [0]")
+    assert isinstance(err, RecursionError)
+    assert_clean(text)
+    assert "skipping similar frames" in text and f"Cell In[{n}], line 2" in text
+    assert len(text.splitlines()) < 40, text
+
+
+def test_a_result_the_notebook_cannot_load_is_one_line(ip, local_pool):
+    defined(
+        ip,
+        "def worker_only(x):\n    import sys, types\n"
+        "    mod = sys.modules.setdefault('only_in_worker_r', types.ModuleType('only_in_worker_r'))\n"
+        "    exec('class Thing:\\n    pass\\n', mod.__dict__)\n    return mod.Thing()\n",
+    )
+    _, text, err = shown(ip, "%pmap worker_only, [1]")
+    assert type(err).__name__ == "SerializationError"
+    assert_clean(text)
+    assert "cannot be loaded in the notebook" in text and len(text.strip().splitlines()) == 1, text
+
+
+def test_a_function_that_cannot_load_in_a_worker_shows_no_frame_of_ours(ip, local_pool):
+    ip.user_ns["_modname"] = "made_after_the_pool_started"
+    defined(ip, "import sys, types\n_m = types.ModuleType(_modname)\n_m.__file__ = '/nowhere.py'\nsys.modules[_modname] = _m\n"
+                "exec('def helper(x):\\n    return x', _m.__dict__)\nhelper = _m.helper\n"
+                "def needs_it(x):\n    return helper(x)\n")
+    try:
+        _, text, err = shown(ip, "%pmap needs_it, [1]")
+        assert isinstance(err, ModuleNotFoundError)
+        assert_clean(text)
+        assert "could not be loaded in a worker" in text
+    finally:
+        import sys
+
+        sys.modules.pop("made_after_the_pool_started", None)
+
+
+# --------------------------------------------------------------------------
+# A real kernel: ipykernel names cells /tmp/ipykernel_NNN/NNN.py
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from test_kernel import Kernel
+
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        yield k
+    finally:
+        k.close()
+
+
+def test_real_kernel_shows_cell_numbers_for_tasks_and_ranks(kernel):
+    kernel.ok("def halve(x):\n    assert x % 2 == 0, f'odd {x}'\n    return x // 2\n")  # In[2]
+    reply = kernel.execute("%pmap halve, [2, 3]")
+    assert reply.status == "error" and reply.ename == "AssertionError"
+    text = ANSI.sub("", "\n".join(line for t, c in reply.outputs if t == "error" for line in c["traceback"]))
+    assert_clean(text)
+    assert "Cell In[2], line 2, in halve" in text and "ipykernel_" not in text, text
+    assert re.search(r"----> 2\s+assert x % 2 == 0", text), text  # the arrow on the failing line
+    assert "skipping hidden" not in text
+
+    reply = kernel.execute("%%parallel -n 2 -q\ny = 1\nassert rank == 0, 'not rank 0'\n")  # In[4]
+    assert reply.status == "error"
+    shown_text = ANSI.sub("", reply.stream("stderr") + "\n".join(
+        line for t, c in reply.outputs if t == "error" for line in c["traceback"]))
+    assert_clean(shown_text)
+    assert "[rank 1] Cell In[4], line 3" in shown_text and "ipykernel_" not in shown_text, shown_text
