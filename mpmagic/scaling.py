@@ -10,6 +10,7 @@ so every speedup on the plot is a measured one.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import itertools
 import time
@@ -69,6 +70,8 @@ class Scaling:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.table())
+        if importlib.util.find_spec("matplotlib") is None:
+            p.text('\n(the plot needs matplotlib: pip install "mpmagic[plot]")')
 
     def _repr_png_(self) -> bytes | None:
         fig = self.figure
