@@ -12,6 +12,7 @@ is a thin skin over the plain API re-exported here, usable from scripts too::
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -131,7 +132,21 @@ def load_ipython_extension(ipython: Any) -> None:
 
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
+    _register_pandas()
+    ipython.events.register("post_run_cell", _register_pandas)  # pandas imported in a later cell
     _prestart_pool()
+
+
+def _register_pandas(*_: Any) -> None:
+    """Add ``df.mp`` / ``series.mp`` / ``groupby(...).mp`` once pandas is imported.
+
+    Never imports pandas itself (~0.3 s, and every worker imports this package):
+    only when the user already did.
+    """
+    if "pandas" in sys.modules:  # register() is idempotent: a few dict lookups per cell
+        from . import pandas_accessor
+
+        pandas_accessor.register()
 
 
 def _prestart_pool() -> None:
@@ -171,7 +186,14 @@ def unload_ipython_extension(ipython: Any) -> None:
 
     pool.shutdown()
     config.unregister(ipython)
+    if _register_pandas in ipython.events.callbacks["post_run_cell"]:
+        ipython.events.unregister("post_run_cell", _register_pandas)
+    if "mpmagic.pandas_accessor" in sys.modules:
+        sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
+
+
+_register_pandas()  # `import pandas; import mpmagic` in a script: df.mp is there
