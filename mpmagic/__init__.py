@@ -132,21 +132,10 @@ def load_ipython_extension(ipython: Any) -> None:
 
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
-    _register_pandas()
-    ipython.events.register("post_run_cell", _register_pandas)  # pandas imported in a later cell
+    from . import pandas_hook
+
+    pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
     _prestart_pool()
-
-
-def _register_pandas(*_: Any) -> None:
-    """Add ``df.mp`` / ``series.mp`` / ``groupby(...).mp`` once pandas is imported.
-
-    Never imports pandas itself (~0.3 s, and every worker imports this package):
-    only when the user already did.
-    """
-    if "pandas" in sys.modules:  # register() is idempotent: a few dict lookups per cell
-        from . import pandas_accessor
-
-        pandas_accessor.register()
 
 
 def _prestart_pool() -> None:
@@ -186,8 +175,8 @@ def unload_ipython_extension(ipython: Any) -> None:
 
     pool.shutdown()
     config.unregister(ipython)
-    if _register_pandas in ipython.events.callbacks["post_run_cell"]:
-        ipython.events.unregister("post_run_cell", _register_pandas)
+    if "mpmagic.pandas_hook" in sys.modules:
+        sys.modules["mpmagic.pandas_hook"].uninstall()
     if "mpmagic.pandas_accessor" in sys.modules:
         sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
@@ -196,4 +185,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     ipython.magics_manager.registry.pop("MPMagics", None)
 
 
-_register_pandas()  # `import pandas; import mpmagic` in a script: df.mp is there
+if "pandas" in sys.modules:  # `import pandas; import mpmagic` in a script: df.mp is there
+    from . import pandas_accessor as _pandas_accessor
+
+    _pandas_accessor.register()

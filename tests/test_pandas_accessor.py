@@ -91,7 +91,7 @@ def test_pandas_is_never_imported_by_mpmagic_itself() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_the_accessor_appears_when_a_later_cell_imports_pandas() -> None:
+def test_the_accessor_appears_as_soon_as_a_cell_imports_pandas() -> None:
     code = textwrap.dedent(
         """
         import sys
@@ -99,8 +99,7 @@ def test_the_accessor_appears_when_a_later_cell_imports_pandas() -> None:
         ip = InteractiveShell.instance()
         ip.run_cell("%load_ext mpmagic")
         before = "pandas" in sys.modules
-        ip.run_cell("import pandas as pd")
-        ip.run_cell("ok = all(hasattr(o, 'mp') for o in (pd.DataFrame(), pd.Series(dtype=int), pd.DataFrame({'a': [1]}).groupby('a')))")
+        ip.run_cell("import pandas as pd\\nok = all(hasattr(o, 'mp') for o in (pd.DataFrame(), pd.Series(dtype=int), pd.DataFrame({'a': [1]}).groupby('a')))")
         print(before, ip.user_ns["ok"])
         """
     )
