@@ -31,7 +31,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import platform
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +39,7 @@ from .errors import MPMagicError
 
 log = logging.getLogger("mpmagic")
 
-_PYTHON = f"Python {platform.python_version()} on {sys.platform}"
+_PYTHON = f"Python {sys.version.split()[0]} on {sys.platform}"
 
 
 class MissingFeatureError(MPMagicError, NotImplementedError):

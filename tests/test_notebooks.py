@@ -198,7 +198,7 @@ def test_data_work_notebook() -> None:
 
     # The pandas accessor: its timing line counts groups / rows, and the result is pandas' own.
     profiles = cell_text(nb, "orders.groupby(\"customer\").mp.apply(profile)")
-    assert "pmap: 2000 items on" in profiles, profiles
+    assert "pmap: 500 items on" in profiles, profiles
     assert "same result: True" in cell_text(nb, "expected = orders.groupby")
     summary = cell_value(nb, "summary = profiles.join(customers)")
     assert all(region in summary for region in ("north", "south", "east", "west")), summary
