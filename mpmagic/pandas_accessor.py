@@ -221,6 +221,11 @@ class GroupByAccessor:
     def _spec(self) -> dict:
         gb = self._gb
         keys, level = gb.keys, gb.level
+        if keys is not None and isinstance(gb.obj, pd.Series):
+            raise UsageError(
+                "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
+                "column): use df.groupby(key).mp.apply(f) and take the column inside f"
+            )
         if keys is not None and not _are_labels(keys, gb.obj):
             raise UsageError(
                 "groupby(...).mp.apply groups by column names or index levels; "

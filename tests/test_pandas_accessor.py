@@ -181,3 +181,5 @@ def test_groupby_raises_the_exception_pandas_raises(ip, frame) -> None:
 def test_groupby_by_an_array_says_what_to_do(ip, frame) -> None:
     with pytest.raises(mpmagic.UsageError, match="add it as a column"):
         run(ip, "df.groupby(np.arange(30) % 2).mp.apply(group_spread)")
+    with pytest.raises(mpmagic.UsageError, match="not supported yet"):
+        run(ip, "df.groupby('key')['x'].mp.apply(lambda s: s.sum())")
