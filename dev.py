@@ -2,7 +2,8 @@
 """Set up mpmagic and run its demo or its whole test suite, with only Python 3.
 
     python3 dev.py demo    # make .venv, install mpmagic with its extras, run the demo
-    python3 dev.py test    # the same set-up, then ruff and the whole test suite (CI runs this)
+    python3 dev.py test    # the same set-up, then ruff, mypy and the whole test suite (CI runs this)
+    python3 dev.py docs    # the same set-up, then the documentation site into site/
 
 Extra arguments after ``test`` go to pytest (``python3 dev.py test -k pmap``).
 The virtual environment is reused; it is reinstalled when pyproject.toml changes.
@@ -58,15 +59,24 @@ def test(args: list[str]) -> int:
     ensure_env()
     ensure_browser()
     sh(PY, "-m", "ruff", "check", "mpmagic", "tests", "benchmarks", "examples", "dev.py")
+    sh(PY, "-m", "mypy")  # configured in pyproject.toml ([tool.mypy])
     return subprocess.call([str(PY), "-m", "pytest", *args], cwd=ROOT)
 
 
+def docs() -> int:
+    """Build the documentation site into site/ (docs/build_site.py says how)."""
+    ensure_env()
+    return subprocess.call([str(PY), str(ROOT / "docs" / "build_site.py")], cwd=ROOT)
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
+    if not argv or argv[0] not in ("demo", "test", "docs"):
         print(__doc__)
         return 2
     if argv[0] == "demo":
         return demo()
+    if argv[0] == "docs":
+        return docs()
     return test(argv[1:])
 
 

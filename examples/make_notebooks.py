@@ -58,7 +58,9 @@ serial and parallel results are equal."""),
     ("code", "%pmap --compare work, [1_000_000] * 8"),
     ("md", """\
 A lambda needs no parentheses, and the result can be assigned. Several
-iterables are zipped exactly as `map()` does."""),
+iterables are zipped exactly as `map()` does. (These cells show the syntax:
+ten squares are microseconds of work, far less than sending them costs, so
+`-q` hides a report that could only say "slower than serial".)"""),
     ("code", """\
 squares = %pmap -q lambda x: x * x, range(10)
 squares"""),
@@ -110,7 +112,10 @@ import mpmagic"""),
 
 `Process(target=task, args=(i,))`, `start()` and `join()` for each `i` become
 one `%%parallel` cell: it runs on `-n` processes at once and each copy knows
-its `rank`."""),
+its `rank`. This lesson is about processes, not speed: the cell does no work,
+so its report shows a speedup far below 1 (and it asks for 4 processes on a
+machine that may have 2 cores: mpmagic starts 2 temporary extra workers for
+this cell)."""),
     ("code", """\
 %%parallel -n 4
 import os
@@ -120,7 +125,9 @@ rank"""),
 ## 2. A pool maps a function over data
 
 `Pool(4).map(square, range(10))` is `%pmap square, range(10)`, and
-`Pool.starmap` is `%pmap --star` over argument tuples."""),
+`Pool.starmap` is `%pmap --star` over argument tuples. Ten squares are far too
+little work to gain anything from other processes (`-q` hides the report that
+would say so); lesson 5 has work worth sharing."""),
     ("code", """\
 def square(x):
     return x * x
@@ -134,7 +141,8 @@ def square(x):
 `multiprocessing.Queue` cannot. The tutorial's consumer loops
 `while not q.empty()`, which can stop early if it looks before the producer
 has put anything. Here the producer closes the queue when it is done, and the
-consumer's `for item in q` ends once the queue is closed *and* drained."""),
+consumer's `for item in q` ends once the queue is closed *and* drained.
+(Two processes passing ten numbers: a lesson in coordination, not speed.)"""),
     ("code", """\
 q = mpmagic.Queue()"""),
     ("code", """\
@@ -152,7 +160,8 @@ received"""),
 
 `mpmagic.Value("i", 0)` lives in shared memory. A cell function captures it,
 the workers increment it under its lock, and the notebook reads the live
-value."""),
+value. The lock makes the increments take turns, so this is no faster than one
+process: correctness, not speed, is the lesson."""),
     ("code", """\
 counter = mpmagic.Value("i", 0)
 
@@ -165,19 +174,30 @@ def add(times):
 %pmap -q add, [1000] * 4
 counter.value"""),
     ("md", """\
-## 5. The sum of squares of 1..1,000,000, split four ways
+## 5. The sum of squares of 1..16,000,000, split four ways
 
-The tutorial's `Pool.starmap(compute_range, ranges)` with four ranges:"""),
+The tutorial's `Pool.starmap(compute_range, ranges)` with four ranges. The
+tutorial sums to 1,000,000, about 30 ms of work: less than it costs to start
+and feed the workers. Sixteen million (about half a second here) is enough
+for two cores to pay off."""),
     ("code", """\
 def compute_range(start, stop):
     return sum(i * i for i in range(start, stop))
 
-N = 1_000_000
+N = 16_000_000
 ranges = [(k * N // 4 + 1, (k + 1) * N // 4 + 1) for k in range(4)]
 ranges"""),
     ("md", """\
-`--compare` runs the same four calls serially here as well, so the speedup
-is measured, not estimated."""),
+The tutorial's own numbers first: 1..1,000,000 in four ranges. The answer
+is the tutorial's 333333833333500000; the work is too small to gain from
+two cores (the timing line says so)."""),
+    ("code", """\
+classic_ranges = [(k * 250_000 + 1, (k + 1) * 250_000 + 1) for k in range(4)]
+classic = %pmap --star compute_range, classic_ranges
+print("total:", sum(classic))"""),
+    ("md", """\
+Now the sixteen million. `--compare` runs the same four calls serially here
+as well, so the speedup is measured, not estimated."""),
     ("code", """\
 parts = %pmap --star --compare compute_range, ranges
 print("total:", sum(parts))"""),
@@ -191,20 +211,28 @@ range."""),
 start, stop = rank * N // size + 1, (rank + 1) * N // size + 1
 sum(i * i for i in range(start, stop))"""),
     ("md", """\
-The tutorial's advice, which mpmagic follows for you: no more worker processes
-than cores (the pool is sized to the CPUs this kernel may use), always release
-the pool (it stops with the kernel), and split the work evenly (`%pmap` sizes
-its chunks from measured task times)."""),
+The tutorial's advice, and what mpmagic does about it:
+
+- *No more worker processes than cores.* The pool is sized to the CPUs this
+  kernel may use (`%pool` shows how many). A cell may still ask for more ranks,
+  as lessons 1 and 5 do with `-n 4`: mpmagic then starts temporary extra
+  workers for that cell, and they share the cores. On a 2-core machine four
+  ranks finish no sooner than two would; ask for more ranks than cores only
+  when the ranks wait (on I/O, on each other) rather than compute.
+- *Always release the pool.* It stops with the kernel (or `%pool stop`).
+- *Split the work evenly.* `%pmap` sizes its chunks from measured task times;
+  in a `%%parallel` cell, the ranges are yours to balance."""),
 ]
 
 DATA_WORK = [
     ("md", """\
 # Exploratory data work in parallel
 
-Three everyday jobs, each run with `--compare` so the report shows the
-measured serial time, the speedup, and whether the results are equal:
-image-style processing of a large array in strips, a Monte Carlo estimate, and
-a per-group computation on a pandas DataFrame."""),
+Everyday jobs, each run with `--compare` (or timed against pandas itself) so
+the report shows the measured serial time, the speedup, and whether the
+results are equal: image-style processing of a large array in strips, a Monte
+Carlo estimate, a per-group computation, and a million-row table worked with
+pandas' own `apply` and `map`, run on the pool through `df.mp`."""),
     ("code", """\
 %load_ext mpmagic
 import numpy as np
@@ -244,22 +272,28 @@ print("same as smoothing the whole image:", np.array_equal(smoothed, smooth(imag
     ("md", """\
 ## A Monte Carlo estimate of pi
 
-Each task draws its own random points from its own seed, so the answer is the
-same serially and in parallel."""),
+Each task draws its own random points from its own seed (the item is the
+seed), so the answer is the same serially and in parallel. Points are drawn in
+blocks of a million, so the memory stays small however many are drawn."""),
     ("code", """\
-def count_inside(seed, n=3_000_000):
+def count_inside(seed, n=16_000_000, block=1_000_000):
     \"\"\"How many of n random points in the unit square fall inside the quarter circle.\"\"\"
     rng = np.random.default_rng(seed)
-    x, y = rng.random(n), rng.random(n)
-    return int(np.count_nonzero(x * x + y * y <= 1.0))
+    inside = 0
+    for _ in range(n // block):
+        x, y = rng.random(block), rng.random(block)
+        inside += int(np.count_nonzero(x * x + y * y <= 1.0))
+    return inside
 
 hits = %pmap --compare count_inside, range(8)
-print(f"pi is about {4 * sum(hits) / (8 * 3_000_000):.4f}")"""),
+print(f"pi is about {4 * sum(hits) / (8 * 16_000_000):.4f}")"""),
     ("md", """\
 ## A group-wise computation with pandas
 
 A bootstrap confidence interval of the mean sale for each store: the groups of
-a `groupby` are independent, so each one can go to a worker."""),
+a `groupby` are independent, so each one can go to a worker. Each store's
+amounts go as a numpy array (with `--star`, the store and its array are the
+two arguments): the workers need not import pandas for this."""),
     ("code", """\
 rng = np.random.default_rng(1)
 sales = pd.DataFrame({
@@ -267,18 +301,94 @@ sales = pd.DataFrame({
     "amount": rng.gamma(2.0, 20.0, 200_000).round(2),
 })
 
-def bootstrap_mean(group, resamples=500):
+def bootstrap_mean(store, values, resamples=1000):
     \"\"\"Mean sale of one store with a 95% bootstrap confidence interval.\"\"\"
-    values = group["amount"].to_numpy()
-    rng = np.random.default_rng(int(group["store"].iat[0]))
+    rng = np.random.default_rng(store)
     means = [rng.choice(values, values.size).mean() for _ in range(resamples)]
     low, high = np.percentile(means, [2.5, 97.5])
-    return {"store": int(group["store"].iat[0]), "mean": values.mean(), "low": low, "high": high}
+    return {"store": store, "mean": values.mean(), "low": low, "high": high}
 
-groups = [group for _, group in sales.groupby("store")]"""),
+groups = [(int(store), group["amount"].to_numpy()) for store, group in sales.groupby("store")]"""),
     ("code", """\
-rows = %pmap --compare bootstrap_mean, groups
+rows = %pmap --star --compare bootstrap_mean, groups
 pd.DataFrame(rows).set_index("store").round(2)"""),
+    ("md", """\
+## A million orders, the pandas way: `df.mp`
+
+With pandas imported, every DataFrame, Series and GroupBy has an `.mp`
+accessor: `df.mp.apply(f, axis=1)`, `series.mp.map(f)` and
+`df.groupby(key).mp.apply(f)` cut the table into pieces (row chunks or whole
+groups), run pandas' own call on each piece in the workers, and return exactly
+what the same call without `.mp` returns: same index, columns and dtypes.
+The first call that sends pandas data makes each worker import pandas once
+(a few tenths of a second, in the workers, in parallel)."""),
+    ("code", """\
+import time
+
+rng = np.random.default_rng(2)
+n = 1_000_000
+orders = pd.DataFrame({
+    "customer": rng.integers(0, 500, n),
+    "product": pd.Categorical(rng.choice(["tea", "coffee", "cocoa", "juice"], n)),
+    "quantity": rng.integers(1, 6, n),
+    "price": rng.gamma(3.0, 4.0, n).round(2),
+    "when": pd.Timestamp("2026-01-01") + pd.to_timedelta(rng.integers(0, 365 * 24 * 60, n), unit="min"),
+})
+customers = pd.DataFrame({"region": rng.choice(["north", "south", "east", "west"], 500)})
+orders.head()"""),
+    ("md", """\
+`series.mp.map` is `Series.map` on the pool, for a function of one value that
+pandas cannot vectorise: here, which part of the day each order was placed in,
+read from its timestamp (a microsecond or two per row, a second or two for the
+million). This first call also pays for the workers' import of pandas."""),
+    ("code", """\
+def daypart(when):
+    hour = when.hour + when.minute / 60
+    if when.dayofweek >= 5:
+        return "weekend"
+    return "morning" if hour < 12 else "afternoon" if hour < 18 else "evening"
+
+t0 = time.perf_counter()
+parts = orders["when"].mp.map(daypart)
+parallel = time.perf_counter() - t0
+t0 = time.perf_counter()
+expected = orders["when"].map(daypart)
+serial = time.perf_counter() - t0
+print(f"pandas alone {serial:.2f} s, with .mp {parallel:.2f} s: {serial / parallel:.2f}x; "
+      f"same result: {parts.equals(expected)}")
+parts.value_counts()"""),
+    ("md", """\
+A profile of each of the 500 customers (2,000 orders each): how many orders,
+what they spent, their favourite product, the longest gap between two orders.
+Several pandas operations per group, about 2 ms each: a second of work. (Many
+more, much smaller groups would gain less: pandas itself assembles the result
+at home, at some tens of microseconds per group.)"""),
+    ("code", """\
+def profile(mine):
+    gaps = mine["when"].sort_values().diff().dt.total_seconds() / 86_400
+    return pd.Series({
+        "orders": len(mine),
+        "spend": (mine["quantity"] * mine["price"]).sum().round(2),
+        "favourite": mine["product"].value_counts().index[0],
+        "longest_gap_days": round(gaps.max(), 1),
+    })
+
+t0 = time.perf_counter()
+profiles = orders.groupby("customer").mp.apply(profile)
+parallel = time.perf_counter() - t0"""),
+    ("md", "pandas alone, for the measured speedup and to check the result is the same:"),
+    ("code", """\
+t0 = time.perf_counter()
+expected = orders.groupby("customer").apply(profile)
+serial = time.perf_counter() - t0
+print(f"pandas alone {serial:.2f} s, with .mp {parallel:.2f} s: {serial / parallel:.2f}x; "
+      f"same result: {profiles.equals(expected)}")"""),
+    ("md", """\
+Joining the results back is plain pandas: the profiles meet the customers'
+regions, and the spend is summed per region and favourite product."""),
+    ("code", """\
+summary = profiles.join(customers).groupby(["region", "favourite"], observed=True)["spend"].sum().unstack()
+summary.round(0)"""),
 ]
 
 SCALING_OUT = [
@@ -298,8 +408,14 @@ def work(n):
     for i in range(n):
         s += i * i
     return s"""),
-    ("md", "The same `%pmap` as on local processes: same results, same order, same report."),
-    ("code", "%pmap --compare work, [1_000_000] * 8"),
+    ("md", """\
+The same `%pmap` as on local processes: same results, same order, same report.
+Each of the 8 items is about a fifth of a second of work, so that the Dask
+overhead (a few milliseconds per task) stays small beside it."""),
+    ("code", "%pmap --compare work, [3_000_000] * 8"),
+    ("md", """\
+A `%%parallel` cell runs each rank on its own Dask worker. This one only says
+where it ran: no work, so its report shows the scheduling cost, not a speedup."""),
     ("code", """\
 %%parallel -n 2
 import os
@@ -313,11 +429,170 @@ rank * 10"""),
 %pmap -q work, [10, 100]"""),
 ]
 
+IMAGE_PROCESSING = [
+    ("md", """\
+# Image processing: a folder of pictures, in parallel
+
+A batch job many notebooks do: read every image in a folder, clean it up,
+make a thumbnail, measure something, and look at the results. Each image is
+independent, so `%pmap` sends them to the workers. The images are made here
+(numpy and Pillow, no download): 200 pictures of 128 x 128 pixels, coloured
+waves with a few discs and some noise."""),
+    ("code", """\
+%load_ext mpmagic
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+folder = Path(tempfile.mkdtemp(prefix="mpmagic-images-"))"""),
+    ("md", """\
+Making the pictures is itself parallel work: each one from its own seed (the
+item), written to its own file: about 5 ms each, a second for all of them."""),
+    ("code", """\
+def make_image(seed, size=128):
+    \"\"\"Write picture number `seed` (waves, discs, noise) as a PNG; return its path.\"\"\"
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    img = np.empty((size, size, 3))
+    for c in range(3):
+        fx, fy, phase = rng.uniform(1, 4), rng.uniform(1, 4), rng.random()
+        img[..., c] = 0.5 + 0.5 * np.sin(2 * np.pi * (fx * x + fy * y + phase))
+    for _ in range(6):
+        cx, cy, r = rng.random(), rng.random(), rng.uniform(0.05, 0.2)
+        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.random(3)
+    img += rng.normal(0, 0.1, img.shape)
+    path = folder / f"img_{seed:03d}.png"
+    Image.fromarray((img.clip(0, 1) * 255).astype(np.uint8)).save(path)
+    return path
+
+paths = %pmap make_image, range(200)
+print(len(paths), "pictures in", folder)"""),
+    ("md", """\
+The processing: a median filter takes out the noise, a slight blur smooths
+it, a high-quality (Lanczos) resize makes a 96 x 96 thumbnail, and an edge
+filter measures how busy the picture is: about 7 ms a picture, reading and
+writing files included. `--compare` also runs it serially here, so the
+speedup in the report is measured."""),
+    ("code", """\
+def process(path):
+    \"\"\"Denoise, blur and shrink one picture; save the thumbnail; return its path and edge score.\"\"\"
+    with Image.open(path) as im:
+        clean = im.convert("RGB").filter(ImageFilter.MedianFilter(3)).filter(ImageFilter.GaussianBlur(1))
+    thumb = clean.resize((96, 96), Image.Resampling.LANCZOS)
+    out = path.with_name(path.stem + "_thumb.png")
+    thumb.save(out)
+    edges = np.asarray(thumb.convert("L").filter(ImageFilter.FIND_EDGES), dtype=np.float32)
+    return out, float(edges.mean())
+
+results = %pmap --compare process, paths"""),
+    ("md", "The 24 busiest pictures (most edges), as one contact sheet:"),
+    ("code", """\
+busiest = sorted(results, key=lambda r: r[1], reverse=True)[:24]
+sheet = Image.new("RGB", (6 * 100, 4 * 100), "white")
+for k, (thumb, _score) in enumerate(busiest):
+    with Image.open(thumb) as im:
+        sheet.paste(im, (100 * (k % 6) + 2, 100 * (k // 6) + 2))
+print(f"edge scores from {busiest[-1][1]:.1f} to {busiest[0][1]:.1f}")
+sheet"""),
+    ("md", "The folder is temporary: remove it when done."),
+    ("code", """\
+import shutil
+
+shutil.rmtree(folder)
+folder.exists()"""),
+]
+
+SIMULATION = [
+    ("md", """\
+# Simulation: pricing an option by Monte Carlo
+
+A European call option pays `max(S_T - K, 0)` at time `T`, where the share
+price `S` follows a geometric Brownian motion. Its price is the discounted mean
+payoff over many simulated paths. Black and Scholes gave the exact answer,
+so we can watch the Monte Carlo estimate converge to it.
+
+Every batch of paths gets its own **seed as an explicit argument**: batch `k`
+always draws the same numbers, whichever worker runs it and in whatever order,
+so the parallel result equals the serial one exactly and a rerun repeats it.
+(mpmagic has no `--seed` option yet: the seed is simply the item.)"""),
+    ("code", """\
+%load_ext mpmagic
+import math
+
+import numpy as np
+
+S0, K, RATE, SIGMA, T = 100.0, 105.0, 0.03, 0.25, 1.0
+
+def black_scholes_call(s0, k, r, sigma, t):
+    \"\"\"The exact price of a European call.\"\"\"
+    d1 = (math.log(s0 / k) + (r + sigma ** 2 / 2) * t) / (sigma * math.sqrt(t))
+    d2 = d1 - sigma * math.sqrt(t)
+    return s0 * normal_cdf(d1) - k * math.exp(-r * t) * normal_cdf(d2)
+
+def normal_cdf(z):
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+exact = black_scholes_call(S0, K, RATE, SIGMA, T)
+print(f"Black-Scholes price: {exact:.4f}")"""),
+    ("md", """\
+One batch: 2,000,000 paths (in blocks, so memory stays small), returning the
+sum of the discounted payoffs and of their squares, enough to build the mean
+and its standard error from any number of batches."""),
+    ("code", """\
+def batch(seed, paths=2_000_000, block=500_000):
+    \"\"\"Sum and sum of squares of discounted payoffs over `paths` paths drawn from `seed`.\"\"\"
+    rng = np.random.default_rng(seed)
+    total = squares = 0.0
+    for _ in range(paths // block):
+        z = rng.standard_normal(block)
+        s_t = S0 * np.exp((RATE - SIGMA ** 2 / 2) * T + SIGMA * math.sqrt(T) * z)
+        payoff = math.exp(-RATE * T) * np.maximum(s_t - K, 0.0)
+        total += float(payoff.sum())
+        squares += float((payoff * payoff).sum())
+    return total, squares"""),
+    ("md", """\
+A first small run checks the set-up: two batches. Like any first call, it
+also pays for the workers' one-time import of numpy (a few tenths of a
+second), which the report would otherwise count against the main run."""),
+    ("code", """\
+%pmap batch, range(2)"""),
+    ("md", "Then 16 batches, 32 million paths, with `--compare` for the measured speedup:"),
+    ("code", """\
+sums = %pmap --compare batch, range(16)"""),
+    ("code", """\
+paths_per_batch = 2_000_000
+n = paths_per_batch * np.arange(1, len(sums) + 1)
+total = np.cumsum([s for s, _ in sums])
+squares = np.cumsum([q for _, q in sums])
+estimate = total / n
+stderr = np.sqrt((squares / n - estimate ** 2) / n)
+print(f"estimate {estimate[-1]:.4f} +/- {1.96 * stderr[-1]:.4f} (95%), exact {exact:.4f}")"""),
+    ("md", """\
+The estimate after each batch, with its 95% band, closing in on the exact
+price as the paths add up (the band narrows as one over the square root of
+the number of paths)."""),
+    ("code", """\
+import matplotlib.pyplot as plt
+
+fig, ax = plt.subplots(figsize=(6, 3.2), layout="constrained")
+ax.fill_between(n / 1e6, estimate - 1.96 * stderr, estimate + 1.96 * stderr, alpha=0.3, label="95% band")
+ax.plot(n / 1e6, estimate, "o-", label="Monte Carlo estimate")
+ax.axhline(exact, color="black", linestyle="--", label="Black-Scholes")
+ax.set_xlabel("paths (millions)")
+ax.set_ylabel("option price")
+ax.legend()
+plt.show()"""),
+]
+
 NOTEBOOKS = {
     "quickstart.ipynb": QUICKSTART,
     "classic_lessons.ipynb": CLASSIC_LESSONS,
     "data_work.ipynb": DATA_WORK,
     "scaling_out.ipynb": SCALING_OUT,
+    "image_processing.ipynb": IMAGE_PROCESSING,
+    "simulation.ipynb": SIMULATION,
 }
 
 

@@ -12,6 +12,7 @@ is a thin skin over the plain API re-exported here, usable from scripts too::
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -133,6 +134,9 @@ def load_ipython_extension(ipython: Any) -> None:
     install_display(ipython)  # a task's error shows the cell line and its own frames, none of ours
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
+    from . import pandas_hook
+
+    pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
     _prestart_pool()
 
 
@@ -175,7 +179,17 @@ def unload_ipython_extension(ipython: Any) -> None:
     pool.shutdown()
     uninstall_display(ipython)
     config.unregister(ipython)
+    if "mpmagic.pandas_hook" in sys.modules:
+        sys.modules["mpmagic.pandas_hook"].uninstall()
+    if "mpmagic.pandas_accessor" in sys.modules:
+        sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
+
+
+if "pandas" in sys.modules:  # `import pandas; import mpmagic` in a script: df.mp is there
+    from . import pandas_accessor as _pandas_accessor
+
+    _pandas_accessor.register()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import importlib.util
 import io
 import itertools
 import time
@@ -71,6 +72,8 @@ class Scaling:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.table())
+        if importlib.util.find_spec("matplotlib") is None:
+            p.text('\n(the plot needs matplotlib: pip install "mpmagic[plot]")')
 
     def _repr_html_(self) -> str:
         """In Jupyter: the plot (when matplotlib is there), then the measured points as a small table."""

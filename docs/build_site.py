@@ -1,0 +1,143 @@
+"""Build the documentation site (docs/ pages + executed example notebooks) into site/.
+
+    python docs/build_site.py            # what `python3 dev.py docs` runs
+    python docs/build_site.py --strict   # a broken link, anchor or notebook fails the build
+
+Why MkDocs + Material + mkdocs-jupyter, not Sphinx + myst-nb: the pages are
+already plain Markdown with relative links (they read well on GitHub too), and
+MkDocs takes them as they are; Sphinx would need MyST directives or rewrites for
+the same pages. Material gives search, dark mode and code copy buttons without
+theme work; mkdocs-jupyter renders a notebook *with the outputs saved in it*
+(HTML report tables, plots, progress widgets), so the site shows a real run.
+Strict mode turns every warning (missing page, broken anchor) into an error.
+
+Where the notebooks' outputs come from. The notebooks in examples/ are
+committed without outputs. ``tests/test_notebooks.py`` executes each one and
+saves the executed copy into ``build/executed/`` (``tests/executed_notebooks.py``)
+tagged with the hash of the committed notebook; this script uses that copy
+when the hash still matches and executes the notebook (nbclient, a real kernel)
+only when there is none, so a test run builds the site without running any
+notebook twice. A notebook that raises fails the build.
+
+The pages are staged into ``build/site-src/`` first: the examples go next to
+them, their ``../examples/`` links are rewritten to ``examples/``, and the
+reference tables are regenerated from the code (docs/make_reference.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+EXAMPLES = ROOT / "examples"
+EXECUTED = ROOT / "build" / "executed"
+STAGE = ROOT / "build" / "site-src"
+SITE = ROOT / "site"
+HASH_KEY = "mpmagic_source_sha256"
+
+
+def source_hash(path: Path) -> str:
+    """What an executed copy must have been made from: the committed notebook's bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def executed_copy(path: Path) -> Path | None:
+    """The saved executed copy of the notebook at ``path``, if it matches the current source."""
+    import nbformat
+
+    copy = EXECUTED / path.name
+    if not copy.exists():
+        return None
+    nb = nbformat.read(copy, as_version=4)
+    return copy if nb.metadata.get(HASH_KEY) == source_hash(path) else None
+
+
+def save_executed(path: Path, nb: object) -> Path:
+    """Save an executed notebook for the site, tagged with its source's hash."""
+    import nbformat
+
+    EXECUTED.mkdir(parents=True, exist_ok=True)
+    nb.metadata[HASH_KEY] = source_hash(path)  # type: ignore[attr-defined]
+    out = EXECUTED / path.name
+    nbformat.write(nb, out)
+    return out
+
+
+def execute(path: Path, timeout: int = 240) -> Path:
+    """Run the notebook in a fresh kernel (raises on a failing cell) and save it."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    return save_executed(path, nb)
+
+
+def stage(log: list[str]) -> None:
+    """Copy the pages and the executed notebooks into build/site-src/."""
+    if STAGE.exists():
+        shutil.rmtree(STAGE)
+    (STAGE / "examples").mkdir(parents=True)
+    sys.path.insert(0, str(DOCS))
+    import make_reference
+
+    for page in sorted(DOCS.glob("*.md")):
+        text = page.read_text()
+        if page.name == "reference.md":
+            text = make_reference.render(text)  # from the code, as the tests check it
+        text = re.sub(r"\]\(\.\./examples/", "](examples/", text)
+        (STAGE / page.name).write_text(text)
+    for notebook in sorted(EXAMPLES.glob("*.ipynb")):
+        copy = executed_copy(notebook)
+        if copy is None:
+            t0 = time.perf_counter()
+            copy = execute(notebook)
+            log.append(f"executed {notebook.name} in {time.perf_counter() - t0:.1f} s")
+        else:
+            log.append(f"reused the executed {notebook.name}")
+        shutil.copy2(copy, STAGE / "examples" / notebook.name)
+
+
+def build(strict: bool = False, site: Path = SITE) -> list[str]:
+    """Stage and build into ``site``; returns what it did. Raises CalledProcessError when mkdocs fails."""
+    log: list[str] = []
+    t0 = time.perf_counter()
+    stage(log)
+    # mkdocs.yml with this stage as docs_dir (tests stage elsewhere): a config that inherits it.
+    config = STAGE.parent / (STAGE.name + ".mkdocs.yml")
+    config.write_text(f"INHERIT: {ROOT / 'mkdocs.yml'}\ndocs_dir: {STAGE}\n")
+    cmd = [sys.executable, "-m", "mkdocs", "build", "--clean", "--config-file", str(config),
+           "--site-dir", str(site)]
+    if strict:
+        cmd.append("--strict")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+    log.append(f"built {site} in {time.perf_counter() - t0:.1f} s")
+    return log
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strict", action="store_true", help="warnings (broken links...) fail the build")
+    opts = parser.parse_args(argv)
+    try:
+        log = build(opts.strict)
+    except subprocess.CalledProcessError as exc:
+        print(exc.stdout, exc.stderr, sep="\n")
+        return 1
+    print("\n".join(log))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,200 @@
+"""The private interpreter and cloudpickle APIs mpmagic uses, behind one door each.
+
+Why private APIs at all: the public ones cost too much or cannot do the job.
+
+* ``_multiprocessing.SemLock`` (and ``SemLock._rebuild``, ``sem_unlink``): a
+  named POSIX semaphore that a *running* worker can open by name.
+  ``multiprocessing.Lock``/``Semaphore`` refuse to be pickled into a running pool
+  ("should only be shared between processes through inheritance"), and a
+  Manager's proxies cost ~200 us per operation against ~1 us here.
+* ``_posixshmem.shm_open`` / ``shm_unlink``: POSIX shared memory by name, with
+  the name and flags we choose (``O_EXCL`` to detect collisions, an ``flock`` on
+  the descriptor as the lock-holder guard). ``multiprocessing.shared_memory``
+  registers every segment with the resource tracker and has no flags: the
+  helper would need workarounds for both.
+* ``multiprocessing.resource_tracker.register`` / ``unregister``: undocumented
+  functions; the tracker unlinks our names if the notebook dies without its
+  finalizers running (SIGKILL of the kernel).
+* cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
+  names (so a worker's traceback names the notebook cell);
+  ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
+  cache's fast check of what a function captures.
+
+Each accessor below either returns the real thing, falls back to something
+that works (documented at the accessor), or raises :class:`MissingFeatureError`
+with one line that says what is missing and what to do. The table of call
+sites is in docs/architecture.md ("Private interpreter APIs").
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .errors import MPMagicError
+
+log = logging.getLogger("mpmagic")
+
+_PYTHON = f"Python {sys.version.split()[0]} on {sys.platform}"
+
+
+class MissingFeatureError(MPMagicError, NotImplementedError):
+    """This Python (or cloudpickle) lacks an internal API a feature needs."""
+
+
+def _module(name: str) -> Any:
+    """The module ``name``, or None if this interpreter has none (Windows, other builds)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def _cloudpickle_internal(name: str) -> Any:
+    try:
+        import cloudpickle
+    except ImportError:  # pragma: no cover - a runtime dependency
+        return None
+    return getattr(getattr(cloudpickle, "cloudpickle", None), name, None)
+
+
+# --------------------------------------------------------------------------
+# Named semaphores: _multiprocessing.SemLock
+
+
+def semlock_class() -> Any:
+    """``_multiprocessing.SemLock``: a named POSIX semaphore. No fallback: raises.
+
+    Used by the shared helpers (``mpmagic.Lock``, ``Queue``...); without it
+    they cannot work inside running tasks, and the message says so.
+    """
+    mod = _module("_multiprocessing")
+    cls = getattr(mod, "SemLock", None)
+    if cls is None or not hasattr(cls, "_rebuild"):
+        raise MissingFeatureError(
+            f"mpmagic's shared helpers (Lock, Queue, Value...) need named semaphores "
+            f"(_multiprocessing.SemLock), which {_PYTHON} lacks: use the Dask backend's "
+            f"helpers (%pool dask) or pass data as arguments and results"
+        )
+    return cls
+
+
+def sem_unlink(name: str) -> None:
+    """Remove a named semaphore (``_multiprocessing.sem_unlink``); FileNotFoundError if gone."""
+    unlink = getattr(_module("_multiprocessing"), "sem_unlink", None)
+    if unlink is None:
+        raise MissingFeatureError(f"removing a named semaphore needs _multiprocessing.sem_unlink, which {_PYTHON} lacks")
+    unlink(name)
+
+
+# --------------------------------------------------------------------------
+# POSIX shared memory: _posixshmem, with /dev/shm as the fallback on Linux
+
+_DEV_SHM = "/dev/shm"
+
+
+def shm_available() -> bool:
+    """Can this process make named POSIX shared memory (the module, or Linux's /dev/shm)?"""
+    return os.name == "posix" and (_module("_posixshmem") is not None or os.path.isdir(_DEV_SHM))
+
+
+def shm_open(name: str, flags: int, mode: int = 0o600) -> int:
+    """A file descriptor of the shared-memory object ``name`` ("/abc", as shm_open(3) takes).
+
+    Fallback without ``_posixshmem``: on Linux, shm_open(3) *is* an open() of
+    /dev/shm/NAME (glibc does exactly that), so we do the same.
+    """
+    mod = _module("_posixshmem")
+    if mod is not None and hasattr(mod, "shm_open"):
+        return int(mod.shm_open(name, flags, mode))
+    if os.path.isdir(_DEV_SHM):
+        return os.open(os.path.join(_DEV_SHM, name.lstrip("/")), flags, mode)
+    raise MissingFeatureError(
+        f"shared memory needs POSIX shm_open (_posixshmem), which {_PYTHON} lacks: "
+        f"large arrays will be pickled instead"
+    )
+
+
+def shm_unlink(name: str) -> None:
+    """Remove the shared-memory name (the memory stays while mapped); FileNotFoundError if gone."""
+    mod = _module("_posixshmem")
+    if mod is not None and hasattr(mod, "shm_unlink"):
+        mod.shm_unlink(name)
+        return
+    if os.path.isdir(_DEV_SHM):
+        os.unlink(os.path.join(_DEV_SHM, name.lstrip("/")))
+        return
+    raise MissingFeatureError(f"removing shared memory needs POSIX shm_unlink (_posixshmem), which {_PYTHON} lacks")
+
+
+# --------------------------------------------------------------------------
+# The resource tracker: a safety net, so its absence only costs the net
+
+
+def tracker_register(name: str, rtype: str) -> None:
+    """Ask multiprocessing's resource tracker to unlink ``name`` if we die uncleanly.
+
+    Fallback: nothing (logged once). Our own sweep of dead notebooks' names
+    (shm.sweep_stale) still removes shared memory at the next pool start.
+    """
+    fn = _tracker_function("register")
+    if fn is not None:
+        fn(name, rtype)
+
+
+def tracker_unregister(name: str, rtype: str) -> None:
+    """Tell the resource tracker that ``name`` was unlinked by us (fallback: nothing)."""
+    fn = _tracker_function("unregister")
+    if fn is not None:
+        fn(name, rtype)
+
+
+_warned: set[str] = set()
+
+
+def _tracker_function(which: str) -> Callable[[str, str], None] | None:
+    fn = getattr(_module("multiprocessing.resource_tracker"), which, None)
+    if fn is None and which not in _warned:
+        _warned.add(which)
+        log.info("multiprocessing.resource_tracker.%s is missing in %s: names are not tracked", which, _PYTHON)
+    return fn
+
+
+# --------------------------------------------------------------------------
+# cloudpickle internals: each one has a slower or plainer fallback
+
+
+def cloudpickle_code_reduce() -> Callable[[Any], tuple] | None:
+    """cloudpickle's reducer of code objects, or None.
+
+    None means: pickle code objects cloudpickle's own way; tracebacks from
+    workers then name "<dynamic-code>" instead of the notebook cell.
+    """
+    return _cloudpickle_internal("_code_reduce")
+
+
+def cloudpickle_extract_code_globals() -> Callable[[Any], Any] | None:
+    """The global names a code object reads, or None: the payload cache then re-pickles every call."""
+    return _cloudpickle_internal("_extract_code_globals")
+
+
+def cloudpickle_by_reference() -> Callable[[Any], bool] | None:
+    """Whether cloudpickle pickles an object by name, or None: the cache then assumes by value."""
+    return _cloudpickle_internal("_should_pickle_by_reference")
+
+
+def report() -> dict[str, bool]:
+    """Which private APIs this interpreter has (True) and which fall back (False)."""
+    return {
+        "_multiprocessing.SemLock": getattr(_module("_multiprocessing"), "SemLock", None) is not None,
+        "_multiprocessing.sem_unlink": getattr(_module("_multiprocessing"), "sem_unlink", None) is not None,
+        "_posixshmem": _module("_posixshmem") is not None,
+        "resource_tracker.register": _tracker_function("register") is not None,
+        "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
+        "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
+        "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,
+    }

@@ -1,0 +1,134 @@
+"""mpmagic.compat: each private API works here, and its absence is handled.
+
+The absence is simulated the way a Python or cloudpickle version that lacks
+the API would look: the module missing from ``sys.modules`` (an entry of None
+makes ``import`` raise ImportError), or the attribute deleted.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import types
+
+import pytest
+
+from mpmagic import compat
+from mpmagic.errors import MPMagicError
+
+
+@pytest.fixture
+def no_module(monkeypatch):
+    """Make ``import NAME`` fail, as on a Python built without it."""
+
+    def hide(name: str) -> None:
+        monkeypatch.setitem(sys.modules, name, None)
+
+    return hide
+
+
+@pytest.fixture
+def shm_name():
+    name = "/mpmtest_" + secrets.token_hex(4)
+    yield name
+    try:
+        os.unlink("/dev/shm" + name)
+    except FileNotFoundError:
+        pass
+
+
+def test_every_private_api_is_present_on_this_interpreter() -> None:
+    assert all(compat.report().values()), compat.report()
+
+
+def test_a_python_without_semlock_gets_one_line_that_names_the_missing_api(no_module) -> None:
+    assert compat.semlock_class() is sys.modules["_multiprocessing"].SemLock
+    no_module("_multiprocessing")
+    with pytest.raises(compat.MissingFeatureError) as info:
+        compat.semlock_class()
+    message = str(info.value)
+    assert "_multiprocessing.SemLock" in message and "\n" not in message
+    assert "%pool dask" in message  # says what to do instead
+    with pytest.raises(compat.MissingFeatureError, match="sem_unlink"):
+        compat.sem_unlink("/whatever")
+    assert compat.report()["_multiprocessing.SemLock"] is False
+    # One of our errors (shown as one line in IPython), and a NotImplementedError to code.
+    assert isinstance(info.value, MPMagicError) and isinstance(info.value, NotImplementedError)
+
+
+def test_semlock_without_rebuild_counts_as_missing(monkeypatch) -> None:
+    fake = types.SimpleNamespace(SemLock=type("SemLock", (), {}), sem_unlink=lambda name: None)
+    monkeypatch.setitem(sys.modules, "_multiprocessing", fake)
+    with pytest.raises(compat.MissingFeatureError, match="SemLock"):
+        compat.semlock_class()
+
+
+def _round_trip(name: str) -> bytes:
+    fd = compat.shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR)
+    try:
+        os.ftruncate(fd, 8)
+        os.pwrite(fd, b"mpmagic!", 0)
+    finally:
+        os.close(fd)
+    fd = compat.shm_open(name, os.O_RDWR)
+    try:
+        return os.pread(fd, 8, 0)
+    finally:
+        os.close(fd)
+        compat.shm_unlink(name)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="Linux's /dev/shm")
+def test_shared_memory_falls_back_to_dev_shm_without_posixshmem(no_module, shm_name) -> None:
+    assert _round_trip(shm_name) == b"mpmagic!"  # the real _posixshmem
+    no_module("_posixshmem")
+    assert compat.shm_available()
+    assert _round_trip(shm_name) == b"mpmagic!"  # the fallback: the same names, the same memory
+    assert not os.path.exists("/dev/shm" + shm_name)
+    with pytest.raises(FileNotFoundError):
+        compat.shm_unlink(shm_name)
+
+
+def test_without_posixshmem_or_dev_shm_shared_memory_says_what_happens(no_module, monkeypatch, shm_name) -> None:
+    no_module("_posixshmem")
+    monkeypatch.setattr(compat, "_DEV_SHM", "/nonexistent-dev-shm")
+    assert not compat.shm_available()
+    with pytest.raises(compat.MissingFeatureError, match=r"_posixshmem.*pickled instead"):
+        compat.shm_open(shm_name, os.O_RDWR)
+
+
+def test_the_resource_tracker_missing_is_not_an_error(monkeypatch, caplog) -> None:
+    import multiprocessing.resource_tracker as tracker
+
+    calls = []
+    monkeypatch.setattr(tracker, "register", lambda name, rtype: calls.append(("reg", name, rtype)))
+    monkeypatch.setattr(tracker, "unregister", lambda name, rtype: calls.append(("unreg", name, rtype)))
+    compat.tracker_register("/x", "shared_memory")
+    compat.tracker_unregister("/x", "shared_memory")
+    assert calls == [("reg", "/x", "shared_memory"), ("unreg", "/x", "shared_memory")]
+
+    monkeypatch.delattr(tracker, "register")
+    monkeypatch.delattr(tracker, "unregister")
+    monkeypatch.setattr(compat, "_warned", set())
+    with caplog.at_level("INFO", logger="mpmagic"):
+        compat.tracker_register("/x", "shared_memory")  # no exception: only the safety net is gone
+        compat.tracker_unregister("/x", "shared_memory")
+    assert "resource_tracker.register is missing" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("accessor", "internal"),
+    [
+        (compat.cloudpickle_code_reduce, "_code_reduce"),
+        (compat.cloudpickle_extract_code_globals, "_extract_code_globals"),
+        (compat.cloudpickle_by_reference, "_should_pickle_by_reference"),
+    ],
+)
+def test_a_cloudpickle_without_an_internal_gives_none_for_the_fallback(monkeypatch, accessor, internal) -> None:
+    import cloudpickle
+
+    assert accessor() is getattr(cloudpickle.cloudpickle, internal)
+    monkeypatch.delattr(cloudpickle.cloudpickle, internal)
+    assert accessor() is None
+

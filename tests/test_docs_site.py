@@ -1,0 +1,66 @@
+"""The documentation site builds in strict mode, with the notebooks' real outputs.
+
+``docs/build_site.py --strict`` (MkDocs + Material + mkdocs-jupyter) fails on
+a broken link or anchor and on a notebook that raises. The notebooks are the
+ones ``tests/test_notebooks.py`` executes: whichever test runs first executes
+each one, once per session (tests/executed_notebooks.py).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import executed_notebooks
+import nbformat
+import pytest
+from test_notebooks import NOTEBOOKS, execute
+
+pytest.importorskip("mkdocs", reason="needs the test extra: pip install 'mpmagic[test]'")
+build_site = executed_notebooks.build_site
+
+
+@pytest.fixture(scope="module")
+def executed() -> None:
+    """Every example notebook executed in this session (a failing cell fails here)."""
+    for name in NOTEBOOKS:
+        execute(name, timeout=240)
+
+
+def test_the_site_builds_strictly_with_every_page_and_executed_notebook(executed, tmp_path) -> None:
+    site = tmp_path / "site"
+    log = build_site.build(strict=True, site=site)
+    assert all(f"reused the executed {name}" in log for name in NOTEBOOKS), log  # no notebook ran twice
+    for page in build_site.DOCS.glob("*.md"):
+        stem = "" if page.stem == "index" else page.stem + "/"
+        assert (site / stem / "index.html").exists(), page.name
+    quickstart = (site / "examples" / "quickstart" / "index.html").read_text()
+    assert "pmap: 8 items on" in quickstart  # the timing line of the executed run
+    assert "mpmagic-report" in quickstart  # its HTML report table
+    assert "%pmap" in (site / "reference" / "index.html").read_text()
+    for name in NOTEBOOKS:
+        assert (site / "examples" / name.removesuffix(".ipynb") / "index.html").exists(), name
+
+
+def test_a_broken_link_fails_the_strict_build(executed, tmp_path, monkeypatch) -> None:
+    docs = tmp_path / "docs"
+    shutil.copytree(build_site.DOCS, docs, ignore=shutil.ignore_patterns("__pycache__"))
+    with (docs / "index.md").open("a") as f:
+        f.write("\nSee [the missing page](no-such-page.md).\n")
+    monkeypatch.setattr(build_site, "DOCS", docs)
+    monkeypatch.setattr(build_site, "STAGE", tmp_path / "stage")
+    with pytest.raises(subprocess.CalledProcessError) as info:
+        build_site.build(strict=True, site=tmp_path / "site")
+    assert "no-such-page.md" in info.value.stdout + info.value.stderr
+
+
+def test_a_notebook_that_raises_fails_the_build(tmp_path, monkeypatch) -> None:
+    from nbclient.exceptions import CellExecutionError
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    path = tmp_path / "broken.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("1 / 0")]), path)
+    monkeypatch.setattr(build_site, "EXECUTED", tmp_path / "executed")
+    with pytest.raises(CellExecutionError, match="ZeroDivisionError"):
+        build_site.execute(path, timeout=60)
+    assert not (tmp_path / "executed" / "broken.ipynb").exists()

@@ -1,0 +1,185 @@
+"""``df.mp.apply``, ``series.mp.map``, ``groupby(...).mp.apply`` return what pandas returns.
+
+pandas' own call on the whole frame is the oracle: the same values, index,
+column order and dtypes (``assert_*_equal`` with exact checks), and the same
+exception type when the function raises. The functions are defined in cells
+of an InteractiveShell, so they live in a ``__main__`` without a file, as in a
+notebook, and travel to forkserver workers by value.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pd = pytest.importorskip("pandas")
+np = pytest.importorskip("numpy")
+from conftest import run  # noqa: E402
+from pandas.testing import assert_frame_equal, assert_series_equal  # noqa: E402
+
+import mpmagic  # noqa: E402
+
+
+def assert_same(got, expected) -> None:
+    """Exactly what pandas returned: same type, index, columns, dtypes and values."""
+    assert type(got) is type(expected), (type(got), type(expected))
+    if isinstance(expected, pd.DataFrame):
+        assert_frame_equal(got, expected, check_exact=True)
+    else:
+        assert_series_equal(got, expected, check_exact=True)
+
+
+CELL = """
+import numpy as np
+import pandas as pd
+
+def row_total(row):
+    return row["x"] * 2 + len(row["tag"])
+
+def row_summary(row):
+    return pd.Series({"double": row["x"] * 2, "when": row["when"] + pd.Timedelta(days=1), "tag": str(row["tag"])})
+
+def row_fails(row):
+    return row["x"] / (row["x"] - 3)
+
+def row_missing_column(row):
+    return row["nope"]
+
+def maybe_none(x):
+    return None if x % 5 == 0 else x
+
+def group_spread(g):
+    return g["x"].max() - g["x"].min()
+
+def group_stats(g):
+    return pd.Series({"n": len(g), "mean": g["x"].mean()})
+
+def group_top(g):
+    return g.nlargest(2, "x")
+
+def group_fails(g):
+    raise ValueError(f"bad group {g.name}")
+"""
+
+
+@pytest.fixture(scope="module")
+def frame(ip):
+    """30 rows: a MultiIndex, an int, a float, a categorical and a datetime column."""
+    mpmagic.start_pool(2, "forkserver", wait=True)
+    run(ip, CELL)
+    index = pd.MultiIndex.from_product([["a", "b", "c"], range(10)], names=["letter", "n"])
+    df = pd.DataFrame(
+        {
+            "x": np.arange(30, dtype="int64"),
+            "y": np.linspace(0, 1, 30),
+            "tag": pd.Categorical(["red", "green", "blue"] * 10, categories=["red", "green", "blue", "unused"]),
+            "when": pd.date_range("2026-01-01", periods=30, freq="h"),
+            "key": np.arange(30) % 4,
+        },
+        index=index,
+    )
+    ip.user_ns["df"] = df
+    return df
+
+
+def test_pandas_is_never_imported_by_mpmagic_itself() -> None:
+    code = "import sys, mpmagic; print('pandas' in sys.modules, 'mpmagic.pandas_accessor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_accessor_appears_as_soon_as_a_cell_imports_pandas() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from IPython.core.interactiveshell import InteractiveShell
+        ip = InteractiveShell.instance()
+        ip.run_cell("%load_ext mpmagic")
+        before = "pandas" in sys.modules
+        ip.run_cell("import pandas as pd\\nok = all(hasattr(o, 'mp') for o in (pd.DataFrame(), pd.Series(dtype=int), pd.DataFrame({'a': [1]}).groupby('a')))")
+        print(before, ip.user_ns["ok"])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "MPMAGIC_PRESTART": "0"})
+    assert out.stdout.split()[-2:] == ["False", "True"], out.stdout + out.stderr
+
+
+def test_apply_on_rows_matches_pandas_with_multiindex_categorical_and_datetime(ip, frame, capsys) -> None:
+    capsys.readouterr()
+    got = run(ip, "df.mp.apply(row_total, axis=1)")
+    assert_series_equal(got, frame.apply(ip.user_ns["row_total"], axis=1), check_exact=True)
+    # The same timing line as %pmap, counting rows.
+    assert "pmap: 30 items on 2 workers (forkserver)" in capsys.readouterr().out
+
+
+def test_apply_returning_a_series_builds_the_same_frame(ip, frame) -> None:
+    got = run(ip, "df.mp.apply(row_summary, axis=1, quiet=True)")
+    expected = frame.apply(ip.user_ns["row_summary"], axis=1)
+    assert_frame_equal(got, expected, check_exact=True)
+    assert list(got.columns) == ["double", "when", "tag"]
+
+
+def test_apply_on_columns_matches_pandas(ip, frame) -> None:
+    got = run(ip, "df[['x', 'y']].mp.apply(lambda col: col.sum(), quiet=True)")
+    assert_series_equal(got, frame[["x", "y"]].apply(lambda col: col.sum()), check_exact=True)
+
+
+def test_apply_raises_the_exception_pandas_raises(ip, frame) -> None:
+    with pytest.raises(ZeroDivisionError):
+        frame.apply(ip.user_ns["row_fails"], axis=1)
+    with pytest.raises(ZeroDivisionError):
+        run(ip, "df.mp.apply(row_fails, axis=1, quiet=True)")
+    with pytest.raises(KeyError):
+        run(ip, "df.mp.apply(row_missing_column, axis=1, quiet=True)")
+
+
+def test_empty_frames_give_what_pandas_gives(ip, frame) -> None:
+    empty = frame.iloc[:0]
+    ip.user_ns["empty"] = empty
+    assert_same(run(ip, "empty.mp.apply(row_total, axis=1)"), empty.apply(ip.user_ns["row_total"], axis=1))
+    assert_same(run(ip, "empty['x'].mp.map(maybe_none)"), empty["x"].map(ip.user_ns["maybe_none"]))
+    assert_same(run(ip, "empty.groupby('key').mp.apply(group_spread)"),
+                empty.groupby("key").apply(ip.user_ns["group_spread"]))
+
+
+@pytest.mark.parametrize("column", ["x", "y", "tag", "when"])
+def test_series_map_matches_pandas(ip, frame, column) -> None:
+    ip.user_ns["column"] = column
+    got = run(ip, "df[column].mp.map(lambda v: (v, str(v)), quiet=True)")
+    assert_series_equal(got, frame[column].map(lambda v: (v, str(v))), check_exact=True)
+
+
+def test_series_map_infers_dtypes_as_pandas_does_across_chunks(ip, frame) -> None:
+    # Chunks of all ints and chunks with a None: pandas infers float64 for the whole.
+    got = run(ip, "df['x'].mp.map(maybe_none, chunks=30, quiet=True)")
+    expected = frame["x"].map(ip.user_ns["maybe_none"])
+    assert_series_equal(got, expected, check_exact=True)
+
+
+@pytest.mark.parametrize("func", ["group_spread", "group_stats", "group_top"])
+@pytest.mark.parametrize("by", ["'key'", "['key', 'tag']", "'tag'"])
+def test_groupby_apply_matches_pandas(ip, frame, func, by) -> None:
+    got = run(ip, f"df.groupby({by}, observed=False).mp.apply({func}, quiet=True)")
+    expected = frame.groupby(eval(by), observed=False).apply(ip.user_ns[func])
+    assert_same(got, expected)
+
+
+def test_groupby_by_index_level_matches_pandas(ip, frame) -> None:
+    got = run(ip, "df.groupby(level='letter').mp.apply(group_stats, quiet=True)")
+    assert_frame_equal(got, frame.groupby(level="letter").apply(ip.user_ns["group_stats"]), check_exact=True)
+
+
+def test_groupby_raises_the_exception_pandas_raises(ip, frame) -> None:
+    with pytest.raises(ValueError, match="bad group"):
+        run(ip, "df.groupby('key').mp.apply(group_fails, quiet=True)")
+
+
+def test_groupby_by_an_array_says_what_to_do(ip, frame) -> None:
+    with pytest.raises(mpmagic.UsageError, match="add it as a column"):
+        run(ip, "df.groupby(np.arange(30) % 2).mp.apply(group_spread)")
+    with pytest.raises(mpmagic.UsageError, match="not supported yet"):
+        run(ip, "df.groupby('key')['x'].mp.apply(lambda s: s.sum())")
