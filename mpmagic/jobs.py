@@ -29,6 +29,8 @@ from .errors import (
     WorkerLostError,
     render_traceback,
 )
+from .protocol import Cell, Map
+from .worker import ErrorInfo
 
 _call_ids = itertools.count(1)
 
@@ -251,10 +253,11 @@ class MapJob:
                     ) from None
             raise
 
-    def message(self, unit: Unit) -> tuple:
-        msg = ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
+    def message(self, unit: Unit) -> Map:
         # With insights the worker also times each item; ``block``: see Unit.
-        return msg + (self.insights is not None, unit.block)
+        return Map(
+            self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None, unit.block
+        )
 
     # -- taking back results -----------------------------------------------
     def _where(self, index: int, item: Any) -> str:
@@ -265,7 +268,7 @@ class MapJob:
         return f"mpmagic: raised by item {index} of the input: {name}{args}"
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
-        """A chunk's results came back. ``meta`` (optional, from newer workers):
+        """A chunk's results came back. ``meta``:
         ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds."""
         self.bytes_back += len(data)
@@ -276,7 +279,7 @@ class MapJob:
         results = payload.loads(data)
         if self.collect:
             for i, r in enumerate(results):
-                if type(r).__name__ == "ErrorInfo" and type(r).__module__ == "mpmagic.worker":
+                if type(r) is ErrorInfo:
                     idx = unit.start + i
                     results[i] = Failed(idx, unit.items[i], rebuild_exception(r, self._where(idx, unit.items[i])))
         self._complete(unit, results, seconds)
@@ -482,8 +485,8 @@ class CellJob:
         self.outstanding[unit.id] = unit
         return unit
 
-    def message(self, unit: Unit) -> tuple:
-        return ("cell", self.call_id, unit.id, self.size, unit.data)
+    def message(self, unit: Unit) -> Cell:
+        return Cell(self.call_id, unit.id, self.size, unit.data)
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
