@@ -835,9 +835,12 @@ class _DaskRun:
             what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if len(running) > 6 else "")
             msg += (
                 f". {len(running)} already running ({what}; on {', '.join(where)}) cannot be "
-                "stopped by Dask: they run to the end in the background and their results are "
-                "dropped. `%pool restart` (mpmagic.restart_pool()) stops them now"
+                "stopped by Dask: they run to the end in the background and their results are dropped"
             )
+            if self.backend.owns_cluster:
+                msg += ". `%pool restart` (mpmagic.restart_pool()) stops them now"
+            else:
+                msg += f" ({self.backend.where} is not mpmagic's: its workers are not restarted)"
         sys.stderr.write(msg + ".\n")
         sys.stderr.flush()
 
