@@ -16,8 +16,19 @@ import pytest
 from mpmagic import payload, worker
 from mpmagic.backends import dask_tasks
 from mpmagic.cell import make_cell_spec
-from mpmagic.protocol import Cell, Done, Error, Func, Map, Out, Ready, Stop, Unpicklable, pack, unpack
-
+from mpmagic.protocol import (
+    Cell,
+    Done,
+    Error,
+    Func,
+    Map,
+    Out,
+    Ready,
+    Stop,
+    Unpicklable,
+    pack,
+    unpack,
+)
 
 # The Dask workers cannot import this test module: send its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
