@@ -333,12 +333,16 @@ class MapJob:
         )
         self._fail_or_collect(unit, exc, index)
 
-    def lost(self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None) -> None:
+    def lost(
+        self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
+    ) -> None:
         """The worker running ``unit`` died or was stopped for a timeout.
 
         ``index``, when the backend knows it, is the position in the chunk of
         the item that was running: only that item is blamed, and the chunk's
         other items (whose results died with the worker) go out again.
+        ``worker_kept``: a timeout the backend could not stop (a Dask cluster
+        mpmagic does not own); ``reason`` then says what became of the worker.
         """
         self.outstanding.pop(unit.id, None)
         if not timed_out and unit.attempts < self.retries:
@@ -356,7 +360,8 @@ class MapJob:
         else:
             what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(unit.items[0])})"
         if timed_out:
-            exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; its worker was stopped and replaced")
+            fate = reason if worker_kept else "its worker was stopped and replaced"
+            exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; {fate}")
         else:
             exc = WorkerLostError(f"the worker running {what} {reason}; the pool replaced it")
         self._fail_or_collect(unit, exc, None)
@@ -517,12 +522,13 @@ class CellJob:
         )
         self._rank_finished()
 
-    def lost(self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None) -> None:
+    def lost(
+        self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
+    ) -> None:
         self.outstanding.pop(unit.id, None)
         if timed_out:
-            self.failures[unit.id] = TaskTimeoutError(
-                f"rank {unit.id} ran past the timeout of {self.timeout:g} s; its worker was stopped and replaced"
-            )
+            fate = reason if worker_kept else "its worker was stopped and replaced"
+            self.failures[unit.id] = TaskTimeoutError(f"rank {unit.id} ran past the timeout of {self.timeout:g} s; {fate}")
         else:
             self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}; the pool replaced it")
         self._rank_finished()

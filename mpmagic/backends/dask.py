@@ -765,9 +765,10 @@ class _DaskRun:
                 # cannot be stopped from outside its thread, so it runs on there.
                 self.job.lost(
                     task.unit,
-                    f"ran past its timeout; Dask cannot stop a running task and {self.backend.where} is not "
-                    f"mpmagic's to restart, so worker {task.worker or '?'} keeps one thread busy until it returns",
+                    f"Dask cannot stop a running task, and the workers of {self.backend.where} are not "
+                    f"mpmagic's to restart: it keeps one thread of worker {task.worker or '?'} busy until it returns",
                     timed_out=True,
+                    worker_kept=True,
                 )
 
     def _restart_worker(self, address: str | None) -> None:
