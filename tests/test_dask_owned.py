@@ -19,7 +19,6 @@ from conftest import ensure_pool, run
 import mpmagic
 from mpmagic import pool as pool_module
 
-
 # The Dask workers cannot import this test module: send its functions by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

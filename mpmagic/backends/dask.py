@@ -23,7 +23,10 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt cancels the futures at once; tasks already running cannot be
-  stopped by Dask, and the notebook is told which (``%pool restart`` stops them).
+  stopped by Dask, and the notebook is told which (``%pool restart`` stops them
+  on the LocalCluster mpmagic started).
+* A cluster mpmagic connected to is not its own: a ``--timeout`` or
+  ``%pool restart`` never restarts its workers (issue 14.4).
 
 Dask is optional: importing this module needs ``distributed``; ``pool.use_dask``
 turns its absence into an install hint.
