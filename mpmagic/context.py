@@ -82,10 +82,30 @@ def current(call: Any = None) -> Context:
             # Copies: the live objects keep changing under the comparison.
             _last_state = (cwd, dict(env), list(path), limit, list(filters))
             _version += 1
-            body = (cwd, dict(os.environ), list(path), limit, list(filters))
+            body = (cwd, dict(os.environ), list(path), limit, _pack_filters(filters))
             _last_msg = Context(_version, payload.dumps_data(body))
         _last_call = call
         return _last_msg
+
+
+# Filters for the notebook's own machinery (IPython adds one for its completer):
+# a task never raises those warnings, and loading their classes would import
+# IPython in the worker.
+_NOTEBOOK_MODULES = ("IPython", "ipykernel", "ipywidgets", "jupyter", "traitlets", "tornado", "zmq")
+
+
+def _pack_filters(filters: list) -> list[bytes]:
+    """Each warnings filter pickled on its own, so that one whose category a
+    worker cannot load costs only that filter."""
+    out = []
+    for f in filters:
+        if getattr(f[2], "__module__", "").split(".")[0] in _NOTEBOOK_MODULES:
+            continue
+        try:
+            out.append(payload.dumps_data(f))
+        except Exception:
+            log.debug("mpmagic: warnings filter %r not sent to workers", f, exc_info=True)
+    return out
 
 
 def key(msg: Context) -> tuple:
@@ -94,23 +114,46 @@ def key(msg: Context) -> tuple:
 
 
 def apply(msg: Context) -> None:
-    """In a worker: adopt the notebook's world carried by ``msg``."""
-    cwd, env, path, limit, filters = payload.loads(msg.state)
+    """In a worker: adopt the notebook's world carried by ``msg``.
+
+    Never raises: a part that cannot be applied is logged and the rest applied.
+    """
+    try:
+        cwd, env, path, limit, filters = payload.loads(msg.state)
+    except Exception:
+        log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
+        return
     try:
         os.chdir(cwd)
     except OSError as exc:
         log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
-    for name in [n for n in os.environ if n not in env]:
-        del os.environ[name]
-    for name, value in env.items():
-        if os.environ.get(name) != value:
-            os.environ[name] = value
+    try:
+        for name in [n for n in os.environ if n not in env]:
+            del os.environ[name]
+        for name, value in env.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
+    except Exception:
+        log.warning("mpmagic worker: could not apply the notebook's environment", exc_info=True)
     if path != sys.path:
         ours = set(path)
         sys.path[:] = list(path) + [p for p in sys.path if p not in ours]
         importlib.invalidate_caches()
     if limit != sys.getrecursionlimit():
-        sys.setrecursionlimit(limit)
+        try:
+            sys.setrecursionlimit(limit)
+        except (ValueError, RecursionError) as exc:
+            log.warning("mpmagic worker: cannot set the recursion limit to %s: %s", limit, exc)
+    _apply_filters(filters)
+
+
+def _apply_filters(packed: list[bytes]) -> None:
+    filters = []
+    for data in packed:
+        try:
+            filters.append(payload.loads(data))
+        except Exception:
+            log.warning("mpmagic worker: a warnings filter of the notebook cannot be loaded here", exc_info=True)
     if filters != warnings.filters:
         warnings.filters[:] = filters
         mutated = getattr(warnings, "_filters_mutated", None)  # private; renamed in 3.14

@@ -253,3 +253,17 @@ def test_dask_workers_get_nothing_of_the_notebooks_world(ip, dask_cluster, reque
         assert run(ip, "%pmap -q env_here, range(2)") == [None, None]
     finally:
         del os.environ["MPM_ONLY_IN_NOTEBOOK"]
+
+
+def test_warnings_filter_of_a_notebook_class_and_no_ipython_in_workers(ip, local_pool):
+    """A filter for a warning class defined in the notebook travels (by value);
+    IPython's own filters do not (loading them would import IPython in workers)."""
+    run(ip, "import warnings, sys\nclass CellWarning(UserWarning):\n    pass\n"
+            "def cell_warn(x):\n    warnings.warn('from the cell', CellWarning)\n    return 'IPython' in sys.modules\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = run(ip, "%pmap -q cell_warn, range(3)")
+        assert got == [False, False, False]  # the workers never imported IPython
+        run(ip, "warnings.simplefilter('error', CellWarning)")
+        err = _same_as_serial(ip, "cell_warn")
+        assert type(err).__name__ == "CellWarning" and str(err) == "from the cell"
