@@ -681,7 +681,13 @@ class _DaskRun:
                 return
             job.lost(unit, "had its task cancelled on the cluster (was it restarted?)")
             return
-        n_streamed, packed = reply
+        try:
+            n_streamed, packed = reply
+        except (TypeError, ValueError):
+            raise ProtocolError(
+                f"a Dask task on {self.backend.where} replied with a {type(reply).__name__}, not mpmagic's "
+                "reply: do its workers run the same mpmagic version as the notebook?"
+            ) from None
         self._await_output(task, n_streamed)
         for data in packed:
             self._reply(unit, unpack(data))
