@@ -30,6 +30,8 @@ from .errors import (
     show_without_frames,
     unloadable_results,
 )
+from .protocol import Cell, Map
+from .worker import ErrorInfo
 
 _call_ids = itertools.count(1)
 
@@ -249,10 +251,11 @@ class MapJob:
                     ) from None
             raise
 
-    def message(self, unit: Unit) -> tuple:
-        msg = ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
+    def message(self, unit: Unit) -> Map:
         # With insights the worker also times each item; ``block``: see Unit.
-        return msg + (self.insights is not None, unit.block)
+        return Map(
+            self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None, unit.block
+        )
 
     # -- taking back results -----------------------------------------------
     def _where(self, index: int, item: Any) -> str:
@@ -263,7 +266,7 @@ class MapJob:
         return f"mpmagic: raised by item {index} of the input: {name}{args}"
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
-        """A chunk's results came back. ``meta`` (optional, from newer workers):
+        """A chunk's results came back. ``meta``:
         ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds."""
         self.bytes_back += len(data)
@@ -281,7 +284,7 @@ class MapJob:
             return
         if self.collect:
             for i, r in enumerate(results):
-                if type(r).__name__ == "ErrorInfo" and type(r).__module__ == "mpmagic.worker":
+                if type(r) is ErrorInfo:
                     idx = unit.start + i
                     results[i] = Failed(idx, unit.items[i], rebuild_exception(r, self._where(idx, unit.items[i])))
         self._complete(unit, results, seconds)
@@ -338,12 +341,16 @@ class MapJob:
         )
         self._fail_or_collect(unit, exc, index)
 
-    def lost(self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None) -> None:
+    def lost(
+        self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
+    ) -> None:
         """The worker running ``unit`` died or was stopped for a timeout.
 
         ``index``, when the backend knows it, is the position in the chunk of
         the item that was running: only that item is blamed, and the chunk's
         other items (whose results died with the worker) go out again.
+        ``worker_kept``: a timeout the backend could not stop (a Dask cluster
+        mpmagic does not own); ``reason`` then says what became of the worker.
         """
         self.outstanding.pop(unit.id, None)
         if not timed_out and unit.attempts < self.retries:
@@ -361,7 +368,8 @@ class MapJob:
         else:
             what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(unit.items[0])})"
         if timed_out:
-            exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; its worker was stopped and replaced")
+            fate = reason if worker_kept else "its worker was stopped and replaced"
+            exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; {fate}")
         else:
             exc = WorkerLostError(f"the worker running {what} {reason}; the pool replaced it")
         self._fail_or_collect(unit, exc, None)
@@ -492,8 +500,8 @@ class CellJob:
         self.outstanding[unit.id] = unit
         return unit
 
-    def message(self, unit: Unit) -> tuple:
-        return ("cell", self.call_id, unit.id, self.size, unit.data)
+    def message(self, unit: Unit) -> Cell:
+        return Cell(self.call_id, unit.id, self.size, unit.data)
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
@@ -529,12 +537,13 @@ class CellJob:
         )
         self._rank_finished()
 
-    def lost(self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None) -> None:
+    def lost(
+        self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
+    ) -> None:
         self.outstanding.pop(unit.id, None)
         if timed_out:
-            self.failures[unit.id] = TaskTimeoutError(
-                f"rank {unit.id} ran past the timeout of {self.timeout:g} s; its worker was stopped and replaced"
-            )
+            fate = reason if worker_kept else "its worker was stopped and replaced"
+            self.failures[unit.id] = TaskTimeoutError(f"rank {unit.id} ran past the timeout of {self.timeout:g} s; {fate}")
         else:
             self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}; the pool replaced it")
         self._rank_finished()

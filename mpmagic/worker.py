@@ -4,42 +4,62 @@ A worker talks to the notebook over one duplex pipe (a socketpair made by
 ``multiprocessing``; nothing listens on a network port). A reader thread moves
 incoming messages into a local queue at once, so the notebook never blocks on
 a busy worker, and it notices when the notebook process goes away. The main
-thread runs tasks one after another:
+thread handles the messages one after another; every message kind and its
+fields are in ``mpmagic/protocol.py``:
 
-* ``("func", key, payload)``: cache a cloudpickled function under its key.
-* ``("map", call, chunk, key, star, collect, items[, timing[, block]])``: run
-  the function over a chunk of items (``block``: see :func:`run_items`),
-  reply ``("done", call, chunk, results, seconds, meta)`` or ``("error", ...)``.
-  ``meta`` says which worker ran the chunk and when (``worker``, ``start``,
-  ``end``, epoch seconds) and its CPU seconds (``cpu``); with ``timing`` it
-  also holds the chunk's slowest items (index, seconds) and the (un)pickling
-  time.
-* ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
-* ``("stop",)``: exit.
+* ``Func``: cache a cloudpickled function under its content key.
+* ``Map``: run the function over a chunk of items; reply ``Done`` (results,
+  seconds, meta: which worker ran it, when, its CPU seconds and with
+  ``timing`` its slowest items), ``Error``, ``Unpicklable`` or ``Missing``.
+* ``Cell``: run a ``%%parallel`` cell body as one rank.
+* ``Context``: the notebook's current directory, environment, ``sys.path``,
+  recursion limit and warnings filters (``mpmagic/context.py``), sent only
+  when they changed.
+* ``Unmap``: forget shared-memory segments the notebook destroyed.
+* ``Stop``: exit.
 
-What a task prints is captured and sent home as ``("out", call, tag, stream,
-text)`` in whole lines, so it shows in the cell that ran it. Workers ignore
-SIGINT: the notebook decides what an interrupt cancels.
+How a unit runs (:func:`execute_map`, :func:`execute_cell`) is shared with
+the Dask task (``backends/dask_tasks.py``); only the channel differs. What a
+task prints is captured and sent home as ``Out`` messages in whole lines, so
+it shows in the cell that ran it. Workers ignore SIGINT: the notebook decides
+what an interrupt cancels.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
 import queue
 import signal
 import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from heapq import nlargest
 from itertools import starmap
 from operator import itemgetter
 from typing import Any
 
-from . import payload, shm
+from . import context, payload, shm
 from .errors import SerializationError, capture
+from .protocol import (
+    Cell,
+    Context,
+    Done,
+    Error,
+    Func,
+    Map,
+    Missing,
+    Out,
+    ProtocolError,
+    Ready,
+    Stop,
+    Unmap,
+    Unpicklable,
+    pack,
+    unpack,
+)
 
 _CACHE_SIZE = 16  # function payloads kept per worker
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
@@ -80,7 +100,7 @@ class _Channel:
         self.lock = threading.Lock()
 
     def send(self, msg: tuple) -> None:
-        data = pickle.dumps(msg, payload.PROTOCOL)
+        data = pack(msg)
         with self.lock:
             self.conn.send_bytes(data)
 
@@ -114,7 +134,7 @@ class _StreamToParent(io.TextIOBase):
         cut = text.rfind("\n") + 1
         self.buf = [text[cut:]] if cut < len(text) else []
         if cut:
-            self.channel.send(("out", self.call, self.tag, self.stream, text[:cut]))
+            self.channel.send(Out(self.call, self.tag, self.stream, text[:cut]))
         self.last = time.monotonic()
 
     def flush(self) -> None:
@@ -137,7 +157,47 @@ class _StreamToParent(io.TextIOBase):
             text = "".join(self.buf)
             self.buf = []
             if text:
-                self.channel.send(("out", self.call, self.tag, self.stream, text))
+                self.channel.send(Out(self.call, self.tag, self.stream, text))
+
+
+def _as_item_error(exc: BaseException) -> BaseException:
+    """What a task's exception becomes as the error of its item.
+
+    Control flow that would otherwise escape the unit or the worker is made an
+    ordinary error of that item (the rest of the unit is unaffected):
+
+    * ``StopIteration`` would end ``map()`` early (serial Python returns a
+      shorter list there, silently): as PEP 479 does for generators, it becomes
+      a ``RuntimeError`` naming it, with the original as its cause.
+    * ``KeyboardInterrupt`` raised by the task's own code (workers ignore
+      SIGINT, so it cannot be the user's Ctrl-C): a ``RuntimeError`` naming it,
+      since in the notebook a ``KeyboardInterrupt`` means "the run was interrupted".
+    * ``SystemExit`` (``sys.exit()``, argparse's exit) comes back as itself,
+      as serial Python raises it, instead of ending the worker.
+    """
+    if isinstance(exc, StopIteration):
+        new: BaseException = RuntimeError(
+            "the task raised StopIteration"
+            + (f" ({exc})" if str(exc) else "")
+            + ": it would end a serial map() early; mpmagic makes it this item's error, as PEP 479 does in generators"
+        )
+    elif isinstance(exc, KeyboardInterrupt):
+        new = RuntimeError(
+            "the task raised KeyboardInterrupt"
+            + (f" ({exc})" if str(exc) else "")
+            + " in its own code (not an interrupt of the notebook)"
+        )
+    else:
+        return exc
+    new.__cause__ = exc
+    return new.with_traceback(exc.__traceback__)
+
+
+_FAST_PATH_STOP = (
+    "the task raised StopIteration: it would end a serial map() early; mpmagic makes it this "
+    "item's error, as PEP 479 does in generators (the fast path for tiny items keeps no "
+    "traceback for it: call the function on this item in the notebook to see where)"
+)
 
 
 def run_items(func, items: list, star: bool, collect: bool, position: Any = None, block: int = 1):
@@ -146,6 +206,8 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
     Returns ``(results, seconds, error)``: ``error`` is ``(index, ErrorInfo)``
     for the first failing item (its results so far are kept), or None. With
     ``collect`` a failing item's place holds its ErrorInfo and the chunk goes on.
+    Any exception of an item is its error, ``SystemExit`` and ``KeyboardInterrupt``
+    included (see :func:`_as_item_error`).
     ``position`` (shared memory the notebook reads if this process dies) is
     set to the index of the running item, so a crash blames that item; with
     ``block`` > 1 (the notebook asks for it when items take under a few
@@ -164,7 +226,11 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
         # The calls run in C (list.extend over map), not in a bytecode loop:
         # that loop and its per-item store were most of the cost of tiny items.
         # When a call raises, extend keeps the results so far, so the failing
-        # item is the number of results.
+        # item is the number of results. A StopIteration raised by a call is
+        # the one exception extend does not pass on: map() just ends, so a
+        # short result after extend means the next item raised it. Checking
+        # the length costs nothing per item; wrapping each call (a generator
+        # expression, which turns it into RuntimeError) cost ~6 ns per item.
         try:
             start = len(results)
             if pos is None:
@@ -173,6 +239,8 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
                 for s in range(start, n, block):
                     pos[0] = s
                     extend(mapper(func, items[s : s + block]))
+                    if len(results) < s + block and len(results) < n:
+                        break  # a StopIteration ended this block early
             elif star:
                 for i in range(start, n):
                     pos[0] = i
@@ -181,12 +249,16 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
                 for i in range(start, n):
                     pos[0] = i
                     append(func(items[i]))
-        except Exception as exc:
-            i = len(results)
-            info = ErrorInfo(exc)
-            if not collect:
-                return results, time.perf_counter() - t0, (i, info)
-            append(info)
+            if len(results) == n:
+                break
+            exc: BaseException = RuntimeError(_FAST_PATH_STOP)
+        except BaseException as raised:
+            exc = _as_item_error(raised)
+        i = len(results)
+        info = ErrorInfo(exc)
+        if not collect:
+            return results, time.perf_counter() - t0, (i, info)
+        append(info)
     return results, time.perf_counter() - t0, None
 
 
@@ -205,15 +277,102 @@ def run_items_timed(func, items: list, star: bool, collect: bool, position: Any 
         t = clock()
         try:
             results.append(func(*item) if star else func(item))
-        except Exception as exc:
+        except BaseException as exc:
             times.append(clock() - t)
-            info = ErrorInfo(exc)
+            info = ErrorInfo(_as_item_error(exc))
             if not collect:
                 return results, clock() - t0, (i, info), times
             results.append(info)
             continue
         times.append(clock() - t)
     return results, clock() - t0, None, times
+
+
+# --------------------------------------------------------------------------
+# One way to run a unit: the local worker and the Dask task both call these.
+# They take the request message and return the reply message; only where the
+# message comes from, where output goes and how results are packed differ.
+
+
+def execute_map(
+    msg: Map,
+    func: Any,
+    where: Any,
+    cpu: Callable[[], float],
+    dumps_results: Callable[[list], bytes] = payload.dumps_data,
+    position: Any = None,
+) -> Done | Error | Unpicklable:
+    """Run a map chunk: load its items, run them, pack the results.
+
+    ``func`` is the loaded function (or the ErrorInfo of its failed load);
+    ``where`` names the worker in the reply's meta; ``cpu()`` returns the CPU
+    seconds the chunk used; ``dumps_results`` packs the results (the local
+    worker puts big arrays in shared memory); ``position``: see :func:`run_items`.
+    """
+    call, tag = msg.call, msg.tag
+    if isinstance(func, ErrorInfo):
+        return Error(call, tag, -1, func, b"", 0.0)
+    t_load = time.perf_counter()
+    if position is not None:
+        position.value = -1  # a crash while loading blames no single item
+    try:
+        items = payload.loads(msg.items)
+    except BaseException as exc:
+        return Error(call, tag, -1, ErrorInfo(exc), b"", 0.0)
+    start = time.time()
+    t_run = time.perf_counter()
+    if msg.timing:
+        results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position)
+    else:
+        results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
+    end = start + (time.perf_counter() - t_run)
+    # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu()}
+    try:
+        data = dumps_results(results)
+    except Exception as exc:
+        bad = _first_unpicklable(results)
+        info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
+        if not msg.collect or bad is None:
+            return Unpicklable(call, tag, bad, info)
+        # --errors collect: only the results that cannot travel become failures.
+        data = payload.dumps_data([_sendable_or_error(r) for r in results])
+    if msg.timing:
+        # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
+        meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
+        meta["items_timed"] = len(item_seconds)
+        meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
+    if error is None:
+        return Done(call, tag, data, seconds, meta)
+    return Error(call, tag, error[0], error[1], data, seconds)
+
+
+def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Error | Unpicklable:
+    """Run a ``%%parallel`` rank: the cell body with ``rank``/``size`` set."""
+    from .cell import run_cell_code
+
+    call, rank = msg.call, msg.tag
+    start = time.time()
+    t0 = time.perf_counter()
+    try:
+        spec = payload.loads(msg.payload)
+        value, gathered = run_cell_code(spec, rank, msg.size)
+        seconds = time.perf_counter() - t0
+        used = cpu()
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # the cell's own code raised it (see _as_item_error)
+            exc = _as_item_error(exc)
+        return Error(call, rank, -1, ErrorInfo(exc), b"", 0.0)
+    try:
+        out = payload.dumps_data((value, gathered))
+    except Exception as exc:
+        culprit, root = value, "the cell's last value"
+        for name, v in ([] if _first_unpicklable([value]) is not None else gathered.items()):
+            if _first_unpicklable([v]) is not None:
+                culprit, root = v, f"--gather {name}"
+                break
+        return Unpicklable(call, rank, None, _unsendable_info(culprit, root, exc))
+    return Done(call, rank, out, seconds, {"worker": where, "start": start, "end": start + seconds, "cpu": used})
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -310,20 +469,24 @@ class _Worker:
         return used
 
     def serve(self) -> None:
-        self.channel.send(("ready", os.getpid(), self.worker_id))
+        self.channel.send(Ready(os.getpid(), self.worker_id))
         while True:
-            msg = pickle.loads(self.inbox.get())
-            kind = msg[0]
-            if kind == "stop":
+            msg = unpack(self.inbox.get())
+            kind = type(msg)
+            if kind is Map:
+                self.run_map(msg)
+            elif kind is Func:
+                self.load_function(msg.key, msg.payload)
+            elif kind is Cell:
+                self.run_cell(msg)
+            elif kind is Context:
+                context.apply(msg)
+            elif kind is Unmap:
+                self.unmap(msg.names)
+            elif kind is Stop:
                 return
-            if kind == "func":
-                self.load_function(msg[1], msg[2])
-            elif kind == "map":
-                self.run_map(*msg[1:])
-            elif kind == "cell":
-                self.run_cell(*msg[1:])
-            elif kind == "unmap":
-                self.unmap(msg[1])
+            else:
+                raise ProtocolError(f"a worker cannot handle a {kind.__name__} message")
 
     def load_function(self, key: bytes, data: bytes) -> None:
         shm.opened()
@@ -347,86 +510,33 @@ class _Worker:
                 del self.func_segments[key]
         shm.forget(names)
 
-    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False, block=1) -> None:
-        func = self.funcs.get(key)
+    def run_map(self, msg: Map) -> None:
+        func = self.funcs.get(msg.key)
         if func is None:
-            self.channel.send(("missing", call, chunk, key))
+            self.channel.send(Missing(msg.call, msg.tag, msg.key))
             return
-        self.funcs.move_to_end(key)
-        if isinstance(func, ErrorInfo):
-            self.channel.send(("error", call, chunk, -1, func, b"", 0.0))
-            return
-        t_load = time.perf_counter()
-        if self.position is not None:
-            self.position.value = -1  # a crash while loading blames no single item
+        self.funcs.move_to_end(msg.key)
+        self._capture(msg.call, msg.tag)
         try:
-            items = payload.loads(items_bytes)
-        except BaseException as exc:
-            self.channel.send(("error", call, chunk, -1, ErrorInfo(exc), b"", 0.0))
-            return
-        start = time.time()
-        t_run = time.perf_counter()
-        self._capture(call, chunk)
-        try:
-            if timing:
-                results, seconds, error, item_seconds = run_items_timed(func, items, star, collect, self.position)
-            else:
-                results, seconds, error = run_items(func, items, star, collect, self.position, block)
+            reply = execute_map(
+                msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position
+            )
         finally:
             self._release()
-        end = start + (time.perf_counter() - t_run)
-        cpu = self._cpu_since_last_reply()
-        try:
-            data = shm.dumps_result(results, payload.dumps_data)
-        except Exception as exc:
-            bad = _first_unpicklable(results)
-            info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
-            if not collect or bad is None:
-                self.channel.send(("unpicklable", call, chunk, bad, info))
-                return
-            # --errors collect: only the results that cannot travel become failures.
-            results = [_sendable_or_error(r) for r in results]
-            data = payload.dumps_data(results)
-        # cpu: this process's CPU seconds for the chunk (tells CPU-bound from waiting).
-        meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end, "cpu": cpu}
-        if timing:
-            # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
-            meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
-            meta["items_timed"] = len(item_seconds)
-            meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
-        if error is None:
-            self.channel.send(("done", call, chunk, data, seconds, meta))
-        else:
-            self.channel.send(("error", call, chunk, error[0], error[1], data, seconds))
+        self.channel.send(reply)
 
-    def run_cell(self, call, rank, size, data) -> None:
-        from .cell import run_cell_code
-
-        self._capture(call, rank)
-        start = time.time()
-        t0 = time.perf_counter()
+    def run_cell(self, msg: Cell) -> None:
+        self._capture(msg.call, msg.tag)
         try:
-            spec = payload.loads(data)
-            value, gathered = run_cell_code(spec, rank, size)
-            seconds = time.perf_counter() - t0
-            cpu = self._cpu_since_last_reply()
-        except BaseException as exc:
+            reply = execute_cell(msg, self.worker_id, self._cpu_since_last_reply)
+        finally:
             self._release()
-            self.channel.send(("error", call, rank, -1, ErrorInfo(exc), b"", 0.0))
-            return
-        self._release()
-        try:
-            out = payload.dumps_data((value, gathered))
-        except Exception as exc:
-            culprit, root = value, "the cell's last value"
-            for name, v in ([] if _first_unpicklable([value]) is not None else gathered.items()):
-                if _first_unpicklable([v]) is not None:
-                    culprit, root = v, f"--gather {name}"
-                    break
-            self.channel.send(("unpicklable", call, rank, None, _unsendable_info(culprit, root, exc)))
-            return
-        meta = {"worker": self.worker_id, "start": start, "end": start + seconds, "cpu": cpu}
-        self.channel.send(("done", call, rank, out, seconds, meta))
+        self.channel.send(reply)
+
+
+def _dumps_result(results: list) -> bytes:
+    """A local worker's results: big arrays go through shared memory."""
+    return shm.dumps_result(results, payload.dumps_data)
 
 
 def _unsendable_info(obj: Any, root: str, exc: BaseException) -> ErrorInfo:

@@ -386,11 +386,11 @@ def test_insights_of_a_cell_and_star_args(ip, pool2, settings):
 
 
 def test_items_are_timed_only_with_insights():
-    """Only --insights asks the worker to time items (field 7 of the message)."""
+    """Only --insights asks the worker to time items (the Map message's ``timing``)."""
     plain = MapJob(abs, iter(range(4)), 4, False, 2)
     timed = MapJob(abs, iter(range(4)), 4, False, 2, insights=object())
-    assert plain.message(plain.next_unit())[7] is False
-    assert timed.message(timed.next_unit())[7] is True
+    assert plain.message(plain.next_unit()).timing is False
+    assert timed.message(timed.next_unit()).timing is True
 
 
 # -- %pool ---------------------------------------------------------------------

@@ -23,7 +23,10 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt cancels the futures at once; tasks already running cannot be
-  stopped by Dask, and the notebook is told which (``%pool restart`` stops them).
+  stopped by Dask, and the notebook is told which (``%pool restart`` stops them
+  on the LocalCluster mpmagic started).
+* A cluster mpmagic connected to is not its own: a ``--timeout`` or
+  ``%pool restart`` never restarts its workers (issue 14.4).
 
 Dask is optional: importing this module needs ``distributed``; ``pool.use_dask``
 turns its absence into an install hint.
@@ -32,7 +35,6 @@ turns its absence into an install hint.
 from __future__ import annotations
 
 import atexit
-import inspect
 import itertools
 import logging
 import os
@@ -51,6 +53,7 @@ from distributed import Client
 
 from ..cpus import available_cpus
 from ..errors import MPMagicError, UsageError
+from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .local import _no_main_module
 
@@ -293,11 +296,22 @@ class DaskBackend:
             pass
 
     def restart(self) -> None:
-        """Restart every worker process (``client.restart()``): clears their state and
-        stops tasks an interrupt left running. It releases every key on the cluster."""
+        """Start afresh. On the ``LocalCluster`` mpmagic started, restart every worker
+        process (``client.restart()``: clears their state, stops tasks an interrupt
+        left running, releases every key). On a cluster it connected to, restart
+        nothing (its workers may serve others): drop this notebook's cached
+        function payloads there and say so."""
         self.start()
-        self._payloads.clear()
+        self._payloads.clear()  # releases them on the cluster
         self._nthreads_cache = None
+        if not self.owns_cluster:
+            sys.stderr.write(
+                f"mpmagic: did not restart the workers of {self.where}: the cluster is not mpmagic's "
+                "(its workers may serve others). Dropped this notebook's cached functions there; tasks an "
+                "interrupt or a timeout left running finish in the background. To clear the workers' state, "
+                "restart them where the cluster runs.\n"
+            )
+            return
         try:
             self.client.restart(timeout=max(self.timeout, 30.0))
         except ValueError as exc:  # workers without nannies
@@ -506,7 +520,6 @@ class _DaskRun:
         self.quarantine: deque[Any] = deque()  # such units, waiting to run alone
         self.solo = False  # a quarantined unit is running: nothing else is sent
         self.name = getattr(getattr(job, "func", None), "__name__", "cell") if job.kind == "map" else "cell"
-        self._meta = "meta" in inspect.signature(job.done).parameters
         self._last_check = self._last_sweep = time.monotonic()
 
     # -- the loop ----------------------------------------------------------
@@ -622,10 +635,10 @@ class _DaskRun:
     def _submit(self, unit: Any) -> None:
         job = self.job
         key = f"mpmagic-{self.name}-{job.kind}{unit.id}-{next(_keys)}-{self.token}"
-        msg = job.message(unit)
+        msg = pack(job.message(unit))
         arg: Any = msg
         data_future = None
-        if len(unit.data) > _LARGE_MESSAGE:  # keep big data out of the scheduler's task graph
+        if len(msg) > _LARGE_MESSAGE:  # keep big data out of the scheduler's task graph
             arg = data_future = self.client.scatter([msg], hash=False)[0]
         kwargs: dict[str, Any] = {"key": key, "pure": False}
         target = None
@@ -668,22 +681,32 @@ class _DaskRun:
                 return
             job.lost(unit, "had its task cancelled on the cluster (was it restarted?)")
             return
-        kind, body, rest, n_streamed = reply[0], reply[1:-2], reply[-2], reply[-1]
+        try:
+            n_streamed, packed = reply
+        except (TypeError, ValueError):
+            raise ProtocolError(
+                f"a Dask task on {self.backend.where} replied with a {type(reply).__name__}, not mpmagic's "
+                "reply: do its workers run the same mpmagic version as the notebook?"
+            ) from None
         self._await_output(task, n_streamed)
-        for stream, text in rest:
-            job.output(unit.id, stream, text)
-        if kind == "done":
-            data, seconds, meta = body
+        for data in packed:
+            self._reply(unit, unpack(data))
+
+    def _reply(self, unit: Any, msg: tuple) -> None:
+        """What the task said, handed to the job as the local backend does."""
+        job, kind = self.job, type(msg)
+        if kind is Out:
+            job.output(unit.id, msg.stream, msg.text)
+        elif kind is Done:
             self.backend.tasks_run += unit.count
-            if self._meta:
-                job.done(unit, data, seconds, meta)
-            else:
-                job.done(unit, data, seconds)
-        elif kind == "error":
+            job.done(unit, msg.data, msg.seconds, msg.meta)
+        elif kind is Error:
             self.backend.tasks_run += unit.count
-            job.error(unit, *body)
+            job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
+        elif kind is Unpicklable:
+            job.unpicklable(unit, msg.index, msg.info)
         else:
-            job.unpicklable(unit, *body)
+            raise ProtocolError(f"a Dask task replied with a {kind.__name__} message, which tasks never send")
 
     def _await_output(self, task: _Task, n_streamed: int) -> None:
         """Output events can trail the result by a moment: wait briefly for them."""
@@ -743,11 +766,25 @@ class _DaskRun:
                 continue
             self.tasks.pop(task.key, None)
             self._cancel([task.future])
-            self._restart_worker(task.worker)
-            self.job.lost(task.unit, "ran past its timeout", timed_out=True)
+            if self.backend.owns_cluster:
+                self._restart_worker(task.worker)
+                self.job.lost(task.unit, "ran past its timeout", timed_out=True)
+            else:
+                # Not our cluster: its workers may serve other clients. The task
+                # cannot be stopped from outside its thread, so it runs on there.
+                self.job.lost(
+                    task.unit,
+                    f"Dask cannot stop a running task, and the workers of {self.backend.where} are not "
+                    f"mpmagic's to restart: it keeps one thread of worker {task.worker or '?'} busy until it returns",
+                    timed_out=True,
+                    worker_kept=True,
+                )
 
     def _restart_worker(self, address: str | None) -> None:
-        """Stop a task Dask cannot cancel by restarting its worker through its nanny."""
+        """Stop a task Dask cannot cancel by restarting its worker through its nanny.
+
+        Only for workers of the ``LocalCluster`` mpmagic started itself.
+        """
         if not address:
             return
         try:
@@ -808,9 +845,12 @@ class _DaskRun:
             what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if len(running) > 6 else "")
             msg += (
                 f". {len(running)} already running ({what}; on {', '.join(where)}) cannot be "
-                "stopped by Dask: they run to the end in the background and their results are "
-                "dropped. `%pool restart` (mpmagic.restart_pool()) stops them now"
+                "stopped by Dask: they run to the end in the background and their results are dropped"
             )
+            if self.backend.owns_cluster:
+                msg += ". `%pool restart` (mpmagic.restart_pool()) stops them now"
+            else:
+                msg += f" ({self.backend.where} is not mpmagic's: its workers are not restarted)"
         sys.stderr.write(msg + ".\n")
         sys.stderr.flush()
 

@@ -2,25 +2,31 @@
 
 Dask pickles a task's function by reference, so the function every mpmagic
 task runs must live in a module the workers can import: this one. It takes
-the same message a local worker gets (``job.message(unit)``, see
-``mpmagic/worker.py``) and answers with the same reply tuples, so
+the same packed message a local worker gets (``protocol.pack(job.message(unit))``)
+and answers with the same packed replies (``mpmagic/protocol.py``), so
 ``jobs.py`` cannot tell the backends apart:
 
 * the notebook function travels once per worker (its payload bytes are the
   result of a :func:`hold` task every chunk depends on); the loaded function
   is cached here by its content key, so later chunks only name it;
-* map chunks run through :func:`mpmagic.worker.run_items`, cells through
-  :func:`mpmagic.cell.run_cell_code`, errors become
-  :class:`mpmagic.worker.ErrorInfo` exactly as in a local worker;
+* map chunks and cells run through the very functions a local worker uses
+  (:func:`mpmagic.worker.execute_map`, :func:`mpmagic.worker.execute_cell`);
 * what a task prints is captured per thread (a Dask worker may run several
   tasks at once) and streamed home in whole lines as Dask events
-  (``log_event``); the rest comes back with the result, with the count of
-  lines already streamed so the notebook can wait for stragglers.
+  (``log_event``); the rest comes back with the result as ``Out`` messages,
+  with the count of lines already streamed so the notebook can wait for
+  stragglers. The capture is installed in ``sys.stdout``/``sys.stderr`` only
+  while at least one mpmagic task runs in the process, and the streams found
+  there are put back after: a worker of a cluster we do not own is left as
+  it was.
+* nothing of the notebook's world (``mpmagic/context.py``) is applied: a
+  cluster is shared and may be on other machines.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import signal
 import sys
 import threading
@@ -29,12 +35,14 @@ from collections import OrderedDict
 from typing import Any
 
 from .. import payload
-from ..worker import ErrorInfo, _first_unpicklable, run_items
+from ..protocol import Cell, Map, Out, ProtocolError, pack, unpack
+from ..worker import ErrorInfo, execute_cell, execute_map
 
 _CACHE_SIZE = 16  # loaded functions kept per worker process
 _FLUSH_INTERVAL = 0.1  # seconds between streamed output events of one task
 _funcs: OrderedDict[bytes, Any] = OrderedDict()
 _funcs_lock = threading.Lock()
+log = logging.getLogger("mpmagic")
 
 
 # --------------------------------------------------------------------------
@@ -124,6 +132,8 @@ class _ThreadRouter(io.TextIOBase):
 
 
 _install_lock = threading.Lock()
+_installed: tuple[_ThreadRouter, _ThreadRouter] | None = None  # while tasks run
+_active = 0  # mpmagic tasks running in this process
 
 
 _flusher: threading.Thread | None = None
@@ -133,27 +143,46 @@ def _flush_loop() -> None:
     """Stream lines a task printed and then went quiet after (a long computation)."""
     while True:
         time.sleep(_FLUSH_INTERVAL)
-        router = sys.stdout
-        if isinstance(router, _ThreadRouter):
-            for output in list(router.captures.values()):
-                try:
-                    output.flush_due()
-                except Exception:
-                    pass
+        routers = _installed
+        if routers is None:
+            continue
+        for output in list(routers[0].captures.values()):
+            try:
+                output.flush_due()
+            except Exception:
+                log.debug("mpmagic: streaming a task's output failed", exc_info=True)
 
 
-def _routers() -> tuple[_ThreadRouter, _ThreadRouter]:
-    """Install the routers once per process (again if someone replaced them)."""
-    global _flusher
+def _enter_routers() -> tuple[_ThreadRouter, _ThreadRouter]:
+    """Install the routers for one more running task (the first task installs them)."""
+    global _flusher, _installed, _active
     with _install_lock:
         if _flusher is None:
             _flusher = threading.Thread(target=_flush_loop, name="mpmagic-output", daemon=True)
             _flusher.start()
-        if not isinstance(sys.stdout, _ThreadRouter):
-            sys.stdout = _ThreadRouter("stdout", sys.stdout)
-        if not isinstance(sys.stderr, _ThreadRouter):
-            sys.stderr = _ThreadRouter("stderr", sys.stderr)
-        return sys.stdout, sys.stderr  # type: ignore[return-value]
+        if _installed is None:
+            _installed = (_ThreadRouter("stdout", sys.stdout), _ThreadRouter("stderr", sys.stderr))
+            sys.stdout, sys.stderr = _installed
+        _active += 1
+        return _installed
+
+
+def _exit_routers() -> None:
+    """One task fewer; the last one puts the worker's own streams back.
+
+    A stream someone else replaced ours with in the meantime stays theirs.
+    """
+    global _installed, _active
+    with _install_lock:
+        _active -= 1
+        if _active or _installed is None:
+            return
+        out, err = _installed
+        if sys.stdout is out:
+            sys.stdout = out.real
+        if sys.stderr is err:
+            sys.stderr = err.real
+        _installed = None
 
 
 class _capture:
@@ -163,7 +192,7 @@ class _capture:
         self.output = _TaskOutput(topic, tag)
 
     def __enter__(self) -> _TaskOutput:
-        self.routers = _routers()
+        self.routers = _enter_routers()
         ident = threading.get_ident()
         for r in self.routers:
             r.captures[ident] = self.output
@@ -173,6 +202,7 @@ class _capture:
         ident = threading.get_ident()
         for r in self.routers:
             r.captures.pop(ident, None)
+        _exit_routers()
 
 
 def _current_worker() -> Any:
@@ -232,72 +262,33 @@ def _function(key: bytes, data: bytes) -> Any:
     return func
 
 
-def run_message(msg: tuple, func_payload: bytes | None, topic: str | None, tag: Any) -> tuple:
-    """Run one unit of a job in this Dask worker; return a worker-style reply.
+def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag: Any) -> tuple[int, list[bytes]]:
+    """Run one unit of a job in this Dask worker; return its packed replies.
 
-    ``msg`` is ``job.message(unit)``; ``func_payload`` the function's bytes
-    (a future of the :func:`hold` task on the notebook side, its bytes here); ``topic`` the
-    Dask event topic that streams output and the start signal; ``tag`` the
-    unit's id. The reply is ``(kind, fields..., output_rest, n_streamed)``
-    with ``kind`` one of ``done``, ``error``, ``unpicklable``.
+    ``data`` is ``protocol.pack(job.message(unit))``, a ``Map`` or ``Cell``;
+    ``func_payload`` the function's bytes (a future of the :func:`hold` task
+    on the notebook side, its bytes here); ``topic`` the Dask event topic that
+    streams output and the start signal; ``tag`` the task's key. Returns
+    ``(lines streamed, [Out..., reply])``, every message packed as a local
+    worker packs it; the reply is a ``Done``, ``Error`` or ``Unpicklable``.
     """
+    msg = unpack(data)
+    if type(msg) not in (Map, Cell):
+        raise ProtocolError(f"a Dask task runs Map or Cell messages, not {type(msg).__name__}")
     _log_event(topic, {"tag": tag, "start": True})
+    where = _worker_address()
+    cpu0 = time.thread_time()  # this thread's: other tasks may run in the process at once
+
+    def cpu() -> float:
+        return time.thread_time() - cpu0
+
     with _capture(topic, tag) as out:
-        reply = _run_map(msg, func_payload) if msg[0] == "map" else _run_cell(msg)
-    return reply + (out.rest(), out.streamed)
-
-
-def _run_map(msg: tuple, func_payload: bytes | None) -> tuple:
-    _, _call, _chunk, key, star, collect, items_bytes = msg[:7]
-    timing = len(msg) > 7 and bool(msg[7])
-    func = _function(key, func_payload or b"")
-    if isinstance(func, ErrorInfo):
-        return ("error", -1, func, b"", 0.0)
-    try:
-        items = payload.loads(items_bytes)
-    except BaseException as exc:
-        return ("error", -1, ErrorInfo(exc), b"", 0.0)
-    start = time.time()
-    t0 = time.perf_counter()
-    timed = None
-    if timing:
-        from .. import worker
-
-        timed = getattr(worker, "run_items_timed", None)
-    if timed is not None:
-        results, seconds, error, item_seconds = timed(func, items, star, collect)
-    else:
-        results, seconds, error = run_items(func, items, star, collect)
-        item_seconds = None
-    meta: dict[str, Any] = {"worker": _worker_address(), "start": start, "end": start + (time.perf_counter() - t0)}
-    if item_seconds is not None:
-        meta["item_seconds"] = item_seconds
-    try:
-        data = payload.dumps_data(results)
-    except Exception as exc:
-        return ("unpicklable", _first_unpicklable(results), ErrorInfo(exc))
-    if error is None:
-        return ("done", data, seconds, meta)
-    return ("error", error[0], error[1], data, seconds)
-
-
-def _run_cell(msg: tuple) -> tuple:
-    from ..cell import run_cell_code
-
-    _, _call, rank, size, data = msg[:5]
-    start = time.time()
-    t0 = time.perf_counter()
-    try:
-        spec = payload.loads(data)
-        value, gathered = run_cell_code(spec, rank, size)
-        seconds = time.perf_counter() - t0
-    except BaseException as exc:
-        return ("error", -1, ErrorInfo(exc), b"", 0.0)
-    try:
-        out = payload.dumps_data((value, gathered))
-    except Exception as exc:
-        return ("unpicklable", None, ErrorInfo(exc))
-    return ("done", out, seconds, {"worker": _worker_address(), "start": start, "end": start + seconds})
+        if type(msg) is Map:
+            reply = execute_map(msg, _function(msg.key, func_payload or b""), where, cpu)
+        else:
+            reply = execute_cell(msg, where, cpu)
+    rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]
+    return out.streamed, rest + [pack(reply)]
 
 
 # --------------------------------------------------------------------------

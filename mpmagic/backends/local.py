@@ -15,9 +15,9 @@ loop stops the ones busy with the interrupted run and starts replacements.
 from __future__ import annotations
 
 import atexit
+import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import socket
 import sys
@@ -31,9 +31,23 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from .. import payload, payload_cache, shm, worker
+from .. import context, payload, payload_cache, shm, worker
 from ..cpus import available_cpus
 from ..errors import MPMagicError, UsageError, describe_exitcode
+from ..protocol import (
+    Done,
+    Error,
+    Func,
+    Missing,
+    Out,
+    ProtocolError,
+    Ready,
+    Stop,
+    Unmap,
+    Unpicklable,
+    pack,
+    unpack,
+)
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
@@ -291,7 +305,7 @@ class LocalBackend:
             slots, self.slots = self.slots, []
         for s in slots:
             try:
-                s.conn.send_bytes(pickle.dumps(("stop",)))
+                s.conn.send_bytes(_STOP)
             except Exception:
                 pass
         deadline = time.monotonic() + timeout
@@ -333,7 +347,7 @@ class LocalBackend:
         if slot in self.slots:
             self.slots.remove(slot)
         try:
-            slot.conn.send_bytes(pickle.dumps(("stop",)))
+            slot.conn.send_bytes(_STOP)
         except Exception:
             pass
         slot.conn.close()
@@ -467,10 +481,16 @@ class LocalBackend:
 
     def _send_unit(self, slot: _Slot, job, unit) -> None:
         try:
+            # The notebook's cwd, environment, sys.path...: sent only when this
+            # worker does not have the current version (see context.py).
+            ctx = context.current(job.call_id)
+            if context.key(ctx) not in slot.known:
+                slot.conn.send_bytes(pack(ctx))
+                slot.known.add(context.key(ctx))
             if job.func_key is not None and job.func_key not in slot.known:
-                slot.conn.send_bytes(pickle.dumps(("func", job.func_key, job.func_payload), payload.PROTOCOL))
+                slot.conn.send_bytes(pack(Func(job.func_key, job.func_payload)))
                 slot.known.add(job.func_key)
-            slot.conn.send_bytes(pickle.dumps(job.message(unit), payload.PROTOCOL))
+            slot.conn.send_bytes(pack(job.message(unit)))
         except (BrokenPipeError, ConnectionResetError, OSError):
             job.requeue(unit)
             slot.known.discard(job.func_key)
@@ -529,7 +549,7 @@ class LocalBackend:
         deadline = None if seconds is None else time.monotonic() + seconds
         try:
             while slot.conn.poll():
-                self._handle(slot, pickle.loads(slot.conn.recv_bytes()), job)
+                self._handle(slot, unpack(slot.conn.recv_bytes()), job)
                 if deadline is not None and time.monotonic() > deadline:
                     break
         except (EOFError, OSError):
@@ -537,38 +557,38 @@ class LocalBackend:
         return True
 
     def _handle(self, slot: _Slot, msg: tuple, job) -> None:
-        kind = msg[0]
-        if kind == "ready":
+        kind = type(msg)
+        if kind is Ready:
             slot.ready = True
             self._startup_failures = 0
-            slot.pid = msg[1]
+            slot.pid = msg.pid
             return
-        call, tag = msg[1], msg[2]
-        current = job is not None and call == job.call_id
-        if kind == "out":
+        if kind not in _WORKER_SAYS:
+            raise ProtocolError(f"worker {slot.wid} sent a {kind.__name__} message, which workers never send")
+        current = job is not None and msg.call == job.call_id
+        if kind is Out:
             if current:
-                job.output(tag, msg[3], msg[4])
+                job.output(msg.tag, msg.stream, msg.text)
             return
         # A reply: it answers the oldest unit in flight on this worker.
-        if not slot.inflight or slot.inflight[0][1].id != tag or slot.inflight[0][0] != call:
+        if not slot.inflight or slot.inflight[0][1].id != msg.tag or slot.inflight[0][0] != msg.call:
             return _discard(msg)  # a reply for a unit we already gave up on
         _, unit = slot.inflight.popleft()
         slot.deadline = time.monotonic() + job.timeout if (current and job.timeout and slot.inflight) else None
         if not current:
             return _discard(msg)
-        if kind == "done":
+        if kind is Done:
             slot.tasks += unit.count
             self.tasks_run += unit.count
-            meta = msg[5] if len(msg) > 5 else None  # who ran it and when (newer workers)
-            job.done(unit, msg[3], msg[4], meta)
-        elif kind == "error":
+            job.done(unit, msg.data, msg.seconds, msg.meta)
+        elif kind is Error:
             slot.tasks += unit.count
             self.tasks_run += unit.count
-            job.error(unit, msg[3], msg[4], msg[5], msg[6])
-        elif kind == "unpicklable":
-            job.unpicklable(unit, msg[3], msg[4])
-        elif kind == "missing":
-            slot.known.discard(msg[3])
+            job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
+        elif kind is Unpicklable:
+            job.unpicklable(unit, msg.index, msg.info)
+        else:  # Missing
+            slot.known.discard(msg.key)
             job.requeue(unit)
 
     def _send_unmaps(self) -> None:
@@ -576,7 +596,7 @@ class LocalBackend:
         names = shm.take_unmapped()
         if not names:
             return
-        msg = pickle.dumps(("unmap", names), payload.PROTOCOL)
+        msg = pack(Unmap(names))
         for slot in self.slots:
             try:
                 slot.conn.send_bytes(msg)
@@ -661,13 +681,17 @@ def _position(slot: _Slot) -> int | None:
     return value if value >= 0 else None
 
 
+_STOP = pack(Stop())
+_WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Ready
+
+
 def _discard(msg: tuple) -> None:
     """Drop a stale reply; results it left in shared memory are unlinked."""
-    if msg[0] == "done" and len(msg) > 3 and isinstance(msg[3], bytes):
+    if type(msg) is Done:
         try:
-            payload.loads(msg[3])
+            payload.loads(msg.data)
         except Exception:
-            pass
+            logging.getLogger("mpmagic").debug("could not load a stale reply to unlink its segments", exc_info=True)
 
 
 def _reap_later(proc) -> None:

@@ -1,0 +1,177 @@
+"""Every message between the notebook and a worker, named in one place.
+
+The notebook and its workers always run the same mpmagic (a local worker is
+started from the notebook's own files; a Dask worker that cannot import the
+same version fails on the first task), so there is one format and no
+compatibility sniffing. Each message is a small named tuple; on the wire it
+is a plain tuple ``(code, field, ...)`` pickled by :func:`pack` and read back
+by :func:`unpack`, the only two functions that know the layout (CPython's
+``multiprocessing.pool`` keeps one place per tuple shape the same way).
+
+Notebook to worker (requests)::
+
+    Func(key, payload)                 cache a cloudpickled function under its key
+    Map(call, tag, key, star, collect, items, timing, block)
+                                       run the function over a chunk of items
+    Cell(call, tag, size, payload)     run a %%parallel cell body as rank ``tag``
+    Context(version, state)            the notebook's world (see context.py)
+    Unmap(names)                       these shared-memory segments are gone
+    Stop()                             exit
+
+Worker to notebook (replies; a Dask task returns the same ones)::
+
+    Ready(pid, worker)                 the worker is up
+    Out(call, tag, stream, text)       whole lines a task printed
+    Done(call, tag, data, seconds, meta)
+    Error(call, tag, index, info, partial, seconds)
+    Unpicklable(call, tag, index, info)
+    Missing(call, tag, key)            the function ``key`` is not cached here
+
+``call`` is the run's id, ``tag`` the unit's (a chunk id or a rank). Why
+plain tuples on the wire: a warm 2-item ``%pmap`` exchanges four messages.
+Measured (timeit, 2026-11-30): pack + unpack of a ``Map`` ~0.8 us and of a
+``Done`` ~1.4 us, against ~0.5 us for the old string-tagged tuple and ~2.4 us
+for pickling a named tuple itself (it pickles its class by reference; a
+dataclass costs more still). The named tuple classes exist for the readers:
+fields by name, one list of kinds.
+"""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any, NamedTuple
+
+from .errors import MPMagicError
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+class ProtocolError(MPMagicError):
+    """A message that is not one of this module's kinds (a bug, or a foreign peer)."""
+
+
+# -- requests ---------------------------------------------------------------
+
+
+class Func(NamedTuple):
+    key: bytes
+    payload: bytes
+
+
+class Map(NamedTuple):
+    call: int
+    tag: int
+    key: bytes | None
+    star: bool
+    collect: bool
+    items: bytes
+    timing: bool  # --insights: time each item
+    block: int  # items between crash-position marks (see worker.run_items)
+
+
+class Cell(NamedTuple):
+    call: int
+    tag: int  # the rank
+    size: int
+    payload: bytes
+
+
+class Context(NamedTuple):
+    version: int
+    state: bytes  # context.dumps(...): cwd, environment, sys.path, ...
+
+
+class Unmap(NamedTuple):
+    names: list
+
+
+class Stop(NamedTuple):
+    pass
+
+
+# -- replies ----------------------------------------------------------------
+
+
+class Ready(NamedTuple):
+    pid: int
+    worker: int
+
+
+class Out(NamedTuple):
+    call: int
+    tag: Any
+    stream: str
+    text: str
+
+
+class Done(NamedTuple):
+    call: int
+    tag: Any
+    data: bytes
+    seconds: float
+    meta: dict  # worker, start, end, cpu; with timing item_top/items_timed/transfer
+
+
+class Error(NamedTuple):
+    call: int
+    tag: Any
+    index: int  # in the chunk; -1: the unit as a whole could not run
+    info: Any  # worker.ErrorInfo
+    partial: bytes  # results of the items before it
+    seconds: float
+
+
+class Unpicklable(NamedTuple):
+    call: int
+    tag: Any
+    index: int | None  # the first result that cannot travel, if known
+    info: Any  # worker.ErrorInfo
+
+
+class Missing(NamedTuple):
+    call: int
+    tag: Any
+    key: bytes
+
+
+# The wire codes. Never reuse a code for another shape.
+KINDS: tuple[type, ...] = (Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing)
+_CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
+_WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
+REPLIES: tuple[type, ...] = (Done, Error, Unpicklable, Missing)  # answers to a unit
+
+
+def pack(msg: tuple) -> bytes:
+    """``msg`` (one of :data:`KINDS`) as bytes for the pipe or a Dask result."""
+    try:
+        code = _CODE[type(msg)]
+    except KeyError:
+        raise ProtocolError(f"cannot send {type(msg).__name__}: not an mpmagic message kind") from None
+    return pickle.dumps((code, *msg), PROTOCOL)
+
+
+def unpack(data: bytes) -> Any:
+    """The message :func:`pack` made; :class:`ProtocolError` for anything else."""
+    msg = pickle.loads(data)
+    try:
+        code = msg[0]
+        cls = KINDS[code]
+        if len(msg) - 1 != _WIDTH[code] or code < 0:
+            raise ValueError
+    except (TypeError, IndexError, KeyError, ValueError):
+        raise ProtocolError(f"not an mpmagic message: {_short(msg)}") from None
+    return tuple.__new__(cls, msg[1:])
+
+
+def _short(obj: Any) -> str:
+    try:
+        r = repr(obj)
+    except Exception:
+        r = f"<{type(obj).__name__}>"
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+__all__ = [
+    "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Map", "Missing", "Out",
+    "ProtocolError", "Ready", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
+]

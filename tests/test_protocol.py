@@ -1,0 +1,199 @@
+"""The notebook<->worker protocol alone (mpmagic/protocol.py): every message
+kind packed and unpacked in isolation, anything else is a ProtocolError, and a
+real worker process spoken to over a bare pipe, without a pool or a job."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import threading
+
+import pytest
+
+from mpmagic import payload, protocol, worker
+from mpmagic.protocol import (
+    Cell,
+    Context,
+    Done,
+    Error,
+    Func,
+    Map,
+    Missing,
+    Out,
+    ProtocolError,
+    Ready,
+    Stop,
+    Unmap,
+    Unpicklable,
+    pack,
+    unpack,
+)
+
+EXAMPLES = [
+    Func(b"k" * 16, b"payload"),
+    Map(1, 2, b"k" * 16, False, True, b"items", False, 32),
+    Cell(1, 3, 4, b"spec"),
+    Context(7, b"state"),
+    Unmap(["mpm_1_a", "mpm_1_b"]),
+    Stop(),
+    Ready(1234, 0),
+    Out(1, 2, "stdout", "hello\n"),
+    Done(1, 2, b"results", 0.25, {"worker": 0, "start": 1.0, "end": 1.25, "cpu": 0.2}),
+    Error(1, 2, 3, worker.ErrorInfo(ValueError("bad")), b"partial", 0.5),
+    Unpicklable(1, 2, None, worker.ErrorInfo(TypeError("cannot pickle"))),
+    Missing(1, 2, b"k" * 16),
+]
+
+
+def test_every_kind_has_an_example():
+    assert {type(m) for m in EXAMPLES} == set(protocol.KINDS)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_each_kind_packs_and_unpacks_to_itself(msg):
+    back = unpack(pack(msg))
+    assert type(back) is type(msg)
+    assert back._fields == msg._fields
+    for name in msg._fields:
+        a, b = getattr(msg, name), getattr(back, name)
+        if isinstance(a, worker.ErrorInfo):
+            assert (a.type_name, a.message, a.exc_text) == (b.type_name, b.message, b.exc_text)
+        else:
+            assert a == b, name
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_on_the_wire_a_message_is_a_plain_tuple(msg):
+    """No class travels: a peer needs only pickle to read the layout."""
+    raw = pickle.loads(pack(msg))
+    assert type(raw) is tuple and isinstance(raw[0], int) and len(raw) == len(msg) + 1
+    assert [type(v) for v in raw[1:]] == [type(v) for v in msg]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        ("map", 1, 2),  # the string kinds of the old format
+        (99, "x"),  # an unknown code
+        (protocol.KINDS.index(Stop), "extra"),  # a known code with the wrong fields
+        (protocol.KINDS.index(Map), 1, 2),
+        (),
+        "not a tuple",
+        None,
+        (-1,),
+    ],
+    ids=repr,
+)
+def test_anything_else_is_a_protocol_error(raw):
+    with pytest.raises(ProtocolError, match="not an mpmagic message"):
+        unpack(pickle.dumps(raw))
+
+
+def test_sending_something_that_is_not_a_message_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="not an mpmagic message kind"):
+        pack(("map", 1, 2))
+
+
+def test_the_local_backend_rejects_a_request_coming_from_a_worker():
+    from mpmagic.backends.local import LocalBackend, _Slot
+
+    backend = LocalBackend.__new__(LocalBackend)
+    slot = _Slot(0, None, None, 0.0)
+    with pytest.raises(ProtocolError, match="sent a Map message"):
+        backend._handle(slot, EXAMPLES[1], None)
+
+
+# -- a worker process over a bare pipe -----------------------------------------
+
+
+@pytest.fixture
+def bare_worker():
+    """A worker process (mpmagic.worker.main) and the notebook's end of its pipe."""
+    ctx = multiprocessing.get_context("forkserver")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=worker.main, args=(there, os.getpid(), 5), daemon=True)
+    proc.start()
+    there.close()
+    yield here, proc
+    if proc.is_alive():
+        here.send_bytes(pack(Stop()))
+        proc.join(10)
+    if proc.is_alive():
+        proc.kill()
+        proc.join(5)
+    here.close()
+
+
+def _replies(conn, until=(Done, Error, Unpicklable, Missing)) -> list:
+    got = []
+    while True:
+        assert conn.poll(30), f"no reply; got {got}"
+        msg = unpack(conn.recv_bytes())
+        got.append(msg)
+        if type(msg) in until:
+            return got
+
+
+def test_a_worker_speaks_every_kind(bare_worker, tmp_path):
+    conn, proc = bare_worker
+    ready = _replies(conn, until=(Ready,))
+    assert ready == [Ready(proc.pid, 5)]
+
+    def shout(x):
+        print("item", x)
+        return x * 2
+
+    key, data = b"f" * 16, payload.dumps_function(shout)
+    items = payload.dumps_data([1, 2, 3])
+    # Not cached yet: Missing names the key.
+    conn.send_bytes(pack(Map(1, 0, key, False, False, items, False, 1)))
+    assert _replies(conn) == [Missing(1, 0, key)]
+    conn.send_bytes(pack(Func(key, data)))
+    conn.send_bytes(pack(Map(1, 1, key, False, False, items, False, 1)))
+    got = _replies(conn)
+    outs, done = got[:-1], got[-1]
+    assert type(done) is Done and (done.call, done.tag) == (1, 1)
+    assert payload.loads(done.data) == [2, 4, 6] and done.meta["worker"] == 5
+    assert "".join(o.text for o in outs) == "item 1\nitem 2\nitem 3\n"
+    assert all(type(o) is Out and o.stream == "stdout" and o.tag == 1 for o in outs)
+    # An item that fails: Error with its index and the results before it.
+    conn.send_bytes(pack(Map(1, 2, key, False, False, payload.dumps_data([1, None]), False, 1)))
+    err = _replies(conn)[-1]
+    assert type(err) is Error and err.index == 1 and err.info.type_name == "TypeError"
+    assert payload.loads(err.partial) == [2]
+    # A result that cannot travel.
+    conn.send_bytes(pack(Func(b"g" * 16, payload.dumps_function(lambda x: threading.Lock()))))
+    conn.send_bytes(pack(Map(1, 3, b"g" * 16, False, False, items, False, 1)))
+    bad = _replies(conn)[-1]
+    assert type(bad) is Unpicklable and bad.index == 0
+    # Context: the worker adopts the directory it names.
+    from mpmagic import context
+
+    os.chdir(tmp_path)
+    try:
+        conn.send_bytes(pack(context.current()))
+    finally:
+        os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    conn.send_bytes(pack(Func(b"h" * 16, payload.dumps_function(lambda x: os.getcwd()))))
+    conn.send_bytes(pack(Map(1, 4, b"h" * 16, False, False, payload.dumps_data([0]), False, 1)))
+    assert payload.loads(_replies(conn)[-1].data) == [str(tmp_path)]
+    # A cell rank.
+    from mpmagic.cell import make_cell_spec
+
+    spec = make_cell_spec("x = rank * 10\nx + size", {})
+    conn.send_bytes(pack(Cell(1, 2, 4, payload.cloudpickle_dumps(spec))))
+    done = _replies(conn)[-1]
+    assert type(done) is Done and done.tag == 2 and payload.loads(done.data) == (24, {})
+    conn.send_bytes(pack(Unmap(["mpm_0_none"])))  # no reply; the worker keeps serving
+    conn.send_bytes(pack(Stop()))
+    proc.join(10)
+    assert proc.exitcode == 0
+
+
+def test_a_worker_given_an_unknown_message_stops_with_a_protocol_error(bare_worker):
+    conn, proc = bare_worker
+    _replies(conn, until=(Ready,))
+    conn.send_bytes(pickle.dumps(("map", 1, 2)))
+    proc.join(30)
+    assert proc.exitcode not in (0, None)
