@@ -10,6 +10,7 @@ same results, errors, output and timing.
 from __future__ import annotations
 
 import itertools
+import logging
 import pickle
 import sys
 from collections import deque
@@ -31,6 +32,7 @@ from .errors import (
 )
 
 _call_ids = itertools.count(1)
+log = logging.getLogger("mpmagic")
 
 # Items faster than this (seconds, as measured) run in blocks of _FAST_BLOCK
 # between crash-position marks (see MapJob._block).
@@ -137,9 +139,11 @@ class MapJob:
         progress: Callable[[int], None] | None = None,
         insights: Any = None,
         shared_memory: bool = False,
+        on_chunk: Callable[[int, list], None] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.func = func
+        self.on_chunk = on_chunk  # (start index, that chunk's results) as each chunk is accepted
         # Large buffers (numpy arrays) go through shared memory: only for
         # workers on this machine (the backend says so: ``shares_memory``).
         self.shared_memory = shared_memory and shm.ENABLED
@@ -166,9 +170,15 @@ class MapJob:
         # the results exist once (not once per chunk plus once assembled).
         self._in_order: list = []
         self.exhausted = False
+        # Errors by input index. The run's error is the one of the first failing
+        # item in input order (as serial map would raise), decided once no
+        # earlier item is still out: ``failure`` is then set.
+        self._errors: dict[int, BaseException] = {}
         self.failure: BaseException | None = None
         self.task_seconds = 0.0
         self.items_done = 0
+        self.items_failed = 0
+        self.items_total = n_items
         self.n_chunks = 0
         self._out = out or _print_stream
         self._progress = progress
@@ -181,19 +191,45 @@ class MapJob:
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
 
+    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
+        """Send output and progress elsewhere (a run's event queue); returns the old pair."""
+        old = (self._out, self._progress)
+        self._out, self._progress = out, progress
+        return old
+
     # -- handing out work --------------------------------------------------
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
     @property
     def finished(self) -> bool:
         if self.failure is not None:
             return True
         return self.exhausted and not self._requeued and not self.outstanding
 
+    def _first_error(self) -> int | None:
+        return min(self._errors) if self._errors else None
+
     @property
     def has_work(self) -> bool:
-        return self.failure is None and (bool(self._requeued) or not self.exhausted)
+        if self.failure is not None:
+            return False
+        first = self._first_error()
+        if first is not None:  # after an error only earlier items still go out
+            return any(u.start < first for u in self._requeued)
+        return bool(self._requeued) or not self.exhausted
 
     def next_unit(self) -> Unit | None:
         if self.failure is not None:
+            return None
+        first = self._first_error()
+        if first is not None:
+            for unit in self._requeued:
+                if unit.start < first:
+                    self._requeued.remove(unit)
+                    self.outstanding[unit.id] = unit
+                    return unit
             return None
         if self._requeued:
             unit = self._requeued.popleft()
@@ -289,6 +325,8 @@ class MapJob:
             self._in_order.extend(self._results.pop(len(self._in_order)))
         self.task_seconds += seconds
         self.items_done += unit.count
+        if self.collect:
+            self.items_failed += sum(isinstance(r, Failed) for r in results)
         self.planner.record(unit.count, seconds)
         if seconds > self.slowest_task:
             self.slowest_task = seconds
@@ -305,21 +343,43 @@ class MapJob:
         unit.data = b""
         if unit.lease is not None:  # its segments serve the next chunks
             unit.lease.release()
+        if self.on_chunk is not None:
+            self.on_chunk(unit.start, results)
         if self._progress:
             self._progress(unit.count)
+        self._settle()
+
+    def _fail(self, index: int, exc: BaseException) -> None:
+        """Item ``index`` failed: keep its error; raise the first one in input order."""
+        self.items_failed += 1
+        if index not in self._errors:
+            self._errors[index] = exc
+        self._settle()
+
+    def _settle(self) -> None:
+        """Decide the run's error once no item before the first failing one is still out."""
+        first = self._first_error()
+        if first is None or self.failure is not None:
+            return
+        if any(u.start < first for u in self.outstanding.values()) or any(u.start < first for u in self._requeued):
+            return
+        self.failure = self._errors[first]
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.task_seconds += seconds
+        drop_partial(partial)  # results before the failing item: unlink their segments
         if index < 0:  # the chunk as a whole could not run (function failed to load)
             exc = rebuild_exception(info, _load_failure_note(info))
+            idx = unit.start
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in str(exc):
                 add_note(exc, _READ_ONLY_NOTE)
-        if self.failure is None:
-            self.failure = exc
+        if unit.lease is not None:  # no worker reads this chunk any more
+            unit.lease.release()
+        self._fail(idx, exc)
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -338,10 +398,13 @@ class MapJob:
         other items (whose results died with the worker) go out again.
         """
         self.outstanding.pop(unit.id, None)
-        if not timed_out and unit.attempts < self.retries:
+        if not timed_out and unit.attempts < self.retries:  # (keeps its lease: sent again as is)
             unit.attempts += 1
             self._requeued.append(unit)
             return
+        if unit.lease is not None:  # its parts go out again packed inline (see _resend_part)
+            unit.lease.release()
+            unit.lease = None
         if index is not None and 0 <= index < unit.count and unit.count > 1:
             if unit.block > 1 and not timed_out:
                 self._recheck(unit, index, reason)
@@ -391,10 +454,13 @@ class MapJob:
         self._requeued.append(part)
 
     def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
+        if unit.lease is not None:
+            unit.lease.release()
+            unit.lease = None
         if self.collect:
             self._complete(unit, [Failed(unit.start + i, it, exc) for i, it in enumerate(unit.items)], 0.0)
-        elif self.failure is None:
-            self.failure = exc
+        else:
+            self._fail(unit.start + (index or 0), exc)
 
     def requeue(self, unit: Unit) -> None:
         """A unit that was queued behind a lost one goes out again."""
@@ -409,6 +475,7 @@ class MapJob:
         for unit in [*self.outstanding.values(), *self._requeued]:
             if unit.lease is not None:
                 unit.lease.release()
+                unit.lease = None
 
     def output(self, tag: Any, stream: str, text: str) -> None:
         self._out(stream, text)
@@ -451,6 +518,7 @@ class CellJob:
         self.rank_seconds: dict[int, float] = {}
         self.task_seconds = 0.0
         self.items_done = 0
+        self.items_total = size
         self.n_chunks = size
         self._out = out or _print_stream
         self._label = label
@@ -459,6 +527,7 @@ class CellJob:
         self.insights = insights
         self.bytes_sent = len(spec_bytes) * size
         self.bytes_back = 0
+        self.bytes_shared = 0  # a cell's spec never travels through shared memory
         self.cpu_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
@@ -467,9 +536,26 @@ class CellJob:
         if self._progress:
             self._progress(1)
 
+    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
+        """Send output and progress elsewhere (a run's event queue); returns the old pair."""
+        old = (self._out, self._progress)
+        self._out, self._progress = out, progress
+        return old
+
+    @property
+    def items_failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
     @property
     def finished(self) -> bool:
         return not self._pending and not self.outstanding
+
+    def release_shared(self) -> None:
+        """Nothing to give back: a cell's spec never travels through shared memory."""
 
     @property
     def has_work(self) -> bool:
@@ -559,6 +645,17 @@ class CellJob:
             )
             raise err from first
         return [self.values[r] for r in range(self.size)]
+
+
+def drop_partial(data: bytes) -> None:
+    """Results a worker packed before an error: load and drop them, so shared-memory
+    segments it gave for them are unlinked now rather than at pool stop."""
+    if not data:
+        return
+    try:
+        payload.loads(data)
+    except Exception:
+        log.debug("mpmagic: could not load partial results to free their segments", exc_info=True)
 
 
 def _load_failure_note(info: Any) -> str:

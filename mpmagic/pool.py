@@ -12,15 +12,16 @@ import html
 import threading
 from typing import Any
 
+from .backends.base import Backend
 from .backends.local import LocalBackend
 from .errors import UsageError
 from .report import fmt_seconds
 
 _lock = threading.RLock()
-_backend: Any = None
+_backend: Backend | None = None
 
 
-def get_pool() -> Any:
+def get_pool() -> Backend:
     """The current backend, created (not yet started) on first use."""
     global _backend
     with _lock:
@@ -80,13 +81,7 @@ def restart_pool(wait: bool = True) -> Any:
     """Stop and start again with the same settings (clears workers' state)."""
     with _lock:
         backend = get_pool()
-        if hasattr(backend, "restart"):
-            backend.restart()
-            return backend
-        backend.stop()
-        backend.start()
-        if wait:
-            backend.wait_ready()
+        backend.restart()
         return backend
 
 
