@@ -120,8 +120,11 @@ class Run:
             self._result = self.job.results()
         return self._result
 
-    def cancel(self) -> bool:
-        """Stop the run: its queued units are dropped, workers busy with it replaced."""
+    def cancel(self, interrupted: bool = False) -> bool:
+        """Stop the run: its queued units are dropped, workers busy with it replaced.
+
+        ``interrupted``: the waiting thread got Ctrl-C. True if this stopped it.
+        """
         raise NotImplementedError
 
 
@@ -155,8 +158,8 @@ class DrivenRun(Run):
                 self._pumped = True
         return True
 
-    def cancel(self) -> bool:
-        return False  # its driver stops it: the interrupt raised in ``wait``
+    def cancel(self, interrupted: bool = False) -> bool:
+        return False  # its driver stops it: the interrupt raised in ``wait`` cancelled its futures
 
 
 @contextmanager
