@@ -213,3 +213,23 @@ def test_no_segment_is_left_after_a_cancelled_run(ip, local_pool, no_segment_kep
     assert _segments()  # lent to the running chunks
     handle.cancel()
     assert _segments() == []
+
+
+def test_runs_whose_iterators_run_out_together_all_end(ip, local_pool):
+    """An input that is iterated (a range) ends only when a chunk comes up empty; with many
+    runs at once, a worker whose run's input just ran out goes to the next run."""
+    run(ip, "def inc(x):\n    return x + 1\n")
+    inc = ip.user_ns["inc"]
+    results: dict[tuple[int, int], bool] = {}
+
+    def client(k: int) -> None:
+        for i in range(4):
+            results[k, i] = mpmagic.pmap(inc, range(1000)) == list(range(1, 1001))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG)
+    assert not any(t.is_alive() for t in threads), "a run hung"
+    assert len(results) == 32 and all(results.values())

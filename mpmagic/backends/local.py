@@ -666,10 +666,13 @@ class LocalBackend:
             for slot in sorted(pool, key=lambda s: len(s.inflight)):
                 if len(slot.inflight) != level or self._saturated(slot):
                     continue
-                run = self._next_run(maps, slot, level)
-                if run is None:
-                    continue
-                self._give(run, slot)
+                # A run may find its input just ran out (an iterator of exactly
+                # N chunks): then the next run in turn gets this worker.
+                while len(slot.inflight) == level:
+                    run = self._next_run(maps, slot, level)
+                    if run is None:
+                        break
+                    self._give(run, slot)
 
     def _next_run(self, maps: list[_LocalRun], slot: _Slot, level: int) -> _LocalRun | None:
         """The next map run, in turn, that may put a unit on ``slot`` at this depth."""
@@ -677,7 +680,7 @@ class LocalBackend:
         for k in range(n):
             run = maps[(self._turn + k) % n]
             job = run.job
-            if not job.has_work:
+            if not job.has_work or run.cancel_requested or run not in self._runs:
                 continue
             if level:
                 if slot.inflight[0][0] is not run or self._depth(job) <= level:
