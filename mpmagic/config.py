@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, observe
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, observe
 from traitlets.config import Configurable
 
 REPORT_MODES = ("auto", "line", "html", "none")
@@ -69,6 +69,19 @@ class MPMagic(Configurable):
         True,
         help="Add one line of advice to the report when parallel did not pay off.",
     ).tag(config=True)
+
+    worker_max_memory = Unicode(
+        None,
+        allow_none=True,
+        help="A local worker holding more memory than this after a task (e.g. '2GB') is "
+        "replaced before its next task (None: no limit).",
+    ).tag(config=True)
+
+    @observe("worker_max_memory")
+    def _max_memory_changed(self, change: dict) -> None:
+        from . import pool
+
+        pool.set_max_memory(change["new"])
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

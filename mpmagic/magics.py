@@ -102,6 +102,7 @@ def _pool_parser() -> _Parser:
     p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_positive_int, help="recycle a worker after this many items")
+    p.add_argument("--max-memory", help="replace a worker holding more than this after a task (e.g. 2GB)")
     p.add_argument("--scheduler-file", help="dask: connect to the scheduler described in this file")
     p.add_argument("--tls-ca-file", help="dask: CA certificate for tls:// addresses")
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
@@ -269,7 +270,8 @@ class MPMagics(Magics):
     def _pool(self, opts: argparse.Namespace) -> Any:
         action = opts.action
         if action == "start":
-            pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True)
+            pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
+                            max_memory=opts.max_memory)
         elif action == "stop":
             pool.stop_pool()
         elif action == "restart":

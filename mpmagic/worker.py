@@ -394,7 +394,7 @@ class _Worker:
             results = [_sendable_or_error(r) for r in results]
             data = payload.dumps_data(results)
         # cpu: this process's CPU seconds for the chunk (tells CPU-bound from waiting).
-        meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end, "cpu": cpu}
+        meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end, "cpu": cpu, "rss": _rss()}
         if timing:
             # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
             meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
@@ -431,7 +431,7 @@ class _Worker:
                     break
             self.channel.send(("unpicklable", call, rank, None, _unsendable_info(culprit, root, exc)))
             return
-        meta = {"worker": self.worker_id, "start": start, "end": start + seconds, "cpu": cpu}
+        meta = {"worker": self.worker_id, "start": start, "end": start + seconds, "cpu": cpu, "rss": _rss()}
         self.channel.send(("done", call, rank, out, seconds, meta))
 
 
@@ -462,6 +462,18 @@ def _first_unpicklable(results: list) -> int | None:
         except Exception:
             return i
     return None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int | None:
+    """This process's resident size in bytes, for the pool's memory limit (one read, ~5 us)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:

@@ -233,3 +233,43 @@ def test_runs_whose_iterators_run_out_together_all_end(ip, local_pool):
         t.join(HANG)
     assert not any(t.is_alive() for t in threads), "a run hung"
     assert len(results) == 32 and all(results.values())
+
+
+# -- issue 14 item 6: memory limits ---------------------------------------------
+
+
+@pytest.fixture
+def one_worker_with_limit(method):
+    from mpmagic import pool as pool_module
+
+    pool_module.shutdown()
+    backend = mpmagic.start_pool(1, method, wait=True, max_memory="300MB")
+    yield backend
+    pool_module.set_max_memory(None)
+    pool_module.shutdown()
+
+
+HOG = (
+    "import builtins\n"
+    "def hog(mb):\n    builtins._mpm_hog = b'x' * (mb << 20)  # kept: the worker stays big\n"
+    "    import os\n    return os.getpid()\n"
+    "def pid_after(x):\n    import os, time\n    time.sleep(x)\n    return os.getpid()\n"
+)
+
+
+def test_a_worker_over_max_memory_is_replaced_before_its_next_task(ip, one_worker_with_limit, capfd):
+    run(ip, HOG)
+    first = mpmagic.pmap(ip.user_ns["hog"], [400])[0]  # 400 MB kept, over the 300 MB limit
+    second = mpmagic.pmap(ip.user_ns["pid_after"], [0])[0]
+    assert second != first
+    assert "over the pool's max_memory of 300 MB" in capfd.readouterr().err
+
+
+def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, one_worker_with_limit):
+    run(ip, HOG)
+    pid = mpmagic.pmap(ip.user_ns["hog"], [260])[0]  # near (over 80 % of) the limit, not over it
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    with pytest.raises(WorkerLostError) as info:
+        mpmagic.pmap(ip.user_ns["pid_after"], [30])
+    assert "item 0 (30) ran out of memory" in str(info.value)
+    assert "MB at its last report" in str(info.value)

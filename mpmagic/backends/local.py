@@ -111,6 +111,8 @@ class _Slot:
     # Shared with the worker: the position in its chunk of the item it is
     # running, so a crash blames that one item rather than the whole chunk.
     position: Any = None
+    rss: int | None = None  # resident bytes after its last task, as it reported
+    over_memory: bool = False  # above the pool's max_memory: replaced once idle
 
     @property
     def busy(self) -> bool:
@@ -237,6 +239,7 @@ class LocalBackend:
         workers: int | None = None,
         start_method: str | None = None,
         max_tasks_per_child: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
         method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
@@ -249,6 +252,9 @@ class LocalBackend:
         self.workers = n
         self.start_method = method
         self.max_tasks_per_child = max_tasks_per_child
+        # Bytes of resident memory a worker may keep after a task; above it the
+        # worker is replaced before its next task (like Dask's nanny).
+        self.max_memory = max_memory
         self.ctx = multiprocessing.get_context(method)
         self.slots: list[_Slot] = []
         self._next_wid = 0
@@ -475,6 +481,7 @@ class LocalBackend:
             "runs_in_flight": runs,
             "workers_replaced": self.workers_replaced,
             "max_tasks_per_child": self.max_tasks_per_child,
+            "max_memory": self.max_memory,
         }
 
     # -- submitting (any thread) ----------------------------------------------
@@ -730,6 +737,8 @@ class LocalBackend:
 
     def _saturated(self, slot: _Slot) -> bool:
         """Has this worker been given its ``max_tasks_per_child`` items already?"""
+        if slot.over_memory:
+            return True
         if not self.max_tasks_per_child:
             return False
         queued = sum(unit.count for _, unit in slot.inflight)
@@ -780,6 +789,7 @@ class LocalBackend:
         try:
             if kind == "done":
                 meta = msg[5] if len(msg) > 5 else None  # who ran it and when (newer workers)
+                self._note_memory(slot, owner, meta)
                 job.done(unit, msg[3], msg[4], meta)
             elif kind == "error":
                 job.error(unit, msg[3], msg[4], msg[5], msg[6])
@@ -792,6 +802,20 @@ class LocalBackend:
             self._end(owner, exc)
         if slot.retiring and not slot.busy:
             self._retire(slot)
+
+    def _note_memory(self, slot: _Slot, run: _LocalRun, meta: dict | None) -> None:
+        """Keep the worker's reported size; above ``max_memory`` it gets no more work."""
+        rss = meta.get("rss") if meta else None
+        if rss is None:
+            return
+        slot.rss = rss
+        if self.max_memory and rss > self.max_memory and not slot.over_memory:
+            slot.over_memory = True
+            run._emit_out(
+                "stderr",
+                f"mpmagic: worker {slot.wid} holds {rss / 1e6:.0f} MB after its task, over the pool's "
+                f"max_memory of {self.max_memory / 1e6:.0f} MB: it is replaced before its next task\n",
+            )
 
     def _send_unmaps(self, names: list[str]) -> None:
         """Tell every worker which shared-memory segments the notebook destroyed."""
@@ -808,6 +832,8 @@ class LocalBackend:
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
+        if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
+            reason = f"ran out of memory (killed by SIGKILL; {slot.rss / 1e6:.0f} MB at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
@@ -845,13 +871,33 @@ class LocalBackend:
 
     def _check_restarts(self) -> None:
         """Recycle workers that reached ``max_tasks_per_child`` once they are idle."""
-        if not self.max_tasks_per_child:
+        if not self.max_tasks_per_child and not self.max_memory:
             return
         for slot in list(self.slots):
-            if not slot.busy and slot.tasks >= self.max_tasks_per_child:
+            worn = bool(self.max_tasks_per_child) and slot.tasks >= self.max_tasks_per_child
+            if not slot.busy and (worn or slot.over_memory):
                 self._retire(slot)
                 if not slot.temporary:
                     self.slots.append(self._spawn())
+
+
+def _near_memory_limit(slot: _Slot, limit: int | None) -> bool:
+    """Was a SIGKILLed worker likely killed for its memory (the OOM killer, a cgroup limit)?
+
+    Near the pool's limit (80 %) at its last report, or, without a limit, the
+    machine short of memory now (under 5 % available).
+    """
+    if slot.rss is None:
+        return False
+    if limit:
+        return slot.rss >= 0.8 * limit
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.available < 0.05 * vm.total
+    except Exception:
+        return False
 
 
 def _position(slot: _Slot) -> int | None:
