@@ -757,7 +757,7 @@ class LocalBackend:
             slot.known.discard(job.func_key)
             return  # the sentinel reports the dead worker
         slot.inflight.append((run, unit))
-        if job.timeout and len(slot.inflight) == 1:
+        if job.timeout and len(slot.inflight) == 1 and slot.ready:  # (a starting worker: once ready)
             slot.deadline = time.monotonic() + job.timeout
 
     def _saturated(self, slot: _Slot) -> bool:
@@ -790,6 +790,8 @@ class LocalBackend:
             slot.ready = True
             self._startup_failures = 0
             slot.pid = msg[1]
+            if slot.inflight and slot.inflight[0][0].job.timeout:  # its time starts now, not while it started
+                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
             self._cond.notify_all()
             return
         call, tag = msg[1], msg[2]
