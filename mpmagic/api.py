@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import payload
+from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
+from .engine import sigint_deferred
 from .errors import ParallelError, UsageError, drop_our_frames, format_exception, render_traceback
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
@@ -153,7 +155,7 @@ def pmap(
 
     backend = get_pool()
     n_workers = workers or backend.workers
-    cold = _is_cold(backend)
+    cold = backend.cold
     bar = Progress(n_items, "pmap", "item", progress_delay, enabled=progress)
     recorder = Recorder("pmap", getattr(func, "__name__", "func"), star_mode) if insights else None
     job = MapJob(
@@ -168,7 +170,7 @@ def pmap(
         retries=retries,
         progress=bar.update,
         insights=recorder,
-        shared_memory=getattr(backend, "shares_memory", False),
+        shared_memory=backend.shares_memory,
         on_chunk=on_chunk,
     )
     t0 = time.perf_counter()
@@ -183,12 +185,12 @@ def pmap(
             items=job.items_done,
             workers=n_workers,
             backend=backend.name,
-            start_method=getattr(backend, "start_method", None),
+            start_method=backend.start_method,
             wall=wall,
             task_seconds=job.task_seconds,
             chunks=job.n_chunks,
             chunksize=job.planner.describe(),
-            failed_at=getattr(job, "failure_index", None),
+            failed_at=job.failure_index,
             total=n_items,
             **_measured(job, backend, cold, recorder, n_workers),
         )
@@ -210,20 +212,26 @@ def pmap(
     return results
 
 
-def _is_cold(backend: Any) -> bool:
-    """True when the pool's workers are not all up yet (this run pays for their start)."""
-    slots = getattr(backend, "slots", None)
-    if slots is None:
-        return False
-    return not slots or not all(getattr(s, "ready", True) for s in slots)
+def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int | None) -> None:
+    """Submit the job and wait for it here, printing its output and moving its bar.
 
-
-def _run_with_progress(backend: Any, job: Any, bar: Progress, workers: int | None) -> None:
-    """Run the job; close the progress bar however the run ends (done, error, interrupt)."""
+    Ctrl-C (or the kernel's interrupt) lands in this wait: it cancels this run
+    only (other threads' runs go on), shows what its workers printed, and
+    re-raises. The bar is closed however the run ends (done, error, interrupt).
+    """
     __tracebackhide__ = True
     restore_interrupts()  # this run's interrupt is its own, not a repeat of the last one's
     try:
-        backend.run(job, workers=workers)
+        run = backend.submit(job, workers=workers)
+        try:
+            run.wait()
+        except KeyboardInterrupt:
+            with sigint_deferred():  # a second Ctrl-C must not cut the cleanup short
+                run.cancel(interrupted=True)
+                run.wait()  # what its workers printed before they stopped
+            raise
+        if run.error is not None:
+            raise run.error
     except KeyboardInterrupt:
         absorb_late_interrupts()  # more presses of interrupt are repeats of this one
         bar.close("interrupted")
@@ -233,7 +241,7 @@ def _run_with_progress(backend: Any, job: Any, bar: Progress, workers: int | Non
         drop_our_frames(exc)  # e.g. a generator input that raised: the user sees its frame, not ours
         raise
     finally:
-        bar.close("error" if getattr(job, "failure", None) is not None or getattr(job, "failures", None) else "done")
+        bar.close("error" if job.failed else "done")
 
 
 _cores_seen: tuple[float, int] | None = None
@@ -254,19 +262,19 @@ def _cores() -> int:
     return _cores_seen[1]
 
 
-def _measured(job: Any, backend: Any, cold: bool, recorder: Recorder | None, workers: int) -> dict[str, Any]:
+def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None, workers: int) -> dict[str, Any]:
     """What the report's advice reasons from, and the insights, as Report fields."""
     return {
         "cold_start": cold,
-        "cores": _cores() if getattr(backend, "name", None) == "local" else None,
-        "bytes_sent": getattr(job, "bytes_sent", 0),
-        "bytes_back": getattr(job, "bytes_back", 0),
-        "bytes_shared": getattr(job, "bytes_shared", 0),
-        "cpu_seconds": getattr(job, "cpu_seconds", None),
-        "slowest_task": getattr(job, "slowest_task", None) or None,
-        "slowest_where": getattr(job, "slowest_where", None),
+        "cores": _cores() if backend.name == "local" else None,
+        "bytes_sent": job.bytes_sent,
+        "bytes_back": job.bytes_back,
+        "bytes_shared": job.bytes_shared,
+        "cpu_seconds": job.cpu_seconds,
+        "slowest_task": job.slowest_task or None,
+        "slowest_where": job.slowest_where,
         "insights": recorder.finish(workers) if recorder is not None else None,
-        "extra": {"error": True} if getattr(job, "failure", None) is not None else {},
+        "extra": {"error": True} if job.kind == "map" and job.failed else {},
     }
 
 
@@ -417,7 +425,7 @@ def parallel(
     backend = get_pool()
     size = workers or backend.workers
     spec_bytes = _pack_spec(spec)
-    cold = _is_cold(backend)
+    cold = backend.cold
     bar = Progress(size, "parallel", "rank", progress_delay, enabled=progress)
     recorder = Recorder("parallel") if insights else None
     job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
@@ -429,7 +437,7 @@ def parallel(
         items=size,
         workers=size,
         backend=backend.name,
-        start_method=getattr(backend, "start_method", None),
+        start_method=backend.start_method,
         wall=wall,
         task_seconds=job.task_seconds,
         failed=len(job.failures),

@@ -99,6 +99,18 @@ class MPMagic(Configurable):
         from . import shm
 
         shm.configure(threshold=change["new"])
+    worker_max_memory = Unicode(
+        None,
+        allow_none=True,
+        help="A local worker holding more memory than this after a task (e.g. '2GB') is "
+        "replaced before its next task (None: no limit).",
+    ).tag(config=True)
+
+    @observe("worker_max_memory")
+    def _max_memory_changed(self, change: dict) -> None:
+        from . import pool
+
+        pool.set_max_memory(change["new"])
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -10,6 +10,7 @@ same results, errors, output and timing.
 from __future__ import annotations
 
 import itertools
+import logging
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -34,6 +35,7 @@ from .protocol import Cell, Map
 from .worker import ErrorInfo
 
 _call_ids = itertools.count(1)
+log = logging.getLogger("mpmagic")
 
 # Items faster than this (seconds, as measured) run in blocks of _FAST_BLOCK
 # between crash-position marks (see MapJob._block).
@@ -165,10 +167,16 @@ class MapJob:
         # the results exist once (not once per chunk plus once assembled).
         self._in_order: list = []
         self.exhausted = False
+        # Errors by input index. The run's error is the one of the first failing
+        # item in input order (as serial map would raise), decided once no
+        # earlier item is still out: ``failure`` is then set.
+        self._errors: dict[int, BaseException] = {}
         self.failure: BaseException | None = None
         self.failure_index: int | None = None  # input index of the failing item, when known (for the report)
         self.task_seconds = 0.0
         self.items_done = 0
+        self.items_failed = 0
+        self.items_total = n_items
         self.n_chunks = 0
         self._out = out or _print_stream
         self._progress = progress
@@ -181,19 +189,45 @@ class MapJob:
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
 
+    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
+        """Send output and progress elsewhere (a run's event queue); returns the old pair."""
+        old = (self._out, self._progress)
+        self._out, self._progress = out, progress
+        return old
+
     # -- handing out work --------------------------------------------------
+    @property
+    def failed(self) -> bool:
+        return self.failure is not None
+
     @property
     def finished(self) -> bool:
         if self.failure is not None:
             return True
         return self.exhausted and not self._requeued and not self.outstanding
 
+    def _first_error(self) -> int | None:
+        return min(self._errors) if self._errors else None
+
     @property
     def has_work(self) -> bool:
-        return self.failure is None and (bool(self._requeued) or not self.exhausted)
+        if self.failure is not None:
+            return False
+        first = self._first_error()
+        if first is not None:  # after an error only earlier items still go out
+            return any(u.start < first for u in self._requeued)
+        return bool(self._requeued) or not self.exhausted
 
     def next_unit(self) -> Unit | None:
         if self.failure is not None:
+            return None
+        first = self._first_error()
+        if first is not None:
+            for unit in self._requeued:
+                if unit.start < first:
+                    self._requeued.remove(unit)
+                    self.outstanding[unit.id] = unit
+                    return unit
             return None
         if self._requeued:
             unit = self._requeued.popleft()
@@ -293,12 +327,16 @@ class MapJob:
         self.outstanding.pop(unit.id, None)
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
+            # Called with (start index, results in order) as each chunk is accepted
+            # (checkpoint.py stores them): each position once, in arrival order.
             if self.on_chunk is not None:
                 self.on_chunk(unit.start, results)
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
         self.task_seconds += seconds
         self.items_done += unit.count
+        if self.collect:
+            self.items_failed += sum(isinstance(r, Failed) for r in results)
         self.planner.record(unit.count, seconds)
         if seconds > self.slowest_task:
             self.slowest_task = seconds
@@ -317,20 +355,40 @@ class MapJob:
             unit.lease.release()
         if self._progress:
             self._progress(unit.count)
+        self._settle()
+
+    def _fail(self, index: int, exc: BaseException) -> None:
+        """Item ``index`` failed: keep its error; raise the first one in input order."""
+        self.items_failed += 1
+        if index not in self._errors:
+            self._errors[index] = exc
+        self._settle()
+
+    def _settle(self) -> None:
+        """Decide the run's error once no item before the first failing one is still out."""
+        first = self._first_error()
+        if first is None or self.failure is not None:
+            return
+        if any(u.start < first for u in self.outstanding.values()) or any(u.start < first for u in self._requeued):
+            return
+        self.failure = self._errors[first]
+        self.failure_index = first
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.task_seconds += seconds
+        drop_partial(partial)  # results before the failing item: unlink their segments
         if index < 0:  # the chunk as a whole could not run (function failed to load)
             exc = rebuild_exception(info, _load_failure_note(info))
+            idx = unit.start
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in str(exc):
                 add_note(exc, _READ_ONLY_NOTE)
-        if self.failure is None:
-            self.failure = exc
-            self.failure_index = unit.start + index if index >= 0 else None
+        if unit.lease is not None:  # no worker reads this chunk any more
+            unit.lease.release()
+        self._fail(idx, exc)
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -353,10 +411,13 @@ class MapJob:
         mpmagic does not own); ``reason`` then says what became of the worker.
         """
         self.outstanding.pop(unit.id, None)
-        if not timed_out and unit.attempts < self.retries:
+        if not timed_out and unit.attempts < self.retries:  # (keeps its lease: sent again as is)
             unit.attempts += 1
             self._requeued.append(unit)
             return
+        if unit.lease is not None:  # its parts go out again packed inline (see _resend_part)
+            unit.lease.release()
+            unit.lease = None
         if index is not None and 0 <= index < unit.count and unit.count > 1:
             if unit.block > 1 and not timed_out:
                 self._recheck(unit, index, reason)
@@ -407,12 +468,13 @@ class MapJob:
         self._requeued.append(part)
 
     def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
+        if unit.lease is not None:
+            unit.lease.release()
+            unit.lease = None
         if self.collect:
             self._complete(unit, [Failed(unit.start + i, it, exc) for i, it in enumerate(unit.items)], 0.0)
-        elif self.failure is None:
-            self.failure = exc
-            at = index if index is not None else (0 if unit.count == 1 else None)
-            self.failure_index = None if at is None else unit.start + at
+        else:
+            self._fail(unit.start + (index or 0), exc)
 
     def requeue(self, unit: Unit) -> None:
         """A unit that was queued behind a lost one goes out again."""
@@ -427,6 +489,7 @@ class MapJob:
         for unit in [*self.outstanding.values(), *self._requeued]:
             if unit.lease is not None:
                 unit.lease.release()
+                unit.lease = None
 
     def output(self, tag: Any, stream: str, text: str) -> None:
         self._out(stream, text)
@@ -469,6 +532,7 @@ class CellJob:
         self.rank_seconds: dict[int, float] = {}
         self.task_seconds = 0.0
         self.items_done = 0
+        self.items_total = size
         self.n_chunks = size
         self._out = out or _print_stream
         self._label = label
@@ -477,6 +541,7 @@ class CellJob:
         self.insights = insights
         self.bytes_sent = len(spec_bytes) * size
         self.bytes_back = 0
+        self.bytes_shared = 0  # a cell's spec never travels through shared memory
         self.cpu_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
@@ -485,9 +550,26 @@ class CellJob:
         if self._progress:
             self._progress(1)
 
+    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
+        """Send output and progress elsewhere (a run's event queue); returns the old pair."""
+        old = (self._out, self._progress)
+        self._out, self._progress = out, progress
+        return old
+
+    @property
+    def items_failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
     @property
     def finished(self) -> bool:
         return not self._pending and not self.outstanding
+
+    def release_shared(self) -> None:
+        """Nothing to give back: a cell's spec never travels through shared memory."""
 
     @property
     def has_work(self) -> bool:
@@ -583,6 +665,17 @@ class CellJob:
             )
             raise err from first
         return [self.values[r] for r in range(self.size)]
+
+
+def drop_partial(data: bytes) -> None:
+    """Results a worker packed before an error: load and drop them, so shared-memory
+    segments it gave for them are unlinked now rather than at pool stop."""
+    if not data:
+        return
+    try:
+        payload.loads(data)
+    except Exception:
+        log.debug("mpmagic: could not load partial results to free their segments", exc_info=True)
 
 
 def _load_failure_note(info: Any) -> str:

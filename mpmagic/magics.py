@@ -20,7 +20,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_
 from IPython.display import display
 
 from . import api, config, pool, scaling
-from .errors import RemoteTraceback, UsageError
+from .errors import UsageError, came_from_worker
 
 _args_counter = 0
 
@@ -137,6 +137,7 @@ def _pool_parser() -> _Parser:
     p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_positive_int, help="recycle a worker after this many items")
+    p.add_argument("--max-memory", help="replace a worker holding more than this after a task (e.g. 2GB)")
     p.add_argument("--scheduler-file", help="dask: connect to the scheduler described in this file")
     p.add_argument("--tls-ca-file", help="dask: CA certificate for tls:// addresses")
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
@@ -220,14 +221,14 @@ def _magic_errors(parser: _Parser) -> Iterator[None]:
 
     Our UsageError (bad arguments found by the API) becomes the magic's usage
     error with the pointer to its help, unless a task raised it (it then has
-    the worker's traceback as its cause and is the task's error). An
+    the worker's frames and is the task's error). An
     interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`.
     """
     __tracebackhide__ = True
     try:
         yield
     except UsageError as exc:
-        if isinstance(exc.__cause__, RemoteTraceback):
+        if came_from_worker(exc):
             raise
         raise parser.usage_error(str(exc)) from None
     except KeyboardInterrupt:
@@ -345,7 +346,8 @@ class MPMagics(Magics):
     def _pool(self, opts: argparse.Namespace) -> Any:
         action = opts.action
         if action == "start":
-            pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True)
+            pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
+                            max_memory=opts.max_memory)
         elif action == "stop":
             pool.stop_pool()
         elif action == "restart":

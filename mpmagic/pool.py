@@ -12,21 +12,22 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from .backends.base import Backend
 from .backends.local import LocalBackend
 from .errors import UsageError
 from .report import fmt_seconds
 from .status import PoolStatus  # formatting lives in status.py; importable from here as before
 
 _lock = threading.RLock()
-_backend: Any = None
+_backend: Backend | None = None
 
 
-def get_pool() -> Any:
+def get_pool() -> Backend:
     """The current backend, created (not yet started) on first use."""
     global _backend
     with _lock:
         if _backend is None:
-            _backend = LocalBackend()
+            _backend = LocalBackend(max_memory=_max_memory)
         return _backend
 
 
@@ -35,14 +36,58 @@ def current_pool() -> Any | None:
     return _backend
 
 
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+#: The local pool's per-worker memory limit in bytes (``max_memory``), kept for pools made later.
+_max_memory: int | None = None
+
+
+def parse_memory(value: int | str | None) -> int | None:
+    """Bytes from ``2GB``, ``512 MiB``, ``1.5g`` or a whole number of bytes; None for no limit."""
+    if value is None or value == "" or value == 0:
+        return None
+    if isinstance(value, bool):
+        raise UsageError(f"max_memory must be a size such as '2GB', not {value!r}")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits):]
+        try:
+            n = int(float(digits) * _UNITS[unit])
+        except (ValueError, KeyError):
+            raise UsageError(f"max_memory must be a size such as '2GB' or '512MiB', not {value!r}") from None
+    if n <= 0:
+        raise UsageError(f"max_memory must be more than 0 bytes, not {value!r}")
+    return n
+
+
+def set_max_memory(value: int | str | None) -> None:
+    """A worker holding more than ``value`` after a task is replaced before its next one."""
+    global _max_memory
+    with _lock:
+        _max_memory = parse_memory(value)
+        if isinstance(_backend, LocalBackend):
+            _backend.max_memory = _max_memory
+
+
 def start_pool(
     workers: int | None = None,
     start_method: str | None = None,
     max_tasks_per_child: int | None = None,
     wait: bool = False,
+    max_memory: int | str | None = None,
 ) -> Any:
-    """Start (or re-create, if its settings change) the local pool."""
+    """Start (or re-create, if its settings change) the local pool.
+
+    ``max_memory`` (bytes, or a size such as ``"2GB"``): a worker holding more
+    after a task is replaced before its next task.
+    """
     global _backend
+    if max_memory is not None:
+        set_max_memory(max_memory)
     with _lock:
         old = _backend
         if isinstance(old, LocalBackend):
@@ -60,7 +105,7 @@ def start_pool(
                 old.resize(workers)
             old.start()
             return old
-        new = LocalBackend(workers, start_method, max_tasks_per_child)
+        new = LocalBackend(workers, start_method, max_tasks_per_child, max_memory=_max_memory)
         if old is not None:
             old.stop()
         _backend = new
@@ -81,13 +126,7 @@ def restart_pool(wait: bool = True) -> Any:
     """Stop and start again with the same settings (clears workers' state)."""
     with _lock:
         backend = get_pool()
-        if hasattr(backend, "restart"):
-            backend.restart()
-            return backend
-        backend.stop()
-        backend.start()
-        if wait:
-            backend.wait_ready()
+        backend.restart()
         return backend
 
 

@@ -327,7 +327,7 @@ def execute_map(
         results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
     end = start + (time.perf_counter() - t_run)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
-    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu()}
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": _rss()}
     try:
         data = dumps_results(results)
     except Exception as exc:
@@ -372,7 +372,7 @@ def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Erro
                 culprit, root = v, f"--gather {name}"
                 break
         return Unpicklable(call, rank, None, _unsendable_info(culprit, root, exc))
-    return Done(call, rank, out, seconds, {"worker": where, "start": start, "end": start + seconds, "cpu": used})
+    return Done(call, rank, out, seconds, {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": _rss()})
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -566,6 +566,18 @@ def _first_unpicklable(results: list) -> int | None:
         except Exception:
             return i
     return None
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int | None:
+    """This process's resident size in bytes, for the pool's memory limit (one read, ~5 us)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:

@@ -44,6 +44,11 @@ def test_timeout_on_a_connected_cluster_restarts_no_worker(ip, dask_pool):
     msg = str(info.value)
     assert "item 2 (2) ran past the timeout of 1 s" in msg
     assert "not mpmagic's to restart" in msg and "busy until it returns" in msg
+    # The message docs/troubleshooting.md shows (addresses vary) is this one.
+    from test_docs import DOCS, shown_lines_missing, standalone_error_blocks
+
+    [shown] = [t for _, t in standalone_error_blocks(DOCS / "troubleshooting.md", shown_elsewhere=True) if "Dask" in t]
+    assert not shown_lines_missing(shown, msg, example=False), (shown, msg)
     assert _pids(dask_pool) == before  # the same worker processes
     assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
 

@@ -101,7 +101,7 @@ def test_the_local_backend_rejects_a_request_coming_from_a_worker():
     backend = LocalBackend.__new__(LocalBackend)
     slot = _Slot(0, None, None, 0.0)
     with pytest.raises(ProtocolError, match="sent a Map message"):
-        backend._handle(slot, EXAMPLES[1], None)
+        backend._handle(slot, EXAMPLES[1])
 
 
 # -- a worker process over a bare pipe -----------------------------------------

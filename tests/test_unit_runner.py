@@ -202,7 +202,7 @@ def test_dask_task_on_a_real_cluster_replies_the_same(case, dask_client):
 
 # -- what each case must give (the serial oracle, in reply form) --------------
 
-_META = ["cpu", "end", "start", "worker"]
+_META = ["cpu", "end", "rss", "start", "worker"]  # rss: the pool's memory limit reads it
 _TIMED_META = sorted(_META + ["item_top", "items_timed", "transfer"])
 _STOP = "the task raised StopIteration"
 

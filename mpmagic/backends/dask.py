@@ -127,6 +127,8 @@ class DaskBackend:
     """
 
     name = "dask"
+    start_method = None  # worker processes are the cluster's (see backends/base.py)
+    shares_memory = False  # workers may be on other machines: everything travels pickled
 
     def __init__(
         self,
@@ -451,6 +453,25 @@ class DaskBackend:
         return make_shared(self.client, kind, *args, **kwargs)
 
     # -- running a job -----------------------------------------------------
+    @property
+    def cold(self) -> bool:
+        """The cluster's workers are up before any run (``start`` waits for them)."""
+        return False
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Start (connect) and wait for at least one worker."""
+        self.start()
+        self._wait_for_workers(1)
+
+    def submit(self, job: Any, workers: int | None = None) -> Any:
+        """A run handle; the thread that waits on it drives the job (see ``engine.DrivenRun``).
+
+        Ctrl-C lands in that wait as in ``run``, which cancels the run's futures.
+        """
+        from ..engine import DrivenRun
+
+        return DrivenRun(job, lambda: self.run(job, workers))
+
     def run(self, job: Any, workers: int | None = None) -> None:
         """Drive ``job`` to completion on the cluster; raise what interrupts it.
 

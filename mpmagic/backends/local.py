@@ -1,15 +1,19 @@
-"""Worker processes on this machine, and the loop that drives them.
+"""Worker processes on this machine, and the manager thread that drives them.
 
 Why not ``multiprocessing.Pool``: with spawn or forkserver it cannot run a
 notebook function, it hangs when a worker dies mid-task, it cannot bound a
 task's time, and it cannot run N cell copies at once on distinct workers. So
-each worker gets one duplex pipe, and one loop in the calling thread waits on
-every pipe *and* every worker's process sentinel together
-(``multiprocessing.connection.wait``): a result, a line of output, or a
-worker's death wakes it, so a dead worker is an error with its exit status,
-never a hang. Because the loop runs in the notebook's main thread, Ctrl-C
-(or "interrupt kernel") lands in it directly; workers ignore SIGINT and the
-loop stops the ones busy with the interrupted run and starts replacements.
+each worker gets one duplex pipe, and one manager thread per pool waits on
+every pipe, every worker's process sentinel and a wakeup pipe together
+(``multiprocessing.connection.wait``, as ``concurrent.futures.process`` and
+loky's executor manager do): a result, a line of output, a worker's death, a
+new run or a cancel wakes it, so a dead worker is an error with its exit
+status, never a hang. The manager is the only code that touches the pipes,
+so any number of runs, from any threads, share the workers (in turn, run by
+run). ``submit`` returns a run (``engine.Run``); the thread that waits on it
+prints its output. Ctrl-C lands in that wait (the notebook's main thread),
+which cancels that run only: the manager stops the workers busy with it and
+starts replacements; workers ignore SIGINT.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -28,11 +33,11 @@ import weakref
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 from typing import Any
 
 from .. import context, payload, payload_cache, shm, worker
 from ..cpus import available_cpus
+from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
 from ..protocol import (
     Done,
@@ -48,6 +53,9 @@ from ..protocol import (
     pack,
     unpack,
 )
+from .base import Job
+
+log = logging.getLogger("mpmagic")
 
 START_METHODS = ("forkserver", "spawn", "fork")
 
@@ -106,15 +114,18 @@ class _Slot:
     conn: Any
     started: float
     known: set = field(default_factory=set)  # payload keys it has cached
-    inflight: deque = field(default_factory=deque)  # (call_id, unit) in send order
+    inflight: deque = field(default_factory=deque)  # (run, unit) in send order
     deadline: float | None = None
     tasks: int = 0  # items/ranks finished since it started
     pid: int | None = None
     ready: bool = False
-    temporary: bool = False
+    temporary: bool = False  # added for a cell's ranks; stops once idle
+    retiring: bool = False  # beyond the pool's size after a resize; stops once idle
     # Shared with the worker: the position in its chunk of the item it is
     # running, so a crash blames that one item rather than the whole chunk.
     position: Any = None
+    rss: int | None = None  # resident bytes after its last task, as it reported
+    over_memory: bool = False  # above the pool's max_memory: replaced once idle
 
     @property
     def busy(self) -> bool:
@@ -186,46 +197,62 @@ def _sigint_blocked_while_starting():
         yield
 
 
-@contextmanager
-def _sigint_deferred():
-    """Cleanup that a second Ctrl-C must not cut short: defer SIGINT meanwhile."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    hits: list[int] = []
-    try:
-        old = signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if hits and callable(old):
-            old(signal.SIGINT, None)
-
-
 _live_backends: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_all_at_exit() -> None:
     for backend in list(_live_backends):
-        backend.stop(timeout=0.5)
+        try:
+            backend.stop(timeout=0.5)
+        except Exception:  # one backend's cleanup must not stop the others'
+            log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
+
+
+#: Seconds a failed map's later chunks may take to come back before their workers are replaced.
+_FAIL_GRACE = 0.5
+#: Seconds spent showing what a cancelled run's busy workers printed before they are stopped.
+_DRAIN_ON_CANCEL = 0.2
+
+
+class _LocalRun(Run):
+    """One job in flight on the local pool. Its state belongs to the manager thread."""
+
+    def __init__(self, backend: LocalBackend, job: Any, limit: int | None) -> None:
+        super().__init__(job)
+        self.backend = backend
+        self.limit = limit  # a map uses at most this many workers (``workers=``)
+        self.cancel_requested = False
+        self.grace_deadline: float | None = None  # failed: its later chunks may come back until then
+
+    def cancel(self, interrupted: bool = False) -> bool:
+        """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
+
+        Returns once the run ended; the output it made is shown by the next ``wait``.
+        """
+        with self.backend._lock:
+            if self._ended.is_set():
+                return False
+            self.cancel_requested = True
+            self.interrupted = self.interrupted or interrupted
+        self.backend._wake()
+        self._ended.wait()
+        return True
 
 
 class LocalBackend:
-    """A managed pool of worker processes on this machine."""
+    """A managed pool of worker processes on this machine, run by one manager thread."""
 
     name = "local"
     shares_memory = True  # large arrays may travel through shared memory (shm.py)
+    make_shared = None  # ``shared`` makes its helpers in POSIX shared memory itself
 
     def __init__(
         self,
         workers: int | None = None,
         start_method: str | None = None,
         max_tasks_per_child: int | None = None,
+        max_memory: int | None = None,
     ) -> None:
         method = start_method or default_start_method()
         if method not in multiprocessing.get_all_start_methods():
@@ -238,6 +265,9 @@ class LocalBackend:
         self.workers = n
         self.start_method = method
         self.max_tasks_per_child = max_tasks_per_child
+        # Bytes of resident memory a worker may keep after a task; above it the
+        # worker is replaced before its next task (like Dask's nanny).
+        self.max_memory = max_memory
         self.ctx = multiprocessing.get_context(method)
         self.slots: list[_Slot] = []
         self._next_wid = 0
@@ -245,8 +275,20 @@ class LocalBackend:
         self.calls_run = 0
         self.workers_replaced = 0
         self.created = time.time()
+        # Guards every field below and the slots. The manager holds it except
+        # while it waits; callers take it briefly (submit, cancel, start, status).
         self._lock = threading.RLock()
-        self._limit: int | None = None
+        self._cond = threading.Condition(self._lock)  # notified when a worker says it is ready
+        self._runs: list[_LocalRun] = []  # in flight, in submission order
+        self._calls: dict[int, _LocalRun] = {}  # call id -> run, for replies
+        self._turn = 0  # round-robin position among runs (fair sharing of workers)
+        self._manager: threading.Thread | None = None
+        self._closing = False
+        self._wake_r, self._wake_w = -1, -1
+        self._selector: selectors.BaseSelector | None = None  # the manager's (see _selector_for_slots)
+        self._selector_slots: tuple | None = None
+        self._startup_failures = 0
+        self._interrupted_at = float("-inf")
         _live_backends.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -254,8 +296,14 @@ class LocalBackend:
     def running(self) -> bool:
         return bool(self.slots)
 
+    @property
+    def cold(self) -> bool:
+        """True when the workers are not all up yet (the next run pays for their start)."""
+        slots = list(self.slots)
+        return not slots or not all(s.ready for s in slots)
+
     def start(self) -> None:
-        """Start the workers (returns at once; they get ready in the background)."""
+        """Start the workers and the manager (returns at once; workers get ready in the background)."""
         with self._lock:
             if not self.slots:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
@@ -265,9 +313,17 @@ class LocalBackend:
                         ["mpmagic.forkserver_preload", "mpmagic.worker", "mpmagic.cell"]
                     )
                 except Exception:
-                    pass
+                    log.warning("mpmagic: could not set the forkserver preload", exc_info=True)
             while len([s for s in self.slots if not s.temporary]) < self.workers:
                 self.slots.append(self._spawn())
+            if self._manager is None or not self._manager.is_alive():
+                self._closing = False
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
+                os.set_blocking(self._wake_w, False)
+                self._manager = threading.Thread(target=self._manage, name="mpmagic-manager", daemon=True)
+                self._manager.start()
+        self._wake()
 
     def _spawn(self, temporary: bool = False) -> _Slot:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
@@ -293,21 +349,44 @@ class LocalBackend:
         """Block until every worker has said it is ready (used by ``%pool start``)."""
         self.start()
         deadline = time.monotonic() + timeout
-        while not all(s.ready for s in self.slots):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise MPMagicError(f"workers not ready after {timeout:g} s")
-            self._pump(None, min(left, 0.2))
+        with self._cond:
+            while not all(s.ready for s in self.slots):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MPMagicError(f"workers not ready after {timeout:g} s")
+                self._cond.wait(min(left, 0.5))
+
+    def _stop_manager(self) -> None:
+        with self._lock:
+            manager, self._manager = self._manager, None
+            self._closing = True
+            runs = list(self._runs)
+        self._wake()
+        if manager is not None and manager is not threading.current_thread():
+            manager.join(5.0)
+        for run in runs:  # whoever waits on them must not hang
+            run._finish(MPMagicError("the pool was stopped while this run was in flight"))
+        with self._lock:
+            self._runs.clear()
+            self._calls.clear()
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
+            if self._selector is not None:
+                self._selector.close()
+            self._selector = self._selector_slots = None
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every worker: ask politely, then terminate, then kill."""
+        self._stop_manager()
         with self._lock:
             slots, self.slots = self.slots, []
         for s in slots:
             try:
                 s.conn.send_bytes(_STOP)
             except Exception:
-                pass
+                log.debug("mpmagic: worker %s gone before stop", s.wid)
         deadline = time.monotonic() + timeout
         for s in slots:
             s.proc.join(max(0.0, deadline - time.monotonic()))
@@ -323,7 +402,7 @@ class LocalBackend:
             try:
                 s.proc.close()
             except Exception:
-                pass
+                log.debug("mpmagic: could not close worker %s", s.wid, exc_info=True)
         # No worker maps our segments any more: unlink them all.
         for s in slots:
             shm.sweep_worker(s.pid)
@@ -331,15 +410,24 @@ class LocalBackend:
         payload_cache.clear()
         shm.take_unmapped()
 
+    def restart(self) -> None:
+        """Stop and start again with the same settings (clears the workers' state)."""
+        self.stop()
+        self.start()
+        self.wait_ready()
+
     def resize(self, workers: int) -> None:
-        """Grow or shrink the pool to ``workers`` processes (idle ones stop)."""
+        """Grow or shrink the pool to ``workers`` processes (idle ones stop; busy ones once idle)."""
         _check_size(workers)
         with self._lock:
             self.workers = workers
             if self.slots:
                 extra = [s for s in self.slots if not s.temporary][workers:]
                 for s in extra:
-                    self._retire(s)
+                    if s.busy:
+                        s.retiring = True
+                    else:
+                        self._retire(s)
                 self.start()
 
     def _retire(self, slot: _Slot) -> None:
@@ -349,7 +437,7 @@ class LocalBackend:
         try:
             slot.conn.send_bytes(_STOP)
         except Exception:
-            pass
+            log.debug("mpmagic: worker %s gone before stop", slot.wid)
         slot.conn.close()
         _reap_later(slot.proc)
 
@@ -360,14 +448,19 @@ class LocalBackend:
         try:
             slot.proc.kill()
         except Exception:
-            pass
+            log.debug("mpmagic: could not kill worker %s", slot.wid, exc_info=True)
         slot.conn.close()
         _reap_later(slot.proc)
         self.workers_replaced += 1
 
     def _replace(self, slot: _Slot) -> None:
+        """Kill a worker; units of other runs queued on it go back to their runs."""
+        rest = list(slot.inflight)
+        slot.inflight.clear()
+        for run, unit in rest:
+            run.job.requeue(unit)
         self._kill(slot)
-        if not slot.temporary:
+        if not slot.temporary and not slot.retiring:
             self.slots.append(self._spawn())
 
     # -- status ------------------------------------------------------------
@@ -376,7 +469,10 @@ class LocalBackend:
         import psutil
 
         workers = []
-        for s in self.slots:
+        with self._lock:
+            slots = list(self.slots)
+            runs = len(self._runs)
+        for s in slots:
             try:
                 rss = psutil.Process(s.pid).memory_info().rss if s.pid else None
             except Exception:
@@ -400,54 +496,194 @@ class LocalBackend:
             "processes": workers,
             "tasks_run": self.tasks_run,
             "calls_run": self.calls_run,
+            "runs_in_flight": runs,
             "workers_replaced": self.workers_replaced,
             "max_tasks_per_child": self.max_tasks_per_child,
+            "max_memory": self.max_memory,
         }
 
-    # -- running a job -----------------------------------------------------
-    def run(self, job, workers: int | None = None) -> None:
-        """Drive ``job`` to completion on the workers; raise what interrupts it.
+    # -- submitting (any thread) ----------------------------------------------
+    def submit(self, job: Job, workers: int | None = None) -> _LocalRun:
+        """Hand ``job`` to the manager; returns its run at once.
 
         ``workers`` limits a map to that many workers, or grows the pool to it.
+        A cell's ranks each get a worker of their own at once (temporary extra
+        workers when the pool has too few idle ones).
         """
-        __tracebackhide__ = True
-        self.start()
-        self.calls_run += 1
+        limit = None
         if job.kind == "cell":
-            self._ensure_distinct(job.size)
-            self._limit = None
+            cap = max_workers()
+            if job.size > cap:
+                raise UsageError(f"-n {job.size} is more ranks than this machine can run at once (at most {cap})")
+        elif workers and workers > self.workers:
+            self.resize(workers)
         else:
-            if workers and workers > self.workers:
-                self.resize(workers)
-            self._limit = workers
-        self._send_unmaps()
+            limit = workers
+        self.start()
+        run = _LocalRun(self, job, limit)
+        with self._lock:
+            self.calls_run += 1
+            self._runs.append(run)
+            self._calls[job.call_id] = run
+        self._wake()
+        return run
+
+    def run(self, job: Job, workers: int | None = None) -> None:
+        """Submit ``job`` and wait for it here (Ctrl-C cancels it); raise what stopped it."""
+        __tracebackhide__ = True
+        run = self.submit(job, workers)
         try:
-            self._loop(job)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                self._interrupted_at = time.monotonic()
-            with _sigint_deferred():
-                self._abandon(job)
+            run.wait()
+        except KeyboardInterrupt:
+            with sigint_deferred():
+                run.cancel(interrupted=True)
+                run.wait()
             raise
+        if run.error is not None:
+            raise run.error
+
+    def _wake(self) -> None:
+        """Wake the manager from its wait (new run, cancel, new workers, stop)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # full (it will wake anyway) or closed (it has stopped)
+
+    # -- the manager thread ----------------------------------------------------
+    def _manage(self) -> None:
+        """The only code that reads and writes worker pipes.
+
+        It waits on every worker's pipe, every worker's process sentinel and
+        the wakeup pipe at once (``multiprocessing.connection.wait``): a
+        result, a line of output, a death, a new run or a cancel wakes it, and
+        it sleeps without a timeout when no deadline is pending. It never
+        prints: output goes to each run's event queue.
+        """
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                self._step()
+                selector = self._selector_for_slots()
+                timeout = self._next_timeout()
+            try:
+                ready = [key.data for key, _ in selector.select(timeout)]
+            except (OSError, ValueError):  # a pipe closed meanwhile by a caller (resize): look again
+                self._selector_slots = None
+                continue
+            with self._lock:
+                if self._closing:
+                    return
+                try:
+                    os.read(self._wake_r, 4096)
+                except (BlockingIOError, OSError):
+                    pass  # nothing to drain
+                try:
+                    self._pump(ready)
+                except Exception as exc:  # never a dead manager and callers waiting forever
+                    log.error("mpmagic: the pool's manager failed", exc_info=True)
+                    for run in list(self._runs):
+                        self._end(run, exc)
+
+    def _step(self) -> None:
+        try:
+            self._check_restarts()
+            self._check_runs()
+            self._assign()
+            self._check_runs()
+            shm_names = shm.take_unmapped()
+            if shm_names:
+                self._send_unmaps(shm_names)
+        except Exception as exc:
+            log.error("mpmagic: the pool's manager failed", exc_info=True)
+            for run in list(self._runs):
+                self._end(run, exc)
+
+    def _next_timeout(self) -> float | None:
+        times = [s.deadline for s in self.slots if s.deadline is not None]
+        times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
+        if not times:
+            return None
+        return max(0.0, min(times) - time.monotonic())
+
+    def _selector_for_slots(self) -> selectors.BaseSelector:
+        """An epoll selector on the wakeup pipe and every worker's pipe and sentinel,
+        rebuilt only when the workers change: ``multiprocessing.connection.wait``
+        builds one per call (~20 us here, three calls per warm 2-item map)."""
+        slots = tuple(self.slots)
+        if self._selector is None or self._selector_slots != slots:
+            if self._selector is not None:
+                self._selector.close()
+            sel = selectors.DefaultSelector()
+            sel.register(self._wake_r, selectors.EVENT_READ, None)
+            for slot in slots:
+                sel.register(slot.conn.fileno(), selectors.EVENT_READ, (slot, True))
+                sel.register(slot.proc.sentinel, selectors.EVENT_READ, (slot, False))
+            self._selector, self._selector_slots = sel, slots
+        return self._selector
+
+    def _pump(self, ready: list) -> None:
+        """Handle whatever the workers said (``(slot, True)``), and their deaths (``(slot, False)``)."""
+        dead = []
+        for what in ready:
+            if what is None or what[0] not in self.slots:
+                continue  # the wakeup pipe, or a worker replaced meanwhile
+            slot, talked = what
+            if talked:
+                if not self._drain(slot):
+                    dead.append(slot)
+            else:
+                dead.append(slot)
+        for slot in dict.fromkeys(dead):
+            if slot in self.slots:
+                self._drain(slot)
+                self._lost(slot)
+        self._check_deadlines()
+
+    def _holding(self, run: _LocalRun) -> list[_Slot]:
+        return [s for s in self.slots if any(r is run for r, _ in s.inflight)]
+
+    def _check_runs(self) -> None:
+        """End runs that finished, failed (after a grace for their later chunks) or were cancelled."""
+        now = time.monotonic()
+        for run in list(self._runs):
+            if run.cancel_requested:
+                if run.interrupted:
+                    self._interrupted_at = now
+                self._abandon(run)
+                self._end(run)
+            elif run.job.finished:
+                busy = self._holding(run)
+                if not busy:
+                    self._end(run)
+                elif run.grace_deadline is None:
+                    run.grace_deadline = now + _FAIL_GRACE
+                elif now >= run.grace_deadline:
+                    self._abandon(run)
+                    self._end(run)
+
+    def _abandon(self, run: _LocalRun) -> None:
+        """Stop the workers busy with ``run``, showing what they printed first."""
+        for slot in self._holding(run):
+            self._drain(slot, seconds=_DRAIN_ON_CANCEL)
+            self._replace(slot)
+
+    def _end(self, run: _LocalRun, error: BaseException | None = None) -> None:
+        """The run is over: nobody reads its chunks any more. Give back its segments."""
+        if run not in self._runs:
+            return
+        self._abandon(run)
+        self._runs.remove(run)
+        self._calls.pop(run.job.call_id, None)
+        try:
+            run.job.release_shared()
         finally:
-            if hasattr(job, "release_shared"):  # no worker reads its chunks any more
-                job.release_shared()
-            self._send_unmaps()
-            if job.kind == "cell":
+            if run.job.kind == "cell":
                 for s in [s for s in self.slots if s.temporary and not s.busy]:
                     self._retire(s)
+            run._finish(error)
 
-    def _ensure_distinct(self, n: int) -> None:
-        """A cell needs ``n`` workers at once: add temporary ones if the pool is smaller."""
-        have = len(self.slots)
-        if n > have:
-            limit = max(64, 8 * available_cpus())
-            if n > limit:
-                raise UsageError(f"-n {n} is more ranks than this machine can run at once (at most {limit})")
-            for _ in range(n - have):
-                self.slots.append(self._spawn(temporary=True))
-
-    def _depth(self, job) -> int:
+    def _depth(self, job: Job) -> int:
         """Units in flight per worker: 2 hides latency for short chunks."""
         if job.kind == "cell" or job.timeout:
             return 1
@@ -458,28 +694,72 @@ class LocalBackend:
             return 1  # big chunks: a second one in flight would only hold more memory
         return 2 if per_item * max(job.planner.sizes_used or {1}) < 0.02 else 1
 
-    def _assign(self, job) -> None:
-        depth = self._depth(job)
-        # Fill idle workers first, then deepen pipelines.
-        slots = self.slots[: self._limit] if self._limit else self.slots
-        for level in range(depth):
-            if level and level >= self._depth(job):
-                break  # what was just packed showed big chunks: one in flight is enough
-            for slot in sorted(slots, key=lambda s: len(s.inflight)):
-                if len(slot.inflight) > level:
+    def _assign(self) -> None:
+        """Hand out units: cells' ranks first (each on an idle worker of its own),
+        then maps' chunks to idle workers in turn between runs (fair sharing),
+        then a second chunk behind a running one of the same run (pipelining)."""
+        runs = [r for r in self._runs if not r.cancel_requested and r.job.has_work]
+        if not runs:
+            return
+        for run in [r for r in runs if r.job.kind == "cell"]:
+            self._assign_ranks(run)
+        maps = [r for r in runs if r.job.kind == "map"]
+        if not maps:
+            return
+        pool = [s for s in self.slots if not s.temporary and not s.retiring]
+        for level in range(2):
+            for slot in sorted(pool, key=lambda s: len(s.inflight)):
+                if len(slot.inflight) != level or self._saturated(slot):
                     continue
-                if job.kind == "cell" and slot.inflight:
-                    continue
-                if self._saturated(slot):
-                    continue  # recycled by _check_restarts once its work is back
-                if not job.has_work:
-                    return
-                unit = job.next_unit()
-                if unit is None:
-                    return
-                self._send_unit(slot, job, unit)
+                # A run may find its input just ran out (an iterator of exactly
+                # N chunks): then the next run in turn gets this worker.
+                while len(slot.inflight) == level:
+                    run = self._next_run(maps, slot, level)
+                    if run is None:
+                        break
+                    self._give(run, slot)
 
-    def _send_unit(self, slot: _Slot, job, unit) -> None:
+    def _next_run(self, maps: list[_LocalRun], slot: _Slot, level: int) -> _LocalRun | None:
+        """The next map run, in turn, that may put a unit on ``slot`` at this depth."""
+        n = len(maps)
+        for k in range(n):
+            run = maps[(self._turn + k) % n]
+            job = run.job
+            if not job.has_work or run.cancel_requested or run not in self._runs:
+                continue
+            if level:
+                if slot.inflight[0][0] is not run or self._depth(job) <= level:
+                    continue  # pipelining stays within one run
+            elif run.limit and slot not in self.slots[: run.limit] and len(self._holding(run)) >= run.limit:
+                continue
+            self._turn = (self._turn + k + 1) % n
+            return run
+        return None
+
+    def _give(self, run: _LocalRun, slot: _Slot) -> None:
+        try:
+            unit = run.job.next_unit()
+        except Exception as exc:  # an item that cannot be sent: the run's error
+            self._end(run, exc)
+            return
+        if unit is not None:
+            self._send_unit(slot, run, unit)
+
+    def _assign_ranks(self, run: _LocalRun) -> None:
+        idle = [s for s in self.slots if not s.inflight and not s.retiring and not self._saturated(s)]
+        job = run.job
+        missing = len(job._pending) - len(idle)
+        for _ in range(max(0, missing)):  # every rank runs at once: more workers for now
+            slot = self._spawn(temporary=True)
+            self.slots.append(slot)
+            idle.append(slot)
+        for slot in idle:
+            if not job.has_work:
+                return
+            self._give(run, slot)
+
+    def _send_unit(self, slot: _Slot, run: _LocalRun, unit: Any) -> None:
+        job = run.job
         try:
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
@@ -495,53 +775,20 @@ class LocalBackend:
             job.requeue(unit)
             slot.known.discard(job.func_key)
             return  # the sentinel reports the dead worker
-        slot.inflight.append((job.call_id, unit))
-        if job.timeout and len(slot.inflight) == 1:
+        slot.inflight.append((run, unit))
+        if job.timeout and len(slot.inflight) == 1 and slot.ready:  # (a starting worker: once ready)
             slot.deadline = time.monotonic() + job.timeout
 
     def _saturated(self, slot: _Slot) -> bool:
         """Has this worker been given its ``max_tasks_per_child`` items already?"""
+        if slot.over_memory:
+            return True
         if not self.max_tasks_per_child:
             return False
         queued = sum(unit.count for _, unit in slot.inflight)
         return slot.tasks + queued >= self.max_tasks_per_child
 
-    def _loop(self, job) -> None:
-        while not job.finished:
-            self._check_restarts()
-            self._assign(job)
-            if job.finished:
-                break
-            timeout = 0.5
-            now = time.monotonic()
-            deadlines = [s.deadline for s in self.slots if s.deadline is not None]
-            if deadlines:
-                timeout = max(0.0, min(timeout, min(deadlines) - now))
-            self._pump(job, timeout)
-            self._check_deadlines(job)
-            self._check_restarts()
-        if getattr(job, "failure", None) is not None:
-            self._abandon(job, grace=0.5)
-
-    def _pump(self, job, timeout: float) -> None:
-        """Wait for and handle whatever the workers say, or their deaths."""
-        conns = {s.conn: s for s in self.slots}
-        sentinels = {s.proc.sentinel: s for s in self.slots}
-        ready = wait(list(conns) + list(sentinels), timeout)
-        dead = []
-        for r in ready:
-            if r in conns:
-                slot = conns[r]
-                if not self._drain(slot, job):
-                    dead.append(slot)
-            else:
-                dead.append(sentinels[r])
-        for slot in dict.fromkeys(dead):
-            if slot in self.slots:
-                self._drain(slot, job)
-                self._lost(slot, job)
-
-    def _drain(self, slot: _Slot, job, seconds: float | None = None) -> bool:
+    def _drain(self, slot: _Slot, seconds: float | None = None) -> bool:
         """Handle every message waiting on this worker's pipe. False on EOF.
 
         ``seconds`` bounds the time spent, for a worker that keeps talking.
@@ -549,130 +796,155 @@ class LocalBackend:
         deadline = None if seconds is None else time.monotonic() + seconds
         try:
             while slot.conn.poll():
-                self._handle(slot, unpack(slot.conn.recv_bytes()), job)
+                self._handle(slot, unpack(slot.conn.recv_bytes()))
                 if deadline is not None and time.monotonic() > deadline:
                     break
         except (EOFError, OSError):
             return False
         return True
 
-    def _handle(self, slot: _Slot, msg: tuple, job) -> None:
+    def _handle(self, slot: _Slot, msg: Any) -> None:
         kind = type(msg)
         if kind is Ready:
             slot.ready = True
             self._startup_failures = 0
             slot.pid = msg.pid
+            if slot.inflight and slot.inflight[0][0].job.timeout:  # its time starts now, not while it started
+                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
+            self._cond.notify_all()
             return
         if kind not in _WORKER_SAYS:
             raise ProtocolError(f"worker {slot.wid} sent a {kind.__name__} message, which workers never send")
-        current = job is not None and msg.call == job.call_id
+        run = self._calls.get(msg.call)
         if kind is Out:
-            if current:
-                job.output(msg.tag, msg.stream, msg.text)
+            if run is not None:
+                run.job.output(msg.tag, msg.stream, msg.text)
             return
         # A reply: it answers the oldest unit in flight on this worker.
-        if not slot.inflight or slot.inflight[0][1].id != msg.tag or slot.inflight[0][0] != msg.call:
+        if not slot.inflight or slot.inflight[0][1].id != msg.tag or slot.inflight[0][0].job.call_id != msg.call:
             return _discard(msg)  # a reply for a unit we already gave up on
-        _, unit = slot.inflight.popleft()
-        slot.deadline = time.monotonic() + job.timeout if (current and job.timeout and slot.inflight) else None
-        if not current:
-            return _discard(msg)
-        if kind is Done:
+        owner, unit = slot.inflight.popleft()
+        slot.deadline = None
+        if slot.inflight and slot.inflight[0][0].job.timeout:
+            slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
+        if kind is Done or kind is Error:
             slot.tasks += unit.count
             self.tasks_run += unit.count
-            job.done(unit, msg.data, msg.seconds, msg.meta)
-        elif kind is Error:
-            slot.tasks += unit.count
-            self.tasks_run += unit.count
-            job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
-        elif kind is Unpicklable:
-            job.unpicklable(unit, msg.index, msg.info)
-        else:  # Missing
-            slot.known.discard(msg.key)
-            job.requeue(unit)
+        if run is not owner or owner.job.finished or owner.cancel_requested:
+            return _discard(msg)  # a later chunk of a run that already failed
+        job = owner.job
+        try:
+            if kind is Done:
+                self._note_memory(slot, owner, msg.meta)
+                job.done(unit, msg.data, msg.seconds, msg.meta)
+            elif kind is Error:
+                job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
+            elif kind is Unpicklable:
+                job.unpicklable(unit, msg.index, msg.info)
+            else:  # Missing
+                slot.known.discard(msg.key)
+                job.requeue(unit)
+        except Exception as exc:  # e.g. a result that cannot be loaded here: that run's error
+            self._end(owner, exc)
 
-    def _send_unmaps(self) -> None:
-        """Tell every worker which shared-memory segments the notebook destroyed."""
-        names = shm.take_unmapped()
-        if not names:
+    def _note_memory(self, slot: _Slot, run: _LocalRun, meta: dict | None) -> None:
+        """Keep the worker's reported size; above ``max_memory`` it gets no more work."""
+        rss = meta.get("rss") if meta else None
+        if rss is None:
             return
+        slot.rss = rss
+        if self.max_memory and rss > self.max_memory and not slot.over_memory:
+            slot.over_memory = True
+            run._emit_out(
+                "stderr",
+                f"mpmagic: worker {slot.wid} holds {rss / 1e6:.0f} MB after its task, over the pool's "
+                f"max_memory of {self.max_memory / 1e6:.0f} MB: it is replaced before its next task\n",
+            )
+
+    def _send_unmaps(self, names: list[str]) -> None:
+        """Tell every worker which shared-memory segments the notebook destroyed."""
         msg = pack(Unmap(names))
         for slot in self.slots:
             try:
                 slot.conn.send_bytes(msg)
             except OSError:
-                pass  # a dead worker: its mappings went with it
+                log.debug("mpmagic: worker %s gone: its mappings went with it", slot.wid)
 
-    def _lost(self, slot: _Slot, job) -> None:
+    def _lost(self, slot: _Slot) -> None:
         """A worker died: blame its running unit, send the queued ones again."""
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
+        if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
+            reason = f"ran out of memory (killed by SIGKILL; {slot.rss / 1e6:.0f} MB at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
-        interrupted = time.monotonic() - getattr(self, "_interrupted_at", float("-inf")) < 5
+        interrupted = time.monotonic() - self._interrupted_at < 5
         if not slot.ready and time.monotonic() - slot.started < 30 and not inflight and not interrupted:
-            self._startup_failures = getattr(self, "_startup_failures", 0) + 1
+            self._startup_failures += 1
             if self._startup_failures >= 3:
                 self._kill(slot)
-                raise MPMagicError(
+                error = MPMagicError(
                     f"worker processes die while starting (the last {reason}); "
                     f"check that `python -c 'import mpmagic'` works, or try another start method"
                 )
+                for run in list(self._runs):
+                    self._end(run, error)
+                return
         else:
             self._startup_failures = 0
         self._replace(slot)
-        if job is None:
-            return
-        for i, (call, unit) in enumerate(inflight):
-            if call != job.call_id:
+        for i, (run, unit) in enumerate(inflight):
+            if run not in self._runs or run.job.finished:
                 continue
             if i == 0:
-                job.lost(unit, reason, index=_position(slot))
+                run.job.lost(unit, reason, index=_position(slot))
             else:
-                job.requeue(unit)
+                run.job.requeue(unit)
 
-    def _check_deadlines(self, job) -> None:
+    def _check_deadlines(self) -> None:
         now = time.monotonic()
         for slot in list(self.slots):
             if slot.deadline is not None and now >= slot.deadline and slot.inflight:
-                call, unit = slot.inflight[0]
-                rest = list(slot.inflight)[1:]
-                slot.inflight.clear()
+                run, unit = slot.inflight.popleft()
                 self._replace(slot)
-                if call == job.call_id:
-                    job.lost(unit, "ran past its timeout", timed_out=True, index=_position(slot))
-                for c, u in rest:
-                    if c == job.call_id:
-                        job.requeue(u)
+                if run in self._runs and not run.job.finished:
+                    run.job.lost(unit, "ran past its timeout", timed_out=True, index=_position(slot))
 
     def _check_restarts(self) -> None:
-        """Recycle workers that reached ``max_tasks_per_child`` once they are idle."""
-        if not self.max_tasks_per_child:
+        """Recycle workers that reached ``max_tasks_per_child`` or ``max_memory`` once
+        they are idle; stop those a shrinking resize left over once idle."""
+        for slot in [s for s in self.slots if s.retiring and not s.busy]:
+            self._retire(slot)
+        if not self.max_tasks_per_child and not self.max_memory:
             return
         for slot in list(self.slots):
-            if not slot.busy and slot.tasks >= self.max_tasks_per_child:
+            worn = bool(self.max_tasks_per_child) and slot.tasks >= self.max_tasks_per_child
+            if not slot.busy and (worn or slot.over_memory):
                 self._retire(slot)
                 if not slot.temporary:
                     self.slots.append(self._spawn())
 
-    def _abandon(self, job, grace: float = 0.0) -> None:
-        """Stop work of ``job`` still running: wait up to ``grace``, then kill."""
-        deadline = time.monotonic() + grace
-        while grace and any(c == job.call_id for s in self.slots for c, _ in s.inflight):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                self._pump(None, min(left, 0.1))
-            except MPMagicError:
-                break
-        for slot in list(self.slots):
-            if any(c == job.call_id for c, _ in slot.inflight):
-                self._drain(slot, job, seconds=0.2)  # show what it printed before we stop it
-                self._replace(slot)
+
+def _near_memory_limit(slot: _Slot, limit: int | None) -> bool:
+    """Was a SIGKILLed worker likely killed for its memory (the OOM killer, a cgroup limit)?
+
+    Near the pool's limit (80 %) at its last report, or, without a limit, the
+    machine short of memory now (under 5 % available).
+    """
+    if slot.rss is None:
+        return False
+    if limit:
+        return slot.rss >= 0.8 * limit
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return vm.available < 0.05 * vm.total
+    except Exception:
+        return False
 
 
 def _position(slot: _Slot) -> int | None:
@@ -687,11 +959,12 @@ _WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Re
 
 def _discard(msg: tuple) -> None:
     """Drop a stale reply; results it left in shared memory are unlinked."""
-    if type(msg) is Done:
+    data = msg.data if type(msg) is Done else msg.partial if type(msg) is Error else None
+    if isinstance(data, bytes) and data:
         try:
-            payload.loads(msg.data)
+            payload.loads(data)
         except Exception:
-            logging.getLogger("mpmagic").debug("could not load a stale reply to unlink its segments", exc_info=True)
+            log.debug("mpmagic: could not load a stale reply to free its segments", exc_info=True)
 
 
 def _reap_later(proc) -> None:

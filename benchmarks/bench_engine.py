@@ -1,0 +1,100 @@
+"""The run engine (issue 15): thread handoff cost, many runs at once, fairness.
+
+    .venv/bin/python benchmarks/bench_engine.py           # full (about a minute)
+    .venv/bin/python benchmarks/bench_engine.py --quick   # smoke run
+
+Rows: a warm 2-item pmap and 100,000 tiny items against multiprocessing.Pool(fork)
+(no regression from the manager thread's handoff); (a) 8 threads each mapping
+1,000 tiny items at once against one call over 8,000; (b) fairness: while a
+background thread's run keeps both workers busy with 0.1 s items, the time a
+2-item pmap from the main thread takes (median of 20); (c) the notebook
+process's CPU time per tiny item (the ceiling with many workers). Functions
+are defined in an IPython shell as in a notebook. Figures are medians; print
+is markdown for docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_core import fmt_t, race  # noqa: E402
+from IPython.core.interactiveshell import InteractiveShell  # noqa: E402
+
+import mpmagic  # noqa: E402
+
+WORKERS = 2
+CELL = "def sq(x):\n    return x * x\n\ndef tenth(x):\n    import time\n    time.sleep(0.1)\n    return x\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter fairness run")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 9
+    shell = InteractiveShell.instance()
+    shell.run_cell(CELL, store_history=False)
+    sq, tenth = shell.user_ns["sq"], shell.user_ns["tenth"]
+    mpmagic.start_pool(WORKERS, wait=True)
+    rows = []
+    with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
+        pool.map(sq, range(10))
+        for label, n in (("warm 2-item map", 2), ("100,000 tiny items", 100_000)):
+            items = list(range(n))
+            got = race({"ours": lambda items=items: mpmagic.pmap(sq, items),
+                        "pool": lambda items=items: pool.map(sq, items)}, repeats, warmup=2)
+            ours, theirs = got["ours"], got["pool"]
+            rows.append((label, ours, theirs, f"{ours / theirs:.2f}x of Pool(fork)"))
+
+    # (a) 8 threads x 1,000 items at once vs one call over 8,000
+    def eight_threads() -> None:
+        threads = [threading.Thread(target=mpmagic.pmap, args=(sq, range(1000))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    got = race({"many": eight_threads, "one": lambda: mpmagic.pmap(sq, range(8000))}, repeats, warmup=1)
+    many, one = got["many"], got["one"]
+    rows.append(("(a) 8 threads x 1,000 items", many, one, f"{many / one:.2f}x of one call over 8,000 (target <= 1.5x)"))
+
+    # (b) fairness: a 2-item map while a background run keeps both workers busy
+    seconds = 4.0 if args.quick else 10.0
+    background = threading.Thread(
+        target=mpmagic.pmap, args=(tenth, range(int(seconds / 0.1) * WORKERS)), kwargs={"chunksize": 1}
+    )
+    background.start()
+    time.sleep(0.5)
+    waits = []
+    for _ in range(20 if not args.quick else 8):
+        t0 = time.perf_counter()
+        mpmagic.pmap(sq, [1, 2])
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    background.join()
+    fair = statistics.median(waits)
+    rows.append(("(b) 2-item map beside a busy run", fair, None, f"median of {len(waits)} (target <= 0.25 s), max {fmt_t(max(waits))}"))
+
+    # (c) the notebook process's CPU per tiny item
+    n = 200_000
+    mpmagic.pmap(sq, range(n))
+    c0 = time.process_time()
+    mpmagic.pmap(sq, range(n))
+    cpu = (time.process_time() - c0) / n
+    rows.append(("(c) notebook CPU per tiny item", cpu, None, "process_time of the notebook (all its threads) / items"))
+    mpmagic.stop_pool()
+
+    print(f"| workload ({WORKERS} workers) | mpmagic | reference | note |")
+    print("|---|---|---|---|")
+    for label, ours, theirs, note in rows:
+        print(f"| {label} | {fmt_t(ours)} | {fmt_t(theirs) if theirs is not None else '-'} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

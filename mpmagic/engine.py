@@ -1,0 +1,198 @@
+"""A run: one job in flight on a backend, as a Future-like handle.
+
+``Backend.submit(job)`` returns a :class:`Run` at once. The backend's own
+thread (the local pool's manager, see ``backends/local.py``) hands the job's
+units to workers and feeds back what they return; the thread that waits on
+the run (``wait`` / ``result``) prints the task output and moves the progress
+bar itself. That keeps printed output in the notebook cell that started the
+run (ipykernel routes output by the thread's parent message), and it keeps
+the manager from ever blocking on a slow terminal.
+
+The handoff is a ``queue.SimpleQueue`` of events: a blocking ``get`` costs a
+few microseconds per wake-up, and Ctrl-C interrupts it in the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("mpmagic")
+
+_END = ("end",)
+
+#: Seconds between progress events, the first one this long after the run began.
+#: Each event wakes the waiting thread, which then competes for the GIL with the
+#: manager: one per chunk cost a warm 2-item map ~40 us; a bar needs ~10 a second.
+PROGRESS_EVERY = 0.1
+
+
+class Run:
+    """One job submitted to a backend: ``done()``, ``result(timeout)``, ``cancel()``.
+
+    Counts: ``items_done`` / ``items_failed`` / ``items_total`` (items of a map,
+    ranks of a cell; ``items_total`` is None for an input of unknown length).
+    """
+
+    def __init__(self, job: Any) -> None:
+        self.job = job
+        self.error: BaseException | None = None  # what the backend raised instead of finishing
+        self.cancelled = False
+        self.interrupted = False
+        self.items_total: int | None = job.items_total
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = threading.Event()
+        self._pumped = False  # the end event was taken by a waiting thread
+        self._wait_lock = threading.Lock()  # one thread pumps the events at a time
+        self._result: list | None = None
+        self._progress_held = 0  # items done but not yet reported (see PROGRESS_EVERY)
+        self._progress_due = time.monotonic() + PROGRESS_EVERY
+        # The job's output and progress now go through the event queue.
+        self._out, self._progress = job.redirect(self._emit_out, self._emit_progress)
+
+    # -- counts --------------------------------------------------------------
+    @property
+    def items_done(self) -> int:
+        return self.job.items_done
+
+    @property
+    def items_failed(self) -> int:
+        return self.job.items_failed
+
+    # -- called by the backend (any thread) ------------------------------------
+    def _emit_out(self, stream: str, text: str) -> None:
+        self._events.put(("out", stream, text))
+
+    def _emit_progress(self, n: int) -> None:
+        if self._progress is None:
+            return
+        self._progress_held += n
+        now = time.monotonic()
+        if now >= self._progress_due:
+            self._progress_due = now + PROGRESS_EVERY
+            n, self._progress_held = self._progress_held, 0
+            self._events.put(("progress", n))
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        """The backend is done with this run (no worker holds its units any more)."""
+        if self._ended.is_set():
+            return
+        if error is not None and self.error is None:
+            self.error = error
+        if self._progress_held:
+            self._events.put(("progress", self._progress_held))
+            self._progress_held = 0
+        self._ended.set()
+        self._events.put(_END)
+
+    # -- called by the waiting thread -----------------------------------------
+    def done(self) -> bool:
+        return self._ended.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the run to end, printing its output and moving its progress here.
+
+        True when it ended. A KeyboardInterrupt raised in here leaves the run
+        going: the caller decides (``api`` cancels it).
+        """
+        __tracebackhide__ = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._wait_lock:
+            while not self._pumped:
+                try:
+                    if deadline is None:
+                        ev = self._events.get()
+                    else:
+                        ev = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    return False
+                self._dispatch(ev)
+        return True
+
+    def _dispatch(self, ev: tuple) -> None:
+        kind = ev[0]
+        if kind == "out":
+            self._out(ev[1], ev[2])
+        elif kind == "progress":
+            self._progress(ev[1])
+        else:  # the end: the job is ours again
+            self._pumped = True
+            self.job.redirect(self._out, self._progress)
+
+    def result(self, timeout: float | None = None) -> list:
+        """The job's results (raising its error), once it ended; TimeoutError if not in time."""
+        __tracebackhide__ = True
+        if not self.wait(timeout):
+            raise TimeoutError(f"the run did not end within {timeout:g} s")
+        if self.error is not None:
+            raise self.error
+        if self._result is None:
+            self._result = self.job.results()
+        return self._result
+
+    def cancel(self, interrupted: bool = False) -> bool:
+        """Stop the run: its queued units are dropped, workers busy with it replaced.
+
+        ``interrupted``: the waiting thread got Ctrl-C. True if this stopped it.
+        """
+        raise NotImplementedError
+
+
+class DrivenRun(Run):
+    """A run driven by the thread that waits on it (a backend without a manager).
+
+    ``drive`` runs the job to completion, raising what stopped it; it is
+    called by the first ``wait``, so Ctrl-C lands in it as in a plain loop.
+    """
+
+    def __init__(self, job: Any, drive: Callable[[], None]) -> None:
+        super().__init__(job)
+        self._drive = drive
+
+    def wait(self, timeout: float | None = None) -> bool:
+        __tracebackhide__ = True
+        with self._wait_lock:
+            if not self._ended.is_set():
+                self.job.redirect(self._out, self._progress)  # print directly: we are the waiting thread
+                try:
+                    self._drive()
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                    self._finish()
+                    self._pumped = True
+                    raise
+                except BaseException as exc:
+                    self._finish(exc)
+                else:
+                    self._finish()
+                self._pumped = True
+        return True
+
+    def cancel(self, interrupted: bool = False) -> bool:
+        return False  # its driver stops it: the interrupt raised in ``wait`` cancelled its futures
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Cleanup that a second Ctrl-C must not cut short: defer SIGINT meanwhile."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits: list[int] = []
+    try:
+        old = signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if hits and callable(old):
+            old(signal.SIGINT, None)

@@ -1,0 +1,275 @@
+"""The run engine (issue 15): runs as objects on one manager thread, many at once
+from any threads, with written contracts; and the job semantics that go with it
+(the first failing item in input order, issue 13) and no shared-memory segment
+left by a failing run (issue 14). Plain serial Python is the oracle."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from conftest import run
+
+import mpmagic
+from mpmagic import shm
+from mpmagic.backends.base import Backend, Job
+from mpmagic.backends.local import LocalBackend
+from mpmagic.errors import WorkerLostError
+from mpmagic.jobs import CellJob, MapJob
+
+HANG = 60  # seconds: only catches a hang
+
+
+def _serial_error(func, items):
+    try:
+        list(map(func, items))
+    except Exception as exc:
+        return exc
+    raise AssertionError("serial map did not fail")
+
+
+def _manager_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mpmagic-manager"]
+
+
+def test_backends_and_jobs_keep_the_written_contracts():
+    backend = LocalBackend(2)
+    try:
+        assert isinstance(backend, Backend)
+    finally:
+        backend.stop()
+    job = MapJob(abs, [1, 2], 2, False, 2)
+    assert isinstance(job, Job)
+    assert isinstance(CellJob(b"", 2), Job)
+
+
+def test_submit_returns_a_handle_at_once_and_its_result_is_serials(ip, local_pool):
+    run(ip, "def slow_square(x):\n    import time; time.sleep(0.05)\n    return x * x\n")
+    func = ip.user_ns["slow_square"]
+    job = MapJob(func, list(range(20)), 20, False, 2)
+    handle = local_pool.submit(job)
+    assert handle.items_total == 20 and handle.job is job
+    assert handle.result(HANG) == [x * x for x in range(20)]
+    assert handle.done() and handle.items_done == 20 and handle.items_failed == 0
+
+
+def test_cancel_a_run_leaves_the_pool_usable(ip, local_pool):
+    run(ip, "def nap(x):\n    import time; time.sleep(5)\n    return x\n")
+    handle = local_pool.submit(MapJob(ip.user_ns["nap"], list(range(8)), 8, False, 2))
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert handle.cancel() is True
+    assert time.monotonic() - t0 < HANG and handle.done()
+    assert mpmagic.pmap(abs, [-1, -2, -3]) == [1, 2, 3]
+
+
+def test_many_threads_with_mixed_calls_all_equal_serial(ip, local_pool):
+    """8 threads x 6 calls each: maps, cells and failing maps at once, on one pool."""
+    run(
+        ip,
+        "def tri(x):\n    return x * (x + 1) // 2\n"
+        "def picky(x):\n    if x % 7 == 3:\n        raise ValueError(f'no {x}')\n    return x\n",
+    )
+    tri, picky = ip.user_ns["tri"], ip.user_ns["picky"]
+    problems: list[str] = []
+
+    def client(k: int) -> None:
+        try:
+            for i in range(6):
+                n = 50 + 37 * k + i
+                kind = (k + i) % 3
+                if kind == 0:
+                    got = mpmagic.pmap(tri, range(n))
+                    if got != [tri(x) for x in range(n)]:
+                        problems.append(f"thread {k} call {i}: wrong map results")
+                elif kind == 1:
+                    got = mpmagic.parallel(f"rank * {k}", workers=2, namespace={})
+                    if list(got) != [0, k]:
+                        problems.append(f"thread {k} call {i}: wrong ranks {got}")
+                else:
+                    expected = _serial_error(picky, range(n))
+                    try:
+                        mpmagic.pmap(picky, range(n))
+                        problems.append(f"thread {k} call {i}: no error")
+                    except ValueError as exc:
+                        if str(exc) != str(expected):
+                            problems.append(f"thread {k} call {i}: {exc} instead of {expected}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            problems.append(f"thread {k}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not problems, problems
+    assert local_pool.status()["runs_in_flight"] == 0
+    assert len([s for s in local_pool.slots if not s.temporary]) == 2
+    deadline = time.monotonic() + 10  # temporary workers of the cells stop once idle
+    while any(s.temporary for s in local_pool.slots) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(s.temporary for s in local_pool.slots)
+    assert len(_manager_threads()) == 1
+
+
+def test_the_error_raised_is_the_first_failing_item_in_input_order(ip, local_pool):
+    """Item 2 fails late (it sleeps), item 9 fails at once: serial raises item 2's."""
+    run(
+        ip,
+        "def late_or_early(x):\n    import time\n"
+        "    if x == 2:\n        time.sleep(0.5)\n        raise KeyError(f'late {x}')\n"
+        "    if x >= 9:\n        raise KeyError(f'early {x}')\n    return x\n",
+    )
+    func = ip.user_ns["late_or_early"]
+    expected = _serial_error(func, range(20))
+    with pytest.raises(KeyError) as info:
+        mpmagic.pmap(func, range(20), chunksize=1)
+    assert str(info.value) == str(expected) == "'late 2'"
+    assert "item 2 of the input" in "".join(getattr(info.value, "__notes__", []))
+    assert mpmagic.pmap(abs, [-4]) == [4]
+
+
+def test_a_worker_killed_while_two_runs_share_it_fails_one_and_hangs_neither(ip, local_pool):
+    run(ip, "def pid_after(x):\n    import os, time; time.sleep(0.2)\n    return os.getpid()\n")
+    func = ip.user_ns["pid_after"]
+    outcomes: dict[int, object] = {}
+
+    def client(k: int) -> None:
+        try:
+            outcomes[k] = mpmagic.pmap(func, range(10), chunksize=1)
+        except WorkerLostError as exc:
+            outcomes[k] = exc
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    victim = local_pool.slots[0].pid
+    os.kill(victim, signal.SIGKILL)
+    for t in threads:
+        t.join(HANG)
+    assert not any(t.is_alive() for t in threads), "a run hung after its worker was killed"
+    assert set(outcomes) == {0, 1}
+    lost = [o for o in outcomes.values() if isinstance(o, WorkerLostError)]
+    assert len(lost) == 1, outcomes  # the run whose item was on the victim; the other completes
+    assert "SIGKILL" in str(lost[0]) or "killed" in str(lost[0])
+    for o in outcomes.values():
+        if not isinstance(o, BaseException):
+            assert len(o) == 10
+    assert mpmagic.pmap(abs, [-1, 2]) == [1, 2]
+
+
+# -- issue 14 item 2: no segment outlives the run that leased it ------------------
+
+
+def _segments() -> list[str]:
+    prefix = f"mpm_{os.getpid()}_"
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(prefix))
+
+
+@pytest.fixture
+def no_segment_kept():
+    """Released segments are unlinked at once (no reuse pool), so a count shows leaks."""
+    np = pytest.importorskip("numpy")
+    old = shm.KEEP_BYTES
+    shm.configure(keep_bytes=0)
+    yield np
+    shm.configure(keep_bytes=old)
+
+
+FAILURES = {
+    # a chunk that raised (its items were lent through shared memory)
+    "raised": "def victim(a):\n    raise ValueError('no')\n",
+    # partial results in shared memory packed before a later item raised
+    "partial": "def victim(a):\n    if a[0] == 4:\n        raise ValueError('four')\n    return a * 2\n",
+    # a worker death: the chunk is isolated, its items re-sent
+    "death": "def victim(a):\n    import os\n    if a[0] == 2:\n        os._exit(3)\n    return a.sum()\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAILURES))
+def test_no_segment_is_left_after_a_failed_run(ip, local_pool, no_segment_kept, kind):
+    np = no_segment_kept
+    run(ip, FAILURES[kind])
+    items = [np.full(200_000, float(i)) for i in range(6)]  # 1.6 MB each: lent through shared memory
+    mpmagic.pmap(np.sum, items, chunksize=3)  # warm: its segments are given back at once
+    assert _segments() == []
+    with pytest.raises(Exception):  # noqa: B017 - each kind has its own error; serial is not the point here
+        mpmagic.pmap(ip.user_ns["victim"], items, chunksize=3)
+    time.sleep(0.3)  # a killed worker's leftovers are swept by its reaper
+    assert _segments() == [], kind
+
+
+def test_no_segment_is_left_after_a_cancelled_run(ip, local_pool, no_segment_kept):
+    np = no_segment_kept
+    run(ip, "def dawdle(a):\n    import time; time.sleep(10)\n    return a\n")
+    items = [np.full(200_000, float(i)) for i in range(6)]
+    handle = local_pool.submit(MapJob(ip.user_ns["dawdle"], items, 6, False, 2, chunksize=1, shared_memory=True))
+    time.sleep(0.5)
+    assert _segments()  # lent to the running chunks
+    handle.cancel()
+    assert _segments() == []
+
+
+def test_runs_whose_iterators_run_out_together_all_end(ip, local_pool):
+    """An input that is iterated (a range) ends only when a chunk comes up empty; with many
+    runs at once, a worker whose run's input just ran out goes to the next run."""
+    run(ip, "def inc(x):\n    return x + 1\n")
+    inc = ip.user_ns["inc"]
+    results: dict[tuple[int, int], bool] = {}
+
+    def client(k: int) -> None:
+        for i in range(4):
+            results[k, i] = mpmagic.pmap(inc, range(1000)) == list(range(1, 1001))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG)
+    assert not any(t.is_alive() for t in threads), "a run hung"
+    assert len(results) == 32 and all(results.values())
+
+
+# -- issue 14 item 6: memory limits ---------------------------------------------
+
+
+@pytest.fixture
+def one_worker_with_limit(method):
+    from mpmagic import pool as pool_module
+
+    pool_module.shutdown()
+    backend = mpmagic.start_pool(1, method, wait=True, max_memory="300MB")
+    yield backend
+    pool_module.set_max_memory(None)
+    pool_module.shutdown()
+
+
+HOG = (
+    "import builtins\n"
+    "def hog(mb):\n    builtins._mpm_hog = b'x' * (mb << 20)  # kept: the worker stays big\n"
+    "    import os\n    return os.getpid()\n"
+    "def pid_after(x):\n    import os, time\n    time.sleep(x)\n    return os.getpid()\n"
+)
+
+
+def test_a_worker_over_max_memory_is_replaced_before_its_next_task(ip, one_worker_with_limit, capfd):
+    run(ip, HOG)
+    first = mpmagic.pmap(ip.user_ns["hog"], [400])[0]  # 400 MB kept, over the 300 MB limit
+    second = mpmagic.pmap(ip.user_ns["pid_after"], [0])[0]
+    assert second != first
+    assert "over the pool's max_memory of 300 MB" in capfd.readouterr().err
+
+
+def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, one_worker_with_limit):
+    run(ip, HOG)
+    pid = mpmagic.pmap(ip.user_ns["hog"], [260])[0]  # near (over 80 % of) the limit, not over it
+    threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()
+    with pytest.raises(WorkerLostError) as info:
+        mpmagic.pmap(ip.user_ns["pid_after"], [30])
+    assert "item 0 (30) ran out of memory" in str(info.value)
+    assert "MB at its last report" in str(info.value)
