@@ -34,6 +34,8 @@ _LAZY = {
     "last_report": "api",
     "RankValues": "api",
     "Failed": "jobs",
+    "last_failures": "debugging",
+    "rerun_failed": "debugging",
     "get_pool": "pool",
     "pool_status": "pool",
     "restart_pool": "pool",
@@ -55,6 +57,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
     from .api import RankValues, last_report, parallel, pmap
+    from .debugging import last_failures, rerun_failed
     from .jobs import Failed
     from .pool import (
         get_pool,
@@ -95,6 +98,8 @@ __all__ = [
     "last_report",
     "RankValues",
     "Failed",
+    "last_failures",
+    "rerun_failed",
     "Report",
     "get_pool",
     "start_pool",
@@ -131,6 +136,9 @@ def load_ipython_extension(ipython: Any) -> None:
 
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
+    from .debug_magics import DebugMagics
+
+    ipython.register_magics(DebugMagics)
     _prestart_pool()
 
 
@@ -172,6 +180,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     pool.shutdown()
     config.unregister(ipython)
     magics = ipython.magics_manager.magics
-    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
+    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel"), ("line", "pdebug")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
+    ipython.magics_manager.registry.pop("DebugMagics", None)

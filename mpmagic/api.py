@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import payload
+from . import debugging, payload
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .errors import ParallelError, UsageError, render_traceback
 from .insights import Recorder
@@ -154,9 +154,12 @@ def pmap(
     _run_with_progress(backend, job, bar, workers)
     wall = time.perf_counter() - t0
     failed = 0
+    results = None
     try:
         results = job.results()
     finally:
+        options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
+        debugging.record_map(job, func, results, options)  # for %pdebug, --rerun-failed
         _last_report = Report(
             kind="pmap",
             items=job.items_done,
@@ -331,6 +334,7 @@ def parallel(
         **_measured(job, backend, cold, recorder, size),
     )
     _last_report = report
+    debugging.record_cell(job, spec_bytes, size)  # for %pdebug
     if job.failures:
         job.flush_output()
         for rank in sorted(job.failures):

@@ -39,7 +39,7 @@ from itertools import starmap
 from operator import itemgetter
 from typing import Any
 
-from . import payload, shm
+from . import debugging, payload, shm, worker_logging
 from .errors import SerializationError, extract_frames
 
 _CACHE_SIZE = 16  # function payloads kept per worker
@@ -50,13 +50,14 @@ _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
 class ErrorInfo:
     """A task's exception in a form that always survives the trip home."""
 
-    __slots__ = ("exc_bytes", "type_name", "message", "exc_text", "frames")
+    __slots__ = ("exc_bytes", "type_name", "message", "exc_text", "frames", "context")
 
     def __init__(self, exc: BaseException) -> None:
         self.type_name = type(exc).__qualname__
         self.message = str(exc)
         self.exc_text = "".join(traceback.format_exception_only(type(exc), exc))
         self.frames = extract_frames(exc.__traceback__)
+        self.context = debugging.failure_context(exc)  # locals, worker, pid (for %pdebug)
         try:
             self.exc_bytes: bytes | None = payload.dumps_data(exc)
             pickle.loads(self.exc_bytes)  # must load again, or send the text only
@@ -353,7 +354,7 @@ class _Worker:
                 del self.func_segments[key]
         shm.forget(names)
 
-    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False, block=1) -> None:
+    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False, block=1, ctx=None) -> None:
         func = self.funcs.get(key)
         if func is None:
             self.channel.send(("missing", call, chunk, key))
@@ -373,12 +374,15 @@ class _Worker:
         start = time.time()
         t_run = time.perf_counter()
         self._capture(call, chunk)
+        levels, first = worker_logging.unpack(ctx)
+        worker_logging.begin(levels, first)  # the task's logging and warnings go home too
         try:
             if timing:
                 results, seconds, error, item_seconds = run_items_timed(func, items, star, collect, self.position)
             else:
                 results, seconds, error = run_items(func, items, star, collect, self.position, block)
         finally:
+            worker_logging.end()
             self._release()
         end = start + (time.perf_counter() - t_run)
         cpu = self._cpu_since_last_reply()
@@ -405,10 +409,11 @@ class _Worker:
         else:
             self.channel.send(("error", call, chunk, error[0], error[1], data, seconds))
 
-    def run_cell(self, call, rank, size, data) -> None:
+    def run_cell(self, call, rank, size, data, ctx=None) -> None:
         from .cell import run_cell_code
 
         self._capture(call, rank)
+        worker_logging.begin(worker_logging.unpack(ctx)[0], None)
         start = time.time()
         t0 = time.perf_counter()
         try:
@@ -417,9 +422,11 @@ class _Worker:
             seconds = time.perf_counter() - t0
             cpu = self._cpu_since_last_reply()
         except BaseException as exc:
+            worker_logging.end()
             self._release()
             self.channel.send(("error", call, rank, -1, ErrorInfo(exc), b"", 0.0))
             return
+        worker_logging.end()
         self._release()
         try:
             out = payload.dumps_data((value, gathered))
@@ -470,4 +477,5 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
+    debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()

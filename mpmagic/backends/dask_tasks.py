@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .. import payload
+from .. import payload, worker_logging
 from ..worker import ErrorInfo, _first_unpicklable, run_items
 
 _CACHE_SIZE = 16  # loaded functions kept per worker process
@@ -243,7 +243,13 @@ def run_message(msg: tuple, func_payload: bytes | None, topic: str | None, tag: 
     """
     _log_event(topic, {"tag": tag, "start": True})
     with _capture(topic, tag) as out:
-        reply = _run_map(msg, func_payload) if msg[0] == "map" else _run_cell(msg)
+        ctx = msg[9] if msg[0] == "map" and len(msg) > 9 else msg[5] if msg[0] == "cell" and len(msg) > 5 else None
+        levels, first = worker_logging.unpack(ctx)
+        worker_logging.begin(levels, first)  # the task's logging and warnings go home too
+        try:
+            reply = _run_map(msg, func_payload) if msg[0] == "map" else _run_cell(msg)
+        finally:
+            worker_logging.end()
     return reply + (out.rest(), out.streamed)
 
 
