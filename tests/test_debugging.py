@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 
 import pytest
@@ -102,3 +103,65 @@ def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, caps
     assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
     with pytest.raises(mpmagic.UsageError, match="no failed %pmap run"):
         mpmagic.rerun_failed()
+
+
+# --------------------------------------------------------------------------
+# A real kernel: the debugger's prompts go to the front end as input requests
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    pytest.importorskip("jupyter_client")
+    from test_kernel import Kernel
+
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        yield k
+    finally:
+        k.close()
+
+
+def _execute_with_input(k, code: str, answers: list[str], timeout: float = 60) -> tuple[str, list[str]]:
+    """Run ``code`` answering each input request with the next of ``answers``;
+    return this cell's stdout and the prompts it asked."""
+    import queue
+    import time
+
+    msg_id = k.kc.execute(code, allow_stdin=True)
+    out, prompts, t0 = [], [], time.monotonic()
+    while True:
+        assert time.monotonic() - t0 < timeout, (code, "".join(out), prompts)
+        try:
+            req = k.kc.get_stdin_msg(timeout=0.05)
+            prompts.append(req["content"]["prompt"])
+            k.kc.input(answers.pop(0) if answers else "q")
+        except queue.Empty:
+            pass
+        try:
+            msg = k.kc.get_iopub_msg(timeout=0.05)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            out.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return re.sub(r"\x1b\[[0-9;]*m", "", "".join(out)), prompts  # without colours
+
+
+def test_pdebug_in_a_real_kernel_is_driven_through_input_requests(kernel):
+    kernel.ok("def halve(x):\n    y = x * 10\n    assert x != 3, 'three'\n    return x / 2\n")
+    kernel.execute("%pmap -q halve, range(6)")
+    out, prompts = _execute_with_input(kernel, "%pdebug", ["p (x, y)", "q"])
+    assert prompts and all("ipdb>" in p for p in prompts)
+    assert "assert x != 3, 'three'" in out and "(3, 30)" in out
+
+
+def test_task_logging_lands_in_the_cell_that_ran_it_in_a_real_kernel(kernel):
+    kernel.ok("import logging\nlogging.getLogger().setLevel(logging.INFO)\n"
+              "def chatty(x):\n    logging.getLogger('calc').info('item says %s', x)\n    return x\n")
+    reply = kernel.ok("%pmap -q chatty, range(3)")
+    err = reply.stream("stderr")
+    assert all(err.count(f"[item {x}] INFO:calc:item says {x}\n") == 1 for x in range(3)), err
+    assert not any("item says" in str(c) for _, c in reply.others)
