@@ -107,3 +107,23 @@ def test_a_record_made_before_the_worker_dies_is_shown(ip, local_pool, root_leve
     result = ip.run_cell("%pmap -q doomed, [5]", store_history=False)
     assert result.error_in_exec is not None
     assert "[item 0] WARNING:root:last words 5" in capsys.readouterr().err
+
+
+def test_records_and_warnings_from_dask_tasks_show_labelled(ip, root_level, capsys, dask_cluster, request):
+    from conftest import ensure_pool
+
+    ensure_pool("dask", request)
+    root_level(logging.INFO)
+    run(ip, TASK)
+    run(ip, WARNS)
+    assert run(ip, "%pmap -q --chunksize 2 chatty, range(4)") == [1, 2, 3, 4]
+    assert run(ip, "%pmap -q noisy, range(50)") == list(range(50))
+    err = capsys.readouterr().err
+    for x in range(4):
+        assert err.count(f"[item {x}] INFO:calc:working on {x}\n") == 1, err
+    assert err.count("UserWarning: careful") == 1, err
+    # And a %pdebug-able failure carries the Dask worker's locals.
+    run(ip, "def bad(x):\n    half = x / 2\n    raise ValueError(x)\n")
+    ip.run_cell("%pmap -q bad, [8]", store_history=False)
+    [info] = __import__("mpmagic").last_failures()
+    assert info.locals == {"x": "8", "half": "4.0"} and info.pid is not None
