@@ -69,7 +69,17 @@ def failure_context(exc: BaseException) -> dict[str, Any]:
                     frame_locals[name] = _bounded_repr(value)
         except Exception:
             _log.debug("mpmagic: could not read the raising frame's locals", exc_info=True)
-    return {"locals": frame_locals, "where": where, "worker": WORKER_ID, "pid": os.getpid()}
+    return {"locals": frame_locals, "where": where, "worker": WORKER_ID if WORKER_ID is not None else _dask_worker(), "pid": os.getpid()}
+
+
+def _dask_worker() -> str | None:
+    """The Dask worker's address, when this runs in a Dask task."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        return sys.modules["distributed"].get_worker().address
+    except Exception:  # not in a Dask task
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -348,7 +358,21 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     True if the replay failed (and was debugged); if it succeeds here, says so
     in one line and prints the worker's traceback with its local variables.
     """
+    from .errors import TaskTimeoutError, UsageError, WorkerLostError
+
     last, failure = _pick(which)
+    if isinstance(failure.error, (WorkerLostError, TaskTimeoutError)):
+        # Running it here could crash or hang the notebook itself.
+        raise UsageError(
+            f"{failure.label} did not raise, its worker died or ran past the timeout "
+            f"({type(failure.error).__name__}): replaying it here could do the same to the notebook, "
+            "so it is not replayed; call the function on that input yourself if you mean it"
+        )
+    if last.kind == "map" and failure.index is None:
+        raise UsageError(
+            f"the failure was not raised by one item ({type(failure.error).__name__}: {failure.error}): "
+            "there is nothing to replay"
+        )
     try:
         _run_again(last, failure)
     except Exception as exc:

@@ -273,7 +273,8 @@ class MapJob:
     def message(self, unit: Unit) -> tuple:
         msg = ("map", self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data)
         # With insights the worker also times each item; ``block``: see Unit.
-        return msg + (self.insights is not None, unit.block, (unit.start, self.log_context))
+        # ``(start, levels)``: see worker_logging (kept before ``block``, which stays last).
+        return msg + (self.insights is not None, (unit.start, self.log_context), unit.block)
 
     # -- taking back results -----------------------------------------------
     def _where(self, index: int, item: Any) -> str:

@@ -7,14 +7,16 @@ a busy worker, and it notices when the notebook process goes away. The main
 thread runs tasks one after another:
 
 * ``("func", key, payload)``: cache a cloudpickled function under its key.
-* ``("map", call, chunk, key, star, collect, items[, timing[, block]])``: run
-  the function over a chunk of items (``block``: see :func:`run_items`),
+* ``("map", call, chunk, key, star, collect, items[, timing[, context[, block]]])``:
+  run the function over a chunk of items (``block``: see :func:`run_items`;
+  ``context``: the chunk's first index and the notebook's logger levels, see
+  :mod:`mpmagic.worker_logging`),
   reply ``("done", call, chunk, results, seconds, meta)`` or ``("error", ...)``.
   ``meta`` says which worker ran the chunk and when (``worker``, ``start``,
   ``end``, epoch seconds) and its CPU seconds (``cpu``); with ``timing`` it
   also holds the chunk's slowest items (index, seconds) and the (un)pickling
   time.
-* ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
+* ``("cell", call, rank, size, payload[, context])``: run a ``%%parallel`` cell body.
 * ``("stop",)``: exit.
 
 What a task prints is captured and sent home as ``("out", call, tag, stream,
@@ -354,7 +356,7 @@ class _Worker:
                 del self.func_segments[key]
         shm.forget(names)
 
-    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False, block=1, ctx=None) -> None:
+    def run_map(self, call, chunk, key, star, collect, items_bytes, timing=False, ctx=None, block=1) -> None:
         func = self.funcs.get(key)
         if func is None:
             self.channel.send(("missing", call, chunk, key))

@@ -96,11 +96,20 @@ def test_rerun_failed_after_a_raising_run_runs_what_never_ran(ip, local_pool):
     assert run(ip, "%pmap --rerun-failed") == [x * x for x in range(12)]
 
 
+def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
+    run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
+    results = run(ip, "%pmap -q --errors collect crash, [1]")
+    assert isinstance(results[0], mpmagic.Failed)
+    result = ip.run_cell("%pdebug 0", store_history=False)
+    assert "replaying it here could do the same to the notebook" in str(result.error_in_exec)
+
+
 def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):
     run(ip, "%pmap -q abs, [1, -2]")
     result = ip.run_cell("%pdebug", store_history=False)
     assert "no failure to debug" in str(result.error_in_exec)
-    assert capsys.readouterr().err.strip().count("\n") == 0  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("UsageError: %pdebug: no failure")
     with pytest.raises(mpmagic.UsageError, match="no failed %pmap run"):
         mpmagic.rerun_failed()
 

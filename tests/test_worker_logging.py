@@ -127,3 +127,4 @@ def test_records_and_warnings_from_dask_tasks_show_labelled(ip, root_level, caps
     ip.run_cell("%pmap -q bad, [8]", store_history=False)
     [info] = __import__("mpmagic").last_failures()
     assert info.locals == {"x": "8", "half": "4.0"} and info.pid is not None
+    assert str(info.worker).startswith("tcp://127.0.0.1")

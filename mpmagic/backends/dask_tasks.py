@@ -243,7 +243,7 @@ def run_message(msg: tuple, func_payload: bytes | None, topic: str | None, tag: 
     """
     _log_event(topic, {"tag": tag, "start": True})
     with _capture(topic, tag) as out:
-        ctx = msg[9] if msg[0] == "map" and len(msg) > 9 else msg[5] if msg[0] == "cell" and len(msg) > 5 else None
+        ctx = msg[8] if msg[0] == "map" and len(msg) > 8 else msg[5] if msg[0] == "cell" and len(msg) > 5 else None
         levels, first = worker_logging.unpack(ctx)
         worker_logging.begin(levels, first)  # the task's logging and warnings go home too
         try:
