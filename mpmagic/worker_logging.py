@@ -84,6 +84,15 @@ class _Unit(threading.local):
 
 
 _unit = _Unit()
+
+
+class _Latest:
+    active = False  # (one for the whole process, unlike _Unit)
+
+
+# The unit begun last in this process: records from threads a task started
+# itself (which _unit cannot see) still go home, unlabelled by item.
+_latest = _Latest()
 _applied: bytes | None = None  # the levels last applied in this process
 _set_here: set[str] = set()  # loggers whose level this process set
 _installed = False
@@ -127,11 +136,14 @@ class _TaskHandler(logging.Handler):
         self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
-        if not _unit.active:
-            return  # not from a task (e.g. the worker's own threads)
+        if not (_unit.active or _latest.active):
+            # Not during a task (the worker's own threads): as without this handler.
+            if record.levelno >= logging.lastResort.level:
+                logging.lastResort.handle(record)
+            return
         try:
             text = self.format(record)
-            prefix = label()
+            prefix = label() if _unit.active else ""
             sys.stderr.write("".join(f"{prefix}{line}\n" for line in text.splitlines()))
         except Exception:
             self.handleError(record)
@@ -206,6 +218,7 @@ def begin(ctx: Any, start: int | None) -> None:
         _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
         return
     _unit.active, _unit.start, _unit.seen = True, start, set()
+    _latest.active = True
     # Every warning reaches showwarning (the notebook decides what shows):
     # "always" here, for this unit only.
     _unit.saved = list(warnings.filters)
@@ -216,6 +229,7 @@ def end() -> None:
     """The unit is over: stop labelling; put the worker's warning filters back."""
     if _unit.active:
         _unit.active, _unit.seen = False, None
+        _latest.active = False
         warnings.resetwarnings()  # (bumps the filters' version: registries start afresh)
         warnings.filters.extend(_unit.saved or ())
 

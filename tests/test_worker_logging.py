@@ -67,6 +67,13 @@ def test_records_of_a_parallel_rank_are_labelled_by_rank_in_order(ip, local_pool
         assert f"[rank {r}] INFO:root:rank {r} here\n" in captured.err
 
 
+def test_records_from_a_thread_the_task_started_are_shown(ip, local_pool, root_level, capsys):
+    root_level(logging.WARNING)
+    run(ip, "import logging, threading\ndef threaded(x):\n    t = threading.Thread(target=logging.warning, args=('from a thread %s', x))\n    t.start(); t.join()\n    return x\n")
+    assert run(ip, "%pmap -q threaded, [4]") == [4]
+    assert "WARNING:root:from a thread 4\n" in capsys.readouterr().err
+
+
 WARNS = """
 import warnings
 def noisy(x):
