@@ -93,6 +93,10 @@ def test_warnings_from_1000_items_show_once_per_location(ip, local_pool, capsys)
     assert sorted(line.split("RuntimeWarning: ")[1] for line in err.splitlines() if ": RuntimeWarning: " in line) == sorted(
         f"hundred {x}" for x in range(0, 1000, 100)
     )
+    # The oracle: the same map serially here, under the default filters.
+    serial = run(ip, "with warnings.catch_warnings(record=True) as seen:\n"
+                     "    warnings.simplefilter('default')\n    _ = list(map(noisy, range(1000)))\nlen(seen)")
+    assert sum("Warning: " in line for line in err.splitlines()) == serial == 11
     line = next(line for line in err.splitlines() if "careful" in line)
     assert line.startswith("[item ") and ": UserWarning: careful" in line
 
