@@ -30,6 +30,16 @@ _log = logging.getLogger("mpmagic")
 MAX_LOCALS = 20  # names kept from the raising frame
 MAX_REPR = 200  # characters kept of each repr
 WORKER_ID: Any = None  # set by the worker process at start (worker.main)
+# Failures per unit whose locals are kept: a --errors collect chunk where every
+# item fails would otherwise send up to 4 kB of reprs per item home.
+LOCALS_PER_UNIT = 50
+_budget = LOCALS_PER_UNIT
+
+
+def new_unit() -> None:
+    """A unit starts in this worker: its first failures get their locals again."""
+    global _budget
+    _budget = LOCALS_PER_UNIT
 
 # --------------------------------------------------------------------------
 # Worker side
@@ -52,8 +62,11 @@ def _worth_showing(name: str, value: Any) -> bool:
 
 def failure_context(exc: BaseException) -> dict[str, Any]:
     """What the worker knows at the failure: the raising frame's locals
-    (at most MAX_LOCALS names, MAX_REPR characters each), worker id and pid."""
-    tb = exc.__traceback__
+    (at most MAX_LOCALS names, MAX_REPR characters each; for the first
+    LOCALS_PER_UNIT failures of a unit), worker id and pid."""
+    global _budget
+    tb = exc.__traceback__ if _budget > 0 else None
+    _budget -= 1
     frame_locals: dict[str, str] = {}
     where = None
     if tb is not None:

@@ -209,6 +209,9 @@ def begin(ctx: Any, start: int | None) -> None:
     nothing is captured); ``start`` the index of the chunk's first item, or
     None for a ``%%parallel`` rank.
     """
+    from . import debugging
+
+    debugging.new_unit()
     if not ctx:
         return
     try:

@@ -47,6 +47,15 @@ def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     assert "secret = 5" in info.describe()
 
 
+def test_only_a_units_first_failures_carry_locals(ip, local_pool):
+    from mpmagic.debugging import LOCALS_PER_UNIT
+
+    run(ip, "def always(x):\n    raise ValueError(x)\n")
+    results = run(ip, f"%pmap -q --errors collect --chunksize {LOCALS_PER_UNIT + 5} always, range({LOCALS_PER_UNIT + 5})")
+    assert [bool(r.locals) for r in results] == [True] * LOCALS_PER_UNIT + [False] * 5
+    assert all(r.pid for r in results)
+
+
 def test_pdebug_n_replays_that_item_of_a_collect_run(ip, local_pool, capsys):
     run(ip, "def g(x):\n    if x % 2:\n        raise ValueError(f'odd {x}')\n    return x\n")
     run(ip, "%pmap -q --errors collect g, range(8)")
