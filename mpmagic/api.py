@@ -151,6 +151,7 @@ def pmap(
         shared_memory=getattr(backend, "shares_memory", False),
     )
     t0 = time.perf_counter()
+    debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
     _run_with_progress(backend, job, bar, workers)
     wall = time.perf_counter() - t0
     failed = 0
@@ -320,6 +321,7 @@ def parallel(
     recorder = Recorder("parallel") if insights else None
     job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
     t0 = time.perf_counter()
+    debugging.forget()
     _run_with_progress(backend, job, bar, size)
     wall = time.perf_counter() - t0
     report = Report(

@@ -231,6 +231,13 @@ def _partial_results(job: Any) -> list | None:
     return full
 
 
+def forget() -> None:
+    """A run starts: an older run's failures are no longer the last (even if
+    this one is interrupted before it records its own)."""
+    global _last
+    _last = None
+
+
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
     """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``."""
     global _last
@@ -283,6 +290,9 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     kwargs = {**last.options, **options, "errors": "collect" if last.collect else "raise"}
     try:
         again = api.pmap(func, items, star=last.star, **kwargs)
+    except KeyboardInterrupt:
+        _last = last  # nothing changed: the same failures can be re-run again
+        raise
     except BaseException as exc:
         info = getattr(exc, "failure_info", None)
         if isinstance(info, FailureInfo) and info.index is not None:
