@@ -35,6 +35,8 @@ _LAZY = {
     "last_report": "api",
     "RankValues": "api",
     "Failed": "jobs",
+    "last_failures": "debugging",
+    "rerun_failed": "debugging",
     "get_pool": "pool",
     "pool_status": "pool",
     "restart_pool": "pool",
@@ -56,6 +58,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
     from .api import RankValues, last_report, parallel, pmap
+    from .debugging import last_failures, rerun_failed
     from .jobs import Failed
     from .pool import (
         get_pool,
@@ -96,6 +99,8 @@ __all__ = [
     "last_report",
     "RankValues",
     "Failed",
+    "last_failures",
+    "rerun_failed",
     "Report",
     "get_pool",
     "start_pool",
@@ -134,6 +139,9 @@ def load_ipython_extension(ipython: Any) -> None:
     install_display(ipython)  # a task's error shows the cell line and its own frames, none of ours
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
+    from .debug_magics import DebugMagics
+
+    ipython.register_magics(DebugMagics)  # %pdebug
     from . import pandas_hook
 
     pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
@@ -184,9 +192,10 @@ def unload_ipython_extension(ipython: Any) -> None:
     if "mpmagic.pandas_accessor" in sys.modules:
         sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
-    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
+    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel"), ("line", "pdebug")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
+    ipython.magics_manager.registry.pop("DebugMagics", None)
 
 
 if "pandas" in sys.modules:  # `import pandas; import mpmagic` in a script: df.mp is there

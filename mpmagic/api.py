@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import payload
+from . import debugging, payload
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .engine import sigint_deferred
@@ -174,12 +174,16 @@ def pmap(
         on_chunk=on_chunk,
     )
     t0 = time.perf_counter()
+    debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
     _run_with_progress(backend, job, bar, workers)
     wall = time.perf_counter() - t0
     failed = 0
+    results = None
     try:
         results = job.results()
     finally:
+        options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
+        debugging.record_map(job, func, results, options)  # for %pdebug, --rerun-failed
         _last_report = Report(
             kind="pmap",
             items=job.items_done,
@@ -430,6 +434,7 @@ def parallel(
     recorder = Recorder("parallel") if insights else None
     job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
     t0 = time.perf_counter()
+    debugging.forget()
     _run_with_progress(backend, job, bar, size)
     wall = time.perf_counter() - t0
     report = Report(
@@ -445,6 +450,7 @@ def parallel(
         **_measured(job, backend, cold, recorder, size),
     )
     _last_report = report
+    debugging.record_cell(job, spec_bytes, size)  # for %pdebug
     if job.failures:
         job.flush_output()
         for rank in sorted(job.failures):
