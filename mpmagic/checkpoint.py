@@ -375,9 +375,9 @@ def checkpointed_parallel(
     value is there, and run whole otherwise (each rank stored as it succeeds).
     """
     __tracebackhide__ = True
-    from .api import RankValues
     from .cell import make_cell_spec
     from .pool import get_pool
+    from .report import RankValues
 
     t0 = time.perf_counter()
     size = workers or get_pool().workers

@@ -42,7 +42,8 @@ from operator import itemgetter
 from typing import Any
 
 from . import context, payload, shm
-from .errors import SerializationError, capture
+from .errors import SerializationError
+from .exc_record import capture
 from .protocol import (
     Cell,
     Context,
@@ -70,7 +71,7 @@ class ErrorInfo:
     """A task's exception in a form that always survives the trip home.
 
     ``record`` holds its parts (type, args, attributes, notes, chain, frames:
-    see :func:`mpmagic.errors.capture`), from which the notebook rebuilds the
+    see :func:`mpmagic.exc_record.capture`), from which the notebook rebuilds the
     same exception; ``type_name``, ``message`` and ``exc_text`` say it in
     words when even that is not possible.
     """

@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import resource_tracker
 from typing import Any
 
@@ -445,15 +445,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# The notebook's current backend, as ``mpmagic.pool`` knows it: pool registers
+# its lookup here when it is imported. ``shared`` must not import ``pool``
+# (pool -> backends.dask -> dask_shared -> shared would close an import
+# cycle); no lookup yet means no pool was made, and helpers are local.
+_backend_lookup: Callable[[], Any] | None = None
+
+
+def set_backend_lookup(lookup: Callable[[], Any]) -> None:
+    """Called by ``mpmagic.pool`` once: how to find the current backend."""
+    global _backend_lookup
+    _backend_lookup = lookup
+
+
+def current_backend() -> Any:
+    """The notebook's current backend (None before any pool, or in a worker)."""
+    return _backend_lookup() if _backend_lookup is not None else None
+
+
 def _backend_helper(kind: str, args: tuple, kwargs: dict) -> Any:
     """What the current backend makes for this helper, or NotImplemented.
 
     ``kwargs`` holds only the keyword arguments the user gave (defaults are
     left out), so a backend need accept only the options it supports.
     """
-    from ..pool import current_pool
-
-    make = getattr(current_pool(), "make_shared", None)
+    backend = current_backend()
+    make = backend.make_shared if backend is not None else None
     if make is None:
         return NotImplemented
     return make(kind, *args, **kwargs)
