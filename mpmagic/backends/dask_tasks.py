@@ -121,7 +121,7 @@ class _ThreadRouter(io.TextIOBase):
             try:
                 self.real.flush()
             except Exception:
-                pass
+                log.debug("mpmagic: flushing the worker's own stream failed", exc_info=True)
 
     def fileno(self) -> int:
         return self.real.fileno()

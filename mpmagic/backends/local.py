@@ -91,8 +91,8 @@ def _widen(conn: Any) -> None:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-            except OSError:
-                pass
+            except OSError:  # capped by the kernel: the default buffer still works, a bit slower
+                log.debug("mpmagic: could not widen a worker socket buffer", exc_info=True)
 
 
 def _check_size(n: object, what: str = "workers") -> None:
