@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import compat
 from .errors import SerializationError
 
 PROTOCOL = 5
@@ -43,7 +44,7 @@ def _code_reduce_keeping_filename(code: types.CodeType):
     return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
 
-_cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+_cloudpickle_code_reduce = compat.cloudpickle_code_reduce()
 
 
 # --------------------------------------------------------------------------
@@ -73,7 +74,7 @@ _cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None
 
 _LRU_WRAPPER = type(functools.lru_cache(maxsize=1)(lambda: None))
 _OBJECT_REDUCE = (object.__reduce_ex__, object.__reduce__, getattr(object, "__getstate__", None))
-_by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+_by_reference = compat.cloudpickle_by_reference()
 
 
 def _sent_by_value(obj: Any) -> bool:

@@ -21,10 +21,9 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from multiprocessing import resource_tracker
 from typing import Any
 
-from .. import posixshm
+from .. import compat, posixshm
 from ..errors import MPMagicError, UsageError
 
 try:
@@ -127,7 +126,7 @@ def _unlink(name: str, rtype: str) -> None:
     else:
         posixshm.unlink(name)
     try:
-        resource_tracker.unregister(name, rtype)
+        compat.tracker_unregister(name, rtype)
     except Exception:  # the tracker is gone (interpreter exit): nothing to tell it
         log.debug("resource tracker unregister of %s failed", name, exc_info=True)
 
@@ -319,7 +318,7 @@ class _Helper:
         else:  # pragma: no cover - 8 collisions of 40 random bits
             raise MPMagicError("could not find a free shared-memory name")
         names.append((self._stem, "shared_memory"))
-        resource_tracker.register(self._stem, "shared_memory")
+        compat.tracker_register(self._stem, "shared_memory")
         self._sems = {}
         try:
             for letter in self._sem_letters():
@@ -335,7 +334,7 @@ class _Helper:
                         "for its semaphores. Free some or make it bigger (docker run --shm-size=1g)"
                     ) from exc
                 names.append((name, "semaphore"))
-                resource_tracker.register(name, "semaphore")
+                compat.tracker_register(name, "semaphore")
             self._seg.words[0] = _MAGIC
             self._init_memory()
             self._setup()
