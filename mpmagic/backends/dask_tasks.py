@@ -284,7 +284,7 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
 
     with _capture(topic, tag) as out:
         if type(msg) is Map:
-            reply = execute_map(msg, _function(msg.key, func_payload or b""), where, cpu)
+            reply = execute_map(msg, _function(msg.key or b"", func_payload or b""), where, cpu)
         else:
             reply = execute_cell(msg, where, cpu)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]
