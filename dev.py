@@ -2,7 +2,7 @@
 """Set up mpmagic and run its demo or its whole test suite, with only Python 3.
 
     python3 dev.py demo    # make .venv, install mpmagic with its extras, run the demo
-    python3 dev.py test    # the same set-up, then ruff, mypy and the whole test suite (CI runs this)
+    python3 dev.py test    # the same set-up, then ruff, mypy, the import contracts and the whole test suite (CI runs this)
     python3 dev.py docs    # the same set-up, then the documentation site into site/
 
 Extra arguments after ``test`` go to pytest (``python3 dev.py test -k pmap``).
@@ -60,6 +60,7 @@ def test(args: list[str]) -> int:
     ensure_browser()
     sh(PY, "-m", "ruff", "check", "mpmagic", "tests", "benchmarks", "examples", "dev.py")
     sh(PY, "-m", "mypy")  # configured in pyproject.toml ([tool.mypy])
+    sh(BIN / "lint-imports")  # the import contracts in pyproject.toml ([tool.importlinter])
     return subprocess.call([str(PY), "-m", "pytest", *args], cwd=ROOT)
 
 

@@ -12,6 +12,7 @@ is a thin skin over the plain API re-exported here, usable from scripts too::
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -175,8 +176,8 @@ def _start_if_current(backend: Any) -> None:
         with pool._lock:  # not if it was stopped or replaced meanwhile
             if pool.current_pool() is backend and not backend.running:
                 backend.start()
-    except Exception:
-        pass  # the first call starts it again and reports what is wrong
+    except Exception:  # the first call starts it again and reports what is wrong
+        logging.getLogger("mpmagic").info("mpmagic: starting the pool in the background failed", exc_info=True)
 
 
 def unload_ipython_extension(ipython: Any) -> None:

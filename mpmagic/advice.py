@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .fmt import fmt_seconds
+
 LOW_EFFICIENCY = 0.6  # below this share of ideal speedup, say why (2 workers: under 1.2x)
 LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
 # Array data copied into shared memory per call worth pointing at share():
@@ -61,7 +63,6 @@ def oversubscribed(report: Any) -> bool:
 
 def advise(report: Any) -> str | None:
     """The likely cause and what to try, in one line; None for a good (or failed) run."""
-    from .report import fmt_seconds
 
     if report.failed or report.extra.get("error"):
         return None

@@ -27,7 +27,7 @@ from .interrupts import restore as restore_interrupts
 from .jobs import CellJob, MapJob
 from .pool import get_pool
 from .progress import Progress
-from .report import Report
+from .report import RankValues, Report
 
 _last_report: Report | None = None
 
@@ -359,17 +359,6 @@ def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: boo
         except Exception as exc:
             results.append(Failed(i, item, exc))
     return results
-
-
-class RankValues(list):
-    """The last values of a ``parallel`` cell, in rank order.
-
-    ``gathered`` maps each ``gather`` name to its per-rank values; ``report``
-    is the run's timing report.
-    """
-
-    gathered: dict[str, list]
-    report: Report | None = None
 
 
 def parallel(

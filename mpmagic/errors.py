@@ -1,8 +1,8 @@
 """Exceptions mpmagic raises, and how a worker's traceback is carried home.
 
 A task's exception is re-raised in the notebook as the *same* exception type,
-with its args, attributes, notes, cause and context (:func:`capture` in the
-worker, :func:`rebuild` here), its ``__traceback__`` made of the worker's
+with its args, attributes, notes, cause and context (``exc_record.capture``
+in the worker, ``exc_record.rebuild`` here), its ``__traceback__`` made of the worker's
 frames (:func:`fake_traceback`), and one note that says which item or rank
 raised it. IPython then shows it as it shows a local error.
 """
@@ -13,7 +13,6 @@ import builtins
 import linecache
 import logging
 import os
-import pickle
 import re
 import signal
 import sys
@@ -208,7 +207,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
         if code is None:
             if len(_stub_codes) > 10_000:
                 _stub_codes.clear()
-            names = {"co_name": fr.name}
+            names: dict[str, Any] = {"co_name": fr.name}
             if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
                 names["co_qualname"] = fr.name
             # The raise sits ``lineno - first`` lines below the code's first
@@ -219,7 +218,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
         try:
             exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
         except _FrameMarker as m:
-            tb = m.__traceback__.tb_next  # the stub's own frame (the first is this function's)
+            tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this function's)
             m.__traceback__ = None
         if tb is None:
             continue
@@ -247,176 +246,6 @@ class _FrameMarker(Exception):
 # notebook rebuilds the exception without calling ``__init__``, as pickle
 # itself does for ordinary objects. Only a type that cannot be loaded here
 # gives a RemoteError.
-
-_MAX_CHAIN = 16  # causes/contexts followed per exception
-
-
-@dataclass
-class ExcRecord:
-    """One exception, and its chain, in parts that always travel."""
-
-    type_name: str
-    message: str
-    text: str  # "HTTPError: 404", as Python prints its last line
-    frames: list[FrameInfo]
-    whole: bytes | None = None  # the exception by pickle's usual route, when that loads again
-    type_bytes: bytes | None = None
-    args_bytes: bytes | None = None
-    state: dict[str, bytes] | None = None  # attributes that pickle, one by one
-    notes: list[str] | None = None
-    cause: ExcRecord | None = None
-    context: ExcRecord | None = None
-    suppress_context: bool = False
-    children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
-
-
-def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return f"<unprintable {type(exc).__name__}>"
-
-
-def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> ExcRecord:
-    """The parts of ``exc`` (and its chain) to send home (runs in the worker).
-
-    An exception met twice (``raise A from B`` makes B both the cause and the
-    context) gets one record, so it is one exception again in the notebook.
-    """
-    from . import payload
-
-    seen: dict[int, ExcRecord] = {} if _seen is None else _seen
-    try:
-        text = "".join(traceback.format_exception_only(type(exc), exc))
-    except Exception:
-        text = f"{type(exc).__qualname__}: {_safe_str(exc)}\n"
-    rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__))
-    seen[id(exc)] = rec
-    notes = getattr(exc, "__notes__", None)
-    if isinstance(notes, list):
-        rec.notes = [str(n) for n in notes]
-    is_group = isinstance(exc, _GROUP)
-    if not is_group:
-        rec.whole = _dumps_loadable(exc, payload)
-    if rec.whole is None:
-        try:
-            rec.type_bytes = payload.dumps_data(type(exc))
-        except Exception as why:
-            logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
-        args = (exc.message,) if is_group else exc.args
-        try:
-            rec.args_bytes = payload.dumps_data(tuple(args))
-        except Exception:
-            rec.args_bytes = payload.dumps_data(tuple(repr(a) for a in args))
-        rec.state = {}
-        attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
-        attrs.update(getattr(exc, "__dict__", {}))
-        for k, v in attrs.items():
-            if k == "__notes__":
-                continue
-            try:
-                rec.state[k] = payload.dumps_data(v)
-            except Exception as why:  # that attribute stays behind, the exception comes home
-                logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
-        if is_group:
-            rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]
-    if _depth < _MAX_CHAIN:
-        for link in ("__cause__", "__context__"):
-            other = getattr(exc, link)
-            if other is not None:
-                other_rec = seen.get(id(other)) or capture(other, _depth + 1, seen)
-                setattr(rec, link.strip("_"), other_rec)
-    rec.suppress_context = bool(exc.__suppress_context__)
-    return rec
-
-
-def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
-    """``exc`` pickled whole if that loads back as the same type (exact for the
-    builtins: OSError's errno, SyntaxError's position...), else None."""
-    try:
-        data = payload.dumps_data(exc)
-        back = pickle.loads(data)
-        # Same args and the same attributes set: a reducer that drops slots
-        # (tblib's, which distributed installs for every exception) is caught here.
-        same = (
-            type(back) is type(exc)
-            and bool(back.args == exc.args)
-            and _attribute_names(back, payload) == _attribute_names(exc, payload)
-        )
-    except Exception:  # (args holding numpy arrays cannot even be compared)
-        return None
-    return data if same else None
-
-
-def _attribute_names(exc: BaseException, payload: Any) -> set[str]:
-    names = {k for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
-    return names | set(getattr(exc, "__dict__", {}))
-
-
-def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
-    """The exception of ``rec`` here, as its own type, with its chain and frames."""
-    from . import payload
-
-    memo: dict[int, BaseException] = {} if _memo is None else _memo
-    if id(rec) in memo:
-        return memo[id(rec)]
-
-    exc: BaseException | None = None
-    if rec.whole is not None:
-        try:
-            exc = payload.loads(rec.whole)
-        except Exception as why:
-            logger.debug("could not load %s whole: %s", rec.type_name, why)
-    if exc is None and rec.type_bytes is not None:
-        try:
-            cls = payload.loads(rec.type_bytes)
-        except Exception as why:
-            logger.debug("could not load the type %s: %s", rec.type_name, why)
-            cls = None
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            exc = _new_exception(cls, rec, payload, memo)
-    if not isinstance(exc, BaseException):
-        exc = RemoteError(rec.type_name, rec.message)
-    memo[id(rec)] = exc
-    if rec.notes is not None:
-        try:
-            exc.__notes__ = list(rec.notes)
-        except AttributeError:
-            logger.debug("notes of %s not restored", rec.type_name)
-    exc.__traceback__ = fake_traceback(map_cell_frames(rec.frames))
-    if rec.cause is not None:
-        exc.__cause__ = rebuild(rec.cause, memo)
-    if rec.context is not None:
-        exc.__context__ = rebuild(rec.context, memo)
-    exc.__suppress_context__ = rec.suppress_context
-    return exc
-
-
-def _new_exception(cls: type, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
-    """``cls`` made without calling ``__init__`` (as pickle makes objects), then
-    given the args and attributes the worker's exception had."""
-    try:
-        args = payload.loads(rec.args_bytes) if rec.args_bytes else ()
-        if rec.children is not None:
-            exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
-        else:
-            exc = cls.__new__(cls, *args)
-            exc.args = args
-    except Exception as why:
-        logger.debug("could not rebuild %s: %s", rec.type_name, why)
-        return None
-    slots = set(payload.slot_names(cls))
-    for k, v in (rec.state or {}).items():
-        try:
-            value = payload.loads(v)
-            if k in slots or not hasattr(exc, "__dict__"):
-                object.__setattr__(exc, k, value)  # (not the class's own __setattr__)
-            else:
-                exc.__dict__[k] = value
-        except Exception as why:
-            logger.debug("attribute %s of %s not restored: %s", k, rec.type_name, why)
-    return exc
-
 
 class _ExceptionOnly:
     """``_render_traceback_`` of a task exception none of whose frames is the
@@ -507,14 +336,11 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
     except SyntaxError:
         return []
     for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and getattr(node.func, "attr", None) == "run_cell_magic"
-            and len(node.args) == 3
-            and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args)
-            and node.args[2].value.rstrip() == source.rstrip()
-        ):
-            name, line, body = (a.value for a in node.args)
+        if not isinstance(node, ast.Call) or getattr(node.func, "attr", None) != "run_cell_magic":
+            continue
+        texts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if len(node.args) == 3 and len(texts) == 3 and texts[2].rstrip() == source.rstrip():
+            name, line, body = texts
             return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
     return []
 

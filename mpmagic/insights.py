@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fmt import fmt_seconds
 from .jobs import short_repr
-from .report import fmt_seconds
 
 TOP = 5  # slowest items kept
 

@@ -27,10 +27,10 @@ from .errors import (
     TaskTimeoutError,
     WorkerLostError,
     fake_traceback,
-    rebuild,
     show_without_frames,
     unloadable_results,
 )
+from .exc_record import rebuild
 from .protocol import Cell, Map
 from .worker import ErrorInfo
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import cloudpickle
 
+from . import compat
 from .errors import SerializationError
 
 PROTOCOL = 5
@@ -43,7 +44,7 @@ def _code_reduce_keeping_filename(code: types.CodeType):
     return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
 
-_cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None)
+_cloudpickle_code_reduce = compat.cloudpickle_code_reduce()
 
 
 # --------------------------------------------------------------------------
@@ -73,7 +74,7 @@ _cloudpickle_code_reduce = getattr(cloudpickle.cloudpickle, "_code_reduce", None
 
 _LRU_WRAPPER = type(functools.lru_cache(maxsize=1)(lambda: None))
 _OBJECT_REDUCE = (object.__reduce_ex__, object.__reduce__, getattr(object, "__getstate__", None))
-_by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+_by_reference = compat.cloudpickle_by_reference()
 
 
 def _sent_by_value(obj: Any) -> bool:
@@ -106,7 +107,7 @@ def _slotted_by_value(cls: type) -> bool:
     """A notebook class with ``__slots__`` and the default pickling of instances."""
     if "__slots__" not in cls.__dict__ and not any("__slots__" in k.__dict__ for k in cls.__mro__[1:-1]):
         return False
-    if (cls.__reduce_ex__, cls.__reduce__, getattr(cls, "__getstate__", None)) != _OBJECT_REDUCE:
+    if (cls.__reduce_ex__, cls.__reduce__, getattr(cls, "__getstate__", None)) != _OBJECT_REDUCE:  # type: ignore[comparison-overlap]
         return False  # the class says how to pickle itself: let it
     return _sent_by_value(cls)
 
@@ -141,7 +142,7 @@ def _slotted_state(obj: Any) -> dict[str, Any]:
 
 def _rebuild_slotted(cls: type, state: dict[str, Any]) -> Any:
     """The receiving side of a slotted instance: no ``__init__``, as pickle does."""
-    obj = cls.__new__(cls)
+    obj = cls.__new__(cls)  # type: ignore[call-overload]
     for name, value in state.items():
         object.__setattr__(obj, name, value)
     return obj

@@ -32,17 +32,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
-from . import payload, shm
+from . import compat, payload, shm
 
 _MAX_ENTRIES = 32
 _MISSING = object()
 _EMPTY_CELL = object()
 _ATOMIC = (int, float, complex, str, bytes, bool, type(None), range, slice, type(Ellipsis))
 
-_extract_code_globals = getattr(cloudpickle.cloudpickle, "_extract_code_globals", None)
-_should_pickle_by_reference = getattr(cloudpickle.cloudpickle, "_should_pickle_by_reference", None)
+_extract_code_globals = compat.cloudpickle_extract_code_globals()
+_should_pickle_by_reference = compat.cloudpickle_by_reference()
 
 
 @dataclass(eq=False)

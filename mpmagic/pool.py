@@ -15,7 +15,8 @@ from typing import Any
 from .backends.base import Backend
 from .backends.local import LocalBackend
 from .errors import UsageError
-from .report import fmt_seconds
+from .fmt import fmt_seconds
+from .shared import base as _shared_base
 from .status import PoolStatus  # formatting lives in status.py; importable from here as before
 
 _lock = threading.RLock()
@@ -181,6 +182,12 @@ def shutdown() -> None:
 def pool_status() -> PoolStatus:
     """Status of the current backend (does not start it)."""
     return PoolStatus(get_pool().status())
+
+
+# mpmagic.Queue() and the other helpers ask the current backend to make them
+# (Dask makes its own kind): shared finds it through this lookup rather than
+# importing pool (which imports the backends, which import shared).
+_shared_base.set_backend_lookup(current_pool)
 
 
 __all__ = [

@@ -26,15 +26,10 @@ import logging
 import mmap
 import os
 
-try:  # the modules multiprocessing.shared_memory / synchronize are built on (POSIX)
-    import _multiprocessing
-    import _posixshmem
-except ImportError:  # pragma: no cover - Windows
-    _posixshmem = None
-    _multiprocessing = None
+from . import compat  # _posixshmem / _multiprocessing, each behind a guarded accessor
 
 SHM_DIR = "/dev/shm"
-ENABLED = _posixshmem is not None and os.name == "posix"
+ENABLED = compat.shm_available()
 
 log = logging.getLogger("mpmagic")
 
@@ -81,7 +76,7 @@ def create(name: str, size: int) -> mmap.mmap:
     Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it (nothing is left
     behind), ``FileExistsError`` when the name is taken.
     """
-    fd = _posixshmem.shm_open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, mode=0o600)
+    fd = compat.shm_open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         os.ftruncate(fd, size)
         reserve(fd, size)
@@ -112,7 +107,7 @@ def reserve(fd: int, size: int) -> None:
 
 def attach(name: str, size: int | None = None) -> mmap.mmap:
     """Map the existing segment ``name`` (all of it when ``size`` is None)."""
-    fd = _posixshmem.shm_open(_path(name), os.O_RDWR, mode=0o600)
+    fd = compat.shm_open(_path(name), os.O_RDWR, 0o600)
     try:
         if size is None:
             size = os.fstat(fd).st_size
@@ -123,13 +118,13 @@ def attach(name: str, size: int | None = None) -> mmap.mmap:
 
 def open_fd(name: str) -> int:
     """A new descriptor of segment ``name`` (the caller closes it)."""
-    return _posixshmem.shm_open(_path(name), os.O_RDWR, mode=0o600)
+    return compat.shm_open(_path(name), os.O_RDWR, 0o600)
 
 
 def unlink(name: str) -> bool:
     """Remove segment ``name``; False if it was already gone."""
     try:
-        _posixshmem.shm_unlink(_path(name))
+        compat.shm_unlink(_path(name))
     except FileNotFoundError:
         return False
     return True
@@ -138,7 +133,7 @@ def unlink(name: str) -> bool:
 def unlink_semaphore(name: str) -> bool:
     """Remove named semaphore ``name``; False if it was already gone."""
     try:
-        _multiprocessing.sem_unlink(_path(name))
+        compat.sem_unlink(_path(name))
     except FileNotFoundError:
         return False
     return True

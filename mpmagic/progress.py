@@ -12,6 +12,7 @@ the API calls it in a ``finally``.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -106,8 +107,8 @@ class Progress:
             if outcome != "done":
                 bar.set_postfix_str(outcome, refresh=False)
             bar.close()
-        except Exception:
-            pass
+        except Exception:  # a display that went away: the run's result matters, not its bar
+            logging.getLogger("mpmagic").debug("mpmagic: closing the progress bar failed", exc_info=True)
 
     def __enter__(self) -> Progress:
         return self

@@ -124,7 +124,7 @@ class Done(NamedTuple):
 class Error(NamedTuple):
     call: int
     tag: Any
-    index: int  # in the chunk; -1: the unit as a whole could not run
+    index: int  # type: ignore[assignment]  # (shadows tuple.index) in the chunk; -1: the unit as a whole could not run
     info: Any  # worker.ErrorInfo
     partial: bytes  # results of the items before it
     seconds: float
@@ -133,7 +133,7 @@ class Error(NamedTuple):
 class Unpicklable(NamedTuple):
     call: int
     tag: Any
-    index: int | None  # the first result that cannot travel, if known
+    index: int | None  # type: ignore[assignment]  # (shadows tuple.index) the first result that cannot travel, if known
     info: Any  # worker.ErrorInfo
 
 
@@ -144,7 +144,7 @@ class Missing(NamedTuple):
 
 
 # The wire codes. Never reuse a code for another shape.
-KINDS: tuple[type, ...] = (Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing)
+KINDS: tuple[Any, ...] = (Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing)
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
 REPLIES: tuple[type, ...] = (Done, Error, Unpicklable, Missing)  # answers to a unit

@@ -11,15 +11,7 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def fmt_seconds(s: float | None) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
-    if s < 1:
-        return f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
+from .fmt import fmt_seconds
 
 
 @dataclass
@@ -251,3 +243,13 @@ def _setting(name: str, default: Any) -> Any:
     except Exception:
         return default
 
+
+class RankValues(list):
+    """The last values of a ``parallel`` cell, in rank order.
+
+    ``gathered`` maps each ``gather`` name to its per-rank values; ``report``
+    is the run's timing report.
+    """
+
+    gathered: dict[str, list]
+    report: Report | None = None

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .report import fmt_seconds
+from .fmt import fmt_seconds
 
 
 @dataclass

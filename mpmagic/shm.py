@@ -268,9 +268,16 @@ def cleanup() -> None:
 
 @atexit.register
 def _cleanup_at_exit() -> None:
-    cleanup()
+    # Each step on its own: one failing must not leave the others' segments.
+    try:
+        cleanup()
+    except Exception:
+        log.warning("mpmagic: removing pooled shared memory at exit failed", exc_info=True)
     for name in list(_shared):
-        _unlink(name)
+        try:
+            _unlink(name)
+        except Exception:
+            log.warning("mpmagic: removing shared segment %s at exit failed", name, exc_info=True)
 
 
 def sweep_stale() -> int:

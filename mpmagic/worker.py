@@ -46,7 +46,8 @@ from operator import itemgetter
 from typing import Any
 
 from . import context, debugging, payload, shm, worker_logging
-from .errors import SerializationError, capture
+from .errors import SerializationError
+from .exc_record import capture
 from .protocol import (
     Cell,
     Context,
@@ -74,7 +75,7 @@ class ErrorInfo:
     """A task's exception in a form that always survives the trip home.
 
     ``record`` holds its parts (type, args, attributes, notes, chain, frames:
-    see :func:`mpmagic.errors.capture`), from which the notebook rebuilds the
+    see :func:`mpmagic.exc_record.capture`), from which the notebook rebuilds the
     same exception; ``type_name``, ``message`` and ``exc_text`` say it in
     words when even that is not possible. ``context`` is what the worker saw
     at the raising line (its locals as bounded reprs, worker id, pid: see
@@ -525,11 +526,12 @@ class _Worker:
         shm.forget(names)
 
     def run_map(self, msg: Map) -> None:
-        func = self.funcs.get(msg.key)
+        key = msg.key or b""  # (a map always names its function)
+        func = self.funcs.get(key)
         if func is None:
-            self.channel.send(Missing(msg.call, msg.tag, msg.key))
+            self.channel.send(Missing(msg.call, msg.tag, key))
             return
-        self.funcs.move_to_end(msg.key)
+        self.funcs.move_to_end(key)
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_map(

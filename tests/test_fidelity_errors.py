@@ -228,7 +228,7 @@ class _ImportableSlotted(Exception):
 def test_capture_and_rebuild_keep_real_slots():
     """An importable exception class with real slots (in the worker a notebook
     class has none: cloudpickle rebuilds it with a __dict__)."""
-    from mpmagic.errors import capture, rebuild
+    from mpmagic.exc_record import capture, rebuild
 
     try:
         raise _ImportableSlotted(9)

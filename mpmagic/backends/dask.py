@@ -63,6 +63,8 @@ _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it retu
 _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
 _keys = itertools.count()
 
+log = logging.getLogger("mpmagic")
+
 _live_backends: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -71,8 +73,8 @@ def _stop_all_at_exit() -> None:
     for backend in list(_live_backends):
         try:
             backend.stop(timeout=1.0)
-        except Exception:
-            pass
+        except Exception:  # one backend's cleanup must not stop the others'
+            log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
 
 
 def _security(address: str | None, ca: str | None, cert: str | None, key: str | None) -> Any:
@@ -284,12 +286,12 @@ class DaskBackend:
             try:
                 client.close(timeout=timeout)
             except Exception:
-                pass
+                log.info("mpmagic: closing the Dask client failed", exc_info=True)
         if cluster is not None:
             try:
                 cluster.close(timeout=max(timeout, 5.0))
             except Exception:
-                pass
+                log.warning("mpmagic: closing mpmagic's local Dask cluster failed", exc_info=True)
 
     def _close_quietly(self) -> None:
         try:
@@ -348,8 +350,8 @@ class DaskBackend:
         if self.running:
             try:
                 return max(1, len(self._nthreads()))
-            except Exception:
-                pass
+            except Exception:  # the scheduler went away: say what was asked for
+                log.debug("mpmagic: could not count the Dask workers", exc_info=True)
         return self.requested_workers or (available_cpus() if self.owns_cluster else 1)
 
     # -- status ------------------------------------------------------------
@@ -380,7 +382,7 @@ class DaskBackend:
             try:
                 base["dashboard"] = self.client.dashboard_link
             except Exception:
-                pass
+                log.debug("mpmagic: no dashboard link", exc_info=True)
         procs = []
         for addr, w in sorted(info.get("workers", {}).items()):
             metrics = w.get("metrics", {})
@@ -879,15 +881,15 @@ class _DaskRun:
 def _replicate_quietly(client: Any, future: Any) -> None:
     try:
         client.replicate([future])
-    except Exception:
-        pass
+    except Exception:  # an optimisation: workers fetch the payload on first use anyway
+        log.debug("mpmagic: replicating the function payload failed", exc_info=True)
 
 
 def _cancel_quietly(client: Any, futures: list) -> None:
     try:
         client.cancel(futures, force=True)
     except Exception:
-        pass
+        log.warning("mpmagic: cancelling %d Dask tasks failed", len(futures), exc_info=True)
 
 
 __all__ = ["DaskBackend"]

@@ -26,6 +26,7 @@ from typing import Any
 from .. import payload
 from ..errors import UsageError
 from ..shared import IterUntilClosed
+from ..shared.base import current_backend
 
 
 def _client_here() -> Any:
@@ -41,10 +42,8 @@ def _client_here() -> Any:
         return None
     except ValueError:
         pass
-    from ..pool import current_pool
-
-    backend = current_pool()
-    if getattr(backend, "name", None) == "dask" and getattr(backend, "running", False):
+    backend = current_backend()
+    if backend is not None and backend.name == "dask" and backend.running:
         return backend.client
     return None
 

@@ -121,7 +121,7 @@ class _ThreadRouter(io.TextIOBase):
             try:
                 self.real.flush()
             except Exception:
-                pass
+                log.debug("mpmagic: flushing the worker's own stream failed", exc_info=True)
 
     def fileno(self) -> int:
         return self.real.fileno()
@@ -284,7 +284,7 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
 
     with _capture(topic, tag) as out:
         if type(msg) is Map:
-            reply = execute_map(msg, _function(msg.key, func_payload or b""), where, cpu)
+            reply = execute_map(msg, _function(msg.key or b"", func_payload or b""), where, cpu)
         else:
             reply = execute_cell(msg, where, cpu)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]

@@ -91,8 +91,8 @@ def _widen(conn: Any) -> None:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, _SOCKET_BUFFER)
-            except OSError:
-                pass
+            except OSError:  # capped by the kernel: the default buffer still works, a bit slower
+                log.debug("mpmagic: could not widen a worker socket buffer", exc_info=True)
 
 
 def _check_size(n: object, what: str = "workers") -> None:
@@ -877,7 +877,7 @@ class LocalBackend:
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
         if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
-            reason = f"ran out of memory (killed by SIGKILL; {slot.rss / 1e6:.0f} MB at its last report)"
+            reason = f"ran out of memory (killed by SIGKILL; {(slot.rss or 0) / 1e6:.0f} MB at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
@@ -921,7 +921,7 @@ class LocalBackend:
         if not self.max_tasks_per_child and not self.max_memory:
             return
         for slot in list(self.slots):
-            worn = bool(self.max_tasks_per_child) and slot.tasks >= self.max_tasks_per_child
+            worn = self.max_tasks_per_child is not None and slot.tasks >= self.max_tasks_per_child
             if not slot.busy and (worn or slot.over_memory):
                 self._retire(slot)
                 if not slot.temporary:

@@ -20,11 +20,10 @@ import threading
 import time
 import warnings
 import weakref
-from collections.abc import Iterator
-from multiprocessing import resource_tracker
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import posixshm
+from .. import compat, posixshm
 from ..errors import MPMagicError, UsageError
 
 try:
@@ -127,7 +126,7 @@ def _unlink(name: str, rtype: str) -> None:
     else:
         posixshm.unlink(name)
     try:
-        resource_tracker.unregister(name, rtype)
+        compat.tracker_unregister(name, rtype)
     except Exception:  # the tracker is gone (interpreter exit): nothing to tell it
         log.debug("resource tracker unregister of %s failed", name, exc_info=True)
 
@@ -319,7 +318,7 @@ class _Helper:
         else:  # pragma: no cover - 8 collisions of 40 random bits
             raise MPMagicError("could not find a free shared-memory name")
         names.append((self._stem, "shared_memory"))
-        resource_tracker.register(self._stem, "shared_memory")
+        compat.tracker_register(self._stem, "shared_memory")
         self._sems = {}
         try:
             for letter in self._sem_letters():
@@ -335,7 +334,7 @@ class _Helper:
                         "for its semaphores. Free some or make it bigger (docker run --shm-size=1g)"
                     ) from exc
                 names.append((name, "semaphore"))
-                resource_tracker.register(name, "semaphore")
+                compat.tracker_register(name, "semaphore")
             self._seg.words[0] = _MAGIC
             self._init_memory()
             self._setup()
@@ -415,12 +414,12 @@ class _Helper:
         """In a forked child: forget this process's threads and lock owners."""
 
 
-def _attach(cls: type, stem: str, spec: tuple, owner_pid: int) -> Any:
+def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int) -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
     return cls._attach(stem, spec, owner_pid)
 
 
-def _lock_of(cls: type, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
+def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
     """Unpickle a helper's lock (what ``get_lock()`` returned).
 
     The lock keeps its helper alive here, so a later unpickled ``v`` finds the
@@ -445,15 +444,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# The notebook's current backend, as ``mpmagic.pool`` knows it: pool registers
+# its lookup here when it is imported. ``shared`` must not import ``pool``
+# (pool -> backends.dask -> dask_shared -> shared would close an import
+# cycle); no lookup yet means no pool was made, and helpers are local.
+_backend_lookup: Callable[[], Any] | None = None
+
+
+def set_backend_lookup(lookup: Callable[[], Any]) -> None:
+    """Called by ``mpmagic.pool`` once: how to find the current backend."""
+    global _backend_lookup
+    _backend_lookup = lookup
+
+
+def current_backend() -> Any:
+    """The notebook's current backend (None before any pool, or in a worker)."""
+    return _backend_lookup() if _backend_lookup is not None else None
+
+
 def _backend_helper(kind: str, args: tuple, kwargs: dict) -> Any:
     """What the current backend makes for this helper, or NotImplemented.
 
     ``kwargs`` holds only the keyword arguments the user gave (defaults are
     left out), so a backend need accept only the options it supports.
     """
-    from ..pool import current_pool
-
-    make = getattr(current_pool(), "make_shared", None)
+    backend = current_backend()
+    make = backend.make_shared if backend is not None else None
     if make is None:
         return NotImplemented
     return make(kind, *args, **kwargs)

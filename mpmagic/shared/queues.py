@@ -16,10 +16,9 @@ import struct
 import threading
 import time
 from collections import deque
-from multiprocessing import resource_tracker
 from typing import Any
 
-from .. import payload, posixshm
+from .. import compat, payload, posixshm
 from . import base
 from .base import (
     _HEADER,
@@ -442,7 +441,7 @@ def _spill(ring: _Ring, local: _Local) -> None:
         mapping[offset + 8 : offset + 8 + len(x)] = x
         offset += 8 + _padded(len(x))
     mapping.close()
-    resource_tracker.register(name, "shared_memory")  # unlinked if the notebook is killed first
+    compat.tracker_register(name, "shared_memory")  # unlinked if the notebook is killed first
     with ring.mutex:
         i = ring.slot(local, True)
         t = ring.t

@@ -1,0 +1,194 @@
+"""A task's exception in parts that always travel, and the same exception again.
+
+:func:`capture` runs in the worker: it records the exception's type, args,
+attributes (each one that pickles), notes, cause and context chain and frames
+in an :class:`ExcRecord`. :func:`rebuild` runs in the notebook: it makes the
+same type again without calling ``__init__`` (as pickle makes objects), so
+``except HTTPError`` catches it whatever its ``__init__`` takes, and gives it
+the worker's frames as its ``__traceback__`` (see ``errors.fake_traceback``).
+
+It sits above ``payload`` (it pickles the parts) and ``errors`` (the frames,
+``RemoteError``): neither of those imports it. This module imports no IPython.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import pickle
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from . import payload
+from .errors import FrameInfo, RemoteError, extract_frames, fake_traceback, map_cell_frames
+
+logger = logging.getLogger("mpmagic")
+
+# ExceptionGroup exists from Python 3.11; before, nothing is a group.
+_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
+
+_MAX_CHAIN = 16  # causes/contexts followed per exception
+
+
+@dataclass
+class ExcRecord:
+    """One exception, and its chain, in parts that always travel."""
+
+    type_name: str
+    message: str
+    text: str  # "HTTPError: 404", as Python prints its last line
+    frames: list[FrameInfo]
+    whole: bytes | None = None  # the exception by pickle's usual route, when that loads again
+    type_bytes: bytes | None = None
+    args_bytes: bytes | None = None
+    state: dict[str, bytes] | None = None  # attributes that pickle, one by one
+    notes: list[str] | None = None
+    cause: ExcRecord | None = None
+    context: ExcRecord | None = None
+    suppress_context: bool = False
+    children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:
+        return f"<unprintable {type(exc).__name__}>"
+
+
+def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> ExcRecord:
+    """The parts of ``exc`` (and its chain) to send home (runs in the worker).
+
+    An exception met twice (``raise A from B`` makes B both the cause and the
+    context) gets one record, so it is one exception again in the notebook.
+    """
+    seen: dict[int, ExcRecord] = {} if _seen is None else _seen
+    try:
+        text = "".join(traceback.format_exception_only(type(exc), exc))
+    except Exception:
+        text = f"{type(exc).__qualname__}: {_safe_str(exc)}\n"
+    rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__))
+    seen[id(exc)] = rec
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        rec.notes = [str(n) for n in notes]
+    is_group = isinstance(exc, _GROUP)
+    if not is_group:
+        rec.whole = _dumps_loadable(exc, payload)
+    if rec.whole is None:
+        try:
+            rec.type_bytes = payload.dumps_data(type(exc))
+        except Exception as why:
+            logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
+        args = (exc.message,) if is_group else exc.args  # type: ignore[attr-defined]
+        try:
+            rec.args_bytes = payload.dumps_data(tuple(args))
+        except Exception:
+            rec.args_bytes = payload.dumps_data(tuple(repr(a) for a in args))
+        rec.state = {}
+        attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+        attrs.update(getattr(exc, "__dict__", {}))
+        for k, v in attrs.items():
+            if k == "__notes__":
+                continue
+            try:
+                rec.state[k] = payload.dumps_data(v)
+            except Exception as why:  # that attribute stays behind, the exception comes home
+                logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
+        if is_group:
+            rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]  # type: ignore[attr-defined]
+    if _depth < _MAX_CHAIN:
+        for link in ("__cause__", "__context__"):
+            other = getattr(exc, link)
+            if other is not None:
+                other_rec = seen.get(id(other)) or capture(other, _depth + 1, seen)
+                setattr(rec, link.strip("_"), other_rec)
+    rec.suppress_context = bool(exc.__suppress_context__)
+    return rec
+
+
+def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
+    """``exc`` pickled whole if that loads back as the same type (exact for the
+    builtins: OSError's errno, SyntaxError's position...), else None."""
+    try:
+        data = payload.dumps_data(exc)
+        back = pickle.loads(data)
+        # Same args and the same attributes set: a reducer that drops slots
+        # (tblib's, which distributed installs for every exception) is caught here.
+        same = (
+            type(back) is type(exc)
+            and bool(back.args == exc.args)
+            and _attribute_names(back, payload) == _attribute_names(exc, payload)
+        )
+    except Exception:  # (args holding numpy arrays cannot even be compared)
+        return None
+    return data if same else None
+
+
+def _attribute_names(exc: BaseException, payload: Any) -> set[str]:
+    names = {k for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+    return names | set(getattr(exc, "__dict__", {}))
+
+
+def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
+    """The exception of ``rec`` here, as its own type, with its chain and frames."""
+    memo: dict[int, BaseException] = {} if _memo is None else _memo
+    if id(rec) in memo:
+        return memo[id(rec)]
+
+    exc: BaseException | None = None
+    if rec.whole is not None:
+        try:
+            exc = payload.loads(rec.whole)
+        except Exception as why:
+            logger.debug("could not load %s whole: %s", rec.type_name, why)
+    if exc is None and rec.type_bytes is not None:
+        try:
+            cls = payload.loads(rec.type_bytes)
+        except Exception as why:
+            logger.debug("could not load the type %s: %s", rec.type_name, why)
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            exc = _new_exception(cls, rec, payload, memo)
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(rec.type_name, rec.message)
+    memo[id(rec)] = exc
+    if rec.notes is not None:
+        try:
+            exc.__notes__ = list(rec.notes)  # type: ignore[attr-defined]
+        except AttributeError:
+            logger.debug("notes of %s not restored", rec.type_name)
+    exc.__traceback__ = fake_traceback(map_cell_frames(rec.frames))
+    if rec.cause is not None:
+        exc.__cause__ = rebuild(rec.cause, memo)
+    if rec.context is not None:
+        exc.__context__ = rebuild(rec.context, memo)
+    exc.__suppress_context__ = rec.suppress_context
+    return exc
+
+
+def _new_exception(cls: Any, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
+    """``cls`` made without calling ``__init__`` (as pickle makes objects), then
+    given the args and attributes the worker's exception had."""
+    try:
+        args: tuple = payload.loads(rec.args_bytes) if rec.args_bytes else ()
+        if rec.children is not None:
+            exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
+        else:
+            exc = cls.__new__(cls, *args)
+            exc.args = args
+    except Exception as why:
+        logger.debug("could not rebuild %s: %s", rec.type_name, why)
+        return None
+    slots = set(payload.slot_names(cls))
+    for k, v in (rec.state or {}).items():
+        try:
+            value = payload.loads(v)
+            if k in slots or not hasattr(exc, "__dict__"):
+                object.__setattr__(exc, k, value)  # (not the class's own __setattr__)
+            else:
+                exc.__dict__[k] = value
+        except Exception as why:
+            logger.debug("attribute %s of %s not restored: %s", k, rec.type_name, why)
+    return exc

@@ -1,0 +1,19 @@
+"""How figures read in reports, advice, status and errors: one leaf module.
+
+It imports nothing of mpmagic, so any layer may use it (``report``,
+``advice``, ``pool``, ``scaling``... each used to import the formatter from
+``report``, which tied them into one import cycle).
+"""
+
+from __future__ import annotations
+
+
+def fmt_seconds(s: float | None) -> str:
+    """``512 µs``, ``3.4 ms``, ``1.25 s``; ``-`` when not measured."""
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    if s < 1:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s:.2f} s"
