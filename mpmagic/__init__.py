@@ -37,7 +37,7 @@ _LAZY = {
     "RankValues": "api",
     "Failed": "jobs",
     "last_failures": "debugging",
-    "rerun_failed": "debugging",
+    "rerun_failed": "postmortem",
     "get_pool": "pool",
     "pool_status": "pool",
     "restart_pool": "pool",
@@ -59,7 +59,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
     from .api import RankValues, last_report, parallel, pmap
-    from .debugging import last_failures, rerun_failed
+    from .debugging import last_failures
     from .jobs import Failed
     from .pool import (
         get_pool,
@@ -70,6 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
         use_dask,
         use_local,
     )
+    from .postmortem import rerun_failed
     from .report import Report
     from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
     from .shm import share

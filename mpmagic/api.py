@@ -177,13 +177,13 @@ def pmap(
     debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
     _run_with_progress(backend, job, bar, workers)
     wall = time.perf_counter() - t0
-    failed = 0
-    results = None
+    options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
         results = job.results()
+    except BaseException:
+        debugging.record_map(job, func, None, [], options)  # for %pdebug, --rerun-failed
+        raise
     finally:
-        options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
-        debugging.record_map(job, func, results, options)  # for %pdebug, --rerun-failed
         _last_report = Report(
             kind="pmap",
             items=job.items_done,
@@ -200,9 +200,10 @@ def pmap(
         )
     from .jobs import Failed
 
-    if errors == "collect":  # only then can a result be a Failed (saves a pass over 10^7 results)
-        failed = sum(isinstance(r, Failed) for r in results)
-    _last_report.failed = failed
+    # Only with errors="collect" can a result be a Failed (saves a pass over 10^7 results).
+    failed = [r for r in results if isinstance(r, Failed)] if errors == "collect" else []
+    _last_report.failed = len(failed)
+    debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
         t1 = time.perf_counter()
         if star_mode and len(iterables) == 1:

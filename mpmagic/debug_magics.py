@@ -1,11 +1,11 @@
-"""``%pdebug``: the IPython skin over :mod:`mpmagic.debugging`."""
+"""``%pdebug``: the IPython skin over :func:`mpmagic.postmortem.replay`."""
 
 from __future__ import annotations
 
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from . import debugging
+from . import postmortem
 from .errors import UsageError
 
 PDEBUG_HELP = """\
@@ -36,6 +36,6 @@ class DebugMagics(Magics):
             raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]")
         which = int(text) if text else None
         try:
-            debugging.replay(which, debugger=getattr(self.shell, "debugger_cls", None))
+            postmortem.replay(which, debugger=getattr(self.shell, "debugger_cls", None))
         except UsageError as exc:
             raise IPythonUsageError(f"%pdebug: {exc}") from None

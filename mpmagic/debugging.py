@@ -1,19 +1,19 @@
-"""From a failed item to a debugger: what a failure carries, replay, re-run.
+"""What a failure carries: the worker's locals at the raising line, its id and pid.
 
 * In the worker, :func:`failure_context` records what the raising frame saw
   (bounded ``repr``s of its local variables) and which worker and pid ran it;
-  it rides home on the ``ErrorInfo``.
+  it rides home on the ``ErrorInfo`` (``worker.py``).
 * In the notebook, :func:`attach` puts a :class:`FailureInfo` on the rebuilt
   exception (``exc.failure_info``): the item's index and input (or the rank),
-  the worker's locals, worker id and pid. :func:`record_map` /
-  :func:`record_cell` keep the last run, with the very payload bytes its
-  workers loaded, so that
-* :func:`replay` (``%pdebug``) runs the failing item here, from those bytes,
-  under IPython's debugger, stopped at the line that raised; and
-* :func:`rerun_failed` (``%pmap --rerun-failed``) runs only the items that
-  failed (or never ran) again, with the function's new definition.
+  the worker's locals, worker id and pid (``jobs.py`` calls it where it
+  rebuilds a task's exception). :func:`record_map` / :func:`record_cell`
+  (called by ``api.py``) keep the last run, with the very payload bytes its
+  workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
+  debugger) and ``--rerun-failed``.
 
-Nothing here imports IPython at import time: workers import this module.
+This module sits below ``worker.py`` and ``jobs.py`` (both import it): it
+imports no other mpmagic module at import time, never ``jobs`` or ``api``,
+and never IPython (workers import it).
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def new_unit() -> None:
 # Worker side
 
 
-def _bounded_repr(value: Any) -> str:
+def _bounded_repr(value: Any, limit: int = MAX_REPR) -> str:
     try:
         text = repr(value)
     except Exception as exc:  # a broken __repr__ must not hide the real error
         text = f"<{type(value).__name__}: repr failed: {type(exc).__name__}>"
-    return text if len(text) <= MAX_REPR else text[: MAX_REPR - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _worth_showing(name: str, value: Any) -> bool:
@@ -126,9 +126,7 @@ class FailureInfo:
         return f"rank {self.rank}" if self.rank is not None else f"item {self.index}"
 
     def __repr__(self) -> str:
-        from .jobs import short_repr
-
-        what = self.label if self.rank is not None else f"item {self.index} (input {short_repr(self.item, 40)})"
+        what = self.label if self.rank is not None else f"item {self.index} (input {_bounded_repr(self.item, 40)})"
         ran = f" on worker {self.worker} (pid {self.pid})" if self.pid else ""
         return f"<FailureInfo {what}{ran}: {type(self.error).__name__}: {self.error}>"
 
@@ -169,7 +167,7 @@ def attach(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
 # The last run
 
 
-_MISSING = object()  # a result the failed run never produced
+MISSING = object()  # a result the failed run never produced
 
 
 @dataclass
@@ -183,40 +181,40 @@ class LastRun:
     star: bool = False
     collect: bool = False
     options: dict = field(default_factory=dict)
-    results: list | None = None  # map: full length, _MISSING where there is none
+    results: list | None = None  # map: full length, MISSING where there is none
     inputs: Any = None  # map: the input sequence, when it was one
 
 
 _last: LastRun | None = None
 
 
-def _info_of(exc: BaseException, **where: Any) -> FailureInfo:
+def info_of(exc: BaseException, **where: Any) -> FailureInfo:
     info = getattr(exc, "failure_info", None)
     if isinstance(info, FailureInfo):
         return info
     return FailureInfo(exc, **where)
 
 
-def record_map(job: Any, func: Any, results: list | None, options: dict) -> None:
+def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict) -> None:
     """Keep what a finished ``pmap`` needs for ``%pdebug`` and ``--rerun-failed``.
 
-    Cheap when nothing failed: the run is remembered without its results.
+    ``results`` is None when the run raised; ``failed`` the ``jobs.Failed``
+    among them (``errors="collect"``; the caller has them, and this module
+    must not import ``jobs``). Cheap when nothing failed: the run is
+    remembered without its results.
     """
     global _last
-    from .jobs import Failed
-
     failures: list[FailureInfo] = []
     full: list | None = None
-    if results is not None and job.collect:
-        for r in results:
-            if isinstance(r, Failed):
-                info = _info_of(r.error, index=r.index, item=r.item)
-                info.index, info.item = r.index, r.item
-                failures.append(info)
-        full = results if failures else None
+    if results is not None and failed:
+        for r in failed:
+            info = info_of(r.error, index=r.index, item=r.item)
+            info.index, info.item = r.index, r.item
+            failures.append(info)
+        full = results
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
-        failures.append(_info_of(job.failure, index=job.failure_index))
+        failures.append(info_of(job.failure, index=job.failure_index))
         full = _partial_results(job)
     _last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
@@ -225,16 +223,27 @@ def record_map(job: Any, func: Any, results: list | None, options: dict) -> None
 
 
 def _partial_results(job: Any) -> list | None:
-    """The results a failed (errors="raise") run did get, in place, gaps _MISSING."""
+    """The results a failed (errors="raise") run did get, in place, gaps MISSING."""
     seq = getattr(job, "_seq", None)
     if seq is None:
         return None
-    full = [_MISSING] * len(seq)
+    full = [MISSING] * len(seq)
     done = list(getattr(job, "_in_order", []))
     full[: len(done)] = done
     for start, chunk in getattr(job, "_results", {}).items():
         full[start : start + len(chunk)] = chunk
     return full
+
+
+def last_run() -> LastRun | None:
+    """The last run's record (for ``postmortem.py``)."""
+    return _last
+
+
+def set_last_run(run: LastRun | None) -> None:
+    """Make ``run`` the last run (``postmortem.rerun_failed`` merges its re-run in)."""
+    global _last
+    _last = run
 
 
 def forget() -> None:
@@ -247,7 +256,7 @@ def forget() -> None:
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
     """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``."""
     global _last
-    failures = [_info_of(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
+    failures = [info_of(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
     _last = LastRun("cell", spec_bytes, failures)
 
 
@@ -260,168 +269,3 @@ def last_failures() -> list[FailureInfo]:
     lists its first failure only: the rest of the run was cancelled.
     """
     return list(_last.failures) if _last is not None else []
-
-
-# --------------------------------------------------------------------------
-# Re-running what failed
-
-
-def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any) -> list:
-    """Run the failed items of the last ``pmap`` again; return the full results.
-
-    The function is ``func`` if given, else the *current* definition of the
-    last run's function name in ``namespace`` (the notebook's, by default),
-    so a function fixed and redefined since is the one used. Items that
-    succeeded keep their results; with ``errors="raise"``, items the failed
-    run never reached run too. ``options`` override the last run's
-    (``workers``, ``chunksize``, ``timeout``, ``retries``...).
-    """
-    global _last
-    from . import api
-    from .errors import UsageError
-    from .jobs import Failed
-
-    last = _last
-    if last is None or last.kind != "map" or not last.failures:
-        raise UsageError("no failed %pmap run to re-run: run %pmap first (the last run had no failures)")
-    if last.results is None:
-        raise UsageError(
-            "the last run's input was an iterator that is used up, so its missing items cannot be sent "
-            "again: run it with errors='collect' (or a list) to be able to re-run what failed"
-        )
-    func = func if func is not None else _current_definition(last.func, namespace)
-    full = list(last.results)
-    todo = [i for i, r in enumerate(full) if r is _MISSING or isinstance(r, Failed)]
-    items = [full[i].item if isinstance(full[i], Failed) else last.inputs[i] for i in todo]
-    kwargs = {**last.options, **options, "errors": "collect" if last.collect else "raise"}
-    try:
-        again = api.pmap(func, items, star=last.star, **kwargs)
-    except KeyboardInterrupt:
-        _last = last  # nothing changed: the same failures can be re-run again
-        raise
-    except BaseException as exc:
-        info = getattr(exc, "failure_info", None)
-        if isinstance(info, FailureInfo) and info.index is not None:
-            info.index, info.item = todo[info.index], items[info.index]
-        _remember_rerun(last, func, full, [info] if isinstance(info, FailureInfo) else [])
-        raise
-    failures = []
-    for i, r in zip(todo, again, strict=True):
-        if isinstance(r, Failed):
-            r = Failed(i, r.item, r.error)
-            info = _info_of(r.error)
-            info.index, info.item = i, r.item
-            failures.append(info)
-        full[i] = r
-    _remember_rerun(last, func, full, failures)
-    return full
-
-
-def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:
-    """After a re-run, the merged run is the last run (for last_failures, %pdebug)."""
-    global _last
-    ran = _last  # the re-run itself: its payload is the new function's
-    _last = LastRun(
-        "map", ran.payload if ran is not None else last.payload, failures, func=func, star=last.star,
-        collect=last.collect, options=last.options, results=full if failures else None, inputs=last.inputs,
-    )
-
-
-def _current_definition(func: Any, namespace: dict | None) -> Any:
-    """The notebook's current object under ``func``'s name, if there is one."""
-    name = getattr(func, "__name__", None)
-    if namespace is None:
-        namespace = getattr(sys.modules.get("__main__"), "__dict__", {})
-        try:
-            from IPython import get_ipython
-
-            shell = get_ipython()
-            if shell is not None:
-                namespace = shell.user_ns
-        except ImportError:
-            pass
-    new = namespace.get(name) if name and name != "<lambda>" else None
-    return new if callable(new) else func
-
-
-# --------------------------------------------------------------------------
-# Replay under the debugger
-
-
-def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
-    from .errors import UsageError
-
-    last = _last
-    if last is None or not last.failures:
-        raise UsageError("no failure to debug: the last %pmap or %%parallel run did not fail")
-    if which is None:
-        return last, last.failures[0]
-    for f in last.failures:
-        if (f.rank if last.kind == "cell" else f.index) == which:
-            return last, f
-    kind = "rank" if last.kind == "cell" else "item"
-    known = ", ".join(f.label for f in last.failures[:10])
-    raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
-
-
-def _run_again(last: LastRun, failure: FailureInfo) -> None:
-    """Run the failed item or rank here, from the payload bytes the workers loaded."""
-    from . import payload
-
-    obj = payload.loads(last.payload)
-    if last.kind == "cell":
-        from .cell import run_cell_code
-
-        run_cell_code(obj, failure.rank, failure.size, as_main=False)
-    elif last.star:
-        obj(*failure.item)
-    else:
-        obj(failure.item)
-
-
-def replay(which: int | None = None, debugger: Any = None) -> bool:
-    """Replay a failure of the last run here, under the debugger.
-
-    ``which`` is the item index (or rank) to replay, the first failure by
-    default. Stops at the line that raised, as ``%debug`` does. Returns
-    True if the replay failed (and was debugged); if it succeeds here, says so
-    in one line and prints the worker's traceback with its local variables.
-    """
-    from .errors import TaskTimeoutError, UsageError, WorkerLostError
-
-    last, failure = _pick(which)
-    if isinstance(failure.error, (WorkerLostError, TaskTimeoutError)):
-        # Running it here could crash or hang the notebook itself.
-        raise UsageError(
-            f"{failure.label} did not raise, its worker died or ran past the timeout "
-            f"({type(failure.error).__name__}): replaying it here could do the same to the notebook, "
-            "so it is not replayed; call the function on that input yourself if you mean it"
-        )
-    if last.kind == "map" and failure.index is None:
-        raise UsageError(
-            f"the failure was not raised by one item ({type(failure.error).__name__}: {failure.error}): "
-            "there is nothing to replay"
-        )
-    try:
-        _run_again(last, failure)
-    except Exception as exc:
-        tb = exc.__traceback__.tb_next or exc.__traceback__  # start below this function
-        _post_mortem(tb, debugger)
-        return True
-    print(
-        f"mpmagic: {failure.label} did not fail when replayed here, so the failure depended on the "
-        "worker (its state, environment or resources); the worker's traceback and locals:"
-    )
-    print(failure.describe())
-    return False
-
-
-def _post_mortem(tb: types.TracebackType, debugger: Any = None) -> None:
-    """IPython's debugger on ``tb``, at its last frame (the raising line)."""
-    if debugger is None:
-        from IPython.core.debugger import Pdb
-
-        debugger = Pdb
-    p = debugger()
-    p.reset()
-    p.interaction(None, tb)

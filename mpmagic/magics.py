@@ -253,7 +253,7 @@ class MPMagics(Magics):
         tokens, rest = split_options(line, parser)
         opts = parser.parse_args(tokens)
         if opts.rerun_failed:  # (mpmagic.debugging: its own options only)
-            from .debugging import rerun_failed
+            from .postmortem import rerun_failed
 
             with _magic_errors(parser):
                 return rerun_failed(namespace=self.shell.user_ns, **({"workers": opts.workers} if opts.workers else {}))

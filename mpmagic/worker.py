@@ -296,6 +296,10 @@ def run_items_timed(func, items: list, star: bool, collect: bool, position: Any 
     return results, clock() - t0, None, times
 
 
+# worker_logging labels a record with its item by finding these loops on the stack.
+worker_logging.ITEM_LOOPS.update((run_items.__code__, run_items_timed.__code__))
+
+
 # --------------------------------------------------------------------------
 # One way to run a unit: the local worker and the Dask task both call these.
 # They take the request message and return the reply message; only where the
@@ -329,6 +333,7 @@ def execute_map(
         return Error(call, tag, -1, ErrorInfo(exc), b"", 0.0)
     start = time.time()
     t_run = time.perf_counter()
+    debugging.new_unit()  # this unit's first failures carry their locals
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
     try:
         if msg.timing:
@@ -366,6 +371,7 @@ def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Erro
     call, rank = msg.call, msg.tag
     start = time.time()
     t0 = time.perf_counter()
+    debugging.new_unit()
     worker_logging.begin(msg.log_context)
     try:
         spec = payload.loads(msg.payload)

@@ -35,6 +35,7 @@ import logging
 import pickle
 import sys
 import threading
+import types
 import warnings
 from typing import Any
 
@@ -93,6 +94,9 @@ _installed = False
 _lock = threading.Lock()
 # On a Dask worker these loggers are the worker's own business.
 _OWN_LOGGERS = ("distributed", "dask", "tornado", "asyncio", "bokeh")
+# The code of the functions that run a chunk's items (worker.run_items and
+# run_items_timed register theirs: this module must not import worker.py).
+ITEM_LOOPS: set[types.CodeType] = set()
 
 
 def _running_item() -> int | None:
@@ -102,12 +106,9 @@ def _running_item() -> int | None:
     nothing: the chunk loops (``worker.run_items``) keep a ``results`` list
     whose length is the index of the running item.
     """
-    from . import worker
-
-    codes = {worker.run_items.__code__, worker.run_items_timed.__code__}
-    frame = sys._getframe(2)
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None:
-        if frame.f_code in codes:
+        if frame.f_code in ITEM_LOOPS:
             results = frame.f_locals.get("results")
             return len(results) if results is not None else None
         frame = frame.f_back
@@ -132,8 +133,9 @@ class _TaskHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if not (_unit.active or _running):
             # Not during a task (the worker's own threads): as without this handler.
-            if record.levelno >= logging.lastResort.level:
-                logging.lastResort.handle(record)
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
             return
         try:
             text = self.format(record)
@@ -212,9 +214,6 @@ def begin(log_context: tuple | None) -> None:
     microseconds per unit (a bytes comparison for the levels, a filter swap).
     """
     global _running, _saved_filters
-    from . import debugging
-
-    debugging.new_unit()
     if not log_context or not log_context[1]:
         return
     start, levels = log_context
@@ -229,7 +228,7 @@ def begin(log_context: tuple | None) -> None:
         _running += 1
         if _running == 1:
             _saved_filters = list(warnings.filters)
-            warnings.filters[:] = _unit_filters(_saved_filters)
+            warnings.filters[:] = _unit_filters(_saved_filters)  # type: ignore[index]  # (typeshed: a Sequence)
             # (a public call, which also drops the "already warned" registries)
             warnings.simplefilter("always", append=True)
 
@@ -244,7 +243,7 @@ def end() -> None:
         _running -= 1
         if _running == 0 and _saved_filters is not None:
             warnings.resetwarnings()  # (bumps the filters' version: registries start afresh)
-            warnings.filters.extend(_saved_filters)
+            warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
             _saved_filters = None
 
 
@@ -276,7 +275,7 @@ def _action(text: str, category: type[Warning], module: str, lineno: int) -> str
             and (ln == 0 or lineno == ln)
         ):
             return action
-    return warnings.defaultaction
+    return getattr(warnings, "defaultaction", "default")  # (not in typeshed)
 
 
 class WarningRelay:
