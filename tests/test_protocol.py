@@ -217,7 +217,7 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
 
     def note(x):
         logging.getLogger("calc").info("item says %s", x)
-        scaled = x * 100
+        scaled = x * 100  # noqa: F841 (a local the failure must carry home)
         return 1 // (x - 12)
 
     key = b"n" * 16

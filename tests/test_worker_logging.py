@@ -139,3 +139,27 @@ def test_records_and_warnings_from_dask_tasks_show_labelled(ip, root_level, caps
     [info] = __import__("mpmagic").last_failures()
     assert info.locals == {"x": "8", "half": "4.0"} and info.pid is not None
     assert str(info.worker).startswith("tcp://127.0.0.1")
+
+
+def test_a_warning_keeps_its_place_among_the_lines_the_task_wrote(ip, local_pool, capsys):
+    # (a task's first line goes home at once, the next ones together: one message)
+    run(ip, "import sys, warnings\ndef between(x):\n    sys.stderr.write('first\\n')\n    sys.stderr.write('before\\n')\n"
+            "    warnings.warn('in the middle')\n    sys.stderr.write('after\\n')\n    return x\n")
+    assert run(ip, "%pmap -q between, [1]") == [1]
+    lines = capsys.readouterr().err.splitlines()
+    where = [i for i, line in enumerate(lines) if "UserWarning: in the middle" in line]
+    assert len(where) == 1 and lines.index("before") < where[0] < lines.index("after"), lines
+
+
+def test_an_error_filter_of_the_notebook_makes_the_warning_the_items_error(ip, local_pool, capsys):
+    """As serial Python: the notebook's filters reach local workers (context.py),
+    and capturing the unit's warnings must not turn "error" into a shown line."""
+    run(ip, WARNS)
+    run(ip, "warnings.filterwarnings('error', 'careful')")
+    try:
+        result = ip.run_cell("%pmap -q noisy, range(3)", store_history=False)
+    finally:
+        run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')")
+    err = result.error_in_exec
+    assert type(err) is UserWarning and str(err) == "careful"
+    assert "careful" not in capsys.readouterr().err
