@@ -23,8 +23,16 @@ and survives an interrupt or a worker's death up to the last line sent.
   a worker could only deduplicate its own share. So the worker sends each
   distinct warning (per unit) as one marked line, and the notebook's
   :class:`WarningRelay` matches it against ``warnings.filters``, keeps a
-  registry per call, and prints the ones Python would print, formatted by
-  ``warnings.formatwarning`` (with the source line from the notebook's cells).
+  registry per call, and puts the ones Python would print in the line's
+  place, formatted by ``warnings.formatwarning`` (with the source line from
+  the notebook's cells). An "error" filter is the exception: it raises in
+  the worker, as serial Python would (local workers have the notebook's
+  filters, see ``context.py``).
+
+What a unit carries: the ``log_context`` field of its ``Map`` or ``Cell``
+message (``protocol.py``), ``(first item index or None, levels bytes)``;
+``worker.execute_map``/``execute_cell`` (local workers and Dask tasks alike)
+wrap the running of the items or the cell in :func:`begin`/:func:`end`.
 """
 
 from __future__ import annotations
