@@ -183,6 +183,7 @@ class LastRun:
     options: dict = field(default_factory=dict)
     results: list | None = None  # map: full length, MISSING where there is none
     inputs: Any = None  # map: the input sequence, when it was one
+    checkpointed: bool = False  # only the items a checkpoint store lacked ran (see renumber_last)
 
 
 _last: LastRun | None = None
@@ -244,6 +245,19 @@ def set_last_run(run: LastRun | None) -> None:
     """Make ``run`` the last run (``postmortem.rerun_failed`` merges its re-run in)."""
     global _last
     _last = run
+
+
+def renumber_last(positions: list[int]) -> None:
+    """The last run ran only part of a larger input (``checkpoint.py`` runs the
+    items its store lacks): its item ``i`` is item ``positions[i]`` of the
+    whole input. Failures are renumbered to count in the whole input; the run
+    cannot be re-run piecewise (running the checkpointed call again does that)."""
+    if _last is None or _last.kind != "map":
+        return
+    for f in _last.failures:
+        if f.index is not None and 0 <= f.index < len(positions):
+            f.index = positions[f.index]
+    _last.results, _last.inputs, _last.checkpointed = None, None, True
 
 
 def forget() -> None:

@@ -44,6 +44,11 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     last = last_run()
     if last is None or last.kind != "map" or not last.failures:
         raise UsageError("no failed %pmap run to re-run: run %pmap first (the last run had no failures)")
+    if last.checkpointed:
+        raise UsageError(
+            "the last run used --checkpoint: run the same call again instead, which takes the stored "
+            "results and runs only the items that failed or never ran"
+        )
     if last.results is None:
         raise UsageError(
             "the last run's input was an iterator that is used up, so its missing items cannot be sent "

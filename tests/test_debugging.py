@@ -183,3 +183,18 @@ def test_task_logging_lands_in_the_cell_that_ran_it_in_a_real_kernel(kernel):
     err = reply.stream("stderr")
     assert all(err.count(f"[item {x}] INFO:calc:item says {x}\n") == 1 for x in range(3)), err
     assert not any("item says" in str(c) for _, c in reply.others)
+
+
+def test_after_a_checkpointed_run_failures_count_in_the_whole_input(ip, local_pool, tmp_path):
+    """--checkpoint runs only the items its store lacks: %pdebug N and
+    last_failures() still count in the user's input, and --rerun-failed
+    points to running the call again (which is the checkpoint's re-run)."""
+    run(ip, "import mpmagic\ndef ck(x):\n    if x == 5:\n        raise ValueError(x)\n    return x\n")
+    ip.user_ns["ckdir"] = str(tmp_path)
+    run(ip, "mpmagic.pmap(ck, range(4), checkpoint=ckdir)")  # items 0-3 stored
+    results = run(ip, "mpmagic.pmap(ck, range(8), errors='collect', checkpoint=ckdir)")
+    assert [r.index for r in results if isinstance(r, mpmagic.Failed)] == [5]
+    [info] = mpmagic.last_failures()
+    assert (info.index, info.item) == (5, 5)
+    with pytest.raises(mpmagic.UsageError, match="used --checkpoint"):
+        mpmagic.rerun_failed()
