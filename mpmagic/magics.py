@@ -252,7 +252,7 @@ class MPMagics(Magics):
         parser = _pmap_parser()
         tokens, rest = split_options(line, parser)
         opts = parser.parse_args(tokens)
-        if opts.rerun_failed:  # (mpmagic.debugging: its own options only)
+        if opts.rerun_failed:  # (mpmagic.postmortem: the last run's options, -n only)
             from .postmortem import rerun_failed
 
             with _magic_errors(parser):
