@@ -34,6 +34,12 @@ _LAZY = {
     "parallel": "api",
     "last_report": "api",
     "RankValues": "api",
+    "Run": "background",
+    "submit": "background",
+    "runs": "background",
+    "as_completed": "background",
+    "apmap": "background",
+    "imap": "streaming",
     "Failed": "jobs",
     "get_pool": "pool",
     "pool_status": "pool",
@@ -56,6 +62,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
     from .api import RankValues, last_report, parallel, pmap
+    from .background import Run, apmap, as_completed, runs, submit
     from .jobs import Failed
     from .pool import (
         get_pool,
@@ -69,6 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .report import Report
     from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
     from .shm import share
+    from .streaming import imap
 
 
 def __getattr__(name: str) -> Any:
@@ -95,6 +103,12 @@ __all__ = [
     "parallel",
     "last_report",
     "RankValues",
+    "Run",
+    "submit",
+    "imap",
+    "as_completed",
+    "apmap",
+    "runs",
     "Failed",
     "Report",
     "get_pool",

@@ -143,6 +143,12 @@ class Run:
         """
         raise NotImplementedError
 
+    def nudge(self) -> None:
+        """The job may have work again (a stream's consumer made room): have it handed out.
+
+        A driven run polls its job anyway; the local pool's run wakes its manager.
+        """
+
 
 class DrivenRun(Run):
     """A run driven by the thread that waits on it (a backend without a manager).

@@ -239,6 +239,9 @@ class _LocalRun(Run):
         self._ended.wait()
         return True
 
+    def nudge(self) -> None:
+        self.backend._wake()
+
 
 class LocalBackend:
     """A managed pool of worker processes on this machine, run by one manager thread."""

@@ -1,0 +1,249 @@
+"""Streamed maps: ``imap(func, *iterables, ordered=True)`` yields results as they come.
+
+The run is a background run (``background.start_map``) whose job keeps no
+list of results: each accepted chunk goes to a :class:`Feed`, and the
+iterator the user loops over takes chunks from there. Input is read lazily,
+chunk by chunk, as for ``pmap``; output is bounded too: while more than
+``Feed.limit`` chunks wait unconsumed (or, ordered, wait for an earlier
+chunk), the job hands out no new chunk, so a slow consumer never makes the
+notebook hold the whole result. The consumer makes room and wakes the
+backend (``engine.Run.nudge``).
+
+Breaking out of the loop, ``close()``, or dropping the iterator cancels the
+rest of the run (its busy workers are replaced, as for an interrupt).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import CancelledError
+from typing import Any
+
+from .jobs import MapJob
+
+_END = object()
+
+
+class _Count:
+    """Stands in for MapJob's in-order result list: counts the items, keeps none.
+
+    ``MapJob._complete`` only asks its length and extends it, so a stream's
+    job runs the same bookkeeping (order, first error) without the list.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def extend(self, items: list) -> None:
+        self.n += len(items)
+
+
+class Feed:
+    """Chunks from the backend (manager thread) to the consumer (the loop), bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self.held = 0  # chunks accepted and not yet consumed (a counter shared by two threads)
+        self._held_lock = threading.Lock()
+
+    def put(self, start: int, results: list) -> None:
+        with self._held_lock:
+            self.held += 1
+        self.chunks.put((start, results))
+
+    def taken(self, n: int = 1) -> bool:
+        """``n`` chunks consumed: True if that made room for more work."""
+        with self._held_lock:
+            was = self.held
+            self.held -= n
+            return was >= self.limit > self.held
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit
+
+    def job_class(self, *args: Any, **kwargs: Any) -> StreamJob:
+        return StreamJob(*args, feed=self, **kwargs)
+
+
+class StreamJob(MapJob):
+    """A MapJob whose results go to a :class:`Feed` instead of a list."""
+
+    def __init__(self, *args: Any, feed: Feed, **kwargs: Any) -> None:
+        super().__init__(*args, on_chunk=feed.put, **kwargs)
+        self.feed = feed
+        self._in_order = _Count()  # type: ignore[assignment]
+
+    @property
+    def has_work(self) -> bool:
+        if not MapJob.has_work.fget(self):  # type: ignore[attr-defined]
+            return False
+        # Units sent again (a lost worker's) always go: an earlier chunk may be among them.
+        return bool(self._requeued) or not self.feed.full
+
+    def results(self) -> list:
+        __tracebackhide__ = True
+        if self.failure is not None:
+            raise self.failure
+        return []
+
+
+class Stream:
+    """The iterator ``imap`` returns: results in input order (or as they finish).
+
+    ``run`` is its background handle (``items_done``, ``cancel()``...).
+    ``close()`` (or leaving a ``for`` loop early, or dropping the iterator)
+    cancels what is left.
+    """
+
+    def __init__(self, run: Any, feed: Feed, ordered: bool) -> None:
+        self.run = run
+        self._feed = feed
+        self._ordered = ordered
+        self._next = 0  # ordered: the next input index to yield
+        self._waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
+        self._ready: list = []
+        self._pos = 0
+        self._ended = False  # the run's end was seen
+        self._closed = False  # nothing more comes (after the end, or close())
+        self._finalizer = weakref.finalize(self, _cancel_quietly, run)
+        run.add_done_callback(lambda r: feed.chunks.put((-1, _END)))
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Any:
+        __tracebackhide__ = True
+        while self._pos >= len(self._ready):
+            self._ready, self._pos = [], 0
+            if self._closed:
+                raise StopIteration
+            if self._ended:
+                self._closed = True
+                self.run.result()  # the run's error (or CancelledError), after the results before it
+                raise StopIteration
+            self._fill()
+        value = self._ready[self._pos]
+        self._pos += 1
+        return value
+
+    def _fill(self) -> None:
+        __tracebackhide__ = True
+        start, results = self._feed.chunks.get()
+        self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
+        if results is _END:
+            self._finish()
+            return
+        if not self._ordered:
+            self._ready = results
+            self._taken(1)
+            return
+        # Ordered: a chunk that came before an earlier one still counts as held,
+        # so a slow early chunk cannot make the notebook hold all the later ones.
+        self._waiting[start] = results
+        ready: list = []
+        n = 0
+        while self._next in self._waiting:
+            chunk = self._waiting.pop(self._next)
+            self._next += len(chunk)
+            ready.extend(chunk)
+            n += 1
+        self._ready = ready
+        if n:
+            self._taken(n)
+
+    def _taken(self, n: int) -> None:
+        if self._feed.taken(n):
+            self.run._engine_run.nudge()
+
+    def _finish(self) -> None:
+        __tracebackhide__ = True
+        self._ended = True
+        self._finalizer.detach()
+        leftovers: list = []
+        while True:  # chunks put before the end marker are all consumed by now; any stragglers:
+            try:
+                start, results = self._feed.chunks.get_nowait()
+            except queue.Empty:
+                break
+            if results is not _END:
+                self._waiting[start] = results
+        for start in sorted(self._waiting):  # ordered: contiguous ones; unordered: none wait
+            if start != self._next:
+                break
+            chunk = self._waiting.pop(start)
+            self._next += len(chunk)
+            leftovers.extend(chunk)
+        self._ready, self._pos = leftovers, 0
+
+    def close(self) -> None:
+        """Stop the run (what is still queued or running is dropped)."""
+        if not self._closed:
+            self._closed = self._ended = True
+            self._finalizer.detach()
+            self.run.cancel()
+
+
+def _cancel_quietly(run: Any) -> None:
+    try:
+        run.cancel()
+    except Exception:
+        import logging
+
+        logging.getLogger("mpmagic").warning("mpmagic: cancelling a dropped imap failed", exc_info=True)
+
+
+def imap(
+    func: Callable,
+    *iterables: Iterable,
+    ordered: bool = True,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    errors: str = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    buffer: int | None = None,
+) -> Stream:
+    """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
+
+    ``ordered=True`` yields in input order (like ``map``); ``ordered=False``
+    in the order chunks finish. Input is read chunk by chunk; ``buffer``
+    bounds the finished chunks the notebook holds before the loop takes them
+    (default: 2 per worker, at least 4): beyond it no new chunk is handed out.
+    An error is raised at its place (ordered: after the results of the
+    chunks before the failing item's). Leaving the loop early cancels the rest.
+    """
+    __tracebackhide__ = True
+    from . import api, background
+
+    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
+        raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
+    api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
+    if api._in_worker_process():
+        return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))  # type: ignore[return-value]
+    n_workers = workers or api.get_pool().workers
+    feed = Feed(buffer or max(4, 2 * n_workers))
+    run = background.start_map(func, iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
+                               timeout=timeout, retries=retries, live="relay", stream=feed)
+    run.what = f"imap {background._name(func)}"
+    return Stream(run, feed, ordered)
+
+
+def as_completed(run: Any, timeout: float | None = None) -> Iterator[Any]:
+    """Results of a background map handle in completion order (see ``background.as_completed``)."""
+    from .background import as_completed as _as_completed
+
+    return _as_completed(run, timeout)
+
+
+__all__ = ["Stream", "imap", "as_completed", "CancelledError"]
