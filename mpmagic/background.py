@@ -258,6 +258,10 @@ class Run:
             return True
         if not run.cancel():
             _stop_driven(self._job)  # a run driven by its waiting thread (Dask): the pump's loop ends
+        # The backend stopped it; the pump settles the handle in a moment (a
+        # driven Dask loop notices within its 0.2 s poll).
+        if threading.current_thread().name != f"mpmagic-bg-{self.id}":
+            self._done.wait(10.0)
         return True
 
     def add_done_callback(self, fn: Callable[[Run], Any]) -> None:
