@@ -297,6 +297,7 @@ class Run:
             _registry[self.id] = self
             _forget_old()
         self._engine_run = backend.submit(self._job, workers=workers)
+        self._engine_run.background = True  # foreground runs' units go out first
         threading.Thread(target=self._pump, args=(backend,), daemon=True, name=f"mpmagic-bg-{self.id}").start()
 
     def _pump(self, backend: Any) -> None:

@@ -79,7 +79,8 @@ class StreamJob(MapJob):
     """A MapJob whose results go to a :class:`Feed` instead of a list."""
 
     def __init__(self, *args: Any, feed: Feed, **kwargs: Any) -> None:
-        super().__init__(*args, on_chunk=feed.put, **kwargs)
+        kwargs["on_chunk"] = feed.put
+        super().__init__(*args, **kwargs)
         self.feed = feed
         self._in_order = _Count()  # type: ignore[assignment]
 
@@ -97,100 +98,73 @@ class StreamJob(MapJob):
         return []
 
 
-class Stream:
-    """The iterator ``imap`` returns: results in input order (or as they finish).
-
-    ``run`` is its background handle (``items_done``, ``cancel()``...).
-    ``close()`` (or leaving a ``for`` loop early, or dropping the iterator)
-    cancels what is left.
-    """
+class _Reader:
+    """Takes chunks from the feed for the generator ``imap`` returns, in input
+    order (or as they come), and makes room for more work as it goes."""
 
     def __init__(self, run: Any, feed: Feed, ordered: bool) -> None:
         self.run = run
-        self._feed = feed
-        self._ordered = ordered
-        self._next = 0  # ordered: the next input index to yield
-        self._waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
-        self._ready: list = []
-        self._pos = 0
-        self._ended = False  # the run's end was seen
-        self._closed = False  # nothing more comes (after the end, or close())
-        self._finalizer = weakref.finalize(self, _cancel_quietly, run)
+        self.feed = feed
+        self.ordered = ordered
+        self.next_index = 0  # ordered: the next input index to yield
+        self.waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
         run.add_done_callback(lambda r: feed.chunks.put((-1, _END)))
 
-    def __iter__(self) -> Stream:
-        return self
-
-    def __next__(self) -> Any:
-        __tracebackhide__ = True
-        while self._pos >= len(self._ready):
-            self._ready, self._pos = [], 0
-            if self._closed:
-                raise StopIteration
-            if self._ended:
-                self._closed = True
-                self.run.result()  # the run's error (or CancelledError), after the results before it
-                raise StopIteration
-            self._fill()
-        value = self._ready[self._pos]
-        self._pos += 1
-        return value
-
-    def _fill(self) -> None:
-        __tracebackhide__ = True
-        start, results = self._feed.chunks.get()
+    def next_chunk(self) -> list | None:
+        """The next results to yield (possibly empty), or None once the run ended and all are out."""
+        start, results = self.feed.chunks.get()
         self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
         if results is _END:
-            self._finish()
-            return
-        if not self._ordered:
-            self._ready = results
+            return self._rest()
+        if not self.ordered:
             self._taken(1)
-            return
+            return results
         # Ordered: a chunk that came before an earlier one still counts as held,
         # so a slow early chunk cannot make the notebook hold all the later ones.
-        self._waiting[start] = results
+        if start == self.next_index and not self.waiting:  # the usual case: in order already, no copy
+            self.next_index += len(results)
+            self._taken(1)
+            return results
+        self.waiting[start] = results
         ready: list = []
         n = 0
-        while self._next in self._waiting:
-            chunk = self._waiting.pop(self._next)
-            self._next += len(chunk)
+        while self.next_index in self.waiting:
+            chunk = self.waiting.pop(self.next_index)
+            self.next_index += len(chunk)
             ready.extend(chunk)
             n += 1
-        self._ready = ready
         if n:
             self._taken(n)
+        return ready
 
     def _taken(self, n: int) -> None:
-        if self._feed.taken(n):
+        if self.feed.taken(n):
             self.run._engine_run.nudge()
 
-    def _finish(self) -> None:
-        __tracebackhide__ = True
-        self._ended = True
-        self._finalizer.detach()
-        leftovers: list = []
-        while True:  # chunks put before the end marker are all consumed by now; any stragglers:
-            try:
-                start, results = self._feed.chunks.get_nowait()
-            except queue.Empty:
-                break
-            if results is not _END:
-                self._waiting[start] = results
-        for start in sorted(self._waiting):  # ordered: contiguous ones; unordered: none wait
-            if start != self._next:
-                break
-            chunk = self._waiting.pop(start)
-            self._next += len(chunk)
-            leftovers.extend(chunk)
-        self._ready, self._pos = leftovers, 0
+    def _rest(self) -> list | None:
+        """At the end: what still waits in order (ordered, after a failure: up to the gap)."""
+        rest: list = []
+        while self.next_index in self.waiting:
+            chunk = self.waiting.pop(self.next_index)
+            self.next_index += len(chunk)
+            rest.extend(chunk)
+        self.waiting.clear()
+        return rest or None
 
-    def close(self) -> None:
-        """Stop the run (what is still queued or running is dropped)."""
-        if not self._closed:
-            self._closed = self._ended = True
-            self._finalizer.detach()
-            self.run.cancel()
+
+def _generate(reader: _Reader) -> Iterator[Any]:
+    """The results. ``yield from`` a chunk costs far less per item than a
+    Python ``__next__`` would (100,000 tiny items: ~5 ms less)."""
+    __tracebackhide__ = True
+    finished = False
+    try:
+        while (chunk := reader.next_chunk()) is not None:
+            yield from chunk
+        finished = True
+    finally:
+        if not finished:  # the loop was left (break, close(), an exception, Ctrl-C): stop the rest
+            reader.run.cancel()
+    reader.run.result()  # the run's error (or CancelledError), after the results before it
 
 
 def _cancel_quietly(run: Any) -> None:
@@ -213,7 +187,7 @@ def imap(
     timeout: float | None = None,
     retries: int = 0,
     buffer: int | None = None,
-) -> Stream:
+) -> Iterator[Any]:
     """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
 
     ``ordered=True`` yields in input order (like ``map``); ``ordered=False``
@@ -236,7 +210,10 @@ def imap(
     run = background.start_map(func, iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
                                timeout=timeout, retries=retries, live="relay", stream=feed)
     run.what = f"imap {background._name(func)}"
-    return Stream(run, feed, ordered)
+    stream = _generate(_Reader(run, feed, ordered))
+    # A generator dropped before it was started runs no ``finally``: cancel then too.
+    weakref.finalize(stream, _cancel_quietly, run)
+    return stream
 
 
 def as_completed(run: Any, timeout: float | None = None) -> Iterator[Any]:
@@ -246,4 +223,4 @@ def as_completed(run: Any, timeout: float | None = None) -> Iterator[Any]:
     return _as_completed(run, timeout)
 
 
-__all__ = ["Stream", "imap", "as_completed", "CancelledError"]
+__all__ = ["imap", "as_completed", "CancelledError"]

@@ -126,7 +126,8 @@ def test_imap_reads_an_endless_input_lazily_and_breaking_out_cancels_the_rest(ns
 
 def test_a_dropped_imap_cancels_its_run(ns):
     stream = mpmagic.imap(ns["napper"], range(40), chunksize=1)
-    handle = stream.run
+    handle = mpmagic.runs()[-1]
+    assert handle.what == "imap napper"
     del stream
     with pytest.raises(CancelledError):
         handle.result(10)
