@@ -28,6 +28,10 @@ def napper(x):
 def loud(x):
     print('task says', x)
     return -x
+def chatty(x):
+    print('chatty', x)
+    time.sleep(0.1)
+    return x * x
 def picky(x):
     if x == 13:
         raise KeyError(f'no {x}')
@@ -116,10 +120,13 @@ def test_imap_reads_an_endless_input_lazily_and_breaking_out_cancels_the_rest(ns
     got = []
     for value in mpmagic.imap(ns["square"], endless(), chunksize=10, buffer=2):
         got.append(value)
+        if len(got) == 1:
+            time.sleep(0.5)  # a slow consumer: the workers must not run far ahead
         if len(got) == 25:
             break
     assert got == [x * x for x in range(25)]
-    assert len(read) < 10_000  # bounded: far less than "everything" (endless)
+    # Bounded: 2 chunks held + at most 2 in flight per worker (+ one being read), whatever the time.
+    assert len(read) <= 10 * (2 + 2 * 2 + 2 + 1)
     assert _no_busy_worker()
     assert [r.state for r in mpmagic.runs()][-1] == "cancelled"
 
@@ -203,9 +210,10 @@ def test_dask_background_and_foreground_runs_take_turns_and_stream(ip, request):
     ensure_pool("dask", request)
     run(ip, DEFS)
     ns = ip.user_ns
-    handle = mpmagic.submit(ns["slow"], range(16), chunksize=2)
-    assert mpmagic.pmap(ns["square"], range(5)) == [0, 1, 4, 9, 16]  # waits its turn, no mixed events
-    assert handle.result(60) == list(map(ns["slow"], range(16)))
+    handle = mpmagic.submit(ns["chatty"], range(16), chunksize=1)
+    assert mpmagic.pmap(ns["loud"], range(5)) == [0, -1, -2, -3, -4]  # waits its turn: no mixed events
+    assert handle.result(60) == [x * x for x in range(16)]
+    assert sorted(handle.output.splitlines()) == sorted(f"chatty {x}" for x in range(16))  # none lost
     assert Counter(mpmagic.imap(ns["square"], range(50), ordered=False)) == Counter(map(ns["square"], range(50)))
     cancelled = mpmagic.submit(ns["napper"], range(40), chunksize=1)
     assert cancelled.cancel()
