@@ -24,6 +24,7 @@ def kernel():
             "import time, mpmagic\n"
             f"def slow(x):\n    time.sleep(0.5)\n    print('{BG_TEXT}', x, flush=True)\n    return x * x\n"
             "def spin(x):\n    print('spinning', x, flush=True)\n    while True:\n        pass\n"
+            "def picky(x):\n    if x == 13:\n        raise KeyError(f'no {x}')\n    return x\n"
         )
         yield k
     finally:
@@ -87,3 +88,16 @@ def test_pool_lists_and_cancels_a_background_run(kernel):
     out = kernel.execute("run3.result()")
     assert out.status == "error" and out.ename == "CancelledError"
     assert kernel.value("mpmagic.get_pool().status()['runs_in_flight']") == 0
+
+
+def test_a_failing_background_run_shows_its_error_at_once_and_raises_it_in_result(kernel):
+    start = kernel.ok("bad = %pmap --bg picky, range(30)")
+    live_id = _display_id(start.outputs)
+    waited = kernel.ok("bad.wait(60)")
+    time.sleep(0.5)  # the pump's last redraw
+    tail = kernel.execute("bad.result()")
+    assert tail.status == "error" and tail.ename == "KeyError"
+    messages = start.outputs + start.others + waited.outputs + waited.others + tail.outputs + tail.others
+    drawn = [c["data"]["text/plain"] for t, c in messages
+             if t == "update_display_data" and c["transient"]["display_id"] == live_id]
+    assert drawn and "KeyError: 'no 13' (run.result() raises it)" in drawn[-1], drawn[-1:]
