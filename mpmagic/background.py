@@ -293,11 +293,16 @@ class Run:
 
     # -- the pump (its own thread) ---------------------------------------------
     def _start(self, backend: Any, workers: int | None) -> None:
+        try:
+            self._engine_run = backend.submit(self._job, workers=workers)
+        except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
+            self._error = exc
+            self._end()
+            raise
+        self._engine_run.background = True  # foreground runs' units go out first
         with _lock:
             _registry[self.id] = self
             _forget_old()
-        self._engine_run = backend.submit(self._job, workers=workers)
-        self._engine_run.background = True  # foreground runs' units go out first
         threading.Thread(target=self._pump, args=(backend,), daemon=True, name=f"mpmagic-bg-{self.id}").start()
 
     def _pump(self, backend: Any) -> None:
@@ -365,10 +370,11 @@ def runs() -> RunList:
 
 
 def get_run(run_id: int) -> Run:
+    """The background run with this id (``%pool cancel ID``), or a UsageError naming the known ones."""
     with _lock:
         run = _registry.get(run_id)
-    if run is None:
         known = ", ".join(map(str, _registry)) or "none"
+    if run is None:
         raise UsageError(f"no run with id {run_id} (runs known: {known}); see %pool runs")
     return run
 
@@ -398,6 +404,22 @@ def _name(func: Any) -> str:
     return getattr(func, "__name__", type(func).__name__)
 
 
+class _Forward:
+    """The job's output, progress and chunks, forwarded to its handle.
+
+    The job is made before the handle (the handle needs it) and sends
+    nothing before it is submitted, which is after ``run`` is set.
+    """
+
+    run: Run
+
+    def out(self, stream: str, text: str) -> None:
+        self.run._sink.out(stream, text)
+
+    def progress(self, n: int) -> None:
+        self.run._sink.progress(n)
+
+
 def start_map(func: Callable, iterables: tuple, *, workers: int | None = None, live: bool | str | None = None,
               stream: Any = None, **kwargs: Any) -> Run:
     """Submit a map and return its handle at once (``pmap(..., block=False)``).
@@ -406,30 +428,22 @@ def start_map(func: Callable, iterables: tuple, *, workers: int | None = None, l
     """
     from . import api
 
-    holder: list[Run] = []
+    forward = _Forward()
+    user_on_chunk = kwargs.pop("on_chunk", None)
 
     def on_chunk(start: int, results: list) -> None:
-        holder[0]._on_chunk(start, results)
+        forward.run._on_chunk(start, results)
         if user_on_chunk is not None:
             user_on_chunk(start, results)
 
-    user_on_chunk = kwargs.pop("on_chunk", None)
     star = kwargs.pop("star", False)
-    sink_out: list[Callable] = []
-    job_kwargs: dict[str, Any] = {"out": lambda s, t: sink_out[0](s, t), "progress": lambda n: sink_out[1](n)}
     if stream is not None:
-        call = api.map_call(func, iterables, star, workers, job_class=stream.job_class, **job_kwargs,
-                            **kwargs)
+        kwargs["job_class"] = stream.job_class
     else:
-        call = api.map_call(func, iterables, star, workers, on_chunk=on_chunk, **job_kwargs, **kwargs)
-
-    def finish(wall: float) -> Any:
-        results = call.job.results()
-        return results
-
-    run = Run(f"pmap {_name(func)}", call, finish, live=live, keep_chunks=stream is None)
-    holder.append(run)
-    sink_out[:] = [run._sink.out, run._sink.progress]
+        kwargs["on_chunk"] = on_chunk
+    call = api.map_call(func, iterables, star, workers, out=forward.out, progress=forward.progress, **kwargs)
+    run = forward.run = Run(f"pmap {_name(func)}", call, lambda wall: call.job.results(), live=live,
+                            keep_chunks=stream is None)
     run._start(call.backend, workers)
     return run
 
@@ -439,13 +453,14 @@ def start_cell(code: str, *, workers: int | None, namespace: dict[str, Any], tim
     """Submit a ``parallel`` cell and return its handle at once."""
     from . import api
 
-    sink_out: list[Callable] = []
+    forward = _Forward()
     call = api.CellCall(code, namespace, tuple(gather), workers, timeout=timeout, label=label_output,
-                        insights=insights, out=lambda s, t: sink_out[0](s, t), progress=lambda n: sink_out[1](n))
+                        insights=insights, out=forward.out, progress=forward.progress)
     first = code.strip().splitlines()[0] if code.strip() else ""
-    run = Run(f"parallel -n {call.size}: {first[:30]}", call, lambda wall: call.values(lambda t: run._sink.out("stderr", t)),
-              live=live, keep_chunks=False)
-    sink_out[:] = [run._sink.out, run._sink.progress]
+    # A failing rank's traceback goes to the live area, as a blocking run prints it.
+    run = forward.run = Run(f"parallel -n {call.size}: {first[:30]}", call,
+                            lambda wall: call.values(lambda text: forward.out("stderr", text)),
+                            live=live, keep_chunks=False)
     run._start(call.backend, call.size)
     return run
 
