@@ -35,10 +35,10 @@ _LAZY = {
     "last_report": "api",
     "RankValues": "api",
     "Run": "background",
-    "submit": "background",
+    "submit": "api",
     "runs": "background",
     "as_completed": "background",
-    "apmap": "background",
+    "apmap": "api",
     "imap": "streaming",
     "Failed": "jobs",
     "get_pool": "pool",
@@ -61,8 +61,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
-    from .api import RankValues, last_report, parallel, pmap
-    from .background import Run, apmap, as_completed, runs, submit
+    from .api import RankValues, apmap, last_report, parallel, pmap, submit
+    from .background import Run, as_completed, runs
     from .jobs import Failed
     from .pool import (
         get_pool,

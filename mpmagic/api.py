@@ -149,9 +149,14 @@ def pmap(
         from . import background
 
         background.check_options(compare=compare, checkpoint=checkpoint)
-        return background.start_map(func, iterables, workers=workers, chunksize=chunksize, star=star,
-                                    errors=errors, timeout=timeout, retries=retries, insights=insights,
-                                    on_chunk=on_chunk)
+
+        def make_call(forward: background.Forward) -> MapCall:
+            return map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
+                            retries=retries, insights=insights, out=forward.out, progress=forward.progress,
+                            on_chunk=forward.chunk)
+
+        return background.start(f"pmap {func_name(func)}", make_call, lambda call, forward: call.job.results(),
+                                workers, on_chunk=on_chunk)
     if checkpoint:
         from .checkpoint import checkpointed_pmap
 
@@ -239,6 +244,43 @@ class MapCall:
 def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, **kwargs: Any) -> MapCall:
     """A :class:`MapCall` (the job of a map and its report's inputs)."""
     return MapCall(func, iterables, star, workers, **kwargs)
+
+
+def func_name(func: Any) -> str:
+    """What a run of ``func`` is called in ``%pool runs``."""
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def submit(func: Callable, *iterables: Iterable, **kwargs: Any) -> Any:
+    """``pmap(func, *iterables, block=False, **kwargs)``: a :class:`~mpmagic.background.Run`
+    handle at once, the map in the background (``result()``, ``cancel()``, ``report()``)."""
+    __tracebackhide__ = True
+    return pmap(func, *iterables, block=False, **kwargs)
+
+
+async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
+    """``await apmap(func, xs)``: ``pmap`` awaited from asyncio code, without blocking the loop.
+
+    The run completes an asyncio future through ``loop.call_soon_threadsafe``;
+    cancelling the awaiting task cancels the run.
+    """
+    import asyncio
+
+    run = submit(func, *iterables, **kwargs)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    run.add_done_callback(lambda r: loop.call_soon_threadsafe(settle))
+    try:
+        await future
+    except asyncio.CancelledError:
+        await loop.run_in_executor(None, run.cancel)
+        raise
+    return run.result(0)
 
 
 def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int | None) -> None:
@@ -445,8 +487,18 @@ def parallel(
         from . import background
 
         background.check_options(compare=compare, checkpoint=checkpoint)
-        return background.start_cell(code, workers=workers, namespace=namespace, timeout=timeout, gather=gather,
-                                     label_output=label_output, insights=insights)
+
+        def make_cell(forward: background.Forward) -> CellCall:
+            return CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output,
+                            insights=insights, out=forward.out, progress=forward.progress)
+
+        def values(call: CellCall, forward: background.Forward) -> RankValues:
+            # A failing rank's traceback goes to the live area, as a blocking run prints it.
+            return call.values(lambda text: forward.out("stderr", text))
+
+        first = code.strip().splitlines()[0][:30] if code.strip() else ""
+        return background.start(f"parallel -n {workers or get_pool().workers}: {first}", make_cell, values,
+                                workers or get_pool().workers, keep_chunks=False)
     if checkpoint:
         from .checkpoint import checkpointed_parallel
 

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -400,18 +400,18 @@ class RunList(list):
 
 
 # -- starting one ------------------------------------------------------------------
-def _name(func: Any) -> str:
-    return getattr(func, "__name__", type(func).__name__)
-
-
-class _Forward:
+class Forward:
     """The job's output, progress and chunks, forwarded to its handle.
 
     The job is made before the handle (the handle needs it) and sends
     nothing before it is submitted, which is after ``run`` is set.
+    ``then``: the caller's own ``on_chunk``, called after the handle's.
     """
 
     run: Run
+
+    def __init__(self, then: Callable[[int, list], None] | None = None) -> None:
+        self.then = then
 
     def out(self, stream: str, text: str) -> None:
         self.run._sink.out(stream, text)
@@ -419,57 +419,28 @@ class _Forward:
     def progress(self, n: int) -> None:
         self.run._sink.progress(n)
 
+    def chunk(self, start: int, results: list) -> None:
+        self.run._on_chunk(start, results)
+        if self.then is not None:
+            self.then(start, results)
 
-def start_map(func: Callable, iterables: tuple, *, workers: int | None = None, live: bool | str | None = None,
-              stream: Any = None, **kwargs: Any) -> Run:
-    """Submit a map and return its handle at once (``pmap(..., block=False)``).
 
-    ``stream``: a ``streaming.Feed`` for ``imap`` (results go there, not into a list).
+def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
+          workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
+          on_chunk: Callable[[int, list], None] | None = None) -> Run:
+    """Submit a job in the background and return its handle at once.
+
+    ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
+    whose job sends its output, progress and chunks to ``forward``;
+    ``finish(call, forward)`` is the value ``result()`` returns once the run
+    ended (or raises its error). ``api.pmap`` / ``api.parallel`` (``block=False``)
+    and ``streaming.imap`` call this: this module never imports ``api``.
     """
-    from . import api
-
-    forward = _Forward()
-    user_on_chunk = kwargs.pop("on_chunk", None)
-
-    def on_chunk(start: int, results: list) -> None:
-        forward.run._on_chunk(start, results)
-        if user_on_chunk is not None:
-            user_on_chunk(start, results)
-
-    star = kwargs.pop("star", False)
-    if stream is not None:
-        kwargs["job_class"] = stream.job_class
-    else:
-        kwargs["on_chunk"] = on_chunk
-    call = api.map_call(func, iterables, star, workers, out=forward.out, progress=forward.progress, **kwargs)
-    run = forward.run = Run(f"pmap {_name(func)}", call, lambda wall: call.job.results(), live=live,
-                            keep_chunks=stream is None)
+    forward = Forward(on_chunk)
+    call = make_call(forward)
+    run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks)
     run._start(call.backend, workers)
     return run
-
-
-def start_cell(code: str, *, workers: int | None, namespace: dict[str, Any], timeout: float | None,
-               gather: Iterable[str], label_output: bool, insights: bool, live: bool | None = None) -> Run:
-    """Submit a ``parallel`` cell and return its handle at once."""
-    from . import api
-
-    forward = _Forward()
-    call = api.CellCall(code, namespace, tuple(gather), workers, timeout=timeout, label=label_output,
-                        insights=insights, out=forward.out, progress=forward.progress)
-    first = code.strip().splitlines()[0] if code.strip() else ""
-    # A failing rank's traceback goes to the live area, as a blocking run prints it.
-    run = forward.run = Run(f"parallel -n {call.size}: {first[:30]}", call,
-                            lambda wall: call.values(lambda text: forward.out("stderr", text)),
-                            live=live, keep_chunks=False)
-    run._start(call.backend, call.size)
-    return run
-
-
-def submit(func: Callable, *iterables: Iterable, **kwargs: Any) -> Run:
-    """``pmap(func, *iterables, block=False, **kwargs)``: a handle at once, the map in the background."""
-    from . import api
-
-    return api.pmap(func, *iterables, block=False, **kwargs)
 
 
 def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
@@ -499,30 +470,4 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
         raise run._error
 
 
-async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
-    """``await apmap(func, xs)``: ``pmap`` awaited from asyncio code, without blocking the loop.
-
-    The run completes an asyncio future through ``loop.call_soon_threadsafe``;
-    cancelling the awaiting task cancels the run.
-    """
-    import asyncio
-
-    run = submit(func, *iterables, **kwargs)
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def settle(_run: Run) -> None:
-        if not future.done():
-            future.set_result(None)
-
-    run.add_done_callback(lambda r: loop.call_soon_threadsafe(settle, r))
-    try:
-        await future
-    except asyncio.CancelledError:
-        await loop.run_in_executor(None, run.cancel)
-        raise
-    return run.result(0)
-
-
-__all__ = ["Run", "RunList", "apmap", "as_completed", "check_options", "get_run", "runs", "start_cell",
-           "start_map", "submit"]
+__all__ = ["Forward", "Run", "RunList", "as_completed", "check_options", "get_run", "runs", "start"]

@@ -1,6 +1,6 @@
 """Streamed maps: ``imap(func, *iterables, ordered=True)`` yields results as they come.
 
-The run is a background run (``background.start_map``) whose job keeps no
+The run is a background run (``background.start``) whose job keeps no
 list of results: each accepted chunk goes to a :class:`Feed`, and the
 iterator the user loops over takes chunks from there. Input is read lazily,
 chunk by chunk, as for ``pmap``; output is bounded too: while more than
@@ -207,20 +207,17 @@ def imap(
         return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))  # type: ignore[return-value]
     n_workers = workers or api.get_pool().workers
     feed = Feed(buffer or max(4, 2 * n_workers))
-    run = background.start_map(func, iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
-                               timeout=timeout, retries=retries, live="relay", stream=feed)
-    run.what = f"imap {background._name(func)}"
+
+    def make_call(forward: background.Forward) -> Any:
+        return api.map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
+                            retries=retries, out=forward.out, progress=forward.progress, job_class=feed.job_class)
+
+    run = background.start(f"imap {api.func_name(func)}", make_call, lambda call, forward: call.job.results(),
+                           workers, live="relay", keep_chunks=False)
     stream = _generate(_Reader(run, feed, ordered))
     # A generator dropped before it was started runs no ``finally``: cancel then too.
     weakref.finalize(stream, _cancel_quietly, run)
     return stream
 
 
-def as_completed(run: Any, timeout: float | None = None) -> Iterator[Any]:
-    """Results of a background map handle in completion order (see ``background.as_completed``)."""
-    from .background import as_completed as _as_completed
-
-    return _as_completed(run, timeout)
-
-
-__all__ = ["imap", "as_completed", "CancelledError"]
+__all__ = ["imap", "CancelledError"]
