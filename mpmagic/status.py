@@ -64,14 +64,19 @@ def _state(p: dict[str, Any]) -> str:
     return "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
 
 
+def _seconds(s: float) -> str:
+    """Elapsed time of a run (report.fmt_seconds' units; not imported: report -> config -> pool -> here)."""
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
 def _run_cells(r: dict[str, Any]) -> list[str]:
     """One background run's row: id, what, items done/total, elapsed, state."""
-    from .report import fmt_seconds
-
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
     if r.get("failed"):
         count += f" ({r['failed']} failed)"
-    return [str(r["id"]), str(r["what"]), count, fmt_seconds(r["elapsed"]), str(r["state"])]
+    return [str(r["id"]), str(r["what"]), count, _seconds(r["elapsed"]), str(r["state"])]
 
 
 _RUN_COLUMNS = ["run", "what", "done/total", "elapsed", "state"]
