@@ -108,10 +108,13 @@ class _Reader:
         self.ordered = ordered
         self.next_index = 0  # ordered: the next input index to yield
         self.waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
+        self.ended = False
         run.add_done_callback(lambda r: feed.chunks.put((-1, _END)))
 
     def next_chunk(self) -> list | None:
         """The next results to yield (possibly empty), or None once the run ended and all are out."""
+        if self.ended:
+            return None
         start, results = self.feed.chunks.get()
         self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
         if results is _END:
@@ -143,6 +146,7 @@ class _Reader:
 
     def _rest(self) -> list | None:
         """At the end: what still waits in order (ordered, after a failure: up to the gap)."""
+        self.ended = True  # the end marker was taken: nothing more comes
         rest: list = []
         while self.next_index in self.waiting:
             chunk = self.waiting.pop(self.next_index)
