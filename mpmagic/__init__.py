@@ -35,6 +35,12 @@ _LAZY = {
     "parallel": "api",
     "last_report": "api",
     "RankValues": "api",
+    "Run": "background",
+    "submit": "api",
+    "runs": "background",
+    "as_completed": "background",
+    "apmap": "api",
+    "imap": "streaming",
     "Failed": "jobs",
     "last_failures": "debugging",
     "rerun_failed": "postmortem",
@@ -58,7 +64,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
-    from .api import RankValues, last_report, parallel, pmap
+    from .api import RankValues, apmap, last_report, parallel, pmap, submit
+    from .background import Run, as_completed, runs
     from .debugging import last_failures
     from .jobs import Failed
     from .pool import (
@@ -74,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .report import Report
     from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
     from .shm import share
+    from .streaming import imap
 
 
 def __getattr__(name: str) -> Any:
@@ -100,6 +108,12 @@ __all__ = [
     "parallel",
     "last_report",
     "RankValues",
+    "Run",
+    "submit",
+    "imap",
+    "as_completed",
+    "apmap",
+    "runs",
     "Failed",
     "last_failures",
     "rerun_failed",

@@ -80,6 +80,28 @@ def _equal(a: Any, b: Any) -> bool:
             return False
 
 
+def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
+                   star: bool) -> None:
+    """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words."""
+    __tracebackhide__ = True
+    if not callable(func):
+        raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
+    if not iterables:
+        raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
+    for i, it in enumerate(iterables, 2):
+        try:
+            iter(it)
+        except TypeError:
+            raise UsageError(f"argument {i} of map must be iterable, not {type(it).__name__} {payload_repr(it)}") from None
+    _check_workers(workers)
+    _check_positive("chunksize", chunksize, integer=True)
+    _check_positive("timeout", timeout)
+    if errors not in ("raise", "collect"):
+        raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
+    if star and len(iterables) > 1:
+        raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+
+
 def pmap(
     func: Callable,
     *iterables: Iterable,
@@ -96,7 +118,8 @@ def pmap(
     insights: bool = False,
     checkpoint: bool | str | os.PathLike = False,
     on_chunk: Callable[[int, list], None] | None = None,
-) -> list:
+    block: bool = True,
+) -> Any:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
     ``func`` may be anything defined in a notebook (def, lambda, closure,
@@ -116,25 +139,24 @@ def pmap(
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     takes stored ones instead of computing them again (docs/checkpoint.md).
     ``on_chunk(start, results)`` is called as each chunk's results arrive.
+    ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
+    and runs the map in the background (see ``mpmagic.submit``).
     """
     __tracebackhide__ = True
     global _last_report
-    if not callable(func):
-        raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
-    if not iterables:
-        raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
-    for i, it in enumerate(iterables, 2):
-        try:
-            iter(it)
-        except TypeError:
-            raise UsageError(f"argument {i} of map must be iterable, not {type(it).__name__} {payload_repr(it)}") from None
-    workers = _check_workers(workers)
-    _check_positive("chunksize", chunksize, integer=True)
-    _check_positive("timeout", timeout)
-    if errors not in ("raise", "collect"):
-        raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
-    if star and len(iterables) > 1:
-        raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+    check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
+    if not block:
+        from . import background
+
+        background.check_options(compare=compare, checkpoint=checkpoint)
+
+        def make_call(forward: background.Forward) -> MapCall:
+            return map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
+                            retries=retries, insights=insights, out=forward.out, progress=forward.progress,
+                            on_chunk=forward.chunk)
+
+        return background.start(f"pmap {func_name(func)}", make_call, lambda call, forward: call.job.results(),
+                                workers, on_chunk=on_chunk)
     if checkpoint:
         from .checkpoint import checkpointed_pmap
 
@@ -148,34 +170,13 @@ def pmap(
     if compare:  # both runs need the input: copy one-shot iterators, only as far as map would read
         iterables, star = _reusable(iterables, star)
     n_items = _length(iterables)
-    if len(iterables) == 1:
-        items, star_mode = iterables[0], star  # MapJob slices a list or tuple, iterates the rest
-    else:
-        items, star_mode = zip(*iterables, strict=False), True
-
-    backend = get_pool()
-    n_workers = workers or backend.workers
-    cold = backend.cold
     bar = Progress(n_items, "pmap", "item", progress_delay, enabled=progress)
-    recorder = Recorder("pmap", getattr(func, "__name__", "func"), star_mode) if insights else None
-    job = MapJob(
-        func,
-        items,
-        n_items,
-        star_mode,
-        n_workers,
-        chunksize=chunksize,
-        collect=errors == "collect",
-        timeout=timeout,
-        retries=retries,
-        progress=bar.update,
-        insights=recorder,
-        shared_memory=backend.shares_memory,
-        on_chunk=on_chunk,
-    )
+    call = map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
+                    retries=retries, insights=insights, progress=bar.update, on_chunk=on_chunk)
+    job, star_mode = call.job, call.star
     t0 = time.perf_counter()
     debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
-    _run_with_progress(backend, job, bar, workers)
+    _run_with_progress(call.backend, job, bar, workers)
     wall = time.perf_counter() - t0
     options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
@@ -184,24 +185,8 @@ def pmap(
         debugging.record_map(job, func, None, [], options)  # for %pdebug, --rerun-failed
         raise
     finally:
-        _last_report = Report(
-            kind="pmap",
-            items=job.items_done,
-            workers=n_workers,
-            backend=backend.name,
-            start_method=backend.start_method,
-            wall=wall,
-            task_seconds=job.task_seconds,
-            chunks=job.n_chunks,
-            chunksize=job.planner.describe(),
-            failed_at=job.failure_index,
-            total=n_items,
-            **_measured(job, backend, cold, recorder, n_workers),
-        )
-    from .jobs import Failed
-
-    # Only with errors="collect" can a result be a Failed (saves a pass over 10^7 results).
-    failed = [r for r in results if isinstance(r, Failed)] if errors == "collect" else []
+        _last_report = call.report(wall)
+    failed = call.failed_items(results)
     _last_report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
@@ -215,6 +200,98 @@ def pmap(
     if show_report:
         print(_last_report.line())
     return results
+
+
+class MapCall:
+    """One map's job and what its report needs, made the same way for every caller
+    (a blocking ``pmap``, a background run, a stream)."""
+
+    def __init__(self, func: Callable, iterables: tuple, star: bool, workers: int | None, *,
+                 job_class: type = MapJob, insights: bool = False, errors: str = "raise", **kwargs: Any) -> None:
+        self.n_items = _length(iterables)
+        if len(iterables) == 1:
+            items, self.star = iterables[0], star  # MapJob slices a list or tuple, iterates the rest
+        else:
+            items, self.star = zip(*iterables, strict=False), True
+        self.backend = get_pool()
+        self.workers = workers or self.backend.workers
+        self.cold = self.backend.cold
+        self.collect = errors == "collect"
+        self.recorder = Recorder("pmap", getattr(func, "__name__", "func"), self.star) if insights else None
+        self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
+                             insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
+
+    def report(self, wall: float) -> Report:
+        """The timing report of the finished job (``wall`` seconds from submit to end)."""
+        job, backend = self.job, self.backend
+        return Report(
+            kind="pmap",
+            items=job.items_done,
+            workers=self.workers,
+            backend=backend.name,
+            start_method=backend.start_method,
+            wall=wall,
+            task_seconds=job.task_seconds,
+            chunks=job.n_chunks,
+            chunksize=job.planner.describe(),
+            failed_at=job.failure_index,
+            total=self.n_items,
+            **_measured(job, backend, self.cold, self.recorder, self.workers),
+        )
+
+    def failed_items(self, results: list) -> list:
+        """The Failed items among ``results`` (only ``errors="collect"`` puts them there)."""
+        from .jobs import Failed
+
+        if not self.collect:  # saves a pass over 10^7 results
+            return []
+        return [r for r in results if isinstance(r, Failed)]
+
+    def count_failed(self, results: list) -> int:
+        """How many items of ``results`` failed."""
+        return len(self.failed_items(results))
+
+
+def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, **kwargs: Any) -> MapCall:
+    """A :class:`MapCall` (the job of a map and its report's inputs)."""
+    return MapCall(func, iterables, star, workers, **kwargs)
+
+
+def func_name(func: Any) -> str:
+    """What a run of ``func`` is called in ``%pool runs``."""
+    return getattr(func, "__name__", type(func).__name__)
+
+
+def submit(func: Callable, *iterables: Iterable, **kwargs: Any) -> Any:
+    """``pmap(func, *iterables, block=False, **kwargs)``: a :class:`~mpmagic.background.Run`
+    handle at once, the map in the background (``result()``, ``cancel()``, ``report()``)."""
+    __tracebackhide__ = True
+    return pmap(func, *iterables, block=False, **kwargs)
+
+
+async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
+    """``await apmap(func, xs)``: ``pmap`` awaited from asyncio code, without blocking the loop.
+
+    The run completes an asyncio future through ``loop.call_soon_threadsafe``;
+    cancelling the awaiting task cancels the run.
+    """
+    import asyncio
+
+    run = submit(func, *iterables, **kwargs)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
+
+    def settle() -> None:
+        if not future.done():
+            future.set_result(None)
+
+    run.add_done_callback(lambda r: loop.call_soon_threadsafe(settle))
+    try:
+        await future
+    except asyncio.CancelledError:
+        await loop.run_in_executor(None, run.cancel)
+        raise
+    return run.result(0)
 
 
 def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int | None) -> None:
@@ -375,7 +452,8 @@ def parallel(
     progress_delay: float = 1.0,
     insights: bool = False,
     checkpoint: bool | str | os.PathLike = False,
-) -> RankValues:
+    block: bool = True,
+) -> Any:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
     Each copy sees ``rank`` (0..size-1), ``size`` and the names of
@@ -388,6 +466,7 @@ def parallel(
     ``progress`` shows a bar counting finished ranks after ``progress_delay``
     seconds; ``insights`` records each rank's worker and span (see ``pmap``).
     ``checkpoint`` keeps the ranks' values: see ``pmap`` and docs/checkpoint.md.
+    ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once.
     """
     __tracebackhide__ = True
     global _last_report
@@ -404,6 +483,22 @@ def parallel(
             raise UsageError(f"--gather takes variable names, and {g!r} is not one")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
+    if not block:
+        from . import background
+
+        background.check_options(compare=compare, checkpoint=checkpoint)
+
+        def make_cell(forward: background.Forward) -> CellCall:
+            return CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output,
+                            insights=insights, out=forward.out, progress=forward.progress)
+
+        def values(call: CellCall, forward: background.Forward) -> RankValues:
+            # A failing rank's traceback goes to the live area, as a blocking run prints it.
+            return call.values(lambda text: forward.out("stderr", text))
+
+        first = code.strip().splitlines()[0][:30] if code.strip() else ""
+        return background.start(f"parallel -n {workers or get_pool().workers}: {first}", make_cell, values,
+                                workers or get_pool().workers, keep_chunks=False)
     if checkpoint:
         from .checkpoint import checkpointed_parallel
 
@@ -412,53 +507,16 @@ def parallel(
         return checkpointed_parallel(parallel, code, workers=workers, namespace=namespace, gather=gather,
                                      location=checkpoint, show_report=show_report, set_report=_set_report,
                                      get_report=last_report, kwargs=kw)
-    try:
-        spec = make_cell_spec(code, namespace, gather)
-    except SyntaxError as exc:
-        raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
-    backend = get_pool()
-    size = workers or backend.workers
-    spec_bytes = _pack_spec(spec)
-    cold = backend.cold
-    bar = Progress(size, "parallel", "rank", progress_delay, enabled=progress)
-    recorder = Recorder("parallel") if insights else None
-    job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
+    bar = Progress(workers or get_pool().workers, "parallel", "rank", progress_delay, enabled=progress)
+    call = CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output, insights=insights,
+                    progress=bar.update)
+    spec, job, size = call.spec, call.job, call.size
     t0 = time.perf_counter()
     debugging.forget()
-    _run_with_progress(backend, job, bar, size)
-    wall = time.perf_counter() - t0
-    report = Report(
-        kind="parallel",
-        items=size,
-        workers=size,
-        backend=backend.name,
-        start_method=backend.start_method,
-        wall=wall,
-        task_seconds=job.task_seconds,
-        failed=len(job.failures),
-        failed_ranks=tuple(sorted(job.failures)),
-        **_measured(job, backend, cold, recorder, size),
-    )
-    _last_report = report
-    debugging.record_cell(job, spec_bytes, size)  # for %pdebug
-    if job.failures:
-        job.flush_output()
-        for rank in sorted(job.failures):
-            exc = job.failures[rank]
-            # A task's exception shows its own frames as IPython would; ours are one line.
-            text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
-            sys.stderr.write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
-        n = len(job.failures)
-        ranks = ", ".join(map(str, sorted(job.failures)))
-        first = job.failures[min(job.failures)]
-        raise ParallelError(
-            f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
-            f"rank {min(job.failures)}: {type(first).__name__}: {first}",
-            dict(job.failures),
-            dict(job.values),
-        ) from None
-    values = RankValues(job.results())
-    values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in gather}
+    _run_with_progress(call.backend, job, bar, size)
+    report = _last_report = call.report(time.perf_counter() - t0)
+    debugging.record_cell(job, call.spec_bytes, size)  # for %pdebug
+    values = call.values(sys.stderr.write)
     if compare:
         t1 = time.perf_counter()
         serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
@@ -468,6 +526,63 @@ def parallel(
     if show_report:
         print(report.line())
     return values
+
+
+class CellCall:
+    """One cell's job and what its report and values need (a blocking or a background run)."""
+
+    def __init__(self, code: str, namespace: dict[str, Any], gather: tuple, workers: int | None, *,
+                 insights: bool = False, **kwargs: Any) -> None:
+        try:
+            self.spec = make_cell_spec(code, namespace, gather)
+        except SyntaxError as exc:
+            raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+        self.gather = gather
+        self.backend = get_pool()
+        self.size = workers or self.backend.workers
+        self.spec_bytes = spec_bytes = _pack_spec(self.spec)  # (kept for %pdebug's replay of a rank)
+        self.cold = self.backend.cold
+        self.recorder = Recorder("parallel") if insights else None
+        self.job = CellJob(spec_bytes, self.size, insights=self.recorder, **kwargs)
+
+    def report(self, wall: float) -> Report:
+        job, size = self.job, self.size
+        return Report(
+            kind="parallel",
+            items=size,
+            workers=size,
+            backend=self.backend.name,
+            start_method=self.backend.start_method,
+            wall=wall,
+            task_seconds=job.task_seconds,
+            failed=len(job.failures),
+            failed_ranks=tuple(sorted(job.failures)),
+            **_measured(job, self.backend, self.cold, self.recorder, size),
+        )
+
+    def values(self, write: Callable[[str], Any]) -> RankValues:
+        """The ranks' values, or ParallelError after writing each failing rank's traceback with ``write``."""
+        __tracebackhide__ = True
+        job, size = self.job, self.size
+        if job.failures:
+            job.flush_output()
+            for rank in sorted(job.failures):
+                exc = job.failures[rank]
+                # A task's exception shows its own frames as IPython would; ours are one line.
+                text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
+                write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
+            n = len(job.failures)
+            ranks = ", ".join(map(str, sorted(job.failures)))
+            first = job.failures[min(job.failures)]
+            raise ParallelError(
+                f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
+                f"rank {min(job.failures)}: {type(first).__name__}: {first}",
+                dict(job.failures),
+                dict(job.values),
+            ) from None
+        values = RankValues(job.results())
+        values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in self.gather}
+        return values
 
 
 def _pack_spec(spec: Any) -> bytes:

@@ -40,6 +40,11 @@ class Run:
     ranks of a cell; ``items_total`` is None for an input of unknown length).
     """
 
+    #: True for a run nobody waits on in the foreground (``mpmagic.submit``, ``imap``):
+    #: a backend hands a foreground run's units out first, so a quick cell is
+    #: not kept waiting behind a long background map.
+    background = False
+
     def __init__(self, job: Any) -> None:
         self.job = job
         self.error: BaseException | None = None  # what the backend raised instead of finishing
@@ -142,6 +147,12 @@ class Run:
         ``interrupted``: the waiting thread got Ctrl-C. True if this stopped it.
         """
         raise NotImplementedError
+
+    def nudge(self) -> None:
+        """The job may have work again (a stream's consumer made room): have it handed out.
+
+        A driven run polls its job anyway; the local pool's run wakes its manager.
+        """
 
 
 class DrivenRun(Run):

@@ -111,6 +111,8 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--rerun-failed", action="store_true",
                    help="run only the failed items of the last %%pmap again, with the current definition of its "
                         "function's name (fixed since), and return the full results (no FUNC, ITERABLE)")
+    p.add_argument("--bg", action="store_true",
+                   help="run in the background: return a run handle at once (not with --compare or --scaling)")
     config.add_options(p, "items")
     return p
 
@@ -125,6 +127,8 @@ def _parallel_parser() -> _Parser:
     p.add_argument("--timeout", type=_positive_float, help="seconds a rank may run before it is stopped")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
     p.add_argument("--no-label", action="store_true", help="do not prefix output lines with [rank N]")
+    p.add_argument("--bg", action="store_true",
+                   help="run in the background: the cell's value is a run handle (-o NAME stores it)")
     config.add_options(p, "ranks")
     return p
 
@@ -132,10 +136,12 @@ def _parallel_parser() -> _Parser:
 def _pool_parser() -> _Parser:
     p = _Parser(prog="%pool",
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
-                " | checkpoints [clear [NAME]]] [options]")
+                " | checkpoints [clear [NAME]] | runs | cancel ID] [options]")
     p.add_argument("action", nargs="?", default="status",
-                   choices=("status", "start", "stop", "restart", "resize", "local", "dask", "checkpoints"))
-    p.add_argument("target", nargs="?", help="N for resize; ADDRESS for dask; clear for checkpoints")
+                   choices=("status", "start", "stop", "restart", "resize", "local", "dask", "checkpoints",
+                            "runs", "cancel"))
+    p.add_argument("target", nargs="?",
+                   help="N for resize; ADDRESS for dask; clear for checkpoints; the run's ID for cancel")
     p.add_argument("name", nargs="?", help="checkpoints clear: the function whose stored runs to delete")
     p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
@@ -261,6 +267,8 @@ class MPMagics(Magics):
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
+        if opts.bg:
+            return self._pmap_bg(parser, opts, args)
         if opts.scaling:
             with _magic_errors(parser):
                 return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
@@ -286,6 +294,36 @@ class MPMagics(Magics):
                 display(report)  # this run's report, never an older one
         return result
 
+    def _pmap_bg(self, parser: _Parser, opts: argparse.Namespace, args: tuple) -> Any:
+        """``%pmap --bg``: the run's handle at once; its live area shows in this cell."""
+        __tracebackhide__ = True
+        with _magic_errors(parser):
+            from . import background
+
+            background.check_options(compare=opts.compare, scaling=opts.scaling,
+                                     checkpoint=config.run_kwargs(opts).get("checkpoint"))
+            return api.pmap(args[0], *args[1:], workers=opts.workers, chunksize=opts.chunksize, star=opts.star,
+                            errors=opts.errors, timeout=opts.timeout, retries=opts.retries,
+                            insights=config.run_kwargs(opts).get("insights", False), block=False)
+
+    def _parallel_bg(self, parser: _Parser, opts: argparse.Namespace, cell: str) -> Any:
+        """``%%parallel --bg``: the run's handle (also stored in ``-o NAME``)."""
+        __tracebackhide__ = True
+        if opts.reduce or opts.gather:
+            raise parser.usage_error("--bg cannot be combined with --reduce or --gather: "
+                                     "use the handle's result() (its .gathered) once it is done")
+        with _magic_errors(parser):
+            from . import background
+
+            background.check_options(compare=opts.compare, scaling=opts.scaling,
+                                     checkpoint=config.run_kwargs(opts).get("checkpoint"))
+            run = api.parallel(cell, workers=opts.workers, namespace=self.shell.user_ns, timeout=opts.timeout,
+                               label_output=not opts.no_label,
+                               insights=config.run_kwargs(opts).get("insights", False), block=False)
+        if opts.output:
+            self.shell.user_ns[opts.output] = run
+        return run
+
     @cell_magic
     def parallel(self, line: str = "", cell: str = "") -> Any:
         __tracebackhide__ = True
@@ -295,6 +333,10 @@ class MPMagics(Magics):
             tokens.append(rest)
         opts = parser.parse_args(tokens)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
+        if opts.output and not opts.output.isidentifier():
+            raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
+        if opts.bg:
+            return self._parallel_bg(parser, opts, cell)
         if opts.scaling:
             with _magic_errors(parser):
                 return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
@@ -378,6 +420,19 @@ class MPMagics(Magics):
             kwargs = {k: v for k, v in vars(opts).items()
                       if k in ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout") and v is not None}
             pool.use_dask(opts.target, **kwargs)
+        elif action == "runs":
+            from . import background
+
+            return background.runs()
+        elif action == "cancel":
+            from . import background
+
+            if not opts.target or not opts.target.isdigit():
+                raise UsageError(f"cancel needs a run's ID, not {opts.target!r}: for example %pool cancel 3 "
+                                 "(%pool runs lists them)")
+            run = background.get_run(int(opts.target))
+            stopped = run.cancel()
+            return run if stopped else f"run {run.id} had already ended ({run.state}); nothing to cancel"
         elif action == "checkpoints":
             from . import checkpoint
 
@@ -429,6 +484,13 @@ Examples::
   %pmap --star compute_range, [(1, 250001), (250001, 500001)]
   %pmap -n 4 --compare work, [3_000_000] * 8
   res = %pmap --errors collect risky, items  # failures stay in place as Failed
+  run = %pmap --bg work, range(100)         # at once: run.result() later
+
+With --bg the map runs in the background and the magic returns its handle
+(``done()``, ``result()``, ``cancel()``, ``report()``); this cell shows its
+progress, output and report as they come while other cells run. The
+kernel's interrupt stops the foreground cell only: background runs go on
+(``%pool cancel ID`` or ``run.cancel()`` stops one).
 {_help(_pmap_parser())}
 """
 
@@ -447,6 +509,9 @@ Example::
   %%parallel -n 4 --compare
   lo, hi = rank * N // size, (rank + 1) * N // size
   sum(x * x for x in range(lo, hi))
+
+With --bg the cell runs in the background: its value is a run handle whose
+``result()`` is the list of values; the kernel's interrupt does not stop it.
 {_help(_parallel_parser())}
 """
 
@@ -462,5 +527,7 @@ Usage::
   %pool local                   back to processes on this machine
   %pool checkpoints             stored runs of --checkpoint (function, items, size, last used)
   %pool checkpoints clear [NAME]  delete them (only NAME's)
+  %pool runs                    background runs in flight and recently finished
+  %pool cancel ID               stop background run ID
 {_help(_pool_parser())}
 """

@@ -180,8 +180,12 @@ def shutdown() -> None:
 
 
 def pool_status() -> PoolStatus:
-    """Status of the current backend (does not start it)."""
-    return PoolStatus(get_pool().status())
+    """Status of the current backend (does not start it), with the background runs if any."""
+    import sys
+
+    background = sys.modules.get("mpmagic.background")  # none were started if it is not imported
+    rows = background.runs().rows() if background is not None else []
+    return PoolStatus(get_pool().status(), runs=rows)
 
 
 # mpmagic.Queue() and the other helpers ask the current backend to make them

@@ -64,6 +64,44 @@ def _state(p: dict[str, Any]) -> str:
     return "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
 
 
+def _seconds(s: float) -> str:
+    """Elapsed time of a run (report.fmt_seconds' units; not imported: report -> config -> pool -> here)."""
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} µs"
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _run_cells(r: dict[str, Any]) -> list[str]:
+    """One background run's row: id, what, items done/total, elapsed, state."""
+    count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
+    if r.get("failed"):
+        count += f" ({r['failed']} failed)"
+    return [str(r["id"]), str(r["what"]), count, _seconds(r["elapsed"]), str(r["state"])]
+
+
+_RUN_COLUMNS = ["run", "what", "done/total", "elapsed", "state"]
+
+
+def runs_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``%pool runs`` as text: background and streamed runs, in flight and recently finished."""
+    if not rows:
+        return ["runs: none in the background (start one with %pmap --bg or mpmagic.submit)"]
+    return ["runs:"] + [
+        "  run {}: {}, {} items, {}, {}".format(*_run_cells(r)) for r in rows
+    ]
+
+
+def runs_html(rows: list[dict[str, Any]]) -> str:
+    """``%pool runs`` as an HTML table."""
+    if not rows:
+        return f"<div>{html.escape(runs_lines(rows)[0])}</div>"
+    head = "".join(f"<th style='{_TH}'>{c}</th>" for c in _RUN_COLUMNS)
+    body = "".join(
+        "<tr>" + "".join(f"<td style='{_TD}'>{html.escape(v)}</td>" for v in _run_cells(r)) + "</tr>" for r in rows
+    )
+    return f"<table class='mpmagic-runs'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 # The Dask status rows' keys as column headings (in this order), with units.
 _DASK_COLUMNS = (
     ("address", "worker"),
@@ -82,9 +120,10 @@ class PoolStatus:
     says which backend it stopped), shown above the status.
     """
 
-    def __init__(self, info: dict[str, Any], notice: str | None = None) -> None:
+    def __init__(self, info: dict[str, Any], notice: str | None = None, runs: list[dict[str, Any]] | None = None) -> None:
         self.info = info
         self.notice = notice
+        self.runs = runs or []  # background runs (``background.runs()`` rows), shown under the workers
 
     def lines(self) -> list[str]:
         """The status as text lines (without the notice): a heading, then details."""
@@ -100,7 +139,8 @@ class PoolStatus:
         return head
 
     def __str__(self) -> str:
-        return "\n".join(([self.notice] if self.notice else []) + self.lines())
+        runs = runs_lines(self.runs) if self.runs else []
+        return "\n".join(([self.notice] if self.notice else []) + self.lines() + runs)
 
     def __repr__(self) -> str:
         return str(self)
@@ -132,7 +172,7 @@ class PoolStatus:
         return (
             f"<div class='mpmagic-pool-status'>{notice}<div style='font-weight:600;white-space:nowrap'>"
             f"{html.escape(lines[0])}</div><table class='mpmagic-pool'><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody><tfoot>{foot}</tfoot></table></div>"
+            f"<tbody>{body}</tbody><tfoot>{foot}</tfoot></table>{runs_html(self.runs) if self.runs else ''}</div>"
         )
 
     def _dask_table(self) -> tuple[list[str], list[list[str]], list[str]]:
@@ -166,4 +206,4 @@ class PoolStatus:
         return [label for _, label in keys], rows, notes
 
 
-__all__ = ["PoolStatus", "dask_lines", "fmt_mb"]
+__all__ = ["PoolStatus", "dask_lines", "fmt_mb", "runs_html", "runs_lines"]

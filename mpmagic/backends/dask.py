@@ -175,6 +175,8 @@ class DaskBackend:
         self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> future of its hold task
         self.created = time.time()
         self._lock = threading.RLock()
+        # Runs take turns: one event sink per backend (background runs, issue 16).
+        self._run_lock = threading.RLock()
         _live_backends.add(self)
         self.start()
 
@@ -479,6 +481,13 @@ class DaskBackend:
 
         ``workers`` limits a map to that many chunks running at once.
         """
+        __tracebackhide__ = True
+        # One run at a time on this backend: the task events have one sink
+        # (``_event_sink``), so a background run and a foreground one take turns.
+        with self._run_lock:
+            self._run(job, workers)
+
+    def _run(self, job: Any, workers: int | None) -> None:
         __tracebackhide__ = True
         self.start()
         self.calls_run += 1

@@ -239,6 +239,9 @@ class _LocalRun(Run):
         self._ended.wait()
         return True
 
+    def nudge(self) -> None:
+        self.backend._wake()
+
 
 class LocalBackend:
     """A managed pool of worker processes on this machine, run by one manager thread."""
@@ -722,7 +725,9 @@ class LocalBackend:
     def _next_run(self, maps: list[_LocalRun], slot: _Slot, level: int) -> _LocalRun | None:
         """The next map run, in turn, that may put a unit on ``slot`` at this depth."""
         n = len(maps)
-        for k in range(n):
+        # In turn, foreground runs first (background ones wait for a free worker
+        # a foreground run does not take: see engine.Run.background).
+        for k in sorted(range(n), key=lambda k: maps[(self._turn + k) % n].background):
             run = maps[(self._turn + k) % n]
             job = run.job
             if not job.has_work or run.cancel_requested or run not in self._runs:

@@ -1,0 +1,473 @@
+"""Background runs: ``pmap(..., block=False)``, ``%pmap --bg``, ``%%parallel --bg``.
+
+A background run is an ordinary job submitted to the current backend; what
+differs is who waits on it. Nobody in the notebook does, so each background
+run gets a small daemon thread (``mpmagic-bg-N``, the *pump*) that waits on
+the backend's run (``engine.Run.wait``), feeds its output and progress to a
+sink, and, once it ended, builds the same results, error and timing report
+as a blocking run would. The handle (:class:`Run`, ``mpmagic.Run``) only
+reads what the pump left: ``done()``, ``result()``, ``report()``...
+
+Where the output goes. ipykernel sends what a thread prints with the parent
+header of the request running at that moment, so a background thread that
+printed would put its output under whatever cell runs later. Instead, the
+starting cell gets one display area at submit time (``display(...,
+display_id=True)``), and the pump only ever *updates* that display by its id
+(``update_display_data``): the frontend redraws the area in the starting
+cell, whichever cell runs meanwhile. In a terminal there is no such area:
+the output is kept on the handle (``run.output``) and ``repr(run)`` is a
+one-line status.
+
+The kernel's interrupt raises in the main thread only: a pump never sees it,
+so an interrupt stops the foreground cell and background runs go on.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
+from typing import Any
+
+from .errors import UsageError
+from .report import Report, fmt_seconds
+
+log = logging.getLogger("mpmagic")
+
+_ids = itertools.count(1)
+_lock = threading.Lock()
+_registry: dict[int, Run] = {}  # in flight and recently finished, oldest first
+#: Finished runs kept for ``%pool`` / ``runs()`` besides those in flight.
+KEEP_FINISHED = 20
+#: Seconds between redraws of a live area (each redraw is one message to the frontend).
+REDRAW_EVERY = 0.25
+#: Characters of task output a live area shows (the start is cut beyond it; ``run.output`` keeps all).
+SHOW_OUTPUT = 20_000
+
+
+def check_options(compare: bool = False, checkpoint: Any = False, scaling: bool = False) -> None:
+    """A background run cannot also run serially here or store checkpoints (yet): say so."""
+    for flag, name in ((compare, "--compare"), (scaling, "--scaling"), (checkpoint, "--checkpoint")):
+        if flag:
+            raise UsageError(
+                f"--bg cannot be combined with {name} (it runs in the notebook's own thread); "
+                f"run it without --bg"
+            )
+
+
+# -- where a background run's output and progress go ---------------------------
+class _Sink:
+    """Collects a run's output and progress; in Jupyter it redraws a display area
+    in the starting cell (by display id), elsewhere it only keeps them."""
+
+    def __init__(self, run: Run, live: bool, relay: bool = False) -> None:
+        self.run = run
+        # A stream's output is printed by its consumer (the cell iterating), not drawn.
+        self.relay: deque | None = deque() if relay else None
+        self.parts: list[str] = []
+        self.size = 0
+        self.dirty = False
+        self.drawn = 0.0
+        self.handle: Any = None
+        if live:
+            try:
+                from IPython.display import display
+
+                self.handle = display(self.bundle(), raw=True, display_id=True)
+            except Exception:  # a broken display must never break the run
+                log.warning("mpmagic: could not show the live area of a background run", exc_info=True)
+
+    def out(self, stream: str, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.relay is not None:
+            self.relay.append((stream, text))
+        self.touch()
+
+    def relay_here(self) -> None:
+        """Print the output that came since the last call, in the calling thread (a stream's consumer)."""
+        import sys
+
+        while self.relay:
+            stream, text = self.relay.popleft()
+            (sys.stderr if stream == "stderr" else sys.stdout).write(text)
+
+    def progress(self, n: int) -> None:
+        self.touch()
+
+    def touch(self) -> None:
+        self.dirty = True
+        if time.monotonic() - self.drawn >= REDRAW_EVERY:
+            self.draw()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def draw(self) -> None:
+        self.dirty = False
+        self.drawn = time.monotonic()
+        if self.handle is None:
+            return
+        try:
+            self.handle.update(self.bundle(), raw=True)
+        except Exception:
+            log.warning("mpmagic: could not redraw a background run's live area", exc_info=True)
+
+    def bundle(self) -> dict[str, str]:
+        run = self.run
+        out = self.text()
+        if len(out) > SHOW_OUTPUT:
+            out = "... (earlier output cut: run.output has it all)\n" + out[-SHOW_OUTPUT:]
+        plain = [run.status_line()]
+        body = [f"<div class='mpmagic-run'><div style='white-space:nowrap'>{html.escape(run.status_line())}</div>"]
+        total = run.items_total
+        if total:
+            body.append(f"<progress value='{run.items_done}' max='{total}' style='width:30em'></progress>")
+        if out:
+            plain.append(out.rstrip("\n"))
+            body.append(f"<pre style='margin:2px 0'>{html.escape(out)}</pre>")
+        error = run._error
+        if error is not None and not isinstance(error, CancelledError):
+            line = f"{type(error).__name__}: {error} (run.result() raises it)"
+            plain.append(line)
+            body.append(f"<pre style='color:#b00;margin:2px 0'>{html.escape(line)}</pre>")
+        if run._report is not None:
+            plain.append(run._report.line())
+            body.append(run._report._repr_html_() or f"<div>{html.escape(run._report.line())}</div>")
+        body.append("</div>")
+        return {"text/plain": "\n".join(plain), "text/html": "".join(body)}
+
+
+def _in_kernel() -> bool:
+    """Is there a Jupyter frontend to draw a live area in (not a terminal, not a script)?"""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+# -- the handle ------------------------------------------------------------------
+class Run:
+    """A run going on in the background: ``done()``, ``result(timeout)``, ``cancel()``.
+
+    ``result()`` returns what the blocking call would have returned, or raises
+    what it would have raised (``CancelledError`` after ``cancel()``).
+    ``report()`` is its timing report once done; ``items_done`` /
+    ``items_failed`` / ``items_total`` count items (ranks of a cell);
+    ``output`` is what its tasks printed.
+    """
+
+    def __init__(self, what: str, call: Any, finish: Callable[[float], Any], live: bool | str | None = None,
+                 keep_chunks: bool = True) -> None:
+        self.id = next(_ids)
+        self.what = what
+        self._call = call
+        self._job = call.job
+        self._finish_result = finish
+        self._engine_run: Any = None
+        self._done = threading.Event()
+        self._cancelled = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._report: Report | None = None
+        self._callbacks: list[Callable[[Run], Any]] = []
+        self._t0 = time.monotonic()
+        self._elapsed: float | None = None
+        # Chunks as they arrive, for ``as_completed`` (references, not copies).
+        self._chunks: list[tuple[int, list]] | None = [] if keep_chunks else None
+        self._arrived = threading.Condition()
+        relay = live == "relay"
+        self._sink = _Sink(self, False if relay else _in_kernel() if live is None else bool(live), relay=relay)
+
+    # -- counts and state ------------------------------------------------------
+    @property
+    def items_done(self) -> int:
+        return self._job.items_done
+
+    @property
+    def items_failed(self) -> int:
+        return self._job.items_failed
+
+    @property
+    def items_total(self) -> int | None:
+        return self._job.items_total
+
+    @property
+    def output(self) -> str:
+        """What the run's tasks printed so far (labelled ``[rank N]`` for a cell)."""
+        return self._sink.text()
+
+    @property
+    def elapsed(self) -> float:
+        return self._elapsed if self._elapsed is not None else time.monotonic() - self._t0
+
+    @property
+    def state(self) -> str:
+        """``running``, ``done``, ``failed`` or ``cancelled``."""
+        if not self._done.is_set():
+            return "running"
+        if self._cancelled:
+            return "cancelled"
+        return "failed" if self._error is not None else "done"
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the run ended (True) or ``timeout`` seconds passed (False)."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The results (as the blocking call returns them), or the run's error raised here."""
+        __tracebackhide__ = True
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on")
+        if self._cancelled:
+            raise CancelledError(f"run {self.id} ({self.what}) was cancelled")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The run's error once it ended (None when it succeeded)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on")
+        return CancelledError() if self._cancelled else self._error
+
+    def report(self) -> Report | None:
+        """The timing report (as a blocking run prints), once the run ended; None before."""
+        return self._report
+
+    def cancel(self) -> bool:
+        """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it."""
+        if self._done.is_set():
+            return False
+        self._cancelled = True
+        run = self._engine_run
+        if run is None:
+            return True
+        if not run.cancel():
+            _stop_driven(self._job)  # a run driven by its waiting thread (Dask): the pump's loop ends
+        # The backend stopped it; the pump settles the handle in a moment (a
+        # driven Dask loop notices within its 0.2 s poll).
+        if threading.current_thread().name != f"mpmagic-bg-{self.id}":
+            self._done.wait(10.0)
+        return True
+
+    def add_done_callback(self, fn: Callable[[Run], Any]) -> None:
+        """Call ``fn(run)`` once the run ended (from the pump thread; at once if it has)."""
+        with self._arrived:
+            if not self._done.is_set():
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    # -- display ---------------------------------------------------------------
+    def status_line(self) -> str:
+        total = self.items_total
+        unit = "ranks" if self._job.kind == "cell" else "items"
+        count = f"{self.items_done}/{total}" if total is not None else f"{self.items_done}"
+        failed = f", {self.items_failed} failed" if self.items_failed else ""
+        return f"run {self.id}: {self.what}, {count} {unit}{failed}, {fmt_seconds(self.elapsed)}, {self.state}"
+
+    def info(self) -> dict[str, Any]:
+        """One row of ``%pool`` / ``runs()``."""
+        return {"id": self.id, "what": self.what, "done": self.items_done, "total": self.items_total,
+                "failed": self.items_failed, "elapsed": self.elapsed, "state": self.state}
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Run {self.status_line()}>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+    # -- the pump (its own thread) ---------------------------------------------
+    def _start(self, backend: Any, workers: int | None) -> None:
+        try:
+            self._engine_run = backend.submit(self._job, workers=workers)
+        except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
+            self._error = exc
+            self._end()
+            raise
+        self._engine_run.background = True  # foreground runs' units go out first
+        with _lock:
+            _registry[self.id] = self
+            _forget_old()
+        threading.Thread(target=self._pump, args=(backend,), daemon=True, name=f"mpmagic-bg-{self.id}").start()
+
+    def _pump(self, backend: Any) -> None:
+        """Wait on the backend's run here, then settle the handle (results, error, report)."""
+        run = self._engine_run
+        try:
+            # A Dask run is driven inside its first wait (engine.DrivenRun), which
+            # then returns only at its end; the Dask backend serializes such runs.
+            while not run.wait(REDRAW_EVERY):
+                sink = self._sink
+                if sink.dirty or (sink.handle is not None and time.monotonic() - sink.drawn >= 1.0):
+                    sink.draw()  # output or progress not drawn yet; else the elapsed time, once a second
+            wall = time.monotonic() - self._t0
+            try:
+                if run.error is not None:
+                    raise run.error
+                self._value = self._finish_result(wall)
+            finally:
+                self._report = self._call.report(wall)
+        except BaseException as exc:  # kept for result(), shown in the live area at once
+            self._error = exc
+        finally:
+            self._elapsed = time.monotonic() - self._t0
+            self._end()
+
+    def _end(self) -> None:
+        if self._cancelled:
+            self._report = None  # a blocking run that is stopped makes no report either
+        with self._arrived:
+            self._done.set()
+            self._arrived.notify_all()
+            callbacks, self._callbacks = self._callbacks, []
+        self._sink.draw()
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.warning("mpmagic: a done callback of run %s failed", self.id, exc_info=True)
+
+    def _on_chunk(self, start: int, results: list) -> None:
+        """A chunk's results were accepted (manager thread): keep them for ``as_completed``."""
+        if self._chunks is None:
+            return
+        with self._arrived:
+            self._chunks.append((start, results))
+            self._arrived.notify_all()
+
+
+def _stop_driven(job: Any) -> None:
+    """End a driven (Dask) map run from another thread: its loop stops once the job is finished."""
+    if getattr(job, "kind", None) == "map" and job.failure is None:
+        job.failure = CancelledError("cancelled")
+
+
+def _forget_old() -> None:
+    finished = [k for k, r in _registry.items() if r.done()]
+    for k in finished[: max(0, len(finished) - KEEP_FINISHED)]:
+        del _registry[k]
+
+
+def runs() -> RunList:
+    """Background and streamed runs in flight and recently finished, oldest first."""
+    with _lock:
+        return RunList(_registry.values())
+
+
+def get_run(run_id: int) -> Run:
+    """The background run with this id (``%pool cancel ID``), or a UsageError naming the known ones."""
+    with _lock:
+        run = _registry.get(run_id)
+        known = ", ".join(map(str, _registry)) or "none"
+    if run is None:
+        raise UsageError(f"no run with id {run_id} (runs known: {known}); see %pool runs")
+    return run
+
+
+class RunList(list):
+    """``runs()``: a list of :class:`Run` shown as a table (``%pool runs``)."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [r.info() for r in self]
+
+    def __repr__(self) -> str:
+        from .status import runs_lines
+
+        return "\n".join(runs_lines(self.rows()))
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+    def _repr_html_(self) -> str:
+        from .status import runs_html
+
+        return runs_html(self.rows())
+
+
+# -- starting one ------------------------------------------------------------------
+class Forward:
+    """The job's output, progress and chunks, forwarded to its handle.
+
+    The job is made before the handle (the handle needs it) and sends
+    nothing before it is submitted, which is after ``run`` is set.
+    ``then``: the caller's own ``on_chunk``, called after the handle's.
+    """
+
+    run: Run
+
+    def __init__(self, then: Callable[[int, list], None] | None = None) -> None:
+        self.then = then
+
+    def out(self, stream: str, text: str) -> None:
+        self.run._sink.out(stream, text)
+
+    def progress(self, n: int) -> None:
+        self.run._sink.progress(n)
+
+    def chunk(self, start: int, results: list) -> None:
+        self.run._on_chunk(start, results)
+        if self.then is not None:
+            self.then(start, results)
+
+
+def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
+          workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
+          on_chunk: Callable[[int, list], None] | None = None) -> Run:
+    """Submit a job in the background and return its handle at once.
+
+    ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
+    whose job sends its output, progress and chunks to ``forward``;
+    ``finish(call, forward)`` is the value ``result()`` returns once the run
+    ended (or raises its error). ``api.pmap`` / ``api.parallel`` (``block=False``)
+    and ``streaming.imap`` call this: this module never imports ``api``.
+    """
+    forward = Forward(on_chunk)
+    call = make_call(forward)
+    run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks)
+    run._start(call.backend, workers)
+    return run
+
+
+def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
+    """The results of a background map as their chunks arrive (completion order).
+
+    Raises the run's error (or CancelledError) after the results that came
+    before it. ``timeout``: seconds to wait for the next chunk (TimeoutError).
+    """
+    if run._chunks is None:
+        raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg)")
+    seen = 0
+    while True:
+        with run._arrived:
+            while seen == len(run._chunks) and not run.done():
+                if not run._arrived.wait(timeout):
+                    raise TimeoutError(f"no result of run {run.id} within {timeout:g} s")
+            fresh = run._chunks[seen:]
+            ended = run.done()
+        seen += len(fresh)
+        for _, results in fresh:
+            yield from results
+        if ended and seen == len(run._chunks):
+            break
+    if run._cancelled:
+        raise CancelledError(f"run {run.id} ({run.what}) was cancelled")
+    if run._error is not None:
+        raise run._error
+
+
+__all__ = ["Forward", "Run", "RunList", "as_completed", "check_options", "get_run", "runs", "start"]

@@ -1,0 +1,222 @@
+"""Background and streamed runs (issue 16): handles, imap, as_completed, apmap,
+%pmap --bg, %%parallel --bg, %pool runs / cancel. Serial Python is the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import Counter
+from concurrent.futures import CancelledError
+
+import pytest
+from conftest import run
+from IPython.core.error import UsageError as IPythonUsageError
+
+import mpmagic
+
+DEFS = """
+import time
+def square(x):
+    return x * x
+def slow(x):
+    time.sleep(0.05)
+    return x * x
+def napper(x):
+    time.sleep(0.5)
+    return x
+def loud(x):
+    print('task says', x)
+    return -x
+def chatty(x):
+    print('chatty', x)
+    time.sleep(0.1)
+    return x * x
+def picky(x):
+    if x == 13:
+        raise KeyError(f'no {x}')
+    return x
+"""
+
+
+@pytest.fixture
+def ns(ip, local_pool):
+    run(ip, DEFS)
+    yield ip.user_ns
+    for r in mpmagic.runs():
+        r.cancel()
+
+
+def _no_busy_worker(within: float = 1.0) -> bool:
+    deadline = time.monotonic() + within
+    while True:
+        status = mpmagic.get_pool().status()
+        if status["runs_in_flight"] == 0 and not any(p["busy"] for p in status["processes"]):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_submit_returns_a_handle_whose_result_equals_serial_map(ns):
+    handle = mpmagic.submit(ns["slow"], range(40))
+    assert isinstance(handle, mpmagic.Run)
+    fg = mpmagic.pmap(ns["square"], range(2))  # a foreground run shares the workers meanwhile
+    assert fg == [0, 1]
+    assert handle.result(60) == list(map(ns["slow"], range(40)))
+    assert handle.done() and handle.state == "done"
+    assert handle.items_done == 40 and handle.items_total == 40
+    report = handle.report()
+    assert report is not None and report.items == 40 and "speedup" in report.line()
+    assert "40/40 items" in repr(handle)
+
+
+def test_a_background_error_waits_for_result_and_is_the_blocking_runs_error(ns):
+    handle = mpmagic.pmap(ns["picky"], range(30), block=False)
+    assert handle.wait(60)
+    assert handle.state == "failed"
+    with pytest.raises(KeyError) as bg:
+        handle.result()
+    with pytest.raises(KeyError) as fg:
+        mpmagic.pmap(ns["picky"], range(30))
+    with pytest.raises(KeyError) as serial:
+        list(map(ns["picky"], range(30)))
+    assert str(bg.value) == str(fg.value) == str(serial.value)
+
+
+def test_result_of_a_cancelled_run_raises_cancelled_error_and_frees_the_workers(ns):
+    handle = mpmagic.submit(ns["napper"], range(40))
+    assert handle.cancel() is True
+    with pytest.raises(CancelledError):
+        handle.result(10)
+    assert handle.state == "cancelled" and handle.cancel() is False
+    assert _no_busy_worker()
+
+
+def test_the_tasks_output_is_kept_on_the_handle(ns):
+    handle = mpmagic.submit(ns["loud"], range(3))
+    assert handle.result(60) == [0, -1, -2]
+    assert sorted(handle.output.splitlines()) == [f"task says {i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap_gives_the_same_results_as_map(ns, ordered):
+    got = list(mpmagic.imap(ns["square"], range(500), ordered=ordered, chunksize=7))
+    want = list(map(ns["square"], range(500)))
+    if ordered:
+        assert got == want
+    else:
+        assert Counter(got) == Counter(want)
+
+
+def test_imap_reads_an_endless_input_lazily_and_breaking_out_cancels_the_rest(ns):
+    read = []
+
+    def endless():
+        for i in itertools.count():
+            read.append(i)
+            yield i
+
+    got = []
+    for value in mpmagic.imap(ns["square"], endless(), chunksize=10, buffer=2):
+        got.append(value)
+        if len(got) == 1:
+            time.sleep(0.5)  # a slow consumer: the workers must not run far ahead
+        if len(got) == 25:
+            break
+    assert got == [x * x for x in range(25)]
+    # Bounded: 2 chunks held + at most 2 in flight per worker (+ one being read), whatever the time.
+    assert len(read) <= 10 * (2 + 2 * 2 + 2 + 1)
+    assert _no_busy_worker()
+    assert [r.state for r in mpmagic.runs()][-1] == "cancelled"
+
+
+def test_a_dropped_imap_cancels_its_run(ns):
+    stream = mpmagic.imap(ns["napper"], range(40), chunksize=1)
+    handle = mpmagic.runs()[-1]
+    assert handle.what == "imap napper"
+    del stream
+    with pytest.raises(CancelledError):
+        handle.result(10)
+    assert _no_busy_worker()
+
+
+def test_imap_raises_the_serial_error_after_the_results_before_it(ns):
+    got = []
+    with pytest.raises(KeyError) as err:
+        for value in mpmagic.imap(ns["picky"], range(40), chunksize=1):
+            got.append(value)
+    assert got == list(range(13)) and "no 13" in str(err.value)
+
+
+def test_as_completed_yields_every_result_once(ns):
+    handle = mpmagic.submit(ns["slow"], range(30), chunksize=3)
+    assert Counter(mpmagic.as_completed(handle)) == Counter(map(ns["slow"], range(30)))
+
+
+def test_apmap_is_awaited_without_blocking_the_event_loop(ns):
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.ensure_future(ticker())
+        result = await mpmagic.apmap(ns["slow"], range(20))
+        task.cancel()
+        return result, ticks
+
+    result, ticks = asyncio.run(main())
+    assert result == list(map(ns["slow"], range(20)))
+    assert ticks > 3  # the loop ran while the map did
+
+
+def test_pmap_bg_binds_the_handle_and_pool_lists_and_cancels_it(ip, ns):
+    run(ip, "h = %pmap --bg napper, range(40)")
+    handle = ip.user_ns["h"]
+    assert isinstance(handle, mpmagic.Run)
+    listing = run(ip, "%pool runs")
+    assert f"run {handle.id}: pmap napper" in repr(listing) and "running" in repr(listing)
+    assert f"run {handle.id}" in str(run(ip, "%pool"))
+    run(ip, f"%pool cancel {handle.id}")
+    assert handle.state == "cancelled"
+    assert handle in mpmagic.runs()
+    with pytest.raises(IPythonUsageError, match="no run with id 99999"):
+        ip.run_line_magic("pool", "cancel 99999")
+
+
+@pytest.mark.parametrize("line", ["--bg --compare square, range(4)", "--bg --scaling square, range(4)"])
+def test_bg_with_compare_or_scaling_is_a_one_line_usage_error(ip, ns, line):
+    with pytest.raises(IPythonUsageError, match="--bg cannot be combined with --(compare|scaling)"):
+        ip.run_line_magic("pmap", line)
+
+
+def test_parallel_bg_returns_a_handle_of_the_ranks_values(ip, ns):
+    handle = run(ip, "%%parallel --bg -n 2 -o cellrun\nrank * 10")
+    assert ip.user_ns["cellrun"] is handle
+    assert list(handle.result(60)) == [0, 10]
+    failing = mpmagic.parallel("1 / rank", workers=2, block=False)
+    with pytest.raises(mpmagic.ParallelError):
+        failing.result(60)
+    assert "ZeroDivisionError" in failing.output
+
+
+def test_dask_background_and_foreground_runs_take_turns_and_stream(ip, request):
+    from conftest import ensure_pool
+
+    ensure_pool("dask", request)
+    run(ip, DEFS)
+    ns = ip.user_ns
+    handle = mpmagic.submit(ns["chatty"], range(16), chunksize=1)
+    assert mpmagic.pmap(ns["loud"], range(5)) == [0, -1, -2, -3, -4]  # waits its turn: no mixed events
+    assert handle.result(60) == [x * x for x in range(16)]
+    assert sorted(handle.output.splitlines()) == sorted(f"chatty {x}" for x in range(16))  # none lost
+    assert Counter(mpmagic.imap(ns["square"], range(50), ordered=False)) == Counter(map(ns["square"], range(50)))
+    cancelled = mpmagic.submit(ns["napper"], range(40), chunksize=1)
+    assert cancelled.cancel()
+    with pytest.raises(CancelledError):
+        cancelled.result(30)
+    assert mpmagic.pmap(ns["square"], range(3)) == [0, 1, 4]

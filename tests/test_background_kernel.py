@@ -1,0 +1,103 @@
+"""Background runs in a real Jupyter kernel (issue 16): the kernel stays free,
+the run's output goes to the starting cell's live area (by display id), and
+an interrupt of a foreground cell leaves the background run alone.
+Helpers from tests/test_kernel.py."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("jupyter_client")
+from test_kernel import INTERRUPT_BOUND, Kernel  # noqa: E402
+
+BG_TEXT = "bg-item"
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    k = Kernel()
+    try:
+        k.ok(
+            "%load_ext mpmagic\n%pool start -n 2\n"
+            "import time, mpmagic\n"
+            f"def slow(x):\n    time.sleep(0.5)\n    print('{BG_TEXT}', x, flush=True)\n    return x * x\n"
+            "def spin(x):\n    print('spinning', x, flush=True)\n    while True:\n        pass\n"
+            "def picky(x):\n    if x == 13:\n        raise KeyError(f'no {x}')\n    return x\n"
+        )
+        yield k
+    finally:
+        k.close()
+
+
+def _mentions(content: dict) -> bool:
+    return BG_TEXT in str(content)
+
+
+def _display_id(outputs: list) -> str:
+    ids = [c["transient"]["display_id"] for t, c in outputs if t == "display_data" and c.get("transient")]
+    assert len(ids) == 1, outputs
+    return ids[0]
+
+
+def test_a_background_run_leaves_the_kernel_free_and_its_output_goes_to_its_own_cell(kernel):
+    start = kernel.ok("run = %pmap --bg slow, range(12)")  # ~3 s on 2 workers
+    live_id = _display_id(start.outputs)
+    later = [kernel.ok("1 + 1"), kernel.ok("print('foreground')"), kernel.ok("run.done()")]
+    assert later[0].result() == "2" and later[1].stream() == "foreground\n"
+    assert later[2].result() == "False"  # the three cells ran while the run went on
+    waited = kernel.ok("run.result(60) == [x * x for x in range(12)]")
+    assert waited.result() == "True"
+    time.sleep(0.5)  # the pump's last redraw
+    tail = kernel.ok("run.report().items")
+    assert tail.result() == "12"
+    # Every message about the run's output is a redraw of the starting cell's
+    # area (its display id), never a stream message in a later cell.
+    messages = start.outputs + start.others
+    later += [waited, tail]
+    for reply in later:
+        messages += reply.outputs + reply.others
+    mentions = [(t, c) for t, c in messages if _mentions(c)]
+    assert mentions, "the tasks' output was never shown"
+    for t, c in mentions:
+        assert t in ("display_data", "update_display_data"), (t, c)
+        assert c["transient"]["display_id"] == live_id, c
+    for reply in later:
+        assert BG_TEXT not in reply.stream() and BG_TEXT not in reply.stream("stderr")
+    last = [c for t, c in messages if t == "update_display_data" and c["transient"]["display_id"] == live_id][-1]
+    text = last["data"]["text/plain"]
+    assert "12/12 items" in text and "done" in text and "speedup" in text, text
+
+
+def test_an_interrupt_stops_the_foreground_cell_and_the_background_run_goes_on(kernel):
+    kernel.ok("run2 = %pmap --bg slow, range(10)")
+    reply = kernel.execute("%pmap spin, range(1)", interrupt_when="spinning")
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt", reply.outputs
+    assert reply.after_interrupt is not None and reply.after_interrupt < INTERRUPT_BOUND
+    assert kernel.value("run2.result(60) == [x * x for x in range(10)]") is True
+    assert kernel.value("mpmagic.get_pool().status()['runs_in_flight']") == 0
+
+
+def test_pool_lists_and_cancels_a_background_run(kernel):
+    kernel.ok("run3 = %pmap --bg slow, range(40)")
+    listing = kernel.ok("%pool runs").result()
+    assert "pmap slow" in listing and "running" in listing, listing
+    kernel.ok("%pool cancel {run3.id}".replace("{run3.id}", str(kernel.value("run3.id"))))
+    assert kernel.value("run3.state") == "cancelled"
+    out = kernel.execute("run3.result()")
+    assert out.status == "error" and out.ename == "CancelledError"
+    assert kernel.value("mpmagic.get_pool().status()['runs_in_flight']") == 0
+
+
+def test_a_failing_background_run_shows_its_error_at_once_and_raises_it_in_result(kernel):
+    start = kernel.ok("bad = %pmap --bg picky, range(30)")
+    live_id = _display_id(start.outputs)
+    waited = kernel.ok("bad.wait(60)")
+    time.sleep(0.5)  # the pump's last redraw
+    tail = kernel.execute("bad.result()")
+    assert tail.status == "error" and tail.ename == "KeyError"
+    messages = start.outputs + start.others + waited.outputs + waited.others + tail.outputs + tail.others
+    drawn = [c["data"]["text/plain"] for t, c in messages
+             if t == "update_display_data" and c["transient"]["display_id"] == live_id]
+    assert drawn and "KeyError: 'no 13' (run.result() raises it)" in drawn[-1], drawn[-1:]
