@@ -131,6 +131,10 @@ def load_ipython_extension(ipython: Any) -> None:
 
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
+    from .warmup import after_cell  # warm: idle workers import what each cell imported
+
+    if after_cell not in ipython.events.callbacks["post_run_cell"]:
+        ipython.events.register("post_run_cell", after_cell)
     _prestart_pool()
 
 
@@ -171,6 +175,10 @@ def unload_ipython_extension(ipython: Any) -> None:
 
     pool.shutdown()
     config.unregister(ipython)
+    from .warmup import after_cell
+
+    if after_cell in ipython.events.callbacks["post_run_cell"]:
+        ipython.events.unregister("post_run_cell", after_cell)
     magics = ipython.magics_manager.magics
     for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)

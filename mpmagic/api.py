@@ -265,6 +265,7 @@ def _measured(job: Any, backend: Any, cold: bool, recorder: Recorder | None, wor
         "slowest_task": getattr(job, "slowest_task", None) or None,
         "slowest_where": getattr(job, "slowest_where", None),
         "insights": recorder.finish(workers) if recorder is not None else None,
+        "one_time": job.one_time.summary(cold) if hasattr(job, "one_time") else None,  # warm
         "extra": {"error": True} if getattr(job, "failure", None) is not None else {},
     }
 

@@ -29,6 +29,7 @@ from .errors import (
     WorkerLostError,
     render_traceback,
 )
+from .warmup import OneTimeCosts
 
 _call_ids = itertools.count(1)
 
@@ -182,6 +183,7 @@ class MapJob:
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
+        self.one_time = OneTimeCosts()  # warm: imports / function loading in the workers (warmup.py)
 
     # -- handing out work --------------------------------------------------
     @property
@@ -273,6 +275,8 @@ class MapJob:
         self.bytes_back += len(data)
         if meta and "cpu" in meta:
             self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+        if meta:
+            self.one_time.note(meta)  # warm
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         results = payload.loads(data)

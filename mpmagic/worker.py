@@ -15,6 +15,9 @@ thread runs tasks one after another:
   also holds the chunk's slowest items (index, seconds) and the (un)pickling
   time.
 * ``("cell", call, rank, size, payload)``: run a ``%%parallel`` cell body.
+* ``("import", [names])``: import modules the notebook uses, between tasks
+  (warm workers, see ``warmup.py``); imports done during a run go home in
+  the next reply's ``meta["once"]``.
 * ``("stop",)``: exit.
 
 What a task prints is captured and sent home as ``("out", call, tag, stream,
@@ -41,6 +44,7 @@ from typing import Any
 
 from . import payload, shm
 from .errors import SerializationError, extract_frames
+from .warmup import ImportLog  # warm: imports the notebook asks for, imports a task caused
 
 _CACHE_SIZE = 16  # function payloads kept per worker
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
@@ -287,6 +291,7 @@ class _Worker:
         self._cpu_mark = time.process_time()  # see _cpu_since_last_reply
         self.position = position  # see run_items
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
+        self.imports = ImportLog()  # warm: see warmup.py
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.out = _StreamToParent(self.channel, "stdout")
@@ -330,13 +335,18 @@ class _Worker:
                 self.run_cell(*msg[1:])
             elif kind == "unmap":
                 self.unmap(msg[1])
+            elif kind == "import":  # warm: modules the notebook imported
+                self.imports.preload(msg[1])
 
     def load_function(self, key: bytes, data: bytes) -> None:
         shm.opened()
+        mark, start, t0 = self.imports.mark(), time.time(), time.perf_counter()  # warm
         try:
             self.funcs[key] = payload.loads(data)
         except BaseException as exc:  # reported when the function is used
             self.funcs[key] = ErrorInfo(exc)
+        self.imports.load += time.perf_counter() - t0  # warm: the first sending's cost here
+        self.imports.since(mark, "function", time.perf_counter() - t0, start)  # warm
         segments = shm.opened()  # captured arrays mapped from shared memory
         if segments:
             self.func_segments[key] = segments
@@ -365,12 +375,16 @@ class _Worker:
         t_load = time.perf_counter()
         if self.position is not None:
             self.position.value = -1  # a crash while loading blames no single item
+        mark = self.imports.mark()  # warm: imports the items or the task cause
         try:
             items = payload.loads(items_bytes)
         except BaseException as exc:
             self.channel.send(("error", call, chunk, -1, ErrorInfo(exc), b"", 0.0))
             return
         start = time.time()
+        if len(sys.modules) > mark:  # warm: unpickling the items imported modules (pandas...)
+            self.imports.since(mark, "items", time.perf_counter() - t_load, start)
+            mark = self.imports.mark()
         t_run = time.perf_counter()
         self._capture(call, chunk)
         try:
@@ -382,6 +396,7 @@ class _Worker:
             self._release()
         end = start + (time.perf_counter() - t_run)
         cpu = self._cpu_since_last_reply()
+        self.imports.since(mark, "task", None, start)  # warm: imports inside the function (time unknown)
         try:
             data = shm.dumps_result(results, payload.dumps_data)
         except Exception as exc:
@@ -395,6 +410,9 @@ class _Worker:
             data = payload.dumps_data(results)
         # cpu: this process's CPU seconds for the chunk (tells CPU-bound from waiting).
         meta: dict[str, Any] = {"worker": self.worker_id, "start": start, "end": end, "cpu": cpu}
+        once = self.imports.take()  # warm: one-time costs since the last reply
+        if once is not None:
+            meta["once"] = once
         if timing:
             # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
             meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from .. import payload, payload_cache, shm, worker
+from .. import payload, payload_cache, shm, warmup, worker
 from ..cpus import available_cpus
 from ..errors import MPMagicError, UsageError, describe_exitcode
 
@@ -233,6 +233,7 @@ class LocalBackend:
         self.created = time.time()
         self._lock = threading.RLock()
         self._limit: int | None = None
+        self.warmth = warmup.Warmth()  # warm: modules the workers should import (warmup.py)
         _live_backends.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -249,9 +250,12 @@ class LocalBackend:
                 try:
                     self.ctx.set_forkserver_preload(
                         ["mpmagic.forkserver_preload", "mpmagic.worker", "mpmagic.cell"]
+                        + warmup.forkserver_modules()  # warm: replacements are born with them
                     )
                 except Exception:
                     pass
+            if warmup.enabled():  # warm: the notebook's modules, imported in the background
+                self.warmth.want(warmup.notebook_modules())
             while len([s for s in self.slots if not s.temporary]) < self.workers:
                 self.slots.append(self._spawn())
 
@@ -271,9 +275,28 @@ class LocalBackend:
         with _no_main_module(), _sigint_blocked_while_starting():
             proc.start()
         child_conn.close()
-        return _Slot(
+        slot = _Slot(
             wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position
         )
+        self._send_warm(slot)  # warm
+        return slot
+
+    # -- warm workers (warmup.py) ------------------------------------------
+    def preload(self, names: list[str]) -> None:
+        """Have every worker import these modules in the background (new ones start with them)."""
+        with self._lock:
+            if self.warmth.want(names):
+                for slot in self.slots:
+                    self._send_warm(slot)
+
+    def _send_warm(self, slot: _Slot) -> None:
+        msg = self.warmth.message(slot.wid)
+        if msg is None:
+            return
+        try:
+            slot.conn.send_bytes(pickle.dumps(msg, payload.PROTOCOL))
+        except OSError:
+            self.warmth.forget(slot.wid)  # a dead worker: the sentinel reports it
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker has said it is ready (used by ``%pool start``)."""
@@ -407,6 +430,9 @@ class LocalBackend:
                 self.resize(workers)
             self._limit = workers
         self._send_unmaps()
+        if job.func_key is not None and self.warmth.want_for(job.func, job.func_key):  # warm
+            for slot in self.slots:
+                self._send_warm(slot)  # ahead of the function, which needs them
         try:
             self._loop(job)
         except BaseException as exc:
