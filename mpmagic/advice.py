@@ -30,6 +30,9 @@ from typing import Any
 # Tasks this much slower in the workers than serially here are worth naming
 # (below it, timer noise and turbo clocks explain the difference).
 SLOWER_IN_WORKERS = 1.5
+# ...and only when the workers' chunks took this long: around a chunk of
+# microseconds, the timing and loop overhead is most of what is measured.
+MIN_TIMED_CHUNK = 0.005
 # One-time costs are the cause when they are at least this share of what the
 # run lost against ideal (wall - work per worker).
 ONE_TIME_SHARE = 0.3
@@ -192,14 +195,19 @@ def _one_time(report: Any) -> str | None:
 
 def _slower_in_workers(report: Any) -> str | None:
     """With --compare: the same tasks took longer in the workers than serially here."""
-    if report.serial is None or report.serial <= 0 or report.kind != "pmap":
+    from .report import fmt_seconds
+
+    if report.serial is None or report.serial <= 0 or report.kind != "pmap" or not report.chunks:
         return None
+    if report.task_seconds / report.chunks < MIN_TIMED_CHUNK:
+        return None  # the workers' clocks around tiny chunks measure mostly themselves
     ratio = report.task_seconds / report.serial
     if ratio < SLOWER_IN_WORKERS:
         return None
+    n = max(1, report.items)
     return (
-        f"tasks ran {ratio:.1f}x slower in the workers than here ({report.task_seconds / max(1, report.items) * 1e3:.1f} ms "
-        f"against {report.serial / max(1, report.items) * 1e3:.1f} ms per item): the workers compete for memory "
+        f"tasks ran {ratio:.1f}x slower in the workers than here ({fmt_seconds(report.task_seconds / n)} "
+        f"against {fmt_seconds(report.serial / n)} per item): the workers compete for memory "
         "bandwidth, or each uses several threads (numpy's BLAS) on the same cores; "
         "see docs/performance.md, \"Slower in the workers\""
     )

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from mpmagic import warmup
-from mpmagic.advice import advise
 from mpmagic.report import Report
 
 HERE = Path(__file__).parent

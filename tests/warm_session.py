@@ -75,8 +75,9 @@ def preimported(run, method: str, out: dict) -> None:
     run("def has(name):\n    import sys\n    return name in sys.modules\n")
     out["numpy"] = run("%pmap has, ['numpy'] * 4")
     if method == "forkserver":
-        import psutil
         from multiprocessing import forkserver
+
+        import psutil
 
         pid = forkserver._forkserver._forkserver_pid
         maps = [m.path for m in psutil.Process(pid).memory_maps()]
