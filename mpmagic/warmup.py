@@ -382,7 +382,7 @@ class OneTimeCosts:
         self.first_start: float | None = None  # epoch seconds the first chunk began
         self.imports: dict[Any, float] = {}  # worker -> seconds importing during this run
         self.loads: dict[Any, float] = {}  # worker -> seconds unpickling functions (imports excluded)
-        self.modules: dict[str, float | None] = {}  # module -> seconds (largest), None if unknown
+        self.modules: dict[str, float | None] = {}  # modules imported together -> seconds (largest), None if unknown
 
     def note(self, meta: dict) -> None:
         """Take a ``done`` reply's meta (only chunks with ``meta["once"]`` cost anything)."""
@@ -399,9 +399,10 @@ class OneTimeCosts:
                 seconds = max(0.0, ended - max(began, self.run_start))  # only what the run waited for
                 if seconds <= 0:
                     continue
-            for n in names:
-                old = self.modules.get(n)
-                self.modules[n] = seconds if old is None else max(old, seconds or 0.0)
+            # One record's modules came in one go (pandas brings dateutil...): one entry.
+            key = ", ".join(names)
+            old = self.modules.get(key)
+            self.modules[key] = seconds if old is None else max(old, seconds or 0.0)
             spent += seconds or 0.0
             if why == "function":  # inside the function's load time: not counted twice
                 in_load += seconds or 0.0
@@ -409,7 +410,7 @@ class OneTimeCosts:
         self.loads[worker] = self.loads.get(worker, 0.0) + max(0.0, once.get("load", 0.0) - in_load)
 
     def summary(self, cold: bool) -> dict[str, Any]:
-        """For the report: ``imports`` {module: seconds or None}, ``import_seconds``,
+        """For the report: ``imports`` {"module[, module...]": seconds or None}, ``import_seconds``,
         ``load``, ``start`` (workers starting, when the pool was cold), ``total``
         (the most any worker paid); zeros when nothing was paid."""
         workers = set(self.imports) | set(self.loads)
