@@ -33,6 +33,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import time
 import types
 from typing import Any
@@ -243,15 +244,18 @@ class Warmth:
     """
 
     def __init__(self) -> None:
+        # The after-cell hook adds while the pool's start (another thread) may read.
+        self._lock = threading.Lock()
         self.wanted: dict[str, None] = {}  # in the order the notebook imported them
         self.sent: dict[int, set[str]] = {}  # worker id -> modules sent to it
         self.keys: set[Any] = set()  # function payload keys already scanned
 
     def want(self, names: list[str]) -> bool:
         """Add modules; True if any is new."""
-        new = [n for n in names if n not in self.wanted]
-        for n in new:
-            self.wanted[n] = None
+        with self._lock:
+            new = [n for n in names if n not in self.wanted]
+            for n in new:
+                self.wanted[n] = None
         return bool(new)
 
     def want_for(self, func: Any, key: Any) -> bool:
@@ -263,15 +267,15 @@ class Warmth:
 
     def message(self, wid: int) -> tuple | None:
         """``("import", [names])`` for worker ``wid``, or None when it has them all."""
-        got = self.sent.setdefault(wid, set())
-        todo = [n for n in self.wanted if n not in got]
-        if not todo:
-            return None
-        got.update(todo)
-        return ("import", todo)
+        with self._lock:
+            got = self.sent.setdefault(wid, set())
+            todo = [n for n in self.wanted if n not in got]
+            got.update(todo)
+        return ("import", todo) if todo else None
 
     def forget(self, wid: int) -> None:
-        self.sent.pop(wid, None)
+        with self._lock:
+            self.sent.pop(wid, None)
 
 
 def after_cell(*_args: Any) -> None:

@@ -258,6 +258,8 @@ class LocalBackend:
                 self.warmth.want(warmup.notebook_modules())
             while len([s for s in self.slots if not s.temporary]) < self.workers:
                 self.slots.append(self._spawn())
+            for slot in self.slots:  # warm: modules the notebook imported meanwhile
+                self._send_warm(slot)
 
     def _spawn(self, temporary: bool = False) -> _Slot:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
@@ -283,11 +285,19 @@ class LocalBackend:
 
     # -- warm workers (warmup.py) ------------------------------------------
     def preload(self, names: list[str]) -> None:
-        """Have every worker import these modules in the background (new ones start with them)."""
-        with self._lock:
-            if self.warmth.want(names):
-                for slot in self.slots:
-                    self._send_warm(slot)
+        """Have every worker import these modules in the background (new ones start with them).
+
+        Never waits: while the pool is starting in another thread (the
+        background start at ``%load_ext``), the names are only recorded, and
+        that start sends them when its workers exist (or the next run does).
+        """
+        if not self.warmth.want(names) or not self._lock.acquire(blocking=False):
+            return
+        try:
+            for slot in self.slots:
+                self._send_warm(slot)
+        finally:
+            self._lock.release()
 
     def _send_warm(self, slot: _Slot) -> None:
         msg = self.warmth.message(slot.wid)
@@ -430,9 +440,10 @@ class LocalBackend:
                 self.resize(workers)
             self._limit = workers
         self._send_unmaps()
-        if job.func_key is not None and self.warmth.want_for(job.func, job.func_key):  # warm
-            for slot in self.slots:
-                self._send_warm(slot)  # ahead of the function, which needs them
+        if job.func_key is not None:  # warm: modules the function needs, ahead of it
+            self.warmth.want_for(job.func, job.func_key)
+        for slot in self.slots:  # warm: and any the notebook imported since they were sent
+            self._send_warm(slot)
         try:
             self._loop(job)
         except BaseException as exc:
