@@ -173,6 +173,13 @@ def _one_time(report: Any) -> str | None:
     o = report.one_time or {}
     total = o.get("total", 0.0)
     lost = report.wall - report.task_seconds / max(1, report.workers)
+    untimed = [n for n, t in (o.get("imports") or {}).items() if t is None]
+    if untimed and total < ONE_TIME_SHARE * lost:
+        # Imported by the tasks themselves (``import x`` in the function): inside their times.
+        return (
+            f"the tasks imported {', '.join(untimed[:3])} in the workers during this call "
+            "(inside the task times); the next call will not pay it"
+        )
     if total <= 0 or total < ONE_TIME_SHARE * lost:
         return None
     if o.get("imports") and o.get("import_seconds", 0.0) >= max(o.get("load", 0.0), o.get("start", 0.0)):

@@ -178,6 +178,8 @@ def function_modules(func: Any) -> list[str]:
             continue
         glob = getattr(f, "__globals__", {})
         used = _code_names(code)
+        # ``import pandas`` inside the function: the name is in co_names, not in globals.
+        names.extend(n for n in used if n not in glob and n in sys.modules)
         values = [glob[n] for n in used if n in glob]
         values += [c.cell_contents for c in (getattr(f, "__closure__", None) or ()) if _filled(c)]
         values += list(getattr(f, "__defaults__", None) or ())

@@ -111,6 +111,8 @@ def test_a_function_scan_finds_modules_and_lazy_submodules_it_uses():
     assert "numpy.random" in names  # numpy 2 loads it lazily: the worker would pay in the task
     exec("def g(x):\n    return x + 1\n", ns)
     assert warmup.function_modules(ns["g"]) == []
+    exec("def h(x):\n    import numpy\n    return numpy.zeros(x)\n", ns)  # imported in the body
+    assert warmup.function_modules(ns["h"]) == ["numpy"]
 
 
 def test_the_warmth_sends_each_worker_each_module_once():
@@ -200,3 +202,9 @@ def test_a_cold_flag_without_a_measured_start_is_not_blamed():
     started = dict(zero, start=0.4, total=0.4)
     r = _report(wall=0.9, task_seconds=0.8, cold_start=True, one_time=started)
     assert r.advice.startswith("the workers were starting during this call (400.0 ms)")
+
+
+def test_advice_names_modules_the_tasks_imported_themselves():
+    once = {"imports": {"scipy": None}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0}
+    r = _report(wall=0.9, task_seconds=1.6, serial=0.8, one_time=once)
+    assert r.advice.startswith("the tasks imported scipy in the workers during this call")
