@@ -144,7 +144,7 @@ def main() -> None:
     repeat = 1 if args.quick else 5
     print(f"# warm workers: the first call after import ({sys.platform}, {os.cpu_count()} CPUs, "
           f"2 workers, forkserver, median of {repeat})\n")
-    print("| workload | workers | first call speedup | second call | first call line |")
+    print("| workload | workers | first call speedup | second call | one first call's report (the middle run) |")
     print("|---|---|---|---|---|")
     for scenario in SCENARIOS:
         for warm in (True, False):
