@@ -67,6 +67,11 @@ def test_a_module_imported_in_a_cell_reaches_the_workers_before_the_next_items(s
     assert seen["tqdm_after_restart"] == [True] * 4
 
 
+def test_pool_status_names_the_preloaded_modules(seen):
+    line = next(ln for ln in seen["status"].splitlines() if "preloaded" in ln)
+    assert "numpy" in line and "tqdm" in line
+
+
 def test_workers_of_a_pool_started_after_import_numpy_have_it_before_any_task(method):
     seen = session(method, "preimported")
     assert seen["notebook_had_numpy"] is False  # the session imported it itself

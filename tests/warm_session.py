@@ -59,6 +59,7 @@ def main(method: str, mode: str) -> None:
     # Replacements start with what the notebook imported.
     run("%pool restart")
     out["tqdm_after_restart"] = run("%pmap has, ['tqdm'] * 4")
+    out["status"] = str(mpmagic.pool_status())
     mpmagic.stop_pool()
     print("RESULT " + json.dumps(out, default=str))
 

@@ -421,6 +421,7 @@ class LocalBackend:
             "calls_run": self.calls_run,
             "workers_replaced": self.workers_replaced,
             "max_tasks_per_child": self.max_tasks_per_child,
+            "preloaded": list(self.warmth.wanted),  # warm: modules the workers import (warmup.py)
         }
 
     # -- running a job -----------------------------------------------------
