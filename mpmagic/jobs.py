@@ -470,6 +470,7 @@ class CellJob:
         self.insights = insights
         self.bytes_sent = len(spec_bytes) * size
         self.bytes_back = 0
+        self.one_time = OneTimeCosts()  # warm: imports in the workers (warmup.py)
         self.cpu_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
@@ -501,6 +502,8 @@ class CellJob:
         self.bytes_back += len(data)
         if meta and "cpu" in meta:
             self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+        if meta:
+            self.one_time.note(meta)  # warm
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         self.values[unit.id], self.gathered[unit.id] = payload.loads(data)

@@ -429,9 +429,13 @@ class _Worker:
         self._capture(call, rank)
         start = time.time()
         t0 = time.perf_counter()
+        mark = self.imports.mark()  # warm: modules the cell's names need (imported by name)
         try:
             spec = payload.loads(data)
+            self.imports.since(mark, "function", time.perf_counter() - t0, start)  # warm
+            mark = self.imports.mark()
             value, gathered = run_cell_code(spec, rank, size)
+            self.imports.since(mark, "task", None, start)  # warm: the cell's modules, imported by name
             seconds = time.perf_counter() - t0
             cpu = self._cpu_since_last_reply()
         except BaseException as exc:
@@ -450,6 +454,9 @@ class _Worker:
             self.channel.send(("unpicklable", call, rank, None, _unsendable_info(culprit, root, exc)))
             return
         meta = {"worker": self.worker_id, "start": start, "end": start + seconds, "cpu": cpu}
+        once = self.imports.take()  # warm: one-time costs since the last reply
+        if once is not None:
+            meta["once"] = once
         self.channel.send(("done", call, rank, out, seconds, meta))
 
 
