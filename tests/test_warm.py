@@ -26,7 +26,8 @@ HERE = Path(__file__).parent
 
 def session(method: str, mode: str = "main") -> dict:
     """Run warm_session.py in a fresh interpreter; what it saw, as a dict."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               MPMAGIC_WARM="1")  # conftest turns it off for the shared shell
     proc = subprocess.run(
         [sys.executable, str(HERE / "warm_session.py"), method, mode],
         capture_output=True, text=True, timeout=180, env=env, cwd=str(HERE),
