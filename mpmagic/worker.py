@@ -345,8 +345,9 @@ class _Worker:
             self.funcs[key] = payload.loads(data)
         except BaseException as exc:  # reported when the function is used
             self.funcs[key] = ErrorInfo(exc)
-        self.imports.load += time.perf_counter() - t0  # warm: the first sending's cost here
-        self.imports.since(mark, "function", time.perf_counter() - t0, start)  # warm
+        spent = time.perf_counter() - t0  # warm: the first sending's cost here, imports included
+        self.imports.load += spent
+        self.imports.since(mark, "function", spent, start)
         segments = shm.opened()  # captured arrays mapped from shared memory
         if segments:
             self.func_segments[key] = segments
