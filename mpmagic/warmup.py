@@ -339,16 +339,23 @@ class ImportLog:
         return len(sys.modules)
 
     @contextmanager
-    def loading(self) -> Iterator[None]:
-        """Time the unpickling of a function (the first sending's cost in this
-        worker, the modules it imports included)."""
+    def watching(self, why: str) -> Iterator[None]:
+        """Note the modules imported inside the block, with the block's time.
+
+        ``why="function"``: unpickling a function (the first sending's cost in
+        this worker, its imports included), also added to :attr:`load`.
+        ``why="context"``: the notebook's context (context.py): its warnings
+        filters name the classes of the modules that added them, so unpickling
+        them imports numpy, say, in a worker that had not imported it yet.
+        """
         mark, start, t0 = self.mark(), time.time(), time.perf_counter()
         try:
             yield
         finally:
             spent = time.perf_counter() - t0
-            self.load += spent
-            self.since(mark, "function", spent, start)
+            if why == "function":
+                self.load += spent
+            self.since(mark, why, spent, start)
 
     def since(self, mark: int, why: str, seconds: float | None, start: float) -> None:
         """Note the modules imported since ``mark`` (if any) and the time it took."""

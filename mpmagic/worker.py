@@ -343,9 +343,6 @@ def execute_map(
     log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
     meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": _rss()}
-    once = log.take()
-    if once is not None:
-        meta["once"] = once
     try:
         data = dumps_results(results)
     except Exception as exc:
@@ -361,6 +358,9 @@ def execute_map(
         meta["items_timed"] = len(item_seconds)
         meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
     if error is None:
+        once = log.take()  # one-time costs since the last Done (an Error reply has no meta: they wait)
+        if once is not None:
+            meta["once"] = once
         return Done(call, tag, data, seconds, meta)
     return Error(call, tag, error[0], error[1], data, seconds)
 
@@ -514,7 +514,8 @@ class _Worker:
             elif kind is Cell:
                 self.run_cell(msg)
             elif kind is Context:
-                context.apply(msg)
+                with self.imports.watching("context"):  # (its warnings filters may import numpy)
+                    context.apply(msg)
             elif kind is Unmap:
                 self.unmap(msg.names)
             elif kind is Import:
@@ -526,7 +527,7 @@ class _Worker:
 
     def load_function(self, key: bytes, data: bytes) -> None:
         shm.opened()
-        with self.imports.loading():  # the first sending's cost here, imports included
+        with self.imports.watching("function"):  # the first sending's cost here, imports included
             try:
                 self.funcs[key] = payload.loads(data)
             except BaseException as exc:  # reported when the function is used

@@ -26,10 +26,10 @@ from mpmagic.report import Report
 HERE = Path(__file__).parent
 
 
-def session(method: str, mode: str = "main") -> dict:
+def session(method: str, mode: str = "main", warm: bool = True) -> dict:
     """Run warm_session.py in a fresh interpreter; what it saw, as a dict."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
-               MPMAGIC_WARM="1")  # conftest turns it off for the shared shell
+               MPMAGIC_WARM="1" if warm else "0")  # conftest turns it off for the shared shell
     proc = subprocess.run(
         [sys.executable, str(HERE / "warm_session.py"), method, mode],
         capture_output=True, text=True, timeout=180, env=env, cwd=str(HERE),
@@ -81,6 +81,19 @@ def test_workers_of_a_pool_started_after_import_numpy_have_it_before_any_task(me
     assert seen["numpy"] == [True] * 4
     if method == "forkserver":
         assert seen["forkserver_has_numpy"] is True  # replacements are born with it
+
+
+def test_without_warm_up_the_report_still_names_the_import_the_first_call_paid():
+    # MPMAGIC_WARM=0: nothing is preloaded, and the first call's numpy import
+    # (here while the worker unpickles the notebook's context: numpy's warnings
+    # filters name its classes) is still told apart from the work.
+    seen = session("forkserver", warm=False)
+    assert seen["first"] == [0, 0, 1, 3]
+    assert seen["first_one_time"]["imports"].get("numpy", 0) > 0
+    assert "one-time: imported numpy (" in seen["first_line"]
+    assert seen["second_one_time"]["imports"] == {}
+    assert seen["tqdm_after_cell"] == [False] * 4  # not sent: only imported when a task needs it
+    assert "preloaded" not in seen["status"]
 
 
 # -- which modules: the notebook-side scan ---------------------------------

@@ -253,7 +253,7 @@ def _function(key: bytes, data: bytes, imports: ImportLog) -> Any:
         if func is not None:
             _funcs.move_to_end(key)
             return func
-    with imports.loading():
+    with imports.watching("function"):
         try:
             func = payload.loads(data)
         except BaseException as exc:  # reported by every chunk that needs it
