@@ -137,7 +137,7 @@ class _Writer:
             if chunks[-1] is None:
                 done = True
                 chunks.pop()
-            if self.error is not None or not chunks:
+            if self.error is not None or not chunks or self.store is None:
                 continue
             try:
                 self.bytes += self.store.put_chunks(self.run, self.name, chunks)
@@ -312,7 +312,7 @@ def _renumber(exc: BaseException, missing: list[int]) -> None:
 
     notes = getattr(exc, "__notes__", None)
     if notes:
-        exc.__notes__ = [fix(n) for n in notes]
+        exc.__notes__ = [fix(n) for n in notes]  # type: ignore[attr-defined]
     render = getattr(exc, "_render_traceback_", None)
     if render is not None and isinstance(getattr(render, "note", None), str):
         render.note = fix(render.note)
@@ -430,7 +430,7 @@ def clear(name: str | None = None, location: Any = True) -> int:
     return store.clear(name) if store is not None else 0
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

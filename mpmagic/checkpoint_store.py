@@ -140,7 +140,7 @@ class Store:
             problem = self._check(conn)
         except sqlite3.DatabaseError as exc:
             conn, problem = None, f"it cannot be read ({exc})"
-        if problem is None:
+        if problem is None and conn is not None:
             return conn
         if conn is not None:
             conn.close()

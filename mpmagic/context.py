@@ -155,7 +155,7 @@ def _apply_filters(packed: list[bytes]) -> None:
         except Exception:
             log.warning("mpmagic worker: a warnings filter of the notebook cannot be loaded here", exc_info=True)
     if filters != warnings.filters:
-        warnings.filters[:] = filters
+        warnings.filters[:] = filters  # type: ignore[index]  # (typeshed types it as a Sequence)
         mutated = getattr(warnings, "_filters_mutated", None)  # private; renamed in 3.14
         if mutated is not None:
             mutated()  # drop the per-module "already warned" caches

@@ -207,7 +207,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
         if code is None:
             if len(_stub_codes) > 10_000:
                 _stub_codes.clear()
-            names = {"co_name": fr.name}
+            names: dict[str, Any] = {"co_name": fr.name}
             if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
                 names["co_qualname"] = fr.name
             # The raise sits ``lineno - first`` lines below the code's first
@@ -218,7 +218,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
         try:
             exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
         except _FrameMarker as m:
-            tb = m.__traceback__.tb_next  # the stub's own frame (the first is this function's)
+            tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this function's)
             m.__traceback__ = None
         if tb is None:
             continue
@@ -336,14 +336,11 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
     except SyntaxError:
         return []
     for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and getattr(node.func, "attr", None) == "run_cell_magic"
-            and len(node.args) == 3
-            and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in node.args)
-            and node.args[2].value.rstrip() == source.rstrip()
-        ):
-            name, line, body = (a.value for a in node.args)
+        if not isinstance(node, ast.Call) or getattr(node.func, "attr", None) != "run_cell_magic":
+            continue
+        texts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+        if len(node.args) == 3 and len(texts) == 3 and texts[2].rstrip() == source.rstrip():
+            name, line, body = texts
             return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
     return []
 

@@ -81,7 +81,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
             rec.type_bytes = payload.dumps_data(type(exc))
         except Exception as why:
             logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
-        args = (exc.message,) if is_group else exc.args
+        args = (exc.message,) if is_group else exc.args  # type: ignore[attr-defined]
         try:
             rec.args_bytes = payload.dumps_data(tuple(args))
         except Exception:
@@ -97,7 +97,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
             except Exception as why:  # that attribute stays behind, the exception comes home
                 logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
         if is_group:
-            rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]
+            rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]  # type: ignore[attr-defined]
     if _depth < _MAX_CHAIN:
         for link in ("__cause__", "__context__"):
             other = getattr(exc, link)
@@ -156,7 +156,7 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     memo[id(rec)] = exc
     if rec.notes is not None:
         try:
-            exc.__notes__ = list(rec.notes)
+            exc.__notes__ = list(rec.notes)  # type: ignore[attr-defined]
         except AttributeError:
             logger.debug("notes of %s not restored", rec.type_name)
     exc.__traceback__ = fake_traceback(map_cell_frames(rec.frames))
@@ -168,11 +168,11 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     return exc
 
 
-def _new_exception(cls: type, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
+def _new_exception(cls: Any, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
     """``cls`` made without calling ``__init__`` (as pickle makes objects), then
     given the args and attributes the worker's exception had."""
     try:
-        args = payload.loads(rec.args_bytes) if rec.args_bytes else ()
+        args: tuple = payload.loads(rec.args_bytes) if rec.args_bytes else ()
         if rec.children is not None:
             exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
         else:

@@ -107,7 +107,7 @@ def _slotted_by_value(cls: type) -> bool:
     """A notebook class with ``__slots__`` and the default pickling of instances."""
     if "__slots__" not in cls.__dict__ and not any("__slots__" in k.__dict__ for k in cls.__mro__[1:-1]):
         return False
-    if (cls.__reduce_ex__, cls.__reduce__, getattr(cls, "__getstate__", None)) != _OBJECT_REDUCE:
+    if (cls.__reduce_ex__, cls.__reduce__, getattr(cls, "__getstate__", None)) != _OBJECT_REDUCE:  # type: ignore[comparison-overlap]
         return False  # the class says how to pickle itself: let it
     return _sent_by_value(cls)
 
@@ -142,7 +142,7 @@ def _slotted_state(obj: Any) -> dict[str, Any]:
 
 def _rebuild_slotted(cls: type, state: dict[str, Any]) -> Any:
     """The receiving side of a slotted instance: no ``__init__``, as pickle does."""
-    obj = cls.__new__(cls)
+    obj = cls.__new__(cls)  # type: ignore[call-overload]
     for name, value in state.items():
         object.__setattr__(obj, name, value)
     return obj

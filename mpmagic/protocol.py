@@ -128,7 +128,7 @@ class Done(NamedTuple):
 class Error(NamedTuple):
     call: int
     tag: Any
-    index: int  # in the chunk; -1: the unit as a whole could not run
+    index: int  # type: ignore[assignment]  # (shadows tuple.index) in the chunk; -1: the unit as a whole could not run
     info: Any  # worker.ErrorInfo
     partial: bytes  # results of the items before it
     seconds: float
@@ -137,7 +137,7 @@ class Error(NamedTuple):
 class Unpicklable(NamedTuple):
     call: int
     tag: Any
-    index: int | None  # the first result that cannot travel, if known
+    index: int | None  # type: ignore[assignment]  # (shadows tuple.index) the first result that cannot travel, if known
     info: Any  # worker.ErrorInfo
 
 
@@ -148,7 +148,7 @@ class Missing(NamedTuple):
 
 
 # The wire codes. Never reuse a code for another shape.
-KINDS: tuple[type, ...] = (
+KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}

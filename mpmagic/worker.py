@@ -549,11 +549,12 @@ class _Worker:
         shm.forget(names)
 
     def run_map(self, msg: Map) -> None:
-        func = self.funcs.get(msg.key)
+        key = msg.key or b""  # (a map always names its function)
+        func = self.funcs.get(key)
         if func is None:
-            self.channel.send(Missing(msg.call, msg.tag, msg.key))
+            self.channel.send(Missing(msg.call, msg.tag, key))
             return
-        self.funcs.move_to_end(msg.key)
+        self.funcs.move_to_end(key)
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_map(

@@ -50,12 +50,18 @@ class Job(Protocol):
 class Backend(Protocol):
     """What ``pool``, ``api``, ``scaling`` and ``shared`` use of a backend."""
 
-    name: str  # "local" or "dask"
-    shares_memory: bool  # may large arrays travel through shared memory (same machine)?
-    start_method: str | None  # None where it does not apply (Dask)
+    # Read-only members (properties here, so a backend's plain class attribute
+    # of a narrower type, e.g. ``start_method = "forkserver"``, satisfies them).
+    @property
+    def name(self) -> str: ...  # "local" or "dask"
+    @property
+    def shares_memory(self) -> bool: ...  # may large arrays travel through shared memory (same machine)?
+    @property
+    def start_method(self) -> str | None: ...  # None where it does not apply (Dask)
     #: ``make_shared(kind, *args, **kwargs)`` for ``mpmagic.Queue()`` etc., or
     #: None where ``shared`` makes its own (the local pool: POSIX shared memory).
-    make_shared: Callable[..., Any] | None
+    @property
+    def make_shared(self) -> Callable[..., Any] | None: ...
 
     @property
     def workers(self) -> int: ...

@@ -292,7 +292,7 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
     imports = ImportLog()
     with _capture(topic, tag) as out:
         if type(msg) is Map:
-            func = _function(msg.key, func_payload or b"", imports)
+            func = _function(msg.key or b"", func_payload or b"", imports)
             reply = execute_map(msg, func, where, cpu, imports=imports)
         else:
             reply = execute_cell(msg, where, cpu, imports)

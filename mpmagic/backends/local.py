@@ -904,7 +904,7 @@ class LocalBackend:
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
         if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
-            reason = f"ran out of memory (killed by SIGKILL; {slot.rss / 1e6:.0f} MB at its last report)"
+            reason = f"ran out of memory (killed by SIGKILL; {(slot.rss or 0) / 1e6:.0f} MB at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
@@ -948,7 +948,7 @@ class LocalBackend:
         if not self.max_tasks_per_child and not self.max_memory:
             return
         for slot in list(self.slots):
-            worn = bool(self.max_tasks_per_child) and slot.tasks >= self.max_tasks_per_child
+            worn = self.max_tasks_per_child is not None and slot.tasks >= self.max_tasks_per_child
             if not slot.busy and (worn or slot.over_memory):
                 self._retire(slot)
                 if not slot.temporary:

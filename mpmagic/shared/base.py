@@ -414,12 +414,12 @@ class _Helper:
         """In a forked child: forget this process's threads and lock owners."""
 
 
-def _attach(cls: type, stem: str, spec: tuple, owner_pid: int) -> Any:
+def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int) -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
     return cls._attach(stem, spec, owner_pid)
 
 
-def _lock_of(cls: type, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
+def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
     """Unpickle a helper's lock (what ``get_lock()`` returned).
 
     The lock keeps its helper alive here, so a later unpickled ``v`` finds the

@@ -20,7 +20,7 @@ _TYPES: dict[str, Any] = {
     "q": ctypes.c_longlong, "Q": ctypes.c_ulonglong,
     "f": ctypes.c_float, "d": ctypes.c_double, "g": ctypes.c_longdouble,
 }  # fmt: skip
-_CODE_OF = {}
+_CODE_OF: dict[Any, str] = {}
 for _code, _t in _TYPES.items():
     _CODE_OF.setdefault(_t, _code)
 
