@@ -4,7 +4,12 @@ A run "did not pay" when it was slower than serial, or its efficiency
 (speedup / workers) is below :data:`LOW_EFFICIENCY`. The likely cause is
 picked from the report's measurements, most specific first:
 
+* one-time costs the next call will not pay, as the workers measured them:
+  modules imported during the call, the function's first loading, the
+  workers' start (``report.one_time``, see warmup.py);
 * the pool was still starting during the run (workers start on first use);
+* tasks that ran slower in the workers than serially here (``--compare``
+  measured both: memory bandwidth or threads shared by the workers);
 * more workers than usable CPU cores (also when the estimate looks good:
   on CPU-bound work, measured by the workers' CPU time, it counts waiting);
 * large arguments or results copied to and from the workers;
@@ -22,8 +27,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .fmt import fmt_seconds
+from .fmt import fmt_seconds, imports_text
 
+# Tasks this much slower in the workers than serially here are worth naming
+# (below it, timer noise and turbo clocks explain the difference).
+SLOWER_IN_WORKERS = 1.5
+# ...and only when the workers' chunks took this long: around a chunk of
+# microseconds, the timing and loop overhead is most of what is measured.
+MIN_TIMED_CHUNK = 0.005
+# One-time costs are the cause when they are at least this share of what the
+# run lost against ideal (wall - work per worker).
+ONE_TIME_SHARE = 0.3
 LOW_EFFICIENCY = 0.6  # below this share of ideal speedup, say why (2 workers: under 1.2x)
 LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
 # Array data copied into shared memory per call worth pointing at share():
@@ -76,7 +90,10 @@ def advise(report: Any) -> str | None:
     if not did_not_pay(report):
         return None
     what = "ranks" if report.kind == "parallel" else "items"
-    if report.cold_start:
+    once = _one_time(report)
+    if once:
+        return once
+    if report.cold_start and _start_mattered(report):
         return (
             "the workers were still starting during this run (they start on first use, and "
             "this run paid for it): run it again to time the work alone"
@@ -95,6 +112,9 @@ def advise(report: Any) -> str | None:
             f"(mostly {direction}): send small things (file names, index ranges, seeds) and "
             "load or make the big data in the workers"
         )
+    slower = _slower_in_workers(report)
+    if slower:
+        return slower
     if report.bytes_shared >= SHARED_COPY_BYTES:
         return (
             f"{_fmt_bytes(report.bytes_shared)} of numpy arrays among the items was copied into "
@@ -105,7 +125,8 @@ def advise(report: Any) -> str | None:
     if report.kind == "pmap" and report.chunks:
         per_chunk = report.task_seconds / report.chunks
         busy = min(workers, report.chunks)  # workers that had a chunk at all
-        overhead = max(0.0, report.wall * busy - report.task_seconds) / report.chunks
+        paid_once = (report.one_time or {}).get("total", 0.0) * busy  # not a cost of sending
+        overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once) / report.chunks
         if per_chunk < overhead:
             per_item = report.task_seconds / max(1, report.items)
             fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
@@ -144,3 +165,63 @@ def advise(report: Any) -> str | None:
         f"({fmt_seconds(ideal)} per worker) on starting, sending and collecting: "
         "give the workers more work per call, or run it serially"
     )
+
+
+def _one_time(report: Any) -> str | None:
+    """Name the one-time cost (imports, first loading, start) when it explains the loss."""
+    o = report.one_time or {}
+    total = o.get("total", 0.0)
+    lost = report.wall - report.task_seconds / max(1, report.workers)
+    untimed = [n for n, t in (o.get("imports") or {}).items() if t is None]
+    if untimed and total < ONE_TIME_SHARE * lost:
+        # Imported by the tasks themselves (``import x`` in the function): inside their times.
+        return (
+            f"the tasks imported {', '.join(untimed[:3])} in the workers during this call "
+            "(inside the task times); the next call will not pay it"
+        )
+    if total <= 0 or total < ONE_TIME_SHARE * lost:
+        return None
+    if o.get("imports") and o.get("import_seconds", 0.0) >= max(o.get("load", 0.0), o.get("start", 0.0)):
+        started = f" (and started, {fmt_seconds(o['start'])})" if o.get("start", 0.0) >= 0.001 else ""
+        return (
+            f"the workers imported {imports_text(o['imports'])} during this call{started}; "
+            "the next call will not pay it (modules the notebook imports are imported by idle "
+            "workers in the background: import them in an earlier cell)"
+        )
+    if o.get("start", 0.0) >= o.get("load", 0.0):
+        return (
+            f"the workers were starting during this call ({fmt_seconds(o['start'])}); "
+            "the next call will not pay it: run it again to time the work alone"
+        )
+    return (
+        f"the workers spent {fmt_seconds(o['load'])} loading the function (sent once, with what it "
+        "captures); the next call reuses it while nothing it captures changes"
+    )
+
+
+def _slower_in_workers(report: Any) -> str | None:
+    """With --compare: the same tasks took longer in the workers than serially here."""
+    if report.serial is None or report.serial <= 0 or report.kind != "pmap" or not report.chunks:
+        return None
+    if report.task_seconds / report.chunks < MIN_TIMED_CHUNK:
+        return None  # the workers' clocks around tiny chunks measure mostly themselves
+    ratio = report.task_seconds / report.serial
+    if ratio < SLOWER_IN_WORKERS:
+        return None
+    n = max(1, report.items)
+    return (
+        f"tasks ran {ratio:.1f}x slower in the workers than here ({fmt_seconds(report.task_seconds / n)} "
+        f"against {fmt_seconds(report.serial / n)} per item): the workers compete for memory "
+        "bandwidth, or each uses several threads (numpy's BLAS) on the same cores; "
+        "see docs/performance.md, \"Slower in the workers\""
+    )
+
+
+def _start_mattered(report: Any) -> bool:
+    """Did the workers' start cost this run much? Measured when the workers
+    said (``one_time["start"]``): a pool started in the background a moment
+    ago may look cold and yet be ready before the first chunk."""
+    if report.one_time is None:  # not measured (a cell, another backend): trust the flag
+        return True
+    lost = report.wall - report.task_seconds / max(1, report.workers)
+    return report.one_time.get("start", 0.0) >= ONE_TIME_SHARE * lost

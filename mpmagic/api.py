@@ -356,6 +356,7 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "slowest_task": job.slowest_task or None,
         "slowest_where": job.slowest_where,
         "insights": recorder.finish(workers) if recorder is not None else None,
+        "one_time": job.one_time.summary(cold),  # imports, loading, start: not the work (warmup.py)
         "extra": {"error": True} if job.kind == "map" and job.failed else {},
     }
 

@@ -17,3 +17,12 @@ def fmt_seconds(s: float | None) -> str:
     if s < 1:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"
+
+
+def imports_text(imports: dict[str, float | None], limit: int = 3) -> str:
+    """``numpy (290 ms), pandas (410 ms)``: the slowest first, ``limit`` at most."""
+    ranked = sorted(imports.items(), key=lambda kv: -(kv[1] or 0.0))
+    parts = [f"{n} ({fmt_seconds(t)})" if t else n for n, t in ranked[:limit]]
+    if len(ranked) > limit:
+        parts.append(f"{len(ranked) - limit} more")
+    return ", ".join(parts)

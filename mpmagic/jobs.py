@@ -32,6 +32,7 @@ from .errors import (
 )
 from .exc_record import rebuild
 from .protocol import Cell, Map
+from .warmup import OneTimeCosts
 from .worker import ErrorInfo
 
 _call_ids = itertools.count(1)
@@ -207,6 +208,7 @@ class MapJob:
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
+        self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
         """Send output and progress elsewhere (a run's event queue); returns the old pair."""
@@ -324,10 +326,13 @@ class MapJob:
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         """A chunk's results came back. ``meta``:
         ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
-        ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds."""
+        ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
+        ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note)."""
         self.bytes_back += len(data)
-        if meta and "cpu" in meta:
-            self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+        if meta:
+            if "cpu" in meta:
+                self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+            self.one_time.note(meta)
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         try:
@@ -574,6 +579,7 @@ class CellJob:
         self.cpu_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
+        self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
 
     def _rank_finished(self) -> None:
         if self._progress:
@@ -617,8 +623,10 @@ class CellJob:
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
         self.bytes_back += len(data)
-        if meta and "cpu" in meta:
-            self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+        if meta:
+            if "cpu" in meta:
+                self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+            self.one_time.note(meta)
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         try:

@@ -17,6 +17,8 @@ Notebook to worker (requests)::
                                        run a %%parallel cell body as rank ``tag``
     Context(version, state)            the notebook's world (see context.py)
     Unmap(names)                       these shared-memory segments are gone
+    Import(names)                      import these modules between tasks (warm
+                                       workers: the notebook imported them)
     Stop()                             exit
 
 Worker to notebook (replies; a Dask task returns the same ones)::
@@ -98,6 +100,14 @@ class Stop(NamedTuple):
     pass
 
 
+class Import(NamedTuple):
+    """Modules the notebook imported that a payload may need (see warmup.py):
+    the worker imports them in order, between tasks, and reports the time in
+    the next ``Done``'s ``meta["once"]``."""
+
+    names: list
+
+
 # -- replies ----------------------------------------------------------------
 
 
@@ -118,7 +128,10 @@ class Done(NamedTuple):
     tag: Any
     data: bytes
     seconds: float
-    meta: dict  # worker, start, end, cpu; with timing item_top/items_timed/transfer
+    # worker, start, end, cpu, rss; with timing item_top/items_timed/transfer; "once":
+    # {"imports": [(why, [names], seconds|None, start_epoch, end_epoch)], "load": seconds}
+    # when the worker paid one-time costs since its last reply (see warmup.ImportLog)
+    meta: dict
 
 
 class Error(NamedTuple):
@@ -144,7 +157,9 @@ class Missing(NamedTuple):
 
 
 # The wire codes. Never reuse a code for another shape.
-KINDS: tuple[Any, ...] = (Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing)
+KINDS: tuple[Any, ...] = (
+    Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import,
+)
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
 REPLIES: tuple[type, ...] = (Done, Error, Unpicklable, Missing)  # answers to a unit
@@ -181,6 +196,6 @@ def _short(obj: Any) -> str:
 
 
 __all__ = [
-    "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Map", "Missing", "Out",
+    "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
     "ProtocolError", "Ready", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
 ]

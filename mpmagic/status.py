@@ -53,6 +53,8 @@ def _local_lines(i: dict[str, Any]) -> list[str]:
         f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
         + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else ""),
     ]
+    if i.get("preloaded"):  # warm workers (warmup.py): what they import because the notebook did
+        out.append(f"  preloaded (the notebook's imports): {', '.join(i['preloaded'])}")
     for p in i["processes"]:
         out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {p['tasks']} tasks, {fmt_mb(p['rss'])}")
     return out
@@ -159,7 +161,7 @@ class PoolStatus:
             cols = ["worker", "pid", "state", "tasks", "memory"]
             rows = [[str(p["id"]), str(p["pid"]), _state(p), str(p["tasks"]), fmt_mb(p["rss"])]
                     for p in i["processes"]]
-            notes = [html.escape(lines[1].strip())] if len(lines) > 1 else []
+            notes = [html.escape(x.strip()) for x in lines[1:len(lines) - len(i["processes"])]]
         else:
             procs = i.get("processes") or []
             cols = list(dict.fromkeys(k for p in procs for k in p))

@@ -20,6 +20,9 @@ fields are in ``mpmagic/protocol.py``:
   recursion limit and warnings filters (``mpmagic/context.py``), sent only
   when they changed.
 * ``Unmap``: forget shared-memory segments the notebook destroyed.
+* ``Import``: import modules the notebook imported, between tasks (warm
+  workers, see ``warmup.py``); imports done while a unit ran, and the time
+  spent loading functions, go home in the next ``Done``'s ``meta["once"]``.
 * ``Stop``: exit.
 
 How a unit runs (:func:`execute_map`, :func:`execute_cell`) is shared with
@@ -54,6 +57,7 @@ from .protocol import (
     Done,
     Error,
     Func,
+    Import,
     Map,
     Missing,
     Out,
@@ -65,6 +69,7 @@ from .protocol import (
     pack,
     unpack,
 )
+from .warmup import ImportLog
 
 _CACHE_SIZE = 16  # function payloads kept per worker
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
@@ -313,25 +318,33 @@ def execute_map(
     cpu: Callable[[], float],
     dumps_results: Callable[[list], bytes] = payload.dumps_data,
     position: Any = None,
+    imports: ImportLog | None = None,
 ) -> Done | Error | Unpicklable:
     """Run a map chunk: load its items, run them, pack the results.
 
     ``func`` is the loaded function (or the ErrorInfo of its failed load);
     ``where`` names the worker in the reply's meta; ``cpu()`` returns the CPU
     seconds the chunk used; ``dumps_results`` packs the results (the local
-    worker puts big arrays in shared memory); ``position``: see :func:`run_items`.
+    worker puts big arrays in shared memory); ``position``: see :func:`run_items`;
+    ``imports``: the process's import log (one-time costs since the last
+    reply go home in ``meta["once"]``; a new log when not given).
     """
     call, tag = msg.call, msg.tag
     if isinstance(func, ErrorInfo):
         return Error(call, tag, -1, func, b"", 0.0)
+    log = imports if imports is not None else ImportLog()
     t_load = time.perf_counter()
     if position is not None:
         position.value = -1  # a crash while loading blames no single item
+    mark = log.mark()  # imports the items or the task cause: len(sys.modules), O(1)
     try:
         items = payload.loads(msg.items)
     except BaseException as exc:
         return Error(call, tag, -1, ErrorInfo(exc), b"", 0.0)
     start = time.time()
+    if log.mark() > mark:  # unpickling the items imported modules (a DataFrame: pandas)
+        log.since(mark, "items", time.perf_counter() - t_load, start)
+        mark = log.mark()
     t_run = time.perf_counter()
     debugging.new_unit()  # this unit's first failures carry their locals
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
@@ -343,6 +356,7 @@ def execute_map(
     finally:
         worker_logging.end()
     end = start + (time.perf_counter() - t_run)
+    log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
     meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": _rss()}
     try:
@@ -360,22 +374,36 @@ def execute_map(
         meta["items_timed"] = len(item_seconds)
         meta["transfer"] = (t_run - t_load) + (time.perf_counter() - t_run - (end - start))
     if error is None:
+        once = log.take()  # one-time costs since the last Done (an Error reply has no meta: they wait)
+        if once is not None:
+            meta["once"] = once
         return Done(call, tag, data, seconds, meta)
     return Error(call, tag, error[0], error[1], data, seconds)
 
 
-def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Error | Unpicklable:
-    """Run a ``%%parallel`` rank: the cell body with ``rank``/``size`` set."""
+def execute_cell(
+    msg: Cell, where: Any, cpu: Callable[[], float], imports: ImportLog | None = None
+) -> Done | Error | Unpicklable:
+    """Run a ``%%parallel`` rank: the cell body with ``rank``/``size`` set.
+
+    ``imports``: as for :func:`execute_map`; the modules the cell's payload
+    and names import are one-time costs too.
+    """
     from .cell import run_cell_code
 
+    log = imports if imports is not None else ImportLog()
     call, rank = msg.call, msg.tag
     start = time.time()
     t0 = time.perf_counter()
     debugging.new_unit()
     worker_logging.begin(msg.log_context)
+    mark = log.mark()
     try:
         spec = payload.loads(msg.payload)
+        log.since(mark, "function", time.perf_counter() - t0, start)
+        mark = log.mark()
         value, gathered = run_cell_code(spec, rank, msg.size)
+        log.since(mark, "task", None, start)  # the cell's modules, imported by name
         seconds = time.perf_counter() - t0
         used = cpu()
     except BaseException as exc:
@@ -393,7 +421,11 @@ def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Erro
                 culprit, root = v, f"--gather {name}"
                 break
         return Unpicklable(call, rank, None, _unsendable_info(culprit, root, exc))
-    return Done(call, rank, out, seconds, {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": _rss()})
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": _rss()}
+    once = log.take()
+    if once is not None:
+        meta["once"] = once
+    return Done(call, rank, out, seconds, meta)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -461,6 +493,7 @@ class _Worker:
         self._cpu_mark = time.process_time()  # see _cpu_since_last_reply
         self.position = position  # see run_items
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
+        self.imports = ImportLog()  # preloads, and one-time costs since the last reply (warmup.py)
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.out = _StreamToParent(self.channel, "stdout")
@@ -501,9 +534,12 @@ class _Worker:
             elif kind is Cell:
                 self.run_cell(msg)
             elif kind is Context:
-                context.apply(msg)
+                with self.imports.watching("context"):  # (its warnings filters may import numpy)
+                    context.apply(msg)
             elif kind is Unmap:
                 self.unmap(msg.names)
+            elif kind is Import:
+                self.imports.preload(msg.names)
             elif kind is Stop:
                 return
             else:
@@ -511,10 +547,11 @@ class _Worker:
 
     def load_function(self, key: bytes, data: bytes) -> None:
         shm.opened()
-        try:
-            self.funcs[key] = payload.loads(data)
-        except BaseException as exc:  # reported when the function is used
-            self.funcs[key] = ErrorInfo(exc)
+        with self.imports.watching("function"):  # the first sending's cost here, imports included
+            try:
+                self.funcs[key] = payload.loads(data)
+            except BaseException as exc:  # reported when the function is used
+                self.funcs[key] = ErrorInfo(exc)
         segments = shm.opened()  # captured arrays mapped from shared memory
         if segments:
             self.func_segments[key] = segments
@@ -541,7 +578,7 @@ class _Worker:
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_map(
-                msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position
+                msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position, self.imports
             )
         finally:
             self._release()
@@ -550,7 +587,7 @@ class _Worker:
     def run_cell(self, msg: Cell) -> None:
         self._capture(msg.call, msg.tag)
         try:
-            reply = execute_cell(msg, self.worker_id, self._cpu_since_last_reply)
+            reply = execute_cell(msg, self.worker_id, self._cpu_since_last_reply, self.imports)
         finally:
             self._release()
         self.channel.send(reply)

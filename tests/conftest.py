@@ -15,6 +15,12 @@ from mpmagic import pool as pool_module
 
 START_METHODS = ["forkserver", "spawn", "fork"]
 
+# Warm workers (mpmagic/warmup.py) would make every pool the tests start import
+# what earlier tests imported in the shared shell (numpy, pandas, dask...), in
+# the background of the next test's timings. tests/test_warm.py turns it on in
+# the fresh notebook processes it starts.
+os.environ.setdefault("MPMAGIC_WARM", "0")
+
 
 @pytest.fixture(scope="session")
 def ip():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import sys
 import threading
 
 import pytest
@@ -18,6 +19,7 @@ from mpmagic.protocol import (
     Done,
     Error,
     Func,
+    Import,
     Map,
     Missing,
     Out,
@@ -43,6 +45,7 @@ EXAMPLES = [
     Error(1, 2, 3, worker.ErrorInfo(ValueError("bad")), b"partial", 0.5),
     Unpicklable(1, 2, None, worker.ErrorInfo(TypeError("cannot pickle"))),
     Missing(1, 2, b"k" * 16),
+    Import(["numpy", "pandas"]),
 ]
 
 
@@ -186,6 +189,14 @@ def test_a_worker_speaks_every_kind(bare_worker, tmp_path):
     done = _replies(conn)[-1]
     assert type(done) is Done and done.tag == 2 and payload.loads(done.data) == (24, {})
     conn.send_bytes(pack(Unmap(["mpm_0_none"])))  # no reply; the worker keeps serving
+    # Import: the worker imports the modules before the next unit (a missing one
+    # is logged, not raised), and the next reply's meta says what it imported.
+    conn.send_bytes(pack(Import(["colorsys", "no_such_module_for_mpmagic"])))
+    conn.send_bytes(pack(Func(b"i" * 16, payload.dumps_function(lambda x: x in sys.modules))))
+    conn.send_bytes(pack(Map(1, 5, b"i" * 16, False, False, payload.dumps_data(["colorsys"]), False, 1)))
+    done = _replies(conn)[-1]
+    assert type(done) is Done and payload.loads(done.data) == [True]
+    assert ("preload", ["colorsys"]) in [tuple(r[:2]) for r in done.meta["once"]["imports"]]
     conn.send_bytes(pack(Stop()))
     proc.join(10)
     assert proc.exitcode == 0

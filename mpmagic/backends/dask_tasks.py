@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import payload
 from ..protocol import Cell, Map, Out, ProtocolError, pack, unpack
+from ..warmup import ImportLog
 from ..worker import ErrorInfo, execute_cell, execute_map
 
 _CACHE_SIZE = 16  # loaded functions kept per worker process
@@ -244,17 +245,19 @@ def hold(data: bytes) -> bytes:
     return data
 
 
-def _function(key: bytes, data: bytes) -> Any:
-    """The notebook function for ``key``, loaded from ``data`` on first use."""
+def _function(key: bytes, data: bytes, imports: ImportLog) -> Any:
+    """The notebook function for ``key``, loaded from ``data`` on first use
+    (the time it took, its imports included, noted in ``imports``)."""
     with _funcs_lock:
         func = _funcs.get(key)
         if func is not None:
             _funcs.move_to_end(key)
             return func
-    try:
-        func = payload.loads(data)
-    except BaseException as exc:  # reported by every chunk that needs it
-        func = ErrorInfo(exc)
+    with imports.watching("function"):
+        try:
+            func = payload.loads(data)
+        except BaseException as exc:  # reported by every chunk that needs it
+            func = ErrorInfo(exc)
     with _funcs_lock:
         _funcs[key] = func
         while len(_funcs) > _CACHE_SIZE:
@@ -282,11 +285,17 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
     def cpu() -> float:
         return time.thread_time() - cpu0
 
+    # One-time costs of this task alone (the function's first loading, the
+    # imports it caused) go home in its reply's meta["once"]. Several tasks may
+    # run at once in a Dask worker: an import another thread caused meanwhile
+    # can be counted here too (no warm-up is sent to a cluster: see warmup.py).
+    imports = ImportLog()
     with _capture(topic, tag) as out:
         if type(msg) is Map:
-            reply = execute_map(msg, _function(msg.key or b"", func_payload or b""), where, cpu)
+            func = _function(msg.key or b"", func_payload or b"", imports)
+            reply = execute_map(msg, func, where, cpu, imports=imports)
         else:
-            reply = execute_cell(msg, where, cpu)
+            reply = execute_cell(msg, where, cpu, imports)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]
     return out.streamed, rest + [pack(reply)]
 

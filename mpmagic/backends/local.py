@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import context, payload, payload_cache, shm, worker
+from .. import context, payload, payload_cache, shm, warmup, worker
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -292,6 +292,7 @@ class LocalBackend:
         self._selector_slots: tuple | None = None
         self._startup_failures = 0
         self._interrupted_at = float("-inf")
+        self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
         _live_backends.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -314,9 +315,12 @@ class LocalBackend:
                 try:
                     self.ctx.set_forkserver_preload(
                         ["mpmagic.forkserver_preload", "mpmagic.worker", "mpmagic.cell"]
+                        + warmup.forkserver_modules()  # warm: replacements are born with them
                     )
                 except Exception:
                     log.warning("mpmagic: could not set the forkserver preload", exc_info=True)
+            if not self.slots and warmup.enabled():  # warm: what the notebook imported so far
+                self.warmth.want(warmup.notebook_modules())
             while len([s for s in self.slots if not s.temporary]) < self.workers:
                 self.slots.append(self._spawn())
             if self._manager is None or not self._manager.is_alive():
@@ -347,6 +351,23 @@ class LocalBackend:
         return _Slot(
             wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position
         )
+
+    def preload(self, names: list[str]) -> None:
+        """Have every worker import these modules in the background (warm workers:
+        the notebook imported them; see warmup.py). Records them and wakes the
+        manager, which sends them: to idle workers now, to new ones as they start,
+        to a busy one ahead of its next unit. Never waits (any thread)."""
+        if self.warmth.want(names):
+            self._wake()
+
+    def _send_imports(self, slot: _Slot) -> None:
+        """Send ``slot`` the modules it was not sent yet (manager thread; see preload)."""
+        msg = self.warmth.message(slot.wid)
+        if msg is not None:
+            try:
+                slot.conn.send_bytes(pack(msg))
+            except OSError:
+                self.warmth.forget(slot.wid)  # a dead worker: its sentinel reports it
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker has said it is ready (used by ``%pool start``)."""
@@ -503,6 +524,7 @@ class LocalBackend:
             "workers_replaced": self.workers_replaced,
             "max_tasks_per_child": self.max_tasks_per_child,
             "max_memory": self.max_memory,
+            "preloaded": self.warmth.wanted,  # warm: modules the workers import (warmup.py)
         }
 
     # -- submitting (any thread) ----------------------------------------------
@@ -522,6 +544,8 @@ class LocalBackend:
             self.resize(workers)
         else:
             limit = workers
+        if job.kind == "map":  # warm: modules the function needs, sent ahead of it
+            self.warmth.want_for(job.func, job.func_key)
         self.start()
         run = _LocalRun(self, job, limit)
         with self._lock:
@@ -592,6 +616,8 @@ class LocalBackend:
         try:
             self._check_restarts()
             self._check_runs()
+            for slot in self.slots:  # warm: what the notebook imported since (preload), idle ones too
+                self._send_imports(slot)
             self._assign()
             self._check_runs()
             shm_names = shm.take_unmapped()
@@ -765,6 +791,7 @@ class LocalBackend:
 
     def _send_unit(self, slot: _Slot, run: _LocalRun, unit: Any) -> None:
         job = run.job
+        self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
         try:
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).

@@ -1,0 +1,450 @@
+"""Warm workers that mirror the notebook, and the one-time costs of a run.
+
+Why: a worker is a fresh interpreter. The first time a function that uses
+numpy reaches it, unpickling the function imports numpy there (~0.3 s on
+this machine), inside the first call's wall time: the first ``%pmap`` of a
+numpy function ran at 0.58x on 2 cores where the next ones ran at 1.7-1.9x,
+and the report blamed "starting, sending and collecting".
+
+So the pool imports, in the background, the third-party modules the notebook
+imported (and only those: a notebook that imported nothing heavy keeps small
+workers):
+
+* at pool start, from a cheap scan of the notebook's ``__main__`` globals
+  (modules, and the modules that defined its functions, classes and values);
+* after every cell (an IPython ``post_run_cell`` hook: the user's
+  ``import numpy as np`` reaches idle workers while they wait for work);
+* when a call's function refers to a module not yet sent (a closure, a
+  default, a helper's globals): the import goes out before the function;
+* under forkserver, the modules known when the fork server starts are in its
+  preload list, so replacement workers are born with them.
+
+The local pool's manager thread sends ``protocol.Import(names)`` (the only
+code that writes to a worker's pipe, see ``backends/local.py``); a worker
+imports them in order between tasks, so an ``Import`` queued ahead of a
+unit is done before its items run. Both sides are here: the notebook's scan
+and bookkeeping (:class:`Warmth`), the worker's import log
+(:class:`ImportLog`, used by ``worker.execute_map``/``execute_cell`` and the
+Dask task too), and the notebook's tally of one run's one-time costs
+(:class:`OneTimeCosts`) for the report. The after-cell hook itself is in
+``mpmagic/__init__.py`` (it needs the pool, which this module, imported by
+workers, must not). Importing this module costs nothing in a worker: the
+notebook-only parts import what they need inside functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .protocol import Import
+
+log = logging.getLogger("mpmagic")
+
+# Top-level packages never preloaded: the notebook's own machinery (a worker
+# that imports IPython or a GUI toolkit gains nothing and pays tens of MB),
+# and our own package.
+_NOT_PRELOADED = frozenset(
+    {
+        "IPython", "ipykernel", "ipywidgets", "ipython_genutils", "jupyter_client", "jupyter_core",
+        "traitlets", "zmq", "tornado", "comm", "debugpy", "prompt_toolkit", "pygments",
+        "nbformat", "nbclient", "matplotlib_inline", "pytest", "_pytest", "pluggy", "mpmagic",
+        "psutil", "jedi", "parso", "stack_data", "executing", "asttokens", "pexpect", "wcwidth",
+    }
+)
+# Exact modules never preloaded: pyplot picks a display backend on import
+# (the notebook's inline one would pull IPython into every worker).
+_NOT_PRELOADED_EXACT = frozenset({"matplotlib.pyplot", "pylab"})
+
+
+def enabled() -> bool:
+    """Warm-up is on unless ``MPMAGIC_WARM=0``."""
+    return os.environ.get("MPMAGIC_WARM", "1") != "0"
+
+
+# -- the notebook side: which modules ---------------------------------------
+_site_dirs: tuple[str, ...] | None = None
+
+
+def _installed(module: Any) -> bool:
+    """Does this module come from an installed package (site-packages)?
+
+    Modules next to the notebook (``import mylib``) are left out: they are
+    cheap, often edited and reloaded, and may run code on import.
+    """
+    global _site_dirs
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    if _site_dirs is None:
+        import site
+        import sysconfig
+
+        dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+        try:
+            dirs.update(site.getsitepackages())
+            dirs.add(site.getusersitepackages())
+        except AttributeError:  # a virtualenv's old site.py
+            pass
+        _site_dirs = tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
+    real = os.path.realpath(path)
+    return real.startswith(_site_dirs) or f"{os.sep}site-packages{os.sep}" in real or f"{os.sep}dist-packages{os.sep}" in real
+
+
+def _wanted(name: Any) -> bool:
+    """A module name worth importing in the workers: loaded here, third-party, installed."""
+    if not isinstance(name, str) or not name or name in _NOT_PRELOADED_EXACT:
+        return False
+    top = name.partition(".")[0]
+    if top in _NOT_PRELOADED or top in sys.stdlib_module_names or top.startswith("_") or top == "builtins":
+        return False
+    # Loaded here, or a lazy submodule of a loaded package (see _lazy_submodules).
+    module = sys.modules.get(top)
+    return module is not None and _installed(module)
+
+
+def _names_of(value: Any) -> list[str]:
+    """The modules a value needs in another process: its own, or its definer's."""
+    if isinstance(value, types.ModuleType):
+        return [value.__name__]
+    if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
+        name = getattr(value, "__module__", None)  # well-behaved on these types
+        return [name] if isinstance(name, str) else []
+    # Any other value (a DataFrame, a ufunc, a partial): its type's module.
+    # type(v) is never a lazy proxy, so this triggers no user code.
+    name = type(value).__module__
+    return [name] if isinstance(name, str) else []
+
+
+def _keep(names: Any) -> list[str]:
+    out: dict[str, None] = {}
+    for name in names:
+        if name not in out and _wanted(name):
+            out[name] = None
+    return list(out)
+
+
+def notebook_modules(namespace: dict | None = None) -> list[str]:
+    """Third-party modules the notebook's globals use, in the order first seen.
+
+    A scan of ``__main__``'s names (IPython makes the user namespace
+    ``__main__``): ~0.1 ms for a thousand names. Modules IPython itself
+    loaded but the user never named are not included.
+    """
+    if namespace is None:
+        main = sys.modules.get("__main__")
+        namespace = getattr(main, "__dict__", {})
+    names: list[str] = []
+    for key, value in list(namespace.items()):
+        if isinstance(key, str) and key.startswith("_"):
+            continue  # IPython's _i1, _oh, ... and private names
+        names.extend(_names_of(value))
+        if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
+            names.extend(_function_modules_cached(value))
+    return _keep(names)
+
+
+_scanned: dict[int, tuple[Any, list[str]]] = {}  # id(code) -> (code, its modules)
+
+
+def _function_modules_cached(func: types.FunctionType) -> list[str]:
+    """:func:`function_modules` of a notebook function, once per code object
+    (the scan after each cell then costs a dict lookup per function)."""
+    code = func.__code__
+    hit = _scanned.get(id(code))
+    if hit is None or hit[0] is not code:
+        if len(_scanned) > 10_000:
+            _scanned.clear()
+        hit = _scanned[id(code)] = (code, function_modules(func))
+    return hit[1]
+
+
+def function_modules(func: Any) -> list[str]:
+    """Third-party modules a function refers to: the globals its code names
+    (nested code and helper functions of the notebook too), closure cells and
+    defaults. Mirrors what cloudpickle will make the worker import."""
+    names: list[str] = []
+    seen: set[int] = set()
+    todo = [func]
+    while todo and len(seen) < 200:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        f = getattr(f, "func", f)  # functools.partial
+        f = getattr(f, "__func__", f)  # bound method
+        code = getattr(f, "__code__", None)
+        if code is None:
+            names.extend(_names_of(f))
+            continue
+        glob = getattr(f, "__globals__", {})
+        used = _code_names(code)
+        # ``import pandas`` inside the function: the name is in co_names, not in globals.
+        names.extend(n for n in used if n not in glob and n in sys.modules)
+        values = [glob[n] for n in used if n in glob]
+        values += [c.cell_contents for c in (getattr(f, "__closure__", None) or ()) if _filled(c)]
+        values += list(getattr(f, "__defaults__", None) or ())
+        for v in values:
+            if isinstance(v, types.FunctionType) and getattr(v, "__module__", None) == "__main__":
+                todo.append(v)  # a notebook helper: its globals travel too
+            else:
+                names.extend(_names_of(v))
+                if isinstance(v, types.ModuleType):
+                    names.extend(_lazy_submodules(v, used))
+    return _keep(names)
+
+
+def _lazy_submodules(module: types.ModuleType, used: set[str]) -> list[str]:
+    """Submodules a package loads on first attribute access that the code names
+    (``np.random``: numpy 2 imports it lazily, ~45 ms, in the first task otherwise)."""
+    if not hasattr(module, "__path__"):
+        return []
+    import importlib.util
+
+    out = []
+    for attr in used:
+        name = f"{module.__name__}.{attr}"
+        if name in sys.modules:
+            out.append(name)
+            continue
+        if attr.startswith("_") or (attr in module.__dict__ and not isinstance(module.__dict__[attr], types.ModuleType)):
+            continue  # an attribute that is there already is no lazy submodule
+        try:
+            if importlib.util.find_spec(name) is not None:
+                out.append(name)
+        except (ImportError, ValueError, AttributeError):
+            continue
+    return out
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _filled(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - raises ValueError when empty
+        return True
+    except ValueError:
+        return False
+
+
+def forkserver_modules() -> list[str]:
+    """What the fork server should import when it starts (if warm-up is on)."""
+    return notebook_modules() if enabled() else []
+
+
+class Warmth:
+    """A pool's record of the modules its workers should have, and how far each worker got.
+
+    One per local pool. The notebook's threads add names (:meth:`want`: the
+    after-cell hook, the pool's start, a submitted function); only the pool's
+    manager thread asks for :meth:`message` and writes it to a worker's pipe.
+    The list of wanted modules only grows, so what a worker was sent is a
+    count: the manager's check per worker and per unit is a dict lookup and a
+    length, no lock, when nothing is new.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # callers' threads add while the manager reads
+        self._wanted: list[str] = []  # in the order the notebook imported them
+        self._known: set[str] = set()
+        self._sent: dict[int, int] = {}  # worker id -> how many of _wanted it was sent
+        self._keys: set[Any] = set()  # function payload keys already scanned
+
+    @property
+    def wanted(self) -> list[str]:
+        """The modules every worker imports (for ``%pool``)."""
+        return list(self._wanted)
+
+    def want(self, names: list[str]) -> bool:
+        """Add modules; True if any is new."""
+        with self._lock:
+            new = [n for n in dict.fromkeys(names) if n not in self._known]
+            self._known.update(new)
+            self._wanted.extend(new)
+        return bool(new)
+
+    def want_for(self, func: Any, key: Any) -> bool:
+        """Add the modules ``func`` refers to, once per payload key."""
+        with self._lock:
+            if key in self._keys or not enabled():
+                return False
+            self._keys.add(key)
+        try:
+            names = function_modules(func)
+        except Exception:  # an odd callable: the worker imports what it needs when it loads it
+            log.debug("mpmagic: could not scan a function for the modules it uses", exc_info=True)
+            return False
+        return self.want(names)
+
+    def message(self, wid: int) -> Import | None:
+        """``Import(names)`` for worker ``wid`` (what it was not sent yet), or None."""
+        n = self._sent.get(wid, 0)
+        if n >= len(self._wanted):  # the common case, every unit: nothing new
+            return None
+        with self._lock:
+            todo = self._wanted[n:]
+            self._sent[wid] = n + len(todo)
+        return Import(todo)
+
+    def forget(self, wid: int) -> None:
+        """That worker is gone (its replacement has another id)."""
+        with self._lock:
+            self._sent.pop(wid, None)
+
+
+# -- the worker side: importing, and noticing imports ----------------------
+def _tops(names: Any) -> list[str]:
+    """Top-level packages of module names, in order, without private, stdlib or
+    file-less ones (``cython_runtime`` and the like)."""
+    out: dict[str, None] = {}
+    for name in names:
+        top = name.partition(".")[0]
+        if top in out or not top or top.startswith("_") or top in sys.stdlib_module_names or top in _NOT_PRELOADED:
+            continue
+        if getattr(sys.modules.get(top), "__file__", None):
+            out[top] = None
+    return list(out)
+
+
+class ImportLog:
+    """What a worker imported, and when: preloads, and imports a task caused.
+
+    Records go home in the ``meta`` of the next ``done`` reply (``meta["once"]``)
+    and are then cleared, so the notebook can tell a run's one-time costs from
+    its work. ``mark()`` is ``len(sys.modules)``: O(1) per chunk; new modules
+    are the dict's last entries (it keeps insertion order).
+    """
+
+    def __init__(self) -> None:
+        self.records: list[tuple] = []  # (why, [top-level names], seconds or None, start, end)
+        self.load = 0.0  # seconds spent unpickling functions (their imports included)
+
+    @staticmethod
+    def mark() -> int:
+        """Where ``sys.modules`` ends now (see :meth:`since`)."""
+        return len(sys.modules)
+
+    @contextmanager
+    def watching(self, why: str) -> Iterator[None]:
+        """Note the modules imported inside the block, with the block's time.
+
+        ``why="function"``: unpickling a function (the first sending's cost in
+        this worker, its imports included), also added to :attr:`load`.
+        ``why="context"``: the notebook's context (context.py): its warnings
+        filters name the classes of the modules that added them, so unpickling
+        them imports numpy, say, in a worker that had not imported it yet.
+        """
+        mark, start, t0 = self.mark(), time.time(), time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - t0
+            if why == "function":
+                self.load += spent
+            self.since(mark, why, spent, start)
+
+    def since(self, mark: int, why: str, seconds: float | None, start: float) -> None:
+        """Note the modules imported since ``mark`` (if any) and the time it took."""
+        if len(sys.modules) <= mark:
+            return
+        names = _tops(list(sys.modules)[mark:])
+        if names:
+            self.records.append((why, names, seconds, start, time.time()))
+
+    def preload(self, names: list[str]) -> None:
+        """Import modules the notebook uses, in order; a failure is logged, not raised."""
+        for name in names:
+            if name in sys.modules:
+                continue
+            mark, start, t0 = self.mark(), time.time(), time.perf_counter()
+            try:
+                importlib.import_module(name)
+            except Exception:  # the task that needs it will raise the real error
+                log.warning("mpmagic: a worker could not import %s", name, exc_info=True)
+                continue
+            seconds = time.perf_counter() - t0
+            if len(sys.modules) > mark:
+                self.records.append(("preload", [name], seconds, start, time.time()))
+
+    def take(self) -> dict[str, Any] | None:
+        """The records since the last reply (for ``meta["once"]``), or None."""
+        if not self.records and not self.load:
+            return None
+        once = {"imports": self.records, "load": self.load}
+        self.records, self.load = [], 0.0
+        return once
+
+
+# -- the notebook side: one run's one-time costs ----------------------------
+class OneTimeCosts:
+    """One run's costs that the next run will not pay, from the workers' replies.
+
+    Per worker: seconds spent importing modules during the run (preloads
+    still running when the run began count from its start), and unpickling
+    the function. Workers do these in parallel, so the run paid about the
+    largest per-worker total, not the sum.
+    """
+
+    def __init__(self) -> None:
+        self.run_start = time.time()  # made with the job, just before it runs
+        self.first_start: float | None = None  # epoch seconds the first chunk began
+        self.imports: dict[Any, float] = {}  # worker -> seconds importing during this run
+        self.loads: dict[Any, float] = {}  # worker -> seconds unpickling functions (imports excluded)
+        self.modules: dict[str, float | None] = {}  # modules imported together -> seconds (largest), None if unknown
+
+    def note(self, meta: dict) -> None:
+        """Take a ``done`` reply's meta (only chunks with ``meta["once"]`` cost anything)."""
+        start = meta.get("start")
+        if start is not None and (self.first_start is None or start < self.first_start):
+            self.first_start = start
+        once = meta.get("once")
+        if not once:
+            return
+        worker = meta.get("worker")
+        spent = in_load = 0.0
+        for why, names, seconds, began, ended in once.get("imports", ()):
+            if seconds is not None and why == "preload":
+                seconds = max(0.0, ended - max(began, self.run_start))  # only what the run waited for
+                if seconds <= 0:
+                    continue
+            # One record's modules came in one go (pandas brings dateutil...): one entry.
+            key = ", ".join(names)
+            old = self.modules.get(key)
+            self.modules[key] = seconds if old is None else max(old, seconds or 0.0)
+            spent += seconds or 0.0
+            if why == "function":  # inside the function's load time: not counted twice
+                in_load += seconds or 0.0
+        self.imports[worker] = self.imports.get(worker, 0.0) + spent
+        self.loads[worker] = self.loads.get(worker, 0.0) + max(0.0, once.get("load", 0.0) - in_load)
+
+    def summary(self, cold: bool) -> dict[str, Any]:
+        """For the report: ``imports`` {"module[, module...]": seconds or None}, ``import_seconds``,
+        ``load``, ``start`` (workers starting, when the pool was cold), ``total``
+        (the most any worker paid); zeros when nothing was paid."""
+        workers = set(self.imports) | set(self.loads)
+        total = max((self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in workers), default=0.0)
+        started = 0.0
+        if cold and self.first_start is not None:
+            # The first chunk began this long after the run did: the workers were starting.
+            started = max(0.0, self.first_start - self.run_start - total)
+        return {
+            "imports": dict(self.modules),
+            "import_seconds": max(self.imports.values(), default=0.0),
+            "load": max(self.loads.values(), default=0.0),
+            "start": started,
+            "total": total + started,
+        }

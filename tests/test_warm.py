@@ -1,0 +1,263 @@
+"""Warm workers that mirror the notebook, and reports that tell one-time costs
+from the work (issue 22 items 1 and 2).
+
+The end-to-end cases run a notebook in a fresh process (tests/warm_session.py),
+so that what the notebook imported is under the test's control: the pytest
+process itself has numpy loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mpmagic import warmup
+from mpmagic.protocol import Import
+from mpmagic.report import Report
+
+HERE = Path(__file__).parent
+
+
+def session(method: str, mode: str = "main", warm: bool = True) -> dict:
+    """Run warm_session.py in a fresh interpreter; what it saw, as a dict."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+               MPMAGIC_WARM="1" if warm else "0")  # conftest turns it off for the shared shell
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "warm_session.py"), method, mode],
+        capture_output=True, text=True, timeout=180, env=env, cwd=str(HERE),
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"session failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.fixture(scope="module")
+def seen(method):
+    return session(method)
+
+
+def test_a_notebook_that_imported_nothing_heavy_keeps_workers_without_numpy(seen):
+    assert seen["notebook_had_numpy"] is False
+    assert seen["idle_numpy"] == [False] * 4
+
+
+def test_the_report_of_a_first_call_names_the_import_and_its_time(seen):
+    assert seen["first"] == [0, 0, 1, 3]
+    once = seen["first_one_time"]
+    assert once["imports"].get("numpy") and once["imports"]["numpy"] > 0
+    assert "one-time: imported numpy (" in seen["first_line"]
+    assert seen["first_advice"].startswith("the workers imported numpy (")
+    assert "the next call will not pay it" in seen["first_advice"]
+
+
+def test_the_next_call_pays_no_import(seen):
+    assert seen["second_one_time"]["imports"] == {}
+    assert "one-time" not in seen["second_line"]
+
+
+def test_a_module_imported_in_a_cell_reaches_the_workers_before_the_next_items(seen):
+    # The task only looks at sys.modules: the workers imported tqdm because
+    # the notebook did, before the items ran.
+    assert seen["tqdm_after_cell"] == [True] * 4
+    assert seen["tqdm_after_restart"] == [True] * 4
+
+
+def test_pool_status_names_the_preloaded_modules(seen):
+    line = next(ln for ln in seen["status"].splitlines() if "preloaded" in ln)
+    assert "numpy" in line and "tqdm" in line
+
+
+def test_workers_of_a_pool_started_after_import_numpy_have_it_before_any_task(method):
+    seen = session(method, "preimported")
+    assert seen["notebook_had_numpy"] is False  # the session imported it itself
+    assert seen["numpy"] == [True] * 4
+    if method == "forkserver":
+        assert seen["forkserver_has_numpy"] is True  # replacements are born with it
+
+
+def test_without_warm_up_the_report_still_names_the_import_the_first_call_paid():
+    # MPMAGIC_WARM=0: nothing is preloaded, and the first call's numpy import
+    # (here while the worker unpickles the notebook's context: numpy's warnings
+    # filters name its classes) is still told apart from the work.
+    seen = session("forkserver", warm=False)
+    assert seen["first"] == [0, 0, 1, 3]
+    assert seen["first_one_time"]["imports"].get("numpy", 0) > 0
+    assert "one-time: imported numpy (" in seen["first_line"]
+    assert seen["second_one_time"]["imports"] == {}
+    assert seen["tqdm_after_cell"] == [False] * 4  # not sent: only imported when a task needs it
+    assert "preloaded" not in seen["status"]
+
+
+# -- which modules: the notebook-side scan ---------------------------------
+def test_the_scan_keeps_installed_third_party_modules_only():
+    import json as stdlib_module
+
+    import IPython
+    import numpy as np
+
+    local = types.ModuleType("mylib")
+    local.__file__ = str(HERE / "mylib.py")
+    sys.modules["mylib"] = local
+    try:
+        ns = {
+            "np": np,
+            "arr": np.zeros(2),
+            "json": stdlib_module,
+            "IPython": IPython,
+            "mylib": local,
+            "_private": np,
+            "x": 3,
+        }
+        assert warmup.notebook_modules(ns) == ["numpy"]
+        assert warmup.notebook_modules({"x": 1, "json": stdlib_module}) == []
+    finally:
+        del sys.modules["mylib"]
+
+
+def test_a_function_scan_finds_modules_and_lazy_submodules_it_uses():
+    import numpy as np
+
+    ns = {"np": np}
+    exec("def f(seed):\n    return np.random.default_rng(seed).random()\n", ns)
+    names = warmup.function_modules(ns["f"])
+    assert names[0] == "numpy"
+    assert "numpy.random" in names  # numpy 2 loads it lazily: the worker would pay in the task
+    exec("def g(x):\n    return x + 1\n", ns)
+    assert warmup.function_modules(ns["g"]) == []
+    exec("def h(x):\n    import numpy\n    return numpy.zeros(x)\n", ns)  # imported in the body
+    assert warmup.function_modules(ns["h"]) == ["numpy"]
+
+
+def test_the_warmth_sends_each_worker_each_module_once():
+    w = warmup.Warmth()
+    assert w.message(0) is None
+    assert w.want(["numpy"]) is True
+    assert w.want(["numpy"]) is False
+    assert w.message(0) == Import(["numpy"])
+    assert w.message(0) is None
+    w.want(["pandas", "numpy", "pandas"])
+    assert w.message(0) == Import(["pandas"])
+    assert w.message(1) == Import(["numpy", "pandas"])
+    w.forget(0)  # a worker replaced: a new one (or the same id again) gets them all
+    assert w.message(0) == Import(["numpy", "pandas"])
+    assert w.wanted == ["numpy", "pandas"]
+
+
+# -- one-time costs: what the workers measured -----------------------------
+def test_a_preload_finished_before_the_run_costs_it_nothing():
+    costs = warmup.OneTimeCosts()
+    t = costs.run_start
+    costs.note({"worker": 0, "start": t + 0.01, "once": {
+        "imports": [("preload", ["numpy"], 0.3, t - 1.0, t - 0.7)], "load": 0.0}})
+    assert costs.summary(cold=False)["total"] == 0.0
+    costs.note({"worker": 1, "start": t + 0.01, "once": {
+        "imports": [("preload", ["pandas"], 0.5, t - 0.2, t + 0.3)], "load": 0.0}})
+    s = costs.summary(cold=False)
+    assert s["imports"] == {"pandas": pytest.approx(0.3)}  # the part the run waited for
+    assert s["total"] == pytest.approx(0.3)
+
+
+def test_a_functions_imports_are_not_counted_twice_and_workers_overlap():
+    costs = warmup.OneTimeCosts()
+    t = costs.run_start
+    for w in (0, 1):
+        costs.note({"worker": w, "start": t, "once": {
+            "imports": [("function", ["numpy"], 0.29, t, t + 0.29)], "load": 0.30}})
+    s = costs.summary(cold=False)
+    assert s["import_seconds"] == pytest.approx(0.29)
+    assert s["load"] == pytest.approx(0.01)
+    assert s["total"] == pytest.approx(0.30)  # two workers in parallel: not 0.6
+
+
+def test_the_import_log_notices_new_modules_only():
+    log = warmup.ImportLog()
+    mark = log.mark()
+    log.since(mark, "task", None, time.time())
+    assert log.take() is None
+    sys.modules["fake_pkg_for_warm_test"] = types.ModuleType("fake_pkg_for_warm_test")
+    sys.modules["fake_pkg_for_warm_test"].__file__ = "/x/fake_pkg_for_warm_test/__init__.py"
+    try:
+        log.since(mark, "task", None, time.time())
+    finally:
+        del sys.modules["fake_pkg_for_warm_test"]
+    once = log.take()
+    assert once["imports"][0][:3] == ("task", ["fake_pkg_for_warm_test"], None)
+    assert log.take() is None
+
+
+def test_a_dask_task_reports_its_functions_loading_and_the_imports_it_caused(tmp_path, monkeypatch):
+    # The Dask task runs units through the same execute_map as a local worker:
+    # called here in-process (no cluster), as tests/test_unit_runner.py does.
+    from mpmagic import payload
+    from mpmagic.backends import dask_tasks
+    from mpmagic.protocol import Done, Map, pack, unpack
+
+    (tmp_path / "warm_probe_mod.py").write_text("VALUE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def add(x):
+        import warm_probe_mod
+
+        return x + warm_probe_mod.VALUE
+
+    key, func = uuid.uuid4().bytes, payload.dumps_function(add)
+    msg = pack(Map(1, 0, key, False, False, payload.dumps_data([1, 2]), False, 1))
+    try:
+        done = unpack(dask_tasks.run_message(msg, func, None, "tag")[1][-1])
+        assert type(done) is Done and payload.loads(done.data) == [8, 9]
+        once = done.meta["once"]
+        assert once["load"] > 0  # the function's first loading in this process
+        assert ("task", ["warm_probe_mod"], None) in [tuple(r[:3]) for r in once["imports"]]
+        again = unpack(dask_tasks.run_message(msg, func, None, "tag")[1][-1])
+        assert payload.loads(again.data) == [8, 9] and "once" not in again.meta  # paid once
+    finally:
+        sys.modules.pop("warm_probe_mod", None)
+
+
+# -- the report and its advice ---------------------------------------------
+def _report(**kw) -> Report:
+    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
+                wall=1.0, task_seconds=0.8, chunks=8, chunksize="auto (1)", cores=2)
+    base.update(kw)
+    return Report(**base)
+
+
+def test_advice_names_the_import_the_workers_paid():
+    once = {"imports": {"numpy": 0.29}, "import_seconds": 0.29, "load": 0.001, "start": 0.0, "total": 0.291}
+    r = _report(wall=0.9, task_seconds=0.8, serial=0.8, one_time=once)
+    assert r.advice.startswith("the workers imported numpy (290.0 ms) during this call; the next call will not pay it")
+    assert "one-time: imported numpy (290.0 ms), loaded the function 1.0 ms" in r.line()
+    assert ("one-time", "imported numpy (290.0 ms), loaded the function 1.0 ms") in r.rows()
+
+
+def test_advice_names_tasks_slower_in_the_workers_when_compare_measured_it():
+    r = _report(wall=0.95, task_seconds=1.84, serial=0.8,
+                one_time={"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0})
+    assert r.advice.startswith("tasks ran 2.3x slower in the workers than here")
+    assert "give the workers more work" not in r.advice
+    assert "one-time" not in r.line()  # shown only when it mattered
+
+
+def test_a_cold_flag_without_a_measured_start_is_not_blamed():
+    # The pool started in the background a moment ago: flagged cold, but the
+    # first chunk began at once; the advice must not say "still starting".
+    zero = {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0}
+    r = _report(wall=0.9, task_seconds=0.8, cold_start=True, one_time=zero)
+    assert r.advice is None or "still starting" not in r.advice
+    started = dict(zero, start=0.4, total=0.4)
+    r = _report(wall=0.9, task_seconds=0.8, cold_start=True, one_time=started)
+    assert r.advice.startswith("the workers were starting during this call (400.0 ms)")
+
+
+def test_advice_names_modules_the_tasks_imported_themselves():
+    once = {"imports": {"scipy": None}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0}
+    r = _report(wall=0.9, task_seconds=1.6, serial=0.8, one_time=once)
+    assert r.advice.startswith("the tasks imported scipy in the workers during this call")
