@@ -53,6 +53,9 @@ _LAZY = {
     "SharedObjectGone": "shared",
     "Value": "shared",
     "share": "shm",
+    "on_worker_start": "setup_api",
+    "worker_id": "worker_setup",
+    "rng": "seeding",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
@@ -68,8 +71,11 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
         use_local,
     )
     from .report import Report
+    from .seeding import rng
+    from .setup_api import on_worker_start
     from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
     from .shm import share
+    from .worker_setup import worker_id
 
 
 def __getattr__(name: str) -> Any:
@@ -106,6 +112,9 @@ __all__ = [
     "use_dask",
     "pool_status",
     "share",
+    "on_worker_start",
+    "worker_id",
+    "rng",
     "Queue",
     "Value",
     "Array",
@@ -185,7 +194,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     if "mpmagic.pandas_accessor" in sys.modules:
         sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
-    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel")):
+    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "pool"), ("cell", "parallel")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
 

@@ -9,6 +9,7 @@ estimated from the workers' own task times otherwise.
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import os
 import sys
@@ -96,6 +97,7 @@ def pmap(
     insights: bool = False,
     checkpoint: bool | str | os.PathLike = False,
     on_chunk: Callable[[int, list], None] | None = None,
+    seed: int | None = None,
 ) -> list:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
@@ -116,6 +118,9 @@ def pmap(
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     takes stored ones instead of computing them again (docs/checkpoint.md).
     ``on_chunk(start, results)`` is called as each chunk's results arrive.
+    ``seed=S`` runs item ``i`` with its own random stream from S and ``i``
+    (``random``, ``numpy.random`` and ``mpmagic.rng()``): the same results
+    with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
     global _last_report
@@ -135,6 +140,14 @@ def pmap(
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+    if seed is not None:  # per-item random streams (seeding.py): number the items, wrap the function
+        from . import seeding
+
+        seed = seeding._check_seed(seed)
+        src = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+        star = star or len(iterables) > 1
+        pairs = enumerate(src) if iter(src) is src else _Enumerated(src)  # one-shot stays one-shot
+        func, iterables, star = seeding.Seeded(func, seed, star), (pairs,), False
     if checkpoint:
         from .checkpoint import checkpointed_pmap
 
@@ -201,15 +214,47 @@ def pmap(
     _last_report.failed = failed
     if compare:
         t1 = time.perf_counter()
-        if star_mode and len(iterables) == 1:
-            serial = list(itertools.starmap(func, iterables[0]))
-        else:
-            serial = list(map(func, *iterables))
+        with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
+            if star_mode and len(iterables) == 1:
+                serial = list(itertools.starmap(func, iterables[0]))
+            else:
+                serial = list(map(func, *iterables))
         _last_report.serial = time.perf_counter() - t1
         _last_report.equal = _equal(serial, results)
     if show_report:
         print(_last_report.line())
     return results
+
+
+@contextlib.contextmanager
+def _random_state_kept(keep: bool) -> Any:
+    """Restore ``random``'s and numpy's global state after a seeded serial run here."""
+    if not keep:
+        yield
+        return
+    import random
+
+    np = sys.modules.get("numpy")
+    saved = random.getstate(), (np.random.get_state() if np is not None else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if np is not None and saved[1] is not None:
+            np.random.set_state(saved[1])
+
+
+class _Enumerated:
+    """``enumerate(items)`` that can be iterated again and keeps ``len`` (for ``seed=``)."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Any:
+        return enumerate(self.items)
 
 
 def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int | None) -> None:
@@ -370,6 +415,9 @@ def parallel(
     progress_delay: float = 1.0,
     insights: bool = False,
     checkpoint: bool | str | os.PathLike = False,
+    seed: int | None = None,
+    keep: bool = False,
+    reset: bool = False,
 ) -> RankValues:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
@@ -383,6 +431,9 @@ def parallel(
     ``progress`` shows a bar counting finished ranks after ``progress_delay``
     seconds; ``insights`` records each rank's worker and span (see ``pmap``).
     ``checkpoint`` keeps the ranks' values: see ``pmap`` and docs/checkpoint.md.
+    ``seed=S`` gives each rank its own random stream from S and its rank.
+    ``keep=True`` runs on persistent ranks: each rank keeps its namespace in
+    its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
     """
     __tracebackhide__ = True
     global _last_report
@@ -411,15 +462,36 @@ def parallel(
         spec = make_cell_spec(code, namespace, gather)
     except SyntaxError as exc:
         raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+    if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
+        from .seeding import _check_seed
+
+        spec.seed = _check_seed(seed)
     backend = get_pool()
     size = workers or backend.workers
+    pins = None
+    if keep or reset:  # persistent ranks (ranks.py): each rank pinned to the worker keeping its namespace
+        from . import ranks
+
+        if not keep:
+            raise UsageError("reset=True (--reset) starts kept ranks afresh: use it with keep=True (--keep)")
+        pins = ranks.check(backend, size, reset)
+        spec.keep, spec.reset = True, reset
     spec_bytes = _pack_spec(spec)
     cold = backend.cold
     bar = Progress(size, "parallel", "rank", progress_delay, enabled=progress)
     recorder = Recorder("parallel") if insights else None
-    job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
+    if pins is None:
+        job = CellJob(spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder)
+    else:
+        job = ranks.KeptCellJob(
+            spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder, pins=pins
+        )
     t0 = time.perf_counter()
-    _run_with_progress(backend, job, bar, size)
+    try:
+        _run_with_progress(backend, job, bar, size)
+    finally:
+        if pins is not None:
+            ranks.record(backend, size, job.placed)
     wall = time.perf_counter() - t0
     report = Report(
         kind="parallel",
@@ -454,7 +526,8 @@ def parallel(
     values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in gather}
     if compare:
         t1 = time.perf_counter()
-        serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
+        with _random_state_kept(seed is not None):
+            serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
         report.serial = time.perf_counter() - t1
         report.extra["serial_value"] = serial_value
     values.report = report

@@ -16,6 +16,8 @@ fields are in ``mpmagic/protocol.py``:
   recursion limit and warnings filters (``mpmagic/context.py``), sent only
   when they changed.
 * ``Unmap``: forget shared-memory segments the notebook destroyed.
+* ``Setup``: run the worker setup (``mpmagic/worker_setup.py``); reply
+  ``SetupDone`` (the error line or None, the names it defined, what it printed).
 * ``Stop``: exit.
 
 How a unit runs (:func:`execute_map`, :func:`execute_cell`) is shared with
@@ -55,6 +57,7 @@ from .protocol import (
     Out,
     ProtocolError,
     Ready,
+    Setup,
     Stop,
     Unmap,
     Unpicklable,
@@ -484,6 +487,10 @@ class _Worker:
                 context.apply(msg)
             elif kind is Unmap:
                 self.unmap(msg.names)
+            elif kind is Setup:  # worker setup (worker_setup.py): run it, say how it went
+                from .worker_setup import run_setup
+
+                self.channel.send(run_setup(msg.version, msg.payload, self.worker_id))
             elif kind is Stop:
                 return
             else:
@@ -582,8 +589,15 @@ def _rss() -> int | None:
         return None
 
 
-def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
-    """Entry point of a worker process (the target of ``Process``)."""
+def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
+    """Entry point of a worker process (the target of ``Process``).
+
+    ``init`` (``worker_setup.start_info``): ``threads``/``threads_forced`` (the
+    BLAS/OpenMP cap) and ``gpu`` (``CUDA_VISIBLE_DEVICES``), applied first.
+    """
+    from .worker_setup import start_worker
+
+    start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
