@@ -39,6 +39,18 @@ def test_seeded_star_and_several_iterables(ip, local_pool):
     assert failed.item == 0  # the item itself, not the (index, item) pair
 
 
+def test_seeded_error_names_the_item_as_serial_map_would(ip, local_pool):
+    """--seed maps a wrapper over (index, item) pairs: --errors raise still names the item."""
+    result = ip.run_cell("%pmap -q --seed 3 lambda x: 1 / x, [5, 0, 1]", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, ZeroDivisionError)
+    notes = " ".join(getattr(err, "__notes__", []))
+    assert "item 1 of the input: <lambda>(0)" in notes and "(1, 0)" not in notes
+    run(ip, "def _add(a, b):\n    return a / b")
+    err = ip.run_cell("%pmap -q --seed 3 _add, [1, 2], [1, 0]", store_history=False).error_in_exec
+    assert "item 1 of the input: _add(2, 0)" in " ".join(getattr(err, "__notes__", []))
+
+
 def test_parallel_seed_per_rank(ip, local_pool):
     run(ip, "import random")
     one = run(ip, "%%parallel -n 3 -q --seed 11\nrandom.random()")
