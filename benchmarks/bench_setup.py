@@ -28,7 +28,7 @@ import statistics
 import time
 
 import mpmagic
-from mpmagic import config, pool, worker_setup
+from mpmagic import config, pool, setup_api, worker_setup
 
 SETUP = "import time\ntime.sleep(2.0)  # loading a model\nMODEL = {'w': 2}\n"
 
@@ -76,7 +76,7 @@ def model_load(repeats: int) -> dict[str, float]:
 
         def cold():
             worker_setup.set_code(SETUP)
-            assert not worker_setup.run_everywhere()
+            assert not setup_api.run_everywhere()
             assert mpmagic.pmap(predict, items) == [2 * x for x in items]
 
         first.append(_timed(cold))
