@@ -204,3 +204,14 @@ def test_dask_setup_on_a_stopped_backend_runs_once(ip, dask_cluster, tmp_path):
         assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["x"] * 4
     finally:
         pool_module.shutdown()
+
+
+def test_setup_sees_the_notebooks_sys_path_and_cwd(ip, local_pool, tmp_path):
+    """The setup runs with the notebook's world of now (context.py), as a task does."""
+    (tmp_path / "setup_helper_mod.py").write_text("VALUE = 41\n")
+    run(ip, f"import sys, os\nsys.path.append({str(tmp_path)!r})\n_old_cwd = os.getcwd()\nos.chdir({str(tmp_path)!r})")
+    try:
+        run(ip, "%%pool setup\nimport os\nfrom setup_helper_mod import VALUE\nWHERE = os.getcwd()\n")
+        assert run(ip, "%pmap -q lambda x: (VALUE + x, WHERE), [1, 1]") == [(42, str(tmp_path))] * 2
+    finally:
+        run(ip, f"os.chdir(_old_cwd)\nsys.path.remove({str(tmp_path)!r})")

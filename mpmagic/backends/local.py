@@ -501,6 +501,12 @@ class LocalBackend:
             return
         slot.setup_sent = msg.version
         try:
+            # The notebook's cwd, environment, sys.path first (context.py): a setup
+            # may import from a directory the notebook added after the pool started.
+            ctx = context.current(self._runs[0].job.call_id if self._runs else None)
+            if context.key(ctx) not in slot.known:
+                slot.conn.send_bytes(pack(ctx))
+                slot.known.add(context.key(ctx))
             slot.conn.send_bytes(pack(msg))
         except OSError:
             log.debug("mpmagic: worker %s gone before its setup: the sentinel reports it", slot.wid)
