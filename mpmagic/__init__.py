@@ -36,6 +36,8 @@ _LAZY = {
     "last_report": "api",
     "RankValues": "api",
     "Failed": "jobs",
+    "last_failures": "debugging",
+    "rerun_failed": "postmortem",
     "get_pool": "pool",
     "pool_status": "pool",
     "restart_pool": "pool",
@@ -60,6 +62,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
     from .api import RankValues, last_report, parallel, pmap
+    from .debugging import last_failures
     from .jobs import Failed
     from .pool import (
         get_pool,
@@ -70,6 +73,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
         use_dask,
         use_local,
     )
+    from .postmortem import rerun_failed
     from .report import Report
     from .seeding import rng
     from .setup_api import on_worker_start
@@ -103,6 +107,8 @@ __all__ = [
     "last_report",
     "RankValues",
     "Failed",
+    "last_failures",
+    "rerun_failed",
     "Report",
     "get_pool",
     "start_pool",
@@ -144,6 +150,9 @@ def load_ipython_extension(ipython: Any) -> None:
     install_display(ipython)  # a task's error shows the cell line and its own frames, none of ours
     config.register(ipython)  # %config MPMagic.<setting>, ipython_config.py defaults
     ipython.register_magics(MPMagics)
+    from .debug_magics import DebugMagics
+
+    ipython.register_magics(DebugMagics)  # %pdebug
     from . import pandas_hook
 
     pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
@@ -194,9 +203,10 @@ def unload_ipython_extension(ipython: Any) -> None:
     if "mpmagic.pandas_accessor" in sys.modules:
         sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
-    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "pool"), ("cell", "parallel")):
+    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "pool"), ("cell", "parallel"), ("line", "pdebug")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
+    ipython.magics_manager.registry.pop("DebugMagics", None)
 
 
 if "pandas" in sys.modules:  # `import pandas; import mpmagic` in a script: df.mp is there

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import payload
+from . import debugging, payload
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .engine import sigint_deferred
@@ -187,11 +187,15 @@ def pmap(
         on_chunk=on_chunk,
     )
     t0 = time.perf_counter()
+    debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
     _run_with_progress(backend, job, bar, workers)
     wall = time.perf_counter() - t0
-    failed = 0
+    options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
         results = job.results()
+    except BaseException:
+        debugging.record_map(job, func, None, [], options)  # for %pdebug, --rerun-failed
+        raise
     finally:
         _last_report = Report(
             kind="pmap",
@@ -209,9 +213,10 @@ def pmap(
         )
     from .jobs import Failed
 
-    if errors == "collect":  # only then can a result be a Failed (saves a pass over 10^7 results)
-        failed = sum(isinstance(r, Failed) for r in results)
-    _last_report.failed = failed
+    # Only with errors="collect" can a result be a Failed (saves a pass over 10^7 results).
+    failed = [r for r in results if isinstance(r, Failed)] if errors == "collect" else []
+    _last_report.failed = len(failed)
+    debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
         t1 = time.perf_counter()
         with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
@@ -487,6 +492,7 @@ def parallel(
             spec_bytes, size, timeout=timeout, label=label_output, progress=bar.update, insights=recorder, pins=pins
         )
     t0 = time.perf_counter()
+    debugging.forget()
     try:
         _run_with_progress(backend, job, bar, size)
     finally:
@@ -506,6 +512,7 @@ def parallel(
         **_measured(job, backend, cold, recorder, size),
     )
     _last_report = report
+    debugging.record_cell(job, spec_bytes, size)  # for %pdebug
     if job.failures:
         job.flush_output()
         for rank in sorted(job.failures):

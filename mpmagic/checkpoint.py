@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from . import debugging
 from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
 from .checkpoint_store import CheckpointError, RunInfo, Store
 
@@ -278,6 +279,7 @@ def checkpointed_pmap(
             raise
         finally:
             writer.finish()
+            debugging.renumber_last(plan.missing)  # %pdebug N and last_failures() count in the whole input
     if plan.unstable:
         _warn(f"mpmagic: --checkpoint: {plan.unstable}; a new kernel will compute such items again. "
               "Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")

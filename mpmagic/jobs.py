@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import payload, payload_cache, shm
+from . import debugging, payload, payload_cache, shm, worker_logging
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
@@ -89,6 +89,22 @@ class Failed:
     index: int
     item: Any
     error: BaseException
+
+    @property
+    def locals(self) -> dict[str, str]:
+        """The worker's local variables at the raising line, as bounded ``repr``s."""
+        info = getattr(self.error, "failure_info", None)
+        return info.locals if info is not None else {}
+
+    @property
+    def worker(self) -> Any:
+        """The id of the worker that ran the item (None if not known)."""
+        return getattr(getattr(self.error, "failure_info", None), "worker", None)
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of the worker that ran the item (None if not known)."""
+        return getattr(getattr(self.error, "failure_info", None), "pid", None)
 
     def __repr__(self) -> str:
         return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {type(self.error).__name__}: {self.error}>"
@@ -179,6 +195,9 @@ class MapJob:
         self.items_total = n_items
         self.n_chunks = 0
         self._out = out or _print_stream
+        # The notebook's logger levels go with each unit; warnings come back through this.
+        self.log_context = worker_logging.notebook_context()
+        self._warnings = worker_logging.WarningRelay()
         self._progress = progress
         # Measured for the report's advice and for --insights (an insights.Recorder).
         self.insights = insights
@@ -287,8 +306,11 @@ class MapJob:
 
     def message(self, unit: Unit) -> Map:
         # With insights the worker also times each item; ``block``: see Unit.
+        # ``log_context``: the chunk's first index (labels its records) and the
+        # notebook's logger levels (see worker_logging).
         return Map(
-            self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None, unit.block
+            self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None,
+            unit.block, (unit.start, self.log_context),
         )
 
     # -- taking back results -----------------------------------------------
@@ -332,6 +354,7 @@ class MapJob:
                     idx = unit.start + i
                     item = self._shown(unit.items[i])[0]
                     results[i] = Failed(idx, item, rebuild_exception(r, self._where(idx, unit.items[i])))
+                    debugging.attach(results[i].error, r, index=idx, item=item)
         self._complete(unit, results, seconds)
 
     def _complete(self, unit: Unit, results: list, seconds: float) -> None:
@@ -395,6 +418,7 @@ class MapJob:
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
+            debugging.attach(exc, info, index=idx, item=self._shown(unit.items[index])[0])
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in str(exc):
                 add_note(exc, _READ_ONLY_NOTE)
         if unit.lease is not None:  # no worker reads this chunk any more
@@ -503,7 +527,10 @@ class MapJob:
                 unit.lease = None
 
     def output(self, tag: Any, stream: str, text: str) -> None:
-        self._out(stream, text)
+        if worker_logging.MARK in text:  # (a substring search: free for ordinary output)
+            text = self._warnings(text)
+        if text:
+            self._out(stream, text)
 
     def results(self) -> list:
         __tracebackhide__ = True
@@ -546,6 +573,8 @@ class CellJob:
         self.items_total = size
         self.n_chunks = size
         self._out = out or _print_stream
+        self.log_context = worker_logging.notebook_context()  # see MapJob
+        self._warnings = worker_logging.WarningRelay()
         self._label = label
         self._partial: dict[tuple[int, str], str] = {}
         self._progress = progress  # called with 1 as each rank finishes, however it ends
@@ -594,7 +623,7 @@ class CellJob:
         return unit
 
     def message(self, unit: Unit) -> Cell:
-        return Cell(self.call_id, unit.id, self.size, unit.data)
+        return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context))
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)
@@ -619,6 +648,7 @@ class CellJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
+        debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size)
         self.items_done += 1
         self._rank_finished()
 
@@ -646,6 +676,10 @@ class CellJob:
         self._pending.appendleft(unit)
 
     def output(self, rank: Any, stream: str, text: str) -> None:
+        if worker_logging.MARK in text:  # shown as Python would, then labelled like the rest
+            text = self._warnings(text)
+        if not text:
+            return
         if not self._label:
             self._out(stream, text)
             return

@@ -117,6 +117,9 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--retries", type=_nonnegative_int, default=0, help="times to re-send items whose worker died")
     p.add_argument("--seed", type=_nonnegative_int,
                    help="give item i its own random stream from SEED and i (same results on any workers)")
+    p.add_argument("--rerun-failed", action="store_true",
+                   help="run only the failed items of the last %%pmap again, with the current definition of its "
+                        "function's name (fixed since), and return the full results (no FUNC, ITERABLE)")
     config.add_options(p, "items")
     return p
 
@@ -264,6 +267,11 @@ class MPMagics(Magics):
         parser = _pmap_parser()
         tokens, rest = split_options(line, parser)
         opts = parser.parse_args(tokens)
+        if opts.rerun_failed:  # (mpmagic.postmortem: the last run's options, -n only)
+            from .postmortem import rerun_failed
+
+            with _magic_errors(parser):
+                return rerun_failed(namespace=self.shell.user_ns, **({"workers": opts.workers} if opts.workers else {}))
         args = _eval_map_args(rest, self.shell.user_ns, parser)
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")

@@ -11,9 +11,10 @@ by :func:`unpack`, the only two functions that know the layout (CPython's
 Notebook to worker (requests)::
 
     Func(key, payload)                 cache a cloudpickled function under its key
-    Map(call, tag, key, star, collect, items, timing, block)
+    Map(call, tag, key, star, collect, items, timing, block, log_context)
                                        run the function over a chunk of items
-    Cell(call, tag, size, payload)     run a %%parallel cell body as rank ``tag``
+    Cell(call, tag, size, payload, log_context)
+                                       run a %%parallel cell body as rank ``tag``
     Context(version, state)            the notebook's world (see context.py)
     Unmap(names)                       these shared-memory segments are gone
     Setup(version, payload)            run the worker setup (worker_setup.py);
@@ -31,8 +32,12 @@ Worker to notebook (replies; a Dask task returns the same ones)::
     SetupDone(version, worker, error, names, output)
                                        how the setup went (error: one line or None)
 
-``call`` is the run's id, ``tag`` the unit's (a chunk id or a rank). Why
-plain tuples on the wire: a warm 2-item ``%pmap`` exchanges four messages.
+``call`` is the run's id, ``tag`` the unit's (a chunk id or a rank).
+``log_context`` is ``(first item index or None, notebook logger levels)``:
+what a worker needs to send the unit's logging records and warnings home,
+labelled (``worker_logging.py``); None (the default) captures neither.
+
+Why plain tuples on the wire: a warm 2-item ``%pmap`` exchanges four messages.
 Measured (timeit, 2026-11-30): pack + unpack of a ``Map`` ~0.8 us and of a
 ``Done`` ~1.4 us, against ~0.5 us for the old string-tagged tuple and ~2.4 us
 for pickling a named tuple itself (it pickles its class by reference; a
@@ -71,6 +76,9 @@ class Map(NamedTuple):
     items: bytes
     timing: bool  # --insights: time each item
     block: int  # items between crash-position marks (see worker.run_items)
+    # (chunk's first index, pickled logger levels): see worker_logging. The
+    # levels are pickled once per run, so each chunk adds a ~300-byte copy.
+    log_context: tuple | None = None
 
 
 class Cell(NamedTuple):
@@ -78,6 +86,7 @@ class Cell(NamedTuple):
     tag: int  # the rank
     size: int
     payload: bytes
+    log_context: tuple | None = None  # (None, logger levels): see Map
 
 
 class Context(NamedTuple):

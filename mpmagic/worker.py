@@ -12,6 +12,10 @@ fields are in ``mpmagic/protocol.py``:
   seconds, meta: which worker ran it, when, its CPU seconds and with
   ``timing`` its slowest items), ``Error``, ``Unpicklable`` or ``Missing``.
 * ``Cell``: run a ``%%parallel`` cell body as one rank.
+  While a chunk's items or a rank's cell run, the task's ``logging`` records
+  (at the notebook's levels) and warnings go home with its printed output,
+  labelled by item (``mpmagic/worker_logging.py``, from the message's
+  ``log_context``).
 * ``Context``: the notebook's current directory, environment, ``sys.path``,
   recursion limit and warnings filters (``mpmagic/context.py``), sent only
   when they changed.
@@ -43,7 +47,7 @@ from itertools import starmap
 from operator import itemgetter
 from typing import Any
 
-from . import context, payload, shm
+from . import context, debugging, payload, shm, worker_logging
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -76,10 +80,12 @@ class ErrorInfo:
     ``record`` holds its parts (type, args, attributes, notes, chain, frames:
     see :func:`mpmagic.exc_record.capture`), from which the notebook rebuilds the
     same exception; ``type_name``, ``message`` and ``exc_text`` say it in
-    words when even that is not possible.
+    words when even that is not possible. ``context`` is what the worker saw
+    at the raising line (its locals as bounded reprs, worker id, pid: see
+    :func:`mpmagic.debugging.failure_context`), for ``%pdebug`` and ``Failed``.
     """
 
-    __slots__ = ("record", "type_name", "message", "exc_text", "frames")
+    __slots__ = ("record", "type_name", "message", "exc_text", "frames", "context")
 
     def __init__(self, exc: BaseException) -> None:
         self.record = capture(exc)
@@ -87,6 +93,7 @@ class ErrorInfo:
         self.message = self.record.message
         self.exc_text = self.record.text
         self.frames = self.record.frames
+        self.context = debugging.failure_context(exc)
 
     def __getstate__(self):
         return tuple(getattr(self, s) for s in self.__slots__)
@@ -292,6 +299,10 @@ def run_items_timed(func, items: list, star: bool, collect: bool, position: Any 
     return results, clock() - t0, None, times
 
 
+# worker_logging labels a record with its item by finding these loops on the stack.
+worker_logging.ITEM_LOOPS.update((run_items.__code__, run_items_timed.__code__))
+
+
 # --------------------------------------------------------------------------
 # One way to run a unit: the local worker and the Dask task both call these.
 # They take the request message and return the reply message; only where the
@@ -325,10 +336,15 @@ def execute_map(
         return Error(call, tag, -1, ErrorInfo(exc), b"", 0.0)
     start = time.time()
     t_run = time.perf_counter()
-    if msg.timing:
-        results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position)
-    else:
-        results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
+    debugging.new_unit()  # this unit's first failures carry their locals
+    worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
+    try:
+        if msg.timing:
+            results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position)
+        else:
+            results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
+    finally:
+        worker_logging.end()
     end = start + (time.perf_counter() - t_run)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
     meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": _rss()}
@@ -358,6 +374,8 @@ def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Erro
     call, rank = msg.call, msg.tag
     start = time.time()
     t0 = time.perf_counter()
+    debugging.new_unit()
+    worker_logging.begin(msg.log_context)
     try:
         spec = payload.loads(msg.payload)
         value, gathered = run_cell_code(spec, rank, msg.size)
@@ -367,6 +385,8 @@ def execute_cell(msg: Cell, where: Any, cpu: Callable[[], float]) -> Done | Erro
         if isinstance(exc, KeyboardInterrupt):  # the cell's own code raised it (see _as_item_error)
             exc = _as_item_error(exc)
         return Error(call, rank, -1, ErrorInfo(exc), b"", 0.0)
+    finally:
+        worker_logging.end()
     try:
         out = payload.dumps_data((value, gathered))
     except Exception as exc:
@@ -602,4 +622,5 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
+    debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()

@@ -63,12 +63,26 @@ def test_pool_restart_on_a_connected_cluster_restarts_nothing_and_says_so(ip, da
     assert run(ip, "%pmap -q abs, [-3]") == [3]
 
 
+def _streams_once_idle(client, timeout: float = 15.0) -> dict:
+    """The workers' streams once no mpmagic task runs there: the capture is
+    removed when a worker's last mpmagic task ends, and an earlier test may
+    have left one running (a timed-out task on a cluster we do not own)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        streams = client.run(_streams)
+        if not any("Router" in name for names in streams.values() for name in names):
+            return streams
+        assert time.monotonic() < deadline, f"mpmagic's capture still installed: {streams}"
+        time.sleep(0.2)
+
+
 def test_output_capture_leaves_the_workers_streams_as_they_were(ip, dask_pool):
-    before = dask_pool.client.run(_streams)
+    before = _streams_once_idle(dask_pool.client)
     run(ip, "def loud(x):\n    print('item', x)\n    return x\n")
     assert run(ip, "%pmap -q loud, range(8)") == list(range(8))
-    assert dask_pool.client.run(_streams) == before
-    assert not any("Router" in name for names in before.values() for name in names)
+    assert _streams_once_idle(dask_pool.client) == before
 
 
 def test_timeout_on_mpmagics_own_local_cluster_restarts_that_worker(ip, request):

@@ -34,8 +34,8 @@ from mpmagic.protocol import (
 
 EXAMPLES = [
     Func(b"k" * 16, b"payload"),
-    Map(1, 2, b"k" * 16, False, True, b"items", False, 32),
-    Cell(1, 3, 4, b"spec"),
+    Map(1, 2, b"k" * 16, False, True, b"items", False, 32, (64, b"levels")),
+    Cell(1, 3, 4, b"spec", (None, b"levels")),
     Context(7, b"state"),
     Unmap(["mpm_1_a", "mpm_1_b"]),
     Stop(),
@@ -212,3 +212,46 @@ def test_a_worker_given_an_unknown_message_stops_with_a_protocol_error(bare_work
     conn.send_bytes(pickle.dumps(("map", 1, 2)))
     proc.join(30)
     assert proc.exitcode not in (0, None)
+
+
+def test_a_unit_without_a_log_context_captures_nothing():
+    """The field's default (hand-made messages, older tests): no logging capture."""
+    assert Map(1, 0, b"k", False, False, b"", False, 1).log_context is None
+    assert Cell(1, 0, 2, b"").log_context is None
+    assert unpack(pack(Map(1, 0, b"k", False, False, b"", False, 1))).log_context is None
+
+
+def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries_its_locals(bare_worker):
+    """What Map.log_context carries reaches the worker: the notebook's levels decide
+    which records come home, the start index labels them; ErrorInfo.context holds
+    the raising frame's locals, the worker id and its pid."""
+    import logging
+
+    conn, proc = bare_worker
+    _replies(conn, until=(Ready,))
+
+    def note(x):
+        logging.getLogger("calc").info("item says %s", x)
+        scaled = x * 100  # noqa: F841 (a local the failure must carry home)
+        return 1 // (x - 12)
+
+    key = b"n" * 16
+    conn.send_bytes(pack(Func(key, payload.dumps_function(note))))
+    items = payload.dumps_data([10, 11, 12])
+    info_levels = pickle.dumps({"": logging.INFO})
+    conn.send_bytes(pack(Map(1, 0, key, False, False, items, False, 1, (10, info_levels))))
+    got = _replies(conn)
+    err = got[-1]
+    text = "".join(o.text for o in got[:-1] if type(o) is Out)
+    assert text == "[item 10] INFO:calc:item says 10\n[item 11] INFO:calc:item says 11\n[item 12] INFO:calc:item says 12\n"
+    assert type(err) is Error and err.index == 2
+    ctx = err.info.context
+    assert ctx["locals"] == {"x": "12", "scaled": "1200"}
+    assert (ctx["worker"], ctx["pid"]) == (5, proc.pid)
+    # Without a log context nothing comes home (the levels are still INFO);
+    # with the notebook at WARNING neither.
+    warn_levels = pickle.dumps({"": logging.WARNING})
+    for log_context in (None, (0, warn_levels)):
+        conn.send_bytes(pack(Map(1, 1, key, False, True, items, False, 1, log_context)))
+        got = _replies(conn)
+        assert type(got[-1]) is Done and not [o for o in got if type(o) is Out], got

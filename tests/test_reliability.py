@@ -157,7 +157,7 @@ def blocks_sent(monkeypatch):
 
     def message(self, unit):
         msg = original(self, unit)
-        sent.append(msg[-1])
+        sent.append(msg.block)
         return msg
 
     monkeypatch.setattr(mpmagic.jobs.MapJob, "message", message)

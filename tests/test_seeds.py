@@ -78,3 +78,22 @@ def test_unseeded_workers_never_share_state(ip, any_method, n):
     assert len(set(first.values())) == len(first)  # fork shares the notebook's state without the reseed
     if any_method == "fork":
         pool.shutdown()
+
+
+def test_pdebug_replays_a_seeded_item_with_its_stream_and_rerun_says_why_not(ip, local_pool, capsys):
+    import io
+    import sys
+
+    run(ip, "import random\ndef _pick(x):\n    r = random.random()\n    assert x != 2, r\n    return r")
+    run(ip, "%pmap -q --seed 5 --errors collect _pick, range(4)")
+    drawn = mpmagic.last_failures()[0].error.args[0]
+    capsys.readouterr()
+    saved, sys.stdin = sys.stdin, io.StringIO("p x\np r\nq\n")
+    try:
+        run(ip, "%pdebug 2")
+    finally:
+        sys.stdin = saved
+    out = capsys.readouterr().out
+    assert f"ipdb> 2\nipdb> {drawn!r}\n" in out  # the item itself, with the same random draw
+    with pytest.raises(mpmagic.UsageError, match="the last run used --seed"):
+        mpmagic.rerun_failed()

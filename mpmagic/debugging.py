@@ -1,0 +1,285 @@
+"""What a failure carries: the worker's locals at the raising line, its id and pid.
+
+* In the worker, :func:`failure_context` records what the raising frame saw
+  (bounded ``repr``s of its local variables) and which worker and pid ran it;
+  it rides home on the ``ErrorInfo`` (``worker.py``).
+* In the notebook, :func:`attach` puts a :class:`FailureInfo` on the rebuilt
+  exception (``exc.failure_info``): the item's index and input (or the rank),
+  the worker's locals, worker id and pid (``jobs.py`` calls it where it
+  rebuilds a task's exception). :func:`record_map` / :func:`record_cell`
+  (called by ``api.py``) keep the last run, with the very payload bytes its
+  workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
+  debugger) and ``--rerun-failed``.
+
+This module sits below ``worker.py`` and ``jobs.py`` (both import it): it
+imports no other mpmagic module at import time, never ``jobs`` or ``api``,
+and never IPython (workers import it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+_log = logging.getLogger("mpmagic")
+
+MAX_LOCALS = 20  # names kept from the raising frame
+MAX_REPR = 200  # characters kept of each repr
+WORKER_ID: Any = None  # set by the worker process at start (worker.main)
+# Failures per unit whose locals are kept: a --errors collect chunk where every
+# item fails would otherwise send up to 4 kB of reprs per item home.
+LOCALS_PER_UNIT = 50
+_budget = LOCALS_PER_UNIT
+
+
+def new_unit() -> None:
+    """A unit starts in this worker: its first failures get their locals again."""
+    global _budget
+    _budget = LOCALS_PER_UNIT
+
+# --------------------------------------------------------------------------
+# Worker side
+
+
+def _bounded_repr(value: Any, limit: int = MAX_REPR) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}: repr failed: {type(exc).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _worth_showing(name: str, value: Any) -> bool:
+    """Leave out the noise of a module-level frame (a cell rank's namespace)."""
+    if name.startswith("__"):
+        return False
+    return not isinstance(value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type))
+
+
+def failure_context(exc: BaseException) -> dict[str, Any]:
+    """What the worker knows at the failure: the raising frame's locals
+    (at most MAX_LOCALS names, MAX_REPR characters each; for the first
+    LOCALS_PER_UNIT failures of a unit), worker id and pid."""
+    global _budget
+    tb = exc.__traceback__ if _budget > 0 else None
+    _budget -= 1
+    frame_locals: dict[str, str] = {}
+    where = None
+    if tb is not None:
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        frame = tb.tb_frame
+        where = (frame.f_code.co_filename, tb.tb_lineno, frame.f_code.co_name)
+        try:
+            for name, value in list(frame.f_locals.items()):
+                if len(frame_locals) >= MAX_LOCALS:
+                    break
+                if _worth_showing(name, value):
+                    frame_locals[name] = _bounded_repr(value)
+        except Exception:
+            _log.debug("mpmagic: could not read the raising frame's locals", exc_info=True)
+    return {"locals": frame_locals, "where": where, "worker": WORKER_ID if WORKER_ID is not None else _dask_worker(), "pid": os.getpid()}
+
+
+def _dask_worker() -> str | None:
+    """The Dask worker's address, when this runs in a Dask task."""
+    if "distributed" not in sys.modules:
+        return None
+    try:
+        return sys.modules["distributed"].get_worker().address
+    except Exception:  # not in a Dask task
+        return None
+
+
+# --------------------------------------------------------------------------
+# Notebook side: what a failure carries
+
+
+@dataclass
+class FailureInfo:
+    """One failed item (or rank): where it ran and what its frame held.
+
+    ``index``/``item`` for a ``pmap`` item, ``rank``/``size`` for a
+    ``parallel`` rank; ``locals`` maps names in the raising frame to their
+    ``repr`` in the worker; ``worker`` and ``pid`` say which process ran it.
+    """
+
+    error: BaseException
+    index: int | None = None
+    item: Any = None
+    rank: int | None = None
+    size: int | None = None
+    locals: dict[str, str] = field(default_factory=dict)
+    where: tuple | None = None  # (filename, line, function) of the raising frame
+    worker: Any = None
+    pid: int | None = None
+    # The worker's frames and last line (ErrorInfo.frames / exc_text), for describe().
+    frames: list = field(default_factory=list, repr=False)
+    exc_text: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"rank {self.rank}" if self.rank is not None else f"item {self.index}"
+
+    def __repr__(self) -> str:
+        what = self.label if self.rank is not None else f"item {self.index} (input {_bounded_repr(self.item, 40)})"
+        ran = f" on worker {self.worker} (pid {self.pid})" if self.pid else ""
+        return f"<FailureInfo {what}{ran}: {type(self.error).__name__}: {self.error}>"
+
+    def describe(self) -> str:
+        """The worker's traceback and the raising frame's locals, as text."""
+        from .errors import map_cell_frames, render_traceback
+
+        text = self.exc_text or f"{type(self.error).__name__}: {self.error}"
+        if self.frames:  # (rendered only when asked: most failures are never described)
+            text = render_traceback(map_cell_frames(self.frames), text)
+        lines = [text.rstrip("\n")]
+        if self.locals:
+            fn = f" in {self.where[2]}" if self.where else ""
+            lines.append(f"Local variables{fn} in the worker (pid {self.pid}):")
+            lines += [f"    {name} = {value}" for name, value in self.locals.items()]
+        return "\n".join(lines)
+
+
+def attach(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
+    """Put a :class:`FailureInfo` on ``exc`` (``exc.failure_info``).
+
+    ``info`` is the worker's ``ErrorInfo`` (None for a lost worker or a
+    timeout); ``where`` gives ``index``/``item`` or ``rank``/``size``.
+    """
+    ctx = getattr(info, "context", None) or {}
+    failure = FailureInfo(
+        exc, locals=ctx.get("locals") or {}, where=ctx.get("where"), worker=ctx.get("worker"), pid=ctx.get("pid"),
+        frames=getattr(info, "frames", None) or [], exc_text=getattr(info, "exc_text", "") or "", **where,
+    )
+    try:
+        exc.failure_info = failure  # type: ignore[attr-defined]
+    except AttributeError:  # an exception type with __slots__
+        _log.debug("mpmagic: cannot attach failure details to %s", type(exc).__name__)
+    return failure
+
+
+# --------------------------------------------------------------------------
+# The last run
+
+
+MISSING = object()  # a result the failed run never produced
+
+
+@dataclass
+class LastRun:
+    """What :func:`replay` and :func:`rerun_failed` need of the last run."""
+
+    kind: str  # "map" or "cell"
+    payload: bytes  # the function's (or cell's) bytes, exactly as the workers got them
+    failures: list[FailureInfo]
+    func: Any = None
+    star: bool = False
+    collect: bool = False
+    options: dict = field(default_factory=dict)
+    results: list | None = None  # map: full length, MISSING where there is none
+    inputs: Any = None  # map: the input sequence, when it was one
+    checkpointed: bool = False  # only the items a checkpoint store lacked ran (see renumber_last)
+
+
+_last: LastRun | None = None
+
+
+def info_of(exc: BaseException, **where: Any) -> FailureInfo:
+    info = getattr(exc, "failure_info", None)
+    if isinstance(info, FailureInfo):
+        return info
+    return FailureInfo(exc, **where)
+
+
+def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict) -> None:
+    """Keep what a finished ``pmap`` needs for ``%pdebug`` and ``--rerun-failed``.
+
+    ``results`` is None when the run raised; ``failed`` the ``jobs.Failed``
+    among them (``errors="collect"``; the caller has them, and this module
+    must not import ``jobs``). Cheap when nothing failed: the run is
+    remembered without its results.
+    """
+    global _last
+    failures: list[FailureInfo] = []
+    full: list | None = None
+    if results is not None and failed:
+        for r in failed:
+            info = info_of(r.error, index=r.index, item=r.item)
+            info.index, info.item = r.index, r.item
+            failures.append(info)
+        full = results
+    elif results is None and job.failure is not None:
+        # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
+        failures.append(info_of(job.failure, index=job.failure_index))
+        full = _partial_results(job)
+    _last = LastRun(
+        "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
+        options=options, results=full, inputs=getattr(job, "_seq", None) if failures else None,
+    )
+
+
+def _partial_results(job: Any) -> list | None:
+    """The results a failed (errors="raise") run did get, in place, gaps MISSING."""
+    seq = getattr(job, "_seq", None)
+    if seq is None:
+        return None
+    full = [MISSING] * len(seq)
+    done = list(getattr(job, "_in_order", []))
+    full[: len(done)] = done
+    for start, chunk in getattr(job, "_results", {}).items():
+        full[start : start + len(chunk)] = chunk
+    return full
+
+
+def last_run() -> LastRun | None:
+    """The last run's record (for ``postmortem.py``)."""
+    return _last
+
+
+def set_last_run(run: LastRun | None) -> None:
+    """Make ``run`` the last run (``postmortem.rerun_failed`` merges its re-run in)."""
+    global _last
+    _last = run
+
+
+def renumber_last(positions: list[int]) -> None:
+    """The last run ran only part of a larger input (``checkpoint.py`` runs the
+    items its store lacks): its item ``i`` is item ``positions[i]`` of the
+    whole input. Failures are renumbered to count in the whole input; the run
+    cannot be re-run piecewise (running the checkpointed call again does that)."""
+    if _last is None or _last.kind != "map":
+        return
+    for f in _last.failures:
+        if f.index is not None and 0 <= f.index < len(positions):
+            f.index = positions[f.index]
+    _last.results, _last.inputs, _last.checkpointed = None, None, True
+
+
+def forget() -> None:
+    """A run starts: an older run's failures are no longer the last (even if
+    this one is interrupted before it records its own)."""
+    global _last
+    _last = None
+
+
+def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
+    """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``."""
+    global _last
+    failures = [info_of(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
+    _last = LastRun("cell", spec_bytes, failures)
+
+
+def last_failures() -> list[FailureInfo]:
+    """The failures of the last ``pmap`` or ``parallel`` run (empty if it succeeded).
+
+    Each :class:`FailureInfo` holds the item's index and input (or the rank),
+    the exception, the worker's local variables at the raising line (as
+    ``repr``s), and the worker id and pid. A ``pmap`` with ``errors="raise"``
+    lists its first failure only: the rest of the run was cancelled.
+    """
+    return list(_last.failures) if _last is not None else []

@@ -1,0 +1,191 @@
+"""After a failed run: replay an item under the debugger, re-run what failed.
+
+The last run's record is kept by :mod:`mpmagic.debugging` (``api.py`` records
+every ``pmap`` and ``parallel``, with the very payload bytes its workers
+loaded). From it:
+
+* :func:`replay` (``%pdebug``) runs the failing item (or rank) here, from
+  those bytes, under IPython's debugger, stopped at the line that raised;
+  where the replay does not fail, it shows the worker's traceback and locals;
+* :func:`rerun_failed` (``%pmap --rerun-failed``) runs only the items that
+  failed (or never ran) again, with the function's new definition, and
+  returns the full result list.
+
+This module sits above ``api.py`` (it calls ``api.pmap``); the debugger is
+imported only when a replay needs it.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+from . import api, payload
+from .cell import run_cell_code
+from .debugging import MISSING, FailureInfo, LastRun, info_of, last_run, set_last_run
+from .errors import TaskTimeoutError, UsageError, WorkerLostError
+from .jobs import Failed
+
+# --------------------------------------------------------------------------
+# Re-running what failed
+
+
+def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any) -> list:
+    """Run the failed items of the last ``pmap`` again; return the full results.
+
+    The function is ``func`` if given, else the *current* definition of the
+    last run's function name in ``namespace`` (the notebook's, by default),
+    so a function fixed and redefined since is the one used. Items that
+    succeeded keep their results; with ``errors="raise"``, items the failed
+    run never reached run too. ``options`` override the last run's
+    (``workers``, ``chunksize``, ``timeout``, ``retries``...).
+    """
+    last = last_run()
+    if last is None or last.kind != "map" or not last.failures:
+        raise UsageError("no failed %pmap run to re-run: run %pmap first (the last run had no failures)")
+    if getattr(last.func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded)
+        raise UsageError(
+            "the last run used --seed: run the same call again instead (an item's random stream comes "
+            "from its index in the whole input, so re-running some items on their own would draw other numbers)"
+        )
+    if last.checkpointed:
+        raise UsageError(
+            "the last run used --checkpoint: run the same call again instead, which takes the stored "
+            "results and runs only the items that failed or never ran"
+        )
+    if last.results is None:
+        raise UsageError(
+            "the last run's input was an iterator that is used up, so its missing items cannot be sent "
+            "again: run it with errors='collect' (or a list) to be able to re-run what failed"
+        )
+    func = func if func is not None else _current_definition(last.func, namespace)
+    full = list(last.results)
+    todo = [i for i, r in enumerate(full) if r is MISSING or isinstance(r, Failed)]
+    items = [full[i].item if isinstance(full[i], Failed) else last.inputs[i] for i in todo]
+    kwargs = {**last.options, **options, "errors": "collect" if last.collect else "raise"}
+    try:
+        again = api.pmap(func, items, star=last.star, **kwargs)
+    except KeyboardInterrupt:
+        set_last_run(last)  # nothing changed: the same failures can be re-run again
+        raise
+    except BaseException as exc:
+        info = getattr(exc, "failure_info", None)
+        if isinstance(info, FailureInfo) and info.index is not None:
+            info.index, info.item = todo[info.index], items[info.index]
+        _remember_rerun(last, func, full, [info] if isinstance(info, FailureInfo) else [])
+        raise
+    failures = []
+    for i, r in zip(todo, again, strict=True):
+        if isinstance(r, Failed):
+            r = Failed(i, r.item, r.error)
+            info = info_of(r.error)
+            info.index, info.item = i, r.item
+            failures.append(info)
+        full[i] = r
+    _remember_rerun(last, func, full, failures)
+    return full
+
+
+def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:
+    """After a re-run, the merged run is the last run (for last_failures, %pdebug)."""
+    ran = last_run()  # the re-run itself: its payload is the new function's
+    set_last_run(LastRun(
+        "map", ran.payload if ran is not None else last.payload, failures, func=func, star=last.star,
+        collect=last.collect, options=last.options, results=full if failures else None, inputs=last.inputs,
+    ))
+
+
+def _current_definition(func: Any, namespace: dict | None) -> Any:
+    """The notebook's current object under ``func``'s name, if there is one."""
+    name = getattr(func, "__name__", None)
+    if namespace is None:
+        namespace = getattr(sys.modules.get("__main__"), "__dict__", {})
+        get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)  # (loaded only if in use)
+        shell = get_ipython() if get_ipython is not None else None
+        if shell is not None:
+            namespace = shell.user_ns
+    new = namespace.get(name) if name and name != "<lambda>" else None
+    return new if callable(new) else func
+
+
+# --------------------------------------------------------------------------
+# Replay under the debugger
+
+
+def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
+    last = last_run()
+    if last is None or not last.failures:
+        raise UsageError("no failure to debug: the last %pmap or %%parallel run did not fail")
+    if which is None:
+        return last, last.failures[0]
+    for f in last.failures:
+        if (f.rank if last.kind == "cell" else f.index) == which:
+            return last, f
+    kind = "rank" if last.kind == "cell" else "item"
+    known = ", ".join(f.label for f in last.failures[:10])
+    raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
+
+
+def _run_again(last: LastRun, failure: FailureInfo) -> None:
+    """Run the failed item or rank here, from the payload bytes the workers loaded."""
+    obj = payload.loads(last.payload)
+    if last.kind == "cell":
+        assert failure.rank is not None and failure.size is not None  # (record_cell sets both)
+        run_cell_code(obj, failure.rank, failure.size, as_main=False)
+    elif getattr(obj, "mpmagic_item", None) is not None:  # seed=: with the item's own random stream again
+        obj((failure.index, failure.item))
+    elif last.star:
+        obj(*failure.item)
+    else:
+        obj(failure.item)
+
+
+def replay(which: int | None = None, debugger: Any = None) -> bool:
+    """Replay a failure of the last run here, under the debugger.
+
+    ``which`` is the item index (or rank) to replay, the first failure by
+    default. Stops at the line that raised, as ``%debug`` does. Returns
+    True if the replay failed (and was debugged); if it succeeds here, says so
+    in one line and prints the worker's traceback with its local variables.
+    """
+    last, failure = _pick(which)
+    if isinstance(failure.error, (WorkerLostError, TaskTimeoutError)):
+        # Running it here could crash or hang the notebook itself.
+        raise UsageError(
+            f"{failure.label} did not raise, its worker died or ran past the timeout "
+            f"({type(failure.error).__name__}): replaying it here could do the same to the notebook, "
+            "so it is not replayed; call the function on that input yourself if you mean it"
+        )
+    if last.kind == "map" and failure.index is None:
+        raise UsageError(
+            f"the failure was not raised by one item ({type(failure.error).__name__}: {failure.error}): "
+            "there is nothing to replay"
+        )
+    try:
+        _run_again(last, failure)
+    except Exception as exc:
+        tb = exc.__traceback__
+        assert tb is not None  # (a raised exception has one)
+        _post_mortem(tb.tb_next or tb, debugger)  # start below this function
+        return True
+    print(
+        f"mpmagic: {failure.label} did not fail when replayed here, so the failure depended on the "
+        "worker (its state, environment or resources); the worker's traceback and locals:"
+    )
+    print(failure.describe())
+    return False
+
+
+def _post_mortem(tb: types.TracebackType, debugger: Any = None) -> None:
+    """IPython's debugger on ``tb``, at its last frame (the raising line)."""
+    if debugger is None:
+        from IPython.core.debugger import Pdb
+
+        debugger = Pdb
+    p = debugger()
+    p.reset()
+    p.interaction(None, tb)
+
+
+__all__ = ["replay", "rerun_failed"]

@@ -1,0 +1,344 @@
+"""Logging records and warnings from tasks, shown in the cell that ran them.
+
+Both halves live here: what the notebook sends with a call (its logger levels),
+what a worker does with a task's records and warnings, and what the notebook
+does with them when they come home. It imports no IPython.
+
+Why through the printed-output channel: a worker already streams what a task
+writes to ``sys.stderr`` home in whole lines, as they come, in the order they
+were written (``worker._StreamToParent``; on Dask ``dask_tasks._TaskOutput``).
+A record written there is ordered with the task's prints, labelled like them,
+and survives an interrupt or a worker's death up to the last line sent.
+
+* **Logging.** The notebook's effective levels (the root's, and every logger
+  whose level it set) go with each call as a few bytes pickled once per call
+  (:func:`notebook_context`). The worker sets the same levels on its own
+  loggers, so a record below the notebook's level is never even made there,
+  and a handler on its root logger writes each record as one line,
+  ``[item 3] WARNING:root:text`` (``logging.BASIC_FORMAT`` behind the item
+  label; a ``%%parallel`` rank's lines get ``[rank N]`` from the cell's own
+  output labelling).
+* **Warnings.** Whether a warning shows is the notebook's filters' decision,
+  "once per location" by default across every worker and item of a call:
+  a worker could only deduplicate its own share. So the worker sends each
+  distinct warning (per unit) as one marked line, and the notebook's
+  :class:`WarningRelay` matches it against ``warnings.filters``, keeps a
+  registry per call, and puts the ones Python would print in the line's
+  place, formatted by ``warnings.formatwarning`` (with the source line from
+  the notebook's cells). An "error" filter is the exception: it raises in
+  the worker, as serial Python would (local workers have the notebook's
+  filters, see ``context.py``).
+
+What a unit carries: the ``log_context`` field of its ``Map`` or ``Cell``
+message (``protocol.py``), ``(first item index or None, levels bytes)``;
+``worker.execute_map``/``execute_cell`` (local workers and Dask tasks alike)
+wrap the running of the items or the cell in :func:`begin`/:func:`end`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pickle
+import sys
+import threading
+import types
+import warnings
+from typing import Any
+
+_log = logging.getLogger("mpmagic")
+
+# A warning travels as one line starting with this marker (ASCII "record
+# separator": never in ordinary printed text) followed by JSON.
+MARK = "\x1empmagic-warning "
+
+
+# --------------------------------------------------------------------------
+# Notebook side: what goes with a call
+
+
+def notebook_levels() -> dict[str, int]:
+    """The notebook's logger levels: the root's effective level, and every
+    logger whose own level was set (the rest inherit, as in the notebook)."""
+    levels = {"": logging.getLogger().getEffectiveLevel()}
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger) and logger.level != logging.NOTSET:
+            levels[name] = logger.level
+    return levels
+
+
+def notebook_context() -> bytes:
+    """The bytes a job sends with each unit: the notebook's logger levels.
+
+    Pickled once per call (a few hundred bytes) and compared by value in the
+    worker, which re-applies them only when they change.
+    """
+    return pickle.dumps(notebook_levels(), pickle.HIGHEST_PROTOCOL)
+
+
+# --------------------------------------------------------------------------
+# Worker side: capture while a unit runs
+
+
+class _Unit(threading.local):
+    """What the running unit's records are labelled with (per thread: a Dask
+    worker runs several tasks at once)."""
+
+    active = False
+    start: int | None = None  # a map chunk's first item index; None for a cell rank
+    seen: set | None = None  # warnings already sent for this unit
+
+
+_unit = _Unit()
+# Units running in this process now (several threads on Dask). While there is
+# one, records from threads a task started itself (which _unit cannot see)
+# still go home, unlabelled by item; and the warning filters are ours (see begin).
+_running = 0
+_saved_filters: list | None = None  # the worker's own filters, put back by the last end()
+_applied: bytes | None = None  # the levels last applied in this process
+_set_here: set[str] = set()  # loggers whose level this process set
+_installed = False
+_lock = threading.Lock()
+# On a Dask worker these loggers are the worker's own business.
+_OWN_LOGGERS = ("distributed", "dask", "tornado", "asyncio", "bokeh")
+# The code of the functions that run a chunk's items (worker.run_items and
+# run_items_timed register theirs: this module must not import worker.py).
+ITEM_LOOPS: set[types.CodeType] = set()
+
+
+def _running_item() -> int | None:
+    """The index in its chunk of the item running now.
+
+    Read from the stack only when a record is made, so running items pays
+    nothing: the chunk loops (``worker.run_items``) keep a ``results`` list
+    whose length is the index of the running item.
+    """
+    frame: types.FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code in ITEM_LOOPS:
+            results = frame.f_locals.get("results")
+            return len(results) if results is not None else None
+        frame = frame.f_back
+    return None
+
+
+def label() -> str:
+    """``[item N] `` for a map item, empty for a cell rank (labelled at home)."""
+    if _unit.start is None:
+        return ""
+    i = _running_item()
+    return f"[item {_unit.start + i}] " if i is not None else ""
+
+
+class _TaskHandler(logging.Handler):
+    """Writes a task's records to its captured stderr, one labelled line each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not (_unit.active or _running):
+            # Not during a task (the worker's own threads): as without this handler.
+            last = logging.lastResort
+            if last is not None and record.levelno >= last.level:
+                last.handle(record)
+            return
+        try:
+            text = self.format(record)
+            prefix = label() if _unit.active else ""
+            sys.stderr.write("".join(f"{prefix}{line}\n" for line in text.splitlines()))
+        except Exception:
+            self.handleError(record)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` in a worker: send each distinct warning home once per unit."""
+    if not _unit.active:
+        return _original_showwarning(message, category, filename, lineno, file, line)
+    text = str(message)
+    key = (text, category, filename, lineno)
+    if _unit.seen is not None:
+        if key in _unit.seen:
+            return None
+        _unit.seen.add(key)
+    module = getattr(category, "__module__", "builtins")
+    fields = [label(), text, module, category.__qualname__, filename, lineno, _module_of(filename)]
+    sys.stderr.write(MARK + json.dumps(fields) + "\n")
+    return None
+
+
+def _module_of(filename: str) -> str:
+    """The module name ``warnings`` derives from a filename (for ``module`` filters)."""
+    name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    return name[:-3] if name.endswith(".py") else name or "<unknown>"
+
+
+_original_showwarning = warnings.showwarning
+
+
+def _install() -> None:
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        logging.getLogger().addHandler(_TaskHandler())
+        warnings.showwarning = _show_warning
+        _installed = True
+
+
+def _apply_levels(ctx: bytes) -> None:
+    """Give this process's loggers the notebook's levels (only when they changed)."""
+    global _applied
+    if ctx == _applied:
+        return
+    levels = pickle.loads(ctx)
+    with _lock:
+        for name in _set_here - set(levels):
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        for name, level in levels.items():
+            if name.startswith(_OWN_LOGGERS):
+                continue
+            logging.getLogger(name or None).setLevel(level)
+        _set_here.clear()
+        _set_here.update(n for n in levels if n)
+        _applied = ctx
+
+
+def _unit_filters(filters: list) -> list:
+    """The warning filters while a unit runs: every warning reaches
+    :func:`_show_warning` ("always"; the notebook decides what shows), except
+    that an "error" filter still raises, as it would in serial Python (local
+    workers have the notebook's filters: ``context.py``)."""
+    return [("error", *f[1:]) if f[0] == "error" else ("always", *f[1:]) for f in filters]
+
+
+def begin(log_context: tuple | None) -> None:
+    """A unit starts in this thread: capture its records and warnings.
+
+    ``log_context`` is a message's ``(first item index or None, levels bytes)``
+    (:func:`notebook_context`); None captures nothing. Costs a few
+    microseconds per unit (a bytes comparison for the levels, a filter swap).
+    """
+    global _running, _saved_filters
+    if not log_context or not log_context[1]:
+        return
+    start, levels = log_context
+    try:
+        _install()
+        _apply_levels(levels)
+    except Exception:
+        _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
+        return
+    _unit.active, _unit.start, _unit.seen = True, start, set()
+    with _lock:
+        _running += 1
+        if _running == 1:
+            _saved_filters = list(warnings.filters)
+            warnings.filters[:] = _unit_filters(_saved_filters)  # type: ignore[index]  # (typeshed: a Sequence)
+            # (a public call, which also drops the "already warned" registries)
+            warnings.simplefilter("always", append=True)
+
+
+def end() -> None:
+    """The unit is over: stop labelling; the last unit puts the worker's filters back."""
+    global _running, _saved_filters
+    if not _unit.active:
+        return
+    _unit.active, _unit.seen = False, None
+    with _lock:
+        _running -= 1
+        if _running == 0 and _saved_filters is not None:
+            warnings.resetwarnings()  # (bumps the filters' version: registries start afresh)
+            warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
+            _saved_filters = None
+
+
+# --------------------------------------------------------------------------
+# Notebook side: what comes home
+
+
+def _resolve_category(module: str, qualname: str) -> type[Warning]:
+    """The warning class by name here; a look-alike subclass of Warning if it
+    cannot be imported (e.g. defined in a module the notebook lacks)."""
+    try:
+        obj: Any = sys.modules.get(module) or importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, Warning):
+            return obj
+    except Exception:
+        _log.debug("mpmagic: warning category %s.%s not found here", module, qualname)
+    return type(qualname.rsplit(".", 1)[-1], (Warning,), {"__module__": module})
+
+
+def _action(text: str, category: type[Warning], module: str, lineno: int) -> str:
+    """The action the notebook's ``warnings.filters`` choose (as ``warn_explicit`` does)."""
+    for action, msg, cat, mod, ln in warnings.filters:
+        if (
+            (msg is None or msg.match(text))
+            and issubclass(category, cat)
+            and (mod is None or mod.match(module))
+            and (ln == 0 or lineno == ln)
+        ):
+            return action
+    return getattr(warnings, "defaultaction", "default")  # (not in typeshed)
+
+
+class WarningRelay:
+    """Turns a call's marked warning lines into what Python would print here.
+
+    One per call: its registry makes "default" mean once per location across
+    every worker and item of the call, "module" once per module, "once" once.
+    An "error" filter of the notebook raises in a local worker (the filters
+    travel with ``context.py``); on Dask, where they do not, such a warning is
+    shown instead.
+    """
+
+    def __init__(self) -> None:
+        self.shown: set[tuple] = set()
+        self.lock = threading.Lock()
+
+    def __call__(self, text: str) -> str:
+        """``text`` (a task's output) with each marked line replaced by the
+        warning as Python shows it, or removed if the notebook's filters hide
+        it; the other lines unchanged and in their order."""
+        if MARK not in text:
+            return text
+        out = []
+        # (not splitlines(): it also splits at the marker's own \x1e)
+        for line in text.split("\n"):
+            before, mark, body = line.partition(MARK)
+            if not mark:
+                out.append(line)
+                continue
+            if before:  # a partial line printed just before the warning
+                out.append(before)
+            shown = self._one(body)
+            if shown:
+                out.append(shown)
+        return "\n".join(out)
+
+    def _one(self, body: str) -> str:
+        try:
+            label, text, module, qualname, filename, lineno, modname = json.loads(body)
+        except ValueError:
+            _log.warning("mpmagic: a malformed warning line from a worker: %r", body[:200])
+            return ""
+        category = _resolve_category(module, qualname)
+        action = _action(text, category, modname, lineno)
+        if action == "ignore":
+            return ""
+        key = {
+            "once": (text, category),
+            "module": (text, category, modname),
+            "default": (text, category, filename, lineno),
+        }.get(action)
+        if key is not None:
+            with self.lock:
+                if key in self.shown:
+                    return ""
+                self.shown.add(key)
+        shown = warnings.formatwarning(text, category, filename, lineno)
+        return "\n".join(f"{label}{line}" for line in shown.splitlines())

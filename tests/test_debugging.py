@@ -1,0 +1,200 @@
+"""%pdebug, the details a failure carries, last_failures() and --rerun-failed."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+
+import pytest
+from conftest import run
+
+import mpmagic
+
+
+def _debug(ip, line: str, commands: str, capsys) -> str:
+    """Run ``line`` (a %pdebug) with pdb reading ``commands``; return what it printed."""
+    saved = sys.stdin
+    sys.stdin = io.StringIO(commands)
+    try:
+        run(ip, line)
+    finally:
+        sys.stdin = saved
+    return capsys.readouterr().out
+
+
+def test_pdebug_stops_at_the_raising_line_with_the_items_locals(ip, local_pool, capsys):
+    run(ip, "def halve(x):\n    y = x * 10\n    assert x != 3, 'three'\n    return x / 2\n")
+    ip.run_cell("%pmap -q halve, range(6)", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "p x\np y\nq\n", capsys)
+    assert "assert x != 3, 'three'" in out  # pdb shows the line that raised
+    assert "ipdb> 3\nipdb> 30\n" in out  # x, and y computed before the raise
+
+
+def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
+    run(ip, "def f(x):\n    big = 'z' * 1000\n    secret = x + 1\n    return 1 // (x - 4)\n")
+    results = run(ip, "%pmap -q --errors collect f, range(6)")
+    failed = results[4]
+    assert isinstance(failed, mpmagic.Failed)
+    assert failed.locals["secret"] == "5" and failed.locals["x"] == "4"
+    assert len(failed.locals["big"]) <= 200
+    assert failed.pid is not None and failed.pid != __import__("os").getpid()
+    assert failed.worker is not None
+    (info,) = mpmagic.last_failures()
+    assert (info.index, info.item, info.pid) == (4, 4, failed.pid)
+    assert isinstance(info.error, ZeroDivisionError)
+    assert "secret = 5" in info.describe()
+
+
+def test_only_a_units_first_failures_carry_locals(ip, local_pool):
+    from mpmagic.debugging import LOCALS_PER_UNIT
+
+    run(ip, "def always(x):\n    raise ValueError(x)\n")
+    results = run(ip, f"%pmap -q --errors collect --chunksize {LOCALS_PER_UNIT + 5} always, range({LOCALS_PER_UNIT + 5})")
+    assert [bool(r.locals) for r in results] == [True] * LOCALS_PER_UNIT + [False] * 5
+    assert all(r.pid for r in results)
+
+
+def test_pdebug_n_replays_that_item_of_a_collect_run(ip, local_pool, capsys):
+    run(ip, "def g(x):\n    if x % 2:\n        raise ValueError(f'odd {x}')\n    return x\n")
+    run(ip, "%pmap -q --errors collect g, range(8)")
+    assert [f.index for f in mpmagic.last_failures()] == [1, 3, 5, 7]
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug 5", "p x\nq\n", capsys)
+    assert "raise ValueError(f'odd {x}')" in out
+    assert "ipdb> 5\n" in out
+
+
+def test_pdebug_on_a_parallel_rank_replays_with_its_rank_and_size(ip, local_pool, capsys):
+    ip.run_cell("%%parallel -n 2 -q\nv = rank * 7\nassert rank == 0, f'rank {rank} of {size}'\n", store_history=False)
+    capsys.readouterr()
+    [info] = mpmagic.last_failures()
+    assert info.rank == 1 and info.locals["v"] == "7"
+    out = _debug(ip, "%pdebug", "p (rank, size, v)\nq\n", capsys)
+    assert "(1, 2, 7)" in out
+
+
+def test_a_failure_that_does_not_repeat_here_says_so_in_one_line(ip, local_pool, capsys):
+    run(ip, "import os\ndef where(x):\n    here = os.getpid()\n    if here != NOTEBOOK:\n        raise RuntimeError('only in a worker')\n    return x\n")
+    run(ip, "NOTEBOOK = os.getpid()")
+    ip.run_cell("%pmap -q where, [1]", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    first = out.splitlines()[0]
+    assert first.startswith("mpmagic: item 0 did not fail when replayed here")
+    assert "RuntimeError: only in a worker" in out
+    assert "here = " in out  # the worker's locals instead
+
+
+def test_rerun_failed_uses_the_new_definition_and_fills_the_gaps(ip, local_pool):
+    run(ip, "def inv(x):\n    return 10 / (x % 3)\n")
+    first = run(ip, "%pmap -q --errors collect inv, range(9)")
+    assert sum(isinstance(r, mpmagic.Failed) for r in first) == 3
+    run(ip, "def inv(x):\n    return 10 / (x % 3) if x % 3 else 0.0\n")
+    again = run(ip, "%pmap --rerun-failed")
+    assert again == run(ip, "list(map(inv, range(9)))")
+    assert mpmagic.last_failures() == []
+
+
+def test_rerun_failed_after_a_raising_run_runs_what_never_ran(ip, local_pool):
+    run(ip, "def sq(x):\n    if x == 5:\n        raise KeyError(x)\n    return x * x\n")
+    ip.run_cell("%pmap -q --chunksize 2 sq, list(range(12))", store_history=False)
+    assert [f.index for f in mpmagic.last_failures()] == [5]
+    run(ip, "def sq(x):\n    return x * x\n")
+    assert run(ip, "%pmap --rerun-failed") == [x * x for x in range(12)]
+
+
+def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
+    run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
+    results = run(ip, "%pmap -q --errors collect crash, [1]")
+    assert isinstance(results[0], mpmagic.Failed)
+    result = ip.run_cell("%pdebug 0", store_history=False)
+    assert "replaying it here could do the same to the notebook" in str(result.error_in_exec)
+
+
+def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):
+    run(ip, "%pmap -q abs, [1, -2]")
+    result = ip.run_cell("%pdebug", store_history=False)
+    assert "no failure to debug" in str(result.error_in_exec)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("UsageError: %pdebug: no failure")
+    with pytest.raises(mpmagic.UsageError, match="no failed %pmap run"):
+        mpmagic.rerun_failed()
+
+
+# --------------------------------------------------------------------------
+# A real kernel: the debugger's prompts go to the front end as input requests
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    pytest.importorskip("jupyter_client")
+    from test_kernel import Kernel
+
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        yield k
+    finally:
+        k.close()
+
+
+def _execute_with_input(k, code: str, answers: list[str], timeout: float = 60) -> tuple[str, list[str]]:
+    """Run ``code`` answering each input request with the next of ``answers``;
+    return this cell's stdout and the prompts it asked."""
+    import queue
+    import time
+
+    msg_id = k.kc.execute(code, allow_stdin=True)
+    out, prompts, t0 = [], [], time.monotonic()
+    while True:
+        assert time.monotonic() - t0 < timeout, (code, "".join(out), prompts)
+        try:
+            req = k.kc.get_stdin_msg(timeout=0.05)
+            prompts.append(req["content"]["prompt"])
+            k.kc.input(answers.pop(0) if answers else "q")
+        except queue.Empty:
+            pass
+        try:
+            msg = k.kc.get_iopub_msg(timeout=0.05)
+        except queue.Empty:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout":
+            out.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return re.sub(r"\x1b\[[0-9;]*m", "", "".join(out)), prompts  # without colours
+
+
+def test_pdebug_in_a_real_kernel_is_driven_through_input_requests(kernel):
+    kernel.ok("def halve(x):\n    y = x * 10\n    assert x != 3, 'three'\n    return x / 2\n")
+    kernel.execute("%pmap -q halve, range(6)")
+    out, prompts = _execute_with_input(kernel, "%pdebug", ["p (x, y)", "q"])
+    assert prompts and all("ipdb>" in p for p in prompts)
+    assert "assert x != 3, 'three'" in out and "(3, 30)" in out
+
+
+def test_task_logging_lands_in_the_cell_that_ran_it_in_a_real_kernel(kernel):
+    kernel.ok("import logging\nlogging.getLogger().setLevel(logging.INFO)\n"
+              "def chatty(x):\n    logging.getLogger('calc').info('item says %s', x)\n    return x\n")
+    reply = kernel.ok("%pmap -q chatty, range(3)")
+    err = reply.stream("stderr")
+    assert all(err.count(f"[item {x}] INFO:calc:item says {x}\n") == 1 for x in range(3)), err
+    assert not any("item says" in str(c) for _, c in reply.others)
+
+
+def test_after_a_checkpointed_run_failures_count_in_the_whole_input(ip, local_pool, tmp_path):
+    """--checkpoint runs only the items its store lacks: %pdebug N and
+    last_failures() still count in the user's input, and --rerun-failed
+    points to running the call again (which is the checkpoint's re-run)."""
+    run(ip, "import mpmagic\ndef ck(x):\n    if x == 5:\n        raise ValueError(x)\n    return x\n")
+    ip.user_ns["ckdir"] = str(tmp_path)
+    run(ip, "mpmagic.pmap(ck, range(4), checkpoint=ckdir)")  # items 0-3 stored
+    results = run(ip, "mpmagic.pmap(ck, range(8), errors='collect', checkpoint=ckdir)")
+    assert [r.index for r in results if isinstance(r, mpmagic.Failed)] == [5]
+    [info] = mpmagic.last_failures()
+    assert (info.index, info.item) == (5, 5)
+    with pytest.raises(mpmagic.UsageError, match="used --checkpoint"):
+        mpmagic.rerun_failed()

@@ -1,0 +1,165 @@
+"""Logging records and warnings from tasks show in the cell, labelled, as Python would show them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import run
+
+
+@pytest.fixture
+def root_level():
+    """Set the notebook's root logger level for one test."""
+    root = logging.getLogger()
+    saved = root.level
+
+    def set_level(level: int) -> None:
+        root.setLevel(level)
+
+    yield set_level
+    root.setLevel(saved)
+
+
+TASK = """
+import logging
+def chatty(x):
+    logging.getLogger("calc").info("working on %s", x)
+    return x + 1
+"""
+
+
+def test_info_records_below_the_notebooks_level_are_not_shown(ip, local_pool, root_level, capsys):
+    root_level(logging.WARNING)
+    run(ip, TASK)
+    assert run(ip, "%pmap -q chatty, range(4)") == [1, 2, 3, 4]
+    assert "working on" not in capsys.readouterr().err
+
+
+def test_info_records_at_the_notebooks_level_show_once_labelled_by_item(ip, local_pool, root_level, capsys):
+    root_level(logging.INFO)
+    run(ip, TASK)
+    assert run(ip, "%pmap -q --chunksize 2 chatty, range(4)") == [1, 2, 3, 4]
+    err = capsys.readouterr().err
+    for x in range(4):
+        assert err.count(f"[item {x}] INFO:calc:working on {x}\n") == 1, err
+
+
+def test_a_named_loggers_own_level_is_followed(ip, local_pool, root_level, capsys):
+    root_level(logging.WARNING)
+    logging.getLogger("calc").setLevel(logging.INFO)
+    try:
+        run(ip, TASK)
+        run(ip, "%pmap -q chatty, [7]")
+    finally:
+        logging.getLogger("calc").setLevel(logging.NOTSET)
+    assert "[item 0] INFO:calc:working on 7\n" in capsys.readouterr().err
+
+
+def test_records_of_a_parallel_rank_are_labelled_by_rank_in_order(ip, local_pool, root_level, capsys):
+    root_level(logging.INFO)
+    ip.run_cell(
+        "%%parallel -n 2 -q\nimport logging\nprint('before')\nlogging.info('rank %d here', rank)\nprint('after')\n",
+        store_history=False,
+    )
+    captured = capsys.readouterr()
+    for r in range(2):
+        assert f"[rank {r}] INFO:root:rank {r} here\n" in captured.err
+
+
+def test_records_from_a_thread_the_task_started_are_shown(ip, local_pool, root_level, capsys):
+    root_level(logging.WARNING)
+    run(ip, "import logging, threading\ndef threaded(x):\n    t = threading.Thread(target=logging.warning, args=('from a thread %s', x))\n    t.start(); t.join()\n    return x\n")
+    assert run(ip, "%pmap -q threaded, [4]") == [4]
+    assert "WARNING:root:from a thread 4\n" in capsys.readouterr().err
+
+
+WARNS = """
+import warnings
+def noisy(x):
+    warnings.warn("careful")
+    if x % 100 == 0:
+        warnings.warn(f"hundred {x}", RuntimeWarning)
+    return x
+"""
+
+
+def test_warnings_from_1000_items_show_once_per_location(ip, local_pool, capsys):
+    run(ip, WARNS)
+    assert run(ip, "%pmap -q noisy, range(1000)") == list(range(1000))
+    err = capsys.readouterr().err
+    assert err.count("UserWarning: careful") == 1, err
+    # different texts from one line are different warnings, as in Python
+    assert sorted(line.split("RuntimeWarning: ")[1] for line in err.splitlines() if ": RuntimeWarning: " in line) == sorted(
+        f"hundred {x}" for x in range(0, 1000, 100)
+    )
+    # The oracle: the same map serially here, under the default filters.
+    serial = run(ip, "with warnings.catch_warnings(record=True) as seen:\n"
+                     "    warnings.simplefilter('default')\n    _ = list(map(noisy, range(1000)))\nlen(seen)")
+    assert sum("Warning: " in line for line in err.splitlines()) == serial == 11
+    line = next(line for line in err.splitlines() if "careful" in line)
+    assert line.startswith("[item ") and ": UserWarning: careful" in line
+
+
+def test_warnings_follow_the_notebooks_filters(ip, local_pool, capsys):
+    run(ip, WARNS)
+    run(ip, "import warnings; warnings.filterwarnings('ignore', 'careful')")
+    try:
+        run(ip, "%pmap -q noisy, range(3)")
+    finally:
+        run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')")
+    err = capsys.readouterr().err
+    assert "careful" not in err and "hundred 0" in err
+
+
+def test_a_record_made_before_the_worker_dies_is_shown(ip, local_pool, root_level, capsys):
+    root_level(logging.INFO)
+    run(ip, "import logging, os\ndef doomed(x):\n    logging.warning('last words %s', x)\n    os._exit(9)\n")
+    result = ip.run_cell("%pmap -q doomed, [5]", store_history=False)
+    assert result.error_in_exec is not None
+    assert "[item 0] WARNING:root:last words 5" in capsys.readouterr().err
+
+
+def test_records_and_warnings_from_dask_tasks_show_labelled(ip, root_level, capsys, dask_cluster, request):
+    from conftest import ensure_pool
+
+    ensure_pool("dask", request)
+    root_level(logging.INFO)
+    run(ip, TASK)
+    run(ip, WARNS)
+    assert run(ip, "%pmap -q --chunksize 2 chatty, range(4)") == [1, 2, 3, 4]
+    assert run(ip, "%pmap -q noisy, range(50)") == list(range(50))
+    err = capsys.readouterr().err
+    for x in range(4):
+        assert err.count(f"[item {x}] INFO:calc:working on {x}\n") == 1, err
+    assert err.count("UserWarning: careful") == 1, err
+    # And a %pdebug-able failure carries the Dask worker's locals.
+    run(ip, "def bad(x):\n    half = x / 2\n    raise ValueError(x)\n")
+    ip.run_cell("%pmap -q bad, [8]", store_history=False)
+    [info] = __import__("mpmagic").last_failures()
+    assert info.locals == {"x": "8", "half": "4.0"} and info.pid is not None
+    assert str(info.worker).startswith("tcp://127.0.0.1")
+
+
+def test_a_warning_keeps_its_place_among_the_lines_the_task_wrote(ip, local_pool, capsys):
+    # (a task's first line goes home at once, the next ones together: one message)
+    run(ip, "import sys, warnings\ndef between(x):\n    sys.stderr.write('first\\n')\n    sys.stderr.write('before\\n')\n"
+            "    warnings.warn('in the middle')\n    sys.stderr.write('after\\n')\n    return x\n")
+    assert run(ip, "%pmap -q between, [1]") == [1]
+    lines = capsys.readouterr().err.splitlines()
+    where = [i for i, line in enumerate(lines) if "UserWarning: in the middle" in line]
+    assert len(where) == 1 and lines.index("before") < where[0] < lines.index("after"), lines
+
+
+def test_an_error_filter_of_the_notebook_makes_the_warning_the_items_error(ip, local_pool, capsys):
+    """As serial Python: the notebook's filters reach local workers (context.py),
+    and capturing the unit's warnings must not turn "error" into a shown line."""
+    run(ip, WARNS)
+    run(ip, "warnings.filterwarnings('error', 'careful')")
+    try:
+        result = ip.run_cell("%pmap -q noisy, range(3)", store_history=False)
+    finally:
+        run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')")
+    err = result.error_in_exec
+    assert type(err) is UserWarning and str(err) == "careful"
+    assert "careful" not in capsys.readouterr().err
