@@ -61,6 +61,9 @@ _LAZY = {
     "SharedObjectGone": "shared",
     "Value": "shared",
     "share": "shm",
+    "on_worker_start": "setup_api",
+    "worker_id": "worker_setup",
+    "rng": "seeding",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
@@ -79,9 +82,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     )
     from .postmortem import rerun_failed
     from .report import Report
+    from .seeding import rng
+    from .setup_api import on_worker_start
     from .shared import Array, Event, Lock, Queue, QueueClosed, RLock, SharedObjectGone, Value
     from .shm import share
     from .streaming import imap
+    from .worker_setup import worker_id
 
 
 def __getattr__(name: str) -> Any:
@@ -126,6 +132,9 @@ __all__ = [
     "use_dask",
     "pool_status",
     "share",
+    "on_worker_start",
+    "worker_id",
+    "rng",
     "Queue",
     "Value",
     "Array",
@@ -231,7 +240,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     if "mpmagic.pandas_accessor" in sys.modules:
         sys.modules["mpmagic.pandas_accessor"].unregister()
     magics = ipython.magics_manager.magics
-    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "parallel"), ("line", "pdebug")):
+    for kind, name in (("line", "pmap"), ("line", "pool"), ("cell", "pool"), ("cell", "parallel"), ("line", "pdebug")):
         magics[kind].pop(name, None)
     ipython.magics_manager.registry.pop("MPMagics", None)
     ipython.magics_manager.registry.pop("DebugMagics", None)

@@ -9,6 +9,7 @@ estimated from the workers' own task times otherwise.
 from __future__ import annotations
 
 import ast
+import contextlib
 import itertools
 import os
 import sys
@@ -119,6 +120,7 @@ def pmap(
     checkpoint: bool | str | os.PathLike = False,
     on_chunk: Callable[[int, list], None] | None = None,
     block: bool = True,
+    seed: int | None = None,
 ) -> Any:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
@@ -141,10 +143,21 @@ def pmap(
     ``on_chunk(start, results)`` is called as each chunk's results arrive.
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
+    ``seed=S`` runs item ``i`` with its own random stream from S and ``i``
+    (``random``, ``numpy.random`` and ``mpmagic.rng()``): the same results
+    with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
     global _last_report
     check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
+    if seed is not None:  # per-item random streams (seeding.py): number the items, wrap the function
+        from . import seeding
+
+        seed = seeding._check_seed(seed)
+        src = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+        star = star or len(iterables) > 1
+        pairs = enumerate(src) if iter(src) is src else _Enumerated(src)  # one-shot stays one-shot
+        func, iterables, star = seeding.Seeded(func, seed, star), (pairs,), False
     if not block:
         from . import background
 
@@ -191,10 +204,11 @@ def pmap(
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
         t1 = time.perf_counter()
-        if star_mode and len(iterables) == 1:
-            serial = list(itertools.starmap(func, iterables[0]))
-        else:
-            serial = list(map(func, *iterables))
+        with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
+            if star_mode and len(iterables) == 1:
+                serial = list(itertools.starmap(func, iterables[0]))
+            else:
+                serial = list(map(func, *iterables))
         _last_report.serial = time.perf_counter() - t1
         _last_report.equal = _equal(serial, results)
     if show_report:
@@ -292,6 +306,37 @@ async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
         await loop.run_in_executor(None, run.cancel)
         raise
     return run.result(0)
+
+
+@contextlib.contextmanager
+def _random_state_kept(keep: bool) -> Any:
+    """Restore ``random``'s and numpy's global state after a seeded serial run here."""
+    if not keep:
+        yield
+        return
+    import random
+
+    np = sys.modules.get("numpy")
+    saved = random.getstate(), (np.random.get_state() if np is not None else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        if np is not None and saved[1] is not None:
+            np.random.set_state(saved[1])
+
+
+class _Enumerated:
+    """``enumerate(items)`` that can be iterated again and keeps ``len`` (for ``seed=``)."""
+
+    def __init__(self, items: Any) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Any:
+        return enumerate(self.items)
 
 
 def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int | None) -> None:
@@ -454,6 +499,9 @@ def parallel(
     insights: bool = False,
     checkpoint: bool | str | os.PathLike = False,
     block: bool = True,
+    seed: int | None = None,
+    keep: bool = False,
+    reset: bool = False,
 ) -> Any:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
@@ -468,6 +516,9 @@ def parallel(
     seconds; ``insights`` records each rank's worker and span (see ``pmap``).
     ``checkpoint`` keeps the ranks' values: see ``pmap`` and docs/checkpoint.md.
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once.
+    ``seed=S`` gives each rank its own random stream from S and its rank.
+    ``keep=True`` runs on persistent ranks: each rank keeps its namespace in
+    its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
     """
     __tracebackhide__ = True
     global _last_report
@@ -510,17 +561,21 @@ def parallel(
                                      get_report=last_report, kwargs=kw)
     bar = Progress(workers or get_pool().workers, "parallel", "rank", progress_delay, enabled=progress)
     call = CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output, insights=insights,
-                    progress=bar.update)
+                    progress=bar.update, seed=seed, keep=keep, reset=reset)
     spec, job, size = call.spec, call.job, call.size
     t0 = time.perf_counter()
     debugging.forget()
-    _run_with_progress(call.backend, job, bar, size)
+    try:
+        _run_with_progress(call.backend, job, bar, size)
+    finally:
+        call.record_kept()
     report = _last_report = call.report(time.perf_counter() - t0)
     debugging.record_cell(job, call.spec_bytes, size)  # for %pdebug
     values = call.values(sys.stderr.write)
     if compare:
         t1 = time.perf_counter()
-        serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
+        with _random_state_kept(seed is not None):
+            serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
         report.serial = time.perf_counter() - t1
         report.extra["serial_value"] = serial_value
     values.report = report
@@ -533,18 +588,43 @@ class CellCall:
     """One cell's job and what its report and values need (a blocking or a background run)."""
 
     def __init__(self, code: str, namespace: dict[str, Any], gather: tuple, workers: int | None, *,
-                 insights: bool = False, **kwargs: Any) -> None:
+                 insights: bool = False, seed: int | None = None, keep: bool = False, reset: bool = False,
+                 **kwargs: Any) -> None:
         try:
             self.spec = make_cell_spec(code, namespace, gather)
         except SyntaxError as exc:
             raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+        if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
+            from .seeding import _check_seed
+
+            self.spec.seed = _check_seed(seed)
         self.gather = gather
         self.backend = get_pool()
         self.size = workers or self.backend.workers
+        self.pins = None
+        if keep or reset:  # persistent ranks (ranks.py): each rank pinned to the worker keeping its namespace
+            from . import ranks
+
+            if not keep:
+                raise UsageError("reset=True (--reset) starts kept ranks afresh: use it with keep=True (--keep)")
+            self.pins = ranks.check(self.backend, self.size, reset)
+            self.spec.keep, self.spec.reset = True, reset
         self.spec_bytes = spec_bytes = _pack_spec(self.spec)  # (kept for %pdebug's replay of a rank)
         self.cold = self.backend.cold
         self.recorder = Recorder("parallel") if insights else None
-        self.job = CellJob(spec_bytes, self.size, insights=self.recorder, **kwargs)
+        if self.pins is None:
+            self.job = CellJob(spec_bytes, self.size, insights=self.recorder, **kwargs)
+        else:
+            from . import ranks
+
+            self.job = ranks.KeptCellJob(spec_bytes, self.size, insights=self.recorder, pins=self.pins, **kwargs)
+
+    def record_kept(self) -> None:
+        """After a ``keep=True`` run (however it ended): which worker keeps which rank."""
+        if self.pins is not None:
+            from . import ranks
+
+            ranks.record(self.backend, self.size, self.job.placed)
 
     def report(self, wall: float) -> Report:
         job, size = self.job, self.size

@@ -32,6 +32,9 @@ class CellSpec:
     names: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, str] = field(default_factory=dict)
     gather: tuple[str, ...] = ()
+    seed: int | None = None  # --seed: each rank's random stream (seeding.py)
+    keep: bool = False  # --keep: run in the rank's kept namespace (ranks.py)
+    reset: bool = False  # --keep --reset: drop the kept namespaces first
 
 
 def register_source(source: str, prefix: str = "parallel-cell") -> str:
@@ -105,9 +108,17 @@ def run_cell_code(
         ns[alias] = importlib.import_module(modname)
     ns.update(spec.names)
     ns["rank"], ns["size"] = rank, size
+    if spec.seed is not None:  # --seed (seeding.py)
+        from .seeding import seed_rank
+
+        seed_rank(spec.seed, rank)
     # Code in the cell may import from __main__ or pickle its own classes.
-    main = types.ModuleType("__main__")
-    main.__dict__.update(ns)
+    if spec.keep and as_main:  # %%parallel --keep (ranks.py): the rank's kept namespace; its own names win
+        main = kept_namespace(rank, spec.reset)
+        main.__dict__.update({k: v for k, v in ns.items() if k not in main.__dict__ or k in ("rank", "size")})
+    else:
+        main = types.ModuleType("__main__")
+        main.__dict__.update(ns)
     ns = main.__dict__
     saved_main = sys.modules.get("__main__")
     if as_main:
@@ -123,3 +134,17 @@ def run_cell_code(
     if missing:
         raise NameError(f"--gather: name(s) {', '.join(map(repr, missing))} not defined in the cell")
     return value, {g: ns[g] for g in spec.gather}
+
+
+_kept: dict[int, types.ModuleType] = {}  # %%parallel --keep: rank -> its kept ``__main__`` in this worker
+
+
+def kept_namespace(rank: int, reset_first: bool) -> types.ModuleType:
+    """The kept module of ``rank`` in this worker (a new one the first time; ``reset_first``
+    drops every kept rank first). The notebook pins the rank to this worker (ranks.py)."""
+    if reset_first:
+        _kept.clear()
+    mod = _kept.get(rank)
+    if mod is None:
+        mod = _kept[rank] = types.ModuleType("__main__")
+    return mod

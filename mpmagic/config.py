@@ -112,6 +112,19 @@ class MPMagic(Configurable):
 
         pool.set_max_memory(change["new"])
 
+    worker_threads = Int(
+        None,
+        allow_none=True,
+        help="BLAS/OpenMP threads per worker (None: usable CPUs // workers, so workers x threads "
+        "never exceeds the CPUs; 0: no cap). Applies to workers started after it changes (%pool restart).",
+    ).tag(config=True)
+
+    @observe("worker_threads")
+    def _worker_threads_changed(self, change: dict) -> None:
+        from . import threads
+
+        threads.configure(change["new"])
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         # Settings from ipython_config.py count as changed: the first run applies them.

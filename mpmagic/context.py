@@ -52,6 +52,10 @@ _version = 0
 _last_state: tuple | None = None  # what the last message carried, to compare against
 _last_msg: Context | None = None
 _last_call: Any = object()
+# In a worker: variables it set for itself at start (worker_setup.start_worker:
+# CUDA_VISIBLE_DEVICES of --gpus, the BLAS/OpenMP thread caps). The notebook's
+# environment never overrides or removes them.
+own_env: set[str] = set()
 
 
 def _state() -> tuple:
@@ -128,10 +132,10 @@ def apply(msg: Context) -> None:
     except OSError as exc:
         log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
     try:
-        for name in [n for n in os.environ if n not in env]:
+        for name in [n for n in os.environ if n not in env and n not in own_env]:
             del os.environ[name]
         for name, value in env.items():
-            if os.environ.get(name) != value:
+            if os.environ.get(name) != value and name not in own_env:
                 os.environ[name] = value
     except Exception:
         log.warning("mpmagic worker: could not apply the notebook's environment", exc_info=True)

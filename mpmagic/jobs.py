@@ -316,9 +316,19 @@ class MapJob:
         )
 
     # -- taking back results -----------------------------------------------
+    def _shown(self, item: Any) -> tuple[Any, bool]:
+        """(the item as serial map sees it, star) for messages and ``Failed.item``.
+
+        ``seed=`` maps a wrapper over ``(index, item)`` pairs (seeding.Seeded):
+        an error names the item itself, never the pair.
+        """
+        unwrap = getattr(self.func, "mpmagic_item", None)
+        return (item, self.star) if unwrap is None else (unwrap(item), self.func.star)
+
     def _where(self, index: int, item: Any) -> str:
-        args = short_repr(item) if self.star else f"({short_repr(item)})"
-        if self.star:
+        item, star = self._shown(item)
+        args = short_repr(item) if star else f"({short_repr(item)})"
+        if star:
             args = "(" + args.strip("()[]") + ")" if isinstance(item, (tuple, list)) else args
         name = getattr(self.func, "__name__", "func")
         return f"mpmagic: raised by item {index} of the input: {name}{args}"
@@ -347,8 +357,9 @@ class MapJob:
             for i, r in enumerate(results):
                 if type(r) is ErrorInfo:
                     idx = unit.start + i
-                    results[i] = Failed(idx, unit.items[i], rebuild_exception(r, self._where(idx, unit.items[i])))
-                    debugging.attach(results[i].error, r, index=idx, item=unit.items[i])
+                    item = self._shown(unit.items[i])[0]
+                    results[i] = Failed(idx, item, rebuild_exception(r, self._where(idx, unit.items[i])))
+                    debugging.attach(results[i].error, r, index=idx, item=item)
         self._complete(unit, results, seconds)
 
     def _complete(self, unit: Unit, results: list, seconds: float) -> None:
@@ -412,7 +423,7 @@ class MapJob:
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
-            debugging.attach(exc, info, index=idx, item=unit.items[index])
+            debugging.attach(exc, info, index=idx, item=self._shown(unit.items[index])[0])
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in str(exc):
                 add_note(exc, _READ_ONLY_NOTE)
         if unit.lease is not None:  # no worker reads this chunk any more
@@ -421,7 +432,7 @@ class MapJob:
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
-        where = "" if index is None else f" (item {unit.start + index}, {short_repr(unit.items[index])})"
+        where = "" if index is None else f" (item {unit.start + index}, {short_repr(self._shown(unit.items[index])[0])})"
         exc = SerializationError(
             f"a result{where} cannot be sent back from the worker: {info.exc_text.strip()}. "
             "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
@@ -454,9 +465,9 @@ class MapJob:
             unit = self._isolate(unit, index)
         first = unit.start
         if unit.count == 1:
-            what = f"item {first} ({short_repr(unit.items[0])})"
+            what = f"item {first} ({short_repr(self._shown(unit.items[0])[0])})"
         else:
-            what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(unit.items[0])})"
+            what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
         if timed_out:
             fate = reason if worker_kept else "its worker was stopped and replaced"
             exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; {fate}")
@@ -501,7 +512,7 @@ class MapJob:
             unit.lease.release()
             unit.lease = None
         if self.collect:
-            self._complete(unit, [Failed(unit.start + i, it, exc) for i, it in enumerate(unit.items)], 0.0)
+            self._complete(unit, [Failed(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)], 0.0)
         else:
             self._fail(unit.start + (index or 0), exc)
 

@@ -16,11 +16,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class, no_var_expand
+from IPython.core.magic import (
+    Magics,
+    cell_magic,
+    line_cell_magic,
+    line_magic,
+    magics_class,
+    no_var_expand,
+)
 from IPython.display import display
 
 from . import api, config, pool, scaling
-from .errors import UsageError, came_from_worker
+from .errors import MPMagicError, UsageError, came_from_worker
 
 _args_counter = 0
 
@@ -108,6 +115,8 @@ def _pmap_parser() -> _Parser:
                    help="raise the first error (default), or collect failures in place of results")
     p.add_argument("--timeout", type=_positive_float, help="seconds an item may run before it is stopped")
     p.add_argument("--retries", type=_nonnegative_int, default=0, help="times to re-send items whose worker died")
+    p.add_argument("--seed", type=_nonnegative_int,
+                   help="give item i its own random stream from SEED and i (same results on any workers)")
     p.add_argument("--rerun-failed", action="store_true",
                    help="run only the failed items of the last %%pmap again, with the current definition of its "
                         "function's name (fixed since), and return the full results (no FUNC, ITERABLE)")
@@ -129,6 +138,10 @@ def _parallel_parser() -> _Parser:
     p.add_argument("--no-label", action="store_true", help="do not prefix output lines with [rank N]")
     p.add_argument("--bg", action="store_true",
                    help="run in the background: the cell's value is a run handle (-o NAME stores it)")
+    p.add_argument("--seed", type=_nonnegative_int, help="give each rank its own random stream from SEED and its rank")
+    p.add_argument("--keep", action="store_true",
+                   help="persistent ranks: each rank keeps its variables in its worker for the next --keep cell")
+    p.add_argument("--reset", action="store_true", help="with --keep: drop the kept ranks and start afresh")
     config.add_options(p, "ranks")
     return p
 
@@ -136,17 +149,19 @@ def _parallel_parser() -> _Parser:
 def _pool_parser() -> _Parser:
     p = _Parser(prog="%pool",
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
-                " | checkpoints [clear [NAME]] | runs | cancel ID] [options]")
+                " | checkpoints [clear [NAME]] | runs | cancel ID | setup [clear]] [options]")
     p.add_argument("action", nargs="?", default="status",
                    choices=("status", "start", "stop", "restart", "resize", "local", "dask", "checkpoints",
-                            "runs", "cancel"))
+                            "runs", "cancel", "setup"))
     p.add_argument("target", nargs="?",
-                   help="N for resize; ADDRESS for dask; clear for checkpoints; the run's ID for cancel")
+                   help="N for resize; ADDRESS for dask; clear for checkpoints and setup; the run's ID for cancel")
     p.add_argument("name", nargs="?", help="checkpoints clear: the function whose stored runs to delete")
     p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_positive_int, help="recycle a worker after this many items")
     p.add_argument("--max-memory", help="replace a worker holding more than this after a task (e.g. 2GB)")
+    p.add_argument("--gpus", metavar="ID[,ID]",
+                   help="start: give workers CUDA_VISIBLE_DEVICES round-robin from these devices")
     p.add_argument("--scheduler-file", help="dask: connect to the scheduler described in this file")
     p.add_argument("--tls-ca-file", help="dask: CA certificate for tls:// addresses")
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
@@ -286,6 +301,7 @@ class MPMagics(Magics):
                     errors=opts.errors,
                     timeout=opts.timeout,
                     retries=opts.retries,
+                    seed=opts.seed,
                     **config.run_kwargs(opts),
                 )
         finally:
@@ -362,6 +378,9 @@ class MPMagics(Magics):
                     timeout=opts.timeout,
                     gather=gather,
                     label_output=not opts.no_label,
+                    seed=opts.seed,
+                    keep=opts.keep,
+                    reset=opts.reset,
                     **config.run_kwargs(opts),
                 )
         finally:
@@ -378,8 +397,8 @@ class MPMagics(Magics):
             return None  # like a cell ending in print(): nothing to show
         return values
 
-    @line_magic
-    def pool(self, line: str = "") -> Any:
+    @line_cell_magic
+    def pool(self, line: str = "", cell: str | None = None) -> Any:
         __tracebackhide__ = True
         import shlex
 
@@ -388,13 +407,28 @@ class MPMagics(Magics):
             opts = parser.parse_args(shlex.split(line, comments=True))
         except ValueError as exc:  # shlex: an unclosed quote
             raise parser.usage_error(str(exc)) from None
+        if cell is not None and opts.action != "setup":
+            raise parser.usage_error("only %%pool setup takes a cell (the code every worker runs at start)")
         try:
+            if opts.action == "setup":
+                return _pool_setup(opts.target, cell)
             return self._pool(opts)
         except UsageError as exc:
             raise parser.usage_error(str(exc)) from None
 
     def _pool(self, opts: argparse.Namespace) -> Any:
         action = opts.action
+        if opts.gpus is not None:  # worker setup: CUDA_VISIBLE_DEVICES round-robin, before they start
+            from . import worker_setup
+
+            if action != "start":
+                raise UsageError("--gpus goes with start: %pool start --gpus 0,1")
+            if getattr(pool.current_pool(), "name", "local") != "local":
+                raise UsageError("--gpus is for the local pool (%pool local first); Dask workers pick their own devices")
+
+            if worker_setup.set_gpus(opts.gpus.split(",")) and pool.current_pool() is not None \
+                    and pool.current_pool().running and action == "start":
+                pool.restart_pool()
         if action == "start":
             pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
                             max_memory=opts.max_memory)
@@ -438,6 +472,35 @@ class MPMagics(Magics):
 
             return checkpoint.manage(opts.target, opts.name)
         return pool.pool_status()
+
+
+def _pool_setup(target: str | None, cell: str | None) -> Any:
+    """``%%pool setup`` (set it, run it in every worker), ``%pool setup`` (show), ``%pool setup clear``."""
+    from . import setup_api, worker_setup
+
+    if target not in (None, "clear"):
+        raise UsageError(f"setup takes nothing or 'clear', not {target!r}: %pool setup clear")
+    if target == "clear":
+        if cell is not None:
+            raise UsageError("%%pool setup clear takes no cell: run %pool setup clear on its own")
+        worker_setup.clear()
+        setup_api.apply_now()
+        print("worker setup removed: workers started from now on run none, running ones dropped its names")
+        return None
+    if cell is None:
+        print(worker_setup.describe())
+        return None
+    if not cell.strip():
+        raise UsageError("%%pool setup needs code in the cell (or %pool setup clear to remove the setup)")
+    try:
+        worker_setup.set_code(cell)
+    except SyntaxError as exc:
+        raise UsageError(f"the setup cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+    errors = setup_api.run_everywhere()
+    if errors:
+        more = f" (and on {len(errors) - 1} more worker{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise MPMagicError(errors[0] + more)
+    return None
 
 
 def _switched(before: Any, now: Any) -> str:
@@ -529,5 +592,9 @@ Usage::
   %pool checkpoints clear [NAME]  delete them (only NAME's)
   %pool runs                    background runs in flight and recently finished
   %pool cancel ID               stop background run ID
+  %%pool setup                  (a cell) code every worker runs once at start, also workers
+                                started later; its names are globals of mapped functions
+  %pool setup | setup clear     show the setup | remove it
+  %pool start --gpus 0,1        CUDA_VISIBLE_DEVICES=0, 1, 0, ... for the workers
 {_help(_pool_parser())}
 """

@@ -44,6 +44,11 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     last = last_run()
     if last is None or last.kind != "map" or not last.failures:
         raise UsageError("no failed %pmap run to re-run: run %pmap first (the last run had no failures)")
+    if getattr(last.func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded)
+        raise UsageError(
+            "the last run used --seed: run the same call again instead (an item's random stream comes "
+            "from its index in the whole input, so re-running some items on their own would draw other numbers)"
+        )
     if last.checkpointed:
         raise UsageError(
             "the last run used --checkpoint: run the same call again instead, which takes the stored "
@@ -128,6 +133,8 @@ def _run_again(last: LastRun, failure: FailureInfo) -> None:
     if last.kind == "cell":
         assert failure.rank is not None and failure.size is not None  # (record_cell sets both)
         run_cell_code(obj, failure.rank, failure.size, as_main=False)
+    elif getattr(obj, "mpmagic_item", None) is not None:  # seed=: with the item's own random stream again
+        obj((failure.index, failure.item))
     elif last.star:
         obj(*failure.item)
     else:

@@ -19,6 +19,8 @@ Notebook to worker (requests)::
     Unmap(names)                       these shared-memory segments are gone
     Import(names)                      import these modules between tasks (warm
                                        workers: the notebook imported them)
+    Setup(version, payload)            run the worker setup (worker_setup.py);
+                                       payload None: drop an earlier setup's names
     Stop()                             exit
 
 Worker to notebook (replies; a Dask task returns the same ones)::
@@ -29,6 +31,8 @@ Worker to notebook (replies; a Dask task returns the same ones)::
     Error(call, tag, index, info, partial, seconds)
     Unpicklable(call, tag, index, info)
     Missing(call, tag, key)            the function ``key`` is not cached here
+    SetupDone(version, worker, error, names, output)
+                                       how the setup went (error: one line or None)
 
 ``call`` is the run's id, ``tag`` the unit's (a chunk id or a rank).
 ``log_context`` is ``(first item index or None, notebook logger levels)``:
@@ -108,6 +112,11 @@ class Import(NamedTuple):
     names: list
 
 
+class Setup(NamedTuple):
+    version: int  # worker_setup's version: a worker runs each version once
+    payload: bytes | None  # the pickled setup entries; None: remove the names of an earlier one
+
+
 # -- replies ----------------------------------------------------------------
 
 
@@ -156,9 +165,18 @@ class Missing(NamedTuple):
     key: bytes
 
 
+class SetupDone(NamedTuple):
+    version: int
+    worker: Any  # the worker's id (a Dask worker's name)
+    error: str | None  # one line naming the worker and the setup line that raised
+    names: list  # the names the setup defined (builtins of the worker)
+    output: str  # what the setup printed (shown by %%pool setup, labelled by worker)
+
+
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
-    Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import,
+    Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
+    SetupDone,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
@@ -197,5 +215,5 @@ def _short(obj: Any) -> str:
 
 __all__ = [
     "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
-    "ProtocolError", "Ready", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
+    "ProtocolError", "Ready", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
 ]

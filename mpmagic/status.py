@@ -42,7 +42,8 @@ def dask_lines(info: dict[str, Any]) -> list[str]:
         limit = f" of {fmt_mb(p['memory_limit'])}" if p.get("memory_limit") else ""
         busy = f", {p['executing']} running" if p.get("executing") else ""
         threads = p.get("threads", 0)
-        out.append(f"  worker {p['address']}: {threads} thread{'s' if threads != 1 else ''}, {fmt_mb(p.get('memory'))}{limit}{busy}")
+        out.append(f"  worker {p['address']}: {threads} thread{'s' if threads != 1 else ''}, {fmt_mb(p.get('memory'))}{limit}{busy}"
+                   + _extras(p))
     return out
 
 
@@ -56,8 +57,16 @@ def _local_lines(i: dict[str, Any]) -> list[str]:
     if i.get("preloaded"):  # warm workers (warmup.py): what they import because the notebook did
         out.append(f"  preloaded (the notebook's imports): {', '.join(i['preloaded'])}")
     for p in i["processes"]:
-        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {p['tasks']} tasks, {fmt_mb(p['rss'])}")
+        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {p['tasks']} tasks, {fmt_mb(p['rss'])}"
+                   + _extras(p))
+    if i.get("kept"):
+        out.append(f"  {i['kept']}")
     return out
+
+
+def _extras(p: dict[str, Any]) -> str:
+    """Worker setup state and GPU of a local worker (worker_setup.py), when there are any."""
+    return "".join(f", {v}" for v in (p.get("setup"), p.get("gpu") and f"GPU {p['gpu']}") if v)
 
 
 def _state(p: dict[str, Any]) -> str:
@@ -112,6 +121,7 @@ _DASK_COLUMNS = (
     ("memory", "memory used"),
     ("memory_limit", "memory limit"),
     ("executing", "tasks running"),
+    ("setup", "setup"),
 )
 
 
@@ -161,7 +171,13 @@ class PoolStatus:
             cols = ["worker", "pid", "state", "tasks", "memory"]
             rows = [[str(p["id"]), str(p["pid"]), _state(p), str(p["tasks"]), fmt_mb(p["rss"])]
                     for p in i["processes"]]
-            notes = [html.escape(x.strip()) for x in lines[1:len(lines) - len(i["processes"])]]
+            # Every line under the heading but the workers' own (they are the rows).
+            notes = [html.escape(x.strip()) for x in lines[1:] if not x.startswith("  worker ")]
+            for key in ("setup", "gpu"):  # worker setup (worker_setup.py): only when used
+                if any(p.get(key) for p in i["processes"]):
+                    cols.append(key)
+                    for row, p in zip(rows, i["processes"], strict=True):
+                        row.append(str(p.get(key) or "-"))
         else:
             procs = i.get("processes") or []
             cols = list(dict.fromkeys(k for p in procs for k in p))

@@ -23,6 +23,8 @@ fields are in ``mpmagic/protocol.py``:
 * ``Import``: import modules the notebook imported, between tasks (warm
   workers, see ``warmup.py``); imports done while a unit ran, and the time
   spent loading functions, go home in the next ``Done``'s ``meta["once"]``.
+* ``Setup``: run the worker setup (``mpmagic/worker_setup.py``); reply
+  ``SetupDone`` (the error line or None, the names it defined, what it printed).
 * ``Stop``: exit.
 
 How a unit runs (:func:`execute_map`, :func:`execute_cell`) is shared with
@@ -63,6 +65,7 @@ from .protocol import (
     Out,
     ProtocolError,
     Ready,
+    Setup,
     Stop,
     Unmap,
     Unpicklable,
@@ -540,6 +543,10 @@ class _Worker:
                 self.unmap(msg.names)
             elif kind is Import:
                 self.imports.preload(msg.names)
+            elif kind is Setup:  # worker setup (worker_setup.py): run it, say how it went
+                from .worker_setup import run_setup
+
+                self.channel.send(run_setup(msg.version, msg.payload, self.worker_id))
             elif kind is Stop:
                 return
             else:
@@ -639,8 +646,15 @@ def _rss() -> int | None:
         return None
 
 
-def main(conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
-    """Entry point of a worker process (the target of ``Process``)."""
+def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
+    """Entry point of a worker process (the target of ``Process``).
+
+    ``init`` (``worker_setup.start_info``): ``threads``/``threads_forced`` (the
+    BLAS/OpenMP cap) and ``gpu`` (``CUDA_VISIBLE_DEVICES``), applied first.
+    """
+    from .worker_setup import start_worker
+
+    start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

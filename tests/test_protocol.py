@@ -25,6 +25,8 @@ from mpmagic.protocol import (
     Out,
     ProtocolError,
     Ready,
+    Setup,
+    SetupDone,
     Stop,
     Unmap,
     Unpicklable,
@@ -46,6 +48,8 @@ EXAMPLES = [
     Unpicklable(1, 2, None, worker.ErrorInfo(TypeError("cannot pickle"))),
     Missing(1, 2, b"k" * 16),
     Import(["numpy", "pandas"]),
+    Setup(3, b"entries"),
+    SetupDone(3, 5, "setup failed on worker 5, %%pool setup, line 1 (`1 / 0`): ZeroDivisionError", ["A"], "hi\n"),
 ]
 
 
@@ -197,6 +201,17 @@ def test_a_worker_speaks_every_kind(bare_worker, tmp_path):
     done = _replies(conn)[-1]
     assert type(done) is Done and payload.loads(done.data) == [True]
     assert ("preload", ["colorsys"]) in [tuple(r[:2]) for r in done.meta["once"]["imports"]]
+    # The worker setup: SetupDone with the names it defined and what it printed; then they are globals.
+    from mpmagic import worker_setup
+
+    entries = payload.dumps_data([worker_setup._Entry("code", "%%pool setup", "SETUP_A = 7\nprint('up')\n")])
+    conn.send_bytes(pack(Setup(1, entries)))
+    assert _replies(conn, until=(SetupDone,)) == [SetupDone(1, 5, None, ["SETUP_A"], "up\n")]
+    conn.send_bytes(pack(Func(b"s" * 16, payload.dumps_function(lambda x: SETUP_A + x))))  # noqa: F821
+    conn.send_bytes(pack(Map(1, 5, b"s" * 16, False, False, payload.dumps_data([1]), False, 1)))
+    assert payload.loads(_replies(conn)[-1].data) == [8]
+    conn.send_bytes(pack(Setup(2, None)))  # a cleared setup: its names are gone
+    assert _replies(conn, until=(SetupDone,)) == [SetupDone(2, 5, None, [], "")]
     conn.send_bytes(pack(Stop()))
     proc.join(10)
     assert proc.exitcode == 0

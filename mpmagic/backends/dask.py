@@ -51,6 +51,7 @@ from typing import Any
 
 from distributed import Client
 
+from .. import worker_setup
 from ..cpus import available_cpus
 from ..errors import MPMagicError, UsageError
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
@@ -169,6 +170,7 @@ class DaskBackend:
         self.tasks_run = 0
         self._most_workers = 0  # the most workers seen at once
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
+        self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
         self._topic = ""
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
@@ -206,6 +208,10 @@ class DaskBackend:
                 self._connect()
             if self.requested_workers and not self.owns_cluster:
                 self._wait_for_workers(self.requested_workers)
+            if worker_setup.has_setup():  # worker setup (worker_setup.py): a plugin, also for later workers
+                self._setup_errors = worker_setup.dask_apply(self.client)
+                for error in [] if worker_setup.is_quiet() else self._setup_errors:
+                    sys.stderr.write(f"mpmagic: {error}\n")
 
     def _start_local_cluster(self) -> None:
         from distributed import LocalCluster
@@ -284,6 +290,8 @@ class DaskBackend:
             self.client = self.cluster = None
             self._payloads.clear()
             self._nthreads_cache = None
+        if client is not None and not self.owns_cluster and worker_setup.has_setup():
+            worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:
             try:
                 client.close(timeout=timeout)
@@ -356,6 +364,14 @@ class DaskBackend:
                 log.debug("mpmagic: could not count the Dask workers", exc_info=True)
         return self.requested_workers or (available_cpus() if self.owns_cluster else 1)
 
+    def apply_setup(self, wait: bool = True) -> list[str]:
+        """Run the current worker setup on every worker, now and on joining ones (worker_setup.py)."""
+        if not self.running:
+            self._setup_errors = []
+            self.start()  # connecting installs the setup
+            return list(self._setup_errors)
+        return worker_setup.dask_apply(self.client)
+
     # -- status ------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
@@ -399,6 +415,14 @@ class DaskBackend:
                     "executing": metrics.get("task_counts", {}).get("executing", 0),
                 }
             )
+        if worker_setup.has_setup():  # worker setup (worker_setup.py): set up or failed, per worker
+            try:
+                replies = self.client.run(worker_setup.dask_status)
+            except Exception:  # a worker leaving meanwhile: its state shows as "setting up"
+                log.debug("mpmagic: could not ask the Dask workers for their setup state", exc_info=True)
+                replies = {}
+            for p in procs:
+                p["setup"] = worker_setup.dask_state(replies.get(p["address"]))
         base["processes"] = procs
         base["workers"] = len(procs)
         base["threads"] = sum(p["threads"] for p in procs)

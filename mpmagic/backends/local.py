@@ -19,6 +19,7 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
+import itertools
 import logging
 import multiprocessing
 import os
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import context, payload, payload_cache, shm, warmup, worker
+from .. import context, payload, payload_cache, shm, warmup, worker, worker_setup
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -47,6 +48,7 @@ from ..protocol import (
     Out,
     ProtocolError,
     Ready,
+    SetupDone,
     Stop,
     Unmap,
     Unpicklable,
@@ -126,6 +128,7 @@ class _Slot:
     position: Any = None
     rss: int | None = None  # resident bytes after its last task, as it reported
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
+    setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
 
     @property
     def busy(self) -> bool:
@@ -198,6 +201,7 @@ def _sigint_blocked_while_starting():
 
 
 _live_backends: weakref.WeakSet = weakref.WeakSet()
+_setup_keys = itertools.count()
 
 
 @atexit.register
@@ -293,6 +297,7 @@ class LocalBackend:
         self._startup_failures = 0
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
+        self._setup_key = next(_setup_keys)  # worker setup: tells this pool's worker 0 from another's
         _live_backends.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -339,9 +344,13 @@ class LocalBackend:
         position = self.ctx.RawValue("q", -1)
         wid = self._next_wid
         self._next_wid += 1
+        # worker setup (worker_setup.py): thread caps and GPU, applied before it imports anything
+        init = worker_setup.start_info(
+            (self._setup_key, wid), max(self.workers, len(self.slots) + 1), [(self._setup_key, s.wid) for s in self.slots]
+        )
         proc = self.ctx.Process(
             target=worker.main,
-            args=(child_conn, os.getpid(), wid, position),
+            args=(child_conn, os.getpid(), wid, position, init),
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
@@ -487,6 +496,55 @@ class LocalBackend:
         if not slot.temporary and not slot.retiring:
             self.slots.append(self._spawn())
 
+    # -- worker setup (worker_setup.py) ------------------------------------
+    def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
+        """Run the current setup in every worker (starting the pool); wait for their answers.
+
+        The manager sends it (``_send_setup``: it owns the pipes); this only
+        wakes it and waits. Returns the one-line errors of workers whose setup
+        failed. Ctrl-C stops the wait (the workers go on with the setup).
+        """
+        self.start()
+        if not wait:
+            return []
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                keys = [(self._setup_key, s.wid) for s in self.slots]  # a worker that died was replaced
+                left = deadline - time.monotonic()
+                if worker_setup.done_on(keys) or left <= 0 or not self.slots:
+                    return worker_setup.failures(keys)
+                self._cond.wait(min(left, 0.5))
+
+    def _send_setup(self, slot: _Slot) -> None:
+        """Manager only: send the current setup to a worker that has not had it (once per version)."""
+        if slot.setup_sent == worker_setup.version():
+            return
+        msg = worker_setup.message()
+        if msg is None:
+            return
+        slot.setup_sent = msg.version
+        try:
+            # The notebook's cwd, environment, sys.path first (context.py): a setup
+            # may import from a directory the notebook added after the pool started.
+            ctx = context.current(self._runs[0].job.call_id if self._runs else None)
+            if context.key(ctx) not in slot.known:
+                slot.conn.send_bytes(pack(ctx))
+                slot.known.add(context.key(ctx))
+            slot.conn.send_bytes(pack(msg))
+        except OSError:
+            log.debug("mpmagic: worker %s gone before its setup: the sentinel reports it", slot.wid)
+
+    def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
+        """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
+        line = worker_setup.record((self._setup_key, slot.wid), msg)
+        if line:
+            if self._runs:
+                self._runs[0]._emit_out("stderr", line)
+            else:  # no run to show it in (the manager never prints): %pool shows the state
+                log.warning("%s", line.strip())
+        self._cond.notify_all()
+
     # -- status ------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """A snapshot for ``%pool``: backend, method, workers with pids and memory."""
@@ -510,6 +568,8 @@ class LocalBackend:
                     "busy": s.busy,
                     "tasks": s.tasks,
                     "rss": rss,
+                    "setup": worker_setup.worker_state((self._setup_key, s.wid)),  # worker setup
+                    "gpu": worker_setup.gpu_of((self._setup_key, s.wid)),
                 }
             )
         return {
@@ -525,6 +585,7 @@ class LocalBackend:
             "max_tasks_per_child": self.max_tasks_per_child,
             "max_memory": self.max_memory,
             "preloaded": self.warmth.wanted,  # warm: modules the workers import (warmup.py)
+            "kept": _kept_line(workers),  # %%parallel --keep (ranks.py)
         }
 
     # -- submitting (any thread) ----------------------------------------------
@@ -616,7 +677,8 @@ class LocalBackend:
         try:
             self._check_restarts()
             self._check_runs()
-            for slot in self.slots:  # warm: what the notebook imported since (preload), idle ones too
+            for slot in self.slots:  # worker setup (new workers, or a new %%pool setup), then warm imports
+                self._send_setup(slot)
                 self._send_imports(slot)
             self._assign()
             self._check_runs()
@@ -779,6 +841,9 @@ class LocalBackend:
     def _assign_ranks(self, run: _LocalRun) -> None:
         idle = [s for s in self.slots if not s.inflight and not s.retiring and not self._saturated(s)]
         job = run.job
+        if hasattr(job, "next_unit_for"):  # %%parallel --keep (ranks.py): rank r only on its worker
+            self._assign_kept_ranks(run, [s for s in idle if not s.temporary])
+            return
         missing = len(job._pending) - len(idle)
         for _ in range(max(0, missing)):  # every rank runs at once: more workers for now
             slot = self._spawn(temporary=True)
@@ -789,8 +854,20 @@ class LocalBackend:
                 return
             self._give(run, slot)
 
+    def _assign_kept_ranks(self, run: _LocalRun, idle: list[_Slot]) -> None:
+        """Kept ranks wait for the pool worker that holds them (never a temporary one)."""
+        job = run.job
+        job.drop_orphans({s.wid for s in self.slots})  # pinned to a worker that is gone: its error
+        for slot in idle:
+            if not job.has_work:
+                return
+            unit = job.next_unit_for(slot.wid)
+            if unit is not None:
+                self._send_unit(slot, run, unit)
+
     def _send_unit(self, slot: _Slot, run: _LocalRun, unit: Any) -> None:
         job = run.job
+        self._send_setup(slot)  # worker setup first (a worker started since the last _step)
         self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
         try:
             # The notebook's cwd, environment, sys.path...: sent only when this
@@ -844,6 +921,9 @@ class LocalBackend:
             if slot.inflight and slot.inflight[0][0].job.timeout:  # its time starts now, not while it started
                 slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
             self._cond.notify_all()
+            return
+        if kind is SetupDone:  # worker setup (worker_setup.py): how it went on this worker
+            self._setup_done(slot, msg)
             return
         if kind not in _WORKER_SAYS:
             raise ProtocolError(f"worker {slot.wid} sent a {kind.__name__} message, which workers never send")
@@ -977,6 +1057,13 @@ def _near_memory_limit(slot: _Slot, limit: int | None) -> bool:
         return vm.available < 0.05 * vm.total
     except Exception:
         return False
+
+
+def _kept_line(workers: list[dict]) -> str | None:
+    """``%pool``'s line about the kept ranks of ``%%parallel --keep`` (ranks.py)."""
+    from ..ranks import status_line
+
+    return status_line(workers)
 
 
 def _position(slot: _Slot) -> int | None:

@@ -1,0 +1,139 @@
+"""Persistent ranks: ``%%parallel --keep`` cells share each rank's namespace.
+
+Like ipyparallel's engines: load a shard once in one ``--keep`` cell, compute
+on it in the next ones. Each rank is pinned to the worker that first ran it
+(the worker keeps the rank's namespace in its memory), so the notebook
+remembers rank -> worker and :class:`KeptCellJob` hands rank ``r`` only to
+that worker. A kept rank whose worker died (or was recycled) has lost its
+state: the next ``--keep`` cell says so instead of silently starting empty.
+``--keep --reset`` drops the kept ranks and starts afresh.
+
+Local pool only for now: a Dask task has no worker of its own to keep state
+in. The worker side (``cell.kept_namespace``) is in cell.py: this module
+imports the jobs, which workers must not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import MPMagicError, UsageError
+from .jobs import CellJob
+
+# -- notebook side ------------------------------------------------------------
+
+_kept: dict[int, tuple[Any, int, int | None]] = {}  # rank -> (pool key, worker id, pid)
+_size: int | None = None
+
+
+def kept() -> dict[int, tuple[Any, int, int | None]]:
+    return dict(_kept)
+
+
+def reset() -> None:
+    """Forget the kept ranks (their workers drop them at the next ``--keep --reset`` cell)."""
+    global _size
+    _kept.clear()
+    _size = None
+
+
+def check(backend: Any, size: int, reset_first: bool) -> dict[int, int]:
+    """The pins (rank -> worker id) of a ``--keep`` cell of ``size`` ranks; raise if a kept rank is gone."""
+    if getattr(backend, "name", None) != "local":
+        raise UsageError("--keep needs the local pool (%pool local): a Dask task has no worker of its own to keep state in")
+    if reset_first:
+        reset()
+    if backend.max_tasks_per_child:
+        raise UsageError("--keep needs workers that stay: this pool recycles them (--max-tasks-per-child); "
+                         "%pool start --max-tasks-per-child is not for kept ranks")
+    if size > backend.workers:
+        raise UsageError(
+            f"--keep with {size} ranks needs {size} workers and the pool has {backend.workers}: "
+            f"%pool resize {size} first (kept ranks live in the pool's own workers)"
+        )
+    if not _kept:
+        return {}
+    if _size is not None and size != _size:
+        raise UsageError(
+            f"the kept ranks are {_size} (-n {_size}); run this cell with -n {_size}, "
+            "or add --reset to start new ranks"
+        )
+    key = getattr(backend, "_setup_key", None)
+    live = {(key, s.wid): s for s in backend.slots if s.proc.is_alive()}
+    for rank, (pool_key, wid, pid) in sorted(_kept.items()):
+        if (pool_key, wid) not in live:
+            raise MPMagicError(
+                f"rank {rank}'s kept state is gone: its worker {wid} (pid {pid}) died, was replaced or "
+                "the pool restarted since the last --keep cell; run the cell with --keep --reset to start "
+                "the ranks afresh (and load their data again)"
+            )
+    return {rank: wid for rank, (_, wid, _) in _kept.items()}
+
+
+def record(backend: Any, size: int, placed: dict[int, int]) -> None:
+    """After a ``--keep`` cell: which worker holds each rank."""
+    global _size
+    key = getattr(backend, "_setup_key", None)
+    pids = {s.wid: s.pid for s in backend.slots}
+    for rank, wid in placed.items():
+        _kept[rank] = (key, wid, pids.get(wid))
+    _size = size
+
+
+def status_line(processes: list[dict]) -> str | None:
+    """``%pool``'s line about kept ranks, with their workers' memory (``processes``: its rows)."""
+    if not _kept:
+        return None
+    rss = {p["id"]: p.get("rss") for p in processes}
+    parts = []
+    for rank, (_, wid, _) in sorted(_kept.items()):
+        mb = rss.get(wid)
+        parts.append(f"rank {rank} on worker {wid}" + (f" ({mb / 2**20:,.0f} MB)" if mb else " (gone)"))
+    return "kept ranks (%%parallel --keep): " + ", ".join(parts)
+
+
+class KeptCellJob(CellJob):
+    """A ``--keep`` cell: rank ``r`` runs only on the worker pinned to it."""
+
+    def __init__(self, *args: Any, pins: dict[int, int] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pins = dict(pins or {})
+        self._kept_before = dict(self.pins)  # ranks whose state lives in a worker already
+        self.placed: dict[int, int] = {}  # rank -> the worker it was (last) sent to
+
+    def next_unit_for(self, wid: int) -> Any:
+        """The pending rank pinned to worker ``wid`` (or any unpinned one if ``wid`` holds none)."""
+        holds = [r for r, w in self.pins.items() if w == wid]
+        for unit in self._pending:
+            if (holds and unit.id in holds) or (not holds and unit.id not in self.pins):
+                self._pending.remove(unit)
+                self.outstanding[unit.id] = unit
+                self.placed[unit.id] = wid  # a failing rank keeps its namespace there too
+                self.pins[unit.id] = wid
+                return unit
+        return None
+
+    def drop_orphans(self, live: set[int]) -> None:
+        """Pending ranks pinned to a worker that is gone (replaced since the check): their error, not a wait."""
+        for unit in [u for u in self._pending if self.pins.get(u.id) is not None and self.pins[u.id] not in live]:
+            self._pending.remove(unit)
+            self.outstanding[unit.id] = unit
+            self.requeue(unit)
+
+    def requeue(self, unit: Any) -> None:
+        """A rank that could not be sent: a new rank may go elsewhere; a kept one cannot."""
+        if unit.id in self._kept_before:
+            from .errors import WorkerLostError
+
+            self.outstanding.pop(unit.id, None)
+            self.failures[unit.id] = WorkerLostError(
+                f"rank {unit.id}'s kept state is gone: its worker died; run the cell with --keep --reset"
+            )
+            self._rank_finished()
+            return
+        self.pins.pop(unit.id, None)
+        self.placed.pop(unit.id, None)
+        super().requeue(unit)
+
+
+__all__ = ["KeptCellJob", "check", "record", "reset", "status_line"]

@@ -1,0 +1,477 @@
+"""Worker setup that heals: code run once in every worker, now and in every later one.
+
+``%%pool setup`` (or :func:`on_worker_start`) declares code that loads a
+model, opens a file or imports a module once per worker. The notebook keeps
+it here (one versioned list of entries), and the backends send it to each
+worker as it starts, so a worker that replaces a crashed one, one recycled by
+``--max-tasks-per-child``, a resized or restarted pool and a temporary
+``%%parallel`` worker all have it too. Dask workers get it as a
+``WorkerPlugin`` (see :class:`SetupPlugin`).
+
+In the worker, the names the setup defines become *builtins* of that process.
+Why builtins and not the function's globals: cloudpickle rebuilds each
+notebook function with a fresh globals dict holding only the names it uses,
+and a helper called by the mapped function gets a dict of its own; every
+function (def, lambda, helper) and every ``%%parallel`` cell falls back to
+builtins for a name its globals lack, so one place covers them all. A name
+the notebook itself defines still wins: cloudpickle sends the notebook's
+value with the function.
+
+Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
+(``payload`` None: remove the names of an earlier setup) and answers
+``SetupDone(version, worker, error, names, output)``: ``error`` is None or one
+line naming the setup line that raised, ``output`` what the setup printed
+(shown by ``%%pool setup``, labelled by worker). The pool's manager thread
+sends and records them; applying a setup to the current pool from the
+notebook (``%%pool setup``, :func:`mpmagic.on_worker_start`) is in
+``setup_api.py``, since this module sits below the pool (workers import it).
+
+This module imports no IPython.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import linecache
+import logging
+import os
+import random
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .protocol import Setup, SetupDone
+
+log = logging.getLogger("mpmagic")
+
+_SETUP_FILENAME = "<pool-setup>"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One piece of setup: the ``%%pool setup`` cell's source, or a function."""
+
+    kind: str  # "code" or "func"
+    name: str  # "%%pool setup" or the function's name
+    data: Any  # the source text, or the cloudpickled function
+
+
+# -- notebook side --------------------------------------------------------
+
+_lock = threading.RLock()
+_entries: list[_Entry] = []
+_version = 0
+_payload_cache: tuple[int, bytes | None] | None = None
+# worker id -> (setup version it ran, error line or None); filled by the backends.
+_status: dict[Any, tuple[int, str | None]] = {}
+_reported: set[tuple[int, str]] = set()  # failures already printed (one line each)
+
+
+def _changed() -> None:
+    global _version
+    _version += 1
+    _reported.clear()
+
+
+def set_code(source: str) -> None:
+    """Make ``source`` the ``%%pool setup`` cell (replacing an earlier one)."""
+    compile(source, _SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
+    with _lock:
+        _entries[:] = [e for e in _entries if e.kind != "code"]
+        _entries.insert(0, _Entry("code", "%%pool setup", source))
+        _changed()
+
+
+def add_function(func: Callable[[], Any]) -> None:
+    """Add ``func`` (same name replaces) to what every worker runs at start."""
+    from . import payload
+
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    data = payload.dumps_function(func, name)
+    with _lock:
+        _entries[:] = [e for e in _entries if not (e.kind == "func" and e.name == name)]
+        _entries.append(_Entry("func", name, data))
+        _changed()
+
+
+def clear() -> None:
+    """Remove every setup: new workers start bare, running ones drop the setup's names."""
+    with _lock:
+        _entries.clear()
+        _changed()
+
+
+def has_setup() -> bool:
+    return bool(_entries)
+
+
+_STATUS_KEPT = 4096  # workers remembered (a run with --max-tasks-per-child 1 starts one per item)
+
+
+def version() -> int:
+    """The current setup's version (0: no setup was ever made); a worker runs each once."""
+    return _version
+
+
+def message() -> Setup | None:
+    """The ``Setup`` message for a worker; None with no setup ever made."""
+    global _payload_cache
+    with _lock:
+        if _version == 0:
+            return None
+        if _payload_cache is None or _payload_cache[0] != _version:
+            from . import payload
+
+            data = payload.dumps_data(list(_entries)) if _entries else None
+            _payload_cache = (_version, data)
+        return Setup(_version, _payload_cache[1])
+
+
+def describe() -> str:
+    """What ``%pool setup`` shows: the setup code and functions, or that there is none."""
+    with _lock:
+        if not _entries:
+            return "no worker setup (define one with %%pool setup, or mpmagic.on_worker_start(func))"
+        parts = []
+        for e in _entries:
+            if e.kind == "code":
+                parts.append("%%pool setup\n" + e.data.rstrip())
+            else:
+                parts.append(f"on_worker_start: {e.name}()")
+        return "\n\n".join(parts)
+
+
+_quiet = False  # an explicit %%pool setup waits: it reports failures and output itself
+_outputs: list[str] = []  # what the setup printed meanwhile, labelled [worker N]
+
+
+def is_quiet() -> bool:
+    """True while an explicit ``%%pool setup`` waits (it reports the failures itself)."""
+    return _quiet
+
+
+@contextlib.contextmanager
+def explicit() -> Iterator[list[str]]:
+    """While a ``%%pool setup`` waits for the workers: failures are its own error, not
+    printed lines; what the setup printed is collected (the list yielded) for the
+    notebook's thread to show (the pool's manager thread records the replies)."""
+    global _quiet
+    with _lock:
+        _quiet = True
+        _outputs.clear()
+    try:
+        yield _outputs
+    finally:
+        with _lock:
+            _quiet = False
+
+
+def record(worker: Any, reply: SetupDone) -> str | None:
+    """A worker's answer to a ``Setup`` message.
+
+    Returns the line to show for a failure, once per failure and setup version
+    (six replacement workers failing alike are one line), and None otherwise:
+    the caller shows it in the run in flight (the manager thread never prints).
+    """
+    with _lock:
+        _status[worker] = (reply.version, reply.error)
+        if len(_status) > _STATUS_KEPT:
+            del _status[next(iter(_status))]
+        if reply.output and _quiet:  # an explicit %%pool setup: show what it printed, per worker
+            _outputs.append("".join(f"[worker {reply.worker}] {line}\n" for line in reply.output.splitlines()))
+        if reply.error:
+            log.debug("worker %s: %s", worker, reply.error)
+        if not reply.error or reply.version != _version or _quiet:
+            return None
+        same = reply.error.replace(f"worker {reply.worker},", "worker ?,", 1)  # one line per failure
+        if (reply.version, same) in _reported:
+            return None
+        _reported.add((reply.version, same))
+        return f"mpmagic: {reply.error}\n"
+
+
+def forget(worker: Any) -> None:
+    _status.pop(worker, None)
+
+
+def worker_state(worker: Any) -> str | None:
+    """``set up``, ``setup failed``, ``setting up`` or None (no setup) for ``%pool``."""
+    if not _entries:
+        return None
+    ver, error = _status.get(worker, (None, None))
+    if ver != _version:
+        return "setting up"
+    return "setup failed" if error else "set up"
+
+
+def failures(workers: list) -> list[str]:
+    """The error lines of the current setup on these workers."""
+    out = []
+    for w in workers:
+        ver, error = _status.get(w, (None, None))
+        if ver == _version and error:
+            out.append(error)
+    return out
+
+
+def done_on(workers: list) -> bool:
+    return all(_status.get(w, (None,))[0] == _version for w in workers)
+
+
+_gpus: list[str] = []
+_gpu_of: dict[Any, str] = {}  # worker id -> the GPU it was given
+
+
+def set_gpus(gpus: list[str] | None) -> bool:
+    """Devices for ``CUDA_VISIBLE_DEVICES`` of workers started from now on (round-robin).
+
+    Returns True if that changed the assignment (running workers must restart).
+    """
+    new = [str(g).strip() for g in (gpus or []) if str(g).strip()]
+    changed = new != _gpus
+    _gpus[:] = new
+    _gpu_of.clear()
+    return changed
+
+
+def start_info(wid: Any, workers: int, live: list) -> dict[str, Any]:
+    """What a new worker needs before it imports anything: thread cap and GPU.
+
+    The GPU is the one fewest live workers have (lowest first), so a worker
+    that replaces a dead one takes over its device.
+    """
+    from . import threads
+
+    n, forced = threads.cap_for(workers, threads.configured())
+    info: dict[str, Any] = {"threads": n, "threads_forced": forced}
+    if _gpus:
+        used = [_gpu_of.get(w) for w in live]
+        gpu = min(_gpus, key=lambda g: (used.count(g), _gpus.index(g)))
+        _gpu_of[wid] = gpu
+        info["gpu"] = gpu
+    return info
+
+
+def gpu_of(wid: Any) -> str | None:
+    return _gpu_of.get(wid)
+
+
+# -- worker side ------------------------------------------------------------
+
+WORKER_ID: Any = None  # this worker's id (None in the notebook)
+_installed: dict[str, Any] = {}  # name -> the builtins value it shadowed (or _MISSING)
+_MISSING = object()
+
+
+def worker_id() -> Any:
+    """The id of the worker running this task: a number for local workers, the
+    worker's name for Dask; None in the notebook."""
+    if WORKER_ID is not None:
+        return WORKER_ID
+    if "distributed" in sys.modules:
+        try:
+            from distributed import get_worker
+
+            return get_worker().name
+        except (ValueError, ImportError):
+            return None
+    return None
+
+
+def start_worker(info: dict[str, Any] | None, wid: Any) -> None:
+    """First thing in a new worker: who it is, its GPU, thread caps, a fresh random state.
+
+    Runs before the worker imports numpy or anything of the user's, so the
+    environment variables (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS...) are read
+    by the libraries when they load.
+    """
+    global WORKER_ID
+    WORKER_ID = wid
+    info = info or {}
+    from . import context, threads
+
+    before = dict(os.environ)
+    if info.get("gpu") is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(info["gpu"])
+    threads.limit_in_worker(info.get("threads"), info.get("threads_forced", False))
+    # What it set is its own: the notebook's environment (context.py) must not undo it.
+    context.own_env.update(k for k, v in os.environ.items() if before.get(k) != v)
+    reseed_fresh()
+
+
+def reseed_fresh() -> None:
+    """Give this process a random state of its own (from os.urandom).
+
+    A forked worker starts with a copy of its parent's state: without this,
+    every fork worker would draw the same "random" numbers (numpy#9650).
+    numpy is reseeded only if already imported (a later import seeds itself
+    from the OS).
+    """
+    random.seed(os.urandom(32))
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            np.random.seed(int.from_bytes(os.urandom(4), "little"))
+        except Exception:  # a numpy stand-in without random
+            log.debug("numpy.random not reseeded", exc_info=True)
+
+
+def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
+    """Run a setup payload in this worker; the ``SetupDone`` reply (error line, names, output)."""
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        error, names = _run_setup(ver, data, wid)
+    return SetupDone(ver, wid, error, names, buf.getvalue())
+
+
+def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list[str]]:
+    """(the error line or None, the names now installed)."""
+    _uninstall()
+    if data is None:
+        return None, []
+    from . import payload
+
+    ns: dict[str, Any] = {"__name__": "__mpmagic_setup__", "__builtins__": builtins}
+    try:
+        entries = payload.loads(data)
+    except BaseException as exc:
+        return f"setup could not be loaded on worker {wid}: {type(exc).__name__}: {exc}", []
+    for entry in entries:
+        try:
+            if entry.kind == "code":
+                lines = entry.data.splitlines(keepends=True)
+                linecache.cache[_SETUP_FILENAME] = (len(entry.data), None, lines, _SETUP_FILENAME)
+                exec(compile(entry.data, _SETUP_FILENAME, "exec"), ns)
+            else:
+                func = payload.loads(entry.data)
+                out = func()
+                if isinstance(out, dict):
+                    ns.update(out)
+        except BaseException as exc:
+            _install(ns)  # what ran before the failing line stays usable
+            return _failure_line(exc, entry, wid), sorted(_installed)
+    _install(ns)
+    return None, sorted(_installed)
+
+
+def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
+    """``setup failed on worker 3, line 2 (`model = load(p)`): OSError: ...``"""
+    where = entry.name if entry.kind == "func" else "%%pool setup"
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if f.filename == _SETUP_FILENAME] if entry.kind == "code" else frames[1:]
+    if mine:
+        f = mine[-1] if entry.kind == "code" else mine[0]
+        text = (f.line or "").strip()
+        where += f", line {f.lineno}" + (f" (`{text}`)" if text else "")
+    return (
+        f"setup failed on worker {wid}, {where}: {type(exc).__name__}: {exc} "
+        "(the worker still runs tasks without it; fix the setup and run it again, %pool shows which workers are set up)"
+    )
+
+
+def _install(ns: dict[str, Any]) -> None:
+    for name, value in ns.items():
+        if name.startswith("__"):
+            continue
+        if name not in _installed:
+            _installed[name] = getattr(builtins, name, _MISSING)
+        setattr(builtins, name, value)
+
+
+def _uninstall() -> None:
+    for name, old in _installed.items():
+        if old is _MISSING:
+            if hasattr(builtins, name):
+                delattr(builtins, name)
+        else:
+            setattr(builtins, name, old)
+    _installed.clear()
+
+
+# -- Dask -------------------------------------------------------------------
+
+PLUGIN_NAME = "mpmagic-setup"
+
+
+def _plugin_base() -> type:
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    return WorkerPlugin
+
+
+def make_plugin(msg: Setup) -> Any:
+    """A Dask ``WorkerPlugin`` that runs the setup in every worker, also those joining later."""
+
+    class SetupPlugin(_plugin_base()):  # type: ignore[misc]
+        name = PLUGIN_NAME
+
+        def __init__(self, ver: int, data: bytes | None) -> None:
+            self.ver, self.data = ver, data
+
+        def setup(self, worker: Any) -> None:
+            reply = run_setup(self.ver, self.data, worker.name)
+            worker._mpmagic_setup = reply  # read by dask_status()
+            if reply.error:
+                log.debug("%s", reply.error)  # the notebook reports it (dask_apply)
+
+    return SetupPlugin(msg.version, msg.payload)
+
+
+def dask_status(dask_worker: Any = None) -> SetupDone | None:
+    """The setup reply of this Dask worker (run with ``client.run``)."""
+    return getattr(dask_worker, "_mpmagic_setup", None)
+
+
+def dask_state(reply: SetupDone | None) -> str:
+    """``%pool``'s word for a Dask worker's setup reply."""
+    if reply is None or reply.version != _version:
+        return "setting up"
+    return "setup failed" if reply.error else "set up"
+
+
+def _dask_drop(dask_worker: Any = None) -> None:
+    """On a Dask worker: remove the setup's names (the plugin is gone)."""
+    run_setup(0, None, None)
+    if dask_worker is not None:
+        dask_worker._mpmagic_setup = None
+
+
+def dask_apply(client: Any) -> list[str]:
+    """Install the current setup on a Dask cluster as a plugin (also for workers joining
+    later); the one-line errors of the workers where it failed."""
+    msg = message()
+    if msg is None:
+        return []
+    if msg.payload is None:
+        dask_remove(client)
+        return []
+    client.register_plugin(make_plugin(msg), name=PLUGIN_NAME)
+    errors = []
+    for addr, reply in client.run(dask_status).items():
+        if reply is not None:
+            record(addr, reply)
+            if reply.error:
+                errors.append(reply.error)
+    return errors
+
+
+def dask_remove(client: Any) -> None:
+    """Remove the setup plugin and its names from the cluster's workers (switching away)."""
+    try:
+        client.unregister_worker_plugin(PLUGIN_NAME)
+    except Exception:  # never registered (a plugin name unknown to the scheduler)
+        log.debug("no setup plugin to remove", exc_info=True)
+        return
+    try:
+        client.run(_dask_drop)
+    except Exception:
+        log.debug("could not drop setup names on the Dask workers", exc_info=True)
+
+
+__all__ = ["worker_id", "set_code", "add_function", "clear", "describe", "message", "run_setup"]

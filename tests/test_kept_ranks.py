@@ -1,0 +1,59 @@
+"""Persistent ranks (issue 18): %%parallel --keep cells share each rank's namespace,
+pinned to its worker; a kept rank whose worker died says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from conftest import run
+
+import mpmagic
+from mpmagic import ranks
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_ranks():
+    ranks.reset()
+    yield
+    ranks.reset()
+
+
+def test_value_kept_between_cells(ip, local_pool):
+    run(ip, "shard_size = 3")
+    cell = "%%parallel --keep -q\nshard = [rank * 10 + i for i in range(shard_size)]\nlen(shard)"
+    assert list(run(ip, cell)) == [3, 3]
+    run(ip, "shard_size = 100")  # the rank's own names win over the notebook's
+    look = "%%parallel --keep -q\nshard.append(-1)\n(sum(shard), len(shard), __import__('os').getpid())"
+    first, second = run(ip, look), run(ip, look)
+    assert [v[:2] for v in first] == [(2, 4), (32, 4)]
+    assert [v[:2] for v in second] == [(1, 5), (31, 5)]
+    assert [v[2] for v in first] == [v[2] for v in second]  # same rank, same worker (pinned)
+    assert "kept ranks (%%parallel --keep): rank 0 on worker" in str(mpmagic.pool_status())
+    with pytest.raises(mpmagic.ParallelError, match="NameError"):  # plain cells start empty
+        run(ip, "%%parallel -q\nshard")
+
+
+def test_killed_kept_rank_says_so_and_reset(ip, local_pool):
+    run(ip, "%%parallel --keep -q\nstate = rank + 1")
+    victim = ranks.kept()[1][1]
+    pid = next(s.pid for s in local_pool.slots if s.wid == victim)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    run(ip, "%pmap -q abs, range(4)")  # the pool notices and replaces the worker
+    with pytest.raises(mpmagic.MPMagicError, match=r"rank 1's kept state is gone: its worker \d+ \(pid \d+\) died"):
+        run(ip, "%%parallel --keep -q\nstate")
+    assert list(run(ip, "%%parallel --keep --reset -q\nstate = 10 * (rank + 1)\nstate")) == [10, 20]
+    assert list(run(ip, "%%parallel --keep -q\nstate")) == [10, 20]
+
+
+def test_keep_usage_errors(ip, local_pool):
+    run(ip, "%%parallel --keep -q\nx = 1")
+    with pytest.raises(Exception, match="the kept ranks are 2"):
+        run(ip, "%%parallel --keep -n 1 -q\nx")
+    with pytest.raises(Exception, match="use it with keep=True"):
+        run(ip, "%%parallel --reset -q\nx")
+    with pytest.raises(Exception, match="%pool resize 3 first"):
+        run(ip, "%%parallel --keep --reset -n 3 -q\nx")

@@ -1,0 +1,217 @@
+"""Worker setup that heals (issue 18): %%pool setup / on_worker_start run in every
+worker, also in every worker started later, and its names reach mapped functions
+(def, lambda, a helper they call) and %%parallel cells."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from conftest import ensure_pool, run
+
+import mpmagic
+from mpmagic import pool as pool_module
+from mpmagic import setup_api, worker_setup
+
+SETUP = "import math\nMODEL = {'w': 3}\ndef predict(x):\n    return MODEL['w'] * x\n"
+
+
+@pytest.fixture(autouse=True)
+def _no_setup_left(ip):
+    run(ip, "import mpmagic")
+    yield
+    worker_setup.clear()
+    worker_setup.set_gpus(None)
+    try:
+        setup_api.apply_now()
+    except Exception:  # a pool a test broke on purpose: the next test starts a new one
+        pool_module.shutdown()
+
+
+def _check_all(ip, n_items=12):
+    """A map whose every item needs the setup's names; returns the worker ids that ran it."""
+    run(ip, "def _uses_setup(x):\n    import time, mpmagic\n    time.sleep(0.02)\n"
+            "    return predict(x) + MODEL['w'] - 3, mpmagic.worker_id()")
+    out = run(ip, f"%pmap -q --chunksize 1 _uses_setup, range({n_items})")
+    assert [v for v, _ in out] == [3 * x for x in range(n_items)]
+    return {w for _, w in out}
+
+
+def test_names_reach_def_lambda_helper_and_cell(ip, local_pool):
+    run(ip, "%%pool setup\n" + SETUP)
+    run(ip, "def _helper(x):\n    return predict(x)\ndef _f(x):\n    return _helper(x) + len(MODEL)")
+    assert run(ip, "%pmap -q _f, range(4)") == [3 * x + 1 for x in range(4)]
+    assert run(ip, "%pmap -q lambda x: math.floor(predict(x) / 2), range(4)") == [0, 1, 3, 4]
+    values = run(ip, "%%parallel -n 3 -q\npredict(rank)")  # 3 ranks on 2 workers: one temporary
+    assert list(values) == [0, 3, 6]
+    ids = set(run(ip, "%pmap -q --chunksize 1 lambda x: mpmagic.worker_id(), range(6)"))
+    assert ids <= {s.wid for s in local_pool.slots} and mpmagic.worker_id() is None
+
+
+def test_setup_survives_sigkill_timeout_and_resize(ip, local_pool):
+    run(ip, "%%pool setup\n" + SETUP)
+    old = {s.wid for s in local_pool.slots}
+    os.kill(local_pool.slots[0].pid, signal.SIGKILL)
+    run(ip, "import time\nres = %pmap -q --errors collect --retries 1 lambda x: time.sleep(x), [0.01] * 4")
+    ids = _check_all(ip)
+    run(ip, "res = %pmap -q --errors collect --timeout 0.5 lambda x: time.sleep(x), [5]")
+    ids |= _check_all(ip)
+    assert ids - old, "replacement workers ran items"
+    run(ip, "%pool resize 3")
+    assert len(_check_all(ip, 18)) >= 1
+    run(ip, "%pool restart")
+    assert not (_check_all(ip) & old)
+
+
+def test_setup_in_recycled_workers(ip, method):
+    pool_module.shutdown()
+    mpmagic.start_pool(2, method, max_tasks_per_child=1, wait=True)
+    try:
+        run(ip, "%%pool setup\n" + SETUP)
+        assert len(_check_all(ip, 6)) == 6  # a fresh worker per item, each set up
+    finally:
+        pool_module.shutdown()
+    ensure_pool(method)
+
+
+def test_failing_setup_one_line_and_pool_usable(ip, local_pool):
+    result = ip.run_cell("%%pool setup\nA = 1\nB = 1 / 0\n", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.MPMagicError)
+    text = str(err)
+    assert "\n" not in text and "worker" in text and "line 2" in text and "B = 1 / 0" in text
+    assert "ZeroDivisionError" in text
+    status = str(mpmagic.pool_status())
+    assert status.count("setup failed") == len(local_pool.slots)
+    assert run(ip, "%pmap -q lambda x: A + x, range(3)") == [1, 2, 3]  # names before the failing line stay
+
+
+def test_show_clear_and_on_worker_start(ip, local_pool, capsys):
+    run(ip, "%%pool setup\n" + SETUP + "print('model loaded')\n")
+    shown = capsys.readouterr().out
+    assert all(f"[worker {s.wid}] model loaded" in shown for s in local_pool.slots)
+    run(ip, "%pool setup")
+    assert "MODEL = {'w': 3}" in capsys.readouterr().out
+    assert "set up" in str(mpmagic.pool_status())
+    run(ip, "%pool setup clear")
+    with pytest.raises(NameError):
+        run(ip, "%pmap -q lambda x: MODEL, range(2)")
+    run(ip, "def _start():\n    return {'TOKEN': 'abc'}\nmpmagic.on_worker_start(_start)")
+    assert run(ip, "%pmap -q lambda x: TOKEN, range(2)") == ["abc", "abc"]
+    run(ip, "def _bad():\n    raise OSError('no such model')")
+    with pytest.raises(mpmagic.MPMagicError, match="_bad.*OSError: no such model"):
+        run(ip, "mpmagic.on_worker_start(_bad)")
+
+
+def test_gpus_round_robin(ip, local_pool):
+    run(ip, "%pool start --gpus 0,1")
+    run(ip, "%pool resize 3")
+    run(ip, "import os, time")
+    got = run(ip, "%pmap -q --chunksize 1 lambda x: (time.sleep(0.05), mpmagic.worker_id(), "
+                  "os.environ.get('CUDA_VISIBLE_DEVICES'))[1:], range(12)")
+    by_worker = dict(got)
+    assert sorted(by_worker.values()) in (["0", "0", "1"], ["0", "1"], ["0", "1", "1"])
+    assert "GPU 0" in str(mpmagic.pool_status())
+    with pytest.raises(Exception, match="--gpus goes with start"):
+        run(ip, "%pool restart --gpus 1")
+    worker_setup.set_gpus(None)
+    run(ip, "%pool restart")
+    run(ip, "%pool resize 2")
+
+
+def test_dask_setup_plugin(ip, dask_cluster):
+    from distributed import Client
+
+    worker_setup.set_code(SETUP)
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        backend = pool_module.get_pool()
+        backend.client.wait_for_workers(4, timeout=60)
+        assert len(_check_all(ip, 16)) >= 1
+        run(ip, "%%pool setup\nMODEL = {'w': 3}\nEXTRA = 7\ndef predict(x):\n    return 3 * x\n")
+        assert run(ip, "%pmap -q lambda x: EXTRA, range(4)") == [7] * 4
+        assert str(mpmagic.pool_status()).count(", set up") == 4
+        run(ip, "%pool restart")  # new worker processes: the plugin sets each of them up
+        backend.client.wait_for_workers(4, timeout=60)
+        assert run(ip, "%pmap -q --chunksize 1 lambda x: EXTRA, range(8)") == [7] * 8
+    finally:
+        pool_module.shutdown()  # switching away removes the plugin and its names
+    with Client(dask_cluster.address, set_as_default=False) as c:
+        import builtins
+
+        left = c.run(lambda: hasattr(builtins, "EXTRA"))
+        assert not any(left.values())
+
+
+def test_setup_runs_once_per_worker_on_a_stopped_pool(ip, method, tmp_path):
+    pool_module.shutdown()
+    try:
+        run(ip, "%%pool setup\nimport os\nopen(os.path.join(" + repr(str(tmp_path)) + ", str(os.getpid())), 'a').write('x')\n"
+                "RAN = True")
+        backend = pool_module.get_pool()
+        assert backend.running
+        assert run(ip, "%pmap -q lambda x: RAN, range(4)") == [True] * 4
+        marks = sorted(p.read_text() for p in tmp_path.iterdir())
+        assert marks == ["x"] * len(backend.slots)  # each worker ran it once, not once per send
+    finally:
+        pool_module.shutdown()
+        ensure_pool(method)
+
+
+def test_setup_in_a_real_kernel():
+    from test_kernel import Kernel
+
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic")
+        out = k.ok("%%pool setup\nMODEL = 5\nprint('loaded')").stream()
+        assert "[worker 0] loaded" in out
+        assert k.value("%pmap -q lambda x: MODEL + x, range(3)") == [5, 6, 7]
+        bad = k.execute("%%pool setup\nMODEL = 5\nraise OSError('no model file')")
+        assert bad.status == "error" and bad.ename == "MPMagicError"
+        shown = [c for t, c in bad.outputs if t == "error"][0]["traceback"]
+        assert len(shown) == 1 and "line 2" in shown[0] and "OSError: no model file" in shown[0]
+        assert "setup failed" in k.ok("%pool").result()
+    finally:
+        k.close()
+
+
+def test_replacement_failing_setup_printed_once(ip, method, capfd):
+    pool_module.shutdown()
+    mpmagic.start_pool(2, method, max_tasks_per_child=1, wait=True)
+    try:
+        with pytest.raises(mpmagic.MPMagicError):
+            run(ip, "%%pool setup\nimport mpmagic\nif mpmagic.worker_id() >= 0:\n    raise OSError('disk gone')")
+        capfd.readouterr()
+        assert run(ip, "%pmap -q --chunksize 1 abs, range(-3, 3)") == [3, 2, 1, 0, 1, 2]  # usable
+        err = capfd.readouterr().err
+        assert err.count("OSError: disk gone") == 1 and "line 3" in err  # six new workers, one line
+    finally:
+        pool_module.shutdown()
+        ensure_pool(method)
+
+
+def test_dask_setup_on_a_stopped_backend_runs_once(ip, dask_cluster, tmp_path):
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        backend = pool_module.get_pool()
+        backend.client.wait_for_workers(4, timeout=60)
+        mpmagic.stop_pool()  # disconnected; %%pool setup connects again
+        run(ip, "%%pool setup\nimport os\nopen(os.path.join(" + repr(str(tmp_path)) + ", str(os.getpid())), 'a').write('x')\n"
+                "RAN = True")
+        assert run(ip, "%pmap -q --chunksize 1 lambda x: RAN, range(8)") == [True] * 8
+        assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["x"] * 4
+    finally:
+        pool_module.shutdown()
+
+
+def test_setup_sees_the_notebooks_sys_path_and_cwd(ip, local_pool, tmp_path):
+    """The setup runs with the notebook's world of now (context.py), as a task does."""
+    (tmp_path / "setup_helper_mod.py").write_text("VALUE = 41\n")
+    run(ip, f"import sys, os\nsys.path.append({str(tmp_path)!r})\n_old_cwd = os.getcwd()\nos.chdir({str(tmp_path)!r})")
+    try:
+        run(ip, "%%pool setup\nimport os\nfrom setup_helper_mod import VALUE\nWHERE = os.getcwd()\n")
+        assert run(ip, "%pmap -q lambda x: (VALUE + x, WHERE), [1, 1]") == [(42, str(tmp_path))] * 2
+    finally:
+        run(ip, f"os.chdir(_old_cwd)\nsys.path.remove({str(tmp_path)!r})")
