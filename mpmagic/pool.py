@@ -164,9 +164,13 @@ def use_dask(address: str | None = None, **options: Any) -> Any:
         ) from None
     with _lock:
         new = DaskBackend(address, **options)
-        if _backend is not None:
-            _backend.stop()
-        _backend = new
+        old, _backend = _backend, new
+        if old is not None:
+            old.stop()
+            if old.name == "dask" and new.running:
+                # Its stop removed the worker setup's plugin (and names) from the
+                # cluster, which may be the one the new backend just set up.
+                new.apply_setup()
         return new
 
 

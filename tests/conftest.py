@@ -4,6 +4,7 @@ a check at the end of the session that no worker process was left behind."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import psutil
@@ -142,6 +143,12 @@ def _settings_back_to_defaults():
     from mpmagic import config
 
     config.current().reset()
+    # Background runs one test finished are not listed under the next test's %pool.
+    background = sys.modules.get("mpmagic.background")
+    if background is not None:
+        with background._lock:
+            for key in [k for k, r in background._registry.items() if r.done()]:
+                del background._registry[key]
 
 
 @pytest.fixture(autouse=True)

@@ -135,6 +135,11 @@ def test_dask_setup_plugin(ip, dask_cluster):
         run(ip, "%pool restart")  # new worker processes: the plugin sets each of them up
         backend.client.wait_for_workers(4, timeout=60)
         assert run(ip, "%pmap -q --chunksize 1 lambda x: EXTRA, range(8)") == [7] * 8
+        # A new backend on the same cluster: the old one's stop (which removes
+        # its plugin and names) must not take the new one's setup away.
+        mpmagic.use_dask(dask_cluster.address)
+        pool_module.get_pool().client.wait_for_workers(4, timeout=60)
+        assert run(ip, "%pmap -q --chunksize 1 lambda x: EXTRA, range(8)") == [7] * 8
     finally:
         pool_module.shutdown()  # switching away removes the plugin and its names
     with Client(dask_cluster.address, set_as_default=False) as c:
