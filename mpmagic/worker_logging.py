@@ -273,15 +273,22 @@ def _resolve_category(module: str, qualname: str) -> type[Warning]:
     return type(qualname.rsplit(".", 1)[-1], (Warning,), {"__module__": module})
 
 
+def _matches(pattern: Any, text: str) -> bool:
+    """A filter's message or module pattern against ``text``, as CPython's
+    ``warn_explicit`` checks it: None matches anything, a plain string (some
+    libraries insert filters by hand, e.g. pandas' and IPython's) must be equal,
+    a compiled pattern must match at the start."""
+    if pattern is None:
+        return True
+    if isinstance(pattern, str):
+        return pattern == text
+    return pattern.match(text) is not None
+
+
 def _action(text: str, category: type[Warning], module: str, lineno: int) -> str:
     """The action the notebook's ``warnings.filters`` choose (as ``warn_explicit`` does)."""
     for action, msg, cat, mod, ln in warnings.filters:
-        if (
-            (msg is None or msg.match(text))
-            and issubclass(category, cat)
-            and (mod is None or mod.match(module))
-            and (ln == 0 or lineno == ln)
-        ):
+        if _matches(msg, text) and issubclass(category, cat) and _matches(mod, module) and (ln == 0 or lineno == ln):
             return action
     return getattr(warnings, "defaultaction", "default")  # (not in typeshed)
 
@@ -315,7 +322,11 @@ class WarningRelay:
                 continue
             if before:  # a partial line printed just before the warning
                 out.append(before)
-            shown = self._one(body)
+            try:
+                shown = self._one(body)
+            except Exception:  # a warning we cannot judge is shown, never a broken run
+                _log.warning("mpmagic: could not apply the notebook's filters to a task's warning", exc_info=True)
+                shown = body
             if shown:
                 out.append(shown)
         return "\n".join(out)

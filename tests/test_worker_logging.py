@@ -163,3 +163,21 @@ def test_an_error_filter_of_the_notebook_makes_the_warning_the_items_error(ip, l
     err = result.error_in_exec
     assert type(err) is UserWarning and str(err) == "careful"
     assert "careful" not in capsys.readouterr().err
+
+
+def test_a_filter_with_a_plain_string_module_is_matched_as_python_does(ip, local_pool, capsys):
+    """Libraries insert filters by hand with a plain string for the module
+    (CPython then compares it exactly); a task's warning must still show (and
+    the run end) as the same warning raised here would."""
+    import warnings
+
+    run(ip, "import warnings\ndef warns(x):\n    warnings.warn('careful', UserWarning)\n    return x\n")
+    saved = warnings.filters[:]
+    warnings.filters.insert(0, ("ignore", None, Warning, "some.module", 0))  # every category: the module is compared
+    try:
+        capsys.readouterr()
+        assert run(ip, "%pmap -q warns, range(4)") == [0, 1, 2, 3]
+    finally:
+        warnings.filters[:] = saved
+    err = capsys.readouterr().err
+    assert err.count("UserWarning: careful") == 1, err
