@@ -79,3 +79,60 @@ def test_the_judge_rejects_wrong_outcomes(ip):
     timed_out = mpmagic.Failed(1, (1, 0, "hang"), mpmagic.TaskTimeoutError("item 1 (x) ran past"))
     assert chaos.judge_map(hung, want, [1, timed_out, 5], None, 0, False)[1] is None
     assert chaos.judge_map(hung, want, [1, 2, 5], None, 0, False)[0] == "WRONG"
+
+
+def test_a_worker_dead_before_its_death_is_handled_gets_no_units_in_a_loop(ip, monkeypatch):
+    """Found by the soak (seed 0, call ~600 of 1,000): a worker SIGKILLed after
+    the manager's last look at the sentinels and before it hands out units.
+    Sending to it fails; the unit was put back, the worker still looked idle,
+    so ``_assign`` sent it again, for ever, holding the pool's lock: every
+    later call hung. Now a worker whose send failed gets nothing more until
+    its death is handled, and the run ends with every result."""
+    import os
+    import signal
+
+    from mpmagic import pool as pool_module
+    from mpmagic.backends.local import LocalBackend
+    from mpmagic.jobs import MapJob
+
+    pool_module.shutdown()
+    backend = mpmagic.use_local(2, "forkserver")
+    backend.wait_ready()
+    sends: list[int] = []
+    real = LocalBackend._send_unit
+
+    def counted(self, slot, run, unit):
+        sends.append(slot.pid)
+        if len(sends) > 50:  # the old loop: stop it here rather than hang the test
+            raise RuntimeError("the manager kept sending to a dead worker")
+        return real(self, slot, run, unit)
+
+    monkeypatch.setattr(LocalBackend, "_send_unit", counted)
+    ip.run_cell("def plus_one(x):\n    return x + 1\n", store_history=False)
+    with backend._lock:  # the manager cannot look at the sentinels meanwhile
+        victim = backend.slots[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        _wait_dead(victim.pid)
+        job = MapJob(ip.user_ns["plus_one"], list(range(20)), 20, False, 2, chunksize=1)
+        run = backend.submit(job)
+        backend._assign()  # what the manager does next
+    assert sends.count(victim.pid) == 1, sends
+    assert run.result(timeout=60) == list(range(1, 21))
+    monkeypatch.undo()
+    mpmagic.stop_pool()
+
+
+def _wait_dead(pid: int) -> None:
+    """Until ``pid`` is gone or a zombie (its socket closed by the kernel)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        time.sleep(0.01)

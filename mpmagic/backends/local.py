@@ -126,6 +126,9 @@ class _Slot:
     position: Any = None
     rss: int | None = None  # resident bytes after its last task, as it reported
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
+    # A send to it failed (it died and its sentinel is not handled yet): no
+    # more units until then, or ``_assign`` would retry it without end.
+    broken: bool = False
 
     @property
     def busy(self) -> bool:
@@ -709,11 +712,11 @@ class LocalBackend:
         pool = [s for s in self.slots if not s.temporary and not s.retiring]
         for level in range(2):
             for slot in sorted(pool, key=lambda s: len(s.inflight)):
-                if len(slot.inflight) != level or self._saturated(slot):
+                if len(slot.inflight) != level or self._saturated(slot) or slot.broken:
                     continue
                 # A run may find its input just ran out (an iterator of exactly
                 # N chunks): then the next run in turn gets this worker.
-                while len(slot.inflight) == level:
+                while len(slot.inflight) == level and not slot.broken:
                     run = self._next_run(maps, slot, level)
                     if run is None:
                         break
@@ -746,7 +749,7 @@ class LocalBackend:
             self._send_unit(slot, run, unit)
 
     def _assign_ranks(self, run: _LocalRun) -> None:
-        idle = [s for s in self.slots if not s.inflight and not s.retiring and not self._saturated(s)]
+        idle = [s for s in self.slots if not s.inflight and not s.retiring and not s.broken and not self._saturated(s)]
         job = run.job
         missing = len(job._pending) - len(idle)
         for _ in range(max(0, missing)):  # every rank runs at once: more workers for now
@@ -774,6 +777,7 @@ class LocalBackend:
         except (BrokenPipeError, ConnectionResetError, OSError):
             job.requeue(unit)
             slot.known.discard(job.func_key)
+            slot.broken = True  # found by the chaos soak: _assign sent to it again and again
             return  # the sentinel reports the dead worker
         slot.inflight.append((run, unit))
         if job.timeout and len(slot.inflight) == 1 and slot.ready:  # (a starting worker: once ready)
