@@ -190,6 +190,8 @@ def chaos_main(argv: list[str]) -> int:
     summary = soak(args.calls, args.seed, args.timeout, args.bound, args.big)
     print(f"2 workers, forkserver, {psutil.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
     print(summary.table())
+    if summary.leaks.get("_new_threads"):
+        print("\nthreads alive at the end that were not at the baseline:", summary.leaks["_new_threads"])
     if summary.leaks.get("_new_fds"):
         print("\nfds open at the end that were not at the baseline:", summary.leaks["_new_fds"])
     return 1 if summary.problems or summary.leaks["_leaked"] else 0

@@ -662,7 +662,8 @@ def snapshot() -> dict[str, float]:
     me = psutil.Process()
     fds = _fd_targets()
     mapped = [f for f in fds if re.search(r"/mpm_\d+_g\d+_\d+ \(deleted\)$", f)]
-    return {"fds": len(fds) - len(mapped), "results mapped": len(mapped), "fd list": fds, "threads": threading.active_count(), "os threads": me.num_threads(),
+    return {"fds": len(fds) - len(mapped), "results mapped": len(mapped), "fd list": fds, "threads": threading.active_count(),
+            "thread names": sorted(t.name for t in threading.enumerate()), "os threads": me.num_threads(),
             "children": len(_children()), "rss": me.memory_info().rss / 2**20}
 
 
@@ -706,6 +707,7 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
                       or now["fds"] > base["fds"] or now["threads"] > base["threads"]
                       or now["children"] > base["children"])
     out["_new_fds"] = sorted((Counter(now["fd list"]) - Counter(base["fd list"])).elements())
+    out["_new_threads"] = sorted((Counter(now["thread names"]) - Counter(base["thread names"])).elements())
     out["_results_mapped"] = now["results mapped"]
     out["_rss_growth_mb"] = now["rss"] - base["rss"]
     return out
@@ -715,6 +717,11 @@ def soak(calls: int = 1000, seed: int = 0, timeout: float = 1.0, bound: float = 
          big: int = 400_000, workers: int = 2, start_method: str = "forkserver",
          ip: InteractiveShell | None = None) -> Summary:
     """Run the soak on a fresh local pool of ``workers``; the pool is stopped at the end."""
+    # A process started in the background by a shell without job control
+    # (``cmd &`` in a script) inherits SIGINT ignored, and Python then keeps
+    # it ignored: the interrupts would all be no-ops. A notebook's kernel
+    # gets them, so the soak does too.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ip = ip or InteractiveShell.instance(colors="nocolor")
     ip.run_cell("%load_ext mpmagic", store_history=False)
     pool_module.shutdown()

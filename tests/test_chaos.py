@@ -38,6 +38,7 @@ def test_a_hundred_chaotic_calls_end_right_and_leak_nothing(ip):
     assert faults["items that raise"] and faults["items past --timeout"]
     assert faults["SIGKILL of a busy worker"] + faults["SIGKILL of an idle worker"] > 3
     assert faults["SIGINT to the notebook"] and faults["second-thread calls"]
+    assert outcomes["KeyboardInterrupt"]  # an interrupt sent mid-call really interrupts it
     assert faults["queue calls"] and faults["numpy calls"] and faults["parallel calls"]
     leaks = summary.leaks
     assert not leaks["_leaked"], leaks
@@ -90,6 +91,7 @@ def test_a_worker_dead_before_its_death_is_handled_gets_no_units_in_a_loop(ip, m
     its death is handled, and the run ends with every result."""
     import os
     import signal
+    import socket
 
     from mpmagic import pool as pool_module
     from mpmagic.backends.local import LocalBackend
@@ -113,6 +115,12 @@ def test_a_worker_dead_before_its_death_is_handled_gets_no_units_in_a_loop(ip, m
         victim = backend.slots[0]
         os.kill(victim.pid, signal.SIGKILL)
         _wait_dead(victim.pid)
+        # Whether a send to a just-killed worker fails at once depends on when
+        # the kernel drops its end of the socket; shutting ours makes it fail
+        # every time, as it did in the soak.
+        end = socket.socket(fileno=os.dup(victim.conn.fileno()))
+        end.shutdown(socket.SHUT_WR)
+        end.close()
         job = MapJob(ip.user_ns["plus_one"], list(range(20)), 20, False, 2, chunksize=1)
         run = backend.submit(job)
         backend._assign()  # what the manager does next
