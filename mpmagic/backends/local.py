@@ -332,7 +332,7 @@ class LocalBackend:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         _widen(parent_conn)
         _widen(child_conn)
-        position = self.ctx.RawValue("q", -1)
+        position = self.ctx.RawValue("q", worker.POSITION_IDLE)
         wid = self._next_wid
         self._next_wid += 1
         proc = self.ctx.Process(
@@ -900,10 +900,14 @@ class LocalBackend:
         else:
             self._startup_failures = 0
         self._replace(slot)
+        # Killed between units (found by the chaos soak: a kill that landed
+        # as one call ended failed the next call's first item, which had been
+        # sent to the dead worker but never started): nothing is blamed.
+        idle = slot.position is not None and slot.position.value == worker.POSITION_IDLE
         for i, (run, unit) in enumerate(inflight):
             if run not in self._runs or run.job.finished:
                 continue
-            if i == 0:
+            if i == 0 and not (idle and run.job.kind == "map"):
                 run.job.lost(unit, reason, index=_position(slot))
             else:
                 run.job.requeue(unit)
