@@ -682,7 +682,7 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
     now = snapshot()
     # Temporary workers stop once idle and reaper threads end once their
     # process is gone: give them a few seconds.
-    while time.monotonic() < deadline and any(now[k] > base[k] for k in ("fds", "threads", "os threads", "children")):
+    while time.monotonic() < deadline and any(now[k] > base[k] for k in ("fds", "threads", "children")):
         time.sleep(0.2)
         now = snapshot()
     free = {s.name.lstrip("/") for s in shm.pool().free}
