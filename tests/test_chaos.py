@@ -172,3 +172,28 @@ def test_a_worker_killed_between_units_fails_no_item(ip):
         _wait_dead(victim.pid)
     assert run.result(timeout=60) == list(range(1, 7))
     mpmagic.stop_pool()
+
+
+class _DiesOnLoad:
+    """A callable whose unpickling ends the process that loads it (a worker)."""
+
+    def __call__(self, x):
+        return x
+
+    def __reduce__(self):
+        import os
+
+        return (os._exit, (3,))
+
+
+def test_a_function_that_kills_its_worker_on_load_is_still_an_error():
+    """A worker that dies before starting a unit is forgiven once, not for ever."""
+    from mpmagic import pool as pool_module
+
+    pool_module.shutdown()
+    mpmagic.use_local(2, "forkserver").wait_ready()
+    try:
+        with pytest.raises(mpmagic.WorkerLostError):
+            mpmagic.pmap(_DiesOnLoad(), range(4), chunksize=1)
+    finally:
+        mpmagic.stop_pool()

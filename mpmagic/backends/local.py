@@ -907,7 +907,12 @@ class LocalBackend:
         for i, (run, unit) in enumerate(inflight):
             if run not in self._runs or run.job.finished:
                 continue
-            if i == 0 and not (idle and run.job.kind == "map"):
+            if i == 0 and idle and run.job.kind == "map" and not getattr(unit, "sent_to_idle_death", False):
+                # Once: a worker that dies again before starting it (loading
+                # the function kills it) is this unit's fault after all.
+                unit.sent_to_idle_death = True
+                run.job.requeue(unit)
+            elif i == 0:
                 run.job.lost(unit, reason, index=_position(slot))
             else:
                 run.job.requeue(unit)
