@@ -1,6 +1,13 @@
 """How fast mpmagic notices failures, and what a long session costs.
 
     .venv/bin/python benchmarks/bench_reliability.py      # about 30 s
+    .venv/bin/python benchmarks/bench_reliability.py --chaos [--calls N] [--seed S] [--timeout T]
+
+``--chaos`` runs the chaos soak of benchmarks/chaos.py instead (1,000 calls
+with random kills, timeouts, exceptions, interrupts, large arrays, Queue
+traffic and calls from a second thread; see its docstring) and prints its
+table; it exits with status 1 if any call ended wrongly or hung, or anything
+leaked.
 
 Measured, never asserted (tests/test_reliability.py and tests/test_kernel.py
 assert only bounds that catch a hang, since a loaded 2-core machine can
@@ -167,7 +174,32 @@ def interrupts() -> list[str]:
     ]
 
 
+def chaos_main(argv: list[str]) -> int:
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from chaos import soak
+
+    parser = argparse.ArgumentParser(prog="bench_reliability.py --chaos")
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=1.0, help="--timeout of the calls given one (s)")
+    parser.add_argument("--bound", type=float, default=60.0, help="a call longer than this is a hang (s)")
+    parser.add_argument("--big", type=int, default=400_000, help="float64 elements of each numpy item")
+    args = parser.parse_args(argv)
+    summary = soak(args.calls, args.seed, args.timeout, args.bound, args.big)
+    print(f"2 workers, forkserver, {psutil.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
+    print(summary.table())
+    if summary.leaks.get("_new_threads"):
+        print("\nthreads alive at the end that were not at the baseline:", summary.leaks["_new_threads"])
+    if summary.leaks.get("_new_fds"):
+        print("\nfds open at the end that were not at the baseline:", summary.leaks["_new_fds"])
+    return 1 if summary.problems or summary.leaks["_leaked"] else 0
+
+
 def main() -> None:
+    if "--chaos" in sys.argv[1:]:
+        sys.exit(chaos_main([a for a in sys.argv[1:] if a != "--chaos"]))
     ip = InteractiveShell.instance(colors="nocolor")
     ip.run_cell("%load_ext mpmagic")
     backend = mpmagic.use_local(2, "forkserver")

@@ -128,6 +128,9 @@ class Unit:
     # Set on items re-run one at a time after a worker died in their block:
     # why it died, to report if they now all succeed.
     recheck: str | None = None
+    # Sent again once because its worker died idle before starting it (see
+    # LocalBackend._lost); a second such death is this unit's own fault.
+    resent_after_idle_death: bool = False
 
 
 class MapJob:

@@ -278,6 +278,11 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
     return results, time.perf_counter() - t0, None
 
 
+#: The position a worker shares while it runs no map unit (before its first,
+#: and from the end of each): a death then blames no item.
+POSITION_IDLE = -2
+
+
 def run_items_timed(func, items: list, star: bool, collect: bool, position: Any = None):
     """:func:`run_items` that also returns each item's seconds (for ``--insights``).
 
@@ -589,6 +594,12 @@ class _Worker:
             )
         finally:
             self._release()
+        if self.position is not None:
+            # Between units: a death from now on (an outside SIGKILL, the OOM
+            # killer) is not the fault of the unit sent next, which never
+            # started: the notebook sends it again (see LocalBackend._lost).
+            # Set before the reply: a death after it re-runs this unit whole.
+            self.position.value = POSITION_IDLE
         self.channel.send(reply)
 
     def run_cell(self, msg: Cell) -> None:

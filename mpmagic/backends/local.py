@@ -129,6 +129,9 @@ class _Slot:
     rss: int | None = None  # resident bytes after its last task, as it reported
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
     setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
+    # A send to it failed (it died and its sentinel is not handled yet): no
+    # more units until then, or ``_assign`` would retry it without end.
+    broken: bool = False
 
     @property
     def busy(self) -> bool:
@@ -341,7 +344,7 @@ class LocalBackend:
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         _widen(parent_conn)
         _widen(child_conn)
-        position = self.ctx.RawValue("q", -1)
+        position = self.ctx.RawValue("q", worker.POSITION_IDLE)
         wid = self._next_wid
         self._next_wid += 1
         # worker setup (worker_setup.py): thread caps and GPU, applied before it imports anything
@@ -800,11 +803,11 @@ class LocalBackend:
         pool = [s for s in self.slots if not s.temporary and not s.retiring]
         for level in range(2):
             for slot in sorted(pool, key=lambda s: len(s.inflight)):
-                if len(slot.inflight) != level or self._saturated(slot):
+                if len(slot.inflight) != level or self._saturated(slot) or slot.broken:
                     continue
                 # A run may find its input just ran out (an iterator of exactly
                 # N chunks): then the next run in turn gets this worker.
-                while len(slot.inflight) == level:
+                while len(slot.inflight) == level and not slot.broken:
                     run = self._next_run(maps, slot, level)
                     if run is None:
                         break
@@ -839,7 +842,7 @@ class LocalBackend:
             self._send_unit(slot, run, unit)
 
     def _assign_ranks(self, run: _LocalRun) -> None:
-        idle = [s for s in self.slots if not s.inflight and not s.retiring and not self._saturated(s)]
+        idle = [s for s in self.slots if not s.inflight and not s.retiring and not s.broken and not self._saturated(s)]
         job = run.job
         if hasattr(job, "next_unit_for"):  # %%parallel --keep (ranks.py): rank r only on its worker
             self._assign_kept_ranks(run, [s for s in idle if not s.temporary])
@@ -883,6 +886,7 @@ class LocalBackend:
         except (BrokenPipeError, ConnectionResetError, OSError):
             job.requeue(unit)
             slot.known.discard(job.func_key)
+            slot.broken = True  # found by the chaos soak: _assign sent to it again and again
             return  # the sentinel reports the dead worker
         slot.inflight.append((run, unit))
         if job.timeout and len(slot.inflight) == 1 and slot.ready:  # (a starting worker: once ready)
@@ -1008,10 +1012,19 @@ class LocalBackend:
         else:
             self._startup_failures = 0
         self._replace(slot)
+        # Killed between units (found by the chaos soak: a kill that landed
+        # as one call ended failed the next call's first item, which had been
+        # sent to the dead worker but never started): nothing is blamed.
+        idle = slot.position is not None and slot.position.value == worker.POSITION_IDLE
         for i, (run, unit) in enumerate(inflight):
             if run not in self._runs or run.job.finished:
                 continue
-            if i == 0:
+            if i == 0 and idle and run.job.kind == "map" and not unit.resent_after_idle_death:
+                # Once: a worker that dies again before starting it (loading
+                # the function kills it) is this unit's fault after all.
+                unit.resent_after_idle_death = True
+                run.job.requeue(unit)
+            elif i == 0:
                 run.job.lost(unit, reason, index=_position(slot))
             else:
                 run.job.requeue(unit)
