@@ -143,6 +143,10 @@ def _settings_back_to_defaults():
     from mpmagic import config
 
     config.current().reset()
+    # Kept ranks (%%parallel --keep) of one test are not the next test's.
+    ranks = sys.modules.get("mpmagic.ranks")
+    if ranks is not None:
+        ranks.reset()
     # Background runs one test finished are not listed under the next test's %pool.
     background = sys.modules.get("mpmagic.background")
     if background is not None:
