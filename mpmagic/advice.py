@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .fmt import fmt_seconds, imports_text
+from .fmt import fmt_bytes, fmt_seconds, imports_text
 
 # Tasks this much slower in the workers than serially here are worth naming
 # (below it, timer noise and turbo clocks explain the difference).
@@ -43,14 +43,6 @@ LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
 # Array data copied into shared memory per call worth pointing at share():
 # a copy costs more than one pass over the data (a sum) on any machine.
 SHARED_COPY_BYTES = 16 << 20
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def did_not_pay(report: Any) -> bool:
@@ -135,7 +127,7 @@ def advise(report: Any) -> str | None:
     if copied >= LARGE_BYTES and copied / max(report.task_seconds, 1e-9) > 50e6:
         direction = "arguments" if report.bytes_sent >= report.bytes_back else "results"
         return (
-            f"{_fmt_bytes(copied)} of data was pickled and copied between the notebook and the "
+            f"{fmt_bytes(copied)} of data was pickled and copied between the notebook and the "
             f"workers, more than the {fmt_seconds(report.task_seconds)} of work could repay "
             f"(mostly {direction}): send small things (file names, index ranges, seeds) and "
             "load or make the big data in the workers"
@@ -145,7 +137,7 @@ def advise(report: Any) -> str | None:
         return slower
     if report.bytes_shared >= SHARED_COPY_BYTES:
         return (
-            f"{_fmt_bytes(report.bytes_shared)} of numpy arrays among the items was copied into "
+            f"{fmt_bytes(report.bytes_shared)} of numpy arrays among the items was copied into "
             "shared memory for this call, and copying costs more than a quick pass over the data: "
             "make the array once with `x = mpmagic.share(x)`, and later calls pass it (and slices "
             "of it) to the workers with no copy"

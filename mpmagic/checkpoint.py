@@ -34,6 +34,7 @@ from typing import Any
 from . import debugging
 from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
 from .checkpoint_store import CheckpointError, RunInfo, Store
+from .fmt import fmt_bytes
 
 log = logging.getLogger("mpmagic")
 
@@ -432,14 +433,6 @@ def clear(name: str | None = None, location: Any = True) -> int:
     return store.clear(name) if store is not None else 0
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 class Checkpoints(list):
     """What ``%pool checkpoints`` shows: one row per stored run."""
 
@@ -452,7 +445,7 @@ class Checkpoints(list):
         rows = [("function", "items", "size", "last used")]
         for r in self:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.used))
-            rows.append((r.name, f"{r.items:,}", _size(r.size), used))
+            rows.append((r.name, f"{r.items:,}", fmt_bytes(r.size), used))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         return "\n".join([head, *("  " + line for line in lines)])

@@ -26,3 +26,12 @@ def imports_text(imports: dict[str, float | None], limit: int = 3) -> str:
     if len(ranked) > limit:
         parts.append(f"{len(ranked) - limit} more")
     return ", ".join(parts)
+
+
+def fmt_bytes(n: float) -> str:
+    """``512 B``, ``15.7 KB``, ``3.2 MB``, ``1.5 GB`` (binary units)."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
