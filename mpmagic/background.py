@@ -74,6 +74,11 @@ class _Sink:
         self.dirty = False
         self.drawn = 0.0
         self.handle: Any = None
+        # Draws come from more than one thread (the pump, the thread delivering
+        # events): one at a time, and none after the final one (the run's end),
+        # or a state computed earlier could be sent last and show "running".
+        self._draw_lock = threading.Lock()
+        self.final = False
         if live:
             try:
                 from IPython.display import display
@@ -108,15 +113,19 @@ class _Sink:
     def text(self) -> str:
         return "".join(self.parts)
 
-    def draw(self) -> None:
-        self.dirty = False
-        self.drawn = time.monotonic()
-        if self.handle is None:
-            return
-        try:
-            self.handle.update(self.bundle(), raw=True)
-        except Exception:
-            log.warning("mpmagic: could not redraw a background run's live area", exc_info=True)
+    def draw(self, final: bool = False) -> None:
+        with self._draw_lock:
+            if self.final:
+                return
+            self.final = final
+            self.dirty = False
+            self.drawn = time.monotonic()
+            if self.handle is None:
+                return
+            try:
+                self.handle.update(self.bundle(), raw=True)
+            except Exception:
+                log.warning("mpmagic: could not redraw a background run's live area", exc_info=True)
 
     def bundle(self) -> dict[str, str]:
         run = self.run
@@ -335,7 +344,7 @@ class Run:
             self._done.set()
             self._arrived.notify_all()
             callbacks, self._callbacks = self._callbacks, []
-        self._sink.draw()
+        self._sink.draw(final=True)
         for fn in callbacks:
             try:
                 fn(self)
