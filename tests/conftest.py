@@ -218,3 +218,18 @@ def leftover_segments() -> list[str]:
     except OSError:  # no /dev/shm (macOS, Windows): nothing to list
         return []
     return sorted(n for n in names if n.startswith(f"mpm_{os.getpid()}_"))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """A real Jupyter kernel for the module (tests/test_kernel.py's ``Kernel``),
+    with mpmagic loaded and a 2-worker pool; shut down after the module."""
+    pytest.importorskip("jupyter_client")
+    from test_kernel import Kernel
+
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2")
+        yield k
+    finally:
+        k.close()

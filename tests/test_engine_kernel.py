@@ -6,17 +6,7 @@ from __future__ import annotations
 import pytest
 
 pytest.importorskip("jupyter_client")
-from test_kernel import INTERRUPT_BOUND, Kernel  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    k = Kernel()
-    try:
-        k.ok("%load_ext mpmagic\n%pool start -n 2")
-        yield k
-    finally:
-        k.close()
+from test_kernel import INTERRUPT_BOUND  # noqa: E402
 
 
 def test_interrupt_cancels_the_cells_run_and_another_threads_run_goes_on(kernel):

@@ -144,17 +144,6 @@ class Kernel:
             self.km.shutdown_kernel(now=False)
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    """One kernel for the module, with mpmagic loaded and a 2-worker pool."""
-    k = Kernel()
-    try:
-        k.ok("%load_ext mpmagic\n%pool start -n 2")
-        yield k
-    finally:
-        k.close()
-
-
 def worker_pids(k: Kernel) -> list[int]:
     return k.value("[s.pid for s in __import__('mpmagic').get_pool().slots]")
 

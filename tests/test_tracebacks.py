@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from IPython.utils.capture import capture_output
 
 INTERNAL = ("mpmagic/", "mpmagic\\", "cloudpickle", "multiprocessing", "interactiveshell.py", "<parallel-cell-")
@@ -131,18 +130,6 @@ def test_a_function_that_cannot_load_in_a_worker_shows_no_frame_of_ours(ip, loca
 # A real kernel: ipykernel names cells /tmp/ipykernel_NNN/NNN.py
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    from test_kernel import Kernel
-
-    k = Kernel()
-    try:
-        k.ok("%load_ext mpmagic\n%pool start -n 2")
-        yield k
-    finally:
-        k.close()
 
 
 def test_real_kernel_shows_cell_numbers_for_tasks_and_ranks(kernel):
