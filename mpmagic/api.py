@@ -8,7 +8,6 @@ estimated from the workers' own task times otherwise.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import itertools
 import os
@@ -17,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import debugging, payload
+from . import astlock, debugging, payload
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .engine import sigint_deferred
@@ -681,7 +680,7 @@ def _pack_spec(spec: Any) -> bytes:
 def cell_has_value(code: str) -> bool:
     """Does the cell end in an expression (so it has a value to show)?"""
     try:
-        return split_last_expression(ast.parse(code))[1] is not None
+        return split_last_expression(astlock.parse(code))[1] is not None
     except SyntaxError:
         return False
 

@@ -18,6 +18,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import astlock
 from .errors import remember_cell_origin
 
 _counter = 0
@@ -64,7 +65,7 @@ def make_cell_spec(
     source: str, user_ns: dict[str, Any], gather: tuple[str, ...] = ()
 ) -> CellSpec:
     """Parse the cell (SyntaxError propagates) and pick the names it needs."""
-    tree = ast.parse(source)
+    tree = astlock.parse(source)
     filename = register_source(source)
     spec = CellSpec(source=source, filename=filename, gather=tuple(gather))
     for name in sorted(names_used(tree)):
@@ -124,9 +125,10 @@ def run_cell_code(
     if as_main:
         sys.modules["__main__"] = main
     try:
-        body, last = split_last_expression(ast.parse(spec.source, spec.filename))
-        exec(compile(body, spec.filename, "exec"), ns)
-        value = eval(compile(last, spec.filename, "eval"), ns) if last is not None else None
+        body, last = split_last_expression(astlock.parse(spec.source, spec.filename))
+        code = astlock.compile_tree(body, spec.filename, "exec")
+        exec(code, ns)
+        value = eval(astlock.compile_tree(last, spec.filename, "eval"), ns) if last is not None else None
     finally:
         if as_main and saved_main is not None:
             sys.modules["__main__"] = saved_main

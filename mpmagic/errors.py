@@ -331,8 +331,10 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
     transformed code, if ``source`` is its body; else []."""
     import ast
 
+    from . import astlock
+
     try:
-        tree = ast.parse("".join(linecache.getlines(cell_name)))
+        tree = astlock.parse("".join(linecache.getlines(cell_name)))
     except SyntaxError:
         return []
     for node in ast.walk(tree):
