@@ -160,22 +160,32 @@ def pmap(
     if not block:
         from . import background
 
-        background.check_options(compare=compare, checkpoint=checkpoint)
+        background.check_options(compare=compare)
+        what = f"pmap {func_name(func)}"
 
-        def make_call(forward: background.Forward) -> MapCall:
-            return map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
-                            retries=retries, insights=insights, out=forward.out, progress=forward.progress,
-                            on_chunk=forward.chunk)
+        def start(func: Callable, iterables: tuple, star: bool, on_chunk: Any = None, resume: Any = None) -> Any:
+            def make_call(forward: background.Forward) -> MapCall:
+                return map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
+                                retries=retries, insights=insights, out=forward.out, progress=forward.progress,
+                                on_chunk=forward.chunk)
 
-        return background.start(f"pmap {func_name(func)}", make_call, lambda call, forward: call.job.results(),
-                                workers, on_chunk=on_chunk)
+            return background.start(what, make_call, lambda call, forward: call.job.results(), workers,
+                                    on_chunk=on_chunk, resume=resume)
+
+        if checkpoint:  # only the items the store lacks run (checkpoint.py)
+            from .checkpoint import checkpointed_submit
+
+            return checkpointed_submit(start, func, iterables, star=star, errors=errors, location=checkpoint,
+                                       what=what, on_chunk=on_chunk)
+        return start(func, iterables, star, on_chunk)
     if checkpoint:
         from .checkpoint import checkpointed_pmap
 
         kw = dict(workers=workers, chunksize=chunksize, compare=compare, timeout=timeout, retries=retries,
                   progress=progress, progress_delay=progress_delay, insights=insights)
         return checkpointed_pmap(pmap, func, iterables, star=star, errors=errors, location=checkpoint,
-                                 show_report=show_report, set_report=_set_report, get_report=last_report, kwargs=kw)
+                                 show_report=show_report, set_report=_set_report, get_report=last_report, kwargs=kw,
+                                 on_chunk=on_chunk)
 
     if _in_worker_process():  # a nested call: a worker cannot start workers of its own
         return _serial_in_worker(func, iterables, star, errors == "collect")
@@ -537,7 +547,7 @@ def parallel(
     if not block:
         from . import background
 
-        background.check_options(compare=compare, checkpoint=checkpoint)
+        background.check_options(compare=compare)
 
         def make_cell(forward: background.Forward) -> CellCall:
             return CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output,
@@ -547,9 +557,19 @@ def parallel(
             # A failing rank's traceback goes to the live area, as a blocking run prints it.
             return call.values(lambda text: forward.out("stderr", text))
 
+        size = workers or get_pool().workers
         first = code.strip().splitlines()[0][:30] if code.strip() else ""
-        return background.start(f"parallel -n {workers or get_pool().workers}: {first}", make_cell, values,
-                                workers or get_pool().workers, keep_chunks=False)
+        what = f"parallel -n {size}: {first}"
+
+        def start(resume: Any = None) -> Any:
+            return background.start(what, make_cell, values, size, keep_chunks=False, resume=resume)
+
+        if checkpoint:  # the ranks' values from the store when all are there (checkpoint.py)
+            from .checkpoint import checkpointed_parallel_submit
+
+            return checkpointed_parallel_submit(start, code, size=size, namespace=namespace, gather=gather,
+                                                location=checkpoint, what=what)
+        return start()
     if checkpoint:
         from .checkpoint import checkpointed_parallel
 

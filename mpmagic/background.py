@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import UsageError
 from .report import Report, fmt_seconds
@@ -50,14 +50,50 @@ REDRAW_EVERY = 0.25
 SHOW_OUTPUT = 20_000
 
 
-def check_options(compare: bool = False, checkpoint: Any = False, scaling: bool = False) -> None:
-    """A background run cannot also run serially here or store checkpoints (yet): say so."""
-    for flag, name in ((compare, "--compare"), (scaling, "--scaling"), (checkpoint, "--checkpoint")):
+def check_options(compare: bool = False, scaling: bool = False) -> None:
+    """A background run cannot also run serially here (that needs the notebook's thread): say so."""
+    for flag, name in ((compare, "--compare"), (scaling, "--scaling")):
         if flag:
             raise UsageError(
                 f"--bg cannot be combined with {name} (it runs in the notebook's own thread); "
                 f"run it without --bg"
             )
+
+
+class Resume(Protocol):
+    """What a checkpointed run (``--bg --checkpoint``) adds to a background run.
+
+    ``checkpoint.MapCheckpoint`` and ``checkpoint.CellCheckpoint`` are the two
+    kinds. The job computes only what the store lacks; the handle counts the
+    stored items too, the pump has every accepted chunk stored (``settle``)
+    before the run shows as done, so a re-run right after ``result()`` finds
+    them, and ``result()`` / ``report()`` cover the whole input.
+    """
+
+    @property
+    def resumed(self) -> int:
+        """Items (ranks) taken from the store so far."""
+        ...
+
+    def stored_segments(self, emit: Callable[[int, list], None]) -> None:
+        """``emit(start, results)`` for the stored stretches, now and as a lazy input finds more."""
+        ...
+
+    def settle(self, warn: Callable[[str], None] | None = None) -> None:
+        """The backend's run ended (however): wait until what it accepted is stored."""
+        ...
+
+    def value(self, computed: Any) -> Any:
+        """The whole result from the computed part (stored results in their places)."""
+        ...
+
+    def failed(self, exc: BaseException) -> None:
+        """The run raised ``exc``: make the item it names count in the whole input."""
+        ...
+
+    def amend(self, report: Any, wall: float) -> Any:
+        """The report covering the whole input ("resumed: N of M ... from the checkpoint")."""
+        ...
 
 
 # -- where a background run's output and progress go ---------------------------
@@ -174,11 +210,12 @@ class Run:
     """
 
     def __init__(self, what: str, call: Any, finish: Callable[[float], Any], live: bool | str | None = None,
-                 keep_chunks: bool = True) -> None:
+                 keep_chunks: bool = True, resume: Resume | None = None) -> None:
         self.id = next(_ids)
         self.what = what
         self._call = call
         self._job = call.job
+        self._resume = resume
         self._finish_result = finish
         self._engine_run: Any = None
         self._done = threading.Event()
@@ -197,8 +234,13 @@ class Run:
 
     # -- counts and state ------------------------------------------------------
     @property
+    def items_resumed(self) -> int:
+        """Items (ranks) taken from the checkpoint store instead of computed (``--checkpoint``)."""
+        return self._resume.resumed if self._resume is not None else 0
+
+    @property
     def items_done(self) -> int:
-        return self._job.items_done
+        return self._job.items_done + self.items_resumed
 
     @property
     def items_failed(self) -> int:
@@ -206,7 +248,8 @@ class Run:
 
     @property
     def items_total(self) -> int | None:
-        return self._job.items_total
+        total = self._job.items_total
+        return None if total is None else total + self.items_resumed
 
     @property
     def output(self) -> str:
@@ -287,7 +330,9 @@ class Run:
         unit = "ranks" if self._job.kind == "cell" else "items"
         count = f"{self.items_done}/{total}" if total is not None else f"{self.items_done}"
         failed = f", {self.items_failed} failed" if self.items_failed else ""
-        return f"run {self.id}: {self.what}, {count} {unit}{failed}, {fmt_seconds(self.elapsed)}, {self.state}"
+        resumed = f" ({self.items_resumed:,} from the checkpoint)" if self.items_resumed else ""
+        return (f"run {self.id}: {self.what}, {count} {unit}{resumed}{failed}, {fmt_seconds(self.elapsed)}, "
+                f"{self.state}")
 
     def info(self) -> dict[str, Any]:
         """One row of ``%pool`` / ``runs()``."""
@@ -317,6 +362,7 @@ class Run:
     def _pump(self, backend: Any) -> None:
         """Wait on the backend's run here, then settle the handle (results, error, report)."""
         run = self._engine_run
+        resume = self._resume
         try:
             # A Dask run is driven inside its first wait (engine.DrivenRun), which
             # then returns only at its end; the Dask backend serializes such runs.
@@ -325,17 +371,38 @@ class Run:
                 if sink.dirty or (sink.handle is not None and time.monotonic() - sink.drawn >= 1.0):
                     sink.draw()  # output or progress not drawn yet; else the elapsed time, once a second
             wall = time.monotonic() - self._t0
+            self._settle()
             try:
                 if run.error is not None:
                     raise run.error
-                self._value = self._finish_result(wall)
+                value = self._finish_result(wall)
+                self._value = value if resume is None else resume.value(value)
             finally:
                 self._report = self._call.report(wall)
+            if resume is not None:
+                self._report = resume.amend(self._report, wall)
         except BaseException as exc:  # kept for result(), shown in the live area at once
+            if resume is not None:
+                resume.failed(exc)
             self._error = exc
         finally:
+            self._settle()  # (if waiting itself raised)
             self._elapsed = time.monotonic() - self._t0
             self._end()
+
+    def _settle(self) -> None:
+        """--checkpoint: every accepted chunk stored before the run shows as done (cancelled too)."""
+        if self._resume is None:
+            return
+        try:
+            self._resume.settle(self._warn)
+        except Exception:  # a cache must never break the run
+            log.warning("mpmagic: storing run %s's checkpoint failed", self.id, exc_info=True)
+
+    def _warn(self, message: str) -> None:
+        """A one-line warning of this run: into its live area (never the cell running now), and the log."""
+        log.warning(message)
+        self._sink.out("stderr", message + "\n")
 
     def _end(self) -> None:
         if self._cancelled:
@@ -436,7 +503,7 @@ class Forward:
 
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
           workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
-          on_chunk: Callable[[int, list], None] | None = None) -> Run:
+          on_chunk: Callable[[int, list], None] | None = None, resume: Resume | None = None) -> Run:
     """Submit a job in the background and return its handle at once.
 
     ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
@@ -444,11 +511,47 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     ``finish(call, forward)`` is the value ``result()`` returns once the run
     ended (or raises its error). ``api.pmap`` / ``api.parallel`` (``block=False``)
     and ``streaming.imap`` call this: this module never imports ``api``.
+    ``resume``: a checkpointed run's store side (the job computes only what
+    the store lacks; see :class:`Resume`).
     """
     forward = Forward(on_chunk)
     call = make_call(forward)
-    run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks)
+    run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
+                            resume=resume)
+    if resume is not None and keep_chunks:  # as_completed yields the stored results too (first: they are done)
+        resume.stored_segments(run._on_chunk)
     run._start(call.backend, workers)
+    return run
+
+
+class _NothingRan:
+    """The job of a run whose items (ranks) all came from the checkpoint: nothing to compute."""
+
+    items_done = items_failed = items_total = 0
+    failure = None
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+class _NoCall:
+    def __init__(self, kind: str) -> None:
+        self.job = _NothingRan(kind)
+
+
+def finished(what: str, kind: str, value: Any, report: Report, resume: Resume, *,
+             live: bool | str | None = None, keep_chunks: bool = True) -> Run:
+    """The handle of a background run that had nothing to compute (``--bg --checkpoint``
+    with every item stored): done at once, with its value and report."""
+    run = Run(what, _NoCall(kind), lambda wall: value, live=live, keep_chunks=keep_chunks, resume=resume)
+    if keep_chunks:
+        resume.stored_segments(run._on_chunk)
+    run._value, run._report = value, report
+    run._elapsed = time.monotonic() - run._t0
+    with _lock:
+        _registry[run.id] = run
+        _forget_old()
+    run._end()
     return run
 
 
@@ -479,4 +582,5 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
         raise run._error
 
 
-__all__ = ["Forward", "Run", "RunList", "as_completed", "check_options", "get_run", "runs", "start"]
+__all__ = ["Forward", "Resume", "Run", "RunList", "as_completed", "check_options", "finished", "get_run", "runs",
+           "start"]

@@ -19,6 +19,7 @@ without it after a one-line warning.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
@@ -35,6 +36,7 @@ from . import debugging
 from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
 from .checkpoint_store import CheckpointError, RunInfo, Store
 from .fmt import fmt_bytes
+from .jobs import Failed
 
 log = logging.getLogger("mpmagic")
 
@@ -146,8 +148,11 @@ class _Writer:
             except Exception as exc:
                 self.error = exc  # reported by finish(), in the notebook's thread
 
-    def finish(self) -> None:
-        """Wait until every queued chunk is stored; warn if storing failed; apply the size cap."""
+    def finish(self, warn: Callable[[str], None] = _warn) -> None:
+        """Wait until every queued chunk is stored; warn if storing failed; apply the size cap.
+
+        ``warn``: where the one-line warning goes (a background run's live area).
+        """
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join()
@@ -155,11 +160,11 @@ class _Writer:
         if self.store is None:
             return
         if self.error is not None:
-            _warn(f"mpmagic: could not write to the checkpoint store {self.store.path} "
+            warn(f"mpmagic: could not write to the checkpoint store {self.store.path} "
                   f"({type(self.error).__name__}: {self.error}); the rest of this run is not checkpointed")
             return
         try:
-            gone = self.store.evict(max_bytes(), keep=self.run)
+            gone = self.store.evict(max_bytes(), keep={self.run, *_writing()})
         except Exception as exc:
             log.warning("mpmagic: checkpoint eviction failed: %s", exc)
             return
@@ -186,6 +191,11 @@ class _Plan:
         self.keys: list[bytes] = []  # item key by input index
         self.missing: list[int] = []  # input indices sent to the core pmap, in order
         self.unstable: str | None = None  # first reason an item's key may not repeat
+        # Who hears of stored items (a background run's as_completed, a stream,
+        # the user's on_chunk): a lazy input's batches are planned in the
+        # manager thread while a listener may be joining from the notebook's.
+        self._listeners: list[Callable[[int, list], None]] = []
+        self._lock = threading.Lock()
 
     def add(self, items: list, store: Store | None, run: bytes) -> list:
         """Key a batch of items, take what is stored, return the items to compute."""
@@ -207,16 +217,227 @@ class _Plan:
                     self.unstable = f"item {base + i} {why}"
                     break
         found = _load(store, run, [k for k in keys if k])
-        self.keys += keys
         todo = []
-        for i, (item, key) in enumerate(zip(items, keys, strict=True)):
-            if key and key in found:
-                self.results.append(found[key])
-            else:
-                self.results.append(None)
-                self.missing.append(base + i)
-                todo.append(item)
+        with self._lock:
+            self.keys += keys
+            for i, (item, key) in enumerate(zip(items, keys, strict=True)):
+                if key and key in found:
+                    self.results.append(found[key])
+                else:
+                    self.results.append(None)
+                    self.missing.append(base + i)
+                    todo.append(item)
+            for listener in self._listeners:
+                self._tell(listener, base, len(self.results))
         return todo
+
+    def listen(self, listener: Callable[[int, list], None]) -> None:
+        """Call ``listener(start, results)`` for each stretch of stored items, those
+        found so far at once, those of later batches as they are planned."""
+        with self._lock:
+            self._listeners.append(listener)
+            self._tell(listener, 0, len(self.results))
+
+    def _tell(self, listener: Callable[[int, list], None], lo: int, hi: int) -> None:
+        """The stored stretches among input positions [lo, hi) (the missing ones split them)."""
+        k = bisect.bisect_left(self.missing, lo)
+        pos = lo
+        while pos < hi:
+            gap = self.missing[k] if k < len(self.missing) and self.missing[k] < hi else hi
+            if gap > pos:
+                listener(pos, self.results[pos:gap])
+            pos, k = gap + 1, k + 1
+
+
+class MapCheckpoint:
+    """One checkpointed map, whoever runs it: a blocking ``pmap``, a background
+    run (``background.start``, as its ``resume``) or a stream (``imap``).
+
+    It keys the run and the items, takes what the store has (``todo`` gives
+    the items to compute), stores each accepted chunk of the computed ones
+    (``on_chunk``, from the thread that accepts chunks: the backend's manager
+    or a Dask run's waiting thread; a ``_Writer`` thread commits), and puts the
+    whole result back together in input order (``value``).
+
+    Raises ``ValueError`` when the function has no key (it does not pickle):
+    the caller then runs the map without a checkpoint, whose own error says why.
+    """
+
+    def __init__(self, func: Callable, iterables: tuple, *, star: bool, errors: str, location: Any,
+                 on_chunk: Callable[[int, list], None] | None = None) -> None:
+        if len(iterables) == 1:
+            self.items, self.star = iterables[0], star
+        else:
+            self.items, self.star = zip(*iterables, strict=False), True
+        self.name = getattr(func, "__name__", None) or type(func).__name__
+        try:
+            self.run, run_pickle = run_key(func, self.star)
+        except Exception as exc:  # cannot be pickled: the plain run raises its clear error
+            log.debug("no run key for %s: %s", self.name, exc)
+            raise ValueError(f"no checkpoint key for {self.name}") from exc
+        self.store = open_store(location)
+        if (why := unstable_reason(run_pickle)) is not None:
+            _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
+                  "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
+        self.collect = errors == "collect"
+        self.user_on_chunk = on_chunk
+        self.writer = _Writer(self.store, self.run, self.name)
+        self.plan = _Plan()
+        _in_flight(self.run, +1)  # the size cap never evicts a run still being written
+        self._settled = False
+
+    # -- before the run ----------------------------------------------------------
+    def todo(self) -> tuple[Iterable, bool]:
+        """The items to compute (lazily for a lazy input), and whether there is any."""
+        if type(self.items) in (list, tuple, range):
+            todo = self.plan.add(list(self.items), self.store, self.run)
+            return todo, bool(todo)
+        return _lazy(iter(self.items), self.plan, self.store, self.run)
+
+    @property
+    def resumed(self) -> int:
+        """Items taken from the store so far (all of them once the input is read)."""
+        return len(self.plan.results) - len(self.plan.missing)
+
+    @property
+    def total(self) -> int:
+        return len(self.plan.results)
+
+    def stored_segments(self, emit: Callable[[int, list], None]) -> None:
+        """Call ``emit(start, results)`` (start: input position) for every stretch of stored
+        items found so far, and from now on for those a lazy input's later batches find."""
+        self.plan.listen(emit)
+
+    # -- while it runs (the thread accepting chunks) -----------------------------
+    def on_chunk(self, start: int, results: list) -> None:
+        """A chunk of computed results (``start`` counts in the computed items): store it."""
+        plan = self.plan
+        positions = plan.missing[start : start + len(results)]
+        keys = [plan.keys[i] for i in positions]
+        if self.collect:  # only then can a result be a Failed: never stored
+            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
+        else:
+            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
+        if self.user_on_chunk is not None:  # in input positions, each stretch of consecutive ones
+            for first, part in _stretches(positions, results):
+                self.user_on_chunk(first, part)
+
+    # -- after it --------------------------------------------------------------------
+    def settle(self, warn: Callable[[str], None] | None = None) -> None:
+        """The run ended (however): wait until every accepted chunk is stored; warn once if
+        storing failed or an item's key may not repeat. Safe to call twice."""
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            self.writer.finish(warn or _warn)
+        finally:
+            _in_flight(self.run, -1)
+        if self.plan.unstable:
+            (warn or _warn)(f"mpmagic: --checkpoint: {self.plan.unstable}; a new kernel will compute such items "
+                            "again. Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
+
+    def value(self, computed: list) -> list:
+        """The whole input's results in input order: stored ones and ``computed`` (the missing ones')."""
+        results = self.plan.results
+        missing = self.plan.missing
+        for j, idx in enumerate(missing):
+            r = computed[j]
+            if isinstance(r, Failed):
+                r.index = idx
+                _renumber(r.error, missing)
+            results[idx] = r
+        return results
+
+    def failed(self, exc: BaseException) -> None:
+        """The run raised ``exc``: make "item N" in it count in the whole input."""
+        _renumber(exc, self.plan.missing)
+
+    def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
+        """The run's report (None if nothing ran: one is made) covering the whole input."""
+        return _amend_report(report, set_report or (lambda r: None), "pmap", self.total, self.resumed, wall)
+
+
+class StreamCheckpoint(MapCheckpoint):
+    """A checkpointed ``imap``: the stream yields stored items too, in its order.
+
+    Ordered, the stream's reader puts each stretch of computed results (in
+    the computed items' numbering) in input order with the stored items
+    before it (``in_input_order``), and the stored items after the last
+    computed one at the end (``stored_until``). Unordered, stored items come
+    first, as they are found (``stored_segments``). The job itself keeps no
+    results, so ``value`` has nothing to merge.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._cursor = 0  # the next input position the ordered stream yields
+
+    def value(self, computed: list) -> list:
+        return computed
+
+    def in_input_order(self, first: int, computed: list) -> list:
+        """``computed`` (the results of computed items ``first``, ``first + 1``...) with the
+        stored items before each, in input order. Called by one consumer, in order."""
+        if not computed:
+            return computed
+        missing, pos = self.plan.missing, self._cursor
+        last = first + len(computed) - 1
+        if missing[first] == pos and missing[last] == pos + len(computed) - 1:  # nothing stored in between
+            self._cursor = pos + len(computed)
+            return computed
+        results = self.plan.results
+        out: list = []
+        for j, r in enumerate(computed, first):
+            idx = missing[j]
+            if idx > pos:
+                out.extend(results[pos:idx])
+            out.append(r)
+            pos = idx + 1
+        self._cursor = pos
+        return out
+
+    def stored_until(self, next_computed: int) -> list:
+        """The stored items from the stream's position up to computed item ``next_computed``
+        (the first the stream has not yielded): all the rest once every computed item
+        was yielded (the job read the whole input by then); after a failure, those
+        before the first item that did not come."""
+        missing = self.plan.missing
+        hi = missing[next_computed] if next_computed < len(missing) else len(self.plan.results)
+        if hi <= self._cursor:
+            return []
+        out = self.plan.results[self._cursor : hi]
+        self._cursor = hi
+        return out
+
+
+def _stretches(positions: list[int], results: list) -> Iterable[tuple[int, list]]:
+    """``(first position, results)`` for each run of consecutive positions."""
+    i = 0
+    while i < len(positions):
+        j = i + 1
+        while j < len(positions) and positions[j] == positions[j - 1] + 1:
+            j += 1
+        yield positions[i], results[i:j]
+        i = j
+
+
+_active: dict[bytes, int] = {}  # run key -> checkpointed runs writing it now (in this process)
+_active_lock = threading.Lock()
+
+
+def _in_flight(run: bytes, delta: int) -> None:
+    with _active_lock:
+        n = _active.get(run, 0) + delta
+        if n > 0:
+            _active[run] = n
+        else:
+            _active.pop(run, None)
+
+
+def _writing() -> set[bytes]:
+    with _active_lock:
+        return set(_active)
 
 
 def checkpointed_pmap(
@@ -231,71 +452,87 @@ def checkpointed_pmap(
     set_report: Callable[[Any], None],
     get_report: Callable[[], Any],
     kwargs: dict[str, Any],
+    on_chunk: Callable[[int, list], None] | None = None,
 ) -> list:
     """``core(func, items, ...)`` on the items the store does not have; the rest from the store.
 
     ``core`` is the plain ``api.pmap`` (called without ``checkpoint``);
     ``set_report``/``get_report`` reach its last report, which this amends
-    (items, wall, how many were resumed).
+    (items, wall, how many were resumed). ``on_chunk(start, results)`` gets
+    every item once, in input positions: stored stretches before the run,
+    computed chunks as they are accepted.
     """
     __tracebackhide__ = True
-    from .jobs import Failed
-
     t0 = time.perf_counter()
-    if len(iterables) == 1:
-        items, star_mode = iterables[0], star
-    else:
-        items, star_mode = zip(*iterables, strict=False), True
-    name = getattr(func, "__name__", None) or type(func).__name__
     try:
-        run, run_pickle = run_key(func, star_mode)
-    except Exception as exc:  # cannot be pickled: let the core run raise its clear error
-        log.debug("no run key for %s: %s", name, exc)
-        return core(func, *iterables, star=star, errors=errors, show_report=show_report, **kwargs)
-    store = open_store(location)
-    if (why := unstable_reason(run_pickle)) is not None:
-        _warn(f"mpmagic: --checkpoint: what `{name}` captures {why}; a new kernel will compute its items "
-              "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
-    writer = _Writer(store, run, name)
-    plan = _Plan()
-
-    def on_chunk(start: int, results: list) -> None:
-        keys = [plan.keys[i] for i in plan.missing[start : start + len(results)]]
-        if errors == "collect":  # only then can a result be a Failed: never stored
-            writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
-        else:
-            writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
-
-    if type(items) in (list, tuple, range):
-        todo: Iterable = plan.add(list(items), store, run)
-        pending = bool(todo)
-    else:
-        todo, pending = _lazy(iter(items), plan, store, run)
+        ck = MapCheckpoint(func, iterables, star=star, errors=errors, location=location, on_chunk=on_chunk)
+    except ValueError:
+        return core(func, *iterables, star=star, errors=errors, show_report=show_report, on_chunk=on_chunk, **kwargs)
     computed: list = []
-    if pending:
-        try:
-            computed = core(func, todo, star=star_mode, errors=errors, on_chunk=on_chunk, **kwargs)
-        except Exception as exc:
-            _renumber(exc, plan.missing)
-            raise
-        finally:
-            writer.finish()
-            debugging.renumber_last(plan.missing)  # %pdebug N and last_failures() count in the whole input
-    if plan.unstable:
-        _warn(f"mpmagic: --checkpoint: {plan.unstable}; a new kernel will compute such items again. "
-              "Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
-    results = plan.results
-    for j, idx in enumerate(plan.missing):
-        r = computed[j]
-        if isinstance(r, Failed):
-            r.index = idx
-            _renumber(r.error, plan.missing)
-        results[idx] = r
-    _amend_report(get_report() if pending else None, set_report, "pmap", len(results),
-                  len(results) - len(plan.missing), time.perf_counter() - t0)
+    try:
+        todo, pending = ck.todo()
+        if on_chunk is not None:
+            ck.stored_segments(on_chunk)
+        if pending:
+            try:
+                computed = core(func, todo, star=ck.star, errors=errors, on_chunk=ck.on_chunk, **kwargs)
+            except Exception as exc:
+                ck.failed(exc)
+                raise
+            finally:
+                debugging.renumber_last(ck.plan.missing)  # %pdebug N and last_failures() count in the whole input
+    finally:
+        ck.settle()
+    results = ck.value(computed)
+    ck.amend(get_report() if pending else None, time.perf_counter() - t0, set_report)
     if show_report:
         print(get_report().line())
     return results
+
+
+def checkpointed_submit(
+    start: Callable[..., Any],
+    func: Callable,
+    iterables: tuple,
+    *,
+    star: bool,
+    errors: str,
+    location: Any,
+    what: str,
+    on_chunk: Callable[[int, list], None] | None = None,
+) -> Any:
+    """A background checkpointed map: the handle (``background.Run``) at once.
+
+    ``start(func, iterables, star, on_chunk=..., resume=...)`` is the plain
+    background start of ``api.pmap``; the run computes only the items the
+    store lacks, each accepted chunk is stored as in a blocking run, and its
+    ``result()`` is the whole input's. A run whose items are all stored
+    computes nothing: its handle is done at once.
+    """
+    __tracebackhide__ = True
+    from . import background
+
+    t0 = time.perf_counter()
+    try:
+        ck = MapCheckpoint(func, iterables, star=star, errors=errors, location=location, on_chunk=on_chunk)
+    except ValueError:
+        return start(func, iterables, star, on_chunk=on_chunk)
+    try:
+        todo, pending = ck.todo()
+    except BaseException:
+        ck.settle()
+        raise
+    if on_chunk is not None:  # the user's on_chunk hears of every item once, stored ones first
+        ck.stored_segments(on_chunk)
+    if not pending:
+        ck.settle()
+        report = ck.amend(None, time.perf_counter() - t0)
+        return background.finished(what, "map", ck.value([]), report, resume=ck)
+    try:
+        return start(func, (todo,), ck.star, on_chunk=ck.on_chunk, resume=ck)
+    except BaseException:
+        ck.settle()
+        raise
 
 
 _ITEM_REF = re.compile(r"\bitem (\d+)(?= of the input| \()")
@@ -345,8 +582,9 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterab
 
 def _amend_report(
     report: Any, set_report: Callable[[Any], None], kind: str, total: int, resumed: int, wall: float
-) -> None:
-    """The run's report, covering the whole input and saying how much came from the store."""
+) -> Any:
+    """The run's report, covering the whole input and saying how much came from the store
+    (made if nothing ran, and then handed to ``set_report``)."""
     from .report import Report
 
     if report is None:  # nothing was computed: no core run, no pool
@@ -356,6 +594,76 @@ def _amend_report(
     report.items = total
     report.wall = wall
     report.extra["checkpoint"] = {"resumed": resumed, "total": total, "computed": total - resumed}
+    return report
+
+
+class CellCheckpoint:
+    """One checkpointed ``%%parallel`` cell (blocking or ``--bg``): its key, the ranks' stored values.
+
+    The ranks of a cell may talk to each other (queues, locks), so one rank
+    cannot run alone: the cell is taken from the store when every rank's
+    value is there (``complete``), and run whole otherwise, its ranks' values
+    stored once it succeeded. Raises ``ValueError`` when the cell has no key
+    (a syntax error, an unpicklable name): the plain run then says which.
+    """
+
+    def __init__(self, code: str, *, size: int, namespace: dict[str, Any], gather: tuple, location: Any) -> None:
+        from .cell import make_cell_spec
+
+        self.size, self.gather = size, tuple(gather)
+        try:
+            spec = make_cell_spec(code, namespace, self.gather)
+            # --gather names are the cell's outputs: their last values (put in the
+            # notebook by the previous run) are not inputs of this one.
+            names = {k: v for k, v in spec.names.items() if k not in gather}
+            self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size)
+        except Exception as exc:
+            log.debug("no key for the cell: %s", exc)
+            raise ValueError("no checkpoint key for the cell") from exc
+        self.store = open_store(location)
+        if (why := unstable_reason(run_pickle)) is not None:
+            _warn(f"mpmagic: --checkpoint: what the cell reads {why}; a new kernel will run it again")
+        self.rank_keys = [item_key(f"rank {r}")[0] for r in range(size)]
+        self.found = _load(self.store, self.run, self.rank_keys)
+        self.name = "%%parallel: " + (code.strip().splitlines() or [""])[0][:40]
+        self._warn: Callable[[str], None] = _warn
+
+    @property
+    def complete(self) -> bool:
+        """Is every rank's value stored (so the cell need not run)?"""
+        return len(self.found) == self.size
+
+    @property
+    def resumed(self) -> int:
+        return self.size if self.complete else 0
+
+    def stored_values(self) -> Any:
+        """The ranks' values (and gathered names) from the store; only when ``complete``."""
+        from .report import RankValues
+
+        values = RankValues(v for v, _ in (self.found[k] for k in self.rank_keys))
+        values.gathered = {g: [self.found[k][1].get(g) for k in self.rank_keys] for g in self.gather}
+        return values
+
+    def stored_segments(self, emit: Callable[[int, list], None]) -> None:
+        """(A cell's handle has no ``as_completed``: nothing to tell.)"""
+
+    def settle(self, warn: Callable[[str], None] | None = None) -> None:
+        self._warn = warn or _warn  # stored in value(), once the ranks' values are known
+
+    def value(self, values: Any) -> Any:
+        """The cell succeeded: store every rank's value (one transaction), return them."""
+        writer = _Writer(self.store, self.run, self.name)
+        gathered = getattr(values, "gathered", {})
+        writer.put([(self.rank_keys[r], (v, {g: gathered[g][r] for g in self.gather})) for r, v in enumerate(values)])
+        writer.finish(self._warn)
+        return values
+
+    def failed(self, exc: BaseException) -> None:
+        """(A failing cell stores nothing; its error already names the rank.)"""
+
+    def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
+        return _amend_report(report, set_report or (lambda r: None), "parallel", self.size, self.resumed, wall)
 
 
 def checkpointed_parallel(
@@ -371,50 +679,58 @@ def checkpointed_parallel(
     get_report: Callable[[], Any],
     kwargs: dict[str, Any],
 ) -> Any:
-    """A ``%%parallel`` cell whose ranks' values (and gathered names) are kept in the store.
-
-    The ranks of a cell may talk to each other (queues, locks), so one rank
-    cannot run alone: the cell is taken from the store when every rank's
-    value is there, and run whole otherwise (each rank stored as it succeeds).
-    """
+    """A ``%%parallel`` cell whose ranks' values (and gathered names) are kept in the store
+    (see :class:`CellCheckpoint`)."""
     __tracebackhide__ = True
-    from .cell import make_cell_spec
     from .pool import get_pool
-    from .report import RankValues
 
     t0 = time.perf_counter()
     size = workers or get_pool().workers
     try:
-        spec = make_cell_spec(code, namespace, tuple(gather))
-        # --gather names are the cell's outputs: their last values (put in the
-        # notebook by the previous run) are not inputs of this one.
-        names = {k: v for k, v in spec.names.items() if k not in gather}
-        run, run_pickle = cell_key(code, names, spec.modules, tuple(gather), size)
-    except Exception as exc:  # a syntax error or an unpicklable name: the core run says which
-        log.debug("no key for the cell: %s", exc)
+        ck = CellCheckpoint(code, size=size, namespace=namespace, gather=tuple(gather), location=location)
+    except ValueError:
         return core(code, workers=workers, namespace=namespace, gather=gather, show_report=show_report, **kwargs)
-    store = open_store(location)
-    if (why := unstable_reason(run_pickle)) is not None:
-        _warn(f"mpmagic: --checkpoint: what the cell reads {why}; a new kernel will run it again")
-    rank_keys = [item_key(f"rank {r}")[0] for r in range(size)]
-    found = _load(store, run, rank_keys)
-    name = "%%parallel: " + (code.strip().splitlines() or [""])[0][:40]
-    if len(found) == size:
-        values = RankValues(v for v, _ in (found[k] for k in rank_keys))
-        values.gathered = {g: [found[k][1].get(g) for k in rank_keys] for g in gather}
-        _amend_report(None, set_report, "parallel", size, size, time.perf_counter() - t0)
-        values.report = get_report()
+    if ck.complete:
+        values = ck.stored_values()
+        values.report = ck.amend(None, time.perf_counter() - t0, set_report)
         if show_report:
             print(values.report.line())
         return values
-    values = core(code, workers=size, namespace=namespace, gather=gather, show_report=False, **kwargs)
-    writer = _Writer(store, run, name)
-    writer.put([(rank_keys[r], (v, {g: values.gathered[g][r] for g in gather})) for r, v in enumerate(values)])
-    writer.finish()
-    _amend_report(get_report(), set_report, "parallel", size, 0, time.perf_counter() - t0)
+    values = ck.value(core(code, workers=size, namespace=namespace, gather=gather, show_report=False, **kwargs))
+    ck.amend(get_report(), time.perf_counter() - t0, set_report)
     if show_report:
         print(get_report().line())
     return values
+
+
+def checkpointed_parallel_submit(
+    start: Callable[..., Any],
+    code: str,
+    *,
+    size: int,
+    namespace: dict[str, Any],
+    gather: tuple,
+    location: Any,
+    what: str,
+) -> Any:
+    """``%%parallel --bg --checkpoint``: the handle at once; done at once when every
+    rank's value is stored, else the cell runs in the background and its ranks'
+    values are stored when it succeeds. ``start(resume=...)`` is ``api.parallel``'s
+    plain background start."""
+    __tracebackhide__ = True
+    from . import background
+
+    t0 = time.perf_counter()
+    try:
+        ck = CellCheckpoint(code, size=size, namespace=namespace, gather=tuple(gather), location=location)
+    except ValueError:
+        return start()
+    if ck.complete:
+        report = ck.amend(None, time.perf_counter() - t0)
+        values = ck.stored_values()
+        values.report = report
+        return background.finished(what, "cell", values, report, resume=ck, keep_chunks=False)
+    return start(resume=ck)
 
 
 # --------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -403,12 +403,14 @@ class Store:
                 f.unlink(missing_ok=True)
         return n
 
-    def evict(self, max_bytes: int | None, keep: bytes | None = None) -> list[str]:
+    def evict(self, max_bytes: int | None, keep: bytes | Collection[bytes] | None = None) -> list[str]:
         """Delete least recently used runs until the store holds at most ``max_bytes``.
 
-        ``keep`` (the run just made) stays, even alone over the cap: deleting
-        it would throw away the run the user is resuming. Returns the names deleted.
+        ``keep`` (the run just made, and runs still being written: a background
+        run of another function) stays, even alone over the cap: deleting it
+        would throw away the run the user is resuming. Returns the names deleted.
         """
+        kept = {keep} if isinstance(keep, bytes) else set(keep or ())
         if max_bytes is None:
             return []
         total = self.total_bytes()
@@ -418,7 +420,7 @@ class Store:
         for r in sorted(self.runs(), key=lambda r: r.used):
             if total <= max_bytes:
                 break
-            if r.key == keep:
+            if r.key in kept:
                 continue
             self.delete([r.key])
             total -= r.size

@@ -316,11 +316,11 @@ class MPMagics(Magics):
         with _magic_errors(parser):
             from . import background
 
-            background.check_options(compare=opts.compare, scaling=opts.scaling,
-                                     checkpoint=config.run_kwargs(opts).get("checkpoint"))
+            background.check_options(compare=opts.compare, scaling=opts.scaling)
+            kw = config.run_kwargs(opts)
             return api.pmap(args[0], *args[1:], workers=opts.workers, chunksize=opts.chunksize, star=opts.star,
-                            errors=opts.errors, timeout=opts.timeout, retries=opts.retries,
-                            insights=config.run_kwargs(opts).get("insights", False), block=False)
+                            errors=opts.errors, timeout=opts.timeout, retries=opts.retries, seed=opts.seed,
+                            insights=kw.get("insights", False), checkpoint=kw.get("checkpoint", False), block=False)
 
     def _parallel_bg(self, parser: _Parser, opts: argparse.Namespace, cell: str) -> Any:
         """``%%parallel --bg``: the run's handle (also stored in ``-o NAME``)."""
@@ -331,11 +331,11 @@ class MPMagics(Magics):
         with _magic_errors(parser):
             from . import background
 
-            background.check_options(compare=opts.compare, scaling=opts.scaling,
-                                     checkpoint=config.run_kwargs(opts).get("checkpoint"))
+            background.check_options(compare=opts.compare, scaling=opts.scaling)
+            kw = config.run_kwargs(opts)
             run = api.parallel(cell, workers=opts.workers, namespace=self.shell.user_ns, timeout=opts.timeout,
-                               label_output=not opts.no_label,
-                               insights=config.run_kwargs(opts).get("insights", False), block=False)
+                               label_output=not opts.no_label, insights=kw.get("insights", False),
+                               checkpoint=kw.get("checkpoint", False), block=False)
         if opts.output:
             self.shell.user_ns[opts.output] = run
         return run

@@ -11,10 +11,17 @@ backend (``engine.Run.nudge``).
 
 Breaking out of the loop, ``close()``, or dropping the iterator cancels the
 rest of the run (its busy workers are replaced, as for an interrupt).
+
+``checkpoint=`` (``checkpoint.StreamCheckpoint``): only the items the store
+lacks are computed; each accepted chunk is stored before the consumer gets
+it. The stream yields the stored items too: ordered, each in its input
+place (the reader puts the computed chunks, which count in the computed
+items only, back among the stored ones); unordered, first, as they are found.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import weakref
@@ -49,16 +56,24 @@ class _Count:
 class Feed:
     """Chunks from the backend (manager thread) to the consumer (the loop), bounded."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, store: Callable[[int, list], None] | None = None) -> None:
         self.limit = limit
+        self.store = store  # --checkpoint: each chunk is stored (queued for its writer) first
         self.chunks: queue.SimpleQueue = queue.SimpleQueue()
         self.held = 0  # chunks accepted and not yet consumed (a counter shared by two threads)
         self._held_lock = threading.Lock()
 
     def put(self, start: int, results: list) -> None:
+        if self.store is not None:
+            self.store(start, results)
         with self._held_lock:
             self.held += 1
         self.chunks.put((start, results))
+
+    def put_stored(self, start: int, results: list) -> None:
+        """Stored items for an unordered stream: yielded as they come, never counted as held
+        (they cost no worker time, and holding them back would not bound anything)."""
+        self.chunks.put((None, results))
 
     def taken(self, n: int = 1) -> bool:
         """``n`` chunks consumed: True if that made room for more work."""
@@ -102,10 +117,11 @@ class _Reader:
     """Takes chunks from the feed for the generator ``imap`` returns, in input
     order (or as they come), and makes room for more work as it goes."""
 
-    def __init__(self, run: Any, feed: Feed, ordered: bool) -> None:
+    def __init__(self, run: Any, feed: Feed, ordered: bool, resume: Any = None) -> None:
         self.run = run
         self.feed = feed
         self.ordered = ordered
+        self.resume = resume  # --checkpoint, ordered: puts the stored items in their places
         self.next_index = 0  # ordered: the next input index to yield
         self.waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
         self.ended = False
@@ -119,15 +135,18 @@ class _Reader:
         self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
         if results is _END:
             return self._rest()
+        if start is None:  # stored items (unordered, --checkpoint)
+            return results
         if not self.ordered:
             self._taken(1)
             return results
         # Ordered: a chunk that came before an earlier one still counts as held,
         # so a slow early chunk cannot make the notebook hold all the later ones.
-        if start == self.next_index and not self.waiting:  # the usual case: in order already, no copy
+        first = self.next_index
+        if start == first and not self.waiting:  # the usual case: in order already, no copy
             self.next_index += len(results)
             self._taken(1)
-            return results
+            return self._placed(first, results)
         self.waiting[start] = results
         ready: list = []
         n = 0
@@ -138,7 +157,11 @@ class _Reader:
             n += 1
         if n:
             self._taken(n)
-        return ready
+        return self._placed(first, ready)
+
+    def _placed(self, first: int, computed: list) -> list:
+        """Computed results from computed item ``first`` on, with the stored items among them."""
+        return computed if self.resume is None else self.resume.in_input_order(first, computed)
 
     def _taken(self, n: int) -> None:
         if self.feed.taken(n):
@@ -147,12 +170,15 @@ class _Reader:
     def _rest(self) -> list | None:
         """At the end: what still waits in order (ordered, after a failure: up to the gap)."""
         self.ended = True  # the end marker was taken: nothing more comes
+        first = self.next_index
         rest: list = []
         while self.next_index in self.waiting:
             chunk = self.waiting.pop(self.next_index)
             self.next_index += len(chunk)
             rest.extend(chunk)
         self.waiting.clear()
+        if self.resume is not None and self.ordered:  # and the stored items after them
+            rest = self.resume.in_input_order(first, rest) + self.resume.stored_until(self.next_index)
         return rest or None
 
 
@@ -191,6 +217,7 @@ def imap(
     timeout: float | None = None,
     retries: int = 0,
     buffer: int | None = None,
+    checkpoint: bool | str | os.PathLike = False,
 ) -> Iterator[Any]:
     """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
 
@@ -200,6 +227,9 @@ def imap(
     (default: 2 per worker, at least 4): beyond it no new chunk is handed out.
     An error is raised at its place (ordered: after the results of the
     chunks before the failing item's). Leaving the loop early cancels the rest.
+    ``checkpoint=True`` (or a folder) stores each finished item's result and
+    yields stored ones instead of computing them again (docs/checkpoint.md):
+    in their input places when ordered, first when not.
     """
     __tracebackhide__ = True
     from . import api, background
@@ -210,15 +240,43 @@ def imap(
     if api._in_worker_process():
         return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))  # type: ignore[return-value]
     n_workers = workers or api.get_pool().workers
-    feed = Feed(buffer or max(4, 2 * n_workers))
+    what = f"imap {api.func_name(func)}"
+    resume = None
+    if checkpoint:
+        from .checkpoint import StreamCheckpoint
+
+        try:
+            resume = StreamCheckpoint(func, iterables, star=star, errors=errors, location=checkpoint)
+        except ValueError:  # the function has no key (does not pickle): the run itself says why
+            resume = None
+    feed = Feed(buffer or max(4, 2 * n_workers), store=resume.on_chunk if resume is not None else None)
+    pending = True
+    if resume is not None:
+        try:
+            todo, pending = resume.todo()
+        except BaseException:
+            resume.settle()
+            raise
+        iterables, star = (todo,), resume.star
+        if not ordered:
+            resume.stored_segments(feed.put_stored)
 
     def make_call(forward: background.Forward) -> Any:
         return api.map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
                             retries=retries, out=forward.out, progress=forward.progress, job_class=feed.job_class)
 
-    run = background.start(f"imap {api.func_name(func)}", make_call, lambda call, forward: call.job.results(),
-                           workers, live="relay", keep_chunks=False)
-    stream = _generate(_Reader(run, feed, ordered))
+    if resume is not None and not pending:  # every item stored: nothing runs
+        resume.settle()
+        run = background.finished(what, "map", [], resume.amend(None, 0.0), resume, live="relay", keep_chunks=False)
+    else:
+        try:
+            run = background.start(what, make_call, lambda call, forward: call.job.results(), workers, live="relay",
+                                   keep_chunks=False, resume=resume)
+        except BaseException:
+            if resume is not None:
+                resume.settle()
+            raise
+    stream = _generate(_Reader(run, feed, ordered, resume if ordered else None))
     # A generator dropped before it was started runs no ``finally``: cancel then too.
     weakref.finalize(stream, _cancel_quietly, run)
     return stream

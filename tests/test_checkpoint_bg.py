@@ -1,0 +1,322 @@
+"""Background runs with checkpoints (issue 17's last gap): ``%pmap --bg --checkpoint``,
+``submit(..., checkpoint=True)``, ``imap(..., checkpoint=True)``, ``%%parallel --bg --checkpoint``.
+
+Functions are defined with ``ip.run_cell`` (no file, as in a notebook) and
+append every item they compute to a file, so a test knows which items really
+ran; serial ``map`` is the oracle for the values. Every store lives in a tmp
+dir (``%config MPMagic.checkpoint_dir``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from concurrent.futures import CancelledError
+from pathlib import Path
+
+import pytest
+from conftest import ensure_pool, run
+
+import mpmagic
+from mpmagic import api, checkpoint
+from mpmagic.checkpoint_keys import item_key, run_key
+from mpmagic.checkpoint_store import Store
+
+DEFS = """
+import time
+OFFSET = 0
+def work(x):
+    with open(RECORD, 'a') as f:
+        f.write(f'{x}\\n')
+    return x * x + OFFSET
+def slow(x):
+    with open(RECORD, 'a') as f:
+        f.write(f'{x}\\n')
+    time.sleep(0.03)
+    return -x
+FAIL_NOW = (3, 5)
+def flaky(x):
+    with open(RECORD, 'a') as f:
+        f.write(f'{x}\\n')
+    if x in FAIL_NOW:
+        raise ValueError(f'bad {x}')
+    return -x
+"""
+
+
+@pytest.fixture
+def ns(ip, tmp_path):
+    """A fresh checkpoint folder, the recording functions, a forkserver pool of 2."""
+    ensure_pool("forkserver")
+    folder = tmp_path / "ckpt"
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(folder)!r}")
+    run(ip, f"RECORD = {str(tmp_path / 'calls.txt')!r}\n" + DEFS)
+    ip.user_ns["FOLDER"] = folder
+    yield ip.user_ns
+    for r in mpmagic.runs():
+        r.cancel()
+    checkpoint.close_stores()
+
+
+def calls(ns) -> list[int]:
+    """The items computed since the last call (sorted), and forget them."""
+    path = Path(ns["RECORD"])
+    if not path.exists():
+        return []
+    out = sorted(int(line) for line in path.read_text().split())
+    path.unlink()
+    return out
+
+
+def stored(ns, func_name: str, items) -> set:
+    """Which of ``items`` the store holds for ``func_name`` as it is defined now."""
+    store = Store(ns["FOLDER"])
+    try:
+        run_id = run_key(ns[func_name], False)[0]
+        keys = {item_key(x)[0]: x for x in items}
+        return {keys[k] for k in store.load(run_id, list(keys))}
+    finally:
+        store.close()
+
+
+# --------------------------------------------------------------------------
+# %pmap --bg --checkpoint
+
+
+def test_a_background_run_stores_and_a_foreground_rerun_computes_nothing(ip, ns):
+    handle = run(ip, "%pmap --bg --checkpoint work, range(30)")
+    assert isinstance(handle, mpmagic.Run)
+    assert handle.result(60) == [x * x for x in range(30)]
+    assert calls(ns) == list(range(30))
+    assert "resumed: 0 of 30 items from the checkpoint, 30 computed" in handle.report().line()
+    assert run(ip, "%pmap -q --checkpoint work, range(30)") == [x * x for x in range(30)]
+    assert calls(ns) == []  # every result was stored by the time result() returned
+    assert "resumed: 30 of 30 items from the checkpoint, 0 computed" in api.last_report().line()
+
+
+def test_a_foreground_partial_run_is_resumed_in_the_background(ip, ns):
+    run(ip, "%pmap -q --checkpoint work, range(20)")
+    calls(ns)
+    handle = run(ip, "%pmap --bg --checkpoint work, range(30)")
+    assert handle.result(60) == list(map(lambda x: x * x, range(30)))
+    assert calls(ns) == list(range(20, 30))
+    assert handle.items_done == handle.items_total == 30 and handle.items_resumed == 20
+    assert "30/30 items (20 from the checkpoint)" in handle.status_line()
+    line = handle.report().line()
+    assert "resumed: 20 of 30 items from the checkpoint, 10 computed" in line and "30 items" in line
+    # The live area (text and HTML) says it too, once the run ended.
+    bundle = handle._sink.bundle()
+    assert "resumed: 20 of 30 items from the checkpoint" in bundle["text/plain"]
+    assert "20 of 30 items from the checkpoint, 10 computed" in bundle["text/html"]
+
+
+def test_a_background_run_whose_items_are_all_stored_is_done_at_once(ip, ns):
+    mpmagic.pmap(ns["work"], range(12), checkpoint=True)
+    calls(ns)
+    run(ip, "%config MPMagic.checkpoint = True")  # the default, with --bg
+    handle = run(ip, "%pmap --bg work, range(12)")
+    assert handle.done() and handle.state == "done"  # no waiting: nothing ran
+    assert handle.result(0) == [x * x for x in range(12)]
+    assert list(mpmagic.as_completed(handle)) == [x * x for x in range(12)]
+    assert "resumed: 12 of 12 items from the checkpoint, 0 computed" in handle.report().line()
+    assert handle in mpmagic.runs() and "12/12 items (12 from the checkpoint)" in repr(handle)
+    assert calls(ns) == []
+
+
+def test_cancelling_keeps_what_finished_and_a_rerun_computes_only_the_rest(ns):
+    accepted: list[int] = []  # input positions whose results the notebook accepted (so stored)
+    handle = mpmagic.submit(ns["slow"], range(60), chunksize=1, checkpoint=True,
+                            on_chunk=lambda start, results: accepted.extend(range(start, start + len(results))))
+    deadline = time.monotonic() + 60
+    while handle.items_done < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.cancel()
+    with pytest.raises(CancelledError):
+        handle.result(10)
+    kept = set(accepted)
+    assert 6 <= len(kept) < 60
+    assert stored(ns, "slow", range(60)) == kept  # stored by the time the handle says cancelled
+    calls(ns)
+    again = mpmagic.submit(ns["slow"], range(60), checkpoint=True)
+    assert again.result(60) == [-x for x in range(60)]
+    assert calls(ns) == sorted(set(range(60)) - kept)
+    assert again.items_resumed == len(kept)
+
+
+def test_collected_failures_are_not_stored_and_a_background_rerun_retries_them(ip, ns):
+    res = run(ip, "%pmap --bg --checkpoint --errors collect flaky, range(8)").result(60)
+    assert [i for i, r in enumerate(res) if isinstance(r, mpmagic.Failed)] == [3, 5]
+    assert calls(ns) == list(range(8))
+    res = run(ip, "%pmap --bg --checkpoint --errors collect flaky, range(8)").result(60)
+    assert calls(ns) == [3, 5]  # only the failures ran again
+    assert res[3].index == 3 and res[5].index == 5  # places in the whole input, not in the re-run
+    assert "item 5 of the input" in " ".join(res[5].error.__notes__)
+    assert [r for i, r in enumerate(res) if i not in (3, 5)] == [0, -1, -2, -4, -6, -7]
+    run(ip, "FAIL_NOW = ()")  # fixed: a new key, so everything computes once more
+    assert run(ip, "%pmap --bg --checkpoint flaky, range(8)").result(60) == [-x for x in range(8)]
+
+
+def test_an_error_of_a_resumed_background_run_names_its_place_in_the_whole_input(ns):
+    mpmagic.pmap(ns["flaky"], [0, 1, 2], checkpoint=True)
+    handle = mpmagic.submit(ns["flaky"], range(8), checkpoint=True)  # computes 3..7: 5 is its 3rd
+    with pytest.raises(ValueError, match="bad 3") as info:
+        handle.result(60)
+    assert "item 3 of the input" in " ".join(info.value.__notes__)
+    with pytest.raises(ValueError) as serial:
+        list(map(ns["flaky"], range(8)))
+    assert str(serial.value) == str(info.value)
+
+
+def test_a_changed_captured_global_recomputes_in_the_background(ip, ns):
+    run(ip, "%pmap --bg --checkpoint work, range(10)").result(60)
+    calls(ns)
+    run(ip, "OFFSET = 7")
+    assert run(ip, "%pmap --bg --checkpoint work, range(10)").result(60) == [x * x + 7 for x in range(10)]
+    assert calls(ns) == list(range(10))
+    run(ip, "OFFSET = 0")  # back: the first run's results are found again
+    handle = run(ip, "%pmap --bg --checkpoint work, range(10)")
+    assert handle.done() and handle.result() == [x * x for x in range(10)] and calls(ns) == []
+
+
+def test_lazy_input_in_the_background_and_on_chunk_sees_every_position_once(ns):
+    mpmagic.pmap(ns["work"], range(0, 1500, 2), checkpoint=True)  # the even items stored
+    calls(ns)
+    seen: list[tuple[int, list]] = []
+    handle = mpmagic.submit(ns["work"], (x for x in range(1500)), checkpoint=True,
+                            on_chunk=lambda start, results: seen.append((start, list(results))))
+    assert handle.result(60) == [x * x for x in range(1500)]
+    assert calls(ns) == list(range(1, 1500, 2))
+    assert handle.items_resumed == 750 and handle.items_done == 1500
+    positions = [start + i for start, results in seen for i in range(len(results))]
+    assert sorted(positions) == list(range(1500))  # each once
+    assert all(r == (start + i) ** 2 for start, results in seen for i, r in enumerate(results))
+
+
+# --------------------------------------------------------------------------
+# streaming: as_completed and imap yield the stored items too
+
+
+def test_as_completed_yields_stored_and_computed_results_once(ns):
+    mpmagic.pmap(ns["work"], range(0, 40, 3), checkpoint=True)
+    calls(ns)
+    handle = mpmagic.submit(ns["work"], range(40), chunksize=3, checkpoint=True)
+    got = list(mpmagic.as_completed(handle))
+    assert Counter(got) == Counter(x * x for x in range(40))
+    assert got[:14] == [x * x for x in range(0, 40, 3)]  # stored ones first: they are done
+    assert calls(ns) == [x for x in range(40) if x % 3]
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_imap_yields_stored_items_in_its_order_and_computes_only_the_rest(ns, ordered):
+    mpmagic.pmap(ns["work"], [0, 1, 5, 6, 7, 20, 38, 39], checkpoint=True)
+    calls(ns)
+    got = list(mpmagic.imap(ns["work"], range(40), ordered=ordered, chunksize=3, checkpoint=True))
+    want = [x * x for x in range(40)]
+    if ordered:
+        assert got == want
+    else:
+        assert Counter(got) == Counter(want)
+        assert sorted(got[:8]) == sorted(x * x for x in [0, 1, 5, 6, 7, 20, 38, 39])  # first: done already
+    assert calls(ns) == [x for x in range(40) if x not in (0, 1, 5, 6, 7, 20, 38, 39)]
+    assert list(mpmagic.imap(ns["work"], range(40), ordered=ordered, checkpoint=True)) in (want, got)
+    assert calls(ns) == []  # all stored now: nothing ran
+    assert mpmagic.runs()[-1].items_resumed == 40
+
+
+def test_an_ordered_imap_failure_yields_stored_items_only_up_to_the_failing_one(ns):
+    mpmagic.pmap(ns["flaky"], [0, 1, 2, 6, 7], checkpoint=True)
+    got = []
+    with pytest.raises(ValueError, match="bad 3"):
+        for value in mpmagic.imap(ns["flaky"], range(8), chunksize=1, checkpoint=True):
+            got.append(value)
+    assert got == [0, -1, -2]  # as serial map: nothing after item 3, not even stored 6 and 7
+
+
+def test_breaking_out_of_a_checkpointed_imap_keeps_what_it_got(ns):
+    for i, _value in enumerate(mpmagic.imap(ns["slow"], range(40), chunksize=1, checkpoint=True)):
+        if i == 4:
+            break
+    handle = mpmagic.runs()[-1]
+    assert handle.wait(10) and handle.state == "cancelled"
+    assert set(range(5)) <= stored(ns, "slow", range(40))
+
+
+# --------------------------------------------------------------------------
+# %%parallel --bg --checkpoint
+
+
+def test_parallel_bg_checkpoint_keeps_the_ranks_values(ip, ns):
+    cell = "with open(RECORD, 'a') as f:\n    f.write(f'{rank}\\n')\nrank * 10 + OFFSET\n"
+    handle = ip.run_cell_magic("parallel", "--bg --checkpoint -n 2", cell)
+    assert list(handle.result(60)) == [0, 10]
+    assert calls(ns) == [0, 1]
+    again = ip.run_cell_magic("parallel", "--bg --checkpoint -n 2", cell)
+    assert again.done() and list(again.result()) == [0, 10] and calls(ns) == []
+    assert "resumed: 2 of 2 ranks from the checkpoint" in again.report().line()
+    assert list(ip.run_cell_magic("parallel", "-q --checkpoint -n 2", cell)) == [0, 10]  # foreground too
+    assert calls(ns) == []
+    run(ip, "OFFSET = 1")
+    assert list(ip.run_cell_magic("parallel", "--bg --checkpoint -n 2", cell).result(60)) == [1, 11]
+    assert calls(ns) == [0, 1]
+    failing = mpmagic.parallel("1 / rank", workers=2, block=False, checkpoint=True)
+    with pytest.raises(mpmagic.ParallelError):
+        failing.result(60)
+    with pytest.raises(mpmagic.ParallelError):  # a failed cell stored nothing: it runs again
+        mpmagic.parallel("1 / rank", workers=2, block=False, checkpoint=True).result(60)
+
+
+# --------------------------------------------------------------------------
+# threads and processes writing one store
+
+
+def test_the_size_cap_never_evicts_a_background_run_still_being_written(ip, ns):
+    handle = mpmagic.submit(ns["slow"], range(30), chunksize=1, workers=1, checkpoint=True)
+    deadline = time.monotonic() + 60
+    while handle.items_done < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # (the writer thread commits those chunks)
+    run(ip, "%config MPMagic.checkpoint_max_bytes = 100")
+    mpmagic.pmap(ns["work"], range(5), checkpoint=True)  # over the cap: evicts, but not `slow`
+    assert handle.result(60) == [-x for x in range(30)]
+    calls(ns)
+    assert mpmagic.submit(ns["slow"], range(30), checkpoint=True).result(60) == [-x for x in range(30)]
+    assert calls(ns) == []
+
+
+def _write_rows(folder: str, n: int, ready) -> None:
+    store = Store(folder)
+    ready.set()
+    for start in range(0, n, 10):  # one transaction per 10 rows, as a kernel's writer does per chunk
+        store.put(b"o" * 16, "other", [(i.to_bytes(16, "big"), i) for i in range(start, start + 10)])
+    store.close()
+
+
+def test_another_process_writing_the_store_while_a_background_run_does_loses_nothing(ns):
+    # Two kernels on one store: this one's writer thread and another process commit at once.
+    folder = ns["FOLDER"]
+    Store(folder).close()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    other = ctx.Process(target=_write_rows, args=(str(folder), 3000, ready))
+    other.start()
+    assert ready.wait(60)
+    handle = mpmagic.submit(ns["work"], range(300), chunksize=1, checkpoint=True)  # 300 transactions
+    assert handle.result(60) == [x * x for x in range(300)]
+    other.join(60)
+    assert other.exitcode == 0
+    assert len(stored(ns, "work", range(300))) == 300
+    store = Store(folder)
+    assert len(store.load(b"o" * 16, [i.to_bytes(16, "big") for i in range(3000)])) == 3000
+    store.close()
+
+
+def test_an_unpicklable_function_with_bg_checkpoint_fails_as_without_checkpoint(ip, ns):
+    run(ip, "import threading\nLOCK = threading.Lock()\ndef locked(x):\n    with LOCK:\n        return x\n")
+    errors = []
+    for flag in (True, False):
+        try:
+            mpmagic.submit(ns["locked"], range(3), checkpoint=flag).result(60)
+        except Exception as exc:
+            errors.append((type(exc), str(exc)))
+    assert len(errors) == 2 and errors[0] == errors[1]
