@@ -115,8 +115,10 @@ def test_a_background_run_whose_items_are_all_stored_is_done_at_once(ip, ns):
     mpmagic.pmap(ns["work"], range(12), checkpoint=True)
     calls(ns)
     run(ip, "%config MPMagic.checkpoint = True")  # the default, with --bg
+    mpmagic.stop_pool()
     handle = run(ip, "%pmap --bg work, range(12)")
     assert handle.done() and handle.state == "done"  # no waiting: nothing ran
+    assert not mpmagic.get_pool().running  # not even the pool was started
     assert handle.result(0) == [x * x for x in range(12)]
     assert list(mpmagic.as_completed(handle)) == [x * x for x in range(12)]
     assert "resumed: 12 of 12 items from the checkpoint, 0 computed" in handle.report().line()
