@@ -205,7 +205,8 @@ class Run:
     ``result()`` returns what the blocking call would have returned, or raises
     what it would have raised (``CancelledError`` after ``cancel()``).
     ``report()`` is its timing report once done; ``items_done`` /
-    ``items_failed`` / ``items_total`` count items (ranks of a cell);
+    ``items_failed`` / ``items_total`` count items (ranks of a cell), with
+    ``--checkpoint`` the stored ones too (``items_resumed`` of them);
     ``output`` is what its tasks printed.
     """
 
@@ -330,7 +331,7 @@ class Run:
         unit = "ranks" if self._job.kind == "cell" else "items"
         count = f"{self.items_done}/{total}" if total is not None else f"{self.items_done}"
         failed = f", {self.items_failed} failed" if self.items_failed else ""
-        resumed = f" ({self.items_resumed:,} from the checkpoint)" if self.items_resumed else ""
+        resumed = f" ({self.items_resumed} from the checkpoint)" if self.items_resumed else ""
         return (f"run {self.id}: {self.what}, {count} {unit}{resumed}{failed}, {fmt_seconds(self.elapsed)}, "
                 f"{self.state}")
 
