@@ -285,6 +285,7 @@ class MapCheckpoint:
         self.plan = _Plan()
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
         self._settled = False
+        self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
     # -- before the run ----------------------------------------------------------
     def todo(self) -> tuple[Iterable, bool]:
@@ -354,8 +355,10 @@ class MapCheckpoint:
         _renumber(exc, self.plan.missing)
 
     def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
-        """The run's report (None if nothing ran: one is made) covering the whole input."""
-        return _amend_report(report, set_report or (lambda r: None), "pmap", self.total, self.resumed, wall)
+        """The run's report (None if nothing ran: one is made) covering the whole input;
+        ``wall`` counts from the start of the backend's run, ``lead`` is added."""
+        return _amend_report(report, set_report or (lambda r: None), "pmap", self.total, self.resumed,
+                             wall + self.lead)
 
 
 class StreamCheckpoint(MapCheckpoint):
@@ -528,6 +531,7 @@ def checkpointed_submit(
         ck.settle()
         report = ck.amend(None, time.perf_counter() - t0)
         return background.finished(what, "map", ck.value([]), report, resume=ck)
+    ck.lead = time.perf_counter() - t0  # the handle's clock starts now: the report's wall includes this
     try:
         return start(func, (todo,), ck.star, on_chunk=ck.on_chunk, resume=ck)
     except BaseException:

@@ -322,3 +322,20 @@ def test_an_unpicklable_function_with_bg_checkpoint_fails_as_without_checkpoint(
         except Exception as exc:
             errors.append((type(exc), str(exc)))
     assert len(errors) == 2 and errors[0] == errors[1]
+
+
+def test_on_dask_a_background_run_stores_on_the_notebook_side_and_a_rerun_is_done_at_once(
+        ip, ns, dask_cluster, request):
+    ensure_pool("dask", request)
+    try:
+        handle = mpmagic.submit(ns["work"], range(12), checkpoint=True, chunksize=2)
+        assert handle.result(60) == [x * x for x in range(12)]
+        assert calls(ns) == list(range(12))  # the record file is shared: same machine
+        again = mpmagic.submit(ns["work"], range(16), checkpoint=True)
+        assert again.result(60) == [x * x for x in range(16)]
+        assert calls(ns) == [12, 13, 14, 15] and again.items_resumed == 12
+        assert mpmagic.submit(ns["work"], range(16), checkpoint=True).done()
+    finally:
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()
