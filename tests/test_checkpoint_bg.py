@@ -170,6 +170,37 @@ def test_an_error_of_a_resumed_background_run_names_its_place_in_the_whole_input
     assert str(serial.value) == str(info.value)
 
 
+def test_a_failing_background_run_keeps_what_finished_and_the_fixed_rerun_computes_the_rest(ip, ns, tmp_path):
+    switch = tmp_path / "broken"
+    switch.touch()
+    run(ip, f"import os\nBROKEN = {str(switch)!r}\n"
+            "def boom(x):\n"
+            "    with open(RECORD, 'a') as f:\n"
+            "        f.write(f'{x}\\n')\n"
+            "    if x == 19 and os.path.exists(BROKEN):\n"
+            "        raise KeyError(x)\n"
+            "    return x\n")
+    with pytest.raises(KeyError):
+        run(ip, "%pmap --bg --checkpoint --chunksize 5 -n 1 boom, range(20)").result(60)
+    assert calls(ns) == list(range(20))
+    switch.unlink()  # fixed, and the key is the same (the function and what it captures did not change)
+    assert run(ip, "%pmap --bg --checkpoint boom, range(20)").result(60) == list(range(20))
+    assert calls(ns) == list(range(15, 20))  # chunks 0-14 were stored before the failure
+
+
+def test_bg_checkpoint_with_a_seed_resumes_the_seeded_results(ip, ns):
+    run(ip, "import random\ndef draw(x):\n"
+            "    with open(RECORD, 'a') as f:\n"
+            "        f.write(f'{x}\\n')\n"
+            "    return x + random.random()\n")
+    want = run(ip, "%pmap -q --seed 7 draw, range(10)")  # no checkpoint: the oracle for seeded values
+    calls(ns)
+    assert run(ip, "%pmap --bg --checkpoint --seed 7 draw, range(6)").result(60) == want[:6]
+    assert calls(ns) == list(range(6))
+    assert run(ip, "%pmap --bg --checkpoint --seed 7 draw, range(10)").result(60) == want
+    assert calls(ns) == [6, 7, 8, 9]
+
+
 def test_a_changed_captured_global_recomputes_in_the_background(ip, ns):
     run(ip, "%pmap --bg --checkpoint work, range(10)").result(60)
     calls(ns)
