@@ -370,3 +370,41 @@ def test_on_dask_a_background_run_stores_on_the_notebook_side_and_a_rerun_is_don
         from mpmagic import pool as pool_module
 
         pool_module.shutdown()
+
+
+def test_a_killed_kernels_background_run_resumes_in_a_new_kernel(tmp_path):
+    # The kernel is idle (the --bg cell returned at once) while the run goes on; SIGKILL it
+    # half way: a new kernel's --bg run computes only what was not stored.
+    pytest.importorskip("jupyter_client")
+    from test_checkpoint_kernel import _calls, _kill, _setup
+    from test_kernel import Kernel
+
+    n = 120
+    folder, record = tmp_path / "ckpt", tmp_path / "calls.txt"
+    cell = f"h = %pmap --bg --checkpoint --chunksize 5 work, range({n})"
+    k1 = Kernel()
+    try:
+        _setup(k1, folder, record)
+        k1.ok(cell)
+        deadline = time.monotonic() + 120
+        while len(_calls(record)) < n // 2:
+            assert time.monotonic() < deadline, "the first run did not get half way"
+            time.sleep(0.02)
+    finally:
+        _kill(k1)
+    first = _calls(record)
+    assert n // 2 <= len(first) < n, len(first)
+    record.unlink()
+    k2 = Kernel()
+    try:
+        _setup(k2, folder, record)
+        k2.ok(cell)
+        assert k2.value(f"h.result(120) == [x * x for x in range({n})]") is True
+        second = _calls(record)
+        assert set(first) | set(second) == set(range(n)) and len(second) == len(set(second))
+        assert len(set(first) & set(second)) <= 30  # only what was in flight at the kill runs again
+        resumed = n - len(second)
+        line = k2.value("h.report().line()")
+        assert f"resumed: {resumed} of {n} items from the checkpoint, {len(second)} computed" in line
+    finally:
+        k2.close()
