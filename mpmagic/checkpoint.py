@@ -120,14 +120,20 @@ class _Writer:
         self.error: BaseException | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._closed = False  # finish() ran: a later put would start a thread nobody joins
+        self._state = threading.Lock()  # put (the thread accepting chunks) against finish (the pump)
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
         if self.store is None or not pairs:
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
-            self._thread.start()
-        self._queue.put(pairs)
+        with self._state:
+            if self._closed:  # a chunk accepted after the run was settled (a cancelled run's straggler)
+                log.debug("mpmagic: checkpoint: %d results came after the run ended; not stored", len(pairs))
+                return
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
+                self._thread.start()
+            self._queue.put(pairs)
 
     def _run(self) -> None:
         done = False
@@ -153,15 +159,18 @@ class _Writer:
 
         ``warn``: where the one-line warning goes (a background run's live area).
         """
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        with self._state:
+            self._closed = True
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)  # after every chunk put before it
+        if thread is not None:
+            thread.join()
         if self.store is None:
             return
         if self.error is not None:
             warn(f"mpmagic: could not write to the checkpoint store {self.store.path} "
-                  f"({type(self.error).__name__}: {self.error}); the rest of this run is not checkpointed")
+                 f"({type(self.error).__name__}: {self.error}); the rest of this run is not checkpointed")
             return
         try:
             gone = self.store.evict(max_bytes(), keep={self.run, *_writing()})
