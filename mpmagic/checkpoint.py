@@ -15,6 +15,14 @@ captures, same items: ``checkpoint_keys.py``) takes those from the store
 Failures (``errors="collect"``) are never stored, so a re-run retries them.
 The store is a cache: when it cannot be opened or written, the run goes on
 without it after a one-line warning.
+
+One map's bookkeeping is one :class:`MapCheckpoint`, whoever runs it: the
+blocking ``pmap`` (``checkpointed_pmap``), a background run
+(``checkpointed_submit``: it is the run's ``background.Resume``, settled by
+the run's pump thread before the handle says done, so a re-run right after
+``result()`` or ``cancel()`` finds every accepted chunk), an ``imap``
+stream (:class:`StreamCheckpoint`, which also puts stored items in the
+stream's order). A ``%%parallel`` cell's is :class:`CellCheckpoint`.
 """
 
 from __future__ import annotations
