@@ -520,6 +520,8 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
                             resume=resume)
     if resume is not None and keep_chunks:  # as_completed yields the stored results too (first: they are done)
+        # (Their starts are input positions, the job's count among the computed
+        # items only: as_completed, the one reader of _chunks, ignores starts.)
         resume.stored_segments(run._on_chunk)
     run._start(call.backend, workers)
     return run
