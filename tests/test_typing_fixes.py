@@ -30,3 +30,19 @@ def test_a_sigint_handler_installed_from_c_is_left_alone(monkeypatch):
         monkeypatch.undo()
         interrupts._installed = None
         signal.signal(signal.SIGINT, before)
+
+
+def test_magics_without_a_shell_say_so():
+    """Magics(shell=None) is allowed; running ours then read None.user_ns
+    (AttributeError). Now it is a one-line error saying what to do."""
+    from IPython.core.error import UsageError as IPythonUsageError
+
+    from mpmagic.errors import UsageError
+    from mpmagic.magics import MPMagics
+
+    magics = MPMagics()
+    with pytest.raises(UsageError, match="need an IPython shell: load them with %load_ext mpmagic"):
+        magics.pmap("abs, [1, -2]")
+    # (%%parallel reads the namespace inside its run: the magic's usage error says it)
+    with pytest.raises(IPythonUsageError, match="need an IPython shell: load them with %load_ext mpmagic"):
+        magics.parallel("-n 2", "rank")
