@@ -89,6 +89,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerl
     from .streaming import imap
     from .worker_setup import worker_id
 
+if TYPE_CHECKING:  # annotations only, not part of the API
+    from .backends.base import Backend as _Backend
+
 
 def __getattr__(name: str) -> Any:
     """Import a public name (or a submodule, ``mpmagic.pool``...) on first use."""
@@ -214,7 +217,7 @@ def _prestart_pool() -> None:
         threading.Thread(target=_start_if_current, args=(backend,), daemon=True, name="mpmagic-prestart").start()
 
 
-def _start_if_current(backend: Any) -> None:
+def _start_if_current(backend: _Backend) -> None:
     from . import pool
 
     try:

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import ast
 import threading
-from typing import Any
+from typing import Any, Literal, overload
 
 _LOCK = threading.RLock()
 
 
+@overload
+def parse(source: str, filename: str = ..., mode: Literal["exec"] = ...) -> ast.Module: ...
+@overload
+def parse(source: str, filename: str, mode: str) -> ast.AST: ...
+
+
 def parse(source: str, filename: str = "<unknown>", mode: str = "exec") -> ast.AST:
-    """``ast.parse``, one thread at a time."""
+    """``ast.parse``, one thread at a time (a Module in "exec" mode, as ``ast.parse``)."""
     with _LOCK:
         return ast.parse(source, filename, mode)
 

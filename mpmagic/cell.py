@@ -72,8 +72,8 @@ def make_cell_spec(
         if name in ("rank", "size") or name not in user_ns:
             continue
         value = user_ns[name]
-        if isinstance(value, types.ModuleType) and _module_name(value):
-            spec.modules[name] = _module_name(value)
+        if isinstance(value, types.ModuleType) and (modname := _module_name(value)):
+            spec.modules[name] = modname
         elif hasattr(builtins, name) and getattr(builtins, name) is value:
             continue
         else:

@@ -17,15 +17,25 @@ This module imports no IPython.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("mpmagic")
+
+# What signal.signal() accepts back: a Python callable, SIG_DFL / SIG_IGN, or
+# a raw signal number (typeshed's private ``signal._HANDLER`` minus None).
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers
 
 #: Seconds after an interrupted run during which further SIGINTs are repeats.
 WINDOW = 0.5
 
 # The guard installed and the handler it stands in front of, while it is there.
-_installed: tuple[object, object] | None = None
+_installed: tuple[_Handler, _Handler] | None = None
 
 
 def absorb_late_interrupts(window: float = WINDOW) -> None:
@@ -38,9 +48,15 @@ def absorb_late_interrupts(window: float = WINDOW) -> None:
         previous = signal.getsignal(signal.SIGINT)
     except ValueError:
         return
+    if previous is None:
+        # The handler was installed from C, not from Python: signal.signal()
+        # cannot put it back (it rejects None), so the guard would replace it
+        # for good, and restoring would raise TypeError. Leave it alone.
+        log.debug("SIGINT handler was not installed from Python; late interrupts are not absorbed")
+        return
     until = time.monotonic() + window
 
-    def guard(signum, frame):
+    def guard(signum: int, frame: FrameType | None) -> None:
         if time.monotonic() < until:
             return  # a repeat of the interrupt that already stopped the run
         restore()

@@ -46,8 +46,8 @@ class _Parser(argparse.ArgumentParser):
     takes ``--worker`` for ``--workers`` (then misreports the value).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, allow_abbrev=False, add_help=False, **kwargs)
+    def __init__(self, prog: str | None = None, **kwargs: Any) -> None:
+        super().__init__(prog, allow_abbrev=False, add_help=False, **kwargs)
 
     def usage_error(self, message: str) -> IPythonUsageError:
         """The magic's usage error: ``message``, then the usage line and the pointer to its help."""
@@ -263,6 +263,13 @@ def _magic_errors(parser: _Parser) -> Iterator[None]:
 class MPMagics(Magics):
     """%pmap, %%parallel and %pool."""
 
+    @property
+    def _user_ns(self) -> dict[str, Any]:
+        """The notebook's namespace: ARGS and cells are evaluated there, -o / --gather write there."""
+        if self.shell is None:  # Magics(shell=None) is allowed, but ours need the user's names
+            raise UsageError("mpmagic's magics need an IPython shell: load them with %load_ext mpmagic")
+        return self.shell.user_ns
+
     # The line is Python (map()'s argument list): IPython's {expr} / $name
     # expansion of magic lines would turn a set or dict literal into other
     # text ({5, 1, 3} became (5, 1, 3)), as %timeit also avoids.
@@ -277,8 +284,8 @@ class MPMagics(Magics):
             from .postmortem import rerun_failed
 
             with _magic_errors(parser):
-                return rerun_failed(namespace=self.shell.user_ns, **({"workers": opts.workers} if opts.workers else {}))
-        args = _eval_map_args(rest, self.shell.user_ns, parser)
+                return rerun_failed(namespace=self._user_ns, **({"workers": opts.workers} if opts.workers else {}))
+        args = _eval_map_args(rest, self._user_ns, parser)
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
@@ -333,11 +340,11 @@ class MPMagics(Magics):
 
             background.check_options(compare=opts.compare, scaling=opts.scaling)
             kw = config.run_kwargs(opts)
-            run = api.parallel(cell, workers=opts.workers, namespace=self.shell.user_ns, timeout=opts.timeout,
+            run = api.parallel(cell, workers=opts.workers, namespace=self._user_ns, timeout=opts.timeout,
                                label_output=not opts.no_label, insights=kw.get("insights", False),
                                checkpoint=kw.get("checkpoint", False), block=False)
         if opts.output:
-            self.shell.user_ns[opts.output] = run
+            self._user_ns[opts.output] = run
         return run
 
     @cell_magic
@@ -355,11 +362,11 @@ class MPMagics(Magics):
             return self._parallel_bg(parser, opts, cell)
         if opts.scaling:
             with _magic_errors(parser):
-                return scaling.parallel_scaling(cell, self.shell.user_ns, max_workers=opts.workers)
+                return scaling.parallel_scaling(cell, self._user_ns, max_workers=opts.workers)
         reducer = None
         if opts.reduce:
             try:
-                reducer = eval(opts.reduce, self.shell.user_ns)
+                reducer = eval(opts.reduce, self._user_ns)
             except Exception as exc:
                 raise parser.usage_error(f"--reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
             if not callable(reducer):
@@ -373,7 +380,7 @@ class MPMagics(Magics):
                 values = api.parallel(
                     cell,
                     workers=opts.workers,
-                    namespace=self.shell.user_ns,
+                    namespace=self._user_ns,
                     compare=opts.compare,
                     timeout=opts.timeout,
                     gather=gather,
@@ -388,9 +395,9 @@ class MPMagics(Magics):
             if not opts.quiet and report is not None and report is not before:
                 display(report)  # this run's report, never an older one
         for name, per_rank in values.gathered.items():
-            self.shell.user_ns[name] = per_rank
+            self._user_ns[name] = per_rank
         if opts.output:
-            self.shell.user_ns[opts.output] = values
+            self._user_ns[opts.output] = values
         if reducer is not None:
             return reducer(values)
         if not api.cell_has_value(cell) or all(v is None for v in values):
@@ -426,8 +433,9 @@ class MPMagics(Magics):
             if getattr(pool.current_pool(), "name", "local") != "local":
                 raise UsageError("--gpus is for the local pool (%pool local first); Dask workers pick their own devices")
 
-            if worker_setup.set_gpus(opts.gpus.split(",")) and pool.current_pool() is not None \
-                    and pool.current_pool().running and action == "start":
+            current = pool.current_pool()
+            if worker_setup.set_gpus(opts.gpus.split(",")) and current is not None and current.running \
+                    and action == "start":
                 pool.restart_pool()
         if action == "start":
             pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,

@@ -23,6 +23,7 @@ import pickle
 import types
 import weakref
 from collections import ChainMap
+from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -37,11 +38,16 @@ PROTOCOL = 5
 _MAIN_MARKERS = (b"__main__", b"__mp_main__")
 
 
-def _code_reduce_keeping_filename(code: types.CodeType):
-    # cloudpickle >= 3.1 renames every code object's file to "<dynamic-code>";
-    # keep the real one, so a worker's traceback can point at the notebook cell.
-    ctor, args = _cloudpickle_code_reduce(code)
-    return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+def _keeping_filename(code_reduce: Callable[[Any], tuple]) -> Callable[[types.CodeType], tuple]:
+    """cloudpickle's reducer of code objects, with the code's real file name kept."""
+
+    def reduce_code(code: types.CodeType) -> tuple:
+        # cloudpickle >= 3.1 renames every code object's file to "<dynamic-code>";
+        # keep the real one, so a worker's traceback can point at the notebook cell.
+        ctor, args = code_reduce(code)
+        return ctor, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+    return reduce_code
 
 
 _cloudpickle_code_reduce = compat.cloudpickle_code_reduce()
@@ -153,7 +159,7 @@ class _Pickler(cloudpickle.Pickler):
 
     if _cloudpickle_code_reduce is not None:
         dispatch_table = ChainMap(
-            {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
+            {types.CodeType: _keeping_filename(_cloudpickle_code_reduce)}, cloudpickle.Pickler.dispatch_table
         )
 
     def reducer_override(self, obj: Any) -> Any:

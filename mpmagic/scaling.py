@@ -211,6 +211,9 @@ def _sweep(run_on: Callable[[int], Any], serial: float, max_workers: int | None,
         best = float("inf")
         for _ in range(max(1, repeat)):
             run_on(k)
-            best = min(best, api.last_report().wall)
+            report = api.last_report()
+            # run_on is a blocking api.pmap / api.parallel: the report is set before it returns
+            assert report is not None
+            best = min(best, report.wall)
         points.append(_point(k, best, serial))
     return points

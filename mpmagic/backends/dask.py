@@ -47,15 +47,17 @@ import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypedDict, cast
 
 from distributed import Client
 
 from .. import worker_setup
 from ..cpus import available_cpus
+from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
+from .base import Job
 from .local import _no_main_module
 
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
@@ -98,6 +100,22 @@ def _security(address: str | None, ca: str | None, cert: str | None, key: str | 
     return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
+class _CellJob(Job, Protocol):
+    """A job of kind "cell" (``jobs.CellJob``): one unit per rank, ``size`` ranks."""
+
+    size: int
+
+
+class _TaskEvent(TypedDict, total=False):
+    """What a task logs on the run's event topic (``dask_tasks._log_event``)."""
+
+    tag: str  # the task's key
+    start: bool  # the task began running (timeouts count from here)
+    stream: str  # an output line: "stdout" or "stderr"...
+    text: str  # ...and its text
+    worker: str  # added by the scheduler: the address of the worker that logged it
+
+
 @dataclass(eq=False)
 class _Task:
     """One unit of a job on its way through Dask."""
@@ -111,7 +129,7 @@ class _Task:
     streamed: int = 0  # output events received
     data_future: Any = None  # a large unit's scattered message
 
-    def describe(self, job: Any) -> str:
+    def describe(self, job: Job) -> str:
         if job.kind == "cell":
             return f"rank {self.unit.id}"
         u = self.unit
@@ -491,16 +509,14 @@ class DaskBackend:
         self.start()
         self._wait_for_workers(1)
 
-    def submit(self, job: Any, workers: int | None = None) -> Any:
+    def submit(self, job: Job, workers: int | None = None) -> DrivenRun:
         """A run handle; the thread that waits on it drives the job (see ``engine.DrivenRun``).
 
         Ctrl-C lands in that wait as in ``run``, which cancels the run's futures.
         """
-        from ..engine import DrivenRun
-
         return DrivenRun(job, lambda: self.run(job, workers))
 
-    def run(self, job: Any, workers: int | None = None) -> None:
+    def run(self, job: Job, workers: int | None = None) -> None:
         """Drive ``job`` to completion on the cluster; raise what interrupts it.
 
         ``workers`` limits a map to that many chunks running at once.
@@ -511,7 +527,7 @@ class DaskBackend:
         with self._run_lock:
             self._run(job, workers)
 
-    def _run(self, job: Any, workers: int | None) -> None:
+    def _run(self, job: Job, workers: int | None) -> None:
         __tracebackhide__ = True
         self.start()
         self.calls_run += 1
@@ -519,12 +535,14 @@ class DaskBackend:
         self._most_workers = max(self._most_workers, len(nthreads))
         targets: list[str] = []
         if job.kind == "cell":
+            # Job has no size (a map's units are not known in advance); a cell job has its ranks'.
+            size = cast(_CellJob, job).size
             nthreads = self._nthreads(fresh=True)  # ranks are pinned: no stale addresses
-            if len(nthreads) < job.size <= self._most_workers:
+            if len(nthreads) < size <= self._most_workers:
                 # A worker is restarting (after a timeout or a crash): wait for it.
-                nthreads = self._wait_for_workers(job.size)
-            targets = self._rank_workers(job.size, nthreads)
-            threads, depth = job.size, 1
+                nthreads = self._wait_for_workers(size)
+            targets = self._rank_workers(size, nthreads)
+            threads, depth = size, 1
         else:
             threads = workers or sum(nthreads.values())
             depth = 1 if job.timeout else 2  # one queued behind each running chunk hides the round trip
@@ -559,7 +577,7 @@ class _DaskRun:
     main thread waits on it, so Ctrl-C lands here and cancels.
     """
 
-    def __init__(self, backend: DaskBackend, job: Any, threads: int, depth: int, targets: list[str]) -> None:
+    def __init__(self, backend: DaskBackend, job: Job, threads: int, depth: int, targets: list[str]) -> None:
         self.backend = backend
         self.client = backend.client
         self.job = job
@@ -583,8 +601,10 @@ class _DaskRun:
         __tracebackhide__ = True
         self.backend._event_sink = self._on_event
         try:
-            if self.job.func_payload is not None:
-                self.payload_future = self.backend._payload_future(self.job.func_key, self.job.func_payload)
+            key, data = self.job.func_key, self.job.func_payload
+            if data is not None:
+                assert key is not None  # a job that has a function payload has its content key (jobs.MapJob)
+                self.payload_future = self.backend._payload_future(key, data)
             self._loop()
         except KeyboardInterrupt:
             self._abandon(interrupted=True)
@@ -660,8 +680,8 @@ class _DaskRun:
         else:
             self._finish(msg[1])
 
-    def _event(self, ev: dict) -> None:
-        task = self.tasks.get(ev.get("tag"))
+    def _event(self, ev: _TaskEvent) -> None:
+        task = self.tasks.get(ev.get("tag", ""))
         if task is None:
             return  # from a task this run already gave up on
         if ev.get("start"):
@@ -750,19 +770,19 @@ class _DaskRun:
 
     def _reply(self, unit: Any, msg: tuple) -> None:
         """What the task said, handed to the job as the local backend does."""
-        job, kind = self.job, type(msg)
-        if kind is Out:
+        job = self.job
+        if isinstance(msg, Out):
             job.output(unit.id, msg.stream, msg.text)
-        elif kind is Done:
+        elif isinstance(msg, Done):
             self.backend.tasks_run += unit.count
             job.done(unit, msg.data, msg.seconds, msg.meta)
-        elif kind is Error:
+        elif isinstance(msg, Error):
             self.backend.tasks_run += unit.count
             job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
-        elif kind is Unpicklable:
+        elif isinstance(msg, Unpicklable):
             job.unpicklable(unit, msg.index, msg.info)
         else:
-            raise ProtocolError(f"a Dask task replied with a {kind.__name__} message, which tasks never send")
+            raise ProtocolError(f"a Dask task replied with a {type(msg).__name__} message, which tasks never send")
 
     def _await_output(self, task: _Task, n_streamed: int) -> None:
         """Output events can trail the result by a moment: wait briefly for them."""
