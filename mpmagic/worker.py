@@ -1,11 +1,11 @@
 """The loop that runs in a worker process. It imports no IPython.
 
 A worker talks to the notebook over one duplex pipe (a socketpair made by
-``multiprocessing``; nothing listens on a network port). A reader thread moves
-incoming messages into a local queue at once, so the notebook never blocks on
-a busy worker, and it notices when the notebook process goes away. The main
-thread handles the messages one after another; every message kind and its
-fields are in ``mpmagic/protocol.py``:
+``multiprocessing``; nothing listens on a network port). The main thread reads
+it and handles the messages one after another (the notebook's sends never
+block on a busy worker: ``backends/pipes.py``); the pipe's end, or a watchdog
+thread seeing the notebook process gone, ends the worker. Every message kind
+and its fields are in ``mpmagic/protocol.py``:
 
 * ``Func``: cache a cloudpickled function under its content key.
 * ``Map``: run the function over a chunk of items; reply ``Done`` (results,
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import io
 import os
-import queue
 import signal
 import sys
 import threading
@@ -48,7 +47,7 @@ from collections.abc import Callable
 from heapq import nlargest
 from itertools import starmap
 from operator import itemgetter
-from typing import Any
+from typing import Any, NoReturn
 
 from . import context, debugging, payload, shm, worker_logging
 from .errors import SerializationError
@@ -453,7 +452,7 @@ def _watch_parent(parent_pid: int) -> None:
             _exit_notebook_gone(parent_pid, 3)
 
 
-def _exit_notebook_gone(parent_pid: int, code: int) -> None:
+def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
     """Leave at once; if the notebook died, remove its shared memory first.
 
     A notebook unlinks its ``mpm_<pid>_*`` segments at pool stop and exit, but
@@ -482,16 +481,7 @@ def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
             for s in streams:
                 s.flush_stale()
         except (OSError, ValueError):
-            return  # the pipe is gone; the reader thread ends the process
-
-
-def _reader(conn, inbox: queue.SimpleQueue, parent_pid: int) -> None:
-    try:
-        while True:
-            inbox.put(conn.recv_bytes())
-    except (EOFError, OSError):
-        # The notebook closed the pipe or died: nothing more will come.
-        _exit_notebook_gone(parent_pid, 0)
+            return  # the pipe is gone; the main thread's next read ends the process
 
 
 class _Worker:
@@ -503,10 +493,10 @@ class _Worker:
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
         self.imports = ImportLog()  # preloads, and one-time costs since the last reply (warmup.py)
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.conn = conn
+        self.parent_pid = parent_pid
         self.out = _StreamToParent(self.channel, "stdout")
         self.err = _StreamToParent(self.channel, "stderr")
-        threading.Thread(target=_reader, args=(conn, self.inbox, parent_pid), daemon=True).start()
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
         threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
 
@@ -533,7 +523,7 @@ class _Worker:
     def serve(self) -> None:
         self.channel.send(Ready(os.getpid(), self.worker_id))
         while True:
-            msg = unpack(self.inbox.get())
+            msg = unpack(self._receive())
             kind = type(msg)
             if kind is Map:
                 self.run_map(msg)
@@ -556,6 +546,16 @@ class _Worker:
                 return
             else:
                 raise ProtocolError(f"a worker cannot handle a {kind.__name__} message")
+
+    def _receive(self) -> bytes:
+        """The next message, read here in the main thread (no reader thread:
+        the notebook never blocks on a busy worker's full pipe, see
+        ``backends/pipes.py``). The pipe's end means the notebook stopped
+        this worker or died: leave."""
+        try:
+            return self.conn.recv_bytes()
+        except (EOFError, OSError):
+            _exit_notebook_gone(self.parent_pid, 0)
 
     def load_function(self, key: bytes, data: bytes) -> None:
         shm.opened()
@@ -648,11 +648,23 @@ def _first_unpicklable(results: list) -> int | None:
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+_statm: tuple[int, int] | None = None  # (pid, fd of that process's /proc/<pid>/statm)
+
+
 def _rss() -> int | None:
-    """This process's resident size in bytes, for the pool's memory limit (one read, ~5 us)."""
+    """This process's resident size in bytes, for the pool's memory limit.
+
+    ``/proc/self/statm`` stays open and is re-read with ``pread`` (~1 us): an
+    open-read-close per chunk was ~10 us, a third of a tiny chunk's cost here.
+    A forked child (a task may fork) opens its own: the inherited file
+    describes the parent.
+    """
+    global _statm
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * _PAGE
+        pid = os.getpid()
+        if _statm is None or _statm[0] != pid:
+            _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
     except (OSError, ValueError, IndexError):
         return None
 

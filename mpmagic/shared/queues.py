@@ -389,8 +389,9 @@ def flush_at_exit() -> None:
     drained for up to ``_EXIT_TIMEOUT`` seconds.
     """
     # Two threads may get here at once (the worker's main thread returning from a
-    # "stop", its reader thread seeing the pipe close): the second waits for the
-    # first, or it could os._exit the process in the middle of the first's spill.
+    # "stop" or reading the pipe's end, its watchdog thread seeing the notebook
+    # gone): the second waits for the first, or it could os._exit the process
+    # in the middle of the first's spill.
     with _exit_lock:
         for local in list(_feeding):
             _hand_over(local)
