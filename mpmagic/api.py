@@ -553,7 +553,7 @@ def parallel(
             return CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output,
                             insights=insights, out=forward.out, progress=forward.progress)
 
-        def values(call: CellCall, forward: background.Forward) -> RankValues:
+        def rank_values(call: CellCall, forward: background.Forward) -> RankValues:
             # A failing rank's traceback goes to the live area, as a blocking run prints it.
             return call.values(lambda text: forward.out("stderr", text))
 
@@ -562,7 +562,7 @@ def parallel(
         what = f"parallel -n {size}: {first}"
 
         def start(resume: Any = None) -> Any:
-            return background.start(what, make_cell, values, size, keep_chunks=False, resume=resume)
+            return background.start(what, make_cell, rank_values, size, keep_chunks=False, resume=resume)
 
         if checkpoint:  # the ranks' values from the store when all are there (checkpoint.py)
             from .checkpoint import checkpointed_parallel_submit
@@ -643,6 +643,7 @@ class CellCall:
         if self.pins is not None:
             from . import ranks
 
+            assert isinstance(self.job, ranks.KeptCellJob)  # (pins: made in __init__ with the pins)
             ranks.record(self.backend, self.size, self.job.placed)
 
     def report(self, wall: float) -> Report:

@@ -13,9 +13,9 @@ import itertools
 import logging
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from . import debugging, payload, payload_cache, shm, worker_logging
 from .chunking import ChunkPlanner
@@ -176,8 +176,9 @@ class MapJob:
             n_items, workers, 1 if timeout and not chunksize else chunksize, key=self.func_key
         )
         # A list or tuple is sliced; anything else is consumed lazily, chunk by chunk.
-        self._seq = items if type(items) in (list, tuple) else None
-        self._iter = iter(items) if self._seq is None else None
+        # (exact types: a subclass's iteration may differ from its slices)
+        self._seq: Sequence | None = cast(Sequence, items) if type(items) in (list, tuple) else None
+        self._iter: Iterator | None = iter(items) if self._seq is None else None
         self._next_id = 0
         self._next_start = 0
         self._requeued: deque[Unit] = deque()
@@ -260,10 +261,10 @@ class MapJob:
                 return None
             size = self.planner.next_size()
             if self._seq is not None:
-                items = self._seq[self._next_start : self._next_start + size]
-                if type(items) is tuple:
-                    items = list(items)
+                chunk = self._seq[self._next_start : self._next_start + size]
+                items: list = chunk if isinstance(chunk, list) else list(chunk)  # (a tuple's slice)
             else:
+                assert self._iter is not None  # (one of _seq and _iter is set, in __init__)
                 items = list(itertools.islice(self._iter, size))
             if len(items) < size:
                 self.exhausted = True
@@ -326,7 +327,7 @@ class MapJob:
         an error names the item itself, never the pair.
         """
         unwrap = getattr(self.func, "mpmagic_item", None)
-        return (item, self.star) if unwrap is None else (unwrap(item), self.func.star)
+        return (item, self.star) if unwrap is None else (unwrap(item), getattr(self.func, "star", False))
 
     def _where(self, index: int, item: Any) -> str:
         item, star = self._shown(item)
@@ -568,8 +569,8 @@ class CellJob:
         self.call_id = next(_call_ids)
         self.size = size
         self.timeout = timeout
-        self.func_key = None
-        self.func_payload = None
+        self.func_key: bytes | None = None  # (a cell's code travels in each unit)
+        self.func_payload: bytes | None = None
         self._pending = deque(Unit(r, r, 1, spec_bytes) for r in range(size))
         self.outstanding: dict[int, Unit] = {}
         self.values: dict[int, Any] = {}

@@ -21,11 +21,18 @@ class Job(Protocol):
     kind: str  # "map" or "cell"
     call_id: int
     timeout: float | None
-    func_key: bytes | None
-    func_payload: bytes | None
-    items_done: int
-    items_failed: int
-    items_total: int | None
+
+    # Read-only here (a job may compute them: CellJob.items_failed is a property).
+    @property
+    def items_total(self) -> int | None: ...
+    @property
+    def func_key(self) -> bytes | None: ...
+    @property
+    def func_payload(self) -> bytes | None: ...
+    @property
+    def items_done(self) -> int: ...
+    @property
+    def items_failed(self) -> int: ...
 
     @property
     def finished(self) -> bool: ...

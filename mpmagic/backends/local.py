@@ -41,6 +41,7 @@ from .. import context, payload, payload_cache, shm, warmup, worker, worker_setu
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
+from ..jobs import CellJob, MapJob
 from ..protocol import (
     Done,
     Error,
@@ -307,7 +308,8 @@ class LocalBackend:
         # Bytes of resident memory a worker may keep after a task; above it the
         # worker is replaced before its next task (like Dask's nanny).
         self.max_memory = max_memory
-        self.ctx = multiprocessing.get_context(method)
+        # (Any: typeshed's BaseContext has no Process; every concrete context does)
+        self.ctx: Any = multiprocessing.get_context(method)
         self.slots: list[_Slot] = []
         self._next_wid = 0
         self.tasks_run = 0
@@ -639,7 +641,7 @@ class LocalBackend:
         workers when the pool has too few idle ones).
         """
         limit = None
-        if job.kind == "cell":
+        if isinstance(job, CellJob):
             cap = max_workers()
             if job.size > cap:
                 raise UsageError(f"-n {job.size} is more ranks than this machine can run at once (at most {cap})")
@@ -647,7 +649,7 @@ class LocalBackend:
             self.resize(workers)
         else:
             limit = workers
-        if job.kind == "map":  # warm: modules the function needs, sent ahead of it
+        if isinstance(job, MapJob):  # warm: modules the function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
         self.start(wake=False)  # (woken below, once)
         run = _LocalRun(self, job, limit)
@@ -831,7 +833,7 @@ class LocalBackend:
 
     def _depth(self, job: Job) -> int:
         """Units in flight per worker: 2 hides latency for short chunks."""
-        if job.kind == "cell" or job.timeout:
+        if not isinstance(job, MapJob) or job.timeout:
             return 1
         per_item = job.planner.per_item
         if per_item is None:
@@ -860,10 +862,10 @@ class LocalBackend:
                 # A run may find its input just ran out (an iterator of exactly
                 # N chunks): then the next run in turn gets this worker.
                 while len(slot.inflight) == level and not slot.broken:
-                    run = self._next_run(maps, slot, level)
-                    if run is None:
+                    chosen = self._next_run(maps, slot, level)
+                    if chosen is None:
                         break
-                    self._give(run, slot)
+                    self._give(chosen, slot)
 
     def _next_run(self, maps: list[_LocalRun], slot: _Slot, level: int) -> _LocalRun | None:
         """The next map run that may put a unit on ``slot`` at this depth.
@@ -1016,7 +1018,7 @@ class LocalBackend:
         if kind is Done or kind is Error:
             slot.tasks += unit.count
             self.tasks_run += unit.count
-        if run is not owner or owner.job.finished or owner.cancel_requested:
+        if run is None or run is not owner or owner.job.finished or owner.cancel_requested:
             return _discard(msg)  # a later chunk of a run that already failed
         job = owner.job
         try:
