@@ -54,10 +54,8 @@ def test_a_background_run_leaves_the_kernel_free_and_its_output_goes_to_its_own_
     assert tail.result() == "12"
     # Every message about the run's output is a redraw of the starting cell's
     # area (its display id), never a stream message in a later cell.
-    messages = start.outputs + start.others
     later += [waited, tail]
-    for reply in later:
-        messages += reply.outputs + reply.others
+    messages = start.arrived + [m for reply in later for m in reply.arrived]  # (in the order they came)
     mentions = [(t, c) for t, c in messages if _mentions(c)]
     assert mentions, "the tasks' output was never shown"
     for t, c in mentions:
@@ -97,7 +95,7 @@ def test_a_failing_background_run_shows_its_error_at_once_and_raises_it_in_resul
     time.sleep(0.5)  # the pump's last redraw
     tail = kernel.execute("bad.result()")
     assert tail.status == "error" and tail.ename == "KeyError"
-    messages = start.outputs + start.others + waited.outputs + waited.others + tail.outputs + tail.others
+    messages = start.arrived + waited.arrived + tail.arrived  # (in the order they came)
     drawn = [c["data"]["text/plain"] for t, c in messages
              if t == "update_display_data" and c["transient"]["display_id"] == live_id]
     assert drawn and "KeyError: 'no 13' (run.result() raises it)" in drawn[-1], drawn[-1:]

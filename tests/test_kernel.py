@@ -37,6 +37,10 @@ class Reply:
     ename: str | None
     outputs: list = field(default_factory=list)  # (msg_type, content) of this cell
     others: list = field(default_factory=list)  # messages that belong to other cells
+    # Every iopub message that came during the call, this cell's and others', in
+    # arrival order (outputs + others is not: a display update sent from a
+    # thread may carry another cell's parent, so it lands in ``others``).
+    arrived: list = field(default_factory=list)
     after_interrupt: float | None = None  # seconds from the first interrupt to idle
 
     def stream(self, name: str = "stdout") -> str:
@@ -102,6 +106,7 @@ class Kernel:
                 msg = self.kc.get_iopub_msg(timeout=0.05)
             except queue.Empty:
                 continue
+            reply.arrived.append((msg["msg_type"], msg["content"]))
             if msg["parent_header"].get("msg_id") != msg_id:
                 reply.others.append((msg["msg_type"], msg["content"]))
                 continue
