@@ -361,6 +361,7 @@ class Warmth:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # callers' threads add while the manager reads
+        self._scan_lock = threading.Lock()  # one look at sys.modules at a time (see want)
         self._wanted: list[str] = []  # in the order the notebook imported them
         self._known: set[str] = set()
         self._mirrored: set[str] = set()  # of _wanted: submodules the notebook loaded (see loaded_submodules)
@@ -391,18 +392,23 @@ class Warmth:
             new = [n for n in dict.fromkeys(names) if n not in self._known]
             self._known.update(new)
             self._wanted.extend(new)
-            if mirror and self._wanted:
-                subs = [n for n in self._loaded_submodules() if n not in self._known]
-                self._known.update(subs)
-                self._mirrored.update(subs)
-                self._wanted.extend(subs)
-                new += subs
+        if mirror and self._wanted:
+            # The scan runs outside the lock the manager takes to send (the
+            # first look at a package checks each of its modules: ~15 ms for pandas).
+            with self._scan_lock:
+                found = self._loaded_submodules()
+                with self._lock:
+                    subs = [n for n in found if n not in self._known]
+                    self._known.update(subs)
+                    self._mirrored.update(subs)
+                    self._wanted.extend(subs)
+            new += subs
         return bool(new)
 
     def _loaded_submodules(self) -> list[str]:
         """The notebook's submodules of the wanted packages loaded since the last look
-        (all of them when a package is new). Under the lock."""
-        tops = {n.partition(".")[0] for n in self._wanted}
+        (all of them when a package is new). Under the scan lock."""
+        tops = {n.partition(".")[0] for n in list(self._wanted)}
         start = 0 if tops - self._tops else self._scanned
         self._tops = tops
         room = MIRROR_LIMIT - len(self._mirrored)
