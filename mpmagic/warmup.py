@@ -11,11 +11,16 @@ imported (and only those: a notebook that imported nothing heavy keeps small
 workers):
 
 * at pool start, from a cheap scan of the notebook's ``__main__`` globals
-  (modules, and the modules that defined its functions, classes and values);
+  (modules, and the modules that defined its functions, classes and values,
+  also those inside a list, tuple, set or dict);
 * after every cell (an IPython ``post_run_cell`` hook: the user's
   ``import numpy as np`` reaches idle workers while they wait for work);
 * when a call's function refers to a module not yet sent (a closure, a
   default, a helper's globals): the import goes out before the function;
+* with each package the workers import, the submodules of it the notebook
+  has loaded (``numpy.fft``, pandas' Styler: parts a package loads on first
+  use, often from library code no scan of names can see), between cells,
+  bounded, never one that brings the notebook's machinery;
 * under forkserver, the modules known when the fork server starts are in its
   preload list, so replacement workers are born with them.
 
@@ -329,8 +334,9 @@ def loaded_submodules(tops: set[str], start: int = 0, limit: int = MIRROR_LIMIT)
 
     Scans ``sys.modules`` from position ``start`` (it keeps insertion order:
     modules loaded since the last scan are its last entries); returns the
-    names and where the scan ended, for the next one. A full scan of ~1,000
-    modules costs ~0.3 ms, the scan after a cell that imported nothing ~2 us.
+    names and where the scan ended, for the next one. The first look at a
+    module checks its namespace (~15 ms for pandas' ~400 loaded modules, then
+    cached); the scan after a cell that imported nothing costs ~35 us.
     """
     names = list(sys.modules)
     out: list[str] = []
