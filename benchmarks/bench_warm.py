@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -188,10 +189,14 @@ def main() -> None:
         if args.only not in scenario:
             continue
         # The kinds take turns, repeat by repeat, so a change in the machine's
-        # load falls on all of them alike.
+        # load falls on all of them alike, in a shuffled order (seeded): with
+        # a fixed order, each kind always ran after the same other kind.
         by_kind: dict[str, list[dict]] = {kind: [] for kind in KINDS}
-        for _ in range(repeat):
-            for kind, (warm, submodules) in KINDS.items():
+        for i in range(repeat):
+            order = list(KINDS)
+            random.Random(i).shuffle(order)
+            for kind in order:
+                warm, submodules = KINDS[kind]
                 by_kind[kind].append(_child(["--child", scenario], warm, submodules))
         for kind, runs in by_kind.items():
             first = statistics.median(r["first"]["speedup"] for r in runs)
