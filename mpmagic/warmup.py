@@ -11,11 +11,16 @@ imported (and only those: a notebook that imported nothing heavy keeps small
 workers):
 
 * at pool start, from a cheap scan of the notebook's ``__main__`` globals
-  (modules, and the modules that defined its functions, classes and values);
+  (modules, and the modules that defined its functions, classes and values,
+  also those inside a list, tuple, set or dict);
 * after every cell (an IPython ``post_run_cell`` hook: the user's
   ``import numpy as np`` reaches idle workers while they wait for work);
 * when a call's function refers to a module not yet sent (a closure, a
   default, a helper's globals): the import goes out before the function;
+* with each package the workers import, the submodules of it the notebook
+  has loaded (``numpy.fft``, pandas' Styler: parts a package loads on first
+  use, often from library code no scan of names can see), between cells,
+  bounded, never one that brings the notebook's machinery;
 * under forkserver, the modules known when the fork server starts are in its
   preload list, so replacement workers are born with them.
 
@@ -35,6 +40,7 @@ notebook-only parts import what they need inside functions.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import os
 import sys
@@ -111,8 +117,17 @@ def _wanted(name: Any) -> bool:
     return module is not None and _installed(module)
 
 
-def _names_of(value: Any) -> list[str]:
-    """The modules a value needs in another process: its own, or its definer's."""
+_CONTAINERS = (list, tuple, set, frozenset, dict)
+
+
+def _names_of(value: Any, depth: int = 2) -> list[str]:
+    """The modules a value needs in another process: its own, or its definer's.
+
+    A list, tuple, set or dict is looked into (its first and last elements,
+    two levels deep): the data a map is called on is usually a notebook
+    global such as ``groups = [g for _, g in df.groupby(...)]``, whose own
+    type (``list``) says nothing of the pandas classes its items unpickle to.
+    """
     if isinstance(value, types.ModuleType):
         return [value.__name__]
     if isinstance(value, (type, types.FunctionType, types.BuiltinFunctionType)):
@@ -121,7 +136,21 @@ def _names_of(value: Any) -> list[str]:
     # Any other value (a DataFrame, a ufunc, a partial): its type's module.
     # type(v) is never a lazy proxy, so this triggers no user code.
     name = type(value).__module__
-    return [name] if isinstance(name, str) else []
+    names = [name] if isinstance(name, str) else []
+    if depth and type(value) in _CONTAINERS and value:
+        for element in _ends(value):
+            names.extend(_names_of(element, depth - 1))
+    return names
+
+
+def _ends(container: Any) -> list[Any]:
+    """A container's first and last elements (a dict's values): O(1), no user code
+    (exact built-in types only, so no overridden ``__iter__`` or ``__getitem__``)."""
+    if isinstance(container, dict):
+        container = container.values()
+    if isinstance(container, (list, tuple)):
+        return [container[0], container[-1]] if len(container) > 1 else [container[0]]
+    return [next(iter(container))]
 
 
 def _keep(names: Any) -> list[str]:
@@ -241,6 +270,85 @@ def _filled(cell: Any) -> bool:
         return False
 
 
+# -- the notebook side: submodules the notebook loaded ------------------------
+# Why: a package's top-level import does not load all of it. numpy 2 loads
+# numpy.fft and numpy.polynomial on first attribute access (8-12 ms each
+# here), pandas its Styler (and jinja2, ~50 ms) on first use, scipy and
+# scikit-learn nearly every subpackage. Importing ``numpy`` in the workers
+# leaves those to the first task that touches them, inside the first call's
+# wall time, and the code that touches them is often library code, out of
+# reach of a scan of the notebook's functions. The notebook's ``sys.modules``
+# is the record of what the user's code needed so far (they usually try a
+# function here before mapping it), so the workers import the submodules the
+# notebook loaded of the packages they already import: never a package the
+# notebook did not use, so an idle worker stays small when it used nothing heavy.
+
+# At most this many mirrored submodules per pool (pandas 3 with numpy: ~600
+# loaded modules, nearly all loaded by ``import pandas`` itself, which the
+# worker skips with one dict lookup each).
+MIRROR_LIMIT = 2000
+_mirror_ok: dict[str, bool] = {}  # module name -> may a worker import it (decided once)
+
+
+def _mirrorable(name: str) -> bool:
+    """May the workers import this loaded submodule? Once per name (cached).
+
+    Not when it is an alias (``six.moves``-style entries whose name differs),
+    has no import spec, is excluded (pyplot), or its namespace holds modules,
+    classes or functions of the notebook's machinery (``tqdm.notebook`` imports
+    IPython and ipywidgets: tens of MB in every worker for nothing).
+    """
+    ok = _mirror_ok.get(name)
+    if ok is None:
+        module = sys.modules.get(name)
+        ok = (
+            isinstance(module, types.ModuleType)
+            and getattr(module, "__name__", None) == name
+            and getattr(module, "__spec__", None) is not None
+            and _wanted(name)
+            and not _pulls_excluded(module)
+        )
+        if len(_mirror_ok) > 50_000:
+            _mirror_ok.clear()
+        _mirror_ok[name] = ok
+    return ok
+
+
+def _pulls_excluded(module: types.ModuleType) -> bool:
+    """Does the module's namespace hold something of a package never preloaded?"""
+    for value in list(vars(module).values()):
+        name: Any
+        if isinstance(value, types.ModuleType):
+            name = value.__name__
+        elif isinstance(value, (type, types.FunctionType)):
+            name = getattr(value, "__module__", None)
+        else:
+            continue
+        if isinstance(name, str) and (name.partition(".")[0] in _NOT_PRELOADED or name in _NOT_PRELOADED_EXACT):
+            return True
+    return False
+
+
+def loaded_submodules(tops: set[str], start: int = 0, limit: int = MIRROR_LIMIT) -> tuple[list[str], int]:
+    """Submodules of the packages ``tops`` the notebook has loaded, in load order.
+
+    Scans ``sys.modules`` from position ``start`` (it keeps insertion order:
+    modules loaded since the last scan are its last entries); returns the
+    names and where the scan ended, for the next one. The first look at a
+    module checks its namespace (~15 ms for pandas' ~400 loaded modules, then
+    cached); the scan after a cell that imported nothing costs ~35 us.
+    """
+    names = list(sys.modules)
+    out: list[str] = []
+    for name in itertools.islice(names, start, None):
+        top, dot, _ = name.partition(".")
+        if dot and top in tops and _mirrorable(name):
+            out.append(name)
+            if len(out) >= limit:
+                break
+    return out, len(names)
+
+
 def forkserver_modules() -> list[str]:
     """What the fork server should import when it starts (if warm-up is on)."""
     return notebook_modules() if enabled() else []
@@ -259,23 +367,65 @@ class Warmth:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # callers' threads add while the manager reads
+        self._scan_lock = threading.Lock()  # one look at sys.modules at a time (see want)
         self._wanted: list[str] = []  # in the order the notebook imported them
         self._known: set[str] = set()
+        self._mirrored: set[str] = set()  # of _wanted: submodules the notebook loaded (see loaded_submodules)
+        self._tops: set[str] = set()  # the packages whose submodules were looked for
+        self._scanned = 0  # how far sys.modules was scanned for them
         self._sent: dict[int, int] = {}  # worker id -> how many of _wanted it was sent
         self._keys: set[Any] = set()  # function payload keys already scanned
 
     @property
     def wanted(self) -> list[str]:
-        """The modules every worker imports (for ``%pool``)."""
-        return list(self._wanted)
+        """The modules every worker imports because the notebook named them (for ``%pool``)."""
+        return [n for n in self._wanted if n not in self._mirrored]
 
-    def want(self, names: list[str]) -> bool:
-        """Add modules; True if any is new."""
+    @property
+    def mirrored(self) -> list[str]:
+        """The submodules of those packages the workers import because the notebook loaded them."""
+        return [n for n in self._wanted if n in self._mirrored]
+
+    def want(self, names: list[str], mirror: bool = True) -> bool:
+        """Add modules; True if any is new.
+
+        ``mirror``: also the submodules the notebook loaded of every package
+        wanted so far (the after-cell hook and the pool's start: the workers
+        are idle then). A submitted function's modules come without (False):
+        they go out ahead of its first unit, which must not wait for more.
+        """
         with self._lock:
             new = [n for n in dict.fromkeys(names) if n not in self._known]
             self._known.update(new)
             self._wanted.extend(new)
+        if mirror and self._wanted:
+            # The scan runs outside the lock the manager takes to send (the
+            # first look at a package checks each of its modules: ~15 ms for pandas).
+            with self._scan_lock:
+                found = self._loaded_submodules()
+                with self._lock:
+                    subs = [n for n in found if n not in self._known]
+                    self._known.update(subs)
+                    self._mirrored.update(subs)
+                    self._wanted.extend(subs)
+            new += subs
         return bool(new)
+
+    def _loaded_submodules(self) -> list[str]:
+        """The notebook's submodules of the wanted packages loaded since the last look
+        (all of them when a package is new). Under the scan lock."""
+        tops = {n.partition(".")[0] for n in list(self._wanted)}
+        start = 0 if tops - self._tops else self._scanned
+        self._tops = tops
+        room = MIRROR_LIMIT - len(self._mirrored)
+        if room <= 0:
+            return []
+        subs, self._scanned = loaded_submodules(tops, start, room)
+        return subs
+
+    def describe(self) -> list[str]:
+        """What ``%pool`` lists: the preloaded modules, with what each costs a worker."""
+        return describe_preloads(self.wanted, self.mirrored)
 
     def want_for(self, func: Any, key: Any) -> bool:
         """Add the modules ``func`` refers to, once per payload key."""
@@ -288,7 +438,7 @@ class Warmth:
         except Exception:  # an odd callable: the worker imports what it needs when it loads it
             log.debug("mpmagic: could not scan a function for the modules it uses", exc_info=True)
             return False
-        return self.want(names)
+        return self.want(names, mirror=False)
 
     def message(self, wid: int) -> Import | None:
         """``Import(names)`` for worker ``wid`` (what it was not sent yet), or None."""
@@ -366,19 +516,31 @@ class ImportLog:
             self.records.append((why, names, seconds, start, time.time()))
 
     def preload(self, names: list[str]) -> None:
-        """Import modules the notebook uses, in order; a failure is logged, not raised."""
+        """Import modules the notebook uses, in order; a failure is logged, not raised.
+
+        Each import that loaded anything is a record with the resident memory
+        it added to this worker (what ``%pool`` shows per preloaded module).
+        A submodule (``pandas.io.formats.style``) is mostly one the notebook
+        loaded (see :func:`loaded_submodules`): a failure there is only logged
+        at debug level, as the workers need it only if a task does.
+        """
+        from .worker import _rss  # (a local worker's: it has imported worker.py already)
+
         for name in names:
             if name in sys.modules:
                 continue
-            mark, start, t0 = self.mark(), time.time(), time.perf_counter()
+            mark, start, t0, rss = self.mark(), time.time(), time.perf_counter(), _rss()
             try:
                 importlib.import_module(name)
             except Exception:  # the task that needs it will raise the real error
-                log.warning("mpmagic: a worker could not import %s", name, exc_info=True)
+                log.log(logging.DEBUG if "." in name else logging.WARNING,
+                        "mpmagic: a worker could not import %s", name, exc_info=True)
                 continue
             seconds = time.perf_counter() - t0
             if len(sys.modules) > mark:
-                self.records.append(("preload", [name], seconds, start, time.time()))
+                after = _rss()
+                added = after - rss if after is not None and rss is not None else None
+                self.records.append(("preload", [name], seconds, start, time.time(), added))
 
     def take(self) -> dict[str, Any] | None:
         """The records since the last reply (for ``meta["once"]``), or None."""
@@ -387,6 +549,46 @@ class ImportLog:
         once = {"imports": self.records, "load": self.load}
         self.records, self.load = [], 0.0
         return once
+
+
+# -- the notebook side: what each preloaded module costs a worker ------------
+# module name -> {worker: resident bytes its preload added}; from the import
+# records the workers send home (OneTimeCosts.note), shown by %pool.
+_memory: dict[str, dict[Any, int]] = {}
+
+
+def _note_memory(names: list[str], worker: Any, added: int) -> None:
+    for name in names:
+        per = _memory.setdefault(name, {})
+        per[worker] = max(0, added)
+        if len(per) > 256:  # workers come and go: keep the latest
+            del per[next(iter(per))]
+
+
+def module_memory(name: str) -> int | None:
+    """The resident bytes preloading ``name`` added to a worker (median over the
+    workers that reported it), or None before any reported it."""
+    per = _memory.get(name)
+    if not per:
+        return None
+    values = sorted(per.values())
+    return values[len(values) // 2]
+
+
+def describe_preloads(wanted: list[str], mirrored: list[str]) -> list[str]:
+    """``%pool``'s list: each preloaded module with its memory per worker once
+    measured, then the notebook's submodules that cost the workers an import."""
+    from .fmt import fmt_bytes
+
+    out = []
+    for name in wanted:
+        added = module_memory(name)
+        out.append(f"{name} (+{fmt_bytes(added)} per worker)" if added is not None else name)
+    costly = [m for m in (module_memory(n) for n in mirrored) if m is not None]
+    if costly:
+        out.append(f"{len(costly)} submodule{'s' if len(costly) != 1 else ''} the notebook loaded "
+                   f"(+{fmt_bytes(sum(costly))} per worker)")
+    return out
 
 
 # -- the notebook side: one run's one-time costs ----------------------------
@@ -416,7 +618,10 @@ class OneTimeCosts:
             return
         worker = meta.get("worker")
         spent = in_load = 0.0
-        for why, names, seconds, began, ended in once.get("imports", ()):
+        for record in once.get("imports", ()):
+            why, names, seconds, began, ended = record[:5]
+            if why == "preload" and len(record) > 5 and record[5] is not None:
+                _note_memory(names, worker, record[5])
             if seconds is not None and why == "preload":
                 seconds = max(0.0, ended - max(began, self.run_start))  # only what the run waited for
                 if seconds <= 0:

@@ -538,10 +538,12 @@ class _Worker:
                 self.unmap(msg.names)
             elif kind is Import:
                 self.imports.preload(msg.names)
+                self._cpu_mark = time.process_time()  # a preload's CPU is no task's (it is timed apart)
             elif kind is Setup:  # worker setup (worker_setup.py): run it, say how it went
                 from .worker_setup import run_setup
 
                 self.channel.send(run_setup(msg.version, msg.payload, self.worker_id))
+                self._cpu_mark = time.process_time()  # nor is the setup's
             elif kind is Stop:
                 return
             else:

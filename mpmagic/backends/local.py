@@ -628,7 +628,7 @@ class LocalBackend:
             "workers_replaced": self.workers_replaced,
             "max_tasks_per_child": self.max_tasks_per_child,
             "max_memory": self.max_memory,
-            "preloaded": self.warmth.wanted,  # warm: modules the workers import (warmup.py)
+            "preloaded": self.warmth.describe(),  # warm: modules the workers import, their memory (warmup.py)
             "kept": _kept_line(workers),  # %%parallel --keep (ranks.py)
         }
 
