@@ -52,6 +52,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from .protocol import Import
+from .rss import resident_bytes
 
 log = logging.getLogger("mpmagic")
 
@@ -524,12 +525,10 @@ class ImportLog:
         loaded (see :func:`loaded_submodules`): a failure there is only logged
         at debug level, as the workers need it only if a task does.
         """
-        from .worker import _rss  # (a local worker's: it has imported worker.py already)
-
         for name in names:
             if name in sys.modules:
                 continue
-            mark, start, t0, rss = self.mark(), time.time(), time.perf_counter(), _rss()
+            mark, start, t0, rss = self.mark(), time.time(), time.perf_counter(), resident_bytes()
             try:
                 importlib.import_module(name)
             except Exception:  # the task that needs it will raise the real error
@@ -538,7 +537,7 @@ class ImportLog:
                 continue
             seconds = time.perf_counter() - t0
             if len(sys.modules) > mark:
-                after = _rss()
+                after = resident_bytes()
                 added = after - rss if after is not None and rss is not None else None
                 self.records.append(("preload", [name], seconds, start, time.time(), added))
 

@@ -71,6 +71,7 @@ from .protocol import (
     pack,
     unpack,
 )
+from .rss import resident_bytes
 from .warmup import ImportLog
 
 _CACHE_SIZE = 16  # function payloads kept per worker
@@ -365,7 +366,7 @@ def execute_map(
     end = start + (time.perf_counter() - t_run)
     log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
-    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": _rss()}
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": resident_bytes()}
     try:
         data = dumps_results(results)
     except Exception as exc:
@@ -428,7 +429,7 @@ def execute_cell(
                 culprit, root = v, f"--gather {name}"
                 break
         return Unpicklable(call, rank, None, _unsendable_info(culprit, root, exc))
-    meta: dict[str, Any] = {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": _rss()}
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": resident_bytes()}
     once = log.take()
     if once is not None:
         meta["once"] = once
@@ -645,30 +646,6 @@ def _first_unpicklable(results: list) -> int | None:
         except Exception:
             return i
     return None
-
-
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-_statm: tuple[int, int] | None = None  # (pid, fd of that process's /proc/<pid>/statm)
-
-
-def _rss() -> int | None:
-    """This process's resident size in bytes, for the pool's memory limit.
-
-    ``/proc/self/statm`` stays open and is re-read with ``pread`` (~1 us): an
-    open-read-close per chunk was ~10 us, a third of a tiny chunk's cost here.
-    A forked child (a task may fork) opens its own: the inherited file
-    describes the parent.
-    """
-    global _statm
-    try:
-        pid = os.getpid()
-        if _statm is None or _statm[0] != pid:
-            _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
