@@ -33,9 +33,12 @@ from .errors import SerializationError
 
 PROTOCOL = 5
 
-# A plain pickle that names one of these modules refers to a notebook (or
-# spawn-main) definition by reference: another process cannot import it.
-_MAIN_MARKERS = (b"__main__", b"__mp_main__")
+# A plain pickle that names ``__main__`` or ``__mp_main__`` refers to a notebook
+# (or spawn-main) definition by reference: another process cannot import it.
+# Both contain this, so one scan finds either (a scan runs at ~3 GB/s here:
+# ~200 us per 600 kB chunk, a second scan as much again). Data that merely
+# contains these bytes goes by cloudpickle: correct, only slower.
+_MAIN_MARKER = b"_main__"
 
 
 def _keeping_filename(code_reduce: Callable[[Any], tuple]) -> Callable[[types.CodeType], tuple]:
@@ -202,7 +205,7 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
         data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
     except Exception:
         return cloudpickle_dumps(obj, buffer_callback)
-    if any(m in data for m in _MAIN_MARKERS):
+    if _MAIN_MARKER in data:
         # By-reference to notebook code: send the definitions by value.
         return cloudpickle_dumps(obj, buffer_callback)
     return data

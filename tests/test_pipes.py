@@ -78,8 +78,12 @@ def test_a_gone_worker_is_an_oserror_not_a_hang():
 
 
 def test_a_worker_whose_pipe_closes_exits():
-    """No reader thread any more: the main thread reading the pipe's end stops the worker."""
-    backend = mpmagic.start_pool(2, wait=True)
+    """No reader thread any more: the main thread reading the pipe's end stops the worker.
+
+    (forkserver: a fork-started sibling would inherit the notebook's end of the
+    pipe, so closing it here would not end it there; the pool sends "stop"
+    before it closes a pipe, and a worker's watchdog sees a dead notebook.)"""
+    backend = mpmagic.start_pool(2, start_method="forkserver", wait=True)
     slot = backend.slots[0]
     with backend._lock:
         backend.slots.remove(slot)  # the manager forgets it, as _retire does

@@ -206,7 +206,11 @@ def test_a_notebook_global_lists_items_name_their_classes_modules():
 
 
 def test_a_preload_records_the_memory_it_added_and_a_failed_submodule_is_no_warning(caplog, tmp_path, monkeypatch):
-    (tmp_path / "warm_mem_probe.py").write_text("BLOCK = bytearray(8 << 20)\n")
+    # A fresh anonymous mapping, every page touched: resident whatever the
+    # (big, long-lived) test process's heap already holds.
+    (tmp_path / "warm_mem_probe.py").write_text(
+        "import mmap\nBLOCK = mmap.mmap(-1, 8 << 20)\nfor i in range(0, 8 << 20, 4096):\n    BLOCK[i] = 1\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     log = warmup.ImportLog()
     try:
