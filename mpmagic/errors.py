@@ -335,6 +335,9 @@ def remember_cell_origin(filename: str, source: str) -> None:
     Does nothing outside IPython, or when the running cell is not ``%%`` +
     this body (``mpmagic.parallel(code)`` called from a cell).
     """
+    # The name is the body's (cell.register_source): forget what an earlier
+    # run of the same body in another cell (or through the API) said of it.
+    _cell_origins.pop(filename, None)
     shell = _ipython()
     if shell is None:
         return
@@ -343,6 +346,7 @@ def remember_cell_origin(filename: str, source: str) -> None:
         filename_map = shell.compile._filename_map
     except AttributeError:
         return
+    filename_map.pop(filename, None)
     # The running cell was compiled (and numbered) before it ran: the highest
     # number is its In[N] (``execution_count`` is already the next one in IPython 9).
     count = max(filename_map.values(), default=None)
