@@ -29,6 +29,11 @@ still leased (the pool's free segments kept for reuse are counted apart, and
 all must be gone once the pool stops), the queues' segments and semaphores,
 child processes other than the pool's workers (and none once it stops), open
 fds and threads against their baseline after warm-up, and the notebook's RSS.
+Every ``every`` calls (:meth:`Soak.checkpoint`) the notebook's RSS (heap and
+shared memory apart), fds, result segments mapped and Python objects are
+recorded, so a slow leak shows as a trend (:func:`slope_per_100`), not only
+as one end figure. After each call the harness drops what IPython itself
+keeps of past cells (:func:`forget_outputs`): that is the shell's, not ours.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import mpmagic
+from mpmagic import debugging, shm
 from mpmagic import pool as pool_module
-from mpmagic import shm
 
 # The notebook's cells. ``compute`` / ``arr_compute`` are the pure part: the
 # serial oracle calls them here, the tasks call them in the workers.
@@ -181,14 +186,16 @@ class Summary:
         if not self.trend:
             return []
         rows = ["", "| calls | RSS (MB) | heap, RssAnon (MB) | shared memory, RssShmem (MB) | open fds | "
-                "result segments mapped | Python objects |", "|---|---|---|---|---|---|---|"]
+                "result segments mapped | Python objects | arrays kept for %pdebug (MB) |",
+                "|---|---|---|---|---|---|---|---|"]
         rows += [f"| {t['calls']} | {t['rss']:.1f} | {t['anon']:.1f} | {t['shmem']:.1f} | {t['fds']:.0f} | "
-                 f"{t['results mapped']:.0f} | {t['objects']} |" for t in self.trend]
-        per = {k: slope_per_100(self.trend, k) for k in ("rss", "anon", "shmem", "objects")}
+                 f"{t['results mapped']:.0f} | {t['objects']} | {t.get('kept', 0.0):.1f} |" for t in self.trend]
+        per = {k: slope_per_100(self.trend, k) for k in ("rss", "anon", "heap less kept", "shmem", "objects")}
         if per["rss"] is not None:
-            rows += ["", f"growth per 100 calls (least squares, after the first 100): RSS {per['rss']:+.2f} MB, "
-                     f"heap {per['anon']:+.2f} MB, shared memory {per['shmem']:+.2f} MB, "
-                     f"Python objects {per['objects']:+.0f}"]
+            rows += ["", f"growth per 100 calls (least squares, after the first {self.trend[1]['calls']} calls, "
+                     f"which fill caches once): RSS {per['rss']:+.2f} MB, "
+                     f"heap {per['anon']:+.2f} MB (less the arrays kept for %pdebug: {per['heap less kept']:+.2f}), "
+                     f"shared memory {per['shmem']:+.2f} MB, Python objects {per['objects']:+.0f}"]
         return rows
 
 
@@ -585,7 +592,8 @@ class Soak:
         """Record the notebook's memory, fds and objects after ``calls`` calls (the trend)."""
         now = snapshot()
         self.summary.trend.append({"calls": calls, **{k: now[k] for k in (
-            "rss", "anon", "shmem", "fds", "results mapped", "objects")}})
+            "rss", "anon", "shmem", "fds", "results mapped", "objects")}, "kept": _kept_for_pdebug()})
+        self.summary.trend[-1]["heap less kept"] = now["anon"] - self.summary.trend[-1]["kept"]
 
     def run(self, calls: int, warmup: int = 3, every: int = 100) -> Summary:
         self.rng_faults = random.Random(self.summary.seed + 1)  # the timer threads' choices
@@ -621,7 +629,8 @@ class Soak:
                         (sys.__stderr__ or sys.stderr).write(
                             f"chaos: {i + 1} calls, {time.monotonic() - t0:.0f} s, "
                             f"{len(self.summary.problems)} problems; RSS {t['rss']:.1f} MB "
-                            f"(heap {t['anon']:.1f}, shared {t['shmem']:.1f}), fds {t['fds']:.0f}\n")
+                            f"(heap {t['anon']:.1f}, shared {t['shmem']:.1f}; kept for %pdebug "
+                            f"{t['kept']:.1f}), fds {t['fds']:.0f}\n")
             self.summary.seconds = time.monotonic() - t0
             self.summary.calls = calls
             self.summary.leaks = leaks(self.ip, base, self.queue_stems)
@@ -747,9 +756,35 @@ def _rss_parts() -> dict[str, float]:
     return parts
 
 
+def _kept_for_pdebug() -> float:
+    """MB of arrays the last failed run's record keeps on purpose (``debugging.LastRun``:
+    its inputs and the results it got, for ``%pdebug`` and ``--rerun-failed``):
+    a numpy call that failed holds up to six 3.2 MB inputs until the next run."""
+    np_ndarray = np.ndarray
+    last = debugging.last_run()
+    if last is None:
+        return 0.0
+    seen: set[int] = set()
+
+    def size(obj: Any, depth: int = 0) -> int:
+        if id(obj) in seen or depth > 3:
+            return 0
+        seen.add(id(obj))
+        if isinstance(obj, np_ndarray):
+            return obj.nbytes
+        if isinstance(obj, list | tuple):
+            return sum(size(x, depth + 1) for x in obj)
+        if isinstance(obj, mpmagic.Failed):
+            return size(obj.item, depth + 1)
+        return 0
+
+    return (size(last.inputs) + size(last.results)) / 2**20
+
+
 def slope_per_100(trend: list[dict], key: str) -> float | None:
     """Least-squares growth of ``key`` per 100 calls over the checkpoints after the
-    first (the first 100 calls fill caches that then stay: imports, the segment pool)."""
+    first (the first calls fill caches that then stay: imports, the segment pool,
+    IPython's parsed copies of the files its tracebacks showed)."""
     pts = [(t["calls"], t[key]) for t in trend[1:]]
     if len(pts) < 2:
         return None
@@ -808,7 +843,7 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
 
 def soak(calls: int = 1000, seed: int = 0, timeout: float = 1.0, bound: float = 60.0,
          big: int = 400_000, workers: int = 2, start_method: str = "forkserver",
-         ip: InteractiveShell | None = None) -> Summary:
+         ip: InteractiveShell | None = None, every: int = 100) -> Summary:
     """Run the soak on a fresh local pool of ``workers``; the pool is stopped at the end."""
     # A process started in the background by a shell without job control
     # (``cmd &`` in a script) inherits SIGINT ignored, and Python then keeps
@@ -819,4 +854,4 @@ def soak(calls: int = 1000, seed: int = 0, timeout: float = 1.0, bound: float = 
     ip.run_cell("%load_ext mpmagic", store_history=False)
     pool_module.shutdown()
     mpmagic.use_local(workers, start_method).wait_ready()
-    return Soak(ip, seed, timeout, bound, big).run(calls)
+    return Soak(ip, seed, timeout, bound, big).run(calls, every=every)
