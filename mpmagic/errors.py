@@ -252,7 +252,9 @@ def _stub_runner() -> Generator[types.TracebackType | None, types.CodeType, None
             exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
         except _FrameMarker as m:
             tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this one)
-            m.__traceback__ = None
+            # The marker lives on in this generator: nothing it met may live with it
+            # (raised while the caller handles an exception, it gets that as context).
+            m.__traceback__ = m.__context__ = None
 
 
 def _run_stub(code: types.CodeType) -> types.TracebackType | None:

@@ -202,3 +202,29 @@ def test_the_soak_forgets_what_the_shell_keeps_of_results(ip):
     mapped = [f for f in os.listdir("/proc/self/fd") if "mpm_" in os.path.realpath(f"/proc/self/fd/{f}")
               and "_g" in os.path.realpath(f"/proc/self/fd/{f}")] if os.path.isdir("/proc/self/fd") else []
     assert mapped == []
+
+
+def test_rebuilding_while_handling_an_exception_keeps_neither_alive():
+    """The stubs' marker lives on in the thread's runner; raised while the
+    caller handles an exception it takes that one as context: it must not keep
+    it (nor its frames), and the rebuilt traceback must not keep its caller."""
+
+    class Handled(Exception):
+        pass
+
+    class Big:
+        pass
+
+    def rebuild():
+        big = Big()
+        try:
+            raise Handled("being handled")
+        except Handled as handled:
+            kept = ValueError("from a worker")
+            kept.__traceback__ = errors.fake_traceback([errors.FrameInfo("<cell>", 3, "f", None, 1)])
+            return kept, weakref.ref(handled), weakref.ref(big)
+
+    kept, handled, big = rebuild()
+    gc.collect()
+    assert handled() is None and big() is None
+    assert kept.__traceback__.tb_frame.f_code.co_name == "f"
