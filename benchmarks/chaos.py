@@ -698,8 +698,9 @@ def forget_outputs(ip: InteractiveShell) -> None:
     segment mapped (3.2 MB and one fd each). With ``store_history=False`` the
     execution count never moves, so every call's printed output is appended
     to one ``history_manager.outputs`` list that grows for ever (~70 entries
-    per 100 calls). The last exception (``sys.last_value``...) holds the
-    frames, and so the locals, of the cell that raised.
+    per 100 calls). The last exception (``sys.last_value``..., and the
+    traceback display's own ``tb``, kept for ``%debug``) holds the frames,
+    and so the locals, of the cell that raised.
     """
     hook = ip.displayhook
     for name in ("_", "__", "___"):
@@ -723,6 +724,8 @@ def forget_outputs(ip: InteractiveShell) -> None:
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         if hasattr(sys, name):
             setattr(sys, name, None)
+    if getattr(ip.InteractiveTB, "tb", None) is not None:  # the traceback it showed last, for %debug
+        ip.InteractiveTB.tb = None
 
 
 def snapshot() -> dict[str, float]:
