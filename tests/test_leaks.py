@@ -96,7 +96,7 @@ def test_kept_task_exceptions_do_not_keep_their_run_alive(ip):
     _forget_errors()
     assert _settle(lambda: _alive(jobs.MapJob) <= base_jobs), [
         type(r).__name__ for o in gc.get_objects() if isinstance(o, jobs.MapJob) for r in gc.get_referrers(o)]
-    assert _alive(local._Slot) <= len(backend.slots)
+    assert _settle(lambda: _alive(local._Slot) <= len(backend.slots))
     assert kept[0].error.__traceback__ is not None  # still shown with the worker's frames
 
 
