@@ -1,12 +1,14 @@
 """How fast mpmagic notices failures, and what a long session costs.
 
     .venv/bin/python benchmarks/bench_reliability.py      # about 30 s
-    .venv/bin/python benchmarks/bench_reliability.py --chaos [--calls N] [--seed S] [--timeout T]
+    .venv/bin/python benchmarks/bench_reliability.py --chaos [--calls N] [--seed S] [--timeout T] [--every K]
 
 ``--chaos`` runs the chaos soak of benchmarks/chaos.py instead (1,000 calls
 with random kills, timeouts, exceptions, interrupts, large arrays, Queue
 traffic and calls from a second thread; see its docstring) and prints its
-table; it exits with status 1 if any call ended wrongly or hung, or anything
+table, with the notebook's memory every ``--every`` calls (RSS, heap, shared
+memory, fds, result segments mapped, Python objects) and its growth per 100
+calls; it exits with status 1 if any call ended wrongly or hung, or anything
 leaked.
 
 Measured, never asserted (tests/test_reliability.py and tests/test_kernel.py
@@ -186,8 +188,9 @@ def chaos_main(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=1.0, help="--timeout of the calls given one (s)")
     parser.add_argument("--bound", type=float, default=60.0, help="a call longer than this is a hang (s)")
     parser.add_argument("--big", type=int, default=400_000, help="float64 elements of each numpy item")
+    parser.add_argument("--every", type=int, default=100, help="record the notebook's memory every K calls")
     args = parser.parse_args(argv)
-    summary = soak(args.calls, args.seed, args.timeout, args.bound, args.big)
+    summary = soak(args.calls, args.seed, args.timeout, args.bound, args.big, every=args.every)
     print(f"2 workers, forkserver, {psutil.cpu_count()} CPUs, Python {sys.version.split()[0]}\n")
     print(summary.table())
     if summary.leaks.get("_new_threads"):

@@ -29,6 +29,11 @@ still leased (the pool's free segments kept for reuse are counted apart, and
 all must be gone once the pool stops), the queues' segments and semaphores,
 child processes other than the pool's workers (and none once it stops), open
 fds and threads against their baseline after warm-up, and the notebook's RSS.
+Every ``every`` calls (:meth:`Soak.checkpoint`) the notebook's RSS (heap and
+shared memory apart), fds, result segments mapped and Python objects are
+recorded, so a slow leak shows as a trend (:func:`slope_per_100`), not only
+as one end figure. After each call the harness drops what IPython itself
+keeps of past cells (:func:`forget_outputs`): that is the shell's, not ours.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import mpmagic
+from mpmagic import debugging, shm
 from mpmagic import pool as pool_module
-from mpmagic import shm
 
 # The notebook's cells. ``compute`` / ``arr_compute`` are the pure part: the
 # serial oracle calls them here, the tasks call them in the workers.
@@ -154,6 +159,8 @@ class Summary:
     leaks: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     slowest_call: float = 0.0
+    # Every ``every`` calls (and at 0, after warm-up): the notebook's memory and fds (see ``checkpoint``).
+    trend: list[dict] = field(default_factory=list)
 
     def table(self) -> str:
         """Markdown: calls, faults by kind, outcomes by kind, leaks, RSS, duration."""
@@ -169,9 +176,28 @@ class Summary:
         rows += [f"| {k} | {v} |" for k, v in sorted(self.outcomes.items())]
         rows += ["", "| at the end | value |", "|---|---|"]
         rows += [f"| {k} | {v} |" for k, v in self.leaks.items() if not k.startswith("_")]
+        rows += self.trend_table()
         if self.problems:
             rows += ["", "Problems:"] + [f"- {p}" for p in self.problems]
         return "\n".join(rows)
+
+    def trend_table(self) -> list[str]:
+        """The notebook's memory every N calls, and its growth per 100 calls (a trend, not one end figure)."""
+        if not self.trend:
+            return []
+        rows = ["", "| calls | RSS (MB) | RSS after malloc_trim (MB) | heap, RssAnon (MB) | heap after malloc_trim (MB) "
+                "| shared memory, RssShmem (MB) | open fds | result segments mapped | Python objects "
+                "| arrays kept for %pdebug (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {t['calls']} | {t['rss']:.1f} | {t['rss trimmed']:.1f} | {t['anon']:.1f} | {t['anon trimmed']:.1f} "
+                 f"| {t['shmem']:.1f} | {t['fds']:.0f} | {t['results mapped']:.0f} | {t['objects']} "
+                 f"| {t['kept']:.1f} |" for t in self.trend]
+        per = {k: slope_per_100(self.trend, k) for k in ("rss", "rss trimmed", "anon", "anon trimmed", "shmem", "objects")}
+        if per["rss"] is not None:
+            rows += ["", f"growth per 100 calls (least squares, after the first {self.trend[1]['calls']} calls, "
+                     f"which fill caches once): RSS {per['rss']:+.2f} MB ({per['rss trimmed']:+.2f} after malloc_trim), "
+                     f"heap {per['anon']:+.2f} MB ({per['anon trimmed']:+.2f} after malloc_trim), "
+                     f"shared memory {per['shmem']:+.2f} MB, Python objects {per['objects']:+.0f}"]
+        return rows
 
 
 # -- planning -------------------------------------------------------------------
@@ -531,6 +557,7 @@ class Soak:
         if problem:
             self._problem(p, problem)
         self.ip.user_ns["chaos_items"] = self.ip.user_ns["chaos_spec"] = None
+        forget_outputs(self.ip)  # the shell's output cache is not ours to measure
 
     def _side_plan(self) -> Plan:
         q = Plan(-1, "pmap", chunksize=self.rng.choice([None, 1, 3]), collect=self.rng.random() < 0.3)
@@ -562,7 +589,14 @@ class Soak:
         self.summary.problems.append(f"seed {self.summary.seed} call {p.index} ({p.kind}): {text}")
 
     # -- the whole soak ----------------------------------------------------------
-    def run(self, calls: int, warmup: int = 3) -> Summary:
+    def checkpoint(self, calls: int) -> None:
+        """Record the notebook's memory, fds and objects after ``calls`` calls (the trend)."""
+        now = snapshot()
+        self.summary.trend.append({"calls": calls, **{k: now[k] for k in (
+            "rss", "rss trimmed", "anon", "anon trimmed", "shmem", "fds", "results mapped", "objects")},
+            "kept": _kept_for_pdebug()})
+
+    def run(self, calls: int, warmup: int = 3, every: int = 100) -> Summary:
         self.rng_faults = random.Random(self.summary.seed + 1)  # the timer threads' choices
         watchdog = threading.Thread(target=self._watch, name="chaos-watchdog", daemon=True)
         watchdog.start()
@@ -585,12 +619,19 @@ class Soak:
             time.sleep(0.5)
             forget_outputs(self.ip)
             base = snapshot()
+            self.checkpoint(0)
             t0 = time.monotonic()
             for i in range(calls):
                 self.call(plan(self.rng, i, self.timeout, self.big))
-                if calls >= 200 and (i + 1) % 100 == 0:  # a long soak says where it is
-                    (sys.__stderr__ or sys.stderr).write(f"chaos: {i + 1} calls, {time.monotonic() - t0:.0f} s, "
-                                     f"{len(self.summary.problems)} problems\n")
+                if (i + 1) % every == 0:
+                    self.checkpoint(i + 1)
+                    t = self.summary.trend[-1]
+                    if calls >= 200:  # a long soak says where it is
+                        (sys.__stderr__ or sys.stderr).write(
+                            f"chaos: {i + 1} calls, {time.monotonic() - t0:.0f} s, "
+                            f"{len(self.summary.problems)} problems; RSS {t['rss']:.1f} MB "
+                            f"(heap {t['anon']:.1f}, {t['anon trimmed']:.1f} after malloc_trim; shared "
+                            f"{t['shmem']:.1f}; kept for %pdebug {t['kept']:.1f}), fds {t['fds']:.0f}\n")
             self.summary.seconds = time.monotonic() - t0
             self.summary.calls = calls
             self.summary.leaks = leaks(self.ip, base, self.queue_stems)
@@ -644,14 +685,47 @@ def _fd_targets() -> list[str]:
 
 
 def forget_outputs(ip: InteractiveShell) -> None:
-    """Drop what keeps the last results alive: IPython's ``_``, ``__``, ``___``
-    and the last exception (whose frames hold the cell's locals). A result
-    array from shared memory keeps its segment mapped (one fd per mapping)."""
+    """Drop what IPython keeps of past cells, as ``%reset -f out`` would, so
+    that what stays alive after a call is mpmagic's, not the shell's.
+
+    Found with ``gc.get_referrers`` on the result arrays still mapped after
+    the soak (docs/reliability.md, section 11): IPython's output cache keeps
+    the last displayed results in ``Out`` / ``_oh`` and ``_<n>``, and the
+    display hook keeps its own ``_``, ``__``, ``___`` (clearing the user's
+    names alone leaves those, and so does ``user_ns_hidden``, where it
+    pushes them too), and the shell's ``last_execution_result`` holds the
+    last cell's value; a result array from shared memory keeps its
+    segment mapped (3.2 MB and one fd each). With ``store_history=False`` the
+    execution count never moves, so every call's printed output is appended
+    to one ``history_manager.outputs`` list that grows for ever (~70 entries
+    per 100 calls). The last exception (``sys.last_value``..., and the
+    traceback display's own ``tb``, kept for ``%debug``) holds the frames,
+    and so the locals, of the cell that raised.
+    """
+    hook = ip.displayhook
     for name in ("_", "__", "___"):
+        setattr(hook, name, "")
         ip.user_ns[name] = None
+        if name in ip.user_ns_hidden:  # (the display hook pushes them there too)
+            ip.user_ns_hidden[name] = None
+    ip.last_execution_result = None  # (its .result is the last cell's value)
+    out = ip.user_ns.get("_oh")
+    if out is not None:
+        for n in list(out):
+            ip.user_ns.pop(f"_{n}", None)
+            ip.user_ns_hidden.pop(f"_{n}", None)
+        out.clear()
+    history = ip.history_manager
+    if history is not None:
+        history.outputs.clear()
+        history.output_hist.clear()
+        history.output_hist_reprs.clear()
+        history.exceptions.clear()
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         if hasattr(sys, name):
             setattr(sys, name, None)
+    if getattr(ip.InteractiveTB, "tb", None) is not None:  # the traceback it showed last, for %debug
+        ip.InteractiveTB.tb = None
 
 
 def snapshot() -> dict[str, float]:
@@ -664,17 +738,99 @@ def snapshot() -> dict[str, float]:
     mapped = [f for f in fds if re.search(r"/mpm_\d+_g\d+_\d+ \(deleted\)$", f)]
     # tqdm starts one monitor thread per process on first use and keeps it: not a leak.
     threads = [t.name for t in threading.enumerate() if t.name != "tqdm_monitor"]
+    rss, parts = me.memory_info().rss / 2**20, _rss_parts()
+    trimmed = _malloc_trim()
     return {"fds": len(fds) - len(mapped), "results mapped": len(mapped), "fd list": fds, "threads": len(threads), "thread names": sorted(threads), "os threads": me.num_threads(),
-            "children": len(_children()), "rss": me.memory_info().rss / 2**20}
+            "children": len(_children()), "rss": rss, **parts,
+            "rss trimmed": me.memory_info().rss / 2**20 if trimmed else rss,
+            "anon trimmed": _rss_parts()["anon"] if trimmed else parts["anon"],
+            "objects": len(gc.get_objects())}
+
+
+def _malloc_trim() -> bool:
+    """Have glibc give freed heap memory back to the system (``malloc_trim(0)``).
+
+    Why: the heap part of the RSS jumps by 4 to 28 MB at some checkpoints and
+    falls back at the next, with no more Python objects alive; with
+    tracemalloc the live memory moved by 1 MB at most there. That is memory
+    the allocator keeps after the 3.2 MB arrays are freed, not a leak; after
+    ``malloc_trim`` what is left is what is alive (and fragmentation). The
+    RSS is read before and after, and both are reported. False where there
+    is no glibc."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
+def _rss_parts() -> dict[str, float]:
+    """RSS split as Linux counts it (MB): the heap and other private memory
+    (``RssAnon``), shared memory mapped (``RssShmem``: result segments still
+    alive, the queues' rings), files mapped (``RssFile``: code, libraries).
+    A leak of Python objects grows the first; a result kept alive, the second."""
+    parts = {"anon": 0.0, "shmem": 0.0, "file": 0.0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = {"RssAnon:": "anon", "RssShmem:": "shmem", "RssFile:": "file"}.get(line.split(None, 1)[0])
+                if key:
+                    parts[key] = int(line.split()[1]) / 1024
+    except OSError:  # not Linux: the total alone
+        pass
+    return parts
+
+
+def _kept_for_pdebug() -> float:
+    """MB of arrays the last failed run's record keeps on purpose (``debugging.LastRun``:
+    its inputs and the results it got, for ``%pdebug`` and ``--rerun-failed``):
+    a numpy call that failed holds up to six 3.2 MB inputs until the next run."""
+    np_ndarray = np.ndarray
+    last = debugging.last_run()
+    if last is None:
+        return 0.0
+    seen: set[int] = set()
+
+    def size(obj: Any, depth: int = 0) -> int:
+        if id(obj) in seen or depth > 3:
+            return 0
+        seen.add(id(obj))
+        if isinstance(obj, np_ndarray):
+            return obj.nbytes
+        if isinstance(obj, list | tuple):
+            return sum(size(x, depth + 1) for x in obj)
+        if isinstance(obj, mpmagic.Failed):
+            return size(obj.item, depth + 1)
+        return 0
+
+    return (size(last.inputs) + size(last.results)) / 2**20
+
+
+def slope_per_100(trend: list[dict], key: str) -> float | None:
+    """Least-squares growth of ``key`` per 100 calls over the checkpoints after the
+    first (the first calls fill caches that then stay: imports, the segment pool,
+    IPython's parsed copies of the files its tracebacks showed)."""
+    pts = [(t["calls"], t[key]) for t in trend[1:]]
+    if len(pts) < 2:
+        return None
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return 100 * sum((x - mx) * (y - my) for x, y in pts) / den if den else None
 
 
 def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle: float = 10.0) -> dict[str, Any]:
     """What is left after the soak, against ``base`` (taken after warm-up), then after the pool stops."""
     ip.run_cell("chaos_q = chaos_got = chaos_lost = _it = _e = None", store_history=False)
-    # Something keeps the last call's results alive for a while (a numpy
-    # result from shared memory holds its segment's mapping, one fd each);
-    # it is bounded (measured: +3 fds after 20 calls, none after 100), so two
-    # plain calls replace them before counting.
+    # The last failed run is kept on purpose, with its inputs and the results
+    # it got (debugging.LastRun, for %pdebug and --rerun-failed): a numpy
+    # result from shared memory keeps its segment mapped (one fd). A plain
+    # call replaces it; the shell's caches are dropped after every call.
     for _ in range(2):
         ip.run_cell("_ = %pmap -q task, [(1, 0, 'ok')] * 4", store_history=False)
     forget_outputs(ip)
@@ -690,6 +846,8 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
     ours = [n for n in os.listdir("/dev/shm") if any(s in n for s in stems)]
     out: dict[str, Any] = {
         "notebook RSS after warm-up -> end (MB)": f"{base['rss']:.1f} -> {now['rss']:.1f} ({now['rss'] - base['rss']:+.1f})",
+        "notebook RSS after malloc_trim, after warm-up -> end (MB)":
+            f"{base['rss trimmed']:.1f} -> {now['rss trimmed']:.1f} ({now['rss trimmed'] - base['rss trimmed']:+.1f})",
         "open fds besides mapped results (baseline -> end)": f"{base['fds']:.0f} -> {now['fds']:.0f}",
         "result segments still mapped by the notebook (baseline -> end)":
             f"{base['results mapped']:.0f} -> {now['results mapped']:.0f}",
@@ -706,7 +864,7 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
     out["child processes after the pool stopped"] = len(_children())
     out["_leaked"] = (bool(leased) or bool(ours) or bool(_segments()) or bool(_children())
                       or now["fds"] > base["fds"] or now["threads"] > base["threads"]
-                      or now["children"] > base["children"])
+                      or now["children"] > base["children"] or now["results mapped"] > base["results mapped"])
     out["_new_fds"] = sorted((Counter(now["fd list"]) - Counter(base["fd list"])).elements())
     out["_new_threads"] = sorted((Counter(now["thread names"]) - Counter(base["thread names"])).elements())
     out["_results_mapped"] = now["results mapped"]
@@ -716,7 +874,7 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
 
 def soak(calls: int = 1000, seed: int = 0, timeout: float = 1.0, bound: float = 60.0,
          big: int = 400_000, workers: int = 2, start_method: str = "forkserver",
-         ip: InteractiveShell | None = None) -> Summary:
+         ip: InteractiveShell | None = None, every: int = 100) -> Summary:
     """Run the soak on a fresh local pool of ``workers``; the pool is stopped at the end."""
     # A process started in the background by a shell without job control
     # (``cmd &`` in a script) inherits SIGINT ignored, and Python then keeps
@@ -727,4 +885,4 @@ def soak(calls: int = 1000, seed: int = 0, timeout: float = 1.0, bound: float = 
     ip.run_cell("%load_ext mpmagic", store_history=False)
     pool_module.shutdown()
     mpmagic.use_local(workers, start_method).wait_ready()
-    return Soak(ip, seed, timeout, bound, big).run(calls)
+    return Soak(ip, seed, timeout, bound, big).run(calls, every=every)

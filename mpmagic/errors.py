@@ -16,8 +16,10 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 import types
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,10 +197,11 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     One code object per distinct frame, so a recursion's frames are
     recognised as repeats and collapsed by IPython and Python alike (a
     RecursionError shows a few frames and "[... skipping similar frames]").
+    The stubs run in this thread's :func:`_stub_runner`, so that the frames
+    hold nothing of the code that rebuilt the exception (see there).
     """
     head: types.TracebackType | None = None
     tail: types.TracebackType | None = None
-    marker = _FrameMarker()
     for fr in frames:
         lineno = max(fr.lineno, 1)
         first = fr.first if 0 < fr.first <= lineno else lineno
@@ -214,12 +217,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
             # line, as the real statement sat below its ``def``.
             stub = compile("\n" * (lineno - first) + "raise __mpmagic_exc__", "<mpmagic>", "exec")
             code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
-        tb = None
-        try:
-            exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
-        except _FrameMarker as m:
-            tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this function's)
-            m.__traceback__ = None
+        tb = _run_stub(code)
         if tb is None:
             continue
         tb.tb_next = None
@@ -229,6 +227,48 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
             tail.tb_next = tb
         tail = tb
     return head
+
+
+# A frame that outlives its call keeps a strong reference to its caller's
+# frame (``f_back``), and that one to its caller, with all their local
+# variables: a stub run from here would keep the whole stack that rebuilt
+# the exception alive as long as the exception lives (found with
+# gc.get_referrers after the chaos soak: a kept task exception held the
+# manager thread's reply message with its results, the worker's slot with
+# its pipes, and the job with every input and result of the run). A
+# suspended generator's frame has no caller, so the stubs run inside one,
+# kept per thread and never finished: their ``f_back`` is that frame, which
+# holds only the last stub's traceback.
+_runners = threading.local()
+
+
+def _stub_runner() -> Generator[types.TracebackType | None, types.CodeType, None]:
+    marker = _FrameMarker()
+    tb: types.TracebackType | None = None
+    while True:
+        code = yield tb
+        tb = None
+        try:
+            exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
+        except _FrameMarker as m:
+            tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this one)
+            # The marker lives on in this generator: nothing it met may live with it
+            # (raised while the caller handles an exception, it gets that as context).
+            m.__traceback__ = m.__context__ = None
+
+
+def _run_stub(code: types.CodeType) -> types.TracebackType | None:
+    """The traceback of one stub run in this thread's runner."""
+    runner = getattr(_runners, "runner", None)
+    if runner is None:
+        runner = _stub_runner()
+        next(runner)
+        _runners.runner = runner
+    try:
+        return runner.send(code)
+    except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
+        _runners.runner = None
+        raise
 
 
 class _FrameMarker(Exception):
@@ -297,6 +337,9 @@ def remember_cell_origin(filename: str, source: str) -> None:
     Does nothing outside IPython, or when the running cell is not ``%%`` +
     this body (``mpmagic.parallel(code)`` called from a cell).
     """
+    # The name is the body's (cell.register_source): forget what an earlier
+    # run of the same body in another cell (or through the API) said of it.
+    _cell_origins.pop(filename, None)
     shell = _ipython()
     if shell is None:
         return
@@ -305,6 +348,7 @@ def remember_cell_origin(filename: str, source: str) -> None:
         filename_map = shell.compile._filename_map
     except AttributeError:
         return
+    filename_map.pop(filename, None)
     # The running cell was compiled (and numbered) before it ran: the highest
     # number is its In[N] (``execution_count`` is already the next one in IPython 9).
     count = max(filename_map.values(), default=None)

@@ -27,9 +27,8 @@ from IPython.core.magic import (
 from IPython.display import display
 
 from . import api, config, pool, scaling
+from .cell import source_digest
 from .errors import MPMagicError, UsageError, came_from_worker
-
-_args_counter = 0
 
 _INTERRUPTED = (
     "{magic} interrupted: the work still running was stopped and its workers "
@@ -197,7 +196,6 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple:
     """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace."""
     __tracebackhide__ = True
-    global _args_counter
     if not text:
         raise parser.usage_error("missing FUNC and ITERABLE")
     source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
@@ -208,8 +206,10 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple
     call = tree.body
     if not isinstance(call, ast.Call) or call.keywords:
         raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
-    _args_counter += 1
-    filename = f"<pmap-args-{_args_counter}>"
+    # Named by content, not by a counter: linecache keeps every name for good
+    # (see cell.register_source), and a lambda written here keeps the same
+    # code, so the same payload key, call after call.
+    filename = f"<pmap-args-{source_digest(text)}>"
     linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
     code = compile(f"__mpmagic_args__({text}\n)", filename, "eval")
     return eval(code, user_ns, {"__mpmagic_args__": lambda *a: a})

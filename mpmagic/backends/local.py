@@ -716,6 +716,11 @@ class LocalBackend:
                     log.error("mpmagic: the pool's manager failed", exc_info=True)
                     for run in list(self._runs):
                         self._end(run, exc)
+            # Not kept while it sleeps in the next select (with no timeout when
+            # idle): the list holds the slots that last spoke or died, and a
+            # retired or replaced worker's slot kept its Process, and so its two
+            # pipe fds, open until the next wakeup (the chaos soak's +1 fd).
+            ready = []
 
     def _step(self) -> None:
         try:
@@ -1180,5 +1185,9 @@ def _reap_later(proc) -> None:
             proc.kill()
             proc.join(5)
         shm.sweep_worker(proc.pid)  # results it made but never handed over
+        try:
+            proc.close()  # its pipes now, not whenever the last reference to it goes
+        except ValueError:  # still running after SIGKILL and 10 s: left to the OS
+            log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
 
     threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()
