@@ -230,3 +230,16 @@ def test_rebuilding_while_handling_an_exception_keeps_neither_alive():
     gc.collect()
     assert handled() is None and big() is None
     assert kept.__traceback__.tb_frame.f_code.co_name == "f"
+
+
+def test_what_the_notebook_remembers_of_a_worker_stays_bounded(ip):
+    """Each worker's record of the payloads it holds (sent once, then reused)
+    stops growing: the worker keeps only its most recent functions anyway."""
+    ensure_pool("forkserver")
+    ip.run_cell("fs = [(lambda x, k=k: x + k) for k in range(150)]")
+    for k, f in enumerate(ip.user_ns["fs"]):
+        assert mpmagic.pmap(f, [1, 2]) == [1 + k, 2 + k]
+    slots = mpmagic.get_pool().slots
+    assert slots and all(len(s.known) <= local._KNOWN_MAX + 2 for s in slots), [len(s.known) for s in slots]
+    # and a function sent long ago still runs right (sent again when needed)
+    assert mpmagic.pmap(ip.user_ns["fs"][0], [5]) == [5]

@@ -950,6 +950,8 @@ class LocalBackend:
         self._send_setup(slot)  # worker setup first (a worker started since the last _step)
         self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
         try:
+            if len(slot.known) > _KNOWN_MAX:  # bounded: forgetting only costs sending one again
+                slot.known.clear()
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
             ctx = context.current(job.call_id)
@@ -1163,6 +1165,10 @@ def _position(slot: _Slot) -> int | None:
 
 
 _STOP = pack(Stop())
+# Payload and context keys remembered per worker: a worker keeps only its 16
+# most recent functions (worker._CACHE_SIZE) and answers "missing" for one it
+# dropped, so the notebook's record of them need not grow for the worker's life.
+_KNOWN_MAX = 64
 _WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Ready
 
 
