@@ -81,7 +81,7 @@ class RemoteError(MPMagicError):
         self.message = message
 
     @property
-    def _render_traceback_(self):  # type: ignore[override]
+    def _render_traceback_(self):
         # Unlike our own errors, this one shows its (worker-side) frames:
         # hasattr() is False, so IPython renders the traceback as usual
         # (unless it has no frames: see show_without_frames).

@@ -100,8 +100,11 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     data = inband
     if buffers:
         data, segment, refs = shm.wrap(inband, buffers, "lend")
+    def forget(_ref: weakref.ref, slot: tuple[int, bool] = slot) -> None:
+        _dead.append(slot)  # dropped on the next call (never from the collector's thread)
+
     try:
-        ref = weakref.ref(func, lambda _r, slot=slot: _dead.append(slot))
+        ref = weakref.ref(func, forget)
     except TypeError:  # builtins and the like: cheap to pickle, not cached
         if segment is not None:
             shm.pool().track(segment)  # freed at pool stop
@@ -213,6 +216,7 @@ def _function_ok(f: types.FunctionType, objs: list, seen: set, depth: int) -> bo
         if not _ok(v, objs, seen, depth + 1):
             return False
     g = f.__globals__
+    assert _extract_code_globals is not None  # (_capture checks it first)
     for name in _extract_code_globals(f.__code__):
         v = g.get(name, _MISSING)
         if v is _MISSING:

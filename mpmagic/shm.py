@@ -472,7 +472,7 @@ def wrap(
     out = pickle.dumps(env, _PROTOCOL)
     if inline:  # refs to compare with later: none, the bytes are in the envelope
         return out, seg, []
-    return out, seg, refs  # type: ignore[return-value]
+    return out, seg, refs
 
 
 def same_buffers(seg: Segment | None, refs: list[Ref], buffers: list[memoryview]) -> bool:

@@ -238,7 +238,7 @@ def imap(
         raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
     api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
     if api._in_worker_process():
-        return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))  # type: ignore[return-value]
+        return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))
     n_workers = workers or api.get_pool().workers
     what = f"imap {api.func_name(func)}"
     resume = None
