@@ -9,8 +9,8 @@ imports we control), as a user meets it: ``%load_ext mpmagic`` (the pool
 starts in the background), ``import numpy`` (and pandas), define the
 function, wait one second, then the FIRST ``%pmap --compare`` and a second
 one. Three kinds of workers: warm (the default), warm with only the modules
-the notebook named (no submodules it loaded: warm-up before 2026-11-30's
-round 3), and cold (``MPMAGIC_WARM=0``: the workers import numpy when the
+the notebook named (no submodules it loaded: warm-up before the submodule
+mirror), and cold (``MPMAGIC_WARM=0``: the workers import numpy when the
 function reaches them, inside the first call).
 
 1. Monte Carlo (examples/data_work.ipynb's ``count_inside``) over 8 seeds.

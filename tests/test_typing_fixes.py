@@ -1,4 +1,4 @@
-"""Bugs that mypy's checks found once the Round 2 override came off (r3-types).
+"""Bugs that mypy's checks found once the Round 2 override came off.
 
 Each test drives the real code path the type error pointed at.
 """
