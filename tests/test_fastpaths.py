@@ -255,3 +255,16 @@ def test_chunk_plan_ends_in_one_even_split_not_a_string_of_tiny_chunks(per_item)
     small = [s for s in sizes[2:] if s < floor // 2]
     assert len(small) <= 2, sizes
     assert sizes[-1] >= sizes[-2] - 1 >= 1, sizes  # the end splits evenly
+
+
+def test_a_slow_first_probe_does_not_outweigh_the_big_chunks_after_it():
+    """The per-item estimate weighs chunks by their items: two 16-item probes that
+    paid a fresh worker's first-use costs, then two big chunks at the real speed."""
+    from mpmagic.chunking import ChunkPlanner
+
+    planner = ChunkPlanner(20_000, 2)
+    for n, per_item in ((16, 50e-6), (16, 20e-6), (9_984, 0.15e-6), (9_984, 0.15e-6)):
+        planner.record(n, n * per_item)
+    assert planner.per_item is not None and planner.per_item < 0.2e-6  # tiny items: well under 2 us
+    planner.record(100, 100 * 1e-3)  # and a change of speed shows at once
+    assert planner.per_item > 1e-5
