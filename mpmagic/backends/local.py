@@ -4,13 +4,14 @@ Why not ``multiprocessing.Pool``: with spawn or forkserver it cannot run a
 notebook function, it hangs when a worker dies mid-task, it cannot bound a
 task's time, and it cannot run N cell copies at once on distinct workers. So
 each worker gets one duplex pipe, and one manager thread per pool waits on
-every pipe, every worker's process sentinel and a wakeup pipe together
-(``multiprocessing.connection.wait``, as ``concurrent.futures.process`` and
-loky's executor manager do): a result, a line of output, a worker's death, a
-new run or a cancel wakes it, so a dead worker is an error with its exit
-status, never a hang. The manager is the only code that touches the pipes,
-so any number of runs, from any threads, share the workers (in turn, run by
-run). ``submit`` returns a run (``engine.Run``); the thread that waits on it
+every pipe, every worker's process sentinel and a wakeup pipe together (an
+epoll selector, as ``concurrent.futures.process`` and loky's executor
+manager wait on theirs): a result, a line of output, a worker's death, a new
+run or a cancel wakes it, so a dead worker is an error with its exit status,
+never a hang. The manager is the only code that touches the pipes, and its
+sends never block (``pipes.py``), so any number of runs, from any threads,
+share the workers (a free worker goes to the run holding the fewest).
+``submit`` returns a run (``engine.Run``); the thread that waits on it
 prints its output. Ctrl-C lands in that wait (the notebook's main thread),
 which cancels that run only: the manager stops the workers busy with it and
 starts replacements; workers ignore SIGINT.
@@ -849,7 +850,7 @@ class LocalBackend:
 
     def _assign(self) -> None:
         """Hand out units: cells' ranks first (each on an idle worker of its own),
-        then maps' chunks to idle workers in turn between runs (fair sharing),
+        then maps' chunks to idle workers, fewest-held run first (fair sharing),
         then a second chunk behind a running one of the same run (pipelining)."""
         runs = [r for r in self._runs if not r.cancel_requested and r.job.has_work]
         if not runs:
