@@ -34,15 +34,7 @@ def test_the_live_area_advances_while_another_cell_runs(lab: Lab, tmp_path: Path
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(f"{lab.base}/lab/tree/bg.ipynb?token={lab.token}", wait_until="domcontentloaded",
                       timeout=90_000)
-            page.wait_for_function("document.querySelectorAll('.jp-Notebook .jp-CodeCell').length === 3",
-                                   polling=250, timeout=90_000)
-            deadline = time.monotonic() + 90
-            while not lab.kernel_idle():
-                assert time.monotonic() < deadline, "the notebook's kernel did not start within 90 s"
-                time.sleep(0.25)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
-            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+            lab.run_all(page, 3)
 
             cells = page.locator(".jp-Notebook .jp-CodeCell")
             bar = cells.nth(1).locator(".mpmagic-run progress")

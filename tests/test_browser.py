@@ -128,6 +128,23 @@ class Lab:
         sessions = self.api("sessions")
         return any(s.get("kernel", {}).get("execution_state") == "idle" for s in sessions)
 
+    def run_all(self, page, n_code: int) -> None:
+        """Once the open notebook's ``n_code`` code cells are on the page and its
+        kernel is idle, run all its cells from Lab's Run menu."""
+        page.wait_for_function(
+            "n => document.querySelectorAll('.jp-Notebook .jp-CodeCell').length === n",
+            arg=n_code,
+            polling=250,
+            timeout=90_000,
+        )
+        deadline = time.monotonic() + 90
+        while not self.kernel_idle():
+            assert time.monotonic() < deadline, "the notebook's kernel did not start within 90 s"
+            time.sleep(0.25)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
+        page.click(".lm-MenuBar-itemLabel:text-is('Run')")
+        page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
@@ -207,22 +224,8 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.goto(lab.notebook_url, wait_until="domcontentloaded", timeout=90_000)
-            # Wait for every cell of the notebook to be on the page, and the kernel idle.
             code_cells = page.locator(".jp-Notebook .jp-CodeCell")
-            page.wait_for_function(
-                "n => document.querySelectorAll('.jp-Notebook .jp-CodeCell').length === n",
-                arg=n_code,
-                polling=250,
-                timeout=90_000,
-            )
-            deadline = time.monotonic() + 90
-            while not lab.kernel_idle():
-                assert time.monotonic() < deadline, "the notebook's kernel did not start within 90 s"
-                time.sleep(0.25)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=90_000)
-
-            page.click(".lm-MenuBar-itemLabel:text-is('Run')")
-            page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
+            lab.run_all(page, n_code)
 
             # Every prompt shows a number (not "[*]" nor empty) when all cells have run;
             # if a cell fails, Lab stops there: no prompt is busy and an error is shown.

@@ -376,7 +376,7 @@ def test_a_killed_kernels_background_run_resumes_in_a_new_kernel(tmp_path):
     # The kernel is idle (the --bg cell returned at once) while the run goes on; SIGKILL it
     # half way: a new kernel's --bg run computes only what was not stored.
     pytest.importorskip("jupyter_client")
-    from test_checkpoint_kernel import _calls, _kill, _setup
+    from test_checkpoint_kernel import _calls, _kill, _kill_half_way, _setup
     from test_kernel import Kernel
 
     n = 120
@@ -386,14 +386,10 @@ def test_a_killed_kernels_background_run_resumes_in_a_new_kernel(tmp_path):
     try:
         _setup(k1, folder, record)
         k1.ok(cell)
-        deadline = time.monotonic() + 120
-        while len(_calls(record)) < n // 2:
-            assert time.monotonic() < deadline, "the first run did not get half way"
-            time.sleep(0.02)
-    finally:
+    except BaseException:
         _kill(k1)
-    first = _calls(record)
-    assert n // 2 <= len(first) < n, len(first)
+        raise
+    first = _kill_half_way(k1, record, n)
     record.unlink()
     k2 = Kernel()
     try:

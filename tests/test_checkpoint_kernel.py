@@ -50,6 +50,20 @@ def _kill(k: Kernel) -> None:
         k.km.shutdown_kernel(now=True)
 
 
+def _kill_half_way(k: Kernel, record: Path, n: int) -> list[int]:
+    """SIGKILL the kernel once about half of its ``n`` items were called; the calls made."""
+    try:
+        deadline = time.monotonic() + 120
+        while len(_calls(record)) < n // 2:
+            assert time.monotonic() < deadline, "the first run did not get half way"
+            time.sleep(0.02)
+    finally:
+        _kill(k)
+    first = _calls(record)
+    assert n // 2 <= len(first) < n, len(first)
+    return first
+
+
 def test_a_killed_kernels_run_resumes_in_a_new_kernel(tmp_path):
     folder, record = tmp_path / "ckpt", tmp_path / "calls.txt"
     cell = f"r = %pmap --checkpoint --chunksize 5 work, range({N})\nr == [x * x for x in range({N})]"
@@ -58,14 +72,10 @@ def test_a_killed_kernels_run_resumes_in_a_new_kernel(tmp_path):
         _setup(k1, folder, record)
         key1 = k1.value("from mpmagic.checkpoint_keys import run_key\nrun_key(work, False)[0].hex()")
         k1.kc.execute(cell)
-        deadline = time.monotonic() + 120
-        while len(_calls(record)) < N // 2:
-            assert time.monotonic() < deadline, "the first run did not get half way"
-            time.sleep(0.02)
-    finally:
+    except BaseException:
         _kill(k1)
-    first = _calls(record)
-    assert N // 2 <= len(first) < N, len(first)
+        raise
+    first = _kill_half_way(k1, record, N)
     record.unlink()
 
     k2 = Kernel()

@@ -127,17 +127,7 @@ def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, caps
 # A real kernel: the debugger's prompts go to the front end as input requests
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    pytest.importorskip("jupyter_client")
-    from test_kernel import Kernel
-
-    k = Kernel()
-    try:
-        k.ok("%load_ext mpmagic\n%pool start -n 2")
-        yield k
-    finally:
-        k.close()
+# (the module-scoped ``kernel`` fixture is conftest's)
 
 
 def _execute_with_input(k, code: str, answers: list[str], timeout: float = 60) -> tuple[str, list[str]]:
