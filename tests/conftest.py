@@ -36,6 +36,16 @@ def ip():
     mpmagic.stop_pool()
 
 
+def synthetic_report(**fields):
+    """A pmap Report of 8 items on 2 local workers with the given fields changed:
+    deterministic input for the report's text and advice."""
+    from mpmagic.report import Report
+
+    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
+                wall=1.0, task_seconds=1.9, chunks=8, chunksize="auto (1)", cores=2)
+    return Report(**{**base, **fields})
+
+
 def run(ip, code: str):
     """Run a cell; fail the test with the cell's error if it raised."""
     result = ip.run_cell(code, store_history=False)

@@ -14,7 +14,7 @@ import time
 from html.parser import HTMLParser
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, run, synthetic_report
 from IPython.utils.capture import capture_output
 from tqdm.std import tqdm as std_tqdm
 
@@ -273,10 +273,7 @@ def test_advice_can_be_turned_off(ip, pool2, settings):
 
 
 def _report(**kw) -> Report:
-    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
-                wall=1.0, task_seconds=1.9, chunks=8, chunksize="auto (1)", cores=2)
-    base.update(kw)
-    return Report(**base)
+    return synthetic_report(**kw)
 
 
 def test_advice_picks_the_cause_from_the_measurements():

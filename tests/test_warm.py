@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import synthetic_report
 
 from mpmagic import warmup
 from mpmagic.protocol import Import
@@ -225,10 +226,7 @@ def test_a_dask_task_reports_its_functions_loading_and_the_imports_it_caused(tmp
 
 # -- the report and its advice ---------------------------------------------
 def _report(**kw) -> Report:
-    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
-                wall=1.0, task_seconds=0.8, chunks=8, chunksize="auto (1)", cores=2)
-    base.update(kw)
-    return Report(**base)
+    return synthetic_report(**{"task_seconds": 0.8, **kw})
 
 
 def test_advice_names_the_import_the_workers_paid():

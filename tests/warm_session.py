@@ -18,7 +18,7 @@ from IPython.core.interactiveshell import InteractiveShell
 def main(method: str, mode: str) -> None:
     ip = InteractiveShell.instance(colors="nocolor")
 
-    def run(code: str):
+    def run(code: str):  # (conftest.run's twin: importing conftest would set MPMAGIC_WARM=0 here)
         r = ip.run_cell(code, store_history=False)
         if r.error_before_exec is not None:
             raise r.error_before_exec
