@@ -494,7 +494,6 @@ class _Worker:
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
         self.imports = ImportLog()  # preloads, and one-time costs since the last reply (warmup.py)
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
-        self.conn = conn
         self.parent_pid = parent_pid
         self.out = _StreamToParent(self.channel, "stdout")
         self.err = _StreamToParent(self.channel, "stderr")
@@ -556,7 +555,7 @@ class _Worker:
         ``backends/pipes.py``). The pipe's end means the notebook stopped
         this worker or died: leave."""
         try:
-            return self.conn.recv_bytes()
+            return self.channel.conn.recv_bytes()  # (only this thread reads; sends take the channel's lock)
         except (EOFError, OSError):
             _exit_notebook_gone(self.parent_pid, 0)
 

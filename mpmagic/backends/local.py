@@ -896,8 +896,8 @@ class LocalBackend:
                     continue  # pipelining stays within one run
                 held = 0
             else:
-                held = len(self._holding(run)) if n > 1 else 0
-                if run.limit and slot not in self.slots[: run.limit] and len(self._holding(run)) >= run.limit:
+                held = len(self._holding(run)) if n > 1 or run.limit else 0
+                if run.limit and slot not in self.slots[: run.limit] and held >= run.limit:
                     continue
             key = (run.background, held, k)
             if best is None or key < best:
