@@ -266,8 +266,8 @@ class MapJob:
             else:
                 assert self._iter is not None  # (one of _seq and _iter is set, in __init__)
                 items = list(itertools.islice(self._iter, size))
-            if len(items) < size:
-                self.exhausted = True
+            if len(items) < size or (self._seq is not None and self._next_start + size >= len(self._seq)):
+                self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             if not items:
                 return None
             lease = shm.Lease() if self.shared_memory else None

@@ -6,11 +6,12 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import socket
+import struct
 import threading
 import time
 
 import mpmagic
-from mpmagic.backends.pipes import Sender, frame
+from mpmagic.backends.pipes import Receiver, Sender, frame
 
 
 def _pair():
@@ -90,3 +91,71 @@ def test_a_worker_whose_pipe_closes_exits():
         slot.close()
     slot.proc.join(10)
     assert slot.proc.exitcode == 0
+
+
+def _socketpair_receiver():
+    a, b = socket.socketpair()
+    return a, b, Receiver(b)
+
+
+def _framed(*messages: bytes) -> bytes:
+    return b"".join(bytes(part) for m in messages for part in frame(m))
+
+
+def test_the_receiver_cuts_one_read_into_every_whole_message():
+    a, b, rx = _socketpair_receiver()
+    with a, b:
+        a.sendall(_framed(b"one", b"", b"three" * 100))
+        got, closed = rx.read()
+        assert got == [b"one", b"", b"three" * 100] and not closed
+        assert rx.read() == ([], False) and rx.empty  # nothing more, and it says so without blocking
+
+
+def test_the_receiver_keeps_a_partial_message_until_the_rest_comes():
+    """A message cut anywhere, even inside its 4-byte header, comes out whole once."""
+    data = _framed(b"first", b"x" * 70_000, b"last")
+    for cut in (1, 3, 4, 7, 9, 12, 20_000, len(data) - 1):
+        a, b, rx = _socketpair_receiver()
+        with a, b:
+            a.sendall(data[:cut])
+            first, _ = rx.read()
+            a.sendall(data[cut:])
+            rest: list = []
+            for _ in range(100):  # the big body may take several reads
+                got, closed = rx.read()
+                rest += got
+                if len(first) + len(rest) == 3:
+                    break
+            assert [bytes(m) for m in first + rest] == [b"first", b"x" * 70_000, b"last"], cut
+
+
+def test_a_big_message_is_read_in_place_and_a_long_header_understood():
+    """Past the read size the body goes straight into its own buffer; past 2 GiB
+    multiprocessing uses a 12-byte header (-1, then the 8-byte length): the same
+    header with a small length must parse too."""
+    big = os.urandom(5 << 20)
+    a, b, rx = _socketpair_receiver()
+    got: list = []
+    writer = threading.Thread(target=a.sendall, args=(_framed(big, b"after"),))
+    writer.start()
+    deadline = time.monotonic() + 30
+    while len(got) < 2 and time.monotonic() < deadline:
+        got += rx.read()[0]
+    writer.join(10)
+    assert [bytes(m) for m in got] == [big, b"after"]
+    a.sendall(struct.pack("!iQ", -1, 3) + b"abc")
+    assert rx.read()[0] == [b"abc"]
+    a.close()
+    b.close()
+
+
+def test_the_receiver_says_when_the_worker_end_closed():
+    a, b, rx = _socketpair_receiver()
+    a.sendall(_framed(b"last words"))
+    a.close()
+    got, closed = rx.read()
+    if not closed:  # (the end may come on the next read, after the data)
+        more, closed = rx.read()
+        got += more
+    assert got == [b"last words"] and closed
+    b.close()

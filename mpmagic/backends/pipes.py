@@ -1,7 +1,7 @@
-"""Sending to a worker's pipe without ever blocking the manager.
+"""Sending to and reading from a worker's pipe without ever blocking the manager.
 
-The manager thread (``local.py``) is the only code that writes to worker
-pipes, and it must never wait on one worker: it also reads every other
+The manager thread (``local.py``, or ``submit`` under the same lock) is the
+only code that writes to worker pipes, and it must never wait on one worker: it also reads every other
 worker's results. ``Connection.send_bytes`` blocks once the socket buffer is
 full, which happens when a worker is busy and not reading (a big chunk sent
 ahead of its next unit, a worker setup, a function payload). Worse, a
@@ -18,6 +18,13 @@ now reads its pipe itself, and the sending side never blocks instead:
 writes with ``MSG_DONTWAIT`` on a duplicate of the pipe's socket; whatever
 the socket does not take waits here, in order, and goes out when the
 manager's selector says the pipe is writable (``flush``).
+
+Reading is the mirror image: :class:`Receiver` takes whatever the pipe holds
+with one non-blocking ``recv`` per wake-up and cuts it into messages, where
+``Connection.poll`` + ``recv_bytes`` cost four syscalls per message (a poll,
+the header, the body, and a poll to find the pipe empty). A message that is
+not whole yet stays here until the rest comes: the selector is level
+triggered, so it wakes the manager again while bytes wait.
 """
 
 from __future__ import annotations
@@ -45,10 +52,10 @@ class Sender:
     """Framed, never-blocking sends to one worker's end of a duplex pipe."""
 
     def __init__(self, conn: Any) -> None:
-        # A duplicate of the pipe's socket: MSG_DONTWAIT makes each send
-        # non-blocking without making the pipe non-blocking for the reads
-        # that ``Connection.recv_bytes`` does on the same socket.
-        self._sock = socket.socket(fileno=os.dup(conn.fileno()))
+        # A duplicate of the pipe's socket: MSG_DONTWAIT makes each call
+        # non-blocking without making the pipe itself non-blocking (the
+        # Connection still closes it). :class:`Receiver` reads through it too.
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         self._pending: deque[memoryview] = deque()
 
     @property
@@ -71,7 +78,7 @@ class Sender:
         while pending:
             buffers = list(pending) if len(pending) <= _MAX_BUFFERS else [pending[i] for i in range(_MAX_BUFFERS)]
             try:
-                sent = self._sock.sendmsg(buffers, [], socket.MSG_DONTWAIT)
+                sent = self.sock.sendmsg(buffers, [], socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return False
             except InterruptedError:
@@ -85,4 +92,96 @@ class Sender:
     def close(self) -> None:
         """Close the duplicate socket (the pipe itself is closed by its Connection)."""
         self._pending.clear()
-        self._sock.close()
+        self.sock.close()
+
+
+# Bytes asked of the pipe per recv: a reply of a few kB (every small chunk's)
+# comes in one call; bigger messages are read straight into their own buffer.
+_READ = 1 << 16
+# At most this many reads per call of ``read``: a worker that keeps talking
+# cannot hold the manager (the selector brings it back while bytes wait).
+_MAX_READS = 256
+
+
+class Receiver:
+    """Whole messages from one worker's pipe, read without ever blocking.
+
+    ``read()`` returns the messages that arrived complete, in order, and
+    whether the worker's end is closed. It shares :class:`Sender`'s socket
+    (``MSG_DONTWAIT`` on each call; the pipe itself stays blocking).
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = bytearray()  # bytes of the next message(s), header included
+        self._body: bytearray | None = None  # a big message being read in place
+        self._filled = 0
+        self.empty = True  # the last read found the pipe empty (else: call again)
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """``(messages now complete, closed)``; ``OSError`` on a broken pipe."""
+        messages: list = []
+        closed = False
+        self.empty = False
+        for _ in range(_MAX_READS):
+            if self._body is not None:  # a big body: straight into its buffer, no copies
+                view = memoryview(self._body)[self._filled :]
+                try:
+                    n = self._sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    self.empty = True
+                    break
+                except InterruptedError:
+                    continue
+                if not n:
+                    closed = True
+                    break
+                self._filled += n
+                if self._filled == len(self._body):
+                    messages.append(self._body)
+                    self._body = None
+                continue
+            try:
+                data = self._sock.recv(_READ, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                self.empty = True
+                break
+            except InterruptedError:
+                continue
+            if not data:
+                closed = True
+                break
+            self._buf += data
+            self._cut(messages)
+            if len(data) < _READ and self._body is None:
+                self.empty = True  # (bytes that came since wake the selector again)
+                break
+        return messages, closed
+
+    def _cut(self, messages: list) -> None:
+        """Move every whole message out of the buffer; start reading a big one in place."""
+        buf = self._buf
+        pos = 0
+        while True:
+            if len(buf) - pos < 4:
+                break
+            (n,) = struct.unpack_from("!i", buf, pos)
+            head = 4
+            if n == -1:
+                if len(buf) - pos < 12:
+                    break
+                (n,) = struct.unpack_from("!Q", buf, pos + 4)
+                head = 12
+            start = pos + head
+            if len(buf) - start >= n:
+                messages.append(bytes(buf[start : start + n]))
+                pos = start + n
+                continue
+            if n > _READ:  # a big body: its own buffer, filled by recv_into
+                body = bytearray(n)
+                have = len(buf) - start
+                body[:have] = buf[start:]
+                self._body, self._filled = body, have
+                pos = len(buf)
+            break
+        del buf[:pos]
