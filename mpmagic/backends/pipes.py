@@ -72,6 +72,10 @@ class Sender:
         self._pending.extend(frame(data))
         return self.flush()
 
+    def queue(self, data: bytes) -> None:
+        """Queue ``data`` as one message, sent by the next ``send`` or ``flush``."""
+        self._pending.extend(frame(data))
+
     def flush(self) -> bool:
         """Send what waits, as far as the pipe takes it now; True when nothing is left."""
         pending = self._pending
