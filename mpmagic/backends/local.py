@@ -726,13 +726,22 @@ class LocalBackend:
             with self._lock:
                 if self._closing:
                     return
-                if any(what is None for what, _ in ready):
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except (BlockingIOError, OSError):
-                        pass  # drained already
                 try:
                     self._pump(ready)
+                    # Replies that came while it handled these (the other worker's
+                    # chunk of a 2-item map, typically): handled now, before the
+                    # step, not after a step and a select of their own.
+                    for _ in range(_MORE_READY):
+                        if self._selector_slots != tuple(self.slots):
+                            break  # a worker replaced: the selector is rebuilt first
+                        try:
+                            ready = [(key.data, events) for key, events in selector.select(0)]
+                        except (OSError, ValueError):  # a pipe closed meanwhile: the next turn rebuilds it
+                            self._selector_slots = None
+                            break
+                        if not ready:
+                            break
+                        self._pump(ready)
                 except Exception as exc:  # never a dead manager and callers waiting forever
                     log.error("mpmagic: the pool's manager failed", exc_info=True)
                     for run in list(self._runs):
@@ -792,6 +801,11 @@ class LocalBackend:
 
     def _pump(self, ready: list) -> None:
         """Handle whatever the workers said (``(slot, True)``), and their deaths (``(slot, False)``)."""
+        if any(what is None for what, _ in ready):
+            try:
+                os.read(self._wake_r, 4096)  # the wakeup pipe: emptied (the step looks at everything)
+            except (BlockingIOError, OSError):
+                pass  # drained already
         dead = []
         for what, events in ready:
             if what is None or what[0] not in self.slots:
@@ -1221,6 +1235,9 @@ _STOP = pack(Stop())
 # most recent functions (worker._CACHE_SIZE) and answers "missing" for one it
 # dropped, so the notebook's record of them need not grow for the worker's life.
 _KNOWN_MAX = 64
+# Extra looks (select with no wait) for replies that came while the manager
+# handled the last ones, before it takes its next step.
+_MORE_READY = 4
 _WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Ready
 
 
