@@ -521,6 +521,15 @@ class _Worker:
         return used
 
     def serve(self) -> None:
+        try:
+            self._serve()
+        except (BrokenPipeError, ConnectionResetError):
+            # A reply the notebook will never read (it closed the pipe: the pool
+            # stopped or shrank while this worker answered): leave as on the
+            # pipe's end, not with a traceback on the kernel's terminal.
+            _exit_notebook_gone(self.parent_pid, 0)
+
+    def _serve(self) -> None:
         self.channel.send(Ready(os.getpid(), self.worker_id))
         while True:
             msg = unpack(self._receive())

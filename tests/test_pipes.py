@@ -159,3 +159,23 @@ def test_the_receiver_says_when_the_worker_end_closed():
         got += more
     assert got == [b"last words"] and closed
     b.close()
+
+
+def test_a_worker_answering_into_a_closed_pipe_leaves_quietly():
+    """The notebook closed the pipe (the pool stopped or shrank) while the worker
+    was busy: its answer cannot go anywhere, and it leaves as it does on the
+    pipe's end (exit status 0), not with a BrokenPipeError traceback (status 1)."""
+    from mpmagic import payload
+    from mpmagic.protocol import Setup, pack
+    from mpmagic.worker_setup import _Entry
+
+    backend = mpmagic.start_pool(2, start_method="forkserver", wait=True)
+    slot = backend.slots[0]
+    busy = payload.dumps_data([_Entry("code", "%%pool setup", "import time\ntime.sleep(0.5)\n")])
+    with backend._lock:
+        backend.slots.remove(slot)  # the manager forgets it, as _retire does
+        slot.send(pack(Setup(10**6, busy)))  # it answers SetupDone in 0.5 s
+    time.sleep(0.2)
+    slot.close()
+    slot.proc.join(10)
+    assert slot.proc.exitcode == 0
