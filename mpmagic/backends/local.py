@@ -663,7 +663,12 @@ class LocalBackend:
             # (a KeyboardInterrupt between a send and its bookkeeping would
             # lose the unit).
             wake = True
-            if self._selector is not None and self._selector_slots == tuple(self.slots):
+            if job.kind == "map" and all(s.inflight or s.broken for s in self.slots):
+                # No worker free: a map's units wait for the next reply, which
+                # wakes the manager anyway (a step here would find nothing to
+                # do, and 8 threads submitting at once paid for 8 of them).
+                wake = self._selector_slots != tuple(self.slots)
+            elif self._selector is not None and self._selector_slots == tuple(self.slots):
                 with sigint_deferred():
                     self._step()
                 wake = self._manager_needed()
