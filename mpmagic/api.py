@@ -139,7 +139,8 @@ def pmap(
     slowest items to the report (``last_report().insights``).
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     takes stored ones instead of computing them again (docs/checkpoint.md).
-    ``on_chunk(start, results)`` is called as each chunk's results arrive.
+    ``on_chunk(start, results)`` is called as each chunk's results arrive
+    (in the pool's own thread: keep it quick; it cannot start a run).
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
     ``seed=S`` runs item ``i`` with its own random stream from S and ``i``

@@ -305,3 +305,22 @@ def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool
     handle.cancel(interrupted=True)
     assert handle.wait(HANG)
     assert mpmagic.pmap(func, [5, 6]) == [25, 36]
+
+
+def test_a_run_started_from_on_chunk_is_an_error_not_a_hang(ip, local_pool):
+    """on_chunk runs in the pool's manager thread; a pmap there would wait on
+    that very thread for ever. It is a UsageError that says so, and the outer
+    run fails with it (serial code has no such callback: nothing to match)."""
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    seen = []
+
+    def nested(start, results):
+        seen.append(start)
+        mpmagic.pmap(sq, [1, 2])
+
+    t0 = time.monotonic()
+    with pytest.raises(mpmagic.UsageError, match="on_chunk callback"):
+        mpmagic.pmap(sq, range(4), on_chunk=nested)
+    assert seen and time.monotonic() - t0 < HANG
+    assert mpmagic.pmap(sq, range(4)) == [0, 1, 4, 9]  # the pool is fine

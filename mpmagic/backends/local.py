@@ -639,6 +639,12 @@ class LocalBackend:
         A cell's ranks each get a worker of their own at once (temporary extra
         workers when the pool has too few idle ones).
         """
+        if threading.current_thread() is self._manager:
+            raise UsageError(
+                "a parallel run cannot start from an on_chunk callback: the callback runs in the pool's "
+                "manager thread, which the new run would wait on. Keep what on_chunk gets and start "
+                "the run after this one, or start it from another thread"
+            )
         limit = None
         if isinstance(job, CellJob):
             cap = max_workers()
