@@ -278,8 +278,9 @@ def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, on
 def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool, monkeypatch):
     """``submit`` takes the manager's first step in the calling thread. A
     Ctrl-C in the middle of it (between sending a unit and noting it in
-    flight) must wait until the step is over: then the run can be cancelled
-    and waited on like any interrupted run, and the pool serves the next call."""
+    flight) must wait until the step is over; then ``submit`` cancels the run
+    it hit as an interrupted wait would (the caller never got its handle), and
+    the pool serves the next call."""
     run(ip, "def nap_sq(x):\n    import time; time.sleep(0.2)\n    return x * x\n")
     func = ip.user_ns["nap_sq"]
     assert mpmagic.pmap(func, [1, 2]) == [1, 4]  # the manager's selector is up to date: submit steps itself
@@ -294,16 +295,27 @@ def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool
 
     monkeypatch.setattr(LocalBackend, "_send_unit", send_unit_then_ctrl_c)
     job = MapJob(func, [3, 4], 2, False, 2)
+    abandoned = []
+    real_abandon = LocalBackend._abandon
+
+    def abandon(self, run_):
+        if run_.job is job:
+            abandoned.append((run_.cancel_requested, run_.interrupted, len(self._holding(run_))))
+        real_abandon(self, run_)
+
+    monkeypatch.setattr(LocalBackend, "_abandon", abandon)
+    t0 = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        handle = local_pool.submit(job)
+        local_pool.submit(job)
     monkeypatch.setattr(LocalBackend, "_send_unit", real_send_unit)
     assert stepped and stepped[0] is threading.main_thread()  # it was submit's own step
     assert len(stepped) == 2  # both units went out: the interrupt did not cut the step short
-    held = [u for s in local_pool.slots for _, u in s.inflight if u.count]
-    assert len(held) == 2  # and both are noted in flight: nothing sent is unaccounted for
-    handle = next(r for r in local_pool._runs if r.job is job)
-    handle.cancel(interrupted=True)
-    assert handle.wait(HANG)
+    # The run it hit was cancelled as an interrupted wait would, with both
+    # units noted in flight until then (nothing sent unaccounted for), and
+    # without waiting for the 0.2 s items.
+    assert abandoned[0] == (True, True, 2)
+    assert time.monotonic() - t0 < HANG
+    assert not any(r.job is job for r in local_pool._runs)
     assert mpmagic.pmap(func, [5, 6]) == [25, 36]
 
 

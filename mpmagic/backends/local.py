@@ -658,6 +658,7 @@ class LocalBackend:
             self.warmth.want_for(job.func, job.func_key)
         self.start(wake=False)  # (woken below, once)
         run = _LocalRun(self, job, limit)
+        interrupt: KeyboardInterrupt | None = None
         with self._lock:
             self.calls_run += 1
             self._runs.append(run)
@@ -675,11 +676,22 @@ class LocalBackend:
                 # do, and 8 threads submitting at once paid for 8 of them).
                 wake = self._selector_slots != tuple(self.slots)
             elif self._selector is not None and self._selector_slots == tuple(self.slots):
-                with sigint_deferred():
-                    self._step()
+                try:
+                    with sigint_deferred():
+                        self._step()
+                except KeyboardInterrupt as exc:  # (raised once the step is over)
+                    interrupt = exc
                 wake = self._manager_needed()
         if wake:
             self._wake()
+        if interrupt is not None:
+            # Ctrl-C while this step ran: this run is the one it hit, but the
+            # caller never got its handle. Cancel it here as the caller's wait
+            # would have (its busy workers stopped, what they printed shown).
+            with sigint_deferred():
+                run.cancel(interrupted=True)
+                run.wait()
+            raise interrupt
         return run
 
     def _manager_needed(self) -> bool:
