@@ -179,3 +179,31 @@ def test_a_worker_answering_into_a_closed_pipe_leaves_quietly():
     slot.close()
     slot.proc.join(10)
     assert slot.proc.exitcode == 0
+
+
+def test_a_step_sends_small_units_together_and_a_big_one_at_once():
+    """Units of one step wait in their worker's queue until the step ends (a
+    first send woke a worker that took the CPU before the second unit was
+    packed); a big unit goes at once, with what waited before it (packing the
+    next big chunk takes longer than a wake-up)."""
+    from mpmagic.backends import local
+
+    backend = local.LocalBackend(2)
+    ours, theirs = socket.socketpair()
+    slot = local._Slot(0, proc=None, conn=multiprocessing.connection.Connection(ours.detach()), started=0.0)
+    reader = multiprocessing.connection.Connection(theirs.detach())
+    try:
+        backend._held = []
+        backend._put(slot, b"small")
+        assert slot.sender.pending and not reader.poll(0)  # held for the end of the step
+        big = b"b" * (local._HOLD_MAX + 1)
+        backend._put(slot, big)
+        assert not slot.sender.pending
+        assert [reader.recv_bytes(), reader.recv_bytes()] == [b"small", big]  # in order
+        backend._held = None
+        backend._put(slot, b"outside a step")  # sent at once
+        assert reader.recv_bytes() == b"outside a step"
+    finally:
+        slot.close()
+        reader.close()
+        backend.stop()

@@ -933,7 +933,9 @@ class LocalBackend:
             slot.send(data)
             return
         slot.sender.queue(data)
-        if slot not in self._held:
+        if len(data) > _HOLD_MAX:
+            slot.sender.flush()  # a big chunk goes now: packing the next one takes longer than a wake-up
+        elif slot not in self._held:
             self._held.append(slot)
 
     def _assign_units(self) -> None:
@@ -1261,6 +1263,10 @@ _KNOWN_MAX = 64
 # Extra looks (select with no wait) for replies that came while the manager
 # handled the last ones, before it takes its next step.
 _MORE_READY = 4
+# A unit bigger than this is sent at once, not at the end of the step: a step
+# that packs four chunks of 25,000 items (~1 ms each) kept the workers idle
+# until the last one was packed (100,000 tiny items: +10 %).
+_HOLD_MAX = 16 << 10
 _WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Ready
 
 
