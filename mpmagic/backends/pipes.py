@@ -1,8 +1,8 @@
 """Sending to and reading from a worker's pipe without ever blocking the manager.
 
-The manager thread (``local.py``, or ``submit`` under the same lock) is the
-only code that writes to worker pipes, and it must never wait on one worker: it also reads every other
-worker's results. ``Connection.send_bytes`` blocks once the socket buffer is
+Only the manager thread (``local.py``), or ``submit`` under the same lock,
+writes to worker pipes, and it must never wait on one worker: it also reads
+every other worker's results. ``Connection.send_bytes`` blocks once the socket buffer is
 full, which happens when a worker is busy and not reading (a big chunk sent
 ahead of its next unit, a worker setup, a function payload). Worse, a
 worker blocked sending a big result to the manager while the manager is
