@@ -415,7 +415,7 @@ class LocalBackend:
         msg = self.warmth.message(slot.wid)
         if msg is not None:
             try:
-                slot.send(pack(msg))
+                self._put(slot, pack(msg))
             except OSError:
                 self.warmth.forget(slot.wid)  # a dead worker: its sentinel reports it
 
@@ -572,9 +572,9 @@ class LocalBackend:
             # may import from a directory the notebook added after the pool started.
             ctx = context.current(self._runs[0].job.call_id if self._runs else None)
             if context.key(ctx) not in slot.known:
-                slot.send(pack(ctx))
+                self._put(slot, pack(ctx))
                 slot.known.add(context.key(ctx))
-            slot.send(pack(msg))
+            self._put(slot, pack(msg))
         except OSError:
             log.debug("mpmagic: worker %s gone before its setup: the sentinel reports it", slot.wid)
 
@@ -663,39 +663,42 @@ class LocalBackend:
             self.calls_run += 1
             self._runs.append(run)
             self._calls[job.call_id] = run
-            # The manager's next step, taken here: the new run's first units go
-            # out now instead of after a thread wake-up (~40-60 us of a warm
-            # 2-item map). Not while the manager's selector is out of date
-            # (workers just started): it must rebuild it anyway. SIGINT waits
-            # (a KeyboardInterrupt between a send and its bookkeeping would
-            # lose the unit).
-            wake = True
-            if job.kind == "map" and all(s.inflight or s.broken for s in self.slots):
-                # No worker free: a map's units wait for the next reply, which
-                # wakes the manager anyway (a step here would find nothing to
-                # do, and 8 threads submitting at once paid for 8 of them).
-                wake = self._selector_slots != tuple(self.slots)
-            elif self._selector is not None and self._selector_slots == tuple(self.slots):
-                try:
-                    with sigint_deferred():
-                        self._step()
-                except KeyboardInterrupt as exc:  # (raised once the step is over)
-                    interrupt = exc
-                wake = self._manager_needed()
+            try:
+                wake = self._step_here(job)
+            except KeyboardInterrupt as exc:  # (raised once the step was over)
+                wake, interrupt = True, exc
         if wake:
             self._wake()
         if interrupt is not None:
-            # Ctrl-C while this step ran: this run is the one it hit, but the
-            # caller never got its handle. Cancel it here as the caller's wait
-            # would have (its busy workers stopped, what they printed shown).
+            # Ctrl-C while the step ran: this run is the one it hit, but the
+            # caller never got its handle. Cancel it (outside the lock: the
+            # manager ends it) as the caller's wait would have.
             with sigint_deferred():
                 run.cancel(interrupted=True)
                 run.wait()
             raise interrupt
         return run
 
-    def _manager_needed(self) -> bool:
-        """After a step taken outside the manager (submit): must it look again?"""
+    def _step_here(self, job: Job) -> bool:
+        """The manager's next step, taken by ``submit`` (under the lock): the new
+        run's first units go out now, not after a thread wake-up (~40-60 us of a
+        warm 2-item map). True when the manager must still be woken.
+
+        Not while the manager's selector is out of date (workers just started:
+        it must rebuild it anyway). No step either when every worker is busy
+        and the job is a map: its units wait for the next reply, which wakes
+        the manager anyway (8 threads submitting at once paid for 8 steps that
+        found nothing to do). SIGINT waits until the step is over: a
+        KeyboardInterrupt between a send and its bookkeeping would lose the
+        unit; it is raised after.
+        """
+        slots = tuple(self.slots)
+        if self._selector is None or self._selector_slots != slots:
+            return True
+        if job.kind == "map" and all(s.inflight or s.broken for s in slots):
+            return False
+        with sigint_deferred():
+            self._step()
         if self._selector_slots != tuple(self.slots):
             return True  # new or gone workers: its selector must change
         if any(s.sender.pending or s.deadline is not None for s in self.slots):

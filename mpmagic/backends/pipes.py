@@ -35,8 +35,11 @@ import struct
 from collections import deque
 from typing import Any
 
-# Past this, a length needs the long header (as in multiprocessing.connection).
+# Past this, a length needs the long header (as in multiprocessing.connection):
+# -1, then the length in 8 bytes; else the length in 4 bytes.
 _LONG = 0x7FFFFFFF
+_HEAD = struct.Struct("!i")
+_LONG_HEAD = struct.Struct("!iQ")
 # At most this many buffers per sendmsg call (the kernel's IOV_MAX is 1024).
 _MAX_BUFFERS = 64
 
@@ -44,7 +47,7 @@ _MAX_BUFFERS = 64
 def frame(data: bytes) -> list[memoryview]:
     """``data`` framed for ``Connection.recv_bytes`` on the other end."""
     n = len(data)
-    header = struct.pack("!i", n) if n <= _LONG else struct.pack("!iQ", -1, n)
+    header = _HEAD.pack(n) if n <= _LONG else _LONG_HEAD.pack(-1, n)
     return [memoryview(header), memoryview(data)] if n else [memoryview(header)]
 
 
@@ -117,47 +120,39 @@ class Receiver:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        self._scratch = memoryview(bytearray(_READ))  # what one recv of small messages lands in
         self._buf = bytearray()  # bytes of the next message(s), header included
         self._body: bytearray | None = None  # a big message being read in place
         self._filled = 0
         self.empty = True  # the last read found the pipe empty (else: call again)
 
-    def read(self) -> tuple[list[bytes], bool]:
+    def read(self) -> tuple[list, bool]:
         """``(messages now complete, closed)``; ``OSError`` on a broken pipe."""
         messages: list = []
         closed = False
         self.empty = False
         for _ in range(_MAX_READS):
-            if self._body is not None:  # a big body: straight into its buffer, no copies
-                view = memoryview(self._body)[self._filled :]
-                try:
-                    n = self._sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    self.empty = True
-                    break
-                except InterruptedError:
-                    continue
-                if not n:
-                    closed = True
-                    break
-                self._filled += n
-                if self._filled == len(self._body):
-                    messages.append(self._body)
-                    self._body = None
-                continue
+            body = self._body  # a big message goes straight into its own buffer, no copies
+            view = self._scratch if body is None else memoryview(body)[self._filled :]
             try:
-                data = self._sock.recv(_READ, socket.MSG_DONTWAIT)
+                n = self._sock.recv_into(view, len(view), socket.MSG_DONTWAIT)
             except BlockingIOError:
                 self.empty = True
                 break
             except InterruptedError:
                 continue
-            if not data:
+            if not n:
                 closed = True
                 break
-            self._buf += data
+            if body is not None:
+                self._filled += n
+                if self._filled == len(body):
+                    messages.append(body)
+                    self._body = None
+                continue
+            self._buf += view[:n]
             self._cut(messages)
-            if len(data) < _READ and self._body is None:
+            if n < _READ and self._body is None:
                 self.empty = True  # (bytes that came since wake the selector again)
                 break
         return messages, closed
@@ -166,19 +161,17 @@ class Receiver:
         """Move every whole message out of the buffer; start reading a big one in place."""
         buf = self._buf
         pos = 0
-        while True:
-            if len(buf) - pos < 4:
-                break
-            (n,) = struct.unpack_from("!i", buf, pos)
-            head = 4
+        while len(buf) - pos >= _HEAD.size:
+            (n,) = _HEAD.unpack_from(buf, pos)
+            head = _HEAD.size
             if n == -1:
-                if len(buf) - pos < 12:
+                if len(buf) - pos < _LONG_HEAD.size:
                     break
-                (n,) = struct.unpack_from("!Q", buf, pos + 4)
-                head = 12
+                n = _LONG_HEAD.unpack_from(buf, pos)[1]
+                head = _LONG_HEAD.size
             start = pos + head
             if len(buf) - start >= n:
-                messages.append(bytes(buf[start : start + n]))
+                messages.append(buf[start : start + n])  # (a bytearray: pickle reads it as is)
                 pos = start + n
                 continue
             if n > _READ:  # a big body: its own buffer, filled by recv_into
