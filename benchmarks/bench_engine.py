@@ -38,6 +38,15 @@ WORKERS = 2
 CELL = "def sq(x):\n    return x * x\n\ndef tenth(x):\n    import time\n    time.sleep(0.1)\n    return x\n"
 
 
+def in_threads(target: Callable[..., Any], args: tuple, n: int = 8) -> None:
+    """Call ``target(*args)`` from ``n`` new threads at once; return when all are done."""
+    threads = [threading.Thread(target=target, args=args) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, shorter fairness run")
@@ -76,11 +85,7 @@ def main() -> None:
 
     # (a) 8 threads x 1,000 items at once vs one call over 8,000
     def eight_threads() -> None:
-        threads = [threading.Thread(target=mpmagic.pmap, args=(sq, range(1000))) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(mpmagic.pmap, (sq, range(1000)))
 
     # The same 8 calls from threads started beforehand and released together,
     # timed from the release: what the runs cost at once, without starting
@@ -104,11 +109,7 @@ def main() -> None:
         return max(ended) - t0
 
     def eight_idle_threads() -> None:
-        threads = [threading.Thread(target=len, args=((),)) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        in_threads(len, ((),))
 
     def eight_in_turn() -> None:
         for _ in range(8):
@@ -130,11 +131,7 @@ def main() -> None:
         pool.map(sq, range(10))
 
         def pool_eight() -> None:
-            threads = [threading.Thread(target=pool.map, args=(sq, range(1000))) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            in_threads(pool.map, (sq, range(1000)))
 
         ref = race({"many": pool_eight, "one": lambda: pool.map(sq, range(8000))}, repeats, warmup=1)
     rows.append(("(a) Pool(fork): 8 threads x 1,000 items", ref["many"], ref["one"],

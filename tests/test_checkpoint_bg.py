@@ -376,21 +376,13 @@ def test_a_killed_kernels_background_run_resumes_in_a_new_kernel(tmp_path):
     # The kernel is idle (the --bg cell returned at once) while the run goes on; SIGKILL it
     # half way: a new kernel's --bg run computes only what was not stored.
     pytest.importorskip("jupyter_client")
-    from test_checkpoint_kernel import _calls, _kill, _kill_half_way, _setup
+    from test_checkpoint_kernel import _calls, _killed_half_way, _setup
     from test_kernel import Kernel
 
     n = 120
     folder, record = tmp_path / "ckpt", tmp_path / "calls.txt"
     cell = f"h = %pmap --bg --checkpoint --chunksize 5 work, range({n})"
-    k1 = Kernel()
-    try:
-        _setup(k1, folder, record)
-        k1.ok(cell)
-    except BaseException:
-        _kill(k1)
-        raise
-    first = _kill_half_way(k1, record, n)
-    record.unlink()
+    first = _killed_half_way(folder, record, n, lambda k: k.ok(cell))
     k2 = Kernel()
     try:
         _setup(k2, folder, record)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -64,19 +65,33 @@ def _kill_half_way(k: Kernel, record: Path, n: int) -> list[int]:
     return first
 
 
+def _killed_half_way(folder: Path, record: Path, n: int, start: Callable[[Kernel], None]) -> list[int]:
+    """A kernel set up with ``work`` runs ``start(kernel)`` and is SIGKILLed once about
+    half of its ``n`` items were called; the calls it made (the record is emptied
+    for the next kernel)."""
+    k = Kernel()
+    try:
+        _setup(k, folder, record)
+        start(k)
+    except BaseException:
+        _kill(k)
+        raise
+    first = _kill_half_way(k, record, n)
+    record.unlink()
+    return first
+
+
 def test_a_killed_kernels_run_resumes_in_a_new_kernel(tmp_path):
     folder, record = tmp_path / "ckpt", tmp_path / "calls.txt"
     cell = f"r = %pmap --checkpoint --chunksize 5 work, range({N})\nr == [x * x for x in range({N})]"
-    k1 = Kernel()
-    try:
-        _setup(k1, folder, record)
-        key1 = k1.value("from mpmagic.checkpoint_keys import run_key\nrun_key(work, False)[0].hex()")
-        k1.kc.execute(cell)
-    except BaseException:
-        _kill(k1)
-        raise
-    first = _kill_half_way(k1, record, N)
-    record.unlink()
+    keys = []
+
+    def start(k: Kernel) -> None:
+        keys.append(k.value("from mpmagic.checkpoint_keys import run_key\nrun_key(work, False)[0].hex()"))
+        k.kc.execute(cell)
+
+    first = _killed_half_way(folder, record, N, start)
+    key1 = keys[0]
 
     k2 = Kernel()
     try:
