@@ -140,7 +140,8 @@ def pmap(
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     takes stored ones instead of computing them again (docs/checkpoint.md).
     ``on_chunk(start, results)`` is called as each chunk's results arrive
-    (in the pool's own thread: keep it quick; it cannot start a run).
+    (on the local pool in the pool's own thread: keep it quick; a run cannot
+    start from it there, a ``UsageError``; on Dask in the calling thread).
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
     ``seed=S`` runs item ``i`` with its own random stream from S and ``i``

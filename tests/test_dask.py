@@ -365,3 +365,15 @@ def test_event_and_unsupported_helpers(dask_pool):
         mpmagic.Value("i", 0)
     with pytest.raises(mpmagic.UsageError, match="memory shared"):
         mpmagic.Array("d", 4)
+
+
+def test_a_run_started_from_on_chunk_works_on_dask(ip, dask_pool):
+    """On Dask on_chunk runs in the calling thread (the local pool's runs it in
+    its manager thread and refuses a run there: test_engine): a run started
+    from it gives serial map's results."""
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    inner = []
+    outer = mpmagic.pmap(sq, range(4), on_chunk=lambda start, results: inner.append(mpmagic.pmap(sq, [1, 2])))
+    assert outer == list(map(sq, range(4)))
+    assert inner and all(r == list(map(sq, [1, 2])) for r in inner)
