@@ -139,9 +139,9 @@ def pmap(
     slowest items to the report (``last_report().insights``).
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     takes stored ones instead of computing them again (docs/checkpoint.md).
-    ``on_chunk(start, results)`` is called as each chunk's results arrive
-    (on the local pool in the pool's own thread: keep it quick; a run cannot
-    start from it there, a ``UsageError``; on Dask in the calling thread).
+    ``on_chunk(start, results)`` is called as each chunk's results arrive, in
+    the calling thread (with ``block=False``, in the run's own thread): a slow
+    one delays only this run; if it raises, the run stops with its error.
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
     ``seed=S`` runs item ``i`` with its own random stream from S and ``i``
@@ -169,7 +169,7 @@ def pmap(
             def make_call(forward: background.Forward) -> MapCall:
                 return map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
                                 retries=retries, insights=insights, out=forward.out, progress=forward.progress,
-                                on_chunk=forward.chunk)
+                                accepted=forward.accepted, on_chunk=forward.then)
 
             return background.start(what, make_call, lambda call, forward: call.job.results(), workers,
                                     on_chunk=on_chunk, resume=resume)

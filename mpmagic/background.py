@@ -482,7 +482,9 @@ class Forward:
 
     The job is made before the handle (the handle needs it) and sends
     nothing before it is submitted, which is after ``run`` is set.
-    ``then``: the caller's own ``on_chunk``, called after the handle's.
+    ``then``: the caller's own ``on_chunk`` (the job's ``on_chunk``: it runs
+    in the handle's own thread, which waits on the run); ``accepted`` keeps
+    each chunk for ``as_completed`` as soon as it is accepted.
     """
 
     run: Run
@@ -496,10 +498,8 @@ class Forward:
     def progress(self, n: int) -> None:
         self.run._sink.progress(n)
 
-    def chunk(self, start: int, results: list) -> None:
+    def accepted(self, start: int, results: list) -> None:
         self.run._on_chunk(start, results)
-        if self.then is not None:
-            self.then(start, results)
 
 
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],

@@ -8,7 +8,7 @@ captures, same items: ``checkpoint_keys.py``) takes those from the store
     keys of every item ──► store.load ──► found: results in place
                                    └────► missing: the core pmap, on those only
                                             └─ each accepted chunk ─► store.put
-                                               (MapJob's on_chunk hook, one
+                                               (MapJob's on_chunk, one
                                                 transaction per chunk)
     merge in input order; the report says "resumed: X of N items ..."
 
@@ -114,11 +114,11 @@ def _warn(message: str) -> None:
 class _Writer:
     """Stores accepted chunks from a thread of its own; after a failure, stops storing.
 
-    ``put`` only queues: the backend's loop that calls ``on_chunk`` must go
-    back to feeding workers at once. Measured with 400 items of 1 ms on 2
-    workers: committing in that loop made the run 40% slower (a commit is
-    0.5-2 ms on a busy disk, and the workers waited for their next chunk);
-    from this thread, a few percent. Chunks that queue up while a commit runs
+    ``put`` only queues: the thread that calls ``on_chunk`` must go back to
+    its run at once. Measured with 400 items of 1 ms on 2 workers: committing
+    in the local pool's manager loop (where ``on_chunk`` ran then) made the run
+    40% slower (a commit is 0.5-2 ms on a busy disk, and the workers waited
+    for their next chunk); from this thread, a few percent. Chunks that queue up while a commit runs
     go in the next transaction together, each as its own row (whole or absent).
     """
 
@@ -272,8 +272,8 @@ class MapCheckpoint:
 
     It keys the run and the items, takes what the store has (``todo`` gives
     the items to compute), stores each accepted chunk of the computed ones
-    (``on_chunk``, from the thread that accepts chunks: the backend's manager
-    or a Dask run's waiting thread; a ``_Writer`` thread commits), and puts the
+    (``on_chunk``, from the thread that waits on the run; a stream's from
+    the local pool's manager; a ``_Writer`` thread commits), and puts the
     whole result back together in input order (``value``).
 
     Raises ``ValueError`` when the function has no key (it does not pickle):

@@ -3,10 +3,11 @@
 ``Backend.submit(job)`` returns a :class:`Run` at once. The backend's own
 thread (the local pool's manager, see ``backends/local.py``) hands the job's
 units to workers and feeds back what they return; the thread that waits on
-the run (``wait`` / ``result``) prints the task output and moves the progress
-bar itself. That keeps printed output in the notebook cell that started the
-run (ipykernel routes output by the thread's parent message), and it keeps
-the manager from ever blocking on a slow terminal.
+the run (``wait`` / ``result``) prints the task output, moves the progress
+bar and calls the job's ``on_chunk`` itself. That keeps printed output in the
+notebook cell that started the run (ipykernel routes output by the thread's
+parent message), and it keeps the manager, which serves every run in flight,
+from ever blocking on a slow terminal or a slow callback.
 
 The handoff is a ``queue.SimpleQueue`` of events: a blocking ``get`` costs a
 few microseconds per wake-up, and Ctrl-C interrupts it in the main thread.
@@ -55,12 +56,13 @@ class Run:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._ended = threading.Event()
         self._pumped = False  # the end event was taken by a waiting thread
+        self._chunk_error = False  # on_chunk raised: the run stops with its error
         self._wait_lock = threading.Lock()  # one thread pumps the events at a time
         self._result: list | None = None
         self._progress_held = 0  # items done but not yet reported (see PROGRESS_EVERY)
         self._progress_due = time.monotonic() + PROGRESS_EVERY
-        # The job's output and progress now go through the event queue.
-        self._out, self._progress = job.redirect(self._emit_out, self._emit_progress)
+        # The job's output, progress and on_chunk calls now go through the event queue.
+        self._out, self._progress, self._chunk = job.redirect(self._emit_out, self._emit_progress, self._emit_chunk)
 
     # -- counts --------------------------------------------------------------
     @property
@@ -74,6 +76,9 @@ class Run:
     # -- called by the backend (any thread) ------------------------------------
     def _emit_out(self, stream: str, text: str) -> None:
         self._events.put(("out", stream, text))
+
+    def _emit_chunk(self, start: int, results: list) -> None:
+        self._events.put(("chunk", start, results))
 
     def _emit_progress(self, n: int) -> None:
         if self._progress is None:
@@ -127,9 +132,25 @@ class Run:
             self._out(ev[1], ev[2])
         elif kind == "progress":
             self._progress(ev[1])
+        elif kind == "chunk":
+            self._call_on_chunk(ev[1], ev[2])
         else:  # the end: the job is ours again
             self._pumped = True
-            self.job.redirect(self._out, self._progress)
+            self.job.redirect(self._out, self._progress, self._chunk)
+
+    def _call_on_chunk(self, start: int, results: list) -> None:
+        """The job's ``on_chunk``, here in the waiting thread. If it raises, the
+        run stops (as a loop calling it would) and ends with its error; it is
+        not called for the chunks that still arrive."""
+        if self._chunk_error:
+            return
+        try:
+            self._chunk(start, results)
+        except Exception as exc:
+            self._chunk_error = True
+            if self.error is None:
+                self.error = exc
+            self.cancel()
 
     def result(self, timeout: float | None = None) -> list:
         """The job's results (raising its error), once it ended; TimeoutError if not in time."""
@@ -171,7 +192,7 @@ class DrivenRun(Run):
         __tracebackhide__ = True
         with self._wait_lock:
             if not self._ended.is_set():
-                self.job.redirect(self._out, self._progress)  # print directly: we are the waiting thread
+                self.job.redirect(self._out, self._progress, self._chunk)  # directly: we are the waiting thread
                 try:
                     self._drive()
                 except KeyboardInterrupt:

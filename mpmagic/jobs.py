@@ -155,12 +155,19 @@ class MapJob:
         insights: Any = None,
         shared_memory: bool = False,
         on_chunk: Callable[[int, list], None] | None = None,
+        accepted: Callable[[int, list], None] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.func = func
-        # Called with (start index, results in order) as each chunk is accepted
-        # (checkpoint.py stores them): each position once, in arrival order.
-        self.on_chunk = on_chunk
+        # Both are called with (start index, results in order) as each chunk is
+        # accepted: each position once, in arrival order. ``accepted`` in the
+        # thread that accepts it (the local pool's manager: our own quick
+        # hooks, a stream's feed, a background handle's list). ``on_chunk``
+        # (the user's, or a checkpoint's) goes through the run's events like
+        # printed output, so it runs in the thread waiting on the run: a slow
+        # one delays only its own run, never the manager serving the others.
+        self.accepted = accepted
+        self._on_chunk = on_chunk
         # Large buffers (numpy arrays) go through shared memory: only for
         # workers on this machine (the backend says so: ``shares_memory``).
         self.shared_memory = shared_memory and shm.ENABLED
@@ -214,10 +221,15 @@ class MapJob:
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
 
-    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
-        """Send output and progress elsewhere (a run's event queue); returns the old pair."""
-        old = (self._out, self._progress)
+    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
+                 chunk: Callable[[int, list], None] | None) -> tuple:
+        """Send output, progress and ``on_chunk`` calls elsewhere (a run's event
+        queue); returns the old three. ``chunk`` replaces ``on_chunk`` only where
+        there is one (a run without it queues no chunk events)."""
+        old = (self._out, self._progress, self._on_chunk)
         self._out, self._progress = out, progress
+        if self._on_chunk is not None:
+            self._on_chunk = chunk
         return old
 
     # -- handing out work --------------------------------------------------
@@ -370,10 +382,10 @@ class MapJob:
         self.outstanding.pop(unit.id, None)
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
-            # Called with (start index, results in order) as each chunk is accepted
-            # (checkpoint.py stores them): each position once, in arrival order.
-            if self.on_chunk is not None:
-                self.on_chunk(unit.start, results)
+            if self.accepted is not None:  # (see __init__)
+                self.accepted(unit.start, results)
+            if self._on_chunk is not None:
+                self._on_chunk(unit.start, results)
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
         self.task_seconds += seconds
@@ -600,9 +612,11 @@ class CellJob:
         if self._progress:
             self._progress(1)
 
-    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None) -> tuple:
-        """Send output and progress elsewhere (a run's event queue); returns the old pair."""
-        old = (self._out, self._progress)
+    def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
+                 chunk: Callable[[int, list], None] | None) -> tuple:
+        """Send output and progress elsewhere (a run's event queue); returns the old three
+        (a cell has no chunks: ``chunk`` is not used)."""
+        old = (self._out, self._progress, None)
         self._out, self._progress = out, progress
         return old
 

@@ -94,7 +94,7 @@ class StreamJob(MapJob):
     """A MapJob whose results go to a :class:`Feed` instead of a list."""
 
     def __init__(self, *args: Any, feed: Feed, **kwargs: Any) -> None:
-        kwargs["on_chunk"] = feed.put
+        kwargs["accepted"] = feed.put  # in the manager thread: the feed's count holds the workers back at once
         super().__init__(*args, **kwargs)
         self.feed = feed
         self._in_order = _Count()  # type: ignore[assignment]

@@ -367,13 +367,23 @@ def test_event_and_unsupported_helpers(dask_pool):
         mpmagic.Array("d", 4)
 
 
-def test_a_run_started_from_on_chunk_works_on_dask(ip, dask_pool):
-    """On Dask on_chunk runs in the calling thread (the local pool's runs it in
-    its manager thread and refuses a run there: test_engine): a run started
-    from it gives serial map's results."""
+def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
+    """On Dask, as on the local pool (test_engine), on_chunk runs in the
+    calling thread: a run started from it gives serial map's results; one
+    that raises stops its run with that error and is not called again."""
     run(ip, "def sq(x):\n    return x * x\n")
     sq = ip.user_ns["sq"]
     inner = []
     outer = mpmagic.pmap(sq, range(4), on_chunk=lambda start, results: inner.append(mpmagic.pmap(sq, [1, 2])))
     assert outer == list(map(sq, range(4)))
     assert inner and all(r == list(map(sq, [1, 2])) for r in inner)
+    calls = []
+
+    def bad(start, results):
+        calls.append(start)
+        raise ValueError(f"bad chunk at {start}")
+
+    with pytest.raises(ValueError, match=r"bad chunk at \d+"):
+        mpmagic.pmap(sq, range(12), chunksize=1, on_chunk=bad)
+    assert len(calls) == 1
+    assert mpmagic.pmap(sq, range(3)) == [0, 1, 4]

@@ -319,20 +319,88 @@ def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool
     assert mpmagic.pmap(func, [5, 6]) == [25, 36]
 
 
-def test_a_run_started_from_on_chunk_is_an_error_not_a_hang(ip, local_pool):
-    """on_chunk runs in the pool's manager thread; a pmap there would wait on
-    that very thread for ever. It is a UsageError that says so, and the outer
-    run fails with it (serial code has no such callback: nothing to match)."""
+def test_on_chunk_runs_in_the_calling_thread_and_a_run_may_start_from_it(ip, local_pool):
+    """on_chunk runs in the thread that waits on the run, not in the pool's
+    manager: a pmap started from it works (as on Dask), and every chunk is
+    given once, in input positions, with serial map's values."""
     run(ip, "def sq(x):\n    return x * x\n")
     sq = ip.user_ns["sq"]
-    seen = []
+    seen: dict[int, list] = {}
+    threads = set()
 
     def nested(start, results):
-        seen.append(start)
-        mpmagic.pmap(sq, [1, 2])
+        threads.add(threading.current_thread())
+        seen[start] = list(results)
+        assert mpmagic.pmap(sq, [start, start + 1]) == [start * start, (start + 1) ** 2]
 
-    t0 = time.monotonic()
-    with pytest.raises(mpmagic.UsageError, match="on_chunk callback"):
-        mpmagic.pmap(sq, range(4), on_chunk=nested)
-    assert seen and time.monotonic() - t0 < HANG
-    assert mpmagic.pmap(sq, range(4)) == [0, 1, 4, 9]  # the pool is fine
+    assert mpmagic.pmap(sq, range(8), chunksize=2, on_chunk=nested) == list(map(sq, range(8)))
+    assert threads == {threading.current_thread()}
+    assert sorted(seen) == [0, 2, 4, 6]
+    assert [r for k in sorted(seen) for r in seen[k]] == list(map(sq, range(8)))
+
+
+def test_a_slow_on_chunk_holds_back_only_its_own_run(ip, local_pool):
+    """While one thread's on_chunk waits, another thread's run still completes:
+    the callback does not hold the manager that serves both. (In the manager
+    thread it did: the other run could not end, and this callback waited in vain.)"""
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    entered, other_done = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    got: dict[str, list] = {}
+
+    def wait_for_other(start, results):
+        if not waited:
+            entered.set()
+            waited.append(other_done.wait(HANG))
+
+    def first():
+        got["first"] = mpmagic.pmap(sq, range(4), chunksize=1, on_chunk=wait_for_other)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert entered.wait(HANG)
+    assert mpmagic.pmap(sq, [1, 2, 3]) == [1, 4, 9]  # while the first run's callback waits
+    other_done.set()
+    t.join(HANG)
+    assert waited == [True] and got["first"] == [0, 1, 4, 9]
+
+
+def test_an_on_chunk_that_raises_stops_its_run_with_that_error_only(ip, local_pool):
+    """As a loop calling it would: the run stops, pmap raises the callback's
+    error, the callback is not called again, and another thread's run and
+    the pool go on."""
+    run(ip, "def sq(x):\n    return x * x\n\ndef nap(x):\n    import time; time.sleep(0.02)\n    return x\n")
+    sq, nap = ip.user_ns["sq"], ip.user_ns["nap"]
+    calls = []
+
+    def bad(start, results):
+        calls.append(start)
+        raise ValueError(f"bad chunk at {start}")
+
+    got: dict[str, list] = {}
+    other = threading.Thread(target=lambda: got.setdefault("r", mpmagic.pmap(nap, range(20), chunksize=1)))
+    other.start()
+    with pytest.raises(ValueError, match=r"bad chunk at \d+"):
+        mpmagic.pmap(sq, range(40), chunksize=1, on_chunk=bad)
+    other.join(HANG)
+    assert len(calls) == 1
+    assert got["r"] == list(range(20))
+    assert mpmagic.pmap(sq, range(4)) == [0, 1, 4, 9]
+
+
+def test_a_run_submitted_from_the_manager_thread_is_an_error_not_a_hang(ip, local_pool):
+    """Only our own quick hooks (a job's ``accepted``) run in the manager thread; a
+    run submitted from there would wait on that very thread: a UsageError."""
+    errors: list[BaseException] = []
+
+    def accepted(start, results):
+        try:
+            local_pool.submit(MapJob(abs, [1], 1, False, 1))
+        except BaseException as exc:
+            errors.append(exc)
+
+    job = MapJob(abs, [-1, -2], 2, False, 2, accepted=accepted)
+    assert local_pool.submit(job).result(HANG) == [1, 2]
+    assert errors and all(isinstance(e, mpmagic.UsageError) for e in errors)
+    assert "manager thread" in str(errors[0])

@@ -641,9 +641,8 @@ class LocalBackend:
         """
         if threading.current_thread() is self._manager:
             raise UsageError(
-                "a parallel run cannot start from an on_chunk callback: the callback runs in the pool's "
-                "manager thread, which the new run would wait on. Keep what on_chunk gets and start "
-                "the run after this one, or start it from another thread"
+                "a parallel run cannot start in the pool's manager thread (from a hook the pool calls "
+                "there), which the new run would wait on: start it from another thread"
             )
         limit = None
         if isinstance(job, CellJob):
