@@ -196,7 +196,7 @@ def pmap(
     n_items = _length(iterables)
     bar = Progress(n_items, "pmap", "item", progress_delay, enabled=progress)
     call = map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
-                    retries=retries, insights=insights, progress=bar.update, on_chunk=on_chunk)
+                    retries=retries, insights=insights, progress=bar.update if progress else None, on_chunk=on_chunk)
     job, star_mode = call.job, call.star
     t0 = time.perf_counter()
     debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)

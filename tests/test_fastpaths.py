@@ -268,3 +268,23 @@ def test_a_slow_first_probe_does_not_outweigh_the_big_chunks_after_it():
     assert planner.per_item is not None and planner.per_item < 0.2e-6  # tiny items: well under 2 us
     planner.record(100, 100 * 1e-3)  # and a change of speed shows at once
     assert planner.per_item > 1e-5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_resident_size_in_a_forked_child_is_the_childs_own():
+    """``rss.resident_bytes`` keeps /proc/self/statm open; a forked child (a task
+    may fork) must read its own, not the parent's file: 100 MB touched in the
+    child show in what it reads."""
+    from mpmagic.rss import resident_bytes
+
+    before = resident_bytes()
+    assert before is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if it saw its own growth
+        start = resident_bytes() or 0
+        block = bytearray(100 << 20)
+        block[::4096] = b"\1" * len(block[::4096])
+        grown = (resident_bytes() or 0) - start
+        os._exit(0 if grown >= 80 << 20 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
