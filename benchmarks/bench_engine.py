@@ -10,7 +10,8 @@ threads alone costs, the runs timed from the threads' release, the same calls
 one after another, and Pool(fork) doing the same against its own one call;
 (b) fairness: while a
 background thread's run keeps both workers busy with 0.1 s items, the time a
-2-item pmap from the main thread takes (median of 20); (c) the notebook
+2-item pmap from the main thread takes (median of 20), and the same beside a
+run whose on_chunk callback takes 0.1 s per chunk; (c) the notebook
 process's CPU time per tiny item (the ceiling with many workers). Functions
 are defined in an IPython shell as in a notebook. Figures are medians; print
 is markdown for docs/performance.md.
@@ -153,6 +154,22 @@ def main() -> None:
     background.join()
     fair = statistics.median(waits)
     rows.append(("(b) 2-item map beside a busy run", fair, None, f"median of {len(waits)} (target <= 0.25 s), max {fmt_t(max(waits))}"))
+
+    # (b) with a slow callback: another thread's run whose on_chunk takes 0.1 s
+    # per chunk (it runs in that thread: it must not hold the pool's manager)
+    slow = threading.Thread(target=mpmagic.pmap, args=(sq, range(30)),
+                            kwargs={"chunksize": 1, "on_chunk": lambda start, results: time.sleep(0.1)})
+    slow.start()
+    time.sleep(0.2)
+    waits = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        mpmagic.pmap(sq, [1, 2])
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    slow.join()
+    rows.append(("(b) 2-item map beside a run whose on_chunk takes 0.1 s", statistics.median(waits), None,
+                 f"median of {len(waits)}, max {fmt_t(max(waits))}"))
 
     # (c) the notebook process's CPU per tiny item
     n = 200_000

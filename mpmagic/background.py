@@ -430,7 +430,7 @@ class Run:
 
 def _stop_driven(job: Any) -> None:
     """End a driven (Dask) map run from another thread: its loop stops once the job is finished."""
-    if getattr(job, "kind", None) == "map" and job.failure is None:
+    if job.kind == "map" and job.failure is None:
         job.failure = CancelledError("cancelled")
 
 

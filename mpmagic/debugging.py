@@ -216,24 +216,11 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
         failures.append(info_of(job.failure, index=job.failure_index))
-        full = _partial_results(job)
+        full = job.results_so_far(MISSING)
     _last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
-        options=options, results=full, inputs=getattr(job, "_seq", None) if failures else None,
+        options=options, results=full, inputs=job.inputs if failures else None,
     )
-
-
-def _partial_results(job: Any) -> list | None:
-    """The results a failed (errors="raise") run did get, in place, gaps MISSING."""
-    seq = getattr(job, "_seq", None)
-    if seq is None:
-        return None
-    full = [MISSING] * len(seq)
-    done = list(getattr(job, "_in_order", []))
-    full[: len(done)] = done
-    for start, chunk in getattr(job, "_results", {}).items():
-        full[start : start + len(chunk)] = chunk
-    return full
 
 
 def last_run() -> LastRun | None:

@@ -553,6 +553,22 @@ class MapJob:
         if text:
             self._out(stream, text)
 
+    @property
+    def inputs(self) -> Sequence | None:
+        """The items, when the input was a list or tuple (``%pdebug`` shows them); else None."""
+        return self._seq
+
+    def results_so_far(self, missing: Any) -> list | None:
+        """The results a failed run did get, in input places, ``missing`` in the gaps
+        (``%pdebug``); None for an input read lazily (its length is unknown)."""
+        if self._seq is None:
+            return None
+        full = [missing] * len(self._seq)
+        full[: len(self._in_order)] = self._in_order
+        for start, chunk in self._results.items():
+            full[start : start + len(chunk)] = chunk
+        return full
+
     def results(self) -> list:
         __tracebackhide__ = True
         if self.failure is not None:

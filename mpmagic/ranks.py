@@ -39,7 +39,7 @@ def reset() -> None:
 
 def check(backend: Any, size: int, reset_first: bool) -> dict[int, int]:
     """The pins (rank -> worker id) of a ``--keep`` cell of ``size`` ranks; raise if a kept rank is gone."""
-    if getattr(backend, "name", None) != "local":
+    if backend.name != "local":
         raise UsageError("--keep needs the local pool (%pool local): a Dask task has no worker of its own to keep state in")
     if reset_first:
         reset()
@@ -58,7 +58,7 @@ def check(backend: Any, size: int, reset_first: bool) -> dict[int, int]:
             f"the kept ranks are {_size} (-n {_size}); run this cell with -n {_size}, "
             "or add --reset to start new ranks"
         )
-    key = getattr(backend, "_setup_key", None)
+    key = backend.pool_key
     live = {(key, s.wid): s for s in backend.slots if s.proc.is_alive()}
     for rank, (pool_key, wid, pid) in sorted(_kept.items()):
         if (pool_key, wid) not in live:
@@ -73,7 +73,7 @@ def check(backend: Any, size: int, reset_first: bool) -> dict[int, int]:
 def record(backend: Any, size: int, placed: dict[int, int]) -> None:
     """After a ``--keep`` cell: which worker holds each rank."""
     global _size
-    key = getattr(backend, "_setup_key", None)
+    key = backend.pool_key
     pids = {s.wid: s.pid for s in backend.slots}
     for rank, wid in placed.items():
         _kept[rank] = (key, wid, pids.get(wid))

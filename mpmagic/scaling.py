@@ -143,9 +143,7 @@ def _warm_up() -> None:
     """Start the pool before timing, so the first point does not pay for it."""
     from .pool import get_pool
 
-    backend = get_pool()
-    if hasattr(backend, "wait_ready"):
-        backend.wait_ready()
+    get_pool().wait_ready()
 
 
 def _point(workers: int, wall: float, serial: float) -> ScalingPoint:

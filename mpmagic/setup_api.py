@@ -40,7 +40,7 @@ def apply_now() -> list[str]:
     not running yet gets the setup when its workers start.
     """
     backend = pool.current_pool()
-    if backend is None or not getattr(backend, "running", False):
+    if backend is None or not backend.running:
         return []
     return run_everywhere()
 

@@ -46,6 +46,24 @@ def test_backends_and_jobs_keep_the_written_contracts():
     assert isinstance(CellJob(b"", 2), Job)
 
 
+def test_no_code_probes_a_backend_or_a_job_for_a_member():
+    """The Backend and Job protocols say what every backend and job has: no
+    ``hasattr(backend, ...)`` / ``getattr(job, ..., default)`` in the code
+    that uses them (``job`` and ``backend`` named as such, or ``self.backend``)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(mpmagic.__file__).parent
+    probes = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
+                target = ast.unparse(node.args[0]) if node.args else ""
+                if target.split(".")[-1] in ("backend", "job", "_backend", "_job"):
+                    probes.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert probes == []
+
+
 def test_submit_returns_a_handle_at_once_and_its_result_is_serials(ip, local_pool):
     run(ip, "def slow_square(x):\n    import time; time.sleep(0.05)\n    return x * x\n")
     func = ip.user_ns["slow_square"]

@@ -55,6 +55,7 @@ from .. import worker_setup
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError
+from ..jobs import MapJob
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
@@ -569,6 +570,11 @@ def _cap(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+def _func_name(job: MapJob) -> str:
+    """What a map's run is called (``%pool runs``): its function's name, or its type's (a partial)."""
+    return getattr(job.func, "__name__", type(job.func).__name__)
+
+
 class _DaskRun:
     """The wait loop of one job on Dask (the counterpart of LocalBackend._loop).
 
@@ -593,7 +599,7 @@ class _DaskRun:
         self.killed: set[int] = set()  # units already resent once after a KilledWorker
         self.quarantine: deque[Any] = deque()  # such units, waiting to run alone
         self.solo = False  # a quarantined unit is running: nothing else is sent
-        self.name = getattr(getattr(job, "func", None), "__name__", "cell") if job.kind == "map" else "cell"
+        self.name = _func_name(job) if isinstance(job, MapJob) else "cell"
         self._last_check = self._last_sweep = time.monotonic()
 
     # -- the loop ----------------------------------------------------------

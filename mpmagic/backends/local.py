@@ -59,6 +59,7 @@ from ..protocol import (
     pack,
     unpack,
 )
+from ..ranks import KeptCellJob
 from .base import Job
 from .pipes import Receiver, Sender
 
@@ -330,7 +331,8 @@ class LocalBackend:
         self._startup_failures = 0
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
-        self._setup_key = next(_setup_keys)  # worker setup: tells this pool's worker 0 from another's
+        # Tells this pool's worker 0 from another pool's (worker setup, kept ranks).
+        self.pool_key = next(_setup_keys)
         _live_backends.add(self)
 
     # -- lifecycle ---------------------------------------------------------
@@ -387,7 +389,7 @@ class LocalBackend:
         self._next_wid += 1
         # worker setup (worker_setup.py): thread caps and GPU, applied before it imports anything
         init = worker_setup.start_info(
-            (self._setup_key, wid), max(self.workers, len(self.slots) + 1), [(self._setup_key, s.wid) for s in self.slots]
+            (self.pool_key, wid), max(self.workers, len(self.slots) + 1), [(self.pool_key, s.wid) for s in self.slots]
         )
         proc = self.ctx.Process(
             target=worker.main,
@@ -553,7 +555,7 @@ class LocalBackend:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                keys = [(self._setup_key, s.wid) for s in self.slots]  # a worker that died was replaced
+                keys = [(self.pool_key, s.wid) for s in self.slots]  # a worker that died was replaced
                 left = deadline - time.monotonic()
                 if worker_setup.done_on(keys) or left <= 0 or not self.slots:
                     return worker_setup.failures(keys)
@@ -580,7 +582,7 @@ class LocalBackend:
 
     def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
         """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
-        line = worker_setup.record((self._setup_key, slot.wid), msg)
+        line = worker_setup.record((self.pool_key, slot.wid), msg)
         if line:
             if self._runs:
                 self._runs[0]._emit_out("stderr", line)
@@ -611,8 +613,8 @@ class LocalBackend:
                     "busy": s.busy,
                     "tasks": s.tasks,
                     "rss": rss,
-                    "setup": worker_setup.worker_state((self._setup_key, s.wid)),  # worker setup
-                    "gpu": worker_setup.gpu_of((self._setup_key, s.wid)),
+                    "setup": worker_setup.worker_state((self.pool_key, s.wid)),  # worker setup
+                    "gpu": worker_setup.gpu_of((self.pool_key, s.wid)),
                 }
             )
         return {
@@ -1011,7 +1013,7 @@ class LocalBackend:
     def _assign_ranks(self, run: _LocalRun) -> None:
         idle = [s for s in self.slots if not s.inflight and not s.retiring and not s.broken and not self._saturated(s)]
         job = run.job
-        if hasattr(job, "next_unit_for"):  # %%parallel --keep (ranks.py): rank r only on its worker
+        if isinstance(job, KeptCellJob):  # %%parallel --keep (ranks.py): rank r only on its worker
             self._assign_kept_ranks(run, [s for s in idle if not s.temporary])
             return
         missing = len(job._pending) - len(idle)
