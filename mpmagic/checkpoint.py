@@ -209,8 +209,8 @@ class _Plan:
         self.missing: list[int] = []  # input indices sent to the core pmap, in order
         self.unstable: str | None = None  # first reason an item's key may not repeat
         # Who hears of stored items (a background run's as_completed, a stream,
-        # the user's on_chunk): a lazy input's batches are planned in the
-        # manager thread while a listener may be joining from the notebook's.
+        # the user's on_chunk): a lazy input's batches are planned in the thread
+        # that reads the input while a listener may be joining from another.
         self._listeners: list[Callable[[int, list], None]] = []
         self._lock = threading.Lock()
 

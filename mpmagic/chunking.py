@@ -52,12 +52,13 @@ class ChunkPlanner:
 
     def next_size(self) -> int:
         """Size of the next chunk to send (at least 1)."""
-        if self.fixed:
-            size = self.fixed
-        else:
-            size = self._adaptive()
+        size = self.size_hint()
         self.sizes_used.add(size)
         return size
+
+    def size_hint(self) -> int:
+        """What ``next_size`` would say now, without counting it as used."""
+        return self.fixed or self._adaptive()
 
     def _adaptive(self) -> int:
         remaining = None if self.n_items is None else max(1, self.n_items - self.sent)

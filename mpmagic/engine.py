@@ -61,8 +61,11 @@ class Run:
         self._result: list | None = None
         self._progress_held = 0  # items done but not yet reported (see PROGRESS_EVERY)
         self._progress_due = time.monotonic() + PROGRESS_EVERY
-        # The job's output, progress and on_chunk calls now go through the event queue.
-        self._out, self._progress, self._chunk = job.redirect(self._emit_out, self._emit_progress, self._emit_chunk)
+        # The job's output, progress, on_chunk calls and requests to read more of
+        # a lazy input (jobs.MapJob.read_input) now go through the event queue.
+        self._out, self._progress, self._chunk, self._ask_input = job.redirect(
+            self._emit_out, self._emit_progress, self._emit_chunk, self._emit_input
+        )
 
     # -- counts --------------------------------------------------------------
     @property
@@ -76,6 +79,9 @@ class Run:
     # -- called by the backend (any thread) ------------------------------------
     def _emit_out(self, stream: str, text: str) -> None:
         self._events.put(("out", stream, text))
+
+    def _emit_input(self) -> None:
+        self._events.put(("input",))
 
     def _emit_chunk(self, start: int, results: list) -> None:
         self._events.put(("chunk", start, results))
@@ -134,9 +140,11 @@ class Run:
             self._progress(ev[1])
         elif kind == "chunk":
             self._call_on_chunk(ev[1], ev[2])
+        elif kind == "input":  # read more of a lazy input here, as serial map would, saying so after each chunk
+            self.job.read_input(each=self.nudge)
         else:  # the end: the job is ours again
             self._pumped = True
-            self.job.redirect(self._out, self._progress, self._chunk)
+            self.job.redirect(self._out, self._progress, self._chunk, self._ask_input)
 
     def _call_on_chunk(self, start: int, results: list) -> None:
         """The job's ``on_chunk``, here in the waiting thread. If it raises, the
@@ -192,7 +200,8 @@ class DrivenRun(Run):
         __tracebackhide__ = True
         with self._wait_lock:
             if not self._ended.is_set():
-                self.job.redirect(self._out, self._progress, self._chunk)  # directly: we are the waiting thread
+                # Directly: this is the waiting thread (it reads a lazy input itself, too).
+                self.job.redirect(self._out, self._progress, self._chunk, None)
                 try:
                     self._drive()
                 except KeyboardInterrupt:

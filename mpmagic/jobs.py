@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -182,10 +183,30 @@ class MapJob:
         self.planner = ChunkPlanner(
             n_items, workers, 1 if timeout and not chunksize else chunksize, key=self.func_key
         )
-        # A list or tuple is sliced; anything else is consumed lazily, chunk by chunk.
-        # (exact types: a subclass's iteration may differ from its slices)
-        self._seq: Sequence | None = cast(Sequence, items) if type(items) in (list, tuple) else None
+        # A list, tuple or range is sliced; anything else is read lazily, a few
+        # chunks ahead. (Exact types: a subclass's iteration may differ from its slices.)
+        self._seq: Sequence | None = cast(Sequence, items) if type(items) in (list, tuple, range) else None
         self._iter: Iterator | None = iter(items) if self._seq is None else None
+        # A lazy input runs the user's code (a generator, a database cursor), so
+        # it is read where serial map would read it: in the thread that submits
+        # and waits on the run, never in the local pool's manager (where a slow
+        # generator held back every run, one over a sqlite cursor failed with
+        # "objects created in a thread can only be used in that same thread",
+        # and one that started a pmap itself waited for ever). The manager takes
+        # chunks from what was read (``_read``, batches as read, ``_read_off`` into
+        # the first) and asks the waiting thread for more (``_ask_input``, set by
+        # the run: ``redirect``); with nobody to ask (a driven Dask run, whose
+        # loop is the waiting thread) ``next_unit`` reads itself.
+        self._read: deque[list] = deque()
+        self._read_off = 0
+        self._read_count = 0  # items read and not yet in a unit
+        self._read_lock = threading.Lock()  # batches: appended by the reader, taken by the manager
+        self._input_done = False  # the iterator ended, or raised (``_input_error``)
+        self._input_error: Exception | None = None
+        self._input_asked = False  # a read was asked and is not done yet
+        self._input_want = 0  # how many items that read should bring
+        self._input_piece = 0  # ...in pieces of this many (the chunk size when asked)
+        self._ask_input: Callable[[], None] | None = None
         self._next_id = 0
         self._next_start = 0
         self._requeued: deque[Unit] = deque()
@@ -222,15 +243,96 @@ class MapJob:
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
-                 chunk: Callable[[int, list], None] | None) -> tuple:
-        """Send output, progress and ``on_chunk`` calls elsewhere (a run's event
-        queue); returns the old three. ``chunk`` replaces ``on_chunk`` only where
-        there is one (a run without it queues no chunk events)."""
-        old = (self._out, self._progress, self._on_chunk)
-        self._out, self._progress = out, progress
+                 chunk: Callable[[int, list], None] | None, ask_input: Callable[[], None] | None) -> tuple:
+        """Send output, progress, ``on_chunk`` calls and requests to read more of a
+        lazy input elsewhere (a run's event queue); returns the old four.
+        ``chunk`` replaces ``on_chunk`` only where there is one (a run without
+        it queues no chunk events); ``ask_input`` None: ``next_unit`` reads itself."""
+        old = (self._out, self._progress, self._on_chunk, self._ask_input)
+        self._out, self._progress, self._ask_input = out, progress, ask_input
         if self._on_chunk is not None:
             self._on_chunk = chunk
         return old
+
+    # -- reading a lazy input (the waiting thread) ----------------------------
+    def prefill(self) -> None:
+        """Read the first chunks of a lazy input here, in the submitting thread,
+        before the backend takes its lock (the input's code may do anything,
+        start a run too), so that the submit's own step has units to send."""
+        if self._iter is not None and not self._read_count and not self._input_done:
+            self.read_input(self.planner.size_hint() * self.planner.workers * 2)
+
+    def read_input(self, n: int | None = None, each: Callable[[], None] | None = None) -> None:
+        """Read up to ``n`` more items (default: what the manager last asked for),
+        a chunk's worth at a time, calling ``each()`` after each (the run wakes
+        its backend, which sends that chunk while the next is read: reading
+        all before any went out left the workers idle meanwhile).
+
+        An exception of the input is kept and raised by ``next_unit`` once the
+        items before it went out (as the run's error, like serial map's);
+        KeyboardInterrupt is not caught: Ctrl-C here is the waiting thread's.
+        """
+        want = max(1, self._input_want if n is None else n)
+        piece = max(1, min(want, self._input_piece or want))
+        while want > 0 and self._iter is not None and not self._input_done:
+            error: Exception | None = None
+            size = min(piece, want)
+            try:
+                batch = list(itertools.islice(self._iter, size))
+            except Exception as exc:
+                batch, error = [], exc
+            want -= size
+            with self._read_lock:  # (the end is known together with the last batch: never one without the other)
+                if batch:
+                    self._read.append(batch)
+                    self._read_count += len(batch)
+                if error is not None or len(batch) < size:
+                    self._input_error, self._input_done = error, True
+                if want <= 0 or self._input_done:
+                    self._input_asked = False
+            if each is not None:
+                each()
+        self._input_asked = False
+
+    def _take_read(self, n: int) -> list:
+        """Up to ``n`` of the items read, in input order."""
+        out: list = []
+        with self._read_lock:
+            while len(out) < n and self._read:
+                batch, off = self._read[0], self._read_off
+                need = n - len(out)
+                if len(batch) - off <= need:
+                    out.extend(batch[off:] if off else batch)
+                    self._read.popleft()
+                    self._read_off = 0
+                else:
+                    out.extend(batch[off : off + need])
+                    self._read_off = off + need
+            self._read_count -= len(out)
+        return out
+
+    def _lazy_items(self, size: int) -> list | None:
+        """The next chunk of a lazy input, or None when it must wait for a read."""
+        if self._read_count < size and not self._input_done and self._ask_input is None:
+            self.read_input(size - self._read_count)  # nobody to ask: this is the reading thread
+        if not self._read_count and not self._input_done:
+            self._ask_for_input(size)
+            return None
+        items = self._take_read(size)
+        if not items and self._input_error is not None:
+            self.exhausted = True
+            error, self._input_error = self._input_error, None
+            raise error
+        if not self._input_done and self._read_count < size * self.planner.workers:
+            self._ask_for_input(size)  # read ahead: the next round of chunks is ready when asked for
+        return items
+
+    def _ask_for_input(self, size: int) -> None:
+        if self._input_asked or self._ask_input is None:
+            return
+        self._input_asked = True
+        self._input_want, self._input_piece = size * self.planner.workers * 2, size
+        self._ask_input()
 
     # -- handing out work --------------------------------------------------
     @property
@@ -253,7 +355,10 @@ class MapJob:
         first = self._first_error()
         if first is not None:  # after an error only earlier items still go out
             return any(u.start < first for u in self._requeued)
-        return bool(self._requeued) or not self.exhausted
+        if self._requeued:
+            return True
+        # (a lazy input with nothing read and a read asked: the reader wakes the backend)
+        return not self.exhausted and not (self._iter is not None and not self._read_count and self._input_asked)
 
     def next_unit(self) -> Unit | None:
         if self.failure is not None:
@@ -274,12 +379,16 @@ class MapJob:
             size = self.planner.next_size()
             if self._seq is not None:
                 chunk = self._seq[self._next_start : self._next_start + size]
-                items: list = chunk if isinstance(chunk, list) else list(chunk)  # (a tuple's slice)
+                items: list = chunk if isinstance(chunk, list) else list(chunk)  # (a tuple's or range's slice)
+                if self._next_start + size >= len(self._seq):
+                    self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             else:
-                assert self._iter is not None  # (one of _seq and _iter is set, in __init__)
-                items = list(itertools.islice(self._iter, size))
-            if len(items) < size or (self._seq is not None and self._next_start + size >= len(self._seq)):
-                self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
+                lazy = self._lazy_items(size)
+                if lazy is None:
+                    return None  # (asked the waiting thread to read more)
+                items = lazy
+                if self._input_done and not self._read_count and self._input_error is None:
+                    self.exhausted = True
             if not items:
                 return None
             lease = shm.Lease() if self.shared_memory else None
@@ -629,10 +738,10 @@ class CellJob:
             self._progress(1)
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
-                 chunk: Callable[[int, list], None] | None) -> tuple:
-        """Send output and progress elsewhere (a run's event queue); returns the old three
-        (a cell has no chunks: ``chunk`` is not used)."""
-        old = (self._out, self._progress, None)
+                 chunk: Callable[[int, list], None] | None, ask_input: Callable[[], None] | None) -> tuple:
+        """Send output and progress elsewhere (a run's event queue); returns the old four
+        (a cell has no chunks and no lazy input: ``chunk`` and ``ask_input`` are not used)."""
+        old = (self._out, self._progress, None, None)
         self._out, self._progress = out, progress
         return old
 

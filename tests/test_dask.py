@@ -387,3 +387,30 @@ def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
         mpmagic.pmap(sq, range(12), chunksize=1, on_chunk=bad)
     assert len(calls) == 1
     assert mpmagic.pmap(sq, range(3)) == [0, 1, 4]
+
+
+def test_lazy_inputs_on_dask_as_on_the_local_pool(ip, dask_pool):
+    """As on the local pool (test_engine): a generator over a thread-bound sqlite
+    cursor, and one that starts runs itself, give serial map's results."""
+    import sqlite3
+
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("create table t(x)")
+        db.executemany("insert into t values (?)", [(i,) for i in range(500)])
+
+        def rows():
+            for (x,) in db.execute("select x from t order by x"):
+                yield x
+
+        assert mpmagic.pmap(sq, rows()) == list(map(sq, rows()))
+    finally:
+        db.close()
+
+    def sums(inner):
+        for i in range(6):
+            yield sum(inner(sq, [i, i + 1]))
+
+    assert mpmagic.pmap(sq, sums(mpmagic.pmap), chunksize=2) == list(map(sq, sums(map)))

@@ -234,15 +234,15 @@ def test_no_segment_is_left_after_a_cancelled_run(ip, local_pool, no_segment_kep
 
 
 def test_runs_whose_iterators_run_out_together_all_end(ip, local_pool):
-    """An input that is iterated (a range) ends only when a chunk comes up empty; with many
-    runs at once, a worker whose run's input just ran out goes to the next run."""
+    """An input that is iterated (an iterator) ends only when a read comes up short; with
+    many runs at once, a worker whose run's input just ran out goes to the next run."""
     run(ip, "def inc(x):\n    return x + 1\n")
     inc = ip.user_ns["inc"]
     results: dict[tuple[int, int], bool] = {}
 
     def client(k: int) -> None:
         for i in range(4):
-            results[k, i] = mpmagic.pmap(inc, range(1000)) == list(range(1, 1001))
+            results[k, i] = mpmagic.pmap(inc, iter(range(1000))) == list(range(1, 1001))
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
     for t in threads:
@@ -335,6 +335,97 @@ def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool
     assert time.monotonic() - t0 < HANG
     assert not any(r.job is job for r in local_pool._runs)
     assert mpmagic.pmap(func, [5, 6]) == [25, 36]
+
+
+# -- a lazy input is read by the thread that waits on the run, as serial map reads it --
+
+
+def test_a_generator_over_a_thread_bound_cursor_gives_serials_results(ip, local_pool):
+    """A sqlite3 connection may only be used in the thread that made it: a
+    generator over its cursor works in serial map, so it must here (read in
+    the pool's manager thread it raised ProgrammingError)."""
+    import sqlite3
+
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("create table t(x)")
+        db.executemany("insert into t values (?)", [(i,) for i in range(3000)])
+
+        def rows():
+            for (x,) in db.execute("select x from t order by x"):
+                yield x
+
+        assert mpmagic.pmap(sq, rows()) == list(map(sq, rows()))
+    finally:
+        db.close()
+
+
+def test_a_generator_input_may_start_runs_itself(ip, local_pool):
+    """Serial map runs a generator that calls pmap; read under the pool's lock or
+    in its manager, the inner run waited for ever on the outer one."""
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+
+    def sums(inner):
+        for i in range(12):
+            yield sum(inner(sq, [i, i + 1]))
+
+    assert mpmagic.pmap(sq, sums(mpmagic.pmap), chunksize=2) == list(map(sq, sums(map)))
+
+
+def test_a_slow_input_holds_back_only_its_own_run(ip, local_pool):
+    """While one thread's generator waits, another thread's run still completes
+    (read by the manager, the generator held it and every run it serves)."""
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    entered, other_done = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    got: dict[str, list] = {}
+
+    def items():
+        yield from range(3)
+        entered.set()
+        waited.append(other_done.wait(HANG))
+        yield from range(3, 10)
+
+    def first():
+        got["first"] = mpmagic.pmap(sq, items(), chunksize=1)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert entered.wait(HANG)
+    assert mpmagic.pmap(sq, [1, 2, 3]) == [1, 4, 9]  # while the first run's input waits
+    other_done.set()
+    t.join(HANG)
+    assert waited == [True] and got["first"] == list(map(sq, range(10)))
+
+
+def test_ctrl_c_while_the_input_is_read_cancels_the_run(ip, local_pool):
+    """The input is read in the waiting (here: the main) thread, so Ctrl-C
+    lands in its code, as in serial map; the run is cancelled, the pool serves
+    the next call."""
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    reading = threading.Event()
+
+    def items():
+        yield from range(4)
+        reading.set()
+        time.sleep(HANG)
+        yield 4
+
+    def interrupt():
+        if reading.wait(HANG):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        mpmagic.pmap(sq, items(), chunksize=1)
+    assert time.monotonic() - t0 < HANG
+    assert mpmagic.pmap(sq, range(4)) == [0, 1, 4, 9]
 
 
 def test_on_chunk_runs_in_the_calling_thread_and_a_run_may_start_from_it(ip, local_pool):

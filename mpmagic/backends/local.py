@@ -658,6 +658,8 @@ class LocalBackend:
         if isinstance(job, MapJob):  # warm: modules the function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
         self.start(wake=False)  # (woken below, once)
+        if isinstance(job, MapJob):
+            job.prefill()  # a lazy input's first chunks, read here before the lock (jobs.MapJob.read_input)
         run = _LocalRun(self, job, limit)
         interrupt: KeyboardInterrupt | None = None
         with self._lock:
