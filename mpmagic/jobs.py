@@ -260,7 +260,8 @@ class MapJob:
         before the backend takes its lock (the input's code may do anything,
         start a run too), so that the submit's own step has units to send."""
         if self._iter is not None and not self._read_count and not self._input_done:
-            self.read_input(self.planner.size_hint() * self.planner.workers * 2)
+            # One chunk: the step sends it, and a worker computes it while the next is read.
+            self.read_input(self.planner.size_hint())
 
     def read_input(self, n: int | None = None, each: Callable[[], None] | None = None) -> None:
         """Read up to ``n`` more items (default: what the manager last asked for),
@@ -323,15 +324,15 @@ class MapJob:
             self.exhausted = True
             error, self._input_error = self._input_error, None
             raise error
-        if not self._input_done and self._read_count < size * self.planner.workers:
-            self._ask_for_input(size)  # read ahead: the next round of chunks is ready when asked for
+        if not self._input_done and self._read_count < size:
+            self._ask_for_input(size)  # one chunk read ahead: ready when the next worker is free
         return items
 
     def _ask_for_input(self, size: int) -> None:
         if self._input_asked or self._ask_input is None:
             return
         self._input_asked = True
-        self._input_want, self._input_piece = size * self.planner.workers * 2, size
+        self._input_want = self._input_piece = size  # (an input is read about as far ahead as serial map would)
         self._ask_input()
 
     # -- handing out work --------------------------------------------------
