@@ -11,7 +11,8 @@ one after another, and Pool(fork) doing the same against its own one call;
 (b) fairness: while a
 background thread's run keeps both workers busy with 0.1 s items, the time a
 2-item pmap from the main thread takes (median of 20), and the same beside a
-run whose on_chunk callback takes 0.1 s per chunk; (c) the notebook
+run whose on_chunk callback takes 0.1 s per chunk, and beside one whose input
+generator takes 0.05 s per item; (c) the notebook
 process's CPU time per tiny item (the ceiling with many workers). Functions
 are defined in an IPython shell as in a notebook. Figures are medians; print
 is markdown for docs/performance.md.
@@ -169,6 +170,26 @@ def main() -> None:
         time.sleep(0.05)
     slow.join()
     rows.append(("(b) 2-item map beside a run whose on_chunk takes 0.1 s", statistics.median(waits), None,
+                 f"median of {len(waits)}, max {fmt_t(max(waits))}"))
+
+    # (b) with a slow input: another thread's run over a generator that takes
+    # 0.05 s per item (it is read in that thread: it must not hold the manager)
+    def slow_items():
+        for i in range(30):
+            time.sleep(0.05)
+            yield i
+
+    slow = threading.Thread(target=mpmagic.pmap, args=(sq, slow_items()), kwargs={"chunksize": 2})
+    slow.start()
+    time.sleep(0.2)
+    waits = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        mpmagic.pmap(sq, [1, 2])
+        waits.append(time.perf_counter() - t0)
+        time.sleep(0.05)
+    slow.join()
+    rows.append(("(b) 2-item map beside a run whose generator takes 0.05 s per item", statistics.median(waits), None,
                  f"median of {len(waits)}, max {fmt_t(max(waits))}"))
 
     # (c) the notebook process's CPU per tiny item

@@ -4,10 +4,10 @@
 thread (the local pool's manager, see ``backends/local.py``) hands the job's
 units to workers and feeds back what they return; the thread that waits on
 the run (``wait`` / ``result``) prints the task output, moves the progress
-bar and calls the job's ``on_chunk`` itself. That keeps printed output in the
+bar, calls the job's ``on_chunk`` and reads a lazy input itself. That keeps printed output in the
 notebook cell that started the run (ipykernel routes output by the thread's
 parent message), and it keeps the manager, which serves every run in flight,
-from ever blocking on a slow terminal or a slow callback.
+from ever blocking on a slow terminal, a slow callback or a slow input.
 
 The handoff is a ``queue.SimpleQueue`` of events: a blocking ``get`` costs a
 few microseconds per wake-up, and Ctrl-C interrupts it in the main thread.

@@ -417,7 +417,11 @@ def test_ctrl_c_while_the_input_is_read_cancels_the_run(ip, local_pool):
         yield 4
 
     def interrupt():
+        # A moment after the read began, as a person presses Ctrl-C: sent at once,
+        # it could land while the main thread waited for the GIL just before its
+        # sleep, and CPython then runs the handler only once the sleep is over.
         if reading.wait(HANG):
+            time.sleep(0.3)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     threading.Thread(target=interrupt, daemon=True).start()
