@@ -362,6 +362,35 @@ def test_a_generator_over_a_thread_bound_cursor_gives_serials_results(ip, local_
         db.close()
 
 
+def test_a_generator_sees_the_calling_threads_context_and_locals(ip, local_pool):
+    """A generator that reads a ContextVar or a threading.local sees the values
+    of the thread that called pmap, as in serial map (from any thread)."""
+    import contextvars
+
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    var: contextvars.ContextVar[int] = contextvars.ContextVar("offset", default=0)
+    local = threading.local()
+
+    def items():
+        for i in range(20):
+            yield i + var.get() + getattr(local, "offset", 0)
+
+    def call(offset: int, out: list) -> None:
+        var.set(offset)
+        local.offset = offset
+        out.append((mpmagic.pmap(sq, items(), chunksize=3), list(map(sq, items()))))
+
+    results: list = []
+    threads = [threading.Thread(target=call, args=(k * 100, results)) for k in range(1, 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG)
+    assert len(results) == 3 and all(got == want for got, want in results)
+    assert len({tuple(want) for _, want in results}) == 3  # each thread its own values
+
+
 def test_a_generator_input_may_start_runs_itself(ip, local_pool):
     """Serial map runs a generator that calls pmap; read under the pool's lock or
     in its manager, the inner run waited for ever on the outer one."""
