@@ -349,12 +349,11 @@ class Run:
     # -- the pump (its own thread) ---------------------------------------------
     def _start(self, backend: Any, workers: int | None) -> None:
         try:
-            self._engine_run = backend.submit(self._job, workers=workers)
+            self._engine_run = backend.submit(self._job, workers=workers, background=True)
         except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
             self._error = exc
             self._end()
             raise
-        self._engine_run.background = True  # foreground runs' units go out first
         with _lock:
             _registry[self.id] = self
             _forget_old()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections import Counter
 from concurrent.futures import CancelledError
@@ -16,6 +17,7 @@ from IPython.core.error import UsageError as IPythonUsageError
 import mpmagic
 
 DEFS = """
+import threading
 import time
 def square(x):
     return x * x
@@ -220,3 +222,22 @@ def test_dask_background_and_foreground_runs_take_turns_and_stream(ip, request):
     with pytest.raises(CancelledError):
         cancelled.result(30)
     assert mpmagic.pmap(ns["square"], range(3)) == [0, 1, 4]
+
+
+def test_a_background_map_returns_at_once_however_slow_its_input(ns):
+    """The handle comes back before the input's first item is read: a background
+    run's input is read by its own thread, from the first chunk on (read in
+    the calling thread, a slow generator held the cell that started the run)."""
+    release = threading.Event()
+    readers: list[threading.Thread] = []
+
+    def items():
+        readers.append(threading.current_thread())
+        release.wait(60)
+        yield from range(5)
+
+    handle = mpmagic.pmap(ns["square"], items(), block=False)
+    assert not handle.done()
+    release.set()
+    assert handle.result(60) == [x * x for x in range(5)]
+    assert readers and readers[0] is not threading.current_thread()

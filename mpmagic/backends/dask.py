@@ -510,12 +510,14 @@ class DaskBackend:
         self.start()
         self._wait_for_workers(1)
 
-    def submit(self, job: Job, workers: int | None = None) -> DrivenRun:
+    def submit(self, job: Job, workers: int | None = None, background: bool = False) -> DrivenRun:
         """A run handle; the thread that waits on it drives the job (see ``engine.DrivenRun``).
 
         Ctrl-C lands in that wait as in ``run``, which cancels the run's futures.
         """
-        return DrivenRun(job, lambda: self.run(job, workers))
+        run = DrivenRun(job, lambda: self.run(job, workers))
+        run.background = background
+        return run
 
     def run(self, job: Job, workers: int | None = None) -> None:
         """Drive ``job`` to completion on the cluster; raise what interrupts it.

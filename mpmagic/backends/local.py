@@ -634,12 +634,16 @@ class LocalBackend:
         }
 
     # -- submitting (any thread) ----------------------------------------------
-    def submit(self, job: Job, workers: int | None = None) -> _LocalRun:
+    def submit(self, job: Job, workers: int | None = None, background: bool = False) -> _LocalRun:
         """Hand ``job`` to the manager; returns its run at once.
 
         ``workers`` limits a map to that many workers, or grows the pool to it.
         A cell's ranks each get a worker of their own at once (temporary extra
-        workers when the pool has too few idle ones).
+        workers when the pool has too few idle ones). ``background``: nobody
+        waits on it in the foreground (see ``engine.Run.background``): its
+        units go after foreground runs' from its first step, and its lazy
+        input is read by the thread that waits on it, from the first chunk on
+        (the handle comes back at once, however slow the input).
         """
         if threading.current_thread() is self._manager:
             raise UsageError(
@@ -658,9 +662,10 @@ class LocalBackend:
         if isinstance(job, MapJob):  # warm: modules the function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
         self.start(wake=False)  # (woken below, once)
-        if isinstance(job, MapJob):
-            job.prefill()  # a lazy input's first chunks, read here before the lock (jobs.MapJob.read_input)
+        if isinstance(job, MapJob) and not background:
+            job.prefill()  # a lazy input's first chunk, read here before the lock (jobs.MapJob.read_input)
         run = _LocalRun(self, job, limit)
+        run.background = background
         interrupt: KeyboardInterrupt | None = None
         with self._lock:
             self.calls_run += 1
