@@ -546,3 +546,25 @@ def test_a_run_submitted_from_the_manager_thread_is_an_error_not_a_hang(ip, loca
     assert local_pool.submit(job).result(HANG) == [1, 2]
     assert errors and all(isinstance(e, mpmagic.UsageError) for e in errors)
     assert "manager thread" in str(errors[0])
+
+
+def test_a_run_that_fails_while_units_are_handed_out_loses_no_other_runs_unit(ip, local_pool):
+    """When a run's input raises while the manager hands out units, the run
+    ends and the worker busy with its unit is replaced. The rest of that same
+    hand-out must not give another run's unit to the replaced worker (it went
+    to a dead pipe, and that run waited for ever: found by a soak of 8 threads
+    mixing generator inputs, failures and background runs)."""
+    run(ip, "def nap(x):\n    import time; time.sleep(0.05)\n    return x\n\n"
+            "def nap3(x):\n    import time; time.sleep(0.3)\n    return x\n")
+    nap, nap3 = ip.user_ns["nap"], ip.user_ns["nap3"]
+
+    def breaks_after_one():
+        yield 0
+        raise KeyError("the input broke after item 0")
+
+    for _ in range(3):
+        background = mpmagic.pmap(nap, range(40), chunksize=1, block=False)
+        time.sleep(0.1)  # both workers busy with it
+        with pytest.raises(KeyError, match="broke after item 0"):
+            mpmagic.pmap(nap3, breaks_after_one(), chunksize=1)
+        assert background.result(HANG) == list(range(40))

@@ -135,8 +135,9 @@ class _Slot:
     rss: int | None = None  # resident bytes after its last task, as it reported
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
     setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
-    # A send to it failed (it died and its sentinel is not handled yet): no
-    # more units until then, or ``_assign`` would retry it without end.
+    # A send to it failed (it died and its sentinel is not handled yet), or it
+    # was closed (``close``): no more units, or ``_assign`` would retry it
+    # without end (or give a unit to a pipe nobody reads).
     broken: bool = False
     # Sends that never block the manager (pipes.py): what the pipe does not
     # take at once goes out when the selector says it is writable.
@@ -156,7 +157,12 @@ class _Slot:
         self.sender.send(data)
 
     def close(self) -> None:
-        """Close its pipe (a worker that has not exited yet reads the end and exits)."""
+        """Close its pipe (a worker that has not exited yet reads the end and exits).
+
+        The slot is broken from now on: a hand-out that listed it before it was
+        replaced (another run's input raised meanwhile) must not give it a unit.
+        """
+        self.broken = True
         if self.sender is not None:
             self.sender.close()
         self.conn.close()
@@ -1046,6 +1052,9 @@ class LocalBackend:
 
     def _send_unit(self, slot: _Slot, run: _LocalRun, unit: Any) -> None:
         job = run.job
+        if slot.broken or slot not in self.slots:  # (replaced during this hand-out: see _Slot.close)
+            job.requeue(unit)
+            return
         self._send_setup(slot)  # worker setup first (a worker started since the last _step)
         self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
         try:
