@@ -84,6 +84,76 @@ def test_cancel_a_run_leaves_the_pool_usable(ip, local_pool):
     assert mpmagic.pmap(abs, [-1, -2, -3]) == [1, 2, 3]
 
 
+def test_many_threads_with_lazy_inputs_failures_and_background_runs_all_equal_serial(ip, local_pool):
+    """8 threads x 8 calls each, with generator inputs (some raising midway), an
+    on_chunk, background runs and generators that start runs themselves, at
+    once on one pool: every result or error is serial map's, nothing hangs."""
+    run(ip, "def sq(x):\n    return x * x\n\ndef nap(x):\n    import time; time.sleep(0.001)\n    return x + 1\n")
+    sq, nap = ip.user_ns["sq"], ip.user_ns["nap"]
+    problems: list[str] = []
+
+    def items(n: int, broken_at: int | None = None):
+        for i in range(n):
+            if i == broken_at:
+                raise KeyError(f"input broke at {i}")
+            yield i
+
+    def serial(func, make):
+        try:
+            return list(map(func, make()))
+        except KeyError as exc:
+            return ("KeyError", str(exc))
+
+    def parallel(func, make, **kwargs):
+        try:
+            return mpmagic.pmap(func, make(), **kwargs)
+        except KeyError as exc:
+            return ("KeyError", str(exc))
+
+    def one_call(n: int, func, kind: int) -> str | None:
+        """One call of the given kind; what went wrong, or None."""
+        if kind == 0:
+            got, want = parallel(func, lambda: items(n)), serial(func, lambda: items(n))
+        elif kind == 1:
+            got = parallel(func, lambda: items(n, n // 2 if n else None))
+            want = serial(func, lambda: items(n, n // 2 if n else None))
+        elif kind == 2:
+            seen: dict[int, list] = {}
+            got = mpmagic.pmap(func, items(n), on_chunk=lambda s, r: seen.__setitem__(s, list(r)))
+            want = serial(func, lambda: items(n))
+            if [x for s in sorted(seen) for x in seen[s]] != want:
+                return "on_chunk did not see every result once"
+        elif kind == 3:
+            got, want = mpmagic.pmap(func, items(n), block=False).result(HANG), serial(func, lambda: items(n))
+        else:
+            def sums(inner):
+                for j in range(min(n, 5)):
+                    yield sum(inner(sq, [j, j + 1]))
+
+            got, want = mpmagic.pmap(func, sums(mpmagic.pmap)), list(map(func, sums(map)))
+        return None if got == want else f"{str(got)[:60]} != {str(want)[:60]}"
+
+    def client(k: int) -> None:
+        for i in range(8):
+            n = (0, 1, 2, 7, 60, 400, 1500)[(k * 3 + i) % 7]
+            kind = (k + i) % 5
+            try:
+                problem = one_call(n, (sq, nap)[(k + i) % 2], kind)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                problem = f"{type(exc).__name__}: {exc}"
+            if problem is not None:
+                problems.append(f"thread {k} call {i} (kind {kind}, {n} items): {problem}")
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG * 2)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    assert not problems, problems
+    assert local_pool.status()["runs_in_flight"] == 0
+
+
 def test_many_threads_with_mixed_calls_all_equal_serial(ip, local_pool):
     """8 threads x 6 calls each: maps, cells and failing maps at once, on one pool."""
     run(
