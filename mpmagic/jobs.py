@@ -183,8 +183,8 @@ class MapJob:
         self.planner = ChunkPlanner(
             n_items, workers, 1 if timeout and not chunksize else chunksize, key=self.func_key
         )
-        # A list, tuple or range is sliced; anything else is read lazily, a few
-        # chunks ahead. (Exact types: a subclass's iteration may differ from its slices.)
+        # A list, tuple or range is sliced; anything else is read lazily, about one
+        # chunk ahead. (Exact types: a subclass's iteration may differ from its slices.)
         self._seq: Sequence | None = cast(Sequence, items) if type(items) in (list, tuple, range) else None
         self._iter: Iterator | None = iter(items) if self._seq is None else None
         # A lazy input runs the user's code (a generator, a database cursor), so
@@ -256,9 +256,9 @@ class MapJob:
 
     # -- reading a lazy input (the waiting thread) ----------------------------
     def prefill(self) -> None:
-        """Read the first chunks of a lazy input here, in the submitting thread,
+        """Read the first chunk of a lazy input here, in the submitting thread,
         before the backend takes its lock (the input's code may do anything,
-        start a run too), so that the submit's own step has units to send."""
+        start a run too), so that the submit's own step has a unit to send."""
         if self._iter is not None and not self._read_count and not self._input_done:
             # One chunk: the step sends it, and a worker computes it while the next is read.
             self.read_input(self.planner.size_hint())
