@@ -156,41 +156,32 @@ def main() -> None:
     fair = statistics.median(waits)
     rows.append(("(b) 2-item map beside a busy run", fair, None, f"median of {len(waits)} (target <= 0.25 s), max {fmt_t(max(waits))}"))
 
-    # (b) with a slow callback: another thread's run whose on_chunk takes 0.1 s
-    # per chunk (it runs in that thread: it must not hold the pool's manager)
-    slow = threading.Thread(target=mpmagic.pmap, args=(sq, range(30)),
-                            kwargs={"chunksize": 1, "on_chunk": lambda start, results: time.sleep(0.1)})
-    slow.start()
-    time.sleep(0.2)
-    waits = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        mpmagic.pmap(sq, [1, 2])
-        waits.append(time.perf_counter() - t0)
-        time.sleep(0.05)
-    slow.join()
-    rows.append(("(b) 2-item map beside a run whose on_chunk takes 0.1 s", statistics.median(waits), None,
-                 f"median of {len(waits)}, max {fmt_t(max(waits))}"))
+    # (b) beside slow user code of another thread's run, its on_chunk or its input
+    # generator (both run in that thread: they must not hold the pool's manager)
+    def two_item_waits_beside(items: Any, **kwargs: Any) -> list[float]:
+        slow = threading.Thread(target=mpmagic.pmap, args=(sq, items), kwargs=kwargs)
+        slow.start()
+        time.sleep(0.2)
+        waits = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            mpmagic.pmap(sq, [1, 2])
+            waits.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        slow.join()
+        return waits
 
-    # (b) with a slow input: another thread's run over a generator that takes
-    # 0.05 s per item (it is read in that thread: it must not hold the manager)
     def slow_items():
         for i in range(30):
             time.sleep(0.05)
             yield i
 
-    slow = threading.Thread(target=mpmagic.pmap, args=(sq, slow_items()), kwargs={"chunksize": 2})
-    slow.start()
-    time.sleep(0.2)
-    waits = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        mpmagic.pmap(sq, [1, 2])
-        waits.append(time.perf_counter() - t0)
-        time.sleep(0.05)
-    slow.join()
-    rows.append(("(b) 2-item map beside a run whose generator takes 0.05 s per item", statistics.median(waits), None,
-                 f"median of {len(waits)}, max {fmt_t(max(waits))}"))
+    for label, waits in (
+        ("on_chunk takes 0.1 s", two_item_waits_beside(range(30), chunksize=1, on_chunk=lambda s, r: time.sleep(0.1))),
+        ("generator takes 0.05 s per item", two_item_waits_beside(slow_items(), chunksize=2)),
+    ):
+        rows.append((f"(b) 2-item map beside a run whose {label}", statistics.median(waits), None,
+                     f"median of {len(waits)}, max {fmt_t(max(waits))}"))
 
     # (c) the notebook process's CPU per tiny item
     n = 200_000

@@ -140,8 +140,9 @@ class Run:
             self._progress(ev[1])
         elif kind == "chunk":
             self._call_on_chunk(ev[1], ev[2])
-        elif kind == "input":  # read more of a lazy input here, as serial map would, saying so after each chunk
-            self.job.read_input(each=self.nudge)
+        elif kind == "input":  # read more of a lazy input here, as serial map would, then say so
+            self.job.read_input()
+            self.nudge()
         else:  # the end: the job is ours again
             self._pumped = True
             self.job.redirect(self._out, self._progress, self._chunk, self._ask_input)

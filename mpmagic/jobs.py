@@ -204,8 +204,7 @@ class MapJob:
         self._input_done = False  # the iterator ended, or raised (``_input_error``)
         self._input_error: Exception | None = None
         self._input_asked = False  # a read was asked and is not done yet
-        self._input_want = 0  # how many items that read should bring
-        self._input_piece = 0  # ...in pieces of this many (the chunk size when asked)
+        self._input_want = 0  # how many items that read should bring (a chunk)
         self._ask_input: Callable[[], None] | None = None
         self._next_id = 0
         self._next_start = 0
@@ -263,37 +262,32 @@ class MapJob:
             # One chunk: the step sends it, and a worker computes it while the next is read.
             self.read_input(self.planner.size_hint())
 
-    def read_input(self, n: int | None = None, each: Callable[[], None] | None = None) -> None:
-        """Read up to ``n`` more items (default: what the manager last asked for),
-        a chunk's worth at a time, calling ``each()`` after each (the run wakes
-        its backend, which sends that chunk while the next is read: reading
-        all before any went out left the workers idle meanwhile).
+    def read_input(self, n: int | None = None) -> None:
+        """Read up to ``n`` more items (default: the chunk the manager last asked for).
 
+        One chunk at a time: the backend sends it while the next is read
+        (reading several before any went out left the workers idle meanwhile).
         An exception of the input is kept and raised by ``next_unit`` once the
         items before it went out (as the run's error, like serial map's);
         KeyboardInterrupt is not caught: Ctrl-C here is the waiting thread's.
         """
+        if self._iter is None or self._input_done:
+            self._input_asked = False
+            return
         want = max(1, self._input_want if n is None else n)
-        piece = max(1, min(want, self._input_piece or want))
-        while want > 0 and self._iter is not None and not self._input_done:
-            error: Exception | None = None
-            size = min(piece, want)
-            try:
-                batch = list(itertools.islice(self._iter, size))
-            except Exception as exc:
-                batch, error = [], exc
-            want -= size
-            with self._read_lock:  # (the end is known together with the last batch: never one without the other)
-                if batch:
-                    self._read.append(batch)
-                    self._read_count += len(batch)
-                if error is not None or len(batch) < size:
-                    self._input_error, self._input_done = error, True
-                if want <= 0 or self._input_done:
-                    self._input_asked = False
-            if each is not None:
-                each()
-        self._input_asked = False
+        batch: list = []
+        error: Exception | None = None
+        try:
+            batch = list(itertools.islice(self._iter, want))
+        except Exception as exc:
+            error = exc
+        with self._read_lock:  # (the end is known together with the last batch: never one without the other)
+            if batch:
+                self._read.append(batch)
+                self._read_count += len(batch)
+            if error is not None or len(batch) < want:
+                self._input_error, self._input_done = error, True
+            self._input_asked = False
 
     def _take_read(self, n: int) -> list:
         """Up to ``n`` of the items read, in input order."""
@@ -332,7 +326,7 @@ class MapJob:
         if self._input_asked or self._ask_input is None:
             return
         self._input_asked = True
-        self._input_want = self._input_piece = size  # (an input is read about as far ahead as serial map would)
+        self._input_want = size  # (an input is read about as far ahead as serial map would)
         self._ask_input()
 
     # -- handing out work --------------------------------------------------

@@ -46,6 +46,33 @@ def synthetic_report(**fields):
     return Report(**{**base, **fields})
 
 
+def check_lazy_inputs_equal_serial(func, n_rows: int, n_nested: int) -> None:
+    """The lazy inputs that must be read in the calling thread, as serial map reads
+    them, each checked against serial map (the local pool's tests and Dask's run
+    the same cases): a generator over a thread-bound sqlite3 cursor, and one that
+    starts runs itself."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    try:
+        db.execute("create table t(x)")
+        db.executemany("insert into t values (?)", [(i,) for i in range(n_rows)])
+
+        def rows():
+            for (x,) in db.execute("select x from t order by x"):
+                yield x
+
+        assert mpmagic.pmap(func, rows()) == list(map(func, rows()))
+    finally:
+        db.close()
+
+    def sums(inner):
+        for i in range(n_nested):
+            yield sum(inner(func, [i, i + 1]))
+
+    assert mpmagic.pmap(func, sums(mpmagic.pmap), chunksize=2) == list(map(func, sums(map)))
+
+
 def run(ip, code: str):
     """Run a cell; fail the test with the cell's error if it raised."""
     result = ip.run_cell(code, store_history=False)

@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from conftest import DASK_WORKERS, ensure_pool, run
+from conftest import DASK_WORKERS, check_lazy_inputs_equal_serial, ensure_pool, run
 from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
@@ -392,25 +392,5 @@ def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
 def test_lazy_inputs_on_dask_as_on_the_local_pool(ip, dask_pool):
     """As on the local pool (test_engine): a generator over a thread-bound sqlite
     cursor, and one that starts runs itself, give serial map's results."""
-    import sqlite3
-
     run(ip, "def sq(x):\n    return x * x\n")
-    sq = ip.user_ns["sq"]
-    db = sqlite3.connect(":memory:")
-    try:
-        db.execute("create table t(x)")
-        db.executemany("insert into t values (?)", [(i,) for i in range(500)])
-
-        def rows():
-            for (x,) in db.execute("select x from t order by x"):
-                yield x
-
-        assert mpmagic.pmap(sq, rows()) == list(map(sq, rows()))
-    finally:
-        db.close()
-
-    def sums(inner):
-        for i in range(6):
-            yield sum(inner(sq, [i, i + 1]))
-
-    assert mpmagic.pmap(sq, sums(mpmagic.pmap), chunksize=2) == list(map(sq, sums(map)))
+    check_lazy_inputs_equal_serial(ip.user_ns["sq"], n_rows=500, n_nested=6)

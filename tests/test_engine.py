@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import run
+from conftest import check_lazy_inputs_equal_serial, run
 
 import mpmagic
 from mpmagic import shm
@@ -410,26 +410,13 @@ def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool
 # -- a lazy input is read by the thread that waits on the run, as serial map reads it --
 
 
-def test_a_generator_over_a_thread_bound_cursor_gives_serials_results(ip, local_pool):
-    """A sqlite3 connection may only be used in the thread that made it: a
-    generator over its cursor works in serial map, so it must here (read in
-    the pool's manager thread it raised ProgrammingError)."""
-    import sqlite3
-
+def test_thread_bound_and_run_starting_generators_give_serials_results(ip, local_pool):
+    """A sqlite3 connection may only be used in the thread that made it, and a
+    generator may call pmap itself: both work in serial map, so they must here
+    (read in the pool's manager thread, the first raised ProgrammingError; read
+    under the pool's lock or in its manager, the second waited for ever)."""
     run(ip, "def sq(x):\n    return x * x\n")
-    sq = ip.user_ns["sq"]
-    db = sqlite3.connect(":memory:")
-    try:
-        db.execute("create table t(x)")
-        db.executemany("insert into t values (?)", [(i,) for i in range(3000)])
-
-        def rows():
-            for (x,) in db.execute("select x from t order by x"):
-                yield x
-
-        assert mpmagic.pmap(sq, rows()) == list(map(sq, rows()))
-    finally:
-        db.close()
+    check_lazy_inputs_equal_serial(ip.user_ns["sq"], n_rows=3000, n_nested=12)
 
 
 def test_a_generator_sees_the_calling_threads_context_and_locals(ip, local_pool):
@@ -461,44 +448,42 @@ def test_a_generator_sees_the_calling_threads_context_and_locals(ip, local_pool)
     assert len({tuple(want) for _, want in results}) == 3  # each thread its own values
 
 
-def test_a_generator_input_may_start_runs_itself(ip, local_pool):
-    """Serial map runs a generator that calls pmap; read under the pool's lock or
-    in its manager, the inner run waited for ever on the outer one."""
-    run(ip, "def sq(x):\n    return x * x\n")
-    sq = ip.user_ns["sq"]
+def _waiting_user_code_holds_back_only_its_own_run(sq, first_run) -> list:
+    """``first_run(hold)`` runs a pmap whose user code calls ``hold()``, which
+    waits until another thread's pmap has completed. Returns the first run's
+    results once both ended. In the pool's manager thread, that user code held
+    the manager serving both: the other run could not end and ``hold`` waited in vain."""
+    entered, other_done = threading.Event(), threading.Event()
+    waited: list[bool] = []
+    got: list = []
 
-    def sums(inner):
-        for i in range(12):
-            yield sum(inner(sq, [i, i + 1]))
+    def hold() -> None:
+        if not waited:  # (once)
+            entered.set()
+            waited.append(other_done.wait(HANG))
 
-    assert mpmagic.pmap(sq, sums(mpmagic.pmap), chunksize=2) == list(map(sq, sums(map)))
+    t = threading.Thread(target=lambda: got.append(first_run(hold)))
+    t.start()
+    assert entered.wait(HANG)
+    assert mpmagic.pmap(sq, [1, 2, 3]) == [1, 4, 9]  # while the first run's user code waits
+    other_done.set()
+    t.join(HANG)
+    assert waited == [True] and len(got) == 1
+    return got[0]
 
 
 def test_a_slow_input_holds_back_only_its_own_run(ip, local_pool):
-    """While one thread's generator waits, another thread's run still completes
-    (read by the manager, the generator held it and every run it serves)."""
+    """While one thread's generator waits, another thread's run still completes."""
     run(ip, "def sq(x):\n    return x * x\n")
     sq = ip.user_ns["sq"]
-    entered, other_done = threading.Event(), threading.Event()
-    waited: list[bool] = []
-    got: dict[str, list] = {}
 
-    def items():
+    def items(hold):
         yield from range(3)
-        entered.set()
-        waited.append(other_done.wait(HANG))
+        hold()
         yield from range(3, 10)
 
-    def first():
-        got["first"] = mpmagic.pmap(sq, items(), chunksize=1)
-
-    t = threading.Thread(target=first)
-    t.start()
-    assert entered.wait(HANG)
-    assert mpmagic.pmap(sq, [1, 2, 3]) == [1, 4, 9]  # while the first run's input waits
-    other_done.set()
-    t.join(HANG)
-    assert waited == [True] and got["first"] == list(map(sq, range(10)))
+    first = _waiting_user_code_holds_back_only_its_own_run(sq, lambda hold: mpmagic.pmap(sq, items(hold), chunksize=1))
+    assert first == list(map(sq, range(10)))
 
 
 def test_ctrl_c_while_the_input_is_read_cancels_the_run(ip, local_pool):
@@ -553,29 +538,13 @@ def test_on_chunk_runs_in_the_calling_thread_and_a_run_may_start_from_it(ip, loc
 
 def test_a_slow_on_chunk_holds_back_only_its_own_run(ip, local_pool):
     """While one thread's on_chunk waits, another thread's run still completes:
-    the callback does not hold the manager that serves both. (In the manager
-    thread it did: the other run could not end, and this callback waited in vain.)"""
+    the callback does not hold the manager that serves both."""
     run(ip, "def sq(x):\n    return x * x\n")
     sq = ip.user_ns["sq"]
-    entered, other_done = threading.Event(), threading.Event()
-    waited: list[bool] = []
-    got: dict[str, list] = {}
-
-    def wait_for_other(start, results):
-        if not waited:
-            entered.set()
-            waited.append(other_done.wait(HANG))
-
-    def first():
-        got["first"] = mpmagic.pmap(sq, range(4), chunksize=1, on_chunk=wait_for_other)
-
-    t = threading.Thread(target=first)
-    t.start()
-    assert entered.wait(HANG)
-    assert mpmagic.pmap(sq, [1, 2, 3]) == [1, 4, 9]  # while the first run's callback waits
-    other_done.set()
-    t.join(HANG)
-    assert waited == [True] and got["first"] == [0, 1, 4, 9]
+    first = _waiting_user_code_holds_back_only_its_own_run(
+        sq, lambda hold: mpmagic.pmap(sq, range(4), chunksize=1, on_chunk=lambda start, results: hold())
+    )
+    assert first == [0, 1, 4, 9]
 
 
 def test_an_on_chunk_that_raises_stops_its_run_with_that_error_only(ip, local_pool):

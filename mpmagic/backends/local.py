@@ -1052,7 +1052,7 @@ class LocalBackend:
 
     def _send_unit(self, slot: _Slot, run: _LocalRun, unit: Any) -> None:
         job = run.job
-        if slot.broken or slot not in self.slots:  # (replaced during this hand-out: see _Slot.close)
+        if slot.broken:  # (replaced during this hand-out: see _Slot.close)
             job.requeue(unit)
             return
         self._send_setup(slot)  # worker setup first (a worker started since the last _step)
