@@ -118,9 +118,15 @@ def _slotted_by_value(cls: type) -> bool:
         return False
     if (cls.__reduce_ex__, cls.__reduce__, getattr(cls, "__getstate__", None)) != _OBJECT_REDUCE:  # type: ignore[comparison-overlap]
         return False  # the class says how to pickle itself: let it
+    if any(not k.__flags__ & _HEAPTYPE for k in cls.__mro__[1:-1]):
+        # A subclass of a builtin (float, dict, tuple: a namedtuple): its value
+        # lives in the builtin's part, which ``cls.__new__(cls)`` and the slots
+        # would lose (a Meters(float) came back 0.0); pickle's own reduce keeps it.
+        return False
     return _sent_by_value(cls)
 
 
+_HEAPTYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class made by a class statement, not a builtin type
 _PLAIN_CONTAINERS = frozenset({tuple, list, dict, set, frozenset, bytearray})
 _slotted_seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

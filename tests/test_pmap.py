@@ -66,6 +66,28 @@ def test_cell_class_instances_as_items_and_results(ip, backend):
     assert run(ip, "all(isinstance(p, Point) for p in out)") is True
     assert run(ip, "[(p.x, p.y) for p in out]") == [(2 * i, -2 * i) for i in range(6)]
 
+def test_notebook_subclasses_of_builtins_keep_their_value(ip, backend):
+    """A notebook class with ``__slots__`` over a builtin (float, dict, tuple: a
+    namedtuple) as item, result and captured global: the same as serial map
+    (they came back 0.0, {} or failed to load)."""
+    run(
+        ip,
+        "from collections import namedtuple\n"
+        "Point = namedtuple('Point', 'x y')\n"
+        "class Meters(float):\n    __slots__ = ()\n"
+        "class Row(dict):\n    __slots__ = ()\n"
+        "class Vec(list):\n    __slots__ = ()\n"
+        "OFFSET = Meters(2.5)\n"
+        "def shift(v):\n    return Meters(v + OFFSET)\n",
+    )
+    for args in ("Meters, [1.5, 2.0]", "lambda r: r['a'], [Row(a=1)]", "shift, [1.0]", "Point, [1], [2]",
+                 "lambda p: Vec([p.x, p.y]), [Point(3, 4)]", "lambda r: Row(r, b=2), [Row(a=1)]"):
+        serial = run(ip, f"list(map({args}))")
+        got = run(ip, f"%pmap -q {args}")
+        assert got == serial, args
+        assert [type(v).__name__ for v in got] == [type(v).__name__ for v in serial], args
+
+
 
 def test_generator_range_and_numpy_input(ip, backend):
     assert run(ip, "%pmap -q lambda x: x + 1, (i for i in range(7))") == list(range(1, 8))
