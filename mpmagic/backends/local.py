@@ -25,6 +25,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util  # noqa: F401  (before our exit hook: see _stop_all_at_exit)
 import os
 import selectors
 import signal
@@ -244,6 +245,14 @@ _setup_keys = itertools.count()
 
 @atexit.register
 def _stop_all_at_exit() -> None:
+    """Stop every pool at exit, before multiprocessing's own exit hook.
+
+    Exit hooks run last registered, first run. multiprocessing's (which
+    terminates daemonic children, our workers among them) registers when
+    ``multiprocessing.util`` is first imported, so this module imports it
+    first. Run after it, this found the workers dead, and the manager started
+    replacements, which failed on forkserver with a traceback.
+    """
     for backend in list(_live_backends):
         try:
             backend.stop(timeout=0.5)
