@@ -122,16 +122,26 @@ class _Channel:
 
 
 class _StreamToParent(io.TextIOBase):
-    """A ``sys.stdout``/``sys.stderr`` stand-in that sends whole lines home."""
+    """A ``sys.stdout``/``sys.stderr`` stand-in that sends whole lines home.
 
-    def __init__(self, channel: _Channel, stream: str) -> None:
+    Lines are held up to ``_FLUSH_INTERVAL`` and sent together. ``sibling``
+    (stderr's is stdout, and the other way round) shares the lock: before
+    one stream takes a write, the other's held lines go first, so the two
+    arrive in the order they were written, as in a terminal (a rank's
+    stderr line, a warning among them, came before stdout lines printed earlier).
+    """
+
+    def __init__(self, channel: _Channel, stream: str, sibling: _StreamToParent | None = None) -> None:
         self.channel = channel
         self.stream = stream
         self.call: Any = None
         self.tag: Any = None
         self.buf: list[str] = []
         self.last = 0.0
-        self.lock = threading.Lock()
+        self.sibling = sibling
+        self.lock = threading.Lock() if sibling is None else sibling.lock
+        if sibling is not None:
+            sibling.sibling = self
 
     def writable(self) -> bool:
         return True
@@ -140,6 +150,9 @@ class _StreamToParent(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         with self.lock:
+            other = self.sibling
+            if other is not None and other.buf:
+                other._send_lines()  # (its complete lines: they were written first)
             self.buf.append(s)
             if "\n" in s and time.monotonic() - self.last > _FLUSH_INTERVAL:
                 self._send_lines()
@@ -496,7 +509,7 @@ class _Worker:
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
         self.parent_pid = parent_pid
         self.out = _StreamToParent(self.channel, "stdout")
-        self.err = _StreamToParent(self.channel, "stderr")
+        self.err = _StreamToParent(self.channel, "stderr", sibling=self.out)
         threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
         threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
 

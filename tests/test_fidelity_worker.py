@@ -273,3 +273,29 @@ def test_warnings_filter_of_a_notebook_class_and_no_ipython_in_workers(ip, local
         run(ip, "warnings.simplefilter('error', CellWarning)")
         err = _same_as_serial(ip, "cell_warn")
         assert type(err).__name__ == "CellWarning" and str(err) == "from the cell"
+
+
+def test_a_tasks_stdout_and_stderr_lines_arrive_in_the_order_written(ip, local_pool):
+    """Each stream holds its lines a moment before sending them; a line on the
+    other stream sends them first. Before, a task's stderr line (a warning
+    among them) came before stdout lines printed earlier, unlike serial Python."""
+    import contextlib
+    import io
+
+    run(ip, "import sys, warnings\n"
+            "def chatty(x):\n"
+            "    print('1 out'); print('2 out')\n"
+            "    print('3 err', file=sys.stderr)\n"
+            "    print('4 out')\n"
+            "    warnings.warn('5 warn')\n"
+            "    print('6 out')\n"
+            "    return x\n")
+    both = io.StringIO()
+    with contextlib.redirect_stdout(both), contextlib.redirect_stderr(both):
+        run(ip, "%pmap -q chatty, [0]")
+    # (a warning's lines are labelled with the item: "[item 0] ...")
+    lines = [line.split("] ", 1)[-1] if line.startswith("[item") else line for line in both.getvalue().splitlines()]
+    printed = [line for line in lines if line[:1].isdigit()]
+    assert printed == ["1 out", "2 out", "3 err", "4 out", "6 out"], lines
+    warn_at = next(i for i, line in enumerate(lines) if "UserWarning: 5 warn" in line)
+    assert lines.index("4 out") < warn_at < lines.index("6 out"), lines
