@@ -13,7 +13,7 @@ import itertools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from . import astlock, debugging, payload
@@ -453,8 +453,30 @@ def _reusable(iterables: tuple, star: bool) -> tuple[tuple, bool]:
     if all(iter(it) is not it for it in iterables):
         return iterables, star
     if len(iterables) == 1:
-        return (list(iterables[0]),), star
-    return (list(zip(*iterables, strict=False)),), True
+        return (_copied(iterables[0]),), star
+    return (_copied(zip(*iterables, strict=False)),), True
+
+
+class _Replay:
+    """What a one-shot input gave before it raised: each iteration yields those
+    items, then raises the same error (both runs of ``compare`` meet it where
+    serial map met it, after the items before it, one of which may fail first)."""
+
+    def __init__(self, items: list, error: Exception) -> None:
+        self.items, self.error = items, error
+
+    def __iter__(self) -> Iterator:
+        yield from self.items
+        raise self.error
+
+
+def _copied(source: Iterable) -> list | _Replay:
+    items: list = []
+    try:
+        items.extend(source)  # (extend keeps what was read before a raise)
+    except Exception as exc:
+        return _Replay(items, exc)
+    return items
 
 
 _nested_noted = False

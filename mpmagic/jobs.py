@@ -134,6 +134,14 @@ class Unit:
     resent_after_idle_death: bool = False
 
 
+class _UnsendableItem(Exception):
+    """Item ``offset`` of a chunk cannot be pickled: ``error`` says why, in the user's words."""
+
+    def __init__(self, offset: int, error: SerializationError) -> None:
+        super().__init__(offset, error)
+        self.offset, self.error = offset, error
+
+
 class MapJob:
     """A parallel map: chunks out in input order, results back in input order."""
 
@@ -278,7 +286,9 @@ class MapJob:
         batch: list = []
         error: Exception | None = None
         try:
-            batch = list(itertools.islice(self._iter, want))
+            # extend, not list(): the items read before the input raised are
+            # kept (they run, and one of them may fail first, as in serial map).
+            batch.extend(itertools.islice(self._iter, want))
         except Exception as exc:
             error = exc
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
@@ -315,9 +325,9 @@ class MapJob:
             return None
         items = self._take_read(size)
         if not items and self._input_error is not None:
-            self.exhausted = True
             error, self._input_error = self._input_error, None
-            raise error
+            self._input_failed(self._next_start, error)
+            return None
         if not self._input_done and self._read_count < size:
             self._ask_for_input(size)  # one chunk read ahead: ready when the next worker is free
         return items
@@ -387,7 +397,18 @@ class MapJob:
             if not items:
                 return None
             lease = shm.Lease() if self.shared_memory else None
-            unit = Unit(self._next_id, self._next_start, len(items), self._pack(items, lease), items, lease=lease)
+            try:
+                data = self._pack(items, lease)
+            except _UnsendableItem as bad:  # the items before it still go: one of them may fail first
+                if lease is not None:
+                    lease.release()
+                    lease = None
+                self._input_failed(self._next_start + bad.offset, bad.error)
+                items = items[: bad.offset]
+                if not items:
+                    return None
+                data = payload.dumps_data(items)
+            unit = Unit(self._next_id, self._next_start, len(items), data, items, lease=lease)
             unit.block = self._block()
             self.planner.note_bytes(len(items), len(unit.data) + (lease.nbytes if lease else 0))
             self._next_id += 1
@@ -398,7 +419,18 @@ class MapJob:
             if lease is not None:
                 self.bytes_shared += lease.copied
         self.outstanding[unit.id] = unit
+        if self._errors:
+            self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
+
+    def _input_failed(self, index: int, error: Exception) -> None:
+        """The input itself failed at position ``index`` (its iterator raised, or
+        the item cannot be pickled): nothing from there on goes out. Kept like an
+        item's error, so that, as in serial map, an item before it that fails
+        is the run's error (before, the input's error won at once)."""
+        self.exhausted = True
+        self._errors.setdefault(index, error)
+        self._settle()
 
     def _block(self) -> int:
         """Crash-position granularity for a new chunk: per item, unless items
@@ -410,6 +442,7 @@ class MapJob:
         return _FAST_BLOCK
 
     def _pack(self, items: list, lease: Any = None) -> bytes:
+        """The chunk's items pickled; ``_UnsendableItem`` names the first that cannot be."""
         try:
             if lease is not None:
                 return shm.dumps_lent(items, lease, payload.dumps_data)
@@ -420,10 +453,10 @@ class MapJob:
                     payload.dumps_data(item)
                 except Exception as exc:
                     index = self._next_start + i
-                    raise SerializationError(
+                    raise _UnsendableItem(i, SerializationError(
                         f"cannot send item {index} ({short_repr(item)}) to the workers: "
                         + payload.explain_unpicklable(item, f"item {index}", exc).split(": ", 1)[1]
-                    ) from None
+                    )) from None
             raise
 
     def message(self, unit: Unit) -> Map:

@@ -24,6 +24,12 @@ SETUP = (
     "    raise ValueError('bad record at 3')\n"
     # Long rather than endless: a regression then fails fast instead of eating memory.
     "def very_long():\n    yield from range(10**7)\n"
+    # The function fails at item 5, the input only at 8: serial map raises item 5's
+    # error (pmap raised the input's, which it met first while reading ahead).
+    "def fails_at_5(x):\n    if x == 5:\n        raise ValueError('item 5')\n    return x\n"
+    "def raises_at_8():\n    yield from range(8)\n    raise KeyError('input at 8')\n"
+    "import threading\n"
+    "UNSENDABLE_AT_8 = list(range(8)) + [threading.Lock()]\n"
 )
 
 # map()'s argument text: each is evaluated afresh for the serial run and for %pmap.
@@ -45,6 +51,9 @@ CASES = {
     "two huge ranges and a list": "pair, range(10**20), range(10**19, 10**21), [0]",
     "bytes": "inc, b'ab'",
     "zip of lists": "str, zip([1, 2], 'ab')",
+    "an item fails before the generator does": "fails_at_5, raises_at_8()",
+    "an item fails before an unpicklable item": "fails_at_5, UNSENDABLE_AT_8",
+    "an item fails before the generator does, with a list": "lambda x, y: fails_at_5(x), raises_at_8(), range(9)",
 }
 
 
