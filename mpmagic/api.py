@@ -610,6 +610,11 @@ def parallel(
     debugging.forget()
     try:
         _run_with_progress(call.backend, job, bar, size)
+    except KeyboardInterrupt:
+        # Ranks that failed before the interrupt (often why the others waited):
+        # %pdebug and last_failures() still have them.
+        debugging.record_cell(job, call.spec_bytes, size)
+        raise
     finally:
         call.record_kept()
     report = _last_report = call.report(time.perf_counter() - t0)

@@ -824,12 +824,28 @@ class CellJob:
             self.slowest_task, self.slowest_where = seconds, f"rank {unit.id}"
         self._rank_finished()
 
+    def _failed_while_others_run(self, rank: int) -> None:
+        """Say at once that ``rank`` failed when other ranks still run: they may
+        wait on it (a queue it should have filled), and without this line the
+        cell showed nothing until it ended, or, interrupted, nothing at all.
+        Its whole error comes with the cell's end, as before."""
+        if not (self.outstanding or self._pending):
+            return  # the cell ends now: its error says it all
+        exc = self.failures[rank]
+        first = str(exc).split("\n", 1)[0]
+        self._out(
+            "stderr",
+            f"mpmagic: rank {rank} failed ({type(exc).__name__}{': ' + first if first else ''}) while other "
+            "ranks still run; the cell raises its error once they end (after an interrupt: %pdebug)\n",
+        )
+
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
         debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size)
         self.items_done += 1
         self._rank_finished()
+        self._failed_while_others_run(unit.id)
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -838,6 +854,7 @@ class CellJob:
             f"{info.exc_text.strip()}. End the cell with plain data instead (or `None`)."
         )
         self._rank_finished()
+        self._failed_while_others_run(unit.id)
 
     def lost(
         self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
@@ -849,6 +866,7 @@ class CellJob:
         else:
             self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}; the pool replaced it")
         self._rank_finished()
+        self._failed_while_others_run(unit.id)
 
     def requeue(self, unit: Unit) -> None:  # ranks never queue behind one another
         self.outstanding.pop(unit.id, None)

@@ -607,3 +607,28 @@ def test_a_run_that_fails_while_units_are_handed_out_loses_no_other_runs_unit(ip
         with pytest.raises(KeyError, match="broke after item 0"):
             mpmagic.pmap(nap3, breaks_after_one(), chunksize=1)
         assert background.result(HANG) == list(range(40))
+
+
+def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrupt(ip, local_pool, capfd):
+    """Rank 0 fails before it fills the queue rank 1 waits on. The cell said
+    nothing until it ended, and once interrupted the error was lost for good.
+    Now a line says so at once, and %pdebug / last_failures() keep it."""
+    run(ip, "import mpmagic\nq = mpmagic.Queue()")
+    capfd.readouterr()
+    timer = threading.Timer(3.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(ip, "%%parallel -n 2 -q\n"
+                    "if rank == 0:\n    raise ValueError('no input file')\n"
+                    "else:\n    q.get()\n")
+    finally:
+        timer.cancel()
+    err = capfd.readouterr().err
+    assert "rank 0 failed (ValueError: no input file) while other ranks still run" in err
+    assert [(f.rank, type(f.error).__name__) for f in mpmagic.last_failures()] == [(0, "ValueError")]
+    # The last rank to fail: its error is the cell's, with no line before it.
+    with pytest.raises(mpmagic.ParallelError, match="no input file"):
+        run(ip, "%%parallel -n 2 -q\nimport time\ntime.sleep(0.3 * rank)\n"
+                "if rank == 1:\n    raise ValueError('no input file')\n")
+    assert "failed (ValueError" not in capfd.readouterr().err
