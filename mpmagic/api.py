@@ -64,7 +64,7 @@ def _equal(a: Any, b: Any) -> bool:
     try:
         result = a == b
         if isinstance(result, bool):
-            return result
+            return result or _equal_anyway(a, b)
     except Exception:
         pass
     try:
@@ -80,6 +80,27 @@ def _equal(a: Any, b: Any) -> bool:
             return False
 
 
+def _equal_anyway(a: Any, b: Any) -> bool:
+    """Values ``==`` calls different that are still the same result: NaN (never
+    equal to itself), instances without ``__eq__`` (compared by identity, and
+    the parallel ones are copies), and lists, tuples and dicts holding them.
+    Without this, ``--compare`` said "RESULTS DIFFER" for the same results."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return a != a and b != b  # (both NaN)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if type(a).__eq__ is object.__eq__:
+        try:
+            return payload.dumps_data(a) == payload.dumps_data(b)
+        except Exception:
+            return False
+    return False
+
+
 def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
                    star: bool) -> None:
     """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words."""
@@ -92,6 +113,8 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         try:
             iter(it)
         except TypeError:
+            if getattr(type(it), "__iter__", None) is not None or hasattr(type(it), "__getitem__"):
+                raise  # its own __iter__ raised: the user's error, as serial map shows it
             raise UsageError(f"argument {i} of map must be iterable, not {type(it).__name__} {payload_repr(it)}") from None
     _check_workers(workers)
     _check_positive("chunksize", chunksize, integer=True)

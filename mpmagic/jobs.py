@@ -480,9 +480,12 @@ class MapJob:
 
     def _where(self, index: int, item: Any) -> str:
         item, star = self._shown(item)
-        args = short_repr(item) if star else f"({short_repr(item)})"
-        if star:
-            args = "(" + args.strip("()[]") + ")" if isinstance(item, (tuple, list)) else args
+        if not star:
+            args = f"({short_repr(item)})"
+        elif isinstance(item, (tuple, list)) and len(item) <= 8:
+            args = "(" + ", ".join(short_repr(a) for a in item) + ")"
+        else:  # (many arguments, or an item star cannot unpack)
+            args = f"(*{short_repr(item)})"
         name = getattr(self.func, "__name__", "func")
         return f"mpmagic: raised by item {index} of the input: {name}{args}"
 

@@ -271,9 +271,13 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
                     if len(results) < s + block and len(results) < n:
                         break  # a StopIteration ended this block early
             elif star:
+                # starmap, one item at a time: an item it cannot unpack fails with
+                # starmap's own message, as serially ("'int' object is not iterable").
                 for i in range(start, n):
                     pos[0] = i
-                    append(func(*items[i]))
+                    extend(mapper(func, items[i : i + 1]))
+                    if len(results) <= i:
+                        break  # a StopIteration raised by the call ended it
             else:
                 for i in range(start, n):
                     pos[0] = i

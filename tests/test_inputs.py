@@ -30,6 +30,7 @@ SETUP = (
     "def raises_at_8():\n    yield from range(8)\n    raise KeyError('input at 8')\n"
     "import threading\n"
     "UNSENDABLE_AT_8 = list(range(8)) + [threading.Lock()]\n"
+    "class BrokenIter:\n    def __iter__(self):\n        raise TypeError('bug inside __iter__')\n"
 )
 
 # map()'s argument text: each is evaluated afresh for the serial run and for %pmap.
@@ -53,6 +54,7 @@ CASES = {
     "zip of lists": "str, zip([1, 2], 'ab')",
     "an item fails before the generator does": "fails_at_5, raises_at_8()",
     "an item fails before an unpicklable item": "fails_at_5, UNSENDABLE_AT_8",
+    "its own __iter__ raises TypeError (not 'not iterable')": "inc, BrokenIter()",
     "an item fails before the generator does, with a list": "lambda x, y: fails_at_5(x), raises_at_8(), range(9)",
 }
 

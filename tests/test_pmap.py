@@ -230,3 +230,29 @@ def test_unload_stops_pool_and_removes_magics(ip):
     finally:
         run(ip, "%load_ext mpmagic")
     assert run(ip, "%pmap -q abs, [-3]") == [3]
+
+
+def test_star_item_that_cannot_be_unpacked_fails_as_starmap_does(ip, backend):
+    """starmap's own message (the worker called func(*item): "argument after *
+    must be an iterable"), and a note that reads as the call."""
+    run(ip, "import itertools\ndef tup(*a):\n    return a\ndef div(a, b=0):\n    return a / b\n")
+    with pytest.raises(TypeError) as serial:
+        run(ip, "list(itertools.starmap(tup, [(1, 2), 3]))")
+    with pytest.raises(TypeError) as got:
+        run(ip, "%pmap -q --star tup, [(1, 2), 3]")
+    assert str(got.value) == str(serial.value) == "'int' object is not iterable"
+    assert "item 1 of the input: tup(*3)" in "\n".join(getattr(got.value, "__notes__", []))
+    with pytest.raises(ZeroDivisionError) as got:
+        run(ip, "%pmap -q --star div, [(1,)]")
+    assert "item 0 of the input: div(1)" in "\n".join(getattr(got.value, "__notes__", []))
+
+
+def test_compare_calls_equal_results_equal_even_with_nan_or_no_eq(ip, backend):
+    """NaN is never == itself and an instance without __eq__ compares by
+    identity: the same results are still the same (it said "RESULTS DIFFER")."""
+    run(ip, "class Box:\n    def __init__(self, v):\n        self.v = v\n")
+    for args in ("lambda x: float('nan'), [1, 2]", "lambda x: Box(x), [1, 2]", "lambda x: [x, {'a': float('nan')}], [1]"):
+        run(ip, f"_ = %pmap -q --compare {args}")
+        assert mpmagic.last_report().equal is True, args
+    run(ip, "import random\n_ = %pmap -q --compare lambda x: Box(random.random()), [1, 2]")
+    assert mpmagic.last_report().equal is False  # (different results still differ)
