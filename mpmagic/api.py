@@ -323,6 +323,7 @@ async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
     The run completes an asyncio future through ``loop.call_soon_threadsafe``;
     cancelling the awaiting task cancels the run.
     """
+    __tracebackhide__ = True  # (a cancelled await shows the user's line, not this one)
     import asyncio
 
     run = submit(func, *iterables, **kwargs)
