@@ -19,7 +19,13 @@ the output is kept on the handle (``run.output``) and ``repr(run)`` is a
 one-line status.
 
 The kernel's interrupt raises in the main thread only: a pump never sees it,
-so an interrupt stops the foreground cell and background runs go on.
+so an interrupt stops the foreground cell and background runs go on. A cell
+interrupted while it waits on a run (``result()``, ``as_completed``) says so
+in one line (:func:`interrupted`): the waiting stopped, the run did not.
+
+The error a run ended with is raised in the notebook with the traceback it
+had in the pump, less the pump's own frames (ours): the cell's line, then
+the user's frames, as a blocking run shows it, however often it is raised.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
-from typing import Any, Protocol
+from types import TracebackType
+from typing import Any, NoReturn, Protocol
 
-from .errors import UsageError
+from .errors import OneLine, UsageError, drop_our_frames
+from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
 
 log = logging.getLogger("mpmagic")
@@ -48,6 +56,22 @@ KEEP_FINISHED = 20
 REDRAW_EVERY = 0.25
 #: Characters of task output a live area shows (the start is cut beyond it; ``run.output`` keeps all).
 SHOW_OUTPUT = 20_000
+
+
+def interrupted(message: str) -> KeyboardInterrupt:
+    """The KeyboardInterrupt to raise (``from None``) when the user interrupts a wait
+    in the notebook's thread on a run (or the workers' setup); ``message`` says what
+    happened to the run and what to do.
+
+    As ``%pmap``'s (magics._interrupted): IPython shows the one line of its
+    ``_render_traceback_`` instead of a traceback through our waiting code,
+    and its type stays KeyboardInterrupt. More presses of interrupt in the
+    next moment are repeats of this one (interrupts.py).
+    """
+    absorb_late_interrupts()
+    exc = KeyboardInterrupt(message)
+    exc._render_traceback_ = OneLine(f"KeyboardInterrupt: {message}")  # type: ignore[attr-defined]
+    return exc
 
 
 def check_options(compare: bool = False, scaling: bool = False) -> None:
@@ -223,6 +247,10 @@ class Run:
         self._cancelled = False
         self._value: Any = None
         self._error: BaseException | None = None
+        # The error's traceback as the pump caught it, less the pump's frames:
+        # each raise here starts from it again (raising the same object adds the
+        # raising frames to its ``__traceback__``: it would grow at every call).
+        self._error_tb: TracebackType | None = None
         self._report: Report | None = None
         self._callbacks: list[Callable[[Run], Any]] = []
         self._t0 = time.monotonic()
@@ -278,24 +306,47 @@ class Run:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the run ended (True) or ``timeout`` seconds passed (False)."""
-        return self._done.wait(timeout)
+        __tracebackhide__ = True
+        return self._wait_here(timeout, "wait()")
 
     def result(self, timeout: float | None = None) -> Any:
         """The results (as the blocking call returns them), or the run's error raised here."""
         __tracebackhide__ = True
-        if not self._done.wait(timeout):
+        if not self._wait_here(timeout, "result()"):
             raise TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on")
         if self._cancelled:
             raise CancelledError(f"run {self.id} ({self.what}) was cancelled")
         if self._error is not None:
-            raise self._error
+            self._raise_error()
         return self._value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The run's error once it ended (None when it succeeded)."""
-        if not self._done.wait(timeout):
+        __tracebackhide__ = True
+        if not self._wait_here(timeout, "exception()"):
             raise TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on")
         return CancelledError() if self._cancelled else self._error
+
+    def _wait_here(self, timeout: float | None, what: str) -> bool:
+        """Wait for the end; an interrupt stops the waiting, not the run, and says so."""
+        __tracebackhide__ = True
+        try:
+            return self._done.wait(timeout)
+        except KeyboardInterrupt:
+            raise self._interrupted(what) from None
+
+    def _interrupted(self, what: str) -> KeyboardInterrupt:
+        """The one line of an interrupted wait on this run: it goes on, and how to stop it."""
+        if self._done.is_set():
+            return interrupted(f"{what} interrupted; run {self.id} ({self.what}) had ended ({self.state})")
+        return interrupted(f"{what} interrupted: run {self.id} ({self.what}) goes on in the background; "
+                           f"cancel() on its handle (or %pool cancel {self.id}) stops it")
+
+    def _raise_error(self) -> NoReturn:
+        """Raise the run's error here, with the traceback it had when the pump caught it."""
+        __tracebackhide__ = True
+        assert self._error is not None
+        raise self._error.with_traceback(self._error_tb)
 
     def report(self) -> Report | None:
         """The timing report (as a blocking run prints), once the run ended; None before."""
@@ -351,7 +402,7 @@ class Run:
         try:
             self._engine_run = backend.submit(self._job, workers=workers, background=True)
         except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
-            self._error = exc
+            self._error, self._error_tb = exc, exc.__traceback__
             self._end()
             raise
         with _lock:
@@ -384,7 +435,10 @@ class Run:
         except BaseException as exc:  # kept for result(), shown in the live area at once
             if resume is not None:
                 resume.failed(exc)
-            self._error = exc
+            # The frames above the user's (this loop, the finish callbacks) are
+            # ours and mean nothing to the user; an error of our own keeps them.
+            drop_our_frames(exc)
+            self._error, self._error_tb = exc, exc.__traceback__
         finally:
             self._settle()  # (if waiting itself raised)
             self._elapsed = time.monotonic() - self._t0
@@ -563,13 +617,18 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
     Raises the run's error (or CancelledError) after the results that came
     before it. ``timeout``: seconds to wait for the next chunk (TimeoutError).
     """
+    __tracebackhide__ = True
     if run._chunks is None:
         raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg)")
     seen = 0
     while True:
         with run._arrived:
             while seen == len(run._chunks) and not run.done():
-                if not run._arrived.wait(timeout):
+                try:
+                    arrived = run._arrived.wait(timeout)
+                except KeyboardInterrupt:  # the loop stops here, the run goes on (say so)
+                    raise run._interrupted("as_completed") from None
+                if not arrived:
                     raise TimeoutError(f"no result of run {run.id} within {timeout:g} s")
             fresh = run._chunks[seen:]
             ended = run.done()
@@ -581,8 +640,8 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
     if run._cancelled:
         raise CancelledError(f"run {run.id} ({run.what}) was cancelled")
     if run._error is not None:
-        raise run._error
+        run._raise_error()
 
 
-__all__ = ["Forward", "Resume", "Run", "RunList", "as_completed", "check_options", "finished", "get_run", "runs",
-           "start"]
+__all__ = ["Forward", "Resume", "Run", "RunList", "as_completed", "check_options", "finished", "get_run",
+           "interrupted", "runs", "start"]

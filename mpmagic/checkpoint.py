@@ -14,7 +14,9 @@ captures, same items: ``checkpoint_keys.py``) takes those from the store
 
 Failures (``errors="collect"``) are never stored, so a re-run retries them.
 The store is a cache: when it cannot be opened or written, the run goes on
-without it after a one-line warning.
+without it after a one-line warning (a ``RuntimeWarning`` at the user's
+line, :func:`_warn`); a run whose store could not be opened is a plain run,
+and its report claims no checkpoint.
 
 One map's bookkeeping is one :class:`MapCheckpoint`, whoever runs it: the
 blocking ``pmap`` (``checkpointed_pmap``), a background run
@@ -35,14 +37,14 @@ import queue
 import re
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from . import debugging
 from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
-from .checkpoint_store import CheckpointError, RunInfo, Store
+from .checkpoint_store import RunInfo, Store
+from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes
 from .jobs import Failed
 
@@ -84,19 +86,31 @@ def max_bytes() -> int | None:
 def open_store(location: Any = True) -> Store | None:
     """The store at ``location`` (kept open for this process), or None with a warning."""
     path = directory(location).resolve()
+    try:
+        return _open(path)
+    except Exception as exc:  # a cache must never fail the run
+        _warn(f"mpmagic: cannot open the checkpoint store in {path} ({_why(path, exc)}); "
+              "running without a checkpoint")
+        return None
+
+
+def _open(path: Path) -> Store:
+    """The store in folder ``path`` (kept open for this process); raises what opening it raised."""
     store = _stores.get(path)
     if store is not None:
         if store.path.exists():
             return store
         store.close()  # the folder was deleted under us: start again
-    try:
-        store = Store(path)
-    except (OSError, CheckpointError, Exception) as exc:  # a cache must never fail the run
-        _warn(f"mpmagic: cannot open the checkpoint store in {path} ({type(exc).__name__}: {exc}); "
-              "running without a checkpoint")
-        return None
+    store = Store(path)
     _stores[path] = store
     return store
+
+
+def _why(path: Path, exc: BaseException) -> str:
+    """Why the store in ``path`` cannot be opened, in the user's words."""
+    if path.exists() and not path.is_dir():  # FileExistsError says only "File exists"
+        return f"{path.name} is a file, not a folder"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def close_stores() -> None:
@@ -104,11 +118,6 @@ def close_stores() -> None:
     for store in _stores.values():
         store.close()
     _stores.clear()
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
-    log.warning(message)
 
 
 class _Writer:
@@ -277,7 +286,8 @@ class MapCheckpoint:
     whole result back together in input order (``value``).
 
     Raises ``ValueError`` when the function has no key (it does not pickle):
-    the caller then runs the map without a checkpoint, whose own error says why.
+    the caller then runs the map without a checkpoint, whose own error says why;
+    and when the store cannot be opened (after the warning that says so).
     """
 
     def __init__(self, func: Callable, iterables: tuple, *, star: bool, errors: str, location: Any,
@@ -293,6 +303,8 @@ class MapCheckpoint:
             log.debug("no run key for %s: %s", self.name, exc)
             raise ValueError(f"no checkpoint key for {self.name}") from exc
         self.store = open_store(location)
+        if self.store is None:  # (it warned) a plain run then: its report claims no checkpoint
+            raise ValueError(f"no checkpoint store for {self.name}")
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
                   "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
@@ -625,7 +637,8 @@ class CellCheckpoint:
     cannot run alone: the cell is taken from the store when every rank's
     value is there (``complete``), and run whole otherwise, its ranks' values
     stored once it succeeded. Raises ``ValueError`` when the cell has no key
-    (a syntax error, an unpicklable name): the plain run then says which.
+    (a syntax error, an unpicklable name): the plain run then says which; and
+    when the store cannot be opened (after the warning that says so).
     """
 
     def __init__(self, code: str, *, size: int, namespace: dict[str, Any], gather: tuple, location: Any) -> None:
@@ -642,6 +655,8 @@ class CellCheckpoint:
             log.debug("no key for the cell: %s", exc)
             raise ValueError("no checkpoint key for the cell") from exc
         self.store = open_store(location)
+        if self.store is None:  # (it warned) the cell runs as a plain one
+            raise ValueError("no checkpoint store for the cell")
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what the cell reads {why}; a new kernel will run it again")
         self.rank_keys = [item_key(f"rank {r}")[0] for r in range(size)]
@@ -792,17 +807,28 @@ class Checkpoints(list):
 
 
 def manage(action: str | None, name: str | None = None) -> Any:
-    """``%pool checkpoints [clear [NAME]]``: list the stored runs, or delete them."""
-    from .errors import UsageError
+    """``%pool checkpoints [clear [NAME]]``: list the stored runs, or delete them.
 
+    A folder that cannot be opened is this command's error (one line: there is
+    no run here to go on without the store, and nothing was listed or deleted).
+    """
+    from .errors import MPMagicError, UsageError
+
+    if action not in (None, "list", "clear"):
+        raise UsageError(f"checkpoints takes 'clear [NAME]' or nothing, not {action!r}")
     folder = directory()
+    try:
+        store = _open(folder.resolve())
+    except Exception as exc:
+        done = "nothing to list" if action != "clear" else "nothing was deleted"
+        raise MPMagicError(f"%pool checkpoints: cannot open the checkpoint store in {folder} "
+                           f"({_why(folder.resolve(), exc)}): {done}; set %config MPMagic.checkpoint_dir "
+                           "to a folder") from None
     if action in (None, "list"):
-        out = Checkpoints(list_runs())
+        out = Checkpoints(store.runs())
         out.folder = os.fspath(folder)
         return out
-    if action == "clear":
-        n = clear(name)
-        what = f"named {name!r} " if name else ""
-        print(f"deleted {n} checkpointed run{'s' if n != 1 else ''} {what}from {folder}")
-        return None
-    raise UsageError(f"checkpoints takes 'clear [NAME]' or nothing, not {action!r}")
+    n = store.clear(name)  # (clear)
+    what = f"named {name!r} " if name else ""
+    print(f"deleted {n} checkpointed run{'s' if n != 1 else ''} {what}from {folder}")
+    return None

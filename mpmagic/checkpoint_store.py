@@ -41,6 +41,7 @@ import logging
 import os
 import pickle
 import sqlite3
+import sys
 import threading
 import time
 import uuid
@@ -48,6 +49,7 @@ import warnings
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from . import payload
@@ -110,9 +112,40 @@ def _digest(*parts: bytes | memoryview) -> bytes:
     return h.digest()
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
-    log.warning(message)
+def warn(message: str) -> None:
+    """One warning, at the user's line (the cell or script line that started the run).
+
+    A ``RuntimeWarning`` (so ``warnings`` filters and ``pytest.warns`` see it)
+    whose file and line are the first caller outside mpmagic and IPython's
+    magic machinery: with a fixed ``stacklevel`` it pointed at a line of ours
+    whenever the call came by another path. Shown each time (a fresh
+    registry): the default filter would show it once per line of the
+    notebook's shared ``__main__``, so a second run of the same call would
+    say nothing. Outside any user's frame (a thread of ours) it is logged.
+    """
+    frame = _user_frame()
+    if frame is None:
+        log.warning(message)
+        return
+    warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__", "__main__"), module_globals=frame.f_globals)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Callers that are not the user's: IPython's magic machinery (``run_line_magic``,
+# the ``<decorator-gen-N>`` wrappers of magics) between the cell and our magic.
+_NOT_THE_USERS = (os.sep + "IPython" + os.sep, "<decorator-gen-")
+
+
+def _user_frame() -> FrameType | None:
+    """The innermost frame of this thread's stack that is neither ours nor IPython's, or None."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not name.startswith(_PACKAGE_DIR + os.sep) and not any(part in name for part in _NOT_THE_USERS):
+            return frame
+        frame = frame.f_back
+    return None
 
 
 class Store:
@@ -145,7 +178,7 @@ class Store:
         if conn is not None:
             conn.close()
         aside = self._move_aside()
-        _warn(
+        warn(
             f"mpmagic: {self.path} is not a usable checkpoint store: {problem}; "
             f"{'moved it to ' + aside.name if aside else 'removed it'} and started a fresh one"
         )
@@ -244,7 +277,7 @@ class Store:
                         continue
                 found[k] = v
         if bad:
-            _warn(f"mpmagic: {bad} stored result{'s' if bad > 1 else ''} in {self.path} failed their check "
+            warn(f"mpmagic: {bad} stored result{'s' if bad > 1 else ''} in {self.path} failed their check "
                   "(damaged file?); computing them again")
         return found
 

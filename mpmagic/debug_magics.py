@@ -5,18 +5,19 @@ from __future__ import annotations
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from . import postmortem
+from . import debugging, postmortem
 from .errors import UsageError
 
 PDEBUG_HELP = """\
+Replay a failure of the last %pmap or %%parallel run here, under IPython's debugger.
+
 usage: %pdebug [N]
 
-Replay a failure of the last %pmap or %%parallel run here, under IPython's
-debugger, stopped at the line that raised (as %debug does): the function (or
-cell) is loaded from the very bytes the workers ran, with the same item (or
-the same rank and size). N is the item index (or rank) to replay, e.g. one
-of a --errors collect run; the first failure by default. If the replay does
-not fail here, the failure depended on the worker: the worker's traceback and
+It stops at the line that raised (as %debug does): the function (or cell)
+is loaded from the very bytes the workers ran, with the same item (or the
+same rank and size). N is the item index (or rank) to replay, e.g. one of a
+--errors collect run; the first failure by default. If the replay does not
+fail here, the failure depended on the worker: the worker's traceback and
 its local variables at the failing line are shown instead.
 mpmagic.last_failures() lists the failures with those details.
 """
@@ -28,6 +29,7 @@ class DebugMagics(Magics):
 
     @line_magic
     def pdebug(self, line: str = "") -> None:
+        # (Its help, for %pdebug? and %pdebug -h, is PDEBUG_HELP: set as the docstring below.)
         text = line.strip()
         if text in ("-h", "--help"):
             print(PDEBUG_HELP)
@@ -35,7 +37,15 @@ class DebugMagics(Magics):
         if text and not text.lstrip("-").isdigit():
             raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]")
         which = int(text) if text else None
+        if debugging.last_run() is None:  # every %pmap / %%parallel that ended leaves a record, failed or not
+            raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "
+                                    "interrupted run, or a --bg one, leaves nothing to replay)")
         try:
             postmortem.replay(which, debugger=getattr(self.shell, "debugger_cls", None))
         except UsageError as exc:
             raise IPythonUsageError(f"%pdebug: {exc}") from None
+
+
+# What ``%pdebug?`` shows (IPython reads the magic's docstring), as %pmap's
+# and %pool's are set in magics.py: one text for ``?`` and ``-h``.
+DebugMagics.pdebug.__doc__ = PDEBUG_HELP

@@ -109,6 +109,30 @@ class ParallelError(MPMagicError):
         self.values = dict(values or {})
 
 
+class ReduceError(MPMagicError):
+    """``%%parallel --reduce FUNC`` raised on the ranks' values.
+
+    The cell ran; only combining its values failed. ``values`` holds them (the
+    list ``-o NAME`` stores), so nothing computed is lost; the reducer's own
+    exception is the cause.
+    """
+
+    def __init__(self, message: str, values: list | None = None) -> None:
+        super().__init__(message)
+        self.values = values
+
+
+class OneLine:
+    """A ``_render_traceback_`` that shows one line (a class, not a lambda, so the
+    exception still pickles): IPython shows it instead of a traceback through our code."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __call__(self) -> list[str]:
+        return [self.text]
+
+
 class RemoteTraceback(Exception):
     """The text of a worker-side traceback (kept for code that reads ``.text``).
 
@@ -389,6 +413,18 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
             name, line, body = texts
             return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
     return []
+
+
+def cell_lineno(filename: str, lineno: int) -> int:
+    """Line ``lineno`` of ``filename`` as the notebook's ``linecache`` numbers it.
+
+    A ``%%parallel`` body named as its notebook cell (:func:`remember_cell_origin`)
+    is cached with the magic line above it, so its lines are one further down
+    than the worker counted; any other file is unchanged. A warning's line
+    shown with its source must use this number, or it shows the line above.
+    """
+    origin = _cell_origins.get(filename)
+    return lineno + origin[1] if origin is not None else lineno
 
 
 def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:

@@ -42,8 +42,13 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     (``workers``, ``chunksize``, ``timeout``, ``retries``...).
     """
     last = last_run()
-    if last is None or last.kind != "map" or not last.failures:
-        raise UsageError("no failed %pmap run to re-run: run %pmap first (the last run had no failures)")
+    if last is not None and last.kind == "cell" and last.failures:
+        raise UsageError("--rerun-failed re-runs the failed items of a %pmap, and the last run was a %%parallel "
+                         "cell that failed: run the cell again")
+    if last is None:
+        raise UsageError("no failed %pmap run to re-run: no run has ended yet")
+    if last.kind != "map" or not last.failures:
+        raise UsageError("no failed %pmap run to re-run: the last run had no failures")
     if getattr(last.func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded)
         raise UsageError(
             "the last run used --seed: run the same call again instead (an item's random stream comes "

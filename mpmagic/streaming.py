@@ -10,7 +10,9 @@ notebook hold the whole result. The consumer makes room and wakes the
 backend (``engine.Run.nudge``).
 
 Breaking out of the loop, ``close()``, or dropping the iterator cancels the
-rest of the run (its busy workers are replaced, as for an interrupt).
+rest of the run (its busy workers are replaced, as for an interrupt). An
+interrupt while the loop waits for results cancels it too, and says so in
+one line, as ``%pmap`` does.
 
 ``checkpoint=`` (``checkpoint.StreamCheckpoint``): only the items the store
 lacks are computed; each accepted chunk is stored before the consumer gets
@@ -191,10 +193,30 @@ def _generate(reader: _Reader) -> Iterator[Any]:
         while (chunk := reader.next_chunk()) is not None:
             yield from chunk
         finished = True
+    except KeyboardInterrupt:  # in our wait for the next chunk (the loop's own body raises in the user's frame)
+        raise _interrupted(reader.run) from None
     finally:
         if not finished:  # the loop was left (break, close(), an exception, Ctrl-C): stop the rest
             reader.run.cancel()
     reader.run.result()  # the run's error (or CancelledError), after the results before it
+
+
+def _interrupted(run: Any) -> KeyboardInterrupt:
+    """Interrupted while waiting for results: the stream's run is cancelled (its busy
+    workers replaced, as for ``%pmap``), and the one line says so."""
+    from .background import interrupted
+    from .engine import sigint_deferred
+
+    stopped = False
+    try:
+        with sigint_deferred():  # a second interrupt must not cut the cancel short
+            stopped = run.cancel()
+    except KeyboardInterrupt:  # (that second one, raised once the cancel is done: the same interrupt)
+        pass
+    if not stopped and run.state != "cancelled":  # it had just ended
+        return interrupted(f"imap interrupted; its run {run.id} ({run.what}) had ended ({run.state})")
+    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled, the work still running "
+                       "was stopped and its workers replaced; the pool is ready for the next run")
 
 
 def _cancel_quietly(run: Any) -> None:

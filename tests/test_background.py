@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import threading
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from concurrent.futures import CancelledError
 import pytest
 from conftest import run
 from IPython.core.error import UsageError as IPythonUsageError
+from IPython.utils.capture import capture_output
 
 import mpmagic
 
@@ -241,3 +243,69 @@ def test_a_background_map_returns_at_once_however_slow_its_input(ns):
     release.set()
     assert handle.result(60) == [x * x for x in range(5)]
     assert readers and readers[0] is not threading.current_thread()
+
+
+# -- what a failed or interrupted background run shows -----------------------------------
+
+
+def _shown(ip, code: str) -> tuple[str, BaseException | None]:
+    """Run ``code`` as a numbered cell: the text IPython displayed, and its error."""
+    with capture_output() as cap:
+        result = ip.run_cell(code, store_history=True)
+    return cap.stdout + cap.stderr, result.error_in_exec
+
+
+@pytest.mark.parametrize("call", ["r.result()", "list(mpmagic.as_completed(r))", "list(mpmagic.imap(bad, range(6)))"])
+def test_a_failed_background_run_shows_what_a_blocking_run_shows_however_often_raised(ip, ns, call):
+    """The cell's line, then the user's frame: none of the pump thread's frames
+    (Run._pump, the finish lambdas of background.py, api.py, streaming.py),
+    and raising the same error again does not grow its traceback."""
+    with capture_output():
+        defined = ip.run_cell("import mpmagic\ndef bad(x):\n    if x == 3:\n        raise ValueError(f'boom {x}')\n"
+                              "    return x\n", store_history=True)
+    n = defined.execution_count
+    run(ip, "r = mpmagic.submit(bad, range(6))\nr.wait(60)")
+    blocking, _ = _shown(ip, "%pmap -q bad, range(6)")
+    for _ in range(2):
+        text, err = _shown(ip, call)
+        assert isinstance(err, ValueError), text
+        assert "mpmagic/" not in text and "_pump" not in text and "<lambda>" not in text, text
+        assert text.count(call) == 1, text  # the cell's line once, however often raised
+        # As the blocking %pmap shows it: from the user's frame on, the same text.
+        tail = text[text.index(f"Cell In[{n}], line 4"):]
+        assert tail == blocking[blocking.index(f"Cell In[{n}], line 4"):], (text, blocking)
+        assert "mpmagic: raised by item 3 of the input: bad(3)" in tail
+
+
+def _interrupted(ip, code: str, after: float = 0.6) -> tuple[str, BaseException | None]:
+    """Run ``code`` as a cell and interrupt it (SIGINT to the main thread) ``after`` seconds in."""
+    timer = threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with capture_output() as cap:
+            result = ip.run_cell(code, store_history=False)
+    finally:
+        timer.cancel()
+    return cap.stdout + cap.stderr, result.error_in_exec
+
+
+@pytest.mark.parametrize("wait", ["r.result()", "for v in mpmagic.as_completed(r):\n    pass"])
+def test_an_interrupted_wait_on_a_background_run_says_in_one_line_that_the_run_goes_on(ip, ns, wait):
+    run(ip, "import mpmagic\nr = mpmagic.submit(napper, range(8), chunksize=1)")  # ~2 s on 2 workers
+    text, err = _interrupted(ip, wait)
+    handle = ip.user_ns["r"]
+    assert type(err) is KeyboardInterrupt
+    what = "result()" if "result" in wait else "as_completed"
+    assert text.strip() == (f"KeyboardInterrupt: {what} interrupted: run {handle.id} (pmap napper) goes on in the "
+                            f"background; cancel() on its handle (or %pool cancel {handle.id}) stops it"), text
+    assert handle.result(60) == list(range(8))  # it did go on, to the end
+
+
+def test_an_interrupted_imap_says_in_one_line_that_its_run_was_cancelled(ip, ns):
+    text, err = _interrupted(ip, "import mpmagic\nfor v in mpmagic.imap(napper, range(8), chunksize=1):\n    pass")
+    handle = mpmagic.runs()[-1]
+    assert type(err) is KeyboardInterrupt and handle.what == "imap napper"
+    assert text.strip() == (f"KeyboardInterrupt: imap interrupted: its run {handle.id} (imap napper) was cancelled, "
+                            "the work still running was stopped and its workers replaced; the pool is ready "
+                            "for the next run"), text
+    assert handle.state == "cancelled" and _no_busy_worker()

@@ -99,3 +99,29 @@ def test_a_failing_background_run_shows_its_error_at_once_and_raises_it_in_resul
     drawn = [c["data"]["text/plain"] for t, c in messages
              if t == "update_display_data" and c["transient"]["display_id"] == live_id]
     assert drawn and "KeyError: 'no 13' (run.result() raises it)" in drawn[-1], drawn[-1:]
+
+
+def _one_line_error(reply) -> str:
+    """The one line a cell's error showed (asserting it was one line, no traceback)."""
+    assert reply.status == "error" and reply.ename == "KeyboardInterrupt", reply.outputs
+    errors = [c["traceback"] for t, c in reply.outputs if t == "error"]
+    assert len(errors) == 1 and len(errors[0]) == 1, errors
+    assert "Traceback" not in str(reply.outputs) and ".py" not in errors[0][0], errors
+    return errors[0][0]
+
+
+def test_an_interrupted_wait_on_a_run_is_one_line_saying_what_became_of_the_run(kernel):
+    """Interrupt kernel while a cell waits on a background run (as_completed,
+    result()) or loops over a stream: one line, never a traceback through our
+    waiting code; the background run goes on, the stream's run is cancelled."""
+    kernel.ok("run5 = mpmagic.submit(slow, range(10))")
+    run_id = kernel.value("run5.id")
+    for wait in ("for v in mpmagic.as_completed(run5):\n    pass", "run5.result()"):
+        line = _one_line_error(kernel.execute(wait, interrupt_after=0.8))
+        assert line.endswith(f"interrupted: run {run_id} (pmap slow) goes on in the background; "
+                             f"cancel() on its handle (or %pool cancel {run_id}) stops it"), line
+    assert kernel.value("run5.result(60) == [x * x for x in range(10)]") is True
+    line = _one_line_error(kernel.execute("for v in mpmagic.imap(slow, range(10)):\n    pass", interrupt_after=1.0))
+    assert line.startswith("KeyboardInterrupt: imap interrupted: its run ") and "was cancelled" in line, line
+    assert kernel.value("mpmagic.runs()[-1].state") == "cancelled"
+    assert kernel.value("mpmagic.get_pool().status()['runs_in_flight']") == 0

@@ -307,6 +307,52 @@ def test_a_corrupt_store_file_warns_once_and_starts_fresh(ip, store_dir):
     assert calls(ip) == []
 
 
+@pytest.mark.parametrize("call", [
+    "%pmap -q --checkpoint work, range(4)",
+    "r = %pmap --bg --checkpoint work, range(4)\nr.result(60)",
+    "list(mpmagic.imap(work, range(4), checkpoint=True))",
+    "%%parallel -n 2 -q --checkpoint\nrank * 2",
+])
+def test_an_unusable_checkpoint_folder_warns_once_at_the_users_line_and_the_run_claims_none(ip, store_dir, caplog,
+                                                                                            call):
+    store_dir.write_text("a file where the folder should be")
+    run(ip, "import mpmagic")
+    for _ in range(2):  # every run says so (not once per line of the notebook's shared __main__)
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            value = run(ip, call)
+        said = [w for w in caught if "checkpoint" in str(w.message)]
+        assert [str(w.message) for w in said] == [
+            f"mpmagic: cannot open the checkpoint store in {store_dir.resolve()} (ckpt is a file, not a folder); "
+            "running without a checkpoint"]
+        # At the user's line (the cell's), never a line of mpmagic or IPython; and only there (no log line too).
+        assert "mpmagic" not in said[0].filename and "IPython" not in said[0].filename, said[0].filename
+        assert not [r for r in caplog.records if "checkpoint" in r.getMessage()]
+        if "work" in call:
+            assert list(value) == [0, 1, 4, 9] and sorted(calls(ip)) == [0, 1, 2, 3]
+            report = ip.user_ns["r"].report() if "--bg" in call else api.last_report()
+            if "imap" not in call:  # the run went on without a checkpoint, and its report says none
+                assert "checkpoint" not in report.line() and "resumed" not in report.line(), report.line()
+        else:
+            assert list(value) == [0, 2] and "checkpoint" not in api.last_report().line()
+
+
+@pytest.mark.parametrize("action, done", [("", "nothing to list"), (" clear", "nothing was deleted")])
+def test_pool_checkpoints_on_an_unusable_folder_says_so_in_one_line_of_its_own(ip, store_dir, action, done):
+    from IPython.utils.capture import capture_output
+
+    store_dir.write_text("a file where the folder should be")
+    with warnings.catch_warnings(record=True) as caught, capture_output() as cap:
+        warnings.simplefilter("always")
+        result = ip.run_cell(f"%pool checkpoints{action}", store_history=False)
+    assert not caught  # no "running without a checkpoint": there is no run
+    assert isinstance(result.error_in_exec, mpmagic.MPMagicError)
+    assert (cap.stdout + cap.stderr).strip() == (
+        f"MPMagicError: %pool checkpoints: cannot open the checkpoint store in {store_dir} (ckpt is a file, "
+        f"not a folder): {done}; set %config MPMagic.checkpoint_dir to a folder")
+
+
 def test_a_foreign_sqlite_file_warns_and_starts_fresh(tmp_path):
     conn = sqlite3.connect(tmp_path / DB_NAME)
     conn.execute("CREATE TABLE photos(id INTEGER)")

@@ -113,6 +113,30 @@ def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     assert "replaying it here could do the same to the notebook" in str(result.error_in_exec)
 
 
+def test_pdebug_question_mark_shows_its_help_as_every_magic_does(ip):
+    from mpmagic.debug_magics import PDEBUG_HELP
+
+    text = ip.object_inspect_text("%pdebug")
+    assert "<no docstring>" not in text and "usage: %pdebug [N]" in text
+    assert PDEBUG_HELP.strip() in text
+    assert PDEBUG_HELP.splitlines()[0].startswith("Replay a failure of the last %pmap or %%parallel run")
+
+
+def test_pdebug_before_any_run_says_there_was_none(ip, capsys):
+    from mpmagic import debugging
+
+    saved = debugging.last_run()
+    debugging.forget()  # as in a fresh kernel (or after an interrupted run)
+    try:
+        result = ip.run_cell("%pdebug", store_history=False)
+    finally:
+        debugging.set_last_run(saved)
+    assert str(result.error_in_exec) == (
+        "%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an interrupted run, or a --bg one, "
+        "leaves nothing to replay)")
+    assert "did not fail" not in capsys.readouterr().err
+
+
 def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):
     run(ip, "%pmap -q abs, [1, -2]")
     result = ip.run_cell("%pdebug", store_history=False)
@@ -188,3 +212,13 @@ def test_after_a_checkpointed_run_failures_count_in_the_whole_input(ip, local_po
     assert (info.index, info.item) == (5, 5)
     with pytest.raises(mpmagic.UsageError, match="used --checkpoint"):
         mpmagic.rerun_failed()
+
+
+def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, local_pool):
+    """It said "(the last run had no failures)" after a %%parallel cell that failed."""
+    with pytest.raises(Exception):
+        run(ip, "%%parallel -n 2 -q\nraise ValueError(rank)\n")
+    result = ip.run_cell("%pmap --rerun-failed", store_history=False)
+    message = str(result.error_in_exec)
+    assert "last run was a %%parallel cell that failed: run the cell again" in message, message
+    assert "no failures" not in message

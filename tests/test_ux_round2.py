@@ -168,6 +168,25 @@ def test_an_interrupt_shows_only_our_line_in_a_shell(ip, pool2, magic, cell):
     assert text.strip() == INTERRUPTED.format(magic=magic), text
 
 
+def test_an_interrupted_pool_setup_says_in_one_line_that_it_stays_and_the_workers_go_on(ip, pool2):
+    from mpmagic import setup_api, worker_setup
+
+    try:
+        result, cap = _interrupted(ip, "%%pool setup\nimport time\ntime.sleep(1.5)\n")
+        assert type(result.error_in_exec) is KeyboardInterrupt
+        assert (cap.stdout + cap.stderr).strip() == (
+            "KeyboardInterrupt: %%pool setup interrupted: the worker setup stays installed (%pool setup shows it) "
+            "and the workers go on running it (a run waits for it); %pool setup clear removes it, then "
+            "%pool restart stops workers still in it"), cap.stdout + cap.stderr
+        with capture_output() as shown:
+            run(ip, "%pool setup")
+        assert "time.sleep(1.5)" in shown.stdout  # as the line says
+    finally:
+        worker_setup.clear()
+        setup_api.apply_now()  # (waits for the workers still sleeping)
+    assert run(ip, "%pmap -q abs, [-1, 2]") == [1, 2]
+
+
 @pytest.fixture(scope="module")
 def kernel():
     from test_kernel import Kernel
