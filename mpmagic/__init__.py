@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     MPMagicError,
     ParallelError,
+    ReduceError,
     RemoteError,
     SerializationError,
     TaskTimeoutError,
@@ -148,6 +149,7 @@ __all__ = [
     "SharedObjectGone",
     "MPMagicError",
     "ParallelError",
+    "ReduceError",
     "RemoteError",
     "SerializationError",
     "TaskTimeoutError",

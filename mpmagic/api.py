@@ -93,7 +93,7 @@ def _equal_anyway(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if type(a).__eq__ is object.__eq__:
+    if type(a).__eq__ is object.__eq__:  # type: ignore[comparison-overlap]  # (typeshed types the two differently)
         try:
             return payload.dumps_data(a) == payload.dumps_data(b)
         except Exception:

@@ -14,6 +14,7 @@ import builtins
 import hashlib
 import importlib
 import linecache
+import symtable
 import sys
 import types
 from dataclasses import dataclass, field
@@ -61,9 +62,24 @@ def register_source(source: str, prefix: str = "parallel-cell") -> str:
     return filename
 
 
-def names_used(tree: ast.AST) -> set[str]:
-    """Every name the code reads (loads), in any nested scope."""
-    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+def names_used(source: str, filename: str = "<cell>") -> set[str]:
+    """The global names the code reads: at its top level, and in nested scopes
+    (functions, classes, comprehensions) the names that are not their own.
+
+    A function's parameter or local is not the notebook's variable of that
+    name: ``def g(r): ...`` with an unpicklable ``r`` in the notebook failed
+    the cell with "cannot send r", though serial Python never reads it.
+    """
+    names: set[str] = set()
+    scopes = [symtable.symtable(source, filename, "exec")]
+    while scopes:
+        scope = scopes.pop()
+        top = scope.get_type() == "module"
+        for sym in scope.get_symbols():
+            if sym.is_referenced() and (top or sym.is_global()):
+                names.add(sym.get_name())
+        scopes.extend(scope.get_children())
+    return names
 
 
 def _module_name(mod: types.ModuleType) -> str | None:
@@ -77,10 +93,10 @@ def make_cell_spec(
     source: str, user_ns: dict[str, Any], gather: tuple[str, ...] = ()
 ) -> CellSpec:
     """Parse the cell (SyntaxError propagates) and pick the names it needs."""
-    tree = astlock.parse(source)
+    astlock.parse(source)  # (a SyntaxError is raised here, as the docstring says)
     filename = register_source(source)
     spec = CellSpec(source=source, filename=filename, gather=tuple(gather))
-    for name in sorted(names_used(tree)):
+    for name in sorted(names_used(source, filename)):
         if name in ("rank", "size") or name not in user_ns:
             continue
         value = user_ns[name]

@@ -27,6 +27,7 @@ from .errors import (
     SerializationError,
     TaskTimeoutError,
     WorkerLostError,
+    drop_our_frames,
     fake_traceback,
     show_without_frames,
     unloadable_results,
@@ -290,6 +291,7 @@ class MapJob:
             # kept (they run, and one of them may fail first, as in serial map).
             batch.extend(itertools.islice(self._iter, want))
         except Exception as exc:
+            drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
             error = exc
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
             if batch:

@@ -11,7 +11,9 @@ import argparse
 import ast
 import contextlib
 import difflib
+import keyword
 import linecache
+import shlex
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,13 +28,21 @@ from IPython.core.magic import (
 )
 from IPython.display import display
 
-from . import api, config, pool, scaling
+from . import api, astlock, config, pool, scaling
 from .cell import source_digest
-from .errors import MPMagicError, UsageError, came_from_worker
+from .errors import MPMagicError, OneLine, ReduceError, UsageError, came_from_worker
 
 _INTERRUPTED = (
     "{magic} interrupted: the work still running was stopped and its workers "
     "replaced; the pool is ready for the next run"
+)
+# --compare's serial run is in the notebook, after the parallel run: an
+# interrupt there stops no worker, and the parallel run's values are lost
+# with the exception (api.py does not keep them).
+_SERIAL_INTERRUPTED = (
+    "{magic} --compare interrupted in its serial run here in the notebook, after the parallel run had "
+    "finished (mpmagic.last_report() is its report): no worker was stopped, and the parallel run's {values} "
+    "were dropped with the interrupt; run it without --compare to keep them"
 )
 
 
@@ -215,7 +225,7 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple
     return eval(code, user_ns, {"__mpmagic_args__": lambda *a: a})
 
 
-def _interrupted(magic: str) -> KeyboardInterrupt:
+def _interrupted(magic: str, text: str | None = None) -> KeyboardInterrupt:
     """The KeyboardInterrupt a magic raises when the user interrupts its run.
 
     It carries ``_render_traceback_`` (IPython's hook for exceptions that
@@ -224,29 +234,21 @@ def _interrupted(magic: str) -> KeyboardInterrupt:
     KeyboardInterrupt, so ``except KeyboardInterrupt`` and the kernel's
     ``ename`` are unchanged.
     """
-    exc = KeyboardInterrupt(_INTERRUPTED.format(magic=magic))
-    exc._render_traceback_ = _OneLine(f"KeyboardInterrupt: {exc}")  # type: ignore[attr-defined]
+    exc = KeyboardInterrupt(text or _INTERRUPTED.format(magic=magic))
+    exc._render_traceback_ = OneLine(f"KeyboardInterrupt: {exc}")  # type: ignore[attr-defined]
     return exc
 
 
-class _OneLine:
-    """A ``_render_traceback_`` that shows one line (a class, not a lambda, so the exception still pickles)."""
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    def __call__(self) -> list[str]:
-        return [self.text]
-
-
 @contextlib.contextmanager
-def _magic_errors(parser: _Parser) -> Iterator[None]:
+def _magic_errors(parser: _Parser, serial_pass: Callable[[], bool] | None = None) -> Iterator[None]:
     """A run's errors as the magic says them.
 
     Our UsageError (bad arguments found by the API) becomes the magic's usage
     error with the pointer to its help, unless a task raised it (it then has
     the worker's frames and is the task's error). An
-    interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`.
+    interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`;
+    when ``serial_pass()`` says the parallel run had finished (a ``--compare``
+    run whose report was made), it says the serial run here was interrupted.
     """
     __tracebackhide__ = True
     try:
@@ -256,7 +258,20 @@ def _magic_errors(parser: _Parser) -> Iterator[None]:
             raise
         raise parser.usage_error(str(exc)) from None
     except KeyboardInterrupt:
+        if serial_pass is not None and serial_pass():
+            values = "results" if parser.prog == "%pmap" else "ranks' values"
+            raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
         raise _interrupted(parser.prog) from None
+
+
+def _compare_finished(compare: bool, before: Any) -> Callable[[], bool]:
+    """For :func:`_magic_errors`: did this ``--compare`` run's parallel part finish?
+
+    The API sets the run's report once its parallel run has finished and
+    before the serial run starts; an interrupt of the parallel run leaves the
+    previous report (``before``) in place.
+    """
+    return lambda: compare and api.last_report() is not before
 
 
 @magics_class
@@ -297,7 +312,7 @@ class MPMagics(Magics):
                                             chunksize=opts.chunksize)
         before = api.last_report()
         try:
-            with _magic_errors(parser):
+            with _magic_errors(parser, _compare_finished(opts.compare, before)):
                 result = api.pmap(
                     args[0],
                     *args[1:],
@@ -351,13 +366,22 @@ class MPMagics(Magics):
     def parallel(self, line: str = "", cell: str = "") -> Any:
         __tracebackhide__ = True
         parser = _parallel_parser()
-        tokens, rest = split_options(line, parser)
-        if rest and not rest.startswith("#"):  # a trailing comment is not an argument
-            tokens.append(rest)
-        opts = parser.parse_args(tokens)
+        # The whole line is options: shell words as %pool splits them, so a quoted
+        # value keeps its spaces (--reduce 'lambda v: sorted(v)'), and a # starts a comment.
+        try:
+            tokens = shlex.split(line, comments=True)
+        except ValueError as exc:  # shlex: an unclosed quote
+            raise parser.usage_error(str(exc)) from None
+        opts, extra = parser.parse_known_args(tokens)
+        if extra:
+            at = tokens.index(extra[0])
+            unquoted = at >= 2 and tokens[at - 2] in ("--reduce", "--gather")  # --reduce lambda v: max(v)
+            hint = f"; quote a value with spaces: {tokens[at - 2]} '{tokens[at - 1]} {extra[0]} ...'" if unquoted else ""
+            raise parser.usage_error(parser.unknown(extra[0]) + hint)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
-        if opts.output and not opts.output.isidentifier():
+        if opts.output and not _is_variable_name(opts.output):
             raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
+        _check_plain_python(parser, cell, self.shell)
         if opts.bg:
             return self._parallel_bg(parser, opts, cell)
         if opts.scaling:
@@ -372,11 +396,12 @@ class MPMagics(Magics):
             if not callable(reducer):
                 raise parser.usage_error(f"--reduce needs a function such as sum, not {opts.reduce!r}")
         gather = tuple(g.strip() for g in opts.gather.split(",") if g.strip()) if opts.gather else ()
-        if opts.output and not opts.output.isidentifier():
-            raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
+        for name in gather:
+            if not _is_variable_name(name):
+                raise parser.usage_error(f"--gather takes variable names separated by commas, and {name!r} is not one")
         before = api.last_report()
         try:
-            with _magic_errors(parser):
+            with _magic_errors(parser, _compare_finished(opts.compare, before)):
                 values = api.parallel(
                     cell,
                     workers=opts.workers,
@@ -399,7 +424,7 @@ class MPMagics(Magics):
         if opts.output:
             self._user_ns[opts.output] = values
         if reducer is not None:
-            return reducer(values)
+            return _reduced(parser, opts, reducer, values, cell)
         if not api.cell_has_value(cell) or all(v is None for v in values):
             return None  # like a cell ending in print(): nothing to show
         return values
@@ -407,15 +432,15 @@ class MPMagics(Magics):
     @line_cell_magic
     def pool(self, line: str = "", cell: str | None = None) -> Any:
         __tracebackhide__ = True
-        import shlex
-
         parser = _pool_parser()
         try:
-            opts = parser.parse_args(shlex.split(line, comments=True))
+            tokens = shlex.split(line, comments=True)
         except ValueError as exc:  # shlex: an unclosed quote
             raise parser.usage_error(str(exc)) from None
+        opts = parser.parse_args(tokens)
         if cell is not None and opts.action != "setup":
             raise parser.usage_error("only %%pool setup takes a cell (the code every worker runs at start)")
+        _check_pool_line(parser, opts, tokens)
         try:
             if opts.action == "setup":
                 return _pool_setup(opts.target, cell)
@@ -428,8 +453,6 @@ class MPMagics(Magics):
         if opts.gpus is not None:  # worker setup: CUDA_VISIBLE_DEVICES round-robin, before they start
             from . import worker_setup
 
-            if action != "start":
-                raise UsageError("--gpus goes with start: %pool start --gpus 0,1")
             if getattr(pool.current_pool(), "name", "local") != "local":
                 raise UsageError("--gpus is for the local pool (%pool local first); Dask workers pick their own devices")
 
@@ -443,8 +466,10 @@ class MPMagics(Magics):
         elif action == "stop":
             pool.stop_pool()
         elif action == "restart":
-            pool.restart_pool()
+            pool.restart_with(opts.workers, opts.start_method, opts.max_tasks_per_child, opts.max_memory)
         elif action == "resize":
+            if opts.workers and opts.target:
+                raise UsageError(f"resize takes N or -n N, not both: %pool resize {opts.target}")
             try:
                 n = opts.workers or (_positive_int(opts.target) if opts.target else None)
             except argparse.ArgumentTypeError as exc:
@@ -454,6 +479,8 @@ class MPMagics(Magics):
             pool.get_pool().resize(n)
         elif action == "local":
             before = pool.current_pool()
+            if opts.max_memory is not None:  # (kept for the local pool use_local makes or keeps)
+                pool.set_max_memory(opts.max_memory)
             now = pool.use_local(opts.workers, opts.start_method, opts.max_tasks_per_child)
             status = pool.pool_status()
             status.notice = _switched(before, now)
@@ -469,9 +496,11 @@ class MPMagics(Magics):
         elif action == "cancel":
             from . import background
 
-            if not opts.target or not opts.target.isdigit():
-                raise UsageError(f"cancel needs a run's ID, not {opts.target!r}: for example %pool cancel 3 "
-                                 "(%pool runs lists them)")
+            if not opts.target:
+                raise UsageError("cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)")
+            if not opts.target.isdigit():
+                raise UsageError(f"cancel needs a run's ID (a number), not {opts.target!r}: for example "
+                                 "%pool cancel 3 (%pool runs lists them)")
             run = background.get_run(int(opts.target))
             stopped = run.cancel()
             return run if stopped else f"run {run.id} had already ended ({run.state}); nothing to cancel"
@@ -480,6 +509,110 @@ class MPMagics(Magics):
 
             return checkpoint.manage(opts.target, opts.name)
         return pool.pool_status()
+
+
+# What each %pool subcommand takes beyond its name: its options (argparse
+# dests) and its words (``target``, ``name``). Anything else is a usage error
+# naming it: an option a subcommand silently ignored (``%pool restart -n 3``
+# keeping 2 workers) reads as one that worked.
+_POOL_OPTIONS = {
+    "start": ("workers", "start_method", "max_tasks_per_child", "max_memory", "gpus"),
+    "restart": ("workers", "start_method", "max_tasks_per_child", "max_memory"),
+    "resize": ("workers",),
+    "local": ("workers", "start_method", "max_tasks_per_child", "max_memory"),
+    "dask": ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout"),
+}
+_POOL_WORDS = {"resize": ("N",), "dask": ("ADDRESS",), "cancel": ("ID",), "setup": ("clear",),
+               "checkpoints": ("clear", "NAME")}
+
+
+def _check_pool_line(parser: _Parser, opts: argparse.Namespace, tokens: list[str]) -> None:
+    """A usage error for an option or a word ``opts.action`` does not take (see ``_POOL_OPTIONS``)."""
+    action = opts.action
+    # The options written on the line (not those left at their default: --timeout has one).
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
+    written = [actions[t.split("=", 1)[0]] for t in tokens if t.split("=", 1)[0] in actions]
+    for option in written:
+        if option.dest not in _POOL_OPTIONS.get(action, ()):
+            takers = [a for a, dests in _POOL_OPTIONS.items() if option.dest in dests]
+            where = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else takers[0]
+            hint = ": %pool start --gpus 0,1" if option.dest == "gpus" else ""
+            raise parser.usage_error(f"{'/'.join(option.option_strings)} goes with {where}, not {action}{hint}")
+    takes = _POOL_WORDS.get(action, ())
+    words = [w for w in (opts.target, opts.name) if w is not None]
+    if len(words) > len(takes):
+        raise parser.usage_error(f"unexpected argument {words[len(takes)]!r}: "
+                                 f"%pool {action} takes {' '.join(takes) or 'none'}")
+
+
+def _is_variable_name(text: str) -> bool:
+    """Can a cell read a variable of this name (``-o``, ``--gather``)? Not ``1abc``, not ``class``."""
+    return text.isidentifier() and not keyword.iskeyword(text)
+
+
+# What to write instead of IPython syntax in a rank, by the call IPython turns it into.
+_IPYTHON_SYNTAX = {
+    "run_line_magic": ("a magic", "a rank runs plain Python: call the function instead "
+                                  "(mpmagic.pmap(f, xs) works there, serially in that rank)"),
+    "run_cell_magic": ("a cell magic", "a rank runs plain Python: put the code itself in the cell"),
+    "system": ("a shell command", "a rank runs plain Python: use subprocess.run([...]) there"),
+    "getoutput": ("a shell command", "a rank runs plain Python: use "
+                                     "subprocess.run([...], capture_output=True, text=True).stdout there"),
+}
+
+
+def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
+    """A usage error naming the line when the cell is Python only after IPython's transforms.
+
+    Ranks compile the cell as Python, so ``x = %pmap f, xs`` or ``!hostname``
+    there is a syntax error; saying "invalid syntax" hides why. IPython's own
+    transformer finds them: the transformed cell calls ``get_ipython().<method>``
+    on the same line. Any other syntax error is left to the run, which reports it.
+    """
+    try:
+        astlock.parse(cell)
+        return
+    except SyntaxError:
+        pass
+    transformer = getattr(shell, "input_transformer_manager", None)
+    if transformer is None:
+        return
+    try:
+        tree = astlock.parse(transformer.transform_cell(cell))
+    except (SyntaxError, ValueError):  # not valid IPython either: the run reports its syntax error
+        return
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _IPYTHON_SYNTAX and isinstance(node.func.value, ast.Call)
+                and getattr(node.func.value.func, "id", None) == "get_ipython"):
+            what, instead = _IPYTHON_SYNTAX[node.func.attr]
+            lines = cell.splitlines()
+            text = lines[node.lineno - 1].strip() if node.lineno <= len(lines) else ""
+            raise parser.usage_error(f"line {node.lineno} of the cell ({text!r}) is IPython syntax ({what}); "
+                                     f"{instead}")
+
+
+def _reduced(parser: _Parser, opts: argparse.Namespace, reducer: Callable, values: Any, cell: str) -> Any:
+    """``--reduce FUNC`` applied to the ranks' values; if it raises, one line says why and where they are.
+
+    The values are computed and must not be lost with the reducer's error:
+    they are in ``-o NAME`` when given (stored before reducing) and always in
+    the error's ``.values``.
+    """
+    __tracebackhide__ = True
+    try:
+        return reducer(values)
+    except Exception as exc:
+        if not api.cell_has_value(cell):
+            why = "every rank's value is None: the cell ends in a statement; end it with the expression to combine"
+        elif all(v is None for v in values):
+            why = "every rank's value is None: the value of the cell's last line"
+        else:
+            why = f"the values are of type {' and '.join(sorted({type(v).__name__ for v in values}))}"
+        kept = (f"in {opts.output} (-o)" if opts.output else
+                "in this error's .values (sys.last_value.values in the next cell; -o NAME keeps them in NAME)")
+        raise ReduceError(f"--reduce {opts.reduce} failed on the ranks' values: {type(exc).__name__}: {exc} "
+                          f"({why}); the values are kept {kept}", values) from exc
 
 
 def _pool_setup(target: str | None, cell: str | None) -> Any:

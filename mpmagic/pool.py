@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from .backends.base import Backend
-from .backends.local import LocalBackend
+from .backends.local import LocalBackend, _check_size
 from .errors import UsageError
 from .fmt import fmt_seconds
 from .shared import base as _shared_base
@@ -125,8 +125,50 @@ def stop_pool() -> None:
 
 def restart_pool(wait: bool = True) -> Any:
     """Stop and start again with the same settings (clears workers' state)."""
+    return restart_with()
+
+
+def restart_with(
+    workers: int | None = None,
+    start_method: str | None = None,
+    max_tasks_per_child: int | None = None,
+    max_memory: int | str | None = None,
+) -> Any:
+    """Restart the pool with the settings given changed and the others kept
+    (``%pool restart -n 3 --start-method spawn``).
+
+    A new start method or recycling limit makes a new local pool (its
+    processes are made one way); a new size is set while the pool is stopped,
+    so no worker starts only to be stopped. The start method and the limits
+    are the local pool's: on Dask they are a usage error, not ignored.
+    """
+    global _backend
     with _lock:
         backend = get_pool()
+        if not isinstance(backend, LocalBackend):
+            given = [flag for flag, value in (("--start-method", start_method),
+                                              ("--max-tasks-per-child", max_tasks_per_child),
+                                              ("--max-memory", max_memory)) if value is not None]
+            if given:
+                raise UsageError(f"{given[0]} is for local workers, and the pool is on {backend.name}: "
+                                 f"%pool local {given[0]} ... switches back to them")
+        if max_memory is not None:
+            set_max_memory(max_memory)
+        if isinstance(backend, LocalBackend) and (start_method not in (None, backend.start_method)
+                                                  or max_tasks_per_child not in (None, backend.max_tasks_per_child)):
+            # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
+            new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
+                               max_tasks_per_child or backend.max_tasks_per_child, max_memory=_max_memory)
+            backend.stop()
+            _backend = new
+            new.start()
+            new.wait_ready()
+            return new
+        if workers is not None and workers != backend.workers:
+            if isinstance(backend, LocalBackend):
+                _check_size(workers)  # before the stop: a size refused leaves the pool running
+                backend.stop()
+            backend.resize(workers)
         backend.restart()
         return backend
 

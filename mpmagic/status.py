@@ -50,14 +50,14 @@ def dask_lines(info: dict[str, Any]) -> list[str]:
 def _local_lines(i: dict[str, Any]) -> list[str]:
     state = "running" if i["running"] else "stopped (starts on first use)"
     out = [
-        f"pool: local, {i['workers']} workers, start method {i['start_method']}, {state}",
+        f"pool: local, {_count(i['workers'], 'worker')}, start method {i['start_method']}, {state}",
         f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
         + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else ""),
     ]
     if i.get("preloaded"):  # warm workers (warmup.py): what they import because the notebook did
         out.append(f"  preloaded (the notebook's imports): {', '.join(i['preloaded'])}")
     for p in i["processes"]:
-        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {p['tasks']} tasks, {fmt_mb(p['rss'])}"
+        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {_count(p['tasks'], 'task')}, {fmt_mb(p['rss'])}"
                    + _extras(p))
     if i.get("kept"):
         out.append(f"  {i['kept']}")
@@ -225,3 +225,8 @@ class PoolStatus:
 
 
 __all__ = ["PoolStatus", "dask_lines", "fmt_mb", "runs_html", "runs_lines"]
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

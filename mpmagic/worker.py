@@ -139,7 +139,7 @@ class _StreamToParent(io.TextIOBase):
         self.buf: list[str] = []
         self.last = 0.0
         self.sibling = sibling
-        self.lock = threading.Lock() if sibling is None else sibling.lock
+        self.lock: threading.Lock = threading.Lock() if sibling is None else sibling.lock
         if sibling is not None:
             sibling.sibling = self
 

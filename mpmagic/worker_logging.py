@@ -47,6 +47,8 @@ import types
 import warnings
 from typing import Any
 
+from .errors import cell_lineno
+
 _log = logging.getLogger("mpmagic")
 
 # A warning travels as one line starting with this marker (ASCII "record
@@ -351,5 +353,7 @@ class WarningRelay:
                 if key in self.shown:
                     return ""
                 self.shown.add(key)
-        shown = warnings.formatwarning(text, category, filename, lineno)
+        # A %%parallel body's lines are cached as its notebook cell's, one line
+        # down (the magic line): the number must match, or the source shown is the line above.
+        shown = warnings.formatwarning(text, category, filename, cell_lineno(filename, lineno))
         return "\n".join(f"{label}{line}" for line in shown.splitlines())

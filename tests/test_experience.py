@@ -400,3 +400,33 @@ def test_pool_status_renders_as_html(ip, pool2):
     for p in status.info["processes"]:
         assert str(p["pid"]) in text
     assert "forkserver" in text and page.tags.count("tr") == 1 + len(status.info["processes"]) + 1
+
+
+@pytest.mark.parametrize("cell, values", [
+    ("%pmap --compare slow_here, range(4)", "results"),
+    ("%%parallel -n 2 --compare\nslow_here(rank)", "ranks' values"),
+])
+def test_an_interrupt_of_the_serial_compare_run_says_no_worker_was_stopped(ip, pool2, cell, values):
+    """--compare's serial run is here, after the parallel run: an interrupt there stops
+    no worker, and the message says so, not the one of an interrupted parallel run."""
+    import os
+    import signal
+    import threading
+
+    run(ip, "import os, time\nHOME_PID = os.getpid()\n"
+            "def slow_here(x):\n    if os.getpid() == HOME_PID:\n        time.sleep(30)\n    return x\n")
+    replaced = pool2.status()["workers_replaced"]
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with capture_output():
+            err = ip.run_cell(cell, store_history=False).error_in_exec
+    finally:
+        timer.cancel()
+    magic = cell.split()[0]
+    assert type(err) is KeyboardInterrupt
+    assert str(err) == (
+        f"{magic} --compare interrupted in its serial run here in the notebook, after the parallel run had "
+        f"finished (mpmagic.last_report() is its report): no worker was stopped, and the parallel run's {values} "
+        "were dropped with the interrupt; run it without --compare to keep them")
+    assert pool2.status()["workers_replaced"] == replaced

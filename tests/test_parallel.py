@@ -4,9 +4,12 @@ labelled output, errors and timing, on each pool in ``conftest.BACKENDS``."""
 from __future__ import annotations
 
 import pytest
-from conftest import run
+from conftest import ensure_pool, run
+from IPython.core.error import UsageError as IPythonUsageError
+from IPython.utils.capture import capture_output
 
 import mpmagic
+from mpmagic.errors import ReduceError
 
 
 def cell(ip, line: str, body: str):
@@ -105,3 +108,86 @@ def test_api(backend):
     values = mpmagic.parallel("rank ** 2", workers=3, namespace={})
     assert list(values) == [0, 1, 4]
     assert values.report.items == 3
+
+
+# -- the %%parallel line and what the cell may hold ------------------------------------
+
+
+@pytest.fixture
+def pool_fs():
+    """The local forkserver pool: these tests are about the line and the cell, not the pool."""
+    return ensure_pool("forkserver")
+
+
+def usage_error(ip, code: str) -> str:
+    """The first line of the usage error ``code`` raises (the test fails if it raises none)."""
+    err = ip.run_cell(code, store_history=False).error_in_exec
+    assert isinstance(err, IPythonUsageError), repr(err)
+    return str(err).splitlines()[0]
+
+
+def test_option_values_may_be_quoted_as_on_a_pool_line(ip, pool_fs):
+    assert cell(ip, "-n 2 -q --reduce 'lambda v: sorted(v, reverse=True)'", "rank") == [1, 0]
+    assert cell(ip, "-n 2 -q --reduce \"lambda v: '#'.join(map(str, v))\"  # joined", "rank") == "0#1"
+    cell(ip, "-n 2 -q --gather 'lo, hi'", "lo, hi = rank, rank + 10")
+    assert run(ip, "(lo, hi)") == ([0, 1], [10, 11])
+    run(ip, "ranks_wanted = 3")  # IPython's $name expansion of the line still comes first
+    assert cell(ip, "-n $ranks_wanted -q -o got", "rank") == [0, 1, 2]
+    assert run(ip, "got") == [0, 1, 2]
+    assert "quote a value with spaces: --reduce 'lambda v: ...'" in usage_error(
+        ip, "%%parallel -n 2 -q --reduce lambda v: max(v)\nrank")
+    assert usage_error(ip, "%%parallel -n 2 --reduce 'sum\nrank") == "%%parallel: No closing quotation"
+
+
+def test_output_and_gather_names_are_names_a_cell_can_read(ip, pool_fs):
+    ip.user_ns.pop("class", None)
+    assert usage_error(ip, "%%parallel -n 2 -q -o class\nrank") == "%%parallel: -o needs a variable name, not 'class'"
+    assert "class" not in ip.user_ns
+    assert usage_error(ip, "%%parallel -n 2 -q -o 1abc\nrank") == "%%parallel: -o needs a variable name, not '1abc'"
+    assert usage_error(ip, "%%parallel -n 2 -q --gather x,for\nx = for_ = 1") == (
+        "%%parallel: --gather takes variable names separated by commas, and 'for' is not one")
+
+
+def test_a_reduce_that_fails_says_why_and_keeps_the_values(ip, pool_fs):
+    with capture_output() as cap:
+        result = ip.run_cell("%%parallel -n 2 -q --reduce sum\npartial = rank * 10\n", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, ReduceError) and isinstance(err.__cause__, TypeError)
+    assert err.values == [None, None]
+    # One line, no frame of ours: what failed, why, and where the values are.
+    assert cap.stdout.strip() == (
+        "ReduceError: --reduce sum failed on the ranks' values: TypeError: unsupported operand type(s) for +: "
+        "'int' and 'NoneType' (every rank's value is None: the cell ends in a statement; end it with the "
+        "expression to combine); the values are kept in this error's .values (sys.last_value.values in the "
+        "next cell; -o NAME keeps them in NAME)"), cap.stdout
+    with pytest.raises(ReduceError, match=r"\(the values are of type list\); the values are kept in parts \(-o\)"):
+        cell(ip, "-n 2 -q --reduce sum -o parts", "[rank]")
+    assert run(ip, "parts") == [[0], [1]]
+
+
+def test_ipython_syntax_in_the_cell_is_named_with_what_to_use_instead(ip, pool_fs):
+    text = usage_error(ip, "%%parallel -n 2 -q\nchunk = [rank]\nres = %pmap -q abs, chunk\nres")
+    assert text.startswith("%%parallel: line 2 of the cell ('res = %pmap -q abs, chunk') is IPython syntax "
+                           "(a magic); a rank runs plain Python"), text
+    assert "mpmagic.pmap(f, xs) works there" in text
+    text = usage_error(ip, "%%parallel -n 2 -q\n!hostname\nrank")
+    assert text.startswith("%%parallel: line 1 of the cell ('!hostname') is IPython syntax (a shell command)"), text
+    assert "subprocess.run" in text
+    # What the message offers works: pmap in a rank runs serially there.
+    assert cell(ip, "-n 2 -q", "import mpmagic\nmpmagic.pmap(abs, [-rank])") == [[0], [1]]
+    # A plain syntax error is still reported as one.
+    assert usage_error(ip, "%%parallel -n 2 -q\nx = 1 +\n") == "%%parallel: the cell has a syntax error on line 1: invalid syntax"
+
+
+def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
+    """``def g(r)`` in the cell, and an unpicklable ``r`` in the notebook: serial
+    Python never reads the notebook's ``r`` there, so it is not sent (the cell
+    failed with "cannot send r"). Names a nested scope reads from the notebook
+    still go."""
+    run(ip, "import threading\nr = threading.RLock()\nz = threading.Lock()\nK = 10\nW = [1, 2]")
+    body = ("def g(r):\n    return r + K\n"
+            "class C:\n    def m(self, z):\n        return z * 2\n"
+            "[g(y) for y in W] + [C().m(rank)] + [(lambda z: z)(size)]")
+    assert cell(ip, "-n 2 -q", body) == [[11, 12, 0, 2], [11, 12, 2, 2]]
+    with pytest.raises(mpmagic.SerializationError, match="cannot send z"):
+        cell(ip, "-n 2 -q", "z")  # (read at the top level: it must go, and cannot)

@@ -92,3 +92,48 @@ def test_every_start_method_runs_notebook_code(ip, method):
     run(ip, "def cube(x):\n    return x ** 3\n")
     assert run(ip, "%pmap -q cube, range(6)") == [x**3 for x in range(6)]
     assert mpmagic.get_pool().start_method == method
+
+
+def test_restart_applies_its_options_and_keeps_the_others(ip):
+    mpmagic.use_local(2, "forkserver")
+    old = [p["pid"] for p in run(ip, "%pool").info["processes"]]
+    status = run(ip, "%pool restart -n 3 --start-method spawn --max-tasks-per-child 5")
+    backend = mpmagic.get_pool()
+    assert (backend.workers, backend.start_method, backend.max_tasks_per_child) == (3, "spawn", 5)
+    assert len(status.info["processes"]) == 3 and not any(_alive(pid) for pid in old)
+    run(ip, "%pool restart -n 2")  # the start method and the limit stay
+    backend = mpmagic.get_pool()
+    assert (backend.workers, backend.start_method, backend.max_tasks_per_child) == (2, "spawn", 5)
+    assert len(run(ip, "%pool").info["processes"]) == 2
+    mpmagic.use_local(2, "forkserver")
+
+
+@pytest.mark.parametrize("line, first", [
+    ("%pool resize 2 --start-method fork", "%pool: --start-method goes with start, restart and local, not resize"),
+    ("%pool stop --max-tasks-per-child 3", "%pool: --max-tasks-per-child goes with start, restart and local, not stop"),
+    ("%pool --timeout 5", "%pool: --timeout goes with dask, not status"),
+    ("%pool stop extra", "%pool: unexpected argument 'extra': %pool stop takes none"),
+    ("%pool resize 3 4", "%pool: unexpected argument '4': %pool resize takes N"),
+    ("%pool cancel", "%pool: cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)"),
+])
+def test_what_a_subcommand_does_not_take_is_a_usage_error_not_ignored(ip, line, first):
+    from IPython.core.error import UsageError
+
+    backend = mpmagic.use_local(2, "forkserver")
+    err = ip.run_cell(line, store_history=False).error_in_exec
+    assert isinstance(err, UsageError) and str(err).splitlines()[0] == first, repr(err)
+    assert mpmagic.get_pool() is backend and backend.running and backend.workers == 2
+
+
+def test_status_counts_read_as_english(local_pool):
+    """"1 workers" and "1 tasks" read wrong."""
+    from mpmagic.status import _local_lines
+
+    info = dict(local_pool.status(), workers=1)
+    info["processes"] = [dict(p, tasks=1) for p in info["processes"][:1]]
+    text = "\n".join(_local_lines(info))
+    assert "pool: local, 1 worker, start method" in text and ", 1 task, " in text, text
+    info = dict(info, workers=2)
+    info["processes"] = [dict(info["processes"][0], tasks=0)]
+    text = "\n".join(_local_lines(info))
+    assert "pool: local, 2 workers," in text and ", 0 tasks, " in text, text

@@ -88,6 +88,16 @@ def test_every_failing_rank_names_the_cell_and_its_line(ip, local_pool):
         assert f"[rank {rank}] ValueError: rank {rank}" in text
 
 
+def test_a_ranks_warning_shows_its_own_line(ip, local_pool):
+    # The cell is cached with its %%parallel line above the body: the warning's
+    # line number must count it, as the failing ranks' frames above do.
+    _, text, err = shown(ip, "%%parallel -n 1 -q\nimport warnings\nx = 'line two'\n"
+                             "warnings.warn('raised on line 3')\nNone\n")
+    assert err is None, text
+    assert re.search(r"\[rank 0\] <parallel-cell-\w+>:4: UserWarning: raised on line 3\n"
+                     r"\[rank 0\]   warnings.warn\('raised on line 3'\)\n", text), text
+
+
 def test_deep_recursion_is_collapsed(ip, local_pool):
     n = defined(ip, "def down(k):\n    return down(k + 1)\n")
     _, text, err = shown(ip, "%pmap down, [0]")
