@@ -639,7 +639,7 @@ class _WritablePickler(cloudpickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         np = sys.modules.get("numpy")
         if np is not None and type(obj) is np.ndarray and not obj.flags.writeable:
-            return obj.copy().__reduce_ex__(_PROTOCOL)
+            return obj.copy(order="K").__reduce_ex__(_PROTOCOL)  # (K: a Fortran-ordered array stays one)
         return super().reducer_override(obj)
 
 

@@ -141,3 +141,16 @@ def test_a_task_returning_its_read_only_input_gives_a_writable_result(ip, n):
     assert got[0].flags.writeable and np.array_equal(got[0], shared)
     for name in ("xs", "same", "head", "pair", "shared_x"):
         ip.user_ns.pop(name, None)
+
+
+def test_a_fortran_ordered_result_keeps_its_order(ip):
+    """A task returning ``big.T`` (Fortran-ordered) of its read-only shared input:
+    the writable copy made for the notebook kept C order (plain pickle keeps F)."""
+    ensure_pool("forkserver")
+    run(ip, "import numpy as np\nbig = np.arange(400_000.0).reshape(400, 1000)\n"
+            "def turned(i):\n    return big.T if i else np.asfortranarray(big)\n")
+    got, want = run(ip, "%pmap -q turned, [0, 1]"), run(ip, "list(map(turned, [0, 1]))")
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g, w) and g.strides == w.strides and g.flags.writeable
+    for name in ("big", "turned"):
+        ip.user_ns.pop(name, None)
