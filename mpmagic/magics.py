@@ -222,7 +222,26 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple
     filename = f"<pmap-args-{source_digest(text)}>"
     linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
     code = compile(f"__mpmagic_args__({text}\n)", filename, "eval")
-    return eval(code, user_ns, {"__mpmagic_args__": lambda *a: a})
+    # The notebook's namespace as globals and no separate locals, as a cell's
+    # own line: a walrus in the arguments (``%pmap f, (xs := load())``) binds
+    # ``xs`` in the notebook, as ``map(f, (xs := load()))`` does. The collector
+    # is lent to it for the call.
+    saved = user_ns.get(_ARGS, _ARGS)
+    user_ns[_ARGS] = _collect_args
+    try:
+        return eval(code, user_ns)
+    finally:
+        if saved is _ARGS:
+            user_ns.pop(_ARGS, None)
+        else:
+            user_ns[_ARGS] = saved
+
+
+_ARGS = "__mpmagic_args__"
+
+
+def _collect_args(*args: Any) -> tuple:
+    return args
 
 
 def _interrupted(magic: str, text: str | None = None) -> KeyboardInterrupt:

@@ -256,3 +256,11 @@ def test_compare_calls_equal_results_equal_even_with_nan_or_no_eq(ip, backend):
         assert mpmagic.last_report().equal is True, args
     run(ip, "import random\n_ = %pmap -q --compare lambda x: Box(random.random()), [1, 2]")
     assert mpmagic.last_report().equal is False  # (different results still differ)
+
+
+def test_a_walrus_in_the_arguments_binds_in_the_notebook(ip, backend):
+    """``map(f, (xs := ...))`` binds ``xs``; the magic's line did not (its own locals)."""
+    ip.user_ns.pop("zs", None)
+    assert run(ip, "%pmap -q lambda v: v * 2, (zs := [1, 2])") == [2, 4]
+    assert run(ip, "zs") == [1, 2]
+    assert "__mpmagic_args__" not in ip.user_ns
