@@ -216,7 +216,7 @@ def test_after_a_checkpointed_run_failures_count_in_the_whole_input(ip, local_po
 
 def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, local_pool):
     """It said "(the last run had no failures)" after a %%parallel cell that failed."""
-    with pytest.raises(Exception):
+    with pytest.raises(mpmagic.ParallelError):
         run(ip, "%%parallel -n 2 -q\nraise ValueError(rank)\n")
     result = ip.run_cell("%pmap --rerun-failed", store_history=False)
     message = str(result.error_in_exec)
