@@ -54,7 +54,7 @@ def _check_positive(name: str, value: Any, integer: bool = False) -> None:
     if value is None:
         return
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or value <= 0:
+    if isinstance(value, bool) or not ok or not value > 0:  # (not >: NaN too)
         kind = "a whole number" if integer else "a number"
         raise UsageError(f"{name} must be {kind} greater than 0, not {value!r}")
 

@@ -108,7 +108,7 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if value <= 0:
+    if not value > 0:  # (not >: NaN too)
         raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
     return value
 

@@ -632,3 +632,13 @@ def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrup
         run(ip, "%%parallel -n 2 -q\nimport time\ntime.sleep(0.3 * rank)\n"
                 "if rank == 1:\n    raise ValueError('no input file')\n")
     assert "failed (ValueError" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 1e7])
+def test_a_huge_timeout_is_no_timeout_not_a_dead_manager(local_pool, timeout):
+    """``select`` refuses waits past ~24.8 days: the manager died of an
+    OverflowError and the run waited for ever. NaN is refused."""
+    assert mpmagic.pmap(abs, [-1, -2, -3], timeout=timeout) == [1, 2, 3]
+    assert mpmagic.parallel("rank", workers=2, timeout=timeout) == [0, 1]
+    with pytest.raises(mpmagic.UsageError, match="greater than 0"):
+        mpmagic.pmap(abs, [1], timeout=float("nan"))

@@ -260,6 +260,8 @@ def _stop_all_at_exit() -> None:
             log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
 
 
+#: Longest single wait of the manager (see _next_timeout).
+_MAX_WAIT = 3600.0
 #: Seconds a failed map's later chunks may take to come back before their workers are replaced.
 _FAIL_GRACE = 0.5
 #: Seconds spent showing what a cancelled run's busy workers printed before they are stopped.
@@ -823,7 +825,10 @@ class LocalBackend:
         times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
         if not times:
             return None
-        return max(0.0, min(times) - time.monotonic())
+        # At most an hour: the loop looks again then. ``select`` refuses a wait
+        # of more than ~24.8 days (a --timeout of inf or 1e7), and the manager
+        # died of it (OverflowError) with the run waiting for ever.
+        return min(_MAX_WAIT, max(0.0, min(times) - time.monotonic()))
 
     def _selector_for_slots(self) -> selectors.BaseSelector:
         """An epoll selector on the wakeup pipe and every worker's pipe and sentinel,
