@@ -592,6 +592,9 @@ def parallel(
             raise UsageError(f"--gather takes variable names, and {g!r} is not one")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
+    if checkpoint and (keep or reset):
+        raise UsageError("keep=True (--keep) and checkpoint (--checkpoint) do not go together: a kept rank's "
+                         "state changes with each run, and a checkpoint skips the runs it has stored")
     if not block:
         from . import background
 
@@ -599,9 +602,11 @@ def parallel(
 
         def make_cell(forward: background.Forward) -> CellCall:
             return CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output,
-                            insights=insights, out=forward.out, progress=forward.progress)
+                            insights=insights, out=forward.out, progress=forward.progress, seed=seed, keep=keep,
+                            reset=reset)
 
         def rank_values(call: CellCall, forward: background.Forward) -> RankValues:
+            call.record_kept()  # (keep=True: which worker keeps which rank, as a blocking run records)
             # A failing rank's traceback goes to the live area, as a blocking run prints it.
             return call.values(lambda text: forward.out("stderr", text))
 
@@ -616,13 +621,13 @@ def parallel(
             from .checkpoint import checkpointed_parallel_submit
 
             return checkpointed_parallel_submit(start, code, size=size, namespace=namespace, gather=gather,
-                                                location=checkpoint, what=what)
+                                                location=checkpoint, what=what, seed=seed)
         return start()
     if checkpoint:
         from .checkpoint import checkpointed_parallel
 
         kw = dict(compare=compare, timeout=timeout, label_output=label_output, progress=progress,
-                  progress_delay=progress_delay, insights=insights)
+                  progress_delay=progress_delay, insights=insights, seed=seed)
         return checkpointed_parallel(parallel, code, workers=workers, namespace=namespace, gather=gather,
                                      location=checkpoint, show_report=show_report, set_report=_set_report,
                                      get_report=last_report, kwargs=kw)

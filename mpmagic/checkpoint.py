@@ -641,7 +641,8 @@ class CellCheckpoint:
     when the store cannot be opened (after the warning that says so).
     """
 
-    def __init__(self, code: str, *, size: int, namespace: dict[str, Any], gather: tuple, location: Any) -> None:
+    def __init__(self, code: str, *, size: int, namespace: dict[str, Any], gather: tuple, location: Any,
+                 seed: int | None = None) -> None:
         from .cell import make_cell_spec
 
         self.size, self.gather = size, tuple(gather)
@@ -650,7 +651,7 @@ class CellCheckpoint:
             # --gather names are the cell's outputs: their last values (put in the
             # notebook by the previous run) are not inputs of this one.
             names = {k: v for k, v in spec.names.items() if k not in gather}
-            self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size)
+            self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed)
         except Exception as exc:
             log.debug("no key for the cell: %s", exc)
             raise ValueError("no checkpoint key for the cell") from exc
@@ -723,7 +724,8 @@ def checkpointed_parallel(
     t0 = time.perf_counter()
     size = workers or get_pool().workers
     try:
-        ck = CellCheckpoint(code, size=size, namespace=namespace, gather=tuple(gather), location=location)
+        ck = CellCheckpoint(code, size=size, namespace=namespace, gather=tuple(gather), location=location,
+                            seed=kwargs.get("seed"))
     except ValueError:
         return core(code, workers=workers, namespace=namespace, gather=gather, show_report=show_report, **kwargs)
     if ck.complete:
@@ -748,6 +750,7 @@ def checkpointed_parallel_submit(
     gather: tuple,
     location: Any,
     what: str,
+    seed: int | None = None,
 ) -> Any:
     """``%%parallel --bg --checkpoint``: the handle at once; done at once when every
     rank's value is stored, else the cell runs in the background and its ranks'
@@ -758,7 +761,7 @@ def checkpointed_parallel_submit(
 
     t0 = time.perf_counter()
     try:
-        ck = CellCheckpoint(code, size=size, namespace=namespace, gather=tuple(gather), location=location)
+        ck = CellCheckpoint(code, size=size, namespace=namespace, gather=tuple(gather), location=location, seed=seed)
     except ValueError:
         return start()
     if ck.complete:

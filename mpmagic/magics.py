@@ -376,7 +376,8 @@ class MPMagics(Magics):
             kw = config.run_kwargs(opts)
             run = api.parallel(cell, workers=opts.workers, namespace=self._user_ns, timeout=opts.timeout,
                                label_output=not opts.no_label, insights=kw.get("insights", False),
-                               checkpoint=kw.get("checkpoint", False), block=False)
+                               checkpoint=kw.get("checkpoint", False), seed=opts.seed, keep=opts.keep,
+                               reset=opts.reset, block=False)
         if opts.output:
             self._user_ns[opts.output] = run
         return run
@@ -403,6 +404,9 @@ class MPMagics(Magics):
         _check_plain_python(parser, cell, self.shell)
         if opts.bg:
             return self._parallel_bg(parser, opts, cell)
+        if opts.scaling and (opts.keep or opts.reset):
+            raise parser.usage_error("--scaling runs the cell at several sizes, each afresh: it cannot keep "
+                                     "ranks (--keep/--reset)")
         if opts.scaling:
             with _magic_errors(parser):
                 return scaling.parallel_scaling(cell, self._user_ns, max_workers=opts.workers)

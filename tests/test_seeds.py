@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import run
+from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
 
@@ -97,3 +98,29 @@ def test_pdebug_replays_a_seeded_item_with_its_stream_and_rerun_says_why_not(ip,
     assert f"ipdb> 2\nipdb> {drawn!r}\n" in out  # the item itself, with the same random draw
     with pytest.raises(mpmagic.UsageError, match="the last run used --seed"):
         mpmagic.rerun_failed()
+
+
+def test_parallel_seed_with_bg_and_checkpoint_gives_the_same_values(ip, local_pool, tmp_path):
+    """--bg and --checkpoint dropped --seed: each --bg run gave new numbers, and a
+    --seed 4 run with --checkpoint returned the values stored by --seed 3. --keep
+    went with --bg too (it was dropped); with --checkpoint or --scaling it is refused."""
+    body = "import random\nround(random.random(), 6)"
+    plain = run(ip, f"%%parallel -n 2 -q --seed 3\n{body}")
+    handle = run(ip, f"%%parallel -n 2 -q --seed 3 --bg\n{body}")
+    assert handle.result(60) == plain
+    folder = str(tmp_path / "ck")
+
+    def checkpointed(seed: int) -> list:
+        return list(mpmagic.parallel(body, workers=2, seed=seed, checkpoint=folder, namespace=ip.user_ns))
+
+    assert checkpointed(3) == plain
+    assert checkpointed(3) == plain  # (from the store)
+    other = run(ip, f"%%parallel -n 2 -q --seed 4\n{body}")
+    assert other != plain
+    assert checkpointed(4) == other
+    run(ip, "%%parallel -n 2 -q --keep --reset --bg -o kept_run\nkept_v = rank * 10").result(60)
+    assert run(ip, "%%parallel -n 2 -q --keep\nkept_v") == [0, 10]
+    with pytest.raises(mpmagic.UsageError, match="do not go together"):
+        mpmagic.parallel("rank", workers=2, keep=True, checkpoint=folder, namespace=ip.user_ns)
+    with pytest.raises(IPythonUsageError, match="cannot keep ranks"):
+        run(ip, "%%parallel -n 2 -q --keep --scaling\nrank")
