@@ -24,7 +24,7 @@ from .errors import ParallelError, UsageError, drop_our_frames, format_exception
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, MapJob
+from .jobs import CellJob, Failed, MapJob
 from .pool import get_pool
 from .progress import Progress
 from .report import RankValues, Report
@@ -87,6 +87,8 @@ def _equal_anyway(a: Any, b: Any) -> bool:
     Without this, ``--compare`` said "RESULTS DIFFER" for the same results."""
     if type(a) is not type(b):
         return False
+    if isinstance(a, Failed):  # (errors="collect": the same item failing the same way)
+        return a.index == b.index and type(a.error) is type(b.error) and str(a.error) == str(b.error)
     if isinstance(a, float):
         return a != a and b != b  # (both NaN)
     if isinstance(a, (list, tuple)):
@@ -238,16 +240,42 @@ def pmap(
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
         t1 = time.perf_counter()
-        with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
-            if star_mode and len(iterables) == 1:
-                serial = list(itertools.starmap(func, iterables[0]))
-            else:
-                serial = list(map(func, *iterables))
-        _last_report.serial = time.perf_counter() - t1
-        _last_report.equal = _equal(serial, results)
+        try:
+            with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
+                serial = _serial_map(func, iterables, star_mode, errors == "collect")
+        except Exception as exc:
+            _serial_failed(_last_report, exc, "results")
+        else:
+            _last_report.serial = time.perf_counter() - t1
+            _last_report.equal = _equal(serial, results)
     if show_report:
         print(_last_report.line())
     return results
+
+
+def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool) -> list:
+    """``map`` (``starmap``) here, in the notebook or a worker; with ``collect`` a
+    failing item's place holds its :class:`~mpmagic.jobs.Failed`, as in parallel
+    results (``compare``'s serial run raised there, and the results were lost)."""
+    items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+    star = star or len(iterables) > 1
+    if not collect:
+        return list(itertools.starmap(func, items)) if star else list(map(func, items))
+    results: list = []
+    for i, item in enumerate(items):
+        try:
+            results.append(func(*item) if star else func(item))
+        except Exception as exc:
+            results.append(Failed(i, item, exc))
+    return results
+
+
+def _serial_failed(report: Report, exc: Exception, what: str) -> None:
+    """``compare``'s serial run raised where the parallel run did not: the parallel
+    ``what`` are kept and returned, and one line says why nothing was measured."""
+    report.serial_error = f"{type(exc).__name__}: {exc}"
+    sys.stderr.write(f"mpmagic: --compare: the serial run here raised {report.serial_error}; the parallel "
+                     f"{what} are kept, and the serial time is not measured\n")
 
 
 class MapCall:
@@ -521,25 +549,13 @@ def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: boo
     outer map already uses every worker, so a serial inner map loses nothing.
     """
     global _nested_noted
-    from .jobs import Failed
-
     if not _nested_noted:
         _nested_noted = True
         sys.stderr.write(
             "mpmagic: pmap called inside a worker runs serially in that worker "
             "(a worker process cannot start workers of its own)\n"
         )
-    items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
-    star = star or len(iterables) > 1
-    if not collect:
-        return list(itertools.starmap(func, items)) if star else list(map(func, items))
-    results: list = []
-    for i, item in enumerate(items):
-        try:
-            results.append(func(*item) if star else func(item))
-        except Exception as exc:
-            results.append(Failed(i, item, exc))
-    return results
+    return _serial_map(func, iterables, star, collect)
 
 
 def parallel(
@@ -592,6 +608,9 @@ def parallel(
             raise UsageError(f"--gather takes variable names, and {g!r} is not one")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
+    if compare and (keep or reset):
+        raise UsageError("compare=True (--compare) runs the cell once more here, as rank 0 of 1, and a kept "
+                         "rank's state (keep=True, --keep) is in its worker, not here: compare without --keep")
     if checkpoint and (keep or reset):
         raise UsageError("keep=True (--keep) and checkpoint (--checkpoint) do not go together: a kept rank's "
                          "state changes with each run, and a checkpoint skips the runs it has stored")
@@ -651,10 +670,15 @@ def parallel(
     values = call.values(sys.stderr.write)
     if compare:
         t1 = time.perf_counter()
-        with _random_state_kept(seed is not None):
-            serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
-        report.serial = time.perf_counter() - t1
-        report.extra["serial_value"] = serial_value
+        try:
+            with _random_state_kept(seed is not None):
+                serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
+        except Exception as exc:  # (e.g. 1 / (size - 1): the cell as one rank cannot run)
+            drop_our_frames(exc)
+            _serial_failed(report, exc, "ranks' values")
+        else:
+            report.serial = time.perf_counter() - t1
+            report.extra["serial_value"] = serial_value
     values.report = report
     if show_report:
         print(report.line())

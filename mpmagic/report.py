@@ -29,6 +29,9 @@ class Report:
     chunksize: str = "-"
     serial: float | None = None  # measured serial time, with compare
     equal: bool | None = None  # serial and parallel results equal, with compare
+    # compare: the serial run here raised (parallel and serial code differ in
+    # what they can do): its "Type: message"; nothing was measured.
+    serial_error: str | None = None
     failed: int = 0
     # A run that raised: the input index of the item that failed (when known)
     # and the number of items in the input (when it has a length).
@@ -89,6 +92,8 @@ class Report:
             elif self.equal is False:
                 eq = ", RESULTS DIFFER"
             return f"serial {fmt_seconds(self.serial)} (measured{eq})"
+        if self.serial_error is not None:
+            return f"serial ~{fmt_seconds(self.task_seconds)} (estimated: the --compare run here raised {self.serial_error})"
         return f"serial ~{fmt_seconds(self.task_seconds)} (estimated from task times)"
 
     def _speedup_text(self) -> str:

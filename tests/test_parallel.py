@@ -191,3 +191,16 @@ def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
     assert cell(ip, "-n 2 -q", body) == [[11, 12, 0, 2], [11, 12, 2, 2]]
     with pytest.raises(mpmagic.SerializationError, match="cannot send z"):
         cell(ip, "-n 2 -q", "z")  # (read at the top level: it must go, and cannot)
+
+
+def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, capsys):
+    """The cell as one rank (size 1) cannot run: 1 / (size - 1). The ranks'
+    values are kept (-o too), with one line saying why nothing was measured.
+    --compare with --keep is refused: the kept state is not here."""
+    capsys.readouterr()
+    assert cell(ip, "-n 2 -q --compare -o vals", "1 / (size - 1)") == [1.0, 1.0]
+    assert run(ip, "vals") == [1.0, 1.0]
+    assert "the serial run here raised ZeroDivisionError" in capsys.readouterr().err
+    assert mpmagic.last_report().serial_error == "ZeroDivisionError: division by zero"
+    with pytest.raises(IPythonUsageError, match="compare without --keep"):
+        cell(ip, "-n 2 -q --compare --keep", "rank")

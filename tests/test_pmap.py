@@ -264,3 +264,28 @@ def test_a_walrus_in_the_arguments_binds_in_the_notebook(ip, backend):
     assert run(ip, "%pmap -q lambda v: v * 2, (zs := [1, 2])") == [2, 4]
     assert run(ip, "zs") == [1, 2]
     assert "__mpmagic_args__" not in ip.user_ns
+
+
+def test_compare_with_collect_collects_serially_too(ip, backend, capsys):
+    """--compare's serial map raised the item's error, and the parallel results
+    (collected) were lost with it."""
+    run(ip, "def bad(x):\n    if x == 2:\n        raise ValueError('two')\n    return x\n")
+    got = run(ip, "%pmap -q --compare --errors collect bad, range(4)")
+    assert got[:2] + got[3:] == [0, 1, 3] and isinstance(got[2], mpmagic.Failed)
+    report = mpmagic.last_report()
+    assert report.serial is not None and report.equal is True and report.serial_error is None
+
+
+def test_compare_whose_serial_run_raises_keeps_the_parallel_results(ip, backend, capsys):
+    """A function that can run in a worker and not here (it reads what only the
+    worker has): the parallel results come back, and one line says why nothing
+    was measured; the report says estimated, not measured."""
+    run(ip, "import os\ndef only_in_workers(x):\n"
+            "    if os.getpid() == NOTEBOOK_PID:\n        raise RuntimeError('not here')\n    return x * 2\n"
+            "NOTEBOOK_PID = os.getpid()\n")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q --compare only_in_workers, range(3)") == [0, 2, 4]
+    assert "the serial run here raised RuntimeError: not here; the parallel results are kept" in capsys.readouterr().err
+    report = mpmagic.last_report()
+    assert report.serial is None and report.serial_error == "RuntimeError: not here"
+    assert "estimated: the --compare run here raised RuntimeError" in report.line()
