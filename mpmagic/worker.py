@@ -631,11 +631,15 @@ class _Worker:
         self.channel.send(reply)
 
     def run_cell(self, msg: Cell) -> None:
+        if self.position is not None:
+            self.position.value = -1  # running a rank: a death now is the rank's (no item to name)
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_cell(msg, self.worker_id, self._cpu_since_last_reply, self.imports)
         finally:
             self._release()
+        if self.position is not None:
+            self.position.value = POSITION_IDLE  # (as after a map unit: see run_map)
         self.channel.send(reply)
 
 

@@ -200,6 +200,34 @@ def test_a_worker_killed_between_units_fails_no_item(ip):
     mpmagic.stop_pool()
 
 
+def test_a_worker_killed_while_idle_fails_no_rank_of_the_next_cell(ip):
+    """As above for %%parallel: a rank sent to a worker that had died idle (killed
+    from outside, or by the OOM killer) failed with WorkerLostError although it
+    never started (5 runs in 6); it goes out again. A rank that kills its own
+    worker is still that rank's error."""
+    import os
+    import signal
+
+    from mpmagic import pool as pool_module
+
+    pool_module.shutdown()
+    backend = mpmagic.use_local(2, "forkserver")
+    backend.wait_ready()
+    assert mpmagic.parallel("rank", workers=2) == [0, 1]
+    with backend._lock:  # the manager waits meanwhile
+        victim = backend.slots[0]
+        os.kill(victim.pid, signal.SIGSTOP)  # it cannot start what it is sent
+        call = mpmagic.api.CellCall("rank * 10", {}, (), 2)
+        run = backend.submit(call.job)
+        assert victim.inflight  # a rank went to it (into its pipe)
+        os.kill(victim.pid, signal.SIGKILL)
+        _wait_dead(victim.pid)
+    assert run.result(timeout=60) == [0, 10]
+    with pytest.raises(mpmagic.ParallelError, match="rank 1"):
+        mpmagic.parallel("import os\nif rank == 1:\n    os._exit(3)\n", workers=2)
+    mpmagic.stop_pool()
+
+
 class _DiesOnLoad:
     """A callable whose unpickling ends the process that loads it (a worker)."""
 

@@ -1223,7 +1223,9 @@ class LocalBackend:
         for i, (run, unit) in enumerate(inflight):
             if run not in self._runs or run.job.finished:
                 continue
-            if i == 0 and idle and run.job.kind == "map" and not unit.resent_after_idle_death:
+            # A kept rank (--keep) is not sent again: its state died with the worker.
+            again = run.job.kind == "map" or (run.job.kind == "cell" and not isinstance(run.job, KeptCellJob))
+            if i == 0 and idle and again and not unit.resent_after_idle_death:
                 # Once: a worker that dies again before starting it (loading
                 # the function kills it) is this unit's fault after all.
                 unit.resent_after_idle_death = True
