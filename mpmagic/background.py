@@ -429,7 +429,7 @@ class Run:
                 value = self._finish_result(wall)
                 self._value = value if resume is None else resume.value(value)
             finally:
-                self._report = self._call.report(wall)
+                self._report = self._call_report(wall)
             if resume is not None:
                 self._report = resume.amend(self._report, wall)
         except BaseException as exc:  # kept for result(), shown in the live area at once
@@ -443,6 +443,20 @@ class Run:
             self._settle()  # (if waiting itself raised)
             self._elapsed = time.monotonic() - self._t0
             self._end()
+
+    def _call_report(self, wall: float) -> Report:
+        """The call's report, with the items that failed under ``errors="collect"``.
+
+        A map's report leaves that count to its caller (the blocking ``pmap``
+        counts the Failed among its results); a background run has the job's
+        count, kept as chunks arrived (a streaming ``imap`` keeps no results).
+        Under ``errors="raise"`` the report says where the run failed instead,
+        as the blocking one does.
+        """
+        report = self._call.report(wall)
+        if getattr(self._call, "collect", False) and not report.failed:
+            report.failed = self._job.items_failed
+        return report
 
     def _settle(self) -> None:
         """--checkpoint: every accepted chunk stored before the run shows as done (cancelled too)."""

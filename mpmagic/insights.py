@@ -170,8 +170,19 @@ class Insights:
     def wall(self) -> float:
         return self.end - self.begin
 
+    def _nothing_ran(self) -> str | None:
+        """The one line that stands for the table when no task ran (``%pmap --insights f, []``):
+        a header over no rows would read as if the timings were lost."""
+        if self.tasks or self.per_worker:
+            return None
+        what = "ranks" if self.kind == "parallel" else "items"
+        return f"insights: no {what} ran, nothing to time"
+
     def table(self) -> str:
         """A short text table: one row per worker, then the slowest items."""
+        empty = self._nothing_ran()
+        if empty is not None:
+            return empty
         what = "ranks" if self.kind == "parallel" else "items"
         out = [f"insights: {len(self.per_worker)} of {self.workers} workers ran tasks over {fmt_seconds(self.wall)}"]
         out.append(f"  {'worker':>6}  {what:>6}  {'busy':>9}  {'transfer':>9}  {'idle':>9}")
@@ -251,6 +262,9 @@ class Insights:
         p.text(str(self))
 
     def _repr_html_(self) -> str:
+        empty = self._nothing_ran()
+        if empty is not None:
+            return f"<div class='mpmagic-insights'>{html.escape(empty)}</div>"
         th = "padding:2px 10px;text-align:right;font-weight:600"
         td = "padding:2px 10px;text-align:right"
         what = "ranks" if self.kind == "parallel" else "items"

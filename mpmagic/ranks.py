@@ -62,8 +62,9 @@ def check(backend: Any, size: int, reset_first: bool) -> dict[int, int]:
     live = {(key, s.wid): s for s in backend.slots if s.proc.is_alive()}
     for rank, (pool_key, wid, pid) in sorted(_kept.items()):
         if (pool_key, wid) not in live:
+            worker = f"worker {wid}" if pid is None else f"worker {wid} (pid {pid})"
             raise MPMagicError(
-                f"rank {rank}'s kept state is gone: its worker {wid} (pid {pid}) died, was replaced or "
+                f"rank {rank}'s kept state is gone: its {worker} died, was replaced or "
                 "the pool restarted since the last --keep cell; run the cell with --keep --reset to start "
                 "the ranks afresh (and load their data again)"
             )
@@ -76,7 +77,13 @@ def record(backend: Any, size: int, placed: dict[int, int]) -> None:
     key = backend.pool_key
     pids = {s.wid: s.pid for s in backend.slots}
     for rank, wid in placed.items():
-        _kept[rank] = (key, wid, pids.get(wid))
+        pid = pids.get(wid)
+        before = _kept.get(rank)
+        if pid is None and before is not None and before[:2] == (key, wid):
+            # Its worker was replaced during the cell (--timeout, a crash): the
+            # pid it had still names it in the next cell's error.
+            pid = before[2]
+        _kept[rank] = (key, wid, pid)
     _size = size
 
 

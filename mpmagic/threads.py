@@ -8,8 +8,11 @@ joblib: the usual environment variables are set as the worker starts, before
 it imports numpy (the libraries read them when they load), and
 ``threadpoolctl`` caps libraries already loaded (a fork worker inherits the
 notebook's numpy). ``%config MPMagic.worker_threads = N`` sets the cap
-(0: no cap at all). A variable the user already set (``OMP_NUM_THREADS=4``
-in the notebook's environment) wins over the default cap, as in loky.
+(0: no cap at all). A variable the user set (``OMP_NUM_THREADS=4`` in the
+notebook's environment when the worker starts) wins over the default cap, as
+in loky, for the variable and for threadpoolctl; the notebook sends its values
+with each worker's start (``cap_for``), since a forkserver worker inherits the
+fork server's environment, not the notebook's.
 
 This module imports no IPython (workers import it).
 """
@@ -51,33 +54,73 @@ def configured() -> int | None:
     return _setting
 
 
-def cap_for(workers: int, setting: int | None = None) -> tuple[int | None, bool]:
-    """(threads per worker, forced) for a pool of ``workers``.
+def cap_for(workers: int, setting: int | None = None) -> tuple[int | None, dict[str, str]]:
+    """(threads per worker, the notebook's variables that win over it) for a pool of ``workers``.
 
+    Called in the notebook as each worker starts (worker_setup.start_info).
     The default is ``available_cpus() // workers``, at least 1; ``setting``
     (worker_threads) > 0 forces that number, 0 means no cap (None).
+
+    The second element is what the notebook's environment says now for the
+    THREAD_VARS it sets (empty when ``setting`` forces the cap): the worker
+    takes these values instead of the cap. They travel with the start, not
+    with the notebook's context (context.py): a forkserver worker's
+    environment is the fork server's, as it was when the server started, and
+    the libraries read these variables as they load, before the first
+    context arrives.
     """
+    notebook = {var: os.environ[var] for var in THREAD_VARS if var in os.environ}
     if setting is None:
-        return max(1, available_cpus() // max(1, workers)), False
+        return max(1, available_cpus() // max(1, workers)), notebook
     if setting <= 0:
-        return None, True
-    return setting, True
+        return None, notebook
+    return setting, {}
 
 
-def limit_in_worker(n: int | None, forced: bool = False) -> None:
-    """In a starting worker: cap BLAS/OpenMP threads at ``n`` (None: leave them)."""
-    if not n:
-        return
+# The variable each threadpoolctl library reads first (its internal_api ->
+# variable); the others read OMP_NUM_THREADS.
+_LIB_VARS = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS", "blis": "BLIS_NUM_THREADS"}
+
+
+def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
+    """In a starting worker: cap BLAS/OpenMP threads at ``n`` (None: no cap).
+
+    ``notebook`` (from ``cap_for``): the notebook's values of THREAD_VARS,
+    which win over the cap; the other variables get ``n``. Libraries already
+    loaded (a fork worker inherits the notebook's numpy) are set through
+    threadpoolctl to what the variables now say, the user's values included.
+    """
     for var in THREAD_VARS:
-        if forced or var not in os.environ:
+        if var in notebook:
+            os.environ[var] = notebook[var]
+        elif n:
             os.environ[var] = str(n)
+        else:
+            # No cap and not set in the notebook: a value the fork server started
+            # with is stale (the notebook's context removes it, but only after
+            # the worker may have loaded a library that read it).
+            os.environ.pop(var, None)
     if any(m in sys.modules for m in _CAPPED_LIBS):  # already loaded (fork): env vars came too late
         try:
-            from threadpoolctl import threadpool_limits
+            from threadpoolctl import ThreadpoolController
 
-            threadpool_limits(limits=n)
+            for lib in ThreadpoolController().lib_controllers:
+                want = _threads_wanted(lib.internal_api)
+                if want is not None and lib.num_threads != want:
+                    lib.set_num_threads(want)
         except Exception:
             log.warning("mpmagic: could not cap the worker's BLAS/OpenMP threads at %s", n, exc_info=True)
+
+
+def _threads_wanted(internal_api: str) -> int | None:
+    """The thread count this worker's environment (set just before) asks of a
+    loaded library, None to leave it (no value, or not a number)."""
+    value = os.environ.get(_LIB_VARS.get(internal_api, "OMP_NUM_THREADS"), "")
+    try:
+        n = int(value.split(",")[0])  # OMP_NUM_THREADS may list nested levels: "4,2"
+    except ValueError:
+        return None
+    return n if n > 0 else None
 
 
 def threads_per_worker(cpu_seconds: float | None, task_seconds: float) -> float | None:

@@ -680,8 +680,8 @@ def _first_unpicklable(results: list) -> int | None:
 def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
     """Entry point of a worker process (the target of ``Process``).
 
-    ``init`` (``worker_setup.start_info``): ``threads``/``threads_forced`` (the
-    BLAS/OpenMP cap) and ``gpu`` (``CUDA_VISIBLE_DEVICES``), applied first.
+    ``init`` (``worker_setup.start_info``): ``threads``/``thread_vars`` (the
+    BLAS/OpenMP cap, and the notebook's own thread variables, which win over it) and ``gpu`` (``CUDA_VISIBLE_DEVICES``), applied first.
     """
     from .worker_setup import start_worker
 

@@ -246,8 +246,8 @@ def start_info(wid: Any, workers: int, live: list) -> dict[str, Any]:
     """
     from . import threads
 
-    n, forced = threads.cap_for(workers, threads.configured())
-    info: dict[str, Any] = {"threads": n, "threads_forced": forced}
+    n, thread_vars = threads.cap_for(workers, threads.configured())
+    info: dict[str, Any] = {"threads": n, "thread_vars": thread_vars}
     if _gpus:
         used = [_gpu_of.get(w) for w in live]
         gpu = min(_gpus, key=lambda g: (used.count(g), _gpus.index(g)))
@@ -297,7 +297,7 @@ def start_worker(info: dict[str, Any] | None, wid: Any) -> None:
     before = dict(os.environ)
     if info.get("gpu") is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(info["gpu"])
-    threads.limit_in_worker(info.get("threads"), info.get("threads_forced", False))
+    threads.limit_in_worker(info.get("threads"), info.get("thread_vars", {}))
     # What it set is its own: the notebook's environment (context.py) must not undo it.
     context.own_env.update(k for k, v in os.environ.items() if before.get(k) != v)
     reseed_fresh()

@@ -88,6 +88,27 @@ def test_a_background_error_waits_for_result_and_is_the_blocking_runs_error(ns):
     assert str(bg.value) == str(fg.value) == str(serial.value)
 
 
+def test_a_background_collect_run_reports_its_failures_as_the_blocking_run_does(ns):
+    blocking = mpmagic.pmap(ns["picky"], range(20), errors="collect")
+    blocking_report = mpmagic.last_report()
+    handle = mpmagic.submit(ns["picky"], range(20), errors="collect")
+    assert [type(r) for r in handle.result(60)] == [type(r) for r in blocking]
+    report = handle.report()
+    assert report is not None and report.failed == blocking_report.failed == handle.items_failed == 1
+    assert "(1 failed)" in report.line()
+
+
+def test_insights_of_a_run_of_no_items_say_so_in_one_line_blocking_or_background(ns):
+    # (Here rather than in test_experience.py's insights tests: a background run is one of the two.)
+    assert mpmagic.pmap(ns["square"], [], insights=True) == []
+    handle = mpmagic.submit(ns["square"], [], insights=True)
+    assert handle.result(60) == []
+    for report in (mpmagic.last_report(), handle.report()):
+        assert report is not None and report.insights is not None
+        assert str(report.insights) == "insights: no items ran, nothing to time"
+        assert "<table" not in report.insights._repr_html_()  # no table header over no rows
+
+
 def test_result_of_a_cancelled_run_raises_cancelled_error_and_frees_the_workers(ns):
     handle = mpmagic.submit(ns["napper"], range(40))
     assert handle.cancel() is True

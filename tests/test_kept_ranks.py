@@ -49,6 +49,24 @@ def test_killed_kept_rank_says_so_and_reset(ip, local_pool):
     assert list(run(ip, "%%parallel --keep -q\nstate")) == [10, 20]
 
 
+def test_kept_rank_whose_worker_timed_out_is_named_by_the_pid_it_had(ip, local_pool):
+    run(ip, "%%parallel --keep -q\nacc = rank")
+    victim = ranks.kept()[0][1]
+    pid = next(s.pid for s in local_pool.slots if s.wid == victim)
+    slow = "%%parallel --keep -q --timeout 0.5 --no-progress\nimport time\nif rank == 0: time.sleep(30)\nacc"
+    with pytest.raises(mpmagic.ParallelError, match="timeout"):
+        run(ip, slow)  # rank 0's worker is stopped and replaced during the cell
+    with pytest.raises(mpmagic.MPMagicError, match=rf"rank 0's kept state is gone: its worker {victim} \(pid {pid}\) died"):
+        run(ip, "%%parallel --keep -q\nacc")
+
+
+def test_kept_rank_gone_without_a_known_pid_says_no_pid(local_pool):
+    ranks._kept[0] = (local_pool.pool_key, -1, None)  # a worker never seen alive by the notebook
+    with pytest.raises(mpmagic.MPMagicError) as err:
+        ranks.check(local_pool, 1, False)
+    assert "its worker -1 died" in str(err.value) and "None" not in str(err.value)
+
+
 def test_keep_usage_errors(ip, local_pool):
     run(ip, "%%parallel --keep -q\nx = 1")
     with pytest.raises(Exception, match="the kept ranks are 2"):

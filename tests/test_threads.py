@@ -4,10 +4,13 @@ oversubscribed."""
 
 from __future__ import annotations
 
-from conftest import run
+import os
+
+import pytest
+from conftest import ensure_pool, run
 
 import mpmagic
-from mpmagic import advice, pool
+from mpmagic import advice, pool, threads
 from mpmagic.cpus import available_cpus
 from mpmagic.report import Report
 
@@ -51,6 +54,48 @@ def test_fork_worker_capped_through_threadpoolctl(ip):
             assert max(nums) <= cap
     finally:
         pool.shutdown()
+
+
+BLAS = (
+    "import os\n"
+    "def _blas(x):\n"
+    "    import numpy, threadpoolctl\n"
+    "    return (os.environ.get('OPENBLAS_NUM_THREADS'), os.environ.get('OMP_NUM_THREADS'),\n"
+    "            {i['num_threads'] for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'})\n"
+)
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "fork"])
+def test_notebook_variable_set_after_start_wins(ip, start_method):
+    """A variable set in the notebook after the pool ran once wins at the next
+    restart: a forkserver worker inherits the fork server's older environment,
+    a fork worker numpy already loaded (threadpoolctl must not cap it over)."""
+    import numpy  # noqa: F401 - loaded in the notebook: what a fork worker inherits
+
+    cap = max(1, available_cpus() // 2)
+    mine = "1" if cap > 1 else "2"  # not the cap, and no more than OpenBLAS's CPUs
+    ensure_pool(start_method)
+    run(ip, BLAS)
+    run(ip, "%pmap -q _blas, range(2)")  # the fork server (or the pool) starts without it
+    os.environ["OPENBLAS_NUM_THREADS"] = mine
+    try:
+        run(ip, "%pool restart")
+        for blas_var, omp_var, blas in run(ip, "%pmap -q _blas, range(2)"):
+            assert blas_var == mine and omp_var == str(cap)  # the others keep the cap
+            assert blas in ({int(mine)}, set())  # set(): a numpy without OpenBLAS
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+        pool.shutdown()
+
+
+def test_cap_for_sends_the_notebooks_variables(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    n, notebook = threads.cap_for(2)
+    assert n == max(1, available_cpus() // 2) and notebook.get("OMP_NUM_THREADS") == "4"
+    assert "MKL_NUM_THREADS" not in notebook
+    assert threads.cap_for(2, 3) == (3, {})  # worker_threads = 3 forces the cap over them
+    assert threads.cap_for(2, 0)[0] is None
 
 
 def test_advice_names_thread_oversubscription():
