@@ -628,10 +628,31 @@ class MapJob:
             what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
         if timed_out:
             fate = reason if worker_kept else "its worker was stopped and replaced"
-            exc: BaseException = TaskTimeoutError(f"{what} ran past the timeout of {self.timeout:g} s; {fate}")
+            # (--retries re-sends what a dying worker took with it; an item that runs
+            # too long would run too long again: it is not retried, and says so)
+            retried = " (--retries re-sends items whose worker died, not items past the timeout)" if self.retries else ""
+            exc: BaseException = TaskTimeoutError(
+                f"{what} ran past the timeout of {self.timeout:g} s; {fate}{retried}")
         else:
             exc = WorkerLostError(f"the worker running {what} {reason}; the pool replaced it")
         self._fail_or_collect(unit, exc, None)
+
+    def split(self, unit: Unit) -> list[int]:
+        """Send ``unit``'s items out again one per unit, in its place; returns the new units' ids.
+
+        For a backend that cannot tell which item of a chunk killed its worker
+        (Dask has no crash position): run alone, each item either comes back
+        or is the one to blame, so the chunk's other items are not lost with
+        it (what ``_isolate`` does when the worker says which item it was on).
+        """
+        self.outstanding.pop(unit.id, None)
+        if unit.lease is not None:  # the parts go out packed inline (see _resend_part)
+            unit.lease.release()
+            unit.lease = None
+        first = self._next_id
+        for i in range(unit.count):
+            self._resend_part(unit, i, i + 1, block=1)
+        return list(range(first, self._next_id))
 
     def _isolate(self, unit: Unit, index: int) -> Unit:
         """Split ``unit`` around item ``index``: re-send the others, return the culprit."""

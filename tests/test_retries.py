@@ -96,3 +96,15 @@ def test_retries_through_the_api(ip, killers):
     func = ip.user_ns["dies_first_time"]  # defined in the notebook-like shell
     assert mpmagic.pmap(func, range(8), chunksize=1, retries=1) == [x * x for x in range(8)]
     assert attempts(tries) == 2
+
+
+def test_a_timeout_is_not_retried_and_says_so(local_pool):
+    """An item past --timeout would run past it again: it is not retried. With
+    --retries given, the error says why it was not (it read as a bug)."""
+    import time
+
+    with pytest.raises(mpmagic.TaskTimeoutError, match="not items past the timeout"):
+        mpmagic.pmap(time.sleep, [5], timeout=0.3, retries=2)
+    with pytest.raises(mpmagic.TaskTimeoutError) as plain:
+        mpmagic.pmap(time.sleep, [5], timeout=0.3)
+    assert "--retries" not in str(plain.value)
