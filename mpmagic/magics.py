@@ -190,6 +190,8 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
     while rest.startswith("-") and not rest.startswith("--, "):
         head, _, tail = rest.partition(" ")
+        if head == "--":  # the end of the options, as on a command line: the rest is ARGS
+            return tokens, tail.lstrip()
         name = head.split("=", 1)[0]
         tokens.append(head)
         rest = tail.lstrip()
@@ -674,11 +676,14 @@ def _switched(before: Any, now: Any) -> str:
     if before is None:
         return "%pool local: started local worker processes"
     if getattr(before, "name", None) == "dask":
-        where = getattr(before, "address", None) or getattr(before, "scheduler_file", None) or "?"
+        # The cluster mpmagic starts has no address given: its scheduler's
+        # (``scheduler_address``, kept after the stop) is the one to show.
+        where = (getattr(before, "address", None) or getattr(before, "scheduler_address", None)
+                 or getattr(before, "scheduler_file", None))
         if getattr(before, "owns_cluster", False):
-            what = f"stopped the local Dask cluster mpmagic had started ({where})"
+            what = "stopped the local Dask cluster mpmagic had started" + (f" ({where})" if where else "")
         else:
-            what = f"disconnected from the Dask scheduler at {where} (its workers keep running)"
+            what = f"disconnected from the Dask scheduler at {where or 'an unknown address'} (its workers keep running)"
         return f"%pool local: {what}; now on local worker processes"
     return (
         f"%pool local: stopped the previous local workers ({getattr(before, 'start_method', '?')}) "

@@ -289,3 +289,9 @@ def test_compare_whose_serial_run_raises_keeps_the_parallel_results(ip, backend,
     report = mpmagic.last_report()
     assert report.serial is None and report.serial_error == "RuntimeError: not here"
     assert "estimated: the --compare run here raised RuntimeError" in report.line()
+
+
+def test_double_dash_ends_the_options(ip, backend):
+    """``--`` ends the options as on a command line ("unknown option --" before)."""
+    assert run(ip, "%pmap -q -- abs, [-1, 2]") == [1, 2]
+    assert run(ip, "%pmap -q --star -- pow, [(2, 3)]") == [8]
