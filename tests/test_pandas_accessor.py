@@ -9,6 +9,7 @@ notebook, and travel to forkserver workers by value.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,22 @@ def group_top(g):
 
 def group_fails(g):
     raise ValueError(f"bad group {g.name}")
+
+def row_other_keys(row):
+    return pd.Series({f"k{row['x'] % 3}": 1, "z": 2})
+
+def column_other_keys(col):
+    return pd.Series({col.name: 1, "z": 2})
+
+def row_int_or_none(row):
+    return None if row["x"] == 0 else row["x"]
+
+def value_as_series(v):
+    return pd.Series({"v": v, "twice": 2 * v})
+
+def group_pid(g):
+    import os
+    return os.getpid()
 """
 
 
@@ -183,3 +200,89 @@ def test_groupby_by_an_array_says_what_to_do(ip, frame) -> None:
         run(ip, "df.groupby(np.arange(30) % 2).mp.apply(group_spread)")
     with pytest.raises(mpmagic.UsageError, match="not supported yet"):
         run(ip, "df.groupby('key')['x'].mp.apply(lambda s: s.sum())")
+
+
+# Rows (or columns) whose results differ from chunk to chunk: pandas builds the
+# whole from all of them at once (union of the keys in order of appearance,
+# dtypes inferred over every row); gluing chunk results together does not.
+@pytest.mark.parametrize(
+    ("code", "oracle"),
+    [
+        ("df.mp.apply(row_other_keys, axis=1, chunks=30, quiet=True)", "df.apply(row_other_keys, axis=1)"),
+        ("df[['x', 'y']].mp.apply(column_other_keys, chunks=2, quiet=True)", "df[['x', 'y']].apply(column_other_keys)"),
+        ("df.mp.apply(row_int_or_none, axis=1, chunks=10, quiet=True)", "df.apply(row_int_or_none, axis=1)"),
+        ("df.mp.apply(lambda r: [r['x']] * (1 + r['x'] % 2), axis=1, chunks=10, quiet=True)",
+         "df.apply(lambda r: [r['x']] * (1 + r['x'] % 2), axis=1)"),
+        ("df.mp.apply(lambda r: {'x': r['x']}, axis=1, chunks=10, quiet=True)", "df.apply(lambda r: {'x': r['x']}, axis=1)"),
+        ("df.mp.apply(lambda r: r, axis=1, chunks=10, quiet=True)", "df.apply(lambda r: r, axis=1)"),
+        ("df[['x', 'y']].mp.apply(lambda r: [r['x'], 1], axis=1, result_type='expand', chunks=10, quiet=True)",
+         "df[['x', 'y']].apply(lambda r: [r['x'], 1], axis=1, result_type='expand')"),
+        ("df[['x', 'y']].mp.apply(lambda r: r * 3, axis=1, raw=True, chunks=10, quiet=True)",
+         "df[['x', 'y']].apply(lambda r: r * 3, axis=1, raw=True)"),
+        ("df[['x', 'y']].mp.apply(lambda r: r * 0, axis=1, result_type='broadcast', chunks=10, quiet=True)",
+         "df[['x', 'y']].apply(lambda r: r * 0, axis=1, result_type='broadcast')"),
+    ],
+    ids=["series-other-keys", "columns-other-keys", "int-or-none", "ragged-lists", "dicts", "the-row", "expand", "raw",
+         "broadcast"],
+)
+def test_apply_assembles_the_whole_as_pandas_does(ip, frame, code, oracle) -> None:
+    assert_same(run(ip, code), run(ip, oracle))
+
+
+def test_apply_passes_args_and_kwargs_as_pandas_does(ip, frame) -> None:
+    run(ip, "def scaled(row, k, plus=0):\n    return row['x'] * k + plus")
+    assert_same(run(ip, "df.mp.apply(scaled, axis=1, args=(3,), plus=1, chunks=10, quiet=True)"),
+                run(ip, "df.apply(scaled, axis=1, args=(3,), plus=1)"))
+    assert_same(run(ip, "df['x'].mp.apply(lambda v, k, plus=0: v * k + plus, args=(3,), plus=1, quiet=True)"),
+                run(ip, "df['x'].apply(lambda v, k, plus=0: v * k + plus, args=(3,), plus=1)"))
+
+
+def test_series_apply_returning_a_series_gives_a_frame_as_pandas_does(ip, frame) -> None:
+    got = run(ip, "df['x'].mp.apply(value_as_series, quiet=True)")
+    assert_same(got, frame["x"].apply(ip.user_ns["value_as_series"]))
+
+
+@pytest.mark.parametrize("func", ["'sum'", "'cumsum'", "np.sqrt", "['sum', 'max']"])
+def test_series_and_frame_apply_by_name_or_ufunc_is_pandas_own_call(ip, frame, func) -> None:
+    # pandas runs these as one vectorized call, not per value: the accessor runs that call here.
+    got, expected = run(ip, f"df['y'].mp.apply({func})"), run(ip, f"df['y'].apply({func})")
+    if func == "'sum'":
+        assert type(got) is type(expected) and got == expected
+    else:
+        assert_same(got, expected)
+    assert_same(run(ip, f"df[['x', 'y']].mp.apply({func})"), run(ip, f"df[['x', 'y']].apply({func})"))
+
+
+@pytest.mark.parametrize("by", ["'k'", "['k', 'j']"])
+@pytest.mark.parametrize("sort", [True, False])
+def test_groupby_with_missing_keys_matches_pandas(ip, frame, by, sort) -> None:
+    # dropna=False keeps a NaN (or None) key: NaN is not equal to itself and is
+    # another object after pickling, yet it is one group, computed in a worker.
+    run(ip, "nan_keys = pd.DataFrame({'k': ['a', np.nan, 'b', 'a', None, 'b'], 'j': [1, 2, np.nan, 1, 2, np.nan], "
+            "'x': range(6)})")
+    call = f"nan_keys.groupby({by}, dropna=False, sort={sort})"
+    assert_same(run(ip, f"{call}.mp.apply(group_spread, quiet=True)"), run(ip, f"{call}.apply(group_spread)"))
+    assert_same(run(ip, f"{call}.mp.apply(group_stats, quiet=True)"), run(ip, f"{call}.apply(group_stats)"))
+    pids = run(ip, f"{call}.mp.apply(group_pid, quiet=True)")
+    assert os.getpid() not in set(pids)
+
+
+def test_the_whole_is_assembled_by_replay_where_pandas_lacks_its_apply_object(frame, monkeypatch) -> None:
+    from mpmagic import pandas_accessor
+
+    def row_other_keys(row):
+        return pd.Series({f"k{row['x'] % 3}": 1, "z": 2})
+
+    values = [row_other_keys(row) for _, row in frame.iterrows()]
+    monkeypatch.setattr(pandas_accessor, "_pandas_wrap", lambda *_: None)
+    got = pandas_accessor._assemble_frame(frame, values, 1, False, None, row_other_keys)
+    assert_same(got, frame.apply(row_other_keys, axis=1))
+
+
+def test_a_replay_that_does_not_fit_runs_pandas_call_here(frame, caplog) -> None:
+    from mpmagic import pandas_accessor
+
+    s = frame["x"]
+    got = pandas_accessor._replay(s, "map", {"na_action": None}, [1, 2], str)
+    assert_same(got, s.map(str))
+    assert "running it here" in caplog.text
