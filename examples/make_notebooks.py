@@ -85,7 +85,7 @@ rank * 10"""),
     ("md", "`%pool` shows the workers: start method, process ids, tasks run, memory."),
     ("code", "%pool"),
     ("md", """\
-A longer run (about 3 seconds on two cores) shows a progress bar that counts
+A longer run (about 3 seconds of work, half that on two cores) shows a progress bar that counts
 items while it works."""),
     ("code", "long_results = %pmap work, [5_000_000] * 16"),
     ("code", """\

@@ -632,8 +632,9 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
     before it. ``timeout``: seconds to wait for the next chunk (TimeoutError).
     """
     __tracebackhide__ = True
-    if run._chunks is None:
-        raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg)")
+    if not isinstance(run, Run) or run._chunks is None:  # (an imap generator, a list, a %%parallel --bg handle)
+        raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
+                         f"not {'a %%parallel handle' if isinstance(run, Run) else type(run).__name__}")
     seen = 0
     while True:
         with run._arrived:

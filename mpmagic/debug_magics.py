@@ -35,7 +35,7 @@ class DebugMagics(Magics):
             print(PDEBUG_HELP)
             return
         if text and not text.lstrip("-").isdigit():
-            raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]")
+            raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]   (see %pdebug?)")
         which = int(text) if text else None
         if debugging.last_run() is None:  # every %pmap / %%parallel that ended leaves a record, failed or not
             raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "

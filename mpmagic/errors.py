@@ -510,6 +510,13 @@ def _without_hidden_frames(tb: types.TracebackType | None) -> types.TracebackTyp
     )
 
 
+def _user_code_under_us(tb: types.TracebackType | None) -> bool:
+    """Did user code called by mpmagic raise? (The last frame is not ours, an earlier one is.)"""
+    entries = _entries(tb)
+    ours = [t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR) for t in entries]
+    return bool(entries) and not ours[-1] and any(ours)
+
+
 def _entries(tb: types.TracebackType | None) -> list[types.TracebackType]:
     out = []
     while tb is not None:
@@ -559,6 +566,13 @@ def install_display(shell: Any) -> None:
                 text = _cell_names("".join(traceback.format_exception(value)))
                 shell._showtraceback(etype, value, text.rstrip("\n").split("\n"))
                 return None
+            exc_tuple = (etype, value, tb)
+        elif value is not None and not exception_only and _user_code_under_us(tb):
+            # The user's code called by ours (a generator input, an on_chunk callback)
+            # raised: the cell's line, then the user's frames, as with map(); not
+            # "[... skipping hidden N frame]" for ours.
+            tb = value.__traceback__ = _without_hidden_frames(_relink(
+                t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
             exc_tuple = (etype, value, tb)
         return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
 

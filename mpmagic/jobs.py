@@ -86,7 +86,8 @@ class Failed:
     """Stands in the results, with ``errors="collect"``, for an item that failed.
 
     ``index`` is its position in the input, ``item`` its arguments, ``error``
-    the exception (with the worker's traceback as its ``__cause__``).
+    the exception, as the item raised it: the worker's frames are its
+    ``__traceback__``, and its own ``__cause__`` and ``__context__`` are kept.
     """
 
     index: int

@@ -115,7 +115,9 @@ def _positive_float(text: str) -> float:
 
 def _pmap_parser() -> _Parser:
     p = _Parser(prog="%pmap", usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]")
-    p.add_argument("-n", "--workers", type=_positive_int, help="worker processes to use (default: the pool's size)")
+    p.add_argument("-n", "--workers", type=_positive_int,
+                   help="worker processes to use (default: the pool's size); more than the pool has grows it, "
+                        "for good (%%pool resize N shrinks it)")
     p.add_argument("--chunksize", type=_positive_int, help="items per message (default: automatic)")
     p.add_argument("--star", action="store_true", help="call FUNC(*item) for each item, like starmap")
     p.add_argument("--compare", action="store_true", help="also run serially here; report the measured speedup")

@@ -330,3 +330,10 @@ def test_an_interrupted_imap_says_in_one_line_that_its_run_was_cancelled(ip, ns)
                             "the work still running was stopped and its workers replaced; the pool is ready "
                             "for the next run"), text
     assert handle.state == "cancelled" and _no_busy_worker()
+
+
+@pytest.mark.parametrize("given, named", [([1, 2], "not list"), ((x for x in ()), "not generator")])
+def test_as_completed_of_something_else_says_what_it_takes(given, named):
+    """An imap generator or a list raised AttributeError: '... has no attribute _chunks'."""
+    with pytest.raises(mpmagic.UsageError, match=f"takes the handle of a background map.*{named}"):
+        next(mpmagic.as_completed(given))

@@ -222,3 +222,8 @@ def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, loca
     message = str(result.error_in_exec)
     assert "last run was a %%parallel cell that failed: run the cell again" in message, message
     assert "no failures" not in message
+
+
+def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):
+    result = ip.run_cell("%pdebug x", store_history=False)
+    assert str(result.error_in_exec).endswith("usage: %pdebug [N]   (see %pdebug?)")

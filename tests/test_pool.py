@@ -137,3 +137,22 @@ def test_status_counts_read_as_english(local_pool):
     info["processes"] = [dict(info["processes"][0], tasks=0)]
     text = "\n".join(_local_lines(info))
     assert "pool: local, 2 workers," in text and ", 0 tasks, " in text, text
+
+
+def test_workers_more_than_the_pool_grows_it_for_good_and_says_so(capfd):
+    """``-n 3`` on a 2-worker pool: the guide said "for this call"; the pool
+    grows and stays that size, and one line now says so, with how to shrink it."""
+    from mpmagic import pool as pool_module
+
+    pool_module.shutdown()
+    mpmagic.use_local(2, "forkserver").wait_ready()
+    try:
+        capfd.readouterr()
+        assert mpmagic.pmap(abs, [-1, -2, -3], workers=3) == [1, 2, 3]
+        assert "the pool grew from 2 to 3 workers for workers=3 (-n 3) and stays that size: %pool resize 2" \
+            in capfd.readouterr().err
+        assert mpmagic.get_pool().workers == 3
+        mpmagic.pmap(abs, [-1], workers=3)
+        assert "grew" not in capfd.readouterr().err  # (once: it has 3 now)
+    finally:
+        mpmagic.stop_pool()

@@ -13,7 +13,8 @@ import re
 
 from IPython.utils.capture import capture_output
 
-INTERNAL = ("mpmagic/", "mpmagic\\", "cloudpickle", "multiprocessing", "interactiveshell.py", "<parallel-cell-")
+INTERNAL = ("mpmagic/", "mpmagic\\", "cloudpickle", "multiprocessing", "interactiveshell.py", "<parallel-cell-",
+            "skipping hidden")  # (IPython's note for frames it hides: ours, with the extension loaded, are gone)
 
 
 def shown(ip, code: str) -> tuple[int, str, BaseException | None]:

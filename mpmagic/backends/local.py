@@ -673,6 +673,10 @@ class LocalBackend:
             if job.size > cap:
                 raise UsageError(f"-n {job.size} is more ranks than this machine can run at once (at most {cap})")
         elif workers and workers > self.workers:
+            # The pool grows for good (starting workers for one call and stopping
+            # them after would cost every such call their start): say so once.
+            sys.stderr.write(f"mpmagic: the pool grew from {self.workers} to {workers} workers for workers={workers} "
+                             f"(-n {workers}) and stays that size: %pool resize {self.workers} shrinks it\n")
             self.resize(workers)
         else:
             limit = workers
