@@ -389,7 +389,8 @@ class Run:
     def info(self) -> dict[str, Any]:
         """One row of ``%pool`` / ``runs()``."""
         return {"id": self.id, "what": self.what, "done": self.items_done, "total": self.items_total,
-                "failed": self.items_failed, "elapsed": self.elapsed, "state": self.state}
+                "failed": self.items_failed, "elapsed": self.elapsed, "state": self.state,
+                "unit": "ranks" if self._job.kind == "cell" else "items"}
 
     def __repr__(self) -> str:
         return f"<mpmagic.Run {self.status_line()}>"

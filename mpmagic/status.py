@@ -98,7 +98,8 @@ def runs_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return ["runs: none in the background (start one with %pmap --bg or mpmagic.submit)"]
     return ["runs:"] + [
-        "  run {}: {}, {} items, {}, {}".format(*_run_cells(r)) for r in rows
+        "  run {}: {}, {} {}, {}, {}".format(*_run_cells(r)[:3], r.get("unit", "items"), *_run_cells(r)[3:])
+        for r in rows
     ]
 
 

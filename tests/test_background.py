@@ -337,3 +337,11 @@ def test_as_completed_of_something_else_says_what_it_takes(given, named):
     """An imap generator or a list raised AttributeError: '... has no attribute _chunks'."""
     with pytest.raises(mpmagic.UsageError, match=f"takes the handle of a background map.*{named}"):
         next(mpmagic.as_completed(given))
+
+
+def test_pool_runs_counts_a_cells_ranks_as_ranks(ip, local_pool):
+    """``%pool runs`` said "2/2 items" for a %%parallel --bg run its handle calls "2/2 ranks"."""
+    handle = run(ip, "%%parallel -n 2 -q --bg\nrank")
+    handle.result(60)
+    line = next(line for line in repr(run(ip, "%pool runs")).splitlines() if f"run {handle.id}:" in line)
+    assert "2/2 ranks" in line and "items" not in line, line
