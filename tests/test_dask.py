@@ -9,6 +9,7 @@ a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import sys
@@ -98,6 +99,21 @@ def test_items_that_kill_every_worker_are_named_after_dasks_retries(ip, dask_poo
     res = run(ip, "%pmap -q --chunksize 1 --errors collect deadly, range(8)")
     assert [r for i, r in enumerate(res) if i != 5] == [0, 1, 2, 3, 4, 6, 7]
     assert isinstance(res[5], mpmagic.Failed) and isinstance(res[5].error, mpmagic.WorkerLostError)
+
+
+def test_an_item_that_kills_its_worker_loses_no_other_item_of_its_chunk(ip, dask_pool):
+    """Dask cannot say which item of a chunk killed its worker: a chunk that
+    kills it again alone is run one item at a time, so, as on the local pool,
+    only that item fails (its chunk's other items were all Failed) and
+    --errors raise names it."""
+    run(ip, "import os, signal\ndef kills_at_4(x):\n    if x == 4:\n        os.kill(os.getpid(), signal.SIGKILL)\n    return x\n")
+    res = run(ip, "%pmap -q --chunksize 3 --errors collect kills_at_4, range(6)")
+    assert [r for i, r in enumerate(res) if i != 4] == [0, 1, 2, 3, 5]
+    assert isinstance(res[4], mpmagic.Failed) and isinstance(res[4].error, mpmagic.WorkerLostError)
+    dask_pool.client.wait_for_workers(DASK_WORKERS, timeout=60)
+    with pytest.raises(mpmagic.WorkerLostError, match=r"the worker running item 4 \(4\) died"):
+        run(ip, "%pmap -q --chunksize 3 kills_at_4, range(6)")
+    dask_pool.client.wait_for_workers(DASK_WORKERS, timeout=60)
 
 
 def test_ranks_run_on_distinct_worker_processes(ip, dask_pool):
@@ -242,6 +258,62 @@ def test_wrong_address_is_a_clear_error_within_the_timeout(dask_pool):
     assert pool_module.get_pool() is dask_pool  # the working pool is kept
 
 
+def _slow_item_cell(ip) -> None:
+    run(ip, "import time\ndef slow_item(x):\n    time.sleep(0.3)\n    return x\n")
+
+
+def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path):
+    """Every worker leaves mid-map, the scheduler stays: once the cluster has
+    had none for the backend's timeout, the run fails saying where, how far it
+    got and what to do (it waited for ever)."""
+    from dask_cluster import DaskProcesses
+
+    cluster = DaskProcesses(tmp_path, n_commands=1, per_command=2).start()
+    try:
+        mpmagic.use_dask(cluster.address, timeout=2)
+        _slow_item_cell(ip)
+        workers = cluster.procs[1]  # the `dask worker` command: its nanny and both workers
+        threading.Timer(1.0, os.killpg, (workers.pid, signal.SIGTERM)).start()
+        t0 = time.monotonic()
+        with pytest.raises(mpmagic.MPMagicError) as info:
+            run(ip, "%pmap -q --chunksize 1 slow_item, range(40)")
+        assert time.monotonic() - t0 < 15
+        msg = str(info.value)
+        assert f"every worker of the Dask cluster at {cluster.address} left during this run" in msg
+        assert "of 40 items finished" in msg and "none joined within the timeout of 2 s" in msg
+        assert f"`dask worker {cluster.address}`" in msg and "`%pool local`" in msg
+    finally:
+        pool_module.shutdown()
+        cluster.stop()
+
+
+def test_the_scheduler_dying_fails_the_run_and_blames_no_item(ip, tmp_path, capfd):
+    """The scheduler dies mid-map: the connection is lost, not a worker, and no
+    item is to blame (an item was blamed, and "the pool replaced it"); the
+    `%pool local` after it shows no Dask traceback."""
+    from dask_cluster import DaskProcesses
+
+    cluster = DaskProcesses(tmp_path, n_commands=1, per_command=2).start()
+    try:
+        mpmagic.use_dask(cluster.address)
+        _slow_item_cell(ip)
+        threading.Timer(1.0, os.killpg, (cluster.procs[0].pid, signal.SIGKILL)).start()
+        with pytest.raises(mpmagic.MPMagicError) as info:
+            run(ip, "%pmap -q --chunksize 1 slow_item, range(40)")
+        assert not isinstance(info.value, mpmagic.WorkerLostError)
+        msg = str(info.value)
+        assert f"lost the connection to the Dask scheduler at {cluster.address} during this run" in msg
+        assert "of 40 items finished; no item is to blame" in msg and "`%pool local`" in msg
+        capfd.readouterr()
+        notice = str(run(ip, "%pool local -n 2"))
+        assert f"disconnected from the Dask scheduler at {cluster.address}" in notice
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "ERROR" not in err, err
+    finally:
+        pool_module.shutdown()
+        cluster.stop()
+
+
 def test_tls_needs_all_certificate_options(tmp_path):
     with pytest.raises(mpmagic.UsageError, match="--tls-cert FILE --tls-key FILE"):
         mpmagic.use_dask("tls://127.0.0.1:8786", tls_ca_file=str(tmp_path / "ca.pem"))
@@ -278,6 +350,7 @@ def test_tls_connection_with_generated_certificates(ip, tmp_path):
 def test_local_cluster_from_the_magic_and_back_to_local(ip):
     status = str(run(ip, "%pool dask -n 2"))
     backend = pool_module.get_pool()
+    address = backend.client.scheduler.address
     children = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
         assert "local cluster started by mpmagic" in status and "workers: 2, threads: 2" in status
@@ -292,8 +365,10 @@ def test_local_cluster_from_the_magic_and_back_to_local(ip):
         assert set(worker_pids(backend).values()) == pids
         assert "workers: 1, threads: 1" in str(run(ip, "%pool resize 1"))
     finally:
-        run(ip, "%pool local -n 2")
+        notice = str(run(ip, "%pool local -n 2"))
     assert pool_module.get_pool().name == "local"
+    # Its scheduler's address, though none was given (was "(?)").
+    assert f"%pool local: stopped the local Dask cluster mpmagic had started ({address});" in notice
     gone_by = time.monotonic() + 10
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
         assert time.monotonic() < gone_by, "the local Dask cluster's workers outlived %pool local"
@@ -333,6 +408,35 @@ def test_queue_between_ranks_and_the_notebook(ip, dask_pool):
     assert q2.qsize() == 1 and q2.get(timeout=5) == [1, "two"]
     with pytest.raises(__import__("queue").Empty):
         q2.get(timeout=0.2)
+
+
+def test_waiting_on_a_queue_logs_no_error_and_consumers_share_its_items(ip, dask_cluster, dask_pool):
+    """A get that waits logged a traceback in the scheduler per 0.25 s (Dask
+    logs each timed-out ``distributed.Queue.get``); items still go FIFO, each
+    to exactly one of several racing consumers, and each consumer stops."""
+    log = dask_cluster.workdir / "scheduler.log"
+    logged = log.stat().st_size
+    q = mpmagic.Queue()
+    t0 = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=1)
+    assert 1 <= time.monotonic() - t0 < 3
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    for i in range(5):
+        q.put(i)
+    assert [q.get(timeout=5) for _ in range(5)] == list(range(5))
+    run(ip, "import mpmagic\nshared_q = mpmagic.Queue()")
+    shared_q = ip.user_ns["shared_q"]
+    for i in range(30):
+        shared_q.put(i)
+    shared_q.close()
+    values = run(ip, "%%parallel -q -n 3\ngot = []\nfor item in shared_q:\n    got.append(item)\ngot")
+    assert sorted(sum(values, [])) == list(range(30))
+    assert all(v == sorted(v) for v in values)  # each consumer sees them in order
+    time.sleep(0.3)  # (the scheduler writes its log as it goes)
+    new = log.read_bytes()[logged:].decode(errors="replace")
+    assert "queue_get" not in new and "Error" not in new, new[-3000:]
 
 
 def test_lock_serializes_read_modify_write_across_workers(ip, dask_pool, tmp_path):

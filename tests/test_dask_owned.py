@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import cloudpickle
 import pytest
@@ -98,5 +99,25 @@ def test_timeout_on_mpmagics_own_local_cluster_restarts_that_worker(ip, request)
             run(ip, "%pmap -q --timeout 1 hang, [0]")
         backend.client.wait_for_workers(1, timeout=60)
         assert not before & set(_pids(backend).values())
+    finally:
+        pool_module.shutdown()
+
+
+def test_pool_restart_cuts_a_background_run_off_as_on_the_local_pool(ip):
+    """``%pool restart`` on the cluster mpmagic started, with a background map in
+    flight: the run says the pool was stopped, as the local pool's does (it
+    blamed a chunk: "had its task cancelled ...; the pool replaced it")."""
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=2)
+    try:
+        run(ip, "import time\ndef slow_item(x):\n    time.sleep(0.2)\n    return x\n")
+        handle = mpmagic.submit(ip.user_ns["slow_item"], range(30), workers=2)
+        time.sleep(0.7)
+        run(ip, "%pool restart")
+        with pytest.raises(mpmagic.MPMagicError) as info:
+            handle.result(timeout=30)
+        assert not isinstance(info.value, mpmagic.WorkerLostError)
+        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
     finally:
         pool_module.shutdown()

@@ -19,7 +19,11 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
 * A worker that dies: Dask runs its tasks again elsewhere (its
   ``allowed-failures`` setting). Dask then blames every task that was on the
   dying workers, so a blamed chunk runs once more alone; if it kills its worker
-  again, the job hears which items were lost.
+  again, each of its items runs alone in turn, and the job hears which one
+  was lost (Dask cannot say which item of a chunk was running).
+* No worker left for the backend's ``timeout`` during a map, the scheduler out
+  of reach, or the pool stopped under a run: the run fails as a whole, saying
+  so; no item is blamed for what the cluster did.
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt cancels the futures at once; tasks already running cannot be
@@ -35,6 +39,7 @@ turns its absence into an install hint.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
@@ -45,6 +50,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict, cast
@@ -79,6 +85,29 @@ def _stop_all_at_exit() -> None:
             backend.stop(timeout=1.0)
         except Exception:  # one backend's cleanup must not stop the others'
             log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+
+
+class _ToDebugLog(logging.Filter):
+    """Lets no record through: each goes to mpmagic's log at debug level instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.debug("mpmagic: Dask said while closing its client: %s", record.getMessage(), exc_info=record.exc_info)
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_client_log() -> Iterator[None]:
+    """Closing a client whose scheduler is gone cancels its attempts to reconnect,
+    and Dask logs that as an error with a long traceback, shown in the cell of
+    the ``%pool local`` or ``%pool stop`` that closed it. The connection was
+    already reported as lost; the traceback only alarms: mpmagic's debug log."""
+    logger = logging.getLogger("distributed.client")
+    quiet = _ToDebugLog()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _security(address: str | None, ca: str | None, cert: str | None, key: str | None) -> Any:
@@ -185,9 +214,15 @@ class DaskBackend:
         self.timeout = float(timeout)
         self.client: Any = None
         self.cluster: Any = None
+        # The scheduler's address once connected, kept after a stop: messages
+        # name it (``address`` is None for the cluster mpmagic starts).
+        self.scheduler_address: str | None = address
         self.calls_run = 0
         self.tasks_run = 0
         self._most_workers = 0  # the most workers seen at once
+        # Stops and restarts so far: a run in flight when it changes was cut
+        # off by the user (``%pool stop``/``restart``), not by the cluster.
+        self.stops = 0
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
         self._topic = ""
@@ -225,6 +260,7 @@ class DaskBackend:
                 self._start_local_cluster()
             else:
                 self._connect()
+            self.scheduler_address = self.client.scheduler.address or self.scheduler_address
             if self.requested_workers and not self.owns_cluster:
                 self._wait_for_workers(self.requested_workers)
             if worker_setup.has_setup():  # worker setup (worker_setup.py): a plugin, also for later workers
@@ -307,13 +343,15 @@ class DaskBackend:
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
+            self.stops += 1
             self._payloads.clear()
             self._nthreads_cache = None
         if client is not None and not self.owns_cluster and worker_setup.has_setup():
             worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:
             try:
-                client.close(timeout=timeout)
+                with _quiet_client_log():
+                    client.close(timeout=timeout)
             except Exception:
                 log.info("mpmagic: closing the Dask client failed", exc_info=True)
         if cluster is not None:
@@ -345,6 +383,7 @@ class DaskBackend:
                 "restart them where the cluster runs.\n"
             )
             return
+        self.stops += 1  # (its tasks are cancelled: a run in flight says the pool was stopped)
         try:
             self.client.restart(timeout=max(self.timeout, 30.0))
         except ValueError as exc:  # workers without nannies
@@ -601,6 +640,12 @@ class _DaskRun:
         self.killed: set[int] = set()  # units already resent once after a KilledWorker
         self.quarantine: deque[Any] = deque()  # such units, waiting to run alone
         self.solo = False  # a quarantined unit is running: nothing else is sent
+        # One-item units split from a chunk that killed its worker even alone
+        # (MapJob.split): each is quarantined in turn as the job hands it out.
+        self.suspects: set[int] = set()
+        self.stops = backend.stops  # the backend's stops when this run began (see _check_cluster)
+        self._no_workers_since: float | None = None  # since when the cluster has had no worker
+        self._last_count = time.monotonic()
         self.name = _func_name(job) if isinstance(job, MapJob) else "cell"
         self._last_check = self._last_sweep = time.monotonic()
 
@@ -627,6 +672,7 @@ class _DaskRun:
     def _loop(self) -> None:
         job = self.job
         while not job.finished:
+            self._check_cluster()
             self._submit_more()
             if job.finished:
                 break
@@ -635,6 +681,8 @@ class _DaskRun:
             self._check_deadlines()
             if job.kind == "cell":
                 self._check_rank_workers()
+            else:
+                self._check_workers_left()
         if self.tasks:  # a map that failed early: drop the rest
             self._abandon(interrupted=False)
 
@@ -714,6 +762,11 @@ class _DaskRun:
             unit = job.next_unit()
             if unit is None:
                 break
+            if unit.id in self.suspects:  # an item of a chunk that killed its worker alone: it runs alone too
+                self.suspects.discard(unit.id)
+                self.killed.add(unit.id)
+                self.quarantine.append(unit)
+                break
             self._submit(unit)
 
     def _submit(self, unit: Any) -> None:
@@ -757,6 +810,10 @@ class _DaskRun:
             self._failed(task, exc)
             return
         if reply is None:
+            # Cancelled: by a stop or restart of the pool, or because the client
+            # lost the scheduler (Dask cancels every future then). Neither is
+            # the fault of this unit's items.
+            self._check_cluster(_cancel_reason(future))
             data = task.data_future
             if data is not None and data.status != "finished" and self.resent.get(unit.id, 0) < 3:
                 # The worker holding this chunk's scattered data died: send it again.
@@ -825,6 +882,12 @@ class _DaskRun:
                 self.killed.add(task.unit.id)
                 self.quarantine.append(task.unit)
                 return
+            if isinstance(self.job, MapJob) and task.unit.count > 1:
+                # A chunk that killed its worker alone: one of its items did, and
+                # Dask cannot say which. Each item runs alone in turn, so only
+                # the culprit fails (the local pool knows the item at once).
+                self.suspects.update(self.job.split(task.unit))
+                return
             self.job.lost(
                 task.unit,
                 "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)",
@@ -864,6 +927,74 @@ class _DaskRun:
                     worker_kept=True,
                 )
 
+    def _check_cluster(self, reason: str | None = None) -> None:
+        """Fail the whole run, blaming no item, when the pool was stopped or the
+        scheduler is out of reach: its tasks are gone, not lost by their items.
+
+        ``reason``: why Dask cancelled a future of this run, if one was.
+        """
+        backend = self.backend
+        if backend.stops != self.stops:
+            raise MPMagicError("the pool was stopped while this run was in flight")
+        lost = reason == "scheduler-connection-lost" or self.client.status != "running"
+        if not lost and reason != "scheduler-restart":
+            return
+        where = backend.scheduler_address or backend.where
+        blameless = self._progress(f"no {'item' if self.job.kind == 'map' else 'rank'} is to blame")
+        if lost:
+            raise MPMagicError(
+                f"lost the connection to the Dask scheduler at {where} during this run ({blameless}): once "
+                "the scheduler is up again, run the cell again (mpmagic reconnects), or `%pool local` to run "
+                "on this machine"
+            )
+        raise MPMagicError(
+            f"the Dask scheduler at {where} was restarted during this run, which cancelled its tasks "
+            f"({blameless}; did another client of the cluster restart it?): run the cell again"
+        )
+
+    def _check_workers_left(self) -> None:
+        """A map on a cluster with no worker would wait forever: once it has had
+        none for the backend's ``timeout`` (the wait a run allows at its start,
+        ``_wait_for_workers``), fail with what to do. Asked at most every 0.5 s."""
+        now = time.monotonic()
+        if now - self._last_count < 0.5:
+            return
+        self._last_count = now
+        try:
+            workers = len(self.client.nthreads())
+        except Exception:  # the scheduler out of reach: _check_cluster says so
+            log.debug("mpmagic: could not count the Dask workers", exc_info=True)
+            return
+        if workers:
+            self._no_workers_since = None
+            return
+        if self._no_workers_since is None:
+            self._no_workers_since = now
+        backend = self.backend
+        if now - self._no_workers_since < backend.timeout:
+            return
+        where = backend.scheduler_address or backend.where
+        todo = (
+            "`%pool restart` to start them again"
+            if backend.owns_cluster
+            else f"start workers again (`dask worker {where}`)"
+        )
+        raise MPMagicError(
+            f"every worker of the Dask cluster at {where} left during this run ({self._progress()}), and none "
+            f"joined within the timeout of {backend.timeout:g} s: {todo} and run the cell again, or `%pool local` "
+            "to run on this machine"
+        )
+
+    def _progress(self, *more: str) -> str:
+        """How far a map got, for messages ("7 of 20 items finished"), and ``more``."""
+        parts = list(more)
+        if isinstance(self.job, MapJob):
+            done, total = self.job.items_done, self.job.items_total
+            count = total if total is not None else done
+            of = f" of {total}" if total is not None else ""
+            parts.insert(0, f"{done}{of} item{'s' if count != 1 else ''} finished")
+        return "; ".join(parts)
+
     def _restart_worker(self, address: str | None) -> None:
         """Stop a task Dask cannot cancel by restarting its worker through its nanny.
 
@@ -898,8 +1029,8 @@ class _DaskRun:
     # -- giving up -----------------------------------------------------------
     def _cancel(self, futures: list) -> None:
         """Cancel, but never let a slow scheduler hold the notebook past the budget."""
-        if not futures:
-            return
+        if not futures or self.client.status != "running":
+            return  # (a client that lost its scheduler cancelled every future itself)
         t = threading.Thread(target=_cancel_quietly, args=(self.client, futures), daemon=True)
         t.start()
         t.join(_CANCEL_BUDGET)
@@ -937,6 +1068,17 @@ class _DaskRun:
                 msg += f" ({self.backend.where} is not mpmagic's: its workers are not restarted)"
         sys.stderr.write(msg + ".\n")
         sys.stderr.flush()
+
+
+def _cancel_reason(future: Any) -> str | None:
+    """Why Dask cancelled ``future`` ("scheduler-connection-lost", "scheduler-restart"...), if it says."""
+    try:
+        future.result(timeout=0)
+    except CancelledError as exc:
+        return getattr(exc, "reason", None)
+    except Exception:
+        return None
+    return None
 
 
 def _replicate_quietly(client: Any, future: Any) -> None:

@@ -60,7 +60,8 @@ class DaskQueue(IterUntilClosed):
     (for big data, put a file path instead).
     """
 
-    _SLICE = 0.25  # seconds a blocking get waits before checking for close()
+    _SLICE = 0.25  # seconds between checks for close() while waiting
+    _POLL = 0.05  # the longest pause between two looks at an empty queue
 
     def __init__(
         self,
@@ -80,8 +81,10 @@ class DaskQueue(IterUntilClosed):
         from distributed import Queue
 
         self.name, self.maxsize, self.producers = name, maxsize, producers
+        self._client = client
         self._q = Queue(name=name, client=client, maxsize=maxsize)
         self._closes = Queue(name=name + "-closes", client=client)
+        self._taker: Any = None  # the lock consumers take items under (made on the first get)
 
     def __reduce__(self) -> tuple:
         return _rebuild_queue, (self.name, self.maxsize, self.producers)
@@ -99,21 +102,70 @@ class DaskQueue(IterUntilClosed):
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the first item; wait for one (or raise queue.Empty,
-        or :class:`~mpmagic.shared.QueueClosed` once closed and drained)."""
+        or :class:`~mpmagic.shared.QueueClosed` once closed and drained).
+
+        It waits by looking at the queue's size, not in ``distributed.Queue.get``
+        with a timeout: the scheduler logs every such timeout as an error with
+        its traceback (in the notebook, for the cluster mpmagic starts; in the
+        scheduler's log, for a cluster it connected to), one per wait. An item
+        is taken only once one is there, under a lock all consumers share, so
+        another consumer cannot take it in between and leave this one waiting.
+        """
         limit = _wait_for(block, timeout)
         deadline = None if limit is None else time.monotonic() + limit
+        pause = 0.001  # short at first (an item is often just being put), longer while idle
+        next_close_check = time.monotonic() + self._SLICE
+        first = True
         while True:
-            left = self._SLICE if deadline is None else min(self._SLICE, max(0.0, deadline - time.monotonic()))
-            try:
-                return payload.loads(self._q.get(timeout=left))
-            except TimeoutError:
-                pass
-            if self.closed and self.qsize() == 0:
-                from ..shared import QueueClosed
+            lock_wait = 1.0 if deadline is None else max(0.5, deadline - time.monotonic())
+            found, item = self._take(lock_wait, look_first=not first)
+            first = False
+            if found:
+                return item
+            now = time.monotonic()
+            if (deadline is not None and now >= deadline) or now >= next_close_check:
+                next_close_check = now + self._SLICE
+                if self.closed and self.qsize() == 0:
+                    from ..shared import QueueClosed
 
-                raise QueueClosed(f"{self!r} is closed and every item has been taken")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise std_queue.Empty
+                    raise QueueClosed(f"{self!r} is closed and every item has been taken")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise std_queue.Empty
+            left = self._POLL if deadline is None else max(0.0, deadline - time.monotonic())
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, self._POLL)
+
+    def _take(self, lock_wait: float, look_first: bool) -> tuple[bool, Any]:
+        """``(True, item)`` if there was one, else ``(False, None)``; never waits
+        for one (for the consumers' lock, up to ``lock_wait`` seconds).
+
+        Under the consumers' lock, ``qsize`` (it logs nothing) and, if an item
+        is there, ``get``, which finds it at once: only the lock's holder takes
+        items. ``look_first``: a ``qsize`` before taking the lock, one round
+        trip instead of three while the queue stays empty (not on a get's first
+        try: an item is usually there then). The ``get`` still has a timeout,
+        should the lock ever be held twice (Dask hands a lock on when its
+        holder's lease times out): a lost race then costs one logged timeout,
+        never a hang.
+        """
+        if look_first and self._q.qsize() == 0:
+            return False, None
+        if self._taker is None:
+            self._taker = _dask_lock(self.name + "-take", self._client)
+        # Each holder keeps it for two round trips; much longer means its
+        # holder died, and Dask frees the lock when its lease times out.
+        if not self._taker.acquire(timeout=lock_wait):
+            return False, None
+        try:
+            if self._q.qsize() == 0:
+                return False, None  # another consumer took it
+            try:
+                data = self._q.get(timeout=self._SLICE)
+            except TimeoutError:
+                return False, None
+        finally:
+            self._taker.release()
+        return True, payload.loads(data)
 
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, block=False)
