@@ -406,9 +406,13 @@ class MapJob:
                 if lease is not None:
                     lease.release()
                     lease = None
-                self._input_failed(self._next_start + bad.offset, bad.error)
+                # Settled once the unit before it is out (below): settled now, with
+                # nothing earlier in flight, the unpicklable item won over an
+                # earlier item of its own chunk that fails.
+                self._input_failed(self._next_start + bad.offset, bad.error, settle=False)
                 items = items[: bad.offset]
                 if not items:
+                    self._settle()
                     return None
                 data = payload.dumps_data(items)
             unit = Unit(self._next_id, self._next_start, len(items), data, items, lease=lease)
@@ -426,14 +430,15 @@ class MapJob:
             self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
 
-    def _input_failed(self, index: int, error: Exception) -> None:
+    def _input_failed(self, index: int, error: Exception, settle: bool = True) -> None:
         """The input itself failed at position ``index`` (its iterator raised, or
         the item cannot be pickled): nothing from there on goes out. Kept like an
         item's error, so that, as in serial map, an item before it that fails
         is the run's error (before, the input's error won at once)."""
         self.exhausted = True
         self._errors.setdefault(index, error)
-        self._settle()
+        if settle:
+            self._settle()
 
     def _block(self) -> int:
         """Crash-position granularity for a new chunk: per item, unless items

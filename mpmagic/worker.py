@@ -114,11 +114,16 @@ class _Channel:
     def __init__(self, conn) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.sending = False  # a send is under way (see _StreamToParent.write)
 
     def send(self, msg: tuple) -> None:
         data = pack(msg)
         with self.lock:
-            self.conn.send_bytes(data)
+            self.sending = True
+            try:
+                self.conn.send_bytes(data)
+            finally:
+                self.sending = False
 
 
 class _StreamToParent(io.TextIOBase):
@@ -129,6 +134,12 @@ class _StreamToParent(io.TextIOBase):
     one stream takes a write, the other's held lines go first, so the two
     arrive in the order they were written, as in a terminal (a rank's
     stderr line, a warning among them, came before stdout lines printed earlier).
+
+    A write made while this thread is already in one, or in a send (a signal
+    handler that prints, run between two bytecodes of ours), only joins the
+    buffer: sending from there would wait on a lock its own thread holds, or
+    put a message in the middle of another on the pipe. The lock is
+    re-entrant for that reason.
     """
 
     def __init__(self, channel: _Channel, stream: str, sibling: _StreamToParent | None = None) -> None:
@@ -139,7 +150,8 @@ class _StreamToParent(io.TextIOBase):
         self.buf: list[str] = []
         self.last = 0.0
         self.sibling = sibling
-        self.lock: threading.Lock = threading.Lock() if sibling is None else sibling.lock
+        self.lock: threading.RLock = threading.RLock() if sibling is None else sibling.lock
+        self._in_write: list[int] = [0] if sibling is None else sibling._in_write  # (shared: one per worker)
         if sibling is not None:
             sibling.sibling = self
 
@@ -150,12 +162,19 @@ class _StreamToParent(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         with self.lock:
-            other = self.sibling
-            if other is not None and other.buf:
-                other._send_lines()  # (its complete lines: they were written first)
-            self.buf.append(s)
-            if "\n" in s and time.monotonic() - self.last > _FLUSH_INTERVAL:
-                self._send_lines()
+            if self._in_write[0] or self.channel.sending:  # re-entered (see the class): keep it for later
+                self.buf.append(s)
+                return len(s)
+            self._in_write[0] += 1
+            try:
+                other = self.sibling
+                if other is not None and other.buf:
+                    other._send_lines()  # (its complete lines: they were written first)
+                self.buf.append(s)
+                if "\n" in s and time.monotonic() - self.last > _FLUSH_INTERVAL:
+                    self._send_lines()
+            finally:
+                self._in_write[0] -= 1
         return len(s)
 
     def _send_lines(self) -> None:
@@ -168,6 +187,8 @@ class _StreamToParent(io.TextIOBase):
 
     def flush(self) -> None:
         with self.lock:
+            if self._in_write[0] or self.channel.sending:  # (re-entered: see the class)
+                return
             self._send_lines()
 
     def flush_stale(self) -> None:

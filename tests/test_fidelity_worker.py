@@ -275,7 +275,7 @@ def test_warnings_filter_of_a_notebook_class_and_no_ipython_in_workers(ip, local
         assert type(err).__name__ == "CellWarning" and str(err) == "from the cell"
 
 
-def test_a_tasks_stdout_and_stderr_lines_arrive_in_the_order_written(ip, local_pool):
+def test_a_tasks_stdout_and_stderr_lines_arrive_in_the_order_written(ip, backend):
     """Each stream holds its lines a moment before sending them; a line on the
     other stream sends them first. Before, a task's stderr line (a warning
     among them) came before stdout lines printed earlier, unlike serial Python."""
@@ -299,3 +299,25 @@ def test_a_tasks_stdout_and_stderr_lines_arrive_in_the_order_written(ip, local_p
     assert printed == ["1 out", "2 out", "3 err", "4 out", "6 out"], lines
     warn_at = next(i for i, line in enumerate(lines) if "UserWarning: 5 warn" in line)
     assert lines.index("4 out") < warn_at < lines.index("6 out"), lines
+
+
+def test_a_signal_handler_that_prints_while_the_task_prints(ip, local_pool, capfd):
+    """The two streams share one lock (for their order): a signal handler
+    printing to stderr, run in the middle of a stdout write, waited on the
+    lock its own thread held (RecursionError under a repeating timer). Its
+    text now joins the buffer and goes home after."""
+    run(ip, "def ticking(x):\n"
+            "    import signal, sys\n"
+            "    signal.signal(signal.SIGALRM, lambda *a: sys.stderr.write('tick\\n'))\n"
+            "    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)\n"
+            "    try:\n"
+            "        for i in range(20000):\n"
+            "            sys.stdout.write(f'{i}\\n')\n"
+            "    finally:\n"
+            "        signal.setitimer(signal.ITIMER_REAL, 0)\n"
+            "    return x\n")
+    capfd.readouterr()
+    assert mpmagic.pmap(ip.user_ns["ticking"], [1], timeout=60) == [1]
+    out, err = capfd.readouterr()
+    assert out.count("\n") >= 20000 and "19999" in out
+    assert "tick" in err

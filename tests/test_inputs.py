@@ -84,6 +84,14 @@ def test_input_gives_what_serial_map_gives(shell, args):
     assert run(shell, "%pmap -q inc, range(3)") == [1, 2, 3]
 
 
+def test_an_item_failing_before_an_unpicklable_one_of_its_own_chunk_is_the_error(shell):
+    """One chunk holds both (--chunksize 16): the unpicklable item was settled as
+    the run's error before the items ahead of it went out."""
+    with pytest.raises(ValueError, match="item 5"):
+        run(shell, "%pmap -q --chunksize 16 fails_at_5, UNSENDABLE_AT_8")
+    assert run(shell, "%pmap -q --chunksize 16 inc, range(3)") == [1, 2, 3]
+
+
 def test_compare_with_an_endless_iterator_reads_only_what_map_reads(shell):
     """``--compare`` needs the input twice; an endless iterator among several
     must be read only as far as the shortest (it once grew without bound)."""

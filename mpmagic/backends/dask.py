@@ -158,6 +158,7 @@ class _Task:
     worker: str | None = None  # where it is running
     streamed: int = 0  # output events received
     data_future: Any = None  # a large unit's scattered message
+    gather_wait: float | None = None  # seconds the next fetch of its result may take (see _finish)
 
     def describe(self, job: Job) -> str:
         if job.kind == "cell":
@@ -803,9 +804,19 @@ class _DaskRun:
             self._failed(task, future.exception())
             return
         try:
-            reply = None if status == "cancelled" else future.result()
+            # Fetched with a time limit: when the worker holding the result dies,
+            # Dask computes it again, and with no worker left a plain result()
+            # waited for ever, out of the loop's checks. On time out the task goes
+            # back (the loop checks the cluster, the sweep asks again), with twice
+            # the time next, so a big result on a slow link still comes.
+            wait = task.gather_wait = (task.gather_wait or self.backend.timeout / 2) * 2
+            reply = None if status == "cancelled" else future.result(timeout=wait)
         except CancelledError:
             reply = None
+        except TimeoutError:
+            self.tasks[key] = task
+            future.add_done_callback(self._on_done)
+            return
         except Exception as exc:
             self._failed(task, exc)
             return

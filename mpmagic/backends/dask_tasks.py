@@ -51,49 +51,72 @@ log = logging.getLogger("mpmagic")
 
 
 class _TaskOutput:
-    """The captured output of one running task, streamed as Dask events."""
+    """The captured output of one running task, streamed as Dask events.
+
+    stdout and stderr are held in one list in the order they were written and
+    go out in that order (held per stream, a task's stderr line came before
+    stdout lines printed earlier, as on the local pool before the same fix).
+    """
 
     def __init__(self, topic: str | None, tag: Any) -> None:
         self.topic = topic
         self.tag = tag
         self.worker = _current_worker()  # the flusher thread has no worker context
-        self.buf: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.parts: list[tuple[str, str]] = []  # (stream, text), as written
         self.last = time.monotonic()
         self.streamed = 0
         self.lock = threading.Lock()
 
     def write(self, stream: str, text: str) -> None:
         with self.lock:
-            self.buf[stream].append(text)
+            self.parts.append((stream, text))
             if "\n" in text and self.topic and time.monotonic() - self.last > _FLUSH_INTERVAL:
                 self._stream_lines()
 
+    def _runs(self) -> list[tuple[str, str]]:
+        """The parts with consecutive writes to one stream joined."""
+        runs: list[tuple[str, str]] = []
+        for stream, text in self.parts:
+            if runs and runs[-1][0] == stream:
+                runs[-1] = (stream, runs[-1][1] + text)
+            else:
+                runs.append((stream, text))
+        return runs
+
     def _stream_lines(self) -> None:
-        for stream, parts in self.buf.items():
-            text = "".join(parts)
+        """Send the complete lines, in write order; a stream's unfinished line
+        waits, joined to what that stream writes next."""
+        ready: list[tuple[str, str]] = []
+        partial: dict[str, str] = {}
+        for stream, text in self._runs():
+            text = partial.pop(stream, "") + text
             cut = text.rfind("\n") + 1
-            if not cut:
-                continue
-            self.buf[stream] = [text[cut:]] if cut < len(text) else []
-            if _log_event(self.topic, {"tag": self.tag, "stream": stream, "text": text[:cut]}, self.worker):
+            if cut:
+                ready.append((stream, text[:cut]))
+            if cut < len(text):
+                partial[stream] = text[cut:]
+        unsent: list[tuple[str, str]] = []
+        for stream, text in ready:
+            if not unsent and _log_event(self.topic, {"tag": self.tag, "stream": stream, "text": text}, self.worker):
                 self.streamed += 1
-            else:  # not in a Dask worker: keep it for the reply
-                self.buf[stream].insert(0, text[:cut])
+            else:  # not in a Dask worker: kept, in order, for the reply
+                unsent.append((stream, text))
+        self.parts = unsent + list(partial.items())
         self.last = time.monotonic()
 
     def flush_due(self) -> None:
         """Stream complete lines that waited out the rate limit (flusher thread)."""
         with self.lock:
             if self.topic and time.monotonic() - self.last > _FLUSH_INTERVAL:
-                if any("\n" in part for parts in self.buf.values() for part in parts):
+                if any("\n" in text for _, text in self.parts):
                     self._stream_lines()
 
     def rest(self) -> list[tuple[str, str]]:
-        """What was not streamed yet, to travel home with the result."""
+        """What was not streamed yet, in write order, to travel home with the result."""
         with self.lock:
-            out = [(s, "".join(p)) for s, p in self.buf.items() if p]
-            self.buf = {"stdout": [], "stderr": []}
-            return [(s, t) for s, t in out if t]
+            out = [(s, t) for s, t in self._runs() if t]
+            self.parts = []
+            return out
 
 
 class _ThreadRouter(io.TextIOBase):
