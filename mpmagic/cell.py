@@ -70,16 +70,38 @@ def names_used(source: str, filename: str = "<cell>") -> set[str]:
     name: ``def g(r): ...`` with an unpicklable ``r`` in the notebook failed
     the cell with "cannot send r", though serial Python never reads it.
     """
+    # Read by an augmented assignment or ``del`` (``total += x``, ``del scratch``):
+    # symtable counts those as bindings only, yet they need the value.
+    updated = {t.id for node in ast.walk(astlock.parse(source)) for t in _updated_targets(node)}
     names: set[str] = set()
     scopes = [symtable.symtable(source, filename, "exec")]
     while scopes:
         scope = scopes.pop()
-        top = scope.get_type() == "module"
+        kind = scope.get_type()
         for sym in scope.get_symbols():
-            if sym.is_referenced() and (top or sym.is_global()):
-                names.add(sym.get_name())
+            name = sym.get_name()
+            read = sym.is_referenced() or name in updated
+            if kind == "module":
+                wanted = read
+            elif kind == "class":
+                # A class body looks a name up in itself, then in the globals: one it
+                # both reads and binds (x = x + 1) still reads the notebook's first.
+                wanted = read and not sym.is_free()
+            else:
+                wanted = read and sym.is_global()
+            if wanted:
+                names.add(name)
         scopes.extend(scope.get_children())
     return names
+
+
+def _updated_targets(node: ast.AST) -> list[ast.Name]:
+    """The plain names ``node`` updates in place or deletes (both read them first)."""
+    if isinstance(node, ast.AugAssign):
+        return [node.target] if isinstance(node.target, ast.Name) else []
+    if isinstance(node, ast.Delete):
+        return [t for t in node.targets if isinstance(t, ast.Name)]
+    return []
 
 
 def _module_name(mod: types.ModuleType) -> str | None:

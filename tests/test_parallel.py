@@ -204,3 +204,13 @@ def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, cap
     assert mpmagic.last_report().serial_error == "ZeroDivisionError: division by zero"
     with pytest.raises(IPythonUsageError, match="compare without --keep"):
         cell(ip, "-n 2 -q --compare --keep", "rank")
+
+
+def test_names_a_class_body_augmented_assignment_or_del_reads_are_sent(ip, backend):
+    """A class body reads a name it also binds (``x = x + 1``) from the
+    notebook first; ``total += [rank]`` and ``del scratch`` read theirs too:
+    each was missing in the ranks (NameError) where serial Python has it."""
+    run(ip, "x = 41\nhelper = lambda: 'h'\ntotal = [0]\nscratch = 1")
+    body = ("class A:\n    x = x + 1\n    y = helper()\n    helper = 2\n"
+            "total += [rank]\ndel scratch\n(A.x, A.y, total)")
+    assert cell(ip, "-n 2 -q", body) == [(42, "h", [0, 0]), (42, "h", [0, 1])]
