@@ -243,7 +243,7 @@ def pmap(
         try:
             with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
                 serial = _serial_map(func, iterables, star_mode, errors == "collect")
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # (sys.exit() in a task is its item's error in the workers too)
             _serial_failed(_last_report, exc, "results")
         else:
             _last_report.serial = time.perf_counter() - t1
@@ -265,12 +265,12 @@ def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool) -> 
     for i, item in enumerate(items):
         try:
             results.append(func(*item) if star else func(item))
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # (as the workers collect it)
             results.append(Failed(i, item, exc))
     return results
 
 
-def _serial_failed(report: Report, exc: Exception, what: str) -> None:
+def _serial_failed(report: Report, exc: BaseException, what: str) -> None:
     """``compare``'s serial run raised where the parallel run did not: the parallel
     ``what`` are kept and returned, and one line says why nothing was measured."""
     report.serial_error = f"{type(exc).__name__}: {exc}"
@@ -515,11 +515,11 @@ class _Replay:
     serial map met it, after the items before it, one of which may fail first)."""
 
     def __init__(self, items: list, error: Exception) -> None:
-        self.items, self.error = items, error
+        self.items, self.error, self.tb = items, error, error.__traceback__
 
     def __iter__(self) -> Iterator:
         yield from self.items
-        raise self.error
+        raise self.error.with_traceback(self.tb)  # (from its own traceback each time: it would grow)
 
 
 def _copied(source: Iterable) -> list | _Replay:

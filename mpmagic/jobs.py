@@ -848,6 +848,7 @@ class CellJob:
         except Exception as exc:
             self.failures[unit.id] = unloadable_results(f"rank {unit.id}'s last value or --gather variables", exc)
             self._rank_finished()
+            self._failed_while_others_run(unit.id)
             return
         self.rank_seconds[unit.id] = seconds
         self.task_seconds += seconds

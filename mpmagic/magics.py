@@ -11,6 +11,7 @@ import argparse
 import ast
 import contextlib
 import difflib
+import itertools
 import keyword
 import linecache
 import shlex
@@ -225,23 +226,20 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple
     # code, so the same payload key, call after call.
     filename = f"<pmap-args-{source_digest(text)}>"
     linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
-    code = compile(f"__mpmagic_args__({text}\n)", filename, "eval")
     # The notebook's namespace as globals and no separate locals, as a cell's
     # own line: a walrus in the arguments (``%pmap f, (xs := load())``) binds
     # ``xs`` in the notebook, as ``map(f, (xs := load()))`` does. The collector
     # is lent to it for the call.
-    saved = user_ns.get(_ARGS, _ARGS)
-    user_ns[_ARGS] = _collect_args
+    # A name of its own per call (two threads may evaluate %pmap lines at once).
+    name = f"__mpmagic_args_{next(_arg_names)}__"
+    user_ns[name] = _collect_args
     try:
-        return eval(code, user_ns)
+        return eval(compile(f"{name}({text}\n)", filename, "eval"), user_ns)
     finally:
-        if saved is _ARGS:
-            user_ns.pop(_ARGS, None)
-        else:
-            user_ns[_ARGS] = saved
+        user_ns.pop(name, None)
 
 
-_ARGS = "__mpmagic_args__"
+_arg_names = itertools.count()
 
 
 def _collect_args(*args: Any) -> tuple:

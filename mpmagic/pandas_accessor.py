@@ -235,7 +235,9 @@ def _assemble_frame(df: pd.DataFrame, values: list, axis: Any, raw: bool, result
     the rows at home.
     """
     wrap = None if raw or result_type == "broadcast" else _pandas_wrap(df, func, axis, result_type)
-    if wrap is not None:
+    if wrap is not None and len(values) == df.shape[0 if axis in (1, "columns") else 1]:
+        # (one value per row, or column: anything else would put values beside the
+        # wrong rows, so pandas' replay, which checks the count, decides then)
         return wrap(dict(enumerate(values)))
     return _replay(df, "apply", {"axis": axis, "raw": raw, "result_type": result_type}, values, func)
 

@@ -498,3 +498,28 @@ def test_lazy_inputs_on_dask_as_on_the_local_pool(ip, dask_pool):
     cursor, and one that starts runs itself, give serial map's results."""
     run(ip, "def sq(x):\n    return x * x\n")
     check_lazy_inputs_equal_serial(ip.user_ns["sq"], n_rows=500, n_nested=6)
+
+
+def test_an_interrupt_during_the_consumer_locks_acquire_gives_the_lease_back():
+    """Ctrl-C while the acquire is in flight: it may still complete on the
+    client's loop, and a lease nobody releases stopped every consumer's get for
+    good. No cluster needed: the lock is a stand-in that is acquired, then interrupted."""
+    from mpmagic.backends.dask_shared import DaskQueue
+
+    class Taker:
+        leases = 0
+
+        def acquire(self, timeout=None):
+            self.leases += 1  # (completed on the loop...)
+            raise KeyboardInterrupt  # (...while the notebook's thread was interrupted)
+
+        def release(self):
+            if not self.leases:
+                raise RuntimeError("Released too often")
+            self.leases -= 1
+
+    q = object.__new__(DaskQueue)
+    q._taker = Taker()
+    with pytest.raises(KeyboardInterrupt):
+        q._take(1.0, look_first=False)
+    assert q._taker.leases == 0

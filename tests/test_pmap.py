@@ -263,7 +263,7 @@ def test_a_walrus_in_the_arguments_binds_in_the_notebook(ip, backend):
     ip.user_ns.pop("zs", None)
     assert run(ip, "%pmap -q lambda v: v * 2, (zs := [1, 2])") == [2, 4]
     assert run(ip, "zs") == [1, 2]
-    assert "__mpmagic_args__" not in ip.user_ns
+    assert not [k for k in ip.user_ns if k.startswith("__mpmagic_args")]
 
 
 def test_compare_with_collect_collects_serially_too(ip, backend, capsys):
@@ -295,3 +295,12 @@ def test_double_dash_ends_the_options(ip, backend):
     """``--`` ends the options as on a command line ("unknown option --" before)."""
     assert run(ip, "%pmap -q -- abs, [-1, 2]") == [1, 2]
     assert run(ip, "%pmap -q --star -- pow, [(2, 3)]") == [8]
+
+
+def test_compare_with_collect_collects_a_sys_exit_serially_too(ip, local_pool):
+    """sys.exit() in an item is that item's error in the workers; the serial
+    run let it escape (except Exception) and the parallel results were lost."""
+    run(ip, "import sys\ndef exits_at_1(x):\n    if x == 1:\n        sys.exit(3)\n    return x\n")
+    got = run(ip, "%pmap -q --compare --errors collect exits_at_1, range(3)")
+    assert got[0] == 0 and got[2] == 2 and isinstance(got[1], mpmagic.Failed)
+    assert mpmagic.last_report().serial is not None and mpmagic.last_report().equal is True

@@ -18,6 +18,7 @@ shared with the notebook, which a cluster does not have: they raise a
 
 from __future__ import annotations
 
+import logging
 import queue as std_queue
 import time
 import uuid
@@ -117,7 +118,8 @@ class DaskQueue(IterUntilClosed):
         next_close_check = time.monotonic() + self._SLICE
         first = True
         while True:
-            lock_wait = 1.0 if deadline is None else max(0.5, deadline - time.monotonic())
+            # (never past the caller's deadline: get(timeout=0.1) waited up to 0.5 s for the lock)
+            lock_wait = 1.0 if deadline is None else max(0.01, deadline - time.monotonic())
             found, item = self._take(lock_wait, look_first=not first)
             first = False
             if found:
@@ -154,7 +156,15 @@ class DaskQueue(IterUntilClosed):
             self._taker = _dask_lock(self.name + "-take", self._client)
         # Each holder keeps it for two round trips; much longer means its
         # holder died, and Dask frees the lock when its lease times out.
-        if not self._taker.acquire(timeout=lock_wait):
+        try:
+            got = self._taker.acquire(timeout=lock_wait)
+        except BaseException:
+            # Ctrl-C while the acquire was in flight: it may still have completed on
+            # the client's loop, and a lease nobody releases would stop every
+            # consumer's get for good.
+            self._release_quietly()
+            raise
+        if not got:
             return False, None
         try:
             if self._q.qsize() == 0:
@@ -166,6 +176,13 @@ class DaskQueue(IterUntilClosed):
         finally:
             self._taker.release()
         return True, payload.loads(data)
+
+    def _release_quietly(self) -> None:
+        try:
+            self._taker.release()  # (a RuntimeError when this consumer holds no lease: nothing to give back)
+        except Exception:
+            logging.getLogger("mpmagic").debug("mpmagic: no consumer lock to release after an interrupt",
+                                               exc_info=True)
 
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, block=False)
