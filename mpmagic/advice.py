@@ -142,6 +142,20 @@ def advise(report: Any) -> str | None:
             "make the array once with `x = mpmagic.share(x)`, and later calls pass it (and slices "
             "of it) to the workers with no copy"
         )
+    # Before "too small": the time others spent waiting for one slow task reads
+    # as transfer cost per chunk (a tester got "tasks too small" for one 0.2 s item).
+    slowest, where = report.slowest_task, report.slowest_where
+    ideal = report.task_seconds / workers
+    if report.items >= workers and slowest and slowest > 0.5 * report.wall and slowest > 1.5 * ideal:
+        return (
+            f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
+            f"of the {fmt_seconds(report.wall)} run while other workers waited: "
+            + (
+                "split that rank's share of the work more evenly"
+                if report.kind == "parallel"
+                else "use --chunksize 1 so slow items run alone, or put the slow items first"
+            )
+        )
     if report.kind == "pmap" and report.chunks:
         per_chunk = report.task_seconds / report.chunks
         busy = min(workers, report.chunks)  # workers that had a chunk at all
@@ -166,18 +180,6 @@ def advise(report: Any) -> str | None:
             f"only {report.items} {what if report.items != 1 else what[:-1]} for {workers} workers: "
             "some workers had nothing to do; "
             f"use -n {max(1, report.items)} or split the work into more {what}"
-        )
-    slowest, where = report.slowest_task, report.slowest_where
-    ideal = report.task_seconds / workers
-    if slowest and slowest > 0.5 * report.wall and slowest > 1.5 * ideal:
-        return (
-            f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
-            f"of the {fmt_seconds(report.wall)} run while other workers waited: "
-            + (
-                "split that rank's share of the work more evenly"
-                if report.kind == "parallel"
-                else "use --chunksize 1 so slow items run alone, or put the slow items first"
-            )
         )
     overhead = report.wall - ideal
     return (

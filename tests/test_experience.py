@@ -293,6 +293,11 @@ def test_advice_picks_the_cause_from_the_measurements():
     straggler = _report(items=11, chunks=11, wall=0.61, task_seconds=0.61, slowest_task=0.6,
                         slowest_where="item 0")
     assert "item 0 took 600.0 ms" in straggler.advice
+    # One 0.2 s item among 0.01 s ones on 4 workers: the others' waiting is not a
+    # transfer cost (it said "tasks too small for the transfer cost").
+    held = _report(items=20, chunks=20, workers=4, cores=4, wall=0.25, task_seconds=0.39, slowest_task=0.2,
+                   slowest_where="item 7")
+    assert held.advice.startswith("one slow task held everything up: item 7 took 200.0 ms"), held.advice
     cold = _report(wall=3.0, cold_start=True)
     assert "still starting" in cold.advice
     assert _report(wall=3.0, failed=1).advice is None  # a failed run gets its error, not advice
