@@ -748,6 +748,10 @@ class MapJob:
         return out
 
 
+#: Seconds a failed rank waits before a line says so while other ranks still run.
+_SAY_FAILED_AFTER = 0.5
+
+
 class CellJob:
     """A ``%%parallel`` cell: one unit per rank, all running at once."""
 
@@ -783,6 +787,7 @@ class CellJob:
         self._warnings = worker_logging.WarningRelay()
         self._label = label
         self._partial: dict[tuple[int, str], str] = {}
+        self._over = False  # the run ended (its backend is done with it, or its results were taken)
         self._progress = progress  # called with 1 as each rank finishes, however it ends
         self.insights = insights
         self.bytes_sent = len(spec_bytes) * size
@@ -818,7 +823,9 @@ class CellJob:
         return not self._pending and not self.outstanding
 
     def release_shared(self) -> None:
-        """Nothing to give back: a cell's spec never travels through shared memory."""
+        """Nothing to give back: a cell's spec never travels through shared memory.
+        (The run is over: no late line about a failed rank, see _failed_while_others_run.)"""
+        self._over = True
 
     @property
     def has_work(self) -> bool:
@@ -866,11 +873,18 @@ class CellJob:
             return  # the cell ends now: its error says it all
         exc = self.failures[rank]
         first = str(exc).split("\n", 1)[0]
-        self._out(
-            "stderr",
-            f"mpmagic: rank {rank} failed ({type(exc).__name__}{': ' + first if first else ''}) while other "
-            "ranks still run; the cell raises its error once they end (after an interrupt: %pdebug)\n",
-        )
+        text = (f"mpmagic: rank {rank} failed ({type(exc).__name__}{': ' + first if first else ''}) while other "
+                "ranks still run; the cell raises its error once they end (after an interrupt: %pdebug)\n")
+        # Said only if the others still run a moment later: ranks that all fail at
+        # once (a name missing everywhere) get the cell's error alone, not this too.
+        timer = threading.Timer(_SAY_FAILED_AFTER, self._say_still_running, (text,))
+        timer.daemon = True
+        timer.start()
+
+    def _say_still_running(self, text: str) -> None:
+        # (read from the timer's thread: a late line at worst; never after the run ended)
+        if not self._over and (self.outstanding or self._pending):
+            self._out("stderr", text)
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
@@ -923,6 +937,7 @@ class CellJob:
             self._out(stream, body)
 
     def flush_output(self) -> None:
+        self._over = True  # (its output is all out: see release_shared)
         for (rank, stream), rest in sorted(self._partial.items()):
             self._out(stream, f"[rank {rank}] {rest}\n")
         self._partial.clear()

@@ -642,3 +642,13 @@ def test_a_huge_timeout_is_no_timeout_not_a_dead_manager(local_pool, timeout):
     assert mpmagic.parallel("rank", workers=2, timeout=timeout) == [0, 1]
     with pytest.raises(mpmagic.UsageError, match="greater than 0"):
         mpmagic.pmap(abs, [1], timeout=float("nan"))
+
+
+def test_ranks_that_all_fail_at_once_get_the_cells_error_alone(ip, local_pool, capfd):
+    """A name missing on every rank: each fails at once, and the cell's error
+    says it; no "rank 0 failed while other ranks still run" line before it."""
+    capfd.readouterr()
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -n 2 -q\nno_such_name_anywhere\n")
+    time.sleep(0.8)  # (past the moment the line would be said)
+    assert "still run" not in capfd.readouterr().err
