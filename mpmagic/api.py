@@ -65,14 +65,24 @@ def _equal(a: Any, b: Any) -> bool:
         result = a == b
         if isinstance(result, bool):
             return result or _equal_anyway(a, b)
+        if getattr(result, "shape", None) == ():  # a numpy scalar's comparison (np.bool_)
+            return bool(result) or _equal_anyway(a, b)
     except Exception:
         pass
+    if type(a) is type(b) and callable(getattr(a, "equals", None)):  # pandas: NaN in the same places is equal
+        try:
+            return bool(a.equals(b))
+        except Exception:
+            pass
     try:
         import numpy as np
 
         if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
             return all(_equal(x, y) for x, y in zip(a, b, strict=True))
-        return bool(np.array_equal(a, b))
+        try:
+            return bool(np.array_equal(a, b, equal_nan=True))  # (NaN where serial had NaN)
+        except TypeError:  # (equal_nan on a dtype without NaN: strings, objects)
+            return bool(np.array_equal(a, b))
     except Exception:
         try:
             return payload.dumps_data(a) == payload.dumps_data(b)
@@ -89,8 +99,8 @@ def _equal_anyway(a: Any, b: Any) -> bool:
         return False
     if isinstance(a, Failed):  # (errors="collect": the same item failing the same way)
         return a.index == b.index and type(a.error) is type(b.error) and str(a.error) == str(b.error)
-    if isinstance(a, float):
-        return a != a and b != b  # (both NaN)
+    if isinstance(a, float) or getattr(a, "shape", None) == ():  # (a numpy scalar too: np.float32)
+        return bool(a != a and b != b)  # (both NaN)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):

@@ -250,12 +250,16 @@ def test_star_item_that_cannot_be_unpacked_fails_as_starmap_does(ip, backend):
 def test_compare_calls_equal_results_equal_even_with_nan_or_no_eq(ip, backend):
     """NaN is never == itself and an instance without __eq__ compares by
     identity: the same results are still the same (it said "RESULTS DIFFER")."""
-    run(ip, "class Box:\n    def __init__(self, v):\n        self.v = v\n")
-    for args in ("lambda x: float('nan'), [1, 2]", "lambda x: Box(x), [1, 2]", "lambda x: [x, {'a': float('nan')}], [1]"):
+    run(ip, "class Box:\n    def __init__(self, v):\n        self.v = v\nimport numpy as np\nimport pandas as pd\n")
+    for args in ("lambda x: float('nan'), [1, 2]", "lambda x: Box(x), [1, 2]", "lambda x: [x, {'a': float('nan')}], [1]",
+                 "lambda x: np.float64('nan'), [1]", "lambda x: np.float32('nan'), [1]",
+                 "lambda x: np.array([np.nan, x]), [1, 2]", "lambda x: pd.DataFrame({'a': [x, None]}), [1]",
+                 "lambda x: np.array(['a', str(x)]), [1]"):
         run(ip, f"_ = %pmap -q --compare {args}")
         assert mpmagic.last_report().equal is True, args
-    run(ip, "import random\n_ = %pmap -q --compare lambda x: Box(random.random()), [1, 2]")
-    assert mpmagic.last_report().equal is False  # (different results still differ)
+    for args in ("lambda x: Box(random.random()), [1, 2]", "lambda x: np.array([np.nan, random.random()]), [1]"):
+        run(ip, f"import random\n_ = %pmap -q --compare {args}")
+        assert mpmagic.last_report().equal is False, args  # (different results still differ)
 
 
 def test_a_walrus_in_the_arguments_binds_in_the_notebook(ip, backend):
