@@ -41,7 +41,7 @@ from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import Any, NoReturn, Protocol
 
-from .errors import OneLine, UsageError, drop_our_frames
+from .errors import UsageError, drop_our_frames, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
 
@@ -69,9 +69,7 @@ def interrupted(message: str) -> KeyboardInterrupt:
     next moment are repeats of this one (interrupts.py).
     """
     absorb_late_interrupts()
-    exc = KeyboardInterrupt(message)
-    exc._render_traceback_ = OneLine(f"KeyboardInterrupt: {message}")  # type: ignore[attr-defined]
-    return exc
+    return one_line_interrupt(message)
 
 
 def check_options(compare: bool = False, scaling: bool = False) -> None:

@@ -62,7 +62,7 @@ def register_source(source: str, prefix: str = "parallel-cell") -> str:
     return filename
 
 
-def names_used(source: str, filename: str = "<cell>") -> set[str]:
+def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = None) -> set[str]:
     """The global names the code reads: at its top level, and in nested scopes
     (functions, classes, comprehensions) the names that are not their own.
 
@@ -72,7 +72,9 @@ def names_used(source: str, filename: str = "<cell>") -> set[str]:
     """
     # Read by an augmented assignment or ``del`` (``total += x``, ``del scratch``):
     # symtable counts those as bindings only, yet they need the value.
-    updated = {t.id for node in ast.walk(astlock.parse(source)) for t in _updated_targets(node)}
+    if tree is None:
+        tree = astlock.parse(source)
+    updated = {t.id for node in ast.walk(tree) for t in _updated_targets(node)}
     names: set[str] = set()
     scopes = [symtable.symtable(source, filename, "exec")]
     while scopes:
@@ -115,10 +117,10 @@ def make_cell_spec(
     source: str, user_ns: dict[str, Any], gather: tuple[str, ...] = ()
 ) -> CellSpec:
     """Parse the cell (SyntaxError propagates) and pick the names it needs."""
-    astlock.parse(source)  # (a SyntaxError is raised here, as the docstring says)
+    tree = astlock.parse(source)  # (a SyntaxError is raised here, as the docstring says)
     filename = register_source(source)
     spec = CellSpec(source=source, filename=filename, gather=tuple(gather))
-    for name in sorted(names_used(source, filename)):
+    for name in sorted(names_used(source, filename, tree)):
         if name in ("rank", "size") or name not in user_ns:
             continue
         value = user_ns[name]

@@ -133,6 +133,15 @@ class OneLine:
         return [self.text]
 
 
+def one_line_interrupt(message: str) -> KeyboardInterrupt:
+    """A KeyboardInterrupt that IPython shows as its one line (``message``), not
+    as a traceback through our waiting code; its type stays KeyboardInterrupt,
+    so ``except KeyboardInterrupt`` and the kernel's ``ename`` are unchanged."""
+    exc = KeyboardInterrupt(message)
+    exc._render_traceback_ = OneLine(f"KeyboardInterrupt: {message}")  # type: ignore[attr-defined]
+    return exc
+
+
 class RemoteTraceback(Exception):
     """The text of a worker-side traceback (kept for code that reads ``.text``).
 

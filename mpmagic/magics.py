@@ -31,7 +31,7 @@ from IPython.display import display
 
 from . import api, astlock, config, pool, scaling
 from .cell import source_digest
-from .errors import MPMagicError, OneLine, ReduceError, UsageError, came_from_worker
+from .errors import MPMagicError, ReduceError, UsageError, came_from_worker, one_line_interrupt
 
 _INTERRUPTED = (
     "{magic} interrupted: the work still running was stopped and its workers "
@@ -255,9 +255,7 @@ def _interrupted(magic: str, text: str | None = None) -> KeyboardInterrupt:
     KeyboardInterrupt, so ``except KeyboardInterrupt`` and the kernel's
     ``ename`` are unchanged.
     """
-    exc = KeyboardInterrupt(text or _INTERRUPTED.format(magic=magic))
-    exc._render_traceback_ = OneLine(f"KeyboardInterrupt: {exc}")  # type: ignore[attr-defined]
-    return exc
+    return one_line_interrupt(text or _INTERRUPTED.format(magic=magic))
 
 
 @contextlib.contextmanager

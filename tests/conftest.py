@@ -46,6 +46,24 @@ def synthetic_report(**fields):
     return Report(**{**base, **fields})
 
 
+def interrupted_cell(ip, code: str, after: float = 0.6) -> tuple[str, BaseException | None]:
+    """Run ``code`` as a cell and interrupt it ``after`` seconds in (SIGINT to the
+    main thread, as the kernel's interrupt): (what it showed, its error)."""
+    import signal
+    import threading
+
+    from IPython.utils.capture import capture_output
+
+    timer = threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    try:
+        with capture_output() as cap:
+            result = ip.run_cell(code, store_history=False)
+    finally:
+        timer.cancel()
+    return cap.stdout + cap.stderr, result.error_in_exec
+
+
 def check_lazy_inputs_equal_serial(func, n_rows: int, n_nested: int) -> None:
     """The lazy inputs that must be read in the calling thread, as serial map reads
     them, each checked against serial map (the local pool's tests and Dask's run

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import threading
 import time
 from collections import Counter
 from concurrent.futures import CancelledError
 
 import pytest
-from conftest import run
+from conftest import interrupted_cell, run
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
@@ -298,22 +297,10 @@ def test_a_failed_background_run_shows_what_a_blocking_run_shows_however_often_r
         assert "mpmagic: raised by item 3 of the input: bad(3)" in tail
 
 
-def _interrupted(ip, code: str, after: float = 0.6) -> tuple[str, BaseException | None]:
-    """Run ``code`` as a cell and interrupt it (SIGINT to the main thread) ``after`` seconds in."""
-    timer = threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    timer.start()
-    try:
-        with capture_output() as cap:
-            result = ip.run_cell(code, store_history=False)
-    finally:
-        timer.cancel()
-    return cap.stdout + cap.stderr, result.error_in_exec
-
-
 @pytest.mark.parametrize("wait", ["r.result()", "for v in mpmagic.as_completed(r):\n    pass"])
 def test_an_interrupted_wait_on_a_background_run_says_in_one_line_that_the_run_goes_on(ip, ns, wait):
     run(ip, "import mpmagic\nr = mpmagic.submit(napper, range(8), chunksize=1)")  # ~2 s on 2 workers
-    text, err = _interrupted(ip, wait)
+    text, err = interrupted_cell(ip, wait)
     handle = ip.user_ns["r"]
     assert type(err) is KeyboardInterrupt
     what = "result()" if "result" in wait else "as_completed"
@@ -323,7 +310,7 @@ def test_an_interrupted_wait_on_a_background_run_says_in_one_line_that_the_run_g
 
 
 def test_an_interrupted_imap_says_in_one_line_that_its_run_was_cancelled(ip, ns):
-    text, err = _interrupted(ip, "import mpmagic\nfor v in mpmagic.imap(napper, range(8), chunksize=1):\n    pass")
+    text, err = interrupted_cell(ip, "import mpmagic\nfor v in mpmagic.imap(napper, range(8), chunksize=1):\n    pass")
     handle = mpmagic.runs()[-1]
     assert type(err) is KeyboardInterrupt and handle.what == "imap napper"
     assert text.strip() == (f"KeyboardInterrupt: imap interrupted: its run {handle.id} (imap napper) was cancelled, "

@@ -10,13 +10,10 @@ legend and the table under the scaling plot.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import threading
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, interrupted_cell, run
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
@@ -147,24 +144,13 @@ def test_set_and_dict_literals_on_the_line_are_python_not_expanded(ip, pool2):
 # -- issue 22 item 4 / issue 13 class 6: an interrupt shows only our line --------
 
 
-def _interrupted(ip, code: str, after: float = 0.6):
-    timer = threading.Timer(after, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    try:
-        with capture_output() as cap:
-            result = ip.run_cell(code, store_history=False)
-    finally:
-        timer.cancel()
-    return result, cap
-
-
 @pytest.mark.parametrize("magic, cell", [("%pmap", "%pmap -q spin, range(4)"),
                                          ("%pmap", "%pmap --scaling -n 2 spin, range(4)"),
                                          ("%%parallel", "%%parallel -n 2 -q\nwhile True:\n    pass\n")])
 def test_an_interrupt_shows_only_our_line_in_a_shell(ip, pool2, magic, cell):
-    result, cap = _interrupted(ip, cell)
-    assert type(result.error_in_exec) is KeyboardInterrupt
-    text = (cap.stdout + cap.stderr).replace("spinning 0\n", "").replace("spinning 1\n", "")
+    text, err = interrupted_cell(ip, cell)
+    assert type(err) is KeyboardInterrupt
+    text = text.replace("spinning 0\n", "").replace("spinning 1\n", "")
     assert text.strip() == INTERRUPTED.format(magic=magic), text
 
 
@@ -172,12 +158,12 @@ def test_an_interrupted_pool_setup_says_in_one_line_that_it_stays_and_the_worker
     from mpmagic import setup_api, worker_setup
 
     try:
-        result, cap = _interrupted(ip, "%%pool setup\nimport time\ntime.sleep(1.5)\n")
-        assert type(result.error_in_exec) is KeyboardInterrupt
-        assert (cap.stdout + cap.stderr).strip() == (
+        text, err = interrupted_cell(ip, "%%pool setup\nimport time\ntime.sleep(1.5)\n")
+        assert type(err) is KeyboardInterrupt
+        assert text.strip() == (
             "KeyboardInterrupt: %%pool setup interrupted: the worker setup stays installed (%pool setup shows it) "
             "and the workers go on running it (a run waits for it); %pool setup clear removes it, then "
-            "%pool restart stops workers still in it"), cap.stdout + cap.stderr
+            "%pool restart stops workers still in it"), text
         with capture_output() as shown:
             run(ip, "%pool setup")
         assert "time.sleep(1.5)" in shown.stdout  # as the line says

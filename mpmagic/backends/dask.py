@@ -648,7 +648,7 @@ class _DaskRun:
         self._no_workers_since: float | None = None  # since when the cluster has had no worker
         self._last_count = time.monotonic()
         self.name = _func_name(job) if isinstance(job, MapJob) else "cell"
-        self._last_check = self._last_sweep = time.monotonic()
+        self._last_sweep = time.monotonic()
 
     # -- the loop ----------------------------------------------------------
     def execute(self) -> None:
@@ -963,20 +963,29 @@ class _DaskRun:
             f"({blameless}; did another client of the cluster restart it?): run the cell again"
         )
 
+    def _alive_workers(self) -> set[str] | None:
+        """The cluster's worker addresses, asked at most every 0.5 s (a scheduler
+        round trip); None between two asks, or when the scheduler is out of reach
+        (``_check_cluster`` says so)."""
+        now = time.monotonic()
+        if now - self._last_count < 0.5:
+            return None
+        self._last_count = now
+        try:
+            return set(self.client.nthreads())
+        except Exception:
+            log.debug("mpmagic: could not ask the Dask scheduler for its workers", exc_info=True)
+            return None
+
     def _check_workers_left(self) -> None:
         """A map on a cluster with no worker would wait forever: once it has had
         none for the backend's ``timeout`` (the wait a run allows at its start,
         ``_wait_for_workers``), fail with what to do. Asked at most every 0.5 s."""
+        alive = self._alive_workers()
+        if alive is None:
+            return
         now = time.monotonic()
-        if now - self._last_count < 0.5:
-            return
-        self._last_count = now
-        try:
-            workers = len(self.client.nthreads())
-        except Exception:  # the scheduler out of reach: _check_cluster says so
-            log.debug("mpmagic: could not count the Dask workers", exc_info=True)
-            return
-        if workers:
+        if alive:
             self._no_workers_since = None
             return
         if self._no_workers_since is None:
@@ -1023,13 +1032,8 @@ class _DaskRun:
 
     def _check_rank_workers(self) -> None:
         """A rank pinned to a worker that left would wait forever: report it lost."""
-        now = time.monotonic()
-        if now - self._last_check < 0.5:
-            return
-        self._last_check = now
-        try:
-            alive = set(self.client.nthreads())
-        except Exception:
+        alive = self._alive_workers()
+        if alive is None:
             return
         for task in list(self.tasks.values()):
             if task.target not in alive and task.future.status == "pending":
