@@ -129,17 +129,22 @@ class MPMagic(Configurable):
         super().__init__(**kwargs)
         # Settings from ipython_config.py count as changed: the first run applies them.
         self._pool_pending = self.workers is not None or self.start_method is not None
+        self._workers_pending = self.workers is not None
 
     @observe("workers", "start_method")
     def _pool_setting_changed(self, change: dict) -> None:
         if change["old"] != change["new"]:
             self._pool_pending = True
+            if change["name"] == "workers":
+                self._workers_pending = True
 
     def apply_pool_settings(self) -> None:
         """Bring the local pool in line with ``workers`` / ``start_method`` if they changed.
 
         Called by the magics before a run. A Dask backend is left alone: its
-        size is the cluster's business.
+        size is the cluster's business. The size is applied only when the
+        ``workers`` setting itself changed: a new start method keeps the size
+        a ``%pool resize`` chose since.
         """
         if not getattr(self, "_pool_pending", False):
             return
@@ -147,23 +152,22 @@ class MPMagic(Configurable):
         from .backends.local import LocalBackend
 
         backend = pool.current_pool()
-        self._pool_pending = False
+        workers = self.workers if self._workers_pending else None
+        self._pool_pending = self._workers_pending = False
         if backend is not None and not isinstance(backend, LocalBackend):
             return
         method = self.start_method
         if backend is None:
-            pool.use_local(self.workers, method)
+            pool.use_local(workers, method)
             return
-        if (method and method != backend.start_method) or (
-            self.workers and self.workers != backend.workers
-        ):
-            pool.use_local(self.workers, method)
+        if (method and method != backend.start_method) or (workers and workers != backend.workers):
+            pool.use_local(workers, method)
 
     def reset(self) -> None:
         """Every setting back to its default (for tests and ``%config``-happy sessions)."""
         for name, trait in self.traits(config=True).items():
             setattr(self, name, trait.default())
-        self._pool_pending = False
+        self._pool_pending = self._workers_pending = False
 
 
 _current: MPMagic | None = None

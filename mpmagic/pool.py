@@ -106,6 +106,8 @@ def start_pool(
                 old.resize(workers)
             old.start()
             return old
+        if workers is None and isinstance(old, LocalBackend):
+            workers = old.workers  # a new start method keeps the size (a %pool resize since)
         new = LocalBackend(workers, start_method, max_tasks_per_child, max_memory=_max_memory)
         if old is not None:
             old.stop()

@@ -202,6 +202,19 @@ def test_config_start_method_restarts_the_local_pool(ip, pool2, settings):
     assert mpmagic.get_pool().start_method == "spawn"
 
 
+def test_config_start_method_keeps_the_size_a_resize_chose(ip, pool2, settings):
+    """A %pool resize is kept when %config changes the start method (the pool
+    came back at its default size), unless the workers setting changed too."""
+    run(ip, "%pool resize 3")
+    run(ip, "%config MPMagic.start_method = 'spawn'")
+    assert run(ip, "%pmap -q sq, range(4)") == [0, 1, 4, 9]
+    assert (mpmagic.get_pool().start_method, mpmagic.get_pool().workers) == ("spawn", 3)
+    run(ip, "%config MPMagic.workers = 1")
+    run(ip, "%config MPMagic.start_method = 'forkserver'")
+    run(ip, "%pmap -q sq, range(4)")
+    assert (mpmagic.get_pool().start_method, mpmagic.get_pool().workers) == ("forkserver", 1)
+
+
 def test_config_from_ipython_config_file():
     """What ipython_config.py sets (c.MPMagic.x = ...) becomes the default."""
     from traitlets.config import Config
