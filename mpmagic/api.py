@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -710,6 +711,7 @@ class CellCall:
 
             self.spec.seed = _check_seed(seed)
         self.gather = gather
+        self.namespace = namespace
         self.backend = get_pool()
         self.size = workers or self.backend.workers
         self.pins = None
@@ -761,6 +763,7 @@ class CellCall:
             job.flush_output()
             for rank in sorted(job.failures):
                 exc = job.failures[rank]
+                _note_unsent_name(exc, self.namespace, self.spec)
                 # A task's exception shows its own frames as IPython would; ours are one line.
                 text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
                 write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
@@ -776,6 +779,22 @@ class CellCall:
         values = RankValues(job.results())
         values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in self.gather}
         return values
+
+
+def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) -> None:
+    """A rank's NameError for a notebook variable the cell's code never names
+    (read only by a string built at run time and given to ``exec``/``eval``):
+    say why the rank has no copy, and how to send it."""
+    found = re.match(r"name '(\w+)' is not defined", str(exc)) if isinstance(exc, NameError) else None
+    if found is None:
+        return
+    name = found.group(1)
+    if name not in namespace or name in spec.names or name in spec.modules:
+        return
+    note = (f"mpmagic: the notebook has {name!r}, but the cell's code does not name it (a string given to exec "
+            f"or eval?), so the ranks got no copy: name it in the cell, e.g. a line `{name}`, to send it")
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
 
 
 def _pack_spec(spec: Any) -> bytes:

@@ -94,6 +94,23 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
             if wanted:
                 names.add(name)
         scopes.extend(scope.get_children())
+    return names | _names_in_code_strings(tree)
+
+
+def _names_in_code_strings(tree: ast.AST) -> set[str]:
+    """The names read by code given as a literal string to ``exec``/``eval``
+    (``exec("total = base * 2")``): serial code finds ``base`` in the
+    notebook, so the worker must have it. A string built at run time stays
+    unknown (docs/troubleshooting.md)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("exec", "eval")
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            code = node.args[0].value
+            try:
+                names |= names_used(code, "<string>", ast.parse(code, mode="exec"))
+            except (SyntaxError, ValueError):
+                pass  # serial code raises it where it runs; the rank does the same
     return names
 
 

@@ -216,3 +216,16 @@ def test_names_a_class_body_augmented_assignment_or_del_reads_are_sent(ip, backe
     body = ("class A:\n    x = x + 1\n    y = helper()\n    helper = 2\n"
             "total += [rank]\ndel scratch\n(A.x, A.y, total)")
     assert cell(ip, "-n 2 -q", body) == [(42, "h", [0, 0]), (42, "h", [0, 1])]
+
+
+def test_names_read_by_a_literal_exec_or_eval_string_are_sent(ip, backend):
+    """``exec("t = base * 2")`` and ``eval("base + 1")`` read ``base`` from the
+    notebook serially: the ranks had a NameError."""
+    run(ip, "base = 20")
+    assert cell(ip, "-n 2 -q", 'exec("t = base * 2")\neval("base + rank") + t') == [60, 61]
+    # A string built at run time: its names cannot be known, and the error says so.
+    run(ip, "which = 'base'")
+    with pytest.raises(mpmagic.ParallelError) as info:
+        cell(ip, "-n 2 -q", "eval(which)")
+    assert "the notebook has 'base', but the cell's code does not name it" in info.value.failures[0].__notes__[-1]
+    assert cell(ip, "-n 2 -q", "base\neval(which)") == [20, 20]
