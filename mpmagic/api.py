@@ -25,7 +25,7 @@ from .errors import ParallelError, UsageError, drop_our_frames, format_exception
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, Failed, MapJob
+from .jobs import CellJob, Failed, MapJob, add_note
 from .pool import get_pool
 from .progress import Progress
 from .report import RankValues, Report
@@ -705,7 +705,9 @@ class CellCall:
         try:
             self.spec = make_cell_spec(code, namespace, gather)
         except SyntaxError as exc:
-            raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+            hint = ("; a rank runs the cell as plain Python, without IPython's top-level await: put the awaits in "
+                    "an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
+            raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}{hint}") from None
         if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
             from .seeding import _check_seed
 
@@ -794,7 +796,7 @@ def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) 
     note = (f"mpmagic: the notebook has {name!r}, but the cell's code does not name it (a string given to exec "
             f"or eval?), so the ranks got no copy: name it in the cell, e.g. a line `{name}`, to send it")
     if note not in getattr(exc, "__notes__", ()):
-        exc.add_note(note)
+        add_note(exc, note)
 
 
 def _pack_spec(spec: Any) -> bytes:

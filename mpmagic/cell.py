@@ -136,6 +136,9 @@ def make_cell_spec(
     """Parse the cell (SyntaxError propagates) and pick the names it needs."""
     tree = astlock.parse(source)  # (a SyntaxError is raised here, as the docstring says)
     filename = register_source(source)
+    # What only compiling finds ('return' or 'await' outside a function) is found
+    # here too, once, not in every rank with a traceback through the worker.
+    compile(source, filename, "exec", dont_inherit=True)
     spec = CellSpec(source=source, filename=filename, gather=tuple(gather))
     for name in sorted(names_used(source, filename, tree)):
         if name in ("rank", "size") or name not in user_ns:

@@ -15,6 +15,8 @@ import itertools
 import keyword
 import linecache
 import shlex
+import sys
+import tokenize
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from IPython.core.magic import (
     line_cell_magic,
     line_magic,
     magics_class,
+    needs_local_scope,
     no_var_expand,
 )
 from IPython.display import display
@@ -208,8 +211,57 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     return tokens, rest
 
 
-def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple:
-    """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace."""
+def _without_final_semicolon(text: str) -> tuple[str, bool]:
+    """``text`` without a final ``;`` (IPython's "show no output"), and whether it had one.
+
+    Found as IPython finds it, as the last token that is not a comment or a
+    line end: ``f, xs;  # note`` has one, ``f, [";"]`` has not.
+    """
+    try:
+        tokens = list(tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__))
+    except (tokenize.TokenError, SyntaxError):
+        return text, False  # (not Python: the parser below says so)
+    for token in reversed(tokens):
+        if token.type in (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT):
+            continue
+        if token.type == tokenize.OP and token.string == ";":
+            lines = text.splitlines(keepends=True)
+            row, col = token.start
+            return "".join(lines[: row - 1]) + lines[row - 1][:col] + lines[row - 1][col + 1 :], True
+        break
+    return text, False
+
+
+def _statement_is_an_expression() -> bool:
+    """Is the ``%pmap ...;`` that called us a statement of its own (its value
+    would be shown), rather than ``res = %pmap ...;`` (which must assign the
+    results, as ``res = list(map(f, xs));`` does)? Asked of the calling frame
+    (the one that called IPython's ``run_line_magic``) with ``executing``,
+    which IPython's tracebacks use; when it cannot tell, as an expression
+    (IPython's own rule for ``%time ...;``)."""
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_code.co_name != "run_line_magic":
+        frame = frame.f_back
+    if frame is None or frame.f_back is None:
+        return True
+    try:
+        import executing
+
+        node = executing.Source.executing(frame.f_back).node
+    except Exception:
+        return True
+    return node is None or isinstance(getattr(node, "parent", None), ast.Expr)
+
+
+def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
+                   local_ns: dict[str, Any] | None = None) -> tuple:
+    """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace.
+
+    ``local_ns``: the locals of the function whose body holds the ``%pmap``
+    line (``def f(data): res = %pmap g, data``), looked up before the
+    notebook's names, as in ``map(g, data)`` there (a walrus there binds in
+    neither, as in IPython's ``%time``).
+    """
     __tracebackhide__ = True
     if not text:
         raise parser.usage_error("missing FUNC and ITERABLE")
@@ -221,6 +273,9 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple
     call = tree.body
     if not isinstance(call, ast.Call) or call.keywords:
         raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
+    if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
+        raise parser.usage_error("await in the arguments is not supported: await it in a line before "
+                                 "(items = await load()), then %pmap f, items")
     # Named by content, not by a counter: linecache keeps every name for good
     # (see cell.register_source), and a lambda written here keeps the same
     # code, so the same payload key, call after call.
@@ -234,7 +289,17 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser) -> tuple
     name = f"__mpmagic_args_{next(_arg_names)}__"
     user_ns[name] = _collect_args
     try:
-        return eval(compile(f"{name}({text}\n)", filename, "eval"), user_ns)
+        code = compile(f"{name}({text}\n)", filename, "eval")
+    except SyntaxError as exc:  # what only compiling finds (a yield outside a function)
+        user_ns.pop(name, None)
+        raise parser.usage_error(f"{text!r}: {exc.msg}") from None
+    try:
+        if local_ns is not None and local_ns is not user_ns:
+            # One namespace of both, the function's names winning: a lambda
+            # written here finds them as its globals (eval's separate locals
+            # are no closure: ``lambda v: v * k`` could not see ``k``).
+            return eval(code, {**user_ns, **local_ns})
+        return eval(code, user_ns)
     finally:
         user_ns.pop(name, None)
 
@@ -308,18 +373,27 @@ class MPMagics(Magics):
     # expansion of magic lines would turn a set or dict literal into other
     # text ({5, 1, 3} became (5, 1, 3)), as %timeit also avoids.
     @no_var_expand
+    @needs_local_scope
     @line_magic
-    def pmap(self, line: str = "") -> Any:
+    def pmap(self, line: str = "", local_ns: dict[str, Any] | None = None) -> Any:
         __tracebackhide__ = True
         parser = _pmap_parser()
         tokens, rest = split_options(line, parser)
+        rest, silenced = _without_final_semicolon(rest)
+        result = self._pmap(parser, tokens, rest, local_ns)
+        if silenced and _statement_is_an_expression():
+            return None  # %pmap f, xs; shows nothing, as list(map(f, xs)); does
+        return result
+
+    def _pmap(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
+        __tracebackhide__ = True
         opts = parser.parse_args(tokens)
         if opts.rerun_failed:  # (mpmagic.postmortem: the last run's options, -n only)
             from .postmortem import rerun_failed
 
             with _magic_errors(parser):
                 return rerun_failed(namespace=self._user_ns, **({"workers": opts.workers} if opts.workers else {}))
-        args = _eval_map_args(rest, self._user_ns, parser)
+        args = _eval_map_args(rest, self._user_ns, parser, local_ns)
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
@@ -447,9 +521,12 @@ class MPMagics(Magics):
         if opts.output:
             self._user_ns[opts.output] = values
         if reducer is not None:
-            return _reduced(parser, opts, reducer, values, cell)
+            reduced = _reduced(parser, opts, reducer, values, cell)
+            return None if _without_final_semicolon(cell)[1] else reduced
         if not api.cell_has_value(cell) or all(v is None for v in values):
             return None  # like a cell ending in print(): nothing to show
+        if _without_final_semicolon(cell)[1]:
+            return None  # a cell ending in `rank * 10;` shows nothing, as a plain cell does (-o keeps them)
         return values
 
     @line_cell_magic

@@ -6,6 +6,7 @@ The docs (and people) write ``%pool dask   # a local cluster`` and
 
 from __future__ import annotations
 
+import pytest
 from conftest import run
 
 
@@ -20,3 +21,44 @@ def test_parallel_line_may_end_with_a_comment(ip, backend) -> None:
 def test_pool_line_may_end_with_a_comment(ip, backend) -> None:
     status = run(ip, "%pool   # what is running")
     assert "pool:" in str(status)
+
+
+def test_a_final_semicolon_shows_nothing_as_on_any_python_line(ip, backend) -> None:
+    """``%pmap f, xs;`` runs and shows nothing, as ``list(map(f, xs));`` (it
+    was refused as not an argument list); ``res = %pmap f, xs;`` still assigns;
+    a ``;`` inside the arguments or a comment is not one. A ``%%parallel``
+    cell ending in ``rank * 10;`` shows nothing either, and ``-o`` keeps the values."""
+    assert ip.run_cell("%pmap -q abs, [-1];").result is None
+    assert ip.run_cell("%pmap -q abs, [-1] ;  # quiet").result is None
+    assert run(ip, "res = %pmap -q abs, [-1, -2];\nres") == [1, 2]
+    assert run(ip, "%pmap -q len, [';;']  # ;") == [2]
+    assert ip.run_cell("%%parallel -n 2 -q -o vals\nrank * 10;").result is None
+    assert run(ip, "vals") == [0, 10]
+    assert ip.run_cell("%%parallel -n 2 -q --reduce sum\nrank * 10;").result is None
+    assert run(ip, "%%parallel -n 2 -q --reduce sum\nrank * 10") == 10
+
+
+def test_pmap_in_a_function_body_sees_its_locals(ip, backend) -> None:
+    """Inside a ``def``, the arguments are the function's names first, as
+    ``map(abs, data)`` there: a notebook ``data`` was used silently instead."""
+    run(ip, "data = [1, 2, 3]\ndef process(data):\n    res = %pmap -q abs, data\n    return res")
+    assert run(ip, "process([-7, -8])") == [7, 8]
+    run(ip, "def scaled(values, k):\n    res = %pmap -q lambda v: v * k, values\n    return res")
+    assert run(ip, "scaled([1, 2], 10)") == [10, 20]
+
+
+def test_what_only_compiling_finds_is_a_usage_error_before_any_rank_runs(ip) -> None:
+    """A top-level ``return``, or ``await`` (IPython runs it; a rank has no
+    autoawait), failed in every rank with a traceback through mpmagic; an
+    ``await`` or ``yield`` in %pmap's arguments was a bare traceback."""
+    from IPython.core.error import UsageError
+
+    for body, says in (("return 1", "'return' outside function"),
+                       ("import asyncio\nawait asyncio.sleep(0)", "put the awaits in an async def")):
+        with pytest.raises(UsageError, match=says):
+            ip.run_cell(f"%%parallel -n 2 -q\n{body}").raise_error()
+    run(ip, "async def load():\n    return [1]")
+    with pytest.raises(UsageError, match="await it in a line before"):
+        ip.run_cell("xs = %pmap -q abs, await load()").raise_error()
+    with pytest.raises(UsageError, match="'yield' outside function"):
+        ip.run_cell("%pmap -q abs, (yield)").raise_error()
