@@ -9,6 +9,7 @@ estimated from the workers' own task times otherwise.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import os
 import re
@@ -122,6 +123,11 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
     if not iterables:
         raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
+    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+        name = getattr(func, "__name__", None) or "the function"
+        raise UsageError(f"{name} is an async function (async def): map() would give objects that never run, and "
+                         f"cannot come back from a worker; map a plain function that runs it, e.g. "
+                         f"lambda x: asyncio.run({name}(x))")
     for i, it in enumerate(iterables, 2):
         try:
             iter(it)

@@ -200,6 +200,8 @@ def test_api_from_plain_python(backend):
         ("%pmap abs, [1", "not an argument list"),
         ("%pmap 3, [1]", "must be a function"),
         ("%pmap abs, 5", "must be iterable"),
+        # map() would give coroutines that never run: said before any worker makes them
+        ("async def fetch(x):\n    return x\n%pmap fetch, [1]", "fetch is an async function (async def)"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(ip, line, words, capsys):
