@@ -166,13 +166,25 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
             return None
         _unit.seen.add(key)
     module = getattr(category, "__module__", "builtins")
-    fields = [label(), text, module, category.__qualname__, filename, lineno, _module_of(filename)]
+    fields = [label(), text, module, category.__qualname__, filename, lineno, _module_of(filename, lineno)]
     sys.stderr.write(MARK + json.dumps(fields) + "\n")
     return None
 
 
-def _module_of(filename: str) -> str:
-    """The module name ``warnings`` derives from a filename (for ``module`` filters)."""
+def _module_of(filename: str, lineno: int) -> str:
+    """The module name a ``module`` filter is matched against, as ``warnings.warn``
+    takes it: the ``__name__`` of the frame the warning is charged to
+    (``numpy._core.fromnumeric``; ``__main__`` for a notebook function), found on
+    the stack, which is still the warning's. A warning made otherwise
+    (``warn_explicit``) gets what ``warn_explicit`` derives from the file name."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_lineno == lineno and frame.f_code.co_filename == filename:
+            name = frame.f_globals.get("__name__")
+            if isinstance(name, str):
+                return name
+            break
+        frame = frame.f_back
     name = filename.replace("\\", "/").rsplit("/", 1)[-1]
     return name[:-3] if name.endswith(".py") else name or "<unknown>"
 
@@ -295,6 +307,19 @@ def _action(text: str, category: type[Warning], module: str, lineno: int) -> str
     return getattr(warnings, "defaultaction", "default")  # (not in typeshed)
 
 
+# What the notebook's ``warnings`` show a warning with when nobody hooked it:
+# ``catch_warnings(record=True)`` (and pytest's ``recwarn``/``pytest.warns``)
+# replace the second, a user's hook the first.
+_SHOW_DEFAULT = warnings.showwarning
+_SHOW_IMPL_DEFAULT = getattr(warnings, "_showwarnmsg_impl", None)
+
+
+def _hooked() -> bool:
+    """Does someone here record or handle warnings themselves?"""
+    return (warnings.showwarning is not _SHOW_DEFAULT
+            or getattr(warnings, "_showwarnmsg_impl", None) is not _SHOW_IMPL_DEFAULT)
+
+
 class WarningRelay:
     """Turns a call's marked warning lines into what Python would print here.
 
@@ -355,5 +380,15 @@ class WarningRelay:
                 self.shown.add(key)
         # A %%parallel body's lines are cached as its notebook cell's, one line
         # down (the magic line): the number must match, or the source shown is the line above.
-        shown = warnings.formatwarning(text, category, filename, cell_lineno(filename, lineno))
+        lineno = cell_lineno(filename, lineno)
+        if _hooked():
+            # Recorded (catch_warnings(record=True), pytest.warns) or handled by the
+            # user's showwarning, as serially: their hook gets the warning itself.
+            try:
+                message = category(text)
+            except Exception:  # a look-alike category that wants other arguments
+                message = Warning(text)
+            warnings.showwarning(message, category, filename, lineno)
+            return ""
+        shown = warnings.formatwarning(text, category, filename, lineno)
         return "\n".join(f"{label}{line}" for line in shown.splitlines())

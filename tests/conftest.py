@@ -91,6 +91,20 @@ def check_lazy_inputs_equal_serial(func, n_rows: int, n_nested: int) -> None:
     assert mpmagic.pmap(func, sums(mpmagic.pmap), chunksize=2) == list(map(func, sums(map)))
 
 
+@pytest.fixture
+def notebook_warnings(monkeypatch):
+    """Warnings shown as in a notebook, not recorded by pytest: pytest runs
+    each test inside ``catch_warnings(record=True)``, and mpmagic hands a
+    task's warning to such a hook (as serial code's warning goes to it)
+    instead of printing its labelled line."""
+    import warnings
+
+    from mpmagic import worker_logging
+
+    monkeypatch.setattr(warnings, "showwarning", worker_logging._SHOW_DEFAULT)
+    monkeypatch.setattr(warnings, "_showwarnmsg_impl", worker_logging._SHOW_IMPL_DEFAULT)
+
+
 def run(ip, code: str):
     """Run a cell; fail the test with the cell's error if it raised."""
     result = ip.run_cell(code, store_history=False)

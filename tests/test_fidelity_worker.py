@@ -275,7 +275,7 @@ def test_warnings_filter_of_a_notebook_class_and_no_ipython_in_workers(ip, local
         assert type(err).__name__ == "CellWarning" and str(err) == "from the cell"
 
 
-def test_a_tasks_stdout_and_stderr_lines_arrive_in_the_order_written(ip, backend):
+def test_a_tasks_stdout_and_stderr_lines_arrive_in_the_order_written(ip, backend, notebook_warnings):
     """Each stream holds its lines a moment before sending them; a line on the
     other stream sends them first. Before, a task's stderr line (a warning
     among them) came before stdout lines printed earlier, unlike serial Python."""

@@ -89,7 +89,7 @@ def test_every_failing_rank_names_the_cell_and_its_line(ip, local_pool):
         assert f"[rank {rank}] ValueError: rank {rank}" in text
 
 
-def test_a_ranks_warning_shows_its_own_line(ip, local_pool):
+def test_a_ranks_warning_shows_its_own_line(ip, local_pool, notebook_warnings):
     # The cell is cached with its %%parallel line above the body: the warning's
     # line number must count it, as the failing ranks' frames above do.
     _, text, err = shown(ip, "%%parallel -n 1 -q\nimport warnings\nx = 'line two'\n"

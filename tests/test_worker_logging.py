@@ -7,6 +7,9 @@ import logging
 import pytest
 from conftest import run
 
+# The warnings these tests read are the lines a notebook shows (see conftest.notebook_warnings).
+pytestmark = pytest.mark.usefixtures("notebook_warnings")
+
 
 @pytest.fixture
 def root_level():
@@ -181,3 +184,41 @@ def test_a_filter_with_a_plain_string_module_is_matched_as_python_does(ip, local
         warnings.filters[:] = saved
     err = capsys.readouterr().err
     assert err.count("UserWarning: careful") == 1, err
+
+
+def test_module_filters_match_the_warning_modules_name_as_python_does(ip, backend, capsys):
+    """A filter's module is matched against the module's ``__name__``
+    (``numpy._core.fromnumeric``, ``__main__``), not its file's name: the
+    notebook's ``ignore`` for numpy did not silence numpy's warnings from
+    tasks, and IPython's ``default::DeprecationWarning:__main__`` did not show
+    a notebook function's DeprecationWarning (it was dropped)."""
+    import warnings
+
+    run(ip, "import warnings, numpy as np\n"
+            "def empty_mean(x):\n    return float(np.mean(np.array([])))\n"
+            "def old(x):\n    warnings.warn(f'old api {x}', DeprecationWarning)\n    return x\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")  # (IPython's)
+        warnings.filterwarnings("ignore", module="numpy")
+        capsys.readouterr()
+        assert len(run(ip, "%pmap -q empty_mean, [1, 2]")) == 2
+        assert run(ip, "%pmap -q old, [3]") == [3]
+    err = capsys.readouterr().err
+    assert "Mean of empty slice" not in err, err
+    assert "DeprecationWarning: old api 3" in err, err
+
+
+def test_a_recording_catch_warnings_gets_the_tasks_warnings(ip, backend):
+    """``catch_warnings(record=True)`` (and ``pytest.warns``) record a task's
+    warning as they record serial code's; it was printed instead."""
+    import warnings
+
+    run(ip, "import warnings\ndef check(x):\n    if x < 0:\n        warnings.warn(f'negative input {x}')\n"
+            "    return abs(x)\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q check, [1, -2]") == [1, 2]
+    assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, "negative input -2")]
+    with pytest.warns(UserWarning, match="negative input -5"):
+        run(ip, "%pmap -q check, [-5]")
