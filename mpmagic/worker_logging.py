@@ -177,7 +177,7 @@ def _module_of(filename: str, lineno: int) -> str:
     (``numpy._core.fromnumeric``; ``__main__`` for a notebook function), found on
     the stack, which is still the warning's. A warning made otherwise
     (``warn_explicit``) gets what ``warn_explicit`` derives from the file name."""
-    frame = sys._getframe(1)
+    frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         if frame.f_lineno == lineno and frame.f_code.co_filename == filename:
             name = frame.f_globals.get("__name__")
