@@ -146,11 +146,18 @@ def make_cell_spec(
         value = user_ns[name]
         if isinstance(value, types.ModuleType) and (modname := _module_name(value)):
             spec.modules[name] = modname
-        elif hasattr(builtins, name) and getattr(builtins, name) is value:
-            continue
+        elif hasattr(builtins, name) and _same(getattr(builtins, name), value):
+            continue  # (display, get_ipython: the worker has its own, see task_builtins)
         else:
             spec.names[name] = value
     return spec
+
+
+def _same(a: Any, b: Any) -> bool:
+    """The same object, or the same method of the same object (``shell.get_ipython``
+    is a new bound method at each access)."""
+    return a is b or (isinstance(a, types.MethodType) and isinstance(b, types.MethodType)
+                      and a.__func__ is b.__func__ and a.__self__ is b.__self__)
 
 
 def split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression | None]:

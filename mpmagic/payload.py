@@ -20,6 +20,7 @@ import functools
 import hashlib
 import io
 import pickle
+import sys
 import types
 import weakref
 from collections import ChainMap
@@ -163,6 +164,20 @@ def _rebuild_slotted(cls: type, state: dict[str, Any]) -> Any:
     return obj
 
 
+def _is_shells_get_ipython(method: types.MethodType) -> bool:
+    """Is this the IPython shell's ``get_ipython`` (looked up, never imported here)?"""
+    shell_module = sys.modules.get("IPython.core.interactiveshell")
+    shell_class = getattr(shell_module, "InteractiveShell", None)
+    return shell_class is not None and method.__func__ is getattr(shell_class, "get_ipython", None)
+
+
+def _worker_builtin(name: str) -> Any:
+    """What a task's ``get_ipython`` or ``display`` is in a worker (see task_builtins)."""
+    from . import task_builtins
+
+    return getattr(task_builtins, name)
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, with code objects keeping their filenames and the reducers above."""
 
@@ -186,6 +201,14 @@ class _Pickler(cloudpickle.Pickler):
                 return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
         elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value_cached(t):
             return _rebuild_slotted, (t, _slotted_state(obj))
+        elif t is types.MethodType and _is_shells_get_ipython(obj):
+            # A notebook function's ``get_ipython`` global: the shell cannot travel,
+            # and a worker has none (task_builtins.get_ipython returns None).
+            return _worker_builtin, ("get_ipython",)
+        elif t is types.FunctionType and obj is getattr(sys.modules.get("IPython.core.display_functions"), "display", 0):
+            # IPython's display, imported in the notebook: a worker's prints the text
+            # form and says where the rich one shows (task_builtins.display).
+            return _worker_builtin, ("display",)
         return super().reducer_override(obj)
 
 

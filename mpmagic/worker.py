@@ -49,7 +49,7 @@ from itertools import starmap
 from operator import itemgetter
 from typing import Any, NoReturn
 
-from . import context, debugging, payload, shm, worker_logging
+from . import context, debugging, payload, shm, task_builtins, worker_logging
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -710,6 +710,7 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    task_builtins.install()  # display() and get_ipython() for notebook code that calls them
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()

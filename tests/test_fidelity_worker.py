@@ -321,3 +321,25 @@ def test_a_signal_handler_that_prints_while_the_task_prints(ip, local_pool, capf
     out, err = capfd.readouterr()
     assert out.count("\n") >= 20000 and "19999" in out
     assert "tick" in err
+
+
+def test_display_and_get_ipython_in_tasks_and_ranks(ip, backend, capsys):
+    """IPython puts ``display`` in a notebook's builtins and ``get_ipython`` in its
+    names: a task or rank calling them had a NameError, or failed to send the
+    shell. There they print the text form (saying once where the rich form
+    shows) and return None, as outside IPython."""
+    run(ip, "class Rich:\n    def _repr_html_(self):\n        return '<b>r</b>'\n    def __repr__(self):\n"
+            "        return 'Rich()'\n"
+            "def show(x):\n    display(x, Rich())\n    return get_ipython() is None\n")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q show, [7]") == [True]
+    out = capsys.readouterr()
+    assert "7\nRich()\n" in out.out
+    assert "display() in a task prints the text form of a Rich" in out.err
+    run(ip, "from IPython.display import display")  # (the same object as the builtin: not sent, the worker has one)
+    assert run(ip, "%%parallel -n 2 -q\ndisplay(rank * 10)\nget_ipython() is None") == [True, True]
+    out = capsys.readouterr().out
+    assert "[rank 0] 0\n" in out and "[rank 1] 10\n" in out
+    assert run(ip, "%pmap -q show, [8]") == [True]  # (IPython's display, captured: the worker's too)
+    assert "8\nRich()\n" in capsys.readouterr().out
+    run(ip, "del display")

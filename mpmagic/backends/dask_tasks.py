@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .. import payload
+from .. import payload, task_builtins
 from ..protocol import Cell, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
 from ..worker import ErrorInfo, execute_cell, execute_map
@@ -313,6 +313,7 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
     # run at once in a Dask worker: an import another thread caused meanwhile
     # can be counted here too (no warm-up is sent to a cluster: see warmup.py).
     imports = ImportLog()
+    task_builtins.install()  # display() and get_ipython() for notebook code (where missing)
     with _capture(topic, tag) as out:
         if type(msg) is Map:
             func = _function(msg.key or b"", func_payload or b"", imports)

@@ -1,0 +1,52 @@
+"""The names IPython adds to a notebook's builtins, for code running in a task.
+
+A notebook function or a ``%%parallel`` cell may call ``display(...)`` without
+importing it (IPython puts it in ``builtins``) or ``get_ipython()``. A worker
+has no IPython shell and no notebook to draw in, so there:
+
+* ``display(obj)`` prints the object's text form, as IPython's ``display``
+  does in a terminal, and once per object type in each worker a line saying
+  that its rich form (HTML, an image, a figure) shows only in the notebook:
+  return the object and display it there;
+* ``get_ipython()`` returns None, as ``IPython.get_ipython()`` does outside
+  IPython, so ``if get_ipython() is not None`` guards work as in a script.
+
+Installed by the local worker at start and by a Dask task before it runs,
+only where the name is missing. Imports no IPython.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sys
+from typing import Any
+
+# What makes IPython show an object as more than text.
+_RICH = ("_repr_html_", "_repr_markdown_", "_repr_svg_", "_repr_png_", "_repr_jpeg_", "_repr_latex_",
+         "_repr_mimebundle_", "savefig")
+_noted: set[type] = set()
+
+
+def display(*objs: Any, **kwargs: Any) -> None:
+    """The text form of each object, one per line (its ``repr``), as IPython's
+    ``display`` prints outside a notebook; ``kwargs`` (``raw``, ``display_id``...)
+    have nothing to act on here."""
+    for obj in objs:
+        print(repr(obj))
+        kind = type(obj)
+        if kind not in _noted and any(hasattr(obj, name) for name in _RICH):
+            _noted.add(kind)
+            sys.stderr.write(f"mpmagic: display() in a task prints the text form of a {kind.__name__}; its rich "
+                             "form shows only in the notebook: return the object and display it there\n")
+
+
+def get_ipython() -> None:
+    """None: a task runs without IPython (as ``IPython.get_ipython()`` outside it)."""
+    return None
+
+
+def install() -> None:
+    """Add ``display`` and ``get_ipython`` to this process's builtins where missing."""
+    for name, value in (("display", display), ("get_ipython", get_ipython)):
+        if not hasattr(builtins, name):
+            setattr(builtins, name, value)
