@@ -18,6 +18,7 @@ only where the name is missing. Imports no IPython.
 from __future__ import annotations
 
 import builtins
+import io
 import sys
 from typing import Any
 
@@ -43,6 +44,22 @@ def display(*objs: Any, **kwargs: Any) -> None:
 def get_ipython() -> None:
     """None: a task runs without IPython (as ``IPython.get_ipython()`` outside it)."""
     return None
+
+
+class NoInput(io.TextIOBase):
+    """A local worker's ``sys.stdin``: ``input()`` in a task fails at once with
+    an EOFError that says why (a worker has no keyboard; the notebook's input
+    box belongs to the kernel), where a bare ``EOF when reading a line`` said nothing."""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> str:
+        raise EOFError("a task cannot read input (input(), sys.stdin): it runs in a worker process with no "
+                       "keyboard; read the value in the notebook and pass it in as an argument")
+
+    def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        return self.read()
 
 
 def install() -> None:

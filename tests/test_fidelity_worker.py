@@ -343,3 +343,10 @@ def test_display_and_get_ipython_in_tasks_and_ranks(ip, backend, capsys):
     assert run(ip, "%pmap -q show, [8]") == [True]  # (IPython's display, captured: the worker's too)
     assert "8\nRich()\n" in capsys.readouterr().out
     run(ip, "del display")
+
+
+def test_input_in_a_task_says_why_it_cannot_read(ip, local_pool):
+    """``input()`` in a task fails at once (never a hang), saying why."""
+    run(ip, "def ask(x):\n    return input('value? ')")
+    with pytest.raises(EOFError, match="a task cannot read input"):
+        run(ip, "%pmap -q ask, [1]")
