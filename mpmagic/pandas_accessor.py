@@ -294,9 +294,8 @@ class FrameAccessor:
         of functions is pandas' vectorized call: it runs here.
         """
         df = self._obj
-        by_rows = axis in (1, "columns")
-        if axis not in (0, 1, "index", "columns"):
-            raise UsageError(f"df.mp.apply: axis must be 0, 1, 'index' or 'columns', not {axis!r}")
+        axis = df._get_axis_number(axis)  # pandas' own error for a bad axis ("No axis named 2 ...")
+        by_rows = axis == 1
         n = df.shape[0] if by_rows else df.shape[1]
         if n == 0 or df.size == 0 or _vectorized(func):
             return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **kwargs)

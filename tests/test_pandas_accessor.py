@@ -152,6 +152,10 @@ def test_apply_raises_the_exception_pandas_raises(ip, frame) -> None:
         run(ip, "df.mp.apply(row_fails, axis=1, quiet=True)")
     with pytest.raises(KeyError):
         run(ip, "df.mp.apply(row_missing_column, axis=1, quiet=True)")
+    with pytest.raises(ValueError, match="No axis named 2 for object type DataFrame"):
+        frame.apply(ip.user_ns["row_fails"], axis=2)
+    with pytest.raises(ValueError, match="No axis named 2 for object type DataFrame"):  # (was our UsageError)
+        run(ip, "df.mp.apply(row_fails, axis=2, quiet=True)")
 
 
 def test_empty_frames_give_what_pandas_gives(ip, frame) -> None:
