@@ -535,9 +535,9 @@ def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
 
 def test_dropping_the_helper_releases_its_names(ip):
     local_helpers()
-    run(ip, "tmp_q = mpmagic.Queue()\ntmp_v = mpmagic.Value('i')\ntmp_e = mpmagic.Event()")
+    run(ip, "import mpmagic\ntmp_q = mpmagic.Queue()\ntmp_v = mpmagic.Value('i')\ntmp_e = mpmagic.Event()")
     stems = run(ip, "[tmp_q._stem, tmp_v._stem, tmp_e._stem]")
-    assert len(left_behind(stems)) == 3 + 5 + 1 + 1  # 3 segments; semaphores: queue 5, value 1, event 1
+    assert len(left_behind(stems)) == 3 + 6 + 1 + 1  # 3 segments; semaphores: queue 6, value 1, event 1
     drop(ip, "tmp_q", "tmp_v", "tmp_e")
     assert left_behind(stems) == set()
 
@@ -694,3 +694,38 @@ def test_queue_backlogs_survive_a_pool_restart(ip):
         assert run(ip, "sorted((i, j) for i, j, _ in lq)") == _expected(4, 15)
     finally:
         drop(ip, "lq", "produce")
+
+
+def test_a_bounded_queue_of_items_larger_than_its_free_ring_never_sleeps_a_slice(monkeypatch):
+    """A take posts one token: when a put() held back by maxsize and the writer
+    waiting for bytes of room shared one semaphore, the put could eat it and
+    the writer slept a whole slice (0.25 s) per item or fragment: 40 items of
+    3,000 B through a 4 kB ring with maxsize=3 slept 27 times (4 MB items
+    through the default ring ran 30x slower than unbounded). Counted, not
+    timed: no wait may run out while the consumer keeps taking."""
+    import threading
+
+    from mpmagic.shared import queues
+
+    ran_out = []
+    real_wait = queues._wait
+
+    def counting_wait(sem, seconds):
+        got = real_wait(sem, seconds)
+        if not got:
+            ran_out.append(seconds)
+        return got
+
+    monkeypatch.setattr(queues, "_wait", counting_wait)
+    q = mpmagic.Queue(maxsize=3, capacity=4096)
+
+    def produce():
+        for i in range(40):
+            q.put(bytes([i]) * 3000)
+        q.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert [item[0] for item in q] == list(range(40))
+    producer.join()
+    assert ran_out == []
