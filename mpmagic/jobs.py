@@ -66,6 +66,16 @@ def add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
+def _text_of(exc: BaseException) -> str:
+    """``str(exc)``, or "" when the task's exception cannot say it (its ``__str__``
+    raises): read in the manager thread, whose failure would replace the task's
+    own exception with ours."""
+    try:
+        return str(exc)
+    except Exception:
+        return ""
+
+
 def rebuild_exception(info: Any, where: str) -> BaseException:
     """The worker's exception as the same type here, its frames as its traceback,
     with ``where`` (which item or rank) as a note."""
@@ -588,7 +598,7 @@ class MapJob:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             debugging.attach(exc, info, index=idx, item=self._shown(unit.items[index])[0])
-            if self.shared_memory and isinstance(exc, ValueError) and "read-only" in str(exc):
+            if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
                 add_note(exc, _READ_ONLY_NOTE)
         if unit.lease is not None:  # no worker reads this chunk any more
             unit.lease.release()
@@ -872,7 +882,7 @@ class CellJob:
         if not (self.outstanding or self._pending):
             return  # the cell ends now: its error says it all
         exc = self.failures[rank]
-        first = str(exc).split("\n", 1)[0]
+        first = _text_of(exc).split("\n", 1)[0]
         text = (f"mpmagic: rank {rank} failed ({type(exc).__name__}{': ' + first if first else ''}) while other "
                 "ranks still run; the cell raises its error once they end (after an interrupt: %pdebug)\n")
         # Said only if the others still run a moment later: ranks that all fail at

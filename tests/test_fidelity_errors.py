@@ -236,3 +236,14 @@ def test_capture_and_rebuild_keep_real_slots():
         record = pickle.loads(pickle.dumps(capture(exc)))
     back = rebuild(record)
     assert type(back) is _ImportableSlotted and back.code == 9 and back.args == ("code 9",)
+
+
+def test_an_exception_whose_str_fails_is_still_the_tasks_own(ip, backend):
+    """Reading its text in the pool's manager raised there: the notebook got a
+    RuntimeError (or RecursionError) and `except ValueError` missed it."""
+    run(ip, "class BadStr(ValueError):\n    def __str__(self):\n        raise RuntimeError('str failed')\n"
+            "def task(x):\n    if x == 1:\n        raise BadStr('bad input')\n    return x\n")
+    with pytest.raises(ValueError) as info:
+        run(ip, "%pmap -q task, range(4)")
+    assert type(info.value).__name__ == "BadStr"
+    assert run(ip, "%pmap -q abs, [-1]") == [1]
