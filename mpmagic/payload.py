@@ -380,8 +380,7 @@ def advice_for(bad: Any) -> str:
     if "lock" in tname or "semaphore" in tname or "condition" in tname or "event" in tname:
         return (
             "A thread lock works only inside one process: create it inside the function, "
-            "or use a lock made for processes (mpmagic.Lock() if your version has it, "
-            "else multiprocessing.Manager().Lock())."
+            "or use a lock made for processes: mpmagic.Lock()."
         )
     if any(k in tname for k in ("socket", "connection", "cursor", "session", "client", "engine")):
         return (
@@ -405,8 +404,19 @@ def describe_unpicklable(obj: Any, root: str, exc: BaseException) -> tuple[str, 
     )
 
 
+_MP_SHARED = "should only be shared between processes through inheritance"  # multiprocessing's own refusal
+
+
 def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     """A message that names the variable, its type, its path, and the fix."""
     text, bad = describe_unpicklable(obj, _root_name(obj, what), exc)
-    return f"cannot send {what} to the workers: {text}. {advice_for(bad)}"
+    if _MP_SHARED in text:
+        # A multiprocessing Queue, Value, Array or Lock: it reaches only processes
+        # started with it, and the pool's workers were not. mpmagic's helpers are made for this.
+        advice = ("A multiprocessing Queue, Value, Array or Lock reaches only the processes started with it: use "
+                  "mpmagic's, made for tasks: mpmagic.Queue(), mpmagic.Value('i', 0), mpmagic.Array('d', n), "
+                  "mpmagic.Lock() (docs/shared.md).")
+    else:
+        advice = advice_for(bad)
+    return f"cannot send {what} to the workers: {text}. {advice}"
 

@@ -62,6 +62,23 @@ class NoInput(io.TextIOBase):
         return self.read()
 
 
+def _no_input(*args: Any, **kwargs: Any) -> str:
+    """``input`` and ``getpass.getpass`` in a local worker: the notebook's
+    versions (ipykernel's, inherited by a fork) would wait for ever for an
+    answer that can never come; this fails at once saying why."""
+    return NoInput().read()
+
+
+def no_keyboard() -> None:
+    """A local worker's ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail
+    at once with an EOFError that says why (see :class:`NoInput`)."""
+    sys.stdin = NoInput()
+    builtins.input = _no_input
+    getpass: Any = sys.modules.get("getpass")  # (patched by ipykernel, and inherited by a fork)
+    if getpass is not None:
+        getpass.getpass = _no_input
+
+
 def install() -> None:
     """Add ``display`` and ``get_ipython`` to this process's builtins where missing."""
     for name, value in (("display", display), ("get_ipython", get_ipython)):

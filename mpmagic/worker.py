@@ -527,6 +527,7 @@ class _Worker:
     def __init__(self, conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
         self.channel = _Channel(conn)
         self.worker_id = worker_id
+        self.pid = os.getpid()  # (a task that forks: see _leave_if_forked)
         self._cpu_mark = time.process_time()  # see _cpu_since_last_reply
         self.position = position  # see run_items
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
@@ -544,6 +545,13 @@ class _Worker:
             # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
             s.call, s.tag, s.last = call, tag, 0.0
         sys.stdout, sys.stderr = self.out, self.err
+
+    def _leave_if_forked(self) -> None:
+        """A task that called ``os.fork()`` and returned in the child: the child
+        ends here. It came back into this loop, answered in the worker's place
+        (its results went home as the item's) and served the pool from then on."""
+        if os.getpid() != self.pid:
+            os._exit(0)
 
     def _release(self) -> None:
         self.out.finish()
@@ -642,6 +650,7 @@ class _Worker:
                 msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position, self.imports
             )
         finally:
+            self._leave_if_forked()
             self._release()
         if self.position is not None:
             # Between units: a death from now on (an outside SIGKILL, the OOM
@@ -658,6 +667,7 @@ class _Worker:
         try:
             reply = execute_cell(msg, self.worker_id, self._cpu_since_last_reply, self.imports)
         finally:
+            self._leave_if_forked()
             self._release()
         if self.position is not None:
             self.position.value = POSITION_IDLE  # (as after a map unit: see run_map)
@@ -711,7 +721,7 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     task_builtins.install()  # display() and get_ipython() for notebook code that calls them
-    sys.stdin = task_builtins.NoInput()  # input() in a task: an EOFError saying why
+    task_builtins.no_keyboard()  # input() in a task: an EOFError saying why, never a wait
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()

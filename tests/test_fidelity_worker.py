@@ -345,8 +345,22 @@ def test_display_and_get_ipython_in_tasks_and_ranks(ip, backend, capsys):
     run(ip, "del display")
 
 
-def test_input_in_a_task_says_why_it_cannot_read(ip, local_pool):
-    """``input()`` in a task fails at once (never a hang), saying why."""
-    run(ip, "def ask(x):\n    return input('value? ')")
-    with pytest.raises(EOFError, match="a task cannot read input"):
-        run(ip, "%pmap -q ask, [1]")
+def test_input_in_a_task_says_why_it_cannot_read(ip, any_method):
+    """``input()`` and ``getpass.getpass()`` in a task fail at once, saying why:
+    on fork a worker inherited the kernel's versions, which waited for ever."""
+    ensure_pool(any_method)
+    run(ip, "import getpass\ndef ask(x):\n    return input('value? ')\n"
+            "def secret(x):\n    return getpass.getpass()")
+    for func in ("ask", "secret"):
+        with pytest.raises(EOFError, match="a task cannot read input"):
+            run(ip, f"%pmap -q {func}, [1]")
+
+
+def test_a_task_that_forks_and_returns_in_the_child_gives_the_parents_result(ip, local_pool):
+    """The child came back into the worker's loop: its result went home as the
+    item's (``child``) and it served the pool in the worker's place while the
+    worker waited for it for ever."""
+    run(ip, "import os\ndef forker(x):\n    pid = os.fork()\n    if pid == 0:\n        return 'child'\n"
+            "    os.waitpid(pid, 0)\n    return 'parent'")
+    assert run(ip, "%pmap -q --chunksize 1 forker, range(2)") == ["parent", "parent"]
+    assert run(ip, "%pmap -q abs, range(-4, 0)") == [4, 3, 2, 1]

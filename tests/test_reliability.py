@@ -348,8 +348,14 @@ def test_parallel_timeout_stops_the_stuck_rank(ip, pool2):
 # -- 5. what cannot be sent -------------------------------------------------
 
 UNSENDABLE = """
-import io, socket, sqlite3, threading
+import io, socket, sqlite3, threading, multiprocessing
 lock = threading.Lock()
+mp_queue, mp_value = multiprocessing.Queue(), multiprocessing.Value("i", 0)
+def with_mp_queue(x):
+    mp_queue.put(x)
+def with_mp_value(x):
+    with mp_value.get_lock():
+        mp_value.value += x
 def with_lock(x):
     with lock:
         return x
@@ -385,6 +391,9 @@ CANNOT_SEND = [
     ("query", "`query -> conn` is a sqlite3.Connection", "open it inside the function"),
     ("with_generator", "`with_generator -> numbers` is a generator", "list(gen)"),
     ("nested", "`nested -> holder -> conn` is a sqlite3.Connection", "open it inside the function"),
+    # (the advice said "a thread lock" and "create it inside the function": a counter would count alone)
+    ("with_mp_queue", "`with_mp_queue -> mp_queue", "use mpmagic's, made for tasks: mpmagic.Queue()"),
+    ("with_mp_value", "`with_mp_value -> mp_value", "use mpmagic's, made for tasks: mpmagic.Queue()"),
 ]
 
 

@@ -535,7 +535,10 @@ class SharedQueue(IterUntilClosed, _Helper):
                 accepted = written = room = False
                 with r.mutex:
                     if r.closed():
-                        raise ValueError(f"{self._describe()} is closed: nothing more can be put in it")
+                        raise ValueError(
+                            f"{self._describe()} is closed: nothing more can be put in it. A close() ends the "
+                            "stream for every process: with several producers, make it with "
+                            "mpmagic.Queue(producers=N), one close() each, or end with a sentinel and no close()")
                     if not maxsize or r.outstanding() < maxsize:
                         if not local.backlog and not w[_W_STREAMER] and need <= r.free():
                             r.write_record(data, _WHOLE)
