@@ -43,7 +43,7 @@ from typing import Any
 
 from . import debugging
 from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
-from .checkpoint_store import RunInfo, Store
+from .checkpoint_store import RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes
 from .jobs import Failed
@@ -123,8 +123,11 @@ def close_stores() -> None:
 class _Writer:
     """Stores accepted chunks from a thread of its own; after a failure, stops storing.
 
-    ``put`` only queues: the thread that calls ``on_chunk`` must go back to
-    its run at once. Measured with 400 items of 1 ms on 2 workers: committing
+    ``put`` takes a snapshot of the chunk's results (one pickle: ``Store.pack``)
+    and queues it: the caller hands the result objects on (to ``imap``'s loop,
+    ``as_completed``, the user's ``on_chunk``), and whatever it does to them
+    then must not change what is stored. The rest (SQLite, files) is this
+    thread's: the thread that calls ``on_chunk`` must go back to its run at once. Measured with 400 items of 1 ms on 2 workers: committing
     in the local pool's manager loop (where ``on_chunk`` ran then) made the run
     40% slower (a commit is 0.5-2 ms on a busy disk, and the workers waited
     for their next chunk); from this thread, a few percent. Chunks that queue up while a commit runs
@@ -141,8 +144,10 @@ class _Writer:
         self._state = threading.Lock()  # put (the thread accepting chunks) against finish (the pump)
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
-        if self.store is None or not pairs:
+        """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now."""
+        if self.store is None or not pairs or self.error is not None:
             return
+        packed = pack(pairs)  # before the caller gets the objects back
         with self._state:
             if self._closed:  # a chunk accepted after the run was settled (a cancelled run's straggler)
                 log.debug("mpmagic: checkpoint: %d results came after the run ended; not stored", len(pairs))
@@ -150,7 +155,7 @@ class _Writer:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
                 self._thread.start()
-            self._queue.put(pairs)
+            self._queue.put(packed)
 
     def _run(self) -> None:
         done = False
@@ -167,7 +172,7 @@ class _Writer:
             if self.error is not None or not chunks or self.store is None:
                 continue
             try:
-                self.bytes += self.store.put_chunks(self.run, self.name, chunks)
+                self.bytes += self.store.put_packed(self.run, self.name, chunks)
             except Exception as exc:
                 self.error = exc  # reported by finish(), in the notebook's thread
 
@@ -314,6 +319,7 @@ class MapCheckpoint:
         self.plan = _Plan()
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
         self._settled = False
+        self._placed: set[int] = set()  # ids of the Failed results already renumbered (kept alive by the run)
         self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
     # -- before the run ----------------------------------------------------------
@@ -346,6 +352,9 @@ class MapCheckpoint:
         keys = [plan.keys[i] for i in positions]
         if self.collect:  # only then can a result be a Failed: never stored
             self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
+            for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
+                if isinstance(r, Failed):
+                    self._place(r, idx)
         else:
             self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
         if self.user_on_chunk is not None:  # in input positions, each stretch of consecutive ones
@@ -374,10 +383,18 @@ class MapCheckpoint:
         for j, idx in enumerate(missing):
             r = computed[j]
             if isinstance(r, Failed):
-                r.index = idx
-                _renumber(r.error, missing)
+                self._place(r, idx)
             results[idx] = r
         return results
+
+    def _place(self, failed: Failed, idx: int) -> None:
+        """Make ``failed`` (of the computed items) name input position ``idx``, once
+        (``on_chunk`` and ``value`` both see it)."""
+        if id(failed) in self._placed:
+            return
+        self._placed.add(id(failed))
+        failed.index = idx
+        _renumber(failed.error, self.plan.missing)
 
     def failed(self, exc: BaseException) -> None:
         """The run raised ``exc``: make "item N" in it count in the whole input."""

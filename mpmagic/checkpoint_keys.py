@@ -35,12 +35,16 @@ miss, never match the wrong result.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
+import marshal
+import os
 import pickle
 import pickletools
 import sys
+import sysconfig
 import types
 from collections import ChainMap
 from typing import Any
@@ -91,12 +95,83 @@ def _code_key_reduce(code: types.CodeType) -> tuple:
     return _code_stub, parts
 
 
+def _wrapped_stub(*parts: Any) -> None:
+    """Stands for a ``functools.lru_cache`` wrapper in a key pickle (never called)."""
+
+
+_LRU_WRAPPER = type(functools.lru_cache(maxsize=1)(lambda: None))
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _installed_dirs() -> tuple[str, ...]:
+    """Folders whose modules are installed code (the standard library, site-packages):
+    left out of the key, as they change only with an install."""
+    paths = sysconfig.get_paths()
+    dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= {os.path.realpath(p) for p in sys.path if "site-packages" in p or "dist-packages" in p}
+    return tuple(sorted(d.rstrip(os.sep) + os.sep for d in dirs))
+
+
+_INSTALLED = _installed_dirs()
+_file_digests: dict[tuple[str, int, int], bytes] = {}  # (path, mtime_ns, size) -> digest of its bytes
+
+
+def _local_module_file(module_name: Any) -> str | None:
+    """The source file of module ``module_name`` when it is the user's own code (a .py
+    beside the notebook, say), not installed (standard library, site-packages) nor ours."""
+    module = sys.modules.get(module_name) if isinstance(module_name, str) else None
+    path = getattr(module, "__file__", None)
+    if not path or module_name in ("__main__", "__mp_main__"):
+        return None
+    path = os.path.realpath(path)
+    if path.startswith(_INSTALLED) or path.startswith(_PACKAGE_DIR):
+        return None
+    return path
+
+
+def _file_digest(path: str) -> bytes:
+    """A digest of the file's bytes (recomputed when its mtime or size changes); b"" if unreadable."""
+    try:
+        st = os.stat(path)
+        stamp = (path, st.st_mtime_ns, st.st_size)
+        digest = _file_digests.get(stamp)
+        if digest is None:
+            with open(path, "rb") as f:
+                digest = _file_digests[stamp] = hashlib.blake2b(f.read(), digest_size=16).digest()
+        return digest
+    except OSError:
+        return b""
+
+
 class _KeyPickler(cloudpickle.Pickler):
-    """cloudpickle with the per-process parts taken out (see the module docstring)."""
+    """cloudpickle with the per-process parts taken out (see the module docstring).
+
+    Code it pickles by reference counts too: a notebook function wrapped by
+    ``functools.cache``/``lru_cache`` is keyed by the function it wraps (by
+    value); a function, class or module of the user's own modules (a ``.py``
+    file beside the notebook) by a digest of that module's file
+    (``modules``, added to the key by :func:`run_key`).
+    """
 
     dispatch_table = ChainMap({types.CodeType: _code_key_reduce}, cloudpickle.Pickler.dispatch_table)
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.modules: dict[str, bytes] = {}  # file of a user's module the pickle refers to -> its digest
+
     def reducer_override(self, obj: Any) -> Any:
+        t = type(obj)
+        if t is _LRU_WRAPPER and callable(getattr(obj, "__wrapped__", None)):
+            params = obj.cache_parameters()
+            return _wrapped_stub, (obj.__wrapped__, params["maxsize"], params["typed"])
+        if t is types.ModuleType or isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            name = obj.__name__ if t is types.ModuleType else getattr(obj, "__module__", None)
+            path = _local_module_file(name)
+            if path is not None and path not in self.modules:
+                self.modules[path] = _file_digest(path)
+            if path is not None and t is types.FunctionType:  # the code that runs (a module edited, not reloaded)
+                self.modules[f"{path}:{obj.__qualname__}"] = hashlib.blake2b(
+                    marshal.dumps(obj.__code__), digest_size=16).digest()
         rv = super().reducer_override(obj)
         if _TRACKER is not None and isinstance(obj, type) and isinstance(rv, tuple) and len(rv) > 1:
             tracker = _TRACKER(obj)
@@ -121,9 +196,36 @@ class _BufferHasher:
 
 
 def _key_pickle(obj: Any, h: Any) -> bytes:
+    """The key pickle of ``obj``; the digests of the user's modules it refers to go into ``h``
+    (by file contents, not path: a new checkout in another folder finds its results)."""
     with io.BytesIO() as f:
-        _KeyPickler(f, protocol=_PROTOCOL, buffer_callback=_BufferHasher(h)).dump(obj)
+        pickler = _KeyPickler(f, protocol=_PROTOCOL, buffer_callback=_BufferHasher(h))
+        pickler.dump(obj)
+        for digest in sorted(pickler.modules.values()):
+            h.update(b"module " + digest)
         return f.getvalue()
+
+
+def _setup_digest() -> bytes:
+    """A digest of the current ``%%pool setup`` cell and ``on_worker_start`` functions
+    (names they define are the workers' builtins, which the function may read); b"" when none."""
+    from . import worker_setup
+
+    with worker_setup._lock:  # (read only)
+        entries = list(worker_setup._entries)
+    if not entries:
+        return b""
+    h = hashlib.blake2b(digest_size=16, person=b"mpmagic-setup")
+    for entry in entries:
+        h.update(f"{entry.kind}|{entry.name}|".encode())
+        if entry.kind == "code":
+            h.update(str(entry.data).encode())
+            continue
+        try:  # a function: by what it does, as the mapped function is
+            h.update(_key_pickle(pickle.loads(entry.data), h))
+        except Exception:
+            h.update(entry.data)
+    return h.digest()
 
 
 def _digest(h: Any, data: bytes) -> bytes:
@@ -140,6 +242,8 @@ def run_key(func: Any, star: bool) -> tuple[bytes, bytes]:
     """
     h = hashlib.blake2b(digest_size=16, person=b"mpmagic-run")
     h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{int(star)}|".encode())
+    if setup := _setup_digest():  # (only then: keys without a setup stay as they were)
+        h.update(b"setup " + setup)
     data = _key_pickle(func, h)
     return _digest(h, data), data
 
@@ -205,18 +309,40 @@ def unstable_reason(data: bytes | None) -> str | None:
     if not any(b in data for b in _SET_BYTES):
         return None
     try:
-        ops = [op.name for op, _arg, _pos in pickletools.genops(data)]
+        ops = [op for op, _arg, _pos in pickletools.genops(data)]
     except Exception:  # out-of-band buffers and the like: not worth the risk of a crash
         return None
-    for i, name in enumerate(ops):
-        # A set's elements are pickled between EMPTY_SET and its ADDITEMS, a
+    for i, op in enumerate(ops):
+        # A set's elements are pickled in MARK ... ADDITEMS batches after its
+        # EMPTY_SET (none for an empty set: the next op is then not a MARK), a
         # frozenset's between a MARK and FROZENSET: strings there mean hash order.
-        if name == "EMPTY_SET":
-            inside = itertools.takewhile(lambda n: n != "ADDITEMS", ops[i + 1 :])
-        elif name == "FROZENSET":
-            inside = itertools.takewhile(lambda n: n != "MARK", reversed(ops[:i]))
+        if op.name == "EMPTY_SET":
+            inside = _set_items(ops, i + 1)
+        elif op.name == "FROZENSET":
+            inside = list(itertools.takewhile(lambda o: o.name != "MARK", reversed(ops[:i])))
         else:
             continue
-        if any(n in _TEXT_OPS for n in inside):
+        if any(o.name in _TEXT_OPS for o in inside):
             return "holds a set of strings, whose pickle follows string hashes and changes between kernels"
     return None
+
+
+_MEMO_OPS = {"MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"}
+
+
+def _set_items(ops: list, i: int) -> list:
+    """The ops of the first batch of a set's elements, the set's EMPTY_SET being just before ``ops[i]``."""
+    while i < len(ops) and ops[i].name in _MEMO_OPS:
+        i += 1
+    if i >= len(ops) or ops[i].name != "MARK":  # an empty set: no elements, no ADDITEMS
+        return []
+    depth, j = 0, i
+    while j < len(ops):  # to the ADDITEMS that takes this MARK (elements may hold marks of their own)
+        if ops[j].name == "MARK":
+            depth += 1
+        elif pickletools.markobject in ops[j].stack_before:
+            depth -= 1
+            if depth == 0:
+                break
+        j += 1
+    return ops[i + 1 : j]

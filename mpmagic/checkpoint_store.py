@@ -36,6 +36,7 @@ made: a checkpoint is a cache, never a reason to fail a run.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import logging
 import os
@@ -51,6 +52,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+import cloudpickle
 
 from . import payload
 from .checkpoint_keys import FORMAT
@@ -105,6 +108,148 @@ class _File:
     digest: bytes
 
 
+@dataclass(frozen=True)
+class _Pickled:
+    """Stands in a chunk's results for one pickled on its own when its chunk was accepted."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A chunk's results as bytes, taken when the chunk is accepted (:func:`pack`).
+
+    What is stored is what the worker returned, even if the notebook changes
+    the result objects afterwards (``for a in imap(...): a -= mean``): the
+    writer thread works from these bytes only, never from the objects.
+    Either ``data`` (the pickle of the results, the row itself: no large
+    result among them) or ``items``: ``(key, pickle, copies of its large
+    buffers)`` per result, those with buffers going to a file of their own.
+    """
+
+    keys: bytes
+    data: bytes | None
+    items: tuple[tuple[bytes, bytes, tuple[bytes, ...]], ...] = ()
+
+
+# Buffers (numpy arrays) under this size are pickled in-band; larger ones are
+# copied out of band, so a result whose buffers total over LARGE can be
+# written to a file without a second pickle.
+_OUT_OF_BAND = 64 * 1024
+
+
+class _Buffers:
+    """``buffer_callback`` that copies large contiguous buffers (a snapshot: the result
+    may change after ``pack`` returns) and leaves the others in the pickle."""
+
+    def __init__(self) -> None:
+        self.copies: list[bytes] = []
+
+    def reset(self) -> None:  # (payload.cloudpickle_dumps: a plain pickle's attempt is dropped)
+        self.copies = []
+
+    def __call__(self, buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: pickle copies it in-band
+            return True
+        if raw.nbytes < _OUT_OF_BAND:
+            return True
+        self.copies.append(bytes(raw))
+        return False
+
+
+def pack(results: list[tuple[bytes, Any]]) -> Packed:
+    """``(item key, result)`` pairs as a :class:`Packed` snapshot; never raises.
+
+    One pickle of the chunk in the common case (it is the row stored, so the
+    writer does not pickle again). With large buffers among them, one pickle
+    per result. A result that cannot be pickled is left out (a re-run
+    computes it).
+    """
+    buffers = _Buffers()
+    try:
+        data = payload.dumps_data([r for _, r in results], buffers)
+        if not buffers.copies:
+            return Packed(b"".join(k for k, _ in results), data)
+    except Exception:
+        log.debug("a chunk's results do not pickle together; storing them one by one")
+    items = []
+    for key, result in results:
+        buffers = _Buffers()
+        try:
+            inband = payload.dumps_data(result, buffers)
+            if buffers.copies and sum(len(c) for c in buffers.copies) <= LARGE:  # not worth a file
+                inband, buffers.copies = payload.dumps_data(result), []
+        except Exception as exc:
+            log.debug("result for item %s not stored: %s", key.hex(), exc)
+            continue
+        items.append((key, inband, tuple(buffers.copies)))
+    return Packed(b"".join(k for k, _, _ in items), None, tuple(items))
+
+
+class _Unpickler(pickle.Unpickler):
+    """Loads stored results with the notebook's own classes.
+
+    A result that is an instance of a notebook class was pickled with the
+    class by value (cloudpickle). Loaded as it is in a new kernel, it would be
+    an instance of a copy of the class, unequal to the notebook's (a
+    dataclass's ``==`` checks the class). Live results from workers come back
+    as the notebook's class because cloudpickle's tracker id is known in the
+    process that sent the class; the store's ids are an old kernel's. So a
+    class the notebook defines under the same name is used, as it is, its
+    definition untouched. (Its code is the stored one's: the run key covers
+    the function's code and the notebook classes it uses.)
+    """
+
+    def __init__(self, data: bytes | memoryview, buffers: Iterable[Any] = ()) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
+        self._mine: set[int] = set()  # ids of the notebook's classes this load uses
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "cloudpickle.cloudpickle":
+            if name == "_make_skeleton_class":
+                return self._class
+            if name == "_class_setstate":
+                return self._class_setstate
+        return super().find_class(module, name)
+
+    def _class(self, metaclass: type, name: str, bases: tuple, type_kwargs: dict, tracker: Any,
+               extra: Any) -> type:
+        mine = _notebook_class(name, type_kwargs.get("__module__"), metaclass)
+        if mine is not None:
+            self._mine.add(id(mine))
+            return mine
+        return cloudpickle.cloudpickle._make_skeleton_class(metaclass, name, bases, type_kwargs, tracker, extra)
+
+    def _class_setstate(self, cls: type, state: Any) -> type:
+        if id(cls) in self._mine:
+            return cls  # the notebook's class: its own methods stay (their globals are the notebook's)
+        return cloudpickle.cloudpickle._class_setstate(cls, state)
+
+
+def _notebook_class(name: str, module: Any, metaclass: type) -> type | None:
+    """The class the notebook (``__main__``) defines as ``name`` now, or None."""
+    if module not in ("__main__", "__mp_main__"):
+        return None
+    spaces = [vars(sys.modules["__main__"])] if "__main__" in sys.modules else []
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    if shell is not None:
+        spaces.insert(0, shell.user_ns)
+    for space in spaces:
+        cls = space.get(name)
+        if isinstance(cls, type) and type(cls) is metaclass and cls.__module__ == "__main__" \
+                and cls.__qualname__ == name:
+            return cls
+    return None
+
+
+def _loads(data: bytes | memoryview, buffers: Iterable[Any] = ()) -> Any:
+    """Load a stored pickle (see :class:`_Unpickler`)."""
+    return _Unpickler(data, buffers).load()
+
+
 def _digest(*parts: bytes | memoryview) -> bytes:
     h = hashlib.blake2b(digest_size=8)
     for p in parts:
@@ -148,6 +293,21 @@ def _user_frame() -> FrameType | None:
     return None
 
 
+# SQLite's result codes for a file that is not (or no longer) a database:
+# SQLITE_CORRUPT ("database disk image is malformed") and SQLITE_NOTADB ("file
+# is not a database"). Only these move a store aside.
+_DAMAGE_CODES = {11, 26}
+
+
+def _is_damage(exc: sqlite3.DatabaseError) -> bool:
+    """Is ``exc`` damage of the file itself (and not a full disk, an I/O error,
+    a read-only file or a lock, which say nothing about the store)?"""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _DAMAGE_CODES
+    return not isinstance(exc, sqlite3.OperationalError)
+
+
 class Store:
     """The store in ``directory`` (created if missing). Thread-safe: one connection under a lock."""
 
@@ -168,10 +328,15 @@ class Store:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        conn = None
         try:
             conn = self._connect()
             problem = self._check(conn)
         except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            if not _is_damage(exc):  # disk full, I/O error, read-only, locked: the store is not to blame
+                raise
             conn, problem = None, f"it cannot be read ({exc})"
         if problem is None and conn is not None:
             return conn
@@ -253,28 +418,33 @@ class Store:
                     f"SELECT id, digest, data FROM chunks WHERE id IN ({','.join('?' * len(part))})", part
                 ).fetchall()
             if rows:
-                with self.conn:
-                    self.conn.execute("UPDATE runs SET used=? WHERE run=?", (time.time(), run))
+                try:  # (for the size cap's "least recently used"): a store we may only read is still read
+                    with self.conn:
+                        self.conn.execute("UPDATE runs SET used=? WHERE run=?", (time.time(), run))
+                except sqlite3.Error as exc:
+                    log.debug("checkpoint: could not mark run %s as used: %s", run.hex(), exc)
         found: dict[bytes, Any] = {}
         bad = 0
         for cid, digest, data in rows:
             try:
                 if _digest(data) != digest:
                     raise CheckpointError("digest mismatch")
-                values = payload.loads(data)
+                values = _loads(data)
             except Exception as exc:
                 bad += len(need[cid])
                 log.debug("checkpoint chunk %d unreadable: %s", cid, exc)
                 continue
             for k, pos in need[cid]:
                 v = values[pos]
-                if type(v) is _File:
-                    try:
+                try:
+                    if type(v) is _File:
                         v = self._read_file(v)
-                    except Exception as exc:
-                        bad += 1
-                        log.debug("checkpoint file %s unreadable: %s", v.name, exc)
-                        continue
+                    elif type(v) is _Pickled:
+                        v = _loads(v.data)
+                except Exception as exc:
+                    bad += 1
+                    log.debug("checkpoint result %s unreadable: %s", k.hex(), exc)
+                    continue
                 found[k] = v
         if bad:
             warn(f"mpmagic: {bad} stored result{'s' if bad > 1 else ''} in {self.path} failed their check "
@@ -295,7 +465,7 @@ class Store:
         for size in sizes:
             buffers.append(view[pos : pos + size])
             pos += size
-        return pickle.loads(inband, buffers=buffers)
+        return _loads(inband, buffers)
 
     # -- writing -------------------------------------------------------------
     def put(self, run: bytes, name: str, results: list[tuple[bytes, Any]]) -> int:
@@ -308,18 +478,35 @@ class Store:
 
     def put_chunks(self, run: bytes, name: str, chunks: list[list[tuple[bytes, Any]]]) -> int:
         """Store several chunks (one row each) in one transaction: each is whole or absent."""
+        return self.put_packed(run, name, [pack(results) for results in chunks])
+
+    def put_packed(self, run: bytes, name: str, chunks: list[Packed]) -> int:
+        """Store chunks :func:`pack` made (one row each) in one transaction; returns the bytes stored.
+
+        A large result whose file cannot be written (a full disk) is left out
+        of its row, the rest is stored, and then the file's error is raised:
+        the caller says so, as for a row that cannot be written.
+        """
         rows = []
         total = 0
-        for results in chunks:
-            if not results:
-                continue
-            keys, data, size = self._pack(run, results)
+        failure: BaseException | None = None
+        for chunk in chunks:
+            if chunk.data is not None:
+                keys, data, size = chunk.keys, chunk.data, 0
+            else:
+                keys, data, size, error = self._files(run, chunk)
+                failure = failure or error
             if keys:
                 size += len(data) + len(keys)
                 rows.append((run, len(keys) // _KEY, keys, size, _digest(data), data))
                 total += size
-        if not rows:
-            return 0
+        if rows:
+            self._insert(run, name, rows)
+        if failure is not None:
+            raise failure
+        return total
+
+    def _insert(self, run: bytes, name: str, rows: list[tuple]) -> None:
         now = time.time()
         with self._lock:
             conn = self.conn
@@ -335,41 +522,28 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return total
 
-    def _pack(self, run: bytes, results: list[tuple[bytes, Any]]) -> tuple[bytes, bytes, int]:
-        """``(keys end to end, pickle of the results, bytes in files)``; large results go to files first."""
-        buffers: list[pickle.PickleBuffer] = []
-        try:  # the common case, one pickle of the chunk: no large buffer among the results
-            data = payload.dumps_data([r for _, r in results], buffers.append)
-            if not buffers:
-                return b"".join(k for k, _ in results), data, 0
-        except Exception:
-            log.debug("a chunk's results do not pickle together; storing them one by one")
-        keys, values, in_files = [], [], 0
-        for key, result in results:
-            try:
-                value, nbytes = self._value(run, key, result)
-            except Exception as exc:
-                log.debug("result for item %s not stored: %s", key.hex(), exc)
-                continue
+    def _files(self, run: bytes, chunk: Packed) -> tuple[bytes, bytes, int, BaseException | None]:
+        """A chunk with large results: those written to files (a ``_File`` in the row), the
+        others as their own pickles. ``(keys, row pickle, bytes in files, first error)``."""
+        keys: list[bytes] = []
+        values: list[_File | _Pickled] = []
+        in_files = 0
+        error: BaseException | None = None
+        for key, inband, raws in chunk.items:
+            if raws:
+                try:
+                    file_name, digest = self._write_file(run, key, inband, [memoryview(r) for r in raws])
+                except Exception as exc:  # (a full disk): the others are stored; the caller warns
+                    log.debug("result for item %s not stored: %s", key.hex(), exc)
+                    error = error or exc
+                    continue
+                values.append(_File(file_name, digest))
+                in_files += len(inband) + sum(len(r) for r in raws)
+            else:
+                values.append(_Pickled(inband))
             keys.append(key)
-            values.append(value)
-            in_files += nbytes
-        return b"".join(keys), payload.dumps_data(values), in_files
-
-    def _value(self, run: bytes, key: bytes, result: Any) -> tuple[Any, int]:
-        """The result itself, or a ``_File`` once it is written to one (with its size)."""
-        buffers: list[pickle.PickleBuffer] = []
-        inband = payload.dumps_data(result, buffers.append)
-        try:
-            raws = [b.raw() for b in buffers]
-        except BufferError:  # not contiguous: it stays in the chunk's pickle
-            return result, 0
-        if sum(r.nbytes for r in raws) <= LARGE:
-            return result, 0
-        name, digest = self._write_file(run, key, inband, raws)
-        return _File(name, digest), len(inband) + sum(r.nbytes for r in raws)
+        return b"".join(keys), payload.dumps_data(values), in_files, error
 
     def _write_file(self, run: bytes, key: bytes, inband: bytes, raws: list[memoryview]) -> tuple[str, bytes]:
         """Write a large result to ``blobs/`` atomically: temp file, one writev, fsync, rename."""

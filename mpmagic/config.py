@@ -208,9 +208,12 @@ def add_options(parser: Any, what: str = "items") -> None:
                        help=f"show a progress bar counting {what} (default: %%config MPMagic.progress)")
     group.add_argument("--no-progress", dest="progress", action="store_false",
                        help="no progress bar for this run")
-    parser.add_argument("--checkpoint", action="store_true", default=None,
-                        help=f"store each finished {what[:-1]}'s result; a re-run computes only what is "
-                        "missing (default: %%config MPMagic.checkpoint)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--checkpoint", action="store_true", default=None,
+                       help=f"store each finished {what[:-1]}'s result; a re-run computes only what is "
+                       "missing (default: %%config MPMagic.checkpoint)")
+    group.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                       help="no checkpoint for this run (when %%config MPMagic.checkpoint is on)")
     parser.add_argument("--insights", action="store_true",
                         help="record per-worker busy/idle/transfer time and the slowest "
                         f"{what}; show a timeline of tasks")
@@ -241,5 +244,17 @@ def run_kwargs(opts: Any) -> dict[str, Any]:
         "progress": bool(opts.progress),
         "progress_delay": current().progress_delay,
         "insights": bool(getattr(opts, "insights", False)),
-        "checkpoint": bool(getattr(opts, "checkpoint", None) or current().checkpoint),
+        "checkpoint": _checkpoint(opts),
     }
+
+
+def _checkpoint(opts: Any) -> bool:
+    """``--checkpoint`` / ``--no-checkpoint``, else the ``%config MPMagic.checkpoint`` default,
+    which says nothing where a checkpoint cannot be used (``%%parallel --keep``/``--reset``):
+    only a typed ``--checkpoint`` is refused there."""
+    given = getattr(opts, "checkpoint", None)
+    if given is not None:
+        return bool(given)
+    if getattr(opts, "keep", False) or getattr(opts, "reset", False):
+        return False
+    return bool(current().checkpoint)

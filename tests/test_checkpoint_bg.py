@@ -396,3 +396,23 @@ def test_a_killed_kernels_background_run_resumes_in_a_new_kernel(tmp_path):
         assert f"resumed: {resumed} of {n} items from the checkpoint, {len(second)} computed" in line
     finally:
         k2.close()
+
+
+# --------------------------------------------------------------------------
+# what a stream's consumer does with its results (tester's findings)
+
+
+def test_results_changed_in_an_imap_loop_are_stored_as_the_worker_returned_them(ip, ns):
+    run(ip, "def box(x):\n    return [x]\n")
+    for value in mpmagic.imap(ns["box"], range(40), chunksize=2, checkpoint=True):
+        value.append("seen")  # the consumer's own object: normal code
+    assert mpmagic.pmap(ns["box"], range(40), checkpoint=True) == [[x] for x in range(40)]
+    assert "resumed: 40 of 40" in api.last_report().line()
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_checkpointed_imaps_failures_name_their_place_in_the_whole_input(ns, ordered):
+    mpmagic.pmap(ns["flaky"], [0, 1, 2, 4], checkpoint=True)
+    got = list(mpmagic.imap(ns["flaky"], range(8), ordered=ordered, errors="collect", checkpoint=True))
+    failed = sorted((r.index, r.item) for r in got if isinstance(r, mpmagic.Failed))
+    assert failed == [(3, 3), (5, 5)]  # as without a checkpoint, not 0 and 2 (among the computed items)
