@@ -204,6 +204,12 @@ def pmap(
     if not block:
         from . import background
 
+        if _in_worker_process():
+            raise UsageError(
+                "a background run (block=False, submit) cannot start inside a worker: a worker process cannot start "
+                "workers of its own, and nothing here would wait on the run; call pmap (it runs serially inside a "
+                "task) or start the run from the notebook"
+            )
         background.check_options(compare=compare)
         what = f"pmap {func_name(func)}"
 

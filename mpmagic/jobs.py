@@ -76,6 +76,14 @@ def _text_of(exc: BaseException) -> str:
         return ""
 
 
+def _note_daemonic(exc: BaseException) -> None:
+    """multiprocessing's refusal to start a process inside a worker, in our words."""
+    if isinstance(exc, AssertionError) and "daemonic processes are not allowed to have children" in _text_of(exc):
+        add_note(exc, "mpmagic: a task cannot start processes of its own (a Pool, a ProcessPoolExecutor, a "
+                      "Process): the pool's workers are daemonic, as multiprocessing.Pool's are. Map the inner work "
+                      "with %pmap from the notebook instead (mpmagic.pmap inside a task runs it serially)")
+
+
 def rebuild_exception(info: Any, where: str) -> BaseException:
     """The worker's exception as the same type here, its frames as its traceback,
     with ``where`` (which item or rank) as a note."""
@@ -600,6 +608,7 @@ class MapJob:
             debugging.attach(exc, info, index=idx, item=self._shown(unit.items[index])[0])
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
                 add_note(exc, _READ_ONLY_NOTE)
+            _note_daemonic(exc)
         if unit.lease is not None:  # no worker reads this chunk any more
             unit.lease.release()
         self._fail(idx, exc)
@@ -899,6 +908,7 @@ class CellJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
+        _note_daemonic(self.failures[unit.id])
         debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size)
         self.items_done += 1
         self._rank_finished()

@@ -69,9 +69,25 @@ def _no_input(*args: Any, **kwargs: Any) -> str:
     return NoInput().read()
 
 
-def no_keyboard() -> None:
+_breakpoint_said = False
+
+
+def _no_breakpoint(*args: Any, **kwargs: Any) -> None:
+    """``breakpoint()`` in a task: there is no console to debug in (spawn and
+    forkserver opened pdb on a closed stdin and ended the cell with a hidden
+    BdbQuit; fork skipped it silently). Skipped, said once per worker."""
+    global _breakpoint_said
+    if not _breakpoint_said:
+        _breakpoint_said = True
+        sys.stderr.write("mpmagic: breakpoint() in a task is skipped: a worker has no console to debug in. After a "
+                         "failure, %pdebug replays the item in the notebook under the debugger\n")
+
+
+def no_console() -> None:
     """A local worker's ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail
-    at once with an EOFError that says why (see :class:`NoInput`)."""
+    at once with an EOFError that says why (see :class:`NoInput`), and
+    ``breakpoint()`` is skipped with a line saying so."""
+    sys.breakpointhook = _no_breakpoint
     sys.stdin = NoInput()
     builtins.input = _no_input
     getpass: Any = sys.modules.get("getpass")  # (patched by ipykernel, and inherited by a fork)

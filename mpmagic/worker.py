@@ -721,7 +721,7 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     task_builtins.install()  # display() and get_ipython() for notebook code that calls them
-    task_builtins.no_keyboard()  # input() in a task: an EOFError saying why, never a wait
+    task_builtins.no_console()  # input() in a task: an EOFError saying why, never a wait; breakpoint() skipped
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()

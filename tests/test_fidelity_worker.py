@@ -364,3 +364,23 @@ def test_a_task_that_forks_and_returns_in_the_child_gives_the_parents_result(ip,
             "    os.waitpid(pid, 0)\n    return 'parent'")
     assert run(ip, "%pmap -q --chunksize 1 forker, range(2)") == ["parent", "parent"]
     assert run(ip, "%pmap -q abs, range(-4, 0)") == [4, 3, 2, 1]
+
+
+def test_breakpoint_in_a_task_is_skipped_with_a_line_pointing_to_pdebug(ip, any_method, capsys):
+    """spawn and forkserver opened pdb on a closed stdin and ended the cell
+    with a hidden BdbQuit (no result, no error); fork skipped it silently."""
+    ensure_pool(any_method)
+    run(ip, "def stop_here(x):\n    breakpoint()\n    return x + 1")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q stop_here, [1, 2]") == [2, 3]
+    assert "breakpoint() in a task is skipped" in capsys.readouterr().err
+
+
+def test_a_pool_started_inside_a_task_fails_with_a_line_saying_why(ip, local_pool):
+    """multiprocessing's bare "daemonic processes are not allowed to have
+    children" gets a note saying why and what to do instead."""
+    run(ip, "import multiprocessing\ndef nested(x):\n    with multiprocessing.get_context('spawn').Pool(2) as p:\n"
+            "        return p.map(abs, [x])")
+    with pytest.raises(AssertionError) as info:
+        run(ip, "%pmap -q nested, [1]")
+    assert "a task cannot start processes of its own" in info.value.__notes__[-1]

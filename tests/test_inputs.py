@@ -141,3 +141,11 @@ def test_nested_parallel_says_it_cannot_run_in_a_worker(shell):
     run(shell, "import mpmagic\ndef inner_cell(n):\n    return mpmagic.parallel('rank', workers=2)\n")
     kind, message = _outcome(shell, "%pmap -q inner_cell, [1]")
     assert issubclass(kind, ValueError) and "cannot run inside a worker" in message, (kind, message)
+
+
+def test_a_background_run_inside_a_task_says_it_cannot_start_there(shell):
+    """``submit`` (``block=False``) in a task tried to start a pool in the
+    worker and failed with multiprocessing's own AssertionError."""
+    run(shell, "import mpmagic\ndef inner_submit(n):\n    return mpmagic.submit(abs, [n]).result()\n")
+    kind, message = _outcome(shell, "%pmap -q inner_submit, [1]")
+    assert issubclass(kind, ValueError) and "cannot start inside a worker" in message, (kind, message)
