@@ -332,3 +332,42 @@ def test_pool_runs_counts_a_cells_ranks_as_ranks(ip, local_pool):
     handle.result(60)
     line = next(line for line in repr(run(ip, "%pool runs")).splitlines() if f"run {handle.id}:" in line)
     assert "2/2 ranks" in line and "items" not in line, line
+
+
+def test_imap_gives_results_for_an_input_that_trickles_in_as_its_items_come(ns):
+    """A whole chunk was read before any item went out: an input fed by
+    another thread (a queue, a socket) gave its first result only once the
+    chunk filled (10 s for 40 items every 0.25 s), and never if it stopped
+    short. The first result now comes while the producer is still putting."""
+    import queue as queue_module
+
+    q: queue_module.Queue = queue_module.Queue()
+    put: list[int] = []
+
+    def produce():
+        for i in range(8):
+            q.put(i)
+            put.append(i)
+            time.sleep(0.15)
+        q.put(None)
+
+    list(mpmagic.imap(ns["square"], range(20_000)))  # (tiny tasks measured: large chunks from now on)
+    threading.Thread(target=produce, daemon=True).start()
+    got, put_at_first = [], None
+    for value in mpmagic.imap(ns["square"], iter(q.get, None)):
+        if put_at_first is None:
+            put_at_first = len(put)
+        got.append(value)
+    assert got == [i * i for i in range(8)]
+    assert put_at_first is not None and put_at_first < 8, put_at_first
+
+
+def test_an_ordered_imap_yields_every_result_before_the_failing_item(ns):
+    """Serial map yields 0..49 and then raises item 50's error; imap dropped the
+    results of the failing item's chunk before it (23-30 results)."""
+    run(ns["get_ipython"](), "def boom(x):\n    if x == 50:\n        raise KeyError(x)\n    return x")
+    got = []
+    with pytest.raises(KeyError):
+        for value in mpmagic.imap(ns["boom"], range(100), chunksize=30):
+            got.append(value)
+    assert got == list(range(50))
