@@ -363,8 +363,25 @@ class Run:
         # The backend stopped it; the pump settles the handle in a moment (a
         # driven Dask loop notices within its 0.2 s poll).
         if threading.current_thread().name != f"mpmagic-bg-{self.id}":
-            self._done.wait(10.0)
+            self._wait_cancelled(run)
         return True
+
+    def _wait_cancelled(self, run: Any) -> None:
+        """Wait (at most 10 s) for the pump to settle the cancelled handle. When
+        the backend has ended the run and the pump still has not settled it, the
+        pump is inside the user's input generator, blocked in ``next()`` (a
+        queue nobody fills): the handle is settled here, and the pump, if the
+        generator ever yields again, finds it done. It stayed "running" and
+        cancel() waited 10 s (an imap loop left early waited 20 s)."""
+        deadline = time.monotonic() + 10.0
+        while not self._done.wait(0.05):
+            now = time.monotonic()
+            if run.done() and run.reading_input:
+                self._elapsed = now - self._t0
+                self._end()
+                return
+            if now >= deadline:
+                return
 
     def add_done_callback(self, fn: Callable[[Run], Any]) -> None:
         """Call ``fn(run)`` once the run ended (from the pump thread; at once if it has)."""
@@ -475,6 +492,8 @@ class Run:
         if self._cancelled:
             self._report = None  # a blocking run that is stopped makes no report either
         with self._arrived:
+            if self._done.is_set():
+                return  # (settled by cancel(): the pump was blocked in the input, see _wait_cancelled)
             self._done.set()
             self._arrived.notify_all()
             callbacks, self._callbacks = self._callbacks, []

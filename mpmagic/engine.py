@@ -57,6 +57,7 @@ class Run:
         self._ended = threading.Event()
         self._pumped = False  # the end event was taken by a waiting thread
         self._chunk_error = False  # on_chunk raised: the run stops with its error
+        self.reading_input = False  # the waiting thread is in the user's input generator now
         self._wait_lock = threading.Lock()  # one thread pumps the events at a time
         self._result: list | None = None
         self._progress_held = 0  # items done but not yet reported (see PROGRESS_EVERY)
@@ -141,7 +142,11 @@ class Run:
         elif kind == "chunk":
             self._call_on_chunk(ev[1], ev[2])
         elif kind == "input":  # read more of a lazy input here, as serial map would, then say so
-            self.job.read_input()
+            self.reading_input = True  # (may block in the user's generator: see background.Run cancel)
+            try:
+                self.job.read_input()
+            finally:
+                self.reading_input = False
             self.nudge()
         else:  # the end: the job is ours again
             self._pumped = True

@@ -371,3 +371,30 @@ def test_an_ordered_imap_yields_every_result_before_the_failing_item(ns):
         for value in mpmagic.imap(ns["boom"], range(100), chunksize=30):
             got.append(value)
     assert got == list(range(50))
+
+
+def test_cancel_settles_a_run_whose_input_generator_is_blocked(ns):
+    """The thread that reads a lazy input was blocked in the user's ``next()``
+    (a queue nobody fills): cancel() waited 10 s, the run stayed "running" and
+    result() timed out; leaving an imap loop early waited 20 s."""
+    import queue as queue_module
+
+    q: queue_module.Queue = queue_module.Queue()
+    q.put(1)
+    handle = mpmagic.submit(ns["square"], iter(q.get, None), chunksize=1)
+    for _ in range(100):  # (its first result: the reading thread is now blocked in q.get)
+        if handle.items_done:
+            break
+        time.sleep(0.05)
+    assert handle.cancel()
+    assert handle.state == "cancelled"
+    with pytest.raises(CancelledError):
+        handle.result(timeout=5)
+    q2: queue_module.Queue = queue_module.Queue()
+    q2.put(2)
+    stream = mpmagic.imap(ns["square"], iter(q2.get, None), chunksize=1)
+    assert next(stream) == 4
+    stream.close()  # (leaving the loop: the run is cancelled)
+    assert mpmagic.runs()[-1].state == "cancelled"
+    q.put(None)
+    q2.put(None)
