@@ -494,6 +494,8 @@ class Run:
         with self._arrived:
             if self._done.is_set():
                 return  # (settled by cancel(): the pump was blocked in the input, see _wait_cancelled)
+            if self._cancelled:
+                self._job.forget_work()  # kept in the history: without what it held (a stream's buffer)
             self._done.set()
             self._arrived.notify_all()
             callbacks, self._callbacks = self._callbacks, []
@@ -620,6 +622,9 @@ class _NothingRan:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+
+    def forget_work(self) -> None:
+        """Nothing ran, nothing to drop."""
 
 
 class _NoCall:

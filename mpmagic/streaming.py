@@ -114,6 +114,16 @@ class StreamJob(MapJob):
             raise self.failure
         return []
 
+    def forget_work(self) -> None:
+        """Cancelled: the chunks waiting in the feed will never be read (emptied, not
+        replaced: the reader's end marker comes after)."""
+        super().forget_work()
+        while True:
+            try:
+                self.feed.chunks.get_nowait()
+            except queue.Empty:
+                return
+
 
 class _Reader:
     """Takes chunks from the feed for the generator ``imap`` returns, in input

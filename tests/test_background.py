@@ -398,3 +398,16 @@ def test_cancel_settles_a_run_whose_input_generator_is_blocked(ns):
     assert mpmagic.runs()[-1].state == "cancelled"
     q.put(None)
     q2.put(None)
+
+
+def test_a_stream_left_early_keeps_nothing_of_its_work_in_the_history(ns):
+    """``%pool runs`` keeps the last finished runs: a stream left at its first
+    result kept its buffered chunks and unsent units there (25 such loops over
+    a million items held 381 MB). Its counts stay."""
+    for _value in mpmagic.imap(ns["square"], range(200_000)):
+        break
+    kept = mpmagic.runs()[-1]
+    assert kept.state == "cancelled" and kept.items_done > 0
+    job = kept._job
+    assert job.feed.chunks.qsize() <= 1  # (at most the reader's end marker)
+    assert job.outstanding == {} and not job._requeued and job._seq is None
