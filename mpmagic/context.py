@@ -16,7 +16,9 @@ the notebook's current
 
 as one :class:`~mpmagic.protocol.Context` message, and only when it changed
 since that worker last got it: each distinct state gets a version number,
-and the backend remembers which version each worker has. Checking costs the
+and the backend remembers which version each worker has. The worker adopts
+it again at the start of each call (:func:`reassert`), where a task of an
+earlier call changed it. Checking costs the
 notebook ~2.6 us per call (comparing against the last state; measured with 40
 environment variables); building and sending a new message happens only
 after a change.
@@ -117,18 +119,47 @@ def key(msg: Context) -> tuple:
     return ("mpmagic-context", msg.version)
 
 
+# In a worker: the notebook's world it last adopted (loaded), to adopt again at
+# each new call (see reassert).
+_adopted: tuple | None = None
+
+
 def apply(msg: Context) -> None:
     """In a worker: adopt the notebook's world carried by ``msg``.
 
     Never raises: a part that cannot be applied is logged and the rest applied.
     """
+    global _adopted
     try:
-        cwd, env, path, limit, filters = payload.loads(msg.state)
+        cwd, env, path, limit, packed = payload.loads(msg.state)
     except Exception:
         log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
         return
+    filters = []
+    for data in packed:
+        try:
+            filters.append(payload.loads(data))
+        except Exception:
+            log.warning("mpmagic worker: a warnings filter of the notebook cannot be loaded here", exc_info=True)
+    _adopted = (cwd, env, path, limit, filters)
+    _adopt(*_adopted)
+
+
+def reassert() -> None:
+    """In a worker, as a new call starts: the notebook's world again, where a
+    task of an earlier call changed it (``os.chdir``, ``os.environ``,
+    ``sys.path``, the recursion limit, warnings filters). Each call starts in
+    the notebook's world, as the docs say: a task's ``os.chdir("/")`` made
+    every later call on that worker read files from ``/``. A few comparisons
+    when nothing changed."""
+    if _adopted is not None:
+        _adopt(*_adopted)
+
+
+def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
     try:
-        os.chdir(cwd)
+        if os.getcwd() != cwd:
+            os.chdir(cwd)
     except OSError as exc:
         log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
     try:
@@ -139,7 +170,7 @@ def apply(msg: Context) -> None:
                 os.environ[name] = value
     except Exception:
         log.warning("mpmagic worker: could not apply the notebook's environment", exc_info=True)
-    if path != sys.path:
+    if sys.path[: len(path)] != path:  # (the worker's own entries may follow the notebook's)
         ours = set(path)
         sys.path[:] = list(path) + [p for p in sys.path if p not in ours]
         importlib.invalidate_caches()
@@ -148,16 +179,6 @@ def apply(msg: Context) -> None:
             sys.setrecursionlimit(limit)
         except (ValueError, RecursionError) as exc:
             log.warning("mpmagic worker: cannot set the recursion limit to %s: %s", limit, exc)
-    _apply_filters(filters)
-
-
-def _apply_filters(packed: list[bytes]) -> None:
-    filters = []
-    for data in packed:
-        try:
-            filters.append(payload.loads(data))
-        except Exception:
-            log.warning("mpmagic worker: a warnings filter of the notebook cannot be loaded here", exc_info=True)
     if filters != warnings.filters:
         warnings.filters[:] = filters  # type: ignore[index]  # (typeshed types it as a Sequence)
         mutated = getattr(warnings, "_filters_mutated", None)  # private; renamed in 3.14
@@ -165,4 +186,4 @@ def _apply_filters(packed: list[bytes]) -> None:
             mutated()  # drop the per-module "already warned" caches
 
 
-__all__ = ["apply", "current", "key"]
+__all__ = ["apply", "current", "key", "reassert"]

@@ -528,6 +528,7 @@ class _Worker:
         self.channel = _Channel(conn)
         self.worker_id = worker_id
         self.pid = os.getpid()  # (a task that forks: see _leave_if_forked)
+        self._call: Any = None  # the call of the last unit (see _new_call)
         self._cpu_mark = time.process_time()  # see _cpu_since_last_reply
         self.position = position  # see run_items
         self.funcs: OrderedDict[bytes, Any] = OrderedDict()
@@ -637,7 +638,15 @@ class _Worker:
                 del self.func_segments[key]
         shm.forget(names)
 
+    def _new_call(self, call: Any) -> None:
+        """The first unit of a call on this worker: the notebook's world again
+        (a task of an earlier call may have changed its directory, environment...)."""
+        if call != self._call:
+            self._call = call
+            context.reassert()
+
     def run_map(self, msg: Map) -> None:
+        self._new_call(msg.call)
         key = msg.key or b""  # (a map always names its function)
         func = self.funcs.get(key)
         if func is None:
@@ -661,6 +670,7 @@ class _Worker:
         self.channel.send(reply)
 
     def run_cell(self, msg: Cell) -> None:
+        self._new_call(msg.call)
         if self.position is not None:
             self.position.value = -1  # running a rank: a death now is the rank's (no item to name)
         self._capture(msg.call, msg.tag)

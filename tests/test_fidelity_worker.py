@@ -181,6 +181,26 @@ def test_current_directory(ip, local_pool, tmp_path):
     assert _same_as_serial(ip, "where")[0][0] == before
 
 
+def test_each_call_starts_in_the_notebooks_world_whatever_a_task_changed(ip, local_pool, tmp_path):
+    """A task's os.chdir, os.environ, sys.path order and recursion limit stayed
+    in its worker for later calls (the next call read files from "/"): the
+    docs say each call gets the notebook's. (A directory a task adds to
+    sys.path stays, after the notebook's: a %%pool setup may add its own.)"""
+    (tmp_path / "marker.txt").write_text("here")
+    run(ip, "import os, sys\n"
+            "def wander(x):\n    os.chdir('/')\n    os.environ['MPM_WANDER'] = 'task'\n"
+            "    sys.path.insert(0, '/nowhere')\n    sys.setrecursionlimit(123)\n"
+            "def look(x):\n    return (os.path.exists('marker.txt'), os.environ.get('MPM_WANDER'),\n"
+            "            sys.path[0] == '/nowhere', sys.getrecursionlimit())\n")
+    before = os.getcwd()
+    try:
+        run(ip, f"%cd -q {tmp_path}")
+        run(ip, "%pmap -q --chunksize 1 wander, range(4)")
+        assert run(ip, "%pmap -q --chunksize 1 look, range(4)") == [(True, None, False, sys.getrecursionlimit())] * 4
+    finally:
+        os.chdir(before)
+
+
 def test_environment_variables_set_and_removed_after_the_pool_started(ip, local_pool):
     local_pool.wait_ready()
     run(ip, "import os\ndef env(x):\n    return os.environ.get('MPM_FIDELITY'), os.environ.get('MPM_GONE')\n")
