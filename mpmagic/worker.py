@@ -509,6 +509,13 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
         shm.before_exit()  # a normal stop: hand over what shared queues still hold here
     else:
         shm.sweep_notebook(parent_pid)
+        # The notebook is gone: so is what this worker's tasks started (this
+        # process leads their group, see main). Nobody else would stop them.
+        if os.getpgrp() == os.getpid():
+            try:
+                os.killpg(0, signal.SIGKILL)
+            except OSError:
+                pass
     os._exit(code)
 
 
@@ -726,6 +733,13 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     """
     from .worker_setup import start_worker
 
+    try:
+        # A process group of its own: what its tasks start is stopped with it
+        # (backends.local._kill_group), and a terminal's Ctrl-C, sent to the
+        # notebook's group, does not reach it.
+        os.setpgrp()
+    except OSError:
+        pass
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)

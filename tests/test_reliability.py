@@ -629,3 +629,23 @@ def test_workers_are_reached_only_through_pipes(ip, pool2):
     # The check above ran on the forkserver itself, not on nothing.
     if pool2.start_method == "forkserver":
         assert any("forkserver" in cmd for cmd in helpers), helpers
+
+
+def test_processes_a_task_starts_are_stopped_with_its_worker(ip, pool2):
+    """A task's subprocess or forked helper outlived its worker: after a
+    --timeout (a ``sleep 300`` reparented to init) and after the pool stopped.
+    A worker leads a process group of its own, and the pool kills the group."""
+    run(ip, "import subprocess, time\n"
+            "def spawn_and_wait(x):\n    subprocess.run(['sleep', '300'])\n"
+            "def spawn_and_leave(x):\n    return subprocess.Popen(['sleep', '301']).pid\n")
+
+    def sleeping(arg: str) -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", arg]]
+
+    with pytest.raises(mpmagic.TaskTimeoutError):
+        run(ip, "%pmap -q --timeout 1 spawn_and_wait, [1]")
+    assert psutil.wait_procs(sleeping("300"), timeout=5)[1] == []
+    (pid,) = run(ip, "%pmap -q spawn_and_leave, [1]")
+    assert psutil.pid_exists(pid)
+    mpmagic.restart_pool()  # (a stop, then a start: the next tests get a running pool)
+    assert psutil.wait_procs(sleeping("301"), timeout=5)[1] == []

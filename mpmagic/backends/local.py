@@ -493,6 +493,7 @@ class LocalBackend:
             if s.proc.is_alive():
                 s.proc.kill()
                 s.proc.join(1.0)
+            _kill_group(s.proc.pid)  # what its tasks started and left running
             s.close()
             try:
                 s.proc.close()
@@ -540,6 +541,7 @@ class LocalBackend:
         """Kill a worker at once (timeout, interrupt, abandoned work)."""
         if slot in self.slots:
             self.slots.remove(slot)
+        _kill_group(slot.proc.pid)  # the worker and what its task started (a subprocess, a fork)
         try:
             slot.proc.kill()
         except Exception:
@@ -1320,6 +1322,20 @@ def _discard(msg: tuple) -> None:
             log.debug("mpmagic: could not load a stale reply to free its segments", exc_info=True)
 
 
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL a worker's process group: the worker (if still there) and every
+    process its tasks started that did not leave the group (``subprocess.run``,
+    ``os.fork``, a ``Popen`` left running). A worker leads a group of its own
+    (``worker.main``). Without this they outlived the worker (a ``sleep 300``
+    after a ``--timeout``, a helper after an interrupt or the pool's stop)."""
+    if not pid:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left in the group, or it is not ours (never made: see worker.main)
+
+
 def _reap_later(proc) -> None:
     """Collect a stopped process's exit status without blocking the notebook."""
 
@@ -1328,6 +1344,7 @@ def _reap_later(proc) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
+        _kill_group(proc.pid)  # what its tasks started and left running
         shm.sweep_worker(proc.pid)  # results it made but never handed over
         try:
             proc.close()  # its pipes now, not whenever the last reference to it goes
