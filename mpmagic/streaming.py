@@ -125,6 +125,9 @@ class StreamJob(MapJob):
                 return
 
 
+_RELAY_EVERY = 0.1  # seconds between showing the tasks' output while the loop waits for a chunk
+
+
 class _Reader:
     """Takes chunks from the feed for the generator ``imap`` returns, in input
     order (or as they come), and makes room for more work as it goes."""
@@ -143,7 +146,15 @@ class _Reader:
         """The next results to yield (possibly empty), or None once the run ended and all are out."""
         if self.ended:
             return None
-        start, results = self.feed.chunks.get()
+        while True:
+            try:
+                start, results = self.feed.chunks.get(timeout=_RELAY_EVERY)
+                break
+            except queue.Empty:
+                # What the tasks print shows while the loop waits, as a blocking
+                # %pmap shows it (it waited for the chunk's results: a task that
+                # printed and then ran for a minute showed nothing for a minute).
+                self.run._sink.relay_here()
         self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
         if results is _END:
             return self._rest()

@@ -411,3 +411,27 @@ def test_a_stream_left_early_keeps_nothing_of_its_work_in_the_history(ns):
     job = kept._job
     assert job.feed.chunks.qsize() <= 1  # (at most the reader's end marker)
     assert job.outstanding == {} and not job._requeued and job._seq is None
+
+
+def test_what_an_imap_task_prints_shows_while_the_loop_waits(ns, tmp_path, monkeypatch):
+    """An imap loop showed a task's printed lines only with its chunk's
+    results: a task that printed and then worked for a minute showed nothing
+    for a minute (a blocking %pmap shows the line at once). Here the task
+    goes on only once its line was shown (or gives up after 10 s)."""
+    import io
+    import sys
+
+    marker = tmp_path / "seen"
+    run(ns["get_ipython"](), f"import os, time\nMARKER = {str(marker)!r}\n"
+        "def announce(x):\n    print('started', x, flush=True)\n"
+        "    for _ in range(200):\n        if os.path.exists(MARKER):\n            return 'seen'\n"
+        "        time.sleep(0.05)\n    return 'not seen'\n")
+
+    class Watch(io.StringIO):
+        def write(self, text: str) -> int:
+            if "started 1" in text:
+                marker.touch()
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Watch())
+    assert list(mpmagic.imap(ns["announce"], [1])) == ["seen"]
