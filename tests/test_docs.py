@@ -229,11 +229,24 @@ def docs_shell(ip):
         mpmagic.use_local(2)
 
 
+@pytest.fixture
+def default_pool() -> None:
+    """The pages show runs on the default pool (2 workers, the default start
+    method): a test before may have left a spawn pool (a run alone of
+    test_kept_ranks then test_docs failed on "(spawn)" in a report)."""
+    from mpmagic.backends.local import default_start_method
+
+    backend = pool_module.current_pool()
+    method = default_start_method()
+    if backend is None or getattr(backend, "name", None) != "local" or backend.start_method != method:
+        mpmagic.use_local(2, method)
+
+
 PAGES_WITH_CODE = [p for p in PAGES if snippets(p)]
 
 
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: str(p.relative_to(ROOT)))
-def test_snippets_run(docs_shell, page: Path) -> None:
+def test_snippets_run(docs_shell, default_pool, page: Path) -> None:
     """Every python block of the page runs, in order, as in one notebook."""
     for snip in snippets(page):
         if snip.skip:
