@@ -576,8 +576,12 @@ class Forward:
 
     run: Run
 
-    def __init__(self, then: Callable[[int, list], None] | None = None) -> None:
-        self.then = then
+    def __init__(self, then: Callable[[int, list], None] | None = None, after_then: bool = False) -> None:
+        # ``after_then`` (a checkpointed run): as_completed gets each chunk only
+        # after ``then`` (which snapshots it for the store) ran. Given at once,
+        # a loop that changed its results in place changed what was stored.
+        self._then, self._after_then = then, after_then
+        self.then = self._then_and_keep if after_then else then
 
     def out(self, stream: str, text: str) -> None:
         self.run._sink.out(stream, text)
@@ -586,6 +590,12 @@ class Forward:
         self.run._sink.progress(n)
 
     def accepted(self, start: int, results: list) -> None:
+        if not self._after_then:
+            self.run._on_chunk(start, results)
+
+    def _then_and_keep(self, start: int, results: list) -> None:
+        if self._then is not None:
+            self._then(start, results)
         self.run._on_chunk(start, results)
 
 
@@ -602,7 +612,7 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     ``resume``: a checkpointed run's store side (the job computes only what
     the store lacks; see :class:`Resume`).
     """
-    forward = Forward(on_chunk)
+    forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
                             resume=resume)

@@ -410,6 +410,17 @@ def test_results_changed_in_an_imap_loop_are_stored_as_the_worker_returned_them(
     assert "resumed: 40 of 40" in api.last_report().line()
 
 
+def test_results_changed_in_an_as_completed_loop_are_stored_as_the_worker_returned_them(ip, ns):
+    """as_completed got each chunk before the checkpoint's snapshot of it: a loop
+    changing its results in place changed what was stored (159 of 300)."""
+    run(ip, "def box2(x):\n    return [x]\n")
+    handle = mpmagic.submit(ns["box2"], range(40), chunksize=2, checkpoint=True)
+    for value in mpmagic.as_completed(handle):
+        value.append("seen")
+    assert mpmagic.pmap(ns["box2"], range(40), checkpoint=True) == [[x] for x in range(40)]
+    assert "resumed: 40 of 40" in api.last_report().line()
+
+
 @pytest.mark.parametrize("ordered", [True, False])
 def test_a_checkpointed_imaps_failures_name_their_place_in_the_whole_input(ns, ordered):
     mpmagic.pmap(ns["flaky"], [0, 1, 2, 4], checkpoint=True)
