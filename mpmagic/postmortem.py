@@ -55,8 +55,12 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
             "from its index in the whole input, so re-running some items on their own would draw other numbers)"
         )
     if last.checkpointed:
+        from . import config
+
+        by_default = " (%config MPMagic.checkpoint is on; --no-checkpoint runs a call without it)" if (
+            config.current().checkpoint) else ""
         raise UsageError(
-            "the last run used --checkpoint: run the same call again instead, which takes the stored "
+            f"the last run used --checkpoint{by_default}: run the same call again instead, which takes the stored "
             "results and runs only the items that failed or never ran"
         )
     if last.results is None:

@@ -536,6 +536,10 @@ def test_the_config_default_says_nothing_to_keep_and_no_checkpoint_opts_out_for_
         assert sorted(calls(ip)) == [0, 0, 1, 1, 2, 2, 3, 3]  # nothing stored, nothing taken
         with pytest.raises(Exception, match="do not go together"):  # typed: still refused
             ip.run_cell_magic("parallel", "-n 2 -q --keep --checkpoint", cell)
+        run(ip, "def half(x):\n    return 1 / (x - 2)\n")
+        run(ip, "%pmap -q --errors collect half, range(4)")
+        with pytest.raises(Exception, match="MPMagic.checkpoint is on; --no-checkpoint runs a call without it"):
+            run(ip, "%pmap -q --rerun-failed")
     finally:
         run(ip, "%config MPMagic.checkpoint = False")
 
