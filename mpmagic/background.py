@@ -41,6 +41,7 @@ from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import Any, NoReturn, Protocol
 
+from . import display_relay
 from .errors import UsageError, drop_our_frames, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
@@ -146,10 +147,12 @@ class _Sink:
                 log.warning("mpmagic: could not show the live area of a background run", exc_info=True)
 
     def out(self, stream: str, text: str) -> None:
+        if self.relay is not None:  # (a stream's consumer prints it, rich: relay_here)
+            self.relay.append((stream, text))
+        if stream == "display":  # a task's display(): the live area is text, so its text form
+            text = display_relay.text_form(text)
         self.parts.append(text)
         self.size += len(text)
-        if self.relay is not None:
-            self.relay.append((stream, text))
         self.touch()
 
     def relay_here(self) -> None:
@@ -158,7 +161,10 @@ class _Sink:
 
         while self.relay:
             stream, text = self.relay.popleft()
-            (sys.stderr if stream == "stderr" else sys.stdout).write(text)
+            if stream == "display":
+                display_relay.show(text, sys.stdout.write)
+            else:
+                (sys.stderr if stream == "stderr" else sys.stdout).write(text)
 
     def progress(self, n: int) -> None:
         self.touch()

@@ -44,7 +44,7 @@ import threading
 import warnings
 from typing import Any
 
-from . import payload
+from . import payload, task_builtins
 from .protocol import Context
 
 log = logging.getLogger("mpmagic")
@@ -166,6 +166,8 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
         for name in [n for n in os.environ if n not in env and n not in own_env]:
             del os.environ[name]
         for name, value in env.items():
+            if name == "MPLBACKEND":  # the inline backend needs a kernel: tasks get theirs (task_matplotlib)
+                value = task_builtins.matplotlib_backend(value)
             if os.environ.get(name) != value and name not in own_env:
                 os.environ[name] = value
     except Exception:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from . import debugging, payload, payload_cache, shm, worker_logging
+from . import debugging, display_relay, payload, payload_cache, shm, worker_logging
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
@@ -773,6 +773,10 @@ class MapJob:
     def output(self, tag: Any, stream: str, text: str) -> None:
         if worker_logging.MARK in text:  # (a substring search: free for ordinary output)
             text = self._warnings(text)
+        if display_relay.MARK in text:  # a task's display(): its bundle goes on as output of its own kind
+            for displayed, piece in display_relay.split(text):
+                self._out("display" if displayed else stream, piece)
+            return
         if text:
             self._out(stream, text)
 
@@ -982,6 +986,17 @@ class CellJob:
     def output(self, rank: Any, stream: str, text: str) -> None:
         if worker_logging.MARK in text:  # shown as Python would, then labelled like the rest
             text = self._warnings(text)
+        if display_relay.MARK in text:  # a rank's display(): its bundle goes on as output of its own kind
+            for displayed, piece in display_relay.split(text):
+                if displayed:
+                    self._out("display", piece)
+                else:
+                    self._labelled(rank, stream, piece)
+            return
+        self._labelled(rank, stream, text)
+
+    def _labelled(self, rank: Any, stream: str, text: str) -> None:
+        """``text`` of a rank, each whole line labelled ``[rank N]`` (a partial line waits for its end)."""
         if not text:
             return
         if not self._label:
@@ -1070,6 +1085,9 @@ def _load_failure_note(info: Any) -> str:
 
 
 def _print_stream(stream: str, text: str) -> None:
+    if stream == "display":  # a task's display(): rich output in the cell (display_relay)
+        display_relay.show(text, sys.stdout.write)
+        return
     target = sys.stderr if stream == "stderr" else sys.stdout
     target.write(text)
     target.flush()

@@ -2,12 +2,13 @@
 
 A notebook function or a ``%%parallel`` cell may call ``display(...)`` without
 importing it (IPython puts it in ``builtins``) or ``get_ipython()``. A worker
-has no IPython shell and no notebook to draw in, so there:
+has no IPython shell, so there:
 
-* ``display(obj)`` prints the object's text form, as IPython's ``display``
-  does in a terminal, and once per object type in each worker a line saying
-  that its rich form (HTML, an image, a figure) shows only in the notebook:
-  return the object and display it there;
+* ``display(obj)`` sends the object's forms home (the mime bundle IPython
+  would show: ``_repr_html_``, ``_repr_png_``... and a matplotlib figure as
+  a PNG, with its text form), as one marked line of the task's stdout, in
+  order with what it prints; the notebook shows it as rich output in the
+  cell (``display_relay``), or its text form outside IPython;
 * ``get_ipython()`` returns None, as ``IPython.get_ipython()`` does outside
   IPython, so ``if get_ipython() is not None`` guards work as in a script.
 
@@ -17,28 +18,93 @@ only where the name is missing. Imports no IPython.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import io
+import json
+import os
 import sys
 from typing import Any
 
-# What makes IPython show an object as more than text.
-_RICH = ("_repr_html_", "_repr_markdown_", "_repr_svg_", "_repr_png_", "_repr_jpeg_", "_repr_latex_",
-         "_repr_mimebundle_", "savefig")
-_noted: set[type] = set()
+#: A displayed object travels as one line of the task's stdout that starts
+#: with this marker (ASCII "record separator", never in printed text), then JSON.
+MARK = "\x1empmagic-display "
+
+# The forms IPython looks for, by method, in its order of preference.
+_METHODS = (("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"), ("_repr_svg_", "image/svg+xml"),
+            ("_repr_png_", "image/png"), ("_repr_jpeg_", "image/jpeg"), ("_repr_latex_", "text/latex"),
+            ("_repr_json_", "application/json"))
+_BINARY = ("image/png", "image/jpeg")
+
+
+def bundle(obj: Any) -> dict[str, Any]:
+    """The object's mime bundle as IPython's formatters would make it (without
+    IPython): its ``_repr_mimebundle_`` and ``_repr_*_`` methods, a matplotlib
+    figure as a PNG, always ``text/plain`` (its ``repr``). Binary forms are
+    base64 text, as Jupyter carries them. A form that raises is left out."""
+    data: dict[str, Any] = {}
+    method = getattr(obj, "_repr_mimebundle_", None)
+    if callable(method) and not isinstance(obj, type):
+        try:
+            got = method()
+            got = got[0] if isinstance(got, tuple) else got
+            if isinstance(got, dict):
+                data.update(got)
+        except Exception:
+            pass
+    for name, mime in _METHODS:
+        method = getattr(obj, name, None)
+        if mime in data or not callable(method) or isinstance(obj, type):
+            continue
+        try:
+            value = method()
+        except Exception:
+            continue
+        value = value[0] if isinstance(value, tuple) else value
+        if value is not None:
+            data[mime] = value
+    if not any(m.startswith("image/") for m in data) and _is_figure(obj):
+        buf = io.BytesIO()
+        try:
+            obj.savefig(buf, format="png", bbox_inches="tight")
+            data["image/png"] = buf.getvalue()
+        except Exception:
+            pass
+    for mime in _BINARY:
+        if isinstance(data.get(mime), bytes):
+            data[mime] = base64.b64encode(data[mime]).decode("ascii")
+    data.setdefault("text/plain", repr(obj))
+    return data
+
+
+def _is_figure(obj: Any) -> bool:
+    """A matplotlib Figure (looked up, never imported here)."""
+    figure = getattr(sys.modules.get("matplotlib.figure"), "Figure", None)
+    return figure is not None and isinstance(obj, figure)
 
 
 def display(*objs: Any, **kwargs: Any) -> None:
-    """The text form of each object, one per line (its ``repr``), as IPython's
-    ``display`` prints outside a notebook; ``kwargs`` (``raw``, ``display_id``...)
-    have nothing to act on here."""
+    """Send each object's forms to the notebook, which shows them in the cell
+    as IPython's ``display`` would (``kwargs``: ``raw``, ``display_id``...
+    have nothing to act on here)."""
     for obj in objs:
-        print(repr(obj))
-        kind = type(obj)
-        if kind not in _noted and any(hasattr(obj, name) for name in _RICH):
-            _noted.add(kind)
-            sys.stderr.write(f"mpmagic: display() in a task prints the text form of a {kind.__name__}; its rich "
-                             "form shows only in the notebook: return the object and display it there\n")
+        data = bundle(obj)
+        try:
+            line = json.dumps(data)
+        except (TypeError, ValueError):  # a form that is not JSON: the text form alone
+            line = json.dumps({"text/plain": data["text/plain"]})
+        sys.stdout.write(f"{MARK}{line}\n")
+
+
+_INLINE = ("module://matplotlib_inline.backend_inline", "inline", "module://ipykernel.pylab.backend_inline")
+_TASK_BACKEND = "module://mpmagic.task_matplotlib"
+
+
+def matplotlib_backend(value: str) -> str:
+    """The ``MPLBACKEND`` a worker uses for the notebook's ``value``: the inline
+    backend (which needs a kernel) becomes ours (``task_matplotlib``: ``plt.show()``
+    sends the figures to the cell); any other stays."""
+    return _TASK_BACKEND if value in _INLINE else value
 
 
 def get_ipython() -> None:
@@ -93,6 +159,13 @@ def no_console() -> None:
     getpass: Any = sys.modules.get("getpass")  # (patched by ipykernel, and inherited by a fork)
     if getpass is not None:
         getpass.getpass = _no_input
+
+
+def use_task_backend() -> None:
+    """At a worker's start: the inline matplotlib backend it inherited becomes ours."""
+    value = os.environ.get("MPLBACKEND")
+    if value is not None:
+        os.environ["MPLBACKEND"] = matplotlib_backend(value)
 
 
 def install() -> None:

@@ -740,6 +740,7 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
         os.setpgrp()
     except OSError:
         pass
+    task_builtins.use_task_backend()  # (before anything imports matplotlib)
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)

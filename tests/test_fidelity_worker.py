@@ -343,26 +343,44 @@ def test_a_signal_handler_that_prints_while_the_task_prints(ip, local_pool, capf
     assert "tick" in err
 
 
-def test_display_and_get_ipython_in_tasks_and_ranks(ip, backend, capsys):
+def test_display_and_get_ipython_in_tasks_and_ranks(ip, backend):
     """IPython puts ``display`` in a notebook's builtins and ``get_ipython`` in its
     names: a task or rank calling them had a NameError, or failed to send the
-    shell. There they print the text form (saying once where the rich form
-    shows) and return None, as outside IPython."""
+    shell. A task's display() now shows in the cell as it would serially (its
+    rich forms, in order with what it prints), and get_ipython() is None there,
+    as outside IPython; plt.show() in a task under the notebook's inline
+    backend sends its figure (it printed "Figure(640x480)")."""
+    from IPython.utils.capture import capture_output
+
     run(ip, "class Rich:\n    def _repr_html_(self):\n        return '<b>r</b>'\n    def __repr__(self):\n"
             "        return 'Rich()'\n"
-            "def show(x):\n    display(x, Rich())\n    return get_ipython() is None\n")
-    capsys.readouterr()
-    assert run(ip, "%pmap -q show, [7]") == [True]
-    out = capsys.readouterr()
-    assert "7\nRich()\n" in out.out
-    assert "display() in a task prints the text form of a Rich" in out.err
+            "def show(x):\n    print('before')\n    display(x, Rich())\n    return get_ipython() is None\n")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q show, [7]") == [True]
+    assert [o.data for o in cap.outputs] == [{"text/plain": "7"}, {"text/plain": "Rich()", "text/html": "<b>r</b>"}]
+    assert cap.stdout.startswith("before\n")
     run(ip, "from IPython.display import display")  # (the same object as the builtin: not sent, the worker has one)
-    assert run(ip, "%%parallel -n 2 -q\ndisplay(rank * 10)\nget_ipython() is None") == [True, True]
-    out = capsys.readouterr().out
-    assert "[rank 0] 0\n" in out and "[rank 1] 10\n" in out
-    assert run(ip, "%pmap -q show, [8]") == [True]  # (IPython's display, captured: the worker's too)
-    assert "8\nRich()\n" in capsys.readouterr().out
+    with capture_output() as cap:
+        assert run(ip, "%%parallel -n 2 -q\ndisplay(rank * 10)\nget_ipython() is None") == [True, True]
+    assert sorted(o.data["text/plain"] for o in cap.outputs) == ["0", "10"]
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q show, [8]") == [True]  # (IPython's display, captured: the worker's too)
+    assert [o.data["text/plain"] for o in cap.outputs] == ["8", "Rich()"]
     run(ip, "del display")
+
+
+def test_plt_show_in_a_task_sends_its_figure_under_the_inline_backend(ip, local_pool, monkeypatch):
+    """ipykernel names the inline backend in MPLBACKEND, which workers inherit;
+    it needs a kernel, so plt.show() in a task printed "Figure(640x480)" and the
+    figure was lost. Workers draw with task_matplotlib: the figure comes to the cell."""
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    run(ip, "def plot(x):\n    import matplotlib.pyplot as plt\n    plt.plot([0, x])\n    plt.show()\n    return x")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q plot, [1, 2]") == [1, 2]
+    assert [sorted(o.data) for o in cap.outputs] == [["image/png", "text/plain"]] * 2
+    assert "Figure(" not in cap.stdout
 
 
 def test_input_in_a_task_says_why_it_cannot_read(ip, any_method):
@@ -404,3 +422,12 @@ def test_a_pool_started_inside_a_task_fails_with_a_line_saying_why(ip, local_poo
     with pytest.raises(AssertionError) as info:
         run(ip, "%pmap -q nested, [1]")
     assert "a task cannot start processes of its own" in info.value.__notes__[-1]
+
+
+def test_display_lines_are_cut_out_of_a_tasks_output_in_their_place():
+    from mpmagic import display_relay
+    from mpmagic.task_builtins import MARK
+
+    text = f'a\npartial{MARK}{{"text/plain": "x"}}\nb\n'
+    assert display_relay.split(text) == [(False, "a\npartial\n"), (True, '{"text/plain": "x"}'), (False, "b\n")]
+    assert display_relay.split(f'{MARK}{{"text/plain": "y"}}\n') == [(True, '{"text/plain": "y"}')]

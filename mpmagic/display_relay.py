@@ -1,0 +1,72 @@
+"""Rich output from tasks, shown in the notebook: the notebook's half of
+``task_builtins.display``.
+
+A task's ``display(obj)`` arrives as one marked line of its stdout carrying
+the object's mime bundle (JSON). The job cuts those lines out of the task's
+output (:func:`split`) and hands each bundle on as output of its own kind,
+``"display"``, in its place among the printed lines; whoever prints the run's
+output shows it (:func:`show`): as rich output through IPython's display
+publisher when IPython runs (the cell that waits on the run gets a
+``display_data`` message: HTML, images, figures), as its text form otherwise.
+A background run's live area shows the text form (:func:`text_form`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from .task_builtins import MARK
+
+log = logging.getLogger("mpmagic")
+
+
+def split(text: str) -> list[tuple[bool, str]]:
+    """``text`` as pieces in order: ``(False, printed text)`` and ``(True, bundle JSON)``."""
+    pieces: list[tuple[bool, str]] = []
+    plain: list[str] = []
+    for line in text.split("\n"):
+        before, mark, body = line.partition(MARK)
+        if not mark:
+            plain.append(line)
+            continue
+        if before:  # a partial line printed just before it
+            plain.append(before)
+        if plain:
+            pieces.append((False, "\n".join(plain) + "\n"))
+            plain = []
+        pieces.append((True, body))
+    if plain and plain != [""]:
+        pieces.append((False, "\n".join(plain)))
+    return pieces
+
+
+def _bundle(payload: str) -> dict[str, Any]:
+    try:
+        data = json.loads(payload)
+        if isinstance(data, dict):
+            return data
+    except ValueError:
+        log.warning("mpmagic: a malformed display line from a task: %r", payload[:200])
+    return {"text/plain": payload}
+
+
+def text_form(payload: str) -> str:
+    """The bundle's text form, one line (for places that show text only)."""
+    return str(_bundle(payload).get("text/plain", "")) + "\n"
+
+
+def show(payload: str, write: Callable[[str], Any]) -> None:
+    """Show a task's displayed object here: rich, through IPython's display
+    publisher, when IPython runs; else its text form through ``write``."""
+    data = _bundle(payload)
+    ipython = sys.modules.get("IPython")
+    if ipython is None or ipython.get_ipython() is None:
+        write(str(data.get("text/plain", "")) + "\n")
+        return
+    from IPython.display import publish_display_data
+
+    publish_display_data(data)
