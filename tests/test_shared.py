@@ -729,3 +729,13 @@ def test_a_bounded_queue_of_items_larger_than_its_free_ring_never_sleeps_a_slice
     assert [item[0] for item in q] == list(range(40))
     producer.join()
     assert ran_out == []
+
+
+def test_classic_queue_calls_run_unchanged():
+    """multiprocessing.Queue's join_thread() and cancel_join_thread() exist
+    (classic code calls them: cancel_join_thread was an AttributeError)."""
+    q = mpmagic.Queue()
+    q.put(1)
+    q.cancel_join_thread()
+    q.join_thread()
+    assert q.get(timeout=5) == 1

@@ -588,6 +588,13 @@ class SharedQueue(IterUntilClosed, _Helper):
 
     join_thread = flush  # the stdlib's name for the same wait
 
+    def cancel_join_thread(self) -> None:
+        """``multiprocessing.Queue``'s way to keep a process's exit from waiting on
+        its unsent items. Nothing to cancel here: a process that ends with items
+        still in its backlog never waits for consumers, it leaves them in a
+        segment of their own that consumers read (see the module's comment), so
+        classic code that calls this runs unchanged and loses nothing."""
+
     # -- get ----------------------------------------------------------------
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the next item. Waits (up to ``timeout`` seconds) while
