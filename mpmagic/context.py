@@ -156,7 +156,30 @@ def reassert() -> None:
         _adopt(*_adopted)
 
 
+# In a worker: the working directory its %%pool setup chose (None: the notebook's).
+own_cwd: str | None = None
+
+
+def keep_setup_changes(run: Any) -> Any:
+    """Run ``run()`` (a worker setup) and keep what it changed of the world:
+    the environment variables it set or changed and its working directory
+    win over the notebook's from then on (``own_env``, ``own_cwd``). Each
+    call starts in the notebook's world (:func:`reassert`), and a setup's
+    ``os.environ["HF_HOME"] = ...`` or ``os.chdir(...)`` was undone at the
+    first call."""
+    global own_cwd
+    env_before, cwd_before = dict(os.environ), os.getcwd()
+    try:
+        return run()
+    finally:
+        own_env.update(n for n, v in os.environ.items() if env_before.get(n) != v)
+        if os.getcwd() != cwd_before:
+            own_cwd = os.getcwd()
+
+
 def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
+    if own_cwd is not None:
+        cwd = own_cwd
     try:
         if os.getcwd() != cwd:
             os.chdir(cwd)

@@ -149,16 +149,24 @@ def _no_breakpoint(*args: Any, **kwargs: Any) -> None:
                          "failure, %pdebug replays the item in the notebook under the debugger\n")
 
 
+_console_gone = False
+
+
 def no_console() -> None:
-    """A local worker's ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail
-    at once with an EOFError that says why (see :class:`NoInput`), and
-    ``breakpoint()`` is skipped with a line saying so."""
+    """A worker's ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once
+    with an EOFError that says why (see :class:`NoInput`), and ``breakpoint()``
+    is skipped with a line saying so. Once per process (a local worker at its
+    start; a Dask worker at its first task of ours)."""
+    global _console_gone
+    if _console_gone:
+        return
+    _console_gone = True
+    import getpass  # (small; patched now, else its own fallback printed "Password input may be echoed")
+
     sys.breakpointhook = _no_breakpoint
     sys.stdin = NoInput()
     builtins.input = _no_input
-    getpass: Any = sys.modules.get("getpass")  # (patched by ipykernel, and inherited by a fork)
-    if getpass is not None:
-        getpass.getpass = _no_input
+    getpass.getpass = _no_input
 
 
 def use_task_backend() -> None:
@@ -168,8 +176,10 @@ def use_task_backend() -> None:
         os.environ["MPLBACKEND"] = matplotlib_backend(value)
 
 
-def install() -> None:
-    """Add ``display`` and ``get_ipython`` to this process's builtins where missing."""
+def install(force: bool = False) -> None:
+    """Add ``display`` and ``get_ipython`` to this process's builtins where missing;
+    ``force`` (a local worker): also over IPython's, which a forked worker
+    copied from the notebook (its ``get_ipython()`` was the notebook's shell)."""
     for name, value in (("display", display), ("get_ipython", get_ipython)):
-        if not hasattr(builtins, name):
+        if force or not hasattr(builtins, name):
             setattr(builtins, name, value)

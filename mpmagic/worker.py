@@ -36,6 +36,7 @@ what an interrupt cancels.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
@@ -605,7 +606,8 @@ class _Worker:
             elif kind is Setup:  # worker setup (worker_setup.py): run it, say how it went
                 from .worker_setup import run_setup
 
-                self.channel.send(run_setup(msg.version, msg.payload, self.worker_id))
+                self.channel.send(context.keep_setup_changes(
+                    functools.partial(run_setup, msg.version, msg.payload, self.worker_id)))
                 self._cpu_mark = time.process_time()  # nor is the setup's
             elif kind is Stop:
                 return
@@ -734,10 +736,12 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     from .worker_setup import start_worker
 
     try:
-        # A process group of its own: what its tasks start is stopped with it
-        # (backends.local._kill_group), and a terminal's Ctrl-C, sent to the
-        # notebook's group, does not reach it.
-        os.setpgrp()
+        # A session (so a process group) of its own: what its tasks start is
+        # stopped with it (backends.local._kill_group), a terminal's Ctrl-C,
+        # sent to the notebook's group, does not reach it, and with no
+        # controlling terminal a task that opens /dev/tty fails at once where
+        # a background group's read stopped it (and the run) for ever.
+        os.setsid()
     except OSError:
         pass
     task_builtins.use_task_backend()  # (before anything imports matplotlib)
@@ -745,7 +749,7 @@ def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    task_builtins.install()  # display() and get_ipython() for notebook code that calls them
+    task_builtins.install(force=True)  # display() and get_ipython(): ours, also over a fork's copies of IPython's
     task_builtins.no_console()  # input() in a task: an EOFError saying why, never a wait; breakpoint() skipped
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     debugging.WORKER_ID = worker_id  # named in a failure's details

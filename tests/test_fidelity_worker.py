@@ -431,3 +431,17 @@ def test_display_lines_are_cut_out_of_a_tasks_output_in_their_place():
     text = f'a\npartial{MARK}{{"text/plain": "x"}}\nb\n'
     assert display_relay.split(text) == [(False, "a\npartial\n"), (True, '{"text/plain": "x"}'), (False, "b\n")]
     assert display_relay.split(f'{MARK}{{"text/plain": "y"}}\n') == [(True, '{"text/plain": "y"}')]
+
+
+def test_get_ipython_in_a_rank_is_none_on_every_start_method(ip, any_method):
+    """A forked worker copied IPython's get_ipython into its builtins: a rank's
+    get_ipython() was the notebook's shell (a copy), where the docs say None."""
+    ensure_pool(any_method)
+    assert list(run(ip, "%%parallel -n 2 -q\nget_ipython() is None")) == [True, True]
+
+
+def test_a_worker_leads_a_session_of_its_own(ip, local_pool):
+    """No controlling terminal: a task that opens /dev/tty fails at once (a
+    background group's read stopped it, and the run, for ever)."""
+    run(ip, "import os\ndef session(x):\n    return os.getsid(0) == os.getpid()")
+    assert run(ip, "%pmap -q --chunksize 1 session, range(4)") == [True] * 4

@@ -49,6 +49,16 @@ def test_names_reach_def_lambda_helper_and_cell(ip, local_pool):
     assert ids <= {s.wid for s in local_pool.slots} and mpmagic.worker_id() is None
 
 
+def test_a_setups_environment_and_directory_are_the_tasks(ip, local_pool, tmp_path):
+    """Each call starts in the notebook's world, and that undid a setup's
+    os.environ["HF_HOME"] = ... and os.chdir(...) at the first call: what a
+    setup changes wins over the notebook's from then on."""
+    run(ip, f"%%pool setup\nimport os\nos.environ['MPM_SETUP_HOME'] = 'models'\nos.chdir({str(tmp_path)!r})")
+    run(ip, "import os\ndef where(x):\n    return os.environ.get('MPM_SETUP_HOME'), os.getcwd()")
+    assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [("models", str(tmp_path))] * 4
+    assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [("models", str(tmp_path))] * 4
+
+
 def test_setup_survives_sigkill_timeout_and_resize(ip, local_pool):
     run(ip, "%%pool setup\n" + SETUP)
     old = {s.wid for s in local_pool.slots}

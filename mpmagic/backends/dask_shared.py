@@ -18,16 +18,32 @@ shared with the notebook, which a cluster does not have: they raise a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue as std_queue
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from .. import payload
 from ..errors import UsageError
 from ..shared import IterUntilClosed
 from ..shared.base import current_backend
+
+
+@contextlib.contextmanager
+def _pool_gone(helper: Any) -> Iterator[None]:
+    """Dask's own error for a helper whose Dask pool was stopped (``%pool local``),
+    in our words: it said "<class 'distributed.lock.Lock'> object not properly
+    initialized ... outside of the context of a Client or Worker"."""
+    try:
+        yield
+    except (RuntimeError, ValueError) as exc:
+        if "not properly initialized" not in str(exc) and "No clients found" not in str(exc):
+            raise
+        raise UsageError(f"{helper!r} belonged to a Dask pool that was stopped (%pool local, %pool stop): make a "
+                         "new one with mpmagic.Queue() on the current pool") from None
 
 
 def _client_here() -> Any:
@@ -94,12 +110,33 @@ class DaskQueue(IterUntilClosed):
         return f"<mpmagic.Queue on Dask {self.name!r}>"
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
-        """Add ``obj`` at the end; with a bound, wait for room (or raise queue.Full)."""
+        """Add ``obj`` at the end; with a bound, wait for room (or raise queue.Full).
+
+        A bounded queue with a time limit (``put_nowait``, ``timeout=``) waits
+        by looking at the queue's size, as ``get`` does: a ``distributed.Queue.put``
+        that timed out on a full queue made the scheduler log an error with its
+        traceback (~20 lines in the cell) before each ``queue.Full``.
+        """
         data = payload.dumps_checked(obj, "an item put in the queue")
-        try:
-            self._q.put(data, timeout=_wait_for(block, timeout))
-        except TimeoutError:
-            raise std_queue.Full from None
+        limit = _wait_for(block, timeout)
+        with _pool_gone(self):
+            if not self.maxsize or limit is None:  # no bound, or no limit: Dask's put waits without logging
+                self._q.put(data, timeout=limit)
+                return
+            deadline = time.monotonic() + limit
+            pause = 0.001
+            while True:
+                if self._q.qsize() < self.maxsize:
+                    try:
+                        self._q.put(data, timeout=self._SLICE)  # (room was there: at once; a lost race logs once)
+                        return
+                    except TimeoutError:
+                        pass
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise std_queue.Full
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, self._POLL)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the first item; wait for one (or raise queue.Empty,
@@ -112,6 +149,10 @@ class DaskQueue(IterUntilClosed):
         is taken only once one is there, under a lock all consumers share, so
         another consumer cannot take it in between and leave this one waiting.
         """
+        with _pool_gone(self):
+            return self._get(block, timeout)
+
+    def _get(self, block: bool, timeout: float | None) -> Any:
         limit = _wait_for(block, timeout)
         deadline = None if limit is None else time.monotonic() + limit
         pause = 0.001  # short at first (an item is often just being put), longer while idle
@@ -192,7 +233,8 @@ class DaskQueue(IterUntilClosed):
 
     def qsize(self) -> int:
         """Items waiting now (exact: the scheduler holds them)."""
-        return int(self._q.qsize())
+        with _pool_gone(self):
+            return int(self._q.qsize())
 
     def empty(self) -> bool:
         return self.qsize() == 0

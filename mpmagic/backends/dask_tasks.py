@@ -314,6 +314,7 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
     # can be counted here too (no warm-up is sent to a cluster: see warmup.py).
     imports = ImportLog()
     task_builtins.install()  # display() and get_ipython() for notebook code (where missing)
+    task_builtins.no_console()  # input() and breakpoint(): a line saying why, not pdb on a task's thread
     with _capture(topic, tag) as out:
         if type(msg) is Map:
             func = _function(msg.key or b"", func_payload or b"", imports)
