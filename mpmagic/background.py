@@ -41,7 +41,7 @@ from concurrent.futures import CancelledError
 from types import TracebackType
 from typing import Any, NoReturn, Protocol
 
-from . import display_relay
+from . import debugging, display_relay
 from .errors import UsageError, drop_our_frames, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
@@ -618,6 +618,7 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     ``resume``: a checkpointed run's store side (the job computes only what
     the store lacks; see :class:`Resume`).
     """
+    debugging.forget()  # a failure of an older blocking run is no longer the last one (%pdebug, last_failures)
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,

@@ -39,7 +39,7 @@ class DebugMagics(Magics):
         which = int(text) if text else None
         if debugging.last_run() is None:  # every %pmap / %%parallel that ended leaves a record, failed or not
             raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "
-                                    "interrupted run, or a --bg one, leaves nothing to replay)")
+                                    "interrupted run, a --bg run or an imap stream leaves nothing to replay)")
         try:
             postmortem.replay(which, debugger=getattr(self.shell, "debugger_cls", None))
         except UsageError as exc:

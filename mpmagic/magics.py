@@ -237,20 +237,20 @@ def _statement_is_an_expression() -> bool:
     would be shown), rather than ``res = %pmap ...;`` (which must assign the
     results, as ``res = list(map(f, xs));`` does)? Asked of the calling frame
     (the one that called IPython's ``run_line_magic``) with ``executing``,
-    which IPython's tracebacks use; when it cannot tell, as an expression
-    (IPython's own rule for ``%time ...;``)."""
+    which IPython's tracebacks use. When it cannot tell (``%time``, ``exec``
+    of a string), not: the results are returned, never dropped."""
     frame: Any = sys._getframe(1)
     while frame is not None and frame.f_code.co_name != "run_line_magic":
         frame = frame.f_back
     if frame is None or frame.f_back is None:
-        return True
+        return False
     try:
         import executing
 
         node = executing.Source.executing(frame.f_back).node
     except Exception:
-        return True
-    return node is None or isinstance(getattr(node, "parent", None), ast.Expr)
+        return False
+    return node is not None and isinstance(getattr(node, "parent", None), ast.Expr)
 
 
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,

@@ -132,9 +132,26 @@ def test_pdebug_before_any_run_says_there_was_none(ip, capsys):
     finally:
         debugging.set_last_run(saved)
     assert str(result.error_in_exec) == (
-        "%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an interrupted run, or a --bg one, "
-        "leaves nothing to replay)")
+        "%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an interrupted run, a --bg run or an "
+        "imap stream leaves nothing to replay)")
     assert "did not fail" not in capsys.readouterr().err
+
+
+def test_after_a_failing_stream_pdebug_does_not_replay_an_older_failure(ip, local_pool):
+    """%pdebug and last_failures() after a failing imap loop (or background run)
+    replayed an older %pmap's failure, with nothing saying so."""
+    import mpmagic
+
+    run(ip, "def first(a):\n    assert a != 3, 'old failure'\n    return a\n"
+            "def second(a):\n    if a == 7:\n        raise ValueError('new failure')\n    return a\n")
+    with pytest.raises(AssertionError):
+        run(ip, "%pmap -q first, range(5)")
+    with pytest.raises(ValueError):
+        for _value in mpmagic.imap(ip.user_ns["second"], range(20)):
+            pass
+    assert mpmagic.last_failures() == []
+    result = ip.run_cell("%pdebug", store_history=False)
+    assert "no run to debug yet" in str(result.error_in_exec)
 
 
 def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):

@@ -31,6 +31,9 @@ def test_a_final_semicolon_shows_nothing_as_on_any_python_line(ip, backend) -> N
     assert ip.run_cell("%pmap -q abs, [-1];").result is None
     assert ip.run_cell("%pmap -q abs, [-1] ;  # quiet").result is None
     assert run(ip, "res = %pmap -q abs, [-1, -2];\nres") == [1, 2]
+    # where the statement cannot be read (%time's own exec, an exec string): the results are kept
+    assert run(ip, "%time res2 = %pmap -q abs, [-3];\nres2") == [3]
+    assert run(ip, "exec(\"res3 = get_ipython().run_line_magic('pmap', '-q abs, [-4];')\")\nres3") == [4]
     assert run(ip, "%pmap -q len, [';;']  # ;") == [2]
     assert ip.run_cell("%%parallel -n 2 -q -o vals\nrank * 10;").result is None
     assert run(ip, "vals") == [0, 10]
