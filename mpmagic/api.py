@@ -9,6 +9,7 @@ estimated from the workers' own task times otherwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import os
@@ -123,11 +124,7 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
     if not iterables:
         raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
-    if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-        name = getattr(func, "__name__", None) or "the function"
-        raise UsageError(f"{name} is an async function (async def): map() would give objects that never run, and "
-                         f"cannot come back from a worker; map a plain function that runs it, e.g. "
-                         f"lambda x: asyncio.run({name}(x))")
+    _check_not_async(func)
     for i, it in enumerate(iterables, 2):
         try:
             iter(it)
@@ -142,6 +139,24 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+
+
+def _check_not_async(func: Any) -> None:
+    """An ``async def`` function (a partial of one, an object whose ``__call__``
+    is one) or an async generator function: map() would give coroutines (or
+    async generators) that never run and cannot come back from a worker."""
+    target = func.func if isinstance(func, functools.partial) else func
+    name = getattr(target, "__name__", None) or type(target).__name__
+    call = inspect.getattr_static(type(target), "__call__", None)  # (an instance whose __call__ is async def)
+    if inspect.isasyncgenfunction(target) or inspect.isasyncgenfunction(call):
+        raise UsageError(f"{name} is an async generator function (async def with yield): map() would give async "
+                         "generators that never run, and cannot come back from a worker; map a plain function that "
+                         f"collects it, e.g. def run(x): return asyncio.run(collect({name}(x))) with "
+                         "async def collect(agen): return [v async for v in agen]")
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call):
+        raise UsageError(f"{name} is an async function (async def): map() would give coroutines that never run, and "
+                         f"cannot come back from a worker; map a plain function that runs it, e.g. "
+                         f"lambda x: asyncio.run({name}(x))")
 
 
 def pmap(

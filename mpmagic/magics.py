@@ -581,7 +581,11 @@ class MPMagics(Magics):
             before = pool.current_pool()
             if opts.max_memory is not None:  # (kept for the local pool use_local makes or keeps)
                 pool.set_max_memory(opts.max_memory)
-            now = pool.use_local(opts.workers, opts.start_method, opts.max_tasks_per_child)
+            # The %config MPMagic settings for what the line did not say: leaving Dask
+            # made the local pool at the defaults (2 workers, forkserver), not the settings'.
+            settings = config.current()
+            now = pool.use_local(opts.workers or settings.workers, opts.start_method or settings.start_method,
+                                 opts.max_tasks_per_child)
             status = pool.pool_status()
             status.notice = _switched(before, now)
             return status

@@ -370,7 +370,12 @@ def advice_for(bad: Any) -> str:
             "An open file belongs to this process: pass the file's path instead and open "
             "it inside the function (`with open(path) as f: ...`)."
         )
-    if isinstance(bad, (types.GeneratorType, types.AsyncGeneratorType, types.CoroutineType)) or (
+    if isinstance(bad, types.CoroutineType):
+        return (
+            "A coroutine is what an async function returns, and it runs only when awaited: have the "
+            "task run it, e.g. return asyncio.run(fetch(x)) instead of return fetch(x)."
+        )
+    if isinstance(bad, (types.GeneratorType, types.AsyncGeneratorType)) or (
         hasattr(bad, "__next__") and not hasattr(bad, "__len__")
     ):
         return (

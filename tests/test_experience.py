@@ -215,6 +215,17 @@ def test_config_start_method_keeps_the_size_a_resize_chose(ip, pool2, settings):
     assert (mpmagic.get_pool().start_method, mpmagic.get_pool().workers) == ("forkserver", 1)
 
 
+def test_pool_local_takes_the_config_settings_the_line_does_not_give(ip, pool2, settings):
+    """Leaving Dask with %pool local made the local pool at the defaults (2
+    workers, forkserver) though %config said otherwise."""
+    settings.workers, settings.start_method = 1, "spawn"
+    settings._pool_pending = False  # (as if applied already: %pool local itself must take them)
+    run(ip, "%pool local")
+    assert (mpmagic.get_pool().workers, mpmagic.get_pool().start_method) == (1, "spawn")
+    run(ip, "%pool local -n 2 --start-method forkserver")  # the line wins
+    assert (mpmagic.get_pool().workers, mpmagic.get_pool().start_method) == (2, "forkserver")
+
+
 def test_config_from_ipython_config_file():
     """What ipython_config.py sets (c.MPMagic.x = ...) becomes the default."""
     from traitlets.config import Config

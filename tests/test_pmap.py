@@ -202,6 +202,11 @@ def test_api_from_plain_python(backend):
         ("%pmap abs, 5", "must be iterable"),
         # map() would give coroutines that never run: said before any worker makes them
         ("async def fetch(x):\n    return x\n%pmap fetch, [1]", "fetch is an async function (async def)"),
+        ("import functools\nasync def get(x, y):\n    return x\n%pmap functools.partial(get, y=1), [1]",
+         "lambda x: asyncio.run(get(x))"),
+        ("async def gen(x):\n    yield x\n%pmap gen, [1]", "gen is an async generator function"),
+        ("class Caller:\n    async def __call__(self, x):\n        return x\n%pmap Caller(), [1]",
+         "Caller is an async function"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(ip, line, words, capsys):
