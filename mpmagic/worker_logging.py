@@ -71,12 +71,18 @@ def notebook_levels() -> dict[str, int]:
 
 
 def notebook_context() -> bytes:
-    """The bytes a job sends with each unit: the notebook's logger levels.
+    """The bytes a job sends with each unit: the notebook's logger levels, and
+    whether a warnings filter of the notebook says "always".
 
     Pickled once per call (a few hundred bytes) and compared by value in the
-    worker, which re-applies them only when they change.
+    worker, which re-applies them only when they change. A worker sends a
+    warning repeated at one place once per unit, unless the notebook shows
+    every repeat ("always", ``catch_warnings(record=True)`` after
+    ``simplefilter("always")``): then each, as serial code raises each (20
+    items warning alike showed 2 and recorded 4-6 of the 20).
     """
-    return pickle.dumps(notebook_levels(), pickle.HIGHEST_PROTOCOL)
+    every = any(f[0] == "always" for f in warnings.filters)
+    return pickle.dumps((notebook_levels(), every), pickle.HIGHEST_PROTOCOL)
 
 
 # --------------------------------------------------------------------------
@@ -202,12 +208,15 @@ def _install() -> None:
         _installed = True
 
 
+_every_time = False  # the notebook shows every repeat of a warning: send each (see notebook_context)
+
+
 def _apply_levels(ctx: bytes) -> None:
     """Give this process's loggers the notebook's levels (only when they changed)."""
-    global _applied
+    global _applied, _every_time
     if ctx == _applied:
         return
-    levels = pickle.loads(ctx)
+    levels, _every_time = pickle.loads(ctx)
     with _lock:
         for name in _set_here - set(levels):
             logging.getLogger(name).setLevel(logging.NOTSET)
@@ -245,7 +254,7 @@ def begin(log_context: tuple | None) -> None:
     except Exception:
         _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
         return
-    _unit.active, _unit.start, _unit.seen = True, start, set()
+    _unit.active, _unit.start, _unit.seen = True, start, None if _every_time else set()
     with _lock:
         _running += 1
         if _running == 1:

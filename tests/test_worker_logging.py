@@ -222,3 +222,16 @@ def test_a_recording_catch_warnings_gets_the_tasks_warnings(ip, backend):
     assert [(w.category, str(w.message)) for w in caught] == [(UserWarning, "negative input -2")]
     with pytest.warns(UserWarning, match="negative input -5"):
         run(ip, "%pmap -q check, [-5]")
+
+
+def test_an_always_filter_gets_every_repeat_of_a_tasks_warning(ip, backend):
+    """A warning repeated at one place went home once per unit: under an
+    "always" filter (and a recording catch_warnings) 20 items warning alike
+    were recorded 4-6 times and shown twice, where serial code gives 20."""
+    import warnings
+
+    run(ip, "import warnings\ndef same(x):\n    warnings.warn('the same warning')\n    return x\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(ip, "%pmap -q --chunksize 5 same, range(20)") == list(range(20))
+    assert len(caught) == 20
