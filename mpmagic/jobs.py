@@ -683,7 +683,9 @@ class MapJob:
             exc: BaseException = TaskTimeoutError(
                 f"{what} ran past the timeout of {self.timeout:g} s; {fate}{retried}")
         else:
-            exc = WorkerLostError(f"the worker running {what} {reason}; the pool replaced it")
+            # (worker_kept: a Dask cluster's worker, which the pool does not replace itself)
+            fate = "" if worker_kept else "; the pool replaced it"
+            exc = WorkerLostError(f"the worker running {what} {reason}{fate}")
         self._fail_or_collect(unit, exc, None)
 
     def split(self, unit: Unit) -> list[int]:
@@ -970,7 +972,8 @@ class CellJob:
             fate = reason if worker_kept else "its worker was stopped and replaced"
             self.failures[unit.id] = TaskTimeoutError(f"rank {unit.id} ran past the timeout of {self.timeout:g} s; {fate}")
         else:
-            self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}; the pool replaced it")
+            fate = "" if worker_kept else "; the pool replaced it"
+            self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}{fate}")
         self._rank_finished()
         self._failed_while_others_run(unit.id)
 

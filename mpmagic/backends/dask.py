@@ -334,7 +334,7 @@ class DaskBackend:
             if time.monotonic() >= deadline:
                 raise MPMagicError(
                     f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}, "
-                    f"and {n} did not join within {self.timeout:g} s: start more with "
+                    f"fewer than the {n} asked for, and no more joined within {self.timeout:g} s: start more with "
                     f"`dask worker {self.client.scheduler.address}` (or scale the cluster)"
                 )
             time.sleep(0.1)
@@ -609,7 +609,8 @@ class DaskBackend:
 
 
 def _cap(text: str) -> str:
-    return text[:1].upper() + text[1:]
+    """``text`` to start a sentence: "the local Dask cluster" takes a capital; an address does not."""
+    return text if "://" in text.split(" ", 1)[0] else text[:1].upper() + text[1:]
 
 
 def _func_name(job: MapJob) -> str:
@@ -831,7 +832,7 @@ class _DaskRun:
                 self.resent[unit.id] = self.resent.get(unit.id, 0) + 1
                 job.requeue(unit)
                 return
-            job.lost(unit, "had its task cancelled on the cluster (was it restarted?)")
+            job.lost(unit, "had its task cancelled on the cluster (was it restarted?)", worker_kept=True)
             return
         try:
             n_streamed, packed = reply
@@ -902,6 +903,7 @@ class _DaskRun:
             self.job.lost(
                 task.unit,
                 "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)",
+                worker_kept=True,
             )
             return
         if isinstance(exc, ImportError) and "mpmagic" in str(exc):
@@ -1039,7 +1041,7 @@ class _DaskRun:
             if task.target not in alive and task.future.status == "pending":
                 self.tasks.pop(task.key, None)
                 self._cancel([task.future])
-                self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it")
+                self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it", worker_kept=True)
 
     # -- giving up -----------------------------------------------------------
     def _cancel(self, futures: list) -> None:
