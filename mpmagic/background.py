@@ -461,6 +461,10 @@ class Run:
             # ours and mean nothing to the user; an error of our own keeps them.
             drop_our_frames(exc)
             self._error, self._error_tb = exc, exc.__traceback__
+            if self._report is not None and self._report.kind == "pmap":
+                # Failed however it failed (the pool stopped under it, not a task):
+                # the line says "pmap failed after N of M items", never a plain timing.
+                self._report.extra["error"] = True
         finally:
             self._settle()  # (if waiting itself raised)
             self._elapsed = time.monotonic() - self._t0

@@ -547,6 +547,12 @@ class MPMagics(Magics):
             return self._pool(opts)
         except UsageError as exc:
             raise parser.usage_error(str(exc)) from None
+        except KeyboardInterrupt:
+            if opts.action not in ("start", "restart", "resize", "local", "dask"):
+                raise
+            # (a bare KeyboardInterrupt from a Condition.wait deep in the start)
+            raise _interrupted("%pool", f"%pool {opts.action} interrupted while it waited for the workers; "
+                               "they go on starting, and %pool shows their state") from None
 
     def _pool(self, opts: argparse.Namespace) -> Any:
         action = opts.action

@@ -435,3 +435,20 @@ def test_what_an_imap_task_prints_shows_while_the_loop_waits(ns, tmp_path, monke
 
     monkeypatch.setattr(sys, "stdout", Watch())
     assert list(mpmagic.imap(ns["announce"], [1])) == ["seen"]
+
+
+def test_a_run_the_pool_stopped_under_says_it_failed_in_its_report(ns):
+    """Its live area ended with a success-style timing line ("pmap: 68 items on
+    2 workers ... speedup ~1.9x") under the error."""
+    handle = mpmagic.submit(ns["slow"], range(300), chunksize=1)
+    for _ in range(100):
+        if handle.items_done:
+            break
+        time.sleep(0.05)
+    mpmagic.stop_pool()
+    try:
+        with pytest.raises(mpmagic.MPMagicError, match="the pool was stopped"):
+            handle.result(30)
+        assert handle.report().line().startswith("pmap failed after ")
+    finally:
+        mpmagic.restart_pool()

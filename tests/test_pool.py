@@ -156,3 +156,20 @@ def test_workers_more_than_the_pool_grows_it_for_good_and_says_so(capfd):
         assert "grew" not in capfd.readouterr().err  # (once: it has 3 now)
     finally:
         mpmagic.stop_pool()
+
+
+def test_an_interrupted_pool_restart_is_one_line_saying_what_goes_on(ip, monkeypatch):
+    """A Ctrl-C during %pool restart's wait for the workers was a bare
+    KeyboardInterrupt with a traceback through threading."""
+    from mpmagic import pool as pool_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool_module, "restart_with", interrupted)
+    result = ip.run_cell("%pool restart", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt)
+    assert err._render_traceback_() == [
+        "KeyboardInterrupt: %pool restart interrupted while it waited for the workers; they go on starting, "
+        "and %pool shows their state"]
