@@ -230,6 +230,9 @@ class MapJob:
         self._read_off = 0
         self._read_count = 0  # items read and not yet in a unit
         self._read_lock = threading.Lock()  # batches: appended by the reader, taken by the manager
+        self._reading: list | None = None  # the batch a read in progress fills (see _take_reading)
+        self._reading_taken = 0  # how many of its items the manager took already
+        self._reading_since = 0.0
         self._input_done = False  # the iterator ended, or raised (``_input_error``)
         self._input_error: Exception | None = None
         self._input_asked = False  # a read was asked and is not done yet
@@ -307,18 +310,58 @@ class MapJob:
         batch: list = []
         error: Exception | None = None
         exhausted = False
+        with self._read_lock:  # (the manager may take the items read so far: see _take_reading)
+            self._reading, self._reading_taken, self._reading_since = batch, 0, time.monotonic()
         try:
             exhausted = _read_into(batch, self._iter, want)
         except Exception as exc:
             drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
             error = exc
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
-            if batch:
-                self._read.append(batch)
-                self._read_count += len(batch)
+            rest = batch[self._reading_taken:] if self._reading_taken else batch
+            self._reading = None
+            if rest:
+                self._read.append(rest)
+                self._read_count += len(rest)
             if error is not None or exhausted:
                 self._input_error, self._input_done = error, True
             self._input_asked = False
+
+    def _take_reading(self, size: int) -> list:
+        """Up to ``size`` of the items a read still in progress has read so far,
+        once it has gone on for ``_READ_CUT`` seconds (manager, any thread).
+
+        The reader is blocked in the input's ``next()`` (a queue another thread
+        fills, and the next item is not there yet): the items it has read go
+        out now, as serial map would have given their results. Left until the
+        read ended, five items in a queue whose sixth came 3 s later gave their
+        results 3 s late, and never if no sixth came. ``list.extend`` makes each
+        item read visible in the reader's list at once (in CPython); where it
+        would not, this finds nothing and the read goes out when it ends.
+        """
+        with self._read_lock:
+            reading = self._reading
+            if reading is None or time.monotonic() - self._reading_since < _READ_CUT:
+                return []
+            start = self._reading_taken
+            items = reading[start : start + size]
+            self._reading_taken = start + len(items)
+            return items
+
+    def _slow_read_has_items(self) -> bool:
+        """Has a read gone on for ``_READ_CUT`` with items the manager may take?"""
+        reading = self._reading
+        return (reading is not None and len(reading) > self._reading_taken
+                and time.monotonic() - self._reading_since >= _READ_CUT)
+
+    def input_wait(self) -> float | None:
+        """Seconds until the manager should look for items of a read in progress
+        (:meth:`_take_reading`), or None when no read is going on."""
+        if self._input_done or self._iter is None:
+            return None
+        if self._reading is None:  # asked, and the reading thread has not started yet (it wakes nobody)
+            return _READ_CUT if self._input_asked else None
+        return max(0.0, self._reading_since + _READ_CUT - time.monotonic()) + _READ_CUT / 2
 
     def _take_read(self, n: int) -> list:
         """Up to ``n`` of the items read, in input order."""
@@ -342,6 +385,9 @@ class MapJob:
         if self._read_count < size and not self._input_done and self._ask_input is None:
             self.read_input(size - self._read_count)  # nobody to ask: this is the reading thread
         if not self._read_count and not self._input_done:
+            early = self._take_reading(size)  # what a read blocked in the input's next() has read so far
+            if early:
+                return early
             self._ask_for_input(size)
             return None
         items = self._take_read(size)
@@ -383,8 +429,10 @@ class MapJob:
             return any(u.start < first for u in self._requeued)
         if self._requeued:
             return True
-        # (a lazy input with nothing read and a read asked: the reader wakes the backend)
-        return not self.exhausted and not (self._iter is not None and not self._read_count and self._input_asked)
+        # (a lazy input with nothing read and a read asked: the reader wakes the backend,
+        # unless that read has gone on long enough for its items so far to go: _take_reading)
+        return not self.exhausted and not (self._iter is not None and not self._read_count and self._input_asked
+                                           and not self._slow_read_has_items())
 
     def next_unit(self) -> Unit | None:
         if self.failure is not None:

@@ -452,3 +452,25 @@ def test_a_run_the_pool_stopped_under_says_it_failed_in_its_report(ns):
         assert handle.report().line().startswith("pmap failed after ")
     finally:
         mpmagic.restart_pool()
+
+
+def test_imap_gives_the_items_read_before_the_input_blocks(ns):
+    """The reading thread blocked in the input's next() held the items it had
+    read: five items in a queue, and no sixth, gave 2-3 results and then
+    waited for ever (serial map gives all five). The manager now takes what a
+    slow read has read so far. Here the input blocks until the loop has all
+    five (or gives up after 10 s)."""
+    go_on = threading.Event()
+    gave_up: list[bool] = []
+
+    def items():
+        yield from range(5)
+        gave_up.append(not go_on.wait(10))
+
+    got = []
+    for value in mpmagic.imap(ns["square"], items()):
+        got.append(value)
+        if len(got) == 5:
+            assert gave_up == []  # the input is still blocked: the five came without it
+            go_on.set()
+    assert got == [0, 1, 4, 9, 16] and gave_up == [False]

@@ -734,6 +734,8 @@ class LocalBackend:
             return True  # new or gone workers: its selector must change
         if any(s.sender.pending or s.deadline is not None for s in self.slots):
             return True  # a send waits for room, or a timeout to watch
+        if isinstance(job, MapJob) and job.input_wait() is not None:
+            return True  # a lazy input's read asked: the manager looks at it while it goes on (_take_reading)
         return any(r.grace_deadline is not None for r in self._runs)
 
     def run(self, job: Job, workers: int | None = None) -> None:
@@ -829,6 +831,9 @@ class LocalBackend:
     def _next_timeout(self) -> float | None:
         times = [s.deadline for s in self.slots if s.deadline is not None]
         times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
+        if any(not s.inflight for s in self.slots):  # an idle worker: items of a slow input's read may go to it
+            now = time.monotonic()
+            times += [now + w for r in self._runs if isinstance(r.job, MapJob) and (w := r.job.input_wait()) is not None]
         if not times:
             return None
         # At most an hour: the loop looks again then. ``select`` refuses a wait
