@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -141,10 +142,15 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
 
 
+_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
 def _check_not_async(func: Any) -> None:
     """An ``async def`` function (a partial of one, an object whose ``__call__``
     is one) or an async generator function: map() would give coroutines (or
     async generators) that never run and cannot come back from a worker."""
+    if type(func) is types.FunctionType and not func.__code__.co_flags & _ASYNC_FLAGS:
+        return  # the common case, a plain def or lambda: two attribute reads
     target = func.func if isinstance(func, functools.partial) else func
     name = getattr(target, "__name__", None) or type(target).__name__
     call = inspect.getattr_static(type(target), "__call__", None)  # (an instance whose __call__ is async def)
