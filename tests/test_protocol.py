@@ -249,7 +249,7 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
     key = b"n" * 16
     conn.send_bytes(pack(Func(key, payload.dumps_function(note))))
     items = payload.dumps_data([10, 11, 12])
-    info_levels = pickle.dumps({"": logging.INFO})
+    info_levels = pickle.dumps(({"": logging.INFO}, False))  # (levels, "always" filter: worker_logging.notebook_context)
     conn.send_bytes(pack(Map(1, 0, key, False, False, items, False, 1, (10, info_levels))))
     got = _replies(conn)
     err = got[-1]
@@ -261,7 +261,7 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
     assert (ctx["worker"], ctx["pid"]) == (5, proc.pid)
     # Without a log context nothing comes home (the levels are still INFO);
     # with the notebook at WARNING neither.
-    warn_levels = pickle.dumps({"": logging.WARNING})
+    warn_levels = pickle.dumps(({"": logging.WARNING}, False))
     for log_context in (None, (0, warn_levels)):
         conn.send_bytes(pack(Map(1, 1, key, False, True, items, False, 1, log_context)))
         got = _replies(conn)
