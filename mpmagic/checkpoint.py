@@ -46,7 +46,7 @@ from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_re
 from .checkpoint_store import RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes
-from .jobs import Failed
+from .jobs import Failed, read_into
 
 log = logging.getLogger("mpmagic")
 
@@ -617,15 +617,22 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterab
     a fully stored input never starts the pool.
     """
     first: list = []
+    exhausted = False
     while not first:
-        batch = list(itertools.islice(it, _LAZY_BATCH))
-        if not batch:
+        if exhausted:
             return iter(()), False
-        first = plan.add(batch, store, run)
+        batch: list = []
+        exhausted = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
+        if batch:
+            first = plan.add(batch, store, run)
 
     def rest() -> Iterable:
-        while batch := list(itertools.islice(it, _LAZY_BATCH)):
-            yield from plan.add(batch, store, run)
+        done = exhausted
+        while not done:
+            more: list = []
+            done = read_into(more, it, _LAZY_BATCH)
+            if more:
+                yield from plan.add(more, store, run)
 
     return itertools.chain(first, rest()), True
 

@@ -156,23 +156,33 @@ def reassert() -> None:
         _adopt(*_adopted)
 
 
-# In a worker: the working directory its %%pool setup chose (None: the notebook's).
+# In a worker: what its %%pool setup changed of the world, which wins over the
+# notebook's (see keep_setup_changes): variables it set (name -> value), ones
+# it removed, and the directory it chose (None: the notebook's).
+setup_env: dict[str, str] = {}
+setup_removed: set[str] = set()
 own_cwd: str | None = None
 
 
 def keep_setup_changes(run: Any) -> Any:
-    """Run ``run()`` (a worker setup) and keep what it changed of the world:
-    the environment variables it set or changed and its working directory
-    win over the notebook's from then on (``own_env``, ``own_cwd``). Each
-    call starts in the notebook's world (:func:`reassert`), and a setup's
+    """Run ``run()`` (a worker setup, or its clearing) and keep what it changed
+    of the world: the environment variables it set, changed or removed and
+    its working directory win over the notebook's from then on, and are put
+    back at each call if a task changed them. Each call starts in the
+    notebook's world (:func:`reassert`), and a setup's
     ``os.environ["HF_HOME"] = ...`` or ``os.chdir(...)`` was undone at the
-    first call."""
+    first call. A new setup (or ``%pool setup clear``) replaces the last
+    one's changes: after a clear, the notebook's world again."""
     global own_cwd
+    setup_env.clear()
+    setup_removed.clear()
+    own_cwd = None
     env_before, cwd_before = dict(os.environ), os.getcwd()
     try:
         return run()
     finally:
-        own_env.update(n for n, v in os.environ.items() if env_before.get(n) != v)
+        setup_env.update((n, v) for n, v in os.environ.items() if env_before.get(n) != v)
+        setup_removed.update(n for n in env_before if n not in os.environ)
         if os.getcwd() != cwd_before:
             own_cwd = os.getcwd()
 
@@ -186,12 +196,16 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
     except OSError as exc:
         log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
     try:
-        for name in [n for n in os.environ if n not in env and n not in own_env]:
+        mine = own_env | setup_env.keys()
+        for name in [n for n in os.environ if (n not in env and n not in mine) or n in setup_removed]:
             del os.environ[name]
         for name, value in env.items():
             if name == "MPLBACKEND":  # the inline backend needs a kernel: tasks get theirs (task_matplotlib)
                 value = task_builtins.matplotlib_backend(value)
-            if os.environ.get(name) != value and name not in own_env:
+            if os.environ.get(name) != value and name not in mine and name not in setup_removed:
+                os.environ[name] = value
+        for name, value in setup_env.items():  # (a task may have changed what the setup set)
+            if os.environ.get(name) != value:
                 os.environ[name] = value
     except Exception:
         log.warning("mpmagic worker: could not apply the notebook's environment", exc_info=True)

@@ -313,7 +313,7 @@ class MapJob:
         with self._read_lock:  # (the manager may take the items read so far: see _take_reading)
             self._reading, self._reading_taken, self._reading_since = batch, 0, time.monotonic()
         try:
-            exhausted = _read_into(batch, self._iter, want)
+            exhausted = read_into(batch, self._iter, want)
         except Exception as exc:
             drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
             error = exc
@@ -1088,7 +1088,7 @@ class CellJob:
 _READ_CUT = 0.02
 
 
-def _read_into(batch: list, items: Iterator, want: int) -> bool:
+def read_into(batch: list, items: Iterator, want: int) -> bool:
     """Read up to ``want`` items into ``batch``; True when ``items`` ran out.
 
     In doubling steps (1, 2, 4, ...: ``list.extend`` over ``islice``, in C),

@@ -53,10 +53,20 @@ def test_a_setups_environment_and_directory_are_the_tasks(ip, local_pool, tmp_pa
     """Each call starts in the notebook's world, and that undid a setup's
     os.environ["HF_HOME"] = ... and os.chdir(...) at the first call: what a
     setup changes wins over the notebook's from then on."""
-    run(ip, f"%%pool setup\nimport os\nos.environ['MPM_SETUP_HOME'] = 'models'\nos.chdir({str(tmp_path)!r})")
-    run(ip, "import os\ndef where(x):\n    return os.environ.get('MPM_SETUP_HOME'), os.getcwd()")
-    assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [("models", str(tmp_path))] * 4
-    assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [("models", str(tmp_path))] * 4
+    os.environ["MPM_SETUP_GONE"] = "notebook's"
+    try:
+        run(ip, f"%%pool setup\nimport os\nos.environ['MPM_SETUP_HOME'] = 'models'\nos.chdir({str(tmp_path)!r})\n"
+                "del os.environ['MPM_SETUP_GONE']")
+        run(ip, "import os\ndef where(x):\n"
+                "    return os.environ.get('MPM_SETUP_HOME'), os.environ.get('MPM_SETUP_GONE'), os.getcwd()\n"
+                "def meddle(x):\n    os.environ['MPM_SETUP_HOME'] = 'task'\n")
+        assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [("models", None, str(tmp_path))] * 4
+        run(ip, "%pmap -q --chunksize 1 meddle, range(4)")  # a task's change of the setup's variable: undone
+        assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [("models", None, str(tmp_path))] * 4
+        run(ip, "%pool setup clear")  # the notebook's world again, on every worker
+        assert run(ip, "%pmap -q --chunksize 1 where, range(4)") == [(None, "notebook's", os.getcwd())] * 4
+    finally:
+        del os.environ["MPM_SETUP_GONE"]
 
 
 def test_setup_survives_sigkill_timeout_and_resize(ip, local_pool):
