@@ -44,6 +44,7 @@ import itertools
 import logging
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -911,9 +912,26 @@ class _DaskRun:
                 f"the Dask workers of {self.backend.where} cannot import mpmagic ({exc}): install "
                 "the same mpmagic version in the workers' environment (pip install \"mpmagic[dask]\")"
             ) from None
+        if isinstance(exc, OSError) and not self._scheduler_reachable():
+            # A result fetch that failed as the scheduler died (CommClosedError): the
+            # connection is lost, no item is to blame (the client may not know yet).
+            self._check_cluster("scheduler-connection-lost")
         raise MPMagicError(
             f"Dask could not run {task.describe(self.job)}: {type(exc).__name__}: {exc}"
         ) from exc
+
+    def _scheduler_reachable(self) -> bool:
+        """Does the scheduler's port still take a connection (1 s at most)?"""
+        address = getattr(self.client.scheduler, "address", "") or ""
+        host_port = address.partition("://")[2]
+        host, _, port = host_port.rpartition(":")
+        if not host or not port.isdigit():
+            return True  # (an in-process cluster: nothing to reach)
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            return True
+        except OSError:
+            return False
 
     # -- timeouts and lost ranks ---------------------------------------------
     def _check_deadlines(self) -> None:
