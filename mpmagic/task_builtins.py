@@ -1,8 +1,9 @@
-"""The names IPython adds to a notebook's builtins, for code running in a task.
+"""What notebook code calls that a worker has no console or IPython for.
 
 A notebook function or a ``%%parallel`` cell may call ``display(...)`` without
-importing it (IPython puts it in ``builtins``) or ``get_ipython()``. A worker
-has no IPython shell, so there:
+importing it (IPython puts it in ``builtins``), ``get_ipython()``, ``input()``,
+``getpass.getpass()``, ``breakpoint()`` or ``plt.show()``. A worker has no
+IPython shell, no keyboard and no notebook to draw in, so there:
 
 * ``display(obj)`` sends the object's forms home (the mime bundle IPython
   would show: ``_repr_html_``, ``_repr_png_``... and a matplotlib figure as
@@ -10,10 +11,15 @@ has no IPython shell, so there:
   order with what it prints; the notebook shows it as rich output in the
   cell (``display_relay``), or its text form outside IPython;
 * ``get_ipython()`` returns None, as ``IPython.get_ipython()`` does outside
-  IPython, so ``if get_ipython() is not None`` guards work as in a script.
+  IPython, so ``if get_ipython() is not None`` guards work as in a script;
+* ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once with an
+  EOFError saying why, and ``breakpoint()`` is skipped with one line pointing
+  to ``%pdebug`` (:func:`no_console`);
+* the notebook's inline matplotlib backend becomes ``task_matplotlib``
+  (:func:`matplotlib_backend`), whose ``show()`` sends the figures home.
 
-Installed by the local worker at start and by a Dask task before it runs,
-only where the name is missing. Imports no IPython.
+Installed by the local worker at start (over a fork's copies of IPython's)
+and by a Dask task before it runs (where missing). Imports no IPython.
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ def get_ipython() -> None:
 
 
 class NoInput(io.TextIOBase):
-    """A local worker's ``sys.stdin``: ``input()`` in a task fails at once with
+    """A worker's ``sys.stdin``: ``input()`` in a task fails at once with
     an EOFError that says why (a worker has no keyboard; the notebook's input
     box belongs to the kernel), where a bare ``EOF when reading a line`` said nothing."""
 
@@ -129,7 +135,7 @@ class NoInput(io.TextIOBase):
 
 
 def _no_input(*args: Any, **kwargs: Any) -> str:
-    """``input`` and ``getpass.getpass`` in a local worker: the notebook's
+    """``input`` and ``getpass.getpass`` in a worker: the notebook's
     versions (ipykernel's, inherited by a fork) would wait for ever for an
     answer that can never come; this fails at once saying why."""
     return NoInput().read()
