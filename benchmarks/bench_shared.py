@@ -45,59 +45,19 @@ for _ in range(n):
 t0, time.monotonic()
 """
 
-QUEUE_CODE_MPMAGIC = """
-import time
-t0 = time.monotonic()
-if rank == 0:
-    for i in range(n):
-        q.put(i)
-    q.close()
-else:
-    for item in q:
-        pass
-t0, time.monotonic()
-"""
+def queue_code(ours: bool, item: str = "i", setup: str = "") -> str:
+    """Rank 0 puts ``n`` items (``item``: the expression put), rank 1 takes them:
+    mpmagic's ends with ``close()`` and ``for item in q``, the Manager's with a
+    ``None`` sentinel. Each returns its (start, end) times."""
+    end = "q.close()" if ours else "q.put(None)"
+    take = "for item in q:\n        pass" if ours else "while q.get() is not None:\n        pass"
+    return (f"import time\n{setup}t0 = time.monotonic()\nif rank == 0:\n    for i in range(n):\n"
+            f"        q.put({item})\n    {end}\nelse:\n    {take}\nt0, time.monotonic()\n")
 
-BIG_CODE_MPMAGIC = """
-import time
-blob = b"x" * nbytes
-t0 = time.monotonic()
-if rank == 0:
-    for i in range(n):
-        q.put(blob)
-    q.close()
-else:
-    for item in q:
-        pass
-t0, time.monotonic()
-"""
 
-BIG_CODE_MANAGER = """
-import time
-blob = b"x" * nbytes
-t0 = time.monotonic()
-if rank == 0:
-    for i in range(n):
-        q.put(blob)
-    q.put(None)
-else:
-    while q.get() is not None:
-        pass
-t0, time.monotonic()
-"""
-
-QUEUE_CODE_MANAGER = """
-import time
-t0 = time.monotonic()
-if rank == 0:
-    for i in range(n):
-        q.put(i)
-    q.put(None)
-else:
-    while q.get() is not None:
-        pass
-t0, time.monotonic()
-"""
+QUEUE_CODE_MPMAGIC, QUEUE_CODE_MANAGER = queue_code(True), queue_code(False)
+BIG = "blob = b'x' * nbytes\n"  # (not ``size``: a rank's own name, the number of ranks)
+BIG_CODE_MPMAGIC, BIG_CODE_MANAGER = queue_code(True, "blob", BIG), queue_code(False, "blob", BIG)
 
 
 def rate(spans: list, ops: int) -> float:

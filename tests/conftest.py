@@ -105,6 +105,33 @@ def notebook_warnings(monkeypatch):
     monkeypatch.setattr(warnings, "_showwarnmsg_impl", worker_logging._SHOW_IMPL_DEFAULT)
 
 
+def trickle_results(stream_of) -> tuple[list, int | None]:
+    """Feed 8 items into a queue from another thread, one every 0.15 s, and
+    iterate ``stream_of(iter(q.get, None))``: its results, and how many items
+    had been put when the first result came (fewer than 8: results come as
+    the items do, not once the input ended)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue()
+    put: list[int] = []
+
+    def produce() -> None:
+        for i in range(8):
+            q.put(i)
+            put.append(i)
+            time.sleep(0.15)
+        q.put(None)
+
+    threading.Thread(target=produce, daemon=True).start()
+    got, put_at_first = [], None
+    for value in stream_of(iter(q.get, None)):
+        if put_at_first is None:
+            put_at_first = len(put)
+        got.append(value)
+    return got, put_at_first
+
+
 def run(ip, code: str):
     """Run a cell; fail the test with the cell's error if it raised."""
     result = ip.run_cell(code, store_history=False)

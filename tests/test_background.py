@@ -11,7 +11,7 @@ from collections import Counter
 from concurrent.futures import CancelledError
 
 import pytest
-from conftest import interrupted_cell, run
+from conftest import interrupted_cell, run, trickle_results
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
@@ -339,25 +339,8 @@ def test_imap_gives_results_for_an_input_that_trickles_in_as_its_items_come(ns):
     another thread (a queue, a socket) gave its first result only once the
     chunk filled (10 s for 40 items every 0.25 s), and never if it stopped
     short. The first result now comes while the producer is still putting."""
-    import queue as queue_module
-
-    q: queue_module.Queue = queue_module.Queue()
-    put: list[int] = []
-
-    def produce():
-        for i in range(8):
-            q.put(i)
-            put.append(i)
-            time.sleep(0.15)
-        q.put(None)
-
     list(mpmagic.imap(ns["square"], range(20_000)))  # (tiny tasks measured: large chunks from now on)
-    threading.Thread(target=produce, daemon=True).start()
-    got, put_at_first = [], None
-    for value in mpmagic.imap(ns["square"], iter(q.get, None)):
-        if put_at_first is None:
-            put_at_first = len(put)
-        got.append(value)
+    got, put_at_first = trickle_results(lambda items: mpmagic.imap(ns["square"], items))
     assert got == [i * i for i in range(8)]
     assert put_at_first is not None and put_at_first < 8, put_at_first
 

@@ -16,7 +16,7 @@ from concurrent.futures import CancelledError
 from pathlib import Path
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, run, trickle_results
 
 import mpmagic
 from mpmagic import api, checkpoint
@@ -433,24 +433,6 @@ def test_a_checkpointed_imap_over_an_input_that_trickles_in_gives_results_as_it_
     """With a checkpoint a lazy input was read 512 items at a time, before
     anything ran, to look the items up: 40 items every 0.1 s gave their first
     result after 4 s (0.11 s without a checkpoint)."""
-    import queue as queue_module
-    import threading
-
-    q: queue_module.Queue = queue_module.Queue()
-    put: list[int] = []
-
-    def produce():
-        for i in range(8):
-            q.put(i)
-            put.append(i)
-            time.sleep(0.15)
-        q.put(None)
-
-    threading.Thread(target=produce, daemon=True).start()
-    got, put_at_first = [], None
-    for value in mpmagic.imap(ns["work"], iter(q.get, None), checkpoint=tmp_path):
-        if put_at_first is None:
-            put_at_first = len(put)
-        got.append(value)
+    got, put_at_first = trickle_results(lambda items: mpmagic.imap(ns["work"], items, checkpoint=tmp_path))
     assert got == [i * i for i in range(8)]
     assert put_at_first is not None and put_at_first < 8, put_at_first
