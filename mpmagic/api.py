@@ -118,21 +118,16 @@ def _equal_anyway(a: Any, b: Any) -> bool:
 
 
 def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
-                   star: bool) -> None:
-    """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words."""
+                   star: bool) -> tuple:
+    """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words;
+    else the iterables as ``map`` takes them (see :func:`_take`), to use from then on."""
     __tracebackhide__ = True
     if not callable(func):
         raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
     if not iterables:
         raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
     _check_not_async(func)
-    for i, it in enumerate(iterables, 2):
-        try:
-            iter(it)
-        except TypeError:
-            if getattr(type(it), "__iter__", None) is not None or hasattr(type(it), "__getitem__"):
-                raise  # its own __iter__ raised: the user's error, as serial map shows it
-            raise UsageError(f"argument {i} of map must be iterable, not {type(it).__name__} {payload_repr(it)}") from None
+    taken = tuple(_take(it, i) for i, it in enumerate(iterables, 2))
     _check_workers(workers)
     _check_positive("chunksize", chunksize, integer=True)
     _check_positive("timeout", timeout)
@@ -140,6 +135,73 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+    return taken
+
+
+#: Types whose ``__iter__`` gives the same items each time and changes nothing:
+#: used as they are (a list or tuple is sliced into chunks, not iterated).
+_REITERABLE = frozenset({list, tuple, range, str, bytes, bytearray, memoryview, dict, set, frozenset,
+                         type({}.keys()), type({}.values()), type({}.items())})
+
+
+def _take(it: Any, position: int) -> Any:
+    """What ``map`` takes of argument ``position``: ``iter()`` is called once on it.
+
+    A list, tuple, range... (and numpy's and pandas' objects) stay as they
+    are; an iterator is its own iterator. Any other iterable is replaced by
+    the one iterator its ``__iter__`` gave (:class:`_Taken`): one whose
+    ``__iter__`` hands its data out once (a queue drain, a stream) gave an
+    empty result before, as it was asked twice (four times with ``compare``).
+    """
+    __tracebackhide__ = True
+    kind = type(it)
+    if kind in _REITERABLE:
+        return it
+    n = _length((it,))  # (before iter: what the object says of itself, as len() would)
+    try:
+        taken = iter(it)
+    except TypeError as exc:
+        if getattr(kind, "__iter__", None) is None and not hasattr(kind, "__getitem__"):
+            raise UsageError(f"argument {position} of map must be iterable, not {kind.__name__} "
+                             f"{payload_repr(it)}") from None
+        if _raised_here(exc):  # a C __iter__ refused (a 0-d numpy array): no frame of the user's to show
+            raise UsageError(f"argument {position} of map cannot be iterated: {exc}") from None
+        raise  # its own __iter__ raised: the user's error, as serial map shows it
+    if taken is it or kind.__module__.partition(".")[0] in ("numpy", "pandas"):
+        return it  # an iterator; an array, Series or frame (iterating them changes nothing)
+    return _Taken(taken, n)
+
+
+def _raised_here(exc: BaseException) -> bool:
+    """Did ``exc`` come from C code called by this module's frame (no Python frame below it)?"""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename == __file__
+
+
+class _Taken:
+    """An iterable's one iterator, and the length the iterable said (``len()``
+    works when it did). ``iter()`` of it gives that same iterator: one-shot,
+    as ``map`` reads its input once (:func:`_one_shot`)."""
+
+    __slots__ = ("_iterator", "_n")
+
+    def __init__(self, iterator: Iterator, n: int | None) -> None:
+        self._iterator, self._n = iterator, n
+
+    def __iter__(self) -> Iterator:
+        return self._iterator
+
+    def __len__(self) -> int:
+        if self._n is None:
+            raise TypeError("the input has no length")
+        return self._n
+
+
+def _one_shot(it: Any) -> bool:
+    """Can ``it`` be read only once (an iterator, or what :func:`_take` took of one)?"""
+    return type(it) is _Taken or iter(it) is it
 
 
 _ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
@@ -213,14 +275,14 @@ def pmap(
     """
     __tracebackhide__ = True
     global _last_report
-    check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
+    iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
     if seed is not None:  # per-item random streams (seeding.py): number the items, wrap the function
         from . import seeding
 
         seed = seeding._check_seed(seed)
         src = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
         star = star or len(iterables) > 1
-        pairs = enumerate(src) if iter(src) is src else _Enumerated(src)  # one-shot stays one-shot
+        pairs = enumerate(src) if _one_shot(src) else _Enumerated(src)  # one-shot stays one-shot
         func, iterables, star = seeding.Seeded(func, seed, star), (pairs,), False
     if not block:
         from . import background
@@ -532,7 +594,7 @@ def _length(iterables: tuple) -> int | None:
             lengths.append(len(it))
         except OverflowError:
             continue
-        except TypeError:  # no length (an iterator): the shortest may be this one
+        except Exception:  # no length (an iterator; or its __len__ raised, which map never calls)
             return None
     return min(lengths) if lengths else None
 
@@ -546,7 +608,7 @@ def _reusable(iterables: tuple, star: bool) -> tuple[tuple, bool]:
     tuples, run with ``star`` (the second value returned). Lists, tuples,
     ranges and other re-iterable inputs are used as they are.
     """
-    if all(iter(it) is not it for it in iterables):
+    if not any(_one_shot(it) for it in iterables):
         return iterables, star
     if len(iterables) == 1:
         return (_copied(iterables[0]),), star

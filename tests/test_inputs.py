@@ -31,6 +31,14 @@ SETUP = (
     "import threading\n"
     "UNSENDABLE_AT_8 = list(range(8)) + [threading.Lock()]\n"
     "class BrokenIter:\n    def __iter__(self):\n        raise TypeError('bug inside __iter__')\n"
+    # map() calls iter() once and never len(): a buffer whose __iter__ hands its items
+    # out once gave [] (asked twice, four times with --compare); a __len__ raising
+    # anything but TypeError failed the map.
+    "class Drain:\n    def __init__(self, items):\n        self.items, self.iters = list(items), 0\n"
+    "    def __iter__(self):\n        self.iters += 1\n        items, self.items = self.items, []\n"
+    "        return iter(items)\n"
+    "class LenRaises:\n    def __len__(self):\n        raise RuntimeError('length unknown')\n"
+    "    def __iter__(self):\n        return iter([10, 20, 30])\n"
 )
 
 # map()'s argument text: each is evaluated afresh for the serial run and for %pmap.
@@ -56,6 +64,9 @@ CASES = {
     "an item fails before an unpicklable item": "fails_at_5, UNSENDABLE_AT_8",
     "its own __iter__ raises TypeError (not 'not iterable')": "inc, BrokenIter()",
     "an item fails before the generator does, with a list": "lambda x, y: fails_at_5(x), raises_at_8(), range(9)",
+    "an iterable that hands its items out once": "inc, Drain([1, 2, 3])",
+    "the same, with a list": "pair, Drain('abc'), [1, 2]",
+    "its __len__ raises (map never asks)": "inc, LenRaises()",
 }
 
 
@@ -103,6 +114,27 @@ def test_compare_with_an_endless_iterator_reads_only_what_map_reads(shell):
     parallel_reads = run(shell, "len(seen)")
     run(shell, "seen.clear()\nlist(map(pair, tap(), 'abc'))")
     assert parallel_reads == run(shell, "len(seen)") == 4  # zip reads one past the shortest, as map does
+
+
+def test_each_input_is_asked_for_its_iterator_once_as_map_does(shell):
+    """Whatever reads it (a seeded map, --compare, a background run, imap)."""
+    for code in ("%pmap -q --seed 3 lambda x: x, d", "%pmap -q --compare inc, d", "mpmagic.submit(inc, d).result()",
+                 "list(mpmagic.imap(inc, d))"):
+        run(shell, "import mpmagic\nd = Drain([1, 2, 3])")
+        assert run(shell, code) in ([1, 2, 3], [2, 3, 4]), code
+        assert run(shell, "d.iters") == 1, code
+
+
+def test_an_input_that_cannot_be_iterated_is_one_usage_line(shell):
+    """A 0-d numpy array: its C __iter__ refuses, so there is no frame of the
+    user's to show, and the traceback showed mpmagic's check instead."""
+    run(shell, "import mpmagic")
+    with pytest.raises(api.UsageError, match="argument 2 of map cannot be iterated: iteration over a 0-d array"):
+        run(shell, "mpmagic.pmap(inc, np.array(5))")
+    with capture_output() as out:
+        result = shell.run_cell("%pmap -q inc, np.array(5)", store_history=False)
+    assert "cannot be iterated: iteration over a 0-d array" in str(result.error_in_exec)
+    assert "Traceback" not in out.stdout + out.stderr
 
 
 def test_length_of_inputs_never_raises():
