@@ -134,7 +134,8 @@ def _pmap_parser() -> _Parser:
                    help="give item i its own random stream from SEED and i (same results on any workers)")
     p.add_argument("--rerun-failed", action="store_true",
                    help="run only the failed items of the last %%pmap again, with the current definition of its "
-                        "function's name (fixed since), and return the full results (no FUNC, ITERABLE)")
+                        "function's name (fixed since) or FUNC if given alone, and return the full results (no ITERABLE; "
+                        "only -n, --chunksize, --timeout, --retries and -q go with it)")
     p.add_argument("--bg", action="store_true",
                    help="run in the background: return a run handle at once (not with --compare or --scaling)")
     config.add_options(p, "items")
@@ -189,26 +190,59 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     """Split ``-x VALUE --flag REST`` into option tokens and the rest of the line.
 
     The rest (map()'s argument list) is Python and is never tokenized as
-    shell words, so its quotes and spaces survive untouched.
+    shell words, so its quotes and spaces survive untouched. Words are split
+    at any whitespace (a tab too), and short flags may be combined as
+    argparse takes them (``-qn 2``, ``-qn2``).
     """
     tokens: list[str] = []
     rest = line.strip()
     actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
     while rest.startswith("-") and not rest.startswith("--, "):
-        head, _, tail = rest.partition(" ")
+        head, tail = _first_word(rest)
         if head == "--":  # the end of the options, as on a command line: the rest is ARGS
-            return tokens, tail.lstrip()
-        name = head.split("=", 1)[0]
+            return tokens, tail
         tokens.append(head)
-        rest = tail.lstrip()
-        action = actions.get(name)
-        if action is not None and action.nargs != 0 and "=" not in head:
+        rest = tail
+        if _takes_next_word(head, actions):
             if not rest:
                 break
-            value, _, tail = rest.partition(" ")
+            value, rest = _first_word(rest)
             tokens.append(value)
-            rest = tail.lstrip()
     return tokens, rest
+
+
+def _first_word(text: str) -> tuple[str, str]:
+    """``text``'s first word and the rest, split at any run of whitespace."""
+    parts = text.split(None, 1)
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def _takes_next_word(head: str, actions: dict[str, argparse.Action]) -> bool:
+    """Is the word after option ``head`` its value (``-n 2``; ``-qn 2``, the last of combined flags)?"""
+    action = actions.get(head.split("=", 1)[0])
+    if action is not None:
+        return action.nargs != 0 and "=" not in head
+    if head.startswith("--") or len(head) < 3:
+        return False  # unknown: the parser names it
+    for k, letter in enumerate(head[1:], 2):  # -qn: -q then -n, as argparse reads it
+        action = actions.get("-" + letter)
+        if action is None or action.nargs != 0:
+            return action is not None and k == len(head)  # a value attached (-qn2) or the next word
+    return False
+
+
+#: What ``%pmap --rerun-failed`` takes (the last run's other options stay), as its
+#: parser's destinations, the ones passed on to ``postmortem.rerun_failed``.
+_RERUN_OPTIONS = frozenset({"workers", "chunksize", "timeout", "retries"})
+_RERUN_TAKES = _RERUN_OPTIONS | {"quiet", "rerun_failed"}
+
+
+def _given_options(parser: argparse.ArgumentParser, tokens: list[str]) -> dict[str, str]:
+    """The options ``tokens`` give, as ``{destination: option name}`` (defaults left out)."""
+    for action in parser._actions:  # noqa: SLF001 - only what the line says, not the defaults
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(tokens))
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.dest in given}  # noqa: SLF001
 
 
 def _without_final_semicolon(text: str) -> tuple[str, bool]:
@@ -388,11 +422,8 @@ class MPMagics(Magics):
     def _pmap(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
         __tracebackhide__ = True
         opts = parser.parse_args(tokens)
-        if opts.rerun_failed:  # (mpmagic.postmortem: the last run's options, -n only)
-            from .postmortem import rerun_failed
-
-            with _magic_errors(parser):
-                return rerun_failed(namespace=self._user_ns, **({"workers": opts.workers} if opts.workers else {}))
+        if opts.rerun_failed:
+            return self._rerun_failed(parser, tokens, rest, local_ns)
         args = _eval_map_args(rest, self._user_ns, parser, local_ns)
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")
@@ -424,6 +455,36 @@ class MPMagics(Magics):
             if not opts.quiet and report is not None and report is not before:
                 display(report)  # this run's report, never an older one
         return result
+
+    def _rerun_failed(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
+        """``%pmap --rerun-failed [FUNC]`` (mpmagic.postmortem): the last run's failed
+        items again, with FUNC or the current definition of its function's name.
+
+        The options that a re-run can change are taken; any other one, or an
+        ITERABLE, is a usage error: the re-run keeps the last run's input, star
+        and errors, and a --bg or --compare given here was dropped without a word.
+        """
+        __tracebackhide__ = True
+        given = _given_options(_pmap_parser(), tokens)
+        ignored = [name for dest, name in given.items() if dest not in _RERUN_TAKES]
+        if ignored:
+            raise parser.usage_error(
+                f"--rerun-failed runs the last %pmap's failed items with that run's input and options; it does not "
+                f"take {', '.join(ignored)} (it takes -n, --chunksize, --timeout, --retries and -q): run the whole "
+                "%pmap again with them instead")
+        options = {dest: getattr(parser.parse_args(tokens), dest) for dest in given if dest in _RERUN_OPTIONS}
+        func = None
+        if rest.strip():
+            args = _eval_map_args(rest, self._user_ns, parser, local_ns)
+            if len(args) > 1:
+                raise parser.usage_error(
+                    "--rerun-failed takes FUNC alone (the fixed function; by default the current definition of the "
+                    "last run's function name), not ITERABLE: it runs the last run's failed items")
+            func = args[0]
+        from .postmortem import rerun_failed
+
+        with _magic_errors(parser):
+            return rerun_failed(func, namespace=self._user_ns, **options)
 
     def _pmap_bg(self, parser: _Parser, opts: argparse.Namespace, args: tuple) -> Any:
         """``%pmap --bg``: the run's handle at once; its live area shows in this cell."""

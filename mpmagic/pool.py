@@ -106,8 +106,13 @@ def start_pool(
                 old.resize(workers)
             old.start()
             return old
-        if workers is None and isinstance(old, LocalBackend):
-            workers = old.workers  # a new start method keeps the size (a %pool resize since)
+        if isinstance(old, LocalBackend):
+            # One setting changed: the others stay, as %pool restart keeps them (a new
+            # recycling limit switched a spawn pool back to the default method).
+            workers = old.workers if workers is None else workers  # (a %pool resize since)
+            start_method = start_method or old.start_method
+            if max_tasks_per_child is None:
+                max_tasks_per_child = old.max_tasks_per_child
         new = LocalBackend(workers, start_method, max_tasks_per_child, max_memory=_max_memory)
         if old is not None:
             old.stop()

@@ -97,6 +97,22 @@ def test_rerun_failed_uses_the_new_definition_and_fills_the_gaps(ip, local_pool)
     assert mpmagic.last_failures() == []
 
 
+def test_rerun_failed_takes_a_fixed_function_and_refuses_what_it_would_ignore(ip, local_pool):
+    """``%pmap --rerun-failed inv_fixed, range(4)`` re-ran the old ``inv``, and
+    --bg, --errors, --star... were dropped without a word."""
+    run(ip, "def inv(x):\n    return 10 / (x % 3)\n")
+    run(ip, "%pmap -q --errors collect inv, range(6)")
+    for line, words in (("%pmap --rerun-failed inv, range(4)", "takes FUNC alone"),
+                        ("%pmap --rerun-failed --bg", "does not take --bg"),
+                        ("%pmap --errors raise --rerun-failed", "does not take --errors")):
+        result = ip.run_cell(line, store_history=False)
+        assert words in str(result.error_in_exec), line
+    assert len(mpmagic.last_failures()) == 2  # nothing ran
+    run(ip, "def inv_fixed(x):\n    return 10 / (x % 3) if x % 3 else 0.0\n")
+    assert run(ip, "%pmap --rerun-failed -qn 2 inv_fixed") == run(ip, "list(map(inv_fixed, range(6)))")
+    assert mpmagic.last_failures() == []
+
+
 def test_rerun_failed_after_a_raising_run_runs_what_never_ran(ip, local_pool):
     run(ip, "def sq(x):\n    if x == 5:\n        raise KeyError(x)\n    return x * x\n")
     ip.run_cell("%pmap -q --chunksize 2 sq, list(range(12))", store_history=False)

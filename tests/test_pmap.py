@@ -217,6 +217,14 @@ def test_bad_input_is_a_one_line_usage_error(ip, line, words, capsys):
     assert "Traceback" not in err.out + err.err
 
 
+@pytest.mark.parametrize("line", ["%pmap -qn 2 abs, [-1, -2]", "%pmap -qn2 abs, [-1, -2]", "%pmap -q\tabs, [-1, -2]",
+                                  "%pmap -n 2\t-q abs, [-1, -2]", "%pmap -q --chunksize\t1 abs, [-1, -2]"])
+def test_options_split_as_argparse_reads_them(ip, line, capsys):
+    """Combined short flags and tabs: ``-qn 2`` said "expected one argument"."""
+    assert run(ip, line) == [1, 2]
+    assert "pmap:" not in capsys.readouterr().out  # -q held
+
+
 def test_help_text_has_examples_and_every_option(ip):
     doc = ip.find_line_magic("pmap").__doc__
     for word in ("%pmap [options] FUNC, ITERABLE", "lambda x", "--star", "--compare", "--chunksize", "-q", "--workers"):

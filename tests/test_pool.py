@@ -105,7 +105,20 @@ def test_restart_applies_its_options_and_keeps_the_others(ip):
     backend = mpmagic.get_pool()
     assert (backend.workers, backend.start_method, backend.max_tasks_per_child) == (2, "spawn", 5)
     assert len(run(ip, "%pool").info["processes"]) == 2
-    mpmagic.use_local(2, "forkserver")
+    mpmagic.use_local(2, "forkserver", 0)
+
+
+def test_start_with_one_new_setting_keeps_the_others(ip):
+    """``%pool start --max-tasks-per-child 5`` on a spawn pool went back to the
+    default start method (a new pool from the given settings only)."""
+    run(ip, "%pool start -n 3 --start-method spawn")
+    run(ip, "%pool start --max-tasks-per-child 5")
+    backend = mpmagic.get_pool()
+    assert (backend.workers, backend.start_method, backend.max_tasks_per_child) == (3, "spawn", 5)
+    run(ip, "%pool start --start-method forkserver")
+    backend = mpmagic.get_pool()
+    assert (backend.workers, backend.start_method, backend.max_tasks_per_child) == (3, "forkserver", 5)
+    mpmagic.use_local(2, "forkserver", 0)
 
 
 @pytest.mark.parametrize("line, first", [
@@ -154,6 +167,11 @@ def test_workers_more_than_the_pool_grows_it_for_good_and_says_so(capfd):
         assert mpmagic.get_pool().workers == 3
         mpmagic.pmap(abs, [-1], workers=3)
         assert "grew" not in capfd.readouterr().err  # (once: it has 3 now)
+        # More than the machine runs is refused, and nothing says it grew (it said so, then refused).
+        with pytest.raises(mpmagic.UsageError, match="more processes than this machine can run"):
+            mpmagic.pmap(abs, [-1], workers=100_000)
+        assert "grew" not in capfd.readouterr().err
+        assert mpmagic.get_pool().workers == 3
     finally:
         mpmagic.stop_pool()
 

@@ -676,10 +676,12 @@ class LocalBackend:
                 raise UsageError(f"-n {job.size} is more ranks than this machine can run at once (at most {cap})")
         elif workers and workers > self.workers:
             # The pool grows for good (starting workers for one call and stopping
-            # them after would cost every such call their start): say so once.
-            sys.stderr.write(f"mpmagic: the pool grew from {self.workers} to {workers} workers for workers={workers} "
-                             f"(-n {workers}) and stays that size: %pool resize {self.workers} shrinks it\n")
+            # them after would cost every such call their start): say so once,
+            # after the resize took it (more than the machine runs is refused).
+            before = self.workers
             self.resize(workers)
+            sys.stderr.write(f"mpmagic: the pool grew from {before} to {workers} workers for workers={workers} "
+                             f"(-n {workers}) and stays that size: %pool resize {before} shrinks it\n")
         else:
             limit = workers
         if isinstance(job, MapJob):  # warm: modules the function needs, sent ahead of it
