@@ -329,11 +329,12 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def find_unpicklable(obj: Any, root: str, max_depth: int = 6) -> tuple[str, Any] | None:
+def find_unpicklable(obj: Any, root: str, max_depth: int = 6, chain: list | None = None) -> tuple[str, Any] | None:
     """Depth-first search for the innermost part that cannot be pickled.
 
     Returns ``("query -> conn", <the object>)`` or None when every part on its
-    own pickles (the failure then comes from ``obj`` itself).
+    own pickles (the failure then comes from ``obj`` itself). ``chain``, if
+    given, receives the objects along that path, outermost first.
     """
     seen: set[int] = set()
 
@@ -345,6 +346,8 @@ def find_unpicklable(obj: Any, root: str, max_depth: int = 6) -> tuple[str, Any]
             if _picklable(child):
                 continue
             deeper = walk(child, f"{path} -> {name}", depth + 1)
+            if chain is not None:
+                chain.insert(0, child)
             return deeper or (f"{path} -> {name}", child)
         return None
 
@@ -398,9 +401,9 @@ def advice_for(bad: Any) -> str:
     )
 
 
-def describe_unpicklable(obj: Any, root: str, exc: BaseException) -> tuple[str, Any]:
+def describe_unpicklable(obj: Any, root: str, exc: BaseException, chain: list | None = None) -> tuple[str, Any]:
     """``("`query -> conn` is a sqlite3.Connection, which cannot be pickled (...)", part)``."""
-    found = find_unpicklable(obj, root)
+    found = find_unpicklable(obj, root, chain=chain)
     path, bad = found if found is not None else (root, obj)
     return (
         f"`{path}` is a {_type_name(bad)}, which cannot be pickled "
@@ -412,15 +415,34 @@ def describe_unpicklable(obj: Any, root: str, exc: BaseException) -> tuple[str, 
 _MP_SHARED = "should only be shared between processes through inheritance"  # multiprocessing's own refusal
 
 
+#: multiprocessing objects mpmagic has no helper of its own for (the advice names one
+#: that can be sent instead).
+_NO_HELPER = {"Semaphore", "BoundedSemaphore", "Condition", "Barrier", "JoinableQueue"}
+
+
+def _advice_for_mp_shared(parts: list) -> str:
+    """A multiprocessing Queue, Value, Lock...: it reaches only the processes started
+    with it, and the pool's workers were not. mpmagic's helpers are made for this;
+    for what it has none of, a Manager's proxies can be sent. ``parts``: the
+    objects on the path to what failed, outermost first (a Barrier fails on the
+    lock of its Condition: the Barrier decides)."""
+    kind = next((type(o).__name__ for o in parts if type(o).__module__.startswith("multiprocessing.")), "")
+    if kind in _NO_HELPER:
+        return (f"A multiprocessing {kind} reaches only the processes started with it, and mpmagic has no {kind} of "
+                f"its own: a multiprocessing.Manager()'s can be sent to running workers (m = multiprocessing.Manager(), "
+                f"then m.{kind}(...); each use is a round trip to the manager's process). mpmagic.Queue, Value, Array, "
+                "Lock, RLock and Event are made for tasks (docs/shared.md).")
+    return ("A multiprocessing Queue, Value, Array or Lock reaches only the processes started with it: use "
+            "mpmagic's, made for tasks: mpmagic.Queue(), mpmagic.Value('i', 0), mpmagic.Array('d', n), "
+            "mpmagic.Lock(), RLock(), Event() (docs/shared.md).")
+
+
 def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     """A message that names the variable, its type, its path, and the fix."""
-    text, bad = describe_unpicklable(obj, _root_name(obj, what), exc)
+    chain: list = []
+    text, bad = describe_unpicklable(obj, _root_name(obj, what), exc, chain)
     if _MP_SHARED in text:
-        # A multiprocessing Queue, Value, Array or Lock: it reaches only processes
-        # started with it, and the pool's workers were not. mpmagic's helpers are made for this.
-        advice = ("A multiprocessing Queue, Value, Array or Lock reaches only the processes started with it: use "
-                  "mpmagic's, made for tasks: mpmagic.Queue(), mpmagic.Value('i', 0), mpmagic.Array('d', n), "
-                  "mpmagic.Lock() (docs/shared.md).")
+        advice = _advice_for_mp_shared([obj, *chain])
     else:
         advice = advice_for(bad)
     return f"cannot send {what} to the workers: {text}. {advice}"

@@ -121,6 +121,15 @@ def open_fd(name: str) -> int:
     return compat.shm_open(_path(name), os.O_RDWR, 0o600)
 
 
+def exists(name: str) -> bool:
+    """Is there a segment ``name`` (not unlinked by its owner)?"""
+    try:
+        os.close(open_fd(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def unlink(name: str) -> bool:
     """Remove segment ``name``; False if it was already gone."""
     try:

@@ -351,6 +351,9 @@ UNSENDABLE = """
 import io, socket, sqlite3, threading, multiprocessing
 lock = threading.Lock()
 mp_queue, mp_value = multiprocessing.Queue(), multiprocessing.Value("i", 0)
+mp_barrier = multiprocessing.Barrier(2)
+def with_mp_barrier(x):
+    mp_barrier.wait()
 def with_mp_queue(x):
     mp_queue.put(x)
 def with_mp_value(x):
@@ -394,6 +397,9 @@ CANNOT_SEND = [
     # (the advice said "a thread lock" and "create it inside the function": a counter would count alone)
     ("with_mp_queue", "`with_mp_queue -> mp_queue", "use mpmagic's, made for tasks: mpmagic.Queue()"),
     ("with_mp_value", "`with_mp_value -> mp_value", "use mpmagic's, made for tasks: mpmagic.Queue()"),
+    # (it fails on the lock of its Condition, and the advice named mpmagic's Queue, Value, Array, Lock)
+    ("with_mp_barrier", "`with_mp_barrier -> mp_barrier -> _cond",
+     "mpmagic has no Barrier of its own: a multiprocessing.Manager()'s can be sent to running workers"),
 ]
 
 

@@ -451,7 +451,14 @@ def test_value_and_array_api(ip):
     shared_lock = mpmagic.RLock()
     x = mpmagic.Value("i", 0, lock=shared_lock)
     y = mpmagic.Array("i", 3, lock=shared_lock)
-    assert x.get_lock() is y.get_lock()
+    assert x.get_lock() is y.get_lock() is shared_lock  # the lock given, as the stdlib's get_lock()
+    # numpy views of every typecode ('g': ctypes' buffer format '<g' is one numpy refuses)
+    g = mpmagic.Array("g", [1.5, 2.5])
+    assert g.as_numpy().dtype == np.longdouble and np.asarray(g).tolist() == [1.5, 2.5]
+    # floats into an integer array: TypeError, as the stdlib's (it was cut to [1, 2])
+    with pytest.raises(TypeError, match="float64"):
+        mpmagic.Array("i", np.array([1.7, 2.9]))
+    assert mpmagic.Array("d", np.arange(3))[:] == [0.0, 1.0, 2.0]  # (ints into floats stay fine)
     assert pickle.loads(pickle.dumps(a)) is a  # the same object in the owner
     with pytest.raises(AttributeError, match="'c'"):
         a.value  # noqa: B018
@@ -694,6 +701,22 @@ def test_queue_backlogs_survive_a_pool_restart(ip):
         assert run(ip, "sorted((i, j) for i, j, _ in lq)") == _expected(4, 15)
     finally:
         drop(ip, "lq", "produce")
+
+
+def test_a_dropped_queues_backlogs_are_not_spilled_at_a_workers_exit(ip):
+    """Workers holding a backlog of a queue the notebook has dropped wrote it to
+    a spill segment when they stopped: nobody could read it, nor removed it, and
+    every restart after left another one until the kernel exited."""
+    ensure_pool("forkserver")
+    run(ip, "import mpmagic\ndq = mpmagic.Queue(capacity=4096)\nstem = dq._stem.lstrip('/')")
+    stem = run(ip, "stem")
+    run(ip, "%%parallel -n 2 -q\nfor i in range(1000):\n    dq.put(b'z' * 200)\n")  # the ring holds ~15
+    run(ip, "del dq")
+    try:
+        run(ip, "%pool restart")
+        assert [n for n in os.listdir("/dev/shm") if stem in n] == []
+    finally:
+        drop(ip, "stem")
 
 
 def test_a_bounded_queue_of_items_larger_than_its_free_ring_never_sleeps_a_slice(monkeypatch):

@@ -408,6 +408,8 @@ def _hand_over(local: _Local) -> None:
     """Drain one backlog into the ring, or spill what does not drain at once."""
     if local.owner_pid == base._PID or local.ring is None or not _alive(local.owner_pid):
         return
+    if not posixshm.exists(local.ring.seg.name):
+        return  # the notebook dropped the queue: nobody could read a spill, nor would remove it
     try:
         if not local.wait_empty(_EXIT_WAIT):
             _spill(local.ring, local)
@@ -462,7 +464,7 @@ def _spill(ring: _Ring, local: _Local) -> None:
         else:
             t[i + _S_PID] = t[i + _S_ITEMS] = 0
             ring.w[_W_SLOTS_USED] -= 1
-    if not items:
+    if not items or not posixshm.exists(ring.seg.name):  # (dropped meanwhile: the owner's cleanup missed it)
         _unlink(name, "shared_memory")
     with local.lock:
         local.backlog.clear()

@@ -88,6 +88,8 @@ class _Synchronized(_Helper):
         """The lock that guards the data (an RLock unless one was given)."""
         if self._lock is None:
             raise UsageError(f"{self._describe()} was made with lock=False: it has no lock")
+        if self._spec[2] == "given":
+            return self._spec[3]  # the lock it was given, itself (as the stdlib's get_lock() is)
         return self._lock
 
     def get_obj(self) -> Any:
@@ -144,6 +146,11 @@ class SharedValue(_Synchronized):
         return f"<mpmagic.Value {self._spec[0]!r} {self._obj.value!r}>"
 
 
+#: Typecodes whose numpy view is made from the bytes with this dtype: ctypes
+#: describes c_wchar and c_longdouble in buffer formats numpy refuses ('<g').
+_NO_BUFFER_FORMAT: dict[str, Any] = {"u": lambda np: np.dtype("<U1"), "g": lambda np: np.dtype(np.longdouble)}
+
+
 class SharedArray(_Synchronized):
     """A fixed-size array in shared memory, like ``multiprocessing.Array``.
 
@@ -195,8 +202,9 @@ class SharedArray(_Synchronized):
         """A numpy array over the shared memory (no copy, no lock)."""
         import numpy
 
-        if self._spec[0] == "u":
-            return numpy.frombuffer(self._seg.mmap, dtype=f"<U{1}", count=len(self), offset=_HEADER)
+        if self._spec[0] in _NO_BUFFER_FORMAT:  # (ctypes' buffer format for these is one numpy cannot read)
+            dtype = _NO_BUFFER_FORMAT[self._spec[0]](numpy)
+            return numpy.frombuffer(self._seg.mmap, dtype=dtype, count=len(self), offset=_HEADER)
         return numpy.ctypeslib.as_array(self._obj)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> Any:
