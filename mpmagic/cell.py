@@ -75,6 +75,7 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
     if tree is None:
         tree = astlock.parse(source)
     updated = {t.id for node in ast.walk(tree) for t in _updated_targets(node)}
+    own = _bound_before_read(tree) if isinstance(tree, ast.Module) else set()
     names: set[str] = set()
     scopes = [symtable.symtable(source, filename, "exec")]
     while scopes:
@@ -84,17 +85,66 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
             name = sym.get_name()
             read = sym.is_referenced() or name in updated
             if kind == "module":
-                wanted = read
+                wanted = read and name not in own
             elif kind == "class":
                 # A class body looks a name up in itself, then in the globals: one it
                 # both reads and binds (x = x + 1) still reads the notebook's first.
-                wanted = read and not sym.is_free()
+                wanted = read and not sym.is_free() and name not in own
             else:
-                wanted = read and sym.is_global()
+                wanted = read and sym.is_global() and name not in own
             if wanted:
                 names.add(name)
         scopes.extend(scope.get_children())
     return names | _names_in_code_strings(tree)
+
+
+def _bound_before_read(tree: ast.Module) -> set[str]:
+    """Names the cell's top level binds for sure before anything in it reads them.
+
+    ``q = rank * 10`` then ``q``: serial code never reads the notebook's ``q``,
+    so it is not sent (an unpicklable one failed the cell). Statements are
+    taken in order; a read anywhere in one (its nested functions included, a
+    ``del``, an augmented assignment) counts before what it binds, and only
+    an assignment, an import or a ``def``/``class`` at the top level binds
+    for sure (not one inside an ``if``, a loop or a ``try``).
+    """
+    bound: set[str] = set()
+    read_first: set[str] = set()
+    for statement in tree.body:
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Store) and node.id not in bound:
+                read_first.add(node.id)
+            for target in _updated_targets(node):
+                if target.id not in bound:
+                    read_first.add(target.id)
+        bound |= _binds(statement)
+    return bound - read_first
+
+
+def _binds(statement: ast.stmt) -> set[str]:
+    """The names a top-level statement binds whenever it completes."""
+    if isinstance(statement, ast.Assign):
+        return {n.id for t in statement.targets for n in _plain_names(t)}
+    if isinstance(statement, ast.AnnAssign) and statement.value is not None:
+        return {n.id for n in _plain_names(statement.target)}
+    if isinstance(statement, ast.Import):
+        return {a.asname or a.name.partition(".")[0] for a in statement.names}
+    if isinstance(statement, ast.ImportFrom):
+        return {a.asname or a.name for a in statement.names if a.name != "*"}
+    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {statement.name}
+    return set()
+
+
+def _plain_names(target: ast.expr) -> list[ast.Name]:
+    """The names an assignment target binds (``a``, ``a, *b``; not ``x.a`` or ``x[0]``)."""
+    if isinstance(target, ast.Name):
+        return [target]
+    if isinstance(target, ast.Starred):
+        return _plain_names(target.value)
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return [n for t in target.elts for n in _plain_names(t)]
+    return []
 
 
 def _names_in_code_strings(tree: ast.AST) -> set[str]:

@@ -193,6 +193,11 @@ def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
     assert cell(ip, "-n 2 -q", body) == [[11, 12, 0, 2], [11, 12, 2, 2]]
     with pytest.raises(mpmagic.SerializationError, match="cannot send z"):
         cell(ip, "-n 2 -q", "z")  # (read at the top level: it must go, and cannot)
+    # Bound at the top level before anything reads it: the cell's own, never the notebook's.
+    assert cell(ip, "-n 2 -q", "z = rank * 10\ndef f():\n    return z + 1\nimport os as r\nf(), r.sep") \
+        == [(1, "/"), (11, "/")]
+    with pytest.raises(mpmagic.SerializationError, match="cannot send z"):
+        cell(ip, "-n 2 -q", "if rank:\n    z = 1\nz")  # (bound only on some paths: the notebook's may be read)
 
 
 def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, capsys):
