@@ -183,21 +183,23 @@ def names(prefix: str) -> list[str]:
         return []
 
 
+#: Every name a shared helper creates starts with this (/dev/shm/mpsh<pid>_...,
+#: /dev/shm/sem.mpsh<pid>_...); the pool's own segments with "mpm_<pid>_".
+HELPER_PREFIX = "mpsh"
+
+
 def sweep(prefix: str, dead_owner: bool = False) -> int:
     """Unlink the segments named ``prefix...``; returns how many.
 
     ``dead_owner``: only those whose name carries, right after ``prefix``, the
-    pid of a process that no longer runs (``mpm_<pid>_...``): the leftovers of
-    a notebook killed before it could clean up.
+    pid of a process that no longer runs and then ``_`` (``mpm_<pid>_...``):
+    the leftovers of a notebook killed before it could clean up.
     """
     n = 0
     for name in names(prefix):
         if dead_owner:
-            try:
-                pid = int(name[len(prefix) :].split("_", 1)[0])
-            except ValueError:
-                continue
-            if pid_alive(pid):
+            owner, sep, _ = name[len(prefix) :].partition("_")
+            if not sep or not owner.isdigit() or pid_alive(int(owner)):
                 continue
         if unlink(name):
             n += 1

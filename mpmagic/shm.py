@@ -281,8 +281,10 @@ def _cleanup_at_exit() -> None:
 
 
 def sweep_stale() -> int:
-    """Unlink segments left by notebooks that died without cleaning up. Returns how many."""
-    return posixshm.sweep("mpm_", dead_owner=True)
+    """Unlink segments (the pool's, and shared helpers' with their semaphores) left by
+    notebooks that died without cleaning up. Returns how many."""
+    helpers = posixshm.HELPER_PREFIX
+    return sum(posixshm.sweep(prefix, dead_owner=True) for prefix in ("mpm_", helpers, "sem." + helpers))
 
 
 def sweep_worker(pid: int | None) -> int:
@@ -293,8 +295,10 @@ def sweep_worker(pid: int | None) -> int:
 
 
 def sweep_notebook(pid: int) -> int:
-    """Unlink every segment of notebook ``pid`` (a worker whose notebook was killed)."""
-    return posixshm.sweep(f"mpm_{pid}_")
+    """Unlink every segment of notebook ``pid``, and the shared helpers it made (a
+    worker whose notebook was killed: with its process group, its resource tracker too)."""
+    helpers = f"{posixshm.HELPER_PREFIX}{pid}_"
+    return sum(posixshm.sweep(prefix) for prefix in (f"mpm_{pid}_", helpers, "sem." + helpers))
 
 
 #: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks).

@@ -703,6 +703,33 @@ def test_queue_backlogs_survive_a_pool_restart(ip):
         drop(ip, "lq", "produce")
 
 
+def test_helpers_of_a_notebook_killed_with_its_process_group_are_swept():
+    """Jupyter's "shut down now" kills the kernel's whole process group, its
+    resource tracker too: a Queue's and a Value's names stayed in /dev/shm for
+    good (nothing in them said whose they were). They carry the creator's pid
+    now, and the next pool start (shm.sweep_stale) removes a dead one's."""
+    from mpmagic import shm
+
+    code = ("import mpmagic, sys\nq = mpmagic.Queue()\nv = mpmagic.Value('i', 0)\nq.put(1)\n"
+            "print('ready', flush=True)\nsys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        mine = f"{shared.PREFIX}{proc.pid}_"
+        made = sorted(n for n in os.listdir(SHM) if n.startswith((mine, "sem." + mine)))
+        assert len(made) == 2 + 7  # two segments; the queue's six semaphores and the value's lock
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert sorted(n for n in os.listdir(SHM) if n.startswith((mine, "sem." + mine))) == made  # none cleans
+        shm.sweep_stale()
+        assert [n for n in os.listdir(SHM) if n.startswith((mine, "sem." + mine))] == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
 def test_a_dropped_queues_backlogs_are_not_spilled_at_a_workers_exit(ip):
     """Workers holding a backlog of a queue the notebook has dropped wrote it to
     a spill segment when they stopped: nobody could read it, nor removed it, and

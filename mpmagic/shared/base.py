@@ -55,7 +55,7 @@ class QueueClosed(MPMagicError, queue.Empty):
 
 _PID = os.getpid()
 #: Every name a helper creates starts with this (/dev/shm/mpsh..., /dev/shm/sem.mpsh...).
-PREFIX = "mpsh"
+PREFIX = posixshm.HELPER_PREFIX
 _SLICE = 0.25  # seconds a blocked call waits before checking on a lock's holder
 _SEMAPHORE = 1  # _multiprocessing.SemLock kind: a plain counting semaphore
 _SEM_MAX = getattr(_SemLock, "SEM_VALUE_MAX", 32767) if _SemLock else 0
@@ -72,8 +72,11 @@ def _alive(pid: int) -> bool:
 
 
 def _new_stem() -> str:
-    # Short (macOS allows 31 characters); "mpsh", apart from shm.py's "mpm_".
-    return "/" + PREFIX + secrets.token_hex(5)
+    """``/mpsh<pid>_<random>``: the creator's pid, so that what a notebook killed
+    with its whole process group left (Jupyter's "shut down now") is found and
+    removed by its workers, or at the next pool start (``shm.sweep_stale``).
+    Short: macOS allows 31 characters, and a spill adds ``.x<pid>``."""
+    return f"/{PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
 
 
 class _Segment:
