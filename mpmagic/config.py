@@ -15,6 +15,7 @@ before the next run after they change, never in the middle of one.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, observe
@@ -130,6 +131,7 @@ class MPMagic(Configurable):
         # Settings from ipython_config.py count as changed: the first run applies them.
         self._pool_pending = self.workers is not None or self.start_method is not None
         self._workers_pending = self.workers is not None
+        self._deferred_said = False  # the line that a new start method waits for runs in flight
 
     @observe("workers", "start_method")
     def _pool_setting_changed(self, change: dict) -> None:
@@ -160,8 +162,32 @@ class MPMagic(Configurable):
         if backend is None:
             pool.use_local(workers, method)
             return
+        if method and method != backend.start_method and backend.runs_in_flight():
+            # A new start method is a new pool: stopping this one would fail the
+            # runs in flight (a --bg run died at the next %pmap). It waits for them.
+            self._pool_pending = True
+            self._workers_pending = workers is not None
+            if not self._deferred_said:
+                self._deferred_said = True
+                sys.stderr.write(f"mpmagic: MPMagic.start_method = {method!r} applies once the runs in flight "
+                                 f"have ended; %pool restart applies it now and stops them\n")
+            if workers and workers != backend.workers:
+                backend.resize(workers)  # (a size needs no new pool)
+                self._workers_pending = False
+            return
+        self._deferred_said = False
         if (method and method != backend.start_method) or (workers and workers != backend.workers):
             pool.use_local(workers, method)
+
+    def take_pool_settings(self) -> tuple[int | None, str | None]:
+        """``(workers, start_method)`` changed by ``%config`` and not applied yet, now
+        taken (None for each that did not change): ``%pool start`` and ``%pool restart``
+        apply them, as the next run would."""
+        if not self._pool_pending:
+            return None, None
+        workers = self.workers if self._workers_pending else None
+        self._pool_pending = self._workers_pending = self._deferred_said = False
+        return workers, self.start_method
 
     def reset(self) -> None:
         """Every setting back to its default (for tests and ``%config``-happy sessions)."""

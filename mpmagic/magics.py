@@ -627,6 +627,12 @@ class MPMagics(Magics):
             if worker_setup.set_gpus(opts.gpus.split(",")) and current is not None and current.running \
                     and action == "start":
                 pool.restart_pool()
+        current = pool.current_pool()
+        if action in ("start", "restart") and (current is None or current.name == "local"):
+            # What %config changed and no run applied yet goes with this start or restart
+            # (the status it shows said the old start method, and the next run restarted again).
+            workers, method = config.current().take_pool_settings()
+            opts.workers, opts.start_method = opts.workers or workers, opts.start_method or method
         if action == "start":
             pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
                             max_memory=opts.max_memory)

@@ -351,6 +351,7 @@ def test_a_worker_over_max_memory_is_replaced_before_its_next_task(ip, one_worke
     second = mpmagic.pmap(ip.user_ns["pid_after"], [0])[0]
     assert second != first
     assert "over the pool's max_memory of 300 MB" in capfd.readouterr().err
+    assert mpmagic.pool_status().info["workers_replaced"] == 1  # (%pool said 0)
 
 
 def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, one_worker_with_limit):

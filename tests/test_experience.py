@@ -215,6 +215,35 @@ def test_config_start_method_keeps_the_size_a_resize_chose(ip, pool2, settings):
     assert (mpmagic.get_pool().start_method, mpmagic.get_pool().workers) == ("forkserver", 1)
 
 
+def test_config_start_method_waits_for_runs_in_flight(ip, pool2, settings, capfd):
+    """A --bg run in flight when %config changed the start method died at the
+    next %pmap ("the pool was stopped while this run was in flight"): the new
+    pool waits for it, and says so once."""
+    run(ip, "import time\ndef slow(x):\n    time.sleep(0.05)\n    return x\n")
+    run(ip, "bg = %pmap --bg -q slow, range(16)")
+    run(ip, "%config MPMagic.start_method = 'spawn'")
+    capfd.readouterr()
+    assert run(ip, "%pmap -q sq, range(4)") == [0, 1, 4, 9]
+    assert "applies once the runs in flight have ended" in capfd.readouterr().err
+    assert run(ip, "bg.result(timeout=30)") == list(range(16))
+    assert mpmagic.get_pool().start_method == "forkserver"
+    run(ip, "%pmap -q sq, range(4)")  # nothing in flight now: the next run applies it
+    assert mpmagic.get_pool().start_method == "spawn"
+
+
+def test_pool_restart_applies_what_config_changed(ip, pool2, settings):
+    """%pool restart after %config kept the old start method and size (its status
+    said so), and the next run restarted the pool a second time."""
+    run(ip, "%config MPMagic.start_method = 'spawn'")
+    run(ip, "%config MPMagic.workers = 1")
+    status = run(ip, "%pool restart")
+    assert (mpmagic.get_pool().start_method, mpmagic.get_pool().workers) == ("spawn", 1)
+    assert len(status.info["processes"]) == 1
+    pids = [p["pid"] for p in status.info["processes"]]
+    run(ip, "%pmap -q sq, range(4)")
+    assert [p["pid"] for p in run(ip, "%pool").info["processes"]] == pids  # (not restarted again)
+
+
 def test_pool_local_takes_the_config_settings_the_line_does_not_give(ip, pool2, settings):
     """Leaving Dask with %pool local made the local pool at the defaults (2
     workers, forkserver) though %config said otherwise."""

@@ -652,6 +652,11 @@ class LocalBackend:
             "kept": _kept_line(workers),  # %%parallel --keep (ranks.py)
         }
 
+    def runs_in_flight(self) -> int:
+        """How many runs are submitted and not yet over (foreground and background)."""
+        with self._lock:
+            return len(self._runs)
+
     # -- submitting (any thread) ----------------------------------------------
     def submit(self, job: Job, workers: int | None = None, background: bool = False) -> _LocalRun:
         """Hand ``job`` to the manager; returns its run at once.
@@ -1267,6 +1272,7 @@ class LocalBackend:
         for slot in list(self.slots):
             worn = self.max_tasks_per_child is not None and slot.tasks >= self.max_tasks_per_child
             if not slot.busy and (worn or slot.over_memory):
+                self.workers_replaced += slot.over_memory  # (as a crash or a timeout: %pool counts it)
                 self._retire(slot)
                 if not slot.temporary:
                     self.slots.append(self._spawn())
