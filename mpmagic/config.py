@@ -10,7 +10,8 @@ and given a default in ``ipython_config.py``::
 The magics read these settings for every option the user did not give; the
 plain API (``mpmagic.pmap(...)``) does not: it takes explicit arguments.
 Pool settings (``workers``, ``start_method``) are applied to the local pool
-before the next run after they change, never in the middle of one.
+before the next run after they change (or by ``%pool start``/``restart``),
+never in the middle of one: a new start method waits for the runs in flight.
 """
 
 from __future__ import annotations
