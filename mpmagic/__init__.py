@@ -177,7 +177,27 @@ def load_ipython_extension(ipython: Any) -> None:
     pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
     if _after_cell not in ipython.events.callbacks["post_run_cell"]:  # warm: idle workers import
         ipython.events.register("post_run_cell", _after_cell)  # what each cell imported
+    ipython.observe(_at_shutdown, names="exit_now")
     _prestart_pool()
+
+
+def _at_shutdown(change: Any) -> None:
+    """The shell is about to exit (``exit_now``: a kernel's shutdown request, ``exit``):
+    stop the pool and free its shared memory and the helpers now.
+
+    ipykernel then stops its child processes and waits for them; the
+    resource tracker ignores SIGTERM, so Jupyter ends the kernel with a
+    signal ~2.5 s later, and no exit hook runs: the pool's segments stayed
+    in /dev/shm until another notebook's pool swept them.
+    """
+    if not change["new"]:
+        return
+    from . import pool
+
+    try:
+        pool.release_everything()
+    except Exception:  # never in the way of the shutdown
+        logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
 
 
 def _after_cell(*_args: Any) -> None:
@@ -236,6 +256,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     from .errors import uninstall_display
 
     pool.shutdown()
+    ipython.unobserve(_at_shutdown, names="exit_now")
     uninstall_display(ipython)
     if _after_cell in ipython.events.callbacks["post_run_cell"]:
         ipython.events.unregister("post_run_cell", _after_cell)

@@ -9,6 +9,7 @@ by ``status.PoolStatus``.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Any
 
@@ -232,10 +233,22 @@ def shutdown() -> None:
         _backend = None
 
 
+def release_everything() -> None:
+    """Stop every pool and free all this process's shared memory and helpers now:
+    what its exit hooks do, for a kernel whose exit hooks may not run."""
+    from . import shm
+    from .backends import local
+
+    shutdown()
+    local.stop_all()
+    if "mpmagic.backends.dask" in sys.modules:  # (never imported: no Dask pool to stop)
+        sys.modules["mpmagic.backends.dask"].stop_all()
+    shm.release_all()
+    _shared_base.release_all()
+
+
 def pool_status() -> PoolStatus:
     """Status of the current backend (does not start it), with the background runs if any."""
-    import sys
-
     background = sys.modules.get("mpmagic.background")  # none were started if it is not imported
     rows = background.runs().rows() if background is not None else []
     return PoolStatus(get_pool().status(), runs=rows)

@@ -260,14 +260,16 @@ def cleanup() -> None:
     """Unlink every segment the notebook lent to workers (pool stop, exit).
 
     Arrays made by :func:`share` stay: they belong to the notebook's
-    variables, not to a pool (see :func:`_cleanup_at_exit`).
+    variables, not to a pool (see :func:`release_all`).
     """
     if _pool is not None:
         _pool.clear()
 
 
 @atexit.register
-def _cleanup_at_exit() -> None:
+def release_all() -> None:
+    """Unlink every segment this process made (the pool's, and ``share()`` arrays):
+    what its exit does, and what a kernel asked to shut down does first."""
     # Each step on its own: one failing must not leave the others' segments.
     try:
         cleanup()

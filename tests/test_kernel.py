@@ -309,6 +309,27 @@ def _shm_paths(procs: list[psutil.Process]) -> set[str]:
     return paths
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /dev/shm")
+def test_a_normal_shutdown_leaves_nothing_in_dev_shm():
+    """Jupyter's "Shut down kernel" (a shutdown request): ipykernel stops its
+    children and waits; the resource tracker ignores SIGTERM, so the kernel is
+    ended by a signal and no exit hook ran: its pool's segments stayed in
+    /dev/shm. mpmagic cleans up when the shell is told to exit."""
+    k = Kernel()
+    try:
+        k.ok("%load_ext mpmagic\n%pool start -n 2\nimport numpy as np, mpmagic\n"
+             "q, v = mpmagic.Queue(), mpmagic.Value('i', 0)\n"
+             "r = %pmap -q lambda a: float(a.sum()), [np.ones(300_000)] * 4")
+        mine = (f"mpm_{k.pid}_", f"mpsh{k.pid}_", f"sem.mpsh{k.pid}_")
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(mine)]  # (the check below means something)
+        k.kc.stop_channels()
+        k.km.shutdown_kernel(now=False)
+        assert [n for n in os.listdir("/dev/shm") if n.startswith(mine)] == []
+    finally:
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and /dev/shm")
 def test_killing_the_kernel_leaves_no_worker_segment_or_semaphore():
     k = Kernel()

@@ -27,7 +27,7 @@ def _exit_cleanup_survives_one_failure(module, monkeypatch, caplog) -> None:
     first, second = _Stops(fails=True), _Stops(fails=False)
     monkeypatch.setattr(module, "_live_backends", [first, second])
     with caplog.at_level(logging.WARNING, logger="mpmagic"):
-        module._stop_all_at_exit()
+        module.stop_all()
     assert first.stopped and second.stopped
     assert any("at exit failed" in r.getMessage() and r.exc_info for r in caplog.records), caplog.text
 

@@ -80,7 +80,8 @@ _live_backends: weakref.WeakSet = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_all_at_exit() -> None:
+def stop_all() -> None:
+    """Stop every Dask pool (exit, or a kernel asked to shut down)."""
     for backend in list(_live_backends):
         try:
             backend.stop(timeout=1.0)

@@ -25,7 +25,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.util  # noqa: F401  (before our exit hook: see _stop_all_at_exit)
+import multiprocessing.util  # noqa: F401  (before our exit hook: see stop_all)
 import os
 import selectors
 import signal
@@ -244,7 +244,7 @@ _setup_keys = itertools.count()
 
 
 @atexit.register
-def _stop_all_at_exit() -> None:
+def stop_all() -> None:
     """Stop every pool at exit, before multiprocessing's own exit hook.
 
     Exit hooks run last registered, first run. multiprocessing's (which

@@ -134,8 +134,24 @@ def _unlink(name: str, rtype: str) -> None:
         log.debug("resource tracker unregister of %s failed", name, exc_info=True)
 
 
+#: This process's live helpers' finalizers, by stem (see :func:`release_all`).
+_owned: dict[str, Any] = {}
+
+
+def release_all() -> None:
+    """Release every helper this process made, now: what its exit would do.
+
+    For a kernel asked to shut down, whose exit hooks may never run (see
+    ``mpmagic._at_shutdown``); a helper used after this says it is gone.
+    """
+    for finalizer in list(_owned.values()):
+        finalizer()
+
+
 def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any = None) -> None:
     """Finalizer of an owned helper: unlink its names (only in the owner process)."""
+    if names:
+        _owned.pop(names[0][0], None)
     if on_release is not None:
         on_release()
     if os.getpid() != owner_pid:
@@ -344,7 +360,7 @@ class _Helper:
         except BaseException:
             _release_names(names, _PID)
             raise
-        weakref.finalize(self, _release_names, names, _PID, self._on_release())
+        _owned[self._stem] = weakref.finalize(self, _release_names, names, _PID, self._on_release())
         with _registry_lock:
             _registry[self._stem] = self
         return self
