@@ -75,7 +75,7 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
     if tree is None:
         tree = astlock.parse(source)
     updated = {t.id for node in ast.walk(tree) for t in _updated_targets(node)}
-    own = _bound_before_read(tree) if isinstance(tree, ast.Module) else set()
+    own = _bound_before_read(tree) if isinstance(tree, ast.Module) and not _reads_by_name(tree) else set()
     names: set[str] = set()
     scopes = [symtable.symtable(source, filename, "exec")]
     while scopes:
@@ -96,6 +96,13 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
                 names.add(name)
         scopes.extend(scope.get_children())
     return names | _names_in_code_strings(tree)
+
+
+def _reads_by_name(tree: ast.AST) -> bool:
+    """Does the code read names in a way no scan sees (``eval(expr)``, ``globals()``)?
+    Then every name it reads is sent, even one it binds before any visible read."""
+    return any(isinstance(node, ast.Name) and node.id in ("eval", "exec", "globals", "vars", "locals")
+               for node in ast.walk(tree))
 
 
 def _bound_before_read(tree: ast.Module) -> set[str]:

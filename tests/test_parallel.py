@@ -196,6 +196,8 @@ def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
     # Bound at the top level before anything reads it: the cell's own, never the notebook's.
     assert cell(ip, "-n 2 -q", "z = rank * 10\ndef f():\n    return z + 1\nimport os as r\nf(), r.sep") \
         == [(1, "/"), (11, "/")]
+    run(ip, "K_EXPR = 'K + 1'")  # (read by eval, which no scan sees: K still goes)
+    assert cell(ip, "-n 2 -q", "v = eval(K_EXPR)\nK = rank\nv, K") == [(11, 0), (11, 1)]
     with pytest.raises(mpmagic.SerializationError, match="cannot send z"):
         cell(ip, "-n 2 -q", "if rank:\n    z = 1\nz")  # (bound only on some paths: the notebook's may be read)
 

@@ -77,11 +77,11 @@ def Array(typecode: Any, size_or_initializer: Any, lock: Any = True) -> SharedAr
         ) from None
     arr = SharedArray._make(typecode, length, lock)
     if type(init).__module__ == "numpy" and arr._spec[0] not in "cu":
-        import numpy
-
-        # same_kind: floats into an integer array raise TypeError, as the stdlib's
-        # does (a slice assignment cut 1.7 to 1 without a word)
-        numpy.copyto(arr.as_numpy(), init, casting="same_kind")
+        view = arr.as_numpy()
+        if init.dtype.kind == "f" and view.dtype.kind in "iu":
+            # floats into an integer array: TypeError, as the stdlib's (1.7 became 1 without a word)
+            raise TypeError(f"mpmagic.Array: cannot store {init.dtype} values in an integer array {arr._spec[0]!r}")
+        view[:] = init
     else:
         arr._obj[:] = init if isinstance(init, (bytes, str, list)) else list(init)
     return arr
