@@ -9,16 +9,11 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
+from conftest import ensure_pool, run
 
 from mpmagic.api import _equal
 from mpmagic.fmt import fmt_seconds
-from mpmagic.report import Report
-
-
-def _report(**kw) -> Report:
-    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
-                wall=1.0, task_seconds=1.8, chunks=8, chunksize="auto (1)")
-    return Report(**{**base, **kw})
 
 
 def test_the_unit_is_picked_after_rounding():
@@ -36,3 +31,24 @@ def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():
         assert _equal(value, pickle.loads(pickle.dumps(value))), value
     for a, b in [((np.array([1, 2]), 1.0), (np.array([1, 3]), 1.0)), ({nan}, {1.0}), ((np.array([1]),), [np.array([1])])]:
         assert not _equal(a, b), (a, b)
+
+
+@pytest.fixture
+def pool2(ip):
+    backend = ensure_pool("forkserver")
+    backend.wait_ready()
+    return backend
+
+
+def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
+    """The serial time was one timing taken first: a slow first call here made
+    1 worker look faster than serial."""
+    import os
+
+    import mpmagic
+
+    ip.user_ns["HERE"] = os.getpid()
+    run(ip, "import os, time\ncalls = []\ndef first_slow(x):\n    if os.getpid() == HERE and not calls:\n"
+            "        calls.append(1)\n        time.sleep(0.2)\n    return x\n")
+    result = mpmagic.scaling.pmap_scaling(ip.user_ns["first_slow"], range(4), max_workers=1)
+    assert result.serial < 0.1 and result.points[0].speedup == result.serial / result.points[0].wall
