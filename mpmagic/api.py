@@ -814,9 +814,10 @@ class CellCall:
                     "an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
             raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}{hint}") from None
         if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
-            from .seeding import _check_seed
+            from .seeding import _check_seed, uses_numpy
 
             self.spec.seed = _check_seed(seed)
+            self.spec.seed_numpy = uses_numpy(code)
         self.gather = gather
         self.namespace = namespace
         self.backend = get_pool()

@@ -33,6 +33,40 @@ def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():
         assert not _equal(a, b), (a, b)
 
 
+def test_seeding_imports_no_numpy_into_a_notebook_without_it_and_gives_the_same_random_stream():
+    """--seed imported numpy into the notebook (inside --compare's timing); the
+    stream of ``random`` must not depend on whether numpy is there."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, random
+        from mpmagic.seeding import Seeded, rng
+        draw = lambda x: random.random()
+        a = Seeded(draw, 7, False)((3, 0))
+        assert 'numpy' not in sys.modules, 'seeding imported numpy'
+        r = Seeded(lambda x: float(rng().random()), 7, False)((3, 0))  # (rng() imports it: the task asked)
+        import numpy
+        assert Seeded(draw, 7, False).numpy and Seeded(draw, 7, False)((3, 0)) == a
+        assert r == numpy.random.default_rng(numpy.random.SeedSequence(7, spawn_key=(3,))).random()
+    """
+    import os
+
+    import mpmagic
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(mpmagic.__file__))}  # (this tree's mpmagic)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
+
+
+def test_the_pure_python_seed_words_are_numpys():
+    from mpmagic.seeding import _state_words
+
+    for seed in (0, 1, 7, 2**32 - 1, 2**32, 2**70 + 5):
+        for key in (0, 1, 5, 1000, 2**32 + 3):
+            want = [int(w) for w in np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(4)]
+            assert _state_words(seed, key) == want, (seed, key)
+
+
 @pytest.fixture
 def pool2(ip):
     backend = ensure_pool("forkserver")
