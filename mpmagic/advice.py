@@ -18,7 +18,8 @@ picked from the report's measurements, most specific first:
 * tasks too small for the cost of sending them (per chunk, compute time below
   the overhead the run actually paid per chunk);
 * too few items to keep every worker busy;
-* one slow item (or chunk, or rank) holding everything up.
+* one slow item (or chunk, or rank) holding everything up; when the run took
+  about as long as that one item, nothing but splitting the item helps.
 
 A good run gets no advice at all.
 """
@@ -147,6 +148,15 @@ def advise(report: Any) -> str | None:
     slowest, where = report.slowest_task, report.slowest_where
     ideal = report.task_seconds / workers
     if report.items >= workers and slowest and slowest > 0.5 * report.wall and slowest > 1.5 * ideal:
+        alone = where is not None and not where.startswith("the chunk")  # one item (or rank) ran alone
+        if alone and slowest >= 0.9 * report.wall:  # the run took as long as that item: nothing does better
+            share = slowest / max(report.task_seconds, slowest)
+            return (
+                f"one slow {'rank' if report.kind == 'parallel' else 'item'} is most of the work: {where} took "
+                f"{fmt_seconds(slowest)} ({share:.0%} of the task time) and the run {fmt_seconds(report.wall)}, "
+                "so no number of workers or chunk size finishes sooner: only splitting that "
+                f"{'rank' if report.kind == 'parallel' else 'item'}'s work into smaller pieces helps"
+            )
         return (
             f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
             f"of the {fmt_seconds(report.wall)} run while other workers waited: "

@@ -10,10 +10,17 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, interrupted_cell, run
 
 from mpmagic.api import _equal
 from mpmagic.fmt import fmt_seconds
+from mpmagic.report import Report
+
+
+def _report(**kw) -> Report:
+    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
+                wall=1.0, task_seconds=1.8, chunks=8, chunksize="auto (1)")
+    return Report(**{**base, **kw})
 
 
 def test_the_unit_is_picked_after_rounding():
@@ -31,6 +38,21 @@ def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():
         assert _equal(value, pickle.loads(pickle.dumps(value))), value
     for a, b in [((np.array([1, 2]), 1.0), (np.array([1, 3]), 1.0)), ({nan}, {1.0}), ((np.array([1]),), [np.array([1])])]:
         assert not _equal(a, b), (a, b)
+
+
+def test_one_item_that_is_the_whole_run_gets_no_chunksize_advice():
+    r = _report(items=4, wall=0.2029, task_seconds=0.204, slowest_task=0.2001, slowest_where="item 0", chunks=4,
+                chunksize="1")
+    assert r.advice is not None and "one slow item is most of the work" in r.advice and "--chunksize" not in r.advice
+    # A slow chunk of several items is still worth splitting.
+    r = _report(items=4, wall=0.2029, task_seconds=0.204, slowest_task=0.2001, slowest_where="the chunk of items 0-1",
+                chunks=2, chunksize="2")
+    assert r.advice is not None and "--chunksize 1" in r.advice
+
+
+def test_an_interrupted_runs_report_says_so():
+    r = _report(items=3, total=10, wall=0.25, interrupted=True)
+    assert r.line() == "pmap interrupted after 3 of 10 items finished, 250.0 ms" and r.advice is None
 
 
 def test_seeding_imports_no_numpy_into_a_notebook_without_it_and_gives_the_same_random_stream():
@@ -72,6 +94,17 @@ def pool2(ip):
     backend = ensure_pool("forkserver")
     backend.wait_ready()
     return backend
+
+
+def test_after_an_interrupt_last_report_is_that_runs_marked_interrupted(ip, pool2):
+    import mpmagic
+
+    run(ip, "import time\n_ = %pmap -q abs, range(3)")
+    shown, error = interrupted_cell(ip, "%pmap -q time.sleep, [0.2] * 12", after=0.5)
+    assert isinstance(error, KeyboardInterrupt)
+    report = mpmagic.last_report()
+    assert report is not None and report.interrupted and report.total == 12
+    assert report.line().startswith("pmap interrupted after ") and "of 12 items finished" in report.line()
 
 
 def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
