@@ -4,6 +4,8 @@ A run "did not pay" when it was slower than serial, or its efficiency
 (speedup / workers) is below :data:`LOW_EFFICIENCY`. The likely cause is
 picked from the report's measurements, most specific first:
 
+* a cell whose ranks each took as long as the whole cell serially (--compare:
+  the ranks repeat the work instead of splitting it);
 * one-time costs the next call will not pay, as the workers measured them:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
@@ -55,17 +57,10 @@ def did_not_pay(report: Any) -> bool:
 
 
 def oversubscribed(report: Any) -> bool:
-    """More local workers than cores, and the cores were saturated by the run's tasks.
-
-    The workers report the CPU seconds of their tasks; divided by the wall
-    time that is how many cores the run kept busy on average. Near all of
-    them, more workers than cores only take turns (waiting tasks, such as
-    I/O, use next to no CPU and are not counted).
-    """
-    cores, workers = report.cores, max(1, report.workers)
-    if not cores or workers <= cores or report.cpu_seconds is None or report.wall <= 0:
-        return False
-    return report.cpu_seconds / report.wall > 0.75 * cores
+    """More workers ran CPU-bound tasks at once than there are usable cores
+    (``Report.waited_for_cores``: from the chunks' start and end times and the
+    tasks' CPU time, so a pool that grew, or ranks that start together, count)."""
+    return bool(report.waited_for_cores)
 
 
 def threads_oversubscribed(report: Any) -> float | None:
@@ -95,6 +90,7 @@ def advise(report: Any) -> str | None:
         return None
     workers = max(1, report.workers)
     if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
+        workers = report.peak_busy or workers
         return (
             f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''} on "
             f"CPU-bound work, so they take turns (an estimated serial time counts their waiting): "
@@ -111,6 +107,9 @@ def advise(report: Any) -> str | None:
     if not did_not_pay(report):
         return None
     what = "ranks" if report.kind == "parallel" else "items"
+    repeated = _ranks_repeat_the_work(report)
+    if repeated:
+        return repeated
     once = _one_time(report)
     if once:
         return once
@@ -199,11 +198,28 @@ def advise(report: Any) -> str | None:
     )
 
 
+def _ranks_repeat_the_work(report: Any) -> str | None:
+    """--compare on a cell whose every rank took about as long as the whole cell serially here:
+    the ranks repeat the work instead of splitting it (no overhead explains that)."""
+    if report.kind != "parallel" or report.serial is None or report.serial <= 0 or report.items < 2:
+        return None
+    per_rank = report.task_seconds / report.items
+    if per_rank < 0.7 * report.serial:
+        return None
+    return (
+        f"each rank took about as long as the whole cell serially ({fmt_seconds(per_rank)} per rank against "
+        f"{fmt_seconds(report.serial)} here): the ranks repeat the work instead of sharing it; "
+        "give each rank its part, e.g. range(rank, n, size)"
+    )
+
+
 def _one_time(report: Any) -> str | None:
     """Name the one-time cost (imports, first loading, start) when it explains the loss."""
     o = report.one_time or {}
     total = o.get("total", 0.0)
-    lost = report.wall - report.task_seconds / max(1, report.workers)
+    # --compare measured the work: imports inside the tasks inflate their times, not the serial time.
+    work = report.serial if report.serial is not None and report.task_imports else report.task_seconds
+    lost = report.wall - work / max(1, report.workers)
     untimed = [n for n, t in (o.get("imports") or {}).items() if t is None]
     if untimed and total < ONE_TIME_SHARE * lost:
         # Imported by the tasks themselves (``import x`` in the function): inside their times.

@@ -100,6 +100,10 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
     return exc
 
 
+# Chunks whose (start, end) a job keeps to count the workers busy at once (then it stops keeping them).
+MAX_SPANS = 20_000
+
+
 @dataclass
 class Failed:
     """Stands in the results, with ``errors="collect"``, for an item that failed.
@@ -272,6 +276,7 @@ class MapJob:
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
                  chunk: Callable[[int, list], None] | None, ask_input: Callable[[], None] | None) -> tuple:
@@ -573,6 +578,8 @@ class MapJob:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
             self.one_time.note(meta)
+            if "end" in meta and len(self.spans) < MAX_SPANS:
+                self.spans.append((meta["start"], meta["end"]))
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         try:
@@ -905,6 +912,7 @@ class CellJob:
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of ranks: how many ran at once (report)
 
     def _rank_finished(self) -> None:
         if self._progress:
@@ -956,6 +964,8 @@ class CellJob:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
             self.one_time.note(meta)
+            if "end" in meta and len(self.spans) < MAX_SPANS:
+                self.spans.append((meta["start"], meta["end"]))
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         try:

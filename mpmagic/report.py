@@ -54,6 +54,14 @@ class Report:
     # function), ``start`` (workers starting), ``total`` (the most a worker paid).
     one_time: dict[str, Any] | None = None
     advice_enabled: bool = True
+    # What the estimate assumes, said on the line itself (see _estimate_text):
+    peak_busy: int | None = None  # most workers running tasks at the same moment (when measured)
+    over_cores_seconds: float = 0.0  # how long more workers than cores ran tasks at once
+    task_imports: tuple[str, ...] = ()  # modules the tasks imported in the workers during this run
+    task_import_workers: int = 0  # how many workers did (each one's import is in the task times)
+    capped_threads: int | None = None  # BLAS/OpenMP threads per worker, when capped below the cores
+    capped_libs: tuple[str, ...] = ()  # the threaded libraries the tasks use (numpy, torch...)
+    serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
 
     @property
     def serial_measured(self) -> bool:
@@ -84,6 +92,27 @@ class Report:
             return f"{self.items} rank{'s' if self.items != 1 else ''}"
         return f"{self.items} item{'s' if self.items != 1 else ''}"
 
+    @property
+    def waited_for_cores(self) -> bool:
+        """More workers ran CPU-bound tasks at once than there are usable cores, so
+        the task times (and an estimate from them) include waiting for a core.
+
+        Measured from the chunks' start and end times: more than ``cores`` of
+        them running at once for a tenth of the run or more, and tasks that
+        used at least 60 % of the CPU share such crowding leaves each one
+        (4 CPU-bound workers on 2 cores: about half a core each; sleeping or
+        I/O-bound tasks use next to none and wait for nothing). Without those
+        times, the average cores the tasks' CPU time kept busy (near all of them).
+        """
+        cores, cpu = self.cores, self.cpu_seconds
+        if not cores or cpu is None or self.wall <= 0:
+            return False
+        if self.peak_busy is None:
+            return self.workers > cores and cpu / self.wall > 0.75 * cores
+        if self.peak_busy <= cores or self.over_cores_seconds < 0.1 * self.wall or self.task_seconds <= 0:
+            return False
+        return cpu / self.task_seconds >= 0.6 * cores / self.peak_busy
+
     def _serial_text(self) -> str:
         if self.serial is not None:
             eq = ""
@@ -91,10 +120,30 @@ class Report:
                 eq = ", results equal"
             elif self.equal is False:
                 eq = ", RESULTS DIFFER"
+            if self.serial_imports:  # a lazy import the workers had done before (warm-up) was timed here
+                eq += f"; it imported {_names(self.serial_imports)} here"
             return f"serial {fmt_seconds(self.serial)} (measured{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.task_seconds)} (estimated: the --compare run here raised {self.serial_error})"
-        return f"serial ~{fmt_seconds(self.task_seconds)} (estimated from task times)"
+        return f"serial ~{fmt_seconds(self.task_seconds)} ({self._estimate_text()})"
+
+    def _estimate_text(self) -> str:
+        """``estimated from task times``, and what that assumes when it is not the serial time."""
+        # A cell's ranks each run the whole cell: their times add up to serial only if they split the work.
+        text = "estimated: the sum of the ranks' times" if self.kind == "parallel" else "estimated from task times"
+        include = []
+        if self.task_imports:  # each worker paid the import; serial would once (or not at all)
+            where = "in each worker" if self.task_import_workers > 1 else "in the worker"
+            include.append(f"importing {_names(self.task_imports)} {where}")
+        if self.waited_for_cores:
+            busy = self.peak_busy or self.workers
+            include.append(f"waiting for a core: {busy} workers on {self.cores} core{'s' if self.cores != 1 else ''}")
+        if include:
+            text += ", which include " + " and ".join(include)
+        if self.capped_threads and self.capped_libs:  # serial here runs them on all the cores' threads
+            n = self.capped_threads
+            text += f", with {_names(self.capped_libs)} at {n} thread{'s' if n != 1 else ''} per worker"
+        return text
 
     def _speedup_text(self) -> str:
         sp = self.speedup
@@ -263,6 +312,12 @@ class Report:
             f"<thead><tr>{head}</tr></thead><tbody><tr>{body}</tr></tbody>{foot}</table>"
             + (self.insights._repr_html_() if self.insights is not None else "")
         )
+
+
+def _names(names: tuple[str, ...], limit: int = 3) -> str:
+    """``numpy, pandas`` (``limit`` names at most, then ``and 2 more``)."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _setting(name: str, default: Any) -> Any:
