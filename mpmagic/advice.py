@@ -4,6 +4,7 @@ A run "did not pay" when it was slower than serial, or its efficiency
 (speedup / workers) is below :data:`LOW_EFFICIENCY`. The likely cause is
 picked from the report's measurements, most specific first:
 
+* items run again after their worker died (--retries);
 * a cell whose ranks each took as long as the whole cell serially (--compare:
   the ranks repeat the work instead of splitting it);
 * one-time costs the next call will not pay, as the workers measured them:
@@ -107,6 +108,13 @@ def advise(report: Any) -> str | None:
     if not did_not_pay(report):
         return None
     what = "ranks" if report.kind == "parallel" else "items"
+    if report.retried:  # the lost attempt and the new worker are in the wall time, in no task time
+        n = report.retried
+        return (
+            f"{n} item{'s' if n != 1 else ''} ran again after {'its worker' if n == 1 else 'their workers'} died "
+            "(--retries): the run paid for the lost work and for starting a new worker; find out why the worker "
+            "died (memory? a crash in a library?): see docs/troubleshooting.md"
+        )
     repeated = _ranks_repeat_the_work(report)
     if repeated:
         return repeated

@@ -589,6 +589,8 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     assumes: dict[str, Any] = {
         "task_imports": one_time["task_imports"],
         "task_import_workers": one_time["task_import_workers"],
+        "retried": job.retried,
+        "timed_out": job.timed_out,
     }
     if cores:
         if max(workers, backend.workers) > cores:  # (never more busy at once than workers)

@@ -61,6 +61,8 @@ class Report:
     task_import_workers: int = 0  # how many workers did (each one's import is in the task times)
     capped_threads: int | None = None  # BLAS/OpenMP threads per worker, when capped below the cores
     capped_libs: tuple[str, ...] = ()  # the threaded libraries the tasks use (numpy, torch...)
+    retried: int = 0  # items sent again after their worker died (--retries)
+    timed_out: int = 0  # items stopped at --timeout (with errors="collect": among the failed)
     serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
 
     @property
@@ -202,7 +204,7 @@ class Report:
         """The one-line summary printed after a run (the failure line for a run that raised)."""
         if self.failed_run:
             return self.failed_line()
-        failed = f" ({self.failed} failed)" if self.failed else ""
+        failed = self._failed_text()
         resumed = self._resumed_text()
         if resumed and not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
             return f"{self.kind}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
@@ -212,6 +214,23 @@ class Report:
             f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
             + (f" | one-time: {once}" if once else "")
         )
+
+    def _failures(self) -> str:
+        """``1 failed``, ``1 timed out``, ``2 failed, 1 of them timed out``; empty when none failed."""
+        if not self.failed:
+            return ""
+        if self.timed_out >= self.failed:
+            return f"{self.failed} timed out"
+        if self.timed_out:
+            return f"{self.failed} failed, {self.timed_out} of them timed out"
+        return f"{self.failed} failed"
+
+    def _failed_text(self) -> str:
+        """`` (1 failed, 1 retried after its worker died)``; `` (1 timed out)``."""
+        parts = [self._failures()] if self.failed else []
+        if self.retried:
+            parts.append(f"{self.retried} retried after {'its worker' if self.retried == 1 else 'their workers'} died")
+        return f" ({', '.join(parts)})" if parts else ""
 
     def _resumed_text(self) -> str:
         """With --checkpoint: how much came from the store (checkpoint.py fills extra["checkpoint"])."""
@@ -271,7 +290,9 @@ class Report:
             ("efficiency", "-" if eff is None else f"{eff:.0%}"),
         ]
         if self.failed:
-            rows.append(("failed", str(self.failed)))
+            rows.append(("failed", self._failures()))
+        if self.retried:
+            rows.append(("retried", f"{self.retried} (worker died)"))
         once = self.one_time_text() if self.one_time_mattered() else ""
         if once:
             rows.append(("one-time", once))

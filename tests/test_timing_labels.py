@@ -102,6 +102,17 @@ def test_one_item_that_is_the_whole_run_gets_no_chunksize_advice():
     assert r.advice is not None and "--chunksize 1" in r.advice
 
 
+def test_a_retried_item_is_on_the_line_and_not_blamed_on_transfer():
+    r = _report(items=4, wall=0.121, task_seconds=0.0588, chunks=4, chunksize="auto (1)", retried=1)
+    assert "pmap: 4 items (1 retried after its worker died) on 2 workers" in r.line()
+    assert r.advice is not None and "worker died" in r.advice and "transfer" not in r.advice
+
+
+def test_timed_out_items_are_named_as_such():
+    assert "4 items (1 timed out) on" in _report(items=4, failed=1, timed_out=1).line()
+    assert "(2 failed, 1 of them timed out)" in _report(items=4, failed=2, timed_out=1).line()
+
+
 def test_seeding_imports_no_numpy_into_a_notebook_without_it_and_gives_the_same_random_stream():
     """--seed imported numpy into the notebook (inside --compare's timing); the
     stream of ``random`` must not depend on whether numpy is there."""
@@ -141,6 +152,18 @@ def pool2(ip):
     backend = ensure_pool("forkserver")
     backend.wait_ready()
     return backend
+
+
+def test_a_timed_out_items_time_is_work_and_the_line_says_timed_out(ip, pool2):
+    import time
+
+    import mpmagic
+
+    got = mpmagic.pmap(time.sleep, [0.01, 0.01, 0.5, 0.01], timeout=0.15, errors="collect")
+    assert isinstance(got[2], mpmagic.Failed)
+    report = mpmagic.last_report()
+    assert report.timed_out == 1 and report.task_seconds >= 0.15 + 0.03  # (it ran up to the timeout)
+    assert "4 items (1 timed out) on" in report.line()
 
 
 def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
