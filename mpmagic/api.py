@@ -37,8 +37,23 @@ _last_report: Report | None = None
 
 
 def last_report() -> Report | None:
-    """The report of the most recent ``pmap`` or ``parallel`` run."""
+    """The report of the most recent ``pmap`` or ``parallel`` run.
+
+    After an interrupted run, that run's report, marked interrupted (its
+    ``line()`` says ``pmap interrupted after 3 of 10 items finished, 250.0 ms``,
+    ``report.interrupted`` is True), not the report of the run before it.
+    """
     return _last_report
+
+
+def _interrupted(call: Any, t0: float) -> None:
+    """The report of a run stopped by an interrupt (None if it cannot be made)."""
+    global _last_report
+    try:
+        _last_report = call.report(time.perf_counter() - t0)
+        _last_report.interrupted = True
+    except Exception:  # (never in the way of the interrupt itself)
+        _last_report = None
 
 
 def _imported_since(mark: int) -> tuple[str, ...]:
@@ -349,7 +364,11 @@ def pmap(
     job, star_mode = call.job, call.star
     t0 = time.perf_counter()
     debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
-    _run_with_progress(call.backend, job, bar, workers)
+    try:
+        _run_with_progress(call.backend, job, bar, workers)
+    except KeyboardInterrupt:
+        _interrupted(call, t0)
+        raise
     wall = time.perf_counter() - t0
     options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
@@ -852,6 +871,7 @@ def parallel(
         # Ranks that failed before the interrupt (often why the others waited):
         # %pdebug and last_failures() still have them.
         debugging.record_cell(job, call.spec_bytes, size)
+        _interrupted(call, t0)
         raise
     finally:
         call.record_kept()

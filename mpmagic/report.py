@@ -64,6 +64,7 @@ class Report:
     retried: int = 0  # items sent again after their worker died (--retries)
     timed_out: int = 0  # items stopped at --timeout (with errors="collect": among the failed)
     serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
+    interrupted: bool = False  # the run was interrupted: the line says so, and no speedup
 
     @property
     def serial_measured(self) -> bool:
@@ -168,12 +169,16 @@ class Report:
 
     @property
     def failed_run(self) -> bool:
-        """The run raised (pmap with errors="raise", or a cell with failing ranks)."""
-        return bool(self.extra.get("error")) or (self.kind == "parallel" and self.failed > 0)
+        """The run raised (pmap with errors="raise", or a cell with failing ranks), or was interrupted."""
+        return self.interrupted or bool(self.extra.get("error")) or (self.kind == "parallel" and self.failed > 0)
 
     def failed_line(self) -> str:
-        """The one line that replaces the timing report of a run that raised."""
+        """The one line that replaces the timing report of a run that raised (or was interrupted)."""
         took = fmt_seconds(self.wall)
+        if self.interrupted:
+            what = "ranks" if self.kind == "parallel" else "items"
+            of = "" if self.total is None else f" of {self.total}"
+            return f"{self.kind} interrupted after {self.items}{of} {what} finished, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
             which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""

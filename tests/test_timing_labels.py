@@ -10,7 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, interrupted_cell, run
 
 from mpmagic.api import _equal
 from mpmagic.fmt import fmt_seconds
@@ -113,6 +113,11 @@ def test_timed_out_items_are_named_as_such():
     assert "(2 failed, 1 of them timed out)" in _report(items=4, failed=2, timed_out=1).line()
 
 
+def test_an_interrupted_runs_report_says_so():
+    r = _report(items=3, total=10, wall=0.25, interrupted=True)
+    assert r.line() == "pmap interrupted after 3 of 10 items finished, 250.0 ms" and r.advice is None
+
+
 def test_seeding_imports_no_numpy_into_a_notebook_without_it_and_gives_the_same_random_stream():
     """--seed imported numpy into the notebook (inside --compare's timing); the
     stream of ``random`` must not depend on whether numpy is there."""
@@ -164,6 +169,17 @@ def test_a_timed_out_items_time_is_work_and_the_line_says_timed_out(ip, pool2):
     report = mpmagic.last_report()
     assert report.timed_out == 1 and report.task_seconds >= 0.15 + 0.03  # (it ran up to the timeout)
     assert "4 items (1 timed out) on" in report.line()
+
+
+def test_after_an_interrupt_last_report_is_that_runs_marked_interrupted(ip, pool2):
+    import mpmagic
+
+    run(ip, "import time\n_ = %pmap -q abs, range(3)")
+    shown, error = interrupted_cell(ip, "%pmap -q time.sleep, [0.2] * 12", after=0.5)
+    assert isinstance(error, KeyboardInterrupt)
+    report = mpmagic.last_report()
+    assert report is not None and report.interrupted and report.total == 12
+    assert report.line().startswith("pmap interrupted after ") and "of 12 items finished" in report.line()
 
 
 def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
