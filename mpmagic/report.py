@@ -13,6 +13,12 @@ from typing import Any
 
 from .fmt import fmt_seconds, imports_text
 
+# Items under this many seconds each: the workers' time around each call (their
+# loop, the crash-position marks) and the notebook packing chunks on the same
+# cores are a large share of the task times, so the estimate runs high (a
+# tester: 200,000 items of x + 1 estimated at ~2x the serial time).
+TINY_ITEM = 1e-6
+
 
 @dataclass
 class Report:
@@ -143,6 +149,9 @@ class Report:
             include.append(f"waiting for a core: {busy} workers on {self.cores} core{'s' if self.cores != 1 else ''}")
         if include:
             text += ", which include " + " and ".join(include)
+        per_item = self.task_seconds / self.items if self.kind == "pmap" and self.items else None
+        if per_item is not None and 0 < per_item < TINY_ITEM:  # the workers' loop and waits are most of it
+            text += f", high for items this small: ~{per_item * 1e9:.0f} ns each"
         if self.capped_threads and self.capped_libs:  # serial here runs them on all the cores' threads
             n = self.capped_threads
             text += f", with {_names(self.capped_libs)} at {n} thread{'s' if n != 1 else ''} per worker"

@@ -194,3 +194,10 @@ def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
             "        calls.append(1)\n        time.sleep(0.2)\n    return x\n")
     result = mpmagic.scaling.pmap_scaling(ip.user_ns["first_slow"], range(4), max_workers=1)
     assert result.serial < 0.1 and result.points[0].speedup == result.serial / result.points[0].wall
+
+
+def test_an_estimate_for_tiny_items_says_it_runs_high():
+    """200,000 items of x + 1: the task times add up to ~2x the serial time."""
+    r = _report(items=200_000, task_seconds=0.0252, wall=0.03, chunks=20)
+    assert "(estimated from task times, high for items this small: ~126 ns each)" in r.line()
+    assert "high for" not in _report(items=200_000, task_seconds=0.4).line()  # (2 µs an item)
