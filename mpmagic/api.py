@@ -61,6 +61,7 @@ def _imported_since(mark: int) -> tuple[str, ...]:
     new = list(sys.modules)[mark:]
     names = set(new)
     return tuple(n for n in new if n.rpartition(".")[0] not in names and not any(p.startswith("_") for p in n.split("."))
+                 and n.partition(".")[0] not in sys.stdlib_module_names | {"mpmagic"}  # (pandas pulls in contextvars...)
                  and getattr(sys.modules.get(n), "__file__", None))  # (not cython_runtime and the like)
 
 

@@ -201,3 +201,18 @@ def test_an_estimate_for_tiny_items_says_it_runs_high():
     r = _report(items=200_000, task_seconds=0.0252, wall=0.03, chunks=20)
     assert "(estimated from task times, high for items this small: ~126 ns each)" in r.line()
     assert "high for" not in _report(items=200_000, task_seconds=0.4).line()  # (2 µs an item)
+
+
+def test_the_serial_runs_imports_are_named_by_package_without_the_stdlib():
+    import sys
+
+    from mpmagic.api import _imported_since
+
+    mark = len(sys.modules)
+    import json.tool  # noqa: F401  (stdlib: not named)
+
+    import numpy.polynomial  # noqa: F401  (numpy is loaded: its submodule is the name)
+
+    got = _imported_since(mark)
+    assert not any(n.startswith("json") for n in got)
+    assert "numpy.polynomial" in got or "numpy.polynomial" in sys.modules  # (another test may have loaded it first)
