@@ -304,7 +304,7 @@ class Report:
             ("efficiency", "-" if eff is None else f"{eff:.0%}"),
         ]
         if self.failed:
-            rows.append(("failed", self._failures()))
+            rows.append(("failed", str(self.failed) + (f" ({self.timed_out} timed out)" if self.timed_out else "")))
         if self.retried:
             rows.append(("retried", f"{self.retried} (worker died)"))
         once = self.one_time_text() if self.one_time_mattered() else ""

@@ -111,6 +111,8 @@ def test_a_retried_item_is_on_the_line_and_not_blamed_on_transfer():
 def test_timed_out_items_are_named_as_such():
     assert "4 items (1 timed out) on" in _report(items=4, failed=1, timed_out=1).line()
     assert "(2 failed, 1 of them timed out)" in _report(items=4, failed=2, timed_out=1).line()
+    assert ("failed", "1 (1 timed out)") in _report(items=4, failed=1, timed_out=1).rows()
+    assert ("failed", "1") in _report(items=4, failed=1).rows()
 
 
 def test_an_interrupted_runs_report_says_so():
