@@ -4,6 +4,9 @@ A run "did not pay" when it was slower than serial, or its efficiency
 (speedup / workers) is below :data:`LOW_EFFICIENCY`. The likely cause is
 picked from the report's measurements, most specific first:
 
+* items run again after their worker died (--retries);
+* a cell whose ranks each took as long as the whole cell serially (--compare:
+  the ranks repeat the work instead of splitting it);
 * one-time costs the next call will not pay, as the workers measured them:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
@@ -18,7 +21,8 @@ picked from the report's measurements, most specific first:
 * tasks too small for the cost of sending them (per chunk, compute time below
   the overhead the run actually paid per chunk);
 * too few items to keep every worker busy;
-* one slow item (or chunk, or rank) holding everything up.
+* one slow item (or chunk, or rank) holding everything up; when the run took
+  about as long as that one item, nothing but splitting the item helps.
 
 A good run gets no advice at all.
 """
@@ -54,17 +58,10 @@ def did_not_pay(report: Any) -> bool:
 
 
 def oversubscribed(report: Any) -> bool:
-    """More local workers than cores, and the cores were saturated by the run's tasks.
-
-    The workers report the CPU seconds of their tasks; divided by the wall
-    time that is how many cores the run kept busy on average. Near all of
-    them, more workers than cores only take turns (waiting tasks, such as
-    I/O, use next to no CPU and are not counted).
-    """
-    cores, workers = report.cores, max(1, report.workers)
-    if not cores or workers <= cores or report.cpu_seconds is None or report.wall <= 0:
-        return False
-    return report.cpu_seconds / report.wall > 0.75 * cores
+    """More workers ran CPU-bound tasks at once than there are usable cores
+    (``Report.waited_for_cores``: from the chunks' start and end times and the
+    tasks' CPU time, so a pool that grew, or ranks that start together, count)."""
+    return bool(report.waited_for_cores)
 
 
 def threads_oversubscribed(report: Any) -> float | None:
@@ -94,6 +91,7 @@ def advise(report: Any) -> str | None:
         return None
     workers = max(1, report.workers)
     if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
+        workers = report.peak_busy or workers
         return (
             f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''} on "
             f"CPU-bound work, so they take turns (an estimated serial time counts their waiting): "
@@ -110,6 +108,16 @@ def advise(report: Any) -> str | None:
     if not did_not_pay(report):
         return None
     what = "ranks" if report.kind == "parallel" else "items"
+    if report.retried:  # the lost attempt and the new worker are in the wall time, in no task time
+        n = report.retried
+        return (
+            f"{n} item{'s' if n != 1 else ''} ran again after {'its worker' if n == 1 else 'their workers'} died "
+            "(--retries): the run paid for the lost work and for starting a new worker; find out why the worker "
+            "died (memory? a crash in a library?): see docs/troubleshooting.md"
+        )
+    repeated = _ranks_repeat_the_work(report)
+    if repeated:
+        return repeated
     once = _one_time(report)
     if once:
         return once
@@ -147,6 +155,15 @@ def advise(report: Any) -> str | None:
     slowest, where = report.slowest_task, report.slowest_where
     ideal = report.task_seconds / workers
     if report.items >= workers and slowest and slowest > 0.5 * report.wall and slowest > 1.5 * ideal:
+        alone = where is not None and not where.startswith("the chunk")  # one item (or rank) ran alone
+        if alone and slowest >= 0.9 * report.wall:  # the run took as long as that item: nothing does better
+            share = slowest / max(report.task_seconds, slowest)
+            return (
+                f"one slow {'rank' if report.kind == 'parallel' else 'item'} is most of the work: {where} took "
+                f"{fmt_seconds(slowest)} ({share:.0%} of the task time) and the run {fmt_seconds(report.wall)}, "
+                "so no number of workers or chunk size finishes sooner: only splitting that "
+                f"{'rank' if report.kind == 'parallel' else 'item'}'s work into smaller pieces helps"
+            )
         return (
             f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
             f"of the {fmt_seconds(report.wall)} run while other workers waited: "
@@ -189,11 +206,28 @@ def advise(report: Any) -> str | None:
     )
 
 
+def _ranks_repeat_the_work(report: Any) -> str | None:
+    """--compare on a cell whose every rank took about as long as the whole cell serially here:
+    the ranks repeat the work instead of splitting it (no overhead explains that)."""
+    if report.kind != "parallel" or report.serial is None or report.serial <= 0 or report.items < 2:
+        return None
+    per_rank = report.task_seconds / report.items
+    if per_rank < 0.7 * report.serial:
+        return None
+    return (
+        f"each rank took about as long as the whole cell serially ({fmt_seconds(per_rank)} per rank against "
+        f"{fmt_seconds(report.serial)} here): the ranks repeat the work instead of sharing it; "
+        "give each rank its part, e.g. range(rank, n, size)"
+    )
+
+
 def _one_time(report: Any) -> str | None:
     """Name the one-time cost (imports, first loading, start) when it explains the loss."""
     o = report.one_time or {}
     total = o.get("total", 0.0)
-    lost = report.wall - report.task_seconds / max(1, report.workers)
+    # --compare measured the work: imports inside the tasks inflate their times, not the serial time.
+    work = report.serial if report.serial is not None and report.task_imports else report.task_seconds
+    lost = report.wall - work / max(1, report.workers)
     untimed = [n for n, t in (o.get("imports") or {}).items() if t is None]
     if untimed and total < ONE_TIME_SHARE * lost:
         # Imported by the tasks themselves (``import x`` in the function): inside their times.

@@ -37,8 +37,32 @@ _last_report: Report | None = None
 
 
 def last_report() -> Report | None:
-    """The report of the most recent ``pmap`` or ``parallel`` run."""
+    """The report of the most recent ``pmap`` or ``parallel`` run.
+
+    After an interrupted run, that run's report, marked interrupted (its
+    ``line()`` says ``pmap interrupted after 3 of 10 items finished, 250.0 ms``,
+    ``report.interrupted`` is True), not the report of the run before it.
+    """
     return _last_report
+
+
+def _interrupted(call: Any, t0: float) -> None:
+    """The report of a run stopped by an interrupt (None if it cannot be made)."""
+    global _last_report
+    try:
+        _last_report = call.report(time.perf_counter() - t0)
+        _last_report.interrupted = True
+    except Exception:  # (never in the way of the interrupt itself)
+        _last_report = None
+
+
+def _imported_since(mark: int) -> tuple[str, ...]:
+    """Modules imported since ``len(sys.modules)`` was ``mark``: the first of each package (``numpy.random``)."""
+    new = list(sys.modules)[mark:]
+    names = set(new)
+    return tuple(n for n in new if n.rpartition(".")[0] not in names and not any(p.startswith("_") for p in n.split("."))
+                 and n.partition(".")[0] not in sys.stdlib_module_names | {"mpmagic"}  # (pandas pulls in contextvars...)
+                 and getattr(sys.modules.get(n), "__file__", None))  # (not cython_runtime and the like)
 
 
 def _set_report(report: Report) -> None:
@@ -81,8 +105,8 @@ def _equal(a: Any, b: Any) -> bool:
     try:
         import numpy as np
 
-        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-            return all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        if type(a) is type(b) and isinstance(a, (list, tuple, dict, set, frozenset)):
+            return _equal_anyway(a, b)  # item by item: a tuple or dict holding an array (== raised on it)
         try:
             return bool(np.array_equal(a, b, equal_nan=True))  # (NaN where serial had NaN)
         except TypeError:  # (equal_nan on a dtype without NaN: strings, objects)
@@ -109,6 +133,16 @@ def _equal_anyway(a: Any, b: Any) -> bool:
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (set, frozenset)):  # {nan}: each copy's NaN is another object, never == itself
+        if len(a) != len(b):
+            return False
+        rest = [y for y in b if y not in a]
+        for x in (x for x in a if x not in b):
+            match = next((i for i, y in enumerate(rest) if _equal(x, y)), None)
+            if match is None:
+                return False
+            rest.pop(match)
+        return not rest
     if type(a).__eq__ is object.__eq__:  # type: ignore[comparison-overlap]  # (typeshed types the two differently)
         try:
             return payload.dumps_data(a) == payload.dumps_data(b)
@@ -331,7 +365,11 @@ def pmap(
     job, star_mode = call.job, call.star
     t0 = time.perf_counter()
     debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
-    _run_with_progress(call.backend, job, bar, workers)
+    try:
+        _run_with_progress(call.backend, job, bar, workers)
+    except KeyboardInterrupt:
+        _interrupted(call, t0)
+        raise
     wall = time.perf_counter() - t0
     options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
@@ -345,6 +383,7 @@ def pmap(
     _last_report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
+        mark = len(sys.modules)
         t1 = time.perf_counter()
         try:
             with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
@@ -353,6 +392,7 @@ def pmap(
             _serial_failed(_last_report, exc, "results")
         else:
             _last_report.serial = time.perf_counter() - t1
+            _last_report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
             _last_report.equal = _equal(serial, results)
     if show_report:
         print(_last_report.line())
@@ -418,7 +458,7 @@ class MapCall:
             chunksize=job.planner.describe(),
             failed_at=job.failure_index,
             total=self.n_items,
-            **_measured(job, backend, self.cold, self.recorder, self.workers),
+            **_measured(job, backend, self.cold, self.recorder, self.workers, _func_libs(job.func)),
         )
 
     def failed_items(self, results: list) -> list:
@@ -558,11 +598,32 @@ def _cores() -> int:
     return _cores_seen[1]
 
 
-def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None, workers: int) -> dict[str, Any]:
-    """What the report's advice reasons from, and the insights, as Report fields."""
+def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None, workers: int,
+              libs: Callable[[], Iterable[str]] = tuple) -> dict[str, Any]:
+    """What the report's advice reasons from, and the insights, as Report fields.
+
+    ``libs()``: the modules the tasks use (what a thread cap applies to).
+    """
+    cores = _cores() if backend.name == "local" else None
+    one_time = job.one_time.summary(cold)  # imports, loading, start: not the work (warmup.py)
+    assumes: dict[str, Any] = {
+        "task_imports": one_time["task_imports"],
+        "task_import_workers": one_time["task_import_workers"],
+        "retried": job.retried,
+        "timed_out": job.timed_out,
+    }
+    if cores:
+        if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
+            assumes["peak_busy"], assumes["over_cores_seconds"] = _busy_at_once(job.spans, cores)
+        capped = _threads_capped(backend.workers, cores)
+        if capped is not None:
+            used = tuple(sorted({m.partition(".")[0] for m in libs()} & _THREADED_LIBS))
+            if used:
+                assumes["capped_threads"], assumes["capped_libs"] = capped, used
     return {
+        **assumes,
         "cold_start": cold,
-        "cores": _cores() if backend.name == "local" else None,
+        "cores": cores,
         "bytes_sent": job.bytes_sent,
         "bytes_back": job.bytes_back,
         "bytes_shared": job.bytes_shared,
@@ -570,9 +631,52 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "slowest_task": job.slowest_task or None,
         "slowest_where": job.slowest_where,
         "insights": recorder.finish(workers) if recorder is not None else None,
-        "one_time": job.one_time.summary(cold),  # imports, loading, start: not the work (warmup.py)
+        "one_time": one_time,
         "extra": {"error": True} if job.kind == "map" and job.failed else {},
     }
+
+
+#: Libraries whose thread pools the workers' thread cap (worker_threads) limits.
+_THREADED_LIBS = frozenset({"numpy", "scipy", "torch", "sklearn", "numexpr"})
+
+
+def _threads_capped(pool_workers: int, cores: int) -> int | None:
+    """The BLAS/OpenMP threads each worker may run, when the cap (worker_threads)
+    is below the cores a serial run here uses; None when not capped so."""
+    from .threads import cap_for, configured
+
+    cap, notebook = cap_for(max(1, pool_workers), configured())
+    if cap is None or notebook or cap >= cores:  # (the notebook's own OMP_NUM_THREADS... win in the workers)
+        return None
+    return cap
+
+
+def _busy_at_once(spans: list[tuple[float, float]], cores: int) -> tuple[int, float]:
+    """(most chunks running at the same moment, seconds during which more than ``cores`` ran)."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    busy = peak = 0
+    over, last = 0.0, 0.0
+    for t, step in events:  # (at equal times an end, -1, comes before a start)
+        if busy > cores:
+            over += t - last
+        busy += step
+        last = t
+        peak = max(peak, busy)
+    return peak, over
+
+
+def _func_libs(func: Any) -> Callable[[], list[str]]:
+    """The modules ``func`` uses (warmup.function_modules), when asked."""
+    def libs() -> list[str]:
+        from .warmup import _function_modules_cached, function_modules
+
+        f = getattr(func, "func", func)  # (a Seeded or partial: the user's function)
+        try:
+            return _function_modules_cached(f) if type(f) is types.FunctionType else function_modules(f)
+        except Exception:
+            return []
+
+    return libs
 
 
 def payload_repr(obj: Any) -> str:
@@ -768,6 +872,7 @@ def parallel(
         # Ranks that failed before the interrupt (often why the others waited):
         # %pdebug and last_failures() still have them.
         debugging.record_cell(job, call.spec_bytes, size)
+        _interrupted(call, t0)
         raise
     finally:
         call.record_kept()
@@ -775,6 +880,7 @@ def parallel(
     debugging.record_cell(job, call.spec_bytes, size)  # for %pdebug
     values = call.values(sys.stderr.write)
     if compare:
+        mark = len(sys.modules)
         t1 = time.perf_counter()
         try:
             with _random_state_kept(seed is not None):
@@ -784,6 +890,7 @@ def parallel(
             _serial_failed(report, exc, "ranks' values")
         else:
             report.serial = time.perf_counter() - t1
+            report.serial_imports = _imported_since(mark)
             report.extra["serial_value"] = serial_value
     values.report = report
     if show_report:
@@ -804,9 +911,10 @@ class CellCall:
                     "an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
             raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}{hint}") from None
         if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
-            from .seeding import _check_seed
+            from .seeding import _check_seed, uses_numpy
 
             self.spec.seed = _check_seed(seed)
+            self.spec.seed_numpy = uses_numpy(code)
         self.gather = gather
         self.namespace = namespace
         self.backend = get_pool()
@@ -849,7 +957,7 @@ class CellCall:
             task_seconds=job.task_seconds,
             failed=len(job.failures),
             failed_ranks=tuple(sorted(job.failures)),
-            **_measured(job, self.backend, self.cold, self.recorder, size),
+            **_measured(job, self.backend, self.cold, self.recorder, size, lambda: self.spec.modules.values()),
         )
 
     def values(self, write: Callable[[str], Any]) -> RankValues:

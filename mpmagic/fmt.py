@@ -12,9 +12,10 @@ def fmt_seconds(s: float | None) -> str:
     """``512 µs``, ``3.4 ms``, ``1.25 s``; ``-`` when not measured."""
     if s is None:
         return "-"
-    if s < 1e-3:
+    # The unit is picked after rounding: 0.9996 ms is "1.0 ms", not "1000 µs".
+    if round(s * 1e6) < 1000:
         return f"{s * 1e6:.0f} µs"
-    if s < 1:
+    if round(s * 1e3, 1) < 1000:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"
 

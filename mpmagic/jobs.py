@@ -100,6 +100,10 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
     return exc
 
 
+# Chunks whose (start, end) a job keeps to count the workers busy at once (then it stops keeping them).
+MAX_SPANS = 20_000
+
+
 @dataclass
 class Failed:
     """Stands in the results, with ``errors="collect"``, for an item that failed.
@@ -272,6 +276,9 @@ class MapJob:
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
+        self.retried = 0  # items sent again after their worker died (--retries)
+        self.timed_out = 0  # items stopped at the timeout
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
                  chunk: Callable[[int, list], None] | None, ask_input: Callable[[], None] | None) -> tuple:
@@ -573,6 +580,8 @@ class MapJob:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
             self.one_time.note(meta)
+            if "end" in meta and len(self.spans) < MAX_SPANS:
+                self.spans.append((meta["start"], meta["end"]))
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         try:
@@ -708,6 +717,7 @@ class MapJob:
         self.outstanding.pop(unit.id, None)
         if not timed_out and unit.attempts < self.retries:  # (keeps its lease: sent again as is)
             unit.attempts += 1
+            self.retried += unit.count
             self._requeued.append(unit)
             return
         if unit.lease is not None:  # its parts go out again packed inline (see _resend_part)
@@ -724,6 +734,9 @@ class MapJob:
         else:
             what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
         if timed_out:
+            # The item ran (at least) this long: work the serial estimate counts too.
+            self.task_seconds += self.timeout or 0.0
+            self.timed_out += unit.count
             fate = reason if worker_kept else "its worker was stopped and replaced"
             # (--retries re-sends what a dying worker took with it; an item that runs
             # too long would run too long again: it is not retried, and says so)
@@ -905,6 +918,9 @@ class CellJob:
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
+        self.spans: list[tuple[float, float]] = []  # (start, end) of ranks: how many ran at once (report)
+        self.retried = 0  # (ranks are never retried)
+        self.timed_out = 0
 
     def _rank_finished(self) -> None:
         if self._progress:
@@ -956,6 +972,8 @@ class CellJob:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
             self.one_time.note(meta)
+            if "end" in meta and len(self.spans) < MAX_SPANS:
+                self.spans.append((meta["start"], meta["end"]))
         if self.insights is not None:
             self.insights.chunk(unit, seconds, meta)
         try:

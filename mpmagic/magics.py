@@ -386,10 +386,15 @@ def _compare_finished(compare: bool, before: Any) -> Callable[[], bool]:
     """For :func:`_magic_errors`: did this ``--compare`` run's parallel part finish?
 
     The API sets the run's report once its parallel run has finished and
-    before the serial run starts; an interrupt of the parallel run leaves the
-    previous report (``before``) in place.
+    before the serial run starts; an interrupt of the parallel run sets a
+    report marked interrupted (or leaves ``before`` in place).
     """
-    return lambda: compare and api.last_report() is not before
+
+    def finished() -> bool:
+        report = api.last_report()
+        return compare and report is not before and not getattr(report, "interrupted", False)
+
+    return finished
 
 
 @magics_class

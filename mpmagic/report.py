@@ -13,6 +13,12 @@ from typing import Any
 
 from .fmt import fmt_seconds, imports_text
 
+# Items under this many seconds each: the workers' time around each call (their
+# loop, the crash-position marks) and the notebook packing chunks on the same
+# cores are a large share of the task times, so the estimate runs high (a
+# tester: 200,000 items of x + 1 estimated at ~2x the serial time).
+TINY_ITEM = 1e-6
+
 
 @dataclass
 class Report:
@@ -54,6 +60,17 @@ class Report:
     # function), ``start`` (workers starting), ``total`` (the most a worker paid).
     one_time: dict[str, Any] | None = None
     advice_enabled: bool = True
+    # What the estimate assumes, said on the line itself (see _estimate_text):
+    peak_busy: int | None = None  # most workers running tasks at the same moment (when measured)
+    over_cores_seconds: float = 0.0  # how long more workers than cores ran tasks at once
+    task_imports: tuple[str, ...] = ()  # modules the tasks imported in the workers during this run
+    task_import_workers: int = 0  # how many workers did (each one's import is in the task times)
+    capped_threads: int | None = None  # BLAS/OpenMP threads per worker, when capped below the cores
+    capped_libs: tuple[str, ...] = ()  # the threaded libraries the tasks use (numpy, torch...)
+    retried: int = 0  # items sent again after their worker died (--retries)
+    timed_out: int = 0  # items stopped at --timeout (with errors="collect": among the failed)
+    serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
+    interrupted: bool = False  # the run was interrupted: the line says so, and no speedup
 
     @property
     def serial_measured(self) -> bool:
@@ -84,6 +101,27 @@ class Report:
             return f"{self.items} rank{'s' if self.items != 1 else ''}"
         return f"{self.items} item{'s' if self.items != 1 else ''}"
 
+    @property
+    def waited_for_cores(self) -> bool:
+        """More workers ran CPU-bound tasks at once than there are usable cores, so
+        the task times (and an estimate from them) include waiting for a core.
+
+        Measured from the chunks' start and end times: more than ``cores`` of
+        them running at once for a tenth of the run or more, and tasks that
+        used at least 60 % of the CPU share such crowding leaves each one
+        (4 CPU-bound workers on 2 cores: about half a core each; sleeping or
+        I/O-bound tasks use next to none and wait for nothing). Without those
+        times, the average cores the tasks' CPU time kept busy (near all of them).
+        """
+        cores, cpu = self.cores, self.cpu_seconds
+        if not cores or cpu is None or self.wall <= 0:
+            return False
+        if self.peak_busy is None:
+            return self.workers > cores and cpu / self.wall > 0.75 * cores
+        if self.peak_busy <= cores or self.over_cores_seconds < 0.1 * self.wall or self.task_seconds <= 0:
+            return False
+        return cpu / self.task_seconds >= 0.6 * cores / self.peak_busy
+
     def _serial_text(self) -> str:
         if self.serial is not None:
             eq = ""
@@ -91,10 +129,33 @@ class Report:
                 eq = ", results equal"
             elif self.equal is False:
                 eq = ", RESULTS DIFFER"
+            if self.serial_imports:  # a lazy import the workers had done before (warm-up) was timed here
+                eq += f"; it imported {_names(self.serial_imports)} here"
             return f"serial {fmt_seconds(self.serial)} (measured{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.task_seconds)} (estimated: the --compare run here raised {self.serial_error})"
-        return f"serial ~{fmt_seconds(self.task_seconds)} (estimated from task times)"
+        return f"serial ~{fmt_seconds(self.task_seconds)} ({self._estimate_text()})"
+
+    def _estimate_text(self) -> str:
+        """``estimated from task times``, and what that assumes when it is not the serial time."""
+        # A cell's ranks each run the whole cell: their times add up to serial only if they split the work.
+        text = "estimated: the sum of the ranks' times" if self.kind == "parallel" else "estimated from task times"
+        include = []
+        if self.task_imports:  # each worker paid the import; serial would once (or not at all)
+            where = "in each worker" if self.task_import_workers > 1 else "in the worker"
+            include.append(f"importing {_names(self.task_imports)} {where}")
+        if self.waited_for_cores:
+            busy = self.peak_busy or self.workers
+            include.append(f"waiting for a core: {busy} workers on {self.cores} core{'s' if self.cores != 1 else ''}")
+        if include:
+            text += ", which include " + " and ".join(include)
+        per_item = self.task_seconds / self.items if self.kind == "pmap" and self.items else None
+        if per_item is not None and 0 < per_item < TINY_ITEM:  # the workers' loop and waits are most of it
+            text += f", high for items this small: ~{per_item * 1e9:.0f} ns each"
+        if self.capped_threads and self.capped_libs:  # serial here runs them on all the cores' threads
+            n = self.capped_threads
+            text += f", with {_names(self.capped_libs)} at {n} thread{'s' if n != 1 else ''} per worker"
+        return text
 
     def _speedup_text(self) -> str:
         sp = self.speedup
@@ -117,12 +178,16 @@ class Report:
 
     @property
     def failed_run(self) -> bool:
-        """The run raised (pmap with errors="raise", or a cell with failing ranks)."""
-        return bool(self.extra.get("error")) or (self.kind == "parallel" and self.failed > 0)
+        """The run raised (pmap with errors="raise", or a cell with failing ranks), or was interrupted."""
+        return self.interrupted or bool(self.extra.get("error")) or (self.kind == "parallel" and self.failed > 0)
 
     def failed_line(self) -> str:
-        """The one line that replaces the timing report of a run that raised."""
+        """The one line that replaces the timing report of a run that raised (or was interrupted)."""
         took = fmt_seconds(self.wall)
+        if self.interrupted:
+            what = "ranks" if self.kind == "parallel" else "items"
+            of = "" if self.total is None else f" of {self.total}"
+            return f"{self.kind} interrupted after {self.items}{of} {what} finished, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
             which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""
@@ -153,7 +218,7 @@ class Report:
         """The one-line summary printed after a run (the failure line for a run that raised)."""
         if self.failed_run:
             return self.failed_line()
-        failed = f" ({self.failed} failed)" if self.failed else ""
+        failed = self._failed_text()
         resumed = self._resumed_text()
         if resumed and not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
             return f"{self.kind}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
@@ -163,6 +228,23 @@ class Report:
             f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
             + (f" | one-time: {once}" if once else "")
         )
+
+    def _failures(self) -> str:
+        """``1 failed``, ``1 timed out``, ``2 failed, 1 of them timed out``; empty when none failed."""
+        if not self.failed:
+            return ""
+        if self.timed_out >= self.failed:
+            return f"{self.failed} timed out"
+        if self.timed_out:
+            return f"{self.failed} failed, {self.timed_out} of them timed out"
+        return f"{self.failed} failed"
+
+    def _failed_text(self) -> str:
+        """`` (1 failed, 1 retried after its worker died)``; `` (1 timed out)``."""
+        parts = [self._failures()] if self.failed else []
+        if self.retried:
+            parts.append(f"{self.retried} retried after {'its worker' if self.retried == 1 else 'their workers'} died")
+        return f" ({', '.join(parts)})" if parts else ""
 
     def _resumed_text(self) -> str:
         """With --checkpoint: how much came from the store (checkpoint.py fills extra["checkpoint"])."""
@@ -222,7 +304,9 @@ class Report:
             ("efficiency", "-" if eff is None else f"{eff:.0%}"),
         ]
         if self.failed:
-            rows.append(("failed", str(self.failed)))
+            rows.append(("failed", str(self.failed) + (f" ({self.timed_out} timed out)" if self.timed_out else "")))
+        if self.retried:
+            rows.append(("retried", f"{self.retried} (worker died)"))
         once = self.one_time_text() if self.one_time_mattered() else ""
         if once:
             rows.append(("one-time", once))
@@ -263,6 +347,12 @@ class Report:
             f"<thead><tr>{head}</tr></thead><tbody><tr>{body}</tr></tbody>{foot}</table>"
             + (self.insights._repr_html_() if self.insights is not None else "")
         )
+
+
+def _names(names: tuple[str, ...], limit: int = 3) -> str:
+    """``numpy, pandas`` (``limit`` names at most, then ``and 2 more``)."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _setting(name: str, default: Any) -> Any:

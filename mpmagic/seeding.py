@@ -11,8 +11,14 @@ serial ``--compare`` run give the same results. ``random`` and
 
 The notebook wraps the function (:class:`Seeded`) and numbers the items, so
 nothing changes in the engine and the per-item cost (a SeedSequence and two
-reseeds, a few microseconds) is paid only when a seed is given. Without numpy,
-``random`` alone is seeded with ``(S, i)`` and :func:`rng` is unavailable.
+reseeds, a few microseconds) is paid only when a seed is given.
+
+numpy's global state is seeded only when the notebook has imported numpy (or
+the function's code names it): seeding never imports numpy into a notebook
+(or a ``--compare`` timing) that does not use it. ``random`` gets the same
+stream either way (:func:`_state_words` is SeedSequence's in pure Python),
+and :func:`rng` makes the item's Generator when first asked. Without numpy
+installed, ``random`` alone is seeded and :func:`rng` is unavailable.
 
 This module imports no IPython (workers import it).
 """
@@ -20,6 +26,7 @@ This module imports no IPython (workers import it).
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 _current: Any = None  # the running item's Generator (or the key to make it lazily)
@@ -33,20 +40,90 @@ def _check_seed(seed: Any) -> int:
     return seed
 
 
-def enter(seed: int, key: int) -> None:
-    """Seed ``random`` and numpy's global state for stream ``key`` of ``seed``."""
+def uses_numpy(code: Any = None) -> bool:
+    """Seed numpy too? Decided in the notebook (the workers follow it): numpy is
+    imported there, or ``code`` (a function or a cell's text) names it."""
+    if "numpy" in sys.modules:
+        return True
+    if isinstance(code, str):
+        return "numpy" in code
+    from .warmup import _code_names
+
+    f = getattr(code, "__func__", getattr(code, "func", code))
+    c = getattr(f, "__code__", None)
+    return c is not None and "numpy" in _code_names(c)
+
+
+def enter(seed: int, key: int, numpy: bool = True) -> None:
+    """Seed ``random`` (and with ``numpy``, numpy's global state) for stream ``key`` of ``seed``."""
     global _current
-    try:
-        import numpy as np
-    except ImportError:
-        random.seed(hash((seed, key)))
-        _current = None
+    np: Any = None
+    if numpy or "numpy" in sys.modules:
+        try:
+            import numpy as np
+        except ImportError:
+            pass
+    if np is None:  # (not imported: the same words as numpy's, in pure Python)
+        words = _state_words(seed, key)
+        random.seed(int.from_bytes(b"".join(w.to_bytes(4, "little") for w in words), "little"))
+        _current = (seed, key)  # rng() makes the Generator if asked
         return
     ss = np.random.SeedSequence(seed, spawn_key=(key,))
-    words = ss.generate_state(4)  # uint32 x 4: a 128-bit seed for random, one word for numpy
-    random.seed(int.from_bytes(words.tobytes(), "little"))
-    np.random.seed(words[:2])  # the legacy global RandomState (np.random.rand...)
+    state = ss.generate_state(4)  # uint32 x 4: a 128-bit seed for random, one word for numpy
+    random.seed(int.from_bytes(state.tobytes(), "little"))
+    if numpy:
+        np.random.seed(state[:2])  # the legacy global RandomState (np.random.rand...)
     _current = ss
+
+
+# numpy.random.SeedSequence's mixing (numpy/random/bit_generator.pyx), for random's seed without numpy.
+_MASK32 = 0xFFFFFFFF
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
+
+
+def _uint32_words(n: int) -> list[int]:
+    words = []
+    while True:
+        words.append(n & _MASK32)
+        n >>= 32
+        if not n:
+            return words
+
+
+def _state_words(seed: int, key: int, pool_size: int = 4) -> list[int]:
+    """``SeedSequence(seed, spawn_key=(key,)).generate_state(4)`` as ints, without numpy."""
+    entropy = _uint32_words(seed)
+    entropy += [0] * max(0, pool_size - len(entropy))  # (padded: a spawn key follows)
+    entropy += _uint32_words(key)
+    hash_const = _INIT_A
+
+    def hashmix(value: int) -> int:
+        nonlocal hash_const
+        value ^= hash_const
+        hash_const = (hash_const * _MULT_A) & _MASK32
+        value = (value * hash_const) & _MASK32
+        return value ^ (value >> 16)
+
+    def mix(x: int, y: int) -> int:
+        r = (_MIX_L * x - _MIX_R * y) & _MASK32
+        return r ^ (r >> 16)
+
+    pool = [hashmix(entropy[i] if i < len(entropy) else 0) for i in range(pool_size)]
+    for src in range(pool_size):
+        for dst in range(pool_size):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(pool_size, len(entropy)):
+        for dst in range(pool_size):
+            pool[dst] = mix(pool[dst], hashmix(entropy[src]))
+    out, h = [], _INIT_B
+    for i in range(4):
+        v = pool[i % pool_size] ^ h
+        h = (h * _MULT_B) & _MASK32
+        v = (v * h) & _MASK32
+        out.append(v ^ (v >> 16))
+    return out
 
 
 def rng() -> Any:
@@ -59,6 +136,8 @@ def rng() -> Any:
 
     if _current is None:
         return np.random.default_rng()
+    if isinstance(_current, tuple):  # (seeded without numpy: the same SeedSequence, made now)
+        _current = np.random.SeedSequence(_current[0], spawn_key=(_current[1],))
     if isinstance(_current, np.random.SeedSequence):
         _current = np.random.Generator(np.random.PCG64(_current))
     return _current
@@ -69,6 +148,7 @@ class Seeded:
 
     def __init__(self, func: Any, seed: int, star: bool) -> None:
         self.func, self.seed, self.star = func, seed, star
+        self.numpy = uses_numpy(func)  # (decided here: every worker and the serial run seed alike)
         self.__name__ = getattr(func, "__name__", "func")
         self.__qualname__ = getattr(func, "__qualname__", self.__name__)
 
@@ -80,17 +160,17 @@ class Seeded:
     def __call__(self, pair: tuple[int, Any]) -> Any:
         global _current
         index, item = pair
-        enter(self.seed, index)
+        enter(self.seed, index, self.numpy)
         try:
             return self.func(*item) if self.star else self.func(item)
         finally:
             _current = None  # rng() outside a seeded item is not this item's stream
 
 
-def seed_rank(seed: int | None, rank: int) -> None:
+def seed_rank(seed: int | None, rank: int, numpy: bool = True) -> None:
     """A ``%%parallel`` rank's stream (``--seed``): the same per rank on every run."""
     if seed is not None:
-        enter(seed, rank)
+        enter(seed, rank, numpy)
 
 
 __all__ = ["rng", "Seeded", "seed_rank", "enter"]

@@ -606,6 +606,7 @@ class OneTimeCosts:
         self.imports: dict[Any, float] = {}  # worker -> seconds importing during this run
         self.loads: dict[Any, float] = {}  # worker -> seconds unpickling functions (imports excluded)
         self.modules: dict[str, float | None] = {}  # modules imported together -> seconds (largest), None if unknown
+        self.task_imports: dict[str, set] = {}  # modules the tasks imported (inside their times) -> workers
 
     def note(self, meta: dict) -> None:
         """Take a ``done`` reply's meta (only chunks with ``meta["once"]`` cost anything)."""
@@ -630,6 +631,9 @@ class OneTimeCosts:
             old = self.modules.get(key)
             self.modules[key] = seconds if old is None else max(old, seconds or 0.0)
             spent += seconds or 0.0
+            if why == "task":  # each worker that imported it has it in its task times
+                for name in names:
+                    self.task_imports.setdefault(name, set()).add(worker)
             if why == "function":  # inside the function's load time: not counted twice
                 in_load += seconds or 0.0
         self.imports[worker] = self.imports.get(worker, 0.0) + spent
@@ -651,4 +655,6 @@ class OneTimeCosts:
             "load": max(self.loads.values(), default=0.0),
             "start": started,
             "total": total + started,
+            "task_imports": tuple(self.task_imports),
+            "task_import_workers": len(set().union(*self.task_imports.values())) if self.task_imports else 0,
         }

@@ -269,7 +269,8 @@ def test_compare_calls_equal_results_equal_even_with_nan_or_no_eq(ip, backend):
     for args in ("lambda x: float('nan'), [1, 2]", "lambda x: Box(x), [1, 2]", "lambda x: [x, {'a': float('nan')}], [1]",
                  "lambda x: np.float64('nan'), [1]", "lambda x: np.float32('nan'), [1]",
                  "lambda x: np.array([np.nan, x]), [1, 2]", "lambda x: pd.DataFrame({'a': [x, None]}), [1]",
-                 "lambda x: np.array(['a', str(x)]), [1]"):
+                 "lambda x: np.array(['a', str(x)]), [1]", "lambda x: (np.array([0.5, x]), 1.0), [1, 2]",
+                 "lambda x: (np.array([np.nan, x]), 2.0), [1]", "lambda x: {float('nan')}, [1]"):
         run(ip, f"_ = %pmap -q --compare {args}")
         assert mpmagic.last_report().equal is True, args
     for args in ("lambda x: Box(random.random()), [1, 2]", "lambda x: np.array([np.nan, random.random()]), [1]"):

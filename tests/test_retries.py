@@ -62,6 +62,8 @@ def test_retries_resend_the_item_whose_worker_died(ip, killers):
     assert results == [x * x for x in range(8)]  # as serial Python gives them
     assert attempts(tries) == 2  # died once, then ran again and returned
     assert backend.workers_replaced > replaced  # a worker really died
+    report = mpmagic.last_report()  # the lost attempt is in the wall time: the report says why
+    assert report.retried == 1 and "8 items (1 retried after its worker died)" in report.line()
 
 
 def test_without_retries_the_same_death_is_an_error(ip, killers):

@@ -1,0 +1,220 @@
+"""The timing line is labelled honestly: what an estimate assumes is said on the line itself.
+
+Unit tests of Report / advice with made-up numbers (no pool), and of the
+formatter and --compare's equality.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from conftest import ensure_pool, interrupted_cell, run
+
+from mpmagic.api import _equal
+from mpmagic.fmt import fmt_seconds
+from mpmagic.report import Report
+
+
+def _report(**kw) -> Report:
+    base = dict(kind="pmap", items=8, workers=2, backend="local", start_method="forkserver",
+                wall=1.0, task_seconds=1.8, chunks=8, chunksize="auto (1)")
+    return Report(**{**base, **kw})
+
+
+def test_the_unit_is_picked_after_rounding():
+    assert fmt_seconds(0.0009996) == "1.0 ms"
+    assert fmt_seconds(0.0009994) == "999 µs"
+    assert fmt_seconds(0.99996) == "1.00 s"
+    assert fmt_seconds(0.99949) == "999.5 ms"
+    assert fmt_seconds(1e-3) == "1.0 ms" and fmt_seconds(1.0) == "1.00 s"
+
+
+def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():
+    nan = float("nan")
+    for value in [(np.array([0.5, 1.0]), 1.0), (np.array([nan, 1.0]), 2.0), [(np.array([1, 2]), 1.0)] * 2,
+                  {nan}, {1, 2, nan}, frozenset({nan}), {"a": (np.array([1]), 2)}]:
+        assert _equal(value, pickle.loads(pickle.dumps(value))), value
+    for a, b in [((np.array([1, 2]), 1.0), (np.array([1, 3]), 1.0)), ({nan}, {1.0}), ((np.array([1]),), [np.array([1])])]:
+        assert not _equal(a, b), (a, b)
+
+
+def test_an_estimate_that_counts_waiting_for_a_core_says_so_on_the_line():
+    """4 CPU-bound ranks on 2 cores: the ranks' times add up to 3x the wall. The
+    old check (CPU time / wall above 1.5 cores) missed it at 1.1-1.4."""
+    crowded = dict(kind="parallel", items=4, workers=4, cores=2, wall=0.24, task_seconds=0.643, cpu_seconds=0.28,
+                   peak_busy=4, over_cores_seconds=0.15)
+    r = _report(**crowded)
+    assert "which include waiting for a core: 4 workers on 2 cores" in r.line()
+    assert r.advice is not None and "4 workers share 2 CPU cores" in r.advice
+    # Sleeping tasks wait for no core; two busy workers on two cores neither.
+    assert "waiting" not in _report(**{**crowded, "cpu_seconds": 0.01}).line()
+    assert "waiting" not in _report(**{**crowded, "peak_busy": 2}).line()
+
+
+def test_workers_busy_at_once_are_counted_from_the_chunks_spans():
+    from mpmagic.api import _busy_at_once
+
+    spans = [(0.0, 1.0), (0.0, 1.0), (0.1, 0.6), (0.2, 0.5), (1.0, 2.0)]
+    peak, over = _busy_at_once(spans, 2)
+    assert peak == 4 and abs(over - 0.5) < 1e-9  # 3 or 4 at once from 0.1 to 0.6
+    assert _busy_at_once([(0.0, 1.0), (1.0, 2.0)], 1) == (1, 0.0)  # one after the other
+
+
+def test_imports_inside_the_tasks_are_named_and_not_blamed_on_the_start():
+    """Each worker imported pandas inside its task times; with --compare the
+    advice blamed a 6 ms worker start for the ~110 ms the imports cost."""
+    r = _report(items=4, wall=0.246, task_seconds=0.459, task_imports=("pandas",), task_import_workers=2)
+    assert "which include importing pandas in each worker" in r.line()
+    one_time = {"imports": {"pandas": None}, "import_seconds": 0.0, "load": 0.0, "start": 0.0063, "total": 0.0063}
+    r = _report(items=4, wall=0.246, task_seconds=0.459, serial=0.192, equal=True, task_imports=("pandas",),
+                task_import_workers=2, one_time=one_time)
+    assert "importing" not in r.line()  # (a measured serial time assumes nothing)
+    assert r.advice is not None and "imported pandas" in r.advice and "starting" not in r.advice
+
+
+def test_an_estimate_at_capped_blas_threads_says_so():
+    r = _report(capped_threads=1, capped_libs=("numpy",))
+    assert "(estimated from task times, with numpy at 1 thread per worker)" in r.line()
+    assert "thread" not in _report(capped_threads=1, capped_libs=()).line()
+
+
+def test_a_cells_estimate_is_the_sum_of_the_ranks_times_and_compare_names_repeated_work():
+    r = _report(kind="parallel", items=2, workers=2, wall=0.0699, task_seconds=0.1275, chunks=0)
+    assert "serial ~127.5 ms (estimated: the sum of the ranks' times)" in r.line()
+    r = _report(kind="parallel", items=2, workers=2, wall=0.068, task_seconds=0.1272, chunks=0, serial=0.066)
+    assert r.advice is not None and "the ranks repeat the work" in r.advice and "beyond its share" not in r.advice
+
+
+def test_a_timed_serial_run_that_imported_modules_says_so():
+    r = _report(serial=0.0051, equal=True, serial_imports=("numpy.random",))
+    assert "serial 5.1 ms (measured, results equal; it imported numpy.random here)" in r.line()
+
+
+def test_one_item_that_is_the_whole_run_gets_no_chunksize_advice():
+    r = _report(items=4, wall=0.2029, task_seconds=0.204, slowest_task=0.2001, slowest_where="item 0", chunks=4,
+                chunksize="1")
+    assert r.advice is not None and "one slow item is most of the work" in r.advice and "--chunksize" not in r.advice
+    # A slow chunk of several items is still worth splitting.
+    r = _report(items=4, wall=0.2029, task_seconds=0.204, slowest_task=0.2001, slowest_where="the chunk of items 0-1",
+                chunks=2, chunksize="2")
+    assert r.advice is not None and "--chunksize 1" in r.advice
+
+
+def test_a_retried_item_is_on_the_line_and_not_blamed_on_transfer():
+    r = _report(items=4, wall=0.121, task_seconds=0.0588, chunks=4, chunksize="auto (1)", retried=1)
+    assert "pmap: 4 items (1 retried after its worker died) on 2 workers" in r.line()
+    assert r.advice is not None and "worker died" in r.advice and "transfer" not in r.advice
+
+
+def test_timed_out_items_are_named_as_such():
+    assert "4 items (1 timed out) on" in _report(items=4, failed=1, timed_out=1).line()
+    assert "(2 failed, 1 of them timed out)" in _report(items=4, failed=2, timed_out=1).line()
+    assert ("failed", "1 (1 timed out)") in _report(items=4, failed=1, timed_out=1).rows()
+    assert ("failed", "1") in _report(items=4, failed=1).rows()
+
+
+def test_an_interrupted_runs_report_says_so():
+    r = _report(items=3, total=10, wall=0.25, interrupted=True)
+    assert r.line() == "pmap interrupted after 3 of 10 items finished, 250.0 ms" and r.advice is None
+
+
+def test_seeding_imports_no_numpy_into_a_notebook_without_it_and_gives_the_same_random_stream():
+    """--seed imported numpy into the notebook (inside --compare's timing); the
+    stream of ``random`` must not depend on whether numpy is there."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import sys, random
+        from mpmagic.seeding import Seeded, rng
+        draw = lambda x: random.random()
+        a = Seeded(draw, 7, False)((3, 0))
+        assert 'numpy' not in sys.modules, 'seeding imported numpy'
+        r = Seeded(lambda x: float(rng().random()), 7, False)((3, 0))  # (rng() imports it: the task asked)
+        import numpy
+        assert Seeded(draw, 7, False).numpy and Seeded(draw, 7, False)((3, 0)) == a
+        assert r == numpy.random.default_rng(numpy.random.SeedSequence(7, spawn_key=(3,))).random()
+    """
+    import os
+
+    import mpmagic
+
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(mpmagic.__file__))}  # (this tree's mpmagic)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, env=env)
+
+
+def test_the_pure_python_seed_words_are_numpys():
+    from mpmagic.seeding import _state_words
+
+    for seed in (0, 1, 7, 2**32 - 1, 2**32, 2**70 + 5):
+        for key in (0, 1, 5, 1000, 2**32 + 3):
+            want = [int(w) for w in np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(4)]
+            assert _state_words(seed, key) == want, (seed, key)
+
+
+@pytest.fixture
+def pool2(ip):
+    backend = ensure_pool("forkserver")
+    backend.wait_ready()
+    return backend
+
+
+def test_a_timed_out_items_time_is_work_and_the_line_says_timed_out(ip, pool2):
+    import time
+
+    import mpmagic
+
+    got = mpmagic.pmap(time.sleep, [0.01, 0.01, 0.5, 0.01], timeout=0.15, errors="collect")
+    assert isinstance(got[2], mpmagic.Failed)
+    report = mpmagic.last_report()
+    assert report.timed_out == 1 and report.task_seconds >= 0.15 + 0.03  # (it ran up to the timeout)
+    assert "4 items (1 timed out) on" in report.line()
+
+
+def test_after_an_interrupt_last_report_is_that_runs_marked_interrupted(ip, pool2):
+    import mpmagic
+
+    run(ip, "import time\n_ = %pmap -q abs, range(3)")
+    shown, error = interrupted_cell(ip, "%pmap -q time.sleep, [0.2] * 12", after=0.5)
+    assert isinstance(error, KeyboardInterrupt)
+    report = mpmagic.last_report()
+    assert report is not None and report.interrupted and report.total == 12
+    assert report.line().startswith("pmap interrupted after ") and "of 12 items finished" in report.line()
+
+
+def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
+    """The serial time was one timing taken first: a slow first call here made
+    1 worker look faster than serial."""
+    import os
+
+    import mpmagic
+
+    ip.user_ns["HERE"] = os.getpid()
+    run(ip, "import os, time\ncalls = []\ndef first_slow(x):\n    if os.getpid() == HERE and not calls:\n"
+            "        calls.append(1)\n        time.sleep(0.2)\n    return x\n")
+    result = mpmagic.scaling.pmap_scaling(ip.user_ns["first_slow"], range(4), max_workers=1)
+    assert result.serial < 0.1 and result.points[0].speedup == result.serial / result.points[0].wall
+
+
+def test_an_estimate_for_tiny_items_says_it_runs_high():
+    """200,000 items of x + 1: the task times add up to ~2x the serial time."""
+    r = _report(items=200_000, task_seconds=0.0252, wall=0.03, chunks=20)
+    assert "(estimated from task times, high for items this small: ~126 ns each)" in r.line()
+    assert "high for" not in _report(items=200_000, task_seconds=0.4).line()  # (2 µs an item)
+
+
+def test_the_serial_runs_imports_are_named_by_package_without_the_stdlib():
+    import sys
+
+    from mpmagic.api import _imported_since
+
+    mark = len(sys.modules)
+    import json.tool  # noqa: F401  (stdlib: not named)
+
+    import numpy.polynomial  # noqa: F401  (numpy is loaded: its submodule is the name)
+
+    got = _imported_since(mark)
+    assert not any(n.startswith("json") for n in got)
+    assert "numpy.polynomial" in got or "numpy.polynomial" in sys.modules  # (another test may have loaded it first)
