@@ -349,10 +349,9 @@ class Report:
         )
 
 
-def _names(names: tuple[str, ...], limit: int = 3) -> str:
-    """``numpy, pandas`` (``limit`` names at most, then ``and 2 more``)."""
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+def _names(names: tuple[str, ...]) -> str:
+    """``numpy, pandas`` (three at most, then ``2 more``), as the advice names imports."""
+    return imports_text(dict.fromkeys(names))
 
 
 def _setting(name: str, default: Any) -> Any:
