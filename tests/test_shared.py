@@ -7,6 +7,7 @@ functions live in a ``__main__`` without a file, as in a notebook.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import pickle
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -538,6 +540,35 @@ def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
     ranks = parallel(ip, "kq.put(rank) if rank == 0 else kq.get(timeout=30)\n", n=2)
     assert ranks[1] == 0
     drop(ip, "held", "done", "kq")
+
+
+def test_taking_over_a_dead_holders_lock_keeps_the_callers_timeout():
+    """The take-over's flock never waits: while another process holds it (taking
+    the lock over itself), a waiter goes on waiting on the semaphore, and its
+    timeout holds. Before, a blocking flock made acquire(timeout=...) hang."""
+    lock = mpmagic.Lock()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    impl = lock._lock
+    assert impl.sem.acquire(False)  # taken by a process that then died
+    impl.words[impl.slot] = dead.pid
+    other = os.open(f"{SHM}/{impl.seg.name.lstrip('/')}", os.O_RDWR)  # another waiter's guard
+    got: list[bool] = []
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        acquire = lock.acquire
+        waiter = threading.Thread(target=lambda: got.append(acquire(timeout=0.6)), daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "acquire(timeout=0.6) waited for the take-over's flock"
+        assert got == [False]
+    finally:
+        os.close(other)  # frees a stuck waiter too
+    with pytest.warns(RuntimeWarning, match="died while holding the lock"):
+        assert lock.acquire(timeout=5) is True  # the guard is free again: taken over
+    lock.release()
+    del lock
+    gc.collect()
 
 
 def test_dropping_the_helper_releases_its_names(ip):

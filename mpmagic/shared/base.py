@@ -105,7 +105,9 @@ class _Segment:
 
     def guard(self):
         """An flock on the segment: held only for microseconds, and released by
-        the kernel if its holder dies. Decides who takes over a dead holder's lock."""
+        the kernel if its holder dies. Decides who takes over a dead holder's lock.
+        It never waits: entering it raises BlockingIOError while another process
+        holds it (that one is taking the lock over), so a waiter's timeout holds."""
         return _Flock(self.name)
 
 
@@ -115,7 +117,11 @@ class _Flock:
 
     def __enter__(self) -> _Flock:
         self.fd = posixshm.open_fd(self.name)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(self.fd)
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -257,8 +263,8 @@ class _HolderLock:
                 if self.words[self.slot] != holder:
                     return False  # another waiter took it over first
                 self.words[self.slot] = _PID
-        except FileNotFoundError:
-            return False
+        except (FileNotFoundError, BlockingIOError):
+            return False  # the helper is gone, or another waiter is taking it over now
         if self.what:
             warnings.warn(
                 f"{self.what}: process {holder} died while holding the lock (a worker killed on "
