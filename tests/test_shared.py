@@ -527,7 +527,7 @@ def test_resource_tracker_cleans_up_after_a_killed_kernel():
 
 def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
     ensure_pool(method)
-    run(ip, "held = mpmagic.Lock()\ndone = mpmagic.Value('i', 0)")
+    run(ip, "import mpmagic\nheld = mpmagic.Lock()\ndone = mpmagic.Value('i', 0)")
     with pytest.raises(mpmagic.ParallelError):
         run(ip, "%%parallel -n 1 -q --timeout 1\nheld.acquire()\nimport time\ntime.sleep(30)\n")
     with pytest.warns(RuntimeWarning, match="died while holding the lock"):
