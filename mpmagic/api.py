@@ -23,6 +23,7 @@ from typing import Any
 from . import astlock, debugging, payload
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
+from .cpus import recent_cpus
 from .engine import sigint_deferred
 from .errors import ParallelError, UsageError, drop_our_frames, format_exception, render_traceback
 from .insights import Recorder
@@ -32,6 +33,7 @@ from .jobs import CellJob, Failed, MapJob, add_note
 from .pool import get_pool
 from .progress import Progress
 from .report import RankValues, Report
+from .threads import cap_for, configured
 
 _last_report: Report | None = None
 
@@ -580,31 +582,13 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
         bar.close("error" if job.failed else "done")
 
 
-_cores_seen: tuple[float, int] | None = None
-
-
-def _cores() -> int:
-    """``available_cpus()``, re-read at most every few seconds.
-
-    Every run asks (for its report), and reading the cgroup files costs tens
-    of microseconds: a tenth of a warm 2-item map.
-    """
-    global _cores_seen
-    from .cpus import available_cpus
-
-    now = time.monotonic()
-    if _cores_seen is None or now - _cores_seen[0] > 5.0:
-        _cores_seen = (now, available_cpus())
-    return _cores_seen[1]
-
-
 def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None, workers: int,
               libs: Callable[[], Iterable[str]] = tuple) -> dict[str, Any]:
     """What the report's advice reasons from, and the insights, as Report fields.
 
     ``libs()``: the modules the tasks use (what a thread cap applies to).
     """
-    cores = _cores() if backend.name == "local" else None
+    cores = recent_cpus() if backend.name == "local" else None
     one_time = job.one_time.summary(cold)  # imports, loading, start: not the work (warmup.py)
     assumes: dict[str, Any] = {
         "task_imports": one_time["task_imports"],
@@ -615,11 +599,12 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     if cores:
         if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
             assumes["peak_busy"], assumes["over_cores_seconds"] = _busy_at_once(job.spans, cores)
-        capped = _threads_capped(backend.workers, cores)
+        # The libraries first: a function that uses none of them (looked up in a
+        # cache) skips the cap's reads of the notebook's environment.
+        used = tuple(sorted({m.partition(".")[0] for m in libs()} & _THREADED_LIBS))
+        capped = _threads_capped(backend.workers, cores) if used else None
         if capped is not None:
-            used = tuple(sorted({m.partition(".")[0] for m in libs()} & _THREADED_LIBS))
-            if used:
-                assumes["capped_threads"], assumes["capped_libs"] = capped, used
+            assumes["capped_threads"], assumes["capped_libs"] = capped, used
     return {
         **assumes,
         "cold_start": cold,
@@ -643,8 +628,6 @@ _THREADED_LIBS = frozenset({"numpy", "scipy", "torch", "sklearn", "numexpr"})
 def _threads_capped(pool_workers: int, cores: int) -> int | None:
     """The BLAS/OpenMP threads each worker may run, when the cap (worker_threads)
     is below the cores a serial run here uses; None when not capped so."""
-    from .threads import cap_for, configured
-
     cap, notebook = cap_for(max(1, pool_workers), configured())
     if cap is None or notebook or cap >= cores:  # (the notebook's own OMP_NUM_THREADS... win in the workers)
         return None

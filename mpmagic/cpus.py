@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 
 def _cgroup_quota() -> float | None:
@@ -43,3 +44,20 @@ def available_cpus() -> int:
     if quota is not None:
         n = min(n, max(1, math.ceil(quota)))
     return max(1, n)
+
+
+_seen: tuple[float, int] | None = None  # (when, available_cpus()) of the last read
+
+
+def recent_cpus() -> int:
+    """``available_cpus()``, re-read at most every 5 seconds.
+
+    Every run asks (its report's core count and BLAS thread cap), and the
+    cgroup files are slow to read: three opens of sysfs files took a quarter
+    of the calling thread's time in a warm 2-item map (py-spy).
+    """
+    global _seen
+    now = time.monotonic()
+    if _seen is None or now - _seen[0] > 5.0:
+        _seen = (now, available_cpus())
+    return _seen[1]

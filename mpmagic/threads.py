@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 
-from .cpus import available_cpus
+from .cpus import recent_cpus
 
 log = logging.getLogger("mpmagic")
 
@@ -58,7 +58,7 @@ def cap_for(workers: int, setting: int | None = None) -> tuple[int | None, dict[
     """(threads per worker, the notebook's variables that win over it) for a pool of ``workers``.
 
     Called in the notebook as each worker starts (worker_setup.start_info).
-    The default is ``available_cpus() // workers``, at least 1; ``setting``
+    The default is ``recent_cpus() // workers``, at least 1; ``setting``
     (worker_threads) > 0 forces that number, 0 means no cap (None).
 
     The second element is what the notebook's environment says now for the
@@ -71,7 +71,7 @@ def cap_for(workers: int, setting: int | None = None) -> tuple[int | None, dict[
     """
     notebook = {var: os.environ[var] for var in THREAD_VARS if var in os.environ}
     if setting is None:
-        return max(1, available_cpus() // max(1, workers)), notebook
+        return max(1, recent_cpus() // max(1, workers)), notebook
     if setting <= 0:
         return None, notebook
     return setting, {}
