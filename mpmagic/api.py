@@ -34,6 +34,7 @@ from .pool import get_pool
 from .progress import Progress
 from .report import RankValues, Report
 from .threads import cap_for, configured
+from .warmup import _function_modules_cached, function_modules
 
 _last_report: Report | None = None
 
@@ -465,8 +466,6 @@ class MapCall:
 
     def failed_items(self, results: list) -> list:
         """The Failed items among ``results`` (only ``errors="collect"`` puts them there)."""
-        from .jobs import Failed
-
         if not self.collect:  # saves a pass over 10^7 results
             return []
         return [r for r in results if isinstance(r, Failed)]
@@ -651,8 +650,6 @@ def _busy_at_once(spans: list[tuple[float, float]], cores: int) -> tuple[int, fl
 def _func_libs(func: Any) -> Callable[[], list[str]]:
     """The modules ``func`` uses (warmup.function_modules), when asked."""
     def libs() -> list[str]:
-        from .warmup import _function_modules_cached, function_modules
-
         f = getattr(func, "func", func)  # (a Seeded or partial: the user's function)
         try:
             return _function_modules_cached(f) if type(f) is types.FunctionType else function_modules(f)

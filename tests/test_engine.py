@@ -653,3 +653,39 @@ def test_ranks_that_all_fail_at_once_get_the_cells_error_alone(ip, local_pool, c
         run(ip, "%%parallel -n 2 -q\nno_such_name_anywhere\n")
     time.sleep(0.8)  # (past the moment the line would be said)
     assert "still run" not in capfd.readouterr().err
+
+
+def test_a_warm_map_opens_no_file_in_the_notebook(ip, local_pool, monkeypatch):
+    """A warm call's fixed cost is the engine's, not the file system's: every run
+    used to read three cgroup files for its report's BLAS-cap label, a third of
+    the calling thread's time in a warm 2-item map. Counted, not timed."""
+    import builtins
+    import io
+
+    def sq(x):
+        return x * x
+
+    def numpy_sq(x):  # a function whose report looks at the BLAS cap
+        import numpy as np
+
+        return int(np.int64(x) * x)
+
+    for func in (sq, numpy_sq):
+        assert mpmagic.pmap(func, [1, 2]) == [1, 4]  # warm: workers, imports, the function's pickle
+    opened: list[str] = []
+
+    def counting(real):
+        def open_(file, *args, **kwargs):
+            opened.append(str(file))
+            return real(file, *args, **kwargs)
+
+        return open_
+
+    monkeypatch.setattr(builtins, "open", counting(builtins.open))
+    monkeypatch.setattr(io, "open", counting(io.open))
+    monkeypatch.setattr(os, "open", counting(os.open))
+    for func in (sq, numpy_sq):
+        for _ in range(5):
+            assert mpmagic.pmap(func, [1, 2]) == list(map(func, [1, 2]))
+            assert mpmagic.pmap(func, range(300)) == list(map(func, range(300)))
+    assert opened == []
