@@ -461,6 +461,12 @@ def test_value_and_array_api(ip):
     with pytest.raises(TypeError, match="float64"):
         mpmagic.Array("i", np.array([1.7, 2.9]))
     assert mpmagic.Array("d", np.arange(3))[:] == [0.0, 1.0, 2.0]  # (ints into floats stay fine)
+    # numpy bools and complex numbers too, as the stdlib's; a list of Python bools stays fine, as there
+    for values in (np.array([True, False]), np.array([1 + 2j])):
+        with pytest.raises(TypeError, match=str(values.dtype)):
+            mpmagic.Array("i", values)
+    assert mpmagic.Array("i", [True, False])[:] == [1, 0]
+    assert mpmagic.Array("d", np.array([True]))[:] == [1.0]
     assert pickle.loads(pickle.dumps(a)) is a  # the same object in the owner
     with pytest.raises(AttributeError, match="'c'"):
         a.value  # noqa: B018

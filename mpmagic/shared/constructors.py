@@ -78,8 +78,9 @@ def Array(typecode: Any, size_or_initializer: Any, lock: Any = True) -> SharedAr
     arr = SharedArray._make(typecode, length, lock)
     if type(init).__module__ == "numpy" and arr._spec[0] not in "cu":
         view = arr.as_numpy()
-        if init.dtype.kind == "f" and view.dtype.kind in "iu":
-            # floats into an integer array: TypeError, as the stdlib's (1.7 became 1 without a word)
+        if init.dtype.kind in "fcb" and view.dtype.kind in "iu":
+            # floats, complex or bools into an integer array: TypeError, as the
+            # stdlib's (1.7 became 1 and True became 1 without a word)
             raise TypeError(f"mpmagic.Array: cannot store {init.dtype} values in an integer array {arr._spec[0]!r}")
         view[:] = init
     else:
