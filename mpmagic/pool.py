@@ -47,8 +47,8 @@ _max_memory: int | None = None
 
 def parse_memory(value: int | str | None) -> int | None:
     """Bytes from ``2GB``, ``512 MiB``, ``1.5g`` or a whole number of bytes; None for no limit."""
-    if value is None or value == "" or value == 0:
-        return None
+    if value is None or value == "" or value == 0 or (isinstance(value, str) and value.strip().lower() in ("0", "none")):
+        return None  # no limit (``--max-memory 0``)
     if isinstance(value, bool):
         raise UsageError(f"max_memory must be a size such as '2GB', not {value!r}")
     if isinstance(value, (int, float)):
@@ -75,6 +75,14 @@ def set_max_memory(value: int | str | None) -> None:
             _backend.max_memory = _max_memory
 
 
+def _tasks_limit(given: int | None, old: int | None) -> int | None:
+    """The recycling limit to use: ``old`` when none is given, none for 0 (as
+    ``max_memory=0``), else the one given."""
+    if given is None:
+        return old
+    return given or None
+
+
 def start_pool(
     workers: int | None = None,
     start_method: str | None = None,
@@ -85,7 +93,8 @@ def start_pool(
     """Start (or re-create, if its settings change) the local pool.
 
     ``max_memory`` (bytes, or a size such as ``"2GB"``): a worker holding more
-    after a task is replaced before its next task.
+    after a task is replaced before its next task. ``max_tasks_per_child`` and
+    ``max_memory`` of 0 remove the limit.
     """
     global _backend
     if max_memory is not None:
@@ -94,7 +103,7 @@ def start_pool(
         old = _backend
         if isinstance(old, LocalBackend):
             same_method = start_method in (None, old.start_method)
-            if same_method and max_tasks_per_child in (None, old.max_tasks_per_child):
+            if same_method and _tasks_limit(max_tasks_per_child, old.max_tasks_per_child) == old.max_tasks_per_child:
                 if workers is not None and workers != old.workers:
                     old.resize(workers)
                 old.start()
@@ -112,9 +121,8 @@ def start_pool(
             # recycling limit switched a spawn pool back to the default method).
             workers = old.workers if workers is None else workers  # (a %pool resize since)
             start_method = start_method or old.start_method
-            if max_tasks_per_child is None:
-                max_tasks_per_child = old.max_tasks_per_child
-        new = LocalBackend(workers, start_method, max_tasks_per_child, max_memory=_max_memory)
+            max_tasks_per_child = _tasks_limit(max_tasks_per_child, old.max_tasks_per_child)
+        new = LocalBackend(workers, start_method, max_tasks_per_child or None, max_memory=_max_memory)
         if old is not None:
             old.stop()
         _backend = new
@@ -162,11 +170,12 @@ def restart_with(
                                  f"%pool local {given[0]} ... switches back to them")
         if max_memory is not None:
             set_max_memory(max_memory)
+        limit = _tasks_limit(max_tasks_per_child, backend.max_tasks_per_child) if isinstance(backend, LocalBackend) else None
         if isinstance(backend, LocalBackend) and (start_method not in (None, backend.start_method)
-                                                  or max_tasks_per_child not in (None, backend.max_tasks_per_child)):
+                                                  or limit != backend.max_tasks_per_child):
             # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
             new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
-                               max_tasks_per_child or backend.max_tasks_per_child, max_memory=_max_memory)
+                               limit, max_memory=_max_memory)
             backend.stop()
             _backend = new
             new.start()

@@ -121,6 +121,28 @@ def test_start_with_one_new_setting_keeps_the_others(ip):
     mpmagic.use_local(2, "forkserver", 0)
 
 
+def test_limits_are_removed_with_0(ip):
+    """``--max-tasks-per-child 0`` and ``--max-memory 0`` remove a limit set
+    before (0 was refused for the first, and the second said "more than 0
+    bytes"; only a new kernel removed them)."""
+    run(ip, "%pool restart -n 2 --start-method forkserver --max-tasks-per-child 5 --max-memory 2GB")
+    backend = mpmagic.get_pool()
+    assert (backend.max_tasks_per_child, backend.max_memory) == (5, 2 * 10**9)
+    run(ip, "%pool restart --max-tasks-per-child 0 --max-memory 0")
+    backend = mpmagic.get_pool()
+    assert (backend.workers, backend.start_method, backend.max_tasks_per_child, backend.max_memory) == (
+        2, "forkserver", None, None)
+    run(ip, "%pool start --max-tasks-per-child 4")
+    assert mpmagic.get_pool().max_tasks_per_child == 4
+    run(ip, "%pool start --max-tasks-per-child 0")
+    backend = mpmagic.get_pool()
+    assert (backend.workers, backend.start_method, backend.max_tasks_per_child) == (2, "forkserver", None)
+    run(ip, "def cube(x):\n    return x ** 3\n")
+    assert run(ip, "%pmap -q cube, range(6)") == [x**3 for x in range(6)]
+    err = ip.run_cell("%pool restart --max-tasks-per-child -1", store_history=False).error_in_exec
+    assert "must be 0 (no limit) or more, not -1" in str(err), repr(err)
+
+
 @pytest.mark.parametrize("line, first", [
     ("%pool resize 2 --start-method fork", "%pool: --start-method goes with start, restart and local, not resize"),
     ("%pool stop --max-tasks-per-child 3", "%pool: --max-tasks-per-child goes with start, restart and local, not stop"),
