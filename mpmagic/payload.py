@@ -420,6 +420,19 @@ _MP_SHARED = "should only be shared between processes through inheritance"  # mu
 _NO_HELPER = {"Semaphore", "BoundedSemaphore", "Condition", "Barrier", "JoinableQueue"}
 
 
+#: multiprocessing objects mpmagic has a helper for: (the name users know, the helper).
+_HELPER_FOR = {
+    "Queue": ("Queue", "mpmagic.Queue()"),
+    "SimpleQueue": ("SimpleQueue", "mpmagic.Queue()"),
+    "Event": ("Event", "mpmagic.Event()"),
+    "Lock": ("Lock", "mpmagic.Lock()"),
+    "RLock": ("RLock", "mpmagic.RLock()"),
+    "Synchronized": ("Value", "mpmagic.Value(typecode, value)"),
+    "SynchronizedArray": ("Array", "mpmagic.Array(typecode, values)"),
+    "SynchronizedString": ("Array", "mpmagic.Array('c', data)"),
+}
+
+
 def _advice_for_mp_shared(parts: list) -> str:
     """A multiprocessing Queue, Value, Lock...: it reaches only the processes started
     with it, and the pool's workers were not. mpmagic's helpers are made for this;
@@ -432,16 +445,33 @@ def _advice_for_mp_shared(parts: list) -> str:
                 f"its own: a multiprocessing.Manager()'s can be sent to running workers (m = multiprocessing.Manager(), "
                 f"then m.{kind}(...); each use is a round trip to the manager's process). mpmagic.Queue, Value, Array, "
                 "Lock, RLock and Event are made for tasks (docs/shared.md).")
+    if kind in _HELPER_FOR:
+        name, helper = _HELPER_FOR[kind]
+        return (f"A multiprocessing {name} reaches only the processes started with it: use {helper}, made for "
+                "tasks, with the same methods (docs/shared.md).")
     return ("A multiprocessing Queue, Value, Array or Lock reaches only the processes started with it: use "
             "mpmagic's, made for tasks: mpmagic.Queue(), mpmagic.Value('i', 0), mpmagic.Array('d', n), "
             "mpmagic.Lock(), RLock(), Event() (docs/shared.md).")
+
+
+def _is_mp_manager(obj: Any) -> bool:
+    """A multiprocessing.Manager() (SyncManager, or a BaseManager subclass)."""
+    return any(c.__module__ == "multiprocessing.managers" and c.__name__ == "BaseManager" for c in type(obj).__mro__)
+
+
+_MANAGER_ADVICE = (
+    "A multiprocessing.Manager() stays in this process (its authkey is never sent): make what the tasks "
+    "share with it here (q = manager.Queue(), d = manager.dict()) and use those in the function: its "
+    "proxies can be sent. Or use mpmagic.Queue(), Value, Array, Lock or Event, made for tasks (docs/shared.md).")
 
 
 def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     """A message that names the variable, its type, its path, and the fix."""
     chain: list = []
     text, bad = describe_unpicklable(obj, _root_name(obj, what), exc, chain)
-    if _MP_SHARED in text:
+    if any(_is_mp_manager(o) for o in chain):
+        advice = _MANAGER_ADVICE
+    elif _MP_SHARED in text:
         advice = _advice_for_mp_shared([obj, *chain])
     else:
         advice = advice_for(bad)

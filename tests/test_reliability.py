@@ -356,6 +356,11 @@ def with_mp_barrier(x):
     mp_barrier.wait()
 def with_mp_queue(x):
     mp_queue.put(x)
+mp_event, mp_manager = multiprocessing.Event(), multiprocessing.Manager()
+def with_mp_event(x):
+    mp_event.set()
+def with_mp_manager(x):
+    return mp_manager.list()
 def with_mp_value(x):
     with mp_value.get_lock():
         mp_value.value += x
@@ -395,8 +400,12 @@ CANNOT_SEND = [
     ("with_generator", "`with_generator -> numbers` is a generator", "list(gen)"),
     ("nested", "`nested -> holder -> conn` is a sqlite3.Connection", "open it inside the function"),
     # (the advice said "a thread lock" and "create it inside the function": a counter would count alone)
-    ("with_mp_queue", "`with_mp_queue -> mp_queue", "use mpmagic's, made for tasks: mpmagic.Queue()"),
-    ("with_mp_value", "`with_mp_value -> mp_value", "use mpmagic's, made for tasks: mpmagic.Queue()"),
+    ("with_mp_queue", "`with_mp_queue -> mp_queue", "use mpmagic.Queue(), made for tasks, with the same methods"),
+    ("with_mp_value", "`with_mp_value -> mp_value", "use mpmagic.Value(typecode, value), made for tasks"),
+    # (the advice was the generic list for an Event, and "create it inside the function" for a Manager)
+    ("with_mp_event", "`with_mp_event -> mp_event", "use mpmagic.Event(), made for tasks"),
+    ("with_mp_manager", "`with_mp_manager -> mp_manager",
+     "make what the tasks share with it here (q = manager.Queue(), d = manager.dict()) and use those"),
     # (it fails on the lock of its Condition, and the advice named mpmagic's Queue, Value, Array, Lock)
     ("with_mp_barrier", "`with_mp_barrier -> mp_barrier -> _cond",
      "mpmagic has no Barrier of its own: a multiprocessing.Manager()'s can be sent to running workers"),
@@ -407,7 +416,7 @@ CANNOT_SEND = [
 def unsendable(ip):
     run(ip, "import os\n" + UNSENDABLE)
     yield
-    run(ip, "log.close(); sock.close(); conn.close()")
+    run(ip, "log.close(); sock.close(); conn.close(); mp_manager.shutdown()")
 
 
 @pytest.mark.parametrize("func, path, advice", CANNOT_SEND)
