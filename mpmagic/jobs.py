@@ -460,7 +460,10 @@ class MapJob:
             size = self.planner.next_size()
             if self._seq is not None:
                 chunk = self._seq[self._next_start : self._next_start + size]
-                items: list = chunk if isinstance(chunk, list) else list(chunk)  # (a tuple's or range's slice)
+                # A range's slice goes as the range itself (a few bytes, where its
+                # list was most of the notebook's time per tiny item); the workers
+                # iterate and index it as they would the list.
+                items: Any = chunk if type(chunk) in (list, range) else list(chunk)  # (a tuple's slice)
                 if self._next_start + size >= len(self._seq):
                     self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             else:

@@ -288,3 +288,18 @@ def test_resident_size_in_a_forked_child_is_the_childs_own():
         os._exit(0 if grown >= 80 << 20 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_range_goes_as_ranges_and_gives_serials_results(ip, local_pool):
+    """Each chunk of a range input travels as a range (a few bytes), not as the
+    list of its numbers; the workers iterate and index it alike: results,
+    collected failures and a crash blamed on its item are serial map's."""
+    items = range(-7, 200_000, 3)
+    assert mpmagic.pmap(abs, items) == list(map(abs, items))
+    report = mpmagic.last_report()
+    assert report.chunks >= 2 and report.bytes_sent < 200 * report.chunks, report.bytes_sent  # a list: ~6 bytes per item
+    run(ip, "import mpmagic\ndef fails(x):\n    if x % 1000 == 999:\n        raise ValueError(x)\n    return -x\n")
+    got = run(ip, "mpmagic.pmap(fails, range(3000), errors='collect')")
+    assert [(f.index, f.item) for f in got if isinstance(f, mpmagic.Failed)] == [(999, 999), (1999, 1999), (2999, 2999)]
+    assert [r for r in got if not isinstance(r, mpmagic.Failed)] == [-x for x in range(3000) if x % 1000 != 999]
+    assert mpmagic.pmap(divmod, range(10, 20), range(1, 11)) == list(map(divmod, range(10, 20), range(1, 11)))
