@@ -460,10 +460,11 @@ class MapJob:
             size = self.planner.next_size()
             if self._seq is not None:
                 chunk = self._seq[self._next_start : self._next_start + size]
-                # A range's slice goes as the range itself (a few bytes, where its
-                # list was most of the notebook's time per tiny item); the workers
-                # iterate and index it as they would the list.
-                items: Any = chunk if type(chunk) in (list, range) else list(chunk)  # (a tuple's slice)
+                # A slice goes as it is: a range's as the range itself (a few bytes,
+                # where the list of its numbers was most of the notebook's time per
+                # tiny item), a tuple's uncopied; the workers iterate and index
+                # either as they would a list.
+                items: Any = chunk
                 if self._next_start + size >= len(self._seq):
                     self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             else:
