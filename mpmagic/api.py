@@ -59,6 +59,17 @@ def _interrupted(call: Any, t0: float) -> None:
         _last_report = None
 
 
+def _stopped(call: Any, t0: float, exc: BaseException) -> None:
+    """The report of a run stopped by an error of its own (not an item's: its
+    ``on_chunk`` raised), so that ``last_report()`` is not the run before it."""
+    global _last_report
+    try:
+        _last_report = call.report(time.perf_counter() - t0)
+        _last_report.extra.update(error=True, stopped_by=type(exc).__name__)
+    except Exception:  # (never in the way of the error itself)
+        _last_report = None
+
+
 def _imported_since(mark: int) -> tuple[str, ...]:
     """Modules imported since ``len(sys.modules)`` was ``mark``: the first of each package (``numpy.random``)."""
     new = list(sys.modules)[mark:]
@@ -372,6 +383,9 @@ def pmap(
         _run_with_progress(call.backend, job, bar, workers)
     except KeyboardInterrupt:
         _interrupted(call, t0)
+        raise
+    except BaseException as exc:  # what stopped the run itself (its on_chunk raised): the report is this run's
+        _stopped(call, t0, exc)
         raise
     wall = time.perf_counter() - t0
     options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}

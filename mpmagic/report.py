@@ -195,6 +195,8 @@ class Report:
         at = "" if self.failed_at is None else f" at item {self.failed_at}"
         of = "" if self.total is None else f" of {self.total}"
         done = f"{self.items}{of} item{'s' if (self.total if self.total is not None else self.items) != 1 else ''}"
+        if self.extra.get("stopped_by"):  # the run's own error (its on_chunk raised), not an item's
+            return f"pmap stopped by {self.extra['stopped_by']} after {done} finished, {took}"
         return f"pmap failed{at} after {done}, {took}"
 
     def one_time_mattered(self) -> bool:

@@ -571,6 +571,22 @@ def test_an_on_chunk_that_raises_stops_its_run_with_that_error_only(ip, local_po
     assert mpmagic.pmap(sq, range(4)) == [0, 1, 4, 9]
 
 
+def test_a_run_stopped_by_its_on_chunk_leaves_its_own_report(ip, local_pool):
+    """last_report() was the run before it (or None): the report of the run the
+    callback stopped, saying what stopped it, as an interrupted run's does."""
+    assert mpmagic.pmap(abs, [-1, 2, -3]) == [1, 2, 3]
+
+    def bad(start, results):
+        raise ValueError(f"bad chunk at {start}")
+
+    with pytest.raises(ValueError, match=r"bad chunk at \d+"):
+        mpmagic.pmap(abs, range(40), chunksize=5, on_chunk=bad)
+    report = mpmagic.last_report()
+    assert report.total == 40 and report.failed_run
+    assert report.line().startswith("pmap stopped by ValueError after "), report.line()
+    assert " of 40 items finished, " in report.line(), report.line()
+
+
 def test_a_run_submitted_from_the_manager_thread_is_an_error_not_a_hang(ip, local_pool):
     """Only our own quick hooks (a job's ``accepted``) run in the manager thread; a
     run submitted from there would wait on that very thread: a UsageError."""
