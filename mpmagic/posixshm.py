@@ -78,7 +78,12 @@ def create(name: str, size: int) -> mmap.mmap:
     """
     fd = compat.shm_open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:  # (EFBIG: a file-size limit, ulimit -f, says the same as a full /dev/shm)
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                raise NoRoom(size) from None
+            raise
         reserve(fd, size)
         return mmap.mmap(fd, size)
     except BaseException:

@@ -154,3 +154,24 @@ def test_a_fortran_ordered_result_keeps_its_order(ip):
         assert np.array_equal(g, w) and g.strides == w.strides and g.flags.writeable
     for name in ("big", "turned"):
         ip.user_ns.pop(name, None)
+
+
+def test_big_results_come_back_through_the_pipe_when_no_segment_can_be_made(tmp_path):
+    """A worker that cannot make a result's segment (a file-size limit here,
+    ``ulimit -f``; ftruncate says EFBIG) sends the result through its pipe.
+    Before, the run failed with "`result` is a list, which cannot be pickled
+    ... Return plain data", about a numpy array that pickles fine."""
+    script = tmp_path / "fsize.py"
+    script.write_text(
+        "import resource, numpy as np, mpmagic\n"
+        "def big(x):\n"
+        "    return np.full(200_000, x)\n"  # 1.6 MB: through shared memory when it can
+        "if __name__ == '__main__':\n"
+        "    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+        "    got = mpmagic.pmap(big, range(4))\n"
+        "    want = list(map(big, range(4)))\n"
+        "    print(all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)) and len(got) == 4)\n"
+        "    mpmagic.stop_pool()\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
