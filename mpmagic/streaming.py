@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError
 from typing import Any
 
@@ -205,7 +205,7 @@ class _Reader:
         return rest or None
 
 
-def _generate(reader: _Reader) -> Iterator[Any]:
+def _generate(reader: _Reader) -> Generator[Any, None, None]:
     """The results. ``yield from`` a chunk costs far less per item than a
     Python ``__next__`` would (100,000 tiny items: ~5 ms less)."""
     __tracebackhide__ = True
@@ -269,7 +269,8 @@ def imap(
     bounds the finished chunks the notebook holds before the loop takes them
     (default: 2 per worker, at least 4): beyond it no new chunk is handed out.
     An error is raised at its place (ordered: after the results of the
-    chunks before the failing item's). Leaving the loop early cancels the rest.
+    chunks before the failing item's). Leaving the loop early, or the stream's
+    ``close()`` (even before its first result), cancels the rest.
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     yields stored ones instead of computing them again (docs/checkpoint.md):
     in their input places when ordered, first when not.
@@ -322,7 +323,43 @@ def imap(
     stream = _generate(_Reader(run, feed, ordered, resume if ordered else None))
     # A generator dropped before it was started runs no ``finally``: cancel then too.
     weakref.finalize(stream, _cancel_quietly, run)
-    return stream
+    return Stream(stream, run)
 
 
-__all__ = ["imap", "CancelledError"]
+class Stream:
+    """What :func:`imap` returns: an iterator over the results, whose ``close()``
+    cancels the rest of the run, as leaving the loop does.
+
+    A ``for`` loop iterates the generator itself (``iter()`` gives it), so the
+    results cost no Python call each. The wrapper is for ``close()`` before the
+    first ``next()``: a generator not yet started ignores ``close()``, and the
+    run went on to the end (on Dask, and the next run waited behind it).
+    """
+
+    __slots__ = ("_gen", "_run")
+
+    def __init__(self, gen: Generator[Any, None, None], run: Any) -> None:
+        self._gen, self._run = gen, run
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._gen
+
+    def __next__(self) -> Any:
+        __tracebackhide__ = True
+        return next(self._gen)
+
+    def close(self) -> None:
+        """Stop here: the rest of the run is cancelled."""
+        self._gen.close()
+        _cancel_quietly(self._run)  # (a generator closed before it started runs no ``finally``)
+
+    @property
+    def run(self) -> Any:
+        """The background run behind the stream (``done()``, ``cancel()``, counts)."""
+        return self._run
+
+    def __repr__(self) -> str:
+        return f"<mpmagic imap stream of run {self._run.id} ({self._run.state})>"
+
+
+__all__ = ["imap", "Stream", "CancelledError"]

@@ -165,6 +165,26 @@ def test_a_dropped_imap_cancels_its_run(ns):
     assert _no_busy_worker()
 
 
+def test_closing_an_imap_before_its_first_result_cancels_its_run(ns):
+    """A generator not yet started ignores close(): the run went on to its end
+    (and on Dask the next run waited behind it). close() cancels it, and
+    next() after it ends the stream, as a closed generator does."""
+    stream = mpmagic.imap(ns["napper"], range(40), chunksize=1)
+    handle = stream.run
+    assert handle.what == "imap napper"
+    stream.close()
+    with pytest.raises(CancelledError):
+        handle.result(10)
+    assert _no_busy_worker()
+    with pytest.raises(StopIteration):
+        next(stream)
+    # Started, then closed: the same; and a for loop still runs on the generator itself.
+    stream = mpmagic.imap(abs, range(-3, 3))
+    assert [next(stream), next(stream)] == [3, 2]
+    stream.close()
+    assert list(mpmagic.imap(abs, range(-3, 3))) == list(map(abs, range(-3, 3)))
+
+
 def test_imap_raises_the_serial_error_after_the_results_before_it(ns):
     got = []
     with pytest.raises(KeyError) as err:
