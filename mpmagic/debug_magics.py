@@ -17,8 +17,9 @@ It stops at the line that raised (as %debug does): the function (or cell)
 is loaded from the very bytes the workers ran, with the same item (or the
 same rank and size). N is the item index (or rank) to replay, e.g. one of a
 --errors collect run; the first failure by default. If the replay does not
-fail here, the failure depended on the worker: the worker's traceback and
-its local variables at the failing line are shown instead.
+fail here, or fails with another exception, the failure depended on the
+worker: the worker's traceback and its local variables at the failing line
+are shown instead.
 mpmagic.last_failures() lists the failures with those details.
 """
 

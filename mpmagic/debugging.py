@@ -106,6 +106,10 @@ class FailureInfo:
     ``index``/``item`` for a ``pmap`` item, ``rank``/``size`` for a
     ``parallel`` rank; ``locals`` maps names in the raising frame to their
     ``repr`` in the worker; ``worker`` and ``pid`` say which process ran it.
+    ``outside`` says, for a failure that calling the function on one item
+    (or running the rank's code) did not raise, where it came from instead
+    (the function could not be loaded in the worker, the input raised while
+    it was read): ``%pdebug`` has nothing to replay for it.
     """
 
     error: BaseException
@@ -120,23 +124,33 @@ class FailureInfo:
     # The worker's frames and last line (ErrorInfo.frames / exc_text), for describe().
     frames: list = field(default_factory=list, repr=False)
     exc_text: str = ""
+    outside: str = ""
 
     @property
     def label(self) -> str:
-        return f"rank {self.rank}" if self.rank is not None else f"item {self.index}"
+        if self.rank is not None:
+            return f"rank {self.rank}"
+        return f"item {self.index}" if self.index is not None else "the run"
 
     def __repr__(self) -> str:
-        what = self.label if self.rank is not None else f"item {self.index} (input {_bounded_repr(self.item, 40)})"
+        if self.rank is not None or self.index is None:
+            what = self.label + (f" ({self.outside})" if self.outside else "")
+        else:
+            what = f"item {self.index} (input {_bounded_repr(self.item, 40)})"
         ran = f" on worker {self.worker} (pid {self.pid})" if self.pid else ""
-        return f"<FailureInfo {what}{ran}: {type(self.error).__name__}: {self.error}>"
+        return f"<FailureInfo {what}{ran}: {exception_line(self.error)}>"
 
     def describe(self) -> str:
         """The worker's traceback and the raising frame's locals, as text."""
-        from .errors import map_cell_frames, render_traceback
+        from .errors import map_cell_frames, render_traceback, without_our_frames
 
-        text = self.exc_text or f"{type(self.error).__name__}: {self.error}"
+        text = self.exc_text or exception_line(self.error)
         if self.frames:  # (rendered only when asked: most failures are never described)
             text = render_traceback(map_cell_frames(self.frames), text)
+        elif self.outside and (tb := without_our_frames(self.error.__traceback__)) is not None:
+            import traceback  # raised here (an input's own error): its frames here
+
+            text = "".join(traceback.format_exception(type(self.error), self.error, tb))
         lines = [text.rstrip("\n")]
         if self.locals:
             fn = f" in {self.where[2]}" if self.where else ""
@@ -145,11 +159,22 @@ class FailureInfo:
         return "\n".join(lines)
 
 
+def exception_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, without notes; never raises (a broken
+    ``__str__`` reads ``<exception str() failed>``, as in Python's tracebacks)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<exception str() failed>"
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
+
+
 def attach(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
     """Put a :class:`FailureInfo` on ``exc`` (``exc.failure_info``).
 
-    ``info`` is the worker's ``ErrorInfo`` (None for a lost worker or a
-    timeout); ``where`` gives ``index``/``item`` or ``rank``/``size``.
+    ``info`` is the worker's ``ErrorInfo`` (None for a lost worker, a
+    timeout, or an error raised here); ``where`` gives ``index``/``item`` or
+    ``rank``/``size``, or ``outside`` (see :class:`FailureInfo`).
     """
     ctx = getattr(info, "context", None) or {}
     failure = FailureInfo(

@@ -544,6 +544,12 @@ def _relink(entries: Any) -> types.TracebackType | None:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def without_our_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without mpmagic's own frames (None if it had no others): what a
+    user's code did, without the machinery that called it."""
+    return _relink(t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
+
+
 def drop_our_frames(exc: BaseException) -> None:
     """User code that raised while our machinery called it (a generator input
     consumed chunk by chunk): leave only the user's frames in its traceback.

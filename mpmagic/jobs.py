@@ -400,7 +400,7 @@ class MapJob:
         items = self._take_read(size)
         if not items and self._input_error is not None:
             error, self._input_error = self._input_error, None
-            self._input_failed(self._next_start, error)
+            self._input_failed(self._next_start, error, "the input raised it while it was read, in the notebook")
             return None
         if not self._input_done and self._read_count < size:
             self._ask_for_input(size)  # one chunk read ahead: ready when the next worker is free
@@ -486,7 +486,8 @@ class MapJob:
                 # Settled once the unit before it is out (below): settled now, with
                 # nothing earlier in flight, the unpicklable item won over an
                 # earlier item of its own chunk that fails.
-                self._input_failed(self._next_start + bad.offset, bad.error, settle=False)
+                self._input_failed(self._next_start + bad.offset, bad.error, "the item could not be sent to a worker",
+                                   settle=False)
                 items = items[: bad.offset]
                 if not items:
                     self._settle()
@@ -507,12 +508,14 @@ class MapJob:
             self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
 
-    def _input_failed(self, index: int, error: Exception, settle: bool = True) -> None:
+    def _input_failed(self, index: int, error: Exception, why: str, settle: bool = True) -> None:
         """The input itself failed at position ``index`` (its iterator raised, or
         the item cannot be pickled): nothing from there on goes out. Kept like an
         item's error, so that, as in serial map, an item before it that fails
-        is the run's error (before, the input's error won at once)."""
+        is the run's error (before, the input's error won at once). ``why``
+        says so for ``%pdebug``: no call of the function raised it."""
         self.exhausted = True
+        debugging.attach(error, outside=why)
         self._errors.setdefault(index, error)
         if settle:
             self._settle()
@@ -686,6 +689,7 @@ class MapJob:
             drop_partial(partial)  # results before the failing item: unlink their segments
         if index < 0:  # the chunk as a whole could not run (function failed to load)
             exc = rebuild_exception(info, _load_failure_note(info))
+            debugging.attach(exc, info, outside=LOAD_FAILED)  # (no item's call raised it: %pdebug has nothing to replay)
             idx = unit.start
         else:
             idx = unit.start + index
@@ -1020,7 +1024,9 @@ class CellJob:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
         _note_daemonic(self.failures[unit.id])
-        debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size)
+        # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)
+        debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size,
+                         outside=CELL_LOAD_FAILED if index < 0 else "")
         self.items_done += 1
         self._rank_finished()
         self._failed_while_others_run(unit.id)
@@ -1145,9 +1151,14 @@ def drop_partial(data: bytes) -> None:
         log.debug("mpmagic: could not load partial results to free their segments", exc_info=True)
 
 
+#: Why a failure is no item's (or rank's) own (debugging.FailureInfo.outside).
+LOAD_FAILED = "the function (or its items) could not be loaded in a worker"
+CELL_LOAD_FAILED = "the cell's names could not be loaded in the worker"
+
+
 def _load_failure_note(info: Any) -> str:
     """Why a worker could not load the function or its items, and what to do."""
-    note = "mpmagic: the function (or its items) could not be loaded in a worker"
+    note = f"mpmagic: {LOAD_FAILED}"
     if info.type_name in ("ModuleNotFoundError", "ImportError"):
         note += (
             ": a module the notebook imports cannot be imported there. If you installed "

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import re
 import sys
+import warnings
 
 import pytest
-from conftest import run
+from conftest import ensure_pool, run
 
 import mpmagic
 
@@ -30,6 +31,124 @@ def test_pdebug_stops_at_the_raising_line_with_the_items_locals(ip, local_pool, 
     out = _debug(ip, "%pdebug", "p x\np y\nq\n", capsys)
     assert "assert x != 3, 'three'" in out  # pdb shows the line that raised
     assert "ipdb> 3\nipdb> 30\n" in out  # x, and y computed before the raise
+
+
+@pytest.fixture
+def fs_pool():
+    """The local forkserver pool: these tests are about the replay, not the start method."""
+    return ensure_pool("forkserver")
+
+
+def _pdebug_error(ip, line: str, capsys) -> tuple[str, str]:
+    """Run ``line`` (a %pdebug that must refuse): (its one-line error, what it printed)."""
+    saved = sys.stdin
+    sys.stdin = io.StringIO("q\n")  # (a debugger opened by mistake ends at once)
+    try:
+        result = ip.run_cell(line, store_history=False)
+    finally:
+        sys.stdin = saved
+    out = capsys.readouterr().out
+    assert result.error_in_exec is not None, out
+    return str(result.error_in_exec), out
+
+
+def test_pdebug_does_not_replay_a_failure_no_item_raised(ip, fs_pool, capsys):
+    """A generator input that raised, a captured global or an item that could not
+    be loaded in the worker: %pdebug replayed func(None) (or said the item "did not
+    fail here") and debugged an error that never happened."""
+    run(ip, "import os\nNB = os.getpid()\n"
+            "def gen(n):\n    for i in range(n):\n        if i == 3:\n            raise ValueError(f'bad input {i}')\n"
+            "        yield i\n"
+            "def sq(x):\n    return x * x\n"
+            "def rebuild(v):\n    if os.getpid() != NB:\n        raise OSError(f'cannot rebuild {v} here')\n"
+            "    return Thing(v)\n"
+            "class Thing:\n    def __init__(self, v):\n        self.v = v\n"
+            "    def __reduce__(self):\n        return (rebuild, (self.v,))\n"
+            "T = Thing(3)\ndef uses(x):\n    return x + T.v\n")
+    cases = [("%pmap -q sq, gen(6)", ValueError, "ValueError: bad input 3; the input raised it while it was read, in the notebook",
+              "raise ValueError(f'bad input {i}')"),
+             ("%pmap -q uses, [1, 2]", OSError, "OSError: cannot rebuild 3 here; the function (or its items) could "
+              "not be loaded in a worker", "raise OSError(f'cannot rebuild {v} here')"),
+             ("%pmap -q lambda v: v, [1, Thing(9), 3]", OSError, "OSError: cannot rebuild 9 here; the function (or its "
+              "items) could not be loaded in a worker", "v = 9")]
+    for cell, error, why, shown in cases:
+        with pytest.raises(error):
+            run(ip, cell)
+        [info] = mpmagic.last_failures()
+        assert info.index is None and info.outside, info
+        capsys.readouterr()
+        message, out = _pdebug_error(ip, "%pdebug", capsys)
+        assert message == (f"%pdebug: the failure was not raised by one item ({why}): there is nothing to replay; "
+                           "its traceback is above"), cell
+        assert shown in out and "ipdb>" not in out, out  # the traceback, and no debugger
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -n 2 -q\nT.v + rank\n")
+    message, out = _pdebug_error(ip, "%pdebug", capsys)
+    assert message.startswith("%pdebug: the failure was not raised by the rank's code (OSError: cannot rebuild 3 here; "
+                              "the cell's names could not be loaded in the worker)"), message
+    assert "ipdb>" not in out
+
+
+def test_pdebug_of_a_kept_rank_says_the_replay_raised_another_error(ip, fs_pool, capsys):
+    """A kept rank's failure replayed here without its kept variables stopped on a
+    NameError at another line, debugged as if it were the rank's RuntimeError."""
+    run(ip, "%%parallel --keep --reset -q -n 2\nshard = [rank] * 3\n")
+    try:
+        with pytest.raises(mpmagic.ParallelError):
+            run(ip, "%%parallel --keep -q -n 2\ntotal = sum(shard)\nif rank == 1:\n"
+                    "    raise RuntimeError(f'total {total}')\ntotal\n")
+        capsys.readouterr()
+        out = _debug(ip, "%pdebug 1", "p total\nq\n", capsys)
+    finally:
+        run(ip, "%%parallel --keep --reset -q -n 2\nNone\n")
+    first, rest = out.split("\n", 1)
+    assert first.startswith("mpmagic: rank 1 raised RuntimeError in its worker, but replayed here it raised "
+                            "NameError: name 'shard' is not defined, so the failure depended on the worker"), first
+    assert "--keep" in first and "ipdb>" not in out
+    assert "RuntimeError: total 3" in rest and "shard = [1, 1, 1]" in rest  # the worker's traceback and locals
+
+
+def test_pdebug_debugs_a_tasks_systemexit_and_keyboardinterrupt(ip, fs_pool, capsys):
+    """They escaped from %pdebug (a KeyboardInterrupt traceback on the %pdebug line)
+    where %debug opens the debugger at the raise."""
+    run(ip, "def quits(x):\n    y = x * 2\n    raise SystemExit(y)\n"
+            "def stops(x):\n    y = x * 3\n    raise KeyboardInterrupt('from task')\n")
+    for func, value in (("quits", 2), ("stops", 3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (IPython's "To exit: use 'exit'" for a SystemExit)
+            ip.run_cell(f"%pmap -q {func}, [1]", store_history=False)
+        capsys.readouterr()
+        saved = sys.stdin
+        sys.stdin = io.StringIO("p y\nq\n")
+        try:
+            result = ip.run_cell("%pdebug", store_history=False)
+        finally:
+            sys.stdin = saved
+        out = capsys.readouterr().out
+        assert result.error_in_exec is None, result.error_in_exec
+        assert f"ipdb> {value}\n" in out, out
+
+
+def test_pdebug_shows_only_the_users_frames(ip, fs_pool, capsys):
+    """`where` listed mpmagic's postmortem.py (and cell.py for a rank); a builtin
+    stopped the debugger inside mpmagic."""
+    run(ip, "def work(x):\n    return 10 / (x - 2)\n")
+    ip.run_cell("%pmap -q work, range(4)", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "where\nup\nq\n", capsys)
+    assert "return 10 / (x - 2)" in out
+    assert "postmortem.py" not in out and "mpmagic" not in out, out
+    assert "Oldest frame" in out  # the item's call is the first frame
+    ip.run_cell("%%parallel -n 2 -q\ndef f(r):\n    return 1 / r\nf(rank)\n", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "where\nq\n", capsys)
+    assert "return 1 / r" in out and "mpmagic" not in out, out
+    run(ip, "res = %pmap -q --errors collect pow, [2, 0], [2, -1]")
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    assert out == ("mpmagic: replayed here, item 1 raised ZeroDivisionError: 0.0 cannot be raised to a negative power "
+                   "inside pow, which is not Python code: there is no Python frame of yours for the debugger to stop "
+                   "in\n"), out
 
 
 def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
