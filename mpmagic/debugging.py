@@ -142,11 +142,12 @@ class FailureInfo:
 
     def describe(self) -> str:
         """The worker's traceback and the raising frame's locals, as text."""
-        from .errors import map_cell_frames, render_traceback, without_our_frames
+        from .errors import cell_names, map_cell_frames, render_traceback, without_our_frames
 
         text = self.exc_text or exception_line(self.error)
         if self.frames:  # (rendered only when asked: most failures are never described)
-            text = render_traceback(map_cell_frames(self.frames), text)
+            # (notebook cells named as IPython's tracebacks name them: "Cell In[4], line 6")
+            text = cell_names(render_traceback(map_cell_frames(self.frames), text))
         elif self.outside and (tb := without_our_frames(self.error.__traceback__)) is not None:
             import traceback  # raised here (an input's own error): its frames here
 

@@ -32,7 +32,14 @@ from .debugging import (
     last_run,
     set_last_run,
 )
-from .errors import RemoteError, TaskTimeoutError, UsageError, WorkerLostError, without_our_frames
+from .errors import (
+    RemoteError,
+    TaskTimeoutError,
+    UsageError,
+    WorkerLostError,
+    cell_file,
+    without_our_frames,
+)
 from .jobs import Failed
 
 # --------------------------------------------------------------------------
@@ -149,7 +156,9 @@ def _run_again(last: LastRun, obj: Any, failure: FailureInfo) -> None:
     from the payload bytes the workers loaded."""
     if last.kind == "cell":
         assert failure.rank is not None and failure.size is not None  # (record_cell sets both)
-        run_cell_code(obj, failure.rank, failure.size, as_main=False)
+        # (as its notebook cell: the same name and line numbers as the rank's traceback)
+        name = cell_file(obj.filename)
+        run_cell_code(obj, failure.rank, failure.size, as_main=False, filename=name if name != obj.filename else None)
     elif getattr(obj, "mpmagic_item", None) is not None:  # seed=: with the item's own random stream again
         obj((failure.index, failure.item))
     elif last.star:

@@ -151,6 +151,32 @@ def test_pdebug_shows_only_the_users_frames(ip, fs_pool, capsys):
                    "in\n"), out
 
 
+def test_pdebug_numbers_a_ranks_lines_as_its_cell_and_its_traceback(ip, fs_pool, capsys):
+    """A rank's traceback said "Cell In[N], line 6" and %pdebug
+    "<parallel-cell-…>(5)": it numbered from the body, under a made-up name;
+    the worker traceback it printed said line 6 under that name, and a syntax
+    error said line 2 of a statement the traceback calls line 3."""
+    run(ip, "import os\nNB = os.getpid()\n")
+    cell = ("%%parallel -n 2 -q\na = 1\nb = 2\nif rank == 1{here}:\n    c = a + b\n"
+            "    raise ValueError(f'bad rank {{rank}}')\na + b\n")
+    for here, stop in (("", True), (" and os.getpid() != NB", False)):
+        result = ip.run_cell(cell.format(here=here), store_history=True)  # (a numbered cell, as in a notebook)
+        assert isinstance(result.error_in_exec, mpmagic.ParallelError)
+        n = result.execution_count
+        shown = capsys.readouterr()
+        assert f"[rank 1] Cell In[{n}], line 6" in shown.out + shown.err
+        out = _debug(ip, "%pdebug", "where\nq\n", capsys)
+        if stop:  # the debugger, at the cell's line 6, under the cell's own name
+            assert re.search(rf"> <ipython-input-{n}-\w+>\(6\)<module>\(\)\n", out), out
+            assert "----> 6     raise ValueError(f'bad rank {rank}')" in out, out
+        else:  # the worker's traceback, named and numbered as the rank's
+            assert f"  Cell In[{n}], line 6, in <module>\n    raise ValueError(f'bad rank {{rank}}')" in out, out
+        assert "parallel-cell" not in out
+    result = ip.run_cell("%%parallel -n 2 -q\nx = 1\nif x:\nx\n", store_history=False)
+    assert str(result.error_in_exec).splitlines()[0] == (
+        "%%parallel: the cell has a syntax error on line 4: expected an indented block after 'if' statement on line 3")
+
+
 def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     run(ip, "def f(x):\n    big = 'z' * 1000\n    secret = x + 1\n    return 1 // (x - 4)\n")
     results = run(ip, "%pmap -q --errors collect f, range(6)")
