@@ -222,17 +222,21 @@ def info_of(exc: BaseException, **where: Any) -> FailureInfo:
     return FailureInfo(exc, **where)
 
 
-def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict) -> None:
+def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict,
+               items: Any = None) -> None:
     """Keep what a finished ``pmap`` needs for ``%pdebug`` and ``--rerun-failed``.
 
     ``results`` is None when the run raised; ``failed`` the ``jobs.Failed``
     among them (``errors="collect"``; the caller has them, and this module
-    must not import ``jobs``). Cheap when nothing failed: the run is
+    must not import ``jobs``). ``items``: the input as a list, when the job
+    read it lazily but it can be listed again (several lists zipped); only
+    asked for when the run raised. Cheap when nothing failed: the run is
     remembered without its results.
     """
     global _last
     failures: list[FailureInfo] = []
     full: list | None = None
+    inputs = job.inputs
     if results is not None and failed:
         for r in failed:
             info = info_of(r.error, index=r.index, item=r.item)
@@ -242,10 +246,12 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
         failures.append(info_of(job.failure, index=job.failure_index))
-        full = job.results_so_far(MISSING)
+        if inputs is None:
+            inputs = items
+        full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
     _last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
-        options=options, results=full, inputs=job.inputs if failures else None,
+        options=options, results=full, inputs=inputs if failures else None,
     )
 
 

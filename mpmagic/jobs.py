@@ -856,12 +856,15 @@ class MapJob:
         """The items, when the input was a list or tuple (``%pdebug`` shows them); else None."""
         return self._seq
 
-    def results_so_far(self, missing: Any) -> list | None:
+    def results_so_far(self, missing: Any, length: int | None = None) -> list | None:
         """The results a failed run did get, in input places, ``missing`` in the gaps
-        (``%pdebug``); None for an input read lazily (its length is unknown)."""
-        if self._seq is None:
+        (``%pdebug``); None for an input read lazily, unless the caller knows its
+        ``length`` (several lists, zipped)."""
+        if self._seq is not None:
+            length = len(self._seq)
+        if length is None:
             return None
-        full = [missing] * len(self._seq)
+        full = [missing] * length
         full[: len(self._in_order)] = self._in_order
         for start, chunk in self._results.items():
             full[start : start + len(chunk)] = chunk

@@ -266,6 +266,18 @@ def test_rerun_failed_after_a_raising_run_runs_what_never_ran(ip, local_pool):
     assert run(ip, "%pmap --rerun-failed") == [x * x for x in range(12)]
 
 
+def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
+    """It said the input 'was an iterator that is used up': several lists are
+    zipped into one lazy input, which the record did not list again."""
+    run(ip, "def ratio(a, b):\n    return a / b\n")
+    with pytest.raises(ZeroDivisionError):
+        run(ip, "%pmap -q --chunksize 1 ratio, [1, 2, 3, 4], (1, 0, 1, 0)")
+    [info] = mpmagic.last_failures()
+    assert (info.index, info.item) == (1, (2, 0))
+    run(ip, "def ratio(a, b):\n    return a / b if b else -1\n")
+    assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(ratio, [1, 2, 3, 4], (1, 0, 1, 0)))")
+
+
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
     results = run(ip, "%pmap -q --errors collect crash, [1]")
