@@ -134,7 +134,8 @@ class Failed:
         return getattr(getattr(self.error, "failure_info", None), "pid", None)
 
     def __repr__(self) -> str:
-        return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {type(self.error).__name__}: {self.error}>"
+        # (an exception whose __str__ raises reads '<exception str() failed>', as in Python's tracebacks)
+        return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {debugging.exception_line(self.error)}>"
 
 
 @dataclass

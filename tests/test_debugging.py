@@ -192,6 +192,16 @@ def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     assert "secret = 5" in info.describe()
 
 
+def test_a_failed_whose_exception_str_raises_still_shows(ip, fs_pool):
+    """Displaying a --errors collect result raised RuntimeError when the
+    exception's __str__ raises; a serial list holding it displays."""
+    run(ip, "class BrokenStr(Exception):\n    def __str__(self):\n        raise RuntimeError('broken str')\n"
+            "def fails(x):\n    raise BrokenStr(x)\n")
+    out = run(ip, "%pmap -q --errors collect fails, [1]")
+    assert repr(out) == "[<Failed item 0: input=1, BrokenStr: <exception str() failed>>]"
+    assert "BrokenStr: <exception str() failed>" in repr(mpmagic.last_failures())
+
+
 def test_only_a_units_first_failures_carry_locals(ip, local_pool):
     from mpmagic.debugging import LOCALS_PER_UNIT
 
