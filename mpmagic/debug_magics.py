@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
@@ -35,7 +37,8 @@ class DebugMagics(Magics):
         if text in ("-h", "--help"):
             print(PDEBUG_HELP)
             return
-        if text and not text.lstrip("-").isdigit():
+        # (ASCII digits, one optional minus: '--1' and '²' pass str.isdigit(), then int() raised ValueError)
+        if text and not re.fullmatch(r"-?[0-9]+", text):
             raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]   (see %pdebug?)")
         which = int(text) if text else None
         if debugging.last_run() is None:  # every %pmap / %%parallel that ended leaves a record, failed or not

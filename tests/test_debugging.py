@@ -427,3 +427,10 @@ def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, loca
 def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):
     result = ip.run_cell("%pdebug x", store_history=False)
     assert str(result.error_in_exec).endswith("usage: %pdebug [N]   (see %pdebug?)")
+
+
+def test_pdebug_takes_only_a_whole_number(ip):
+    """'--1' and '²' passed the isdigit() check, and int() then raised a raw ValueError."""
+    for arg in ("--1", "²", "1.5", "- 1"):
+        result = ip.run_cell(f"%pdebug {arg}", store_history=False)
+        assert str(result.error_in_exec).startswith(f"%pdebug: N must be an item index or rank, not {arg!r}"), arg
