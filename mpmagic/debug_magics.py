@@ -41,7 +41,9 @@ class DebugMagics(Magics):
         if text and not re.fullmatch(r"-?[0-9]+", text):
             raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]   (see %pdebug?)")
         which = int(text) if text else None
-        if debugging.last_run() is None:  # every %pmap / %%parallel that ended leaves a record, failed or not
+        # Every %pmap / %%parallel that ended leaves a record, failed or not (and a
+        # failed one stays for %pdebug when a --bg run or an imap stream follows it).
+        if debugging.last_run() is None and debugging.last_foreground_failure() is None:
             raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "
                                     "interrupted run, a --bg run or an imap stream leaves nothing to replay)")
         try:

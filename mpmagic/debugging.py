@@ -213,6 +213,9 @@ class LastRun:
 
 
 _last: LastRun | None = None
+# The last blocking run's record, when it failed and a background run or an
+# imap stream (which leave no record) started after it: %pdebug still has it.
+_foreground: LastRun | None = None
 
 
 def info_of(exc: BaseException, **where: Any) -> FailureInfo:
@@ -279,11 +282,23 @@ def renumber_last(positions: list[int]) -> None:
     _last.results, _last.inputs, _last.checkpointed = None, None, True
 
 
-def forget() -> None:
+def forget(background: bool = False) -> None:
     """A run starts: an older run's failures are no longer the last (even if
-    this one is interrupted before it records its own)."""
-    global _last
+    this one is interrupted before it records its own). A ``background`` run
+    (``--bg``, ``submit``, ``imap``) records nothing: the last blocking run's
+    failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`)."""
+    global _last, _foreground
+    if background and _last is not None and _last.failures:
+        _foreground = _last
+    elif not background:
+        _foreground = None
     _last = None
+
+
+def last_foreground_failure() -> LastRun | None:
+    """The failed blocking run a background run or a stream followed, if the
+    last run is one of those; else None."""
+    return _foreground if _last is None else None
 
 
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:

@@ -29,6 +29,7 @@ from .debugging import (
     LastRun,
     exception_line,
     info_of,
+    last_foreground_failure,
     last_run,
     set_last_run,
 )
@@ -139,6 +140,9 @@ def _current_definition(func: Any, namespace: dict | None) -> Any:
 
 def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
     last = last_run()
+    if last is None and (last := last_foreground_failure()) is not None:
+        print("mpmagic: the last run was a background run or an imap stream, which leave nothing to replay "
+              "(its handle's result() raises its error); replaying the last failed %pmap or %%parallel run's")
     if last is None or not last.failures:
         raise UsageError("no failure to debug: the last %pmap or %%parallel run did not fail")
     if which is None:

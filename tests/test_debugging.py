@@ -320,11 +320,11 @@ def test_pdebug_before_any_run_says_there_was_none(ip, capsys):
     assert "did not fail" not in capsys.readouterr().err
 
 
-def test_after_a_failing_stream_pdebug_does_not_replay_an_older_failure(ip, local_pool):
-    """%pdebug and last_failures() after a failing imap loop (or background run)
-    replayed an older %pmap's failure, with nothing saying so."""
-    import mpmagic
-
+def test_after_a_failing_stream_pdebug_replays_the_last_blocking_failure_saying_so(ip, fs_pool, capsys):
+    """After a failing foreground %pmap, a failing imap loop or --bg run left
+    %pdebug with "no run to debug yet: run a %pmap or %%parallel cell first"
+    (before that, it replayed the older failure with nothing saying so).
+    last_failures() is the last run's: none."""
     run(ip, "def first(a):\n    assert a != 3, 'old failure'\n    return a\n"
             "def second(a):\n    if a == 7:\n        raise ValueError('new failure')\n    return a\n")
     with pytest.raises(AssertionError):
@@ -332,9 +332,19 @@ def test_after_a_failing_stream_pdebug_does_not_replay_an_older_failure(ip, loca
     with pytest.raises(ValueError):
         for _value in mpmagic.imap(ip.user_ns["second"], range(20)):
             pass
+    handle = run(ip, "%pmap --bg -q second, range(9)")
+    with pytest.raises(ValueError):
+        handle.result()
     assert mpmagic.last_failures() == []
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "p a\nq\n", capsys)
+    assert out.startswith("mpmagic: the last run was a background run or an imap stream, which leave nothing to "
+                          "replay (its handle's result() raises its error); replaying the last failed %pmap or "
+                          "%%parallel run's\n"), out
+    assert "assert a != 3, 'old failure'" in out and "ipdb> 3\n" in out
+    run(ip, "%pmap -q first, range(3)")  # a blocking run that succeeds: nothing older is replayed
     result = ip.run_cell("%pdebug", store_history=False)
-    assert "no run to debug yet" in str(result.error_in_exec)
+    assert "no failure to debug" in str(result.error_in_exec)
 
 
 def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):
