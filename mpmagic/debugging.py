@@ -3,10 +3,11 @@
 * In the worker, :func:`failure_context` records what the raising frame saw
   (bounded ``repr``s of its local variables) and which worker and pid ran it;
   it rides home on the ``ErrorInfo`` (``worker.py``).
-* In the notebook, :func:`attach` puts a :class:`FailureInfo` on the rebuilt
-  exception (``exc.failure_info``): the item's index and input (or the rank),
-  the worker's locals, worker id and pid (``jobs.py`` calls it where it
-  rebuilds a task's exception). :func:`record_map` / :func:`record_cell`
+* In the notebook, :func:`failure_of` makes a :class:`FailureInfo` for the
+  rebuilt exception: the item's index and input (or the rank), the worker's
+  locals, worker id and pid (``jobs.py`` calls it where it rebuilds a task's
+  exception, and keeps it beside the exception: ``Failed.info``, never as an
+  attribute of the exception, whose ``vars()`` stay as serial Python's). :func:`record_map` / :func:`record_cell`
   (called by ``api.py``) keep the last run, with the very payload bytes its
   workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
   debugger) and ``--rerun-failed``.
@@ -170,23 +171,21 @@ def exception_line(exc: BaseException) -> str:
     return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
 
-def attach(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
-    """Put a :class:`FailureInfo` on ``exc`` (``exc.failure_info``).
+def failure_of(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
+    """The :class:`FailureInfo` of ``exc``: what the worker saw when it raised.
 
     ``info`` is the worker's ``ErrorInfo`` (None for a lost worker, a
     timeout, or an error raised here); ``where`` gives ``index``/``item`` or
-    ``rank``/``size``, or ``outside`` (see :class:`FailureInfo`).
+    ``rank``/``size``, or ``outside`` (see :class:`FailureInfo`). The jobs keep
+    it beside the exception (``Failed.info``, ``MapJob.failure_info``,
+    ``CellJob.failure_infos``), never on it: the exception's attributes stay
+    the task's own.
     """
     ctx = getattr(info, "context", None) or {}
-    failure = FailureInfo(
+    return FailureInfo(
         exc, locals=ctx.get("locals") or {}, where=ctx.get("where"), worker=ctx.get("worker"), pid=ctx.get("pid"),
         frames=getattr(info, "frames", None) or [], exc_text=getattr(info, "exc_text", "") or "", **where,
     )
-    try:
-        exc.failure_info = failure  # type: ignore[attr-defined]
-    except AttributeError:  # an exception type with __slots__
-        _log.debug("mpmagic: cannot attach failure details to %s", type(exc).__name__)
-    return failure
 
 
 # --------------------------------------------------------------------------
@@ -218,13 +217,6 @@ _last: LastRun | None = None
 _foreground: LastRun | None = None
 
 
-def info_of(exc: BaseException, **where: Any) -> FailureInfo:
-    info = getattr(exc, "failure_info", None)
-    if isinstance(info, FailureInfo):
-        return info
-    return FailureInfo(exc, **where)
-
-
 def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict,
                items: Any = None) -> None:
     """Keep what a finished ``pmap`` needs for ``%pdebug`` and ``--rerun-failed``.
@@ -242,13 +234,13 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     inputs = job.inputs
     if results is not None and failed:
         for r in failed:
-            info = info_of(r.error, index=r.index, item=r.item)
+            info = r.info if r.info is not None else FailureInfo(r.error)
             info.index, info.item = r.index, r.item
             failures.append(info)
         full = results
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
-        failures.append(info_of(job.failure, index=job.failure_index))
+        failures.append(job.failure_info or FailureInfo(job.failure, index=job.failure_index))
         if inputs is None:
             inputs = items
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
@@ -304,7 +296,8 @@ def last_foreground_failure() -> LastRun | None:
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
     """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``."""
     global _last
-    failures = [info_of(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
+    infos = job.failure_infos
+    failures = [infos.get(r) or FailureInfo(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
     _last = LastRun("cell", spec_bytes, failures)
 
 

@@ -111,27 +111,31 @@ class Failed:
     ``index`` is its position in the input, ``item`` its arguments, ``error``
     the exception, as the item raised it: the worker's frames are its
     ``__traceback__``, and its own ``__cause__`` and ``__context__`` are kept.
+    ``info`` is what the worker saw (a ``FailureInfo``, as in
+    ``mpmagic.last_failures()``), which ``locals``, ``worker`` and ``pid`` read.
     """
 
     index: int
     item: Any
     error: BaseException
+    # What the worker saw (debugging.FailureInfo): kept here, not on the exception,
+    # whose attributes stay the task's own (vars(error) is as serial Python's).
+    info: Any = field(default=None, repr=False, compare=False)
 
     @property
     def locals(self) -> dict[str, str]:
         """The worker's local variables at the raising line, as bounded ``repr``s."""
-        info = getattr(self.error, "failure_info", None)
-        return info.locals if info is not None else {}
+        return self.info.locals if self.info is not None else {}
 
     @property
     def worker(self) -> Any:
         """The id of the worker that ran the item (None if not known)."""
-        return getattr(getattr(self.error, "failure_info", None), "worker", None)
+        return self.info.worker if self.info is not None else None
 
     @property
     def pid(self) -> int | None:
         """The process id of the worker that ran the item (None if not known)."""
-        return getattr(getattr(self.error, "failure_info", None), "pid", None)
+        return self.info.pid if self.info is not None else None
 
     def __repr__(self) -> str:
         # (an exception whose __str__ raises reads '<exception str() failed>', as in Python's tracebacks)
@@ -256,7 +260,9 @@ class MapJob:
         # item in input order (as serial map would raise), decided once no
         # earlier item is still out: ``failure`` is then set.
         self._errors: dict[int, BaseException] = {}
+        self._infos: dict[int, debugging.FailureInfo] = {}  # what the workers saw, for those of _errors that have it
         self.failure: BaseException | None = None
+        self.failure_info: debugging.FailureInfo | None = None  # the failure's (for %pdebug)
         self.failure_index: int | None = None  # input index of the failing item, when known (for the report)
         self.task_seconds = 0.0
         self.items_done = 0
@@ -516,7 +522,8 @@ class MapJob:
         is the run's error (before, the input's error won at once). ``why``
         says so for ``%pdebug``: no call of the function raised it."""
         self.exhausted = True
-        debugging.attach(error, outside=why)
+        if index not in self._errors:
+            self._infos[index] = debugging.failure_of(error, outside=why)
         self._errors.setdefault(index, error)
         if settle:
             self._settle()
@@ -605,8 +612,8 @@ class MapJob:
                 if type(r) is ErrorInfo:
                     idx = unit.start + i
                     item = self._shown(unit.items[i])[0]
-                    results[i] = Failed(idx, item, rebuild_exception(r, self._where(idx, unit.items[i])))
-                    debugging.attach(results[i].error, r, index=idx, item=item)
+                    error = rebuild_exception(r, self._where(idx, unit.items[i]))
+                    results[i] = Failed(idx, item, error, debugging.failure_of(error, r, index=idx, item=item))
         self._complete(unit, results, seconds)
 
     def _deliver_partial(self, unit: Unit, partial: bytes) -> None:
@@ -676,6 +683,7 @@ class MapJob:
         if any(u.start < first for u in self.outstanding.values()) or any(u.start < first for u in self._requeued):
             return
         self.failure = self._errors[first]
+        self.failure_info = self._infos.get(first)
         self.failure_index = first
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
@@ -690,12 +698,14 @@ class MapJob:
             drop_partial(partial)  # results before the failing item: unlink their segments
         if index < 0:  # the chunk as a whole could not run (function failed to load)
             exc = rebuild_exception(info, _load_failure_note(info))
-            debugging.attach(exc, info, outside=LOAD_FAILED)  # (no item's call raised it: %pdebug has nothing to replay)
             idx = unit.start
+            if idx not in self._errors:  # (no item's call raised it: %pdebug has nothing to replay)
+                self._infos[idx] = debugging.failure_of(exc, info, outside=LOAD_FAILED)
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
-            debugging.attach(exc, info, index=idx, item=self._shown(unit.items[index])[0])
+            if idx not in self._errors:
+                self._infos[idx] = debugging.failure_of(exc, info, index=idx, item=self._shown(unit.items[index])[0])
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
                 add_note(exc, _READ_ONLY_NOTE)
             _note_daemonic(exc)
@@ -910,6 +920,7 @@ class CellJob:
         self.values: dict[int, Any] = {}
         self.gathered: dict[int, dict] = {}
         self.failures: dict[int, BaseException] = {}
+        self.failure_infos: dict[int, debugging.FailureInfo] = {}  # what the workers saw (for %pdebug)
         self.rank_seconds: dict[int, float] = {}
         self.task_seconds = 0.0
         self.items_done = 0
@@ -1029,8 +1040,8 @@ class CellJob:
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
         _note_daemonic(self.failures[unit.id])
         # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)
-        debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size,
-                         outside=CELL_LOAD_FAILED if index < 0 else "")
+        self.failure_infos[unit.id] = debugging.failure_of(self.failures[unit.id], info, rank=unit.id, size=self.size,
+                                                           outside=CELL_LOAD_FAILED if index < 0 else "")
         self.items_done += 1
         self._rank_finished()
         self._failed_while_others_run(unit.id)

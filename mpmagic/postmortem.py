@@ -28,7 +28,6 @@ from .debugging import (
     FailureInfo,
     LastRun,
     exception_line,
-    info_of,
     last_foreground_failure,
     last_run,
     set_last_run,
@@ -94,17 +93,18 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     except KeyboardInterrupt:
         set_last_run(last)  # nothing changed: the same failures can be re-run again
         raise
-    except BaseException as exc:
-        info = getattr(exc, "failure_info", None)
-        if isinstance(info, FailureInfo) and info.index is not None:
+    except BaseException:
+        ran = last_run()  # (the re-run's record, when it ran: api.pmap records a run that raised)
+        info = ran.failures[0] if ran is not None and ran is not last and ran.failures else None
+        if info is not None and info.index is not None:
             info.index, info.item = todo[info.index], items[info.index]
-        _remember_rerun(last, func, full, [info] if isinstance(info, FailureInfo) else [])
+        _remember_rerun(last, func, full, [info] if info is not None else [])
         raise
     failures = []
     for i, r in zip(todo, again, strict=True):
         if isinstance(r, Failed):
-            r = Failed(i, r.item, r.error)
-            info = info_of(r.error)
+            info = r.info if r.info is not None else FailureInfo(r.error)
+            r = Failed(i, r.item, r.error, info)
             info.index, info.item = i, r.item
             failures.append(info)
         full[i] = r

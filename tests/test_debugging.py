@@ -202,6 +202,29 @@ def test_a_failed_whose_exception_str_raises_still_shows(ip, fs_pool):
     assert "BrokenStr: <exception str() failed>" in repr(mpmagic.last_failures())
 
 
+def test_the_exception_keeps_only_its_own_attributes(ip, fs_pool):
+    """vars(e) of a task's exception held mpmagic's failure_info, where serial
+    Python's has the exception's own attributes only (and mpmagic's one note, by design)."""
+
+    def own(exc):
+        return {k: v for k, v in vars(exc).items() if k != "__notes__"}
+
+    run(ip, "class Coded(Exception):\n    def __init__(self, code):\n        super().__init__(code)\n"
+            "        self.code = code\n"
+            "def coded(x):\n    if x:\n        raise Coded(x)\n    return x\n")
+    with pytest.raises(Exception) as raised:
+        run(ip, "%pmap -q coded, [0, 7]")
+    assert own(raised.value) == {"code": 7}
+    [info] = mpmagic.last_failures()  # what the worker saw is still there for %pdebug
+    assert (info.index, info.item, info.locals["x"]) == (1, 7, "7")
+    [failed] = [r for r in run(ip, "%pmap -q --errors collect coded, [0, 7]") if isinstance(r, mpmagic.Failed)]
+    assert own(failed.error) == {"code": 7} and failed.locals["x"] == "7" and failed.pid
+    with pytest.raises(mpmagic.ParallelError) as raised:
+        run(ip, "%%parallel -n 2 -q\nif rank:\n    raise Coded(rank)\n")
+    assert own(raised.value.failures[1]) == {"code": 1}
+    assert mpmagic.last_failures()[0].locals["rank"] == "1"
+
+
 def test_only_a_units_first_failures_carry_locals(ip, local_pool):
     from mpmagic.debugging import LOCALS_PER_UNIT
 
