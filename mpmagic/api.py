@@ -392,7 +392,8 @@ def pmap(
     try:
         results = job.results()
     except BaseException:
-        debugging.record_map(job, func, None, [], options)  # for %pdebug, --rerun-failed
+        # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
+        debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
         raise
     finally:
         _last_report = call.report(wall)
@@ -677,6 +678,15 @@ def payload_repr(obj: Any) -> str:
     from .jobs import short_repr
 
     return short_repr(obj, 40)
+
+
+def _listed_again(iterables: tuple) -> list | None:
+    """The items of several lists (tuples, ranges) zipped, as ``map`` pairs them:
+    the input of a failed run that ``--rerun-failed`` can send again. None for
+    one iterable (the job keeps a sequence itself) or any that is read once."""
+    if len(iterables) > 1 and all(type(it) in (list, tuple, range) for it in iterables):
+        return list(zip(*iterables, strict=False))
+    return None
 
 
 def _length(iterables: tuple) -> int | None:

@@ -622,7 +622,9 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     ``resume``: a checkpointed run's store side (the job computes only what
     the store lacks; see :class:`Resume`).
     """
-    debugging.forget()  # a failure of an older blocking run is no longer the last one (%pdebug, last_failures)
+    # A failure of an older blocking run is no longer the last one (last_failures);
+    # %pdebug, which has nothing of this run to replay, still has it (saying so).
+    debugging.forget(background=True)
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import astlock
-from .errors import remember_cell_origin
+from .errors import cell_origin, remember_cell_origin
 
 
 def source_digest(text: str) -> str:
@@ -42,6 +42,14 @@ class CellSpec:
     seed_numpy: bool = True  # --seed: numpy's global state too (seeding.uses_numpy, decided in the notebook)
     keep: bool = False  # --keep: run in the rank's kept namespace (ranks.py)
     reset: bool = False  # --keep --reset: drop the kept namespaces first
+    # The lines above the body in its notebook cell (the %%parallel line): the body
+    # is compiled below as many blank lines, so its line numbers are the cell's.
+    line_offset: int = 0
+
+    @property
+    def numbered_source(self) -> str:
+        """The body as compiled: below ``line_offset`` blank lines."""
+        return "\n" * getattr(self, "line_offset", 0) + self.source
 
 
 def register_source(source: str, prefix: str = "parallel-cell") -> str:
@@ -59,7 +67,6 @@ def register_source(source: str, prefix: str = "parallel-cell") -> str:
     filename = f"<{prefix}-{source_digest(source)}>"
     lines = source.splitlines(keepends=True)
     linecache.cache[filename] = (len(source), None, lines, filename)
-    remember_cell_origin(filename, source)  # its frames show as the notebook cell's
     return filename
 
 
@@ -191,13 +198,22 @@ def _module_name(mod: types.ModuleType) -> str | None:
 def make_cell_spec(
     source: str, user_ns: dict[str, Any], gather: tuple[str, ...] = ()
 ) -> CellSpec:
-    """Parse the cell (SyntaxError propagates) and pick the names it needs."""
-    tree = astlock.parse(source)  # (a SyntaxError is raised here, as the docstring says)
-    filename = register_source(source)
+    """Parse the cell (SyntaxError propagates) and pick the names it needs.
+
+    When ``source`` is the body of the running ``%%parallel`` cell, it is
+    numbered as that cell (the magic line is line 1), in syntax errors, in
+    the ranks' tracebacks and in ``%pdebug``, and shown under the cell's name.
+    """
+    origin = cell_origin(source)
+    offset = origin.offset if origin is not None else 0
+    numbered = "\n" * offset + source
+    tree = astlock.parse(numbered)  # (a SyntaxError is raised here, as the docstring says)
+    filename = register_source(numbered)
+    remember_cell_origin(filename, origin)  # its frames show as the notebook cell's
     # What only compiling finds ('return' or 'await' outside a function) is found
     # here too, once, not in every rank with a traceback through the worker.
-    compile(source, filename, "exec", dont_inherit=True)
-    spec = CellSpec(source=source, filename=filename, gather=tuple(gather))
+    compile(numbered, filename, "exec", dont_inherit=True)
+    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset)
     for name in sorted(names_used(source, filename, tree)):
         if name in ("rank", "size") or name not in user_ns:
             continue
@@ -228,19 +244,19 @@ def split_last_expression(tree: ast.Module) -> tuple[ast.Module, ast.Expression 
 
 
 def run_cell_code(
-    spec: CellSpec, rank: int, size: int, as_main: bool = True
+    spec: CellSpec, rank: int, size: int, as_main: bool = True, filename: str | None = None
 ) -> tuple[Any, dict[str, Any]]:
     """Run the cell with ``rank`` and ``size`` set; return (last value, gathered).
 
     In a worker (``as_main``) the cell's namespace is also ``__main__`` while it
     runs; the serial comparison run in the notebook leaves ``__main__`` alone.
+    ``filename``: compile under this name, whose lines ``linecache`` already
+    has (``%pdebug`` replays a rank as its notebook cell); the spec's own by default.
     """
-    linecache.cache[spec.filename] = (
-        len(spec.source),
-        None,
-        spec.source.splitlines(keepends=True),
-        spec.filename,
-    )
+    source = spec.numbered_source
+    if filename is None:
+        filename = spec.filename
+        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     for alias, modname in spec.modules.items():
         ns[alias] = importlib.import_module(modname)
@@ -262,10 +278,10 @@ def run_cell_code(
     if as_main:
         sys.modules["__main__"] = main
     try:
-        body, last = split_last_expression(astlock.parse(spec.source, spec.filename))
-        code = astlock.compile_tree(body, spec.filename, "exec")
+        body, last = split_last_expression(astlock.parse(source, filename))
+        code = astlock.compile_tree(body, filename, "exec")
         exec(code, ns)
-        value = eval(astlock.compile_tree(last, spec.filename, "eval"), ns) if last is not None else None
+        value = eval(astlock.compile_tree(last, filename, "eval"), ns) if last is not None else None
     finally:
         if as_main and saved_main is not None:
             sys.modules["__main__"] = saved_main

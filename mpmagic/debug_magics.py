@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
@@ -17,8 +19,9 @@ It stops at the line that raised (as %debug does): the function (or cell)
 is loaded from the very bytes the workers ran, with the same item (or the
 same rank and size). N is the item index (or rank) to replay, e.g. one of a
 --errors collect run; the first failure by default. If the replay does not
-fail here, the failure depended on the worker: the worker's traceback and
-its local variables at the failing line are shown instead.
+fail here, or fails with another exception, the failure depended on the
+worker: the worker's traceback and its local variables at the failing line
+are shown instead.
 mpmagic.last_failures() lists the failures with those details.
 """
 
@@ -34,10 +37,13 @@ class DebugMagics(Magics):
         if text in ("-h", "--help"):
             print(PDEBUG_HELP)
             return
-        if text and not text.lstrip("-").isdigit():
+        # (ASCII digits, one optional minus: '--1' and '²' pass str.isdigit(), then int() raised ValueError)
+        if text and not re.fullmatch(r"-?[0-9]+", text):
             raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]   (see %pdebug?)")
         which = int(text) if text else None
-        if debugging.last_run() is None:  # every %pmap / %%parallel that ended leaves a record, failed or not
+        # Every %pmap / %%parallel that ended leaves a record, failed or not (and a
+        # failed one stays for %pdebug when a --bg run or an imap stream follows it).
+        if debugging.last_run() is None and debugging.last_foreground_failure() is None:
             raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "
                                     "interrupted run, a --bg run or an imap stream leaves nothing to replay)")
         try:

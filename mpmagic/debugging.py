@@ -3,10 +3,11 @@
 * In the worker, :func:`failure_context` records what the raising frame saw
   (bounded ``repr``s of its local variables) and which worker and pid ran it;
   it rides home on the ``ErrorInfo`` (``worker.py``).
-* In the notebook, :func:`attach` puts a :class:`FailureInfo` on the rebuilt
-  exception (``exc.failure_info``): the item's index and input (or the rank),
-  the worker's locals, worker id and pid (``jobs.py`` calls it where it
-  rebuilds a task's exception). :func:`record_map` / :func:`record_cell`
+* In the notebook, :func:`failure_of` makes a :class:`FailureInfo` for the
+  rebuilt exception: the item's index and input (or the rank), the worker's
+  locals, worker id and pid (``jobs.py`` calls it where it rebuilds a task's
+  exception, and keeps it beside the exception: ``Failed.info``, never as an
+  attribute of the exception, whose ``vars()`` stay as serial Python's). :func:`record_map` / :func:`record_cell`
   (called by ``api.py``) keep the last run, with the very payload bytes its
   workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
   debugger) and ``--rerun-failed``.
@@ -106,6 +107,10 @@ class FailureInfo:
     ``index``/``item`` for a ``pmap`` item, ``rank``/``size`` for a
     ``parallel`` rank; ``locals`` maps names in the raising frame to their
     ``repr`` in the worker; ``worker`` and ``pid`` say which process ran it.
+    ``outside`` says, for a failure that calling the function on one item
+    (or running the rank's code) did not raise, where it came from instead
+    (the function could not be loaded in the worker, the input raised while
+    it was read): ``%pdebug`` has nothing to replay for it.
     """
 
     error: BaseException
@@ -120,23 +125,34 @@ class FailureInfo:
     # The worker's frames and last line (ErrorInfo.frames / exc_text), for describe().
     frames: list = field(default_factory=list, repr=False)
     exc_text: str = ""
+    outside: str = ""
 
     @property
     def label(self) -> str:
-        return f"rank {self.rank}" if self.rank is not None else f"item {self.index}"
+        if self.rank is not None:
+            return f"rank {self.rank}"
+        return f"item {self.index}" if self.index is not None else "the run"
 
     def __repr__(self) -> str:
-        what = self.label if self.rank is not None else f"item {self.index} (input {_bounded_repr(self.item, 40)})"
+        if self.rank is not None or self.index is None:
+            what = self.label + (f" ({self.outside})" if self.outside else "")
+        else:
+            what = f"item {self.index} (input {_bounded_repr(self.item, 40)})"
         ran = f" on worker {self.worker} (pid {self.pid})" if self.pid else ""
-        return f"<FailureInfo {what}{ran}: {type(self.error).__name__}: {self.error}>"
+        return f"<FailureInfo {what}{ran}: {exception_line(self.error)}>"
 
     def describe(self) -> str:
         """The worker's traceback and the raising frame's locals, as text."""
-        from .errors import map_cell_frames, render_traceback
+        from .errors import cell_names, map_cell_frames, render_traceback, without_our_frames
 
-        text = self.exc_text or f"{type(self.error).__name__}: {self.error}"
+        text = self.exc_text or exception_line(self.error)
         if self.frames:  # (rendered only when asked: most failures are never described)
-            text = render_traceback(map_cell_frames(self.frames), text)
+            # (notebook cells named as IPython's tracebacks name them: "Cell In[4], line 6")
+            text = cell_names(render_traceback(map_cell_frames(self.frames), text))
+        elif self.outside and (tb := without_our_frames(self.error.__traceback__)) is not None:
+            import traceback  # raised here (an input's own error): its frames here
+
+            text = "".join(traceback.format_exception(type(self.error), self.error, tb))
         lines = [text.rstrip("\n")]
         if self.locals:
             fn = f" in {self.where[2]}" if self.where else ""
@@ -145,22 +161,31 @@ class FailureInfo:
         return "\n".join(lines)
 
 
-def attach(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
-    """Put a :class:`FailureInfo` on ``exc`` (``exc.failure_info``).
+def exception_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, without notes; never raises (a broken
+    ``__str__`` reads ``<exception str() failed>``, as in Python's tracebacks)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<exception str() failed>"
+    return f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
 
-    ``info`` is the worker's ``ErrorInfo`` (None for a lost worker or a
-    timeout); ``where`` gives ``index``/``item`` or ``rank``/``size``.
+
+def failure_of(exc: BaseException, info: Any = None, **where: Any) -> FailureInfo:
+    """The :class:`FailureInfo` of ``exc``: what the worker saw when it raised.
+
+    ``info`` is the worker's ``ErrorInfo`` (None for a lost worker, a
+    timeout, or an error raised here); ``where`` gives ``index``/``item`` or
+    ``rank``/``size``, or ``outside`` (see :class:`FailureInfo`). The jobs keep
+    it beside the exception (``Failed.info``, ``MapJob.failure_info``,
+    ``CellJob.failure_infos``), never on it: the exception's attributes stay
+    the task's own.
     """
     ctx = getattr(info, "context", None) or {}
-    failure = FailureInfo(
+    return FailureInfo(
         exc, locals=ctx.get("locals") or {}, where=ctx.get("where"), worker=ctx.get("worker"), pid=ctx.get("pid"),
         frames=getattr(info, "frames", None) or [], exc_text=getattr(info, "exc_text", "") or "", **where,
     )
-    try:
-        exc.failure_info = failure  # type: ignore[attr-defined]
-    except AttributeError:  # an exception type with __slots__
-        _log.debug("mpmagic: cannot attach failure details to %s", type(exc).__name__)
-    return failure
 
 
 # --------------------------------------------------------------------------
@@ -187,39 +212,41 @@ class LastRun:
 
 
 _last: LastRun | None = None
+# The last blocking run's record, when it failed and a background run or an
+# imap stream (which leave no record) started after it: %pdebug still has it.
+_foreground: LastRun | None = None
 
 
-def info_of(exc: BaseException, **where: Any) -> FailureInfo:
-    info = getattr(exc, "failure_info", None)
-    if isinstance(info, FailureInfo):
-        return info
-    return FailureInfo(exc, **where)
-
-
-def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict) -> None:
+def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict,
+               items: Any = None) -> None:
     """Keep what a finished ``pmap`` needs for ``%pdebug`` and ``--rerun-failed``.
 
     ``results`` is None when the run raised; ``failed`` the ``jobs.Failed``
     among them (``errors="collect"``; the caller has them, and this module
-    must not import ``jobs``). Cheap when nothing failed: the run is
+    must not import ``jobs``). ``items``: the input as a list, when the job
+    read it lazily but it can be listed again (several lists zipped); only
+    asked for when the run raised. Cheap when nothing failed: the run is
     remembered without its results.
     """
     global _last
     failures: list[FailureInfo] = []
     full: list | None = None
+    inputs = job.inputs
     if results is not None and failed:
         for r in failed:
-            info = info_of(r.error, index=r.index, item=r.item)
+            info = r.info if r.info is not None else FailureInfo(r.error)
             info.index, info.item = r.index, r.item
             failures.append(info)
         full = results
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
-        failures.append(info_of(job.failure, index=job.failure_index))
-        full = job.results_so_far(MISSING)
+        failures.append(job.failure_info or FailureInfo(job.failure, index=job.failure_index))
+        if inputs is None:
+            inputs = items
+        full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
     _last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
-        options=options, results=full, inputs=job.inputs if failures else None,
+        options=options, results=full, inputs=inputs if failures else None,
     )
 
 
@@ -247,17 +274,30 @@ def renumber_last(positions: list[int]) -> None:
     _last.results, _last.inputs, _last.checkpointed = None, None, True
 
 
-def forget() -> None:
+def forget(background: bool = False) -> None:
     """A run starts: an older run's failures are no longer the last (even if
-    this one is interrupted before it records its own)."""
-    global _last
+    this one is interrupted before it records its own). A ``background`` run
+    (``--bg``, ``submit``, ``imap``) records nothing: the last blocking run's
+    failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`)."""
+    global _last, _foreground
+    if background and _last is not None and _last.failures:
+        _foreground = _last
+    elif not background:
+        _foreground = None
     _last = None
+
+
+def last_foreground_failure() -> LastRun | None:
+    """The failed blocking run a background run or a stream followed, if the
+    last run is one of those; else None."""
+    return _foreground if _last is None else None
 
 
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
     """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``."""
     global _last
-    failures = [info_of(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
+    infos = job.failure_infos
+    failures = [infos.get(r) or FailureInfo(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
     _last = LastRun("cell", spec_bytes, failures)
 
 

@@ -348,59 +348,74 @@ def show_without_frames(exc: BaseException) -> None:
 
 
 # --------------------------------------------------------------------------
-# Notebook cells: name them as IPython does
+# Notebook cells: name and number them as IPython does
 #
-# A %%parallel body is compiled in the worker as ``<parallel-cell-N>``; its
-# lines are the lines of the notebook cell that holds the magic, one line
-# down (the ``%%parallel`` line). The notebook remembers, when it registers
-# the body, which cell that was, and the worker's frames are moved onto the
-# cell's own file name: IPython then shows them as "Cell In[5], line 3".
+# A %%parallel body is compiled in the worker as ``<parallel-cell-HASH>``,
+# below as many blank lines as the notebook cell has above it (the
+# ``%%parallel`` line): its line numbers are the cell's, as IPython numbers a
+# cell ("Cell In[5], line 3" counts the magic line). The notebook learns, when
+# it makes the cell's spec, which cell holds the body: the worker's frames are
+# then moved onto the cell's own file name, whose lines in ``linecache`` are
+# the raw cell (magic line and body), so IPython shows them as the cell's,
+# and %pdebug, warnings and syntax errors say the same name and line.
 
-_cell_origins: dict[str, tuple[str, int]] = {}
+
+@dataclass
+class CellOrigin:
+    """The notebook cell a ``%%parallel`` body came from."""
+
+    name: str  # the cell's own file name (``<ipython-input-5-…>``, a kernel's ``/tmp/ipykernel_…/….py``)
+    lines: list[str]  # the raw cell: the ``%%parallel`` line and the body
+    offset: int  # the lines above the body (the magic line, and blank lines before it)
 
 
-def remember_cell_origin(filename: str, source: str) -> None:
-    """Name ``filename`` (a ``%%parallel`` body) as the notebook cell holding it.
+_cell_origins: dict[str, str] = {}  # a body's file name -> its cell's file name
 
-    Called in the notebook when the body gets its file name. IPython caches a
-    cell-magic cell as its one-line transformed call, so the raw cell (magic
-    line and body) is put in ``linecache`` under our file name, frames are
-    moved one line down, and IPython's map of cell file names learns it: a
-    rank's frame then reads "Cell In[5], line 3" with the cell's lines around.
-    Does nothing outside IPython, or when the running cell is not ``%%`` +
-    this body (``mpmagic.parallel(code)`` called from a cell).
-    """
-    # The name is the body's (cell.register_source): forget what an earlier
-    # run of the same body in another cell (or through the API) said of it.
-    _cell_origins.pop(filename, None)
+
+def cell_origin(source: str) -> CellOrigin | None:
+    """The running notebook cell, if it is ``%%<magic>`` + ``source`` (None
+    outside IPython, or for ``mpmagic.parallel(code)`` called from a cell)."""
     shell = _ipython()
     if shell is None:
-        return
+        return None
     try:
         raw_cells = shell.history_manager.input_hist_raw
         filename_map = shell.compile._filename_map
     except AttributeError:
-        return
-    filename_map.pop(filename, None)
+        return None
     # The running cell was compiled (and numbered) before it ran: the highest
     # number is its In[N] (``execution_count`` is already the next one in IPython 9).
     count = max(filename_map.values(), default=None)
     if count is None:
+        return None
+    # Its transformed code is ``get_ipython().run_cell_magic(name, line, body)``.
+    # (Unnumbered cells all share one number: take the one whose code holds the body.)
+    names = [n for n, c in filename_map.items() if c == count]
+    name, lines = next(((n, found) for n in reversed(names) if (found := _magic_cell_lines(n, source))), ("", []))
+    if not name:
+        return None
+    raw = (raw_cells[-1] if raw_cells else "").splitlines(keepends=True)
+    top = next((i for i, line in enumerate(raw) if line.strip()), 0)
+    if raw and raw[top].lstrip().startswith("%%") and "".join(raw[top + 1:]).rstrip() == source.rstrip():
+        return CellOrigin(name, raw, top + 1)  # as typed (in the history), blank lines above it included
+    return CellOrigin(name, lines, 1)
+
+
+def remember_cell_origin(filename: str, origin: CellOrigin | None) -> None:
+    """Name ``filename`` (a ``%%parallel`` body, numbered as its cell) as the
+    notebook cell holding it, or as itself when ``origin`` is None.
+
+    IPython caches a cell-magic cell as its one-line transformed call: the
+    raw cell is put in ``linecache`` under the cell's name, so that its lines
+    show around a rank's frame (and in %pdebug).
+    """
+    # The name is the body's (cell.register_source): forget what an earlier
+    # run of the same body in another cell (or through the API) said of it.
+    _cell_origins.pop(filename, None)
+    if origin is None:
         return
-    raw = raw_cells[-1] if raw_cells else ""
-    lines = raw.splitlines(keepends=True)
-    if not lines or not lines[0].lstrip().startswith("%%") or "".join(lines[1:]).rstrip() != source.rstrip():
-        # Not in the history (run with store_history=False): the running
-        # cell's transformed code is ``get_ipython().run_cell_magic(name, line, body)``.
-        # (Unnumbered cells all share one number: take the one whose code holds the body.)
-        names = [n for n, c in filename_map.items() if c == count and n not in _cell_origins]
-        lines = next((found for n in reversed(names) if (found := _magic_cell_lines(n, source))), [])
-        if not lines:
-            return
-        raw = "".join(lines)
-    linecache.cache[filename] = (len(raw), None, lines, filename)
-    filename_map[filename] = count
-    _cell_origins[filename] = (filename, 1)
+    linecache.cache[origin.name] = (sum(map(len, origin.lines)), None, list(origin.lines), origin.name)
+    _cell_origins[filename] = origin.name
 
 
 def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
@@ -412,7 +427,7 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
 
     try:
         tree = astlock.parse("".join(linecache.getlines(cell_name)))
-    except SyntaxError:
+    except (SyntaxError, ValueError):
         return []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or getattr(node.func, "attr", None) != "run_cell_magic":
@@ -424,16 +439,11 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
     return []
 
 
-def cell_lineno(filename: str, lineno: int) -> int:
-    """Line ``lineno`` of ``filename`` as the notebook's ``linecache`` numbers it.
-
-    A ``%%parallel`` body named as its notebook cell (:func:`remember_cell_origin`)
-    is cached with the magic line above it, so its lines are one further down
-    than the worker counted; any other file is unchanged. A warning's line
-    shown with its source must use this number, or it shows the line above.
-    """
-    origin = _cell_origins.get(filename)
-    return lineno + origin[1] if origin is not None else lineno
+def cell_file(filename: str) -> str:
+    """The file name to show for ``filename``: its notebook cell's, for a
+    ``%%parallel`` body (:func:`remember_cell_origin`); else itself. The
+    line numbers are the same (the body is compiled as numbered in its cell)."""
+    return _cell_origins.get(filename, filename)
 
 
 def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
@@ -442,9 +452,9 @@ def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
         return frames
     out = []
     for fr in frames:
-        origin = _cell_origins.get(fr.filename)
-        if origin is not None:
-            fr = FrameInfo(origin[0], fr.lineno + origin[1], fr.name, fr.line, fr.first + origin[1] if fr.first > 1 else 1)
+        name = _cell_origins.get(fr.filename)
+        if name is not None:
+            fr = FrameInfo(name, fr.lineno, fr.name, fr.line, fr.first)
         out.append(fr)
     return out
 
@@ -469,13 +479,13 @@ def format_exception(exc: BaseException) -> str:
             return shell.InteractiveTB.stb2text(stb)
         except Exception as why:
             logger.debug("IPython could not render %r: %s", exc, why)
-    return _cell_names("".join(traceback.format_exception(exc)))
+    return cell_names("".join(traceback.format_exception(exc)))
 
 
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 
 
-def _cell_names(text: str) -> str:
+def cell_names(text: str) -> str:
     """Python's ``File "<ipython-input-2-…>", line 3`` as IPython's ``Cell In[2], line 3``."""
     shell = _ipython()
     fmt = getattr(getattr(shell, "compile", None), "format_code_name", None)
@@ -544,6 +554,12 @@ def _relink(entries: Any) -> types.TracebackType | None:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+def without_our_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without mpmagic's own frames (None if it had no others): what a
+    user's code did, without the machinery that called it."""
+    return _relink(t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
+
+
 def drop_our_frames(exc: BaseException) -> None:
     """User code that raised while our machinery called it (a generator input
     consumed chunk by chunk): leave only the user's frames in its traceback.
@@ -572,7 +588,7 @@ def install_display(shell: Any) -> None:
             # The cell's line, then the task's frames: as the same cell with map() shows.
             tb = value.__traceback__ = _without_hidden_frames(tb)
             if isinstance(value, SyntaxError) or isinstance(value, _GROUP):
-                text = _cell_names("".join(traceback.format_exception(value)))
+                text = cell_names("".join(traceback.format_exception(value)))
                 shell._showtraceback(etype, value, text.rstrip("\n").split("\n"))
                 return None
             exc_tuple = (etype, value, tb)

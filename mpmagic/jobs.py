@@ -111,30 +111,35 @@ class Failed:
     ``index`` is its position in the input, ``item`` its arguments, ``error``
     the exception, as the item raised it: the worker's frames are its
     ``__traceback__``, and its own ``__cause__`` and ``__context__`` are kept.
+    ``info`` is what the worker saw (a ``FailureInfo``, as in
+    ``mpmagic.last_failures()``), which ``locals``, ``worker`` and ``pid`` read.
     """
 
     index: int
     item: Any
     error: BaseException
+    # What the worker saw (debugging.FailureInfo): kept here, not on the exception,
+    # whose attributes stay the task's own (vars(error) is as serial Python's).
+    info: Any = field(default=None, repr=False, compare=False)
 
     @property
     def locals(self) -> dict[str, str]:
         """The worker's local variables at the raising line, as bounded ``repr``s."""
-        info = getattr(self.error, "failure_info", None)
-        return info.locals if info is not None else {}
+        return self.info.locals if self.info is not None else {}
 
     @property
     def worker(self) -> Any:
         """The id of the worker that ran the item (None if not known)."""
-        return getattr(getattr(self.error, "failure_info", None), "worker", None)
+        return self.info.worker if self.info is not None else None
 
     @property
     def pid(self) -> int | None:
         """The process id of the worker that ran the item (None if not known)."""
-        return getattr(getattr(self.error, "failure_info", None), "pid", None)
+        return self.info.pid if self.info is not None else None
 
     def __repr__(self) -> str:
-        return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {type(self.error).__name__}: {self.error}>"
+        # (an exception whose __str__ raises reads '<exception str() failed>', as in Python's tracebacks)
+        return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {debugging.exception_line(self.error)}>"
 
 
 @dataclass
@@ -255,7 +260,9 @@ class MapJob:
         # item in input order (as serial map would raise), decided once no
         # earlier item is still out: ``failure`` is then set.
         self._errors: dict[int, BaseException] = {}
+        self._infos: dict[int, debugging.FailureInfo] = {}  # what the workers saw, for those of _errors that have it
         self.failure: BaseException | None = None
+        self.failure_info: debugging.FailureInfo | None = None  # the failure's (for %pdebug)
         self.failure_index: int | None = None  # input index of the failing item, when known (for the report)
         self.task_seconds = 0.0
         self.items_done = 0
@@ -400,7 +407,7 @@ class MapJob:
         items = self._take_read(size)
         if not items and self._input_error is not None:
             error, self._input_error = self._input_error, None
-            self._input_failed(self._next_start, error)
+            self._input_failed(self._next_start, error, "the input raised it while it was read, in the notebook")
             return None
         if not self._input_done and self._read_count < size:
             self._ask_for_input(size)  # one chunk read ahead: ready when the next worker is free
@@ -486,7 +493,8 @@ class MapJob:
                 # Settled once the unit before it is out (below): settled now, with
                 # nothing earlier in flight, the unpicklable item won over an
                 # earlier item of its own chunk that fails.
-                self._input_failed(self._next_start + bad.offset, bad.error, settle=False)
+                self._input_failed(self._next_start + bad.offset, bad.error, "the item could not be sent to a worker",
+                                   settle=False)
                 items = items[: bad.offset]
                 if not items:
                     self._settle()
@@ -507,12 +515,15 @@ class MapJob:
             self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
 
-    def _input_failed(self, index: int, error: Exception, settle: bool = True) -> None:
+    def _input_failed(self, index: int, error: Exception, why: str, settle: bool = True) -> None:
         """The input itself failed at position ``index`` (its iterator raised, or
         the item cannot be pickled): nothing from there on goes out. Kept like an
         item's error, so that, as in serial map, an item before it that fails
-        is the run's error (before, the input's error won at once)."""
+        is the run's error (before, the input's error won at once). ``why``
+        says so for ``%pdebug``: no call of the function raised it."""
         self.exhausted = True
+        if index not in self._errors:
+            self._infos[index] = debugging.failure_of(error, outside=why)
         self._errors.setdefault(index, error)
         if settle:
             self._settle()
@@ -601,8 +612,8 @@ class MapJob:
                 if type(r) is ErrorInfo:
                     idx = unit.start + i
                     item = self._shown(unit.items[i])[0]
-                    results[i] = Failed(idx, item, rebuild_exception(r, self._where(idx, unit.items[i])))
-                    debugging.attach(results[i].error, r, index=idx, item=item)
+                    error = rebuild_exception(r, self._where(idx, unit.items[i]))
+                    results[i] = Failed(idx, item, error, debugging.failure_of(error, r, index=idx, item=item))
         self._complete(unit, results, seconds)
 
     def _deliver_partial(self, unit: Unit, partial: bytes) -> None:
@@ -672,6 +683,7 @@ class MapJob:
         if any(u.start < first for u in self.outstanding.values()) or any(u.start < first for u in self._requeued):
             return
         self.failure = self._errors[first]
+        self.failure_info = self._infos.get(first)
         self.failure_index = first
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
@@ -687,10 +699,13 @@ class MapJob:
         if index < 0:  # the chunk as a whole could not run (function failed to load)
             exc = rebuild_exception(info, _load_failure_note(info))
             idx = unit.start
+            if idx not in self._errors:  # (no item's call raised it: %pdebug has nothing to replay)
+                self._infos[idx] = debugging.failure_of(exc, info, outside=LOAD_FAILED)
         else:
             idx = unit.start + index
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
-            debugging.attach(exc, info, index=idx, item=self._shown(unit.items[index])[0])
+            if idx not in self._errors:
+                self._infos[idx] = debugging.failure_of(exc, info, index=idx, item=self._shown(unit.items[index])[0])
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
                 add_note(exc, _READ_ONLY_NOTE)
             _note_daemonic(exc)
@@ -852,12 +867,15 @@ class MapJob:
         """The items, when the input was a list or tuple (``%pdebug`` shows them); else None."""
         return self._seq
 
-    def results_so_far(self, missing: Any) -> list | None:
+    def results_so_far(self, missing: Any, length: int | None = None) -> list | None:
         """The results a failed run did get, in input places, ``missing`` in the gaps
-        (``%pdebug``); None for an input read lazily (its length is unknown)."""
-        if self._seq is None:
+        (``%pdebug``); None for an input read lazily, unless the caller knows its
+        ``length`` (several lists, zipped)."""
+        if self._seq is not None:
+            length = len(self._seq)
+        if length is None:
             return None
-        full = [missing] * len(self._seq)
+        full = [missing] * length
         full[: len(self._in_order)] = self._in_order
         for start, chunk in self._results.items():
             full[start : start + len(chunk)] = chunk
@@ -902,6 +920,7 @@ class CellJob:
         self.values: dict[int, Any] = {}
         self.gathered: dict[int, dict] = {}
         self.failures: dict[int, BaseException] = {}
+        self.failure_infos: dict[int, debugging.FailureInfo] = {}  # what the workers saw (for %pdebug)
         self.rank_seconds: dict[int, float] = {}
         self.task_seconds = 0.0
         self.items_done = 0
@@ -1020,7 +1039,9 @@ class CellJob:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
         _note_daemonic(self.failures[unit.id])
-        debugging.attach(self.failures[unit.id], info, rank=unit.id, size=self.size)
+        # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)
+        self.failure_infos[unit.id] = debugging.failure_of(self.failures[unit.id], info, rank=unit.id, size=self.size,
+                                                           outside=CELL_LOAD_FAILED if index < 0 else "")
         self.items_done += 1
         self._rank_finished()
         self._failed_while_others_run(unit.id)
@@ -1145,9 +1166,14 @@ def drop_partial(data: bytes) -> None:
         log.debug("mpmagic: could not load partial results to free their segments", exc_info=True)
 
 
+#: Why a failure is no item's (or rank's) own (debugging.FailureInfo.outside).
+LOAD_FAILED = "the function (or its items) could not be loaded in a worker"
+CELL_LOAD_FAILED = "the cell's names could not be loaded in the worker"
+
+
 def _load_failure_note(info: Any) -> str:
     """Why a worker could not load the function or its items, and what to do."""
-    note = "mpmagic: the function (or its items) could not be loaded in a worker"
+    note = f"mpmagic: {LOAD_FAILED}"
     if info.type_name in ("ModuleNotFoundError", "ImportError"):
         note += (
             ": a module the notebook imports cannot be imported there. If you installed "

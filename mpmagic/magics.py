@@ -34,7 +34,14 @@ from IPython.display import display
 
 from . import api, astlock, config, pool, scaling
 from .cell import source_digest
-from .errors import MPMagicError, ReduceError, UsageError, came_from_worker, one_line_interrupt
+from .errors import (
+    MPMagicError,
+    ReduceError,
+    UsageError,
+    came_from_worker,
+    cell_origin,
+    one_line_interrupt,
+)
 
 _INTERRUPTED = (
     "{magic} interrupted: the work still running was stopped and its workers "
@@ -771,7 +778,10 @@ def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
             what, instead = _IPYTHON_SYNTAX[node.func.attr]
             lines = cell.splitlines()
             text = lines[node.lineno - 1].strip() if node.lineno <= len(lines) else ""
-            raise parser.usage_error(f"line {node.lineno} of the cell ({text!r}) is IPython syntax ({what}); "
+            # Numbered as IPython numbers the cell (the %%parallel line is line 1), as the ranks' tracebacks are.
+            origin = cell_origin(cell)
+            lineno = node.lineno + (origin.offset if origin is not None else 1)
+            raise parser.usage_error(f"line {lineno} of the cell ({text!r}) is IPython syntax ({what}); "
                                      f"{instead}")
 
 

@@ -23,8 +23,23 @@ from typing import Any
 
 from . import api, payload
 from .cell import run_cell_code
-from .debugging import MISSING, FailureInfo, LastRun, info_of, last_run, set_last_run
-from .errors import TaskTimeoutError, UsageError, WorkerLostError
+from .debugging import (
+    MISSING,
+    FailureInfo,
+    LastRun,
+    exception_line,
+    last_foreground_failure,
+    last_run,
+    set_last_run,
+)
+from .errors import (
+    RemoteError,
+    TaskTimeoutError,
+    UsageError,
+    WorkerLostError,
+    cell_file,
+    without_our_frames,
+)
 from .jobs import Failed
 
 # --------------------------------------------------------------------------
@@ -78,17 +93,18 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     except KeyboardInterrupt:
         set_last_run(last)  # nothing changed: the same failures can be re-run again
         raise
-    except BaseException as exc:
-        info = getattr(exc, "failure_info", None)
-        if isinstance(info, FailureInfo) and info.index is not None:
+    except BaseException:
+        ran = last_run()  # (the re-run's record, when it ran: api.pmap records a run that raised)
+        info = ran.failures[0] if ran is not None and ran is not last and ran.failures else None
+        if info is not None and info.index is not None:
             info.index, info.item = todo[info.index], items[info.index]
-        _remember_rerun(last, func, full, [info] if isinstance(info, FailureInfo) else [])
+        _remember_rerun(last, func, full, [info] if info is not None else [])
         raise
     failures = []
     for i, r in zip(todo, again, strict=True):
         if isinstance(r, Failed):
-            r = Failed(i, r.item, r.error)
-            info = info_of(r.error)
+            info = r.info if r.info is not None else FailureInfo(r.error)
+            r = Failed(i, r.item, r.error, info)
             info.index, info.item = i, r.item
             failures.append(info)
         full[i] = r
@@ -124,6 +140,9 @@ def _current_definition(func: Any, namespace: dict | None) -> Any:
 
 def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
     last = last_run()
+    if last is None and (last := last_foreground_failure()) is not None:
+        print("mpmagic: the last run was a background run or an imap stream, which leave nothing to replay "
+              "(its handle's result() raises its error); replaying the last failed %pmap or %%parallel run's")
     if last is None or not last.failures:
         raise UsageError("no failure to debug: the last %pmap or %%parallel run did not fail")
     if which is None:
@@ -136,12 +155,14 @@ def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
     raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
 
 
-def _run_again(last: LastRun, failure: FailureInfo) -> None:
-    """Run the failed item or rank here, from the payload bytes the workers loaded."""
-    obj = payload.loads(last.payload)
+def _run_again(last: LastRun, obj: Any, failure: FailureInfo) -> None:
+    """Run the failed item or rank here with ``obj``, the function (or cell) loaded
+    from the payload bytes the workers loaded."""
     if last.kind == "cell":
         assert failure.rank is not None and failure.size is not None  # (record_cell sets both)
-        run_cell_code(obj, failure.rank, failure.size, as_main=False)
+        # (as its notebook cell: the same name and line numbers as the rank's traceback)
+        name = cell_file(obj.filename)
+        run_cell_code(obj, failure.rank, failure.size, as_main=False, filename=name if name != obj.filename else None)
     elif getattr(obj, "mpmagic_item", None) is not None:  # seed=: with the item's own random stream again
         obj((failure.index, failure.item))
     elif last.star:
@@ -154,9 +175,15 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     """Replay a failure of the last run here, under the debugger.
 
     ``which`` is the item index (or rank) to replay, the first failure by
-    default. Stops at the line that raised, as ``%debug`` does. Returns
-    True if the replay failed (and was debugged); if it succeeds here, says so
-    in one line and prints the worker's traceback with its local variables.
+    default. Stops at the line that raised, as ``%debug`` does (a
+    ``SystemExit`` or ``KeyboardInterrupt`` the task raised too). Returns
+    True if the replay raised what the worker raised (and was debugged).
+    Otherwise it says in one line why there is nothing to debug here (the
+    replay succeeded, or raised another exception: the failure depended on
+    the worker; or the function is a builtin, with no Python frame) and
+    prints the worker's traceback with its local variables.
+    A failure no call of the function raised (the function could not be
+    loaded in the worker, the input raised) is not replayed: UsageError.
     """
     last, failure = _pick(which)
     if isinstance(failure.error, (WorkerLostError, TaskTimeoutError)):
@@ -166,17 +193,40 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
             f"({type(failure.error).__name__}): replaying it here could do the same to the notebook, "
             "so it is not replayed; call the function on that input yourself if you mean it"
         )
-    if last.kind == "map" and failure.index is None:
-        raise UsageError(
-            f"the failure was not raised by one item ({type(failure.error).__name__}: {failure.error}): "
-            "there is nothing to replay"
-        )
+    if failure.outside or (last.kind == "map" and failure.index is None):
+        print(failure.describe())
+        what = "the rank's code" if last.kind == "cell" else "one item"
+        why = f"; {failure.outside}" if failure.outside else ""
+        raise UsageError(f"the failure was not raised by {what} ({exception_line(failure.error)}{why}): "
+                         "there is nothing to replay; its traceback is above")
     try:
-        _run_again(last, failure)
+        obj = payload.loads(last.payload)
     except Exception as exc:
-        tb = exc.__traceback__
-        assert tb is not None  # (a raised exception has one)
-        _post_mortem(tb.tb_next or tb, debugger)  # start below this function
+        what = "cell's names" if last.kind == "cell" else "function"
+        raise UsageError(f"the {what} cannot be loaded here to replay {failure.label} "
+                         f"({exception_line(exc)}); mpmagic.last_failures() has the worker's traceback") from None
+    expected = _worker_type(failure.error)
+    try:
+        _run_again(last, obj, failure)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and expected != "KeyboardInterrupt":
+            raise  # the user's Ctrl-C during the replay
+        if type(exc).__qualname__ != expected:
+            print(
+                f"mpmagic: {failure.label} raised {expected} in its worker, but replayed here it raised "
+                f"{exception_line(exc)}, so the failure depended on the worker: state that lived there"
+                f"{_kept_state(obj)}, its environment or resources; that other error is not debugged. "
+                "The worker's traceback and locals:"
+            )
+            print(failure.describe())
+            return False
+        tb = without_our_frames(exc.__traceback__)
+        if tb is None:  # a builtin (pow) raised, called by us: none of the frames is the user's
+            name = getattr(obj, "__name__", None) or type(obj).__name__
+            print(f"mpmagic: replayed here, {failure.label} raised {exception_line(exc)} inside {name}, which is "
+                  "not Python code: there is no Python frame of yours for the debugger to stop in")
+            return True
+        _post_mortem(tb, debugger)
         return True
     print(
         f"mpmagic: {failure.label} did not fail when replayed here, so the failure depended on the "
@@ -184,6 +234,23 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     )
     print(failure.describe())
     return False
+
+
+def _worker_type(error: BaseException) -> str:
+    """The qualified name of the type the worker's code raised (a task's own
+    KeyboardInterrupt or StopIteration comes home as a RuntimeError naming it)."""
+    if isinstance(error, RemoteError):  # (a type that cannot be loaded here)
+        return error.type_name
+    cause = error.__cause__
+    if (type(error) is RuntimeError and isinstance(cause, (KeyboardInterrupt, StopIteration))
+            and str(error).startswith(f"the task raised {type(cause).__name__}")):
+        return type(cause).__qualname__
+    return type(error).__qualname__
+
+
+def _kept_state(obj: Any) -> str:
+    """What state a replayed cell lacked, when it is known."""
+    return " (the rank's kept variables, --keep, are in its worker, not here)" if getattr(obj, "keep", False) else ""
 
 
 def _post_mortem(tb: types.TracebackType, debugger: Any = None) -> None:

@@ -447,6 +447,10 @@ def execute_cell(
     mark = log.mark()
     try:
         spec = payload.loads(msg.payload)
+    except BaseException as exc:  # (index -1: the rank's code never ran)
+        worker_logging.end()
+        return Error(call, rank, -1, ErrorInfo(exc), b"", 0.0)
+    try:
         log.since(mark, "function", time.perf_counter() - t0, start)
         mark = log.mark()
         value, gathered = run_cell_code(spec, rank, msg.size)
@@ -456,7 +460,7 @@ def execute_cell(
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):  # the cell's own code raised it (see _as_item_error)
             exc = _as_item_error(exc)
-        return Error(call, rank, -1, ErrorInfo(exc), b"", 0.0)
+        return Error(call, rank, 0, ErrorInfo(exc), b"", 0.0)
     finally:
         worker_logging.end()
     try:

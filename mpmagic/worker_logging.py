@@ -48,7 +48,7 @@ import warnings
 from operator import itemgetter
 from typing import Any
 
-from .errors import cell_lineno
+from .errors import cell_file
 
 _log = logging.getLogger("mpmagic")
 
@@ -388,9 +388,9 @@ class WarningRelay:
                 if key in self.shown:
                     return ""
                 self.shown.add(key)
-        # A %%parallel body's lines are cached as its notebook cell's, one line
-        # down (the magic line): the number must match, or the source shown is the line above.
-        lineno = cell_lineno(filename, lineno)
+        # A %%parallel body is numbered as its notebook cell: named as that cell, as a
+        # warning raised there serially is (its lines in linecache are the cell's).
+        filename = cell_file(filename)
         if _hooked():
             # Recorded (catch_warnings(record=True), pytest.warns) or handled by the
             # user's showwarning, as serially: their hook gets the warning itself.

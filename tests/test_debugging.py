@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import re
 import sys
+import warnings
 
 import pytest
-from conftest import run
+from conftest import ensure_pool, run
 
 import mpmagic
 
@@ -32,6 +33,150 @@ def test_pdebug_stops_at_the_raising_line_with_the_items_locals(ip, local_pool, 
     assert "ipdb> 3\nipdb> 30\n" in out  # x, and y computed before the raise
 
 
+@pytest.fixture
+def fs_pool():
+    """The local forkserver pool: these tests are about the replay, not the start method."""
+    return ensure_pool("forkserver")
+
+
+def _pdebug_error(ip, line: str, capsys) -> tuple[str, str]:
+    """Run ``line`` (a %pdebug that must refuse): (its one-line error, what it printed)."""
+    saved = sys.stdin
+    sys.stdin = io.StringIO("q\n")  # (a debugger opened by mistake ends at once)
+    try:
+        result = ip.run_cell(line, store_history=False)
+    finally:
+        sys.stdin = saved
+    out = capsys.readouterr().out
+    assert result.error_in_exec is not None, out
+    return str(result.error_in_exec), out
+
+
+def test_pdebug_does_not_replay_a_failure_no_item_raised(ip, fs_pool, capsys):
+    """A generator input that raised, a captured global or an item that could not
+    be loaded in the worker: %pdebug replayed func(None) (or said the item "did not
+    fail here") and debugged an error that never happened."""
+    run(ip, "import os\nNB = os.getpid()\n"
+            "def gen(n):\n    for i in range(n):\n        if i == 3:\n            raise ValueError(f'bad input {i}')\n"
+            "        yield i\n"
+            "def sq(x):\n    return x * x\n"
+            "def rebuild(v):\n    if os.getpid() != NB:\n        raise OSError(f'cannot rebuild {v} here')\n"
+            "    return Thing(v)\n"
+            "class Thing:\n    def __init__(self, v):\n        self.v = v\n"
+            "    def __reduce__(self):\n        return (rebuild, (self.v,))\n"
+            "T = Thing(3)\ndef uses(x):\n    return x + T.v\n")
+    cases = [("%pmap -q sq, gen(6)", ValueError, "ValueError: bad input 3; the input raised it while it was read, in the notebook",
+              "raise ValueError(f'bad input {i}')"),
+             ("%pmap -q uses, [1, 2]", OSError, "OSError: cannot rebuild 3 here; the function (or its items) could "
+              "not be loaded in a worker", "raise OSError(f'cannot rebuild {v} here')"),
+             ("%pmap -q lambda v: v, [1, Thing(9), 3]", OSError, "OSError: cannot rebuild 9 here; the function (or its "
+              "items) could not be loaded in a worker", "v = 9")]
+    for cell, error, why, shown in cases:
+        with pytest.raises(error):
+            run(ip, cell)
+        [info] = mpmagic.last_failures()
+        assert info.index is None and info.outside, info
+        capsys.readouterr()
+        message, out = _pdebug_error(ip, "%pdebug", capsys)
+        assert message == (f"%pdebug: the failure was not raised by one item ({why}): there is nothing to replay; "
+                           "its traceback is above"), cell
+        assert shown in out and "ipdb>" not in out, out  # the traceback, and no debugger
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -n 2 -q\nT.v + rank\n")
+    message, out = _pdebug_error(ip, "%pdebug", capsys)
+    assert message.startswith("%pdebug: the failure was not raised by the rank's code (OSError: cannot rebuild 3 here; "
+                              "the cell's names could not be loaded in the worker)"), message
+    assert "ipdb>" not in out
+
+
+def test_pdebug_of_a_kept_rank_says_the_replay_raised_another_error(ip, fs_pool, capsys):
+    """A kept rank's failure replayed here without its kept variables stopped on a
+    NameError at another line, debugged as if it were the rank's RuntimeError."""
+    run(ip, "%%parallel --keep --reset -q -n 2\nshard = [rank] * 3\n")
+    try:
+        with pytest.raises(mpmagic.ParallelError):
+            run(ip, "%%parallel --keep -q -n 2\ntotal = sum(shard)\nif rank == 1:\n"
+                    "    raise RuntimeError(f'total {total}')\ntotal\n")
+        capsys.readouterr()
+        out = _debug(ip, "%pdebug 1", "p total\nq\n", capsys)
+    finally:
+        run(ip, "%%parallel --keep --reset -q -n 2\nNone\n")
+    first, rest = out.split("\n", 1)
+    assert first.startswith("mpmagic: rank 1 raised RuntimeError in its worker, but replayed here it raised "
+                            "NameError: name 'shard' is not defined, so the failure depended on the worker"), first
+    assert "--keep" in first and "ipdb>" not in out
+    assert "RuntimeError: total 3" in rest and "shard = [1, 1, 1]" in rest  # the worker's traceback and locals
+
+
+def test_pdebug_debugs_a_tasks_systemexit_and_keyboardinterrupt(ip, fs_pool, capsys):
+    """They escaped from %pdebug (a KeyboardInterrupt traceback on the %pdebug line)
+    where %debug opens the debugger at the raise."""
+    run(ip, "def quits(x):\n    y = x * 2\n    raise SystemExit(y)\n"
+            "def stops(x):\n    y = x * 3\n    raise KeyboardInterrupt('from task')\n")
+    for func, value in (("quits", 2), ("stops", 3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (IPython's "To exit: use 'exit'" for a SystemExit)
+            ip.run_cell(f"%pmap -q {func}, [1]", store_history=False)
+        capsys.readouterr()
+        saved = sys.stdin
+        sys.stdin = io.StringIO("p y\nq\n")
+        try:
+            result = ip.run_cell("%pdebug", store_history=False)
+        finally:
+            sys.stdin = saved
+        out = capsys.readouterr().out
+        assert result.error_in_exec is None, result.error_in_exec
+        assert f"ipdb> {value}\n" in out, out
+
+
+def test_pdebug_shows_only_the_users_frames(ip, fs_pool, capsys):
+    """`where` listed mpmagic's postmortem.py (and cell.py for a rank); a builtin
+    stopped the debugger inside mpmagic."""
+    run(ip, "def work(x):\n    return 10 / (x - 2)\n")
+    ip.run_cell("%pmap -q work, range(4)", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "where\nup\nq\n", capsys)
+    assert "return 10 / (x - 2)" in out
+    assert "postmortem.py" not in out and "mpmagic" not in out, out
+    assert "Oldest frame" in out  # the item's call is the first frame
+    ip.run_cell("%%parallel -n 2 -q\ndef f(r):\n    return 1 / r\nf(rank)\n", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "where\nq\n", capsys)
+    assert "return 1 / r" in out and "mpmagic" not in out, out
+    run(ip, "res = %pmap -q --errors collect pow, [2, 0], [2, -1]")
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    assert out == ("mpmagic: replayed here, item 1 raised ZeroDivisionError: 0.0 cannot be raised to a negative power "
+                   "inside pow, which is not Python code: there is no Python frame of yours for the debugger to stop "
+                   "in\n"), out
+
+
+def test_pdebug_numbers_a_ranks_lines_as_its_cell_and_its_traceback(ip, fs_pool, capsys):
+    """A rank's traceback said "Cell In[N], line 6" and %pdebug
+    "<parallel-cell-…>(5)": it numbered from the body, under a made-up name;
+    the worker traceback it printed said line 6 under that name, and a syntax
+    error said line 2 of a statement the traceback calls line 3."""
+    run(ip, "import os\nNB = os.getpid()\n")
+    cell = ("%%parallel -n 2 -q\na = 1\nb = 2\nif rank == 1{here}:\n    c = a + b\n"
+            "    raise ValueError(f'bad rank {{rank}}')\na + b\n")
+    for here, stop in (("", True), (" and os.getpid() != NB", False)):
+        result = ip.run_cell(cell.format(here=here), store_history=True)  # (a numbered cell, as in a notebook)
+        assert isinstance(result.error_in_exec, mpmagic.ParallelError)
+        n = result.execution_count
+        shown = capsys.readouterr()
+        assert f"[rank 1] Cell In[{n}], line 6" in shown.out + shown.err
+        out = _debug(ip, "%pdebug", "where\nq\n", capsys)
+        if stop:  # the debugger, at the cell's line 6, under the cell's own name
+            assert re.search(rf"> <ipython-input-{n}-\w+>\(6\)<module>\(\)\n", out), out
+            assert "----> 6     raise ValueError(f'bad rank {rank}')" in out, out
+        else:  # the worker's traceback, named and numbered as the rank's
+            assert f"  Cell In[{n}], line 6, in <module>\n    raise ValueError(f'bad rank {{rank}}')" in out, out
+        assert "parallel-cell" not in out
+    result = ip.run_cell("%%parallel -n 2 -q\nx = 1\nif x:\nx\n", store_history=False)
+    assert str(result.error_in_exec).splitlines()[0] == (
+        "%%parallel: the cell has a syntax error on line 4: expected an indented block after 'if' statement on line 3")
+
+
 def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     run(ip, "def f(x):\n    big = 'z' * 1000\n    secret = x + 1\n    return 1 // (x - 4)\n")
     results = run(ip, "%pmap -q --errors collect f, range(6)")
@@ -45,6 +190,39 @@ def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     assert (info.index, info.item, info.pid) == (4, 4, failed.pid)
     assert isinstance(info.error, ZeroDivisionError)
     assert "secret = 5" in info.describe()
+
+
+def test_a_failed_whose_exception_str_raises_still_shows(ip, fs_pool):
+    """Displaying a --errors collect result raised RuntimeError when the
+    exception's __str__ raises; a serial list holding it displays."""
+    run(ip, "class BrokenStr(Exception):\n    def __str__(self):\n        raise RuntimeError('broken str')\n"
+            "def fails(x):\n    raise BrokenStr(x)\n")
+    out = run(ip, "%pmap -q --errors collect fails, [1]")
+    assert repr(out) == "[<Failed item 0: input=1, BrokenStr: <exception str() failed>>]"
+    assert "BrokenStr: <exception str() failed>" in repr(mpmagic.last_failures())
+
+
+def test_the_exception_keeps_only_its_own_attributes(ip, fs_pool):
+    """vars(e) of a task's exception held mpmagic's failure_info, where serial
+    Python's has the exception's own attributes only (and mpmagic's one note, by design)."""
+
+    def own(exc):
+        return {k: v for k, v in vars(exc).items() if k != "__notes__"}
+
+    run(ip, "class Coded(Exception):\n    def __init__(self, code):\n        super().__init__(code)\n"
+            "        self.code = code\n"
+            "def coded(x):\n    if x:\n        raise Coded(x)\n    return x\n")
+    with pytest.raises(Exception) as raised:
+        run(ip, "%pmap -q coded, [0, 7]")
+    assert own(raised.value) == {"code": 7}
+    [info] = mpmagic.last_failures()  # what the worker saw is still there for %pdebug
+    assert (info.index, info.item, info.locals["x"]) == (1, 7, "7")
+    [failed] = [r for r in run(ip, "%pmap -q --errors collect coded, [0, 7]") if isinstance(r, mpmagic.Failed)]
+    assert own(failed.error) == {"code": 7} and failed.locals["x"] == "7" and failed.pid
+    with pytest.raises(mpmagic.ParallelError) as raised:
+        run(ip, "%%parallel -n 2 -q\nif rank:\n    raise Coded(rank)\n")
+    assert own(raised.value.failures[1]) == {"code": 1}
+    assert mpmagic.last_failures()[0].locals["rank"] == "1"
 
 
 def test_only_a_units_first_failures_carry_locals(ip, local_pool):
@@ -121,6 +299,18 @@ def test_rerun_failed_after_a_raising_run_runs_what_never_ran(ip, local_pool):
     assert run(ip, "%pmap --rerun-failed") == [x * x for x in range(12)]
 
 
+def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
+    """It said the input 'was an iterator that is used up': several lists are
+    zipped into one lazy input, which the record did not list again."""
+    run(ip, "def ratio(a, b):\n    return a / b\n")
+    with pytest.raises(ZeroDivisionError):
+        run(ip, "%pmap -q --chunksize 1 ratio, [1, 2, 3, 4], (1, 0, 1, 0)")
+    [info] = mpmagic.last_failures()
+    assert (info.index, info.item) == (1, (2, 0))
+    run(ip, "def ratio(a, b):\n    return a / b if b else -1\n")
+    assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(ratio, [1, 2, 3, 4], (1, 0, 1, 0)))")
+
+
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
     results = run(ip, "%pmap -q --errors collect crash, [1]")
@@ -153,11 +343,11 @@ def test_pdebug_before_any_run_says_there_was_none(ip, capsys):
     assert "did not fail" not in capsys.readouterr().err
 
 
-def test_after_a_failing_stream_pdebug_does_not_replay_an_older_failure(ip, local_pool):
-    """%pdebug and last_failures() after a failing imap loop (or background run)
-    replayed an older %pmap's failure, with nothing saying so."""
-    import mpmagic
-
+def test_after_a_failing_stream_pdebug_replays_the_last_blocking_failure_saying_so(ip, fs_pool, capsys):
+    """After a failing foreground %pmap, a failing imap loop or --bg run left
+    %pdebug with "no run to debug yet: run a %pmap or %%parallel cell first"
+    (before that, it replayed the older failure with nothing saying so).
+    last_failures() is the last run's: none."""
     run(ip, "def first(a):\n    assert a != 3, 'old failure'\n    return a\n"
             "def second(a):\n    if a == 7:\n        raise ValueError('new failure')\n    return a\n")
     with pytest.raises(AssertionError):
@@ -165,9 +355,19 @@ def test_after_a_failing_stream_pdebug_does_not_replay_an_older_failure(ip, loca
     with pytest.raises(ValueError):
         for _value in mpmagic.imap(ip.user_ns["second"], range(20)):
             pass
+    handle = run(ip, "%pmap --bg -q second, range(9)")
+    with pytest.raises(ValueError):
+        handle.result()
     assert mpmagic.last_failures() == []
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "p a\nq\n", capsys)
+    assert out.startswith("mpmagic: the last run was a background run or an imap stream, which leave nothing to "
+                          "replay (its handle's result() raises its error); replaying the last failed %pmap or "
+                          "%%parallel run's\n"), out
+    assert "assert a != 3, 'old failure'" in out and "ipdb> 3\n" in out
+    run(ip, "%pmap -q first, range(3)")  # a blocking run that succeeds: nothing older is replayed
     result = ip.run_cell("%pdebug", store_history=False)
-    assert "no run to debug yet" in str(result.error_in_exec)
+    assert "no failure to debug" in str(result.error_in_exec)
 
 
 def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):
@@ -260,3 +460,10 @@ def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, loca
 def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):
     result = ip.run_cell("%pdebug x", store_history=False)
     assert str(result.error_in_exec).endswith("usage: %pdebug [N]   (see %pdebug?)")
+
+
+def test_pdebug_takes_only_a_whole_number(ip):
+    """'--1' and '²' passed the isdigit() check, and int() then raised a raw ValueError."""
+    for arg in ("--1", "²", "1.5", "- 1"):
+        result = ip.run_cell(f"%pdebug {arg}", store_history=False)
+        assert str(result.error_in_exec).startswith(f"%pdebug: N must be an item index or rank, not {arg!r}"), arg

@@ -169,16 +169,17 @@ def test_a_reduce_that_fails_says_why_and_keeps_the_values(ip, pool_fs):
 
 def test_ipython_syntax_in_the_cell_is_named_with_what_to_use_instead(ip, pool_fs):
     text = usage_error(ip, "%%parallel -n 2 -q\nchunk = [rank]\nres = %pmap -q abs, chunk\nres")
-    assert text.startswith("%%parallel: line 2 of the cell ('res = %pmap -q abs, chunk') is IPython syntax "
+    # (lines counted as IPython counts the cell, and the ranks' tracebacks: the %%parallel line is line 1)
+    assert text.startswith("%%parallel: line 3 of the cell ('res = %pmap -q abs, chunk') is IPython syntax "
                            "(a magic); a rank runs plain Python"), text
     assert "mpmagic.pmap(f, xs) works there" in text
     text = usage_error(ip, "%%parallel -n 2 -q\n!hostname\nrank")
-    assert text.startswith("%%parallel: line 1 of the cell ('!hostname') is IPython syntax (a shell command)"), text
+    assert text.startswith("%%parallel: line 2 of the cell ('!hostname') is IPython syntax (a shell command)"), text
     assert "subprocess.run" in text
     # What the message offers works: pmap in a rank runs serially there.
     assert cell(ip, "-n 2 -q", "import mpmagic\nmpmagic.pmap(abs, [-rank])") == [[0], [1]]
     # A plain syntax error is still reported as one.
-    assert usage_error(ip, "%%parallel -n 2 -q\nx = 1 +\n") == "%%parallel: the cell has a syntax error on line 1: invalid syntax"
+    assert usage_error(ip, "%%parallel -n 2 -q\nx = 1 +\n") == "%%parallel: the cell has a syntax error on line 2: invalid syntax"
 
 
 def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):

@@ -511,7 +511,7 @@ BAD_INPUT = [
     ("%%parallel -n -3\nrank", "-n/--workers: must be at least 1, not -3"),
     ("%%parallel -n 100000\nrank", "100000 is more ranks than this machine can run"),
     ("%%parallel --bogus\nrank", "unknown option --bogus"),
-    ("%%parallel\nrank +", "the cell has a syntax error on line 1"),
+    ("%%parallel\nrank +", "the cell has a syntax error on line 2"),
     ("%%parallel --reduce 42\nrank", "--reduce needs a function"),
     ("%pool start --start-method nope", "invalid choice: 'nope'"),
     ("%pool start -n 0", "must be at least 1, not 0"),

@@ -90,12 +90,12 @@ def test_every_failing_rank_names_the_cell_and_its_line(ip, local_pool):
 
 
 def test_a_ranks_warning_shows_its_own_line(ip, local_pool, notebook_warnings):
-    # The cell is cached with its %%parallel line above the body: the warning's
-    # line number must count it, as the failing ranks' frames above do.
+    # The body is numbered as its cell (the %%parallel line is line 1), as the
+    # failing ranks' frames above are, and named as the cell, as serially.
     _, text, err = shown(ip, "%%parallel -n 1 -q\nimport warnings\nx = 'line two'\n"
                              "warnings.warn('raised on line 3')\nNone\n")
     assert err is None, text
-    assert re.search(r"\[rank 0\] <parallel-cell-\w+>:4: UserWarning: raised on line 3\n"
+    assert re.search(r"\[rank 0\] <ipython-input-\d+-\w+>:4: UserWarning: raised on line 3\n"
                      r"\[rank 0\]   warnings.warn\('raised on line 3'\)\n", text), text
 
 
