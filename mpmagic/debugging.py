@@ -215,6 +215,7 @@ _last: LastRun | None = None
 # The last blocking run's record, when it failed and a background run or an
 # imap stream (which leave no record) started after it: %pdebug still has it.
 _foreground: LastRun | None = None
+_background_last = False  # the last run started was a background run or a stream (see forget)
 
 
 def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict,
@@ -279,12 +280,18 @@ def forget(background: bool = False) -> None:
     this one is interrupted before it records its own). A ``background`` run
     (``--bg``, ``submit``, ``imap``) records nothing: the last blocking run's
     failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`)."""
-    global _last, _foreground
+    global _last, _foreground, _background_last
     if background and _last is not None and _last.failures:
         _foreground = _last
     elif not background:
         _foreground = None
     _last = None
+    _background_last = background
+
+
+def last_was_background() -> bool:
+    """Did a background run or a stream start after the last blocking run ended?"""
+    return _background_last and _last is None
 
 
 def last_foreground_failure() -> LastRun | None:

@@ -30,6 +30,7 @@ from .debugging import (
     exception_line,
     last_foreground_failure,
     last_run,
+    last_was_background,
     set_last_run,
 )
 from .errors import (
@@ -60,6 +61,11 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     if last is not None and last.kind == "cell" and last.failures:
         raise UsageError("--rerun-failed re-runs the failed items of a %pmap, and the last run was a %%parallel "
                          "cell that failed: run the cell again")
+    if last is None and last_was_background():
+        raise UsageError(
+            "no failed %pmap run to re-run: the last run was a background run or an imap stream (--bg, submit, "
+            "imap), which keeps nothing to re-run. Its failed items are in its results: "
+            "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
     if last is None:
         raise UsageError("no failed %pmap run to re-run: no run has ended yet")
     if last.kind != "map" or not last.failures:

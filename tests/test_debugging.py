@@ -457,6 +457,17 @@ def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, loca
     assert "no failures" not in message
 
 
+def test_rerun_failed_after_a_background_run_says_it_keeps_nothing(ip, local_pool):
+    """It said "no run has ended yet" after a --bg run whose items failed."""
+    run(ip, "def half(x):\n    if x == 5:\n        raise ValueError(x)\n    return x // 2\n")
+    run(ip, "bg = %pmap --bg -q --errors collect half, range(10)\nbg.result()")
+    result = ip.run_cell("%pmap --rerun-failed", store_history=False)
+    message = str(result.error_in_exec)
+    assert "the last run was a background run or an imap stream" in message, message
+    assert "isinstance(r, mpmagic.Failed)" in message and "no run has ended yet" not in message
+    ip.user_ns.pop("bg", None)
+
+
 def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):
     result = ip.run_cell("%pdebug x", store_history=False)
     assert str(result.error_in_exec).endswith("usage: %pdebug [N]   (see %pdebug?)")
