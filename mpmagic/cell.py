@@ -49,7 +49,7 @@ class CellSpec:
     @property
     def numbered_source(self) -> str:
         """The body as compiled: below ``line_offset`` blank lines."""
-        return "\n" * getattr(self, "line_offset", 0) + self.source
+        return "\n" * self.line_offset + self.source
 
 
 def register_source(source: str, prefix: str = "parallel-cell") -> str:
