@@ -42,7 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from . import debugging
-from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
+from .checkpoint_keys import (
+    cell_key,
+    item_key,
+    item_keys,
+    keyed_copies,
+    keyed_copy,
+    run_key,
+    unstable_reason,
+)
 from .checkpoint_store import RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes
@@ -228,22 +236,33 @@ class _Plan:
         self._listeners: list[Callable[[int, list], None]] = []
         self._lock = threading.Lock()
 
-    def add(self, items: list, store: Store | None, run: bytes) -> list:
-        """Key a batch of items, take what is stored, return the items to compute."""
+    def add(self, items: list, store: Store | None, run: bytes, copy: bool = False) -> list:
+        """Key a batch of items, take what is stored, return the items to compute.
+
+        ``copy``: the items are sent later than now (a background run, a stream,
+        a lazy input): return private copies in the keyed state
+        (``checkpoint_keys.keyed_copy``), so that an item changed in place
+        meanwhile is computed as it was keyed, never stored under a key of
+        another state. An item without a key goes as it is, and is not stored.
+        """
         base = len(self.keys)
+        key_all: Callable[[list], list] = keyed_copies if copy else item_keys
+        key_one: Callable[[Any], tuple] = keyed_copy if copy else item_key
         try:
-            pairs = item_keys(items)
+            triples = key_all(items)
         except Exception:  # one item does not pickle: key them one by one to find it
-            pairs = []
+            triples = []
             for i, item in enumerate(items):
                 try:
-                    pairs.append(item_key(item))
+                    triples.append(key_one(item))
                 except Exception as exc:  # unpicklable: the run itself will say so
                     log.debug("item %d has no key: %s", base + i, exc)
-                    pairs.append((b"", None))
-        keys = [k for k, _ in pairs]
+                    triples.append((b"", None, item))
+        keys = [t[0] for t in triples]
+        if copy:
+            items = [t[2] for t in triples]
         if self.unstable is None:
-            for i, (_, data) in enumerate(pairs):
+            for i, (_, data, *_rest) in enumerate(triples):
                 if data is not None and (why := unstable_reason(data)):
                     self.unstable = f"item {base + i} {why}"
                     break
@@ -296,7 +315,7 @@ class MapCheckpoint:
     """
 
     def __init__(self, func: Callable, iterables: tuple, *, star: bool, errors: str, location: Any,
-                 on_chunk: Callable[[int, list], None] | None = None) -> None:
+                 on_chunk: Callable[[int, list], None] | None = None, background: bool = False) -> None:
         if len(iterables) == 1:
             self.items, self.star = iterables[0], star
         else:
@@ -315,6 +334,9 @@ class MapCheckpoint:
                   "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
         self.collect = errors == "collect"
         self.user_on_chunk = on_chunk
+        # Items are sent while the notebook goes on (it may change them in place):
+        # the plan keeps copies of them as keyed (``_Plan.add``).
+        self.background = background
         self.writer = _Writer(self.store, self.run, self.name)
         self.plan = _Plan()
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
@@ -326,7 +348,7 @@ class MapCheckpoint:
     def todo(self) -> tuple[Iterable, bool]:
         """The items to compute (lazily for a lazy input), and whether there is any."""
         if type(self.items) in (list, tuple, range):
-            todo = self.plan.add(list(self.items), self.store, self.run)
+            todo = self.plan.add(list(self.items), self.store, self.run, copy=self.background)
             return todo, bool(todo)
         return _lazy(iter(self.items), self.plan, self.store, self.run)
 
@@ -419,7 +441,7 @@ class StreamCheckpoint(MapCheckpoint):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, background=True, **kwargs)
         self._cursor = 0  # the next input position the ordered stream yields
 
     def value(self, computed: list) -> list:
@@ -563,7 +585,8 @@ def checkpointed_submit(
 
     t0 = time.perf_counter()
     try:
-        ck = MapCheckpoint(func, iterables, star=star, errors=errors, location=location, on_chunk=on_chunk)
+        ck = MapCheckpoint(func, iterables, star=star, errors=errors, location=location, on_chunk=on_chunk,
+                           background=True)
     except ValueError:
         return start(func, iterables, star, on_chunk=on_chunk)
     try:
@@ -624,7 +647,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterab
         batch: list = []
         exhausted = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
         if batch:
-            first = plan.add(batch, store, run)
+            first = plan.add(batch, store, run, copy=True)
 
     def rest() -> Iterable:
         done = exhausted
@@ -632,7 +655,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterab
             more: list = []
             done = read_into(more, it, _LAZY_BATCH)
             if more:
-                yield from plan.add(more, store, run)
+                yield from plan.add(more, store, run, copy=True)
 
     return itertools.chain(first, rest()), True
 

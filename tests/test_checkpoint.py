@@ -23,7 +23,7 @@ from conftest import run
 
 import mpmagic
 from mpmagic import api, checkpoint
-from mpmagic.checkpoint_keys import item_key, run_key, unstable_reason
+from mpmagic.checkpoint_keys import item_key, keyed_copy, run_key, unstable_reason
 from mpmagic.checkpoint_store import DB_NAME, Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +120,24 @@ def test_item_keys_tell_items_apart_and_sets_of_strings_are_flagged():
         assert unstable_reason(item_key({"x", "y"})[1]) is not None
     assert unstable_reason(item_key({1, 2})[1]) is None
     assert unstable_reason(item_key(("a", "b"))[1]) is None
+
+
+def test_a_private_copy_has_the_key_of_its_item_and_keeps_the_keyed_state(ip):
+    """Background runs send copies made when keyed (keyed_copy): their keys must
+    be the blocking run's (item_key), or neither would find the other's results."""
+    np = pytest.importorskip("numpy")
+    run(ip, "class Box:\n    def __init__(self, v):\n        self.v = v\n")
+    box = ip.user_ns["Box"]([1, 2])
+    array = np.arange(300_000)
+    for item in (7, "s", (1, "a"), {"v": [1]}, array, box, [box, array]):
+        key, _, copy = keyed_copy(item)
+        assert key == item_key(item)[0]
+        assert item_key(copy)[0] == key
+    _, _, copy = keyed_copy(array)
+    array[0] = -1
+    box.v.append(3)
+    assert copy[0] == 0 and copy.flags.writeable
+    assert keyed_copy(box)[2].v == [1, 2, 3] and type(keyed_copy(box)[2]) is type(box)
 
 
 @pytest.mark.skipif(not sys.flags.hash_randomization, reason="string hashes are fixed (PYTHONHASHSEED)")

@@ -436,3 +436,29 @@ def test_a_checkpointed_imap_over_an_input_that_trickles_in_gives_results_as_it_
     got, put_at_first = trickle_results(lambda items: mpmagic.imap(ns["work"], items, checkpoint=tmp_path))
     assert got == [i * i for i in range(8)]
     assert put_at_first is not None and put_at_first < 8, put_at_first
+
+
+@pytest.mark.parametrize("how", ["submit", "imap"])
+def test_items_changed_in_place_after_the_start_are_computed_and_stored_as_they_were_keyed(ip, ns, how):
+    """A background run keyed its items when it started and pickled them when
+    each was sent: a dict the notebook changed in between was computed in its
+    new state and stored under the key of the old one, for good (a re-run over
+    the original items got 9990 where map gives 390)."""
+    import numpy as np
+
+    run(ip, "def tens(d):\n    time.sleep(0.01)\n    v = d['v']\n    return int(v if isinstance(v, int) else v[0]) * 10\n")
+    items = [{"v": i} for i in range(30)] + [{"v": np.full(3, i)} for i in range(30, 40)]
+    oracle = list(map(ns["tens"], [{"v": i} for i in range(40)]))
+    if how == "submit":
+        handle = mpmagic.submit(ns["tens"], items, chunksize=1, checkpoint=True)
+    else:
+        stream = mpmagic.imap(ns["tens"], items, chunksize=1, checkpoint=True)
+        first = next(stream)
+    for d in items[5:30]:
+        d["v"] = 999  # the notebook goes on with its data
+    for d in items[30:]:
+        d["v"][:] = 999  # an array, in place
+    got = handle.result() if how == "submit" else [first, *stream]
+    assert got == oracle  # the items as they were at the start (keyed then)
+    fresh = [{"v": i} for i in range(40)]
+    assert mpmagic.pmap(ns["tens"], fresh, checkpoint=True) == list(map(ns["tens"], fresh))
