@@ -37,7 +37,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -350,7 +350,7 @@ class MapCheckpoint:
         if type(self.items) in (list, tuple, range):
             todo = self.plan.add(list(self.items), self.store, self.run, copy=self.background)
             return todo, bool(todo)
-        return _lazy(iter(self.items), self.plan, self.store, self.run)
+        return _lazy(iter(self.items), self.plan, self.store, self.run, read_first=not self.background)
 
     @property
     def resumed(self) -> int:
@@ -577,8 +577,10 @@ def checkpointed_submit(
     ``start(func, iterables, star, on_chunk=..., resume=...)`` is the plain
     background start of ``api.pmap``; the run computes only the items the
     store lacks, each accepted chunk is stored as in a blocking run, and its
-    ``result()`` is the whole input's. A run whose items are all stored
-    computes nothing: its handle is done at once.
+    ``result()`` is the whole input's. A run over a list (tuple, range) whose
+    items are all stored computes nothing: its handle is done at once. A lazy
+    input is keyed by the run's own thread as it reads it (``_lazy``): the
+    handle comes back at once however slow the input.
     """
     __tracebackhide__ = True
     from . import background
@@ -633,31 +635,40 @@ def _renumber(exc: BaseException, missing: list[int]) -> None:
         exc.args = (fix(exc.args[0]), *exc.args[1:])
 
 
-def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterable, bool]:
+def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: bool = True) -> tuple[Iterable, bool]:
     """The missing items of a lazy input, keyed and looked up batch by batch as the core pmap pulls them.
 
-    The input is read up to its first missing item before the run starts, so
-    a fully stored input never starts the pool.
+    ``read_first`` (a blocking run): the input is read up to its first missing
+    item here, before the run starts, so a fully stored input never starts the
+    pool. A background run or a stream reads nothing here: its input is read by
+    the thread that waits on the run, however slow or blocking it is (a queue
+    the notebook fills after the start), and the handle comes back at once.
+
+    When the input raises, the items read before the error are computed (and
+    stored) first, then the error is raised, as serial map does.
     """
-    first: list = []
-    exhausted = False
-    while not first:
-        if exhausted:
-            return iter(()), False
-        batch: list = []
-        exhausted = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
-        if batch:
-            first = plan.add(batch, store, run, copy=True)
 
-    def rest() -> Iterable:
-        done = exhausted
+    def batches() -> Iterator[list]:
+        done = False
         while not done:
-            more: list = []
-            done = read_into(more, it, _LAZY_BATCH)
-            if more:
-                yield from plan.add(more, store, run, copy=True)
+            batch: list = []
+            error: Exception | None = None
+            try:
+                done = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
+            except Exception as exc:  # the input's own error: after the items it gave
+                error, done = exc, True
+            if batch:
+                yield plan.add(batch, store, run, copy=True)
+            if error is not None:
+                raise error
 
-    return itertools.chain(first, rest()), True
+    missing = batches()
+    if not read_first:
+        return itertools.chain.from_iterable(missing), True
+    for first in missing:
+        if first:
+            return itertools.chain(first, itertools.chain.from_iterable(missing)), True
+    return iter(()), False
 
 
 def _amend_report(

@@ -462,3 +462,73 @@ def test_items_changed_in_place_after_the_start_are_computed_and_stored_as_they_
     assert got == oracle  # the items as they were at the start (keyed then)
     fresh = [{"v": i} for i in range(40)]
     assert mpmagic.pmap(ns["tens"], fresh, checkpoint=True) == list(map(ns["tens"], fresh))
+
+
+def _raises_at(n: int):
+    """0, 1, ... then the input's own error at item ``n``."""
+    yield from range(n)
+    raise KeyError(f"input broke at {n}")
+
+
+@pytest.mark.parametrize("how", ["pmap", "submit", "imap", "imap unordered", "as_completed"])
+def test_a_checkpointed_input_that_raises_gives_every_item_before_its_error(ns, how):
+    """The batch of 512 items being read when the input raised was dropped: read
+    from the generator, never computed, yielded or stored (2560 of 3000)."""
+    work, got = ns["work"], []
+    with pytest.raises(KeyError, match="input broke at 1000"):
+        if how == "pmap":
+            mpmagic.pmap(work, _raises_at(1000), checkpoint=True)
+        elif how == "submit":
+            mpmagic.submit(work, _raises_at(1000), checkpoint=True).result()
+        elif how == "as_completed":
+            for value in mpmagic.as_completed(mpmagic.submit(work, _raises_at(1000), checkpoint=True)):
+                got.append(value)
+        else:
+            for value in mpmagic.imap(work, _raises_at(1000), ordered=how == "imap", checkpoint=True):
+                got.append(value)
+    oracle = list(map(work, range(1000)))
+    if how not in ("pmap", "submit"):
+        assert sorted(got) == sorted(oracle)  # as serial map gives them, then its error
+    calls(ns)
+    assert mpmagic.pmap(work, range(1000), checkpoint=True) == oracle
+    assert calls(ns) == []  # every one was stored
+
+
+def _gated(prefix: range, tail: range, gate):
+    """``prefix``, then ``tail`` once ``gate`` is set (an input the notebook feeds later)."""
+    yield from prefix
+    gate.wait()
+    yield from tail
+
+
+@pytest.mark.parametrize("how", ["submit", "imap"])
+@pytest.mark.parametrize("stored", [0, 600])
+def test_a_checkpointed_background_run_or_stream_comes_back_at_once_whatever_its_input_waits_for(
+        ns, how, stored):
+    """The input was read up to its first item not yet stored before the call
+    returned: a slow first item held the notebook, and one the notebook itself
+    would feed after the start was a deadlock (also after 600 stored items)."""
+    import threading
+
+    work = ns["work"]
+    if stored:
+        mpmagic.pmap(work, range(stored), checkpoint=True)
+    gate, rescued = threading.Event(), threading.Event()
+
+    def rescue() -> None:  # (only so that a failing test ends)
+        rescued.set()
+        gate.set()
+
+    timer = threading.Timer(60, rescue)
+    timer.start()
+    try:
+        items = _gated(range(stored), range(stored, stored + 20), gate)
+        handle = mpmagic.submit(work, items, checkpoint=True) if how == "submit" else mpmagic.imap(
+            work, items, checkpoint=True)
+        came_back_first = not rescued.is_set()
+        gate.set()  # the notebook feeds it now
+        got = handle.result(timeout=60) if how == "submit" else list(handle)
+    finally:
+        timer.cancel()
+    assert came_back_first
+    assert got == list(map(work, range(stored + 20)))
