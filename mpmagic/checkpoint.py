@@ -341,6 +341,7 @@ class MapCheckpoint:
         self.plan = _Plan()
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
         self._settled = False
+        self._stopped = False  # cancelled: the user's on_chunk is not called any more (stop)
         self._placed: set[int] = set()  # ids of the Failed results already renumbered (kept alive by the run)
         self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
@@ -379,7 +380,7 @@ class MapCheckpoint:
                     self._place(r, idx)
         else:
             self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
-        if self.user_on_chunk is not None:  # in input positions, each stretch of consecutive ones
+        if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
 
@@ -421,6 +422,11 @@ class MapCheckpoint:
     def failed(self, exc: BaseException) -> None:
         """The run raised ``exc``: make "item N" in it count in the whole input."""
         _renumber(exc, self.plan.missing)
+
+    def stop(self) -> None:
+        """The run is being cancelled: chunks still arriving are stored, and the user's
+        ``on_chunk`` is not called for them (``cancel()`` returns at once)."""
+        self._stopped = True
 
     def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
         """The run's report (None if nothing ran: one is made) covering the whole input;
@@ -756,6 +762,9 @@ class CellCheckpoint:
 
     def failed(self, exc: BaseException) -> None:
         """(A failing cell stores nothing; its error already names the rank.)"""
+
+    def stop(self) -> None:
+        """(A cell has no on_chunk.)"""
 
     def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
         return _amend_report(report, set_report or (lambda r: None), "parallel", self.size, self.resumed, wall)
