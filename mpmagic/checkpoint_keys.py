@@ -270,9 +270,34 @@ def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
     return _digest(h, data), data
 
 
+_local_names: dict[str, bytes | None] = {}  # module name -> how a pickle names it, if it is the user's own
+_local_patterns: tuple[bytes, ...] = ()
+_modules_seen = 0
+
+
+def _local_module_patterns() -> tuple[bytes, ...]:
+    """How a pickle names each loaded module of the user's own (a .py beside the
+    notebook: :func:`_local_module_file`), as protocol 4+ writes a module name
+    (SHORT_BINUNICODE: ``\\x8c``, its length, the name); looked at again only
+    when modules were imported since."""
+    global _local_patterns, _modules_seen
+    if len(sys.modules) != _modules_seen:
+        for name in list(sys.modules):
+            if name not in _local_names:
+                local = _local_module_file(name) is not None
+                raw = name.encode()
+                _local_names[name] = (b"\x8c" + bytes([len(raw)]) + raw if len(raw) < 256 else raw) if local else None
+        _local_patterns = tuple(p for p in _local_names.values() if p is not None)
+        _modules_seen = len(sys.modules)
+    return _local_patterns
+
+
 def _names_code(data: bytes) -> bool:
-    """Does the plain pickle ``data`` name notebook code (whose code the key must cover)?"""
-    return b"__main__" in data or b"__mp_main__" in data
+    """Does the plain pickle ``data`` name code whose digest the key must cover: the
+    notebook's, or a module of the user's own (a class of ``shapes.py`` beside the
+    notebook, whose method the function calls: edited and reloaded, its items'
+    stored results were returned stale)?"""
+    return b"__main__" in data or b"__mp_main__" in data or any(p in data for p in _local_module_patterns())
 
 
 def item_key(item: Any) -> tuple[bytes, bytes | None]:

@@ -592,6 +592,32 @@ def test_run_key_covers_cached_notebook_functions_modules_beside_the_notebook_an
     sys.modules.pop("mylib_ck", None)
 
 
+def test_items_of_a_class_from_a_module_beside_the_notebook_count_by_that_modules_file(ip, store_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Only items naming __main__ were keyed with module digests: items of a class
+    from the user's own module kept their stored results after the class's
+    method was edited and reloaded (stale [0, 1, 4, 9] where map gives [0, 10, 40, 90])."""
+    (tmp_path / "shapes_ck.py").write_text("class Sq:\n    def __init__(self, s):\n        self.s = s\n"
+                                          "    def area(self):\n        return self.s * self.s\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import shapes_ck\ndef area(sq):\n    return sq.area()\n")
+        assert run(ip, "%pmap -q --checkpoint area, [shapes_ck.Sq(i) for i in range(4)]") == [0, 1, 4, 9]
+        (tmp_path / "shapes_ck.py").write_text("class Sq:\n    def __init__(self, s):\n        self.s = s\n"
+                                              "    def area(self):\n        return self.s * self.s * 10\n")
+        run(ip, "import importlib\nimportlib.reload(shapes_ck)\nitems = [shapes_ck.Sq(i) for i in range(4)]")
+        mpmagic.restart_pool()  # (the workers import the new module)
+        oracle = run(ip, "list(map(area, items))")
+        assert run(ip, "%pmap -q --checkpoint area, items") == oracle
+        assert run(ip, "%pmap -q --checkpoint area, items") == oracle  # and found again
+        assert "resumed: 4 of 4" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop("shapes_ck", None)
+        from mpmagic import pool
+
+        pool.shutdown()  # (a restarted pool numbers its workers on: pages tested later show workers 0 and 1)
+
+
 def test_resumed_instances_of_a_notebook_class_are_instances_of_the_notebooks_class(ip, store_dir):
     # A new kernel has a new class object (the cell run again): the stored results, pickled with
     # the old one by value, must come back as the notebook's class, as live results do.
