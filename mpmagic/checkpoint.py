@@ -54,7 +54,7 @@ from .checkpoint_keys import (
 from .checkpoint_store import RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes
-from .jobs import Failed, read_into
+from .jobs import Failed, read_into, reused_object
 
 log = logging.getLogger("mpmagic")
 
@@ -655,7 +655,8 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
     """
 
     def batches() -> Iterator[list]:
-        done = False
+        done, n_read = False, 0
+        last: list = []
         while not done:
             batch: list = []
             error: Exception | None = None
@@ -663,6 +664,10 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
                 done = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
             except Exception as exc:  # the input's own error: after the items it gave
                 error, done = exc, True
+            if (reused := reused_object(it, n_read, last, batch)) is not None:  # a reused buffer: loud
+                keep, error = reused
+                batch, done = batch[:keep], True
+            n_read, last = n_read + len(batch), batch[-2:]
             if batch:
                 yield plan.add(batch, store, run, copy=True)
             if error is not None:
