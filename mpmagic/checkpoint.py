@@ -374,12 +374,13 @@ class MapCheckpoint:
         positions = plan.missing[start : start + len(results)]
         keys = [plan.keys[i] for i in positions]
         if self.collect:  # only then can a result be a Failed: never stored
-            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
+            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
+                                                   if k and not isinstance(r, Failed)]))
             for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
                 if isinstance(r, Failed):
                     self._place(r, idx)
         else:
-            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
+            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True) if k]))
         if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
@@ -501,6 +502,11 @@ def _stretches(positions: list[int], results: list) -> Iterable[tuple[int, list]
 
 _active: dict[bytes, int] = {}  # run key -> checkpointed runs writing it now (in this process)
 _active_lock = threading.Lock()
+# Run key -> item keys put by the runs of that key in flight (in this process): kept
+# while one is, so that equal items of one input, and two copies of one call running
+# at once, store each result once (they stored it as often as it was computed:
+# [7] * 20 stored 20 rows-worth, two copies of a 50-item call 100 items).
+_put: dict[bytes, set[bytes]] = {}
 
 
 def _in_flight(run: bytes, delta: int) -> None:
@@ -510,6 +516,19 @@ def _in_flight(run: bytes, delta: int) -> None:
             _active[run] = n
         else:
             _active.pop(run, None)
+            _put.pop(run, None)
+
+
+def _first_puts(run: bytes, pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+    """``pairs`` less the item keys a run of key ``run`` in flight here has put already."""
+    out = []
+    with _active_lock:
+        seen = _put.setdefault(run, set())
+        for pair in pairs:
+            if pair[0] not in seen:
+                seen.add(pair[0])
+                out.append(pair)
+    return out
 
 
 def _writing() -> set[bytes]:

@@ -532,3 +532,14 @@ def test_a_checkpointed_background_run_or_stream_comes_back_at_once_whatever_its
         timer.cancel()
     assert came_back_first
     assert got == list(map(work, range(stored + 20)))
+
+
+def test_equal_items_and_two_copies_of_one_call_running_at_once_store_each_result_once(ns):
+    """Each computed copy was stored: [7] * 20 showed 20 items in %pool checkpoints,
+    two copies of a 50-item call running at once 100 (size and eviction inflated)."""
+    assert mpmagic.pmap(ns["work"], [7] * 20, checkpoint=True) == [49] * 20
+    assert [(r.name, r.items) for r in checkpoint.list_runs()] == [("work", 1)]
+    first = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
+    second = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
+    assert first.result() == second.result() == [-x for x in range(50)]
+    assert sorted((r.name, r.items) for r in checkpoint.list_runs()) == [("slow", 50), ("work", 1)]
