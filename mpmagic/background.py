@@ -501,9 +501,15 @@ class Run:
             log.warning("mpmagic: storing run %s's checkpoint failed", self.id, exc_info=True)
 
     def _warn(self, message: str) -> None:
-        """A one-line warning of this run: into its live area (never the cell running now), and the log."""
-        log.warning(message)
-        self._sink.out("stderr", message + "\n")
+        """A one-line warning of this run: into its live area (never the cell running now), and the log.
+
+        Logged as a warning only where nothing shows it (a terminal: no live area,
+        no stream's loop printing the run's output): an unconfigured logger prints
+        warnings to stderr, and an ``imap`` loop's warning came out twice.
+        """
+        sink = self._sink
+        log.log(logging.INFO if sink.relay is not None or sink.handle is not None else logging.WARNING, message)
+        sink.out("stderr", message + "\n")
 
     def _end(self) -> None:
         if self._cancelled:

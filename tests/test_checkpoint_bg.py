@@ -543,3 +543,18 @@ def test_equal_items_and_two_copies_of_one_call_running_at_once_store_each_resul
     second = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
     assert first.result() == second.result() == [-x for x in range(50)]
     assert sorted((r.name, r.items) for r in checkpoint.list_runs()) == [("slow", 50), ("work", 1)]
+
+
+def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, monkeypatch, capsys, caplog):
+    """The loop printed the run's warning, and the logger printed it again."""
+    import logging
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Store, "put_packed", no_space)
+    with caplog.at_level(logging.INFO, logger="mpmagic"):
+        assert list(mpmagic.imap(ns["work"], range(6), checkpoint=True)) == [x * x for x in range(6)]
+    printed = capsys.readouterr().err.count("could not write to the checkpoint store")
+    logged = sum("could not write" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert printed + logged == 1, (printed, logged)
