@@ -335,7 +335,8 @@ class MapJob:
         self._n_read += len(batch)
         self._last_read = batch[-2:]
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
-            rest = batch[self._reading_taken : max(keep, self._reading_taken)]
+            taken = self._reading_taken
+            rest = batch if not taken and keep == len(batch) else batch[taken : max(keep, taken)]
             self._reading = None
             if rest:
                 self._read.append(rest)
@@ -1168,15 +1169,15 @@ def reused_object(items: Any, n_read: int, before: list, batch: list) -> tuple[i
     per read (a set of every item's id cost 25% of a run over tiny items), and
     find the usual reuse (every item, or two buffers in turn).
     """
-    window = before + batch
-    n = len(before)
-    ends = sorted({*range(min(len(window), n + 3)), *range(max(0, len(window) - 3), len(window))})
-    for a, i in enumerate(ends):
-        obj = window[i]
-        for j in ends[a + 1 :]:
-            if window[j] is obj and _changeable(obj):
-                i = next(k for k, x in enumerate(window) if x is obj)  # its first yield (changed since)
-                first, second = n_read - n + i, n_read - n + j
+    n, size = len(before), len(batch)
+    # (Positions counted from the start of ``before``; the batch itself is not copied.)
+    ends = sorted({*range(n + min(size, 3)), *range(n + max(0, size - 3), n + size)})
+    at = [before[i] if i < n else batch[i - n] for i in ends]
+    for a, obj in enumerate(at):
+        for b in range(a + 1, len(at)):
+            if at[b] is obj and _changeable(obj):
+                i = next(k for k, x in enumerate(itertools.chain(before, batch)) if x is obj)  # its first yield
+                first, second = n_read - n + i, n_read - n + ends[b]
                 name = getattr(items, "__qualname__", None) or type(items).__name__
                 kind = type(obj).__name__
                 return max(0, i - n), UsageError(
