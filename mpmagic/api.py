@@ -315,6 +315,8 @@ def pmap(
     ``on_chunk(start, results)`` is called as each chunk's results arrive, in
     the calling thread (with ``block=False``, in the run's own thread): a slow
     one delays only this run; if it raises, the run stops with its error.
+    Cancelling a background run drops the calls still due for chunks that
+    had arrived (``cancel()`` returns at once; a call in progress ends first).
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
     ``seed=S`` runs item ``i`` with its own random stream from S and ``i``

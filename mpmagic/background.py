@@ -114,6 +114,11 @@ class Resume(Protocol):
         """The run raised ``exc``: make the item it names count in the whole input."""
         ...
 
+    def stop(self) -> None:
+        """The run is being cancelled: the user's ``on_chunk`` hears of no more chunks
+        (they are still stored)."""
+        ...
+
     def amend(self, report: Any, wall: float) -> Any:
         """The report covering the whole input ("resumed: N of M ... from the checkpoint")."""
         ...
@@ -360,7 +365,9 @@ class Run:
         """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it."""
         if self._done.is_set():
             return False
-        self._cancelled = True
+        self._cancelled = True  # (the user's on_chunk is not called for chunks still queued: Forward)
+        if self._resume is not None:
+            self._resume.stop()
         run = self._engine_run
         if run is None:
             return True
@@ -494,9 +501,15 @@ class Run:
             log.warning("mpmagic: storing run %s's checkpoint failed", self.id, exc_info=True)
 
     def _warn(self, message: str) -> None:
-        """A one-line warning of this run: into its live area (never the cell running now), and the log."""
-        log.warning(message)
-        self._sink.out("stderr", message + "\n")
+        """A one-line warning of this run: into its live area (never the cell running now), and the log.
+
+        Logged as a warning only where nothing shows it (a terminal: no live area,
+        no stream's loop printing the run's output): an unconfigured logger prints
+        warnings to stderr, and an ``imap`` loop's warning came out twice.
+        """
+        sink = self._sink
+        log.log(logging.INFO if sink.relay is not None or sink.handle is not None else logging.WARNING, message)
+        sink.out("stderr", message + "\n")
 
     def _end(self) -> None:
         if self._cancelled:
@@ -590,8 +603,10 @@ class Forward:
         # ``after_then`` (a checkpointed run): as_completed gets each chunk only
         # after ``then`` (which snapshots it for the store) ran. Given at once,
         # a loop that changed its results in place changed what was stored.
+        # (Its ``then`` stores every chunk, and calls the user's on_chunk only
+        # until the run is cancelled: ``Resume.stop``.)
         self._then, self._after_then = then, after_then
-        self.then = self._then_and_keep if after_then else then
+        self.then = self._then_and_keep if after_then else None if then is None else self._unless_cancelled
 
     def out(self, stream: str, text: str) -> None:
         self.run._sink.out(stream, text)
@@ -602,6 +617,13 @@ class Forward:
     def accepted(self, start: int, results: list) -> None:
         if not self._after_then:
             self.run._on_chunk(start, results)
+
+    def _unless_cancelled(self, start: int, results: list) -> None:
+        """The user's on_chunk, for chunks that arrived before the run was cancelled:
+        those still queued then are dropped (a slow on_chunk made ``cancel()`` wait
+        until it had run for each: 5 s for 16 chunks)."""
+        if self._then is not None and not self.run._cancelled:
+            self._then(start, results)
 
     def _then_and_keep(self, start: int, results: list) -> None:
         if self._then is not None:

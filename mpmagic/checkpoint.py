@@ -37,16 +37,24 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import debugging
-from .checkpoint_keys import cell_key, item_key, item_keys, run_key, unstable_reason
+from .checkpoint_keys import (
+    cell_key,
+    item_key,
+    item_keys,
+    keyed_copies,
+    keyed_copy,
+    run_key,
+    unstable_reason,
+)
 from .checkpoint_store import RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes
-from .jobs import Failed, read_into
+from .jobs import Failed, read_into, reused_object
 
 log = logging.getLogger("mpmagic")
 
@@ -228,22 +236,33 @@ class _Plan:
         self._listeners: list[Callable[[int, list], None]] = []
         self._lock = threading.Lock()
 
-    def add(self, items: list, store: Store | None, run: bytes) -> list:
-        """Key a batch of items, take what is stored, return the items to compute."""
+    def add(self, items: list, store: Store | None, run: bytes, copy: bool = False) -> list:
+        """Key a batch of items, take what is stored, return the items to compute.
+
+        ``copy``: the items are sent later than now (a background run, a stream,
+        a lazy input): return private copies in the keyed state
+        (``checkpoint_keys.keyed_copy``), so that an item changed in place
+        meanwhile is computed as it was keyed, never stored under a key of
+        another state. An item without a key goes as it is, and is not stored.
+        """
         base = len(self.keys)
+        key_all: Callable[[list], list] = keyed_copies if copy else item_keys
+        key_one: Callable[[Any], tuple] = keyed_copy if copy else item_key
         try:
-            pairs = item_keys(items)
+            triples = key_all(items)
         except Exception:  # one item does not pickle: key them one by one to find it
-            pairs = []
+            triples = []
             for i, item in enumerate(items):
                 try:
-                    pairs.append(item_key(item))
+                    triples.append(key_one(item))
                 except Exception as exc:  # unpicklable: the run itself will say so
                     log.debug("item %d has no key: %s", base + i, exc)
-                    pairs.append((b"", None))
-        keys = [k for k, _ in pairs]
+                    triples.append((b"", None, item))
+        keys = [t[0] for t in triples]
+        if copy:
+            items = [t[2] for t in triples]
         if self.unstable is None:
-            for i, (_, data) in enumerate(pairs):
+            for i, (_, data, *_rest) in enumerate(triples):
                 if data is not None and (why := unstable_reason(data)):
                     self.unstable = f"item {base + i} {why}"
                     break
@@ -296,7 +315,7 @@ class MapCheckpoint:
     """
 
     def __init__(self, func: Callable, iterables: tuple, *, star: bool, errors: str, location: Any,
-                 on_chunk: Callable[[int, list], None] | None = None) -> None:
+                 on_chunk: Callable[[int, list], None] | None = None, background: bool = False) -> None:
         if len(iterables) == 1:
             self.items, self.star = iterables[0], star
         else:
@@ -315,10 +334,14 @@ class MapCheckpoint:
                   "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
         self.collect = errors == "collect"
         self.user_on_chunk = on_chunk
+        # Items are sent while the notebook goes on (it may change them in place):
+        # the plan keeps copies of them as keyed (``_Plan.add``).
+        self.background = background
         self.writer = _Writer(self.store, self.run, self.name)
         self.plan = _Plan()
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
         self._settled = False
+        self._stopped = False  # cancelled: the user's on_chunk is not called any more (stop)
         self._placed: set[int] = set()  # ids of the Failed results already renumbered (kept alive by the run)
         self.lead = 0.0  # seconds spent keying and looking up before a background run started
 
@@ -326,9 +349,9 @@ class MapCheckpoint:
     def todo(self) -> tuple[Iterable, bool]:
         """The items to compute (lazily for a lazy input), and whether there is any."""
         if type(self.items) in (list, tuple, range):
-            todo = self.plan.add(list(self.items), self.store, self.run)
+            todo = self.plan.add(list(self.items), self.store, self.run, copy=self.background)
             return todo, bool(todo)
-        return _lazy(iter(self.items), self.plan, self.store, self.run)
+        return _lazy(iter(self.items), self.plan, self.store, self.run, read_first=not self.background)
 
     @property
     def resumed(self) -> int:
@@ -351,13 +374,14 @@ class MapCheckpoint:
         positions = plan.missing[start : start + len(results)]
         keys = [plan.keys[i] for i in positions]
         if self.collect:  # only then can a result be a Failed: never stored
-            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k and not isinstance(r, Failed)])
+            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
+                                                   if k and not isinstance(r, Failed)]))
             for idx, r in zip(positions, results, strict=True):  # a stream hands these on as they are
                 if isinstance(r, Failed):
                     self._place(r, idx)
         else:
-            self.writer.put([(k, r) for k, r in zip(keys, results, strict=True) if k])
-        if self.user_on_chunk is not None:  # in input positions, each stretch of consecutive ones
+            self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True) if k]))
+        if self.user_on_chunk is not None and not self._stopped:  # in input positions, each consecutive stretch
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
 
@@ -400,6 +424,11 @@ class MapCheckpoint:
         """The run raised ``exc``: make "item N" in it count in the whole input."""
         _renumber(exc, self.plan.missing)
 
+    def stop(self) -> None:
+        """The run is being cancelled: chunks still arriving are stored, and the user's
+        ``on_chunk`` is not called for them (``cancel()`` returns at once)."""
+        self._stopped = True
+
     def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
         """The run's report (None if nothing ran: one is made) covering the whole input;
         ``wall`` counts from the start of the backend's run, ``lead`` is added."""
@@ -419,7 +448,7 @@ class StreamCheckpoint(MapCheckpoint):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, background=True, **kwargs)
         self._cursor = 0  # the next input position the ordered stream yields
 
     def value(self, computed: list) -> list:
@@ -473,6 +502,11 @@ def _stretches(positions: list[int], results: list) -> Iterable[tuple[int, list]
 
 _active: dict[bytes, int] = {}  # run key -> checkpointed runs writing it now (in this process)
 _active_lock = threading.Lock()
+# Run key -> item keys put by the runs of that key in flight (in this process): kept
+# while one is, so that equal items of one input, and two copies of one call running
+# at once, store each result once (they stored it as often as it was computed:
+# [7] * 20 stored 20 rows-worth, two copies of a 50-item call 100 items).
+_put: dict[bytes, set[bytes]] = {}
 
 
 def _in_flight(run: bytes, delta: int) -> None:
@@ -482,6 +516,19 @@ def _in_flight(run: bytes, delta: int) -> None:
             _active[run] = n
         else:
             _active.pop(run, None)
+            _put.pop(run, None)
+
+
+def _first_puts(run: bytes, pairs: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any]]:
+    """``pairs`` less the item keys a run of key ``run`` in flight here has put already."""
+    out = []
+    with _active_lock:
+        seen = _put.setdefault(run, set())
+        for pair in pairs:
+            if pair[0] not in seen:
+                seen.add(pair[0])
+                out.append(pair)
+    return out
 
 
 def _writing() -> set[bytes]:
@@ -555,15 +602,18 @@ def checkpointed_submit(
     ``start(func, iterables, star, on_chunk=..., resume=...)`` is the plain
     background start of ``api.pmap``; the run computes only the items the
     store lacks, each accepted chunk is stored as in a blocking run, and its
-    ``result()`` is the whole input's. A run whose items are all stored
-    computes nothing: its handle is done at once.
+    ``result()`` is the whole input's. A run over a list (tuple, range) whose
+    items are all stored computes nothing: its handle is done at once. A lazy
+    input is keyed by the run's own thread as it reads it (``_lazy``): the
+    handle comes back at once however slow the input.
     """
     __tracebackhide__ = True
     from . import background
 
     t0 = time.perf_counter()
     try:
-        ck = MapCheckpoint(func, iterables, star=star, errors=errors, location=location, on_chunk=on_chunk)
+        ck = MapCheckpoint(func, iterables, star=star, errors=errors, location=location, on_chunk=on_chunk,
+                           background=True)
     except ValueError:
         return start(func, iterables, star, on_chunk=on_chunk)
     try:
@@ -610,31 +660,45 @@ def _renumber(exc: BaseException, missing: list[int]) -> None:
         exc.args = (fix(exc.args[0]), *exc.args[1:])
 
 
-def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes) -> tuple[Iterable, bool]:
+def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: bool = True) -> tuple[Iterable, bool]:
     """The missing items of a lazy input, keyed and looked up batch by batch as the core pmap pulls them.
 
-    The input is read up to its first missing item before the run starts, so
-    a fully stored input never starts the pool.
+    ``read_first`` (a blocking run): the input is read up to its first missing
+    item here, before the run starts, so a fully stored input never starts the
+    pool. A background run or a stream reads nothing here: its input is read by
+    the thread that waits on the run, however slow or blocking it is (a queue
+    the notebook fills after the start), and the handle comes back at once.
+
+    When the input raises, the items read before the error are computed (and
+    stored) first, then the error is raised, as serial map does.
     """
-    first: list = []
-    exhausted = False
-    while not first:
-        if exhausted:
-            return iter(()), False
-        batch: list = []
-        exhausted = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
-        if batch:
-            first = plan.add(batch, store, run)
 
-    def rest() -> Iterable:
-        done = exhausted
+    def batches() -> Iterator[list]:
+        done, n_read = False, 0
+        last: list = []
         while not done:
-            more: list = []
-            done = read_into(more, it, _LAZY_BATCH)
-            if more:
-                yield from plan.add(more, store, run)
+            batch: list = []
+            error: Exception | None = None
+            try:
+                done = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
+            except Exception as exc:  # the input's own error: after the items it gave
+                error, done = exc, True
+            if (reused := reused_object(it, n_read, last, batch)) is not None:  # a reused buffer: loud
+                keep, error = reused
+                batch, done = batch[:keep], True
+            n_read, last = n_read + len(batch), batch[-2:]
+            if batch:
+                yield plan.add(batch, store, run, copy=True)
+            if error is not None:
+                raise error
 
-    return itertools.chain(first, rest()), True
+    missing = batches()
+    if not read_first:
+        return itertools.chain.from_iterable(missing), True
+    for first in missing:
+        if first:
+            return itertools.chain(first, itertools.chain.from_iterable(missing)), True
+    return iter(()), False
 
 
 def _amend_report(
@@ -722,6 +786,9 @@ class CellCheckpoint:
 
     def failed(self, exc: BaseException) -> None:
         """(A failing cell stores nothing; its error already names the rank.)"""
+
+    def stop(self) -> None:
+        """(A cell has no on_chunk.)"""
 
     def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
         return _amend_report(report, set_report or (lambda r: None), "parallel", self.size, self.resumed, wall)

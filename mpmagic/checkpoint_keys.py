@@ -180,16 +180,24 @@ class _KeyPickler(cloudpickle.Pickler):
 
 
 class _BufferHasher:
-    """``buffer_callback`` that feeds contiguous large buffers to the hash instead of the pickle."""
+    """``buffer_callback`` that feeds contiguous large buffers to the hash instead of the pickle.
 
-    def __init__(self, h: Any) -> None:
+    ``keep``: a list that gets a copy of each buffer (the copy is what is
+    hashed), to load the pickle back from (:func:`keyed_copy`).
+    """
+
+    def __init__(self, h: Any, keep: list | None = None) -> None:
         self.h = h
+        self.keep = keep
 
     def __call__(self, buf: pickle.PickleBuffer) -> bool:
         try:
-            raw = buf.raw()
+            raw: Any = buf.raw()
         except BufferError:  # not contiguous: let pickle copy it in-band
             return True
+        if self.keep is not None:
+            raw = bytearray(raw)  # (writable, as the array it came from)
+            self.keep.append(raw)
         self.h.update(len(raw).to_bytes(8, "little"))
         self.h.update(raw)
         return False
@@ -262,6 +270,36 @@ def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
     return _digest(h, data), data
 
 
+_local_names: dict[str, bytes | None] = {}  # module name -> how a pickle names it, if it is the user's own
+_local_patterns: tuple[bytes, ...] = ()
+_modules_seen = 0
+
+
+def _local_module_patterns() -> tuple[bytes, ...]:
+    """How a pickle names each loaded module of the user's own (a .py beside the
+    notebook: :func:`_local_module_file`), as protocol 4+ writes a module name
+    (SHORT_BINUNICODE: ``\\x8c``, its length, the name); looked at again only
+    when modules were imported since."""
+    global _local_patterns, _modules_seen
+    if len(sys.modules) != _modules_seen:
+        for name in list(sys.modules):
+            if name not in _local_names:
+                local = _local_module_file(name) is not None
+                raw = name.encode()
+                _local_names[name] = (b"\x8c" + bytes([len(raw)]) + raw if len(raw) < 256 else raw) if local else None
+        _local_patterns = tuple(p for p in _local_names.values() if p is not None)
+        _modules_seen = len(sys.modules)
+    return _local_patterns
+
+
+def _names_code(data: bytes) -> bool:
+    """Does the plain pickle ``data`` name code whose digest the key must cover: the
+    notebook's, or a module of the user's own (a class of ``shapes.py`` beside the
+    notebook, whose method the function calls: edited and reloaded, its items'
+    stored results were returned stale)?"""
+    return b"__main__" in data or b"__mp_main__" in data or any(p in data for p in _local_module_patterns())
+
+
 def item_key(item: Any) -> tuple[bytes, bytes | None]:
     """``(key, pickle)`` of one item; the pickle is None for plain values (nothing to check).
 
@@ -273,12 +311,52 @@ def item_key(item: Any) -> tuple[bytes, bytes | None]:
     h = hashlib.blake2b(digest_size=16)
     try:
         data = pickle.dumps(item, _PROTOCOL, buffer_callback=_BufferHasher(h))
-        if b"__main__" in data or b"__mp_main__" in data:
+        if _names_code(data):
             raise pickle.PicklingError("by reference to notebook code")
     except Exception:
         h = hashlib.blake2b(digest_size=16)
         data = _key_pickle(item, h)
     return _digest(h, data), data
+
+
+def keyed_copy(item: Any) -> tuple[bytes, bytes | None, Any]:
+    """``(key, pickle, copy)``: :func:`item_key` of a private copy of ``item``, and that copy.
+
+    A background run (or a stream, or a lazy input) keys its items before they
+    are sent: an item the notebook (or the generator) changes in place in
+    between must not be computed in its new state and stored under the old
+    state's key. The copy is what is sent: it is in exactly the keyed state,
+    and nobody else holds it. Numbers and strings cannot change: they are
+    their own copy. Others are loaded back from the very pickle that is hashed
+    (numpy buffers copied once); one that names notebook code or a module of
+    the user's is copied by a pickle round trip first, then keyed.
+    """
+    if type(item) in _PLAIN:
+        return hashlib.blake2b(pickle.dumps(item, _PROTOCOL), digest_size=16).digest(), None, item
+    h = hashlib.blake2b(digest_size=16)
+    kept: list = []
+    try:
+        data = pickle.dumps(item, _PROTOCOL, buffer_callback=_BufferHasher(h, kept))
+        plain = not _names_code(data)
+    except Exception:
+        plain = False
+    if plain:
+        return _digest(h, data), data, pickle.loads(data, buffers=kept)
+    try:  # (a class of the notebook resolves by name in this process)
+        copy = pickle.loads(pickle.dumps(item, _PROTOCOL))
+    except Exception:  # (a lambda inside, a class defined in a function: by value)
+        copy = cloudpickle.loads(cloudpickle.dumps(item, _PROTOCOL))
+    h = hashlib.blake2b(digest_size=16)
+    data = _key_pickle(copy, h)
+    return _digest(h, data), data, copy
+
+
+def keyed_copies(items: list) -> list[tuple[bytes, bytes | None, Any]]:
+    """:func:`keyed_copy` of each item; a batch of plain values (numbers, strings) in one tight loop."""
+    if all(type(x) in _PLAIN for x in items):
+        dumps, b2 = pickle.dumps, hashlib.blake2b
+        return [(b2(dumps(x, _PROTOCOL), digest_size=16).digest(), None, x) for x in items]
+    return [keyed_copy(x) for x in items]
 
 
 def item_keys(items: list) -> list[tuple[bytes, bytes | None]]:

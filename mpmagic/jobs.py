@@ -9,11 +9,13 @@ same results, errors, output and timing.
 
 from __future__ import annotations
 
+import enum
 import itertools
 import logging
 import sys
 import threading
 import time
+import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from .errors import (
     RemoteTraceback,  # noqa: F401 (imported from here by older callers)
     SerializationError,
     TaskTimeoutError,
+    UsageError,
     WorkerLostError,
     drop_our_frames,
     fake_traceback,
@@ -245,6 +248,8 @@ class MapJob:
         self._input_done = False  # the iterator ended, or raised (``_input_error``)
         self._input_error: Exception | None = None
         self._input_asked = False  # a read was asked and is not done yet
+        self._n_read = 0  # items read so far (positions for reused_object's error)
+        self._last_read: list = []  # the last items of the read before (reused_object)
         self._input_want = 0  # how many items that read should bring (a chunk)
         self._ask_input: Callable[[], None] | None = None
         self._next_id = 0
@@ -331,8 +336,14 @@ class MapJob:
         except Exception as exc:
             drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
             error = exc
+        keep = len(batch)
+        if (reused := reused_object(self._iter, self._n_read, self._last_read, batch)) is not None:
+            keep, error = reused  # (the items from the first of the two on were changed since they were read)
+        self._n_read += len(batch)
+        self._last_read = batch[-2:]
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
-            rest = batch[self._reading_taken:] if self._reading_taken else batch
+            taken = self._reading_taken
+            rest = batch if not taken and keep == len(batch) else batch[taken : max(keep, taken)]
             self._reading = None
             if rest:
                 self._read.append(rest)
@@ -1153,6 +1164,49 @@ def read_into(batch: list, items: Iterator, want: int) -> bool:
             return False
         step *= 2
     return False
+
+
+# Objects a lazy input may yield twice: they cannot change between the yields.
+_SHAREABLE = (int, float, complex, str, bytes, bool, type(None), tuple, frozenset, range, type, enum.Enum,
+              types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
+
+
+def _changeable(obj: Any) -> bool:
+    """Can ``obj`` be changed in place (a list, dict, array, an instance with a ``__dict__``)?"""
+    if isinstance(obj, _SHAREABLE):
+        return False
+    return type(obj).__hash__ is None or hasattr(obj, "__dict__")
+
+
+def reused_object(items: Any, n_read: int, before: list, batch: list) -> tuple[int, UsageError] | None:
+    """A lazy input that yielded one changeable object twice (a reused buffer: ``buf["v"]
+    = i; yield buf``), among the ends of what was just read (``batch``, the items
+    from position ``n_read`` on) and the last items of the read before
+    (``before``): ``(how many items of batch to keep, the error to raise)``.
+
+    Items are read ahead of the calls and pickled when their chunk is sent, by
+    then the generator has changed such an object again: serial map saw 0..9,
+    pmap 0, 1, 9, 9... (silently). A few items at each end of a read cost O(1)
+    per read (a set of every item's id cost 25% of a run over tiny items), and
+    find the usual reuse (every item, or two buffers in turn).
+    """
+    n, size = len(before), len(batch)
+    # (Positions counted from the start of ``before``; the batch itself is not copied.)
+    ends = sorted({*range(n + min(size, 3)), *range(n + max(0, size - 3), n + size)})
+    at = [before[i] if i < n else batch[i - n] for i in ends]
+    for a, obj in enumerate(at):
+        for b in range(a + 1, len(at)):
+            if at[b] is obj and _changeable(obj):
+                i = next(k for k, x in enumerate(itertools.chain(before, batch)) if x is obj)  # its first yield
+                first, second = n_read - n + i, n_read - n + ends[b]
+                name = getattr(items, "__qualname__", None) or type(items).__name__
+                kind = type(obj).__name__
+                return max(0, i - n), UsageError(
+                    f"the input `{name}` yielded the same {kind} object as items {first} and {second}: "
+                    f"mpmagic reads a generator ahead of the calls and sends each item later, so that {kind} "
+                    f"would be computed in its last state for all of them (map() sees each state). Yield a copy "
+                    f"each time (`yield copy.copy(buf)`, `buf.copy()`), or pass a list of copies")
+    return None
 
 
 def drop_partial(data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import threading
 import time
 from collections import Counter
@@ -477,3 +478,30 @@ def test_imap_gives_the_items_read_before_the_input_blocks(ns):
             assert gave_up == []  # the input is still blocked: the five came without it
             go_on.set()
     assert got == [0, 1, 4, 9, 16] and gave_up == [False]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_cancel_drops_the_on_chunk_calls_still_queued_instead_of_running_them(ns, tmp_path, checkpoint):
+    """cancel() waited until the user's on_chunk had run for every chunk that had
+    arrived: with a callback of 0.3 s and 16 chunks queued, 5 s. Chunks whose
+    on_chunk had not run are dropped; with a checkpoint they are still stored."""
+    seen: list[int] = []
+    started = threading.Event()
+
+    def slow_callback(start, results):
+        seen.append(start)
+        started.set()
+        time.sleep(0.3)
+
+    handle = mpmagic.submit(ns["square"], range(400), on_chunk=slow_callback, chunksize=10,
+                            checkpoint=tmp_path if checkpoint else False)
+    assert started.wait(60)
+    before = len(seen)
+    assert handle.cancel()
+    assert len(seen) <= before + 1  # (one may have begun as cancel() was called), not the dozen queued
+    assert isinstance(handle.exception(timeout=60), CancelledError)
+    assert len(seen) <= before + 1
+    if checkpoint:  # what arrived is stored all the same: a re-run computes nothing of it
+        assert mpmagic.pmap(ns["square"], range(400), checkpoint=tmp_path) == [x * x for x in range(400)]
+        resumed = re.search(r"resumed: ([\d,]+) of", mpmagic.last_report().line())
+        assert resumed and int(resumed.group(1).replace(",", "")) >= 10 * before

@@ -23,7 +23,7 @@ from conftest import run
 
 import mpmagic
 from mpmagic import api, checkpoint
-from mpmagic.checkpoint_keys import item_key, run_key, unstable_reason
+from mpmagic.checkpoint_keys import item_key, keyed_copy, run_key, unstable_reason
 from mpmagic.checkpoint_store import DB_NAME, Store
 
 REPO = Path(__file__).resolve().parent.parent
@@ -120,6 +120,24 @@ def test_item_keys_tell_items_apart_and_sets_of_strings_are_flagged():
         assert unstable_reason(item_key({"x", "y"})[1]) is not None
     assert unstable_reason(item_key({1, 2})[1]) is None
     assert unstable_reason(item_key(("a", "b"))[1]) is None
+
+
+def test_a_private_copy_has_the_key_of_its_item_and_keeps_the_keyed_state(ip):
+    """Background runs send copies made when keyed (keyed_copy): their keys must
+    be the blocking run's (item_key), or neither would find the other's results."""
+    np = pytest.importorskip("numpy")
+    run(ip, "class Box:\n    def __init__(self, v):\n        self.v = v\n")
+    box = ip.user_ns["Box"]([1, 2])
+    array = np.arange(300_000)
+    for item in (7, "s", (1, "a"), {"v": [1]}, array, box, [box, array]):
+        key, _, copy = keyed_copy(item)
+        assert key == item_key(item)[0]
+        assert item_key(copy)[0] == key
+    _, _, copy = keyed_copy(array)
+    array[0] = -1
+    box.v.append(3)
+    assert copy[0] == 0 and copy.flags.writeable
+    assert keyed_copy(box)[2].v == [1, 2, 3] and type(keyed_copy(box)[2]) is type(box)
 
 
 @pytest.mark.skipif(not sys.flags.hash_randomization, reason="string hashes are fixed (PYTHONHASHSEED)")
@@ -572,6 +590,32 @@ def test_run_key_covers_cached_notebook_functions_modules_beside_the_notebook_an
     monkeypatch.setattr(worker_setup, "_entries", [worker_setup._Entry("code", "%%pool setup", "MODEL = 2")])
     assert len({plain, one, run_key(ip.user_ns["total"], False)[0]}) == 3
     sys.modules.pop("mylib_ck", None)
+
+
+def test_items_of_a_class_from_a_module_beside_the_notebook_count_by_that_modules_file(ip, store_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Only items naming __main__ were keyed with module digests: items of a class
+    from the user's own module kept their stored results after the class's
+    method was edited and reloaded (stale [0, 1, 4, 9] where map gives [0, 10, 40, 90])."""
+    (tmp_path / "shapes_ck.py").write_text("class Sq:\n    def __init__(self, s):\n        self.s = s\n"
+                                          "    def area(self):\n        return self.s * self.s\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import shapes_ck\ndef area(sq):\n    return sq.area()\n")
+        assert run(ip, "%pmap -q --checkpoint area, [shapes_ck.Sq(i) for i in range(4)]") == [0, 1, 4, 9]
+        (tmp_path / "shapes_ck.py").write_text("class Sq:\n    def __init__(self, s):\n        self.s = s\n"
+                                              "    def area(self):\n        return self.s * self.s * 10\n")
+        run(ip, "import importlib\nimportlib.reload(shapes_ck)\nitems = [shapes_ck.Sq(i) for i in range(4)]")
+        mpmagic.restart_pool()  # (the workers import the new module)
+        oracle = run(ip, "list(map(area, items))")
+        assert run(ip, "%pmap -q --checkpoint area, items") == oracle
+        assert run(ip, "%pmap -q --checkpoint area, items") == oracle  # and found again
+        assert "resumed: 4 of 4" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop("shapes_ck", None)
+        from mpmagic import pool
+
+        pool.shutdown()  # (a restarted pool numbers its workers on: pages tested later show workers 0 and 1)
 
 
 def test_resumed_instances_of_a_notebook_class_are_instances_of_the_notebooks_class(ip, store_dir):

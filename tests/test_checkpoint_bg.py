@@ -436,3 +436,125 @@ def test_a_checkpointed_imap_over_an_input_that_trickles_in_gives_results_as_it_
     got, put_at_first = trickle_results(lambda items: mpmagic.imap(ns["work"], items, checkpoint=tmp_path))
     assert got == [i * i for i in range(8)]
     assert put_at_first is not None and put_at_first < 8, put_at_first
+
+
+@pytest.mark.parametrize("how", ["submit", "imap"])
+def test_items_changed_in_place_after_the_start_are_computed_and_stored_as_they_were_keyed(ip, ns, how):
+    """A background run keyed its items when it started and pickled them when
+    each was sent: a dict the notebook changed in between was computed in its
+    new state and stored under the key of the old one, for good (a re-run over
+    the original items got 9990 where map gives 390)."""
+    import numpy as np
+
+    run(ip, "def tens(d):\n    time.sleep(0.01)\n    v = d['v']\n    return int(v if isinstance(v, int) else v[0]) * 10\n")
+    items = [{"v": i} for i in range(30)] + [{"v": np.full(3, i)} for i in range(30, 40)]
+    oracle = list(map(ns["tens"], [{"v": i} for i in range(40)]))
+    if how == "submit":
+        handle = mpmagic.submit(ns["tens"], items, chunksize=1, checkpoint=True)
+    else:
+        stream = mpmagic.imap(ns["tens"], items, chunksize=1, checkpoint=True)
+        first = next(stream)
+    for d in items[5:30]:
+        d["v"] = 999  # the notebook goes on with its data
+    for d in items[30:]:
+        d["v"][:] = 999  # an array, in place
+    got = handle.result() if how == "submit" else [first, *stream]
+    assert got == oracle  # the items as they were at the start (keyed then)
+    fresh = [{"v": i} for i in range(40)]
+    assert mpmagic.pmap(ns["tens"], fresh, checkpoint=True) == list(map(ns["tens"], fresh))
+
+
+def _raises_at(n: int):
+    """0, 1, ... then the input's own error at item ``n``."""
+    yield from range(n)
+    raise KeyError(f"input broke at {n}")
+
+
+@pytest.mark.parametrize("how", ["pmap", "submit", "imap", "imap unordered", "as_completed"])
+def test_a_checkpointed_input_that_raises_gives_every_item_before_its_error(ns, how):
+    """The batch of 512 items being read when the input raised was dropped: read
+    from the generator, never computed, yielded or stored (2560 of 3000)."""
+    work, got = ns["work"], []
+    with pytest.raises(KeyError, match="input broke at 1000"):
+        if how == "pmap":
+            mpmagic.pmap(work, _raises_at(1000), checkpoint=True)
+        elif how == "submit":
+            mpmagic.submit(work, _raises_at(1000), checkpoint=True).result()
+        elif how == "as_completed":
+            for value in mpmagic.as_completed(mpmagic.submit(work, _raises_at(1000), checkpoint=True)):
+                got.append(value)
+        else:
+            for value in mpmagic.imap(work, _raises_at(1000), ordered=how == "imap", checkpoint=True):
+                got.append(value)
+    oracle = list(map(work, range(1000)))
+    if how not in ("pmap", "submit"):
+        assert sorted(got) == sorted(oracle)  # as serial map gives them, then its error
+    calls(ns)
+    assert mpmagic.pmap(work, range(1000), checkpoint=True) == oracle
+    assert calls(ns) == []  # every one was stored
+
+
+def _gated(prefix: range, tail: range, gate):
+    """``prefix``, then ``tail`` once ``gate`` is set (an input the notebook feeds later)."""
+    yield from prefix
+    gate.wait()
+    yield from tail
+
+
+@pytest.mark.parametrize("how", ["submit", "imap"])
+@pytest.mark.parametrize("stored", [0, 600])
+def test_a_checkpointed_background_run_or_stream_comes_back_at_once_whatever_its_input_waits_for(
+        ns, how, stored):
+    """The input was read up to its first item not yet stored before the call
+    returned: a slow first item held the notebook, and one the notebook itself
+    would feed after the start was a deadlock (also after 600 stored items)."""
+    import threading
+
+    work = ns["work"]
+    if stored:
+        mpmagic.pmap(work, range(stored), checkpoint=True)
+    gate, rescued = threading.Event(), threading.Event()
+
+    def rescue() -> None:  # (only so that a failing test ends)
+        rescued.set()
+        gate.set()
+
+    timer = threading.Timer(60, rescue)
+    timer.start()
+    try:
+        items = _gated(range(stored), range(stored, stored + 20), gate)
+        handle = mpmagic.submit(work, items, checkpoint=True) if how == "submit" else mpmagic.imap(
+            work, items, checkpoint=True)
+        came_back_first = not rescued.is_set()
+        gate.set()  # the notebook feeds it now
+        got = handle.result(timeout=60) if how == "submit" else list(handle)
+    finally:
+        timer.cancel()
+    assert came_back_first
+    assert got == list(map(work, range(stored + 20)))
+
+
+def test_equal_items_and_two_copies_of_one_call_running_at_once_store_each_result_once(ns):
+    """Each computed copy was stored: [7] * 20 showed 20 items in %pool checkpoints,
+    two copies of a 50-item call running at once 100 (size and eviction inflated)."""
+    assert mpmagic.pmap(ns["work"], [7] * 20, checkpoint=True) == [49] * 20
+    assert [(r.name, r.items) for r in checkpoint.list_runs()] == [("work", 1)]
+    first = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
+    second = mpmagic.submit(ns["slow"], range(50), checkpoint=True)
+    assert first.result() == second.result() == [-x for x in range(50)]
+    assert sorted((r.name, r.items) for r in checkpoint.list_runs()) == [("slow", 50), ("work", 1)]
+
+
+def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, monkeypatch, capsys, caplog):
+    """The loop printed the run's warning, and the logger printed it again."""
+    import logging
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Store, "put_packed", no_space)
+    with caplog.at_level(logging.INFO, logger="mpmagic"):
+        assert list(mpmagic.imap(ns["work"], range(6), checkpoint=True)) == [x * x for x in range(6)]
+    printed = capsys.readouterr().err.count("could not write to the checkpoint store")
+    logged = sum("could not write" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert printed + logged == 1, (printed, logged)

@@ -37,6 +37,7 @@ SETUP = (
     "class Drain:\n    def __init__(self, items):\n        self.items, self.iters = list(items), 0\n"
     "    def __iter__(self):\n        self.iters += 1\n        items, self.items = self.items, []\n"
     "        return iter(items)\n"
+    "import enum\nclass Color(enum.Enum):\n    RED = 1\n"
     "class LenRaises:\n    def __len__(self):\n        raise RuntimeError('length unknown')\n"
     "    def __iter__(self):\n        return iter([10, 20, 30])\n"
 )
@@ -67,6 +68,8 @@ CASES = {
     "an iterable that hands its items out once": "inc, Drain([1, 2, 3])",
     "the same, with a list": "pair, Drain('abc'), [1, 2]",
     "its __len__ raises (map never asks)": "inc, LenRaises()",
+    "the same immutable objects again and again": "pair, itertools.repeat('ab', 40), itertools.repeat(None, 30)",
+    "the same tuple and enum member again": "pair, itertools.repeat((1, 2), 30), (Color.RED for _ in range(30))",
 }
 
 
@@ -181,3 +184,42 @@ def test_a_background_run_inside_a_task_says_it_cannot_start_there(shell):
     run(shell, "import mpmagic\ndef inner_submit(n):\n    return mpmagic.submit(abs, [n]).result()\n")
     kind, message = _outcome(shell, "%pmap -q inner_submit, [1]")
     assert issubclass(kind, ValueError) and "cannot start inside a worker" in message, (kind, message)
+
+
+REUSES = (
+    "def reuses(n, fresh):\n"  # fresh dicts, then one dict changed before each yield (a reused buffer)
+    "    buf = {'v': 0}\n"
+    "    for i in range(n):\n"
+    "        if i < fresh:\n"
+    "            yield {'v': i}\n"
+    "        else:\n"
+    "            buf['v'] = i\n"
+    "            yield buf\n"
+    "def v(d):\n    return d['v']\n"
+)
+
+
+@pytest.mark.parametrize("how", ["pmap", "imap", "submit", "pmap checkpoint", "imap checkpoint"])
+def test_a_generator_yielding_one_object_changed_in_between_is_an_error_naming_it_not_wrong_results(
+        shell, tmp_path, how):
+    """Items of a generator are read ahead of the calls and pickled when sent: one
+    dict changed before each yield gave [0, 1, 2, 9, 9, ...] where map gives 0..9,
+    silently. Now the run raises, after the results before it, saying what to do."""
+    import mpmagic
+
+    run(shell, REUSES)
+    items, func = shell.user_ns["reuses"](300, 100), shell.user_ns["v"]
+    checkpoint = tmp_path if "checkpoint" in how else False
+    got: list = []
+    with pytest.raises(ValueError, match=r"the input `reuses` yielded the same dict object as items 1\d\d and") as e:
+        if how.startswith("pmap"):
+            mpmagic.pmap(func, items, checkpoint=checkpoint)
+        elif how == "submit":
+            mpmagic.submit(func, items).result()
+        else:
+            for value in mpmagic.imap(func, items, checkpoint=checkpoint):
+                got.append(value)
+    assert "copy.copy(buf)" in str(e.value)
+    if how.startswith("imap"):  # every result before the reuse, as map gives them, then the error
+        assert len(got) >= 100 and got[:100] == list(range(100)), got
+    assert run(shell, "%pmap -q v, reuses(40, 40)") == list(range(40))  # fresh objects: fine
