@@ -1205,7 +1205,8 @@ def reused_object(items: Any, n_read: int, before: list, batch: list) -> tuple[i
                     f"the input `{name}` yielded the same {kind} object as items {first} and {second}: "
                     f"mpmagic reads a generator ahead of the calls and sends each item later, so that {kind} "
                     f"would be computed in its last state for all of them (map() sees each state). Yield a copy "
-                    f"each time (`yield copy.copy(buf)`, `buf.copy()`), or pass a list of copies")
+                    f"each time (`yield copy.copy(buf)`, `buf.copy()`), or pass a list of copies; one that "
+                    f"never changes goes as a list (`[obj] * n`) or bound with functools.partial")
     return None
 
 
