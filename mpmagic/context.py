@@ -30,8 +30,10 @@ are per-thread or per-library state that the task can set itself in one
 line, copying them would cost every call, and some would surprise (two
 workers seeded alike draw the same "random" numbers).
 
-Dask workers receive none of this: a cluster is shared and may be on other
-machines, where the notebook's directory and paths mean nothing.
+The workers of the Dask ``LocalCluster`` mpmagic started (this machine) get
+it with each task (``backends/dask_tasks.py``); those of a Dask cluster
+mpmagic connected to receive none of it: such a cluster is shared and may be
+on other machines, where the notebook's directory and paths mean nothing.
 """
 
 from __future__ import annotations

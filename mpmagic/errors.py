@@ -142,6 +142,20 @@ def one_line_interrupt(message: str) -> KeyboardInterrupt:
     return exc
 
 
+def set_interrupt_outcome(exc: BaseException, outcome: str | None) -> None:
+    """Note on an interrupt what became of the run's work (``outcome``, a clause:
+    "its 3 queued Dask tasks were cancelled; ..."), for the one line the magic
+    shows (:func:`interrupt_outcome`). A backend whose running work cannot be
+    stopped and replaced (Dask) says what it did instead."""
+    if outcome:
+        exc.mpmagic_outcome = outcome  # type: ignore[attr-defined]
+
+
+def interrupt_outcome(exc: BaseException) -> str | None:
+    """What :func:`set_interrupt_outcome` noted on ``exc``, if anything."""
+    return getattr(exc, "mpmagic_outcome", None)
+
+
 class RemoteTraceback(Exception):
     """The text of a worker-side traceback (kept for code that reads ``.text``).
 

@@ -40,13 +40,13 @@ from .errors import (
     UsageError,
     came_from_worker,
     cell_origin,
+    interrupt_outcome,
     one_line_interrupt,
 )
 
-_INTERRUPTED = (
-    "{magic} interrupted: the work still running was stopped and its workers "
-    "replaced; the pool is ready for the next run"
-)
+_INTERRUPTED = "{magic} interrupted: {outcome}"
+# The local pool's outcome (Dask's says what it did instead: errors.interrupt_outcome).
+_STOPPED = "the work still running was stopped and its workers replaced; the pool is ready for the next run"
 # --compare's serial run is in the notebook, after the parallel run: an
 # interrupt there stops no worker, and the parallel run's values are lost
 # with the exception (api.py does not keep them).
@@ -353,16 +353,17 @@ def _collect_args(*args: Any) -> tuple:
     return args
 
 
-def _interrupted(magic: str, text: str | None = None) -> KeyboardInterrupt:
+def _interrupted(magic: str, text: str | None = None, outcome: str | None = None) -> KeyboardInterrupt:
     """The KeyboardInterrupt a magic raises when the user interrupts its run.
 
     It carries ``_render_traceback_`` (IPython's hook for exceptions that
     render themselves, as errors.MPMagicError does), so the notebook shows
     this one line instead of a traceback through the magic; its type stays
     KeyboardInterrupt, so ``except KeyboardInterrupt`` and the kernel's
-    ``ename`` are unchanged.
+    ``ename`` are unchanged. ``outcome``: what the backend did with the run's
+    work (Dask cannot stop a running task and says what it did instead).
     """
-    return one_line_interrupt(text or _INTERRUPTED.format(magic=magic))
+    return one_line_interrupt(text or _INTERRUPTED.format(magic=magic, outcome=outcome or _STOPPED))
 
 
 @contextlib.contextmanager
@@ -383,11 +384,11 @@ def _magic_errors(parser: _Parser, serial_pass: Callable[[], bool] | None = None
         if came_from_worker(exc):
             raise
         raise parser.usage_error(str(exc)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if serial_pass is not None and serial_pass():
             values = "results" if parser.prog == "%pmap" else "ranks' values"
             raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
-        raise _interrupted(parser.prog) from None
+        raise _interrupted(parser.prog, outcome=interrupt_outcome(exc)) from None
 
 
 def _compare_finished(compare: bool, before: Any) -> Callable[[], bool]:

@@ -25,7 +25,10 @@ def fmt_mb(nbytes: float | None) -> str:
 
 def dask_lines(info: dict[str, Any]) -> list[str]:
     """``%pool`` text lines for a Dask backend's status dict."""
-    state = "connected" if info.get("running") else "not connected (connects on first use)"
+    if info.get("owned"):  # the LocalCluster mpmagic started
+        state = "running" if info.get("running") else "stopped (starts on first use)"
+    else:
+        state = "connected" if info.get("running") else "not connected (connects on first use)"
     out = [f"pool: dask, {info.get('cluster')}, {state}"]
     out.append(f"  scheduler: {info.get('scheduler') or '-'}")
     if info.get("running"):

@@ -336,7 +336,8 @@ class WarningRelay:
     One per call: its registry makes "default" mean once per location across
     every worker and item of the call, "module" once per module, "once" once.
     An "error" filter of the notebook raises in a local worker (the filters
-    travel with ``context.py``); on Dask, where they do not, such a warning is
+    travel with ``context.py``, also to the Dask cluster mpmagic started); on a
+    Dask cluster mpmagic connected to, where they do not, such a warning is
     shown instead.
     """
 

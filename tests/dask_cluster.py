@@ -92,7 +92,8 @@ class DaskProcesses:
                  *self._tls_args()],
                 f"worker{i}.log",
             )
-        self.wait_for_workers(self.n_workers, deadline - time.monotonic())
+        if self.n_workers:  # (a scheduler alone: nothing to wait for)
+            self.wait_for_workers(self.n_workers, deadline - time.monotonic())
 
     def security(self) -> Any:
         if not self.tls:

@@ -26,11 +26,16 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   so; no item is blamed for what the cluster did.
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
-* An interrupt cancels the futures at once; tasks already running cannot be
-  stopped by Dask, and the notebook is told which (``%pool restart`` stops them
-  on the LocalCluster mpmagic started).
+* An interrupt, a cancel or a ``--timeout`` cancels the futures at once;
+  tasks already running cannot be stopped by Dask. On the LocalCluster
+  mpmagic started, their worker processes are killed (the nannies start new
+  ones, never waited on). Elsewhere they run on, and later runs send no work
+  to their workers until their end events come (``_plan``); the notebook is
+  told which, and the interrupt's message says what happened.
+* ``-n N`` (``workers=N``) restricts a map to N worker threads.
 * A cluster mpmagic connected to is not its own: a ``--timeout`` or
-  ``%pool restart`` never restarts its workers (issue 14.4).
+  ``%pool restart`` never restarts its workers (issue 14.4), and the
+  notebook's context (``context.py``) is sent only to the LocalCluster.
 
 Dask is optional: importing this module needs ``distributed``; ``pool.use_dask``
 turns its absence into an install hint.
@@ -44,6 +49,7 @@ import itertools
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -58,10 +64,10 @@ from typing import Any, Protocol, TypedDict, cast
 
 from distributed import Client
 
-from .. import worker_setup
+from .. import context, worker_setup
 from ..cpus import available_cpus
 from ..engine import DrivenRun
-from ..errors import MPMagicError, UsageError
+from ..errors import MPMagicError, UsageError, set_interrupt_outcome
 from ..jobs import MapJob
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
@@ -232,6 +238,12 @@ class DaskBackend:
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
         self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> future of its hold task
+        # Tasks this notebook gave up on while they ran (a timeout, an interrupt,
+        # a cancel): key -> worker address. Dask cannot stop a running task, so
+        # its worker thread stays busy until the task's end event arrives (or the
+        # worker leaves); runs send no work there meanwhile (see _plan).
+        self._abandoned: dict[str, str] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()  # keys of tasks whose end event came (recent ones)
         self.created = time.time()
         self._lock = threading.RLock()
         # Runs take turns: one event sink per backend (background runs, issue 16).
@@ -325,7 +337,8 @@ class DaskBackend:
         return self._nthreads_cache[1]
 
     def _wait_for_workers(self, n: int) -> dict[str, int]:
-        """Worker address -> threads, once at least ``n`` workers are there."""
+        """Worker address -> threads, once at least ``n`` workers are there
+        (``n`` is the ``-n`` of ``%pool dask`` when above 1, else "any")."""
         deadline = time.monotonic() + self.timeout
         fresh = False
         while True:
@@ -334,9 +347,13 @@ class DaskBackend:
             if len(nthreads) >= n:
                 return nthreads
             if time.monotonic() >= deadline:
+                have = f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}"
+                if n > 1:
+                    have += f", fewer than the {n} asked for, and no more joined"
+                else:
+                    have += ", and none joined"
                 raise MPMagicError(
-                    f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}, "
-                    f"fewer than the {n} asked for, and no more joined within {self.timeout:g} s: start more with "
+                    f"{have} within {self.timeout:g} s: start {'more' if nthreads else 'workers'} with "
                     f"`dask worker {self.client.scheduler.address}` (or scale the cluster)"
                 )
             time.sleep(0.1)
@@ -438,7 +455,8 @@ class DaskBackend:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
         base: dict[str, Any] = {
             "backend": "dask",
-            "cluster": "local cluster started by mpmagic" if self.owns_cluster else "connected to a running scheduler",
+            "cluster": "local cluster started by mpmagic" if self.owns_cluster else "a running scheduler's cluster",
+            "owned": self.owns_cluster,
             "scheduler": self.address or self.scheduler_file,
             "running": self.running,
             "calls_run": self.calls_run,
@@ -504,9 +522,113 @@ class DaskBackend:
             return self._topic
 
     def _on_event(self, event: Any) -> None:
+        msg = event[1] if isinstance(event, tuple) and len(event) > 1 else None
+        if isinstance(msg, dict) and msg.get("end"):
+            with self._lock:  # (Dask's thread): a task's worker thread is free again
+                tag = msg.get("tag", "")
+                self._abandoned.pop(tag, None)
+                self._ended[tag] = None
+                while len(self._ended) > 1000:
+                    self._ended.popitem(last=False)
         sink = self._event_sink
         if sink is not None:
             sink(event)
+
+    # -- tasks given up on while they ran ------------------------------------
+    def _give_up(self, tasks: list[_Task], stop: bool) -> list[str]:
+        """Note running ``tasks`` this notebook gave up on (their futures are
+        cancelled already); with ``stop``, on the ``LocalCluster`` mpmagic
+        started, kill their worker processes (the nannies start new ones).
+
+        Dask cannot stop a running task: on a cluster mpmagic connected to, the
+        task runs on and its worker thread stays busy until it returns, so later
+        runs send no work to that worker meanwhile (``_plan``). Returns the
+        addresses of the workers that were killed.
+        """
+        with self._lock:
+            for t in tasks:
+                if t.worker and t.key not in self._ended:
+                    self._abandoned[t.key] = t.worker
+        if not (stop and self.owns_cluster):
+            return []
+        return self._kill_workers({t.worker for t in tasks if t.worker})
+
+    def _kill_workers(self, addresses: set[str]) -> list[str]:
+        """Kill these worker processes of mpmagic's own ``LocalCluster`` at once;
+        their nannies start new ones in the background. Never waits for them:
+        a nanny's own restart first asks the worker to close (4 s for a stuck
+        task) and could take its 30 s limit, in the caller's wait."""
+        cluster = self.cluster
+        killed = []
+        for nanny in list(getattr(cluster, "workers", {}).values()) if cluster is not None else []:
+            address, pid = getattr(nanny, "worker_address", None), getattr(nanny, "pid", None)
+            if address in addresses and pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(address)
+                except OSError:
+                    log.debug("mpmagic: could not kill Dask worker %s (pid %s)", address, pid, exc_info=True)
+        rest = sorted(addresses - set(killed))
+        if rest:  # (no nanny process found: Dask's own restart, in the background)
+            threading.Thread(target=_restart_quietly, args=(self.client, rest), daemon=True).start()
+            killed.extend(rest)
+        return killed
+
+    def _busy(self, nthreads: dict[str, int]) -> dict[str, int]:
+        """Worker address -> threads still held by tasks given up on (workers that
+        left the cluster are forgotten)."""
+        with self._lock:
+            for key, address in list(self._abandoned.items()):
+                if address not in nthreads:
+                    del self._abandoned[key]
+            busy: dict[str, int] = {}
+            for address in self._abandoned.values():
+                busy[address] = busy.get(address, 0) + 1
+            return busy
+
+    def _plan(
+        self, nthreads: dict[str, int], workers: int | None, depth: int, quiet: bool = False
+    ) -> tuple[list[str] | None, int]:
+        """Where a map's chunks may go and how many may be in flight:
+        ``(worker addresses or None for any, capacity)``.
+
+        Workers still busy with a task given up on are left out (their queue
+        would hold the chunks until that task returns), and ``workers`` (``-n``)
+        caps the tasks running at once: the chunks go to that many worker
+        threads, two in flight per thread (``depth``), or, where worker
+        threads do not add up to it, one per asked worker.
+        """
+        busy = self._busy(nthreads)
+        free = {a: n - busy.get(a, 0) for a, n in nthreads.items() if n - busy.get(a, 0) > 0}
+        if busy and not quiet:
+            self._say_busy(busy, free)
+        if not free:  # every worker is busy: the run waits for them (said above)
+            return None, max(1, workers or sum(nthreads.values())) * depth
+        total = sum(free.values())
+        want = min(workers or total, total)
+        picked, threads = [], 0
+        for address in sorted(free, key=lambda a: (-free[a], a)):
+            if threads + free[address] <= want:
+                picked.append(address)
+                threads += free[address]
+        if threads != want:  # (multi-threaded workers that cannot make up ``want``)
+            picked, depth = sorted(free), 1
+        restrict = None if len(picked) == len(nthreads) else picked
+        return restrict, want * depth
+
+    def _say_busy(self, busy: dict[str, int], free: dict[str, int]) -> None:
+        """One line: which workers a run leaves out, or that it waits for them."""
+        names = ", ".join(sorted(busy))
+        one = len(busy) == 1
+        what = (
+            f"Dask worker{'' if one else 's'} {names} {'is' if one else 'are'} still busy with a task an earlier "
+            "timeout or interrupt gave up on (Dask cannot stop a running task)"
+        )
+        if free:
+            n = len(free)
+            sys.stderr.write(f"mpmagic: {what}: this run uses the other {n} worker{'s' if n != 1 else ''}\n")
+        else:
+            sys.stderr.write(f"mpmagic: {what}, and no other worker is free: this run waits until they return\n")
 
     def _payload_future(self, key: bytes, data: bytes) -> Any:
         """A future for the function payload, reused by later calls of the same function.
@@ -579,6 +701,7 @@ class DaskBackend:
         nthreads = self._wait_for_workers(1)
         self._most_workers = max(self._most_workers, len(nthreads))
         targets: list[str] = []
+        restrict: list[str] | None = None
         if job.kind == "cell":
             # Job has no size (a map's units are not known in advance); a cell job has its ranks'.
             size = cast(_CellJob, job).size
@@ -587,11 +710,13 @@ class DaskBackend:
                 # A worker is restarting (after a timeout or a crash): wait for it.
                 nthreads = self._wait_for_workers(size)
             targets = self._rank_workers(size, nthreads)
-            threads, depth = size, 1
+            capacity = size
         else:
-            threads = workers or sum(nthreads.values())
             depth = 1 if job.timeout else 2  # one queued behind each running chunk hides the round trip
-        _DaskRun(self, job, threads, depth, targets).execute()
+            restrict, capacity = self._plan(nthreads, workers, depth)
+        run = _DaskRun(self, job, capacity, targets, restrict)
+        run.asked = workers
+        run.execute()
 
     def _rank_workers(self, size: int, nthreads: dict[str, int]) -> list[str]:
         """One distinct worker process per rank, or a clear error."""
@@ -602,12 +727,18 @@ class DaskBackend:
                 f"{self.where} has {n}: use -n {n} or fewer, or add workers"
                 + (" (%pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
             )
-        # Idle workers first, so ranks start at once on a shared cluster.
+        # Idle workers first, so ranks start at once on a shared cluster; last,
+        # those still busy with a task this notebook gave up on (Dask does not
+        # count those: their ranks would wait until that task returns).
         try:
             busy = {a: len(ks) for a, ks in self.client.processing().items()}
         except Exception:
             busy = {}
-        return sorted(nthreads, key=lambda a: (busy.get(a, 0), a))[:size]
+        stuck = self._busy(nthreads)
+        chosen = sorted(nthreads, key=lambda a: (stuck.get(a, 0), busy.get(a, 0), a))[:size]
+        if any(a in stuck for a in chosen):
+            self._say_busy({a: n for a, n in stuck.items() if a in chosen}, {})
+        return chosen
 
 
 def _cap(text: str) -> str:
@@ -628,12 +759,18 @@ class _DaskRun:
     main thread waits on it, so Ctrl-C lands here and cancels.
     """
 
-    def __init__(self, backend: DaskBackend, job: Job, threads: int, depth: int, targets: list[str]) -> None:
+    def __init__(
+        self, backend: DaskBackend, job: Job, capacity: int, targets: list[str], restrict: list[str] | None = None
+    ) -> None:
         self.backend = backend
         self.client = backend.client
         self.job = job
-        self.capacity = max(1, threads) * depth  # units in flight
-        self.targets = targets
+        self.capacity = max(1, capacity)  # units in flight
+        self.targets = targets  # a cell's ranks' workers
+        self.restrict = restrict  # the workers a map's chunks may go to (None: any)
+        self.asked: int | None = None  # -n / workers=: the most tasks running at once
+        # The notebook's world, for the cluster mpmagic started (same machine): see dask_tasks.
+        self.world = context.current(job.call_id) if backend.owns_cluster else None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.token = uuid.uuid4().hex[:12]
         self.topic = backend._events_topic()
@@ -663,11 +800,11 @@ class _DaskRun:
                 assert key is not None  # a job that has a function payload has its content key (jobs.MapJob)
                 self.payload_future = self.backend._payload_future(key, data)
             self._loop()
-        except KeyboardInterrupt:
-            self._abandon(interrupted=True)
+        except KeyboardInterrupt as exc:
+            set_interrupt_outcome(exc, self._abandon(interrupted=True))
             raise
-        except BaseException:
-            self._abandon(interrupted=False)
+        except BaseException as exc:
+            self._abandon(interrupted=False, stop=isinstance(exc, CancelledError))
             raise
         finally:
             self.backend._event_sink = None
@@ -687,8 +824,9 @@ class _DaskRun:
                 self._check_rank_workers()
             else:
                 self._check_workers_left()
-        if self.tasks:  # a map that failed early: drop the rest
-            self._abandon(interrupted=False)
+        if self.tasks:  # a map that failed early, or was cancelled (Run.cancel()): drop the rest
+            failure = getattr(job, "failure", None)
+            self._abandon(interrupted=False, stop=isinstance(failure, CancelledError))
 
     def _sweep(self) -> None:
         """Safety net, once a second: a finished future whose callback went missing
@@ -786,7 +924,11 @@ class _DaskRun:
         if job.kind == "cell":
             target = self.targets[unit.id]
             kwargs.update(workers=[target], allow_other_workers=False)
-        future = self.client.submit(dask_tasks.run_message, arg, self.payload_future, self.topic, key, **kwargs)
+        elif self.restrict is not None:
+            kwargs.update(workers=self.restrict, allow_other_workers=False)
+        future = self.client.submit(
+            dask_tasks.run_message, arg, self.payload_future, self.topic, key, self.world, **kwargs
+        )
         self.tasks[key] = _Task(key, unit, future, target=target, data_future=data_future)
         future.add_done_callback(self._on_done)
 
@@ -945,16 +1087,18 @@ class _DaskRun:
                 continue
             self.tasks.pop(task.key, None)
             self._cancel([task.future])
+            # Our own cluster: its worker is killed (a new one starts in the
+            # background). Not ours: its workers may serve other clients, and the
+            # task runs on there; later runs leave that worker out until it returns.
+            self.backend._give_up([task], stop=True)
             if self.backend.owns_cluster:
-                self._restart_worker(task.worker)
                 self.job.lost(task.unit, "ran past its timeout", timed_out=True)
             else:
-                # Not our cluster: its workers may serve other clients. The task
-                # cannot be stopped from outside its thread, so it runs on there.
                 self.job.lost(
                     task.unit,
                     f"Dask cannot stop a running task, and the workers of {self.backend.where} are not "
-                    f"mpmagic's to restart: it keeps one thread of worker {task.worker or '?'} busy until it returns",
+                    f"mpmagic's to restart: it keeps one thread of worker {task.worker or '?'} busy until it "
+                    "returns (later runs use the other workers meanwhile)",
                     timed_out=True,
                     worker_kept=True,
                 )
@@ -1006,6 +1150,8 @@ class _DaskRun:
         if alive is None:
             return
         now = time.monotonic()
+        if self.restrict is not None and not set(self.restrict) <= alive:
+            self._replan(alive)
         if alive:
             self._no_workers_since = None
             return
@@ -1026,6 +1172,20 @@ class _DaskRun:
             "to run on this machine"
         )
 
+    def _replan(self, alive: set[str]) -> None:
+        """A worker this map's chunks were restricted to left (killed after a
+        timeout, or gone): chunks that have not started, or that ran there, go
+        out again to the workers there are now (restricted to a worker that is
+        gone, Dask would keep them waiting for ever)."""
+        gone = set(self.restrict or ()) - alive
+        nthreads = self.backend._nthreads(fresh=True)
+        self.restrict, self.capacity = self.backend._plan(nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True)
+        stale = [t for t in self.tasks.values() if not t.future.done() and (t.started is None or t.worker in gone)]
+        self._cancel([t.future for t in stale])
+        for t in stale:
+            self.tasks.pop(t.key, None)
+            self.job.requeue(t.unit)
+
     def _progress(self, *more: str) -> str:
         """How far a map got, for messages ("7 of 20 items finished"), and ``more``."""
         parts = list(more)
@@ -1035,21 +1195,6 @@ class _DaskRun:
             of = f" of {total}" if total is not None else ""
             parts.insert(0, f"{done}{of} item{'s' if count != 1 else ''} finished")
         return "; ".join(parts)
-
-    def _restart_worker(self, address: str | None) -> None:
-        """Stop a task Dask cannot cancel by restarting its worker through its nanny.
-
-        Only for workers of the ``LocalCluster`` mpmagic started itself.
-        """
-        if not address:
-            return
-        try:
-            self.client.restart_workers([address], timeout=max(30.0, self.backend.timeout), raise_for_error=False)
-        except Exception as exc:
-            sys.stderr.write(
-                f"mpmagic: could not restart Dask worker {address} to stop a timed-out task ({exc}); "
-                "the task runs on there until it returns\n"
-            )
 
     def _check_rank_workers(self) -> None:
         """A rank pinned to a worker that left would wait forever: report it lost."""
@@ -1071,8 +1216,13 @@ class _DaskRun:
         t.start()
         t.join(_CANCEL_BUDGET)
 
-    def _abandon(self, interrupted: bool) -> None:
-        """Cancel every future of this run; on interrupt, say which tasks keep running."""
+    def _abandon(self, interrupted: bool, stop: bool = False) -> str | None:
+        """Cancel every future of this run. Tasks already running cannot be
+        stopped by Dask: with ``stop`` (an interrupt, a cancel) their workers are
+        killed and replaced on the cluster mpmagic started; elsewhere they run on,
+        and later runs leave their workers out until they return. On interrupt,
+        say so in a line; returns what became of the run's work, for the
+        interrupt's message (None when not interrupted)."""
         while True:  # learn which tasks had started
             try:
                 msg = self.inbox.get_nowait()
@@ -1087,23 +1237,51 @@ class _DaskRun:
         self.tasks.clear()
         running = [t for t in tasks if t.started is not None and not t.future.done()]
         self._cancel([t.future for t in tasks])
+        backend = self.backend
+        backend._give_up(running, stop=stop or interrupted)
         if not interrupted:
-            return
+            return None
         queued = len(tasks) - len(running)
+        outcome = f"its {queued} queued Dask task{'s were' if queued != 1 else ' was'} cancelled"
+        if not running:
+            outcome += "; the pool is ready for the next run"
         msg = f"mpmagic: interrupted; cancelled {queued} queued Dask task{'s' if queued != 1 else ''}"
         if running:
+            n = len(running)
             where = sorted({t.worker or "?" for t in running})
-            what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if len(running) > 6 else "")
-            msg += (
-                f". {len(running)} already running ({what}; on {', '.join(where)}) cannot be "
-                "stopped by Dask: they run to the end in the background and their results are dropped"
-            )
-            if self.backend.owns_cluster:
-                msg += ". `%pool restart` (mpmagic.restart_pool()) stops them now"
+            what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if n > 6 else "")
+            msg += f". {n} already running ({what}; on {', '.join(where)}) cannot be stopped by Dask"
+            if backend.owns_cluster:
+                msg += ": their workers were killed, and new ones are starting"
+                outcome += (
+                    f", and the worker{'s' if len(where) != 1 else ''} running the {n} task{'s' if n != 1 else ''} "
+                    f"already started (Dask cannot stop a running task) {'were' if len(where) != 1 else 'was'} killed; "
+                    "new ones are starting for the "
+                    "next run"
+                )
             else:
-                msg += f" ({self.backend.where} is not mpmagic's: its workers are not restarted)"
+                try:
+                    nthreads = backend._nthreads(fresh=True)
+                    busy = backend._busy(nthreads)
+                    free = any(n > busy.get(a, 0) for a, n in nthreads.items())
+                except Exception:  # (the scheduler out of reach: the next run says so)
+                    free = True
+                later = (
+                    "the next run uses the other workers until they return"
+                    if free
+                    else "the next run waits until they return (no other worker is free)"
+                )
+                msg += (
+                    f": they run to the end in the background and their results are dropped ({backend.where} is not "
+                    f"mpmagic's: its workers are not restarted); {later}"
+                )
+                outcome += (
+                    f"; the {n} already running cannot be stopped by Dask: they run on at {backend.where} (its "
+                    f"workers are not mpmagic's to restart), their results dropped, and {later}"
+                )
         sys.stderr.write(msg + ".\n")
         sys.stderr.flush()
+        return outcome
 
 
 def _cancel_reason(future: Any) -> str | None:
@@ -1122,6 +1300,18 @@ def _replicate_quietly(client: Any, future: Any) -> None:
         client.replicate([future])
     except Exception:  # an optimisation: workers fetch the payload on first use anyway
         log.debug("mpmagic: replicating the function payload failed", exc_info=True)
+
+
+def _restart_quietly(client: Any, addresses: list[str]) -> None:
+    """Restart workers through their nannies (a background thread: it may take
+    Dask's 30 s limit)."""
+    try:
+        client.restart_workers(addresses, timeout=30.0, raise_for_error=False)
+    except Exception as exc:
+        sys.stderr.write(
+            f"mpmagic: could not restart Dask worker{'s' if len(addresses) != 1 else ''} {', '.join(addresses)} "
+            f"to stop a task mpmagic gave up on ({exc}); it runs on there until it returns\n"
+        )
 
 
 def _cancel_quietly(client: Any, futures: list) -> None:

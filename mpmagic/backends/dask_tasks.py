@@ -19,12 +19,19 @@ and answers with the same packed replies (``mpmagic/protocol.py``), so
   while at least one mpmagic task runs in the process, and the streams found
   there are put back after: a worker of a cluster we do not own is left as
   it was.
-* nothing of the notebook's world (``mpmagic/context.py``) is applied: a
-  cluster is shared and may be on other machines.
+* the notebook's world (``mpmagic/context.py``: directory, environment,
+  ``sys.path``, recursion limit, warnings filters) is applied only on the
+  ``LocalCluster`` mpmagic started (same machine, its own processes), where
+  the notebook sends it with each task; a cluster mpmagic connected to is
+  shared and may be on other machines, and gets none of it.
+* every task logs a start event and, whatever happens, an end event: the
+  notebook knows when a task it gave up on (timeout, interrupt) frees its
+  worker thread, and sends no new work there meanwhile.
 """
 
 from __future__ import annotations
 
+import ctypes
 import io
 import logging
 import signal
@@ -34,8 +41,8 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .. import payload, task_builtins
-from ..protocol import Cell, Map, Out, ProtocolError, pack, unpack
+from .. import context, payload, task_builtins
+from ..protocol import Cell, Context, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
 from ..worker import ErrorInfo, execute_cell, execute_map
 
@@ -288,20 +295,56 @@ def _function(key: bytes, data: bytes, imports: ImportLog) -> Any:
     return func
 
 
-def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag: Any) -> tuple[int, list[bytes]]:
+_context_lock = threading.Lock()
+_context_seen: tuple[int, Any] | None = None  # (context version, call) last adopted here
+
+
+def _adopt_context(msg: Context, call: Any) -> None:
+    """The notebook's world in this worker process, as a local worker adopts it:
+    loaded when its version is new, put back at the start of each new call
+    (a task of an earlier call may have changed it). The variables Dask's
+    nanny sets for its workers (thread caps) stay the worker's own."""
+    global _context_seen
+    with _context_lock:
+        if _context_seen is None:
+            import dask.config
+
+            for name in ("distributed.nanny.pre-spawn-environ", "distributed.nanny.environ"):
+                context.own_env.update(dask.config.get(name, None) or {})
+        if _context_seen is None or _context_seen[0] != msg.version:
+            context.apply(msg)
+        elif _context_seen[1] != call:
+            context.reassert()
+        _context_seen = (msg.version, call)
+
+
+def run_message(
+    data: bytes, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None = None
+) -> tuple[int, list[bytes]]:
     """Run one unit of a job in this Dask worker; return its packed replies.
 
     ``data`` is ``protocol.pack(job.message(unit))``, a ``Map`` or ``Cell``;
     ``func_payload`` the function's bytes (a future of the :func:`hold` task
     on the notebook side, its bytes here); ``topic`` the Dask event topic that
-    streams output and the start signal; ``tag`` the task's key. Returns
-    ``(lines streamed, [Out..., reply])``, every message packed as a local
-    worker packs it; the reply is a ``Done``, ``Error`` or ``Unpicklable``.
+    streams output and the start and end signals; ``tag`` the task's key;
+    ``world`` the notebook's context (only on the cluster mpmagic started,
+    see the module's docstring). Returns ``(lines streamed, [Out..., reply])``,
+    every message packed as a local worker packs it; the reply is a ``Done``,
+    ``Error`` or ``Unpicklable``.
     """
     msg = unpack(data)
     if type(msg) not in (Map, Cell):
         raise ProtocolError(f"a Dask task runs Map or Cell messages, not {type(msg).__name__}")
     _log_event(topic, {"tag": tag, "start": True})
+    try:
+        return _run(msg, func_payload, topic, tag, world)
+    finally:  # (an abandoned task's thread is free again: see the module's docstring)
+        _log_event(topic, {"tag": tag, "end": True})
+
+
+def _run(msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None) -> tuple[int, list[bytes]]:
+    if world is not None:
+        _adopt_context(world, msg.call)
     where = _worker_address()
     cpu0 = time.thread_time()  # this thread's: other tasks may run in the process at once
 
@@ -318,7 +361,11 @@ def run_message(data: bytes, func_payload: bytes | None, topic: str | None, tag:
     with _capture(topic, tag) as out:
         if type(msg) is Map:
             func = _function(msg.key or b"", func_payload or b"", imports)
-            reply = execute_map(msg, func, where, cpu, imports=imports)
+            # A position word, as a local worker has (nobody reads it here): items
+            # then run as there, so a StopIteration comes back with its value,
+            # cause and frame (the no-position path's map() swallows it).
+            position = ctypes.c_int64(-1)
+            reply = execute_map(msg, func, where, cpu, position=position, imports=imports)
         else:
             reply = execute_cell(msg, where, cpu, imports)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]
