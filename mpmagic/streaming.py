@@ -236,8 +236,15 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
         pass
     if not stopped and run.state != "cancelled":  # it had just ended
         return interrupted(f"imap interrupted; its run {run.id} ({run.what}) had ended ({run.state})")
-    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled, the work still running "
-                       "was stopped and its workers replaced; the pool is ready for the next run")
+    from .pool import get_pool
+
+    if get_pool().name == "local":
+        done = "the work still running was stopped and its workers replaced; the pool is ready for the next run"
+    else:
+        done = ("its Dask tasks were cancelled; the workers running tasks already started are replaced on "
+                "mpmagic's own cluster, and finish them first on a cluster it did not start (later runs leave "
+                "those workers out meanwhile)")
+    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled; {done}")
 
 
 def _cancel_quietly(run: Any) -> None:
