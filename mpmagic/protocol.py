@@ -146,7 +146,7 @@ class Done(NamedTuple):
 class Error(NamedTuple):
     call: int
     tag: Any
-    index: int  # type: ignore[assignment]  # (shadows tuple.index) in the chunk; -1: the unit as a whole could not run
+    index: int  # type: ignore[assignment]  # (shadows tuple.index) in the chunk (a cell: 0, its rank's code); -1: the unit as a whole could not run (it did not load)
     info: Any  # worker.ErrorInfo
     partial: bytes  # results of the items before it
     seconds: float

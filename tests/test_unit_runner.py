@@ -237,9 +237,9 @@ EXPECTED = {
     "timed": lambda s: s == ("Done", [1, 2, ("failed", "ValueError", "no 3"), 4], _TIMED_META) or pytest.fail(str(s)),
     "load_failure": lambda s: (s[0], s[1], s[2]) == ("Error", -1, "UnpicklingError") or pytest.fail(str(s)),
     "cell": lambda s: s == ("Done", (12, {}), _META) or pytest.fail(str(s)),
-    "cell_error": lambda s: s[:3] == ("Error", -1, "ZeroDivisionError") or pytest.fail(str(s)),
+    "cell_error": lambda s: s[:3] == ("Error", 0, "ZeroDivisionError") or pytest.fail(str(s)),
     "cell_unpicklable": lambda s: s == ("Unpicklable", None, "TypeError") or pytest.fail(str(s)),
-    "cell_exit": lambda s: s[:4] == ("Error", -1, "SystemExit", "1") or pytest.fail(str(s)),
+    "cell_exit": lambda s: s[:4] == ("Error", 0, "SystemExit", "1") or pytest.fail(str(s)),
 }
 
 
