@@ -244,7 +244,7 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
         done = ("its Dask tasks were cancelled; the workers running tasks already started are replaced on "
                 "mpmagic's own cluster, and finish them first on a cluster it did not start (later runs leave "
                 "those workers out meanwhile)")
-    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled; {done}")
+    return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled, {done}")
 
 
 def _cancel_quietly(run: Any) -> None:

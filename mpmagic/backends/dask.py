@@ -825,8 +825,8 @@ class _DaskRun:
             else:
                 self._check_workers_left()
         if self.tasks:  # a map that failed early, or was cancelled (Run.cancel()): drop the rest
-            failure = getattr(job, "failure", None)
-            self._abandon(interrupted=False, stop=isinstance(failure, CancelledError))
+            cancelled = isinstance(job, MapJob) and isinstance(job.failure, CancelledError)
+            self._abandon(interrupted=False, stop=cancelled)
 
     def _sweep(self) -> None:
         """Safety net, once a second: a finished future whose callback went missing
