@@ -630,21 +630,28 @@ class DaskBackend:
         else:
             sys.stderr.write(f"mpmagic: {what}, and no other worker is free: this run waits until they return\n")
 
-    def _payload_future(self, key: bytes, data: bytes) -> Any:
+    def _payload_future(self, key: bytes, data: bytes, workers: list[str] | None = None) -> Any:
         """A future for the function payload, reused by later calls of the same function.
 
         Not ``scatter``: scattered data that loses its last replica (its workers
         died) cannot be recomputed, and Dask cancels every task that needs it.
         A task that returns the bytes can be: the scheduler keeps its input and
         runs it again. Its result is replicated to every worker once.
+
+        ``workers``: where the run's chunks may go (``_plan``). The payload is
+        computed there too: on a worker still busy with a task given up on, it
+        waited behind that task, and every chunk with it, none of them started,
+        so no --timeout could fire (a hang for as long as the old task ran).
         """
         with self._lock:
             fut = self._payloads.get(key)
-            if fut is not None and fut.status in ("pending", "finished"):
+            if fut is not None and (fut.status == "finished" or (fut.status == "pending" and workers is None)):
                 self._payloads.move_to_end(key)
                 return fut
+            where: dict[str, Any] = {} if workers is None else {"workers": workers, "allow_other_workers": False}
             fut = self.client.submit(
-                dask_tasks.hold, data, key=f"mpmagic-payload-{key.hex()[:16]}-{uuid.uuid4().hex[:8]}", pure=False
+                dask_tasks.hold, data, key=f"mpmagic-payload-{key.hex()[:16]}-{uuid.uuid4().hex[:8]}", pure=False,
+                **where,
             )
             # On every worker now, so that where it was computed does not pull the
             # chunks there (Dask places tasks near their data).
@@ -798,7 +805,7 @@ class _DaskRun:
             key, data = self.job.func_key, self.job.func_payload
             if data is not None:
                 assert key is not None  # a job that has a function payload has its content key (jobs.MapJob)
-                self.payload_future = self.backend._payload_future(key, data)
+                self.payload_future = self.backend._payload_future(key, data, self.restrict)
             self._loop()
         except KeyboardInterrupt as exc:
             set_interrupt_outcome(exc, self._abandon(interrupted=True))
@@ -1082,6 +1089,7 @@ class _DaskRun:
         if not timeout:
             return
         now = time.monotonic()
+        kept = False  # a worker of a cluster not ours stays busy with a task given up on
         for task in list(self.tasks.values()):
             if task.started is None or now < task.started + timeout:
                 continue
@@ -1102,6 +1110,31 @@ class _DaskRun:
                     timed_out=True,
                     worker_kept=True,
                 )
+                kept = True
+        if kept:
+            self._leave_busy_workers()
+
+    def _leave_busy_workers(self) -> None:
+        """Chunks of this map that Dask queued on a worker now busy with a task
+        given up on would wait behind it, never started, so no --timeout would
+        fire for them (a test hung so, 1 run in 6): they go out again, to the
+        other workers. Only those the scheduler has on such a worker (none of
+        them can have started: its thread is the stuck task's)."""
+        nthreads = self.backend._nthreads(fresh=True)
+        self.restrict, self.capacity = self.backend._plan(nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True)
+        busy = [a for a, n in self.backend._busy(nthreads).items() if n >= nthreads.get(a, 1)]
+        if not busy or self.restrict is None:
+            return  # (no free worker: the run waits for them, as _plan said)
+        try:
+            queued = {key for keys in self.client.processing(workers=busy).values() for key in keys}
+        except Exception:  # (the scheduler did not answer: the next check of the workers replans)
+            log.debug("mpmagic: asking the scheduler for the tasks of busy workers failed", exc_info=True)
+            return
+        stale = [t for t in self.tasks.values() if t.key in queued and t.started is None and not t.future.done()]
+        self._cancel([t.future for t in stale])
+        for t in stale:
+            self.tasks.pop(t.key, None)
+            self.job.requeue(t.unit)
 
     def _check_cluster(self, reason: str | None = None) -> None:
         """Fail the whole run, blaming no item, when the pool was stopped or the
