@@ -1120,8 +1120,7 @@ class _DaskRun:
         fire for them (a test hung so, 1 run in 6): they go out again, to the
         other workers. Only those the scheduler has on such a worker (none of
         them can have started: its thread is the stuck task's)."""
-        nthreads = self.backend._nthreads(fresh=True)
-        self.restrict, self.capacity = self.backend._plan(nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True)
+        nthreads = self._plan_again()
         busy = [a for a, n in self.backend._busy(nthreads).items() if n >= nthreads.get(a, 1)]
         if not busy or self.restrict is None:
             return  # (no free worker: the run waits for them, as _plan said)
@@ -1130,7 +1129,16 @@ class _DaskRun:
         except Exception:  # (the scheduler did not answer: the next check of the workers replans)
             log.debug("mpmagic: asking the scheduler for the tasks of busy workers failed", exc_info=True)
             return
-        stale = [t for t in self.tasks.values() if t.key in queued and t.started is None and not t.future.done()]
+        self._send_again([t for t in self.tasks.values() if t.key in queued and t.started is None and not t.future.done()])
+
+    def _plan_again(self) -> dict[str, int]:
+        """Where this map's chunks may go now (``DaskBackend._plan``, quietly); the workers' threads."""
+        nthreads = self.backend._nthreads(fresh=True)
+        self.restrict, self.capacity = self.backend._plan(nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True)
+        return nthreads
+
+    def _send_again(self, stale: list[_Task]) -> None:
+        """Cancel these tasks and give their units back to the job, to go out as planned now."""
         self._cancel([t.future for t in stale])
         for t in stale:
             self.tasks.pop(t.key, None)
@@ -1211,13 +1219,8 @@ class _DaskRun:
         out again to the workers there are now (restricted to a worker that is
         gone, Dask would keep them waiting for ever)."""
         gone = set(self.restrict or ()) - alive
-        nthreads = self.backend._nthreads(fresh=True)
-        self.restrict, self.capacity = self.backend._plan(nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True)
-        stale = [t for t in self.tasks.values() if not t.future.done() and (t.started is None or t.worker in gone)]
-        self._cancel([t.future for t in stale])
-        for t in stale:
-            self.tasks.pop(t.key, None)
-            self.job.requeue(t.unit)
+        self._plan_again()
+        self._send_again([t for t in self.tasks.values() if not t.future.done() and (t.started is None or t.worker in gone)])
 
     def _progress(self, *more: str) -> str:
         """How far a map got, for messages ("7 of 20 items finished"), and ``more``."""
