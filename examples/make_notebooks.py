@@ -344,7 +344,7 @@ million). This first call also pays for the workers' import of pandas."""),
     ("code", """\
 def daypart(when):
     hour = when.hour + when.minute / 60
-    if when.dayofweek >= 5:
+    if when.day_of_week >= 5:
         return "weekend"
     return "morning" if hour < 12 else "afternoon" if hour < 18 else "evening"
 

@@ -73,17 +73,32 @@ def notebook_levels() -> dict[str, int]:
 
 def notebook_context() -> bytes:
     """The bytes a job sends with each unit: the notebook's logger levels, and
-    whether a warnings filter of the notebook says "always".
+    the notebook's warning filters when one of them says "always".
 
     Pickled once per call (a few hundred bytes) and compared by value in the
     worker, which re-applies them only when they change. A worker sends a
     warning repeated at one place once per unit, unless the notebook shows
-    every repeat ("always", ``catch_warnings(record=True)`` after
-    ``simplefilter("always")``): then each, as serial code raises each (20
-    items warning alike showed 2 and recorded 4-6 of the 20).
+    every repeat of *that* warning (its first matching filter says "always":
+    ``simplefilter("always")``, ``catch_warnings(record=True)`` after it):
+    then each, as serial code raises each (20 items warning alike showed 2
+    and recorded 4-6 of the 20). Per warning, not per notebook: numpy's own
+    ``always`` filter for ``RankWarning`` sent every repeat of every other
+    warning too (a pandas deprecation warning raised by each of 300,000
+    items made ``.mp.map`` 4x slower than serial).
     """
-    every = "always" in map(itemgetter(0), warnings.filters)  # (in C: no frame per filter)
-    return pickle.dumps((notebook_levels(), every), pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((notebook_levels(), _always_specs(warnings.filters)), pickle.HIGHEST_PROTOCOL)
+
+
+def _always_specs(filters: Any) -> tuple:
+    """``filters`` up to the last "always" one (later ones cannot make a warning
+    repeat), each as ``(is always, message, category module, category name,
+    module, lineno)``: categories by name, as a cell's own Warning subclass
+    cannot be pickled. Empty when no filter says "always"."""
+    if "always" not in map(itemgetter(0), filters):  # (in C: no frame per filter)
+        return ()
+    last = max(i for i, f in enumerate(filters) if f[0] == "always")
+    return tuple((action == "always", msg, cat.__module__, cat.__qualname__, mod, ln)
+                 for action, msg, cat, mod, ln in filters[: last + 1])
 
 
 # --------------------------------------------------------------------------
@@ -96,7 +111,7 @@ class _Unit(threading.local):
 
     active = False
     start: int | None = None  # a map chunk's first item index; None for a cell rank
-    seen: set | None = None  # warnings already sent for this unit
+    seen: dict | None = None  # warnings already sent for this unit: are their repeats sent too?
 
 
 _unit = _Unit()
@@ -163,19 +178,34 @@ class _TaskHandler(logging.Handler):
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """``warnings.showwarning`` in a worker: send each distinct warning home once per unit."""
+    """``warnings.showwarning`` in a worker: send each distinct warning home once
+    per unit, and every repeat of one the notebook shows each time ("always")."""
     if not _unit.active:
         return _original_showwarning(message, category, filename, lineno, file, line)
     text = str(message)
     key = (text, category, filename, lineno)
-    if _unit.seen is not None:
-        if key in _unit.seen:
-            return None
-        _unit.seen.add(key)
-    module = getattr(category, "__module__", "builtins")
-    fields = [label(), text, module, category.__qualname__, filename, lineno, _module_of(filename, lineno)]
+    seen = _unit.seen if _unit.seen is not None else {}
+    if seen.get(key, True) is False:
+        return None  # sent already, and its repeats are not shown
+    module = _module_of(filename, lineno)
+    if key not in seen:
+        seen[key] = _repeats(text, category, module, lineno)
+    fields = [label(), text, getattr(category, "__module__", "builtins"), category.__qualname__, filename, lineno, module]
     sys.stderr.write(MARK + json.dumps(fields) + "\n")
     return None
+
+
+def _repeats(text: str, category: type, module: str, lineno: int) -> bool:
+    """Does the notebook show every repeat of this warning: is the first of its
+    filters that matches (as ``warn_explicit`` matches) an "always" one?"""
+    if not _always:
+        return False
+    names = {(getattr(c, "__module__", ""), c.__qualname__) for c in category.__mro__}
+    for always, msg, cat_module, cat_name, mod, ln in _always:
+        if ((cat_module, cat_name) in names and _matches(msg, text) and _matches(mod, module)
+                and (ln == 0 or lineno == ln)):
+            return always
+    return False
 
 
 def _module_of(filename: str, lineno: int) -> str:
@@ -209,15 +239,17 @@ def _install() -> None:
         _installed = True
 
 
-_every_time = False  # the notebook shows every repeat of a warning: send each (see notebook_context)
+# The notebook's filters up to its last "always" one, categories by name (see
+# notebook_context): a warning they say "always" for is sent at each repeat.
+_always: tuple = ()
 
 
 def _apply_levels(ctx: bytes) -> None:
     """Give this process's loggers the notebook's levels (only when they changed)."""
-    global _applied, _every_time
+    global _applied, _always
     if ctx == _applied:
         return
-    levels, _every_time = pickle.loads(ctx)
+    levels, _always = pickle.loads(ctx)
     with _lock:
         for name in _set_here - set(levels):
             logging.getLogger(name).setLevel(logging.NOTSET)
@@ -230,12 +262,23 @@ def _apply_levels(ctx: bytes) -> None:
         _applied = ctx
 
 
-def _unit_filters(filters: list) -> list:
-    """The warning filters while a unit runs: every warning reaches
-    :func:`_show_warning` ("always"; the notebook decides what shows), except
-    that an "error" filter still raises, as it would in serial Python (local
-    workers have the notebook's filters: ``context.py``)."""
-    return [("error", *f[1:]) if f[0] == "error" else ("always", *f[1:]) for f in filters]
+def _unit_filters(filters: list, notebook_always: tuple) -> tuple[list, str]:
+    """The warning filters while a unit runs: each warning's first occurrence in
+    the unit reaches :func:`_show_warning` (the notebook decides what shows),
+    except that an "error" filter still raises, as it would in serial Python
+    (local workers have the notebook's filters: ``context.py``). Also the
+    action for a warning no filter matches.
+
+    Where this process's filters are the notebook's as far as its "always"
+    ones go (local workers, mpmagic's own Dask cluster), the rest become
+    "default": Python's own registry drops a repeat in C (a warning raised by
+    each of 300,000 items cost 5 us more per item through our hook), while an
+    "always" warning still comes every time. Elsewhere (a Dask cluster
+    mpmagic did not start) every filter becomes "always", and
+    :func:`_show_warning` decides from the notebook's filters, in Python.
+    """
+    rest = "default" if _always_specs(filters) == notebook_always else "always"
+    return [f if f[0] in ("error", "always") else (rest, *f[1:]) for f in filters], rest
 
 
 def begin(log_context: tuple | None) -> None:
@@ -255,14 +298,15 @@ def begin(log_context: tuple | None) -> None:
     except Exception:
         _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
         return
-    _unit.active, _unit.start, _unit.seen = True, start, None if _every_time else set()
+    _unit.active, _unit.start, _unit.seen = True, start, {}
     with _lock:
         _running += 1
         if _running == 1:
             _saved_filters = list(warnings.filters)
-            warnings.filters[:] = _unit_filters(_saved_filters)  # type: ignore[index]  # (typeshed: a Sequence)
+            filters, rest = _unit_filters(_saved_filters, _always)
+            warnings.filters[:] = filters  # type: ignore[index]  # (typeshed: a Sequence)
             # (a public call, which also drops the "already warned" registries)
-            warnings.simplefilter("always", append=True)
+            warnings.simplefilter(rest, append=True)  # type: ignore[arg-type]  # (one of the two actions)
 
 
 def end() -> None:

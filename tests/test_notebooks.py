@@ -108,6 +108,18 @@ def test_every_notebook_is_generated_and_checked() -> None:
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name} is committed with outputs"
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_notebook_shows_a_warning(name: str) -> None:
+    """An example is what users copy: a library's deprecation warning in one
+    (pandas 3 deprecated ``Timestamp.dayofweek``, which data_work used, and
+    every one of a million items raised it) is a line to fix, not to show.
+    The executions are the other tests' (one per notebook per session)."""
+    nb = execute(name)
+    shown = [out.text for cell in nb.cells if cell.cell_type == "code"
+             for out in cell.outputs if out.output_type == "stream" and out.name == "stderr"]
+    assert not [text for text in shown if re.search(r"\w+Warning: ", text)], shown
+
+
 def test_quickstart_notebook() -> None:
     nb = execute("quickstart.ipynb")
 

@@ -249,7 +249,7 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
     key = b"n" * 16
     conn.send_bytes(pack(Func(key, payload.dumps_function(note))))
     items = payload.dumps_data([10, 11, 12])
-    info_levels = pickle.dumps(({"": logging.INFO}, False))  # (levels, "always" filter: worker_logging.notebook_context)
+    info_levels = pickle.dumps(({"": logging.INFO}, ()))  # (levels, "always" filters: worker_logging.notebook_context)
     conn.send_bytes(pack(Map(1, 0, key, False, False, items, False, 1, (10, info_levels))))
     got = _replies(conn)
     err = got[-1]
