@@ -50,6 +50,60 @@ class ExcRecord:
     children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
 
 
+class UnsentArgument:
+    """Stands in for an exception argument that could not be pickled in the
+    worker (a lock, a connection): the exception's other arguments come home
+    as they were, and ``repr``/``str`` of this one are the original's, so
+    ``str(exc)`` reads as it did serially. ``type_name`` says what it was."""
+
+    __slots__ = ("type_name", "text", "string")
+
+    def __init__(self, value: Any) -> None:
+        self.type_name = f"{type(value).__module__}.{type(value).__qualname__}"
+        self.text = _safe(repr, value)
+        self.string = _safe(str, value)
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __str__(self) -> str:
+        return self.string
+
+    def __reduce__(self) -> tuple:
+        return _unsent, (self.type_name, self.text, self.string)
+
+
+def _unsent(type_name: str, text: str, string: str) -> UnsentArgument:
+    arg = UnsentArgument.__new__(UnsentArgument)
+    arg.type_name, arg.text, arg.string = type_name, text, string
+    return arg
+
+
+def _safe(show: Any, value: Any) -> str:
+    try:
+        return show(value)
+    except Exception:
+        return f"<unprintable {type(value).__name__}>"
+
+
+def _sendable(args: tuple) -> bytes:
+    """``args`` pickled, each one that cannot be pickled replaced by an
+    :class:`UnsentArgument` (one bad argument turned every argument into its
+    repr string: ``e.args[1] == 7`` became ``'7'``)."""
+    try:
+        return payload.dumps_data(args)
+    except Exception:
+        pass
+    kept = []
+    for arg in args:
+        try:
+            payload.dumps_data(arg)
+            kept.append(arg)
+        except Exception:
+            kept.append(UnsentArgument(arg))
+    return payload.dumps_data(tuple(kept))
+
+
 def _safe_str(exc: BaseException) -> str:
     try:
         return str(exc)
@@ -82,10 +136,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
         except Exception as why:
             logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
         args = (exc.message,) if is_group else exc.args  # type: ignore[attr-defined]
-        try:
-            rec.args_bytes = payload.dumps_data(tuple(args))
-        except Exception:
-            rec.args_bytes = payload.dumps_data(tuple(repr(a) for a in args))
+        rec.args_bytes = _sendable(tuple(args))
         rec.state = {}
         attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
         attrs.update(getattr(exc, "__dict__", {}))

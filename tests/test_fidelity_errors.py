@@ -173,6 +173,21 @@ def test_unpicklable_attribute_loses_only_that_attribute(defined, local_pool):
     assert par.kept == [1, 2] and not hasattr(par, "lock")
 
 
+def test_an_unpicklable_argument_changes_only_that_argument(defined, local_pool):
+    """One argument that cannot be pickled turned every argument into its repr
+    string (``e.args[1] == 7`` was ``'7'``). The others come back as they were,
+    that one as a stand-in with the same repr and str, so str(e) is serial's."""
+    run(defined, "class Handle:\n    def __repr__(self):\n        return 'Handle(3)'\n"
+                 "    def __reduce__(self):\n        raise TypeError('cannot pickle Handle')\n"
+                 "def with_handle(x):\n    raise ValueError('query failed', x, Handle())\n"
+                 "def only_handle(x):\n    raise KeyError(Handle())\n")
+    for func in ("with_handle", "only_handle"):
+        par, ser = outcome(defined, f"%pmap -q {func}, [7]"), outcome(defined, f"list(map({func}, [7]))")
+        assert type(par) is type(ser) and str(par) == str(ser), (par, ser)
+        assert par.args[:-1] == ser.args[:-1] and repr(par.args[-1]) == "Handle(3)"
+        assert type(par.args[-1]).__name__ == "UnsentArgument" and par.args[-1].type_name.endswith(".Handle")
+
+
 @needs_groups
 def test_exception_group_comes_back_with_its_sub_exceptions(defined, local_pool):
     par = compare(defined, "group, [5]")
