@@ -102,12 +102,18 @@ def current(call: Any = None) -> Context:
 _NOTEBOOK_MODULES = ("IPython", "ipykernel", "ipywidgets", "jupyter", "traitlets", "tornado", "zmq")
 
 
+def travels(f: tuple) -> bool:
+    """Is this warnings filter sent to workers? Not one for a category of the
+    notebook's own machinery (``worker_logging`` compares what it sent)."""
+    return getattr(f[2], "__module__", "").split(".")[0] not in _NOTEBOOK_MODULES
+
+
 def _pack_filters(filters: list) -> list[bytes]:
     """Each warnings filter pickled on its own, so that one whose category a
     worker cannot load costs only that filter."""
     out = []
     for f in filters:
-        if getattr(f[2], "__module__", "").split(".")[0] in _NOTEBOOK_MODULES:
+        if not travels(f):
             continue
         try:
             out.append(payload.dumps_data(f))

@@ -48,6 +48,7 @@ import warnings
 from operator import itemgetter
 from typing import Any
 
+from . import context
 from .errors import cell_file
 
 _log = logging.getLogger("mpmagic")
@@ -75,18 +76,30 @@ def notebook_context() -> bytes:
     """The bytes a job sends with each unit: the notebook's logger levels, and
     the notebook's warning filters when one of them says "always".
 
-    Pickled once per call (a few hundred bytes) and compared by value in the
-    worker, which re-applies them only when they change. A worker sends a
-    warning repeated at one place once per unit, unless the notebook shows
-    every repeat of *that* warning (its first matching filter says "always":
-    ``simplefilter("always")``, ``catch_warnings(record=True)`` after it):
-    then each, as serial code raises each (20 items warning alike showed 2
-    and recorded 4-6 of the 20). Per warning, not per notebook: numpy's own
-    ``always`` filter for ``RankWarning`` sent every repeat of every other
-    warning too (a pandas deprecation warning raised by each of 300,000
-    items made ``.mp.map`` 4x slower than serial).
+    Pickled only when they changed (the same bytes otherwise) and compared by
+    value in the worker, which re-applies them only when they change. A
+    worker sends a warning repeated at one place once per unit, unless the
+    notebook shows every repeat of *that* warning (its first matching filter
+    says "always": ``simplefilter("always")``, ``catch_warnings(record=True)``
+    after it): then each, as serial code raises each (20 items warning alike
+    showed 2 and recorded 4-6 of the 20). Per warning, not per notebook:
+    numpy's own ``always`` filter for ``RankWarning`` sent every repeat of
+    every other warning too (a pandas deprecation warning raised by each of
+    300,000 items made ``.mp.map`` 4x slower than serial). The filters are
+    those ``context.py`` sends the workers, so that a worker can tell its
+    filters are the notebook's (see :func:`_unit_filters`).
     """
-    return pickle.dumps((notebook_levels(), _always_specs(warnings.filters)), pickle.HIGHEST_PROTOCOL)
+    global _last_context
+    levels, filters = notebook_levels(), tuple(warnings.filters)
+    last_levels, last_filters, data = _last_context
+    if levels == last_levels and filters == last_filters:  # (the same filter tuples: compared by identity)
+        return data
+    data = pickle.dumps((levels, _always_specs([f for f in filters if context.travels(f)])), pickle.HIGHEST_PROTOCOL)
+    _last_context = (levels, filters, data)
+    return data
+
+
+_last_context: tuple = (None, None, b"")  # (levels, filters, their bytes): notebook_context's last answer
 
 
 def _always_specs(filters: Any) -> tuple:
