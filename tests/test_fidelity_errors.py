@@ -197,7 +197,12 @@ def test_exception_group_comes_back_with_its_sub_exceptions(defined, local_pool)
 
 
 def test_deep_recursion_is_a_recursion_error(defined, local_pool):
-    par = outcome(defined, "%pmap -q deep, [0]")
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)  # (travels to the worker: fewer frames to rebuild and format)
+    try:
+        par = outcome(defined, "%pmap -q deep, [0]")
+    finally:
+        sys.setrecursionlimit(before)
     assert type(par) is RecursionError
     # Outside IPython too (the API in a script), Python collapses the repeats.
     text = "".join(traceback.format_exception(par))

@@ -10,6 +10,7 @@ notebook; the text checked is what IPython displays (captured output).
 from __future__ import annotations
 
 import re
+import sys
 
 from IPython.utils.capture import capture_output
 
@@ -101,7 +102,12 @@ def test_a_ranks_warning_shows_its_own_line(ip, local_pool, notebook_warnings):
 
 def test_deep_recursion_is_collapsed(ip, local_pool):
     n = defined(ip, "def down(k):\n    return down(k + 1)\n")
-    _, text, err = shown(ip, "%pmap down, [0]")
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(400)  # (travels to the worker: fewer frames for IPython to format, the same collapse)
+    try:
+        _, text, err = shown(ip, "%pmap down, [0]")
+    finally:
+        sys.setrecursionlimit(before)
     assert isinstance(err, RecursionError)
     assert_clean(text)
     assert "skipping similar frames" in text and f"Cell In[{n}], line 2" in text
