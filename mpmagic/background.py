@@ -452,6 +452,11 @@ class Run:
                     sink.draw()  # output or progress not drawn yet; else the elapsed time, once a second
             wall = time.monotonic() - self._t0
             self._settle()
+            if self._cancelled:
+                # No result, no error of its own: result() raises CancelledError. The job
+                # holds only what came before the cancel (a checkpoint's ``value`` would
+                # look for every missing item in it); what came is stored (settled above).
+                return
             try:
                 if run.error is not None:
                     raise run.error

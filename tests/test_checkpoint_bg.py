@@ -146,6 +146,21 @@ def test_cancelling_keeps_what_finished_and_a_rerun_computes_only_the_rest(ns):
     assert again.items_resumed == len(kept)
 
 
+def test_a_cancelled_checkpointed_run_settles_as_cancelled_not_as_an_internal_error(ns):
+    """Its thread put the partial results together as if the run had finished:
+    IndexError inside the checkpoint, and the live area said "IndexError: list
+    index out of range (run.result() raises it)" while result() raised CancelledError."""
+    handle = mpmagic.submit(ns["slow"], range(60), chunksize=1, checkpoint=True)
+    deadline = time.monotonic() + 30
+    while handle.items_done < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.cancel()
+    assert isinstance(handle.exception(10), CancelledError) and handle._error is None
+    assert handle.state == "cancelled" and handle.report() is None
+    assert "Error" not in handle._sink.bundle()["text/plain"]
+    assert len(stored(ns, "slow", range(60))) >= 4  # what finished is kept
+
+
 def test_collected_failures_are_not_stored_and_a_background_rerun_retries_them(ip, ns):
     res = run(ip, "%pmap --bg --checkpoint --errors collect flaky, range(8)").result(60)
     assert [i for i, r in enumerate(res) if isinstance(r, mpmagic.Failed)] == [3, 5]
