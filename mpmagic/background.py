@@ -571,6 +571,16 @@ def get_run(run_id: int) -> Run:
     return run
 
 
+def handle_of(engine_run: Any) -> Run | None:
+    """The background handle whose backend run is ``engine_run``; None for a run
+    nobody holds a handle of (a blocking call, in this or another thread)."""
+    with _lock:
+        for run in _registry.values():
+            if run._engine_run is engine_run:
+                return run
+    return None
+
+
 class RunList(list):
     """``runs()``: a list of :class:`Run` shown as a table (``%pool runs``)."""
 

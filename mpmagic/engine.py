@@ -58,6 +58,8 @@ class Run:
         self._pumped = False  # the end event was taken by a waiting thread
         self._chunk_error = False  # on_chunk raised: the run stops with its error
         self.reading_input = False  # the waiting thread is in the user's input generator now
+        # The thread that started it: named when a setup change is refused while it runs (setup_api).
+        self.thread = threading.current_thread().name
         self._wait_lock = threading.Lock()  # one thread pumps the events at a time
         self._result: list | None = None
         self._progress_held = 0  # items done but not yet reported (see PROGRESS_EVERY)

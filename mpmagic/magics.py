@@ -43,6 +43,7 @@ from .errors import (
     interrupt_outcome,
     one_line_interrupt,
 )
+from .setup_api import RunsInFlight
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
 # The local pool's outcome (Dask's says what it did instead: errors.interrupt_outcome).
@@ -620,6 +621,8 @@ class MPMagics(Magics):
             if opts.action == "setup":
                 return _pool_setup(opts.target, cell)
             return self._pool(opts)
+        except RunsInFlight as exc:  # not a mistake in the line: no usage line under it
+            raise IPythonUsageError(str(exc)) from None
         except UsageError as exc:
             raise parser.usage_error(str(exc)) from None
         except KeyboardInterrupt:
@@ -818,8 +821,7 @@ def _pool_setup(target: str | None, cell: str | None) -> Any:
     if target == "clear":
         if cell is not None:
             raise UsageError("%%pool setup clear takes no cell: run %pool setup clear on its own")
-        worker_setup.clear()
-        setup_api.apply_now()
+        setup_api.clear()
         print("worker setup removed: workers started from now on run none, running ones dropped its names")
         return None
     if cell is None:
@@ -828,10 +830,9 @@ def _pool_setup(target: str | None, cell: str | None) -> Any:
     if not cell.strip():
         raise UsageError("%%pool setup needs code in the cell (or %pool setup clear to remove the setup)")
     try:
-        worker_setup.set_code(cell)
+        errors = setup_api.set_code(cell)  # (refused while runs are in flight: their workers would switch setups)
     except SyntaxError as exc:
         raise UsageError(f"the setup cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
-    errors = setup_api.run_everywhere()
     if errors:
         more = f" (and on {len(errors) - 1} more worker{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise MPMagicError(errors[0] + more)

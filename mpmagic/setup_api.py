@@ -3,6 +3,12 @@
 ``worker_setup.py`` keeps the setup and runs it in workers; it sits below the
 pool (every worker imports it), so the functions that reach the current pool
 (``%%pool setup``, ``%pool setup clear``, :func:`on_worker_start`) live here.
+
+A setup is never changed while a run is in flight (:func:`_change`): its
+workers would compute the rest of its items under the new setup, so one run
+would mix results of two setups, and a ``--checkpoint`` run would store them
+under the key of the setup it started with. The change is refused in one
+line that names the runs and how to end them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,11 @@ from . import pool, worker_setup
 from .errors import MPMagicError, UsageError
 
 
+class RunsInFlight(UsageError):
+    """A setup change refused because runs are in flight: one line naming them and
+    how to end them (the magics show it as it is, without their usage line)."""
+
+
 def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``func()`` in every worker, now and in every worker started later.
 
@@ -25,12 +36,85 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     """
     if not callable(func):
         raise UsageError(f"on_worker_start takes a function, not {type(func).__name__}")
-    worker_setup.add_function(func)
-    errors = apply_now("on_worker_start")
+    name = getattr(func, "__name__", None) or type(func).__name__
+    errors = _change(lambda: worker_setup.add_function(func), f"on_worker_start({name})", start=False,
+                     interrupt_as="on_worker_start")
     if errors:
         more = f" (and on {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise MPMagicError(errors[0] + more)
     return func
+
+
+def set_code(source: str) -> list[str]:
+    """``%%pool setup``: make ``source`` the setup cell and run it in every worker now (starting the pool).
+
+    Returns the one-line errors of workers whose setup failed. A syntax error
+    raises ``SyntaxError`` and changes nothing; runs in flight refuse the
+    change (a ``UsageError``, see :func:`_change`).
+    """
+    __tracebackhide__ = True
+    compile(source, worker_setup.SETUP_FILENAME, "exec")  # (before asking about runs: the cell's own error first)
+    return _change(lambda: worker_setup.set_code(source), "%%pool setup", start=True)
+
+
+def clear() -> list[str]:
+    """``%pool setup clear``: remove the setup; running workers drop its names now.
+
+    Refused while runs are in flight, as any setup change (:func:`_change`).
+    """
+    __tracebackhide__ = True
+    return _change(worker_setup.clear, "%pool setup clear", start=False)
+
+
+def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as: str | None = None) -> list[str]:
+    """Make a setup ``change`` and run the new setup in the workers; the one-line errors of those where it failed.
+
+    Refused with a ``UsageError`` naming them while runs are in flight
+    (foreground runs of any thread, background runs, streams): the backend
+    holds off new runs from the check to the end of the setup's application
+    (``runs_held``), so a run has one setup from its first item to its last.
+    ``start``: start the pool to run it (``%%pool setup``); else only a
+    running pool's workers get it now, later ones as they start.
+    ``interrupt_as``: the caller, as an interrupt of the wait names it.
+    """
+    __tracebackhide__ = True
+    backend = pool.current_pool()
+    held = getattr(backend, "runs_held", None)
+    if held is None:  # no pool yet: nothing can be in flight
+        change()
+        return run_everywhere(interrupt_as) if start else apply_now(interrupt_as)
+    with held() as busy:
+        if busy:
+            raise RunsInFlight(_refusal(what, busy))
+        change()
+        if start or getattr(backend, "running", False):
+            return run_everywhere(interrupt_as, backend)
+        return []
+
+
+def _refusal(what: str, runs: list[Any]) -> str:
+    """The one line of a setup change refused because ``runs`` are in flight."""
+    from .background import handle_of
+
+    names, ids = [], []
+    for run in runs:
+        handle = handle_of(run) if run is not None else None
+        if handle is not None:
+            names.append(f"run {handle.id} ({handle.what})")
+            ids.append(str(handle.id))
+            continue
+        job = getattr(run, "job", None)
+        kind = {"map": "a pmap", "cell": "a %%parallel cell"}.get(getattr(job, "kind", ""), "a run")
+        func = getattr(job, "func", None)
+        of = f" of {getattr(func, '__name__', type(func).__name__)}" if func is not None else ""
+        thread = getattr(run, "thread", None)
+        names.append(kind + of + (f" in thread {thread!r}" if thread else ""))
+    them = "it" if len(runs) == 1 else "them"
+    how = f"wait for {them} to end (run.result())"
+    if ids:
+        how += f" or cancel {them} ({'; '.join(f'%pool cancel {i}' for i in ids)})"
+    return (f"{what} refused: {len(runs)} run{'s are' if len(runs) > 1 else ' is'} in flight ({', '.join(names)}), "
+            f"whose workers would switch setups mid-run; {how}, then run {what} again")
 
 
 def apply_now(what: str | None = None) -> list[str]:
@@ -47,7 +131,7 @@ def apply_now(what: str | None = None) -> list[str]:
     return run_everywhere(what)
 
 
-def run_everywhere(what: str | None = None) -> list[str]:
+def run_everywhere(what: str | None = None, backend: Any = None) -> list[str]:
     """Run the current setup in every worker of the current pool now (starting it).
 
     What the setup printed is shown here, labelled ``[worker N]``; returns the
@@ -55,10 +139,10 @@ def run_everywhere(what: str | None = None) -> list[str]:
     An interrupt stops only the waiting: the workers go on with the setup,
     and the one-line KeyboardInterrupt says so and what to do. ``what`` names
     the caller in it (by default ``%%pool setup``, or ``%pool setup clear``
-    once there is no setup).
+    once there is no setup). ``backend``: the pool to run it on (the current one by default).
     """
     __tracebackhide__ = True
-    hook = getattr(pool.get_pool(), "apply_setup", None)
+    hook = getattr(backend if backend is not None else pool.get_pool(), "apply_setup", None)
     if hook is None:
         return []
     printed: list[str] = []
@@ -90,4 +174,4 @@ def _interrupted(what: str | None) -> KeyboardInterrupt:
     )
 
 
-__all__ = ["on_worker_start", "apply_now", "run_everywhere"]
+__all__ = ["RunsInFlight", "on_worker_start", "set_code", "clear", "apply_now", "run_everywhere"]

@@ -48,7 +48,7 @@ from .protocol import Setup, SetupDone
 
 log = logging.getLogger("mpmagic")
 
-_SETUP_FILENAME = "<pool-setup>"
+SETUP_FILENAME = "<pool-setup>"  # the setup cell's name in tracebacks
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def _changed() -> None:
 
 def set_code(source: str) -> None:
     """Make ``source`` the ``%%pool setup`` cell (replacing an earlier one)."""
-    compile(source, _SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
+    compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
         _entries.insert(0, _Entry("code", "%%pool setup", source))
@@ -346,8 +346,8 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         try:
             if entry.kind == "code":
                 lines = entry.data.splitlines(keepends=True)
-                linecache.cache[_SETUP_FILENAME] = (len(entry.data), None, lines, _SETUP_FILENAME)
-                exec(compile(entry.data, _SETUP_FILENAME, "exec"), ns)
+                linecache.cache[SETUP_FILENAME] = (len(entry.data), None, lines, SETUP_FILENAME)
+                exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
             else:
                 func = payload.loads(entry.data)
                 out = func()
@@ -364,7 +364,7 @@ def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
     """``setup failed on worker 3, line 2 (`model = load(p)`): OSError: ...``"""
     where = entry.name if entry.kind == "func" else "%%pool setup"
     frames = traceback.extract_tb(exc.__traceback__)
-    mine = [f for f in frames if f.filename == _SETUP_FILENAME] if entry.kind == "code" else frames[1:]
+    mine = [f for f in frames if f.filename == SETUP_FILENAME] if entry.kind == "code" else frames[1:]
     if mine:
         f = mine[-1] if entry.kind == "code" else mine[0]
         text = (f.line or "").strip()

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import pytest
 from conftest import ensure_pool, run
+from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
 from mpmagic import pool as pool_module
 from mpmagic import setup_api, worker_setup
+from mpmagic.errors import UsageError
 
 SETUP = "import math\nMODEL = {'w': 3}\ndef predict(x):\n    return MODEL['w'] * x\n"
 
@@ -240,3 +244,64 @@ def test_setup_sees_the_notebooks_sys_path_and_cwd(ip, local_pool, tmp_path):
         assert run(ip, "%pmap -q lambda x: (VALUE + x, WHERE), [1, 1]") == [(42, str(tmp_path))] * 2
     finally:
         run(ip, f"os.chdir(_old_cwd)\nsys.path.remove({str(tmp_path)!r})")
+
+
+# --------------------------------------------------------------------------
+# A setup change while runs are in flight: refused, so no run mixes two setups
+# and no checkpoint stores a result under another setup's key.
+
+
+def _wait_items(handle, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while handle.items_done < n and not handle.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_setup_change_while_a_checkpointed_run_is_in_flight_is_refused(ip, tmp_path):
+    """The tester's repro: a %%pool setup cell while a --bg --checkpoint run went on
+    made the workers switch setups mid-run, and the items computed under the new
+    setup were stored under the old one's key (a later run "resumed" them)."""
+    ensure_pool("forkserver")
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path)!r}")
+    run(ip, "%%pool setup\nA = 10")
+    run(ip, "import time\ndef usesA(x):\n    time.sleep(0.05)\n    return (x, A)")
+    handle = run(ip, "%pmap --bg -q --checkpoint --chunksize 1 usesA, range(16)")
+    _wait_items(handle, 2)
+    assert not handle.done()
+    refused = ip.run_cell("%%pool setup\nA = 99", store_history=False).error_in_exec
+    assert isinstance(refused, IPythonUsageError) and "\n" not in str(refused)  # one line, no usage under it
+    assert str(refused).startswith(f"%%pool setup refused: 1 run is in flight (run {handle.id} (pmap usesA))")
+    assert f"%pool cancel {handle.id}" in str(refused) and "run.result()" in str(refused)
+    clear = ip.run_cell("%pool setup clear", store_history=False).error_in_exec
+    assert isinstance(clear, IPythonUsageError) and str(clear).startswith("%pool setup clear refused")
+    with pytest.raises(UsageError, match=r"^on_worker_start\(dict\) refused"):
+        mpmagic.on_worker_start(dict)
+    assert worker_setup.describe() == "%%pool setup\nA = 10"  # nothing changed
+    assert handle.result(30) == [(x, 10) for x in range(16)]  # one setup from first item to last
+    run(ip, "%%pool setup\nA = 99")  # accepted once the run ended
+    assert run(ip, "%pmap -q --checkpoint usesA, range(16)") == [(x, 99) for x in range(16)]
+    run(ip, "%%pool setup\nA = 10")
+    assert run(ip, "%pmap -q --checkpoint usesA, range(16)") == [(x, 10) for x in range(16)]
+    assert "resumed: 16 of 16 items" in mpmagic.last_report().line()
+
+
+def test_a_foreground_run_of_another_thread_counts_as_in_flight(ip):
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nB = 1")
+    run(ip, "import time\ndef usesB(x):\n    time.sleep(0.05)\n    return B")
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(mpmagic.pmap(ip.user_ns["usesB"], range(12), chunksize=1)),
+                         name="loader")
+    t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not pool_module.get_pool().runs_in_flight() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        refused = ip.run_cell("%pool setup clear", store_history=False).error_in_exec
+    finally:
+        t.join(30)
+    assert isinstance(refused, IPythonUsageError)
+    assert str(refused).startswith("%pool setup clear refused: 1 run is in flight (a pmap of usesB in thread "
+                                   "'loader')") and "wait for it to end" in str(refused)
+    assert out == [[1] * 12]  # every item with the setup it started with
+

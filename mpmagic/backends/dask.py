@@ -248,6 +248,7 @@ class DaskBackend:
         self._lock = threading.RLock()
         # Runs take turns: one event sink per backend (background runs, issue 16).
         self._run_lock = threading.RLock()
+        self._driving: DrivenRun | None = None  # the run holding _run_lock now (named by runs_held)
         _live_backends.add(self)
         self.start()
 
@@ -686,9 +687,35 @@ class DaskBackend:
 
         Ctrl-C lands in that wait as in ``run``, which cancels the run's futures.
         """
-        run = DrivenRun(job, lambda: self.run(job, workers))
+        def drive() -> None:
+            __tracebackhide__ = True
+            with self._run_lock:
+                self._driving = run
+                try:
+                    self._run(job, workers)
+                finally:
+                    self._driving = None
+
+        run = DrivenRun(job, drive)
         run.background = background
         return run
+
+    @contextlib.contextmanager
+    def runs_held(self) -> Iterator[list[Any]]:
+        """Yield the run being driven now (empty when none; None for one of unknown origin); while the body runs with
+        none, no run starts (runs take turns on ``_run_lock``).
+
+        For a change every run depends on, the worker setup (``setup_api``): its
+        plugin is registered on every worker at once, tasks running or not, so it
+        is made only between runs, and a run waiting for its turn starts after it.
+        """
+        if not self._run_lock.acquire(blocking=False):
+            yield [self._driving]  # (None: a run started by ``run`` itself, scaling's)
+            return
+        try:
+            yield []
+        finally:
+            self._run_lock.release()
 
     def run(self, job: Job, workers: int | None = None) -> None:
         """Drive ``job`` to completion on the cluster; raise what interrupts it.

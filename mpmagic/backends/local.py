@@ -36,6 +36,7 @@ import time
 import types
 import weakref
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -656,6 +657,21 @@ class LocalBackend:
         """How many runs are submitted and not yet over (foreground and background)."""
         with self._lock:
             return len(self._runs)
+
+    @contextmanager
+    def runs_held(self) -> Iterator[list[Run]]:
+        """Yield the runs in flight now (foreground, any thread, and background); no run
+        starts or ends until the body is over.
+
+        For a change every run depends on, the worker setup (``setup_api``): the
+        caller makes it only when nothing is in flight. ``submit`` adds a run
+        under the same lock, and the manager sends a new setup to each worker
+        before its next unit, so a run's units all run under one setup: a run
+        submitted before the change is refused the change, one after it gets
+        the new setup on every worker.
+        """
+        with self._lock:
+            yield list(self._runs)
 
     # -- submitting (any thread) ----------------------------------------------
     def submit(self, job: Job, workers: int | None = None, background: bool = False) -> _LocalRun:
