@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import debugging
+from . import debugging, worker_setup
 from .checkpoint_keys import (
     cell_key,
     item_key,
@@ -321,6 +321,10 @@ class MapCheckpoint:
         else:
             self.items, self.star = zip(*iterables, strict=False), True
         self.name = getattr(func, "__name__", None) or type(func).__name__
+        # The worker setup the key covers (read before it): results are stored only
+        # while it is still the setup (``_same_setup``).
+        self.setup_version = worker_setup.version()
+        self._setup_changed = False
         try:
             self.run, run_pickle = run_key(func, self.star)
         except Exception as exc:  # cannot be pickled: the plain run raises its clear error
@@ -373,6 +377,8 @@ class MapCheckpoint:
         plan = self.plan
         positions = plan.missing[start : start + len(results)]
         keys = [plan.keys[i] for i in positions]
+        if not self._same_setup():
+            keys = [b""] * len(keys)  # (an item without a key is not stored)
         if self.collect:  # only then can a result be a Failed: never stored
             self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
                                                    if k and not isinstance(r, Failed)]))
@@ -385,6 +391,19 @@ class MapCheckpoint:
             for first, part in _stretches(positions, results):
                 self.user_on_chunk(first, part)
 
+    def _same_setup(self) -> bool:
+        """Is the worker setup still the one the run's key covers?
+
+        A setup is never changed while a run is in flight (``setup_api``), but
+        it may change between keying and the run's start (another thread):
+        the run then computes everything under the new setup, and its results
+        must not go under the old setup's key. They are not stored (settle says so).
+        """
+        if worker_setup.version() == self.setup_version:
+            return True
+        self._setup_changed = True
+        return False
+
     # -- after it --------------------------------------------------------------------
     def settle(self, warn: Callable[[str], None] | None = None) -> None:
         """The run ended (however): wait until every accepted chunk is stored; warn once if
@@ -396,6 +415,10 @@ class MapCheckpoint:
             self.writer.finish(warn or _warn)
         finally:
             _in_flight(self.run, -1)
+        if self._setup_changed:
+            (warn or _warn)(f"mpmagic: --checkpoint: the worker setup changed while this run of `{self.name}` "
+                            "started, so it ran under the new setup and its results were not stored; run it again "
+                            "to store them")
         if self.plan.unstable:
             (warn or _warn)(f"mpmagic: --checkpoint: {self.plan.unstable}; a new kernel will compute such items "
                             "again. Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
@@ -734,6 +757,7 @@ class CellCheckpoint:
         from .cell import make_cell_spec
 
         self.size, self.gather = size, tuple(gather)
+        self.setup_version = worker_setup.version()  # (as MapCheckpoint's: the setup the key covers)
         try:
             spec = make_cell_spec(code, namespace, self.gather)
             # --gather names are the cell's outputs: their last values (put in the
@@ -777,7 +801,15 @@ class CellCheckpoint:
         self._warn = warn or _warn  # stored in value(), once the ranks' values are known
 
     def value(self, values: Any) -> Any:
-        """The cell succeeded: store every rank's value (one transaction), return them."""
+        """The cell succeeded: store every rank's value (one transaction), return them.
+
+        Not when the worker setup changed since the key was made (between keying
+        and the start: see ``MapCheckpoint._same_setup``): the ranks ran under another.
+        """
+        if worker_setup.version() != self.setup_version:
+            self._warn("mpmagic: --checkpoint: the worker setup changed while this cell started, so it ran under "
+                       "the new setup and its ranks' values were not stored; run it again to store them")
+            return values
         writer = _Writer(self.store, self.run, self.name)
         gathered = getattr(values, "gathered", {})
         writer.put([(self.rank_keys[r], (v, {g: gathered[g][r] for g in self.gather})) for r, v in enumerate(values)])

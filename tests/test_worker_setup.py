@@ -305,3 +305,27 @@ def test_a_foreground_run_of_another_thread_counts_as_in_flight(ip):
                                    "'loader')") and "wait for it to end" in str(refused)
     assert out == [[1] * 12]  # every item with the setup it started with
 
+
+def test_a_setup_changed_between_keying_and_the_start_stores_nothing(ip, tmp_path, monkeypatch):
+    """Another thread changed the setup after the run was keyed and before it
+    started: the run computes under the new setup, so nothing goes under the key."""
+    from mpmagic import checkpoint
+
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nC = 1")
+    real = checkpoint.run_key
+
+    def key_then_change(*args):
+        out = real(*args)
+        worker_setup.set_code("C = 2")  # (as another thread's %%pool setup would, with nothing in flight)
+        return out
+
+    monkeypatch.setattr(checkpoint, "run_key", key_then_change)
+    run(ip, "def usesC(x):\n    return C")
+    with pytest.warns(RuntimeWarning, match="the worker setup changed while this run of `usesC` started"):
+        assert mpmagic.pmap(ip.user_ns["usesC"], range(6), checkpoint=tmp_path) == [2] * 6
+    monkeypatch.setattr(checkpoint, "run_key", real)
+    worker_setup.set_code("C = 1")
+    assert mpmagic.pmap(ip.user_ns["usesC"], range(6), checkpoint=tmp_path) == [1] * 6
+    checkpoint.close_stores()
+
