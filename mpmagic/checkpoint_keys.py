@@ -258,13 +258,16 @@ def run_key(func: Any, star: bool) -> tuple[bytes, bytes]:
 
 def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
              seed: int | None = None) -> tuple[bytes, bytes]:
-    """The run key of a ``%%parallel`` cell: its text, the names it reads, its size
-    and its ``seed`` (another seed gives other values: a --seed 4 run returned the
-    values stored by a --seed 3 one)."""
+    """The run key of a ``%%parallel`` cell: its text, the names it reads, its size,
+    its ``seed`` (another seed gives other values: a --seed 4 run returned the
+    values stored by a --seed 3 one) and the worker setup (a cell reads its names
+    as a map's function does: a new setup returned the old one's stored values)."""
     h = hashlib.blake2b(digest_size=16, person=b"mpmagic-cell")
     h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{size}|{gather}|".encode())
     if seed is not None:  # (only then: the keys of cells without a seed stay as they were)
         h.update(f"seed {seed}|".encode())
+    if setup := _setup_digest():  # (only then, as in run_key)
+        h.update(b"setup " + setup)
     h.update(source.encode())
     data = _key_pickle((sorted(names.items()), sorted(modules.items())), h)
     return _digest(h, data), data

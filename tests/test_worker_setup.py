@@ -329,3 +329,16 @@ def test_a_setup_changed_between_keying_and_the_start_stores_nothing(ip, tmp_pat
     assert mpmagic.pmap(ip.user_ns["usesC"], range(6), checkpoint=tmp_path) == [1] * 6
     checkpoint.close_stores()
 
+
+def test_a_checkpointed_cell_is_keyed_by_the_setup(ip, tmp_path):
+    """A %%parallel --checkpoint cell reads the setup's names as a map does; its key
+    left the setup out, so a new setup got the old one's stored values."""
+    ensure_pool("forkserver")
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path)!r}")
+    run(ip, "%%pool setup\nD = 1")
+    assert list(run(ip, "%%parallel -q --checkpoint\nD + rank")) == [1, 2]
+    run(ip, "%%pool setup\nD = 5")
+    assert list(run(ip, "%%parallel -q --checkpoint\nD + rank")) == [5, 6]
+    run(ip, "%%pool setup\nD = 1")
+    assert list(run(ip, "%%parallel -q --checkpoint\nD + rank")) == [1, 2]
+    assert "resumed: 2 of 2" in mpmagic.last_report().line()
