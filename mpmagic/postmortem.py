@@ -82,7 +82,8 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
             config.current().checkpoint) else ""
         raise UsageError(
             f"the last run used --checkpoint{by_default}: run the same call again instead, which takes the stored "
-            "results and runs only the items that failed or never ran"
+            "results and runs only the items that failed or never ran while the function's code is unchanged "
+            "(a fixed function is a new key: every item runs again)"
         )
     if last.results is None:
         raise UsageError(
