@@ -488,3 +488,22 @@ def test_an_interrupt_of_the_serial_compare_run_says_no_worker_was_stopped(ip, p
         f"finished (mpmagic.last_report() is its report): no worker was stopped, and the parallel run's {values} "
         "were dropped with the interrupt; run it without --compare to keep them")
     assert pool2.status()["workers_replaced"] == replaced
+
+
+@pytest.mark.parametrize("cell, name", [
+    ("main = mpmagic.pmap(nap, [0.2] * 60)", "mpmagic.pmap"),
+    ("main = mpmagic.parallel('import time\\ntime.sleep(20)', workers=2)", "mpmagic.parallel"),
+])
+def test_an_interrupted_api_call_shows_one_line_as_the_magic_does(ip, pool2, cell, name):
+    """``mpmagic.pmap(...)`` interrupted in a cell showed a KeyboardInterrupt
+    traceback through engine.py's Run.wait with an empty message, where
+    ``%pmap`` shows its one line (docs/reliability.md, section 2)."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic")
+    replaced = pool2.status()["workers_replaced"]
+    text, err = interrupted_cell(ip, cell, after=0.6)
+    assert type(err) is KeyboardInterrupt
+    assert text.strip() == (f"KeyboardInterrupt: {name} interrupted: the work still running was stopped and its "
+                            "workers replaced; the pool is ready for the next run"), text
+    assert pool2.status()["workers_replaced"] >= replaced + 1  # the run was stopped, as the line says
