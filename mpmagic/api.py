@@ -618,6 +618,8 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "task_import_workers": one_time["task_import_workers"],
         "retried": job.retried,
         "timed_out": job.timed_out,
+        "shared_workers": job.shared_workers,
+        "waited_for_workers": job.waited_for_workers,
     }
     if cores:
         if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
