@@ -18,6 +18,9 @@ picked from the report's measurements, most specific first:
 * large arguments or results copied to and from the workers;
 * large numpy arrays copied into shared memory for the call, where
   ``mpmagic.share`` would have avoided the copy;
+* the workers shared with other runs in flight (a background run, another
+  thread's): the wall time counts waiting for them, so what follows, which
+  reads the loss from the wall time, would blame sending or one slow task;
 * tasks too small for the cost of sending them (per chunk, compute time below
   the overhead the run actually paid per chunk);
 * too few items to keep every worker busy;
@@ -150,6 +153,9 @@ def advise(report: Any) -> str | None:
             "make the array once with `x = mpmagic.share(x)`, and later calls pass it (and slices "
             "of it) to the workers with no copy"
         )
+    shared = _shared_workers(report)
+    if shared:
+        return shared
     # Before "too small": the time others spent waiting for one slow task reads
     # as transfer cost per chunk (a tester got "tasks too small" for one 0.2 s item).
     slowest, where = report.slowest_task, report.slowest_where
@@ -270,6 +276,21 @@ def _slower_in_workers(report: Any) -> str | None:
         f"against {fmt_seconds(report.serial / n)} per item): the workers compete for memory "
         "bandwidth, or each uses several threads (numpy's BLAS) on the same cores; "
         "see docs/performance.md, \"Slower in the workers\""
+    )
+
+
+def _shared_workers(report: Any) -> str | None:
+    """Other runs held workers while this one ran (``Report.shared_workers``):
+    its wall time is partly waiting for them, not sending or collecting chunks
+    (a quick %pmap behind a --bg run was told "sending and collecting a chunk
+    cost ~392.4 ms")."""
+    if not report.shared_workers:
+        return None
+    waited = report.waited_for_workers
+    wait = f"waited ~{fmt_seconds(waited)} for workers busy with" if waited >= 0.001 else "shared the workers with"
+    return (
+        f"this run {wait} another run (a background run, or another thread's), so its time counts "
+        "waiting for them and says little about its own cost: time it while no other run is in flight"
     )
 
 

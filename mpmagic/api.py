@@ -25,7 +25,14 @@ from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .cpus import recent_cpus
 from .engine import sigint_deferred
-from .errors import ParallelError, UsageError, drop_our_frames, format_exception, render_traceback
+from .errors import (
+    ParallelError,
+    UsageError,
+    drop_our_frames,
+    format_exception,
+    render_traceback,
+    run_interrupted,
+)
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
@@ -383,9 +390,9 @@ def pmap(
     debugging.forget()  # (an interrupted run leaves no stale failure for %pdebug)
     try:
         _run_with_progress(call.backend, job, bar, workers)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         _interrupted(call, t0)
-        raise
+        raise run_interrupted("mpmagic.pmap", exc) from None  # one line in IPython, as %pmap's
     except BaseException as exc:  # what stopped the run itself (its on_chunk raised): the report is this run's
         _stopped(call, t0, exc)
         raise
@@ -611,6 +618,8 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "task_import_workers": one_time["task_import_workers"],
         "retried": job.retried,
         "timed_out": job.timed_out,
+        "shared_workers": job.shared_workers,
+        "waited_for_workers": job.waited_for_workers,
     }
     if cores:
         if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
@@ -874,12 +883,12 @@ def parallel(
     debugging.forget()
     try:
         _run_with_progress(call.backend, job, bar, size)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Ranks that failed before the interrupt (often why the others waited):
         # %pdebug and last_failures() still have them.
         debugging.record_cell(job, call.spec_bytes, size)
         _interrupted(call, t0)
-        raise
+        raise run_interrupted("mpmagic.parallel", exc) from None  # one line in IPython, as %%parallel's
     finally:
         call.record_kept()
     report = _last_report = call.report(time.perf_counter() - t0)

@@ -10,7 +10,9 @@
   attribute of the exception, whose ``vars()`` stay as serial Python's). :func:`record_map` / :func:`record_cell`
   (called by ``api.py``) keep the last run, with the very payload bytes its
   workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
-  debugger) and ``--rerun-failed``.
+  debugger) and ``--rerun-failed``. Only runs of the notebook's thread count
+  (:func:`notebook_thread`): a run a library or a ``threading.Thread`` made
+  leaves the notebook's record as it was.
 
 This module sits below ``worker.py`` and ``jobs.py`` (both import it): it
 imports no other mpmagic module at import time, never ``jobs`` or ``api``,
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -218,6 +221,20 @@ _foreground: LastRun | None = None
 _background_last = False  # the last run started was a background run or a stream (see forget)
 
 
+def notebook_thread() -> bool:
+    """Does this thread run the notebook's cells (the process's main thread)?
+
+    ipykernel runs cells there, and ipywidgets' callbacks too (comm messages
+    are handled where cells are); so does a script's or IPython's own code. A
+    run started from any other thread (a ``threading.Thread``, a library's
+    pool, an ipykernel subshell) is not the notebook's "last run": its
+    failures are the caller's (``Failed`` in its results, or its exception),
+    and it must not replace what ``%pdebug``, ``--rerun-failed`` and
+    :func:`last_failures` show of the cells' own runs.
+    """
+    return threading.current_thread() is threading.main_thread()
+
+
 def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict,
                items: Any = None) -> None:
     """Keep what a finished ``pmap`` needs for ``%pdebug`` and ``--rerun-failed``.
@@ -227,9 +244,12 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     must not import ``jobs``). ``items``: the input as a list, when the job
     read it lazily but it can be listed again (several lists zipped); only
     asked for when the run raised. Cheap when nothing failed: the run is
-    remembered without its results.
+    remembered without its results. A run of another thread than the
+    notebook's records nothing (:func:`notebook_thread`).
     """
     global _last
+    if not notebook_thread():
+        return
     failures: list[FailureInfo] = []
     full: list | None = None
     inputs = job.inputs
@@ -257,8 +277,11 @@ def last_run() -> LastRun | None:
 
 
 def set_last_run(run: LastRun | None) -> None:
-    """Make ``run`` the last run (``postmortem.rerun_failed`` merges its re-run in)."""
+    """Make ``run`` the last run (``postmortem.rerun_failed`` merges its re-run in);
+    from another thread than the notebook's, nothing changes."""
     global _last
+    if not notebook_thread():
+        return
     _last = run
 
 
@@ -267,7 +290,7 @@ def renumber_last(positions: list[int]) -> None:
     items its store lacks): its item ``i`` is item ``positions[i]`` of the
     whole input. Failures are renumbered to count in the whole input; the run
     cannot be re-run piecewise (running the checkpointed call again does that)."""
-    if _last is None or _last.kind != "map":
+    if _last is None or _last.kind != "map" or not notebook_thread():
         return
     for f in _last.failures:
         if f.index is not None and 0 <= f.index < len(positions):
@@ -279,8 +302,11 @@ def forget(background: bool = False) -> None:
     """A run starts: an older run's failures are no longer the last (even if
     this one is interrupted before it records its own). A ``background`` run
     (``--bg``, ``submit``, ``imap``) records nothing: the last blocking run's
-    failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`)."""
+    failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`).
+    A run another thread starts changes nothing (:func:`notebook_thread`)."""
     global _last, _foreground, _background_last
+    if not notebook_thread():
+        return
     if background and _last is not None and _last.failures:
         _foreground = _last
     elif not background:
@@ -301,15 +327,19 @@ def last_foreground_failure() -> LastRun | None:
 
 
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
-    """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``."""
+    """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``
+    (not for a run of another thread than the notebook's: :func:`notebook_thread`)."""
     global _last
+    if not notebook_thread():
+        return
     infos = job.failure_infos
     failures = [infos.get(r) or FailureInfo(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
     _last = LastRun("cell", spec_bytes, failures)
 
 
 def last_failures() -> list[FailureInfo]:
-    """The failures of the last ``pmap`` or ``parallel`` run (empty if it succeeded).
+    """The failures of the last ``pmap`` or ``parallel`` run the notebook's
+    thread made (empty if it succeeded; runs of other threads do not count).
 
     Each :class:`FailureInfo` holds the item's index and input (or the rank),
     the exception, the worker's local variables at the raising line (as

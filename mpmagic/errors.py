@@ -156,6 +156,27 @@ def interrupt_outcome(exc: BaseException) -> str | None:
     return getattr(exc, "mpmagic_outcome", None)
 
 
+#: What the local pool did with an interrupted run's work (Dask says what it
+#: did instead, noted on the interrupt: :func:`interrupt_outcome`).
+STOPPED_OUTCOME = "the work still running was stopped and its workers replaced; the pool is ready for the next run"
+
+
+def run_interrupted(what: str, exc: BaseException) -> KeyboardInterrupt:
+    """The one-line KeyboardInterrupt (``"{what} interrupted: {outcome}"``) of
+    a blocking run the user interrupted while the call waited on it.
+
+    ``what`` names the call (``mpmagic.pmap``); ``exc`` is the interrupt that
+    landed in the wait, whose noted outcome (Dask's) is kept on the new one,
+    so the magics over the call still say what the backend did. Without it,
+    IPython showed a traceback through our waiting code (``Run.wait``) with
+    an empty message, where the magic shows one line.
+    """
+    outcome = interrupt_outcome(exc)
+    new = one_line_interrupt(f"{what} interrupted: {outcome or STOPPED_OUTCOME}")
+    set_interrupt_outcome(new, outcome)
+    return new
+
+
 class RemoteTraceback(Exception):
     """The text of a worker-side traceback (kept for code that reads ``.text``).
 

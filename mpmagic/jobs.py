@@ -291,6 +291,11 @@ class MapJob:
         self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
         self.retried = 0  # items sent again after their worker died (--retries)
         self.timed_out = 0  # items stopped at the timeout
+        # Other runs held workers while this one was in flight (a background run,
+        # another thread's): its wall time is not its own (the backend sets them;
+        # the advice must not call that waiting a transfer cost).
+        self.shared_workers = False
+        self.waited_for_workers = 0.0  # seconds its first unit waited for workers busy with other runs
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
                  chunk: Callable[[int, list], None] | None, ask_input: Callable[[], None] | None) -> tuple:
@@ -955,6 +960,8 @@ class CellJob:
         self.spans: list[tuple[float, float]] = []  # (start, end) of ranks: how many ran at once (report)
         self.retried = 0  # (ranks are never retried)
         self.timed_out = 0
+        self.shared_workers = False  # other runs held workers meanwhile (see MapJob)
+        self.waited_for_workers = 0.0
 
     def _rank_finished(self) -> None:
         if self._progress:

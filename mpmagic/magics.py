@@ -35,6 +35,7 @@ from IPython.display import display
 from . import api, astlock, config, pool, scaling
 from .cell import source_digest
 from .errors import (
+    STOPPED_OUTCOME,
     MPMagicError,
     ReduceError,
     UsageError,
@@ -47,7 +48,7 @@ from .setup_api import RunsInFlight
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
 # The local pool's outcome (Dask's says what it did instead: errors.interrupt_outcome).
-_STOPPED = "the work still running was stopped and its workers replaced; the pool is ready for the next run"
+_STOPPED = STOPPED_OUTCOME
 # --compare's serial run is in the notebook, after the parallel run: an
 # interrupt there stops no worker, and the parallel run's values are lost
 # with the exception (api.py does not keep them).

@@ -71,6 +71,11 @@ class Report:
     timed_out: int = 0  # items stopped at --timeout (with errors="collect": among the failed)
     serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
     interrupted: bool = False  # the run was interrupted: the line says so, and no speedup
+    # Other runs held workers while this one ran (a background run, another
+    # thread's): the wall time counts waiting for them; and how long its first
+    # unit waited for a worker busy with another run.
+    shared_workers: bool = False
+    waited_for_workers: float = 0.0
 
     @property
     def serial_measured(self) -> bool:

@@ -478,3 +478,35 @@ def test_pdebug_takes_only_a_whole_number(ip):
     for arg in ("--1", "²", "1.5", "- 1"):
         result = ip.run_cell(f"%pdebug {arg}", store_history=False)
         assert str(result.error_in_exec).startswith(f"%pdebug: N must be an item index or rank, not {arg!r}"), arg
+
+
+def test_runs_from_other_threads_do_not_become_the_notebooks_last_run(ip, fs_pool, capsys):
+    """A pmap a thread ran (a library's, a threading.Thread in the notebook)
+    became "the last run": --rerun-failed re-ran the thread's function and input
+    into the cell's variable, %pdebug opened it, and a thread's run that
+    succeeded erased the notebook's failure. Only the notebook's thread counts."""
+    import threading
+
+    run(ip, "import mpmagic\ndef halve(x):\n    if x == 3:\n        raise ValueError('three')\n    return x * 10\n"
+            "def other(x):\n    if x == 1:\n        raise KeyError('other')\n    return x + 1000\n"
+            "out = %pmap -q --errors collect halve, range(6)")
+    errors = []
+
+    def in_a_thread():
+        try:
+            mpmagic.pmap(ip.user_ns["other"], range(5), errors="collect")  # fails on item 1
+            mpmagic.pmap(abs, range(3))  # succeeds
+            mpmagic.submit(abs, range(3)).result(30)  # a background run started here
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(30)
+    assert not errors and not thread.is_alive()
+    assert [(f.index, str(f.error)) for f in mpmagic.last_failures()] == [(3, "three")]
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "p x\nq\n", capsys)
+    assert "raise ValueError('three')" in out and "ipdb> 3\n" in out, out
+    run(ip, "def halve(x):\n    return x * 10\n")
+    assert run(ip, "fixed = %pmap --rerun-failed -q\nfixed") == [x * 10 for x in range(6)]

@@ -356,6 +356,25 @@ def test_advice_picks_the_cause_from_the_measurements():
     assert _report(wall=3.0, failed=1).advice is None  # a failed run gets its error, not advice
 
 
+
+def test_advice_does_not_call_waiting_for_another_runs_workers_a_transfer_cost(ip, pool2, settings):
+    """A quick %pmap that waited for workers busy with a --bg run was told
+    "sending and collecting a chunk cost ~392.4 ms: give each call more work"."""
+    tiny = _report(items=50, chunks=2, wall=0.4, task_seconds=0.001)
+    assert "sending and collecting a chunk" in tiny.advice  # alone: the transfer cost, as before
+    waited = _report(items=50, chunks=2, wall=0.4, task_seconds=0.001, shared_workers=True, waited_for_workers=0.39)
+    assert waited.advice.startswith("this run waited ~390.0 ms for workers busy with another run"), waited.advice
+    bg = mpmagic.submit(ip.user_ns["nap"], [0.3] * 4, chunksize=1)  # both workers busy for ~0.6 s
+    time.sleep(0.1)
+    run(ip, "%pmap -q sq, range(50)")
+    report = mpmagic.last_report()
+    assert bg.result(30) == [0.3] * 4
+    assert report.shared_workers and report.advice.startswith("this run "), report.advice
+    assert "another run" in report.advice and "sending" not in report.advice, report.advice
+    run(ip, "%pmap -q sq, range(50)")  # alone again: nothing shared
+    assert not mpmagic.last_report().shared_workers
+
+
 # -- scaling -------------------------------------------------------------------
 
 
@@ -488,3 +507,22 @@ def test_an_interrupt_of_the_serial_compare_run_says_no_worker_was_stopped(ip, p
         f"finished (mpmagic.last_report() is its report): no worker was stopped, and the parallel run's {values} "
         "were dropped with the interrupt; run it without --compare to keep them")
     assert pool2.status()["workers_replaced"] == replaced
+
+
+@pytest.mark.parametrize("cell, name", [
+    ("main = mpmagic.pmap(nap, [0.2] * 60)", "mpmagic.pmap"),
+    ("main = mpmagic.parallel('import time\\ntime.sleep(20)', workers=2)", "mpmagic.parallel"),
+])
+def test_an_interrupted_api_call_shows_one_line_as_the_magic_does(ip, pool2, cell, name):
+    """``mpmagic.pmap(...)`` interrupted in a cell showed a KeyboardInterrupt
+    traceback through engine.py's Run.wait with an empty message, where
+    ``%pmap`` shows its one line (docs/reliability.md, section 2)."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic")
+    replaced = pool2.status()["workers_replaced"]
+    text, err = interrupted_cell(ip, cell, after=0.6)
+    assert type(err) is KeyboardInterrupt
+    assert text.strip() == (f"KeyboardInterrupt: {name} interrupted: the work still running was stopped and its "
+                            "workers replaced; the pool is ready for the next run"), text
+    assert pool2.status()["workers_replaced"] >= replaced + 1  # the run was stopped, as the line says

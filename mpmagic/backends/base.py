@@ -21,6 +21,10 @@ class Job(Protocol):
     kind: str  # "map" or "cell"
     call_id: int
     timeout: float | None
+    # Set by the backend: other runs held workers while this one was in flight,
+    # and how long its first unit waited for them (the report's advice reads them).
+    shared_workers: bool
+    waited_for_workers: float
 
     # Read-only here (a job may compute them: CellJob.items_failed is a property).
     @property

@@ -278,6 +278,8 @@ class _LocalRun(Run):
         self.limit = limit  # a map uses at most this many workers (``workers=``)
         self.cancel_requested = False
         self.grace_deadline: float | None = None  # failed: its later chunks may come back until then
+        # Submitted while other runs' units held every worker: since when (until its first unit goes out).
+        self.waiting_since: float | None = None
 
     def cancel(self, interrupted: bool = False) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
@@ -717,6 +719,8 @@ class LocalBackend:
             self.calls_run += 1
             self._runs.append(run)
             self._calls[job.call_id] = run
+            if len(self._runs) > 1:
+                self._note_sharing(run)
             try:
                 wake = self._step_here(job)
             except KeyboardInterrupt as exc:  # (raised once the step was over)
@@ -1124,8 +1128,32 @@ class LocalBackend:
             slot.broken = True  # found by the chaos soak: _assign sent to it again and again
             return  # the sentinel reports the dead worker
         slot.inflight.append((run, unit))
+        if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
+            job.waited_for_workers += time.monotonic() - run.waiting_since
+            run.waiting_since = None
+        if len(self._runs) > 1:
+            self._note_sharing()
         if job.timeout and len(slot.inflight) == 1 and slot.ready:  # (a starting worker: once ready)
             slot.deadline = time.monotonic() + job.timeout
+
+    def _note_sharing(self, new: _LocalRun | None = None) -> None:
+        """Mark the runs that hold workers at the same moment as sharing them
+        (``job.shared_workers``): each one's wall time then counts waiting for
+        the others, which its report's advice must not call a transfer cost
+        (a quick %pmap behind a --bg run was told its chunks cost ~0.4 s to
+        send). ``new``: a run just submitted (under the lock); when every
+        worker is busy with other runs, its wait for one starts now.
+
+        Called only while several runs are in flight (one run pays nothing).
+        """
+        holders = {id(r): r for s in self.slots for r, _ in s.inflight}
+        if new is not None and holders and id(new) not in holders:
+            if all(s.inflight or s.broken or s.retiring for s in self.slots):
+                new.waiting_since = time.monotonic()
+            holders[id(new)] = new
+        if len(holders) > 1:
+            for r in holders.values():
+                r.job.shared_workers = True
 
     def _saturated(self, slot: _Slot) -> bool:
         """Has this worker been given its ``max_tasks_per_child`` items already?"""
