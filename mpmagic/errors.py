@@ -58,7 +58,13 @@ class SerializationError(MPMagicError):
 
 
 def unloadable_results(what: str, exc: BaseException) -> SerializationError:
-    """The error for results that came back but cannot be loaded in the notebook."""
+    """The error for results that came back but cannot be loaded in the notebook.
+
+    When the loading failed with one of our own errors (a shared helper made in
+    the task, released by its worker: ``SharedObjectGone``), that error's advice
+    is the one to follow, not advice about importable types."""
+    if isinstance(exc, MPMagicError):
+        return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: {exc}")
     return SerializationError(
         f"{what} came back from the worker but cannot be loaded in the notebook "
         f"({type(exc).__name__}: {exc}). Return types the notebook can import (plain data, "

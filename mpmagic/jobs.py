@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import re
 import sys
 import threading
 import time
@@ -911,6 +912,19 @@ class MapJob:
 _SAY_FAILED_AFTER = 0.5
 
 
+_REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
+
+
+def _rank_line(rank: Any, line: str) -> str:
+    """``line`` of a rank's output labelled ``[rank N]``, also after each ``\\r``
+    that redraws it (a progress bar): the notebook shows only what follows the
+    last one, which lost its label."""
+    label = f"[rank {rank}] "
+    if "\r" in line:
+        line = _REDRAWN.sub(lambda _: "\r" + label, line)
+    return f"{label}{line}\n"
+
+
 class CellJob:
     """A ``%%parallel`` cell: one unit per rank, all running at once."""
 
@@ -1119,14 +1133,14 @@ class CellJob:
         lines = text.split("\n")
         if lines[-1]:
             self._partial[key] = lines[-1]
-        body = "".join(f"[rank {rank}] {line}\n" for line in lines[:-1])
+        body = "".join(_rank_line(rank, line) for line in lines[:-1])
         if body:
             self._out(stream, body)
 
     def flush_output(self) -> None:
         self._over = True  # (its output is all out: see release_shared)
         for (rank, stream), rest in sorted(self._partial.items()):
-            self._out(stream, f"[rank {rank}] {rest}\n")
+            self._out(stream, _rank_line(rank, rest))
         self._partial.clear()
 
     def results(self) -> list:

@@ -73,6 +73,17 @@ def test_labelled_output_nothing_lost(ip, backend, capsys):
         assert mine == [f"[rank {r}] line {i} of rank {r}" for i in range(1000)]
 
 
+def test_a_redrawn_line_keeps_its_rank_label(ip, local_pool, capsys):
+    """A progress line redrawn with \\r (tqdm's) showed without its label: the
+    notebook keeps only what follows the last \\r, and the label was before the first."""
+    capsys.readouterr()
+    cell(ip, "-n 2 -q", "import sys\nfor i in range(3):\n    sys.stdout.write(f'\\rstep {i}')\nprint()")
+    out = capsys.readouterr().out.split("\n")  # (not splitlines: it splits at \r too)
+    for r in range(2):
+        line = next(line for line in out if line.startswith(f"[rank {r}] "))
+        assert line.rsplit("\r", 1)[1] == f"[rank {r}] step 2", repr(line)
+
+
 def test_error_in_one_rank_of_four(ip, backend, capsys):
     capsys.readouterr()
     with pytest.raises(mpmagic.ParallelError) as info:

@@ -826,3 +826,13 @@ def test_classic_queue_calls_run_unchanged():
     q.cancel_join_thread()
     q.join_thread()
     assert q.get(timeout=5) == 1
+
+
+def test_a_helper_made_in_a_task_and_returned_says_to_make_it_in_the_notebook(ip, local_pool):
+    """It belongs to the task's worker, which released it: the error is the
+    helper's own advice, not advice to return types the notebook can import."""
+    run(ip, "import mpmagic\ndef make_value(i):\n    return mpmagic.Value('i', i)\n")
+    with pytest.raises(mpmagic.SerializationError) as info:
+        run(ip, "%pmap -q make_value, [1]")
+    text = str(info.value)
+    assert "Make a new mpmagic.Value(...) in the notebook" in text and "Return types" not in text, text
