@@ -19,6 +19,7 @@ from typing import Any
 
 from . import pool, worker_setup
 from .errors import MPMagicError, UsageError
+from .jobs import MapJob
 
 
 class RunsInFlight(UsageError):
@@ -79,15 +80,14 @@ def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as:
     """
     __tracebackhide__ = True
     backend = pool.current_pool()
-    held = getattr(backend, "runs_held", None)
-    if held is None:  # no pool yet: nothing can be in flight
+    if backend is None:  # no pool yet: nothing can be in flight
         change()
         return run_everywhere(interrupt_as) if start else apply_now(interrupt_as)
-    with held() as busy:
+    with backend.runs_held() as busy:
         if busy:
             raise RunsInFlight(_refusal(what, busy))
         change()
-        if start or getattr(backend, "running", False):
+        if start or backend.running:
             return run_everywhere(interrupt_as, backend)
         return []
 
@@ -103,11 +103,11 @@ def _refusal(what: str, runs: list[Any]) -> str:
             names.append(f"run {handle.id} ({handle.what})")
             ids.append(str(handle.id))
             continue
-        job = getattr(run, "job", None)
-        kind = {"map": "a pmap", "cell": "a %%parallel cell"}.get(getattr(job, "kind", ""), "a run")
-        func = getattr(job, "func", None)
+        job = run.job
+        kind = {"map": "a pmap", "cell": "a %%parallel cell"}.get(job.kind, "a run")
+        func = job.func if isinstance(job, MapJob) else None
         of = f" of {getattr(func, '__name__', type(func).__name__)}" if func is not None else ""
-        thread = getattr(run, "thread", None)
+        thread = run.thread
         names.append(kind + of + (f" in thread {thread!r}" if thread else ""))
     them = "it" if len(runs) == 1 else "them"
     how = f"wait for {them} to end (run.result())"

@@ -78,6 +78,7 @@ class Backend(Protocol):
     #: None where ``shared`` makes its own (the local pool: POSIX shared memory).
     @property
     def make_shared(self) -> Callable[..., Any] | None: ...
+    def runs_held(self) -> Any: ...  # a context manager: the runs in flight, none may start meanwhile
 
     @property
     def workers(self) -> int: ...
