@@ -36,6 +36,7 @@ imported, else after the first notebook cell that imports it.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
@@ -108,8 +109,12 @@ def _unpack(parts: list) -> list:
 
 
 def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, selection: Any,
-                  func: Callable, args: tuple, kwargs: dict) -> list:
-    """``func(group)`` for each group of ``batch`` named in ``names``, in that order."""
+                  func: Callable, args: tuple, kwargs: dict, options: dict) -> list:
+    """``func(group)`` for each group of ``batch`` named in ``names``, in that order.
+
+    ``options``: pandas' own keywords for its apply (``include_groups``), so each
+    group is what pandas' call on the whole would hand ``func``.
+    """
     wanted = {_group_key(name) for name in names}
     found: dict = {}
     grouped = batch.groupby(**spec)
@@ -121,7 +126,7 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
         if key in wanted:  # observed=False may also show empty groups of absent categories
             found[key] = func(group, *args, **kwargs)
 
-    grouped.apply(record)
+    grouped.apply(record, **options)
     return [found[_group_key(name)] for name in names]
 
 
@@ -224,7 +229,7 @@ def _replay(obj: pd.DataFrame | pd.Series, method: str, options: dict, values: l
 _END = object()
 
 
-def _assemble_frame(df: pd.DataFrame, values: list, axis: Any, raw: bool, result_type: Any, func: Callable) -> Any:
+def _assemble_frame(df: pd.DataFrame, values: list, options: dict, func: Callable) -> Any:
     """``df.apply(func, ...)`` from the values ``func`` returned for each row (or column), in order.
 
     pandas builds the result from all of them at once (``wrap_results``: a
@@ -232,14 +237,17 @@ def _assemble_frame(df: pd.DataFrame, values: list, axis: Any, raw: bool, result
     rows returned, dtypes inferred over all rows). Its own apply object does
     that here without walking the rows again; where it is not there (another
     pandas version), pandas' apply replays the values, which costs one pass over
-    the rows at home.
+    the rows at home. ``options``: pandas' keywords (``axis``, ``raw``,
+    ``result_type``, and any other, which only the replay passes on).
     """
-    wrap = None if raw or result_type == "broadcast" else _pandas_wrap(df, func, axis, result_type)
+    axis, raw, result_type = options["axis"], options["raw"], options["result_type"]
+    plain = set(options) == {"axis", "raw", "result_type"}
+    wrap = None if raw or result_type == "broadcast" or not plain else _pandas_wrap(df, func, axis, result_type)
     if wrap is not None and len(values) == df.shape[0 if axis in (1, "columns") else 1]:
         # (one value per row, or column: anything else would put values beside the
         # wrong rows, so pandas' replay, which checks the count, decides then)
         return wrap(dict(enumerate(values)))
-    return _replay(df, "apply", {"axis": axis, "raw": raw, "result_type": result_type}, values, func)
+    return _replay(df, "apply", options, values, func)
 
 
 def _pandas_wrap(df: pd.DataFrame, func: Callable, axis: Any, result_type: Any) -> Callable | None:
@@ -276,6 +284,53 @@ def _maps_distinct_values(s: pd.Series) -> bool:
     return isinstance(s.dtype, (pd.CategoricalDtype, pd.SparseDtype))
 
 
+def _split_options(method: Callable, kwargs: dict, handled: Sequence[str] = (),
+                   per_piece: Sequence[str] = ()) -> tuple[dict, dict, bool]:
+    """``kwargs`` split as pandas' own ``method`` splits them: (pandas' options, func's keywords, at home).
+
+    ``per_piece``: the options that mean the same on a piece as on the whole
+    (``include_groups``): they are passed to pandas' call on each piece. Any
+    other option set away from its default (``Series.apply(by_row=False)``: one
+    call on the whole Series; ``engine=``: another executor) cannot be cut in
+    pieces: pandas' own call runs here.
+
+    Which keywords are pandas' own depends on the pandas version (``include_groups``
+    came in 2.2, ``by_row`` in 2.1, ``engine`` for ``Series.map`` in 3.0): read
+    from the installed pandas' signature, so a keyword pandas itself would hand
+    to ``func`` still goes to ``func``. An option left at its default is
+    dropped; ``at home`` is True when one that cannot mean the same on pieces
+    is set, and pandas' call must then run here on the whole object.
+    """
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # pragma: no cover - pandas' methods have signatures
+        return {}, kwargs, False
+    own = {name: p.default for name, p in params.items()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "func", *handled)}
+    options: dict = {}
+    rest: dict = {}
+    home = False
+    for name, value in kwargs.items():
+        if name not in own:
+            rest[name] = value
+        elif name in per_piece:
+            options[name] = value
+        elif not _is_default(value, own[name]):
+            options[name] = value
+            home = True
+    return options, rest, home
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Is ``value`` pandas' default for its option (None, ``'compat'``...)?"""
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # an array, say: not a default
+        return False
+
+
 class FrameAccessor:
     """``df.mp``: ``apply`` on the pool."""
 
@@ -291,24 +346,28 @@ class FrameAccessor:
         of columns. ``workers`` limits the processes, ``chunks`` sets the number of
         pieces (default: 4 per worker), ``quiet`` hides the timing report. A
         function named by a string (``"sum"``), a NumPy ufunc or a list or dict
-        of functions is pandas' vectorized call: it runs here.
+        of functions is pandas' vectorized call: it runs here. pandas' own options
+        (``by_row``, ``engine``...) are pandas', never ``func``'s; an ``engine``
+        runs pandas' call here.
         """
         df = self._obj
         axis = df._get_axis_number(axis)  # pandas' own error for a bad axis ("No axis named 2 ...")
         by_rows = axis == 1
         n = df.shape[0] if by_rows else df.shape[1]
-        if n == 0 or df.size == 0 or _vectorized(func):
-            return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **kwargs)
+        extra, kwargs, home = _split_options(pd.DataFrame.apply, kwargs, ("axis", "raw", "result_type", "args"),
+                                             per_piece=("by_row",))
+        if n == 0 or df.size == 0 or _vectorized(func) or home:
+            return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs)
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         if by_rows:
             items = [df.iloc[a:b] for a, b in _bounds(n, pieces)]
         else:
             items = [df.iloc[:, a:b] for a, b in _bounds(n, pieces)]
         bound = _bind(func, args, kwargs)
-        options = {"axis": axis, "raw": raw, "result_type": result_type}
+        options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
         task = functools.partial(_record, method="apply", options=options, func=bound)
         parts = _run(task, items, workers, "rows" if by_rows else "columns", n, quiet, chunks is not None)
-        return _assemble_frame(df, _unpack(parts), axis, raw, result_type, bound)
+        return _assemble_frame(df, _unpack(parts), options, bound)
 
 
 class SeriesAccessor:
@@ -321,12 +380,15 @@ class SeriesAccessor:
             chunks: int | None = None, quiet: bool = False, **kwargs: Any) -> pd.Series:
         """``series.map(func)`` on the pool; returns exactly what pandas returns.
 
-        A mapping (dict, Series) is not worth sending: pandas' own map runs here.
+        A mapping (dict, Series) is not worth sending: pandas' own map runs here,
+        as it does with an ``engine`` (pandas' option, never ``func``'s).
         """
         s = self._obj
-        if not callable(func) or len(s) == 0 or _maps_distinct_values(s):
-            return s.map(func, na_action=na_action, **kwargs)
-        return self._per_value("map", {"na_action": na_action}, _bind(func, (), kwargs), workers, chunks, quiet)
+        extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
+        if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
+            return s.map(func, na_action=na_action, **extra, **kwargs)
+        return self._per_value("map", {"na_action": na_action, **extra}, _bind(func, (), kwargs), workers, chunks,
+                               quiet)
 
     def apply(self, func: Callable, args: tuple = (), *, workers: int | None = None,
               chunks: int | None = None, quiet: bool = False, **kwargs: Any) -> Any:
@@ -334,12 +396,14 @@ class SeriesAccessor:
 
         A DataFrame when ``func`` returns a Series, as in pandas. A function named
         by a string (``"sum"``), a NumPy ufunc or a list or dict of functions is
-        pandas' vectorized call on the whole Series: it runs here.
+        pandas' vectorized call on the whole Series: it runs here, as does
+        ``by_row=False`` (pandas calls ``func`` once, on the whole Series).
         """
         s = self._obj
-        if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s):
-            return s.apply(func, args, **kwargs)
-        return self._per_value("apply", {}, _bind(func, args, kwargs), workers, chunks, quiet)
+        extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
+        if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:
+            return s.apply(func, args, **extra, **kwargs)
+        return self._per_value("apply", extra, _bind(func, args, kwargs), workers, chunks, quiet)
 
     def _per_value(self, method: str, options: dict, func: Callable, workers: int | None, chunks: int | None,
                    quiet: bool) -> Any:
@@ -376,12 +440,17 @@ class GroupByAccessor:
 
     def apply(self, func: Callable, *args: Any, workers: int | None = None, chunks: int | None = None,
               quiet: bool = False, **kwargs: Any) -> Any:
-        """``groupby(...).apply(func)`` on the pool; returns exactly what pandas returns."""
+        """``groupby(...).apply(func)`` on the pool; returns exactly what pandas returns.
+
+        pandas' own options (``include_groups``) are passed to pandas' apply, in
+        the workers and here, never to ``func``.
+        """
         gb = self._gb
         spec = self._spec()
+        extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
         indices = gb.indices  # group name -> positions in gb.obj
-        if not indices:
-            return gb.apply(func, *args, **kwargs)
+        if not indices or home:
+            return gb.apply(func, *args, **extra, **kwargs)
         names = list(indices)
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         items = []
@@ -391,17 +460,18 @@ class GroupByAccessor:
             items.append(gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))))
         task_items = [(item, names[a:b]) for item, (a, b) in zip(items, _bounds(len(names), pieces), strict=True)]
         task = functools.partial(_apply_batch, spec=spec, selection=gb._selection, func=func,
-                                 args=args, kwargs=kwargs)
+                                 args=args, kwargs=kwargs, options=extra)
         parts = _run(task, task_items, workers, "groups", len(names), quiet, chunks is not None)
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.
-        return gb.apply(_lookup, values, func, args, kwargs)
+        return gb.apply(_lookup, values, func, args, kwargs, **extra)
 
 
-def _apply_batch(item: tuple, spec: dict, selection: Any, func: Callable, args: tuple, kwargs: dict) -> list:
+def _apply_batch(item: tuple, spec: dict, selection: Any, func: Callable, args: tuple, kwargs: dict,
+                 options: dict | None = None) -> list:
     batch, names = item
-    return _apply_groups(batch, names, spec, selection, func, args, kwargs)
+    return _apply_groups(batch, names, spec, selection, func, args, kwargs, options or {})
 
 
 def _lookup(group: Any, values: dict, func: Callable, args: tuple, kwargs: dict) -> Any:

@@ -279,7 +279,7 @@ def test_the_whole_is_assembled_by_replay_where_pandas_lacks_its_apply_object(fr
 
     values = [row_other_keys(row) for _, row in frame.iterrows()]
     monkeypatch.setattr(pandas_accessor, "_pandas_wrap", lambda *_: None)
-    got = pandas_accessor._assemble_frame(frame, values, 1, False, None, row_other_keys)
+    got = pandas_accessor._assemble_frame(frame, values, {"axis": 1, "raw": False, "result_type": None}, row_other_keys)
     assert_same(got, frame.apply(row_other_keys, axis=1))
 
 
@@ -290,3 +290,19 @@ def test_a_replay_that_does_not_fit_runs_pandas_call_here(frame, caplog) -> None
     got = pandas_accessor._replay(s, "map", {"na_action": None}, [1, 2], str)
     assert_same(got, s.map(str))
     assert "running it here" in caplog.text
+
+
+def test_pandas_own_options_go_to_pandas_never_to_func(ip, frame) -> None:
+    # include_groups (pandas >= 2.2), by_row (>= 2.1), engine (Series.map, >= 3.0): pandas' own keywords,
+    # read from the installed pandas' signatures; a function taking **kw must not receive them.
+    import inspect
+
+    run(ip, "def n_kw(x, **kw):\n    return len(kw)")
+    calls = [("df.groupby('key')", "apply(n_kw, include_groups=False)", pd.core.groupby.DataFrameGroupBy.apply),
+             ("df['x']", "apply(lambda s: s * 2, by_row=False)", pd.Series.apply),
+             ("df['x']", "map(n_kw, engine=None)", pd.Series.map),
+             ("df", "apply(n_kw, axis=1, by_row=False)", pd.DataFrame.apply)]
+    for obj, call, method in calls:
+        option = call.split(", ")[-1].split("=")[0]
+        if option in inspect.signature(method).parameters:
+            assert_same(run(ip, f"{obj}.mp.{call[:-1]}, chunks=3, quiet=True)"), run(ip, f"{obj}.{call}"))
