@@ -424,15 +424,15 @@ class GroupByAccessor:
 
     def _spec(self) -> dict:
         gb = self._gb
-        keys, level = gb.keys, gb.level
-        if keys is not None and isinstance(gb.obj, pd.Series):
+        keys, level = _fresh_groupers(gb.keys), gb.level
+        if keys is not None and isinstance(gb.obj, pd.Series) and not _are_labels(keys, gb.obj):
             raise UsageError(
                 "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
                 "column): use df.groupby(key).mp.apply(f) and take the column inside f"
             )
         if keys is not None and not _are_labels(keys, gb.obj):
             raise UsageError(
-                "groupby(...).mp.apply groups by column names or index levels; "
+                "groupby(...).mp.apply groups by column names or index level names; "
                 f"got a key of type {type(keys).__name__}: add it as a column and group by its name"
             )
         return {"by": keys, "level": level, "sort": gb.sort, "dropna": gb.dropna,
@@ -459,7 +459,9 @@ class GroupByAccessor:
             # rows in their original order, as pandas' own groups keep them
             items.append(gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))))
         task_items = [(item, names[a:b]) for item, (a, b) in zip(items, _bounds(len(names), pieces), strict=True)]
-        task = functools.partial(_apply_batch, spec=spec, selection=gb._selection, func=func,
+        # (a SeriesGroupBy's rows are its column already: nothing to select in the batch)
+        selection = None if isinstance(gb.obj, pd.Series) else gb._selection
+        task = functools.partial(_apply_batch, spec=spec, selection=selection, func=func,
                                  args=args, kwargs=kwargs, options=extra)
         parts = _run(task, task_items, workers, "groups", len(names), quiet, chunks is not None)
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
@@ -487,14 +489,36 @@ def _lookup(group: Any, values: dict, func: Callable, args: tuple, kwargs: dict)
 
 
 def _are_labels(keys: Any, obj: Any) -> bool:
-    """Is the groupby key a column label (or a list of them) of ``obj``?"""
-    if isinstance(obj, pd.Series):
-        return False
+    """Is the groupby key a column label or index level name (or a list of them) of ``obj``?
+
+    Those travel with each batch of rows, so a worker can group its batch
+    again; so does a ``pd.Grouper`` of one of them (no ``freq``).
+    """
     labels: Sequence = keys if isinstance(keys, list) else [keys]
+    columns = obj.columns if isinstance(obj, pd.DataFrame) else ()
+    levels = [name for name in obj.index.names if name is not None]
     try:
-        return all(isinstance(k, Hashable) and k in obj.columns for k in labels)
+        return all(_is_label(k, columns, levels) for k in labels)
     except TypeError:
         return False
+
+
+def _is_label(key: Any, columns: Any, levels: list) -> bool:
+    if type(key) is pd.Grouper:  # (a freq= Grouper is a subclass: bins need the whole frame)
+        if key.key is not None:
+            return _is_label(key.key, columns, levels)
+        return key.level is not None and (isinstance(key.level, int) or _is_label(key.level, (), levels))
+    return isinstance(key, Hashable) and (key in columns or key in levels)
+
+
+def _fresh_groupers(keys: Any) -> Any:
+    """``keys`` with each ``pd.Grouper`` made anew: pandas caches the frame it grouped in one."""
+    def fresh(key: Any) -> Any:
+        if type(key) is not pd.Grouper:
+            return key
+        return pd.Grouper(key=key.key, level=key.level, sort=key.sort, dropna=key.dropna)
+
+    return [fresh(k) for k in keys] if isinstance(keys, list) else fresh(keys)
 
 
 # --------------------------------------------------------------------------

@@ -194,6 +194,13 @@ def test_groupby_by_index_level_matches_pandas(ip, frame) -> None:
     assert_frame_equal(got, frame.groupby(level="letter").apply(ip.user_ns["group_stats"]), check_exact=True)
 
 
+@pytest.mark.parametrize("by", ["'letter'", "['letter', 'key']", "pd.Grouper(level='n')"])
+def test_groupby_by_index_level_name_matches_pandas(ip, frame, by) -> None:
+    # pandas takes an index level's name as a key, as a column's (it was refused: "add it as a column")
+    assert_same(run(ip, f"df.groupby({by}).mp.apply(group_spread, quiet=True)"),
+                run(ip, f"df.groupby({by}).apply(group_spread)"))
+
+
 def test_groupby_raises_the_exception_pandas_raises(ip, frame) -> None:
     with pytest.raises(ValueError, match="bad group"):
         run(ip, "df.groupby('key').mp.apply(group_fails, quiet=True)")
