@@ -69,7 +69,11 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
     values: list = []
 
     def recorder(x: Any) -> Any:
-        value = func(x)
+        try:
+            value = func(x)
+        except BaseException as exc:
+            _note(exc, _which(piece, options, x, len(values)))
+            raise
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
         values.append(value)
@@ -124,10 +128,85 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
     def record(group: Any) -> None:
         key = _group_key(group.name)
         if key in wanted:  # observed=False may also show empty groups of absent categories
-            found[key] = func(group, *args, **kwargs)
+            try:
+                found[key] = func(group, *args, **kwargs)
+            except BaseException as exc:
+                _note(exc, f"group {_label(group.name)}")
+                raise
 
     grouped.apply(record, **options)
     return [found[_group_key(name)] for name in names]
+
+
+#: The note on an exception ``func`` raised in a worker: which row, column or group it was given.
+#: It replaces the pool's "raised by item N of the input", whose N counts the accessor's pieces.
+_RAISED_BY = "mpmagic: raised by "
+_ITEM_NOTE = "mpmagic: raised by item "
+
+
+def _note(exc: BaseException, what: str) -> None:
+    """Name the row, column or group ``func`` failed on, as a note (once: the first, innermost, wins)."""
+    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
+    if hasattr(exc, "add_note") and not any(n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes):
+        exc.add_note(f"{_RAISED_BY}{what}")
+
+
+def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:
+    """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label."""
+    try:
+        if isinstance(piece, pd.DataFrame):
+            rows = options.get("axis", 0) in (1, "columns")
+            labels = piece.index if rows else piece.columns
+            label = x.name if isinstance(x, pd.Series) else labels[k]  # (raw=True: an array, no name)
+            return f"{'row' if rows else 'column'} {_label(label)}"
+        index = piece.index
+        if options.get("na_action") == "ignore":  # pandas skips the missing values
+            index = index[piece.notna().to_numpy()]
+        return f"row {_label(index[k])}"
+    except Exception:  # (never hide func's own error behind ours)
+        return f"the value {_label(x)}"
+
+
+def _label(label: Any, limit: int = 80) -> str:
+    """A row or group label as the user wrote it: ``17``, ``'a'``, ``(1, 'x')`` (not ``np.int64(17)``)."""
+    if isinstance(label, tuple):
+        text = "(" + ", ".join(_label(part) for part in label) + ("," if len(label) == 1 else "") + ")"
+    else:
+        try:
+            text = repr(label.item() if isinstance(label, np.generic) else label)
+        except Exception:
+            text = f"<{type(label).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _own_notes(exc: BaseException) -> None:
+    """Drop the pool's "raised by item N of the input" note, whose N counts the accessor's pieces.
+
+    The worker named the row or group instead (``_note``); if it did not,
+    pandas' own call raised, not ``func``. A note starting with "mpmagic: "
+    stays, as it tells the display the exception came from a worker.
+    """
+    notes = getattr(exc, "__notes__", None)
+    if not notes or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
+        return
+    named = any(isinstance(n, str) and n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes)
+    fix = "" if named else "mpmagic: raised in a worker by pandas' own call, not by the function"
+
+    def keep(lines: list) -> list:
+        out = []
+        for line in lines:
+            if isinstance(line, str) and line.startswith(_ITEM_NOTE):
+                if fix:
+                    out.append(fix)
+            else:
+                out.append(line)
+        return out
+
+    exc.__notes__ = keep(list(notes))  # type: ignore[attr-defined]
+    attributes = getattr(exc, "__dict__", {})
+    for render in (attributes.get("_render_traceback_"), attributes.get("_render_without_frames")):
+        if isinstance(getattr(render, "lines", None), list):  # (Python < 3.11 shows notes through it)
+            render.lines = keep(render.lines)  # type: ignore[union-attr]
 
 
 class _NA:
@@ -177,7 +256,11 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
     """
     from . import api
 
-    results = api.pmap(func, items, workers=workers, chunksize=1)
+    try:
+        results = api.pmap(func, items, workers=workers, chunksize=1)
+    except BaseException as exc:
+        _own_notes(exc)
+        raise
     report = api.last_report()
     if report is not None:
         report.items = count  # rows or groups, not the pieces they travelled in

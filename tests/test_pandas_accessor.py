@@ -206,6 +206,16 @@ def test_groupby_raises_the_exception_pandas_raises(ip, frame) -> None:
         run(ip, "df.groupby('key').mp.apply(group_fails, quiet=True)")
 
 
+def test_a_failure_names_the_row_or_group_not_the_piece(ip, frame) -> None:
+    # (it said "raised by item 3 of the input", counting the accessor's own pieces)
+    with pytest.raises(ZeroDivisionError) as row:
+        run(ip, "df.mp.apply(row_fails, axis=1, chunks=5, quiet=True)")
+    with pytest.raises(ZeroDivisionError) as group:
+        run(ip, "df.groupby('key').mp.apply(lambda g: 1 / (g.name - 2), chunks=4, quiet=True)")
+    assert row.value.__notes__ == ["mpmagic: raised by row ('a', 3)"]
+    assert group.value.__notes__ == ["mpmagic: raised by group 2"]
+
+
 def test_groupby_by_an_array_says_what_to_do(ip, frame) -> None:
     with pytest.raises(mpmagic.UsageError, match="add it as a column"):
         run(ip, "df.groupby(np.arange(30) % 2).mp.apply(group_spread)")
