@@ -36,6 +36,7 @@ imported, else after the first notebook cell that imports it.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
@@ -68,7 +69,11 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
     values: list = []
 
     def recorder(x: Any) -> Any:
-        value = func(x)
+        try:
+            value = func(x)
+        except BaseException as exc:
+            _note(exc, _which(piece, options, x, len(values)))
+            raise
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
         values.append(value)
@@ -108,8 +113,12 @@ def _unpack(parts: list) -> list:
 
 
 def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, selection: Any,
-                  func: Callable, args: tuple, kwargs: dict) -> list:
-    """``func(group)`` for each group of ``batch`` named in ``names``, in that order."""
+                  func: Callable, args: tuple, kwargs: dict, options: dict) -> list:
+    """``func(group)`` for each group of ``batch`` named in ``names``, in that order.
+
+    ``options``: pandas' own keywords for its apply (``include_groups``), so each
+    group is what pandas' call on the whole would hand ``func``.
+    """
     wanted = {_group_key(name) for name in names}
     found: dict = {}
     grouped = batch.groupby(**spec)
@@ -119,10 +128,85 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
     def record(group: Any) -> None:
         key = _group_key(group.name)
         if key in wanted:  # observed=False may also show empty groups of absent categories
-            found[key] = func(group, *args, **kwargs)
+            try:
+                found[key] = func(group, *args, **kwargs)
+            except BaseException as exc:
+                _note(exc, f"group {_label(group.name)}")
+                raise
 
-    grouped.apply(record)
+    grouped.apply(record, **options)
     return [found[_group_key(name)] for name in names]
+
+
+#: The note on an exception ``func`` raised in a worker: which row, column or group it was given.
+#: It replaces the pool's "raised by item N of the input", whose N counts the accessor's pieces.
+_RAISED_BY = "mpmagic: raised by "
+_ITEM_NOTE = "mpmagic: raised by item "
+
+
+def _note(exc: BaseException, what: str) -> None:
+    """Name the row, column or group ``func`` failed on, as a note (once: the first, innermost, wins)."""
+    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
+    if hasattr(exc, "add_note") and not any(n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes):
+        exc.add_note(f"{_RAISED_BY}{what}")
+
+
+def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:
+    """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label."""
+    try:
+        if isinstance(piece, pd.DataFrame):
+            rows = options.get("axis", 0) in (1, "columns")
+            labels = piece.index if rows else piece.columns
+            label = x.name if isinstance(x, pd.Series) else labels[k]  # (raw=True: an array, no name)
+            return f"{'row' if rows else 'column'} {_label(label)}"
+        index = piece.index
+        if options.get("na_action") == "ignore":  # pandas skips the missing values
+            index = index[piece.notna().to_numpy()]
+        return f"row {_label(index[k])}"
+    except Exception:  # (never hide func's own error behind ours)
+        return f"the value {_label(x)}"
+
+
+def _label(label: Any, limit: int = 80) -> str:
+    """A row or group label as the user wrote it: ``17``, ``'a'``, ``(1, 'x')`` (not ``np.int64(17)``)."""
+    if isinstance(label, tuple):
+        text = "(" + ", ".join(_label(part) for part in label) + ("," if len(label) == 1 else "") + ")"
+    else:
+        try:
+            text = repr(label.item() if isinstance(label, np.generic) else label)
+        except Exception:
+            text = f"<{type(label).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _own_notes(exc: BaseException) -> None:
+    """Drop the pool's "raised by item N of the input" note, whose N counts the accessor's pieces.
+
+    The worker named the row or group instead (``_note``); if it did not,
+    pandas' own call raised, not ``func``. A note starting with "mpmagic: "
+    stays, as it tells the display the exception came from a worker.
+    """
+    notes = getattr(exc, "__notes__", None)
+    if not notes or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
+        return
+    named = any(isinstance(n, str) and n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes)
+    fix = "" if named else "mpmagic: raised in a worker by pandas' own call, not by the function"
+
+    def keep(lines: list) -> list:
+        out = []
+        for line in lines:
+            if isinstance(line, str) and line.startswith(_ITEM_NOTE):
+                if fix:
+                    out.append(fix)
+            else:
+                out.append(line)
+        return out
+
+    exc.__notes__ = keep(list(notes))  # type: ignore[attr-defined]
+    attributes = getattr(exc, "__dict__", {})
+    for render in (attributes.get("_render_traceback_"), attributes.get("_render_without_frames")):
+        if isinstance(getattr(render, "lines", None), list):  # (Python < 3.11 shows notes through it)
+            render.lines = keep(render.lines)  # type: ignore[union-attr]
 
 
 class _NA:
@@ -172,7 +256,11 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
     """
     from . import api
 
-    results = api.pmap(func, items, workers=workers, chunksize=1)
+    try:
+        results = api.pmap(func, items, workers=workers, chunksize=1)
+    except BaseException as exc:
+        _own_notes(exc)
+        raise
     report = api.last_report()
     if report is not None:
         report.items = count  # rows or groups, not the pieces they travelled in
@@ -224,7 +312,7 @@ def _replay(obj: pd.DataFrame | pd.Series, method: str, options: dict, values: l
 _END = object()
 
 
-def _assemble_frame(df: pd.DataFrame, values: list, axis: Any, raw: bool, result_type: Any, func: Callable) -> Any:
+def _assemble_frame(df: pd.DataFrame, values: list, options: dict, func: Callable) -> Any:
     """``df.apply(func, ...)`` from the values ``func`` returned for each row (or column), in order.
 
     pandas builds the result from all of them at once (``wrap_results``: a
@@ -232,14 +320,17 @@ def _assemble_frame(df: pd.DataFrame, values: list, axis: Any, raw: bool, result
     rows returned, dtypes inferred over all rows). Its own apply object does
     that here without walking the rows again; where it is not there (another
     pandas version), pandas' apply replays the values, which costs one pass over
-    the rows at home.
+    the rows at home. ``options``: pandas' keywords (``axis``, ``raw``,
+    ``result_type``, and any other, which only the replay passes on).
     """
-    wrap = None if raw or result_type == "broadcast" else _pandas_wrap(df, func, axis, result_type)
+    axis, raw, result_type = options["axis"], options["raw"], options["result_type"]
+    plain = set(options) == {"axis", "raw", "result_type"}
+    wrap = None if raw or result_type == "broadcast" or not plain else _pandas_wrap(df, func, axis, result_type)
     if wrap is not None and len(values) == df.shape[0 if axis in (1, "columns") else 1]:
         # (one value per row, or column: anything else would put values beside the
         # wrong rows, so pandas' replay, which checks the count, decides then)
         return wrap(dict(enumerate(values)))
-    return _replay(df, "apply", {"axis": axis, "raw": raw, "result_type": result_type}, values, func)
+    return _replay(df, "apply", options, values, func)
 
 
 def _pandas_wrap(df: pd.DataFrame, func: Callable, axis: Any, result_type: Any) -> Callable | None:
@@ -276,6 +367,53 @@ def _maps_distinct_values(s: pd.Series) -> bool:
     return isinstance(s.dtype, (pd.CategoricalDtype, pd.SparseDtype))
 
 
+def _split_options(method: Callable, kwargs: dict, handled: Sequence[str] = (),
+                   per_piece: Sequence[str] = ()) -> tuple[dict, dict, bool]:
+    """``kwargs`` split as pandas' own ``method`` splits them: (pandas' options, func's keywords, at home).
+
+    ``per_piece``: the options that mean the same on a piece as on the whole
+    (``include_groups``): they are passed to pandas' call on each piece. Any
+    other option set away from its default (``Series.apply(by_row=False)``: one
+    call on the whole Series; ``engine=``: another executor) cannot be cut in
+    pieces: pandas' own call runs here.
+
+    Which keywords are pandas' own depends on the pandas version (``include_groups``
+    came in 2.2, ``by_row`` in 2.1, ``engine`` for ``Series.map`` in 3.0): read
+    from the installed pandas' signature, so a keyword pandas itself would hand
+    to ``func`` still goes to ``func``. An option left at its default is
+    dropped; ``at home`` is True when one that cannot mean the same on pieces
+    is set, and pandas' call must then run here on the whole object.
+    """
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):  # pragma: no cover - pandas' methods have signatures
+        return {}, kwargs, False
+    own = {name: p.default for name, p in params.items()
+           if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in ("self", "func", *handled)}
+    options: dict = {}
+    rest: dict = {}
+    home = False
+    for name, value in kwargs.items():
+        if name not in own:
+            rest[name] = value
+        elif name in per_piece:
+            options[name] = value
+        elif not _is_default(value, own[name]):
+            options[name] = value
+            home = True
+    return options, rest, home
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Is ``value`` pandas' default for its option (None, ``'compat'``...)?"""
+    if value is default:
+        return True
+    try:
+        return type(value) is type(default) and bool(value == default)
+    except Exception:  # an array, say: not a default
+        return False
+
+
 class FrameAccessor:
     """``df.mp``: ``apply`` on the pool."""
 
@@ -291,24 +429,28 @@ class FrameAccessor:
         of columns. ``workers`` limits the processes, ``chunks`` sets the number of
         pieces (default: 4 per worker), ``quiet`` hides the timing report. A
         function named by a string (``"sum"``), a NumPy ufunc or a list or dict
-        of functions is pandas' vectorized call: it runs here.
+        of functions is pandas' vectorized call: it runs here. pandas' own options
+        (``by_row``, ``engine``...) are pandas', never ``func``'s; an ``engine``
+        runs pandas' call here.
         """
         df = self._obj
         axis = df._get_axis_number(axis)  # pandas' own error for a bad axis ("No axis named 2 ...")
         by_rows = axis == 1
         n = df.shape[0] if by_rows else df.shape[1]
-        if n == 0 or df.size == 0 or _vectorized(func):
-            return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **kwargs)
+        extra, kwargs, home = _split_options(pd.DataFrame.apply, kwargs, ("axis", "raw", "result_type", "args"),
+                                             per_piece=("by_row",))
+        if n == 0 or df.size == 0 or _vectorized(func) or home:
+            return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs)
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         if by_rows:
             items = [df.iloc[a:b] for a, b in _bounds(n, pieces)]
         else:
             items = [df.iloc[:, a:b] for a, b in _bounds(n, pieces)]
         bound = _bind(func, args, kwargs)
-        options = {"axis": axis, "raw": raw, "result_type": result_type}
+        options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
         task = functools.partial(_record, method="apply", options=options, func=bound)
         parts = _run(task, items, workers, "rows" if by_rows else "columns", n, quiet, chunks is not None)
-        return _assemble_frame(df, _unpack(parts), axis, raw, result_type, bound)
+        return _assemble_frame(df, _unpack(parts), options, bound)
 
 
 class SeriesAccessor:
@@ -321,12 +463,15 @@ class SeriesAccessor:
             chunks: int | None = None, quiet: bool = False, **kwargs: Any) -> pd.Series:
         """``series.map(func)`` on the pool; returns exactly what pandas returns.
 
-        A mapping (dict, Series) is not worth sending: pandas' own map runs here.
+        A mapping (dict, Series) is not worth sending: pandas' own map runs here,
+        as it does with an ``engine`` (pandas' option, never ``func``'s).
         """
         s = self._obj
-        if not callable(func) or len(s) == 0 or _maps_distinct_values(s):
-            return s.map(func, na_action=na_action, **kwargs)
-        return self._per_value("map", {"na_action": na_action}, _bind(func, (), kwargs), workers, chunks, quiet)
+        extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
+        if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
+            return s.map(func, na_action=na_action, **extra, **kwargs)
+        return self._per_value("map", {"na_action": na_action, **extra}, _bind(func, (), kwargs), workers, chunks,
+                               quiet)
 
     def apply(self, func: Callable, args: tuple = (), *, workers: int | None = None,
               chunks: int | None = None, quiet: bool = False, **kwargs: Any) -> Any:
@@ -334,12 +479,14 @@ class SeriesAccessor:
 
         A DataFrame when ``func`` returns a Series, as in pandas. A function named
         by a string (``"sum"``), a NumPy ufunc or a list or dict of functions is
-        pandas' vectorized call on the whole Series: it runs here.
+        pandas' vectorized call on the whole Series: it runs here, as does
+        ``by_row=False`` (pandas calls ``func`` once, on the whole Series).
         """
         s = self._obj
-        if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s):
-            return s.apply(func, args, **kwargs)
-        return self._per_value("apply", {}, _bind(func, args, kwargs), workers, chunks, quiet)
+        extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
+        if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:
+            return s.apply(func, args, **extra, **kwargs)
+        return self._per_value("apply", extra, _bind(func, args, kwargs), workers, chunks, quiet)
 
     def _per_value(self, method: str, options: dict, func: Callable, workers: int | None, chunks: int | None,
                    quiet: bool) -> Any:
@@ -360,15 +507,15 @@ class GroupByAccessor:
 
     def _spec(self) -> dict:
         gb = self._gb
-        keys, level = gb.keys, gb.level
-        if keys is not None and isinstance(gb.obj, pd.Series):
+        keys, level = _fresh_groupers(gb.keys), gb.level
+        if keys is not None and isinstance(gb.obj, pd.Series) and not _are_labels(keys, gb.obj):
             raise UsageError(
                 "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
                 "column): use df.groupby(key).mp.apply(f) and take the column inside f"
             )
         if keys is not None and not _are_labels(keys, gb.obj):
             raise UsageError(
-                "groupby(...).mp.apply groups by column names or index levels; "
+                "groupby(...).mp.apply groups by column names or index level names; "
                 f"got a key of type {type(keys).__name__}: add it as a column and group by its name"
             )
         return {"by": keys, "level": level, "sort": gb.sort, "dropna": gb.dropna,
@@ -376,12 +523,17 @@ class GroupByAccessor:
 
     def apply(self, func: Callable, *args: Any, workers: int | None = None, chunks: int | None = None,
               quiet: bool = False, **kwargs: Any) -> Any:
-        """``groupby(...).apply(func)`` on the pool; returns exactly what pandas returns."""
+        """``groupby(...).apply(func)`` on the pool; returns exactly what pandas returns.
+
+        pandas' own options (``include_groups``) are passed to pandas' apply, in
+        the workers and here, never to ``func``.
+        """
         gb = self._gb
         spec = self._spec()
+        extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
         indices = gb.indices  # group name -> positions in gb.obj
-        if not indices:
-            return gb.apply(func, *args, **kwargs)
+        if not indices or home:
+            return gb.apply(func, *args, **extra, **kwargs)
         names = list(indices)
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         items = []
@@ -390,18 +542,21 @@ class GroupByAccessor:
             # rows in their original order, as pandas' own groups keep them
             items.append(gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))))
         task_items = [(item, names[a:b]) for item, (a, b) in zip(items, _bounds(len(names), pieces), strict=True)]
-        task = functools.partial(_apply_batch, spec=spec, selection=gb._selection, func=func,
-                                 args=args, kwargs=kwargs)
+        # (a SeriesGroupBy's rows are its column already: nothing to select in the batch)
+        selection = None if isinstance(gb.obj, pd.Series) else gb._selection
+        task = functools.partial(_apply_batch, spec=spec, selection=selection, func=func,
+                                 args=args, kwargs=kwargs, options=extra)
         parts = _run(task, task_items, workers, "groups", len(names), quiet, chunks is not None)
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.
-        return gb.apply(_lookup, values, func, args, kwargs)
+        return gb.apply(_lookup, values, func, args, kwargs, **extra)
 
 
-def _apply_batch(item: tuple, spec: dict, selection: Any, func: Callable, args: tuple, kwargs: dict) -> list:
+def _apply_batch(item: tuple, spec: dict, selection: Any, func: Callable, args: tuple, kwargs: dict,
+                 options: dict | None = None) -> list:
     batch, names = item
-    return _apply_groups(batch, names, spec, selection, func, args, kwargs)
+    return _apply_groups(batch, names, spec, selection, func, args, kwargs, options or {})
 
 
 def _lookup(group: Any, values: dict, func: Callable, args: tuple, kwargs: dict) -> Any:
@@ -417,14 +572,36 @@ def _lookup(group: Any, values: dict, func: Callable, args: tuple, kwargs: dict)
 
 
 def _are_labels(keys: Any, obj: Any) -> bool:
-    """Is the groupby key a column label (or a list of them) of ``obj``?"""
-    if isinstance(obj, pd.Series):
-        return False
+    """Is the groupby key a column label or index level name (or a list of them) of ``obj``?
+
+    Those travel with each batch of rows, so a worker can group its batch
+    again; so does a ``pd.Grouper`` of one of them (no ``freq``).
+    """
     labels: Sequence = keys if isinstance(keys, list) else [keys]
+    columns = obj.columns if isinstance(obj, pd.DataFrame) else ()
+    levels = [name for name in obj.index.names if name is not None]
     try:
-        return all(isinstance(k, Hashable) and k in obj.columns for k in labels)
+        return all(_is_label(k, columns, levels) for k in labels)
     except TypeError:
         return False
+
+
+def _is_label(key: Any, columns: Any, levels: list) -> bool:
+    if type(key) is pd.Grouper:  # (a freq= Grouper is a subclass: bins need the whole frame)
+        if key.key is not None:
+            return _is_label(key.key, columns, levels)
+        return key.level is not None and (isinstance(key.level, int) or _is_label(key.level, (), levels))
+    return isinstance(key, Hashable) and (key in columns or key in levels)
+
+
+def _fresh_groupers(keys: Any) -> Any:
+    """``keys`` with each ``pd.Grouper`` made anew: pandas caches the frame it grouped in one."""
+    def fresh(key: Any) -> Any:
+        if type(key) is not pd.Grouper:
+            return key
+        return pd.Grouper(key=key.key, level=key.level, sort=key.sort, dropna=key.dropna)
+
+    return [fresh(k) for k in keys] if isinstance(keys, list) else fresh(keys)
 
 
 # --------------------------------------------------------------------------

@@ -194,9 +194,26 @@ def test_groupby_by_index_level_matches_pandas(ip, frame) -> None:
     assert_frame_equal(got, frame.groupby(level="letter").apply(ip.user_ns["group_stats"]), check_exact=True)
 
 
+@pytest.mark.parametrize("by", ["'letter'", "['letter', 'key']", "pd.Grouper(level='n')"])
+def test_groupby_by_index_level_name_matches_pandas(ip, frame, by) -> None:
+    # pandas takes an index level's name as a key, as a column's (it was refused: "add it as a column")
+    assert_same(run(ip, f"df.groupby({by}).mp.apply(group_spread, quiet=True)"),
+                run(ip, f"df.groupby({by}).apply(group_spread)"))
+
+
 def test_groupby_raises_the_exception_pandas_raises(ip, frame) -> None:
     with pytest.raises(ValueError, match="bad group"):
         run(ip, "df.groupby('key').mp.apply(group_fails, quiet=True)")
+
+
+def test_a_failure_names_the_row_or_group_not_the_piece(ip, frame) -> None:
+    # (it said "raised by item 3 of the input", counting the accessor's own pieces)
+    with pytest.raises(ZeroDivisionError) as row:
+        run(ip, "df.mp.apply(row_fails, axis=1, chunks=5, quiet=True)")
+    with pytest.raises(ZeroDivisionError) as group:
+        run(ip, "df.groupby('key').mp.apply(lambda g: 1 / (g.name - 2), chunks=4, quiet=True)")
+    assert row.value.__notes__ == ["mpmagic: raised by row ('a', 3)"]
+    assert group.value.__notes__ == ["mpmagic: raised by group 2"]
 
 
 def test_groupby_by_an_array_says_what_to_do(ip, frame) -> None:
@@ -279,7 +296,7 @@ def test_the_whole_is_assembled_by_replay_where_pandas_lacks_its_apply_object(fr
 
     values = [row_other_keys(row) for _, row in frame.iterrows()]
     monkeypatch.setattr(pandas_accessor, "_pandas_wrap", lambda *_: None)
-    got = pandas_accessor._assemble_frame(frame, values, 1, False, None, row_other_keys)
+    got = pandas_accessor._assemble_frame(frame, values, {"axis": 1, "raw": False, "result_type": None}, row_other_keys)
     assert_same(got, frame.apply(row_other_keys, axis=1))
 
 
@@ -290,3 +307,19 @@ def test_a_replay_that_does_not_fit_runs_pandas_call_here(frame, caplog) -> None
     got = pandas_accessor._replay(s, "map", {"na_action": None}, [1, 2], str)
     assert_same(got, s.map(str))
     assert "running it here" in caplog.text
+
+
+def test_pandas_own_options_go_to_pandas_never_to_func(ip, frame) -> None:
+    # include_groups (pandas >= 2.2), by_row (>= 2.1), engine (Series.map, >= 3.0): pandas' own keywords,
+    # read from the installed pandas' signatures; a function taking **kw must not receive them.
+    import inspect
+
+    run(ip, "def n_kw(x, **kw):\n    return len(kw)")
+    calls = [("df.groupby('key')", "apply(n_kw, include_groups=False)", pd.core.groupby.DataFrameGroupBy.apply),
+             ("df['x']", "apply(lambda s: s * 2, by_row=False)", pd.Series.apply),
+             ("df['x']", "map(n_kw, engine=None)", pd.Series.map),
+             ("df", "apply(n_kw, axis=1, by_row=False)", pd.DataFrame.apply)]
+    for obj, call, method in calls:
+        option = call.split(", ")[-1].split("=")[0]
+        if option in inspect.signature(method).parameters:
+            assert_same(run(ip, f"{obj}.mp.{call[:-1]}, chunks=3, quiet=True)"), run(ip, f"{obj}.{call}"))
