@@ -33,6 +33,7 @@ from .errors import (
     render_traceback,
     run_interrupted,
 )
+from .fmt import func_name
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
@@ -502,11 +503,6 @@ class MapCall:
 def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, **kwargs: Any) -> MapCall:
     """A :class:`MapCall` (the job of a map and its report's inputs)."""
     return MapCall(func, iterables, star, workers, **kwargs)
-
-
-def func_name(func: Any) -> str:
-    """What a run of ``func`` is called in ``%pool runs``."""
-    return getattr(func, "__name__", type(func).__name__)
 
 
 def submit(func: Callable, *iterables: Iterable, **kwargs: Any) -> Any:

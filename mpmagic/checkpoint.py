@@ -53,7 +53,7 @@ from .checkpoint_keys import (
 )
 from .checkpoint_store import RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
-from .fmt import fmt_bytes
+from .fmt import fmt_bytes, func_name
 from .jobs import Failed, read_into, reused_object
 
 log = logging.getLogger("mpmagic")
@@ -299,6 +299,12 @@ class _Plan:
             pos, k = gap + 1, k + 1
 
 
+def _setup_changed_line(run: str, what: str) -> str:
+    """The warning of a checkpointed run whose worker setup changed between its keying and its start."""
+    return (f"mpmagic: --checkpoint: the worker setup changed while {run} started, so it ran under the new "
+            f"setup and {what} were not stored; run it again to store them")
+
+
 class MapCheckpoint:
     """One checkpointed map, whoever runs it: a blocking ``pmap``, a background
     run (``background.start``, as its ``resume``) or a stream (``imap``).
@@ -320,7 +326,7 @@ class MapCheckpoint:
             self.items, self.star = iterables[0], star
         else:
             self.items, self.star = zip(*iterables, strict=False), True
-        self.name = getattr(func, "__name__", None) or type(func).__name__
+        self.name = func_name(func)
         # The worker setup the key covers (read before it): results are stored only
         # while it is still the setup (``_same_setup``).
         self.setup_version = worker_setup.version()
@@ -416,9 +422,7 @@ class MapCheckpoint:
         finally:
             _in_flight(self.run, -1)
         if self._setup_changed:
-            (warn or _warn)(f"mpmagic: --checkpoint: the worker setup changed while this run of `{self.name}` "
-                            "started, so it ran under the new setup and its results were not stored; run it again "
-                            "to store them")
+            (warn or _warn)(_setup_changed_line(f"this run of `{self.name}`", "its results"))
         if self.plan.unstable:
             (warn or _warn)(f"mpmagic: --checkpoint: {self.plan.unstable}; a new kernel will compute such items "
                             "again. Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
@@ -807,8 +811,7 @@ class CellCheckpoint:
         and the start: see ``MapCheckpoint._same_setup``): the ranks ran under another.
         """
         if worker_setup.version() != self.setup_version:
-            self._warn("mpmagic: --checkpoint: the worker setup changed while this cell started, so it ran under "
-                       "the new setup and its ranks' values were not stored; run it again to store them")
+            self._warn(_setup_changed_line("this cell", "its ranks' values"))
             return values
         writer = _Writer(self.store, self.run, self.name)
         gathered = getattr(values, "gathered", {})

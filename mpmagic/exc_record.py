@@ -69,15 +69,6 @@ class UnsentArgument:
     def __str__(self) -> str:
         return self.string
 
-    def __reduce__(self) -> tuple:
-        return _unsent, (self.type_name, self.text, self.string)
-
-
-def _unsent(type_name: str, text: str, string: str) -> UnsentArgument:
-    arg = UnsentArgument.__new__(UnsentArgument)
-    arg.type_name, arg.text, arg.string = type_name, text, string
-    return arg
-
 
 def _safe(show: Any, value: Any) -> str:
     try:
@@ -105,10 +96,7 @@ def _sendable(args: tuple) -> bytes:
 
 
 def _safe_str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except Exception:
-        return f"<unprintable {type(exc).__name__}>"
+    return _safe(str, exc)
 
 
 def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> ExcRecord:

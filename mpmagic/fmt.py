@@ -7,6 +7,14 @@ It imports nothing of mpmagic, so any layer may use it (``report``,
 
 from __future__ import annotations
 
+from typing import Any
+
+
+def func_name(func: Any) -> str:
+    """What a run of ``func`` is called in messages and ``%pool runs`` (a
+    ``functools.partial`` or a callable object by its type)."""
+    return getattr(func, "__name__", None) or type(func).__name__
+
 
 def fmt_seconds(s: float | None) -> str:
     """``512 µs``, ``3.4 ms``, ``1.25 s``; ``-`` when not measured."""

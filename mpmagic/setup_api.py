@@ -19,6 +19,7 @@ from typing import Any
 
 from . import pool, worker_setup
 from .errors import MPMagicError, UsageError
+from .fmt import func_name
 from .jobs import MapJob
 
 
@@ -37,8 +38,7 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     """
     if not callable(func):
         raise UsageError(f"on_worker_start takes a function, not {type(func).__name__}")
-    name = getattr(func, "__name__", None) or type(func).__name__
-    errors = _change(lambda: worker_setup.add_function(func), f"on_worker_start({name})", start=False,
+    errors = _change(lambda: worker_setup.add_function(func), f"on_worker_start({func_name(func)})", start=False,
                      interrupt_as="on_worker_start")
     if errors:
         more = f" (and on {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -106,7 +106,7 @@ def _refusal(what: str, runs: list[Any]) -> str:
         job = run.job
         kind = {"map": "a pmap", "cell": "a %%parallel cell"}.get(job.kind, "a run")
         func = job.func if isinstance(job, MapJob) else None
-        of = f" of {getattr(func, '__name__', type(func).__name__)}" if func is not None else ""
+        of = f" of {func_name(func)}" if func is not None else ""
         thread = run.thread
         names.append(kind + of + (f" in thread {thread!r}" if thread else ""))
     them = "it" if len(runs) == 1 else "them"
