@@ -85,6 +85,11 @@ def test_a_cells_estimate_is_the_sum_of_the_ranks_times_and_compare_names_repeat
     assert "serial ~127.5 ms (estimated: the sum of the ranks' times)" in r.line()
     r = _report(kind="parallel", items=2, workers=2, wall=0.068, task_seconds=0.1272, chunks=0, serial=0.066)
     assert r.advice is not None and "the ranks repeat the work" in r.advice and "beyond its share" not in r.advice
+    # 4 ranks on 2 cores: each took the serial time in wall time (waiting for a core),
+    # but a quarter of it in CPU: they shared the work.
+    r = _report(kind="parallel", items=4, workers=4, wall=0.138, task_seconds=0.185, cpu_seconds=0.062,
+                chunks=0, serial=0.062)
+    assert r.advice is None or "repeat the work" not in r.advice, r.advice
 
 
 def test_a_timed_serial_run_that_imported_modules_says_so():
