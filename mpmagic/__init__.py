@@ -185,17 +185,19 @@ def _at_shutdown(change: Any) -> None:
     """The shell is about to exit (``exit_now``: a kernel's shutdown request, ``exit``):
     stop the pool and free its shared memory and the helpers now.
 
-    ipykernel then stops its child processes and waits for them; the
-    resource tracker ignores SIGTERM, so Jupyter ends the kernel with a
-    signal ~2.5 s later, and no exit hook runs: the pool's segments stayed
-    in /dev/shm until another notebook's pool swept them.
+    ipykernel then stops its child processes and waits for them to exit.
+    multiprocessing's resource tracker ignores SIGTERM, and its fork server,
+    ended by SIGTERM, stays a zombie: both are stopped here too. Otherwise
+    Jupyter killed the kernel ~2.5 s later, and no exit hook ran (the pool's
+    segments stayed in /dev/shm until another notebook's pool swept them).
     """
     if not change["new"]:
         return
-    from . import pool
+    from . import compat, pool
 
     try:
         pool.release_everything()
+        compat.stop_helper_processes()
     except Exception:  # never in the way of the shutdown
         logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
 

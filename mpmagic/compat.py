@@ -15,6 +15,12 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
 * ``multiprocessing.resource_tracker.register`` / ``unregister``: undocumented
   functions; the tracker unlinks our names if the notebook dies without its
   finalizers running (SIGKILL of the kernel).
+* ``multiprocessing.forkserver._forkserver._stop`` and
+  ``multiprocessing.resource_tracker._resource_tracker._stop``: end those
+  processes at a kernel's shutdown. ipykernel waits for its children to exit
+  before it exits; the tracker ignores SIGTERM and the fork server, once
+  SIGTERM ends it, is a zombie nobody reaps: every shutdown or restart took
+  ~2.5 s more, until Jupyter killed the kernel.
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
@@ -153,6 +159,29 @@ def tracker_unregister(name: str, rtype: str) -> None:
         fn(name, rtype)
 
 
+def stop_helper_processes() -> None:
+    """End multiprocessing's fork server and resource tracker processes now.
+
+    For a kernel's shutdown only (a later pool starts new ones). The fork
+    server is reaped (a zombie child kept ipykernel waiting), and the
+    tracker unlinks what is still registered, as at any exit. Fallback:
+    nothing (the kernel then takes ~2.5 s more to exit).
+    """
+    for module, attribute in (
+        ("multiprocessing.forkserver", "_forkserver"),
+        ("multiprocessing.resource_tracker", "_resource_tracker"),
+    ):
+        stop = _stopper(module, attribute)
+        if stop is None:
+            log.info("%s.%s cannot be stopped in %s: the kernel exits later", module, attribute, _PYTHON)
+            continue
+        stop()
+
+
+def _stopper(module: str, attribute: str) -> Callable[[], None] | None:
+    return getattr(getattr(_module(module), attribute, None), "_stop", None)
+
+
 _warned: set[str] = set()
 
 
@@ -194,6 +223,8 @@ def report() -> dict[str, bool]:
         "_multiprocessing.sem_unlink": getattr(_module("_multiprocessing"), "sem_unlink", None) is not None,
         "_posixshmem": _module("_posixshmem") is not None,
         "resource_tracker.register": _tracker_function("register") is not None,
+        "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
+        "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
         "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,

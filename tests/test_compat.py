@@ -117,6 +117,24 @@ def test_the_resource_tracker_missing_is_not_an_error(monkeypatch, caplog) -> No
     assert "resource_tracker.register is missing" in caplog.text
 
 
+def test_stopping_the_helper_processes_stops_each_and_skips_a_missing_one(monkeypatch, caplog) -> None:
+    import multiprocessing.forkserver as forkserver
+    import multiprocessing.resource_tracker as tracker
+
+    stopped = []
+    monkeypatch.setattr(forkserver._forkserver, "_stop", lambda: stopped.append("forkserver"))
+    monkeypatch.setattr(tracker._resource_tracker, "_stop", lambda: stopped.append("tracker"))
+    compat.stop_helper_processes()
+    assert stopped == ["forkserver", "tracker"]
+
+    stopped.clear()
+    monkeypatch.setattr(forkserver, "_forkserver", object())  # a Python whose ForkServer has no _stop
+    with caplog.at_level("INFO", logger="mpmagic"):
+        compat.stop_helper_processes()
+    assert stopped == ["tracker"]
+    assert "multiprocessing.forkserver._forkserver cannot be stopped" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("accessor", "internal"),
     [
