@@ -177,29 +177,10 @@ def load_ipython_extension(ipython: Any) -> None:
     pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
     if _after_cell not in ipython.events.callbacks["post_run_cell"]:  # warm: idle workers import
         ipython.events.register("post_run_cell", _after_cell)  # what each cell imported
-    ipython.observe(_at_shutdown, names="exit_now")
+    from . import pool
+
+    pool.watch_shell_exit(ipython)
     _prestart_pool()
-
-
-def _at_shutdown(change: Any) -> None:
-    """The shell is about to exit (``exit_now``: a kernel's shutdown request, ``exit``):
-    stop the pool and free its shared memory and the helpers now.
-
-    ipykernel then stops its child processes and waits for them to exit.
-    multiprocessing's resource tracker ignores SIGTERM, and its fork server,
-    ended by SIGTERM, stays a zombie: both are stopped here too. Otherwise
-    Jupyter killed the kernel ~2.5 s later, and no exit hook ran (the pool's
-    segments stayed in /dev/shm until another notebook's pool swept them).
-    """
-    if not change["new"]:
-        return
-    from . import compat, pool
-
-    try:
-        pool.release_everything()
-        compat.stop_helper_processes()
-    except Exception:  # never in the way of the shutdown
-        logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
 
 
 def _after_cell(*_args: Any) -> None:
@@ -258,7 +239,7 @@ def unload_ipython_extension(ipython: Any) -> None:
     from .errors import uninstall_display
 
     pool.shutdown()
-    ipython.unobserve(_at_shutdown, names="exit_now")
+    ipython.unobserve(pool.at_shell_exit, names="exit_now")
     uninstall_display(ipython)
     if _after_cell in ipython.events.callbacks["post_run_cell"]:
         ipython.events.unregister("post_run_cell", _after_cell)

@@ -9,6 +9,7 @@ by ``status.PoolStatus``.
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from typing import Any
@@ -30,7 +31,42 @@ def get_pool() -> Backend:
     with _lock:
         if _backend is None:
             _backend = LocalBackend(max_memory=_max_memory)
+            shell = _ipython_shell()
+            if shell is not None:  # (``import mpmagic`` in a notebook, without %load_ext)
+                watch_shell_exit(shell)
         return _backend
+
+
+def _ipython_shell() -> Any | None:
+    """The running IPython shell, if any (without importing IPython)."""
+    ipython = sys.modules.get("IPython")
+    return None if ipython is None else ipython.get_ipython()
+
+
+def watch_shell_exit(shell: Any) -> None:
+    """Free everything when ``shell`` is told to exit (see ``at_shell_exit``); once per shell."""
+    shell.observe(at_shell_exit, names="exit_now")  # (traitlets keeps one registration per handler)
+
+
+def at_shell_exit(change: Any) -> None:
+    """The shell is about to exit (``exit_now``: a kernel's shutdown request, ``exit``):
+    stop the pool and free its shared memory and the helpers now.
+
+    ipykernel then stops its child processes and waits for them to exit.
+    multiprocessing's resource tracker ignores SIGTERM, and its fork server,
+    ended by SIGTERM, stays a zombie: both are stopped here too. Otherwise
+    Jupyter killed the kernel ~2.5 s later, and no exit hook ran (the pool's
+    segments stayed in /dev/shm until another notebook's pool swept them).
+    """
+    if not change["new"]:
+        return
+    from . import compat
+
+    try:
+        release_everything()
+        compat.stop_helper_processes()
+    except Exception:  # never in the way of the shutdown
+        logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
 
 
 def current_pool() -> Any | None:

@@ -310,7 +310,17 @@ def _shm_paths(procs: list[psutil.Process]) -> set[str]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /dev/shm")
-def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_itself():
+@pytest.mark.parametrize(
+    "use",
+    [
+        "%load_ext mpmagic\n%pool start -n 2\nimport numpy as np, mpmagic\n"
+        "r = %pmap -q lambda a: float(a.sum()), [np.ones(300_000)] * 4\n",
+        # No %load_ext: the pool made by the API watches the shell's exit itself.
+        "import numpy as np, mpmagic\nr = mpmagic.pmap(lambda a: float(a.sum()), [np.ones(300_000)] * 4)\n",
+    ],
+    ids=["magics", "api_only"],
+)
+def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_itself(use):
     """Jupyter's "Shut down kernel" (a shutdown request): ipykernel stops its
     children and waits; the resource tracker ignores SIGTERM and the ended
     fork server stayed a zombie, so Jupyter killed the kernel ~2.5 s later and
@@ -318,9 +328,7 @@ def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_its
     up, and stops those two processes, when the shell is told to exit."""
     k = Kernel()
     try:
-        k.ok("%load_ext mpmagic\n%pool start -n 2\nimport numpy as np, mpmagic\n"
-             "q, v = mpmagic.Queue(), mpmagic.Value('i', 0)\n"
-             "r = %pmap -q lambda a: float(a.sum()), [np.ones(300_000)] * 4")
+        k.ok(use + "q, v = mpmagic.Queue(), mpmagic.Value('i', 0)")
         mine = (f"mpm_{k.pid}_", f"mpsh{k.pid}_", f"sem.mpsh{k.pid}_")
         assert [n for n in os.listdir("/dev/shm") if n.startswith(mine)]  # (the check below means something)
         k.kc.stop_channels()

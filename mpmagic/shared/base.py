@@ -148,7 +148,7 @@ def release_all() -> None:
     """Release every helper this process made, now: what its exit would do.
 
     For a kernel asked to shut down, whose exit hooks may never run (see
-    ``mpmagic._at_shutdown``); a helper used after this says it is gone.
+    ``pool.at_shell_exit``); a helper used after this says it is gone.
     """
     for finalizer in list(_owned.values()):
         finalizer()
