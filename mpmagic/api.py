@@ -15,6 +15,7 @@ import itertools
 import os
 import re
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator
@@ -44,38 +45,50 @@ from .report import RankValues, Report
 from .threads import cap_for, configured
 from .warmup import _function_modules_cached, function_modules
 
-_last_report: Report | None = None
+
+class _ThreadReports(threading.local):
+    """Each thread's most recent report: a thread's run (a widget callback, a
+    ``threading.Thread``) does not replace the report a cell prints or reads."""
+
+    report: Report | None = None
+
+
+_reports = _ThreadReports()
 
 
 def last_report() -> Report | None:
-    """The report of the most recent ``pmap`` or ``parallel`` run.
+    """The report of this thread's most recent ``pmap`` or ``parallel`` run.
+
+    Runs in other threads have their own (a cell reads its own run's report,
+    whatever a ``threading.Thread`` or a widget callback ran meanwhile; a
+    background run's report is on its handle).
 
     After an interrupted run, that run's report, marked interrupted (its
     ``line()`` says ``pmap interrupted after 3 of 10 items finished, 250.0 ms``,
     ``report.interrupted`` is True), not the report of the run before it.
     """
-    return _last_report
+    return _reports.report
 
 
 def _interrupted(call: Any, t0: float) -> None:
     """The report of a run stopped by an interrupt (None if it cannot be made)."""
-    global _last_report
     try:
-        _last_report = call.report(time.perf_counter() - t0)
-        _last_report.interrupted = True
+        report = call.report(time.perf_counter() - t0)
+        report.interrupted = True
     except Exception:  # (never in the way of the interrupt itself)
-        _last_report = None
+        report = None
+    _reports.report = report
 
 
 def _stopped(call: Any, t0: float, exc: BaseException) -> None:
     """The report of a run stopped by an error of its own (not an item's: its
     ``on_chunk`` raised), so that ``last_report()`` is not the run before it."""
-    global _last_report
     try:
-        _last_report = call.report(time.perf_counter() - t0)
-        _last_report.extra.update(error=True, stopped_by=type(exc).__name__)
+        report = call.report(time.perf_counter() - t0)
+        report.extra.update(error=True, stopped_by=type(exc).__name__)
     except Exception:  # (never in the way of the error itself)
-        _last_report = None
+        report = None
+    _reports.report = report
 
 
 def _imported_since(mark: int) -> tuple[str, ...]:
@@ -88,8 +101,7 @@ def _imported_since(mark: int) -> tuple[str, ...]:
 
 
 def _set_report(report: Report) -> None:
-    global _last_report
-    _last_report = report
+    _reports.report = report
 
 
 def _check_workers(workers: Any) -> int | None:
@@ -332,7 +344,6 @@ def pmap(
     with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
-    global _last_report
     iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
     if seed is not None:  # per-item random streams (seeding.py): number the items, wrap the function
         from . import seeding
@@ -406,9 +417,9 @@ def pmap(
         debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
         raise
     finally:
-        _last_report = call.report(wall)
+        _reports.report = report = call.report(wall)
     failed = call.failed_items(results)
-    _last_report.failed = len(failed)
+    report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
         mark = len(sys.modules)
@@ -417,13 +428,13 @@ def pmap(
             with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
                 serial = _serial_map(func, iterables, star_mode, errors == "collect")
         except (Exception, SystemExit) as exc:  # (sys.exit() in a task is its item's error in the workers too)
-            _serial_failed(_last_report, exc, "results")
+            _serial_failed(report, exc, "results")
         else:
-            _last_report.serial = time.perf_counter() - t1
-            _last_report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
-            _last_report.equal = _equal(serial, results)
+            report.serial = time.perf_counter() - t1
+            report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
+            report.equal = _equal(serial, results)
     if show_report:
-        print(_last_report.line())
+        print(report.line())
     return results
 
 
@@ -815,7 +826,6 @@ def parallel(
     its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
     """
     __tracebackhide__ = True
-    global _last_report
     workers = _check_workers(workers)
     _check_positive("timeout", timeout)
     if _in_worker_process():
@@ -887,7 +897,7 @@ def parallel(
         raise run_interrupted("mpmagic.parallel", exc) from None  # one line in IPython, as %%parallel's
     finally:
         call.record_kept()
-    report = _last_report = call.report(time.perf_counter() - t0)
+    report = _reports.report = call.report(time.perf_counter() - t0)
     debugging.record_cell(job, call.spec_bytes, size)  # for %pdebug
     values = call.values(sys.stderr.write)
     if compare:

@@ -189,6 +189,27 @@ def test_after_an_interrupt_last_report_is_that_runs_marked_interrupted(ip, pool
     assert report.line().startswith("pmap interrupted after ") and "of 12 items finished" in report.line()
 
 
+def test_a_threads_run_does_not_replace_the_report_a_cell_reads(ip, pool2):
+    """A ``threading.Thread`` (or a widget callback) that runs a map while a
+    cell runs: the cell's report is still its own, and the thread has its own."""
+    import threading
+
+    import mpmagic
+
+    run(ip, "_ = %pmap -q abs, range(5)")
+    seen = []
+
+    def other() -> None:
+        mpmagic.pmap(abs, range(7))
+        seen.append(mpmagic.last_report().total)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [7]
+    assert mpmagic.last_report().total == 5
+
+
 def test_scaling_times_serial_warm_as_the_points_are(ip, pool2):
     """The serial time was one timing taken first: a slow first call here made
     1 worker look faster than serial."""
