@@ -156,6 +156,16 @@ def test_dask_setup_plugin(ip, dask_cluster):
         run(ip, "%%pool setup\nMODEL = {'w': 3}\nEXTRA = 7\ndef predict(x):\n    return 3 * x\n")
         assert run(ip, "%pmap -q lambda x: EXTRA, range(4)") == [7] * 4
         assert str(mpmagic.pool_status()).count(", set up") == 4
+        # A change while a run is in flight is refused, as on the local pool: the
+        # plugin would reach every worker at once, tasks running or not.
+        run(ip, "import time\ndef slow_extra(x):\n    time.sleep(0.05)\n    return EXTRA")
+        handle = run(ip, "%pmap --bg -q --chunksize 1 slow_extra, range(24)")
+        _wait_items(handle, 1)
+        assert not handle.done()
+        refused = ip.run_cell("%%pool setup\nEXTRA = 8", store_history=False).error_in_exec
+        assert isinstance(refused, IPythonUsageError)
+        assert str(refused).startswith(f"%%pool setup refused: 1 run is in flight (run {handle.id} (pmap slow_extra))")
+        assert handle.result(60) == [7] * 24
         run(ip, "%pool restart")  # new worker processes: the plugin sets each of them up
         backend.client.wait_for_workers(4, timeout=60)
         assert run(ip, "%pmap -q --chunksize 1 lambda x: EXTRA, range(8)") == [7] * 8
