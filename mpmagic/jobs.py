@@ -258,6 +258,7 @@ class MapJob:
         self._requeued: deque[Unit] = deque()
         self.outstanding: dict[int, Unit] = {}
         self._results: dict[int, list] = {}  # chunks that came back ahead of an earlier one
+        self._late: dict[int, list] = {}  # chunks that came back after the run failed (results_so_far only)
         # Results in input order, extended as soon as the next chunk is in, so
         # the results exist once (not once per chunk plus once assembled).
         self._in_order: list = []
@@ -706,10 +707,12 @@ class MapJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.task_seconds += seconds
-        if index > 0 and partial and (self.accepted is not None or self._on_chunk is not None):
-            # A stream (imap, on_chunk, a checkpoint) gets the chunk's results before
-            # the failing item, as serial map yields them before it raises: they
-            # were dropped, and an ordered imap raised some 25 items early.
+        if index > 0 and partial:
+            # The chunk's results before the failing item: a stream (imap,
+            # on_chunk, a checkpoint) gets them, as serial map yields them before
+            # it raises (an ordered imap raised some 25 items early), and
+            # --rerun-failed keeps them (it ran those items, with their side
+            # effects, a second time).
             self._deliver_partial(unit, partial)
         else:
             drop_partial(partial)  # results before the failing item: unlink their segments
@@ -857,7 +860,7 @@ class MapJob:
             self._read.clear()
             self._read_count = 0
         self._seq = self._iter = None
-        self.outstanding, self._requeued, self._results = {}, deque(), {}
+        self.outstanding, self._requeued, self._results, self._late = {}, deque(), {}, {}
 
     def release_shared(self) -> None:
         """The run is over (done, failed or interrupted): give back every segment.
@@ -894,9 +897,22 @@ class MapJob:
             return None
         full = [missing] * length
         full[: len(self._in_order)] = self._in_order
-        for start, chunk in self._results.items():
+        for start, chunk in (*self._results.items(), *self._late.items()):
             full[start : start + len(chunk)] = chunk
         return full
+
+    def came_back_late(self, unit: Unit, data: bytes) -> None:
+        """A chunk's results came back after the run failed: its items ran (with
+        their side effects), so ``results_so_far`` has them and ``--rerun-failed``
+        does not run them again. Nobody else reads them (serial map raised before
+        them); a run that did not fail only frees their shared memory."""
+        if self.failure is None or self.collect:
+            drop_partial(data)
+            return
+        try:
+            self._late[unit.start] = payload.loads(data)
+        except Exception:
+            log.debug("mpmagic: could not load a chunk that came back after the run failed", exc_info=True)
 
     def results(self) -> list:
         __tracebackhide__ = True
@@ -1019,6 +1035,10 @@ class CellJob:
 
     def message(self, unit: Unit) -> Cell:
         return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context))
+
+    def came_back_late(self, unit: Unit, data: bytes) -> None:
+        """A rank's value after the cell's run ended: nobody reads it; its shared memory is freed."""
+        drop_partial(data)
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         self.outstanding.pop(unit.id, None)

@@ -299,6 +299,19 @@ def test_rerun_failed_after_a_raising_run_runs_what_never_ran(ip, local_pool):
     assert run(ip, "%pmap --rerun-failed") == [x * x for x in range(12)]
 
 
+def test_rerun_failed_does_not_run_again_what_the_failed_run_ran(ip, local_pool):
+    """Items before the failing one in its chunk, and chunks that came back after
+    the failure, had run (their side effects done) but their results were
+    dropped, so --rerun-failed ran them a second time."""
+    run(ip, "import mpmagic\nran = mpmagic.Array('i', 40)\n"
+            "def once(x):\n    with ran.get_lock():\n        ran[x] += 1\n    if x == 9:\n        raise ValueError(x)\n"
+            "    return x\n")
+    assert isinstance(ip.run_cell("%pmap -q --chunksize 10 once, list(range(40))").error_in_exec, ValueError)
+    run(ip, "def once(x):\n    with ran.get_lock():\n        ran[x] += 1\n    return x\n")
+    assert run(ip, "%pmap -q --rerun-failed") == list(range(40))
+    assert list(ip.user_ns["ran"][:]) == [1] * 9 + [2] + [1] * 30  # only the failed item ran twice
+
+
 def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
     """It said the input 'was an iterator that is used up': several lists are
     zipped into one lazy input, which the record did not list again."""

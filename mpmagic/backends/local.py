@@ -1213,7 +1213,9 @@ class LocalBackend:
             slot.tasks += unit.count
             self.tasks_run += unit.count
         if run is None or run is not owner or owner.job.finished or owner.cancel_requested:
-            return _discard(msg)  # a later chunk of a run that already failed
+            if kind is Done and run is not None and run is owner and not run.cancel_requested:
+                return run.job.came_back_late(unit, msg.data)  # a later chunk of a run that failed
+            return _discard(msg)  # a reply for a run cut off
         job = owner.job
         try:
             if kind is Done:
