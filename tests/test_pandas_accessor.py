@@ -10,6 +10,7 @@ notebook, and travel to forkserver workers by value.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -170,8 +171,14 @@ def test_empty_frames_give_what_pandas_gives(ip, frame) -> None:
 @pytest.mark.parametrize("column", ["x", "y", "tag", "when"])
 def test_series_map_matches_pandas(ip, frame, column) -> None:
     ip.user_ns["column"] = column
+    try:
+        expected = frame[column].map(lambda v: (v, str(v)))
+    except Exception as exc:  # pandas 2.x: a categorical's tuples make a MultiIndex it cannot check for NaN
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            run(ip, "df[column].mp.map(lambda v: (v, str(v)), quiet=True)")
+        return
     got = run(ip, "df[column].mp.map(lambda v: (v, str(v)), quiet=True)")
-    assert_series_equal(got, frame[column].map(lambda v: (v, str(v))), check_exact=True)
+    assert_series_equal(got, expected, check_exact=True)
 
 
 def test_series_map_infers_dtypes_as_pandas_does_across_chunks(ip, frame) -> None:
