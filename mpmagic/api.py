@@ -8,7 +8,6 @@ estimated from the workers' own task times otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import itertools
@@ -121,6 +120,17 @@ def _check_positive(name: str, value: Any, integer: bool = False) -> None:
         raise UsageError(f"{name} must be {kind} greater than 0, not {value!r}")
 
 
+def _check_retries(retries: Any) -> None:
+    """``retries`` as ``%pmap --retries`` takes it: a whole number of 0 or more.
+
+    None is refused like -1 or "2" (the default is 0, not None): unchecked, a
+    bad value reached the manager thread only when a worker died, and its
+    TypeError replaced the run's results, ``errors="collect"`` too.
+    """
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise UsageError(f"retries must be a whole number of 0 or more, not {retries!r}")
+
+
 def _equal(a: Any, b: Any) -> bool:
     """Equality that copes with numpy arrays and odd ``__eq__``s."""
     try:
@@ -186,7 +196,7 @@ def _equal_anyway(a: Any, b: Any) -> bool:
 
 
 def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
-                   star: bool) -> tuple:
+                   star: bool, retries: Any = 0) -> tuple:
     """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words;
     else the iterables as ``map`` takes them (see :func:`_take`), to use from then on."""
     __tracebackhide__ = True
@@ -199,6 +209,7 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
     _check_workers(workers)
     _check_positive("chunksize", chunksize, integer=True)
     _check_positive("timeout", timeout)
+    _check_retries(retries)
     if errors not in ("raise", "collect"):
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
@@ -344,7 +355,7 @@ def pmap(
     with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
-    iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
+    iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
     if seed is not None:  # per-item random streams (seeding.py): number the items, wrap the function
         from . import seeding
 
@@ -549,22 +560,33 @@ async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
     return run.result(0)
 
 
-@contextlib.contextmanager
-def _random_state_kept(keep: bool) -> Any:
-    """Restore ``random``'s and numpy's global state after a seeded serial run here."""
-    if not keep:
-        yield
-        return
-    import random
+class _random_state_kept:  # noqa: N801 (used as a function: `with _random_state_kept(keep):`)
+    """Restore ``random``'s and numpy's global state after a seeded serial run here.
 
-    np = sys.modules.get("numpy")
-    saved = random.getstate(), (np.random.get_state() if np is not None else None)
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        if np is not None and saved[1] is not None:
-            np.random.set_state(saved[1])
+    A class, not ``contextlib.contextmanager``: that one sets ``__traceback__``
+    on an exception passing through, via the class's own ``__setattr__``
+    (a frozen dataclass exception became a FrozenInstanceError).
+    """
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.saved: tuple[Any, Any] | None = None
+
+    def __enter__(self) -> None:
+        if self.keep:
+            import random
+
+            np = sys.modules.get("numpy")
+            self.saved = random.getstate(), (np.random.get_state() if np is not None else None)
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.saved is not None:
+            import random
+
+            random.setstate(self.saved[0])
+            np = sys.modules.get("numpy")
+            if np is not None and self.saved[1] is not None:
+                np.random.set_state(self.saved[1])
 
 
 class _Enumerated:

@@ -376,6 +376,43 @@ class _ExceptionOnly:
         return list(self.lines)
 
 
+def add_note(exc: BaseException, note: str) -> None:
+    """Add ``note`` to the notes of ``exc`` (a task's exception), never raising.
+
+    A note of ours must not replace the user's exception with an error of ours.
+    ``BaseException.add_note`` raises when ``__notes__`` is not a list (libraries
+    assign a tuple or a str directly) or when the class's ``__setattr__`` refuses
+    writes (a frozen dataclass). A tuple is extended as a tuple (tracebacks show
+    it line by line, as a list); a str or anything else stays as it was, without
+    our note; a refused write goes through ``BaseException.__setattr__``, as
+    Python's own ``raise`` sets ``__traceback__`` past the class's ``__setattr__``.
+    """
+    if not hasattr(BaseException, "add_note"):  # (Python < 3.11: no notes)
+        return
+    try:
+        notes = getattr(exc, "__notes__", None)
+    except Exception:  # (a class's __getattr__ that raises something else)
+        notes = None
+    new: Any
+    if isinstance(notes, list):
+        notes.append(note)
+        return
+    if notes is None:
+        new = [note]
+    elif isinstance(notes, tuple):
+        new = (*notes, note)
+    else:
+        logger.debug("note %r not added: __notes__ of %s is a %s", note, type(exc).__name__, type(notes).__name__)
+        return
+    try:
+        exc.__notes__ = new  # type: ignore[attr-defined]
+    except Exception:
+        try:
+            BaseException.__setattr__(exc, "__notes__", new)
+        except Exception as why:
+            logger.debug("note %r not added to %s: %s", note, type(exc).__name__, why)
+
+
 def show_without_frames(exc: BaseException) -> None:
     """Make IPython show ``exc`` as its type, message and notes only."""
     render = _ExceptionOnly(exc)
@@ -384,7 +421,7 @@ def show_without_frames(exc: BaseException) -> None:
             exc.__dict__["_render_without_frames"] = render
         else:
             exc._render_traceback_ = render  # type: ignore[attr-defined]
-    except AttributeError:  # an exception type with __slots__: IPython shows our frame
+    except Exception:  # __slots__, or a __setattr__ that refuses: IPython shows our frame
         logger.debug("cannot set the display of %r", exc)
 
 
@@ -610,7 +647,9 @@ def drop_our_frames(exc: BaseException) -> None:
     entries = _entries(exc.__traceback__)
     if not entries or entries[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         return
-    exc.__traceback__ = _relink(t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
+    # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
+    BaseException.__setattr__(exc, "__traceback__", _relink(
+        t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
 
 
 def install_display(shell: Any) -> None:
@@ -627,7 +666,8 @@ def install_display(shell: Any) -> None:
             etype = value = tb = None
         if value is not None and not exception_only and came_from_worker(value):
             # The cell's line, then the task's frames: as the same cell with map() shows.
-            tb = value.__traceback__ = _without_hidden_frames(tb)
+            tb = _without_hidden_frames(tb)
+            BaseException.__setattr__(value, "__traceback__", tb)  # (as raise sets it: see drop_our_frames)
             if isinstance(value, SyntaxError) or isinstance(value, _GROUP):
                 text = cell_names("".join(traceback.format_exception(value)))
                 shell._showtraceback(etype, value, text.rstrip("\n").split("\n"))
@@ -637,8 +677,9 @@ def install_display(shell: Any) -> None:
             # The user's code called by ours (a generator input, an on_chunk callback)
             # raised: the cell's line, then the user's frames, as with map(); not
             # "[... skipping hidden N frame]" for ours.
-            tb = value.__traceback__ = _without_hidden_frames(_relink(
+            tb = _without_hidden_frames(_relink(
                 t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
+            BaseException.__setattr__(value, "__traceback__", tb)
             exc_tuple = (etype, value, tb)
         return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
 

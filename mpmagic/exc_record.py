@@ -129,7 +129,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
         attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
         attrs.update(getattr(exc, "__dict__", {}))
         for k, v in attrs.items():
-            if k == "__notes__":
+            if k == "__notes__" and rec.notes is not None:  # (a tuple or str a library set travels as it is)
                 continue
             try:
                 rec.state[k] = payload.dumps_data(v)
@@ -194,17 +194,25 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
         exc = RemoteError(rec.type_name, rec.message)
     memo[id(rec)] = exc
     if rec.notes is not None:
-        try:
-            exc.__notes__ = list(rec.notes)  # type: ignore[attr-defined]
-        except AttributeError:
-            logger.debug("notes of %s not restored", rec.type_name)
-    exc.__traceback__ = fake_traceback(map_cell_frames(rec.frames))
+        _restore(exc, "__notes__", list(rec.notes), rec)
+    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames)), rec)
     if rec.cause is not None:
-        exc.__cause__ = rebuild(rec.cause, memo)
+        _restore(exc, "__cause__", rebuild(rec.cause, memo), rec)
     if rec.context is not None:
-        exc.__context__ = rebuild(rec.context, memo)
-    exc.__suppress_context__ = rec.suppress_context
+        _restore(exc, "__context__", rebuild(rec.context, memo), rec)
+    _restore(exc, "__suppress_context__", rec.suppress_context, rec)
     return exc
+
+
+def _restore(exc: BaseException, name: str, value: Any, rec: ExcRecord) -> None:
+    """Set ``exc.name`` past the class's own ``__setattr__``, as ``raise`` sets
+    ``__traceback__`` and ``__cause__``: a frozen dataclass exception, or one
+    whose ``__setattr__`` always raises, comes home as itself (the class's
+    refusal escaped from mpmagic and replaced the task's exception)."""
+    try:
+        BaseException.__setattr__(exc, name, value)
+    except Exception as why:  # (the exception comes home without it)
+        logger.debug("%s of %s not restored: %s", name, rec.type_name, why)
 
 
 def _new_exception(cls: Any, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
@@ -216,7 +224,7 @@ def _new_exception(cls: Any, rec: ExcRecord, payload: Any, memo: dict) -> BaseEx
             exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
         else:
             exc = cls.__new__(cls, *args)
-            exc.args = args
+            BaseException.__setattr__(exc, "args", args)  # (a frozen dataclass's own __setattr__ refuses)
     except Exception as why:
         logger.debug("could not rebuild %s: %s", rec.type_name, why)
         return None

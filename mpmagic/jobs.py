@@ -32,6 +32,7 @@ from .errors import (
     TaskTimeoutError,
     UsageError,
     WorkerLostError,
+    add_note,
     drop_our_frames,
     fake_traceback,
     show_without_frames,
@@ -64,11 +65,6 @@ def short_repr(obj: Any, limit: int = 60) -> str:
     except Exception:
         r = f"<{type(obj).__name__}>"
     return r if len(r) <= limit else r[: limit - 3] + "..."
-
-
-def add_note(exc: BaseException, note: str) -> None:
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
 
 
 def _text_of(exc: BaseException) -> str:

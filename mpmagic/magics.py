@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import difflib
 import itertools
 import keyword
@@ -17,7 +16,7 @@ import linecache
 import shlex
 import sys
 import tokenize
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from IPython.core.error import UsageError as IPythonUsageError
@@ -368,8 +367,7 @@ def _interrupted(magic: str, text: str | None = None, outcome: str | None = None
     return one_line_interrupt(text or _INTERRUPTED.format(magic=magic, outcome=outcome or _STOPPED))
 
 
-@contextlib.contextmanager
-def _magic_errors(parser: _Parser, serial_pass: Callable[[], bool] | None = None) -> Iterator[None]:
+class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(parser):`)
     """A run's errors as the magic says them.
 
     Our UsageError (bad arguments found by the API) becomes the magic's usage
@@ -378,19 +376,31 @@ def _magic_errors(parser: _Parser, serial_pass: Callable[[], bool] | None = None
     interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`;
     when ``serial_pass()`` says the parallel run had finished (a ``--compare``
     run whose report was made), it says the serial run here was interrupted.
+
+    A class, not ``contextlib.contextmanager``: that one sets ``__traceback__``
+    on an exception passing through, via the class's own ``__setattr__``,
+    and a frozen dataclass exception a task raised became a FrozenInstanceError.
     """
-    __tracebackhide__ = True
-    try:
-        yield
-    except UsageError as exc:
-        if came_from_worker(exc):
-            raise
-        raise parser.usage_error(str(exc)) from None
-    except KeyboardInterrupt as exc:
-        if serial_pass is not None and serial_pass():
-            values = "results" if parser.prog == "%pmap" else "ranks' values"
-            raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
-        raise _interrupted(parser.prog, outcome=interrupt_outcome(exc)) from None
+
+    def __init__(self, parser: _Parser, serial_pass: Callable[[], bool] | None = None) -> None:
+        self.parser = parser
+        self.serial_pass = serial_pass
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        __tracebackhide__ = True  # noqa: F841 (read by IPython)
+        parser = self.parser
+        if isinstance(exc, UsageError):
+            if came_from_worker(exc):
+                return
+            raise parser.usage_error(str(exc)) from None
+        if isinstance(exc, KeyboardInterrupt):
+            if self.serial_pass is not None and self.serial_pass():
+                values = "results" if parser.prog == "%pmap" else "ranks' values"
+                raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
+            raise _interrupted(parser.prog, outcome=interrupt_outcome(exc)) from None
 
 
 def _compare_finished(compare: bool, before: Any) -> Callable[[], bool]:

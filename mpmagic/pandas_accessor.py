@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 from pandas.core.groupby import DataFrameGroupBy, SeriesGroupBy
 
-from .errors import UsageError
+from .errors import UsageError, add_note
 
 log = logging.getLogger("mpmagic")
 
@@ -146,9 +146,10 @@ _ITEM_NOTE = "mpmagic: raised by item "
 
 def _note(exc: BaseException, what: str) -> None:
     """Name the row, column or group ``func`` failed on, as a note (once: the first, innermost, wins)."""
-    notes = [n for n in getattr(exc, "__notes__", ()) if isinstance(n, str)]
-    if hasattr(exc, "add_note") and not any(n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes):
-        exc.add_note(f"{_RAISED_BY}{what}")
+    notes = getattr(exc, "__notes__", None)
+    notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, (list, tuple)) else []
+    if not any(n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes):
+        add_note(exc, f"{_RAISED_BY}{what}")  # (never raising: func's own error stays)
 
 
 def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:

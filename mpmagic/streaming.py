@@ -287,7 +287,7 @@ def imap(
 
     if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
         raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
-    iterables = api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star)
+    iterables = api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
     if api._in_worker_process():
         return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))
     n_workers = workers or api.get_pool().workers

@@ -267,3 +267,72 @@ def test_an_exception_whose_str_fails_is_still_the_tasks_own(ip, backend):
         run(ip, "%pmap -q task, range(4)")
     assert type(info.value).__name__ == "BadStr"
     assert run(ip, "%pmap -q abs, [-1]") == [1]
+
+
+ODD_EXCEPTIONS = '''
+import dataclasses
+
+@dataclasses.dataclass(frozen=True)
+class FrozenErr(Exception):
+    code: int
+
+class ReadOnlyErr(Exception):
+    def __setattr__(self, k, v):
+        raise AttributeError("read-only exception")
+
+def tuple_notes(x):
+    e = ValueError("bad item"); e.__notes__ = ("context from a library",); raise e
+
+def str_notes(x):
+    e = ValueError("bad item"); e.__notes__ = "context from a library"; raise e
+
+def frozen(x):
+    raise FrozenErr(x)
+
+def read_only(x):
+    raise ReadOnlyErr("ro")
+'''
+
+
+@pytest.fixture
+def odd(ip):
+    run(ip, ODD_EXCEPTIONS)
+    return ip
+
+
+@pytest.mark.parametrize("func", ["tuple_notes", "str_notes"])
+def test_notes_a_library_assigned_directly_stay_as_they_were(odd, local_pool, func):
+    """``__notes__`` set to a tuple or a str: our note made BaseException.add_note
+    raise "Cannot add note: __notes__ is not a list" in the manager, which
+    replaced the task's ValueError (collect raised it too)."""
+    ser = outcome(odd, f"list(map({func}, [1]))")
+    for par in (outcome(odd, f"%pmap -q {func}, [1]"), run(odd, f"%pmap -q --errors collect {func}, [1]")[0].error):
+        assert type(par) is ValueError and par.args == ser.args
+        notes = par.__notes__
+        assert type(notes) is type(ser.__notes__)
+        if isinstance(notes, tuple):  # ours added after the library's
+            assert notes[:1] == ser.__notes__ and any(ours(n) for n in notes[1:])
+        else:
+            assert notes == ser.__notes__
+    rank = outcome(odd, f"%%parallel -n 1 -q\n{func}(rank)\n")
+    rank = rank.failures[0] if isinstance(rank, mpmagic.ParallelError) else rank
+    assert type(rank) is ValueError and type(rank.__notes__) is type(ser.__notes__)
+
+
+def test_a_frozen_dataclass_exception_comes_back_as_itself(odd, local_pool):
+    """Its own __setattr__ refused the rebuild's writes: it came back as a
+    RemoteError that `except FrozenErr` missed, without `.code`."""
+    par = compare(odd, "frozen, [1]")
+    assert par.code == 1 and any(ours(n) for n in par.__notes__)
+    assert run(odd, "try:\n    %pmap -q frozen, [0, 1]\nexcept FrozenErr as e:\n    caught = e.code\ncaught") == 0
+    failed = run(odd, "%pmap -q --errors collect frozen, [4]")[0]
+    assert type(failed.error).__name__ == "FrozenErr" and failed.error.code == 4
+
+
+def test_an_exception_refusing_every_attribute_write_is_still_the_tasks_own(odd, local_pool):
+    """Its __setattr__ raised out of mpmagic (setting __traceback__, our note):
+    an AttributeError of ours, even with --errors collect."""
+    compare(odd, "read_only, [1]")
+    out = run(odd, "%pmap -q --errors collect read_only, [0]")
+    assert isinstance(out[0], mpmagic.Failed) and type(out[0].error).__name__ == "ReadOnlyErr"
+    assert out[0].error.args == ("ro",) and out[0].error.__traceback__ is not None

@@ -110,3 +110,12 @@ def test_a_timeout_is_not_retried_and_says_so(local_pool):
     with pytest.raises(mpmagic.TaskTimeoutError) as plain:
         mpmagic.pmap(time.sleep, [5], timeout=0.3)
     assert "--retries" not in str(plain.value)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", None, True])
+@pytest.mark.parametrize("entry", ["pmap", "submit", "imap"])
+def test_api_retries_are_checked_before_anything_runs(entry, bad):
+    """As ``%pmap --retries -1`` is: unchecked, a bad value reached the pool's
+    manager only when a worker died, and its TypeError replaced the results."""
+    with pytest.raises(mpmagic.UsageError, match=r"retries must be a whole number of 0 or more, not "):
+        getattr(mpmagic, entry)(abs, [-1], retries=bad)
