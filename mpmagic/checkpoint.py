@@ -678,8 +678,9 @@ def _renumber(exc: BaseException, missing: list[int]) -> None:
                              else m.group(0), text)
 
     notes = getattr(exc, "__notes__", None)
-    if notes:
-        exc.__notes__ = [fix(n) for n in notes]  # type: ignore[attr-defined]
+    if isinstance(notes, (list, tuple)) and notes:  # (a library may have set a str or a tuple: kept as it is)
+        fixed = [fix(n) if isinstance(n, str) else n for n in notes]
+        BaseException.__setattr__(exc, "__notes__", fixed if isinstance(notes, list) else tuple(fixed))
     render = getattr(exc, "_render_traceback_", None)
     if render is not None and isinstance(getattr(render, "note", None), str):
         render.note = fix(render.note)

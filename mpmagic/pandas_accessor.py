@@ -188,7 +188,7 @@ def _own_notes(exc: BaseException) -> None:
     stays, as it tells the display the exception came from a worker.
     """
     notes = getattr(exc, "__notes__", None)
-    if not notes or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
+    if not isinstance(notes, (list, tuple)) or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
         return
     named = any(isinstance(n, str) and n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes)
     fix = "" if named else "mpmagic: raised in a worker by pandas' own call, not by the function"
@@ -203,7 +203,8 @@ def _own_notes(exc: BaseException) -> None:
                 out.append(line)
         return out
 
-    exc.__notes__ = keep(list(notes))  # type: ignore[attr-defined]
+    kept = keep(list(notes))
+    BaseException.__setattr__(exc, "__notes__", kept if isinstance(notes, list) else tuple(kept))
     attributes = getattr(exc, "__dict__", {})
     for render in (attributes.get("_render_traceback_"), attributes.get("_render_without_frames")):
         if isinstance(getattr(render, "lines", None), list):  # (Python < 3.11 shows notes through it)

@@ -633,3 +633,17 @@ def test_resumed_instances_of_a_notebook_class_are_instances_of_the_notebooks_cl
     assert [type(r) for r in again] == [point] * 4 and again == [point(x) for x in range(4)] and first
     run(ip, "G = 2")
     assert again[0].g() == 2  # the notebook's class untouched: its methods read the notebook's globals
+
+
+def test_renumbering_keeps_notes_a_library_set_as_a_tuple_or_a_str():
+    """A resumed run's "item N" counts in the whole input; a str ``__notes__``
+    became a list of its characters, a tuple a list."""
+    from mpmagic import checkpoint
+
+    exc = ValueError("x")
+    exc.__notes__ = ("from the library", "mpmagic: raised by item 1 of the input: f(3)")
+    checkpoint._renumber(exc, [5, 7])
+    assert exc.__notes__ == ("from the library", "mpmagic: raised by item 7 of the input: f(3)")
+    exc.__notes__ = "from the library"
+    checkpoint._renumber(exc, [5, 7])
+    assert exc.__notes__ == "from the library"
