@@ -26,6 +26,7 @@ from .cell import run_cell_code
 from .debugging import (
     MISSING,
     FailureInfo,
+    background_errors,
     LastRun,
     exception_line,
     last_foreground_failure,
@@ -64,8 +65,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     if last is None and last_was_background():
         raise UsageError(
             "no failed %pmap run to re-run: the last run was a background run or an imap stream (--bg, submit, "
-            "imap), which keeps nothing to re-run. Its failed items are in its results: "
-            "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
+            f"imap), which keeps nothing to re-run. {_background_hint(background_errors())}")
     if last is None:
         raise UsageError("no failed %pmap run to re-run: no run has ended yet")
     if last.kind != "map" or not last.failures:
@@ -117,6 +117,18 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         full[i] = r
     _remember_rerun(last, func, full, failures)
     return full
+
+
+def _background_hint(errors: str | None) -> str:
+    """Where a background run's failures are, by its errors option."""
+    if errors == "collect":
+        return ("Its failed items are in its results: "
+                "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
+    if errors == "raise":
+        return ("It stopped at its first failure, which is run.exception() on its handle (an imap stream raised "
+                "it); run it again with --errors collect (errors='collect') to get every failed item as an "
+                "mpmagic.Failed in its results")
+    return "Its error is run.exception() on its handle"
 
 
 def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:

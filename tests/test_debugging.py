@@ -468,6 +468,20 @@ def test_rerun_failed_after_a_background_run_says_it_keeps_nothing(ip, local_poo
     ip.user_ns.pop("bg", None)
 
 
+def test_rerun_failed_after_a_raising_background_run_points_to_its_exception(ip, local_pool):
+    """After a --bg run with errors="raise" it suggested the Failed of run.result(),
+    which raises for such a run (and holds no Failed)."""
+    run(ip, "def half(x):\n    if x == 5:\n        raise ValueError(x)\n    return x // 2\n")
+    run(ip, "bg = %pmap --bg -q half, range(10)\nbg.wait()")
+    result = ip.run_cell("%pmap --rerun-failed", store_history=False)
+    message = str(result.error_in_exec)
+    assert "the last run was a background run or an imap stream" in message, message
+    assert "run.exception()" in message and "--errors collect" in message
+    assert "isinstance(r, mpmagic.Failed)" not in message
+    assert isinstance(run(ip, "bg.exception()"), ValueError)  # (what the hint says holds)
+    ip.user_ns.pop("bg", None)
+
+
 def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):
     result = ip.run_cell("%pdebug x", store_history=False)
     assert str(result.error_in_exec).endswith("usage: %pdebug [N]   (see %pdebug?)")
