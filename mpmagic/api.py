@@ -383,7 +383,7 @@ def pmap(
                                 accepted=forward.accepted, on_chunk=forward.then)
 
             return background.start(what, make_call, lambda call, forward: call.job.results(), workers,
-                                    on_chunk=on_chunk, resume=resume)
+                                    on_chunk=on_chunk, resume=resume, errors=errors)
 
         if checkpoint:  # only the items the store lacks run (checkpoint.py)
             from .checkpoint import checkpointed_submit

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Protocol
 
 from . import debugging, display_relay
-from .errors import UsageError, drop_our_frames, one_line_interrupt
+from .errors import UsageError, drop_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
 
@@ -322,9 +322,9 @@ class Run:
         """The results (as the blocking call returns them), or the run's error raised here."""
         __tracebackhide__ = True
         if not self._wait_here(timeout, "result()"):
-            raise TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on")
+            raise one_line(TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
         if self._cancelled:
-            raise CancelledError(f"run {self.id} ({self.what}) was cancelled")
+            raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
         if self._error is not None:
             self._raise_error()
         return self._value
@@ -333,7 +333,7 @@ class Run:
         """The run's error once it ended (None when it succeeded)."""
         __tracebackhide__ = True
         if not self._wait_here(timeout, "exception()"):
-            raise TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on")
+            raise one_line(TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
         return CancelledError() if self._cancelled else self._error
 
     def _wait_here(self, timeout: float | None, what: str) -> bool:
@@ -648,7 +648,8 @@ class Forward:
 
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
           workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
-          on_chunk: Callable[[int, list], None] | None = None, resume: Resume | None = None) -> Run:
+          on_chunk: Callable[[int, list], None] | None = None, resume: Resume | None = None,
+          errors: str | None = None) -> Run:
     """Submit a job in the background and return its handle at once.
 
     ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
@@ -657,11 +658,12 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     ended (or raises its error). ``api.pmap`` / ``api.parallel`` (``block=False``)
     and ``streaming.imap`` call this: this module never imports ``api``.
     ``resume``: a checkpointed run's store side (the job computes only what
-    the store lacks; see :class:`Resume`).
+    the store lacks; see :class:`Resume`). ``errors``: a map's errors option
+    (what ``--rerun-failed`` says after it; None for a cell).
     """
     # A failure of an older blocking run is no longer the last one (last_failures);
     # %pdebug, which has nothing of this run to replay, still has it (saying so).
-    debugging.forget(background=True)
+    debugging.forget(background=True, errors=errors)
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
@@ -727,7 +729,7 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
                 except KeyboardInterrupt:  # the loop stops here, the run goes on (say so)
                     raise run._interrupted("as_completed") from None
                 if not arrived:
-                    raise TimeoutError(f"no result of run {run.id} within {timeout:g} s")
+                    raise one_line(TimeoutError(f"no result of run {run.id} within {timeout:g} s"))
             fresh = run._chunks[seen:]
             ended = run.done()
         seen += len(fresh)
@@ -736,7 +738,7 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
         if ended and seen == len(run._chunks):
             break
     if run._cancelled:
-        raise CancelledError(f"run {run.id} ({run.what}) was cancelled")
+        raise one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled"))
     if run._error is not None:
         run._raise_error()
 

@@ -21,7 +21,9 @@ same rank and size). N is the item index (or rank) to replay, e.g. one of a
 --errors collect run; the first failure by default. If the replay does not
 fail here, or fails with another exception, the failure depended on the
 worker: the worker's traceback and its local variables at the failing line
-are shown instead.
+are shown instead. Code that uses an mpmagic.Queue or Event is not replayed
+(it would take other tasks' items, or wait for ever): its worker's traceback
+and locals are shown. A replay writes an mpmagic.Value or Array again.
 mpmagic.last_failures() lists the failures with those details.
 """
 

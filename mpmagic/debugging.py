@@ -219,6 +219,7 @@ _last: LastRun | None = None
 # imap stream (which leave no record) started after it: %pdebug still has it.
 _foreground: LastRun | None = None
 _background_last = False  # the last run started was a background run or a stream (see forget)
+_background_errors: str | None = None  # that run's errors option ("raise", "collect"; None: a cell)
 
 
 def notebook_thread() -> bool:
@@ -298,13 +299,15 @@ def renumber_last(positions: list[int]) -> None:
     _last.results, _last.inputs, _last.checkpointed = None, None, True
 
 
-def forget(background: bool = False) -> None:
+def forget(background: bool = False, errors: str | None = None) -> None:
     """A run starts: an older run's failures are no longer the last (even if
     this one is interrupted before it records its own). A ``background`` run
     (``--bg``, ``submit``, ``imap``) records nothing: the last blocking run's
     failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`).
+    ``errors``: a background map's errors option, for what ``--rerun-failed``
+    says of it (:func:`background_errors`).
     A run another thread starts changes nothing (:func:`notebook_thread`)."""
-    global _last, _foreground, _background_last
+    global _last, _foreground, _background_last, _background_errors
     if not notebook_thread():
         return
     if background and _last is not None and _last.failures:
@@ -313,11 +316,18 @@ def forget(background: bool = False) -> None:
         _foreground = None
     _last = None
     _background_last = background
+    _background_errors = errors if background else None
 
 
 def last_was_background() -> bool:
     """Did a background run or a stream start after the last blocking run ended?"""
     return _background_last and _last is None
+
+
+def background_errors() -> str | None:
+    """The errors option ("raise" or "collect") of the background map or stream
+    :func:`last_was_background` means; None for a background cell."""
+    return _background_errors
 
 
 def last_foreground_failure() -> LastRun | None:

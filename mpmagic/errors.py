@@ -21,9 +21,10 @@ import traceback
 import types
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 logger = logging.getLogger("mpmagic")
+_E = TypeVar("_E", bound=BaseException)
 
 # ExceptionGroup exists from Python 3.11; before, nothing is a group.
 _GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
@@ -145,6 +146,17 @@ def one_line_interrupt(message: str) -> KeyboardInterrupt:
     so ``except KeyboardInterrupt`` and the kernel's ``ename`` are unchanged."""
     exc = KeyboardInterrupt(message)
     exc._render_traceback_ = OneLine(f"KeyboardInterrupt: {message}")  # type: ignore[attr-defined]
+    return exc
+
+
+def one_line(exc: _E) -> _E:
+    """``exc``, shown by IPython as its one line (``CancelledError: run 1 ...``),
+    not with the frame of ours that raised it (IPython never hides the last
+    frame, even with ``__tracebackhide__``). Its type stays what it is, so
+    ``except CancelledError`` / ``except TimeoutError`` still catch it: for the
+    everyday outcomes of our API (a cancelled run, a timeout), not for errors
+    of the user's code."""
+    exc._render_traceback_ = OneLine(f"{type(exc).__name__}: {exc}")  # type: ignore[attr-defined]
     return exc
 
 

@@ -22,11 +22,12 @@ import types
 from typing import Any
 
 from . import api, payload
-from .cell import run_cell_code
+from .cell import CellSpec, run_cell_code
 from .debugging import (
     MISSING,
     FailureInfo,
     LastRun,
+    background_errors,
     exception_line,
     last_foreground_failure,
     last_run,
@@ -39,9 +40,11 @@ from .errors import (
     UsageError,
     WorkerLostError,
     cell_file,
+    one_line_interrupt,
     without_our_frames,
 )
 from .jobs import Failed
+from .shared.base import collect_attached
 
 # --------------------------------------------------------------------------
 # Re-running what failed
@@ -64,8 +67,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     if last is None and last_was_background():
         raise UsageError(
             "no failed %pmap run to re-run: the last run was a background run or an imap stream (--bg, submit, "
-            "imap), which keeps nothing to re-run. Its failed items are in its results: "
-            "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
+            f"imap), which keeps nothing to re-run. {_background_hint(background_errors())}")
     if last is None:
         raise UsageError("no failed %pmap run to re-run: no run has ended yet")
     if last.kind != "map" or not last.failures:
@@ -119,6 +121,18 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     return full
 
 
+def _background_hint(errors: str | None) -> str:
+    """Where a background run's failures are, by its errors option."""
+    if errors == "collect":
+        return ("Its failed items are in its results: "
+                "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
+    if errors == "raise":
+        return ("It stopped at its first failure, which is run.exception() on its handle (an imap stream raised "
+                "it); run it again with --errors collect (errors='collect') to get every failed item as an "
+                "mpmagic.Failed in its results")
+    return "Its error is run.exception() on its handle"
+
+
 def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:
     """After a re-run, the merged run is the last run (for last_failures, %pdebug)."""
     ran = last_run()  # the re-run itself: its payload is the new function's
@@ -132,13 +146,17 @@ def _current_definition(func: Any, namespace: dict | None) -> Any:
     """The notebook's current object under ``func``'s name, if there is one."""
     name = getattr(func, "__name__", None)
     if namespace is None:
-        namespace = getattr(sys.modules.get("__main__"), "__dict__", {})
-        get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)  # (loaded only if in use)
-        shell = get_ipython() if get_ipython is not None else None
-        if shell is not None:
-            namespace = shell.user_ns
+        namespace = _notebook_namespace()
     new = namespace.get(name) if name and name != "<lambda>" else None
     return new if callable(new) else func
+
+
+def _notebook_namespace() -> dict:
+    """The notebook's variables (IPython's user namespace, else ``__main__``'s)."""
+    namespace = getattr(sys.modules.get("__main__"), "__dict__", {})
+    get_ipython = getattr(sys.modules.get("IPython"), "get_ipython", None)  # (loaded only if in use)
+    shell = get_ipython() if get_ipython is not None else None
+    return shell.user_ns if shell is not None else namespace
 
 
 # --------------------------------------------------------------------------
@@ -191,6 +209,10 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     prints the worker's traceback with its local variables.
     A failure no call of the function raised (the function could not be
     loaded in the worker, the input raised) is not replayed: UsageError.
+    Nor is one whose code uses an ``mpmagic.Queue`` or ``Event`` (the replay
+    would take the user's items or wait for ever): it says so in one line
+    and prints the worker's traceback (False). A Ctrl-C during the replay
+    is a one-line KeyboardInterrupt.
     """
     last, failure = _pick(which)
     if isinstance(failure.error, (WorkerLostError, TaskTimeoutError)):
@@ -207,17 +229,23 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
         raise UsageError(f"the failure was not raised by {what} ({exception_line(failure.error)}{why}): "
                          "there is nothing to replay; its traceback is above")
     try:
-        obj = payload.loads(last.payload)
+        with collect_attached() as helpers:
+            obj = payload.loads(last.payload)
     except Exception as exc:
         what = "cell's names" if last.kind == "cell" else "function"
         raise UsageError(f"the {what} cannot be loaded here to replay {failure.label} "
                          f"({exception_line(exc)}); mpmagic.last_failures() has the worker's traceback") from None
+    if _refused_for_helpers(obj, failure, helpers):
+        return False
     expected = _worker_type(failure.error)
     try:
         _run_again(last, obj, failure)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and expected != "KeyboardInterrupt":
-            raise  # the user's Ctrl-C during the replay
+            # The user's Ctrl-C during the replay: one line, not our frames (nor the helpers' waits).
+            raise one_line_interrupt(
+                f"%pdebug interrupted: the replay of {failure.label} was stopped; "
+                "mpmagic.last_failures() has the worker's traceback and locals") from None
         if type(exc).__qualname__ != expected:
             print(
                 f"mpmagic: {failure.label} raised {expected} in its worker, but replayed here it raised "
@@ -241,6 +269,60 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     )
     print(failure.describe())
     return False
+
+
+#: Helpers whose use in a replay would take what other tasks (or the next cell)
+#: should get, or wait for ever for a task that is not running: not replayed.
+_NOT_REPLAYED = {
+    "Queue": "replaying it here would take items meant for other tasks (or wait for ever for items no task sends)",
+    "Event": "replaying it here could wait for ever for a set() no running task will make",
+}
+
+
+def _refused_for_helpers(obj: Any, failure: FailureInfo, helpers: list[tuple[str, Any]]) -> bool:
+    """If the replay would use a live Queue or Event (``helpers``: those its payload
+    holds, and its item), say so and show the worker's traceback instead (True).
+    A live Value, Array or lock is used: what the replay changes there, it changes again."""
+    helpers = helpers + [(kind, h) for kind, h in _item_helpers(failure.item) if all(h is not x for _, x in helpers)]
+    for kind, helper in helpers:
+        if kind in _NOT_REPLAYED:
+            print(f"mpmagic: {failure.label} uses mpmagic.{kind} {_helper_name(obj, helper)}: {_NOT_REPLAYED[kind]}, "
+                  "so it is not replayed; this is the worker's traceback and locals:")
+            print(failure.describe())
+            return True
+    changed = [f"mpmagic.{kind} {_helper_name(obj, helper)}" for kind, helper in helpers if kind in ("Value", "Array")]
+    if changed:
+        print(f"mpmagic: the replay uses the live {', '.join(changed)}: what it writes there is written again")
+    return False
+
+
+def _item_helpers(item: Any) -> list[tuple[str, Any]]:
+    """The helpers a failed item is, or holds at its top level (a tuple of star args)."""
+    from .shared.base import _Helper
+
+    parts = item if isinstance(item, (tuple, list)) else (item,)
+    return [(type(p)._kind, p) for p in parts if isinstance(p, _Helper)]
+
+
+def _helper_name(obj: Any, helper: Any) -> str:
+    """```name``` of ``helper`` in the cell's names, the function's globals or
+    closure, or the notebook; else how the helper calls itself."""
+    spaces: list[dict] = []
+    if isinstance(obj, CellSpec):
+        spaces.append(obj.names)
+    elif isinstance(obj, types.FunctionType):
+        spaces.append(obj.__globals__)
+        for name, cell in zip(obj.__code__.co_freevars, obj.__closure__ or (), strict=False):
+            try:
+                spaces.append({name: cell.cell_contents})
+            except ValueError:  # (an empty cell)
+                continue
+    spaces.append(_notebook_namespace())
+    for space in spaces:
+        for name, value in list(space.items()):
+            if value is helper and not name.startswith("_"):
+                return f"`{name}`"
+    return helper._describe().split(" ", 1)[-1]
 
 
 def _worker_type(error: BaseException) -> str:

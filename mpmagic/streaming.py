@@ -322,7 +322,7 @@ def imap(
     else:
         try:
             run = background.start(what, make_call, lambda call, forward: call.job.results(), workers, live="relay",
-                                   keep_chunks=False, resume=resume)
+                                   keep_chunks=False, resume=resume, errors=errors)
         except BaseException:
             if resume is not None:
                 resume.settle()

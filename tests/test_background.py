@@ -505,3 +505,26 @@ def test_cancel_drops_the_on_chunk_calls_still_queued_instead_of_running_them(ns
         assert mpmagic.pmap(ns["square"], range(400), checkpoint=tmp_path) == [x * x for x in range(400)]
         resumed = re.search(r"resumed: ([\d,]+) of", mpmagic.last_report().line())
         assert resumed and int(resumed.group(1).replace(",", "")) >= 10 * before
+
+
+def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns):
+    """result() after cancel(), result/exception(timeout=) and as_completed showed
+    the frame of background.py that raised (IPython never hides the last frame)."""
+    from concurrent.futures import TimeoutError as FuturesTimeout
+
+    run(ip, "bg_slow = %pmap --bg -q napper, range(40)")
+    cells = {
+        "bg_slow.result(timeout=0.01)": ("TimeoutError", FuturesTimeout, "did not end within 0.01 s"),
+        "bg_slow.exception(timeout=0.01)": ("TimeoutError", FuturesTimeout, "did not end within 0.01 s"),
+        "next(mpmagic.as_completed(bg_slow, timeout=0.01))": ("TimeoutError", FuturesTimeout, "no result of run"),
+        "bg_slow.cancel()\nbg_slow.result()": ("CancelledError", CancelledError, "was cancelled"),
+        "list(mpmagic.as_completed(bg_slow))": ("CancelledError", CancelledError, "was cancelled"),
+    }
+    for code, (name, kind, words) in cells.items():
+        with capture_output() as cap:
+            result = ip.run_cell(code, store_history=False)
+        assert isinstance(result.error_in_exec, kind), code
+        shown = (cap.stdout + cap.stderr).strip()
+        assert shown.startswith(f"{name}: ") and words in shown and len(shown.splitlines()) == 1, (code, shown)
+        assert "background.py" not in shown
+    ip.user_ns.pop("bg_slow", None)

@@ -481,6 +481,20 @@ def test_rerun_failed_after_a_background_run_says_it_keeps_nothing(ip, local_poo
     ip.user_ns.pop("bg", None)
 
 
+def test_rerun_failed_after_a_raising_background_run_points_to_its_exception(ip, local_pool):
+    """After a --bg run with errors="raise" it suggested the Failed of run.result(),
+    which raises for such a run (and holds no Failed)."""
+    run(ip, "def half(x):\n    if x == 5:\n        raise ValueError(x)\n    return x // 2\n")
+    run(ip, "bg = %pmap --bg -q half, range(10)\nbg.wait()")
+    result = ip.run_cell("%pmap --rerun-failed", store_history=False)
+    message = str(result.error_in_exec)
+    assert "the last run was a background run or an imap stream" in message, message
+    assert "run.exception()" in message and "--errors collect" in message
+    assert "isinstance(r, mpmagic.Failed)" not in message
+    assert isinstance(run(ip, "bg.exception()"), ValueError)  # (what the hint says holds)
+    ip.user_ns.pop("bg", None)
+
+
 def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):
     result = ip.run_cell("%pdebug x", store_history=False)
     assert str(result.error_in_exec).endswith("usage: %pdebug [N]   (see %pdebug?)")
@@ -523,3 +537,56 @@ def test_runs_from_other_threads_do_not_become_the_notebooks_last_run(ip, fs_poo
     assert "raise ValueError('three')" in out and "ipdb> 3\n" in out, out
     run(ip, "def halve(x):\n    return x * 10\n")
     assert run(ip, "fixed = %pmap --rerun-failed -q\nfixed") == [x * 10 for x in range(6)]
+
+
+def test_pdebug_does_not_replay_a_rank_that_reads_a_live_queue(ip, fs_pool, capsys):
+    """%pdebug replayed the rank against the user's queue: it took the items left
+    for others (then said the failure "depended on the worker"), or blocked for ever."""
+    run(ip, "import mpmagic\ndq = mpmagic.Queue()\nfor v in [4, 0, 5, None]:\n    dq.put(v)")
+    ip.run_cell("%%parallel -n 1 -q\ntotal = 0\nwhile (x := dq.get()) is not None:\n    total += 10 // x",
+                store_history=False)
+    assert run(ip, "dq.qsize()") == 2
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    assert out.startswith("mpmagic: rank 0 uses mpmagic.Queue `dq`: replaying it here would take items meant for "
+                          "other tasks"), out
+    assert "not replayed" in out and "depended on the worker" not in out and "ipdb>" not in out
+    assert "ZeroDivisionError" in out and "total = 2" in out  # the worker's traceback and locals
+    assert run(ip, "[dq.get(), dq.get()]") == [5, None]  # nothing taken
+    ip.user_ns.pop("dq", None)
+
+
+def test_pdebug_does_not_replay_an_item_that_waits_on_a_live_event(ip, fs_pool, capsys):
+    run(ip, "import mpmagic\ndev = mpmagic.Event()\ndef gated(x):\n    dev.wait(0.01)\n    return 1 / x\n")
+    ip.run_cell("%pmap -q gated, [0]", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    assert out.startswith("mpmagic: item 0 uses mpmagic.Event `dev`: replaying it here could wait for ever"), out
+    assert "ipdb>" not in out and "ZeroDivisionError" in out
+    ip.user_ns.pop("dev", None)
+
+
+def test_pdebug_says_a_replay_writes_a_live_value_again(ip, fs_pool, capsys):
+    run(ip, "import mpmagic\ndcount = mpmagic.Value('i', 0)\n"
+            "def bump(x):\n    with dcount.get_lock():\n        dcount.value += 1\n    return 1 / x\n")
+    ip.run_cell("%pmap -q bump, [0]", store_history=False)
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    assert out.startswith("mpmagic: the replay uses the live mpmagic.Value `dcount`: what it writes there is "
+                          "written again\n"), out
+    assert "ipdb>" in out and run(ip, "dcount.value") == 2  # replayed (and debugged), as documented
+    ip.user_ns.pop("dcount", None)
+
+
+def test_an_interrupted_replay_is_one_line(ip, fs_pool, capsys):
+    """Ctrl-C during a replay showed a traceback through debug_magics.py, postmortem.py..."""
+    from conftest import interrupted_cell
+
+    run(ip, "import os, time\nHOME_PID = os.getpid()\n"
+            "def stuck(x):\n    if os.getpid() == HOME_PID:\n        time.sleep(30)\n    raise ValueError(x)\n")
+    ip.run_cell("%pmap -q stuck, [1]", store_history=False)
+    capsys.readouterr()
+    shown, error = interrupted_cell(ip, "%pdebug", after=0.3)
+    assert isinstance(error, KeyboardInterrupt)
+    assert shown.strip() == ("KeyboardInterrupt: %pdebug interrupted: the replay of item 0 was stopped; "
+                             "mpmagic.last_failures() has the worker's traceback and locals"), shown

@@ -10,6 +10,7 @@ the helper existed can use it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -441,7 +442,33 @@ class _Helper:
 
 def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int) -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
-    return cls._attach(stem, spec, owner_pid)
+    return _noted(cls._attach(stem, spec, owner_pid))
+
+
+# Which helpers a pickle holds, as it is loaded (collect_attached): %pdebug asks,
+# before it replays a failure here, whether the payload reads a queue or waits
+# on an event (which would take the user's items, or wait for ever).
+_collecting = threading.local()
+
+
+@contextlib.contextmanager
+def collect_attached() -> Iterator[list[tuple[str, Any]]]:
+    """The helpers unpickled in this thread inside the block, as (kind, helper)
+    pairs: kind is ``"Queue"``, ``"Value"``, ``"Event"``... (the constructor's name)."""
+    found: list[tuple[str, Any]] = []
+    outer = getattr(_collecting, "found", None)
+    _collecting.found = found
+    try:
+        yield found
+    finally:
+        _collecting.found = outer
+
+
+def _noted(helper: Any) -> Any:
+    found = getattr(_collecting, "found", None)
+    if found is not None and all(h is not helper for _, h in found):
+        found.append((helper._kind, helper))
+    return helper
 
 
 def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
@@ -452,7 +479,7 @@ def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
     would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
     the outer). The owner's own helper needs no such reference.
     """
-    helper = cls._attach(stem, spec, owner_pid)
+    helper = _noted(cls._attach(stem, spec, owner_pid))
     if helper._owner_pid != _PID:
         helper._lock.keep = helper
     return helper._lock
