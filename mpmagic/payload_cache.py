@@ -94,7 +94,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     found: dict[int, Any] = {}
     with payload.keeping(found):
         inband = payload.dumps_function(func, what, collector)
-    kept = ()
+    kept: tuple = ()
     if found:  # (the run being built keeps them: see payload.keeping)
         payload.keep_all(found.values())
         kept = tuple(weakref.ref(h) for h in found.values())
