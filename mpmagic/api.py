@@ -970,15 +970,18 @@ class CellCall:
                 raise UsageError("reset=True (--reset) starts kept ranks afresh: use it with keep=True (--keep)")
             self.pins = ranks.check(self.backend, self.size, reset)
             self.spec.keep, self.spec.reset = True, reset
-        self.spec_bytes = spec_bytes = _pack_spec(self.spec)  # (kept for %pdebug's replay of a rank)
+        kept: dict[int, Any] = {}  # the helpers among its names: the job keeps them alive until it ends
+        with payload.keeping(kept):
+            self.spec_bytes = spec_bytes = _pack_spec(self.spec)  # (kept for %pdebug's replay of a rank)
         self.cold = self.backend.cold
         self.recorder = Recorder("parallel") if insights else None
         if self.pins is None:
-            self.job = CellJob(spec_bytes, self.size, insights=self.recorder, **kwargs)
+            self.job = CellJob(spec_bytes, self.size, insights=self.recorder, kept=kept, **kwargs)
         else:
             from . import ranks
 
-            self.job = ranks.KeptCellJob(spec_bytes, self.size, insights=self.recorder, pins=self.pins, **kwargs)
+            self.job = ranks.KeptCellJob(spec_bytes, self.size, insights=self.recorder, pins=self.pins, kept=kept,
+                                         **kwargs)
 
     def record_kept(self) -> None:
         """After a ``keep=True`` run (however it ended): which worker keeps which rank."""

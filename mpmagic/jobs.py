@@ -210,10 +210,16 @@ class MapJob:
         # Large buffers (numpy arrays) go through shared memory: only for
         # workers on this machine (the backend says so: ``shares_memory``).
         self.shared_memory = shared_memory and shm.ENABLED
+        # The shared helpers (mpmagic.Value...) its function and items were pickled
+        # with, by id: held until the run ends (release_shared), so that the
+        # notebook rebinding ``counter`` meanwhile cannot release the one the
+        # workers are about to attach to by name (payload.keeping).
+        self.kept: dict[int, Any] = {}
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
-            self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
+            with payload.keeping(self.kept):
+                self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
         self.star = star
         self.collect = collect
         self.timeout = timeout
@@ -552,11 +558,13 @@ class MapJob:
         return _FAST_BLOCK
 
     def _pack(self, items: list, lease: Any = None) -> bytes:
-        """The chunk's items pickled; ``_UnsendableItem`` names the first that cannot be."""
+        """The chunk's items pickled; ``_UnsendableItem`` names the first that cannot be.
+        Helpers among them are kept alive until the run ends (``self.kept``)."""
         try:
-            if lease is not None:
-                return shm.dumps_lent(items, lease, payload.dumps_data)
-            return payload.dumps_data(items)
+            with payload.keeping(self.kept):
+                if lease is not None:
+                    return shm.dumps_lent(items, lease, payload.dumps_data)
+                return payload.dumps_data(items)
         except Exception:
             for i, item in enumerate(items):
                 try:
@@ -862,7 +870,10 @@ class MapJob:
         """The run is over (done, failed or interrupted): give back every segment.
 
         The backend calls this once no worker can still read this job's chunks.
+        The helpers its payloads named are no longer kept: dropped in the notebook,
+        they are released as before.
         """
+        self.kept = {}
         for unit in [*self.outstanding.values(), *self._requeued]:
             if unit.lease is not None:
                 unit.lease.release()
@@ -951,9 +962,11 @@ class CellJob:
         label: bool = True,
         progress: Callable[[int], None] | None = None,
         insights: Any = None,
+        kept: dict[int, Any] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.size = size
+        self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
         self.timeout = timeout
         self.func_key: bytes | None = None  # (a cell's code travels in each unit)
         self.func_payload: bytes | None = None
@@ -1015,8 +1028,10 @@ class CellJob:
 
     def release_shared(self) -> None:
         """Nothing to give back: a cell's spec never travels through shared memory.
-        (The run is over: no late line about a failed rank, see _failed_while_others_run.)"""
+        (The run is over: no late line about a failed rank, see _failed_while_others_run;
+        the helpers its names were pickled with are no longer kept.)"""
         self._over = True
+        self.kept = {}
 
     @property
     def has_work(self) -> bool:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import pickle
 import sys
+import threading
 import types
 import weakref
 from collections import ChainMap
@@ -176,6 +177,59 @@ def _worker_builtin(name: str) -> Any:
     from . import task_builtins
 
     return getattr(task_builtins, name)
+
+
+# --------------------------------------------------------------------------
+# Keeping alive what a run's payload names
+#
+# A shared helper (``mpmagic.Value``, ``Queue``...) travels by name, and its
+# names live only as long as the notebook's object: a background run whose
+# function read ``counter`` failed with SharedObjectGone once the notebook
+# rebound ``counter`` (a fresh one for the next run). So a helper being
+# pickled calls :func:`keep_alive`, and whoever builds a run's payload collects
+# those objects (:class:`keeping`) and holds them until the run ends. With no
+# helper pickled this costs a thread-local store and restore per payload.
+
+class _Keeping(threading.local):
+    into: dict[int, Any] | None = None
+
+
+_keeping = _Keeping()
+
+
+def keep_alive(obj: Any) -> None:
+    """Called by an object that travels by name while it is pickled: the run
+    whose payload is being built (if any) keeps ``obj`` alive until it ends."""
+    into = _keeping.into
+    if into is not None:
+        into[id(obj)] = obj
+
+
+def keep_all(objs: Any) -> None:
+    """:func:`keep_alive` for each of ``objs`` (what an earlier pickling collected)."""
+    into = _keeping.into
+    if into is not None:
+        for obj in objs:
+            into[id(obj)] = obj
+
+
+class keeping:
+    """``with keeping(kept):`` objects pickled in this thread meanwhile that call
+    :func:`keep_alive` go into the dict ``kept`` (by id). Nests: the outer
+    collection is restored after (and gets nothing of the inner one)."""
+
+    __slots__ = ("into", "outer")
+
+    def __init__(self, into: dict[int, Any]) -> None:
+        self.into = into
+
+    def __enter__(self) -> dict[int, Any]:
+        self.outer = _keeping.into
+        _keeping.into = self.into
+        return self.into
+
+    def __exit__(self, *exc: Any) -> None:
+        _keeping.into = self.outer
 
 
 class _Pickler(cloudpickle.Pickler):

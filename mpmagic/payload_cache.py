@@ -53,6 +53,10 @@ class _Entry:
     data: bytes  # what workers get: the pickle, or a shared-memory envelope
     segment: shm.Segment | None = None  # our copy of captured arrays (not share() ones)
     refs: list | None = None  # where each large buffer lies
+    # Weak references to the shared helpers (mpmagic.Value...) the pickle names:
+    # each run reusing it must keep them alive (payload.keeping), as a run that
+    # pickled it would. Weak, so the cache never keeps a helper the notebook dropped.
+    kept: tuple = ()
 
 
 _entries: OrderedDict[tuple[int, bool], _Entry] = OrderedDict()
@@ -79,18 +83,25 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
             _drop(slot)
             entry = None
     captured = _capture(func)
-    if entry is not None and captured is not None and entry.captured is not None and _same(entry.captured, captured):
+    if (entry is not None and captured is not None and entry.captured is not None and _same(entry.captured, captured)
+            and _keep_again(entry)):
         stats["fast"] += 1
         with _lock:
             _entries.move_to_end(slot)
         return entry.key, entry.data
 
     collector = shm.Collector() if shared else None
-    inband = payload.dumps_function(func, what, collector)
+    found: dict[int, Any] = {}
+    with payload.keeping(found):
+        inband = payload.dumps_function(func, what, collector)
+    kept: tuple = ()
+    if found:  # (the run being built keeps them: see payload.keeping)
+        payload.keep_all(found.values())
+        kept = tuple(weakref.ref(h) for h in found.values())
     buffers = collector.buffers if collector is not None else []
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
         stats["same"] += 1
-        entry.captured = captured
+        entry.captured, entry.kept = captured, kept
         with _lock:
             _entries.move_to_end(slot)
         return entry.key, entry.data
@@ -109,7 +120,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
         if segment is not None:
             shm.pool().track(segment)  # freed at pool stop
         return payload.payload_key(data), data
-    new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs)
+    new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs, kept)
     with _lock:
         _drop(slot)
         _entries[slot] = new
@@ -129,6 +140,18 @@ def _drop(slot: tuple[int, bool]) -> None:
     entry = _entries.pop(slot, None)
     if entry is not None and entry.segment is not None and entry.segment.name in shm.pool().live:
         shm.pool().destroy(entry.segment)
+
+
+def _keep_again(entry: _Entry) -> bool:
+    """Hand the helpers the entry's pickle names to the run being built; False
+    if one is gone (the payload would name a released helper: build it again)."""
+    if not entry.kept:
+        return True
+    helpers = [ref() for ref in entry.kept]
+    if any(h is None for h in helpers):
+        return False
+    payload.keep_all(helpers)
+    return True
 
 
 def _segment_alive(entry: _Entry) -> bool:

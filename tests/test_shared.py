@@ -836,3 +836,70 @@ def test_a_helper_made_in_a_task_and_returned_says_to_make_it_in_the_notebook(ip
         run(ip, "%pmap -q make_value, [1]")
     text = str(info.value)
     assert "Make a new mpmagic.Value(...) in the notebook" in text and "Return types" not in text, text
+
+
+# --------------------------------------------------------------------------
+# A run keeps the helpers its payload named alive until it ends
+
+
+def test_a_background_run_keeps_the_helper_its_function_captured_when_the_notebook_rebinds_it(ip, local_pool):
+    """A fresh counter for each submitted run: rebinding ``counter`` dropped the
+    notebook's last reference to the one a run still in flight captured, which
+    released its names (SharedObjectGone in 2 runs of 3). Each run counts with
+    its own counter, as serial code would, and the old ones are released once
+    their runs end."""
+    run(ip, textwrap.dedent("""\
+        import mpmagic, time, weakref
+        def count_kept(x):
+            time.sleep(0.005)
+            with counter.get_lock():
+                counter.value += 1
+                return x, counter.value
+        kept_handles, kept_refs = [], []
+        for trial in range(3):
+            counter = mpmagic.Value('i', 0)       # a fresh counter for each run
+            kept_refs.append(weakref.ref(counter))
+            kept_handles.append(mpmagic.submit(count_kept, range(20), chunksize=1))
+        """))
+    for handle in ip.user_ns["kept_handles"]:
+        results = handle.result(timeout=60)
+        assert [x for x, _ in results] == list(range(20))
+        assert sorted(n for _, n in results) == list(range(1, 21))  # its own counter, ending at 20
+    run(ip, "kept_handles = None")
+    drop(ip)
+    refs = ip.user_ns["kept_refs"]
+    assert refs[0]() is None and refs[1]() is None  # the ended runs no longer keep them
+    assert refs[2]() is ip.user_ns["counter"]
+    drop(ip, "kept_refs", "kept_handles", "counter", "count_kept")
+
+
+def test_a_background_run_keeps_a_helper_passed_in_its_items(ip, local_pool):
+    """The same with the helper inside the items (read lazily, one chunk at a
+    time) and among a cell's names (``parallel(block=False)``). Kept before the
+    fix too (the job holds its input, the cell call its names): this guards the
+    items' pickling, which now also collects the helpers onto the job."""
+    run(ip, textwrap.dedent("""\
+        import mpmagic, time
+        def count_item(pair):
+            box, x = pair
+            time.sleep(0.005)
+            with box.get_lock():
+                box.value += 1
+                return box.value
+        item_handles = []
+        for trial in range(3):
+            box = mpmagic.Value('i', 0)
+            item_handles.append(mpmagic.submit(count_item, ((b, i) for b in [box] for i in range(20)), chunksize=1))
+        cell_handles = []
+        for trial in range(2):
+            tally = mpmagic.Value('i', 0)
+            cell_handles.append(mpmagic.parallel(
+                "import time\\ntime.sleep(0.05)\\nwith tally.get_lock():\\n    tally.value += 1\\n    n = tally.value\\nn",
+                workers=2, block=False))
+        del box, tally
+        """))
+    for handle in ip.user_ns["item_handles"]:
+        assert sorted(handle.result(timeout=60)) == list(range(1, 21))
+    for handle in ip.user_ns["cell_handles"]:
+        assert sorted(handle.result(timeout=60)) == [1, 2]
+    drop(ip, "item_handles", "cell_handles", "count_item")

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import compat, posixshm
+from .. import compat, payload, posixshm
 from ..errors import MPMagicError, UsageError
 
 try:
@@ -305,6 +305,9 @@ class _HolderLock:
         # as "the lock of helper STEM", which attaches to the helper by name.
         if self.helper is None:
             raise TypeError("an mpmagic queue's internal lock cannot be pickled")
+        helper = _registry.get(self.helper[1])
+        if helper is not None:  # a run's payload keeps the helper alive (see _Helper.__reduce__)
+            payload.keep_alive(helper)
         return (_lock_of, self.helper)
 
     def __repr__(self) -> str:
@@ -398,7 +401,7 @@ class _Helper:
         """The helper's lock: semaphore "l", holder pid in header word 1. Pickled on
         its own (``lock = v.get_lock()``), it travels as "the lock of this helper"."""
         lock = _HolderLock(self._sems["l"], self._seg, 1, recursive, self._describe())
-        lock.helper = self.__reduce__()[1]
+        lock.helper = self._by_name()
         return lock
 
     def _gone(self) -> SharedObjectGone:
@@ -415,7 +418,15 @@ class _Helper:
         return f"mpmagic.{self._kind} {self._stem.lstrip('/')}"
 
     def __reduce__(self) -> tuple:
-        return (_attach, (type(self), self._stem, self._spec, self._owner_pid))
+        # Pickled into a run's payload (its function, items or cell): the run
+        # keeps this object, and so its names, alive until it ends, even if the
+        # notebook drops or rebinds it meanwhile (payload.keeping).
+        payload.keep_alive(self)
+        return (_attach, self._by_name())
+
+    def _by_name(self) -> tuple:
+        """What finds this helper in another process: (class, stem, spec, owner pid)."""
+        return (type(self), self._stem, self._spec, self._owner_pid)
 
     # What subclasses fill in
     def _sem_letters(self) -> str:
