@@ -1,0 +1,51 @@
+"""Fidelity round (testers' fidelity report, sections 6, 8 and 10).
+
+* A function that reads a notebook global by name at run time (``eval('K')``,
+  ``globals()['K']``) fails in a worker: the error says which variable and why.
+* A ``functools.singledispatch`` function defined in the notebook cannot be
+  sent: the error names it, not functools' internal dict.
+* Leaving an ``imap`` loop early reads only a few chunks of its lazy input
+  past the results taken (serial ``map`` reads none).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ensure_pool, run
+
+import mpmagic
+from mpmagic.errors import SerializationError
+
+
+@pytest.fixture
+def pool2(ip):
+    backend = ensure_pool("forkserver")
+    backend.wait_ready()
+    return backend
+
+
+# -- section 10: imap's read-ahead -----------------------------------------------
+
+
+def test_leaving_an_imap_loop_early_reads_only_a_few_chunks_of_the_input(ip, pool2):
+    run(ip, "def same(x):\n    return x\n")
+    func = ip.user_ns["same"]
+    read = []
+
+    def items():
+        for i in range(1_000_000):
+            read.append(i)
+            yield i
+
+    serial_input, parallel_input = items(), items()
+    assert [v for _, v in zip(range(3), map(func, serial_input), strict=False)] == [0, 1, 2]
+    serial_read = len(read)
+    read.clear()
+    stream = mpmagic.imap(func, parallel_input, buffer=2)
+    assert [v for _, v in zip(range(3), stream, strict=False)] == [0, 1, 2]
+    stream.close()
+    # Serial map read 3; a stream reads ahead at most buffer + 2 per worker + 1
+    # chunks, their sizes at most doubling from 1 (docs/troubleshooting.md):
+    # before, one chunk of 0.05 s of work (up to 100,000 items) right after the first results.
+    assert serial_read == 3
+    assert len(read) <= 2 ** (2 + 2 * 2 + 1 + 3)
