@@ -294,6 +294,44 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def sent_globals(func: Any) -> tuple[dict[str, Any] | None, set[str]]:
+    """(the globals of the notebook function behind ``func``, the names of them
+    sending it sends): those its code reads, and those of the notebook functions
+    among them, and so on, as cloudpickle sends them. ``(None, set())`` when
+    ``func`` is no function of the notebook's ``__main__`` (a module's function
+    finds its globals in the module the worker imports).
+
+    For an error that names a notebook variable the task could not find: one it
+    read by a name built at run time (``eval``, ``globals()[name]``) was not sent.
+    """
+    while isinstance(func, (functools.partial, types.MethodType)):
+        func = func.func if isinstance(func, functools.partial) else func.__func__
+    if not isinstance(func, types.FunctionType) or func.__globals__.get("__name__") not in ("__main__", "__mp_main__"):
+        return None, set()
+    namespace = func.__globals__
+    sent: set[str] = set()
+    todo = [func]
+    seen: set[int] = set()
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        for name in _code_names(f.__code__):
+            sent.add(name)
+            value = namespace.get(name)
+            if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
+                todo.append(value)
+        for cell in f.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
+                todo.append(value)
+    return namespace, sent
+
+
 def _children(obj: Any) -> list[tuple[str, Any]]:
     """Named parts of ``obj`` that pickling it would also pickle."""
     out: list[tuple[str, Any]] = []

@@ -49,3 +49,43 @@ def test_leaving_an_imap_loop_early_reads_only_a_few_chunks_of_the_input(ip, poo
     # before, one chunk of 0.05 s of work (up to 100,000 items) right after the first results.
     assert serial_read == 3
     assert len(read) <= 2 ** (2 + 2 * 2 + 1 + 3)
+
+
+# -- section 6: a notebook global read by name at run time -----------------------
+
+LOOKUPS = """
+K_HINT = 7
+def by_eval(name):
+    return eval(name)
+def by_globals(name):
+    return globals()[name]
+def by_dict(name):
+    return {'other': 1}[name]
+"""
+
+
+@pytest.mark.parametrize("func", ["by_eval", "by_globals"])
+def test_a_global_read_by_name_at_run_time_says_why_it_is_missing(ip, pool2, func):
+    run(ip, LOOKUPS)
+    f = ip.user_ns[func]
+    assert list(map(f, ["K_HINT"])) == [7]  # serial: the notebook's K_HINT
+    with pytest.raises((NameError, KeyError)) as info:
+        mpmagic.pmap(f, ["K_HINT"])
+    notes = [n for n in getattr(info.value, "__notes__", []) if "K_HINT" in n and "not sent" in n]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert f"the notebook has 'K_HINT', but {func}'s code does not name it" in notes[0]
+    assert "pass it as an argument" in notes[0]
+    failed = mpmagic.pmap(f, ["K_HINT"], errors="collect")[0]  # (a collected failure says it too)
+    assert any("not sent with the function" in n for n in failed.error.__notes__)
+
+
+def test_a_key_the_notebook_does_not_have_gets_no_hint(ip, pool2):
+    run(ip, LOOKUPS)
+    f = ip.user_ns["by_dict"]
+    with pytest.raises(KeyError) as info:
+        mpmagic.pmap(f, ["K_HINT_NOT_IN_THE_NOTEBOOK"])
+    assert not any("not sent" in n for n in info.value.__notes__)
+    with pytest.raises(KeyError) as info:  # a name the function reads in its code was sent: no hint either
+        run(ip, "def by_name(name):\n    return K_HINT + {}[name]\n")
+        mpmagic.pmap(ip.user_ns["by_name"], ["K_HINT"])
+    assert not any("not sent" in n for n in info.value.__notes__)
