@@ -89,3 +89,22 @@ def test_a_key_the_notebook_does_not_have_gets_no_hint(ip, pool2):
         run(ip, "def by_name(name):\n    return K_HINT + {}[name]\n")
         mpmagic.pmap(ip.user_ns["by_name"], ["K_HINT"])
     assert not any("not sent" in n for n in info.value.__notes__)
+
+
+# -- section 8: a singledispatch function defined in the notebook ----------------
+
+
+def test_a_notebook_singledispatch_function_is_named_as_what_cannot_be_sent(ip, pool2):
+    run(ip, "import functools\n"
+            "@functools.singledispatch\n"
+            "def describe_hint(x):\n    return 'object'\n"
+            "@describe_hint.register\n"
+            "def _(x: int):\n    return 'int'\n")
+    f = ip.user_ns["describe_hint"]
+    assert list(map(f, [1, "a"])) == ["int", "object"]  # serial works; the workers cannot get it
+    with pytest.raises(SerializationError) as info:
+        mpmagic.pmap(f, [1, "a"])
+    text = str(info.value)
+    assert "`describe_hint` is a functools.singledispatch function defined in the notebook" in text
+    assert "Define it in a module the workers can import, or map a plain function" in text
+    assert "is a dict" not in text and "Create it inside the function" not in text and "\n" not in text
