@@ -12,7 +12,6 @@ import functools
 import inspect
 import itertools
 import os
-import re
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from .errors import (
     UsageError,
     drop_our_frames,
     format_exception,
+    note_unsent_name,
     render_traceback,
     run_interrupted,
 )
@@ -37,7 +37,7 @@ from .fmt import func_name
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, Failed, MapJob, add_note
+from .jobs import CellJob, Failed, MapJob
 from .pool import get_pool
 from .progress import Progress
 from .report import RankValues, Report
@@ -1035,17 +1035,15 @@ class CellCall:
 def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) -> None:
     """A rank's NameError for a notebook variable the cell's code never names
     (read only by a string built at run time and given to ``exec``/``eval``):
-    say why the rank has no copy, and how to send it."""
-    found = re.match(r"name '(\w+)' is not defined", str(exc)) if isinstance(exc, NameError) else None
-    if found is None:
-        return
-    name = found.group(1)
-    if name not in namespace or name in spec.names or name in spec.modules:
-        return
-    note = (f"mpmagic: the notebook has {name!r}, but the cell's code does not name it (a string given to exec "
-            f"or eval?), so the ranks got no copy: name it in the cell, e.g. a line `{name}`, to send it")
-    if note not in getattr(exc, "__notes__", ()):
-        add_note(exc, note)
+    say why the rank has no copy, and how to send it (``errors.note_unsent_name``,
+    which a map's failing task goes through too: ``jobs.MapJob``)."""
+    note_unsent_name(
+        exc, namespace, spec.names.keys() | spec.modules.keys(),
+        lambda name: (f"mpmagic: the notebook has {name!r}, but the cell's code does not name it (a string given "
+                      f"to exec or eval?), so the ranks got no copy: name it in the cell, e.g. a line `{name}`, "
+                      "to send it"),
+        key_errors=False,
+    )
 
 
 def _pack_spec(spec: Any) -> bytes:

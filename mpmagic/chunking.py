@@ -32,8 +32,15 @@ class ChunkPlanner:
         max_chunk: int = 100_000,
         max_bytes: int = 64 << 20,
         key: bytes | None = None,
+        ramp: bool = False,
     ) -> None:
         self.n_items = n_items
+        # Each chunk at most twice the largest sent so far (from 1): a stream over
+        # a lazy input (streaming.StreamJob) then reads about as far ahead of the
+        # results it gave as they were in number, not a whole 0.05 s chunk of
+        # tiny items (100,000) after its first three results.
+        self.ramp = ramp
+        self._largest = 0
         self.workers = max(1, workers)
         self.fixed = chunksize
         self.target = target
@@ -58,7 +65,10 @@ class ChunkPlanner:
 
     def size_hint(self) -> int:
         """What ``next_size`` would say now, without counting it as used."""
-        return self.fixed or self._adaptive()
+        if self.fixed:
+            return self.fixed
+        size = self._adaptive()
+        return min(size, max(1, 2 * self._largest)) if self.ramp else size
 
     def _adaptive(self) -> int:
         remaining = None if self.n_items is None else max(1, self.n_items - self.sent)
@@ -123,6 +133,7 @@ class ChunkPlanner:
 
     def note_sent(self, n: int) -> None:
         self.sent += n
+        self._largest = max(self._largest, n)
 
     def describe(self) -> str:
         """For the report: the fixed size, or the range the planner used."""

@@ -73,6 +73,41 @@ def unloadable_results(what: str, exc: BaseException) -> SerializationError:
     )
 
 
+def looked_up_name(exc: BaseException, key_errors: bool = True) -> str | None:
+    """The variable a task's exception says it could not find: a NameError's
+    name, or (``key_errors``) a KeyError's one ``str`` key (``globals()['K']``).
+
+    Read from what the exception carries (its ``name``, its ``args``), with the
+    message as a fallback for a NameError raised without a ``name``."""
+    if isinstance(exc, NameError):
+        name = exc.name if isinstance(getattr(exc, "name", None), str) else None
+        if name is None:
+            found = re.match(r"name '(\w+)' is not defined", str(exc))
+            name = found.group(1) if found else None
+        return name
+    if key_errors and type(exc) is KeyError and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0] if exc.args[0].isidentifier() else None
+    return None
+
+
+def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, key_errors: bool = True) -> None:
+    """Say why a task could not find a notebook variable, and how to send it.
+
+    A task gets the notebook variables its code names (a cell's, a mapped
+    function's): one read only by a name built at run time (``eval(name)``,
+    ``globals()[name]``) is not sent. When the exception's missing name
+    (:func:`looked_up_name`) is in the notebook's ``namespace`` and not among
+    the ``sent`` names, ``note(name)`` (one line) is added to it, once. Only
+    the notebook side calls this: ``namespace`` is the notebook's.
+    """
+    name = looked_up_name(exc, key_errors)
+    if name is None or name not in namespace or name in sent:
+        return
+    text = note(name)
+    if text not in getattr(exc, "__notes__", ()) and hasattr(exc, "add_note"):
+        exc.add_note(text)
+
+
 class RemoteError(MPMagicError):
     """A task raised an exception whose type cannot be loaded in the notebook.
 

@@ -35,6 +35,8 @@ from .errors import (
     add_note,
     drop_our_frames,
     fake_traceback,
+    looked_up_name,
+    note_unsent_name,
     show_without_frames,
     unloadable_results,
 )
@@ -300,6 +302,8 @@ class MapJob:
         # the advice must not call that waiting a transfer cost).
         self.shared_workers = False
         self.waited_for_workers = 0.0  # seconds its first unit waited for workers busy with other runs
+        # (the function's notebook globals, the names sending it sent): read on a task's first NameError/KeyError
+        self._sent_globals: tuple[dict[str, Any] | None, set[str]] | None = None
 
     def redirect(self, out: Callable[[str, str], None], progress: Callable[[int], None] | None,
                  chunk: Callable[[int, list], None] | None, ask_input: Callable[[], None] | None) -> tuple:
@@ -596,6 +600,31 @@ class MapJob:
         unwrap = getattr(self.func, "mpmagic_item", None)
         return (item, self.star) if unwrap is None else (unwrap(item), getattr(self.func, "star", False))
 
+    def _note_unsent_global(self, exc: BaseException) -> None:
+        """A task's NameError (or KeyError of a str key) for a notebook variable
+        the function reads only by a name built at run time (``eval('K')``,
+        ``globals()['K']``): that variable was not sent with the function. Say
+        which, why, and what to do, as ``%%parallel`` does for a cell's
+        (``errors.note_unsent_name``). The notebook's namespace is the
+        function's ``__globals__``, read here, on the notebook side."""
+        if looked_up_name(exc) is None:  # (most errors: no look at the function)
+            return
+        if self._sent_globals is None:
+            func: Any = self.func
+            if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
+                func = func.func
+            self._sent_globals = payload.sent_globals(func)
+        namespace, sent = self._sent_globals
+        if namespace is None:
+            return
+        fname = getattr(self.func, "__name__", "the function")
+        note_unsent_name(
+            exc, namespace, sent,
+            lambda name: (f"mpmagic: the notebook has {name!r}, but {fname}'s code does not name it (read by a name "
+                          f"built at run time: eval, exec, globals()[...]?), so it was not sent with the function: "
+                          f"use {name} in the function's code, or pass it as an argument"),
+        )
+
     def _where(self, index: int, item: Any) -> str:
         item, star = self._shown(item)
         if not star:
@@ -635,6 +664,7 @@ class MapJob:
                     idx = unit.start + i
                     item = self._shown(unit.items[i])[0]
                     error = rebuild_exception(r, self._where(idx, unit.items[i]))
+                    self._note_unsent_global(error)
                     results[i] = Failed(idx, item, error, debugging.failure_of(error, r, index=idx, item=item))
         self._complete(unit, results, seconds)
 
@@ -733,6 +763,7 @@ class MapJob:
             if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
                 add_note(exc, _READ_ONLY_NOTE)
             _note_daemonic(exc)
+            self._note_unsent_global(exc)
         if unit.lease is not None:  # no worker reads this chunk any more
             unit.lease.release()
         self._fail(idx, exc)

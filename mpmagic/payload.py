@@ -19,6 +19,7 @@ import dis
 import functools
 import hashlib
 import io
+import os
 import pickle
 import sys
 import threading
@@ -348,6 +349,44 @@ def _code_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def sent_globals(func: Any) -> tuple[dict[str, Any] | None, set[str]]:
+    """(the globals of the notebook function behind ``func``, the names of them
+    sending it sends): those its code reads, and those of the notebook functions
+    among them, and so on, as cloudpickle sends them. ``(None, set())`` when
+    ``func`` is no function of the notebook's ``__main__`` (a module's function
+    finds its globals in the module the worker imports).
+
+    For an error that names a notebook variable the task could not find: one it
+    read by a name built at run time (``eval``, ``globals()[name]``) was not sent.
+    """
+    while isinstance(func, (functools.partial, types.MethodType)):
+        func = func.func if isinstance(func, functools.partial) else func.__func__
+    if not isinstance(func, types.FunctionType) or func.__globals__.get("__name__") not in ("__main__", "__mp_main__"):
+        return None, set()
+    namespace = func.__globals__
+    sent: set[str] = set()
+    todo = [func]
+    seen: set[int] = set()
+    while todo:
+        f = todo.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        for name in _code_names(f.__code__):
+            sent.add(name)
+            value = namespace.get(name)
+            if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
+                todo.append(value)
+        for cell in f.__closure__ or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(value, types.FunctionType) and value.__globals__ is namespace:
+                todo.append(value)
+    return namespace, sent
+
+
 def _children(obj: Any) -> list[tuple[str, Any]]:
     """Named parts of ``obj`` that pickling it would also pickle."""
     out: list[tuple[str, Any]] = []
@@ -519,14 +558,53 @@ _MANAGER_ADVICE = (
     "proxies can be sent. Or use mpmagic.Queue(), Value, Array, Lock or Event, made for tasks (docs/shared.md).")
 
 
+_STDLIB = os.path.dirname(functools.__file__)
+
+
+def _library_function(obj: Any) -> bool:
+    """A function whose code is the standard library's (functools' ``singledispatch``
+    wrapper and its ``dispatch``): its closure is the library's, not the user's."""
+    return isinstance(obj, types.FunctionType) and os.path.dirname(obj.__code__.co_filename) == _STDLIB
+
+
+def _through_library(obj: Any, root: str, chain: list, text: str, exc: BaseException) -> str | None:
+    """When the path to what cannot be pickled goes into a standard-library
+    function's internals (``describe -> dispatch -> dispatch_cache -> data``,
+    a dict the user never wrote), a message naming the callable the user made
+    with it (``describe``, a singledispatch function) instead, with advice that
+    applies; None otherwise."""
+    objects = [obj, *chain]
+    path = text.split("`")[1] if text.count("`") >= 2 else ""
+    parts = path.split(" -> ")
+    if len(parts) != len(objects) or parts[0] != root:
+        return None
+    k = next((i for i, o in enumerate(objects[:-1]) if _library_function(o)), None)
+    if k is None:
+        return None
+    name, inner = " -> ".join(parts[: k + 1]), " -> ".join(parts[k + 1 :])
+    func = objects[k]
+    why = f"({_type_name(objects[-1])} `{inner}` cannot be pickled: {type(exc).__name__}: {exc})"
+    if "registry" in vars(func) and "dispatch" in vars(func):  # functools.singledispatch
+        return (f"`{name}` is a functools.singledispatch function defined in the notebook, which cannot be sent: "
+                f"its dispatch cache is a WeakKeyDictionary ({type(exc).__name__}: {exc}). Define it in a module the workers can import, "
+                "or map a plain function defined in the notebook that does the dispatch (if isinstance(x, int): ...)")
+    module = func.__code__.co_filename.rsplit(os.sep, 1)[-1].removesuffix(".py")
+    return (f"`{name}` is made by the standard library's {module} (its {func.__name__}), whose internals cannot be "
+            f"sent {why}. Define it in a module the workers can import, or map a plain function defined in the "
+            "notebook that does the same")
+
+
 def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     """A message that names the variable, its type, its path, and the fix."""
     chain: list = []
-    text, bad = describe_unpicklable(obj, _root_name(obj, what), exc, chain)
+    root = _root_name(obj, what)
+    text, bad = describe_unpicklable(obj, root, exc, chain)
     if any(_is_mp_manager(o) for o in chain):
         advice = _MANAGER_ADVICE
     elif _MP_SHARED in text:
         advice = _advice_for_mp_shared([obj, *chain])
+    elif (inside := _through_library(obj, root, chain, text, exc)) is not None:
+        return f"cannot send {what} to the workers: {inside}."
     else:
         advice = advice_for(bad)
     return f"cannot send {what} to the workers: {text}. {advice}"

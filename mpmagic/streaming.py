@@ -100,6 +100,11 @@ class StreamJob(MapJob):
         super().__init__(*args, **kwargs)
         self.feed = feed
         self._in_order = _Count()  # type: ignore[assignment]
+        # A lazy input is read about one chunk ahead of what went out, and what
+        # goes out is bounded by the feed: ramping the chunk sizes up keeps the
+        # items read past the loop's last result to a few chunks of about the
+        # size of those it took (serial map reads none; docs/troubleshooting.md).
+        self.planner.ramp = self._iter is not None
 
     @property
     def has_work(self) -> bool:
@@ -272,7 +277,9 @@ def imap(
     """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
 
     ``ordered=True`` yields in input order (like ``map``); ``ordered=False``
-    in the order chunks finish. Input is read chunk by chunk; ``buffer``
+    in the order chunks finish. Input is read chunk by chunk (over an
+    iterator the chunks start at one item and at most double, so a loop left
+    early leaves it read only a few chunks past its last result); ``buffer``
     bounds the finished chunks the notebook holds before the loop takes them
     (default: 2 per worker, at least 4): beyond it no new chunk is handed out.
     An error is raised at its place (ordered: after the results of the

@@ -1,0 +1,110 @@
+"""Fidelity round (testers' fidelity report, sections 6, 8 and 10).
+
+* A function that reads a notebook global by name at run time (``eval('K')``,
+  ``globals()['K']``) fails in a worker: the error says which variable and why.
+* A ``functools.singledispatch`` function defined in the notebook cannot be
+  sent: the error names it, not functools' internal dict.
+* Leaving an ``imap`` loop early reads only a few chunks of its lazy input
+  past the results taken (serial ``map`` reads none).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import ensure_pool, run
+
+import mpmagic
+from mpmagic.errors import SerializationError
+
+
+@pytest.fixture
+def pool2(ip):
+    backend = ensure_pool("forkserver")
+    backend.wait_ready()
+    return backend
+
+
+# -- section 10: imap's read-ahead -----------------------------------------------
+
+
+def test_leaving_an_imap_loop_early_reads_only_a_few_chunks_of_the_input(ip, pool2):
+    run(ip, "def same(x):\n    return x\n")
+    func = ip.user_ns["same"]
+    read = []
+
+    def items():
+        for i in range(1_000_000):
+            read.append(i)
+            yield i
+
+    serial_input, parallel_input = items(), items()
+    assert [v for _, v in zip(range(3), map(func, serial_input), strict=False)] == [0, 1, 2]
+    serial_read = len(read)
+    read.clear()
+    stream = mpmagic.imap(func, parallel_input, buffer=2)
+    assert [v for _, v in zip(range(3), stream, strict=False)] == [0, 1, 2]
+    stream.close()
+    # Serial map read 3; a stream reads ahead at most buffer + 2 per worker + 1
+    # chunks, their sizes at most doubling from 1 (docs/troubleshooting.md):
+    # before, one chunk of 0.05 s of work (up to 100,000 items) right after the first results.
+    assert serial_read == 3
+    assert len(read) <= 2 ** (2 + 2 * 2 + 1 + 3)
+
+
+# -- section 6: a notebook global read by name at run time -----------------------
+
+LOOKUPS = """
+K_HINT = 7
+def by_eval(name):
+    return eval(name)
+def by_globals(name):
+    return globals()[name]
+def by_dict(name):
+    return {'other': 1}[name]
+"""
+
+
+@pytest.mark.parametrize("func", ["by_eval", "by_globals"])
+def test_a_global_read_by_name_at_run_time_says_why_it_is_missing(ip, pool2, func):
+    run(ip, LOOKUPS)
+    f = ip.user_ns[func]
+    assert list(map(f, ["K_HINT"])) == [7]  # serial: the notebook's K_HINT
+    with pytest.raises((NameError, KeyError)) as info:
+        mpmagic.pmap(f, ["K_HINT"])
+    notes = [n for n in getattr(info.value, "__notes__", []) if "K_HINT" in n and "not sent" in n]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    assert f"the notebook has 'K_HINT', but {func}'s code does not name it" in notes[0]
+    assert "pass it as an argument" in notes[0]
+    failed = mpmagic.pmap(f, ["K_HINT"], errors="collect")[0]  # (a collected failure says it too)
+    assert any("not sent with the function" in n for n in failed.error.__notes__)
+
+
+def test_a_key_the_notebook_does_not_have_gets_no_hint(ip, pool2):
+    run(ip, LOOKUPS)
+    f = ip.user_ns["by_dict"]
+    with pytest.raises(KeyError) as info:
+        mpmagic.pmap(f, ["K_HINT_NOT_IN_THE_NOTEBOOK"])
+    assert not any("not sent" in n for n in info.value.__notes__)
+    with pytest.raises(KeyError) as info:  # a name the function reads in its code was sent: no hint either
+        run(ip, "def by_name(name):\n    return K_HINT + {}[name]\n")
+        mpmagic.pmap(ip.user_ns["by_name"], ["K_HINT"])
+    assert not any("not sent" in n for n in info.value.__notes__)
+
+
+# -- section 8: a singledispatch function defined in the notebook ----------------
+
+
+def test_a_notebook_singledispatch_function_is_named_as_what_cannot_be_sent(ip, pool2):
+    run(ip, "import functools\n"
+            "@functools.singledispatch\n"
+            "def describe_hint(x):\n    return 'object'\n"
+            "@describe_hint.register\n"
+            "def _(x: int):\n    return 'int'\n")
+    f = ip.user_ns["describe_hint"]
+    assert list(map(f, [1, "a"])) == ["int", "object"]  # serial works; the workers cannot get it
+    with pytest.raises(SerializationError) as info:
+        mpmagic.pmap(f, [1, "a"])
+    text = str(info.value)
+    assert "`describe_hint` is a functools.singledispatch function defined in the notebook" in text
+    assert "Define it in a module the workers can import, or map a plain function" in text
+    assert "is a dict" not in text and "Create it inside the function" not in text and "\n" not in text
