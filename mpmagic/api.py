@@ -64,7 +64,9 @@ def last_report() -> Report | None:
 
     After an interrupted run, that run's report, marked interrupted (its
     ``line()`` says ``pmap interrupted after 3 of 10 items finished, 250.0 ms``,
-    ``report.interrupted`` is True), not the report of the run before it.
+    ``report.interrupted`` is True; a cell's counts the ranks that ended:
+    ``parallel interrupted after 0 of 2 ranks finished``), not the report of
+    the run before it.
     """
     return _reports.report
 
@@ -72,8 +74,7 @@ def last_report() -> Report | None:
 def _interrupted(call: Any, t0: float) -> None:
     """The report of a run stopped by an interrupt (None if it cannot be made)."""
     try:
-        report = call.report(time.perf_counter() - t0)
-        report.interrupted = True
+        report = call.report(time.perf_counter() - t0, interrupted=True)
     except Exception:  # (never in the way of the interrupt itself)
         report = None
     _reports.report = report
@@ -493,11 +494,13 @@ class MapCall:
         self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
                              insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
 
-    def report(self, wall: float) -> Report:
-        """The timing report of the finished job (``wall`` seconds from submit to end)."""
+    def report(self, wall: float, *, interrupted: bool = False) -> Report:
+        """The timing report of the finished job (``wall`` seconds from submit to end);
+        ``interrupted``: of a run stopped by an interrupt (items: those that finished)."""
         job, backend = self.job, self.backend
         return Report(
             kind="pmap",
+            interrupted=interrupted,
             items=job.items_done,
             workers=self.workers,
             backend=backend.name,
@@ -991,11 +994,17 @@ class CellCall:
             assert isinstance(self.job, ranks.KeptCellJob)  # (pins: made in __init__ with the pins)
             ranks.record(self.backend, self.size, self.job.placed)
 
-    def report(self, wall: float) -> Report:
+    def report(self, wall: float, *, interrupted: bool = False) -> Report:
+        """The cell's timing report (``wall`` seconds from submit to end). Of a run
+        stopped by an interrupt (``interrupted``): ``items`` counts the ranks that
+        ended (with a value or an error) and ``total`` is the ranks of the run, so
+        its line says ``parallel interrupted after 0 of 2 ranks finished``."""
         job, size = self.job, self.size
         return Report(
             kind="parallel",
-            items=size,
+            items=len(job.values) + len(job.failures) if interrupted else size,
+            total=size if interrupted else None,
+            interrupted=interrupted,
             workers=size,
             backend=self.backend.name,
             start_method=self.backend.start_method,

@@ -189,6 +189,23 @@ def test_after_an_interrupt_last_report_is_that_runs_marked_interrupted(ip, pool
     assert report.line().startswith("pmap interrupted after ") and "of 12 items finished" in report.line()
 
 
+def test_an_interrupted_cell_counts_the_ranks_that_ended_not_all_of_them(ip, pool2):
+    import mpmagic
+
+    run(ip, "_ = %pmap -q abs, range(2)")  # (the workers up: the interrupt lands while rank 1 sleeps)
+    code = "%%parallel -n 2 -q\nimport time\ntime.sleep(0 if rank == 0 else 30)\nrank\n"
+    shown, error = interrupted_cell(ip, code, after=0.4)
+    assert isinstance(error, KeyboardInterrupt)
+    report = mpmagic.last_report()
+    assert report is not None and report.interrupted and (report.items, report.total) == (1, 2)
+    assert report.line().startswith("parallel interrupted after 1 of 2 ranks finished, ")
+    # A cell that ends has its ranks as items and no "of N", as before.
+    run(ip, "%%parallel -n 2 -q\nrank\n")
+    report = mpmagic.last_report()
+    assert (report.items, report.total, report.interrupted) == (2, None, False)
+    assert report.line().startswith("parallel: 2 ranks on 2 workers")
+
+
 def test_a_threads_run_does_not_replace_the_report_a_cell_reads(ip, pool2):
     """A ``threading.Thread`` (or a widget callback) that runs a map while a
     cell runs: the cell's report is still its own, and the thread has its own."""
