@@ -156,6 +156,38 @@ class _StreamToParent(io.TextIOBase):
         if sibling is not None:
             sibling.sibling = self
 
+    # What code that works serially in the notebook reads (ipykernel's stream
+    # says UTF-8 and has a fileno; click, rich, tqdm read .encoding, faulthandler
+    # and subprocess(stdout=sys.stdout) use fileno()).
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        """``utf-8``: what is written travels home as ``str``, any character."""
+        return "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return "strict"
+
+    @property
+    def name(self) -> str:
+        """``<stdout>`` / ``<stderr>``, as ``sys.__stdout__``'s."""
+        return f"<{self.stream}>"
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        """The worker's own fd 1 (stdout) or 2 (stderr), for code that writes
+        bytes there itself (``faulthandler``, a subprocess given ``sys.stdout``).
+
+        Those bytes bypass this stream: they get no ``[rank N]`` label and are not
+        ordered with printed lines. The worker inherited the notebook process's
+        fds, so they go where the kernel's own fd 1/2 go: in Jupyter, ipykernel
+        captures them and shows them in the cell running when they arrive (and on
+        the kernel's terminal); in a terminal IPython, the terminal.
+        """
+        return 1 if self.stream == "stdout" else 2
+
     def writable(self) -> bool:
         return True
 

@@ -84,6 +84,29 @@ def test_a_redrawn_line_keeps_its_rank_label(ip, local_pool, capsys):
         assert line.rsplit("\r", 1)[1] == f"[rank {r}] step 2", repr(line)
 
 
+# What a rank's (and a map task's) stdout/stderr say of themselves: serially
+# (ipykernel's stream, a terminal's) code may encode with .encoding and hand
+# fileno() to faulthandler or a subprocess; in a rank .encoding was None and
+# fileno() raised UnsupportedOperation.
+_STREAM_CODE = (
+    "import sys, faulthandler\n"
+    "faulthandler.enable(); faulthandler.disable()\n"
+    "('é'.encode(sys.stdout.encoding, sys.stdout.errors), sys.stdout.fileno() >= 0, sys.stderr.fileno() >= 0,\n"
+    " sys.stdout.isatty(), sys.stdout.name, sys.stderr.name)\n"
+)
+_STREAM_WANT = ("é".encode(), True, True, False, "<stdout>", "<stderr>")
+
+
+def test_a_ranks_stdout_has_an_encoding_and_a_fileno_as_serially(ip, backend):
+    assert cell(ip, "-n 2 -q", _STREAM_CODE) == [_STREAM_WANT] * 2
+
+
+def test_a_map_tasks_stdout_has_an_encoding_and_a_fileno_as_serially(ip, backend):
+    run(ip, "def _streams(x):\n" + "".join(f"    {line}\n" for line in _STREAM_CODE.splitlines()[:-2])
+        + "    return " + "\n".join(_STREAM_CODE.splitlines()[-2:]) + "\n")
+    assert run(ip, "%pmap -q _streams, range(2)") == [_STREAM_WANT] * 2
+
+
 def test_error_in_one_rank_of_four(ip, backend, capsys):
     capsys.readouterr()
     with pytest.raises(mpmagic.ParallelError) as info:

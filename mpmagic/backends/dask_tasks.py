@@ -155,11 +155,26 @@ class _ThreadRouter(io.TextIOBase):
                 log.debug("mpmagic: flushing the worker's own stream failed", exc_info=True)
 
     def fileno(self) -> int:
+        """The Dask worker's own stream's fd: bytes written there (``faulthandler``,
+        a subprocess given ``sys.stdout``) go to the worker's log or terminal, not home."""
         return self.real.fileno()
 
+    # As the local pool's worker stream (worker._StreamToParent): what code that
+    # works serially in the notebook reads.
     @property
     def encoding(self) -> str:  # type: ignore[override]
-        return getattr(self.real, "encoding", "utf-8")
+        return getattr(self.real, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str:  # type: ignore[override]
+        return getattr(self.real, "errors", None) or "strict"
+
+    @property
+    def name(self) -> str:
+        return f"<{self.stream}>"
+
+    def isatty(self) -> bool:
+        return False
 
 
 _install_lock = threading.Lock()
