@@ -102,6 +102,19 @@ def display(*objs: Any, **kwargs: Any) -> None:
         sys.stdout.write(f"{MARK}{line}\n")
 
 
+def end_task() -> None:
+    """At a task's end (a rank, a map chunk): under the task matplotlib backend,
+    the figures still open go home and are closed (``task_matplotlib.flush_figures``).
+    Nothing to do (no import) when the task drew nothing with it."""
+    backend = sys.modules.get("mpmagic.task_matplotlib")
+    if backend is None:
+        return
+    try:
+        backend.flush_figures()
+    except Exception as exc:  # (never the task's failure: its results stand)
+        sys.stderr.write(f"mpmagic: could not send the figures the task left open: {type(exc).__name__}: {exc}\n")
+
+
 _INLINE = ("module://matplotlib_inline.backend_inline", "inline", "module://ipykernel.pylab.backend_inline")
 _TASK_BACKEND = "module://mpmagic.task_matplotlib"
 
