@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import importlib.abc
 import io
 import json
 import os
@@ -89,17 +90,149 @@ def _is_figure(obj: Any) -> bool:
     return figure is not None and isinstance(obj, figure)
 
 
-def display(*objs: Any, **kwargs: Any) -> None:
+def display(*objs: Any, include: Any = None, exclude: Any = None, raw: bool = False, **kwargs: Any) -> None:
     """Send each object's forms to the notebook, which shows them in the cell
-    as IPython's ``display`` would (``kwargs``: ``raw``, ``display_id``...
-    have nothing to act on here)."""
+    as IPython's ``display`` would: ``raw`` (each object is a mime bundle
+    already), ``include`` and ``exclude`` (mime types kept, left out) as there;
+    the other ``kwargs`` (``display_id``, ``metadata``...) have nothing to act on here."""
     for obj in objs:
-        data = bundle(obj)
-        try:
-            line = json.dumps(data)
-        except (TypeError, ValueError):  # a form that is not JSON: the text form alone
-            line = json.dumps({"text/plain": data["text/plain"]})
-        sys.stdout.write(f"{MARK}{line}\n")
+        if raw:
+            data = dict(obj) if isinstance(obj, dict) else {"text/plain": repr(obj)}
+        else:
+            data = bundle(obj)
+        if include is not None or exclude is not None:
+            data = {m: v for m, v in data.items()
+                    if (include is None or m in include) and (exclude is None or m not in exclude)}
+            if not data:
+                continue  # (IPython shows nothing either)
+        _send(data)
+
+
+def _send(data: dict[str, Any]) -> None:
+    try:
+        line = json.dumps(data)
+    except (TypeError, ValueError):  # a form that is not JSON: the text form alone
+        line = json.dumps({"text/plain": str(data.get("text/plain", ""))})
+    sys.stdout.write(f"{MARK}{line}\n")
+
+
+def publish_display_data(data: dict[str, Any], metadata: Any = None, source: Any = None, **kwargs: Any) -> None:
+    """IPython's ``publish_display_data`` in a worker: the bundle goes home as
+    :func:`display` sends one (IPython's would start a shell in the worker)."""
+    _send(dict(data))
+
+
+def clear_output(wait: bool = False) -> None:
+    """IPython's ``clear_output`` in a worker: nothing. Output from several tasks
+    shares the notebook's cell, so one task clearing it would wipe the others'
+    (IPython's, with no shell, printed terminal escape codes as text)."""
+
+
+def end_task() -> None:
+    """At a task's end (a rank, a map chunk): under the task matplotlib backend,
+    the figures still open go home and are closed (``task_matplotlib.flush_figures``).
+    Nothing to do (no import) when the task drew nothing with it."""
+    backend = sys.modules.get("mpmagic.task_matplotlib")
+    if backend is None:
+        return
+    try:
+        backend.flush_figures()
+    except Exception as exc:  # (never the task's failure: its results stand)
+        sys.stderr.write(f"mpmagic: could not send the figures the task left open: {type(exc).__name__}: {exc}\n")
+
+
+# --------------------------------------------------------------------------
+# IPython's own display functions, when a task imports them in a worker.
+
+_IPYTHON_DISPLAY = "IPython.core.display_functions"
+#: The names a worker replaces, and where IPython binds them at import.
+_OURS = {"display": display, "clear_output": clear_output, "publish_display_data": publish_display_data}
+_BINDINGS = (_IPYTHON_DISPLAY, "IPython.display", "IPython.core.display", "IPython.core.interactiveshell")
+
+
+def _patch_ipython_display() -> None:
+    """Put our :data:`_OURS` in place of IPython's, in every loaded module of
+    :data:`_BINDINGS` that holds IPython's own function under that name."""
+    functions = sys.modules.get(_IPYTHON_DISPLAY)
+    if functions is None:
+        return
+    originals = {name: getattr(functions, f"_mpmagic_{name}", getattr(functions, name, None)) for name in _OURS}
+    for name, original in originals.items():
+        if original is not None and original is not _OURS[name]:
+            setattr(functions, f"_mpmagic_{name}", original)
+    for module_name in _BINDINGS:
+        module = sys.modules.get(module_name)
+        for name, ours in _OURS.items():
+            if module is not None and originals[name] is not None and getattr(module, name, None) is originals[name]:
+                setattr(module, name, ours)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """The loader of ``IPython.core.display_functions`` in a worker: runs it,
+    then swaps its functions for ours before anything can import them."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        sys.modules.setdefault(module.__name__, module)
+        _patch_ipython_display()
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename...: the real loader's (tracebacks)
+        return getattr(self.loader, name)
+
+
+class IPythonDisplayHook(importlib.abc.MetaPathFinder):
+    """Makes IPython's ``display`` a worker's (:func:`display`) whenever a task imports it.
+
+    ``from IPython.display import display`` (or ``IPython.display.display``,
+    ``IPython.core.display_functions.display``) in a worker got IPython's
+    real function, which with no shell prints ``repr(obj)``: HTML, images and
+    DataFrames came home as ``<... object>``. Patching at the task's start
+    misses an import the task makes, and patching after it is too late for
+    the name the task already bound. This finder, first on ``sys.meta_path``
+    of a worker, finds ``IPython.core.display_functions`` with the other
+    finders and wraps its loader: right after the module runs, its
+    ``display``, ``clear_output`` and ``publish_display_data`` become ours, so
+    every later ``from ... import display`` (``IPython.display`` itself
+    re-exports them) binds ours. Modules loaded before (a fork copies the
+    notebook's IPython) are patched when it is installed. It never imports
+    IPython; it only looks at one module name.
+    """
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != _IPYTHON_DISPLAY:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+def ipython_display(force: bool = False) -> None:
+    """IPython's display functions in this process become ours, now and when
+    imported later (:class:`IPythonDisplayHook`). Without ``force`` (a Dask
+    worker, which may be a thread of the notebook itself) only where no
+    IPython shell runs and no mpmagic pool was made in the process (never in
+    the notebook's own process, nor a script's that runs Dask in threads)."""
+    if not force:
+        shell = sys.modules.get("IPython.core.interactiveshell")
+        pool = sys.modules.get("mpmagic.pool")
+        if (shell is not None and shell.InteractiveShell.initialized()) or (
+                pool is not None and pool.current_pool() is not None):
+            return
+    if not any(isinstance(f, IPythonDisplayHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, IPythonDisplayHook())
+    _patch_ipython_display()
 
 
 _INLINE = ("module://matplotlib_inline.backend_inline", "inline", "module://ipykernel.pylab.backend_inline")
@@ -185,7 +318,9 @@ def use_task_backend() -> None:
 def install(force: bool = False) -> None:
     """Add ``display`` and ``get_ipython`` to this process's builtins where missing;
     ``force`` (a local worker): also over IPython's, which a forked worker
-    copied from the notebook (its ``get_ipython()`` was the notebook's shell)."""
+    copied from the notebook (its ``get_ipython()`` was the notebook's shell).
+    IPython's own display functions become ours too (:func:`ipython_display`)."""
     for name, value in (("display", display), ("get_ipython", get_ipython)):
         if force or not hasattr(builtins, name):
             setattr(builtins, name, value)
+    ipython_display(force)

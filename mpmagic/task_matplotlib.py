@@ -6,7 +6,14 @@ that variable, but the inline backend needs a kernel: in a task it printed
 ``Figure(640x480)`` and the figure was lost. Workers use this backend instead
 (``task_builtins.matplotlib_backend``): it draws like Agg, and ``show()`` sends
 each open figure to the notebook as a PNG (``task_builtins.display``), then
-closes them, as the inline backend does. Imports no IPython.
+closes them, as the inline backend does.
+
+As the inline backend shows a cell's figures when the cell ends, without
+``plt.show()``, and closes them (its ``flush_figures``), the end of a task (a
+``%%parallel`` rank, a ``%pmap`` chunk: ``worker.execute_map``/``execute_cell``)
+sends the figures still open and closes them (:func:`flush_figures`): each is
+shown once, in the cell whose task drew it, and none stays open in the worker
+to show again in a later task. Imports no IPython.
 """
 
 from __future__ import annotations
@@ -31,3 +38,14 @@ def show(*args: Any, **kwargs: Any) -> None:
             import matplotlib.pyplot as plt  # (loaded already: show() is called through it)
 
             plt.close("all")
+
+
+def flush_figures() -> None:
+    """At a task's end: send the figures still open and close them, as the
+    inline backend does at a cell's end, if pyplot still draws with this
+    backend (a task that switched to another, e.g. Agg, keeps its figures,
+    as a notebook that left the inline backend does)."""
+    import matplotlib
+
+    if Gcf.get_all_fig_managers() and matplotlib.get_backend() == f"module://{__name__}":
+        show()

@@ -433,6 +433,7 @@ def execute_map(
         else:
             results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
     finally:
+        task_builtins.end_task()  # the figures its items left open: shown, closed (before results are pickled)
         worker_logging.end()
     end = start + (time.perf_counter() - t_run)
     log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
@@ -494,6 +495,7 @@ def execute_cell(
             exc = _as_item_error(exc)
         return Error(call, rank, 0, ErrorInfo(exc), b"", 0.0)
     finally:
+        task_builtins.end_task()  # the figures the rank left open: shown, closed (before its value is pickled)
         worker_logging.end()
     try:
         out = payload.dumps_data((value, gathered))

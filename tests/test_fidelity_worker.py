@@ -383,6 +383,102 @@ def test_plt_show_in_a_task_sends_its_figure_under_the_inline_backend(ip, local_
     assert "Figure(" not in cap.stdout
 
 
+def _figures(cap) -> int:
+    return sum("image/png" in o.data for o in cap.outputs)
+
+
+def test_figures_a_task_leaves_open_show_once_at_its_end_and_are_closed(ip, local_pool, monkeypatch):
+    """Serially, under the inline backend a cell's figures show at its end without
+    plt.show() and are closed. A rank's were never shown, stayed open in the
+    worker and showed again at its next plt.show(), in another cell."""
+    from IPython.utils.capture import capture_output
+
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    with capture_output() as cap:
+        run(ip, "%%parallel -n 2 -q\nimport matplotlib.pyplot as plt\nplt.plot([1, rank])\nx = 1")
+    assert _figures(cap) == 2  # (one per rank, as serially one per cell)
+    with capture_output() as cap:
+        left = run(ip, "%%parallel -n 2 -q\nimport matplotlib.pyplot as plt\nopen_before = len(plt.get_fignums())\n"
+                       "plt.figure(); plt.plot([rank]); plt.show()\nopen_before")
+    assert list(left) == [0, 0] and _figures(cap) == 2  # (it showed 4: the last cell's figures again)
+    run(ip, "def plot_item(x):\n    import matplotlib.pyplot as plt\n    fig = plt.figure()\n    plt.plot([x])\n"
+            "    return fig if x == 3 else x")
+    import matplotlib.pyplot as plt
+
+    mine = plt.get_fignums()
+    with capture_output() as cap:
+        got = run(ip, "%pmap -q --chunksize 1 plot_item, range(4)")
+    assert got[:3] == [0, 1, 2] and type(got[3]).__name__ == "Figure"
+    assert _figures(cap) == 4  # each item's figure once: the returned one is not shown again here
+    assert plt.get_fignums() == mine
+    assert list(run(ip, "%%parallel -n 2 -q\nimport matplotlib.pyplot as plt\nlen(plt.get_fignums())")) == [0, 0]
+
+
+def test_flushing_figures_is_the_task_backends_only():
+    """A task that switched pyplot to another backend keeps its figures, as a
+    notebook that left the inline backend does; end_task is a no-op without ours."""
+    import matplotlib.pyplot as plt
+
+    from mpmagic import task_builtins, task_matplotlib
+
+    before = plt.get_backend()
+    try:
+        plt.switch_backend("agg")
+        fig = plt.figure()
+        task_matplotlib.flush_figures()
+        task_builtins.end_task()
+        assert plt.fignum_exists(fig.number)
+    finally:
+        plt.close("all")
+        plt.switch_backend(before)
+
+
+def test_ipythons_own_display_imported_in_a_task_shows_as_serially(ip, any_method):
+    """``from IPython.display import display`` (or ``IPython.display.display``) in a
+    rank or task got IPython's real display, which with no shell in a worker
+    printed "<IPython.core.display.HTML object>" as text. Serial run as the oracle.
+    (fork: IPython is loaded in the worker already; spawn/forkserver: imported by the task.)"""
+
+    ensure_pool(any_method)
+    try:
+        _ipython_display_in_tasks(ip)
+    finally:
+        mpmagic.stop_pool()  # (its workers imported IPython: later tests check that workers have none)
+
+
+def _ipython_display_in_tasks(ip):
+    from IPython.utils.capture import capture_output
+
+    body = ("from IPython.display import display, HTML, clear_output\nimport IPython.display as D\n"
+            "clear_output()\ndisplay(HTML('<b>h</b>'))\nD.display({'a': 1}, raw=True)\nD.display_markdown('*m*', raw=True)")
+    with capture_output() as serial:
+        run(ip, f"rank = 0\n{body}")
+    with capture_output() as cap:
+        run(ip, f"%%parallel -n 1 -q\n{body}")
+    assert [o.data for o in cap.outputs] == [o.data for o in serial.outputs]
+    assert [o.data for o in cap.outputs][0] == {"text/html": "<b>h</b>", "text/plain": "<IPython.core.display.HTML object>"}
+    assert "object>" not in cap.stdout and "\x1b" not in cap.stdout
+    run(ip, "def shows(x):\n    from IPython.display import display, HTML\n    display(HTML(f'<i>{x}</i>'))\n    return x")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q shows, [5]") == [5]
+    assert [o.data.get("text/html") for o in cap.outputs] == ["<i>5</i>"]
+
+
+def test_the_notebooks_ipython_display_is_never_patched(ip):
+    """Dask's install() may run in the notebook's own process (threads): there a
+    running shell or an mpmagic pool keeps IPython's display IPython's."""
+    import sys
+
+    import IPython.core.display_functions as functions
+
+    from mpmagic import task_builtins
+
+    real = functions.display
+    task_builtins.install()
+    assert functions.display is real
+    assert not any(isinstance(f, task_builtins.IPythonDisplayHook) for f in sys.meta_path)
+
+
 def test_input_in_a_task_says_why_it_cannot_read(ip, any_method):
     """``input()`` and ``getpass.getpass()`` in a task fail at once, saying why:
     on fork a worker inherited the kernel's versions, which waited for ever."""
