@@ -104,8 +104,9 @@ def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, k
     if name is None or name not in namespace or name in sent:
         return
     text = note(name)
-    if text not in getattr(exc, "__notes__", ()) and hasattr(exc, "add_note"):
-        exc.add_note(text)
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, (list, tuple)) or text not in notes:
+        add_note(exc, text)
 
 
 class RemoteError(MPMagicError):
