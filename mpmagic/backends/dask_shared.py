@@ -120,6 +120,7 @@ class DaskQueue(IterUntilClosed):
         data = payload.dumps_checked(obj, "an item put in the queue")
         limit = _wait_for(block, timeout)
         with _pool_gone(self):
+            self._refuse_if_closed()
             if not self.maxsize or limit is None:  # no bound, or no limit: Dask's put waits without logging
                 self._q.put(data, timeout=limit)
                 return
@@ -137,6 +138,16 @@ class DaskQueue(IterUntilClosed):
                     raise std_queue.Full
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, self._POLL)
+
+    def _refuse_if_closed(self) -> None:
+        """ValueError, as the local Queue: an item put after the end of the stream
+        would wait in a queue nobody reads any more (its consumers' ``for item in q``
+        has ended), lost without a word. One more round trip per put."""
+        if self.closed:
+            raise ValueError(
+                f"{self!r} is closed: nothing more can be put in it. A close() ends the "
+                "stream for every process: with several producers, make it with "
+                "mpmagic.Queue(producers=N), one close() each, or end with a sentinel and no close()")
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the first item; wait for one (or raise queue.Empty,
@@ -294,7 +305,15 @@ class DaskLock:
         return bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
 
     def release(self) -> None:
-        self._lock.release()
+        """Give the lock back; ValueError if this lock object does not hold it,
+        as ``multiprocessing.Lock`` and the local ``mpmagic.Lock`` (Dask raises
+        RuntimeError), so ``except ValueError`` code works on both."""
+        try:
+            self._lock.release()
+        except RuntimeError as exc:
+            if "Released too often" not in str(exc):
+                raise
+            raise ValueError("semaphore or lock released too many times") from None
 
     def locked(self) -> bool:
         return bool(self._lock.locked())
