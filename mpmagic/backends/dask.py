@@ -1284,8 +1284,8 @@ class _DaskRun:
         stopped by Dask: with ``stop`` (an interrupt, a cancel) their workers are
         killed and replaced on the cluster mpmagic started; elsewhere they run on,
         and later runs leave their workers out until they return. On interrupt,
-        say so in a line; returns what became of the run's work, for the
-        interrupt's message (None when not interrupted)."""
+        returns what became of the run's work (which tasks still run, where),
+        for the one line the interrupt shows (None when not interrupted)."""
         while True:  # learn which tasks had started
             try:
                 msg = self.inbox.get_nowait()
@@ -1307,42 +1307,34 @@ class _DaskRun:
         queued = len(tasks) - len(running)
         outcome = f"its {queued} queued Dask task{'s were' if queued != 1 else ' was'} cancelled"
         if not running:
-            outcome += "; the pool is ready for the next run"
-        msg = f"mpmagic: interrupted; cancelled {queued} queued Dask task{'s' if queued != 1 else ''}"
-        if running:
-            n = len(running)
-            where = sorted({t.worker or "?" for t in running})
-            what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if n > 6 else "")
-            msg += f". {n} already running ({what}; on {', '.join(where)}) cannot be stopped by Dask"
-            if backend.owns_cluster:
-                msg += ": their workers were killed, and new ones are starting"
-                outcome += (
-                    f", and the worker{'s' if len(where) != 1 else ''} running the {n} task{'s' if n != 1 else ''} "
-                    f"already started (Dask cannot stop a running task) {'were' if len(where) != 1 else 'was'} killed; "
-                    "new ones are starting for the "
-                    "next run"
-                )
-            else:
-                try:
-                    nthreads = backend._nthreads(fresh=True)
-                    busy = backend._busy(nthreads)
-                    free = any(n > busy.get(a, 0) for a, n in nthreads.items())
-                except Exception:  # (the scheduler out of reach: the next run says so)
-                    free = True
-                later = (
-                    "the next run uses the other workers until they return"
-                    if free
-                    else "the next run waits until they return (no other worker is free)"
-                )
-                msg += (
-                    f": they run to the end in the background and their results are dropped ({backend.where} is not "
-                    f"mpmagic's: its workers are not restarted); {later}"
-                )
-                outcome += (
-                    f"; the {n} already running cannot be stopped by Dask: they run on at {backend.where} (its "
-                    f"workers are not mpmagic's to restart), their results dropped, and {later}"
-                )
-        sys.stderr.write(msg + ".\n")
+            return outcome + "; the pool is ready for the next run"
+        # (One line, the interrupt's, as on the local pool: it names the tasks
+        # still running and where; no second note on stderr.)
+        n = len(running)
+        where = sorted({t.worker or "?" for t in running})
+        what = ", ".join(t.describe(self.job) for t in running[:6]) + (", ..." if n > 6 else "")
+        if backend.owns_cluster:
+            return outcome + (
+                f", and the worker{'s' if len(where) != 1 else ''} running the {n} task{'s' if n != 1 else ''} "
+                f"already started (Dask cannot stop a running task) {'were' if len(where) != 1 else 'was'} killed; "
+                f"new ones are starting for the next run ({what}; on {', '.join(where)})"
+            )
+        try:
+            nthreads = backend._nthreads(fresh=True)
+            busy = backend._busy(nthreads)
+            free = any(n > busy.get(a, 0) for a, n in nthreads.items())
+        except Exception:  # (the scheduler out of reach: the next run says so)
+            free = True
+        later = (
+            "the next run uses the other workers until they return"
+            if free
+            else "the next run waits until they return (no other worker is free)"
+        )
+        return outcome + (
+            f"; the {n} already running ({what}; on {', '.join(where)}) cannot be stopped by Dask: they run to the "
+            f"end in the background at {backend.where} (its workers are not mpmagic's to restart), their results "
+            f"dropped, and {later}"
+        )
         sys.stderr.flush()
         return outcome
 
