@@ -156,14 +156,18 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     timer.start()
     capsys.readouterr()
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as info:
         mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
     returned = time.monotonic() - t0
     # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
     # that catches a hang, not slowness on a loaded machine).
     assert returned < 20
-    err = capsys.readouterr().err
-    assert "interrupted; cancelled" in err and "already running" in err and "not mpmagic's" in err
+    # One line, the interrupt's, as on the local pool: it names the running tasks and their workers.
+    msg = str(info.value)
+    assert msg.startswith("mpmagic.pmap interrupted: its ") and "queued Dask task" in msg and " cancelled" in msg
+    assert "already running (item " in msg and "; on tcp://127.0.0.1:" in msg and "not mpmagic's" in msg
+    assert "\n" not in msg
+    assert "interrupted" not in capsys.readouterr().err  # no second note of it on stderr
     # %pool restart on a cluster mpmagic connected to restarts nothing, and says so (issue 14.4).
     run(ip, "%pool restart")
     assert "did not restart the workers" in capsys.readouterr().err
@@ -526,3 +530,24 @@ def test_an_interrupt_during_the_consumer_locks_acquire_gives_the_lease_back():
     with pytest.raises(KeyboardInterrupt):
         q._take(1.0, look_first=False)
     assert q._taker.leases == 0
+
+
+def test_queue_put_after_close_raises_as_the_local_one(dask_pool):
+    """A put after the end of the stream would be lost (its consumers have
+    stopped): ValueError with the local Queue's advice, and get says closed."""
+    q = mpmagic.Queue()
+    q.put(1)
+    q.close()
+    with pytest.raises(ValueError, match=r"is closed: nothing more can be put in it.*Queue\(producers=N\)"):
+        q.put(2)
+    assert q.get(timeout=5) == 1
+    with pytest.raises(mpmagic.QueueClosed):
+        q.get(timeout=5)
+
+
+def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
+    lock = mpmagic.Lock()
+    with pytest.raises(ValueError, match="released too many times"):
+        lock.release()
+    assert lock.acquire(timeout=5)
+    lock.release()

@@ -232,7 +232,8 @@ def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip
         timer.join()
         msg = str(info.value)
         assert re.match(r"%pmap interrupted: its \d queued Dask tasks? w\w+ cancelled, and the worker running the 1 "
-                        r"task already started \(Dask cannot stop a running task\) was killed; new ones are starting", msg)
+                        r"task already started \(Dask cannot stop a running task\) was killed; new ones are starting "
+                        r"for the next run \(item \d; on tcp://127\.0\.0\.1:\d+\)$", msg)
         assert "its workers replaced" not in msg
         t0 = time.monotonic()
         assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
