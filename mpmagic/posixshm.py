@@ -25,6 +25,7 @@ import errno
 import logging
 import mmap
 import os
+from collections.abc import Callable
 
 from . import compat  # _posixshmem / _multiprocessing, each behind a guarded accessor
 
@@ -70,12 +71,42 @@ def _path(name: str) -> str:
     return "/" + name.lstrip("/")
 
 
+#: Called with the size wanted when ``/dev/shm`` has no room for a new segment,
+#: before :func:`create` tries once more: whoever keeps segments for later (the
+#: local pool: the notebook's free pooled segments, its workers' mappings of
+#: them) gives them back. Without this, a map of large items left most of a
+#: small ``/dev/shm`` in free pooled segments, and ``mpmagic.Queue()`` and
+#: ``share()`` then failed for lack of room.
+_reclaimers: list[Callable[[int], None]] = []
+
+
+def on_no_room(reclaim: Callable[[int], None]) -> None:
+    """Register ``reclaim`` (see :data:`_reclaimers`)."""
+    if reclaim not in _reclaimers:
+        _reclaimers.append(reclaim)
+
+
 def create(name: str, size: int) -> mmap.mmap:
     """A new segment ``name`` of ``size`` bytes, every page reserved, mapped here.
 
-    Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it (nothing is left
-    behind), ``FileExistsError`` when the name is taken.
+    Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it even after the
+    segments kept for later were given back (nothing is left behind),
+    ``FileExistsError`` when the name is taken.
     """
+    try:
+        return _create(name, size)
+    except NoRoom:
+        if not _reclaimers:
+            raise
+    for reclaim in list(_reclaimers):
+        try:
+            reclaim(size)
+        except Exception:  # (one that fails must not hide the NoRoom: the retry says it again)
+            log.debug("mpmagic: giving back shared memory failed", exc_info=True)
+    return _create(name, size)
+
+
+def _create(name: str, size: int) -> mmap.mmap:
     fd = compat.shm_open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         try:

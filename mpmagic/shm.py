@@ -187,11 +187,7 @@ class SegmentPool:
                 self.free.remove(seg)
                 return seg
         size = -(-max(nbytes, 1) // _GRAIN) * _GRAIN
-        try:
-            seg = Segment.create(size, "p")
-        except NoRoom:
-            self.trim(0)  # free pooled segments we keep for later may be what fills /dev/shm
-            seg = Segment.create(size, "p")
+        seg = Segment.create(size, "p")  # (a full /dev/shm first costs us our free segments: give_back_kept)
         with _lock:
             self.live[seg.name] = seg
         return seg
@@ -245,6 +241,16 @@ def pool() -> SegmentPool:
     if _pool is None:
         _pool = SegmentPool()
     return _pool
+
+
+def give_back_kept() -> bool:
+    """/dev/shm is full: destroy the free segments the pool keeps for later
+    (``share()``, the helpers and the next map's chunks need the room more).
+    True if there were any: their room comes back once the workers unmap them."""
+    if _pool is None or not _pool.free:
+        return False
+    _pool.trim(0)
+    return True
 
 
 def take_unmapped() -> list[str]:

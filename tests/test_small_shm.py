@@ -139,6 +139,26 @@ def test_share_and_helpers_on_a_full_dev_shm():
     assert "share()" in err
 
 
+def test_the_segments_a_map_kept_make_room_for_helpers_and_share():
+    """A map of large items left most of a 64 MB /dev/shm in free segments kept
+    for the next map (and mapped by the idle workers): the Queue and share()
+    made next failed for lack of room that mpmagic itself held."""
+    err = check(run_small("64m", """
+        import gc
+        arrays = [np.full(3_700_000, float(i)) for i in range(4)]   # 4 x 29.6 MB, one chunk each
+        assert mpmagic.pmap(lambda a: float(a[0]), arrays, chunksize=1, workers=2) == [0.0, 1.0, 2.0, 3.0]
+        del arrays; gc.collect()
+        assert shm.pool().free   # (the check below means something: segments are kept for later)
+        q = mpmagic.Queue(capacity=8 << 20)
+        shared = mpmagic.share(np.ones(2_000_000))                  # 16 MB
+        assert any(n.startswith("mpm_") for n in ours())            # in shared memory, not a plain copy
+        assert mpmagic.pmap(lambda i: float(shared[i]), [0, 1_999_999], workers=2) == [1.0, 1.0]
+        del q, shared
+        print("OK")
+    """))
+    assert "/dev/shm is too small or full" not in err, err
+
+
 def test_queue_producers_on_a_nearly_full_dev_shm():
     """The docs' pattern (tasks put, the notebook closes and iterates), backlogs beyond the ring."""
     check(run_small("16m", """

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import context, payload, payload_cache, shm, warmup, worker, worker_setup
+from .. import context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -241,6 +241,31 @@ def _sigint_blocked_while_starting():
 
 
 _live_backends: weakref.WeakSet = weakref.WeakSet()
+
+#: How long a full /dev/shm waits for idle workers to unmap the segments given back.
+_UNMAP_WAIT = 1.0
+
+
+def _give_back_shared_memory(size: int) -> None:
+    """/dev/shm has no room for ``size`` bytes: free the segments the notebook
+    keeps for the next map's chunks (``shm.give_back_kept``). A tmpfs page is
+    freed only once no process maps it, so the workers are told at once (by
+    the manager, or here when this is the manager's own thread) and this waits
+    up to :data:`_UNMAP_WAIT` for the room. Registered with
+    ``posixshm.on_no_room``; the caller then tries once more."""
+    if not shm.give_back_kept():
+        return
+    for backend in list(_live_backends):
+        if threading.current_thread() is backend._manager:
+            backend._send_unmaps(shm.take_unmapped())
+        else:
+            backend._wake()
+    deadline = time.monotonic() + _UNMAP_WAIT
+    while posixshm.room()[0] < size and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+posixshm.on_no_room(_give_back_shared_memory)
 _setup_keys = itertools.count()
 
 
