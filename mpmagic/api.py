@@ -851,6 +851,13 @@ def parallel(
     its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
     """
     __tracebackhide__ = True
+    if not isinstance(code, str):
+        # (a function, as joblib or ipyparallel's apply take, failed deep in cell.py with a TypeError)
+        kind = "a function" if callable(code) else repr(code)[:40]
+        raise UsageError(
+            f"parallel() takes the cell's code as a string (mpmagic.parallel('print(rank)', workers=2)), not {kind}: "
+            "to run a function in parallel use mpmagic.pmap(func, items), e.g. mpmagic.pmap(func, range(n)) for n calls"
+        )
     workers = _check_workers(workers)
     _check_positive("timeout", timeout)
     if _in_worker_process():

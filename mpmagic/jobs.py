@@ -771,10 +771,11 @@ class MapJob:
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
         where = "" if index is None else f" (item {unit.start + index}, {short_repr(self._shown(unit.items[index])[0])})"
-        exc = SerializationError(
-            f"a result{where} cannot be sent back from the worker: {info.exc_text.strip()}. "
-            "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
-        )
+        text = info.exc_text.strip()
+        advice = ("An open file stays in the worker that opened it: close it there and return its path "
+                  "(or what the task read from it) instead." if "an open file" in text else
+                  "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead.")
+        exc = SerializationError(f"a result{where} cannot be sent back from the worker: {text}. {advice}")
         self._fail_or_collect(unit, exc, index)
 
     def lost(

@@ -314,7 +314,13 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     except SyntaxError:
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s") from None
     call = tree.body
-    if not isinstance(call, ast.Call) or call.keywords:
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "__mpmagic_args__"):
+        # A stray ')' closed the argument list early and the rest of the line
+        # (``f, xs)[1].append(3``) was code around the call: refused before
+        # anything is evaluated, as map() would never run it.
+        raise parser.usage_error(f"the argument list is not balanced (a ')' ends it before the end of the line): "
+                                 f"{text!r}")
+    if call.keywords:
         raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
     if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
         raise parser.usage_error("await in the arguments is not supported: await it in a line before "

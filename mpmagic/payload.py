@@ -233,13 +233,55 @@ class keeping:
         _keeping.into = self.outer
 
 
+def _reduce_open_file(f: io.TextIOWrapper) -> tuple:
+    """An open text file: refused, never sent as a copy.
+
+    cloudpickle sends a file open for reading as an ``io.StringIO`` of its
+    contents, so a task's ``write()`` went into that copy and the file stayed
+    unchanged: lost data, without a word. Binary files are refused by pickle
+    itself; text files now are too, and the error names the variable and says
+    to pass the path (:func:`advice_for`). The process's own ``sys.stdout`` and
+    ``sys.stderr`` still go by name (the worker's: a task's output, as before).
+    """
+    for name in ("stdout", "stderr"):
+        if f is getattr(sys, name, None):
+            return getattr, (sys, name)
+    raise TypeError(f"cannot pickle '{type(f).__module__}.{type(f).__qualname__}' object: an open file "
+                    f"({getattr(f, 'name', '?')!r}) works only in the process that opened it")
+
+
+def _is_ipython_exit(obj: Any) -> bool:
+    """IPython's ``exit``/``quit`` (an ``ExitAutocall``; ipykernel's subclass too),
+    looked up, never imported here."""
+    autocall = sys.modules.get("IPython.core.autocall")
+    cls = getattr(autocall, "ExitAutocall", None)
+    return cls is not None and isinstance(obj, cls)
+
+
+def _exit_name(obj: Any) -> str:
+    """"quit" when ``obj`` is the notebook's ``quit``, else "exit"."""
+    try:
+        return "quit" if obj._ip.user_ns.get("quit") is obj else "exit"
+    except Exception:
+        return "exit"
+
+
+def _worker_exit(name: str) -> Any:
+    """A task's ``exit``/``quit``: the worker's builtin (site's), or ``sys.exit``."""
+    import builtins
+
+    found = getattr(builtins, name, None)
+    return found if found is not None else sys.exit
+
+
 class _Pickler(cloudpickle.Pickler):
     """cloudpickle, with code objects keeping their filenames and the reducers above."""
 
-    if _cloudpickle_code_reduce is not None:
-        dispatch_table = ChainMap(
-            {types.CodeType: _keeping_filename(_cloudpickle_code_reduce)}, cloudpickle.Pickler.dispatch_table
-        )
+    dispatch_table = ChainMap(
+        {io.TextIOWrapper: _reduce_open_file}
+        | ({types.CodeType: _keeping_filename(_cloudpickle_code_reduce)} if _cloudpickle_code_reduce is not None else {}),
+        cloudpickle.Pickler.dispatch_table,
+    )
 
     def reducer_override(self, obj: Any) -> Any:
         # Called for every container pickled: the common ones leave at once
@@ -264,6 +306,10 @@ class _Pickler(cloudpickle.Pickler):
             # IPython's display, imported in the notebook: a worker's prints the text
             # form and says where the rich one shows (task_builtins.display).
             return _worker_builtin, ("display",)
+        elif "Exit" in t.__name__ and _is_ipython_exit(obj):
+            # The notebook's ``exit``/``quit`` (IPython's, holding the shell): a
+            # worker has its own builtins of those names.
+            return _worker_exit, (_exit_name(obj),)
         return super().reducer_override(obj)
 
 
