@@ -1,4 +1,4 @@
-"""First-hour testers' report, sections 1, 2, 6 and 7.
+"""What a new user meets first: open files, an unbalanced %pmap line, parallel()'s argument, exit/quit.
 
 * An open file sent to a task (captured, or as an item) or returned from one
   is refused with a SerializationError naming it: cloudpickle sent a text file
