@@ -100,7 +100,7 @@ def setup_names(source: str) -> set[str]:
             names.add(node.id)
         elif isinstance(node, ast.Import):
             names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
+        elif isinstance(node, ast.ImportFrom) and node.module != "builtins":  # (the builtins themselves: harmless)
             for a in node.names:
                 if a.name != "*":
                     names.add(a.asname or a.name)

@@ -405,9 +405,12 @@ def shadowing(names: Any) -> list[str]:
     docstring), so ``type = 'resnet50'`` or ``from numpy import *`` (``sum``,
     ``max``, ``round``...) would replace the real ones for all the code of the
     worker: mpmagic's own, multiprocessing's, Dask's, every library's.
-    ``__dunder__`` names are never installed, so never refused.
+    ``__dunder__`` names are never installed, so never refused; nor is a name
+    whose value (``names`` a dict) is that builtin itself (``from builtins import *``).
     """
-    return sorted(n for n in names if isinstance(n, str) and not n.startswith("__") and hasattr(builtins, n))
+    values = names if isinstance(names, dict) else {}
+    return sorted(n for n in names if isinstance(n, str) and not n.startswith("__") and hasattr(builtins, n)
+                  and (n not in values or values[n] is not getattr(builtins, n)))
 
 
 def shadow_message(names: list[str]) -> str:

@@ -432,3 +432,17 @@ def test_a_magic_line_in_the_setup_is_named_as_parallel_names_it(ip):
     assert "the setup runs plain Python in every worker: call the function instead" in errors[0]
     with pytest.raises(IPythonUsageError, match="the setup cell has a syntax error on line 3: "):
         run(ip, "%%pool setup\nA = 1\nB = 1 +\n")
+
+
+def test_a_builtin_name_bound_to_the_builtin_itself_is_not_refused():
+    import builtins
+
+    from mpmagic import payload
+
+    entries = [worker_setup._Entry("code", "%%pool setup", "from builtins import len\nOK_NAME = len('ab')\n")]
+    try:
+        reply = worker_setup.run_setup(1, payload.dumps_data(entries), 7)
+        assert reply.error is None and getattr(builtins, "OK_NAME") == 2
+    finally:
+        worker_setup.run_setup(0, None, None)
+    assert not hasattr(builtins, "OK_NAME")
