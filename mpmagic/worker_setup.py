@@ -519,7 +519,14 @@ def dask_apply(client: Any) -> list[str]:
     if msg.payload is None:
         dask_remove(client)
         return []
-    client.register_plugin(make_plugin(msg), name=PLUGIN_NAME)
+    try:
+        client.register_plugin(make_plugin(msg), name=PLUGIN_NAME)
+    except OSError as exc:  # (CommClosedError) a worker died running it: the nanny would restart it into it again
+        log.debug("setup plugin registration failed", exc_info=True)
+        dask_remove(client)
+        return [f"setup failed on the Dask workers: a worker died while running it (its connection closed: "
+                f"{type(exc).__name__}); the setup was unregistered from the cluster, so its workers (and those "
+                "the nanny restarts) run without it (fix it and run %%pool setup again)"]
     errors = []
     for addr, reply in client.run(dask_status).items():
         if reply is not None:

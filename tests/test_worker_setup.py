@@ -446,3 +446,25 @@ def test_a_builtin_name_bound_to_the_builtin_itself_is_not_refused():
     finally:
         worker_setup.run_setup(0, None, None)
     assert not hasattr(builtins, "OK_NAME")
+
+
+def test_dask_setup_that_kills_its_worker_is_unregistered_in_one_line():
+    """On Dask the registration raised a CommClosedError traceback and left the
+    plugin registered: the nanny restarted the worker into the setup, in a loop."""
+
+    class Client:
+        removed = False
+
+        def register_plugin(self, plugin, name):
+            raise OSError("Stream is closed")  # (distributed's CommClosedError is an OSError)
+
+        def unregister_worker_plugin(self, name):
+            Client.removed = name == worker_setup.PLUGIN_NAME
+
+        def run(self, func):
+            return {}
+
+    worker_setup.set_code("X = 1\n")
+    errors = worker_setup.dask_apply(Client())
+    assert Client.removed and len(errors) == 1 and "\n" not in errors[0]
+    assert "a worker died while running it" in errors[0] and "unregistered" in errors[0]
