@@ -551,10 +551,11 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
 
     from . import astlock
 
+    cached = linecache.getlines(cell_name)
     try:
-        tree = astlock.parse("".join(linecache.getlines(cell_name)))
+        tree = astlock.parse("".join(cached))
     except (SyntaxError, ValueError):
-        return []
+        return _raw_cell_lines(cached, source)
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or getattr(node.func, "attr", None) != "run_cell_magic":
             continue
@@ -563,6 +564,22 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
             name, line, body = texts
             return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
     return []
+
+
+def _raw_cell_lines(cached: list[str], source: str) -> list[str]:
+    """The raw lines (``%%name line`` + body) that :func:`remember_cell_origin`
+    already put in ``linecache`` for this cell, if ``source`` is its body; else [].
+
+    A cell's spec may be built twice in one run (``--checkpoint`` builds it to
+    key the run, then the run builds it again): the second build must find
+    the same origin, not lose it because the first replaced IPython's entry.
+    """
+    top = next((i for i, line in enumerate(cached) if line.strip()), None)
+    if top is None or not cached[top].lstrip().startswith("%%"):
+        return []
+    if "".join(cached[top + 1:]).rstrip() != source.rstrip():
+        return []
+    return cached[top:]
 
 
 def cell_file(filename: str) -> str:

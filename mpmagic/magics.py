@@ -43,7 +43,7 @@ from .errors import (
     interrupt_outcome,
     one_line_interrupt,
 )
-from .setup_api import RunsInFlight
+from .setup_api import RunsInFlight, SetupRefused
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
 # The local pool's outcome (Dask's says what it did instead: errors.interrupt_outcome).
@@ -636,9 +636,9 @@ class MPMagics(Magics):
         _check_pool_line(parser, opts, tokens)
         try:
             if opts.action == "setup":
-                return _pool_setup(opts.target, cell)
+                return _pool_setup(opts.target, cell, self.shell)
             return self._pool(opts)
-        except RunsInFlight as exc:  # not a mistake in the line: no usage line under it
+        except (RunsInFlight, SetupRefused) as exc:  # not a mistake in the line: no usage line under it
             raise IPythonUsageError(str(exc)) from None
         except UsageError as exc:
             raise parser.usage_error(str(exc)) from None
@@ -761,37 +761,36 @@ def _is_variable_name(text: str) -> bool:
     return text.isidentifier() and not keyword.iskeyword(text)
 
 
-# What to write instead of IPython syntax in a rank, by the call IPython turns it into.
+# What to write instead of IPython syntax in plain Python (a rank, a worker setup), by
+# the call IPython turns it into; {pmap}: what a rank may call instead of a %pmap.
 _IPYTHON_SYNTAX = {
-    "run_line_magic": ("a magic", "a rank runs plain Python: call the function instead "
-                                  "(mpmagic.pmap(f, xs) works there, serially in that rank)"),
-    "run_cell_magic": ("a cell magic", "a rank runs plain Python: put the code itself in the cell"),
-    "system": ("a shell command", "a rank runs plain Python: use subprocess.run([...]) there"),
-    "getoutput": ("a shell command", "a rank runs plain Python: use "
-                                     "subprocess.run([...], capture_output=True, text=True).stdout there"),
+    "run_line_magic": ("a magic", "call the function instead{pmap}"),
+    "run_cell_magic": ("a cell magic", "put the code itself in the cell"),
+    "system": ("a shell command", "use subprocess.run([...]) there"),
+    "getoutput": ("a shell command", "use subprocess.run([...], capture_output=True, text=True).stdout there"),
 }
 
 
-def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
-    """A usage error naming the line when the cell is Python only after IPython's transforms.
+def _ipython_syntax(cell: str, shell: Any) -> tuple[int, str, str, str] | None:
+    """The first line of ``cell`` that is Python only after IPython's transforms:
+    (its number in the notebook cell, its text, what it is, what to write instead), or None.
 
-    Ranks compile the cell as Python, so ``x = %pmap f, xs`` or ``!hostname``
-    there is a syntax error; saying "invalid syntax" hides why. IPython's own
-    transformer finds them: the transformed cell calls ``get_ipython().<method>``
-    on the same line. Any other syntax error is left to the run, which reports it.
+    IPython's own transformer finds them: the transformed cell calls
+    ``get_ipython().<method>`` on the same line. None also when the cell is
+    Python, or not valid IPython either (a plain syntax error).
     """
     try:
         astlock.parse(cell)
-        return
+        return None
     except SyntaxError:
         pass
     transformer = getattr(shell, "input_transformer_manager", None)
     if transformer is None:
-        return
+        return None
     try:
         tree = astlock.parse(transformer.transform_cell(cell))
-    except (SyntaxError, ValueError):  # not valid IPython either: the run reports its syntax error
-        return
+    except (SyntaxError, ValueError):  # not valid IPython either
+        return None
     for node in ast.walk(tree):
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                 and node.func.attr in _IPYTHON_SYNTAX and isinstance(node.func.value, ast.Call)
@@ -799,11 +798,30 @@ def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
             what, instead = _IPYTHON_SYNTAX[node.func.attr]
             lines = cell.splitlines()
             text = lines[node.lineno - 1].strip() if node.lineno <= len(lines) else ""
-            # Numbered as IPython numbers the cell (the %%parallel line is line 1), as the ranks' tracebacks are.
-            origin = cell_origin(cell)
-            lineno = node.lineno + (origin.offset if origin is not None else 1)
-            raise parser.usage_error(f"line {lineno} of the cell ({text!r}) is IPython syntax ({what}); "
-                                     f"{instead}")
+            return _cell_lineno(cell, node.lineno), text, what, instead
+    return None
+
+
+def _cell_lineno(cell: str, lineno: int) -> int:
+    """Line ``lineno`` of a cell magic's body, numbered as IPython numbers the
+    cell (the ``%%`` line is line 1), as the ranks' tracebacks are."""
+    origin = cell_origin(cell)
+    return lineno + (origin.offset if origin is not None else 1)
+
+
+def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
+    """A usage error naming the line when the cell is Python only after IPython's transforms.
+
+    Ranks compile the cell as Python, so ``x = %pmap f, xs`` or ``!hostname``
+    there is a syntax error; saying "invalid syntax" hides why. Any other
+    syntax error is left to the run, which reports it.
+    """
+    found = _ipython_syntax(cell, shell)
+    if found is not None:
+        lineno, text, what, instead = found
+        instead = instead.format(pmap=" (mpmagic.pmap(f, xs) works there, serially in that rank)")
+        raise parser.usage_error(f"line {lineno} of the cell ({text!r}) is IPython syntax ({what}); "
+                                 f"a rank runs plain Python: {instead}")
 
 
 def _reduced(parser: _Parser, opts: argparse.Namespace, reducer: Callable, values: Any, cell: str) -> Any:
@@ -829,7 +847,7 @@ def _reduced(parser: _Parser, opts: argparse.Namespace, reducer: Callable, value
                           f"({why}); the values are kept {kept}", values) from exc
 
 
-def _pool_setup(target: str | None, cell: str | None) -> Any:
+def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
     """``%%pool setup`` (set it, run it in every worker), ``%pool setup`` (show), ``%pool setup clear``."""
     from . import setup_api, worker_setup
 
@@ -849,7 +867,13 @@ def _pool_setup(target: str | None, cell: str | None) -> Any:
     try:
         errors = setup_api.set_code(cell)  # (refused while runs are in flight: their workers would switch setups)
     except SyntaxError as exc:
-        raise UsageError(f"the setup cell has a syntax error on line {exc.lineno}: {exc.msg}") from None
+        found = _ipython_syntax(cell, shell)  # (as %%parallel says it: the workers run plain Python)
+        if found is not None:
+            lineno, text, what, instead = found
+            raise UsageError(f"line {lineno} of the cell ({text!r}) is IPython syntax ({what}); "
+                             f"the setup runs plain Python in every worker: {instead.format(pmap='')}") from None
+        where = f" on line {_cell_lineno(cell, exc.lineno)}" if exc.lineno else ""  # (the %%pool line is line 1)
+        raise UsageError(f"the setup cell has a syntax error{where}: {exc.msg}") from None
     if errors:
         more = f" (and on {len(errors) - 1} more worker{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise MPMagicError(errors[0] + more)

@@ -28,6 +28,11 @@ class RunsInFlight(UsageError):
     how to end them (the magics show it as it is, without their usage line)."""
 
 
+class SetupRefused(UsageError):
+    """A ``%%pool setup`` refused before anything is sent: it defines the name of a
+    Python builtin (one line saying why and what to do, without a usage line)."""
+
+
 def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     """Run ``func()`` in every worker, now and in every worker started later.
 
@@ -50,12 +55,70 @@ def set_code(source: str) -> list[str]:
     """``%%pool setup``: make ``source`` the setup cell and run it in every worker now (starting the pool).
 
     Returns the one-line errors of workers whose setup failed. A syntax error
-    raises ``SyntaxError`` and changes nothing; runs in flight refuse the
-    change (a ``UsageError``, see :func:`_change`).
+    raises ``SyntaxError`` and changes nothing; so does a setup defining the
+    name of a Python builtin (``SetupRefused``: it would replace that builtin
+    for all the code in the worker); runs in flight refuse the change (a
+    ``UsageError``, see :func:`_change`).
     """
     __tracebackhide__ = True
     compile(source, worker_setup.SETUP_FILENAME, "exec")  # (before asking about runs: the cell's own error first)
+    bad = worker_setup.shadowing(n for n in setup_names(source) if not n.startswith("_"))
+    if bad:  # (each worker checks again what the setup really defines: names made by exec, a star import...)
+        raise SetupRefused(f"%%pool setup refused, nothing was sent to the workers: {worker_setup.shadow_message(bad)}")
     return _change(lambda: worker_setup.set_code(source), "%%pool setup", start=True)
+
+
+def setup_names(source: str) -> set[str]:
+    """The names a setup's code defines at its top level, as far as its text says.
+
+    Assignments (also in ``for``, ``with``, ``if``, ``try``...), ``def``,
+    ``class``, imports, and the names of a ``from M import *`` when ``M`` is
+    already imported here; not the locals of its functions, classes or
+    comprehensions. Names only running it shows (``exec``, ``globals()[...]``,
+    a star import of a module the notebook has not imported) are checked by
+    each worker before it installs them (``worker_setup.shadowing``).
+    """
+    import ast
+
+    from . import astlock
+
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            for sub in [*node.decorator_list, *getattr(node, "bases", []), *getattr(node, "keywords", [])]:
+                visit(sub)
+            if not isinstance(node, ast.ClassDef):
+                for default in [*node.args.defaults, *node.args.kw_defaults]:
+                    if default is not None:
+                        visit(default)
+            return
+        if isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            return
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module != "builtins":  # (the builtins themselves: harmless)
+            for a in node.names:
+                if a.name != "*":
+                    names.add(a.asname or a.name)
+                elif not node.level and node.module in sys.modules:
+                    mod = sys.modules[node.module]
+                    public = getattr(mod, "__all__", None)
+                    names.update(n for n in (public if public is not None else dir(mod))
+                                 if isinstance(n, str) and (public is not None or not n.startswith("_")))
+        elif isinstance(node, ast.Delete):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    names.discard(target.id)
+            return
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(astlock.parse(source))
+    return names
 
 
 def clear() -> list[str]:
@@ -174,4 +237,4 @@ def _interrupted(what: str | None) -> KeyboardInterrupt:
     )
 
 
-__all__ = ["RunsInFlight", "on_worker_start", "set_code", "clear", "apply_now", "run_everywhere"]
+__all__ = ["RunsInFlight", "SetupRefused", "on_worker_start", "set_code", "clear", "apply_now", "run_everywhere"]

@@ -194,6 +194,39 @@ def record(worker: Any, reply: SetupDone) -> str | None:
         return f"mpmagic: {reply.error}\n"
 
 
+_killed_by: dict[int, str] = {}  # setup version -> the line of the first worker it killed
+
+
+def died(worker: Any, wid: Any, reason: str) -> str | None:
+    """A worker died after it was sent the current setup and before it answered.
+
+    The setup killed it (``os._exit``, a crash in a library it loads): from
+    now on that setup is not sent to new workers (each would die the same way,
+    in a loop), they are marked as failed with this line, and a ``%%pool
+    setup`` waiting for the answers ends with it. Returns the line to show
+    (once), as :func:`record`.
+    """
+    with _lock:
+        if _version == 0 or not _entries or _status.get(worker, (None,))[0] == _version:
+            return None  # no setup, or it had answered: a death of its own (a task's), not the setup's
+        line = _killed_by.setdefault(_version, (
+            f"setup failed on worker {wid}: the worker died while running it ({reason}); "
+            "workers started from now on run without this setup (fix it and run %%pool setup again, "
+            "or %pool setup clear)"))
+    return record(worker, SetupDone(_version, wid, line, [], ""))
+
+
+def killed_workers() -> str | None:
+    """The line of the worker the current setup killed, or None (see :func:`died`)."""
+    return _killed_by.get(_version)
+
+
+def mark_failed(worker: Any, line: str) -> None:
+    """Record the current setup as failed on ``worker`` without running it there."""
+    with _lock:
+        _status[worker] = (_version, line)
+
+
 def forget(worker: Any) -> None:
     _status.pop(worker, None)
 
@@ -354,10 +387,45 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                 if isinstance(out, dict):
                     ns.update(out)
         except BaseException as exc:
+            if shadowing(ns):  # (what ran before the failing line would replace builtins: nothing installed)
+                return _shadow_line(shadowing(ns), wid), []
             _install(ns)  # what ran before the failing line stays usable
             return _failure_line(exc, entry, wid), sorted(_installed)
+    bad = shadowing(ns)
+    if bad:  # refused before anything is installed: a normal setup failure, not a broken worker
+        return _shadow_line(bad, wid), []
     _install(ns)
     return None, sorted(_installed)
+
+
+def shadowing(names: Any) -> list[str]:
+    """The names among ``names`` a setup may not define: those of Python builtins.
+
+    A setup's names become builtins of the worker process (see the module's
+    docstring), so ``type = 'resnet50'`` or ``from numpy import *`` (``sum``,
+    ``max``, ``round``...) would replace the real ones for all the code of the
+    worker: mpmagic's own, multiprocessing's, Dask's, every library's.
+    ``__dunder__`` names are never installed, so never refused; nor is a name
+    whose value (``names`` a dict) is that builtin itself (``from builtins import *``).
+    """
+    values = names if isinstance(names, dict) else {}
+    return sorted(n for n in names if isinstance(n, str) and not n.startswith("__") and hasattr(builtins, n)
+                  and (n not in values or values[n] is not getattr(builtins, n)))
+
+
+def shadow_message(names: list[str]) -> str:
+    """Why a setup defining builtins' names is refused, and what to do (the end of one line)."""
+    shown = ", ".join(f"`{n}`" for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return (f"it defines {shown}, {'names of Python builtins' if len(names) > 1 else 'the name of a Python builtin'}: "
+            "a setup's names become builtins of the worker, so this would replace "
+            f"{'those builtins' if len(names) > 1 else 'that builtin'} for all the code in the worker "
+            "(mpmagic's, multiprocessing's, every library's), not only the notebook's functions; "
+            "use another name (for a star import, import the module by name, e.g. `import numpy as np`)")
+
+
+def _shadow_line(names: list[str], wid: Any) -> str:
+    return (f"setup refused on worker {wid}: {shadow_message(names)}; "
+            "the worker runs tasks without the setup until it is fixed and run again")
 
 
 def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
@@ -451,7 +519,14 @@ def dask_apply(client: Any) -> list[str]:
     if msg.payload is None:
         dask_remove(client)
         return []
-    client.register_plugin(make_plugin(msg), name=PLUGIN_NAME)
+    try:
+        client.register_plugin(make_plugin(msg), name=PLUGIN_NAME)
+    except OSError as exc:  # (CommClosedError) a worker died running it: the nanny would restart it into it again
+        log.debug("setup plugin registration failed", exc_info=True)
+        dask_remove(client)
+        return [f"setup failed on the Dask workers: a worker died while running it (its connection closed: "
+                f"{type(exc).__name__}); the setup was unregistered from the cluster, so its workers (and those "
+                "the nanny restarts) run without it (fix it and run %%pool setup again)"]
     errors = []
     for addr, reply in client.run(dask_status).items():
         if reply is not None:

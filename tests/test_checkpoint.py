@@ -647,3 +647,18 @@ def test_renumbering_keeps_notes_a_library_set_as_a_tuple_or_a_str():
     exc.__notes__ = "from the library"
     checkpoint._renumber(exc, [5, 7])
     assert exc.__notes__ == "from the library"
+
+
+def test_parallel_checkpoint_traceback_names_the_notebook_cell(ip, store_dir, capsys):
+    """With --checkpoint the cell's spec is built twice (to key the run, then to
+    run it): the first build replaced IPython's linecache entry, so the second
+    found no origin and a failing rank showed `File <parallel-cell-…>:2`.
+    The oracle: the same cell without --checkpoint."""
+    cell = "if rank == 1:\n    raise ValueError('rank 1 broke')\nrank\n"
+    for flag in ("", " --checkpoint"):
+        result = ip.run_cell(f"%%parallel -n 2{flag}\n{cell}", store_history=True)  # (numbered, as in a notebook)
+        assert isinstance(result.error_in_exec, mpmagic.ParallelError)
+        shown = capsys.readouterr()
+        text = shown.out + shown.err
+        assert f"[rank 1] Cell In[{result.execution_count}], line 3" in text, (flag, text)
+        assert "parallel-cell" not in text, (flag, text)

@@ -352,3 +352,119 @@ def test_a_checkpointed_cell_is_keyed_by_the_setup(ip, tmp_path):
     run(ip, "%%pool setup\nD = 1")
     assert list(run(ip, "%%parallel -q --checkpoint\nD + rank")) == [1, 2]
     assert "resumed: 2 of 2" in mpmagic.last_report().line()
+
+
+def test_setup_names_of_builtins_are_refused_before_anything_is_sent(ip, local_pool):
+    """`type = 'resnet50'` in a setup became the worker's builtin `type`: mpmagic's
+    own worker code broke, the workers crash-looped and the cell hung."""
+    before = worker_setup.version()
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\nimport os\ntype = 'resnet50'\nfor len in range(2):\n    pass\nMODEL = 1\n")
+    text = str(info.value)
+    assert "\n" not in text and "`len`, `type`" in text and "nothing was sent" in text
+    assert "every library" in text and "another name" in text and "import numpy as np" in text
+    assert worker_setup.version() == before  # nothing changed, nothing sent
+    assert run(ip, "%pmap -q lambda x: type(x).__name__, [1, 'a']") == ["int", "str"]  # serially the same
+
+
+def test_setup_names():
+    names = setup_api.setup_names(
+        "import os.path, numpy as np\nfrom math import floor as fl\nx, (y, z) = 1, (2, 3)\nw: int = 1\n"
+        "def f(a=(q := 1)):\n    inner = 1\nclass C:\n    attr = 1\nif True:\n    with open('f') as h:\n        pass\n"
+        "[c for c in range(3)]\nd = 1\ndel d\nfrom math import *\n")
+    assert {"os", "np", "fl", "x", "y", "z", "w", "f", "q", "C", "h", "floor", "pi"} <= names
+    assert not names & {"inner", "attr", "c", "d", "a"}
+
+
+def test_builtin_names_made_at_run_time_are_a_setup_failure_in_the_worker():
+    """Names the notebook cannot see in the text (exec, a star import, an
+    on_worker_start dict): the worker refuses them before installing anything."""
+    import builtins
+
+    from mpmagic import payload
+
+    real_sum, real_list = builtins.sum, builtins.list
+    cases = [[worker_setup._Entry("code", "%%pool setup", "OK = 1\nexec('sum = 0')\n")],
+             [worker_setup._Entry("code", "%%pool setup", "from mpmagic.fmt import *\nsum = max = 2\n")],
+             [worker_setup._Entry("func", "_start", payload.dumps_function(lambda: {"list": [1], "OK": 1}, "_start"))]]
+    try:
+        for entries in cases:
+            reply = worker_setup.run_setup(1, payload.dumps_data(entries), 7)
+            assert reply.error is not None and reply.error.startswith("setup refused on worker 7: it defines `")
+            assert "\n" not in reply.error and "import numpy as np" in reply.error
+            assert reply.names == [] and not hasattr(builtins, "OK")
+            assert builtins.sum is real_sum and builtins.list is real_list
+    finally:
+        worker_setup.run_setup(0, None, None)
+
+
+def test_on_worker_start_dict_with_a_builtin_name_fails_in_one_line(ip, local_pool):
+    run(ip, "def _start():\n    return {'list': ['cat', 'dog'], 'TOKEN': 1}")
+    with pytest.raises(mpmagic.MPMagicError, match=r"^setup refused on worker \d+: it defines `list`") as info:
+        run(ip, "mpmagic.on_worker_start(_start)")
+    assert "\n" not in str(info.value)
+    assert run(ip, "%pmap -q lambda x: list(range(x)), [1, 2]") == [[0], [0, 1]]  # the pool works, builtins intact
+
+
+def test_a_setup_that_kills_its_worker_fails_in_one_line(ip, local_pool):
+    """It hung the cell: each replacement worker ran the setup and died, and the
+    wait had no worker-death check."""
+    start = time.monotonic()
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        run(ip, "%%pool setup\nimport os\nos._exit(7)\n")
+    text = str(info.value)
+    assert time.monotonic() - start < 20
+    assert "\n" not in text and "setup failed on worker" in text and "died while running it" in text
+    assert "exit code 7" in text
+    assert run(ip, "%pmap -q lambda x: x + 1, range(4)") == [1, 2, 3, 4]  # the new workers run without it
+    assert str(mpmagic.pool_status()).count("setup failed") == len(local_pool.slots)
+
+
+def test_a_magic_line_in_the_setup_is_named_as_parallel_names_it(ip):
+    body = "import math\n%matplotlib inline\nW = 1\n"
+    errors = []
+    for magic in ("%%pool setup", "%%parallel -n 2"):
+        with pytest.raises(IPythonUsageError) as info:
+            run(ip, f"{magic}\n{body}")
+        errors.append(str(info.value))
+    for text in errors:
+        assert "line 3 of the cell ('%matplotlib inline') is IPython syntax (a magic)" in text, text
+    assert "the setup runs plain Python in every worker: call the function instead" in errors[0]
+    with pytest.raises(IPythonUsageError, match="the setup cell has a syntax error on line 3: "):
+        run(ip, "%%pool setup\nA = 1\nB = 1 +\n")
+
+
+def test_a_builtin_name_bound_to_the_builtin_itself_is_not_refused():
+    import builtins
+
+    from mpmagic import payload
+
+    entries = [worker_setup._Entry("code", "%%pool setup", "from builtins import len\nOK_NAME = len('ab')\n")]
+    try:
+        reply = worker_setup.run_setup(1, payload.dumps_data(entries), 7)
+        assert reply.error is None and vars(builtins)["OK_NAME"] == 2
+    finally:
+        worker_setup.run_setup(0, None, None)
+    assert not hasattr(builtins, "OK_NAME")
+
+
+def test_dask_setup_that_kills_its_worker_is_unregistered_in_one_line():
+    """On Dask the registration raised a CommClosedError traceback and left the
+    plugin registered: the nanny restarted the worker into the setup, in a loop."""
+
+    class Client:
+        removed = False
+
+        def register_plugin(self, plugin, name):
+            raise OSError("Stream is closed")  # (distributed's CommClosedError is an OSError)
+
+        def unregister_worker_plugin(self, name):
+            Client.removed = name == worker_setup.PLUGIN_NAME
+
+        def run(self, func):
+            return {}
+
+    worker_setup.set_code("X = 1\n")
+    errors = worker_setup.dask_apply(Client())
+    assert Client.removed and len(errors) == 1 and "\n" not in errors[0]
+    assert "a worker died while running it" in errors[0] and "unregistered" in errors[0]

@@ -616,6 +616,11 @@ class LocalBackend:
         if msg is None:
             return
         slot.setup_sent = msg.version
+        killed = worker_setup.killed_workers()
+        if killed is not None:  # this setup killed a worker: not run again in a loop of replacements
+            worker_setup.mark_failed((self.pool_key, slot.wid), killed)
+            self._cond.notify_all()
+            return
         try:
             # The notebook's cwd, environment, sys.path first (context.py): a setup
             # may import from a directory the notebook added after the pool started.
@@ -1291,6 +1296,11 @@ class LocalBackend:
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
         interrupted = time.monotonic() - self._interrupted_at < 5
+        if slot.setup_sent and slot.setup_sent == worker_setup.version() and not interrupted:
+            line = worker_setup.died((self.pool_key, slot.wid), slot.wid, reason)  # its setup killed it
+            if line and self._runs:
+                self._runs[0]._emit_out("stderr", line)
+            self._cond.notify_all()
         if not slot.ready and time.monotonic() - slot.started < 30 and not inflight and not interrupted:
             self._startup_failures += 1
             if self._startup_failures >= 3:
