@@ -22,3 +22,23 @@ def test_pmap_over_the_machines_cap_shows_no_report_of_a_run(ip):
     err, said, shown = error_of(ip, "%pmap -n 100000 abs, [1, 2, 3]")
     assert "100000 is more processes than this machine can run" in str(err)
     assert api.last_report() is before and shown == 0 and "stopped by" not in said
+
+
+@pytest.mark.parametrize("line", ["%pool stop -n2", "%pool status -n2", "%pool runs -n5", "%pool setup -n3",
+                                  "%pool stop -n 2", "%pool stop --workers=2"])
+def test_pool_refuses_an_option_its_subcommand_ignores_however_written(ip, line):
+    err, _, _ = error_of(ip, line)
+    assert "-n/--workers goes with start, restart, resize, local and dask" in str(err)
+
+
+@pytest.mark.parametrize("cell, magic", [
+    ("%pmap --help", "pmap"), ("%pmap -h abs, [1]", "pmap"), ("%pool --help", "pool"), ("%pool stop -h", "pool"),
+    ("%%parallel --help\nraise SystemExit('ran')", "parallel"), ("%%parallel -h\nraise SystemExit('ran')", "parallel"),
+])
+def test_help_option_prints_the_magics_help_and_runs_nothing(ip, cell, magic):
+    from mpmagic.magics import MPMagics
+
+    before = api.last_report()
+    err, said, _ = error_of(ip, cell)
+    assert err is None and api.last_report() is before
+    assert said.strip() == getattr(MPMagics, magic).__doc__.strip()
