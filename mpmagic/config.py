@@ -16,10 +16,9 @@ never in the middle of one: a new start method waits for the runs in flight.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
-
-import math
 
 from traitlets import Bool, CaselessStrEnum, Float, Int, TraitError, Unicode, observe, validate
 from traitlets.config import Configurable
