@@ -444,6 +444,9 @@ class DaskBackend:
         except (OSError, TimeoutError) as exc:
             raise MPMagicError(f"the Dask workers did not come back after a restart: {exc}") from None
 
+    def check_workers(self, workers: int | None) -> None:
+        """Nothing to check before a map: a cluster's size is the cluster's business (see Backend)."""
+
     def resize(self, workers: int) -> None:
         """Scale the local cluster mpmagic started; a cluster run elsewhere is scaled there."""
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
