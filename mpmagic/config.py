@@ -266,9 +266,29 @@ def register(shell: Any) -> MPMagic:
         if isinstance(c, MPMagic):
             _current = c
             return c
-    _current = MPMagic(parent=shell)
+    try:
+        _current = MPMagic(parent=shell)
+    except TraitError:
+        _drop_refused(shell)
+        _current = MPMagic(parent=shell)
     shell.configurables.append(_current)
     return _current
+
+
+def _drop_refused(shell: Any) -> None:
+    """Say and drop the values of the shell's config that a setting refuses, so that
+    the extension loads with their defaults: one from ipython_config.py, or one a
+    %config line had refused (IPython's own config keeps it, and %reload_ext failed)."""
+    from traitlets.config import Config
+
+    section = shell.config.get("MPMagic") or {}
+    for name in list(section):
+        try:
+            MPMagic(config=Config({"MPMagic": {name: section[name]}}))
+        except TraitError as exc:
+            said = str(exc).splitlines()[0].split("; the setting keeps")[0]
+            sys.stderr.write(f"mpmagic: {said} (the default is used)\n")
+            del section[name]
 
 
 def unregister(shell: Any) -> None:

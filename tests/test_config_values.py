@@ -42,3 +42,16 @@ def test_the_documented_special_values_are_still_taken(name, value):
 def test_pmap_runs_after_a_refused_workers_setting(ip):
     run(ip, "%config MPMagic.workers = -1")
     assert run(ip, "%pmap -q -n 2 abs, [-1, -2]") == [1, 2]
+
+
+def test_a_refused_value_left_in_the_shells_config_does_not_stop_the_extension_loading(monkeypatch, capsys):
+    """IPython keeps a value %config refused in the shell's config (ipython_config.py may
+    hold one too): %reload_ext takes the default for it, and the other settings."""
+    from traitlets.config import Config, Configurable
+
+    shell = Configurable(config=Config({"MPMagic": {"workers": -1, "progress_delay": 2.0}}))
+    shell.configurables = []
+    monkeypatch.setattr(config, "_current", None)
+    settings = config.register(shell)
+    assert settings.workers is None and settings.progress_delay == 2.0
+    assert "MPMagic.workers = -1 refused" in capsys.readouterr().err
