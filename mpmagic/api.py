@@ -487,6 +487,7 @@ class MapCall:
         else:
             items, self.star = zip(*iterables, strict=False), True
         self.backend = get_pool()
+        self.backend.check_workers(workers)  # before the run is made: a mistake in the call shows no report
         self.workers = workers or self.backend.workers
         self.cold = self.backend.cold
         self.collect = errors == "collect"

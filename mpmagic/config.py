@@ -16,10 +16,11 @@ never in the middle of one: a new start method waits for the runs in flight.
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Float, Int, TraitError, Unicode, observe, validate
 from traitlets.config import Configurable
 
 REPORT_MODES = ("auto", "line", "html", "none")
@@ -101,6 +102,7 @@ class MPMagic(Configurable):
         from . import shm
 
         shm.configure(threshold=change["new"])
+
     worker_max_memory = Unicode(
         None,
         allow_none=True,
@@ -126,6 +128,46 @@ class MPMagic(Configurable):
         from . import threads
 
         threads.configure(change["new"])
+
+    # A value out of range is refused at the %config line (TraitError, which
+    # %config prints as one line) and the setting keeps its old value: found
+    # only at the next run, it failed every run, even one with -n given, with
+    # a message that did not name the setting. None is never checked here
+    # (traitlets lets it through where allow_none): it means the default.
+    @validate("workers", "chunksize")
+    def _at_least_one(self, proposal: Any) -> int:
+        default = {"workers": "one per usable CPU", "chunksize": "sized automatically"}
+        return _check(proposal, proposal["value"] >= 1,
+                      f"a whole number of at least 1, or None ({default[proposal['trait'].name]})")
+
+    @validate("worker_threads")
+    def _threads_valid(self, proposal: Any) -> int:
+        return _check(proposal, proposal["value"] >= 0,
+                      "a whole number of at least 1, 0 (no cap) or None (usable CPUs // workers)")
+
+    @validate("checkpoint_max_bytes")
+    def _max_bytes_valid(self, proposal: Any) -> int:
+        return _check(proposal, proposal["value"] >= 0, "a number of bytes (0 or more), or None (no cap)")
+
+    @validate("shm_threshold")
+    def _shm_threshold_valid(self, proposal: Any) -> int:
+        return _check(proposal, proposal["value"] >= 1, "a number of bytes of at least 1")
+
+    @validate("progress_delay")
+    def _progress_delay_valid(self, proposal: Any) -> float:
+        value = proposal["value"]
+        return _check(proposal, math.isfinite(value) and value >= 0, "a number of seconds (0 or more)")
+
+    @validate("worker_max_memory")
+    def _max_memory_valid(self, proposal: Any) -> str:
+        from .errors import UsageError
+        from .pool import parse_memory
+
+        try:
+            parse_memory(proposal["value"])
+        except UsageError:
+            _check(proposal, False, "a size such as '2GB' or '512MiB', or None (no limit)")
+        return proposal["value"]
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -197,6 +239,15 @@ class MPMagic(Configurable):
         self._pool_pending = self._workers_pending = False
 
 
+def _check(proposal: Any, ok: bool, takes: str) -> Any:
+    """``proposal``'s value if ``ok``, else a TraitError naming the setting, the value and what it takes."""
+    if not ok:
+        name = proposal["trait"].name
+        raise TraitError(f"%config MPMagic.{name} = {proposal['value']!r} refused: {name} takes {takes}; "
+                         "the setting keeps its value")
+    return proposal["value"]
+
+
 _current: MPMagic | None = None
 
 
@@ -215,9 +266,29 @@ def register(shell: Any) -> MPMagic:
         if isinstance(c, MPMagic):
             _current = c
             return c
-    _current = MPMagic(parent=shell)
+    try:
+        _current = MPMagic(parent=shell)
+    except TraitError:
+        _drop_refused(shell)
+        _current = MPMagic(parent=shell)
     shell.configurables.append(_current)
     return _current
+
+
+def _drop_refused(shell: Any) -> None:
+    """Say and drop the values of the shell's config that a setting refuses, so that
+    the extension loads with their defaults: one from ipython_config.py, or one a
+    %config line had refused (IPython's own config keeps it, and %reload_ext failed)."""
+    from traitlets.config import Config
+
+    section = shell.config.get("MPMagic") or {}
+    for name in list(section):
+        try:
+            MPMagic(config=Config({"MPMagic": {name: section[name]}}))
+        except TraitError as exc:
+            said = str(exc).splitlines()[0].split("; the setting keeps")[0]
+            sys.stderr.write(f"mpmagic: {said} (the default is used)\n")
+            del section[name]
 
 
 def unregister(shell: Any) -> None:

@@ -69,6 +69,8 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, prog: str | None = None, **kwargs: Any) -> None:
         super().__init__(prog, allow_abbrev=False, add_help=False, **kwargs)
+        # argparse's own -h would print and exit: the magic prints its help itself (_show_help).
+        self.add_argument("-h", "--help", action="store_true", help="show this help (as %(prog)s? does); run nothing")
 
     def usage_error(self, message: str) -> IPythonUsageError:
         """The magic's usage error: ``message``, then the usage line and the pointer to its help."""
@@ -454,6 +456,8 @@ class MPMagics(Magics):
     def _pmap(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
         __tracebackhide__ = True
         opts = parser.parse_args(tokens)
+        if opts.help:
+            return _show_help(MPMagics.pmap)
         if opts.rerun_failed:
             return self._rerun_failed(parser, tokens, rest, local_ns)
         args = _eval_map_args(rest, self._user_ns, parser, local_ns)
@@ -565,6 +569,8 @@ class MPMagics(Magics):
             unquoted = at >= 2 and tokens[at - 2] in ("--reduce", "--gather")  # --reduce lambda v: max(v)
             hint = f"; quote a value with spaces: {tokens[at - 2]} '{tokens[at - 1]} {extra[0]} ...'" if unquoted else ""
             raise parser.usage_error(parser.unknown(extra[0]) + hint)
+        if opts.help:
+            return _show_help(MPMagics.parallel)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.output and not _is_variable_name(opts.output):
             raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
@@ -631,6 +637,8 @@ class MPMagics(Magics):
         except ValueError as exc:  # shlex: an unclosed quote
             raise parser.usage_error(str(exc)) from None
         opts = parser.parse_args(tokens)
+        if opts.help:
+            return _show_help(MPMagics.pool)
         if cell is not None and opts.action != "setup":
             raise parser.usage_error("only %%pool setup takes a cell (the code every worker runs at start)")
         _check_pool_line(parser, opts, tokens)
@@ -740,9 +748,14 @@ _POOL_WORDS = {"resize": ("N",), "dask": ("ADDRESS",), "cancel": ("ID",), "setup
 def _check_pool_line(parser: _Parser, opts: argparse.Namespace, tokens: list[str]) -> None:
     """A usage error for an option or a word ``opts.action`` does not take (see ``_POOL_OPTIONS``)."""
     action = opts.action
-    # The options written on the line (not those left at their default: --timeout has one).
-    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
-    written = [actions[t.split("=", 1)[0]] for t in tokens if t.split("=", 1)[0] in actions]
+    # The options written on the line (not those left at their default: --timeout has one),
+    # as argparse read them: -n2 and -n 2 alike (matching words missed a value attached).
+    fresh = _pool_parser()
+    for a in fresh._actions:  # noqa: SLF001 - argparse has no public table
+        if a.option_strings:
+            a.default = argparse.SUPPRESS
+    given = vars(fresh.parse_args(tokens))
+    written = [a for a in parser._actions if a.option_strings and a.dest in given]  # noqa: SLF001
     for option in written:
         if option.dest not in _POOL_OPTIONS.get(action, ()):
             takers = [a for a, dests in _POOL_OPTIONS.items() if option.dest in dests]
@@ -900,6 +913,11 @@ def _switched(before: Any, now: Any) -> str:
         f"%pool local: stopped the previous local workers ({getattr(before, 'start_method', '?')}) "
         "and started new ones with the settings given"
     )
+
+
+def _show_help(magic: Callable) -> None:
+    """``--help`` / ``-h``: print the help ``%pmap?`` shows (the magic's docstring); nothing runs."""
+    print(magic.__doc__)
 
 
 def _help(parser: argparse.ArgumentParser) -> str:

@@ -265,6 +265,22 @@ def test_wrong_address_is_a_clear_error_within_the_timeout(dask_pool):
     assert pool_module.get_pool() is dask_pool  # the working pool is kept
 
 
+@pytest.mark.parametrize("address, says", [
+    ("localhost", "'localhost' is not a Dask scheduler address (missing port"),
+    ("tcp://127.0.0.1:abc", "'tcp://127.0.0.1:abc' is not a Dask scheduler address"),
+    ("foo://127.0.0.1:8786", "unknown address scheme 'foo'"),
+    ("http://127.0.0.1:8787/status", "is the Dask dashboard's address, not the scheduler's"),
+])
+def test_a_malformed_address_is_one_line_before_any_connection(ip, address, says):
+    """No cluster needed: the address is checked before Dask is asked (its own error
+    for these came with a traceback of 10-13 frames)."""
+    before = pool_module.current_pool()
+    result = ip.run_cell(f"%pool dask {address} --timeout 1", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, IPythonUsageError) and says in str(err) and "tcp://HOST:8786" in str(err)
+    assert pool_module.current_pool() is before  # the working pool is kept
+
+
 def _slow_item_cell(ip) -> None:
     run(ip, "import time\ndef slow_item(x):\n    time.sleep(0.3)\n    return x\n")
 

@@ -175,6 +175,34 @@ class _Task:
         return f"item {u.start}" if u.count == 1 else f"items {u.start}-{u.start + u.count - 1}"
 
 
+_ADDRESS_LOOKS = "a scheduler address looks like tcp://HOST:8786 (HOST:PORT alone means tcp://)"
+
+
+def _scheduler_address(given: str) -> str:
+    """``given`` as the scheduler address to connect to (``HOST:PORT`` gets ``tcp://``),
+    or a one-line usage error naming it: Dask's own error for a malformed address
+    (no port, the dashboard's http:// URL) came with a traceback of 10-13 frames."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    text = str(given).strip()
+    scheme = text.split("://", 1)[0].lower() if "://" in text else ""
+    if scheme in ("http", "https"):
+        raise UsageError(f"{given!r} is the Dask dashboard's address, not the scheduler's: the scheduler's is "
+                         "usually tcp://HOST:8786 (the same host, port 8786 unless it was started with --port)")
+    address = text if scheme else f"tcp://{text}"
+    try:
+        scheme, location = parse_address(address)
+        get_backend(scheme)  # a scheme Dask knows
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            _host, port = parse_host_port(location)  # a host and a port, a number
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} is out of range")
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{given!r} is not a Dask scheduler address ({exc}): {_ADDRESS_LOOKS}") from None
+    return address
+
+
 class DaskBackend:
     """The pool on a Dask cluster: a local one mpmagic starts, or a running scheduler.
 
@@ -206,8 +234,8 @@ class DaskBackend:
             raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise UsageError(f"timeout must be a number of seconds greater than 0, not {timeout!r}")
-        if address is not None and "://" not in address:
-            address = f"tcp://{address}"
+        if address is not None:
+            address = _scheduler_address(address)
         if scheduler_file is not None and not os.path.isfile(scheduler_file):
             raise UsageError(
                 f"--scheduler-file {scheduler_file}: no such file (a scheduler writes it when started "
@@ -316,6 +344,10 @@ class DaskBackend:
         t0 = time.monotonic()
         try:
             self.client = Client(self.address, **kwargs)
+        except ValueError as exc:  # an address _scheduler_address let through that Dask cannot parse
+            self._close_quietly()
+            raise UsageError(f"{where!r} is not a Dask scheduler address Dask can use ({exc}): "
+                             f"{_ADDRESS_LOOKS}") from None
         except (OSError, TimeoutError) as exc:
             waited = time.monotonic() - t0
             self._close_quietly()
@@ -411,6 +443,9 @@ class DaskBackend:
             raise MPMagicError(f"Dask cannot restart these workers ({exc}); restart them where they run") from None
         except (OSError, TimeoutError) as exc:
             raise MPMagicError(f"the Dask workers did not come back after a restart: {exc}") from None
+
+    def check_workers(self, workers: int | None) -> None:
+        """Nothing to check before a map: a cluster's size is the cluster's business (see Backend)."""
 
     def resize(self, workers: int) -> None:
         """Scale the local cluster mpmagic started; a cluster run elsewhere is scaled there."""

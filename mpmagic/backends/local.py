@@ -540,6 +540,13 @@ class LocalBackend:
         self.start()
         self.wait_ready()
 
+    def check_workers(self, workers: int | None) -> None:
+        """A usage error for a map's ``workers`` the pool could not grow to (more than the
+        machine runs): asked before the run is made, so that a mistake in the call
+        leaves no report of a run that never started (submit would refuse it later)."""
+        if workers and workers > self.workers:
+            _check_size(workers)
+
     def resize(self, workers: int) -> None:
         """Grow or shrink the pool to ``workers`` processes (idle ones stop; busy ones once idle)."""
         _check_size(workers)
@@ -726,7 +733,8 @@ class LocalBackend:
         if isinstance(job, CellJob):
             cap = max_workers()
             if job.size > cap:
-                raise UsageError(f"-n {job.size} is more ranks than this machine can run at once (at most {cap})")
+                raise UsageError(f"-n {job.size} is more ranks than this machine can run at once "
+                                 f"(at most {cap} with {available_cpus()} CPUs)")
         elif workers and workers > self.workers:
             # The pool grows for good (starting workers for one call and stopping
             # them after would cost every such call their start): say so once,

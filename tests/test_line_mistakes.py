@@ -1,0 +1,44 @@
+"""Mistakes in a magic's line print the one-line usage error and nothing else,
+whichever way an option is spelled; ``--help`` / ``-h`` show the magic's help."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.utils.capture import capture_output
+
+from mpmagic import api
+
+
+def error_of(ip, cell: str) -> tuple[BaseException | None, str, int]:
+    """The cell's error, what it printed, and how many displays it showed."""
+    with capture_output() as cap:
+        result = ip.run_cell(cell, store_history=False)
+    return result.error_in_exec, cap.stdout + cap.stderr, len(cap.outputs)
+
+
+def test_pmap_over_the_machines_cap_shows_no_report_of_a_run(ip):
+    ip.run_cell("%pool start -n 1", store_history=False)
+    before = api.last_report()
+    err, said, shown = error_of(ip, "%pmap -n 100000 abs, [1, 2, 3]")
+    assert "100000 is more processes than this machine can run" in str(err)
+    assert api.last_report() is before and shown == 0 and "stopped by" not in said
+
+
+@pytest.mark.parametrize("line", ["%pool stop -n2", "%pool status -n2", "%pool runs -n5", "%pool setup -n3",
+                                  "%pool stop -n 2", "%pool stop --workers=2"])
+def test_pool_refuses_an_option_its_subcommand_ignores_however_written(ip, line):
+    err, _, _ = error_of(ip, line)
+    assert "-n/--workers goes with start, restart, resize, local and dask" in str(err)
+
+
+@pytest.mark.parametrize("cell, magic", [
+    ("%pmap --help", "pmap"), ("%pmap -h abs, [1]", "pmap"), ("%pool --help", "pool"), ("%pool stop -h", "pool"),
+    ("%%parallel --help\nraise SystemExit('ran')", "parallel"), ("%%parallel -h\nraise SystemExit('ran')", "parallel"),
+])
+def test_help_option_prints_the_magics_help_and_runs_nothing(ip, cell, magic):
+    from mpmagic.magics import MPMagics
+
+    before = api.last_report()
+    err, said, _ = error_of(ip, cell)
+    assert err is None and api.last_report() is before
+    assert said.strip() == getattr(MPMagics, magic).__doc__.strip()
