@@ -17,7 +17,9 @@ def error_of(ip, cell: str) -> tuple[BaseException | None, str, int]:
 
 
 def test_pmap_over_the_machines_cap_shows_no_report_of_a_run(ip):
-    ip.run_cell("%pool start -n 1", store_history=False)
+    from conftest import ensure_pool
+
+    ensure_pool("forkserver")  # (the session's 2-worker pool: a test must not leave another)
     before = api.last_report()
     err, said, shown = error_of(ip, "%pmap -n 100000 abs, [1, 2, 3]")
     assert "100000 is more processes than this machine can run" in str(err)
