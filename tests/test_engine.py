@@ -383,6 +383,17 @@ def test_shared_memory_a_task_only_reads_is_not_the_workers_own(ip, one_worker_w
     assert mpmagic.pool_status().info["workers_replaced"] == 0
 
 
+def test_a_worker_over_max_memory_runs_no_unit_sent_ahead(ip, one_worker_with_small_limit, capfd):
+    """Short items are pipelined (two in flight per worker) without a limit;
+    with one, the item after the one that left the worker big runs on its
+    replacement, not on the big worker (the unit sent ahead ran there)."""
+    run(ip, HOG)
+    run(ip, "def hog_at(x):\n    import os\n    return hog(64) if x == 6 else os.getpid()\n")
+    pids = mpmagic.pmap(ip.user_ns["hog_at"], range(12), chunksize=1)
+    assert pids[7] != pids[6] and set(pids[7:]).isdisjoint(pids[:7]), pids
+    assert "over the pool's max_memory of 40 MB" in capfd.readouterr().err
+
+
 def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, one_worker_with_limit):
     run(ip, HOG)
     pid = mpmagic.pmap(ip.user_ns["hog"], [260])[0]  # near (over 80 % of) the limit, not over it

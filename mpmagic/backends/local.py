@@ -964,8 +964,13 @@ class LocalBackend:
             run._finish(error)
 
     def _depth(self, job: Job) -> int:
-        """Units in flight per worker: 2 hides latency for short chunks."""
-        if not isinstance(job, MapJob) or job.timeout:
+        """Units in flight per worker: 2 hides latency for short chunks.
+
+        With a memory limit, 1: a worker's size is checked after each unit
+        (``_note_memory``), and a unit already sent behind it would run on a
+        worker found over the limit ("replaced before its next task").
+        """
+        if not isinstance(job, MapJob) or job.timeout or self.max_memory:
             return 1
         per_item = job.planner.per_item
         if per_item is None:
