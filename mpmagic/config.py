@@ -106,8 +106,9 @@ class MPMagic(Configurable):
     worker_max_memory = Unicode(
         None,
         allow_none=True,
-        help="A local worker holding more memory than this after a task (e.g. '2GB') is "
-        "replaced before its next task (None: no limit).",
+        help="A local worker holding more of its own memory than this after a task (e.g. '2GB') is "
+        "replaced before its next task (None: no limit). Private memory: shared memory it only reads "
+        "(share(), big items) is not counted. With a limit, each worker gets one chunk at a time.",
     ).tag(config=True)
 
     @observe("worker_max_memory")

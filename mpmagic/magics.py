@@ -186,7 +186,8 @@ def _pool_parser() -> _Parser:
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_int_at_least(0, "0 (no limit) or more"),
                    help="recycle a worker after this many items (0: never)")
-    p.add_argument("--max-memory", help="replace a worker holding more than this after a task (e.g. 2GB; 0: no limit)")
+    p.add_argument("--max-memory", help="replace a worker holding more than this of its own memory after a task "
+                   "(shared memory it only reads is not counted; e.g. 2GB; 0: no limit)")
     p.add_argument("--gpus", metavar="ID[,ID]",
                    help="start: give workers CUDA_VISIBLE_DEVICES round-robin from these devices")
     p.add_argument("--scheduler-file", help="dask: connect to the scheduler described in this file")

@@ -129,8 +129,11 @@ def start_pool(
     """Start (or re-create, if its settings change) the local pool.
 
     ``max_memory`` (bytes, or a size such as ``"2GB"``): a worker holding more
-    after a task is replaced before its next task. ``max_tasks_per_child`` and
-    ``max_memory`` of 0 remove the limit.
+    of its own (private) memory after a task is replaced before its next task;
+    shared memory it only reads (``share()`` arrays, big items) is not counted,
+    and each worker gets one chunk at a time (no pipelining), so the check comes
+    before its next chunk is sent. ``max_tasks_per_child`` and ``max_memory`` of
+    0 remove the limit.
     """
     global _backend
     if max_memory is not None:

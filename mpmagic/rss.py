@@ -1,8 +1,9 @@
-"""This process's resident memory, cheap enough to read after every chunk.
+"""This process's memory, cheap enough to read after every chunk.
 
-A worker reports its size with each reply (the pool's ``max_memory`` limit,
-``%pool``'s listing) and the memory each preloaded module added
-(``warmup.py``). A leaf module: both import it, neither imports the other.
+A worker reports its private memory with each reply (:func:`private_bytes`:
+the pool's ``max_memory`` limit, the "ran out of memory" diagnosis) and the
+resident memory each preloaded module added (:func:`resident_bytes`,
+``warmup.py``). A leaf module: both import it, neither imports the other.
 """
 
 from __future__ import annotations
@@ -24,6 +25,43 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_statm)
 
 
+def _statm_fields() -> list[bytes] | None:
+    """The fields of ``/proc/self/statm`` (in pages), or None where ``/proc`` cannot say."""
+    global _statm
+    try:
+        if _statm is None:
+            _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        return os.pread(_statm, 128, 0).split()
+    except OSError:
+        return None
+
+
+def private_bytes() -> int | None:
+    """This process's own memory in bytes: resident pages that are not shared.
+
+    statm's resident minus its shared field (file-backed and shared-memory
+    pages), i.e. the anonymous memory (``RssAnon``): pages of an
+    ``mpmagic.share()`` array or a big item a task only reads are mapped by
+    many processes and are not this worker's, so a memory limit must not count
+    them (a worker reading a 300 MB shared array holds ~10 MB of its own).
+    The same one ``pread`` of statm as :func:`resident_bytes` (3.4 us against
+    3.3 us on a 2-core test machine; ``RssAnon`` from ``/proc/self/status``
+    took 24 us: the kernel formats ~55 lines). Without a shared field, the
+    resident size; None where ``/proc`` cannot say (as ``resident_bytes``).
+    """
+    fields = _statm_fields()
+    if fields is None:
+        return None
+    try:
+        resident = int(fields[1])
+    except (ValueError, IndexError):
+        return None
+    try:
+        return (resident - int(fields[2])) * _PAGE
+    except (ValueError, IndexError):
+        return resident * _PAGE
+
+
 def resident_bytes() -> int | None:
     """This process's resident size in bytes, or None where ``/proc`` cannot say.
 
@@ -32,10 +70,8 @@ def resident_bytes() -> int | None:
     worker. A forked child opens its own (a fork hook forgets the parent's,
     which spares a ``getpid`` system call per chunk).
     """
-    global _statm
+    fields = _statm_fields()
     try:
-        if _statm is None:
-            _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
-        return int(os.pread(_statm, 128, 0).split()[1]) * _PAGE
-    except (OSError, ValueError, IndexError):
+        return int(fields[1]) * _PAGE if fields is not None else None
+    except (ValueError, IndexError):
         return None

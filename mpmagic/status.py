@@ -55,12 +55,13 @@ def _local_lines(i: dict[str, Any]) -> list[str]:
     out = [
         f"pool: local, {_count(i['workers'], 'worker')}, start method {i['start_method']}, {state}",
         f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
-        + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else ""),
+        + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else "")
+        + (f", max memory per worker: {fmt_mb(i['max_memory'])} of its own" if i.get("max_memory") else ""),
     ]
     if i.get("preloaded"):  # warm workers (warmup.py): what they import because the notebook did
         out.append(f"  preloaded (the notebook's imports): {', '.join(i['preloaded'])}")
     for p in i["processes"]:
-        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {_count(p['tasks'], 'task')}, {fmt_mb(p['rss'])}"
+        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {_count(p['tasks'], 'task')}, {fmt_mb(p['rss'])} own memory"
                    + _extras(p))
     if i.get("kept"):
         out.append(f"  {i['kept']}")
@@ -172,7 +173,7 @@ class PoolStatus:
         if i.get("backend") == "dask":
             cols, rows, notes = self._dask_table()
         elif i.get("backend") == "local":
-            cols = ["worker", "pid", "state", "tasks", "memory"]
+            cols = ["worker", "pid", "state", "tasks", "own memory"]
             rows = [[str(p["id"]), str(p["pid"]), _state(p), str(p["tasks"]), fmt_mb(p["rss"])]
                     for p in i["processes"]]
             # Every line under the heading but the workers' own (they are the rows).

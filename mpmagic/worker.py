@@ -72,7 +72,7 @@ from .protocol import (
     pack,
     unpack,
 )
-from .rss import resident_bytes
+from .rss import private_bytes
 from .warmup import ImportLog
 
 _CACHE_SIZE = 16  # function payloads kept per worker
@@ -438,7 +438,7 @@ def execute_map(
     end = start + (time.perf_counter() - t_run)
     log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
-    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": resident_bytes()}
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": private_bytes()}
     try:
         data = dumps_results(results)
     except Exception as exc:
@@ -506,7 +506,7 @@ def execute_cell(
                 culprit, root = v, f"--gather {name}"
                 break
         return Unpicklable(call, rank, None, _unsendable_info(culprit, root, exc))
-    meta: dict[str, Any] = {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": resident_bytes()}
+    meta: dict[str, Any] = {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": private_bytes()}
     once = log.take()
     if once is not None:
         meta["once"] = once

@@ -354,6 +354,46 @@ def test_a_worker_over_max_memory_is_replaced_before_its_next_task(ip, one_worke
     assert mpmagic.pool_status().info["workers_replaced"] == 1  # (%pool said 0)
 
 
+@pytest.fixture
+def one_worker_with_small_limit(method):
+    from mpmagic import pool as pool_module
+
+    pool_module.shutdown()
+    backend = mpmagic.start_pool(1, method, wait=True, max_memory="40MB")
+    yield backend
+    pool_module.set_max_memory(None)
+    pool_module.shutdown()
+
+
+def test_shared_memory_a_task_only_reads_is_not_the_workers_own(ip, one_worker_with_small_limit, capfd):
+    """A 64 MB ``share()`` array read by every task is mapped, not owned: the
+    40 MB limit counts the worker's private memory, so the worker is kept (it
+    was replaced after every task: its resident size counted the array)."""
+    import numpy as np
+
+    ip.user_ns["big"] = mpmagic.share(np.ones(8_000_000))  # 64 MB
+    run(ip, "def read_all(i):\n    import os\n    return float(big.sum()), os.getpid()\n")
+    try:
+        out = mpmagic.pmap(ip.user_ns["read_all"], range(4), chunksize=1)
+    finally:
+        run(ip, "del big, read_all\nimport gc\ngc.collect()")
+    assert [s for s, _ in out] == [8_000_000.0] * 4
+    assert len({pid for _, pid in out}) == 1
+    assert "over the pool's max_memory" not in capfd.readouterr().err
+    assert mpmagic.pool_status().info["workers_replaced"] == 0
+
+
+def test_a_worker_over_max_memory_runs_no_unit_sent_ahead(ip, one_worker_with_small_limit, capfd):
+    """Short items are pipelined (two in flight per worker) without a limit;
+    with one, the item after the one that left the worker big runs on its
+    replacement, not on the big worker (the unit sent ahead ran there)."""
+    run(ip, HOG)
+    run(ip, "def hog_at(x):\n    import os\n    return hog(64) if x == 6 else os.getpid()\n")
+    pids = mpmagic.pmap(ip.user_ns["hog_at"], range(12), chunksize=1)
+    assert pids[7] != pids[6] and set(pids[7:]).isdisjoint(pids[:7]), pids
+    assert "over the pool's max_memory of 40 MB" in capfd.readouterr().err
+
+
 def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, one_worker_with_limit):
     run(ip, HOG)
     pid = mpmagic.pmap(ip.user_ns["hog"], [260])[0]  # near (over 80 % of) the limit, not over it
@@ -361,7 +401,7 @@ def test_a_worker_killed_near_the_limit_ran_out_of_memory_naming_the_item(ip, on
     with pytest.raises(WorkerLostError) as info:
         mpmagic.pmap(ip.user_ns["pid_after"], [30])
     assert "item 0 (30) ran out of memory" in str(info.value)
-    assert "MB at its last report" in str(info.value)
+    assert "MB of its own at its last report" in str(info.value)
 
 
 def test_ctrl_c_while_submit_hands_out_units_itself_loses_nothing(ip, local_pool, monkeypatch):

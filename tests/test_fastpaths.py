@@ -290,6 +290,31 @@ def test_resident_size_in_a_forked_child_is_the_childs_own():
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def test_private_memory_leaves_out_shared_pages_it_only_maps():
+    """``rss.private_bytes`` (what the pool's ``max_memory`` compares) counts
+    this process's own pages: 64 MB of shared memory touched here grow the
+    resident size, not the private one; 64 MB of its own grow both."""
+    import mmap
+
+    from mpmagic.rss import private_bytes, resident_bytes
+
+    if private_bytes() is None:
+        pytest.skip("no /proc/self/statm")
+    shared = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_SHARED)
+    try:
+        p0, r0 = private_bytes() or 0, resident_bytes() or 0
+        page = b"\1" * 4096
+        for _ in range(16384):
+            shared.write(page)
+        p1, r1 = private_bytes() or 0, resident_bytes() or 0
+        assert r1 - r0 >= 48 << 20 and p1 - p0 < 16 << 20, (p1 - p0, r1 - r0)
+        own = bytearray(64 << 20)  # (zero-filled: every page touched)
+        assert (private_bytes() or 0) - p1 >= 48 << 20
+        del own
+    finally:
+        shared.close()
+
+
 def test_a_range_goes_as_ranges_and_gives_serials_results(ip, local_pool):
     """Each chunk of a range input travels as a range (a few bytes), not as the
     list of its numbers; the workers iterate and index it alike: results,

@@ -134,7 +134,7 @@ class _Slot:
     # Shared with the worker: the position in its chunk of the item it is
     # running, so a crash blames that one item rather than the whole chunk.
     position: Any = None
-    rss: int | None = None  # resident bytes after its last task, as it reported
+    rss: int | None = None  # its own (private) bytes after its last task, as it reported (rss.private_bytes)
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
     setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
     # A send to it failed (it died and its sentinel is not handled yet), or it
@@ -660,7 +660,7 @@ class LocalBackend:
             runs = len(self._runs)
         for s in slots:
             try:
-                rss = psutil.Process(s.pid).memory_info().rss if s.pid else None
+                rss = _own_memory(psutil.Process(s.pid)) if s.pid else None
             except Exception:
                 rss = None
             workers.append(
@@ -1002,8 +1002,13 @@ class LocalBackend:
             run._finish(error)
 
     def _depth(self, job: Job) -> int:
-        """Units in flight per worker: 2 hides latency for short chunks."""
-        if not isinstance(job, MapJob) or job.timeout:
+        """Units in flight per worker: 2 hides latency for short chunks.
+
+        With a memory limit, 1: a worker's size is checked after each unit
+        (``_note_memory``), and a unit already sent behind it would run on a
+        worker found over the limit ("replaced before its next task").
+        """
+        if not isinstance(job, MapJob) or job.timeout or self.max_memory:
             return 1
         per_item = job.planner.per_item
         if per_item is None:
@@ -1270,7 +1275,8 @@ class LocalBackend:
             self._end(owner, exc)
 
     def _note_memory(self, slot: _Slot, run: _LocalRun, meta: dict | None) -> None:
-        """Keep the worker's reported size; above ``max_memory`` it gets no more work."""
+        """Keep the worker's reported size (its private memory: shared-memory pages
+        it only maps are not counted); above ``max_memory`` it gets no more work."""
         rss = meta.get("rss") if meta else None
         if rss is None:
             return
@@ -1279,7 +1285,7 @@ class LocalBackend:
             slot.over_memory = True
             run._emit_out(
                 "stderr",
-                f"mpmagic: worker {slot.wid} holds {rss / 1e6:.0f} MB after its task, over the pool's "
+                f"mpmagic: worker {slot.wid} holds {rss / 1e6:.0f} MB of its own memory after its task, over the pool's "
                 f"max_memory of {self.max_memory / 1e6:.0f} MB: it is replaced before its next task\n",
             )
 
@@ -1299,7 +1305,7 @@ class LocalBackend:
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
         if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
-            reason = f"ran out of memory (killed by SIGKILL; {(slot.rss or 0) / 1e6:.0f} MB at its last report)"
+            reason = f"ran out of memory (killed by SIGKILL; {(slot.rss or 0) / 1e6:.0f} MB of its own at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.
@@ -1365,6 +1371,15 @@ class LocalBackend:
                 self._retire(slot)
                 if not slot.temporary:
                     self.slots.append(self._spawn())
+
+
+def _own_memory(proc: Any) -> int:
+    """A worker's private memory for ``%pool`` (a ``psutil.Process``): as it
+    reports with each reply (``rss.private_bytes``), resident minus shared on
+    Linux; elsewhere the resident size."""
+    info = proc.memory_info()
+    shared = getattr(info, "shared", None)
+    return int(info.rss - shared) if shared is not None else int(info.rss)
 
 
 def _near_memory_limit(slot: _Slot, limit: int | None) -> bool:
