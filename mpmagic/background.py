@@ -35,6 +35,7 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
@@ -50,8 +51,10 @@ log = logging.getLogger("mpmagic")
 
 _ids = itertools.count(1)
 _lock = threading.Lock()
-_registry: dict[int, Run] = {}  # in flight and recently finished, oldest first
-#: Finished runs kept for ``%pool`` / ``runs()`` besides those in flight.
+# In flight (the handle itself) and recently finished (a Finished record: what
+# ``%pool runs`` shows, and the handle only as long as the user holds it), oldest first.
+_registry: dict[int, Run | Finished] = {}
+#: Finished runs listed by ``%pool`` / ``runs()`` besides those in flight (their rows: no results).
 KEEP_FINISHED = 20
 #: Seconds between redraws of a live area (each redraw is one message to the frontend).
 REDRAW_EVERY = 0.25
@@ -527,6 +530,10 @@ class Run:
             self._done.set()
             self._arrived.notify_all()
             callbacks, self._callbacks = self._callbacks, []
+        with _lock:  # the history keeps its row; the handle (and results) only while the user holds it
+            if self.id in _registry:
+                _registry[self.id] = Finished(self)
+                _forget_old()
         self._sink.draw(final=True)
         for fn in callbacks:
             try:
@@ -549,6 +556,84 @@ def _stop_driven(job: Any) -> None:
         job.failure = CancelledError("cancelled")
 
 
+class Finished:
+    """What the history (``%pool runs``, ``runs()``) keeps of a finished run.
+
+    Its row (id, what, counts, elapsed, state), taken when the run ended, and
+    a weak reference to its handle: while the user holds the handle,
+    ``runs()`` gives the handle itself; once the user dropped it, its results
+    (shared-memory arrays among them) are freed and only this record is left.
+    A history that kept the handles held the last ``KEEP_FINISHED`` runs'
+    results: twenty 50 MB results pinned 1 GB of /dev/shm with no handle left.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.id = run.id
+        self.what = run.what
+        self._info = run.info()
+        self._line = run.status_line()
+        self._ref = weakref.ref(run)
+
+    def handle(self) -> Run | None:
+        """The run's handle while someone holds it, else None."""
+        return self._ref()
+
+    @property
+    def state(self) -> str:
+        return str(self._info["state"])
+
+    @property
+    def items_done(self) -> int:
+        return int(self._info["done"])
+
+    @property
+    def items_failed(self) -> int:
+        return int(self._info["failed"])
+
+    @property
+    def items_total(self) -> int | None:
+        return self._info["total"]
+
+    @property
+    def elapsed(self) -> float:
+        return float(self._info["elapsed"])
+
+    def done(self) -> bool:
+        return True
+
+    def cancelled(self) -> bool:
+        return self.state == "cancelled"
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return True
+
+    def cancel(self) -> bool:
+        return False
+
+    def result(self, timeout: float | None = None) -> NoReturn:
+        raise UsageError(f"run {self.id} ({self.what}) ended ({self.state}) and its handle was dropped: "
+                         "its results were freed (keep the handle to read them later)")
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    def status_line(self) -> str:
+        return self._line
+
+    def __repr__(self) -> str:
+        return f"<mpmagic.Run {self._line} (handle dropped, results freed)>"
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(repr(self))
+
+
+def _shown(entry: Run | Finished) -> Run | Finished:
+    """A history entry as ``runs()`` gives it: the handle while it lives, else the finished record."""
+    if isinstance(entry, Finished):
+        return entry.handle() or entry
+    return entry
+
+
 def _forget_old() -> None:
     finished = [k for k, r in _registry.items() if r.done()]
     for k in finished[: max(0, len(finished) - KEEP_FINISHED)]:
@@ -556,33 +641,35 @@ def _forget_old() -> None:
 
 
 def runs() -> RunList:
-    """Background and streamed runs in flight and recently finished, oldest first."""
+    """Background and streamed runs in flight and recently finished, oldest first: their
+    handles, or for a finished run whose handle was dropped, its record (no results)."""
     with _lock:
-        return RunList(_registry.values())
+        return RunList(_shown(r) for r in _registry.values())
 
 
-def get_run(run_id: int) -> Run:
+def get_run(run_id: int) -> Run | Finished:
     """The background run with this id (``%pool cancel ID``), or a UsageError naming the known ones."""
     with _lock:
-        run = _registry.get(run_id)
+        entry = _registry.get(run_id)
         known = ", ".join(map(str, _registry)) or "none"
-    if run is None:
+    if entry is None:
         raise UsageError(f"no run with id {run_id} (runs known: {known}); see %pool runs")
-    return run
+    return _shown(entry)
 
 
 def handle_of(engine_run: Any) -> Run | None:
     """The background handle whose backend run is ``engine_run``; None for a run
     nobody holds a handle of (a blocking call, in this or another thread)."""
     with _lock:
-        for run in _registry.values():
-            if run._engine_run is engine_run:
+        for entry in _registry.values():
+            run = _shown(entry)
+            if isinstance(run, Run) and run._engine_run is engine_run:
                 return run
     return None
 
 
 class RunList(list):
-    """``runs()``: a list of :class:`Run` shown as a table (``%pool runs``)."""
+    """``runs()``: a list of :class:`Run` (or :class:`Finished` records) shown as a table (``%pool runs``)."""
 
     def rows(self) -> list[dict[str, Any]]:
         return [r.info() for r in self]
@@ -743,5 +830,5 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
         run._raise_error()
 
 
-__all__ = ["Forward", "Resume", "Run", "RunList", "as_completed", "check_options", "finished", "get_run",
+__all__ = ["Finished", "Forward", "Resume", "Run", "RunList", "as_completed", "check_options", "finished", "get_run",
            "interrupted", "runs", "start"]

@@ -412,9 +412,38 @@ def test_a_stream_left_early_keeps_nothing_of_its_work_in_the_history(ns):
         break
     kept = mpmagic.runs()[-1]
     assert kept.state == "cancelled" and kept.items_done > 0
-    job = kept._job
-    assert job.feed.chunks.qsize() <= 1  # (at most the reader's end marker)
-    assert job.outstanding == {} and not job._requeued and job._seq is None
+    if isinstance(kept, mpmagic.Run):  # (else its handle was collected: the history keeps only its row)
+        job = kept._job
+        assert job.feed.chunks.qsize() <= 1  # (at most the reader's end marker)
+        assert job.outstanding == {} and not job._requeued and job._seq is None
+
+
+def test_a_finished_run_whose_handle_was_dropped_keeps_its_row_not_its_results(ip, ns):
+    """The history of ``%pool runs`` held the last 20 finished runs with their
+    results: twenty 50 MB results pinned 1 GB of /dev/shm after the user had
+    dropped every handle (and after stop_pool). Now it keeps their rows only;
+    a handle the user holds keeps its results."""
+    import gc
+    import weakref
+
+    run(ip, "import numpy as np\ndef block(x):\n    return np.full(250_000, x, dtype=np.float64)")
+    dropped = mpmagic.submit(ns["block"], [7])
+    arrays = dropped.result(30)
+    assert arrays[0][0] == 7 and arrays[0].nbytes == 2_000_000
+    gone_run, gone_array = weakref.ref(dropped), weakref.ref(arrays[0])
+    held = mpmagic.submit(ns["block"], [8])
+    assert held.wait(30)
+    dropped_id = dropped.id
+    del dropped, arrays
+    gc.collect()
+    assert gone_run() is None and gone_array() is None  # the results were freed
+    listing = repr(run(ip, "%pool runs"))
+    assert f"run {dropped_id}: pmap block, 1/1 items" in listing and "done" in listing
+    assert f"run {held.id}: pmap block" in listing
+    row = next(r for r in mpmagic.runs() if r.id == dropped_id)
+    assert row.state == "done" and row.items_done == 1 and not isinstance(row, mpmagic.Run)
+    assert str(run(ip, f"%pool cancel {dropped_id}")) == f"run {dropped_id} had already ended (done); nothing to cancel"
+    assert held in mpmagic.runs() and held.result()[0][0] == 8  # a held handle keeps its results
 
 
 def test_what_an_imap_task_prints_shows_while_the_loop_waits(ns, tmp_path, monkeypatch):
