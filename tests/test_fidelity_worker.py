@@ -444,6 +444,8 @@ def test_ipythons_own_display_imported_in_a_task_shows_as_serially(ip, any_metho
         _ipython_display_in_tasks(ip)
     finally:
         mpmagic.stop_pool()  # (its workers imported IPython: later tests check that workers have none)
+        for name in ("display", "HTML", "clear_output", "D", "rank", "shows"):  # (the serial run's names: a
+            ip.user_ns.pop(name, None)  # later cell reading `D` would get this module, as the notebook wins)
 
 
 def _ipython_display_in_tasks(ip):
