@@ -170,6 +170,13 @@ def advise(report: Any) -> str | None:
                 "so no number of workers or chunk size finishes sooner: only splitting that "
                 f"{'rank' if report.kind == 'parallel' else 'item'}'s work into smaller pieces helps"
             )
+        if report.cores and workers > report.cores:  # (a rank or item that waited for a core reads as slow)
+            what = "ranks" if report.kind == "parallel" else "workers"
+            return (
+                f"{workers} {what} shared {report.cores} CPU core{'s' if report.cores != 1 else ''}, so they took "
+                f"turns, and {where or 'one task'} took {fmt_seconds(slowest)} of the {fmt_seconds(report.wall)} "
+                f"run: use -n {report.cores} to time the work alone"
+            )
         return (
             f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
             f"of the {fmt_seconds(report.wall)} run while other workers waited: "

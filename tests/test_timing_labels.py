@@ -261,3 +261,17 @@ def test_the_serial_runs_imports_are_named_by_package_without_the_stdlib():
     got = _imported_since(mark)
     assert not any(n.startswith("json") for n in got)
     assert "numpy.polynomial" in got or "numpy.polynomial" in sys.modules  # (another test may have loaded it first)
+
+
+def test_a_slow_rank_among_more_ranks_than_cores_is_said_to_have_waited_for_a_core():
+    """4 ranks of an evenly split sum on 2 cores: one took half the run because it
+    shared a core, and the advice told the user to split its work more evenly."""
+    from mpmagic.advice import advise
+
+    crowded = _report(kind="parallel", items=4, workers=4, cores=2, wall=0.054, task_seconds=0.06, chunks=4, cpu_seconds=0.055,
+                      slowest_task=0.0274, slowest_where="rank 1")
+    assert advise(crowded) == ("4 ranks shared 2 CPU cores, so they took turns, and rank 1 took 27.4 ms of the "
+                               "54.0 ms run: use -n 2 to time the work alone")
+    alone = _report(kind="parallel", items=2, workers=2, cores=2, wall=0.054, task_seconds=0.06, chunks=2, cpu_seconds=0.06,
+                    slowest_task=0.05, slowest_where="rank 1")
+    assert advise(alone).startswith("one slow ")
