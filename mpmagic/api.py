@@ -535,18 +535,34 @@ def submit(func: Callable, *iterables: Iterable, **kwargs: Any) -> Any:
     """``pmap(func, *iterables, block=False, **kwargs)``: a :class:`~mpmagic.background.Run`
     handle at once, the map in the background (``result()``, ``cancel()``, ``report()``)."""
     __tracebackhide__ = True
+    _no_block("submit", kwargs)
     return pmap(func, *iterables, block=False, **kwargs)
+
+
+def _no_block(caller: str, kwargs: dict) -> None:
+    if "block" in kwargs:
+        raise UsageError(f"{caller}() takes no block=: it always runs the map in the background "
+                         "(mpmagic.pmap(...) waits for the results)")
+
+
+#: Seconds between wake-ups of the event loop while ``apmap`` waits: ipykernel
+#: acts on "interrupt kernel" in an async cell only when its loop wakes up.
+_APMAP_WAKE = 0.1
 
 
 async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
     """``await apmap(func, xs)``: ``pmap`` awaited from asyncio code, without blocking the loop.
 
     The run completes an asyncio future through ``loop.call_soon_threadsafe``;
-    cancelling the awaiting task cancels the run.
+    cancelling the awaiting task (or interrupting the kernel) cancels the run,
+    and the ``CancelledError`` shows as one line.
     """
     __tracebackhide__ = True  # (a cancelled await shows the user's line, not this one)
     import asyncio
 
+    from .errors import OneLine
+
+    _no_block("apmap", kwargs)
     run = submit(func, *iterables, **kwargs)
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
@@ -555,11 +571,21 @@ async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
         if not future.done():
             future.set_result(None)
 
-    run.add_done_callback(lambda r: loop.call_soon_threadsafe(settle))
+    def settle_soon(_run: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop was closed meanwhile (asyncio.run ended): nobody awaits it
+            pass
+
+    run.add_done_callback(settle_soon)
     try:
-        await future
-    except asyncio.CancelledError:
+        while not future.done():  # (woken now and then: a bare await let an interrupt wait for the whole run)
+            await asyncio.wait({future}, timeout=_APMAP_WAKE)
+    except asyncio.CancelledError as exc:
         await loop.run_in_executor(None, run.cancel)
+        exc._render_traceback_ = OneLine(  # type: ignore[attr-defined]
+            f"CancelledError: mpmagic.apmap was cancelled: run {run.id} ({run.what}) stopped after "
+            f"{run.items_done} of {run.items_total if run.items_total is not None else '?'} items")
         raise
     return run.result(0)
 

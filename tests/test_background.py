@@ -17,6 +17,7 @@ from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
 import mpmagic
+from mpmagic.errors import UsageError
 
 DEFS = """
 import threading
@@ -217,6 +218,35 @@ def test_apmap_is_awaited_without_blocking_the_event_loop(ns):
     result, ticks = asyncio.run(main())
     assert result == list(map(ns["slow"], range(20)))
     assert ticks > 3  # the loop ran while the map did
+
+
+def test_a_cancelled_apmap_stops_its_run_at_once_and_shows_one_line(ns):
+    """An interrupt of an async cell cancels its task; the run went on until every
+    item was computed, and the CancelledError showed mpmagic's frame."""
+    async def main():
+        task = asyncio.ensure_future(mpmagic.apmap(ns["napper"], range(40), chunksize=1))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError as exc:
+            return exc, time.monotonic() - t0
+        raise AssertionError("not cancelled")
+
+    exc, took = asyncio.run(main())
+    assert took < 2.0  # (the whole run: 40 items of napper; a cancel stops it within a chunk)
+    [line] = exc._render_traceback_()
+    assert line.startswith("CancelledError: mpmagic.apmap was cancelled: run ") and "of 40 items" in line
+    assert mpmagic.runs()[-1].state == "cancelled"
+
+
+@pytest.mark.parametrize("call", [mpmagic.submit, mpmagic.apmap])
+def test_submit_and_apmap_refuse_block_in_one_line(call):
+    with pytest.raises(UsageError, match=r"\(\) takes no block=: it always runs the map in the background"):
+        result = call(abs, [1], block=True)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
 
 
 def test_pmap_bg_binds_the_handle_and_pool_lists_and_cancels_it(ip, ns):
