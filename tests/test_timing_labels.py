@@ -275,3 +275,35 @@ def test_a_slow_rank_among_more_ranks_than_cores_is_said_to_have_waited_for_a_co
     alone = _report(kind="parallel", items=2, workers=2, cores=2, wall=0.054, task_seconds=0.06, chunks=2, cpu_seconds=0.06,
                     slowest_task=0.05, slowest_where="rank 1")
     assert advise(alone).startswith("one slow ")
+
+
+def test_a_chunksize_that_leaves_workers_idle_is_named_not_a_slow_item():
+    """10 equal items in one chunk of --chunksize 100: the advice blamed "one slow task"."""
+    from mpmagic.advice import advise
+
+    one_chunk = _report(items=10, workers=2, chunks=1, chunksize="100", wall=0.5, task_seconds=0.5,
+                        slowest_task=0.5, slowest_where="the chunk of items 0-9")
+    assert advise(one_chunk) == ("the 10 items went in 1 chunk (--chunksize 100), so only 1 of the 2 workers had "
+                                 "work: use a smaller --chunksize, or none (the default splits the items among the "
+                                 "workers)")
+
+
+def test_a_run_on_one_worker_at_about_serial_speed_gets_no_advice():
+    """-n 1 at 0.99x (its start and sending) was told to run serially, over noise."""
+    from mpmagic.advice import advise
+
+    assert advise(_report(items=3, workers=1, chunks=3, wall=0.304, task_seconds=0.3, serial=0.3006)) is None
+    assert advise(_report(items=3, workers=1, chunks=3, wall=0.4, task_seconds=0.3, serial=0.3)) is not None
+
+
+def test_ranks_that_sleep_through_the_whole_cell_are_said_to_repeat_it():
+    """The CPU-time check (for ranks sharing cores) missed ranks that sleep or wait for I/O:
+    their CPU time is next to none, and the advice blamed overhead."""
+    from mpmagic.advice import advise
+
+    sleeping = _report(kind="parallel", items=2, workers=2, cores=2, chunks=2, wall=0.2024, task_seconds=0.402,
+                       cpu_seconds=0.002, serial=0.2009)
+    assert advise(sleeping).startswith("each rank took about as long as the whole cell serially (201.0 ms per rank")
+    splitting = _report(kind="parallel", items=4, workers=4, cores=2, chunks=4, wall=0.1, task_seconds=0.4,
+                        cpu_seconds=0.2, serial=0.2)  # CPU-bound ranks sharing cores: a quarter of the work each
+    assert not (advise(splitting) or "").startswith("each rank took about as long")
