@@ -108,18 +108,32 @@ def travels(f: tuple) -> bool:
     return getattr(f[2], "__module__", "").split(".")[0] not in _NOTEBOOK_MODULES
 
 
-def _pack_filters(filters: list) -> list[bytes]:
+def _pack_filters(filters: list) -> list[tuple[str, bytes]]:
     """Each warnings filter pickled on its own, so that one whose category a
-    worker cannot load costs only that filter."""
+    worker cannot load costs only that filter, with the top package of its
+    category's module (see :func:`_loadable_now`)."""
     out = []
     for f in filters:
         if not travels(f):
             continue
         try:
-            out.append(payload.dumps_data(f))
+            out.append((getattr(f[2], "__module__", "builtins").split(".")[0], payload.dumps_data(f)))
         except Exception:
             log.debug("mpmagic: warnings filter %r not sent to workers", f, exc_info=True)
     return out
+
+
+def _loadable_now(package: str) -> bool:
+    """May a worker load a filter whose category comes from ``package`` now?
+
+    Only if the worker has imported that package already: loading the filter
+    would import it. numpy's and matplotlib's filters (matplotlib, loaded by
+    an ``--insights`` chart in the notebook, imports numpy) made every worker
+    import numpy at its next call, a package the notebook's code never used.
+    A filter waits until a task imports its package (no warning of that
+    category can be raised before), and applies from the next call on.
+    """
+    return package in sys.modules
 
 
 def key(msg: Context) -> tuple:
@@ -143,14 +157,33 @@ def apply(msg: Context) -> None:
     except Exception:
         log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
         return
-    filters = []
-    for data in packed:
-        try:
-            filters.append(payload.loads(data))
-        except Exception:
-            log.warning("mpmagic worker: a warnings filter of the notebook cannot be loaded here", exc_info=True)
-    _adopted = (cwd, env, path, limit, filters)
+    global _pending
+    _pending = list(packed)
+    _adopted = (cwd, env, path, limit, _load_filters())
     _adopt(*_adopted)
+
+
+# In a worker: the notebook's filters as sent, (package, pickled filter) in
+# order; those of packages not imported here yet wait (see _loadable_now).
+_pending: list[tuple[str, Any]] = []
+
+
+def _load_filters() -> list:
+    """The notebook's filters this worker can load now, in their order; loaded ones stay loaded."""
+    filters = []
+    for i, (package, data) in enumerate(_pending):
+        if isinstance(data, bytes):
+            if not _loadable_now(package):
+                continue
+            try:
+                data = payload.loads(data)
+            except Exception:
+                log.warning("mpmagic worker: a warnings filter of the notebook cannot be loaded here", exc_info=True)
+                data = None
+            _pending[i] = (package, data)
+        if data is not None:
+            filters.append(data)
+    return filters
 
 
 def reassert() -> None:
@@ -160,7 +193,10 @@ def reassert() -> None:
     the notebook's world, as the docs say: a task's ``os.chdir("/")`` made
     every later call on that worker read files from ``/``. A few comparisons
     when nothing changed."""
+    global _adopted
     if _adopted is not None:
+        if any(isinstance(data, bytes) and _loadable_now(package) for package, data in _pending):
+            _adopted = (*_adopted[:4], _load_filters())  # (a task imported a waiting filter's package)
         _adopt(*_adopted)
 
 

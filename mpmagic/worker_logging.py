@@ -114,6 +114,17 @@ def _always_specs(filters: Any) -> tuple:
                  for action, msg, cat, mod, ln in filters[: last + 1])
 
 
+def _loaded_here(specs: tuple) -> tuple:
+    """``specs`` without the filters for categories of packages this process has
+    not imported (up to the last "always" one left): no warning here can be of
+    such a category, and a worker loads those filters only once a task imports
+    the package (``context._loadable_now``), so they are not a difference."""
+    kept = [s for s in specs if s[2].split(".")[0] in sys.modules]
+    while kept and not kept[-1][0]:
+        kept.pop()
+    return tuple(kept)
+
+
 # --------------------------------------------------------------------------
 # Worker side: capture while a unit runs
 
@@ -290,7 +301,7 @@ def _unit_filters(filters: list, notebook_always: tuple) -> tuple[list, str]:
     mpmagic did not start) every filter becomes "always", and
     :func:`_show_warning` decides from the notebook's filters, in Python.
     """
-    rest = "default" if _always_specs(filters) == notebook_always else "always"
+    rest = "default" if _loaded_here(_always_specs(filters)) == _loaded_here(notebook_always) else "always"
     return [f if f[0] in ("error", "always") else (rest, *f[1:]) for f in filters], rest
 
 

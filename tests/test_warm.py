@@ -260,3 +260,30 @@ def test_advice_names_modules_the_tasks_imported_themselves():
     once = {"imports": {"scipy": None}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0}
     r = _report(wall=0.9, task_seconds=1.6, serial=0.8, one_time=once)
     assert r.advice.startswith("the tasks imported scipy in the workers during this call")
+
+
+def test_numpy_loaded_by_a_library_in_the_notebook_is_not_imported_by_the_workers():
+    """numpy adds an "always" warnings filter for its RankWarning, and the workers
+    get the notebook's filters: loading that one imported numpy in every worker,
+    though the notebook's code never used it (matplotlib for an --insights chart,
+    pandas...). A filter waits until a task imports its package."""
+    script = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "ip.run_cell('%load_ext mpmagic')\n"
+        "__import__('numpy')  # (loaded, as a library would: no name of the notebook's is numpy's)\n"
+        "import mpmagic, warnings\n"
+        "assert any(f[2].__module__.startswith('numpy') for f in warnings.filters)\n"
+        "mpmagic.start_pool(2, 'spawn', wait=True)\n"
+        "ip.run_cell('import sys\\ndef has_numpy(x):\\n    return \"numpy\" in sys.modules')\n"
+        "print('WORKERS', mpmagic.pmap(ip.user_ns['has_numpy'], [1, 2], chunksize=1))\n"
+        "ip.run_cell('def uses_numpy(x):\\n    import numpy, warnings\\n    return any(f[2].__module__.startswith(\"numpy\") for f in warnings.filters)')\n"
+        "mpmagic.pmap(ip.user_ns['uses_numpy'], [1, 2], chunksize=1)\n"
+        "print('FILTER', mpmagic.pmap(ip.user_ns['uses_numpy'], [1, 2], chunksize=1))\n"
+        "mpmagic.stop_pool()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent), MPMAGIC_PRESTART="0")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WORKERS [False, False]" in proc.stdout, proc.stdout
+    assert "FILTER [True, True]" in proc.stdout, proc.stdout  # once a task imported numpy, its filter applies
