@@ -119,6 +119,8 @@ def _loaded_here(specs: tuple) -> tuple:
     not imported (up to the last "always" one left): no warning here can be of
     such a category, and a worker loads those filters only once a task imports
     the package (``context._loadable_now``), so they are not a difference."""
+    if not specs:  # (none: no "always" filter)
+        return ()
     kept = [s for s in specs if s[2].split(".")[0] in sys.modules]
     while kept and not kept[-1][0]:
         kept.pop()
