@@ -226,6 +226,14 @@ def backend(backend_kind, request):
 
 
 @pytest.fixture
+def pool2(ip):
+    """The session's warm 2-worker forkserver pool (a module may add its own definitions)."""
+    backend = ensure_pool("forkserver")
+    backend.wait_ready()
+    return backend
+
+
+@pytest.fixture
 def local_pool(method):
     """A 2-worker local pool with the test's start method."""
     return ensure_pool(method)

@@ -326,15 +326,19 @@ def test_runs_whose_iterators_run_out_together_all_end(ip, local_pool):
 # -- issue 14 item 6: memory limits ---------------------------------------------
 
 
-@pytest.fixture
-def one_worker_with_limit(method):
+def _one_worker(method: str, limit: str):
+    """One worker with a memory limit, for the test; the pool and the limit gone after it."""
     from mpmagic import pool as pool_module
 
     pool_module.shutdown()
-    backend = mpmagic.start_pool(1, method, wait=True, max_memory="300MB")
-    yield backend
+    yield mpmagic.start_pool(1, method, wait=True, max_memory=limit)
     pool_module.set_max_memory(None)
     pool_module.shutdown()
+
+
+@pytest.fixture
+def one_worker_with_limit(method):
+    yield from _one_worker(method, "300MB")
 
 
 HOG = (
@@ -356,13 +360,7 @@ def test_a_worker_over_max_memory_is_replaced_before_its_next_task(ip, one_worke
 
 @pytest.fixture
 def one_worker_with_small_limit(method):
-    from mpmagic import pool as pool_module
-
-    pool_module.shutdown()
-    backend = mpmagic.start_pool(1, method, wait=True, max_memory="40MB")
-    yield backend
-    pool_module.set_max_memory(None)
-    pool_module.shutdown()
+    yield from _one_worker(method, "40MB")
 
 
 def test_shared_memory_a_task_only_reads_is_not_the_workers_own(ip, one_worker_with_small_limit, capfd):

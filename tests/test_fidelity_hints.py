@@ -11,18 +11,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import run
 
 import mpmagic
 from mpmagic.errors import SerializationError
-
-
-@pytest.fixture
-def pool2(ip):
-    backend = ensure_pool("forkserver")
-    backend.wait_ready()
-    return backend
-
 
 # -- section 10: imap's read-ahead -----------------------------------------------
 

@@ -15,20 +15,12 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import run
 from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
 from mpmagic import payload
 from mpmagic.errors import SerializationError, UsageError
-
-
-@pytest.fixture
-def pool2(ip):
-    backend = ensure_pool("forkserver")
-    backend.wait_ready()
-    return backend
-
 
 # -- section 1: open files -------------------------------------------------------
 

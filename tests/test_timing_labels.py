@@ -9,8 +9,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
-import pytest
-from conftest import ensure_pool, interrupted_cell, run
+from conftest import interrupted_cell, run
 
 from mpmagic.api import _equal
 from mpmagic.fmt import fmt_seconds
@@ -157,13 +156,6 @@ def test_the_pure_python_seed_words_are_numpys():
         for key in (0, 1, 5, 1000, 2**32 + 3):
             want = [int(w) for w in np.random.SeedSequence(seed, spawn_key=(key,)).generate_state(4)]
             assert _state_words(seed, key) == want, (seed, key)
-
-
-@pytest.fixture
-def pool2(ip):
-    backend = ensure_pool("forkserver")
-    backend.wait_ready()
-    return backend
 
 
 def test_a_timed_out_items_time_is_work_and_the_line_says_timed_out(ip, pool2):
