@@ -346,6 +346,11 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
         user_ns.pop(name, None)
         raise parser.usage_error(f"{text!r}: {exc.msg}") from None
     try:
+        if local_ns is not None and local_ns is not user_ns and _is_class_body(local_ns):
+            # A class body's names are seen by the argument list itself, not
+            # by a lambda or comprehension in it, as in ``map(...)`` there:
+            # eval's separate locals give exactly Python's class scope.
+            return eval(code, user_ns, local_ns)
         if local_ns is not None and local_ns is not user_ns:
             # One namespace of both, the function's names winning: a lambda
             # written here finds them as its globals (eval's separate locals
@@ -357,6 +362,15 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
 
 
 _arg_names = itertools.count()
+
+
+def _is_class_body(local_ns: dict[str, Any]) -> bool:
+    """Whether ``local_ns`` is a class body being executed (``class C: r = %pmap ...``).
+
+    Python puts ``__module__`` and ``__qualname__`` in a class namespace
+    before the body's first line; a function's locals never hold both.
+    """
+    return "__qualname__" in local_ns and "__module__" in local_ns
 
 
 def _collect_args(*args: Any) -> tuple:

@@ -50,6 +50,19 @@ def test_pmap_in_a_function_body_sees_its_locals(ip, backend) -> None:
     assert run(ip, "scaled([1, 2], 10)") == [10, 20]
 
 
+def test_pmap_in_a_class_body_sees_class_names_as_map_does_there(ip, backend) -> None:
+    """In a class body the argument list sees the class's names, but a lambda
+    or comprehension in it does not (Python's class scope): both saw the
+    class attribute, silently giving another result than ``map`` there."""
+    run(ip, "base = 100\nclass C:\n    base = 5\n    xs = [1, 2]\n"
+            "    serial = list(map(lambda x: x + base, xs)), list(map(abs, [base for _ in range(2)]))\n"
+            "    par = %pmap -q lambda x: x + base, xs\n"
+            "    par2 = %pmap -q abs, [base for _ in range(2)]")
+    assert run(ip, "C.serial") == ([101, 102], [100, 100])
+    assert run(ip, "C.par, C.par2") == ([101, 102], [100, 100])
+    ip.user_ns.pop("C"), ip.user_ns.pop("base")
+
+
 def test_what_only_compiling_finds_is_a_usage_error_before_any_rank_runs(ip) -> None:
     """A top-level ``return``, or ``await`` (IPython runs it; a rank has no
     autoawait), failed in every rank with a traceback through mpmagic; an
