@@ -577,7 +577,7 @@ class MapJob:
                     index = self._next_start + i
                     raise _UnsendableItem(i, SerializationError(
                         f"cannot send item {index} ({short_repr(item)}) to the workers: "
-                        + payload.explain_unpicklable(item, f"item {index}", exc).split(": ", 1)[1]
+                        + payload.explain_unpicklable(item, f"item {index}", exc, item=True).split(": ", 1)[1]
                     )) from None
             raise
 
@@ -770,12 +770,11 @@ class MapJob:
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
-        where = "" if index is None else f" (item {unit.start + index}, {short_repr(self._shown(unit.items[index])[0])})"
+        where = ("" if index is None else
+                 f" of item {unit.start + index} of the input ({short_repr(self._shown(unit.items[index])[0])})")
         text = info.exc_text.strip()
-        advice = ("An open file stays in the worker that opened it: close it there and return its path "
-                  "(or what the task read from it) instead." if "an open file" in text else
-                  "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead.")
-        exc = SerializationError(f"a result{where} cannot be sent back from the worker: {text}. {advice}")
+        exc = SerializationError(f"the result{where} cannot be sent back from the worker: {text}. "
+                                 f"{payload.result_advice(text)}")
         self._fail_or_collect(unit, exc, index)
 
     def lost(

@@ -250,6 +250,36 @@ def _reduce_open_file(f: io.TextIOWrapper) -> tuple:
                     f"({getattr(f, 'name', '?')!r}) works only in the process that opened it")
 
 
+def _reduce_memoryview(view: memoryview) -> tuple:
+    """A memoryview, sent with its format and shape.
+
+    cloudpickle sends one as plain ``bytes``: ``view[1]`` of a view of
+    ``numpy.arange(4)`` read byte 1 (0) instead of element 1 (1), silently.
+    It travels as its bytes (C order) and is cast back, writable if it was.
+    A format ``memoryview.cast`` cannot make (non-native byte order, float16,
+    structured) is refused in words rather than sent as something else.
+    """
+    fmt = view.format
+    if len(fmt.lstrip("@")) != 1 or fmt.lstrip("@") not in _CASTABLE:
+        raise TypeError(f"cannot pickle a memoryview of format {fmt!r} with its format (only native "
+                        "single-character formats can be rebuilt)")
+    shape = view.shape or ()
+    if 0 in shape and view.ndim > 1:
+        raise TypeError(f"cannot pickle an empty {view.ndim}-dimensional memoryview (shape {view.shape}) with its "
+                        "shape")
+    return _rebuild_memoryview, (view.tobytes(), fmt, view.shape, view.readonly)
+
+
+_CASTABLE = frozenset("bBhHiIlLqQnNfd?cP")  # the formats memoryview.cast accepts
+
+
+def _rebuild_memoryview(data: bytes, fmt: str, shape: tuple, readonly: bool) -> memoryview:
+    """The memoryview :func:`_reduce_memoryview` sent: same format, shape, elements."""
+    view = memoryview(data if readonly else bytearray(data)).cast("B")
+    cast: Any = view.cast  # (typeshed lists each format literal; ours is one of them at run time)
+    return cast(fmt) if len(shape) == 1 else cast(fmt, list(shape))  # (cast takes no 0 in a shape)
+
+
 def _is_ipython_exit(obj: Any) -> bool:
     """IPython's ``exit``/``quit`` (an ``ExitAutocall``; ipykernel's subclass too),
     looked up, never imported here."""
@@ -278,7 +308,7 @@ class _Pickler(cloudpickle.Pickler):
     """cloudpickle, with code objects keeping their filenames and the reducers above."""
 
     dispatch_table = ChainMap(
-        {io.TextIOWrapper: _reduce_open_file}
+        {io.TextIOWrapper: _reduce_open_file, memoryview: _reduce_memoryview}
         | ({types.CodeType: _keeping_filename(_cloudpickle_code_reduce)} if _cloudpickle_code_reduce is not None else {}),
         cloudpickle.Pickler.dispatch_table,
     )
@@ -504,8 +534,27 @@ def _type_name(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
 
 
-def advice_for(bad: Any) -> str:
-    """What to do instead of sending ``bad``, by the kind of object it is."""
+def _too_deep(exc: BaseException | None) -> bool:
+    """Whether pickling failed on nesting deeper than the recursion limit."""
+    return isinstance(exc, RecursionError) or "deep recursion" in str(exc)
+
+
+_TOO_DEEP = ("It is nested too deeply for pickle (deeper than Python's recursion limit): "
+             "send it flatter, e.g. as a list of its parts.")
+_MEMORYVIEW = "Send the array it views (it keeps its dtype and shape), or bytes(view)."
+
+
+def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -> str:
+    """What to do instead of sending ``bad``, by the kind of object it is.
+
+    ``exc``: the pickling error (a structure nested too deeply gets its own
+    advice); ``item``: ``bad`` is (in) an item of the input, not something a
+    function captured from the notebook.
+    """
+    if _too_deep(exc):
+        return _TOO_DEEP
+    if isinstance(bad, memoryview):
+        return _MEMORYVIEW
     tname = _type_name(bad).lower()
     if isinstance(bad, io.IOBase):
         return (
@@ -534,10 +583,24 @@ def advice_for(bad: Any) -> str:
             "A connection is tied to this process: open it inside the function, or once "
             "per worker by caching it in a module-level global on first use."
         )
+    if item:
+        return ("Map over what it is made from (its data, a path, a key) and build it inside the function.")
     return (
         "Create it inside the function (or once per worker, e.g. a module-level cache "
         "filled on first use) instead of capturing it from the notebook."
     )
+
+
+def result_advice(text: str) -> str:
+    """What to return instead, for a result whose pickling failed with ``text``."""
+    if "an open file" in text:
+        return ("An open file stays in the worker that opened it: close it there and return its path "
+                "(or what the task read from it) instead.")
+    if "deep recursion" in text or "RecursionError" in text:
+        return _TOO_DEEP.replace("send it", "return it")
+    if "a memoryview" in text:
+        return "Return the array it views (it keeps its dtype and shape), or bytes(view)."
+    return "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
 
 
 def describe_unpicklable(obj: Any, root: str, exc: BaseException, chain: list | None = None) -> tuple[str, Any]:
@@ -640,8 +703,9 @@ def _through_library(obj: Any, root: str, chain: list, text: str, exc: BaseExcep
             "notebook that does the same")
 
 
-def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
-    """A message that names the variable, its type, its path, and the fix."""
+def explain_unpicklable(obj: Any, what: str, exc: BaseException, item: bool = False) -> str:
+    """A message that names the variable, its type, its path, and the fix
+    (``item``: ``obj`` is an item of the input, see :func:`advice_for`)."""
     chain: list = []
     root = _root_name(obj, what)
     text, bad = describe_unpicklable(obj, root, exc, chain)
@@ -652,6 +716,6 @@ def explain_unpicklable(obj: Any, what: str, exc: BaseException) -> str:
     elif (inside := _through_library(obj, root, chain, text, exc)) is not None:
         return f"cannot send {what} to the workers: {inside}."
     else:
-        advice = advice_for(bad)
+        advice = advice_for(bad, exc, item)
     return f"cannot send {what} to the workers: {text}. {advice}"
 

@@ -751,8 +751,7 @@ def _sendable_or_error(result: Any) -> Any:
     except Exception as exc:
         text = payload.describe_unpicklable(result, "result", exc)[0]
         return ErrorInfo(SerializationError(
-            f"the result cannot be sent back from the worker: {text}. Return plain data "
-            "(numbers, strings, lists, dicts, numpy arrays) instead."
+            f"the result cannot be sent back from the worker: {text}. {payload.result_advice(text)}"
         ))
 
 

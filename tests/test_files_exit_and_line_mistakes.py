@@ -61,7 +61,7 @@ def test_a_task_given_or_returning_an_open_file_fails_with_the_fix(ip, pool2, tm
             assert "open it inside the function" in str(error)
         with pytest.raises(SerializationError) as info:
             mpmagic.pmap(open, [str(path)])
-        assert "(item 0, " in str(info.value) and "return its path" in str(info.value)
+        assert "the result of item 0 of the input (" in str(info.value) and "return its path" in str(info.value)
     finally:
         run(ip, "fh.close()")
     assert path.read_text() == "hello\n"

@@ -109,3 +109,35 @@ def test_a_module_built_in_the_notebook_is_never_sent_stale(cells, local_pool):
     assert run(cells, "%pmap -q scaled, [1, 2]") == [10, 20]
     run(cells, "cfg.scale = 3")
     assert run(cells, "%pmap -q scaled, [1, 2]") == run(cells, "list(map(scaled, [1, 2]))") == [3, 6]
+
+
+def test_a_memoryview_keeps_its_format_and_shape(cells, local_pool):
+    """cloudpickle sends a memoryview as bytes: ``m[1]`` of a view of
+    ``arange(4)`` read byte 1 (0), not element 1, silently."""
+    run(cells, "import numpy as np\nviews = [memoryview(np.arange(4)), memoryview(np.array([1.5, 2.5])), "
+               "memoryview(np.arange(6).reshape(2, 3)), memoryview(b'ab'), memoryview(np.arange(10)[::3])]")
+    oracle = run(cells, "[(m[1] if m.ndim == 1 else m[1, 2], m.format, m.shape, m.readonly) for m in views]")
+    assert run(cells, "%pmap -q lambda m: (m[1] if m.ndim == 1 else m[1, 2], m.format, m.shape, m.readonly), views") == oracle
+    back = run(cells, "%pmap -q lambda i: memoryview(np.arange(3) * i), [2]")[0]
+    assert (type(back), back.format, back.tolist(), back.readonly) == (memoryview, "l", [0, 2, 4], False)
+
+
+def test_what_cannot_keep_its_meaning_is_refused_with_advice_that_fits(cells, local_pool):
+    """A memoryview of a format cast cannot rebuild is refused, not sent as bytes;
+    a structure nested past the recursion limit is told to be flatter, not
+    told to "return plain data (lists)" or "not capture it": it was an item."""
+    from mpmagic.errors import SerializationError
+
+    run(cells, "import numpy as np\nbig_endian = memoryview(np.arange(3, dtype='>i4'))\n"
+               "def nest(n):\n    x = []\n    for _ in range(n):\n        x = [x]\n    return x\n")
+    texts = []
+    for line, says in (("len, [big_endian]", "Send the array it views"),
+                       ("lambda i: memoryview(np.arange(3, dtype='>i4')), [1]", "Return the array it views"),
+                       ("nest, [100_000]", "nested too deeply for pickle"),
+                       ("len, [nest(100_000)]", "nested too deeply for pickle")):
+        with pytest.raises(SerializationError) as info:
+            cells.run_cell(f"%pmap -q {line}").raise_error()
+        texts.append(str(info.value))
+        assert says in texts[-1] and "capturing it" not in texts[-1] and "Return plain data" not in texts[-1], texts[-1]
+    assert texts[2].startswith("the result of item 0 of the input (100000) cannot be sent back"), texts[2]
+    assert texts[3].startswith("cannot send item 0 ("), texts[3]
