@@ -16,6 +16,7 @@ import linecache
 import shlex
 import sys
 import tokenize
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -587,6 +588,8 @@ class MPMagics(Magics):
         if opts.help:
             return _show_help(MPMagics.parallel)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
+        if opts.output:  # a name as Python reads it (NFKC: ``ℌ`` is ``H``), or later cells could not see it
+            opts.output = unicodedata.normalize("NFKC", opts.output)
         if opts.output and not _is_variable_name(opts.output):
             raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
         _check_plain_python(parser, cell, self.shell)
@@ -606,7 +609,8 @@ class MPMagics(Magics):
                 raise parser.usage_error(f"--reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
             if not callable(reducer):
                 raise parser.usage_error(f"--reduce needs a function such as sum, not {opts.reduce!r}")
-        gather = tuple(g.strip() for g in opts.gather.split(",") if g.strip()) if opts.gather else ()
+        gather = tuple(unicodedata.normalize("NFKC", g.strip()) for g in opts.gather.split(",") if g.strip()) \
+            if opts.gather else ()  # (NFKC: the names as the cell's code binds them, ``ℌ`` as ``H``)
         for name in gather:
             if not _is_variable_name(name):
                 raise parser.usage_error(f"--gather takes variable names separated by commas, and {name!r} is not one")
