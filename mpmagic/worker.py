@@ -151,6 +151,7 @@ class _StreamToParent(io.TextIOBase):
         self.buf: list[str] = []
         self.last = 0.0
         self.sibling = sibling
+        self._closed = False  # a task's sys.stdout.close() (see close)
         self.lock: threading.RLock = threading.RLock() if sibling is None else sibling.lock
         self._in_write: list[int] = [0] if sibling is None else sibling._in_write  # (shared: one per worker)
         if sibling is not None:
@@ -191,7 +192,23 @@ class _StreamToParent(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """``sys.stdout.close()`` in a task: what was written goes home, and
+        later writes (and flushes) in the same unit raise ``ValueError: I/O
+        operation on closed file.``, as serially (the item that printed after
+        closing returned its value). The next unit has an open stream again:
+        the worker's stream is not one task's to end."""
+        if not self._closed:
+            self.finish()
+            self._closed = True
+
     def write(self, s: str) -> int:
+        if self._closed:
+            raise ValueError("I/O operation on closed file.")
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         with self.lock:
@@ -219,6 +236,8 @@ class _StreamToParent(io.TextIOBase):
         self.last = time.monotonic()
 
     def flush(self) -> None:
+        if self._closed:
+            raise ValueError("I/O operation on closed file.")
         with self.lock:
             if self._in_write[0] or self.channel.sending:  # (re-entered: see the class)
                 return
@@ -590,7 +609,7 @@ class _Worker:
         for s in (self.out, self.err):
             # last = 0: a task's first line goes home at once (then at most every
             # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
-            s.call, s.tag, s.last = call, tag, 0.0
+            s.call, s.tag, s.last, s._closed = call, tag, 0.0, False
         sys.stdout, sys.stderr = self.out, self.err
 
     def _leave_if_forked(self) -> None:

@@ -107,6 +107,19 @@ def test_a_map_tasks_stdout_has_an_encoding_and_a_fileno_as_serially(ip, backend
     assert run(ip, "%pmap -q _streams, range(2)") == [_STREAM_WANT] * 2
 
 
+def test_a_task_that_closes_its_stdout_fails_on_its_next_print_as_serially(ip, local_pool, capsys):
+    """Serially ``sys.stdout.close()`` then ``print`` raises ValueError; the
+    task's stream took the line anyway. The next unit prints again."""
+    run(ip, "import sys\ndef closes(x):\n    print('before', x)\n    if x == 1:\n        sys.stdout.close()\n"
+            "        print('after', x)\n    return x")
+    capsys.readouterr()
+    got = run(ip, "%pmap -q --errors collect --chunksize 1 -n 1 closes, [0, 1, 2]")
+    assert got[0] == 0 and got[2] == 2 and isinstance(got[1], mpmagic.Failed), got
+    assert str(got[1].error) == "I/O operation on closed file." and type(got[1].error) is ValueError
+    out = capsys.readouterr().out
+    assert "before 1" in out and "before 2" in out and "after" not in out, out
+
+
 def test_error_in_one_rank_of_four(ip, backend, capsys):
     capsys.readouterr()
     with pytest.raises(mpmagic.ParallelError) as info:
