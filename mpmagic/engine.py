@@ -48,6 +48,8 @@ class Run:
     background = False
 
     def __init__(self, job: Any) -> None:
+        # A backends.base.Job (typed Any here: that module imports this one); the
+        # run uses only its members (items_*, redirect, read_input, results).
         self.job = job
         self.error: BaseException | None = None  # what the backend raised instead of finishing
         self.cancelled = False

@@ -178,6 +178,10 @@ class MapJob:
     """A parallel map: chunks out in input order, results back in input order."""
 
     kind = "map"
+    # (backends.base.Job's members of a cell: a map has no ranks, and its units go to any worker)
+    size = 0
+    ranks_pending = 0
+    pinned = False
 
     def __init__(
         self,
@@ -471,6 +475,13 @@ class MapJob:
         # unless that read has gone on long enough for its items so far to go: _take_reading)
         return not self.exhausted and not (self._iter is not None and not self._read_count and self._input_asked
                                            and not self._slow_read_has_items())
+
+    def next_unit_for(self, wid: int) -> Unit | None:
+        """The next unit, for worker ``wid``: any worker will do (see ``ranks.KeptCellJob``)."""
+        return self.next_unit()
+
+    def drop_orphans(self, live: set[int]) -> None:
+        """Nothing to drop: no unit of a map is pinned to a worker."""
 
     def next_unit(self) -> Unit | None:
         if self.failure is not None:
@@ -983,6 +994,10 @@ class CellJob:
     """A ``%%parallel`` cell: one unit per rank, all running at once."""
 
     kind = "cell"
+    # (backends.base.Job's members of a map: a cell has no function of its own and no chunks)
+    func = None
+    planner = None
+    pinned = False  # (ranks.KeptCellJob's are)
 
     def __init__(
         self,
@@ -1068,12 +1083,43 @@ class CellJob:
     def has_work(self) -> bool:
         return bool(self._pending)
 
+    @property
+    def ranks_pending(self) -> int:
+        """Ranks not handed out yet: each needs an idle worker of its own now."""
+        return len(self._pending)
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The lowest failing rank's error, or None (``results`` raises them all together)."""
+        return self.failures[min(self.failures)] if self.failures else None
+
     def next_unit(self) -> Unit | None:
         if not self._pending:
             return None
         unit = self._pending.popleft()
         self.outstanding[unit.id] = unit
         return unit
+
+    def next_unit_for(self, wid: int) -> Unit | None:
+        """The next rank, for worker ``wid``: any worker will do (``ranks.KeptCellJob`` pins them)."""
+        return self.next_unit()
+
+    def drop_orphans(self, live: set[int]) -> None:
+        """Nothing to drop: these ranks are not pinned to a worker (``ranks.KeptCellJob``'s are)."""
+
+    def split(self, unit: Unit) -> list[int]:
+        """A rank is one unit of one item: it never splits (``MapJob.split`` is a map's)."""
+        raise ValueError(f"rank {unit.id} of a %%parallel cell cannot be split into items")
+
+    def prefill(self) -> None:
+        """Nothing to read: a cell has no lazy input (``MapJob.prefill``)."""
+
+    def read_input(self, n: int | None = None) -> None:
+        """Nothing to read: a cell has no lazy input (``MapJob.read_input``)."""
+
+    def input_wait(self) -> float | None:
+        """None: a cell has no lazy input, so no read is ever in progress."""
+        return None
 
     def message(self, unit: Unit) -> Cell:
         return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context))

@@ -102,6 +102,8 @@ def status_line(processes: list[dict]) -> str | None:
 class KeptCellJob(CellJob):
     """A ``--keep`` cell: rank ``r`` runs only on the worker pinned to it."""
 
+    pinned = True  # (backends.base.Job: the local pool hands its ranks out with next_unit_for)
+
     def __init__(self, *args: Any, pins: dict[int, int] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pins = dict(pins or {})

@@ -19,6 +19,7 @@ from mpmagic.backends.base import Backend, Job
 from mpmagic.backends.local import LocalBackend
 from mpmagic.errors import WorkerLostError
 from mpmagic.jobs import CellJob, MapJob
+from mpmagic.ranks import KeptCellJob
 
 HANG = 60  # seconds: only catches a hang
 
@@ -44,6 +45,36 @@ def test_backends_and_jobs_keep_the_written_contracts():
     job = MapJob(abs, [1, 2], 2, False, 2)
     assert isinstance(job, Job)
     assert isinstance(CellJob(b"", 2), Job)
+    assert isinstance(KeptCellJob(b"", 2, pins={0: 7}), Job)
+    # The members of the other kind are neutral: a backend branches on kind/pinned, not on a class.
+    assert (job.size, job.ranks_pending, job.pinned, job.input_wait()) == (0, 0, False, None)
+    cell = KeptCellJob(b"", 2, pins={0: 7})
+    assert (cell.func, cell.planner, cell.pinned, cell.ranks_pending, cell.input_wait()) == (None, None, True, 2, None)
+    assert cell.next_unit_for(7).id == 0 and cell.ranks_pending == 1
+
+
+def test_backends_and_the_engine_use_a_job_only_through_the_job_protocol():
+    """Every member a backend or ``engine.Run`` names on a job (``job.x``,
+    ``run.job.x``, ``self.job.x``) is one the ``Job`` protocol lists, so mypy
+    checks each job class for it (backends/base.py) and none is private."""
+    import ast
+    from pathlib import Path
+
+    root = Path(mpmagic.__file__).parent
+    protocol = next(n for n in ast.parse((root / "backends" / "base.py").read_text()).body
+                    if isinstance(n, ast.ClassDef) and n.name == "Job")
+    members = {n.name for n in protocol.body if isinstance(n, ast.FunctionDef)}
+    members |= {n.target.id for n in protocol.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+    assert {"prefill", "read_input", "ranks_pending", "planner", "split"} <= members
+    unlisted = []
+    for path in [*sorted((root / "backends").glob("*.py")), root / "engine.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr not in members:
+                owner = node.value
+                if (isinstance(owner, ast.Name) and owner.id == "job") or (
+                        isinstance(owner, ast.Attribute) and owner.attr == "job"):
+                    unlisted.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert unlisted == []
 
 
 def test_no_code_probes_a_backend_or_a_job_for_a_member():

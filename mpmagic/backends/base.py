@@ -1,22 +1,36 @@
 """The contracts between the pool, the API and the backends, written down.
 
 ``pool``, ``api``, ``scaling`` and ``shared`` use a backend only through
-:class:`Backend`; a backend uses a job only through :class:`Job`. Both are
-``typing.Protocol``: the local pool and the Dask backend match them by shape,
-and ``tests/test_engine.py`` checks that they do.
+:class:`Backend`; a backend (and ``engine.Run``) uses a job only through the
+members of :class:`Job`. Both are ``typing.Protocol``: the local pool and the
+Dask backend match them by shape, and so do ``jobs.MapJob``, ``jobs.CellJob``
+and ``ranks.KeptCellJob``. mypy checks each job class against :class:`Job`
+(the assignments at the end of this module), and ``tests/test_engine.py``
+checks at run time that every backend and job matches, and that the backends
+and the engine name no member of a job that :class:`Job` does not list.
+(``LocalBackend.submit`` still tells a cell from a map by its class, with the
+same meaning as ``kind``.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..engine import Run
+
+if TYPE_CHECKING:
+    from ..chunking import ChunkPlanner
 
 
 @runtime_checkable
 class Job(Protocol):
-    """What a backend calls on a job (``jobs.MapJob``, ``jobs.CellJob``)."""
+    """What a backend calls on a job (``jobs.MapJob``, ``jobs.CellJob``, ``ranks.KeptCellJob``).
+
+    One protocol for both kinds: a member that belongs to one kind has a
+    neutral value on the other (said beside it), so a backend branches on
+    ``kind`` or ``pinned``, never on a job's class.
+    """
 
     kind: str  # "map" or "cell"
     call_id: int
@@ -37,6 +51,25 @@ class Job(Protocol):
     def items_done(self) -> int: ...
     @property
     def items_failed(self) -> int: ...
+    @property
+    def func(self) -> Callable | None:
+        """A map's function (warm-up scans it for modules, Dask names the run after it); None for a cell."""
+    @property
+    def size(self) -> int:
+        """A cell's ranks, which all run at once, each on a worker of its own; 0 for a map."""
+    @property
+    def ranks_pending(self) -> int:
+        """A cell's ranks not handed out yet (the local pool starts workers for them); 0 for a map."""
+    @property
+    def pinned(self) -> bool:
+        """Each unit runs only on the worker pinned to it (``%%parallel --keep``: ``next_unit_for``)."""
+    @property
+    def planner(self) -> ChunkPlanner | None:
+        """A map's chunk planner (its measured cost per item sets the local pool's queue depth); None for a cell."""
+    @property
+    def failure(self) -> BaseException | None:
+        """What failed the run (a map's first failing item in input order, ``CancelledError``
+        once cancelled; a cell's lowest failing rank), or None."""
 
     @property
     def finished(self) -> bool: ...
@@ -45,6 +78,18 @@ class Job(Protocol):
     @property
     def failed(self) -> bool: ...
     def next_unit(self) -> Any: ...
+    def next_unit_for(self, wid: int) -> Any:
+        """The next unit that may run on worker ``wid`` (a pinned job's; otherwise ``next_unit()``)."""
+    def drop_orphans(self, live: set[int]) -> None:
+        """Fail the pending units pinned to a worker not in ``live`` (it is gone); nothing for an unpinned job."""
+    def split(self, unit: Any) -> list[int]:
+        """Send a map unit's items out again one per unit, in its place; returns their ids (ValueError for a rank)."""
+    def prefill(self) -> None:
+        """Read a lazy input's first chunk in the submitting thread, before the backend's lock; nothing for a cell."""
+    def read_input(self, n: int | None = None) -> None:
+        """Read more of a lazy input, in the thread that waits on the run (``engine.Run``); nothing for a cell."""
+    def input_wait(self) -> float | None:
+        """Seconds until a read in progress may have items to take, or None when no read goes on."""
     def message(self, unit: Any) -> tuple: ...
     def done(self, unit: Any, data: bytes, seconds: float, meta: dict | None = None) -> None: ...
     def error(self, unit: Any, index: int, info: Any, partial: bytes, seconds: float) -> None: ...
@@ -97,3 +142,12 @@ class Backend(Protocol):
     def check_workers(self, workers: int | None) -> None: ...
     def status(self) -> dict[str, Any]: ...
     def submit(self, job: Job, workers: int | None = None, background: bool = False) -> Run: ...
+
+
+if TYPE_CHECKING:  # mypy checks here that every job class has every member of Job, with its types
+    from ..jobs import CellJob, MapJob
+    from ..ranks import KeptCellJob
+
+    _map_job: type[Job] = MapJob
+    _cell_job: type[Job] = CellJob
+    _kept_cell_job: type[Job] = KeptCellJob

@@ -60,7 +60,7 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict, cast
+from typing import Any, TypedDict
 
 from distributed import Client
 
@@ -68,7 +68,6 @@ from .. import context, worker_setup
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
-from ..jobs import MapJob
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
@@ -136,12 +135,6 @@ def _security(address: str | None, ca: str | None, cert: str | None, key: str | 
     from distributed.security import Security
 
     return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
-
-
-class _CellJob(Job, Protocol):
-    """A job of kind "cell" (``jobs.CellJob``): one unit per rank, ``size`` ranks."""
-
-    size: int
 
 
 class _TaskEvent(TypedDict, total=False):
@@ -772,8 +765,7 @@ class DaskBackend:
         targets: list[str] = []
         restrict: list[str] | None = None
         if job.kind == "cell":
-            # Job has no size (a map's units are not known in advance); a cell job has its ranks'.
-            size = cast(_CellJob, job).size
+            size = job.size  # its ranks
             nthreads = self._nthreads(fresh=True)  # ranks are pinned: no stale addresses
             if len(nthreads) < size <= self._most_workers:
                 # A worker is restarting (after a timeout or a crash): wait for it.
@@ -815,9 +807,10 @@ def _cap(text: str) -> str:
     return text if "://" in text.split(" ", 1)[0] else text[:1].upper() + text[1:]
 
 
-def _func_name(job: MapJob) -> str:
-    """What a map's run is called (``%pool runs``): its function's name, or its type's (a partial)."""
-    return getattr(job.func, "__name__", type(job.func).__name__)
+def _run_name(job: Job) -> str:
+    """What a run is called (``%pool runs``): a map's function's name, or its type's (a partial); "cell"."""
+    func = job.func
+    return "cell" if func is None else getattr(func, "__name__", type(func).__name__)
 
 
 class _DaskRun:
@@ -856,7 +849,7 @@ class _DaskRun:
         self.stops = backend.stops  # the backend's stops when this run began (see _check_cluster)
         self._no_workers_since: float | None = None  # since when the cluster has had no worker
         self._last_count = time.monotonic()
-        self.name = _func_name(job) if isinstance(job, MapJob) else "cell"
+        self.name = _run_name(job)
         self._last_sweep = time.monotonic()
 
     # -- the loop ----------------------------------------------------------
@@ -894,7 +887,7 @@ class _DaskRun:
             else:
                 self._check_workers_left()
         if self.tasks:  # a map that failed early, or was cancelled (Run.cancel()): drop the rest
-            cancelled = isinstance(job, MapJob) and isinstance(job.failure, CancelledError)
+            cancelled = isinstance(job.failure, CancelledError)
             self._abandon(interrupted=False, stop=cancelled)
 
     def _sweep(self) -> None:
@@ -1107,7 +1100,7 @@ class _DaskRun:
                 self.killed.add(task.unit.id)
                 self.quarantine.append(task.unit)
                 return
-            if isinstance(self.job, MapJob) and task.unit.count > 1:
+            if task.unit.count > 1:  # (a map's chunk: a rank is one unit of one item)
                 # A chunk that killed its worker alone: one of its items did, and
                 # Dask cannot say which. Each item runs alone in turn, so only
                 # the culprit fails (the local pool knows the item at once).
@@ -1287,7 +1280,7 @@ class _DaskRun:
     def _progress(self, *more: str) -> str:
         """How far a map got, for messages ("7 of 20 items finished"), and ``more``."""
         parts = list(more)
-        if isinstance(self.job, MapJob):
+        if self.job.kind == "map":
             done, total = self.job.items_done, self.job.items_total
             count = total if total is not None else done
             of = f" of {total}" if total is not None else ""

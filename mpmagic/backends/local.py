@@ -61,7 +61,6 @@ from ..protocol import (
     pack,
     unpack,
 )
-from ..ranks import KeptCellJob
 from .base import Job
 from .pipes import Receiver, Sender
 
@@ -799,7 +798,7 @@ class LocalBackend:
             return True  # new or gone workers: its selector must change
         if any(s.sender.pending or s.deadline is not None for s in self.slots):
             return True  # a send waits for room, or a timeout to watch
-        if isinstance(job, MapJob) and job.input_wait() is not None:
+        if job.input_wait() is not None:
             return True  # a lazy input's read asked: the manager looks at it while it goes on (_take_reading)
         return any(r.grace_deadline is not None for r in self._runs)
 
@@ -830,7 +829,7 @@ class LocalBackend:
         take one step of it itself, under the same lock).
 
         It waits on every worker's pipe, every worker's process sentinel and
-        the wakeup pipe at once (``multiprocessing.connection.wait``): a
+        the wakeup pipe at once (one epoll selector, see ``_selector_for_slots``): a
         result, a line of output, a death, a new run or a cancel wakes it, and
         it sleeps without a timeout when no deadline is pending. It never
         prints: output goes to each run's event queue.
@@ -898,7 +897,7 @@ class LocalBackend:
         times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
         if any(not s.inflight for s in self.slots):  # an idle worker: items of a slow input's read may go to it
             now = time.monotonic()
-            times += [now + w for r in self._runs if isinstance(r.job, MapJob) and (w := r.job.input_wait()) is not None]
+            times += [now + w for r in self._runs if (w := r.job.input_wait()) is not None]
         if not times:
             return None
         # At most an hour: the loop looks again then. ``select`` refuses a wait
@@ -908,8 +907,8 @@ class LocalBackend:
 
     def _selector_for_slots(self) -> selectors.BaseSelector:
         """An epoll selector on the wakeup pipe and every worker's pipe and sentinel,
-        rebuilt only when the workers change: ``multiprocessing.connection.wait``
-        builds one per call (~20 us here, three calls per warm 2-item map)."""
+        rebuilt only when the workers change (``multiprocessing.connection.wait``,
+        which this replaced, builds one per call (~20 us here, three calls per warm 2-item map))."""
         slots = tuple(self.slots)
         if self._selector is None or self._selector_slots != slots:
             if self._selector is not None:
@@ -1008,14 +1007,15 @@ class LocalBackend:
         (``_note_memory``), and a unit already sent behind it would run on a
         worker found over the limit ("replaced before its next task").
         """
-        if not isinstance(job, MapJob) or job.timeout or self.max_memory:
+        planner = job.planner  # (None for a cell)
+        if planner is None or job.timeout or self.max_memory:
             return 1
-        per_item = job.planner.per_item
+        per_item = planner.per_item
         if per_item is None:
             return 1
-        if (job.planner.bytes_per_item or 0) * max(job.planner.sizes_used or {1}) > 8 << 20:
+        if (planner.bytes_per_item or 0) * max(planner.sizes_used or {1}) > 8 << 20:
             return 1  # big chunks: a second one in flight would only hold more memory
-        return 2 if per_item * max(job.planner.sizes_used or {1}) < 0.02 else 1
+        return 2 if per_item * max(planner.sizes_used or {1}) < 0.02 else 1
 
     def _assign(self) -> None:
         """Hand out units: cells' ranks first (each on an idle worker of its own),
@@ -1121,10 +1121,10 @@ class LocalBackend:
     def _assign_ranks(self, run: _LocalRun) -> None:
         idle = [s for s in self.slots if not s.inflight and not s.retiring and not s.broken and not self._saturated(s)]
         job = run.job
-        if isinstance(job, KeptCellJob):  # %%parallel --keep (ranks.py): rank r only on its worker
+        if job.pinned:  # %%parallel --keep (ranks.KeptCellJob): rank r only on its worker
             self._assign_kept_ranks(run, [s for s in idle if not s.temporary])
             return
-        missing = len(job._pending) - len(idle)
+        missing = job.ranks_pending - len(idle)
         for _ in range(max(0, missing)):  # every rank runs at once: more workers for now
             slot = self._spawn(temporary=True)
             self.slots.append(slot)
@@ -1337,7 +1337,7 @@ class LocalBackend:
             if run not in self._runs or run.job.finished:
                 continue
             # A kept rank (--keep) is not sent again: its state died with the worker.
-            again = run.job.kind == "map" or (run.job.kind == "cell" and not isinstance(run.job, KeptCellJob))
+            again = not run.job.pinned
             if i == 0 and idle and again and not unit.resent_after_idle_death:
                 # Once: a worker that dies again before starting it (loading
                 # the function kills it) is this unit's fault after all.
