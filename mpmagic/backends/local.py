@@ -570,11 +570,16 @@ class LocalBackend:
         payload_cache.clear()
         shm.take_unmapped()
 
-    def restart(self) -> None:
-        """Stop and start again with the same settings (clears the workers' state)."""
+    def restart(self, wait: bool = True) -> None:
+        """Stop and start again with the same settings (clears the workers' state).
+
+        ``wait``: return once every worker is ready; otherwise at once, while they
+        start in the background (the next run waits for them).
+        """
         self.stop()
         self.start()
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def check_workers(self, workers: int | None) -> None:
         """A usage error for a map's ``workers`` the pool could not grow to (more than the
