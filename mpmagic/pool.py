@@ -179,8 +179,12 @@ def stop_pool() -> None:
 
 
 def restart_pool(wait: bool = True) -> Any:
-    """Stop and start again with the same settings (clears workers' state)."""
-    return restart_with()
+    """Stop and start again with the same settings (clears workers' state).
+
+    ``wait``: return once the workers are ready; ``wait=False`` returns at once
+    while they start (the next run waits for them).
+    """
+    return restart_with(wait=wait)
 
 
 def restart_with(
@@ -188,6 +192,7 @@ def restart_with(
     start_method: str | None = None,
     max_tasks_per_child: int | None = None,
     max_memory: int | str | None = None,
+    wait: bool = True,
 ) -> Any:
     """Restart the pool with the settings given changed and the others kept
     (``%pool restart -n 3 --start-method spawn``).
@@ -196,6 +201,7 @@ def restart_with(
     processes are made one way); a new size is set while the pool is stopped,
     so no worker starts only to be stopped. The start method and the limits
     are the local pool's: on Dask they are a usage error, not ignored.
+    ``wait``: return once the workers are ready (else at once, while they start).
     """
     global _backend
     with _lock:
@@ -218,14 +224,15 @@ def restart_with(
             backend.stop()
             _backend = new
             new.start()
-            new.wait_ready()
+            if wait:
+                new.wait_ready()
             return new
         if workers is not None and workers != backend.workers:
             if isinstance(backend, LocalBackend):
                 _check_size(workers)  # before the stop: a size refused leaves the pool running
                 backend.stop()
             backend.resize(workers)
-        backend.restart()
+        backend.restart(wait)
         return backend
 
 

@@ -774,3 +774,84 @@ def test_a_warm_map_opens_no_file_in_the_notebook(ip, local_pool, monkeypatch):
             assert mpmagic.pmap(func, [1, 2]) == list(map(func, [1, 2]))
             assert mpmagic.pmap(func, range(300)) == list(map(func, range(300)))
     assert opened == []
+
+
+# -- a pool stopped under a run: the run ends, nobody waits on a manager that is gone --
+
+
+@pytest.mark.parametrize("then_start", [False, True], ids=["stop", "restart"])
+def test_a_stop_while_another_thread_submits_fails_that_run_at_once(then_start):
+    """``submit`` reads a lazy input's first chunk before it takes the pool's lock.
+    A stop (``%pool stop``, or ``restart``: a stop then a start) from another
+    thread meanwhile left the run with no manager: its caller waited for ever,
+    and Ctrl-C could not free it. It fails at once, as the runs in flight at
+    the stop do; the pool serves the next run."""
+    backend = LocalBackend(1, "forkserver")
+    reading, stopped = threading.Event(), threading.Event()
+
+    def slow_input():
+        reading.set()
+        stopped.wait(HANG)  # (the stop lands while submit reads this)
+        yield from range(3)
+
+    runs = []
+    submitter = threading.Thread(target=lambda: runs.append(backend.submit(MapJob(abs, slow_input(), None, False, 1))))
+    try:
+        backend.start()
+        submitter.start()
+        assert reading.wait(HANG)
+        backend.stop()
+        if then_start:
+            backend.start()
+        stopped.set()
+        submitter.join(HANG)
+        with pytest.raises(mpmagic.MPMagicError) as info:
+            runs[0].result(timeout=5)
+        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert backend._runs == []
+        assert backend.submit(MapJob(abs, [-1, -2], 2, False, 1)).result(HANG) == [1, 2]
+    finally:
+        stopped.set()
+        backend.stop()
+
+
+def test_a_cancel_of_a_run_whose_manager_is_gone_ends_it_itself():
+    """``cancel`` waited, with no timeout, for the manager to end the run; a run
+    no manager holds any more (the pool stopped under it) hung its Ctrl-C."""
+    from mpmagic.backends.local import _LocalRun
+
+    backend = LocalBackend(1, "forkserver")  # never started: no manager
+    orphan = _LocalRun(backend, MapJob(abs, [1, 2], 2, False, 1), None)
+    backend._runs.append(orphan)
+    canceller = threading.Thread(target=orphan.cancel, daemon=True)
+    canceller.start()
+    canceller.join(5)
+    assert not canceller.is_alive() and orphan.done()
+    assert backend._runs == []
+
+
+def test_a_manager_that_fails_ends_its_runs_and_the_next_run_gets_a_new_one(monkeypatch):
+    """Its loop failing outside the guarded step left its runs' callers waiting for ever."""
+    backend = LocalBackend(1, "forkserver")
+    try:
+        backend.start()
+        backend.wait_ready()
+        broken = backend._manager
+        boom = threading.Event()
+
+        def fails() -> float | None:
+            if boom.is_set():
+                raise RuntimeError("boom")
+            return None
+
+        monkeypatch.setattr(backend, "_next_timeout", fails)
+        handle = backend.submit(MapJob(time.sleep, [0.3], 1, False, 1))
+        boom.set()
+        backend._wake()  # its next turn fails, the item still running
+        with pytest.raises(mpmagic.MPMagicError, match=r"manager thread failed \(RuntimeError: boom\)"):
+            handle.result(timeout=5)
+        monkeypatch.undo()
+        broken.join(HANG)
+        assert backend.submit(MapJob(abs, [-1, -2], 2, False, 1)).result(HANG) == [1, 2]
+    finally:
+        backend.stop()

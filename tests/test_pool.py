@@ -49,6 +49,16 @@ def test_start_status_stop_restart(ip):
     assert run(ip, "%pmap -q abs, [-1]") == [1]
 
 
+def test_restart_pool_returns_at_once_with_wait_false(pool2):
+    """``restart_pool(wait=False)`` waited for the workers all the same (``wait`` was ignored)."""
+    old = [s.pid for s in pool2.slots]
+    backend = mpmagic.restart_pool(wait=False)
+    assert backend.cold  # its new workers are still starting
+    assert {s.pid for s in backend.slots}.isdisjoint(old)
+    assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # the next run waits for them
+    assert not mpmagic.restart_pool().cold  # (the default waits)
+
+
 def test_resize_and_per_call_workers(ip):
     mpmagic.use_local(2, "forkserver")
     run(ip, "%pool resize 3")

@@ -412,12 +412,12 @@ class DaskBackend:
         except Exception:
             pass
 
-    def restart(self) -> None:
+    def restart(self, wait: bool = True) -> None:
         """Start afresh. On the ``LocalCluster`` mpmagic started, restart every worker
         process (``client.restart()``: clears their state, stops tasks an interrupt
-        left running, releases every key). On a cluster it connected to, restart
-        nothing (its workers may serve others): drop this notebook's cached
-        function payloads there and say so."""
+        left running, releases every key; ``wait``: until they are back). On a
+        cluster it connected to, restart nothing (its workers may serve others):
+        drop this notebook's cached function payloads there and say so."""
         self.start()
         self._payloads.clear()  # releases them on the cluster
         self._nthreads_cache = None
@@ -431,7 +431,7 @@ class DaskBackend:
             return
         self.stops += 1  # (its tasks are cancelled: a run in flight says the pool was stopped)
         try:
-            self.client.restart(timeout=max(self.timeout, 30.0))
+            self.client.restart(timeout=max(self.timeout, 30.0), wait_for_workers=wait)
         except ValueError as exc:  # workers without nannies
             raise MPMagicError(f"Dask cannot restart these workers ({exc}); restart them where they run") from None
         except (OSError, TimeoutError) as exc:

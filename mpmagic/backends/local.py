@@ -291,6 +291,13 @@ _MAX_WAIT = 3600.0
 _FAIL_GRACE = 0.5
 #: Seconds spent showing what a cancelled run's busy workers printed before they are stopped.
 _DRAIN_ON_CANCEL = 0.2
+#: Seconds between a cancel's looks at whether the manager it waits on is still alive.
+_CANCEL_CHECK = 0.5
+
+
+def _stopped_error() -> MPMagicError:
+    """What a run gets when the pool stops under it (in flight, or while it was being submitted)."""
+    return MPMagicError("the pool was stopped while this run was in flight")
 
 
 class _LocalRun(Run):
@@ -309,6 +316,9 @@ class _LocalRun(Run):
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
 
         Returns once the run ended; the output it made is shown by the next ``wait``.
+        The manager ends it; when no manager is alive to do so (the pool stopped,
+        or its manager failed), the run is ended here, so that neither this wait
+        nor the Ctrl-C that asked for it can hang.
         """
         with self.backend._lock:
             if self._ended.is_set():
@@ -316,7 +326,8 @@ class _LocalRun(Run):
             self.cancel_requested = True
             self.interrupted = self.interrupted or interrupted
         self.backend._wake()
-        self._ended.wait()
+        while not self._ended.wait(_CANCEL_CHECK if self.backend._manager_alive() else 0):
+            self.backend._end_orphan(self)
         return True
 
     def nudge(self) -> None:
@@ -368,6 +379,7 @@ class LocalBackend:
         self._turn = 0  # round-robin position among runs (fair sharing of workers)
         self._manager: threading.Thread | None = None
         self._closing = False
+        self._stops = 0  # pool stops so far (see _stop_manager)
         self._wake_r, self._wake_w = -1, -1
         self._selector: selectors.BaseSelector | None = None  # the manager's (see _selector_for_slots)
         self._selector_slots: tuple | None = None
@@ -476,17 +488,39 @@ class LocalBackend:
                     raise MPMagicError(f"workers not ready after {timeout:g} s")
                 self._cond.wait(min(left, 0.5))
 
+    def _manager_alive(self) -> bool:
+        """A manager thread runs and is not being stopped: a run handed to it will be ended.
+        (Read under ``_lock`` for an answer that holds until it is released.)"""
+        manager = self._manager
+        return manager is not None and not self._closing and manager.is_alive()
+
+    def _end_orphan(self, run: _LocalRun) -> None:
+        """End ``run`` if no manager is alive to end it (its cancel waits on it otherwise)."""
+        with self._lock:
+            if self._manager_alive() or run._ended.is_set():
+                return
+            if run in self._runs:
+                self._runs.remove(run)
+            self._calls.pop(run.job.call_id, None)
+        run._finish()
+
     def _stop_manager(self) -> None:
+        """Stop the manager thread and end every run it had (with "the pool was stopped").
+
+        ``_stops`` counts the stops: a ``submit`` that a stop overtook (it read a
+        lazy input's first chunk meanwhile) fails its run rather than hand it to
+        no manager. The runs ended are those still listed once the manager has
+        stopped, not a copy made before: one added meanwhile is ended too.
+        """
         with self._lock:
             manager, self._manager = self._manager, None
             self._closing = True
-            runs = list(self._runs)
+            self._stops += 1
         self._wake()
         if manager is not None and manager is not threading.current_thread():
             manager.join(5.0)
-        for run in runs:  # whoever waits on them must not hang
-            run._finish(MPMagicError("the pool was stopped while this run was in flight"))
         with self._lock:
+            runs = list(self._runs)
             self._runs.clear()
             self._calls.clear()
             for fd in (self._wake_r, self._wake_w):
@@ -496,6 +530,8 @@ class LocalBackend:
             if self._selector is not None:
                 self._selector.close()
             self._selector = self._selector_slots = None
+        for run in runs:  # whoever waits on them must not hang
+            run._finish(_stopped_error())
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop every worker: ask politely, then terminate, then kill."""
@@ -533,11 +569,16 @@ class LocalBackend:
         payload_cache.clear()
         shm.take_unmapped()
 
-    def restart(self) -> None:
-        """Stop and start again with the same settings (clears the workers' state)."""
+    def restart(self, wait: bool = True) -> None:
+        """Stop and start again with the same settings (clears the workers' state).
+
+        ``wait``: return once every worker is ready; otherwise at once, while they
+        start in the background (the next run waits for them).
+        """
         self.stop()
         self.start()
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def check_workers(self, workers: int | None) -> None:
         """A usage error for a map's ``workers`` the pool could not grow to (more than the
@@ -746,22 +787,32 @@ class LocalBackend:
             limit = workers
         if isinstance(job, MapJob):  # warm: modules the function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
-        self.start(wake=False)  # (woken below, once)
+        with self._lock:
+            self.start(wake=False)  # (woken below, once)
+            stops = self._stops
         if isinstance(job, MapJob) and not background:
             job.prefill()  # a lazy input's first chunk, read here before the lock (jobs.MapJob.read_input)
         run = _LocalRun(self, job, limit)
         run.background = background
         interrupt: KeyboardInterrupt | None = None
         with self._lock:
-            self.calls_run += 1
-            self._runs.append(run)
-            self._calls[job.call_id] = run
-            if len(self._runs) > 1:
-                self._note_sharing(run)
-            try:
-                wake = self._step_here(job)
-            except KeyboardInterrupt as exc:  # (raised once the step was over)
-                wake, interrupt = True, exc
+            # The pool stopped (%pool stop / restart, from another thread) while this
+            # read its input: handed to the manager now, nobody would ever end the run.
+            stopped = self._stops != stops or not self._manager_alive()
+            if not stopped:
+                self.calls_run += 1
+                self._runs.append(run)
+                self._calls[job.call_id] = run
+                if len(self._runs) > 1:
+                    self._note_sharing(run)
+                try:
+                    wake = self._step_here(job)
+                except KeyboardInterrupt as exc:  # (raised once the step was over)
+                    wake, interrupt = True, exc
+        if stopped:  # it fails at once, as the runs in flight at the stop did
+            job.release_shared()
+            run._finish(_stopped_error())
+            return run
         if wake:
             self._wake()
         if interrupt is not None:
@@ -829,11 +880,32 @@ class LocalBackend:
         take one step of it itself, under the same lock).
 
         It waits on every worker's pipe, every worker's process sentinel and
-        the wakeup pipe at once (one epoll selector, see ``_selector_for_slots``): a
-        result, a line of output, a death, a new run or a cancel wakes it, and
+        the wakeup pipe at once (one epoll selector, see ``_selector_for_slots``):
+        a result, a line of output, a death, a new run or a cancel wakes it, and
         it sleeps without a timeout when no deadline is pending. It never
         prints: output goes to each run's event queue.
+
+        Should the loop itself fail, the runs it had end with that error (their
+        callers would wait for ever otherwise), and the next ``start`` (any
+        run's submit) starts a new manager.
         """
+        try:
+            self._manage_loop()
+        except BaseException as exc:
+            log.error("mpmagic: the pool's manager failed", exc_info=True)
+            with self._lock:
+                runs = [] if self._closing else list(self._runs)  # (a stop ends its runs itself)
+                if self._manager is threading.current_thread():  # no run is handed to it any more
+                    self._manager = None
+                    self._runs.clear()
+                    self._calls.clear()
+                    self._selector_slots = None  # the next manager builds its own
+            error = MPMagicError(f"the pool's manager thread failed ({type(exc).__name__}: {exc}); "
+                                 "the next run starts a new one")
+            for run in runs:
+                run._finish(error)
+
+    def _manage_loop(self) -> None:
         while True:
             with self._lock:
                 if self._closing:
