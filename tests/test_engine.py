@@ -855,3 +855,38 @@ def test_a_manager_that_fails_ends_its_runs_and_the_next_run_gets_a_new_one(monk
         assert backend.submit(MapJob(abs, [-1, -2], 2, False, 1)).result(HANG) == [1, 2]
     finally:
         backend.stop()
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_a_ctrl_c_while_workers_start_stops_the_call_after_they_are_recorded(method, monkeypatch):
+    """SIGINT was ignored while a worker process started (so the child is born
+    immune to the kernel's process-group interrupt): a Ctrl-C in that window
+    was thrown away and the cell went on. It is raised once the workers are
+    in the pool's list (none started unrecorded), and the worker it started
+    meanwhile was born immune all the same."""
+    backend = LocalBackend(2, method)
+    real_start = type(backend.ctx.Process(target=abs)).start
+    sent = []
+
+    def start_then_interrupt(proc) -> None:
+        real_start(proc)
+        if not sent:  # the user's Ctrl-C, while the first worker starts
+            sent.append(os.kill(os.getpid(), signal.SIGINT))
+            time.sleep(0.05)  # (a signal ignored meanwhile was lost for good)
+
+    monkeypatch.setattr(type(backend.ctx.Process(target=abs)), "start", start_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            backend.start()
+            time.sleep(0.5)  # (the interrupt, lost, never came)
+        assert len(backend.slots) == 2 and all(s.proc.is_alive() for s in backend.slots)
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert not signal.pthread_sigmask(signal.SIG_BLOCK, set())  # nothing left blocked
+        backend.wait_ready()
+        for slot in backend.slots:  # the workers ignore SIGINT: an interrupt of the group spares them
+            os.kill(slot.pid, signal.SIGINT)
+        time.sleep(0.2)
+        assert backend.submit(MapJob(abs, [-1, -2], 1, False, 1)).result(HANG) == [1, 2]
+    finally:
+        backend.stop()

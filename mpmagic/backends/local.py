@@ -211,32 +211,51 @@ def can_start_in_background() -> bool:
 
 @contextmanager
 def _sigint_blocked_while_starting():
-    """Start workers that cannot be killed by SIGINT before they ignore it.
+    """Start workers that cannot be killed by SIGINT before they ignore it,
+    without losing an interrupt meant for the notebook.
 
     "Interrupt kernel" signals the kernel's whole process group. A worker sets
     SIGINT to ignored as soon as it runs, but a second interrupt during the
     restart that follows a first one could reach a replacement before that.
-    From the main thread, SIGINT is ignored during ``start()``: a process
-    forked or exec'ed meanwhile (spawn workers, the forkserver itself)
-    inherits the ignoring and Python keeps it. Other threads (the pool's
-    background pre-start) cannot change handlers: they block SIGINT, which a
-    forked child inherits. Forkserver children are covered by
-    ``mpmagic.forkserver_preload`` whatever thread started the forkserver.
+    So this thread blocks SIGINT during ``start()``: a process forked or
+    exec'ed meanwhile (spawn workers, the forkserver itself) inherits the
+    blocked mask, where a SIGINT waits until the worker ignores it and
+    unblocks it (``worker.main``; forkserver children: ``forkserver_preload``).
+
+    From the main thread the notebook's handler is also swapped for one that
+    only notes the signal (another thread takes it while this one blocks it,
+    and Python runs handlers in the main thread: a KeyboardInterrupt there
+    would cut ``Process.start`` in half). Once the workers are started the
+    handler is back and a noted SIGINT is handed to it: the interrupt stops
+    the cell as usual. (SIGINT used to be ignored here instead, which threw
+    such an interrupt away: the cell went on.)
     """
-    if threading.current_thread() is threading.main_thread():
-        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    blocking = hasattr(signal, "pthread_sigmask")
+    if threading.current_thread() is not threading.main_thread():
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, old)
-    elif hasattr(signal, "pthread_sigmask"):
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    else:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return
+    hits: list[int] = []
+    old = signal.getsignal(signal.SIGINT)
+    swapped = old is not None  # (None: a handler installed from C, which could not be put back)
+    if swapped:
+        signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
+    try:
         yield
+    finally:
+        if swapped:
+            signal.signal(signal.SIGINT, old)
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (a SIGINT still pending goes to ``old`` now)
+        if hits and callable(old):
+            old(signal.SIGINT, None)
+        elif hits and old == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 _live_backends: weakref.WeakSet = weakref.WeakSet()
@@ -423,8 +442,12 @@ class LocalBackend:
                     log.warning("mpmagic: could not set the forkserver preload", exc_info=True)
             if not self.slots and warmup.enabled():  # warm: what the notebook imported so far
                 self.warmth.want(warmup.notebook_modules())
-            while len([s for s in self.slots if not s.temporary]) < self.workers:
-                self.slots.append(self._spawn())
+            if len([s for s in self.slots if not s.temporary]) < self.workers:
+                # A Ctrl-C noted while a worker started (_sigint_blocked_while_starting)
+                # is raised once every worker is in ``slots``: none is started unrecorded.
+                with sigint_deferred():
+                    while len([s for s in self.slots if not s.temporary]) < self.workers:
+                        self.slots.append(self._spawn())
             if self._manager is None or not self._manager.is_alive():
                 self._closing = False
                 self._wake_r, self._wake_w = os.pipe()
