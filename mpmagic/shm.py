@@ -64,6 +64,7 @@ from typing import Any
 import cloudpickle
 
 from . import posixshm
+from .fmt import fmt_bytes
 from .posixshm import NoRoom, pid_alive  # noqa: F401 - pid_alive: the worker's watchdog uses it here
 
 log = logging.getLogger("mpmagic")
@@ -327,9 +328,9 @@ def advise(nbytes: int, where: str) -> None:
         return
     _advised = True
     free, total = posixshm.room()
-    size = f"{posixshm.fmt_bytes(total)}, {posixshm.fmt_bytes(free)} free" if total else "size unknown"
+    size = f"{fmt_bytes(total)}, {fmt_bytes(free)} free" if total else "size unknown"
     line = (
-        f"mpmagic: /dev/shm is too small or full ({size}): {posixshm.fmt_bytes(nbytes)} of array data "
+        f"mpmagic: /dev/shm is too small or full ({size}): {fmt_bytes(nbytes)} of array data "
         f"{where} instead (slower, still correct). Give it room "
         "(docker run --shm-size=1g), or send big arrays through the pipe on purpose with "
         "%config MPMagic.shm_threshold = 10**12 (mpmagic.shm.configure(threshold=...)) to skip this note."
