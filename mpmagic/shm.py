@@ -65,7 +65,7 @@ import cloudpickle
 
 from . import posixshm
 from .fmt import fmt_bytes
-from .posixshm import NoRoom, pid_alive  # noqa: F401 - pid_alive: the worker's watchdog uses it here
+from .posixshm import NoRoom
 
 log = logging.getLogger("mpmagic")
 

@@ -50,7 +50,7 @@ from itertools import starmap
 from operator import itemgetter
 from typing import Any, NoReturn
 
-from . import context, debugging, payload, shm, task_builtins, worker_logging
+from . import context, debugging, payload, posixshm, shm, task_builtins, worker_logging
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -514,19 +514,16 @@ def execute_cell(
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Exit when the notebook process is gone, even in the middle of a task."""
+    """Exit when the notebook process is gone, even in the middle of a task.
+
+    A killed notebook its own parent has not reaped yet is a zombie: gone
+    (:func:`mpmagic.posixshm.pid_alive`, where ``kill(pid, 0)`` would still
+    say it runs).
+    """
     first_ppid = os.getppid()
     while True:
         time.sleep(0.25)
-        gone = os.getppid() != first_ppid
-        if not gone:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                gone = True
-            except PermissionError:
-                pass
-        if gone:
+        if os.getppid() != first_ppid or not posixshm.pid_alive(parent_pid):
             _exit_notebook_gone(parent_pid, 3)
 
 
@@ -540,10 +537,10 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
     # The pipe closes while a killed process is still being torn down: give
     # it a moment to become a zombie (or vanish) before deciding.
     deadline = time.monotonic() + 1.0
-    alive = shm.pid_alive(parent_pid)
+    alive = posixshm.pid_alive(parent_pid)
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = shm.pid_alive(parent_pid)
+        alive = posixshm.pid_alive(parent_pid)
     if alive:
         shm.before_exit()  # a normal stop: hand over what shared queues still hold here
     else:
