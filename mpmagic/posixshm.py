@@ -237,10 +237,10 @@ def sweep(prefix: str, dead_owner: bool = False) -> int:
 # --------------------------------------------------------------------------
 # Work a process must do before it exits normally (a queue's backlog)
 
-_exit_hooks: list = []
+_exit_hooks: list[Callable[[], object]] = []
 
 
-def on_exit(hook) -> None:
+def on_exit(hook: Callable[[], object]) -> None:
     """Run ``hook()`` when this process stops normally (see :func:`run_exit_hooks`)."""
     if hook not in _exit_hooks:
         _exit_hooks.append(hook)

@@ -58,7 +58,7 @@ import pickle
 import sys
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import cloudpickle
@@ -637,7 +637,7 @@ def forget(names: Iterable[str]) -> None:
             seg.release()
 
 
-def dumps_lent(obj: Any, lease: Lease, dumps) -> bytes:
+def dumps_lent(obj: Any, lease: Lease, dumps: Callable[[Any, Collector], bytes]) -> bytes:
     """Pickle map items with ``dumps(obj, collector)``; big buffers go into pooled segments."""
     collector = Collector()
     data = dumps(obj, collector)
@@ -664,7 +664,7 @@ def _dumps_writable(obj: Any, collector: Collector) -> bytes:
         return f.getvalue()
 
 
-def dumps_result(obj: Any, dumps) -> bytes:
+def dumps_result(obj: Any, dumps: Callable[[Any, Collector], bytes]) -> bytes:
     """Pickle a worker's result with ``dumps(obj, collector)``; big buffers are given.
 
     ``dumps`` is the data pickler (``payload.dumps_data``) taking a buffer callback.
