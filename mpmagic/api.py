@@ -521,10 +521,6 @@ class MapCall:
             return []
         return [r for r in results if isinstance(r, Failed)]
 
-    def count_failed(self, results: list) -> int:
-        """How many items of ``results`` failed."""
-        return len(self.failed_items(results))
-
 
 def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, **kwargs: Any) -> MapCall:
     """A :class:`MapCall` (the job of a map and its report's inputs)."""

@@ -311,9 +311,13 @@ class Run:
         return "failed" if self._error is not None else "done"
 
     def done(self) -> bool:
+        """True once the run ended: finished, failed or cancelled (as
+        ``concurrent.futures.Future.done``); ``result()`` then returns at once."""
         return self._done.is_set()
 
     def cancelled(self) -> bool:
+        """True if the run ended because it was cancelled (:meth:`cancel`), as
+        ``concurrent.futures.Future.cancelled``."""
         return self._cancelled
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -409,6 +413,8 @@ class Run:
 
     # -- display ---------------------------------------------------------------
     def status_line(self) -> str:
+        """The run's one line, as ``%pool runs`` and its repr show it: ``run 1:
+        pmap simulate, 12/40 items, 2 failed, 310.2 ms, running``."""
         total = self.items_total
         unit = "ranks" if self._job.kind == "cell" else "items"
         count = f"{self.items_done}/{total}" if total is not None else f"{self.items_done}"
@@ -599,25 +605,32 @@ class Finished:
         return float(self._info["elapsed"])
 
     def done(self) -> bool:
+        """Always True: only ended runs are kept this way (as :meth:`Run.done`)."""
         return True
 
     def cancelled(self) -> bool:
+        """True if the run was cancelled (as :meth:`Run.cancelled`)."""
         return self.state == "cancelled"
 
     def wait(self, timeout: float | None = None) -> bool:
+        """True at once: the run has ended (as :meth:`Run.wait`)."""
         return True
 
     def cancel(self) -> bool:
+        """False: an ended run cannot be cancelled (as :meth:`Run.cancel` after the end)."""
         return False
 
     def result(self, timeout: float | None = None) -> NoReturn:
+        """Raises UsageError: the results were freed with the dropped handle."""
         raise UsageError(f"run {self.id} ({self.what}) ended ({self.state}) and its handle was dropped: "
                          "its results were freed (keep the handle to read them later)")
 
     def info(self) -> dict[str, Any]:
+        """The run's row, as :meth:`Run.info` gave it when the run ended."""
         return dict(self._info)
 
     def status_line(self) -> str:
+        """The run's one line, as :meth:`Run.status_line` gave it when the run ended."""
         return self._line
 
     def __repr__(self) -> str:

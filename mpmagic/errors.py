@@ -286,7 +286,7 @@ class FrameInfo:
     first: int = 0
 
 
-def extract_frames(tb) -> list[FrameInfo]:
+def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
     """Frames of a worker-side traceback, our own machinery left out."""
     frames = []
     for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):

@@ -37,10 +37,24 @@ def imports_text(imports: dict[str, float | None], limit: int = 3) -> str:
     return ", ".join(parts)
 
 
-def fmt_bytes(n: float) -> str:
-    """``512 B``, ``15.7 KB``, ``3.2 MB``, ``1.5 GB`` (binary units)."""
-    for unit in ("B", "KB", "MB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
+def fmt_bytes(n: float | None) -> str:
+    """``512 B``, ``15.7 kB``, ``3.2 MB``, ``17 MB``, ``1.5 GB``; ``-`` when not measured.
+
+    Every size mpmagic prints goes through here, in decimal units (1 MB is
+    10**6 bytes): the units ``max_memory="2GB"`` is parsed in
+    (:func:`mpmagic.pool.parse_memory`), and the ones Docker and ``df -H``
+    use, so a limit set as 2GB reads back as ``2.0 GB``. Below 10 of a unit one
+    decimal, above it none: three figures at most. The unit is picked after
+    rounding, so 999,999 bytes read ``1 MB``, not ``1000 kB``.
+    """
+    if n is None:
+        return "-"
+    if round(abs(n)) < 1000:
+        return f"{n:.0f} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if round(abs(n), 1) < 10:
+            return f"{n:.1f} {unit}"
+        if round(abs(n)) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}"
+    raise AssertionError("unreachable")

@@ -28,6 +28,7 @@ import os
 from collections.abc import Callable
 
 from . import compat  # _posixshmem / _multiprocessing, each behind a guarded accessor
+from .fmt import fmt_bytes
 
 SHM_DIR = "/dev/shm"
 ENABLED = compat.shm_available()
@@ -42,15 +43,6 @@ class NoRoom(OSError):
         self.need = need
         self.free, self.total = room()
         super().__init__(errno.ENOSPC, f"/dev/shm has no room for {fmt_bytes(need)} ({describe_room()})")
-
-
-def fmt_bytes(n: float) -> str:
-    """``64 MB``, ``1.5 GB``: sizes in messages (decimal units, as ``df -H`` and Docker say)."""
-    for unit in ("bytes", "kB", "MB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def room() -> tuple[int, int]:
@@ -245,10 +237,10 @@ def sweep(prefix: str, dead_owner: bool = False) -> int:
 # --------------------------------------------------------------------------
 # Work a process must do before it exits normally (a queue's backlog)
 
-_exit_hooks: list = []
+_exit_hooks: list[Callable[[], object]] = []
 
 
-def on_exit(hook) -> None:
+def on_exit(hook: Callable[[], object]) -> None:
     """Run ``hook()`` when this process stops normally (see :func:`run_exit_hooks`)."""
     if hook not in _exit_hooks:
         _exit_hooks.append(hook)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import MPMagicError, UsageError
+from .fmt import fmt_bytes
 from .jobs import CellJob
 
 # -- notebook side ------------------------------------------------------------
@@ -95,7 +96,7 @@ def status_line(processes: list[dict]) -> str | None:
     parts = []
     for rank, (_, wid, _) in sorted(_kept.items()):
         mb = rss.get(wid)
-        parts.append(f"rank {rank} on worker {wid}" + (f" ({mb / 2**20:,.0f} MB own memory)" if mb else " (gone)"))
+        parts.append(f"rank {rank} on worker {wid}" + (f" ({fmt_bytes(mb)} own memory)" if mb else " (gone)"))
     return "kept ranks (%%parallel --keep): " + ", ".join(parts)
 
 

@@ -58,13 +58,14 @@ import pickle
 import sys
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import cloudpickle
 
 from . import posixshm
-from .posixshm import NoRoom, pid_alive  # noqa: F401 - pid_alive: the worker's watchdog uses it here
+from .fmt import fmt_bytes
+from .posixshm import NoRoom
 
 log = logging.getLogger("mpmagic")
 
@@ -327,9 +328,9 @@ def advise(nbytes: int, where: str) -> None:
         return
     _advised = True
     free, total = posixshm.room()
-    size = f"{posixshm.fmt_bytes(total)}, {posixshm.fmt_bytes(free)} free" if total else "size unknown"
+    size = f"{fmt_bytes(total)}, {fmt_bytes(free)} free" if total else "size unknown"
     line = (
-        f"mpmagic: /dev/shm is too small or full ({size}): {posixshm.fmt_bytes(nbytes)} of array data "
+        f"mpmagic: /dev/shm is too small or full ({size}): {fmt_bytes(nbytes)} of array data "
         f"{where} instead (slower, still correct). Give it room "
         "(docker run --shm-size=1g), or send big arrays through the pipe on purpose with "
         "%config MPMagic.shm_threshold = 10**12 (mpmagic.shm.configure(threshold=...)) to skip this note."
@@ -636,7 +637,7 @@ def forget(names: Iterable[str]) -> None:
             seg.release()
 
 
-def dumps_lent(obj: Any, lease: Lease, dumps) -> bytes:
+def dumps_lent(obj: Any, lease: Lease, dumps: Callable[[Any, Collector], bytes]) -> bytes:
     """Pickle map items with ``dumps(obj, collector)``; big buffers go into pooled segments."""
     collector = Collector()
     data = dumps(obj, collector)
@@ -663,7 +664,7 @@ def _dumps_writable(obj: Any, collector: Collector) -> bytes:
         return f.getvalue()
 
 
-def dumps_result(obj: Any, dumps) -> bytes:
+def dumps_result(obj: Any, dumps: Callable[[Any, Collector], bytes]) -> bytes:
     """Pickle a worker's result with ``dumps(obj, collector)``; big buffers are given.
 
     ``dumps`` is the data pickler (``payload.dumps_data``) taking a buffer callback.

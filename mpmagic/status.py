@@ -5,8 +5,9 @@ process rows); :class:`PoolStatus` only formats it. It lives apart from
 ``pool.py`` (the pool's lifecycle) so that formatting needs no backend
 import: ``pool.py`` imports the backends, and the backends never need this.
 
-Memory is shown in one unit everywhere (MB, as the local pool's rows), so a
-worker's use and its limit can be compared at a glance.
+Memory is shown through :func:`mpmagic.fmt.fmt_bytes` everywhere, in the
+decimal units ``max_memory="2GB"`` is parsed in, so a worker's use and its
+limit read in the same units as the limit the user typed.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ from __future__ import annotations
 import html
 from typing import Any
 
+from .fmt import fmt_bytes
+
 _TH = "padding:2px 10px;text-align:left;font-weight:600"
 _TD = "padding:2px 10px;text-align:left"
-
-
-def fmt_mb(nbytes: float | None) -> str:
-    """Bytes as whole megabytes (``1,536 MB``), or ``-`` when unknown."""
-    return "-" if nbytes is None else f"{nbytes / 2**20:,.0f} MB"
 
 
 def dask_lines(info: dict[str, Any]) -> list[str]:
@@ -35,17 +33,17 @@ def dask_lines(info: dict[str, Any]) -> list[str]:
         mem = info.get("memory_limit") or 0
         out.append(
             f"  workers: {info.get('workers')}, threads: {info.get('threads')}"
-            + (f", memory limit: {fmt_mb(mem)}" if mem else "")
+            + (f", memory limit: {fmt_bytes(mem)}" if mem else "")
         )
         out.append(f"  dashboard: {info.get('dashboard') or 'not available (pip install bokeh)'}")
     if info.get("error"):
         out.append(f"  {info['error']}")
     out.append(f"  calls run: {info.get('calls_run', 0)}, tasks run: {info.get('tasks_run', 0)}")
     for p in info.get("processes", []):
-        limit = f" of {fmt_mb(p['memory_limit'])}" if p.get("memory_limit") else ""
+        limit = f" of {fmt_bytes(p['memory_limit'])}" if p.get("memory_limit") else ""
         busy = f", {p['executing']} running" if p.get("executing") else ""
         threads = p.get("threads", 0)
-        out.append(f"  worker {p['address']}: {threads} thread{'s' if threads != 1 else ''}, {fmt_mb(p.get('memory'))}{limit}{busy}"
+        out.append(f"  worker {p['address']}: {threads} thread{'s' if threads != 1 else ''}, {fmt_bytes(p.get('memory'))}{limit}{busy}"
                    + _extras(p))
     return out
 
@@ -56,12 +54,12 @@ def _local_lines(i: dict[str, Any]) -> list[str]:
         f"pool: local, {_count(i['workers'], 'worker')}, start method {i['start_method']}, {state}",
         f"  calls run: {i['calls_run']}, tasks run: {i['tasks_run']}, workers replaced: {i['workers_replaced']}"
         + (f", max tasks per child: {i['max_tasks_per_child']}" if i.get("max_tasks_per_child") else "")
-        + (f", max memory per worker: {fmt_mb(i['max_memory'])} of its own" if i.get("max_memory") else ""),
+        + (f", max memory per worker: {fmt_bytes(i['max_memory'])} of its own" if i.get("max_memory") else ""),
     ]
     if i.get("preloaded"):  # warm workers (warmup.py): what they import because the notebook did
         out.append(f"  preloaded (the notebook's imports): {', '.join(i['preloaded'])}")
     for p in i["processes"]:
-        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {_count(p['tasks'], 'task')}, {fmt_mb(p['rss'])} own memory"
+        out.append(f"  worker {p['id']}: pid {p['pid']}, {_state(p)}, {_count(p['tasks'], 'task')}, {fmt_bytes(p['rss'])} own memory"
                    + _extras(p))
     if i.get("kept"):
         out.append(f"  {i['kept']}")
@@ -174,7 +172,7 @@ class PoolStatus:
             cols, rows, notes = self._dask_table()
         elif i.get("backend") == "local":
             cols = ["worker", "pid", "state", "tasks", "own memory"]
-            rows = [[str(p["id"]), str(p["pid"]), _state(p), str(p["tasks"]), fmt_mb(p["rss"])]
+            rows = [[str(p["id"]), str(p["pid"]), _state(p), str(p["tasks"]), fmt_bytes(p["rss"])]
                     for p in i["processes"]]
             # Every line under the heading but the workers' own (they are the rows).
             notes = [html.escape(x.strip()) for x in lines[1:] if not x.startswith("  worker ")]
@@ -208,14 +206,14 @@ class PoolStatus:
             row = []
             for k, _ in keys:
                 v = p.get(k)
-                row.append(fmt_mb(v) if k.startswith("memory") else ("-" if v is None else str(v)))
+                row.append(fmt_bytes(v) if k.startswith("memory") else ("-" if v is None else str(v)))
             rows.append(row)
         notes = [f"scheduler: {html.escape(str(i.get('scheduler') or '-'))}"]
         if i.get("running"):
             mem = i.get("memory_limit") or 0
             notes.append(
                 f"workers: {i.get('workers')}, threads: {i.get('threads')}"
-                + (f", memory limit: {fmt_mb(mem)}" if mem else "")
+                + (f", memory limit: {fmt_bytes(mem)}" if mem else "")
             )
             link = i.get("dashboard")
             if link:
@@ -229,7 +227,7 @@ class PoolStatus:
         return [label for _, label in keys], rows, notes
 
 
-__all__ = ["PoolStatus", "dask_lines", "fmt_mb", "runs_html", "runs_lines"]
+__all__ = ["PoolStatus", "dask_lines", "runs_html", "runs_lines"]
 
 
 def _count(n: int, noun: str) -> str:

@@ -48,9 +48,9 @@ from collections.abc import Callable
 from heapq import nlargest
 from itertools import starmap
 from operator import itemgetter
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import context, debugging, payload, shm, task_builtins, worker_logging
+from . import context, debugging, payload, posixshm, shm, task_builtins, worker_logging
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -74,6 +74,9 @@ from .protocol import (
 )
 from .rss import private_bytes
 from .warmup import ImportLog
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 _CACHE_SIZE = 16  # function payloads kept per worker
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
@@ -112,7 +115,7 @@ class ErrorInfo:
 class _Channel:
     """The worker's end of the pipe: thread-safe sends of pickled tuples."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
         self.sending = False  # a send is under way (see _StreamToParent.write)
@@ -302,7 +305,9 @@ _FAST_PATH_STOP = (
 )
 
 
-def run_items(func, items: list, star: bool, collect: bool, position: Any = None, block: int = 1):
+def run_items(
+    func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None, block: int = 1
+) -> tuple[list, float, tuple[int, ErrorInfo] | None]:
     """Run ``func`` over a chunk of items.
 
     Returns ``(results, seconds, error)``: ``error`` is ``(index, ErrorInfo)``
@@ -373,7 +378,9 @@ def run_items(func, items: list, star: bool, collect: bool, position: Any = None
 POSITION_IDLE = -2
 
 
-def run_items_timed(func, items: list, star: bool, collect: bool, position: Any = None):
+def run_items_timed(
+    func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None
+) -> tuple[list, float, tuple[int, ErrorInfo] | None, list[float]]:
     """:func:`run_items` that also returns each item's seconds (for ``--insights``).
 
     A separate function so that the ordinary path pays nothing for it.
@@ -533,19 +540,16 @@ def execute_cell(
 
 
 def _watch_parent(parent_pid: int) -> None:
-    """Exit when the notebook process is gone, even in the middle of a task."""
+    """Exit when the notebook process is gone, even in the middle of a task.
+
+    A killed notebook its own parent has not reaped yet is a zombie: gone
+    (:func:`mpmagic.posixshm.pid_alive`, where ``kill(pid, 0)`` would still
+    say it runs).
+    """
     first_ppid = os.getppid()
     while True:
         time.sleep(0.25)
-        gone = os.getppid() != first_ppid
-        if not gone:
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                gone = True
-            except PermissionError:
-                pass
-        if gone:
+        if os.getppid() != first_ppid or not posixshm.pid_alive(parent_pid):
             _exit_notebook_gone(parent_pid, 3)
 
 
@@ -559,10 +563,10 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
     # The pipe closes while a killed process is still being torn down: give
     # it a moment to become a zombie (or vanish) before deciding.
     deadline = time.monotonic() + 1.0
-    alive = shm.pid_alive(parent_pid)
+    alive = posixshm.pid_alive(parent_pid)
     while alive and time.monotonic() < deadline:
         time.sleep(0.05)
-        alive = shm.pid_alive(parent_pid)
+        alive = posixshm.pid_alive(parent_pid)
     if alive:
         shm.before_exit()  # a normal stop: hand over what shared queues still hold here
     else:
@@ -589,7 +593,7 @@ def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
 
 
 class _Worker:
-    def __init__(self, conn, parent_pid: int, worker_id: int, position: Any = None) -> None:
+    def __init__(self, conn: Connection, parent_pid: int, worker_id: int, position: Any = None) -> None:
         self.channel = _Channel(conn)
         self.worker_id = worker_id
         self.pid = os.getpid()  # (a task that forks: see _leave_if_forked)
@@ -783,7 +787,7 @@ def _first_unpicklable(results: list) -> int | None:
     return None
 
 
-def main(conn, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
+def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
     """Entry point of a worker process (the target of ``Process``).
 
     ``init`` (``worker_setup.start_info``): ``threads``/``thread_vars`` (the

@@ -340,7 +340,7 @@ def test_advice_picks_the_cause_from_the_measurements():
     big = _report(wall=0.3, task_seconds=0.001, bytes_sent=20_000_000)
     assert "copied" in big.advice and "arguments" in big.advice
     copied = _report(wall=0.03, task_seconds=0.02, bytes_shared=256 << 20)
-    assert copied.advice.startswith("256.0 MB of numpy arrays") and "mpmagic.share(x)" in copied.advice
+    assert copied.advice.startswith("268 MB of numpy arrays") and "mpmagic.share(x)" in copied.advice
     lonely = _report(items=1, chunks=1, wall=0.3, task_seconds=0.3)
     assert lonely.advice.startswith("only 1 item for 2 workers")
     straggler = _report(items=11, chunks=11, wall=0.61, task_seconds=0.61, slowest_task=0.6,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -57,6 +58,43 @@ def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run():
         alive.wait()
         for name in made.values():
             posixshm.unlink(name)
+
+
+_LEFT_UNREAPED: list = []
+
+
+def test_the_workers_watchdog_treats_a_zombie_notebook_as_gone(monkeypatch):
+    """A kernel killed but not reaped yet is a zombie: ``kill(pid, 0)`` still
+    succeeds on it, so the watchdog's own check kept such a worker running;
+    it now asks ``posixshm.pid_alive`` as the rest of the worker does."""
+    from mpmagic import worker
+
+    class Gone(Exception):
+        pass
+
+    def gone(pid: int, code: int) -> None:
+        raise Gone(pid, code)
+
+    monkeypatch.setattr(worker, "_exit_notebook_gone", gone)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    while posixshm.pid_alive(child.pid):  # exited, not reaped: a zombie
+        os.sched_yield()
+    seen = []
+
+    def watch() -> None:
+        try:
+            worker._watch_parent(child.pid)
+        except Gone as exc:
+            seen.append(exc.args)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    watcher.join(2.0)
+    if watcher.is_alive():  # never reaped (nor collected) while a watcher loops on it: it would end pytest
+        _LEFT_UNREAPED.append(child)
+    else:
+        child.wait()
+    assert seen == [(child.pid, 3)]
 
 
 def test_sweep_stale_treats_a_zombie_as_dead():

@@ -11,8 +11,10 @@ import pickle
 import numpy as np
 from conftest import interrupted_cell, run
 
+from mpmagic import posixshm, ranks, status
 from mpmagic.api import _equal
-from mpmagic.fmt import fmt_seconds
+from mpmagic.fmt import fmt_bytes, fmt_seconds
+from mpmagic.pool import parse_memory
 from mpmagic.report import Report
 
 
@@ -28,6 +30,27 @@ def test_the_unit_is_picked_after_rounding():
     assert fmt_seconds(0.99996) == "1.00 s"
     assert fmt_seconds(0.99949) == "999.5 ms"
     assert fmt_seconds(1e-3) == "1.0 ms" and fmt_seconds(1.0) == "1.00 s"
+
+
+def test_a_size_reads_the_same_everywhere_in_the_units_max_memory_is_parsed_in(monkeypatch):
+    """1.5e9 bytes used to read 1.4 GB (advice), 1.5 GB (/dev/shm errors),
+    1,431 MB (%pool) and 1500 MB (the max_memory warning): now one function,
+    decimal units, so a limit typed as 1.5GB reads back as 1.5 GB."""
+    n = parse_memory("1.5GB")
+    assert n == 1_500_000_000 and fmt_bytes(n) == "1.5 GB"
+    assert fmt_bytes(parse_memory("300MB")) == "300 MB" and fmt_bytes(parse_memory("2GB")) == "2.0 GB"
+    assert [fmt_bytes(b) for b in (0, 999, 1500, 17_000_000, 256 << 20)] == ["0 B", "999 B", "1.5 kB", "17 MB", "268 MB"]
+    assert fmt_bytes(999_999) == "1.0 MB" and fmt_bytes(999.6) == "1.0 kB"  # the unit is picked after rounding
+    assert fmt_bytes(None) == "-"
+    info = {"backend": "local", "workers": 1, "start_method": "forkserver", "max_memory": n, "running": True,
+            "calls_run": 0, "tasks_run": 0, "workers_replaced": 0,
+            "processes": [{"id": 0, "pid": 1, "alive": True, "busy": False, "ready": True, "tasks": 0, "rss": n}]}
+    text = str(status.PoolStatus(info))
+    assert "max memory per worker: 1.5 GB" in text and "1.5 GB own memory" in text
+    monkeypatch.setattr(ranks, "_kept", {0: (b"k", 0, 1)})
+    assert ranks.status_line([{"id": 0, "rss": n}]).endswith("(1.5 GB own memory)")
+    monkeypatch.setattr(posixshm, "room", lambda: (n, 2 * n))
+    assert "no room for 1.5 GB (1.5 GB free of 3.0 GB)" in str(posixshm.NoRoom(n))
 
 
 def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():

@@ -264,11 +264,11 @@ DASK_INFO = {
 }
 
 
-def test_dask_status_table_has_readable_headers_one_unit_and_a_link():
+def test_dask_status_table_has_readable_headers_decimal_units_and_a_link():
     page = PoolStatus(DASK_INFO)._repr_html_()
     heads = re.findall(r"<th[^>]*>([^<]*)</th>", page)
     assert heads == ["worker", "name", "threads", "memory used", "memory limit", "tasks running"]
-    assert "120 MB" in page and "2,048 MB" in page and "4,096 MB" in page
+    assert "126 MB" in page and "2.1 GB" in page and "4.3 GB" in page  # fmt.fmt_bytes, as everywhere
     assert "GiB" not in page and "GiB" not in str(PoolStatus(DASK_INFO))
     assert "<a href='http://127.0.0.1:8787/status' target='_blank'>" in page
     assert "<caption" not in page

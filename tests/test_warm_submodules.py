@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from mpmagic import warmup
+from mpmagic.fmt import fmt_bytes
 
 HERE = Path(__file__).parent
 
@@ -225,7 +226,7 @@ def test_a_preload_records_the_memory_it_added_and_a_failed_submodule_is_no_warn
     assert levels == {"warm_mem_probe.missing": logging.DEBUG, "warm_missing_top": logging.WARNING}
     warmup._note_memory(["warm_mem_probe"], 0, added)
     assert warmup.describe_preloads(["warm_mem_probe"], []) == [
-        f"warm_mem_probe (+{added / 2**20:.1f} MB per worker)"]
+        f"warm_mem_probe (+{fmt_bytes(added)} per worker)"]
 
 
 if __name__ == "__main__":

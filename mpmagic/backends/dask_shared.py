@@ -237,9 +237,13 @@ class DaskQueue(IterUntilClosed):
                                                exc_info=True)
 
     def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``, as ``multiprocessing.Queue.put_nowait`` and
+        the local ``mpmagic.Queue``: ``queue.Full`` at once if a bounded queue is full."""
         self.put(obj, block=False)
 
     def get_nowait(self) -> Any:
+        """``get(block=False)``, as ``multiprocessing.Queue.get_nowait`` and the
+        local ``mpmagic.Queue``: ``queue.Empty`` at once if no item is there."""
         return self.get(block=False)
 
     def qsize(self) -> int:
@@ -248,9 +252,12 @@ class DaskQueue(IterUntilClosed):
             return int(self._q.qsize())
 
     def empty(self) -> bool:
+        """``qsize() == 0``, as ``multiprocessing.Queue.empty`` (exact at that moment)."""
         return self.qsize() == 0
 
     def full(self) -> bool:
+        """A bounded queue holds ``maxsize`` items (never for an unbounded one),
+        as ``multiprocessing.Queue.full``."""
         return bool(self.maxsize) and self.qsize() >= self.maxsize
 
     def close(self) -> None:
@@ -316,6 +323,7 @@ class DaskLock:
             raise ValueError("semaphore or lock released too many times") from None
 
     def locked(self) -> bool:
+        """Is it held (by any task or the notebook) right now? As the local ``mpmagic.Lock``."""
         return bool(self._lock.locked())
 
     def __enter__(self) -> DaskLock:
@@ -357,12 +365,17 @@ class DaskEvent:
         return f"<mpmagic.Event on Dask {self.name!r}>"
 
     def set(self) -> None:
+        """Set the flag and wake every task waiting in :meth:`wait`, as
+        ``multiprocessing.Event.set`` and the local ``mpmagic.Event``."""
         self._event.set()
 
     def clear(self) -> None:
+        """Unset the flag: later :meth:`wait` calls block again until the next
+        :meth:`set`, as ``multiprocessing.Event.clear``."""
         self._event.clear()
 
     def is_set(self) -> bool:
+        """Is the flag set now? As ``multiprocessing.Event.is_set``."""
         return bool(self._event.is_set())
 
     def wait(self, timeout: float | None = None) -> bool:

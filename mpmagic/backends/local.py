@@ -45,6 +45,7 @@ from .. import context, payload, payload_cache, posixshm, shm, warmup, worker, w
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
+from ..fmt import fmt_bytes
 from ..jobs import CellJob, MapJob
 from ..protocol import (
     Done,
@@ -1380,8 +1381,8 @@ class LocalBackend:
             slot.over_memory = True
             run._emit_out(
                 "stderr",
-                f"mpmagic: worker {slot.wid} holds {rss / 1e6:.0f} MB of its own memory after its task, over the pool's "
-                f"max_memory of {self.max_memory / 1e6:.0f} MB: it is replaced before its next task\n",
+                f"mpmagic: worker {slot.wid} holds {fmt_bytes(rss)} of its own memory after its task, over the pool's "
+                f"max_memory of {fmt_bytes(self.max_memory)}: it is replaced before its next task\n",
             )
 
     def _send_unmaps(self, names: list[str]) -> None:
@@ -1400,7 +1401,7 @@ class LocalBackend:
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
         if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
-            reason = f"ran out of memory (killed by SIGKILL; {(slot.rss or 0) / 1e6:.0f} MB of its own at its last report)"
+            reason = f"ran out of memory (killed by SIGKILL; {fmt_bytes(slot.rss or 0)} of its own at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
         # A start-up death right after an interrupt is that interrupt, not a broken setup.

@@ -26,6 +26,7 @@ from typing import Any
 
 from .. import compat, payload, posixshm
 from ..errors import MPMagicError, UsageError
+from ..fmt import fmt_bytes
 
 try:
     import _multiprocessing
@@ -96,7 +97,7 @@ class _Segment:
                 self.mmap = posixshm.create(name, size)
             except posixshm.NoRoom as exc:
                 raise NoSharedMemory(
-                    f"mpmagic.{kind}: /dev/shm has no room for its {posixshm.fmt_bytes(size)} "
+                    f"mpmagic.{kind}: /dev/shm has no room for its {fmt_bytes(size)} "
                     f"({posixshm.describe_room()}). Free some (drop helpers and share() arrays you no "
                     "longer use), make it bigger (docker run --shm-size=1g), or use a smaller capacity"
                 ) from exc

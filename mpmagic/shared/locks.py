@@ -70,13 +70,18 @@ class SharedEvent(_Helper):
         self._sem = self._sems["e"]
 
     def is_set(self) -> bool:
+        """Is the flag set now? As ``multiprocessing.Event.is_set``."""
         return bool(self._seg.words[1])
 
     def set(self) -> None:
+        """Set the flag and wake every process waiting in :meth:`wait`, as
+        ``multiprocessing.Event.set``."""
         self._seg.words[1] = 1
         _notify(self._sem)
 
     def clear(self) -> None:
+        """Unset the flag: later :meth:`wait` calls block again until the next
+        :meth:`set`, as ``multiprocessing.Event.clear``."""
         self._seg.words[1] = 0
         while self._sem.acquire(False):  # drop stale wake-ups
             pass

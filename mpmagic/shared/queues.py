@@ -570,6 +570,8 @@ class SharedQueue(IterUntilClosed, _Helper):
             _wait(r.count_room, left)
 
     def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``, as ``multiprocessing.Queue.put_nowait``:
+        ``queue.Full`` at once if a bounded queue is full."""
         self.put(obj, False)
 
     def close(self) -> None:
@@ -605,6 +607,8 @@ class SharedQueue(IterUntilClosed, _Helper):
         return pickle.loads(self._take(block, timeout))
 
     def get_nowait(self) -> Any:
+        """``get(block=False)``, as ``multiprocessing.Queue.get_nowait``:
+        ``queue.Empty`` at once if no item is there."""
         return self.get(False)
 
     def _take(self, block: bool, timeout: float | None) -> bytes:
@@ -702,9 +706,13 @@ class SharedQueue(IterUntilClosed, _Helper):
         return max(0, self._r.outstanding())
 
     def empty(self) -> bool:
+        """``qsize() == 0``: approximate while others put and get, as
+        ``multiprocessing.Queue.empty``."""
         return self.qsize() == 0
 
     def full(self) -> bool:
+        """A bounded queue holds ``maxsize`` items (never for an unbounded one);
+        approximate, as ``multiprocessing.Queue.full``."""
         return bool(self._maxsize) and self.qsize() >= self._maxsize
 
     @property
