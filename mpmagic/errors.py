@@ -339,12 +339,11 @@ def _stub(fr: FrameInfo, lineno: int, first: int) -> types.CodeType:
     tree = parse("raise __mpmagic_exc__", "<mpmagic>", "exec")
     start = lineno - first + 1
     end = start + max(0, (fr.end_lineno or lineno) - lineno)
-    known = fr.colno is not None and fr.end_colno is not None
+    col, end_col = (fr.colno, fr.end_colno) if fr.colno is not None and fr.end_colno is not None else (-1, -1)
     for node in ast.walk(tree):
         if isinstance(node, (ast.stmt, ast.expr)):
             node.lineno, node.end_lineno = start, end
-            node.col_offset = fr.colno if known else -1
-            node.end_col_offset = fr.end_colno if known else -1
+            node.col_offset, node.end_col_offset = col, end_col
     return compile_tree(tree, "<mpmagic>", "exec")
 
 
