@@ -116,6 +116,13 @@ def advise(report: Any) -> str | None:
     if not did_not_pay(report):
         return None
     what = "ranks" if report.kind == "parallel" else "items"
+    home = report.home_seconds
+    if home and home >= 0.5 * (report.wall - report.task_seconds / workers):  # the pandas accessor's own work
+        return (
+            f"of the call's {fmt_seconds(report.wall)}, {fmt_seconds(home)} went to pandas here, splitting "
+            "the input and assembling the result from the workers' values: that much runs serially whatever "
+            "the workers do; with a function this quick, call pandas alone"
+        )
     if report.retried:  # the lost attempt and the new worker are in the wall time, in no task time
         n = report.retried
         return (

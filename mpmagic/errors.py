@@ -9,6 +9,7 @@ raised it. IPython then shows it as it shows a local error.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import linecache
 import logging
@@ -20,8 +21,10 @@ import threading
 import traceback
 import types
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
+
+from .astlock import compile_tree, parse
 
 logger = logging.getLogger("mpmagic")
 _E = TypeVar("_E", bound=BaseException)
@@ -284,6 +287,11 @@ class FrameInfo:
     # The first line of the frame's function (its ``def``): IPython in a
     # kernel lists a frame's source from there (inspect.getsourcelines).
     first: int = 0
+    # Where on its line(s) the failing expression is (Python 3.11+: the
+    # ``~~^~~`` under ``1 / x``); None where Python did not record it.
+    end_lineno: int | None = None
+    colno: int | None = None
+    end_colno: int | None = None
 
 
 def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
@@ -293,7 +301,9 @@ def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
         first = frame.f_code.co_firstlineno
-        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first))
+        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first,
+                                getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
+                                getattr(fs, "end_colno", None)))  # (3.11+ only)
     if len(frames) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
         frames = frames[: _MAX_FRAMES // 2] + frames[-_MAX_FRAMES // 2 :]
     return frames
@@ -302,15 +312,42 @@ def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
 def render_traceback(frames: list[FrameInfo], exc_text: str) -> str:
     """Render frames as Python's plain traceback does (notebook lines filled in here)."""
     out = ["Traceback (most recent call last):"]
-    summary = traceback.StackSummary.from_list(
-        [(f.filename, f.lineno, f.name, f.line or linecache.getline(f.filename, f.lineno).strip()) for f in frames]
-    )
+    summary = traceback.StackSummary.from_list([_summary(f) for f in frames])
     out += [line.rstrip("\n") for line in summary.format()]
     out.append(exc_text.rstrip("\n"))
     return "\n".join(out)
 
 
-_stub_codes: dict[tuple[str, int, str, int], types.CodeType] = {}
+def _summary(f: FrameInfo) -> traceback.FrameSummary | tuple:
+    line = f.line or linecache.getline(f.filename, f.lineno).strip()
+    if sys.version_info < (3, 11):
+        return (f.filename, f.lineno, f.name, line)
+    return traceback.FrameSummary(f.filename, f.lineno, f.name, line=line, end_lineno=f.end_lineno,
+                                  colno=f.colno, end_colno=f.end_colno)
+
+
+def _stub(fr: FrameInfo, lineno: int, first: int) -> types.CodeType:
+    """``raise __mpmagic_exc__``, placed where the task's failing expression was.
+
+    The raise sits ``lineno - first`` lines below the code's first line, as the
+    real statement sat below its ``def``, and spans the columns of the
+    expression that failed: Python's traceback reads the real line from the
+    file and marks those columns (``~~^~~`` under ``1 / x``), as it would for
+    the task run here. Columns not known (Python 3.10, or not recorded) are
+    left unknown, so no marks rather than marks in the wrong place.
+    """
+    tree = parse("raise __mpmagic_exc__", "<mpmagic>", "exec")
+    start = lineno - first + 1
+    end = start + max(0, (fr.end_lineno or lineno) - lineno)
+    col, end_col = (fr.colno, fr.end_colno) if fr.colno is not None and fr.end_colno is not None else (-1, -1)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.stmt, ast.expr)):
+            node.lineno, node.end_lineno = start, end
+            node.col_offset, node.end_col_offset = col, end_col
+    return compile_tree(tree, "<mpmagic>", "exec")
+
+
+_stub_codes: dict[tuple, types.CodeType] = {}
 
 
 def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
@@ -327,7 +364,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     for fr in frames:
         lineno = max(fr.lineno, 1)
         first = fr.first if 0 < fr.first <= lineno else lineno
-        key = (fr.filename, lineno, fr.name, first)
+        key = (fr.filename, lineno, fr.name, first, fr.end_lineno, fr.colno, fr.end_colno)
         code = _stub_codes.get(key)
         if code is None:
             if len(_stub_codes) > 10_000:
@@ -335,9 +372,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
             names: dict[str, Any] = {"co_name": fr.name}
             if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
                 names["co_qualname"] = fr.name
-            # The raise sits ``lineno - first`` lines below the code's first
-            # line, as the real statement sat below its ``def``.
-            stub = compile("\n" * (lineno - first) + "raise __mpmagic_exc__", "<mpmagic>", "exec")
+            stub = _stub(fr, lineno, first)
             code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
         tb = _run_stub(code)
         if tb is None:
@@ -597,7 +632,7 @@ def map_cell_frames(frames: list[FrameInfo]) -> list[FrameInfo]:
     for fr in frames:
         name = _cell_origins.get(fr.filename)
         if name is not None:
-            fr = FrameInfo(name, fr.lineno, fr.name, fr.line, fr.first)
+            fr = replace(fr, filename=name)
         out.append(fr)
     return out
 

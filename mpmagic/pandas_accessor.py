@@ -22,6 +22,13 @@ column order, same dtypes.
   result from those values (a lookup per group), so every subtlety of groupby's
   result shape (group keys in the index, Series results unstacked, categorical
   keys) is pandas' own.
+* The timing report is that of the whole call, from entering ``.mp.map`` to
+  having pandas' result: splitting the input and pandas' assembly of the
+  result here are in its wall time, as they are in a stopwatch around the
+  call, and the line says how much they took. The serial estimate is the task
+  times (pandas' own call on each piece: what the call on the whole frame does
+  but for building the result); ``compare=True`` runs pandas' own call here
+  too and measures it.
 * Empty inputs, categorical and sparse Series (pandas maps their few
   categories, or their fill value once, not each value), and a function given
   as a string, a NumPy ufunc or a list or dict of functions (pandas runs those
@@ -39,6 +46,7 @@ import functools
 import inspect
 import logging
 import math
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -250,11 +258,12 @@ def _bounds(n: int, pieces: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def _run(func: Callable, items: list, workers: int | None, what: str, count: int, quiet: bool,
-         fixed: bool = False) -> list:
-    """``mpmagic.pmap(func, items)``, one item per message; show its report counting ``what``.
+def _run(func: Callable, items: list, workers: int | None, what: str, count: int,
+         fixed: bool = False) -> tuple[list, Any]:
+    """``mpmagic.pmap(func, items)``, one item per message: (its results, its report counting ``what``).
 
     ``fixed``: the user chose the number of pieces (``chunks=``), else it was automatic.
+    The report is shown by :func:`_report`, once the result is assembled.
     """
     from . import api
 
@@ -268,9 +277,44 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
         report.items = count  # rows or groups, not the pieces they travelled in
         per_piece = f"~{math.ceil(count / max(1, len(items)))} {what}"
         report.chunksize = per_piece if fixed else f"auto: {per_piece}"
-        if not quiet:
-            _show(report)
-    return results
+    return results, report
+
+
+def _report(report: Any, started: float, result: Any, quiet: bool, serial: Callable[[], Any] | None) -> None:
+    """Make ``report`` the whole call's (``started``: when the accessor was entered), then show it.
+
+    Its wall time becomes the call's, splitting and assembling included (a
+    stopwatch around ``s.mp.map(f)`` and the line agree); ``home_seconds`` is
+    how much of it was spent here outside the run. ``serial``: with
+    ``compare=True``, pandas' own call, timed here as the measured serial time
+    (its result compared with ``result``).
+    """
+    if report is None:
+        return
+    wall = time.perf_counter() - started
+    report.home_seconds = max(0.0, wall - report.wall)
+    report.wall = wall
+    if serial is not None:
+        t0 = time.perf_counter()
+        try:
+            expected = serial()
+        except Exception as exc:
+            report.serial_error = f"{type(exc).__name__}: {exc}"
+        else:
+            report.serial = time.perf_counter() - t0
+            report.equal = _same(result, expected)
+    if not quiet:
+        _show(report)
+
+
+def _same(result: Any, expected: Any) -> bool:
+    """pandas' own equality (same values, NaN equal to NaN, same dtypes and labels), for compare=True."""
+    if isinstance(result, (pd.Series, pd.DataFrame)):
+        return type(result) is type(expected) and bool(result.equals(expected))
+    try:
+        return bool(result == expected)
+    except Exception:
+        return False
 
 
 def _show(report: Any) -> None:
@@ -424,17 +468,20 @@ class FrameAccessor:
 
     def apply(self, func: Callable, axis: Any = 0, raw: bool = False, result_type: Any = None,
               args: tuple = (), *, workers: int | None = None, chunks: int | None = None,
-              quiet: bool = False, **kwargs: Any) -> Any:
+              quiet: bool = False, compare: bool = False, **kwargs: Any) -> Any:
         """``df.apply(func, axis=...)`` on the pool; returns exactly what pandas returns.
 
         ``axis=1`` (rows) sends contiguous row chunks, ``axis=0`` (columns) groups
         of columns. ``workers`` limits the processes, ``chunks`` sets the number of
-        pieces (default: 4 per worker), ``quiet`` hides the timing report. A
+        pieces (default: 4 per worker), ``quiet`` hides the timing report (whose
+        wall time is the whole call's), ``compare`` also runs pandas' own call
+        here and reports its measured time and whether the results are equal. A
         function named by a string (``"sum"``), a NumPy ufunc or a list or dict
         of functions is pandas' vectorized call: it runs here. pandas' own options
         (``by_row``, ``engine``...) are pandas', never ``func``'s; an ``engine``
         runs pandas' call here.
         """
+        started = time.perf_counter()
         df = self._obj
         axis = df._get_axis_number(axis)  # pandas' own error for a bad axis ("No axis named 2 ...")
         by_rows = axis == 1
@@ -451,8 +498,12 @@ class FrameAccessor:
         bound = _bind(func, args, kwargs)
         options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
         task = functools.partial(_record, method="apply", options=options, func=bound)
-        parts = _run(task, items, workers, "rows" if by_rows else "columns", n, quiet, chunks is not None)
-        return _assemble_frame(df, _unpack(parts), options, bound)
+        parts, report = _run(task, items, workers, "rows" if by_rows else "columns", n, chunks is not None)
+        result = _assemble_frame(df, _unpack(parts), options, bound)
+        serial = functools.partial(df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args,
+                                   **extra, **kwargs)
+        _report(report, started, result, quiet, serial if compare else None)
+        return result
 
 
 class SeriesAccessor:
@@ -462,21 +513,25 @@ class SeriesAccessor:
         self._obj = obj
 
     def map(self, func: Callable, na_action: str | None = None, *, workers: int | None = None,
-            chunks: int | None = None, quiet: bool = False, **kwargs: Any) -> pd.Series:
+            chunks: int | None = None, quiet: bool = False, compare: bool = False, **kwargs: Any) -> pd.Series:
         """``series.map(func)`` on the pool; returns exactly what pandas returns.
+
+        ``workers``, ``chunks``, ``quiet``, ``compare``: as for ``df.mp.apply``.
 
         A mapping (dict, Series) is not worth sending: pandas' own map runs here,
         as it does with an ``engine`` (pandas' option, never ``func``'s).
         """
+        started = time.perf_counter()
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
         if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
             return s.map(func, na_action=na_action, **extra, **kwargs)
+        serial = (lambda: s.map(func, na_action=na_action, **extra, **kwargs)) if compare else None
         return self._per_value("map", {"na_action": na_action, **extra}, _bind(func, (), kwargs), workers, chunks,
-                               quiet)
+                               quiet, started, serial)
 
     def apply(self, func: Callable, args: tuple = (), *, workers: int | None = None,
-              chunks: int | None = None, quiet: bool = False, **kwargs: Any) -> Any:
+              chunks: int | None = None, quiet: bool = False, compare: bool = False, **kwargs: Any) -> Any:
         """``series.apply(func)`` on the pool; returns exactly what pandas returns.
 
         A DataFrame when ``func`` returns a Series, as in pandas. A function named
@@ -484,21 +539,25 @@ class SeriesAccessor:
         pandas' vectorized call on the whole Series: it runs here, as does
         ``by_row=False`` (pandas calls ``func`` once, on the whole Series).
         """
+        started = time.perf_counter()
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
         if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:
             return s.apply(func, args, **extra, **kwargs)
-        return self._per_value("apply", extra, _bind(func, args, kwargs), workers, chunks, quiet)
+        serial = (lambda: s.apply(func, args, **extra, **kwargs)) if compare else None
+        return self._per_value("apply", extra, _bind(func, args, kwargs), workers, chunks, quiet, started, serial)
 
     def _per_value(self, method: str, options: dict, func: Callable, workers: int | None, chunks: int | None,
-                   quiet: bool) -> Any:
+                   quiet: bool, started: float, serial: Callable[[], Any] | None) -> Any:
         """``series.<method>(func, **options)``: recorded in the workers by chunk, assembled here by pandas."""
         s = self._obj
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         items = [s.iloc[a:b] for a, b in _bounds(len(s), pieces)]
         task = functools.partial(_record, method=method, options=options, func=func)
-        parts = _run(task, items, workers, "rows", len(s), quiet, chunks is not None)
-        return _replay(s, method, options, _unpack(parts), func)
+        parts, report = _run(task, items, workers, "rows", len(s), chunks is not None)
+        result = _replay(s, method, options, _unpack(parts), func)
+        _report(report, started, result, quiet, serial)
+        return result
 
 
 class GroupByAccessor:
@@ -524,12 +583,15 @@ class GroupByAccessor:
                 "observed": gb.observed, "group_keys": gb.group_keys}
 
     def apply(self, func: Callable, *args: Any, workers: int | None = None, chunks: int | None = None,
-              quiet: bool = False, **kwargs: Any) -> Any:
+              quiet: bool = False, compare: bool = False, **kwargs: Any) -> Any:
         """``groupby(...).apply(func)`` on the pool; returns exactly what pandas returns.
+
+        ``workers``, ``chunks``, ``quiet``, ``compare``: as for ``df.mp.apply``.
 
         pandas' own options (``include_groups``) are passed to pandas' apply, in
         the workers and here, never to ``func``.
         """
+        started = time.perf_counter()
         gb = self._gb
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
@@ -548,11 +610,13 @@ class GroupByAccessor:
         selection = None if isinstance(gb.obj, pd.Series) else gb._selection
         task = functools.partial(_apply_batch, spec=spec, selection=selection, func=func,
                                  args=args, kwargs=kwargs, options=extra)
-        parts = _run(task, task_items, workers, "groups", len(names), quiet, chunks is not None)
+        parts, report = _run(task, task_items, workers, "groups", len(names), chunks is not None)
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.
-        return gb.apply(_lookup, values, func, args, kwargs, **extra)
+        result = gb.apply(_lookup, values, func, args, kwargs, **extra)
+        _report(report, started, result, quiet, (lambda: gb.apply(func, *args, **extra, **kwargs)) if compare else None)
+        return result
 
 
 def _apply_batch(item: tuple, spec: dict, selection: Any, func: Callable, args: tuple, kwargs: dict,

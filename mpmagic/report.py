@@ -76,6 +76,11 @@ class Report:
     # unit waited for a worker busy with another run.
     shared_workers: bool = False
     waited_for_workers: float = 0.0
+    # The pandas accessor (df.mp...): of the wall time, the part spent here outside
+    # the run (cutting the input, pandas assembling the result). The wall is the
+    # whole call's, so the line's speedup is the call's; the estimate stays the
+    # task times, and the line says how much of the wall was spent here.
+    home_seconds: float = 0.0
 
     @property
     def serial_measured(self) -> bool:
@@ -160,6 +165,8 @@ class Report:
         if self.capped_threads and self.capped_libs:  # serial here runs them on all the cores' threads
             n = self.capped_threads
             text += f", with {_names(self.capped_libs)} at {n} thread{'s' if n != 1 else ''} per worker"
+        if self.home_seconds >= 0.001:
+            text += f"; the wall includes {fmt_seconds(self.home_seconds)} here, splitting the input and assembling"
         return text
 
     def _speedup_text(self) -> str:

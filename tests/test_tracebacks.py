@@ -165,3 +165,51 @@ def test_real_kernel_shows_cell_numbers_for_tasks_and_ranks(kernel):
         line for t, c in reply.outputs if t == "error" for line in c["traceback"]))
     assert_clean(shown_text)
     assert "[rank 1] Cell In[4], line 3" in shown_text and "ipykernel_" not in shown_text, shown_text
+
+
+# --------------------------------------------------------------------------
+# Where on the line: Python 3.11+ marks the failing expression (``~~^~~``)
+
+
+def _frame_lines(exc: BaseException, filename: str) -> list[str]:
+    """The lines Python's traceback module shows for the frame(s) in ``filename``."""
+    import traceback
+
+    lines = "".join(traceback.format_exception(exc)).splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith(f'  File "{filename}"'):
+            out += [line] + [rest for rest in lines[i + 1:i + 3] if rest.startswith("    ")]
+    return out
+
+
+def test_the_failing_expression_is_marked_as_in_serial_python(tmp_path, local_pool):
+    import mpmagic
+
+    path = tmp_path / "tasks_tb.py"
+    path.write_text("def f(x):\n    y = 0; return 1 / x + y  # a longer line\n")
+    namespace: dict = {"__name__": "tasks_tb"}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102 (by value to the workers)
+    f = namespace["f"]
+    try:
+        list(map(f, [1, 0]))
+    except ZeroDivisionError as exc:
+        serial = _frame_lines(exc, str(path))
+    try:
+        mpmagic.pmap(f, [1, 0], workers=2)
+    except ZeroDivisionError as exc:
+        parallel = _frame_lines(exc, str(path))
+    assert parallel == serial, (parallel, serial)
+    if sys.version_info >= (3, 11):
+        assert serial[-1] == "                  ~~^~~", serial  # (what Python shows: the test checks itself)
+
+
+def test_no_marks_where_the_worker_had_no_columns():
+    import traceback
+
+    from mpmagic.errors import FrameInfo, fake_traceback
+
+    tb = fake_traceback([FrameInfo(__file__, 3, "f", None, 1)])  # columns unknown (Python 3.10, say)
+    exc = ZeroDivisionError("x")
+    text = "".join(traceback.format_exception(ZeroDivisionError, exc, tb))
+    assert "^" not in text and "~" not in text, text
