@@ -8,8 +8,6 @@ and ``ranks.KeptCellJob``. mypy checks each job class against :class:`Job`
 (the assignments at the end of this module), and ``tests/test_engine.py``
 checks at run time that every backend and job matches, and that the backends
 and the engine name no member of a job that :class:`Job` does not list.
-(``LocalBackend.submit`` still tells a cell from a map by its class, with the
-same meaning as ``kind``.)
 """
 
 from __future__ import annotations

@@ -46,7 +46,6 @@ from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
 from ..fmt import fmt_bytes
-from ..jobs import CellJob, MapJob
 from ..protocol import (
     Done,
     Error,
@@ -794,7 +793,7 @@ class LocalBackend:
                 "there), which the new run would wait on: start it from another thread"
             )
         limit = None
-        if isinstance(job, CellJob):
+        if job.kind == "cell":
             cap = max_workers()
             if job.size > cap:
                 raise UsageError(f"-n {job.size} is more ranks than this machine can run at once "
@@ -809,13 +808,13 @@ class LocalBackend:
                              f"(-n {workers}) and stays that size: %pool resize {before} shrinks it\n")
         else:
             limit = workers
-        if isinstance(job, MapJob):  # warm: modules the function needs, sent ahead of it
+        if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
         with self._lock:
             self.start(wake=False)  # (woken below, once)
             stops = self._stops
-        if isinstance(job, MapJob) and not background:
-            job.prefill()  # a lazy input's first chunk, read here before the lock (jobs.MapJob.read_input)
+        if not background:
+            job.prefill()  # a lazy input's first chunk, read here before the lock (nothing for a cell)
         run = _LocalRun(self, job, limit)
         run.background = background
         interrupt: KeyboardInterrupt | None = None
