@@ -68,8 +68,11 @@ class _Parser(argparse.ArgumentParser):
     takes ``--worker`` for ``--workers`` (then misreports the value).
     """
 
-    def __init__(self, prog: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, prog: str | None = None, intermixed: bool = False, **kwargs: Any) -> None:
         super().__init__(prog, allow_abbrev=False, add_help=False, **kwargs)
+        # intermixed: options and words in any order (``%pool dask --timeout 1 ADDRESS``); plain
+        # argparse fills every positional at the first word, then calls the later one unexpected.
+        self.intermixed = intermixed
         # argparse's own -h would print and exit: the magic prints its help itself (_show_help).
         self.add_argument("-h", "--help", action="store_true", help="show this help (as %(prog)s? does); run nothing")
 
@@ -82,7 +85,10 @@ class _Parser(argparse.ArgumentParser):
         raise self.usage_error(message)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
-        opts, extra = self.parse_known_args(args, namespace)
+        if self.intermixed:
+            opts, extra = self.parse_known_intermixed_args(args, namespace)
+        else:
+            opts, extra = self.parse_known_args(args, namespace)
         if extra:
             raise self.usage_error(self.unknown(extra[0]))
         return opts
@@ -174,7 +180,7 @@ def _parallel_parser() -> _Parser:
 
 
 def _pool_parser() -> _Parser:
-    p = _Parser(prog="%pool",
+    p = _Parser(prog="%pool", intermixed=True,
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
                 " | checkpoints [clear [NAME]] | runs | cancel ID | setup [clear]] [options]")
     p.add_argument("action", nargs="?", default="status",
@@ -300,6 +306,34 @@ def _statement_is_an_expression() -> bool:
     return node is not None and isinstance(getattr(node, "parent", None), ast.Expr)
 
 
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+_CLOSERS = frozenset(_OPENERS.values())
+
+
+def _closes_more_than_opened(text: str) -> bool:
+    """Does a closing bracket in ``text`` close more than was opened before it
+    (``f, xs)[0]``)? Read token by token (a ')' in a string or a comment does
+    not count), so the line can be told apart from one that is simply not
+    Python: the stray ')' ends map()'s argument list before the line does,
+    whatever follows it."""
+    depth = 0
+    try:
+        for token in tokenize.generate_tokens(iter([text + "\n"]).__next__):
+            if token.type != tokenize.OP:
+                continue
+            if token.string in _OPENERS:
+                depth += 1
+            elif token.string in _CLOSERS:
+                if depth == 0:
+                    return True
+                depth -= 1
+    except SyntaxError as error:  # Python 3.12+'s tokenizer names the stray bracket itself
+        return str(error.msg).startswith("unmatched")
+    except tokenize.TokenError:  # an unclosed bracket or string: nothing closed too early so far
+        pass
+    return False
+
+
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
                    local_ns: dict[str, Any] | None = None) -> tuple:
     """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace.
@@ -313,17 +347,24 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     if not text:
         raise parser.usage_error("missing FUNC and ITERABLE")
     source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
+    def unbalanced() -> IPythonUsageError:
+        return parser.usage_error(f"the argument list is not balanced (a ')' ends it before the end of the line): "
+                                  f"{text!r}")
+
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError:
+        # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
+        # of the line happens to parse once the call's own ')' is added.
+        if _closes_more_than_opened(text):
+            raise unbalanced() from None
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "__mpmagic_args__"):
         # A stray ')' closed the argument list early and the rest of the line
         # (``f, xs)[1].append(3``) was code around the call: refused before
         # anything is evaluated, as map() would never run it.
-        raise parser.usage_error(f"the argument list is not balanced (a ')' ends it before the end of the line): "
-                                 f"{text!r}")
+        raise unbalanced() from None
     if call.keywords:
         raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
     if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
