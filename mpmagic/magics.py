@@ -829,6 +829,16 @@ def _check_pool_line(parser: _Parser, opts: argparse.Namespace, tokens: list[str
                                  f"%pool {action} takes {' '.join(takes) or 'none'}")
 
 
+def _has_no_code(cell: str) -> bool:
+    """Is ``cell`` only blank lines and comments (a setup that would run nothing,
+    installed in place of the one before)? A cell that does not parse has code:
+    its syntax error is said where the code is run."""
+    try:
+        return not astlock.parse(cell).body
+    except (SyntaxError, ValueError):
+        return False
+
+
 def _is_variable_name(text: str) -> bool:
     """Can a cell read a variable of this name (``-o``, ``--gather``)? Not ``1abc``, not ``class``."""
     return text.isidentifier() and not keyword.iskeyword(text)
@@ -935,8 +945,9 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
     if cell is None:
         print(worker_setup.describe())
         return None
-    if not cell.strip():
-        raise UsageError("%%pool setup needs code in the cell (or %pool setup clear to remove the setup)")
+    if _has_no_code(cell):  # (a cell with nothing under the line never gets here: IPython refuses it)
+        raise UsageError("%%pool setup needs code in the cell: it has only comments or blank lines "
+                         "(or %pool setup clear to remove the setup)")
     try:
         errors = setup_api.set_code(cell)  # (refused while runs are in flight: their workers would switch setups)
     except SyntaxError as exc:
