@@ -201,7 +201,7 @@ def _pool_parser() -> _Parser:
     p.add_argument("--tls-ca-file", help="dask: CA certificate for tls:// addresses")
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
     p.add_argument("--tls-key", help="dask: client key for tls:// addresses")
-    p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler (default: 10)")
     return p
 
 
