@@ -13,6 +13,7 @@ import difflib
 import itertools
 import keyword
 import linecache
+import re
 import shlex
 import sys
 import tokenize
@@ -310,9 +311,9 @@ _OPENERS = {"(": ")", "[": "]", "{": "}"}
 _CLOSERS = frozenset(_OPENERS.values())
 
 
-def _closes_more_than_opened(text: str) -> bool:
-    """Does a closing bracket in ``text`` close more than was opened before it
-    (``f, xs)[0]``)? Read token by token (a ')' in a string or a comment does
+def _closes_more_than_opened(text: str) -> str | None:
+    """The first closing bracket in ``text`` that closes more than was opened
+    before it (the ')' of ``f, xs)[0]``), or None. Read token by token (a ')' in a string or a comment does
     not count), so the line can be told apart from one that is simply not
     Python: the stray ')' ends map()'s argument list before the line does,
     whatever follows it."""
@@ -325,13 +326,14 @@ def _closes_more_than_opened(text: str) -> bool:
                 depth += 1
             elif token.string in _CLOSERS:
                 if depth == 0:
-                    return True
+                    return token.string
                 depth -= 1
     except SyntaxError as error:  # Python 3.12+'s tokenizer names the stray bracket itself
-        return str(error.msg).startswith("unmatched")
+        found = re.match(r"unmatched '(.)'", str(error.msg))
+        return found.group(1) if found else None
     except tokenize.TokenError:  # an unclosed bracket or string: nothing closed too early so far
         pass
-    return False
+    return None
 
 
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
@@ -347,17 +349,17 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     if not text:
         raise parser.usage_error("missing FUNC and ITERABLE")
     source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
-    def unbalanced() -> IPythonUsageError:
-        return parser.usage_error(f"the argument list is not balanced (a ')' ends it before the end of the line): "
-                                  f"{text!r}")
+    def unbalanced(bracket: str = ")") -> IPythonUsageError:
+        return parser.usage_error(f"the argument list is not balanced (a '{bracket}' ends it before the end of "
+                                  f"the line): {text!r}")
 
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError:
         # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
         # of the line happens to parse once the call's own ')' is added.
-        if _closes_more_than_opened(text):
-            raise unbalanced() from None
+        if (bracket := _closes_more_than_opened(text)) is not None:
+            raise unbalanced(bracket) from None
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "__mpmagic_args__"):

@@ -78,6 +78,7 @@ def test_pmap_refuses_an_unbalanced_argument_list_before_running_it(ip, args):
     error = ip.run_cell(f"_ = %pmap -q {args}", store_history=False).error_in_exec
     assert isinstance(error, IPythonUsageError), error
     assert "not balanced" in str(error) and repr(args) in str(error)
+    assert f"(a '{']' if args.endswith('xs_fh]') else ')'}' ends it" in str(error)
     assert ip.user_ns["xs_fh"] == [1, 2] and ip.user_ns["calls_fh"] == []
 
 
