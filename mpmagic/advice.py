@@ -220,7 +220,7 @@ def advise(report: Any) -> str | None:
             )
             return (
                 f"tasks too small for the transfer cost: each item computes in "
-                f"~{fmt_seconds(per_item)}, a chunk of {report.items / report.chunks:.0f} in "
+                f"~{fmt_seconds(per_item)}, {_chunk_words(report, fixed)} in "
                 f"~{fmt_seconds(per_chunk)}, but sending and collecting a chunk cost "
                 f"~{fmt_seconds(overhead)}: {fix}, or run it serially"
             )
@@ -236,6 +236,17 @@ def advise(report: Any) -> str | None:
         f"({fmt_seconds(ideal)} per worker) on starting, sending and collecting: "
         "give the workers more work per call, or run it serially"
     )
+
+
+def _chunk_words(report: Any, fixed: bool) -> str:
+    """The chunks the advice's chunk time is the average of, as the user would
+    say them: ``--chunksize 3`` over 10 items is "a chunk of up to 3 (2.5 on
+    average)", not "a chunk of 2" (the rounded average, which the user never gave)."""
+    average = report.items / report.chunks
+    mean = f"{average:.0f}" if average.is_integer() else f"{average:.1f}"
+    if fixed and report.chunksize != mean:
+        return f"a chunk of up to {report.chunksize} ({mean} on average)"
+    return f"a chunk of {mean}" if average.is_integer() else f"a chunk of {mean} items on average"
 
 
 def _ranks_repeat_the_work(report: Any) -> str | None:

@@ -8,7 +8,11 @@ and given a default in ``ipython_config.py``::
     c.MPMagic.progress = False
 
 The magics read these settings for every option the user did not give; the
-plain API (``mpmagic.pmap(...)``) does not: it takes explicit arguments.
+plain API (``mpmagic.pmap(...)``) takes explicit arguments instead, but the
+checkpoint store's place and cap (``checkpoint_dir``, ``checkpoint_max_bytes``),
+how a report shows (``report``, ``advice``) and the settings applied as they
+are set (``shm_threshold``, ``worker_max_memory``, ``worker_threads``) hold
+for its runs too.
 Pool settings (``workers``, ``start_method``) are applied to the local pool
 before the next run after they change (or by ``%pool start``/``restart``),
 never in the middle of one: a new start method waits for the runs in flight.

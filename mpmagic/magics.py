@@ -13,6 +13,7 @@ import difflib
 import itertools
 import keyword
 import linecache
+import re
 import shlex
 import sys
 import tokenize
@@ -68,8 +69,11 @@ class _Parser(argparse.ArgumentParser):
     takes ``--worker`` for ``--workers`` (then misreports the value).
     """
 
-    def __init__(self, prog: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, prog: str | None = None, intermixed: bool = False, **kwargs: Any) -> None:
         super().__init__(prog, allow_abbrev=False, add_help=False, **kwargs)
+        # intermixed: options and words in any order (``%pool dask --timeout 1 ADDRESS``); plain
+        # argparse fills every positional at the first word, then calls the later one unexpected.
+        self.intermixed = intermixed
         # argparse's own -h would print and exit: the magic prints its help itself (_show_help).
         self.add_argument("-h", "--help", action="store_true", help="show this help (as %(prog)s? does); run nothing")
 
@@ -82,7 +86,10 @@ class _Parser(argparse.ArgumentParser):
         raise self.usage_error(message)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
-        opts, extra = self.parse_known_args(args, namespace)
+        if self.intermixed:
+            opts, extra = self.parse_known_intermixed_args(args, namespace)
+        else:
+            opts, extra = self.parse_known_args(args, namespace)
         if extra:
             raise self.usage_error(self.unknown(extra[0]))
         return opts
@@ -174,7 +181,7 @@ def _parallel_parser() -> _Parser:
 
 
 def _pool_parser() -> _Parser:
-    p = _Parser(prog="%pool",
+    p = _Parser(prog="%pool", intermixed=True,
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
                 " | checkpoints [clear [NAME]] | runs | cancel ID | setup [clear]] [options]")
     p.add_argument("action", nargs="?", default="status",
@@ -195,7 +202,7 @@ def _pool_parser() -> _Parser:
     p.add_argument("--tls-ca-file", help="dask: CA certificate for tls:// addresses")
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
     p.add_argument("--tls-key", help="dask: client key for tls:// addresses")
-    p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler (default: 10)")
     return p
 
 
@@ -300,6 +307,35 @@ def _statement_is_an_expression() -> bool:
     return node is not None and isinstance(getattr(node, "parent", None), ast.Expr)
 
 
+_OPENERS = {"(": ")", "[": "]", "{": "}"}
+_CLOSERS = frozenset(_OPENERS.values())
+
+
+def _closes_more_than_opened(text: str) -> str | None:
+    """The first closing bracket in ``text`` that closes more than was opened
+    before it (the ')' of ``f, xs)[0]``), or None. Read token by token (a ')' in a string or a comment does
+    not count), so the line can be told apart from one that is simply not
+    Python: the stray ')' ends map()'s argument list before the line does,
+    whatever follows it."""
+    depth = 0
+    try:
+        for token in tokenize.generate_tokens(iter([text + "\n"]).__next__):
+            if token.type != tokenize.OP:
+                continue
+            if token.string in _OPENERS:
+                depth += 1
+            elif token.string in _CLOSERS:
+                if depth == 0:
+                    return token.string
+                depth -= 1
+    except SyntaxError as error:  # Python 3.12+'s tokenizer names the stray bracket itself
+        found = re.match(r"unmatched '(.)'", str(error.msg))
+        return found.group(1) if found else None
+    except tokenize.TokenError:  # an unclosed bracket or string: nothing closed too early so far
+        pass
+    return None
+
+
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
                    local_ns: dict[str, Any] | None = None) -> tuple:
     """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace.
@@ -313,17 +349,24 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     if not text:
         raise parser.usage_error("missing FUNC and ITERABLE")
     source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
+    def unbalanced(bracket: str = ")") -> IPythonUsageError:
+        return parser.usage_error(f"the argument list is not balanced (a '{bracket}' ends it before the end of "
+                                  f"the line): {text!r}")
+
     try:
         tree = ast.parse(source, mode="eval")
     except SyntaxError:
+        # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
+        # of the line happens to parse once the call's own ')' is added.
+        if (bracket := _closes_more_than_opened(text)) is not None:
+            raise unbalanced(bracket) from None
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "__mpmagic_args__"):
         # A stray ')' closed the argument list early and the rest of the line
         # (``f, xs)[1].append(3``) was code around the call: refused before
         # anything is evaluated, as map() would never run it.
-        raise parser.usage_error(f"the argument list is not balanced (a ')' ends it before the end of the line): "
-                                 f"{text!r}")
+        raise unbalanced() from None
     if call.keywords:
         raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
     if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
@@ -788,6 +831,16 @@ def _check_pool_line(parser: _Parser, opts: argparse.Namespace, tokens: list[str
                                  f"%pool {action} takes {' '.join(takes) or 'none'}")
 
 
+def _has_no_code(cell: str) -> bool:
+    """Is ``cell`` only blank lines and comments (a setup that would run nothing,
+    installed in place of the one before)? A cell that does not parse has code:
+    its syntax error is said where the code is run."""
+    try:
+        return not astlock.parse(cell).body
+    except (SyntaxError, ValueError):
+        return False
+
+
 def _is_variable_name(text: str) -> bool:
     """Can a cell read a variable of this name (``-o``, ``--gather``)? Not ``1abc``, not ``class``."""
     return text.isidentifier() and not keyword.iskeyword(text)
@@ -894,8 +947,9 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
     if cell is None:
         print(worker_setup.describe())
         return None
-    if not cell.strip():
-        raise UsageError("%%pool setup needs code in the cell (or %pool setup clear to remove the setup)")
+    if _has_no_code(cell):  # (a cell with nothing under the line never gets here: IPython refuses it)
+        raise UsageError("%%pool setup needs code in the cell: it has only comments or blank lines "
+                         "(or %pool setup clear to remove the setup)")
     try:
         errors = setup_api.set_code(cell)  # (refused while runs are in flight: their workers would switch setups)
     except SyntaxError as exc:

@@ -134,6 +134,12 @@ def start_pool(
     and each worker gets one chunk at a time (no pipelining), so the check comes
     before its next chunk is sent. ``max_tasks_per_child`` and ``max_memory`` of
     0 remove the limit.
+
+    Another ``start_method`` or ``max_tasks_per_child`` than the running pool's
+    replaces the pool (its workers cannot change either): runs other threads
+    have in flight on it fail with "the pool was stopped while this run was in
+    flight", as after ``stop_pool()``. ``workers`` and ``max_memory`` are
+    changed in place.
     """
     global _backend
     if max_memory is not None:

@@ -357,6 +357,16 @@ def test_advice_picks_the_cause_from_the_measurements():
 
 
 
+def test_transfer_cost_advice_names_the_chunksize_given_not_the_rounded_average():
+    """``--chunksize 3`` over 10 items was told "a chunk of 2" (10 items / 4 chunks, rounded)."""
+    given = _report(items=10, chunks=4, chunksize="3", wall=0.4, task_seconds=0.00004)
+    assert "a chunk of up to 3 (2.5 on average) in ~10 µs" in given.advice, given.advice
+    even = _report(items=9, chunks=3, chunksize="3", wall=0.4, task_seconds=0.00003)
+    assert "a chunk of 3 in" in even.advice and "--chunksize" in even.advice, even.advice
+    auto = _report(items=10, chunks=4, chunksize="auto (2-3)", wall=0.4, task_seconds=0.00004)
+    assert "a chunk of 2.5 items on average in" in auto.advice, auto.advice
+
+
 def test_advice_does_not_call_waiting_for_another_runs_workers_a_transfer_cost(ip, pool2, settings):
     """A quick %pmap that waited for workers busy with a --bg run was told
     "sending and collecting a chunk cost ~392.4 ms: give each call more work"."""

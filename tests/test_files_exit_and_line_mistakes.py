@@ -71,12 +71,14 @@ def test_a_task_given_or_returning_an_open_file_fails_with_the_fix(ip, pool2, tm
 
 
 @pytest.mark.parametrize("args", ["f_fh, xs_fh)[1].append(3", "f_fh, xs_fh)[0](5", "f_fh, xs_fh) + (1,",
+                                  "f_fh, xs_fh)[0]", "f_fh, xs_fh)", "f_fh, xs_fh) + [1]", "f_fh, xs_fh]",
                                   "f_fh, xs_fh)(f_fh, xs_fh"])
 def test_pmap_refuses_an_unbalanced_argument_list_before_running_it(ip, args):
     run(ip, "calls_fh = []\ndef f_fh(x):\n    calls_fh.append(x)\n    return x\nxs_fh = [1, 2]")
     error = ip.run_cell(f"_ = %pmap -q {args}", store_history=False).error_in_exec
     assert isinstance(error, IPythonUsageError), error
     assert "not balanced" in str(error) and repr(args) in str(error)
+    assert f"(a '{']' if args.endswith('xs_fh]') else ')'}' ends it" in str(error)
     assert ip.user_ns["xs_fh"] == [1, 2] and ip.user_ns["calls_fh"] == []
 
 

@@ -33,6 +33,24 @@ def test_pool_refuses_an_option_its_subcommand_ignores_however_written(ip, line)
     assert "-n/--workers goes with start, restart, resize, local and dask" in str(err)
 
 
+@pytest.mark.parametrize("before, after", [
+    ("dask --timeout 1 tcp://127.0.0.1:1", "dask tcp://127.0.0.1:1 --timeout 1"),
+    ("checkpoints --timeout 1 clear f", "checkpoints clear f --timeout 1"),
+    ("-n 3 resize", "resize -n 3"), ("start --start-method spawn -n 2", "-n 2 start --start-method spawn"),
+])
+def test_pool_reads_options_and_words_in_any_order(before, after):
+    from mpmagic.magics import _pool_parser
+
+    assert vars(_pool_parser().parse_args(before.split())) == vars(_pool_parser().parse_args(after.split()))
+
+
+def test_pool_names_the_option_a_subcommand_ignores_wherever_it_is_written(ip):
+    err, _, _ = error_of(ip, "%pool checkpoints -n 2 clear")
+    assert "-n/--workers goes with start, restart, resize, local and dask, not checkpoints" in str(err)
+    err, _, _ = error_of(ip, "%pool dask -n 2 tcp://127.0.0.1:1 extra")
+    assert "unexpected argument 'extra': %pool dask takes ADDRESS" in str(err)
+
+
 @pytest.mark.parametrize("cell, magic", [
     ("%pmap --help", "pmap"), ("%pmap -h abs, [1]", "pmap"), ("%pool --help", "pool"), ("%pool stop -h", "pool"),
     ("%%parallel --help\nraise SystemExit('ran')", "parallel"), ("%%parallel -h\nraise SystemExit('ran')", "parallel"),

@@ -99,6 +99,14 @@ def test_setup_in_recycled_workers(ip, method):
     ensure_pool(method)
 
 
+@pytest.mark.parametrize("body", ["# load the model here later\n", "   \n\n", "# a\n\n    # b"])
+def test_a_setup_cell_without_code_is_refused_not_installed(ip, body):
+    """A comment-only cell was installed silently as the setup (replacing the one before)."""
+    error = ip.run_cell("%%pool setup\n" + body, store_history=False).error_in_exec
+    assert isinstance(error, IPythonUsageError) and "%%pool setup needs code in the cell" in str(error), error
+    assert worker_setup.describe().startswith("no worker setup")
+
+
 def test_failing_setup_one_line_and_pool_usable(ip, local_pool):
     result = ip.run_cell("%%pool setup\nA = 1\nB = 1 / 0\n", store_history=False)
     err = result.error_in_exec
