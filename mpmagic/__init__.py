@@ -189,17 +189,34 @@ def _after_cell(*_args: Any) -> None:
 
     Runs after every cell, so it is cheap (a scan of the user's names, ~0.1 ms
     per thousand), never waits (the pool's manager sends the imports) and never raises.
-    """
-    from . import pool, warmup
-    from .backends.local import LocalBackend
 
-    backend = pool.current_pool()
-    if not isinstance(backend, LocalBackend) or not warmup.enabled():
-        return  # no local pool yet: its start scans the notebook itself
+    Not even KeyboardInterrupt: one that lands here is dropped. The cell it was
+    meant for has already ended (and succeeded, or IPython would say so), while
+    IPython would print "Error in callback ..." with our frames and mark that
+    finished cell as failed. Deferring it has no good target: re-raised after
+    the hook it lands in IPython's or ipykernel's reply code (a lost reply,
+    see interrupts.py), and kept for later it would stop the next cell, which
+    the user has not asked to stop. Dropped, it is what the same press a
+    moment later, once the kernel had replied, would have been: nothing. The
+    warming itself runs with SIGINT deferred, so a press cannot cut it half
+    done (modules recorded as wanted but never sent); the deferred press is
+    then dropped with the rest.
+    """
     try:
-        backend.preload(warmup.notebook_modules())
-    except Exception:
-        logging.getLogger("mpmagic").debug("mpmagic: warming the workers after a cell failed", exc_info=True)
+        from . import pool, warmup
+        from .backends.local import LocalBackend
+        from .engine import sigint_deferred
+
+        with sigint_deferred():
+            backend = pool.current_pool()
+            if not isinstance(backend, LocalBackend) or not warmup.enabled():
+                return  # no local pool yet: its start scans the notebook itself
+            try:
+                backend.preload(warmup.notebook_modules())
+            except Exception:
+                logging.getLogger("mpmagic").debug("mpmagic: warming the workers after a cell failed", exc_info=True)
+    except KeyboardInterrupt:
+        logging.getLogger("mpmagic").debug("mpmagic: an interrupt after the cell had ended was dropped")
 
 
 def _prestart_pool() -> None:

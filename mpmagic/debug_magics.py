@@ -9,6 +9,7 @@ from IPython.core.magic import Magics, line_magic, magics_class
 
 from . import debugging, postmortem
 from .errors import UsageError
+from .magics import _now, _one_line_interrupts
 
 PDEBUG_HELP = """\
 Replay a failure of the last %pmap or %%parallel run here, under IPython's debugger.
@@ -33,6 +34,7 @@ class DebugMagics(Magics):
     """%pdebug."""
 
     @line_magic
+    @_one_line_interrupts("%pdebug", "%pdebug interrupted before its replay started: nothing was replayed")
     def pdebug(self, line: str = "") -> None:
         # (Its help, for %pdebug? and %pdebug -h, is PDEBUG_HELP: set as the docstring below.)
         text = line.strip()
@@ -48,6 +50,8 @@ class DebugMagics(Magics):
         if debugging.last_run() is None and debugging.last_foreground_failure() is None:
             raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "
                                     "interrupted run, a --bg run or an imap stream leaves nothing to replay)")
+        _now("%pdebug interrupted: the replay was stopped; mpmagic.last_failures() has the worker's traceback "
+             "and locals")
         try:
             postmortem.replay(which, debugger=getattr(self.shell, "debugger_cls", None))
         except UsageError as exc:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import ast
 import difflib
+import functools
 import itertools
 import keyword
 import linecache
 import re
 import shlex
 import sys
+import threading
 import tokenize
 import unicodedata
 from collections.abc import Callable
@@ -48,6 +50,16 @@ from .errors import (
 from .setup_api import RunsInFlight, SetupRefused
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
+# An interrupt that escapes a magic outside its run (_one_line_interrupts): what it says.
+_BG_STARTED = ("{magic} --bg interrupted after its run had started in the background, where it goes on: its "
+               "handle is kept in this interrupt's .run (sys.last_value.run in the next cell); %pool runs lists it")
+_POOL_BEFORE = "{magic} interrupted before it did anything: nothing changed"
+_POOL_DURING_ANY = "{magic} {action}{clear} interrupted before it finished; %pool shows the pool's state"
+_POOL_DURING = {  # (start, restart, resize, local, dask: their own line, "... while it waited for the workers")
+    "status": "{magic} interrupted while it read the pool's state: nothing changed",
+    "runs": "{magic} runs interrupted while it listed the runs: nothing changed",
+    "checkpoints": "{magic} checkpoints{clear} interrupted before it finished; %pool checkpoints shows what is stored",
+}
 # The local pool's outcome (Dask's says what it did instead: errors.interrupt_outcome).
 _STOPPED = STOPPED_OUTCOME
 # --compare's serial run is in the notebook, after the parallel run: an
@@ -135,6 +147,7 @@ def _positive_float(text: str) -> float:
     return value
 
 
+@functools.cache
 def _pmap_parser() -> _Parser:
     p = _Parser(prog="%pmap", usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]")
     p.add_argument("-n", "--workers", type=_positive_int,
@@ -160,6 +173,7 @@ def _pmap_parser() -> _Parser:
     return p
 
 
+@functools.cache
 def _parallel_parser() -> _Parser:
     p = _Parser(prog="%%parallel", usage="%(prog)s [options]")
     p.add_argument("-n", "--workers", type=_positive_int, help="ranks to run at once (default: the pool's size)")
@@ -180,6 +194,7 @@ def _parallel_parser() -> _Parser:
     return p
 
 
+@functools.cache
 def _pool_parser() -> _Parser:
     p = _Parser(prog="%pool", intermixed=True,
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
@@ -257,12 +272,26 @@ _RERUN_OPTIONS = frozenset({"workers", "chunksize", "timeout", "retries"})
 _RERUN_TAKES = _RERUN_OPTIONS | {"quiet", "rerun_failed"}
 
 
-def _given_options(parser: argparse.ArgumentParser, tokens: list[str]) -> dict[str, str]:
-    """The options ``tokens`` give, as ``{destination: option name}`` (defaults left out)."""
-    for action in parser._actions:  # noqa: SLF001 - only what the line says, not the defaults
-        action.default = argparse.SUPPRESS
+@functools.cache
+def _without_defaults(build: Callable[[], _Parser]) -> _Parser:
+    """A parser of its own made by ``build`` (the uncached builder), whose options
+    have no defaults: it reads only what a line says. Built once per builder."""
+    parser = build()
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public table
+        if action.option_strings:
+            action.default = argparse.SUPPRESS
+    return parser
+
+
+def _given_options(build: Callable[[], _Parser], tokens: list[str]) -> dict[str, str]:
+    """The options ``tokens`` give, as ``{destination: option name}`` (defaults left out).
+
+    ``build``: the magic's uncached parser builder (``_pmap_parser.__wrapped__``);
+    the magic's own parser, shared by every call, is never changed."""
+    parser = _without_defaults(build)
     given = vars(parser.parse_args(tokens))
-    return {a.dest: a.option_strings[-1] for a in parser._actions if a.dest in given}  # noqa: SLF001
+    return {a.dest: a.option_strings[-1] for a in parser._actions  # noqa: SLF001
+            if a.option_strings and a.dest in given}
 
 
 def _without_final_semicolon(text: str) -> tuple[str, bool]:
@@ -434,6 +463,97 @@ def _interrupted(magic: str, text: str | None = None, outcome: str | None = None
     return one_line_interrupt(text or _INTERRUPTED.format(magic=magic, outcome=outcome or _STOPPED))
 
 
+class _Call:
+    """One magic call in progress, for :func:`_one_line_interrupts`: the one line an
+    interrupt escaping the magic now shows, and what it keeps (a finished run's value)."""
+
+    def __init__(self, magic: str, before: str | None = None) -> None:
+        self.magic = magic
+        self.line = before or f"{magic} interrupted before its run started: nothing ran"
+        self.kept: tuple[str, Any] | None = None  # (attribute of the interrupt, value)
+
+
+# The calls in progress in this thread, innermost last (a magic may run inside
+# another's argument list; two threads may run magics at once).
+_calls = threading.local()
+
+
+def _current_call() -> _Call | None:
+    stack = getattr(_calls, "stack", None)
+    return stack[-1] if stack else None
+
+
+def _now(line: str, kept: tuple[str, Any] | None = None) -> None:
+    """What an interrupt escaping the current magic from here on says (and keeps)."""
+    call = _current_call()
+    if call is not None:
+        call.line, call.kept = line, kept
+
+
+def _finished(magic: str, attr: str, what: str, value: Any) -> None:
+    """The run returned ``value``: an interrupt from here on (the report, storing
+    names) keeps it on the interrupt (``attr``) and says where; the cell still stops."""
+    _now(f"{magic} interrupted after its run had finished: {what} kept in this interrupt's .{attr} "
+         f"(sys.last_value.{attr} in the next cell)", (attr, value))
+
+
+def _in_user_arguments(exc: BaseException) -> bool:
+    """Did the interrupt land in the user's own code that the magic evaluated (the
+    argument list of ``%pmap``, a generator or function it calls)? Its frames are
+    then kept, as ``list(map(f, slow_args()))`` shows them."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith("<pmap-args-"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _one_line_interrupts(name: str, before: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make magic ``name`` (``%pmap``) end every interrupt in one line, whenever it lands.
+
+    ``before``: what an interrupt says until the magic says otherwise (by
+    default "{name} interrupted before its run started: nothing ran").
+
+    The run's own interrupts are already one line (:class:`_magic_errors`, the
+    backends) and stay as they are. This covers the rest: an interrupt while
+    the line is parsed or evaluated or the run prepared (``%pmap interrupted
+    before its run started: nothing ran``), or after the run returned, while
+    the report shows or names are stored: the cell stops, as the user asked,
+    and the finished run's value is kept on the interrupt, whose line says
+    where (:func:`_finished`). A magic says what an interrupt means at each
+    step with :func:`_now`. Without this, IPython showed a traceback through
+    argparse or gettext, or an empty one through the magic's hidden frames.
+    An interrupt inside the user's own code in the argument list keeps the
+    user's frames, as ``list(map(f, slow_args()))`` shows them.
+    """
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def magic(self: Any, *args: Any, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            call = None
+            try:
+                call = _Call(name, before)
+                _calls.__dict__.setdefault("stack", []).append(call)
+                return method(self, *args, **kwargs)
+            except KeyboardInterrupt as exc:
+                if hasattr(exc, "_render_traceback_") or _in_user_arguments(exc):
+                    raise
+                new = one_line_interrupt(call.line if call is not None else _Call(name, before).line)
+                if call is not None and call.kept is not None:
+                    setattr(new, *call.kept)
+                raise new from None
+            finally:
+                stack = _calls.__dict__.get("stack", [])
+                if call in stack:
+                    stack.remove(call)
+
+        return magic
+
+    return wrap
+
+
 class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(parser):`)
     """A run's errors as the magic says them.
 
@@ -502,12 +622,16 @@ class MPMagics(Magics):
     @no_var_expand
     @needs_local_scope
     @line_magic
+    @_one_line_interrupts("%pmap")
     def pmap(self, line: str = "", local_ns: dict[str, Any] | None = None) -> Any:
         __tracebackhide__ = True
         parser = _pmap_parser()
         tokens, rest = split_options(line, parser)
         rest, silenced = _without_final_semicolon(rest)
         result = self._pmap(parser, tokens, rest, local_ns)
+        call = _current_call()
+        if result is not None and call is not None and call.kept is None:  # (--rerun-failed's results)
+            _finished("%pmap", "results", "its results are", result)
         if silenced and _statement_is_an_expression():
             return None  # %pmap f, xs; shows nothing, as list(map(f, xs)); does
         return result
@@ -545,6 +669,7 @@ class MPMagics(Magics):
                     seed=opts.seed,
                     **config.run_kwargs(opts),
                 )
+            _finished("%pmap", "results", "its results are", result)
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
@@ -560,7 +685,7 @@ class MPMagics(Magics):
         and errors, and a --bg or --compare given here was dropped without a word.
         """
         __tracebackhide__ = True
-        given = _given_options(_pmap_parser(), tokens)
+        given = _given_options(_pmap_parser.__wrapped__, tokens)
         ignored = [name for dest, name in given.items() if dest not in _RERUN_TAKES]
         if ignored:
             raise parser.usage_error(
@@ -589,9 +714,11 @@ class MPMagics(Magics):
 
             background.check_options(compare=opts.compare, scaling=opts.scaling)
             kw = config.run_kwargs(opts)
-            return api.pmap(args[0], *args[1:], workers=opts.workers, chunksize=opts.chunksize, star=opts.star,
-                            errors=opts.errors, timeout=opts.timeout, retries=opts.retries, seed=opts.seed,
-                            insights=kw.get("insights", False), checkpoint=kw.get("checkpoint", False), block=False)
+            run = api.pmap(args[0], *args[1:], workers=opts.workers, chunksize=opts.chunksize, star=opts.star,
+                           errors=opts.errors, timeout=opts.timeout, retries=opts.retries, seed=opts.seed,
+                           insights=kw.get("insights", False), checkpoint=kw.get("checkpoint", False), block=False)
+        _now(_BG_STARTED.format(magic="%pmap"), ("run", run))
+        return run
 
     def _parallel_bg(self, parser: _Parser, opts: argparse.Namespace, cell: str) -> Any:
         """``%%parallel --bg``: the run's handle (also stored in ``-o NAME``)."""
@@ -608,11 +735,13 @@ class MPMagics(Magics):
                                label_output=not opts.no_label, insights=kw.get("insights", False),
                                checkpoint=kw.get("checkpoint", False), seed=opts.seed, keep=opts.keep,
                                reset=opts.reset, block=False)
+        _now(_BG_STARTED.format(magic="%%parallel"), ("run", run))
         if opts.output:
             self._user_ns[opts.output] = run
         return run
 
     @cell_magic
+    @_one_line_interrupts("%%parallel")
     def parallel(self, line: str = "", cell: str = "") -> Any:
         __tracebackhide__ = True
         parser = _parallel_parser()
@@ -673,6 +802,7 @@ class MPMagics(Magics):
                     reset=opts.reset,
                     **config.run_kwargs(opts),
                 )
+            _finished("%%parallel", "values", "the ranks' values are", values)
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
@@ -691,8 +821,13 @@ class MPMagics(Magics):
         return values
 
     @line_cell_magic
+    @_one_line_interrupts("%pool")
     def pool(self, line: str = "", cell: str | None = None) -> Any:
         __tracebackhide__ = True
+        if cell is not None:
+            _now(_POOL_BEFORE.format(magic="%%pool"))
+        else:
+            _now(_POOL_BEFORE.format(magic="%pool"))
         parser = _pool_parser()
         try:
             tokens = shlex.split(line, comments=True)
@@ -704,6 +839,9 @@ class MPMagics(Magics):
         if cell is not None and opts.action != "setup":
             raise parser.usage_error("only %%pool setup takes a cell (the code every worker runs at start)")
         _check_pool_line(parser, opts, tokens)
+        _now(_POOL_DURING.get(opts.action, _POOL_DURING_ANY).format(
+            magic="%%pool" if cell is not None else "%pool", action=opts.action,
+            clear=" clear" if opts.target == "clear" else ""))
         try:
             if opts.action == "setup":
                 return _pool_setup(opts.target, cell, self.shell)
@@ -812,11 +950,7 @@ def _check_pool_line(parser: _Parser, opts: argparse.Namespace, tokens: list[str
     action = opts.action
     # The options written on the line (not those left at their default: --timeout has one),
     # as argparse read them: -n2 and -n 2 alike (matching words missed a value attached).
-    fresh = _pool_parser()
-    for a in fresh._actions:  # noqa: SLF001 - argparse has no public table
-        if a.option_strings:
-            a.default = argparse.SUPPRESS
-    given = vars(fresh.parse_args(tokens))
+    given = _given_options(_pool_parser.__wrapped__, tokens)
     written = [a for a in parser._actions if a.option_strings and a.dest in given]  # noqa: SLF001
     for option in written:
         if option.dest not in _POOL_OPTIONS.get(action, ()):

@@ -664,3 +664,92 @@ def test_processes_a_task_starts_are_stopped_with_its_worker(ip, pool2):
     assert psutil.pid_exists(pid)
     mpmagic.restart_pool()  # (a stop, then a start: the next tests get a running pool)
     assert psutil.wait_procs(sleeping("301"), timeout=5)[1] == []
+
+
+# -- 2b. interrupts outside a magic's run: one line, whenever they land ----
+
+
+def _interrupt_from(monkeypatch, target, name, *, signal_it=False, result=None):
+    """Make ``target.name`` interrupt: raise KeyboardInterrupt, or (signal_it) send
+    SIGINT to this process as the kernel's interrupt does, which lands in it."""
+    from mpmagic import interrupts
+
+    interrupts.restore()  # (a guard left by an earlier interrupted run would drop ours)
+
+    def interrupt(*args, **kwargs):
+        if signal_it:
+            signal.raise_signal(signal.SIGINT)
+            return result
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, name, interrupt)
+
+
+def _one_line_cell(ip, code):
+    with capture_output() as cap:
+        result = ip.run_cell(code, store_history=False)
+    shown = (cap.stdout + cap.stderr).strip()
+    assert isinstance(result.error_in_exec, KeyboardInterrupt), shown
+    assert "Traceback" not in shown and "argparse" not in shown and "Error in callback" not in shown, shown
+    return result.error_in_exec, shown
+
+
+@pytest.mark.parametrize(("code", "target", "name", "line"), [
+    ("r = %pmap abs, [1, -2]", "magics", "split_options", "%pmap interrupted before its run started: nothing ran"),
+    ("%%parallel -n 2\nrank", "magics", "_check_plain_python",
+     "%%parallel interrupted before its run started: nothing ran"),
+    ("%pool status", "magics", "_check_pool_line", "%pool interrupted before it did anything: nothing changed"),
+    ("%pool stop", "pool", "stop_pool", "%pool stop interrupted before it finished; %pool shows the pool's state"),
+    ("%pdebug", "debugging", "last_run", "%pdebug interrupted before its replay started: nothing was replayed"),
+])
+def test_an_interrupt_before_a_magics_run_is_one_line(ip, monkeypatch, code, target, name, line):
+    """An interrupt while the line is parsed or checked (chaos11: a traceback through
+    argparse and gettext, or an empty one) is the magic's one line, saying nothing ran."""
+    import importlib
+
+    _interrupt_from(monkeypatch, importlib.import_module(f"mpmagic.{target}"), name, signal_it=target == "magics")
+    exc, shown = _one_line_cell(ip, code)
+    assert str(exc) == line
+    assert shown == f"KeyboardInterrupt: {line}"
+
+
+def test_an_interrupt_after_the_run_keeps_its_results(ip, pool2, monkeypatch):
+    """An interrupt while the report shows stops the cell, in one line, and the
+    finished run's results are kept on the interrupt, where the line says."""
+    from mpmagic import magics
+
+    _interrupt_from(monkeypatch, magics, "display")
+    exc, shown = _one_line_cell(ip, "r = %pmap abs, [1, -2]")
+    assert "%pmap interrupted after its run had finished" in shown and "sys.last_value.results" in shown
+    assert exc.results == [1, 2]
+    exc, shown = _one_line_cell(ip, "%%parallel -n 2\nrank")
+    assert "sys.last_value.values" in shown and list(exc.values) == [0, 1]
+
+
+def test_an_interrupt_in_the_users_argument_list_keeps_the_users_frames(ip):
+    """Ctrl-C in the user's own code in ARGS shows the user's frames, as
+    ``list(map(abs, slow()))`` does: it is where the user's code was."""
+    run(ip, "def slow_items():\n    raise KeyboardInterrupt\n")
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap abs, slow_items()", store_history=False)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert not hasattr(result.error_in_exec, "_render_traceback_")
+    assert "slow_items" in cap.stdout + cap.stderr
+
+
+def test_an_interrupt_in_the_after_cell_hook_is_dropped(ip, monkeypatch):
+    """A Ctrl-C landing in mpmagic's post_run_cell hook: the finished cell stays
+    a success, with no "Error in callback" (chaos11); the warming is not cut short."""
+    from mpmagic import pool as pool_module
+
+    real = pool_module.current_pool
+    _interrupt_from(monkeypatch, pool_module, "current_pool", signal_it=True, result=None)
+    with capture_output() as cap:
+        result = ip.run_cell("x_after_cell = 1", store_history=False)
+    monkeypatch.setattr(pool_module, "current_pool", real)
+    assert result.success and ip.user_ns["x_after_cell"] == 1
+    assert "Error in callback" not in cap.stdout + cap.stderr
+    with capture_output() as cap:  # a KeyboardInterrupt raised outright in the hook: dropped too
+        _interrupt_from(monkeypatch, pool_module, "current_pool")
+        result = ip.run_cell("x_after_cell = 2", store_history=False)
+    assert result.success and "Error in callback" not in cap.stdout + cap.stderr
