@@ -218,11 +218,13 @@ def advise(report: Any) -> str | None:
                 if fixed
                 else "give each call more work (pass a batch of items per call)"
             )
+            # (On Dask the cost per chunk is the scheduler's too: assigning, queueing on a worker.)
+            cost = "Dask scheduling, sending and collecting" if report.backend == "dask" else "sending and collecting"
             return (
                 f"tasks too small for the transfer cost: each item computes in "
                 f"~{fmt_seconds(per_item)}, {_chunk_words(report, fixed)} in "
-                f"~{fmt_seconds(per_chunk)}, but sending and collecting a chunk cost "
-                f"~{fmt_seconds(overhead)}: {fix}, or run it serially"
+                f"~{fmt_seconds(per_chunk)}, but {cost} a chunk cost "
+                f"~{fmt_seconds(overhead)}: {fix}{_or_serially(report)}"
             )
     if report.items < workers:
         return (
@@ -234,7 +236,7 @@ def advise(report: Any) -> str | None:
     return (
         f"the run spent ~{fmt_seconds(max(0.0, overhead))} beyond its share of work "
         f"({fmt_seconds(ideal)} per worker) on starting, sending and collecting: "
-        "give the workers more work per call, or run it serially"
+        f"give the workers more work per call{_or_serially(report)}"
     )
 
 
@@ -247,6 +249,13 @@ def _chunk_words(report: Any, fixed: bool) -> str:
     if fixed and report.chunksize != mean:
         return f"a chunk of up to {report.chunksize} ({mean} on average)"
     return f"a chunk of {mean}" if average.is_integer() else f"a chunk of {mean} items on average"
+
+
+def _or_serially(report: Any) -> str:
+    """", or run it serially" for a run slower than serial; nothing for one that
+    still paid off (a 1.7x run on 4 threads was told to run serially)."""
+    sp = report.speedup
+    return ", or run it serially" if sp is None or sp < 1.0 else ""
 
 
 def _ranks_repeat_the_work(report: Any) -> str | None:
@@ -332,6 +341,13 @@ def _shared_workers(report: Any) -> str | None:
     if not report.shared_workers:
         return None
     waited = report.waited_for_workers
+    if report.backend == "dask":  # the cluster's workers: other clients' tasks, abandoned ones, joining ones
+        wait = f"waited ~{fmt_seconds(waited)}" if waited >= 0.001 else "waited"
+        return (
+            f"this run {wait} for Dask workers (busy with other tasks: another client's, or ones a timeout or "
+            "interrupt left running; or still joining the cluster), so its time counts waiting for them and "
+            "says little about its own cost: time it while the cluster is free"
+        )
     wait = f"waited ~{fmt_seconds(waited)} for workers busy with" if waited >= 0.001 else "shared the workers with"
     return (
         f"this run {wait} another run (a background run, or another thread's), so its time counts "

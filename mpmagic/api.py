@@ -503,7 +503,9 @@ class MapCall:
             kind="pmap",
             interrupted=interrupted,
             items=job.items_done,
-            workers=self.workers,
+            # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).
+            workers=job.ran_on or self.workers,
+            worker_noun="worker" if job.ran_on is None else "worker thread",
             backend=backend.name,
             start_method=backend.start_method,
             wall=wall,
@@ -512,7 +514,7 @@ class MapCall:
             chunksize=job.planner.describe(),
             failed_at=job.failure_index,
             total=self.n_items,
-            **_measured(job, backend, self.cold, self.recorder, self.workers, _func_libs(job.func)),
+            **_measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers, _func_libs(job.func)),
         )
 
     def failed_items(self, results: list) -> list:

@@ -76,6 +76,9 @@ class Report:
     # unit waited for a worker busy with another run.
     shared_workers: bool = False
     waited_for_workers: float = 0.0
+    # What ``workers`` counts: "worker" (processes), or "worker thread" on Dask,
+    # whose worker processes run several tasks at once (a thread each).
+    worker_noun: str = "worker"
     # The pandas accessor (df.mp...): of the wall time, the part spent here outside
     # the run (cutting the input, pandas assembling the result). The wall is the
     # whole call's, so the line's speedup is the call's; the estimate stays the
@@ -104,7 +107,7 @@ class Report:
 
     def _where(self) -> str:
         how = self.backend if not self.start_method else self.start_method
-        return f"{self.workers} worker{'s' if self.workers != 1 else ''} ({how})"
+        return f"{self.workers} {self.worker_noun}{'s' if self.workers != 1 else ''} ({how})"
 
     def _what(self) -> str:
         if self.kind == "parallel":

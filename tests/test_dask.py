@@ -567,3 +567,57 @@ def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
         lock.release()
     assert lock.acquire(timeout=5)
     lock.release()
+
+
+def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_cluster, dask_pool):
+    """Every method of Queue, Lock and Event made on Dask, after `%pool local` and
+    after reconnecting, and a Lock inside a local task: the one-line UsageError
+    (only Queue.get said it; the rest raised "IOLoop is closed", "'NoneType'
+    object has no attribute 'event_set'", "... not properly initialized")."""
+    q, lock, ev = mpmagic.Queue(), mpmagic.Lock(), mpmagic.Event()
+    ip.user_ns["dl"] = lock
+    calls = [q.qsize, lambda: q.put(1), q.close, lambda: q.closed, lambda: lock.acquire(timeout=1), lock.release,
+             lock.locked, ev.set, ev.clear, ev.is_set, lambda: ev.wait(0.1)]
+    run(ip, "%pool local -n 2")
+    for call in calls:
+        with pytest.raises(mpmagic.UsageError, match="belonged to a Dask pool that was stopped"):
+            call()
+    with pytest.raises(mpmagic.UsageError, match=r"mpmagic.Lock on Dask .* belonged to a Dask pool that was"):
+        run(ip, "def usel(x):\n    with dl:\n        return x\n%pmap -q usel, range(2)")
+    run(ip, f"%pool dask {dask_cluster.address}")
+    with pytest.raises(mpmagic.UsageError, match=r"make a new one with mpmagic.Event\(\)"):
+        ev.is_set()
+    with pytest.raises(mpmagic.UsageError, match="belonged to a Dask pool that was stopped"):
+        q.qsize()
+
+
+def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip, dask_cluster, dask_pool,
+                                                                               monkeypatch, capsys):
+    """A shared cluster: another client's task holds a worker, and `%%parallel -n 4`
+    must pin a rank there. Dask queues that rank silently (ranks meeting it waited
+    with no word, for ever if the task never ends): one line names it and its
+    worker, and the advice does not blame the rank that waited for it."""
+    from distributed import Client
+
+    from mpmagic.backends import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "RANK_START_NOTICE", 0.5)
+    with Client(dask_cluster.address, set_as_default=False) as other:
+        target = sorted(other.nthreads())[0]
+        hold = other.submit(time.sleep, 2.5, workers=[target], pure=False)
+        deadline = time.monotonic() + 10
+        while not other.processing(workers=[target]).get(target):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        status = [line for line in str(run(ip, "%pool")).splitlines() if "worker tcp" in line and "running" in line]
+        assert len(status) == 1 and target + ":" in status[0]  # the scheduler's figure, now
+        capsys.readouterr()
+        values = run(ip, f"%%parallel -n {DASK_WORKERS}\nrank")
+        hold.result()
+    assert list(values) == list(range(DASK_WORKERS))
+    err = capsys.readouterr().err
+    last = DASK_WORKERS - 1  # (the busy worker is chosen last)
+    assert f"mpmagic: rank {last} has not started after " in err and f"Dask worker {target} is busy" in err
+    assert err.count("has not started") == 1
+    advice = mpmagic.last_report().advice or ""
+    assert "slow rank" not in advice and "waited" in advice

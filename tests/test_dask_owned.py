@@ -19,7 +19,7 @@ import traceback
 
 import cloudpickle
 import pytest
-from conftest import ensure_pool, run
+from conftest import DASK_WORKERS, ensure_pool, run
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -167,7 +167,12 @@ def test_after_a_timeout_the_next_run_leaves_the_still_busy_worker_out(ip, dask_
         assert int(hung.read_text()) not in pids  # not one chunk waited behind the stuck task
         err = capsys.readouterr().err
         assert "still busy with a task an earlier timeout or interrupt gave up on" in err
-        assert "this run uses the other 3 workers" in err
+        assert "this run uses the other 3 worker threads" in err
+        assert "pmap: 12 items on 3 worker threads (dask)" in mpmagic.last_report().line()  # as the notice says
+        # %pool: the stuck worker runs a task (the scheduler forgot it when it was cancelled), the others none.
+        address = next(a for a, pid in dask_pool.client.run(os.getpid).items() if pid == int(hung.read_text()))
+        lines = [line for line in str(run(ip, "%pool")).splitlines() if "  worker tcp://" in line]
+        assert [line for line in lines if "running" in line] == [next(x for x in lines if address + ":" in x)]
     finally:
         release.write_text("")  # the stuck task returns: later tests have every worker
 
@@ -176,7 +181,12 @@ def test_workers_n_runs_at_most_n_tasks_at_once(ip, dask_pool):
     """``-n 1`` ran on every Dask worker while its report said "on 1 worker"."""
     run(ip, "import os, time\ndef pid_of(x):\n    time.sleep(0.05)\n    return os.getpid()\n")
     assert len(set(run(ip, "%pmap -q -n 1 --chunksize 1 pid_of, range(8)"))) == 1
-    assert "on 1 worker (dask)" in mpmagic.last_report().line()
+    assert "on 1 worker thread (dask)" in mpmagic.last_report().line()
+    # -n above the cluster's threads: the line counts the threads that ran ("on 6 workers" on 4).
+    run(ip, "%pmap -q -n 6 --chunksize 1 pid_of, range(8)")
+    assert f"pmap: 8 items on {DASK_WORKERS} worker threads (dask)" in mpmagic.last_report().line()
+    # %pool right after: no worker runs anything (Dask's heartbeat figures said "1 running").
+    assert " running" not in str(run(ip, "%pool")).split("calls run", 1)[1]
     assert len(set(mpmagic.pmap(ip.user_ns["pid_of"], range(8), workers=2, chunksize=1, progress=False))) <= 2
 
 

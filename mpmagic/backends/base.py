@@ -37,6 +37,10 @@ class Job(Protocol):
     # and how long its first unit waited for them (the report's advice reads them).
     shared_workers: bool
     waited_for_workers: float
+    # Set by a backend whose run used other than the workers asked for: the worker
+    # threads a map ran on at most (Dask: ``-n`` capped by the cluster's free
+    # threads); None: the workers asked for (the report's line counts them).
+    ran_on: int | None
 
     # Read-only here (a job may compute them: CellJob.items_failed is a property).
     @property

@@ -77,6 +77,9 @@ _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the 
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
 _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
 _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
+# Seconds a %%parallel rank may take to start before the notebook is told why it
+# waits (its worker busy with other tasks): ranks that meet wait for it silently.
+RANK_START_NOTICE = 3.0
 _keys = itertools.count()
 
 log = logging.getLogger("mpmagic")
@@ -509,9 +512,24 @@ class DaskBackend:
                 base["dashboard"] = self.client.dashboard_link
             except Exception:
                 log.debug("mpmagic: no dashboard link", exc_info=True)
+        try:
+            # Tasks running now, as the scheduler has them at this moment: the workers'
+            # own counts in scheduler_info are heartbeat metrics of a moment ago
+            # (a worker idle since showed "1 running", a busy one none).
+            processing: dict[str, Any] | None = dict(self.client.processing())
+        except Exception:  # (no figure rather than a wrong one)
+            log.debug("mpmagic: could not ask the Dask scheduler for its tasks", exc_info=True)
+            processing = None
+        # Tasks this notebook gave up on run on, but the scheduler forgot them when they were cancelled.
+        stuck = self._busy({a: w.get("nthreads", 0) for a, w in info.get("workers", {}).items()})
         procs = []
         for addr, w in sorted(info.get("workers", {}).items()):
             metrics = w.get("metrics", {})
+            nthreads = w.get("nthreads", 0)
+            # (processing: assigned to the worker, at most one running per thread)
+            running = (
+                None if processing is None else min(len(processing.get(addr, ())) + stuck.get(addr, 0), nthreads)
+            )
             procs.append(
                 {
                     "address": addr,
@@ -520,7 +538,7 @@ class DaskBackend:
                     "threads": w.get("nthreads", 0),
                     "memory": metrics.get("memory"),
                     "memory_limit": w.get("memory_limit") or None,
-                    "executing": metrics.get("task_counts", {}).get("executing", 0),
+                    "executing": running,
                 }
             )
         if worker_setup.has_setup():  # worker setup (worker_setup.py): set up or failed, per worker
@@ -617,9 +635,9 @@ class DaskBackend:
 
     def _plan(
         self, nthreads: dict[str, int], workers: int | None, depth: int, quiet: bool = False
-    ) -> tuple[list[str] | None, int]:
+    ) -> tuple[list[str] | None, int, int]:
         """Where a map's chunks may go and how many may be in flight:
-        ``(worker addresses or None for any, capacity)``.
+        ``(worker addresses or None for any, capacity, worker threads it runs on)``.
 
         Workers still busy with a task given up on are left out (their queue
         would hold the chunks until that task returns), and ``workers`` (``-n``)
@@ -629,12 +647,13 @@ class DaskBackend:
         """
         busy = self._busy(nthreads)
         free = {a: n - busy.get(a, 0) for a, n in nthreads.items() if n - busy.get(a, 0) > 0}
-        if busy and not quiet:
-            self._say_busy(busy, free)
-        if not free:  # every worker is busy: the run waits for them (said above)
-            return None, max(1, workers or sum(nthreads.values())) * depth
         total = sum(free.values())
         want = min(workers or total, total)
+        if busy and not quiet:
+            self._say_busy(busy, free, want)
+        if not free:  # every worker is busy: the run waits for them (said above)
+            threads = min(workers or sum(nthreads.values()), sum(nthreads.values()))
+            return None, max(1, threads) * depth, max(1, threads)
         picked, threads = [], 0
         for address in sorted(free, key=lambda a: (-free[a], a)):
             if threads + free[address] <= want:
@@ -643,10 +662,11 @@ class DaskBackend:
         if threads != want:  # (multi-threaded workers that cannot make up ``want``)
             picked, depth = sorted(free), 1
         restrict = None if len(picked) == len(nthreads) else picked
-        return restrict, want * depth
+        return restrict, want * depth, want
 
-    def _say_busy(self, busy: dict[str, int], free: dict[str, int]) -> None:
-        """One line: which workers a run leaves out, or that it waits for them."""
+    def _say_busy(self, busy: dict[str, int], free: dict[str, int], want: int = 0) -> None:
+        """One line: which workers a run leaves out, or that it waits for them.
+        ``want``: the worker threads the run uses (the report's line counts them too)."""
         names = ", ".join(sorted(busy))
         one = len(busy) == 1
         what = (
@@ -654,8 +674,10 @@ class DaskBackend:
             "timeout or interrupt gave up on (Dask cannot stop a running task)"
         )
         if free:
-            n = len(free)
-            sys.stderr.write(f"mpmagic: {what}: this run uses the other {n} worker{'s' if n != 1 else ''}\n")
+            total = sum(free.values())
+            want = want or total
+            uses = f"the other {total}" if want == total else f"{want} of the other {total}"
+            sys.stderr.write(f"mpmagic: {what}: this run uses {uses} worker thread{'s' if total != 1 else ''}\n")
         else:
             sys.stderr.write(f"mpmagic: {what}, and no other worker is free: this run waits until they return\n")
 
@@ -760,7 +782,11 @@ class DaskBackend:
         __tracebackhide__ = True
         self.start()
         self.calls_run += 1
+        t0 = time.monotonic()
         nthreads = self._wait_for_workers(1)
+        if time.monotonic() - t0 > 0.5:  # no worker at first: the wall time counts the wait for one to join
+            job.shared_workers = True
+            job.waited_for_workers += time.monotonic() - t0
         self._most_workers = max(self._most_workers, len(nthreads))
         targets: list[str] = []
         restrict: list[str] | None = None
@@ -774,7 +800,10 @@ class DaskBackend:
             capacity = size
         else:
             depth = 1 if job.timeout else 2  # one queued behind each running chunk hides the round trip
-            restrict, capacity = self._plan(nthreads, workers, depth)
+            stuck = self._busy(nthreads)
+            if stuck and all(stuck.get(a, 0) >= n for a, n in nthreads.items()):
+                job.shared_workers = True  # every worker busy with a task given up on: the run waits for one
+            restrict, capacity, job.ran_on = self._plan(nthreads, workers, depth)
         run = _DaskRun(self, job, capacity, targets, restrict)
         run.asked = workers
         run.execute()
@@ -851,6 +880,10 @@ class _DaskRun:
         self._last_count = time.monotonic()
         self.name = _run_name(job)
         self._last_sweep = time.monotonic()
+        self.began = time.monotonic()
+        self._ranks_check_at = self.began + RANK_START_NOTICE  # (a cell: when to look for ranks not started)
+        self._waiting_ranks: set[str] = set()  # keys of ranks said to wait for a busy worker
+        self._any_started = False  # a task of this run has started (a map's first waited for the cluster)
 
     # -- the loop ----------------------------------------------------------
     def execute(self) -> None:
@@ -884,6 +917,7 @@ class _DaskRun:
             self._check_deadlines()
             if job.kind == "cell":
                 self._check_rank_workers()
+                self._check_ranks_started()
             else:
                 self._check_workers_left()
         if self.tasks:  # a map that failed early, or was cancelled (Run.cancel()): drop the rest
@@ -947,6 +981,12 @@ class _DaskRun:
         if ev.get("start"):
             task.started = time.monotonic()
             task.worker = ev.get("worker")
+            first = not self._any_started
+            self._any_started = True
+            if task.key in self._waiting_ranks or (first and self.job.shared_workers and self.job.kind == "map"):
+                # It waited for a worker busy with other tasks: the report's advice must not read
+                # the wait as this run's cost ("one slow rank": the rank that waited for it).
+                self.job.waited_for_workers = max(self.job.waited_for_workers, task.started - self.began)
             return
         task.streamed += 1
         self.job.output(task.unit.id, ev.get("stream", "stdout"), ev.get("text", ""))
@@ -1189,7 +1229,10 @@ class _DaskRun:
     def _plan_again(self) -> dict[str, int]:
         """Where this map's chunks may go now (``DaskBackend._plan``, quietly); the workers' threads."""
         nthreads = self.backend._nthreads(fresh=True)
-        self.restrict, self.capacity = self.backend._plan(nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True)
+        self.restrict, self.capacity, threads = self.backend._plan(
+            nthreads, self.asked, 1 if self.job.timeout else 2, quiet=True
+        )
+        self.job.ran_on = max(self.job.ran_on or 0, threads)
         return nthreads
 
     def _send_again(self, stale: list[_Task]) -> None:
@@ -1297,6 +1340,46 @@ class _DaskRun:
                 self.tasks.pop(task.key, None)
                 self._cancel([task.future])
                 self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it", worker_kept=True)
+
+    def _check_ranks_started(self) -> None:
+        """Ranks of a cell run at once, each pinned to its worker. On a shared
+        cluster that worker may be busy with another client's task: Dask queues
+        the rank behind it, and ranks that wait for it (a Queue it feeds) wait
+        too, with nothing shown (for ever, if that task never ends). Once,
+        ``RANK_START_NOTICE`` seconds in, one line names the ranks not started
+        whose workers the scheduler says are busy with other tasks."""
+        now = time.monotonic()
+        if now < self._ranks_check_at:
+            return
+        self._ranks_check_at = now + RANK_START_NOTICE
+        waiting = [t for t in self.tasks.values() if t.started is None and t.future.status == "pending"
+                   and t.key not in self._waiting_ranks]
+        if not waiting:
+            return
+        stuck = self.backend._busy(self.backend._nthreads())  # (those were named when the run began)
+        targets = sorted({t.target for t in waiting if t.target and t.target not in stuck})
+        try:
+            processing = self.client.processing(workers=targets) if targets else {}
+        except Exception:  # (the scheduler did not answer: the next look asks again)
+            log.debug("mpmagic: asking the scheduler what busy workers run failed", exc_info=True)
+            return
+        busy = {a for a, keys in processing.items() if any(self.token not in str(k) for k in keys)}
+        late = [t for t in waiting if t.target in busy]
+        if not late:
+            return
+        self._waiting_ranks.update(t.key for t in late)
+        self.job.shared_workers = True
+        ranks = sorted(t.unit.id for t in late)
+        one = len(ranks) == 1
+        names = ", ".join(sorted(busy & {t.target for t in late if t.target}))
+        sys.stderr.write(
+            f"mpmagic: rank{'' if one else 's'} {', '.join(map(str, ranks))} {'has' if one else 'have'} not "
+            f"started after {now - self.began:.0f} s: {'its' if one else 'their'} Dask worker"
+            f"{'' if len(busy) == 1 else 's'} {names} {'is' if len(busy) == 1 else 'are'} busy with other tasks "
+            f"(another client's?), and ranks that wait for {'it' if one else 'them'} wait too: this run waits "
+            f"until {'it is' if len(busy) == 1 else 'they are'} free (interrupt to stop; with -n "
+            f"{max(1, self.job.size - len(ranks))} the ranks go to idle workers)\n"
+        )
 
     # -- giving up -----------------------------------------------------------
     def _cancel(self, futures: list) -> None:

@@ -31,41 +31,67 @@ from ..errors import UsageError
 from ..shared import IterUntilClosed
 from ..shared.base import current_backend
 
+# What ``distributed`` raises for a primitive whose client was closed or that was
+# unpickled with none ("IOLoop is closed", "... object not properly initialized ...
+# outside of the context of a Client or Worker", "No clients found", and an
+# Event's "'NoneType' object has no attribute 'event_set'").
+_GONE_SIGNS = ("not properly initialized", "No clients found", "IOLoop is closed", "'NoneType' object has no attribute")
+
+
+def _gone_error(helper: Any) -> UsageError:
+    kind = type(helper).__name__.removeprefix("Dask")
+    return UsageError(f"{helper!r} belonged to a Dask pool that was stopped (%pool local, %pool stop): make a "
+                      f"new one with mpmagic.{kind}() on the current pool")
+
 
 @contextlib.contextmanager
 def _pool_gone(helper: Any) -> Iterator[None]:
-    """Dask's own error for a helper whose Dask pool was stopped (``%pool local``),
-    in our words: it said "<class 'distributed.lock.Lock'> object not properly
-    initialized ... outside of the context of a Client or Worker"."""
+    """Every method of a helper runs in this: a helper whose Dask pool was stopped
+    (``%pool local``, ``%pool stop``, a reconnect: its client is closed), or one
+    unpickled where there is no Dask at all (a local pool's task), raises one
+    line in our words, never ``distributed``'s own errors with their tracebacks
+    (``RuntimeError: IOLoop is closed``, ``AttributeError: 'NoneType' ...``)."""
+    client = helper._client
+    if helper._orphan or (client is not None and client.status not in ("running", "connecting", "newly-created")):
+        raise _gone_error(helper)
     try:
         yield
-    except (RuntimeError, ValueError) as exc:
-        if "not properly initialized" not in str(exc) and "No clients found" not in str(exc):
+    except (RuntimeError, ValueError, AttributeError) as exc:
+        if not any(sign in str(exc) for sign in _GONE_SIGNS):
             raise
-        raise UsageError(f"{helper!r} belonged to a Dask pool that was stopped (%pool local, %pool stop): make a "
-                         "new one with mpmagic.Queue() on the current pool") from None
+        raise _gone_error(helper) from None
 
 
-def _client_here() -> Any:
-    """The Dask client to use where a helper is unpickled.
+class _OnDask:
+    """What the three helpers share: the client they were made with (None in a
+    Dask worker, where Dask finds the worker's own), and whether they were
+    unpickled where no Dask is (``_orphan``: every method says the pool is gone)."""
+
+    _client: Any = None
+    _orphan = False
+
+
+def _client_here() -> tuple[Any, bool]:
+    """The Dask client to use where a helper is unpickled, and whether there is none.
 
     In a Dask worker, Dask's primitives find the worker's client themselves
-    (None); in the notebook, the current Dask pool's client.
+    (None); in the notebook, the current Dask pool's client; elsewhere (a
+    local pool's worker, the notebook after ``%pool local``): none, orphaned.
     """
     try:
         from distributed import get_worker
 
         get_worker()
-        return None
+        return None, False
     except ValueError:
         pass
     backend = current_backend()
     if backend is not None and backend.name == "dask" and backend.running:
-        return backend.client
-    return None
+        return backend.client, False
+    return None, True
 
 
-class DaskQueue(IterUntilClosed):
+class DaskQueue(_OnDask, IterUntilClosed):
     """A FIFO queue shared by the notebook and every task of the Dask cluster.
 
     ``put(obj)`` / ``get()`` as ``queue.Queue`` and ``multiprocessing.Queue``:
@@ -94,14 +120,16 @@ class DaskQueue(IterUntilClosed):
                 raise UsageError(f"mpmagic.Queue: {what} must be a whole number of at least {low}, not {value!r}")
         self._setup(name or f"mpmagic-queue-{uuid.uuid4().hex}", maxsize, producers, client)
 
-    def _setup(self, name: str, maxsize: int, producers: int, client: Any) -> None:
+    def _setup(self, name: str, maxsize: int, producers: int, client: Any, orphan: bool = False) -> None:
         from distributed import Queue
 
         self.name, self.maxsize, self.producers = name, maxsize, producers
-        self._client = client
+        self._client, self._orphan = client, orphan
+        self._taker: Any = None  # the lock consumers take items under (made on the first get)
+        if orphan:  # (no Dask here: every method says so)
+            return
         self._q = Queue(name=name, client=client, maxsize=maxsize)
         self._closes = Queue(name=name + "-closes", client=client)
-        self._taker: Any = None  # the lock consumers take items under (made on the first get)
 
     def __reduce__(self) -> tuple:
         return _rebuild_queue, (self.name, self.maxsize, self.producers)
@@ -262,12 +290,14 @@ class DaskQueue(IterUntilClosed):
 
     def close(self) -> None:
         """End of stream from this producer, after the items it has put."""
-        self._closes.put(1)
+        with _pool_gone(self):
+            self._closes.put(1)
 
     @property
     def closed(self) -> bool:
         """True once ``close()`` was called (by every producer, if several)."""
-        return int(self._closes.qsize()) >= self.producers
+        with _pool_gone(self):
+            return int(self._closes.qsize()) >= self.producers
 
     def join_thread(self) -> None:
         """Nothing to join (kept for ``multiprocessing.Queue`` code)."""
@@ -275,7 +305,7 @@ class DaskQueue(IterUntilClosed):
 
 def _rebuild_queue(name: str, maxsize: int, producers: int = 1) -> DaskQueue:
     q = DaskQueue.__new__(DaskQueue)
-    q._setup(name, maxsize, producers, _client_here())
+    q._setup(name, maxsize, producers, *_client_here())
     return q
 
 
@@ -287,7 +317,7 @@ def _wait_for(block: bool, timeout: float | None) -> float | None:
     return timeout
 
 
-class DaskLock:
+class DaskLock(_OnDask):
     """A lock held by one task (or the notebook) at a time, across the cluster.
 
     ``acquire(block=True, timeout=None)``, ``release()``, ``locked()`` and
@@ -297,6 +327,7 @@ class DaskLock:
 
     def __init__(self, *, name: str | None = None, client: Any = None) -> None:
         self.name = name or f"mpmagic-lock-{uuid.uuid4().hex}"
+        self._client = client
         self._lock = _dask_lock(self.name, client)
 
     def __reduce__(self) -> tuple:
@@ -309,22 +340,25 @@ class DaskLock:
         """Take the lock; True if taken (False after ``timeout`` or when not blocking)."""
         if timeout is not None and timeout < 0:  # threading.Lock's "no timeout"
             timeout = None
-        return bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
+        with _pool_gone(self):
+            return bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
 
     def release(self) -> None:
         """Give the lock back; ValueError if this lock object does not hold it,
         as ``multiprocessing.Lock`` and the local ``mpmagic.Lock`` (Dask raises
         RuntimeError), so ``except ValueError`` code works on both."""
-        try:
-            self._lock.release()
-        except RuntimeError as exc:
-            if "Released too often" not in str(exc):
-                raise
-            raise ValueError("semaphore or lock released too many times") from None
+        with _pool_gone(self):
+            try:
+                self._lock.release()
+            except RuntimeError as exc:
+                if "Released too often" not in str(exc):
+                    raise
+                raise ValueError("semaphore or lock released too many times") from None
 
     def locked(self) -> bool:
         """Is it held (by any task or the notebook) right now? As the local ``mpmagic.Lock``."""
-        return bool(self._lock.locked())
+        with _pool_gone(self):
+            return bool(self._lock.locked())
 
     def __enter__(self) -> DaskLock:
         self.acquire()
@@ -345,17 +379,20 @@ def _dask_lock(name: str, client: Any) -> Any:
 def _rebuild_lock(name: str) -> DaskLock:
     lock = DaskLock.__new__(DaskLock)
     lock.name = name
-    lock._lock = _dask_lock(name, _client_here())
+    lock._client, lock._orphan = _client_here()
+    if not lock._orphan:  # (no Dask here: every method says so)
+        lock._lock = _dask_lock(name, lock._client)
     return lock
 
 
-class DaskEvent:
+class DaskEvent(_OnDask):
     """A flag tasks can wait on: ``set``, ``clear``, ``is_set``, ``wait(timeout)``."""
 
     def __init__(self, *, name: str | None = None, client: Any = None) -> None:
         from distributed import Event
 
         self.name = name or f"mpmagic-event-{uuid.uuid4().hex}"
+        self._client = client
         self._event = Event(self.name, client=client)
 
     def __reduce__(self) -> tuple:
@@ -367,20 +404,24 @@ class DaskEvent:
     def set(self) -> None:
         """Set the flag and wake every task waiting in :meth:`wait`, as
         ``multiprocessing.Event.set`` and the local ``mpmagic.Event``."""
-        self._event.set()
+        with _pool_gone(self):
+            self._event.set()
 
     def clear(self) -> None:
         """Unset the flag: later :meth:`wait` calls block again until the next
         :meth:`set`, as ``multiprocessing.Event.clear``."""
-        self._event.clear()
+        with _pool_gone(self):
+            self._event.clear()
 
     def is_set(self) -> bool:
         """Is the flag set now? As ``multiprocessing.Event.is_set``."""
-        return bool(self._event.is_set())
+        with _pool_gone(self):
+            return bool(self._event.is_set())
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until set; False if ``timeout`` passed first."""
-        return bool(self._event.wait(timeout))
+        with _pool_gone(self):
+            return bool(self._event.wait(timeout))
 
 
 def _rebuild_event(name: str) -> DaskEvent:
@@ -388,7 +429,9 @@ def _rebuild_event(name: str) -> DaskEvent:
 
     ev = DaskEvent.__new__(DaskEvent)
     ev.name = name
-    ev._event = Event(name, client=_client_here())
+    ev._client, ev._orphan = _client_here()
+    if not ev._orphan:  # (no Dask here: every method says so)
+        ev._event = Event(name, client=ev._client)
     return ev
 
 
