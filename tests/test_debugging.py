@@ -590,3 +590,23 @@ def test_an_interrupted_replay_is_one_line(ip, fs_pool, capsys):
     assert isinstance(error, KeyboardInterrupt)
     assert shown.strip() == ("KeyboardInterrupt: %pdebug interrupted: the replay of item 0 was stopped; "
                              "mpmagic.last_failures() has the worker's traceback and locals"), shown
+
+
+def test_a_threads_own_failed_run_is_its_last_failures_and_rerun_failed(fs_pool):
+    """In a worker thread, last_report() showed the thread's failed run but
+    last_failures() was [] and rerun_failed() said "no run has ended yet": they
+    are per thread now, as last_report, and the main thread's stay its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mpmagic.pmap(abs, range(3))  # the main thread's last run: no failures
+
+    def job():
+        mpmagic.pmap(lambda x: 1 // (x - 2), range(4), errors="collect")
+        seen = [(f.index, type(f.error).__name__) for f in mpmagic.last_failures()]
+        return mpmagic.last_report().failed, seen, mpmagic.rerun_failed(lambda x: -x)
+
+    with ThreadPoolExecutor(1) as pool:
+        failed, seen, again = pool.submit(job).result(60)
+    assert (failed, seen) == (1, [(2, "ZeroDivisionError")])
+    assert again == [-1, -1, -2, 1]
+    assert mpmagic.last_failures() == []
