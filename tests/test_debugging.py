@@ -389,7 +389,7 @@ def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, caps
     assert "no failure to debug" in str(result.error_in_exec)
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.rstrip().splitlines()[-1].startswith("UsageError: %pdebug: no failure")
-    with pytest.raises(mpmagic.UsageError, match="no failed %pmap run"):
+    with pytest.raises(mpmagic.UsageError, match="no failed pmap run"):
         mpmagic.rerun_failed()
 
 

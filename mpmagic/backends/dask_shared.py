@@ -42,7 +42,7 @@ def _pool_gone(helper: Any) -> Iterator[None]:
     except (RuntimeError, ValueError) as exc:
         if "not properly initialized" not in str(exc) and "No clients found" not in str(exc):
             raise
-        raise UsageError(f"{helper!r} belonged to a Dask pool that was stopped (%pool local, %pool stop): make a "
+        raise UsageError(f"{helper!r} belonged to a Dask pool that was stopped (use_local(), stop_pool(); %pool local, %pool stop): make a "
                          "new one with mpmagic.Queue() on the current pool") from None
 
 

@@ -805,7 +805,8 @@ class LocalBackend:
             before = self.workers
             self.resize(workers)
             sys.stderr.write(f"mpmagic: the pool grew from {before} to {workers} workers for workers={workers} "
-                             f"(-n {workers}) and stays that size: %pool resize {before} shrinks it\n")
+                             f"(-n {workers}) and stays that size: start_pool(workers={before}) "
+                             f"(%pool resize {before}) shrinks it\n")
         else:
             limit = workers
         if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
