@@ -239,7 +239,7 @@ def _in_kernel() -> bool:
 class Run(Future):
     """A run going on in the background: ``done()``, ``result(timeout)``, ``cancel()``.
 
-    A :class:`concurrent.futures.Future`: ``concurrent.futures.wait`` and
+    A ``concurrent.futures.Future``: ``concurrent.futures.wait`` and
     ``concurrent.futures.as_completed`` take it (several runs at once), and
     ``asyncio.wrap_future`` too. Made by ``submit`` / ``pmap(..., block=False)``
     / ``parallel(..., block=False)``, not by hand.

@@ -640,3 +640,24 @@ def test_api_errors_name_the_api_option_beside_the_magics(ns):
         mpmagic.parallel("a = 1", gather=["1x"], workers=1)
     with pytest.raises(mpmagic.ParallelError, match=r"NameError: gather= \(--gather\): name\(s\) 'b' not defined"):
         mpmagic.parallel("a = 1", gather=["b"], workers=1)
+
+
+def test_reprs_are_short_lines_and_runs_says_failures_as_a_runs_repr_does(ns):
+    """repr(Report) was a ~900-character dataclass dump, a pool <LocalBackend object
+    at 0x..>, and runs() wrote "3/5 (1 failed) items" where the run wrote "3/5 items, 1 failed"."""
+    mpmagic.pmap(ns["square"], range(3))
+    report = mpmagic.last_report()
+    assert repr(report) == f"<mpmagic.Report {report.line()}>"
+    pool = mpmagic.get_pool()
+    assert repr(pool) == f"<mpmagic local pool: {pool.workers} workers, {pool.start_method}, running>"
+    handle = mpmagic.submit(ns["picky"], [1, 13, 2], errors="collect", chunksize=1)
+    handle.result(60)
+    line = repr(handle).removeprefix("<mpmagic.Run ").removesuffix(">")
+    assert ", 3/3 items, 1 failed, " in line and f"  {line}" in repr(mpmagic.runs()).splitlines()
+
+
+def test_the_reference_shows_no_internal_constructor_of_run():
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
+    assert "class: `Run`\n" in text and "Run(what" not in text

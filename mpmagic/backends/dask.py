@@ -480,6 +480,9 @@ class DaskBackend:
         return worker_setup.dask_apply(self.client)
 
     # -- status ------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<mpmagic Dask pool: {self.where}, {'running' if self.running else 'stopped'}>"
+
     def status(self) -> dict[str, Any]:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
         base: dict[str, Any] = {

@@ -713,6 +713,10 @@ class LocalBackend:
         self._cond.notify_all()
 
     # -- status ------------------------------------------------------------
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<mpmagic local pool: {self.workers} workers, {self.start_method}, {state}>"
+
     def status(self) -> dict[str, Any]:
         """A snapshot for ``%pool``: backend, method, workers with pids and memory."""
         import psutil
