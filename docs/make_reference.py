@@ -91,6 +91,10 @@ def _signature(obj: object) -> str:
     return re.sub(r"<class '([\w.]+)'>", r"\1", str(sig)).replace("typing.", "").replace("collections.abc.", "")
 
 
+#: Public classes whose instances mpmagic makes (``submit`` returns a ``Run``).
+MADE_BY_MPMAGIC = {"Run"}
+
+
 def api_section() -> str:
     """Each public name of ``mpmagic``: its signature and its docstring."""
     out = []
@@ -102,7 +106,9 @@ def api_section() -> str:
             continue
         doc = _rst_to_md(inspect.cleandoc(obj.__doc__ or "")).strip()
         kind = "class" if isinstance(obj, type) else "function"
-        out.append(f"### `mpmagic.{name}`\n\n{kind}: `{name}{_signature(obj)}`\n\n{doc}\n")
+        # A class users get from a call, never build (its constructor is internal): no signature.
+        signature = "" if name in MADE_BY_MPMAGIC else _signature(obj)
+        out.append(f"### `mpmagic.{name}`\n\n{kind}: `{name}{signature}`\n\n{doc}\n")
     if errors:
         out.append("### Exceptions\n")
         out.append("| exception | is a | raised when |\n| --- | --- | --- |")

@@ -471,7 +471,7 @@ def _serial_failed(report: Report, exc: BaseException, what: str) -> None:
     """``compare``'s serial run raised where the parallel run did not: the parallel
     ``what`` are kept and returned, and one line says why nothing was measured."""
     report.serial_error = f"{type(exc).__name__}: {exc}"
-    sys.stderr.write(f"mpmagic: --compare: the serial run here raised {report.serial_error}; the parallel "
+    sys.stderr.write(f"mpmagic: compare=True (--compare): the serial run here raised {report.serial_error}; the parallel "
                      f"{what} are kept, and the serial time is not measured\n")
 
 
@@ -893,7 +893,7 @@ def parallel(
     gather = tuple(gather)
     for g in gather:
         if not g.isidentifier():
-            raise UsageError(f"--gather takes variable names, and {g!r} is not one")
+            raise UsageError(f"gather= (--gather) takes variable names, and {g!r} is not one")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     if compare and (keep or reset):

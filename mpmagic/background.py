@@ -38,7 +38,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import Any, NoReturn, Protocol
 
@@ -77,12 +77,13 @@ def interrupted(message: str) -> KeyboardInterrupt:
 
 
 def check_options(compare: bool = False, scaling: bool = False) -> None:
-    """A background run cannot also run serially here (that needs the notebook's thread): say so."""
-    for flag, name in ((compare, "--compare"), (scaling, "--scaling")):
+    """A background run cannot also run serially here (that needs the notebook's thread): say so,
+    in the API's words and the magic's (the API has no ``scaling``)."""
+    for flag, name in ((compare, "compare=True (--compare)"), (scaling, "--scaling")):
         if flag:
             raise UsageError(
-                f"--bg cannot be combined with {name} (it runs in the notebook's own thread); "
-                f"run it without --bg"
+                f"{name} runs serially in this thread, so it needs a blocking run: not submit() or "
+                f"block=False (--bg); run it blocking"
             )
 
 
@@ -235,9 +236,13 @@ def _in_kernel() -> bool:
 
 
 # -- the handle ------------------------------------------------------------------
-class Run:
+class Run(Future):
     """A run going on in the background: ``done()``, ``result(timeout)``, ``cancel()``.
 
+    A ``concurrent.futures.Future``: ``concurrent.futures.wait`` and
+    ``concurrent.futures.as_completed`` take it (several runs at once), and
+    ``asyncio.wrap_future`` too. Made by ``submit`` / ``pmap(..., block=False)``
+    / ``parallel(..., block=False)``, not by hand.
     ``result()`` returns what the blocking call would have returned, or raises
     what it would have raised (``CancelledError`` after ``cancel()``).
     ``report()`` is its timing report once done; ``items_done`` /
@@ -248,6 +253,9 @@ class Run:
 
     def __init__(self, what: str, call: Any, finish: Callable[[float], Any], live: bool | str | None = None,
                  keep_chunks: bool = True, resume: Resume | None = None) -> None:
+        # The Future's own state only mirrors the end (_end): the stdlib's wait()
+        # and as_completed() read it; everything else is this class's.
+        super().__init__()
         self.id = next(_ids)
         self.what = what
         self._call = call
@@ -315,6 +323,11 @@ class Run:
         ``concurrent.futures.Future.done``); ``result()`` then returns at once."""
         return self._done.is_set()
 
+    def running(self) -> bool:
+        """True while the run goes on (as ``concurrent.futures.Future.running``:
+        a run is running from ``submit`` on; False once it ended)."""
+        return not self._done.is_set()
+
     def cancelled(self) -> bool:
         """True if the run ended because it was cancelled (:meth:`cancel`), as
         ``concurrent.futures.Future.cancelled``."""
@@ -337,11 +350,15 @@ class Run:
         return self._value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        """The run's error once it ended (None when it succeeded)."""
+        """The run's error once it ended (None when it succeeded); raises
+        ``CancelledError`` after ``cancel()`` and ``TimeoutError`` past ``timeout``,
+        as ``concurrent.futures.Future.exception``."""
         __tracebackhide__ = True
         if not self._wait_here(timeout, "exception()"):
             raise one_line(TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
-        return CancelledError() if self._cancelled else self._error
+        if self._cancelled:
+            raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
+        return self._error
 
     def _wait_here(self, timeout: float | None, what: str) -> bool:
         """Wait for the end; an interrupt stops the waiting, not the run, and says so."""
@@ -404,12 +421,20 @@ class Run:
                 return
 
     def add_done_callback(self, fn: Callable[[Run], Any]) -> None:
-        """Call ``fn(run)`` once the run ended (from the pump thread; at once if it has)."""
+        """Call ``fn(run)`` once the run ended (from the pump thread; at once if it
+        has). As ``concurrent.futures.Future``'s: an exception ``fn`` raises is
+        logged, never raised to the caller."""
         with self._arrived:
             if not self._done.is_set():
                 self._callbacks.append(fn)
                 return
-        fn(self)
+        self._call_back(fn)
+
+    def _call_back(self, fn: Callable[[Run], Any]) -> None:
+        try:
+            fn(self)
+        except Exception:
+            log.warning("mpmagic: a done callback of run %s failed", self.id, exc_info=True)
 
     # -- display ---------------------------------------------------------------
     def status_line(self) -> str:
@@ -536,16 +561,25 @@ class Run:
             self._done.set()
             self._arrived.notify_all()
             callbacks, self._callbacks = self._callbacks, []
+        self._settle_future()
         with _lock:  # the history keeps its row; the handle (and results) only while the user holds it
             if self.id in _registry:
                 _registry[self.id] = Finished(self)
                 _forget_old()
         self._sink.draw(final=True)
         for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.warning("mpmagic: a done callback of run %s failed", self.id, exc_info=True)
+            self._call_back(fn)
+
+    def _settle_future(self) -> None:
+        """The end, told to the Future this handle is, through its public methods:
+        they wake ``concurrent.futures.wait`` / ``as_completed`` waiting on it."""
+        if self._cancelled:
+            Future.cancel(self)
+            Future.set_running_or_notify_cancel(self)
+        elif self._error is not None:
+            Future.set_exception(self, self._error)
+        else:
+            Future.set_result(self, self._value)
 
     def _on_chunk(self, start: int, results: list) -> None:
         """A chunk's results were accepted (manager thread): keep them for ``as_completed``."""
@@ -607,6 +641,10 @@ class Finished:
     def done(self) -> bool:
         """Always True: only ended runs are kept this way (as :meth:`Run.done`)."""
         return True
+
+    def running(self) -> bool:
+        """Always False: the run has ended (as :meth:`Run.running`)."""
+        return False
 
     def cancelled(self) -> bool:
         """True if the run was cancelled (as :meth:`Run.cancelled`)."""
@@ -819,7 +857,7 @@ def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
     __tracebackhide__ = True
     if not isinstance(run, Run) or run._chunks is None:  # (an imap generator, a list, a %%parallel --bg handle)
         raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
-                         f"not {'a %%parallel handle' if isinstance(run, Run) else type(run).__name__}")
+                         f"not {'the handle of a parallel cell' if isinstance(run, Run) else type(run).__name__}")
     seen = 0
     while True:
         with run._arrived:

@@ -287,7 +287,7 @@ def run_cell_code(
             sys.modules["__main__"] = saved_main
     missing = [g for g in spec.gather if g not in ns]
     if missing:
-        raise NameError(f"--gather: name(s) {', '.join(map(repr, missing))} not defined in the cell")
+        raise NameError(f"gather= (--gather): name(s) {', '.join(map(repr, missing))} not defined in the cell")
     return value, {g: ns[g] for g in spec.gather}
 
 

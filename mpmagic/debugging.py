@@ -10,9 +10,9 @@
   attribute of the exception, whose ``vars()`` stay as serial Python's). :func:`record_map` / :func:`record_cell`
   (called by ``api.py``) keep the last run, with the very payload bytes its
   workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
-  debugger) and ``--rerun-failed``. Only runs of the notebook's thread count
-  (:func:`notebook_thread`): a run a library or a ``threading.Thread`` made
-  leaves the notebook's record as it was.
+  debugger) and ``--rerun-failed``. Each thread keeps its own last run
+  (:class:`_ThreadRuns`), as ``last_report`` does: a run a library or a
+  ``threading.Thread`` made leaves the notebook's record as it was.
 
 This module sits below ``worker.py`` and ``jobs.py`` (both import it): it
 imports no other mpmagic module at import time, never ``jobs`` or ``api``,
@@ -214,26 +214,21 @@ class LastRun:
     checkpointed: bool = False  # only the items a checkpoint store lacked ran (see renumber_last)
 
 
-_last: LastRun | None = None
-# The last blocking run's record, when it failed and a background run or an
-# imap stream (which leave no record) started after it: %pdebug still has it.
-_foreground: LastRun | None = None
-_background_last = False  # the last run started was a background run or a stream (see forget)
-_background_errors: str | None = None  # that run's errors option ("raise", "collect"; None: a cell)
+class _ThreadRuns(threading.local):
+    """Each thread's last run, as ``api.last_report`` keeps each thread's report:
+    a run another thread made (a ``threading.Thread``, a library's pool, an
+    ipykernel subshell) neither replaces the cells' last run nor is hidden from
+    the thread that made it (its ``last_failures()``, ``rerun_failed()``)."""
+
+    last: LastRun | None = None
+    # The last blocking run's record, when it failed and a background run or an
+    # imap stream (which leave no record) started after it: %pdebug still has it.
+    foreground: LastRun | None = None
+    background_last = False  # the last run started was a background run or a stream (see forget)
+    background_errors: str | None = None  # that run's errors option ("raise", "collect"; None: a cell)
 
 
-def notebook_thread() -> bool:
-    """Does this thread run the notebook's cells (the process's main thread)?
-
-    ipykernel runs cells there, and ipywidgets' callbacks too (comm messages
-    are handled where cells are); so does a script's or IPython's own code. A
-    run started from any other thread (a ``threading.Thread``, a library's
-    pool, an ipykernel subshell) is not the notebook's "last run": its
-    failures are the caller's (``Failed`` in its results, or its exception),
-    and it must not replace what ``%pdebug``, ``--rerun-failed`` and
-    :func:`last_failures` show of the cells' own runs.
-    """
-    return threading.current_thread() is threading.main_thread()
+_runs = _ThreadRuns()
 
 
 def record_map(job: Any, func: Any, results: list | None, failed: list, options: dict,
@@ -245,12 +240,9 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     must not import ``jobs``). ``items``: the input as a list, when the job
     read it lazily but it can be listed again (several lists zipped); only
     asked for when the run raised. Cheap when nothing failed: the run is
-    remembered without its results. A run of another thread than the
-    notebook's records nothing (:func:`notebook_thread`).
+    remembered without its results. Each thread has its own last run
+    (:class:`_ThreadRuns`).
     """
-    global _last
-    if not notebook_thread():
-        return
     failures: list[FailureInfo] = []
     full: list | None = None
     inputs = job.inputs
@@ -266,24 +258,20 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
         if inputs is None:
             inputs = items
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
-    _last = LastRun(
+    _runs.last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
         options=options, results=full, inputs=inputs if failures else None,
     )
 
 
 def last_run() -> LastRun | None:
-    """The last run's record (for ``postmortem.py``)."""
-    return _last
+    """This thread's last run's record (for ``postmortem.py``)."""
+    return _runs.last
 
 
 def set_last_run(run: LastRun | None) -> None:
-    """Make ``run`` the last run (``postmortem.rerun_failed`` merges its re-run in);
-    from another thread than the notebook's, nothing changes."""
-    global _last
-    if not notebook_thread():
-        return
-    _last = run
+    """Make ``run`` this thread's last run (``postmortem.rerun_failed`` merges its re-run in)."""
+    _runs.last = run
 
 
 def renumber_last(positions: list[int]) -> None:
@@ -291,12 +279,13 @@ def renumber_last(positions: list[int]) -> None:
     items its store lacks): its item ``i`` is item ``positions[i]`` of the
     whole input. Failures are renumbered to count in the whole input; the run
     cannot be re-run piecewise (running the checkpointed call again does that)."""
-    if _last is None or _last.kind != "map" or not notebook_thread():
+    last = _runs.last
+    if last is None or last.kind != "map":
         return
-    for f in _last.failures:
+    for f in last.failures:
         if f.index is not None and 0 <= f.index < len(positions):
             f.index = positions[f.index]
-    _last.results, _last.inputs, _last.checkpointed = None, None, True
+    last.results, last.inputs, last.checkpointed = None, None, True
 
 
 def forget(background: bool = False, errors: str | None = None) -> None:
@@ -306,54 +295,51 @@ def forget(background: bool = False, errors: str | None = None) -> None:
     failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`).
     ``errors``: a background map's errors option, for what ``--rerun-failed``
     says of it (:func:`background_errors`).
-    A run another thread starts changes nothing (:func:`notebook_thread`)."""
-    global _last, _foreground, _background_last, _background_errors
-    if not notebook_thread():
-        return
-    if background and _last is not None and _last.failures:
-        _foreground = _last
+    A run another thread starts changes only that thread's record."""
+    runs = _runs
+    if background and runs.last is not None and runs.last.failures:
+        runs.foreground = runs.last
     elif not background:
-        _foreground = None
-    _last = None
-    _background_last = background
-    _background_errors = errors if background else None
+        runs.foreground = None
+    runs.last = None
+    runs.background_last = background
+    runs.background_errors = errors if background else None
 
 
 def last_was_background() -> bool:
     """Did a background run or a stream start after the last blocking run ended?"""
-    return _background_last and _last is None
+    return _runs.background_last and _runs.last is None
 
 
 def background_errors() -> str | None:
     """The errors option ("raise" or "collect") of the background map or stream
     :func:`last_was_background` means; None for a background cell."""
-    return _background_errors
+    return _runs.background_errors
 
 
 def last_foreground_failure() -> LastRun | None:
     """The failed blocking run a background run or a stream followed, if the
     last run is one of those; else None."""
-    return _foreground if _last is None else None
+    return _runs.foreground if _runs.last is None else None
 
 
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
     """Keep a ``parallel`` run's failed ranks and the cell's payload for ``%pdebug``
-    (not for a run of another thread than the notebook's: :func:`notebook_thread`)."""
-    global _last
-    if not notebook_thread():
-        return
+    (this thread's last run)."""
     infos = job.failure_infos
     failures = [infos.get(r) or FailureInfo(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
-    _last = LastRun("cell", spec_bytes, failures)
+    _runs.last = LastRun("cell", spec_bytes, failures)
 
 
 def last_failures() -> list[FailureInfo]:
-    """The failures of the last ``pmap`` or ``parallel`` run the notebook's
-    thread made (empty if it succeeded; runs of other threads do not count).
+    """The failures of the last ``pmap`` or ``parallel`` run this thread made
+    (empty if it succeeded). Each thread has its own, as :func:`mpmagic.last_report`:
+    the cells' (the main thread's) are not replaced by a run another thread makes.
 
     Each :class:`FailureInfo` holds the item's index and input (or the rank),
     the exception, the worker's local variables at the raising line (as
     ``repr``s), and the worker id and pid. A ``pmap`` with ``errors="raise"``
     lists its first failure only: the rest of the run was cancelled.
     """
-    return list(_last.failures) if _last is not None else []
+    last = _runs.last
+    return list(last.failures) if last is not None else []

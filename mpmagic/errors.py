@@ -37,12 +37,29 @@ class MPMagicError(Exception):
     """Base class of the errors mpmagic raises itself.
 
     In IPython they show as one clear message, without our internal frames.
+    Every one survives pickle with its message and attributes (``failures``,
+    ``values``, ``type_name``...), whatever its ``__init__`` takes: it travels
+    from a ``ProcessPoolExecutor`` job, a logging queue or a Dask task.
     """
+
+    def __reduce__(self) -> tuple:
+        # BaseException pickles as cls(*args), and args holds only the message:
+        # an __init__ with more required arguments (ParallelError's failures)
+        # failed to load, and broke a ProcessPoolExecutor (BrokenProcessPool).
+        return _rebuild_error, (type(self), self.args, dict(self.__dict__))
 
     def _render_traceback_(self) -> list[str]:
         lines = [f"{type(self).__name__}: {self}"]
         lines += list(getattr(self, "__notes__", ()))
         return lines
+
+
+def _rebuild_error(cls: type[MPMagicError], args: tuple, state: dict) -> MPMagicError:
+    """An unpickled :class:`MPMagicError`: its args and attributes, without calling ``__init__``."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class UsageError(MPMagicError, ValueError):

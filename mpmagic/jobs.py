@@ -826,7 +826,7 @@ class MapJob:
             fate = reason if worker_kept else "its worker was stopped and replaced"
             # (--retries re-sends what a dying worker took with it; an item that runs
             # too long would run too long again: it is not retried, and says so)
-            retried = " (--retries re-sends items whose worker died, not items past the timeout)" if self.retries else ""
+            retried = " (retries=, --retries, re-send items whose worker died, not items past the timeout)" if self.retries else ""
             exc: BaseException = TaskTimeoutError(
                 f"{what} ran past the timeout of {self.timeout:g} s; {fate}{retried}")
         else:
@@ -1144,7 +1144,7 @@ class CellJob:
         try:
             self.values[unit.id], self.gathered[unit.id] = payload.loads(data)
         except Exception as exc:
-            self.failures[unit.id] = unloadable_results(f"rank {unit.id}'s last value or --gather variables", exc)
+            self.failures[unit.id] = unloadable_results(f"rank {unit.id}'s last value or gathered variables (gather=, --gather)", exc)
             self._rank_finished()
             self._failed_while_others_run(unit.id)
             return
@@ -1191,7 +1191,7 @@ class CellJob:
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = SerializationError(
-            f"rank {unit.id}: its last value or a --gather variable cannot be sent back: "
+            f"rank {unit.id}: its last value or a gathered variable (gather=, --gather) cannot be sent back: "
             f"{info.exc_text.strip()}. End the cell with plain data instead (or `None`)."
         )
         self._rank_finished()
@@ -1363,7 +1363,7 @@ def _load_failure_note(info: Any) -> str:
     if info.type_name in ("ModuleNotFoundError", "ImportError"):
         note += (
             ": a module the notebook imports cannot be imported there. If you installed "
-            "it or changed sys.path after the pool started, run %pool restart; otherwise "
+            "it or changed sys.path after the pool started, run mpmagic.restart_pool() (%pool restart); otherwise "
             "install it in the environment the workers run in"
         )
     return note

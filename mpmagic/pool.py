@@ -213,12 +213,14 @@ def restart_with(
     with _lock:
         backend = get_pool()
         if not isinstance(backend, LocalBackend):
-            given = [flag for flag, value in (("--start-method", start_method),
-                                              ("--max-tasks-per-child", max_tasks_per_child),
-                                              ("--max-memory", max_memory)) if value is not None]
+            given = [(name, flag) for name, flag, value in (
+                ("start_method", "--start-method", start_method),
+                ("max_tasks_per_child", "--max-tasks-per-child", max_tasks_per_child),
+                ("max_memory", "--max-memory", max_memory)) if value is not None]
             if given:
-                raise UsageError(f"{given[0]} is for local workers, and the pool is on {backend.name}: "
-                                 f"%pool local {given[0]} ... switches back to them")
+                name, flag = given[0]
+                raise UsageError(f"{name}= ({flag}) is for local workers, and the pool is on {backend.name}: "
+                                 f"use_local({name}=...) (%pool local {flag} ...) switches back to them")
         if max_memory is not None:
             set_max_memory(max_memory)
         limit = _tasks_limit(max_tasks_per_child, backend.max_tasks_per_child) if isinstance(backend, LocalBackend) else None

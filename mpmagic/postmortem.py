@@ -62,19 +62,19 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     """
     last = last_run()
     if last is not None and last.kind == "cell" and last.failures:
-        raise UsageError("--rerun-failed re-runs the failed items of a %pmap, and the last run was a %%parallel "
-                         "cell that failed: run the cell again")
+        raise UsageError("rerun_failed() (--rerun-failed) re-runs the failed items of a pmap, and the last run "
+                         "was a parallel cell that failed: run the cell again")
     if last is None and last_was_background():
         raise UsageError(
-            "no failed %pmap run to re-run: the last run was a background run or an imap stream (--bg, submit, "
+            "no failed pmap run to re-run: the last run was a background run or an imap stream (--bg, submit, "
             f"imap), which keeps nothing to re-run. {_background_hint(background_errors())}")
     if last is None:
-        raise UsageError("no failed %pmap run to re-run: no run has ended yet")
+        raise UsageError("no failed pmap run to re-run: no run of this thread has ended yet")
     if last.kind != "map" or not last.failures:
-        raise UsageError("no failed %pmap run to re-run: the last run had no failures")
+        raise UsageError("no failed pmap run to re-run: the last run had no failures")
     if getattr(last.func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded)
         raise UsageError(
-            "the last run used --seed: run the same call again instead (an item's random stream comes "
+            "the last run used seed= (--seed): run the same call again instead (an item's random stream comes "
             "from its index in the whole input, so re-running some items on their own would draw other numbers)"
         )
     if last.checkpointed:
@@ -83,7 +83,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         by_default = " (%config MPMagic.checkpoint is on; --no-checkpoint runs a call without it)" if (
             config.current().checkpoint) else ""
         raise UsageError(
-            f"the last run used --checkpoint{by_default}: run the same call again instead, which takes the stored "
+            f"the last run used checkpoint= (--checkpoint){by_default}: run the same call again instead, which takes the stored "
             "results and runs only the items that failed or never ran while the function's code is unchanged "
             "(a fixed function is a new key: every item runs again)"
         )

@@ -274,6 +274,11 @@ class Report:
     def __str__(self) -> str:
         return self.line()
 
+    def __repr__(self) -> str:
+        # The dataclass's repr was ~900 characters of raw floats: a REPL's
+        # ``>>> mpmagic.last_report()`` shows the one line instead.
+        return f"<mpmagic.Report {self.line()}>"
+
     @property
     def advice(self) -> str | None:
         """One line on why parallel did not pay and what to try; None for a good run."""

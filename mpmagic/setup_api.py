@@ -175,7 +175,7 @@ def _refusal(what: str, runs: list[Any]) -> str:
     them = "it" if len(runs) == 1 else "them"
     how = f"wait for {them} to end (run.result())"
     if ids:
-        how += f" or cancel {them} ({'; '.join(f'%pool cancel {i}' for i in ids)})"
+        how += f" or cancel {them} (cancel() on the handle; {'; '.join(f'%pool cancel {i}' for i in ids)})"
     return (f"{what} refused: {len(runs)} run{'s are' if len(runs) > 1 else ' is'} in flight ({', '.join(names)}), "
             f"whose workers would switch setups mid-run; {how}, then run {what} again")
 

@@ -99,10 +99,16 @@ def runs_lines(rows: list[dict[str, Any]]) -> list[str]:
     """``%pool runs`` as text: background and streamed runs, in flight and recently finished."""
     if not rows:
         return ["runs: none in the background (start one with %pmap --bg or mpmagic.submit)"]
-    return ["runs:"] + [
-        "  run {}: {}, {} {}, {}, {}".format(*_run_cells(r)[:3], r.get("unit", "items"), *_run_cells(r)[3:])
-        for r in rows
-    ]
+    return ["runs:"] + [f"  {_run_line(r)}" for r in rows]
+
+
+def _run_line(r: dict[str, Any]) -> str:
+    """A run's row as its handle's repr says it (``Run.status_line``):
+    ``run 1: pmap f, 3/5 items, 1 failed, 310.2 ms, failed``."""
+    count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
+    failed = f", {r['failed']} failed" if r.get("failed") else ""
+    return (f"run {r['id']}: {r['what']}, {count} {r.get('unit', 'items')}{failed}, {_seconds(r['elapsed'])}, "
+            f"{r['state']}")
 
 
 def runs_html(rows: list[dict[str, Any]]) -> str:

@@ -265,7 +265,8 @@ def test_pmap_bg_binds_the_handle_and_pool_lists_and_cancels_it(ip, ns):
 
 @pytest.mark.parametrize("line", ["--bg --compare square, range(4)", "--bg --scaling square, range(4)"])
 def test_bg_with_compare_or_scaling_is_a_one_line_usage_error(ip, ns, line):
-    with pytest.raises(IPythonUsageError, match="--bg cannot be combined with --(compare|scaling)"):
+    with pytest.raises(IPythonUsageError, match=r"(compare=True \(--compare\)|--scaling) runs serially in this "
+                                                r"thread, so it needs a blocking run: not submit\(\) or block=False \(--bg\)"):
         ip.run_line_magic("pmap", line)
 
 
@@ -558,7 +559,8 @@ def test_cancel_drops_the_on_chunk_calls_still_queued_instead_of_running_them(ns
     before = len(seen)
     assert handle.cancel()
     assert len(seen) <= before + 1  # (one may have begun as cancel() was called), not the dozen queued
-    assert isinstance(handle.exception(timeout=60), CancelledError)
+    with pytest.raises(CancelledError):  # (as concurrent.futures.Future.exception)
+        handle.exception(timeout=60)
     assert len(seen) <= before + 1
     if checkpoint:  # what arrived is stored all the same: a re-run computes nothing of it
         assert mpmagic.pmap(ns["square"], range(400), checkpoint=tmp_path) == [x * x for x in range(400)]
@@ -577,6 +579,7 @@ def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns
         "bg_slow.exception(timeout=0.01)": ("TimeoutError", FuturesTimeout, "did not end within 0.01 s"),
         "next(mpmagic.as_completed(bg_slow, timeout=0.01))": ("TimeoutError", FuturesTimeout, "no result of run"),
         "bg_slow.cancel()\nbg_slow.result()": ("CancelledError", CancelledError, "was cancelled"),
+        "bg_slow.exception()": ("CancelledError", CancelledError, "was cancelled"),
         "list(mpmagic.as_completed(bg_slow))": ("CancelledError", CancelledError, "was cancelled"),
     }
     for code, (name, kind, words) in cells.items():
@@ -587,3 +590,74 @@ def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns
         assert shown.startswith(f"{name}: ") and words in shown and len(shown.splitlines()) == 1, (code, shown)
         assert "background.py" not in shown
     ip.user_ns.pop("bg_slow", None)
+
+
+def test_a_run_is_a_concurrent_futures_future_and_behaves_as_one(ns, caplog):
+    """concurrent.futures.wait / as_completed crashed on a Run (AttributeError
+    '_condition'); exception() after cancel() returned CancelledError instead of
+    raising it; a raising callback added to a finished run reached the caller;
+    there was no running(). The stdlib Future is the oracle."""
+    import concurrent.futures as cf
+
+    runs = [mpmagic.submit(ns["square"], range(i, i + 3)) for i in (0, 3)]
+    assert all(isinstance(r, cf.Future) and r.running() for r in runs if not r.done())
+    finished, pending = cf.wait(runs, timeout=60)
+    assert finished == set(runs) and not pending and not any(r.running() for r in runs)
+    assert sorted(x for r in cf.as_completed(runs, timeout=60) for x in r.result()) == [x * x for x in range(6)]
+    failing = mpmagic.submit(ns["picky"], [13])
+    assert cf.wait([failing], 60, return_when=cf.FIRST_EXCEPTION).done == {failing}
+    assert isinstance(failing.exception(), KeyError)
+
+    oracle: cf.Future = cf.Future()
+    slow = mpmagic.submit(ns["napper"], range(8))
+    assert oracle.cancel() and slow.cancel()
+    for future in (oracle, slow):
+        with pytest.raises(CancelledError):
+            future.exception(1)
+        assert future.cancelled() and future.done() and not future.running()
+    assert cf.wait([slow], 0).done == {slow}
+
+    def boom(f):
+        seen.append(f)
+        raise RuntimeError("callback boom")
+
+    seen: list = []
+    oracle = cf.Future()
+    oracle.set_result(1)
+    for future in (oracle, runs[0]):  # already done: called at once; its error logged, not raised
+        future.add_done_callback(boom)
+        assert seen[-1] is future
+    assert [str(r.exc_info[1]) for r in caplog.records if r.exc_info] == ["callback boom"] * 2
+
+
+def test_api_errors_name_the_api_option_beside_the_magics(ns):
+    """A script's submit(compare=True) was told "--bg cannot be combined with
+    --compare", gather= errors spoke of --gather only: the API's words come first."""
+    with pytest.raises(UsageError, match=r"^compare=True \(--compare\) runs serially in this thread, so it needs a "
+                                         r"blocking run: not submit\(\) or block=False \(--bg\)"):
+        mpmagic.submit(ns["square"], range(3), compare=True)
+    with pytest.raises(UsageError, match=r"^gather= \(--gather\) takes variable names, and '1x' is not one"):
+        mpmagic.parallel("a = 1", gather=["1x"], workers=1)
+    with pytest.raises(mpmagic.ParallelError, match=r"NameError: gather= \(--gather\): name\(s\) 'b' not defined"):
+        mpmagic.parallel("a = 1", gather=["b"], workers=1)
+
+
+def test_reprs_are_short_lines_and_runs_says_failures_as_a_runs_repr_does(ns):
+    """repr(Report) was a ~900-character dataclass dump, a pool <LocalBackend object
+    at 0x..>, and runs() wrote "3/5 (1 failed) items" where the run wrote "3/5 items, 1 failed"."""
+    mpmagic.pmap(ns["square"], range(3))
+    report = mpmagic.last_report()
+    assert repr(report) == f"<mpmagic.Report {report.line()}>"
+    pool = mpmagic.get_pool()
+    assert repr(pool) == f"<mpmagic local pool: {pool.workers} workers, {pool.start_method}, running>"
+    handle = mpmagic.submit(ns["picky"], [1, 13, 2], errors="collect", chunksize=1)
+    handle.result(60)
+    line = repr(handle).removeprefix("<mpmagic.Run ").removesuffix(">")
+    assert ", 3/3 items, 1 failed, " in line and f"  {line}" in repr(mpmagic.runs()).splitlines()
+
+
+def test_the_reference_shows_no_internal_constructor_of_run():
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
+    assert "class: `Run`\n" in text and "Run(what" not in text

@@ -336,3 +336,20 @@ def test_an_exception_refusing_every_attribute_write_is_still_the_tasks_own(odd,
     out = run(odd, "%pmap -q --errors collect read_only, [0]")
     assert isinstance(out[0], mpmagic.Failed) and type(out[0].error).__name__ == "ReadOnlyErr"
     assert out[0].error.args == ("ro",) and out[0].error.__traceback__ is not None
+
+
+def test_every_exception_mpmagic_exports_round_trips_through_pickle():
+    """ParallelError and RemoteError failed to unpickle (their __init__ takes more
+    than the message args holds): a ProcessPoolExecutor job that raised one broke
+    the executor (BrokenProcessPool). Each exported class keeps message and attributes."""
+    samples = {"ParallelError": ("1 of 2 ranks failed", {1: ZeroDivisionError("x")}, {0: 5}),
+               "RemoteError": ("WeirdError", "made in a worker"), "ReduceError": ("sum failed", [1, "a"])}
+    classes = [c for c in (getattr(mpmagic, n) for n in mpmagic.__all__)
+               if isinstance(c, type) and issubclass(c, BaseException)]
+    assert len(classes) >= 10 and mpmagic.ParallelError in classes
+    for cls in classes:
+        exc = cls(*samples.get(cls.__name__, ("one line",)))
+        exc.add_note("a note")
+        back = pickle.loads(pickle.dumps(exc))
+        assert type(back) is cls and str(back) == str(exc) and back.args == exc.args, cls
+        assert repr(vars(back)) == repr(vars(exc)), cls  # failures, values, type_name, message, notes

@@ -194,8 +194,8 @@ def test_workers_more_than_the_pool_grows_it_for_good_and_says_so(capfd):
     try:
         capfd.readouterr()
         assert mpmagic.pmap(abs, [-1, -2, -3], workers=3) == [1, 2, 3]
-        assert "the pool grew from 2 to 3 workers for workers=3 (-n 3) and stays that size: %pool resize 2" \
-            in capfd.readouterr().err
+        assert ("the pool grew from 2 to 3 workers for workers=3 (-n 3) and stays that size: start_pool(workers=2) "
+                "(%pool resize 2) shrinks it") in capfd.readouterr().err
         assert mpmagic.get_pool().workers == 3
         mpmagic.pmap(abs, [-1], workers=3)
         assert "grew" not in capfd.readouterr().err  # (once: it has 3 now)

@@ -96,7 +96,7 @@ def test_pdebug_replays_a_seeded_item_with_its_stream_and_rerun_says_why_not(ip,
         sys.stdin = saved
     out = capsys.readouterr().out
     assert f"ipdb> 2\nipdb> {drawn!r}\n" in out  # the item itself, with the same random draw
-    with pytest.raises(mpmagic.UsageError, match="the last run used --seed"):
+    with pytest.raises(mpmagic.UsageError, match=r"the last run used seed= \(--seed\)"):
         mpmagic.rerun_failed()
 
 

@@ -350,7 +350,7 @@ class DaskBackend:
             hint = (
                 "check the address and that `dask scheduler` runs there"
                 + (", and that the certificates match the scheduler's" if self.security else "")
-                + "; --timeout S waits longer"
+                + "; timeout=S (--timeout S) waits longer"
             )
             raise MPMagicError(
                 f"could not connect to the Dask scheduler at {where} within the timeout of "
@@ -483,6 +483,9 @@ class DaskBackend:
         return worker_setup.dask_apply(self.client)
 
     # -- status ------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"<mpmagic Dask pool: {self.where}, {'running' if self.running else 'stopped'}>"
+
     def status(self) -> dict[str, Any]:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
         base: dict[str, Any] = {
@@ -815,7 +818,7 @@ class DaskBackend:
             raise UsageError(
                 f"-n {size} needs {size} Dask worker processes at once (one per rank), and "
                 f"{self.where} has {n}: use -n {n} or fewer, or add workers"
-                + (" (%pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
+                + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
             )
         # Idle workers first, so ranks start at once on a shared cluster; last,
         # those still busy with a task this notebook gave up on (Dask does not
@@ -1259,7 +1262,7 @@ class _DaskRun:
         if lost:
             raise MPMagicError(
                 f"lost the connection to the Dask scheduler at {where} during this run ({blameless}): once "
-                "the scheduler is up again, run the cell again (mpmagic reconnects), or `%pool local` to run "
+                "the scheduler is up again, run the cell again (mpmagic reconnects), or use_local() (`%pool local`) to run "
                 "on this machine"
             )
         raise MPMagicError(
@@ -1301,13 +1304,13 @@ class _DaskRun:
             return
         where = backend.scheduler_address or backend.where
         todo = (
-            "`%pool restart` to start them again"
+            "restart_pool() (`%pool restart`) to start them again"
             if backend.owns_cluster
             else f"start workers again (`dask worker {where}`)"
         )
         raise MPMagicError(
             f"every worker of the Dask cluster at {where} left during this run ({self._progress()}), and none "
-            f"joined within the timeout of {backend.timeout:g} s: {todo} and run the cell again, or `%pool local` "
+            f"joined within the timeout of {backend.timeout:g} s: {todo} and run the cell again, or use_local() (`%pool local`) "
             "to run on this machine"
         )
 

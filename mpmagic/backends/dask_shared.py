@@ -40,7 +40,7 @@ _GONE_SIGNS = ("not properly initialized", "No clients found", "IOLoop is closed
 
 def _gone_error(helper: Any) -> UsageError:
     kind = type(helper).__name__.removeprefix("Dask")
-    return UsageError(f"{helper!r} belonged to a Dask pool that was stopped (%pool local, %pool stop): make a "
+    return UsageError(f"{helper!r} belonged to a Dask pool that was stopped (use_local(), stop_pool(); %pool local, %pool stop): make a "
                       f"new one with mpmagic.{kind}() on the current pool")
 
 

@@ -713,6 +713,10 @@ class LocalBackend:
         self._cond.notify_all()
 
     # -- status ------------------------------------------------------------
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<mpmagic local pool: {self.workers} workers, {self.start_method}, {state}>"
+
     def status(self) -> dict[str, Any]:
         """A snapshot for ``%pool``: backend, method, workers with pids and memory."""
         import psutil
@@ -805,7 +809,8 @@ class LocalBackend:
             before = self.workers
             self.resize(workers)
             sys.stderr.write(f"mpmagic: the pool grew from {before} to {workers} workers for workers={workers} "
-                             f"(-n {workers}) and stays that size: %pool resize {before} shrinks it\n")
+                             f"(-n {workers}) and stays that size: start_pool(workers={before}) "
+                             f"(%pool resize {before}) shrinks it\n")
         else:
             limit = workers
         if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
