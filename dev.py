@@ -36,10 +36,14 @@ def ensure_env() -> None:
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=VENV.exists()).create(VENV)
     stamp = VENV / ".mpmagic-install-stamp"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    # compat: the editable install is a plain path entry (.pth), which mypy and other
+    # type checkers follow; setuptools' default import hook hides the package from them
+    # ("Cannot find implementation or library stub for module named mpmagic").
+    install = ("-m", "pip", "install", "--quiet", "--config-settings", "editable_mode=compat", "-e", ".[all]")
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + repr(install).encode()).hexdigest()
     if not stamp.exists() or stamp.read_text() != want:
         sh(PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-        sh(PY, "-m", "pip", "install", "--quiet", "-e", ".[all]")
+        sh(PY, *install)
         stamp.write_text(want)
 
 

@@ -94,18 +94,21 @@ if TYPE_CHECKING:  # annotations only, not part of the API
     from .backends.base import Backend as _Backend
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name (or a submodule, ``mpmagic.pool``...) on first use."""
-    module = _LAZY.get(name)
-    if module is not None:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-    else:
-        try:
-            value = importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError:
-            raise AttributeError(f"module 'mpmagic' has no attribute {name!r}") from None
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers: they see the imports above, and a
+    # misspelled name (mpmagic.pmapp, from mpmagic import submitt) is an error, not Any
+
+    def __getattr__(name: str) -> Any:
+        """Import a public name (or a submodule, ``mpmagic.pool``...) on first use."""
+        module = _LAZY.get(name)
+        if module is not None:
+            value = getattr(importlib.import_module(f".{module}", __name__), name)
+        else:
+            try:
+                value = importlib.import_module(f".{name}", __name__)
+            except ModuleNotFoundError:
+                raise AttributeError(f"module 'mpmagic' has no attribute {name!r}") from None
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

@@ -17,7 +17,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from . import astlock, debugging, payload
 from .backends.base import Backend, Job
@@ -43,6 +43,11 @@ from .progress import Progress
 from .report import RankValues, Report
 from .threads import cap_for, configured
 from .warmup import _function_modules_cached, function_modules
+
+if TYPE_CHECKING:
+    from .background import Run
+
+_T = TypeVar("_T")
 
 
 class _ThreadReports(threading.local):
@@ -307,25 +312,135 @@ def _check_not_async(func: Any) -> None:
                          f"lambda x: asyncio.run({name}(x))")
 
 
+@overload
 def pmap(
-    func: Callable,
-    *iterables: Iterable,
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
     workers: int | None = None,
     chunksize: int | None = None,
     star: bool = False,
     compare: bool = False,
-    errors: str = "raise",
+    errors: Literal["raise"] = "raise",
     timeout: float | None = None,
     retries: int = 0,
     show_report: bool = False,
     progress: bool = False,
     progress_delay: float = 1.0,
     insights: bool = False,
-    checkpoint: bool | str | os.PathLike = False,
-    on_chunk: Callable[[int, list], None] | None = None,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    block: Literal[True] = True,
+    seed: int | None = None,
+) -> list[_T]: ...
+
+
+@overload
+def pmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["collect"],
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    block: Literal[True] = True,
+    seed: int | None = None,
+) -> list[_T | Failed]: ...
+
+
+@overload
+def pmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    block: Literal[False],
+    seed: int | None = None,
+) -> Run[list[_T]]: ...
+
+
+@overload
+def pmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["collect"],
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    block: Literal[False],
+    seed: int | None = None,
+) -> Run[list[_T | Failed]]: ...
+
+
+@overload
+def pmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
     block: bool = True,
     seed: int | None = None,
-) -> Any:
+) -> list[_T] | list[_T | Failed] | Run[list[_T]] | Run[list[_T | Failed]]: ...
+
+
+def pmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    block: bool = True,
+    seed: int | None = None,
+) -> list[_T] | list[_T | Failed] | Run[list[_T]] | Run[list[_T | Failed]]:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
     ``func`` may be anything defined in a notebook (def, lambda, closure,
@@ -357,14 +472,8 @@ def pmap(
     """
     __tracebackhide__ = True
     iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
-    if seed is not None:  # per-item random streams (seeding.py): number the items, wrap the function
-        from . import seeding
-
-        seed = seeding._check_seed(seed)
-        src = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
-        star = star or len(iterables) > 1
-        pairs = enumerate(src) if _one_shot(src) else _Enumerated(src)  # one-shot stays one-shot
-        func, iterables, star = seeding.Seeded(func, seed, star), (pairs,), False
+    if seed is not None:
+        func, iterables, star = seeded(func, iterables, star, seed)
     if not block:
         from . import background
 
@@ -450,6 +559,18 @@ def pmap(
     return results
 
 
+def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:
+    """``seed=S`` (``pmap``, ``imap``): per-item random streams (seeding.py). The items
+    are numbered and the function wrapped; returns the new (func, iterables, star)."""
+    from . import seeding
+
+    seed = seeding._check_seed(seed)
+    src = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
+    star = star or len(iterables) > 1
+    pairs = enumerate(src) if _one_shot(src) else _Enumerated(src)  # one-shot stays one-shot
+    return seeding.Seeded(func, seed, star), (pairs,), False
+
+
 def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool) -> list:
     """``map`` (``starmap``) here, in the notebook or a worker; with ``collect`` a
     failing item's place holds its :class:`~mpmagic.jobs.Failed`, as in parallel
@@ -529,18 +650,107 @@ def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, 
     return MapCall(func, iterables, star, workers, **kwargs)
 
 
-def submit(func: Callable, *iterables: Iterable, **kwargs: Any) -> Any:
-    """``pmap(func, *iterables, block=False, **kwargs)``: a :class:`~mpmagic.background.Run`
-    handle at once, the map in the background (``result()``, ``cancel()``, ``report()``)."""
+@overload
+def submit(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+) -> Run[list[_T]]: ...
+
+
+@overload
+def submit(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["collect"],
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+) -> Run[list[_T | Failed]]: ...
+
+
+@overload
+def submit(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+) -> Run[list[_T]] | Run[list[_T | Failed]]: ...
+
+
+def submit(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+    **refused: Any,
+) -> Run[list[_T]] | Run[list[_T | Failed]]:
+    """``pmap(func, *iterables, block=False, ...)``: a :class:`~mpmagic.background.Run`
+    handle at once, the map in the background (``result()``, ``cancel()``, ``report()``).
+    The options are ``pmap``'s (all but ``block``)."""
     __tracebackhide__ = True
-    _no_block("submit", kwargs)
-    return pmap(func, *iterables, block=False, **kwargs)
+    _no_block("submit", refused)
+    return pmap(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
+                timeout=timeout, retries=retries, show_report=show_report, progress=progress,
+                progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
+                block=False, seed=seed)
 
 
-def _no_block(caller: str, kwargs: dict) -> None:
-    if "block" in kwargs:
+def _no_block(caller: str, refused: dict[str, Any]) -> None:
+    """``submit``/``apmap`` take every ``pmap`` option by name but ``block``; their
+    ``**refused`` catches it for a one-line error (type checkers see no such parameter)."""
+    if "block" in refused:
         raise UsageError(f"{caller}() takes no block=: it always runs the map in the background "
                          "(mpmagic.pmap(...) waits for the results)")
+    if refused:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {next(iter(refused))!r}")
 
 
 #: Seconds between wake-ups of the event loop while ``apmap`` waits: ipykernel
@@ -548,7 +758,88 @@ def _no_block(caller: str, kwargs: dict) -> None:
 _APMAP_WAKE = 0.1
 
 
-async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
+@overload
+async def apmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+) -> list[_T]: ...
+
+
+@overload
+async def apmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["collect"],
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+) -> list[_T | Failed]: ...
+
+
+@overload
+async def apmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+) -> list[_T] | list[_T | Failed]: ...
+
+
+async def apmap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    compare: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    on_chunk: Callable[[int, list[Any]], None] | None = None,
+    seed: int | None = None,
+    **refused: Any,
+) -> list[_T] | list[_T | Failed]:
     """``await apmap(func, xs)``: ``pmap`` awaited from asyncio code, without blocking the loop.
 
     The run completes an asyncio future through ``loop.call_soon_threadsafe``;
@@ -560,8 +851,10 @@ async def apmap(func: Callable, *iterables: Iterable, **kwargs: Any) -> list:
 
     from .errors import OneLine
 
-    _no_block("apmap", kwargs)
-    run = submit(func, *iterables, **kwargs)
+    _no_block("apmap", refused)
+    run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
+                 timeout=timeout, retries=retries, show_report=show_report, progress=progress,
+                 progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk, seed=seed)
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
@@ -840,6 +1133,7 @@ def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: boo
     return _serial_map(func, iterables, star, collect)
 
 
+@overload
 def parallel(
     code: str,
     workers: int | None = None,
@@ -852,12 +1146,104 @@ def parallel(
     progress: bool = False,
     progress_delay: float = 1.0,
     insights: bool = False,
-    checkpoint: bool | str | os.PathLike = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    block: Literal[True] = True,
+    seed: int | None = None,
+    keep: bool = False,
+    reset: bool = False,
+    *,
+    reduce: None = None,
+) -> RankValues: ...
+
+
+@overload
+def parallel(
+    code: str,
+    workers: int | None = None,
+    namespace: dict[str, Any] | None = None,
+    compare: bool = False,
+    timeout: float | None = None,
+    gather: Iterable[str] = (),
+    label_output: bool = True,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    block: Literal[True] = True,
+    seed: int | None = None,
+    keep: bool = False,
+    reset: bool = False,
+    *,
+    reduce: Callable[[RankValues], _T],
+) -> _T: ...
+
+
+@overload
+def parallel(
+    code: str,
+    workers: int | None = None,
+    namespace: dict[str, Any] | None = None,
+    compare: bool = False,
+    timeout: float | None = None,
+    gather: Iterable[str] = (),
+    label_output: bool = True,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    *, block: Literal[False],
+    seed: int | None = None,
+    keep: bool = False,
+    reset: bool = False,
+    reduce: None = None,
+) -> Run[RankValues]: ...
+
+
+@overload
+def parallel(
+    code: str,
+    workers: int | None = None,
+    namespace: dict[str, Any] | None = None,
+    compare: bool = False,
+    timeout: float | None = None,
+    gather: Iterable[str] = (),
+    label_output: bool = True,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
     block: bool = True,
     seed: int | None = None,
     keep: bool = False,
     reset: bool = False,
-) -> Any:
+    *,
+    reduce: Callable[[RankValues], _T] | None = None,
+) -> RankValues | Run[RankValues] | _T: ...
+
+
+def parallel(
+    code: str,
+    workers: int | None = None,
+    namespace: dict[str, Any] | None = None,
+    compare: bool = False,
+    timeout: float | None = None,
+    gather: Iterable[str] = (),
+    label_output: bool = True,
+    show_report: bool = False,
+    progress: bool = False,
+    progress_delay: float = 1.0,
+    insights: bool = False,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    block: bool = True,
+    seed: int | None = None,
+    keep: bool = False,
+    reset: bool = False,
+    *,
+    reduce: Callable[[RankValues], _T] | None = None,
+) -> RankValues | Run[RankValues] | _T:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
     Each copy sees ``rank`` (0..size-1), ``size`` and the names of
@@ -874,6 +1260,9 @@ def parallel(
     ``seed=S`` gives each rank its own random stream from S and its rank.
     ``keep=True`` runs on persistent ranks: each rank keeps its namespace in
     its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
+    ``reduce=FUNC`` returns ``FUNC(values)`` instead of the values (``%%parallel
+    --reduce``); if it raises, :class:`~mpmagic.errors.ReduceError` keeps the
+    values in its ``.values``.
     """
     __tracebackhide__ = True
     if not isinstance(code, str):
@@ -896,6 +1285,15 @@ def parallel(
             raise UsageError(f"gather= (--gather) takes variable names, and {g!r} is not one")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
+    if reduce is not None:
+        if not callable(reduce):
+            raise UsageError(f"reduce= takes a function such as sum, not {payload_repr(reduce)}")
+        if not block:
+            raise UsageError("reduce= needs block=True: a background run's result() gives the ranks' values, "
+                             "to reduce once it is done")
+        values = parallel(code, workers, namespace, compare, timeout, gather, label_output, show_report, progress,
+                          progress_delay, insights, checkpoint, True, seed, keep, reset)
+        return reduce_values(reduce, values, code, f"reduce={func_name(reduce)}", "in this error's .values")
     if compare and (keep or reset):
         raise UsageError("compare=True (--compare) runs the cell once more here, as rank 0 of 1, and a kept "
                          "rank's state (keep=True, --keep) is in its worker, not here: compare without --keep")
@@ -974,6 +1372,27 @@ def parallel(
     if show_report:
         print(report.line())
     return values
+
+
+def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code: str, label: str, kept: str) -> _T:
+    """``reducer(values)`` (``parallel(reduce=)``, ``%%parallel --reduce``); if it raises,
+    a :class:`~mpmagic.errors.ReduceError` that says why and where the values are kept
+    (they are computed and must not be lost with the reducer's error).
+    ``label`` names the reducer as the caller gave it; ``kept`` says where the values are."""
+    __tracebackhide__ = True
+    from .errors import ReduceError
+
+    try:
+        return reducer(values)
+    except Exception as exc:
+        if not cell_has_value(code):
+            why = "every rank's value is None: the cell ends in a statement; end it with the expression to combine"
+        elif all(v is None for v in values):
+            why = "every rank's value is None: the value of the cell's last line"
+        else:
+            why = f"the values are of type {' and '.join(sorted({type(v).__name__ for v in values}))}"
+        raise ReduceError(f"{label} failed on the ranks' values: {type(exc).__name__}: {exc} "
+                          f"({why}); the values are kept {kept}", values) from exc
 
 
 class CellCall:

@@ -37,10 +37,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
 from types import TracebackType
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, TypeVar
 
 from . import debugging, display_relay
 from .errors import UsageError, drop_our_frames, one_line, one_line_interrupt
@@ -236,7 +236,12 @@ def _in_kernel() -> bool:
 
 
 # -- the handle ------------------------------------------------------------------
-class Run(Future):
+#: What a run's ``result()`` gives: ``list[int]`` for a map of a function returning int.
+_R = TypeVar("_R")
+_T = TypeVar("_T")
+
+
+class Run(Future[_R]):
     """A run going on in the background: ``done()``, ``result(timeout)``, ``cancel()``.
 
     A ``concurrent.futures.Future``: ``concurrent.futures.wait`` and
@@ -338,7 +343,7 @@ class Run(Future):
         __tracebackhide__ = True
         return self._wait_here(timeout, "wait()")
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> _R:
         """The results (as the blocking call returns them), or the run's error raised here."""
         __tracebackhide__ = True
         if not self._wait_here(timeout, "result()"):
@@ -836,7 +841,7 @@ def finished(what: str, kind: str, value: Any, report: Report, resume: Resume, *
              live: bool | str | None = None, keep_chunks: bool = True) -> Run:
     """The handle of a background run that had nothing to compute (``--bg --checkpoint``
     with every item stored): done at once, with its value and report."""
-    run = Run(what, _NoCall(kind), lambda wall: value, live=live, keep_chunks=keep_chunks, resume=resume)
+    run: Run[Any] = Run(what, _NoCall(kind), lambda wall: value, live=live, keep_chunks=keep_chunks, resume=resume)
     if keep_chunks:
         resume.stored_segments(run._on_chunk)
     run._value, run._report = value, report
@@ -848,7 +853,7 @@ def finished(what: str, kind: str, value: Any, report: Report, resume: Resume, *
     return run
 
 
-def as_completed(run: Run, timeout: float | None = None) -> Iterator[Any]:
+def as_completed(run: Run[Iterable[_T]], timeout: float | None = None) -> Iterator[_T]:
     """The results of a background map as their chunks arrive (completion order).
 
     Raises the run's error (or CancelledError) after the results that came

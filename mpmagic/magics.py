@@ -40,7 +40,6 @@ from .cell import source_digest
 from .errors import (
     STOPPED_OUTCOME,
     MPMagicError,
-    ReduceError,
     UsageError,
     came_from_worker,
     cell_origin,
@@ -859,16 +858,8 @@ class MPMagics(Magics):
 
     def _pool(self, opts: argparse.Namespace) -> Any:
         action = opts.action
-        if opts.gpus is not None:  # worker setup: CUDA_VISIBLE_DEVICES round-robin, before they start
-            from . import worker_setup
-
-            if getattr(pool.current_pool(), "name", "local") != "local":
-                raise UsageError("--gpus is for the local pool (%pool local first); Dask workers pick their own devices")
-
-            current = pool.current_pool()
-            if worker_setup.set_gpus(opts.gpus.split(",")) and current is not None and current.running \
-                    and action == "start":
-                pool.restart_pool()
+        if opts.gpus is not None and getattr(pool.current_pool(), "name", "local") != "local":
+            raise UsageError("--gpus is for the local pool (%pool local first); Dask workers pick their own devices")
         current = pool.current_pool()
         if action in ("start", "restart") and (current is None or current.name == "local"):
             # What %config changed and no run applied yet goes with this start or restart
@@ -877,7 +868,7 @@ class MPMagics(Magics):
             opts.workers, opts.start_method = opts.workers or workers, opts.start_method or method
         if action == "start":
             pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
-                            max_memory=opts.max_memory)
+                            max_memory=opts.max_memory, gpus=opts.gpus)
         elif action == "stop":
             pool.stop_pool()
         elif action == "restart":
@@ -894,13 +885,11 @@ class MPMagics(Magics):
             pool.get_pool().resize(n)
         elif action == "local":
             before = pool.current_pool()
-            if opts.max_memory is not None:  # (kept for the local pool use_local makes or keeps)
-                pool.set_max_memory(opts.max_memory)
             # The %config MPMagic settings for what the line did not say: leaving Dask
             # made the local pool at the defaults (2 workers, forkserver), not the settings'.
             settings = config.current()
             now = pool.use_local(opts.workers or settings.workers, opts.start_method or settings.start_method,
-                                 opts.max_tasks_per_child)
+                                 opts.max_tasks_per_child, max_memory=opts.max_memory)
             status = pool.pool_status()
             status.notice = _switched(before, now)
             return status
@@ -1044,26 +1033,12 @@ def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
 
 
 def _reduced(parser: _Parser, opts: argparse.Namespace, reducer: Callable, values: Any, cell: str) -> Any:
-    """``--reduce FUNC`` applied to the ranks' values; if it raises, one line says why and where they are.
-
-    The values are computed and must not be lost with the reducer's error:
-    they are in ``-o NAME`` when given (stored before reducing) and always in
-    the error's ``.values``.
-    """
+    """``--reduce FUNC`` applied to the ranks' values (``api.reduce_values``, as ``parallel(reduce=)``);
+    the values are in ``-o NAME`` when given (stored before reducing) and always in the error's ``.values``."""
     __tracebackhide__ = True
-    try:
-        return reducer(values)
-    except Exception as exc:
-        if not api.cell_has_value(cell):
-            why = "every rank's value is None: the cell ends in a statement; end it with the expression to combine"
-        elif all(v is None for v in values):
-            why = "every rank's value is None: the value of the cell's last line"
-        else:
-            why = f"the values are of type {' and '.join(sorted({type(v).__name__ for v in values}))}"
-        kept = (f"in {opts.output} (-o)" if opts.output else
-                "in this error's .values (sys.last_value.values in the next cell; -o NAME keeps them in NAME)")
-        raise ReduceError(f"--reduce {opts.reduce} failed on the ranks' values: {type(exc).__name__}: {exc} "
-                          f"({why}); the values are kept {kept}", values) from exc
+    kept = (f"in {opts.output} (-o)" if opts.output else
+            "in this error's .values (sys.last_value.values in the next cell; -o NAME keeps them in NAME)")
+    return api.reduce_values(reducer, values, cell, f"--reduce {opts.reduce}", kept)
 
 
 def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:

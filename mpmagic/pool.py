@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from .backends.base import Backend
@@ -125,8 +126,14 @@ def start_pool(
     max_tasks_per_child: int | None = None,
     wait: bool = False,
     max_memory: int | str | None = None,
-) -> Any:
+    gpus: str | Iterable[int | str] | None = None,
+) -> Backend:
     """Start (or re-create, if its settings change) the local pool.
+
+    ``gpus`` (``%pool start --gpus 0,1``): the devices given to the workers'
+    ``CUDA_VISIBLE_DEVICES`` in turn (``[0, 1]`` or ``"0,1"``; ``[]`` none);
+    running workers restart when that changes, as a GPU is chosen before a
+    worker imports anything.
 
     ``max_memory`` (bytes, or a size such as ``"2GB"``): a worker holding more
     of its own (private) memory after a task is replaced before its next task;
@@ -144,6 +151,8 @@ def start_pool(
     global _backend
     if max_memory is not None:
         set_max_memory(max_memory)
+    if gpus is not None:
+        _set_gpus(gpus)
     with _lock:
         old = _backend
         if isinstance(old, LocalBackend):
@@ -177,6 +186,20 @@ def start_pool(
         return new
 
 
+def _set_gpus(gpus: str | Iterable[int | str]) -> None:
+    """``start_pool(gpus=)``: the devices of the local workers; running ones stop
+    (the start that follows starts them with their device)."""
+    from . import worker_setup
+
+    with _lock:
+        if _backend is not None and not isinstance(_backend, LocalBackend):
+            raise UsageError(f"gpus= is for the local pool, and the pool is on {_backend.name} (use_local() first); "
+                             "Dask workers pick their own devices")
+        devices = gpus.split(",") if isinstance(gpus, str) else [str(g) for g in gpus]
+        if worker_setup.set_gpus(devices) and _backend is not None and _backend.running:
+            _backend.stop()
+
+
 def stop_pool() -> None:
     """Stop the workers; the next call starts them again."""
     with _lock:
@@ -184,7 +207,7 @@ def stop_pool() -> None:
             _backend.stop()
 
 
-def restart_pool(wait: bool = True) -> Any:
+def restart_pool(wait: bool = True) -> Backend:
     """Stop and start again with the same settings (clears workers' state).
 
     ``wait``: return once the workers are ready; ``wait=False`` returns at once
@@ -199,7 +222,7 @@ def restart_with(
     max_tasks_per_child: int | None = None,
     max_memory: int | str | None = None,
     wait: bool = True,
-) -> Any:
+) -> Backend:
     """Restart the pool with the settings given changed and the others kept
     (``%pool restart -n 3 --start-method spawn``).
 
@@ -245,10 +268,17 @@ def restart_with(
 
 
 def use_local(
-    workers: int | None = None, start_method: str | None = None, max_tasks_per_child: int | None = None
-) -> Any:
-    """Switch back to processes on this machine (stops a Dask backend)."""
+    workers: int | None = None, start_method: str | None = None, max_tasks_per_child: int | None = None,
+    max_memory: int | str | None = None,
+) -> Backend:
+    """Switch back to processes on this machine (stops a Dask backend).
+
+    The options are ``start_pool``'s (``max_memory`` is kept for the local
+    pool it makes or keeps).
+    """
     global _backend
+    if max_memory is not None:
+        set_max_memory(max_memory)
     with _lock:
         if _backend is not None and not isinstance(_backend, LocalBackend):
             _backend.stop()
@@ -256,7 +286,7 @@ def use_local(
         return start_pool(workers, start_method, max_tasks_per_child)
 
 
-def use_dask(address: str | None = None, **options: Any) -> Any:
+def use_dask(address: str | None = None, **options: Any) -> Backend:
     """Run on Dask: a new local cluster, or the scheduler at ``address``.
 
     ``address`` is ``tcp://host:8786`` or ``tls://...``; without it (and

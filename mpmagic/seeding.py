@@ -27,7 +27,10 @@ from __future__ import annotations
 
 import random
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
 
 _current: Any = None  # the running item's Generator (or the key to make it lazily)
 
@@ -126,7 +129,7 @@ def _state_words(seed: int, key: int, pool_size: int = 4) -> list[int]:
     return out
 
 
-def rng() -> Any:
+def rng() -> numpy.random.Generator:
     """The running item's ``numpy.random.Generator`` (with ``--seed``).
 
     Without a seed (or in the notebook) a fresh, unseeded Generator.

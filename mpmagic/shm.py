@@ -59,7 +59,10 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy.typing
 
 import cloudpickle
 
@@ -526,7 +529,7 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
 _shared: dict[str, tuple[int, int]] = {}
 
 
-def share(array: Any) -> Any:
+def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
     """A copy of a numpy ``array`` that lives in shared memory.
 
     Pass it (or slices of it) to ``%pmap`` as items, or use it as a captured

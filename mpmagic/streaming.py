@@ -29,9 +29,14 @@ import threading
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
-from .jobs import MapJob
+from .jobs import Failed, MapJob
+
+if TYPE_CHECKING:
+    from .background import Run
+
+_T = TypeVar("_T")
 
 _END = object()
 
@@ -261,19 +266,75 @@ def _cancel_quietly(run: Any) -> None:
         logging.getLogger("mpmagic").warning("mpmagic: cancelling a dropped imap failed", exc_info=True)
 
 
+@overload
 def imap(
-    func: Callable,
-    *iterables: Iterable,
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
     ordered: bool = True,
     workers: int | None = None,
     chunksize: int | None = None,
     star: bool = False,
-    errors: str = "raise",
+    errors: Literal["raise"] = "raise",
     timeout: float | None = None,
     retries: int = 0,
     buffer: int | None = None,
-    checkpoint: bool | str | os.PathLike = False,
-) -> Iterator[Any]:
+    checkpoint: bool | str | os.PathLike[str] = False,
+    insights: bool = False,
+    seed: int | None = None,
+) -> Stream[_T]: ...
+
+
+@overload
+def imap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    ordered: bool = True,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    errors: Literal["collect"],
+    timeout: float | None = None,
+    retries: int = 0,
+    buffer: int | None = None,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    insights: bool = False,
+    seed: int | None = None,
+) -> Stream[_T | Failed]: ...
+
+
+@overload
+def imap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    ordered: bool = True,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    buffer: int | None = None,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    insights: bool = False,
+    seed: int | None = None,
+) -> Stream[_T] | Stream[_T | Failed]: ...
+
+
+def imap(
+    func: Callable[..., _T],
+    *iterables: Iterable[Any],
+    ordered: bool = True,
+    workers: int | None = None,
+    chunksize: int | None = None,
+    star: bool = False,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    buffer: int | None = None,
+    checkpoint: bool | str | os.PathLike[str] = False,
+    insights: bool = False,
+    seed: int | None = None,
+) -> Stream[_T] | Stream[_T | Failed]:
     """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
 
     ``ordered=True`` yields in input order (like ``map``); ``ordered=False``
@@ -288,6 +349,7 @@ def imap(
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     yields stored ones instead of computing them again (docs/checkpoint.md):
     in their input places when ordered, first when not.
+    ``insights=True`` and ``seed=S`` are ``pmap``'s (the report: ``stream.run.report()``).
     """
     __tracebackhide__ = True
     from . import api, background
@@ -295,8 +357,10 @@ def imap(
     if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
         raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
     iterables = api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
+    if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
+        func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():
-        return iter(api._serial_in_worker(func, iterables, star, errors == "collect"))
+        return Stream((r for r in api._serial_in_worker(func, iterables, star, errors == "collect")), None)
     n_workers = workers or api.get_pool().workers
     what = f"imap {api.func_name(func)}"
     resume = None
@@ -321,7 +385,8 @@ def imap(
 
     def make_call(forward: background.Forward) -> Any:
         return api.map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
-                            retries=retries, out=forward.out, progress=forward.progress, job_class=feed.job_class)
+                            retries=retries, insights=insights, out=forward.out, progress=forward.progress,
+                            job_class=feed.job_class)
 
     if resume is not None and not pending:  # every item stored: nothing runs
         resume.settle()
@@ -340,7 +405,7 @@ def imap(
     return Stream(stream, run)
 
 
-class Stream:
+class Stream(Generic[_T]):
     """What :func:`imap` returns: an iterator over the results, whose ``close()``
     cancels the rest of the run, as leaving the loop does.
 
@@ -352,27 +417,31 @@ class Stream:
 
     __slots__ = ("_gen", "_run")
 
-    def __init__(self, gen: Generator[Any, None, None], run: Any) -> None:
+    def __init__(self, gen: Generator[_T, None, None], run: Run[list[_T]] | None) -> None:
         self._gen, self._run = gen, run
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[_T]:
         return self._gen
 
-    def __next__(self) -> Any:
+    def __next__(self) -> _T:
         __tracebackhide__ = True
         return next(self._gen)
 
     def close(self) -> None:
         """Stop here: the rest of the run is cancelled."""
         self._gen.close()
-        _cancel_quietly(self._run)  # (a generator closed before it started runs no ``finally``)
+        if self._run is not None:
+            _cancel_quietly(self._run)  # (a generator closed before it started runs no ``finally``)
 
     @property
-    def run(self) -> Any:
-        """The background run behind the stream (``done()``, ``cancel()``, counts)."""
+    def run(self) -> Run[list[_T]] | None:
+        """The background run behind the stream (``done()``, ``cancel()``, counts);
+        None for an ``imap`` called inside a task (it ran serially there)."""
         return self._run
 
     def __repr__(self) -> str:
+        if self._run is None:
+            return "<mpmagic imap stream run serially in a task>"
         return f"<mpmagic imap stream of run {self._run.id} ({self._run.state})>"
 
 

@@ -300,7 +300,7 @@ _installed: dict[str, Any] = {}  # name -> the builtins value it shadowed (or _M
 _MISSING = object()
 
 
-def worker_id() -> Any:
+def worker_id() -> int | str | None:
     """The id of the worker running this task: a number for local workers, the
     worker's name for Dask; None in the notebook."""
     if WORKER_ID is not None:

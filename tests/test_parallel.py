@@ -288,3 +288,15 @@ def test_names_read_by_a_literal_exec_or_eval_string_are_sent(ip, backend):
         cell(ip, "-n 2 -q", "eval(which)")
     assert "the notebook has 'base', but the cell's code does not name it" in info.value.failures[0].__notes__[-1]
     assert cell(ip, "-n 2 -q", "base\neval(which)") == [20, 20]
+
+
+def test_parallel_takes_reduce_as_the_magic_does(ip, local_pool):
+    """``parallel(reduce=)`` (the API had none, so ReduceError came only from the magic):
+    the magic's value, and the same ReduceError keeping the values."""
+    assert mpmagic.parallel("rank * 10", workers=3, reduce=sum) == cell(ip, "-n 3 -q --reduce sum", "rank * 10") == 30
+    with pytest.raises(mpmagic.ReduceError, match=r"^reduce=sum failed on the ranks' values: TypeError: .*"
+                       r"the cell ends in a statement.*kept in this error's .values") as info:
+        mpmagic.parallel("x = rank", workers=2, reduce=sum)
+    assert list(info.value.values) == [None, None]
+    with pytest.raises(mpmagic.UsageError, match="reduce= needs block=True"):
+        mpmagic.parallel("rank", workers=2, reduce=sum, block=False)

@@ -223,3 +223,12 @@ def test_an_interrupted_pool_restart_is_one_line_saying_what_goes_on(ip, monkeyp
     assert err._render_traceback_() == [
         "KeyboardInterrupt: %pool restart interrupted while it waited for the workers; they go on starting, "
         "and %pool shows their state"]
+
+
+def test_use_local_takes_max_memory_as_the_magic_does(ip):
+    """``use_local(max_memory=)`` (it had none; ``%pool local --max-memory`` has it)."""
+    run(ip, "%pool local -n 2 --max-memory 2GB")
+    assert mpmagic.get_pool().max_memory == 2 * 10**9
+    assert mpmagic.use_local(2, max_memory="1GB").max_memory == 10**9
+    mpmagic.use_local(2, max_memory=0)
+    assert mpmagic.get_pool().max_memory is None

@@ -124,3 +124,12 @@ def test_parallel_seed_with_bg_and_checkpoint_gives_the_same_values(ip, local_po
         mpmagic.parallel("rank", workers=2, keep=True, checkpoint=folder, namespace=ip.user_ns)
     with pytest.raises(IPythonUsageError, match="cannot keep ranks"):
         run(ip, "%%parallel -n 2 -q --keep --scaling\nrank")
+
+
+def test_imap_takes_seed_as_pmap_does(ip, local_pool):
+    """``imap(seed=)`` (it had no seed=): the same draws as ``%pmap --seed``, ordered or not."""
+    run(ip, DRAW)
+    magic = run(ip, "%pmap -q -n 2 --chunksize 3 --seed 7 _draw, range(12)")
+    func = ip.user_ns["_draw"]
+    assert list(mpmagic.imap(func, range(12), seed=7, chunksize=1)) == magic
+    assert sorted(mpmagic.imap(func, iter(range(12)), seed=7, ordered=False)) == sorted(magic)

@@ -476,3 +476,22 @@ def test_dask_setup_that_kills_its_worker_is_unregistered_in_one_line():
     errors = worker_setup.dask_apply(Client())
     assert Client.removed and len(errors) == 1 and "\n" not in errors[0]
     assert "a worker died while running it" in errors[0] and "unregistered" in errors[0]
+
+
+def test_start_pool_takes_gpus_as_the_magic_does(local_pool):
+    """``start_pool(gpus=)`` (the API had none): each worker gets its device, as
+    ``%pool start --gpus 0,1`` gives it (test_gpus_round_robin), and a change restarts them."""
+    mpmagic.start_pool(workers=2, gpus=[0, 1], wait=True)
+    by_worker = dict(mpmagic.pmap(_device, range(8), chunksize=1))
+    assert set(by_worker.values()) <= {"0", "1"} and len(set(by_worker.values())) == len(by_worker)
+    assert "GPU 0" in str(mpmagic.pool_status())
+    mpmagic.start_pool(gpus="1", wait=True)
+    assert {gpu for _, gpu in mpmagic.pmap(_device, range(4), chunksize=1)} == {"1"}
+
+
+def _device(_: int) -> tuple:
+    import os
+    import time
+
+    time.sleep(0.02)
+    return mpmagic.worker_id(), os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -210,7 +210,7 @@ def can_start_in_background() -> bool:
 
 
 @contextmanager
-def _sigint_blocked_while_starting():
+def _sigint_blocked_while_starting() -> Iterator[None]:
     """Start workers that cannot be killed by SIGINT before they ignore it,
     without losing an interrupt meant for the notebook.
 
