@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
@@ -853,7 +853,7 @@ def finished(what: str, kind: str, value: Any, report: Report, resume: Resume, *
     return run
 
 
-def as_completed(run: Run[Iterable[_T]], timeout: float | None = None) -> Iterator[_T]:
+def as_completed(run: Run[list[_T]], timeout: float | None = None) -> Iterator[_T]:
     """The results of a background map as their chunks arrive (completion order).
 
     Raises the run's error (or CancelledError) after the results that came
