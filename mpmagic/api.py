@@ -844,17 +844,26 @@ async def apmap(
 
     The run completes an asyncio future through ``loop.call_soon_threadsafe``;
     cancelling the awaiting task (or interrupting the kernel) cancels the run,
-    and the ``CancelledError`` shows as one line.
+    and the ``CancelledError`` shows as one line. What the tasks print is
+    printed here while the coroutine waits, as ``pmap`` prints it (in the cell
+    that awaits it; in a terminal or script, on stdout/stderr): nobody holds
+    the background run's handle, whose ``output`` was the only place it went.
     """
     __tracebackhide__ = True  # (a cancelled await shows the user's line, not this one)
     import asyncio
 
+    from . import background
     from .errors import OneLine
 
     _no_block("apmap", refused)
-    run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
-                 timeout=timeout, retries=retries, show_report=show_report, progress=progress,
-                 progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk, seed=seed)
+    relay = background.relay_output.set(True)
+    try:
+        run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
+                     timeout=timeout, retries=retries, show_report=show_report, progress=progress,
+                     progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
+                     seed=seed)
+    finally:
+        background.relay_output.reset(relay)
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
 
@@ -872,8 +881,10 @@ async def apmap(
     try:
         while not future.done():  # (woken now and then: a bare await let an interrupt wait for the whole run)
             await asyncio.wait({future}, timeout=_APMAP_WAKE)
+            run._sink.relay_here()
     except asyncio.CancelledError as exc:
         await loop.run_in_executor(None, run.cancel)
+        run._sink.relay_here()
         exc._render_traceback_ = OneLine(  # type: ignore[attr-defined]
             f"CancelledError: mpmagic.apmap was cancelled: run {run.id} ({run.what}) stopped after "
             f"{run.items_done} of {run.items_total if run.items_total is not None else '?'} items")

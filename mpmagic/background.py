@@ -39,6 +39,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, Future
+from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -56,6 +57,10 @@ _lock = threading.Lock()
 _registry: dict[int, Run | Finished] = {}
 #: Finished runs listed by ``%pool`` / ``runs()`` besides those in flight (their rows: no results).
 KEEP_FINISHED = 20
+#: Set by ``api.apmap`` around its submit: the run's output is printed by the
+#: coroutine awaiting it (``_Sink.relay_here``), as a blocking ``pmap`` prints
+#: it, instead of being drawn in a live area or only kept on the handle.
+relay_output: ContextVar[bool] = ContextVar("mpmagic_relay_output", default=False)
 #: Seconds between redraws of a live area (each redraw is one message to the frontend).
 REDRAW_EVERY = 0.25
 #: Characters of task output a live area shows (the start is cut beyond it; ``run.output`` keeps all).
@@ -283,7 +288,7 @@ class Run(Future[_R]):
         # Chunks as they arrive, for ``as_completed`` (references, not copies).
         self._chunks: list[tuple[int, list]] | None = [] if keep_chunks else None
         self._arrived = threading.Condition()
-        relay = live == "relay"
+        relay = live == "relay" or (live is None and relay_output.get())
         self._sink = _Sink(self, False if relay else _in_kernel() if live is None else bool(live), relay=relay)
 
     # -- counts and state ------------------------------------------------------

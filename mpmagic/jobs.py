@@ -801,19 +801,27 @@ class MapJob:
         mpmagic does not own); ``reason`` then says what became of the worker.
         """
         self.outstanding.pop(unit.id, None)
-        if not timed_out and unit.attempts < self.retries:  # (keeps its lease: sent again as is)
+        if index is not None and 0 <= index < unit.count and unit.count > 1:
+            # --retries counts per item: the item that was running is charged, the
+            # chunk's others (finished or not started, their results died with the
+            # worker) go out again uncharged. Charging the chunk spent a chunk's one
+            # retry on its first death, so a second item dying once failed the run.
+            if unit.lease is not None:  # its parts go out again packed inline (see _resend_part)
+                unit.lease.release()
+                unit.lease = None
+            if unit.block > 1 and not timed_out:  # (which item of the block is not known yet)
+                self._recheck(unit, index, reason)
+                return
+            unit = self._isolate(unit, index)
+        if not timed_out and unit.attempts < self.retries:  # (keeps its lease, if any: sent again as is)
+            # (a chunk whose dying item is not known, e.g. it died loading it, is charged as a whole)
             unit.attempts += 1
             self.retried += unit.count
             self._requeued.append(unit)
             return
-        if unit.lease is not None:  # its parts go out again packed inline (see _resend_part)
+        if unit.lease is not None:
             unit.lease.release()
             unit.lease = None
-        if index is not None and 0 <= index < unit.count and unit.count > 1:
-            if unit.block > 1 and not timed_out:
-                self._recheck(unit, index, reason)
-                return
-            unit = self._isolate(unit, index)
         first = unit.start
         if unit.count == 1:
             what = f"item {first} ({short_repr(self._shown(unit.items[0])[0])})"
@@ -853,12 +861,12 @@ class MapJob:
         return list(range(first, self._next_id))
 
     def _isolate(self, unit: Unit, index: int) -> Unit:
-        """Split ``unit`` around item ``index``: re-send the others, return the culprit."""
+        """Split ``unit`` around item ``index``: re-send the others, return the culprit
+        (packed, with the chunk's attempts, to be sent again or to fail)."""
         # The others were not at fault: their retries start afresh.
         self._resend_part(unit, 0, index, attempts=0)
         self._resend_part(unit, index + 1, unit.count, attempts=0)
-        culprit = [unit.items[index]]
-        return Unit(unit.id, unit.start + index, 1, b"", culprit, unit.attempts)
+        return self._part(unit, index, index + 1, block=1)
 
     def _recheck(self, unit: Unit, index: int, reason: str) -> None:
         """A worker died somewhere in the block of items starting at ``index``:
@@ -874,15 +882,20 @@ class MapJob:
     ) -> None:
         """Queue items ``lo:hi`` of ``unit`` to go out again as a unit of their own
         (with ``unit``'s block size and attempts unless given)."""
-        if lo >= hi:
-            return
+        if lo < hi:
+            self._requeued.append(self._part(unit, lo, hi, block, recheck, attempts))
+
+    def _part(
+        self, unit: Unit, lo: int, hi: int, block: int | None = None, recheck: str | None = None, attempts: int | None = None
+    ) -> Unit:
+        """Items ``lo:hi`` of ``unit`` as a new unit, packed inline (see ``_resend_part``)."""
         items = unit.items[lo:hi]
         tries = unit.attempts if attempts is None else attempts
         part = Unit(self._next_id, unit.start + lo, hi - lo, payload.dumps_data(items), items, tries)
         part.block = unit.block if block is None else block
         part.recheck = recheck
         self._next_id += 1
-        self._requeued.append(part)
+        return part
 
     def _fail_or_collect(self, unit: Unit, exc: BaseException, index: int | None) -> None:
         if unit.lease is not None:

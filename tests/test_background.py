@@ -241,6 +241,15 @@ def test_a_cancelled_apmap_stops_its_run_at_once_and_shows_one_line(ns):
     assert mpmagic.runs()[-1].state == "cancelled"
 
 
+def test_apmap_prints_what_the_tasks_print_as_pmap_does(ip, ns, capsys):
+    """Awaited, the run's output went only to the Run handle apmap never returns."""
+    assert asyncio.run(mpmagic.apmap(ns["loud"], range(3))) == [0, -1, -2]
+    assert sorted(capsys.readouterr().out.splitlines()) == ["task says 0", "task says 1", "task says 2"]
+    with capture_output() as cap:  # a top-level await in an IPython cell
+        assert run(ip, "import mpmagic\nawait mpmagic.apmap(loud, [5])") == [-5]
+    assert cap.stdout.startswith("task says 5\n")  # (then the cell's Out[...])
+
+
 @pytest.mark.parametrize("call", [mpmagic.submit, mpmagic.apmap])
 def test_submit_and_apmap_refuse_block_in_one_line(call):
     with pytest.raises(UsageError, match=r"\(\) takes no block=: it always runs the map in the background"):

@@ -125,3 +125,11 @@ def test_an_interrupted_wait_on_a_run_is_one_line_saying_what_became_of_the_run(
     assert line.startswith("KeyboardInterrupt: imap interrupted: its run ") and "was cancelled" in line, line
     assert kernel.value("mpmagic.runs()[-1].state") == "cancelled"
     assert kernel.value("mpmagic.get_pool().status()['runs_in_flight']") == 0
+
+
+def test_an_awaited_apmap_prints_its_tasks_output_in_its_cell_as_pmap_does(kernel):
+    """apmap's run never reached the user: its output belongs to the awaiting cell, as a stream."""
+    reply = kernel.ok("await mpmagic.apmap(slow, range(2))")
+    assert reply.result() == "[0, 1]"
+    assert sorted(reply.stream().splitlines()) == [f"{BG_TEXT} 0", f"{BG_TEXT} 1"]
+    assert not [t for t, c in reply.outputs if t == "display_data"]  # no live area: nothing to redraw

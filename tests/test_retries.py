@@ -3,10 +3,9 @@
 Until now only the option's usage error was tested. These tests kill a
 worker for real (SIGKILL, what the out-of-memory killer sends) from inside
 an item, and count the attempts in files the items write, so what is
-checked is what the workers did, not what the job believes it did. Chunks of
-one item (``--chunksize 1``): with larger chunks a death is first re-run
-item by item to find its culprit, which is another feature
-(tests/test_reliability.py).
+checked is what the workers did, not what the job believes it did. Mostly
+chunks of one item (``--chunksize 1``); in larger chunks the item that was
+running is the one charged a retry (finding it is tests/test_reliability.py's).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from IPython.utils.capture import capture_output
 import mpmagic
 
 KILLERS = """
-import os, signal
+import os, signal, time
 
 def dies_first_time(x):
     # Item 3 kills its worker on its first attempt only (like an OOM kill).
@@ -26,6 +25,17 @@ def dies_first_time(x):
         with open(TRIES, "a") as f:
             f.write("x")
         if os.path.getsize(TRIES) == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+def each_dies_once(x):
+    # Items 2 and 6 each kill their worker on their own first attempt. (Not a
+    # tiny item: a death among those first re-runs its block one at a time.)
+    time.sleep(0.001)
+    if x in (2, 6):
+        with open(f"{TRIES}{x}", "a") as f:
+            f.write("x")
+        if os.path.getsize(f"{TRIES}{x}") == 1:
             os.kill(os.getpid(), signal.SIGKILL)
     return x * x
 
@@ -91,6 +101,33 @@ def test_retries_stop_after_n_and_name_the_item(ip, killers):
     assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 9, 16]
     assert isinstance(results[2], mpmagic.Failed) and isinstance(results[2].error, mpmagic.WorkerLostError)
     assert attempts(tries) == 2
+
+
+@pytest.mark.parametrize("chunking", ["--chunksize 8", "--chunksize 3", ""])
+def test_retries_count_per_item_not_per_chunk(ip, killers, chunking):
+    """Two items of one chunk each kill their worker once: with --retries 1 each
+    has its retry (the chunk's one retry went to the first death, and the
+    second failed the run). The chunk's other items are not charged."""
+    _, tries = killers
+    tries2, tries6 = (tries.with_name(tries.name + str(x)) for x in (2, 6))
+    for flags in ("", "--errors collect"):
+        tries2.unlink(missing_ok=True)
+        tries6.unlink(missing_ok=True)
+        with capture_output():
+            results = run(ip, f"%pmap -q {chunking} --retries 1 {flags} each_dies_once, range(8)")
+        assert results == [x * x for x in range(8)]
+        assert (attempts(tries2), attempts(tries6)) == (2, 2)
+        assert mpmagic.last_report().retried == 2  # the two items that died, not their chunk
+
+
+def test_retries_per_item_still_stop_after_n_in_a_chunk(ip, killers):
+    _, tries = killers
+    with capture_output():
+        result = ip.run_cell("%pmap -q --chunksize 5 --retries 1 always_dies, range(5)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.WorkerLostError), err
+    assert "item 2 (2)" in str(err)
+    assert attempts(tries) == 2  # the first run and one retry, as with chunks of one item
 
 
 def test_retries_through_the_api(ip, killers):
