@@ -191,7 +191,8 @@ def _after_cell(*_args: Any) -> None:
     background, the modules the notebook has imported so far (``warmup.py``).
 
     Runs after every cell, so it is cheap (a scan of the user's names, ~0.1 ms
-    per thousand), never waits (the pool's manager sends the imports) and never raises.
+    per thousand, skipped while it would cost over ~1% of the session: see
+    ``warmup.notebook_modules_after_cell``), never waits (the pool's manager sends the imports) and never raises.
 
     Not even KeyboardInterrupt: one that lands here is dropped. The cell it was
     meant for has already ended (and succeeded, or IPython would say so), while
@@ -215,7 +216,9 @@ def _after_cell(*_args: Any) -> None:
             if not isinstance(backend, LocalBackend) or not warmup.enabled():
                 return  # no local pool yet: its start scans the notebook itself
             try:
-                backend.preload(warmup.notebook_modules())
+                names = warmup.notebook_modules_after_cell()  # (None: skipped, see there)
+                if names is not None:
+                    backend.preload(names)
             except Exception:
                 logging.getLogger("mpmagic").debug("mpmagic: warming the workers after a cell failed", exc_info=True)
     except KeyboardInterrupt:

@@ -123,6 +123,38 @@ def test_the_scan_keeps_installed_third_party_modules_only():
         del sys.modules["mylib"]
 
 
+def test_the_after_cell_scan_runs_after_imports_and_never_costs_much_of_the_session(monkeypatch):
+    """In a long session the after-cell scan of every notebook name cost each
+    cell 5-65 ms. It runs when sys.modules grew, else at most once per 100x
+    its own cost; a function's entry in its cache lives as long as the function."""
+    import gc
+
+    calls = []
+
+    def slow_scan() -> list[str]:
+        calls.append(1)
+        time.sleep(0.02)  # a 20 ms scan: next one not before ~2 s unless something is imported
+        return ["numpy"]
+
+    monkeypatch.setattr(warmup, "notebook_modules", slow_scan)
+    monkeypatch.setattr(warmup._AfterCell, "loaded", -1)
+    assert warmup.notebook_modules_after_cell() == ["numpy"]
+    assert warmup.notebook_modules_after_cell() is None and len(calls) == 1
+    monkeypatch.setitem(sys.modules, "_mpmagic_test_new_module", types.ModuleType("_mpmagic_test_new_module"))
+    assert warmup.notebook_modules_after_cell() == ["numpy"] and len(calls) == 2  # an import: scanned at once
+    monkeypatch.setattr(warmup._AfterCell, "next_at", 0.0)
+    assert warmup.notebook_modules_after_cell() == ["numpy"] and len(calls) == 3  # its time came
+
+    namespace: dict = {"__name__": "__main__"}
+    exec("def f(x):\n    return x", namespace)
+    warmup._function_modules_cached(namespace["f"])
+    assert namespace["f"] in warmup._scanned
+    before = len(warmup._scanned)
+    del namespace["f"]
+    gc.collect()
+    assert len(warmup._scanned) == before - 1  # (a %pmap lambda, one per call, was kept until 10,000)
+
+
 def test_a_function_scan_finds_modules_and_lazy_submodules_it_uses():
     import numpy as np
 
