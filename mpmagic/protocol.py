@@ -19,6 +19,9 @@ Notebook to worker (requests)::
     Unmap(names)                       these shared-memory segments are gone
     Import(names)                      import these modules between tasks (warm
                                        workers: the notebook imported them)
+    Reload(names)                      reload these modules (the user's own: the
+                                       notebook reloaded them since the workers
+                                       imported them; see warmup.Warmth.reloads)
     Setup(version, payload)            run the worker setup (worker_setup.py);
                                        payload None: drop an earlier setup's names
     Stop()                             exit
@@ -112,6 +115,14 @@ class Import(NamedTuple):
     names: list
 
 
+class Reload(NamedTuple):
+    """The user's own modules the notebook reloaded (``importlib.reload``) since the
+    workers imported them: a worker that has one reloads it and forgets its cached
+    functions (one pickled by reference is loaded again, from the new module)."""
+
+    names: list
+
+
 class Setup(NamedTuple):
     version: int  # worker_setup's version: a worker runs each version once
     payload: bytes | None  # the pickled setup entries; None: remove the names of an earlier one
@@ -176,7 +187,7 @@ class SetupDone(NamedTuple):
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
-    SetupDone,
+    SetupDone, Reload,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
@@ -215,5 +226,5 @@ def _short(obj: Any) -> str:
 
 __all__ = [
     "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
-    "ProtocolError", "Ready", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
+    "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
 ]

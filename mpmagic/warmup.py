@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .protocol import Import
+from .protocol import Import, Reload
 from .rss import resident_bytes
 
 log = logging.getLogger("mpmagic")
@@ -234,6 +234,11 @@ def function_modules(func: Any) -> list[str]:
     """Third-party modules a function refers to: the globals its code names
     (nested code and helper functions of the notebook too), closure cells and
     defaults. Mirrors what cloudpickle will make the worker import."""
+    return _keep(_function_module_names(func))
+
+
+def _function_module_names(func: Any) -> list[str]:
+    """Every module name :func:`function_modules` looks at, before its filter."""
     names: list[str] = []
     seen: set[int] = set()
     todo = [func]
@@ -262,7 +267,7 @@ def function_modules(func: Any) -> list[str]:
                 names.extend(_names_of(v))
                 if isinstance(v, types.ModuleType):
                     names.extend(_lazy_submodules(v, used))
-    return _keep(names)
+    return names
 
 
 def _lazy_submodules(module: types.ModuleType, used: set[str]) -> list[str]:
@@ -383,6 +388,76 @@ def loaded_submodules(tops: set[str], start: int = 0, limit: int = MIRROR_LIMIT)
     return out, len(names)
 
 
+# -- the notebook side: the user's own modules, reloaded or edited ------------
+# Why: ``importlib.reload(mymod)`` re-runs the module in place in the notebook,
+# but a worker that imported it before keeps the old code: ``%pmap mymod.f``
+# returned v1 results while the serial map gave v2, and ``--checkpoint`` stored
+# them under the key of the new file. A reload gives the module a new
+# ``__spec__`` object (importlib makes one each time), so comparing it with the
+# one seen when the workers were last told of the module finds a reload at the
+# cost of an identity test per module the function uses.
+
+
+def _user_module(name: str) -> bool:
+    """Is ``name`` a module of the user's own (a ``.py`` beside the notebook): loaded,
+    from a file, not the standard library, not installed, not ours, not ``__main__``?"""
+    if name in ("__main__", "__mp_main__") or name.partition(".")[0] in sys.stdlib_module_names:
+        return False
+    module = sys.modules.get(name)
+    if module is None or not getattr(module, "__file__", None) or name.partition(".")[0] in _NOT_PRELOADED:
+        return False
+    return not _installed(module)
+
+
+def user_modules(func: Any) -> list[str]:
+    """The user's own modules ``func`` reaches (its own module when it is pickled by
+    reference, the modules of the globals, closures and defaults it names)."""
+    names = _names_of(func) + _function_module_names(func)
+    return [n for n in dict.fromkeys(names) if isinstance(n, str) and _user_module(n)]
+
+
+# module name -> (its __spec__ when first looked at, its file's (mtime_ns, size) then)
+_stamps: dict[str, tuple[Any, tuple[int, int] | None]] = {}
+_said: set[Any] = set()  # the one-line notices already shown (what, [pool,] module...)
+
+
+def _file_stamp(module: Any) -> tuple[int, int] | None:
+    try:
+        st = os.stat(module.__file__)
+    except (OSError, TypeError, AttributeError):
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def edited_modules(names: list[str]) -> list[str]:
+    """Of these user modules, those whose file changed on disk since the notebook
+    (re)loaded them, without a reload here: the notebook runs their old code,
+    a worker importing them now would run the new file.
+
+    "Since it was loaded" is since this process first looked at that load of the
+    module (its first parallel run), an os.stat per module.
+    """
+    out = []
+    for name in names:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        spec = getattr(module, "__spec__", None)
+        seen = _stamps.get(name)
+        if seen is None or seen[0] is not spec:
+            _stamps[name] = (spec, _file_stamp(module))
+            continue
+        if seen[1] is not None and _file_stamp(module) != seen[1]:
+            out.append(name)
+    return out
+
+
+def _say_once(key: Any, line: str) -> None:
+    if key not in _said:
+        _said.add(key)
+        sys.stderr.write(line + "\n")
+
+
 def forkserver_modules() -> list[str]:
     """What the fork server should import when it starts (if warm-up is on)."""
     return notebook_modules() if enabled() else []
@@ -409,6 +484,12 @@ class Warmth:
         self._scanned = 0  # how far sys.modules was scanned for them
         self._sent: dict[int, int] = {}  # worker id -> how many of _wanted it was sent
         self._keys: set[Any] = set()  # function payload keys already scanned
+        self._user: dict[Any, list[str]] = {}  # function payload key -> the user's modules it uses
+        self._specs: dict[str, Any] = {}  # user module -> its __spec__ when the workers were last told of it
+        self._reloads: list[str] = []  # user modules to reload, in the order the notebook's reloads were found
+        self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
+        self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
+        self._user_scanned = 0  # len(sys.modules) at that scan
 
     @property
     def wanted(self) -> list[str]:
@@ -474,6 +555,74 @@ class Warmth:
             return False
         return self.want(names, mirror=False)
 
+    def check_reloads(self, func: Any, key: Any) -> bool:
+        """Before a run (of ``func``; None: a cell): queue a reload in every worker of
+        the user's modules (any loaded here, not only the function's: its items'
+        classes, a helper module, a cell's imports) that the notebook reloaded since
+        the pool first saw them, and say so once per pool; True if any. Also says once when a
+        module ``func`` uses was edited without a reload (a worker importing it now
+        runs the new file, not the notebook's code).
+
+        Per call: an identity test per user module loaded here (a new scan of
+        ``sys.modules`` only past the modules loaded since the last one), and an
+        ``os.stat`` per user module ``func`` uses.
+        """
+        self._scan_user_modules()
+        reloaded = []
+        for name in self._user_mods:  # every user module loaded here: items' classes, helpers, a cell's imports
+            spec = getattr(sys.modules.get(name), "__spec__", None)
+            old = self._specs.get(name)
+            if old is not spec and spec is not None:
+                self._specs[name] = spec
+                if old is not None:
+                    reloaded.append(name)
+        if reloaded:
+            with self._lock:
+                self._reloads.extend(reloaded)
+            _say_once(("reloaded", id(self), tuple(reloaded)), f"mpmagic: workers reload {', '.join(reloaded)} "
+                      f"(reloaded in the notebook since they imported {'it' if len(reloaded) == 1 else 'them'})")
+        if func is None:
+            return bool(reloaded)
+        names = self._user.get(key)
+        if names is None:
+            try:
+                names = user_modules(func)
+            except Exception:  # an odd callable: nothing known to reload
+                names = []
+            if len(self._user) > 10_000:
+                self._user.clear()
+            self._user[key] = names
+        for name in edited_modules(names):
+            module = sys.modules[name]
+            _say_once(("edited", name, _file_stamp(module)), (
+                f"mpmagic: {os.path.basename(module.__file__ or name)} was edited since the notebook imported "
+                f"{name}: the notebook runs its old code, but a worker that imports it now (a new or replaced "
+                f"one, or one that has not used it yet) runs the new file. importlib.reload({name}) to use one version"))
+        return bool(reloaded)
+
+    def _scan_user_modules(self) -> None:
+        """Bring the list of the user's modules loaded here up to date: only the
+        modules loaded since the last look (``sys.modules`` keeps insertion order)."""
+        n = len(sys.modules)
+        if n == self._user_scanned:
+            return
+        names = list(sys.modules)
+        start = self._user_scanned if n > self._user_scanned else 0
+        if start == 0:
+            self._user_mods = []
+        self._user_mods += [name for name in itertools.islice(names, start, None) if _user_module(name)]
+        self._user_scanned = n
+
+    def reload_message(self, wid: int) -> Reload | None:
+        """``Reload(names)`` for worker ``wid`` (the reloads it was not sent yet), or None."""
+        n = self._rsent.get(wid, 0)
+        if n >= len(self._reloads):  # the common case, every unit
+            return None
+        with self._lock:
+            todo = self._reloads[n:]
+            self._rsent[wid] = n + len(todo)
+        return Reload(list(dict.fromkeys(todo)))
+
     def message(self, wid: int) -> Import | None:
         """``Import(names)`` for worker ``wid`` (what it was not sent yet), or None."""
         n = self._sent.get(wid, 0)
@@ -488,6 +637,7 @@ class Warmth:
         """That worker is gone (its replacement has another id)."""
         with self._lock:
             self._sent.pop(wid, None)
+            self._rsent.pop(wid, None)
 
 
 # -- the worker side: importing, and noticing imports ----------------------
@@ -573,6 +723,18 @@ class ImportLog:
                 after = resident_bytes()
                 added = after - rss if after is not None and rss is not None else None
                 self.records.append(("preload", [name], seconds, start, time.time(), added))
+
+    def reload(self, names: list[str]) -> None:
+        """Reload those of these modules this worker imported (the notebook reloaded
+        them); a failure is logged, not raised: the task that uses it shows the error."""
+        for name in names:
+            module = sys.modules.get(name)
+            if module is None:
+                continue  # never imported here: the first use imports the file as it is
+            try:
+                importlib.reload(module)
+            except Exception:
+                log.warning("mpmagic: a worker could not reload %s", name, exc_info=True)
 
     def take(self) -> dict[str, Any] | None:
         """The records since the last reply (for ``meta["once"]``), or None."""

@@ -23,6 +23,8 @@ and its fields are in ``mpmagic/protocol.py``:
 * ``Import``: import modules the notebook imported, between tasks (warm
   workers, see ``warmup.py``); imports done while a unit ran, and the time
   spent loading functions, go home in the next ``Done``'s ``meta["once"]``.
+* ``Reload``: reload the user's modules the notebook reloaded since this
+  worker imported them, and forget the cached functions (``warmup.py``).
 * ``Setup``: run the worker setup (``mpmagic/worker_setup.py``); reply
   ``SetupDone`` (the error line or None, the names it defined, what it printed).
 * ``Stop``: exit.
@@ -65,6 +67,7 @@ from .protocol import (
     Out,
     ProtocolError,
     Ready,
+    Reload,
     Setup,
     Stop,
     Unmap,
@@ -664,6 +667,11 @@ class _Worker:
             elif kind is Import:
                 self.imports.preload(msg.names)
                 self._cpu_mark = time.process_time()  # a preload's CPU is no task's (it is timed apart)
+            elif kind is Reload:  # the notebook reloaded these modules: run the code it runs
+                self.imports.reload(msg.names)
+                self.funcs.clear()  # a function pickled by reference is the old module's: load it again
+                self.func_segments.clear()
+                self._cpu_mark = time.process_time()
             elif kind is Setup:  # worker setup (worker_setup.py): run it, say how it went
                 from .worker_setup import run_setup
 

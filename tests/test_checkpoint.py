@@ -618,6 +618,35 @@ def test_items_of_a_class_from_a_module_beside_the_notebook_count_by_that_module
         pool.shutdown()  # (a restarted pool numbers its workers on: pages tested later show workers 0 and 1)
 
 
+def test_a_module_reloaded_in_the_notebook_is_reloaded_in_running_workers(ip, store_dir, tmp_path, monkeypatch,
+                                                                          method, capsys):
+    """Workers that imported the user's module kept its old code after importlib.reload
+    in the notebook: %pmap gave v1 where map gave v2, and --checkpoint stored the v1
+    results under the new file's key (returned even after %pool restart)."""
+    from conftest import ensure_pool
+
+    ensure_pool(method)
+    (tmp_path / "mymod_rl.py").write_text("def f(x):\n    return ('v1', x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import importlib, mymod_rl")
+        assert run(ip, "%pmap -q mymod_rl.f, range(4)") == [("v1", i) for i in range(4)]
+        assert run(ip, "%pmap -q --checkpoint mymod_rl.f, range(4)") == [("v1", i) for i in range(4)]
+        (tmp_path / "mymod_rl.py").write_text("def f(x):\n    return ('v2', x)\n")
+        run(ip, "importlib.reload(mymod_rl)")
+        oracle = run(ip, "list(map(mymod_rl.f, range(4)))")
+        capsys.readouterr()
+        assert run(ip, "%pmap -q mymod_rl.f, range(4)") == oracle  # by reference
+        assert "workers reload mymod_rl" in capsys.readouterr().err
+        assert run(ip, "%pmap -q lambda x: mymod_rl.f(x), range(4)") == oracle  # through a global
+        assert run(ip, "%pmap -q --checkpoint mymod_rl.f, range(4)") == oracle  # computed again, with v2
+        assert "resumed: 0 of 4" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint mymod_rl.f, range(4)") == oracle  # and found again
+        assert "resumed: 4 of 4" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop("mymod_rl", None)
+
+
 def test_resumed_instances_of_a_notebook_class_are_instances_of_the_notebooks_class(ip, store_dir):
     # A new kernel has a new class object (the cell run again): the stored results, pickled with
     # the old one by value, must come back as the notebook's class, as live results do.

@@ -499,6 +499,13 @@ class LocalBackend:
                 self._put(slot, pack(msg))
             except OSError:
                 self.warmth.forget(slot.wid)  # a dead worker: its sentinel reports it
+        reload = self.warmth.reload_message(slot.wid)  # modules the notebook reloaded: before the next unit
+        if reload is not None:
+            try:
+                self._put(slot, pack(reload))
+                slot.known.clear()  # it forgets its functions (and context): sent again with the next unit
+            except OSError:
+                self.warmth.forget(slot.wid)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Block until every worker has said it is ready (used by ``%pool start``)."""
@@ -815,6 +822,7 @@ class LocalBackend:
             limit = workers
         if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
+        self.warmth.check_reloads(job.func, job.func_key)  # the user's modules the notebook reloaded since
         with self._lock:
             self.start(wake=False)  # (woken below, once)
             stops = self._stops
