@@ -460,6 +460,28 @@ def _is_default(value: Any, default: Any) -> bool:
         return False
 
 
+def _own_options(method: str, func: Any, workers: Any, chunks: Any, quiet: Any, compare: Any) -> None:
+    """Refuse what would silently change the user's call: pandas passes unknown
+    keywords on to ``func``, so a function whose own parameter is named like
+    one of the accessor's options (``compare``, ``workers``, ``chunks``,
+    ``quiet``) would lose that argument to us (``s.map(f, compare="left")``
+    gave ``f`` its ``compare``; ``s.mp.map`` took it). And ``compare`` is a switch."""
+    given = {"workers": workers is not None, "chunks": chunks is not None, "quiet": quiet is not False,
+             "compare": compare is not False}
+    try:
+        params = inspect.signature(func).parameters if callable(func) else {}
+    except (TypeError, ValueError):
+        params = {}
+    for name in (n for n, on in given.items() if on and n in params
+                 and params[n].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)):
+        raise UsageError(f"{method}: `{name}` is this accessor's option and also a parameter of "
+                         f"{getattr(func, '__name__', 'the function')}: pass the function's own with "
+                         f"functools.partial(f, {name}=...) (or args=)")
+    if not isinstance(compare, bool):
+        raise UsageError(f"{method}: compare= is True or False (run pandas' own call too and compare), not "
+                         f"{compare!r}; a `compare` argument for the function goes with functools.partial")
+
+
 class FrameAccessor:
     """``df.mp``: ``apply`` on the pool."""
 
@@ -482,6 +504,7 @@ class FrameAccessor:
         runs pandas' call here.
         """
         started = time.perf_counter()
+        _own_options("df.mp.apply", func, workers, chunks, quiet, compare)
         df = self._obj
         axis = df._get_axis_number(axis)  # pandas' own error for a bad axis ("No axis named 2 ...")
         by_rows = axis == 1
@@ -522,6 +545,7 @@ class SeriesAccessor:
         as it does with an ``engine`` (pandas' option, never ``func``'s).
         """
         started = time.perf_counter()
+        _own_options("series.mp.map", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
         if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
@@ -540,6 +564,7 @@ class SeriesAccessor:
         ``by_row=False`` (pandas calls ``func`` once, on the whole Series).
         """
         started = time.perf_counter()
+        _own_options("series.mp.apply", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
         if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:
@@ -592,6 +617,7 @@ class GroupByAccessor:
         the workers and here, never to ``func``.
         """
         started = time.perf_counter()
+        _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))

@@ -332,6 +332,22 @@ def test_pandas_own_options_go_to_pandas_never_to_func(ip, frame) -> None:
             assert_same(run(ip, f"{obj}.mp.{call[:-1]}, chunks=3, quiet=True)"), run(ip, f"{obj}.{call}"))
 
 
+def test_a_functions_own_keyword_named_like_an_accessor_option_is_refused_not_taken(ip, frame) -> None:
+    """pandas passes unknown keywords to ``func``: ``s.map(f, compare="left")``
+    gives f its ``compare``. The accessor took it as its own option (f got None)."""
+    from mpmagic.errors import UsageError
+
+    run(ip, "def tag(x, compare=None):\n    return f'{x}:{compare}'")
+    for call in ("df['x'].mp.map(tag, compare='left')", "df.mp.apply(tag, axis=1, compare=True)",
+                 "df['x'].mp.apply(tag, quiet=True, compare=True)"):
+        with pytest.raises(UsageError, match="`compare` is this accessor's option and also a parameter of tag"):
+            ip.run_cell(call).raise_error()
+    with pytest.raises(UsageError, match="compare= is True or False"):
+        ip.run_cell("df['x'].mp.map(abs, compare='left')").raise_error()
+    got = run(ip, "import functools\ndf['x'].mp.map(functools.partial(tag, compare='left'), quiet=True)")
+    assert_same(got, run(ip, "df['x'].map(tag, compare='left')"))
+
+
 def test_the_report_times_the_whole_call_as_a_stopwatch_does(ip, frame) -> None:
     """Splitting the input and pandas' assembly here are in the line's wall time (they were left out:
     the line said ~1.9x for a call slower than pandas alone)."""
