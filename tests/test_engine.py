@@ -837,6 +837,7 @@ def test_a_manager_that_fails_ends_its_runs_and_the_next_run_gets_a_new_one(monk
         backend.start()
         backend.wait_ready()
         broken = backend._manager
+        fds = len(os.listdir("/proc/self/fd"))
         boom = threading.Event()
 
         def fails() -> float | None:
@@ -853,6 +854,7 @@ def test_a_manager_that_fails_ends_its_runs_and_the_next_run_gets_a_new_one(monk
         monkeypatch.undo()
         broken.join(HANG)
         assert backend.submit(MapJob(abs, [-1, -2], 2, False, 1)).result(HANG) == [1, 2]
+        assert len(os.listdir("/proc/self/fd")) == fds  # the failed manager's wake-up pipe is closed
     finally:
         backend.stop()
 

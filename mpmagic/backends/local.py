@@ -935,7 +935,13 @@ class LocalBackend:
                     self._manager = None
                     self._runs.clear()
                     self._calls.clear()
-                    self._selector_slots = None  # the next manager builds its own
+                    for fd in (self._wake_r, self._wake_w):  # the next manager opens its own (2 fds leaked a failure)
+                        if fd >= 0:
+                            os.close(fd)
+                    self._wake_r = self._wake_w = -1
+                    if self._selector is not None:
+                        self._selector.close()
+                    self._selector = self._selector_slots = None  # the next manager builds its own
             error = MPMagicError(f"the pool's manager thread failed ({type(exc).__name__}: {exc}); "
                                  "the next run starts a new one")
             for run in runs:
