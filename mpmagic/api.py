@@ -749,6 +749,9 @@ def _no_block(caller: str, refused: dict[str, Any]) -> None:
     if "block" in refused:
         raise UsageError(f"{caller}() takes no block=: it always runs the map in the background "
                          "(mpmagic.pmap(...) waits for the results)")
+    if caller == "apmap" and "compare" in refused:
+        raise UsageError("apmap() takes no compare=: its serial run would block the event loop; "
+                         "mpmagic.pmap(..., compare=True) runs both (from a coroutine: in asyncio.to_thread)")
     if refused:
         raise TypeError(f"{caller}() got an unexpected keyword argument {next(iter(refused))!r}")
 
@@ -765,7 +768,6 @@ async def apmap(
     workers: int | None = None,
     chunksize: int | None = None,
     star: bool = False,
-    compare: bool = False,
     errors: Literal["raise"] = "raise",
     timeout: float | None = None,
     retries: int = 0,
@@ -786,7 +788,6 @@ async def apmap(
     workers: int | None = None,
     chunksize: int | None = None,
     star: bool = False,
-    compare: bool = False,
     errors: Literal["collect"],
     timeout: float | None = None,
     retries: int = 0,
@@ -807,7 +808,6 @@ async def apmap(
     workers: int | None = None,
     chunksize: int | None = None,
     star: bool = False,
-    compare: bool = False,
     errors: Literal["raise", "collect"] = "raise",
     timeout: float | None = None,
     retries: int = 0,
@@ -827,7 +827,6 @@ async def apmap(
     workers: int | None = None,
     chunksize: int | None = None,
     star: bool = False,
-    compare: bool = False,
     errors: Literal["raise", "collect"] = "raise",
     timeout: float | None = None,
     retries: int = 0,
@@ -858,7 +857,7 @@ async def apmap(
     _no_block("apmap", refused)
     relay = background.relay_output.set(True)
     try:
-        run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
+        run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
                      timeout=timeout, retries=retries, show_report=show_report, progress=progress,
                      progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
                      seed=seed)

@@ -258,6 +258,12 @@ def test_submit_and_apmap_refuse_block_in_one_line(call):
             asyncio.run(result)
 
 
+def test_apmap_refuses_compare_in_its_own_words():
+    """Its typed signature listed compare=, which always failed with words about submit()."""
+    with pytest.raises(UsageError, match=r"^apmap\(\) takes no compare=: its serial run would block the event loop"):
+        asyncio.run(mpmagic.apmap(abs, [1], compare=True))
+
+
 def test_pmap_bg_binds_the_handle_and_pool_lists_and_cancels_it(ip, ns):
     run(ip, "h = %pmap --bg napper, range(40)")
     handle = ip.user_ns["h"]
