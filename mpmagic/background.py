@@ -340,8 +340,9 @@ class Run(Future[_R]):
 
     def cancelled(self) -> bool:
         """True if the run ended because it was cancelled (:meth:`cancel`), as
-        ``concurrent.futures.Future.cancelled``."""
-        return self._cancelled
+        ``concurrent.futures.Future.cancelled`` (False while a cancel is still
+        stopping it: ``running()`` and ``cancelled()`` are never both True)."""
+        return self._cancelled and self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the run ended (True) or ``timeout`` seconds passed (False)."""
@@ -397,9 +398,10 @@ class Run(Future[_R]):
 
     def cancel(self) -> bool:
         """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it."""
-        if self._done.is_set():
-            return False
-        self._cancelled = True  # (the user's on_chunk is not called for chunks still queued: Forward)
+        with self._arrived:  # (as _end: a cancel that loses the race with the end finds the run done)
+            if self._done.is_set():
+                return False
+            self._cancelled = True  # (the user's on_chunk is not called for chunks still queued: Forward)
         if self._resume is not None:
             self._resume.stop()
         run = self._engine_run
@@ -561,12 +563,11 @@ class Run(Future[_R]):
         sink.out("stderr", message + "\n")
 
     def _end(self) -> None:
-        if self._cancelled:
-            self._report = None  # a blocking run that is stopped makes no report either
-        with self._arrived:
+        with self._arrived:  # (cancel() sets _cancelled under it: one answer, read once here)
             if self._done.is_set():
                 return  # (settled by cancel(): the pump was blocked in the input, see _wait_cancelled)
             if self._cancelled:
+                self._report = None  # a blocking run that is stopped makes no report either
                 self._job.forget_work()  # kept in the history: without what it held (a stream's buffer)
             self._done.set()
             self._arrived.notify_all()

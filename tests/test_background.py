@@ -645,6 +645,26 @@ def test_a_run_is_a_concurrent_futures_future_and_behaves_as_one(ns, caplog):
     assert [str(r.exc_info[1]) for r in caplog.records if r.exc_info] == ["callback boom"] * 2
 
 
+def test_a_run_being_cancelled_is_never_cancelled_and_running_at_once(ns):
+    """cancel() set the flag cancelled() returned before the run had ended: a
+    watcher saw cancelled() True with done() False (a Future's cancelled() implies done())."""
+    slow = mpmagic.submit(ns["napper"], range(8))
+    seen: list = []
+    watching = threading.Event()
+
+    def watch() -> None:
+        watching.set()
+        while not slow.done():
+            seen.append((slow.cancelled(), slow.done()))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    watching.wait(5)
+    assert slow.cancel()
+    watcher.join(10)
+    assert seen and not [s for s in seen if s[0] and not s[1]]
+    assert slow.cancelled() and slow.done() and not slow.running()
+
+
 def test_api_errors_name_the_api_option_beside_the_magics(ns):
     """A script's submit(compare=True) was told "--bg cannot be combined with
     --compare", gather= errors spoke of --gather only: the API's words come first."""
