@@ -8,6 +8,7 @@ estimated from the workers' own task times otherwise.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import itertools
@@ -27,6 +28,7 @@ from .engine import sigint_deferred
 from .errors import (
     ParallelError,
     UsageError,
+    add_note,
     drop_our_frames,
     format_exception,
     note_unsent_name,
@@ -37,8 +39,8 @@ from .fmt import func_name
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, Failed, MapJob
-from .pool import get_pool
+from .jobs import CellJob, Failed, MapJob, item_note
+from .pool import forked_from_pool, get_pool
 from .progress import Progress
 from .report import RankValues, Report
 from .threads import cap_for, configured
@@ -479,9 +481,9 @@ def pmap(
 
         if _in_worker_process():
             raise UsageError(
-                "a background run (block=False, submit) cannot start inside a worker: a worker process cannot start "
-                "workers of its own, and nothing here would wait on the run; call pmap (it runs serially inside a "
-                "task) or start the run from the notebook"
+                f"a background run (block=False, submit) cannot start {_where_no_pool()}: this process cannot start "
+                "workers of its own, and nothing here would wait on the run; call pmap (it runs serially here) "
+                "or start the run from the notebook"
             )
         background.check_options(compare=compare)
         what = f"pmap {func_name(func)}"
@@ -511,7 +513,12 @@ def pmap(
                                  on_chunk=on_chunk)
 
     if _in_worker_process():  # a nested call: a worker cannot start workers of its own
-        return _serial_in_worker(func, iterables, star, errors == "collect")
+        ignored = _ignored_serially(timeout=timeout, compare=compare, workers=workers, chunksize=chunksize,
+                                    retries=retries, insights=insights, progress=progress, show_report=show_report)
+        results = _serial_in_worker(func, iterables, star, errors == "collect", ignored)
+        if on_chunk is not None:
+            on_chunk(0, results)  # (one chunk: all of them)
+        return results
     if compare:  # both runs need the input: copy one-shot iterators, only as far as map would read
         iterables, star = _reusable(iterables, star)
     n_items = _length(iterables)
@@ -571,19 +578,27 @@ def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) ->
     return seeding.Seeded(func, seed, star), (pairs,), False
 
 
-def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool) -> list:
+def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool, note_items: bool = False) -> list:
     """``map`` (``starmap``) here, in the notebook or a worker; with ``collect`` a
     failing item's place holds its :class:`~mpmagic.jobs.Failed`, as in parallel
-    results (``compare``'s serial run raised there, and the results were lost)."""
+    results (``compare``'s serial run raised there, and the results were lost).
+    ``note_items``: a failing item's error gets the note the pool gives it
+    ("raised by item 3 of the input: f(3)"), and our frames are left out of its
+    traceback (a map run serially inside a task)."""
+    __tracebackhide__ = True
     items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
     star = star or len(iterables) > 1
-    if not collect:
+    if not collect and not note_items:
         return list(itertools.starmap(func, items)) if star else list(map(func, items))
     results: list = []
     for i, item in enumerate(items):
         try:
             results.append(func(*item) if star else func(item))
         except (Exception, SystemExit) as exc:  # (as the workers collect it)
+            if not collect:
+                add_note(exc, item_note(func, star, i, item))
+                drop_our_frames(exc)
+                raise
             results.append(Failed(i, item, exc))
     return results
 
@@ -855,6 +870,15 @@ async def apmap(
     from .errors import OneLine
 
     _no_block("apmap", refused)
+    if _in_worker_process():  # as pmap there: serially, with the same note (no pool to wait on)
+        caller = _serial_caller.set("apmap")
+        try:
+            return pmap(func, *iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
+                        timeout=timeout, retries=retries, show_report=show_report, progress=progress,
+                        progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
+                        seed=seed)
+        finally:
+            _serial_caller.reset(caller)
     relay = background.relay_output.set(True)
     try:
         run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
@@ -1116,31 +1140,62 @@ def _copied(source: Iterable) -> list | _Replay:
     return items
 
 
-_nested_noted = False
+_nested_noted: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def _in_worker_process() -> bool:
-    """True in a daemonic process (our workers, Dask's), which multiprocessing forbids to have children."""
+    """True where no pool can start: in a daemonic process (our workers, Dask's),
+    which multiprocessing forbids to have children, or in a process forked from
+    the notebook after its pool was made (``pool.forked_from_pool``: that pool
+    is the parent's)."""
     import multiprocessing
 
-    return bool(multiprocessing.current_process().daemon)
+    return bool(multiprocessing.current_process().daemon) or forked_from_pool()
 
 
-def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: bool) -> list:
+def _where_no_pool() -> str:
+    """Where this process is, for a message (``_in_worker_process`` is True)."""
+    return "in a process forked from the notebook" if forked_from_pool() else "inside a worker"
+
+
+#: Which call a map run serially here came from, for its note (``apmap`` runs ``pmap``).
+_serial_caller: contextvars.ContextVar[str] = contextvars.ContextVar("mpmagic_serial_caller", default="pmap")
+
+
+def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: bool, ignored: Iterable[str] = (),
+                      caller: str | None = None) -> list:
     """``pmap`` called inside a worker: run it serially there, with a note the first time.
 
     A worker process is daemonic, and a daemonic process may not start
     processes ("daemonic processes are not allowed to have children"). The
     outer map already uses every worker, so a serial inner map loses nothing.
+    A process forked from the notebook after its pool started cannot use
+    that pool (its manager thread is gone, its workers are the parent's),
+    and runs the map serially too. ``ignored``: the options given that have
+    no meaning in a serial map (``timeout=``: no worker to stop); the note
+    names them, once per set of them.
     """
-    global _nested_noted
-    if not _nested_noted:
-        _nested_noted = True
-        sys.stderr.write(
-            "mpmagic: pmap called inside a worker runs serially in that worker "
-            "(a worker process cannot start workers of its own)\n"
-        )
-    return _serial_map(func, iterables, star, collect)
+    __tracebackhide__ = True
+    ignored = tuple(ignored)
+    caller = caller or _serial_caller.get()
+    if (caller, ignored) not in _nested_noted:
+        _nested_noted.add((caller, ignored))
+        if forked_from_pool():
+            why = (f"mpmagic: {caller} called in a process forked from the notebook runs serially there "
+                   "(the notebook's pool belongs to the notebook process)")
+        else:
+            why = (f"mpmagic: {caller} called inside a worker runs serially in that worker "
+                   "(a worker process cannot start workers of its own)")
+        if ignored:
+            why += f"; {', '.join(o + '=' for o in ignored)} {'is' if len(ignored) == 1 else 'are'} not applied there"
+        sys.stderr.write(why + "\n")
+    return _serial_map(func, iterables, star, collect, note_items=True)
+
+
+def _ignored_serially(**given: Any) -> list[str]:
+    """The options of a map run serially in a worker that it cannot apply (given
+    a value other than their default, None/False/0)."""
+    return [name for name, value in given.items() if value]
 
 
 @overload
@@ -1286,7 +1341,7 @@ def parallel(
     _check_positive("timeout", timeout)
     if _in_worker_process():
         raise UsageError(
-            "parallel() cannot run inside a worker: a worker process cannot start workers of its own "
+            f"parallel() cannot run {_where_no_pool()}: this process cannot start workers of its own "
             "(ranks run at the same time, so they cannot be run one after another either); call it from the notebook"
         )
     gather = tuple(gather)

@@ -317,6 +317,8 @@ def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
     for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
+        if "__tracebackhide__" in frame.f_code.co_varnames and fs.filename.startswith(_PACKAGE_DIR):
+            continue  # (ours, as IPython hides it: a pmap run serially inside a task)
         first = frame.f_code.co_firstlineno
         frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first,
                                 getattr(fs, "end_lineno", None), getattr(fs, "colno", None),

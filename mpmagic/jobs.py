@@ -87,6 +87,29 @@ def _note_daemonic(exc: BaseException) -> None:
                       "with %pmap from the notebook instead (mpmagic.pmap inside a task runs it serially)")
 
 
+def shown_item(func: Any, star: bool, item: Any) -> tuple[Any, bool]:
+    """(the item as serial map sees it, star) for messages and ``Failed.item``.
+
+    ``seed=`` maps a wrapper over ``(index, item)`` pairs (seeding.Seeded):
+    an error names the item itself, never the pair.
+    """
+    unwrap = getattr(func, "mpmagic_item", None)
+    return (item, star) if unwrap is None else (unwrap(item), getattr(func, "star", False))
+
+
+def item_note(func: Any, star: bool, index: int, item: Any) -> str:
+    """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)"."""
+    item, star = shown_item(func, star, item)
+    if not star:
+        args = f"({short_repr(item)})"
+    elif isinstance(item, (tuple, list)) and len(item) <= 8:
+        args = "(" + ", ".join(short_repr(a) for a in item) + ")"
+    else:  # (many arguments, or an item star cannot unpack)
+        args = f"(*{short_repr(item)})"
+    name = getattr(func, "__name__", "func")
+    return f"mpmagic: raised by item {index} of the input: {name}{args}"
+
+
 def rebuild_exception(info: Any, where: str) -> BaseException:
     """The worker's exception as the same type here, its frames as its traceback,
     with ``where`` (which item or rank) as a note."""
@@ -604,13 +627,8 @@ class MapJob:
 
     # -- taking back results -----------------------------------------------
     def _shown(self, item: Any) -> tuple[Any, bool]:
-        """(the item as serial map sees it, star) for messages and ``Failed.item``.
-
-        ``seed=`` maps a wrapper over ``(index, item)`` pairs (seeding.Seeded):
-        an error names the item itself, never the pair.
-        """
-        unwrap = getattr(self.func, "mpmagic_item", None)
-        return (item, self.star) if unwrap is None else (unwrap(item), getattr(self.func, "star", False))
+        """(the item as serial map sees it, star) for messages and ``Failed.item``."""
+        return shown_item(self.func, self.star, item)
 
     def _note_unsent_global(self, exc: BaseException) -> None:
         """A task's NameError (or KeyError of a str key) for a notebook variable
@@ -638,15 +656,7 @@ class MapJob:
         )
 
     def _where(self, index: int, item: Any) -> str:
-        item, star = self._shown(item)
-        if not star:
-            args = f"({short_repr(item)})"
-        elif isinstance(item, (tuple, list)) and len(item) <= 8:
-            args = "(" + ", ".join(short_repr(a) for a in item) + ")"
-        else:  # (many arguments, or an item star cannot unpack)
-            args = f"(*{short_repr(item)})"
-        name = getattr(self.func, "__name__", "func")
-        return f"mpmagic: raised by item {index} of the input: {name}{args}"
+        return item_note(self.func, self.star, index, item)
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         """A chunk's results came back. ``meta``:

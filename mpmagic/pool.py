@@ -10,6 +10,7 @@ by ``status.PoolStatus``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterable
@@ -68,6 +69,44 @@ def at_shell_exit(change: Any) -> None:
         compat.stop_helper_processes()
     except Exception:  # never in the way of the shutdown
         logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
+
+
+#: True in a process forked from one whose pool had been made (a ``multiprocessing.Process``
+#: started by fork from the notebook): see :func:`forked_from_pool`.
+_forked_from_pool = False
+
+
+def forked_from_pool() -> bool:
+    """Is this a process forked after its parent had made a pool?
+
+    Its copy of that pool is not usable: the manager thread did not survive the
+    fork, and the workers and their pipes are the parent's (what this process
+    sent them would mix with the parent's messages). ``pmap`` runs serially
+    here instead, as inside a task, and the parent's workers and shared memory
+    are left alone (``_after_fork_in_child``).
+    """
+    return _forked_from_pool
+
+
+def _after_fork_in_child() -> None:
+    """Forget the parent's pool in a forked child: it is never used, stopped or
+    cleaned up from here (the child's exit hooks would stop the parent's workers
+    and unlink the segments they map)."""
+    global _backend, _lock, _forked_from_pool
+    _lock = threading.RLock()  # (another thread may have held it at the fork)
+    if _backend is not None:
+        _forked_from_pool = True
+    _backend = None
+    from .backends import local
+
+    local.forget_after_fork()
+    from . import shm
+
+    shm.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def current_pool() -> Any | None:

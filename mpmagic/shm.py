@@ -285,11 +285,20 @@ def release_all() -> None:
         cleanup()
     except Exception:
         log.warning("mpmagic: removing pooled shared memory at exit failed", exc_info=True)
-    for name in list(_shared):
+    for name in [n for n in _shared if n not in _inherited]:
         try:
             _unlink(name)
         except Exception:
             log.warning("mpmagic: removing shared segment %s at exit failed", name, exc_info=True)
+
+
+def forget_after_fork() -> None:
+    """In a forked child: the segments lent to workers and the ``share()`` arrays
+    are the parent's; this process's exit must not unlink them (``pool._after_fork_in_child``)."""
+    global _pool, _lock
+    _lock = threading.Lock()  # (another thread may have held it at the fork)
+    _pool = None
+    _inherited.update(_shared)  # (still known here: a view of one is still sent by name)
 
 
 def sweep_stale() -> int:
@@ -527,6 +536,8 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
 
 # share() segments alive in this notebook: name -> (address, size)
 _shared: dict[str, tuple[int, int]] = {}
+#: Names in ``_shared`` that a forked child inherited: the parent's to unlink, not this process's.
+_inherited: set[str] = set()
 
 
 def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
@@ -561,8 +572,11 @@ def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
 
 
 def _unshare(name: str) -> None:
-    """The last view of a shared array is gone: unlink it; workers unmap it."""
+    """The last view of a shared array is gone: unlink it; workers unmap it
+    (in a forked child that inherited it: the parent's array, left alone)."""
     _shared.pop(name, None)
+    if name in _inherited:
+        return
     _unlink(name)
     with _lock:
         pool().unmapped.append(name)

@@ -360,7 +360,10 @@ def imap(
     if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
         func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():
-        return Stream((r for r in api._serial_in_worker(func, iterables, star, errors == "collect")), None)
+        ignored = api._ignored_serially(timeout=timeout, workers=workers, chunksize=chunksize, retries=retries,
+                                        insights=insights, buffer=buffer)
+        return Stream((r for r in api._serial_in_worker(func, iterables, star, errors == "collect", ignored, "imap")),
+                      None)
     n_workers = workers or api.get_pool().workers
     what = f"imap {api.func_name(func)}"
     resume = None

@@ -8,6 +8,8 @@ message). Also: ``--compare`` with an endless iterator among several, a
 
 from __future__ import annotations
 
+import traceback
+
 import pytest
 from conftest import run
 from IPython.utils.capture import capture_output
@@ -223,3 +225,36 @@ def test_a_generator_yielding_one_object_changed_in_between_is_an_error_naming_i
     if how.startswith("imap"):  # every result before the reuse, as map gives them, then the error
         assert len(got) >= 100 and got[:100] == list(range(100)), got
     assert run(shell, "%pmap -q v, reuses(40, 40)") == list(range(40))  # fresh objects: fine
+
+
+def test_nested_pmap_names_the_options_it_cannot_apply(ip, local_pool):
+    """A nested pmap runs serially: its timeout= passed silently (a 3 s item went
+    past timeout=0.5 with no error). The note names the options not applied."""
+    run(ip, "import mpmagic, time\ndef inner_timeout(n):\n"
+               "    return mpmagic.pmap(abs, [n], timeout=0.5, workers=2)\n")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q inner_timeout, [-2]") == [[2]]
+    assert "timeout=, workers= are not applied there" in cap.stderr, cap.stderr
+
+
+def test_apmap_inside_a_task_runs_serially_as_pmap_does(ip, local_pool):
+    """asyncio.run(apmap(...)) in a task was refused as "a background run (block=False,
+    submit)", which the user had not called."""
+    run(ip, "import mpmagic, asyncio\ndef inner_apmap(n):\n"
+               "    return asyncio.run(mpmagic.apmap(abs, range(-n, 0)))\n")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q inner_apmap, [2, 3]") == [[2, 1], [3, 2, 1]]
+    assert "apmap called inside a worker runs serially" in cap.stderr, cap.stderr
+
+
+def test_nested_pmap_error_names_the_inner_item_without_our_frames(ip, local_pool):
+    """A nested pmap's failure showed api.py's pmap, _serial_in_worker and _serial_map
+    between the user's frames, and named only the outer item."""
+    run(ip, "import mpmagic\ndef inv(x):\n    return 1 / x\ndef outer(n):\n    return mpmagic.pmap(inv, range(n))\n")
+    result = ip.run_cell("%pmap -q outer, [2]", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, ZeroDivisionError)
+    assert err.__notes__[:2] == ["mpmagic: raised by item 0 of the input: inv(0)",
+                                 "mpmagic: raised by item 0 of the input: outer(2)"], err.__notes__
+    names = [f.name for f in traceback.extract_tb(err.__traceback__)]
+    assert names[-2:] == ["outer", "inv"] and not {"pmap", "_serial_in_worker", "_serial_map"} & set(names), names

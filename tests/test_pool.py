@@ -232,3 +232,33 @@ def test_use_local_takes_max_memory_as_the_magic_does(ip):
     assert mpmagic.use_local(2, max_memory="1GB").max_memory == 10**9
     mpmagic.use_local(2, max_memory=0)
     assert mpmagic.get_pool().max_memory is None
+
+
+def test_a_process_forked_from_the_notebook_maps_serially_and_leaves_the_pool_alone(local_pool, ip):
+    """A fork-started ``multiprocessing.Process`` (Python 3.11's default on Linux)
+    whose target called pmap after the pool had started blocked for good: its
+    copy of the pool had no manager thread, and its workers were the parent's.
+    It now maps serially there, and its exit (exit hooks run: a bare os.fork)
+    neither stops the parent's workers nor unlinks the parent's shared memory."""
+    run(ip, "import mpmagic, multiprocessing, os, atexit, numpy as np\ndef sq(x):\n    return x * x\n"
+            "def child(q):\n    q.put(mpmagic.pmap(sq, range(5)))\n"
+            "kept = mpmagic.share(np.arange(10))\n")
+    assert run(ip, "mpmagic.pmap(sq, range(4))") == [0, 1, 4, 9]  # the pool is up
+    pids = [s.pid for s in local_pool.slots]
+    run(ip, "ctx = multiprocessing.get_context('fork')\nq = ctx.Queue()\n"
+            "p = ctx.Process(target=child, args=(q,))\np.start()\n")
+    try:
+        assert run(ip, "q.get(timeout=5)") == [0, 1, 4, 9, 16]
+        run(ip, "p.join(5)")
+        assert run(ip, "p.exitcode") == 0
+    finally:
+        run(ip, "p.kill() if p.is_alive() else None")
+    # A bare fork whose exit runs our exit hooks (stop_all, shm.release_all). (Without
+    # multiprocessing's: it would terminate the daemonic children it inherited.)
+    pid = run(ip, "pid = os.fork()\nif pid == 0:\n    try:\n        multiprocessing.process._children.clear()\n"
+                  "        atexit._run_exitfuncs()\n    finally:\n        os._exit(0)\npid")
+    os.waitpid(pid, 0)
+    assert [s.pid for s in local_pool.slots] == pids and all(_alive(p) for p in pids)
+    assert run(ip, "mpmagic.pmap(sq, range(6), workers=2)") == [0, 1, 4, 9, 16, 25]
+    assert run(ip, "int(mpmagic.pmap(np.sum, [kept])[0])") == 45  # its segment is still there
+    run(ip, "del kept")

@@ -304,6 +304,12 @@ def stop_all() -> None:
             log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
 
 
+def forget_after_fork() -> None:
+    """In a forked child: the pools are the parent's, not this process's to stop at exit
+    (``pool._after_fork_in_child``)."""
+    _live_backends.clear()
+
+
 #: Longest single wait of the manager (see _next_timeout).
 _MAX_WAIT = 3600.0
 #: Seconds a failed map's later chunks may take to come back before their workers are replaced.
