@@ -17,7 +17,8 @@ and survives an interrupt or a worker's death up to the last line sent.
   and a handler on its root logger writes each record as one line,
   ``[item 3] WARNING:root:text`` (``logging.BASIC_FORMAT`` behind the item
   label; a ``%%parallel`` rank's lines get ``[rank N]`` from the cell's own
-  output labelling).
+  output labelling). A traceback's frame in a notebook cell (``logging.exception``)
+  has no source line in the worker: a marked line asks the notebook for it.
 * **Warnings.** Whether a warning shows is the notebook's filters' decision,
   "once per location" by default across every worker and item of a call:
   a worker could only deduplicate its own share. So the worker sends each
@@ -28,6 +29,14 @@ and survives an interrupt or a worker's death up to the last line sent.
   the notebook's cells). An "error" filter is the exception: it raises in
   the worker, as serial Python would (local workers have the notebook's
   filters, see ``context.py``).
+* **Threads a task starts** (a ``ThreadPoolExecutor``, joblib's threads) make
+  records and warnings outside the unit's own thread. In a local worker,
+  which runs one unit at a time and whose stderr is one stream, they are the
+  running unit's: labelled with the item that unit is running when they are
+  made (read from its thread's stack), and a warning is sent home like the
+  unit's own. Where no unit or several run (a Dask worker, whose output is
+  captured per thread) they go where they went before (unlabelled records,
+  the worker's own ``showwarning``).
 
 What a unit carries: the ``log_context`` field of its ``Map`` or ``Cell``
 message (``protocol.py``), ``(first item index or None, levels bytes)``;
@@ -39,8 +48,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import linecache
 import logging
 import pickle
+import re
 import sys
 import threading
 import types
@@ -143,8 +154,16 @@ class _Unit(threading.local):
 _unit = _Unit()
 # Units running in this process now (several threads on Dask). While there is
 # one, records from threads a task started itself (which _unit cannot see)
-# still go home, unlabelled by item; and the warning filters are ours (see begin).
+# still go home (labelled by _owner where it can tell the unit); and the
+# warning filters are ours (see begin).
 _running = 0
+# The units running now, by the thread running each: (first item index or None,
+# its ``seen``). Guarded by _lock; read by the threads a task started (_owner).
+_units: dict[int, tuple[int | None, dict]] = {}
+# Does what a task's own threads write to sys.stderr reach the task's cell? In a
+# local worker, yes (one stream); a Dask worker captures per thread, and
+# dask_tasks sets this False.
+THREADS_HOME = True
 _saved_filters: list | None = None  # the worker's own filters, put back by the last end()
 _applied: bytes | None = None  # the levels last applied in this process
 _set_here: set[str] = set()  # loggers whose level this process set
@@ -157,14 +176,14 @@ _OWN_LOGGERS = ("distributed", "dask", "tornado", "asyncio", "bokeh")
 ITEM_LOOPS: set[types.CodeType] = set()
 
 
-def _running_item() -> int | None:
-    """The index in its chunk of the item running now.
+def _running_item(frame: types.FrameType | None) -> int | None:
+    """The index in its chunk of the item running now, from the stack of the
+    unit's thread that ``frame`` is the top of.
 
     Read from the stack only when a record is made, so running items pays
     nothing: the chunk loops (``worker.run_items``) keep a ``results`` list
     whose length is the index of the running item.
     """
-    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code in ITEM_LOOPS:
             results = frame.f_locals.get("results")
@@ -177,8 +196,41 @@ def label() -> str:
     """``[item N] `` for a map item, empty for a cell rank (labelled at home)."""
     if _unit.start is None:
         return ""
-    i = _running_item()
+    i = _running_item(sys._getframe(1))
     return f"[item {_unit.start + i}] " if i is not None else ""
+
+
+def _owner() -> tuple[str, dict] | None:
+    """For a thread that runs no unit itself (one a task started): the label of
+    the item the process's one running unit is running now, and that unit's
+    ``seen``; None where no unit or several run, or their threads' output
+    does not go home (Dask)."""
+    if not THREADS_HOME or len(_units) != 1:
+        return None
+    try:
+        ((ident, (start, seen)),) = list(_units.items())  # (one C call: no other thread runs meanwhile)
+    except ValueError:  # (it ended, or another began, meanwhile)
+        return None
+    if start is None:
+        return "", seen
+    i = _running_item(sys._current_frames().get(ident))
+    return (f"[item {start + i}] " if i is not None else ""), seen
+
+
+# A traceback's frame line, as ``traceback`` formats it.
+_FRAME_LINE = re.compile(r'  File "(.+)", line (\d+), in ')
+
+
+def _lines(text: str, prefix: str, traceback: bool) -> str:
+    """A record's formatted text as labelled lines. After a traceback's frame
+    whose source this worker lacks (a notebook cell's), a marked line asks
+    the notebook for the source line serial Python prints there."""
+    out = []
+    for line in text.splitlines():
+        out.append(f"{prefix}{line}\n")
+        if traceback and (m := _FRAME_LINE.match(line)) and not linecache.getline(m[1], int(m[2])):
+            out.append(MARK + json.dumps([prefix, m[1], int(m[2])]) + "\n")
+    return "".join(out)
 
 
 class _TaskHandler(logging.Handler):
@@ -197,26 +249,34 @@ class _TaskHandler(logging.Handler):
             return
         try:
             text = self.format(record)
-            prefix = label() if _unit.active else ""
-            sys.stderr.write("".join(f"{prefix}{line}\n" for line in text.splitlines()))
+            if _unit.active:
+                prefix = label()
+            else:  # a thread the task started: labelled as the item running now
+                owner = _owner()
+                prefix = owner[0] if owner is not None else ""
+            sys.stderr.write(_lines(text, prefix, bool(record.exc_text or record.stack_info)))
         except Exception:
             self.handleError(record)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """``warnings.showwarning`` in a worker: send each distinct warning home once
-    per unit, and every repeat of one the notebook shows each time ("always")."""
-    if not _unit.active:
+    per unit, and every repeat of one the notebook shows each time ("always").
+    A warning from a thread the task started counts as the running unit's."""
+    if _unit.active:
+        where, seen = label(), (_unit.seen if _unit.seen is not None else {})
+    elif (owner := _owner()) is not None:
+        where, seen = owner
+    else:
         return _original_showwarning(message, category, filename, lineno, file, line)
     text = str(message)
     key = (text, category, filename, lineno)
-    seen = _unit.seen if _unit.seen is not None else {}
     if seen.get(key, True) is False:
         return None  # sent already, and its repeats are not shown
     module = _module_of(filename, lineno)
     if key not in seen:
         seen[key] = _repeats(text, category, module, lineno)
-    fields = [label(), text, getattr(category, "__module__", "builtins"), category.__qualname__, filename, lineno, module]
+    fields = [where, text, getattr(category, "__module__", "builtins"), category.__qualname__, filename, lineno, module]
     sys.stderr.write(MARK + json.dumps(fields) + "\n")
     return None
 
@@ -327,6 +387,7 @@ def begin(log_context: tuple | None) -> None:
     _unit.active, _unit.start, _unit.seen = True, start, {}
     with _lock:
         _running += 1
+        _units[threading.get_ident()] = (start, _unit.seen)
         if _running == 1:
             _saved_filters = list(warnings.filters)
             filters, rest = _unit_filters(_saved_filters, _always)
@@ -343,6 +404,7 @@ def end() -> None:
     _unit.active, _unit.seen = False, None
     with _lock:
         _running -= 1
+        _units.pop(threading.get_ident(), None)
         if _running == 0 and _saved_filters is not None:
             warnings.resetwarnings()  # (bumps the filters' version: registries start afresh)
             warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
@@ -418,7 +480,8 @@ class WarningRelay:
     def __call__(self, text: str) -> str:
         """``text`` (a task's output) with each marked line replaced by the
         warning as Python shows it, or removed if the notebook's filters hide
-        it; the other lines unchanged and in their order."""
+        it (or by a traceback's source line from the notebook's cells); the
+        other lines unchanged and in their order."""
         if MARK not in text:
             return text
         out = []
@@ -441,7 +504,12 @@ class WarningRelay:
 
     def _one(self, body: str) -> str:
         try:
-            label, text, module, qualname, filename, lineno, modname = json.loads(body)
+            fields = json.loads(body)
+            if len(fields) == 3:  # a traceback's source line, from this notebook's cells
+                label, filename, lineno = fields
+                source = linecache.getline(cell_file(filename), lineno).strip()
+                return f"{label}    {source}" if source else ""
+            label, text, module, qualname, filename, lineno, modname = fields
         except ValueError:
             _log.warning("mpmagic: a malformed warning line from a worker: %r", body[:200])
             return ""

@@ -78,6 +78,69 @@ def test_records_from_a_thread_the_task_started_are_shown(ip, local_pool, root_l
     assert "WARNING:root:from a thread 4\n" in capsys.readouterr().err
 
 
+THREADED = """
+import logging, sys, threading, warnings
+def threaded(x):
+    def inner():
+        logging.getLogger("calc").warning("thread %s", x)
+        warnings.warn(f"thread warn {x}")
+    t = threading.Thread(target=inner)
+    t.start(); t.join()
+    try:
+        raise ValueError(x)
+    except ValueError:
+        logging.getLogger("calc").exception("boom %s", x)
+    return x
+"""
+
+
+def test_a_tasks_threads_are_labelled_and_sources_shown_as_serially(ip, local_pool, root_level, capsys):
+    # Serial Python is the oracle: the same lines, each behind the item's label,
+    # with the source lines of the warning and of the traceback's cell frame.
+    root_level(logging.WARNING)
+    run(ip, THREADED)
+    run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')")
+    try:
+        run(ip, "_h = logging.StreamHandler(sys.stderr); _h.setFormatter(logging.Formatter(logging.BASIC_FORMAT))\n"
+                "logging.getLogger('calc').addHandler(_h); logging.getLogger('calc').propagate = False\n"
+                "try:\n    with warnings.catch_warnings():  # (shown as Python shows them: pytest's hook records them)\n"
+                "        warnings.showwarning = lambda m, c, f, n, *_: sys.stderr.write(warnings.formatwarning(m, c, f, n))\n"
+                "        threaded(3)\nfinally:\n"
+                "    logging.getLogger('calc').removeHandler(_h); logging.getLogger('calc').propagate = True")
+        serial = capsys.readouterr().err.splitlines()
+        assert len(serial) == 8 and "    raise ValueError(x)" in serial, serial
+        assert run(ip, "%pmap -q threaded, [3]") == [3]
+    finally:
+        run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')")
+    assert capsys.readouterr().err.splitlines() == [f"[item 0] {line}" for line in serial]
+
+
+POOLED = """
+import concurrent.futures as cf, warnings
+def _warn(x):
+    warnings.warn("same text")
+    warnings.warn("ignored here", RuntimeWarning)
+    return x
+def pooled(x):
+    with cf.ThreadPoolExecutor(1) as ex:
+        return list(ex.map(_warn, [x]))
+"""
+
+
+def test_warnings_from_a_tasks_threads_follow_the_notebooks_filters(ip, local_pool, capsys):
+    run(ip, POOLED)
+    run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')\n"
+            "warnings.filterwarnings('ignore', category=RuntimeWarning)")
+    try:
+        serial = run(ip, "with warnings.catch_warnings(record=True) as seen:\n"
+                         "    _ = list(map(pooled, range(6)))\n[str(w.message) for w in seen]")
+        run(ip, "%pmap -q pooled, range(6)")
+    finally:
+        run(ip, "warnings.resetwarnings(); warnings.simplefilter('default')")
+    shown = [line.split("Warning: ")[1] for line in capsys.readouterr().err.splitlines() if "Warning: " in line]
+    assert shown == serial == ["same text"]  # once per location; the ignored one not at all
+
+
 WARNS = """
 import warnings
 def noisy(x):

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .. import context, payload, task_builtins
+from .. import context, payload, task_builtins, worker_logging
 from ..protocol import Cell, Context, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
 from ..worker import ErrorInfo, execute_cell, execute_map
@@ -207,6 +207,9 @@ def _enter_routers() -> tuple[_ThreadRouter, _ThreadRouter]:
             _flusher = threading.Thread(target=_flush_loop, name="mpmagic-output", daemon=True)
             _flusher.start()
         if _installed is None:
+            # A task's own threads write to the worker's streams, not home: their
+            # warnings and records are not a task's here (see worker_logging).
+            worker_logging.THREADS_HOME = False
             _installed = (_ThreadRouter("stdout", sys.stdout), _ThreadRouter("stderr", sys.stderr))
             sys.stdout, sys.stderr = _installed
         _active += 1
