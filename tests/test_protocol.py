@@ -25,6 +25,7 @@ from mpmagic.protocol import (
     Out,
     ProtocolError,
     Ready,
+    Reload,
     Setup,
     SetupDone,
     Stop,
@@ -48,6 +49,7 @@ EXAMPLES = [
     Unpicklable(1, 2, None, worker.ErrorInfo(TypeError("cannot pickle"))),
     Missing(1, 2, b"k" * 16),
     Import(["numpy", "pandas"]),
+    Reload(["mymod"]),
     Setup(3, b"entries"),
     SetupDone(3, 5, "setup failed on worker 5, %%pool setup, line 1 (`1 / 0`): ZeroDivisionError", ["A"], "hi\n"),
 ]
