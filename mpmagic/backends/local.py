@@ -37,11 +37,11 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
+from .. import compat, context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -404,6 +404,7 @@ class LocalBackend:
         self._selector_slots: tuple | None = None
         self._held: list[_Slot] | None = None  # workers with units queued while _assign runs
         self._startup_failures = 0
+        self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
         # Tells this pool's worker 0 from another pool's (worker setup, kept ranks).
@@ -476,7 +477,11 @@ class LocalBackend:
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
-        with _no_main_module(), _sigint_blocked_while_starting():
+        # From a directory that exists: a child chdirs to the notebook's, which
+        # failed when it was deleted or may not be entered (context.workers_dir).
+        where, problem = context.workers_dir()
+        starting_in = compat.children_start_in(where) if problem else nullcontext()
+        with _no_main_module(), _sigint_blocked_while_starting(), starting_in:
             proc.start()
         child_conn.close()
         return _Slot(
@@ -691,16 +696,19 @@ class LocalBackend:
             worker_setup.mark_failed((self.pool_key, slot.wid), killed)
             self._cond.notify_all()
             return
+        # The notebook's cwd, environment, sys.path first (context.py): a setup
+        # may import from a directory the notebook added after the pool started.
+        # Built before anything is written: only a write's error is the worker's.
+        ctx = context.current(self._runs[0].job.call_id if self._runs else None)
+        messages = [] if context.key(ctx) in slot.known else [pack(ctx)]
+        messages.append(pack(msg))
         try:
-            # The notebook's cwd, environment, sys.path first (context.py): a setup
-            # may import from a directory the notebook added after the pool started.
-            ctx = context.current(self._runs[0].job.call_id if self._runs else None)
-            if context.key(ctx) not in slot.known:
-                self._put(slot, pack(ctx))
-                slot.known.add(context.key(ctx))
-            self._put(slot, pack(msg))
+            for data in messages:
+                self._put(slot, data)
         except OSError:
-            log.debug("mpmagic: worker %s gone before its setup: the sentinel reports it", slot.wid)
+            self._send_failed(slot)
+            return
+        slot.known.add(context.key(ctx))
 
     def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
         """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
@@ -983,6 +991,7 @@ class LocalBackend:
                 self._send_setup(slot)
                 self._send_imports(slot)
             self._assign()
+            self._replace_broken()  # never a run waiting for a worker that cannot be sent to
             self._check_runs()
             shm_names = shm.take_unmapped()
             if shm_names:
@@ -1137,7 +1146,38 @@ class LocalBackend:
                 try:
                     slot.sender.flush()
                 except OSError:  # it died: its sentinel reports it, and _lost sends its units again
-                    slot.broken = True
+                    self._send_failed(slot)
+
+    def _send_failed(self, slot: _Slot) -> None:
+        """A write to ``slot``'s pipe failed: no more units for it (``_assign`` would
+        retry it without end). Its worker died, and its sentinel reports it, or
+        it lives with a pipe we cannot write to: ``_replace_broken`` replaces it
+        at the next step either way, so that no run waits for a death that never comes."""
+        slot.broken = True
+        slot.known.clear()  # what was queued with the failed write may not have arrived
+
+    def _replace_broken(self) -> None:
+        """Every slot marked broken leaves the pool now: a dead worker as any
+        death (``_lost`` blames its unit), a live one replaced and its units
+        sent again. Three in a row with no unit sent in between end the runs
+        with one line rather than replace workers in a loop."""
+        for slot in [s for s in self.slots if s.broken]:
+            if slot not in self.slots:
+                continue
+            slot.proc.join(0.1)  # a write failed: a dying worker has closed its end already
+            if slot.proc.exitcode is not None:
+                self._drain(slot)
+                self._lost(slot)
+                continue
+            self._send_failures += 1
+            self._replace(slot)
+            if self._send_failures >= 3:
+                self._send_failures = 0
+                error = MPMagicError(
+                    "mpmagic could not send work to live workers 3 times in a row; run `%pool restart`"
+                )
+                for run in list(self._runs):
+                    self._end(run, error)
 
     def _put(self, slot: _Slot, data: bytes) -> None:
         """Send ``data`` to ``slot`` now, or at the end of ``_assign`` when in it."""
@@ -1252,24 +1292,40 @@ class LocalBackend:
             return
         self._send_setup(slot)  # worker setup first (a worker started since the last _step)
         self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
+        if len(slot.known) > _KNOWN_MAX:  # bounded: forgetting only costs sending one again
+            slot.known.clear()
+        # Built first, written after: an error building them (the notebook's,
+        # not the worker's) is the run's; only a write's error means the worker
+        # is gone. A deleted notebook directory (os.getcwd raising) was taken
+        # for a dead worker: live workers marked broken, the run waiting for ever.
         try:
-            if len(slot.known) > _KNOWN_MAX:  # bounded: forgetting only costs sending one again
-                slot.known.clear()
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
             ctx = context.current(job.call_id)
+            messages, keys = [], []
             if context.key(ctx) not in slot.known:
-                self._put(slot, pack(ctx))
-                slot.known.add(context.key(ctx))
+                messages.append(pack(ctx))
+                keys.append(context.key(ctx))
             if job.func_key is not None and job.func_key not in slot.known:
-                self._put(slot, pack(Func(job.func_key, job.func_payload)))
-                slot.known.add(job.func_key)
-            self._put(slot, pack(job.message(unit)))
-        except (BrokenPipeError, ConnectionResetError, OSError):
+                messages.append(pack(Func(job.func_key, job.func_payload)))
+                keys.append(job.func_key)
+            messages.append(pack(job.message(unit)))
+        except Exception as exc:
             job.requeue(unit)
-            slot.known.discard(job.func_key)
-            slot.broken = True  # found by the chaos soak: _assign sent to it again and again
-            return  # the sentinel reports the dead worker
+            self._end(run, exc)
+            return
+        note = context.take_note()  # the notebook's directory cannot be used: said once
+        if note:
+            run._emit_out("stderr", note)
+        try:
+            for data in messages:
+                self._put(slot, data)
+        except OSError:
+            job.requeue(unit)
+            self._send_failed(slot)
+            return
+        slot.known.update(keys)
+        self._send_failures = 0
         slot.inflight.append((run, unit))
         if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
             job.waited_for_workers += time.monotonic() - run.waiting_since
