@@ -789,3 +789,35 @@ def test_an_error_building_a_message_is_the_runs_not_the_workers(ip, pool2, monk
     monkeypatch.undo()
     assert sorted(s.pid for s in pool2.slots) == pids and not any(s.broken for s in pool2.slots)
     assert run(ip, "%pmap -q plus2, range(3)") == [2, 3, 4]
+
+
+FEW_FILES = r"""
+import os, resource, mpmagic
+def plus1(x):
+    return x + 1
+mpmagic.use_local(2, "forkserver")
+assert mpmagic.pmap(plus1, range(4)) == [1, 2, 3, 4]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    mpmagic.pmap(plus1, range(40), workers=8)
+except mpmagic.MPMagicError as exc:
+    print("ERROR", exc)
+print("AFTER", mpmagic.pmap(plus1, range(4), workers=2))
+"""
+
+
+def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):
+    """``ulimit -n`` too low for the workers asked: multiprocessing's tracebacks
+    (and the manager's, and the fork server's EOFError), and the failed pool
+    kept its workers' files, so that a call with -n 2 failed too."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FEW_FILES], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "too many open files: the pool could start only" in errors[0], done.stdout
+    assert "raise `ulimit -n` or use fewer workers" in errors[0]
+    assert "AFTER [1, 2, 3, 4]" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr

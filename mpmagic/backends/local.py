@@ -22,6 +22,7 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import logging
 import multiprocessing
@@ -404,6 +405,7 @@ class LocalBackend:
         self._selector_slots: tuple | None = None
         self._held: list[_Slot] | None = None  # workers with units queued while _assign runs
         self._startup_failures = 0
+        self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
@@ -447,8 +449,18 @@ class LocalBackend:
                 # A Ctrl-C noted while a worker started (_sigint_blocked_while_starting)
                 # is raised once every worker is in ``slots``: none is started unrecorded.
                 with sigint_deferred():
-                    while len([s for s in self.slots if not s.temporary]) < self.workers:
-                        self.slots.append(self._spawn())
+                    started: list[_Slot] = []
+                    out_of_files = False
+                    try:
+                        while len([s for s in self.slots if not s.temporary]) < self.workers:
+                            started.append(self._spawn())
+                            self.slots.append(started[-1])
+                    except OSError as exc:
+                        if not _out_of_files(exc):
+                            raise
+                        out_of_files = True
+                    if out_of_files:  # (raised here: the failed start's frames, and the pipes they hold, go now)
+                        raise self._files_ran_out(started)
             if self._manager is None or not self._manager.is_alive():
                 self._closing = False
                 self._wake_r, self._wake_w = os.pipe()
@@ -460,8 +472,52 @@ class LocalBackend:
         if wake or changed:
             self._wake()
 
+    def _files_ran_out(self, started: list[_Slot], shrink: bool = True, asked: int | None = None) -> MPMagicError:
+        """The process may open no more files (``ulimit -n``) while workers start:
+        stop ``started`` (those this start began: their pipes are what ran out),
+        shrink the pool to one fewer than it could start (``shrink``; else to
+        what it has), and say so in one line. A failed start kept its workers
+        and their files: every later call failed too, and IPython could no
+        longer open a file to show the error. ``asked``: the processes wanted
+        (a cell's extra workers for its ranks), if not the pool's size."""
+        pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
+        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+        for slot in started:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            _kill_group(slot.proc.pid)
+            slot.proc.kill()
+            slot.close()
+            # Reaped here, not by a reaper thread (a SIGKILLed worker that was
+            # starting exits at once): one closing the process while the
+            # interpreter's exit joined it printed a ValueError traceback.
+            slot.proc.join(1.0)
+            if slot.proc.exitcode is None:
+                _reap_later(slot.proc)
+            else:
+                slot.proc.close()
+        if asked is None:
+            # One fewer when starting: a run opens files of its own. Grown for
+            # this call (-n 8): no bigger than before.
+            fits = pool - 1 if shrink else pool
+            self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
+        return MPMagicError(
+            f"too many open files: the pool could start only {could} of {wanted} workers "
+            f"(the process may open {_file_limit()} files): raise `ulimit -n` or use fewer workers "
+            f"(the pool now has {self.workers})"
+        )
+
     def _spawn(self, temporary: bool = False) -> _Slot:
+        _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        try:
+            return self._start_worker(parent_conn, child_conn, temporary)
+        except BaseException:
+            parent_conn.close()  # (a start that failed keeps no file open)
+            child_conn.close()
+            raise
+
+    def _start_worker(self, parent_conn: Any, child_conn: Any, temporary: bool) -> _Slot:
         _widen(parent_conn)
         _widen(child_conn)
         position = self.ctx.RawValue("q", worker.POSITION_IDLE)
@@ -661,7 +717,19 @@ class LocalBackend:
             run.job.requeue(unit)
         self._kill(slot)
         if not slot.temporary and not slot.retiring:
+            self._respawn()
+
+    def _respawn(self) -> None:
+        """A worker in place of one that stopped (manager); out of files, the pool shrinks
+        and the runs in flight end with the one line of ``_files_ran_out``."""
+        try:
             self.slots.append(self._spawn())
+        except OSError as exc:
+            if not _out_of_files(exc):
+                raise
+            error = self._files_ran_out([], shrink=False)
+            for run in list(self._runs):
+                self._end(run, error)
 
     # -- worker setup (worker_setup.py) ------------------------------------
     def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
@@ -815,7 +883,13 @@ class LocalBackend:
             # them after would cost every such call their start): say so once,
             # after the resize took it (more than the machine runs is refused).
             before = self.workers
-            self.resize(workers)
+            self._grown_from = before  # (too many open files: back to at most this size, _files_ran_out)
+            try:
+                self.resize(workers)
+                with self._lock:
+                    self.start(wake=False)
+            finally:
+                self._grown_from = None
             sys.stderr.write(f"mpmagic: the pool grew from {before} to {workers} workers for workers={workers} "
                              f"(-n {workers}) and stays that size: start_pool(workers={before}) "
                              f"(%pool resize {before}) shrinks it\n")
@@ -1265,8 +1339,15 @@ class LocalBackend:
             self._assign_kept_ranks(run, [s for s in idle if not s.temporary])
             return
         missing = job.ranks_pending - len(idle)
-        for _ in range(max(0, missing)):  # every rank runs at once: more workers for now
-            slot = self._spawn(temporary=True)
+        for k in range(max(0, missing)):  # every rank runs at once: more workers for now
+            try:
+                slot = self._spawn(temporary=True)
+            except OSError as exc:
+                if not _out_of_files(exc):
+                    raise
+                asked = len(self.slots) + missing - k
+                self._end(run, self._files_ran_out([s for s in idle if s.temporary], shrink=False, asked=asked))
+                return
             self.slots.append(slot)
             idle.append(slot)
         for slot in idle:
@@ -1526,7 +1607,7 @@ class LocalBackend:
                 self.workers_replaced += slot.over_memory  # (as a crash or a timeout: %pool counts it)
                 self._retire(slot)
                 if not slot.temporary:
-                    self.slots.append(self._spawn())
+                    self._respawn()
 
 
 def _own_memory(proc: Any) -> int:
@@ -1593,6 +1674,39 @@ def _discard(msg: tuple) -> None:
             payload.loads(data)
         except Exception:
             log.debug("mpmagic: could not load a stale reply to free its segments", exc_info=True)
+
+
+# The most files a worker's start opens at once (its pipe, the fork server's
+# connection, the pipes multiprocessing makes to start it, and the fork
+# server's own start the first time; at 6 the fork server's child still
+# printed an EOFError under `ulimit -n 18`).
+_FILES_PER_START = 10
+
+
+def _room_for_files(n: int) -> None:
+    """Raise ``OSError(EMFILE)`` unless ``n`` more files can be opened now (~10 us)."""
+    fds: list[int] = []
+    try:
+        while len(fds) < n:
+            fds.extend(os.pipe())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _out_of_files(exc: OSError) -> bool:
+    """Did this error come from the process's (or the system's) limit on open files?"""
+    return exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def _file_limit() -> int | str:
+    """The soft limit on open files (``ulimit -n``), or "?" where it cannot be read."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except Exception:
+        return "?"
 
 
 def _kill_group(pid: int | None) -> None:
