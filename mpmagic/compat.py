@@ -21,6 +21,13 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   before it exits; the tracker ignores SIGTERM and the fork server, once
   SIGTERM ends it, is a zombie nobody reaps: every shutdown or restart took
   ~2.5 s more, until Jupyter killed the kernel.
+* ``multiprocessing.spawn``'s module global ``os``: while a worker starts
+  from a directory the notebook is not in (the notebook's was deleted, or the
+  workers may not enter it), ``spawn.get_preparation_data`` is shown an
+  ``os`` whose ``getcwd`` names that directory. It reads ``os.getcwd()`` for
+  the child to ``chdir`` to, which raised (deleted) or made every child die
+  at start (``chmod 000``); changing the notebook's own directory for the
+  start cannot be undone where it may not be entered.
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
@@ -38,7 +45,9 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import MPMagicError
@@ -194,6 +203,46 @@ def _tracker_function(which: str) -> Callable[[str, str], None] | None:
 
 
 # --------------------------------------------------------------------------
+# multiprocessing.spawn's os: the directory a child starts in
+
+
+class _OsStartingIn(types.ModuleType):
+    """``os`` for ``multiprocessing.spawn`` alone, with ``getcwd`` naming another directory."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("os")
+        self._path = path
+
+    def getcwd(self) -> str:
+        return self._path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+@contextmanager
+def children_start_in(path: str) -> Iterator[None]:
+    """While in it, spawn and forkserver children start in ``path``, not the notebook's directory.
+
+    Only ``multiprocessing.spawn`` sees the change (its module global ``os``);
+    the notebook's directory is untouched. Without that global (another
+    multiprocessing), nothing changes: a child then fails as multiprocessing
+    makes it (logged once at INFO).
+    """
+    spawn = _module("multiprocessing.spawn")
+    real = getattr(spawn, "os", None)
+    if real is not os:
+        log.info("mpmagic: multiprocessing.spawn has no os global here: workers start in the notebook's directory")
+        yield
+        return
+    spawn.os = _OsStartingIn(path)
+    try:
+        yield
+    finally:
+        spawn.os = real
+
+
+# --------------------------------------------------------------------------
 # cloudpickle internals: each one has a slower or plainer fallback
 
 
@@ -225,6 +274,7 @@ def report() -> dict[str, bool]:
         "resource_tracker.register": _tracker_function("register") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
         "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
+        "multiprocessing.spawn.os": getattr(_module("multiprocessing.spawn"), "os", None) is os,
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
         "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,

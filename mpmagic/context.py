@@ -23,6 +23,14 @@ notebook ~2.6 us per call (comparing against the last state; measured with 40
 environment variables); building and sending a new message happens only
 after a change.
 
+A notebook directory the workers cannot use (deleted under the notebook,
+or one they may not enter: ``chmod 000``) is not sent: they work in the
+notebook user's home directory instead (``/`` if it has none), the pool
+starts its workers from there (multiprocessing makes a child ``chdir`` to
+its parent's directory, which failed), and the run shows one line saying so,
+once (:func:`take_note`). Serial ``map`` does not care where it runs; a
+task that reads a relative path failed there in the notebook too.
+
 Deliberately not carried (see docs/troubleshooting.md): ``decimal``
 contexts, numpy's error state (``np.seterr``) and print options, the locale,
 the random generators' state, signal handlers and thread-local state. They
@@ -62,11 +70,68 @@ _last_call: Any = object()
 own_env: set[str] = set()
 
 
+# The line about a notebook directory the workers cannot use, until a run shows it (take_note).
+_note: str | None = None
+_noted: tuple | None = None  # the problem last noted: (directory or None, reason); None while usable
+
+
+def _getcwd() -> str | None:
+    """The notebook's directory, or None when it was deleted (``os.getcwd`` raises)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
+def fallback_dir() -> str:
+    """Where workers work when the notebook's directory cannot be used: the home directory, else ``/``."""
+    home = os.path.expanduser("~")
+    if os.path.isabs(home) and os.path.isdir(home) and os.access(home, os.X_OK):
+        return home
+    return "/"
+
+
+def workers_dir(cwd: str | None = None, *, read: bool = True) -> tuple[str, str | None]:
+    """The directory workers work in: ``(cwd, None)`` when they can enter the
+    notebook's, else ``(fallback, reason)`` with the reason in words
+    ("no longer exists", "cannot be entered by the workers (permission denied)").
+
+    ``read``: read the notebook's directory now (``cwd`` is then ignored).
+    Costs a ``getcwd`` and an ``access`` (~2 us): called when a worker starts and
+    when the context message is built again, not per call.
+    """
+    if read:
+        cwd = _getcwd()
+    if cwd is None:
+        return fallback_dir(), "no longer exists"
+    if not os.access(cwd, os.X_OK):
+        return fallback_dir(), "cannot be entered by the workers (permission denied)"
+    return cwd, None
+
+
+def _note_problem(cwd: str | None, where: str, reason: str | None) -> None:
+    """Remember the one line to show about an unusable directory, once per problem."""
+    global _note, _noted
+    problem = None if reason is None else (cwd, reason)
+    if problem is not None and problem != _noted:
+        name = "" if cwd is None else f" {cwd}"
+        _note = f"mpmagic: the notebook's working directory{name} {reason}, so tasks run in {where}\n"
+    _noted = problem
+
+
+def take_note() -> str | None:
+    """The one line about the notebook's directory a run should show now (once), or None."""
+    global _note
+    with _lock:
+        note, _note = _note, None
+        return note
+
+
 def _state() -> tuple:
     # os.environ._data is the bytes-keyed dict behind os.environ: comparing it
     # costs ~0.3 us, building a str dict of it ~5 us.
     return (
-        os.getcwd(),
+        _getcwd(),
         os.environ._data,  # type: ignore[attr-defined]
         sys.path,
         sys.getrecursionlimit(),
@@ -90,7 +155,9 @@ def current(call: Any = None) -> Context:
             # Copies: the live objects keep changing under the comparison.
             _last_state = (cwd, dict(env), list(path), limit, list(filters))
             _version += 1
-            body = (cwd, dict(os.environ), list(path), limit, _pack_filters(filters))
+            where, reason = workers_dir(cwd, read=False)
+            _note_problem(cwd, where, reason)
+            body = (where, dict(os.environ), list(path), limit, _pack_filters(filters))
             _last_msg = Context(_version, payload.dumps_data(body))
         _last_call = call
         return _last_msg
@@ -231,14 +298,20 @@ def keep_setup_changes(run: Any) -> Any:
             own_cwd = os.getcwd()
 
 
+_cwd_failed: str | None = None  # in a worker: the directory it last failed to enter (warned once)
+
+
 def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
     if own_cwd is not None:
         cwd = own_cwd
+    global _cwd_failed
     try:
-        if os.getcwd() != cwd:
+        if _getcwd() != cwd:
             os.chdir(cwd)
     except OSError as exc:
-        log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
+        if cwd != _cwd_failed:  # once, not at every call
+            _cwd_failed = cwd
+            log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
     try:
         mine = own_env | setup_env.keys()
         for name in [n for n in os.environ if (n not in env and n not in mine) or n in setup_removed]:
@@ -269,4 +342,4 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
             mutated()  # drop the per-module "already warned" caches
 
 
-__all__ = ["apply", "current", "key", "reassert"]
+__all__ = ["apply", "current", "fallback_dir", "key", "reassert", "take_note", "workers_dir"]

@@ -543,3 +543,55 @@ def test_a_worker_leads_a_session_of_its_own(ip, local_pool):
     background group's read stopped it, and the run, for ever)."""
     run(ip, "import os\ndef session(x):\n    return os.getsid(0) == os.getpid()")
     assert run(ip, "%pmap -q --chunksize 1 session, range(4)") == [True] * 4
+
+
+def _in_deleted_directory(tmp_path) -> str:
+    """chdir into a new directory under ``tmp_path`` and delete it; the directory before."""
+    before = os.getcwd()
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    os.chdir(gone)
+    gone.rmdir()
+    return before
+
+
+def test_notebook_directory_deleted_while_the_pool_runs(ip, local_pool, tmp_path, capsys):
+    """os.getcwd() raised in the notebook (its directory deleted), which the pool
+    took for dead workers: every live worker marked broken, the run waiting for
+    ever, and the pool stuck after a chdir back. Serial map does not care: the
+    run works, in the home directory, and says so once."""
+    run(ip, "import os\ndef sq_where(x):\n    return x * x, os.getcwd()\n")
+    local_pool.wait_ready()
+    pids = sorted(s.pid for s in local_pool.slots)
+    before = _in_deleted_directory(tmp_path)
+    try:
+        handle = mpmagic.submit(ip.user_ns["sq_where"], range(4))
+        try:
+            got = handle.result(timeout=20)
+        except TimeoutError:
+            handle.cancel()
+            raise
+        assert got == [(x * x, mpmagic.context.fallback_dir()) for x in range(4)]
+        assert handle.output.count("the notebook's working directory no longer exists, so tasks run in") == 1
+        assert run(ip, "%pmap -q sq_where, range(4)") == got
+        assert sorted(s.pid for s in local_pool.slots) == pids  # nobody replaced, nobody broken
+        assert not any(s.broken for s in local_pool.slots)
+    finally:
+        os.chdir(before)
+    assert run(ip, "%pmap -q sq_where, range(2)") == [(0, before), (1, before)]
+    assert "working directory" not in capsys.readouterr().err  # (said once, by the first run)
+
+
+def test_notebook_directory_deleted_before_the_pool_starts(ip, tmp_path, capsys):
+    """multiprocessing makes each child chdir to the parent's os.getcwd(), which
+    raised: a traceback from spawn.get_preparation_data, for %pmap, pmap and
+    %%parallel alike. The workers start in the home directory instead."""
+    pool = ensure_pool("forkserver")
+    pool.stop()
+    run(ip, "import os\ndef sq_where(x):\n    return x * x, os.getcwd()\n")
+    before = _in_deleted_directory(tmp_path)
+    try:
+        assert run(ip, "%pmap -q sq_where, range(2)") == [(0, mpmagic.context.fallback_dir()), (1, mpmagic.context.fallback_dir())]
+    finally:
+        os.chdir(before)
+    assert "no longer exists, so tasks run in" in capsys.readouterr().err

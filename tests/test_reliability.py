@@ -753,3 +753,71 @@ def test_an_interrupt_in_the_after_cell_hook_is_dropped(ip, monkeypatch):
         _interrupt_from(monkeypatch, pool_module, "current_pool")
         result = ip.run_cell("x_after_cell = 2", store_history=False)
     assert result.success and "Error in callback" not in cap.stdout + cap.stderr
+
+
+def test_a_live_worker_marked_broken_is_replaced_not_waited_for(ip, pool2):
+    """Every path that marks a worker broken ends in its replacement (or the
+    run's one-line error): a live worker marked broken was waited for as if
+    its death were coming, and the run never ended."""
+    run(ip, "def plus1(x):\n    return x + 1\n")
+    slot = pool2.slots[0]
+    with pool2._lock:
+        slot.broken = True  # (as after a failed write to a worker that lives on)
+    handle = mpmagic.submit(ip.user_ns["plus1"], range(6))
+    try:
+        assert handle.result(timeout=HANG_BOUND) == list(range(1, 7))
+    finally:
+        handle.cancel()
+    assert slot not in pool2.slots and len(pool2.slots) == 2 and not any(s.broken for s in pool2.slots)
+
+
+def test_an_error_building_a_message_is_the_runs_not_the_workers(ip, pool2, monkeypatch):
+    """An error while the notebook builds what it sends (not a write to the
+    pipe) fails the run with that error and leaves the workers alone: it was
+    taken for a dead worker (a live one marked broken, the run waiting for ever)."""
+    run(ip, "def plus2(x):\n    return x + 2\n")
+    pool2.wait_ready()
+    pids = sorted(s.pid for s in pool2.slots)
+
+    def broken_context(call=None):
+        raise OSError("cannot read the notebook's world")
+
+    monkeypatch.setattr(mpmagic.context, "current", broken_context)
+    handle = mpmagic.submit(ip.user_ns["plus2"], range(4))
+    with pytest.raises(OSError, match="cannot read the notebook's world"):
+        handle.result(timeout=HANG_BOUND)
+    monkeypatch.undo()
+    assert sorted(s.pid for s in pool2.slots) == pids and not any(s.broken for s in pool2.slots)
+    assert run(ip, "%pmap -q plus2, range(3)") == [2, 3, 4]
+
+
+FEW_FILES = r"""
+import os, resource, mpmagic
+def plus1(x):
+    return x + 1
+mpmagic.use_local(2, "forkserver")
+assert mpmagic.pmap(plus1, range(4)) == [1, 2, 3, 4]
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    mpmagic.pmap(plus1, range(40), workers=8)
+except mpmagic.MPMagicError as exc:
+    print("ERROR", exc)
+print("AFTER", mpmagic.pmap(plus1, range(4), workers=2))
+"""
+
+
+def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):
+    """``ulimit -n`` too low for the workers asked: multiprocessing's tracebacks
+    (and the manager's, and the fork server's EOFError), and the failed pool
+    kept its workers' files, so that a call with -n 2 failed too."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", FEW_FILES], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "too many open files: the pool could start only" in errors[0], done.stdout
+    assert "raise `ulimit -n` or use fewer workers" in errors[0]
+    assert "AFTER [1, 2, 3, 4]" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr

@@ -22,6 +22,7 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import logging
 import multiprocessing
@@ -37,11 +38,11 @@ import types
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
+from .. import compat, context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -410,6 +411,8 @@ class LocalBackend:
         self._selector_slots: tuple | None = None
         self._held: list[_Slot] | None = None  # workers with units queued while _assign runs
         self._startup_failures = 0
+        self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
+        self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
         # Tells this pool's worker 0 from another pool's (worker setup, kept ranks).
@@ -452,8 +455,18 @@ class LocalBackend:
                 # A Ctrl-C noted while a worker started (_sigint_blocked_while_starting)
                 # is raised once every worker is in ``slots``: none is started unrecorded.
                 with sigint_deferred():
-                    while len([s for s in self.slots if not s.temporary]) < self.workers:
-                        self.slots.append(self._spawn())
+                    started: list[_Slot] = []
+                    out_of_files = False
+                    try:
+                        while len([s for s in self.slots if not s.temporary]) < self.workers:
+                            started.append(self._spawn())
+                            self.slots.append(started[-1])
+                    except OSError as exc:
+                        if not _out_of_files(exc):
+                            raise
+                        out_of_files = True
+                    if out_of_files:  # (raised here: the failed start's frames, and the pipes they hold, go now)
+                        raise self._files_ran_out(started)
             if self._manager is None or not self._manager.is_alive():
                 self._closing = False
                 self._wake_r, self._wake_w = os.pipe()
@@ -465,8 +478,52 @@ class LocalBackend:
         if wake or changed:
             self._wake()
 
+    def _files_ran_out(self, started: list[_Slot], shrink: bool = True, asked: int | None = None) -> MPMagicError:
+        """The process may open no more files (``ulimit -n``) while workers start:
+        stop ``started`` (those this start began: their pipes are what ran out),
+        shrink the pool to one fewer than it could start (``shrink``; else to
+        what it has), and say so in one line. A failed start kept its workers
+        and their files: every later call failed too, and IPython could no
+        longer open a file to show the error. ``asked``: the processes wanted
+        (a cell's extra workers for its ranks), if not the pool's size."""
+        pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
+        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+        for slot in started:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            _kill_group(slot.proc.pid)
+            slot.proc.kill()
+            slot.close()
+            # Reaped here, not by a reaper thread (a SIGKILLed worker that was
+            # starting exits at once): one closing the process while the
+            # interpreter's exit joined it printed a ValueError traceback.
+            slot.proc.join(1.0)
+            if slot.proc.exitcode is None:
+                _reap_later(slot.proc)
+            else:
+                slot.proc.close()
+        if asked is None:
+            # One fewer when starting: a run opens files of its own. Grown for
+            # this call (-n 8): no bigger than before.
+            fits = pool - 1 if shrink else pool
+            self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
+        return MPMagicError(
+            f"too many open files: the pool could start only {could} of {wanted} workers "
+            f"(the process may open {_file_limit()} files): raise `ulimit -n` or use fewer workers "
+            f"(the pool now has {self.workers})"
+        )
+
     def _spawn(self, temporary: bool = False) -> _Slot:
+        _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
+        try:
+            return self._start_worker(parent_conn, child_conn, temporary)
+        except BaseException:
+            parent_conn.close()  # (a start that failed keeps no file open)
+            child_conn.close()
+            raise
+
+    def _start_worker(self, parent_conn: Any, child_conn: Any, temporary: bool) -> _Slot:
         _widen(parent_conn)
         _widen(child_conn)
         position = self.ctx.RawValue("q", worker.POSITION_IDLE)
@@ -482,7 +539,11 @@ class LocalBackend:
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
-        with _no_main_module(), _sigint_blocked_while_starting():
+        # From a directory that exists: a child chdirs to the notebook's, which
+        # failed when it was deleted or may not be entered (context.workers_dir).
+        where, problem = context.workers_dir()
+        starting_in = compat.children_start_in(where) if problem else nullcontext()
+        with _no_main_module(), _sigint_blocked_while_starting(), starting_in:
             proc.start()
         child_conn.close()
         return _Slot(
@@ -669,7 +730,19 @@ class LocalBackend:
             run.job.requeue(unit)
         self._kill(slot)
         if not slot.temporary and not slot.retiring:
+            self._respawn()
+
+    def _respawn(self) -> None:
+        """A worker in place of one that stopped (manager); out of files, the pool shrinks
+        and the runs in flight end with the one line of ``_files_ran_out``."""
+        try:
             self.slots.append(self._spawn())
+        except OSError as exc:
+            if not _out_of_files(exc):
+                raise
+            error = self._files_ran_out([], shrink=False)
+            for run in list(self._runs):
+                self._end(run, error)
 
     # -- worker setup (worker_setup.py) ------------------------------------
     def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
@@ -704,16 +777,19 @@ class LocalBackend:
             worker_setup.mark_failed((self.pool_key, slot.wid), killed)
             self._cond.notify_all()
             return
+        # The notebook's cwd, environment, sys.path first (context.py): a setup
+        # may import from a directory the notebook added after the pool started.
+        # Built before anything is written: only a write's error is the worker's.
+        ctx = context.current(self._runs[0].job.call_id if self._runs else None)
+        messages = [] if context.key(ctx) in slot.known else [pack(ctx)]
+        messages.append(pack(msg))
         try:
-            # The notebook's cwd, environment, sys.path first (context.py): a setup
-            # may import from a directory the notebook added after the pool started.
-            ctx = context.current(self._runs[0].job.call_id if self._runs else None)
-            if context.key(ctx) not in slot.known:
-                self._put(slot, pack(ctx))
-                slot.known.add(context.key(ctx))
-            self._put(slot, pack(msg))
+            for data in messages:
+                self._put(slot, data)
         except OSError:
-            log.debug("mpmagic: worker %s gone before its setup: the sentinel reports it", slot.wid)
+            self._send_failed(slot)
+            return
+        slot.known.add(context.key(ctx))
 
     def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
         """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
@@ -820,7 +896,13 @@ class LocalBackend:
             # them after would cost every such call their start): say so once,
             # after the resize took it (more than the machine runs is refused).
             before = self.workers
-            self.resize(workers)
+            self._grown_from = before  # (too many open files: back to at most this size, _files_ran_out)
+            try:
+                self.resize(workers)
+                with self._lock:
+                    self.start(wake=False)
+            finally:
+                self._grown_from = None
             sys.stderr.write(f"mpmagic: the pool grew from {before} to {workers} workers for workers={workers} "
                              f"(-n {workers}) and stays that size: start_pool(workers={before}) "
                              f"(%pool resize {before}) shrinks it\n")
@@ -1003,6 +1085,7 @@ class LocalBackend:
                 self._send_setup(slot)
                 self._send_imports(slot)
             self._assign()
+            self._replace_broken()  # never a run waiting for a worker that cannot be sent to
             self._check_runs()
             shm_names = shm.take_unmapped()
             if shm_names:
@@ -1157,7 +1240,38 @@ class LocalBackend:
                 try:
                     slot.sender.flush()
                 except OSError:  # it died: its sentinel reports it, and _lost sends its units again
-                    slot.broken = True
+                    self._send_failed(slot)
+
+    def _send_failed(self, slot: _Slot) -> None:
+        """A write to ``slot``'s pipe failed: no more units for it (``_assign`` would
+        retry it without end). Its worker died, and its sentinel reports it, or
+        it lives with a pipe we cannot write to: ``_replace_broken`` replaces it
+        at the next step either way, so that no run waits for a death that never comes."""
+        slot.broken = True
+        slot.known.clear()  # what was queued with the failed write may not have arrived
+
+    def _replace_broken(self) -> None:
+        """Every slot marked broken leaves the pool now: a dead worker as any
+        death (``_lost`` blames its unit), a live one replaced and its units
+        sent again. Three in a row with no unit sent in between end the runs
+        with one line rather than replace workers in a loop."""
+        for slot in [s for s in self.slots if s.broken]:
+            if slot not in self.slots:
+                continue
+            slot.proc.join(0.1)  # a write failed: a dying worker has closed its end already
+            if slot.proc.exitcode is not None:
+                self._drain(slot)
+                self._lost(slot)
+                continue
+            self._send_failures += 1
+            self._replace(slot)
+            if self._send_failures >= 3:
+                self._send_failures = 0
+                error = MPMagicError(
+                    "mpmagic could not send work to live workers 3 times in a row; run `%pool restart`"
+                )
+                for run in list(self._runs):
+                    self._end(run, error)
 
     def _put(self, slot: _Slot, data: bytes) -> None:
         """Send ``data`` to ``slot`` now, or at the end of ``_assign`` when in it."""
@@ -1245,8 +1359,15 @@ class LocalBackend:
             self._assign_kept_ranks(run, [s for s in idle if not s.temporary])
             return
         missing = job.ranks_pending - len(idle)
-        for _ in range(max(0, missing)):  # every rank runs at once: more workers for now
-            slot = self._spawn(temporary=True)
+        for k in range(max(0, missing)):  # every rank runs at once: more workers for now
+            try:
+                slot = self._spawn(temporary=True)
+            except OSError as exc:
+                if not _out_of_files(exc):
+                    raise
+                asked = len(self.slots) + missing - k
+                self._end(run, self._files_ran_out([s for s in idle if s.temporary], shrink=False, asked=asked))
+                return
             self.slots.append(slot)
             idle.append(slot)
         for slot in idle:
@@ -1272,24 +1393,40 @@ class LocalBackend:
             return
         self._send_setup(slot)  # worker setup first (a worker started since the last _step)
         self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
+        if len(slot.known) > _KNOWN_MAX:  # bounded: forgetting only costs sending one again
+            slot.known.clear()
+        # Built first, written after: an error building them (the notebook's,
+        # not the worker's) is the run's; only a write's error means the worker
+        # is gone. A deleted notebook directory (os.getcwd raising) was taken
+        # for a dead worker: live workers marked broken, the run waiting for ever.
         try:
-            if len(slot.known) > _KNOWN_MAX:  # bounded: forgetting only costs sending one again
-                slot.known.clear()
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
             ctx = context.current(job.call_id)
+            messages, keys = [], []
             if context.key(ctx) not in slot.known:
-                self._put(slot, pack(ctx))
-                slot.known.add(context.key(ctx))
+                messages.append(pack(ctx))
+                keys.append(context.key(ctx))
             if job.func_key is not None and job.func_key not in slot.known:
-                self._put(slot, pack(Func(job.func_key, job.func_payload)))
-                slot.known.add(job.func_key)
-            self._put(slot, pack(job.message(unit)))
-        except (BrokenPipeError, ConnectionResetError, OSError):
+                messages.append(pack(Func(job.func_key, job.func_payload)))
+                keys.append(job.func_key)
+            messages.append(pack(job.message(unit)))
+        except Exception as exc:
             job.requeue(unit)
-            slot.known.discard(job.func_key)
-            slot.broken = True  # found by the chaos soak: _assign sent to it again and again
-            return  # the sentinel reports the dead worker
+            self._end(run, exc)
+            return
+        note = context.take_note()  # the notebook's directory cannot be used: said once
+        if note:
+            run._emit_out("stderr", note)
+        try:
+            for data in messages:
+                self._put(slot, data)
+        except OSError:
+            job.requeue(unit)
+            self._send_failed(slot)
+            return
+        slot.known.update(keys)
+        self._send_failures = 0
         slot.inflight.append((run, unit))
         if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
             job.waited_for_workers += time.monotonic() - run.waiting_since
@@ -1490,7 +1627,7 @@ class LocalBackend:
                 self.workers_replaced += slot.over_memory  # (as a crash or a timeout: %pool counts it)
                 self._retire(slot)
                 if not slot.temporary:
-                    self.slots.append(self._spawn())
+                    self._respawn()
 
 
 def _own_memory(proc: Any) -> int:
@@ -1557,6 +1694,39 @@ def _discard(msg: tuple) -> None:
             payload.loads(data)
         except Exception:
             log.debug("mpmagic: could not load a stale reply to free its segments", exc_info=True)
+
+
+# The most files a worker's start opens at once (its pipe, the fork server's
+# connection, the pipes multiprocessing makes to start it, and the fork
+# server's own start the first time; at 6 the fork server's child still
+# printed an EOFError under `ulimit -n 18`).
+_FILES_PER_START = 10
+
+
+def _room_for_files(n: int) -> None:
+    """Raise ``OSError(EMFILE)`` unless ``n`` more files can be opened now (~10 us)."""
+    fds: list[int] = []
+    try:
+        while len(fds) < n:
+            fds.extend(os.pipe())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _out_of_files(exc: OSError) -> bool:
+    """Did this error come from the process's (or the system's) limit on open files?"""
+    return exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def _file_limit() -> int | str:
+    """The soft limit on open files (``ulimit -n``), or "?" where it cannot be read."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except Exception:
+        return "?"
 
 
 def _kill_group(pid: int | None) -> None:
