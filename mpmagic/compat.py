@@ -21,6 +21,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   before it exits; the tracker ignores SIGTERM and the fork server, once
   SIGTERM ends it, is a zombie nobody reaps: every shutdown or restart took
   ~2.5 s more, until Jupyter killed the kernel.
+* ``multiprocessing.process._children``: the set of ``Process`` objects
+  multiprocessing's exit hook terminates and joins. A bare ``os.fork()`` child
+  of the notebook inherits it with the notebook's workers in it, and its exit
+  killed them all (and printed "can only join a child process"). No public
+  API takes a process out of it.
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
@@ -38,7 +43,7 @@ import importlib
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import MPMagicError
@@ -194,6 +199,31 @@ def _tracker_function(which: str) -> Callable[[str, str], None] | None:
 
 
 # --------------------------------------------------------------------------
+# multiprocessing's list of child processes
+
+
+def forget_inherited_processes(processes: Iterable[Any]) -> None:
+    """In a process just forked from the notebook: take the notebook's
+    ``processes`` (its workers) out of ``multiprocessing.process._children``.
+
+    That set is copied by ``os.fork()``; at this process's exit multiprocessing's
+    own hook (``util._exit_function``) terminates every daemonic process in it
+    and joins it: the notebook's workers died, and the join failed with
+    "can only join a child process". (A ``multiprocessing.Process`` empties it
+    in the child itself; a bare ``os.fork()`` does not.)
+
+    Fallback without that set: nothing (logged); the child's exit then stops
+    the notebook's workers and the pool replaces them at its next run.
+    """
+    children = getattr(_module("multiprocessing.process"), "_children", None)
+    if not isinstance(children, set):
+        log.info("multiprocessing.process._children is missing in %s: a forked child's exit "
+                 "may stop the notebook's workers", _PYTHON)
+        return
+    children.difference_update(processes)
+
+
+# --------------------------------------------------------------------------
 # cloudpickle internals: each one has a slower or plainer fallback
 
 
@@ -225,6 +255,9 @@ def report() -> dict[str, bool]:
         "resource_tracker.register": _tracker_function("register") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
         "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
+        "multiprocessing.process._children": isinstance(
+            getattr(_module("multiprocessing.process"), "_children", None), set
+        ),
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
         "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
+from .. import compat, context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -304,10 +304,18 @@ def stop_all() -> None:
             log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
 
 
+#: Every worker ``Process`` this process started and has not forgotten (slots and
+#: those being reaped): a forked child takes them out of multiprocessing's children.
+_worker_processes: weakref.WeakSet = weakref.WeakSet()
+
+
 def forget_after_fork() -> None:
     """In a forked child: the pools are the parent's, not this process's to stop at exit
-    (``pool._after_fork_in_child``)."""
+    (``pool._after_fork_in_child``), and neither are their workers: multiprocessing's
+    own exit hook would terminate them (``compat.forget_inherited_processes``)."""
     _live_backends.clear()
+    compat.forget_inherited_processes(list(_worker_processes))
+    _worker_processes.clear()
 
 
 #: Longest single wait of the manager (see _next_timeout).
@@ -484,6 +492,7 @@ class LocalBackend:
         )
         with _no_main_module(), _sigint_blocked_while_starting():
             proc.start()
+        _worker_processes.add(proc)
         child_conn.close()
         return _Slot(
             wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position
