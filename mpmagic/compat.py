@@ -14,7 +14,9 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   helper would need workarounds for both.
 * ``multiprocessing.resource_tracker.register`` / ``unregister``: undocumented
   functions; the tracker unlinks our names if the notebook dies without its
-  finalizers running (SIGKILL of the kernel).
+  finalizers running (SIGKILL of the kernel). ``ensure_running``: started
+  before a worker, not inside its start, since it unblocks SIGINT in the
+  calling thread once the tracker runs (see ``start_resource_tracker``).
 * ``multiprocessing.forkserver._forkserver._stop`` and
   ``multiprocessing.resource_tracker._resource_tracker._stop``: end those
   processes at a kernel's shutdown. ipykernel waits for its children to exit
@@ -164,6 +166,23 @@ def tracker_unregister(name: str, rtype: str) -> None:
         fn(name, rtype)
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, if it is not running.
+
+    A spawn or forkserver worker's start starts the tracker first if needed,
+    and ``resource_tracker.ensure_running`` then *unblocks* SIGINT in the
+    calling thread (it blocks it only while it starts the tracker). The
+    worker, or the fork server, exec'ed next had SIGINT unblocked while it
+    imported ``site``: an interrupt of the kernel then (jupyter signals its
+    whole process group) killed it with "Fatal Python error: init_import_site
+    ... KeyboardInterrupt". The caller starts the tracker first and then
+    blocks SIGINT again. Fallback: nothing (logged once): the window stays.
+    """
+    fn = _tracker_function("ensure_running")
+    if fn is not None:
+        fn()
+
+
 def stop_helper_processes() -> None:
     """End multiprocessing's fork server and resource tracker processes now.
 
@@ -253,6 +272,7 @@ def report() -> dict[str, bool]:
         "_multiprocessing.sem_unlink": getattr(_module("_multiprocessing"), "sem_unlink", None) is not None,
         "_posixshmem": _module("_posixshmem") is not None,
         "resource_tracker.register": _tracker_function("register") is not None,
+        "resource_tracker.ensure_running": _tracker_function("ensure_running") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
         "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
         "multiprocessing.process._children": isinstance(

@@ -210,7 +210,7 @@ def can_start_in_background() -> bool:
 
 
 @contextmanager
-def _sigint_blocked_while_starting() -> Iterator[None]:
+def _sigint_blocked_while_starting(tracker: bool = False) -> Iterator[None]:
     """Start workers that cannot be killed by SIGINT before they ignore it,
     without losing an interrupt meant for the notebook.
 
@@ -229,11 +229,24 @@ def _sigint_blocked_while_starting() -> Iterator[None]:
     handler is back and a noted SIGINT is handed to it: the interrupt stops
     the cell as usual. (SIGINT used to be ignored here instead, which threw
     such an interrupt away: the cell went on.)
+
+    ``tracker`` (spawn, forkserver): start multiprocessing's resource tracker
+    first and block SIGINT again after it: its start unblocks SIGINT in this
+    thread (``compat.start_resource_tracker``), and the worker or fork server
+    started next could be killed by an interrupt while it imported ``site``.
     """
     blocking = hasattr(signal, "pthread_sigmask")
+
+    def tracker_first() -> None:
+        if tracker:
+            compat.start_resource_tracker()
+            if blocking:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
     if threading.current_thread() is not threading.main_thread():
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
         try:
+            tracker_first()
             yield
         finally:
             if mask is not None:
@@ -246,6 +259,7 @@ def _sigint_blocked_while_starting() -> Iterator[None]:
         signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
     try:
+        tracker_first()
         yield
     finally:
         if swapped:
@@ -490,7 +504,7 @@ class LocalBackend:
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
-        with _no_main_module(), _sigint_blocked_while_starting():
+        with _no_main_module(), _sigint_blocked_while_starting(tracker=self.start_method != "fork"):
             proc.start()
         _worker_processes.add(proc)
         child_conn.close()
