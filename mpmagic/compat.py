@@ -209,7 +209,7 @@ def _stopper(module: str, attribute: str) -> Callable[[], None] | None:
 _warned: set[str] = set()
 
 
-def _tracker_function(which: str) -> Callable[[str, str], None] | None:
+def _tracker_function(which: str) -> Callable[..., None] | None:
     fn = getattr(_module("multiprocessing.resource_tracker"), which, None)
     if fn is None and which not in _warned:
         _warned.add(which)
