@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 import psutil
@@ -223,6 +224,34 @@ def test_an_interrupted_pool_restart_is_one_line_saying_what_goes_on(ip, monkeyp
     assert err._render_traceback_() == [
         "KeyboardInterrupt: %pool restart interrupted while it waited for the workers; they go on starting, "
         "and %pool shows their state"]
+
+
+def test_a_ctrl_c_between_a_restarts_stop_and_start_is_held_until_the_new_pool_starts(ip, monkeypatch):
+    """Ctrl-C while %pool restart --start-method spawn stopped the old pool: the
+    line said the workers "go on starting", but the new pool was never made and
+    the next run started the old one again (forkserver). The interrupt now waits
+    until the new workers are started, which makes that line true."""
+    from mpmagic.backends.local import LocalBackend
+
+    mpmagic.use_local(2, "forkserver")
+    mpmagic.get_pool().start()
+    real_stop = LocalBackend.stop
+
+    def stop_then_interrupt(self, timeout: float = 2.0) -> None:
+        real_stop(self, timeout)
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, once the old workers are gone
+
+    monkeypatch.setattr(LocalBackend, "stop", stop_then_interrupt)
+    try:
+        err = ip.run_cell("%pool restart --start-method spawn", store_history=False).error_in_exec
+        monkeypatch.undo()
+        assert isinstance(err, KeyboardInterrupt)
+        assert "they go on starting" in err._render_traceback_()[0]
+        pool = mpmagic.get_pool()
+        assert pool.start_method == "spawn" and len(pool.slots) == 2  # made and started
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is pool
+    finally:
+        mpmagic.stop_pool()
 
 
 def test_use_local_takes_max_memory_as_the_magic_does(ip):
