@@ -278,15 +278,16 @@ def restart_with(
     dropped. Only the wait for the new workers is cut short; they go on
     starting, as %pool restart's interrupt line says.
     """
-    with _lock:
-        current = current_pool()
-        if current is not None and not isinstance(current, LocalBackend):
+    current = current_pool()
+    if current is not None and not isinstance(current, LocalBackend):
+        with _lock:
             return _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait)
-        with sigint_deferred():
+    with sigint_deferred():  # (also while it waits for _lock: a pool starting in the background holds it)
+        with _lock:
             backend = _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait=False)
-        if wait:
-            backend.wait_ready()
-        return backend
+    if wait:
+        backend.wait_ready()
+    return backend
 
 
 def _restart_now(
