@@ -14,7 +14,9 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   helper would need workarounds for both.
 * ``multiprocessing.resource_tracker.register`` / ``unregister``: undocumented
   functions; the tracker unlinks our names if the notebook dies without its
-  finalizers running (SIGKILL of the kernel).
+  finalizers running (SIGKILL of the kernel). ``ensure_running``: started
+  before a worker, not inside its start, since it unblocks SIGINT in the
+  calling thread once the tracker runs (see ``start_resource_tracker``).
 * ``multiprocessing.forkserver._forkserver._stop`` and
   ``multiprocessing.resource_tracker._resource_tracker._stop``: end those
   processes at a kernel's shutdown. ipykernel waits for its children to exit
@@ -28,6 +30,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   the child to ``chdir`` to, which raised (deleted) or made every child die
   at start (``chmod 000``); changing the notebook's own directory for the
   start cannot be undone where it may not be entered.
+* ``multiprocessing.process._children``: the set of ``Process`` objects
+  multiprocessing's exit hook terminates and joins. A bare ``os.fork()`` child
+  of the notebook inherits it with the notebook's workers in it, and its exit
+  killed them all (and printed "can only join a child process"). No public
+  API takes a process out of it.
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
@@ -46,7 +53,7 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -168,6 +175,23 @@ def tracker_unregister(name: str, rtype: str) -> None:
         fn(name, rtype)
 
 
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker now, if it is not running.
+
+    A spawn or forkserver worker's start starts the tracker first if needed,
+    and ``resource_tracker.ensure_running`` then *unblocks* SIGINT in the
+    calling thread (it blocks it only while it starts the tracker). The
+    worker, or the fork server, exec'ed next had SIGINT unblocked while it
+    imported ``site``: an interrupt of the kernel then (jupyter signals its
+    whole process group) killed it with "Fatal Python error: init_import_site
+    ... KeyboardInterrupt". The caller starts the tracker first and then
+    blocks SIGINT again. Fallback: nothing (logged once): the window stays.
+    """
+    fn = _tracker_function("ensure_running")
+    if fn is not None:
+        fn()
+
+
 def stop_helper_processes() -> None:
     """End multiprocessing's fork server and resource tracker processes now.
 
@@ -194,7 +218,7 @@ def _stopper(module: str, attribute: str) -> Callable[[], None] | None:
 _warned: set[str] = set()
 
 
-def _tracker_function(which: str) -> Callable[[str, str], None] | None:
+def _tracker_function(which: str) -> Callable[..., None] | None:
     fn = getattr(_module("multiprocessing.resource_tracker"), which, None)
     if fn is None and which not in _warned:
         _warned.add(which)
@@ -240,6 +264,28 @@ def children_start_in(path: str) -> Iterator[None]:
         yield
     finally:
         spawn.os = real
+# multiprocessing's list of child processes
+
+
+def forget_inherited_processes(processes: Iterable[Any]) -> None:
+    """In a process just forked from the notebook: take the notebook's
+    ``processes`` (its workers) out of ``multiprocessing.process._children``.
+
+    That set is copied by ``os.fork()``; at this process's exit multiprocessing's
+    own hook (``util._exit_function``) terminates every daemonic process in it
+    and joins it: the notebook's workers died, and the join failed with
+    "can only join a child process". (A ``multiprocessing.Process`` empties it
+    in the child itself; a bare ``os.fork()`` does not.)
+
+    Fallback without that set: nothing (logged); the child's exit then stops
+    the notebook's workers and the pool replaces them at its next run.
+    """
+    children = getattr(_module("multiprocessing.process"), "_children", None)
+    if not isinstance(children, set):
+        log.info("multiprocessing.process._children is missing in %s: a forked child's exit "
+                 "may stop the notebook's workers", _PYTHON)
+        return
+    children.difference_update(processes)
 
 
 # --------------------------------------------------------------------------
@@ -272,9 +318,13 @@ def report() -> dict[str, bool]:
         "_multiprocessing.sem_unlink": getattr(_module("_multiprocessing"), "sem_unlink", None) is not None,
         "_posixshmem": _module("_posixshmem") is not None,
         "resource_tracker.register": _tracker_function("register") is not None,
+        "resource_tracker.ensure_running": _tracker_function("ensure_running") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
         "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
         "multiprocessing.spawn.os": getattr(_module("multiprocessing.spawn"), "os", None) is os,
+        "multiprocessing.process._children": isinstance(
+            getattr(_module("multiprocessing.process"), "_children", None), set
+        ),
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
         "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,

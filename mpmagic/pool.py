@@ -18,6 +18,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .backends.local import LocalBackend, _check_size
+from .engine import sigint_deferred
 from .errors import UsageError
 from .fmt import fmt_seconds
 from .shared import base as _shared_base
@@ -270,40 +271,60 @@ def restart_with(
     so no worker starts only to be stopped. The start method and the limits
     are the local pool's: on Dask they are a usage error, not ignored.
     ``wait``: return once the workers are ready (else at once, while they start).
+
+    On the local pool a Ctrl-C before the new workers are started is held until
+    they are (the old ones' stop takes at most a few seconds): the restart is
+    never left half done, with the old pool stopped and the new settings
+    dropped. Only the wait for the new workers is cut short; they go on
+    starting, as %pool restart's interrupt line says.
     """
+    current = current_pool()
+    if current is not None and not isinstance(current, LocalBackend):
+        with _lock:
+            return _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait)
+    with sigint_deferred():  # (also while it waits for _lock: a pool starting in the background holds it)
+        with _lock:
+            backend = _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait=False)
+    if wait:
+        backend.wait_ready()
+    return backend
+
+
+def _restart_now(
+    workers: int | None, start_method: str | None, max_tasks_per_child: int | None, max_memory: int | str | None,
+    wait: bool,
+) -> Backend:
+    """``restart_with``'s work (under ``_lock``); ``wait`` is only the Dask restart's."""
     global _backend
-    with _lock:
-        backend = get_pool()
-        if not isinstance(backend, LocalBackend):
-            given = [(name, flag) for name, flag, value in (
-                ("start_method", "--start-method", start_method),
-                ("max_tasks_per_child", "--max-tasks-per-child", max_tasks_per_child),
-                ("max_memory", "--max-memory", max_memory)) if value is not None]
-            if given:
-                name, flag = given[0]
-                raise UsageError(f"{name}= ({flag}) is for local workers, and the pool is on {backend.name}: "
-                                 f"use_local({name}=...) (%pool local {flag} ...) switches back to them")
-        if max_memory is not None:
-            set_max_memory(max_memory)
-        limit = _tasks_limit(max_tasks_per_child, backend.max_tasks_per_child) if isinstance(backend, LocalBackend) else None
-        if isinstance(backend, LocalBackend) and (start_method not in (None, backend.start_method)
-                                                  or limit != backend.max_tasks_per_child):
-            # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
-            new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
-                               limit, max_memory=_max_memory)
+    backend = get_pool()
+    if not isinstance(backend, LocalBackend):
+        given = [(name, flag) for name, flag, value in (
+            ("start_method", "--start-method", start_method),
+            ("max_tasks_per_child", "--max-tasks-per-child", max_tasks_per_child),
+            ("max_memory", "--max-memory", max_memory)) if value is not None]
+        if given:
+            name, flag = given[0]
+            raise UsageError(f"{name}= ({flag}) is for local workers, and the pool is on {backend.name}: "
+                             f"use_local({name}=...) (%pool local {flag} ...) switches back to them")
+    if max_memory is not None:
+        set_max_memory(max_memory)
+    limit = _tasks_limit(max_tasks_per_child, backend.max_tasks_per_child) if isinstance(backend, LocalBackend) else None
+    if isinstance(backend, LocalBackend) and (start_method not in (None, backend.start_method)
+                                              or limit != backend.max_tasks_per_child):
+        # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
+        new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
+                           limit, max_memory=_max_memory)
+        backend.stop()
+        _backend = new
+        new.start()
+        return new
+    if workers is not None and workers != backend.workers:
+        if isinstance(backend, LocalBackend):
+            _check_size(workers)  # before the stop: a size refused leaves the pool running
             backend.stop()
-            _backend = new
-            new.start()
-            if wait:
-                new.wait_ready()
-            return new
-        if workers is not None and workers != backend.workers:
-            if isinstance(backend, LocalBackend):
-                _check_size(workers)  # before the stop: a size refused leaves the pool running
-                backend.stop()
-            backend.resize(workers)
-        backend.restart(wait)
-        return backend
+        backend.resize(workers)
+    backend.restart(wait)
+    return backend
 
 
 def use_local(

@@ -135,6 +135,23 @@ def test_stopping_the_helper_processes_stops_each_and_skips_a_missing_one(monkey
     assert "multiprocessing.forkserver._forkserver cannot be stopped" in caplog.text
 
 
+def test_forgetting_inherited_processes_takes_only_those_out_and_survives_a_python_without_the_set(
+    monkeypatch, caplog
+) -> None:
+    import multiprocessing.process as process
+
+    ours, theirs = object(), object()
+    monkeypatch.setattr(process, "_children", {ours, theirs})
+    compat.forget_inherited_processes([ours])
+    assert process._children == {theirs}
+
+    monkeypatch.delattr(process, "_children")
+    with caplog.at_level("INFO", logger="mpmagic"):
+        compat.forget_inherited_processes([ours])  # no exception: the workers may die, the pool replaces them
+    assert "multiprocessing.process._children is missing" in caplog.text
+    assert compat.report()["multiprocessing.process._children"] is False
+
+
 @pytest.mark.parametrize(
     ("accessor", "internal"),
     [

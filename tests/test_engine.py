@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -857,6 +859,36 @@ def test_a_manager_that_fails_ends_its_runs_and_the_next_run_gets_a_new_one(monk
         assert len(os.listdir("/proc/self/fd")) == fds  # the failed manager's wake-up pipe is closed
     finally:
         backend.stop()
+
+
+_MASK_AT_EXEC = """
+import signal, sys, multiprocessing.util as util
+from mpmagic.backends.local import LocalBackend
+spawnv = util.spawnv_passfds
+def spawnv_recorded(path, args, fds):
+    print(args[-1][:40], signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()), flush=True)
+    return spawnv(path, args, fds)
+util.spawnv_passfds = spawnv_recorded
+backend = LocalBackend(1, sys.argv[1])
+backend.start()
+backend.stop()
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_the_first_worker_and_the_fork_server_are_started_with_sigint_blocked(method):
+    """The first worker's start starts multiprocessing's resource tracker, and that
+    unblocked SIGINT in the starting thread: the spawn worker or the fork server
+    exec'ed next had it unblocked, and an interrupt of the kernel's process group
+    while it imported ``site`` killed it ("Fatal Python error ... KeyboardInterrupt"
+    on the kernel's terminal). A fresh interpreter, so that no tracker runs yet."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _MASK_AT_EXEC, method], capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and "resource_tracker" in lines[0], lines  # the tracker, then the worker or server
+    assert all(line.endswith(" True") for line in lines), lines
 
 
 @pytest.mark.parametrize("method", ["spawn", "fork"])

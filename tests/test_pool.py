@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 
 import psutil
@@ -225,6 +226,34 @@ def test_an_interrupted_pool_restart_is_one_line_saying_what_goes_on(ip, monkeyp
         "and %pool shows their state"]
 
 
+def test_a_ctrl_c_between_a_restarts_stop_and_start_is_held_until_the_new_pool_starts(ip, monkeypatch):
+    """Ctrl-C while %pool restart --start-method spawn stopped the old pool: the
+    line said the workers "go on starting", but the new pool was never made and
+    the next run started the old one again (forkserver). The interrupt now waits
+    until the new workers are started, which makes that line true."""
+    from mpmagic.backends.local import LocalBackend
+
+    mpmagic.use_local(2, "forkserver")
+    mpmagic.get_pool().start()
+    real_stop = LocalBackend.stop
+
+    def stop_then_interrupt(self, timeout: float = 2.0) -> None:
+        real_stop(self, timeout)
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, once the old workers are gone
+
+    monkeypatch.setattr(LocalBackend, "stop", stop_then_interrupt)
+    try:
+        err = ip.run_cell("%pool restart --start-method spawn", store_history=False).error_in_exec
+        monkeypatch.undo()
+        assert isinstance(err, KeyboardInterrupt)
+        assert "they go on starting" in err._render_traceback_()[0]
+        pool = mpmagic.get_pool()
+        assert pool.start_method == "spawn" and len(pool.slots) == 2  # made and started
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is pool
+    finally:
+        mpmagic.stop_pool()
+
+
 def test_use_local_takes_max_memory_as_the_magic_does(ip):
     """``use_local(max_memory=)`` (it had none; ``%pool local --max-memory`` has it)."""
     run(ip, "%pool local -n 2 --max-memory 2GB")
@@ -234,13 +263,13 @@ def test_use_local_takes_max_memory_as_the_magic_does(ip):
     assert mpmagic.get_pool().max_memory is None
 
 
-def test_a_process_forked_from_the_notebook_maps_serially_and_leaves_the_pool_alone(local_pool, ip):
+def test_a_process_forked_from_the_notebook_maps_serially_and_leaves_the_pool_alone(local_pool, ip, capfd):
     """A fork-started ``multiprocessing.Process`` (Python 3.11's default on Linux)
     whose target called pmap after the pool had started blocked for good: its
     copy of the pool had no manager thread, and its workers were the parent's.
     It now maps serially there, and its exit (exit hooks run: a bare os.fork)
     neither stops the parent's workers nor unlinks the parent's shared memory."""
-    run(ip, "import mpmagic, multiprocessing, os, atexit, numpy as np\ndef sq(x):\n    return x * x\n"
+    run(ip, "import mpmagic, multiprocessing, os, sys, atexit, numpy as np\ndef sq(x):\n    return x * x\n"
             "def child(q):\n    q.put(mpmagic.pmap(sq, range(5)))\n"
             "kept = mpmagic.share(np.arange(10))\n")
     assert run(ip, "mpmagic.pmap(sq, range(4))") == [0, 1, 4, 9]  # the pool is up
@@ -253,11 +282,17 @@ def test_a_process_forked_from_the_notebook_maps_serially_and_leaves_the_pool_al
         assert run(ip, "p.exitcode") == 0
     finally:
         run(ip, "p.kill() if p.is_alive() else None")
-    # A bare fork whose exit runs our exit hooks (stop_all, shm.release_all). (Without
-    # multiprocessing's: it would terminate the daemonic children it inherited.)
-    pid = run(ip, "pid = os.fork()\nif pid == 0:\n    try:\n        multiprocessing.process._children.clear()\n"
-                  "        atexit._run_exitfuncs()\n    finally:\n        os._exit(0)\npid")
+    # A bare fork whose exit runs every exit hook: ours (stop_all, shm.release_all) and
+    # multiprocessing's, which terminated the daemonic children it thought it had (the
+    # notebook's workers) and failed to join them: "can only join a child process".
+    # (An exit hook's error goes to sys.unraisablehook, which pytest replaces: the child
+    # writes it to fd 2. IPython's own exit hook empties the namespace: hence the defaults.)
+    capfd.readouterr()
+    pid = run(ip, "pid = os.fork()\nif pid == 0:\n    try:\n"
+                  "        sys.unraisablehook = lambda u, write=os.write: write(2, repr(u.exc_value).encode())\n"
+                  "        atexit._run_exitfuncs()\n    finally:\n        import os\n        os._exit(0)\npid")
     os.waitpid(pid, 0)
+    assert capfd.readouterr().err == ""
     assert [s.pid for s in local_pool.slots] == pids and all(_alive(p) for p in pids)
     assert run(ip, "mpmagic.pmap(sq, range(6), workers=2)") == [0, 1, 4, 9, 16, 25]
     assert run(ip, "int(mpmagic.pmap(np.sum, [kept])[0])") == 45  # its segment is still there

@@ -211,7 +211,7 @@ def can_start_in_background() -> bool:
 
 
 @contextmanager
-def _sigint_blocked_while_starting() -> Iterator[None]:
+def _sigint_blocked_while_starting(tracker: bool = False) -> Iterator[None]:
     """Start workers that cannot be killed by SIGINT before they ignore it,
     without losing an interrupt meant for the notebook.
 
@@ -230,11 +230,24 @@ def _sigint_blocked_while_starting() -> Iterator[None]:
     handler is back and a noted SIGINT is handed to it: the interrupt stops
     the cell as usual. (SIGINT used to be ignored here instead, which threw
     such an interrupt away: the cell went on.)
+
+    ``tracker`` (spawn, forkserver): start multiprocessing's resource tracker
+    first and block SIGINT again after it: its start unblocks SIGINT in this
+    thread (``compat.start_resource_tracker``), and the worker or fork server
+    started next could be killed by an interrupt while it imported ``site``.
     """
     blocking = hasattr(signal, "pthread_sigmask")
+
+    def tracker_first() -> None:
+        if tracker:
+            compat.start_resource_tracker()
+            if blocking:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
     if threading.current_thread() is not threading.main_thread():
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
         try:
+            tracker_first()
             yield
         finally:
             if mask is not None:
@@ -247,6 +260,7 @@ def _sigint_blocked_while_starting() -> Iterator[None]:
         signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
     try:
+        tracker_first()
         yield
     finally:
         if swapped:
@@ -305,10 +319,18 @@ def stop_all() -> None:
             log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
 
 
+#: Every worker ``Process`` this process started and has not forgotten (slots and
+#: those being reaped): a forked child takes them out of multiprocessing's children.
+_worker_processes: weakref.WeakSet = weakref.WeakSet()
+
+
 def forget_after_fork() -> None:
     """In a forked child: the pools are the parent's, not this process's to stop at exit
-    (``pool._after_fork_in_child``)."""
+    (``pool._after_fork_in_child``), and neither are their workers: multiprocessing's
+    own exit hook would terminate them (``compat.forget_inherited_processes``)."""
     _live_backends.clear()
+    compat.forget_inherited_processes(list(_worker_processes))
+    _worker_processes.clear()
 
 
 #: Longest single wait of the manager (see _next_timeout).
@@ -543,8 +565,9 @@ class LocalBackend:
         # failed when it was deleted or may not be entered (context.workers_dir).
         where, problem = context.workers_dir()
         starting_in = compat.children_start_in(where) if problem else nullcontext()
-        with _no_main_module(), _sigint_blocked_while_starting(), starting_in:
+        with _no_main_module(), _sigint_blocked_while_starting(tracker=self.start_method != "fork"), starting_in:
             proc.start()
+        _worker_processes.add(proc)
         child_conn.close()
         return _Slot(
             wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position
