@@ -26,6 +26,12 @@ from .errors import (
     UsageError,
     WorkerLostError,
 )
+from .loadstamps import install as _note_loads
+
+# Note the file of each module the notebook (re)loads from now on, so a run can
+# tell when a worker would load another version of it (loadstamps.py; workers
+# take the finder out in worker.main).
+_note_loads()
 
 # The rest of the API is imported on first use (PEP 562). Why: every worker
 # process and the forkserver import this package (``mpmagic.worker``), and

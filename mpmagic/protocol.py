@@ -117,8 +117,9 @@ class Import(NamedTuple):
 
 class Reload(NamedTuple):
     """The user's own modules the notebook reloaded (``importlib.reload``) since the
-    workers imported them: a worker that has one reloads it and forgets its cached
-    functions (one pickled by reference is loaded again, from the new module)."""
+    workers imported them, in the order the notebook reloaded them: a worker that has
+    one reloads it and forgets its cached functions (one pickled by reference is
+    loaded again, from the new module)."""
 
     names: list
 

@@ -52,6 +52,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from . import loadstamps
 from .protocol import Import, Reload
 from .rss import resident_bytes
 
@@ -416,7 +417,8 @@ def user_modules(func: Any) -> list[str]:
     return [n for n in dict.fromkeys(names) if isinstance(n, str) and _user_module(n)]
 
 
-# module name -> (its __spec__ when first looked at, its file's (mtime_ns, size) then)
+# module name -> (its __spec__ when first looked at, its file's (mtime_ns, size) then): for
+# a module imported before mpmagic, which loadstamps has no record of
 _stamps: dict[str, tuple[Any, tuple[int, int] | None]] = {}
 _said: set[Any] = set()  # the one-line notices already shown (what, [pool,] module...)
 
@@ -432,15 +434,21 @@ def _file_stamp(module: Any) -> tuple[int, int] | None:
 def edited_modules(names: list[str]) -> list[str]:
     """Of these user modules, those whose file changed on disk since the notebook
     (re)loaded them, without a reload here: the notebook runs their old code,
-    a worker importing them now would run the new file.
+    a worker (re)loading them now would run the file's.
 
-    "Since it was loaded" is since this process first looked at that load of the
-    module (its first parallel run), an os.stat per module.
+    The baseline is the file's stat when the notebook loaded the module
+    (loadstamps.py); for a module imported before mpmagic, its stat at the
+    module's first parallel run. An os.stat per module.
     """
     out = []
     for name in names:
         module = sys.modules.get(name)
         if module is None:
+            continue
+        at_load = loadstamps.loaded(name, module)
+        if at_load is not None:
+            if _file_stamp(module) != at_load[0]:
+                out.append(name)
             continue
         spec = getattr(module, "__spec__", None)
         seen = _stamps.get(name)
@@ -490,6 +498,7 @@ class Warmth:
         self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
         self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
         self._user_scanned = 0  # len(sys.modules) at that scan
+        self._user_last: str | None = None  # and its last module then
 
     @property
     def wanted(self) -> list[str]:
@@ -560,8 +569,10 @@ class Warmth:
         the user's modules (any loaded here, not only the function's: its items'
         classes, a helper module, a cell's imports) that the notebook reloaded since
         the pool first saw them, and say so once per pool; True if any. Also says once when a
-        module ``func`` uses was edited without a reload (a worker importing it now
-        runs the new file, not the notebook's code).
+        module ``func`` uses, or one to reload, changed on disk since the notebook
+        loaded it (a worker that (re)loads it runs the file, not the notebook's code).
+        The reloads go out in the order the notebook made them (``m1`` does ``from m2
+        import g``: reloading ``m1`` before ``m2`` keeps the old ``g`` in ``m1``).
 
         Per call: an identity test per user module loaded here (a new scan of
         ``sys.modules`` only past the modules loaded since the last one), and an
@@ -577,11 +588,13 @@ class Warmth:
                 if old is not None:
                     reloaded.append(name)
         if reloaded:
+            reloaded.sort(key=lambda n: (loadstamps.loaded(n, sys.modules.get(n)) or ((0, 0), 0))[1])
             with self._lock:
                 self._reloads.extend(reloaded)
             _say_once(("reloaded", id(self), tuple(reloaded)), f"mpmagic: workers reload {', '.join(reloaded)} "
                       f"(reloaded in the notebook since they imported {'it' if len(reloaded) == 1 else 'them'})")
         if func is None:
+            self._say_edited(reloaded)
             return bool(reloaded)
         names = self._user.get(key)
         if names is None:
@@ -592,26 +605,35 @@ class Warmth:
             if len(self._user) > 10_000:
                 self._user.clear()
             self._user[key] = names
+        self._say_edited(names + [n for n in reloaded if n not in names])
+        return bool(reloaded)
+
+    @staticmethod
+    def _say_edited(names: list[str]) -> None:
+        """Say once per module and file version when a module's file changed since the notebook loaded it."""
         for name in edited_modules(names):
             module = sys.modules[name]
             _say_once(("edited", name, _file_stamp(module)), (
-                f"mpmagic: {os.path.basename(module.__file__ or name)} was edited since the notebook imported "
-                f"{name}: the notebook runs its old code, but a worker that imports it now (a new or replaced "
-                f"one, or one that has not used it yet) runs the new file. importlib.reload({name}) to use one version"))
-        return bool(reloaded)
+                f"mpmagic: {os.path.basename(module.__file__ or name)} changed on disk since the notebook loaded "
+                f"it: workers that (re)load it run the file's version, not the notebook's; "
+                f"importlib.reload({name}) (or restore the file) to run one version"))
 
     def _scan_user_modules(self) -> None:
         """Bring the list of the user's modules loaded here up to date: only the
-        modules loaded since the last look (``sys.modules`` keeps insertion order)."""
+        modules loaded since the last look (``sys.modules`` keeps insertion order),
+        unless one was taken out of ``sys.modules`` meanwhile (``del sys.modules[m]``:
+        the last module seen is no longer where it was), then all of them."""
         n = len(sys.modules)
-        if n == self._user_scanned:
+        last = next(reversed(sys.modules), None)
+        if n == self._user_scanned and last == self._user_last:
             return
         names = list(sys.modules)
-        start = self._user_scanned if n > self._user_scanned else 0
-        if start == 0:
+        start = self._user_scanned
+        if not 0 < start < n or names[start - 1] != self._user_last:
+            start = 0
             self._user_mods = []
         self._user_mods += [name for name in itertools.islice(names, start, None) if _user_module(name)]
-        self._user_scanned = n
+        self._user_scanned, self._user_last = len(names), names[-1] if names else None
 
     def reload_message(self, wid: int) -> Reload | None:
         """``Reload(names)`` for worker ``wid`` (the reloads it was not sent yet), or None."""
@@ -621,7 +643,8 @@ class Warmth:
         with self._lock:
             todo = self._reloads[n:]
             self._rsent[wid] = n + len(todo)
-        return Reload(list(dict.fromkeys(todo)))
+        # Each module once, at its last place: its last reload comes after those it imports from.
+        return Reload(list(dict.fromkeys(reversed(todo)))[::-1])
 
     def message(self, wid: int) -> Import | None:
         """``Import(names)`` for worker ``wid`` (what it was not sent yet), or None."""

@@ -52,7 +52,7 @@ from itertools import starmap
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import context, debugging, payload, posixshm, shm, task_builtins, worker_logging
+from . import context, debugging, loadstamps, payload, posixshm, shm, task_builtins, worker_logging
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -812,6 +812,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
         os.setsid()
     except OSError:
         pass
+    loadstamps.uninstall()  # the notebook's record of its loads (a fork copies it): workers keep none
     task_builtins.use_task_backend()  # (before anything imports matplotlib)
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

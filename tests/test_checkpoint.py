@@ -647,6 +647,84 @@ def test_a_module_reloaded_in_the_notebook_is_reloaded_in_running_workers(ip, st
         sys.modules.pop("mymod_rl", None)
 
 
+def _save(path: Path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
+    """Write a module file with an mtime seconds after the last one (a .pyc goes by seconds and size)."""
+    n[0] += 5
+    path.write_text(text)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + n[0] * 1_000_000_000))
+
+
+def test_a_module_changed_on_disk_since_the_notebook_loaded_it_is_said(ip, tmp_path, monkeypatch, capsys):
+    """Workers (re)load the file as it is on disk. Saved again after the notebook's reload, or after
+    its import and before the first run, they ran v3 (v2) where map ran v2 (v1), with no line: the
+    file's stat was first taken at the module's first parallel run, after the second save."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mymod_ed", "mymod_ed2"):
+        _save(tmp_path / f"{name}.py", "def f(x):\n    return ('v1', x)\n")
+    line = "changed on disk since the notebook loaded it"
+    try:
+        run(ip, "import importlib, mymod_ed, mymod_ed2")
+        capsys.readouterr()
+        run(ip, "%pmap -q mymod_ed.f, range(2)")
+        assert line not in capsys.readouterr().err  # nothing changed: no line
+        _save(tmp_path / "mymod_ed.py", "def f(x):\n    return ('v2', x)\n")
+        run(ip, "importlib.reload(mymod_ed)")
+        _save(tmp_path / "mymod_ed.py", "def f(x):\n    return ('v3', x)\n")  # saved, not reloaded
+        run(ip, "%pmap -q mymod_ed.f, range(2)")
+        assert f"mymod_ed.py {line}" in capsys.readouterr().err
+        _save(tmp_path / "mymod_ed2.py", "def f(x):\n    return ('v2', x)\n")  # before its first run
+        run(ip, "%pmap -q mymod_ed2.f, range(2)")
+        assert f"mymod_ed2.py {line}" in capsys.readouterr().err
+        run(ip, "importlib.reload(mymod_ed)")
+        assert run(ip, "%pmap -q mymod_ed.f, range(2)") == [("v3", 0), ("v3", 1)]
+        assert line not in capsys.readouterr().err  # one version again
+    finally:
+        sys.modules.pop("mymod_ed", None)
+        sys.modules.pop("mymod_ed2", None)
+
+
+def test_workers_reload_modules_in_the_order_the_notebook_did(ip, tmp_path, monkeypatch):
+    """m1 does `from m2 import g`; the notebook reloaded m1, then m2, so m1.g stayed v1. Workers reloaded
+    in sys.modules order (m2 first) and gave v2."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _save(tmp_path / "mymod_o1.py", "from mymod_o2 import g\ndef f(x):\n    return g(x)\n")
+    _save(tmp_path / "mymod_o2.py", "def g(x):\n    return ('v1', x)\n")
+    try:
+        run(ip, "import importlib, mymod_o1, mymod_o2")
+        assert run(ip, "%pmap -q mymod_o1.f, range(2)") == [("v1", 0), ("v1", 1)]
+        _save(tmp_path / "mymod_o2.py", "def g(x):\n    return ('v2', x)\n")
+        run(ip, "importlib.reload(mymod_o1); importlib.reload(mymod_o2)")
+        assert run(ip, "%pmap -q mymod_o1.f, range(2)") == run(ip, "list(map(mymod_o1.f, range(2)))")
+    finally:
+        sys.modules.pop("mymod_o1", None)
+        sys.modules.pop("mymod_o2", None)
+
+
+def test_a_module_imported_after_one_left_sys_modules_is_still_watched_for_reloads(tmp_path, monkeypatch):
+    """The scan of sys.modules went on from its old length: after a `del sys.modules[m]`, the
+    next module imported was skipped, and its reload never reached the workers."""
+    import importlib
+
+    from mpmagic.warmup import Warmth
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mymod_sa", "mymod_sb"):
+        _save(tmp_path / f"{name}.py", "X = 1\n")
+    try:
+        importlib.import_module("mymod_sa")
+        warmth = Warmth()
+        warmth.check_reloads(None, None)
+        del sys.modules["mymod_sa"]
+        importlib.import_module("mymod_sb")  # sys.modules as long as at the last look
+        warmth.check_reloads(None, None)
+        importlib.reload(sys.modules["mymod_sb"])
+        assert warmth.check_reloads(None, None)  # mymod_sb's reload is seen
+    finally:
+        sys.modules.pop("mymod_sa", None)
+        sys.modules.pop("mymod_sb", None)
+
+
 def test_resumed_instances_of_a_notebook_class_are_instances_of_the_notebooks_class(ip, store_dir):
     # A new kernel has a new class object (the cell run again): the stored results, pickled with
     # the old one by value, must come back as the notebook's class, as live results do.

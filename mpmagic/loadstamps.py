@@ -1,0 +1,86 @@
+"""The notebook's record of each source file it loaded: the file's stat at that
+moment, and the order of the loads.
+
+Why: workers that (re)load a user's module read the file as it is on disk.
+When it was saved again after the notebook loaded it (``importlib.reload``
+then another save, or an edit before the first parallel run), the workers ran
+``v3`` where the notebook's serial map ran ``v2``, and no line said so: the
+only baseline was a stat taken at the module's first parallel run, already
+after the second save. And a reload of ``m1`` (which does ``from m2 import
+g``) before one of ``m2`` leaves the notebook's ``m1.g`` old; workers
+reloading in ``sys.modules`` order (``m2`` first) gave the new one.
+
+So ``import mpmagic`` puts a finder at the front of ``sys.meta_path`` (the
+notebook only: ``worker.main`` takes it out of workers). It finds nothing
+itself: it asks the finders after it, returns their spec unchanged (so no
+finder runs twice), and for a spec of a ``.py`` file notes the file's
+``(mtime_ns, size)`` and a load number. ``importlib.reload`` (and
+``%autoreload``) goes through ``sys.meta_path`` too, and the module's new
+``__spec__`` is that spec, so :func:`loaded` tells whether the record is of
+the load the notebook runs. Cost: a stat per ``.py`` module imported.
+Modules imported before mpmagic have no record (warmup.py falls back on a
+stat at their first parallel run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from typing import Any
+
+# module name -> (the spec found for its latest load, its file's (mtime_ns, size) then, load number)
+_loads: dict[str, tuple[Any, tuple[int, int], int]] = {}
+_numbers = itertools.count(1)
+
+
+class _LoadStamps:
+    """A ``sys.meta_path`` finder that notes the file of each spec the finders after it find."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        """The spec the next finders find for ``name`` (None if none), noting its file."""
+        meta_path = sys.meta_path
+        try:
+            rest = meta_path[meta_path.index(self) + 1:]
+        except ValueError:  # taken out meanwhile
+            return None
+        for finder in rest:
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            spec = find(name, path, target)
+            if spec is None:
+                continue
+            origin = getattr(spec, "origin", None)
+            if isinstance(origin, str) and origin.endswith(".py"):
+                try:
+                    st = os.stat(origin)
+                except OSError:
+                    pass
+                else:
+                    _loads[name] = (spec, (st.st_mtime_ns, st.st_size), next(_numbers))
+            return spec
+        return None
+
+
+_FINDER = _LoadStamps()
+
+
+def install() -> None:
+    """Put the finder first in ``sys.meta_path`` (once; the notebook's ``import mpmagic``)."""
+    if not any(isinstance(f, _LoadStamps) for f in sys.meta_path):
+        sys.meta_path.insert(0, _FINDER)
+
+
+def uninstall() -> None:
+    """Take it out (a worker: it reloads what the notebook says, and keeps no record)."""
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _LoadStamps)]
+
+
+def loaded(name: str, module: Any) -> tuple[tuple[int, int], int] | None:
+    """``((mtime_ns, size), load number)`` of the file when the notebook loaded the
+    ``module`` it has now as ``name``; None if not known (imported before mpmagic)."""
+    record = _loads.get(name)
+    if record is None or record[0] is not getattr(module, "__spec__", None):
+        return None
+    return record[1], record[2]
