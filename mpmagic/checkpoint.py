@@ -30,11 +30,12 @@ stream's order). A ``%%parallel`` cell's is :class:`CellCheckpoint`.
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import logging
 import os
-import queue
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -51,7 +52,7 @@ from .checkpoint_keys import (
     run_key,
     unstable_reason,
 )
-from .checkpoint_store import RunInfo, Store, pack
+from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes, func_name
 from .jobs import Failed, read_into, reused_object
@@ -60,6 +61,11 @@ log = logging.getLogger("mpmagic")
 
 DEFAULT_DIR = ".mpmagic"
 DEFAULT_MAX_BYTES = 10 * 1024**3
+# The writer's bounds (see _Writer): bytes of chunks per transaction, and
+# queued before put waits. A kill loses at most the chunks in flight, those
+# queued and one transaction.
+_BATCH_BYTES = 16 << 20
+_QUEUE_BYTES = 64 << 20
 # Items keyed and looked up per batch when the input is lazy (a generator):
 # large enough that a query costs little per item, small enough that the
 # first chunk goes out at once.
@@ -114,6 +120,13 @@ def _open(path: Path) -> Store:
     return store
 
 
+def _readonly_note(store: Store) -> None:
+    """Say once per run that a store this user may only read is used but not added to."""
+    if store.readonly:
+        _warn(f"mpmagic: the checkpoint store in {store.dir} is read-only for this user: stored results "
+              "are used, but what this run computes is not stored")
+
+
 def _why(path: Path, exc: BaseException) -> str:
     """Why the store in ``path`` cannot be opened, in the user's words."""
     if path.exists() and not path.is_dir():  # FileExistsError says only "File exists"
@@ -139,23 +152,35 @@ class _Writer:
     in the local pool's manager loop (where ``on_chunk`` ran then) made the run
     40% slower (a commit is 0.5-2 ms on a busy disk, and the workers waited
     for their next chunk); from this thread, a few percent. Chunks that queue up while a commit runs
-    go in the next transaction together, each as its own row (whole or absent).
+    go in the next transaction together, each as its own row (whole or absent),
+    up to ``_BATCH_BYTES`` per transaction.
+
+    What a ``kill -9`` loses is what is queued and the transaction being
+    written, so both are bounded: a transaction holds at most ``_BATCH_BYTES``
+    (or one chunk), and ``put`` waits while more than ``_QUEUE_BYTES`` are
+    queued (large results that arrive faster than the disk takes them: 8 MB
+    arrays at 40 MB/s had 56 items in the notebook and 12 in the store when
+    the batch was unbounded; the queue held a copy of each, too).
     """
 
     def __init__(self, store: Store | None, run: bytes, name: str) -> None:
         self.store, self.run, self.name = store, run, name
         self.bytes = 0
         self.error: BaseException | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0  # bytes in _queue
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False  # finish() ran: a later put would start a thread nobody joins
         self._state = threading.Lock()  # put (the thread accepting chunks) against finish (the pump)
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
-        """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now."""
-        if self.store is None or not pairs or self.error is not None:
+        """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now
+        (waiting first while the queue holds more than ``_QUEUE_BYTES``)."""
+        if self.store is None or self.store.readonly or not pairs or self.error is not None:
             return
         packed = pack(pairs)  # before the caller gets the objects back
+        size = _packed_bytes(packed)
         with self._state:
             if self._closed:  # a chunk accepted after the run was settled (a cancelled run's straggler)
                 log.debug("mpmagic: checkpoint: %d results came after the run ended; not stored", len(pairs))
@@ -163,26 +188,44 @@ class _Writer:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="mpmagic-checkpoint")
                 self._thread.start()
-            self._queue.put(packed)
+        with self._cond:
+            while self._queued > _QUEUE_BYTES and self._queue and self.error is None:
+                self._cond.wait(1.0)
+            self._queue.append((packed, size))
+            self._queued += size
+            self._cond.notify_all()
+
+    def _take(self) -> tuple[list[Packed], bool]:
+        """The next transaction's chunks (at least one, at most ``_BATCH_BYTES`` unless one
+        chunk is more), and whether finish() asked to stop after them."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            chunks: list[Packed] = []
+            batch = 0
+            while self._queue and (not chunks or batch + self._queue[0][1] <= _BATCH_BYTES):
+                packed, size = self._queue.popleft()
+                self._queued -= size
+                if packed is None:
+                    self._cond.notify_all()
+                    return chunks, True
+                chunks.append(packed)
+                batch += size
+            self._cond.notify_all()
+            return chunks, False
 
     def _run(self) -> None:
         done = False
         while not done:
-            chunks = [self._queue.get()]
-            while True:  # whatever else is waiting goes in the same transaction
-                try:
-                    chunks.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            if chunks[-1] is None:
-                done = True
-                chunks.pop()
+            chunks, done = self._take()
             if self.error is not None or not chunks or self.store is None:
                 continue
             try:
                 self.bytes += self.store.put_packed(self.run, self.name, chunks)
             except Exception as exc:
                 self.error = exc  # reported by finish(), in the notebook's thread
+                with self._cond:
+                    self._cond.notify_all()  # a put waiting for room: nothing more is stored
 
     def finish(self, warn: Callable[[str], None] = _warn) -> None:
         """Wait until every queued chunk is stored; warn if storing failed; apply the size cap.
@@ -193,10 +236,12 @@ class _Writer:
             self._closed = True
             thread, self._thread = self._thread, None
             if thread is not None:
-                self._queue.put(None)  # after every chunk put before it
+                with self._cond:  # after every chunk put before it
+                    self._queue.append((None, 0))
+                    self._cond.notify_all()
         if thread is not None:
             thread.join()
-        if self.store is None:
+        if self.store is None or self.store.readonly:
             return
         if self.error is not None:
             warn(f"mpmagic: could not write to the checkpoint store {self.store.path} "
@@ -209,6 +254,13 @@ class _Writer:
             return
         if gone:
             log.info("mpmagic: checkpoint store over its cap: evicted %s", ", ".join(gone))
+
+
+def _packed_bytes(packed: Packed) -> int:
+    """The bytes a queued chunk holds (its pickle, or its results' pickles and buffers)."""
+    if packed.data is not None:
+        return len(packed.data)
+    return sum(len(inband) + sum(len(r) for r in raws) for _, inband, raws in packed.items)
 
 
 def _load(store: Store | None, run: bytes, keys: list[bytes]) -> dict[bytes, Any]:
@@ -339,6 +391,7 @@ class MapCheckpoint:
         self.store = open_store(location)
         if self.store is None:  # (it warned) a plain run then: its report claims no checkpoint
             raise ValueError(f"no checkpoint store for {self.name}")
+        _readonly_note(self.store)
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what `{self.name}` captures {why}; a new kernel will compute its items "
                   "again. Capture a sorted tuple instead, or fix PYTHONHASHSEED")
@@ -775,6 +828,7 @@ class CellCheckpoint:
         self.store = open_store(location)
         if self.store is None:  # (it warned) the cell runs as a plain one
             raise ValueError("no checkpoint store for the cell")
+        _readonly_note(self.store)
         if (why := unstable_reason(run_pickle)) is not None:
             _warn(f"mpmagic: --checkpoint: what the cell reads {why}; a new kernel will run it again")
         self.rank_keys = [item_key(f"rank {r}")[0] for r in range(size)]
@@ -919,16 +973,19 @@ class Checkpoints(list):
     """What ``%pool checkpoints`` shows: one row per stored run."""
 
     folder: str = ""
+    readonly: bool = False
 
     def __repr__(self) -> str:
+        note = " (read-only for this user: used by runs, nothing new is stored)" if self.readonly else ""
         if not self:
-            return f"no checkpoints in {self.folder}"
-        head = f"checkpoints in {self.folder}:"
-        rows = [("function", "items", "size", "last used")]
+            return f"no checkpoints in {self.folder}{note}"
+        head = f"checkpoints in {self.folder}{note}:"
+        # "key": the run key's start, telling apart runs of one name (other code, captures or defaults)
+        rows = [("function", "key", "items", "size", "last used")]
         for r in self:
             used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r.used))
-            rows.append((r.name, f"{r.items:,}", fmt_bytes(r.size), used))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+            rows.append((r.name, r.key.hex()[:8], f"{r.items:,}", fmt_bytes(r.size), used))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         return "\n".join([head, *("  " + line for line in lines)])
 
@@ -957,8 +1014,15 @@ def manage(action: str | None, name: str | None = None) -> Any:
     if action in (None, "list"):
         out = Checkpoints(store.runs())
         out.folder = os.fspath(folder)
+        out.readonly = store.readonly
         return out
-    n = store.clear(name)  # (clear)
+    if store.readonly:
+        raise MPMagicError(f"%pool checkpoints clear: the checkpoint store in {folder} is read-only for this "
+                           "user: nothing was deleted")
+    try:
+        n = store.clear(name)
+    except (CheckpointError, sqlite3.Error, OSError) as exc:
+        raise MPMagicError(f"%pool checkpoints clear: {exc}") from None
     what = f"named {name!r} " if name else ""
     print(f"deleted {n} checkpointed run{'s' if n != 1 else ''} {what}from {folder}")
     return None

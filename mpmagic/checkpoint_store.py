@@ -14,7 +14,10 @@ Why it survives a ``kill -9`` at any moment:
   the OS's hands once written); only a power cut can lose the last commits.
 * A large result is written to a temporary file, fsynced, renamed into place,
   and only then named by a row. A crash leaves at worst an unreferenced file
-  (removed by ``clear``), never a row whose file is missing or half written.
+  (removed by ``clear``, or when the store is next opened: ``_clean_orphans``),
+  never a row whose file is missing or half written.
+* A folder this user may only read is opened read-only (``readonly``): its
+  results are read, nothing is written.
 * Every chunk and file carries an 8-byte BLAKE2 digest, checked when it is
   read: a damaged value is computed again, never returned.
 
@@ -70,6 +73,12 @@ LARGE = 1 << 20
 # Keys per "IN (...)" query: under SQLite's oldest variable limit (999).
 _BATCH = 900
 _BLOB_MAGIC = b"MPMCKPT1"
+_SHRINK = 8 << 20  # free pages past this are given back to the disk after a delete
+_TMP = ".tmp-"  # a file being written (renamed into place when whole)
+# Files no row names (a kernel killed between a file's rename and its row's
+# commit, or during its write) older than this are deleted when a store is
+# opened; younger ones may be another kernel's, whose row is on its way.
+_ORPHAN_AGE = 600.0
 
 # chunks: ``keys`` is the items' 16-byte keys end to end (before ``data`` so a
 # scan of the keys never reads the results' pages); ``data`` pickles the list
@@ -299,6 +308,17 @@ def _user_frame() -> FrameType | None:
 _DAMAGE_CODES = {11, 26}
 
 
+# SQLITE_READONLY ("attempt to write a readonly database") and SQLITE_CANTOPEN
+# (the -wal or -shm file cannot be made in a folder this user may only read).
+_READONLY_CODES = {8, 14}
+
+
+def _is_readonly(exc: sqlite3.DatabaseError) -> bool:
+    """Is ``exc`` SQLite saying this user may not write the store (or its folder)?"""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _READONLY_CODES
+
+
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
     """Is ``exc`` damage of the file itself (and not a full disk, an I/O error,
     a read-only file or a lock, which say nothing about the store)?"""
@@ -317,15 +337,40 @@ class Store:
         self.path = self.dir / DB_NAME
         self.blobs = self.dir / BLOBS
         self._lock = threading.RLock()
+        # Opened read-only (a folder or file this user may only read): stored
+        # results are used, nothing is written (``MapCheckpoint`` says so once).
+        self.readonly = False
         self.conn = self._open()
+        if not self.readonly:
+            self._clean_orphans()
 
     # -- opening -------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout = 60000")
+        # Before the first table, or it has no effect: deleted rows' pages can then
+        # be given back to the disk (``_shrink``) without rewriting the whole file.
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")
         return conn
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """The store opened for reading only (``mode=ro``; ``immutable=1`` when the WAL's
+        shared-memory file cannot be made in a folder this user may only read)."""
+        uri = self.path.resolve().as_uri()
+        error: sqlite3.Error | None = None
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            conn = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=60, isolation_level=None,
+                                   check_same_thread=False)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.Error as exc:
+                conn.close()
+                error = error or exc
+        assert error is not None
+        raise error
 
     def _open(self) -> sqlite3.Connection:
         conn = None
@@ -335,6 +380,15 @@ class Store:
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
+            if _is_readonly(exc) and self.path.is_file():  # another user's store: read what it has
+                conn = self._connect_readonly()
+                self.readonly = True
+                problem = self._check(conn)
+                if problem is not None:
+                    conn.close()
+                    raise CheckpointError(f"{self.path} is not a usable checkpoint store ({problem}) "
+                                          "and this user may not write to it") from None
+                return conn
             if not _is_damage(exc):  # disk full, I/O error, read-only, locked: the store is not to blame
                 raise
             conn, problem = None, f"it cannot be read ({exc})"
@@ -356,6 +410,8 @@ class Store:
     def _check(self, conn: sqlite3.Connection) -> str | None:
         """None if ``conn`` is (or has just become) our store; else what is wrong."""
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables and self.readonly:
+            return "it is empty"
         if not tables:  # new: make it ours (IF NOT EXISTS: another kernel may be doing the same)
             try:
                 conn.executescript(
@@ -390,6 +446,34 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self.conn.close()
+
+    def _clean_orphans(self) -> None:
+        """Delete files in ``blobs/`` no row names (older than ``_ORPHAN_AGE``): what a
+        killed kernel left between writing a result's file and committing its row."""
+        try:
+            names = os.listdir(self.blobs)
+        except OSError:
+            return
+        old = time.time() - _ORPHAN_AGE
+        by_run: dict[str, list[str]] = {}
+        try:
+            for name in names:
+                path = self.blobs / name
+                if os.stat(path).st_mtime > old:
+                    continue
+                if name.startswith(_TMP):
+                    path.unlink(missing_ok=True)
+                elif name.endswith(".bin") and "-" in name:
+                    by_run.setdefault(name.split("-", 1)[0], []).append(name)
+            for run_hex, files in by_run.items():
+                with self._lock:
+                    blobs = self.conn.execute("SELECT keys FROM chunks WHERE run=?", (bytes.fromhex(run_hex),))
+                    held = {b[i : i + _KEY].hex() for (b,) in blobs for i in range(0, len(b), _KEY)}
+                for name in files:
+                    if name[len(run_hex) + 1 : -4] not in held:
+                        (self.blobs / name).unlink(missing_ok=True)
+        except (OSError, ValueError, sqlite3.Error) as exc:  # a cache's housekeeping: never a reason to fail
+            log.debug("checkpoint: could not clean %s: %s", self.blobs, exc)
 
     # -- reading -------------------------------------------------------------
     def load(self, run: bytes, keys: Iterable[bytes]) -> dict[bytes, Any]:
@@ -553,7 +637,7 @@ class Store:
         parts: list = [head, inband, *raws]
         digest = _digest(*parts)
         name = f"{run.hex()}-{key.hex()}.bin"
-        tmp = self.blobs / f".tmp-{uuid.uuid4().hex}"
+        tmp = self.blobs / f"{_TMP}{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             parts = [_BLOB_MAGIC, *parts]
@@ -575,31 +659,94 @@ class Store:
 
     # -- managing --------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
-        """Stored runs, most recently used first."""
+        """Stored runs, most recently used first; ``items`` counts distinct items (two
+        kernels running the same call at once may both store an item)."""
         with self._lock:
             rows = self.conn.execute(
-                "SELECT r.name, coalesce(sum(c.n), 0), coalesce(sum(c.size), 0), r.used, r.run "
+                "SELECT r.name, coalesce(sum(c.size), 0), r.used, r.run "
                 "FROM runs r LEFT JOIN chunks c ON c.run = r.run GROUP BY r.run ORDER BY r.used DESC"
             ).fetchall()
-        return [RunInfo(*row) for row in rows]
+            items: dict[bytes, set[bytes]] = {}
+            for run, blob in self.conn.execute("SELECT run, keys FROM chunks"):
+                items.setdefault(run, set()).update(blob[i : i + _KEY] for i in range(0, len(blob), _KEY))
+        return [RunInfo(name, len(items.get(run, ())), size, used, run) for name, size, used, run in rows]
 
     def total_bytes(self) -> int:
         with self._lock:
             return self.conn.execute("SELECT coalesce(sum(size), 0) FROM chunks").fetchone()[0]
 
-    def delete(self, runs: Iterable[bytes]) -> int:
-        """Delete these runs and their files; returns how many runs were deleted."""
+    def delete(self, runs: Iterable[bytes], shrink: bool = True) -> int:
+        """Delete these runs and their files; returns how many runs were deleted.
+
+        Then gives the freed space back to the disk when it is much (``_shrink``).
+        On a full disk (deleting rows writes to the WAL first) the runs' files
+        are deleted first, to make room, and the rows after them; if that is
+        still not enough, raises :class:`CheckpointError` saying what to do.
+        """
+        runs = list(runs)
         n = 0
         for run in runs:
-            with self._lock:
-                with self.conn:
-                    self.conn.execute("DELETE FROM chunks WHERE run=?", (run,))
-                    n += self.conn.execute("DELETE FROM runs WHERE run=?", (run,)).rowcount
+            try:
+                n += self._delete_rows(run)
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", None) != 13:  # SQLITE_FULL
+                    raise
+                self._delete_files(run)  # (rows without files: a load counts them unreadable, never wrong)
+                try:
+                    n += self._delete_rows(run)
+                except sqlite3.OperationalError:
+                    raise CheckpointError(f"the disk holding {self.path} is full, so its rows cannot be deleted; "
+                                          f"free some space, or delete the folder {self.dir}") from None
             # After the commit: a crash in between leaves files, never rows without them.
-            if self.blobs.is_dir():
-                for f in self.blobs.glob(f"{run.hex()}-*.bin"):
-                    f.unlink(missing_ok=True)
+            self._delete_files(run)
+        if runs and shrink:
+            self._shrink()
         return n
+
+    def _delete_rows(self, run: bytes) -> int:
+        with self._lock:
+            with self.conn:
+                self.conn.execute("DELETE FROM chunks WHERE run=?", (run,))
+                return self.conn.execute("DELETE FROM runs WHERE run=?", (run,)).rowcount
+
+    def _delete_files(self, run: bytes) -> None:
+        if self.blobs.is_dir():
+            for f in self.blobs.glob(f"{run.hex()}-*.bin"):
+                f.unlink(missing_ok=True)
+
+    def _shrink(self) -> None:
+        """Give free pages back to the disk when they are over ``_SHRINK`` bytes (or a
+        quarter of the file, and over 1 MB).
+
+        Deleted rows leave free pages in the file, reused by later rows but
+        never returned: a store that held 300 MB kept that size after
+        ``clear`` or eviction. New stores have ``auto_vacuum = INCREMENTAL``, so
+        this moves only the pages at the end; an older store is rewritten once
+        by ``VACUUM`` (which makes it incremental too). Then the WAL is
+        truncated. Never raises: another kernel reading the store only delays it.
+        """
+        with self._lock:
+            conn = self.conn
+            try:
+                free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                pages = conn.execute("PRAGMA page_count").fetchone()[0]
+                if free * page < 1 << 20 or (free * page < _SHRINK and free * 4 < pages):
+                    return
+                conn.execute("PRAGMA busy_timeout = 2000")  # a busy store: next time
+                # (executescript: it steps each statement to its end; execute frees one page)
+                if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
+                    conn.executescript("PRAGMA incremental_vacuum;")
+                else:
+                    conn.executescript("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            except sqlite3.Error as exc:
+                log.debug("checkpoint: could not shrink %s: %s", self.path, exc)
+            finally:
+                try:
+                    conn.execute("PRAGMA busy_timeout = 60000")
+                except sqlite3.Error:
+                    pass
 
     def clear(self, name: str | None = None) -> int:
         """Delete the runs named ``name`` (every run if None); returns how many."""
@@ -629,7 +776,9 @@ class Store:
                 break
             if r.key in kept:
                 continue
-            self.delete([r.key])
+            self.delete([r.key], shrink=False)
             total -= r.size
             gone.append(r.name)
+        if gone:
+            self._shrink()
         return gone

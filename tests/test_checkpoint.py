@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import warnings
 from pathlib import Path
 
@@ -769,3 +770,145 @@ def test_parallel_checkpoint_traceback_names_the_notebook_cell(ip, store_dir, ca
         text = shown.out + shown.err
         assert f"[rank 1] Cell In[{result.execution_count}], line 3" in text, (flag, text)
         assert "parallel-cell" not in text, (flag, text)
+
+
+# --------------------------------------------------------------------------
+# bounded writes, read-only stores, full disks, disk space given back
+
+
+def test_the_writer_commits_in_bounded_batches_and_put_waits_for_room(monkeypatch):
+    # A kill loses what is queued plus one transaction: both must stay bounded when
+    # results come faster than the disk takes them (before: one batch of everything).
+    monkeypatch.setattr(checkpoint, "_BATCH_BYTES", 3000)
+    monkeypatch.setattr(checkpoint, "_QUEUE_BYTES", 5000)
+    gate, batches = threading.Event(), []
+
+    class SlowStore:
+        readonly = False
+
+        def put_packed(self, run, name, chunks):
+            gate.wait(10)
+            batches.append(len(chunks))
+            return 0
+
+        def evict(self, max_bytes, keep=None):
+            return []
+
+    writer = checkpoint._Writer(SlowStore(), b"r" * 16, "f")
+    putter = threading.Thread(target=lambda: [writer.put([(bytes([i]) * 16, bytes(1000))]) for i in range(20)])
+    putter.start()
+    putter.join(0.5)
+    assert putter.is_alive()  # put waits for room
+    assert writer._queued <= 5000 + 1100
+    gate.set()
+    putter.join(10)
+    writer.finish()
+    assert sum(batches) == 20 and max(batches) <= 3, batches
+
+
+def test_files_a_killed_write_left_are_removed_when_the_store_is_opened(tmp_path):
+    np = pytest.importorskip("numpy")
+    store = Store(tmp_path)
+    run_key_, held = b"r" * 16, b"k" * 16
+    store.put(run_key_, "f", [(held, np.arange(200_000.0))])
+    store.close()
+    blobs = tmp_path / "blobs"
+    old_tmp, old_orphan = blobs / ".tmp-deadbeef", blobs / f"{run_key_.hex()}-{(b'o' * 16).hex()}.bin"
+    young_orphan = blobs / f"{run_key_.hex()}-{(b'y' * 16).hex()}.bin"  # maybe another kernel's, row on its way
+    for f in (old_tmp, old_orphan, young_orphan):
+        f.write_bytes(b"left by a kill")
+    for f in (old_tmp, old_orphan, *blobs.glob(f"*{held.hex()}.bin")):
+        os.utime(f, (1, 1))
+    store = Store(tmp_path)
+    assert not old_tmp.exists() and not old_orphan.exists() and young_orphan.exists()
+    assert len(store.load(run_key_, [held])) == 1  # the file a row names stays
+    store.close()
+
+
+_READONLY_SCRIPT = textwrap.dedent("""
+    import os, sys, warnings
+    from mpmagic import checkpoint
+    from mpmagic.checkpoint_store import Store
+    store = Store(sys.argv[1])
+    print(store.readonly, store.load(b"r" * 16, [b"k" * 16]))
+    os.chdir(os.path.dirname(sys.argv[1]))
+    print(repr(checkpoint.manage(None)).splitlines()[0])
+    try:
+        checkpoint.manage("clear")
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+""")
+
+
+def test_a_store_in_a_folder_this_user_may_only_read_is_read(tmp_path):
+    folder = tmp_path / ".mpmagic"
+    store = Store(folder)
+    store.put(b"r" * 16, "f", [(b"k" * 16, "stored")])
+    store.close()
+    prefix = []
+    if os.geteuid() == 0:  # root ignores file modes unless it drops these capabilities
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"]
+    os.chmod(folder / DB_NAME, 0o444)
+    os.chmod(folder, 0o555)
+    try:
+        out = subprocess.run([*prefix, sys.executable, "-c", _READONLY_SCRIPT, str(folder)], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    finally:
+        os.chmod(folder, 0o755)
+    lines = out.stdout.splitlines()
+    assert lines[0] == "True {b'kkkkkkkkkkkkkkkk': 'stored'}", out.stdout + out.stderr
+    assert "read-only for this user" in lines[1]
+    assert lines[2].startswith("MPMagicError") and "read-only" in lines[2] and len(lines) == 3
+
+
+def test_clear_on_a_full_disk_deletes_the_files_first_and_else_says_so_in_one_line(ip, store_dir, monkeypatch):
+    np = pytest.importorskip("numpy")
+    store = checkpoint.open_store()
+    store.put(b"r" * 16, "big", [(b"k" * 16, np.arange(200_000.0))])
+    real, tries = Store._delete_rows, []
+
+    def full_once(self, run_):
+        tries.append(sorted(p.name for p in self.blobs.iterdir()))
+        if len(tries) == 1:
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = 13
+            raise exc
+        return real(self, run_)
+
+    monkeypatch.setattr(Store, "_delete_rows", full_once)
+    run(ip, "%pool checkpoints clear big")
+    assert tries[1] == [] and checkpoint.list_runs() == []  # the files went first, to make room
+    store.put(b"r" * 16, "big", [(b"k" * 16, 1)])
+
+    def full(self, run_):
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = 13
+        raise exc
+
+    monkeypatch.setattr(Store, "_delete_rows", full)
+    with pytest.raises(mpmagic.MPMagicError, match="is full.*free some space"):
+        checkpoint.manage("clear", "big")
+
+
+def test_clear_and_eviction_give_the_space_back_to_the_disk(tmp_path):
+    store = Store(tmp_path)
+    for i in range(4):
+        store.put(bytes([i]) * 16, f"f{i}", [(b"k" * 16, os.urandom(4 << 20))])
+    size = (tmp_path / DB_NAME).stat().st_size
+    assert size > 16 << 20
+    store.evict(1, keep=b"\x03" * 16)
+    store.clear()
+    store.close()
+    assert (tmp_path / DB_NAME).stat().st_size < 1 << 20
+
+
+def test_the_listing_counts_distinct_items_and_tells_runs_of_one_name_apart(tmp_path):
+    store = Store(tmp_path)
+    for _ in range(2):  # two kernels that ran the same call at once
+        store.put(b"a" * 16, "work", [(bytes([i]) * 16, i) for i in range(3)])
+    store.put(b"b" * 16, "work", [(b"k" * 16, 1)])
+    runs = store.runs()
+    assert sorted(r.items for r in runs) == [1, 3]
+    listing = checkpoint.Checkpoints(runs)
+    assert (b"a" * 4).hex() in repr(listing) and (b"b" * 4).hex() in repr(listing)
+    store.close()
