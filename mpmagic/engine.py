@@ -253,3 +253,5 @@ def sigint_deferred() -> Iterator[None]:
         _signal.signal(signal.SIGINT, old)
         if hits and callable(old):
             old(signal.SIGINT, None)
+        elif hits and old == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)

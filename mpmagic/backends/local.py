@@ -224,7 +224,7 @@ def _sigint_blocked_while_starting(tracker: bool = False) -> Iterator[None]:
     unblocks it (``worker.main``; forkserver children: ``forkserver_preload``).
 
     From the main thread the notebook's handler is also swapped for one that
-    only notes the signal (another thread takes it while this one blocks it,
+    only notes the signal (``engine.sigint_deferred``; another thread takes it while this one blocks it,
     and Python runs handlers in the main thread: a KeyboardInterrupt there
     would cut ``Process.start`` in half). Once the workers are started the
     handler is back and a noted SIGINT is handed to it: the interrupt stops
@@ -237,40 +237,17 @@ def _sigint_blocked_while_starting(tracker: bool = False) -> Iterator[None]:
     started next could be killed by an interrupt while it imported ``site``.
     """
     blocking = hasattr(signal, "pthread_sigmask")
-
-    def tracker_first() -> None:
-        if tracker:
-            compat.start_resource_tracker()
-            if blocking:
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-    if threading.current_thread() is not threading.main_thread():
+    with sigint_deferred():  # (the main thread's handler notes a SIGINT meanwhile; nothing elsewhere)
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
         try:
-            tracker_first()
+            if tracker:
+                compat.start_resource_tracker()
+                if blocking:
+                    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             yield
         finally:
             if mask is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return
-    hits: list[int] = []
-    old = signal.getsignal(signal.SIGINT)
-    swapped = old is not None  # (None: a handler installed from C, which could not be put back)
-    if swapped:
-        signal.signal(signal.SIGINT, lambda signum, frame: hits.append(signum))
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
-    try:
-        tracker_first()
-        yield
-    finally:
-        if swapped:
-            signal.signal(signal.SIGINT, old)
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (a SIGINT still pending goes to ``old`` now)
-        if hits and callable(old):
-            old(signal.SIGINT, None)
-        elif hits and old == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # (a pending SIGINT is noted now)
 
 
 _live_backends: weakref.WeakSet = weakref.WeakSet()
