@@ -222,7 +222,9 @@ def _tracker_function(which: str) -> Callable[..., None] | None:
     fn = getattr(_module("multiprocessing.resource_tracker"), which, None)
     if fn is None and which not in _warned:
         _warned.add(which)
-        log.info("multiprocessing.resource_tracker.%s is missing in %s: names are not tracked", which, _PYTHON)
+        what = ("workers may start before it, with SIGINT unblocked" if which == "ensure_running"
+                else "names are not tracked")
+        log.info("multiprocessing.resource_tracker.%s is missing in %s: %s", which, _PYTHON, what)
     return fn
 
 
@@ -256,7 +258,9 @@ def children_start_in(path: str) -> Iterator[None]:
     spawn = _module("multiprocessing.spawn")
     real = getattr(spawn, "os", None)
     if real is not os:
-        log.info("mpmagic: multiprocessing.spawn has no os global here: workers start in the notebook's directory")
+        if "spawn.os" not in _warned:
+            _warned.add("spawn.os")
+            log.info("mpmagic: multiprocessing.spawn has no os global here: workers start in the notebook's directory")
         yield
         return
     spawn.os = _OsStartingIn(path)
@@ -264,6 +268,9 @@ def children_start_in(path: str) -> Iterator[None]:
         yield
     finally:
         spawn.os = real
+
+
+# --------------------------------------------------------------------------
 # multiprocessing's list of child processes
 
 

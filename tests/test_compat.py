@@ -117,6 +117,28 @@ def test_the_resource_tracker_missing_is_not_an_error(monkeypatch, caplog) -> No
     assert "resource_tracker.register is missing" in caplog.text
 
 
+def test_without_ensure_running_or_spawns_os_global_workers_start_as_multiprocessing_starts_them(
+        monkeypatch, caplog, tmp_path) -> None:
+    import multiprocessing.resource_tracker as tracker
+    import multiprocessing.spawn as spawn
+
+    monkeypatch.delattr(tracker, "ensure_running")
+    monkeypatch.setattr(compat, "_warned", set())
+    with caplog.at_level("INFO", logger="mpmagic"):
+        compat.start_resource_tracker()  # nothing to start first: no error
+    assert "resource_tracker.ensure_running is missing" in caplog.text and "SIGINT" in caplog.text
+
+    with compat.children_start_in(str(tmp_path)):  # the global is swapped while in it
+        assert spawn.os.getcwd() == str(tmp_path) and spawn.os.path is os.path
+    assert spawn.os is os
+    monkeypatch.setattr(spawn, "os", types.ModuleType("os"))  # another multiprocessing: left alone, said once
+    with caplog.at_level("INFO", logger="mpmagic"):
+        for _ in range(2):
+            with compat.children_start_in(str(tmp_path)):
+                pass
+    assert caplog.text.count("multiprocessing.spawn has no os global") == 1
+
+
 def test_stopping_the_helper_processes_stops_each_and_skips_a_missing_one(monkeypatch, caplog) -> None:
     import multiprocessing.forkserver as forkserver
     import multiprocessing.resource_tracker as tracker
