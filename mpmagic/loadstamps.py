@@ -53,17 +53,24 @@ class _LoadStamps:
                 continue
             origin = getattr(spec, "origin", None)
             if isinstance(origin, str) and origin.endswith(".py"):
-                try:
-                    st = os.stat(origin)
-                except OSError:
-                    pass
-                else:
-                    _loads[name] = (spec, (st.st_mtime_ns, st.st_size), next(_numbers))
+                at_load = stamp(origin)
+                if at_load is not None:
+                    _loads[name] = (spec, at_load, next(_numbers))
             return spec
         return None
 
 
 _FINDER = _LoadStamps()
+
+
+def stamp(path: Any) -> tuple[int, int] | None:
+    """A source file's ``(mtime_ns, size)``: what tells one version of it from
+    another here (None when it cannot be read: no file, a module without one)."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def install() -> None:

@@ -424,11 +424,7 @@ _said: set[Any] = set()  # the one-line notices already shown (what, [pool,] mod
 
 
 def _file_stamp(module: Any) -> tuple[int, int] | None:
-    try:
-        st = os.stat(module.__file__)
-    except (OSError, TypeError, AttributeError):
-        return None
-    return st.st_mtime_ns, st.st_size
+    return loadstamps.stamp(getattr(module, "__file__", None))
 
 
 def edited_modules(names: list[str]) -> list[str]:
@@ -494,6 +490,7 @@ class Warmth:
         self._keys: set[Any] = set()  # function payload keys already scanned
         self._user: dict[Any, list[str]] = {}  # function payload key -> the user's modules it uses
         self._specs: dict[str, Any] = {}  # user module -> its __spec__ when the workers were last told of it
+        self._told: set[tuple[str, ...]] = set()  # the reloads this pool's workers were said to do
         self._reloads: list[str] = []  # user modules to reload, in the order the notebook's reloads were found
         self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
         self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
@@ -591,8 +588,10 @@ class Warmth:
             reloaded.sort(key=lambda n: (loadstamps.loaded(n, sys.modules.get(n)) or ((0, 0), 0))[1])
             with self._lock:
                 self._reloads.extend(reloaded)
-            _say_once(("reloaded", id(self), tuple(reloaded)), f"mpmagic: workers reload {', '.join(reloaded)} "
-                      f"(reloaded in the notebook since they imported {'it' if len(reloaded) == 1 else 'them'})")
+            if tuple(reloaded) not in self._told:  # (once per pool: a per-pool set, not a key by id())
+                self._told.add(tuple(reloaded))
+                sys.stderr.write(f"mpmagic: workers reload {', '.join(reloaded)} (reloaded in the notebook since "
+                                 f"they imported {'it' if len(reloaded) == 1 else 'them'})\n")
         if func is None:
             self._say_edited(reloaded)
             return bool(reloaded)
