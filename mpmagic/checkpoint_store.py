@@ -75,6 +75,7 @@ _BATCH = 900
 _BLOB_MAGIC = b"MPMCKPT1"
 _SHRINK = 8 << 20  # free pages past this are given back to the disk after a delete
 _TMP = ".tmp-"  # a file being written (renamed into place when whole)
+_BUSY_WAIT = 60  # seconds a connection waits for another kernel's write to the store
 # Files no row names (a kernel killed between a file's rename and its row's
 # commit, or during its write) older than this are deleted when a store is
 # opened; younger ones may be another kernel's, whose row is on its way.
@@ -346,8 +347,8 @@ class Store:
 
     # -- opening -------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 60000")
+        conn = sqlite3.connect(self.path, timeout=_BUSY_WAIT, isolation_level=None, check_same_thread=False)
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_WAIT * 1000}")
         # Before the first table, or it has no effect: deleted rows' pages can then
         # be given back to the disk (``_shrink``) without rewriting the whole file.
         conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -361,7 +362,7 @@ class Store:
         uri = self.path.resolve().as_uri()
         error: sqlite3.Error | None = None
         for query in ("mode=ro", "mode=ro&immutable=1"):
-            conn = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=60, isolation_level=None,
+            conn = sqlite3.connect(f"{uri}?{query}", uri=True, timeout=_BUSY_WAIT, isolation_level=None,
                                    check_same_thread=False)
             try:
                 conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
@@ -744,7 +745,7 @@ class Store:
                 log.debug("checkpoint: could not shrink %s: %s", self.path, exc)
             finally:
                 try:
-                    conn.execute("PRAGMA busy_timeout = 60000")
+                    conn.execute(f"PRAGMA busy_timeout = {_BUSY_WAIT * 1000}")
                 except sqlite3.Error:
                     pass
 
