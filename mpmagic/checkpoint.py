@@ -89,7 +89,17 @@ def directory(location: Any = True) -> Path:
     """The checkpoint folder: ``location`` if it is a path, else the configured one."""
     if location is not True and location:
         return Path(location).expanduser()
-    return Path(_setting("checkpoint_dir", "") or Path.cwd() / DEFAULT_DIR).expanduser()
+    configured = _setting("checkpoint_dir", "")
+    if configured:
+        return Path(configured).expanduser()
+    try:
+        return Path.cwd() / DEFAULT_DIR
+    except FileNotFoundError:  # (the default folder is beside the notebook, which has none now)
+        from .errors import UsageError
+
+        raise UsageError("the notebook's working directory no longer exists, so the checkpoint store has no "
+                         f"default folder ({DEFAULT_DIR}/ beside the notebook): os.chdir to the notebook's folder, "
+                         "or %config MPMagic.checkpoint_dir = '/some/folder'") from None
 
 
 def max_bytes() -> int | None:
@@ -99,7 +109,13 @@ def max_bytes() -> int | None:
 
 def open_store(location: Any = True) -> Store | None:
     """The store at ``location`` (kept open for this process), or None with a warning."""
-    path = directory(location).resolve()
+    from .errors import UsageError
+
+    try:
+        path = directory(location).resolve()
+    except UsageError as exc:  # no default folder (the notebook's directory was deleted)
+        _warn(f"mpmagic: {exc}; running without a checkpoint")
+        return None
     try:
         return _open(path)
     except Exception as exc:  # a cache must never fail the run

@@ -595,3 +595,20 @@ def test_notebook_directory_deleted_before_the_pool_starts(ip, tmp_path, capsys)
     finally:
         os.chdir(before)
     assert "no longer exists, so tasks run in" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_no_default_folder_runs_without_one_and_says_why(ip, local_pool, tmp_path, monkeypatch):
+    """The default store is .mpmagic/ beside the notebook: with its directory
+    deleted, --checkpoint and %pool checkpoints ended in a bare FileNotFoundError."""
+    from IPython.core.error import UsageError
+
+    monkeypatch.setattr(mpmagic.checkpoint, "_setting", lambda name, default: default)  # no checkpoint_dir set
+    before = _in_deleted_directory(tmp_path)
+    try:
+        with pytest.warns(RuntimeWarning, match="no default folder .* running without a checkpoint"):
+            assert mpmagic.pmap(abs, [-1, -2], checkpoint=True) == [1, 2]
+        with pytest.raises(UsageError, match="working directory no longer exists, so the checkpoint store"):
+            ip.run_cell("%pool checkpoints").raise_error()
+    finally:
+        os.chdir(before)
+    assert mpmagic.pmap(abs, [-3]) == [3]  # (back in a directory: the next deleted one is said again)
