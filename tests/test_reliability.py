@@ -803,6 +803,15 @@ try:
 except mpmagic.MPMagicError as exc:
     print("ERROR", exc)
 print("AFTER", mpmagic.pmap(plus1, range(4), workers=2))
+mpmagic.stop_pool()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 2, hard))
+try:
+    mpmagic.pmap(plus1, range(4))
+except mpmagic.MPMagicError as exc:
+    print("NONE", exc)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print("BACK", mpmagic.pmap(plus1, range(4)))
 """
 
 
@@ -820,4 +829,7 @@ def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):
     assert len(errors) == 1 and "too many open files: the pool could start only" in errors[0], done.stdout
     assert "raise `ulimit -n` or use fewer workers" in errors[0]
     assert "AFTER [1, 2, 3, 4]" in done.stdout
+    # room for no worker at all: "use fewer workers" would not help (a pool of 1 failed the same way)
+    assert "NONE too many open files: not even one worker of the pool has room to run" in done.stdout, done.stdout
+    assert "use fewer workers" not in done.stdout.split("NONE", 1)[1] and "BACK [1, 2, 3, 4]" in done.stdout
     assert "Traceback" not in done.stderr, done.stderr

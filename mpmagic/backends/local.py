@@ -506,6 +506,12 @@ class LocalBackend:
             # this call (-n 8): no bigger than before.
             fits = pool - 1 if shrink else pool
             self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
+        if could <= 1 and asked is None:  # (the one left is the one that ran out: fewer workers do not help)
+            return MPMagicError(
+                f"too many open files: not even one worker of the pool has room to run (the process may open {_file_limit()} "
+                "files, and has them open): raise `ulimit -n` (or close files the notebook holds), or run it "
+                "serially"
+            )
         return MPMagicError(
             f"too many open files: the pool could start only {could} of {wanted} workers "
             f"(the process may open {_file_limit()} files): raise `ulimit -n` or use fewer workers "
