@@ -724,7 +724,8 @@ class Store:
         ``clear`` or eviction. New stores have ``auto_vacuum = INCREMENTAL``, so
         this moves only the pages at the end; an older store is rewritten once
         by ``VACUUM`` (which makes it incremental too). Then the WAL is
-        truncated. Never raises: another kernel reading the store only delays it.
+        truncated (also when few pages are free: small results live in the
+        WAL until a checkpoint, and a full disk stayed full after ``clear``). Never raises: another kernel reading the store only delays it.
         """
         with self._lock:
             conn = self.conn
@@ -732,9 +733,12 @@ class Store:
                 free = conn.execute("PRAGMA freelist_count").fetchone()[0]
                 page = conn.execute("PRAGMA page_size").fetchone()[0]
                 pages = conn.execute("PRAGMA page_count").fetchone()[0]
-                if free * page < 1 << 20 or (free * page < _SHRINK and free * 4 < pages):
-                    return
                 conn.execute("PRAGMA busy_timeout = 2000")  # a busy store: next time
+                if free * page < 1 << 20 or (free * page < _SHRINK and free * 4 < pages):
+                    # Few free pages, but the WAL may hold a full disk's worth (small
+                    # results live in it until a checkpoint): give that back.
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                    return
                 # (executescript: it steps each statement to its end; execute frees one page)
                 if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
                     conn.executescript("PRAGMA incremental_vacuum;")
