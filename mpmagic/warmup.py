@@ -566,7 +566,7 @@ class Warmth:
             return False
         return self.want(names, mirror=False)
 
-    def check_reloads(self, func: Any, key: Any) -> bool:
+    def check_reloads(self, func: Any, key: Any, follow: bool = True) -> bool:
         """Before a run (of ``func``; None: a cell): queue a reload in every worker of
         the user's modules (any loaded here, not only the function's: its items'
         classes, a helper module, a cell's imports) that the notebook reloaded since
@@ -575,6 +575,9 @@ class Warmth:
         loaded it (a worker that (re)loads it runs the file, not the notebook's code).
         The reloads go out in the order the notebook made them (``m1`` does ``from m2
         import g``: reloading ``m1`` before ``m2`` keeps the old ``g`` in ``m1``).
+
+        ``follow=False`` (Dask, whose workers cannot be told to reload): nothing
+        is queued, and the line says the workers keep the version they imported.
 
         Per call: an identity test per user module loaded here (a new scan of
         ``sys.modules`` only past the modules loaded since the last one), and an
@@ -591,12 +594,19 @@ class Warmth:
                     reloaded.append(name)
         if reloaded:
             reloaded.sort(key=lambda n: (loadstamps.loaded(n, sys.modules.get(n)) or ((0, 0), 0))[1])
-            with self._lock:
-                self._reloads.extend(reloaded)
+            shown = ", ".join(reloaded)
+            if follow:
+                with self._lock:
+                    self._reloads.extend(reloaded)
+                line = (f"mpmagic: workers reload {shown} (reloaded in the notebook since they imported "
+                        f"{'it' if len(reloaded) == 1 else 'them'})")
+            else:
+                line = (f"mpmagic: {shown} {'was' if len(reloaded) == 1 else 'were'} reloaded in the notebook, but "
+                        "Dask workers keep the version they imported first: restart them to run the new code "
+                        "(%pool restart on a cluster mpmagic started; client.restart() on another)")
             if tuple(reloaded) not in self._told:  # (once per pool: a per-pool set, not a key by id())
                 self._told.add(tuple(reloaded))
-                sys.stderr.write(f"mpmagic: workers reload {', '.join(reloaded)} (reloaded in the notebook since "
-                                 f"they imported {'it' if len(reloaded) == 1 else 'them'})\n")
+                sys.stderr.write(line + "\n")
         if func is None:
             self._say_edited(reloaded)
             return bool(reloaded)

@@ -648,6 +648,30 @@ def test_a_module_reloaded_in_the_notebook_is_reloaded_in_running_workers(ip, st
         sys.modules.pop("mymod_rl", None)
 
 
+def test_a_module_reloaded_in_the_notebook_is_said_to_stay_old_on_dask(ip, dask_cluster, request, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Dask workers cannot be told to reload: they ran the old code without a word."""
+    from conftest import ensure_pool
+
+    from mpmagic import pool as pool_module
+
+    ensure_pool("dask", request)
+    (tmp_path / "mymod_dk.py").write_text("K = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import importlib, mymod_dk")
+        assert run(ip, "%pmap -q abs, [-1]") == [1]  # (the pool sees the module as first loaded)
+        (tmp_path / "mymod_dk.py").write_text("K = 2\n")
+        run(ip, "importlib.reload(mymod_dk)")
+        capsys.readouterr()
+        assert run(ip, "%pmap -q abs, [-2]") == [2]
+        assert ("mymod_dk was reloaded in the notebook, but Dask workers keep the version they imported first"
+                in capsys.readouterr().err)
+    finally:
+        sys.modules.pop("mymod_dk", None)
+        pool_module.shutdown()
+
+
 def _save(path: Path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
     """Write a module file with an mtime seconds after the last one (a .pyc goes by seconds and size)."""
     n[0] += 5
