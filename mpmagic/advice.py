@@ -97,6 +97,12 @@ def advise(report: Any) -> str | None:
 
     if report.failed or report.extra.get("error"):
         return None
+    if report.equal is False:  # --compare: what first to look at (troubleshooting.md, RESULTS DIFFER)
+        seed = "" if report.extra.get("seeded") else ("random draws differ in each process unless --seed S "
+                                                      "gives every item its own repeatable stream; ")
+        return (f"the results differ from the serial run's: {seed}hash() of strings and set order differ "
+                "between processes, and numpy float sums may differ in the last digits (troubleshooting: "
+                "RESULTS DIFFER)")
     workers = max(1, report.workers)
     if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
         workers = report.peak_busy or workers

@@ -561,6 +561,7 @@ def pmap(
             report.serial = time.perf_counter() - t1
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
             report.equal = _equal(serial, results)
+            report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
     if show_report:
         print(report.line())
     return results

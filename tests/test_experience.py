@@ -555,3 +555,16 @@ def test_advice_on_dask_names_its_costs_and_never_says_serial_for_a_run_that_pai
     waited = _report(items=12, chunks=12, workers=4, backend="dask", start_method=None, cores=None, wall=2.15,
                      task_seconds=3.61, shared_workers=True, waited_for_workers=1.2)
     assert waited.advice.startswith("this run waited ~1.20 s for Dask workers (busy with other tasks"), waited.advice
+
+
+def test_results_that_differ_from_serial_get_advice_naming_the_usual_causes():
+    """--compare said RESULTS DIFFER and the advice spoke of transfer cost: a
+    function drawing random numbers without --seed is the first day's case."""
+    from mpmagic.advice import advise
+
+    unseeded = synthetic_report(serial=0.001, equal=False, extra={"seeded": False})
+    assert advise(unseeded).startswith("the results differ from the serial run's: random draws differ in each "
+                                       "process unless --seed S")
+    seeded = advise(synthetic_report(serial=0.001, equal=False, extra={"seeded": True}))
+    assert seeded.startswith("the results differ from the serial run's: hash() of strings") and "--seed" not in seeded
+    assert "results differ" not in (advise(synthetic_report(serial=0.001, equal=True)) or "")
