@@ -276,7 +276,7 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
     if report is not None:
         report.items = count  # rows or groups, not the pieces they travelled in
         per_piece = f"~{math.ceil(count / max(1, len(items)))} {what}"
-        report.chunksize = per_piece if fixed else f"auto: {per_piece}"
+        report.chunksize = per_piece if fixed else f"auto ({per_piece})"
     return results, report
 
 

@@ -185,11 +185,12 @@ class Report:
         size = self.chunksize
         auto = size.startswith("auto")
         sizes = size.removeprefix("auto").strip(" ()") or "-"
-        per = "item" if sizes == "1" else "items"
+        # (a size that names its unit, the pandas accessor's "~5000 rows", keeps it)
+        per = "" if any(c.isalpha() for c in sizes) else " item" if sizes == "1" else " items"
         chunks = f"{self.chunks} chunk{'s' if self.chunks != 1 else ''}"
         if sizes == "-":
             return f"auto, {chunks}" if auto else chunks
-        return f"{'auto: ' if auto else ''}{sizes} {per} per chunk, {chunks}"
+        return f"{'auto: ' if auto else ''}{sizes}{per} per chunk, {chunks}"
 
     @property
     def failed_run(self) -> bool:

@@ -381,3 +381,13 @@ def test_advice_names_the_time_pandas_spent_here() -> None:
                     chunksize="auto: ~125000 rows", home_seconds=1.6)
     assert report.speedup is not None and report.speedup < 1
     assert report.advice is not None and report.advice.startswith("of the call's 3.30 s, 1.60 s went to pandas here")
+
+
+def test_the_chunk_size_cell_says_rows_or_groups_per_chunk(ip, frame) -> None:
+    """It read "auto: : ~5000 rows items per chunk"."""
+    run(ip, "df['x'].mp.map(abs, quiet=True)")
+    cell = dict(mpmagic.last_report().rows())["chunk size"]
+    assert re.fullmatch(r"auto: ~\d+ rows per chunk, \d+ chunks?", cell), cell
+    run(ip, "df.groupby('key').mp.apply(len, quiet=True)")
+    cell = dict(mpmagic.last_report().rows())["chunk size"]
+    assert re.fullmatch(r"auto: ~\d+ groups per chunk, \d+ chunks?", cell), cell
