@@ -305,10 +305,13 @@ def _one_time(report: Any) -> str | None:
         return None
     if o.get("imports") and o.get("import_seconds", 0.0) >= max(o.get("load", 0.0), o.get("start", 0.0)):
         started = f" (and started, {fmt_seconds(o['start'])})" if o.get("start", 0.0) >= 0.001 else ""
+        why = ("(the notebook had imported them: idle workers were still importing them in the background "
+               "when this call began)" if o.get("preloading") else
+               "(modules the notebook imports are imported by idle workers in the background: import them "
+               "in an earlier cell)")
         return (
             f"the workers imported {imports_text(o['imports'])} during this call{started}; "
-            "the next call will not pay it (modules the notebook imports are imported by idle "
-            "workers in the background: import them in an earlier cell)"
+            f"the next call will not pay it {why}"
         )
     if o.get("start", 0.0) >= o.get("load", 0.0):
         return (

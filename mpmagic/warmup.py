@@ -839,6 +839,7 @@ class OneTimeCosts:
         self.loads: dict[Any, float] = {}  # worker -> seconds unpickling functions (imports excluded)
         self.modules: dict[str, float | None] = {}  # modules imported together -> seconds (largest), None if unknown
         self.task_imports: dict[str, set] = {}  # modules the tasks imported (inside their times) -> workers
+        self.preloading = False  # the run waited for a background preload (the notebook had imported it)
 
     def note(self, meta: dict) -> None:
         """Take a ``done`` reply's meta (only chunks with ``meta["once"]`` cost anything)."""
@@ -858,6 +859,7 @@ class OneTimeCosts:
                 seconds = max(0.0, ended - max(began, self.run_start))  # only what the run waited for
                 if seconds <= 0:
                     continue
+                self.preloading = True
             # One record's modules came in one go (pandas brings dateutil...): one entry.
             key = ", ".join(names)
             old = self.modules.get(key)
@@ -887,6 +889,7 @@ class OneTimeCosts:
             "load": max(self.loads.values(), default=0.0),
             "start": started,
             "total": total + started,
+            "preloading": self.preloading,
             "task_imports": tuple(self.task_imports),
             "task_import_workers": len(set().union(*self.task_imports.values())) if self.task_imports else 0,
         }

@@ -191,12 +191,13 @@ def test_a_preload_finished_before_the_run_costs_it_nothing():
     t = costs.run_start
     costs.note({"worker": 0, "start": t + 0.01, "once": {
         "imports": [("preload", ["numpy"], 0.3, t - 1.0, t - 0.7)], "load": 0.0}})
-    assert costs.summary(cold=False)["total"] == 0.0
+    assert costs.summary(cold=False)["total"] == 0.0 and not costs.summary(cold=False)["preloading"]
     costs.note({"worker": 1, "start": t + 0.01, "once": {
         "imports": [("preload", ["pandas"], 0.5, t - 0.2, t + 0.3)], "load": 0.0}})
     s = costs.summary(cold=False)
     assert s["imports"] == {"pandas": pytest.approx(0.3)}  # the part the run waited for
     assert s["total"] == pytest.approx(0.3)
+    assert s["preloading"]  # (the advice then does not tell to import it in an earlier cell: it was)
 
 
 def test_a_functions_imports_are_not_counted_twice_and_workers_overlap():
@@ -267,6 +268,11 @@ def test_advice_names_the_import_the_workers_paid():
     assert r.advice.startswith("the workers imported numpy (290.0 ms) during this call; the next call will not pay it")
     assert "one-time: imported numpy (290.0 ms), loaded the function 1.0 ms" in r.line()
     assert ("one-time", "imported numpy (290.0 ms), loaded the function 1.0 ms") in r.rows()
+    assert r.advice.endswith("import them in an earlier cell)")
+    # The notebook had imported it and the workers were still preloading it: "import it earlier" was untrue
+    r = _report(wall=0.9, task_seconds=0.8, serial=0.8, one_time=dict(once, preloading=True))
+    assert r.advice.endswith("(the notebook had imported them: idle workers were still importing them in the "
+                             "background when this call began)"), r.advice
 
 
 def test_advice_names_tasks_slower_in_the_workers_when_compare_measured_it():
