@@ -228,9 +228,12 @@ def test_the_import_log_notices_new_modules_only():
     assert log.take() is None
 
 
-def test_a_dask_task_reports_its_functions_loading_and_the_imports_it_caused(tmp_path, monkeypatch):
+def test_a_dask_task_reports_its_functions_loading_and_the_imports_it_caused(ip, tmp_path, monkeypatch):
     # The Dask task runs units through the same execute_map as a local worker:
     # called here in-process (no cluster), as tests/test_unit_runner.py does.
+    # (``ip``: with no shell yet, this process looked like a bare Dask worker and
+    # the task made IPython's display functions its own for the rest of the
+    # session: test_experience's reports, displayed later, were printed instead.)
     from mpmagic import payload
     from mpmagic.backends import dask_tasks
     from mpmagic.protocol import Done, Map, pack, unpack
