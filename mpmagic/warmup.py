@@ -493,14 +493,7 @@ class Warmth:
         self._scanned = 0  # how far sys.modules was scanned for them
         self._sent: dict[int, int] = {}  # worker id -> how many of _wanted it was sent
         self._keys: set[Any] = set()  # function payload keys already scanned
-        self._user: dict[Any, list[str]] = {}  # function payload key -> the user's modules it uses
-        self._specs: dict[str, Any] = {}  # user module -> its __spec__ when the workers were last told of it
-        self._told: set[tuple[str, ...]] = set()  # the reloads this pool's workers were said to do
-        self._reloads: list[str] = []  # user modules to reload, in the order the notebook's reloads were found
-        self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
-        self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
-        self._user_scanned = 0  # len(sys.modules) at that scan
-        self._user_last: str | None = None  # and its last module then
+        self.reloads = Reloads()  # the user's modules the notebook reloaded (importlib.reload)
 
     @property
     def wanted(self) -> list[str]:
@@ -566,7 +559,44 @@ class Warmth:
             return False
         return self.want(names, mirror=False)
 
-    def check_reloads(self, func: Any, key: Any, follow: bool = True) -> bool:
+    def message(self, wid: int) -> Import | None:
+        """``Import(names)`` for worker ``wid`` (what it was not sent yet), or None."""
+        n = self._sent.get(wid, 0)
+        if n >= len(self._wanted):  # the common case, every unit: nothing new
+            return None
+        with self._lock:
+            todo = self._wanted[n:]
+            self._sent[wid] = n + len(todo)
+        return Import(todo)
+
+    def forget(self, wid: int) -> None:
+        """That worker is gone (its replacement has another id)."""
+        with self._lock:
+            self._sent.pop(wid, None)
+        self.reloads.forget(wid)
+
+
+class Reloads:
+    """A pool's record of the user's modules the notebook reloaded (``importlib.reload``)
+    since its workers imported them, and how far each worker got with reloading them.
+
+    The local pool's :class:`Warmth` has one (its manager sends ``Reload`` with the
+    imports); the Dask backend has its own, only to say that its workers keep the
+    version they imported (``check(..., follow=False)``).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # callers' threads add while the manager reads
+        self._user: dict[Any, list[str]] = {}  # function payload key -> the user's modules it uses
+        self._specs: dict[str, Any] = {}  # user module -> its __spec__ when the workers were last told of it
+        self._told: set[tuple[str, ...]] = set()  # the reloads this pool's workers were said to do
+        self._reloads: list[str] = []  # user modules to reload, in the order the notebook's reloads were found
+        self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
+        self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
+        self._user_scanned = 0  # len(sys.modules) at that scan
+        self._user_last: str | None = None  # and its last module then
+
+    def check(self, func: Any, key: Any, follow: bool = True) -> bool:
         """Before a run (of ``func``; None: a cell): queue a reload in every worker of
         the user's modules (any loaded here, not only the function's: its items'
         classes, a helper module, a cell's imports) that the notebook reloaded since
@@ -649,7 +679,7 @@ class Warmth:
         self._user_mods += [name for name in itertools.islice(names, start, None) if _user_module(name)]
         self._user_scanned, self._user_last = len(names), names[-1] if names else None
 
-    def reload_message(self, wid: int) -> Reload | None:
+    def message(self, wid: int) -> Reload | None:
         """``Reload(names)`` for worker ``wid`` (the reloads it was not sent yet), or None."""
         n = self._rsent.get(wid, 0)
         if n >= len(self._reloads):  # the common case, every unit
@@ -660,20 +690,9 @@ class Warmth:
         # Each module once, at its last place: its last reload comes after those it imports from.
         return Reload(list(dict.fromkeys(reversed(todo)))[::-1])
 
-    def message(self, wid: int) -> Import | None:
-        """``Import(names)`` for worker ``wid`` (what it was not sent yet), or None."""
-        n = self._sent.get(wid, 0)
-        if n >= len(self._wanted):  # the common case, every unit: nothing new
-            return None
-        with self._lock:
-            todo = self._wanted[n:]
-            self._sent[wid] = n + len(todo)
-        return Import(todo)
-
     def forget(self, wid: int) -> None:
         """That worker is gone (its replacement has another id)."""
         with self._lock:
-            self._sent.pop(wid, None)
             self._rsent.pop(wid, None)
 
 

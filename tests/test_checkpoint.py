@@ -739,12 +739,12 @@ def test_a_module_imported_after_one_left_sys_modules_is_still_watched_for_reloa
     try:
         importlib.import_module("mymod_sa")
         warmth = Warmth()
-        warmth.check_reloads(None, None)
+        warmth.reloads.check(None, None)
         del sys.modules["mymod_sa"]
         importlib.import_module("mymod_sb")  # sys.modules as long as at the last look
-        warmth.check_reloads(None, None)
+        warmth.reloads.check(None, None)
         importlib.reload(sys.modules["mymod_sb"])
-        assert warmth.check_reloads(None, None)  # mymod_sb's reload is seen
+        assert warmth.reloads.check(None, None)  # mymod_sb's reload is seen
     finally:
         sys.modules.pop("mymod_sa", None)
         sys.modules.pop("mymod_sb", None)

@@ -258,7 +258,7 @@ class DaskBackend:
         self.stops = 0
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
-        self._modules = warmup.Warmth()  # only for its check of the user's modules reloaded in the notebook
+        self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (said, not followed)
         self._topic = ""
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
@@ -751,7 +751,7 @@ class DaskBackend:
                     self._driving = None
 
         # The user's modules the notebook reloaded: Dask workers keep theirs (said once).
-        self._modules.check_reloads(job.func, job.func_key, follow=False)
+        self._reloads.check(job.func, job.func_key, follow=False)
         run = DrivenRun(job, drive)
         run.background = background
         return run

@@ -572,7 +572,7 @@ class LocalBackend:
                 self._put(slot, pack(msg))
             except OSError:
                 self.warmth.forget(slot.wid)  # a dead worker: its sentinel reports it
-        reload = self.warmth.reload_message(slot.wid)  # modules the notebook reloaded: before the next unit
+        reload = self.warmth.reloads.message(slot.wid)  # modules the notebook reloaded: before the next unit
         if reload is not None:
             try:
                 self._put(slot, pack(reload))
@@ -916,7 +916,7 @@ class LocalBackend:
             limit = workers
         if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
-        self.warmth.check_reloads(job.func, job.func_key)  # the user's modules the notebook reloaded since
+        self.warmth.reloads.check(job.func, job.func_key)  # the user's modules the notebook reloaded since
         with self._lock:
             self.start(wake=False)  # (woken below, once)
             stops = self._stops
