@@ -159,8 +159,14 @@ def assert_pool_idle_and_usable(k: Kernel, old_pids: list[int]) -> None:
         "[(p['pid'], p['busy'], p['alive']) for p in __import__('mpmagic').pool_status().info['processes']]"
     )
     assert len(status) == 2 and all(alive and not busy for _, busy, alive in status), status
+    # Killed: gone, or a zombie its reaper has yet to collect. SIGKILL is
+    # delivered at once, but a loaded machine may take a moment to tear the
+    # process down (it shows as "running" meanwhile), so this waits up to 5 s.
+    deadline = time.monotonic() + 5.0
     for pid in old_pids:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        while not _ended(pid):
+            assert time.monotonic() < deadline, f"old worker {pid} still {psutil.Process(pid).status()}"
+            time.sleep(0.05)
     # The next run works (and waits for the replaced workers to be ready) ...
     assert k.ok("%pmap -q lambda x: -x, range(5)").result() == "[0, -1, -2, -3, -4]"
     # ... and then nothing of the kernel's is still computing: no process runs
@@ -169,6 +175,13 @@ def assert_pool_idle_and_usable(k: Kernel, old_pids: list[int]) -> None:
     # this does not depend on how loaded the machine is.
     spinning = still_running(k.descendants(), seconds=2.0)
     assert not spinning, f"processes still burning CPU after the interrupt: {spinning}"
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def still_running(procs: list[psutil.Process], seconds: float) -> list[tuple[int, str]]:
