@@ -1560,6 +1560,7 @@ class CellCall:
             ) from None
         values = RankValues(job.results())
         values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in self.gather}
+        values.ranks_without_setup = tuple(sorted(job.ranks_without_setup))
         return values
 
 

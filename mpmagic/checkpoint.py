@@ -55,7 +55,7 @@ from .checkpoint_keys import (
 from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .fmt import fmt_bytes, func_name
-from .jobs import Failed, read_into, reused_object
+from .jobs import Failed, WithoutSetup, read_into, reused_object
 
 log = logging.getLogger("mpmagic")
 
@@ -367,6 +367,12 @@ class _Plan:
             pos, k = gap + 1, k + 1
 
 
+def _without_setup_line(run: str, what: str) -> str:
+    """The warning of a checkpointed run that ran partly on workers without the setup (it failed there)."""
+    return (f"mpmagic: --checkpoint: {what} of {run} came from workers that run without the %%pool setup "
+            "(it failed there: see %pool), so they were not stored; a run once the setup works computes them")
+
+
 def _setup_changed_line(run: str, what: str) -> str:
     """The warning of a checkpointed run whose worker setup changed between its keying and its start."""
     return (f"mpmagic: --checkpoint: the worker setup changed while {run} started, so it ran under the new "
@@ -399,6 +405,7 @@ class MapCheckpoint:
         # while it is still the setup (``_same_setup``).
         self.setup_version = worker_setup.version()
         self._setup_changed = False
+        self._without_setup = 0  # results computed on workers whose setup failed: not stored
         try:
             self.run, run_pickle = run_key(func, self.star)
         except Exception as exc:  # cannot be pickled: the plain run raises its clear error
@@ -454,6 +461,9 @@ class MapCheckpoint:
         keys = [plan.keys[i] for i in positions]
         if not self._same_setup():
             keys = [b""] * len(keys)  # (an item without a key is not stored)
+        elif isinstance(results, WithoutSetup):  # not what the setup in the key gives: not stored
+            self._without_setup += len(results)
+            keys = [b""] * len(keys)
         if self.collect:  # only then can a result be a Failed: never stored
             self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
                                                    if k and not isinstance(r, Failed)]))
@@ -492,6 +502,9 @@ class MapCheckpoint:
             _in_flight(self.run, -1)
         if self._setup_changed:
             (warn or _warn)(_setup_changed_line(f"this run of `{self.name}`", "its results"))
+        elif self._without_setup:
+            n = self._without_setup
+            (warn or _warn)(_without_setup_line(f"this run of `{self.name}`", f"{n} result{'s' * (n != 1)}"))
         if self.plan.unstable:
             (warn or _warn)(f"mpmagic: --checkpoint: {self.plan.unstable}; a new kernel will compute such items "
                             "again. Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
@@ -883,6 +896,9 @@ class CellCheckpoint:
         """
         if worker_setup.version() != self.setup_version:
             self._warn(_setup_changed_line("this cell", "its ranks' values"))
+            return values
+        if getattr(values, "ranks_without_setup", ()):  # (not what the setup in the key gives)
+            self._warn(_without_setup_line("this cell", "the ranks' values"))
             return values
         writer = _Writer(self.store, self.run, self.name)
         gathered = getattr(values, "gathered", {})

@@ -187,6 +187,26 @@ class Unit:
     # Sent again once because its worker died idle before starting it (see
     # LocalBackend._lost); a second such death is this unit's own fault.
     resent_after_idle_death: bool = False
+    # Ran on a worker without the pool's %%pool setup (it failed or was skipped
+    # there): the one line saying so (``Job.ran_without_setup``).
+    without_setup: str | None = None
+
+
+class WithoutSetup(list):
+    """A chunk's results computed on a worker that runs without the pool's
+    ``%%pool setup`` (it failed or was skipped there). A list like any other
+    for whoever reads it; ``--checkpoint`` does not store it, since the store's
+    key names the setup and these results were not computed under it."""
+
+
+def note_without_setup(exc: BaseException, unit: Unit) -> None:
+    """A task's NameError on a worker that runs without the setup: add the line
+    that says so (the missing name is most likely one of the setup's), once."""
+    if unit.without_setup is None or looked_up_name(exc, key_errors=False) is None:
+        return
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, (list, tuple)) or unit.without_setup not in notes:
+        add_note(exc, unit.without_setup)
 
 
 class _UnsendableItem(Exception):
@@ -687,8 +707,16 @@ class MapJob:
                     item = self._shown(unit.items[i])[0]
                     error = rebuild_exception(r, self._where(idx, unit.items[i]))
                     self._note_unsent_global(error)
+                    note_without_setup(error, unit)
                     results[i] = Failed(idx, item, error, debugging.failure_of(error, r, index=idx, item=item))
+        if unit.without_setup is not None:
+            results = WithoutSetup(results)
         self._complete(unit, results, seconds)
+
+    def ran_without_setup(self, unit: Unit, note: str) -> None:
+        """The worker answering ``unit`` runs without the pool's setup (``note``: one line
+        saying so). Its results are not checkpointed; a NameError of its items says so."""
+        unit.without_setup = note
 
     def _deliver_partial(self, unit: Unit, partial: bytes) -> None:
         """The results a worker returned before the item that failed, accepted as
@@ -700,6 +728,8 @@ class MapJob:
             return
         if not results or unit.start < len(self._in_order):
             return
+        if unit.without_setup is not None:
+            results = WithoutSetup(results)
         self._results[unit.start] = results
         if self.accepted is not None:
             self.accepted(unit.start, results)
@@ -786,6 +816,7 @@ class MapJob:
                 add_note(exc, _READ_ONLY_NOTE)
             _note_daemonic(exc)
             self._note_unsent_global(exc)
+            note_without_setup(exc, unit)
         if unit.lease is not None:  # no worker reads this chunk any more
             unit.lease.release()
         self._fail(idx, exc)
@@ -1047,6 +1078,7 @@ class CellJob:
         self.failures: dict[int, BaseException] = {}
         self.failure_infos: dict[int, debugging.FailureInfo] = {}  # what the workers saw (for %pdebug)
         self.rank_seconds: dict[int, float] = {}
+        self.ranks_without_setup: set[int] = set()  # ran on a worker without the %%pool setup (not checkpointed)
         self.task_seconds = 0.0
         self.items_done = 0
         self.items_total = size
@@ -1149,6 +1181,12 @@ class CellJob:
     def message(self, unit: Unit) -> Cell:
         return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context))
 
+    def ran_without_setup(self, unit: Unit, note: str) -> None:
+        """The worker answering rank ``unit`` runs without the pool's setup (``note``
+        says so in one line, added to a NameError of the rank; its value is not checkpointed)."""
+        unit.without_setup = note
+        self.ranks_without_setup.add(unit.id)
+
     def came_back_late(self, unit: Unit, data: bytes) -> None:
         """A rank's value after the cell's run ended: nobody reads it; its shared memory is freed."""
         drop_partial(data)
@@ -1204,6 +1242,7 @@ class CellJob:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
         _note_daemonic(self.failures[unit.id])
+        note_without_setup(self.failures[unit.id], unit)
         # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)
         self.failure_infos[unit.id] = debugging.failure_of(self.failures[unit.id], info, rank=unit.id, size=self.size,
                                                            outside=CELL_LOAD_FAILED if index < 0 else "")

@@ -396,3 +396,5 @@ class RankValues(list):
 
     gathered: dict[str, list]
     report: Report | None = None
+    #: the ranks that ran on a worker without the ``%%pool setup`` (it failed there)
+    ranks_without_setup: tuple[int, ...] = ()

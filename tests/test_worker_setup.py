@@ -117,6 +117,12 @@ def test_failing_setup_one_line_and_pool_usable(ip, local_pool):
     status = str(mpmagic.pool_status())
     assert status.count("setup failed") == len(local_pool.slots)
     assert run(ip, "%pmap -q lambda x: A + x, range(3)") == [1, 2, 3]  # names before the failing line stay
+    with pytest.raises(NameError) as info:  # a name after it: the error says why it is missing
+        run(ip, "%pmap -q lambda x: B, range(2)")
+    assert any("runs without the %%pool setup (it failed there; see %pool)" in n for n in info.value.__notes__)
+    with pytest.raises(ZeroDivisionError) as info:  # (a task's other errors: no such line)
+        run(ip, "%pmap -q lambda x: 1 / 0, range(2)")
+    assert not any("%%pool setup" in n for n in getattr(info.value, "__notes__", []))
 
 
 def test_show_clear_and_on_worker_start(ip, local_pool, capsys):
@@ -426,6 +432,10 @@ def test_a_setup_that_kills_its_worker_fails_in_one_line(ip, local_pool):
     assert "exit code 7" in text
     assert run(ip, "%pmap -q lambda x: x + 1, range(4)") == [1, 2, 3, 4]  # the new workers run without it
     assert str(mpmagic.pool_status()).count("setup failed") == len(local_pool.slots)
+    with pytest.raises(NameError) as info:  # a bare NameError said nothing of the setup
+        run(ip, "%pmap -q lambda x: KILLED_MODEL, range(2)")
+    assert any("runs without the %%pool setup (it was not run there: it killed a worker; see %pool)" in n
+               for n in info.value.__notes__)
 
 
 def test_a_magic_line_in_the_setup_is_named_as_parallel_names_it(ip):
@@ -495,3 +505,39 @@ def _device(_: int) -> tuple:
 
     time.sleep(0.02)
     return mpmagic.worker_id(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_a_slow_setup_in_new_workers_is_no_items_timeout(ip, pool2):
+    """A restarted (recycled, replacing) worker's setup ran before its first item,
+    and that item's --timeout clock started with it: quick items "ran past the
+    timeout", their workers were replaced and set up again, in a loop."""
+    run(ip, "%%pool setup\nimport time\ntime.sleep(0.6)\nSLOW = 1\n")
+    run(ip, "%pool restart")  # returns while the new workers are still setting up
+    replaced = pool2.workers_replaced
+    assert run(ip, "%pmap -q --timeout 0.2 lambda x: x + SLOW, range(6)") == [x + 1 for x in range(6)]
+    assert pool2.workers_replaced == replaced
+    with pytest.raises(mpmagic.TaskTimeoutError):  # the clock still runs once the setup is done
+        run(ip, "%pmap -q --timeout 0.2 lambda x: time.sleep(x), [0, 5]")
+
+
+def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_pool, tmp_path):
+    """A setup that failed on one worker (a busy file) gave mixed results, stored
+    under the key of that setup's text: once it worked, the same run returned them."""
+    busy = tmp_path / "BUSY"
+    busy.touch()
+    wid = local_pool.slots[1].wid
+    setup = (f"%%pool setup\nimport os, mpmagic\nSCALE = 1\nif mpmagic.worker_id() == {wid} and "
+             f"os.path.exists({str(busy)!r}):\n    raise OSError('busy')\nSCALE = 3\n")
+    assert ip.run_cell(setup, store_history=False).error_in_exec is not None  # failed on one worker
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ck')!r}")
+    run(ip, "import time\ndef scaled(x):\n    time.sleep(0.02)\n    return SCALE * x")
+    with pytest.warns(RuntimeWarning, match=r"came from workers that run without the %%pool setup .* not stored"):
+        mixed = run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)")
+    assert mixed != [3 * x for x in range(8)]  # (both workers ran items)
+    busy.unlink()
+    run(ip, setup)  # the same text, now set up everywhere
+    plain = run(ip, "%pmap -q --chunksize 1 scaled, range(8)")
+    assert plain == [3 * x for x in range(8)]
+    assert run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)") == plain
+    assert run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)") == plain  # (now stored)
+    assert "resumed: 8 of 8 items" in mpmagic.last_report().line()

@@ -96,6 +96,9 @@ class Job(Protocol):
     def done(self, unit: Any, data: bytes, seconds: float, meta: dict | None = None) -> None: ...
     def error(self, unit: Any, index: int, info: Any, partial: bytes, seconds: float) -> None: ...
     def came_back_late(self, unit: Any, data: bytes) -> None: ...  # a Done after the run ended (failed)
+    def ran_without_setup(self, unit: Any, note: str) -> None:
+        """The worker answering ``unit`` (told before its reply) runs without the pool's setup: it
+        failed or was skipped there. ``note``: one line saying so, added to a NameError of the unit."""
     def unpicklable(self, unit: Any, index: int | None, info: Any) -> None: ...
     def lost(
         self, unit: Any, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False

@@ -137,6 +137,10 @@ class _Slot:
     rss: int | None = None  # its own (private) bytes after its last task, as it reported (rss.private_bytes)
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
     setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
+    # For each setup sent and not answered yet (SetupDone), in send order: how
+    # many of its units in flight run before it. A unit with a setup ahead of it
+    # starts its --timeout clock when that setup is done, not while it runs.
+    setups_ahead: deque = field(default_factory=deque)
     # A send to it failed (it died and its sentinel is not handled yet), or it
     # was closed (``close``): no more units, or ``_assign`` would retry it
     # without end (or give a unit to a pipe nobody reads).
@@ -796,6 +800,17 @@ class LocalBackend:
             self._send_failed(slot)
             return
         slot.known.add(context.key(ctx))
+        slot.setups_ahead.append(len(slot.inflight))
+
+    def _without_setup(self, slot: _Slot) -> str | None:
+        """The line saying that this worker runs tasks without the current setup (it
+        failed there, or it was not run there because it killed a worker), or None."""
+        key = (self.pool_key, slot.wid)
+        if worker_setup.worker_state(key) != "setup failed":
+            return None
+        skipped = worker_setup.failures([key]) == [worker_setup.killed_workers()]
+        why = "it was not run there: it killed a worker" if skipped else "it failed there"
+        return f"mpmagic: worker {slot.wid} runs without the %%pool setup ({why}; see %pool)"
 
     def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
         """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
@@ -1439,7 +1454,7 @@ class LocalBackend:
             run.waiting_since = None
         if len(self._runs) > 1:
             self._note_sharing()
-        if job.timeout and len(slot.inflight) == 1 and slot.ready:  # (a starting worker: once ready)
+        if job.timeout and len(slot.inflight) == 1 and _clock_runs(slot):  # (else: once ready and set up)
             slot.deadline = time.monotonic() + job.timeout
 
     def _note_sharing(self, new: _LocalRun | None = None) -> None:
@@ -1494,11 +1509,17 @@ class LocalBackend:
             slot.ready = True
             self._startup_failures = 0
             slot.pid = msg.pid
-            if slot.inflight and slot.inflight[0][0].job.timeout:  # its time starts now, not while it started
-                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
+            if slot.inflight and slot.inflight[0][0].job.timeout and _clock_runs(slot):  # its time starts now
+                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout  # (not while it started)
             self._cond.notify_all()
             return
         if kind is SetupDone:  # worker setup (worker_setup.py): how it went on this worker
+            if slot.setups_ahead:
+                slot.setups_ahead.popleft()
+            # The unit that waited for this setup starts its time now (a slow setup
+            # after a restart or a recycling is no task's timeout).
+            if slot.deadline is None and slot.inflight and slot.inflight[0][0].job.timeout and _clock_runs(slot):
+                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
             self._setup_done(slot, msg)
             return
         if kind not in _WORKER_SAYS:
@@ -1513,7 +1534,9 @@ class LocalBackend:
             return _discard(msg)  # a reply for a unit we already gave up on
         owner, unit = slot.inflight.popleft()
         slot.deadline = None
-        if slot.inflight and slot.inflight[0][0].job.timeout:
+        if slot.setups_ahead:  # one unit fewer before each setup still running
+            slot.setups_ahead = deque(max(0, n - 1) for n in slot.setups_ahead)
+        if slot.inflight and slot.inflight[0][0].job.timeout and _clock_runs(slot):
             slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
         if kind is Done or kind is Error:
             slot.tasks += unit.count
@@ -1524,6 +1547,10 @@ class LocalBackend:
             return _discard(msg)  # a reply for a run cut off
         job = owner.job
         try:
+            if kind is Done or kind is Error:
+                note = self._without_setup(slot)
+                if note is not None:
+                    job.ran_without_setup(unit, note)
             if kind is Done:
                 self._note_memory(slot, owner, msg.meta)
                 job.done(unit, msg.data, msg.seconds, msg.meta)
@@ -1634,6 +1661,16 @@ class LocalBackend:
                 self._retire(slot)
                 if not slot.temporary:
                     self._respawn()
+
+
+def _clock_runs(slot: _Slot) -> bool:
+    """May the ``--timeout`` clock of the worker's first unit in flight start now?
+
+    Not while the worker starts (until ``Ready``), nor while a setup sent
+    before that unit still runs (until its ``SetupDone``): a slow ``%%pool
+    setup`` in a restarted, recycled or replacing worker is no item's time.
+    """
+    return slot.ready and not (slot.setups_ahead and slot.setups_ahead[0] == 0)
 
 
 def _own_memory(proc: Any) -> int:
