@@ -397,8 +397,9 @@ def run(quick: bool, only: set[str] | None = None) -> None:
             case = max(0, pm.peak - interpreters)
             say(f"- 256 MB sum, {label}: the case's memory at its peak, over the notebook and all "
                 f"its child processes (peak PSS less the interpreters' before the array existed) "
-                f"{fmt_mb(case)} = {case / nbytes:.2f}x the array (target < 1.5x): the array, and "
-                f"{fmt_mb(added)} the call added ({note}). The interpreters themselves (IPython, "
+                f"{fmt_mb(case)} = {case / nbytes:.2f}x the array (target < 1.5x): "
+                f"{fmt_mb(max(0, idle - interpreters))} before the call (the array's data, {fmt_mb(nbytes)}, "
+                f"as it is resident then) and {fmt_mb(added)} the call added ({note}). The interpreters themselves (IPython, "
                 f"numpy, joblib and mpire imported here, 2 workers, the forkserver) took "
                 f"{fmt_mb(interpreters)} whatever the array's size: {fmt_mb(pm.peak)} in all")
 

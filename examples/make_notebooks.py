@@ -209,7 +209,7 @@ print("total:", sum(parts))"""),
 The same split written as one SPMD cell: each of the four ranks works out its
 own range from `rank` and `size`, and `--reduce sum` adds up their values.
 `--compare` also runs the cell once here as a single rank covering the whole
-range."""),
+range, and says whether the reduced sum equals it (`results equal`)."""),
     ("code", """\
 %%parallel -n 4 --compare --reduce sum
 start, stop = rank * N // size + 1, (rank + 1) * N // size + 1

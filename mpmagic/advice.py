@@ -97,6 +97,10 @@ def advise(report: Any) -> str | None:
 
     if report.failed or report.extra.get("error"):
         return None
+    if report.equal is False and "serial_value" in report.extra:  # %%parallel --compare --reduce
+        return ("the reduced value differs from the cell's value as rank 0 of 1 (size 1): does each rank do "
+                "its share of the work by rank and size, and does --reduce combine the shares into the "
+                "whole? (troubleshooting: RESULTS DIFFER)")
     if report.equal is False:  # --compare: what first to look at (troubleshooting.md, RESULTS DIFFER)
         seed = "" if report.extra.get("seeded") else ("random draws differ in each process unless --seed S "
                                                       "gives every item its own repeatable stream; ")

@@ -12,6 +12,7 @@ import contextvars
 import functools
 import inspect
 import itertools
+import math
 import os
 import sys
 import threading
@@ -1361,9 +1362,13 @@ def parallel(
         if not block:
             raise UsageError("reduce= needs block=True: a background run's result() gives the ranks' values, "
                              "to reduce once it is done")
-        values = parallel(code, workers, namespace, compare, timeout, gather, label_output, show_report, progress,
+        values = parallel(code, workers, namespace, compare, timeout, gather, label_output, False, progress,
                           progress_delay, insights, checkpoint, True, seed, keep, reset)
-        return reduce_values(reduce, values, code, f"reduce={func_name(reduce)}", "in this error's .values")
+        try:
+            return reduce_values(reduce, values, code, f"reduce={func_name(reduce)}", "in this error's .values")
+        finally:
+            if show_report and values.report is not None:  # (after the reduce: compare=True's verdict is in it)
+                print(values.report.line())
     if compare and (keep or reset):
         raise UsageError("compare=True (--compare) runs the cell once more here, as rank 0 of 1, and a kept "
                          "rank's state (keep=True, --keep) is in its worker, not here: compare without --keep")
@@ -1454,7 +1459,7 @@ def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code:
     from .errors import ReduceError
 
     try:
-        return reducer(values)
+        reduced = reducer(values)
     except Exception as exc:
         if not cell_has_value(code):
             why = "every rank's value is None: the cell ends in a statement; end it with the expression to combine"
@@ -1464,6 +1469,28 @@ def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code:
             why = f"the values are of type {' and '.join(sorted({type(v).__name__ for v in values}))}"
         raise ReduceError(f"{label} failed on the ranks' values: {type(exc).__name__}: {exc} "
                           f"({why}); the values are kept {kept}", values) from exc
+    report = values.report
+    if report is not None and "serial_value" in report.extra:  # compare=True: the cell run here as rank 0 of 1
+        report.equal = _equal_reduced(report.extra["serial_value"], reduced)
+    return reduced
+
+
+def _equal_reduced(serial: Any, reduced: Any) -> bool:
+    """compare=True with reduce=: is the reduced value the serial one (the cell as
+    rank 0 of 1 does the whole work)? Floats to within 1e-9 relative: the
+    ranks' parts add up in another order than the serial loop, which changes
+    the last bits of a float sum and nothing else."""
+    if _equal(serial, reduced):
+        return True
+    real: tuple[type, ...] = (float, int)
+    np = sys.modules.get("numpy")  # (a numpy value means numpy is imported: never imported for this)
+    if np is not None:
+        real += (np.floating, np.integer)
+    if isinstance(serial, real) and isinstance(reduced, real) and not isinstance(serial, bool):
+        a: Any = serial  # (a number: isinstance with a tuple built at run time narrows to object)
+        b: Any = reduced
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return False
 
 
 class CellCall:

@@ -176,7 +176,7 @@ def _pmap_parser() -> _Parser:
 def _parallel_parser() -> _Parser:
     p = _Parser(prog="%%parallel", usage="%(prog)s [options]")
     p.add_argument("-n", "--workers", type=_positive_int, help="ranks to run at once (default: the pool's size)")
-    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1")
+    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one)")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
     p.add_argument("--gather", metavar="NAME[,NAME]", help="bring these variables of every rank back as lists")
@@ -802,16 +802,17 @@ class MPMagics(Magics):
                     **config.run_kwargs(opts),
                 )
             _finished("%%parallel", "values", "the ranks' values are", values)
+            for name, per_rank in values.gathered.items():
+                self._user_ns[name] = per_rank
+            if opts.output:
+                self._user_ns[opts.output] = values
+            # Reduced before the report shows: --compare's verdict (results equal) is of the reduced value.
+            reduced = _reduced(parser, opts, reducer, values, cell) if reducer is not None else None
         finally:
             report = api.last_report()
             if not opts.quiet and report is not None and report is not before:
                 display(report)  # this run's report, never an older one
-        for name, per_rank in values.gathered.items():
-            self._user_ns[name] = per_rank
-        if opts.output:
-            self._user_ns[opts.output] = values
         if reducer is not None:
-            reduced = _reduced(parser, opts, reducer, values, cell)
             return None if _without_final_semicolon(cell)[1] else reduced
         if not api.cell_has_value(cell) or all(v is None for v in values):
             return None  # like a cell ending in print(): nothing to show

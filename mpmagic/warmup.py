@@ -857,6 +857,7 @@ class OneTimeCosts:
         self.imports: dict[Any, float] = {}  # worker -> seconds importing during this run
         self.loads: dict[Any, float] = {}  # worker -> seconds unpickling functions (imports excluded)
         self.modules: dict[str, float | None] = {}  # modules imported together -> seconds (largest), None if unknown
+        self._entry_of: dict[str, str] = {}  # module -> the ``modules`` entry that names it (each named once)
         self.task_imports: dict[str, set] = {}  # modules the tasks imported (inside their times) -> workers
         self.preloading = False  # the run waited for a background preload (the notebook had imported it)
 
@@ -879,8 +880,13 @@ class OneTimeCosts:
                 if seconds <= 0:
                     continue
                 self.preloading = True
-            # One record's modules came in one go (pandas brings dateutil...): one entry.
-            key = ", ".join(names)
+            # One record's modules came in one go (pandas brings dateutil...): one
+            # entry, naming only modules no earlier entry named (another worker, or
+            # the function's load, imported numpy; this task brought pandas with it).
+            fresh = [n for n in names if n not in self._entry_of]
+            key = ", ".join(fresh) if fresh else self._entry_of[names[0]] if names else ""
+            for name in fresh:
+                self._entry_of[name] = key
             old = self.modules.get(key)
             self.modules[key] = seconds if old is None else max(old, seconds or 0.0)
             spent += seconds or 0.0

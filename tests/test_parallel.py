@@ -300,3 +300,22 @@ def test_parallel_takes_reduce_as_the_magic_does(ip, local_pool):
     assert list(info.value.values) == [None, None]
     with pytest.raises(mpmagic.UsageError, match="reduce= needs block=True"):
         mpmagic.parallel("rank", workers=2, reduce=sum, block=False)
+
+
+def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip, local_pool, capsys):
+    """The cell as rank 0 of 1 is the serial answer; the ranks' shares, reduced,
+    must equal it (the classic sum of squares split by rank and size)."""
+    split = "sum(i * i for i in range(rank + 1, 1_001, size))"
+    assert mpmagic.parallel(split, workers=2, reduce=sum, compare=True) == sum(i * i for i in range(1, 1_001))
+    assert mpmagic.last_report().equal is True
+    # Float shares add up in another order: still the serial value (to 1e-9).
+    assert mpmagic.parallel("sum(0.1 * i for i in range(rank, 1_000, size))", workers=2, reduce=sum,
+                            compare=True, show_report=True) == pytest.approx(sum(0.1 * i for i in range(1_000)))
+    assert "results equal" in capsys.readouterr().out  # (the line is printed after the reduce)
+    # Each rank doing all of it: the reduced value is twice the serial one.
+    assert cell(ip, "-n 2 -q --compare --reduce sum", "sum(range(10))") == 90
+    report = mpmagic.last_report()
+    assert "RESULTS DIFFER" in report.line() and "by rank and size" in report.advice, report.line()
+    # Without --reduce there is nothing to compare the ranks' list with: no verdict.
+    mpmagic.parallel("rank", workers=2, compare=True)
+    assert mpmagic.last_report().equal is None

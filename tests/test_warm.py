@@ -212,6 +212,23 @@ def test_a_functions_imports_are_not_counted_twice_and_workers_overlap():
     assert s["total"] == pytest.approx(0.30)  # two workers in parallel: not 0.6
 
 
+def test_each_module_is_named_once_in_the_one_time_imports():
+    """One worker's function load imported numpy; the other's task imported
+    pandas, which brought dateutil and numpy: "numpy (67 ms), dateutil, pandas",
+    not "numpy (67 ms), dateutil, pandas, numpy"."""
+    costs = warmup.OneTimeCosts()
+    t = costs.run_start
+    costs.note({"worker": 0, "start": t, "once": {
+        "imports": [("function", ["numpy"], 0.067, t, t + 0.067)], "load": 0.07}})
+    costs.note({"worker": 1, "start": t, "once": {
+        "imports": [("task", ["dateutil", "pandas", "numpy"], None, t, t)], "load": 0.0}})
+    costs.note({"worker": 1, "start": t, "once": {  # numpy again, alone: the same entry, the larger time
+        "imports": [("function", ["numpy"], 0.08, t, t + 0.08)], "load": 0.08}})
+    s = costs.summary(cold=False)
+    assert s["imports"] == {"numpy": pytest.approx(0.08), "dateutil, pandas": None}
+    assert s["task_imports"] == ("dateutil", "pandas", "numpy")  # (still each worker's task-time imports)
+
+
 def test_the_import_log_notices_new_modules_only():
     log = warmup.ImportLog()
     mark = log.mark()
