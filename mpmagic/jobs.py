@@ -731,6 +731,7 @@ class MapJob:
         if unit.without_setup is not None:
             results = WithoutSetup(results)
         self._results[unit.start] = results
+        self.items_done += len(results)  # they ran ("failed at item 13 after 0 of 30 items" when one chunk held 0-13)
         if self.accepted is not None:
             self.accepted(unit.start, results)
         if self._on_chunk is not None:

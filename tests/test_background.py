@@ -87,6 +87,11 @@ def test_a_background_error_waits_for_result_and_is_the_blocking_runs_error(ns):
     with pytest.raises(KeyError) as serial:
         list(map(ns["picky"], range(30)))
     assert str(bg.value) == str(fg.value) == str(serial.value)
+    # The 13 items before the failing one ran, in the failing item's own chunk
+    # (it said "failed at item 13 after 0 of 30 items").
+    one_chunk = mpmagic.pmap(ns["picky"], range(30), chunksize=30, block=False)
+    assert one_chunk.wait(60) and one_chunk.items_done == 13 and one_chunk.items_failed == 1, repr(one_chunk)
+    assert "after 13 of 30 items" in one_chunk.report().line()
 
 
 def test_a_background_collect_run_reports_its_failures_as_the_blocking_run_does(ns):
