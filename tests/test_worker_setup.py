@@ -495,3 +495,36 @@ def _device(_: int) -> tuple:
 
     time.sleep(0.02)
     return mpmagic.worker_id(), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+SETUP_QUIET = ("import warnings, sys\nwarnings.filterwarnings('ignore', message='mpm-noisy')\n"
+               "sys.setrecursionlimit(4321)\n")
+PROBE = ("def _probe(x):\n    import warnings, sys\n    with warnings.catch_warnings(record=True) as w:\n"
+         "        warnings.warn('mpm-noisy library', UserWarning)\n    return len(w), sys.getrecursionlimit()\n")
+
+
+def test_a_setups_warnings_filters_and_recursion_limit_win(ip, capfd):
+    """The notebook's filters and limit were put back at every call, undoing a
+    setup's filterwarnings("ignore") and setrecursionlimit: now the oracle
+    (the setup's code, then map) holds, also after the same setup runs again."""
+    import sys
+    import warnings
+
+    ensure_pool("forkserver")
+    ns: dict = {}
+    limit = sys.getrecursionlimit()
+    with warnings.catch_warnings():
+        try:
+            exec(SETUP_QUIET + PROBE, ns)
+            serial = list(map(ns["_probe"], range(4)))
+        finally:
+            sys.setrecursionlimit(limit)
+    assert serial == [(0, 4321)] * 4
+    run(ip, PROBE)
+    for _ in range(2):  # (running the same cell again kept nothing of it: its changes were the "before")
+        run(ip, "%%pool setup\n" + SETUP_QUIET)
+        assert run(ip, "%pmap -q --chunksize 1 _probe, range(4)") == serial
+    run(ip, "import warnings\n%pmap -q lambda x: warnings.warn('mpm-noisy unrecorded'), range(2)")
+    assert "mpm-noisy" not in "".join(capfd.readouterr())
+    run(ip, "%pool setup clear")
+    assert run(ip, "%pmap -q --chunksize 1 _probe, range(4)") == [(1, limit)] * 4
