@@ -109,6 +109,12 @@ def has_setup() -> bool:
     return bool(_entries)
 
 
+def entries() -> list[_Entry]:
+    """A copy of the current setup's entries (to tell what a change removed)."""
+    with _lock:
+        return list(_entries)
+
+
 _STATUS_KEPT = 4096  # workers remembered (a run with --max-tasks-per-child 1 starts one per item)
 
 

@@ -528,3 +528,18 @@ def test_a_setups_warnings_filters_and_recursion_limit_win(ip, capfd):
     assert "mpm-noisy" not in "".join(capfd.readouterr())
     run(ip, "%pool setup clear")
     assert run(ip, "%pmap -q --chunksize 1 _probe, range(4)") == [(1, limit)] * 4
+
+
+def test_replacing_a_setup_says_what_running_workers_keep(ip, capsys):
+    """A new setup or clear drops the old one's names, not its imports and
+    patches: one line says so when running workers had run it (not for the
+    same setup again)."""
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nimport json\njson.MPM_PATCHED = 1\n")
+    run(ip, "%%pool setup\nimport json\njson.MPM_PATCHED = 1\n")
+    assert "keep what earlier setups did" not in capsys.readouterr().out
+    run(ip, "%%pool setup\nOTHER = 2\n")
+    assert capsys.readouterr().out.count("keep what earlier setups did to modules and sys.path") == 1
+    run(ip, "%pool setup clear")
+    out = capsys.readouterr().out
+    assert out.startswith("worker setup removed") and "%pool restart for a clean start" in out
