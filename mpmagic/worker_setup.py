@@ -40,6 +40,7 @@ import random
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -302,6 +303,7 @@ def gpu_of(wid: Any) -> str | None:
 # -- worker side ------------------------------------------------------------
 
 WORKER_ID: Any = None  # this worker's id (None in the notebook)
+_setup_module: types.ModuleType | None = None  # the last setup's namespace (see _as_main)
 _installed: dict[str, Any] = {}  # name -> the builtins value it shadowed (or _MISSING)
 _MISSING = object()
 
@@ -371,27 +373,33 @@ def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
 
 def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list[str]]:
     """(the error line or None, the names now installed)."""
+    global _setup_module
     _uninstall()
+    _setup_module = None
     if data is None:
         return None, []
     from . import payload
 
-    ns: dict[str, Any] = {"__name__": "__mpmagic_setup__", "__builtins__": builtins}
+    main = types.ModuleType("__main__")  # the setup's namespace, as a notebook cell's is __main__
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    _setup_module = main  # (kept: its functions' globals)
+    ns: dict[str, Any] = main.__dict__
     try:
         entries = payload.loads(data)
     except BaseException as exc:
         return f"setup could not be loaded on worker {wid}: {type(exc).__name__}: {exc}", []
     for entry in entries:
         try:
-            if entry.kind == "code":
-                lines = entry.data.splitlines(keepends=True)
-                linecache.cache[SETUP_FILENAME] = (len(entry.data), None, lines, SETUP_FILENAME)
-                exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
-            else:
-                func = payload.loads(entry.data)
-                out = func()
-                if isinstance(out, dict):
-                    ns.update(out)
+            with _as_main(main):
+                if entry.kind == "code":
+                    lines = entry.data.splitlines(keepends=True)
+                    linecache.cache[SETUP_FILENAME] = (len(entry.data), None, lines, SETUP_FILENAME)
+                    exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
+                else:
+                    func = payload.loads(entry.data)
+                    out = func()
+                    if isinstance(out, dict):
+                        ns.update(out)
         except BaseException as exc:
             if shadowing(ns):  # (what ran before the failing line would replace builtins: nothing installed)
                 return _shadow_line(shadowing(ns), wid), []
@@ -402,6 +410,28 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         return _shadow_line(bad, wid), []
     _install(ns)
     return None, sorted(_installed)
+
+
+@contextlib.contextmanager
+def _as_main(module: types.ModuleType) -> Iterator[None]:
+    """While the setup runs, its namespace is ``sys.modules["__main__"]``.
+
+    A notebook cell runs in ``__main__``, so the setup does too: its
+    ``__name__`` is ``"__main__"`` (an ``if __name__ == "__main__":`` block
+    runs, as in the notebook), and what looks the module of a class up in
+    ``sys.modules`` finds the setup's names (``@dataclass`` does, and failed
+    with ``'NoneType' object has no attribute '__dict__'`` on a namespace
+    that was no module). The worker's own ``__main__`` is put back after: a
+    class the setup defines is then pickled by value, as the notebook's
+    classes are (a task may return its instances).
+    """
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def shadowing(names: Any) -> list[str]:

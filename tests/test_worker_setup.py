@@ -543,3 +543,17 @@ def test_replacing_a_setup_says_what_running_workers_keep(ip, capsys):
     run(ip, "%pool setup clear")
     out = capsys.readouterr().out
     assert out.startswith("worker setup removed") and "%pool restart for a clean start" in out
+
+
+def test_a_setup_is_the_workers_main_module_while_it_runs(ip):
+    """@dataclass failed in a setup (its namespace was no module in sys.modules)
+    and `if __name__ == "__main__":` was skipped: as in the notebook, both work,
+    and instances of its classes come back to the notebook."""
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nfrom dataclasses import dataclass\n@dataclass\nclass Config:\n    scale: int = 3\n"
+            "CFG = Config()\nif __name__ == '__main__':\n    MODEL = 'loaded'\n")
+    assert run(ip, "%pmap -q lambda x: (CFG.scale * x, MODEL), range(3)") == [(0, "loaded"), (3, "loaded"), (6, "loaded")]
+    back = run(ip, "%pmap -q lambda x: Config(x), range(2)")
+    assert [c.scale for c in back] == [0, 1] and type(back[0]).__name__ == "Config"
+    run(ip, "def _main_has_it(x):\n    import sys\n    return 'CFG' in vars(sys.modules['__main__'])")
+    assert run(ip, "%pmap -q _main_has_it, range(2)") == [False, False]  # (the worker's own __main__ is back)
