@@ -19,9 +19,11 @@ value with the function.
 
 Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
-``SetupDone(version, worker, error, names, output)``: ``error`` is None or one
-line naming the setup line that raised, ``output`` what the setup printed
-(shown by ``%%pool setup``, labelled by worker). The pool's manager thread
+``SetupDone(version, worker, error, names, output, random_state)``: ``error``
+is None or one line naming the setup line that raised, ``output`` what the
+setup printed (shown by ``%%pool setup``, labelled by worker),
+``random_state`` fingerprints of the random generators the setup changed
+(two workers alike draw the same numbers: one line says so). The pool's manager thread
 sends and records them; applying a setup to the current pool from the
 notebook (``%%pool setup``, :func:`mpmagic.on_worker_start`) is in
 ``setup_api.py``, since this module sits below the pool (workers import it).
@@ -69,13 +71,19 @@ _version = 0
 _payload_cache: tuple[int, bytes | None] | None = None
 # worker id -> (setup version it ran, error line or None); filled by the backends.
 _status: dict[Any, tuple[int, str | None]] = {}
-_reported: set[tuple[int, str]] = set()  # failures already printed (one line each)
+_reported: set[tuple[int, str]] = set()  # failures (and the random state line) already printed, once each
 
 
 def _changed() -> None:
     global _version
     _version += 1
     _reported.clear()
+    _random_states.clear()
+
+
+# The current setup's random states: (generator, fingerprint) -> the first worker
+# that reported it (SetupDone.random_state); the line about two alike is shown once.
+_random_states: dict[tuple[str, int], Any] = {}
 
 
 def set_code(source: str) -> None:
@@ -192,13 +200,43 @@ def record(worker: Any, reply: SetupDone) -> str | None:
             _outputs.append("".join(f"[worker {reply.worker}] {line}\n" for line in reply.output.splitlines()))
         if reply.error:
             log.debug("worker %s: %s", worker, reply.error)
-        if not reply.error or reply.version != _version or _quiet:
+        if reply.version != _version:
             return None
+        note = _same_random_state(reply)
+        if note and _quiet:
+            _outputs.append(note)
+            note = None
+        if not reply.error or _quiet:
+            return note
         same = reply.error.replace(f"worker {reply.worker},", "worker ?,", 1)  # one line per failure
         if (reply.version, same) in _reported:
             return None
         _reported.add((reply.version, same))
-        return f"mpmagic: {reply.error}\n"
+        return f"mpmagic: {reply.error}\n" + (note or "")
+
+
+def _same_random_state(reply: SetupDone) -> str | None:
+    """Under the lock: the one line (once per setup) when this worker's setup
+    left a random generator in the state another worker's setup left it in:
+    both draw the same "random" numbers. mpmagic reseeds each worker as it
+    starts, before its setup, and never over the setup's own seed (it is the
+    user's choice)."""
+    if not reply.random_state or (_version, "same random state") in _reported:
+        return None
+    same, others = [], []
+    for name, fp in sorted(reply.random_state.items()):
+        other = _random_states.setdefault((name, fp), reply.worker)
+        if other != reply.worker:
+            same.append(name)
+            others.append(other)
+    if not same:
+        return None
+    _reported.add((_version, "same random state"))
+    first, second = sorted((others[0], reply.worker), key=str)
+    return (f"mpmagic: the setup left workers {first} and {second} with the same state of {' and '.join(same)} "
+            "(it seeds alike in every worker), so they draw the same numbers; for draws that differ per item "
+            "and repeat on any number of workers use --seed S (seed=S), or seed with mpmagic.worker_id() "
+            "in the setup\n")
 
 
 _killed_by: dict[int, str] = {}  # setup version -> the line of the first worker it killed
@@ -366,9 +404,30 @@ def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
     import io
 
     buf = io.StringIO()
+    before = random_fingerprints()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         error, names = _run_setup(ver, data, wid)
-    return SetupDone(ver, wid, error, names, buf.getvalue())
+    changed = {name: fp for name, fp in random_fingerprints().items() if before.get(name) != fp}
+    return SetupDone(ver, wid, error, names, buf.getvalue(), changed or None)
+
+
+def random_fingerprints() -> dict[str, int]:
+    """A hash of ``random``'s state and, if imported, of ``numpy.random``'s global state, by name.
+
+    Compared before and after a setup (a few microseconds): a setup that
+    seeds one (``random.seed(0)``, ``np.random.seed(0)``, a library's
+    ``set_seed``) leaves every worker with the same state of it, and the
+    notebook says so once (:func:`record`).
+    """
+    out = {"random": hash(random.getstate())}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            _, keys, pos, *_ = np.random.get_state()
+            out["numpy.random"] = hash((keys.tobytes(), pos))
+        except Exception:  # a numpy stand-in without random
+            log.debug("numpy.random state not read", exc_info=True)
+    return out
 
 
 def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list[str]]:

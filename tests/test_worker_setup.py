@@ -557,3 +557,16 @@ def test_a_setup_is_the_workers_main_module_while_it_runs(ip):
     assert [c.scale for c in back] == [0, 1] and type(back[0]).__name__ == "Config"
     run(ip, "def _main_has_it(x):\n    import sys\n    return 'CFG' in vars(sys.modules['__main__'])")
     assert run(ip, "%pmap -q _main_has_it, range(2)") == [False, False]  # (the worker's own __main__ is back)
+
+
+def test_a_setup_that_seeds_alike_says_so_once(ip, capsys):
+    """Seeding in a setup gave every worker the same stream, against the guide's
+    word: mpmagic does not reseed over it, one line says so and points to --seed."""
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nimport random\nrandom.seed(0)\n")
+    out = capsys.readouterr().out
+    assert out.count("the same state of random") == 1 and "--seed" in out
+    a, b = run(ip, "%%parallel -n 2 -q\nrandom.random()")  # (what the line warns of: one rank per worker)
+    assert a == b
+    run(ip, "%%pool setup\nimport random, mpmagic\nrandom.seed(mpmagic.worker_id())\nX = random.random()\n")
+    assert "the same state of" not in capsys.readouterr().out
