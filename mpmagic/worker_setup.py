@@ -419,12 +419,18 @@ def random_fingerprints() -> dict[str, int]:
     ``set_seed``) leaves every worker with the same state of it, and the
     notebook says so once (:func:`record`).
     """
-    out = {"random": hash(random.getstate())}
+    import hashlib
+    import pickle
+
+    def digest(data: bytes) -> int:  # (not hash(): salted per process, and hash(None) too before 3.12)
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+    out = {"random": digest(pickle.dumps(random.getstate(), 4))}
     np = sys.modules.get("numpy")
     if np is not None:
         try:
             _, keys, pos, *_ = np.random.get_state()
-            out["numpy.random"] = hash((keys.tobytes(), pos))
+            out["numpy.random"] = digest(keys.tobytes() + int(pos).to_bytes(8, "little"))
         except Exception:  # a numpy stand-in without random
             log.debug("numpy.random state not read", exc_info=True)
     return out
