@@ -269,26 +269,36 @@ def reassert() -> None:
 
 # In a worker: what its %%pool setup changed of the world, which wins over the
 # notebook's (see keep_setup_changes): variables it set (name -> value), ones
-# it removed, and the directory it chose (None: the notebook's).
+# it removed, the directory it chose (None: the notebook's), the recursion
+# limit it set (None: the notebook's), and the warnings filters it added
+# (those it put before the ones it found, and those it appended after them).
 setup_env: dict[str, str] = {}
 setup_removed: set[str] = set()
 own_cwd: str | None = None
+setup_limit: int | None = None
+setup_filters: tuple[list, list] = ([], [])
 
 
 def keep_setup_changes(run: Any) -> Any:
     """Run ``run()`` (a worker setup, or its clearing) and keep what it changed
-    of the world: the environment variables it set, changed or removed and
-    its working directory win over the notebook's from then on, and are put
-    back at each call if a task changed them. Each call starts in the
-    notebook's world (:func:`reassert`), and a setup's
-    ``os.environ["HF_HOME"] = ...`` or ``os.chdir(...)`` was undone at the
-    first call. A new setup (or ``%pool setup clear``) replaces the last
-    one's changes: after a clear, the notebook's world again."""
-    global own_cwd
+    of the world: the environment variables it set, changed or removed, its
+    working directory, its recursion limit and the warnings filters it added
+    win over the notebook's from then on, and are put back at each call if a
+    task changed them. Each call starts in the notebook's world
+    (:func:`reassert`), and a setup's ``os.environ["HF_HOME"] = ...``,
+    ``os.chdir(...)``, ``warnings.filterwarnings("ignore", ...)`` or
+    ``sys.setrecursionlimit(...)`` was undone at the first call. A new setup
+    (or ``%pool setup clear``) replaces the last one's changes: after a
+    clear, the notebook's world again. (Filters a setup removes, e.g. by
+    ``warnings.resetwarnings()``, are not kept removed: the notebook's come back.)"""
+    global own_cwd, setup_limit, setup_filters
     setup_env.clear()
     setup_removed.clear()
-    own_cwd = None
+    own_cwd, setup_limit, setup_filters = None, None, ([], [])
+    if _adopted is not None:  # the notebook's world, without the last setup's changes
+        _adopt(*_adopted)
     env_before, cwd_before = dict(os.environ), os.getcwd()
+    limit_before, filters_before = sys.getrecursionlimit(), list(warnings.filters)
     try:
         return run()
     finally:
@@ -296,6 +306,23 @@ def keep_setup_changes(run: Any) -> Any:
         setup_removed.update(n for n in env_before if n not in os.environ)
         if os.getcwd() != cwd_before:
             own_cwd = os.getcwd()
+        if sys.getrecursionlimit() != limit_before:
+            setup_limit = sys.getrecursionlimit()
+        setup_filters = _added_filters(filters_before, list(warnings.filters))
+
+
+def _added_filters(before: list, after: list) -> tuple[list, list]:
+    """The filters in ``after`` that ``before`` lacks: (those before the first
+    old one, as ``filterwarnings`` puts them; those after it, as ``append=True`` does)."""
+    front: list = []
+    back: list = []
+    seen_old = False
+    for f in after:
+        if f in before:
+            seen_old = True
+        else:
+            (back if seen_old else front).append(f)
+    return front, back
 
 
 _cwd_failed: str | None = None  # in a worker: the directory it last failed to enter (warned once)
@@ -330,6 +357,11 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
         ours = set(path)
         sys.path[:] = list(path) + [p for p in sys.path if p not in ours]
         importlib.invalidate_caches()
+    if setup_limit is not None:
+        limit = setup_limit
+    if setup_filters[0] or setup_filters[1]:  # the setup's first (a filterwarnings moves an equal one up)
+        front, back = setup_filters
+        filters = front + [f for f in filters if f not in front and f not in back] + back
     if limit != sys.getrecursionlimit():
         try:
             sys.setrecursionlimit(limit)

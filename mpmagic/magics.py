@@ -1051,8 +1051,7 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
     if target == "clear":
         if cell is not None:
             raise UsageError("%%pool setup clear takes no cell: run %pool setup clear on its own")
-        setup_api.clear()
-        print("worker setup removed: workers started from now on run none, running ones dropped its names")
+        setup_api.clear()  # (prints that it was removed, and what running workers keep)
         return None
     if cell is None:
         print(worker_setup.describe())

@@ -34,7 +34,7 @@ Worker to notebook (replies; a Dask task returns the same ones)::
     Error(call, tag, index, info, partial, seconds)
     Unpicklable(call, tag, index, info)
     Missing(call, tag, key)            the function ``key`` is not cached here
-    SetupDone(version, worker, error, names, output)
+    SetupDone(version, worker, error, names, output, random_state)
                                        how the setup went (error: one line or None)
 
 ``call`` is the run's id, ``tag`` the unit's (a chunk id or a rank).
@@ -183,6 +183,9 @@ class SetupDone(NamedTuple):
     error: str | None  # one line naming the worker and the setup line that raised
     names: list  # the names the setup defined (builtins of the worker)
     output: str  # what the setup printed (shown by %%pool setup, labelled by worker)
+    # Fingerprints of the random generators' states the setup changed ("random",
+    # "numpy.random"; None: none): two workers with the same draw the same numbers.
+    random_state: dict | None = None
 
 
 # The wire codes. Never reuse a code for another shape.

@@ -127,10 +127,14 @@ def clear() -> list[str]:
     Refused while runs are in flight, as any setup change (:func:`_change`).
     """
     __tracebackhide__ = True
-    return _change(worker_setup.clear, "%pool setup clear", start=False)
+    return _change(worker_setup.clear, "%pool setup clear", start=False, done=CLEARED)
 
 
-def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as: str | None = None) -> list[str]:
+CLEARED = "worker setup removed: workers started from now on run none, running ones dropped its names\n"
+
+
+def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as: str | None = None,
+            done: str = "") -> list[str]:
     """Make a setup ``change`` and run the new setup in the workers; the one-line errors of those where it failed.
 
     Refused with a ``UsageError`` naming them while runs are in flight
@@ -140,19 +144,35 @@ def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as:
     ``start``: start the pool to run it (``%%pool setup``); else only a
     running pool's workers get it now, later ones as they start.
     ``interrupt_as``: the caller, as an interrupt of the wait names it.
+    ``done``: the line saying the change was made (printed first). When
+    running workers had run a setup the change replaces or removes, one line
+    (:data:`KEPT_NOTE`) says they keep what it did to modules and
+    ``sys.path``: only its names are dropped.
     """
     __tracebackhide__ = True
     backend = pool.current_pool()
     if backend is None:  # no pool yet: nothing can be in flight
         change()
-        return run_everywhere(interrupt_as) if start else apply_now(interrupt_as)
+        errors = run_everywhere(interrupt_as) if start else apply_now(interrupt_as)
+        sys.stdout.write(done)
+        return errors
     with backend.runs_held() as busy:
         if busy:
             raise RunsInFlight(_refusal(what, busy))
+        old, running = worker_setup.entries(), backend.running
         change()
-        if start or backend.running:
-            return run_everywhere(interrupt_as, backend)
-        return []
+        errors = run_everywhere(interrupt_as, backend) if start or backend.running else []
+    sys.stdout.write(done)
+    if running and any(e not in worker_setup.entries() for e in old):
+        sys.stdout.write(KEPT_NOTE)
+    return errors
+
+
+# Shown when a setup that running workers ran is replaced or removed: its names
+# go, but not what it did to modules (imports, patches) and sys.path, which new
+# workers will lack; undoing that would take a restart of every worker.
+KEPT_NOTE = ("mpmagic: running workers keep what earlier setups did to modules and sys.path (imports, patches, "
+             "added paths), workers started from now on lack it; %pool restart for a clean start\n")
 
 
 def _refusal(what: str, runs: list[Any]) -> str:

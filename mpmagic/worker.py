@@ -26,7 +26,8 @@ and its fields are in ``mpmagic/protocol.py``:
 * ``Reload``: reload the user's modules the notebook reloaded since this
   worker imported them, and forget the cached functions (``warmup.py``).
 * ``Setup``: run the worker setup (``mpmagic/worker_setup.py``); reply
-  ``SetupDone`` (the error line or None, the names it defined, what it printed).
+  ``SetupDone`` (the error line or None, the names it defined, what it printed,
+  the random generators it changed).
 * ``Stop``: exit.
 
 How a unit runs (:func:`execute_map`, :func:`execute_cell`) is shared with

@@ -362,9 +362,15 @@ def _unit_filters(filters: list, notebook_always: tuple) -> tuple[list, str]:
     "always" warning still comes every time. Elsewhere (a Dask cluster
     mpmagic did not start) every filter becomes "always", and
     :func:`_show_warning` decides from the notebook's filters, in Python.
+    A filter the worker's ``%%pool setup`` added keeps its action (an
+    "ignore" drops the warning here, as it would after the setup in serial
+    Python): the notebook never had it, so it cannot decide for it.
     """
-    rest = "default" if _loaded_here(_always_specs(filters)) == _loaded_here(notebook_always) else "always"
-    return [f if f[0] in ("error", "always") else (rest, *f[1:]) for f in filters], rest
+    front, back = context.setup_filters
+    kept = front + back if front or back else ()
+    mine = [f for f in filters if f not in kept] if kept else filters
+    rest = "default" if _loaded_here(_always_specs(mine)) == _loaded_here(notebook_always) else "always"
+    return [f if f[0] in ("error", "always") or (kept and f in kept) else (rest, *f[1:]) for f in filters], rest
 
 
 def begin(log_context: tuple | None) -> None:

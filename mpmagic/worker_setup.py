@@ -19,9 +19,11 @@ value with the function.
 
 Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
-``SetupDone(version, worker, error, names, output)``: ``error`` is None or one
-line naming the setup line that raised, ``output`` what the setup printed
-(shown by ``%%pool setup``, labelled by worker). The pool's manager thread
+``SetupDone(version, worker, error, names, output, random_state)``: ``error``
+is None or one line naming the setup line that raised, ``output`` what the
+setup printed (shown by ``%%pool setup``, labelled by worker),
+``random_state`` fingerprints of the random generators the setup changed
+(two workers alike draw the same numbers: one line says so). The pool's manager thread
 sends and records them; applying a setup to the current pool from the
 notebook (``%%pool setup``, :func:`mpmagic.on_worker_start`) is in
 ``setup_api.py``, since this module sits below the pool (workers import it).
@@ -40,6 +42,7 @@ import random
 import sys
 import threading
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -68,13 +71,19 @@ _version = 0
 _payload_cache: tuple[int, bytes | None] | None = None
 # worker id -> (setup version it ran, error line or None); filled by the backends.
 _status: dict[Any, tuple[int, str | None]] = {}
-_reported: set[tuple[int, str]] = set()  # failures already printed (one line each)
+_reported: set[tuple[int, str]] = set()  # failures (and the random state line) already printed, once each
 
 
 def _changed() -> None:
     global _version
     _version += 1
     _reported.clear()
+    _random_states.clear()
+
+
+# The current setup's random states: (generator, fingerprint) -> the first worker
+# that reported it (SetupDone.random_state); the line about two alike is shown once.
+_random_states: dict[tuple[str, int], Any] = {}
 
 
 def set_code(source: str) -> None:
@@ -107,6 +116,12 @@ def clear() -> None:
 
 def has_setup() -> bool:
     return bool(_entries)
+
+
+def entries() -> list[_Entry]:
+    """A copy of the current setup's entries (to tell what a change removed)."""
+    with _lock:
+        return list(_entries)
 
 
 _STATUS_KEPT = 4096  # workers remembered (a run with --max-tasks-per-child 1 starts one per item)
@@ -185,13 +200,43 @@ def record(worker: Any, reply: SetupDone) -> str | None:
             _outputs.append("".join(f"[worker {reply.worker}] {line}\n" for line in reply.output.splitlines()))
         if reply.error:
             log.debug("worker %s: %s", worker, reply.error)
-        if not reply.error or reply.version != _version or _quiet:
+        if reply.version != _version:
             return None
+        note = _same_random_state(reply)
+        if note and _quiet:
+            _outputs.append(note)
+            note = None
+        if not reply.error or _quiet:
+            return note
         same = reply.error.replace(f"worker {reply.worker},", "worker ?,", 1)  # one line per failure
         if (reply.version, same) in _reported:
             return None
         _reported.add((reply.version, same))
-        return f"mpmagic: {reply.error}\n"
+        return f"mpmagic: {reply.error}\n" + (note or "")
+
+
+def _same_random_state(reply: SetupDone) -> str | None:
+    """Under the lock: the one line (once per setup) when this worker's setup
+    left a random generator in the state another worker's setup left it in:
+    both draw the same "random" numbers. mpmagic reseeds each worker as it
+    starts, before its setup, and never over the setup's own seed (it is the
+    user's choice)."""
+    if not reply.random_state or (_version, "same random state") in _reported:
+        return None
+    same, others = [], []
+    for name, fp in sorted(reply.random_state.items()):
+        other = _random_states.setdefault((name, fp), reply.worker)
+        if other != reply.worker:
+            same.append(name)
+            others.append(other)
+    if not same:
+        return None
+    _reported.add((_version, "same random state"))
+    first, second = sorted((others[0], reply.worker), key=str)
+    return (f"mpmagic: the setup left workers {first} and {second} with the same state of {' and '.join(same)} "
+            "(it seeds alike in every worker), so they draw the same numbers; for draws that differ per item "
+            "and repeat on any number of workers use --seed S (seed=S), or seed with mpmagic.worker_id() "
+            "in the setup\n")
 
 
 _killed_by: dict[int, str] = {}  # setup version -> the line of the first worker it killed
@@ -296,6 +341,7 @@ def gpu_of(wid: Any) -> str | None:
 # -- worker side ------------------------------------------------------------
 
 WORKER_ID: Any = None  # this worker's id (None in the notebook)
+_setup_module: types.ModuleType | None = None  # the last setup's namespace (see _as_main)
 _installed: dict[str, Any] = {}  # name -> the builtins value it shadowed (or _MISSING)
 _MISSING = object()
 
@@ -358,34 +404,67 @@ def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
     import io
 
     buf = io.StringIO()
+    before = random_fingerprints()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
         error, names = _run_setup(ver, data, wid)
-    return SetupDone(ver, wid, error, names, buf.getvalue())
+    changed = {name: fp for name, fp in random_fingerprints().items() if before.get(name) != fp}
+    return SetupDone(ver, wid, error, names, buf.getvalue(), changed or None)
+
+
+def random_fingerprints() -> dict[str, int]:
+    """A hash of ``random``'s state and, if imported, of ``numpy.random``'s global state, by name.
+
+    Compared before and after a setup (a few microseconds): a setup that
+    seeds one (``random.seed(0)``, ``np.random.seed(0)``, a library's
+    ``set_seed``) leaves every worker with the same state of it, and the
+    notebook says so once (:func:`record`).
+    """
+    import hashlib
+    import pickle
+
+    def digest(data: bytes) -> int:  # (not hash(): salted per process, and hash(None) too before 3.12)
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+    out = {"random": digest(pickle.dumps(random.getstate(), 4))}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            _, keys, pos, *_ = np.random.get_state()
+            out["numpy.random"] = digest(keys.tobytes() + int(pos).to_bytes(8, "little"))
+        except Exception:  # a numpy stand-in without random
+            log.debug("numpy.random state not read", exc_info=True)
+    return out
 
 
 def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list[str]]:
     """(the error line or None, the names now installed)."""
+    global _setup_module
     _uninstall()
+    _setup_module = None
     if data is None:
         return None, []
     from . import payload
 
-    ns: dict[str, Any] = {"__name__": "__mpmagic_setup__", "__builtins__": builtins}
+    main = types.ModuleType("__main__")  # the setup's namespace, as a notebook cell's is __main__
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    _setup_module = main  # (kept: its functions' globals)
+    ns: dict[str, Any] = main.__dict__
     try:
         entries = payload.loads(data)
     except BaseException as exc:
         return f"setup could not be loaded on worker {wid}: {type(exc).__name__}: {exc}", []
     for entry in entries:
         try:
-            if entry.kind == "code":
-                lines = entry.data.splitlines(keepends=True)
-                linecache.cache[SETUP_FILENAME] = (len(entry.data), None, lines, SETUP_FILENAME)
-                exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
-            else:
-                func = payload.loads(entry.data)
-                out = func()
-                if isinstance(out, dict):
-                    ns.update(out)
+            with _as_main(main):
+                if entry.kind == "code":
+                    lines = entry.data.splitlines(keepends=True)
+                    linecache.cache[SETUP_FILENAME] = (len(entry.data), None, lines, SETUP_FILENAME)
+                    exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
+                else:
+                    func = payload.loads(entry.data)
+                    out = func()
+                    if isinstance(out, dict):
+                        ns.update(out)
         except BaseException as exc:
             if shadowing(ns):  # (what ran before the failing line would replace builtins: nothing installed)
                 return _shadow_line(shadowing(ns), wid), []
@@ -396,6 +475,28 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         return _shadow_line(bad, wid), []
     _install(ns)
     return None, sorted(_installed)
+
+
+@contextlib.contextmanager
+def _as_main(module: types.ModuleType) -> Iterator[None]:
+    """While the setup runs, its namespace is ``sys.modules["__main__"]``.
+
+    A notebook cell runs in ``__main__``, so the setup does too: its
+    ``__name__`` is ``"__main__"`` (an ``if __name__ == "__main__":`` block
+    runs, as in the notebook), and what looks the module of a class up in
+    ``sys.modules`` finds the setup's names (``@dataclass`` does, and failed
+    with ``'NoneType' object has no attribute '__dict__'`` on a namespace
+    that was no module). The worker's own ``__main__`` is put back after: a
+    class the setup defines is then pickled by value, as the notebook's
+    classes are (a task may return its instances).
+    """
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        yield
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def shadowing(names: Any) -> list[str]:

@@ -541,3 +541,79 @@ def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_p
     assert run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)") == plain
     assert run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)") == plain  # (now stored)
     assert "resumed: 8 of 8 items" in mpmagic.last_report().line()
+
+
+SETUP_QUIET = ("import warnings, sys\nwarnings.filterwarnings('ignore', message='mpm-noisy')\n"
+               "sys.setrecursionlimit(4321)\n")
+PROBE = ("def _probe(x):\n    import warnings, sys\n    with warnings.catch_warnings(record=True) as w:\n"
+         "        warnings.warn('mpm-noisy library', UserWarning)\n    return len(w), sys.getrecursionlimit()\n")
+
+
+def test_a_setups_warnings_filters_and_recursion_limit_win(ip, capfd):
+    """The notebook's filters and limit were put back at every call, undoing a
+    setup's filterwarnings("ignore") and setrecursionlimit: now the oracle
+    (the setup's code, then map) holds, also after the same setup runs again."""
+    import sys
+    import warnings
+
+    ensure_pool("forkserver")
+    ns: dict = {}
+    limit = sys.getrecursionlimit()
+    with warnings.catch_warnings():
+        try:
+            exec(SETUP_QUIET + PROBE, ns)
+            serial = list(map(ns["_probe"], range(4)))
+        finally:
+            sys.setrecursionlimit(limit)
+    assert serial == [(0, 4321)] * 4
+    run(ip, PROBE)
+    for _ in range(2):  # (running the same cell again kept nothing of it: its changes were the "before")
+        run(ip, "%%pool setup\n" + SETUP_QUIET)
+        assert run(ip, "%pmap -q --chunksize 1 _probe, range(4)") == serial
+    run(ip, "import warnings\n%pmap -q lambda x: warnings.warn('mpm-noisy unrecorded'), range(2)")
+    assert "mpm-noisy" not in "".join(capfd.readouterr())
+    run(ip, "%pool setup clear")
+    assert run(ip, "%pmap -q --chunksize 1 _probe, range(4)") == [(1, limit)] * 4
+
+
+def test_replacing_a_setup_says_what_running_workers_keep(ip, capsys):
+    """A new setup or clear drops the old one's names, not its imports and
+    patches: one line says so when running workers had run it (not for the
+    same setup again)."""
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nimport json\njson.MPM_PATCHED = 1\n")
+    run(ip, "%%pool setup\nimport json\njson.MPM_PATCHED = 1\n")
+    assert "keep what earlier setups did" not in capsys.readouterr().out
+    run(ip, "%%pool setup\nOTHER = 2\n")
+    assert capsys.readouterr().out.count("keep what earlier setups did to modules and sys.path") == 1
+    run(ip, "%pool setup clear")
+    out = capsys.readouterr().out
+    assert out.startswith("worker setup removed") and "%pool restart for a clean start" in out
+
+
+def test_a_setup_is_the_workers_main_module_while_it_runs(ip):
+    """@dataclass failed in a setup (its namespace was no module in sys.modules)
+    and `if __name__ == "__main__":` was skipped: as in the notebook, both work,
+    and instances of its classes come back to the notebook."""
+    ensure_pool("forkserver")
+    run(ip, "%%pool setup\nfrom dataclasses import dataclass\n@dataclass\nclass Config:\n    scale: int = 3\n"
+            "CFG = Config()\nif __name__ == '__main__':\n    MODEL = 'loaded'\n")
+    assert run(ip, "%pmap -q lambda x: (CFG.scale * x, MODEL), range(3)") == [(0, "loaded"), (3, "loaded"), (6, "loaded")]
+    back = run(ip, "%pmap -q lambda x: Config(x), range(2)")
+    assert [c.scale for c in back] == [0, 1] and type(back[0]).__name__ == "Config"
+    run(ip, "def _main_has_it(x):\n    import sys\n    return 'CFG' in vars(sys.modules['__main__'])")
+    assert run(ip, "%pmap -q _main_has_it, range(2)") == [False, False]  # (the worker's own __main__ is back)
+
+
+def test_a_setup_that_seeds_alike_says_so_once(ip, capsys):
+    """Seeding in a setup gave every worker the same stream, against the guide's
+    word: mpmagic does not reseed over it, one line says so and points to --seed.
+    (spawn: workers that share no hash salt, nor None's address before 3.12.)"""
+    ensure_pool("spawn")
+    run(ip, "%%pool setup\nimport random\nrandom.seed(0)\n")
+    out = capsys.readouterr().out
+    assert out.count("the same state of random") == 1 and "--seed" in out
+    a, b = run(ip, "%%parallel -n 2 -q\nrandom.random()")  # (what the line warns of: one rank per worker)
+    assert a == b
+    run(ip, "%%pool setup\nimport random, mpmagic\nrandom.seed(mpmagic.worker_id())\nX = random.random()\n")
+    assert "the same state of" not in capsys.readouterr().out
