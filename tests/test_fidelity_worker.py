@@ -284,6 +284,7 @@ def test_dask_workers_get_nothing_of_the_notebooks_world(ip, dask_cluster, reque
 def test_warnings_filter_of_a_notebook_class_and_no_ipython_in_workers(ip, local_pool):
     """A filter for a warning class defined in the notebook travels (by value);
     IPython's own filters do not (loading them would import IPython in workers)."""
+    mpmagic.restart_pool()  # (fresh workers: an earlier test's setup may have imported IPython in them)
     run(ip, "import warnings, sys\nclass CellWarning(UserWarning):\n    pass\n"
             "def cell_warn(x):\n    warnings.warn('from the cell', CellWarning)\n    return 'IPython' in sys.modules\n")
     with warnings.catch_warnings():
