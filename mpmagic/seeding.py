@@ -162,6 +162,7 @@ class Seeded:
 
     def __call__(self, pair: tuple[int, Any]) -> Any:
         global _current
+        __tracebackhide__ = True  # (ours: a task's traceback shows the user's frames only, as without --seed)
         index, item = pair
         enter(self.seed, index, self.numpy)
         try:
