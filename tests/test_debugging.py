@@ -177,6 +177,20 @@ def test_pdebug_numbers_a_ranks_lines_as_its_cell_and_its_traceback(ip, fs_pool,
         "%%parallel: the cell has a syntax error on line 4: expected an indented block after 'if' statement on line 3")
 
 
+def test_pdebug_debugs_an_exception_class_defined_in_the_function(ip, fs_pool, capsys):
+    # (it came back named Local, not f.<locals>.Local, and %pdebug said the failure "depended on the worker")
+    run(ip, "def with_local(x):\n    class Local(Exception):\n        pass\n    if x == 1:\n        raise Local(x)\n    return x\n")
+    with pytest.raises(Exception) as serial:
+        run(ip, "with_local(1)")
+    with pytest.raises(Exception) as raised:
+        run(ip, "%pmap -q with_local, range(3)")
+    assert type(raised.value).__qualname__ == type(serial.value).__qualname__ == "with_local.<locals>.Local"
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "p x\nq\n", capsys)
+    assert "depended on the worker" not in out
+    assert "raise Local(x)" in out and "ipdb> 1\n" in out
+
+
 def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     run(ip, "def f(x):\n    big = 'z' * 1000\n    secret = x + 1\n    return 1 // (x - 4)\n")
     results = run(ip, "%pmap -q --errors collect f, range(6)")
