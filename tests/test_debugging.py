@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
+import traceback
 import warnings
 
 import pytest
@@ -189,6 +191,18 @@ def test_pdebug_debugs_an_exception_class_defined_in_the_function(ip, fs_pool, c
     out = _debug(ip, "%pdebug", "p x\nq\n", capsys)
     assert "depended on the worker" not in out
     assert "raise Local(x)" in out and "ipdb> 1\n" in out
+
+
+def test_debug_after_a_failed_parallel_cell_stops_at_the_ranks_line(ip, fs_pool, capsys):
+    # (%debug stopped in mpmagic/api.py at the raise of ParallelError; after %pmap it stops at the task's line)
+    ip.run_cell("%%parallel -n 2 -q\nx = rank + 5\nif rank == 1:\n    1 / 0\n", store_history=False)
+    assert type(sys.last_value).__name__ == "ParallelError"
+    ours = os.path.dirname(mpmagic.__file__)
+    frames = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(sys.last_traceback)]
+    assert frames[-1][1] == 4 and not [f for f in frames if f[0].startswith(ours)], frames
+    capsys.readouterr()
+    out = _debug(ip, "%debug", "where\nq\n", capsys)
+    assert "----> 4     1 / 0" in out and ours not in out, out
 
 
 def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
