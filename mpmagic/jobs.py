@@ -914,7 +914,10 @@ class MapJob:
         if self.collect:
             self._complete(unit, [Failed(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)], 0.0)
         else:
-            self._fail(unit.start + (index or 0), exc)
+            idx = unit.start + (index or 0)
+            if idx not in self._errors and unit.items:  # (last_failures() names its input, as a collect run's Failed)
+                self._infos[idx] = debugging.failure_of(exc, index=idx, item=self._shown(unit.items[index or 0])[0])
+            self._fail(idx, exc)
 
     def requeue(self, unit: Unit) -> None:
         """A unit that was queued behind a lost one goes out again."""
