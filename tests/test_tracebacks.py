@@ -58,6 +58,20 @@ def test_a_task_frame_is_named_as_its_cell(ip, local_pool):
     assert re.search(r"----> 1 get_ipython\(\).run_line_magic\('pmap', 'inverse, \[3, 1\]'\)\n\n" + re.escape(f"Cell In[{n}], line 3"), text), text
 
 
+def test_the_item_note_names_a_partial_and_a_callable_object_as_their_call(ip, local_pool):
+    # (both were named "func": "raised by item 2 of the input: func(2)")
+    defined(ip, "import functools\ndef pick(a, x, k=0):\n    return a[x + k]\n"
+                "class Scaler:\n    def __call__(self, x):\n        return 10 / x\n")
+    cases = {"functools.partial(pick, [1, 2], k=1)": ("pick([1, 2], 1, k=1)", [0, 1]),
+             "Scaler()": ("Scaler(0)", [1, 0])}
+    for func, (call, items) in cases.items():
+        _, _, serial = shown(ip, f"list(map({func}, {items}))")
+        _, text, err = shown(ip, f"%pmap -q {func}, {items}")
+        assert type(err) is type(serial) and err.__notes__ == [f"mpmagic: raised by item 1 of the input: {call}"], text
+        _, _, seeded = shown(ip, f"%pmap -q --seed 1 {func}, {items}")
+        assert seeded.__notes__ == err.__notes__
+
+
 def test_cause_and_effect_both_shown_as_python_does(ip, local_pool):
     n = defined(ip, "def lookup(k):\n    try:\n        return {}[k]\n    except KeyError as e:\n        raise LookupError(k) from e\n")
     _, text, err = shown(ip, "%pmap lookup, ['a']")
