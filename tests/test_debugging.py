@@ -354,19 +354,14 @@ def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
 
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
+    # last_failures() names its input, as a collect run's Failed does (errors='raise' recorded item None)
+    ip.run_cell("%pmap -q crash, ['b']", store_history=False)
+    [info] = mpmagic.last_failures()
+    assert isinstance(info.error, mpmagic.WorkerLostError) and (info.index, info.item) == (0, "b")
     results = run(ip, "%pmap -q --errors collect crash, [1]")
     assert isinstance(results[0], mpmagic.Failed)
     result = ip.run_cell("%pdebug 0", store_history=False)
     assert "replaying it here could do the same to the notebook" in str(result.error_in_exec)
-
-
-def test_last_failures_names_the_input_of_an_item_whose_worker_died(ip, fs_pool):
-    # (errors='raise' recorded item None, while the error named 'b' and a collect run recorded 'b')
-    run(ip, "import os\ndef dies_on_b(x):\n    if x == 'b':\n        os._exit(3)\n    return x\n")
-    for errors in ("raise", "collect"):
-        ip.run_cell(f"%pmap -q --errors {errors} dies_on_b, ['a', 'b', 'c']", store_history=False)
-        [info] = mpmagic.last_failures()
-        assert isinstance(info.error, mpmagic.WorkerLostError) and (info.index, info.item) == (1, "b"), errors
 
 
 def test_pdebug_question_mark_shows_its_help_as_every_magic_does(ip):
