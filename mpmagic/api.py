@@ -1579,12 +1579,16 @@ class CellCall:
             n = len(job.failures)
             ranks = ", ".join(map(str, sorted(job.failures)))
             first = job.failures[min(job.failures)]
-            raise ParallelError(
+            error = ParallelError(
                 f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
                 f"rank {min(job.failures)}: {type(first).__name__}: {first}",
                 dict(job.failures),
                 dict(job.values),
-            ) from None
+            )
+            # Its traceback goes on into the first failing rank's frames, as a map's task error does:
+            # %debug stops at the rank's line, not at this raise (IPython shows the error as one line).
+            frames = next((e.__traceback__ for _, e in sorted(job.failures.items()) if e.__traceback__), None)
+            raise error.with_traceback(frames) from None
         values = RankValues(job.results())
         values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in self.gather}
         values.ranks_without_setup = tuple(sorted(job.ranks_without_setup))

@@ -192,6 +192,8 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
             exc = _new_exception(cls, rec, payload, memo)
     if not isinstance(exc, BaseException):
         exc = RemoteError(rec.type_name, rec.message)
+    else:
+        _keep_qualname(type(exc), rec.type_name)
     memo[id(rec)] = exc
     if rec.notes is not None:
         _restore(exc, "__notes__", list(rec.notes), rec)
@@ -202,6 +204,25 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
         _restore(exc, "__context__", rebuild(rec.context, memo), rec)
     _restore(exc, "__suppress_context__", rec.suppress_context, rec)
     return exc
+
+
+def _keep_qualname(cls: type, qualname: str) -> None:
+    """Give ``cls`` the qualified name it had in the worker (``rec.type_name``).
+
+    A class the worker made (one defined inside the task's function) travels
+    by value, and cloudpickle rebuilds it with its ``__name__`` as its
+    ``__qualname__``: ``Local``, where serially it is ``f.<locals>.Local``.
+    ``%pdebug`` tells the worker's failure from another by the qualified
+    name, and tracebacks show it: the worker's is put back. A class that
+    kept its own (imported, or the notebook's, which comes back as itself)
+    is left as it is.
+    """
+    if cls.__qualname__ == qualname or "." not in qualname or qualname.rsplit(".", 1)[1] != cls.__name__:
+        return
+    try:
+        cls.__qualname__ = qualname
+    except (TypeError, AttributeError) as why:  # (a builtin or extension type: never rebuilt by value)
+        logger.debug("qualname of %s not restored: %s", qualname, why)
 
 
 def _restore(exc: BaseException, name: str, value: Any, rec: ExcRecord) -> None:

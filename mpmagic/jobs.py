@@ -10,6 +10,7 @@ same results, errors, output and timing.
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 import logging
 import re
@@ -41,6 +42,7 @@ from .errors import (
     unloadable_results,
 )
 from .exc_record import rebuild
+from .fmt import func_name
 from .protocol import Cell, Map
 from .warmup import OneTimeCosts
 from .worker import ErrorInfo
@@ -98,16 +100,26 @@ def shown_item(func: Any, star: bool, item: Any) -> tuple[Any, bool]:
 
 
 def item_note(func: Any, star: bool, index: int, item: Any) -> str:
-    """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)"."""
-    item, star = shown_item(func, star, item)
+    """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)".
+
+    The call reads as the user wrote it: a ``functools.partial`` as the call it
+    makes (``g([1, 2], 3)``), a callable object by its class (``Scaler(3)``),
+    a ``seed=`` run by the user's function, not its wrapper.
+    """
+    if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
+        item, star = shown_item(func, star, item)
+        func = func.func
     if not star:
-        args = f"({short_repr(item)})"
+        args = [short_repr(item)]
     elif isinstance(item, (tuple, list)) and len(item) <= 8:
-        args = "(" + ", ".join(short_repr(a) for a in item) + ")"
+        args = [short_repr(a) for a in item]
     else:  # (many arguments, or an item star cannot unpack)
-        args = f"(*{short_repr(item)})"
-    name = getattr(func, "__name__", "func")
-    return f"mpmagic: raised by item {index} of the input: {name}{args}"
+        args = [f"*{short_repr(item)}"]
+    while isinstance(func, functools.partial):  # (what the partial adds, around the item's own arguments)
+        args = ([short_repr(a) for a in func.args] + args
+                + [f"{k}={short_repr(v)}" for k, v in func.keywords.items()])
+        func = func.func
+    return f"mpmagic: raised by item {index} of the input: {func_name(func)}({', '.join(args)})"
 
 
 def rebuild_exception(info: Any, where: str) -> BaseException:
@@ -946,7 +958,10 @@ class MapJob:
         if self.collect:
             self._complete(unit, [Failed(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)], 0.0)
         else:
-            self._fail(unit.start + (index or 0), exc)
+            idx = unit.start + (index or 0)
+            if idx not in self._errors and unit.items:  # (last_failures() names its input, as a collect run's Failed)
+                self._infos[idx] = debugging.failure_of(exc, index=idx, item=self._shown(unit.items[index or 0])[0])
+            self._fail(idx, exc)
 
     def requeue(self, unit: Unit) -> None:
         """A unit that was queued behind a lost one goes out again."""

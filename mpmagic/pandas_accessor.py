@@ -74,9 +74,11 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
     skipping NaN under ``na_action='ignore'``...) as it would for the whole
     frame; only the assembly of the results waits for home, where it sees them all.
     """
+    __tracebackhide__ = True  # (ours: a task's traceback starts at pandas' call, as serially)
     values: list = []
 
     def recorder(x: Any) -> Any:
+        __tracebackhide__ = True
         try:
             value = func(x)
         except BaseException as exc:
@@ -127,6 +129,7 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
     ``options``: pandas' own keywords for its apply (``include_groups``), so each
     group is what pandas' call on the whole would hand ``func``.
     """
+    __tracebackhide__ = True
     wanted = {_group_key(name) for name in names}
     found: dict = {}
     grouped = batch.groupby(**spec)
@@ -134,6 +137,7 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
         grouped = grouped[selection]
 
     def record(group: Any) -> None:
+        __tracebackhide__ = True
         key = _group_key(group.name)
         if key in wanted:  # observed=False may also show empty groups of absent categories
             try:
@@ -265,6 +269,7 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
     ``fixed``: the user chose the number of pieces (``chunks=``), else it was automatic.
     The report is shown by :func:`_report`, once the result is assembled.
     """
+    __tracebackhide__ = True  # (ours, as pmap's: a task's error shows the cell's line, then the task's frames)
     from . import api
 
     try:
@@ -395,6 +400,7 @@ def _bind(func: Callable, args: tuple, kwargs: dict) -> Callable:
 
 
 def _call_with(x: Any, func: Callable, args: tuple, kwargs: dict) -> Any:
+    __tracebackhide__ = True
     return func(x, *args, **kwargs)
 
 
@@ -503,6 +509,7 @@ class FrameAccessor:
         (``by_row``, ``engine``...) are pandas', never ``func``'s; an ``engine``
         runs pandas' call here.
         """
+        __tracebackhide__ = True
         started = time.perf_counter()
         _own_options("df.mp.apply", func, workers, chunks, quiet, compare)
         df = self._obj
@@ -544,6 +551,7 @@ class SeriesAccessor:
         A mapping (dict, Series) is not worth sending: pandas' own map runs here,
         as it does with an ``engine`` (pandas' option, never ``func``'s).
         """
+        __tracebackhide__ = True
         started = time.perf_counter()
         _own_options("series.mp.map", func, workers, chunks, quiet, compare)
         s = self._obj
@@ -563,6 +571,7 @@ class SeriesAccessor:
         pandas' vectorized call on the whole Series: it runs here, as does
         ``by_row=False`` (pandas calls ``func`` once, on the whole Series).
         """
+        __tracebackhide__ = True
         started = time.perf_counter()
         _own_options("series.mp.apply", func, workers, chunks, quiet, compare)
         s = self._obj
@@ -575,6 +584,7 @@ class SeriesAccessor:
     def _per_value(self, method: str, options: dict, func: Callable, workers: int | None, chunks: int | None,
                    quiet: bool, started: float, serial: Callable[[], Any] | None) -> Any:
         """``series.<method>(func, **options)``: recorded in the workers by chunk, assembled here by pandas."""
+        __tracebackhide__ = True
         s = self._obj
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         items = [s.iloc[a:b] for a, b in _bounds(len(s), pieces)]
@@ -616,6 +626,7 @@ class GroupByAccessor:
         pandas' own options (``include_groups``) are passed to pandas' apply, in
         the workers and here, never to ``func``.
         """
+        __tracebackhide__ = True
         started = time.perf_counter()
         _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
@@ -647,6 +658,7 @@ class GroupByAccessor:
 
 def _apply_batch(item: tuple, spec: dict, selection: Any, func: Callable, args: tuple, kwargs: dict,
                  options: dict | None = None) -> list:
+    __tracebackhide__ = True
     batch, names = item
     return _apply_groups(batch, names, spec, selection, func, args, kwargs, options or {})
 
@@ -657,6 +669,7 @@ def _lookup(group: Any, values: dict, func: Callable, args: tuple, kwargs: dict)
     Those are the empty groups pandas makes for unobserved categories
     (``observed=False`` with several keys): nothing to compute in parallel.
     """
+    __tracebackhide__ = True
     try:
         return values[_group_key(group.name)]
     except KeyError:

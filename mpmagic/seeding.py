@@ -29,6 +29,8 @@ import random
 import sys
 from typing import TYPE_CHECKING, Any
 
+from .fmt import func_name
+
 if TYPE_CHECKING:
     import numpy
 
@@ -152,7 +154,7 @@ class Seeded:
     def __init__(self, func: Any, seed: int, star: bool) -> None:
         self.func, self.seed, self.star = func, seed, star
         self.numpy = uses_numpy(func)  # (decided here: every worker and the serial run seed alike)
-        self.__name__ = getattr(func, "__name__", "func")
+        self.__name__ = func_name(func)  # (%pool runs, reports: a partial or callable object by its type, as without seed=)
         self.__qualname__ = getattr(func, "__qualname__", self.__name__)
 
     @staticmethod
@@ -162,6 +164,7 @@ class Seeded:
 
     def __call__(self, pair: tuple[int, Any]) -> Any:
         global _current
+        __tracebackhide__ = True  # (ours: a task's traceback shows the user's frames only, as without --seed)
         index, item = pair
         enter(self.seed, index, self.numpy)
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
+import traceback
 import warnings
 
 import pytest
@@ -177,6 +179,32 @@ def test_pdebug_numbers_a_ranks_lines_as_its_cell_and_its_traceback(ip, fs_pool,
         "%%parallel: the cell has a syntax error on line 4: expected an indented block after 'if' statement on line 3")
 
 
+def test_pdebug_debugs_an_exception_class_defined_in_the_function(ip, fs_pool, capsys):
+    # (it came back named Local, not f.<locals>.Local, and %pdebug said the failure "depended on the worker")
+    run(ip, "def with_local(x):\n    class Local(Exception):\n        pass\n    if x == 1:\n        raise Local(x)\n    return x\n")
+    with pytest.raises(Exception) as serial:
+        run(ip, "with_local(1)")
+    with pytest.raises(Exception) as raised:
+        run(ip, "%pmap -q with_local, range(3)")
+    assert type(raised.value).__qualname__ == type(serial.value).__qualname__ == "with_local.<locals>.Local"
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug", "p x\nq\n", capsys)
+    assert "depended on the worker" not in out
+    assert "raise Local(x)" in out and "ipdb> 1\n" in out
+
+
+def test_debug_after_a_failed_parallel_cell_stops_at_the_ranks_line(ip, fs_pool, capsys):
+    # (%debug stopped in mpmagic/api.py at the raise of ParallelError; after %pmap it stops at the task's line)
+    ip.run_cell("%%parallel -n 2 -q\nx = rank + 5\nif rank == 1:\n    1 / 0\n", store_history=False)
+    assert type(sys.last_value).__name__ == "ParallelError"
+    ours = os.path.dirname(mpmagic.__file__)
+    frames = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(sys.last_traceback)]
+    assert frames[-1][1] == 4 and not [f for f in frames if f[0].startswith(ours)], frames
+    capsys.readouterr()
+    out = _debug(ip, "%debug", "where\nq\n", capsys)
+    assert "----> 4     1 / 0" in out and ours not in out, out
+
+
 def test_a_failure_carries_locals_worker_and_input(ip, local_pool):
     run(ip, "def f(x):\n    big = 'z' * 1000\n    secret = x + 1\n    return 1 // (x - 4)\n")
     results = run(ip, "%pmap -q --errors collect f, range(6)")
@@ -326,6 +354,10 @@ def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
 
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
+    # last_failures() names its input, as a collect run's Failed does (errors='raise' recorded item None)
+    ip.run_cell("%pmap -q crash, ['b']", store_history=False)
+    [info] = mpmagic.last_failures()
+    assert isinstance(info.error, mpmagic.WorkerLostError) and (info.index, info.item) == (0, "b")
     results = run(ip, "%pmap -q --errors collect crash, [1]")
     assert isinstance(results[0], mpmagic.Failed)
     result = ip.run_cell("%pdebug 0", store_history=False)

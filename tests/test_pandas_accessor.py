@@ -14,8 +14,10 @@ import re
 import subprocess
 import sys
 import textwrap
+import traceback
 
 import pytest
+from IPython.utils.capture import capture_output
 
 pd = pytest.importorskip("pandas")
 np = pytest.importorskip("numpy")
@@ -221,6 +223,24 @@ def test_a_failure_names_the_row_or_group_not_the_piece(ip, frame) -> None:
         run(ip, "df.groupby('key').mp.apply(lambda g: 1 / (g.name - 2), chunks=4, quiet=True)")
     assert row.value.__notes__ == ["mpmagic: raised by row ('a', 3)"]
     assert group.value.__notes__ == ["mpmagic: raised by group 2"]
+
+
+@pytest.mark.parametrize("code", ["df['x'].mp.map(lambda v: 1 / (v - 3), quiet=True)",
+                                  "df['x'].mp.apply(lambda v, k: 1 / (v - k), args=(3,), quiet=True)",
+                                  "df.mp.apply(row_fails, axis=1, quiet=True)",
+                                  "df.groupby('key').mp.apply(lambda g: 1 / (g.name - 2), quiet=True)"])
+def test_a_failure_shows_pandas_frames_and_the_functions_not_ours(ip, frame, code) -> None:
+    # As %pmap and serial pandas: the cell's line, pandas' frames, the function's. (The accessor's
+    # SeriesAccessor.map, _per_value, _run, _record and recorder were shown too.)
+    with capture_output() as cap:
+        err = ip.run_cell(code, store_history=False).error_in_exec
+    assert isinstance(err, ZeroDivisionError)
+    ours = os.path.dirname(mpmagic.__file__)
+    assert ours not in cap.stdout + cap.stderr and "skipping hidden" not in cap.stdout, cap.stdout
+    frames = [f.f_code for f, _ in traceback.walk_tb(sys.last_traceback)]  # what %debug walks
+    assert not [c for c in frames if c.co_filename.startswith(ours)], frames
+    assert frames[-1].co_name in ("<lambda>", "row_fails")
+    assert any("/pandas/" in c.co_filename for c in frames)
 
 
 def test_groupby_by_an_array_says_what_to_do(ip, frame) -> None:

@@ -9,13 +9,18 @@ notebook; the text checked is what IPython displays (captured output).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+import traceback
 
 from IPython.utils.capture import capture_output
 
+import mpmagic
+
 INTERNAL = ("mpmagic/", "mpmagic\\", "cloudpickle", "multiprocessing", "interactiveshell.py", "<parallel-cell-",
             "skipping hidden")  # (IPython's note for frames it hides: ours, with the extension loaded, are gone)
+PACKAGE = os.path.dirname(mpmagic.__file__)
 
 
 def shown(ip, code: str) -> tuple[int, str, BaseException | None]:
@@ -29,6 +34,11 @@ def defined(ip, code: str) -> int:
     n, text, err = shown(ip, code)
     assert err is None, text
     return n
+
+
+def last_traceback_frames() -> list[tuple[str, str]]:
+    """(file, function) of the frames ``%debug`` walks, innermost last (those of the last error shown)."""
+    return [(frame.f_code.co_filename, frame.f_code.co_name) for frame, _ in traceback.walk_tb(sys.last_traceback)]
 
 
 def assert_clean(text: str) -> None:
@@ -46,6 +56,20 @@ def test_a_task_frame_is_named_as_its_cell(ip, local_pool):
     # As serial map shows it: the cell's line, then the task's frames, nothing between.
     assert "skipping hidden" not in text
     assert re.search(r"----> 1 get_ipython\(\).run_line_magic\('pmap', 'inverse, \[3, 1\]'\)\n\n" + re.escape(f"Cell In[{n}], line 3"), text), text
+
+
+def test_the_item_note_names_a_partial_and_a_callable_object_as_their_call(ip, local_pool):
+    # (both were named "func": "raised by item 2 of the input: func(2)")
+    defined(ip, "import functools\ndef pick(a, x, k=0):\n    return a[x + k]\n"
+                "class Scaler:\n    def __call__(self, x):\n        return 10 / x\n")
+    cases = {"functools.partial(pick, [1, 2], k=1)": ("pick([1, 2], 1, k=1)", [0, 1]),
+             "Scaler()": ("Scaler(0)", [1, 0])}
+    for func, (call, items) in cases.items():
+        _, _, serial = shown(ip, f"list(map({func}, {items}))")
+        _, text, err = shown(ip, f"%pmap -q {func}, {items}")
+        assert type(err) is type(serial) and err.__notes__ == [f"mpmagic: raised by item 1 of the input: {call}"], text
+        _, _, seeded = shown(ip, f"%pmap -q --seed 1 {func}, {items}")
+        assert seeded.__notes__ == err.__notes__
 
 
 def test_cause_and_effect_both_shown_as_python_does(ip, local_pool):
@@ -79,6 +103,18 @@ def test_generator_input_that_raises_shows_the_generator(ip, local_pool):
     assert isinstance(err, KeyError)
     assert_clean(text)
     assert f"Cell In[{n}], line 3, in numbers" in text
+
+
+def test_a_seeded_task_shows_no_frame_of_ours(ip, local_pool):
+    # (--seed's wrapper, seeding.Seeded.__call__, was shown between the cell's line and the task)
+    n = defined(ip, "def drawn(x):\n    return 1 / x\n")
+    for line in ("%pmap --seed 7 drawn, [1, 0]", "mpmagic.pmap(drawn, [1, 0], seed=7)"):
+        _, text, err = shown(ip, "import mpmagic\n" + line)
+        assert isinstance(err, ZeroDivisionError)
+        assert_clean(text)
+        assert f"Cell In[{n}], line 2" in text
+        frames = last_traceback_frames()
+        assert frames[-1][1] == "drawn" and not [f for f in frames if f[0].startswith(PACKAGE)], frames  # (%debug)
 
 
 def test_every_failing_rank_names_the_cell_and_its_line(ip, local_pool):
