@@ -21,9 +21,11 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   dying workers, so a blamed chunk runs once more alone; if it kills its worker
   again, each of its items runs alone in turn, and the job hears which one
   was lost (Dask cannot say which item of a chunk was running).
-* No worker left for the backend's ``timeout`` during a map, the scheduler out
-  of reach, or the pool stopped under a run: the run fails as a whole, saying
-  so; no item is blamed for what the cluster did.
+* On the LocalCluster mpmagic started, a worker that dies is always started
+  again by its nanny (``_OwnLocalCluster``; ``_heal`` for a nanny closed anyway).
+* No worker left for the backend's ``worker_wait`` during a map, the scheduler
+  out of reach, or the pool stopped under a run: the run fails as a whole,
+  saying so; no item is blamed for what the cluster did.
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt, a cancel or a ``--timeout`` cancels the futures at once;
@@ -62,7 +64,8 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from distributed import Client
+from distributed import Client, LocalCluster
+from distributed.deploy.cluster import Cluster
 
 from .. import context, warmup, worker_setup
 from ..cpus import available_cpus
@@ -118,6 +121,26 @@ def _quiet_client_log() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+class _OwnLocalCluster(LocalCluster):
+    """mpmagic's own ``LocalCluster``: a worker process that dies is started
+    again by its nanny, always (as the local pool replaces a worker).
+
+    A ``SpecCluster`` closes a worker's nanny for good when, 15 s after its
+    worker left the scheduler (``distributed.deploy.lost-worker-timeout``), no
+    worker of that name is registered, and nothing starts it again. That is
+    meant for a batch job that vanished; here the nanny is on this machine and
+    restarting its worker is the replacement. A task that killed its worker
+    again and again (Dask's retries, then mpmagic's run alone) left the nannies
+    mid-restart at that moment: both were closed, and the cluster stayed with
+    no worker (the next run failed). So a worker that leaves is only noted
+    here, not timed; ``DaskBackend._heal`` starts any nanny that was closed
+    all the same (should a later Dask close one elsewhere).
+    """
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:  # (SpecCluster's adds the hard close)
+        Cluster._update_worker_status(self, op, msg)
 
 
 def _security(address: str | None, ca: str | None, cert: str | None, key: str | None) -> Any:
@@ -310,13 +333,11 @@ class DaskBackend:
                     sys.stderr.write(f"mpmagic: {error}\n")
 
     def _start_local_cluster(self) -> None:
-        from distributed import LocalCluster
-
         n = self.requested_workers or available_cpus()
         try:
             # Its worker processes are spawned: keep them from re-running a script's __main__.
             with _no_main_module():
-                self.cluster = LocalCluster(
+                self.cluster = _OwnLocalCluster(
                     n_workers=n,
                     threads_per_worker=1,
                     processes=True,
@@ -366,26 +387,54 @@ class DaskBackend:
             self._nthreads_cache = (now, dict(self.client.nthreads()))
         return self._nthreads_cache[1]
 
+    @property
+    def worker_wait(self) -> float:
+        """Seconds a run waits for workers to (re)join: the ``timeout``; on mpmagic's
+        own ``LocalCluster`` at least 30 s, the time its nannies may take to start
+        new worker processes on a busy machine (as ``restart`` allows)."""
+        return max(self.timeout, 30.0) if self.owns_cluster else self.timeout
+
+    def _heal(self) -> None:
+        """On mpmagic's own ``LocalCluster``: start again the workers whose nanny
+        Dask closed (``_OwnLocalCluster`` keeps it from doing so after a crash;
+        this is for any other way). ``scale`` to the size it has opens every
+        worker of its spec that has no nanny."""
+        cluster = self.cluster
+        if not self.owns_cluster or cluster is None:
+            return
+        try:
+            if set(cluster.worker_spec) - set(cluster.workers):
+                log.debug("mpmagic: starting again the Dask workers whose nannies were closed")
+                cluster.scale(len(cluster.worker_spec))
+        except Exception:  # (a cluster closing meanwhile: the run's own checks say what became of it)
+            log.debug("mpmagic: could not start the closed Dask workers again", exc_info=True)
+
     def _wait_for_workers(self, n: int) -> dict[str, int]:
         """Worker address -> threads, once at least ``n`` workers are there
-        (``n`` is the ``-n`` of ``%pool dask`` when above 1, else "any")."""
-        deadline = time.monotonic() + self.timeout
+        (``n`` is the ``-n`` of ``%pool dask`` when above 1, else "any");
+        up to ``worker_wait`` seconds."""
+        wait = self.worker_wait
+        deadline = time.monotonic() + wait
         fresh = False
         while True:
             nthreads = self._nthreads(fresh)
             fresh = True
             if len(nthreads) >= n:
                 return nthreads
+            self._heal()
             if time.monotonic() >= deadline:
                 have = f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}"
                 if n > 1:
                     have += f", fewer than the {n} asked for, and no more joined"
                 else:
                     have += ", and none joined"
-                raise MPMagicError(
-                    f"{have} within {self.timeout:g} s: start {'more' if nthreads else 'workers'} with "
-                    f"`dask worker {self.client.scheduler.address}` (or scale the cluster)"
-                )
+                if self.owns_cluster:
+                    todo = ("restart_pool() (`%pool restart`) to start them again, or use_local() (`%pool local`) "
+                            "to run on this machine")
+                else:
+                    todo = (f"start {'more' if nthreads else 'workers'} with "
+                            f"`dask worker {self.client.scheduler.address}` (or scale the cluster)")
+                raise MPMagicError(f"{have} within {wait:g} s: {todo}")
             time.sleep(0.1)
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -787,6 +836,7 @@ class DaskBackend:
     def _run(self, job: Job, workers: int | None) -> None:
         __tracebackhide__ = True
         self.start()
+        self._heal()
         self.calls_run += 1
         t0 = time.monotonic()
         nthreads = self._wait_for_workers(1)
@@ -1289,8 +1339,8 @@ class _DaskRun:
 
     def _check_workers_left(self) -> None:
         """A map on a cluster with no worker would wait forever: once it has had
-        none for the backend's ``timeout`` (the wait a run allows at its start,
-        ``_wait_for_workers``), fail with what to do. Asked at most every 0.5 s."""
+        none for the backend's ``worker_wait`` (the wait a run allows at its
+        start, ``_wait_for_workers``), fail with what to do. Asked at most every 0.5 s."""
         alive = self._alive_workers()
         if alive is None:
             return
@@ -1300,10 +1350,12 @@ class _DaskRun:
         if alive:
             self._no_workers_since = None
             return
+        backend = self.backend
+        backend._heal()
         if self._no_workers_since is None:
             self._no_workers_since = now
-        backend = self.backend
-        if now - self._no_workers_since < backend.timeout:
+        wait = backend.worker_wait
+        if now - self._no_workers_since < wait:
             return
         where = backend.scheduler_address or backend.where
         todo = (
@@ -1313,7 +1365,7 @@ class _DaskRun:
         )
         raise MPMagicError(
             f"every worker of the Dask cluster at {where} left during this run ({self._progress()}), and none "
-            f"joined within the timeout of {backend.timeout:g} s: {todo} and run the cell again, or use_local() (`%pool local`) "
+            f"joined within the timeout of {wait:g} s: {todo} and run the cell again, or use_local() (`%pool local`) "
             "to run on this machine"
         )
 
