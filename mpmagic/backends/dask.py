@@ -25,7 +25,9 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   again by its nanny (``_OwnLocalCluster``; ``_heal`` for a nanny closed anyway).
 * No worker left for the backend's ``worker_wait`` during a map, the scheduler
   out of reach, or the pool stopped under a run: the run fails as a whole,
-  saying so; no item is blamed for what the cluster did.
+  saying so; no item is blamed for what the cluster did. With
+  ``errors="collect"`` a map with no worker left instead keeps the results it
+  has, and each item that could not run is a ``Failed`` saying why.
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt, a cancel or a ``--timeout`` cancels the futures at once;
@@ -933,6 +935,9 @@ class _DaskRun:
         self.suspects: set[int] = set()
         self.stops = backend.stops  # the backend's stops when this run began (see _check_cluster)
         self._no_workers_since: float | None = None  # since when the cluster has had no worker
+        # Why this run's units cannot run (a collect map on a cluster whose workers all
+        # left, none back in time): they fail as not run until a worker joins (_strand).
+        self.stranded: str | None = None
         self._last_count = time.monotonic()
         self.name = _run_name(job)
         self._last_sweep = time.monotonic()
@@ -1050,6 +1055,14 @@ class _DaskRun:
     # -- sending -----------------------------------------------------------
     def _submit_more(self) -> None:
         job = self.job
+        if self.stranded is not None:  # no worker to send them to: each fails as not run (see _strand)
+            while job.has_work:
+                unit = job.next_unit()
+                if unit is None:
+                    break
+                self.suspects.discard(unit.id)
+                job.not_run(unit, self.stranded)
+            return
         if self.quarantine or self.solo:
             if self.tasks:
                 return  # wait until the cluster is free of this run's other units
@@ -1340,7 +1353,10 @@ class _DaskRun:
     def _check_workers_left(self) -> None:
         """A map on a cluster with no worker would wait forever: once it has had
         none for the backend's ``worker_wait`` (the wait a run allows at its
-        start, ``_wait_for_workers``), fail with what to do. Asked at most every 0.5 s."""
+        start, ``_wait_for_workers``), fail with what to do. With
+        ``errors="collect"`` the run is not failed as a whole: the items that
+        finished keep their results, and those that could not run are
+        ``Failed`` saying why (``_strand``). Asked at most every 0.5 s."""
         alive = self._alive_workers()
         if alive is None:
             return
@@ -1349,13 +1365,14 @@ class _DaskRun:
             self._replan(alive)
         if alive:
             self._no_workers_since = None
+            self.stranded = None  # (workers are back: what is left goes out again)
             return
         backend = self.backend
         backend._heal()
         if self._no_workers_since is None:
             self._no_workers_since = now
         wait = backend.worker_wait
-        if now - self._no_workers_since < wait:
+        if self.stranded is not None or now - self._no_workers_since < wait:
             return
         where = backend.scheduler_address or backend.where
         todo = (
@@ -1363,11 +1380,36 @@ class _DaskRun:
             if backend.owns_cluster
             else f"start workers again (`dask worker {where}`)"
         )
+        if self.job.collect:
+            self._strand(
+                f"every worker of the Dask cluster at {where} left during this run, and none joined within "
+                f"{wait:g} s: {todo} and run the failed items again (rerun_failed(), `%pmap --rerun-failed`), "
+                "or use_local() (`%pool local`) to run on this machine"
+            )
+            return
         raise MPMagicError(
             f"every worker of the Dask cluster at {where} left during this run ({self._progress()}), and none "
             f"joined within the timeout of {wait:g} s: {todo} and run the cell again, or use_local() (`%pool local`) "
             "to run on this machine"
         )
+
+    def _strand(self, reason: str) -> None:
+        """No worker to run this map's units on (``_check_workers_left``), with
+        ``errors="collect"``: each unit in flight or not sent yet fails, item by
+        item, with ``reason`` (``job.not_run``), so the run ends with the results
+        it has; units go out again if workers join before it ends. A task Dask
+        itself failed (``KilledWorker``) keeps that verdict."""
+        self.stranded = reason
+        for key, task in list(self.tasks.items()):
+            if task.future.status == "error":
+                self._finish(key)
+        units = [t.unit for t in self.tasks.values()] + list(self.quarantine)
+        self._cancel([t.future for t in self.tasks.values()])
+        self.tasks.clear()
+        self.quarantine.clear()
+        self.solo = False
+        for unit in units:
+            self.job.not_run(unit, reason)
 
     def _replan(self, alive: set[str]) -> None:
         """A worker this map's chunks were restricted to left (killed after a
