@@ -876,11 +876,7 @@ class MapJob:
         if unit.lease is not None:
             unit.lease.release()
             unit.lease = None
-        first = unit.start
-        if unit.count == 1:
-            what = f"item {first} ({short_repr(self._shown(unit.items[0])[0])})"
-        else:
-            what = f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
+        what = self._what(unit)
         if timed_out:
             # The item ran (at least) this long: work the serial estimate counts too.
             self.task_seconds += self.timeout or 0.0
@@ -896,6 +892,21 @@ class MapJob:
             fate = "" if worker_kept else "; the pool replaced it"
             exc = WorkerLostError(f"the worker running {what} {reason}{fate}")
         self._fail_or_collect(unit, exc, None)
+
+    def not_run(self, unit: Unit, reason: str) -> None:
+        """``unit`` could not run at all: the backend had no worker for it (every
+        worker of a Dask cluster left, and none joined in time). Its items fail
+        with a ``WorkerLostError`` that says so: with ``collect``, a ``Failed`` in
+        each place, beside the results of the items that did finish."""
+        self.outstanding.pop(unit.id, None)
+        self._fail_or_collect(unit, WorkerLostError(f"{self._what(unit)} did not run: {reason}"), None)
+
+    def _what(self, unit: Unit) -> str:
+        """``unit``'s items, for messages: "item 3 ('c')", "items 4-7 (chunk starting at 'd')"."""
+        first = unit.start
+        if unit.count == 1:
+            return f"item {first} ({short_repr(self._shown(unit.items[0])[0])})"
+        return f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
 
     def split(self, unit: Unit) -> list[int]:
         """Send ``unit``'s items out again one per unit, in its place; returns the new units' ids.
@@ -1068,6 +1079,7 @@ class CellJob:
     # (backends.base.Job's members of a map: a cell has no function of its own and no chunks)
     func = None
     planner = None
+    collect = False  # (a failed rank always fails the cell: ParallelError)
     pinned = False  # (ranks.KeptCellJob's are)
 
     def __init__(
@@ -1285,6 +1297,13 @@ class CellJob:
         else:
             fate = "" if worker_kept else "; the pool replaced it"
             self.failures[unit.id] = WorkerLostError(f"the worker running rank {unit.id} {reason}{fate}")
+        self._rank_finished()
+        self._failed_while_others_run(unit.id)
+
+    def not_run(self, unit: Unit, reason: str) -> None:
+        """Rank ``unit`` could not run at all (no worker for it, for ``reason``)."""
+        self.outstanding.pop(unit.id, None)
+        self.failures[unit.id] = WorkerLostError(f"rank {unit.id} did not run: {reason}")
         self._rank_finished()
         self._failed_while_others_run(unit.id)
 

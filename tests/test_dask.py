@@ -285,19 +285,44 @@ def _slow_item_cell(ip) -> None:
     run(ip, "import time\ndef slow_item(x):\n    time.sleep(0.3)\n    return x\n")
 
 
-def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path):
+@pytest.mark.parametrize("errors", ["raise", "collect"])
+def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
     """Every worker leaves mid-map, the scheduler stays: once the cluster has
     had none for the backend's timeout, the run fails saying where, how far it
-    got and what to do (it waited for ever)."""
+    got and what to do (it waited for ever). With --errors collect it returns
+    the items that finished, and a Failed saying so for each that did not run
+    (the whole run raised, and its good items were lost)."""
     from dask_cluster import DaskProcesses
 
     cluster = DaskProcesses(tmp_path, n_commands=1, per_command=2).start()
     try:
         mpmagic.use_dask(cluster.address, timeout=2)
-        _slow_item_cell(ip)
+        mark = tmp_path / "item3"
+        run(ip, f"import time, pathlib\ndef slow_item(x):\n    time.sleep(0.3)\n    if x == 3:\n"
+                f"        pathlib.Path({str(mark)!r}).touch()\n    return x\n")
         workers = cluster.procs[1]  # the `dask worker` command: its nanny and both workers
-        threading.Timer(1.0, os.killpg, (workers.pid, signal.SIGTERM)).start()
+
+        def kill_once_items_finished() -> None:  # (a fixed time: on a loaded machine none had finished)
+            deadline = time.monotonic() + 30
+            while not mark.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            os.killpg(workers.pid, signal.SIGTERM)
+
+        threading.Thread(target=kill_once_items_finished, daemon=True).start()
         t0 = time.monotonic()
+        if errors == "collect":
+            res = run(ip, "%pmap -q --chunksize 1 --errors collect slow_item, range(40)")
+            assert time.monotonic() - t0 < 15
+            failed = [r for r in res if isinstance(r, mpmagic.Failed)]
+            assert len(res) == 40 and 0 < len(failed) < 40
+            assert [r for r in res if r not in failed] == [x for x in range(40) if x not in {f.index for f in failed}]
+            for f in failed:
+                assert isinstance(f.error, mpmagic.WorkerLostError) and str(f.error).startswith(
+                    f"item {f.index} ({f.index}) did not run: every worker of the Dask cluster at {cluster.address} "
+                    "left during this run, and none joined within 2 s")
+                assert "rerun_failed()" in str(f.error) and "`%pool local`" in str(f.error)
+            return
         with pytest.raises(mpmagic.MPMagicError) as info:
             run(ip, "%pmap -q --chunksize 1 slow_item, range(40)")
         assert time.monotonic() - t0 < 15

@@ -278,3 +278,51 @@ def test_a_cluster_without_workers_says_none_joined(tmp_path):
     finally:
         pool_module.shutdown()
         cluster.stop()
+
+
+def _exits_at_1(x):
+    if x == 1:
+        os._exit(3)
+    return x
+
+
+def _shape(results: list) -> list:
+    """Results with each Failed as (index, input, error type): the local pool's and Dask's messages differ."""
+    return [(r.index, r.item, type(r.error)) if isinstance(r, mpmagic.Failed) else r for r in results]
+
+
+def _wait_for_nannies(backend, n: int, timeout: float = 30.0) -> None:
+    """Until mpmagic's own cluster has ``n`` nannies and ``n`` workers registered."""
+    deadline = time.monotonic() + timeout
+    while len(backend.cluster.workers) != n or len(backend.client.nthreads()) != n:
+        assert time.monotonic() < deadline, f"{len(backend.cluster.workers)} nannies, not {n}"
+        time.sleep(0.1)
+
+
+def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2):
+    """A task that calls os._exit: every collect run returns what the local pool
+    does, and the workers come back. Dask's LocalCluster closed a nanny for good
+    when its worker was not back ``lost-worker-timeout`` after it left (15 s; 0.1
+    s here makes that race certain): the cluster was left with no worker, and the
+    next collect run raised and returned none of the good items."""
+    import dask.config
+
+    oracle = _shape(mpmagic.pmap(_exits_at_1, range(3), errors="collect", progress=False))
+    assert oracle == [0, (1, 1, mpmagic.WorkerLostError), 2]
+    pool_module.shutdown()
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0.1s"}):
+        mpmagic.use_dask(workers=2)
+        try:
+            backend = pool_module.get_pool()
+            backend.cluster.scheduler.allowed_failures = 0  # (one death is a KilledWorker: a shorter test)
+            for _ in range(2):
+                assert _shape(mpmagic.pmap(_exits_at_1, range(3), errors="collect", progress=False)) == oracle
+            _wait_for_nannies(backend, 2)
+            # A nanny Dask closed all the same (as the timeout did): the next run starts it again.
+            name, nanny = next(iter(backend.cluster.workers.items()))
+            del backend.cluster.workers[name]
+            backend.cluster.sync(nanny.close)
+            assert mpmagic.pmap(abs, [-1, -2], progress=False) == [1, 2]
+            _wait_for_nannies(backend, 2)
+        finally:
+            pool_module.shutdown()

@@ -32,6 +32,7 @@ class Job(Protocol):
 
     kind: str  # "map" or "cell"
     call_id: int
+    collect: bool  # errors="collect": a failed item stands as a Failed in the results (False for a cell)
     timeout: float | None
     # Set by the backend: other runs held workers while this one was in flight,
     # and how long its first unit waited for them (the report's advice reads them).
@@ -103,6 +104,8 @@ class Job(Protocol):
     def lost(
         self, unit: Any, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
     ) -> None: ...
+    def not_run(self, unit: Any, reason: str) -> None:
+        """``unit`` could not run at all (no worker to run it, for ``reason``): its items fail as not run."""
     def requeue(self, unit: Any) -> None: ...
     def output(self, tag: Any, stream: str, text: str) -> None: ...
     def release_shared(self) -> None: ...

@@ -21,9 +21,13 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   dying workers, so a blamed chunk runs once more alone; if it kills its worker
   again, each of its items runs alone in turn, and the job hears which one
   was lost (Dask cannot say which item of a chunk was running).
-* No worker left for the backend's ``timeout`` during a map, the scheduler out
-  of reach, or the pool stopped under a run: the run fails as a whole, saying
-  so; no item is blamed for what the cluster did.
+* On the LocalCluster mpmagic started, a worker that dies is always started
+  again by its nanny (``_OwnLocalCluster``; ``_heal`` for a nanny closed anyway).
+* No worker left for the backend's ``worker_wait`` during a map, the scheduler
+  out of reach, or the pool stopped under a run: the run fails as a whole,
+  saying so; no item is blamed for what the cluster did. With
+  ``errors="collect"`` a map with no worker left instead keeps the results it
+  has, and each item that could not run is a ``Failed`` saying why.
 * ``%%parallel`` ranks are pinned to distinct worker processes (worker
   restrictions), so they run at the same time and can talk to one another.
 * An interrupt, a cancel or a ``--timeout`` cancels the futures at once;
@@ -62,7 +66,8 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from distributed import Client
+from distributed import Client, LocalCluster
+from distributed.deploy.cluster import Cluster
 
 from .. import context, warmup, worker_setup
 from ..cpus import available_cpus
@@ -118,6 +123,26 @@ def _quiet_client_log() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+class _OwnLocalCluster(LocalCluster):
+    """mpmagic's own ``LocalCluster``: a worker process that dies is started
+    again by its nanny, always (as the local pool replaces a worker).
+
+    A ``SpecCluster`` closes a worker's nanny for good when, 15 s after its
+    worker left the scheduler (``distributed.deploy.lost-worker-timeout``), no
+    worker of that name is registered, and nothing starts it again. That is
+    meant for a batch job that vanished; here the nanny is on this machine and
+    restarting its worker is the replacement. A task that killed its worker
+    again and again (Dask's retries, then mpmagic's run alone) left the nannies
+    mid-restart at that moment: both were closed, and the cluster stayed with
+    no worker (the next run failed). So a worker that leaves is only noted
+    here, not timed; ``DaskBackend._heal`` starts any nanny that was closed
+    all the same (should a later Dask close one elsewhere).
+    """
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:  # (SpecCluster's adds the hard close)
+        Cluster._update_worker_status(self, op, msg)
 
 
 def _security(address: str | None, ca: str | None, cert: str | None, key: str | None) -> Any:
@@ -310,13 +335,11 @@ class DaskBackend:
                     sys.stderr.write(f"mpmagic: {error}\n")
 
     def _start_local_cluster(self) -> None:
-        from distributed import LocalCluster
-
         n = self.requested_workers or available_cpus()
         try:
             # Its worker processes are spawned: keep them from re-running a script's __main__.
             with _no_main_module():
-                self.cluster = LocalCluster(
+                self.cluster = _OwnLocalCluster(
                     n_workers=n,
                     threads_per_worker=1,
                     processes=True,
@@ -366,26 +389,54 @@ class DaskBackend:
             self._nthreads_cache = (now, dict(self.client.nthreads()))
         return self._nthreads_cache[1]
 
+    @property
+    def worker_wait(self) -> float:
+        """Seconds a run waits for workers to (re)join: the ``timeout``; on mpmagic's
+        own ``LocalCluster`` at least 30 s, the time its nannies may take to start
+        new worker processes on a busy machine (as ``restart`` allows)."""
+        return max(self.timeout, 30.0) if self.owns_cluster else self.timeout
+
+    def _heal(self) -> None:
+        """On mpmagic's own ``LocalCluster``: start again the workers whose nanny
+        Dask closed (``_OwnLocalCluster`` keeps it from doing so after a crash;
+        this is for any other way). ``scale`` to the size it has opens every
+        worker of its spec that has no nanny."""
+        cluster = self.cluster
+        if not self.owns_cluster or cluster is None:
+            return
+        try:
+            if set(cluster.worker_spec) - set(cluster.workers):
+                log.debug("mpmagic: starting again the Dask workers whose nannies were closed")
+                cluster.scale(len(cluster.worker_spec))
+        except Exception:  # (a cluster closing meanwhile: the run's own checks say what became of it)
+            log.debug("mpmagic: could not start the closed Dask workers again", exc_info=True)
+
     def _wait_for_workers(self, n: int) -> dict[str, int]:
         """Worker address -> threads, once at least ``n`` workers are there
-        (``n`` is the ``-n`` of ``%pool dask`` when above 1, else "any")."""
-        deadline = time.monotonic() + self.timeout
+        (``n`` is the ``-n`` of ``%pool dask`` when above 1, else "any");
+        up to ``worker_wait`` seconds."""
+        wait = self.worker_wait
+        deadline = time.monotonic() + wait
         fresh = False
         while True:
             nthreads = self._nthreads(fresh)
             fresh = True
             if len(nthreads) >= n:
                 return nthreads
+            self._heal()
             if time.monotonic() >= deadline:
                 have = f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}"
                 if n > 1:
                     have += f", fewer than the {n} asked for, and no more joined"
                 else:
                     have += ", and none joined"
-                raise MPMagicError(
-                    f"{have} within {self.timeout:g} s: start {'more' if nthreads else 'workers'} with "
-                    f"`dask worker {self.client.scheduler.address}` (or scale the cluster)"
-                )
+                if self.owns_cluster:
+                    todo = ("restart_pool() (`%pool restart`) to start them again, or use_local() (`%pool local`) "
+                            "to run on this machine")
+                else:
+                    todo = (f"start {'more' if nthreads else 'workers'} with "
+                            f"`dask worker {self.client.scheduler.address}` (or scale the cluster)")
+                raise MPMagicError(f"{have} within {wait:g} s: {todo}")
             time.sleep(0.1)
 
     def stop(self, timeout: float = 2.0) -> None:
@@ -787,6 +838,7 @@ class DaskBackend:
     def _run(self, job: Job, workers: int | None) -> None:
         __tracebackhide__ = True
         self.start()
+        self._heal()
         self.calls_run += 1
         t0 = time.monotonic()
         nthreads = self._wait_for_workers(1)
@@ -883,6 +935,9 @@ class _DaskRun:
         self.suspects: set[int] = set()
         self.stops = backend.stops  # the backend's stops when this run began (see _check_cluster)
         self._no_workers_since: float | None = None  # since when the cluster has had no worker
+        # Why this run's units cannot run (a collect map on a cluster whose workers all
+        # left, none back in time): they fail as not run until a worker joins (_strand).
+        self.stranded: str | None = None
         self._last_count = time.monotonic()
         self.name = _run_name(job)
         self._last_sweep = time.monotonic()
@@ -1000,6 +1055,14 @@ class _DaskRun:
     # -- sending -----------------------------------------------------------
     def _submit_more(self) -> None:
         job = self.job
+        if self.stranded is not None:  # no worker to send them to: each fails as not run (see _strand)
+            while job.has_work:
+                unit = job.next_unit()
+                if unit is None:
+                    break
+                self.suspects.discard(unit.id)
+                job.not_run(unit, self.stranded)
+            return
         if self.quarantine or self.solo:
             if self.tasks:
                 return  # wait until the cluster is free of this run's other units
@@ -1289,8 +1352,11 @@ class _DaskRun:
 
     def _check_workers_left(self) -> None:
         """A map on a cluster with no worker would wait forever: once it has had
-        none for the backend's ``timeout`` (the wait a run allows at its start,
-        ``_wait_for_workers``), fail with what to do. Asked at most every 0.5 s."""
+        none for the backend's ``worker_wait`` (the wait a run allows at its
+        start, ``_wait_for_workers``), fail with what to do. With
+        ``errors="collect"`` the run is not failed as a whole: the items that
+        finished keep their results, and those that could not run are
+        ``Failed`` saying why (``_strand``). Asked at most every 0.5 s."""
         alive = self._alive_workers()
         if alive is None:
             return
@@ -1299,11 +1365,14 @@ class _DaskRun:
             self._replan(alive)
         if alive:
             self._no_workers_since = None
+            self.stranded = None  # (workers are back: what is left goes out again)
             return
+        backend = self.backend
+        backend._heal()
         if self._no_workers_since is None:
             self._no_workers_since = now
-        backend = self.backend
-        if now - self._no_workers_since < backend.timeout:
+        wait = backend.worker_wait
+        if self.stranded is not None or now - self._no_workers_since < wait:
             return
         where = backend.scheduler_address or backend.where
         todo = (
@@ -1311,11 +1380,36 @@ class _DaskRun:
             if backend.owns_cluster
             else f"start workers again (`dask worker {where}`)"
         )
+        if self.job.collect:
+            self._strand(
+                f"every worker of the Dask cluster at {where} left during this run, and none joined within "
+                f"{wait:g} s: {todo} and run the failed items again (rerun_failed(), `%pmap --rerun-failed`), "
+                "or use_local() (`%pool local`) to run on this machine"
+            )
+            return
         raise MPMagicError(
             f"every worker of the Dask cluster at {where} left during this run ({self._progress()}), and none "
-            f"joined within the timeout of {backend.timeout:g} s: {todo} and run the cell again, or use_local() (`%pool local`) "
+            f"joined within the timeout of {wait:g} s: {todo} and run the cell again, or use_local() (`%pool local`) "
             "to run on this machine"
         )
+
+    def _strand(self, reason: str) -> None:
+        """No worker to run this map's units on (``_check_workers_left``), with
+        ``errors="collect"``: each unit in flight or not sent yet fails, item by
+        item, with ``reason`` (``job.not_run``), so the run ends with the results
+        it has; units go out again if workers join before it ends. A task Dask
+        itself failed (``KilledWorker``) keeps that verdict."""
+        self.stranded = reason
+        for key, task in list(self.tasks.items()):
+            if task.future.status == "error":
+                self._finish(key)
+        units = [t.unit for t in self.tasks.values()] + list(self.quarantine)
+        self._cancel([t.future for t in self.tasks.values()])
+        self.tasks.clear()
+        self.quarantine.clear()
+        self.solo = False
+        for unit in units:
+            self.job.not_run(unit, reason)
 
     def _replan(self, alive: set[str]) -> None:
         """A worker this map's chunks were restricted to left (killed after a
