@@ -18,7 +18,14 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    MutableSequence,
+    MutableSet,
+)
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from . import astlock, debugging, payload
@@ -27,14 +34,18 @@ from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .cpus import recent_cpus
 from .engine import sigint_deferred
 from .errors import (
+    IDLE_OUTCOME,
+    NOT_STARTED_OUTCOME,
     ParallelError,
     UsageError,
     add_note,
     drop_our_frames,
     format_exception,
+    interrupt_outcome,
     note_unsent_name,
     render_traceback,
     run_interrupted,
+    set_interrupt_outcome,
 )
 from .fmt import func_name
 from .insights import Recorder
@@ -260,12 +271,75 @@ def _take(it: Any, position: int) -> Any:
     return _Taken(taken, n)
 
 
+#: Containers that cannot change: a background run reads them later as they are now
+#: (their items can still change: a tuple of dicts; see :func:`owned`).
+_FROZEN = frozenset({tuple, range, str, bytes, frozenset})
+
+
+def owned(given: tuple, taken: tuple) -> tuple:
+    """A background run's input, its own as of the call (``submit``, ``%pmap --bg``,
+    ``pmap(block=False)``), as ``concurrent.futures``' ``submit`` takes its arguments.
+
+    ``given``: the iterables as the caller passed them; ``taken``: what
+    :func:`check_map_args` made of them. The run reads its input in its own
+    thread over seconds or hours, so a list the notebook cleared, refilled or
+    sorted next changed the run's results (one run gave 8 of 100 results and
+    said "done"). A list, dict, set, other mutable container or dict view is
+    copied shallowly (pointers: ~10 ms per million items here); a numpy array
+    or a pandas object is copied (its memory once more, until the run ends:
+    ~50 ms per 100 MB here, ~0.3 s when that memory is touched for the first time). Immutable containers are kept (a tuple, range, str), and so
+    are iterators: a generator is read as the run goes (docs/guide.md). The
+    items themselves are not copied: a mutable item changed before its chunk
+    was sent is sent changed (a snapshot of them would pickle the whole input
+    here). A blocking run never comes here: its input cannot change under it.
+    """
+    return tuple(_owned(g, t) for g, t in zip(given, taken, strict=True))
+
+
+def _owned(given: Any, it: Any) -> Any:
+    kind = type(it)
+    if kind is list:
+        return it.copy()
+    if kind in _FROZEN:
+        return it
+    if kind is _Taken:  # the one iterator of an iterable that is not a plain container
+        # (a deque, a list subclass, UserList, array.array: read out now; anything else,
+        # a lazy source of the user's, is read as the run goes, like a generator)
+        return list(it) if isinstance(given, _MUTABLE) else it
+    if kind in _REITERABLE:  # a dict, set, bytearray, memoryview or dict view: its items as map reads them
+        return list(it)
+    module = kind.__module__.partition(".")[0]
+    if module == "numpy":
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(it, np.ndarray):
+            return it.copy()
+    elif module == "pandas":
+        pd = sys.modules.get("pandas")
+        if pd is not None and isinstance(it, (pd.Series, pd.DataFrame, pd.Index)):
+            return it.copy()
+    return it  # an iterator (a generator): read in the run's own thread
+
+
+def _results_then_drop_input(job: MapJob) -> list:
+    """A background map's results; its input (copied at the call, see :func:`owned`)
+    is dropped then, not kept as long as the user keeps the run's handle."""
+    __tracebackhide__ = True
+    try:
+        return job.results()
+    finally:
+        job.forget_input()
+
+
 def _raised_here(exc: BaseException) -> bool:
     """Did ``exc`` come from C code called by this module's frame (no Python frame below it)?"""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and tb.tb_frame.f_code.co_filename == __file__
+
+
+#: Containers whose contents the notebook can change after a background run started.
+_MUTABLE = (MutableSequence, MutableSet, MutableMapping)
 
 
 class _Taken:
@@ -466,7 +540,8 @@ def pmap(
     the calling thread (with ``block=False``, in the run's own thread): a slow
     one delays only this run; if it raises, the run stops with its error.
     Cancelling a background run drops the calls still due for chunks that
-    had arrived (``cancel()`` returns at once; a call in progress ends first).
+    had arrived (``cancel()`` returns at once; a call in progress finishes in
+    the run's thread; with ``checkpoint``, ``cancel()`` waits for it).
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
     ``seed=S`` runs item ``i`` with its own random stream from S and ``i``
@@ -474,7 +549,10 @@ def pmap(
     with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
+    given = iterables
     iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
+    if not block:  # the run reads its input later, in its own thread: it takes it as it is now
+        iterables = owned(given, iterables)
     if seed is not None:
         func, iterables, star = seeded(func, iterables, star, seed)
     if not block:
@@ -495,14 +573,14 @@ def pmap(
                                 retries=retries, insights=insights, out=forward.out, progress=forward.progress,
                                 accepted=forward.accepted, on_chunk=forward.then)
 
-            return background.start(what, make_call, lambda call, forward: call.job.results(), workers,
-                                    on_chunk=on_chunk, resume=resume, errors=errors)
+            return background.start(what, make_call, lambda call, forward: _results_then_drop_input(call.job),
+                                    workers, on_chunk=on_chunk, resume=resume, errors=errors, show_report=show_report)
 
         if checkpoint:  # only the items the store lacks run (checkpoint.py)
             from .checkpoint import checkpointed_submit
 
             return checkpointed_submit(start, func, iterables, star=star, errors=errors, location=checkpoint,
-                                       what=what, on_chunk=on_chunk)
+                                       what=what, on_chunk=on_chunk, show_report=show_report)
         return start(func, iterables, star, on_chunk)
     if checkpoint:
         from .checkpoint import checkpointed_pmap
@@ -755,7 +833,12 @@ def submit(
 ) -> Run[list[_T]] | Run[list[_T | Failed]]:
     """``pmap(func, *iterables, block=False, ...)``: a :class:`~mpmagic.background.Run`
     handle at once, the map in the background (``result()``, ``cancel()``, ``report()``).
-    The options are ``pmap``'s (all but ``block``)."""
+    The options are ``pmap``'s (all but ``block``); ``show_report=True`` shows the
+    timing report in the run's live area once it ended. The run takes its input as
+    it is now, as ``concurrent.futures``' ``submit`` does: a list, dict, set or other
+    mutable container is copied shallowly, a numpy array (pandas object) copied
+    (its memory once more until the run ends); the items themselves are not
+    copied, and a generator is read as the run goes."""
     __tracebackhide__ = True
     _no_block("submit", refused)
     return pmap(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
@@ -914,9 +997,12 @@ async def apmap(
     except asyncio.CancelledError as exc:
         await loop.run_in_executor(None, run.cancel)
         run._sink.relay_here()
-        exc._render_traceback_ = OneLine(  # type: ignore[attr-defined]
-            f"CancelledError: mpmagic.apmap was cancelled: run {run.id} ({run.what}) stopped after "
-            f"{run.items_done} of {run.items_total if run.items_total is not None else '?'} items")
+        message = (f"mpmagic.apmap was cancelled: run {run.id} ({run.what}) stopped after {run.items_done} of "
+                   f"{run.items_total if run.items_total is not None else '?'} items")
+        # str(exc) too, not only the rendered line: a kernel's error reply carries str(exc) as
+        # its evalue, which nbclient, papermill and logs show ("CancelledError: " alone before).
+        exc.args = (message,)
+        exc._render_traceback_ = OneLine(f"CancelledError: {message}")  # type: ignore[attr-defined]
         raise
     return run.result(0)
 
@@ -976,10 +1062,13 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
         run = backend.submit(job, workers=workers)
         try:
             run.wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             with sigint_deferred():  # a second Ctrl-C must not cut the cleanup short
-                run.cancel(interrupted=True)
+                stopped = run.cancel(interrupted=True)
                 run.wait()  # what its workers printed before they stopped
+            if stopped and not run.workers_stopped and interrupt_outcome(exc) is None:
+                # (no worker was busy with it: the one line must not say its workers were replaced)
+                set_interrupt_outcome(exc, IDLE_OUTCOME if run.units_sent else NOT_STARTED_OUTCOME)
             raise
         if run.error is not None:
             raise run.error
@@ -1395,13 +1484,14 @@ def parallel(
         what = f"parallel -n {size}: {first}"
 
         def start(resume: Any = None) -> Any:
-            return background.start(what, make_cell, rank_values, size, keep_chunks=False, resume=resume)
+            return background.start(what, make_cell, rank_values, size, keep_chunks=False, resume=resume,
+                                    show_report=show_report)
 
         if checkpoint:  # the ranks' values from the store when all are there (checkpoint.py)
             from .checkpoint import checkpointed_parallel_submit
 
             return checkpointed_parallel_submit(start, code, size=size, namespace=namespace, gather=gather,
-                                                location=checkpoint, what=what, seed=seed)
+                                                location=checkpoint, what=what, seed=seed, show_report=show_report)
         return start()
     if checkpoint:
         from .checkpoint import checkpointed_parallel

@@ -223,7 +223,7 @@ class _Sink:
             line = f"{type(error).__name__}: {error} (run.result() raises it)"
             plain.append(line)
             body.append(f"<pre style='color:#b00;margin:2px 0'>{html.escape(line)}</pre>")
-        if run._report is not None:
+        if run._report is not None and run._show_report:
             plain.append(run._report.line())
             body.append(run._report._repr_html_() or f"<div>{html.escape(run._report.line())}</div>")
         body.append("</div>")
@@ -262,7 +262,7 @@ class Run(Future[_R]):
     """
 
     def __init__(self, what: str, call: Any, finish: Callable[[float], Any], live: bool | str | None = None,
-                 keep_chunks: bool = True, resume: Resume | None = None) -> None:
+                 keep_chunks: bool = True, resume: Resume | None = None, show_report: bool = True) -> None:
         # The Future's own state only mirrors the end (_end): the stdlib's wait()
         # and as_completed() read it; everything else is this class's.
         super().__init__()
@@ -282,6 +282,7 @@ class Run(Future[_R]):
         # raising frames to its ``__traceback__``: it would grow at every call).
         self._error_tb: TracebackType | None = None
         self._report: Report | None = None
+        self._show_report = show_report  # in the live area once it ended (-q / show_report=False: not)
         self._callbacks: list[Callable[[Run], Any]] = []
         self._t0 = time.monotonic()
         self._elapsed: float | None = None
@@ -397,37 +398,55 @@ class Run(Future[_R]):
         return self._report
 
     def cancel(self) -> bool:
-        """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it."""
+        """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it.
+
+        Returns at once, the run cancelled (``cancelled()`` True): an ``on_chunk``
+        call in progress finishes in the run's own thread, and no other is made.
+        (With ``--checkpoint``, once that call returned: the chunks that arrived
+        are stored first, at most 10 s.)
+        """
+        __tracebackhide__ = True
         with self._arrived:  # (as _end: a cancel that loses the race with the end finds the run done)
             if self._done.is_set():
                 return False
             self._cancelled = True  # (the user's on_chunk is not called for chunks still queued: Forward)
-        if self._resume is not None:
-            self._resume.stop()
-        run = self._engine_run
-        if run is None:
-            return True
-        if not run.cancel():
-            _stop_driven(self._job)  # a run driven by its waiting thread (Dask): the pump's loop ends
-        # The backend stopped it; the pump settles the handle in a moment (a
-        # driven Dask loop notices within its 0.2 s poll).
-        if threading.current_thread().name != f"mpmagic-bg-{self.id}":
-            self._wait_cancelled(run)
+        try:
+            if self._resume is not None:
+                self._resume.stop()
+            run = self._engine_run
+            if run is None:
+                return True
+            if not run.cancel():
+                _stop_driven(self._job)  # a run driven by its waiting thread (Dask): the pump's loop ends
+            # The backend stopped it; the pump settles the handle in a moment (a
+            # driven Dask loop notices within its 0.2 s poll).
+            if threading.current_thread().name != f"mpmagic-bg-{self.id}":
+                self._wait_cancelled(run)
+        except KeyboardInterrupt:  # (the run stops all the same: it was told to)
+            raise interrupted(f"cancel() interrupted: run {self.id} ({self.what}) stops in the background all the "
+                              f"same; %pool runs shows when it has") from None
         return True
 
     def _wait_cancelled(self, run: Any) -> None:
-        """Wait (at most 10 s) for the pump to settle the cancelled handle. When
-        the backend has ended the run and the pump still has not settled it, the
-        pump is inside the user's input generator, blocked in ``next()`` (a
-        queue nobody fills): the handle is settled here, and the pump, if the
-        generator ever yields again, finds it done. It stayed "running" and
-        cancel() waited 10 s (an imap loop left early waited 20 s)."""
+        """Wait (at most 10 s) for the pump to settle the cancelled handle.
+
+        The pump may be in the user's code for long: in the run's ``on_chunk``
+        (a call in progress finishes; it held ``cancel()`` for as long as it
+        took, 10 s at most, then returned with the run still "running"), or in
+        the input generator, blocked in ``next()`` (a queue nobody fills). Then
+        the handle is settled here, once the backend has stopped the run (a
+        driven Dask run stops once that call returns), and the pump finds it
+        done when it comes back. (The input case stayed "running" and cancel()
+        waited 10 s; an imap loop left early waited 20 s.) Not for a checkpointed
+        run's ``on_chunk``: the chunks that arrived behind that call are stored
+        by the pump once it returns, and a run shown cancelled has stored them
+        (a re-run right after ``cancel()`` finds them)."""
         deadline = time.monotonic() + 10.0
         while not self._done.wait(0.05):
             now = time.monotonic()
-            if run.done() and run.reading_input:
+            if (run.calling_back and self._resume is None) or (run.done() and run.reading_input):
                 self._elapsed = now - self._t0
-                self._end()
+                self._end(forget=run.done())
                 return
             if now >= deadline:
                 return
@@ -525,7 +544,8 @@ class Run(Future[_R]):
                 self._report.extra["error"] = True
         finally:
             self._settle()  # (if waiting itself raised)
-            self._elapsed = time.monotonic() - self._t0
+            if not self._done.is_set():  # (else cancel() settled it while this thread was in the user's code)
+                self._elapsed = time.monotonic() - self._t0
             self._end()
 
     def _call_report(self, wall: float) -> Report:
@@ -562,12 +582,15 @@ class Run(Future[_R]):
         log.log(logging.INFO if sink.relay is not None or sink.handle is not None else logging.WARNING, message)
         sink.out("stderr", message + "\n")
 
-    def _end(self) -> None:
+    def _end(self, forget: bool = True) -> None:
+        """The run ended: settle the handle, its history row, its live area, then the callbacks.
+        ``forget``: a cancelled run's job drops its work (not while a driven run's loop still uses it)."""
         with self._arrived:  # (cancel() sets _cancelled under it: one answer, read once here)
             if self._done.is_set():
-                return  # (settled by cancel(): the pump was blocked in the input, see _wait_cancelled)
+                return  # (settled by cancel(): the pump was in the user's code, see _wait_cancelled)
             if self._cancelled:
                 self._report = None  # a blocking run that is stopped makes no report either
+            if self._cancelled and forget:
                 self._job.forget_work()  # kept in the history: without what it held (a stream's buffer)
             self._done.set()
             self._arrived.notify_all()
@@ -798,7 +821,7 @@ class Forward:
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
           workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
           on_chunk: Callable[[int, list], None] | None = None, resume: Resume | None = None,
-          errors: str | None = None) -> Run:
+          errors: str | None = None, show_report: bool = True) -> Run:
     """Submit a job in the background and return its handle at once.
 
     ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
@@ -808,7 +831,8 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     and ``streaming.imap`` call this: this module never imports ``api``.
     ``resume``: a checkpointed run's store side (the job computes only what
     the store lacks; see :class:`Resume`). ``errors``: a map's errors option
-    (what ``--rerun-failed`` says after it; None for a cell).
+    (what ``--rerun-failed`` says after it; None for a cell). ``show_report``:
+    the live area shows the timing report once the run ended (``run.report()`` has it either way).
     """
     # A failure of an older blocking run is no longer the last one (last_failures);
     # %pdebug, which has nothing of this run to replay, still has it (saying so).
@@ -816,7 +840,7 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
-                            resume=resume)
+                            resume=resume, show_report=show_report)
     if resume is not None and keep_chunks:  # as_completed yields the stored results too (first: they are done)
         # (Their starts are input positions, the job's count among the computed
         # items only: as_completed, the one reader of _chunks, ignores starts.)
@@ -837,6 +861,10 @@ class _NothingRan:
     def forget_work(self) -> None:
         """Nothing ran, nothing to drop."""
 
+    def input_changed(self) -> str | None:
+        """Nothing read its input while it ran (``jobs.MapJob.input_changed``)."""
+        return None
+
 
 class _NoCall:
     def __init__(self, kind: str) -> None:
@@ -844,10 +872,11 @@ class _NoCall:
 
 
 def finished(what: str, kind: str, value: Any, report: Report, resume: Resume, *,
-             live: bool | str | None = None, keep_chunks: bool = True) -> Run:
+             live: bool | str | None = None, keep_chunks: bool = True, show_report: bool = True) -> Run:
     """The handle of a background run that had nothing to compute (``--bg --checkpoint``
     with every item stored): done at once, with its value and report."""
-    run: Run[Any] = Run(what, _NoCall(kind), lambda wall: value, live=live, keep_chunks=keep_chunks, resume=resume)
+    run: Run[Any] = Run(what, _NoCall(kind), lambda wall: value, live=live, keep_chunks=keep_chunks, resume=resume,
+                        show_report=show_report)
     if keep_chunks:
         resume.stored_segments(run._on_chunk)
     run._value, run._report = value, report

@@ -705,6 +705,7 @@ def checkpointed_submit(
     location: Any,
     what: str,
     on_chunk: Callable[[int, list], None] | None = None,
+    show_report: bool = True,
 ) -> Any:
     """A background checkpointed map: the handle (``background.Run``) at once.
 
@@ -735,7 +736,7 @@ def checkpointed_submit(
     if not pending:
         ck.settle()
         report = ck.amend(None, time.perf_counter() - t0)
-        return background.finished(what, "map", ck.value([]), report, resume=ck)
+        return background.finished(what, "map", ck.value([]), report, resume=ck, show_report=show_report)
     ck.lead = time.perf_counter() - t0  # the handle's clock starts now: the report's wall includes this
     try:
         return start(func, (todo,), ck.star, on_chunk=ck.on_chunk, resume=ck)
@@ -964,6 +965,7 @@ def checkpointed_parallel_submit(
     location: Any,
     what: str,
     seed: int | None = None,
+    show_report: bool = True,
 ) -> Any:
     """``%%parallel --bg --checkpoint``: the handle at once; done at once when every
     rank's value is stored, else the cell runs in the background and its ranks'
@@ -981,7 +983,8 @@ def checkpointed_parallel_submit(
         report = ck.amend(None, time.perf_counter() - t0)
         values = ck.stored_values()
         values.report = report
-        return background.finished(what, "cell", values, report, resume=ck, keep_chunks=False)
+        return background.finished(what, "cell", values, report, resume=ck, keep_chunks=False,
+                                   show_report=show_report)
     return start(resume=ck)
 
 

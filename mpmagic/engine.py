@@ -60,6 +60,11 @@ class Run:
         self._pumped = False  # the end event was taken by a waiting thread
         self._chunk_error = False  # on_chunk raised: the run stops with its error
         self.reading_input = False  # the waiting thread is in the user's input generator now
+        self.calling_back = False  # the waiting thread is in the job's on_chunk (the user's code) now
+        # Set by the backend: workers it stopped (and replaced) for this run on a cancel or an
+        # interrupt, and whether any unit of it ever went to a worker (an interrupt's one line).
+        self.workers_stopped = 0
+        self.units_sent = False
         # The thread that started it: named when a setup change is refused while it runs (setup_api).
         self.thread = threading.current_thread().name
         self._wait_lock = threading.Lock()  # one thread pumps the events at a time
@@ -162,6 +167,7 @@ class Run:
         not called for the chunks that still arrive."""
         if self._chunk_error:
             return
+        self.calling_back = True  # (may take long: see background.Run.cancel)
         try:
             self._chunk(start, results)
         except Exception as exc:
@@ -169,6 +175,8 @@ class Run:
             if self.error is None:
                 self.error = exc
             self.cancel()
+        finally:
+            self.calling_back = False
 
     def result(self, timeout: float | None = None) -> list:
         """The job's results (raising its error), once it ended; TimeoutError if not in time."""

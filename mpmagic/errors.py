@@ -233,6 +233,12 @@ def interrupt_outcome(exc: BaseException) -> str | None:
 #: What the local pool did with an interrupted run's work (Dask says what it
 #: did instead, noted on the interrupt: :func:`interrupt_outcome`).
 STOPPED_OUTCOME = "the work still running was stopped and its workers replaced; the pool is ready for the next run"
+#: ... when none of its work had gone to a worker yet (other runs held them all: a --bg run).
+NOT_STARTED_OUTCOME = ("none of its work had started (other runs held every worker), so nothing was stopped and no "
+                       "worker replaced; the pool is ready for the next run")
+#: ... when work of it had run, but none was running at that moment.
+IDLE_OUTCOME = ("none of its work was running at that moment, so no worker was stopped or replaced; the pool is "
+                "ready for the next run")
 
 
 def run_interrupted(what: str, exc: BaseException) -> KeyboardInterrupt:

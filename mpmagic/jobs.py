@@ -291,6 +291,9 @@ class MapJob:
         # A list, tuple or range is sliced; anything else is read lazily, about one
         # chunk ahead. (Exact types: a subclass's iteration may differ from its slices.)
         self._seq: Sequence | None = cast(Sequence, items) if type(items) in (list, tuple, range) else None
+        # Its length now: the run maps that many. A list the notebook changes meanwhile (an imap
+        # loop appending to its own input, a worklist) is not followed: see ``input_changed``.
+        self._seq_len = len(self._seq) if self._seq is not None else 0
         self._iter: Iterator | None = iter(items) if self._seq is None else None
         # A lazy input runs the user's code (a generator, a database cursor), so
         # it is read where serial map would read it: in the thread that submits
@@ -557,13 +560,14 @@ class MapJob:
                 return None
             size = self.planner.next_size()
             if self._seq is not None:
-                chunk = self._seq[self._next_start : self._next_start + size]
+                end = min(self._next_start + size, self._seq_len)
+                chunk = self._seq[self._next_start : end]
                 # A slice goes as it is: a range's as the range itself (a few bytes,
                 # where the list of its numbers was most of the notebook's time per
                 # tiny item), a tuple's uncopied; the workers iterate and index
                 # either as they would a list.
                 items: Any = chunk
-                if self._next_start + size >= len(self._seq):
+                if end >= min(self._seq_len, len(self._seq)):  # (a list that shrank meanwhile ends sooner)
                     self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             else:
                 lazy = self._lazy_items(size)
@@ -988,7 +992,18 @@ class MapJob:
             self._read.clear()
             self._read_count = 0
         self._seq = self._iter = None
+        self._last_read = []
         self.outstanding, self._requeued, self._results, self._late = {}, deque(), {}, {}
+
+    def forget_input(self) -> None:
+        """A background map ended: drop its input (a copy taken at the call, of a
+        numpy array maybe: ``api.owned``), which its handle would otherwise hold."""
+        with self._read_lock:
+            self._read.clear()
+            self._read_count = 0
+            self._reading = None
+        self._seq = self._iter = None
+        self._last_read = []
 
     def release_shared(self) -> None:
         """The run is over (done, failed or interrupted): give back every segment.
@@ -1012,6 +1027,23 @@ class MapJob:
             return
         if text:
             self._out(stream, text)
+
+    def input_changed(self) -> str | None:
+        """What became of a list input that changed length while the run read it
+        (None if it did not). The run maps the items it had at the start; an
+        ``imap`` loop that appends to its own input list (a worklist: serial
+        ``map`` follows the list's iterator and maps them) is told so in one line."""
+        seq = self._seq
+        if type(seq) is not list or len(seq) == self._seq_len:
+            return None
+        n = len(seq) - self._seq_len
+        if n > 0:
+            return (f"the input list grew by {n} item{'s' if n != 1 else ''} while imap read it: "
+                    f"{'they were' if n != 1 else 'it was'} not mapped (imap reads ahead of the loop and maps "
+                    f"the {self._seq_len} items the list had at the start); for a worklist, feed imap from a "
+                    "queue.Queue (docs/troubleshooting.md)")
+        return (f"the input list shrank by {-n} item{'s' if n != -1 else ''} while imap read it: items it had "
+                "not read yet were skipped (imap reads ahead of the loop)")
 
     @property
     def inputs(self) -> Sequence | None:

@@ -715,7 +715,8 @@ class MPMagics(Magics):
             kw = config.run_kwargs(opts)
             run = api.pmap(args[0], *args[1:], workers=opts.workers, chunksize=opts.chunksize, star=opts.star,
                            errors=opts.errors, timeout=opts.timeout, retries=opts.retries, seed=opts.seed,
-                           insights=kw.get("insights", False), checkpoint=kw.get("checkpoint", False), block=False)
+                           insights=kw.get("insights", False), checkpoint=kw.get("checkpoint", False), block=False,
+                           show_report=not opts.quiet)  # (in the run's live area once it ended)
         _now(_BG_STARTED.format(magic="%pmap"), ("run", run))
         return run
 
@@ -733,7 +734,7 @@ class MPMagics(Magics):
             run = api.parallel(cell, workers=opts.workers, namespace=self._user_ns, timeout=opts.timeout,
                                label_output=not opts.no_label, insights=kw.get("insights", False),
                                checkpoint=kw.get("checkpoint", False), seed=opts.seed, keep=opts.keep,
-                               reset=opts.reset, block=False)
+                               reset=opts.reset, block=False, show_report=not opts.quiet)
         _now(_BG_STARTED.format(magic="%%parallel"), ("run", run))
         if opts.output:
             self._user_ns[opts.output] = run

@@ -23,6 +23,7 @@ items only, back among the stored ones); unordered, first, as they are found.
 
 from __future__ import annotations
 
+import inspect
 import os
 import queue
 import threading
@@ -229,7 +230,12 @@ def _generate(reader: _Reader) -> Generator[Any, None, None]:
     finally:
         if not finished:  # the loop was left (break, close(), an exception, Ctrl-C): stop the rest
             reader.run.cancel()
-    reader.run.result()  # the run's error (or CancelledError), after the results before it
+    run = reader.run
+    run.result()  # the run's error (or CancelledError), after the results before it
+    changed = run._job.input_changed()  # (the loop appended to its input list: a worklist)
+    if changed is not None:
+        run._warn(f"mpmagic: {changed}")
+        run._sink.relay_here()
 
 
 def _interrupted(run: Any) -> KeyboardInterrupt:
@@ -237,6 +243,7 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
     workers replaced, as for ``%pmap``), and the one line says so."""
     from .background import interrupted
     from .engine import sigint_deferred
+    from .errors import IDLE_OUTCOME, NOT_STARTED_OUTCOME, STOPPED_OUTCOME
 
     stopped = False
     try:
@@ -249,7 +256,9 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
     from .pool import get_pool
 
     if get_pool().name == "local":
-        done = "the work still running was stopped and its workers replaced; the pool is ready for the next run"
+        engine_run = run._engine_run
+        done = (STOPPED_OUTCOME if engine_run is None or engine_run.workers_stopped
+                else IDLE_OUTCOME if engine_run.units_sent else NOT_STARTED_OUTCOME)
     else:
         done = ("its Dask tasks were cancelled; the workers running tasks already started are replaced on "
                 "mpmagic's own cluster, and finish them first on a cluster it did not start (later runs leave "
@@ -408,6 +417,12 @@ def imap(
     return Stream(stream, run)
 
 
+def _running(gen: Generator) -> bool:
+    """Is the generator executing now (in another thread: ``close()`` from there
+    raises ``ValueError: generator already executing``)?"""
+    return inspect.getgeneratorstate(gen) == inspect.GEN_RUNNING
+
+
 class Stream(Generic[_T]):
     """What :func:`imap` returns: an iterator over the results, whose ``close()``
     cancels the rest of the run, as leaving the loop does.
@@ -431,10 +446,19 @@ class Stream(Generic[_T]):
         return next(self._gen)
 
     def close(self) -> None:
-        """Stop here: the rest of the run is cancelled."""
-        self._gen.close()
+        """Stop here: the rest of the run is cancelled (from any thread: a timer's, a
+        watchdog's, while the loop runs in another; that loop then ends with
+        ``CancelledError``, as after ``stream.run.cancel()``)."""
+        if not _running(self._gen):
+            try:
+                self._gen.close()
+            except ValueError:  # it started running in another thread meanwhile: cancelled below
+                if not _running(self._gen):
+                    raise
+        # (a generator closed before it started runs no ``finally``; one running in
+        # another thread cannot be closed from here: its loop ends once this cancels it)
         if self._run is not None:
-            _cancel_quietly(self._run)  # (a generator closed before it started runs no ``finally``)
+            _cancel_quietly(self._run)
 
     @property
     def run(self) -> Run[list[_T]] | None:

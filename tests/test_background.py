@@ -243,6 +243,7 @@ def test_a_cancelled_apmap_stops_its_run_at_once_and_shows_one_line(ns):
     assert took < 2.0  # (the whole run: 40 items of napper; a cancel stops it within a chunk)
     [line] = exc._render_traceback_()
     assert line.startswith("CancelledError: mpmagic.apmap was cancelled: run ") and "of 40 items" in line
+    assert line == f"CancelledError: {exc}"  # (a kernel's error reply: its evalue is str(exc), was '')
     assert mpmagic.runs()[-1].state == "cancelled"
 
 
@@ -701,3 +702,125 @@ def test_the_reference_shows_no_internal_constructor_of_run():
 
     text = (Path(__file__).parent.parent / "docs" / "reference.md").read_text()
     assert "class: `Run`\n" in text and "Run(what" not in text
+
+
+def test_a_background_run_owns_its_input_as_of_the_call(ns, monkeypatch):
+    """A background run read its list (numpy array, deque) as it went, in its own
+    thread: a batch cleared and refilled after submit() gave one run the next
+    batch's items and another 8 of its 100 results, "done". The oracle is serial
+    map over the input as it was at the call (concurrent.futures' submit)."""
+    from collections import deque
+
+    np = pytest.importorskip("numpy")
+    batch, buf, table, queued = list(range(6)), np.arange(6.0), dict.fromkeys(range(6)), deque(range(6))
+    expected = [[x * x for x in range(6)]] * 4
+    runs = [mpmagic.submit(ns["slow"], given, chunksize=1) for given in (batch, buf, table, queued)]
+    batch.clear()
+    batch.extend([100, 101])
+    buf[:] = -1.0
+    table.clear()
+    queued.clear()
+    assert [list(r.result(60)) for r in runs] == expected
+    assert all(r._job.inputs is None for r in runs)  # (the copies go with the run's end, not with the handle)
+
+    def copied(*args):
+        raise AssertionError("a blocking run copied its input")
+    monkeypatch.setattr("mpmagic.api.owned", copied)  # a blocking run's input cannot change under it: no copy
+    assert mpmagic.pmap(ns["square"], batch) == [100 * 100, 101 * 101]
+
+
+def test_imap_over_a_list_its_loop_appends_to_says_the_new_items_were_not_mapped(ns, capsys):
+    """A worklist loop (append follow-up items to the list imap reads) silently lost
+    them, or mapped one of them, by timing; serial map maps them all."""
+    todo = [1, 2, 3]
+    got = []
+    for v in mpmagic.imap(ns["square"], todo):
+        got.append(v)
+        todo.append(v + 1)
+    assert got == [1, 4, 9]  # the items it had at the start, whatever the timing
+    err = capsys.readouterr().err
+    assert "the input list grew by 3 items while imap read it: they were not mapped" in err, err
+    assert "queue.Queue" in err and len(err.strip().splitlines()) == 1
+    assert list(mpmagic.imap(ns["square"], [1, 2])) == [1, 4] and not capsys.readouterr().err
+
+
+def test_cancel_returns_at_once_while_an_on_chunk_call_is_in_progress(ns, monkeypatch):
+    """cancel() waited for the run's on_chunk call in progress (up to 10 s, then
+    returned True with the run still "running"); a Ctrl-C in that wait was a bare
+    KeyboardInterrupt through threading.py."""
+    from mpmagic import background
+
+    called = threading.Event()
+
+    def slow_callback(start, results):
+        called.set()
+        time.sleep(2.5)
+
+    handle = mpmagic.submit(ns["slow"], range(40), chunksize=1, on_chunk=slow_callback)
+    assert called.wait(60)
+    t0 = time.monotonic()
+    assert handle.cancel()
+    assert time.monotonic() - t0 < 1.0
+    assert handle.cancelled() and handle.state == "cancelled" and not handle.running()
+
+    def pressed(self, run):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(background.Run, "_wait_cancelled", pressed)
+    other = mpmagic.submit(ns["napper"], range(4), chunksize=1)
+    with pytest.raises(KeyboardInterrupt) as info:
+        other.cancel()
+    [line] = info.value._render_traceback_()
+    assert line == (f"KeyboardInterrupt: cancel() interrupted: run {other.id} (pmap napper) stops in the "
+                    "background all the same; %pool runs shows when it has")
+    with pytest.raises(CancelledError):
+        other.result(60)
+
+
+def test_closing_a_stream_from_another_thread_cancels_its_run(ns):
+    """close() from a timer's thread raised 'ValueError: generator already executing'
+    there, and the loop ran to its end."""
+    stream = mpmagic.imap(ns["slow"], range(60), chunksize=1)
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            stream.close()
+        except BaseException as exc:
+            errors.append(exc)
+    got = []
+    timer = threading.Timer(0.3, close)
+    timer.start()
+    with pytest.raises(CancelledError, match="was cancelled"):
+        for v in stream:
+            got.append(v)
+    timer.join(10)
+    assert not errors and len(got) < 60 and stream.run.state == "cancelled"
+
+
+def test_an_interrupted_pmap_that_never_got_a_worker_says_nothing_was_stopped(ip, ns):
+    """A foreground %pmap waiting behind a --bg run holding both workers was told, when
+    interrupted, that 'the work still running was stopped and its workers replaced'."""
+    run(ip, "import mpmagic, time\ndef hog(x):\n    time.sleep(3)\n    return x\n"
+            "hogs = mpmagic.submit(hog, range(2), chunksize=1)\ntime.sleep(0.3)")
+    replaced = mpmagic.get_pool().status()["workers_replaced"]
+    text, err = interrupted_cell(ip, "%pmap --no-progress square, range(4)", after=0.4)
+    assert type(err) is KeyboardInterrupt
+    assert text.strip().endswith("KeyboardInterrupt: %pmap interrupted: none of its work had started (other runs "
+                                 "held every worker), so nothing was stopped and no worker replaced; the pool is "
+                                 "ready for the next run"), text
+    assert mpmagic.get_pool().status()["workers_replaced"] == replaced
+    ip.user_ns["hogs"].cancel()
+
+
+def test_a_quiet_background_run_shows_no_report_in_its_live_area(ip, ns):
+    """%pmap --bg -q (and submit's default show_report=False) showed the timing
+    report in the run's live area all the same."""
+    run(ip, "quiet = %pmap --bg -q square, range(4)\nloud = %pmap --bg square, range(4)")
+    runs = [ip.user_ns["quiet"], ip.user_ns["loud"], mpmagic.submit(ns["square"], range(4)),
+            mpmagic.submit(ns["square"], range(4), show_report=True)]
+    for handle, shown in zip(runs, (False, True, False, True), strict=True):
+        handle.result(60)
+        bundle = handle._sink.bundle()
+        report = handle.report().line()
+        assert (report in bundle["text/plain"]) is shown, bundle
+        assert ("speedup" in bundle["text/html"]) is shown

@@ -1208,6 +1208,7 @@ class LocalBackend:
         for slot in self._holding(run):
             self._drain(slot, seconds=_DRAIN_ON_CANCEL)
             self._replace(slot)
+            run.workers_stopped += 1
 
     def _end(self, run: _LocalRun, error: BaseException | None = None) -> None:
         """The run is over: nobody reads its chunks any more. Give back its segments."""
@@ -1449,6 +1450,7 @@ class LocalBackend:
         slot.known.update(keys)
         self._send_failures = 0
         slot.inflight.append((run, unit))
+        run.units_sent = True
         if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
             job.waited_for_workers += time.monotonic() - run.waiting_since
             run.waiting_since = None
