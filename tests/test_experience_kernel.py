@@ -42,7 +42,12 @@ def _finish(kc, msg_id: str, timeout: float, seen: list | None = None) -> tuple[
         msgs.append(msg)
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
+    # This request's reply: not an extra kernel_info reply that wait_for_ready
+    # left behind (it asks again each second a loaded kernel is slow to answer),
+    # which made every later cell read the reply of the cell before it.
     reply = kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+    while reply["parent_header"].get("msg_id") != msg_id:
+        reply = kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
     return reply, msgs
 
 
@@ -109,7 +114,18 @@ def test_progress_bar_closed_after_interrupt(kernel):
             continue
         if msg["parent_header"].get("msg_id") == msg_id:
             seen.append(msg)
-    time.sleep(0.5)  # let a few more items finish
+    # Interrupted once the bar counts an item (a fixed wait interrupted a loaded
+    # machine's run before any item ended, and the check below wants 0 < n).
+    bar = next(m["content"]["comm_id"] for m in seen if _widget_opened(m))
+    while not any(m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar
+                  and m["content"]["data"].get("state", {}).get("value", 0) >= 1 for m in seen):
+        assert time.monotonic() < deadline, "the bar counted no item within 30 s"
+        try:
+            msg = kc.get_iopub_msg(timeout=1.0)
+        except Empty:
+            continue
+        if msg["parent_header"].get("msg_id") == msg_id:
+            seen.append(msg)
     km.interrupt_kernel()
     reply, msgs = _finish(kc, msg_id, timeout=30, seen=seen)
     assert reply["content"]["status"] == "error"
