@@ -700,7 +700,13 @@ class LocalBackend:
         with self._lock:
             self.workers = workers
             if self.slots:
-                extra = [s for s in self.slots if not s.temporary][workers:]
+                members = [s for s in self.slots if not s.temporary]
+                for s in members[:workers]:
+                    # Marked by a shrink before and still busy: a member again. (``start``
+                    # counts it, so it started none in its place, and it stopped once
+                    # idle: a shrink then grow left the run, and the pool, one worker.)
+                    s.retiring = False
+                extra = members[workers:]
                 for s in extra:
                     if s.busy:
                         s.retiring = True
