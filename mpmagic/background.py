@@ -398,6 +398,14 @@ class Run(Future[_R]):
 
     def cancel(self) -> bool:
         """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it."""
+        return self._cancel(wait=True)
+
+    def _cancel(self, wait: bool) -> bool:
+        """``cancel``. ``wait=False`` (a dropped stream's finalizer, which the cyclic gc
+        runs in whatever thread allocates, holding whatever it holds): the backend is
+        only asked, taking no lock (``engine.Run.cancel``), and the end is waited for
+        at most ``_wait_cancelled``'s 10 s. Neither waits where the backend's run may
+        not (``may_wait``: the pool's manager thread, or under the pool's lock)."""
         with self._arrived:  # (as _end: a cancel that loses the race with the end finds the run done)
             if self._done.is_set():
                 return False
@@ -407,11 +415,11 @@ class Run(Future[_R]):
         run = self._engine_run
         if run is None:
             return True
-        if not run.cancel():
+        if not run.cancel(wait=wait):
             _stop_driven(self._job)  # a run driven by its waiting thread (Dask): the pump's loop ends
         # The backend stopped it; the pump settles the handle in a moment (a
         # driven Dask loop notices within its 0.2 s poll).
-        if threading.current_thread().name != f"mpmagic-bg-{self.id}":
+        if run.may_wait() and threading.current_thread().name != f"mpmagic-bg-{self.id}":
             self._wait_cancelled(run)
         return True
 

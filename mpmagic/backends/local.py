@@ -341,14 +341,26 @@ class _LocalRun(Run):
         # Submitted while other runs' units held every worker: since when (until its first unit goes out).
         self.waiting_since: float | None = None
 
-    def cancel(self, interrupted: bool = False) -> bool:
+    def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
 
         Returns once the run ended; the output it made is shown by the next ``wait``.
         The manager ends it; when no manager is alive to do so (the pool stopped,
         or its manager failed), the run is ended here, so that neither this wait
         nor the Ctrl-C that asked for it can hang.
+
+        ``wait=False``, or a cancel in the manager thread or under the pool's
+        lock (``may_wait``): it only marks the run and wakes the manager, taking
+        no lock, and returns; the manager ends the run on its next turn. A
+        dropped ``imap`` stream freed by the cyclic gc in the manager thread
+        waited here for the manager, that is for itself: the pool hung for good.
         """
+        if not (wait and self.may_wait()):
+            stopped = not self._ended.is_set()
+            self.interrupted = self.interrupted or interrupted
+            self.cancel_requested = True  # (read by the manager's next _check_runs)
+            self.backend._wake()
+            return stopped
         with self.backend._lock:
             if self._ended.is_set():
                 return False
@@ -358,6 +370,10 @@ class _LocalRun(Run):
         while not self._ended.wait(_CANCEL_CHECK if self.backend._manager_alive() else 0):
             self.backend._end_orphan(self)
         return True
+
+    def may_wait(self) -> bool:
+        """Not in the manager thread (it ends the run), nor under the pool's lock (it needs it)."""
+        return threading.current_thread() is not self.backend._manager and not self.backend._lock_is_mine()
 
     def nudge(self) -> None:
         self.backend._wake()
@@ -600,6 +616,15 @@ class LocalBackend:
         (Read under ``_lock`` for an answer that holds until it is released.)"""
         manager = self._manager
         return manager is not None and not self._closing and manager.is_alive()
+
+    def _lock_is_mine(self) -> bool:
+        """Does this thread hold the pool's lock? (``notify(0)`` wakes nobody, and raises
+        RuntimeError in a thread that does not hold the lock: the public way to ask.)"""
+        try:
+            self._cond.notify(0)
+        except RuntimeError:
+            return False
+        return True
 
     def _end_orphan(self, run: _LocalRun) -> None:
         """End ``run`` if no manager is alive to end it (its cancel waits on it otherwise)."""
