@@ -406,6 +406,15 @@ class Run(Future[_R]):
         are stored first, at most 10 s.)
         """
         __tracebackhide__ = True
+        return self._cancel(wait=True)
+
+    def _cancel(self, wait: bool) -> bool:
+        """``cancel``. ``wait=False`` (a dropped stream's finalizer, which the cyclic gc
+        runs in whatever thread allocates, holding whatever it holds): the backend is
+        only asked, taking no lock (``engine.Run.cancel``), and the end is waited for
+        at most ``_wait_cancelled``'s 10 s. Neither waits where the backend's run may
+        not (``may_wait``: the pool's manager thread, or under the pool's lock)."""
+        __tracebackhide__ = True
         with self._arrived:  # (as _end: a cancel that loses the race with the end finds the run done)
             if self._done.is_set():
                 return False
@@ -416,11 +425,11 @@ class Run(Future[_R]):
             run = self._engine_run
             if run is None:
                 return True
-            if not run.cancel():
+            if not run.cancel(wait=wait):
                 _stop_driven(self._job)  # a run driven by its waiting thread (Dask): the pump's loop ends
             # The backend stopped it; the pump settles the handle in a moment (a
             # driven Dask loop notices within its 0.2 s poll).
-            if threading.current_thread().name != f"mpmagic-bg-{self.id}":
+            if run.may_wait() and threading.current_thread().name != f"mpmagic-bg-{self.id}":
                 self._wait_cancelled(run)
         except KeyboardInterrupt:  # (the run stops all the same: it was told to)
             raise interrupted(f"cancel() interrupted: run {self.id} ({self.what}) stops in the background all the "

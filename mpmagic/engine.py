@@ -189,12 +189,22 @@ class Run:
             self._result = self.job.results()
         return self._result
 
-    def cancel(self, interrupted: bool = False) -> bool:
+    def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run: its queued units are dropped, workers busy with it replaced.
 
-        ``interrupted``: the waiting thread got Ctrl-C. True if this stopped it.
+        ``interrupted``: the waiting thread got Ctrl-C. ``wait=False``: only ask,
+        and return at once; the backend ends the run on its next turn (a
+        finalizer's cancel: the cyclic gc runs it in whatever thread allocates,
+        holding whatever that thread holds, the pool's manager included). A
+        cancel in a thread where ``may_wait`` is False never waits either.
+        True if this stopped it.
         """
         raise NotImplementedError
+
+    def may_wait(self) -> bool:
+        """May this thread wait for the run's end? Not the thread that ends it,
+        nor one holding what that thread needs to end it: a wait there never ends."""
+        return True
 
     def nudge(self) -> None:
         """The job may have work again (a stream's consumer made room): have it handed out.
@@ -234,7 +244,7 @@ class DrivenRun(Run):
                 self._pumped = True
         return True
 
-    def cancel(self, interrupted: bool = False) -> bool:
+    def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         return False  # its driver stops it: the interrupt raised in ``wait`` cancelled its futures
 
 

@@ -85,7 +85,10 @@ _ALIGN = 64
 _GRAIN = 1 << 20  # pooled segment sizes are rounded up to this
 _PROTOCOL = 5
 _counter = itertools.count()
-_lock = threading.Lock()
+# Reentrant: a shared array's finalizer (``_unshare``) takes it, and the cyclic gc
+# may run that finalizer in a thread that holds it already (any allocation in a
+# ``with _lock`` block may start a collection): a plain lock deadlocked there.
+_lock = threading.RLock()
 
 
 def configure(
@@ -296,7 +299,7 @@ def forget_after_fork() -> None:
     """In a forked child: the segments lent to workers and the ``share()`` arrays
     are the parent's; this process's exit must not unlink them (``pool._after_fork_in_child``)."""
     global _pool, _lock
-    _lock = threading.Lock()  # (another thread may have held it at the fork)
+    _lock = threading.RLock()  # (another thread may have held it at the fork)
     _pool = None
     _inherited.update(_shared)  # (still known here: a view of one is still sent by name)
 

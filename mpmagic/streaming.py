@@ -151,6 +151,7 @@ class _Reader:
         self.next_index = 0  # ordered: the next input index to yield
         self.waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
         self.ended = False
+        self.dropped = False  # the stream was dropped (its finalizer ran): its cancel was asked, never waited for
         run.add_done_callback(lambda r: feed.chunks.put((-1, _END)))
 
     def next_chunk(self) -> list | None:
@@ -228,8 +229,8 @@ def _generate(reader: _Reader) -> Generator[Any, None, None]:
     except KeyboardInterrupt:  # in our wait for the next chunk (the loop's own body raises in the user's frame)
         raise _interrupted(reader.run) from None
     finally:
-        if not finished:  # the loop was left (break, close(), an exception, Ctrl-C): stop the rest
-            reader.run.cancel()
+        if not finished and not reader.dropped:  # the loop was left (break, close(), an exception, Ctrl-C)
+            reader.run.cancel()  # stop the rest
     run = reader.run
     run.result()  # the run's error (or CancelledError), after the results before it
     changed = run._job.input_changed()  # (the loop appended to its input list: a worklist)
@@ -266,13 +267,28 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
     return interrupted(f"imap interrupted: its run {run.id} ({run.what}) was cancelled, {done}")
 
 
-def _cancel_quietly(run: Any) -> None:
+def _cancel_quietly(run: Any, wait: bool = True) -> None:
     try:
-        run.cancel()
+        run._cancel(wait)
     except Exception:
         import logging
 
         logging.getLogger("mpmagic").warning("mpmagic: cancelling a dropped imap failed", exc_info=True)
+
+
+def _dropped(reader: _Reader) -> None:
+    """A stream's finalizer: it was dropped (a loop left early, or the stream freed), so its run is cancelled.
+
+    The cyclic gc frees a stream caught in a reference cycle in whatever thread
+    allocates: often the pool's manager, holding the pool's lock, or a thread
+    holding some other lock the manager needs. A cancel that waited there for
+    the manager to end the run waited for ever, and the whole pool with it. So
+    this only asks the backend, taking no lock, and waits for the end a bounded
+    time, and not at all in the manager thread or under the pool's lock
+    (``background.Run._cancel``). The generator's ``finally``, which runs right
+    after it (CPython clears weak references before it finalizes), asks nothing more."""
+    reader.dropped = True
+    _cancel_quietly(reader.run, wait=False)
 
 
 @overload
@@ -411,9 +427,10 @@ def imap(
             if resume is not None:
                 resume.settle()
             raise
-    stream = _generate(_Reader(run, feed, ordered, resume if ordered else None))
+    reader = _Reader(run, feed, ordered, resume if ordered else None)
+    stream = _generate(reader)
     # A generator dropped before it was started runs no ``finally``: cancel then too.
-    weakref.finalize(stream, _cancel_quietly, run)
+    weakref.finalize(stream, _dropped, reader)
     return Stream(stream, run)
 
 

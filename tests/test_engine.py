@@ -817,6 +817,88 @@ def test_a_stop_while_another_thread_submits_fails_that_run_at_once(then_start):
         backend.stop()
 
 
+@pytest.mark.parametrize("when", ["while its manager ends", "once it ended"])
+def test_a_run_submitted_during_a_stop_runs_on_a_fresh_start(when, caplog):
+    """A stop from one thread while another submits (``%pool stop`` beside a running
+    loop of ``pmap``). The submit came while the stop waited for the manager: it
+    started a second manager and a wakeup pipe over the first's, unclosed (2 fds
+    leaked), the old manager ran on and the stop waited 5 s for it, then closed the
+    new one's pipe under it ("the pool's manager thread failed"). Or it came once
+    the manager had ended and before the stop took the workers: handed to a new
+    manager whose workers the stop then took, the run waited for ever. Now a start
+    waits until a stop is over, and starts afresh."""
+    backend = LocalBackend(1, "forkserver")
+    runs: list = []
+    submitter = threading.Thread(target=lambda: runs.append(backend.submit(MapJob(abs, [-1, -2], 2, False, 1))))
+    try:
+        backend.wait_ready()
+        fds = len(os.listdir("/proc/self/fd"))
+        threads = threading.active_count()
+        manager = backend._manager
+        join = manager.join
+
+        def join_with_a_submit_on_the_way(timeout=None):
+            if when == "once it ended":
+                join(timeout)
+            submitter.start()
+            time.sleep(0.2)  # (it takes the pool's lock meanwhile)
+            join(timeout)
+
+        manager.join = join_with_a_submit_on_the_way
+        began = time.monotonic()
+        backend.stop()
+        assert time.monotonic() - began < 3  # not the 5 s of an old manager that ran on
+        submitter.join(HANG)
+        assert runs[0].result(10) == [1, 2]
+        assert len(os.listdir("/proc/self/fd")) == fds  # one worker, one manager's pipe: nothing leaked
+        assert threading.active_count() == threads  # one manager
+        assert "manager failed" not in caplog.text
+    finally:
+        backend.stop()
+
+
+@pytest.mark.parametrize("method", ["forkserver"])  # (the pool's bookkeeping: one start method is enough)
+def test_a_shrink_then_a_grow_under_a_run_keeps_the_busy_workers(local_pool):
+    """``resize(1)`` marks the busy surplus workers retiring; ``resize(3)`` right after
+    counted them as members, so it started none and kept them retiring: the run went
+    on with one worker, and the pool had one process where it said 3."""
+    handle = local_pool.submit(MapJob(time.sleep, [0.2] * 8, 1, False, 1))
+    try:
+        deadline = time.monotonic() + HANG
+        while not all(s.busy for s in local_pool.slots) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        local_pool.resize(1)
+        local_pool.resize(3)
+        with local_pool._lock:
+            assert len(local_pool.slots) == 3 and not any(s.retiring for s in local_pool.slots)
+        assert handle.result(HANG) == [None] * 8
+    finally:
+        local_pool.resize(2)
+
+
+def test_a_stream_freed_by_the_gc_in_the_manager_thread_is_cancelled_not_a_hang(local_pool):
+    """An ``imap`` stream caught in a reference cycle is freed by the cyclic gc in
+    whatever thread allocates: often the manager, under the pool's lock. Its
+    finalizer's cancel waited there for the manager to end its run, that is for
+    itself: every run and ``stop_pool()`` hung for good. Now it only asks."""
+    import gc
+    from concurrent.futures import CancelledError
+
+    stream = mpmagic.imap(time.sleep, [0.05] * 1000, chunksize=1)
+    assert next(stream) is None
+    handle = stream.run
+    cycle: list = [stream]
+    cycle.append(cycle)
+    del stream, cycle
+
+    def collect(start, results):  # (a job's hook: in the manager thread, under the pool's lock)
+        gc.collect()
+
+    assert local_pool.submit(MapJob(abs, [-1, -2], 1, False, 2, accepted=collect)).result(10) == [1, 2]
+    with pytest.raises(CancelledError):
+        handle.result(10)
+
+
 def test_a_cancel_of_a_run_whose_manager_is_gone_ends_it_itself():
     """``cancel`` waited, with no timeout, for the manager to end the run; a run
     no manager holds any more (the pool stopped under it) hung its Ctrl-C."""

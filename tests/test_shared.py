@@ -903,3 +903,25 @@ def test_a_background_run_keeps_a_helper_passed_in_its_items(ip, local_pool):
     for handle in ip.user_ns["cell_handles"]:
         assert sorted(handle.result(timeout=60)) == [1, 2]
     drop(ip, "item_handles", "cell_handles", "count_item")
+
+
+def test_a_queue_freed_by_the_gc_in_its_feeder_thread_is_no_deadlock():
+    """A queue's finalizer stops its feeder under the backlog's lock, and the cyclic
+    gc may run it in the feeder thread while that holds the lock (it holds the
+    backlog, not the queue): with a plain lock the feeder waited on itself for ever."""
+    q = mpmagic.Queue()
+    stem = q._stem
+    local = q._local  # what the feeder thread holds
+    cycle: list = [q]
+    cycle.append(cycle)  # only the cyclic gc frees it
+    del q, cycle
+
+    def collect_holding_the_backlog() -> None:
+        with local.lock:
+            gc.collect()
+
+    collector = threading.Thread(target=collect_holding_the_backlog, daemon=True)
+    collector.start()
+    collector.join(5)
+    assert not collector.is_alive()
+    assert local.stopped and not left_behind([stem])

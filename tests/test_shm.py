@@ -213,3 +213,27 @@ def test_big_results_come_back_through_the_pipe_when_no_segment_can_be_made(tmp_
     )
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
+
+
+def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_no_deadlock():
+    """A ``share()`` array's finalizer takes the segment lock, and the cyclic gc may run it
+    in a thread that holds that lock already (a collection starts at any allocation
+    in a ``with _lock`` block): with a plain lock that thread waited on itself for ever."""
+    import gc
+
+    before = set(shm._shared)
+    shared = mpmagic.share(np.arange(10))
+    (name,) = set(shm._shared) - before
+    cycle: list = [shared]
+    cycle.append(cycle)  # only the cyclic gc frees it
+    del shared, cycle
+
+    def collect_holding_the_lock() -> None:
+        with shm._lock:
+            gc.collect()
+
+    collector = threading.Thread(target=collect_holding_the_lock, daemon=True)
+    collector.start()
+    collector.join(5)
+    assert not collector.is_alive()
+    assert name not in shm._shared  # unshared: its segment is gone

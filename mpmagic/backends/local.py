@@ -341,14 +341,26 @@ class _LocalRun(Run):
         # Submitted while other runs' units held every worker: since when (until its first unit goes out).
         self.waiting_since: float | None = None
 
-    def cancel(self, interrupted: bool = False) -> bool:
+    def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
 
         Returns once the run ended; the output it made is shown by the next ``wait``.
         The manager ends it; when no manager is alive to do so (the pool stopped,
         or its manager failed), the run is ended here, so that neither this wait
         nor the Ctrl-C that asked for it can hang.
+
+        ``wait=False``, or a cancel in the manager thread or under the pool's
+        lock (``may_wait``): it only marks the run and wakes the manager, taking
+        no lock, and returns; the manager ends the run on its next turn. A
+        dropped ``imap`` stream freed by the cyclic gc in the manager thread
+        waited here for the manager, that is for itself: the pool hung for good.
         """
+        if not (wait and self.may_wait()):
+            stopped = not self._ended.is_set()
+            self.interrupted = self.interrupted or interrupted
+            self.cancel_requested = True  # (read by the manager's next _check_runs)
+            self.backend._wake()
+            return stopped
         with self.backend._lock:
             if self._ended.is_set():
                 return False
@@ -358,6 +370,10 @@ class _LocalRun(Run):
         while not self._ended.wait(_CANCEL_CHECK if self.backend._manager_alive() else 0):
             self.backend._end_orphan(self)
         return True
+
+    def may_wait(self) -> bool:
+        """Not in the manager thread (it ends the run), nor under the pool's lock (it needs it)."""
+        return threading.current_thread() is not self.backend._manager and not self.backend._lock_is_mine()
 
     def nudge(self) -> None:
         self.backend._wake()
@@ -406,9 +422,13 @@ class LocalBackend:
         self._runs: list[_LocalRun] = []  # in flight, in submission order
         self._calls: dict[int, _LocalRun] = {}  # call id -> run, for replies
         self._turn = 0  # round-robin position among runs (fair sharing of workers)
+        # The manager thread now. A manager runs while it is this one: a stop
+        # (None) or a later start (a new thread) makes it end at its next turn,
+        # having touched nothing more (see _manage).
         self._manager: threading.Thread | None = None
-        self._closing = False
-        self._stops = 0  # pool stops so far (see _stop_manager)
+        self._stopping: threading.Thread | None = None  # the thread stopping the pool (see stop); start waits
+        self._stops = 0  # pool stops so far (see stop)
+        # The current manager's wakeup pipe: each manager opens its own and closes it as it ends.
         self._wake_r, self._wake_w = -1, -1
         self._selector: selectors.BaseSelector | None = None  # the manager's (see _selector_for_slots)
         self._selector_slots: tuple | None = None
@@ -441,6 +461,8 @@ class LocalBackend:
         the caller waiting for the GIL while the manager looked for work).
         """
         with self._lock:
+            while self._stopping not in (None, threading.current_thread()):
+                self._cond.wait()  # a stop in progress (another thread) ends first: then this starts afresh
             before = len(self.slots), self._manager
             if not self.slots:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
@@ -471,11 +493,16 @@ class LocalBackend:
                     if out_of_files:  # (raised here: the failed start's frames, and the pipes they hold, go now)
                         raise self._files_ran_out(started)
             if self._manager is None or not self._manager.is_alive():
-                self._closing = False
-                self._wake_r, self._wake_w = os.pipe()
-                os.set_blocking(self._wake_r, False)
-                os.set_blocking(self._wake_w, False)
-                self._manager = threading.Thread(target=self._manage, name="mpmagic-manager", daemon=True)
+                # A new manager with a wakeup pipe and a selector of its own; one
+                # that is still ending closes its own (it never touches these).
+                wake_r, wake_w = os.pipe()
+                os.set_blocking(wake_r, False)
+                os.set_blocking(wake_w, False)
+                self._wake_r, self._wake_w = wake_r, wake_w
+                self._selector = self._selector_slots = None
+                self._manager = threading.Thread(
+                    target=self._manage, args=(wake_r, wake_w), name="mpmagic-manager", daemon=True
+                )
                 self._manager.start()
             changed = (len(self.slots), self._manager) != before
         if wake or changed:
@@ -599,7 +626,16 @@ class LocalBackend:
         """A manager thread runs and is not being stopped: a run handed to it will be ended.
         (Read under ``_lock`` for an answer that holds until it is released.)"""
         manager = self._manager
-        return manager is not None and not self._closing and manager.is_alive()
+        return manager is not None and manager.is_alive()
+
+    def _lock_is_mine(self) -> bool:
+        """Does this thread hold the pool's lock? (``notify(0)`` wakes nobody, and raises
+        RuntimeError in a thread that does not hold the lock: the public way to ask.)"""
+        try:
+            self._cond.notify(0)
+        except RuntimeError:
+            return False
+        return True
 
     def _end_orphan(self, run: _LocalRun) -> None:
         """End ``run`` if no manager is alive to end it (its cancel waits on it otherwise)."""
@@ -611,40 +647,43 @@ class LocalBackend:
             self._calls.pop(run.job.call_id, None)
         run._finish()
 
-    def _stop_manager(self) -> None:
-        """Stop the manager thread and end every run it had (with "the pool was stopped").
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop every worker: ask politely, then terminate, then kill.
 
-        ``_stops`` counts the stops: a ``submit`` that a stop overtook (it read a
-        lazy input's first chunk meanwhile) fails its run rather than hand it to
-        no manager. The runs ended are those still listed once the manager has
-        stopped, not a copy made before: one added meanwhile is ended too.
+        The manager, the runs in flight (they end with "the pool was stopped")
+        and the workers are taken in one hold of the lock, and a ``start`` (a
+        ``submit`` from another thread) waits until the stop is over, then
+        starts afresh: a run can never be handed to a manager that is being
+        stopped, nor to one left with no workers. ``_stops`` counts the stops: a
+        ``submit`` that a stop overtook (it read a lazy input's first chunk
+        meanwhile) fails its run rather than hand it to no manager.
         """
+        me = threading.current_thread()
         with self._lock:
-            manager, self._manager = self._manager, None
-            self._closing = True
+            while self._stopping not in (None, me):
+                self._cond.wait()  # another thread's stop: over first (it took what there was)
+            self._stopping = me
+            manager, self._manager = self._manager, None  # it ends at its next turn, touching nothing
             self._stops += 1
-        self._wake()
-        if manager is not None and manager is not threading.current_thread():
-            manager.join(5.0)
-        with self._lock:
             runs = list(self._runs)
             self._runs.clear()
             self._calls.clear()
-            for fd in (self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
-            if self._selector is not None:
-                self._selector.close()
-            self._selector = self._selector_slots = None
+            slots, self.slots = self.slots, []
+            self._wake()  # (under the lock: the manager closes its pipe only under it)
+        try:
+            self._stop_workers(manager, runs, slots, timeout)
+        finally:
+            with self._lock:
+                self._stopping = None
+                self._cond.notify_all()
+
+    def _stop_workers(self, manager: threading.Thread | None, runs: list[_LocalRun], slots: list[_Slot],
+                      timeout: float) -> None:
+        """``stop``'s work once it took the manager, the runs and the workers (no lock held)."""
+        if manager is not None and manager is not threading.current_thread():
+            manager.join(5.0)  # (it ends at once: woken, it finds it is no longer the manager)
         for run in runs:  # whoever waits on them must not hang
             run._finish(_stopped_error())
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop every worker: ask politely, then terminate, then kill."""
-        self._stop_manager()
-        with self._lock:
-            slots, self.slots = self.slots, []
         for s in slots:
             try:
                 s.send(_STOP)
@@ -700,7 +739,13 @@ class LocalBackend:
         with self._lock:
             self.workers = workers
             if self.slots:
-                extra = [s for s in self.slots if not s.temporary][workers:]
+                members = [s for s in self.slots if not s.temporary]
+                for s in members[:workers]:
+                    # Marked by a shrink before and still busy: a member again. (``start``
+                    # counts it, so it started none in its place, and it stopped once
+                    # idle: a shrink then grow left the run, and the pool, one worker.)
+                    s.retiring = False
+                extra = members[workers:]
                 for s in extra:
                     if s.busy:
                         s.retiring = True
@@ -1020,7 +1065,7 @@ class LocalBackend:
             pass  # full (it will wake anyway) or closed (it has stopped)
 
     # -- the manager thread ----------------------------------------------------
-    def _manage(self) -> None:
+    def _manage(self, wake_r: int, wake_w: int) -> None:
         """The loop that reads worker pipes and sends them work (``submit`` may
         take one step of it itself, under the same lock).
 
@@ -1030,47 +1075,64 @@ class LocalBackend:
         it sleeps without a timeout when no deadline is pending. It never
         prints: output goes to each run's event queue.
 
+        It runs while it is the pool's manager (``_manager``): once a stop (or a
+        later start) made it stale, it ends at its next turn without touching
+        the workers or the runs, and closes what it alone owns, its wakeup pipe
+        (``wake_r``, ``wake_w``) and its selector. (A stop that cleared a flag a
+        start could set again let the old manager run on beside the new one:
+        the stop waited 5 s, and closed the new manager's pipe under it.)
+
         Should the loop itself fail, the runs it had end with that error (their
         callers would wait for ever otherwise), and the next ``start`` (any
         run's submit) starts a new manager.
         """
+        me = threading.current_thread()
+        mine: list[selectors.BaseSelector] = []  # the selector it made last (_manage_loop)
         try:
-            self._manage_loop()
+            self._manage_loop(me, mine)
         except BaseException as exc:
             log.error("mpmagic: the pool's manager failed", exc_info=True)
+            runs: list[_LocalRun] = []
             with self._lock:
-                runs = [] if self._closing else list(self._runs)  # (a stop ends its runs itself)
-                if self._manager is threading.current_thread():  # no run is handed to it any more
+                if self._manager is me:  # no run is handed to it any more (a stale one's runs are not its own)
                     self._manager = None
+                    runs = list(self._runs)
                     self._runs.clear()
                     self._calls.clear()
-                    for fd in (self._wake_r, self._wake_w):  # the next manager opens its own (2 fds leaked a failure)
-                        if fd >= 0:
-                            os.close(fd)
-                    self._wake_r = self._wake_w = -1
-                    if self._selector is not None:
-                        self._selector.close()
-                    self._selector = self._selector_slots = None  # the next manager builds its own
             error = MPMagicError(f"the pool's manager thread failed ({type(exc).__name__}: {exc}); "
                                  "the next run starts a new one")
             for run in runs:
                 run._finish(error)
+        finally:
+            with self._lock:  # (under the lock: a stop writes to its pipe under it)
+                for fd in (wake_r, wake_w):
+                    os.close(fd)
+                if self._wake_r == wake_r:  # (no newer manager opened its own)
+                    self._wake_r = self._wake_w = -1
+                for selector in mine:
+                    if self._selector is selector:
+                        self._selector = self._selector_slots = None
+                    selector.close()
 
-    def _manage_loop(self) -> None:
+    def _manage_loop(self, me: threading.Thread, mine: list[selectors.BaseSelector]) -> None:
+        """``_manage``'s loop, while ``me`` is the manager; ``mine`` holds the selector it uses."""
         while True:
             with self._lock:
-                if self._closing:
+                if self._manager is not me:
                     return
                 self._step()
                 selector = self._selector_for_slots()
+                mine[:] = [selector]
                 timeout = self._next_timeout()
             try:
                 ready = [(key.data, events) for key, events in selector.select(timeout)]
             except (OSError, ValueError):  # a pipe closed meanwhile by a caller (resize): look again
-                self._selector_slots = None
+                with self._lock:
+                    if self._selector is selector:
+                        self._selector_slots = None
                 continue
             with self._lock:
-                if self._closing:
+                if self._manager is not me:
                     return
                 try:
                     self._pump(ready)

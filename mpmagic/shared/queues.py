@@ -311,7 +311,9 @@ class _Local:
     """This process's side of a queue: the backlog of items not yet in the ring."""
 
     def __init__(self, ring: _Ring | None = None, owner_pid: int = 0) -> None:
-        self.lock = threading.Lock()
+        # Reentrant: the queue's finalizer stops the feeder under it (``_release_queue``),
+        # and the cyclic gc may run it in the feeder thread while that holds it.
+        self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.backlog: deque = deque()
         self.feeder: threading.Thread | None = None
