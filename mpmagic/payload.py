@@ -15,6 +15,7 @@ This module imports no IPython: workers import it.
 
 from __future__ import annotations
 
+import copyreg
 import dis
 import functools
 import hashlib
@@ -31,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import compat
+from . import compat, shm
 from .errors import SerializationError
 
 PROTOCOL = 5
@@ -352,8 +353,26 @@ def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     if buffer_callback is not None and hasattr(buffer_callback, "reset"):
         buffer_callback.reset()
     with io.BytesIO() as f:
-        _Pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+        _with_table(_Pickler, buffer_callback)(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
         return f.getvalue()
+
+
+_table_picklers: dict[tuple, type] = {}
+
+
+def _with_table(base: type, buffer_callback: Any) -> type:
+    """``base``, or (when ``buffer_callback`` is a lending ``shm.Collector`` and
+    ``share()`` arrays exist) a subclass that also uses its reducers, so a
+    strided view of a shared array travels by reference (``shm._reduce_array``)."""
+    table = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
+    if not table:
+        return base
+    key = (base, *table.items())
+    cls = _table_picklers.get(key)
+    if cls is None:
+        own = getattr(base, "dispatch_table", copyreg.dispatch_table)  # (a C Pickler has none: copyreg's)
+        cls = _table_picklers[key] = type(base.__name__, (base,), {"dispatch_table": ChainMap(table, own)})
+    return cls
 
 
 def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
@@ -362,7 +381,13 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
     ``buffer_callback`` as in :func:`cloudpickle_dumps`.
     """
     try:
-        data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+        pickler = _with_table(pickle.Pickler, buffer_callback)
+        if pickler is pickle.Pickler:
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+        else:
+            with io.BytesIO() as f:
+                pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+                data = f.getvalue()
     except Exception:
         return cloudpickle_dumps(obj, buffer_callback)
     if _MAIN_MARKER in data:

@@ -29,7 +29,7 @@ import threading
 import types
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import compat, payload, shm
@@ -57,11 +57,16 @@ class _Entry:
     # each run reusing it must keep them alive (payload.keeping), as a run that
     # pickled it would. Weak, so the cache never keeps a helper the notebook dropped.
     kept: tuple = ()
+    writable: bool = False  # shm.WRITABLE when built (the envelope says how workers map it)
+    # weakref.finalize of the arrays copied into ``segment``: their death drops the entry
+    watch: list = field(default_factory=list)
 
 
 _entries: OrderedDict[tuple[int, bool], _Entry] = OrderedDict()
 _lock = threading.RLock()
-_dead: list[tuple[int, bool]] = []  # entries whose function was collected (dropped on the next call)
+# Entries whose function, or a captured array copied into their segment, was
+# collected: dropped on the next call (never from the collector's thread).
+_dead: list[tuple[int, bool]] = []
 stats = {"fast": 0, "same": 0, "built": 0}  # how calls were served (tests, benchmarks)
 
 
@@ -74,12 +79,11 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     shared = shared and shm.ENABLED
     slot = (id(func), shared)
     with _lock:
-        while _dead:
-            dead = _dead.pop()
-            if dead in _entries and _entries[dead].func() is None:
-                _drop(dead)
+        _drop_dead(keep=slot)
         entry = _entries.get(slot)
-        if entry is not None and (entry.func() is not func or not _segment_alive(entry)):
+        if entry is not None and (
+            entry.func() is not func or not _segment_alive(entry) or entry.writable != shm.WRITABLE
+        ):
             _drop(slot)
             entry = None
     captured = _capture(func)
@@ -90,7 +94,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
             _entries.move_to_end(slot)
         return entry.key, entry.data
 
-    collector = shm.Collector() if shared else None
+    collector = shm.Collector(lend=True) if shared else None
     found: dict[int, Any] = {}
     with payload.keeping(found):
         inband = payload.dumps_function(func, what, collector)
@@ -102,6 +106,8 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
         stats["same"] += 1
         entry.captured, entry.kept = captured, kept
+        if entry.segment is not None:
+            _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
         with _lock:
             _entries.move_to_end(slot)
         return entry.key, entry.data
@@ -120,13 +126,67 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
         if segment is not None:
             shm.pool().track(segment)  # freed at pool stop
         return payload.payload_key(data), data
-    new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs, kept)
+    new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs, kept, shm.WRITABLE)
+    if segment is not None:
+        _watch_arrays(new, slot, buffers)
     with _lock:
         _drop(slot)
         _entries[slot] = new
         while len(_entries) > _MAX_ENTRIES:
             _drop(next(iter(_entries)))
     return new.key, new.data
+
+
+def _watch_arrays(entry: _Entry, slot: tuple[int, bool], buffers: list) -> None:
+    """Drop ``entry`` (and free its segment) once an array copied into it is gone.
+
+    The function outlives its captured arrays in a notebook (``del A`` leaves
+    ``f`` defined), and with it the entry: without this, a deleted 400 MB
+    global kept its 400 MB copy in /dev/shm until the pool stopped. The
+    watch is on the array that owns the memory (a view's base), which the
+    notebook holds as long as the data is there to be captured; an owner
+    that was gone by now (made while pickling) is not watched.
+    """
+    for old in entry.watch:
+        old.detach()
+    entry.watch = []
+    owners = {}
+    for b in buffers:
+        owner = b.obj
+        while getattr(owner, "base", None) is not None and type(owner.base) is type(owner):
+            owner = owner.base  # (a numpy view: its base array holds the memory)
+        owners[id(owner)] = owner
+    buffers.clear()
+    refs = []
+    for owner in owners.values():
+        try:
+            refs.append(weakref.ref(owner))
+        except TypeError:
+            continue  # (cannot be watched: freed with the function, as before)
+    del owners
+    for ref in refs:
+        owner = ref()
+        if owner is not None:
+            entry.watch.append(weakref.finalize(owner, _dead.append, slot))
+
+
+def _drop_dead(keep: tuple[int, bool] | None = None) -> None:
+    """Drop the entries whose function or watched array was collected (under ``_lock``).
+
+    ``keep``: the slot of the function being called now; it is checked by the
+    call itself (an equal new array reuses its segment, a changed one replaces it).
+    """
+    while _dead:
+        slot = _dead.pop()
+        entry = _entries.get(slot)
+        if entry is not None and (slot != keep or entry.func() is None):
+            _drop(slot)
+
+
+def release_dead() -> None:
+    """Free the shared-memory copies of arrays the notebook dropped (``%pool`` calls it)."""
+    with _lock:
+        _drop_dead()
 
 
 def clear() -> None:
@@ -138,6 +198,8 @@ def clear() -> None:
 
 def _drop(slot: tuple[int, bool]) -> None:
     entry = _entries.pop(slot, None)
+    for watch in entry.watch if entry is not None else ():
+        watch.detach()
     if entry is not None and entry.segment is not None and entry.segment.name in shm.pool().live:
         shm.pool().destroy(entry.segment)
 

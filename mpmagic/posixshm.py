@@ -133,12 +133,18 @@ def reserve(fd: int, size: int) -> None:
             raise NoRoom(size) from None
 
 
-def attach(name: str, size: int | None = None) -> mmap.mmap:
-    """Map the existing segment ``name`` (all of it when ``size`` is None)."""
+def attach(name: str, size: int | None = None, private: bool = False) -> mmap.mmap:
+    """Map the existing segment ``name`` (all of it when ``size`` is None).
+
+    ``private``: copy-on-write (``MAP_PRIVATE``): this process's writes go
+    into its own pages and never reach the segment or other processes.
+    """
     fd = compat.shm_open(_path(name), os.O_RDWR, 0o600)
     try:
         if size is None:
             size = os.fstat(fd).st_size
+        if private:
+            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         return mmap.mmap(fd, size)
     finally:
         os.close(fd)

@@ -21,10 +21,12 @@ Who owns a segment, and so who unlinks it:
   call, because allocating shared pages is by far the dominant cost (about
   2 ms per MB on a small VM, against 0.08 ms per MB to copy into pages that
   are already there). Captured globals get a segment that lives as long as
-  the cached function payload. Workers map lent segments **read-only**
-  (unless ``writable``) and keep the mapping until the notebook says
-  ``unmap`` (:func:`take_unmapped`), so a reused segment costs no page faults
-  on either side.
+  the cached function payload, and no longer than the captured array
+  (``payload_cache._watch_arrays``). Workers map lent segments **read-only**
+  (unless ``writable``: then a captured array's copy is mapped
+  copy-on-write, so a worker's writes stay its own) and keep the mapping
+  until the notebook says ``unmap`` (:func:`take_unmapped`), so a reused
+  segment costs no page faults on either side.
 * **given** (a worker's result to the notebook): the worker creates it, the
   notebook maps it and unlinks the name at once. Nothing is left in
   ``/dev/shm``; the memory lives exactly as long as the arrays that use it.
@@ -99,9 +101,13 @@ def configure(
     ``threshold``: smallest buffer (bytes) sent through shared memory
     (default 1 MiB; a huge value turns the fast path off). ``keep_bytes``:
     how much free pooled memory to keep for the next call (default 512 MiB).
-    ``writable``: give workers writable arrays instead of read-only ones
-    (writes stay in the worker's copy of the chunk; they never reach the
-    notebook's array).
+    ``writable``: give workers writable arrays instead of read-only ones.
+    Writes stay in the worker and never reach the notebook's array: a task
+    writes into its own chunk's copy of an item, and into its worker's own
+    (copy-on-write) copy of a captured array, which later tasks on that
+    worker see, as with a small captured array. A :func:`share` array is the
+    exception: it is one memory, and writes into it reach the notebook and
+    every worker.
     """
     global THRESHOLD, KEEP_BYTES, WRITABLE
     if threshold is not None:
@@ -152,9 +158,9 @@ class Segment:
         return cls(name, size, posixshm.create(name, size))
 
     @classmethod
-    def attach(cls, name: str, size: int) -> Segment:
-        """Map an existing segment made by another process."""
-        return cls(name, size, posixshm.attach(name, size))
+    def attach(cls, name: str, size: int, private: bool = False) -> Segment:
+        """Map an existing segment made by another process (``private``: copy-on-write)."""
+        return cls(name, size, posixshm.attach(name, size, private))
 
     def unlink(self) -> None:
         """Remove the name; the memory stays while any process maps it."""
@@ -258,6 +264,19 @@ def give_back_kept() -> bool:
         return False
     _pool.trim(0)
     return True
+
+
+def held() -> dict[str, int]:
+    """Bytes of shared memory the notebook holds now, for ``%pool``: ``captured``
+    (copies of captured arrays, kept with their cached function), ``pooled``
+    (segments for map items, free or lent) and ``shared`` (:func:`share` arrays)."""
+    out = {"captured": 0, "pooled": 0, "shared": sum(size for _, size in list(_shared.values()))}
+    if _pool is not None:
+        with _lock:
+            live = list(_pool.live.values())
+        for seg in live:  # (named mpm_<notebook pid>_<kind><pid>_<n>: "l" a captured array's copy)
+            out["captured" if seg.name.split("_")[2][:1] == "l" else "pooled"] += seg.size
+    return out
 
 
 def take_unmapped() -> list[str]:
@@ -385,10 +404,22 @@ class Collector:
     marks those, and they load read-only, whichever way they travel.
     """
 
-    def __init__(self, threshold: int | None = None) -> None:
+    def __init__(self, threshold: int | None = None, lend: bool = False) -> None:
         self.threshold = THRESHOLD if threshold is None else threshold
         self.buffers: list[memoryview] = []
         self.readonly = False
+        self.lend = lend  # the notebook lending to workers: views of share() arrays go by reference
+
+    def dispatch_table(self) -> dict | None:
+        """Reducers the pickler should use besides its own, or None (see :func:`_reduce_array`).
+
+        Only when lending and :func:`share` arrays exist: a strided view of
+        one then travels as its place in the segment instead of a copy.
+        """
+        if not (self.lend and _shared):
+            return None
+        np = sys.modules.get("numpy")
+        return {np.ndarray: _reduce_array} if np is not None else None
 
     def reset(self) -> None:
         self.buffers = []
@@ -459,6 +490,7 @@ def wrap(
     is empty: nothing in shared memory to compare with later).
     """
     inline = set(inline)
+    private = None
     refs: list[Any] = [None] * len(buffers)
     to_copy = []
     for i, b in enumerate(buffers):
@@ -479,6 +511,10 @@ def wrap(
                 seg = Segment.create(total, "g" if mode == "give" else "l")
                 if mode == "lend":
                     pool().track(seg)
+                    # A captured array's copy, one for every worker and call: a
+                    # worker allowed to write maps it copy-on-write, so its writes
+                    # stay its own (as a small captured array's would).
+                    private = seg.name
         except NoRoom:
             inline.update(to_copy)  # through the pipe, inside the envelope
             fallback = sum(buffers[i].nbytes for i in to_copy)
@@ -496,7 +532,7 @@ def wrap(
         # read-only one would load as bytes, so it is copied into a bytearray.
         refs[i] = pickle.PickleBuffer(b) if not b.readonly else bytearray(b)
     given = seg.name if (seg is not None and mode == "give") else None
-    env = _Shared(data, refs, given, mode == "give" or WRITABLE, fallback if mode == "give" else 0)
+    env = _Shared(data, refs, given, mode == "give" or WRITABLE, fallback if mode == "give" else 0, private)
     out = pickle.dumps(env, _PROTOCOL)
     if inline:  # refs to compare with later: none, the bytes are in the envelope
         return out, seg, []
@@ -539,6 +575,8 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
 
 # share() segments alive in this notebook: name -> (address, size)
 _shared: dict[str, tuple[int, int]] = {}
+# ...and their mappings, weakly (a strided view's span is cut from it: _reduce_array)
+_maps: dict[str, weakref.ref] = {}
 #: Names in ``_shared`` that a forked child inherited: the parent's to unlink, not this process's.
 _inherited: set[str] = set()
 
@@ -546,11 +584,13 @@ _inherited: set[str] = set()
 def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
     """A copy of a numpy ``array`` that lives in shared memory.
 
-    Pass it (or slices of it) to ``%pmap`` as items, or use it as a captured
-    global: workers then map the very same memory, with no copy per call,
-    per chunk or per worker. Workers see it read-only (unless
-    ``shm.configure(writable=True)``) and see changes the notebook makes to
-    it. The memory is freed when the array and every view of it are gone.
+    Pass it (or slices and other views of it: column blocks ``a[:, i:j]``,
+    ``a[::-1]``) to ``%pmap`` as items, or use it as a captured global:
+    workers then map the very same memory, with no copy per call, per chunk
+    or per worker, and a view keeps its strides. Workers see it read-only
+    (unless ``shm.configure(writable=True)``: then their writes reach it) and
+    see changes the notebook makes to it. The memory is freed when the array
+    and every view of it are gone.
     """
     import numpy as np
 
@@ -569,6 +609,7 @@ def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
     out = np.frombuffer(mapping, dtype=a.dtype, count=a.size).reshape(a.shape)
     np.copyto(out, a)
     _shared[seg.name] = (int(out.ctypes.data), seg.size)
+    _maps[seg.name] = weakref.ref(mapping)
     # The mapping lives as long as the array or any view of it.
     weakref.finalize(mapping, _unshare, seg.name)
     return out
@@ -578,11 +619,51 @@ def _unshare(name: str) -> None:
     """The last view of a shared array is gone: unlink it; workers unmap it
     (in a forked child that inherited it: the parent's array, left alone)."""
     _shared.pop(name, None)
+    _maps.pop(name, None)
     if name in _inherited:
         return
     _unlink(name)
     with _lock:
         pool().unmapped.append(name)
+
+
+def _reduce_array(a: Any) -> Any:
+    """How a lending pickler reduces a numpy array (:meth:`Collector.dispatch_table`).
+
+    numpy pickles a view that is neither C- nor F-contiguous (a column block
+    ``X[:, a:b]``, ``X[::-1]``) as a contiguous copy. When the view lies in a
+    :func:`share` array, it travels instead as the span of the segment it
+    covers (out of band: :func:`wrap` finds it in the segment, no copy) with
+    its dtype, shape, strides and offset, so the worker sees the very same
+    memory with the same layout (and numpy's reductions add in the same order
+    as in the notebook). Any other array: numpy's own reduction.
+    """
+    if a.size and not (a.flags.c_contiguous or a.flags.f_contiguous) and not a.dtype.hasobject:
+        first = int(a.ctypes.data)
+        lo = hi = first
+        for n, step in zip(a.shape, a.strides, strict=True):
+            if step < 0:
+                lo += (n - 1) * step
+            else:
+                hi += (n - 1) * step
+        hi += a.itemsize
+        for name, (start, size) in list(_shared.items()):
+            if start <= lo and hi <= start + size:
+                ref = _maps.get(name)
+                mapping = ref() if ref is not None else None
+                if mapping is None:
+                    break
+                np = sys.modules["numpy"]
+                span = np.frombuffer(mapping, np.uint8, count=hi - lo, offset=lo - start)
+                return _rebuild_view, (pickle.PickleBuffer(span), a.dtype, a.shape, a.strides, first - lo)
+    return a.__reduce_ex__(_PROTOCOL)
+
+
+def _rebuild_view(buf: Any, dtype: Any, shape: tuple, strides: tuple, offset: int) -> Any:
+    """The view :func:`_reduce_array` sent, on the span ``buf`` (read-only when ``buf`` is)."""
+    import numpy as np
+
+    return np.ndarray(shape, dtype, buffer=buf, offset=offset, strides=strides)
 
 
 # --------------------------------------------------------------------------
@@ -595,16 +676,20 @@ class _Shared:
     A ref that is not a segment's place is the buffer itself (a bytearray or
     a PickleBuffer pickled in band): see :func:`wrap`. ``fallback``: bytes a
     worker could not put in shared memory (the notebook says so, once).
+    ``private``: the segment (a captured array's copy) that a ``writable``
+    receiver maps copy-on-write, afresh each time it loads the envelope.
     """
 
-    __slots__ = ("data", "refs", "given", "writable", "fallback")
+    __slots__ = ("data", "refs", "given", "writable", "fallback", "private")
 
-    def __init__(self, data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0) -> None:
+    def __init__(
+        self, data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0, private: str | None = None
+    ) -> None:
         self.data, self.refs, self.given, self.writable = data, refs, given, writable
-        self.fallback = fallback
+        self.fallback, self.private = fallback, private
 
     def __reduce__(self):
-        return (_open, (self.data, self.refs, self.given, self.writable, self.fallback))
+        return (_open, (self.data, self.refs, self.given, self.writable, self.fallback, self.private))
 
 
 # Lent segments mapped in this process (a worker), by name.
@@ -613,7 +698,7 @@ _mapped: dict[str, Segment] = {}
 _opened: set[str] = set()
 
 
-def _open(data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0) -> Any:
+def _open(data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0, private: str | None = None) -> Any:
     if fallback:
         advise(fallback, "in the results came back through the pipe")
     segs: dict[str, Segment] = {}
@@ -631,6 +716,11 @@ def _open(data: bytes, refs: list, given: str | None, writable: bool, fallback: 
             if name == given:
                 seg = Segment.attach(name, size)
                 _unlink(name)  # ours now: nothing left in /dev/shm
+            elif writable and name == private:
+                # Copy-on-write, not kept in _mapped: this load's writes are its own,
+                # and the mapping lives as long as the arrays loaded on it.
+                seg = Segment.attach(name, size, private=True)
+                _opened.add(name)
             else:
                 seg = _mapped.get(name)
                 if seg is None:
@@ -659,7 +749,7 @@ def forget(names: Iterable[str]) -> None:
 
 def dumps_lent(obj: Any, lease: Lease, dumps: Callable[[Any, Collector], bytes]) -> bytes:
     """Pickle map items with ``dumps(obj, collector)``; big buffers go into pooled segments."""
-    collector = Collector()
+    collector = Collector(lend=True)
     data = dumps(obj, collector)
     if not collector.buffers:
         return data

@@ -63,7 +63,19 @@ def _local_lines(i: dict[str, Any]) -> list[str]:
                    + _extras(p))
     if i.get("kept"):
         out.append(f"  {i['kept']}")
+    held = i.get("shm") or {}
+    if any(held.values()):
+        parts = [f"{fmt_bytes(held[k])} {label}" for k, label in _SHM_PARTS if held.get(k)]
+        out.append(f"  shared memory (/dev/shm, RAM): {', '.join(parts)}")
     return out
+
+
+# What a local backend's "shm" bytes are (shm.held), as %pool names them.
+_SHM_PARTS = (
+    ("captured", "copies of captured arrays (freed with the array or the function)"),
+    ("pooled", "pooled for items"),
+    ("shared", "share() arrays"),
+)
 
 
 def _extras(p: dict[str, Any]) -> str:

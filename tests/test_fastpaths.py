@@ -112,6 +112,56 @@ def test_captured_global_array_is_sent_once_and_changes_are_seen(ip, local_pool)
         run(ip, "%pmap -q poke, [0]")
 
 
+def test_writable_captured_array_is_each_workers_own_copy(ip, local_pool):
+    """With writable=True a captured array of 1 MB or more is mapped copy-on-write:
+    a task sees its own worker's earlier writes (as with a small captured array),
+    never another worker's, and the notebook's array never changes."""
+    shm.configure(writable=True)
+    try:
+        run(ip, f"import os, time\nimport numpy as np\nmarks = np.zeros({BIG})\n"
+                "def mark(i):\n    before = float(marks.sum())\n    marks[i] = 1\n    time.sleep(0.02)\n"
+                "    return os.getpid(), before")
+        out = run(ip, "%pmap -q -n 2 --chunksize 1 mark, range(6)")
+    finally:
+        shm.configure(writable=False)
+    for pid in {p for p, _ in out}:  # each worker's tasks, in order: 0, 1, 2... of its own writes
+        seen = [before for p, before in out if p == pid]
+        assert seen == [float(k) for k in range(len(seen))], out
+    assert float(ip.user_ns["marks"].sum()) == 0.0
+
+
+def test_captured_array_copy_is_freed_with_the_array(ip, local_pool):
+    """The shared-memory copy of a captured array goes when the notebook drops the
+    array (the function lives on), by the next run; %pool shows it meanwhile."""
+    run(ip, f"import numpy as np\ngone = np.ones({BIG})\ndef read(i):\n    return float(gone[i])")
+    before = set(our_segments("l"))
+    assert run(ip, "%pmap -q read, [0]") == [1.0]
+    copy = set(our_segments("l")) - before
+    assert len(copy) == 1
+    assert "copies of captured arrays" in str(mpmagic.pool_status())
+    run(ip, f"gone = np.ones({BIG})")  # an equal new array: its copy is kept, and watched
+    assert run(ip, "%pmap -q read, [1]") == [1.0]
+    assert copy <= set(our_segments("l"))
+    run(ip, "del gone\nimport gc\ngc.collect()")
+    run(ip, "%pmap -q abs, [-1]")
+    assert not copy & set(our_segments("l"))
+
+
+def test_strided_views_of_a_shared_array_travel_without_copies(ip, local_pool):
+    """Column blocks and reversed views of a share() array reach the workers as the
+    same memory with the same strides: read-only, no copy, sums equal to serial."""
+    run(ip, "import mpmagic\nimport numpy as np\nSV = mpmagic.share(np.random.default_rng(0).random((1000, 600)))\n"
+            "views = [SV[:, :200], SV[:, 200:400], SV[::-1], SV.T[::2]]\n"
+            "def info(b):\n    return b.strides, b.flags.writeable, float(b.sum())")
+    pooled = set(our_segments("p"))
+    got = run(ip, "%pmap -q info, views")
+    want = run(ip, "list(map(info, views))")
+    assert [(s, t) for s, _, t in got] == [(s, t) for s, _, t in want]
+    assert not any(w for _, w, _ in got)
+    assert set(our_segments("p")) <= pooled
+    run(ip, "del SV, views")
+
+
 def test_cached_payload_sees_every_kind_of_change(ip, local_pool):
     run(ip, "FACTOR = 2\ndef helper(x):\n    return x * FACTOR\ndef f(x):\n    return helper(x) + 1")
     assert run(ip, "%pmap -q f, range(3)") == [1, 3, 5]

@@ -912,6 +912,7 @@ class LocalBackend:
             "max_memory": self.max_memory,
             "preloaded": self.warmth.describe(),  # warm: modules the workers import, their memory (warmup.py)
             "kept": _kept_line(workers),  # %%parallel --keep (ranks.py)
+            "shm": _shm_held(),
         }
 
     def runs_in_flight(self) -> int:
@@ -1763,6 +1764,12 @@ def _near_memory_limit(slot: _Slot, limit: int | None) -> bool:
         return vm.available < 0.05 * vm.total
     except Exception:
         return False
+
+
+def _shm_held() -> dict[str, int]:
+    """The notebook's shared memory by kind (``shm.held``), copies of arrays it dropped freed first."""
+    payload_cache.release_dead()
+    return shm.held()
 
 
 def _kept_line(workers: list[dict]) -> str | None:
