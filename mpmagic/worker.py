@@ -572,9 +572,10 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
         time.sleep(0.05)
         alive = posixshm.pid_alive(parent_pid)
     if alive:
-        shm.before_exit()  # a normal stop: hand over what shared queues still hold here
+        shm.before_exit()  # a normal stop: hand over what shared queues still hold here, release our helpers
     else:
         shm.sweep_notebook(parent_pid)
+        shm.sweep_helpers(os.getpid())  # ours too: no resource tracker holds a worker's (see shm.sweep_worker)
         # The notebook is gone: so is what this worker's tasks started (this
         # process leads their group, see main). Nobody else would stop them.
         if os.getpgrp() == os.getpid():
@@ -824,3 +825,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()
+    # A "stop": the process ends with os._exit (forkserver) or without dropping
+    # a kept rank's namespace, so the helpers its tasks made (a --keep rank's
+    # inbox) are released here, not left in /dev/shm.
+    shm.before_exit()

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import compat, payload, posixshm
+from .. import compat, payload, posixshm, shm
 from ..errors import MPMagicError, UsageError
 from ..fmt import fmt_bytes
 
@@ -130,12 +130,31 @@ class _Flock:
         os.close(self.fd)  # releases the flock
 
 
-def _unlink(name: str, rtype: str) -> None:
-    """Remove one name of a helper, and tell the resource tracker it needs no cleanup."""
+def _tracked_here() -> bool:
+    """Are the names this process makes registered with multiprocessing's resource tracker?
+
+    In the notebook, yes: the tracker unlinks them if it is killed outright. In
+    a pool's worker, no: the tracker it talks to is the notebook's, which acts
+    only when the *notebook* exits, so a worker's names it held outlived the
+    worker until then, and its exit printed "leaked semaphore objects" (and
+    "No such file" for the names already removed). A worker's names are
+    mpmagic's to remove: the worker releases them when it stops
+    (:func:`release_all`, an exit hook), and the notebook sweeps a killed
+    one's once it is gone (``shm.sweep_worker``, by the pid in their names).
+    """
+    return shm.NOTEBOOK_PID is None
+
+
+def _unlink(name: str, rtype: str, tracked: bool = True) -> None:
+    """Remove one name of a helper, and tell the resource tracker it needs no
+    cleanup (``tracked``: only if it was registered there, or the tracker
+    prints a KeyError traceback)."""
     if rtype == "semaphore":
         posixshm.unlink_semaphore(name)
     else:
         posixshm.unlink(name)
+    if not tracked:
+        return
     try:
         compat.tracker_unregister(name, rtype)
     except Exception:  # the tracker is gone (interpreter exit): nothing to tell it
@@ -150,13 +169,19 @@ def release_all() -> None:
     """Release every helper this process made, now: what its exit would do.
 
     For a kernel asked to shut down, whose exit hooks may never run (see
-    ``pool.at_shell_exit``); a helper used after this says it is gone.
+    ``pool.at_shell_exit``), and a worker that stops (an exit hook: it ends
+    with ``os._exit``, and a kept rank's helpers were never dropped); a helper
+    used after this says it is gone.
     """
     for finalizer in list(_owned.values()):
         finalizer()
 
 
-def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any = None) -> None:
+posixshm.on_exit(release_all)
+
+
+def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any = None,
+                   tracked: bool = True) -> None:
     """Finalizer of an owned helper: unlink its names (only in the owner process)."""
     if names:
         _owned.pop(names[0][0], None)
@@ -165,7 +190,7 @@ def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any
     if os.getpid() != owner_pid:
         return  # a forked copy of the owner's object: the names are not ours
     for name, rtype in names:
-        _unlink(name, rtype)
+        _unlink(name, rtype, tracked)
 
 
 def _notify(sem: Any) -> None:
@@ -338,6 +363,7 @@ class _Helper:
         self = cls.__new__(cls)
         self._spec, self._owner_pid = spec, _PID
         names: list[tuple[str, str]] = []
+        tracked = _tracked_here()
         for _ in range(8):
             self._stem = _new_stem()
             try:
@@ -348,7 +374,8 @@ class _Helper:
         else:  # pragma: no cover - 8 collisions of 40 random bits
             raise MPMagicError("could not find a free shared-memory name")
         names.append((self._stem, "shared_memory"))
-        compat.tracker_register(self._stem, "shared_memory")
+        if tracked:
+            compat.tracker_register(self._stem, "shared_memory")
         self._sems = {}
         try:
             for letter in self._sem_letters():
@@ -364,14 +391,15 @@ class _Helper:
                         "for its semaphores. Free some or make it bigger (docker run --shm-size=1g)"
                     ) from exc
                 names.append((name, "semaphore"))
-                compat.tracker_register(name, "semaphore")
+                if tracked:
+                    compat.tracker_register(name, "semaphore")
             self._seg.words[0] = _MAGIC
             self._init_memory()
             self._setup()
         except BaseException:
-            _release_names(names, _PID)
+            _release_names(names, _PID, tracked=tracked)
             raise
-        _owned[self._stem] = weakref.finalize(self, _release_names, names, _PID, self._on_release())
+        _owned[self._stem] = weakref.finalize(self, _release_names, names, _PID, self._on_release(), tracked)
         with _registry_lock:
             _registry[self._stem] = self
         return self
