@@ -890,6 +890,21 @@ def test_a_helper_made_in_a_task_and_returned_says_to_make_it_in_the_notebook(ip
     assert "Make a new mpmagic.Value(...) in the notebook" in text and "Return types" not in text, text
 
 
+def test_a_helper_a_rank_made_says_which_rank_once_that_rank_ended(ip, local_pool):
+    """Rank 0 makes a queue and hands it on: whoever opens it after rank 0's task
+    ended gets it gone (another rank: only sometimes, by timing). The error says
+    it was made in rank 0, why it went, and to make it in the notebook."""
+    run(ip, "import mpmagic\nchan = mpmagic.Queue()")
+    try:
+        parallel(ip, "import mpmagic\np = mpmagic.Queue()\nchan.put(p)\nNone", n=1)
+        with pytest.raises(mpmagic.SharedObjectGone, match=(
+                r"made inside rank 0 \(worker pid \d+\), and a helper made in a task is released when the task "
+                r"ends .* Make a new mpmagic.Queue\(...\) in the notebook and pass it in")):
+            run(ip, "chan.get(timeout=10)")
+    finally:
+        drop(ip, "chan")
+
+
 # --------------------------------------------------------------------------
 # A run keeps the helpers its payload named alive until it ends
 

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import compat, payload, posixshm, shm
+from .. import compat, debugging, payload, posixshm, shm
 from ..errors import MPMagicError, UsageError
 from ..fmt import fmt_bytes
 
@@ -354,6 +354,7 @@ class _Helper:
 
     _stem: str
     _owner_pid: int
+    _origin: str  # where in its owner it was made: "rank 1", "a task"; "" in the notebook
     _spec: tuple
     _seg: _Segment
     _sems: dict[str, Any]
@@ -364,6 +365,7 @@ class _Helper:
         self._spec, self._owner_pid = spec, _PID
         names: list[tuple[str, str]] = []
         tracked = _tracked_here()
+        self._origin = "" if tracked else debugging.TASK or "a worker"
         for _ in range(8):
             self._stem = _new_stem()
             try:
@@ -405,13 +407,13 @@ class _Helper:
         return self
 
     @classmethod
-    def _attach(cls, stem: str, spec: tuple, owner_pid: int) -> Any:
+    def _attach(cls, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
         with _registry_lock:
             found = _registry.get(stem)
             if found is not None:
                 return found
             self = cls.__new__(cls)
-            self._stem, self._spec, self._owner_pid = stem, spec, owner_pid
+            self._stem, self._spec, self._owner_pid, self._origin = stem, spec, owner_pid, origin
             try:
                 self._seg = _Segment(stem)
                 self._sems = {
@@ -434,6 +436,8 @@ class _Helper:
         return lock
 
     def _gone(self) -> SharedObjectGone:
+        if self._origin:
+            return self._gone_with_its_task()
         if _alive(self._owner_pid):
             why = "released it (the object was dropped there, e.g. deleted or replaced)"
         else:
@@ -441,6 +445,20 @@ class _Helper:
         return SharedObjectGone(
             f"{self._describe()} is gone: the process that made it (pid {self._owner_pid}) {why}. "
             f"Make a new mpmagic.{self._kind}(...) in the notebook and pass that one."
+        )
+
+    def _gone_with_its_task(self) -> SharedObjectGone:
+        """Made inside a task (a rank), which owned it: the helper lived as long as
+        that task's objects, and was released when it ended (for a ``--keep``
+        rank: at ``--reset``, or when its worker stopped). Another rank that
+        opened it in time could use it, one that came later could not: the
+        message says so, since whether it worked depended on timing."""
+        return SharedObjectGone(
+            f"{self._describe()} is gone: it was made inside {self._origin} (worker pid {self._owner_pid}), "
+            "and a helper made in a task is released when the task ends (a --keep rank's: at --reset or "
+            "when its worker stops), here before this process opened it. "
+            f"Make a new mpmagic.{self._kind}(...) in the notebook and pass it in "
+            "(a list of them, one per rank, for per-rank inboxes)."
         )
 
     def _describe(self) -> str:
@@ -454,8 +472,8 @@ class _Helper:
         return (_attach, self._by_name())
 
     def _by_name(self) -> tuple:
-        """What finds this helper in another process: (class, stem, spec, owner pid)."""
-        return (type(self), self._stem, self._spec, self._owner_pid)
+        """What finds this helper in another process: (class, stem, spec, owner pid, origin)."""
+        return (type(self), self._stem, self._spec, self._owner_pid, self._origin)
 
     # What subclasses fill in
     def _sem_letters(self) -> str:
@@ -480,9 +498,9 @@ class _Helper:
         """In a forked child: forget this process's threads and lock owners."""
 
 
-def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int) -> Any:
+def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
-    return _noted(cls._attach(stem, spec, owner_pid))
+    return _noted(cls._attach(stem, spec, owner_pid, origin))
 
 
 # Which helpers a pickle holds, as it is loaded (collect_attached): %pdebug asks,
@@ -511,7 +529,7 @@ def _noted(helper: Any) -> Any:
     return helper
 
 
-def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
+def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> _HolderLock:
     """Unpickle a helper's lock (what ``get_lock()`` returned).
 
     The lock keeps its helper alive here, so a later unpickled ``v`` finds the
@@ -519,7 +537,7 @@ def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
     would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
     the outer). The owner's own helper needs no such reference.
     """
-    helper = _noted(cls._attach(stem, spec, owner_pid))
+    helper = _noted(cls._attach(stem, spec, owner_pid, origin))
     if helper._owner_pid != _PID:
         helper._lock.keep = helper
     return helper._lock
