@@ -40,10 +40,24 @@ LOCALS_PER_UNIT = 50
 _budget = LOCALS_PER_UNIT
 
 
-def new_unit() -> None:
-    """A unit starts in this worker: its first failures get their locals again."""
-    global _budget
+#: What this worker runs now, as the user names it ("rank 1" of a %%parallel
+#: cell, "a task" of a map), None between units: a helper made here carries it,
+#: so that its SharedObjectGone elsewhere says where it was made (shared.base).
+TASK: str | None = None
+
+
+def new_unit(task: str | None = None) -> None:
+    """A unit starts in this worker: its first failures get their locals again.
+    ``task``: what it is (:data:`TASK`), until :func:`end_unit`."""
+    global _budget, TASK
     _budget = LOCALS_PER_UNIT
+    TASK = task
+
+
+def end_unit() -> None:
+    """The unit ended: what this worker makes from now on is no task's."""
+    global TASK
+    TASK = None
 
 # --------------------------------------------------------------------------
 # Worker side

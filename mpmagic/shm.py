@@ -331,20 +331,36 @@ def sweep_stale() -> int:
 
 
 def sweep_worker(pid: int | None) -> int:
-    """Unlink segments a dead worker created but never handed over. Returns how many."""
+    """Unlink what a worker that is gone left: segments it created but never
+    handed over, and the shared helpers it made (a ``--keep`` rank's inbox
+    queue; a worker killed on timeout or interrupt could not release them,
+    and no resource tracker holds a worker's helpers: see
+    ``shared.base._tracked_here``). Returns how many.
+
+    Nothing of a worker that still runs is touched (its helpers are in use).
+    """
     if not pid:
         return 0
-    return posixshm.sweep(f"mpm_{_owner_pid()}_g{pid}_")
+    n = posixshm.sweep(f"mpm_{_owner_pid()}_g{pid}_")
+    if not posixshm.pid_alive(pid):
+        n += sweep_helpers(pid)
+    return n
+
+
+def sweep_helpers(pid: int) -> int:
+    """Unlink the shared helpers' names (segments, semaphores, spills) process ``pid`` made."""
+    helpers = f"{posixshm.HELPER_PREFIX}{pid}_"
+    return posixshm.sweep(helpers) + posixshm.sweep("sem." + helpers)
 
 
 def sweep_notebook(pid: int) -> int:
     """Unlink every segment of notebook ``pid``, and the shared helpers it made (a
     worker whose notebook was killed: with its process group, its resource tracker too)."""
-    helpers = f"{posixshm.HELPER_PREFIX}{pid}_"
-    return sum(posixshm.sweep(prefix) for prefix in (f"mpm_{pid}_", helpers, "sem." + helpers))
+    return posixshm.sweep(f"mpm_{pid}_") + sweep_helpers(pid)
 
 
-#: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks).
+#: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks):
+#: shared queues hand over what they still hold here, and the helpers it made are released.
 before_exit = posixshm.run_exit_hooks
 
 

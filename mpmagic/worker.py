@@ -455,7 +455,7 @@ def execute_map(
         log.since(mark, "items", time.perf_counter() - t_load, start)
         mark = log.mark()
     t_run = time.perf_counter()
-    debugging.new_unit()  # this unit's first failures carry their locals
+    debugging.new_unit("a task")  # this unit's first failures carry their locals
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
     try:
         if msg.timing:
@@ -465,6 +465,7 @@ def execute_map(
     finally:
         task_builtins.end_task()  # the figures its items left open: shown, closed (before results are pickled)
         worker_logging.end()
+        debugging.end_unit()
     end = start + (time.perf_counter() - t_run)
     log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
@@ -505,13 +506,14 @@ def execute_cell(
     call, rank = msg.call, msg.tag
     start = time.time()
     t0 = time.perf_counter()
-    debugging.new_unit()
+    debugging.new_unit(f"rank {rank}")
     worker_logging.begin(msg.log_context)
     mark = log.mark()
     try:
         spec = payload.loads(msg.payload)
     except BaseException as exc:  # (index -1: the rank's code never ran)
         worker_logging.end()
+        debugging.end_unit()
         return Error(call, rank, -1, ErrorInfo(exc), b"", 0.0)
     try:
         log.since(mark, "function", time.perf_counter() - t0, start)
@@ -527,6 +529,7 @@ def execute_cell(
     finally:
         task_builtins.end_task()  # the figures the rank left open: shown, closed (before its value is pickled)
         worker_logging.end()
+        debugging.end_unit()
     try:
         out = payload.dumps_data((value, gathered))
     except Exception as exc:
@@ -572,9 +575,10 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
         time.sleep(0.05)
         alive = posixshm.pid_alive(parent_pid)
     if alive:
-        shm.before_exit()  # a normal stop: hand over what shared queues still hold here
+        shm.before_exit()  # a normal stop: hand over what shared queues still hold here, release our helpers
     else:
         shm.sweep_notebook(parent_pid)
+        shm.sweep_helpers(os.getpid())  # ours too: no resource tracker holds a worker's (see shm.sweep_worker)
         # The notebook is gone: so is what this worker's tasks started (this
         # process leads their group, see main). Nobody else would stop them.
         if os.getpgrp() == os.getpid():
@@ -824,3 +828,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()
+    # A "stop": the process ends with os._exit (forkserver) or without dropping
+    # a kept rank's namespace, so the helpers its tasks made (a --keep rank's
+    # inbox) are released here, not left in /dev/shm.
+    shm.before_exit()

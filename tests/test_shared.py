@@ -25,7 +25,7 @@ from conftest import ensure_pool, run
 
 import mpmagic
 from mpmagic import pool as pool_module
-from mpmagic import shared
+from mpmagic import posixshm, shared
 from mpmagic.shared import base as shared_base
 
 SHM = "/dev/shm"
@@ -767,6 +767,58 @@ def test_helpers_of_a_notebook_killed_with_its_process_group_are_swept():
             proc.wait(10)
 
 
+WORKER_MADE = """
+import os, sys, mpmagic
+from mpmagic import posixshm, shm
+shm.NOTEBOOK_PID = os.getppid()   # as in a pool's worker
+q, v = mpmagic.Queue(), mpmagic.Value('i', 1)
+print(q._stem, v._stem, flush=True)
+if sys.argv[1] == 'stop':
+    posixshm.run_exit_hooks()     # what a worker does when told to stop
+os._exit(0)                       # how a worker ends (forkserver), or is killed
+"""
+
+
+@pytest.mark.parametrize("how", ["stop", "killed"])
+def test_a_workers_helpers_are_its_own_to_remove_not_the_trackers(how):
+    """A --keep rank's inbox queue, made in a worker: the worker's stop released
+    nothing (it ends with os._exit), and the names, registered with the
+    notebook's resource tracker, stayed in /dev/shm until the notebook exited,
+    which then warned of "leaked semaphore objects". Now a stop releases them,
+    the notebook sweeps a killed worker's, and the tracker never holds them."""
+    from mpmagic import shm
+
+    proc = subprocess.run([sys.executable, "-c", WORKER_MADE, how], capture_output=True, text=True, timeout=60)
+    stems = [s.lstrip("/") for s in proc.stdout.split()]
+    assert len(stems) == 2, proc.stderr
+    assert bool(left_behind(stems)) == (how == "killed")
+    pid = int(stems[0].removeprefix(shared.PREFIX).split("_")[0])
+    shm.sweep_worker(pid)  # the notebook, once the worker is gone
+    assert left_behind(stems) == set()
+    assert "resource_tracker" not in proc.stderr  # (its tracker ends with the process: stderr is complete)
+
+
+def test_a_kept_ranks_helper_goes_when_its_worker_stops(ip):
+    """The per-rank inbox of SPMD code, made by a --keep rank: a worker retired by
+    a resize releases it as it stops (it stayed in /dev/shm until the notebook exited)."""
+    ensure_pool("forkserver")
+    try:
+        made = run(ip, "%%parallel --keep -q\nimport mpmagic, os\ninbox = mpmagic.Queue()\n(os.getpid(), inbox._stem)")
+        stems = {pid: stem.lstrip("/") for pid, stem in made}
+        assert len(left_behind(list(stems.values()))) == 2 * 7
+        run(ip, "%pool resize 1")
+        deadline = time.monotonic() + 10
+        while all(map(posixshm.pid_alive, stems)) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        # Checked the moment it has exited: the worker released them itself (the
+        # next pool start anywhere on the machine would sweep a dead pid's later).
+        (stopped,) = [stem for pid, stem in stems.items() if not posixshm.pid_alive(pid)]
+        assert left_behind([stopped]) == set()
+        assert len(left_behind(list(stems.values()))) == 7  # the other rank's worker still runs
+    finally:
+        run(ip, "%pool resize 2")
+
+
 def test_a_dropped_queues_backlogs_are_not_spilled_at_a_workers_exit(ip):
     """Workers holding a backlog of a queue the notebook has dropped wrote it to
     a spill segment when they stopped: nobody could read it, nor removed it, and
@@ -836,6 +888,21 @@ def test_a_helper_made_in_a_task_and_returned_says_to_make_it_in_the_notebook(ip
         run(ip, "%pmap -q make_value, [1]")
     text = str(info.value)
     assert "Make a new mpmagic.Value(...) in the notebook" in text and "Return types" not in text, text
+
+
+def test_a_helper_a_rank_made_says_which_rank_once_that_rank_ended(ip, local_pool):
+    """Rank 0 makes a queue and hands it on: whoever opens it after rank 0's task
+    ended gets it gone (another rank: only sometimes, by timing). The error says
+    it was made in rank 0, why it went, and to make it in the notebook."""
+    run(ip, "import mpmagic\nchan = mpmagic.Queue()")
+    try:
+        parallel(ip, "import mpmagic\np = mpmagic.Queue()\nchan.put(p)\nNone", n=1)
+        with pytest.raises(mpmagic.SharedObjectGone, match=(
+                r"made inside rank 0 \(worker pid \d+\), and a helper made in a task is released when the task "
+                r"ends .* Make a new mpmagic.Queue\(...\) in the notebook and pass it in")):
+            run(ip, "chan.get(timeout=10)")
+    finally:
+        drop(ip, "chan")
 
 
 # --------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import compat, payload, posixshm
+from .. import compat, debugging, payload, posixshm, shm
 from ..errors import MPMagicError, UsageError
 from ..fmt import fmt_bytes
 
@@ -130,12 +130,31 @@ class _Flock:
         os.close(self.fd)  # releases the flock
 
 
-def _unlink(name: str, rtype: str) -> None:
-    """Remove one name of a helper, and tell the resource tracker it needs no cleanup."""
+def _tracked_here() -> bool:
+    """Are the names this process makes registered with multiprocessing's resource tracker?
+
+    In the notebook, yes: the tracker unlinks them if it is killed outright. In
+    a pool's worker, no: the tracker it talks to is the notebook's, which acts
+    only when the *notebook* exits, so a worker's names it held outlived the
+    worker until then, and its exit printed "leaked semaphore objects" (and
+    "No such file" for the names already removed). A worker's names are
+    mpmagic's to remove: the worker releases them when it stops
+    (:func:`release_all`, an exit hook), and the notebook sweeps a killed
+    one's once it is gone (``shm.sweep_worker``, by the pid in their names).
+    """
+    return shm.NOTEBOOK_PID is None
+
+
+def _unlink(name: str, rtype: str, tracked: bool = True) -> None:
+    """Remove one name of a helper, and tell the resource tracker it needs no
+    cleanup (``tracked``: only if it was registered there, or the tracker
+    prints a KeyError traceback)."""
     if rtype == "semaphore":
         posixshm.unlink_semaphore(name)
     else:
         posixshm.unlink(name)
+    if not tracked:
+        return
     try:
         compat.tracker_unregister(name, rtype)
     except Exception:  # the tracker is gone (interpreter exit): nothing to tell it
@@ -150,13 +169,19 @@ def release_all() -> None:
     """Release every helper this process made, now: what its exit would do.
 
     For a kernel asked to shut down, whose exit hooks may never run (see
-    ``pool.at_shell_exit``); a helper used after this says it is gone.
+    ``pool.at_shell_exit``), and a worker that stops (an exit hook: it ends
+    with ``os._exit``, and a kept rank's helpers were never dropped); a helper
+    used after this says it is gone.
     """
     for finalizer in list(_owned.values()):
         finalizer()
 
 
-def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any = None) -> None:
+posixshm.on_exit(release_all)
+
+
+def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any = None,
+                   tracked: bool = True) -> None:
     """Finalizer of an owned helper: unlink its names (only in the owner process)."""
     if names:
         _owned.pop(names[0][0], None)
@@ -165,7 +190,7 @@ def _release_names(names: list[tuple[str, str]], owner_pid: int, on_release: Any
     if os.getpid() != owner_pid:
         return  # a forked copy of the owner's object: the names are not ours
     for name, rtype in names:
-        _unlink(name, rtype)
+        _unlink(name, rtype, tracked)
 
 
 def _notify(sem: Any) -> None:
@@ -329,6 +354,7 @@ class _Helper:
 
     _stem: str
     _owner_pid: int
+    _origin: str  # where in its owner it was made: "rank 1", "a task"; "" in the notebook
     _spec: tuple
     _seg: _Segment
     _sems: dict[str, Any]
@@ -338,6 +364,8 @@ class _Helper:
         self = cls.__new__(cls)
         self._spec, self._owner_pid = spec, _PID
         names: list[tuple[str, str]] = []
+        tracked = _tracked_here()
+        self._origin = "" if tracked else debugging.TASK or "a worker"
         for _ in range(8):
             self._stem = _new_stem()
             try:
@@ -348,7 +376,8 @@ class _Helper:
         else:  # pragma: no cover - 8 collisions of 40 random bits
             raise MPMagicError("could not find a free shared-memory name")
         names.append((self._stem, "shared_memory"))
-        compat.tracker_register(self._stem, "shared_memory")
+        if tracked:
+            compat.tracker_register(self._stem, "shared_memory")
         self._sems = {}
         try:
             for letter in self._sem_letters():
@@ -364,26 +393,27 @@ class _Helper:
                         "for its semaphores. Free some or make it bigger (docker run --shm-size=1g)"
                     ) from exc
                 names.append((name, "semaphore"))
-                compat.tracker_register(name, "semaphore")
+                if tracked:
+                    compat.tracker_register(name, "semaphore")
             self._seg.words[0] = _MAGIC
             self._init_memory()
             self._setup()
         except BaseException:
-            _release_names(names, _PID)
+            _release_names(names, _PID, tracked=tracked)
             raise
-        _owned[self._stem] = weakref.finalize(self, _release_names, names, _PID, self._on_release())
+        _owned[self._stem] = weakref.finalize(self, _release_names, names, _PID, self._on_release(), tracked)
         with _registry_lock:
             _registry[self._stem] = self
         return self
 
     @classmethod
-    def _attach(cls, stem: str, spec: tuple, owner_pid: int) -> Any:
+    def _attach(cls, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
         with _registry_lock:
             found = _registry.get(stem)
             if found is not None:
                 return found
             self = cls.__new__(cls)
-            self._stem, self._spec, self._owner_pid = stem, spec, owner_pid
+            self._stem, self._spec, self._owner_pid, self._origin = stem, spec, owner_pid, origin
             try:
                 self._seg = _Segment(stem)
                 self._sems = {
@@ -406,6 +436,8 @@ class _Helper:
         return lock
 
     def _gone(self) -> SharedObjectGone:
+        if self._origin:
+            return self._gone_with_its_task()
         if _alive(self._owner_pid):
             why = "released it (the object was dropped there, e.g. deleted or replaced)"
         else:
@@ -413,6 +445,20 @@ class _Helper:
         return SharedObjectGone(
             f"{self._describe()} is gone: the process that made it (pid {self._owner_pid}) {why}. "
             f"Make a new mpmagic.{self._kind}(...) in the notebook and pass that one."
+        )
+
+    def _gone_with_its_task(self) -> SharedObjectGone:
+        """Made inside a task (a rank), which owned it: the helper lived as long as
+        that task's objects, and was released when it ended (for a ``--keep``
+        rank: at ``--reset``, or when its worker stopped). Another rank that
+        opened it in time could use it, one that came later could not: the
+        message says so, since whether it worked depended on timing."""
+        return SharedObjectGone(
+            f"{self._describe()} is gone: it was made inside {self._origin} (worker pid {self._owner_pid}), "
+            "and a helper made in a task is released when the task ends (a --keep rank's: at --reset or "
+            "when its worker stops), here before this process opened it. "
+            f"Make a new mpmagic.{self._kind}(...) in the notebook and pass it in "
+            "(a list of them, one per rank, for per-rank inboxes)."
         )
 
     def _describe(self) -> str:
@@ -426,8 +472,8 @@ class _Helper:
         return (_attach, self._by_name())
 
     def _by_name(self) -> tuple:
-        """What finds this helper in another process: (class, stem, spec, owner pid)."""
-        return (type(self), self._stem, self._spec, self._owner_pid)
+        """What finds this helper in another process: (class, stem, spec, owner pid, origin)."""
+        return (type(self), self._stem, self._spec, self._owner_pid, self._origin)
 
     # What subclasses fill in
     def _sem_letters(self) -> str:
@@ -452,9 +498,9 @@ class _Helper:
         """In a forked child: forget this process's threads and lock owners."""
 
 
-def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int) -> Any:
+def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
-    return _noted(cls._attach(stem, spec, owner_pid))
+    return _noted(cls._attach(stem, spec, owner_pid, origin))
 
 
 # Which helpers a pickle holds, as it is loaded (collect_attached): %pdebug asks,
@@ -483,7 +529,7 @@ def _noted(helper: Any) -> Any:
     return helper
 
 
-def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
+def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> _HolderLock:
     """Unpickle a helper's lock (what ``get_lock()`` returned).
 
     The lock keeps its helper alive here, so a later unpickled ``v`` finds the
@@ -491,7 +537,7 @@ def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int) -> _HolderLock:
     would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
     the outer). The owner's own helper needs no such reference.
     """
-    helper = _noted(cls._attach(stem, spec, owner_pid))
+    helper = _noted(cls._attach(stem, spec, owner_pid, origin))
     if helper._owner_pid != _PID:
         helper._lock.keep = helper
     return helper._lock
