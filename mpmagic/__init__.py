@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (
     MPMagicError,
     ParallelError,
+    RankStoppedError,
     ReduceError,
     RemoteError,
     SerializationError,
@@ -158,6 +159,7 @@ __all__ = [
     "SharedObjectGone",
     "MPMagicError",
     "ParallelError",
+    "RankStoppedError",
     "ReduceError",
     "RemoteError",
     "SerializationError",

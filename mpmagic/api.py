@@ -36,6 +36,7 @@ from .engine import sigint_deferred
 from .errors import (
     IDLE_OUTCOME,
     NOT_STARTED_OUTCOME,
+    STOPPED_OUTCOME,
     ParallelError,
     UsageError,
     add_note,
@@ -51,7 +52,7 @@ from .fmt import func_name
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, Failed, MapJob, item_note
+from .jobs import CellJob, Failed, MapJob, first_failed_rank, item_note, parallel_error_line
 from .pool import forked_from_pool, get_pool
 from .progress import Progress
 from .report import RankValues, Report
@@ -83,8 +84,9 @@ def last_report() -> Report | None:
 
     After an interrupted run, that run's report, marked interrupted (its
     ``line()`` says ``pmap interrupted after 3 of 10 items finished, 250.0 ms``,
-    ``report.interrupted`` is True; a cell's counts the ranks that ended:
-    ``parallel interrupted after 0 of 2 ranks finished``), not the report of
+    ``report.interrupted`` is True; a cell's counts the ranks that finished and,
+    apart, those that had failed: ``parallel interrupted after 0 of 2 ranks
+    finished, 1 failed (rank 1)``), not the report of
     the run before it.
     """
     return _reports.report
@@ -1412,7 +1414,10 @@ def parallel(
     expression value in rank order (None where the code ends in a statement);
     ``gather`` names variables to bring back from every rank. What ranks print
     is shown labelled ``[rank N]``. If ranks fail, each failing rank's traceback
-    is printed and :class:`~mpmagic.errors.ParallelError` is raised.
+    is printed and :class:`~mpmagic.errors.ParallelError` is raised; the ranks
+    still running 3 s (``mpmagic.jobs.RANK_FAILURE_GRACE``) after a rank failed
+    are stopped then (:class:`~mpmagic.errors.RankStoppedError`), as an MPI job
+    aborts: a rank waiting on the failed one would wait for ever.
     ``progress`` shows a bar counting finished ranks after ``progress_delay``
     seconds; ``insights`` records each rank's worker and span (see ``pmap``).
     ``checkpoint`` keeps the ranks' values: see ``pmap`` and docs/checkpoint.md.
@@ -1511,11 +1516,16 @@ def parallel(
     try:
         _run_with_progress(call.backend, job, bar, size)
     except KeyboardInterrupt as exc:
-        # Ranks that failed before the interrupt (often why the others waited):
-        # %pdebug and last_failures() still have them.
+        # Ranks that failed before the interrupt (often why the others waited): the
+        # line names them, the interrupt keeps them (.failures, and the finished
+        # ranks' .values), and %pdebug and last_failures() still have them.
         debugging.record_cell(job, call.spec_bytes, size)
         _interrupted(call, t0)
-        raise run_interrupted("mpmagic.parallel", exc) from None  # one line in IPython, as %%parallel's
+        if job.failures:
+            set_interrupt_outcome(exc, f"{failed_before(job.failures)}; {interrupt_outcome(exc) or STOPPED_OUTCOME}")
+        new = run_interrupted("mpmagic.parallel", exc)  # one line in IPython, as %%parallel's
+        new.failures, new.values = dict(job.failures), dict(job.values)  # type: ignore[attr-defined]
+        raise new from None
     finally:
         call.record_kept()
     report = _reports.report = call.report(time.perf_counter() - t0)
@@ -1636,12 +1646,13 @@ class CellCall:
     def report(self, wall: float, *, interrupted: bool = False) -> Report:
         """The cell's timing report (``wall`` seconds from submit to end). Of a run
         stopped by an interrupt (``interrupted``): ``items`` counts the ranks that
-        ended (with a value or an error) and ``total`` is the ranks of the run, so
-        its line says ``parallel interrupted after 0 of 2 ranks finished``."""
+        finished (with a value), ``failed`` those that had failed, and ``total`` is the
+        ranks of the run, so its line says ``parallel interrupted after 0 of 2 ranks
+        finished, 1 failed (rank 1)``."""
         job, size = self.job, self.size
         return Report(
             kind="parallel",
-            items=len(job.values) + len(job.failures) if interrupted else size,
+            items=len(job.values) if interrupted else size,  # (interrupted: failed ranks are counted as failed)
             total=size if interrupted else None,
             interrupted=interrupted,
             workers=size,
@@ -1666,23 +1677,32 @@ class CellCall:
                 # A task's exception shows its own frames as IPython would; ours are one line.
                 text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
                 write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))
-            n = len(job.failures)
-            ranks = ", ".join(map(str, sorted(job.failures)))
-            first = job.failures[min(job.failures)]
-            error = ParallelError(
-                f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
-                f"rank {min(job.failures)}: {type(first).__name__}: {first}",
-                dict(job.failures),
-                dict(job.values),
-            )
-            # Its traceback goes on into the first failing rank's frames, as a map's task error does:
+            # The line names the rank that failed first in time: the cause (the ranks
+            # stopped after it, or timed out waiting on it, follow from it).
+            cause = first_failed_rank(job.failures)
+            error = ParallelError(parallel_error_line(job.failures, size), dict(job.failures), dict(job.values))
+            # Its traceback goes on into that rank's frames, as a map's task error does:
             # %debug stops at the rank's line, not at this raise (IPython shows the error as one line).
-            frames = next((e.__traceback__ for _, e in sorted(job.failures.items()) if e.__traceback__), None)
+            ordered = [job.failures[cause], *(e for _, e in sorted(job.failures.items()))]
+            frames = next((e.__traceback__ for e in ordered if e.__traceback__), None)
             raise error.with_traceback(frames) from None
         values = RankValues(job.results())
         values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in self.gather}
         values.ranks_without_setup = tuple(sorted(job.ranks_without_setup))
         return values
+
+
+def failed_before(failures: dict[int, BaseException]) -> str:
+    """What an interrupted cell's line says of the ranks that had failed before it
+    (why the others waited, often): ``rank 1 had failed (ValueError: bad input)``."""
+    cause = first_failed_rank(failures)
+    exc = failures[cause]
+    first = str(exc).split("\n", 1)[0]
+    text = f"rank {cause} had failed ({type(exc).__name__}{': ' + first if first else ''}"
+    others = sorted(r for r in failures if r != cause)
+    if others:
+        text += f"; rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} too"
+    return text + "; kept in this interrupt's .failures)"
 
 
 def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) -> None:

@@ -70,6 +70,16 @@ class WorkerLostError(MPMagicError):
     """A worker process died (crash, kill, out of memory) while running work."""
 
 
+class RankStoppedError(MPMagicError):
+    """A ``parallel`` rank still running after another rank failed was stopped, as an MPI job aborts."""
+
+    # Set by the job that stopped it: the rank whose failure stopped it, the seconds of
+    # grace the others had, and whether its kept state (--keep) went with its worker.
+    cause_rank: int | None = None
+    grace: float = 0.0
+    kept_lost: bool = False
+
+
 class TaskTimeoutError(MPMagicError, TimeoutError):
     """A task (``pmap`` item or ``parallel`` rank) ran past its ``timeout``."""
 

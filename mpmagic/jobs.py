@@ -27,6 +27,7 @@ from . import debugging, display_relay, payload, payload_cache, shm, worker_logg
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
+    RankStoppedError,
     RemoteError,
     RemoteTraceback,  # noqa: F401 (imported from here by older callers)
     SerializationError,
@@ -237,6 +238,7 @@ class MapJob:
     size = 0
     ranks_pending = 0
     pinned = False
+    abort_at: float | None = None  # (a cell's: a map's failure ends it by itself, see _check_runs)
 
     def __init__(
         self,
@@ -983,6 +985,10 @@ class MapJob:
         self.outstanding.pop(unit.id, None)
         self._requeued.appendleft(unit)
 
+    def abort(self) -> None:
+        """Never called: a map's failure ends it by itself (``abort_at`` is always None)."""
+        raise ValueError("a map is not aborted: its failure ends it (backends.base.Job.abort is a cell's)")
+
     def forget_work(self) -> None:
         """A cancelled background run, kept in ``%pool runs``' history: drop what
         it still holds (its input, the units it never ran, results nobody will
@@ -1089,6 +1095,42 @@ class MapJob:
 
 #: Seconds a failed rank waits before a line says so while other ranks still run.
 _SAY_FAILED_AFTER = 0.5
+#: Seconds the other ranks of a cell may still run after one failed (raised, lost its
+#: worker, timed out) before they are stopped and their workers replaced, as an MPI job
+#: aborts when a rank raises: a rank waiting on a failed one (``q.get()``) would wait for
+#: ever. Ranks that end within it keep their values (``ParallelError.values``).
+RANK_FAILURE_GRACE = 3.0
+
+
+def first_failed_rank(failures: dict[int, BaseException]) -> int:
+    """The rank that failed first in time (``failures`` is in the order they came), the
+    cause: ranks stopped because it failed, timeouts of ranks waiting on it, come after.
+    Ranks stopped by an abort are never the cause."""
+    for rank, exc in failures.items():
+        if not isinstance(exc, RankStoppedError):
+            return rank
+    return min(failures)
+
+
+def parallel_error_line(failures: dict[int, BaseException], size: int) -> str:
+    """A cell's ``ParallelError`` line: how many ranks failed, the first one's error,
+    and which ranks were stopped because of it (``CellJob.abort``)."""
+    n = len(failures)
+    ranks = ", ".join(str(r) for r in sorted(failures))
+    cause = first_failed_rank(failures)
+    exc = failures[cause]
+    text = f"{n} of {size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); rank {cause}: {type(exc).__name__}: {exc}"
+    stopped = sorted(r for r, e in failures.items() if isinstance(e, RankStoppedError))
+    if len(stopped) == 1:
+        text += f"; {failures[stopped[0]]}"
+    elif stopped:  # (each one's own error says it too)
+        errors = [e for r in stopped if isinstance(e := failures[r], RankStoppedError)]
+        text += (f"; ranks {', '.join(map(str, stopped))} still ran {errors[0].grace:g} s after rank "
+                 f"{errors[0].cause_rank} failed: stopped, as an MPI job aborts: a rank waiting for a failed one "
+                 "would wait for ever")
+        if any(e.kept_lost for e in errors):
+            text += "; their kept state (--keep) went with their workers: the next --keep cell needs --reset"
+    return text
 
 
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
@@ -1164,6 +1206,11 @@ class CellJob:
         self.shared_workers = False  # other runs held workers meanwhile (see MapJob)
         self.waited_for_workers = 0.0
         self.ran_on: int | None = None  # (a map's; see backends/base.py)
+        # A rank failed while others ran: when the backend stops those still running
+        # (``abort``), as an MPI job aborts, and whether it is doing so now.
+        self.abort_at: float | None = None
+        self.aborting = False
+        self._abort_after = 0.0  # the grace those ranks had (said in their error)
 
     def _rank_finished(self) -> None:
         if self._progress:
@@ -1207,8 +1254,8 @@ class CellJob:
 
     @property
     def failure(self) -> BaseException | None:
-        """The lowest failing rank's error, or None (``results`` raises them all together)."""
-        return self.failures[min(self.failures)] if self.failures else None
+        """The error of the rank that failed first, or None (``results`` raises them all together)."""
+        return self.failures[first_failed_rank(self.failures)] if self.failures else None
 
     def next_unit(self) -> Unit | None:
         if not self._pending:
@@ -1277,16 +1324,21 @@ class CellJob:
         self._rank_finished()
 
     def _failed_while_others_run(self, rank: int) -> None:
-        """Say at once that ``rank`` failed when other ranks still run: they may
-        wait on it (a queue it should have filled), and without this line the
-        cell showed nothing until it ended, or, interrupted, nothing at all.
-        Its whole error comes with the cell's end, as before."""
-        if not (self.outstanding or self._pending):
-            return  # the cell ends now: its error says it all
+        """``rank`` failed while other ranks still run: they may wait on it (a
+        queue it should have filled) for ever, so those still running
+        ``RANK_FAILURE_GRACE`` seconds later are stopped (``abort_at``: the
+        backend calls ``abort``), as an MPI job aborts when a rank raises. A line
+        says so at once: without it the run showed nothing until it ended."""
+        if not (self.outstanding or self._pending) or self.aborting:
+            return  # the run ends now: its error says it all
+        if self.abort_at is None:  # (the first failure sets the clock; later ones follow from it)
+            self._abort_after = RANK_FAILURE_GRACE
+            self.abort_at = time.monotonic() + RANK_FAILURE_GRACE
         exc = self.failures[rank]
         first = _text_of(exc).split("\n", 1)[0]
         text = (f"mpmagic: rank {rank} failed ({type(exc).__name__}{': ' + first if first else ''}) while other "
-                "ranks still run; the cell raises its error once they end (after an interrupt: %pdebug)\n")
+                f"ranks still run; those still running {self._abort_after:g} s after the first failure are stopped, "
+                "as an MPI job aborts\n")
         # Said only if the others still run a moment later: ranks that all fail at
         # once (a name missing everywhere) get the cell's error alone, not this too.
         timer = threading.Timer(_SAY_FAILED_AFTER, self._say_still_running, (text,))
@@ -1295,8 +1347,38 @@ class CellJob:
 
     def _say_still_running(self, text: str) -> None:
         # (read from the timer's thread: a late line at worst; never after the run ended)
-        if not self._over and (self.outstanding or self._pending):
+        if not self._over and not self.aborting and (self.outstanding or self._pending):
             self._out("stderr", text)
+
+    def abort(self) -> None:
+        """Stop the run, as an MPI job aborts: a rank failed ``abort_at`` - grace
+        seconds ago and others still run (waiting on it, maybe for ever). The
+        backend calls this, then stops the workers busy with the run's ranks
+        (each rank it gives back through ``requeue`` is then stopped, not sent
+        again; ranks that finish meanwhile keep their values) and ends the run.
+        Ranks that never got a worker do not run."""
+        self.aborting, self.abort_at = True, None
+        for unit in list(self._pending):
+            self._stopped(unit.id, started=False)
+        self._pending.clear()
+
+    def _stopped(self, rank: int, started: bool = True) -> None:
+        """Rank ``rank`` stopped by ``abort``: its error says why (and, kept, what it lost)."""
+        self.outstanding.pop(rank, None)
+        cause = first_failed_rank(self.failures)
+        exc = self.failures[cause]
+        after = f"{self._abort_after:g} s after rank {cause} failed ({type(exc).__name__})"
+        if started:
+            text = (f"rank {rank} still ran {after}: stopped, as an MPI job aborts: a rank waiting for a failed one "
+                    "would wait for ever")
+            if self.pinned:
+                text += "; its kept state (--keep, keep=True) went with its worker: the next --keep cell needs --reset"
+        else:
+            text = f"rank {rank} had not started {after} (no worker was free for it): not run, as an MPI job aborts"
+        err = self.failures[rank] = RankStoppedError(text)
+        # (for parallel_error_line's one clause about all the stopped ranks)
+        err.cause_rank, err.grace, err.kept_lost = cause, self._abort_after, self.pinned and started
+        self._rank_finished()
 
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
@@ -1345,6 +1427,9 @@ class CellJob:
         self.outstanding = {}
 
     def requeue(self, unit: Unit) -> None:  # ranks never queue behind one another
+        if self.aborting:  # its worker was stopped by ``abort``: the rank is not sent again
+            self._stopped(unit.id)
+            return
         self.outstanding.pop(unit.id, None)
         self._pending.appendleft(unit)
 
@@ -1385,15 +1470,8 @@ class CellJob:
     def results(self) -> list:
         self.flush_output()
         if self.failures:
-            n = len(self.failures)
-            ranks = ", ".join(str(r) for r in sorted(self.failures))
-            first = self.failures[min(self.failures)]
-            err = ParallelError(
-                f"{n} of {self.size} ranks failed (rank{'s' if n > 1 else ''} {ranks}); "
-                f"first: {type(first).__name__}: {first}",
-                dict(self.failures),
-            )
-            raise err from first
+            first = self.failures[first_failed_rank(self.failures)]
+            raise ParallelError(parallel_error_line(self.failures, self.size), dict(self.failures)) from first
         return [self.values[r] for r in range(self.size)]
 
 

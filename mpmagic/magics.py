@@ -586,7 +586,10 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
             if self.serial_pass is not None and self.serial_pass():
                 values = "results" if parser.prog == "%pmap" else "ranks' values"
                 raise _interrupted(parser.prog, _SERIAL_INTERRUPTED.format(magic=parser.prog, values=values)) from None
-            raise _interrupted(parser.prog, outcome=interrupt_outcome(exc)) from None
+            new = _interrupted(parser.prog, outcome=interrupt_outcome(exc))
+            # (a cell's ranks that had failed, and those that finished: its line says where they are)
+            new.__dict__.update({k: v for k, v in exc.__dict__.items() if k in ("failures", "values")})
+            raise new from None
 
 
 def _compare_finished(compare: bool, before: Any) -> Callable[[], bool]:

@@ -131,7 +131,11 @@ class KeptCellJob(CellJob):
             self.requeue(unit)
 
     def requeue(self, unit: Any) -> None:
-        """A rank that could not be sent: a new rank may go elsewhere; a kept one cannot."""
+        """A rank that could not be sent: a new rank may go elsewhere; a kept one cannot.
+        (Given back by an abort, see ``CellJob.abort``: it is stopped, its state lost.)"""
+        if self.aborting:
+            super().requeue(unit)
+            return
         if unit.id in self._kept_before:
             from .errors import WorkerLostError
 

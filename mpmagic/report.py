@@ -203,7 +203,12 @@ class Report:
         if self.interrupted:
             what = "ranks" if self.kind == "parallel" else "items"
             of = "" if self.total is None else f" of {self.total}"
-            return f"{self.kind} interrupted after {self.items}{of} {what} finished, {took}"
+            failed = ""
+            if self.kind == "parallel" and self.failed:  # (counted apart: a failed rank did not finish)
+                ranks = ", ".join(map(str, self.failed_ranks))
+                failed = f", {self.failed} failed" + (f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})"
+                                                      if ranks else "")
+            return f"{self.kind} interrupted after {self.items}{of} {what} finished{failed}, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
             which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""

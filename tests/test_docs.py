@@ -316,6 +316,8 @@ ERROR_CASES = [
     "%pmap --worker 2 abs, range(3)",
     "def fails_at_3(x):\n    return 1 / (x - 3)\n\n%pmap fails_at_3, range(6)",  # the failed-run line
     "%%parallel -n 4\n1 / (rank - 2)",
+    # (rank 0 waits on rank 1 for ever: stopped after the grace, as an MPI job aborts)
+    "%%parallel -n 2 -q\nif rank == 1:\n    raise ValueError('bad input on rank 1')\ntime.sleep(60)",
 ]
 # "<how it ended>": an angle-bracketed phrase with a space stands for any text.
 PLACEHOLDER = re.compile(r"<[a-z]+(?: [a-z]+)+>")

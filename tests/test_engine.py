@@ -697,16 +697,21 @@ def test_a_run_that_fails_while_units_are_handed_out_loses_no_other_runs_unit(ip
         assert background.result(HANG) == list(range(40))
 
 
-def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrupt(ip, local_pool, capfd):
+def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrupt(ip, local_pool, capfd,
+                                                                                   monkeypatch):
     """Rank 0 fails before it fills the queue rank 1 waits on. The cell said
     nothing until it ended, and once interrupted the error was lost for good.
-    Now a line says so at once, and %pdebug / last_failures() keep it."""
+    Now a line says so at once, and %pdebug / last_failures() keep it; the
+    interrupt's line names it (and keeps it), and the report counts it as failed."""
+    from mpmagic import jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 30.0)  # (the user interrupts before the abort)
     run(ip, "import mpmagic\nq = mpmagic.Queue()")
     capfd.readouterr()
-    timer = threading.Timer(3.0, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer = threading.Timer(1.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.start()
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as info:
             run(ip, "%%parallel -n 2 -q\n"
                     "if rank == 0:\n    raise ValueError('no input file')\n"
                     "else:\n    q.get()\n")
@@ -715,11 +720,44 @@ def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrup
     err = capfd.readouterr().err
     assert "rank 0 failed (ValueError: no input file) while other ranks still run" in err
     assert [(f.rank, type(f.error).__name__) for f in mpmagic.last_failures()] == [(0, "ValueError")]
+    assert str(info.value).startswith("%%parallel interrupted: rank 0 had failed (ValueError: no input file; kept in "
+                                      "this interrupt's .failures); the work still running was stopped")
+    assert isinstance(info.value.failures[0], ValueError) and info.value.values == {}
+    assert mpmagic.last_report().line().startswith("parallel interrupted after 0 of 2 ranks finished, 1 failed "
+                                                   "(rank 0), ")
     # The last rank to fail: its error is the cell's, with no line before it.
     with pytest.raises(mpmagic.ParallelError, match="no input file"):
         run(ip, "%%parallel -n 2 -q\nimport time\ntime.sleep(0.3 * rank)\n"
                 "if rank == 1:\n    raise ValueError('no input file')\n")
     assert "failed (ValueError" not in capfd.readouterr().err
+
+
+def test_the_one_line_names_the_rank_that_failed_first_not_the_lowest(pool2, monkeypatch):
+    """Rank 1 raises at once; rank 0 waits on it and its --timeout stops it. The
+    line named rank 0's TaskTimeoutError (the lowest rank): the cause is rank 1."""
+    from mpmagic import jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 30.0)  # (the timeout comes first)
+    code = "import time\nif rank == 1:\n    raise ValueError('bad input')\ntime.sleep(30)\n"
+    with pytest.raises(mpmagic.ParallelError) as info:
+        mpmagic.parallel(code, workers=2, timeout=0.5, namespace={})
+    assert str(info.value).startswith("2 of 2 ranks failed (ranks 0, 1); rank 1: ValueError: bad input")
+    assert isinstance(info.value.failures[0], mpmagic.TaskTimeoutError)
+
+
+def test_a_rank_whose_worker_dies_stops_the_others_in_a_background_run_too(pool2, monkeypatch):
+    """--bg / block=False: the handle showed "1 failed, running" for ever; now the
+    run ends with the dead rank's error and the stopped rank's."""
+    from mpmagic import jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 0.2)
+    code = "import os, time\nif rank == 1:\n    os._exit(3)\ntime.sleep(30)\n"
+    handle = mpmagic.parallel(code, workers=2, block=False, namespace={})
+    with pytest.raises(mpmagic.ParallelError) as info:
+        handle.result(HANG)
+    assert str(info.value).startswith("2 of 2 ranks failed (ranks 0, 1); rank 1: WorkerLostError: ")
+    assert "rank 0 still ran 0.2 s after rank 1 failed (WorkerLostError): stopped" in str(info.value)
+    assert mpmagic.parallel("rank", workers=2, namespace={}) == [0, 1]
 
 
 @pytest.mark.parametrize("timeout", [float("inf"), 1e7])

@@ -60,6 +60,25 @@ def test_kept_rank_whose_worker_timed_out_is_named_by_the_pid_it_had(ip, local_p
         run(ip, "%%parallel --keep -q\nacc")
 
 
+def test_kept_rank_stopped_after_another_failed_says_its_state_is_lost(ip, local_pool, monkeypatch):
+    """Rank 1 raises while rank 0 still runs (waiting on it): rank 0 is stopped, as an
+    MPI job aborts, and its worker with the state it kept: its error says so, and the
+    next --keep cell names the worker gone."""
+    from mpmagic import jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 0.2)
+    run(ip, "%%parallel --keep -q\nacc = rank")
+    body = "%%parallel --keep -q --no-progress\nimport time\nif rank == 1:\n    raise ValueError('bad')\ntime.sleep(30)\n"
+    with pytest.raises(mpmagic.ParallelError) as info:
+        run(ip, body)
+    stopped = info.value.failures[0]
+    assert isinstance(stopped, mpmagic.RankStoppedError)
+    assert "its kept state (--keep, keep=True) went with its worker: the next --keep cell needs --reset" in str(stopped)
+    with pytest.raises(mpmagic.MPMagicError, match="rank 0's kept state is gone"):
+        run(ip, "%%parallel --keep -q\nacc")
+    assert list(run(ip, "%%parallel --keep --reset -q\nrank")) == [0, 1]  # the pool is usable
+
+
 def test_kept_rank_gone_without_a_known_pid_says_no_pid(local_pool):
     ranks._kept[0] = (local_pool.pool_key, -1, None)  # a worker never seen alive by the notebook
     with pytest.raises(mpmagic.MPMagicError) as err:

@@ -3,6 +3,8 @@ labelled output, errors and timing, on each pool in ``conftest.BACKENDS``."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import ensure_pool, run
 from IPython.core.error import UsageError as IPythonUsageError
@@ -132,6 +134,26 @@ def test_error_in_one_rank_of_four(ip, backend, capsys):
     # The failing rank's traceback shows the cell's own line and number.
     assert "[rank 2]" in captured.err and "raise ValueError('bad rank')" in captured.err
     assert "line 4" in captured.err  # body line 3 is line 4 of the cell, under %%parallel
+
+
+def test_a_failing_rank_stops_the_ranks_still_running_as_an_mpi_job_aborts(ip, backend, monkeypatch):
+    """Rank 1 raises; rank 0 waits on it (a q.get() that would wait for ever; here a sleep)
+    and rank 2 ends at once. The run waited for ever; now the ranks still running
+    RANK_FAILURE_GRACE s after the failure are stopped and their workers replaced, and the
+    one line names the cause and the stopped rank. -n 3 on 2 local workers: a temporary one."""
+    from mpmagic import jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 0.3)
+    t0 = time.monotonic()
+    with pytest.raises(mpmagic.ParallelError) as info:  # (3 s: on a Dask cluster not mpmagic's it runs on)
+        cell(ip, "-n 3 -q", "import time\nif rank == 1:\n    raise ValueError('bad input')\n"
+                            "if rank == 0:\n    time.sleep(3)\nrank")
+    assert time.monotonic() - t0 < 2.5
+    assert str(info.value) == ("2 of 3 ranks failed (ranks 0, 1); rank 1: ValueError: bad input; rank 0 still ran "
+                               "0.3 s after rank 1 failed (ValueError): stopped, as an MPI job aborts: a rank "
+                               "waiting for a failed one would wait for ever")
+    assert isinstance(info.value.failures[0], mpmagic.RankStoppedError) and info.value.values == {2: 2}
+    assert cell(ip, "-n 3 -q", "rank") == [0, 1, 2]  # the pool is usable
 
 
 def test_classic_split_sum(ip, backend, capsys):

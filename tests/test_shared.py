@@ -548,6 +548,18 @@ def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
     drop(ip, "held", "done", "kq")
 
 
+def test_a_taken_over_lock_warns_at_the_users_line_not_ours(pool2):
+    """Rank 1 exits holding the lock; rank 0's ``with lk:`` takes it over. The
+    warning pointed at mpmagic/shared/locks.py (``return self._lock.acquire()``)."""
+    lk = mpmagic.Lock()
+    code = "import os, time\nif rank == 1:\n    lk.acquire()\n    os._exit(7)\ntime.sleep(0.3)\nwith lk:\n    pass\n"
+    with pytest.warns(RuntimeWarning, match="died while holding the lock") as caught:
+        with pytest.raises(mpmagic.ParallelError, match="exit code 7"):
+            mpmagic.parallel(code, workers=2, namespace={"lk": lk}, timeout=20)
+    where = [(w.filename, w.lineno) for w in caught if "holding the lock" in str(w.message)]
+    assert len(where) == 1 and where[0][0].startswith("<parallel-cell-") and where[0][1] == 6, where
+
+
 def test_taking_over_a_dead_holders_lock_keeps_the_callers_timeout():
     """The take-over's flock never waits: while another process holds it (taking
     the lock over itself), a waiter goes on waiting on the semaphore, and its

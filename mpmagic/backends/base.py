@@ -42,6 +42,10 @@ class Job(Protocol):
     # threads a map ran on at most (Dask: ``-n`` capped by the cluster's free
     # threads); None: the workers asked for (the report's line counts them).
     ran_on: int | None
+    # A cell whose rank failed while others still run: the monotonic time at which the
+    # backend calls ``abort`` and then stops the workers still busy with its units (and
+    # ends the run), as an MPI job aborts; None (always for a map) while nothing is due.
+    abort_at: float | None
 
     # Read-only here (a job may compute them: CellJob.items_failed is a property).
     @property
@@ -107,6 +111,9 @@ class Job(Protocol):
     def not_run(self, unit: Any, reason: str) -> None:
         """``unit`` could not run at all (no worker to run it, for ``reason``): its items fail as not run."""
     def requeue(self, unit: Any) -> None: ...
+    def abort(self) -> None:
+        """``abort_at`` came: from now on a unit given back (``requeue``) is stopped, not sent
+        again; units not handed out never run. (Never called on a map: its ``abort_at`` is None.)"""
     def output(self, tag: Any, stream: str, text: str) -> None: ...
     def release_shared(self) -> None: ...
     def redirect(

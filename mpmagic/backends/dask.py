@@ -979,6 +979,7 @@ class _DaskRun:
             if job.kind == "cell":
                 self._check_rank_workers()
                 self._check_ranks_started()
+                self._check_abort()
             else:
                 self._check_workers_left()
         if self.tasks:  # a map that failed early, or was cancelled (Run.cancel()): drop the rest
@@ -1440,6 +1441,20 @@ class _DaskRun:
                 self.tasks.pop(task.key, None)
                 self._cancel([task.future])
                 self.job.lost(task.unit, f"(Dask worker {task.target}) left the cluster while running it", worker_kept=True)
+
+    def _check_abort(self) -> None:
+        """A rank failed ``RANK_FAILURE_GRACE`` seconds ago and others still run (maybe
+        waiting on it for ever): they are stopped, as an MPI job aborts (``CellJob.abort``);
+        on the cluster mpmagic started their workers are replaced, elsewhere Dask cannot stop
+        a running task and it runs on (as after a ``--timeout``). The run then ends."""
+        at = self.job.abort_at
+        if at is None or time.monotonic() < at:
+            return
+        self.job.abort()
+        running = list(self.tasks.values())
+        self._abandon(interrupted=False, stop=True)
+        for task in running:
+            self.job.requeue(task.unit)  # (aborting: the rank is stopped, not sent again)
 
     def _check_ranks_started(self) -> None:
         """Ranks of a cell run at once, each pinned to its worker. On a shared

@@ -1042,7 +1042,7 @@ class LocalBackend:
             return True  # a send waits for room, or a timeout to watch
         if job.input_wait() is not None:
             return True  # a lazy input's read asked: the manager looks at it while it goes on (_take_reading)
-        return any(r.grace_deadline is not None for r in self._runs)
+        return any(r.grace_deadline is not None or r.job.abort_at is not None for r in self._runs)
 
     def run(self, job: Job, workers: int | None = None) -> None:
         """Submit ``job`` and wait for it here (Ctrl-C cancels it); raise what stopped it."""
@@ -1182,6 +1182,7 @@ class LocalBackend:
     def _next_timeout(self) -> float | None:
         times = [s.deadline for s in self.slots if s.deadline is not None]
         times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
+        times += [r.job.abort_at for r in self._runs if r.job.abort_at is not None]
         if any(not s.inflight for s in self.slots):  # an idle worker: items of a slow input's read may go to it
             now = time.monotonic()
             times += [now + w for r in self._runs if (w := r.job.input_wait()) is not None]
@@ -1265,6 +1266,12 @@ class LocalBackend:
                 elif now >= run.grace_deadline:
                     self._abandon(run)
                     self._end(run)
+            elif run.job.abort_at is not None and now >= run.job.abort_at:
+                # A rank failed and others still run (maybe waiting on it for ever): they are
+                # stopped, as an MPI job aborts (jobs.CellJob.abort); what they printed is shown first.
+                run.job.abort()
+                self._abandon(run)
+                self._end(run)
 
     def _abandon(self, run: _LocalRun) -> None:
         """Stop the workers busy with ``run``, showing what they printed first."""

@@ -17,6 +17,7 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 import time
 import warnings
@@ -294,11 +295,10 @@ class _HolderLock:
             return False  # the helper is gone, or another waiter is taking it over now
         if self.what:
             warnings.warn(
-                f"{self.what}: process {holder} died while holding the lock (a worker killed on "
-                "timeout or interrupt?); this process took it over, and the data it guarded may be "
-                "half-updated",
+                f"{self.what}: process {holder} died while holding the lock (it was killed, or its code exited "
+                "without releasing it); this process took it over, and the data it guarded may be half-updated",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=_user_stacklevel(),
             )
         return True
 
@@ -340,6 +340,19 @@ class _HolderLock:
         holder = self.words[self.slot]
         kind = "RLock" if self.recursive else "Lock"
         return f"<mpmagic {kind} of {self.what} {'held by pid ' + str(holder) if holder else 'free'}>"
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of a warning its caller gives, pointing at the first frame
+    outside mpmagic: the user's ``with lock:`` line, however many of our frames
+    (``__enter__``, ``acquire``, a Value's ``get_lock``) lie between."""
+    frame, level = sys._getframe(1), 1  # (level 1: the frame that calls warnings.warn)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 # --------------------------------------------------------------------------
