@@ -8,6 +8,7 @@ estimated from the workers' own task times otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -1716,14 +1717,17 @@ def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) 
 def _pack_spec(spec: Any, lease: shm.Lease | None = None) -> bytes:
     """The cell's payload: its code and the notebook names it reads.
 
-    With a ``lease``, numpy buffers of 1 MB or more among the names go into the
-    lease's pooled shared-memory segments, as a map's items do (workers map
-    them read-only, unless ``shm.configure(writable=True)``), instead of one
-    copy per rank through the pipe.
+    With a ``lease`` (workers on this machine), numpy buffers of 1 MB or more
+    among the names go into the lease's pooled shared-memory segments, as a
+    map's items do (workers map them read-only, unless
+    ``shm.configure(writable=True)``), instead of one copy per rank through the
+    pipe, and a file-backed ``np.memmap`` goes as its file's name, opened again
+    by each rank (``payload.memmaps_by_reference``).
     """
     collector = shm.Collector() if lease is not None else None
     try:
-        data = payload.dumps_function(spec, "the cell's names", collector)
+        with payload.memmaps_by_reference() if lease is not None else contextlib.nullcontext():
+            data = payload.dumps_function(spec, "the cell's names", collector)
         if collector is not None and collector.buffers:
             return shm.wrap(data, collector.buffers, "lend", lease)[0]
         return data

@@ -9,6 +9,7 @@ same results, errors, output and timing.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -60,6 +61,13 @@ _READ_ONLY_NOTE = (
     "reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`), "
     "or allow writes with `mpmagic.shm.configure(writable=True)` (writes stay in the worker)."
 )
+
+
+def _same_machine(local: bool) -> contextlib.AbstractContextManager:
+    """What is pickled for workers on this machine: file-backed memmaps go as
+    references the workers open again (``payload.memmaps_by_reference``); on
+    Dask (workers maybe elsewhere) nothing changes."""
+    return payload.memmaps_by_reference() if local else contextlib.nullcontext()
 
 
 def short_repr(obj: Any, limit: int = 60) -> str:
@@ -279,7 +287,7 @@ class MapJob:
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
-            with payload.keeping(self.kept):
+            with payload.keeping(self.kept), _same_machine(self.shared_memory):
                 self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
         self.star = star
         self.collect = collect
@@ -636,7 +644,7 @@ class MapJob:
         """The chunk's items pickled; ``_UnsendableItem`` names the first that cannot be.
         Helpers among them are kept alive until the run ends (``self.kept``)."""
         try:
-            with payload.keeping(self.kept):
+            with payload.keeping(self.kept), _same_machine(lease is not None):
                 if lease is not None:
                     return shm.dumps_lent(items, lease, payload.dumps_data)
                 return payload.dumps_data(items)
