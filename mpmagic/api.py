@@ -8,6 +8,7 @@ estimated from the workers' own task times otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -28,7 +29,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from . import astlock, debugging, payload
+from . import astlock, debugging, payload, shm
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .cpus import recent_cpus
@@ -1519,7 +1520,7 @@ def parallel(
         # Ranks that failed before the interrupt (often why the others waited): the
         # line names them, the interrupt keeps them (.failures, and the finished
         # ranks' .values), and %pdebug and last_failures() still have them.
-        debugging.record_cell(job, call.spec_bytes, size)
+        debugging.record_cell(job, call.spec_bytes if job.failures else b"", size)
         _interrupted(call, t0)
         if job.failures:
             set_interrupt_outcome(exc, f"{failed_before(job.failures)}; {interrupt_outcome(exc) or STOPPED_OUTCOME}")
@@ -1529,7 +1530,7 @@ def parallel(
     finally:
         call.record_kept()
     report = _reports.report = call.report(time.perf_counter() - t0)
-    debugging.record_cell(job, call.spec_bytes, size)  # for %pdebug
+    debugging.record_cell(job, call.spec_bytes if job.failures else b"", size)  # for %pdebug (failed ranks)
     values = call.values(sys.stderr.write)
     if compare:
         mark = len(sys.modules)
@@ -1623,17 +1624,31 @@ class CellCall:
             self.pins = ranks.check(self.backend, self.size, reset)
             self.spec.keep, self.spec.reset = True, reset
         kept: dict[int, Any] = {}  # the helpers among its names: the job keeps them alive until it ends
+        # Large arrays among the cell's names go through pooled shared memory, as a map's items do
+        # (workers on this machine; not for kept ranks, whose names outlive the run and its segments).
+        lease = shm.Lease() if self.backend.shares_memory and self.pins is None and shm.ENABLED else None
         with payload.keeping(kept):
-            self.spec_bytes = spec_bytes = _pack_spec(self.spec)  # (kept for %pdebug's replay of a rank)
+            spec_bytes = _pack_spec(self.spec, lease)
+        self._plain = None if lease is not None and lease.segments else spec_bytes
         self.cold = self.backend.cold
         self.recorder = Recorder("parallel") if insights else None
         if self.pins is None:
-            self.job = CellJob(spec_bytes, self.size, insights=self.recorder, kept=kept, **kwargs)
+            self.job = CellJob(spec_bytes, self.size, insights=self.recorder, kept=kept,
+                               lease=lease if lease is not None and lease.segments else None, **kwargs)
         else:
             from . import ranks
 
             self.job = ranks.KeptCellJob(spec_bytes, self.size, insights=self.recorder, pins=self.pins, kept=kept,
                                          **kwargs)
+
+    @property
+    def spec_bytes(self) -> bytes:
+        """The cell's payload as plain bytes, for ``%pdebug``'s replay of a rank. The
+        bytes sent name pooled segments that the run gives back when it ends, so a
+        payload that went through shared memory is pickled again here (only when asked)."""
+        if self._plain is None:
+            self._plain = _pack_spec(self.spec)
+        return self._plain
 
     def record_kept(self) -> None:
         """After a ``keep=True`` run (however it ended): which worker keeps which rank."""
@@ -1719,9 +1734,23 @@ def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) 
     )
 
 
-def _pack_spec(spec: Any) -> bytes:
+def _pack_spec(spec: Any, lease: shm.Lease | None = None) -> bytes:
+    """The cell's payload: its code and the notebook names it reads.
+
+    With a ``lease`` (workers on this machine), numpy buffers of 1 MB or more
+    among the names go into the lease's pooled shared-memory segments, as a
+    map's items do (workers map them read-only, unless
+    ``shm.configure(writable=True)``), instead of one copy per rank through the
+    pipe, and a file-backed ``np.memmap`` goes as its file's name, opened again
+    by each rank (``payload.memmaps_by_reference``).
+    """
+    collector = shm.Collector() if lease is not None else None
     try:
-        return payload.dumps_function(spec, "the cell's names")
+        with payload.memmaps_by_reference() if lease is not None else contextlib.nullcontext():
+            data = payload.dumps_function(spec, "the cell's names", collector)
+        if collector is not None and collector.buffers:
+            return shm.wrap(data, collector.buffers, "lend", lease)[0]
+        return data
     except Exception:
         for name, value in spec.names.items():
             try:

@@ -9,6 +9,7 @@ same results, errors, output and timing.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import itertools
@@ -61,6 +62,13 @@ _READ_ONLY_NOTE = (
     "reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`), "
     "or allow writes with `mpmagic.shm.configure(writable=True)` (writes stay in the worker)."
 )
+
+
+def _same_machine(local: bool) -> contextlib.AbstractContextManager:
+    """What is pickled for workers on this machine: file-backed memmaps go as
+    references the workers open again (``payload.memmaps_by_reference``); on
+    Dask (workers maybe elsewhere) nothing changes."""
+    return payload.memmaps_by_reference() if local else contextlib.nullcontext()
 
 
 def short_repr(obj: Any, limit: int = 60) -> str:
@@ -281,7 +289,7 @@ class MapJob:
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
-            with payload.keeping(self.kept):
+            with payload.keeping(self.kept), _same_machine(self.shared_memory):
                 self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
         self.star = star
         self.collect = collect
@@ -638,7 +646,7 @@ class MapJob:
         """The chunk's items pickled; ``_UnsendableItem`` names the first that cannot be.
         Helpers among them are kept alive until the run ends (``self.kept``)."""
         try:
-            with payload.keeping(self.kept):
+            with payload.keeping(self.kept), _same_machine(lease is not None):
                 if lease is not None:
                     return shm.dumps_lent(items, lease, payload.dumps_data)
                 return payload.dumps_data(items)
@@ -1166,10 +1174,13 @@ class CellJob:
         progress: Callable[[int], None] | None = None,
         insights: Any = None,
         kept: dict[int, Any] | None = None,
+        lease: shm.Lease | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.size = size
         self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
+        # The pooled segments holding the cell's large arrays (api._pack_spec): lent until the run ends.
+        self.lease = lease
         self.timeout = timeout
         self.func_key: bytes | None = None  # (a cell's code travels in each unit)
         self.func_payload: bytes | None = None
@@ -1195,7 +1206,7 @@ class CellJob:
         self.insights = insights
         self.bytes_sent = len(spec_bytes) * size
         self.bytes_back = 0
-        self.bytes_shared = 0  # a cell's spec never travels through shared memory
+        self.bytes_shared = lease.copied if lease is not None else 0  # the cell's arrays, copied once for all ranks
         self.cpu_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
@@ -1237,11 +1248,15 @@ class CellJob:
         return not self._pending and not self.outstanding
 
     def release_shared(self) -> None:
-        """Nothing to give back: a cell's spec never travels through shared memory.
-        (The run is over: no late line about a failed rank, see _failed_while_others_run;
-        the helpers its names were pickled with are no longer kept.)"""
+        """The run is over: the pooled segments holding the cell's large arrays go
+        back to the pool (no rank reads them any more); no late line about a failed
+        rank (see _failed_while_others_run); the helpers its names were pickled
+        with are no longer kept."""
         self._over = True
         self.kept = {}
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
     @property
     def has_work(self) -> bool:
@@ -1383,6 +1398,9 @@ class CellJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
+        if self.lease is not None and isinstance(self.failures[unit.id], ValueError) \
+                and "read-only" in _text_of(self.failures[unit.id]):
+            add_note(self.failures[unit.id], _READ_ONLY_NOTE)
         _note_daemonic(self.failures[unit.id])
         note_without_setup(self.failures[unit.id], unit)
         # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)

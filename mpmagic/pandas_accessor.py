@@ -380,8 +380,17 @@ def _assemble_frame(df: pd.DataFrame, values: list, options: dict, func: Callabl
     if wrap is not None and len(values) == df.shape[0 if axis in (1, "columns") else 1]:
         # (one value per row, or column: anything else would put values beside the
         # wrong rows, so pandas' replay, which checks the count, decides then)
-        return wrap(dict(enumerate(values)))
+        return _finalized(wrap(dict(enumerate(values))), df)
     return _replay(df, "apply", options, values, func)
+
+
+def _finalized(result: Any, df: pd.DataFrame) -> Any:
+    """``result`` with the metadata (``attrs``, flags) that ``DataFrame.apply`` copies from ``df`` onto its own.
+
+    pandas' ``wrap_results`` builds the bare result; ``df.apply`` then calls
+    ``__finalize__(df, method="apply")``, so a frame's ``attrs`` reach the result.
+    """
+    return result.__finalize__(df, method="apply") if isinstance(result, (pd.DataFrame, pd.Series)) else result
 
 
 def _pandas_wrap(df: pd.DataFrame, func: Callable, axis: Any, result_type: Any) -> Callable | None:

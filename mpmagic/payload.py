@@ -341,6 +341,10 @@ class _Pickler(cloudpickle.Pickler):
             # The notebook's ``exit``/``quit`` (IPython's, holding the shell): a
             # worker has its own builtins of those names.
             return _worker_exit, (_exit_name(obj),)
+        elif t.__name__ == "memmap" and _memmaps.on:
+            reference = memmap_reference(obj)
+            if reference is not None:
+                return reference
         return super().reducer_override(obj)
 
 
@@ -381,19 +385,131 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
     ``buffer_callback`` as in :func:`cloudpickle_dumps`.
     """
     try:
-        pickler = _with_table(pickle.Pickler, buffer_callback)
-        if pickler is pickle.Pickler:
-            data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+        if _memmaps.on:
+            data = _memmap_aware_dumps(obj, buffer_callback)
         else:
-            with io.BytesIO() as f:
-                pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
-                data = f.getvalue()
+            pickler = _with_table(pickle.Pickler, buffer_callback)
+            if pickler is pickle.Pickler:
+                data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+            else:
+                with io.BytesIO() as f:
+                    pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+                    data = f.getvalue()
     except Exception:
         return cloudpickle_dumps(obj, buffer_callback)
     if _MAIN_MARKER in data:
         # By-reference to notebook code: send the definitions by value.
         return cloudpickle_dumps(obj, buffer_callback)
     return data
+
+
+# --------------------------------------------------------------------------
+# File-backed numpy memmaps: sent as a reference the worker opens again
+
+
+class _MemmapsByReference(threading.local):
+    on = False
+
+
+_memmaps = _MemmapsByReference()
+
+
+class memmaps_by_reference:
+    """``with memmaps_by_reference():`` a file-backed ``np.memmap`` (or a view of
+    one) pickled in this thread meanwhile travels as its file's name and place
+    (:func:`memmap_reference`), not its bytes: whoever loads it maps the same
+    file again. Only for workers on this machine (the local pool's payloads and
+    items); a Dask worker may be elsewhere, and gets the bytes as before."""
+
+    def __enter__(self) -> None:
+        self._was = _memmaps.on
+        _memmaps.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        _memmaps.on = self._was
+
+
+_MEMMAP_MODES = {"r": "r", "c": "c", "r+": "r+", "w+": "r+"}  # (w+ again would empty the file)
+
+
+def memmap_reference(obj: Any) -> tuple | None:
+    """``(reopen, args)`` for a file-backed memmap or view of one; None for any other.
+
+    A 400 MB memmap captured or sent as items was pickled whole to every worker
+    (two private copies each; a memmap bigger than RAM would not fit). Its
+    reference is the file, where the view's bytes lie in it, its dtype, shape
+    and strides and the mode: read-only (``r``) and copy-on-write (``c``) stay
+    so; ``r+``/``w+`` are opened ``r+``, so a task's writes go to the file as
+    they do serially. A memmap whose file is gone (or not a file) is pickled as
+    before; the file must stay the same file until the workers have opened it.
+    """
+    import mmap
+
+    np = sys.modules.get("numpy")
+    raw, filename, mode = getattr(obj, "_mmap", None), getattr(obj, "filename", None), getattr(obj, "mode", None)
+    if np is None or raw is None or not isinstance(filename, str) or mode not in _MEMMAP_MODES:
+        return None
+    try:
+        if obj.dtype.hasobject or obj.nbytes == 0 or not os.path.isfile(filename):
+            return None
+        base = np.frombuffer(raw, np.uint8)
+        low, high = _byte_bounds(np, obj)
+        start = int(base.ctypes.data)
+        if low < start or high > start + base.nbytes:
+            return None
+        at = (obj.offset or 0) - (obj.offset or 0) % mmap.ALLOCATIONGRANULARITY  # where numpy's mapping starts
+        where = at + (low - start)
+        first = int(obj.__array_interface__["data"][0]) - low  # the view's first element within [low, high)
+        st = os.stat(filename)
+    except Exception:  # a closed mapping, an odd subclass: its bytes travel as before
+        return None
+    # (the file's identity and time: a file replaced or written since makes another
+    # payload, so a cached function payload is not reused with workers' old mappings)
+    stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _reopen_memmap, (filename, obj.dtype, obj.shape, obj.strides, where, high - low, first,
+                            _MEMMAP_MODES[mode], obj.flags.writeable, stamp)
+
+
+def _byte_bounds(np: Any, a: Any) -> tuple[int, int]:
+    bounds = getattr(getattr(np, "lib", None), "array_utils", None)
+    byte_bounds = getattr(bounds, "byte_bounds", None) or np.byte_bounds  # (numpy 2, numpy 1)
+    low, high = byte_bounds(a)
+    return int(low), int(high)
+
+
+def _reopen_memmap(filename: str, dtype: Any, shape: tuple, strides: tuple, where: int, nbytes: int, first: int,
+                   mode: Any, writeable: bool = True, stamp: tuple = ()) -> Any:
+    """The memmap :func:`memmap_reference` describes, mapped again from its file (in the worker).
+    (``stamp`` only tells payloads apart: see :func:`memmap_reference`.)"""
+    import numpy as np
+
+    raw: Any = np.memmap(filename, dtype=np.uint8, mode=mode, offset=where, shape=(nbytes,))
+    out: Any = np.ndarray(shape, dtype, buffer=raw, offset=first, strides=strides).view(np.memmap)
+    # (a view of raw's buffer, not of raw: numpy's own attributes, as memmap.__array_finalize__ sets them)
+    out._mmap, out.filename, out.offset, out.mode = raw._mmap, raw.filename, where, mode
+    if not writeable:
+        out.flags.writeable = False
+    return out
+
+
+def _memmap_aware_dumps(obj: Any, buffer_callback: Any) -> bytes:
+    """``pickle.dumps`` with file-backed memmaps as references (plain pickle has no
+    ``reducer_override``; a dispatch table entry costs nothing for other types)."""
+    np = sys.modules.get("numpy")
+    if np is None:
+        return pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
+
+    def reduce(m: Any) -> Any:
+        return memmap_reference(m) or m.__reduce_ex__(PROTOCOL)
+
+    with io.BytesIO() as f:
+        p = pickle.Pickler(f, PROTOCOL, buffer_callback=buffer_callback)
+        # (and share() arrays' strided views by reference, as _with_table's picklers do)
+        lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
+        table: dict[Any, Any] = {**copyreg.dispatch_table, **(lent or {}), np.memmap: reduce}
+        p.dispatch_table = table
+        p.dump(obj)
+        return f.getvalue()
 
 
 def loads(data: bytes) -> Any:

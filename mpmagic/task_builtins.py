@@ -128,17 +128,58 @@ def clear_output(wait: bool = False) -> None:
     (IPython's, with no shell, printed terminal escape codes as text)."""
 
 
-def end_task() -> None:
+def open_figures() -> frozenset:
+    """The numbers of the pyplot figures open now (at a task's start), for :func:`end_task`.
+
+    Empty, with nothing imported, while no task in this process has imported pyplot.
+    """
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return frozenset()
+    try:
+        return frozenset(pyplot.get_fignums())
+    except Exception:  # (a broken matplotlib: the task itself will say so)
+        return frozenset()
+
+
+def end_task(before: frozenset = frozenset()) -> None:
     """At a task's end (a rank, a map chunk): under the task matplotlib backend,
-    the figures still open go home and are closed (``task_matplotlib.flush_figures``).
-    Nothing to do (no import) when the task drew nothing with it."""
+    the figures still open go home and are closed (``task_matplotlib.flush_figures``);
+    under any other backend the figures the task opened are closed
+    (:func:`close_figures`; ``before``: those open at its start, from
+    :func:`open_figures`). Nothing to do (no import) when no task drew with pyplot."""
     backend = sys.modules.get("mpmagic.task_matplotlib")
-    if backend is None:
+    if backend is not None:
+        try:
+            backend.flush_figures()
+        except Exception as exc:  # (never the task's failure: its results stand)
+            sys.stderr.write(f"mpmagic: could not send the figures the task left open: {type(exc).__name__}: {exc}\n")
+    close_figures(before)
+
+
+def close_figures(before: frozenset = frozenset()) -> None:
+    """Close the pyplot figures a task opened and left open, whatever the backend.
+
+    Under Agg (a script, terminal IPython, a savefig pipeline) nothing closed
+    them: the next task or rank on this worker, of any function or cell, then
+    drew on a leftover figure (``plt.plot`` on an earlier task's axes, saved
+    with its lines), and they piled up. Serially they would be open in the
+    notebook, where its own ``plt.close`` reaches them; a worker's cannot. A
+    figure the task returns or keeps still works (``savefig``, drawing): it only
+    leaves pyplot's list, as a closed figure does in the notebook. Figures open
+    before the task (``before``: a worker's setup, or the notebook's own where
+    Dask runs tasks in the notebook's process) stay. Nothing is imported: a
+    worker whose tasks never imported pyplot does nothing.
+    """
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
         return
     try:
-        backend.flush_figures()
+        for number in pyplot.get_fignums():
+            if number not in before:
+                pyplot.close(number)
     except Exception as exc:  # (never the task's failure: its results stand)
-        sys.stderr.write(f"mpmagic: could not send the figures the task left open: {type(exc).__name__}: {exc}\n")
+        sys.stderr.write(f"mpmagic: could not close the figures the task left open: {type(exc).__name__}: {exc}\n")
 
 
 # --------------------------------------------------------------------------

@@ -43,8 +43,9 @@ def show(*args: Any, **kwargs: Any) -> None:
 def flush_figures() -> None:
     """At a task's end: send the figures still open and close them, as the
     inline backend does at a cell's end, if pyplot still draws with this
-    backend (a task that switched to another, e.g. Agg, keeps its figures,
-    as a notebook that left the inline backend does)."""
+    backend (a task that switched to another, e.g. Agg, does not show its
+    figures, as a notebook that left the inline backend does not; they are
+    closed all the same, by ``task_builtins.close_figures``)."""
     import matplotlib
 
     if Gcf.get_all_fig_managers() and matplotlib.get_backend() == f"module://{__name__}":

@@ -457,13 +457,14 @@ def execute_map(
     t_run = time.perf_counter()
     debugging.new_unit("a task")  # this unit's first failures carry their locals
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
+    figures = task_builtins.open_figures()
     try:
         if msg.timing:
             results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position)
         else:
             results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
     finally:
-        task_builtins.end_task()  # the figures its items left open: shown, closed (before results are pickled)
+        task_builtins.end_task(figures)  # the figures its items left open: shown, closed (before results are pickled)
         worker_logging.end()
         debugging.end_unit()
     end = start + (time.perf_counter() - t_run)
@@ -508,6 +509,7 @@ def execute_cell(
     t0 = time.perf_counter()
     debugging.new_unit(f"rank {rank}")
     worker_logging.begin(msg.log_context)
+    figures = task_builtins.open_figures()
     mark = log.mark()
     try:
         spec = payload.loads(msg.payload)
@@ -527,7 +529,7 @@ def execute_cell(
             exc = _as_item_error(exc)
         return Error(call, rank, 0, ErrorInfo(exc), b"", 0.0)
     finally:
-        task_builtins.end_task()  # the figures the rank left open: shown, closed (before its value is pickled)
+        task_builtins.end_task(figures)  # the figures the rank left open: shown, closed (before its value is pickled)
         worker_logging.end()
         debugging.end_unit()
     try:

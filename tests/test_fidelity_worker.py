@@ -416,8 +416,9 @@ def test_figures_a_task_leaves_open_show_once_at_its_end_and_are_closed(ip, loca
 
 
 def test_flushing_figures_is_the_task_backends_only():
-    """A task that switched pyplot to another backend keeps its figures, as a
-    notebook that left the inline backend does; end_task is a no-op without ours."""
+    """A task that switched pyplot to another backend does not show its figures,
+    as a notebook that left the inline backend does not; end_task still closes
+    the ones the task opened, and only those (figures open at its start stay)."""
     import matplotlib.pyplot as plt
 
     from mpmagic import task_builtins, task_matplotlib
@@ -425,13 +426,34 @@ def test_flushing_figures_is_the_task_backends_only():
     before = plt.get_backend()
     try:
         plt.switch_backend("agg")
+        older = plt.figure()
+        at_start = task_builtins.open_figures()
         fig = plt.figure()
         task_matplotlib.flush_figures()
-        task_builtins.end_task()
         assert plt.fignum_exists(fig.number)
+        task_builtins.end_task(at_start)
+        assert not plt.fignum_exists(fig.number) and plt.fignum_exists(older.number)
     finally:
         plt.close("all")
         plt.switch_backend(before)
+
+
+def test_figures_a_task_leaves_open_under_agg_are_closed_at_its_end(ip, local_pool, monkeypatch):
+    """Under Agg (scripts, terminal IPython) a task's figures stayed open in the
+    worker: a later rank's plt.plot drew on an earlier task's 3x2 figure, beside
+    its line. Each task now starts with none open; a returned figure still saves."""
+    monkeypatch.setenv("MPLBACKEND", "agg")
+    # (switched in the task too: a worker an earlier test gave the task backend keeps it)
+    run(ip, "def leave_open(i):\n    import matplotlib.pyplot as plt\n    plt.switch_backend('agg')\n    fig, ax = plt.subplots(figsize=(3, 2))\n"
+            "    ax.plot([0, i])\n    return fig if i == 0 else len(plt.get_fignums())")
+    got = run(ip, "%pmap -q -n 2 --chunksize 1 leave_open, range(4)")
+    assert got[1:] == [1, 1, 1]  # (each task saw only its own figure)
+    import io
+
+    got[0].savefig(io.BytesIO(), format="png")  # the returned figure still draws
+    ranks = run(ip, "%%parallel -n 2 -q\nimport matplotlib.pyplot as plt\nplt.switch_backend('agg')\nplt.plot([0, 1])\nfig = plt.gcf()\n"
+                    "(len(plt.get_fignums()), len(fig.axes[0].lines), fig.get_size_inches().tolist())")
+    assert list(ranks) == [(1, 1, [6.4, 4.8])] * 2
 
 
 def test_ipythons_own_display_imported_in_a_task_shows_as_serially(ip, any_method):

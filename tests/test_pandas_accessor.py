@@ -277,6 +277,20 @@ def test_apply_assembles_the_whole_as_pandas_does(ip, frame, code, oracle) -> No
     assert_same(run(ip, code), run(ip, oracle))
 
 
+def test_every_call_keeps_the_attrs_pandas_keeps(ip, frame) -> None:
+    # pandas' own calls carry df.attrs onto their results (df.apply through __finalize__); so must ours.
+    run(ip, "tagged = df[['x', 'y', 'key']].copy(); tagged.attrs = {'source': 'sensor-7', 'unit': 'm'}")
+    for call in ["apply(lambda r: r['x'] + r['y'], axis=1, {})", "apply(lambda c: c.sum(), {})",
+                 "apply(lambda r: [r['x'], 1], axis=1, result_type='expand', {})",
+                 "groupby('key').mp.apply(lambda g: g.head(2), {})", "x.mp.map(lambda v: v + 1, {})",
+                 "x.mp.apply(lambda v: v + 1, {})"]:
+        ours = call if call.startswith(("groupby", "x.")) else "mp." + call
+        got = run(ip, "tagged." + ours.format("chunks=3, quiet=True"))
+        expected = run(ip, "tagged." + call.replace(".mp", "").format("").replace(", )", ")"))
+        assert_same(got, expected)
+        assert got.attrs == expected.attrs == {"source": "sensor-7", "unit": "m"}, call
+
+
 def test_apply_passes_args_and_kwargs_as_pandas_does(ip, frame) -> None:
     run(ip, "def scaled(row, k, plus=0):\n    return row['x'] * k + plus")
     assert_same(run(ip, "df.mp.apply(scaled, axis=1, args=(3,), plus=1, chunks=10, quiet=True)"),

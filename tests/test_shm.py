@@ -237,3 +237,71 @@ def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_
     collector.join(5)
     assert not collector.is_alive()
     assert name not in shm._shared  # unshared: its segment is gone
+
+
+# --------------------------------------------------------------------------
+# %%parallel: the cell's large arrays go through shared memory, as %pmap's do
+
+
+def test_a_parallel_cells_large_arrays_go_through_shared_memory(ip):
+    """A cell reading a big notebook array got it pickled through the pipe, one
+    private writable copy per rank (4 s and 660 MB a rank for 320 MB), where a
+    %pmap function capturing it maps it from shared memory, read-only."""
+    ensure_pool("forkserver")
+    run(ip, "import numpy as np\ncell_big = np.arange(400_000, dtype=np.float64)")  # 3.2 MB
+    got = run(ip, "%%parallel -n 2 -q\n(float(cell_big[rank::2].sum()), cell_big.flags.writeable)")
+    big = ip.user_ns["cell_big"]
+    assert list(got) == [(float(big[r::2].sum()), False) for r in range(2)]
+    report = mpmagic.last_report()
+    assert report.bytes_shared >= big.nbytes and report.bytes_sent < 2 * big.nbytes // 10
+    assert shm.pool().free  # its pooled segment came back for the next run once the cell ended
+    with pytest.raises(mpmagic.ParallelError) as err:  # read-only, with the note a map's error has
+        run(ip, "%%parallel -n 2 -q\ncell_big[0] = 1.0")
+    assert "read-only" in str(err.value.failures[0]) and "writable=True" in "".join(err.value.failures[0].__notes__)
+    assert big[0] == 0.0
+
+
+# --------------------------------------------------------------------------
+# A file-backed np.memmap travels as its file's name, not its bytes
+
+
+def test_a_memmap_pickles_as_a_reference_to_its_file_with_its_layout_and_mode(tmp_path):
+    """A 400 MB memmap was pickled whole to every worker (two private copies each).
+    For workers on this machine it now names its file and place; views keep their strides."""
+    from mpmagic import payload
+
+    path = str(tmp_path / "m.bin")
+    w = np.memmap(path, dtype="f8", mode="w+", shape=(6000, 7))
+    w[:] = np.arange(w.size).reshape(w.shape)
+    w.flush()
+    for mode in ("r", "c", "r+"):
+        m = np.memmap(path, dtype="f8", mode=mode, shape=(1000, 7), offset=8 * 5003)  # (past a page)
+        for view in (m, m[100:300:3, 1:6], m[::-1], m.T):
+            with payload.memmaps_by_reference():
+                data = payload.dumps_data(view)
+                assert np.array_equal(payload.loads(payload.cloudpickle_dumps([view]))[0], view)
+            got = payload.loads(data)
+            assert len(data) < 400 and type(got) is np.memmap and got.filename == m.filename
+            assert np.array_equal(got, view) and got.strides == view.strides
+            assert got.flags.writeable == (mode != "r")
+    assert len(payload.dumps_data(m[:100])) > 5000  # (outside: the bytes, as before, e.g. for Dask)
+
+
+def test_memmap_items_and_globals_reach_local_workers_by_file_name(ip, tmp_path):
+    ensure_pool("forkserver")
+    path = str(tmp_path / "g.bin")
+    w = np.memmap(path, dtype="f8", mode="w+", shape=(400_000,))  # 3.2 MB
+    w[:] = np.arange(w.size)
+    w.flush()
+    ip.user_ns["mm_big"] = np.memmap(path, dtype="f8", mode="r", shape=(400_000,))
+    run(ip, "def mm_part(b):\n    part = mm_big[b[0]:b[1]]\n"
+            "    return float(part.sum()), type(mm_big).__name__, mm_big.filename, mm_big.flags.writeable\n"
+            "def mm_item(a):\n    return float(a.sum()), a.filename")
+    bounds = [(0, 100_000), (100_000, 400_000)]
+    got = run(ip, "%pmap -q --chunksize 1 mm_part, " + repr(bounds))
+    big = ip.user_ns["mm_big"]
+    assert got == [(float(big[a:b].sum()), "memmap", big.filename, False) for a, b in bounds]
+    items = run(ip, "%pmap -q --chunksize 1 mm_item, [mm_big[:200_000], mm_big[200_000:]]")
+    assert items == [(float(big[:200_000].sum()), big.filename), (float(big[200_000:].sum()), big.filename)]
+    report = mpmagic.last_report()
+    assert report.bytes_sent < 10_000 and report.bytes_shared == 0  # (not 3.2 MB through the pipe or shm)
