@@ -520,6 +520,24 @@ def test_a_slow_setup_in_new_workers_is_no_items_timeout(ip, pool2):
         run(ip, "%pmap -q --timeout 0.2 lambda x: time.sleep(x), [0, 5]")
 
 
+def test_a_setup_that_never_ends_fails_the_timed_items_behind_it(ip, pool2, tmp_path, monkeypatch):
+    """A setup stuck in new workers (a stalled download): the items queued behind
+    it, whose --timeout clocks start only once it is done, waited for ever."""
+    from mpmagic.backends import local
+    monkeypatch.setattr(local, "_SETUP_WAIT_MIN", 0.5)  # (30 s; here max(0.5, 1 x 0.2 s))
+    monkeypatch.setattr(local, "_SETUP_WAIT_TIMES", 1.0)
+    stall = tmp_path / "STALL"
+    run(ip, f"%%pool setup\nimport os, time\nwhile os.path.exists({str(stall)!r}):\n    time.sleep(0.02)\nSTALLED = 0\n")
+    stall.touch()
+    run(ip, "%pool restart")  # the new workers' setups wait for the file to go
+    out = run(ip, "%pmap -q --errors collect --timeout 0.2 --chunksize 1 lambda x: x + STALLED, range(2)")
+    assert [type(r.error) for r in out] == [mpmagic.WorkerLostError] * 2
+    assert "'s %%pool setup still ran after 0.5 s (--timeout 0.2 s per item), so it did not start; " \
+           "the worker was replaced" in str(out[0].error)
+    stall.unlink()  # the replacements' setups end: the pool is usable
+    assert run(ip, "%pmap -q --timeout 0.2 lambda x: x + STALLED, range(4)") == [0, 1, 2, 3]
+
+
 def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_pool, tmp_path):
     """A setup that failed on one worker (a busy file) gave mixed results, stored
     under the key of that setup's text: once it worked, the same run returned them."""
