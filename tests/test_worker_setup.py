@@ -552,6 +552,13 @@ def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_p
     with pytest.warns(RuntimeWarning, match=r"came from workers that run without the %%pool setup .* not stored"):
         mixed = run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)")
     assert mixed != [3 * x for x in range(8)]  # (both workers ran items)
+    # A cell: only the rank on that worker is named (it said "the ranks' values ... came from workers that run without")
+    with pytest.warns(RuntimeWarning) as caught:
+        ids = run(ip, "%%parallel -q --checkpoint -n 2\nmpmagic.worker_id()")
+    rank = list(ids).index(wid)
+    assert [str(w.message) for w in caught] == [
+        f"mpmagic: --checkpoint: rank {rank} ran on a worker without the %%pool setup (it failed there: see %pool), "
+        "so this cell's values were not stored; a run once the setup works computes them"]
     busy.unlink()
     run(ip, setup)  # the same text, now set up everywhere
     plain = run(ip, "%pmap -q --chunksize 1 scaled, range(8)")
