@@ -6,7 +6,8 @@ picked from the report's measurements, most specific first:
 
 * items run again after their worker died (--retries);
 * a cell whose ranks each took as long as the whole cell serially (--compare:
-  the ranks repeat the work instead of splitting it);
+  the ranks repeat the work instead of splitting it; not said when --reduce
+  found the reduced value equal to the serial one, which shows they split it);
 * one-time costs the next call will not pay, as the workers measured them:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
@@ -277,6 +278,10 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
     quarter of its work (the demo's split sum of squares was told it repeated
     the work)."""
     if report.kind != "parallel" or report.serial is None or report.serial <= 0 or report.items < 2:
+        return None
+    if report.equal is True and "serial_value" in report.extra:
+        # --reduce: the ranks' shares combined are the whole cell's value, so they split the work
+        # (on a tiny cell each rank's overhead outlasts the serial run: it said "results equal" and then this)
         return None
     # Ranks that sleep or wait for I/O use next to no CPU (0.5 % of their time): their wall time says it, and
     # they wait for no core. CPU-bound ranks sharing cores still use a share of one (4 on 2 cores: ~25-50 %).

@@ -373,6 +373,15 @@ def _without_setup_line(run: str, what: str) -> str:
             "(it failed there: see %pool), so they were not stored; a run once the setup works computes them")
 
 
+def _ranks_without_setup_line(ranks: tuple[int, ...]) -> str:
+    """The warning of a checkpointed cell some of whose ranks ran on workers without the setup:
+    those ranks by number (the others ran set up), and none of the cell's values stored (all or none)."""
+    names = ", ".join(map(str, ranks[:-1])) + f" and {ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+    who = f"ranks {names} ran on workers" if len(ranks) > 1 else f"rank {names} ran on a worker"
+    return (f"mpmagic: --checkpoint: {who} without the %%pool setup (it failed there: see %pool), so this "
+            "cell's values were not stored; a run once the setup works computes them")
+
+
 def _setup_changed_line(run: str, what: str) -> str:
     """The warning of a checkpointed run whose worker setup changed between its keying and its start."""
     return (f"mpmagic: --checkpoint: the worker setup changed while {run} started, so it ran under the new "
@@ -899,7 +908,7 @@ class CellCheckpoint:
             self._warn(_setup_changed_line("this cell", "its ranks' values"))
             return values
         if getattr(values, "ranks_without_setup", ()):  # (not what the setup in the key gives)
-            self._warn(_without_setup_line("this cell", "the ranks' values"))
+            self._warn(_ranks_without_setup_line(values.ranks_without_setup))
             return values
         writer = _Writer(self.store, self.run, self.name)
         gathered = getattr(values, "gathered", {})

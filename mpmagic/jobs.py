@@ -112,7 +112,9 @@ def item_note(func: Any, star: bool, index: int, item: Any) -> str:
     """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)".
 
     The call reads as the user wrote it: a ``functools.partial`` as the call it
-    makes (``g([1, 2], 3)``), a callable object by its class (``Scaler(3)``),
+    makes (``g([1, 2], 3)``), a callable object as an instance of its class
+    called (``<Scaler object>(3)``, as Python's repr names an instance:
+    ``Scaler(3)`` would read as making one),
     a ``seed=`` run by the user's function, not its wrapper.
     """
     if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
@@ -128,7 +130,8 @@ def item_note(func: Any, star: bool, index: int, item: Any) -> str:
         args = ([short_repr(a) for a in func.args] + args
                 + [f"{k}={short_repr(v)}" for k, v in func.keywords.items()])
         func = func.func
-    return f"mpmagic: raised by item {index} of the input: {func_name(func)}({', '.join(args)})"
+    name = func_name(func) if getattr(func, "__name__", None) else f"<{type(func).__name__} object>"
+    return f"mpmagic: raised by item {index} of the input: {name}({', '.join(args)})"
 
 
 def rebuild_exception(info: Any, where: str) -> BaseException:

@@ -112,6 +112,11 @@ def test_a_cells_estimate_is_the_sum_of_the_ranks_times_and_compare_names_repeat
     r = _report(kind="parallel", items=4, workers=4, wall=0.138, task_seconds=0.185, cpu_seconds=0.062,
                 chunks=0, serial=0.062)
     assert r.advice is None or "repeat the work" not in r.advice, r.advice
+    # --reduce found the reduced value equal to the cell's serial value: the ranks shared the work
+    # (a tiny cell's ranks each outlast its serial run; the advice contradicted "results equal").
+    r = _report(kind="parallel", items=2, workers=2, wall=0.068, task_seconds=0.1272, chunks=0, serial=0.066,
+                equal=True, extra={"serial_value": 332833500})
+    assert r.advice is None or "repeat the work" not in r.advice, r.advice
 
 
 def test_a_timed_serial_run_that_imported_modules_says_so():

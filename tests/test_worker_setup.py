@@ -520,6 +520,24 @@ def test_a_slow_setup_in_new_workers_is_no_items_timeout(ip, pool2):
         run(ip, "%pmap -q --timeout 0.2 lambda x: time.sleep(x), [0, 5]")
 
 
+def test_a_setup_that_never_ends_fails_the_timed_items_behind_it(ip, pool2, tmp_path, monkeypatch):
+    """A setup stuck in new workers (a stalled download): the items queued behind
+    it, whose --timeout clocks start only once it is done, waited for ever."""
+    from mpmagic.backends import local
+    monkeypatch.setattr(local, "_SETUP_WAIT_MIN", 0.5)  # (30 s; here max(0.5, 1 x 0.2 s))
+    monkeypatch.setattr(local, "_SETUP_WAIT_TIMES", 1.0)
+    stall = tmp_path / "STALL"
+    run(ip, f"%%pool setup\nimport os, time\nwhile os.path.exists({str(stall)!r}):\n    time.sleep(0.02)\nSTALLED = 0\n")
+    stall.touch()
+    run(ip, "%pool restart")  # the new workers' setups wait for the file to go
+    out = run(ip, "%pmap -q --errors collect --timeout 0.2 --chunksize 1 lambda x: x + STALLED, range(2)")
+    assert [type(r.error) for r in out] == [mpmagic.WorkerLostError] * 2
+    assert "'s %%pool setup still ran after 0.5 s (--timeout 0.2 s per item), so it did not start; " \
+           "the worker was replaced" in str(out[0].error)
+    stall.unlink()  # the replacements' setups end: the pool is usable
+    assert run(ip, "%pmap -q --timeout 0.2 lambda x: x + STALLED, range(4)") == [0, 1, 2, 3]
+
+
 def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_pool, tmp_path):
     """A setup that failed on one worker (a busy file) gave mixed results, stored
     under the key of that setup's text: once it worked, the same run returned them."""
@@ -534,6 +552,13 @@ def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_p
     with pytest.warns(RuntimeWarning, match=r"came from workers that run without the %%pool setup .* not stored"):
         mixed = run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)")
     assert mixed != [3 * x for x in range(8)]  # (both workers ran items)
+    # A cell: only the rank on that worker is named (it said "the ranks' values ... came from workers that run without")
+    with pytest.warns(RuntimeWarning) as caught:
+        ids = run(ip, "%%parallel -q --checkpoint -n 2\nmpmagic.worker_id()")
+    rank = list(ids).index(wid)
+    assert [str(w.message) for w in caught] == [
+        f"mpmagic: --checkpoint: rank {rank} ran on a worker without the %%pool setup (it failed there: see %pool), "
+        "so this cell's values were not stored; a run once the setup works computes them"]
     busy.unlink()
     run(ip, setup)  # the same text, now set up everywhere
     plain = run(ip, "%pmap -q --chunksize 1 scaled, range(8)")

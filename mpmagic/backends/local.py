@@ -141,6 +141,9 @@ class _Slot:
     # many of its units in flight run before it. A unit with a setup ahead of it
     # starts its --timeout clock when that setup is done, not while it runs.
     setups_ahead: deque = field(default_factory=deque)
+    # While its first unit (with a --timeout) waits for such a setup: when the
+    # wait ends, the setup counting as stuck (_SETUP_WAIT_MIN; _check_deadlines).
+    setup_deadline: float | None = None
     # A send to it failed (it died and its sentinel is not handled yet), or it
     # was closed (``close``): no more units, or ``_assign`` would retry it
     # without end (or give a unit to a pipe nobody reads).
@@ -322,6 +325,12 @@ _FAIL_GRACE = 0.5
 _DRAIN_ON_CANCEL = 0.2
 #: Seconds between a cancel's looks at whether the manager it waits on is still alive.
 _CANCEL_CHECK = 0.5
+#: A unit with a --timeout waiting behind a worker's %%pool setup starts its clock only
+#: when the setup is done (a slow setup is no item's time), but waits for it at most
+#: max(_SETUP_WAIT_MIN, _SETUP_WAIT_TIMES x its timeout): a setup that never ends
+#: (a stalled download, a lock) must not make a timed run wait for ever (see _start_clock).
+_SETUP_WAIT_MIN = 30.0
+_SETUP_WAIT_TIMES = 10.0
 
 
 def _stopped_error() -> MPMagicError:
@@ -1038,7 +1047,7 @@ class LocalBackend:
             self._step()
         if self._selector_slots != tuple(self.slots):
             return True  # new or gone workers: its selector must change
-        if any(s.sender.pending or s.deadline is not None for s in self.slots):
+        if any(s.sender.pending or s.deadline is not None or s.setup_deadline is not None for s in self.slots):
             return True  # a send waits for room, or a timeout to watch
         if job.input_wait() is not None:
             return True  # a lazy input's read asked: the manager looks at it while it goes on (_take_reading)
@@ -1181,6 +1190,7 @@ class LocalBackend:
 
     def _next_timeout(self) -> float | None:
         times = [s.deadline for s in self.slots if s.deadline is not None]
+        times += [s.setup_deadline for s in self.slots if s.setup_deadline is not None]
         times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
         times += [r.job.abort_at for r in self._runs if r.job.abort_at is not None]
         if any(not s.inflight for s in self.slots):  # an idle worker: items of a slow input's read may go to it
@@ -1526,8 +1536,8 @@ class LocalBackend:
             run.waiting_since = None
         if len(self._runs) > 1:
             self._note_sharing()
-        if job.timeout and len(slot.inflight) == 1 and _clock_runs(slot):  # (else: once ready and set up)
-            slot.deadline = time.monotonic() + job.timeout
+        if job.timeout and len(slot.inflight) == 1:  # (its clock starts once the worker is ready and set up)
+            _start_clock(slot)
 
     def _note_sharing(self, new: _LocalRun | None = None) -> None:
         """Mark the runs that hold workers at the same moment as sharing them
@@ -1581,17 +1591,17 @@ class LocalBackend:
             slot.ready = True
             self._startup_failures = 0
             slot.pid = msg.pid
-            if slot.inflight and slot.inflight[0][0].job.timeout and _clock_runs(slot):  # its time starts now
-                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout  # (not while it started)
+            _start_clock(slot)  # its first unit's time starts now (not while it started)
             self._cond.notify_all()
             return
         if kind is SetupDone:  # worker setup (worker_setup.py): how it went on this worker
             if slot.setups_ahead:
                 slot.setups_ahead.popleft()
+            slot.setup_deadline = None
             # The unit that waited for this setup starts its time now (a slow setup
             # after a restart or a recycling is no task's timeout).
-            if slot.deadline is None and slot.inflight and slot.inflight[0][0].job.timeout and _clock_runs(slot):
-                slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
+            if slot.deadline is None:
+                _start_clock(slot)
             self._setup_done(slot, msg)
             return
         if kind not in _WORKER_SAYS:
@@ -1608,8 +1618,7 @@ class LocalBackend:
         slot.deadline = None
         if slot.setups_ahead:  # one unit fewer before each setup still running
             slot.setups_ahead = deque(max(0, n - 1) for n in slot.setups_ahead)
-        if slot.inflight and slot.inflight[0][0].job.timeout and _clock_runs(slot):
-            slot.deadline = time.monotonic() + slot.inflight[0][0].job.timeout
+        _start_clock(slot)
         if kind is Done or kind is Error:
             slot.tasks += unit.count
             self.tasks_run += unit.count
@@ -1718,6 +1727,25 @@ class LocalBackend:
                 self._replace(slot)
                 if run in self._runs and not run.job.finished:
                     run.job.lost(unit, "ran past its timeout", timed_out=True, index=_position(slot))
+            elif slot.setup_deadline is not None and now >= slot.setup_deadline and slot in self.slots:
+                self._setup_stuck(slot)
+
+    def _setup_stuck(self, slot: _Slot) -> None:
+        """A worker's %%pool setup still runs past its bound (``_SETUP_WAIT_MIN``) while
+        units with a --timeout wait behind it: they did not start, and fail as not run
+        with one line naming the setup (not their own timeout); the others go back to
+        their runs. The worker is replaced (its replacement runs the setup again)."""
+        timeout = slot.inflight[0][0].job.timeout
+        waited = _setup_wait(timeout)
+        behind = [(r, u) for r, u in slot.inflight if r.job.timeout]
+        slot.inflight = deque((r, u) for r, u in slot.inflight if not r.job.timeout)
+        self._replace(slot)
+        for run, unit in behind:
+            if run in self._runs and not run.job.finished:
+                each = "rank" if run.job.kind == "cell" else "item"
+                run.job.not_run(unit, f"worker {slot.wid}'s %%pool setup still ran after {waited:g} s "
+                                      f"(--timeout {timeout:g} s per {each}), so it did not start; "
+                                      "the worker was replaced")
 
     def _check_restarts(self) -> None:
         """Recycle workers that reached ``max_tasks_per_child`` or ``max_memory`` once
@@ -1743,6 +1771,25 @@ def _clock_runs(slot: _Slot) -> bool:
     setup`` in a restarted, recycled or replacing worker is no item's time.
     """
     return slot.ready and not (slot.setups_ahead and slot.setups_ahead[0] == 0)
+
+
+def _start_clock(slot: _Slot) -> None:
+    """Start the ``--timeout`` clock of the worker's first unit in flight if it has
+    a timeout and may start now (``_clock_runs``). While it waits for a setup
+    (in a ready worker), that setup's own bound runs instead (``_setup_wait``)."""
+    timeout = slot.inflight[0][0].job.timeout if slot.inflight else None
+    if not timeout or not slot.ready:
+        return
+    if _clock_runs(slot):
+        slot.setup_deadline = None
+        slot.deadline = time.monotonic() + timeout
+    elif slot.setup_deadline is None:
+        slot.setup_deadline = time.monotonic() + _setup_wait(timeout)
+
+
+def _setup_wait(timeout: float) -> float:
+    """How long a unit with this --timeout waits for a worker's setup before it fails as not run."""
+    return max(_SETUP_WAIT_MIN, _SETUP_WAIT_TIMES * timeout)
 
 
 def _own_memory(proc: Any) -> int:
