@@ -19,6 +19,13 @@ from IPython.utils.capture import capture_output
 import mpmagic
 from mpmagic.errors import UsageError
 
+# The manager's handling of many runs at once is the same code whichever start
+# method made its workers: these soaks run on forkserver only (each took
+# 2-5 s more on spawn). Spawn workers are covered where the method matters:
+# function transfer (test_fidelity_*), helpers (test_shared), interrupts and
+# starts (test_kernel, the SIGINT tests here), reliability and setup.
+FORKSERVER_ONLY = pytest.mark.parametrize("method", ["forkserver"])
+
 DEFS = """
 import threading
 import time
@@ -63,6 +70,7 @@ def _no_busy_worker(within: float = 1.0) -> bool:
         time.sleep(0.05)
 
 
+@FORKSERVER_ONLY
 def test_submit_returns_a_handle_whose_result_equals_serial_map(ns):
     handle = mpmagic.submit(ns["slow"], range(40))
     assert isinstance(handle, mpmagic.Run)
@@ -200,6 +208,7 @@ def test_imap_raises_the_serial_error_after_the_results_before_it(ns):
     assert got == list(range(13)) and "no 13" in str(err.value)
 
 
+@FORKSERVER_ONLY
 def test_as_completed_yields_every_result_once(ns):
     handle = mpmagic.submit(ns["slow"], range(30), chunksize=3)
     assert Counter(mpmagic.as_completed(handle)) == Counter(map(ns["slow"], range(30)))
@@ -370,6 +379,7 @@ def test_a_failed_background_run_shows_what_a_blocking_run_shows_however_often_r
         assert "mpmagic: raised by item 3 of the input: bad(3)" in tail
 
 
+@FORKSERVER_ONLY
 @pytest.mark.parametrize("wait", ["r.result()", "for v in mpmagic.as_completed(r):\n    pass"])
 def test_an_interrupted_wait_on_a_background_run_says_in_one_line_that_the_run_goes_on(ip, ns, wait):
     run(ip, "import mpmagic\nr = mpmagic.submit(napper, range(8), chunksize=1)")  # ~2 s on 2 workers
@@ -407,6 +417,7 @@ def test_pool_runs_counts_a_cells_ranks_as_ranks(ip, local_pool):
     assert "2/2 ranks" in line and "items" not in line, line
 
 
+@FORKSERVER_ONLY
 def test_imap_gives_results_for_an_input_that_trickles_in_as_its_items_come(ns):
     """A whole chunk was read before any item went out: an input fed by
     another thread (a queue, a socket) gave its first result only once the

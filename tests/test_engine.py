@@ -23,6 +23,13 @@ from mpmagic.errors import WorkerLostError
 from mpmagic.jobs import CellJob, MapJob
 from mpmagic.ranks import KeptCellJob
 
+# The manager's handling of many runs at once is the same code whichever start
+# method made its workers: these soaks run on forkserver only (each took
+# 2-5 s more on spawn). Spawn workers are covered where the method matters:
+# function transfer (test_fidelity_*), helpers (test_shared), interrupts and
+# starts (test_kernel, the SIGINT tests here), reliability and setup.
+FORKSERVER_ONLY = pytest.mark.parametrize("method", ["forkserver"])
+
 HANG = 60  # seconds: only catches a hang
 
 
@@ -117,6 +124,7 @@ def test_cancel_a_run_leaves_the_pool_usable(ip, local_pool):
     assert mpmagic.pmap(abs, [-1, -2, -3]) == [1, 2, 3]
 
 
+@FORKSERVER_ONLY
 def test_many_threads_with_lazy_inputs_failures_and_background_runs_all_equal_serial(ip, local_pool):
     """8 threads x 8 calls each, with generator inputs (some raising midway), an
     on_chunk, background runs and generators that start runs themselves, at
@@ -187,6 +195,7 @@ def test_many_threads_with_lazy_inputs_failures_and_background_runs_all_equal_se
     assert local_pool.status()["runs_in_flight"] == 0
 
 
+@FORKSERVER_ONLY
 def test_many_threads_with_mixed_calls_all_equal_serial(ip, local_pool):
     """8 threads x 6 calls each: maps, cells and failing maps at once, on one pool."""
     run(
@@ -254,6 +263,7 @@ def test_the_error_raised_is_the_first_failing_item_in_input_order(ip, local_poo
     assert mpmagic.pmap(abs, [-4]) == [4]
 
 
+@FORKSERVER_ONLY
 def test_a_worker_killed_while_two_runs_share_it_fails_one_and_hangs_neither(ip, local_pool):
     run(ip, "def pid_after(x):\n    import os, time; time.sleep(0.2)\n    return os.getpid()\n")
     func = ip.user_ns["pid_after"]
@@ -675,6 +685,7 @@ def test_a_run_submitted_from_the_manager_thread_is_an_error_not_a_hang(ip, loca
     assert "manager thread" in str(errors[0])
 
 
+@FORKSERVER_ONLY
 def test_a_run_that_fails_while_units_are_handed_out_loses_no_other_runs_unit(ip, local_pool):
     """When a run's input raises while the manager hands out units, the run
     ends and the worker busy with its unit is replaced. The rest of that same
