@@ -613,6 +613,16 @@ class Run(Future[_R]):
         for fn in callbacks:
             self._call_back(fn)
 
+    def set_result(self, result: Any) -> None:
+        """Not for user code: a run settles itself when it ends (a value set from
+        outside was seen by ``cf.wait`` and ``asyncio.wrap_future`` while ``result()``
+        later gave the run's own, and the run's end printed InvalidStateError)."""
+        raise RuntimeError(f"run {self.id} is settled by its own run, not by set_result(): cancel() stops it")
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """Not for user code, as :meth:`set_result`."""
+        raise RuntimeError(f"run {self.id} is settled by its own run, not by set_exception(): cancel() stops it")
+
     def _settle_future(self) -> None:
         """The end, told to the Future this handle is, through its public methods:
         they wake ``concurrent.futures.wait`` / ``as_completed`` waiting on it."""

@@ -82,6 +82,13 @@ def test_submit_returns_a_handle_whose_result_equals_serial_map(ns):
     report = handle.report()
     assert report is not None and report.items == 40 and "speedup" in report.line()
     assert "40/40 items" in repr(handle)
+    # Settled by its run only (a set_result() from user code was seen by cf.wait and
+    # asyncio, while result() gave the run's own, and the run's end printed a traceback).
+    with pytest.raises(RuntimeError, match=r"is settled by its own run, not by set_result\(\)"):
+        handle.set_result("bogus")
+    with pytest.raises(RuntimeError, match=r"not by set_exception\(\)"):
+        handle.set_exception(ValueError())
+    assert handle.result() == list(map(ns["slow"], range(40)))
 
 
 def test_a_background_error_waits_for_result_and_is_the_blocking_runs_error(ns):
