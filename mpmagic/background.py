@@ -917,22 +917,28 @@ def as_completed(run: Run[list[_T]], timeout: float | None = None) -> Iterator[_
     if not isinstance(run, Run) or run._chunks is None:  # (an imap generator, a list, a %%parallel --bg handle)
         raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
                          f"not {'the handle of a parallel cell' if isinstance(run, Run) else type(run).__name__}")
+    return _completed(run, run._chunks, timeout)  # (a generator of its own: a wrong argument is refused at the call)
+
+
+def _completed(run: Run[list[_T]], chunks: list[tuple[int, list[Any]]], timeout: float | None) -> Iterator[_T]:
+    """:func:`as_completed`'s loop over ``run``'s arrived ``chunks`` (its ``_chunks``)."""
+    __tracebackhide__ = True
     seen = 0
     while True:
         with run._arrived:
-            while seen == len(run._chunks) and not run.done():
+            while seen == len(chunks) and not run.done():
                 try:
                     arrived = run._arrived.wait(timeout)
                 except KeyboardInterrupt:  # the loop stops here, the run goes on (say so)
                     raise run._interrupted("as_completed") from None
                 if not arrived:
                     raise one_line(TimeoutError(f"no result of run {run.id} within {timeout:g} s"))
-            fresh = run._chunks[seen:]
+            fresh = chunks[seen:]
             ended = run.done()
         seen += len(fresh)
         for _, results in fresh:
             yield from results
-        if ended and seen == len(run._chunks):
+        if ended and seen == len(chunks):
             break
     if run._cancelled:
         raise one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled"))

@@ -413,7 +413,7 @@ def test_an_interrupted_imap_says_in_one_line_that_its_run_was_cancelled(ip, ns)
 def test_as_completed_of_something_else_says_what_it_takes(given, named):
     """An imap generator or a list raised AttributeError: '... has no attribute _chunks'."""
     with pytest.raises(mpmagic.UsageError, match=f"takes the handle of a background map.*{named}"):
-        next(mpmagic.as_completed(given))
+        mpmagic.as_completed(given)  # at the call, not at the first next() (a cell's handle was refused late)
 
 
 def test_pool_runs_counts_a_cells_ranks_as_ranks(ip, local_pool):
