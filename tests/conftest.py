@@ -64,6 +64,23 @@ def interrupted_cell(ip, code: str, after: float = 0.6) -> tuple[str, BaseExcept
     return cap.stdout + cap.stderr, result.error_in_exec
 
 
+def collect_cycles_holding(lock) -> bool:
+    """Run the cyclic gc in a thread that holds ``lock`` (a collection starts at any
+    allocation, in whatever thread, holding whatever it holds): True if that thread
+    was done within 5 s, False if a finalizer waited on the lock its thread holds."""
+    import gc
+    import threading
+
+    def collect() -> None:
+        with lock:
+            gc.collect()
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    collector.join(5)
+    return not collector.is_alive()
+
+
 def check_lazy_inputs_equal_serial(func, n_rows: int, n_nested: int) -> None:
     """The lazy inputs that must be read in the calling thread, as serial map reads
     them, each checked against serial map (the local pool's tests and Dask's run

@@ -51,6 +51,18 @@ def _finish(kc, msg_id: str, timeout: float, seen: list | None = None) -> tuple[
     return reply, msgs
 
 
+def _collect_until(kc, msg_id: str, seen: list[dict], deadline: float, found, what: str) -> None:
+    """Add ``msg_id``'s iopub messages to ``seen`` until one of them is ``found``."""
+    while not any(found(m) for m in seen):
+        assert time.monotonic() < deadline, f"{what} within 30 s: {[m['msg_type'] for m in seen]}"
+        try:
+            msg = kc.get_iopub_msg(timeout=1.0)
+        except Empty:
+            continue
+        if msg["parent_header"].get("msg_id") == msg_id:
+            seen.append(msg)
+
+
 def _value(msgs: list[dict]):
     for m in msgs:
         if m["msg_type"] == "execute_result":
@@ -106,26 +118,12 @@ def test_progress_bar_closed_after_interrupt(kernel):
     msg_id = kc.execute("%pmap slow, range(400)")
     seen: list[dict] = []
     deadline = time.monotonic() + 30
-    while not any(_widget_opened(m) for m in seen):
-        assert time.monotonic() < deadline, f"no progress widget within 30 s: {[m['msg_type'] for m in seen]}"
-        try:
-            msg = kc.get_iopub_msg(timeout=1.0)
-        except Empty:
-            continue
-        if msg["parent_header"].get("msg_id") == msg_id:
-            seen.append(msg)
+    _collect_until(kc, msg_id, seen, deadline, _widget_opened, "no progress widget")
     # Interrupted once the bar counts an item (a fixed wait interrupted a loaded
     # machine's run before any item ended, and the check below wants 0 < n).
     bar = next(m["content"]["comm_id"] for m in seen if _widget_opened(m))
-    while not any(m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar
-                  and m["content"]["data"].get("state", {}).get("value", 0) >= 1 for m in seen):
-        assert time.monotonic() < deadline, "the bar counted no item within 30 s"
-        try:
-            msg = kc.get_iopub_msg(timeout=1.0)
-        except Empty:
-            continue
-        if msg["parent_header"].get("msg_id") == msg_id:
-            seen.append(msg)
+    _collect_until(kc, msg_id, seen, deadline, lambda m: m["msg_type"] == "comm_msg" and m["content"]["comm_id"] == bar
+                   and m["content"]["data"].get("state", {}).get("value", 0) >= 1, "the bar counted no item")
     km.interrupt_kernel()
     reply, msgs = _finish(kc, msg_id, timeout=30, seen=seen)
     assert reply["content"]["status"] == "error"

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ensure_pool, run
+from conftest import collect_cycles_holding, ensure_pool, run
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -995,12 +995,5 @@ def test_a_queue_freed_by_the_gc_in_its_feeder_thread_is_no_deadlock():
     cycle.append(cycle)  # only the cyclic gc frees it
     del q, cycle
 
-    def collect_holding_the_backlog() -> None:
-        with local.lock:
-            gc.collect()
-
-    collector = threading.Thread(target=collect_holding_the_backlog, daemon=True)
-    collector.start()
-    collector.join(5)
-    assert not collector.is_alive()
+    assert collect_cycles_holding(local.lock)
     assert local.stopped and not left_behind([stem])

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import ensure_pool, run
+from conftest import collect_cycles_holding, ensure_pool, run
 
 import mpmagic
 from mpmagic import posixshm, shm
@@ -219,7 +219,6 @@ def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_
     """A ``share()`` array's finalizer takes the segment lock, and the cyclic gc may run it
     in a thread that holds that lock already (a collection starts at any allocation
     in a ``with _lock`` block): with a plain lock that thread waited on itself for ever."""
-    import gc
 
     before = set(shm._shared)
     shared = mpmagic.share(np.arange(10))
@@ -228,14 +227,7 @@ def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_
     cycle.append(cycle)  # only the cyclic gc frees it
     del shared, cycle
 
-    def collect_holding_the_lock() -> None:
-        with shm._lock:
-            gc.collect()
-
-    collector = threading.Thread(target=collect_holding_the_lock, daemon=True)
-    collector.start()
-    collector.join(5)
-    assert not collector.is_alive()
+    assert collect_cycles_holding(shm._lock)
     assert name not in shm._shared  # unshared: its segment is gone
 
 
