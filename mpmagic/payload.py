@@ -365,10 +365,16 @@ _table_picklers: dict[tuple, type] = {}
 
 
 def _with_table(base: type, buffer_callback: Any) -> type:
-    """``base``, or (when ``buffer_callback`` is a lending ``shm.Collector`` and
-    ``share()`` arrays exist) a subclass that also uses its reducers, so a
-    strided view of a shared array travels by reference (``shm._reduce_array``)."""
-    table = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
+    """``base``, or a subclass with reducers of its own for: a strided view of a
+    ``share()`` array (when ``buffer_callback`` is a lending ``shm.Collector`` and
+    such arrays exist: it travels by reference, ``shm._reduce_array``), and a
+    file-backed ``np.memmap`` inside ``memmaps_by_reference()`` (as its file's name,
+    :func:`memmap_reference`; plain pickle has no ``reducer_override``)."""
+    lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
+    table = dict(lent or {})
+    np = sys.modules.get("numpy") if _memmaps.on else None
+    if np is not None:
+        table[np.memmap] = _reduce_memmap
     if not table:
         return base
     key = (base, *table.items())
@@ -385,16 +391,13 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
     ``buffer_callback`` as in :func:`cloudpickle_dumps`.
     """
     try:
-        if _memmaps.on:
-            data = _memmap_aware_dumps(obj, buffer_callback)
+        pickler = _with_table(pickle.Pickler, buffer_callback)
+        if pickler is pickle.Pickler:
+            data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
         else:
-            pickler = _with_table(pickle.Pickler, buffer_callback)
-            if pickler is pickle.Pickler:
-                data = pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
-            else:
-                with io.BytesIO() as f:
-                    pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
-                    data = f.getvalue()
+            with io.BytesIO() as f:
+                pickler(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+                data = f.getvalue()
     except Exception:
         return cloudpickle_dumps(obj, buffer_callback)
     if _MAIN_MARKER in data:
@@ -492,24 +495,9 @@ def _reopen_memmap(filename: str, dtype: Any, shape: tuple, strides: tuple, wher
     return out
 
 
-def _memmap_aware_dumps(obj: Any, buffer_callback: Any) -> bytes:
-    """``pickle.dumps`` with file-backed memmaps as references (plain pickle has no
-    ``reducer_override``; a dispatch table entry costs nothing for other types)."""
-    np = sys.modules.get("numpy")
-    if np is None:
-        return pickle.dumps(obj, PROTOCOL, buffer_callback=buffer_callback)
-
-    def reduce(m: Any) -> Any:
-        return memmap_reference(m) or m.__reduce_ex__(PROTOCOL)
-
-    with io.BytesIO() as f:
-        p = pickle.Pickler(f, PROTOCOL, buffer_callback=buffer_callback)
-        # (and share() arrays' strided views by reference, as _with_table's picklers do)
-        lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
-        table: dict[Any, Any] = {**copyreg.dispatch_table, **(lent or {}), np.memmap: reduce}
-        p.dispatch_table = table
-        p.dump(obj)
-        return f.getvalue()
+def _reduce_memmap(m: Any) -> Any:
+    """A dispatch-table reducer of ``np.memmap`` (see :func:`_with_table`)."""
+    return memmap_reference(m) or m.__reduce_ex__(PROTOCOL)
 
 
 def loads(data: bytes) -> Any:
