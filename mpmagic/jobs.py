@@ -1111,6 +1111,9 @@ _SAY_FAILED_AFTER = 0.5
 #: aborts when a rank raises: a rank waiting on a failed one (``q.get()``) would wait for
 #: ever. Ranks that end within it keep their values (``ParallelError.values``).
 RANK_FAILURE_GRACE = 3.0
+# What the line of a rank stopped that way says, once for the rank's own error and the cell's.
+_ABORTED = "stopped, as an MPI job aborts: a rank waiting for a failed one would wait for ever"
+_NEEDS_RESET = "the next --keep cell needs --reset"
 
 
 def first_failed_rank(failures: dict[int, BaseException]) -> int:
@@ -1137,10 +1140,9 @@ def parallel_error_line(failures: dict[int, BaseException], size: int) -> str:
     elif stopped:  # (each one's own error says it too)
         errors = [e for r in stopped if isinstance(e := failures[r], RankStoppedError)]
         text += (f"; ranks {', '.join(map(str, stopped))} still ran {errors[0].grace:g} s after rank "
-                 f"{errors[0].cause_rank} failed: stopped, as an MPI job aborts: a rank waiting for a failed one "
-                 "would wait for ever")
+                 f"{errors[0].cause_rank} failed: {_ABORTED}")
         if any(e.kept_lost for e in errors):
-            text += "; their kept state (--keep) went with their workers: the next --keep cell needs --reset"
+            text += f"; their kept state (--keep) went with their workers: {_NEEDS_RESET}"
     return text
 
 
@@ -1387,10 +1389,9 @@ class CellJob:
         exc = self.failures[cause]
         after = f"{self._abort_after:g} s after rank {cause} failed ({type(exc).__name__})"
         if started:
-            text = (f"rank {rank} still ran {after}: stopped, as an MPI job aborts: a rank waiting for a failed one "
-                    "would wait for ever")
+            text = f"rank {rank} still ran {after}: {_ABORTED}"
             if self.pinned:
-                text += "; its kept state (--keep, keep=True) went with its worker: the next --keep cell needs --reset"
+                text += f"; its kept state (--keep, keep=True) went with its worker: {_NEEDS_RESET}"
         else:
             text = f"rank {rank} had not started {after} (no worker was free for it): not run, as an MPI job aborts"
         err = self.failures[rank] = RankStoppedError(text)
