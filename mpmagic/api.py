@@ -314,6 +314,8 @@ def _owned(given: Any, it: Any) -> Any:
     module = kind.__module__.partition(".")[0]
     if module == "numpy":
         np = sys.modules.get("numpy")
+        if np is not None and isinstance(it, np.memmap) and it.mode == "r":
+            return it  # (a read-only file mapping: nothing here can change it, and a copy would load the file)
         if np is not None and isinstance(it, np.ndarray):
             return it.copy()
     elif module == "pandas":

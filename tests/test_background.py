@@ -722,7 +722,7 @@ def test_the_reference_shows_no_internal_constructor_of_run():
     assert "class: `Run`\n" in text and "Run(what" not in text
 
 
-def test_a_background_run_owns_its_input_as_of_the_call(ns, monkeypatch):
+def test_a_background_run_owns_its_input_as_of_the_call(ns, monkeypatch, tmp_path):
     """A background run read its list (numpy array, deque) as it went, in its own
     thread: a batch cleared and refilled after submit() gave one run the next
     batch's items and another 8 of its 100 results, "done". The oracle is serial
@@ -740,6 +740,14 @@ def test_a_background_run_owns_its_input_as_of_the_call(ns, monkeypatch):
     queued.clear()
     assert [list(r.result(60)) for r in runs] == expected
     assert all(r._job.inputs is None for r in runs)  # (the copies go with the run's end, not with the handle)
+
+    # A read-only file-backed memmap cannot change through the notebook: not copied
+    # (a copy would load the whole file into memory for the run).
+    path = tmp_path / "m.bin"
+    np.arange(6.0).tofile(path)
+    mapped = np.memmap(path, dtype="f8", mode="r")
+    assert mpmagic.api.owned((mapped,), (mapped,))[0] is mapped
+    assert mpmagic.submit(ns["slow"], mapped, chunksize=1).result(60) == expected[0]
 
     def copied(*args):
         raise AssertionError("a blocking run copied its input")
