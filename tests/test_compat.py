@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
 import types
 
@@ -189,3 +190,23 @@ def test_a_cloudpickle_without_an_internal_gives_none_for_the_fallback(monkeypat
     monkeypatch.delattr(cloudpickle.cloudpickle, internal)
     assert accessor() is None
 
+
+
+def test_a_python_without_semlock_still_maps_and_each_helper_says_what_is_missing() -> None:
+    """Only the helpers need named semaphores: importing mpmagic, pmap and stop_pool work without them."""
+    script = (
+        "import _multiprocessing\n"
+        "del _multiprocessing.SemLock\n"
+        "import mpmagic\n"
+        "print(mpmagic.pmap(abs, [-1, -2], workers=1))\n"
+        "try:\n"
+        "    mpmagic.Lock()\n"
+        "except NotImplementedError as e:\n"
+        "    print(type(e).__name__, e)\n"
+        "mpmagic.stop_pool()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    mapped, missing = done.stdout.splitlines()
+    assert mapped == "[1, 2]"
+    assert missing.startswith("MissingFeatureError mpmagic.Lock: ") and "%pool dask" in missing

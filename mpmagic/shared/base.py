@@ -26,15 +26,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import compat, debugging, payload, posixshm, shm
-from ..errors import MPMagicError, UsageError
+from ..errors import MPMagicError
 from ..fmt import fmt_bytes
 
 try:
-    import _multiprocessing
-
-    _SemLock = _multiprocessing.SemLock
-except ImportError:  # Windows: no POSIX names
-    _SemLock = None
+    _SemLock = compat.semlock_class()
+except compat.MissingFeatureError:  # Windows, or a CPython built without sem_open
+    _SemLock = None  # the helpers say so when made (_check_platform); pmap itself needs none
 
 log = logging.getLogger("mpmagic")
 
@@ -604,8 +602,12 @@ def _given(**options: tuple[Any, Any]) -> dict[str, Any]:
 
 
 def _check_platform(kind: str) -> None:
+    """Raise compat's one line (what is missing, what to use instead) where helpers cannot work."""
     if _SemLock is None:
-        raise UsageError(f"mpmagic.{kind} needs POSIX shared memory and named semaphores (Linux or macOS)")
+        try:
+            compat.semlock_class()
+        except compat.MissingFeatureError as missing:
+            raise compat.MissingFeatureError(f"mpmagic.{kind}: {missing}") from None
 
 
 
