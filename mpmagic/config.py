@@ -322,7 +322,8 @@ def add_options(parser: Any, what: str = "items") -> None:
                         f"{what}; show a timeline of tasks")
     parser.add_argument("--scaling", action="store_true",
                         help="run serially and on 1..N workers (N: -n or the pool's size); "
-                        "plot measured speedup against ideal")
+                        "plot measured speedup against ideal (each run takes the line's run options, "
+                        "e.g. --timeout or --seed; options it cannot honour are refused)")
 
 
 def apply(opts: Any) -> MPMagic:

@@ -41,6 +41,7 @@ from .errors import (
     STOPPED_OUTCOME,
     MPMagicError,
     UsageError,
+    add_note,
     came_from_worker,
     cell_origin,
     interrupt_outcome,
@@ -80,8 +81,12 @@ class _Parser(argparse.ArgumentParser):
     takes ``--worker`` for ``--workers`` (then misreports the value).
     """
 
-    def __init__(self, prog: str | None = None, intermixed: bool = False, **kwargs: Any) -> None:
+    def __init__(self, prog: str | None = None, intermixed: bool = False, api: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(prog, allow_abbrev=False, add_help=False, **kwargs)
+        # api: for a magic whose line IPython does not expand (@no_var_expand), the call that takes
+        # a variable; a value written as ``$n`` or ``{n}`` gets a hint naming it (_unexpanded_hint).
+        self.api = api
         # intermixed: options and words in any order (``%pool dask --timeout 1 ADDRESS``); plain
         # argparse fills every positional at the first word, then calls the later one unexpected.
         self.intermixed = intermixed
@@ -91,7 +96,16 @@ class _Parser(argparse.ArgumentParser):
     def usage_error(self, message: str) -> IPythonUsageError:
         """The magic's usage error: ``message``, then the usage line and the pointer to its help."""
         usage = self.format_usage().strip().removeprefix("usage: ")
-        return IPythonUsageError(f"{self.prog}: {message}\nusage: {usage}   (see {self.prog}?)")
+        return IPythonUsageError(f"{self.prog}: {message}{self._unexpanded_hint(message)}\n"
+                                 f"usage: {usage}   (see {self.prog}?)")
+
+    def _unexpanded_hint(self, message: str) -> str:
+        """For a value quoted in ``message`` that starts ``$name`` or ``{``: the line is
+        taken as written (IPython's expansion is off for this magic), and what to write."""
+        if self.api is None or not re.search(r"'(\$[A-Za-z_{]|\{)", message):
+            return ""
+        return (f"; {self.prog}'s line is not expanded by IPython ($name and {{expr}} stay as written): "
+                f"write the value itself, or call {self.api} with a variable")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise self.usage_error(message)
@@ -148,7 +162,8 @@ def _positive_float(text: str) -> float:
 
 @functools.cache
 def _pmap_parser() -> _Parser:
-    p = _Parser(prog="%pmap", usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]")
+    p = _Parser(prog="%pmap", usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]",
+                api="mpmagic.pmap(f, xs, workers=n)")
     p.add_argument("-n", "--workers", type=_positive_int,
                    help="worker processes to use (default: the pool's size); more than the pool has grows it, "
                         "for good (%%pool resize N shrinks it)")
@@ -174,7 +189,7 @@ def _pmap_parser() -> _Parser:
 
 @functools.cache
 def _parallel_parser() -> _Parser:
-    p = _Parser(prog="%%parallel", usage="%(prog)s [options]")
+    p = _Parser(prog="%%parallel", usage="%(prog)s [options]", api="mpmagic.parallel(code, workers=n)")
     p.add_argument("-n", "--workers", type=_positive_int, help="ranks to run at once (default: the pool's size)")
     p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one)")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
@@ -193,14 +208,19 @@ def _parallel_parser() -> _Parser:
     return p
 
 
+#: %pool's subcommands, in the order its help lists them.
+_POOL_ACTIONS = ("status", "start", "stop", "restart", "resize", "local", "dask", "checkpoints", "runs", "cancel",
+                 "setup")
+
 @functools.cache
 def _pool_parser() -> _Parser:
     p = _Parser(prog="%pool", intermixed=True,
                 usage="%(prog)s [status | start | stop | restart | resize N | local | dask [ADDRESS]"
                 " | checkpoints [clear [NAME]] | runs | cancel ID | setup [clear]] [options]")
-    p.add_argument("action", nargs="?", default="status",
-                   choices=("status", "start", "stop", "restart", "resize", "local", "dask", "checkpoints",
-                            "runs", "cancel", "setup"))
+    # (no argparse choices: a misspelled option before the word, ``%pool --worker 2``, made its value
+    # the subcommand, and argparse's "invalid choice" came before the option was named; checked in pool())
+    p.add_argument("action", nargs="?", default="status", metavar="ACTION",
+                   help=f"the subcommand: {', '.join(_POOL_ACTIONS)} (see the usage above)")
     p.add_argument("target", nargs="?",
                    help="N for resize; ADDRESS for dask; clear for checkpoints and setup; the run's ID for cancel")
     p.add_argument("name", nargs="?", help="checkpoints clear: the function whose stored runs to delete")
@@ -283,14 +303,51 @@ def _without_defaults(build: Callable[[], _Parser]) -> _Parser:
 
 
 def _given_options(build: Callable[[], _Parser], tokens: list[str]) -> dict[str, str]:
-    """The options ``tokens`` give, as ``{destination: option name}`` (defaults left out).
+    """The options ``tokens`` give, as ``{destination: option name as written}`` (defaults left out).
 
+    The name is the one on the line: ``--progress`` and ``--no-progress`` share
+    a destination, and a refusal naming the other one named an option the user
+    never wrote. (``-qn2``, combined short flags: the option's own short name.)
     ``build``: the magic's uncached parser builder (``_pmap_parser.__wrapped__``);
     the magic's own parser, shared by every call, is never changed."""
     parser = _without_defaults(build)
     given = vars(parser.parse_args(tokens))
-    return {a.dest: a.option_strings[-1] for a in parser._actions  # noqa: SLF001
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
+    written: dict[str, str] = {}
+    for token in tokens:
+        action = actions.get(token.split("=", 1)[0]) if token.startswith("-") else None
+        if action is not None:
+            written.setdefault(action.dest, token.split("=", 1)[0])
+    return {a.dest: written.get(a.dest, a.option_strings[0]) for a in parser._actions  # noqa: SLF001
             if a.option_strings and a.dest in given}
+
+
+#: What ``--scaling`` passes on to each of its runs, besides -n (its largest size), -q (it
+#: prints no report: the table is its value), --help and --scaling itself, as the parsers'
+#: destinations. Any other option is refused by name (``_check_scaling_line``), not dropped.
+_SCALING_TAKES = frozenset({"workers", "quiet", "help", "scaling", "chunksize", "star", "errors", "timeout",
+                            "retries", "seed", "no_label"})
+
+
+def _check_scaling_line(parser: _Parser, build: Callable[[], _Parser], tokens: list[str]) -> None:
+    """A usage error naming the options ``--scaling`` does not take (as written on the line).
+
+    ``--scaling`` returns a table of timings, not the run's values (``-o``,
+    ``--gather``, ``--reduce`` have nothing to store), and measures the serial
+    run itself (``--compare``); a checkpoint would make every run after the
+    first compute nothing, and a progress bar or insights per run are not
+    made. Before, all of these were accepted and silently dropped.
+    """
+    given = vars(_without_defaults(build).parse_args(tokens))
+    refused = [name for dest, name in _given_options(build, tokens).items()
+               if dest not in _SCALING_TAKES and given[dest] is not False]  # (--no-progress: none is made)
+    if refused:
+        takes = ("-n, --chunksize, --star, --errors, --timeout, --retries, --seed and -q" if parser.prog == "%pmap"
+                 else "-n, --timeout, --seed, --no-label and -q")
+        raise parser.usage_error(
+            f"--scaling does not take {', '.join(refused)}: it times the run serially and on 1..N workers and "
+            f"returns that table, not the run's values (it takes {takes}); run without --scaling for "
+            f"{'them' if len(refused) > 1 else 'it'}")
 
 
 def _without_final_semicolon(text: str) -> tuple[str, bool]:
@@ -388,14 +445,16 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
         # of the line happens to parse once the call's own ')' is added.
         if (bracket := _closes_more_than_opened(text)) is not None:
             raise unbalanced(bracket) from None
-        raise parser.usage_error(f"{text!r} is not an argument list like map()'s") from None
+        raise parser.usage_error(f"{text!r} is not an argument list like map()'s{_options_after(text, parser)}") \
+            from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "__mpmagic_args__"):
         # A stray ')' closed the argument list early and the rest of the line
         # (``f, xs)[1].append(3``) was code around the call: refused before
         # anything is evaluated, as map() would never run it.
         raise unbalanced() from None
-    if call.keywords:
+    if not _MAP_TAKES_STRICT and any(k.arg is not None for k in call.keywords):
+        # (refused before anything is evaluated, as map() refuses it; ``**opts`` is seen once evaluated)
         raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
     if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
         raise parser.usage_error("await in the arguments is not supported: await it in a line before "
@@ -422,15 +481,73 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
             # A class body's names are seen by the argument list itself, not
             # by a lambda or comprehension in it, as in ``map(...)`` there:
             # eval's separate locals give exactly Python's class scope.
-            return eval(code, user_ns, local_ns)
-        if local_ns is not None and local_ns is not user_ns:
+            args, keywords = eval(code, user_ns, local_ns)
+        elif local_ns is not None and local_ns is not user_ns:
             # One namespace of both, the function's names winning: a lambda
             # written here finds them as its globals (eval's separate locals
             # are no closure: ``lambda v: v * k`` could not see ``k``).
-            return eval(code, {**user_ns, **local_ns})
-        return eval(code, user_ns)
+            args, keywords = eval(code, {**user_ns, **local_ns})
+        else:
+            args, keywords = eval(code, user_ns)
+    except NameError as exc:
+        # ``%pmap f, xs --compare`` is ``xs - (-compare)``, as in map(): that error stays,
+        # with a line saying where options go when the name is one of an option's.
+        if any(exc.name == option.lstrip("-").split("-")[0] for option in _option_words(text, parser)):
+            add_note(exc, _options_after(text, parser).removeprefix("; "))
+        raise
     finally:
         user_ns.pop(name, None)
+    return _map_keywords(args, keywords, text, parser)
+
+
+#: Whether this Python's map() takes ``strict=`` (3.14 and later), as %pmap's argument list then does.
+_MAP_TAKES_STRICT = sys.version_info >= (3, 14)
+
+
+class _StarArgs(tuple):
+    """map()'s arguments ``(func, pairs)`` whose items are argument tuples for ``func`` (star):
+    ``f, xs, ys, strict=True`` made into ``f, zip(xs, ys, strict=True)``."""
+
+    __slots__ = ()
+
+
+def _map_keywords(args: tuple, keywords: dict[str, Any], text: str, parser: _Parser) -> tuple:
+    """map()'s arguments with its keywords applied, or a usage error where map() refuses them.
+
+    ``**{}`` is no keyword, as for map(). ``strict=`` (map() takes it from Python
+    3.14): a true one zips several iterables with ``zip(..., strict=True)``, so a
+    length mismatch raises map()'s ValueError; with one iterable it changes nothing.
+    """
+    if not keywords:
+        return args
+    unknown = [k for k in keywords if not (_MAP_TAKES_STRICT and k == "strict")]
+    if unknown:
+        if not _MAP_TAKES_STRICT:
+            raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
+        raise parser.usage_error(f"map() got an unexpected keyword argument {unknown[0]!r} (it takes strict=): "
+                                 f"{text!r}")
+    if keywords["strict"] and len(args) > 2:
+        return _StarArgs((args[0], zip(*args[1:], strict=True)))
+    return args
+
+
+def _option_words(text: str, parser: _Parser) -> list[str]:
+    """The words of ``text`` (map()'s argument list as written) that are one of the magic's options."""
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
+    return [w for w in re.findall(r"(?:^|(?<=[\s,]))(--?[A-Za-z][\w-]*)", text) if w in actions]
+
+
+def _options_after(text: str, parser: _Parser) -> str:
+    """``; options go before FUNC: %pmap --compare f, xs`` when ``text`` has options after the
+    arguments (a command line's habit, read as Python there), else ""."""
+    words = _option_words(text, parser)
+    if not words:
+        return ""
+    at = re.search(rf"(?:^|(?<=[\s,])){re.escape(words[0])}(?![\w-])", text)
+    if at is None:
+        return ""
+    args, options = text[:at.start()].strip().rstrip(","), text[at.start():].strip()
+    return f"; options go before FUNC: {parser.prog} {options} {args}"
 
 
 _arg_names = itertools.count()
@@ -445,8 +562,8 @@ def _is_class_body(local_ns: dict[str, Any]) -> bool:
     return "__qualname__" in local_ns and "__module__" in local_ns
 
 
-def _collect_args(*args: Any) -> tuple:
-    return args
+def _collect_args(*args: Any, **keywords: Any) -> tuple[tuple, dict[str, Any]]:
+    return args, keywords
 
 
 def _interrupted(magic: str, text: str | None = None, outcome: str | None = None) -> KeyboardInterrupt:
@@ -648,13 +765,19 @@ class MPMagics(Magics):
         args = _eval_map_args(rest, self._user_ns, parser, local_ns)
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")
+        if isinstance(args, _StarArgs):  # strict=True: the iterables zipped, each item FUNC's arguments
+            if opts.star:
+                raise parser.usage_error("--star takes one iterable of argument tuples, not several iterables")
+            opts.star = True
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.bg:
             return self._pmap_bg(parser, opts, args)
         if opts.scaling:
+            _check_scaling_line(parser, _pmap_parser.__wrapped__, tokens)
             with _magic_errors(parser):
                 return scaling.pmap_scaling(args[0], *args[1:], max_workers=opts.workers, star=opts.star,
-                                            chunksize=opts.chunksize)
+                                            chunksize=opts.chunksize, errors=opts.errors, timeout=opts.timeout,
+                                            retries=opts.retries, seed=opts.seed)
         before = api.last_report()
         try:
             with _magic_errors(parser, _compare_finished(opts.compare, before)):
@@ -743,6 +866,9 @@ class MPMagics(Magics):
             self._user_ns[opts.output] = run
         return run
 
+    # The line is taken as written: --reduce's text is Python (``lambda v: {n}`` is a
+    # set display), which IPython's {expr} / $name expansion rewrote into other code.
+    @no_var_expand
     @cell_magic
     @_one_line_interrupts("%%parallel")
     def parallel(self, line: str = "", cell: str = "") -> Any:
@@ -774,8 +900,10 @@ class MPMagics(Magics):
             raise parser.usage_error("--scaling runs the cell at several sizes, each afresh: it cannot keep "
                                      "ranks (--keep/--reset)")
         if opts.scaling:
+            _check_scaling_line(parser, _parallel_parser.__wrapped__, tokens)
             with _magic_errors(parser):
-                return scaling.parallel_scaling(cell, self._user_ns, max_workers=opts.workers)
+                return scaling.parallel_scaling(cell, self._user_ns, max_workers=opts.workers, timeout=opts.timeout,
+                                                seed=opts.seed, label_output=not opts.no_label)
         reducer = None
         if opts.reduce:
             try:
@@ -840,6 +968,10 @@ class MPMagics(Magics):
         opts = parser.parse_args(tokens)
         if opts.help:
             return _show_help(MPMagics.pool)
+        if opts.action not in _POOL_ACTIONS:
+            close = difflib.get_close_matches(opts.action, _POOL_ACTIONS, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]}?" if close else f" (it takes {', '.join(_POOL_ACTIONS)})"
+            raise parser.usage_error(f"unknown subcommand {opts.action!r}{hint}")
         if cell is not None and opts.action != "setup":
             raise parser.usage_error("only %%pool setup takes a cell (the code every worker runs at start)")
         _check_pool_line(parser, opts, tokens)
@@ -890,13 +1022,14 @@ class MPMagics(Magics):
             pool.get_pool().resize(n)
         elif action == "local":
             before = pool.current_pool()
+            size_before = before.workers if before is not None else None
             # The %config MPMagic settings for what the line did not say: leaving Dask
             # made the local pool at the defaults (2 workers, forkserver), not the settings'.
             settings = config.current()
             now = pool.use_local(opts.workers or settings.workers, opts.start_method or settings.start_method,
                                  opts.max_tasks_per_child, max_memory=opts.max_memory)
             status = pool.pool_status()
-            status.notice = _switched(before, now)
+            status.notice = _switched(before, now, size_before)
             return status
         elif action == "dask":
             kwargs = {k: v for k, v in vars(opts).items()
@@ -1079,9 +1212,15 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
     return None
 
 
-def _switched(before: Any, now: Any) -> str:
-    """What ``%pool local`` did, in one line: the backend it stopped, or that nothing changed."""
+def _switched(before: Any, now: Any, size_before: int | None = None) -> str:
+    """What ``%pool local`` did, in one line: the backend it stopped, the workers it added
+    or stopped (``-n`` on the running local pool, ``size_before`` its size before), or that
+    nothing changed."""
     if before is now:
+        if size_before is not None and now.workers != size_before:
+            what = "stopped" if now.workers < size_before else "started"
+            return (f"%pool local: already on local worker processes; resized from {size_before} to "
+                    f"{now.workers} workers ({what} {abs(now.workers - size_before)})")
         return "%pool local: already on local worker processes; nothing was stopped"
     if before is None:
         return "%pool local: started local worker processes"
@@ -1154,11 +1293,16 @@ order; what each rank prints is shown labelled ``[rank N]``.
 Example::
 
   %%parallel -n 4 --compare
+  N = 10_000_000
   lo, hi = rank * N // size, (rank + 1) * N // size
   sum(x * x for x in range(lo, hi))
 
 With --bg the cell runs in the background: its value is a run handle whose
 ``result()`` is the list of values; the kernel's interrupt does not stop it.
+
+The line is taken as written: IPython's ``$name`` / ``{{expr}}`` expansion is
+off for it (--reduce's text is Python), so write values themselves
+(``-n 4``) or call ``mpmagic.parallel(code, workers=n)`` with a variable.
 {_help(_parallel_parser())}
 """
 

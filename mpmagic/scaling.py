@@ -14,11 +14,10 @@ import base64
 import html
 import importlib.util
 import io
-import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from .fmt import fmt_seconds
 
@@ -158,25 +157,35 @@ def pmap_scaling(
     star: bool = False,
     chunksize: int | None = None,
     repeat: int = 1,
+    errors: Literal["raise", "collect"] = "raise",
+    timeout: float | None = None,
+    retries: int = 0,
+    seed: int | None = None,
 ) -> Scaling:
     """Time ``map(func, *iterables)`` serially and with ``pmap`` on 1..``max_workers`` workers.
 
     ``max_workers`` defaults to the pool's size. Each point is the best of
     ``repeat`` runs. The input is read into lists once (it is used N+1 times).
+    ``errors``, ``timeout``, ``retries`` and ``seed`` are ``pmap``'s, given to
+    every parallel run; the serial runs here take ``errors`` (``"collect"``
+    keeps a failing item's place) and ``seed`` (the same per-item streams),
+    but nothing here can stop an item: ``timeout`` and ``retries`` bound the
+    parallel runs only.
     """
     from . import api
 
     data = [list(it) for it in iterables]
+    serial_func, serial_data, serial_star = func, tuple(data), star
+    if seed is not None:  # the same per-item streams as the parallel runs (api.seeded)
+        serial_func, serial_data, serial_star = api.seeded(func, serial_data, star, seed)
 
     def serial_run() -> None:
-        if star and len(data) == 1:
-            list(itertools.starmap(func, data[0]))
-        else:
-            list(map(func, *data))
+        with api._random_state_kept(seed is not None):  # (the notebook's own random state stays)
+            api._serial_map(serial_func, serial_data, serial_star, errors == "collect")
 
     first = _best_of(serial_run, repeat)
-    points = _sweep(lambda k: api.pmap(func, *data, workers=k, star=star, chunksize=chunksize), 0.0, max_workers,
-                    repeat)
+    points = _sweep(lambda k: api.pmap(func, *data, workers=k, star=star, chunksize=chunksize, errors=errors,
+                                       timeout=timeout, retries=retries, seed=seed), 0.0, max_workers, repeat)
     serial = _serial_after(serial_run, first, points)
     return Scaling("pmap", serial, points, title=f"pmap {getattr(func, '__name__', 'func')}")
 
@@ -186,22 +195,35 @@ def parallel_scaling(
     namespace: dict[str, Any],
     max_workers: int | None = None,
     repeat: int = 1,
+    timeout: float | None = None,
+    seed: int | None = None,
+    label_output: bool = True,
 ) -> Scaling:
     """Time a ``%%parallel`` cell run here with rank 0 of size 1, then on 1..N ranks.
 
     The cell should split its work by ``rank`` and ``size`` (as SPMD code
-    does), so N ranks each do 1/N of it.
+    does), so N ranks each do 1/N of it. ``timeout``, ``seed`` and
+    ``label_output`` are ``parallel``'s, given to every parallel run; the
+    serial run here takes ``seed`` (rank 0's stream) but cannot be stopped,
+    so ``timeout`` bounds the parallel runs only.
     """
     from . import api
     from .cell import make_cell_spec, run_cell_code
 
     spec = make_cell_spec(code, namespace)
+    if seed is not None:  # rank 0's stream, as the parallel runs' rank 0 (api's cell call does the same)
+        from .seeding import _check_seed, uses_numpy
+
+        spec.seed = _check_seed(seed)
+        spec.seed_numpy = uses_numpy(code)
 
     def serial_run() -> None:
-        run_cell_code(spec, 0, 1, as_main=False)
+        with api._random_state_kept(seed is not None):
+            run_cell_code(spec, 0, 1, as_main=False)
 
     first = _best_of(serial_run, repeat)
-    points = _sweep(lambda k: api.parallel(code, workers=k, namespace=namespace), 0.0, max_workers, repeat)
+    points = _sweep(lambda k: api.parallel(code, workers=k, namespace=namespace, timeout=timeout, seed=seed,
+                                           label_output=label_output), 0.0, max_workers, repeat)
     serial = _serial_after(serial_run, first, points)
     return Scaling("parallel", serial, points, title="%%parallel cell")
 

@@ -310,7 +310,10 @@ def test_rerun_failed_takes_a_fixed_function_and_refuses_what_it_would_ignore(ip
     run(ip, "%pmap -q --errors collect inv, range(6)")
     for line, words in (("%pmap --rerun-failed inv, range(4)", "takes FUNC alone"),
                         ("%pmap --rerun-failed --bg", "does not take --bg"),
-                        ("%pmap --errors raise --rerun-failed", "does not take --errors")):
+                        ("%pmap --errors raise --rerun-failed", "does not take --errors"),
+                        # (named as written: --progress was said as --no-progress, which shares its dest)
+                        ("%pmap --rerun-failed --progress", "does not take --progress ("),
+                        ("%pmap --rerun-failed --checkpoint", "does not take --checkpoint (")):
         result = ip.run_cell(line, store_history=False)
         assert words in str(result.error_in_exec), line
     assert len(mpmagic.last_failures()) == 2  # nothing ran

@@ -8,6 +8,7 @@ functions defined by ``run_cell`` so they live in a file-less ``__main__``.
 from __future__ import annotations
 
 import io
+import os
 import re
 import sys
 import time
@@ -568,3 +569,35 @@ def test_results_that_differ_from_serial_get_advice_naming_the_usual_causes():
     seeded = advise(synthetic_report(serial=0.001, equal=False, extra={"seeded": True}))
     assert seeded.startswith("the results differ from the serial run's: hash() of strings") and "--seed" not in seeded
     assert "results differ" not in (advise(synthetic_report(serial=0.001, equal=True)) or "")
+
+
+@pytest.mark.parametrize("cell, refused", [
+    ("%pmap --scaling --compare nap, [0.01]", "--compare"),
+    ("%pmap --scaling --progress --insights nap, [0.01]", "--progress, --insights"),
+    ("%pmap --scaling --checkpoint nap, [0.01]", "--checkpoint"),
+    ("%%parallel --scaling -o out --gather g --reduce sum\ng = rank\nrank", "-o, --reduce, --gather"),
+])
+def test_scaling_refuses_by_name_the_options_it_cannot_honour(ip, pool2, cell, refused):
+    """--scaling parsed these and dropped them without a word (-o stored nothing,
+    --reduce reduced nothing); it now says so before anything runs."""
+    run(ip, "def nap(x):\n    import time; time.sleep(x)\n    return x\n")
+    before = mpmagic.last_report()
+    with pytest.raises(Exception, match=f"--scaling does not take {re.escape(refused)}: "):
+        run(ip, cell)
+    assert mpmagic.last_report() is before  # nothing ran
+
+
+def test_scaling_gives_each_run_the_lines_timeout_errors_and_seed(ip, pool2, monkeypatch):
+    """``%pmap --scaling --timeout 0.3 ...`` ran every item unbounded (6 s for a 0.2 s
+    limit), and --errors collect, --seed, --retries never reached the runs."""
+    run(ip, f"import os, time\ndef stuck_in_workers(x):\n    if os.getpid() != {os.getpid()}:\n"
+            "        time.sleep(30)\n    return x\n")
+    t0 = time.perf_counter()
+    result = run(ip, "%pmap --scaling -n 1 --timeout 0.3 --errors collect --no-progress stuck_in_workers, [1]")
+    assert time.perf_counter() - t0 < 10 and [p.workers for p in result.points] == [1]
+    assert result.points[0].wall < 5  # (--no-progress: what it does anyway, not refused)
+    seen = []
+    real = mpmagic.api.parallel
+    monkeypatch.setattr(mpmagic.api, "parallel", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    run(ip, "%%parallel --scaling -n 1 --seed 3 --timeout 20 --no-label\nrank")
+    assert seen == [dict(workers=1, namespace=ip.user_ns, timeout=20.0, seed=3, label_output=False)]

@@ -62,3 +62,59 @@ def test_help_option_prints_the_magics_help_and_runs_nothing(ip, cell, magic):
     err, said, _ = error_of(ip, cell)
     assert err is None and api.last_report() is before
     assert said.strip() == getattr(MPMagics, magic).__doc__.strip()
+
+
+@pytest.mark.parametrize("line, said", [
+    # a misspelled option before the subcommand: its value was taken as the subcommand
+    ("%pool --worker 2", "unknown option --worker; did you mean -n/--workers?"),
+    ("%pool --max-mem 1GB start", "unknown option --max-mem; did you mean --max-memory?"),
+    # a misspelled subcommand: argparse's "argument action: invalid choice"
+    ("%pool strat", "unknown subcommand 'strat'; did you mean start?"),
+    ("%pool stauts", "unknown subcommand 'stauts'; did you mean status?"),
+    ("%pool frobnicate", "unknown subcommand 'frobnicate' (it takes status, start, stop,"),
+])
+def test_pool_names_a_misspelled_option_or_subcommand_wherever_it_is(ip, line, said):
+    err, _, _ = error_of(ip, line)
+    assert str(err).startswith(f"%pool: {said}"), err
+    assert "argument action" not in str(err)
+
+
+@pytest.mark.parametrize("line", ["%pmap -q -n $n abs, [-1]", "%pmap -q --timeout {t} abs, [-1]",
+                                  "%%parallel -q -n $n\nrank", "%%parallel -q -o $out\nrank"])
+def test_an_unexpanded_dollar_or_brace_value_gets_a_hint(ip, line):
+    """The magics' lines are not expanded (``%pmap -n $n`` said only "'$n' is not a whole number")."""
+    ip.user_ns.update(n=2, t=5)
+    err, _, _ = error_of(ip, line)
+    magic = line.split()[0]
+    assert f"; {magic}'s line is not expanded by IPython ($name and {{expr}} stay as written): write the value " \
+           "itself, or call mpmagic." in str(err).splitlines()[0], err
+
+
+def test_options_written_after_the_arguments_get_a_hint_and_keep_maps_meaning(ip, pool2):
+    """``%pmap f, xs --compare`` is map(f, xs --compare): its NameError stays, with
+    a line saying options go before FUNC; ``-n 2`` there is no argument list."""
+    ip.user_ns.update(xs=[1, 2], q=1)
+    err, _, _ = error_of(ip, "%pmap abs, xs --compare")
+    assert isinstance(err, NameError) and err.__notes__ == ["options go before FUNC: %pmap --compare abs, xs"]
+    err, _, _ = error_of(ip, "%pmap abs, xs -n 2")
+    assert "is not an argument list like map()'s; options go before FUNC: %pmap -n 2 abs, xs" in str(err)
+    err, _, _ = error_of(ip, "%pmap abs, unknown_name")
+    assert isinstance(err, NameError) and not getattr(err, "__notes__", None)
+
+
+def test_pmap_takes_maps_keywords_as_this_pythons_map_does(ip, pool2, monkeypatch):
+    """``**{}`` is no keyword for map() (it was refused); ``strict=`` is map()'s from 3.14."""
+    from mpmagic import magics
+
+    ip.user_ns.update(no_keywords={}, xs=[1, 2, 3], ys=[1, 2])
+    assert ip.run_cell("%pmap -q abs, xs, **no_keywords").result == [1, 2, 3]
+    monkeypatch.setattr(magics, "_MAP_TAKES_STRICT", False)
+    err, _, _ = error_of(ip, "%pmap -q pow, xs, ys, strict=True")
+    assert "map() takes no keyword arguments" in str(err)
+    monkeypatch.setattr(magics, "_MAP_TAKES_STRICT", True)  # (as on Python 3.14)
+    assert ip.run_cell("%pmap -q pow, xs, ys, strict=False").result == [1, 4]
+    assert ip.run_cell("%pmap -q pow, ys, ys, strict=True").result == [1, 4]
+    err, _, _ = error_of(ip, "%pmap -q pow, xs, ys, strict=True")
+    assert isinstance(err, ValueError) and "shorter" in str(err)
+    err, _, _ = error_of(ip, "%pmap -q pow, xs, ys, fast=True")
+    assert "map() got an unexpected keyword argument 'fast'" in str(err)

@@ -78,3 +78,11 @@ def test_what_only_compiling_finds_is_a_usage_error_before_any_rank_runs(ip) -> 
         ip.run_cell("xs = %pmap -q abs, await load()").raise_error()
     with pytest.raises(UsageError, match="'yield' outside function"):
         ip.run_cell("%pmap -q abs, (yield)").raise_error()
+
+
+def test_parallel_line_is_taken_as_written_so_reduce_means_its_python(ip, pool2) -> None:
+    """``--reduce 'lambda v: {n}'`` became ``lambda v: 2``: IPython expanded the line's
+    ``{n}`` (a set display in the reducer's Python), as %pmap's line is not."""
+    ip.user_ns["n"] = 2
+    assert run(ip, "%%parallel -n 2 -q --reduce 'lambda v: {n}'\nrank") == {2}
+    assert run(ip, "%%parallel -n 2 -q --reduce 'lambda v: sorted(v) + [len({n})]'\nrank") == [0, 1, 1]

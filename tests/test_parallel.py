@@ -202,8 +202,11 @@ def test_option_values_may_be_quoted_as_on_a_pool_line(ip, pool_fs):
     assert cell(ip, "-n 2 -q --reduce \"lambda v: '#'.join(map(str, v))\"  # joined", "rank") == "0#1"
     cell(ip, "-n 2 -q --gather 'lo, hi'", "lo, hi = rank, rank + 10")
     assert run(ip, "(lo, hi)") == ([0, 1], [10, 11])
-    run(ip, "ranks_wanted = 3")  # IPython's $name expansion of the line still comes first
-    assert cell(ip, "-n $ranks_wanted -q -o got", "rank") == [0, 1, 2]
+    # The line is taken as written, as %pmap's (IPython's $name expansion turned --reduce's
+    # {n} into other Python): $name is refused with the hint; the number itself works.
+    run(ip, "ranks_wanted = 3")
+    assert "%%parallel's line is not expanded by IPython" in usage_error(ip, "%%parallel -n $ranks_wanted -q\nrank")
+    assert cell(ip, "-n 3 -q -o got", "rank") == [0, 1, 2]
     assert run(ip, "got") == [0, 1, 2]
     assert "quote a value with spaces: --reduce 'lambda v: ...'" in usage_error(
         ip, "%%parallel -n 2 -q --reduce lambda v: max(v)\nrank")

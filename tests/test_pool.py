@@ -297,3 +297,17 @@ def test_a_process_forked_from_the_notebook_maps_serially_and_leaves_the_pool_al
     assert run(ip, "mpmagic.pmap(sq, range(6), workers=2)") == [0, 1, 4, 9, 16, 25]
     assert run(ip, "int(mpmagic.pmap(np.sum, [kept])[0])") == 45  # its segment is still there
     run(ip, "del kept")
+
+
+def test_pool_local_with_n_on_the_running_local_pool_says_it_resized(ip):
+    """``%pool local -n 2`` on 3 workers stopped one and said "nothing was stopped"."""
+    from conftest import ensure_pool
+
+    try:
+        run(ip, "%pool local -n 3")
+        status = run(ip, "%pool local -n 2")
+        assert status.notice == ("%pool local: already on local worker processes; resized from 3 to 2 workers "
+                                 "(stopped 1)")
+        assert run(ip, "%pool local -n 2").notice.endswith("; nothing was stopped")
+    finally:
+        ensure_pool("forkserver")
