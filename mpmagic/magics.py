@@ -102,7 +102,8 @@ class _Parser(argparse.ArgumentParser):
     def _unexpanded_hint(self, message: str) -> str:
         """For a value quoted in ``message`` that starts ``$name`` or ``{``: the line is
         taken as written (IPython's expansion is off for this magic), and what to write."""
-        if self.api is None or not re.search(r"'(\$[A-Za-z_{]|\{)", message):
+        # (the whole quoted value: an argument list that merely starts with a set is not one)
+        if self.api is None or not re.search(r"'(\$[A-Za-z_]\w*|\$?\{[^'\s]*\})'", message):
             return ""
         return (f"; {self.prog}'s line is not expanded by IPython ($name and {{expr}} stay as written): "
                 f"write the value itself, or call {self.api} with a variable")
