@@ -518,7 +518,7 @@ BAD_INPUT = [
     ("%pool start -n 100000", "100000 is more processes than this machine can run"),
     ("%pool resize 0", "must be at least 1, not 0"),
     ("%pool resize many", "'many' is not a whole number"),
-    ("%pool frobnicate", "invalid choice: 'frobnicate'"),
+    ("%pool frobnicate", "unknown subcommand 'frobnicate' (it takes status, start, stop"),
 ]
 
 
