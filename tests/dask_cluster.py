@@ -4,7 +4,10 @@ processes on 127.0.0.1, started as the user would start them.
 Each process gets its own session (``start_new_session=True``), so a
 notebook interrupt (SIGINT to the test's process group) never reaches them,
 and :meth:`DaskProcesses.stop` kills each whole process group (the worker's
-nanny and the worker process it runs), so nothing outlives the tests.
+nanny and the worker process it runs), so nothing outlives the tests. If the
+test run itself is killed (no teardown runs), Linux ends each command too:
+it asks for SIGTERM at its parent's death (``prctl(PR_SET_PDEATHSIG)``, see
+``_DIE_WITH_PARENT``), and dask's commands stop their nannies on SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+# Run ``python -m dask ...`` after asking Linux for SIGTERM when the test
+# process dies (PR_SET_PDEATHSIG = 1); a parent already gone means exit at once.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "parent = int(sys.argv.pop(1))\n"
+    "if sys.platform.startswith('linux'):\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)\n"
+    "if os.getppid() != parent:\n"
+    "    sys.exit('the test run that started this dask command is gone')\n"
+    "sys.argv[0] = 'dask'\n"
+    "runpy.run_module('dask', run_name='__main__', alter_sys=True)\n"
+)
 
 
 class DaskProcesses:
@@ -51,7 +67,7 @@ class DaskProcesses:
     def _spawn(self, args: list[str], log: str) -> subprocess.Popen:
         with open(self.workdir / log, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "dask", *args],
+                [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
