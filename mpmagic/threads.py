@@ -1,4 +1,4 @@
-"""Thread caps for BLAS/OpenMP in workers: no oversubscription by default.
+"""Thread caps for BLAS/OpenMP (and polars) in workers: no oversubscription by default.
 
 numpy's BLAS (OpenBLAS, MKL) and OpenMP code start one thread per CPU in
 *every* process. Two workers on two CPUs each running a 4-thread matrix
@@ -27,7 +27,8 @@ from .cpus import recent_cpus
 
 log = logging.getLogger("mpmagic")
 
-# The variables the common threaded libraries read at load time (loky's list).
+# The variables the common threaded libraries read at load time (loky's list, and polars':
+# its thread pool starts one thread per CPU in each worker otherwise).
 THREAD_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -35,6 +36,7 @@ THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
+    "POLARS_MAX_THREADS",
 )
 
 _CAPPED_LIBS = ("numpy", "scipy", "torch", "sklearn")  # modules that load a thread pool

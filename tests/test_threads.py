@@ -30,6 +30,13 @@ def test_default_cap_reported_by_threadpoolctl(ip, local_pool):
         assert env == str(cap) and nums and max(nums) <= cap
 
 
+def test_polars_pool_capped_too(ip, local_pool):
+    """polars sizes its thread pool from POLARS_MAX_THREADS as it loads (one thread per CPU without it)."""
+    run(ip, "import os\ndef _polars_cap(x):\n    return os.environ.get('POLARS_MAX_THREADS')")
+    cap = max(1, available_cpus() // local_pool.workers)
+    assert run(ip, "%pmap -q _polars_cap, range(2)") == [str(cap)] * 2
+
+
 def test_config_override(ip, local_pool):
     run(ip, INFO)
     run(ip, "%config MPMagic.worker_threads = 3")
