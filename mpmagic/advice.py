@@ -7,7 +7,9 @@ picked from the report's measurements, most specific first:
 * items run again after their worker died (--retries);
 * a cell whose ranks each took as long as the whole cell serially (--compare:
   the ranks repeat the work instead of splitting it; not said when --reduce
-  found the reduced value equal to the serial one, which shows they split it);
+  found the reduced value equal to the serial one, which shows they split it,
+  and judged without the one-time imports in the ranks' times, or left to a
+  warm run when those were not timed);
 * one-time costs the next call will not pay, as the workers measured them:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
@@ -287,6 +289,12 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
     # they wait for no core. CPU-bound ranks sharing cores still use a share of one (4 on 2 cores: ~25-50 %).
     cpu_bound = report.cpu_seconds is not None and report.cpu_seconds >= 0.1 * report.task_seconds
     per_rank = (report.cpu_seconds if cpu_bound else report.task_seconds) / report.items
+    # One-time costs in the ranks' times (a first run importing sklearn in each worker) are not the
+    # work: without them, the ranks of a cell that does split its work were told they repeat it.
+    o = report.one_time or {}
+    if report.task_imports and any(t is None for t in (o.get("imports") or {}).values()):
+        return None  # imports inside the ranks' times, untimed: the next (warm) run tells
+    per_rank -= (o.get("import_seconds", 0.0) + o.get("load", 0.0)) * min(report.workers, report.items) / report.items
     if per_rank < 0.7 * report.serial:
         return None
     return (
@@ -314,13 +322,26 @@ def _one_time(report: Any) -> str | None:
         return None
     if o.get("imports") and o.get("import_seconds", 0.0) >= max(o.get("load", 0.0), o.get("start", 0.0)):
         started = f" (and started, {fmt_seconds(o['start'])})" if o.get("start", 0.0) >= 0.001 else ""
-        why = ("(the notebook had imported them: idle workers were still importing them in the background "
-               "when this call began)" if o.get("preloading") else
-               "(modules the notebook imports are imported by idle workers in the background: import them "
-               "in an earlier cell)")
+        # The modules the tasks imported themselves (joblib bringing dask in) are not ones the notebook had.
+        by_tasks = set(report.task_imports)
+        theirs = {k: t for k, t in o["imports"].items() if k.split(", ")[0] in by_tasks}
+        preloaded = {k: t for k, t in o["imports"].items() if k not in theirs}
+        if o.get("preloading") and preloaded:
+            preloading = "idle workers were still importing them in the background when this call began"
+            if theirs:
+                return (
+                    f"the workers imported {imports_text(_short(preloaded))} during this call{started}, and the "
+                    f"tasks imported {imports_text(_short(theirs))} themselves; the next call will not pay it (the "
+                    f"notebook had imported the workers' ones, not the tasks': {preloading})"
+                )
+            return (
+                f"the workers imported {imports_text(_short(preloaded))} during this call{started}; "
+                f"the next call will not pay it (the notebook had imported them: {preloading})"
+            )
         return (
-            f"the workers imported {imports_text(o['imports'])} during this call{started}; "
-            f"the next call will not pay it {why}"
+            f"the workers imported {imports_text(_short(o['imports']))} during this call{started}; "
+            "the next call will not pay it (modules the notebook imports are imported by idle workers in the "
+            "background: import them in an earlier cell)"
         )
     if o.get("start", 0.0) >= o.get("load", 0.0):
         return (
@@ -331,6 +352,16 @@ def _one_time(report: Any) -> str | None:
         f"the workers spent {fmt_seconds(o['load'])} loading the function (sent once, with what it "
         "captures); the next call reuses it while nothing it captures changes"
     )
+
+
+def _short(imports: dict[str, float | None]) -> dict[str, float | None]:
+    """``imports`` with each entry (modules imported together) cut to three names
+    (``sklearn, scipy, joblib and 7 more``): an advice line, not a list of 29 modules."""
+    out: dict[str, float | None] = {}
+    for key, seconds in imports.items():
+        names = key.split(", ")
+        out[", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")] = seconds
+    return out
 
 
 def _slower_in_workers(report: Any) -> str | None:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import types
+import warnings
 from collections.abc import (
     Callable,
     Iterable,
@@ -155,7 +156,22 @@ def _check_retries(retries: Any) -> None:
 
 
 def _equal(a: Any, b: Any) -> bool:
-    """Equality that copes with numpy arrays and odd ``__eq__``s."""
+    """``--compare``'s verdict: are the serial and the parallel result the same?
+
+    Warnings the comparison itself raises are dropped (scipy.sparse's
+    "Comparing two sparse matrices using == is inefficient" pointed into this
+    file): they are about our check, not the user's code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _same(a, b)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality that copes with numpy arrays and odd ``__eq__``s, and that, as
+    pandas' ``equals`` does, tells results of another dtype or schema apart
+    (polars' ``equals`` ignores dtypes, numpy's ``array_equal`` too)."""
+    if not _same_kind(a, b):
+        return False
     try:
         result = a == b
         if isinstance(result, bool):
@@ -185,6 +201,36 @@ def _equal(a: Any, b: Any) -> bool:
             return False
 
 
+# The attributes that name a library object's element type or columns: numpy / pandas / polars /
+# torch ``dtype``, polars DataFrame and pyarrow Table ``schema``, and pyarrow Array / ChunkedArray ``type``
+# (``type`` only there: on other objects it names anything).
+_KIND_ATTRS = ("dtype", "schema")
+
+
+def _same_kind(a: Any, b: Any) -> bool:
+    """False when two objects of one library type hold another dtype or schema
+    (an Int32 and an Int64 polars frame, a float32 and a float64 array); True
+    otherwise, also when there is nothing to compare. Reads attributes only of
+    objects from a library (never of plain Python values)."""
+    kind = type(a)
+    if kind is not type(b) or kind.__module__ == "builtins":
+        return True
+    attrs = _KIND_ATTRS + (("type",) if kind.__module__.startswith("pyarrow") else ())
+    for attr in attrs:
+        try:
+            x, y = getattr(a, attr), getattr(b, attr)
+        except Exception:
+            continue
+        if callable(x):  # (a method of that name: two bound methods are never ==)
+            continue
+        try:
+            if not (x == y):
+                return False
+        except Exception:  # (== gave no truth value: nothing to tell)
+            continue
+    return True
+
+
 def _equal_anyway(a: Any, b: Any) -> bool:
     """Values ``==`` calls different that are still the same result: NaN (never
     equal to itself), instances without ``__eq__`` (compared by identity, and
@@ -197,19 +243,26 @@ def _equal_anyway(a: Any, b: Any) -> bool:
     if isinstance(a, float) or getattr(a, "shape", None) == ():  # (a numpy scalar too: np.float32)
         return bool(a != a and b != b)  # (both NaN)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (set, frozenset)):  # {nan}: each copy's NaN is another object, never == itself
         if len(a) != len(b):
             return False
         rest = [y for y in b if y not in a]
         for x in (x for x in a if x not in b):
-            match = next((i for i, y in enumerate(rest) if _equal(x, y)), None)
+            match = next((i for i, y in enumerate(rest) if _same(x, y)), None)
             if match is None:
                 return False
             rest.pop(match)
         return not rest
+    if type(a).__module__.startswith("pyarrow") and callable(getattr(a, "to_pylist", None)):
+        # A Table, Array or ChunkedArray: pyarrow's equals counts NaN unequal to itself; the values
+        # as Python objects compare NaN as the rest of --compare does (the schema was compared already).
+        try:
+            return _same(a.to_pylist(), b.to_pylist())
+        except Exception:
+            return False
     if type(a).__eq__ is object.__eq__:  # type: ignore[comparison-overlap]  # (typeshed types the two differently)
         try:
             return payload.dumps_data(a) == payload.dumps_data(b)

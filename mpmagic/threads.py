@@ -1,4 +1,4 @@
-"""Thread caps for BLAS/OpenMP in workers: no oversubscription by default.
+"""Thread caps for BLAS/OpenMP (and polars) in workers: no oversubscription by default.
 
 numpy's BLAS (OpenBLAS, MKL) and OpenMP code start one thread per CPU in
 *every* process. Two workers on two CPUs each running a 4-thread matrix
@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 from .cpus import recent_cpus
 
 log = logging.getLogger("mpmagic")
 
-# The variables the common threaded libraries read at load time (loky's list).
+# The variables the common threaded libraries read at load time (loky's list, and polars':
+# its thread pool starts one thread per CPU in each worker otherwise).
 THREAD_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -35,6 +37,7 @@ THREAD_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
+    "POLARS_MAX_THREADS",
 )
 
 _CAPPED_LIBS = ("numpy", "scipy", "torch", "sklearn")  # modules that load a thread pool
@@ -133,4 +136,45 @@ def threads_per_worker(cpu_seconds: float | None, task_seconds: float) -> float 
     return cpu_seconds / task_seconds
 
 
-__all__ = ["THREAD_VARS", "cap_for", "limit_in_worker", "threads_per_worker"]
+# Libraries whose own thread pools are known to hang a forked child that uses them (their
+# locks are copied held, their threads are not): polars, PyTorch, TensorFlow, JAX, gRPC.
+FORK_UNSAFE = ("polars", "torch", "tensorflow", "jax", "grpc")
+
+
+def os_threads() -> int | None:
+    """This process's threads as the OS counts them (native pools included); None if unknown."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.Process().num_threads())
+    except Exception:
+        return None
+
+
+def fork_hazard() -> str | None:
+    """One line to say before forking a worker from this process, or None.
+
+    ``fork`` copies the notebook's memory, locks held by its other threads
+    included, but none of those threads: a library whose native thread pool
+    is running (polars once used, PyTorch...) then waits forever in the child
+    for a lock nobody will release. Said when the process runs more threads
+    than Python's ``threading`` knows of (native pools) and one of
+    :data:`FORK_UNSAFE` is imported; BLAS pools alone (numpy's OpenBLAS
+    reinitialises itself after a fork) are not enough.
+    """
+    loaded = [name for name in FORK_UNSAFE if name in sys.modules]
+    if not loaded:
+        return None
+    total = os_threads()
+    if total is not None and total <= threading.active_count():
+        return None  # (no native thread running: nothing to find held in the child)
+    return (f"mpmagic: the notebook runs native thread pools and has imported {', '.join(loaded)}: fork copies their "
+            "locks but not their threads, so tasks that use them can hang in the workers; start the pool with the "
+            "default start method (forkserver) or spawn")
+
+
+__all__ = ["FORK_UNSAFE", "THREAD_VARS", "cap_for", "fork_hazard", "limit_in_worker", "os_threads", "threads_per_worker"]

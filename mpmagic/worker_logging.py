@@ -14,10 +14,13 @@ and survives an interrupt or a worker's death up to the last line sent.
   whose level it set) go with each call as a few bytes pickled once per call
   (:func:`notebook_context`). The worker sets the same levels on its own
   loggers, so a record below the notebook's level is never even made there,
-  and a handler on its root logger writes each record as one line,
-  ``[item 3] WARNING:root:text`` (``logging.BASIC_FORMAT`` behind the item
-  label; a ``%%parallel`` rank's lines get ``[rank N]`` from the cell's own
-  output labelling). A traceback's frame in a notebook cell (``logging.exception``)
+  and a handler on its root logger writes each record as one marked line:
+  the record's fields and its lines for the cell, ``[item 3] WARNING:root:text``
+  (``logging.BASIC_FORMAT`` behind the item label; a ``%%parallel`` rank's
+  lines get ``[rank N]`` from the cell's own output labelling). At home the
+  record goes to the notebook's logger of its name (:func:`deliver`: its file
+  and other handlers, ``propagate``), and its lines show unless that logger
+  keeps it from the notebook's output, as serially. A traceback's frame in a notebook cell (``logging.exception``)
   has no source line in the worker: a marked line asks the notebook for it.
 * **Warnings.** Whether a warning shows is the notebook's filters' decision,
   "once per location" by default across every worker and item of a call:
@@ -254,9 +257,25 @@ class _TaskHandler(logging.Handler):
             else:  # a thread the task started: labelled as the item running now
                 owner = _owner()
                 prefix = owner[0] if owner is not None else ""
-            sys.stderr.write(_lines(text, prefix, bool(record.exc_text or record.stack_info)))
+            shown = _lines(text, prefix, bool(record.exc_text or record.stack_info))
+            # One marked line: the record itself, for the notebook's handlers of its logger,
+            # and its labelled lines, for the cell (see WarningRelay._record).
+            sys.stderr.write(MARK + json.dumps({"record": _record_fields(record), "shown": shown}) + "\n")
         except Exception:
             self.handleError(record)
+
+
+# The LogRecord attributes a record takes home (its message already formatted: its args may not travel).
+_RECORD_ATTRS = ("name", "levelno", "levelname", "pathname", "filename", "module", "lineno", "funcName",
+                 "created", "msecs", "relativeCreated", "thread", "threadName", "processName", "process",
+                 "exc_text", "stack_info", "taskName")
+
+
+def _record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """What the notebook rebuilds ``record`` from (``logging.makeLogRecord``): plain values only."""
+    fields = {attr: getattr(record, attr, None) for attr in _RECORD_ATTRS}
+    fields["msg"], fields["args"] = record.getMessage(), None
+    return fields
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -511,6 +530,8 @@ class WarningRelay:
     def _one(self, body: str) -> str:
         try:
             fields = json.loads(body)
+            if isinstance(fields, dict):  # a logging record
+                return self._record(fields)
             if len(fields) == 3:  # a traceback's source line, from this notebook's cells
                 label, filename, lineno = fields
                 source = linecache.getline(cell_file(filename), lineno).strip()
@@ -547,3 +568,61 @@ class WarningRelay:
             return ""
         shown = warnings.formatwarning(text, category, filename, lineno)
         return "\n".join(f"{label}{line}" for line in shown.splitlines())
+
+    def _record(self, fields: dict) -> str:
+        """A task's logging record, as serially: handed to the notebook's handlers
+        of its logger (a FileHandler gets it), its levels, filters and
+        ``propagate`` applied; the text for the cell: its labelled lines
+        (``logging.BASIC_FORMAT``, see :func:`deliver`), or nothing."""
+        record = logging.makeLogRecord(fields["record"])
+        shown: str = fields["shown"]
+        if not deliver(record):
+            return ""
+        return self(shown.rstrip("\n"))  # (its traceback's source lines are marked too)
+
+
+def _to_console(handler: logging.Handler) -> bool:
+    """Does ``handler`` write to the notebook's output (a StreamHandler on
+    stdout or stderr, as ``logging.basicConfig()`` makes)? The cell's labelled
+    line stands in for it."""
+    if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
+        return False
+    return any(handler.stream is s for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
+
+
+def deliver(record: logging.LogRecord) -> bool:
+    """Hand a task's ``record`` to the notebook's handlers for its logger, as
+    ``Logger.handle`` would serially (the logger's ``disabled`` and filters,
+    each handler's level, ``propagate``); True when the record shows in the
+    cell.
+
+    Handlers that write to the notebook's output are not called: the cell
+    shows the record's labelled line instead (``[item 3] INFO:calc:text``,
+    as docs/guide.md promises). The cell shows it when such a handler takes
+    it, or when it propagates up to the root logger whatever handlers the
+    root has (none: the cell, as without logging set up), but not when a
+    logger with ``propagate = False`` stopped it before any handler writing
+    to the output (serially: only its own handlers, a file, get it).
+    """
+    logger = logging.getLogger(record.name) if record.name != "root" else logging.getLogger()
+    if logger.disabled or not logger.filter(record):
+        return False
+    show = False
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in list(current.handlers):
+            if record.levelno < handler.level:
+                continue
+            if _to_console(handler):
+                show = show or bool(handler.filter(record))
+            else:
+                try:
+                    handler.handle(record)
+                except Exception:  # (a handler's own errors go through its handleError; this is a safety net)
+                    _log.warning("mpmagic: a logging handler failed on a task's record", exc_info=True)
+        if not current.propagate:
+            return show
+        if current.parent is None:
+            return True  # (reached the root)
+        current = current.parent
+    return True

@@ -5,6 +5,8 @@ oversubscribed."""
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import pytest
 from conftest import ensure_pool, run
@@ -28,6 +30,13 @@ def test_default_cap_reported_by_threadpoolctl(ip, local_pool):
     cap = max(1, available_cpus() // local_pool.workers)
     for env, nums in run(ip, "%pmap -q _threads, range(2)"):
         assert env == str(cap) and nums and max(nums) <= cap
+
+
+def test_polars_pool_capped_too(ip, local_pool):
+    """polars sizes its thread pool from POLARS_MAX_THREADS as it loads (one thread per CPU without it)."""
+    run(ip, "import os\ndef _polars_cap(x):\n    return os.environ.get('POLARS_MAX_THREADS')")
+    cap = max(1, available_cpus() // local_pool.workers)
+    assert run(ip, "%pmap -q _polars_cap, range(2)") == [str(cap)] * 2
 
 
 def test_config_override(ip, local_pool):
@@ -108,3 +117,27 @@ def test_advice_names_thread_oversubscription():
     # Tiny chunks: CPU time includes their (un)pickling, not a sign of threads.
     r.cpu_seconds, r.chunks, r.items, r.task_seconds, r.wall = 0.3, 100, 10**6, 0.1, 0.1
     assert "threads" not in (advice.advise(r) or "")
+
+
+def test_a_fork_pool_says_once_when_the_notebook_runs_native_pools_of_a_library_that_hangs_forked_children(
+        ip, monkeypatch, capsys):
+    """polars used in the notebook, then %pool start --start-method fork: every polars
+    task hung in the workers, and nothing said why."""
+    import types
+
+    monkeypatch.setattr(threads, "os_threads", lambda: threading.active_count())
+    monkeypatch.setitem(sys.modules, "polars", types.ModuleType("polars"))
+    assert threads.fork_hazard() is None  # no native thread running: nothing held to copy
+    monkeypatch.setattr(threads, "os_threads", lambda: threading.active_count() + 4)
+    line = threads.fork_hazard()
+    assert line is not None and "imported polars" in line and "forkserver" in line
+    pool.shutdown()
+    mpmagic.use_local(1, "fork")
+    try:
+        run(ip, "def _one(x):\n    return x")
+        assert run(ip, "%pmap -q _one, [1]") == [1]
+        pool.restart_pool()  # (a worker forked again: the same line is not said again)
+        assert run(ip, "%pmap -q _one, [2]") == [2]
+    finally:
+        pool.shutdown()
+    assert capsys.readouterr().err.count(line) == 1

@@ -7,6 +7,7 @@ formatter and --compare's equality.
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import numpy as np
 from conftest import interrupted_cell, run
@@ -60,6 +61,56 @@ def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():
         assert _equal(value, pickle.loads(pickle.dumps(value))), value
     for a, b in [((np.array([1, 2]), 1.0), (np.array([1, 3]), 1.0)), ({nan}, {1.0}), ((np.array([1]),), [np.array([1])])]:
         assert not _equal(a, b), (a, b)
+
+
+class _Frame:
+    """A polars-like frame: ``==`` gives no bool, ``equals`` ignores the dtype (as polars' does)."""
+
+    def __init__(self, values, dtype):
+        self.values, self.dtype, self.schema = values, dtype, {"a": dtype}
+
+    def __eq__(self, other):
+        return [x == y for x, y in zip(self.values, other.values, strict=True)]
+
+    def equals(self, other):
+        return self.values == other.values
+
+
+class _Table:
+    """A pyarrow-like table (its module named so): ``==`` is ``equals``, for which NaN is never equal."""
+
+    def __init__(self, values, type_="double"):
+        self.values, self.type = values, type_
+
+    def __eq__(self, other):
+        return all(x == y for x, y in zip(self.values, other.values, strict=True))
+
+    def to_pylist(self):
+        return list(self.values)
+
+
+_Table.__module__ = "pyarrow.lib"
+
+
+class _Warns:
+    def __eq__(self, other):
+        warnings.warn("Comparing two sparse matrices using == is inefficient", UserWarning, stacklevel=2)
+        return True
+
+
+def test_compare_tells_dtypes_and_schemas_apart_takes_arrow_nan_as_equal_and_shows_no_warnings_of_its_own():
+    assert not _equal(_Frame([1, 2], "Int32"), _Frame([1, 2], "Int64"))  # polars' equals alone said equal
+    assert _equal(_Frame([1, 2], "Int64"), _Frame([1, 2], "Int64"))
+    assert not _equal(np.array([1, 2], np.int32), np.array([1, 2], np.int64))
+    assert _equal(np.array([1.0, float("nan")]), np.array([1.0, float("nan")]))
+    nan = float("nan")
+    assert _equal(_Table([nan, 1.0]), _Table([float("nan"), 1.0]))  # said RESULTS DIFFER
+    assert _equal((_Table([nan]), 1), (_Table([float("nan")]), 1))  # nested in a tuple too
+    assert not _equal(_Table([nan, 1.0]), _Table([nan, 2.0]))
+    assert not _equal(_Table([1.0]), _Table([1.0], "float"))  # pyarrow's type is its dtype
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _equal(_Warns(), _Warns())
 
 
 def test_an_estimate_that_counts_waiting_for_a_core_says_so_on_the_line():

@@ -295,6 +295,35 @@ def test_advice_names_the_import_the_workers_paid():
                              "background when this call began)"), r.advice
 
 
+def test_advice_tells_the_notebooks_imports_from_the_ones_the_tasks_made_themselves():
+    """joblib imported dask, yaml... inside the tasks: the advice said the notebook had imported
+    them, and listed 29 modules."""
+    once = {"imports": {"sklearn, scipy, joblib, pandas, pyarrow": 1.5, "yaml, dask, toolz, distributed": None},
+            "import_seconds": 1.5, "load": 0.001, "start": 0.0, "total": 1.501, "preloading": True}
+    r = _report(wall=2.0, task_seconds=0.8, serial=0.8, one_time=once, task_imports=("yaml", "dask", "toolz", "distributed"))
+    assert r.advice == (
+        "the workers imported sklearn, scipy, joblib and 2 more (1.50 s) during this call, and the tasks imported "
+        "yaml, dask, toolz and 1 more themselves; the next call will not pay it (the notebook had imported the "
+        "workers' ones, not the tasks': idle workers were still importing them in the background when this call "
+        "began)"), r.advice
+
+
+def test_a_cells_first_run_importing_in_its_ranks_is_not_told_the_ranks_repeat_the_work():
+    """The ranks' times held sklearn's import (the same line listed it as one-time):
+    a cell that split its work by rank was told to split it."""
+    timed = {"imports": {"sklearn, scipy": 1.5}, "import_seconds": 1.5, "load": 0.0, "start": 0.0, "total": 1.5,
+             "preloading": True}
+    cell = dict(kind="parallel", items=2, workers=2, wall=1.7, task_seconds=3.1, cpu_seconds=3.1, chunks=0,
+                serial=0.12)
+    r = _report(**cell, one_time=timed)
+    assert "repeat the work" not in r.advice and r.advice.startswith("the workers imported sklearn, scipy"), r.advice
+    untimed = {"imports": {"sklearn, scipy": None}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0}
+    r = _report(**cell, one_time=untimed, task_imports=("sklearn", "scipy"))
+    assert "repeat the work" not in r.advice and "the tasks imported sklearn, scipy" in r.advice, r.advice
+    r = _report(**cell, one_time={**timed, "imports": {"sklearn": 0.01}, "import_seconds": 0.01, "total": 0.01})
+    assert "the ranks repeat the work" in r.advice  # a warm run that does repeat it is still told
+
+
 def test_advice_names_tasks_slower_in_the_workers_when_compare_measured_it():
     r = _report(wall=0.95, task_seconds=1.84, serial=0.8,
                 one_time={"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0})

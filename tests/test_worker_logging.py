@@ -60,6 +60,40 @@ def test_a_named_loggers_own_level_is_followed(ip, local_pool, root_level, capsy
     assert "[item 0] INFO:calc:working on 7\n" in capsys.readouterr().err
 
 
+class _Kept(logging.Handler):
+    """A handler that keeps what it gets (as a FileHandler writes it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.mark.parametrize("propagate", [False, True])
+def test_a_named_loggers_own_handlers_get_the_tasks_records_and_propagate_false_keeps_them_out_of_the_cell(
+        ip, local_pool, root_level, capsys, propagate):
+    """As serially: a FileHandler on logger "calc" got none of the tasks' records
+    (they showed in the cell, propagate=False or not)."""
+    root_level(logging.WARNING)
+    calc, kept = logging.getLogger("calc"), _Kept()
+    calc.setLevel(logging.INFO)
+    calc.propagate = propagate
+    calc.addHandler(kept)
+    try:
+        run(ip, TASK)
+        assert run(ip, "%pmap -q chatty, [7, 8]") == [8, 9]
+    finally:
+        calc.removeHandler(kept)
+        calc.setLevel(logging.NOTSET)
+        calc.propagate = True
+    assert sorted(kept.lines) == ["INFO calc working on 7", "INFO calc working on 8"]
+    err = capsys.readouterr().err
+    assert ("[item 0] INFO:calc:working on 7\n" in err) is propagate, err  # up to the root: in the cell as before
+
+
 def test_records_of_a_parallel_rank_are_labelled_by_rank_in_order(ip, local_pool, root_level, capsys):
     root_level(logging.INFO)
     ip.run_cell(

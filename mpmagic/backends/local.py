@@ -42,7 +42,18 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import compat, context, payload, payload_cache, posixshm, shm, warmup, worker, worker_setup
+from .. import (
+    compat,
+    context,
+    payload,
+    payload_cache,
+    posixshm,
+    shm,
+    threads,
+    warmup,
+    worker,
+    worker_setup,
+)
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
@@ -447,6 +458,7 @@ class LocalBackend:
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
+        self._fork_said: set[str] = set()  # fork hazards said already (see _say_fork_hazard)
         # Tells this pool's worker 0 from another pool's (worker setup, kept ranks).
         self.pool_key = next(_setup_keys)
         _live_backends.add(self)
@@ -560,6 +572,8 @@ class LocalBackend:
 
     def _spawn(self, temporary: bool = False) -> _Slot:
         _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
+        if self.start_method == "fork":
+            self._say_fork_hazard()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         try:
             return self._start_worker(parent_conn, child_conn, temporary)
@@ -567,6 +581,19 @@ class LocalBackend:
             parent_conn.close()  # (a start that failed keeps no file open)
             child_conn.close()
             raise
+
+    def _say_fork_hazard(self) -> None:
+        """Before forking a worker: one line when the notebook's native thread pools
+        can hang it (``threads.fork_hazard``: polars used, torch...), once per pool
+        and set of such libraries (a replacement forked after a new import says it too)."""
+        try:
+            line = threads.fork_hazard()
+        except Exception:  # (a check that failed never stops a start)
+            log.debug("mpmagic: could not check the notebook's threads before a fork", exc_info=True)
+            return
+        if line is not None and line not in self._fork_said:
+            self._fork_said.add(line)
+            sys.stderr.write(line + "\n")
 
     def _start_worker(self, parent_conn: Any, child_conn: Any, temporary: bool) -> _Slot:
         _widen(parent_conn)
