@@ -330,9 +330,9 @@ def _one_time(report: Any) -> str | None:
             preloading = "idle workers were still importing them in the background when this call began"
             if theirs:
                 return (
-                    f"the workers imported {imports_text(_short(preloaded))} during this call{started}, and the "
-                    f"tasks imported {imports_text(_short(theirs))} themselves; the next call will not pay it (the "
-                    f"notebook had imported the workers' ones, not the tasks': {preloading})"
+                    f"the workers imported {imports_text(_short(preloaded))} during this call{started}, as the "
+                    f"notebook had ({preloading}), and the tasks imported {imports_text(_short(theirs))} "
+                    "themselves; the next call will not pay it"
                 )
             return (
                 f"the workers imported {imports_text(_short(preloaded))} during this call{started}; "

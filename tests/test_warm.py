@@ -302,10 +302,9 @@ def test_advice_tells_the_notebooks_imports_from_the_ones_the_tasks_made_themsel
             "import_seconds": 1.5, "load": 0.001, "start": 0.0, "total": 1.501, "preloading": True}
     r = _report(wall=2.0, task_seconds=0.8, serial=0.8, one_time=once, task_imports=("yaml", "dask", "toolz", "distributed"))
     assert r.advice == (
-        "the workers imported sklearn, scipy, joblib and 2 more (1.50 s) during this call, and the tasks imported "
-        "yaml, dask, toolz and 1 more themselves; the next call will not pay it (the notebook had imported the "
-        "workers' ones, not the tasks': idle workers were still importing them in the background when this call "
-        "began)"), r.advice
+        "the workers imported sklearn, scipy, joblib and 2 more (1.50 s) during this call, as the notebook had (idle "
+        "workers were still importing them in the background when this call began), and the tasks imported yaml, "
+        "dask, toolz and 1 more themselves; the next call will not pay it"), r.advice
 
 
 def test_a_cells_first_run_importing_in_its_ranks_is_not_told_the_ranks_repeat_the_work():
