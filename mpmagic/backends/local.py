@@ -190,9 +190,19 @@ def _no_main_module():
     ``__main__`` (the kernel launcher, pytest, a script). Our workers never
     need it, since notebook code travels by value, and importing it costs time
     and can run unguarded code. An empty stand-in avoids that.
+
+    A notebook's ``__main__`` is not swapped, but ``%reset -f`` deletes its
+    ``__spec__``, which ``spawn.get_preparation_data`` reads at every spawn or
+    forkserver start: it is put back as ``None``, the value an interactive
+    ``__main__`` has (every start failed with a bare AttributeError after it).
     """
     real = sys.modules.get("__main__")
     if _main_is_harmless(real):  # a notebook's __main__: nothing to hide, nothing swapped
+        if real is not None and not hasattr(real, "__spec__"):
+            try:
+                real.__spec__ = None
+            except Exception:  # (a __main__ that refuses it: the start says why in one line)
+                log.debug("mpmagic: could not restore __main__.__spec__", exc_info=True)
         yield
         return
     sys.modules["__main__"] = types.ModuleType("__main__")
@@ -210,6 +220,12 @@ def _main_is_harmless(main: Any) -> bool:
     ``sys.modules['__main__']`` that the user's code could see meanwhile.
     """
     return getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) is None
+
+
+def _start_failed(exc: Exception) -> MPMagicError:
+    """A worker that could not be started, in one line (``_spawn``)."""
+    return MPMagicError(f"could not start a worker process ({type(exc).__name__}: {exc}); "
+                        "`%pool restart --start-method fork` may help")
 
 
 def can_start_in_background() -> bool:
@@ -559,14 +575,21 @@ class LocalBackend:
         )
 
     def _spawn(self, temporary: bool = False) -> _Slot:
+        """Start one worker. A start that fails for another reason than the
+        process's open-file limit (the callers' ``_files_ran_out``) raises
+        ``_start_failed``'s one line, never multiprocessing's frames."""
         _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         try:
             return self._start_worker(parent_conn, child_conn, temporary)
-        except BaseException:
+        except BaseException as exc:
             parent_conn.close()  # (a start that failed keeps no file open)
             child_conn.close()
-            raise
+            if not isinstance(exc, Exception) or isinstance(exc, MPMagicError):
+                raise
+            if isinstance(exc, OSError) and _out_of_files(exc):
+                raise
+            raise _start_failed(exc) from None
 
     def _start_worker(self, parent_conn: Any, child_conn: Any, temporary: bool) -> _Slot:
         _widen(parent_conn)
@@ -798,9 +821,22 @@ class LocalBackend:
 
     def _respawn(self) -> None:
         """A worker in place of one that stopped (manager); out of files, the pool shrinks
-        and the runs in flight end with the one line of ``_files_ran_out``."""
+        and the runs in flight end with the one line of ``_files_ran_out``.
+
+        A replacement that cannot start for another reason leaves the pool one
+        worker short: the runs go on with the others (the dead worker's item is
+        still blamed on its death), and end with the start's one line only when
+        no worker is left. The next run's start tries again and says why in
+        its cell. (It failed the manager: its traceback, every run ended with a
+        bare error, and every later call too.)
+        """
         try:
             self.slots.append(self._spawn())
+        except MPMagicError as error:
+            log.debug("mpmagic: a replacement worker could not start: %s", error)
+            if not [s for s in self.slots if not s.temporary]:
+                for run in list(self._runs):
+                    self._end(run, error)
         except OSError as exc:
             if not _out_of_files(exc):
                 raise
@@ -1464,6 +1500,9 @@ class LocalBackend:
         for k in range(max(0, missing)):  # every rank runs at once: more workers for now
             try:
                 slot = self._spawn(temporary=True)
+            except MPMagicError as error:  # (_start_failed's line: this run's error, not the manager's)
+                self._end(run, error)
+                return
             except OSError as exc:
                 if not _out_of_files(exc):
                     raise
