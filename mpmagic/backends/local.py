@@ -832,11 +832,11 @@ class LocalBackend:
         """
         try:
             self.slots.append(self._spawn())
-        except MPMagicError as error:
-            log.debug("mpmagic: a replacement worker could not start: %s", error)
+        except MPMagicError as failed:
+            log.debug("mpmagic: a replacement worker could not start: %s", failed)
             if not [s for s in self.slots if not s.temporary]:
                 for run in list(self._runs):
-                    self._end(run, error)
+                    self._end(run, failed)
         except OSError as exc:
             if not _out_of_files(exc):
                 raise
