@@ -154,7 +154,7 @@ class Segment:
         Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it.
         """
         size = max(1, size)
-        name = f"mpm_{_owner_pid()}_{tag}{os.getpid()}_{next(_counter)}"
+        name = f"mpm_{posixshm.owned_by(_owner_pid())}{tag}{os.getpid()}_{next(_counter)}"
         return cls(name, size, posixshm.create(name, size))
 
     @classmethod
@@ -274,8 +274,8 @@ def held() -> dict[str, int]:
     if _pool is not None:
         with _lock:
             live = list(_pool.live.values())
-        for seg in live:  # (named mpm_<notebook pid>_<kind><pid>_<n>: "l" a captured array's copy)
-            out["captured" if seg.name.split("_")[2][:1] == "l" else "pooled"] += seg.size
+        for seg in live:  # (named mpm_<notebook pid>_[ns<tag>_]<kind><pid>_<n>: "l" a captured array's copy)
+            out["captured" if seg.name.split("_")[-2][:1] == "l" else "pooled"] += seg.size
     return out
 
 
@@ -341,7 +341,7 @@ def sweep_worker(pid: int | None) -> int:
     """
     if not pid:
         return 0
-    n = posixshm.sweep(f"mpm_{_owner_pid()}_g{pid}_")
+    n = posixshm.sweep(f"mpm_{posixshm.owned_by(_owner_pid())}g{pid}_")
     if not posixshm.pid_alive(pid):
         n += sweep_helpers(pid)
     return n
@@ -349,14 +349,14 @@ def sweep_worker(pid: int | None) -> int:
 
 def sweep_helpers(pid: int) -> int:
     """Unlink the shared helpers' names (segments, semaphores, spills) process ``pid`` made."""
-    helpers = f"{posixshm.HELPER_PREFIX}{pid}_"
+    helpers = f"{posixshm.HELPER_PREFIX}{posixshm.owned_by(pid)}"
     return posixshm.sweep(helpers) + posixshm.sweep("sem." + helpers)
 
 
 def sweep_notebook(pid: int) -> int:
     """Unlink every segment of notebook ``pid``, and the shared helpers it made (a
     worker whose notebook was killed: with its process group, its resource tracker too)."""
-    return posixshm.sweep(f"mpm_{pid}_") + sweep_helpers(pid)
+    return posixshm.sweep(f"mpm_{posixshm.owned_by(pid)}") + sweep_helpers(pid)
 
 
 #: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks):
