@@ -247,6 +247,23 @@ def test_unload_stops_pool_and_removes_magics(ip):
     assert run(ip, "%pmap -q abs, [-3]") == [3]
 
 
+def test_the_shells_exit_still_stops_the_helper_processes_after_an_unload(ip):
+    """After ``%unload_ext`` a kernel's shutdown left the fork server and the
+    tracker running: Jupyter SIGTERMed it ~2.6 s later, before its exit hooks."""
+    mpmagic.use_local(1, "forkserver")
+    mpmagic.pmap(abs, [1])
+    run(ip, "%unload_ext mpmagic")
+    try:
+        ip.exit_now = True  # (what a kernel's shutdown request does)
+        ip.exit_now = False
+        helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+        left = [p for p in psutil.Process().children() if p.status() != psutil.STATUS_ZOMBIE
+                and any(h in " ".join(p.cmdline()) for h in helpers)]
+        assert not left
+    finally:
+        run(ip, "%load_ext mpmagic")
+
+
 def test_workers_start_after_reset_f(ip):
     """``%reset -f`` deletes ``__main__.__spec__``, which multiprocessing reads
     at every forkserver/spawn start: replacing a worker that died failed the
