@@ -303,8 +303,9 @@ _setup_keys = itertools.count()
 
 
 @atexit.register
-def stop_all() -> None:
-    """Stop every pool at exit, before multiprocessing's own exit hook.
+def stop_all(wait_busy: bool = True) -> None:
+    """Stop every pool at exit, before multiprocessing's own exit hook
+    (``wait_busy``: as :meth:`LocalBackend.stop`).
 
     Exit hooks run last registered, first run. multiprocessing's (which
     terminates daemonic children, our workers among them) registers when
@@ -314,7 +315,7 @@ def stop_all() -> None:
     """
     for backend in list(_live_backends):
         try:
-            backend.stop(timeout=0.5)
+            backend.stop(timeout=0.5, wait_busy=wait_busy)
         except Exception:  # one backend's cleanup must not stop the others'
             log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
 
@@ -679,8 +680,14 @@ class LocalBackend:
             self._calls.pop(run.job.call_id, None)
         run._finish()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
         """Stop every worker: ask politely, then terminate, then kill.
+
+        ``wait_busy=False`` (a kernel's shutdown, ``pool.at_shell_exit``):
+        workers busy with a unit are terminated at once instead of being given
+        ``timeout`` to finish it (its run ends here anyway): a busy ``--bg`` run
+        made the stop take 2 s, and Jupyter SIGTERMed the kernel before it
+        exited by itself.
 
         The manager, the runs in flight (they end with "the pool was stopped")
         and the workers are taken in one hold of the lock, and a ``start`` (a
@@ -703,14 +710,14 @@ class LocalBackend:
             slots, self.slots = self.slots, []
             self._wake()  # (under the lock: the manager closes its pipe only under it)
         try:
-            self._stop_workers(manager, runs, slots, timeout)
+            self._stop_workers(manager, runs, slots, timeout, wait_busy)
         finally:
             with self._lock:
                 self._stopping = None
                 self._cond.notify_all()
 
     def _stop_workers(self, manager: threading.Thread | None, runs: list[_LocalRun], slots: list[_Slot],
-                      timeout: float) -> None:
+                      timeout: float, wait_busy: bool = True) -> None:
         """``stop``'s work once it took the manager, the runs and the workers (no lock held)."""
         if manager is not None and manager is not threading.current_thread():
             manager.join(5.0)  # (it ends at once: woken, it finds it is no longer the manager)
@@ -721,7 +728,7 @@ class LocalBackend:
                 s.send(_STOP)
             except Exception:
                 log.debug("mpmagic: worker %s gone before stop", s.wid)
-            if s.sender.pending:  # busy, its pipe full: it would not read the stop in time
+            if s.sender.pending or (s.busy and not wait_busy):  # busy: it would not read the stop in time
                 s.proc.terminate()
         deadline = time.monotonic() + timeout
         for s in slots:
