@@ -263,13 +263,13 @@ def is_stale(name: str, prefix: str) -> bool:
     return not pid_alive(int(owner))
 
 
-def sweep(prefix: str, dead_owner: bool = False) -> int:
+def sweep(prefix: str, dead_owner: bool = False, unlinked: list[str] | None = None) -> int:
     """Unlink the segments named ``prefix...``; returns how many.
 
     ``dead_owner``: only those whose owner, named right after ``prefix``
     (``mpm_<pid>_ns<tag>_...``), is a process of this PID namespace that no
     longer runs (:func:`is_stale`): the leftovers of a notebook killed before
-    it could clean up.
+    it could clean up. ``unlinked``: the names this call removed are appended.
     """
     n = 0
     for name in names(prefix):
@@ -277,6 +277,8 @@ def sweep(prefix: str, dead_owner: bool = False) -> int:
             continue
         if unlink(name):
             n += 1
+            if unlinked is not None:
+                unlinked.append(name)
     return n
 
 

@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 import cloudpickle
 
-from . import posixshm
+from . import compat, posixshm
 from .fmt import fmt_bytes
 from .posixshm import NoRoom
 
@@ -355,8 +355,29 @@ def sweep_helpers(pid: int) -> int:
 
 def sweep_notebook(pid: int) -> int:
     """Unlink every segment of notebook ``pid``, and the shared helpers it made (a
-    worker whose notebook was killed: with its process group, its resource tracker too)."""
-    return posixshm.sweep(f"mpm_{posixshm.owned_by(pid)}") + sweep_helpers(pid)
+    worker whose notebook was killed: with its process group, its resource tracker too).
+
+    The helpers' names are registered with the notebook's resource tracker,
+    which outlives a notebook killed alone (or a script's ``os._exit``) until
+    its workers exit, and then unlinked them again: one "No such file"
+    warning per name. The names this worker removed are taken off the
+    tracker's list (``compat.tracker_forget``; only those: two workers
+    sweeping at once never both tell it, which would print a KeyError).
+    """
+    helpers = f"{posixshm.HELPER_PREFIX}{posixshm.owned_by(pid)}"
+    gone: list[str] = []
+    n = posixshm.sweep(f"mpm_{posixshm.owned_by(pid)}")
+    n += posixshm.sweep(helpers, unlinked=gone) + posixshm.sweep("sem." + helpers, unlinked=gone)
+    compat.tracker_forget(_tracker_names(gone))
+    return n
+
+
+def _tracker_names(unlinked: list[str]) -> list[tuple[str, str]]:
+    """``/dev/shm`` entries of helpers as the resource tracker knows them: a
+    semaphore's file ``sem.NAME`` is ``(/NAME, "semaphore")``; a segment (a
+    helper's, a queue's spill) ``(/NAME, "shared_memory")``."""
+    return [("/" + name[4:], "semaphore") if name.startswith("sem.") else ("/" + name, "shared_memory")
+            for name in unlinked]
 
 
 #: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks):
