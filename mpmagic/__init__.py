@@ -265,12 +265,19 @@ def _start_if_current(backend: _Backend) -> None:
 
 
 def unload_ipython_extension(ipython: Any) -> None:
-    """``%unload_ext mpmagic``: remove the magics and stop the pool."""
+    """``%unload_ext mpmagic``: remove the magics and stop the pool.
+
+    The shell's exit hook (``pool.at_shell_exit``) stays: multiprocessing's
+    fork server and resource tracker outlive the pool (helpers still
+    referenced need the tracker, the user's own processes the fork server),
+    and a kernel's shutdown must still stop them and free what is left.
+    Without it, Jupyter SIGTERMed the kernel ~2.6 s into its shutdown, before
+    the exit hooks that unlink a ``share()`` array's segment ran.
+    """
     from . import config, pool
     from .errors import uninstall_display
 
     pool.shutdown()
-    ipython.unobserve(pool.at_shell_exit, names="exit_now")
     uninstall_display(ipython)
     if _after_cell in ipython.events.callbacks["post_run_cell"]:
         ipython.events.unregister("post_run_cell", _after_cell)

@@ -14,7 +14,9 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   helper would need workarounds for both.
 * ``multiprocessing.resource_tracker.register`` / ``unregister``: undocumented
   functions; the tracker unlinks our names if the notebook dies without its
-  finalizers running (SIGKILL of the kernel). ``ensure_running``: started
+  finalizers running (SIGKILL of the kernel). Its pipe (``_resource_tracker._fd``)
+  and line protocol: a worker that swept a dead notebook's helpers tells the
+  tracker so without starting one (``tracker_forget``). ``ensure_running``: started
   before a worker, not inside its start, since it unblocks SIGINT in the
   calling thread once the tracker runs (see ``start_resource_tracker``).
 * ``multiprocessing.forkserver._forkserver._stop`` and
@@ -175,6 +177,32 @@ def tracker_unregister(name: str, rtype: str) -> None:
         fn(name, rtype)
 
 
+def tracker_forget(names: Iterable[tuple[str, str]]) -> None:
+    """Tell the resource tracker this process shares (a worker's: the notebook's)
+    that ``names`` (``(name, rtype)``, as registered) were unlinked, *without*
+    starting a tracker: ``unregister`` starts a new one when the notebook's
+    died with its process group. Writes its ``UNREGISTER:name:rtype`` lines to
+    the tracker's pipe (``resource_tracker._resource_tracker._fd``).
+
+    For the workers of a notebook that died: they unlink its helpers first,
+    and the tracker then tried again, one "No such file" warning per name.
+    Fallback: nothing (those warnings stay). A tracker that is gone (its pipe
+    broken) is told nothing.
+    """
+    tracker = getattr(_module("multiprocessing.resource_tracker"), "_resource_tracker", None)
+    fd = getattr(tracker, "_fd", None)
+    if not isinstance(fd, int) or _tracker_function("unregister") is None:
+        return
+    for name, rtype in names:
+        line = f"UNREGISTER:{name}:{rtype}\n".encode("ascii")
+        if len(line) > 512:  # (the tracker's own limit on one message)
+            continue
+        try:
+            os.write(fd, line)
+        except OSError:
+            return
+
+
 def start_resource_tracker() -> None:
     """Start multiprocessing's resource tracker now, if it is not running.
 
@@ -328,6 +356,8 @@ def report() -> dict[str, bool]:
         "resource_tracker.ensure_running": _tracker_function("ensure_running") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
         "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
+        "resource_tracker._fd": hasattr(getattr(_module("multiprocessing.resource_tracker"), "_resource_tracker", None),
+                                        "_fd"),
         "multiprocessing.spawn.os": getattr(_module("multiprocessing.spawn"), "os", None) is os,
         "multiprocessing.process._children": isinstance(
             getattr(_module("multiprocessing.process"), "_children", None), set

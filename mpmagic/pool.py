@@ -66,7 +66,7 @@ def at_shell_exit(change: Any) -> None:
     from . import compat
 
     try:
-        release_everything()
+        release_everything(wait_busy=False)  # (a busy worker's run ends anyway: not 2 s of waiting for it)
         compat.stop_helper_processes()
     except Exception:  # never in the way of the shutdown
         logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
@@ -377,23 +377,28 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
         return new
 
 
-def shutdown() -> None:
-    """Stop and forget the current backend (extension unload)."""
+def shutdown(wait_busy: bool = True) -> None:
+    """Stop and forget the current backend (extension unload; ``wait_busy=False``:
+    busy local workers are not given time to finish, see ``LocalBackend.stop``)."""
     global _backend
     with _lock:
         if _backend is not None:
-            _backend.stop()
+            if isinstance(_backend, LocalBackend):
+                _backend.stop(wait_busy=wait_busy)
+            else:
+                _backend.stop()
         _backend = None
 
 
-def release_everything() -> None:
+def release_everything(wait_busy: bool = True) -> None:
     """Stop every pool and free all this process's shared memory and helpers now:
-    what its exit hooks do, for a kernel whose exit hooks may not run."""
+    what its exit hooks do, for a kernel whose exit hooks may not run.
+    ``wait_busy=False``: busy workers are terminated at once (a shutdown)."""
     from . import shm
     from .backends import local
 
-    shutdown()
-    local.stop_all()
+    shutdown(wait_busy)
+    local.stop_all(wait_busy)
     if "mpmagic.backends.dask" in sys.modules:  # (never imported: no Dask pool to stop)
         sys.modules["mpmagic.backends.dask"].stop_all()
     shm.release_all()

@@ -222,21 +222,63 @@ def names(prefix: str) -> list[str]:
 HELPER_PREFIX = "mpsh"
 
 
-def sweep(prefix: str, dead_owner: bool = False) -> int:
+def _namespace_tag() -> str:
+    """``ns<hex>``: this process's PID namespace (the low bits of its inode, which
+    the kernel numbers in order), or ``""`` where there is none to tell (not Linux).
+
+    A pid means something only in its own namespace: containers that share
+    ``/dev/shm`` but not their pids (``--ipc=host``, a Kubernetes pod's
+    memory-backed ``/dev/shm``) see each other's names, and a sweep judging
+    the other one's pids as dead deleted a live notebook's segments.
+    """
+    try:
+        ino = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"ns{ino & 0xFFFFF:x}"
+
+
+#: This process's PID namespace in the names it makes (see :func:`owned_by`).
+NAMESPACE_TAG = _namespace_tag()
+
+
+def owned_by(pid: int) -> str:
+    """The part of a name after its prefix that says who made it: ``<pid>_``, with
+    this PID namespace's tag after it on Linux (``<pid>_ns1a2b3_``), so a sweep
+    judges only pids of its own namespace (:func:`is_stale`). (No tag where
+    there are no namespaces: macOS allows 31 characters in a name.)"""
+    return f"{pid}_{NAMESPACE_TAG}_" if NAMESPACE_TAG else f"{pid}_"
+
+
+def is_stale(name: str, prefix: str) -> bool:
+    """Is ``name`` (``prefix`` + :func:`owned_by`'s part + the rest) the leftover
+    of a process of this PID namespace that no longer runs? A name made in
+    another namespace (another tag, or none) is never judged: its pid is not
+    comparable with ours, and its owner may well be running."""
+    owner, sep, rest = name[len(prefix) :].partition("_")
+    if not sep or not owner.isdigit():
+        return False
+    if NAMESPACE_TAG and not rest.startswith(NAMESPACE_TAG + "_"):
+        return False
+    return not pid_alive(int(owner))
+
+
+def sweep(prefix: str, dead_owner: bool = False, unlinked: list[str] | None = None) -> int:
     """Unlink the segments named ``prefix...``; returns how many.
 
-    ``dead_owner``: only those whose name carries, right after ``prefix``, the
-    pid of a process that no longer runs and then ``_`` (``mpm_<pid>_...``):
-    the leftovers of a notebook killed before it could clean up.
+    ``dead_owner``: only those whose owner, named right after ``prefix``
+    (``mpm_<pid>_ns<tag>_...``), is a process of this PID namespace that no
+    longer runs (:func:`is_stale`): the leftovers of a notebook killed before
+    it could clean up. ``unlinked``: the names this call removed are appended.
     """
     n = 0
     for name in names(prefix):
-        if dead_owner:
-            owner, sep, _ = name[len(prefix) :].partition("_")
-            if not sep or not owner.isdigit() or pid_alive(int(owner)):
-                continue
+        if dead_owner and not is_stale(name, prefix):
+            continue
         if unlink(name):
             n += 1
+            if unlinked is not None:
+                unlinked.append(name)
     return n
 
 

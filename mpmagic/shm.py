@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 
 import cloudpickle
 
-from . import posixshm
+from . import compat, posixshm
 from .fmt import fmt_bytes
 from .posixshm import NoRoom
 
@@ -154,7 +154,7 @@ class Segment:
         Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it.
         """
         size = max(1, size)
-        name = f"mpm_{_owner_pid()}_{tag}{os.getpid()}_{next(_counter)}"
+        name = f"mpm_{posixshm.owned_by(_owner_pid())}{tag}{os.getpid()}_{next(_counter)}"
         return cls(name, size, posixshm.create(name, size))
 
     @classmethod
@@ -274,8 +274,8 @@ def held() -> dict[str, int]:
     if _pool is not None:
         with _lock:
             live = list(_pool.live.values())
-        for seg in live:  # (named mpm_<notebook pid>_<kind><pid>_<n>: "l" a captured array's copy)
-            out["captured" if seg.name.split("_")[2][:1] == "l" else "pooled"] += seg.size
+        for seg in live:  # (named mpm_<notebook pid>_[ns<tag>_]<kind><pid>_<n>: "l" a captured array's copy)
+            out["captured" if seg.name.split("_")[-2][:1] == "l" else "pooled"] += seg.size
     return out
 
 
@@ -341,7 +341,7 @@ def sweep_worker(pid: int | None) -> int:
     """
     if not pid:
         return 0
-    n = posixshm.sweep(f"mpm_{_owner_pid()}_g{pid}_")
+    n = posixshm.sweep(f"mpm_{posixshm.owned_by(_owner_pid())}g{pid}_")
     if not posixshm.pid_alive(pid):
         n += sweep_helpers(pid)
     return n
@@ -349,14 +349,35 @@ def sweep_worker(pid: int | None) -> int:
 
 def sweep_helpers(pid: int) -> int:
     """Unlink the shared helpers' names (segments, semaphores, spills) process ``pid`` made."""
-    helpers = f"{posixshm.HELPER_PREFIX}{pid}_"
+    helpers = f"{posixshm.HELPER_PREFIX}{posixshm.owned_by(pid)}"
     return posixshm.sweep(helpers) + posixshm.sweep("sem." + helpers)
 
 
 def sweep_notebook(pid: int) -> int:
     """Unlink every segment of notebook ``pid``, and the shared helpers it made (a
-    worker whose notebook was killed: with its process group, its resource tracker too)."""
-    return posixshm.sweep(f"mpm_{pid}_") + sweep_helpers(pid)
+    worker whose notebook was killed: with its process group, its resource tracker too).
+
+    The helpers' names are registered with the notebook's resource tracker,
+    which outlives a notebook killed alone (or a script's ``os._exit``) until
+    its workers exit, and then unlinked them again: one "No such file"
+    warning per name. The names this worker removed are taken off the
+    tracker's list (``compat.tracker_forget``; only those: two workers
+    sweeping at once never both tell it, which would print a KeyError).
+    """
+    helpers = f"{posixshm.HELPER_PREFIX}{posixshm.owned_by(pid)}"
+    gone: list[str] = []
+    n = posixshm.sweep(f"mpm_{posixshm.owned_by(pid)}")
+    n += posixshm.sweep(helpers, unlinked=gone) + posixshm.sweep("sem." + helpers, unlinked=gone)
+    compat.tracker_forget(_tracker_names(gone))
+    return n
+
+
+def _tracker_names(unlinked: list[str]) -> list[tuple[str, str]]:
+    """``/dev/shm`` entries of helpers as the resource tracker knows them: a
+    semaphore's file ``sem.NAME`` is ``(/NAME, "semaphore")``; a segment (a
+    helper's, a queue's spill) ``(/NAME, "shared_memory")``."""
+    return [("/" + name[4:], "semaphore") if name.startswith("sem.") else ("/" + name, "shared_memory")
+            for name in unlinked]
 
 
 #: A worker calls this when it stops on the notebook's word (see posixshm.run_exit_hooks):

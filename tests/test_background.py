@@ -850,3 +850,18 @@ def test_a_quiet_background_run_shows_no_report_in_its_live_area(ip, ns):
         report = handle.report().line()
         assert (report in bundle["text/plain"]) is shown, bundle
         assert ("speedup" in bundle["text/html"]) is shown
+
+
+def test_a_kernels_shutdown_does_not_wait_for_a_busy_background_run(ip):
+    """A shutdown request with a long ``--bg`` run in flight: the stop waited 2 s
+    for its busy workers, and Jupyter SIGTERMed the kernel before it exited."""
+    mpmagic.use_local(2)
+    mpmagic.pmap(abs, [1, 2])
+    handle = mpmagic.pmap(time.sleep, [30, 30], block=False)
+    time.sleep(0.3)  # both workers busy
+    start = time.monotonic()
+    ip.exit_now = True  # (what a kernel's shutdown request does: pool.at_shell_exit)
+    ip.exit_now = False
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(mpmagic.MPMagicError, match="pool was stopped"):
+        handle.result(timeout=5)

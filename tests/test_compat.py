@@ -158,6 +158,27 @@ def test_stopping_the_helper_processes_stops_each_and_skips_a_missing_one(monkey
     assert "multiprocessing.forkserver._forkserver cannot be stopped" in caplog.text
 
 
+def test_telling_the_tracker_what_was_swept_writes_its_lines_and_starts_no_tracker(monkeypatch) -> None:
+    import multiprocessing.resource_tracker as tracker
+
+    r, w = os.pipe()
+    monkeypatch.setattr(tracker._resource_tracker, "_fd", w)
+    compat.tracker_forget([("/mpsh1_a", "shared_memory"), ("/mpsh1_a.c", "semaphore")])
+    os.close(w)
+    assert os.read(r, 4096) == b"UNREGISTER:/mpsh1_a:shared_memory\nUNREGISTER:/mpsh1_a.c:semaphore\n"
+    os.close(r)
+    r, w = os.pipe()
+    os.close(r)
+    monkeypatch.setattr(tracker._resource_tracker, "_fd", w)
+    compat.tracker_forget([("/mpsh1_a", "shared_memory")])  # its pipe broken (the tracker is gone): nothing
+    os.close(w)
+    monkeypatch.setattr(tracker._resource_tracker, "_fd", None)  # none running: none is started
+    monkeypatch.setattr(tracker._resource_tracker, "ensure_running", lambda: pytest.fail("a tracker was started"))
+    compat.tracker_forget([("/mpsh1_a", "shared_memory")])
+    monkeypatch.setattr(tracker, "_resource_tracker", object())  # a Python without it: nothing
+    compat.tracker_forget([("/mpsh1_a", "shared_memory")])
+
+
 def test_forgetting_inherited_processes_takes_only_those_out_and_survives_a_python_without_the_set(
     monkeypatch, caplog
 ) -> None:

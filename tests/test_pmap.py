@@ -247,6 +247,56 @@ def test_unload_stops_pool_and_removes_magics(ip):
     assert run(ip, "%pmap -q abs, [-3]") == [3]
 
 
+def test_the_shells_exit_still_stops_the_helper_processes_after_an_unload(ip):
+    """After ``%unload_ext`` a kernel's shutdown left the fork server and the
+    tracker running: Jupyter SIGTERMed it ~2.6 s later, before its exit hooks."""
+    mpmagic.use_local(1, "forkserver")
+    mpmagic.pmap(abs, [1])
+    run(ip, "%unload_ext mpmagic")
+    try:
+        ip.exit_now = True  # (what a kernel's shutdown request does)
+        ip.exit_now = False
+        helpers = ("multiprocessing.forkserver", "multiprocessing.resource_tracker")
+        left = [p for p in psutil.Process().children() if p.status() != psutil.STATUS_ZOMBIE
+                and any(h in " ".join(p.cmdline()) for h in helpers)]
+        assert not left
+    finally:
+        run(ip, "%load_ext mpmagic")
+
+
+def test_workers_start_after_reset_f(ip):
+    """``%reset -f`` deletes ``__main__.__spec__``, which multiprocessing reads
+    at every forkserver/spawn start: replacing a worker that died failed the
+    manager (its traceback, the item blamed with an AttributeError, every later
+    call failing too)."""
+    mpmagic.use_local(2, "forkserver")
+    run(ip, "%pmap -q abs, [-1, -2]")
+    run(ip, "%reset -f")
+    run(ip, "import os\ndef die(x):\n    if x == 1:\n        os._exit(3)\n    return x\n")
+    with pytest.raises(mpmagic.WorkerLostError, match="exit code 3"):
+        run(ip, "%pmap -q die, range(4)")
+    assert run(ip, "%pmap -q abs, [-1, -2, -3]") == [1, 2, 3]
+
+
+def test_a_worker_that_cannot_start_is_one_line_not_the_manager_failing(ip, monkeypatch, caplog):
+    backend = mpmagic.use_local(2)
+    mpmagic.pmap(abs, [-1, -2])
+
+    def fails(*args):
+        raise RuntimeError("no luck")
+
+    monkeypatch.setattr(backend, "_start_worker", fails)
+    run(ip, "import os\ndef die(x):\n    if x == 1:\n        os._exit(3)\n    return x\n")
+    with pytest.raises(mpmagic.WorkerLostError, match="exit code 3"):  # the death is blamed, not the start
+        run(ip, "%pmap -q die, range(4)")
+    with pytest.raises(mpmagic.MPMagicError) as got:  # the next start says why, in one line
+        run(ip, "%pmap -q abs, [-1, -2, -3]")
+    assert str(got.value).startswith("could not start a worker process (RuntimeError: no luck)")
+    assert "manager failed" not in caplog.text
+    monkeypatch.undo()
+    assert run(ip, "%pmap -q abs, [-1, -2, -3]") == [1, 2, 3]
+
+
 def test_star_item_that_cannot_be_unpacked_fails_as_starmap_does(ip, backend):
     """starmap's own message (the worker called func(*item): "argument after *
     must be an iterable"), and a note that reads as the call."""

@@ -531,6 +531,29 @@ def test_resource_tracker_cleans_up_after_a_killed_kernel():
     assert left_behind(stems) == set()
 
 
+def test_a_script_leaving_by_os_exit_with_a_pool_prints_no_tracker_warnings():
+    """The workers sweep a dead notebook's helpers, and the notebook's tracker
+    then unlinked them again: "leaked semaphore objects" and one "No such file"
+    warning per name. The workers now take what they removed off its list."""
+    code = textwrap.dedent(
+        """
+        import os, mpmagic
+        keep = [mpmagic.Queue(), mpmagic.Value('i', 1)]
+        mpmagic.use_local(1, 'fork')  # (the quickest start: the same tracker, the same sweep)
+        print(" ".join(h._stem for h in keep), mpmagic.pmap(abs, [-1]), flush=True)
+        os._exit(0)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "[1]" in proc.stdout, proc.stderr
+    stems = [s.lstrip("/") for s in proc.stdout.split()[:2]]
+    deadline = time.monotonic() + 10
+    while left_behind(stems) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left_behind(stems) == set()
+    assert "resource_tracker" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
     ensure_pool(method)
     run(ip, "import mpmagic\nheld = mpmagic.Lock()\ndone = mpmagic.Value('i', 0)")

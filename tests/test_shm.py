@@ -39,9 +39,9 @@ def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run():
     assert not posixshm.pid_alive(dead_pid)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     made = {
-        "dead": f"mpm_{dead_pid}_p1_0",
-        "alive": f"mpm_{alive.pid}_p1_0",
-        "ours": f"mpm_{os.getpid()}_test_0",
+        "dead": f"mpm_{posixshm.owned_by(dead_pid)}p1_0",
+        "alive": f"mpm_{posixshm.owned_by(alive.pid)}p1_0",
+        "ours": f"mpm_{posixshm.owned_by(os.getpid())}test_0",
         "odd": "mpm_notapid_0",
     }
     try:
@@ -97,12 +97,30 @@ def test_the_workers_watchdog_treats_a_zombie_notebook_as_gone(monkeypatch):
     assert seen == [(child.pid, 3)]
 
 
+def test_sweep_stale_judges_only_names_of_its_own_pid_namespace(monkeypatch):
+    """Containers sharing /dev/shm but not their pids: a pid dead here may be a
+    live notebook there, whose segments a pool start here deleted."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    monkeypatch.setattr(posixshm, "NAMESPACE_TAG", "ns5")
+    assert posixshm.is_stale(f"mpm_{dead_pid}_ns5_p1_0", "mpm_")
+    assert posixshm.is_stale(f"mpsh{dead_pid}_ns5_0a1b2c3d", "mpsh")
+    others = [("mpm_", f"mpm_{dead_pid}_ns6_p1_0"), ("mpm_", f"mpm_{dead_pid}_p1_0"),  # another's, an untagged
+              ("sem.mpsh", f"sem.mpsh{dead_pid}_ns55_0a1b2c3d.w")]
+    for prefix, other in others:
+        assert not posixshm.is_stale(other, prefix), other
+    assert not posixshm.is_stale(f"mpm_{os.getpid()}_ns5_p1_0", "mpm_")  # alive
+    monkeypatch.setattr(posixshm, "NAMESPACE_TAG", "")  # no namespaces (macOS): every pid is ours
+    assert posixshm.is_stale(f"mpm_{dead_pid}_p1_0", "mpm_")
+    assert posixshm.owned_by(7) == "7_"
+
+
 def test_sweep_stale_treats_a_zombie_as_dead():
     """A notebook killed but not yet reaped by its parent is a zombie: its segments go."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     while posixshm.pid_alive(child.pid):  # exited, not reaped: a zombie
         os.sched_yield()
-    name = f"mpm_{child.pid}_p1_0"
+    name = f"mpm_{posixshm.owned_by(child.pid)}p1_0"
     try:
         posixshm.create(name, 4096).close()
         shm.sweep_stale()

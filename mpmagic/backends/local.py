@@ -201,9 +201,19 @@ def _no_main_module():
     ``__main__`` (the kernel launcher, pytest, a script). Our workers never
     need it, since notebook code travels by value, and importing it costs time
     and can run unguarded code. An empty stand-in avoids that.
+
+    A notebook's ``__main__`` is not swapped, but ``%reset -f`` deletes its
+    ``__spec__``, which ``spawn.get_preparation_data`` reads at every spawn or
+    forkserver start: it is put back as ``None``, the value an interactive
+    ``__main__`` has (every start failed with a bare AttributeError after it).
     """
     real = sys.modules.get("__main__")
     if _main_is_harmless(real):  # a notebook's __main__: nothing to hide, nothing swapped
+        if real is not None and not hasattr(real, "__spec__"):
+            try:
+                real.__spec__ = None
+            except Exception:  # (a __main__ that refuses it: the start says why in one line)
+                log.debug("mpmagic: could not restore __main__.__spec__", exc_info=True)
         yield
         return
     sys.modules["__main__"] = types.ModuleType("__main__")
@@ -221,6 +231,12 @@ def _main_is_harmless(main: Any) -> bool:
     ``sys.modules['__main__']`` that the user's code could see meanwhile.
     """
     return getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) is None
+
+
+def _start_failed(exc: Exception) -> MPMagicError:
+    """A worker that could not be started, in one line (``_spawn``)."""
+    return MPMagicError(f"could not start a worker process ({type(exc).__name__}: {exc}); "
+                        "`%pool restart --start-method fork` may help")
 
 
 def can_start_in_background() -> bool:
@@ -298,8 +314,9 @@ _setup_keys = itertools.count()
 
 
 @atexit.register
-def stop_all() -> None:
-    """Stop every pool at exit, before multiprocessing's own exit hook.
+def stop_all(wait_busy: bool = True) -> None:
+    """Stop every pool at exit, before multiprocessing's own exit hook
+    (``wait_busy``: as :meth:`LocalBackend.stop`).
 
     Exit hooks run last registered, first run. multiprocessing's (which
     terminates daemonic children, our workers among them) registers when
@@ -309,7 +326,7 @@ def stop_all() -> None:
     """
     for backend in list(_live_backends):
         try:
-            backend.stop(timeout=0.5)
+            backend.stop(timeout=0.5, wait_busy=wait_busy)
         except Exception:  # one backend's cleanup must not stop the others'
             log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
 
@@ -571,16 +588,23 @@ class LocalBackend:
         )
 
     def _spawn(self, temporary: bool = False) -> _Slot:
+        """Start one worker. A start that fails for another reason than the
+        process's open-file limit (the callers' ``_files_ran_out``) raises
+        ``_start_failed``'s one line, never multiprocessing's frames."""
         _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
         if self.start_method == "fork":
             self._say_fork_hazard()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         try:
             return self._start_worker(parent_conn, child_conn, temporary)
-        except BaseException:
+        except BaseException as exc:
             parent_conn.close()  # (a start that failed keeps no file open)
             child_conn.close()
-            raise
+            if not isinstance(exc, Exception) or isinstance(exc, MPMagicError):
+                raise
+            if isinstance(exc, OSError) and _out_of_files(exc):
+                raise
+            raise _start_failed(exc) from None
 
     def _say_fork_hazard(self) -> None:
         """Before forking a worker: one line when the notebook's native thread pools
@@ -683,8 +707,14 @@ class LocalBackend:
             self._calls.pop(run.job.call_id, None)
         run._finish()
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
         """Stop every worker: ask politely, then terminate, then kill.
+
+        ``wait_busy=False`` (a kernel's shutdown, ``pool.at_shell_exit``):
+        workers busy with a unit are terminated at once instead of being given
+        ``timeout`` to finish it (its run ends here anyway): a busy ``--bg`` run
+        made the stop take 2 s, and Jupyter SIGTERMed the kernel before it
+        exited by itself.
 
         The manager, the runs in flight (they end with "the pool was stopped")
         and the workers are taken in one hold of the lock, and a ``start`` (a
@@ -707,14 +737,14 @@ class LocalBackend:
             slots, self.slots = self.slots, []
             self._wake()  # (under the lock: the manager closes its pipe only under it)
         try:
-            self._stop_workers(manager, runs, slots, timeout)
+            self._stop_workers(manager, runs, slots, timeout, wait_busy)
         finally:
             with self._lock:
                 self._stopping = None
                 self._cond.notify_all()
 
     def _stop_workers(self, manager: threading.Thread | None, runs: list[_LocalRun], slots: list[_Slot],
-                      timeout: float) -> None:
+                      timeout: float, wait_busy: bool = True) -> None:
         """``stop``'s work once it took the manager, the runs and the workers (no lock held)."""
         if manager is not None and manager is not threading.current_thread():
             manager.join(5.0)  # (it ends at once: woken, it finds it is no longer the manager)
@@ -725,7 +755,7 @@ class LocalBackend:
                 s.send(_STOP)
             except Exception:
                 log.debug("mpmagic: worker %s gone before stop", s.wid)
-            if s.sender.pending:  # busy, its pipe full: it would not read the stop in time
+            if s.sender.pending or (s.busy and not wait_busy):  # busy: it would not read the stop in time
                 s.proc.terminate()
         deadline = time.monotonic() + timeout
         for s in slots:
@@ -825,9 +855,22 @@ class LocalBackend:
 
     def _respawn(self) -> None:
         """A worker in place of one that stopped (manager); out of files, the pool shrinks
-        and the runs in flight end with the one line of ``_files_ran_out``."""
+        and the runs in flight end with the one line of ``_files_ran_out``.
+
+        A replacement that cannot start for another reason leaves the pool one
+        worker short: the runs go on with the others (the dead worker's item is
+        still blamed on its death), and end with the start's one line only when
+        no worker is left. The next run's start tries again and says why in
+        its cell. (It failed the manager: its traceback, every run ended with a
+        bare error, and every later call too.)
+        """
         try:
             self.slots.append(self._spawn())
+        except MPMagicError as failed:
+            log.debug("mpmagic: a replacement worker could not start: %s", failed)
+            if not [s for s in self.slots if not s.temporary]:
+                for run in list(self._runs):
+                    self._end(run, failed)
         except OSError as exc:
             if not _out_of_files(exc):
                 raise
@@ -1491,6 +1534,9 @@ class LocalBackend:
         for k in range(max(0, missing)):  # every rank runs at once: more workers for now
             try:
                 slot = self._spawn(temporary=True)
+            except MPMagicError as error:  # (_start_failed's line: this run's error, not the manager's)
+                self._end(run, error)
+                return
             except OSError as exc:
                 if not _out_of_files(exc):
                     raise
