@@ -360,3 +360,57 @@ def _writes_state(code: types.CodeType) -> bool:
             if ins.opname in _STATE_OPS and not (ins.opname == "STORE_DEREF" and ins.argval in local):
                 return True
     return any(_writes_state(c) for c in code.co_consts if type(c) is types.CodeType)
+
+
+def state_words(func: Any) -> str | None:
+    """The state ``func`` visibly changes, in words, or None: for the advice on
+    results that differ from serial (``--compare``).
+
+    Read from its code and defaults, and those of the notebook functions it
+    calls: globals it assigns (``global TOTAL``), cells it assigns
+    (``nonlocal n``), a list, dict or set default (``seen=[]``), and the
+    attributes a bound method's code sets (``self.n += x``).
+    """
+    found: list[str] = []
+    try:
+        _state_of(func, found, set(), 0)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return None
+    return ", ".join(dict.fromkeys(found)) or None
+
+
+def _state_of(func: Any, found: list[str], seen: set, depth: int) -> None:
+    if isinstance(func, functools.partial):
+        func = func.func
+    bound = None
+    if isinstance(func, types.MethodType) and not isinstance(func.__self__, (type, types.ModuleType)):
+        bound, func = func.__self__, func.__func__
+    if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
+        return
+    seen.add(id(func))
+    code = func.__code__
+    for name, value in [*zip(code.co_varnames[code.co_argcount - len(func.__defaults__ or ()):code.co_argcount],
+                             func.__defaults__ or (), strict=False),
+                        *(func.__kwdefaults__ or {}).items()]:
+        if isinstance(value, (list, dict, set, bytearray)):
+            found.append(f"its default {name} (a {type(value).__name__}) keeps what tasks add")
+    for c in _codes(code):
+        for ins in dis.get_instructions(c):
+            if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                found.append(f"{func.__name__} assigns the global {ins.argval}")
+            elif ins.opname == "STORE_DEREF" and ins.argval in c.co_freevars:
+                found.append(f"{func.__name__} assigns the nonlocal {ins.argval}")
+            elif bound is not None and c is code and ins.opname == "STORE_ATTR":
+                found.append(f"the method of a {type(bound).__name__} object sets .{ins.argval}")
+    if _extract_code_globals is not None:
+        for name in _extract_code_globals(code):
+            _state_of(func.__globals__.get(name), found, seen, depth + 1)
+
+
+def _codes(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and the code objects nested in it."""
+    out = [code]
+    for c in code.co_consts:
+        if type(c) is types.CodeType:
+            out += _codes(c)
+    return out
