@@ -30,6 +30,10 @@ picked from the report's measurements, most specific first:
 * one slow item (or chunk, or rank) holding everything up; when the run took
   about as long as that one item, nothing but splitting the item helps.
 
+Results that differ from serial (``--compare``) get the likely cause
+instead: the state the function visibly changes (``report.extra["state"]``, a
+global it assigns, a list default...), else randomness, hashing and float sums.
+
 A good run gets no advice at all.
 """
 
@@ -104,6 +108,10 @@ def advise(report: Any) -> str | None:
         return ("the reduced value differs from the cell's value as rank 0 of 1 (size 1): does each rank do "
                 "its share of the work by rank and size, and does --reduce combine the shares into the "
                 "whole? (troubleshooting: RESULTS DIFFER)")
+    if report.equal is False and report.extra.get("state"):  # --compare, and the code shows it keeps state
+        return (f"the results differ from the serial run's: the function changes state ({report.extra['state']}); "
+                "each worker changes its own copy, so a task sees only its own worker's earlier changes "
+                "(troubleshooting: A task that changes state)")
     if report.equal is False:  # --compare: what first to look at (troubleshooting.md, RESULTS DIFFER)
         seed = "" if report.extra.get("seeded") else ("random draws differ in each process unless --seed S "
                                                       "gives every item its own repeatable stream; ")

@@ -30,7 +30,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
-from . import astlock, debugging, payload, shm
+from . import astlock, debugging, payload, payload_cache, shm
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .cpus import recent_cpus
@@ -611,6 +611,7 @@ def pmap(
     iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
     if not block:  # the run reads its input later, in its own thread: it takes it as it is now
         iterables = owned(given, iterables)
+    given_func = func  # (the user's, for the advice on differing results: seeded() wraps it)
     if seed is not None:
         func, iterables, star = seeded(func, iterables, star, seed)
     if not block:
@@ -703,6 +704,8 @@ def pmap(
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
             report.equal = _equal(serial, results)
             report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
+            if report.equal is False:
+                report.extra["state"] = payload_cache.state_words(given_func)
     if show_report:
         print(report.line())
     return results

@@ -24,6 +24,7 @@ array is copied to shared memory once and sent to each worker once.
 
 from __future__ import annotations
 
+import dis
 import functools
 import threading
 import types
@@ -309,3 +310,107 @@ def _function_ok(f: types.FunctionType, objs: list, seen: set, depth: int) -> bo
         elif not _ok(v, objs, seen, depth + 1):
             return False
     return True
+
+
+# --------------------------------------------------------------------------
+# In the worker: may a loaded function be reused by a later call as it is?
+
+# Bytecode that changes state kept between calls: a global, or a closure cell.
+_STATE_OPS = frozenset({"STORE_GLOBAL", "DELETE_GLOBAL", "STORE_DEREF", "DELETE_DEREF"})
+_STATE_OPCODES = frozenset(dis.opmap[name] for name in _STATE_OPS)
+
+
+def stateless(func: Any) -> bool:
+    """True if no task can change state that a later call of ``func`` would see.
+
+    A worker keeps a loaded function by its content key. A task may change what
+    that object holds: a global it assigns (``global TOTAL``), a mutable default
+    (``seen=[]``), the object a bound method belongs to. Each call must start
+    from the notebook's state, so such a function is loaded again from its bytes
+    for each new call. This proves the opposite, cheaply, once per load: the
+    function is pickled by reference (its module's state is the worker's world,
+    as with ``Pool(fork)``), or everything it captures is immutable (the fast
+    check's kinds, :func:`_capture`) and no code reached assigns a global or a
+    captured cell. Anything unproven counts as stateful (it is reloaded: slower,
+    never wrong).
+    """
+    if type(func) is types.FunctionType and _by_reference(func):
+        return True
+    captured = _capture(func)
+    if captured is None:
+        return False
+    try:
+        return not any(_writes_state(c) for c in captured if type(c) is types.CodeType)
+    except Exception:  # anything odd: take the safe path
+        return False
+
+
+def _writes_state(code: types.CodeType) -> bool:
+    """Does ``code`` (or code nested in it) assign a global or a cell it did not make?
+
+    A cell variable of the code itself (a local a nested lambda reads) is made
+    afresh by each invocation: assigning it is no state. A nested function's
+    free variable may be its parent's local, but is counted (safe side).
+    """
+    # (co_code has its inline caches zeroed: opcodes are the even bytes. Most
+    # code has none of these, and is not decoded at all.)
+    if not _STATE_OPCODES.isdisjoint(code.co_code[::2]):
+        local = set(code.co_cellvars) - set(code.co_freevars)
+        for ins in dis.get_instructions(code):
+            if ins.opname in _STATE_OPS and not (ins.opname == "STORE_DEREF" and ins.argval in local):
+                return True
+    return any(_writes_state(c) for c in code.co_consts if type(c) is types.CodeType)
+
+
+def state_words(func: Any) -> str | None:
+    """The state ``func`` visibly changes, in words, or None: for the advice on
+    results that differ from serial (``--compare``).
+
+    Read from its code and defaults, and those of the notebook functions it
+    calls: globals it assigns (``global TOTAL``), cells it assigns
+    (``nonlocal n``), a list, dict or set default (``seen=[]``), and the
+    attributes a bound method's code sets (``self.n += x``).
+    """
+    found: list[str] = []
+    try:
+        _state_of(func, found, set(), 0)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return None
+    return ", ".join(dict.fromkeys(found)) or None
+
+
+def _state_of(func: Any, found: list[str], seen: set, depth: int) -> None:
+    if isinstance(func, functools.partial):
+        func = func.func
+    bound = None
+    if isinstance(func, types.MethodType) and not isinstance(func.__self__, (type, types.ModuleType)):
+        bound, func = func.__self__, func.__func__
+    if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
+        return
+    seen.add(id(func))
+    code = func.__code__
+    for name, value in [*zip(code.co_varnames[code.co_argcount - len(func.__defaults__ or ()):code.co_argcount],
+                             func.__defaults__ or (), strict=False),
+                        *(func.__kwdefaults__ or {}).items()]:
+        if isinstance(value, (list, dict, set, bytearray)):
+            found.append(f"its default {name} (a {type(value).__name__}) keeps what tasks add")
+    for c in _codes(code):
+        for ins in dis.get_instructions(c):
+            if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+                found.append(f"{func.__name__} assigns the global {ins.argval}")
+            elif ins.opname == "STORE_DEREF" and ins.argval in c.co_freevars:
+                found.append(f"{func.__name__} assigns the nonlocal {ins.argval}")
+            elif bound is not None and c is code and ins.opname == "STORE_ATTR":
+                found.append(f"the method of a {type(bound).__name__} object sets .{ins.argval}")
+    if _extract_code_globals is not None:
+        for name in _extract_code_globals(code):
+            _state_of(func.__globals__.get(name), found, seen, depth + 1)
+
+
+def _codes(code: types.CodeType) -> list[types.CodeType]:
+    """``code`` and the code objects nested in it."""
+    out = [code]
+    for c in code.co_consts:
+        if type(c) is types.CodeType:
+            out += _codes(c)
+    return out

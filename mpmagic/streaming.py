@@ -362,7 +362,9 @@ def imap(
 ) -> Stream[_T] | Stream[_T | Failed]:
     """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
 
-    ``ordered=True`` yields in input order (like ``map``); ``ordered=False``
+    Tasks start running at ``imap()`` itself, before the first ``next()``
+    (as ``Executor.map``; serial ``map`` is lazy), so their side effects may
+    happen before the loop asks. ``ordered=True`` yields in input order (like ``map``); ``ordered=False``
     in the order chunks finish. Input is read chunk by chunk (over an
     iterator the chunks start at one item and at most double, so a loop left
     early leaves it read only a few chunks past its last result); ``buffer``

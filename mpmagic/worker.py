@@ -7,7 +7,8 @@ block on a busy worker: ``backends/pipes.py``); the pipe's end, or a watchdog
 thread seeing the notebook process gone, ends the worker. Every message kind
 and its fields are in ``mpmagic/protocol.py``:
 
-* ``Func``: cache a cloudpickled function under its content key.
+* ``Func``: cache a cloudpickled function under its content key (see
+  :class:`Loaded`: a function a task can change is loaded again for each call).
 * ``Map``: run the function over a chunk of items; reply ``Done`` (results,
   seconds, meta: which worker ran it, when, its CPU seconds and with
   ``timing`` its slowest items), ``Error``, ``Unpicklable`` or ``Missing``.
@@ -53,7 +54,17 @@ from itertools import starmap
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import context, debugging, loadstamps, payload, posixshm, shm, task_builtins, worker_logging
+from . import (
+    context,
+    debugging,
+    loadstamps,
+    payload,
+    payload_cache,
+    posixshm,
+    shm,
+    task_builtins,
+    worker_logging,
+)
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -114,6 +125,53 @@ class ErrorInfo:
     def __setstate__(self, state):
         for s, v in zip(self.__slots__, state, strict=True):
             setattr(self, s, v)
+
+
+class Loaded:
+    """A function a worker keeps by its content key, and what it needs to reuse it.
+
+    Within one call, a task's changes to the function's state (a global it
+    assigns, a mutable default, the object of a bound method) stay in this
+    worker's copy, as documented. A later call must start from the notebook's
+    state, which the same bytes describe: :meth:`for_call` loads the function
+    again from ``data`` at the first unit of a new call, unless it provably
+    holds no state a task can change (:func:`mpmagic.payload_cache.stateless`,
+    decided once at load; then ``data`` is not kept).
+    """
+
+    __slots__ = ("func", "data", "call")
+
+    def __init__(self, func: Any, data: bytes | None) -> None:
+        self.func = func  # the loaded function, or the ErrorInfo of its failed load
+        self.data = data  # the payload, kept only to load a stateful function again
+        self.call: Any = None  # the call that used ``func`` last (None: not used yet)
+
+    @classmethod
+    def load(cls, data: bytes) -> Loaded:
+        """Load ``data``; keep the bytes if a task could change the function's state."""
+        try:
+            func = payload.loads(data)
+        except BaseException as exc:  # reported when the function is used
+            return cls(ErrorInfo(exc), None)
+        return cls(func, None if payload_cache.stateless(func) else data)
+
+    def stale(self, call: Any) -> bool:
+        """Would a unit of ``call`` need the function loaded again (a stateful
+        one that an earlier call ran)?"""
+        return self.data is not None and self.call is not None and self.call != call
+
+    def for_call(self, call: Any, imports: ImportLog) -> Any:
+        """The function for a unit of ``call``: loaded again from its bytes if
+        :meth:`stale` (the time it takes noted in ``imports``, as the first load's)."""
+        if self.stale(call):
+            assert self.data is not None
+            with imports.watching("function"):
+                try:
+                    self.func = payload.loads(self.data)
+                except BaseException as exc:  # (it loaded before: a changed world, reported as then)
+                    self.func = ErrorInfo(exc)
+        self.call = call
+        return self.func
 
 
 class _Channel:
@@ -610,7 +668,7 @@ class _Worker:
         self._call: Any = None  # the call of the last unit (see _new_call)
         self._cpu_mark = time.process_time()  # see _cpu_since_last_reply
         self.position = position  # see run_items
-        self.funcs: OrderedDict[bytes, Any] = OrderedDict()
+        self.funcs: OrderedDict[bytes, Loaded] = OrderedDict()
         self.imports = ImportLog()  # preloads, and one-time costs since the last reply (warmup.py)
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
         self.parent_pid = parent_pid
@@ -703,10 +761,7 @@ class _Worker:
     def load_function(self, key: bytes, data: bytes) -> None:
         shm.opened()
         with self.imports.watching("function"):  # the first sending's cost here, imports included
-            try:
-                self.funcs[key] = payload.loads(data)
-            except BaseException as exc:  # reported when the function is used
-                self.funcs[key] = ErrorInfo(exc)
+            self.funcs[key] = Loaded.load(data)
         segments = shm.opened()  # captured arrays mapped from shared memory
         if segments:
             self.func_segments[key] = segments
@@ -733,11 +788,12 @@ class _Worker:
     def run_map(self, msg: Map) -> None:
         self._new_call(msg.call)
         key = msg.key or b""  # (a map always names its function)
-        func = self.funcs.get(key)
-        if func is None:
+        loaded = self.funcs.get(key)
+        if loaded is None:
             self.channel.send(Missing(msg.call, msg.tag, key))
             return
         self.funcs.move_to_end(key)
+        func = loaded.for_call(msg.call, self.imports)  # (a stateful one: fresh for a new call)
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_map(

@@ -601,3 +601,25 @@ def test_scaling_gives_each_run_the_lines_timeout_errors_and_seed(ip, pool2, mon
     monkeypatch.setattr(mpmagic.api, "parallel", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     run(ip, "%%parallel --scaling -n 1 --seed 3 --timeout 20 --no-label\nrank")
     assert seen == [dict(workers=1, namespace=ip.user_ns, timeout=20.0, seed=3, label_output=False)]
+
+def test_results_that_differ_name_the_state_the_function_changes(ip, pool2):
+    """pyfeat13 finding 4: a function with `global TOTAL` or a `seen=[]` default
+    got the advice about random draws and hash(); its code shows the cause."""
+    from mpmagic.advice import advise
+    from mpmagic.payload_cache import state_words
+
+    run(ip, "def total(x):\n    global TOTAL\n    TOTAL += x\n    return TOTAL\n"
+            "def nth(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n"
+            "def calls_total(x):\n    return total(x)\n"
+            "class Acc:\n    n = 0\n    def add(self, x):\n        self.n += x\n        return self.n\n")
+    ns = ip.user_ns
+    assert state_words(ns["total"]) == state_words(ns["calls_total"]) == "total assigns the global TOTAL"
+    assert state_words(ns["nth"]) == "its default seen (a list) keeps what tasks add"
+    assert state_words(ns["Acc"]().add) == "the method of a Acc object sets .n"
+    assert state_words(lambda x: x + 1) is None and state_words(abs) is None
+    words = advise(synthetic_report(serial=0.001, equal=False, extra={"seeded": False, "state": state_words(ns["nth"])}))
+    assert "changes state (its default seen (a list)" in words and "random" not in words
+    assert "A task that changes state" in words
+    run(ip, "import os\ndef where(x, seen=[]):\n    seen.append(x)\n    return os.getpid()\n")
+    run(ip, "%pmap -q --compare where, [1, 2]")  # (a pid: never the serial result)
+    assert "(its default seen (a list) keeps what tasks add)" in mpmagic.last_report().advice

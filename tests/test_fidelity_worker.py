@@ -13,6 +13,7 @@ serial Python. None of them loses a worker.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -224,6 +225,65 @@ def test_a_new_call_adopts_the_world_again_only_where_a_task_changed_it(monkeypa
         os.environ.pop("MPM_REASSERT", None)
     context.reassert()
     assert len(adopted) == 1
+
+STATEFUL = """
+def add(x):
+    global TOTAL
+    TOTAL += x
+    return TOTAL
+def nth(x, seen=[]):
+    seen.append(x)
+    return len(seen)
+class Acc:
+    def __init__(self):
+        self.n = 0
+    def add(self, x):
+        self.n += x
+        return self.n
+"""
+
+
+def test_state_a_task_changed_never_reaches_a_later_call(ip, backend):
+    """pyfeat13 finding 1: the worker's cached copy of the function kept what
+    its tasks changed (a global, a mutable default, the bound object), and a
+    later call, after the notebook reset it to the same bytes, went on from
+    there: [1, 2], then [3, 4], then [5, 6]. Each call starts from the
+    notebook's state: %pmap first (it changes nothing here), serial map() then
+    from the same state as the oracle."""
+    run(ip, STATEFUL)
+    for reset, func in [("TOTAL = 0", "add"), ("nth.__defaults__ = ([],)", "nth"), ("a = Acc()", "a.add")]:
+        for _ in range(3):
+            run(ip, reset)
+            got = run(ip, f"%pmap -q --chunksize 2 {func}, [1, 1]")
+            assert got == run(ip, f"list(map({func}, [1, 1]))") == [1, 2], func
+
+
+def test_a_stateless_function_is_kept_loaded_across_calls(ip):
+    """Only a function a task can change is loaded again for a new call: a
+    pure one keeps its object (no cost on warm calls); what counts as which."""
+    from mpmagic import payload, payload_cache
+    from mpmagic.warmup import ImportLog
+    from mpmagic.worker import Loaded
+
+    run(ip, STATEFUL + "import math, functools\nK, CFG = 3, {'a': 1}\n"
+            "def pure(x):\n    return math.sqrt(x) + K\n"
+            "def uses_pure(x):\n    y = pure(x)\n    return (lambda: y)()\n"
+            "def uses_add(x):\n    return add(x)\n"
+            "def counter():\n    n = 0\n    def bump(x):\n        nonlocal n\n        n += x\n        return n\n"
+            "    return bump\n"
+            "reads_cfg = lambda x: CFG['a']\n")
+    ns = ip.user_ns
+    stateless = [ns["pure"], ns["uses_pure"], lambda x: x + 1, abs, math.sqrt, ns["functools"].partial(ns["pure"], 2)]
+    stateful = [ns["add"], ns["nth"], ns["Acc"]().add, ns["uses_add"], ns["counter"](), ns["Acc"], ns["reads_cfg"]]
+    log = ImportLog()
+    for f in stateless + stateful:
+        loaded = Loaded.load(payload.dumps_function(f))
+        assert payload_cache.stateless(loaded.func) is (f in stateless), f
+        if isinstance(f, type):
+            continue  # (cloudpickle loads a notebook class as the one it loaded before, its attributes set again)
+        first = loaded.for_call(1, log)
+        assert loaded.for_call(1, log) is first  # one call: one copy
+        assert (loaded.for_call(2, log) is first) is (f in stateless), f
 
 
 def test_environment_variables_set_and_removed_after_the_pool_started(ip, local_pool):

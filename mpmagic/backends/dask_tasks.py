@@ -8,7 +8,8 @@ and answers with the same packed replies (``mpmagic/protocol.py``), so
 
 * the notebook function travels once per worker (its payload bytes are the
   result of a :func:`hold` task every chunk depends on); the loaded function
-  is cached here by its content key, so later chunks only name it;
+  is cached here by its content key, so later chunks only name it (one a
+  task can change is loaded again for each new call: see ``_function``);
 * map chunks and cells run through the very functions a local worker uses
   (:func:`mpmagic.worker.execute_map`, :func:`mpmagic.worker.execute_cell`);
 * what a task prints is captured per thread (a Dask worker may run several
@@ -41,14 +42,14 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .. import context, payload, task_builtins, worker_logging
+from .. import context, task_builtins, worker_logging
 from ..protocol import Cell, Context, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
-from ..worker import ErrorInfo, execute_cell, execute_map
+from ..worker import Loaded, execute_cell, execute_map
 
 _CACHE_SIZE = 16  # loaded functions kept per worker process
 _FLUSH_INTERVAL = 0.1  # seconds between streamed output events of one task
-_funcs: OrderedDict[bytes, Any] = OrderedDict()
+_funcs: OrderedDict[bytes, Loaded] = OrderedDict()
 _funcs_lock = threading.Lock()
 log = logging.getLogger("mpmagic")
 
@@ -293,24 +294,32 @@ def hold(data: bytes) -> bytes:
     return data
 
 
-def _function(key: bytes, data: bytes, imports: ImportLog) -> Any:
+def _function(key: bytes, data: bytes, imports: ImportLog, call: Any) -> Any:
     """The notebook function for ``key``, loaded from ``data`` on first use
-    (the time it took, its imports included, noted in ``imports``)."""
+    (the time it took, its imports included, noted in ``imports``), and again
+    for a new ``call`` if a task can change its state (see :class:`mpmagic.worker.Loaded`:
+    each call starts from the notebook's state; the tasks of one call, on
+    this worker's threads, share one copy)."""
     with _funcs_lock:
-        func = _funcs.get(key)
-        if func is not None:
+        loaded = _funcs.get(key)
+        if loaded is not None and not loaded.stale(call):
             _funcs.move_to_end(key)
-            return func
+            loaded.call = call
+            return loaded.func
     with imports.watching("function"):
-        try:
-            func = payload.loads(data)
-        except BaseException as exc:  # reported by every chunk that needs it
-            func = ErrorInfo(exc)
+        fresh = Loaded.load(data)
     with _funcs_lock:
-        _funcs[key] = func
+        loaded = _funcs.get(key)
+        if loaded is not None and not loaded.stale(call):  # another thread of this call loaded it meanwhile
+            _funcs.move_to_end(key)
+            loaded.call = call
+            return loaded.func
+        fresh.call = call
+        _funcs[key] = fresh
+        _funcs.move_to_end(key)
         while len(_funcs) > _CACHE_SIZE:
             _funcs.popitem(last=False)
-    return func
+    return fresh.func
 
 
 _context_lock = threading.Lock()
@@ -378,7 +387,7 @@ def _run(msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, worl
     task_builtins.no_console()  # input() and breakpoint(): a line saying why, not pdb on a task's thread
     with _capture(topic, tag) as out:
         if type(msg) is Map:
-            func = _function(msg.key or b"", func_payload or b"", imports)
+            func = _function(msg.key or b"", func_payload or b"", imports, msg.call)
             # A position word, as a local worker has (nobody reads it here): items
             # then run as there, so a StopIteration comes back with its value,
             # cause and frame (the no-position path's map() swallows it).
