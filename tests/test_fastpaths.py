@@ -112,6 +112,21 @@ def test_captured_global_array_is_sent_once_and_changes_are_seen(ip, local_pool)
         run(ip, "%pmap -q poke, [0]")
 
 
+def test_equal_bytes_finds_a_difference_anywhere_in_a_large_buffer():
+    """The check of a captured array against its shared-memory copy (memcmp in steps of
+    64 MB): a change in the first or last byte of any step is seen, read-only buffers too."""
+    a = np.zeros((64 << 20) + 4096, dtype=np.uint8)
+    b = a.copy()
+    b.flags.writeable = False  # (a read-only array's buffer)
+    view = memoryview(a).cast("B")
+    assert shm._equal_bytes(view, memoryview(b).cast("B"))
+    for at in (0, (64 << 20) - 1, 64 << 20, a.nbytes - 1):
+        a[at] = 1
+        assert not shm._equal_bytes(view, memoryview(b).cast("B")), at
+        a[at] = 0
+    assert shm._equal_bytes(view, memoryview(b).cast("B"))
+
+
 def test_writable_captured_array_is_each_workers_own_copy(ip, local_pool):
     """With writable=True a captured array of 1 MB or more is mapped copy-on-write:
     a task sees its own worker's earlier writes (as with a small captured array),
