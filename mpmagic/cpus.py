@@ -61,3 +61,34 @@ def recent_cpus() -> int:
     if _seen is None or now - _seen[0] > 5.0:
         _seen = (now, available_cpus())
     return _seen[1]
+
+
+# This thread's scheduler statistics (Linux): "<ns on a CPU> <ns waiting on a run queue> <timeslices>".
+_SCHEDSTAT = "/proc/thread-self/schedstat"
+_schedstat_ok = True
+
+
+def run_queue_seconds() -> float | None:
+    """Seconds this thread has spent waiting on a run queue for a CPU, ready to
+    run while other threads had the cores (Linux's schedstat, its second field);
+    None where the kernel does not say.
+
+    A worker reads it before and after each task: a task's wall time less that
+    wait is what it would take on a free core, whether it was slowed by more
+    workers than cores or by other processes (a busy JupyterHub node), and
+    unlike CPU time it does not count a task's sleeping or I/O as waiting.
+    One read of a small /proc file (~5-10 us): once per chunk or rank, not per item.
+    """
+    global _schedstat_ok
+    if not _schedstat_ok:
+        return None
+    try:
+        fd = os.open(_SCHEDSTAT, os.O_RDONLY)
+        try:
+            data = os.read(fd, 128)
+        finally:
+            os.close(fd)
+        return int(data.split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        _schedstat_ok = False  # (not Linux, or no schedstat: never tried again)
+        return None
