@@ -14,6 +14,9 @@ picked from the report's measurements, most specific first:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
 * the pool was still starting during the run (workers start on first use);
+* preparing the function here: a big mutable global it captures (an array,
+  a dict of arrays, a DataFrame) compared with the workers' copy on every
+  call, or copied when changed, where ``mpmagic.share`` needs neither;
 * tasks that ran slower in the workers than serially here (``--compare``
   measured both: memory bandwidth or threads shared by the workers);
 * more workers than usable CPU cores (also when the estimate looks good:
@@ -57,6 +60,9 @@ LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
 # Array data copied into shared memory per call worth pointing at share():
 # a copy costs more than one pass over the data (a sum) on any machine.
 SHARED_COPY_BYTES = 16 << 20
+# Preparing the function's payload here (checking or copying what it captures) is
+# the cause when it took at least this share of what the run lost against ideal.
+PAYLOAD_SHARE = 0.5
 
 
 #: Below this speedup a run "did not pay": a run on one worker at ~1.0x (0.98x:
@@ -121,9 +127,11 @@ def advise(report: Any) -> str | None:
     workers = max(1, report.workers)
     if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
         workers = report.peak_busy or workers
+        # (where the workers measured their wait for a core, the estimate leaves it out: Report.runq_seconds)
+        counts = "leaves their waiting out" if report.subtracts_waiting else "counts their waiting"
         return (
             f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''} on "
-            f"CPU-bound work, so they take turns (an estimated serial time counts their waiting): "
+            f"CPU-bound work, so they take turns (an estimated serial time {counts}): "
             f"use -n {report.cores} (or %config MPMagic.workers = {report.cores})"
         )
     per = threads_oversubscribed(report)
@@ -162,6 +170,9 @@ def advise(report: Any) -> str | None:
             "the workers were still starting during this run (they start on first use, and "
             "this run paid for it): run it again to time the work alone"
         )
+    prepared = _payload_prep(report)
+    if prepared:
+        return prepared
     if report.cores and workers > report.cores and report.cpu_seconds is None:
         return (
             f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''}, "
@@ -230,7 +241,8 @@ def advise(report: Any) -> str | None:
         per_chunk = report.task_seconds / report.chunks
         busy = min(workers, report.chunks)  # workers that had a chunk at all
         paid_once = (report.one_time or {}).get("total", 0.0) * busy  # not a cost of sending
-        overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once) / report.chunks
+        prepared = report.payload_seconds * busy  # nor preparing the function, before any chunk went out
+        overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once - prepared) / report.chunks
         if per_chunk < overhead:
             per_item = report.task_seconds / max(1, report.items)
             fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
@@ -259,6 +271,47 @@ def advise(report: Any) -> str | None:
         f"({fmt_seconds(ideal)} per worker) on starting, sending and collecting: "
         f"give the workers more work per call{_or_serially(report)}"
     )
+
+
+def _payload_prep(report: Any) -> str | None:
+    """Preparing the function here took most of what the run lost: a function that
+    captures a big mutable global (an array, a dict of arrays, a DataFrame) has it
+    compared with the workers' copy on every call, or copied when it changed
+    (payload_cache.py). Batching items cannot help; ``mpmagic.share`` does (a tester's
+    warm call on a 500 MB global spent 0.3-0.7 s there and was told to batch items)."""
+    seconds = report.payload_seconds
+    lost = report.wall - report.task_seconds / max(1, report.workers)
+    if not report.payload_served or seconds < 0.005 or seconds < PAYLOAD_SHARE * lost:
+        return None
+    captures = report.payload_captures
+    if captures:
+        what = ", ".join(f"{name} ({fmt_bytes(n)})" for name, n, _kind in captures[:3])
+        what += f" and {len(captures) - 3} more" if len(captures) > 3 else ""
+    elif report.payload_bytes:
+        what = f"{fmt_bytes(report.payload_bytes)} of arrays"
+    else:
+        what = "large objects"
+    if report.payload_served == "same" and not report.payload_bytes:  # (no copy to compare with: Dask, a dict)
+        done = f"each call pickles what it captures ({what}) again to check that it did not change (nothing was sent)"
+    elif report.payload_served == "same":
+        done = (f"each call checks that what it captures did not change, comparing {what} byte for byte "
+                "with the workers' copy (nothing was sent)")
+    else:
+        done = (f"it captures {what}, copied for the workers (by the first call, and by each call that finds "
+                "it changed)")
+    name, _n, kind = captures[0] if captures else ("x", 0, "array")
+    code = {"array": f"`{name} = mpmagic.share({name})`",
+            "dict": f"`{name} = {{k: mpmagic.share(v) for k, v in {name}.items()}}`"}.get(kind)
+    if report.backend == "dask":  # (share() is for workers on this machine)
+        fix = f"load or make {name} in the workers with %%pool setup instead of capturing it"
+    elif code is not None:
+        fix = (f"make it once with {code}: workers then map that memory itself, so no call copies or compares "
+               "it, and they see the notebook's changes to it")
+    else:
+        fix = (f"keep {name}'s data in mpmagic.share() arrays (workers map them: no call copies or compares them), "
+               "or make it in the workers with %%pool setup")
+    return (f"preparing the function took {fmt_seconds(seconds)} of the {fmt_seconds(report.wall)} call, here "
+            f"in the notebook: {done}; {fix}")
 
 
 def _chunk_words(report: Any, fixed: bool) -> str:

@@ -795,6 +795,7 @@ class MapCall:
             chunksize=job.planner.describe(),
             failed_at=job.failure_index,
             total=self.n_items,
+            **_payload_costs(job, wall),
             **_measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers, _func_libs(job.func)),
         )
 
@@ -803,6 +804,28 @@ class MapCall:
         if not self.collect:  # saves a pass over 10^7 results
             return []
         return [r for r in results if isinstance(r, Failed)]
+
+
+#: Preparing the function took this share of the call (and 5 ms or more): name what it captures.
+_PAYLOAD_SHARE = 0.2
+
+
+def _payload_costs(job: MapJob, wall: float) -> dict[str, Any]:
+    """The report's fields for preparing the function's payload here (see Report.payload_seconds).
+
+    The captured globals are looked up by name only when the preparation took
+    a good part of the call (the advice may then name them): the lookup reads
+    sizes, it pickles nothing."""
+    served, nbytes = job.payload_served
+    seconds = job.payload_seconds
+    captures: tuple = ()
+    if seconds >= 0.005 and seconds >= _PAYLOAD_SHARE * wall and served in ("same", "built"):
+        func: Any = job.func
+        if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
+            func = func.func
+        captures = tuple(payload_cache.large_captures(func))
+    return {"payload_seconds": seconds, "payload_served": "" if served == "given" else served,
+            "payload_bytes": nbytes, "payload_captures": captures}
 
 
 def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, **kwargs: Any) -> MapCall:
@@ -1178,6 +1201,7 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "bytes_back": job.bytes_back,
         "bytes_shared": job.bytes_shared,
         "cpu_seconds": job.cpu_seconds,
+        "runq_seconds": job.runq_seconds,
         "slowest_task": job.slowest_task or None,
         "slowest_where": job.slowest_where,
         "insights": recorder.finish(workers) if recorder is not None else None,

@@ -289,11 +289,19 @@ class MapJob:
         # notebook rebinding ``counter`` meanwhile cannot release the one the
         # workers are about to attach to by name (payload.keeping).
         self.kept: dict[int, Any] = {}
+        # Seconds spent here preparing the function's payload, and how it was served
+        # (payload_cache.last_served): a warm call whose function captures a 500 MB
+        # array spends them comparing it with the workers' copy, and its report says so.
+        self.payload_seconds = 0.0
+        self.payload_served: tuple[str, int] = ("given", 0)
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
+            t0 = time.perf_counter()
             with payload.keeping(self.kept), _same_machine(self.shared_memory):
                 self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
+            self.payload_seconds = time.perf_counter() - t0
+            self.payload_served = payload_cache.last_served()
         self.star = star
         self.collect = collect
         self.timeout = timeout
@@ -366,6 +374,8 @@ class MapJob:
         self.bytes_back = 0
         self.bytes_shared = 0  # numpy buffers among the items copied into shared memory
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
+        # Of the task seconds, those the tasks waited for a core (meta["runq"], Linux), if the workers said
+        self.runq_seconds: float | None = None
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
@@ -709,13 +719,15 @@ class MapJob:
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         """A chunk's results came back. ``meta``:
-        ``worker``, ``start``/``end`` (epoch seconds) and, with insights,
+        ``worker``, ``start``/``end`` (epoch seconds), ``cpu``, ``runq`` (seconds waiting for a core) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
         ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note)."""
         self.bytes_back += len(data)
         if meta:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+            if "runq" in meta:
+                self.runq_seconds = (self.runq_seconds or 0.0) + meta["runq"]
             self.one_time.note(meta)
             if "end" in meta and len(self.spans) < MAX_SPANS:
                 self.spans.append((meta["start"], meta["end"]))
@@ -1213,6 +1225,7 @@ class CellJob:
         self.bytes_back = 0
         self.bytes_shared = lease.copied if lease is not None else 0  # the cell's arrays, copied once for all ranks
         self.cpu_seconds: float | None = None
+        self.runq_seconds: float | None = None  # (see MapJob)
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
@@ -1324,6 +1337,8 @@ class CellJob:
         if meta:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
+            if "runq" in meta:
+                self.runq_seconds = (self.runq_seconds or 0.0) + meta["runq"]
             self.one_time.note(meta)
             if "end" in meta and len(self.spans) < MAX_SPANS:
                 self.spans.append((meta["start"], meta["end"]))

@@ -69,6 +69,23 @@ _lock = threading.RLock()
 # collected: dropped on the next call (never from the collector's thread).
 _dead: list[tuple[int, bool]] = []
 stats = {"fast": 0, "same": 0, "built": 0}  # how calls were served (tests, benchmarks)
+# How this thread's last call was served, for its run's report (see :func:`last_served`).
+_last = threading.local()
+
+
+def last_served() -> tuple[str, int]:
+    """How this thread's last :func:`function_payload` was served, and how many
+    bytes of captured arrays that took: ``("fast", 0)`` (nothing could have
+    changed), ``("same", n)`` (pickled again and ``n`` bytes compared with the
+    workers' shared-memory copy: unchanged) or ``("built", n)`` (``n`` bytes
+    copied into shared memory). A job reads it right after building its
+    payload, so that the report can say what the call spent there."""
+    return getattr(_last, "how", "fast"), getattr(_last, "bytes", 0)
+
+
+def _served(how: str, copies: int) -> None:
+    stats[how] += 1
+    _last.how, _last.bytes = how, copies
 
 
 def function_payload(func: Any, shared: bool = False, what: str = "the function") -> tuple[bytes, bytes]:
@@ -90,7 +107,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     captured = _capture(func)
     if (entry is not None and captured is not None and entry.captured is not None and _same(entry.captured, captured)
             and _keep_again(entry)):
-        stats["fast"] += 1
+        _served("fast", 0)
         with _lock:
             _entries.move_to_end(slot)
         return entry.key, entry.data
@@ -105,7 +122,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
         kept = tuple(weakref.ref(h) for h in found.values())
     buffers = collector.buffers if collector is not None else []
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
-        stats["same"] += 1
+        _served("same", _copied_bytes(entry))
         entry.captured, entry.kept = captured, kept
         if entry.segment is not None:
             _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
@@ -113,11 +130,11 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
             _entries.move_to_end(slot)
         return entry.key, entry.data
 
-    stats["built"] += 1
     segment = refs = None
     data = inband
     if buffers:
         data, segment, refs = shm.wrap(inband, buffers, "lend")
+    _served("built", sum(n for name, _size, _offset, n in refs or () if segment is not None and name == segment.name))
     def forget(_ref: weakref.ref, slot: tuple[int, bool] = slot) -> None:
         _dead.append(slot)  # dropped on the next call (never from the collector's thread)
 
@@ -227,8 +244,88 @@ def _same_buffers(entry: _Entry, buffers: list) -> bool:
     return shm.same_buffers(entry.segment, entry.refs, buffers)
 
 
+def _copied_bytes(entry: _Entry) -> int:
+    """Bytes of ``entry``'s captured arrays that lie in its own segment (copies, compared on each
+    check), not in share() arrays (compared by address only)."""
+    seg = entry.segment
+    return sum(n for name, _size, _offset, n in entry.refs or () if seg is not None and name == seg.name)
+
+
 def _same(old: list, new: list) -> bool:
     return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+
+
+# --------------------------------------------------------------------------
+# What makes a check slow: the large things a function captures, by name
+
+
+def large_captures(func: Any, minimum: int = 1 << 20) -> list[tuple[str, int, str]]:
+    """``(name, bytes, kind)`` of the globals and closure variables ``func``'s code
+    names (and those of the notebook functions it names) holding ``minimum`` bytes
+    or more of array data, largest first; ``kind``: ``"array"``, ``"dict"`` (of
+    arrays), ``"dataframe"`` or ``"other"``. For the advice that names what each
+    call checks: sizes are read (``nbytes``), nothing is pickled; share() arrays
+    count nothing (they are compared by address)."""
+    found: dict[str, tuple[int, str]] = {}
+    try:
+        _named(func, found, set(), 0)
+    except Exception:  # (advice only: whatever was found so far)
+        pass
+    big = [(name, n, kind) for name, (n, kind) in found.items() if n >= minimum]
+    return sorted(big, key=lambda t: -t[1])
+
+
+def _named(f: Any, found: dict, seen: set, depth: int) -> None:
+    if type(f) is functools.partial:
+        f = f.func
+    if type(f) is types.MethodType:
+        f = f.__func__
+    if type(f) is not types.FunctionType or id(f) in seen or depth > 4 or _by_reference(f):
+        return
+    seen.add(id(f))
+    names = list(_extract_code_globals(f.__code__)) if _extract_code_globals is not None else []
+    values = [(n, f.__globals__.get(n, _MISSING)) for n in names]
+    for name, cell in zip(f.__code__.co_freevars, f.__closure__ or (), strict=False):
+        try:
+            values.append((name, cell.cell_contents))
+        except ValueError:
+            continue
+    for name, v in values:
+        if type(v) is types.FunctionType:
+            _named(v, found, seen, depth + 1)
+            continue
+        n, kind = _array_bytes(v, 0)
+        if n and name not in found:
+            found[name] = (n, kind)
+
+
+def _in_shared_array(a: Any) -> bool:
+    """Does numpy array ``a`` start inside a :func:`mpmagic.share` array?"""
+    try:
+        start = int(a.__array_interface__["data"][0])
+    except Exception:
+        return False
+    return any(base <= start < base + size for base, size in list(shm._shared.values()))
+
+
+def _array_bytes(v: Any, depth: int) -> tuple[int, str]:
+    """Bytes of array data in ``v`` (an array, a DataFrame or Series, a dict, list or
+    tuple of them), without share() arrays; and what ``v`` is."""
+    t = type(v)
+    if t.__module__ == "numpy" and t.__name__ in ("ndarray", "memmap"):
+        if t.__name__ == "memmap" or _in_shared_array(v):
+            return 0, "array"  # (a memmap goes by its file; a share() array by reference)
+        return int(v.nbytes), "array"
+    if t.__module__.startswith("pandas") and t.__name__ in ("DataFrame", "Series"):
+        usage = v.memory_usage(index=True, deep=False)
+        return int(usage.sum() if t.__name__ == "DataFrame" else usage), "dataframe"
+    if depth < 2 and t in (dict, list, tuple):
+        values = v.values() if t is dict else v
+        if len(values) > 10_000:
+            return 0, "other"
+        total = sum(_array_bytes(x, depth + 1)[0] for x in values)
+        return total, "dict" if t is dict else "other"
+    return 0, "other"
 
 
 # --------------------------------------------------------------------------

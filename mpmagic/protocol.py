@@ -149,7 +149,8 @@ class Done(NamedTuple):
     tag: Any
     data: bytes
     seconds: float
-    # worker, start, end, cpu, rss; with timing item_top/items_timed/transfer; "once":
+    # worker, start, end, cpu, rss; "runq" (Linux: seconds the task waited for a core,
+    # cpus.run_queue_seconds); with timing item_top/items_timed/transfer; "once":
     # {"imports": [(why, [names], seconds|None, start_epoch, end_epoch)], "load": seconds}
     # when the worker paid one-time costs since its last reply (see warmup.ImportLog)
     meta: dict

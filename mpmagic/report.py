@@ -2,7 +2,9 @@
 
 The serial time is *measured* only when the work really ran serially in the
 notebook (``compare=True``); otherwise it is *estimated* as the sum of the
-compute times the workers measured around each task, and the line says so.
+compute times the workers measured around each task (less the time the tasks
+waited for a core because more workers than cores ran, where the workers
+measured it: Linux), and the line says so.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ class Report:
     bytes_back: int = 0  # pickled results sent back
     bytes_shared: int = 0  # array data among the items copied into shared memory
     cpu_seconds: float | None = None  # CPU time of the tasks, when the workers report it
+    # Of task_seconds, the seconds the tasks waited on a run queue for a core (Linux:
+    # cpus.run_queue_seconds; None where not measured). With more workers than cores
+    # the estimate leaves them out (see subtracts_waiting): CPU-bound work with -n 4
+    # and -n 8 on 2 cores was estimated at 2.9-7.3x without it; a task that sleeps or
+    # waits for I/O waits for no core, which the CPU time alone could not tell from
+    # CPU-bound tasks that other processes left less than their share of a core.
+    runq_seconds: float | None = None
     slowest_task: float | None = None  # longest chunk or rank, in seconds
     slowest_where: str | None = None  # which items or rank that was
     insights: Any = None  # an insights.Insights with --insights
@@ -84,15 +93,39 @@ class Report:
     # whole call's, so the line's speedup is the call's; the estimate stays the
     # task times, and the line says how much of the wall was spent here.
     home_seconds: float = 0.0
+    # Preparing the function's payload here, inside the wall time: pickling what it
+    # captures, or (a warm call) checking it did not change (payload_cache.py).
+    # ``payload_served``: "fast" (nothing to check), "same" (pickled again and
+    # ``payload_bytes`` of captured arrays compared with the workers' copy),
+    # "built" (``payload_bytes`` copied into shared memory), "" (not measured);
+    # ``payload_captures``: (name, bytes, kind) of the large captured globals,
+    # looked up only when the preparation took a good part of the call.
+    payload_seconds: float = 0.0
+    payload_served: str = ""
+    payload_bytes: int = 0
+    payload_captures: tuple[tuple[str, int, str], ...] = ()
 
     @property
     def serial_measured(self) -> bool:
         return self.serial is not None
 
     @property
+    def subtracts_waiting(self) -> bool:
+        """Does the estimate leave out the tasks' measured wait for a core? Only when
+        more workers than cores made them wait (``waited_for_cores``): a serial run
+        would not. Waiting for other processes' work is left in, as a serial run
+        here would wait for them too (taken out, a busy machine read as no speedup)."""
+        return self.runq_seconds is not None and self.waited_for_cores
+
+    @property
+    def estimated_serial(self) -> float:
+        """The task times, less what the tasks waited for a core among too many workers."""
+        return max(0.0, self.task_seconds - (self.runq_seconds or 0.0)) if self.subtracts_waiting else self.task_seconds
+
+    @property
     def serial_time(self) -> float:
         """The measured serial time, or the estimate from task times."""
-        return self.serial if self.serial is not None else self.task_seconds
+        return self.serial if self.serial is not None else self.estimated_serial
 
     @property
     def speedup(self) -> float | None:
@@ -125,9 +158,18 @@ class Report:
         (4 CPU-bound workers on 2 cores: about half a core each; sleeping or
         I/O-bound tasks use next to none and wait for nothing). Without those
         times, the average cores the tasks' CPU time kept busy (near all of them).
+        Where the workers measured their wait for a core (``runq_seconds``):
+        that wait, a tenth of the task times or more, with more workers than
+        cores at once (for a tenth of the run) instead of the CPU share.
         """
         cores, cpu = self.cores, self.cpu_seconds
-        if not cores or cpu is None or self.wall <= 0:
+        if not cores or self.wall <= 0:
+            return False
+        if self.runq_seconds is not None:  # measured: the tasks waited for a core, and more ran than cores
+            crowded = self.workers > cores if self.peak_busy is None else (
+                self.peak_busy > cores and self.over_cores_seconds >= 0.1 * self.wall)
+            return crowded and self.runq_seconds >= 0.1 * self.task_seconds > 0
+        if cpu is None:
             return False
         if self.peak_busy is None:
             return self.workers > cores and cpu / self.wall > 0.75 * cores
@@ -146,8 +188,8 @@ class Report:
                 eq += f"; it imported {_names(self.serial_imports)} here"
             return f"serial {fmt_seconds(self.serial)} (measured{eq})"
         if self.serial_error is not None:
-            return f"serial ~{fmt_seconds(self.task_seconds)} (estimated: the --compare run here raised {self.serial_error})"
-        return f"serial ~{fmt_seconds(self.task_seconds)} ({self._estimate_text()})"
+            return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
+        return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()})"
 
     def _estimate_text(self) -> str:
         """``estimated from task times``, and what that assumes when it is not the serial time."""
@@ -157,11 +199,15 @@ class Report:
         if self.task_imports:  # each worker paid the import; serial would once (or not at all)
             where = "in each worker" if self.task_import_workers > 1 else "in the worker"
             include.append(f"importing {_names(self.task_imports)} {where}")
-        if self.waited_for_cores:
-            busy = self.peak_busy or self.workers
-            include.append(f"waiting for a core: {busy} workers on {self.cores} core{'s' if self.cores != 1 else ''}")
+        busy = self.peak_busy or self.workers
+        on_cores = f"{busy} workers on {self.cores} core{'s' if self.cores != 1 else ''}"
+        subtracted = self.subtracts_waiting
+        if self.waited_for_cores and not subtracted:  # (not measured: the CPU times say they waited)
+            include.append(f"waiting for a core: {on_cores}")
         if include:
             text += ", which include " + " and ".join(include)
+        if subtracted:
+            text += f", less the {fmt_seconds(self.runq_seconds or 0.0)} they waited for a core: {on_cores}"
         per_item = self.task_seconds / self.items if self.kind == "pmap" and self.items else None
         if per_item is not None and 0 < per_item < TINY_ITEM:  # the workers' loop and waits are most of it
             text += f", high for items this small: ~{per_item * 1e9:.0f} ns each"

@@ -51,6 +51,7 @@ This module imports no IPython (workers import it) and no numpy.
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import itertools
 import logging
@@ -594,7 +595,22 @@ def same_buffers(seg: Segment | None, refs: list[Ref], buffers: list[memoryview]
 
 
 def _equal_bytes(a: memoryview, b: memoryview) -> bool:
-    step = 8 << 20
+    """Are the bytes of ``a`` and ``b`` (equal lengths) the same?
+
+    Every warm call of a function that captures a large array compares it
+    with the copy in shared memory (payload_cache.py), so this is on the
+    call's path: libc's ``memcmp`` on the two buffers in place (no copy, the
+    GIL released) reads 500 MB in ~0.2 s where numpy's ``array_equal`` on
+    byte views took 0.5-0.8 s (it makes a bool array per step and reduces it).
+    Bytes, not values: a NaN equals itself, -0.0 differs from 0.0.
+    """
+    step = 64 << 20  # (a Ctrl-C waits for one step at most)
+    memcmp = _memcmp()
+    pa = _address(a) if memcmp is not None else None
+    pb = _address(b) if pa is not None else None
+    if memcmp is not None and pa is not None and pb is not None:
+        n = a.nbytes
+        return all(memcmp(pa + i, pb + i, min(step, n - i)) == 0 for i in range(0, n, step))
     np = sys.modules.get("numpy")
     for i in range(0, a.nbytes, step):
         x, y = a[i : i + step], b[i : i + step]
@@ -604,6 +620,22 @@ def _equal_bytes(a: memoryview, b: memoryview) -> bool:
         elif x.tobytes() != y.tobytes():
             return False
     return True
+
+
+@functools.cache
+def _memcmp() -> Any:
+    """libc's ``memcmp(void *, void *, size_t)`` through ctypes, or None where it cannot be found."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(None) if os.name == "posix" else ctypes.CDLL(ctypes.util.find_library("c"))
+        memcmp = libc.memcmp
+        memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+        memcmp.restype = ctypes.c_int
+        return memcmp
+    except Exception:  # (no libc to load: numpy's comparison does it, slower)
+        return None
 
 
 # --------------------------------------------------------------------------

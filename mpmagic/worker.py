@@ -65,6 +65,7 @@ from . import (
     task_builtins,
     worker_logging,
 )
+from .cpus import run_queue_seconds
 from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
@@ -516,11 +517,13 @@ def execute_map(
     debugging.new_unit("a task")  # this unit's first failures carry their locals
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
     figures = task_builtins.open_figures()
+    runq = runq_end = run_queue_seconds()  # (around the timed items only: see _waited)
     try:
         if msg.timing:
             results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position)
         else:
             results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
+        runq_end = run_queue_seconds() if runq is not None else None
     finally:
         task_builtins.end_task(figures)  # the figures its items left open: shown, closed (before results are pickled)
         worker_logging.end()
@@ -529,6 +532,7 @@ def execute_map(
     log.since(mark, "task", None, start)  # imports inside the function (their time is in the task's)
     # cpu: CPU seconds for the chunk (tells CPU-bound from waiting).
     meta: dict[str, Any] = {"worker": where, "start": start, "end": end, "cpu": cpu(), "rss": private_bytes()}
+    _waited(meta, runq, runq_end, seconds)
     try:
         data = dumps_results(results)
     except Exception as exc:
@@ -551,6 +555,15 @@ def execute_map(
     return Error(call, tag, error[0], error[1], data, seconds)
 
 
+def _waited(meta: dict[str, Any], before: float | None, after: float | None, seconds: float) -> None:
+    """``meta["runq"]``: seconds the unit's thread waited on a run queue for a core
+    between the two reads of cpus.run_queue_seconds (at most the unit's ``seconds``),
+    where the kernel says. The task times less it are what the tasks take on a free
+    core: the report's serial estimate with more workers than cores (Report.runq_seconds)."""
+    if before is not None and after is not None:
+        meta["runq"] = min(max(0.0, after - before), seconds)
+
+
 def execute_cell(
     msg: Cell, where: Any, cpu: Callable[[], float], imports: ImportLog | None = None
 ) -> Done | Error | Unpicklable:
@@ -564,6 +577,7 @@ def execute_cell(
     log = imports if imports is not None else ImportLog()
     call, rank = msg.call, msg.tag
     start = time.time()
+    runq = run_queue_seconds()
     t0 = time.perf_counter()
     debugging.new_unit(f"rank {rank}")
     worker_logging.begin(msg.log_context)
@@ -581,6 +595,7 @@ def execute_cell(
         value, gathered = run_cell_code(spec, rank, msg.size)
         log.since(mark, "task", None, start)  # the cell's modules, imported by name
         seconds = time.perf_counter() - t0
+        runq_end = run_queue_seconds() if runq is not None else None
         used = cpu()
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):  # the cell's own code raised it (see _as_item_error)
@@ -600,6 +615,7 @@ def execute_cell(
                 break
         return Unpicklable(call, rank, None, _unsendable_info(culprit, root, exc))
     meta: dict[str, Any] = {"worker": where, "start": start, "end": start + seconds, "cpu": used, "rss": private_bytes()}
+    _waited(meta, runq, runq_end, seconds)
     once = log.take()
     if once is not None:
         meta["once"] = once

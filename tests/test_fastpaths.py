@@ -20,7 +20,7 @@ import pytest
 from conftest import ensure_pool, run
 
 import mpmagic
-from mpmagic import payload_cache, shm
+from mpmagic import payload_cache, posixshm, shm
 from mpmagic import pool as pool_module
 
 pytestmark = pytest.mark.skipif(not shm.ENABLED, reason="POSIX shared memory only")
@@ -49,7 +49,7 @@ def our_segments(kind: str = "") -> list[str]:
     """Names in /dev/shm that this notebook (or its workers) made."""
     if not os.path.isdir("/dev/shm"):
         return []
-    prefix = f"mpm_{os.getpid()}_{kind}"
+    prefix = f"mpm_{posixshm.owned_by(os.getpid())}{kind}"
     return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
 
 
@@ -110,6 +110,41 @@ def test_captured_global_array_is_sent_once_and_changes_are_seen(ip, local_pool)
     run(ip, "def poke(i):\n    table[i] = 1.0")
     with pytest.raises(ValueError, match="read-only"):
         run(ip, "%pmap -q poke, [0]")
+
+
+def test_a_warm_call_reports_checking_its_captured_global_and_names_it(ip, pool2):
+    """Each warm call compares a captured array with the workers' copy (a tester's 500 MB
+    global cost 0.2-0.7 s per call, and the advice blamed sending chunks): the report
+    times it, says how it was served and names the global; share() arrays count nothing."""
+    run(ip, f"checked = np.arange({4 * BIG}, dtype=np.float64)\nbook = {{'a': checked[:{BIG}].copy(), 'n': 1}}\n"
+            "def peek(i):\n    return float(checked[i]) + len(book)")
+    assert run(ip, "%pmap -q peek, [1, 2]") == [3.0, 4.0]
+    assert run(ip, "%pmap -q peek, [3]") == [5.0]
+    report = mpmagic.last_report()
+    assert report.payload_served == "same" and report.payload_bytes == (4 * BIG + BIG) * 8
+    assert 0 < report.payload_seconds < report.wall
+    sizes = payload_cache.large_captures(ip.user_ns["peek"])
+    assert sizes == [("checked", 4 * BIG * 8, "array"), ("book", BIG * 8, "dict")]
+    run(ip, "checked = mpmagic.share(checked)")  # shared by reference: nothing to compare
+    try:
+        assert payload_cache.large_captures(ip.user_ns["peek"]) == [("book", BIG * 8, "dict")]
+    finally:
+        run(ip, "del checked, book, peek")  # (frees the share() segment)
+
+
+def test_equal_bytes_finds_a_difference_anywhere_in_a_large_buffer():
+    """The check of a captured array against its shared-memory copy (memcmp in steps of
+    64 MB): a change in the first or last byte of any step is seen, read-only buffers too."""
+    a = np.zeros((64 << 20) + 4096, dtype=np.uint8)
+    b = a.copy()
+    b.flags.writeable = False  # (a read-only array's buffer)
+    view = memoryview(a).cast("B")
+    assert shm._equal_bytes(view, memoryview(b).cast("B"))
+    for at in (0, (64 << 20) - 1, 64 << 20, a.nbytes - 1):
+        a[at] = 1
+        assert not shm._equal_bytes(view, memoryview(b).cast("B")), at
+        a[at] = 0
+    assert shm._equal_bytes(view, memoryview(b).cast("B"))
 
 
 def test_writable_captured_array_is_each_workers_own_copy(ip, local_pool):

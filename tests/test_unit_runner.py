@@ -16,6 +16,7 @@ import pytest
 from mpmagic import payload, worker
 from mpmagic.backends import dask_tasks
 from mpmagic.cell import make_cell_spec
+from mpmagic.cpus import run_queue_seconds
 from mpmagic.protocol import (
     Cell,
     Done,
@@ -204,7 +205,8 @@ def test_dask_task_on_a_real_cluster_replies_the_same(case, dask_client):
 
 # -- what each case must give (the serial oracle, in reply form) --------------
 
-_META = ["cpu", "end", "rss", "start", "worker"]  # rss: the pool's memory limit reads it
+# rss: the pool's memory limit reads it; runq (where the kernel says): the task's wait for a core
+_META = sorted(["cpu", "end", "rss", "start", "worker"] + (["runq"] if run_queue_seconds() is not None else []))
 _TIMED_META = sorted(_META + ["item_top", "items_timed", "transfer"])
 _STOP = "the task raised StopIteration"
 
