@@ -119,8 +119,9 @@ class Resume(Protocol):
         """The whole result from the computed part (stored results in their places)."""
         ...
 
-    def failed(self, exc: BaseException) -> None:
-        """The run raised ``exc``: make the item it names count in the whole input."""
+    def failed(self, exc: BaseException, report: Any = None) -> None:
+        """The run raised ``exc``: make the item it (and its ``report``, if any) names count
+        in the whole input."""
         ...
 
     def stop(self) -> None:
@@ -542,7 +543,7 @@ class Run(Future[_R]):
                 self._report = resume.amend(self._report, wall)
         except BaseException as exc:  # kept for result(), shown in the live area at once
             if resume is not None:
-                resume.failed(exc)
+                resume.failed(exc, self._report)
             # The frames above the user's (this loop, the finish callbacks) are
             # ours and mean nothing to the user; an error of our own keeps them.
             drop_our_frames(exc)

@@ -34,7 +34,6 @@ import collections
 import itertools
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -54,6 +53,7 @@ from .checkpoint_keys import (
 )
 from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
+from .errors import renumber_items as _renumber
 from .fmt import fmt_bytes, func_name
 from .jobs import Failed, WithoutSetup, read_into, reused_object
 
@@ -536,11 +536,23 @@ class MapCheckpoint:
             return
         self._placed.add(id(failed))
         failed.index = idx
+        if failed.info is not None:  # (last_failures() and %pdebug read it: debugging.renumber_last leaves it)
+            failed.info.index = idx
         _renumber(failed.error, self.plan.missing)
 
-    def failed(self, exc: BaseException) -> None:
-        """The run raised ``exc``: make "item N" in it count in the whole input."""
+    def failed(self, exc: BaseException, report: Any = None) -> None:
+        """The run raised ``exc``: make "item N" in it, and in the run's ``report`` (None:
+        the run made none), count in the whole input, the stored items among those done."""
         _renumber(exc, self.plan.missing)
+        if report is not None:
+            missing = self.plan.missing
+            if report.failed_at is not None and 0 <= report.failed_at < len(missing):
+                report.failed_at = missing[report.failed_at]
+            report.items += self.resumed
+            if report.total is not None:
+                report.total = self.total
+            report.extra["checkpoint"] = {"resumed": self.resumed, "total": self.total,
+                                          "computed": self.total - self.resumed}
 
     def stop(self) -> None:
         """The run is being cancelled: chunks still arriving are stored, and the user's
@@ -688,10 +700,12 @@ def checkpointed_pmap(
         if on_chunk is not None:
             ck.stored_segments(on_chunk)
         if pending:
+            before = get_report()
             try:
                 computed = core(func, todo, star=ck.star, errors=errors, on_chunk=ck.on_chunk, **kwargs)
             except Exception as exc:
-                ck.failed(exc)
+                ran = get_report()  # (the core run's, unless it raised before it made one)
+                ck.failed(exc, ran if ran is not before else None)
                 raise
             finally:
                 debugging.renumber_last(ck.plan.missing)  # %pdebug N and last_failures() count in the whole input
@@ -752,32 +766,6 @@ def checkpointed_submit(
     except BaseException:
         ck.settle()
         raise
-
-
-_ITEM_REF = re.compile(r"\bitem (\d+)(?= of the input| \()")
-
-
-def _renumber(exc: BaseException, missing: list[int]) -> None:
-    """Make "item N" in an error's notes and message count in the whole input.
-
-    The core run saw only the missing items, so its "raised by item 3 of the
-    input" means the 4th *missing* item; the user's input position is
-    ``missing[3]``.
-    """
-
-    def fix(text: str) -> str:
-        return _ITEM_REF.sub(lambda m: f"item {missing[int(m.group(1))]}" if int(m.group(1)) < len(missing)
-                             else m.group(0), text)
-
-    notes = getattr(exc, "__notes__", None)
-    if isinstance(notes, (list, tuple)) and notes:  # (a library may have set a str or a tuple: kept as it is)
-        fixed = [fix(n) if isinstance(n, str) else n for n in notes]
-        BaseException.__setattr__(exc, "__notes__", fixed if isinstance(notes, list) else tuple(fixed))
-    render = getattr(exc, "_render_traceback_", None)
-    if render is not None and isinstance(getattr(render, "note", None), str):
-        render.note = fix(render.note)
-    if type(exc).__module__.startswith("mpmagic") and exc.args and isinstance(exc.args[0], str):
-        exc.args = (fix(exc.args[0]), *exc.args[1:])
 
 
 def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: bool = True) -> tuple[Iterable, bool]:
@@ -916,7 +904,7 @@ class CellCheckpoint:
         writer.finish(self._warn)
         return values
 
-    def failed(self, exc: BaseException) -> None:
+    def failed(self, exc: BaseException, report: Any = None) -> None:
         """(A failing cell stores nothing; its error already names the rank.)"""
 
     def stop(self) -> None:

@@ -262,7 +262,9 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     inputs = job.inputs
     if results is not None and failed:
         for r in failed:
-            info = r.info if r.info is not None else FailureInfo(r.error)
+            if r.info is None:  # (kept on the Failed too: a renumbering of it reaches this record, see renumber_last)
+                r.info = FailureInfo(r.error)
+            info = r.info
             info.index, info.item = r.index, r.item
             failures.append(info)
         full = results
@@ -292,11 +294,16 @@ def renumber_last(positions: list[int]) -> None:
     """The last run ran only part of a larger input (``checkpoint.py`` runs the
     items its store lacks): its item ``i`` is item ``positions[i]`` of the
     whole input. Failures are renumbered to count in the whole input; the run
-    cannot be re-run piecewise (running the checkpointed call again does that)."""
+    cannot be re-run piecewise (running the checkpointed call again does that).
+
+    A collecting run's failures are its ``Failed`` results' infos, which the
+    caller renumbers with the ``Failed`` themselves (``checkpoint.MapCheckpoint._place``,
+    as each chunk arrives, possibly before this record was made): renumbering
+    them here too named item ``positions[positions[i]]``."""
     last = _runs.last
     if last is None or last.kind != "map":
         return
-    for f in last.failures:
+    for f in [] if last.collect else last.failures:
         if f.index is not None and 0 <= f.index < len(positions):
             f.index = positions[f.index]
     last.results, last.inputs, last.checkpointed = None, None, True

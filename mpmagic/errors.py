@@ -847,3 +847,30 @@ def describe_exitcode(exitcode: int | None) -> str:
         }.get(name, "")
         return f"was killed by {name}{hint}"
     return f"exited unexpectedly with exit code {exitcode}"
+
+
+_ITEM_REF = re.compile(r"\bitem (\d+)(?= of the input| \()")
+
+
+def renumber_items(exc: BaseException, positions: list[int]) -> None:
+    """Make "item N" in an error's notes and message count in the user's whole input.
+
+    A run over part of the user's input (``checkpoint.py`` runs the items its
+    store lacks, ``postmortem.rerun_failed`` the items that failed) numbers
+    its items among those it ran, so its "raised by item 3 of the input"
+    means the 4th item it ran; the user's input position is ``positions[3]``.
+    """
+
+    def fix(text: str) -> str:
+        return _ITEM_REF.sub(lambda m: f"item {positions[int(m.group(1))]}" if int(m.group(1)) < len(positions)
+                             else m.group(0), text)
+
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, (list, tuple)) and notes:  # (a library may have set a str or a tuple: kept as it is)
+        fixed = [fix(n) if isinstance(n, str) else n for n in notes]
+        BaseException.__setattr__(exc, "__notes__", fixed if isinstance(notes, list) else tuple(fixed))
+    render = getattr(exc, "_render_traceback_", None)
+    if render is not None and isinstance(getattr(render, "note", None), str):
+        render.note = fix(render.note)
+    if type(exc).__module__.startswith("mpmagic") and exc.args and isinstance(exc.args[0], str):
+        exc.args = (fix(exc.args[0]), *exc.args[1:])

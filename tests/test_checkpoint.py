@@ -944,3 +944,35 @@ def test_the_listing_counts_distinct_items_and_tells_runs_of_one_name_apart(tmp_
     listing = checkpoint.Checkpoints(runs)
     assert (b"a" * 4).hex() in repr(listing) and (b"b" * 4).hex() in repr(listing)
     store.close()
+
+
+def _serial_failures(func, items) -> list[int]:
+    """The oracle: the input positions at which serial ``map`` meets an error."""
+    bad = []
+    for i, x in enumerate(items):
+        try:
+            func(x)
+        except Exception:
+            bad.append(i)
+    return bad
+
+
+def test_a_resumed_run_names_failed_items_by_their_place_in_the_whole_input(ip, store_dir):
+    """Resuming items 0-2, item 3's failure was item 6 in last_failures() (a collected
+    failure was renumbered twice: as its chunk came, then again with the record), so
+    ``%pdebug 3`` said item 3 did not fail; a raising run's line said "failed at item 0
+    after 0 of 1 item" (its place among the computed items)."""
+    run(ip, "def bad3(x):\n    if x in (3, 4):\n        raise ValueError(x)\n    return x\n")
+    oracle = _serial_failures(ip.user_ns["bad3"], range(8))
+    run(ip, "%pmap -q --checkpoint bad3, [0, 1, 2]")
+    results = run(ip, "%pmap -q --checkpoint --errors collect -n 2 --chunksize 1 bad3, range(8)")
+    assert [r.index for r in results if isinstance(r, mpmagic.Failed)] == oracle
+    assert [(f.index, f.item) for f in mpmagic.last_failures()] == [(i, i) for i in oracle]
+    from mpmagic import postmortem
+
+    assert postmortem._pick(3)[1].index == 3  # (what %pdebug 3 replays)
+    error = ip.run_cell("%pmap -q --checkpoint -n 2 --chunksize 1 bad3, range(8)").error_in_exec
+    assert isinstance(error, ValueError) and f"raised by item {oracle[0]} of the input" in error.__notes__[-1]
+    assert [f.index for f in mpmagic.last_failures()] == oracle[:1]
+    line = api.last_report().line()
+    assert line.startswith(f"pmap failed at item {oracle[0]} after ") and " of 8 items" in line, line
