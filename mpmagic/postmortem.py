@@ -41,6 +41,7 @@ from .errors import (
     WorkerLostError,
     cell_file,
     one_line_interrupt,
+    renumber_items,
     without_our_frames,
 )
 from .jobs import Failed
@@ -60,6 +61,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     run never reached run too. ``options`` override the last run's
     (``workers``, ``chunksize``, ``timeout``, ``retries``...).
     """
+    __tracebackhide__ = True  # (IPython's traceback shows the user's frames, not this one)
     last = last_run()
     if last is not None and last.kind == "cell" and last.failures:
         raise UsageError("rerun_failed() (--rerun-failed) re-runs the failed items of a pmap, and the last run "
@@ -102,11 +104,20 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     except KeyboardInterrupt:
         set_last_run(last)  # nothing changed: the same failures can be re-run again
         raise
-    except BaseException:
+    except BaseException as exc:
+        renumber_items(exc, todo)  # ("raised by item 3 of the input": the user's input, not the re-run's)
         ran = last_run()  # (the re-run's record, when it ran: api.pmap records a run that raised)
-        info = ran.failures[0] if ran is not None and ran is not last and ran.failures else None
+        if ran is None or ran is last:
+            _remember_rerun(last, func, full, [])
+            raise
+        info = ran.failures[0] if ran.failures else None
         if info is not None and info.index is not None:
             info.index, info.item = todo[info.index], items[info.index]
+        # Items that finished before the failure keep their results: a re-run runs them no more.
+        for i, r in zip(todo, ran.results or (), strict=False):
+            if r is not MISSING:
+                full[i] = r
+        _renumber_report(api.last_report(), todo, full)
         _remember_rerun(last, func, full, [info] if info is not None else [])
         raise
     failures = []
@@ -119,6 +130,17 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         full[i] = r
     _remember_rerun(last, func, full, failures)
     return full
+
+
+def _renumber_report(report: Any, todo: list[int], full: list) -> None:
+    """A raising re-run's report, in the user's input: the item it failed at, and the
+    items that have a result (kept or re-run) of the whole input."""
+    if report is None or report.kind != "pmap":
+        return
+    if report.failed_at is not None and 0 <= report.failed_at < len(todo):
+        report.failed_at = todo[report.failed_at]
+    report.items = sum(1 for r in full if r is not MISSING and not isinstance(r, Failed))
+    report.total = len(full)
 
 
 def _background_hint(errors: str | None) -> str:

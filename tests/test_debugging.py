@@ -645,3 +645,28 @@ def test_a_threads_own_failed_run_is_its_last_failures_and_rerun_failed(fs_pool)
     assert (failed, seen) == (1, [(2, "ZeroDivisionError")])
     assert again == [-1, -1, -2, 1]
     assert mpmagic.last_failures() == []
+
+
+def test_rerun_failed_again_after_a_raising_rerun_runs_each_item_once_and_names_it(ip, local_pool):
+    """Each ``--rerun-failed`` of a run where item 3 still raises dropped the items that
+    finished during it (item 5 ran three times: the docs promise it runs no more), said
+    "raised by item 0 of the input" (its place in the re-run), and showed a frame of
+    mpmagic/postmortem.py. The oracle: serial ``map`` raises at item 3, each item once."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, "import mpmagic\nran = mpmagic.Array('i', 8)\n"
+            "def once(x):\n    with ran.get_lock():\n        ran[x] += 1\n    if x == 3:\n        raise ValueError(x)\n"
+            "    return x\n")
+    ip.run_cell("%pmap -q -n 2 --chunksize 1 once, range(8)", store_history=False)
+    for _ in range(2):
+        with capture_output() as cap:
+            error = ip.run_cell("%pmap -q --rerun-failed", store_history=False).error_in_exec
+        assert isinstance(error, ValueError) and error.__notes__[-1].startswith("mpmagic: raised by item 3 of the input")
+        assert "mpmagic/" not in cap.stdout + cap.stderr, cap.stdout
+        assert [(f.index, f.item) for f in mpmagic.last_failures()] == [(3, 3)]
+        assert mpmagic.api.last_report().line().startswith("pmap failed at item 3 after ")
+    counts = list(ip.user_ns["ran"][:])
+    assert counts[3] == 3 and all(n <= 1 for i, n in enumerate(counts) if i != 3), counts
+    run(ip, "def once(x):\n    with ran.get_lock():\n        ran[x] += 1\n    return x\n")
+    assert run(ip, "%pmap -q --rerun-failed") == list(range(8))
+    assert list(ip.user_ns["ran"][:]) == [1, 1, 1, 4, 1, 1, 1, 1]
