@@ -551,6 +551,7 @@ class MapCheckpoint:
             report.items += self.resumed
             if report.total is not None:
                 report.total = self.total
+            _in_input(report, missing)
             report.extra["checkpoint"] = {"resumed": self.resumed, "total": self.total,
                                           "computed": self.total - self.resumed}
 
@@ -562,6 +563,8 @@ class MapCheckpoint:
     def amend(self, report: Any, wall: float, set_report: Callable[[Any], None] | None = None) -> Any:
         """The run's report (None if nothing ran: one is made) covering the whole input;
         ``wall`` counts from the start of the backend's run, ``lead`` is added."""
+        if report is not None:
+            _in_input(report, self.plan.missing)
         return _amend_report(report, set_report or (lambda r: None), "pmap", self.total, self.resumed,
                              wall + self.lead)
 
@@ -807,6 +810,14 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
         if first:
             return itertools.chain(first, itertools.chain.from_iterable(missing)), True
     return iter(()), False
+
+
+def _in_input(report: Any, missing: list[int]) -> None:
+    """Make the items a run over the ``missing`` items names in its ``report`` (those that
+    ran again, the insights' slowest items and chunks) count in the whole input."""
+    report.ran_again = tuple(missing[i] for i in report.ran_again if 0 <= i < len(missing))
+    if report.insights is not None:
+        report.insights.renumber(missing)
 
 
 def _amend_report(

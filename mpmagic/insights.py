@@ -39,6 +39,11 @@ class Task:
     end: float
     first: int  # index of its first item (or the rank)
     count: int
+    last: int = -1  # index of its last item (first + count - 1, unless renumbered: see Insights.renumber)
+
+    def __post_init__(self) -> None:
+        if self.last < 0:
+            self.last = self.first + self.count - 1
 
 
 @dataclass
@@ -170,6 +175,17 @@ class Insights:
     def wall(self) -> float:
         return self.end - self.begin
 
+    def renumber(self, positions: list[int]) -> None:
+        """The run computed part of the user's input (``--checkpoint`` runs the items its
+        store lacks): its item ``i`` is item ``positions[i]`` of the input."""
+        def at(i: int) -> int:
+            return positions[i] if 0 <= i < len(positions) else i
+
+        for s in self.slowest:
+            s.index = at(s.index)
+        for t in self.tasks:
+            t.first, t.last = at(t.first), at(t.last)
+
     def _nothing_ran(self) -> str | None:
         """The one line that stands for the table when no task ran (``%pmap --insights f, []``):
         a header over no rows would read as if the timings were lost."""
@@ -234,7 +250,7 @@ class Insights:
         for row, wid in enumerate(workers):
             spans = [t for t in self.tasks if t.worker == wid]
             for k, t in enumerate(spans):
-                hot = any(t.first <= i < t.first + t.count for i in slow)
+                hot = any(t.first <= i <= t.last for i in slow)
                 ax.broken_barh([(t.start - self.begin, max(t.end - t.start, 1e-6))], (row - 0.4, 0.8),
                                facecolors="#e45756" if hot else palette[k % 2],
                                edgecolors="white", linewidth=0.5)

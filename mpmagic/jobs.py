@@ -214,6 +214,9 @@ class Unit:
     # Ran on a worker without the pool's %%pool setup (it failed or was skipped
     # there): the one line saying so (``Job.ran_without_setup``).
     without_setup: str | None = None
+    # Items of the unit (index in it -> ErrorInfo) that raised under --errors collect,
+    # told by the worker before its reply (``Job.collected``): kept if it dies.
+    collected: dict | None = None
 
 
 class WithoutSetup(list):
@@ -382,6 +385,10 @@ class MapJob:
         self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
         self.retried = 0  # items sent again after their worker died (--retries)
         self.timed_out = 0  # items stopped at the timeout
+        # Items that had finished in a chunk whose worker then died (or was stopped at
+        # a timeout) before it sent the chunk's results: they went out again and ran a
+        # second time, with or without --retries (the report says so: Report.ran_again).
+        self.ran_again: list[int] = []
         # Other runs held workers while this one was in flight (a background run,
         # another thread's): its wall time is not its own (the backend sets them;
         # the advice must not call that waiting a transfer cost).
@@ -744,15 +751,26 @@ class MapJob:
         if self.collect:
             for i, r in enumerate(results):
                 if type(r) is ErrorInfo:
-                    idx = unit.start + i
-                    item = self._shown(unit.items[i])[0]
-                    error = rebuild_exception(r, self._where(idx, unit.items[i]))
-                    self._note_unsent_global(error)
-                    note_without_setup(error, unit)
-                    results[i] = Failed(idx, item, error, debugging.failure_of(error, r, index=idx, item=item))
+                    results[i] = self._collected_failed(unit, r, i)
         if unit.without_setup is not None:
             results = WithoutSetup(results)
         self._complete(unit, results, seconds)
+
+    def collected(self, unit: Unit, index: int, info: Any) -> None:
+        """Item ``index`` of ``unit`` raised (``errors="collect"``; the worker told before its
+        reply): if the worker dies before the reply, that error is kept (``lost``)."""
+        if unit.collected is None:
+            unit.collected = {}
+        unit.collected[index] = info
+
+    def _collected_failed(self, unit: Unit, info: Any, index: int) -> Failed:
+        """The Failed of item ``index`` of ``unit``, from its worker's ``info``."""
+        idx = unit.start + index
+        item = self._shown(unit.items[index])[0]
+        error = rebuild_exception(info, self._where(idx, unit.items[index]))
+        self._note_unsent_global(error)
+        note_without_setup(error, unit)
+        return Failed(idx, item, error, debugging.failure_of(error, info, index=idx, item=item))
 
     def ran_without_setup(self, unit: Unit, note: str) -> None:
         """The worker answering ``unit`` runs without the pool's setup (``note``: one line
@@ -808,6 +826,7 @@ class MapJob:
             )
         unit.items = []
         unit.data = b""
+        unit.collected = None
         if unit.lease is not None:  # its segments serve the next chunks
             unit.lease.release()
         if self._progress:
@@ -892,6 +911,10 @@ class MapJob:
             if unit.lease is not None:  # its parts go out again packed inline (see _resend_part)
                 unit.lease.release()
                 unit.lease = None
+            # The items before ``index`` had finished; their results died with the worker
+            # (a chunk's results travel together: no message per item). Those whose error
+            # the worker told (``collected``) keep it; the others run again (said in the report).
+            self._finished_before(unit, index)
             if unit.block > 1 and not timed_out:  # (which item of the block is not known yet)
                 self._recheck(unit, index, reason)
                 return
@@ -954,11 +977,30 @@ class MapJob:
             self._resend_part(unit, i, i + 1, block=1)
         return list(range(first, self._next_id))
 
+    def _finished_before(self, unit: Unit, index: int) -> None:
+        """The worker running ``unit`` died at item ``index`` (its block's first): the items
+        before it had finished. Each whose error the worker told (``collected``) fails with it
+        now; the others go out again (their retries afresh: not at fault) and are counted in
+        ``ran_again``. ``_isolate`` and ``_recheck`` then send the rest."""
+        known = unit.collected or {}
+        lo = 0
+        for j in sorted(k for k in known if k < index):
+            self._again(unit, lo, j)
+            part = self._part(unit, j, j + 1, block=1)
+            self._complete(part, [self._collected_failed(unit, known[j], j)], 0.0)
+            lo = j + 1
+        self._again(unit, lo, index)
+
+    def _again(self, unit: Unit, lo: int, hi: int) -> None:
+        """Items ``lo:hi`` of ``unit`` ran, and their results died with its worker: they go out again."""
+        self._resend_part(unit, lo, hi, attempts=0)
+        self.ran_again.extend(range(unit.start + lo, unit.start + hi))
+
     def _isolate(self, unit: Unit, index: int) -> Unit:
-        """Split ``unit`` around item ``index``: re-send the others, return the culprit
-        (packed, with the chunk's attempts, to be sent again or to fail)."""
+        """Split ``unit`` around item ``index``: re-send those after it, return the culprit
+        (packed, with the chunk's attempts, to be sent again or to fail); those before it
+        went out with ``_finished_before``."""
         # The others were not at fault: their retries start afresh.
-        self._resend_part(unit, 0, index, attempts=0)
         self._resend_part(unit, index + 1, unit.count, attempts=0)
         return self._part(unit, index, index + 1, block=1)
 
@@ -967,7 +1009,6 @@ class MapJob:
         re-send the chunk's other items as they were, and the block's items
         marking each one, so a crash that repeats is blamed on its exact item."""
         end = min(unit.count, index + unit.block)
-        self._resend_part(unit, 0, index)
         self._resend_part(unit, index, end, block=1, recheck=reason)
         self._resend_part(unit, end, unit.count)
 
@@ -1232,6 +1273,7 @@ class CellJob:
         self.spans: list[tuple[float, float]] = []  # (start, end) of ranks: how many ran at once (report)
         self.retried = 0  # (ranks are never retried)
         self.timed_out = 0
+        self.ran_again: list[int] = []  # (a rank is one unit of one item)
         self.shared_workers = False  # other runs held workers meanwhile (see MapJob)
         self.waited_for_workers = 0.0
         self.ran_on: int | None = None  # (a map's; see backends/base.py)
@@ -1428,6 +1470,9 @@ class CellJob:
         self.items_done += 1
         self._rank_finished()
         self._failed_while_others_run(unit.id)
+
+    def collected(self, unit: Unit, index: int, info: Any) -> None:
+        """(Only a map's chunk under --errors collect reports an item's failure early.)"""
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)

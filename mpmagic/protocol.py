@@ -34,6 +34,11 @@ Worker to notebook (replies; a Dask task returns the same ones)::
     Error(call, tag, index, info, partial, seconds)
     Unpicklable(call, tag, index, info)
     Missing(call, tag, key)            the function ``key`` is not cached here
+    Collected(call, tag, index, info)  with --errors collect, item ``index`` of the
+                                       running chunk raised (before the chunk's reply:
+                                       a worker that dies later in the chunk does not
+                                       take that error with it; a local worker's, at
+                                       most NOTED_PER_UNIT per chunk)
     SetupDone(version, worker, error, names, output, random_state)
                                        how the setup went (error: one line or None)
 
@@ -178,6 +183,13 @@ class Missing(NamedTuple):
     key: bytes
 
 
+class Collected(NamedTuple):
+    call: int
+    tag: Any
+    index: int  # type: ignore[assignment]  # (shadows tuple.index) in the chunk
+    info: Any  # worker.ErrorInfo
+
+
 class SetupDone(NamedTuple):
     version: int
     worker: Any  # the worker's id (a Dask worker's name)
@@ -192,7 +204,7 @@ class SetupDone(NamedTuple):
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
-    SetupDone, Reload,
+    SetupDone, Reload, Collected,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
@@ -230,6 +242,6 @@ def _short(obj: Any) -> str:
 
 
 __all__ = [
-    "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
+    "KINDS", "REPLIES", "Cell", "Collected", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
     "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
 ]

@@ -77,6 +77,9 @@ class Report:
     capped_threads: int | None = None  # BLAS/OpenMP threads per worker, when capped below the cores
     capped_libs: tuple[str, ...] = ()  # the threaded libraries the tasks use (numpy, torch...)
     retried: int = 0  # items sent again after their worker died (--retries)
+    # Items that ran twice: they had finished in a chunk whose worker died (or was
+    # stopped at a timeout) before it sent the chunk's results (jobs.MapJob.ran_again).
+    ran_again: tuple[int, ...] = ()
     timed_out: int = 0  # items stopped at --timeout (with errors="collect": among the failed)
     serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
     interrupted: bool = False  # the run was interrupted: the line says so, and no speedup
@@ -264,7 +267,7 @@ class Report:
         done = f"{self.items}{of} item{'s' if (self.total if self.total is not None else self.items) != 1 else ''}"
         if self.extra.get("stopped_by"):  # the run's own error (its on_chunk raised), not an item's
             return f"pmap stopped by {self.extra['stopped_by']} after {done} finished, {took}"
-        return f"pmap failed{at} after {done}, {took}"
+        return f"pmap failed{at} after {done}, {took}{self._ran_again_text(' | ')}"
 
     def one_time_mattered(self) -> bool:
         """Did one-time costs take a noticeable share of the run (5% of the wall, 5 ms)?"""
@@ -295,8 +298,19 @@ class Report:
         return (
             f"{self.kind}: {self._what()}{failed} on {self._where()} in {fmt_seconds(self.wall)}"
             f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
-            + (f" | one-time: {once}" if once else "")
+            + (f" | one-time: {once}" if once else "") + self._ran_again_text(" | ")
         )
+
+    def _ran_again_text(self, sep: str) -> str:
+        """``items 0-1 ran again: their worker died before sending their results`` (after
+        ``sep``); empty when no finished item had to run again."""
+        if not self.ran_again:
+            return ""
+        spans = _spans(sorted(set(self.ran_again)))
+        n = len(set(self.ran_again))
+        which = f"item{'s' if n != 1 else ''} {spans}"
+        whose = "its worker" if n == 1 else "their worker"
+        return f"{sep}{which} ran again: {whose} died before sending {'its' if n == 1 else 'their'} results"
 
     def _failures(self) -> str:
         """``1 failed``, ``1 timed out``, ``2 failed, 1 of them timed out``; empty when none failed."""
@@ -449,3 +463,16 @@ class RankValues(list):
     report: Report | None = None
     #: the ranks that ran on a worker without the ``%%pool setup`` (it failed there)
     ranks_without_setup: tuple[int, ...] = ()
+
+
+def _spans(indexes: list[int]) -> str:
+    """``0-2, 7, 9-10`` from sorted item indexes."""
+    out: list[str] = []
+    i = 0
+    while i < len(indexes):
+        j = i
+        while j + 1 < len(indexes) and indexes[j + 1] == indexes[j] + 1:
+            j += 1
+        out.append(str(indexes[i]) if i == j else f"{indexes[i]}-{indexes[j]}")
+        i = j + 1
+    return ", ".join(out)

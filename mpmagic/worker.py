@@ -70,6 +70,7 @@ from .errors import SerializationError
 from .exc_record import capture
 from .protocol import (
     Cell,
+    Collected,
     Context,
     Done,
     Error,
@@ -369,7 +370,8 @@ _FAST_PATH_STOP = (
 
 
 def run_items(
-    func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None, block: int = 1
+    func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None, block: int = 1,
+    noted: Callable[[int, ErrorInfo], None] | None = None,
 ) -> tuple[list, float, tuple[int, ErrorInfo] | None]:
     """Run ``func`` over a chunk of items.
 
@@ -383,6 +385,9 @@ def run_items(
     ``block`` > 1 (the notebook asks for it when items take under a few
     microseconds) it is set once per ``block`` items, to the first of them,
     and the notebook re-runs that block one item at a time to find the culprit.
+    ``noted(index, info)``, with ``collect``, hears of each failing item at once
+    (only failures pay for it): the notebook keeps that error if this process dies
+    later in the chunk, before the chunk's results went home.
     """
     results: list = []
     extend, append = results.extend, results.append
@@ -433,8 +438,14 @@ def run_items(
         if not collect:
             return results, time.perf_counter() - t0, (i, info)
         append(info)
+        if noted is not None:
+            noted(i, info)
     return results, time.perf_counter() - t0, None
 
+
+#: Collected failures of one chunk told to the notebook at once (``Collected``):
+#: a chunk where every item fails sends one message per failure up to this many.
+NOTED_PER_UNIT = 50
 
 #: The position a worker shares while it runs no map unit (before its first,
 #: and from the end of each): a death then blames no item.
@@ -442,7 +453,8 @@ POSITION_IDLE = -2
 
 
 def run_items_timed(
-    func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None
+    func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None,
+    noted: Callable[[int, ErrorInfo], None] | None = None,
 ) -> tuple[list, float, tuple[int, ErrorInfo] | None, list[float]]:
     """:func:`run_items` that also returns each item's seconds (for ``--insights``).
 
@@ -464,6 +476,8 @@ def run_items_timed(
             if not collect:
                 return results, clock() - t0, (i, info), times
             results.append(info)
+            if noted is not None:
+                noted(i, info)
             continue
         times.append(clock() - t)
     return results, clock() - t0, None, times
@@ -487,6 +501,7 @@ def execute_map(
     dumps_results: Callable[[list], bytes] = payload.dumps_data,
     position: Any = None,
     imports: ImportLog | None = None,
+    noted: Callable[[int, ErrorInfo], None] | None = None,
 ) -> Done | Error | Unpicklable:
     """Run a map chunk: load its items, run them, pack the results.
 
@@ -495,7 +510,8 @@ def execute_map(
     seconds the chunk used; ``dumps_results`` packs the results (the local
     worker puts big arrays in shared memory); ``position``: see :func:`run_items`;
     ``imports``: the process's import log (one-time costs since the last
-    reply go home in ``meta["once"]``; a new log when not given).
+    reply go home in ``meta["once"]``; a new log when not given); ``noted``:
+    see :func:`run_items`.
     """
     call, tag = msg.call, msg.tag
     if isinstance(func, ErrorInfo):
@@ -520,9 +536,9 @@ def execute_map(
     runq = runq_end = run_queue_seconds()  # (around the timed items only: see _waited)
     try:
         if msg.timing:
-            results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position)
+            results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position, noted)
         else:
-            results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block)
+            results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block, noted)
         runq_end = run_queue_seconds() if runq is not None else None
     finally:
         task_builtins.end_task(figures)  # the figures its items left open: shown, closed (before results are pickled)
@@ -813,7 +829,8 @@ class _Worker:
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_map(
-                msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position, self.imports
+                msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position, self.imports,
+                self._noter(msg) if msg.collect else None,
             )
         finally:
             self._leave_if_forked()
@@ -825,6 +842,20 @@ class _Worker:
             # Set before the reply: a death after it re-runs this unit whole.
             self.position.value = POSITION_IDLE
         self.channel.send(reply)
+
+    def _noter(self, msg: Map) -> Callable[[int, ErrorInfo], None]:
+        """What tells the notebook at once of a collected failure in the chunk ``msg``
+        (``Collected``; at most NOTED_PER_UNIT of them): a death later in the chunk
+        loses the chunk's results, and the notebook then keeps these errors instead
+        of running their items again (jobs.MapJob.lost)."""
+        left = [NOTED_PER_UNIT]
+
+        def noted(index: int, info: ErrorInfo) -> None:
+            if left[0] > 0:
+                left[0] -= 1
+                self.channel.send(Collected(msg.call, msg.tag, index, info))
+
+        return noted
 
     def run_cell(self, msg: Cell) -> None:
         self._new_call(msg.call)

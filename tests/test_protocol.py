@@ -15,6 +15,7 @@ import pytest
 from mpmagic import payload, protocol, worker, worker_logging
 from mpmagic.protocol import (
     Cell,
+    Collected,
     Context,
     Done,
     Error,
@@ -48,6 +49,7 @@ EXAMPLES = [
     Error(1, 2, 3, worker.ErrorInfo(ValueError("bad")), b"partial", 0.5),
     Unpicklable(1, 2, None, worker.ErrorInfo(TypeError("cannot pickle"))),
     Missing(1, 2, b"k" * 16),
+    Collected(1, 2, 3, worker.ErrorInfo(ValueError("bad"))),
     Import(["numpy", "pandas"]),
     Reload(["mymod"]),
     Setup(3, b"entries"),

@@ -156,3 +156,47 @@ def test_api_retries_are_checked_before_anything_runs(entry, bad):
     manager only when a worker died, and its TypeError replaced the results."""
     with pytest.raises(mpmagic.UsageError, match=r"retries must be a whole number of 0 or more, not "):
         getattr(mpmagic, entry)(abs, [-1], retries=bad)
+
+
+def test_a_death_mid_chunk_keeps_the_known_errors_and_says_what_ran_again(tmp_path):
+    """With no retries, a worker dying at item 2 of a 4-item chunk sent items 0-1 out
+    again silently: item 1's RuntimeError (its only run) came back as a success. The
+    oracle is serial ``map``: items 1 and 2 fail (item 2 by ending its process), each
+    item runs once; the chunk's item 0, whose result died with the worker, runs
+    again and the report says so."""
+    import os
+
+    log = tmp_path / "calls"
+
+    def f(x, kill=os._exit):
+        with open(log, "a") as fh:
+            fh.write(f"{x}\n")
+        mark = tmp_path / f"m{x}"
+        if x in (1, 2) and not mark.exists():
+            mark.touch()
+            if x == 2:
+                kill(1)
+            raise RuntimeError(f"item {x} failed")
+        return x * 10
+
+    def serial_kill(code):
+        raise SystemExit(code)
+
+    oracle = []
+    for i in range(4):
+        try:
+            f(i, serial_kill)
+        except BaseException:
+            oracle.append(i)
+    for p in [log, *tmp_path.glob("m*")]:
+        p.unlink()
+    results = mpmagic.pmap(f, range(4), chunksize=4, workers=2, errors="collect")
+    failed = [r for r in results if isinstance(r, mpmagic.Failed)]
+    assert [r.index for r in failed] == oracle == [1, 2]
+    assert isinstance(failed[0].error, RuntimeError) and isinstance(failed[1].error, mpmagic.WorkerLostError)
+    assert [results[0], results[3]] == [0, 30]
+    calls = [int(x) for x in log.read_text().split()]
+    assert sorted(calls) == [0, 0, 1, 2, 3]  # (item 0 twice: its result died with the worker)
+    report = mpmagic.last_report()
+    assert report.ran_again == (0,)
+    assert report.line().endswith("| item 0 ran again: its worker died before sending its results"), report.line()

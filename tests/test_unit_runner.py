@@ -19,6 +19,7 @@ from mpmagic.cell import make_cell_spec
 from mpmagic.cpus import run_queue_seconds
 from mpmagic.protocol import (
     Cell,
+    Collected,
     Done,
     Error,
     Func,
@@ -147,7 +148,7 @@ def local_worker():
         while True:
             assert here.poll(30), "the worker did not reply"
             reply = unpack(here.recv_bytes())
-            if type(reply) is not Out:
+            if type(reply) not in (Out, Collected):  # (Collected: a collected failure told early, not a reply)
                 return reply
 
     yield run

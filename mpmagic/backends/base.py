@@ -105,6 +105,9 @@ class Job(Protocol):
         """The worker answering ``unit`` (told before its reply) runs without the pool's setup: it
         failed or was skipped there. ``note``: one line saying so, added to a NameError of the unit."""
     def unpicklable(self, unit: Any, index: int | None, info: Any) -> None: ...
+    def collected(self, unit: Any, index: int, info: Any) -> None:
+        """Item ``index`` of the running ``unit`` raised, collected (told before the unit's
+        reply, so that its error outlives a worker that dies later in the unit). A cell: never called."""
     def lost(
         self, unit: Any, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
     ) -> None: ...

@@ -59,6 +59,7 @@ from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode
 from ..fmt import fmt_bytes
 from ..protocol import (
+    Collected,
     Done,
     Error,
     Func,
@@ -1684,6 +1685,10 @@ class LocalBackend:
             if run is not None:
                 run.job.output(msg.tag, msg.stream, msg.text)
             return
+        if kind is Collected:  # (not a reply: the unit it names is still running)
+            if run is not None and slot.inflight and slot.inflight[0][0] is run and slot.inflight[0][1].id == msg.tag:
+                run.job.collected(slot.inflight[0][1], msg.index, msg.info)
+            return
         # A reply: it answers the oldest unit in flight on this worker.
         if not slot.inflight or slot.inflight[0][1].id != msg.tag or slot.inflight[0][0].job.call_id != msg.call:
             return _discard(msg)  # a reply for a unit we already gave up on
@@ -1924,7 +1929,7 @@ _MORE_READY = 4
 # that packs four chunks of 25,000 items (~1 ms each) kept the workers idle
 # until the last one was packed (100,000 tiny items: +10 %).
 _HOLD_MAX = 16 << 10
-_WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Ready
+_WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing, Collected))  # besides Ready
 
 
 def _discard(msg: tuple) -> None:
