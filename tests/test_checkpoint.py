@@ -976,3 +976,13 @@ def test_a_resumed_run_names_failed_items_by_their_place_in_the_whole_input(ip, 
     assert [f.index for f in mpmagic.last_failures()] == oracle[:1]
     line = api.last_report().line()
     assert line.startswith(f"pmap failed at item {oracle[0]} after ") and " of 8 items" in line, line
+
+
+def test_a_resumed_runs_insights_name_the_slowest_item_by_its_place_in_the_input(ip, store_dir):
+    """--insights after resuming items 0-2 named the slowest item by its place among the
+    computed ones (item 1 for item 4)."""
+    run(ip, "import time\ndef slow4(x):\n    if x == 4:\n        time.sleep(0.05)\n    return x\n")
+    run(ip, "%pmap -q --checkpoint slow4, [0, 1, 2]")
+    run(ip, "%pmap -q --checkpoint --insights -n 2 --chunksize 1 slow4, range(6)")
+    insights = api.last_report().insights
+    assert insights.slowest[0].index == 4 and {t.first for t in insights.tasks} == {3, 4, 5}
