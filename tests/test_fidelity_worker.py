@@ -546,6 +546,35 @@ def test_a_pool_started_inside_a_task_fails_with_a_line_saying_why(ip, local_poo
     assert "a task cannot start processes of its own" in info.value.__notes__[-1]
 
 
+def test_display_ids_in_a_task_update_what_the_cell_shows_as_serially(ip, local_pool):
+    """``h = display(x, display_id=True)`` returned None in a task (``h.update``
+    raised AttributeError), and ``update_display(y, display_id=...)`` came as a
+    new ``display_data`` without the id (the stale value stayed on screen). The
+    id and the update now travel: the cell gets what serial code sends it."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, "from IPython.display import display, update_display\n"
+            "def status(x):\n"
+            "    display(f'{x} old', display_id=f'st{x}')\n"
+            "    update_display(f'{x} new', display_id=f'st{x}')\n"
+            "    h = display(f'{x} loading', display_id=True)\n"
+            "    h.update(f'{x} done')\n"
+            "    return type(h).__name__\n")
+    with capture_output() as serial:
+        run(ip, "list(map(status, [0]))")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q status, [0]") == ["DisplayHandle"]
+
+    def shown(outputs):
+        ids = [o.transient["display_id"] for o in outputs]
+        assert ids[:2] == ["st0", "st0"] and ids[2] == ids[3] != "st0"  # (the handle's id: a new one)
+        return [(o.data["text/plain"], o.update) for o in outputs]
+
+    assert shown(cap.outputs) == shown(serial.outputs) == [
+        ("'0 old'", False), ("'0 new'", True), ("'0 loading'", False), ("'0 done'", True)]
+    run(ip, "del display, update_display")
+
+
 def test_display_lines_are_cut_out_of_a_tasks_output_in_their_place():
     from mpmagic import display_relay
     from mpmagic.task_builtins import MARK
