@@ -58,6 +58,11 @@ def _bundle(payload: str) -> dict[str, Any]:
     return {"text/plain": payload}
 
 
+def is_update(payload: str) -> bool:
+    """Does this bundle replace what shows under its display id (``update_display``)?"""
+    return "update" in payload and bool(_bundle(payload).get(UPDATE))  # (JSON escapes the key's \x1e)
+
+
 def text_form(payload: str) -> str:
     """The bundle's text form, one line (for places that show text only; an update
     under a display id shows as a line of its own there)."""

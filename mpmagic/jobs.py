@@ -1457,6 +1457,10 @@ class CellJob:
         if display_relay.MARK in text:  # a rank's display(): its bundle goes on as output of its own kind
             for displayed, piece in display_relay.split(text):
                 if displayed:
+                    if self._label and not display_relay.is_update(piece):
+                        # (a line of its own says whose it is, as the rank's printed lines say it;
+                        # an update replaces what shows in place: no line for it)
+                        self._labelled(rank, "stdout", "\n")
                     self._out("display", piece)
                 else:
                     self._labelled(rank, stream, piece)

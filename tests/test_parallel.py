@@ -376,3 +376,15 @@ def test_partial_lines_of_ranks_show_at_once_each_line_from_one_rank():
     lines.feed(0, "stdout", "end of 0 ")
     lines.feed(1, "stdout", "line 1\n")  # item 0 ended: joined as serial output would be
     assert "".join(shown) == "end of 0 line 1\n"
+
+
+def test_a_ranks_displayed_object_says_which_rank_sent_it(ip, local_pool):
+    """A rank's printed lines say ``[rank N]``; its DataFrames and figures did not, so
+    with -n 2 two tables showed and nobody could tell whose was whose. A line of
+    its own names the rank before each displayed object (not before an update)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        cell(ip, "-n 1 -q", "h = display('table', display_id=True)\nh.update('done')\nrank;")
+    assert cap.stdout.startswith("[rank 0] \n") and cap.stdout.count("[rank 0]") == 1
+    assert [o.data["text/plain"] for o in cap.outputs] == ["'table'", "'done'"]
