@@ -221,11 +221,6 @@ class _StreamToParent(io.TextIOBase):
         if sibling is not None:
             sibling.sibling = self
 
-    @property
-    def buf(self) -> list[str]:
-        """This stream's held text (tests and debugging; the worker reads ``held``)."""
-        return [t for stream, parts in self.held.pieces if stream == self.stream for t in parts]
-
     # What code that works serially in the notebook reads (ipykernel's stream
     # says UTF-8 and has a fileno; click, rich, tqdm read .encoding, faulthandler
     # and subprocess(stdout=sys.stdout) use fileno()).
