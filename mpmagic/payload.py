@@ -242,13 +242,46 @@ def _reduce_open_file(f: io.TextIOWrapper) -> tuple:
     unchanged: lost data, without a word. Binary files are refused by pickle
     itself; text files now are too, and the error names the variable and says
     to pass the path (:func:`advice_for`). The process's own ``sys.stdout`` and
-    ``sys.stderr`` still go by name (the worker's: a task's output, as before).
+    ``sys.stderr`` (and ``sys.__stdout__``, ``sys.__stderr__``) go by name: a
+    :class:`TaskStream`, the task's own stream.
     """
     for name in ("stdout", "stderr"):
-        if f is getattr(sys, name, None):
-            return getattr, (sys, name)
+        if f is getattr(sys, name, None) or f is getattr(sys, f"__{name}__", None):
+            return TaskStream, (name,)
     raise TypeError(f"cannot pickle '{type(f).__module__}.{type(f).__qualname__}' object: an open file "
                     f"({getattr(f, 'name', '?')!r}) works only in the process that opened it")
+
+
+class TaskStream:
+    """The notebook's ``sys.stdout`` / ``sys.stderr`` in a task: whatever the
+    task's own stream is when it is used (a function's default argument, a
+    ``functools.partial(print, file=sys.stderr)``), so it prints in the task as
+    serial code prints in the notebook. The function is loaded before its task
+    captures the streams: the stream itself, looked up then, was the worker's
+    terminal."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr == "_name":  # (not set yet: copy and unpickling look before __init__)
+            raise AttributeError(attr)
+        return getattr(getattr(sys, self._name), attr)
+
+    def __reduce__(self) -> tuple:
+        return TaskStream, (self._name,)
+
+    def __repr__(self) -> str:
+        return f"<the task's sys.{self._name}>"
+
+
+def _reduce_notebook_stream(stream: Any) -> tuple:
+    """ipykernel's ``OutStream`` (a notebook's ``sys.stdout`` / ``sys.stderr``): the
+    task's own stream, not a copy of the kernel's session (an HMAC key: refused)."""
+    name = "stderr" if stream is sys.stderr or getattr(stream, "name", None) == "stderr" else "stdout"
+    return TaskStream, (name,)
 
 
 def _reduce_memoryview(view: memoryview) -> tuple:
@@ -365,13 +398,17 @@ _table_picklers: dict[tuple, type] = {}
 
 
 def _with_table(base: type, buffer_callback: Any) -> type:
-    """``base``, or a subclass with reducers of its own for: a strided view of a
+    """``base``, or a subclass with reducers of its own for: ipykernel's ``OutStream``
+    (the notebook's ``sys.stdout``: the task's own, :class:`TaskStream`), a strided view of a
     ``share()`` array (when ``buffer_callback`` is a lending ``shm.Collector`` and
     such arrays exist: it travels by reference, ``shm._reduce_array``), and a
     file-backed ``np.memmap`` inside ``memmaps_by_reference()`` (as its file's name,
     :func:`memmap_reference`; plain pickle has no ``reducer_override``)."""
     lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
     table = dict(lent or {})
+    out_stream = getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
+    if out_stream is not None and base is not pickle.Pickler:  # (plain pickle refuses it: cloudpickle's turn)
+        table[out_stream] = _reduce_notebook_stream
     np = sys.modules.get("numpy") if _memmaps.on else None
     if np is not None:
         table[np.memmap] = _reduce_memmap

@@ -29,7 +29,10 @@ Notebook to worker (requests)::
 Worker to notebook (replies; a Dask task returns the same ones)::
 
     Ready(pid, worker)                 the worker is up
-    Out(call, tag, stream, text)       whole lines a task printed
+    Out(call, tag, stream, text)       text a task printed (whole lines, or a
+                                       partial one it flushed or left at its end)
+    Outs(call, tag, pieces)            the same for both streams at once:
+                                       ((stream, text), ...) in the order written
     Done(call, tag, data, seconds, meta)
     Error(call, tag, index, info, partial, seconds)
     Unpicklable(call, tag, index, info)
@@ -144,6 +147,12 @@ class Out(NamedTuple):
     text: str
 
 
+class Outs(NamedTuple):
+    call: int
+    tag: Any
+    pieces: tuple  # ((stream, text), ...): a task alternating stdout and stderr, one message a batch
+
+
 class Done(NamedTuple):
     call: int
     tag: Any
@@ -192,7 +201,7 @@ class SetupDone(NamedTuple):
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
-    SetupDone, Reload,
+    SetupDone, Reload, Outs,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
@@ -230,6 +239,6 @@ def _short(obj: Any) -> str:
 
 
 __all__ = [
-    "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
+    "KINDS", "REPLIES", "Cell", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out", "Outs",
     "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
 ]

@@ -64,6 +64,7 @@ from ..protocol import (
     Func,
     Missing,
     Out,
+    Outs,
     ProtocolError,
     Ready,
     SetupDone,
@@ -1684,6 +1685,11 @@ class LocalBackend:
             if run is not None:
                 run.job.output(msg.tag, msg.stream, msg.text)
             return
+        if kind is Outs:
+            if run is not None:
+                for stream, text in msg.pieces:
+                    run.job.output(msg.tag, stream, text)
+            return
         # A reply: it answers the oldest unit in flight on this worker.
         if not slot.inflight or slot.inflight[0][1].id != msg.tag or slot.inflight[0][0].job.call_id != msg.call:
             return _discard(msg)  # a reply for a unit we already gave up on
@@ -1924,7 +1930,7 @@ _MORE_READY = 4
 # that packs four chunks of 25,000 items (~1 ms each) kept the workers idle
 # until the last one was packed (100,000 tiny items: +10 %).
 _HOLD_MAX = 16 << 10
-_WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing))  # besides Ready
+_WORKER_SAYS = frozenset((Out, Outs, Done, Error, Unpicklable, Missing))  # besides Ready
 
 
 def _discard(msg: tuple) -> None:
