@@ -137,26 +137,37 @@ class MPMagic(Configurable):
     # A value out of range is refused at the %config line (TraitError, which
     # %config prints as one line) and the setting keeps its old value: found
     # only at the next run, it failed every run, even one with -n given, with
-    # a message that did not name the setting. None is never checked here
-    # (traitlets lets it through where allow_none): it means the default.
+    # a message that did not name the setting. None means the default and is
+    # taken as it is: traitlets skips its allow_none shortcut when %config
+    # cross-validates (update_config holds the notifications), so None does
+    # reach these validators. A bool is refused (traitlets' Int takes True as 1).
     @validate("workers", "chunksize")
-    def _at_least_one(self, proposal: Any) -> int:
-        default = {"workers": "one per usable CPU", "chunksize": "sized automatically"}
-        return _check(proposal, proposal["value"] >= 1,
-                      f"a whole number of at least 1, or None ({default[proposal['trait'].name]})")
+    def _at_least_one(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        if proposal["trait"].name == "workers":
+            from .backends.local import max_workers
+
+            most = max_workers()  # the bound -n has: a size no pool could start is refused now
+            return _check(proposal, value is None or (_whole(value) and 1 <= value <= most),
+                          f"a whole number from 1 to {most} (this machine's limit), or None (one per usable CPU)")
+        return _check(proposal, value is None or (_whole(value) and value >= 1),
+                      "a whole number of at least 1, or None (sized automatically)")
 
     @validate("worker_threads")
-    def _threads_valid(self, proposal: Any) -> int:
-        return _check(proposal, proposal["value"] >= 0,
+    def _threads_valid(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        return _check(proposal, value is None or (_whole(value) and value >= 0),
                       "a whole number of at least 1, 0 (no cap) or None (usable CPUs // workers)")
 
     @validate("checkpoint_max_bytes")
-    def _max_bytes_valid(self, proposal: Any) -> int:
-        return _check(proposal, proposal["value"] >= 0, "a number of bytes (0 or more), or None (no cap)")
+    def _max_bytes_valid(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        return _check(proposal, value is None or (_whole(value) and value >= 0),
+                      "a number of bytes (0 or more), or None (no cap)")
 
     @validate("shm_threshold")
     def _shm_threshold_valid(self, proposal: Any) -> int:
-        return _check(proposal, proposal["value"] >= 1, "a number of bytes of at least 1")
+        return _check(proposal, _whole(proposal["value"]) and proposal["value"] >= 1, "a number of bytes of at least 1")
 
     @validate("progress_delay")
     def _progress_delay_valid(self, proposal: Any) -> float:
@@ -202,7 +213,7 @@ class MPMagic(Configurable):
         from .backends.local import LocalBackend
 
         backend = pool.current_pool()
-        workers = self.workers if self._workers_pending else None
+        workers = self._pending_size()
         self._pool_pending = self._workers_pending = False
         if backend is not None and not isinstance(backend, LocalBackend):
             return
@@ -227,13 +238,28 @@ class MPMagic(Configurable):
         if (method and method != backend.start_method) or (workers and workers != backend.workers):
             pool.use_local(workers, method)
 
+    def _pending_size(self) -> int | None:
+        """The size to apply when ``workers`` changed, else None (keep the pool's).
+
+        ``workers = None`` is the default size, one worker per usable CPU,
+        counted now: passed on as None, it read as "no change" to the pool,
+        which kept the size an earlier setting gave it."""
+        if not self._workers_pending:
+            return None
+        if self.workers is not None:
+            return self.workers
+        from .cpus import available_cpus
+
+        return available_cpus()
+
     def take_pool_settings(self) -> tuple[int | None, str | None]:
         """``(workers, start_method)`` changed by ``%config`` and not applied yet, now
-        taken (None for each that did not change): ``%pool start`` and ``%pool restart``
+        taken (None for each that did not change; ``workers = None`` set since is the
+        number of usable CPUs): ``%pool start`` and ``%pool restart``
         apply them, as the next run would."""
         if not self._pool_pending:
             return None, None
-        workers = self.workers if self._workers_pending else None
+        workers = self._pending_size()
         self._pool_pending = self._workers_pending = self._deferred_said = False
         return workers, self.start_method
 
@@ -242,6 +268,11 @@ class MPMagic(Configurable):
         for name, trait in self.traits(config=True).items():
             setattr(self, name, trait.default())
         self._pool_pending = self._workers_pending = False
+
+
+def _whole(value: Any) -> bool:
+    """An int that is not a bool (``True`` is not a number of workers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(proposal: Any, ok: bool, takes: str) -> Any:
