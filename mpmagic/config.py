@@ -252,16 +252,20 @@ class MPMagic(Configurable):
 
         return available_cpus()
 
-    def take_pool_settings(self) -> tuple[int | None, str | None]:
-        """``(workers, start_method)`` changed by ``%config`` and not applied yet, now
-        taken (None for each that did not change; ``workers = None`` set since is the
-        number of usable CPUs): ``%pool start`` and ``%pool restart``
-        apply them, as the next run would."""
+    def pending_pool_settings(self) -> tuple[int | None, str | None]:
+        """What :meth:`take_pool_settings` would take, left pending."""
         if not self._pool_pending:
             return None, None
-        workers = self._pending_size()
+        return self._pending_size(), self.start_method
+
+    def take_pool_settings(self) -> tuple[int | None, str | None]:
+        """``(workers, start_method)`` changed by ``%config`` (or given by ``ipython_config.py``)
+        and not applied yet, now taken (None for each that did not change; ``workers = None``
+        set since is the number of usable CPUs): the pool started at ``%load_ext``,
+        ``%pool start`` and ``%pool restart`` apply them, as the next run would."""
+        workers, method = self.pending_pool_settings()
         self._pool_pending = self._workers_pending = self._deferred_said = False
-        return workers, self.start_method
+        return workers, method
 
     def reset(self) -> None:
         """Every setting back to its default (for tests and ``%config``-happy sessions)."""

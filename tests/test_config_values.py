@@ -109,3 +109,24 @@ def test_workers_back_to_none_is_one_per_cpu_again(ip, pool2):
     run(ip, "%config MPMagic.workers = None")
     run(ip, "%pool start")  # %pool start applies it too
     assert pool.current_pool().workers == available_cpus()
+
+
+def test_the_pool_started_at_load_takes_the_profiles_settings(ip, monkeypatch):
+    """The pool %load_ext starts was made with the defaults (forkserver, one per CPU)
+    though ipython_config.py said spawn / 1: the first run threw it away and cold-started."""
+    import mpmagic
+    from mpmagic import pool
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "can_start_in_background", lambda: True)
+    monkeypatch.delenv("MPMAGIC_PRESTART", raising=False)
+    pool.shutdown()
+    settings = config.current()
+    settings.workers, settings.start_method = 1, "spawn"  # (as ipython_config.py gives them: pending)
+    try:
+        mpmagic._prestart_pool()
+        made = pool.current_pool()
+        assert (made.workers, made.start_method) == (1, "spawn")
+        assert settings.pending_pool_settings() == (None, None)  # the first run keeps this pool
+    finally:
+        pool.shutdown()
