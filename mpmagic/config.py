@@ -370,6 +370,8 @@ def apply(opts: Any) -> MPMagic:
     settings.apply_pool_settings()  # so -n defaults to the pool's size, as set by `workers`
     if hasattr(opts, "chunksize") and opts.chunksize is None:
         opts.chunksize = settings.chunksize
+        # (the advice then names the setting, not a --chunksize the user never typed)
+        opts.chunksize_setting = settings.chunksize is not None
     if getattr(opts, "progress", None) is None:
         opts.progress = settings.progress
     if settings.report == "none":

@@ -130,3 +130,26 @@ def test_the_pool_started_at_load_takes_the_profiles_settings(ip, monkeypatch):
         assert settings.pending_pool_settings() == (None, None)  # the first run keeps this pool
     finally:
         pool.shutdown()
+
+
+def test_the_advice_names_the_chunksize_setting_not_an_option_never_typed(ip, pool2):
+    """With %config MPMagic.chunksize = 3 and a plain %pmap, the advice said "drop --chunksize"."""
+    from conftest import synthetic_report
+
+    import mpmagic
+    from mpmagic.advice import advise
+
+    run(ip, "%config MPMagic.chunksize = 3")
+    run(ip, "%pmap -q abs, range(12)")
+    assert mpmagic.last_report().extra.get("chunksize_setting") is True
+    run(ip, "%pmap -q --chunksize 3 abs, range(12)")  # typed: the option is named
+    assert "chunksize_setting" not in mpmagic.last_report().extra
+
+    small = dict(items=12, chunks=4, chunksize="3", wall=0.05, task_seconds=0.001)
+    assert "drop --chunksize" in advise(synthetic_report(**small))
+    said = advise(synthetic_report(**small, extra={"chunksize_setting": True}))
+    assert "%config MPMagic.chunksize = None" in said and "--chunksize" not in said
+    idle = dict(items=10, chunks=1, chunksize="100", wall=0.5, task_seconds=0.5, slowest_task=0.5,
+                slowest_where="the chunk of items 0-9", extra={"chunksize_setting": True})
+    said = advise(synthetic_report(**idle))
+    assert "(%config MPMagic.chunksize = 100)" in said and "--chunksize" not in said
