@@ -20,18 +20,58 @@ never in the middle of one: a new start method waits for the runs in flight.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, TraitError, Unicode, observe, validate
-from traitlets.config import Configurable
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Float,
+    Int,
+    TraitError,
+    Unicode,
+    default,
+    observe,
+    validate,
+)
+from traitlets.config import LoggingConfigurable
 
 REPORT_MODES = ("auto", "line", "html", "none")
 
 
-class MPMagic(Configurable):
-    """Defaults for ``%pmap``, ``%%parallel`` and the pool they run on."""
+class _ToStderr(logging.Handler):
+    """One ``mpmagic: ...`` line on the ``sys.stderr`` of the moment (a notebook's cell)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"mpmagic: {record.getMessage()}\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _settings_logger() -> logging.Logger:
+    """The logger traitlets warns on about a setting name ``MPMagic`` lacks."""
+    log = logging.getLogger("mpmagic.settings")
+    if not log.handlers:
+        log.addHandler(_ToStderr())
+        log.propagate = False  # (the root logger would print it a second time, as WARNING:...)
+    return log
+
+
+class MPMagic(LoggingConfigurable):
+    """Defaults for ``%pmap``, ``%%parallel`` and the pool they run on.
+
+    A ``LoggingConfigurable``: traitlets then says an unknown name
+    (``%config MPMagic.worker = 2``, "Did you mean ... workers?") on ``log``
+    every time, where a plain ``Configurable`` gave a ``UserWarning`` that
+    Python shows once per session, so a repeated typo did nothing, silently.
+    """
+
+    @default("log")
+    def _log_default(self) -> logging.Logger:
+        return _settings_logger()
 
     workers = Int(
         None,

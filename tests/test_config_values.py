@@ -153,3 +153,14 @@ def test_the_advice_names_the_chunksize_setting_not_an_option_never_typed(ip, po
                 slowest_where="the chunk of items 0-9", extra={"chunksize_setting": True})
     said = advise(synthetic_report(**idle))
     assert "(%config MPMagic.chunksize = 100)" in said and "--chunksize" not in said
+
+
+def test_a_misspelled_setting_is_said_every_time_in_one_line(ip):
+    """traitlets' UserWarning for an unknown name showed once per session: a repeated
+    typo then did nothing, silently."""
+    for value in (2, 3):
+        with capture_output() as cap:
+            run(ip, f"%config MPMagic.worker = {value}")
+        assert cap.stderr == ("mpmagic: Config option `worker` not recognized by `MPMagic`.  "
+                              "Did you mean one of: `worker_threads, workers`?\n")
+    ip.config.MPMagic.pop("worker", None)  # (%config keeps it in the shell's config)
