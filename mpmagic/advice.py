@@ -218,8 +218,12 @@ def advise(report: Any) -> str | None:
         if report.kind == "pmap" and fixed and report.chunks and report.chunks < workers:
             return (
                 f"the {report.items} items went in {report.chunks} chunk{'s' if report.chunks != 1 else ''} "
-                f"(--chunksize {report.chunksize}), so only {report.chunks} of the {workers} workers had work: "
-                "use a smaller --chunksize, or none (the default splits the items among the workers)"
+                + (f"(%config MPMagic.chunksize = {report.chunksize}), so only {report.chunks} of the {workers} "
+                   "workers had work: set a smaller one, or %config MPMagic.chunksize = None (the default splits "
+                   "the items among the workers)"
+                   if report.extra.get("chunksize_setting") else
+                   f"(--chunksize {report.chunksize}), so only {report.chunks} of the {workers} workers had work: "
+                   "use a smaller --chunksize, or none (the default splits the items among the workers)")
             )
         if report.cores and workers > report.cores:  # (a rank or item that waited for a core reads as slow)
             what = "ranks" if report.kind == "parallel" else "workers"
@@ -247,7 +251,8 @@ def advise(report: Any) -> str | None:
             per_item = report.task_seconds / max(1, report.items)
             fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
             fix = (
-                "drop --chunksize (automatic sizing) or make it larger"
+                ("set %config MPMagic.chunksize = None (automatic sizing) or a larger one"
+                 if report.extra.get("chunksize_setting") else "drop --chunksize (automatic sizing) or make it larger")
                 if fixed
                 else "give each call more work (pass a batch of items per call)"
             )

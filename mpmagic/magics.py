@@ -798,6 +798,8 @@ class MPMagics(Magics):
             _finished("%pmap", "results", "its results are", result)
         finally:
             report = api.last_report()
+            if report is not None and report is not before and getattr(opts, "chunksize_setting", False):
+                report.extra["chunksize_setting"] = True  # its advice names %config MPMagic.chunksize
             if not opts.quiet and report is not None and report is not before:
                 display(report)  # this run's report, never an older one
         return result

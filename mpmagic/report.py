@@ -46,6 +46,8 @@ class Report:
     failed_at: int | None = None
     total: int | None = None
     failed_ranks: tuple[int, ...] = ()
+    # (e.g. "checkpoint"; "chunksize_setting": the chunk size came from %config
+    # MPMagic.chunksize, which the advice then names instead of --chunksize)
     extra: dict[str, Any] = field(default_factory=dict)
     # What the advice line reasons from (see advice.py); zero / None when not measured.
     cold_start: bool = False  # the pool was not running when the run began
