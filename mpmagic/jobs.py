@@ -382,6 +382,8 @@ class MapJob:
         self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
         self.retried = 0  # items sent again after their worker died (--retries)
         self.timed_out = 0  # items stopped at the timeout
+        # Positions of the items a worker died running, retried or not (--compare leaves them out of its serial run)
+        self.died_under: set[int] = set()
         # Other runs held workers while this one was in flight (a background run,
         # another thread's): its wall time is not its own (the backend sets them;
         # the advice must not call that waiting a transfer cost).
@@ -896,6 +898,8 @@ class MapJob:
                 self._recheck(unit, index, reason)
                 return
             unit = self._isolate(unit, index)
+        if not timed_out:
+            self.died_under.update(range(unit.start, unit.start + unit.count))
         if not timed_out and unit.attempts < self.retries:  # (keeps its lease, if any: sent again as is)
             # (a chunk whose dying item is not known, e.g. it died loading it, is charged as a whole)
             unit.attempts += 1

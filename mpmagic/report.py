@@ -186,7 +186,9 @@ class Report:
                 eq = ", RESULTS DIFFER"
             if self.serial_imports:  # a lazy import the workers had done before (warm-up) was timed here
                 eq += f"; it imported {_names(self.serial_imports)} here"
-            return f"serial {fmt_seconds(self.serial)} (measured{eq})"
+            left_out = self.extra.get("compare_left_out", 0)  # (items not run here: they killed a worker or timed out)
+            of = f" for {self.items - left_out} of {self.items} items" if left_out else ""
+            return f"serial {fmt_seconds(self.serial)} (measured{of}{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
         return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()})"
