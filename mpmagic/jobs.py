@@ -214,6 +214,10 @@ class Unit:
     # Ran on a worker without the pool's %%pool setup (it failed or was skipped
     # there): the one line saying so (``Job.ran_without_setup``).
     without_setup: str | None = None
+    # The worker it was last sent to and when (epoch seconds), where the backend
+    # says (the local pool): --insights shows a unit lost with its worker there.
+    sent_to: Any = None
+    sent_at: float | None = None
 
 
 class WithoutSetup(list):
@@ -885,6 +889,8 @@ class MapJob:
         ``worker_kept``: a timeout the backend could not stop (a Dask cluster
         mpmagic does not own); ``reason`` then says what became of the worker.
         """
+        if self.insights is not None:  # (the timeline shows it as stopped, not the worker as idle)
+            self.insights.lost(unit, timed_out, self.timeout, index, replaced=not worker_kept)
         self.outstanding.pop(unit.id, None)
         if index is not None and 0 <= index < unit.count and unit.count > 1:
             # --retries counts per item: the item that was running is charged, the
@@ -1445,6 +1451,8 @@ class CellJob:
     def lost(
         self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
     ) -> None:
+        if self.insights is not None:  # (the timeline shows it as stopped, not the worker as idle)
+            self.insights.lost(unit, timed_out, self.timeout, None, replaced=not worker_kept)
         self.outstanding.pop(unit.id, None)
         if timed_out:
             fate = reason if worker_kept else "its worker was stopped and replaced"

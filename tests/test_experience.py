@@ -473,6 +473,27 @@ def test_insights_of_a_cell_and_star_args(ip, pool2, settings):
     assert mpmagic.last_report().insights.slowest[0].args == "add(2, 20)"
 
 
+def test_insights_show_a_timed_out_item_and_count_worker_slots(ip, pool2, settings):
+    """A timed-out item is among the slowest (its time until it was stopped) and on the
+    timeline as stopped, not its worker as idle; the replacement worker's row does not make
+    it "3 of 2 workers". -q hides the timing report, not the insights asked for."""
+    run(ip, "def stuck(x):\n    time.sleep(5 if x == 1 else 0)\n    return x\n")
+    with capture_output() as out:
+        run(ip, "%pmap -q --insights --errors collect --timeout 0.3 --chunksize 1 stuck, range(4)")
+    ins = mpmagic.last_report().insights
+    top = ins.slowest[0]
+    assert (top.index, top.fate) == (1, "timed out") and 0.29 <= top.seconds < 1.0  # (epoch floats)
+    stopped = [t for t in ins.tasks if t.fate]
+    assert [(t.first, t.worker, t.fate) for t in stopped] == [(1, top.worker, "timed out")]
+    holder = next(w for w in ins.per_worker if w.worker == top.worker)
+    assert holder.busy >= 0.29
+    text = str(ins)
+    assert text.startswith("insights: 2 of 2 workers (1 replaced) ran tasks")
+    assert f"item 1: stuck(1)  (worker {top.worker}, timed out)" in text and "!" in ins.timeline_text()
+    shown = displayed(out)  # -q: the insights, not the timing report
+    assert len(shown) == 1 and shown[0]["text/plain"].startswith("insights: 2 of 2 workers (1 replaced)")
+
+
 def test_compare_leaves_out_items_that_killed_their_worker_or_timed_out(ip, pool2, settings, tmp_path, capfd):
     """--compare's serial run calls no item whose worker died under it (retried or
     not) or that timed out: here it would exit or hang the notebook (%pdebug's rule).
