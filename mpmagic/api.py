@@ -822,6 +822,7 @@ class MapCall:
         self.workers = workers or self.backend.workers
         self.cold = self.backend.cold
         self.collect = errors == "collect"
+        self.caller = ""  # (a stream's sets "imap": its report's lines say so)
         self.recorder = Recorder("pmap", getattr(func, "__name__", "func"), self.star) if insights else None
         self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
                              insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
@@ -832,6 +833,7 @@ class MapCall:
         job, backend = self.job, self.backend
         return Report(
             kind="pmap",
+            caller=self.caller,
             interrupted=interrupted,
             items=job.items_done,
             # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).
