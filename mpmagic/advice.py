@@ -434,6 +434,8 @@ def _slower_in_workers(report: Any) -> str | None:
     """With --compare: the same tasks took longer in the workers than serially here."""
     if report.serial is None or report.serial <= 0 or report.kind != "pmap" or not report.chunks:
         return None
+    if report.extra.get("compare_left_out"):  # the serial run left items out: its time is not all the tasks'
+        return None
     if report.task_seconds / report.chunks < MIN_TIMED_CHUNK:
         return None  # the workers' clocks around tiny chunks measure mostly themselves
     ratio = report.task_seconds / report.serial

@@ -214,6 +214,10 @@ class Unit:
     # Ran on a worker without the pool's %%pool setup (it failed or was skipped
     # there): the one line saying so (``Job.ran_without_setup``).
     without_setup: str | None = None
+    # The worker it was last sent to and when (epoch seconds), where the backend
+    # says (the local pool): --insights shows a unit lost with its worker there.
+    sent_to: Any = None
+    sent_at: float | None = None
 
 
 class WithoutSetup(list):
@@ -383,6 +387,8 @@ class MapJob:
         self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
         self.retried = 0  # items sent again after their worker died (--retries)
         self.timed_out = 0  # items stopped at the timeout
+        # Positions of the items a worker died running, retried or not (--compare leaves them out of its serial run)
+        self.died_under: set[int] = set()
         # Other runs held workers while this one was in flight (a background run,
         # another thread's): its wall time is not its own (the backend sets them;
         # the advice must not call that waiting a transfer cost).
@@ -884,6 +890,8 @@ class MapJob:
         ``worker_kept``: a timeout the backend could not stop (a Dask cluster
         mpmagic does not own); ``reason`` then says what became of the worker.
         """
+        if self.insights is not None:  # (the timeline shows it as stopped, not the worker as idle)
+            self.insights.lost(unit, timed_out, self.timeout, index, replaced=not worker_kept)
         self.outstanding.pop(unit.id, None)
         if index is not None and 0 <= index < unit.count and unit.count > 1:
             # --retries counts per item: the item that was running is charged, the
@@ -897,6 +905,8 @@ class MapJob:
                 self._recheck(unit, index, reason)
                 return
             unit = self._isolate(unit, index)
+        if not timed_out:
+            self.died_under.update(range(unit.start, unit.start + unit.count))
         if not timed_out and unit.attempts < self.retries:  # (keeps its lease, if any: sent again as is)
             # (a chunk whose dying item is not known, e.g. it died loading it, is charged as a whole)
             unit.attempts += 1
@@ -1437,6 +1447,8 @@ class CellJob:
     def lost(
         self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
     ) -> None:
+        if self.insights is not None:  # (the timeline shows it as stopped, not the worker as idle)
+            self.insights.lost(unit, timed_out, self.timeout, None, replaced=not worker_kept)
         self.outstanding.pop(unit.id, None)
         if timed_out:
             fate = reason if worker_kept else "its worker was stopped and replaced"

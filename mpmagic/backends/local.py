@@ -1604,6 +1604,7 @@ class LocalBackend:
         slot.known.update(keys)
         self._send_failures = 0
         slot.inflight.append((run, unit))
+        unit.sent_to, unit.sent_at = slot.wid, time.time()  # (--insights: a unit lost with its worker)
         run.units_sent = True
         if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
             job.waited_for_workers += time.monotonic() - run.waiting_since
