@@ -45,6 +45,33 @@ def test_a_full_pipe_keeps_the_rest_and_never_blocks():
         theirs.close()
 
 
+def test_a_message_in_parts_arrives_as_one():
+    """A message given in parts (protocol.pack_parts) is framed as one:
+    Connection.recv_bytes reads their concatenation, the big part uncopied."""
+    ours, theirs = _pair()
+    sender = Sender(ours)
+    try:
+        big = os.urandom(200_000)
+        parts = (b"head", b"", big)
+        views = frame(parts)
+        assert views[-1].obj is big and struct.unpack("!i", views[0])[0] == len(big) + 4
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.extend(theirs.recv_bytes() for _ in range(2)))
+        reader.start()
+        sender.send(parts)
+        sender.send(b"after")
+        deadline = time.monotonic() + 30
+        while sender.pending and time.monotonic() < deadline:
+            sender.flush()
+            time.sleep(0.001)
+        reader.join(30)
+        assert got == [b"head" + big, b"after"]
+    finally:
+        sender.close()
+        ours.close()
+        theirs.close()
+
+
 def test_frames_match_multiprocessing_connection():
     """What Connection.recv_bytes reads back is what was framed, short and long alike."""
     for n in (0, 1, 16384, 16385, 1 << 20):
