@@ -248,7 +248,7 @@ def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
     return False
 
 
-def unpack(data: bytes) -> Any:
+def unpack(data: bytes | bytearray) -> Any:
     """The message :func:`pack` (or :func:`pack_parts`) made; :class:`ProtocolError` for anything else."""
     if data[:1] == _PARTS:
         view = memoryview(data)

@@ -10,6 +10,8 @@ import struct
 import threading
 import time
 
+import pytest
+
 import mpmagic
 from mpmagic.backends.pipes import Receiver, Sender, frame
 
@@ -70,6 +72,35 @@ def test_a_message_in_parts_arrives_as_one():
         sender.close()
         ours.close()
         theirs.close()
+
+
+def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
+    """worker.read_message reads each framed message back, small ones as bytes
+    and big ones (read into one buffer of their size) however the pipe splits
+    them, and says EOFError at the pipe's end."""
+    from mpmagic.worker import read_message
+
+    a, b = socket.socketpair()
+    big = os.urandom(3 << 20)
+    messages = [b"", b"small", big, b"after"]
+    wire = b"".join(bytes(v) for m in messages for v in frame(m))
+
+    def write_slowly():
+        with a:
+            for i in range(0, len(wire), 700_001):  # pieces that cut the headers and the big body
+                a.sendall(wire[i : i + 700_001])
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    try:
+        got = [read_message(b.fileno()) for _ in messages]
+        assert got == messages and type(got[2]) is bytearray
+        with pytest.raises(EOFError):
+            read_message(b.fileno())
+    finally:
+        writer.join(30)
+        b.close()
 
 
 def test_frames_match_multiprocessing_connection():
