@@ -225,6 +225,7 @@ _PARTS_MIN = 64 << 10
 # (0x80), so ``unpack`` tells the two forms apart by their first byte.
 _PARTS = b"\x00"
 _PARTS_HEAD = struct.Struct("!cQ")
+_MAP_ITEMS = Map._fields.index("items")
 
 
 def pack_parts(msg: tuple) -> tuple[bytes, ...]:
@@ -239,7 +240,8 @@ def pack_parts(msg: tuple) -> tuple[bytes, ...]:
     """
     if type(msg) is not Map or type(msg.items) is not bytes or len(msg.items) < _PARTS_MIN:
         return (pack(msg),)
-    fields = (_CODE[Map], *msg[:5], pickle.PickleBuffer(msg.items), *msg[6:])
+    i = _MAP_ITEMS
+    fields = (_CODE[Map], *msg[:i], pickle.PickleBuffer(msg.items), *msg[i + 1 :])
     head = pickle.dumps(fields, PROTOCOL, buffer_callback=_out_of_band)
     return _PARTS_HEAD.pack(_PARTS, len(head)), head, msg.items
 
