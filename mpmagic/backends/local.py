@@ -72,8 +72,10 @@ from ..protocol import (
     Unmap,
     Unpicklable,
     pack,
+    pack_parts,
     unpack,
 )
+from . import pipes
 from .base import Job
 from .pipes import Receiver, Sender
 
@@ -173,8 +175,8 @@ class _Slot:
             self.sender = Sender(self.conn)
             self.receiver = Receiver(self.sender.sock)
 
-    def send(self, data: bytes) -> None:
-        """Send one message (never blocks; ``OSError`` when the worker is gone)."""
+    def send(self, data: bytes | tuple[bytes, ...]) -> None:
+        """Send one message (or its parts: ``pipes.frame``; never blocks; ``OSError`` when the worker is gone)."""
         self.sender.send(data)
 
     def close(self) -> None:
@@ -1446,13 +1448,14 @@ class LocalBackend:
                 for run in list(self._runs):
                     self._end(run, error)
 
-    def _put(self, slot: _Slot, data: bytes) -> None:
-        """Send ``data`` to ``slot`` now, or at the end of ``_assign`` when in it."""
+    def _put(self, slot: _Slot, data: bytes | tuple[bytes, ...]) -> None:
+        """Send ``data`` (a message, or its parts: ``pipes.frame``) to ``slot`` now,
+        or at the end of ``_assign`` when in it."""
         if self._held is None:
             slot.send(data)
             return
         slot.sender.queue(data)
-        if len(data) > _HOLD_MAX:
+        if pipes.size(data) > _HOLD_MAX:
             slot.sender.flush()  # a big chunk goes now: packing the next one takes longer than a wake-up
         elif slot not in self._held:
             self._held.append(slot)
@@ -1579,14 +1582,15 @@ class LocalBackend:
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
             ctx = context.current(job.call_id)
-            messages, keys = [], []
+            messages: list[bytes | tuple[bytes, ...]] = []
+            keys = []
             if context.key(ctx) not in slot.known:
                 messages.append(pack(ctx))
                 keys.append(context.key(ctx))
             if job.func_key is not None and job.func_key not in slot.known:
                 messages.append(pack(Func(job.func_key, job.func_payload)))
                 keys.append(job.func_key)
-            messages.append(pack(job.message(unit)))
+            messages.append(pack_parts(job.message(unit)))  # (a chunk's large items: uncopied)
         except Exception as exc:
             job.requeue(unit)
             self._end(run, exc)
