@@ -68,6 +68,9 @@ def same(a):
 
 def pick(i):
     return float(big[i])
+
+def rev_len(b):
+    return len(b[::-1])
 """
 
 
@@ -330,6 +333,12 @@ def run(quick: bool, only: set[str] | None = None) -> None:
         # ~10 ms each: more repeats cost little and steady the medians
         tiny_t = contest("100,000 tiny items (x*x)", sq, list(range(100_000)), reps * 3)
         warm = contest("warm 2-item map", sq, [1, 2], 50 if quick else 200, warmup=5)[1]
+        # Medium plain items (userperf13 F1): the bytes travel the pipe as they do for Pool.
+        rev_len = ns["rev_len"]
+        medium_b = contest("2,000 `bytes` items of 100 kB (`len(b[::-1])`)", rev_len,
+                           [bytes(100_000) for _ in range(2000)], reps)
+        medium_s = contest("100,000 `str` items of ~1 kB (same)", rev_len,
+                           ["x" * 1000 + str(i) for i in range(100_000)], reps)
         big = np.random.default_rng(0).random((256 << 20) // 8)
         parts = np.array_split(big, 8)
         arr = contest("sum of a 256 MB array in 8 chunks", np_sum, parts, reps)
@@ -357,6 +366,9 @@ def run(quick: bool, only: set[str] | None = None) -> None:
         say(f"- 100,000 tiny items: mp.Pool(fork) / mpmagic = {t['pool'] / t['mpmagic']:.2f} (target >= 1), "
             f"joblib / mpmagic = {t['joblib'] / t['mpmagic']:.1f} (target >= 20; issue 2: >= 1), "
             f"mpmagic / serial = {t['mpmagic'] / s:.1f}")
+        for what, (_, t) in (("2,000 bytes items of 100 kB", medium_b), ("100,000 str items of ~1 kB", medium_s)):
+            say(f"- {what}: mpmagic / mp.Pool(fork) = {t['mpmagic'] / t['pool']:.2f}, "
+                f"mpmagic / joblib = {t['mpmagic'] / t['joblib']:.2f} (target <= 1.2 for both)")
         say(f"- warm 2-item map: mp.Pool(fork) / mpmagic = {warm['pool'] / warm['mpmagic']:.2f} (target >= 1; "
             f"issue 2: < 2 ms, got {fmt_t(warm['mpmagic'])}), joblib / mpmagic = {warm['joblib'] / warm['mpmagic']:.0f}")
         s, t = arr

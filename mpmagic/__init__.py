@@ -239,15 +239,27 @@ def _prestart_pool() -> None:
     The load returns at once. Skipped when ``MPMAGIC_PRESTART=0``, or when
     ``__main__`` is a script's (starting a child would then have to hide it,
     which is not safe while the user's code runs).
+
+    The pool is made with the settings ``ipython_config.py`` gave (``workers``,
+    ``start_method``; ``config.register`` read them before this): made with the
+    defaults, the first run replaced it, and paid the cold start it is there to hide.
     """
     import os
     import threading
 
-    from . import pool
+    from . import config, pool
     from .backends.local import LocalBackend, can_start_in_background
+    from .errors import UsageError
 
     if os.environ.get("MPMAGIC_PRESTART", "1") == "0" or not can_start_in_background():
         return
+    if pool.current_pool() is None:
+        settings = config.current()
+        try:
+            pool.get_pool(*settings.pending_pool_settings())
+        except UsageError:  # (a start method this platform lacks: the first run says so)
+            return
+        settings.take_pool_settings()  # applied: the first run keeps this pool
     backend = pool.get_pool()
     if isinstance(backend, LocalBackend) and not backend.running:
         threading.Thread(target=_start_if_current, args=(backend,), daemon=True, name="mpmagic-prestart").start()

@@ -218,8 +218,12 @@ def advise(report: Any) -> str | None:
         if report.kind == "pmap" and fixed and report.chunks and report.chunks < workers:
             return (
                 f"the {report.items} items went in {report.chunks} chunk{'s' if report.chunks != 1 else ''} "
-                f"(--chunksize {report.chunksize}), so only {report.chunks} of the {workers} workers had work: "
-                "use a smaller --chunksize, or none (the default splits the items among the workers)"
+                + (f"(%config MPMagic.chunksize = {report.chunksize}), so only {report.chunks} of the {workers} "
+                   "workers had work: set a smaller one, or %config MPMagic.chunksize = None (the default splits "
+                   "the items among the workers)"
+                   if report.extra.get("chunksize_setting") else
+                   f"(--chunksize {report.chunksize}), so only {report.chunks} of the {workers} workers had work: "
+                   "use a smaller --chunksize, or none (the default splits the items among the workers)")
             )
         if report.cores and workers > report.cores:  # (a rank or item that waited for a core reads as slow)
             what = "ranks" if report.kind == "parallel" else "workers"
@@ -247,7 +251,8 @@ def advise(report: Any) -> str | None:
             per_item = report.task_seconds / max(1, report.items)
             fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
             fix = (
-                "drop --chunksize (automatic sizing) or make it larger"
+                ("set %config MPMagic.chunksize = None (automatic sizing) or a larger one"
+                 if report.extra.get("chunksize_setting") else "drop --chunksize (automatic sizing) or make it larger")
                 if fixed
                 else "give each call more work (pass a batch of items per call)"
             )
@@ -428,6 +433,8 @@ def _short(imports: dict[str, float | None]) -> dict[str, float | None]:
 def _slower_in_workers(report: Any) -> str | None:
     """With --compare: the same tasks took longer in the workers than serially here."""
     if report.serial is None or report.serial <= 0 or report.kind != "pmap" or not report.chunks:
+        return None
+    if report.extra.get("compare_left_out"):  # the serial run left items out: its time is not all the tasks'
         return None
     if report.task_seconds / report.chunks < MIN_TIMED_CHUNK:
         return None  # the workers' clocks around tiny chunks measure mostly themselves

@@ -22,6 +22,7 @@ import types
 import warnings
 from collections.abc import (
     Callable,
+    Container,
     Iterable,
     Iterator,
     MutableMapping,
@@ -40,6 +41,7 @@ from .errors import (
     NOT_STARTED_OUTCOME,
     STOPPED_OUTCOME,
     ParallelError,
+    TaskTimeoutError,
     UsageError,
     add_note,
     drop_our_frames,
@@ -49,6 +51,7 @@ from .errors import (
     render_traceback,
     run_interrupted,
     set_interrupt_outcome,
+    unsafe_here,
 )
 from .fmt import func_name
 from .insights import Recorder
@@ -692,17 +695,25 @@ def pmap(
     report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     if compare:
+        left_out = _left_out_of_compare(results, job.died_under)
+        if left_out:
+            report.extra["compare_left_out"] = len(left_out)
+            _say_left_out(left_out, len(results))
         mark = len(sys.modules)
         t1 = time.perf_counter()
         try:
             with _random_state_kept(seed is not None):  # seed=: the notebook's own random state stays
-                serial = _serial_map(func, iterables, star_mode, errors == "collect")
+                serial = _serial_map(func, iterables, star_mode, errors == "collect", skip=left_out)
         except (Exception, SystemExit) as exc:  # (sys.exit() in a task is its item's error in the workers too)
             _serial_failed(report, exc, "results")
         else:
             report.serial = time.perf_counter() - t1
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
-            report.equal = _equal(serial, results)
+            if left_out:  # the verdict covers the items compared
+                serial, results_compared = ([r for i, r in enumerate(lst) if i not in left_out] for lst in (serial, results))
+                report.equal = _equal(serial, results_compared)
+            else:
+                report.equal = _equal(serial, results)
             report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
             if report.equal is False:
                 report.extra["state"] = payload_cache.state_words(given_func)
@@ -723,20 +734,26 @@ def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) ->
     return seeding.Seeded(func, seed, star), (pairs,), False
 
 
-def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool, note_items: bool = False) -> list:
+def _serial_map(
+    func: Callable, iterables: tuple, star: bool, collect: bool, note_items: bool = False, skip: Container[int] = ()
+) -> list:
     """``map`` (``starmap``) here, in the notebook or a worker; with ``collect`` a
     failing item's place holds its :class:`~mpmagic.jobs.Failed`, as in parallel
     results (``compare``'s serial run raised there, and the results were lost).
     ``note_items``: a failing item's error gets the note the pool gives it
     ("raised by item 3 of the input: f(3)"), and our frames are left out of its
-    traceback (a map run serially inside a task)."""
+    traceback (a map run serially inside a task). ``skip``: positions not called
+    (their places hold None): ``compare`` leaves out what killed a worker or timed out."""
     __tracebackhide__ = True
     items = iterables[0] if len(iterables) == 1 else zip(*iterables, strict=False)
     star = star or len(iterables) > 1
-    if not collect and not note_items:
+    if not collect and not note_items and not skip:
         return list(itertools.starmap(func, items)) if star else list(map(func, items))
     results: list = []
     for i, item in enumerate(items):
+        if i in skip:
+            results.append(None)
+            continue
         try:
             results.append(func(*item) if star else func(item))
         except (Exception, SystemExit) as exc:  # (as the workers collect it)
@@ -746,6 +763,39 @@ def _serial_map(func: Callable, iterables: tuple, star: bool, collect: bool, not
                 raise
             results.append(Failed(i, item, exc))
     return results
+
+
+def _left_out_of_compare(results: list, died_under: set[int]) -> dict[int, str]:
+    """The items ``compare``'s serial run must not call here, by position, with why
+    ("timeout" or "died"): those the notebook does not run again
+    (``errors.unsafe_here``, %pdebug's rule: their worker died under them, or they
+    ran past the timeout), and those whose worker died under them before a retry
+    succeeded. Called here, they could exit or hang the notebook, and lose the
+    parallel results with it."""
+    out = {i: "died" for i in died_under if i < len(results)}
+    for r in results:
+        if isinstance(r, Failed) and unsafe_here(r.error):
+            out[r.index] = "timeout" if isinstance(r.error, TaskTimeoutError) else "died"
+    return out
+
+
+def _say_left_out(left_out: dict[int, str], total: int) -> None:
+    """One line: which items ``compare``'s serial run leaves out, and why."""
+    parts = []
+    for why in ("died", "timeout"):
+        idx = sorted(i for i, w in left_out.items() if w == why)
+        if not idx:
+            continue
+        items = f"item{'s' if len(idx) > 1 else ''} " + ", ".join(map(str, idx[:8])) + (", ..." if len(idx) > 8 else "")
+        if why == "died":
+            parts.append(f"the worker{'s' if len(idx) > 1 else ''} running {items} died")
+        else:
+            parts.append(f"{items} ran past the timeout")
+    n, rest = len(left_out), total - len(left_out)
+    sys.stderr.write(f"mpmagic: compare=True (--compare): {' and '.join(parts)} in the parallel run, so "
+                     f"{'they are' if n > 1 else 'it is'} not run here, where {'they' if n > 1 else 'it'} could do the "
+                     f"same to the notebook; the verdict and the serial time cover the other {rest} "
+                     f"item{'s' if rest != 1 else ''}\n")
 
 
 def _serial_failed(report: Report, exc: BaseException, what: str) -> None:
@@ -772,6 +822,7 @@ class MapCall:
         self.workers = workers or self.backend.workers
         self.cold = self.backend.cold
         self.collect = errors == "collect"
+        self.caller = ""  # (a stream's sets "imap": its report's lines say so)
         self.recorder = Recorder("pmap", getattr(func, "__name__", "func"), self.star) if insights else None
         self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
                              insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
@@ -782,6 +833,7 @@ class MapCall:
         job, backend = self.job, self.backend
         return Report(
             kind="pmap",
+            caller=self.caller,
             interrupted=interrupted,
             items=job.items_done,
             # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).

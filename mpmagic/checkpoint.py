@@ -35,6 +35,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -702,6 +703,8 @@ def checkpointed_pmap(
         todo, pending = ck.todo()
         if on_chunk is not None:
             ck.stored_segments(on_chunk)
+        if not pending:
+            _nothing_ran("item", kwargs)
         if pending:
             before = get_report()
             try:
@@ -818,6 +821,17 @@ def _in_input(report: Any, missing: list[int]) -> None:
     report.ran_again = tuple(missing[i] for i in report.ran_again if 0 <= i < len(missing))
     if report.insights is not None:
         report.insights.renumber(missing)
+
+
+def _nothing_ran(what: str, kwargs: dict[str, Any]) -> None:
+    """Every item (rank) came from the store: one line naming the options given that
+    act on a run (``compare``, ``insights``), since none ran, so that they are not
+    silently ignored. (A partial resume compares and times the items computed.)"""
+    given = [f"{name}=True (--{name})" for name in ("compare", "insights") if kwargs.get(name)]
+    if given:
+        sys.stderr.write(f"mpmagic: every {what} came from the checkpoint, so nothing ran here or in the workers: "
+                         f"{' and '.join(given)} had nothing to act on; "
+                         "run without the checkpoint (checkpoint=False, --no-checkpoint) to compute them again\n")
 
 
 def _amend_report(
@@ -951,6 +965,7 @@ def checkpointed_parallel(
     except ValueError:
         return core(code, workers=workers, namespace=namespace, gather=gather, show_report=show_report, **kwargs)
     if ck.complete:
+        _nothing_ran("rank's value", kwargs)
         values = ck.stored_values()
         values.report = ck.amend(None, time.perf_counter() - t0, set_report)
         if show_report:

@@ -20,18 +20,58 @@ never in the middle of one: a new start method waits for the runs in flight.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from typing import Any
 
-from traitlets import Bool, CaselessStrEnum, Float, Int, TraitError, Unicode, observe, validate
-from traitlets.config import Configurable
+from traitlets import (
+    Bool,
+    CaselessStrEnum,
+    Float,
+    Int,
+    TraitError,
+    Unicode,
+    default,
+    observe,
+    validate,
+)
+from traitlets.config import LoggingConfigurable
 
 REPORT_MODES = ("auto", "line", "html", "none")
 
 
-class MPMagic(Configurable):
-    """Defaults for ``%pmap``, ``%%parallel`` and the pool they run on."""
+class _ToStderr(logging.Handler):
+    """One ``mpmagic: ...`` line on the ``sys.stderr`` of the moment (a notebook's cell)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(f"mpmagic: {record.getMessage()}\n")
+        except Exception:
+            self.handleError(record)
+
+
+def _settings_logger() -> logging.Logger:
+    """The logger traitlets warns on about a setting name ``MPMagic`` lacks."""
+    log = logging.getLogger("mpmagic.settings")
+    if not log.handlers:
+        log.addHandler(_ToStderr())
+        log.propagate = False  # (the root logger would print it a second time, as WARNING:...)
+    return log
+
+
+class MPMagic(LoggingConfigurable):
+    """Defaults for ``%pmap``, ``%%parallel`` and the pool they run on.
+
+    A ``LoggingConfigurable``: traitlets then says an unknown name
+    (``%config MPMagic.worker = 2``, "Did you mean ... workers?") on ``log``
+    every time, where a plain ``Configurable`` gave a ``UserWarning`` that
+    Python shows once per session, so a repeated typo did nothing, silently.
+    """
+
+    @default("log")
+    def _log_default(self) -> logging.Logger:
+        return _settings_logger()
 
     workers = Int(
         None,
@@ -137,26 +177,37 @@ class MPMagic(Configurable):
     # A value out of range is refused at the %config line (TraitError, which
     # %config prints as one line) and the setting keeps its old value: found
     # only at the next run, it failed every run, even one with -n given, with
-    # a message that did not name the setting. None is never checked here
-    # (traitlets lets it through where allow_none): it means the default.
+    # a message that did not name the setting. None means the default and is
+    # taken as it is: traitlets skips its allow_none shortcut when %config
+    # cross-validates (update_config holds the notifications), so None does
+    # reach these validators. A bool is refused (traitlets' Int takes True as 1).
     @validate("workers", "chunksize")
-    def _at_least_one(self, proposal: Any) -> int:
-        default = {"workers": "one per usable CPU", "chunksize": "sized automatically"}
-        return _check(proposal, proposal["value"] >= 1,
-                      f"a whole number of at least 1, or None ({default[proposal['trait'].name]})")
+    def _at_least_one(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        if proposal["trait"].name == "workers":
+            from .backends.local import max_workers
+
+            most = max_workers()  # the bound -n has: a size no pool could start is refused now
+            return _check(proposal, value is None or (_whole(value) and 1 <= value <= most),
+                          f"a whole number from 1 to {most} (this machine's limit), or None (one per usable CPU)")
+        return _check(proposal, value is None or (_whole(value) and value >= 1),
+                      "a whole number of at least 1, or None (sized automatically)")
 
     @validate("worker_threads")
-    def _threads_valid(self, proposal: Any) -> int:
-        return _check(proposal, proposal["value"] >= 0,
+    def _threads_valid(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        return _check(proposal, value is None or (_whole(value) and value >= 0),
                       "a whole number of at least 1, 0 (no cap) or None (usable CPUs // workers)")
 
     @validate("checkpoint_max_bytes")
-    def _max_bytes_valid(self, proposal: Any) -> int:
-        return _check(proposal, proposal["value"] >= 0, "a number of bytes (0 or more), or None (no cap)")
+    def _max_bytes_valid(self, proposal: Any) -> int | None:
+        value = proposal["value"]
+        return _check(proposal, value is None or (_whole(value) and value >= 0),
+                      "a number of bytes (0 or more), or None (no cap)")
 
     @validate("shm_threshold")
     def _shm_threshold_valid(self, proposal: Any) -> int:
-        return _check(proposal, proposal["value"] >= 1, "a number of bytes of at least 1")
+        return _check(proposal, _whole(proposal["value"]) and proposal["value"] >= 1, "a number of bytes of at least 1")
 
     @validate("progress_delay")
     def _progress_delay_valid(self, proposal: Any) -> float:
@@ -202,7 +253,7 @@ class MPMagic(Configurable):
         from .backends.local import LocalBackend
 
         backend = pool.current_pool()
-        workers = self.workers if self._workers_pending else None
+        workers = self._pending_size()
         self._pool_pending = self._workers_pending = False
         if backend is not None and not isinstance(backend, LocalBackend):
             return
@@ -227,21 +278,45 @@ class MPMagic(Configurable):
         if (method and method != backend.start_method) or (workers and workers != backend.workers):
             pool.use_local(workers, method)
 
-    def take_pool_settings(self) -> tuple[int | None, str | None]:
-        """``(workers, start_method)`` changed by ``%config`` and not applied yet, now
-        taken (None for each that did not change): ``%pool start`` and ``%pool restart``
-        apply them, as the next run would."""
+    def _pending_size(self) -> int | None:
+        """The size to apply when ``workers`` changed, else None (keep the pool's).
+
+        ``workers = None`` is the default size, one worker per usable CPU,
+        counted now: passed on as None, it read as "no change" to the pool,
+        which kept the size an earlier setting gave it."""
+        if not self._workers_pending:
+            return None
+        if self.workers is not None:
+            return self.workers
+        from .cpus import available_cpus
+
+        return available_cpus()
+
+    def pending_pool_settings(self) -> tuple[int | None, str | None]:
+        """What :meth:`take_pool_settings` would take, left pending."""
         if not self._pool_pending:
             return None, None
-        workers = self.workers if self._workers_pending else None
+        return self._pending_size(), self.start_method
+
+    def take_pool_settings(self) -> tuple[int | None, str | None]:
+        """``(workers, start_method)`` changed by ``%config`` (or given by ``ipython_config.py``)
+        and not applied yet, now taken (None for each that did not change; ``workers = None``
+        set since is the number of usable CPUs): the pool started at ``%load_ext``,
+        ``%pool start`` and ``%pool restart`` apply them, as the next run would."""
+        workers, method = self.pending_pool_settings()
         self._pool_pending = self._workers_pending = self._deferred_said = False
-        return workers, self.start_method
+        return workers, method
 
     def reset(self) -> None:
         """Every setting back to its default (for tests and ``%config``-happy sessions)."""
         for name, trait in self.traits(config=True).items():
             setattr(self, name, trait.default())
         self._pool_pending = self._workers_pending = False
+
+
+def _whole(value: Any) -> bool:
+    """An int that is not a bool (``True`` is not a number of workers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(proposal: Any, ok: bool, takes: str) -> Any:
@@ -335,6 +410,8 @@ def apply(opts: Any) -> MPMagic:
     settings.apply_pool_settings()  # so -n defaults to the pool's size, as set by `workers`
     if hasattr(opts, "chunksize") and opts.chunksize is None:
         opts.chunksize = settings.chunksize
+        # (the advice then names the setting, not a --chunksize the user never typed)
+        opts.chunksize_setting = settings.chunksize is not None
     if getattr(opts, "progress", None) is None:
         opts.progress = settings.progress
     if settings.report == "none":

@@ -8,6 +8,10 @@ output (:func:`split`) and hands each bundle on as output of its own kind,
 output shows it (:func:`show`): as rich output through IPython's display
 publisher when IPython runs (the cell that waits on the run gets a
 ``display_data`` message: HTML, images, figures), as its text form otherwise.
+A bundle sent with a display id (``display(x, display_id=...)``, a handle's
+``update``) carries it, and whether it updates, under two keys that are no
+mime type (``task_builtins.DISPLAY_ID``, ``UPDATE``): it is published with
+that id, as an ``update_display_data`` for an update.
 A background run's live area shows the text form (:func:`text_form`).
 """
 
@@ -19,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .task_builtins import MARK
+from .task_builtins import DISPLAY_ID, MARK, UPDATE
 
 log = logging.getLogger("mpmagic")
 
@@ -54,8 +58,14 @@ def _bundle(payload: str) -> dict[str, Any]:
     return {"text/plain": payload}
 
 
+def is_update(payload: str) -> bool:
+    """Does this bundle replace what shows under its display id (``update_display``)?"""
+    return "update" in payload and bool(_bundle(payload).get(UPDATE))  # (JSON escapes the key's \x1e)
+
+
 def text_form(payload: str) -> str:
-    """The bundle's text form, one line (for places that show text only)."""
+    """The bundle's text form, one line (for places that show text only; an update
+    under a display id shows as a line of its own there)."""
     return str(_bundle(payload).get("text/plain", "")) + "\n"
 
 
@@ -63,10 +73,14 @@ def show(payload: str, write: Callable[[str], Any]) -> None:
     """Show a task's displayed object here: rich, through IPython's display
     publisher, when IPython runs; else its text form through ``write``."""
     data = _bundle(payload)
+    display_id, update = data.pop(DISPLAY_ID, None), bool(data.pop(UPDATE, False))
     ipython = sys.modules.get("IPython")
     if ipython is None or ipython.get_ipython() is None:
         write(str(data.get("text/plain", "")) + "\n")
         return
     from IPython.display import publish_display_data
 
-    publish_display_data(data)
+    if display_id is None:
+        publish_display_data(data)
+    else:  # the task's display(..., display_id=...) or its handle's update()
+        publish_display_data(data, transient={"display_id": str(display_id)}, update=update)

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from .jobs import flush_stdio
+
 log = logging.getLogger("mpmagic")
 
 _END = ("end",)
@@ -33,6 +35,14 @@ _END = ("end",)
 #: Each event wakes the waiting thread, which then competes for the GIL with the
 #: manager: one per chunk cost a warm 2-item map ~40 us; a bar needs ~10 a second.
 PROGRESS_EVERY = 0.1
+
+
+#: Output events still queued once a run is interrupted that are shown; earlier ones
+#: are left out (one line says how many lines): tasks that print faster than the
+#: notebook can show (stdout and stderr in turn, endless) had queued a backlog
+#: whose display held the interrupt up for 20-70 s. The last ones, printed just
+#: before the interrupt, are the ones shown.
+KEPT_AT_INTERRUPT = 200
 
 
 class Run:
@@ -59,6 +69,7 @@ class Run:
         self._ended = threading.Event()
         self._pumped = False  # the end event was taken by a waiting thread
         self._chunk_error = False  # on_chunk raised: the run stops with its error
+        self._left_out = 0  # lines of output dropped after an interrupt (see KEPT_AT_INTERRUPT)
         self.reading_input = False  # the waiting thread is in the user's input generator now
         self.calling_back = False  # the waiting thread is in the job's on_chunk (the user's code) now
         # Set by the backend: workers it stopped (and replaced) for this run on a cancel or an
@@ -140,11 +151,18 @@ class Run:
                 except queue.Empty:
                     return False
                 self._dispatch(ev)
+                if ev[0] == "out" and self._events.empty():
+                    self._idle_flush()  # (output is not flushed line by line: jobs._print_stream)
         return True
 
     def _dispatch(self, ev: tuple) -> None:
         kind = ev[0]
         if kind == "out":
+            if self.interrupted and self._events.qsize() > KEPT_AT_INTERRUPT:
+                self._left_out += ev[2].count("\n")  # (see KEPT_AT_INTERRUPT)
+                return
+            if self._left_out:
+                self._say_left_out()
             self._out(ev[1], ev[2])
         elif kind == "progress":
             self._progress(ev[1])
@@ -158,8 +176,20 @@ class Run:
                 self.reading_input = False
             self.nudge()
         else:  # the end: the job is ours again
+            if self._left_out:
+                self._say_left_out()
             self._pumped = True
             self.job.redirect(self._out, self._progress, self._chunk, self._ask_input)
+
+    def _say_left_out(self) -> None:
+        n, self._left_out = self._left_out, 0
+        self._out("stderr", f"mpmagic: {n} line{'s' if n != 1 else ''} the tasks printed before the interrupt "
+                            "were left out: they came faster than the notebook could show them\n")
+
+    def _idle_flush(self) -> None:
+        """Nothing more to print for now: flush the notebook's streams, so what
+        was printed shows while the run goes on."""
+        flush_stdio()
 
     def _call_on_chunk(self, start: int, results: list) -> None:
         """The job's ``on_chunk``, here in the waiting thread. If it raises, the

@@ -84,6 +84,17 @@ class TaskTimeoutError(MPMagicError, TimeoutError):
     """A task (``pmap`` item or ``parallel`` rank) ran past its ``timeout``."""
 
 
+def unsafe_here(error: BaseException) -> bool:
+    """Would calling the failed task again in the notebook risk the notebook itself?
+
+    True for a task whose worker died under it (``WorkerLostError``: it may call
+    ``os._exit`` or crash the interpreter) or that ran past its timeout
+    (``TaskTimeoutError``: it may never return). The one rule for what the
+    notebook does not run again: ``%pdebug`` does not replay such an item, and
+    ``--compare``'s serial run leaves it out."""
+    return isinstance(error, (WorkerLostError, TaskTimeoutError))
+
+
 class SerializationError(MPMagicError):
     """Something could not be pickled to go to a worker, or to come back."""
 

@@ -39,6 +39,7 @@ class Task:
     end: float
     first: int  # index of its first item (or the rank)
     count: int
+    fate: str = ""  # "timed out" or "worker died": stopped before it finished (its worker lost)
     last: int = -1  # index of its last item (first + count - 1, unless renumbered: see Insights.renumber)
 
     def __post_init__(self) -> None:
@@ -65,6 +66,7 @@ class SlowItem:
     seconds: float
     args: str
     worker: Any = None
+    fate: str = ""  # "timed out", "worker died": its time is until it was stopped
 
 
 class Recorder:
@@ -78,20 +80,21 @@ class Recorder:
         self.begin = time.time()
         self.tasks: list[Task] = []
         self.transfer: dict[Any, float] = {}
-        self._heap: list[tuple[float, int, int, str, Any]] = []  # min-heap of the slowest
+        self._heap: list[tuple[float, int, int, str, Any, str]] = []  # min-heap of the slowest
         self._seq = 0  # tie-breaker, so entries never compare their workers
+        self.replaced = 0  # workers stopped (timeout) or dead under a task, and replaced
 
     def _args(self, item: Any) -> str:
         if self.star and isinstance(item, (tuple, list)):
             return f"{self.func_name}({', '.join(short_repr(a, 30) for a in item)})"
         return f"{self.func_name}({short_repr(item, 50)})"
 
-    def _offer(self, seconds: float, index: int, item: Any, worker: Any, is_rank: bool = False) -> None:
+    def _offer(self, seconds: float, index: int, item: Any, worker: Any, is_rank: bool = False, fate: str = "") -> None:
         if len(self._heap) >= self.top and seconds <= self._heap[0][0]:
             return
         text = f"rank {index}" if is_rank else self._args(item)
         self._seq += 1
-        entry = (seconds, index, self._seq, text, worker)
+        entry = (seconds, index, self._seq, text, worker, fate)
         if len(self._heap) < self.top:
             heapq.heappush(self._heap, entry)
         else:
@@ -123,6 +126,31 @@ class Recorder:
         elif unit.items:  # no per-item times (an older worker or another backend): the chunk
             self._offer(seconds, unit.start, unit.items[0] if unit.count == 1 else unit.items, worker)
 
+    def lost(self, unit: Any, timed_out: bool, timeout: float | None, index: int | None = None,
+             replaced: bool = True) -> None:
+        """A unit stopped at its timeout, or whose worker died under it: on the timeline
+        from when it was sent (or its worker's previous task ended) until now, marked
+        as such; a timed-out item among the slowest, with the time it ran until stopped.
+        ``index``: the position in the chunk of the item that was running, when known."""
+        end = time.time()
+        fate = "timed out" if timed_out else "worker died"
+        worker = unit.sent_to
+        if replaced:
+            self.replaced += 1
+        start = unit.sent_at if unit.sent_at is not None else self.begin
+        if worker is not None:  # (after the worker's previous task: it waited behind it)
+            start = max([start] + [t.end for t in self.tasks if t.worker == worker and t.end <= end])
+        if timed_out and timeout:  # (its clock started when it did: not before end - timeout)
+            start = max(start, end - timeout) if worker is not None else end - timeout
+        if worker is not None:
+            self.tasks.append(Task(worker, start, end, unit.start, unit.count, fate))
+        at = index if index is not None and 0 <= index < unit.count else 0
+        if self.kind == "parallel":
+            self._offer(end - start, unit.id, None, worker if worker is not None else "?", is_rank=True, fate=fate)
+        elif timed_out or unit.count == 1 or index is not None:  # (the item known to be the one stopped)
+            item = unit.items[at] if unit.items else None
+            self._offer(end - start, unit.start + at, item, worker if worker is not None else "?", fate=fate)
+
     def finish(self, workers: int) -> Insights:
         """The insights of the finished run, with ``workers`` the number it could use."""
         end = time.time()
@@ -135,18 +163,21 @@ class Recorder:
         for w in per.values():
             w.transfer = self.transfer.get(w.worker, 0.0)
             w.idle = max(0.0, span - w.busy - w.transfer)
-        slow = [SlowItem(i, s, a, w) for s, i, _, a, w in sorted(self._heap, reverse=True)]
+        slow = [SlowItem(i, s, a, w, f) for s, i, _, a, w, f in sorted(self._heap, reverse=True)]
         def order(w: WorkerTime) -> tuple:  # local ids in number order, addresses as text
             return (0, w.worker, "") if isinstance(w.worker, int) else (1, 0, str(w.worker))
 
-        return Insights(self.kind, workers, self.begin, end, sorted(per.values(), key=order), slow, self.tasks)
+        return Insights(self.kind, workers, self.begin, end, sorted(per.values(), key=order), slow, self.tasks,
+                        self.replaced)
 
 
 # What the timeline's marks mean (the figure's legend says the same with colours).
 TEXT_LEGEND = "'#' a task running, '.' idle"
+LOST_LEGEND = "'!' a task stopped (timed out, or its worker died)"
+LOST_COLOUR = "#9d9d9d"
 
 
-def _legend(fig: Any, ax: Any, palette: tuple[str, str], kind: str) -> None:
+def _legend(fig: Any, ax: Any, palette: tuple[str, str], kind: str, lost: bool = False) -> None:
     """A legend for the timeline's colours, under the axes: what a bar is, and the red one."""
     from matplotlib.patches import Patch
 
@@ -156,6 +187,8 @@ def _legend(fig: Any, ax: Any, palette: tuple[str, str], kind: str) -> None:
         Patch(facecolor=palette[1], label=f"the next {what.split()[0]} on that worker"),
         Patch(facecolor="#e45756", label="the slowest rank" if kind == "parallel" else "holds the slowest item"),
     ]
+    if lost:
+        handles.append(Patch(facecolor=LOST_COLOUR, hatch="//", label="stopped (timed out, worker died)"))
     fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize="small", frameon=False)
 
 
@@ -170,6 +203,7 @@ class Insights:
     per_worker: list[WorkerTime]
     slowest: list[SlowItem]
     tasks: list[Task] = field(repr=False, default_factory=list)
+    replaced: int = 0  # workers replaced during the run (a timeout, a death): their replacements have rows too
 
     @property
     def wall(self) -> float:
@@ -186,6 +220,17 @@ class Insights:
         for t in self.tasks:
             t.first, t.last = at(t.first), at(t.last)
 
+    def _header(self) -> str:
+        """``2 of 2 workers (1 replaced) ran tasks``: worker slots, not processes (a
+        replacement worker has a row of its own, but takes its predecessor's place)."""
+        ran = min(len(self.per_worker), self.workers) if self.replaced else len(self.per_worker)
+        again = f" ({self.replaced} replaced)" if self.replaced else ""
+        return f"{ran} of {self.workers} workers{again} ran tasks over {fmt_seconds(self.wall)}"
+
+    @staticmethod
+    def _fate(s: SlowItem) -> str:
+        return f", {s.fate}" if s.fate else ""
+
     def _nothing_ran(self) -> str | None:
         """The one line that stands for the table when no task ran (``%pmap --insights f, []``):
         a header over no rows would read as if the timings were lost."""
@@ -200,7 +245,7 @@ class Insights:
         if empty is not None:
             return empty
         what = "ranks" if self.kind == "parallel" else "items"
-        out = [f"insights: {len(self.per_worker)} of {self.workers} workers ran tasks over {fmt_seconds(self.wall)}"]
+        out = [f"insights: {self._header()}"]
         out.append(f"  {'worker':>6}  {what:>6}  {'busy':>9}  {'transfer':>9}  {'idle':>9}")
         for w in self.per_worker:
             out.append(
@@ -212,7 +257,7 @@ class Insights:
             out.append(f"  {label}:")
             for s in self.slowest[:3]:
                 where = "" if self.kind == "parallel" else f"item {s.index}: "
-                out.append(f"    {fmt_seconds(s.seconds):>9}  {where}{s.args}  (worker {s.worker})")
+                out.append(f"    {fmt_seconds(s.seconds):>9}  {where}{s.args}  (worker {s.worker}{self._fate(s)})")
         return "\n".join(out)
 
     def timeline_text(self, width: int = 50) -> str:
@@ -229,10 +274,11 @@ class Insights:
                 a = int(max(0.0, t.start - self.begin) * scale)
                 b = max(a + 1, int(max(0.0, t.end - self.begin) * scale))
                 for i in range(a, min(b, width)):
-                    cells[i] = "#"
+                    cells[i] = "!" if t.fate else "#"
             rows.append(f"  worker {w.worker!s:>3} |{''.join(cells)}|")
         rows.append(f"  {'':>10} 0{fmt_seconds(self.wall):>{width}}")
-        rows.append(f"  {'':>10} {TEXT_LEGEND}")
+        lost = any(t.fate for t in self.tasks)
+        rows.append(f"  {'':>10} {TEXT_LEGEND}" + (f", {LOST_LEGEND}" if lost else ""))
         return "\n".join(rows)
 
     def figure(self) -> Any:
@@ -251,15 +297,15 @@ class Insights:
             spans = [t for t in self.tasks if t.worker == wid]
             for k, t in enumerate(spans):
                 hot = any(t.first <= i <= t.last for i in slow)
+                colour = LOST_COLOUR if t.fate else "#e45756" if hot else palette[k % 2]
                 ax.broken_barh([(t.start - self.begin, max(t.end - t.start, 1e-6))], (row - 0.4, 0.8),
-                               facecolors="#e45756" if hot else palette[k % 2],
-                               edgecolors="white", linewidth=0.5)
+                               facecolors=colour, edgecolors="white", linewidth=0.5, hatch="//" if t.fate else None)
         ax.set_yticks(range(len(workers)), [f"worker {w}" for w in workers])
         ax.set_xlim(0, self.wall)
         ax.set_xlabel("seconds since the run started")
         ax.set_title("tasks per worker", fontsize="medium")
         ax.invert_yaxis()
-        _legend(fig, ax, palette, self.kind)
+        _legend(fig, ax, palette, self.kind, lost=any(t.fate for t in self.tasks))
         return fig
 
     def _png(self) -> bytes | None:
@@ -294,7 +340,7 @@ class Insights:
         slow = "".join(
             f"<li>{html.escape(fmt_seconds(s.seconds))}: "
             + ("" if self.kind == "parallel" else f"item {s.index}, ")
-            + f"<code>{html.escape(s.args)}</code> (worker {html.escape(str(s.worker))})</li>"
+            + f"<code>{html.escape(s.args)}</code> (worker {html.escape(str(s.worker) + self._fate(s))})</li>"
             for s in self.slowest[:3]
         )
         png = self._png()
@@ -304,8 +350,7 @@ class Insights:
             chart = f"<pre>{html.escape(self.timeline_text())}</pre>"
         return (
             "<div class='mpmagic-insights'>"
-            f"<table><caption style='text-align:left'><b>insights</b>: {len(self.per_worker)} of "
-            f"{self.workers} workers ran tasks over {html.escape(fmt_seconds(self.wall))}</caption>"
+            f"<table><caption style='text-align:left'><b>insights</b>: {html.escape(self._header())}</caption>"
             f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
             f"<div>{label}:<ul>{slow}</ul></div>{chart}</div>"
         )

@@ -217,6 +217,10 @@ class Unit:
     # Items of the unit (index in it -> ErrorInfo) that raised under --errors collect,
     # told by the worker before its reply (``Job.collected``): kept if it dies.
     collected: dict | None = None
+    # The worker it was last sent to and when (epoch seconds), where the backend
+    # says (the local pool): --insights shows a unit lost with its worker there.
+    sent_to: Any = None
+    sent_at: float | None = None
 
 
 class WithoutSetup(list):
@@ -367,6 +371,7 @@ class MapJob:
         self.items_total = n_items
         self.n_chunks = 0
         self._out = out or _print_stream
+        self._lines = OpenLines(lambda stream, text: self._out(stream, text), lambda tag: tag in self.outstanding)
         # The notebook's logger levels go with each unit; warnings come back through this.
         self.log_context = worker_logging.notebook_context()
         self._warnings = worker_logging.WarningRelay()
@@ -389,6 +394,8 @@ class MapJob:
         # a timeout) before it sent the chunk's results: they went out again and ran a
         # second time, with or without --retries (the report says so: Report.ran_again).
         self.ran_again: list[int] = []
+        # Positions of the items a worker died running, retried or not (--compare leaves them out of its serial run)
+        self.died_under: set[int] = set()
         # Other runs held workers while this one was in flight (a background run,
         # another thread's): its wall time is not its own (the backend sets them;
         # the advice must not call that waiting a transfer cost).
@@ -902,6 +909,8 @@ class MapJob:
         ``worker_kept``: a timeout the backend could not stop (a Dask cluster
         mpmagic does not own); ``reason`` then says what became of the worker.
         """
+        if self.insights is not None:  # (the timeline shows it as stopped, not the worker as idle)
+            self.insights.lost(unit, timed_out, self.timeout, index, replaced=not worker_kept)
         self.outstanding.pop(unit.id, None)
         if index is not None and 0 <= index < unit.count and unit.count > 1:
             # --retries counts per item: the item that was running is charged, the
@@ -919,6 +928,8 @@ class MapJob:
                 self._recheck(unit, index, reason)
                 return
             unit = self._isolate(unit, index)
+        if not timed_out:
+            self.died_under.update(range(unit.start, unit.start + unit.count))
         if not timed_out and unit.attempts < self.retries:  # (keeps its lease, if any: sent again as is)
             # (a chunk whose dying item is not known, e.g. it died loading it, is charged as a whole)
             unit.attempts += 1
@@ -1083,6 +1094,7 @@ class MapJob:
         they are released as before.
         """
         self.kept = {}
+        self._lines.end()  # (an interrupted or dead unit's partial line is shown)
         for unit in [*self.outstanding.values(), *self._requeued]:
             if unit.lease is not None:
                 unit.lease.release()
@@ -1093,10 +1105,12 @@ class MapJob:
             text = self._warnings(text)
         if display_relay.MARK in text:  # a task's display(): its bundle goes on as output of its own kind
             for displayed, piece in display_relay.split(text):
-                self._out("display" if displayed else stream, piece)
+                if displayed:
+                    self._out("display", piece)
+                else:
+                    self._lines.feed(tag, stream, piece)
             return
-        if text:
-            self._out(stream, text)
+        self._lines.feed(tag, stream, text)
 
     def input_changed(self) -> str | None:
         """What became of a list input that changed length while the run read it
@@ -1202,16 +1216,6 @@ def parallel_error_line(failures: dict[int, BaseException], size: int) -> str:
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
 
 
-def _rank_line(rank: Any, line: str) -> str:
-    """``line`` of a rank's output labelled ``[rank N]``, also after each ``\\r``
-    that redraws it (a progress bar): the notebook shows only what follows the
-    last one, which lost its label."""
-    label = f"[rank {rank}] "
-    if "\r" in line:
-        line = _REDRAWN.sub(lambda _: "\r" + label, line)
-    return f"{label}{line}\n"
-
-
 class CellJob:
     """A ``%%parallel`` cell: one unit per rank, all running at once."""
 
@@ -1258,7 +1262,8 @@ class CellJob:
         self.log_context = worker_logging.notebook_context()  # see MapJob
         self._warnings = worker_logging.WarningRelay()
         self._label = label
-        self._partial: dict[tuple[int, str], str] = {}
+        self._lines = OpenLines(lambda stream, text: self._out(stream, text), lambda rank: rank in self.outstanding,
+                                label=True)
         self._over = False  # the run ended (its backend is done with it, or its results were taken)
         self._progress = progress  # called with 1 as each rank finishes, however it ends
         self.insights = insights
@@ -1311,8 +1316,9 @@ class CellJob:
         """The run is over: the pooled segments holding the cell's large arrays go
         back to the pool (no rank reads them any more); no late line about a failed
         rank (see _failed_while_others_run); the helpers its names were pickled
-        with are no longer kept."""
-        self._over = True
+        with are no longer kept. A rank's line left open (its worker was stopped
+        or died) ends here, so what it showed stays."""
+        self.flush_output()
         self.kept = {}
         if self.lease is not None:
             self.lease.release()
@@ -1486,6 +1492,8 @@ class CellJob:
     def lost(
         self, unit: Unit, reason: str, timed_out: bool = False, index: int | None = None, worker_kept: bool = False
     ) -> None:
+        if self.insights is not None:  # (the timeline shows it as stopped, not the worker as idle)
+            self.insights.lost(unit, timed_out, self.timeout, None, replaced=not worker_kept)
         self.outstanding.pop(unit.id, None)
         if timed_out:
             fate = reason if worker_kept else "its worker was stopped and replaced"
@@ -1521,6 +1529,10 @@ class CellJob:
         if display_relay.MARK in text:  # a rank's display(): its bundle goes on as output of its own kind
             for displayed, piece in display_relay.split(text):
                 if displayed:
+                    if self._label and not display_relay.is_update(piece):
+                        # (a line of its own says whose it is, as the rank's printed lines say it;
+                        # an update replaces what shows in place: no line for it)
+                        self._labelled(rank, "stdout", "\n")
                     self._out("display", piece)
                 else:
                     self._labelled(rank, stream, piece)
@@ -1528,26 +1540,16 @@ class CellJob:
         self._labelled(rank, stream, text)
 
     def _labelled(self, rank: Any, stream: str, text: str) -> None:
-        """``text`` of a rank, each whole line labelled ``[rank N]`` (a partial line waits for its end)."""
-        if not text:
-            return
+        """``text`` of a rank, each line labelled ``[rank N]`` (see :class:`OpenLines`)."""
         if not self._label:
-            self._out(stream, text)
+            if text:
+                self._out(stream, text)
             return
-        key = (rank, stream)
-        text = self._partial.pop(key, "") + text
-        lines = text.split("\n")
-        if lines[-1]:
-            self._partial[key] = lines[-1]
-        body = "".join(_rank_line(rank, line) for line in lines[:-1])
-        if body:
-            self._out(stream, body)
+        self._lines.feed(rank, stream, text)
 
     def flush_output(self) -> None:
         self._over = True  # (its output is all out: see release_shared)
-        for (rank, stream), rest in sorted(self._partial.items()):
-            self._out(stream, _rank_line(rank, rest))
-        self._partial.clear()
+        self._lines.end()
 
     def results(self) -> list:
         self.flush_output()
@@ -1555,6 +1557,81 @@ class CellJob:
             first = self.failures[first_failed_rank(self.failures)]
             raise ParallelError(parallel_error_line(self.failures, self.size), dict(self.failures)) from first
         return [self.values[r] for r in range(self.size)]
+
+
+
+class OpenLines:
+    """Text of several units (a map's chunks, a cell's ranks) on the two shared
+    streams of a cell, each line from one unit.
+
+    A unit's partial line (a flushed ``end=""`` print, a tqdm bar) is shown at
+    once and leaves the stream's line open, owned by that unit: its next text
+    continues the line (with no new label). While the owner still runs, another
+    unit's partial text waits (bars of two items do not overwrite each other),
+    and its whole lines end the open line first (a newline), rather than joining it.
+    A map's unit that ended leaves its line to whoever writes next, joined as
+    serial output would be. ``label``: a cell's ``[rank N] `` for each line (and
+    after each ``\\r`` that redraws it); an open line is then always ended first.
+    """
+
+    def __init__(self, write: Callable[[str, str], None], running: Callable[[Any], bool],
+                 label: bool = False) -> None:
+        self.write = write
+        self.running = running
+        self.label = label
+        self.owner: dict[str, Any] = {}  # stream -> the unit whose line is open there
+        self.held: dict[tuple[Any, str], str] = {}  # (unit, stream) -> its text waiting for the line
+
+    def _form(self, who: Any, text: str, continuing: bool) -> str:
+        if not self.label:
+            return text
+        lines = text.split("\n")
+        last = len(lines) - 1
+        return "".join(
+            ("" if i == 0 and continuing else f"[rank {who}] ")
+            + (_REDRAWN.sub(lambda _: f"\r[rank {who}] ", line) if "\r" in line else line)
+            + ("" if i == last else "\n")
+            for i, line in enumerate(lines) if i < last or line
+        )
+
+    def feed(self, who: Any, stream: str, text: str) -> None:
+        """``text`` that unit ``who`` wrote to ``stream``."""
+        key = (who, stream)
+        text = self.held.pop(key, "") + text
+        if not text:
+            return
+        owner = self.owner.get(stream, who)
+        if owner != who:
+            busy = self.running(owner)
+            if "\n" not in text and busy:
+                self.held[key] = text  # (its line waits for the owner's)
+                return
+            if busy or self.label:
+                self.write(stream, "\n")  # the open line ends: this unit's lines are its own
+            del self.owner[stream]
+        self.write(stream, self._form(who, text, self.owner.get(stream) == who))
+        if text.endswith("\n"):
+            self.owner.pop(stream, None)
+            for k in [k for k in self.held if k[1] == stream]:  # the line is free: text waiting for it goes
+                self.feed(k[0], stream, "")
+        else:
+            self.owner[stream] = who
+
+    def end(self) -> None:
+        """The run is over: open lines end (labelled ones), text that waited goes."""
+        if self.label:
+            for stream in sorted(self.owner):
+                self.write(stream, "\n")
+            for (who, stream), text in sorted(self.held.items()):
+                self.write(stream, self._form(who, text, False) + "\n")
+        else:
+            for (who, stream), text in self.held.items():
+                if stream in self.owner:  # (another unit's line is open there)
+                    self.write(stream, "\n")
+                self.write(stream, text)
+                self.owner[stream] = who
+        self.owner.clear()
+        self.held.clear()
 
 
 #: Reading a chunk of a lazy input stops after this many seconds with what it has:
@@ -1664,4 +1741,27 @@ def _print_stream(stream: str, text: str) -> None:
         return
     target = sys.stderr if stream == "stderr" else sys.stdout
     target.write(text)
-    target.flush()
+    # No flush after each write: in a kernel, each flush is a message of its own and a wait for
+    # ipykernel's IO thread (a task alternating stdout and stderr lines made one message per line,
+    # 20,000 where serial code makes 26, and an interrupt waited for them all). ipykernel sends
+    # what a stream holds every 0.2 s, as for serial prints; the waiting thread flushes when it
+    # has nothing more to print (engine.Run.wait), and this at most every FLUSH_EVERY.
+    global _flushed
+    now = time.monotonic()
+    if now - _flushed > FLUSH_EVERY:
+        _flushed = now
+        flush_stdio()
+
+
+#: Seconds between flushes of the notebook's streams while a run's output keeps coming.
+FLUSH_EVERY = 0.2
+_flushed = 0.0
+
+
+def flush_stdio() -> None:
+    """Flush the notebook's ``sys.stdout`` and ``sys.stderr`` (a closed or odd one is skipped)."""
+    for target in (sys.stdout, sys.stderr):
+        try:
+            target.flush()
+        except (OSError, ValueError, AttributeError):
+            pass

@@ -798,8 +798,9 @@ class MPMagics(Magics):
             _finished("%pmap", "results", "its results are", result)
         finally:
             report = api.last_report()
-            if not opts.quiet and report is not None and report is not before:
-                display(report)  # this run's report, never an older one
+            if report is not None and report is not before and getattr(opts, "chunksize_setting", False):
+                report.extra["chunksize_setting"] = True  # its advice names %config MPMagic.chunksize
+            _show_report(opts, report, before)
         return result
 
     def _rerun_failed(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
@@ -942,9 +943,7 @@ class MPMagics(Magics):
             # Reduced before the report shows: --compare's verdict (results equal) is of the reduced value.
             reduced = _reduced(parser, opts, reducer, values, cell) if reducer is not None else None
         finally:
-            report = api.last_report()
-            if not opts.quiet and report is not None and report is not before:
-                display(report)  # this run's report, never an older one
+            _show_report(opts, api.last_report(), before)
         if reducer is not None:
             return None if _without_final_semicolon(cell)[1] else reduced
         if not api.cell_has_value(cell) or all(v is None for v in values):
@@ -1169,6 +1168,17 @@ def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
         instead = instead.format(pmap=" (mpmagic.pmap(f, xs) works there, serially in that rank)")
         raise parser.usage_error(f"line {lineno} of the cell ({text!r}) is IPython syntax ({what}); "
                                  f"a rank runs plain Python: {instead}")
+
+
+def _show_report(opts: argparse.Namespace, report: api.Report | None, before: api.Report | None) -> None:
+    """This run's report (never an older one); with -q, which hides the timing
+    report, only what --insights recorded (its table and timeline), as asked."""
+    if report is None or report is before:
+        return
+    if not opts.quiet:
+        display(report)
+    elif report.insights is not None:
+        display(report.insights)
 
 
 def _reduced(parser: _Parser, opts: argparse.Namespace, reducer: Callable, values: Any, cell: str) -> Any:

@@ -28,12 +28,14 @@ _lock = threading.RLock()
 _backend: Backend | None = None
 
 
-def get_pool() -> Backend:
-    """The current backend, created (not yet started) on first use."""
+def get_pool(workers: int | None = None, start_method: str | None = None) -> Backend:
+    """The current backend, created (not yet started) on first use: a local pool
+    of ``workers`` (None: one per usable CPU) started by ``start_method`` (None:
+    the platform's default), both used only when it is created."""
     global _backend
     with _lock:
         if _backend is None:
-            _backend = LocalBackend(max_memory=_max_memory)
+            _backend = LocalBackend(workers, start_method, max_memory=_max_memory)
             shell = _ipython_shell()
             if shell is not None:  # (``import mpmagic`` in a notebook, without %load_ext)
                 watch_shell_exit(shell)

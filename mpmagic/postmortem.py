@@ -36,12 +36,11 @@ from .debugging import (
 )
 from .errors import (
     RemoteError,
-    TaskTimeoutError,
     UsageError,
-    WorkerLostError,
     cell_file,
     one_line_interrupt,
     renumber_items,
+    unsafe_here,
     without_our_frames,
 )
 from .jobs import Failed
@@ -237,8 +236,7 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     is a one-line KeyboardInterrupt.
     """
     last, failure = _pick(which)
-    if isinstance(failure.error, (WorkerLostError, TaskTimeoutError)):
-        # Running it here could crash or hang the notebook itself.
+    if unsafe_here(failure.error):  # running it here could crash or hang the notebook itself
         raise UsageError(
             f"{failure.label} did not raise, its worker died or ran past the timeout "
             f"({type(failure.error).__name__}): replaying it here could do the same to the notebook, "

@@ -29,7 +29,10 @@ Notebook to worker (requests)::
 Worker to notebook (replies; a Dask task returns the same ones)::
 
     Ready(pid, worker)                 the worker is up
-    Out(call, tag, stream, text)       whole lines a task printed
+    Out(call, tag, stream, text)       text a task printed (whole lines, or a
+                                       partial one it flushed or left at its end)
+    Outs(call, tag, pieces)            the same for both streams at once:
+                                       ((stream, text), ...) in the order written
     Done(call, tag, data, seconds, meta)
     Error(call, tag, index, info, partial, seconds)
     Unpicklable(call, tag, index, info)
@@ -58,6 +61,7 @@ fields by name, one list of kinds.
 from __future__ import annotations
 
 import pickle
+import struct
 from typing import Any, NamedTuple
 
 from .errors import MPMagicError
@@ -83,7 +87,7 @@ class Map(NamedTuple):
     key: bytes | None
     star: bool
     collect: bool
-    items: bytes
+    items: bytes  # (unpacked from pack_parts' wire form: a memoryview of the message, uncopied)
     timing: bool  # --insights: time each item
     block: int  # items between crash-position marks (see worker.run_items)
     # (chunk's first index, pickled logger levels): see worker_logging. The
@@ -149,6 +153,12 @@ class Out(NamedTuple):
     text: str
 
 
+class Outs(NamedTuple):
+    call: int
+    tag: Any
+    pieces: tuple  # ((stream, text), ...): a task alternating stdout and stderr, one message a batch
+
+
 class Done(NamedTuple):
     call: int
     tag: Any
@@ -204,7 +214,7 @@ class SetupDone(NamedTuple):
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
-    SetupDone, Reload, Collected,
+    SetupDone, Reload, Outs, Collected,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
@@ -220,9 +230,50 @@ def pack(msg: tuple) -> bytes:
     return pickle.dumps((code, *msg), PROTOCOL)
 
 
-def unpack(data: bytes) -> Any:
-    """The message :func:`pack` made; :class:`ProtocolError` for anything else."""
-    msg = pickle.loads(data)
+# A Map whose items are at least this big travels in parts (pack_parts).
+_PARTS_MIN = 64 << 10
+# A message in parts starts with this byte, then the length of the pickle of
+# its fields (8 bytes), that pickle, and the items. A pickle starts with PROTO
+# (0x80), so ``unpack`` tells the two forms apart by their first byte.
+_PARTS = b"\x00"
+_PARTS_HEAD = struct.Struct("!cQ")
+_MAP_ITEMS = Map._fields.index("items")
+
+
+def pack_parts(msg: tuple) -> tuple[bytes, ...]:
+    """:func:`pack`, as parts whose concatenation is one message for :func:`unpack`.
+
+    A :class:`Map` with large items (``_PARTS_MIN``) goes as the pickle of its
+    other fields followed by the items as they are, out of band: packing
+    copied them into the message and unpacking copied them out again, each
+    copy as long as pickling the items had taken (2,000 ``bytes`` items of
+    100 kB: two 200 MB copies per map, one in the notebook, one in the
+    workers). The sender writes the parts one after another (``sendmsg``).
+    """
+    if type(msg) is not Map or type(msg.items) is not bytes or len(msg.items) < _PARTS_MIN:
+        return (pack(msg),)
+    i = _MAP_ITEMS
+    fields = (_CODE[Map], *msg[:i], pickle.PickleBuffer(msg.items), *msg[i + 1 :])
+    head = pickle.dumps(fields, PROTOCOL, buffer_callback=_out_of_band)
+    return _PARTS_HEAD.pack(_PARTS, len(head)), head, msg.items
+
+
+def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
+    return False
+
+
+def unpack(data: bytes | bytearray) -> Any:
+    """The message :func:`pack` (or :func:`pack_parts`) made; :class:`ProtocolError` for anything else."""
+    if data[:1] == _PARTS:
+        view = memoryview(data)
+        try:
+            _, n = _PARTS_HEAD.unpack_from(view)
+        except struct.error:
+            raise ProtocolError(f"not an mpmagic message: {_short(bytes(view[:40]))}") from None
+        start = _PARTS_HEAD.size
+        msg = pickle.loads(view[start : start + n], buffers=(view[start + n :],))
+    else:
+        msg = pickle.loads(data)
     try:
         code = msg[0]
         cls = KINDS[code]
@@ -242,6 +293,7 @@ def _short(obj: Any) -> str:
 
 
 __all__ = [
-    "KINDS", "REPLIES", "Cell", "Collected", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out",
-    "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "unpack",
+    "KINDS", "REPLIES", "Cell", "Collected", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out", "Outs",
+    "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "pack_parts",
+    "unpack",
 ]

@@ -46,6 +46,8 @@ class Report:
     failed_at: int | None = None
     total: int | None = None
     failed_ranks: tuple[int, ...] = ()
+    # (e.g. "checkpoint"; "chunksize_setting": the chunk size came from %config
+    # MPMagic.chunksize, which the advice then names instead of --chunksize)
     extra: dict[str, Any] = field(default_factory=dict)
     # What the advice line reasons from (see advice.py); zero / None when not measured.
     cold_start: bool = False  # the pool was not running when the run began
@@ -107,6 +109,13 @@ class Report:
     payload_served: str = ""
     payload_bytes: int = 0
     payload_captures: tuple[tuple[str, int, str], ...] = ()
+    # The call that made it when not ``kind`` (``imap``: a map, named so in its lines)
+    caller: str = ""
+
+    @property
+    def name(self) -> str:
+        """What its lines begin with: ``pmap``, ``parallel``, or the call that made it (``imap``)."""
+        return self.caller or self.kind
 
     @property
     def serial_measured(self) -> bool:
@@ -189,7 +198,9 @@ class Report:
                 eq = ", RESULTS DIFFER"
             if self.serial_imports:  # a lazy import the workers had done before (warm-up) was timed here
                 eq += f"; it imported {_names(self.serial_imports)} here"
-            return f"serial {fmt_seconds(self.serial)} (measured{eq})"
+            left_out = self.extra.get("compare_left_out", 0)  # (items not run here: they killed a worker or timed out)
+            of = f" for {self.items - left_out} of {self.items} items" if left_out else ""
+            return f"serial {fmt_seconds(self.serial)} (measured{of}{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
         return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()})"
@@ -257,7 +268,7 @@ class Report:
                 ranks = ", ".join(map(str, self.failed_ranks))
                 failed = f", {self.failed} failed" + (f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})"
                                                       if ranks else "")
-            return f"{self.kind} interrupted after {self.items}{of} {what} finished{failed}, {took}"
+            return f"{self.name} interrupted after {self.items}{of} {what} finished{failed}, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
             which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""
@@ -266,8 +277,8 @@ class Report:
         of = "" if self.total is None else f" of {self.total}"
         done = f"{self.items}{of} item{'s' if (self.total if self.total is not None else self.items) != 1 else ''}"
         if self.extra.get("stopped_by"):  # the run's own error (its on_chunk raised), not an item's
-            return f"pmap stopped by {self.extra['stopped_by']} after {done} finished, {took}"
-        return f"pmap failed{at} after {done}, {took}{self._ran_again_text(' | ')}"
+            return f"{self.name} stopped by {self.extra['stopped_by']} after {done} finished, {took}{self._ran_again_text(' | ')}"
+        return f"{self.name} failed{at} after {done}, {took}{self._ran_again_text(' | ')}"
 
     def one_time_mattered(self) -> bool:
         """Did one-time costs take a noticeable share of the run (5% of the wall, 5 ms)?"""
@@ -293,10 +304,10 @@ class Report:
         failed = self._failed_text()
         resumed = self._resumed_text()
         if resumed and not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
-            return f"{self.kind}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
+            return f"{self.name}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
         once = self.one_time_text() if self.one_time_mattered() else ""  # shown only when it mattered
         return (
-            f"{self.kind}: {self._what()}{failed} on {self._where()} in {fmt_seconds(self.wall)}"
+            f"{self.name}: {self._what()}{failed} on {self._where()} in {fmt_seconds(self.wall)}"
             f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
             + (f" | one-time: {once}" if once else "") + self._ran_again_text(" | ")
         )
@@ -370,7 +381,7 @@ class Report:
         """The full report as aligned text rows (what ``%config MPMagic.report = 'html'`` shows in a terminal)."""
         rows = self.rows()
         width = max(len(k) for k, _ in rows)
-        out = [f"{self.kind} report"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
+        out = [f"{self.name} report"] + [f"  {k.ljust(width)}  {v}" for k, v in rows]
         tip = self.advice
         if tip:
             out.append(f"  {'advice'.ljust(width)}  {tip}")
@@ -431,7 +442,7 @@ class Report:
             )
         return (
             f"<table class='mpmagic-report' title='{html.escape(self.line(), quote=True)}'>"
-            f"<caption style='text-align:left'><b>{html.escape(self.kind)}</b></caption>"
+            f"<caption style='text-align:left'><b>{html.escape(self.name)}</b></caption>"
             f"<thead><tr>{head}</tr></thead><tbody><tr>{body}</tr></tbody>{foot}</table>"
             + (self.insights._repr_html_() if self.insights is not None else "")
         )

@@ -359,6 +359,7 @@ def imap(
     checkpoint: bool | str | os.PathLike[str] = False,
     insights: bool = False,
     seed: int | None = None,
+    **refused: Any,
 ) -> Stream[_T] | Stream[_T | Failed]:
     """Parallel ``map`` whose results come one by one, as soon as their chunk is back.
 
@@ -377,9 +378,13 @@ def imap(
     yields stored ones instead of computing them again (docs/checkpoint.md):
     in their input places when ordered, first when not.
     ``insights=True`` and ``seed=S`` are ``pmap``'s (the report: ``stream.run.report()``).
+    ``compare=`` and ``progress=`` are refused in one line: ``pmap(..., compare=True)``
+    compares; a loop over the stream shows its own progress (wrap it in tqdm).
     """
     __tracebackhide__ = True
     from . import api, background
+
+    _refuse(refused)
 
     if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
         raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
@@ -414,13 +419,17 @@ def imap(
             resume.stored_segments(feed.put_stored)
 
     def make_call(forward: background.Forward) -> Any:
-        return api.map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
+        call = api.map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
                             retries=retries, insights=insights, out=forward.out, progress=forward.progress,
                             job_class=feed.job_class)
+        call.caller = "imap"
+        return call
 
     if resume is not None and not pending:  # every item stored: nothing runs
         resume.settle()
-        run = background.finished(what, "map", [], resume.amend(None, 0.0), resume, live="relay", keep_chunks=False)
+        report = resume.amend(None, 0.0)
+        report.caller = "imap"
+        run = background.finished(what, "map", [], report, resume, live="relay", keep_chunks=False)
     else:
         try:
             run = background.start(what, make_call, lambda call, forward: call.job.results(), workers, live="relay",
@@ -434,6 +443,21 @@ def imap(
     # A generator dropped before it was started runs no ``finally``: cancel then too.
     weakref.finalize(stream, _dropped, reader)
     return Stream(stream, run)
+
+
+def _refuse(refused: dict[str, Any]) -> None:
+    """``imap`` takes ``pmap``'s options but these: one line for ``compare`` and
+    ``progress``, as ``submit`` and ``apmap`` refuse theirs, Python's TypeError for the rest."""
+    from .errors import UsageError
+
+    if "compare" in refused:
+        raise UsageError("imap() takes no compare=: its results come as the loop asks for them, and a serial run "
+                         "here would wait for the whole input; mpmagic.pmap(..., compare=True) runs both")
+    if "progress" in refused:
+        raise UsageError("imap() takes no progress=: the loop over its results shows the progress; wrap it "
+                         "in tqdm (for r in tqdm(mpmagic.imap(f, xs), total=len(xs)): ...)")
+    if refused:
+        raise TypeError(f"imap() got an unexpected keyword argument {next(iter(refused))!r}")
 
 
 def _running(gen: Generator) -> bool:

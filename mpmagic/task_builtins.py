@@ -9,7 +9,9 @@ IPython shell, no keyboard and no notebook to draw in, so there:
   would show: ``_repr_html_``, ``_repr_png_``... and a matplotlib figure as
   a PNG, with its text form), as one marked line of the task's stdout, in
   order with what it prints; the notebook shows it as rich output in the
-  cell (``display_relay``), or its text form outside IPython;
+  cell (``display_relay``), or its text form outside IPython; with a
+  ``display_id`` it returns a :class:`DisplayHandle` whose ``update`` (and
+  ``update_display``) replaces what the cell shows under that id;
 * ``get_ipython()`` returns None, as ``IPython.get_ipython()`` does outside
   IPython, so ``if get_ipython() is not None`` guards work as in a script;
 * ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once with an
@@ -90,11 +92,41 @@ def _is_figure(obj: Any) -> bool:
     return figure is not None and isinstance(obj, figure)
 
 
-def display(*objs: Any, include: Any = None, exclude: Any = None, raw: bool = False, **kwargs: Any) -> None:
+#: Keys of a sent bundle that are no mime type: the display id, and whether it updates
+#: the output shown under that id (``display_relay.show`` takes them out).
+DISPLAY_ID = "\x1edisplay_id"
+UPDATE = "\x1eupdate"
+
+
+class DisplayHandle:
+    """What ``display(obj, display_id=...)`` returns in a task, as IPython's
+    ``DisplayHandle``: ``update(obj)`` replaces what the cell shows under the
+    id (an ``update_display_data`` message), ``display(obj)`` shows it again."""
+
+    def __init__(self, display_id: str | None = None) -> None:
+        self.display_id = display_id if display_id is not None else os.urandom(16).hex()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} display_id={self.display_id}>"
+
+    def display(self, obj: Any, **kwargs: Any) -> None:
+        display(obj, display_id=self.display_id, **kwargs)
+
+    def update(self, obj: Any, **kwargs: Any) -> None:
+        update_display(obj, display_id=self.display_id, **kwargs)
+
+
+def display(*objs: Any, include: Any = None, exclude: Any = None, raw: bool = False,
+            display_id: Any = None, update: bool = False, **kwargs: Any) -> DisplayHandle | None:
     """Send each object's forms to the notebook, which shows them in the cell
     as IPython's ``display`` would: ``raw`` (each object is a mime bundle
     already), ``include`` and ``exclude`` (mime types kept, left out) as there;
-    the other ``kwargs`` (``display_id``, ``metadata``...) have nothing to act on here."""
+    ``display_id`` (True: a new one) shows them under that id and returns a
+    :class:`DisplayHandle` whose ``update`` replaces them, ``update=True``
+    replaces what shows under it; the other ``kwargs`` (``metadata``...) have
+    nothing to act on here."""
+    if display_id is True:
+        display_id = DisplayHandle().display_id
     for obj in objs:
         if raw:
             data = dict(obj) if isinstance(obj, dict) else {"text/plain": repr(obj)}
@@ -105,21 +137,33 @@ def display(*objs: Any, include: Any = None, exclude: Any = None, raw: bool = Fa
                     if (include is None or m in include) and (exclude is None or m not in exclude)}
             if not data:
                 continue  # (IPython shows nothing either)
-        _send(data)
+        _send(data, display_id, update)
+    return DisplayHandle(str(display_id)) if display_id is not None else None
 
 
-def _send(data: dict[str, Any]) -> None:
+def update_display(obj: Any, *, display_id: Any, **kwargs: Any) -> None:
+    """IPython's ``update_display`` in a worker: replace what shows under ``display_id``."""
+    kwargs.pop("update", None)
+    display(obj, display_id=display_id, update=True, **kwargs)
+
+
+def _send(data: dict[str, Any], display_id: Any = None, update: bool = False) -> None:
     try:
         line = json.dumps(data)
     except (TypeError, ValueError):  # a form that is not JSON: the text form alone
         line = json.dumps({"text/plain": str(data.get("text/plain", ""))})
+    if display_id is not None:  # (no mime type: the notebook's relay takes them out)
+        line = line[:-1] + ("," if len(line) > 2 else "") + \
+            json.dumps({DISPLAY_ID: str(display_id), UPDATE: bool(update)})[1:]
     sys.stdout.write(f"{MARK}{line}\n")
 
 
 def publish_display_data(data: dict[str, Any], metadata: Any = None, source: Any = None, **kwargs: Any) -> None:
     """IPython's ``publish_display_data`` in a worker: the bundle goes home as
-    :func:`display` sends one (IPython's would start a shell in the worker)."""
-    _send(dict(data))
+    :func:`display` sends one (IPython's would start a shell in the worker),
+    with its ``transient`` display id and ``update`` flag."""
+    transient = kwargs.get("transient") or {}
+    _send(dict(data), transient.get("display_id"), bool(kwargs.get("update")))
 
 
 def clear_output(wait: bool = False) -> None:
@@ -187,7 +231,8 @@ def close_figures(before: frozenset = frozenset()) -> None:
 
 _IPYTHON_DISPLAY = "IPython.core.display_functions"
 #: The names a worker replaces, and where IPython binds them at import.
-_OURS = {"display": display, "clear_output": clear_output, "publish_display_data": publish_display_data}
+_OURS = {"display": display, "clear_output": clear_output, "publish_display_data": publish_display_data,
+         "update_display": update_display}
 _BINDINGS = (_IPYTHON_DISPLAY, "IPython.display", "IPython.core.display", "IPython.core.interactiveshell")
 
 

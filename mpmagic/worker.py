@@ -44,6 +44,7 @@ import functools
 import io
 import os
 import signal
+import struct
 import sys
 import threading
 import time
@@ -79,6 +80,7 @@ from .protocol import (
     Map,
     Missing,
     Out,
+    Outs,
     ProtocolError,
     Ready,
     Reload,
@@ -98,6 +100,11 @@ if TYPE_CHECKING:
 _CACHE_SIZE = 16  # function payloads kept per worker
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
 _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
+#: A batch of output (at most _FLUSH_INTERVAL of a unit's text) that switches between
+#: stdout and stderr more often goes home as one text per stream: a notebook shows no
+#: finer order (ipykernel sends each stream's text every 0.2 s, serial prints too),
+#: and a task printing to both in turn made the notebook handle one piece per line.
+_MAX_SWITCHES = 32
 
 
 class ErrorInfo:
@@ -176,6 +183,48 @@ class Loaded:
         return self.func
 
 
+_HEAD = struct.Struct("!i")  # a message's length (multiprocessing.connection's framing)
+_LONG = struct.Struct("!Q")  # after a head of -1: the length past 2 GiB
+# A message body at least this big is read straight into a buffer of its size.
+_READ_INTO = 1 << 20
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = os.read(fd, n)
+    while len(data) < n:
+        more = os.read(fd, n - len(data))
+        if not more:
+            raise EOFError
+        data += more
+    return data
+
+
+def read_message(fd: int) -> bytes | bytearray:
+    """The next message on the pipe ``fd``, as ``Connection.recv_bytes`` reads it
+    (framed by ``backends/pipes.frame``); ``EOFError`` at its end.
+
+    A big one is read into one buffer of its size: ``recv_bytes`` allocated a
+    new bytes object per read of the socket, copied each into a BytesIO and
+    then copied that out, so receiving a 10 MB chunk of 100 kB ``bytes`` items
+    cost the worker more than running its items (userperf13, F1).
+    """
+    head = _read_exact(fd, _HEAD.size)
+    (n,) = _HEAD.unpack(head)
+    if n == -1:
+        (n,) = _LONG.unpack(_read_exact(fd, _LONG.size))
+    if n < _READ_INTO:
+        return _read_exact(fd, n) if n else b""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if not k:
+            raise EOFError
+        got += k
+    return buf
+
+
 class _Channel:
     """The worker's end of the pipe: thread-safe sends of pickled tuples."""
 
@@ -194,14 +243,66 @@ class _Channel:
                 self.sending = False
 
 
-class _StreamToParent(io.TextIOBase):
-    """A ``sys.stdout``/``sys.stderr`` stand-in that sends whole lines home.
+class _Held:
+    """What a worker's two streams hold, in the order written: ``pieces`` is a list
+    of ``[stream, [texts]]`` (consecutive writes to one stream share a piece)."""
 
-    Lines are held up to ``_FLUSH_INTERVAL`` and sent together. ``sibling``
-    (stderr's is stdout, and the other way round) shares the lock: before
-    one stream takes a write, the other's held lines go first, so the two
-    arrive in the order they were written, as in a terminal (a rank's
-    stderr line, a warning among them, came before stdout lines printed earlier).
+    __slots__ = ("pieces", "last", "flush_due")
+
+    def __init__(self) -> None:
+        self.pieces: list[list] = []
+        self.last = 0.0  # when the last batch went home
+        self.flush_due = False  # a flush() asked for partial lines too (sent by the next batch)
+
+    def add(self, stream: str, s: str) -> None:
+        pieces = self.pieces
+        if pieces and pieces[-1][0] == stream:
+            pieces[-1][1].append(s)
+        else:
+            pieces.append([stream, [s]])
+
+    def take(self, whole: bool) -> list[tuple[str, str]]:
+        """The held text as ``(stream, text)`` pieces in the order written, each
+        stream's run of writes in one piece; without ``whole`` a stream's last
+        partial line stays held (and moves after what the other stream wrote
+        meanwhile: its line is not over)."""
+        out: list[tuple[str, str]] = []
+        carry: dict[str, str] = {}
+        for stream, parts in self.pieces:
+            text = carry.pop(stream, "") + "".join(parts)
+            if not whole:
+                cut = text.rfind("\n") + 1
+                if cut < len(text):
+                    carry[stream], text = text[cut:], text[:cut]
+            if not text:
+                continue
+            if out and out[-1][0] == stream:
+                out[-1] = (stream, out[-1][1] + text)
+            else:
+                out.append((stream, text))
+        self.pieces = [[stream, [text]] for stream, text in carry.items()]
+        if whole:
+            self.flush_due = False
+        if len(out) > _MAX_SWITCHES:  # one text per stream, in the order they began (see _MAX_SWITCHES)
+            merged: dict[str, list[str]] = {}
+            for stream, text in out:
+                merged.setdefault(stream, []).append(text)
+            out = [(stream, "".join(texts)) for stream, texts in merged.items()]
+        return out
+
+
+class _StreamToParent(io.TextIOBase):
+    """A ``sys.stdout``/``sys.stderr`` stand-in that sends the task's text home.
+
+    Both streams of a worker (``sibling``: stderr's is stdout) share one buffer
+    (:class:`_Held`) and one lock: what they are written is kept in the order
+    written and goes home in batches, at most every ``_FLUSH_INTERVAL`` (the
+    first line of a unit at once), as one message whatever the streams: a task
+    alternating ``print`` and ``sys.stderr.write`` made one message per line,
+    and its interrupt waited for them all. Whole lines go; a partial line waits
+    for its end, for the unit's end, or for an explicit ``flush()`` (a tqdm bar,
+    ``print(..., end="", flush=True)``), which sends it too, within the flush
+    interval, so it is seen while the task runs and kept if it is interrupted.
 
     A write made while this thread is already in one, or in a send (a signal
     handler that prints, run between two bytecodes of ours), only joins the
@@ -215,10 +316,9 @@ class _StreamToParent(io.TextIOBase):
         self.stream = stream
         self.call: Any = None
         self.tag: Any = None
-        self.buf: list[str] = []
-        self.last = 0.0
         self.sibling = sibling
         self._closed = False  # a task's sys.stdout.close() (see close)
+        self.held: _Held = _Held() if sibling is None else sibling.held
         self.lock: threading.RLock = threading.RLock() if sibling is None else sibling.lock
         self._in_write: list[int] = [0] if sibling is None else sibling._in_write  # (shared: one per worker)
         if sibling is not None:
@@ -279,54 +379,61 @@ class _StreamToParent(io.TextIOBase):
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         with self.lock:
+            held = self.held
+            held.add(self.stream, s)
             if self._in_write[0] or self.channel.sending:  # re-entered (see the class): keep it for later
-                self.buf.append(s)
                 return len(s)
-            self._in_write[0] += 1
-            try:
-                other = self.sibling
-                if other is not None and other.buf:
-                    other._send_lines()  # (its complete lines: they were written first)
-                self.buf.append(s)
-                if "\n" in s and time.monotonic() - self.last > _FLUSH_INTERVAL:
-                    self._send_lines()
-            finally:
-                self._in_write[0] -= 1
+            if "\n" in s and time.monotonic() - held.last > _FLUSH_INTERVAL:
+                self._in_write[0] += 1
+                try:
+                    self._send(held.flush_due)
+                finally:
+                    self._in_write[0] -= 1
         return len(s)
 
-    def _send_lines(self) -> None:
-        text = "".join(self.buf)
-        cut = text.rfind("\n") + 1
-        self.buf = [text[cut:]] if cut < len(text) else []
-        if cut:
-            self.channel.send(Out(self.call, self.tag, self.stream, text[:cut]))
-        self.last = time.monotonic()
+    def _send(self, whole: bool) -> None:
+        """Send what is held (``whole``: partial lines too) as one message."""
+        held = self.held
+        pieces = held.take(whole)
+        if pieces:  # (a partial line kept back is no batch: a flush() right after still goes at once)
+            held.last = time.monotonic()
+        if len(pieces) == 1:
+            self.channel.send(Out(self.call, self.tag, *pieces[0]))
+        elif pieces:
+            self.channel.send(Outs(self.call, self.tag, tuple(pieces)))
 
     def flush(self) -> None:
+        """Send what is held, partial lines too: at once, or, within the flush
+        interval of the last batch, with the next one (a loop that flushes
+        after every line still sends a message per interval, not per line)."""
         if self._closed:
             raise ValueError("I/O operation on closed file.")
         with self.lock:
             if self._in_write[0] or self.channel.sending:  # (re-entered: see the class)
+                self.held.flush_due = True
                 return
-            self._send_lines()
+            if time.monotonic() - self.held.last > _FLUSH_INTERVAL:
+                self._send(True)
+            else:
+                self.held.flush_due = True
 
     def flush_stale(self) -> None:
-        """Send complete lines that have waited longer than the flush interval.
+        """Send what waited longer than the flush interval: complete lines, and
+        partial ones a ``flush()`` asked for.
 
         Without this, a line printed just before a long computation would
         stay here until the task ends (or be lost if it is interrupted).
         """
         with self.lock:
-            if self.buf and time.monotonic() - self.last > _FLUSH_INTERVAL:
-                self._send_lines()
+            held = self.held
+            if held.pieces and time.monotonic() - held.last > _FLUSH_INTERVAL and not self._in_write[0]:
+                self._send(held.flush_due)
 
     def finish(self) -> None:
         """Send everything, a final partial line included."""
         with self.lock:
-            text = "".join(self.buf)
-            self.buf = []
-            if text:
-                self.channel.send(Out(self.call, self.tag, self.stream, text))
+            if self.held.pieces:
+                self._send(True)
 
 
 def _as_item_error(exc: BaseException) -> BaseException:
@@ -713,7 +820,8 @@ class _Worker:
         for s in (self.out, self.err):
             # last = 0: a task's first line goes home at once (then at most every
             # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
-            s.call, s.tag, s.last, s._closed = call, tag, 0.0, False
+            s.call, s.tag, s._closed = call, tag, False
+        self.out.held.last = 0.0
         sys.stdout, sys.stderr = self.out, self.err
 
     def _leave_if_forked(self) -> None:
@@ -724,8 +832,7 @@ class _Worker:
             os._exit(0)
 
     def _release(self) -> None:
-        self.out.finish()
-        self.err.finish()
+        self.out.finish()  # (both streams' text: they share one buffer)
         sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
 
     def _cpu_since_last_reply(self) -> float:
@@ -780,13 +887,13 @@ class _Worker:
             else:
                 raise ProtocolError(f"a worker cannot handle a {kind.__name__} message")
 
-    def _receive(self) -> bytes:
+    def _receive(self) -> bytes | bytearray:
         """The next message, read here in the main thread (no reader thread:
         the notebook never blocks on a busy worker's full pipe, see
         ``backends/pipes.py``). The pipe's end means the notebook stopped
         this worker or died: leave."""
         try:
-            return self.channel.conn.recv_bytes()  # (only this thread reads; sends take the channel's lock)
+            return read_message(self.channel.conn.fileno())  # (only this thread reads; sends take the channel's lock)
         except (EOFError, OSError):
             _exit_notebook_gone(self.parent_pid, 0)
 

@@ -155,6 +155,18 @@ def test_imap_gives_the_same_results_as_map(ns, ordered):
         assert Counter(got) == Counter(want)
 
 
+def test_imap_refuses_compare_and_progress_in_one_line_and_its_report_says_imap(ns):
+    """As submit and apmap refuse what they cannot do: a UsageError naming what to use instead."""
+    for option, fix in (("compare", "mpmagic.pmap(..., compare=True) runs both"), ("progress", "tqdm")):
+        with pytest.raises(mpmagic.UsageError, match=rf"^imap\(\) takes no {option}=: .*{re.escape(fix)}"):
+            mpmagic.imap(ns["square"], range(3), **{option: True})
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nonsense'"):
+        mpmagic.imap(ns["square"], range(3), nonsense=1)
+    stream = mpmagic.imap(ns["square"], range(3))
+    assert list(stream) == [0, 1, 4]
+    assert stream.run.report().line().startswith("imap: 3 items on ")
+
+
 def test_imap_reads_an_endless_input_lazily_and_breaking_out_cancels_the_rest(ns):
     read = []
 

@@ -177,6 +177,22 @@ def test_rerun_computes_nothing_new_items_only_they_and_report_says_so(ip, store
     assert sorted(calls(ip)) == list(range(5))
 
 
+def test_compare_says_why_nothing_was_compared_when_everything_came_from_the_store(ip, store_dir, capfd):
+    """--compare (and --insights) with nothing computed: one line says so, not silence."""
+    run(ip, "%pmap -q --checkpoint work, range(4)")
+    ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", "rank + 1\n")
+    calls(ip), capfd.readouterr()  # (what these two runs did)
+    assert run(ip, "%pmap -q --compare --checkpoint work, range(4)") == [0, 1, 4, 9]
+    assert calls(ip) == [] and api.last_report().equal is None
+    assert ("mpmagic: every item came from the checkpoint, so nothing ran here or in the workers: compare=True "
+            "(--compare) had nothing to act on; run without the checkpoint (checkpoint=False, --no-checkpoint) "
+            "to compute them again") in capfd.readouterr().err
+    ip.run_cell_magic("parallel", "-n 2 -q --compare --checkpoint", "rank + 1\n")
+    assert "every rank's value came from the checkpoint" in capfd.readouterr().err
+    run(ip, "%pmap -q --checkpoint work, range(4)")  # no option that acts on a run: no line
+    assert "mpmagic:" not in capfd.readouterr().err
+
+
 def test_leftovers_of_a_killed_write_are_harmless_and_clear_removes_them(tmp_path):
     np = pytest.importorskip("numpy")
     store = Store(tmp_path)

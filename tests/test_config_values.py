@@ -55,3 +55,112 @@ def test_a_refused_value_left_in_the_shells_config_does_not_stop_the_extension_l
     settings = config.register(shell)
     assert settings.workers is None and settings.progress_delay == 2.0
     assert "MPMagic.workers = -1 refused" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["workers", "chunksize", "worker_threads", "checkpoint_max_bytes"])
+def test_setting_back_to_none_says_nothing(ip, caplog, name):
+    """None is each of these settings' documented default: %config cross-validates
+    it (update_config), and the validators' None >= 1 printed an ERROR line."""
+    run(ip, f"%config MPMagic.{name} = 3")
+    with capture_output() as cap:
+        run(ip, f"%config MPMagic.{name} = None")
+    assert getattr(config.current(), name) is None
+    assert cap.stdout + cap.stderr == "" and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+@pytest.mark.parametrize("bad", ["10000", "True"])
+def test_workers_out_of_the_pools_range_is_refused_at_the_config_line(ip, bad):
+    """The pool refuses more than max_workers() and bools: the setting took them,
+    and the next run failed with a message not naming it (later runs ignored it)."""
+    from mpmagic.backends.local import max_workers
+
+    run(ip, "%config MPMagic.workers = 1")
+    with pytest.raises(Exception) as err:
+        config.current().workers = eval(bad)
+    said = str(err.value)
+    assert config.current().workers == 1 and len(said.splitlines()) == 1
+    assert f"MPMagic.workers = {bad} refused" in said and f"from 1 to {max_workers()}" in said
+
+
+def test_workers_10000_in_ipython_config_is_said_and_dropped(monkeypatch, capsys):
+    from traitlets.config import Config, Configurable
+
+    shell = Configurable(config=Config({"MPMagic": {"workers": 10000}}))
+    shell.configurables = []
+    monkeypatch.setattr(config, "_current", None)
+    assert config.register(shell).workers is None
+    err = capsys.readouterr().err
+    assert "MPMagic.workers = 10000 refused" in err and len(err.strip().splitlines()) == 1
+
+
+def test_workers_back_to_none_is_one_per_cpu_again(ip, pool2):
+    """None read as "no change" to the pool: after workers = 1, the pool stayed
+    at 1 worker for good (next run, %pool stop + start)."""
+    from mpmagic import pool
+    from mpmagic.cpus import available_cpus
+
+    run(ip, "%config MPMagic.workers = 1")
+    run(ip, "%pmap -q abs, [-1, -2]")
+    assert pool.current_pool().workers == 1
+    run(ip, "%config MPMagic.workers = None")
+    run(ip, "%pmap -q abs, [-1, -2]")
+    assert pool.current_pool().workers == available_cpus()
+    run(ip, "%config MPMagic.workers = 1")
+    run(ip, "%config MPMagic.workers = None")
+    run(ip, "%pool start")  # %pool start applies it too
+    assert pool.current_pool().workers == available_cpus()
+
+
+def test_the_pool_started_at_load_takes_the_profiles_settings(ip, monkeypatch):
+    """The pool %load_ext starts was made with the defaults (forkserver, one per CPU)
+    though ipython_config.py said spawn / 1: the first run threw it away and cold-started."""
+    import mpmagic
+    from mpmagic import pool
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "can_start_in_background", lambda: True)
+    monkeypatch.delenv("MPMAGIC_PRESTART", raising=False)
+    pool.shutdown()
+    settings = config.current()
+    settings.workers, settings.start_method = 1, "spawn"  # (as ipython_config.py gives them: pending)
+    try:
+        mpmagic._prestart_pool()
+        made = pool.current_pool()
+        assert (made.workers, made.start_method) == (1, "spawn")
+        assert settings.pending_pool_settings() == (None, None)  # the first run keeps this pool
+    finally:
+        pool.shutdown()
+
+
+def test_the_advice_names_the_chunksize_setting_not_an_option_never_typed(ip, pool2):
+    """With %config MPMagic.chunksize = 3 and a plain %pmap, the advice said "drop --chunksize"."""
+    from conftest import synthetic_report
+
+    import mpmagic
+    from mpmagic.advice import advise
+
+    run(ip, "%config MPMagic.chunksize = 3")
+    run(ip, "%pmap -q abs, range(12)")
+    assert mpmagic.last_report().extra.get("chunksize_setting") is True
+    run(ip, "%pmap -q --chunksize 3 abs, range(12)")  # typed: the option is named
+    assert "chunksize_setting" not in mpmagic.last_report().extra
+
+    small = dict(items=12, chunks=4, chunksize="3", wall=0.05, task_seconds=0.001)
+    assert "drop --chunksize" in advise(synthetic_report(**small))
+    said = advise(synthetic_report(**small, extra={"chunksize_setting": True}))
+    assert "%config MPMagic.chunksize = None" in said and "--chunksize" not in said
+    idle = dict(items=10, chunks=1, chunksize="100", wall=0.5, task_seconds=0.5, slowest_task=0.5,
+                slowest_where="the chunk of items 0-9", extra={"chunksize_setting": True})
+    said = advise(synthetic_report(**idle))
+    assert "(%config MPMagic.chunksize = 100)" in said and "--chunksize" not in said
+
+
+def test_a_misspelled_setting_is_said_every_time_in_one_line(ip):
+    """traitlets' UserWarning for an unknown name showed once per session: a repeated
+    typo then did nothing, silently."""
+    for value in (2, 3):
+        with capture_output() as cap:
+            run(ip, f"%config MPMagic.worker = {value}")
+        assert cap.stderr == ("mpmagic: Config option `worker` not recognized by `MPMagic`.  "
+                              "Did you mean one of: `worker_threads, workers`?\n")
+    ip.config.MPMagic.pop("worker", None)  # (%config keeps it in the shell's config)

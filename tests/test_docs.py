@@ -19,7 +19,7 @@
   is marked ``<!-- docs-test: example output -->`` (between the python block
   and the text block), and then, on each line holding a figure with a unit
   (``345.8 ms``, ``2.03x``, ``82%``, ``17 MB``), a pid or a session counter
-  (``tasks run: 18``), every number stands
+  (``tasks run: 18``, a timeline's ``worker 5 |``), every number stands
   for any number; the words, results and order of the parts must still match.
   An ``advice:`` line depends on those timings: in an example block it is
   compared only when the run gave advice.
@@ -70,7 +70,7 @@ EXAMPLE_MARKER = re.compile(r"<!--\s*docs-test:\s*example output\s*-->")
 SHOWN_BY = re.compile(r"<!--\s*docs-test:\s*shown by (tests/[\w/]+\.py)\s*-->")
 # A figure whose value differs from run to run: a number with a unit, a pid,
 # or a counter of the session (%pool's "calls run: 3, tasks run: 18").
-FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|µs|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d")
+FIGURE = re.compile(r"\d(?:[\d.]*)\s*(?:us|µs|ms|s|x|%|MB)\b|\bpid\s+\d|\brun: \d|\bworker\s+\d+ \|")
 NUMBER = re.compile(r"~?\d+(?:\.\d+)?")
 
 _md = MarkdownIt("commonmark").enable("table")

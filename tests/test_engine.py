@@ -1058,3 +1058,55 @@ def test_a_ctrl_c_while_workers_start_stops_the_call_after_they_are_recorded(met
         assert backend.submit(MapJob(abs, [-1, -2], 1, False, 1)).result(HANG) == [1, 2]
     finally:
         backend.stop()
+
+
+def test_output_queued_at_an_interrupt_does_not_hold_the_interrupt_up():
+    """Tasks printing faster than the notebook shows (stdout and stderr in turn) had
+    queued a backlog: the interrupt waited 20-70 s for it all to be shown. Once the
+    run is interrupted, only the last KEPT_AT_INTERRUPT output events show, after
+    one line saying how many lines were left out."""
+    from mpmagic import engine
+
+    shown = []
+
+    class _Job:
+        items_total = 1
+
+        def redirect(self, out, progress, chunk, ask_input):
+            return (lambda stream, text: shown.append((stream, text)), None, None, None)
+
+    run = engine.Run(_Job())
+    for i in range(engine.KEPT_AT_INTERRUPT + 1000):
+        run._emit_out("stdout", f"line {i}\n")
+    run.interrupted = True
+    run._finish()
+    t0 = time.perf_counter()
+    run.wait()
+    assert time.perf_counter() - t0 < 0.5
+    note = [text for stream, text in shown if stream == "stderr"]
+    assert len(note) == 1 and note[0].startswith("mpmagic: 1000 lines the tasks printed before the interrupt")
+    assert shown[-1] == ("stdout", f"line {engine.KEPT_AT_INTERRUPT + 999}\n")
+    assert len(shown) <= engine.KEPT_AT_INTERRUPT + 2
+
+
+def test_task_output_is_not_flushed_line_by_line(monkeypatch):
+    """Each flush of ipykernel's stream is an iopub message and a wait for its IO
+    thread: a flush after every piece of task output made 20,000 messages where
+    serial prints make 26. Output is flushed at most every FLUSH_EVERY, and when
+    the waiting thread has nothing more to print."""
+    import io
+
+    from mpmagic import jobs
+
+    class _Counting(io.StringIO):
+        flushes = 0
+
+        def flush(self):
+            type(self).flushes += 1
+
+    monkeypatch.setattr(sys, "stdout", _Counting())
+    monkeypatch.setattr(sys, "stderr", _Counting())
+    for i in range(2000):
+        jobs._print_stream("stdout" if i % 2 else "stderr", f"line {i}\n")
+    assert _Counting.flushes <= 2 * 2
+    assert sys.stdout.getvalue().count("\n") == 1000

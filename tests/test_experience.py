@@ -473,6 +473,53 @@ def test_insights_of_a_cell_and_star_args(ip, pool2, settings):
     assert mpmagic.last_report().insights.slowest[0].args == "add(2, 20)"
 
 
+def test_insights_show_a_timed_out_item_and_count_worker_slots(ip, pool2, settings):
+    """A timed-out item is among the slowest (its time until it was stopped) and on the
+    timeline as stopped, not its worker as idle; the replacement worker's row does not make
+    it "3 of 2 workers". -q hides the timing report, not the insights asked for."""
+    run(ip, "def stuck(x):\n    time.sleep(5 if x == 1 else 0)\n    return x\n")
+    with capture_output() as out:
+        run(ip, "%pmap -q --insights --errors collect --timeout 0.3 --chunksize 1 stuck, range(4)")
+    ins = mpmagic.last_report().insights
+    top = ins.slowest[0]
+    assert (top.index, top.fate) == (1, "timed out") and 0.29 <= top.seconds < 1.0  # (epoch floats)
+    stopped = [t for t in ins.tasks if t.fate]
+    assert [(t.first, t.worker, t.fate) for t in stopped] == [(1, top.worker, "timed out")]
+    holder = next(w for w in ins.per_worker if w.worker == top.worker)
+    assert holder.busy >= 0.29
+    text = str(ins)
+    assert text.startswith("insights: 2 of 2 workers (1 replaced) ran tasks")
+    assert f"item 1: stuck(1)  (worker {top.worker}, timed out)" in text and "!" in ins.timeline_text()
+    shown = displayed(out)  # -q: the insights, not the timing report
+    assert len(shown) == 1 and shown[0]["text/plain"].startswith("insights: 2 of 2 workers (1 replaced)")
+
+
+def test_compare_leaves_out_items_that_killed_their_worker_or_timed_out(ip, pool2, settings, tmp_path, capfd):
+    """--compare's serial run calls no item whose worker died under it (retried or
+    not) or that timed out: here it would exit or hang the notebook (%pdebug's rule).
+    The rest are compared, and one line says what was left out."""
+    run(ip, f"import os\nMARK = {str(tmp_path / 'once')!r}\n"
+            "def risky(x):\n"
+            "    if x == 2:\n        os._exit(3)\n"
+            "    if x == 3 and not os.path.exists(MARK):\n        open(MARK, 'w').close()\n        os._exit(4)\n"
+            "    if x == 5:\n        time.sleep(3)\n"
+            "    return x * 10\n")
+    t0 = time.perf_counter()
+    run(ip, "import mpmagic\nout = mpmagic.pmap(risky, range(7), compare=True, errors='collect', retries=1, "
+            "timeout=0.5, chunksize=1)")
+    out = ip.user_ns["out"]
+    took = time.perf_counter() - t0
+    assert [type(r.error).__name__ if isinstance(r, mpmagic.Failed) else r for r in out] == [
+        0, 10, "WorkerLostError", 30, 40, "TaskTimeoutError", 60]
+    assert took < 2.5  # item 5 was not run here to its end (3 s)
+    rep = mpmagic.last_report()
+    assert rep.equal is True and "measured for 4 of 7 items, results equal" in rep.line()
+    err = capfd.readouterr().err
+    assert ("mpmagic: compare=True (--compare): the workers running items 2, 3 died and item 5 ran past the "
+            "timeout in the parallel run, so they are not run here, where they could do the same to the notebook; "
+            "the verdict and the serial time cover the other 4 items") in err
+
+
 def test_items_are_timed_only_with_insights():
     """Only --insights asks the worker to time items (the Map message's ``timing``)."""
     plain = MapJob(abs, iter(range(4)), 4, False, 2)

@@ -413,3 +413,28 @@ def test_a_range_goes_as_ranges_and_gives_serials_results(ip, local_pool):
     assert [(f.index, f.item) for f in got if isinstance(f, mpmagic.Failed)] == [(999, 999), (1999, 1999), (2999, 2999)]
     assert [r for r in got if not isinstance(r, mpmagic.Failed)] == [-x for x in range(3000) if x % 1000 != 999]
     assert mpmagic.pmap(divmod, range(10, 20), range(1, 11)) == list(map(divmod, range(10, 20), range(1, 11)))
+
+
+def test_large_bytes_and_str_items_skip_the_notebook_code_scan(monkeypatch):
+    """A chunk of plain bytes/str (and numbers) names no notebook code, so its
+    pickle is not scanned for ``__main__`` (the scan cost 4x the pickling of
+    100 kB bytes items): bytes that merely contain the marker still go by
+    plain pickle. A notebook class among them, or a str subclass of one, is
+    still found and goes by value."""
+    from mpmagic import payload
+
+    real = payload.cloudpickle_dumps
+    by_value: list = []
+    monkeypatch.setattr(payload, "cloudpickle_dumps", lambda obj, cb=None: by_value.append(obj) or real(obj, cb))
+    items = [b"_main__" * 100, "__main__ " * 50, 3, None, 2.5, bytearray(b"__mp_main__" * 40)]
+    assert payload.loads(payload.dumps_data(items)) == items and by_value == []
+    assert payload.loads(payload.dumps_data(tuple(items))) == tuple(items) and by_value == []
+
+    class Note(str):
+        pass
+
+    Note.__module__ = "__main__"  # as a notebook cell defines it
+    for odd in (Note("n" * 400), Note):
+        payload.dumps_data([*items, odd])
+        assert by_value and by_value.pop()[-1] is odd
+    assert payload.loads(payload.dumps_data([b"_main__"])) == [b"_main__"] and by_value  # small: scanned as before

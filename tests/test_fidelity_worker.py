@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 import warnings
 
 import pytest
@@ -630,6 +631,35 @@ def test_a_pool_started_inside_a_task_fails_with_a_line_saying_why(ip, local_poo
     assert "a task cannot start processes of its own" in info.value.__notes__[-1]
 
 
+def test_display_ids_in_a_task_update_what_the_cell_shows_as_serially(ip, local_pool):
+    """``h = display(x, display_id=True)`` returned None in a task (``h.update``
+    raised AttributeError), and ``update_display(y, display_id=...)`` came as a
+    new ``display_data`` without the id (the stale value stayed on screen). The
+    id and the update now travel: the cell gets what serial code sends it."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, "from IPython.display import display, update_display\n"
+            "def status(x):\n"
+            "    display(f'{x} old', display_id=f'st{x}')\n"
+            "    update_display(f'{x} new', display_id=f'st{x}')\n"
+            "    h = display(f'{x} loading', display_id=True)\n"
+            "    h.update(f'{x} done')\n"
+            "    return type(h).__name__\n")
+    with capture_output() as serial:
+        run(ip, "list(map(status, [0]))")
+    with capture_output() as cap:
+        assert run(ip, "%pmap -q status, [0]") == ["DisplayHandle"]
+
+    def shown(outputs):
+        ids = [o.transient["display_id"] for o in outputs]
+        assert ids[:2] == ["st0", "st0"] and ids[2] == ids[3] != "st0"  # (the handle's id: a new one)
+        return [(o.data["text/plain"], o.update) for o in outputs]
+
+    assert shown(cap.outputs) == shown(serial.outputs) == [
+        ("'0 old'", False), ("'0 new'", True), ("'0 loading'", False), ("'0 done'", True)]
+    run(ip, "del display, update_display")
+
+
 def test_display_lines_are_cut_out_of_a_tasks_output_in_their_place():
     from mpmagic import display_relay
     from mpmagic.task_builtins import MARK
@@ -720,3 +750,84 @@ def test_a_checkpoint_with_no_default_folder_runs_without_one_and_says_why(ip, l
     finally:
         os.chdir(before)
     assert mpmagic.pmap(abs, [-3]) == [3]  # (back in a directory: the next deleted one is said again)
+
+
+class _Pipe:
+    """A worker channel that keeps what would go home."""
+
+    sending = False
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, msg):
+        self.sent.append(msg)
+
+
+def _worker_streams():
+    from mpmagic.worker import _StreamToParent
+
+    pipe = _Pipe()
+    out = _StreamToParent(pipe, "stdout")
+    err = _StreamToParent(pipe, "stderr", sibling=out)
+    return pipe, out, err
+
+
+def _pieces(sent):
+    """(stream, text) pieces of the Out / Outs messages sent, in order."""
+    from mpmagic.protocol import Out
+
+    return [piece for m in sent for piece in ([(m.stream, m.text)] if type(m) is Out else m.pieces)]
+
+
+def test_a_task_alternating_stdout_and_stderr_sends_batches_not_a_message_a_line():
+    """print + sys.stderr.write in turn: each line was a message of its own (20,000
+    iopub messages where serial code makes 26; an interrupt waited for them all).
+    The two streams now share one buffer, sent as one message a flush interval,
+    in the order written while it switches streams at most _MAX_SWITCHES times."""
+    from mpmagic import worker
+
+    pipe, out, err = _worker_streams()
+    for i in range(5000):
+        out.write(f"step {i}\n")
+        err.write(f"note {i}\n")
+    out.finish()
+    assert len(pipe.sent) < 50, len(pipe.sent)  # (within one flush interval or a few)
+    got = _pieces(pipe.sent)
+    assert "".join(t for s, t in got if s == "stdout") == "".join(f"step {i}\n" for i in range(5000))
+    assert "".join(t for s, t in got if s == "stderr") == "".join(f"note {i}\n" for i in range(5000))
+    # A few switches keep their exact order (a warning among printed lines); a
+    # partial line waits for its end, after what the other stream wrote meanwhile.
+    pipe, out, err = _worker_streams()
+    out.held.last = time.monotonic()  # (not a unit's first line: all in one batch)
+    for stream, text in [(out, "1\n"), (err, "2\n"), (out, "3"), (err, "4\n"), (out, "5\n6")]:
+        stream.write(text)
+    out.held.last = 0.0
+    out.flush_stale()  # (what the worker's flusher thread does)
+    assert len(pipe.sent) == 1
+    assert _pieces(pipe.sent) == [("stdout", "1\n"), ("stderr", "2\n4\n"), ("stdout", "35\n")]
+    out.finish()  # the unit's end: the partial line goes too
+    assert _pieces(pipe.sent)[-1] == ("stdout", "6")
+    assert worker._MAX_SWITCHES >= 4
+
+
+def test_a_flushed_partial_line_goes_home_without_waiting_for_its_end():
+    """print(..., end="", flush=True) and a tqdm bar were held until the line ended
+    (a bar frozen until the task ended; lost when it was interrupted or its worker
+    died). An explicit flush sends the partial line too, within the flush interval."""
+    from mpmagic import worker
+
+    pipe, out, err = _worker_streams()
+    out.write("line\n")  # (a unit's first line goes at once)
+    assert _pieces(pipe.sent) == [("stdout", "line\n")]
+    err.write("\r 10%")
+    err.flush()  # within the interval: the stale flusher's next round sends it
+    time.sleep(worker._FLUSH_INTERVAL * 1.5)
+    out.flush_stale()
+    assert _pieces(pipe.sent)[-1] == ("stderr", "\r 10%")
+    out.write("no flush")  # held: no flush asked
+    time.sleep(worker._FLUSH_INTERVAL * 1.5)
+    out.flush_stale()
+    assert _pieces(pipe.sent)[-1] == ("stderr", "\r 10%")
+    out.flush()
+    assert _pieces(pipe.sent)[-1] == ("stdout", "no flush")

@@ -46,7 +46,13 @@ def test_stdout_and_stderr_still_go_by_name(monkeypatch):
     # (a process's own streams are TextIOWrappers; pytest's capture replaced them)
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO()))
     monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.BytesIO()))
-    assert payload.loads(payload.dumps_data([sys.stdout, sys.stderr])) == [sys.stdout, sys.stderr]
+    out, err = payload.loads(payload.dumps_data([sys.stdout, sys.stderr]))
+    # Each is the stream of wherever it is used (a task's own, once it captures them): here, ours.
+    out.write("to out")
+    err.write("to err")
+    for stream, text in ((sys.stdout, "to out"), (sys.stderr, "to err")):
+        stream.flush()
+        assert stream.buffer.getvalue().decode() == text
 
 
 def test_a_task_given_or_returning_an_open_file_fails_with_the_fix(ip, pool2, tmp_path):

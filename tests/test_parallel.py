@@ -355,3 +355,50 @@ def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip
     # Without --reduce there is nothing to compare the ranks' list with: no verdict.
     mpmagic.parallel("rank", workers=2, compare=True)
     assert mpmagic.last_report().equal is None
+
+
+def test_partial_lines_of_ranks_show_at_once_each_line_from_one_rank():
+    """A flushed partial line (a tqdm bar) of a rank shows at once, labelled once: its
+    continuation needs no new label; another rank's partial text waits while the first
+    one's line is open, and its whole lines end that line first. Before, a partial
+    line showed only when its line ended, and nothing when the rank was interrupted."""
+    from mpmagic.jobs import OpenLines
+
+    shown = []
+    running = {0, 1}
+    lines = OpenLines(lambda stream, text: shown.append((stream, text)), running.__contains__, label=True)
+    lines.feed(0, "stderr", "\r 10%")
+    lines.feed(1, "stderr", "\r 50%")  # waits: rank 0's bar has the line
+    lines.feed(0, "stderr", "\r 20%")
+    lines.feed(1, "stdout", "hello\n")  # another stream: its own line
+    assert shown == [("stderr", "[rank 0] \r[rank 0]  10%"), ("stderr", "\r[rank 0]  20%"),
+                     ("stdout", "[rank 1] hello\n")]
+    lines.feed(1, "stderr", "done\n")  # a whole line: rank 0's line ends first
+    assert shown[-2:] == [("stderr", "\n"), ("stderr", "[rank 1] \r[rank 1]  50%done\n")]
+    lines.feed(0, "stderr", "more")
+    lines.end()  # (an interrupt: the open line ends, so what it showed stays)
+    assert shown[-2:] == [("stderr", "[rank 0] more"), ("stderr", "\n")]
+    # A map's items: no labels; an item that ended leaves its line to the next one.
+    shown.clear()
+    lines = OpenLines(lambda stream, text: shown.append(text), running.__contains__)
+    lines.feed(0, "stdout", "partial 0")
+    lines.feed(1, "stdout", "partial 1")  # waits
+    lines.end()
+    assert "".join(shown) == "partial 0\npartial 1"
+    shown.clear()
+    running.discard(0)
+    lines.feed(0, "stdout", "end of 0 ")
+    lines.feed(1, "stdout", "line 1\n")  # item 0 ended: joined as serial output would be
+    assert "".join(shown) == "end of 0 line 1\n"
+
+
+def test_a_ranks_displayed_object_says_which_rank_sent_it(ip, local_pool):
+    """A rank's printed lines say ``[rank N]``; its DataFrames and figures did not, so
+    with -n 2 two tables showed and nobody could tell whose was whose. A line of
+    its own names the rank before each displayed object (not before an update)."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        cell(ip, "-n 1 -q", "h = display('table', display_id=True)\nh.update('done')\nrank;")
+    assert cap.stdout.startswith("[rank 0] \n") and cap.stdout.count("[rank 0]") == 1
+    assert [o.data["text/plain"] for o in cap.outputs] == ["'table'", "'done'"]

@@ -10,6 +10,8 @@ import struct
 import threading
 import time
 
+import pytest
+
 import mpmagic
 from mpmagic.backends.pipes import Receiver, Sender, frame
 
@@ -43,6 +45,62 @@ def test_a_full_pipe_keeps_the_rest_and_never_blocks():
         sender.close()
         ours.close()
         theirs.close()
+
+
+def test_a_message_in_parts_arrives_as_one():
+    """A message given in parts (protocol.pack_parts) is framed as one:
+    Connection.recv_bytes reads their concatenation, the big part uncopied."""
+    ours, theirs = _pair()
+    sender = Sender(ours)
+    try:
+        big = os.urandom(200_000)
+        parts = (b"head", b"", big)
+        views = frame(parts)
+        assert views[-1].obj is big and struct.unpack("!i", views[0])[0] == len(big) + 4
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.extend(theirs.recv_bytes() for _ in range(2)))
+        reader.start()
+        sender.send(parts)
+        sender.send(b"after")
+        deadline = time.monotonic() + 30
+        while sender.pending and time.monotonic() < deadline:
+            sender.flush()
+            time.sleep(0.001)
+        reader.join(30)
+        assert got == [b"head" + big, b"after"]
+    finally:
+        sender.close()
+        ours.close()
+        theirs.close()
+
+
+def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
+    """worker.read_message reads each framed message back, small ones as bytes
+    and big ones (read into one buffer of their size) however the pipe splits
+    them, and says EOFError at the pipe's end."""
+    from mpmagic.worker import read_message
+
+    a, b = socket.socketpair()
+    big = os.urandom(3 << 20)
+    messages = [b"", b"small", big, b"after"]
+    wire = b"".join(bytes(v) for m in messages for v in frame(m))
+
+    def write_slowly():
+        with a:
+            for i in range(0, len(wire), 700_001):  # pieces that cut the headers and the big body
+                a.sendall(wire[i : i + 700_001])
+                time.sleep(0.002)
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    try:
+        got = [read_message(b.fileno()) for _ in messages]
+        assert got == messages and type(got[2]) is bytearray
+        with pytest.raises(EOFError):
+            read_message(b.fileno())
+    finally:
+        writer.join(30)
+        b.close()
 
 
 def test_frames_match_multiprocessing_connection():

@@ -24,6 +24,7 @@ from mpmagic.protocol import (
     Map,
     Missing,
     Out,
+    Outs,
     ProtocolError,
     Ready,
     Reload,
@@ -33,6 +34,7 @@ from mpmagic.protocol import (
     Unmap,
     Unpicklable,
     pack,
+    pack_parts,
     unpack,
 )
 
@@ -45,6 +47,7 @@ EXAMPLES = [
     Stop(),
     Ready(1234, 0),
     Out(1, 2, "stdout", "hello\n"),
+    Outs(1, 2, (("stdout", "a\n"), ("stderr", "b\n"))),
     Done(1, 2, b"results", 0.25, {"worker": 0, "start": 1.0, "end": 1.25, "cpu": 0.2}),
     Error(1, 2, 3, worker.ErrorInfo(ValueError("bad")), b"partial", 0.5),
     Unpicklable(1, 2, None, worker.ErrorInfo(TypeError("cannot pickle"))),
@@ -271,3 +274,22 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
         conn.send_bytes(pack(Map(1, 1, key, False, True, items, False, 1, log_context)))
         got = _replies(conn)
         assert type(got[-1]) is Done and not [o for o in got if type(o) is Out], got
+
+
+def test_a_map_with_large_items_goes_in_parts_without_copying_them():
+    """pack_parts: the items follow the pickle of the other fields as they are
+    (never copied into the message), and unpack reads them back as a view of
+    the message (never copied out); a small Map, or any other kind, is pack's."""
+    items = payload.dumps_data([bytes(range(256)) * 400 for _ in range(2)])
+    msg = Map(1, 2, b"k" * 16, False, True, items, False, 32, (64, b"levels"))
+    parts = pack_parts(msg)
+    assert len(parts) == 3 and parts[-1] is items
+    wire = b"".join(parts)
+    back = unpack(wire)
+    assert type(back) is Map and back._replace(items=b"") == msg._replace(items=b"")
+    assert isinstance(back.items, memoryview) and back.items.obj is wire and back.items == items
+    assert payload.loads(back.items) == payload.loads(items)
+    small = Map(1, 2, b"k" * 16, False, True, b"items", False, 32)
+    assert pack_parts(small) == (pack(small),) and pack_parts(Context(7, items)) == (pack(Context(7, items)),)
+    with pytest.raises(ProtocolError, match="not an mpmagic message"):
+        unpack(b"\x00\x01")

@@ -17,7 +17,7 @@ class _Stops:
         self.fails = fails
         self.stopped = False
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
         self.stopped = True
         if self.fails:
             raise RuntimeError("cannot stop")

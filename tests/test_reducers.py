@@ -141,3 +141,35 @@ def test_what_cannot_keep_its_meaning_is_refused_with_advice_that_fits(cells, lo
         assert says in texts[-1] and "capturing it" not in texts[-1] and "Return plain data" not in texts[-1], texts[-1]
     assert texts[2].startswith("the result of item 0 of the input (100000) cannot be sent back"), texts[2]
     assert texts[3].startswith("cannot send item 0 ("), texts[3]
+
+
+def test_the_notebooks_sys_stdout_in_a_function_is_the_tasks_own(capsys):
+    """A function holding the notebook's sys.stdout / sys.stderr (a default argument,
+    ``functools.partial(print, file=sys.stderr)``) was refused with ipykernel's
+    internals (``session -> _trait_values -> 'auth'`` is an hmac.HMAC). ipykernel's
+    stream, and ``sys.__stdout__``, now go as the task's own stream, looked up
+    when used (a function is loaded before its task's output is captured)."""
+    import functools
+    import io
+    import sys
+
+    import cloudpickle
+    from ipykernel.iostream import OutStream
+
+    from mpmagic import payload
+
+    kernel_stream = OutStream.__new__(OutStream)  # (a real one needs a kernel's session)
+    kernel_stream.name = "stderr"
+    say = functools.partial(print, file=kernel_stream)
+    loaded = cloudpickle.loads(payload.cloudpickle_dumps(say))
+    to_dunder = cloudpickle.loads(payload.cloudpickle_dumps(functools.partial(print, file=sys.__stdout__)))
+    capsys.readouterr()
+    task_out, task_err = io.StringIO(), io.StringIO()
+    old = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = task_out, task_err  # (as a worker captures a task's streams)
+    try:
+        loaded("to stderr")
+        to_dunder("to stdout")
+    finally:
+        sys.stdout, sys.stderr = old
+    assert task_err.getvalue() == "to stderr\n" and task_out.getvalue() == "to stdout\n"

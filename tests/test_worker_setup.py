@@ -544,11 +544,11 @@ def test_checkpoint_stores_no_results_of_a_worker_whose_setup_failed(ip, local_p
     busy = tmp_path / "BUSY"
     busy.touch()
     wid = local_pool.slots[1].wid
-    setup = (f"%%pool setup\nimport os, mpmagic\nSCALE = 1\nif mpmagic.worker_id() == {wid} and "
-             f"os.path.exists({str(busy)!r}):\n    raise OSError('busy')\nSCALE = 3\n")
+    setup = (f"%%pool setup\nimport os, mpmagic\nSETUP_SCALE = 1\nif mpmagic.worker_id() == {wid} and "
+             f"os.path.exists({str(busy)!r}):\n    raise OSError('busy')\nSETUP_SCALE = 3\n")
     assert ip.run_cell(setup, store_history=False).error_in_exec is not None  # failed on one worker
     run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ck')!r}")
-    run(ip, "import time\ndef scaled(x):\n    time.sleep(0.02)\n    return SCALE * x")
+    run(ip, "import time\ndef scaled(x):\n    time.sleep(0.02)\n    return SETUP_SCALE * x")
     with pytest.warns(RuntimeWarning, match=r"came from workers that run without the %%pool setup .* not stored"):
         mixed = run(ip, "%pmap -q --checkpoint --chunksize 1 scaled, range(8)")
     assert mixed != [3 * x for x in range(8)]  # (both workers ran items)

@@ -65,6 +65,7 @@ from ..protocol import (
     Func,
     Missing,
     Out,
+    Outs,
     ProtocolError,
     Ready,
     SetupDone,
@@ -72,8 +73,10 @@ from ..protocol import (
     Unmap,
     Unpicklable,
     pack,
+    pack_parts,
     unpack,
 )
+from . import pipes
 from .base import Job
 from .pipes import Receiver, Sender
 
@@ -173,8 +176,8 @@ class _Slot:
             self.sender = Sender(self.conn)
             self.receiver = Receiver(self.sender.sock)
 
-    def send(self, data: bytes) -> None:
-        """Send one message (never blocks; ``OSError`` when the worker is gone)."""
+    def send(self, data: bytes | tuple[bytes, ...]) -> None:
+        """Send one message (or its parts: ``pipes.frame``; never blocks; ``OSError`` when the worker is gone)."""
         self.sender.send(data)
 
     def close(self) -> None:
@@ -1446,13 +1449,14 @@ class LocalBackend:
                 for run in list(self._runs):
                     self._end(run, error)
 
-    def _put(self, slot: _Slot, data: bytes) -> None:
-        """Send ``data`` to ``slot`` now, or at the end of ``_assign`` when in it."""
+    def _put(self, slot: _Slot, data: bytes | tuple[bytes, ...]) -> None:
+        """Send ``data`` (a message, or its parts: ``pipes.frame``) to ``slot`` now,
+        or at the end of ``_assign`` when in it."""
         if self._held is None:
             slot.send(data)
             return
         slot.sender.queue(data)
-        if len(data) > _HOLD_MAX:
+        if pipes.size(data) > _HOLD_MAX:
             slot.sender.flush()  # a big chunk goes now: packing the next one takes longer than a wake-up
         elif slot not in self._held:
             self._held.append(slot)
@@ -1579,14 +1583,15 @@ class LocalBackend:
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
             ctx = context.current(job.call_id)
-            messages, keys = [], []
+            messages: list[bytes | tuple[bytes, ...]] = []
+            keys = []
             if context.key(ctx) not in slot.known:
                 messages.append(pack(ctx))
                 keys.append(context.key(ctx))
             if job.func_key is not None and job.func_key not in slot.known:
                 messages.append(pack(Func(job.func_key, job.func_payload)))
                 keys.append(job.func_key)
-            messages.append(pack(job.message(unit)))
+            messages.append(pack_parts(job.message(unit)))  # (a chunk's large items: uncopied)
         except Exception as exc:
             job.requeue(unit)
             self._end(run, exc)
@@ -1604,6 +1609,7 @@ class LocalBackend:
         slot.known.update(keys)
         self._send_failures = 0
         slot.inflight.append((run, unit))
+        unit.sent_to, unit.sent_at = slot.wid, time.time()  # (--insights: a unit lost with its worker)
         run.units_sent = True
         if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
             job.waited_for_workers += time.monotonic() - run.waiting_since
@@ -1684,6 +1690,11 @@ class LocalBackend:
         if kind is Out:
             if run is not None:
                 run.job.output(msg.tag, msg.stream, msg.text)
+            return
+        if kind is Outs:
+            if run is not None:
+                for stream, text in msg.pieces:
+                    run.job.output(msg.tag, stream, text)
             return
         if kind is Collected:  # (not a reply: the unit it names is still running)
             if run is not None and slot.inflight and slot.inflight[0][0] is run and slot.inflight[0][1].id == msg.tag:
@@ -1929,7 +1940,7 @@ _MORE_READY = 4
 # that packs four chunks of 25,000 items (~1 ms each) kept the workers idle
 # until the last one was packed (100,000 tiny items: +10 %).
 _HOLD_MAX = 16 << 10
-_WORKER_SAYS = frozenset((Out, Done, Error, Unpicklable, Missing, Collected))  # besides Ready
+_WORKER_SAYS = frozenset((Out, Outs, Done, Error, Unpicklable, Missing, Collected))  # besides Ready
 
 
 def _discard(msg: tuple) -> None:

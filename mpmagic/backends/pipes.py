@@ -44,11 +44,18 @@ _LONG_HEAD = struct.Struct("!iQ")
 _MAX_BUFFERS = 64
 
 
-def frame(data: bytes) -> list[memoryview]:
-    """``data`` framed for ``Connection.recv_bytes`` on the other end."""
-    n = len(data)
+def size(data: bytes | tuple[bytes, ...]) -> int:
+    """Length of the message ``data``: bytes, or parts sent as one (``protocol.pack_parts``)."""
+    return sum(map(len, data)) if type(data) is tuple else len(data)
+
+
+def frame(data: bytes | tuple[bytes, ...]) -> list[memoryview]:
+    """``data`` framed for ``Connection.recv_bytes`` on the other end: one
+    message, also when given in parts (written one after another, uncopied)."""
+    n = size(data)
     header = _HEAD.pack(n) if n <= _LONG else _LONG_HEAD.pack(-1, n)
-    return [memoryview(header), memoryview(data)] if n else [memoryview(header)]
+    parts: tuple[bytes, ...] = data if isinstance(data, tuple) else (data,)
+    return [memoryview(header), *(memoryview(p) for p in parts if len(p))]
 
 
 class Sender:
@@ -66,8 +73,8 @@ class Sender:
         """True while part of a message waits for room in the pipe."""
         return bool(self._pending)
 
-    def send(self, data: bytes) -> bool:
-        """Queue ``data`` as one message and send what the pipe takes now.
+    def send(self, data: bytes | tuple[bytes, ...]) -> bool:
+        """Queue ``data`` (see :func:`frame`) as one message and send what the pipe takes now.
 
         True when everything queued went out. Raises ``OSError``
         (``BrokenPipeError``...) when the worker is gone.
@@ -75,7 +82,7 @@ class Sender:
         self._pending.extend(frame(data))
         return self.flush()
 
-    def queue(self, data: bytes) -> None:
+    def queue(self, data: bytes | tuple[bytes, ...]) -> None:
         """Queue ``data`` as one message, sent by the next ``send`` or ``flush``."""
         self._pending.extend(frame(data))
 
