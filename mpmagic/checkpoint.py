@@ -34,6 +34,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -817,8 +818,11 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
 
 def _in_input(report: Any, missing: list[int]) -> None:
     """Make the items a run over the ``missing`` items names in its ``report`` (those that
-    ran again, the insights' slowest items and chunks) count in the whole input."""
+    ran again, the slowest chunk, the insights' slowest items and chunks) count in the whole input."""
     report.ran_again = tuple(missing[i] for i in report.ran_again if 0 <= i < len(missing))
+    if report.slowest_where:  # "item 3", "the chunk of items 3-5"
+        report.slowest_where = re.sub(r"\d+", lambda m: str(missing[int(m.group())]) if int(m.group()) < len(missing)
+                                      else m.group(), report.slowest_where)
     if report.insights is not None:
         report.insights.renumber(missing)
 

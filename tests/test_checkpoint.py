@@ -1000,5 +1000,7 @@ def test_a_resumed_runs_insights_name_the_slowest_item_by_its_place_in_the_input
     run(ip, "import time\ndef slow4(x):\n    if x == 4:\n        time.sleep(0.05)\n    return x\n")
     run(ip, "%pmap -q --checkpoint slow4, [0, 1, 2]")
     run(ip, "%pmap -q --checkpoint --insights -n 2 --chunksize 1 slow4, range(6)")
-    insights = api.last_report().insights
+    report = api.last_report()
+    insights = report.insights
     assert insights.slowest[0].index == 4 and {t.first for t in insights.tasks} == {3, 4, 5}
+    assert report.slowest_where == "item 4"
