@@ -19,8 +19,9 @@ and survives an interrupt or a worker's death up to the last line sent.
   (``logging.BASIC_FORMAT`` behind the item label; a ``%%parallel`` rank's
   lines get ``[rank N]`` from the cell's own output labelling). At home the
   record goes to the notebook's logger of its name (:func:`deliver`: its file
-  and other handlers, ``propagate``), and its lines show unless that logger
-  keeps it from the notebook's output, as serially. A traceback's frame in a notebook cell (``logging.exception``)
+  and other handlers, ``propagate``), and its lines show exactly when serial
+  code would have printed it to the cell (``logging.disable()``, handler
+  levels, ``logging.lastResort``). A traceback's frame in a notebook cell (``logging.exception``)
   has no source line in the worker: a marked line asks the notebook for it.
 * **Warnings.** Whether a warning shows is the notebook's filters' decision,
   "once per location" by default across every worker and item of a call:
@@ -583,34 +584,42 @@ class WarningRelay:
 
 def _to_console(handler: logging.Handler) -> bool:
     """Does ``handler`` write to the notebook's output (a StreamHandler on
-    stdout or stderr, as ``logging.basicConfig()`` makes)? The cell's labelled
-    line stands in for it."""
+    stdout or stderr, as ``logging.basicConfig()`` makes, or on one of
+    ipykernel's output streams)? The cell's labelled line stands in for it."""
     if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
         return False
-    return any(handler.stream is s for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__))
+    stream = handler.stream
+    if any(stream is s for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)):
+        return True
+    kind = type(stream)
+    return kind.__name__ == "OutStream" and kind.__module__.startswith("ipykernel")  # (a kernel's stdout/stderr)
 
 
 def deliver(record: logging.LogRecord) -> bool:
     """Hand a task's ``record`` to the notebook's handlers for its logger, as
-    ``Logger.handle`` would serially (the logger's ``disabled`` and filters,
-    each handler's level, ``propagate``); True when the record shows in the
-    cell.
+    ``Logger.handle`` and ``Logger.callHandlers`` would serially; True when
+    serial code would have printed it to the cell.
 
+    Serial logging's rules, in its order: nothing when ``logging.disable()``
+    covers the record's level, or its logger is ``disabled`` or its filters
+    drop it; then each handler of the logger and of its ancestors (while
+    ``propagate`` lets it go up) whose level and filters take the record.
     Handlers that write to the notebook's output are not called: the cell
     shows the record's labelled line instead (``[item 3] INFO:calc:text``,
-    as docs/guide.md promises). The cell shows it when such a handler takes
-    it, or when it propagates up to the root logger whatever handlers the
-    root has (none: the cell, as without logging set up), but not when a
-    logger with ``propagate = False`` stopped it before any handler writing
-    to the output (serially: only its own handlers, a file, get it).
+    as docs/guide.md promises) when one of them takes it. Other handlers (a
+    file, a queue) get the record itself. When no logger on the way has a
+    handler at all (not even a ``NullHandler``), ``logging.lastResort``
+    prints it to stderr serially, at its level (WARNING): then the cell
+    shows it at that level too.
     """
     logger = logging.getLogger(record.name) if record.name != "root" else logging.getLogger()
-    if logger.disabled or not logger.filter(record):
+    if logger.manager.disable >= record.levelno or logger.disabled or not logger.filter(record):
         return False
-    show = False
+    show, found = False, False
     current: logging.Logger | None = logger
     while current is not None:
         for handler in list(current.handlers):
+            found = True
             if record.levelno < handler.level:
                 continue
             if _to_console(handler):
@@ -620,9 +629,8 @@ def deliver(record: logging.LogRecord) -> bool:
                     handler.handle(record)
                 except Exception:  # (a handler's own errors go through its handleError; this is a safety net)
                     _log.warning("mpmagic: a logging handler failed on a task's record", exc_info=True)
-        if not current.propagate:
-            return show
-        if current.parent is None:
-            return True  # (reached the root)
-        current = current.parent
-    return True
+        current = current.parent if current.propagate else None
+    if not found:
+        last = logging.lastResort
+        return last is not None and record.levelno >= last.level and bool(last.filter(record))
+    return show

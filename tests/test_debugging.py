@@ -472,7 +472,7 @@ def test_pdebug_in_a_real_kernel_is_driven_through_input_requests(kernel):
 
 
 def test_task_logging_lands_in_the_cell_that_ran_it_in_a_real_kernel(kernel):
-    kernel.ok("import logging\nlogging.getLogger().setLevel(logging.INFO)\n"
+    kernel.ok("import logging\nlogging.basicConfig(level=logging.INFO)\n"
               "def chatty(x):\n    logging.getLogger('calc').info('item says %s', x)\n    return x\n")
     reply = kernel.ok("%pmap -q chatty, range(3)")
     err = reply.stream("stderr")

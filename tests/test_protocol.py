@@ -261,7 +261,12 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
     got = _replies(conn)
     err = got[-1]
     text = "".join(o.text for o in got[:-1] if type(o) is Out)
-    text = worker_logging.WarningRelay()(text)  # (each record comes as a marked line, shown at home as its lines)
+    console = logging.StreamHandler()  # (the notebook's logging.basicConfig(): INFO prints serially only through one)
+    logging.getLogger().addHandler(console)
+    try:
+        text = worker_logging.WarningRelay()(text)  # (each record comes as a marked line, shown at home as its lines)
+    finally:
+        logging.getLogger().removeHandler(console)
     assert text == "[item 10] INFO:calc:item says 10\n[item 11] INFO:calc:item says 11\n[item 12] INFO:calc:item says 12\n"
     assert type(err) is Error and err.index == 2
     ctx = err.info.context

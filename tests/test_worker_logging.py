@@ -13,15 +13,23 @@ pytestmark = pytest.mark.usefixtures("notebook_warnings")
 
 @pytest.fixture
 def root_level():
-    """Set the notebook's root logger level for one test."""
+    """Set up the notebook's logging for one test as ``logging.basicConfig(level=...)``
+    does: the root logger's level and a handler printing to stderr (serially,
+    records below WARNING print only through such a handler)."""
     root = logging.getLogger()
     saved = root.level
+    console: list[logging.Handler] = []
 
     def set_level(level: int) -> None:
         root.setLevel(level)
+        if not console:  # (made in the test: on the stderr that capsys reads)
+            console.append(logging.StreamHandler())
+            root.addHandler(console[0])
 
     yield set_level
     root.setLevel(saved)
+    for handler in console:
+        root.removeHandler(handler)
 
 
 TASK = """
@@ -92,6 +100,49 @@ def test_a_named_loggers_own_handlers_get_the_tasks_records_and_propagate_false_
     assert sorted(kept.lines) == ["INFO calc working on 7", "INFO calc working on 8"]
     err = capsys.readouterr().err
     assert ("[item 0] INFO:calc:working on 7\n" in err) is propagate, err  # up to the root: in the cell as before
+
+
+LOGS = """
+import logging
+def logs(x):
+    for name in ("calc", "dbg"):
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
+            logging.getLogger(name).log(level, "%s %s %d", name, logging.getLevelName(level), x)
+    return x
+"""
+MESSAGES = [f"{name} {level} 0" for name in ("calc", "dbg") for level in ("DEBUG", "INFO", "WARNING", "ERROR")]
+
+
+@pytest.mark.parametrize(("setup", "printed"), [
+    ("logging.basicConfig(level=logging.INFO)\nlogging.disable(logging.CRITICAL)", []),
+    ("logging.basicConfig(level=logging.DEBUG)\nlogging.getLogger().handlers[0].setLevel(logging.ERROR)",
+     ["calc ERROR 0", "dbg ERROR 0"]),
+    ("logging.getLogger('dbg').setLevel(logging.DEBUG)",  # no handler anywhere: logging.lastResort, at WARNING
+     ["calc WARNING 0", "calc ERROR 0", "dbg WARNING 0", "dbg ERROR 0"]),
+], ids=["disabled", "console-at-ERROR", "lastResort"])
+def test_a_tasks_records_show_exactly_when_serial_logging_prints_them(ip, local_pool, capsys, setup, printed):
+    """Serial logging is the oracle: the same calls made here print these
+    messages; the task's records show those and no others (logging.disable(),
+    a console handler's own level and lastResort's were ignored: all shown)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers.clear()  # (pytest's own handlers: a notebook's root has none)
+    try:
+        run(ip, LOGS + setup)
+        capsys.readouterr()
+        run(ip, "logs(0)")
+        printed_serially = capsys.readouterr().err
+        serial = [m for m in MESSAGES if m in printed_serially]
+        assert serial == printed, printed_serially  # (the oracle tells the cases apart)
+        assert run(ip, "%pmap -q logs, [0]") == [0]
+        err = capsys.readouterr().err
+        assert [m for m in MESSAGES if f"[item 0] {m.split()[1]}:{m.split()[0]}:{m}\n" in err] == serial, err
+        assert err.count("[item 0]") == len(serial), err
+    finally:
+        logging.disable(logging.NOTSET)
+        logging.getLogger("dbg").setLevel(logging.NOTSET)
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 def test_records_of_a_parallel_rank_are_labelled_by_rank_in_order(ip, local_pool, root_level, capsys):
