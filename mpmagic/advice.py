@@ -105,6 +105,30 @@ def threads_oversubscribed(report: Any) -> float | None:
     return per
 
 
+def _thread_remedy(report: Any, cap: int) -> str:
+    """What to do about the workers' extra threads, given the BLAS/OpenMP cap now set
+    (``%config MPMagic.worker_threads``). Where the cap is in force already (the
+    default, or a value at or below ``cap``), setting it would change nothing: the
+    threads are ones the tasks start themselves (joblib's, scikit-learn's
+    ``n_jobs=-1``), so that is what is named."""
+    from .threads import cap_for, configured
+
+    setting = configured()
+    _, notebook = cap_for(max(1, report.workers), setting)
+    if setting == 0:
+        return f"cap them with %config MPMagic.worker_threads = {cap} (now 0: no cap) and %pool restart"
+    if setting is None and notebook:  # the notebook's variables win over the default cap in the workers
+        names = ", ".join(f"{var}={value}" for var, value in sorted(notebook.items()))
+        return (f"the notebook's {names} wins over the workers' default cap: unset it, or force the cap with "
+                f"%config MPMagic.worker_threads = {cap}, and %pool restart")
+    if setting is not None and setting > cap:
+        return f"cap them with %config MPMagic.worker_threads = {cap} (now {setting}) and %pool restart"
+    now = "the default, None" if setting is None else str(setting)
+    return (f"BLAS/OpenMP threads are capped already (%config MPMagic.worker_threads: {now}), so these are "
+            "threads the tasks start themselves, as n_jobs=-1 in joblib or scikit-learn does: pass n_jobs=1 "
+            "inside the tasks (or give -n fewer workers)")
+
+
 def advise(report: Any) -> str | None:
     """The likely cause and what to try, in one line; None for a good (or failed) run."""
 
@@ -136,11 +160,9 @@ def advise(report: Any) -> str | None:
         )
     per = threads_oversubscribed(report)
     if per is not None:  # measured: CPU time per task above wall time per task
-        cap = max(1, report.cores // workers)
         return (
             f"each worker ran ~{per:.1f} threads (CPU time {per:.1f}x its task time), so {workers} workers "
-            f"oversubscribed the {report.cores} CPU cores: cap them with %config MPMagic.worker_threads = {cap} "
-            "(the default, None, caps them so) and %pool restart"
+            f"oversubscribed the {report.cores} CPU cores: {_thread_remedy(report, max(1, report.cores // workers))}"
         )
     if not did_not_pay(report):
         return None

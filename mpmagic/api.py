@@ -694,11 +694,12 @@ def pmap(
     failed = call.failed_items(results)
     report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
-    if compare:
-        left_out = _left_out_of_compare(results, job.died_under)
-        if left_out:
-            report.extra["compare_left_out"] = len(left_out)
-            _say_left_out(left_out, len(results))
+    left_out = _left_out_of_compare(results, job.died_under) if compare else {}
+    if left_out:
+        report.extra["compare_left_out"] = len(left_out)
+        _say_left_out(left_out, len(results))
+    # With every item left out, nothing is compared: equal stays None, the serial time an estimate.
+    if compare and (not left_out or len(left_out) < len(results)):
         mark = len(sys.modules)
         t1 = time.perf_counter()
         try:
@@ -792,10 +793,12 @@ def _say_left_out(left_out: dict[int, str], total: int) -> None:
         else:
             parts.append(f"{items} ran past the timeout")
     n, rest = len(left_out), total - len(left_out)
+    # Every item left out: no verdict over 0 items, and the report's serial time stays an estimate.
+    covered = (f"the verdict and the serial time cover the other {rest} item{'s' if rest != 1 else ''}" if rest > 0
+               else "that leaves no item to run here, so nothing was compared and the serial time is estimated")
     sys.stderr.write(f"mpmagic: compare=True (--compare): {' and '.join(parts)} in the parallel run, so "
                      f"{'they are' if n > 1 else 'it is'} not run here, where {'they' if n > 1 else 'it'} could do the "
-                     f"same to the notebook; the verdict and the serial time cover the other {rest} "
-                     f"item{'s' if rest != 1 else ''}\n")
+                     f"same to the notebook; {covered}\n")
 
 
 def _serial_failed(report: Report, exc: BaseException, what: str) -> None:

@@ -490,10 +490,14 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
             args, keywords = eval(code, {**user_ns, **local_ns})
         else:
             args, keywords = eval(code, user_ns)
-    except NameError as exc:
+    except (NameError, TypeError) as exc:
         # ``%pmap f, xs --compare`` is ``xs - (-compare)``, as in map(): that error stays,
-        # with a line saying where options go when the name is one of an option's.
-        if any(exc.name == option.lstrip("-").split("-")[0] for option in _option_words(text, parser)):
+        # with a line saying where options go when the name is one of an option's. A
+        # TypeError gets it when the text holds an option (``ys -q`` with a ``q`` defined
+        # is ``ys - q``: a list minus an int).
+        words = _option_words(text, parser)
+        if (any(exc.name == option.lstrip("-").split("-")[0] for option in words) if isinstance(exc, NameError)
+                else bool(words)):
             add_note(exc, _options_after(text, parser).removeprefix("; "))
         raise
     finally:

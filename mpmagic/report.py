@@ -203,7 +203,9 @@ class Report:
             return f"serial {fmt_seconds(self.serial)} (measured{of}{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
-        return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()})"
+        nothing = ("; --compare left out every item, so nothing was compared"
+                   if self.items and self.extra.get("compare_left_out", 0) >= self.items else "")
+        return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()}{nothing})"
 
     def _estimate_text(self) -> str:
         """``estimated from task times``, and what that assumes when it is not the serial time."""

@@ -520,6 +520,19 @@ def test_compare_leaves_out_items_that_killed_their_worker_or_timed_out(ip, pool
             "the verdict and the serial time cover the other 4 items") in err
 
 
+def test_compare_with_every_item_left_out_compares_nothing(ip, pool2, capfd):
+    """Every item killed its worker: --compare's serial run has nothing to run, so
+    no verdict (not "results equal" over 0 items) and the serial time is an estimate."""
+    run(ip, "import os\ndef die(x):\n    os._exit(3)\n")
+    run(ip, "import mpmagic\nout = mpmagic.pmap(die, [1, 2], compare=True, errors='collect', chunksize=1)")
+    rep = mpmagic.last_report()
+    assert rep.equal is None and rep.serial is None
+    assert "measured" not in rep.line() and "--compare left out every item, so nothing was compared" in rep.line()
+    err = capfd.readouterr().err
+    assert "that leaves no item to run here, so nothing was compared and the serial time is estimated" in err
+    assert "cover the other 0" not in err
+
+
 def test_items_are_timed_only_with_insights():
     """Only --insights asks the worker to time items (the Map message's ``timing``)."""
     plain = MapJob(abs, iter(range(4)), 4, False, 2)

@@ -100,6 +100,10 @@ def test_options_written_after_the_arguments_get_a_hint_and_keep_maps_meaning(ip
     assert "is not an argument list like map()'s; options go before FUNC: %pmap -n 2 abs, xs" in str(err)
     err, _, _ = error_of(ip, "%pmap abs, unknown_name")
     assert isinstance(err, NameError) and not getattr(err, "__notes__", None)
+    err, _, _ = error_of(ip, "%pmap abs, xs -q")  # ``xs - q``: a list minus an int (q is defined)
+    assert isinstance(err, TypeError) and err.__notes__ == ["options go before FUNC: %pmap -q abs, xs"]
+    err, _, _ = error_of(ip, "%pmap abs, xs - q")  # no option written: map()'s error alone
+    assert isinstance(err, TypeError) and not getattr(err, "__notes__", None)
 
 
 def test_pmap_takes_maps_keywords_as_this_pythons_map_does(ip, pool2, monkeypatch):

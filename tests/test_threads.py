@@ -119,6 +119,26 @@ def test_advice_names_thread_oversubscription():
     assert "threads" not in (advice.advise(r) or "")
 
 
+def test_thread_advice_does_not_ask_for_the_cap_already_in_force(monkeypatch):
+    """RandomForest(n_jobs=-1) in tasks was told to set worker_threads to what it
+    already was: with the cap in force, the threads are the tasks' own."""
+    for var in threads.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    r = Report(kind="pmap", items=16, workers=2, backend="local", start_method="forkserver",
+               wall=4.0, task_seconds=8.0, chunks=16, chunksize="auto", cores=2, cpu_seconds=24.0)
+    for setting in (None, 1):
+        monkeypatch.setattr(threads, "_setting", setting)
+        text = advice.advise(r) or ""
+        assert "capped already" in text and "pass n_jobs=1 inside the tasks" in text, text
+        assert "worker_threads =" not in text, text
+    for setting, now in ((0, "now 0: no cap"), (3, "now 3")):
+        monkeypatch.setattr(threads, "_setting", setting)
+        assert f"%config MPMagic.worker_threads = 1 ({now}) and %pool restart" in (advice.advise(r) or "")
+    monkeypatch.setattr(threads, "_setting", None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert "the notebook's OMP_NUM_THREADS=4 wins over the workers' default cap" in (advice.advise(r) or "")
+
+
 def test_a_fork_pool_says_once_when_the_notebook_runs_native_pools_of_a_library_that_hangs_forked_children(
         ip, monkeypatch, capsys):
     """polars used in the notebook, then %pool start --start-method fork: every polars
