@@ -70,21 +70,30 @@ _SCHEDSTAT = "/proc/thread-self/schedstat"
 _schedstat_ok = True
 
 
-class _Schedstat(threading.local):
-    """This thread's schedstat file, kept open: a ``pread`` of it takes ~4 us where
+class _OpenFile:
+    """One thread's schedstat file, kept open: a ``pread`` of it takes ~4 us where
     opening it each time took 20-35 us (/proc/thread-self names the thread that
-    opens it, so each thread opens its own; a forked child opens its own again)."""
+    opens it, so each thread opens its own; a forked child opens its own again).
+    Held in a ``threading.local``: when the thread ends, its object goes, and
+    with it the file."""
 
-    fd: int | None = None
-    pid = 0
+    __slots__ = ("fd", "pid")
 
-    def __del__(self) -> None:  # (the thread ended: its file goes with it)
-        if self.fd is not None:
+    def __init__(self) -> None:
+        self.fd: int | None = os.open(_SCHEDSTAT, os.O_RDONLY)
+        self.pid = os.getpid()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
             with contextlib.suppress(OSError):
-                os.close(self.fd)
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
 
-_schedstat = _Schedstat()
+_schedstat = threading.local()
 
 
 def run_queue_seconds() -> float | None:
@@ -101,13 +110,13 @@ def run_queue_seconds() -> float | None:
     global _schedstat_ok
     if not _schedstat_ok:
         return None
-    mine = _schedstat
     try:
-        if mine.fd is None or mine.pid != os.getpid():
-            if mine.fd is not None:  # (a forked child's copy of its parent's thread's file)
-                os.close(mine.fd)
-                mine.fd = None
-            mine.fd, mine.pid = os.open(_SCHEDSTAT, os.O_RDONLY), os.getpid()
+        mine: _OpenFile | None = getattr(_schedstat, "file", None)
+        if mine is None or mine.fd is None or mine.pid != os.getpid():
+            if mine is not None:  # (a forked child's copy of its parent's thread's file)
+                mine.close()
+            mine = _schedstat.file = _OpenFile()
+        assert mine.fd is not None
         return int(os.pread(mine.fd, 128, 0).split()[1]) / 1e9
     except (OSError, ValueError, IndexError):
         _schedstat_ok = False  # (not Linux, or no schedstat: never tried again)

@@ -172,6 +172,26 @@ def test_a_cpu_bound_run_on_more_workers_than_cores_estimates_at_most_the_cores(
         mpmagic.stop_pool()  # (the next test's pool starts afresh: 2 workers, numbered from 0)
 
 
+def test_each_threads_run_queue_file_is_closed_when_the_thread_ends():
+    """Each thread keeps its /proc/thread-self/schedstat open (a pread is cheaper than
+    an open); the file was never closed, one fd leaked per thread that read it (a Dask
+    worker's task threads). It now goes with its thread."""
+    import os
+    import sys
+    import threading
+
+    from mpmagic.cpus import run_queue_seconds
+
+    if not sys.platform.startswith("linux") or run_queue_seconds() is None:
+        pytest.skip("the run-queue wait is read from /proc (Linux)")
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        t = threading.Thread(target=run_queue_seconds)
+        t.start()
+        t.join()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1  # (+1: a file the test runner may open meanwhile)
+
+
 def test_workers_busy_at_once_are_counted_from_the_chunks_spans():
     from mpmagic.api import _busy_at_once
 
