@@ -394,6 +394,8 @@ class MapJob:
         # a timeout) before it sent the chunk's results: they went out again and ran a
         # second time, with or without --retries (the report says so: Report.ran_again).
         self.ran_again: list[int] = []
+        # How their worker ended: "died", "was stopped at --timeout", or both ("died or was stopped...").
+        self.ran_again_cause = ""
         # Positions of the items a worker died running, retried or not (--compare leaves them out of its serial run)
         self.died_under: set[int] = set()
         # Other runs held workers while this one was in flight (a background run,
@@ -805,7 +807,9 @@ class MapJob:
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
 
-    def _complete(self, unit: Unit, results: list, seconds: float) -> None:
+    def _complete(self, unit: Unit, results: list, seconds: float | None) -> None:
+        """``unit`` is done with ``results``, which took ``seconds`` in a worker (None: no
+        run was timed, a failure known without one: the chunk planner learns nothing)."""
         self.outstanding.pop(unit.id, None)
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
@@ -815,11 +819,14 @@ class MapJob:
                 self._on_chunk(unit.start, results)
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
-        self.task_seconds += seconds
         self.items_done += unit.count
         if self.collect:
             self.items_failed += sum(isinstance(r, Failed) for r in results)
-        self.planner.record(unit.count, seconds)
+        if seconds is None:
+            seconds = 0.0
+        else:
+            self.task_seconds += seconds
+            self.planner.record(unit.count, seconds)
         if seconds > self.slowest_task:
             self.slowest_task = seconds
             last = unit.start + unit.count - 1
@@ -923,7 +930,12 @@ class MapJob:
             # The items before ``index`` had finished; their results died with the worker
             # (a chunk's results travel together: no message per item). Those whose error
             # the worker told (``collected``) keep it; the others run again (said in the report).
+            again = len(self.ran_again)
             self._finished_before(unit, index)
+            if len(self.ran_again) > again:
+                cause = "was stopped at --timeout" if timed_out else "died"
+                self.ran_again_cause = (cause if self.ran_again_cause in ("", cause)
+                                        else "died or was stopped at --timeout")
             if unit.block > 1 and not timed_out:  # (which item of the block is not known yet)
                 self._recheck(unit, index, reason)
                 return
@@ -998,7 +1010,7 @@ class MapJob:
         for j in sorted(k for k in known if k < index):
             self._again(unit, lo, j)
             part = self._part(unit, j, j + 1, block=1)
-            self._complete(part, [self._collected_failed(unit, known[j], j)], 0.0)
+            self._complete(part, [self._collected_failed(unit, known[j], j)], None)
             lo = j + 1
         self._again(unit, lo, index)
 
@@ -1048,7 +1060,7 @@ class MapJob:
             unit.lease.release()
             unit.lease = None
         if self.collect:
-            self._complete(unit, [Failed(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)], 0.0)
+            self._complete(unit, [Failed(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)], None)
         else:
             idx = unit.start + (index or 0)
             if idx not in self._errors and unit.items:  # (last_failures() names its input, as a collect run's Failed)
@@ -1279,6 +1291,7 @@ class CellJob:
         self.retried = 0  # (ranks are never retried)
         self.timed_out = 0
         self.ran_again: list[int] = []  # (a rank is one unit of one item)
+        self.ran_again_cause = ""
         self.shared_workers = False  # other runs held workers meanwhile (see MapJob)
         self.waited_for_workers = 0.0
         self.ran_on: int | None = None  # (a map's; see backends/base.py)

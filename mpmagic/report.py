@@ -82,6 +82,7 @@ class Report:
     # Items that ran twice: they had finished in a chunk whose worker died (or was
     # stopped at a timeout) before it sent the chunk's results (jobs.MapJob.ran_again).
     ran_again: tuple[int, ...] = ()
+    ran_again_cause: str = ""  # how their worker ended: "died", "was stopped at --timeout" (or both)
     timed_out: int = 0  # items stopped at --timeout (with errors="collect": among the failed)
     serial_imports: tuple[str, ...] = ()  # compare: modules the serial run here imported while timed
     interrupted: bool = False  # the run was interrupted: the line says so, and no speedup
@@ -315,15 +316,16 @@ class Report:
         )
 
     def _ran_again_text(self, sep: str) -> str:
-        """``items 0-1 ran again: their worker died before sending their results`` (after
-        ``sep``); empty when no finished item had to run again."""
+        """``items 0-1 ran again: their worker died before sending their results`` (or "was
+        stopped at --timeout"; after ``sep``); empty when no finished item had to run again."""
         if not self.ran_again:
             return ""
         spans = _spans(sorted(set(self.ran_again)))
         n = len(set(self.ran_again))
         which = f"item{'s' if n != 1 else ''} {spans}"
         whose = "its worker" if n == 1 else "their worker"
-        return f"{sep}{which} ran again: {whose} died before sending {'its' if n == 1 else 'their'} results"
+        how = self.ran_again_cause or "died"
+        return f"{sep}{which} ran again: {whose} {how} before sending {'its' if n == 1 else 'their'} results"
 
     def _failures(self) -> str:
         """``1 failed``, ``1 timed out``, ``2 failed, 1 of them timed out``; empty when none failed."""

@@ -158,7 +158,7 @@ def test_api_retries_are_checked_before_anything_runs(entry, bad):
         getattr(mpmagic, entry)(abs, [-1], retries=bad)
 
 
-def test_a_death_mid_chunk_keeps_the_known_errors_and_says_what_ran_again(tmp_path):
+def test_a_death_mid_chunk_keeps_the_known_errors_and_says_what_ran_again(tmp_path, monkeypatch):
     """With no retries, a worker dying at item 2 of a 4-item chunk sent items 0-1 out
     again silently: item 1's RuntimeError (its only run) came back as a success. The
     oracle is serial ``map``: items 1 and 2 fail (item 2 by ending its process), each
@@ -190,7 +190,14 @@ def test_a_death_mid_chunk_keeps_the_known_errors_and_says_what_ran_again(tmp_pa
             oracle.append(i)
     for p in [log, *tmp_path.glob("m*")]:
         p.unlink()
+    from mpmagic import chunking
+
+    timed: list[float] = []  # what the chunk planner learned: only runs that were timed
+    learn = chunking.ChunkPlanner.record
+    monkeypatch.setattr(chunking.ChunkPlanner, "record",
+                        lambda self, n, seconds: (timed.append(seconds), learn(self, n, seconds))[1])
     results = mpmagic.pmap(f, range(4), chunksize=4, workers=2, errors="collect")
+    assert timed and 0.0 not in timed  # (an error known without a timed run taught it "items cost nothing")
     failed = [r for r in results if isinstance(r, mpmagic.Failed)]
     assert [r.index for r in failed] == oracle == [1, 2]
     assert isinstance(failed[0].error, RuntimeError) and isinstance(failed[1].error, mpmagic.WorkerLostError)
@@ -200,3 +207,18 @@ def test_a_death_mid_chunk_keeps_the_known_errors_and_says_what_ran_again(tmp_pa
     report = mpmagic.last_report()
     assert report.ran_again == (0,)
     assert report.line().endswith("| item 0 ran again: its worker died before sending its results"), report.line()
+
+
+def test_items_run_again_after_a_timeout_stop_say_the_worker_was_stopped_not_that_it_died():
+    """The report line said "its worker died" for items whose worker --timeout stopped."""
+    import time
+
+    def f(x):
+        if x == 1:
+            time.sleep(10)
+        return x
+
+    results = mpmagic.pmap(f, range(3), chunksize=3, workers=2, errors="collect", timeout=0.3)
+    assert [results[0], results[2]] == [0, 2] and isinstance(results[1].error, mpmagic.TaskTimeoutError)
+    line = mpmagic.last_report().line()
+    assert line.endswith("| item 0 ran again: its worker was stopped at --timeout before sending its results"), line
