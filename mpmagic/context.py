@@ -52,6 +52,7 @@ import os
 import sys
 import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from . import payload, task_builtins
@@ -127,12 +128,18 @@ def take_note() -> str | None:
         return note
 
 
+# os.environ._data is the bytes-keyed dict behind os.environ (CPython): comparing it
+# costs ~0.3 us, building a str dict of it ~5 us (the fallback, where it is missing).
+_environ: Callable[[], dict] = (
+    (lambda: os.environ._data) if isinstance(getattr(os.environ, "_data", None), dict)  # type: ignore[attr-defined]
+    else (lambda: dict(os.environ))
+)
+
+
 def _state() -> tuple:
-    # os.environ._data is the bytes-keyed dict behind os.environ: comparing it
-    # costs ~0.3 us, building a str dict of it ~5 us.
     return (
         _getcwd(),
-        os.environ._data,  # type: ignore[attr-defined]
+        _environ(),
         sys.path,
         sys.getrecursionlimit(),
         warnings.filters,

@@ -287,6 +287,30 @@ def test_a_stateless_function_is_kept_loaded_across_calls(ip):
         assert (loaded.for_call(2, log) is first) is (f in stateless), f
 
 
+def test_a_dask_worker_keeps_a_stateful_functions_copy_per_call_for_two_calls_at_once(ip):
+    """On a Dask worker, a background run and a foreground run of one stateful function
+    replaced each other's copy (one copy per function, tagged with the last call): each
+    switch loaded it again and reset the run's state midway. Each call keeps its own."""
+    from mpmagic import payload
+    from mpmagic.backends import dask_tasks
+    from mpmagic.warmup import ImportLog
+
+    run(ip, STATEFUL)
+    data, log = payload.dumps_function(ip.user_ns["add"]), ImportLog()
+    key = b"test-two-calls-" + data[-8:]
+    try:
+        bg = dask_tasks._function(key, data, log, "bg")
+        fg = dask_tasks._function(key, data, log, "fg")
+        assert fg is not bg
+        assert dask_tasks._function(key, data, log, "bg") is bg and dask_tasks._function(key, data, log, "fg") is fg
+        assert dask_tasks._function(key, data, log, "third") not in (bg, fg)  # (a new call: fresh state)
+        pure = payload.dumps_function(abs)
+        assert dask_tasks._function(b"test-pure", pure, log, 1) is dask_tasks._function(b"test-pure", pure, log, 2)
+    finally:
+        for k in [k for k in dask_tasks._funcs if k == b"test-pure" or (type(k) is tuple and k[0] == key)]:
+            del dask_tasks._funcs[k]
+
+
 def test_environment_variables_set_and_removed_after_the_pool_started(ip, local_pool):
     local_pool.wait_ready()
     run(ip, "import os\ndef env(x):\n    return os.environ.get('MPM_FIDELITY'), os.environ.get('MPM_GONE')\n")

@@ -49,7 +49,7 @@ from ..worker import Loaded, execute_cell, execute_map
 
 _CACHE_SIZE = 16  # loaded functions kept per worker process
 _FLUSH_INTERVAL = 0.1  # seconds between streamed output events of one task
-_funcs: OrderedDict[bytes, Loaded] = OrderedDict()
+_funcs: OrderedDict[Any, Loaded] = OrderedDict()  # by key, or (key, call) for a stateful function
 _funcs_lock = threading.Lock()
 log = logging.getLogger("mpmagic")
 
@@ -299,27 +299,48 @@ def _function(key: bytes, data: bytes, imports: ImportLog, call: Any) -> Any:
     (the time it took, its imports included, noted in ``imports``), and again
     for a new ``call`` if a task can change its state (see :class:`mpmagic.worker.Loaded`:
     each call starts from the notebook's state; the tasks of one call, on
-    this worker's threads, share one copy)."""
+    this worker's threads, share one copy). A stateful function is kept per
+    call (``(key, call)``), at most ``_COPIES_PER_FUNCTION`` calls' copies: a
+    background run and a foreground run of it at once each keep their own,
+    instead of loading it again at every switch."""
     with _funcs_lock:
-        loaded = _funcs.get(key)
-        if loaded is not None and not loaded.stale(call):
-            _funcs.move_to_end(key)
-            loaded.call = call
+        loaded = _cached(key, call)
+        if loaded is not None:
             return loaded.func
     with imports.watching("function"):
         fresh = Loaded.load(data)
     with _funcs_lock:
-        loaded = _funcs.get(key)
-        if loaded is not None and not loaded.stale(call):  # another thread of this call loaded it meanwhile
-            _funcs.move_to_end(key)
-            loaded.call = call
+        loaded = _cached(key, call)  # another thread of this call loaded it meanwhile
+        if loaded is not None:
             return loaded.func
         fresh.call = call
-        _funcs[key] = fresh
-        _funcs.move_to_end(key)
+        if fresh.data is None:  # stateless: one copy serves every call
+            _funcs[key] = fresh
+        else:
+            _funcs[(key, call)] = fresh
+            copies = [k for k in _funcs if type(k) is tuple and k[0] == key]
+            for old in copies[:-_COPIES_PER_FUNCTION]:  # (oldest first)
+                del _funcs[old]
         while len(_funcs) > _CACHE_SIZE:
             _funcs.popitem(last=False)
     return fresh.func
+
+
+_COPIES_PER_FUNCTION = 2  # calls of one stateful function that keep a copy each (see _function)
+
+
+def _cached(key: bytes, call: Any) -> Loaded | None:
+    """The loaded function for ``key`` in ``call``, if kept (under ``_funcs_lock``)."""
+    loaded = _funcs.get(key)  # a stateless one
+    if loaded is None or loaded.stale(call):
+        loaded = _funcs.get((key, call))
+        if loaded is None:
+            return None
+        _funcs.move_to_end((key, call))
+    else:
+        _funcs.move_to_end(key)
+    loaded.call = call
+    return loaded
 
 
 _context_lock = threading.Lock()
