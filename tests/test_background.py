@@ -233,6 +233,7 @@ def test_as_completed_yields_every_result_once(ns):
     assert Counter(mpmagic.as_completed(handle)) == Counter(map(ns["slow"], range(30)))
 
 
+@FORKSERVER_ONLY
 def test_apmap_is_awaited_without_blocking_the_event_loop(ns):
     async def main():
         ticks = 0
@@ -734,6 +735,7 @@ def test_the_reference_shows_no_internal_constructor_of_run():
     assert "class: `Run`\n" in text and "Run(what" not in text
 
 
+@FORKSERVER_ONLY
 def test_a_background_run_owns_its_input_as_of_the_call(ns, monkeypatch, tmp_path):
     """A background run read its list (numpy array, deque) as it went, in its own
     thread: a batch cleared and refilled after submit() gave one run the next

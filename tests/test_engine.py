@@ -24,8 +24,9 @@ from mpmagic.jobs import CellJob, MapJob
 from mpmagic.ranks import KeptCellJob
 
 # The manager's handling of many runs at once is the same code whichever start
-# method made its workers: these soaks run on forkserver only (each took
-# 2-5 s more on spawn). Spawn workers are covered where the method matters:
+# method made its workers: these soaks, and the tests of a run's handle, its
+# cancel and its errors' order, run on forkserver only (each soak took 2-5 s
+# more on spawn; the suite has to stay under 10 minutes). Spawn workers are covered where the method matters:
 # function transfer (test_fidelity_*), helpers (test_shared), interrupts and
 # starts (test_kernel, the SIGINT tests here), reliability and setup.
 FORKSERVER_ONLY = pytest.mark.parametrize("method", ["forkserver"])
@@ -104,6 +105,7 @@ def test_no_code_probes_a_backend_or_a_job_for_a_member():
     assert probes == []
 
 
+@FORKSERVER_ONLY
 def test_submit_returns_a_handle_at_once_and_its_result_is_serials(ip, local_pool):
     run(ip, "def slow_square(x):\n    import time; time.sleep(0.05)\n    return x * x\n")
     func = ip.user_ns["slow_square"]
@@ -114,6 +116,7 @@ def test_submit_returns_a_handle_at_once_and_its_result_is_serials(ip, local_poo
     assert handle.done() and handle.items_done == 20 and handle.items_failed == 0
 
 
+@FORKSERVER_ONLY
 def test_cancel_a_run_leaves_the_pool_usable(ip, local_pool):
     run(ip, "def nap(x):\n    import time; time.sleep(5)\n    return x\n")
     handle = local_pool.submit(MapJob(ip.user_ns["nap"], list(range(8)), 8, False, 2))
@@ -246,6 +249,7 @@ def test_many_threads_with_mixed_calls_all_equal_serial(ip, local_pool):
     assert len(_manager_threads()) == 1
 
 
+@FORKSERVER_ONLY
 def test_the_error_raised_is_the_first_failing_item_in_input_order(ip, local_pool):
     """Item 2 fails late (it sleeps), item 9 fails at once: serial raises item 2's."""
     run(
@@ -781,6 +785,7 @@ def test_a_huge_timeout_is_no_timeout_not_a_dead_manager(local_pool, timeout):
         mpmagic.pmap(abs, [1], timeout=float("nan"))
 
 
+@FORKSERVER_ONLY
 def test_ranks_that_all_fail_at_once_get_the_cells_error_alone(ip, local_pool, capfd):
     """A name missing on every rank: each fails at once, and the cell's error
     says it; no "rank 0 failed while other ranks still run" line before it."""
