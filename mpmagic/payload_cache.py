@@ -122,7 +122,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
         kept = tuple(weakref.ref(h) for h in found.values())
     buffers = collector.buffers if collector is not None else []
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
-        _served("same", _copied_bytes(entry))
+        _served("same", _copied_bytes(entry.segment, entry.refs))
         entry.captured, entry.kept = captured, kept
         if entry.segment is not None:
             _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
@@ -134,7 +134,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     data = inband
     if buffers:
         data, segment, refs = shm.wrap(inband, buffers, "lend")
-    _served("built", sum(n for name, _size, _offset, n in refs or () if segment is not None and name == segment.name))
+    _served("built", _copied_bytes(segment, refs))
     def forget(_ref: weakref.ref, slot: tuple[int, bool] = slot) -> None:
         _dead.append(slot)  # dropped on the next call (never from the collector's thread)
 
@@ -244,11 +244,10 @@ def _same_buffers(entry: _Entry, buffers: list) -> bool:
     return shm.same_buffers(entry.segment, entry.refs, buffers)
 
 
-def _copied_bytes(entry: _Entry) -> int:
-    """Bytes of ``entry``'s captured arrays that lie in its own segment (copies, compared on each
-    check), not in share() arrays (compared by address only)."""
-    seg = entry.segment
-    return sum(n for name, _size, _offset, n in entry.refs or () if seg is not None and name == seg.name)
+def _copied_bytes(seg: shm.Segment | None, refs: list | None) -> int:
+    """Bytes of a payload's captured arrays that lie in its own segment ``seg`` (copies,
+    compared on each check), not in share() arrays (compared by address only)."""
+    return sum(n for name, _size, _offset, n in refs or () if seg is not None and name == seg.name)
 
 
 def _same(old: list, new: list) -> bool:
@@ -305,7 +304,7 @@ def _in_shared_array(a: Any) -> bool:
         start = int(a.__array_interface__["data"][0])
     except Exception:
         return False
-    return any(base <= start < base + size for base, size in list(shm._shared.values()))
+    return shm.shared_place(start) is not None
 
 
 def _array_bytes(v: Any, depth: int) -> tuple[int, str]:

@@ -498,10 +498,14 @@ def _in_shared(buf: memoryview) -> tuple[str, int, int] | None:
     if not _shared:
         return None
     addr = _address(buf)
-    if addr is None:
-        return None
+    return None if addr is None else shared_place(addr, buf.nbytes)
+
+
+def shared_place(addr: int, nbytes: int = 1) -> tuple[str, int, int] | None:
+    """``(segment, its size, offset)`` when the ``nbytes`` at address ``addr`` lie inside
+    a :func:`share` array (in this process), else None."""
     for name, (start, size) in list(_shared.items()):
-        if start <= addr and addr + buf.nbytes <= start + size:
+        if start <= addr and addr + nbytes <= start + size:
             return name, size, addr - start
     return None
 
