@@ -684,6 +684,19 @@ def _fd_targets() -> list[str]:
     return sorted(out)
 
 
+def _mapped_results() -> list[str]:
+    """Result segments (``mpm_<pid>_[ns<tag>_]g<worker>_<n>``, unlinked on arrival) this
+    process still maps: read from ``/proc/self/maps``, since a mapping holds no fd
+    (``compat.map_fd``)."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            hit = re.search(r"/(mpm_\d+_(?:ns[0-9a-f]+_)?g\d+_\d+) \(deleted\)$", line.rstrip("\n"))
+            if hit:
+                found.add(hit.group(1))
+    return sorted(found)
+
+
 def forget_outputs(ip: InteractiveShell) -> None:
     """Drop what IPython keeps of past cells, as ``%reset -f out`` would, so
     that what stays alive after a call is mpmagic's, not the shell's.
@@ -695,7 +708,7 @@ def forget_outputs(ip: InteractiveShell) -> None:
     names alone leaves those, and so does ``user_ns_hidden``, where it
     pushes them too), and the shell's ``last_execution_result`` holds the
     last cell's value; a result array from shared memory keeps its
-    segment mapped (3.2 MB and one fd each). With ``store_history=False`` the
+    segment mapped (3.2 MB each). With ``store_history=False`` the
     execution count never moves, so every call's printed output is appended
     to one ``history_manager.outputs`` list that grows for ever (~70 entries
     per 100 calls). The last exception (``sys.last_value``..., and the
@@ -730,17 +743,17 @@ def forget_outputs(ip: InteractiveShell) -> None:
 
 def snapshot() -> dict[str, float]:
     """Resources of this process; the segment pool's free segments kept for reuse
-    (up to ``shm.KEEP_BYTES``, one fd each) are destroyed first, so the counts compare."""
+    (up to ``shm.KEEP_BYTES``) are destroyed first, so the counts compare."""
     shm.pool().trim(0)
     gc.collect()
     me = psutil.Process()
     fds = _fd_targets()
-    mapped = [f for f in fds if re.search(r"/mpm_\d+_g\d+_\d+ \(deleted\)$", f)]
+    mapped = _mapped_results()
     # tqdm starts one monitor thread per process on first use and keeps it: not a leak.
     threads = [t.name for t in threading.enumerate() if t.name != "tqdm_monitor"]
     rss, parts = me.memory_info().rss / 2**20, _rss_parts()
     trimmed = _malloc_trim()
-    return {"fds": len(fds) - len(mapped), "results mapped": len(mapped), "fd list": fds, "threads": len(threads), "thread names": sorted(threads), "os threads": me.num_threads(),
+    return {"fds": len(fds), "results mapped": len(mapped), "fd list": fds, "threads": len(threads), "thread names": sorted(threads), "os threads": me.num_threads(),
             "children": len(_children()), "rss": rss, **parts,
             "rss trimmed": me.memory_info().rss / 2**20 if trimmed else rss,
             "anon trimmed": _rss_parts()["anon"] if trimmed else parts["anon"],
@@ -829,7 +842,7 @@ def leaks(ip: InteractiveShell, base: dict[str, float], stems: list[str], settle
     ip.run_cell("chaos_q = chaos_got = chaos_lost = _it = _e = None", store_history=False)
     # The last failed run is kept on purpose, with its inputs and the results
     # it got (debugging.LastRun, for %pdebug and --rerun-failed): a numpy
-    # result from shared memory keeps its segment mapped (one fd). A plain
+    # result from shared memory keeps its segment mapped. A plain
     # call replaces it; the shell's caches are dropped after every call.
     for _ in range(2):
         ip.run_cell("_ = %pmap -q task, [(1, 0, 'ok')] * 4", store_history=False)

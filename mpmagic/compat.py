@@ -37,6 +37,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   of the notebook inherits it with the notebook's workers in it, and its exit
   killed them all (and printed "can only join a child process"). No public
   API takes a process out of it.
+* libc's ``mmap`` with ``MAP_FIXED`` (through ctypes, Python < 3.13): a shared
+  segment mapped over an anonymous ``mmap.mmap`` of the same size, so the
+  object keeps no file descriptor (``mmap.mmap`` keeps a ``dup`` of the one it
+  maps until 3.13's ``trackfd=False``): one per kept result and per helper ran
+  a notebook out of files (``map_fd``).
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import mmap
 import os
 import sys
 import types
@@ -153,6 +159,75 @@ def shm_unlink(name: str) -> None:
         os.unlink(os.path.join(_DEV_SHM, name.lstrip("/")))
         return
     raise MissingFeatureError(f"removing shared memory needs POSIX shm_unlink (_posixshmem), which {_PYTHON} lacks")
+
+
+# --------------------------------------------------------------------------
+# Mappings that keep no file descriptor: libc's mmap(MAP_FIXED) through ctypes
+
+_MAP_FIXED = 0x10  # (the same on Linux and macOS; Python's mmap module does not export it)
+_TRACKFD = sys.version_info >= (3, 13)  # mmap.mmap(..., trackfd=False)
+
+
+def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
+    """``mmap.mmap(fd, size)`` (``private``: copy-on-write, ``MAP_PRIVATE``) that
+    keeps no file descriptor open: the caller may close ``fd`` and the mapping
+    stays, as mmap(2) promises.
+
+    Why: CPython's ``mmap.mmap`` keeps a ``dup`` of the descriptor for the
+    object's whole life (for ``size()`` and ``resize()``, which we never call),
+    so every kept numpy result and every shared helper held one: 300 results
+    of 1.2 MB ran the notebook out of files under ``ulimit -n 256``, and the
+    57th ``mpmagic.Value`` under ``ulimit -n 64``. Python 3.13 has
+    ``trackfd=False``; before it, an anonymous ``mmap.mmap`` (no descriptor)
+    reserves the addresses and libc's ``mmap`` with ``MAP_FIXED`` puts the
+    segment at exactly those addresses in place of it, so the object's
+    length, buffer, ``close()`` (``munmap``) and export checks are the real
+    mapping's. Fallback without ctypes or libc's ``mmap``: the plain
+    ``mmap.mmap`` (one descriptor per mapping, logged once at INFO).
+    """
+    flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if _TRACKFD:
+        return mmap.mmap(fd, size, flags=flags, prot=prot, **{"trackfd": False})
+    libc_mmap = _libc_mmap()
+    if libc_mmap is None:
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
+    if size > os.fstat(fd).st_size:  # (what mmap.mmap checks: a page past the file's end is a SIGBUS)
+        raise ValueError("mmap length is greater than file size")
+    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=prot)
+    try:
+        import ctypes
+
+        anchor = ctypes.c_char.from_buffer(mapping)  # (an export of the mapping: gone with it, next line)
+        address = ctypes.addressof(anchor)
+        del anchor
+        if libc_mmap(address, size, prot, flags | _MAP_FIXED, fd, 0) != address:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        mapping.close()
+        raise
+    return mapping
+
+
+_libc: list[Any] = []  # [libc's mmap, or None], found once
+
+
+def _libc_mmap() -> Any:
+    if not _libc:
+        fn = None
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).mmap
+            fn.restype = ctypes.c_void_p
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+        except (ImportError, OSError, AttributeError):
+            log.info("libc's mmap is not reachable through ctypes in %s: each shared-memory mapping keeps "
+                     "a file descriptor open", _PYTHON)
+            fn = None
+        _libc.append(fn)
+    return _libc[0]
 
 
 # --------------------------------------------------------------------------
@@ -352,6 +427,7 @@ def report() -> dict[str, bool]:
         "_multiprocessing.SemLock": getattr(_module("_multiprocessing"), "SemLock", None) is not None,
         "_multiprocessing.sem_unlink": getattr(_module("_multiprocessing"), "sem_unlink", None) is not None,
         "_posixshmem": _module("_posixshmem") is not None,
+        "libc mmap (MAP_FIXED)": _TRACKFD or _libc_mmap() is not None,
         "resource_tracker.register": _tracker_function("register") is not None,
         "resource_tracker.ensure_running": _tracker_function("ensure_running") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,

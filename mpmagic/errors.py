@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import errno
 import linecache
 import logging
 import os
@@ -107,10 +108,39 @@ def unloadable_results(what: str, exc: BaseException) -> SerializationError:
     is the one to follow, not advice about importable types."""
     if isinstance(exc, MPMagicError):
         return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: {exc}")
+    if out_of_files(exc):  # (mapping its shared memory needs a descriptor for a moment: not the type's fault)
+        return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: "
+                                  f"{too_many_open_files()}")
     return SerializationError(
         f"{what} came back from the worker but cannot be loaded in the notebook "
         f"({type(exc).__name__}: {exc}). Return types the notebook can import (plain data, "
         "classes defined in the notebook or in modules installed here), not ones only the workers have."
+    )
+
+
+def out_of_files(exc: BaseException) -> bool:
+    """Did ``exc`` come from the process's (``EMFILE``) or the system's (``ENFILE``) limit on open files?"""
+    return isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE)
+
+
+def file_limit() -> int | str:
+    """The soft limit on open files (``ulimit -n``), or "?" where it cannot be read."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except Exception:
+        return "?"
+
+
+def too_many_open_files() -> str:
+    """The end of a one-line message for an ``EMFILE`` in the notebook (a result to
+    map, a helper to make): it names the limit and how to raise it, since the
+    thing that failed is rarely the one that holds the files."""
+    return (
+        f"too many open files (this process may open {file_limit()} and has them all open). Close files "
+        "it no longer needs, or raise the limit: `ulimit -n` before starting Jupyter, or "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, ...) in the notebook"
     )
 
 

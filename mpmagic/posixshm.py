@@ -79,7 +79,8 @@ def on_no_room(reclaim: Callable[[int], None]) -> None:
 
 
 def create(name: str, size: int) -> mmap.mmap:
-    """A new segment ``name`` of ``size`` bytes, every page reserved, mapped here.
+    """A new segment ``name`` of ``size`` bytes, every page reserved, mapped here
+    (the mapping holds no file descriptor: :func:`mpmagic.compat.map_fd`).
 
     Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it even after the
     segments kept for later were given back (nothing is left behind),
@@ -108,7 +109,7 @@ def _create(name: str, size: int) -> mmap.mmap:
                 raise NoRoom(size) from None
             raise
         reserve(fd, size)
-        return mmap.mmap(fd, size)
+        return compat.map_fd(fd, size)
     except BaseException:
         unlink(name)
         raise
@@ -134,7 +135,8 @@ def reserve(fd: int, size: int) -> None:
 
 
 def attach(name: str, size: int | None = None, private: bool = False) -> mmap.mmap:
-    """Map the existing segment ``name`` (all of it when ``size`` is None).
+    """Map the existing segment ``name`` (all of it when ``size`` is None), holding
+    no file descriptor once mapped (:func:`mpmagic.compat.map_fd`).
 
     ``private``: copy-on-write (``MAP_PRIVATE``): this process's writes go
     into its own pages and never reach the segment or other processes.
@@ -143,9 +145,7 @@ def attach(name: str, size: int | None = None, private: bool = False) -> mmap.mm
     try:
         if size is None:
             size = os.fstat(fd).st_size
-        if private:
-            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        return mmap.mmap(fd, size)
+        return compat.map_fd(fd, size, private)
     finally:
         os.close(fd)
 

@@ -621,6 +621,63 @@ def test_dropping_the_helper_releases_its_names(ip):
     assert left_behind(stems) == set()
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_helper_holds_no_file_descriptor_while_it_lives():
+    """Each helper kept a descriptor of its segment open for its whole life (the
+    ``dup`` CPython's mmap keeps): under ``ulimit -n 64`` the 57th
+    ``mpmagic.Value`` raised a bare EMFILE, and the notebook had no file left
+    to start its pool. ``multiprocessing.Value`` uses one arena for hundreds."""
+    local_helpers()
+    before = open_fds()
+    helpers = [mpmagic.Value("i", i) for i in range(40)] + [mpmagic.Lock(), mpmagic.Queue(), mpmagic.Array("d", 8)]
+    assert open_fds() - before <= 1, open_fds() - before
+    assert sum(v.value for v in helpers[:40]) == sum(range(40))
+    again = pickle.loads(pickle.dumps(helpers[-2]))  # (by name: the registry's own object)
+    again.put(1)
+    assert helpers[-2].get(timeout=5) == 1
+    del helpers, again
+    gc.collect()
+
+
+NO_FILES_LEFT = r"""
+import os, resource, mpmagic
+first = mpmagic.Value("i", 1), mpmagic.Lock(), mpmagic.Queue()  # (mpmagic's lazy imports done)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 4, hard))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+for make in (lambda: mpmagic.Value("i", 2), mpmagic.Lock, mpmagic.Queue):
+    try:
+        make()
+    except mpmagic.MPMagicError as exc:
+        print("ERROR", exc)
+for fd in held:
+    os.close(fd)
+print("AFTER", mpmagic.Value("i", 3).value)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_helper_made_with_no_file_left_names_the_limit_in_one_line(tmp_path):
+    """A helper made when the notebook has no descriptor left raised a bare
+    ``OSError: [Errno 24]`` from posixshm.py (the name of an internal segment)."""
+    done = subprocess.run([sys.executable, "-c", NO_FILES_LEFT], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert [e.split(":")[0] for e in errors] == ["ERROR mpmagic.Value", "ERROR mpmagic.Lock", "ERROR mpmagic.Queue"]
+    assert all("too many open files" in e and "`ulimit -n`" in e and "RLIMIT_NOFILE" in e for e in errors), errors
+    assert "AFTER 3" in done.stdout and "Traceback" not in done.stderr, done.stdout + done.stderr
+
+
 def test_backend_can_provide_its_own_helpers(monkeypatch):
     """A backend with make_shared(kind, *args, **kwargs) makes the helpers."""
     calls = []

@@ -233,6 +233,58 @@ def test_big_results_come_back_through_the_pipe_when_no_segment_can_be_made(tmp_
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stdout + out.stderr
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _full(k):
+    return np.full(150_000, k, dtype=float)  # 1.2 MB: through shared memory
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_kept_results_and_mappings_hold_no_file_descriptor():
+    """Each kept numpy result held a descriptor of its segment (CPython's mmap
+    keeps a ``dup``): under ``ulimit -n 256``, 300 results of 1.2 MB failed the
+    map, where serially they cost no descriptor at all."""
+    before = open_fds()
+    made = posixshm.create(f"mpm_{posixshm.owned_by(os.getpid())}fdtest_0", 3 * 4096 + 5)
+    try:
+        made[:5] = b"hello"
+        shared, private = (posixshm.attach(made_name := f"mpm_{posixshm.owned_by(os.getpid())}fdtest_0"),
+                           posixshm.attach(made_name, private=True))
+        private[:5] = b"XXXXX"  # copy-on-write: its own pages
+        assert open_fds() == before
+        assert bytes(shared[:5]) == b"hello" == bytes(made[:5]) and bytes(private[:5]) == b"XXXXX"
+        assert len(shared) == len(private) == 3 * 4096 + 5
+        view = memoryview(made)
+        with pytest.raises(BufferError):  # (mmap's own guard still holds)
+            made.close()
+        view.release()
+    finally:
+        posixshm.unlink(made_name)
+    for m in (made, shared, private):
+        m.close()
+
+    ensure_pool("forkserver")
+    assert mpmagic.pmap(_full, range(2))[1][0] == 1.0  # (the pool's own files are open now)
+    before = open_fds()
+    got = mpmagic.pmap(_full, range(24), chunksize=1)
+    assert [a[0] for a in got] == list(range(24))
+    assert open_fds() - before < 4, open_fds() - before
+
+
+def test_a_result_that_cannot_be_mapped_for_lack_of_files_names_the_limit():
+    """It blamed the result's type ("Return types the notebook can import")."""
+    import errno
+
+    from mpmagic.errors import unloadable_results
+
+    message = str(unloadable_results("the result of item 235", OSError(errno.EMFILE, "Too many open files")))
+    assert message.startswith("the result of item 235 came back from the worker but cannot be loaded")
+    assert "too many open files" in message and "`ulimit -n`" in message and "RLIMIT_NOFILE" in message
+    assert "Return types" not in message and "\n" not in message
+
+
 def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_no_deadlock():
     """A ``share()`` array's finalizer takes the segment lock, and the cyclic gc may run it
     in a thread that holds that lock already (a collection starts at any allocation

@@ -22,7 +22,6 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
-import errno
 import itertools
 import logging
 import multiprocessing
@@ -56,7 +55,7 @@ from .. import (
 )
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
-from ..errors import MPMagicError, UsageError, describe_exitcode
+from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
 from ..fmt import fmt_bytes
 from ..protocol import (
     Collected,
@@ -523,16 +522,16 @@ class LocalBackend:
                 # is raised once every worker is in ``slots``: none is started unrecorded.
                 with sigint_deferred():
                     started: list[_Slot] = []
-                    out_of_files = False
+                    ran_out = False
                     try:
                         while len([s for s in self.slots if not s.temporary]) < self.workers:
                             started.append(self._spawn())
                             self.slots.append(started[-1])
                     except OSError as exc:
-                        if not _out_of_files(exc):
+                        if not out_of_files(exc):
                             raise
-                        out_of_files = True
-                    if out_of_files:  # (raised here: the failed start's frames, and the pipes they hold, go now)
+                        ran_out = True
+                    if ran_out:  # (raised here: the failed start's frames, and the pipes they hold, go now)
                         raise self._files_ran_out(started)
             if self._manager is None or not self._manager.is_alive():
                 # A new manager with a wakeup pipe and a selector of its own; one
@@ -581,13 +580,13 @@ class LocalBackend:
             self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
         if could <= 1 and asked is None:  # (the one left is the one that ran out: fewer workers do not help)
             return MPMagicError(
-                f"too many open files: not even one worker of the pool has room to run (the process may open {_file_limit()} "
+                f"too many open files: not even one worker of the pool has room to run (the process may open {file_limit()} "
                 "files, and has them open): raise `ulimit -n` (or close files the notebook holds), or run it "
                 "serially"
             )
         return MPMagicError(
             f"too many open files: the pool could start only {could} of {wanted} workers "
-            f"(the process may open {_file_limit()} files): raise `ulimit -n` or use fewer workers "
+            f"(the process may open {file_limit()} files): raise `ulimit -n` or use fewer workers "
             f"(the pool now has {self.workers})"
         )
 
@@ -606,7 +605,7 @@ class LocalBackend:
             child_conn.close()
             if not isinstance(exc, Exception) or isinstance(exc, MPMagicError):
                 raise
-            if isinstance(exc, OSError) and _out_of_files(exc):
+            if isinstance(exc, OSError) and out_of_files(exc):
                 raise
             raise _start_failed(exc) from None
 
@@ -876,7 +875,7 @@ class LocalBackend:
                 for run in list(self._runs):
                     self._end(run, failed)
         except OSError as exc:
-            if not _out_of_files(exc):
+            if not out_of_files(exc):
                 raise
             error = self._files_ran_out([], shrink=False)
             for run in list(self._runs):
@@ -1543,7 +1542,7 @@ class LocalBackend:
                 self._end(run, error)
                 return
             except OSError as exc:
-                if not _out_of_files(exc):
+                if not out_of_files(exc):
                     raise
                 asked = len(self.slots) + missing - k
                 self._end(run, self._files_ran_out([s for s in idle if s.temporary], shrink=False, asked=asked))
@@ -1969,21 +1968,6 @@ def _room_for_files(n: int) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def _out_of_files(exc: OSError) -> bool:
-    """Did this error come from the process's (or the system's) limit on open files?"""
-    return exc.errno in (errno.EMFILE, errno.ENFILE)
-
-
-def _file_limit() -> int | str:
-    """The soft limit on open files (``ulimit -n``), or "?" where it cannot be read."""
-    try:
-        import resource
-
-        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except Exception:
-        return "?"
 
 
 def _kill_group(pid: int | None) -> None:

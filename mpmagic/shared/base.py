@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import compat, debugging, payload, posixshm, shm
-from ..errors import MPMagicError
+from ..errors import MPMagicError, out_of_files, too_many_open_files
 from ..fmt import fmt_bytes
 
 try:
@@ -374,6 +374,15 @@ class _Helper:
 
     @classmethod
     def _create(cls, spec: tuple, size: int) -> Any:
+        try:
+            return cls._create_names(spec, size)
+        except OSError as exc:
+            if not out_of_files(exc):
+                raise
+            raise MPMagicError(f"mpmagic.{cls._kind}: cannot be made: {too_many_open_files()}") from None
+
+    @classmethod
+    def _create_names(cls, spec: tuple, size: int) -> Any:
         self = cls.__new__(cls)
         self._spec, self._owner_pid = spec, _PID
         names: list[tuple[str, str]] = []
@@ -435,6 +444,10 @@ class _Helper:
                 }
             except FileNotFoundError:
                 raise self._gone() from None
+            except OSError as exc:
+                if not out_of_files(exc):
+                    raise
+                raise MPMagicError(f"{self._describe()} cannot be opened here: {too_many_open_files()}") from None
             if self._seg.words[0] != _MAGIC:
                 raise SharedObjectGone(f"{self._describe()}: its shared memory does not hold an mpmagic helper")
             self._setup()
