@@ -41,7 +41,10 @@ segment cannot be reserved (:func:`mpmagic.posixshm.create` raises
 :class:`~mpmagic.posixshm.NoRoom` instead of leaving a page that would
 SIGBUS on first write): the buffers then travel inside the pickle, through
 the pipe, slower but whole, and the notebook prints one line of advice
-(:func:`advise`) once per session. Small read-only buffers in a worker's
+(:func:`advise`) once per session. A process with no file descriptor left
+(``EMFILE``, ``ulimit -n``) cannot open a new segment either: its buffers
+take the same path, with a note of their own (:func:`advise_files`); a
+mapping itself holds no descriptor (``compat.map_fd``). Small read-only buffers in a worker's
 results travel the same way, as writable copies, so results are always
 writable in the notebook.
 
@@ -70,6 +73,7 @@ if TYPE_CHECKING:
 import cloudpickle
 
 from . import compat, posixshm
+from .errors import out_of_files, too_many_open_files
 from .fmt import fmt_bytes
 from .posixshm import NoRoom
 
@@ -411,6 +415,21 @@ def advise(nbytes: int, where: str) -> None:
     print(line, file=sys.stderr)
 
 
+_advised_files = False
+
+
+def advise_files(nbytes: int, where: str) -> None:
+    """One line, once per session: the process had no file descriptor left to make
+    a segment (``ulimit -n``), the pipe carried the data (``where`` as in :func:`advise`)."""
+    global _advised_files
+    if _advised_files:
+        return
+    _advised_files = True
+    line = f"mpmagic: {fmt_bytes(nbytes)} of array data {where} instead (slower, still correct): {too_many_open_files()}."
+    log.info(line)
+    print(line, file=sys.stderr)
+
+
 # --------------------------------------------------------------------------
 # Packing: pickle with large buffers out of band, into one segment per message
 
@@ -557,11 +576,15 @@ def wrap(
                     # worker allowed to write maps it copy-on-write, so its writes
                     # stay its own (as a small captured array's would).
                     private = seg.name
-        except NoRoom:
+        except OSError as exc:  # NoRoom; or no descriptor left to open one (EMFILE: ulimit -n)
+            if not isinstance(exc, NoRoom) and not out_of_files(exc):
+                raise
             inline.update(to_copy)  # through the pipe, inside the envelope
             fallback = sum(buffers[i].nbytes for i in to_copy)
             if mode == "lend":
-                advise(fallback, "among the items went through the pipe")
+                (advise if isinstance(exc, NoRoom) else advise_files)(fallback, "among the items went through the pipe")
+            elif not isinstance(exc, NoRoom):
+                fallback = 0  # (the notebook's note would blame /dev/shm: a worker's files are its own)
         else:
             for (offset, n), i in zip(spans, to_copy, strict=True):
                 seg.view[offset : offset + n] = buffers[i]
@@ -674,8 +697,11 @@ def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
         return a.copy()
     try:
         seg = Segment.create(max(1, a.nbytes), "s")
-    except NoRoom:
-        advise(a.nbytes, "given to mpmagic.share() stays an ordinary array, copied to workers through the pipe")
+    except OSError as exc:  # NoRoom, or no descriptor left (EMFILE): the same fallback, its own note
+        if not isinstance(exc, NoRoom) and not out_of_files(exc):
+            raise
+        where = "given to mpmagic.share() stays an ordinary array, copied to workers through the pipe"
+        (advise if isinstance(exc, NoRoom) else advise_files)(a.nbytes, where)
         return a.copy()
     mapping = seg.map
     seg.view.release()  # from here on only the array's views use the mapping

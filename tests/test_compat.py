@@ -231,3 +231,32 @@ def test_a_python_without_semlock_still_maps_and_each_helper_says_what_is_missin
     mapped, missing = done.stdout.splitlines()
     assert mapped == "[1, 2]"
     assert missing.startswith("MissingFeatureError mpmagic.Lock: ") and "%pool dask" in missing
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+@pytest.mark.parametrize("libc", [True, False])
+def test_map_fd_keeps_no_descriptor_and_without_ctypes_still_maps(tmp_path, monkeypatch, no_module, libc) -> None:
+    """``mmap.mmap`` keeps a dup of the descriptor it maps: one per kept result
+    and helper. ``map_fd`` keeps none; without ctypes it is the plain mmap."""
+    if not libc:
+        monkeypatch.setattr(compat, "_TRACKFD", False)
+        monkeypatch.setattr(compat, "_libc", [])
+        no_module("ctypes")
+    path = tmp_path / "segment"
+    path.write_bytes(b"\0" * 2 * 4096 + b"m" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        shared, private = compat.map_fd(fd, 3 * 4096), compat.map_fd(fd, 3 * 4096, private=True)
+        assert len(os.listdir("/proc/self/fd")) - before == (0 if libc else 2)
+        with pytest.raises(ValueError, match="greater than file size"):
+            compat.map_fd(fd, 4 * 4096)
+    finally:
+        os.close(fd)
+    shared[4096:4099] = b"abc"
+    private[:3] = b"xyz"  # copy-on-write: never reaches the file
+    assert path.read_bytes()[4096:4099] == b"abc" and path.read_bytes()[:3] == b"\0\0\0"
+    assert private[2 * 4096] == shared[2 * 4096] == ord("m") and len(shared) == len(private) == 3 * 4096
+    shared.close()
+    private.close()
+    assert compat.report()["libc mmap (MAP_FIXED)"] is libc

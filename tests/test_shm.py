@@ -285,6 +285,24 @@ def test_a_result_that_cannot_be_mapped_for_lack_of_files_names_the_limit():
     assert "Return types" not in message and "\n" not in message
 
 
+def test_items_go_through_the_pipe_when_the_notebook_has_no_file_left(monkeypatch, capfd):
+    """Lending a big item with no descriptor left to open its segment raised a bare
+    ``OSError: [Errno 24] ... '/mpm_<pid>_..._p<pid>_0'``: the pipe needs none."""
+    import errno
+
+    ensure_pool("forkserver")
+
+    def no_files(self, nbytes):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(shm.SegmentPool, "acquire", no_files)
+    monkeypatch.setattr(shm, "_advised_files", False)
+    assert mpmagic.pmap(np.sum, [np.ones(300_000), np.ones(200_000)]) == [300_000.0, 200_000.0]
+    err = capfd.readouterr().err
+    assert "went through the pipe instead (slower, still correct): too many open files" in err, err
+    assert "`ulimit -n`" in err and "/dev/shm is too small" not in err
+
+
 def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_no_deadlock():
     """A ``share()`` array's finalizer takes the segment lock, and the cyclic gc may run it
     in a thread that holds that lock already (a collection starts at any allocation
