@@ -817,6 +817,39 @@ def test_queue_names_an_item_lost_half_written(ip):
         drop(ip, "hq", "put_then_die", "why", "exc")
 
 
+FORK_SPILL = """
+import multiprocessing as mp
+import mpmagic
+
+def child(conn):
+    q = conn.recv()
+    for j in range(10):
+        q.put((j, bytes(10_000 if j == 0 else 1000)))  # the first bigger than the ring
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=child, args=(there,))
+    proc.start()                                   # before the queue: no resource tracker runs yet
+    q = mpmagic.Queue(capacity=4096)
+    here.send(q)
+    proc.join()                                    # at its exit it spilled what the ring did not take
+    q.close()
+    print([j for j, _ in q])
+"""
+
+
+def test_a_fork_childs_spill_is_not_registered_with_a_tracker_of_its_own():
+    """A process forked before the notebook's resource tracker started (a fork
+    pool started before the first helper) spilled its backlog at exit and
+    registered the spill with a tracker of its own: the notebook's unregister,
+    when a consumer removed it, printed a KeyError traceback. Its first item,
+    bigger than the ring, kept its exit waiting 30 s and was lost with the rest."""
+    proc = subprocess.run([sys.executable, "-c", FORK_SPILL], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split("\n")[-2:] == [str(list(range(10))), ""], proc.stdout + proc.stderr
+    assert "KeyError" not in proc.stderr, proc.stderr
+
+
 def test_helpers_of_a_notebook_killed_with_its_process_group_are_swept():
     """Jupyter's "shut down now" kills the kernel's whole process group, its
     resource tracker too: a Queue's and a Value's names stayed in /dev/shm for

@@ -77,7 +77,8 @@ log = logging.getLogger("mpmagic")
 # --max-tasks-per-child recycle, a resize) cannot wait for consumers that may
 # only start after the run: the pool kills a stopping worker after a few
 # seconds. So at exit, a backlog that does not drain at once is written into
-# a segment of its own, STEM.x<pid>, and the slot says so; consumers read it
+# a segment of its own, STEM.x<pid> (.y<pid> if not registered with the
+# resource tracker: compat.tracker_connected), and the slot says so; consumers read it
 # when the ring is empty (after every item this producer put in the ring, so
 # its order holds) and the last one unlinks it.
 #
@@ -109,6 +110,7 @@ _SLOTS = 128  # processes with a backlog at the same time; more wait for room in
 _SLOT = 5
 _S_PID, _S_ITEMS, _S_CLOSES, _S_SPILL, _S_READ = range(_SLOT)
 _SPILLED = 1 << 63  # set in a spill's pid word: the process's own later puts get a new slot
+_UNTRACKED = 1 << 62  # also set: the spill is not registered with the resource tracker (named .y<pid>)
 _T_TORN = _SLOTS * _SLOT  # the word after the table: of the lost items, those whose writer died mid-message
 TABLE_BYTES = (_SLOTS * _SLOT + 1) * 8
 _SPILL_REC = struct.Struct("<Q")  # a spilled message: its length, then the bytes (padded)
@@ -264,7 +266,7 @@ class _Ring:
             else:
                 return None
             pid, size, offset = t[i + _S_PID], t[i + _S_SPILL], t[i + _S_READ]
-            name = _spill_name(self.seg.name, pid & ~_SPILLED)
+            name = _spill_name(self.seg.name, pid)
             mapping = self.spills.get(name)
             if mapping is None:
                 mapping = self.spills[name] = posixshm.attach(name, size)
@@ -278,7 +280,7 @@ class _Ring:
                 t[i + _S_PID] = t[i + _S_SPILL] = t[i + _S_READ] = t[i + _S_CLOSES] = 0
                 w[_W_SLOTS_USED] -= 1
                 w[_W_SPILLS] -= 1
-                _unlink(name, "shared_memory")
+                _unlink(name, "shared_memory", tracked=not pid & _UNTRACKED)
         _notify(self.count_room)
         if last:
             self.spills.pop(name).close()
@@ -338,7 +340,9 @@ class _Ring:
 
 
 def _spill_name(stem: str, pid: int) -> str:
-    return f"{stem}.x{pid}"
+    """A spill's segment: ``.x<pid>`` if registered with the resource tracker, ``.y<pid>`` if not
+    (so whoever unlinks it knows whether to tell the tracker: an unknown name makes it print a KeyError)."""
+    return f"{stem}.{'y' if pid & _UNTRACKED else 'x'}{pid & ~(_SPILLED | _UNTRACKED)}"
 
 
 class _Local:
@@ -409,8 +413,9 @@ def _release_queue(local: _Local, stem: str, owner_pid: int) -> None:
     """Finalizer part of a queue: stop this process's feeder; the owner removes spills."""
     local.stop()
     if os.getpid() == owner_pid:
-        for name in posixshm.names(stem.lstrip("/") + ".x"):
-            _unlink(name, "shared_memory")
+        for letter in "xy":
+            for name in posixshm.names(stem.lstrip("/") + "." + letter):
+                _unlink(name, "shared_memory", tracked=letter == "x")
 
 
 # --------------------------------------------------------------------------
@@ -471,7 +476,9 @@ def _spill(ring: _Ring, local: _Local) -> None:
         if not local.backlog:
             return
     size = sum(8 + _padded(len(x)) for x in items) or 8
-    name = _spill_name(ring.seg.name, base._PID)
+    # Registered only with a tracker the notebook shares (see compat.tracker_connected).
+    mark = _SPILLED | (0 if compat.tracker_connected() else _UNTRACKED)
+    name = _spill_name(ring.seg.name, base._PID | mark)
     try:
         mapping = posixshm.create(name, size)
     except posixshm.NoRoom:
@@ -488,7 +495,8 @@ def _spill(ring: _Ring, local: _Local) -> None:
         mapping[offset + 8 : offset + 8 + len(x)] = x
         offset += 8 + _padded(len(x))
     mapping.close()
-    compat.tracker_register(name, "shared_memory")  # unlinked if the notebook is killed first
+    if not mark & _UNTRACKED:
+        compat.tracker_register(name, "shared_memory")  # unlinked if the notebook is killed first
     with ring.mutex:
         i = ring.slot(local, True)
         t = ring.t
@@ -496,13 +504,13 @@ def _spill(ring: _Ring, local: _Local) -> None:
         t[i + _S_CLOSES] = 0
         if items:
             t[i + _S_SPILL], t[i + _S_READ] = size, 0
-            t[i + _S_PID] = base._PID | _SPILLED  # the spill's slot now, no longer this process's
+            t[i + _S_PID] = base._PID | mark  # the spill's slot now, no longer this process's
             ring.w[_W_SPILLS] += 1
         else:
             t[i + _S_PID] = t[i + _S_ITEMS] = 0
             ring.w[_W_SLOTS_USED] -= 1
     if not items or not posixshm.exists(ring.seg.name):  # (dropped meanwhile: the owner's cleanup missed it)
-        _unlink(name, "shared_memory")
+        _unlink(name, "shared_memory", tracked=not mark & _UNTRACKED)
     with local.lock:
         local.backlog.clear()
         local.cond.notify_all()
