@@ -252,6 +252,19 @@ def tracker_unregister(name: str, rtype: str) -> None:
         fn(name, rtype)
 
 
+def tracker_connected() -> bool:
+    """Whether this process already talks to a resource tracker (its pipe is open).
+
+    A fork worker of a notebook that had not started its tracker yet does not:
+    ``tracker_register`` there would start a tracker of its own, which the
+    notebook never hears from (its ``unregister`` of the name then printed a
+    KeyError traceback). Fallback: False (the name is not registered; the
+    notebook's sweeps still remove it).
+    """
+    tracker = getattr(_module("multiprocessing.resource_tracker"), "_resource_tracker", None)
+    return isinstance(getattr(tracker, "_fd", None), int) and _tracker_function("register") is not None
+
+
 def tracker_forget(names: Iterable[tuple[str, str]]) -> None:
     """Tell the resource tracker this process shares (a worker's: the notebook's)
     that ``names`` (``(name, rtype)``, as registered) were unlinked, *without*

@@ -832,6 +832,81 @@ def test_queue_backlogs_survive_a_pool_restart(ip):
         drop(ip, "lq", "produce")
 
 
+def test_queue_items_bigger_than_the_ring_survive_a_pool_restart(ip):
+    """An item bigger than the ring waits, its first fragment filling the ring, for
+    a reader to take the rest: the stopping worker waited for one until the pool
+    killed it, and the item was lost (qsize() 1, get() queue.Empty, then
+    QueueItemsLost blaming a death). Now the unread fragments are voided and the
+    whole item is spilled, behind none and ahead of the rest of its backlog."""
+    ensure_pool("forkserver")
+    run(ip, "import mpmagic\nbq = mpmagic.Queue(capacity=4096)\n"
+            "def put_big(i):\n    for j in range(2):\n        bq.put((i, j, bytes(10_000)))\n    return i\n")
+    try:
+        assert run(ip, "%pmap -q --chunksize 1 put_big, range(2)") == [0, 1]
+        run(ip, "%pool restart")
+        assert run(ip, "bq.qsize()") == 4
+        run(ip, "bq.close()")
+        assert run(ip, "sorted((i, j) for i, j, _ in bq)") == _expected(2, 2)
+    finally:
+        drop(ip, "bq", "put_big")
+
+
+def test_queue_names_an_item_lost_half_written(ip):
+    """A producer killed while writing an item bigger than the ring (its first
+    fragment in the ring) with another behind it in its backlog: QueueItemsLost
+    says which died how, not that both still waited in its backlog."""
+    ensure_pool("forkserver")
+    run(ip, "import os, signal, time, mpmagic\nhq = mpmagic.Queue(capacity=4096)\n"
+            "def put_then_die(n):\n    for j in range(n):\n        hq.put(bytes(10_000))\n"
+            "    while not hq._r.w[5] - hq._r.w[4]:  # (tail - head: the first fragment is in the ring)\n"
+            "        time.sleep(0.001)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    try:
+        with pytest.raises(mpmagic.WorkerLostError):
+            run(ip, "%pmap -q put_then_die, [2]")
+        run(ip, "hq.close()")
+        # Caught in the cell: a traceback kept here would keep the queue alive.
+        why = run(ip, "try:\n    hq.get(timeout=30)\nexcept mpmagic.shared.QueueItemsLost as exc:\n    why = str(exc)\nwhy")
+        assert "2 items never arrived" in why, why
+        assert "1 while writing it into the queue" in why, why
+        assert "1 while it still waited in its backlog" in why, why
+    finally:
+        drop(ip, "hq", "put_then_die", "why", "exc")
+
+
+FORK_SPILL = """
+import multiprocessing as mp
+import mpmagic
+
+def child(conn):
+    q = conn.recv()
+    for j in range(10):
+        q.put((j, bytes(10_000 if j == 0 else 1000)))  # the first bigger than the ring
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=child, args=(there,))
+    proc.start()                                   # before the queue: no resource tracker runs yet
+    q = mpmagic.Queue(capacity=4096)
+    here.send(q)
+    proc.join()                                    # at its exit it spilled what the ring did not take
+    q.close()
+    print([j for j, _ in q])
+"""
+
+
+def test_a_fork_childs_spill_is_not_registered_with_a_tracker_of_its_own():
+    """A process forked before the notebook's resource tracker started (a fork
+    pool started before the first helper) spilled its backlog at exit and
+    registered the spill with a tracker of its own: the notebook's unregister,
+    when a consumer removed it, printed a KeyError traceback. Its first item,
+    bigger than the ring, kept its exit waiting 30 s and was lost with the rest."""
+    proc = subprocess.run([sys.executable, "-c", FORK_SPILL], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split("\n")[-2:] == [str(list(range(10))), ""], proc.stdout + proc.stderr
+    assert "KeyError" not in proc.stderr, proc.stderr
+
+
 def test_helpers_of_a_notebook_killed_with_its_process_group_are_swept():
     """Jupyter's "shut down now" kills the kernel's whole process group, its
     resource tracker too: a Queue's and a Value's names stayed in /dev/shm for

@@ -76,7 +76,7 @@ def _new_stem() -> str:
     """``/mpsh<pid>_<random>``: the creator's pid, so that what a notebook killed
     with its whole process group left (Jupyter's "shut down now") is found and
     removed by its workers, or at the next pool start (``shm.sweep_stale``).
-    Short: macOS allows 31 characters, and a spill adds ``.x<pid>``. On Linux
+    Short: macOS allows 31 characters, and a spill adds ``.x<pid>`` (or ``.y<pid>``). On Linux
     the PID namespace's tag follows the pid (``posixshm.owned_by``): a sweep
     judges only its own namespace's pids."""
     return f"/{PREFIX}{posixshm.owned_by(os.getpid())}{secrets.token_hex(4)}"

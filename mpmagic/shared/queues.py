@@ -77,9 +77,23 @@ log = logging.getLogger("mpmagic")
 # --max-tasks-per-child recycle, a resize) cannot wait for consumers that may
 # only start after the run: the pool kills a stopping worker after a few
 # seconds. So at exit, a backlog that does not drain at once is written into
-# a segment of its own, STEM.x<pid>, and the slot says so; consumers read it
+# a segment of its own, STEM.x<pid> (.y<pid> if not registered with the
+# resource tracker: compat.tracker_connected), and the slot says so; consumers read it
 # when the ring is empty (after every item this producer put in the ring, so
 # its order holds) and the last one unlinks it.
+#
+# Why a message bigger than the ring can be voided: its writer streams it
+# fragment by fragment while a reader takes them, so with no reader the
+# writer waits, its first fragment filling the ring. Waiting at exit for a
+# reader that comes only after the stop (a %pool restart before the notebook
+# takes the item) lost the message when the pool killed the stopping worker.
+# So a stopping writer whose message no reader has begun to read (the head is
+# still at or before its first fragment) marks its fragments VOID under the
+# mutex, counts the message as its backlog's again and spills it whole;
+# readers skip VOID records. Once a reader has begun, the writer finishes
+# (that reader is taking the fragments). A message lost because its writer
+# died half-way is counted apart (the word after the backlog table), so
+# QueueItemsLost names the cause.
 
 _W_MAGIC, _W_CAP, _W_MAXSIZE, _W_PRODUCERS = 0, 1, 2, 3
 _W_HEAD, _W_TAIL, _W_ACCEPTED, _W_TAKEN, _W_CLOSES = 4, 5, 6, 7, 8
@@ -88,6 +102,7 @@ _W_SLOTS_USED, _W_SPILLS = 14, 15  # slots in use, spills waiting (so the usual 
 _REC = struct.Struct("<IIQ")
 _FIRST, _LAST = 1, 2
 _WHOLE = _FIRST | _LAST
+_VOID = 4  # a fragment of a message its stopping writer spilled whole instead: skipped
 _CLOSE = object()  # a close() waiting in the backlog behind this process's items
 
 # The backlog table: _SLOTS slots of _SLOT words each (see above).
@@ -95,7 +110,9 @@ _SLOTS = 128  # processes with a backlog at the same time; more wait for room in
 _SLOT = 5
 _S_PID, _S_ITEMS, _S_CLOSES, _S_SPILL, _S_READ = range(_SLOT)
 _SPILLED = 1 << 63  # set in a spill's pid word: the process's own later puts get a new slot
-TABLE_BYTES = _SLOTS * _SLOT * 8
+_UNTRACKED = 1 << 62  # also set: the spill is not registered with the resource tracker (named .y<pid>)
+_T_TORN = _SLOTS * _SLOT  # the word after the table: of the lost items, those whose writer died mid-message
+TABLE_BYTES = (_SLOTS * _SLOT + 1) * 8
 _SPILL_REC = struct.Struct("<Q")  # a spilled message: its length, then the bytes (padded)
 _EXIT_WAIT = 0.1  # seconds a stopping process lets its feeder drain before it spills
 _EXIT_TIMEOUT = 30.0  # longest a stopping process waits for a stream or a spill-less drain
@@ -141,13 +158,23 @@ class _Ring:
         head = w[_W_HEAD]
         pos = head % cap
         length, flags, pid = _REC.unpack_from(ring, pos)
+        w[_W_HEAD] = head + 16 + _padded(length)
+        if flags & _VOID:
+            return flags, pid, b""
         start = (pos + 16) % cap
         first = min(length, cap - start)
         data = ring[start : start + first].tobytes()
         if first < length:
             data += ring[: length - first].tobytes()
-        w[_W_HEAD] = head + 16 + _padded(length)
         return flags, pid, data
+
+    def void_records(self, start: int) -> None:
+        """Mark every record from ``start`` (a tail position) to the tail VOID."""
+        w, cap, ring = self.w, self.cap, self.ring
+        while start < w[_W_TAIL]:
+            length, _flags, pid = _REC.unpack_from(ring, start % cap)
+            _REC.pack_into(ring, start % cap, length, _VOID, pid)
+            start += 16 + _padded(length)
 
     def free(self) -> int:
         return self.cap - (self.w[_W_TAIL] - self.w[_W_HEAD])
@@ -239,7 +266,7 @@ class _Ring:
             else:
                 return None
             pid, size, offset = t[i + _S_PID], t[i + _S_SPILL], t[i + _S_READ]
-            name = _spill_name(self.seg.name, pid & ~_SPILLED)
+            name = _spill_name(self.seg.name, pid)
             mapping = self.spills.get(name)
             if mapping is None:
                 mapping = self.spills[name] = posixshm.attach(name, size)
@@ -253,7 +280,7 @@ class _Ring:
                 t[i + _S_PID] = t[i + _S_SPILL] = t[i + _S_READ] = t[i + _S_CLOSES] = 0
                 w[_W_SLOTS_USED] -= 1
                 w[_W_SPILLS] -= 1
-                _unlink(name, "shared_memory")
+                _unlink(name, "shared_memory", tracked=not pid & _UNTRACKED)
         _notify(self.count_room)
         if last:
             self.spills.pop(name).close()
@@ -271,7 +298,7 @@ class _Ring:
             with self.mutex:
                 w[_W_STREAMER] = 0  # non-zero only if a writer died streaming: its message is void
             view = memoryview(data)
-            sent, whole = 0, 16 + _padded(len(view)) <= self.cap
+            sent, whole, start = 0, 16 + _padded(len(view)) <= self.cap, 0
             if not whole:
                 with self.mutex:
                     w[_W_STREAMER] = base._PID
@@ -285,14 +312,23 @@ class _Ring:
                         chunk = chunk if chunk >= min(left, self.cap // 4) else 0
                     if chunk > 0:
                         flags = (_FIRST if sent == 0 else 0) | (_LAST if chunk == left else 0)
-                        self.write_record(view[sent : sent + chunk], flags)
                         if sent == 0:  # from here on the message is the ring's (or lost with us)
+                            start = w[_W_TAIL]
                             self.backlog_moved(local, items=1)
+                        self.write_record(view[sent : sent + chunk], flags)
                         sent += chunk
+                    elif local.stopped and sent and not local.released and w[_W_HEAD] <= start:
+                        # Stopping, and no reader has begun this message: void what is in the
+                        # ring and give the message back to the backlog, to be spilled whole.
+                        i = self.slot(local, True)
+                        if i >= 0:
+                            self.void_records(start)
+                            self.t[i + _S_ITEMS] += 1
+                            return False
                 if chunk > 0:
                     _notify(self.data)
                 elif local.stopped and (sent == 0 or local.released):
-                    return False  # a message half-streamed is finished, unless the queue is gone
+                    return False  # a message a reader has begun is finished, unless the queue is gone
                 else:
                     _wait(self.space, _SLICE)
             return True
@@ -304,7 +340,9 @@ class _Ring:
 
 
 def _spill_name(stem: str, pid: int) -> str:
-    return f"{stem}.x{pid}"
+    """A spill's segment: ``.x<pid>`` if registered with the resource tracker, ``.y<pid>`` if not
+    (so whoever unlinks it knows whether to tell the tracker: an unknown name makes it print a KeyError)."""
+    return f"{stem}.{'y' if pid & _UNTRACKED else 'x'}{pid & ~(_SPILLED | _UNTRACKED)}"
 
 
 class _Local:
@@ -375,8 +413,9 @@ def _release_queue(local: _Local, stem: str, owner_pid: int) -> None:
     """Finalizer part of a queue: stop this process's feeder; the owner removes spills."""
     local.stop()
     if os.getpid() == owner_pid:
-        for name in posixshm.names(stem.lstrip("/") + ".x"):
-            _unlink(name, "shared_memory")
+        for letter in "xy":
+            for name in posixshm.names(stem.lstrip("/") + "." + letter):
+                _unlink(name, "shared_memory", tracked=letter == "x")
 
 
 # --------------------------------------------------------------------------
@@ -425,6 +464,7 @@ def _spill(ring: _Ring, local: _Local) -> None:
         local.stopped = True
         local.cond.notify_all()
         feeder = local.feeder
+    _notify(ring.space)  # a feeder waiting for room with a message nobody reads yet: void it now
     if feeder is not None:
         feeder.join(_EXIT_TIMEOUT)  # within _SLICE unless it is mid-stream
         if feeder.is_alive():  # still writing: spilling now could deliver an item twice
@@ -436,7 +476,9 @@ def _spill(ring: _Ring, local: _Local) -> None:
         if not local.backlog:
             return
     size = sum(8 + _padded(len(x)) for x in items) or 8
-    name = _spill_name(ring.seg.name, base._PID)
+    # Registered only with a tracker the notebook shares (see compat.tracker_connected).
+    mark = _SPILLED | (0 if compat.tracker_connected() else _UNTRACKED)
+    name = _spill_name(ring.seg.name, base._PID | mark)
     try:
         mapping = posixshm.create(name, size)
     except posixshm.NoRoom:
@@ -453,7 +495,8 @@ def _spill(ring: _Ring, local: _Local) -> None:
         mapping[offset + 8 : offset + 8 + len(x)] = x
         offset += 8 + _padded(len(x))
     mapping.close()
-    compat.tracker_register(name, "shared_memory")  # unlinked if the notebook is killed first
+    if not mark & _UNTRACKED:
+        compat.tracker_register(name, "shared_memory")  # unlinked if the notebook is killed first
     with ring.mutex:
         i = ring.slot(local, True)
         t = ring.t
@@ -461,13 +504,13 @@ def _spill(ring: _Ring, local: _Local) -> None:
         t[i + _S_CLOSES] = 0
         if items:
             t[i + _S_SPILL], t[i + _S_READ] = size, 0
-            t[i + _S_PID] = base._PID | _SPILLED  # the spill's slot now, no longer this process's
+            t[i + _S_PID] = base._PID | mark  # the spill's slot now, no longer this process's
             ring.w[_W_SPILLS] += 1
         else:
             t[i + _S_PID] = t[i + _S_ITEMS] = 0
             ring.w[_W_SLOTS_USED] -= 1
     if not items or not posixshm.exists(ring.seg.name):  # (dropped meanwhile: the owner's cleanup missed it)
-        _unlink(name, "shared_memory")
+        _unlink(name, "shared_memory", tracked=not mark & _UNTRACKED)
     with local.lock:
         local.backlog.clear()
         local.cond.notify_all()
@@ -645,7 +688,9 @@ class SharedQueue(IterUntilClosed, _Helper):
                 if w[_W_TAIL] != w[_W_HEAD]:
                     flags, pid, got = r.read_record()
                     counted = lost = 0  # messages this record finishes (read), or voids
-                    if flags & _FIRST:
+                    if flags & _VOID:
+                        pass  # its stopping writer spilled the message whole
+                    elif flags & _FIRST:
                         lost += bool(parts)  # a partial one whose writer died
                         parts, writer = [got], pid
                     elif parts:
@@ -657,6 +702,7 @@ class SharedQueue(IterUntilClosed, _Helper):
                         done, parts = parts, []
                     w[_W_TAKEN] += counted
                     w[_W_LOST] += lost
+                    r.t[_T_TORN] += lost
                 closed = r.closed()
             if got is not None:
                 _notify(r.space)
@@ -669,6 +715,7 @@ class SharedQueue(IterUntilClosed, _Helper):
                 if not _alive(writer):
                     with r.mutex:
                         w[_W_LOST] += 1  # its writer died half-way: the message is lost
+                        r.t[_T_TORN] += 1
                     parts = []
                     _notify(r.count_room)
                 else:
@@ -690,13 +737,21 @@ class SharedQueue(IterUntilClosed, _Helper):
 
     def _end(self) -> QueueClosed | QueueItemsLost:
         """The end of the stream: QueueClosed, or QueueItemsLost if producers died with items."""
-        lost = self._seg.words[_W_LOST]
+        lost, torn = self._seg.words[_W_LOST], self._r.t[_T_TORN]
         if not lost:
             return QueueClosed(self._closed_message())
+        waited = lost - torn
+        torn_why = (f"while writing {'it' if torn == 1 else 'them'} into the queue (an item bigger than the ring "
+                    "passes in parts, and only some arrived)")
+        waited_why = f"while {'it' if waited == 1 else 'they'} still waited in its backlog, before reaching the queue"
+        if torn and waited:
+            why = f": {torn} {torn_why}, {waited} {waited_why}"
+        else:
+            why = " " + (torn_why if torn else waited_why)
         return QueueItemsLost(
             f"{self._describe()}: {lost} item{'s' if lost != 1 else ''} never arrived: a process that put "
-            "them died (crashed, killed, or timed out) while they still waited in its backlog, before "
-            "reaching the queue. Every other item was delivered."
+            f"{'it' if lost == 1 else 'them'} died (crashed, killed, or timed out){why}. "
+            "Every other item was delivered."
         )
 
     def _closed_message(self) -> str:
