@@ -474,8 +474,12 @@ def end() -> None:
         _running -= 1
         _units.pop(threading.get_ident(), None)
         if _running == 0 and _saved_filters is not None:
-            warnings.resetwarnings()  # (bumps the filters' version: registries start afresh)
-            warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
+            if _filters_mutated is not None:  # (resetwarnings and an extend, in one step)
+                warnings.filters[:] = _saved_filters  # type: ignore[index]  # (typeshed: a Sequence)
+                _filters_mutated()  # (bumps the filters' version: registries start afresh)
+            else:
+                warnings.resetwarnings()
+                warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
             _saved_filters = None
 
 
