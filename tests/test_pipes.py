@@ -132,6 +132,32 @@ def test_the_worker_reads_small_messages_sent_together_in_one_read(monkeypatch):
         b.close()
 
 
+def test_a_workers_replies_are_framed_as_connection_send_bytes_frames_them():
+    """A worker writes its replies itself (not through ``send_bytes``): what the
+    notebook's ``recv_bytes`` reads back is the packed message, small, just past
+    the cut where the head is written apart, and big (written in pieces)."""
+    import multiprocessing
+
+    from mpmagic.protocol import Out, pack, unpack
+    from mpmagic.worker import _Channel
+
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    channel = _Channel(theirs)
+    texts = ["a line\n", "x" * 16_300, "y" * 16_500, "z" * (3 << 20)]
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(ours.recv_bytes() for _ in texts))
+    reader.start()
+    try:
+        for text in texts:
+            channel.send(Out(1, 2, "stdout", text))
+        reader.join(30)
+        assert [unpack(data) for data in got] == [Out(1, 2, "stdout", t) for t in texts]
+        assert got == [pack(Out(1, 2, "stdout", t)) for t in texts]
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_frames_match_multiprocessing_connection():
     """What Connection.recv_bytes reads back is what was framed, short and long alike."""
     for n in (0, 1, 16384, 16385, 1 << 20):
