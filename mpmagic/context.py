@@ -240,14 +240,20 @@ def apply(msg: Context) -> None:
 # In a worker: the notebook's filters as sent, (package, pickled filter) in
 # order; those of packages not imported here yet wait (see _loadable_now).
 _pending: list[tuple[str, Any]] = []
+# The packages of the filters in _pending still waiting (set by _load_filters):
+# reassert checks these alone, not every filter, at each call.
+_waiting: tuple[str, ...] = ()
 
 
 def _load_filters() -> list:
     """The notebook's filters this worker can load now, in their order; loaded ones stay loaded."""
+    global _waiting
     filters = []
+    waiting = []
     for i, (package, data) in enumerate(_pending):
         if isinstance(data, bytes):
             if not _loadable_now(package):
+                waiting.append(package)
                 continue
             try:
                 data = payload.loads(data)
@@ -257,6 +263,7 @@ def _load_filters() -> list:
             _pending[i] = (package, data)
         if data is not None:
             filters.append(data)
+    _waiting = tuple(waiting)
     return filters
 
 
@@ -273,7 +280,7 @@ def reassert() -> None:
     35 of them), once per worker in every call: a tenth of a warm 2-item map."""
     global _adopted, _as_adopted
     if _adopted is not None:
-        if any(isinstance(data, bytes) and _loadable_now(package) for package, data in _pending):
+        if _waiting and any(map(_loadable_now, _waiting)):
             _adopted = (*_adopted[:4], _load_filters())  # (a task imported a waiting filter's package)
             _as_adopted = None
         if _as_adopted is None or _state() != _as_adopted:

@@ -414,15 +414,17 @@ def _with_table(base: type, buffer_callback: Any) -> type:
     file-backed ``np.memmap`` inside ``memmaps_by_reference()`` (as its file's name,
     :func:`memmap_reference`; plain pickle has no ``reducer_override``)."""
     lent = buffer_callback.dispatch_table() if isinstance(buffer_callback, shm.Collector) else None
-    table = dict(lent or {})
-    out_stream = getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
-    if out_stream is not None and base is not pickle.Pickler:  # (plain pickle refuses it: cloudpickle's turn)
-        table[out_stream] = _reduce_notebook_stream
+    # (plain pickle refuses the notebook's stream: cloudpickle's turn)
+    out_stream = (getattr(sys.modules.get("ipykernel.iostream"), "OutStream", None)
+                  if base is not pickle.Pickler else None)
     np = sys.modules.get("numpy") if _memmaps.on else None
+    if not lent and out_stream is None and np is None:  # (no table to build: each result a worker sends)
+        return base
+    table = dict(lent or {})
+    if out_stream is not None:
+        table[out_stream] = _reduce_notebook_stream
     if np is not None:
         table[np.memmap] = _reduce_memmap
-    if not table:
-        return base
     key = (base, *table.items())
     cls = _table_picklers.get(key)
     if cls is None:

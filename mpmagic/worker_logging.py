@@ -393,6 +393,48 @@ def _unit_filters(filters: list, notebook_always: tuple) -> tuple[list, str]:
     return [f if f[0] in ("error", "always") or (kept and f in kept) else (rest, *f[1:]) for f in filters], rest
 
 
+# The last unit filters worked out (see _set_unit_filters): (the worker's filters,
+# the notebook's "always" specs, %%pool setup's filters (front, back), the unit's
+# filters); None until one could be kept.
+_unit_cache: tuple | None = None
+
+
+# warnings' own "the filters changed" call (drops the "already warned" registries);
+# private, renamed in 3.14: where it is missing, begin makes the public call instead.
+_filters_mutated: Any = getattr(warnings, "_filters_mutated", None)
+
+
+def _set_unit_filters(saved: list) -> None:
+    """Put the unit's filters in place of ``saved`` (this process's own): those of
+    :func:`_unit_filters`, then ``simplefilter(rest, append=True)`` for a warning no
+    filter matches (a public call, which also drops the "already warned" registries).
+
+    The result is worked out again only when ``saved``, the notebook's ``_always``
+    or the setup's filters changed: the same filter tuples (compared in C, by
+    identity first) give the same unit filters. It is kept only when no filter
+    here or in the notebook says "always": only then is it independent of which
+    packages this process imported (see :func:`_loaded_here`). Working it out
+    walked and rebuilt every filter in Python at each unit (a warm 2-item map runs
+    one unit per worker and call): 4 us of a unit's ~40.
+    """
+    global _unit_cache
+    front, back = context.setup_filters
+    cached = _unit_cache
+    if (cached is not None and _filters_mutated is not None and cached[1] is _always
+            and cached[2] == front and cached[3] == back and cached[0] == saved):
+        warnings.filters[:] = cached[4]  # type: ignore[index]  # (typeshed: a Sequence)
+        _filters_mutated()  # (what simplefilter ends with)
+        return
+    filters, rest = _unit_filters(saved, _always)
+    warnings.filters[:] = filters  # type: ignore[index]  # (typeshed: a Sequence)
+    warnings.simplefilter(rest, append=True)  # type: ignore[arg-type]  # (one of the two actions)
+    if not _always and "always" not in map(itemgetter(0), saved):
+        # (what simplefilter made of it, final filter included: a copy, as the task may change them)
+        _unit_cache = (saved, _always, list(front), list(back), list(warnings.filters))
+    else:
+        _unit_cache = None
+
+
 def begin(log_context: tuple | None) -> None:
     """A unit starts in this thread: capture its records and warnings.
 
@@ -404,22 +446,22 @@ def begin(log_context: tuple | None) -> None:
     if not log_context or not log_context[1]:
         return
     start, levels = log_context
-    try:
-        _install()
-        _apply_levels(levels)
-    except Exception:
-        _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
-        return
-    _unit.active, _unit.start, _unit.seen = True, start, {}
+    if not _installed or levels != _applied:  # (both done already: the usual unit)
+        try:
+            _install()
+            _apply_levels(levels)
+        except Exception:
+            _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
+            return
+    unit = _unit
+    seen: dict = {}
+    unit.active, unit.start, unit.seen = True, start, seen
     with _lock:
         _running += 1
-        _units[threading.get_ident()] = (start, _unit.seen)
+        _units[threading.get_ident()] = (start, seen)
         if _running == 1:
             _saved_filters = list(warnings.filters)
-            filters, rest = _unit_filters(_saved_filters, _always)
-            warnings.filters[:] = filters  # type: ignore[index]  # (typeshed: a Sequence)
-            # (a public call, which also drops the "already warned" registries)
-            warnings.simplefilter(rest, append=True)  # type: ignore[arg-type]  # (one of the two actions)
+            _set_unit_filters(_saved_filters)
 
 
 def end() -> None:
@@ -432,8 +474,12 @@ def end() -> None:
         _running -= 1
         _units.pop(threading.get_ident(), None)
         if _running == 0 and _saved_filters is not None:
-            warnings.resetwarnings()  # (bumps the filters' version: registries start afresh)
-            warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
+            if _filters_mutated is not None:  # (resetwarnings and an extend, in one step)
+                warnings.filters[:] = _saved_filters  # type: ignore[index]  # (typeshed: a Sequence)
+                _filters_mutated()  # (bumps the filters' version: registries start afresh)
+            else:
+                warnings.resetwarnings()
+                warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
             _saved_filters = None
 
 

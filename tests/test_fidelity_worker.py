@@ -210,7 +210,7 @@ def test_a_new_call_adopts_the_world_again_only_where_a_task_changed_it(monkeypa
     again only when a task changed something."""
     from mpmagic import context
 
-    for name in ("_adopted", "_pending", "_as_adopted"):  # (this process plays the worker)
+    for name in ("_adopted", "_pending", "_waiting", "_as_adopted"):  # (this process plays the worker)
         monkeypatch.setattr(context, name, getattr(context, name))
     context.apply(context.current())
     adopted = []
@@ -226,6 +226,36 @@ def test_a_new_call_adopts_the_world_again_only_where_a_task_changed_it(monkeypa
         os.environ.pop("MPM_REASSERT", None)
     context.reassert()
     assert len(adopted) == 1
+
+
+def test_a_notebook_filter_waits_for_its_package_and_applies_once_a_task_imports_it(monkeypatch):
+    """A filter for a category of a package the worker has not imported waits
+    (loading it would import the package); the call after a task imported the
+    package has it. Each call checks the waiting filters' packages alone, not
+    every filter the notebook sent."""
+    import types
+
+    from mpmagic import context
+
+    for name in ("_adopted", "_pending", "_waiting", "_as_adopted", "_version", "_last_state", "_last_msg",
+                 "_last_call"):  # (this process plays the notebook and the worker)
+        monkeypatch.setattr(context, name, getattr(context, name))
+    package = types.ModuleType("mpm_waiting_pkg")
+    category = type("LateWarning", (UserWarning,), {"__module__": "mpm_waiting_pkg"})
+    package.LateWarning = category
+    monkeypatch.setitem(sys.modules, "mpm_waiting_pkg", package)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", category)
+        msg = context.current()
+        del sys.modules["mpm_waiting_pkg"]  # the worker has not imported it
+        context.apply(msg)
+        assert context._waiting == ("mpm_waiting_pkg",)
+        assert not any(f[2] is category for f in warnings.filters)
+        context.reassert()
+        assert not any(f[2] is category for f in warnings.filters)
+        sys.modules["mpm_waiting_pkg"] = package  # a task imported it
+        context.reassert()
+        assert warnings.filters[0][:3] == ("error", None, category) and context._waiting == ()
 
 STATEFUL = """
 def add(x):

@@ -75,14 +75,14 @@ def test_a_message_in_parts_arrives_as_one():
 
 
 def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
-    """worker.read_message reads each framed message back, small ones as bytes
+    """worker.MessageReader reads each framed message back, small ones as bytes
     and big ones (read into one buffer of their size) however the pipe splits
     them, and says EOFError at the pipe's end."""
-    from mpmagic.worker import read_message
+    from mpmagic.worker import MessageReader
 
     a, b = socket.socketpair()
     big = os.urandom(3 << 20)
-    messages = [b"", b"small", big, b"after"]
+    messages = [b"", b"small", big, b"after", b"x" * 70_000, b"tail"]
     wire = b"".join(bytes(v) for m in messages for v in frame(m))
 
     def write_slowly():
@@ -94,13 +94,68 @@ def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
     writer = threading.Thread(target=write_slowly)
     writer.start()
     try:
-        got = [read_message(b.fileno()) for _ in messages]
+        reader = MessageReader(b.fileno())
+        got = [reader.read() for _ in messages]
         assert got == messages and type(got[2]) is bytearray
         with pytest.raises(EOFError):
-            read_message(b.fileno())
+            reader.read()
     finally:
         writer.join(30)
         b.close()
+
+
+def test_the_worker_reads_small_messages_sent_together_in_one_read(monkeypatch):
+    """A small message is one read of the pipe, not one for its head and one for
+    its body, and messages that arrived together (a context, a function, a chunk)
+    are one read for all: a read is a system call per unit of a warm map."""
+    from mpmagic import worker
+
+    a, b = socket.socketpair()
+    messages = [b"context" * 20, b"function" * 30, b"chunk" * 10]
+    with a:
+        a.sendall(b"".join(bytes(v) for m in messages for v in frame(m)))
+    reads = []
+    real_read = os.read
+
+    def read(fd, n):
+        reads.append(n)
+        return real_read(fd, n)
+
+    monkeypatch.setattr(worker.os, "read", read)
+    try:
+        reader = worker.MessageReader(b.fileno())
+        assert [reader.read() for _ in messages] == messages
+        assert len(reads) == 1
+        with pytest.raises(EOFError):
+            reader.read()
+    finally:
+        b.close()
+
+
+def test_a_workers_replies_are_framed_as_connection_send_bytes_frames_them():
+    """A worker writes its replies itself (not through ``send_bytes``): what the
+    notebook's ``recv_bytes`` reads back is the packed message, small, just past
+    the cut where the head is written apart, and big (written in pieces)."""
+    import multiprocessing
+
+    from mpmagic.protocol import Out, pack, unpack
+    from mpmagic.worker import _Channel
+
+    ours, theirs = multiprocessing.Pipe(duplex=True)
+    channel = _Channel(theirs)
+    texts = ["a line\n", "x" * 16_300, "y" * 16_500, "z" * (3 << 20)]
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(ours.recv_bytes() for _ in texts))
+    reader.start()
+    try:
+        for text in texts:
+            channel.send(Out(1, 2, "stdout", text))
+        reader.join(30)
+        assert [unpack(data) for data in got] == [Out(1, 2, "stdout", t) for t in texts]
+        assert got == [pack(Out(1, 2, "stdout", t)) for t in texts]
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_frames_match_multiprocessing_connection():

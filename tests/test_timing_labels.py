@@ -192,6 +192,42 @@ def test_each_threads_run_queue_file_is_closed_when_the_thread_ends():
     assert len(os.listdir("/proc/self/fd")) <= before + 1  # (+1: a file the test runner may open meanwhile)
 
 
+def test_the_run_queue_read_asks_no_pid_and_a_forked_child_reads_its_own_thread(monkeypatch):
+    """A worker reads its run-queue wait twice per chunk: each read asked the
+    kernel for its pid (a system call) to tell a forked child's inherited file
+    from its own. A fork hook tells it now; a child still reads its own file."""
+    import os
+    import sys
+
+    from mpmagic import cpus
+
+    if not sys.platform.startswith("linux") or cpus.run_queue_seconds() is None:
+        pytest.skip("the run-queue wait is read from /proc (Linux)")
+    asked = []
+    real_getpid = os.getpid
+    monkeypatch.setattr(os, "getpid", lambda: asked.append(1) or real_getpid())
+    for _ in range(3):
+        assert cpus.run_queue_seconds() is not None
+    assert asked == []
+    monkeypatch.undo()
+    parent_file = cpus._schedstat.file
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a file of its own, for its own thread
+        try:
+            ok = cpus.run_queue_seconds() is not None and cpus._schedstat.file is not parent_file
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"1"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert cpus._schedstat.file is parent_file and parent_file.fd is not None
+
+
 def test_workers_busy_at_once_are_counted_from_the_chunks_spans():
     from mpmagic.api import _busy_at_once
 

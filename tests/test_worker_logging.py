@@ -426,3 +426,40 @@ def test_an_always_filter_for_one_category_sends_no_repeat_of_another(worker_has
         sent = [line for line in capsys.readouterr().err.split("\n") if line.startswith(worker_logging.MARK)]
     assert sum('"again"' in line for line in sent) == 1, sent
     assert sum('"each time"' in line for line in sent) == 3, sent
+
+
+def test_a_units_filters_are_worked_out_again_only_when_the_filters_change(capsys, monkeypatch):
+    """A unit's warning filters are worked out once and reused while this process's
+    filters, the notebook's and the setup's stay the same (it cost each unit 4 us),
+    and again when they change. A reused set still starts each unit's "already
+    warned" registry afresh: a warning repeated at one place is sent once per unit."""
+    import warnings
+
+    from mpmagic import worker_logging
+
+    worked = []
+    real = worker_logging._unit_filters
+    monkeypatch.setattr(worker_logging, "_unit_filters", lambda f, a: worked.append(1) or real(f, a))
+    monkeypatch.setattr(worker_logging, "_unit_cache", None)
+    monkeypatch.setattr(worker_logging, "_installed", False)  # (the hook goes in below, in catch_warnings)
+
+    def unit() -> list:
+        worker_logging.begin((0, context))
+        try:
+            for _ in range(3):
+                warnings.warn("again", UserWarning, stacklevel=1)
+            return list(warnings.filters)
+        finally:
+            worker_logging.end()
+
+    with warnings.catch_warnings():
+        warnings.resetwarnings()  # (pytest's own filters say "always": such a set is never reused)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context = worker_logging.notebook_context()
+        first = [unit() for _ in range(3)]
+        assert len(worked) == 1 and first[0] == first[1] == first[2]
+        warnings.simplefilter("error", RuntimeWarning)  # the worker's own filters change
+        second = unit()
+        assert len(worked) == 2 and second[0][:3] == ("error", None, RuntimeWarning)
+        sent = [line for line in capsys.readouterr().err.split("\n") if line.startswith(worker_logging.MARK)]
+    assert sum('"again"' in line for line in sent) == 4, sent
