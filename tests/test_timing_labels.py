@@ -493,3 +493,17 @@ def test_a_first_calls_line_times_the_whole_call_workers_starting_included(monke
         stopwatch = time.perf_counter() - t0
         report = mpmagic.last_report()
         assert stopwatch - 0.005 <= report.wall <= stopwatch, (report.wall, stopwatch)
+
+
+def test_a_reports_measured_fields_and_payload_costs_fill_one_dict():
+    """The report's keyword fields are built in one dict (the payload's costs added
+    to the measured ones), not in three merged into a fourth per call."""
+    from types import SimpleNamespace
+
+    from mpmagic import api
+
+    job = SimpleNamespace(payload_served=("fast", 0), payload_seconds=0.0001, func=abs)
+    fields = {"cores": 2}
+    assert api._payload_costs(job, 0.001, fields) is fields
+    assert fields == {"cores": 2, "payload_seconds": 0.0001, "payload_served": "fast", "payload_bytes": 0,
+                      "payload_captures": ()}
