@@ -834,25 +834,24 @@ class MapCall:
         """The timing report of the finished job (``wall`` seconds from submit to end);
         ``interrupted``: of a run stopped by an interrupt (items: those that finished)."""
         job, backend = self.job, self.backend
-        return Report(
-            kind="pmap",
-            caller=self.caller,
-            interrupted=interrupted,
-            items=job.items_done,
-            # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).
-            workers=job.ran_on or self.workers,
-            worker_noun="worker" if job.ran_on is None else "worker thread",
-            backend=backend.name,
-            start_method=backend.start_method,
-            wall=wall,
-            task_seconds=job.task_seconds,
-            chunks=job.n_chunks,
-            chunksize=job.planner.describe(),
-            failed_at=job.failure_index,
-            total=self.n_items,
-            **_payload_costs(job, wall, _measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers,
-                                                  _func_libs(job.func))),
-        )
+        fields = _payload_costs(job, wall, _measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers,
+                                                     _func_libs(job.func)))
+        fields["kind"] = "pmap"
+        fields["caller"] = self.caller
+        fields["interrupted"] = interrupted
+        fields["items"] = job.items_done
+        # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).
+        fields["workers"] = job.ran_on or self.workers
+        fields["worker_noun"] = "worker" if job.ran_on is None else "worker thread"
+        fields["backend"] = backend.name
+        fields["start_method"] = backend.start_method
+        fields["wall"] = wall
+        fields["task_seconds"] = job.task_seconds
+        fields["chunks"] = job.n_chunks
+        fields["chunksize"] = job.planner.describe()
+        fields["failed_at"] = job.failure_index
+        fields["total"] = self.n_items
+        return Report.of(fields)
 
     def failed_items(self, results: list) -> list:
         """The Failed items among ``results`` (only ``errors="collect"`` puts them there)."""

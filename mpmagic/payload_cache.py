@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dis
 import functools
+import operator
 import threading
 import types
 import weakref
@@ -253,7 +254,7 @@ def _copied_bytes(seg: shm.Segment | None, refs: list | None) -> int:
 
 
 def _same(old: list, new: list) -> bool:
-    return len(old) == len(new) and all(a is b for a, b in zip(old, new, strict=True))
+    return len(old) == len(new) and all(map(operator.is_, old, new))  # (in C: no frame per object)
 
 
 # --------------------------------------------------------------------------

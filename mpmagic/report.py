@@ -10,7 +10,7 @@ measured it: Linux), and the line says so.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .fmt import fmt_seconds, imports_text
@@ -112,6 +112,23 @@ class Report:
     payload_captures: tuple[tuple[str, int, str], ...] = ()
     # The call that made it when not ``kind`` (``imap``: a map, named so in its lines)
     caller: str = ""
+
+    @classmethod
+    def of(cls, given: dict[str, Any]) -> Report:
+        """``Report(**given)``, for the report every run makes: the ~60 fields go into
+        the new report at once, where the generated ``__init__`` matched each keyword
+        to its parameter and stored each in turn (~200 bytecodes a ``pmap``). A field
+        left out takes its default; a missing required field or an unknown name is
+        refused with the TypeError ``__init__`` raises."""
+        missing = _REQUIRED - given.keys()
+        unknown = given.keys() - _FIELD_NAMES
+        if missing or unknown:
+            return cls(**given)  # (its error, in its words)
+        report = cls.__new__(cls)
+        # (simple defaults are class attributes; each default_factory makes a new value)
+        report.__dict__.update({name: make() for name, make in _FACTORIES if name not in given})
+        report.__dict__.update(given)
+        return report
 
     @property
     def name(self) -> str:
@@ -456,6 +473,12 @@ def _names(names: tuple[str, ...]) -> str:
     """``numpy, pandas`` (three at most, then ``2 more``), as the advice names imports."""
     return imports_text(dict.fromkeys(names))
 
+
+# What Report.of checks and fills: every field's name, those without a default, and the
+# fields whose default is made per report (a class attribute holds every other default).
+_FIELD_NAMES = frozenset(f.name for f in fields(Report))
+_REQUIRED = frozenset(f.name for f in fields(Report) if f.default is MISSING and f.default_factory is MISSING)
+_FACTORIES = tuple((f.name, f.default_factory) for f in fields(Report) if f.default_factory is not MISSING)
 
 def _setting(name: str, default: Any) -> Any:
     """A display setting of ``%config MPMagic`` (how reports render, whether to advise)."""
