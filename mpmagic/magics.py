@@ -1228,8 +1228,10 @@ def _show_report(opts: argparse.Namespace, report: api.Report | None, before: ap
     if report is None or report is before:
         return
     if not opts.quiet:
-        # (the two formats a Report has: IPython's other ten formatters each looked it up in vain)
-        display(report, include=_REPORT_FORMATS)
+        # (the two formats a Report has: IPython's other ten formatters each looked it up in vain;
+        # both formats read the line and the advice, worked out once)
+        with report.shown_once():
+            display(report, include=_REPORT_FORMATS)
     elif report.insights is not None:
         display(report.insights)
 

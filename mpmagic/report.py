@@ -10,6 +10,8 @@ measured it: Linux), and the line says so.
 from __future__ import annotations
 
 import html
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
@@ -319,6 +321,14 @@ class Report:
 
     def line(self) -> str:
         """The one-line summary printed after a run (the failure line for a run that raised)."""
+        memo = self.__dict__.get("_shown")
+        if memo is None:
+            return self._line()
+        if "line" not in memo:
+            memo["line"] = self._line()
+        return memo["line"]
+
+    def _line(self) -> str:
         if self.failed_run:
             return self.failed_line()
         failed = self._failed_text()
@@ -380,11 +390,30 @@ class Report:
     @property
     def advice(self) -> str | None:
         """One line on why parallel did not pay and what to try; None for a good run."""
+        memo = self.__dict__.get("_shown")
+        if memo is not None and "advice" in memo:
+            return memo["advice"]
         if not self.advice_enabled or not _setting("advice", True):
-            return None
-        from .advice import advise
+            tip = None
+        else:
+            from .advice import advise
 
-        return advise(self)
+            tip = advise(self)
+        if memo is not None:
+            memo["advice"] = tip
+        return tip
+
+    @contextmanager
+    def shown_once(self) -> Iterator[Report]:
+        """While it lasts, the line and the advice are each worked out once: a display
+        asks for the text and the HTML, and both read both (the advice reasons over
+        ~30 properties: about a third of a shown report's making). For a report
+        nothing changes meanwhile (the one a magic shows, once its run ended)."""
+        self.__dict__["_shown"] = {}
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_shown", None)
 
     def text(self) -> str:
         """The line, plus the advice line when the run did not pay off."""

@@ -179,3 +179,29 @@ def test_the_report_is_formatted_only_as_text_and_html(monkeypatch):
     formats = type(report).__dict__
     assert {"_repr_pretty_", "_repr_html_"} <= set(formats)
     assert not [m for m in formats if m.startswith("_repr_") and m not in ("_repr_pretty_", "_repr_html_")]
+
+
+def test_a_shown_report_works_out_its_advice_and_line_once(ip, monkeypatch):
+    """Its text and its HTML each read the line and the advice: worked out once a display."""
+    import argparse
+
+    from mpmagic import advice, magics
+    from mpmagic.report import Report
+
+    tips = []
+    real = advice.advise
+    monkeypatch.setattr(advice, "advise", lambda report: tips.append(1) or real(report))
+    report = api.Report(kind="pmap", items=2, workers=2, backend="local", start_method="fork", wall=0.001,
+                        task_seconds=0.000002, cores=2)
+    lines = []
+    real_line = Report._line
+    monkeypatch.setattr(Report, "_line", lambda self: lines.append(1) or real_line(self))
+    with capture_output() as cap:
+        magics._show_report(argparse.Namespace(quiet=False), report, None)
+    (shown,) = cap.outputs
+    assert set(shown.data) == {"text/plain", "text/html"}
+    assert "advice: " in shown.data["text/plain"] and "advice: " in shown.data["text/html"]
+    assert len(tips) == 1 and len(lines) == 1
+    assert "_shown" not in vars(report)  # (afterwards, each asks again: the report may change)
+    report.line(), report.line()
+    assert len(lines) == 3
