@@ -834,25 +834,24 @@ class MapCall:
         """The timing report of the finished job (``wall`` seconds from submit to end);
         ``interrupted``: of a run stopped by an interrupt (items: those that finished)."""
         job, backend = self.job, self.backend
-        return Report(
-            kind="pmap",
-            caller=self.caller,
-            interrupted=interrupted,
-            items=job.items_done,
-            # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).
-            workers=job.ran_on or self.workers,
-            worker_noun="worker" if job.ran_on is None else "worker thread",
-            backend=backend.name,
-            start_method=backend.start_method,
-            wall=wall,
-            task_seconds=job.task_seconds,
-            chunks=job.n_chunks,
-            chunksize=job.planner.describe(),
-            failed_at=job.failure_index,
-            total=self.n_items,
-            **_payload_costs(job, wall),
-            **_measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers, _func_libs(job.func)),
-        )
+        fields = _payload_costs(job, wall, _measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers,
+                                                     _func_libs(job.func)))
+        fields["kind"] = "pmap"
+        fields["caller"] = self.caller
+        fields["interrupted"] = interrupted
+        fields["items"] = job.items_done
+        # What ran: on Dask, -n capped by the cluster's free worker threads (backends/base.py).
+        fields["workers"] = job.ran_on or self.workers
+        fields["worker_noun"] = "worker" if job.ran_on is None else "worker thread"
+        fields["backend"] = backend.name
+        fields["start_method"] = backend.start_method
+        fields["wall"] = wall
+        fields["task_seconds"] = job.task_seconds
+        fields["chunks"] = job.n_chunks
+        fields["chunksize"] = job.planner.describe()
+        fields["failed_at"] = job.failure_index
+        fields["total"] = self.n_items
+        return Report.of(fields)
 
     def failed_items(self, results: list) -> list:
         """The Failed items among ``results`` (only ``errors="collect"`` puts them there)."""
@@ -865,8 +864,9 @@ class MapCall:
 _PAYLOAD_SHARE = 0.2
 
 
-def _payload_costs(job: MapJob, wall: float) -> dict[str, Any]:
-    """The report's fields for preparing the function's payload here (see Report.payload_seconds).
+def _payload_costs(job: MapJob, wall: float, fields: dict[str, Any]) -> dict[str, Any]:
+    """The report's fields for preparing the function's payload here (see Report.payload_seconds),
+    added to ``fields`` (returned).
 
     The captured globals are looked up by name only when the preparation took
     a good part of the call (the advice may then name them): the lookup reads
@@ -879,8 +879,11 @@ def _payload_costs(job: MapJob, wall: float) -> dict[str, Any]:
         if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
             func = func.func
         captures = tuple(payload_cache.large_captures(func))
-    return {"payload_seconds": seconds, "payload_served": "" if served == "given" else served,
-            "payload_bytes": nbytes, "payload_captures": captures}
+    fields["payload_seconds"] = seconds
+    fields["payload_served"] = "" if served == "given" else served
+    fields["payload_bytes"] = nbytes
+    fields["payload_captures"] = captures
+    return fields
 
 
 def map_call(func: Callable, iterables: tuple, star: bool, workers: int | None, **kwargs: Any) -> MapCall:
@@ -1231,7 +1234,8 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     """
     cores = recent_cpus() if backend.name == "local" else None
     one_time = job.one_time.summary(cold)  # imports, loading, start: not the work (warmup.py)
-    assumes: dict[str, Any] = {
+    # (one dict, filled in place: the report takes it as keywords, with the payload's costs)
+    fields: dict[str, Any] = {
         "task_imports": one_time["task_imports"],
         "task_import_workers": one_time["task_import_workers"],
         "retried": job.retried,
@@ -1243,28 +1247,26 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     }
     if cores:
         if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
-            assumes["peak_busy"], assumes["over_cores_seconds"] = _busy_at_once(job.spans, cores)
+            fields["peak_busy"], fields["over_cores_seconds"] = _busy_at_once(job.spans, cores)
         # The libraries first: a function that uses none of them (looked up in a
         # cache) skips the cap's reads of the notebook's environment.
         used = tuple(sorted({m.partition(".")[0] for m in libs()} & _THREADED_LIBS))
         capped = _threads_capped(backend.workers, cores) if used else None
         if capped is not None:
-            assumes["capped_threads"], assumes["capped_libs"] = capped, used
-    return {
-        **assumes,
-        "cold_start": cold,
-        "cores": cores,
-        "bytes_sent": job.bytes_sent,
-        "bytes_back": job.bytes_back,
-        "bytes_shared": job.bytes_shared,
-        "cpu_seconds": job.cpu_seconds,
-        "runq_seconds": job.runq_seconds,
-        "slowest_task": job.slowest_task or None,
-        "slowest_where": job.slowest_where,
-        "insights": recorder.finish(workers) if recorder is not None else None,
-        "one_time": one_time,
-        "extra": {"error": True} if job.kind == "map" and job.failed else {},
-    }
+            fields["capped_threads"], fields["capped_libs"] = capped, used
+    fields["cold_start"] = cold
+    fields["cores"] = cores
+    fields["bytes_sent"] = job.bytes_sent
+    fields["bytes_back"] = job.bytes_back
+    fields["bytes_shared"] = job.bytes_shared
+    fields["cpu_seconds"] = job.cpu_seconds
+    fields["runq_seconds"] = job.runq_seconds
+    fields["slowest_task"] = job.slowest_task or None
+    fields["slowest_where"] = job.slowest_where
+    fields["insights"] = recorder.finish(workers) if recorder is not None else None
+    fields["one_time"] = one_time
+    fields["extra"] = {"error": True} if job.kind == "map" and job.failed else {}
+    return fields
 
 
 #: Libraries whose thread pools the workers' thread cap (worker_threads) limits.

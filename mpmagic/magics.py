@@ -19,6 +19,7 @@ import shlex
 import sys
 import threading
 import tokenize
+import types
 import unicodedata
 from collections.abc import Callable
 from typing import Any
@@ -84,6 +85,7 @@ class _Parser(argparse.ArgumentParser):
     def __init__(self, prog: str | None = None, intermixed: bool = False, api: str | None = None,
                  **kwargs: Any) -> None:
         super().__init__(prog, allow_abbrev=False, add_help=False, **kwargs)
+        self._no_options: tuple[int, dict[str, Any]] | None = None  # (options then, what no option gives: parse_args)
         # api: for a magic whose line IPython does not expand (@no_var_expand), the call that takes
         # a variable; a value written as ``$n`` or ``{n}`` gets a hint naming it (_unexpanded_hint).
         self.api = api
@@ -112,6 +114,17 @@ class _Parser(argparse.ArgumentParser):
         raise self.usage_error(message)
 
     def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        if args == [] and namespace is None and type(args) is list:
+            # A line without options (the common ``%pmap f, xs``): the defaults, parsed
+            # once (argparse took ~15 us a call); a fresh namespace each time, as the
+            # magics set attributes on it. (No option's default is mutable; an option
+            # added since makes it parse again.)
+            if self._no_options is None or self._no_options[0] != len(self._actions):
+                self._no_options = (len(self._actions), vars(self._parse([])))
+            return argparse.Namespace(**self._no_options[1])
+        return self._parse(args, namespace)
+
+    def _parse(self, args: Any, namespace: Any = None) -> argparse.Namespace:
         if self.intermixed:
             opts, extra = self.parse_known_intermixed_args(args, namespace)
         else:
@@ -351,6 +364,7 @@ def _check_scaling_line(parser: _Parser, build: Callable[[], _Parser], tokens: l
             f"{'them' if len(refused) > 1 else 'it'}")
 
 
+@functools.lru_cache(maxsize=256)  # (a warm %pmap line tokenized its text again each call)
 def _without_final_semicolon(text: str) -> tuple[str, bool]:
     """``text`` without a final ``;`` (IPython's "show no output"), and whether it had one.
 
@@ -432,51 +446,20 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     neither, as in IPython's ``%time``).
     """
     __tracebackhide__ = True
-    if not text:
-        raise parser.usage_error("missing FUNC and ITERABLE")
-    source = f"__mpmagic_args__({text}\n)"  # the newline lets a trailing # comment end the line
-    def unbalanced(bracket: str = ")") -> IPythonUsageError:
-        return parser.usage_error(f"the argument list is not balanced (a '{bracket}' ends it before the end of "
-                                  f"the line): {text!r}")
-
-    try:
-        tree = ast.parse(source, mode="eval")
-    except SyntaxError:
-        # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
-        # of the line happens to parse once the call's own ')' is added.
-        if (bracket := _closes_more_than_opened(text)) is not None:
-            raise unbalanced(bracket) from None
-        raise parser.usage_error(f"{text!r} is not an argument list like map()'s{_options_after(text, parser)}") \
-            from None
-    call = tree.body
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "__mpmagic_args__"):
-        # A stray ')' closed the argument list early and the rest of the line
-        # (``f, xs)[1].append(3``) was code around the call: refused before
-        # anything is evaluated, as map() would never run it.
-        raise unbalanced() from None
-    if not _MAP_TAKES_STRICT and any(k.arg is not None for k in call.keywords):
-        # (refused before anything is evaluated, as map() refuses it; ``**opts`` is seen once evaluated)
-        raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
-    if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
-        raise parser.usage_error("await in the arguments is not supported: await it in a line before "
-                                 "(items = await load()), then %pmap f, items")
-    # Named by content, not by a counter: linecache keeps every name for good
-    # (see cell.register_source), and a lambda written here keeps the same
-    # code, so the same payload key, call after call.
-    filename = f"<pmap-args-{source_digest(text)}>"
+    template, filename, collector = _args_code(text, parser)
+    # (registered each call: the lines a traceback through the arguments shows)
     linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
     # The notebook's namespace as globals and no separate locals, as a cell's
     # own line: a walrus in the arguments (``%pmap f, (xs := load())``) binds
     # ``xs`` in the notebook, as ``map(f, (xs := load()))`` does. The collector
     # is lent to it for the call.
-    # A name of its own per call (two threads may evaluate %pmap lines at once).
+    # A name of its own per call (two threads may evaluate %pmap lines at once):
+    # the compiled line's collector is renamed to it.
     name = f"__mpmagic_args_{next(_arg_names)}__"
+    names = template.co_names
+    at = names.index(collector)
+    code = template.replace(co_names=(*names[:at], name, *names[at + 1 :]))
     user_ns[name] = _collect_args
-    try:
-        code = compile(f"{name}({text}\n)", filename, "eval")
-    except SyntaxError as exc:  # what only compiling finds (a yield outside a function)
-        user_ns.pop(name, None)
-        raise parser.usage_error(f"{text!r}: {exc.msg}") from None
     try:
         if local_ns is not None and local_ns is not user_ns and _is_class_body(local_ns):
             # A class body's names are seen by the argument list itself, not
@@ -503,6 +486,67 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     finally:
         user_ns.pop(name, None)
     return _map_keywords(args, keywords, text, parser)
+
+
+#: Compiled argument lists by their text (:func:`_args_code`): a warm ``%pmap f, xs``
+#: parsed, checked and compiled its line again each call (~40 us of its ~0.25 ms).
+_args_codes: dict[str, tuple[types.CodeType, str, str]] = {}
+_ARGS_CODES_KEPT = 256
+
+
+def _args_code(text: str, parser: _Parser) -> tuple[types.CodeType, str, str]:
+    """``text`` checked and compiled as map()'s argument list passed to a collector,
+    the file name its lines go under, and the collector's name in the code (one
+    the line does not use); the usage error for a line that is not one. Cached
+    by the text: the same line compiles to the same code (a lambda in it keeps
+    the same payload key)."""
+    __tracebackhide__ = True
+    found = _args_codes.get(text)
+    if found is not None:
+        return found
+    if not text:
+        raise parser.usage_error("missing FUNC and ITERABLE")
+    collector = "__mpmagic_args__"
+    while collector in text:
+        collector += "_"
+    source = f"{collector}({text}\n)"  # the newline lets a trailing # comment end the line
+    def unbalanced(bracket: str = ")") -> IPythonUsageError:
+        return parser.usage_error(f"the argument list is not balanced (a '{bracket}' ends it before the end of "
+                                  f"the line): {text!r}")
+
+    try:
+        tree = ast.parse(source, mode="eval")
+    except SyntaxError:
+        # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
+        # of the line happens to parse once the call's own ')' is added.
+        if (bracket := _closes_more_than_opened(text)) is not None:
+            raise unbalanced(bracket) from None
+        raise parser.usage_error(f"{text!r} is not an argument list like map()'s{_options_after(text, parser)}") \
+            from None
+    call = tree.body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == collector):
+        # A stray ')' closed the argument list early and the rest of the line
+        # (``f, xs)[1].append(3``) was code around the call: refused before
+        # anything is evaluated, as map() would never run it.
+        raise unbalanced() from None
+    if not _MAP_TAKES_STRICT and any(k.arg is not None for k in call.keywords):
+        # (refused before anything is evaluated, as map() refuses it; ``**opts`` is seen once evaluated)
+        raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
+    if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
+        raise parser.usage_error("await in the arguments is not supported: await it in a line before "
+                                 "(items = await load()), then %pmap f, items")
+    # Named by content, not by a counter: linecache keeps every name for good
+    # (see cell.register_source), and a lambda written here keeps the same
+    # code, so the same payload key, call after call.
+    filename = f"<pmap-args-{source_digest(text)}>"
+    try:
+        code = compile(source, filename, "eval")
+    except SyntaxError as exc:  # what only compiling finds (a yield outside a function)
+        raise parser.usage_error(f"{text!r}: {exc.msg}") from None
+    if len(_args_codes) >= _ARGS_CODES_KEPT:
+        _args_codes.clear()
+    _args_codes[text] = found = code, filename, collector
+    return found
 
 
 #: Whether this Python's map() takes ``strict=`` (3.14 and later), as %pmap's argument list then does.
@@ -1174,13 +1218,20 @@ def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
                                  f"a rank runs plain Python: {instead}")
 
 
+#: What a Report shows itself as (``_repr_pretty_``, ``_repr_html_``).
+_REPORT_FORMATS = ("text/plain", "text/html")
+
+
 def _show_report(opts: argparse.Namespace, report: api.Report | None, before: api.Report | None) -> None:
     """This run's report (never an older one); with -q, which hides the timing
     report, only what --insights recorded (its table and timeline), as asked."""
     if report is None or report is before:
         return
     if not opts.quiet:
-        display(report)
+        # (the two formats a Report has: IPython's other ten formatters each looked it up in vain;
+        # both formats read the line and the advice, worked out once)
+        with report.shown_once():
+            display(report, include=_REPORT_FORMATS)
     elif report.insights is not None:
         display(report.insights)
 

@@ -10,7 +10,9 @@ measured it: Linux), and the line says so.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .fmt import fmt_seconds, imports_text
@@ -112,6 +114,23 @@ class Report:
     payload_captures: tuple[tuple[str, int, str], ...] = ()
     # The call that made it when not ``kind`` (``imap``: a map, named so in its lines)
     caller: str = ""
+
+    @classmethod
+    def of(cls, given: dict[str, Any]) -> Report:
+        """``Report(**given)``, for the report every run makes: the ~60 fields go into
+        the new report at once, where the generated ``__init__`` matched each keyword
+        to its parameter and stored each in turn (~200 bytecodes a ``pmap``). A field
+        left out takes its default; a missing required field or an unknown name is
+        refused with the TypeError ``__init__`` raises."""
+        missing = _REQUIRED - given.keys()
+        unknown = given.keys() - _FIELD_NAMES
+        if missing or unknown:
+            return cls(**given)  # (its error, in its words)
+        report = cls.__new__(cls)
+        # (simple defaults are class attributes; each default_factory makes a new value)
+        report.__dict__.update({name: make() for name, make in _FACTORIES if name not in given})
+        report.__dict__.update(given)
+        return report
 
     @property
     def name(self) -> str:
@@ -302,6 +321,14 @@ class Report:
 
     def line(self) -> str:
         """The one-line summary printed after a run (the failure line for a run that raised)."""
+        memo = self.__dict__.get("_shown")
+        if memo is None:
+            return self._line()
+        if "line" not in memo:
+            memo["line"] = self._line()
+        return memo["line"]
+
+    def _line(self) -> str:
         if self.failed_run:
             return self.failed_line()
         failed = self._failed_text()
@@ -363,11 +390,30 @@ class Report:
     @property
     def advice(self) -> str | None:
         """One line on why parallel did not pay and what to try; None for a good run."""
+        memo = self.__dict__.get("_shown")
+        if memo is not None and "advice" in memo:
+            return memo["advice"]
         if not self.advice_enabled or not _setting("advice", True):
-            return None
-        from .advice import advise
+            tip = None
+        else:
+            from .advice import advise
 
-        return advise(self)
+            tip = advise(self)
+        if memo is not None:
+            memo["advice"] = tip
+        return tip
+
+    @contextmanager
+    def shown_once(self) -> Iterator[Report]:
+        """While it lasts, the line and the advice are each worked out once: a display
+        asks for the text and the HTML, and both read both (the advice reasons over
+        ~30 properties: about a third of a shown report's making). For a report
+        nothing changes meanwhile (the one a magic shows, once its run ended)."""
+        self.__dict__["_shown"] = {}
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_shown", None)
 
     def text(self) -> str:
         """The line, plus the advice line when the run did not pay off."""
@@ -456,6 +502,12 @@ def _names(names: tuple[str, ...]) -> str:
     """``numpy, pandas`` (three at most, then ``2 more``), as the advice names imports."""
     return imports_text(dict.fromkeys(names))
 
+
+# What Report.of checks and fills: every field's name, those without a default, and the
+# fields whose default is made per report (a class attribute holds every other default).
+_FIELD_NAMES = frozenset(f.name for f in fields(Report))
+_REQUIRED = frozenset(f.name for f in fields(Report) if f.default is MISSING and f.default_factory is MISSING)
+_FACTORIES = tuple((f.name, f.default_factory) for f in fields(Report) if f.default_factory is not MISSING)
 
 def _setting(name: str, default: Any) -> Any:
     """A display setting of ``%config MPMagic`` (how reports render, whether to advise)."""

@@ -902,9 +902,15 @@ class OneTimeCosts:
         """For the report: ``imports`` {"module[, module...]": seconds or None}, ``import_seconds``,
         ``load``, ``start`` (workers starting, when the pool was cold), ``total``
         (the most any worker paid); zeros when nothing was paid."""
+        started = 0.0
+        if not self.imports and not self.loads:  # (a warm run: no chunk paid any, so nothing was noted)
+            if cold and self.first_start is not None:
+                waited = self.first_start - self.run_start
+                started = waited if waited > 0.0 else 0.0
+            return {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": started, "total": started,
+                    "preloading": self.preloading, "task_imports": (), "task_import_workers": 0}
         workers = set(self.imports) | set(self.loads)
         total = max((self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in workers), default=0.0)
-        started = 0.0
         if cold and self.first_start is not None:
             # The first chunk began this long after the run did: the workers were starting.
             started = max(0.0, self.first_start - self.run_start - total)

@@ -1115,3 +1115,23 @@ def test_task_output_is_not_flushed_line_by_line(monkeypatch):
         jobs._print_stream("stdout" if i % 2 else "stderr", f"line {i}\n")
     assert _Counting.flushes <= 2 * 2
     assert sys.stdout.getvalue().count("\n") == 1000
+
+
+def test_a_runs_end_flag_is_an_event_on_a_reentrant_lock():
+    """A run's end flag (made at every submit) is a ``threading.Event`` whose condition
+    holds a reentrant lock, threading.Condition's default: on a plain lock, making the
+    condition raised and caught three AttributeErrors. It works as an Event across threads."""
+    from mpmagic import engine
+
+    ended = engine._Ended()
+    assert isinstance(ended, threading.Event) and not ended.is_set()
+    assert type(ended._cond._lock) is type(threading.RLock())
+    assert ended.wait(0.01) is False
+    setter = threading.Timer(0.05, ended.set)
+    setter.start()
+    assert ended.wait(5.0) is True and ended.is_set()
+    setter.join()
+    ended.set()  # (twice: nothing more)
+    assert ended.wait() is True
+    run = engine.Run(MapJob(abs, [1], 1, False, 1, func_payload=b"x"))
+    assert type(run._ended) is engine._Ended

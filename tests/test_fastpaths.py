@@ -14,6 +14,7 @@ No timing here: speed is measured in benchmarks/bench_core.py.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -218,6 +219,40 @@ def test_cached_payload_sees_every_kind_of_change(ip, local_pool):
     run(ip, "h = make(7)")
     assert run(ip, "%pmap -q h, [0]") == [8]
 
+
+def test_a_warm_payload_takes_the_cache_lock_once_and_becomes_the_most_recent(monkeypatch):
+    """A warm call's payload (nothing it captures changed) is served under one trip
+    to the cache's lock, and its entry is the most recently used after it."""
+    def first(x):
+        return x + 1
+
+    def second(x):
+        return x + 2
+
+    key, data = payload_cache.function_payload(first)
+    payload_cache.function_payload(second)
+    trips = []
+    real = payload_cache._lock
+
+    class Counting:
+        def __enter__(self):
+            trips.append(1)
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    monkeypatch.setattr(payload_cache, "_lock", Counting())
+    frames = []
+    sys.setprofile(lambda frame, event, arg: event == "call" and frames.append(frame.f_code.co_name))
+    try:
+        assert payload_cache.function_payload(first) == (key, data)
+    finally:
+        sys.setprofile(None)
+    assert payload_cache.last_served() == ("fast", 0)
+    assert len(trips) == 1
+    assert "<genexpr>" not in frames  # (the captured objects are compared in C, not a frame each)
+    assert next(reversed(payload_cache._entries)) == (id(first), False)
 
 def test_lazy_input_is_consumed_while_results_come_back(ip, local_pool):
     # Each item records when the notebook pulled it; each result when a worker ran it.

@@ -4,6 +4,7 @@ whichever way an option is spelled; ``--help`` / ``-h`` show the magic's help.""
 from __future__ import annotations
 
 import pytest
+from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
 from mpmagic import api
@@ -122,3 +123,85 @@ def test_pmap_takes_maps_keywords_as_this_pythons_map_does(ip, pool2, monkeypatc
     assert isinstance(err, ValueError) and "shorter" in str(err)
     err, _, _ = error_of(ip, "%pmap -q pow, xs, ys, fast=True")
     assert "map() got an unexpected keyword argument 'fast'" in str(err)
+
+
+def test_a_repeated_pmap_line_is_parsed_and_compiled_once_and_evaluated_each_time(monkeypatch):
+    """A warm ``%pmap f, xs`` parsed, checked and compiled its line again each call:
+    now once per text; each call still evaluates it (a changed name is seen), under a
+    name of its own, and a line naming the collector's own name keeps its meaning."""
+    import ast
+
+    from mpmagic import magics
+
+    parses = []
+    real_parse = ast.parse
+    monkeypatch.setattr(magics.ast, "parse", lambda *a, **k: parses.append(a) or real_parse(*a, **k))
+    parser = magics._pmap_parser()
+    ns = {"xs": [1, 2], "__mpmagic_args__": 7}
+    line = "abs, xs  # a note"
+    assert magics._eval_map_args(line, ns, parser) == (abs, [1, 2])
+    ns["xs"] = [3]
+    assert magics._eval_map_args(line, ns, parser) == (abs, [3])
+    assert len(parses) == 1
+    assert set(ns) - {"__builtins__"} == {"xs", "__mpmagic_args__"}  # (the lent collector is taken back)
+    assert magics._eval_map_args("abs, [__mpmagic_args__]", ns, parser) == (abs, [7])
+    with pytest.raises(IPythonUsageError, match="not an argument list"):
+        magics._eval_map_args("abs, [", ns, parser)
+    with pytest.raises(IPythonUsageError, match="not an argument list"):  # (errors are never cached)
+        magics._eval_map_args("abs, [", ns, parser)
+
+
+def test_a_line_without_options_gets_fresh_defaults_without_argparse(monkeypatch):
+    """``%pmap f, xs`` (no option) parsed its empty option list with argparse each call."""
+    from mpmagic import magics
+
+    parser = magics._pmap_parser()
+    first = parser.parse_args([])
+    first.star = True  # (the magic sets attributes on its namespace)
+    monkeypatch.setattr(parser, "parse_known_args", lambda *a, **k: pytest.fail("parsed again"))
+    second = parser.parse_args([])
+    assert second is not first and second.star is False and second.errors == "raise" and second.workers is None
+
+
+def test_the_report_is_formatted_only_as_text_and_html(monkeypatch):
+    """The report's display asks IPython for the two formats a Report has: the other
+    ten formatters each looked it up in vain (~30 us a %pmap)."""
+    import argparse
+
+    from mpmagic import magics
+
+    shown = []
+    monkeypatch.setattr(magics, "display", lambda obj, **kw: shown.append((obj, kw)))
+    report = api.Report(kind="pmap", items=2, workers=2, backend="local", start_method="fork", wall=0.001,
+                        task_seconds=0.0)
+    magics._show_report(argparse.Namespace(quiet=False), report, None)
+    assert shown == [(report, {"include": ("text/plain", "text/html")})]
+    formats = type(report).__dict__
+    assert {"_repr_pretty_", "_repr_html_"} <= set(formats)
+    assert not [m for m in formats if m.startswith("_repr_") and m not in ("_repr_pretty_", "_repr_html_")]
+
+
+def test_a_shown_report_works_out_its_advice_and_line_once(ip, monkeypatch):
+    """Its text and its HTML each read the line and the advice: worked out once a display."""
+    import argparse
+
+    from mpmagic import advice, magics
+    from mpmagic.report import Report
+
+    tips = []
+    real = advice.advise
+    monkeypatch.setattr(advice, "advise", lambda report: tips.append(1) or real(report))
+    report = api.Report(kind="pmap", items=2, workers=2, backend="local", start_method="fork", wall=0.001,
+                        task_seconds=0.000002, cores=2)
+    lines = []
+    real_line = Report._line
+    monkeypatch.setattr(Report, "_line", lambda self: lines.append(1) or real_line(self))
+    with capture_output() as cap:
+        magics._show_report(argparse.Namespace(quiet=False), report, None)
+    (shown,) = cap.outputs
+    assert set(shown.data) == {"text/plain", "text/html"}
+    assert "advice: " in shown.data["text/plain"] and "advice: " in shown.data["text/html"]
+    assert len(tips) == 1 and len(lines) == 1
+    assert "_shown" not in vars(report)  # (afterwards, each asks again: the report may change)
+    report.line(), report.line()
+    assert len(lines) == 3

@@ -7,6 +7,7 @@ formatter and --compare's equality.
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 
 import numpy as np
@@ -529,3 +530,33 @@ def test_a_first_calls_line_times_the_whole_call_workers_starting_included(monke
         stopwatch = time.perf_counter() - t0
         report = mpmagic.last_report()
         assert stopwatch - 0.005 <= report.wall <= stopwatch, (report.wall, stopwatch)
+
+
+def test_a_reports_measured_fields_and_payload_costs_fill_one_dict():
+    """The report's keyword fields are built in one dict (the payload's costs added
+    to the measured ones), not in three merged into a fourth per call."""
+    from types import SimpleNamespace
+
+    from mpmagic import api
+
+    job = SimpleNamespace(payload_served=("fast", 0), payload_seconds=0.0001, func=abs)
+    fields = {"cores": 2}
+    assert api._payload_costs(job, 0.001, fields) is fields
+    assert fields == {"cores": 2, "payload_seconds": 0.0001, "payload_served": "fast", "payload_bytes": 0,
+                      "payload_captures": ()}
+
+
+def test_report_of_is_report_with_those_fields_and_refuses_as_it_does():
+    """``Report.of`` (every run's report, without matching ~60 keywords) makes the
+    report ``Report(**fields)`` makes, and refuses what it refuses."""
+    fields = {"kind": "pmap", "items": 2, "workers": 2, "backend": "local", "start_method": "forkserver",
+              "wall": 0.002, "task_seconds": 0.001, "cores": 2, "failed_at": None}
+    made = Report.of(dict(fields))
+    assert made == Report(**fields) and made.line() == Report(**fields).line()
+    assert made.extra == {} and made.extra is not Report.of(dict(fields)).extra  # (a dict of its own each)
+    assert made.chunks == 0 and made.advice_enabled
+    for wrong in ({k: v for k, v in fields.items() if k != "wall"}, {**fields, "walls": 1.0}):
+        with pytest.raises(TypeError) as expected:
+            Report(**wrong)
+        with pytest.raises(TypeError, match=re.escape(str(expected.value))):
+            Report.of(wrong)

@@ -229,6 +229,21 @@ def test_each_module_is_named_once_in_the_one_time_imports():
     assert s["task_imports"] == ("dateutil", "pandas", "numpy")  # (still each worker's task-time imports)
 
 
+def test_a_run_that_paid_nothing_once_sums_up_without_walking_its_records(monkeypatch):
+    """Every warm run's report asks for this summary: with nothing noted it is the
+    zeros (and the cold start) at once, not a walk of empty records (three max()es)."""
+    costs = warmup.OneTimeCosts()
+    costs.note({"worker": 0, "start": costs.run_start + 0.25})  # (a chunk's reply without "once")
+    monkeypatch.setattr(warmup, "max", lambda *a, **k: pytest.fail("walked"), raising=False)
+    assert costs.summary(cold=False) == {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0,
+                                         "total": 0.0, "preloading": False, "task_imports": (),
+                                         "task_import_workers": 0}
+    cold = costs.summary(cold=True)
+    assert cold["start"] == cold["total"] == pytest.approx(0.25)
+    monkeypatch.undo()
+    costs.note({"worker": 1, "start": costs.run_start + 0.3, "once": {"imports": [], "load": 0.05}})
+    assert costs.summary(cold=True)["total"] == pytest.approx(0.25)  # (0.05 loading, 0.2 starting)
+
 def test_the_import_log_notices_new_modules_only():
     log = warmup.ImportLog()
     mark = log.mark()
