@@ -851,7 +851,8 @@ class MapJob:
             unit.lease.release()
         if self._progress:
             self._progress(unit.count)
-        self._settle()
+        if self._errors:  # (_settle has nothing to decide without one)
+            self._settle()
 
     def _fail(self, index: int, exc: BaseException) -> None:
         """Item ``index`` failed: keep its error; raise the first one in input order."""
