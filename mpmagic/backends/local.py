@@ -474,7 +474,8 @@ class LocalBackend:
         self._selector_slots: tuple | None = None
         self._held: list[_Slot] | None = None  # workers with units queued while _assign runs
         # The workers this step sent their setup and warm imports (before its hand-out):
-        # a unit for one of them needs no second look (_send_unit).
+        # a unit for one of them needs no second look (_send_unit). Empty outside the
+        # hand-out: a retired worker's slot must not be kept (its Process holds its pipe's fds).
         self._readied: tuple = ()
         self._startup_failures = 0
         self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
@@ -1260,11 +1261,14 @@ class LocalBackend:
             self._check_runs()
             version = worker_setup.version()
             readied = self._readied = tuple(self.slots)
-            for slot in readied:  # worker setup (new workers, or a new %%pool setup), then warm imports
-                if slot.setup_sent != version:
-                    self._send_setup(slot)
-                self._send_imports(slot)
-            self._assign()
+            try:
+                for slot in readied:  # worker setup (new workers, or a new %%pool setup), then warm imports
+                    if slot.setup_sent != version:
+                        self._send_setup(slot)
+                    self._send_imports(slot)
+                self._assign()
+            finally:
+                self._readied = ()  # (not kept past the hand-out: a slot replaced later keeps its pipes open)
             self._replace_broken()  # never a run waiting for a worker that cannot be sent to
             self._check_runs()
             shm_names = shm.take_unmapped()
