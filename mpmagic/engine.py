@@ -21,8 +21,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from .jobs import flush_stdio
@@ -289,26 +288,39 @@ class DrivenRun(Run):
         return False  # its driver stops it: the interrupt raised in ``wait`` cancelled its futures
 
 
-@contextmanager
-def sigint_deferred() -> Iterator[None]:
-    """Cleanup that a second Ctrl-C must not cut short: defer SIGINT meanwhile."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    hits: list[int] = []
-    # ``_signal``, not ``signal``: the same calls without the wrapper's enum
-    # conversions (~8 us a pair; every run's submit takes this guard).
-    if _signal.getsignal(signal.SIGINT) is None:  # a handler installed from C: it could not be put back
-        yield
-        return
-    try:
-        old = _signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
-    except ValueError:
-        yield
-        return
-    try:
-        yield
-    finally:
+class sigint_deferred:
+    """Cleanup that a second Ctrl-C must not cut short: defer SIGINT meanwhile.
+
+    ``with sigint_deferred():`` a SIGINT that comes in the body is noted and
+    delivered (to the handler that was in place) once the body is over. A
+    no-op outside the main thread, or under a handler installed from C (it
+    could not be put back). A class, not a generator: every run's submit takes
+    this guard, and the generator's machinery cost more than the two calls.
+    """
+
+    __slots__ = ("_old", "_hits")
+
+    def __enter__(self) -> None:
+        self._hits: list[int] | None = None
+        if threading.get_ident() != threading.main_thread().ident:
+            return
+        # ``_signal``, not ``signal``: the same calls without the wrapper's enum
+        # conversions (~8 us a pair).
+        if _signal.getsignal(signal.SIGINT) is None:  # a handler installed from C: it could not be put back
+            return
+        hits: list[int] = []
+        try:
+            self._old = _signal.signal(signal.SIGINT, lambda s, f: hits.append(s))
+        except ValueError:
+            return
+        self._hits = hits
+
+    def __exit__(self, *exc: object) -> None:
+        hits = self._hits
+        if hits is None:
+            return
+        self._hits = None
+        old = self._old
         _signal.signal(signal.SIGINT, old)
         if hits and callable(old):
             old(signal.SIGINT, None)

@@ -564,8 +564,8 @@ class MapJob:
     def has_work(self) -> bool:
         if self.failure is not None:
             return False
-        first = self._first_error()
-        if first is not None:  # after an error only earlier items still go out
+        if self._errors:  # after an error only earlier items still go out
+            first = min(self._errors)
             return any(u.start < first for u in self._requeued)
         if self._requeued:
             return True
@@ -584,8 +584,8 @@ class MapJob:
     def next_unit(self) -> Unit | None:
         if self.failure is not None:
             return None
-        first = self._first_error()
-        if first is not None:
+        if self._errors:
+            first = min(self._errors)
             for unit in self._requeued:
                 if unit.start < first:
                     self._requeued.remove(unit)
@@ -617,9 +617,15 @@ class MapJob:
                     self.exhausted = True
             if not items:
                 return None
-            lease = shm.Lease() if self.shared_memory else None
+            # Plain numbers, strings... (the common chunk): pickled as they are, with no
+            # lease (an atom never travels in shared memory) and no helper to keep.
+            lease = None
+            data = payload.dumps_atoms(items)
+            if data is None:
+                lease = shm.Lease() if self.shared_memory else None
             try:
-                data = self._pack(items, lease)
+                if data is None:
+                    data = self._pack(items, lease)
             except _UnsendableItem as bad:  # the items before it still go: one of them may fail first
                 if lease is not None:
                     lease.release()
@@ -845,7 +851,8 @@ class MapJob:
             unit.lease.release()
         if self._progress:
             self._progress(unit.count)
-        self._settle()
+        if self._errors:  # (_settle has nothing to decide without one)
+            self._settle()
 
     def _fail(self, index: int, exc: BaseException) -> None:
         """Item ``index`` failed: keep its error; raise the first one in input order."""
@@ -856,9 +863,9 @@ class MapJob:
 
     def _settle(self) -> None:
         """Decide the run's error once no item before the first failing one is still out."""
-        first = self._first_error()
-        if first is None or self.failure is not None:
+        if not self._errors or self.failure is not None:  # (the usual: no error)
             return
+        first = min(self._errors)
         if any(u.start < first for u in self.outstanding.values()) or any(u.start < first for u in self._requeued):
             return
         self.failure = self._errors[first]

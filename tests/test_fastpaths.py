@@ -508,3 +508,23 @@ def test_large_bytes_and_str_items_skip_the_notebook_code_scan(monkeypatch):
         payload.dumps_data([*items, odd])
         assert by_value and by_value.pop()[-1] is odd
     assert payload.loads(payload.dumps_data([b"_main__"])) == [b"_main__"] and by_value  # small: scanned as before
+
+
+def test_a_chunk_of_atoms_is_pickled_as_dumps_data_would_with_no_lease():
+    """A chunk of numbers, strings, bytes (a list, tuple or range) is pickled as it
+    is, the very bytes ``dumps_data`` makes, with no shared-memory lease and no
+    helper kept (it can hold neither); anything else, or a str naming
+    ``__main__``, goes the general way."""
+    from mpmagic import jobs, payload
+
+    for items in ([1, 2.5, "x", b"y", None, True, bytearray(b"z")], (1, 2), range(3, 90, 4), []):
+        assert payload.dumps_atoms(items) == payload.dumps_data(items)
+    assert payload.dumps_atoms([1, [2]]) is None and payload.dumps_atoms({1}) is None
+    assert payload.dumps_atoms(["__main__"]) is None
+
+    for items, lent in (([-1, 2], False), ([[-1], [2]], True)):
+        job = jobs.MapJob(len, items, 2, False, 2, shared_memory=True)
+        unit = job.next_unit()
+        assert unit is not None and (unit.lease is not None) is lent
+        assert payload.loads(unit.data) == items[: unit.count]
+        job.release_shared()

@@ -320,3 +320,34 @@ def test_a_step_sends_small_units_together_and_a_big_one_at_once():
         slot.close()
         reader.close()
         backend.stop()
+
+
+def test_small_messages_go_joined_and_a_cut_one_goes_on_where_it_stopped():
+    """A small message is queued as one bytes object, its header joined to it (one
+    ``send`` per step, no buffer list); ``queue`` says each message's length. A full
+    pipe cuts such messages anywhere: what is left goes on, whole and in order,
+    between bigger ones sent in parts."""
+    ours, theirs = _pair()
+    sender = Sender(ours)
+    try:
+        small = [os.urandom(n) for n in (0, 1, 100, 4096)] * 600  # ~2.5 MB: more than the socket takes
+        parts = (b"head", os.urandom(70_000))
+        assert [sender.queue(m) for m in small[:4]] == [0, 1, 100, 4096]
+        assert sender.queue(parts) == 70_004 and sender.pending
+        for m in small[4:]:
+            sender.send(m)
+        assert sender.pending  # nobody reads yet
+        got: list[bytes] = []
+        count = len(small) + 1
+        reader = threading.Thread(target=lambda: got.extend(theirs.recv_bytes() for _ in range(count)))
+        reader.start()
+        deadline = time.monotonic() + 30
+        while sender.pending and time.monotonic() < deadline:
+            sender.flush()
+            time.sleep(0.001)
+        reader.join(30)
+        assert got == [*small[:4], b"".join(parts), *small[4:]]
+    finally:
+        sender.close()
+        ours.close()
+        theirs.close()

@@ -75,7 +75,6 @@ from ..protocol import (
     pack_parts,
     unpack,
 )
-from . import pipes
 from .base import Job
 from .pipes import Receiver, Sender
 
@@ -473,6 +472,10 @@ class LocalBackend:
         self._selector: selectors.BaseSelector | None = None  # the manager's (see _selector_for_slots)
         self._selector_slots: tuple | None = None
         self._held: list[_Slot] | None = None  # workers with units queued while _assign runs
+        # The workers this step sent their setup and warm imports (before its hand-out):
+        # a unit for one of them needs no second look (_send_unit). Empty outside the
+        # hand-out: a retired worker's slot must not be kept (its Process holds its pipe's fds).
+        self._readied: tuple = ()
         self._startup_failures = 0
         self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
@@ -1114,17 +1117,25 @@ class LocalBackend:
         slots = tuple(self.slots)
         if self._selector is None or self._selector_slots != slots:
             return True
-        if job.kind == "map" and all(s.inflight or s.broken for s in slots):
-            return False
+        if job.kind == "map":
+            for s in slots:
+                if not (s.inflight or s.broken):
+                    break
+            else:
+                return False
         with sigint_deferred():
             self._step()
         if self._selector_slots != tuple(self.slots):
             return True  # new or gone workers: its selector must change
-        if any(s.sender.pending or s.deadline is not None or s.setup_deadline is not None for s in self.slots):
-            return True  # a send waits for room, or a timeout to watch
+        for s in self.slots:
+            if s.sender.pending or s.deadline is not None or s.setup_deadline is not None:
+                return True  # a send waits for room, or a timeout to watch
         if job.input_wait() is not None:
             return True  # a lazy input's read asked: the manager looks at it while it goes on (_take_reading)
-        return any(r.grace_deadline is not None or r.job.abort_at is not None for r in self._runs)
+        for r in self._runs:
+            if r.grace_deadline is not None or r.job.abort_at is not None:
+                return True
+        return False
 
     def run(self, job: Job, workers: int | None = None) -> None:
         """Submit ``job`` and wait for it here (Ctrl-C cancels it); raise what stopped it."""
@@ -1247,10 +1258,16 @@ class LocalBackend:
         try:
             self._check_restarts()
             self._check_runs()
-            for slot in self.slots:  # worker setup (new workers, or a new %%pool setup), then warm imports
-                self._send_setup(slot)
-                self._send_imports(slot)
-            self._assign()
+            version = worker_setup.version()
+            readied = self._readied = tuple(self.slots)
+            try:
+                for slot in readied:  # worker setup (new workers, or a new %%pool setup), then warm imports
+                    if slot.setup_sent != version:
+                        self._send_setup(slot)
+                    self._send_imports(slot)
+                self._assign()
+            finally:
+                self._readied = ()  # (not kept past the hand-out: a slot replaced later keeps its pipes open)
             self._replace_broken()  # never a run waiting for a worker that cannot be sent to
             self._check_runs()
             shm_names = shm.take_unmapped()
@@ -1262,19 +1279,34 @@ class LocalBackend:
                 self._end(run, exc)
 
     def _next_timeout(self) -> float | None:
-        times = [s.deadline for s in self.slots if s.deadline is not None]
-        times += [s.setup_deadline for s in self.slots if s.setup_deadline is not None]
-        times += [r.grace_deadline for r in self._runs if r.grace_deadline is not None]
-        times += [r.job.abort_at for r in self._runs if r.job.abort_at is not None]
-        if any(not s.inflight for s in self.slots):  # an idle worker: items of a slow input's read may go to it
-            now = time.monotonic()
-            times += [now + w for r in self._runs if (w := r.job.input_wait()) is not None]
-        if not times:
+        # (One pass and no lists: it runs after every step, the usual answer None.)
+        first: float | None = None
+        idle = False
+        for s in self.slots:
+            for t in (s.deadline, s.setup_deadline):
+                if t is not None and (first is None or t < first):
+                    first = t
+            if not s.inflight:
+                idle = True
+        now = None
+        for r in self._runs:
+            job = r.job
+            for t in (r.grace_deadline, job.abort_at):
+                if t is not None and (first is None or t < first):
+                    first = t
+            if idle:  # an idle worker: items of a slow input's read may go to it
+                w = job.input_wait()
+                if w is not None:
+                    if now is None:
+                        now = time.monotonic()
+                    if first is None or now + w < first:
+                        first = now + w
+        if first is None:
             return None
         # At most an hour: the loop looks again then. ``select`` refuses a wait
         # of more than ~24.8 days (a --timeout of inf or 1e7), and the manager
         # died of it (OverflowError) with the run waiting for ever.
-        return min(_MAX_WAIT, max(0.0, min(times) - time.monotonic()))
+        return min(_MAX_WAIT, max(0.0, first - time.monotonic()))
 
     def _selector_for_slots(self) -> selectors.BaseSelector:
         """An epoll selector on the wakeup pipe and every worker's pipe and sentinel,
@@ -1301,11 +1333,13 @@ class LocalBackend:
 
     def _pump(self, ready: list) -> None:
         """Handle whatever the workers said (``(slot, True)``), and their deaths (``(slot, False)``)."""
-        if any(what is None for what, _ in ready):
-            try:
-                os.read(self._wake_r, 4096)  # the wakeup pipe: emptied (the step looks at everything)
-            except (BlockingIOError, OSError):
-                pass  # drained already
+        for what, _ in ready:
+            if what is None:
+                try:
+                    os.read(self._wake_r, 4096)  # the wakeup pipe: emptied (the step looks at everything)
+                except (BlockingIOError, OSError):
+                    pass  # drained already
+                break
         dead = []
         for what, events in ready:
             if what is None or what[0] not in self.slots:
@@ -1329,10 +1363,12 @@ class LocalBackend:
         self._check_deadlines()
 
     def _holding(self, run: _LocalRun) -> list[_Slot]:
-        return [s for s in self.slots if any(r is run for r, _ in s.inflight)]
+        return [s for s in self.slots if s.inflight and any(r is run for r, _ in s.inflight)]
 
     def _check_runs(self) -> None:
         """End runs that finished, failed (after a grace for their later chunks) or were cancelled."""
+        if not self._runs:
+            return
         now = time.monotonic()
         for run in list(self._runs):
             if run.cancel_requested:
@@ -1454,25 +1490,39 @@ class LocalBackend:
         if self._held is None:
             slot.send(data)
             return
-        slot.sender.queue(data)
-        if pipes.size(data) > _HOLD_MAX:
+        if slot.sender.queue(data) > _HOLD_MAX:
             slot.sender.flush()  # a big chunk goes now: packing the next one takes longer than a wake-up
         elif slot not in self._held:
             self._held.append(slot)
 
     def _assign_units(self) -> None:
-        runs = [r for r in self._runs if not r.cancel_requested and r.job.has_work]
-        if not runs:
-            return
-        for run in [r for r in runs if r.job.kind == "cell"]:
+        # (Every step runs this, and a warm 2-item map's submit takes one: plain
+        # loops, not a list per kind and a sort per level.)
+        maps: list[_LocalRun] = []
+        cells: list[_LocalRun] = []
+        for r in self._runs:
+            if not r.cancel_requested and r.job.has_work:
+                if r.job.kind == "map":
+                    maps.append(r)
+                elif r.job.kind == "cell":
+                    cells.append(r)
+        for run in cells:
             self._assign_ranks(run)
-        maps = [r for r in runs if r.job.kind == "map"]
         if not maps:
             return
         pool = [s for s in self.slots if not s.temporary and not s.retiring]
+        saturable = bool(self.max_tasks_per_child)  # (else only over_memory saturates a worker: _saturated)
         for level in range(2):
-            for slot in sorted(pool, key=lambda s: len(s.inflight)):
-                if len(slot.inflight) != level or self._saturated(slot) or slot.broken:
+            if level:
+                for r in maps:
+                    if r.job.has_work:
+                        break
+                else:
+                    return  # (what level 0 left: nothing to pipeline)
+            # The least loaded first: only workers with ``level`` units take one,
+            # each one at most, so going through them in pool order is that order.
+            for slot in pool:
+                if len(slot.inflight) != level or slot.broken or slot.over_memory or (saturable and self._saturated(slot)):
                     continue
                 # A run may find its input just ran out (an iterator of exactly
                 # N chunks): then the next run in turn gets this worker.
@@ -1570,8 +1620,9 @@ class LocalBackend:
         if slot.broken:  # (replaced during this hand-out: see _Slot.close)
             job.requeue(unit)
             return
-        self._send_setup(slot)  # worker setup first (a worker started since the last _step)
-        self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
+        if slot not in self._readied:  # (the step's own look covered the others, just before)
+            self._send_setup(slot)  # worker setup first (a worker started since the last _step)
+            self._send_imports(slot)  # warm: a worker spawned just now gets the modules before the unit
         if len(slot.known) > _KNOWN_MAX:  # bounded: forgetting only costs sending one again
             slot.known.clear()
         # Built first, written after: an error building them (the notebook's,
@@ -1584,12 +1635,15 @@ class LocalBackend:
             ctx = context.current(job.call_id)
             messages: list[bytes | tuple[bytes, ...]] = []
             keys = []
-            if context.key(ctx) not in slot.known:
+            known = slot.known
+            ctx_key = context.key(ctx)
+            if ctx_key not in known:
                 messages.append(pack(ctx))
-                keys.append(context.key(ctx))
-            if job.func_key is not None and job.func_key not in slot.known:
-                messages.append(pack(Func(job.func_key, job.func_payload)))
-                keys.append(job.func_key)
+                keys.append(ctx_key)
+            func_key = job.func_key
+            if func_key is not None and func_key not in known:
+                messages.append(pack(Func(func_key, job.func_payload)))
+                keys.append(func_key)
             messages.append(pack_parts(job.message(unit)))  # (a chunk's large items: uncopied)
         except Exception as exc:
             job.requeue(unit)
@@ -1605,7 +1659,8 @@ class LocalBackend:
             job.requeue(unit)
             self._send_failed(slot)
             return
-        slot.known.update(keys)
+        if keys:
+            slot.known.update(keys)
         self._send_failures = 0
         slot.inflight.append((run, unit))
         unit.sent_to, unit.sent_at = slot.wid, time.time()  # (--insights: a unit lost with its worker)
@@ -1706,7 +1761,8 @@ class LocalBackend:
         slot.deadline = None
         if slot.setups_ahead:  # one unit fewer before each setup still running
             slot.setups_ahead = deque(max(0, n - 1) for n in slot.setups_ahead)
-        _start_clock(slot)
+        if slot.inflight and slot.inflight[0][0].job.timeout:  # (_start_clock's own first look)
+            _start_clock(slot)
         if kind is Done or kind is Error:
             slot.tasks += unit.count
             self.tasks_run += unit.count
