@@ -621,6 +621,8 @@ def test_a_setup_is_the_workers_main_module_while_it_runs(ip):
     and `if __name__ == "__main__":` was skipped: as in the notebook, both work,
     and instances of its classes come back to the notebook."""
     ensure_pool("forkserver")
+    for name in ("CFG", "MODEL", "Config"):  # (an earlier file's notebook names would win: test_fidelity_worker's CFG)
+        ip.user_ns.pop(name, None)
     run(ip, "%%pool setup\nfrom dataclasses import dataclass\n@dataclass\nclass Config:\n    scale: int = 3\n"
             "CFG = Config()\nif __name__ == '__main__':\n    MODEL = 'loaded'\n")
     assert run(ip, "%pmap -q lambda x: (CFG.scale * x, MODEL), range(3)") == [(0, "loaded"), (3, "loaded"), (6, "loaded")]
