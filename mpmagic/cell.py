@@ -22,6 +22,7 @@ from typing import Any
 
 from . import astlock
 from .errors import cell_origin, remember_cell_origin
+from .worker_setup import use_set_globals_in
 
 
 def source_digest(text: str) -> str:
@@ -260,7 +261,7 @@ def run_cell_code(
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     for alias, modname in spec.modules.items():
         ns[alias] = importlib.import_module(modname)
-    ns.update(spec.names)
+    ns.update(use_set_globals_in(spec.names))  # (a worker setup's `global` values win, as for a mapped function)
     ns["rank"], ns["size"] = rank, size
     if spec.seed is not None:  # --seed (seeding.py)
         from .seeding import seed_rank

@@ -16,7 +16,9 @@ from __future__ import annotations
 import builtins
 import logging
 import pickle
+import sys
 import traceback
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +50,7 @@ class ExcRecord:
     context: ExcRecord | None = None
     suppress_context: bool = False
     children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
+    fields: dict[str, bytes] | None = None  # the C-level fields of a builtin base (errno, lineno, name...): see _c_fields
 
 
 class UnsentArgument:
@@ -112,6 +115,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
         text = f"{type(exc).__qualname__}: {_safe_str(exc)}\n"
     rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__))
     seen[id(exc)] = rec
+    rec.fields = _c_fields(exc)
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         rec.notes = [str(n) for n in notes]
@@ -145,6 +149,71 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
                 setattr(rec, link.strip("_"), other_rec)
     rec.suppress_context = bool(exc.__suppress_context__)
     return rec
+
+
+# Fields of builtin exception types kept in C (no __dict__, no __slots__) that neither pickle's
+# route (args, __dict__) nor _new_exception (no __init__) carries: OSError's errno, strerror and
+# filename, SyntaxError's msg, lineno and text, ImportError's name and path, AttributeError's name
+# and obj, NameError's name, UnicodeError's positions, StopIteration's value, SystemExit's code.
+_SKIP_FIELDS = frozenset({"__suppress_context__", "__dict__", "args", "__traceback__", "__context__", "__cause__",
+                          "message", "exceptions"})  # (BaseException's own, and a group's: rebuilt apart)
+_FIELDS_OF: dict[type, tuple[str, ...]] = {}
+# AttributeError.obj is the object the name was looked up on, which may be a big DataFrame: it
+# comes home only if it pickles to at most this many bytes (None otherwise, as when it cannot pickle).
+MAX_OBJ_BYTES = 1 << 20
+
+
+def _fields_of(cls: type) -> tuple[str, ...]:
+    """The C-level fields of the builtin exception classes in ``cls``'s MRO."""
+    names = _FIELDS_OF.get(cls)
+    if names is None:
+        found: dict[str, None] = {}
+        for base in cls.__mro__:
+            if base.__module__ == "builtins" and issubclass(base, BaseException):
+                for k, v in vars(base).items():
+                    if k not in _SKIP_FIELDS and isinstance(v, (types.MemberDescriptorType,
+                                                                 types.GetSetDescriptorType)):
+                        found[k] = None
+        names = _FIELDS_OF[cls] = tuple(found)
+    return names
+
+
+def _c_fields(exc: BaseException) -> dict[str, bytes] | None:
+    """The C-level fields of ``exc`` that are set, pickled one by one (one that does not pickle stays behind).
+
+    An ``OSError`` subclass whose ``__init__`` calls ``super().__init__(2, "gone")``
+    and sets ``self.filename`` came home with ``errno``, ``strerror`` and
+    ``filename`` None and ``str(e)`` ``"(2, 'gone')"``, and built-in
+    ``AttributeError.name`` was lost to pickle (migrate14): these are put back
+    in :func:`rebuild` whatever route the exception took.
+    """
+    out: dict[str, bytes] = {}
+    for k in _fields_of(type(exc)):
+        try:
+            value = getattr(exc, k)
+        except Exception:  # (BlockingIOError.characters_written when never set)
+            continue
+        if value is None:
+            continue
+        if k == "obj" and isinstance(exc, AttributeError) and not _small(value):
+            continue
+        try:
+            data = payload.dumps_data(value)
+        except Exception as why:
+            logger.debug("field %s of %s not sent: %s", k, type(exc).__qualname__, why)
+            continue
+        if k == "obj" and len(data) > MAX_OBJ_BYTES:
+            continue
+        out[k] = data
+    return out or None
+
+
+def _small(value: Any) -> bool:
+    """Could ``value`` pickle to at most MAX_OBJ_BYTES (judged before pickling it: an array's or frame's size)?"""
+    try:
+        return int(getattr(value, "nbytes", 0) or 0) <= MAX_OBJ_BYTES and sys.getsizeof(value) <= MAX_OBJ_BYTES
+    except Exception:
+        return False
 
 
 def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
@@ -194,6 +263,11 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
         exc = RemoteError(rec.type_name, rec.message)
     else:
         _keep_qualname(type(exc), rec.type_name)
+        for k, v in (rec.fields or {}).items():
+            try:
+                _restore(exc, k, payload.loads(v), rec)
+            except Exception as why:  # (a field's value that does not load here)
+                logger.debug("field %s of %s not restored: %s", k, rec.type_name, why)
     memo[id(rec)] = exc
     if rec.notes is not None:
         _restore(exc, "__notes__", list(rec.notes), rec)

@@ -581,7 +581,9 @@ class MapJob:
     def drop_orphans(self, live: set[int]) -> None:
         """Nothing to drop: no unit of a map is pinned to a worker."""
 
-    def next_unit(self) -> Unit | None:
+    def next_unit(self, limit: int | None = None) -> Unit | None:
+        """The next chunk to send, or None; at most ``limit`` items if given (what
+        the worker it goes to may still run under ``max_tasks_per_child``)."""
         if self.failure is not None:
             return None
         if self._errors:
@@ -589,15 +591,18 @@ class MapJob:
             for unit in self._requeued:
                 if unit.start < first:
                     self._requeued.remove(unit)
+                    unit = self._at_most(unit, limit)
                     self.outstanding[unit.id] = unit
                     return unit
             return None
         if self._requeued:
-            unit = self._requeued.popleft()
+            unit = self._at_most(self._requeued.popleft(), limit)
         else:
             if self.exhausted:
                 return None
             size = self.planner.next_size()
+            if limit is not None:
+                size = max(1, min(size, limit))
             if self._seq is not None:
                 end = min(self._next_start + size, self._seq_len)
                 chunk = self._seq[self._next_start : end]
@@ -1074,6 +1079,19 @@ class MapJob:
                 self._infos[idx] = debugging.failure_of(exc, index=idx, item=self._shown(unit.items[index or 0])[0])
             self._fail(idx, exc)
 
+    def _at_most(self, unit: Unit, limit: int | None) -> Unit:
+        """``unit`` if it has at most ``limit`` items; else its first ``limit`` items as a unit
+        of their own, the rest queued to go out next (a unit sent again after its worker was
+        lost, now going to a worker with less of its ``max_tasks_per_child`` left)."""
+        if limit is None or unit.count <= max(1, limit):
+            return unit
+        limit = max(1, limit)
+        if unit.lease is not None:  # the parts go out packed inline (see _resend_part)
+            unit.lease.release()
+            unit.lease = None
+        self._requeued.appendleft(self._part(unit, limit, unit.count, recheck=unit.recheck))
+        return self._part(unit, 0, limit, recheck=unit.recheck)
+
     def requeue(self, unit: Unit) -> None:
         """A unit that was queued behind a lost one goes out again."""
         self.outstanding.pop(unit.id, None)
@@ -1358,7 +1376,8 @@ class CellJob:
         """The error of the rank that failed first, or None (``results`` raises them all together)."""
         return self.failures[first_failed_rank(self.failures)] if self.failures else None
 
-    def next_unit(self) -> Unit | None:
+    def next_unit(self, limit: int | None = None) -> Unit | None:
+        """The next rank (one item: any ``limit`` fits it)."""
         if not self._pending:
             return None
         unit = self._pending.popleft()

@@ -38,8 +38,13 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
 
     Usable as a decorator. If ``func`` returns a dict, its items become names
     every mapped function and ``%%parallel`` cell of that worker can read (as
-    a ``%%pool setup`` cell's names do). Running workers run it at once; a
-    failure is one line naming the worker (and ``%pool`` shows it).
+    a ``%%pool setup`` cell's names do). The port of
+    ``Pool(initializer=init, initargs=args)`` is
+    ``on_worker_start(functools.partial(init, *args))``: what ``init`` assigns
+    with ``global`` is what tasks read, as with Pool, even where the
+    notebook has its own value of that name (which a returned dict's or a
+    setup cell's name would leave to the notebook). Running workers run it at
+    once; a failure is one line naming the worker (and ``%pool`` shows it).
     """
     if not callable(func):
         raise UsageError(f"on_worker_start takes a function, not {type(func).__name__}")

@@ -66,6 +66,7 @@ from . import (
     shm,
     task_builtins,
     worker_logging,
+    worker_setup,
 )
 from .cpus import run_queue_seconds
 from .errors import SerializationError
@@ -147,14 +148,22 @@ class Loaded:
     again from ``data`` at the first unit of a new call, unless it provably
     holds no state a task can change (:func:`mpmagic.payload_cache.stateless`,
     decided once at load; then ``data`` is not kept).
+
+    A name the worker setup's functions assigned with ``global`` (the
+    ``Pool(initializer=)`` idiom) has the setup's value in the function's
+    globals, over the notebook's value sent with it
+    (:func:`mpmagic.worker_setup.use_set_globals`): applied again after each
+    load and whenever the setup changed since.
     """
 
-    __slots__ = ("func", "data", "call")
+    __slots__ = ("func", "data", "call", "setup", "displaced")
 
     def __init__(self, func: Any, data: bytes | None) -> None:
         self.func = func  # the loaded function, or the ErrorInfo of its failed load
         self.data = data  # the payload, kept only to load a stateful function again
         self.call: Any = None  # the call that used ``func`` last (None: not used yet)
+        self.setup = -1  # the worker_setup.set_globals_version() its globals have (-1: none applied yet)
+        self.displaced: dict[str, Any] | None = None  # the sent values the setup's globals replaced
 
     @classmethod
     def load(cls, data: bytes) -> Loaded:
@@ -180,7 +189,16 @@ class Loaded:
                     self.func = payload.loads(self.data)
                 except BaseException as exc:  # (it loaded before: a changed world, reported as then)
                     self.func = ErrorInfo(exc)
+            self.setup, self.displaced = -1, None
         self.call = call
+        return self.ready()
+
+    def ready(self) -> Any:
+        """``func``, with the worker setup's ``global`` values applied if the setup changed since."""
+        version = worker_setup.set_globals_version()
+        if self.setup != version and not isinstance(self.func, ErrorInfo):
+            self.displaced = worker_setup.use_set_globals(self.func, self.displaced)
+            self.setup = version
         return self.func
 
 

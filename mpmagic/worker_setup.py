@@ -15,7 +15,10 @@ and a helper called by the mapped function gets a dict of its own; every
 function (def, lambda, helper) and every ``%%parallel`` cell falls back to
 builtins for a name its globals lack, so one place covers them all. A name
 the notebook itself defines still wins: cloudpickle sends the notebook's
-value with the function.
+value with the function. Except a name an ``on_worker_start`` function
+assigns with ``global`` (``Pool(initializer=)``'s idiom): that value is put
+into each task's function's globals over the notebook's, as with Pool
+(:func:`use_set_globals`).
 
 Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
@@ -344,6 +347,10 @@ WORKER_ID: Any = None  # this worker's id (None in the notebook)
 _setup_module: types.ModuleType | None = None  # the last setup's namespace (see _as_main)
 _installed: dict[str, Any] = {}  # name -> the builtins value it shadowed (or _MISSING)
 _MISSING = object()
+# Names the setup's functions assigned with `global` (``Pool(initializer=)``'s idiom) and their values: a
+# task's function gets these over the notebook's values cloudpickle sent with it (:func:`use_set_globals`).
+_SET_GLOBALS: dict[str, Any] = {}
+_set_globals_version = 0
 
 
 def worker_id() -> int | str | None:
@@ -443,6 +450,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
     _setup_module = None
     if data is None:
         return None, []
+    set_globals: dict[str, Any] = {}  # what its functions assigned with `global` (see _SET_GLOBALS)
     from . import payload
 
     main = types.ModuleType("__main__")  # the setup's namespace, as a notebook cell's is __main__
@@ -462,18 +470,27 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                     exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
                 else:
                     func = payload.loads(entry.data)
-                    out = func()
+                    g = _by_value_globals(func)
+                    before = dict(g) if g is not None else {}
+                    try:
+                        out = func()
+                    finally:  # (what it assigned before it raised stays, as a setup cell's earlier lines)
+                        if g is not None:
+                            assigned = {k: v for k, v in g.items() if not k.startswith("__")
+                                        and (k not in before or before[k] is not v)}
+                            ns.update(assigned)
+                            set_globals.update(assigned)
                     if isinstance(out, dict):
                         ns.update(out)
         except BaseException as exc:
             if shadowing(ns):  # (what ran before the failing line would replace builtins: nothing installed)
                 return _shadow_line(shadowing(ns), wid), []
-            _install(ns)  # what ran before the failing line stays usable
+            _install(ns, set_globals)  # what ran before the failing line stays usable
             return _failure_line(exc, entry, wid), sorted(_installed)
     bad = shadowing(ns)
     if bad:  # refused before anything is installed: a normal setup failure, not a broken worker
         return _shadow_line(bad, wid), []
-    _install(ns)
+    _install(ns, set_globals)
     return None, sorted(_installed)
 
 
@@ -544,13 +561,84 @@ def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
     )
 
 
-def _install(ns: dict[str, Any]) -> None:
+def _install(ns: dict[str, Any], set_globals: dict[str, Any]) -> None:
+    global _set_globals_version
     for name, value in ns.items():
         if name.startswith("__"):
             continue
         if name not in _installed:
             _installed[name] = getattr(builtins, name, _MISSING)
         setattr(builtins, name, value)
+    if set_globals or _SET_GLOBALS:
+        _SET_GLOBALS.clear()
+        _SET_GLOBALS.update(set_globals)
+        _set_globals_version += 1
+
+
+def _by_value_globals(func: Any) -> dict[str, Any] | None:
+    """The globals dict of the notebook function ``func`` is (or wraps), if cloudpickle
+    made it (a function pickled by value); None for a module's function or no function.
+
+    Unwraps ``functools.partial`` (the usual port of ``initargs``), bound
+    methods, and wrappers keeping the function as ``.func`` (``--seed``'s).
+    A module's own function writes its module's globals, which that module's
+    functions read in the worker anyway: nothing to carry over.
+    """
+    import functools
+    import inspect
+
+    for _ in range(8):
+        if isinstance(func, functools.partial):
+            func = func.func
+        elif isinstance(func, types.MethodType):
+            func = func.__func__
+        elif isinstance(func, types.FunctionType):
+            g = func.__globals__
+            module = sys.modules.get(g.get("__name__", ""))
+            return None if module is not None and getattr(module, "__dict__", None) is g else g
+        elif callable(getattr(func, "__dict__", {}).get("func")):
+            func = func.__dict__["func"]
+        elif isinstance(inspect.getattr_static(type(func), "__call__", None), types.FunctionType):
+            func = inspect.getattr_static(type(func), "__call__")
+        else:
+            return None
+    return None
+
+
+def use_set_globals(func: Any, displaced: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Give the notebook function ``func`` the values the setup's functions assigned with
+    ``global`` (:data:`_SET_GLOBALS`) for the names its globals hold; returns what they
+    displaced, to pass back at the next change of the setup (``displaced``: what an
+    earlier call returned, put back first). None: nothing displaced.
+
+    Why: ``Pool(initializer=init)``'s ``global model; model = ...`` is what its
+    tasks read, also when the module defined ``model`` before (a default, the
+    notebook's copy). Here cloudpickle sends the notebook's ``model`` with the
+    task's function, into a globals dict of its own, so without this the
+    notebook's value would silently win over the initializer's (migrate14).
+    """
+    g = _by_value_globals(func)
+    if g is None:
+        return None
+    for name, value in (displaced or {}).items():
+        g[name] = value
+    out = {name: g[name] for name in _SET_GLOBALS if name in g}
+    for name in out:
+        g[name] = _SET_GLOBALS[name]
+    return out or None
+
+
+def use_set_globals_in(names: dict[str, Any]) -> dict[str, Any]:
+    """``names`` (a ``%%parallel`` cell's notebook names) with the setup's ``global`` values
+    winning, as :func:`use_set_globals` does for a function's globals."""
+    if not _SET_GLOBALS or _SET_GLOBALS.keys().isdisjoint(names):
+        return names
+    return {**names, **{k: v for k, v in _SET_GLOBALS.items() if k in names}}
+
+
+def set_globals_version() -> int:
+    """Changes whenever the setup's ``global`` values change (a loaded function applies them again)."""
+    return _set_globals_version
 
 
 def _uninstall() -> None:
@@ -561,6 +649,7 @@ def _uninstall() -> None:
         else:
             setattr(builtins, name, old)
     _installed.clear()
+    _install({}, {})  # (and the globals the setup's functions assigned: none any more)
 
 
 # -- Dask -------------------------------------------------------------------

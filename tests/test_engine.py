@@ -63,6 +63,21 @@ def test_backends_and_jobs_keep_the_written_contracts():
     assert cell.next_unit_for(7).id == 0 and cell.ranks_pending == 1
 
 
+def test_a_unit_never_exceeds_the_items_its_worker_may_still_run():
+    """``max_tasks_per_child``'s allowance (``next_unit(limit)``): a new chunk is cut to it, and
+    a unit sent again (its worker lost) is split, its first part going now, the rest next."""
+    job = MapJob(abs, list(range(10)), 10, False, 2, chunksize=4)
+    first = job.next_unit(2)
+    assert (first.start, first.count, list(first.items)) == (0, 2, [0, 1])
+    second = job.next_unit()
+    assert (second.start, second.count) == (2, 4)
+    job.requeue(second)
+    again = job.next_unit(1)
+    assert (again.start, again.count, list(again.items)) == (2, 1, [2])
+    rest = job.next_unit(5)
+    assert (rest.start, rest.count, list(rest.items)) == (3, 3, [3, 4, 5])
+
+
 def test_backends_and_the_engine_use_a_job_only_through_the_job_protocol():
     """Every member a backend or ``engine.Run`` names on a job (``job.x``,
     ``run.job.x``, ``self.job.x``) is one the ``Job`` protocol lists, so mypy

@@ -84,6 +84,38 @@ def group(x):
 
 def deep(n):
     return deep(n + 1)
+
+class FetchError(OSError):            # a library's IO error: its own __init__ fills the C-level fields
+    def __init__(self, path):
+        super().__init__(2, "gone")
+        self.filename = path
+
+class ConfigSyntax(SyntaxError):
+    def __init__(self, line):
+        super().__init__("bad syntax", ("cfg.ini", line, 3, "a = = b"))
+
+class PluginMissing(ImportError):
+    def __init__(self, mod):
+        super().__init__(f"no {mod}", name=mod, path="/x")
+
+def fetch_error(x):
+    raise FetchError(f"/data/{x}.csv")
+
+def config_syntax(x):
+    raise ConfigSyntax(x)
+
+def plugin_missing(x):
+    raise PluginMissing(f"plug{x}")
+
+def http_404(x):
+    import io, urllib.error
+    raise urllib.error.HTTPError(f"http://x/{x}", 404, "Not Found", {}, io.BytesIO(b""))
+
+def no_attribute(x):
+    return object().nope
+
+def no_name(x):
+    return undefined_name_xyz
 '''
 
 
@@ -122,6 +154,9 @@ def assert_same(par: BaseException, ser: BaseException, depth: int = 0) -> None:
         except Exception:
             continue  # unpicklable attributes stay in the worker (docs/troubleshooting.md)
         assert getattr(par, k) == v, k
+    for k in c_fields(type(ser)):  # errno, filename, lineno, name...: kept in C, not in vars()
+        a, b = getattr(par, k, None), getattr(ser, k, None)
+        assert (type(a) is type(b)) if k == "obj" else (a == b), k
     notes = [n for n in getattr(par, "__notes__", []) if not ours(n)]
     assert notes == getattr(ser, "__notes__", [])
     assert par.__suppress_context__ == ser.__suppress_context__
@@ -134,6 +169,17 @@ def assert_same(par: BaseException, ser: BaseException, depth: int = 0) -> None:
         assert len(par.exceptions) == len(ser.exceptions)
         for a, b in zip(par.exceptions, ser.exceptions, strict=True):
             assert_same(a, b, depth + 1)
+
+
+def c_fields(cls: type) -> list[str]:
+    """The fields builtin exception classes in ``cls``'s MRO keep in C (OSError.errno...)."""
+    import types
+
+    own = {"__suppress_context__", "__dict__", "args", "__traceback__", "__context__", "__cause__", "message",
+           "exceptions", "characters_written"}
+    return [k for base in cls.__mro__ if base.__module__ == "builtins" and issubclass(base, BaseException)
+            for k, v in vars(base).items()
+            if k not in own and isinstance(v, (types.MemberDescriptorType, types.GetSetDescriptorType))]
 
 
 def compare(ip, args: str) -> BaseException:
@@ -161,6 +207,26 @@ def test_context_suppression_notes_and_oserror_fields(defined, local_pool, func)
     par = compare(defined, f"{func}, [0]")
     if func == "no_file":
         assert isinstance(par, FileNotFoundError) and par.errno == 2 and par.filename == "/nonexistent/0"
+
+
+@pytest.mark.parametrize("func", ["fetch_error", "config_syntax", "plugin_missing", "no_attribute", "no_name"])
+def test_c_level_fields_come_back(defined, local_pool, func):
+    """errno/strerror/filename of an OSError subclass with its own __init__, a SyntaxError
+    subclass's position, an ImportError subclass's name and path, AttributeError.name/.obj
+    and NameError.name: all None in the notebook before (migrate14), and str(e) differed."""
+    par = compare(defined, f"{func}, [7]")
+    if func == "fetch_error":
+        assert par.errno == 2 and par.filename == "/data/7.csv" and str(par) == "[Errno 2] gone: '/data/7.csv'"
+    elif func == "no_name":
+        assert par.name == "undefined_name_xyz"
+
+
+def test_http_error_keeps_its_url_as_filename(defined, local_pool):
+    """(Its file object is a new one at home: compared field by field, not with assert_same.)"""
+    import urllib.error
+
+    par = outcome(defined, "%pmap -q http_404, [7]")
+    assert isinstance(par, urllib.error.HTTPError) and par.code == 404 and par.filename == "http://x/7"
 
 
 def test_exception_with_slots_keeps_them(defined, local_pool):
@@ -353,3 +419,15 @@ def test_every_exception_mpmagic_exports_round_trips_through_pickle():
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is cls and str(back) == str(exc) and back.args == exc.args, cls
         assert repr(vars(back)) == repr(vars(exc)), cls  # failures, values, type_name, message, notes
+
+
+def test_a_big_attribute_error_obj_stays_in_the_worker():
+    """AttributeError.obj may be a big frame: it comes home only up to MAX_OBJ_BYTES; its name always."""
+    from mpmagic.exc_record import MAX_OBJ_BYTES, capture, rebuild
+
+    for obj, kept in ((b"x" * (MAX_OBJ_BYTES + 1), False), (b"x" * 100, True)):
+        try:
+            obj.nope  # noqa: B018
+        except AttributeError as exc:
+            back = rebuild(pickle.loads(pickle.dumps(capture(exc))))
+        assert back.name == "nope" and (back.obj == obj if kept else back.obj is None)

@@ -7,6 +7,7 @@ tests/test_kernel.py. docs/reliability.md maps each guarantee to its test.
 
 from __future__ import annotations
 
+import collections
 import gc
 import os
 import signal
@@ -611,6 +612,21 @@ def test_max_tasks_per_child_recycles_a_leaking_worker(ip):
         assert len(seen_pids) >= 3, out
         assert max(held_mb) <= 32, out
         assert "max tasks per child: 4" in str(mpmagic.pool_status())
+    finally:
+        mpmagic.use_local(2, backend.start_method)
+
+
+def test_max_tasks_per_child_holds_with_automatic_and_explicit_chunks(ip):
+    """A chunk is cut to what its worker has left: with a limit of 3, automatic chunks gave
+    each of 2 workers 6 items (migrate14); an explicit chunksize larger than the limit too."""
+    run(ip, "%pool start -n 2 --max-tasks-per-child 3")
+    backend = pool_module.get_pool()
+    try:
+        run(ip, "import os")
+        for chunks in ("", "--chunksize 5 "):
+            with capture_output():
+                per_pid = collections.Counter(run(ip, f"%pmap -q {chunks}lambda x: os.getpid(), range(12)"))
+            assert sum(per_pid.values()) == 12 and max(per_pid.values()) <= 3, (chunks, per_pid)
     finally:
         mpmagic.use_local(2, backend.start_method)
 

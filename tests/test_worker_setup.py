@@ -621,6 +621,8 @@ def test_a_setup_is_the_workers_main_module_while_it_runs(ip):
     and `if __name__ == "__main__":` was skipped: as in the notebook, both work,
     and instances of its classes come back to the notebook."""
     ensure_pool("forkserver")
+    for name in ("CFG", "MODEL", "Config"):  # (an earlier file's notebook names would win: test_fidelity_worker's CFG)
+        ip.user_ns.pop(name, None)
     run(ip, "%%pool setup\nfrom dataclasses import dataclass\n@dataclass\nclass Config:\n    scale: int = 3\n"
             "CFG = Config()\nif __name__ == '__main__':\n    MODEL = 'loaded'\n")
     assert run(ip, "%pmap -q lambda x: (CFG.scale * x, MODEL), range(3)") == [(0, "loaded"), (3, "loaded"), (6, "loaded")]
@@ -642,3 +644,24 @@ def test_a_setup_that_seeds_alike_says_so_once(ip, capsys):
     assert a == b
     run(ip, "%%pool setup\nimport random, mpmagic\nrandom.seed(mpmagic.worker_id())\nX = random.random()\n")
     assert "the same state of" not in capsys.readouterr().out
+
+
+def test_on_worker_start_globals_are_what_tasks_read(ip, any_method):
+    """The port of ``Pool(initializer=init, initargs=(3,))``: what ``init`` assigns with
+    ``global`` is what tasks read, as with Pool (fork and spawn), also over the notebook's
+    own ``model`` the task's function carries (migrate14: it gave [0, 1, 2], silently)."""
+    ensure_pool(any_method)
+    run(ip, "import functools\nmodel = {'w': 1}\n"
+            "def _init(w):\n    global model, _only_there\n    model = {'w': w}\n    _only_there = 10 * w\n"
+            "def _predict(x):\n    return model['w'] * x, _only_there\n"
+            "def _w(x):\n    return model['w']\n"
+            "calls = 0\ndef _counting(x):\n    global calls\n    calls += 1\n    return model['w'] * x\n")
+    assert run(ip, "%pmap -q _w, range(2)") == [1, 1]  # (loaded and kept before the setup)
+    run(ip, "mpmagic.on_worker_start(functools.partial(_init, 3))")
+    assert run(ip, "%pmap -q _predict, range(3)") == [(0, 30), (3, 30), (6, 30)]
+    assert run(ip, "%pmap -q _w, range(2)") == [3, 3]
+    for _ in range(2):  # a function assigning a global is loaded again per call: the setup's value again
+        assert run(ip, "%pmap -q _counting, range(3)") == [0, 3, 6]
+    assert list(run(ip, "%%parallel -n 2 -q\nmodel['w']")) == [3, 3]
+    run(ip, "%pool setup clear")  # the notebook's value again
+    assert run(ip, "%pmap -q _w, range(2)") == [1, 1]

@@ -306,13 +306,13 @@ def _function(key: bytes, data: bytes, imports: ImportLog, call: Any) -> Any:
     with _funcs_lock:
         loaded = _cached(key, call)
         if loaded is not None:
-            return loaded.func
+            return loaded.ready()
     with imports.watching("function"):
         fresh = Loaded.load(data)
     with _funcs_lock:
         loaded = _cached(key, call)  # another thread of this call loaded it meanwhile
         if loaded is not None:
-            return loaded.func
+            return loaded.ready()
         fresh.call = call
         if fresh.data is None:  # stateless: one copy serves every call
             _funcs[key] = fresh
@@ -323,7 +323,7 @@ def _function(key: bytes, data: bytes, imports: ImportLog, call: Any) -> Any:
                 del _funcs[old]
         while len(_funcs) > _CACHE_SIZE:
             _funcs.popitem(last=False)
-    return fresh.func
+        return fresh.ready()
 
 
 _COPIES_PER_FUNCTION = 2  # calls of one stateful function that keep a copy each (see _function)

@@ -1571,7 +1571,7 @@ class LocalBackend:
 
     def _give(self, run: _LocalRun, slot: _Slot) -> None:
         try:
-            unit = run.job.next_unit()
+            unit = run.job.next_unit(self._allowance(slot))
         except Exception as exc:  # an item that cannot be sent: the run's error
             self._end(run, exc)
             return
@@ -1696,10 +1696,17 @@ class LocalBackend:
         """Has this worker been given its ``max_tasks_per_child`` items already?"""
         if slot.over_memory:
             return True
+        left = self._allowance(slot)
+        return left is not None and left <= 0
+
+    def _allowance(self, slot: _Slot) -> int | None:
+        """How many more items this worker may be given under ``max_tasks_per_child``
+        (None: no limit). Chunks are cut to it: an automatic chunk of 6 items went to
+        a worker limited to 3, which then ran 6 (migrate14)."""
         if not self.max_tasks_per_child:
-            return False
+            return None
         queued = sum(unit.count for _, unit in slot.inflight)
-        return slot.tasks + queued >= self.max_tasks_per_child
+        return self.max_tasks_per_child - slot.tasks - queued
 
     def _drain(self, slot: _Slot, seconds: float | None = None) -> bool:
         """Handle every message waiting on this worker's pipe. False on EOF.
