@@ -41,6 +41,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
   cache's fast check of what a function captures.
+* IPython's ``DeduperReloader.maybe_reload_module`` (IPython 9's default
+  ``%autoreload``): it updates a module's functions in place, from the edited
+  file, without ``importlib.reload``, so nothing public tells that the
+  notebook now runs the file's new code. Wrapped (:func:`follow_inplace_reloads`)
+  so the workers reload that module too.
 
 Each accessor below either returns the real thing, falls back to something
 that works (documented at the accessor), or raises :class:`MissingFeatureError`
@@ -344,6 +349,42 @@ def cloudpickle_extract_code_globals() -> Callable[[Any], Any] | None:
 def cloudpickle_by_reference() -> Callable[[Any], bool] | None:
     """Whether cloudpickle pickles an object by name, or None: the cache then assumes by value."""
     return _cloudpickle_internal("_should_pickle_by_reference")
+
+
+# --------------------------------------------------------------------------
+# IPython's in-place autoreload: followed when present, else nothing to follow
+
+_DEDUPER = "IPython.extensions.deduperreload.deduperreload"
+
+
+def follow_inplace_reloads(note: Callable[[types.ModuleType], None]) -> None:
+    """Call ``note(module)`` after each in-place update of a module by IPython's
+    autoreload (``DeduperReloader.maybe_reload_module`` returning True: it ran
+    the edited file's new definitions into the old module, with no
+    ``importlib.reload``, so the module keeps its ``__spec__`` and no finder
+    sees a load). Once; cheap when autoreload is not imported (a dict lookup).
+
+    Missing (IPython 8's autoreload, which calls ``importlib.reload``, or no
+    autoreload): nothing to wrap, and nothing is lost. ``note`` must not raise
+    into autoreload: its errors are logged at DEBUG.
+    """
+    cls = getattr(sys.modules.get(_DEDUPER), "DeduperReloader", None)
+    original = getattr(cls, "maybe_reload_module", None)
+    if original is None or getattr(original, "_mpmagic_follows", False):
+        return
+
+    def maybe_reload_module(self: Any, module: types.ModuleType) -> bool:
+        patched = original(self, module)
+        if patched:
+            try:
+                note(module)
+            except Exception:
+                log.debug("mpmagic: noting an in-place autoreload of %r failed", module, exc_info=True)
+        return patched
+
+    maybe_reload_module.__doc__ = original.__doc__
+    maybe_reload_module._mpmagic_follows = True  # type: ignore[attr-defined]
+    cls.maybe_reload_module = maybe_reload_module  # type: ignore[union-attr]
 
 
 def report() -> dict[str, bool]:
