@@ -32,6 +32,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   the child to ``chdir`` to, which raised (deleted) or made every child die
   at start (``chmod 000``); changing the notebook's own directory for the
   start cannot be undone where it may not be entered.
+* ``multiprocessing.spawn.get_preparation_data`` (wrapped once): what a
+  spawn or forkserver child is told, read when it starts. For the thread
+  starting a worker it drops the parent's ``__main__`` (``children_ignore_main``):
+  a ``%run script.py`` could make the script ``__main__`` during a
+  background start, and the child then ran the whole script.
 * ``multiprocessing.process._children``: the set of ``Process`` objects
   multiprocessing's exit hook terminates and joins. A bare ``os.fork()`` child
   of the notebook inherits it with the notebook's workers in it, and its exit
@@ -59,6 +64,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -259,6 +265,54 @@ def _tracker_function(which: str) -> Callable[..., None] | None:
                 else "names are not tracked")
         log.info("multiprocessing.resource_tracker.%s is missing in %s: %s", which, _PYTHON, what)
     return fn
+
+
+# --------------------------------------------------------------------------
+# multiprocessing.spawn.get_preparation_data: our children never run __main__
+
+_starting = threading.local()  # .on: this thread is starting a worker (or the fork server for one)
+
+
+def _main_dropped(get_preparation_data: Callable[[str], dict]) -> Callable[[str], dict]:
+    def preparation_data(name: str) -> dict:
+        data = get_preparation_data(name)
+        if getattr(_starting, "on", False):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    preparation_data._mpmagic_wraps = get_preparation_data  # type: ignore[attr-defined]
+    return preparation_data
+
+
+@contextmanager
+def children_ignore_main() -> Iterator[bool]:
+    """While in it, spawn and forkserver children started by this thread (and a fork
+    server it starts) do not run the notebook's ``__main__``; yields False when that
+    cannot be arranged (no ``multiprocessing.spawn.get_preparation_data``).
+
+    Why: multiprocessing tells each child to run the parent's ``__main__`` file
+    (``init_main_from_path``), read at the moment of the start. Hiding
+    ``sys.modules['__main__']`` is not enough from a background thread: a
+    ``%run script.py`` in the main thread puts the script there meanwhile, and the
+    pool's background start made the child (or the fork server) run the whole
+    script again, whose own pmap then failed with multiprocessing's bootstrapping
+    traceback. The wrapper is installed once and changes other threads' starts in
+    nothing.
+    """
+    spawn = _module("multiprocessing.spawn")
+    current = getattr(spawn, "get_preparation_data", None)
+    if current is None:
+        yield False
+        return
+    if getattr(current, "_mpmagic_wraps", None) is None:
+        spawn.get_preparation_data = _main_dropped(current)
+    before = getattr(_starting, "on", False)
+    _starting.on = True
+    try:
+        yield True
+    finally:
+        _starting.on = before
 
 
 # --------------------------------------------------------------------------
