@@ -37,6 +37,9 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   starting a worker it drops the parent's ``__main__`` (``children_ignore_main``):
   a ``%run script.py`` could make the script ``__main__`` during a
   background start, and the child then ran the whole script.
+* ``ModuleSpec._initializing``: importlib's mark of a module whose import is
+  running; a plain pickle naming a class of it would wait on its import lock
+  (``module_initializing``).
 * ``multiprocessing.process._children``: the set of ``Process`` objects
   multiprocessing's exit hook terminates and joins. A bare ``os.fork()`` child
   of the notebook inherits it with the notebook's workers in it, and its exit
@@ -403,6 +406,20 @@ def cloudpickle_extract_code_globals() -> Callable[[Any], Any] | None:
 def cloudpickle_by_reference() -> Callable[[Any], bool] | None:
     """Whether cloudpickle pickles an object by name, or None: the cache then assumes by value."""
     return _cloudpickle_internal("_should_pickle_by_reference")
+
+
+# --------------------------------------------------------------------------
+# importlib's mark of a module still being imported
+
+
+def module_initializing(module: types.ModuleType) -> bool:
+    """Is ``module`` still running its top level as an import (``__spec__._initializing``,
+    what importlib itself tests before it waits on the module's import lock)?
+
+    False when not known (no spec, or an importlib without the mark): a plain
+    pickle of its classes may then wait on that lock, as it would without mpmagic.
+    """
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 # --------------------------------------------------------------------------
