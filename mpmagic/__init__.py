@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    ArgumentTypeError,
     MPMagicError,
     ParallelError,
     RankStoppedError,
@@ -157,6 +158,7 @@ __all__ = [
     "Event",
     "QueueClosed",
     "SharedObjectGone",
+    "ArgumentTypeError",
     "MPMagicError",
     "ParallelError",
     "RankStoppedError",

@@ -66,6 +66,11 @@ class UsageError(MPMagicError, ValueError):
     """Bad arguments to an API function or a magic (one line, says the fix)."""
 
 
+class ArgumentTypeError(UsageError, TypeError):
+    """A function or iterable of the wrong type, where ``map()`` raises ``TypeError``
+    (so ``except TypeError`` catches it, as around serial code); also a ``UsageError``."""
+
+
 class WorkerLostError(MPMagicError):
     """A worker process died (crash, kill, out of memory) while running work."""
 
