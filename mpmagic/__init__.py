@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
+    ArgumentTypeError,
     MPMagicError,
     ParallelError,
     RankStoppedError,
@@ -157,6 +158,7 @@ __all__ = [
     "Event",
     "QueueClosed",
     "SharedObjectGone",
+    "ArgumentTypeError",
     "MPMagicError",
     "ParallelError",
     "RankStoppedError",
@@ -191,6 +193,9 @@ def load_ipython_extension(ipython: Any) -> None:
     from . import pool
 
     pool.watch_shell_exit(ipython)
+    from . import warmup
+
+    warmup.follow_autoreload()  # IPython's in-place %autoreload counts as a reload (workers follow it)
     _prestart_pool()
 
 
@@ -220,6 +225,7 @@ def _after_cell(*_args: Any) -> None:
         from .engine import sigint_deferred
 
         with sigint_deferred():
+            warmup.follow_autoreload()  # (a %load_ext autoreload in this cell: its next reload is followed)
             backend = pool.current_pool()
             if not isinstance(backend, LocalBackend) or not warmup.enabled():
                 return  # no local pool yet: its start scans the notebook itself

@@ -40,6 +40,7 @@ from .errors import (
     IDLE_OUTCOME,
     NOT_STARTED_OUTCOME,
     STOPPED_OUTCOME,
+    ArgumentTypeError,
     ParallelError,
     TaskTimeoutError,
     UsageError,
@@ -280,9 +281,9 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
     else the iterables as ``map`` takes them (see :func:`_take`), to use from then on."""
     __tracebackhide__ = True
     if not callable(func):
-        raise UsageError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
+        raise ArgumentTypeError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
     if not iterables:
-        raise UsageError("give at least one iterable to map over, as with map(func, iterable)")
+        raise ArgumentTypeError("give at least one iterable to map over, as with map(func, iterable)")
     _check_not_async(func)
     taken = tuple(_take(it, i) for i, it in enumerate(iterables, 2))
     _check_workers(workers)
@@ -320,10 +321,10 @@ def _take(it: Any, position: int) -> Any:
         taken = iter(it)
     except TypeError as exc:
         if getattr(kind, "__iter__", None) is None and not hasattr(kind, "__getitem__"):
-            raise UsageError(f"argument {position} of map must be iterable, not {kind.__name__} "
+            raise ArgumentTypeError(f"argument {position} of map must be iterable, not {kind.__name__} "
                              f"{payload_repr(it)}") from None
         if _raised_here(exc):  # a C __iter__ refused (a 0-d numpy array): no frame of the user's to show
-            raise UsageError(f"argument {position} of map cannot be iterated: {exc}") from None
+            raise ArgumentTypeError(f"argument {position} of map cannot be iterated: {exc}") from None
         raise  # its own __iter__ raised: the user's error, as serial map shows it
     if taken is it or kind.__module__.partition(".")[0] in ("numpy", "pandas"):
         return it  # an iterator; an array, Series or frame (iterating them changes nothing)

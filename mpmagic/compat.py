@@ -32,6 +32,14 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   the child to ``chdir`` to, which raised (deleted) or made every child die
   at start (``chmod 000``); changing the notebook's own directory for the
   start cannot be undone where it may not be entered.
+* ``multiprocessing.spawn.get_preparation_data`` (wrapped once): what a
+  spawn or forkserver child is told, read when it starts. For the thread
+  starting a worker it drops the parent's ``__main__`` (``children_ignore_main``):
+  a ``%run script.py`` could make the script ``__main__`` during a
+  background start, and the child then ran the whole script.
+* ``ModuleSpec._initializing``: importlib's mark of a module whose import is
+  running; a plain pickle naming a class of it would wait on its import lock
+  (``module_initializing``).
 * ``multiprocessing.process._children``: the set of ``Process`` objects
   multiprocessing's exit hook terminates and joins. A bare ``os.fork()`` child
   of the notebook inherits it with the notebook's workers in it, and its exit
@@ -46,6 +54,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
   cache's fast check of what a function captures.
+* IPython's ``DeduperReloader.maybe_reload_module`` (IPython 9's default
+  ``%autoreload``): it updates a module's functions in place, from the edited
+  file, without ``importlib.reload``, so nothing public tells that the
+  notebook now runs the file's new code. Wrapped (:func:`follow_inplace_reloads`)
+  so the workers reload that module too.
 
 Each accessor below either returns the real thing, falls back to something
 that works (documented at the accessor), or raises :class:`MissingFeatureError`
@@ -60,6 +73,7 @@ import logging
 import mmap
 import os
 import sys
+import threading
 import types
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -345,6 +359,54 @@ def _tracker_function(which: str) -> Callable[..., None] | None:
 
 
 # --------------------------------------------------------------------------
+# multiprocessing.spawn.get_preparation_data: our children never run __main__
+
+_starting = threading.local()  # .on: this thread is starting a worker (or the fork server for one)
+
+
+def _main_dropped(get_preparation_data: Callable[[str], dict]) -> Callable[[str], dict]:
+    def preparation_data(name: str) -> dict:
+        data = get_preparation_data(name)
+        if getattr(_starting, "on", False):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    preparation_data._mpmagic_wraps = get_preparation_data  # type: ignore[attr-defined]
+    return preparation_data
+
+
+@contextmanager
+def children_ignore_main() -> Iterator[bool]:
+    """While in it, spawn and forkserver children started by this thread (and a fork
+    server it starts) do not run the notebook's ``__main__``; yields False when that
+    cannot be arranged (no ``multiprocessing.spawn.get_preparation_data``).
+
+    Why: multiprocessing tells each child to run the parent's ``__main__`` file
+    (``init_main_from_path``), read at the moment of the start. Hiding
+    ``sys.modules['__main__']`` is not enough from a background thread: a
+    ``%run script.py`` in the main thread puts the script there meanwhile, and the
+    pool's background start made the child (or the fork server) run the whole
+    script again, whose own pmap then failed with multiprocessing's bootstrapping
+    traceback. The wrapper is installed once and changes other threads' starts in
+    nothing.
+    """
+    spawn = _module("multiprocessing.spawn")
+    current = getattr(spawn, "get_preparation_data", None)
+    if current is None:
+        yield False
+        return
+    if getattr(current, "_mpmagic_wraps", None) is None:
+        spawn.get_preparation_data = _main_dropped(current)
+    before = getattr(_starting, "on", False)
+    _starting.on = True
+    try:
+        yield True
+    finally:
+        _starting.on = before
+
+
+# --------------------------------------------------------------------------
 # multiprocessing.spawn's os: the directory a child starts in
 
 
@@ -432,6 +494,56 @@ def cloudpickle_extract_code_globals() -> Callable[[Any], Any] | None:
 def cloudpickle_by_reference() -> Callable[[Any], bool] | None:
     """Whether cloudpickle pickles an object by name, or None: the cache then assumes by value."""
     return _cloudpickle_internal("_should_pickle_by_reference")
+
+
+# --------------------------------------------------------------------------
+# importlib's mark of a module still being imported
+
+
+def module_initializing(module: types.ModuleType) -> bool:
+    """Is ``module`` still running its top level as an import (``__spec__._initializing``,
+    what importlib itself tests before it waits on the module's import lock)?
+
+    False when not known (no spec, or an importlib without the mark): a plain
+    pickle of its classes may then wait on that lock, as it would without mpmagic.
+    """
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+# --------------------------------------------------------------------------
+# IPython's in-place autoreload: followed when present, else nothing to follow
+
+_DEDUPER = "IPython.extensions.deduperreload.deduperreload"
+
+
+def follow_inplace_reloads(note: Callable[[types.ModuleType], None]) -> None:
+    """Call ``note(module)`` after each in-place update of a module by IPython's
+    autoreload (``DeduperReloader.maybe_reload_module`` returning True: it ran
+    the edited file's new definitions into the old module, with no
+    ``importlib.reload``, so the module keeps its ``__spec__`` and no finder
+    sees a load). Once; cheap when autoreload is not imported (a dict lookup).
+
+    Missing (IPython 8's autoreload, which calls ``importlib.reload``, or no
+    autoreload): nothing to wrap, and nothing is lost. ``note`` must not raise
+    into autoreload: its errors are logged at DEBUG.
+    """
+    cls = getattr(sys.modules.get(_DEDUPER), "DeduperReloader", None)
+    original = getattr(cls, "maybe_reload_module", None)
+    if original is None or getattr(original, "_mpmagic_follows", False):
+        return
+
+    def maybe_reload_module(self: Any, module: types.ModuleType) -> bool:
+        patched = original(self, module)
+        if patched:
+            try:
+                note(module)
+            except Exception:
+                log.debug("mpmagic: noting an in-place autoreload of %r failed", module, exc_info=True)
+        return patched
+
+    maybe_reload_module.__doc__ = original.__doc__
+    maybe_reload_module._mpmagic_follows = True  # type: ignore[attr-defined]
+    cls.maybe_reload_module = maybe_reload_module  # type: ignore[union-attr]
 
 
 def report() -> dict[str, bool]:

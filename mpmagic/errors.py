@@ -67,6 +67,11 @@ class UsageError(MPMagicError, ValueError):
     """Bad arguments to an API function or a magic (one line, says the fix)."""
 
 
+class ArgumentTypeError(UsageError, TypeError):
+    """A function or iterable of the wrong type, where ``map()`` raises ``TypeError``
+    (so ``except TypeError`` catches it, as around serial code); also a ``UsageError``."""
+
+
 class WorkerLostError(MPMagicError):
     """A worker process died (crash, kill, out of memory) while running work."""
 
@@ -632,10 +637,22 @@ def cell_origin(source: str) -> CellOrigin | None:
     if not name:
         return None
     raw = (raw_cells[-1] if raw_cells else "").splitlines(keepends=True)
-    top = next((i for i, line in enumerate(raw) if line.strip()), 0)
-    if raw and raw[top].lstrip().startswith("%%") and "".join(raw[top + 1:]).rstrip() == source.rstrip():
-        return CellOrigin(name, raw, top + 1)  # as typed (in the history), blank lines above it included
-    return CellOrigin(name, lines, 1)
+    above = _lines_above_body(raw, source)
+    if above is not None:
+        return CellOrigin(name, raw, above)  # as typed (in the history), blank lines above it included
+    return CellOrigin(name, lines, _lines_above_body(lines, source) or 1)
+
+
+def _lines_above_body(lines: list[str], source: str) -> int | None:
+    """How many of a cell's ``lines`` stand above the body ``source``: blank lines, then
+    its ``%%`` lines (``%%time`` above ``%%parallel`` stacks two); None if ``source``
+    is not what follows them."""
+    i = next((i for i, line in enumerate(lines) if line.strip()), len(lines))
+    while i < len(lines) and lines[i].lstrip().startswith("%%"):
+        i += 1
+        if "".join(lines[i:]).rstrip() == source.rstrip():
+            return i
+    return None
 
 
 def remember_cell_origin(filename: str, origin: CellOrigin | None) -> None:
@@ -671,9 +688,11 @@ def _magic_cell_lines(cell_name: str, source: str) -> list[str]:
         if not isinstance(node, ast.Call) or getattr(node.func, "attr", None) != "run_cell_magic":
             continue
         texts = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-        if len(node.args) == 3 and len(texts) == 3 and texts[2].rstrip() == source.rstrip():
+        if len(node.args) == 3 and len(texts) == 3:
             name, line, body = texts
-            return [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
+            lines = [f"%%{name} {line}".rstrip() + "\n", *body.splitlines(keepends=True)]
+            if _lines_above_body(lines, source) is not None:  # (also below another %% line: %%time)
+                return lines
     return []
 
 
@@ -686,9 +705,7 @@ def _raw_cell_lines(cached: list[str], source: str) -> list[str]:
     the same origin, not lose it because the first replaced IPython's entry.
     """
     top = next((i for i, line in enumerate(cached) if line.strip()), None)
-    if top is None or not cached[top].lstrip().startswith("%%"):
-        return []
-    if "".join(cached[top + 1:]).rstrip() != source.rstrip():
+    if top is None or _lines_above_body(cached, source) is None:
         return []
     return cached[top:]
 

@@ -18,6 +18,13 @@ finder runs twice), and for a spec of a ``.py`` file notes the file's
 ``%autoreload``) goes through ``sys.meta_path`` too, and the module's new
 ``__spec__`` is that spec, so :func:`loaded` tells whether the record is of
 the load the notebook runs. Cost: a stat per ``.py`` module imported.
+
+IPython 9's ``%autoreload`` goes round the import system: it runs the edited
+file's new definitions into the old module (no new spec, no finder asked).
+``warmup`` has it call :func:`reexecuted` after each such update
+(``compat.follow_inplace_reloads``): a new load number and the file's stat
+then, for the same spec, so that update counts as a reload (the workers
+reload the module; its file is not "changed since the notebook loaded it").
 Modules imported before mpmagic have no record (warmup.py falls back on a
 stat at their first parallel run).
 """
@@ -31,6 +38,7 @@ from typing import Any
 
 # module name -> (the spec found for its latest load, its file's (mtime_ns, size) then, load number)
 _loads: dict[str, tuple[Any, tuple[int, int], int]] = {}
+_inplace: dict[str, int] = {}  # module name -> how many times it was re-run in place (autoreload)
 _numbers = itertools.count(1)
 
 
@@ -82,6 +90,25 @@ def install() -> None:
 def uninstall() -> None:
     """Take it out (a worker: it reloads what the notebook says, and keeps no record)."""
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _LoadStamps)]
+
+
+def reexecuted(module: Any) -> None:
+    """The notebook ran ``module``'s file again into the module itself (IPython's
+    in-place autoreload): a new load of the same spec, with the file's stat now."""
+    name = getattr(module, "__name__", None)
+    spec = getattr(module, "__spec__", None)
+    at_load = stamp(getattr(module, "__file__", None))
+    if not isinstance(name, str) or spec is None or at_load is None:
+        return
+    _loads[name] = (spec, at_load, next(_numbers))
+    _inplace[name] = _inplace.get(name, 0) + 1
+
+
+def version(name: str, module: Any) -> tuple[Any, int]:
+    """What tells one load of ``module`` (as ``name``) in the notebook from the next:
+    its ``__spec__`` (``importlib.reload`` makes a new one) and how many times it
+    was re-run in place since (:func:`reexecuted`). Compare with ``is`` and ``==``."""
+    return getattr(module, "__spec__", None), _inplace.get(name, 0)
 
 
 def loaded(name: str, module: Any) -> tuple[tuple[int, int], int] | None:

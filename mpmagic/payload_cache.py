@@ -95,6 +95,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     ``shared``: large buffers the function captures go into a shared-memory
     segment (only for workers on this machine).
     """
+    payload.send_running_modules_by_value()  # (a %run -n script's functions: not imported again by workers)
     shared = shared and shm.ENABLED
     slot = (id(func), shared)
     with _lock:

@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import loadstamps
+from . import compat, loadstamps
 from .protocol import Import, Reload
 from .rss import resident_bytes
 
@@ -401,7 +401,17 @@ def loaded_submodules(tops: set[str], start: int = 0, limit: int = MIRROR_LIMIT)
 # them under the key of the new file. A reload gives the module a new
 # ``__spec__`` object (importlib makes one each time), so comparing it with the
 # one seen when the workers were last told of the module finds a reload at the
-# cost of an identity test per module the function uses.
+# cost of an identity test per module the function uses. IPython 9's
+# ``%autoreload`` updates the module in place instead (same spec): it is
+# followed through loadstamps.reexecuted (see follow_autoreload).
+
+
+def follow_autoreload() -> None:
+    """Have IPython's in-place ``%autoreload`` count as a reload of the module it
+    updates (loadstamps.reexecuted). Called at the extension's load, after each
+    cell and before each run: autoreload may be loaded at any time, and is only
+    wrapped once it is imported (a dict lookup until then)."""
+    compat.follow_inplace_reloads(loadstamps.reexecuted)
 
 
 def _user_module(name: str) -> bool:
@@ -493,7 +503,7 @@ class Warmth:
         self._scanned = 0  # how far sys.modules was scanned for them
         self._sent: dict[int, int] = {}  # worker id -> how many of _wanted it was sent
         self._keys: set[Any] = set()  # function payload keys already scanned
-        self.reloads = Reloads()  # the user's modules the notebook reloaded (importlib.reload)
+        self.reloads = Reloads()  # the user's modules the notebook reloaded (importlib.reload, %autoreload)
 
     @property
     def wanted(self) -> list[str]:
@@ -577,7 +587,7 @@ class Warmth:
 
 
 class Reloads:
-    """A pool's record of the user's modules the notebook reloaded (``importlib.reload``)
+    """A pool's record of the user's modules the notebook reloaded (``importlib.reload``, ``%autoreload``)
     since its workers imported them, and how far each worker got with reloading them.
 
     The local pool's :class:`Warmth` has one (its manager sends ``Reload`` with the
@@ -588,7 +598,7 @@ class Reloads:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # callers' threads add while the manager reads
         self._user: dict[Any, list[str]] = {}  # function payload key -> the user's modules it uses
-        self._specs: dict[str, Any] = {}  # user module -> its __spec__ when the workers were last told of it
+        self._specs: dict[str, tuple[Any, int]] = {}  # user module -> its loadstamps.version when the workers were last told of it
         self._told: set[tuple[str, ...]] = set()  # the reloads this pool's workers were said to do
         self._reloads: list[str] = []  # user modules to reload, in the order the notebook's reloads were found
         self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
@@ -613,13 +623,14 @@ class Reloads:
         ``sys.modules`` only past the modules loaded since the last one), and an
         ``os.stat`` per user module ``func`` uses.
         """
+        follow_autoreload()
         self._scan_user_modules()
         reloaded = []
         for name in self._user_mods:  # every user module loaded here: items' classes, helpers, a cell's imports
-            spec = getattr(sys.modules.get(name), "__spec__", None)
+            spec, inplace = version = loadstamps.version(name, sys.modules.get(name))
             old = self._specs.get(name)
-            if old is not spec and spec is not None:
-                self._specs[name] = spec
+            if spec is not None and (old is None or old[0] is not spec or old[1] != inplace):
+                self._specs[name] = version
                 if old is not None:
                     reloaded.append(name)
         if reloaded:

@@ -623,9 +623,23 @@ class WarningRelay:
         (``logging.BASIC_FORMAT``, see :func:`deliver`), or nothing."""
         record = logging.makeLogRecord(fields["record"])
         shown: str = fields["shown"]
-        if not deliver(record):
+        streams: list[Any] = []
+        if not deliver(record, streams):
             return ""
-        return self(shown.rstrip("\n"))  # (its traceback's source lines are marked too)
+        text = self(shown.rstrip("\n"))  # (its traceback's source lines are marked too)
+        # Where serial code's handler would have written it: a handler on stdout, or one
+        # made before a capture_output() / %%capture, writes to its own stream, not the
+        # cell's stderr this text goes to (there it went to stderr, or was captured).
+        here = sys.stderr
+        if all(stream is here for stream in streams):
+            return text
+        for stream in dict.fromkeys(s for s in streams if s is not here):
+            try:
+                stream.write(text + "\n")
+                stream.flush()
+            except Exception:  # a closed stream: shown in the cell instead
+                return text
+        return text if any(stream is here for stream in streams) else ""
 
 
 def _to_console(handler: logging.Handler) -> bool:
@@ -641,7 +655,7 @@ def _to_console(handler: logging.Handler) -> bool:
     return kind.__name__ == "OutStream" and kind.__module__.startswith("ipykernel")  # (a kernel's stdout/stderr)
 
 
-def deliver(record: logging.LogRecord) -> bool:
+def deliver(record: logging.LogRecord, streams: list | None = None) -> bool:
     """Hand a task's ``record`` to the notebook's handlers for its logger, as
     ``Logger.handle`` and ``Logger.callHandlers`` would serially; True when
     serial code would have printed it to the cell.
@@ -656,7 +670,8 @@ def deliver(record: logging.LogRecord) -> bool:
     file, a queue) get the record itself. When no logger on the way has a
     handler at all (not even a ``NullHandler``), ``logging.lastResort``
     prints it to stderr serially, at its level (WARNING): then the cell
-    shows it at that level too.
+    shows it at that level too. ``streams`` gets the stream of each console
+    handler that took it (the cell's line is written there).
     """
     logger = logging.getLogger(record.name) if record.name != "root" else logging.getLogger()
     if logger.manager.disable >= record.levelno or logger.disabled or not logger.filter(record):
@@ -669,7 +684,10 @@ def deliver(record: logging.LogRecord) -> bool:
             if record.levelno < handler.level:
                 continue
             if _to_console(handler):
-                show = show or bool(handler.filter(record))
+                if handler.filter(record):
+                    show = True
+                    if streams is not None:
+                        streams.append(handler.stream)  # type: ignore[attr-defined]
             else:
                 try:
                     handler.handle(record)
@@ -678,5 +696,9 @@ def deliver(record: logging.LogRecord) -> bool:
         current = current.parent if current.propagate else None
     if not found:
         last = logging.lastResort
-        return last is not None and record.levelno >= last.level and bool(last.filter(record))
+        if last is None or record.levelno < last.level or not last.filter(record):
+            return False
+        if streams is not None:
+            streams.append(sys.stderr)  # (lastResort writes to the current sys.stderr)
+        return True
     return show

@@ -725,6 +725,36 @@ def test_a_module_changed_on_disk_since_the_notebook_loaded_it_is_said(ip, tmp_p
         sys.modules.pop("mymod_ed2", None)
 
 
+def test_an_inplace_autoreload_reaches_the_workers_and_the_store(ip, store_dir, tmp_path, monkeypatch, capsys):
+    """IPython 9's %autoreload 2 updates the module's functions in place (no importlib.reload):
+    map gave v2 while %pmap gave v1 (by reference, from-imported, through a cell function), said
+    "changed on disk ... importlib.reload", and --checkpoint stored the v1 results under v2's key."""
+    deduper = pytest.importorskip("IPython.extensions.deduperreload.deduperreload")
+    from IPython.extensions.autoreload import ModuleReloader
+
+    monkeypatch.setattr(deduper.DeduperReloader, "maybe_reload_module", deduper.DeduperReloader.maybe_reload_module)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _save(tmp_path / "mymod_ar.py", "def f(x):\n    return ('v1', x)\n")
+    try:
+        run(ip, "import mymod_ar\nfrom mymod_ar import f as f_ar\ndef g_ar(x):\n    return mymod_ar.f(x)")
+        reloader = ModuleReloader()  # what %autoreload 2 runs before each cell
+        reloader.enabled = True
+        assert run(ip, "%pmap -q --checkpoint mymod_ar.f, range(2)") == [("v1", 0), ("v1", 1)]
+        _save(tmp_path / "mymod_ar.py", "def f(x):\n    return ('v2', x)\n")
+        before = sys.modules["mymod_ar"].__spec__
+        reloader.check()
+        assert sys.modules["mymod_ar"].__spec__ is before  # in place: no importlib.reload
+        capsys.readouterr()
+        v2 = [("v2", 0), ("v2", 1)]
+        assert run(ip, "%pmap -q --checkpoint mymod_ar.f, range(2)") == v2 == run(ip, "list(map(f_ar, range(2)))")
+        assert "resumed: 0 of 2" in mpmagic.last_report().line()  # computed again, by v2
+        assert run(ip, "%pmap -q f_ar, range(2)") == v2 == run(ip, "%pmap -q g_ar, range(2)")
+        err = capsys.readouterr().err
+        assert "workers reload mymod_ar" in err and "changed on disk" not in err
+    finally:
+        sys.modules.pop("mymod_ar", None)
+
+
 def test_workers_reload_modules_in_the_order_the_notebook_did(ip, tmp_path, monkeypatch):
     """m1 does `from m2 import g`; the notebook reloaded m1, then m2, so m1.g stayed v1. Workers reloaded
     in sys.modules order (m2 first) and gave v2."""

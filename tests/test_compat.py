@@ -260,3 +260,30 @@ def test_map_fd_keeps_no_descriptor_and_without_ctypes_still_maps(tmp_path, monk
     shared.close()
     private.close()
     assert compat.report()["libc mmap (MAP_FIXED)"] is libc
+
+
+def test_a_worker_started_while_a_run_script_became_main_is_not_told_to_run_it(monkeypatch, tmp_path) -> None:
+    """The pool's background start saw the notebook's harmless __main__ and swapped nothing;
+    a `%run script.py` then made the script __main__ before the child's preparation data was
+    read: the child (and the fork server) ran the whole script again, whose pmap failed with
+    multiprocessing's bootstrapping traceback."""
+    import multiprocessing.spawn
+    import threading
+
+    from mpmagic.backends import local
+
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "script.py")
+    notebook = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", notebook)
+    with local._no_main_module():  # (the start checks __main__: a notebook's, nothing swapped)
+        sys.modules["__main__"] = script  # %run, in the main thread, meanwhile
+        data = multiprocessing.spawn.get_preparation_data("mpmagic-worker-0")
+        forkserver = multiprocessing.spawn.get_preparation_data("ignore")
+    assert "init_main_from_path" not in data and "init_main_from_path" not in forkserver
+    seen = []  # another thread's start (the user's own Process) is told, as multiprocessing tells it
+    with compat.children_ignore_main():
+        thread = threading.Thread(target=lambda: seen.append(multiprocessing.spawn.get_preparation_data("x")))
+        thread.start()
+        thread.join()
+    assert seen[0]["init_main_from_path"] == script.__file__

@@ -14,6 +14,7 @@ import pytest
 from conftest import run
 from IPython.utils.capture import capture_output
 
+import mpmagic
 from mpmagic import api
 
 SETUP = (
@@ -258,3 +259,14 @@ def test_nested_pmap_error_names_the_inner_item_without_our_frames(ip, local_poo
                                  "mpmagic: raised by item 0 of the input: outer(2)"], err.__notes__
     names = [f.name for f in traceback.extract_tb(err.__traceback__)]
     assert names[-2:] == ["outer", "inv"] and not {"pmap", "_serial_in_worker", "_serial_map"} & set(names), names
+
+
+@pytest.mark.parametrize("args", [(abs, 5), (5, [1]), (abs,)])
+def test_wrong_map_arguments_are_a_type_error_as_maps(args):
+    """map() raises TypeError for these; pmap raised UsageError (a ValueError), which the
+    `except TypeError` around serial code did not catch."""
+    with pytest.raises(TypeError):
+        list(map(*args))
+    with pytest.raises(TypeError) as info:
+        mpmagic.pmap(*args)
+    assert isinstance(info.value, mpmagic.UsageError) and "\n" not in str(info.value)

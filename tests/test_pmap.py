@@ -7,6 +7,7 @@ without a file, as in a notebook; every test runs on each pool in
 
 from __future__ import annotations
 
+import sys
 import traceback
 
 import psutil
@@ -374,3 +375,25 @@ def test_compare_with_collect_collects_a_sys_exit_serially_too(ip, local_pool):
     got = run(ip, "%pmap -q --compare --errors collect exits_at_1, range(3)")
     assert got[0] == 0 and got[2] == 2 and isinstance(got[1], mpmagic.Failed)
     assert mpmagic.last_report().serial is not None and mpmagic.last_report().equal is True
+
+
+def test_a_script_whose_top_level_calls_pmap_runs_once(ip, tmp_path, monkeypatch, capsys):
+    """`%run -n job.py` (IPython puts `job` in sys.modules while it runs) and `import pipe_mod`
+    whose top level calls pmap: `f` went by reference, so each worker imported the file again and
+    ran all of it: 3 log lines where serial writes 1, and "pmap called inside a worker" notes."""
+    log = tmp_path / "ran.log"
+    body = (f"import mpmagic\nwith open({str(log)!r}, 'a') as fh:\n    fh.write('ran\\n')\n"
+            "class P:\n    def __init__(self, x):\n        self.x = x\n"
+            "def f(p):\n    return p.x * 3\n"
+            "RESULT = mpmagic.pmap(f, [P(i) for i in range(4)], workers=2)\n")
+    (tmp_path / "job_rn.py").write_text(body)
+    (tmp_path / "pipe_mod_rn.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, f"%run -n {tmp_path / 'job_rn.py'}")
+        assert ip.user_ns["RESULT"] == [0, 3, 6, 9] and log.read_text() == "ran\n"
+        run(ip, "import pipe_mod_rn")
+        assert ip.user_ns["pipe_mod_rn"].RESULT == [0, 3, 6, 9] and log.read_text() == "ran\nran\n"
+        assert "inside a worker" not in capsys.readouterr().err
+    finally:
+        sys.modules.pop("pipe_mod_rn", None)

@@ -249,3 +249,9 @@ def test_no_marks_where_the_worker_had_no_columns():
     exc = ZeroDivisionError("x")
     text = "".join(traceback.format_exception(ZeroDivisionError, exc, tb))
     assert "^" not in text and "~" not in text, text
+
+
+def test_a_rank_under_time_above_parallel_is_named_as_its_cell(ip, local_pool):
+    """%%time above %%parallel: a failing rank said `<parallel-cell-...>:2` (the body's own lines)."""
+    n, text, _ = shown(ip, "%%time\n%%parallel -n 2 -q\nv = rank\n1 / rank")
+    assert f"[rank 0] Cell In[{n}], line 4" in text and "<parallel-cell-" not in text, text

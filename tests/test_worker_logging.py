@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 from conftest import run
@@ -34,6 +35,7 @@ def root_level():
 
 TASK = """
 import logging
+import sys
 import sys
 def chatty(x):
     logging.getLogger("calc").info("working on %s", x)
@@ -104,6 +106,7 @@ def test_a_named_loggers_own_handlers_get_the_tasks_records_and_propagate_false_
 
 LOGS = """
 import logging
+import sys
 def logs(x):
     for name in ("calc", "dbg"):
         for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR):
@@ -463,3 +466,26 @@ def test_a_units_filters_are_worked_out_again_only_when_the_filters_change(capsy
         assert len(worked) == 2 and second[0][:3] == ("error", None, RuntimeWarning)
         sent = [line for line in capsys.readouterr().err.split("\n") if line.startswith(worker_logging.MARK)]
     assert sum('"again"' in line for line in sent) == 4, sent
+
+
+def test_a_tasks_record_goes_to_its_handlers_own_stream(ip, local_pool, capsys):
+    """A handler on stdout printed the task's record to stderr; one made before a
+    capture_output() had its task records captured (serially they are not)."""
+    out = logging.getLogger("toout")
+    out.setLevel(logging.INFO)
+    out.propagate = False
+    out.addHandler(logging.StreamHandler(sys.stdout))
+    try:
+        run(ip, "import logging\ndef b(x):\n    logging.getLogger('toout').info('record %s', x)\n    return x")
+        capsys.readouterr()
+        assert run(ip, "%pmap -q b, [1]") == [1]
+        captured = capsys.readouterr()
+        assert "[item 0] INFO:toout:record 1\n" in captured.out and "record 1" not in captured.err
+        run(ip, "from IPython.utils.capture import capture_output\n"
+                "with capture_output() as cap:\n    r = %pmap -q b, [2]")
+        assert "record 2\n" in capsys.readouterr().out  # (through the handler itself: not a console stream now)
+        assert "record 2" not in ip.user_ns["cap"].stderr + ip.user_ns["cap"].stdout
+    finally:
+        out.handlers.clear()
+        out.setLevel(logging.NOTSET)
+        out.propagate = True

@@ -208,22 +208,28 @@ def _no_main_module():
     ``__spec__``, which ``spawn.get_preparation_data`` reads at every spawn or
     forkserver start: it is put back as ``None``, the value an interactive
     ``__main__`` has (every start failed with a bare AttributeError after it).
+
+    A start from a background thread (the pool's prestart) does not swap it,
+    and the user's ``%run script.py`` may make the script ``__main__`` during
+    the start: ``compat.children_ignore_main`` drops it from what the child is
+    told, whatever ``__main__`` is then.
     """
-    real = sys.modules.get("__main__")
-    if _main_is_harmless(real):  # a notebook's __main__: nothing to hide, nothing swapped
-        if real is not None and not hasattr(real, "__spec__"):
-            try:
-                real.__spec__ = None
-            except Exception:  # (a __main__ that refuses it: the start says why in one line)
-                log.debug("mpmagic: could not restore __main__.__spec__", exc_info=True)
-        yield
-        return
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if real is not None:
-            sys.modules["__main__"] = real
+    with compat.children_ignore_main():  # (also when a %run puts a script there meanwhile: see there)
+        real = sys.modules.get("__main__")
+        if _main_is_harmless(real):  # a notebook's __main__: nothing to hide, nothing swapped
+            if real is not None and not hasattr(real, "__spec__"):
+                try:
+                    real.__spec__ = None
+                except Exception:  # (a __main__ that refuses it: the start says why in one line)
+                    log.debug("mpmagic: could not restore __main__.__spec__", exc_info=True)
+            yield
+            return
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if real is not None:
+                sys.modules["__main__"] = real
 
 
 def _main_is_harmless(main: Any) -> bool:
