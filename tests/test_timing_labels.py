@@ -493,3 +493,21 @@ def test_a_first_calls_line_times_the_whole_call_workers_starting_included(monke
         stopwatch = time.perf_counter() - t0
         report = mpmagic.last_report()
         assert stopwatch - 0.005 <= report.wall <= stopwatch, (report.wall, stopwatch)
+
+
+def test_an_ascii_stdout_gets_us_and_a_tasks_non_ascii_output_is_written(monkeypatch):
+    """``LC_ALL=C PYTHONIOENCODING=ascii``: the timing line's "µs" raised
+    UnicodeEncodeError after the run (``r = %pmap ...`` never assigned), and a
+    task's printed "naïve" raised from the relay, losing the results."""
+    import io
+
+    from mpmagic import jobs
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    assert fmt_seconds(5e-6) == "5 µs"
+    monkeypatch.setattr("sys.stdout", out)
+    assert fmt_seconds(5e-6) == "5 us"
+    assert _report(wall=4e-6, task_seconds=2e-6).line().encode("ascii")
+    jobs._print_stream("stdout", "naïve 1\n")
+    out.flush()
+    assert out.buffer.getvalue() == b"na\\xefve 1\n"
