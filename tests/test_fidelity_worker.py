@@ -855,3 +855,29 @@ def test_a_flushed_partial_line_goes_home_without_waiting_for_its_end():
     assert _pieces(pipe.sent)[-1] == ("stderr", "\r 10%")
     out.flush()
     assert _pieces(pipe.sent)[-1] == ("stdout", "no flush")
+
+
+LOW_LIMIT = r"""
+import sys, mpmagic
+def depth(n):
+    return 0 if n == 0 else 1 + depth(n - 1)
+def limit(_):
+    import sys
+    return sys.getrecursionlimit()
+sys.setrecursionlimit(60)
+print(mpmagic.pmap(depth, (10, 40), workers=2), mpmagic.pmap(limit, [0], workers=2), sys.getrecursionlimit())
+mpmagic.stop_pool()
+"""
+
+
+def test_a_low_recursion_limit_does_not_break_mpmagics_own_imports():
+    """``sys.setrecursionlimit(60)``, fine for the user's code serially: the first
+    pmap raised RecursionError inside mpmagic's lazy imports (importlib, re's
+    parser). They load with room now; the workers and the notebook keep 60."""
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(mpmagic.__file__))
+    done = subprocess.run([sys.executable, "-c", LOW_LIMIT], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": here})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[10, 40] [60] 60", done.stdout
