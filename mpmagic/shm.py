@@ -392,13 +392,24 @@ before_exit = posixshm.run_exit_hooks
 _advised = False
 
 
-def advise(nbytes: int, where: str) -> None:
+def advise(nbytes: int, where: str, exc: NoRoom | None = None) -> None:
     # ``where`` finishes the sentence: "among the items went through the pipe".
-    """One line, once per session: shared memory was too small, the pipe carried the data."""
+    """One line, once per session: shared memory was too small, the pipe carried the data.
+    ``exc``: what stopped it, when it was the file-size limit (``ulimit -f``) and not /dev/shm."""
     global _advised
     if _advised:
         return
     _advised = True
+    limit = exc.file_limit if exc is not None else posixshm.file_size_limit()
+    if limit is not None and (exc is not None or posixshm.room()[0] > limit):
+        # (a result's fallback, said in the notebook, carries no cause: the workers have the
+        # notebook's file-size limit, and /dev/shm with more room than it was not the cause)
+        line = (f"mpmagic: the file-size limit (ulimit -f, {fmt_bytes(limit)}) keeps /dev/shm segments "
+                f"small: {fmt_bytes(nbytes)} of array data {where} instead (slower, still correct). "
+                "Raise `ulimit -f` (it limits /dev/shm segments too) to skip this note.")
+        log.info(line)
+        print(line, file=sys.stderr)
+        return
     free, total = posixshm.room()
     size = f"{fmt_bytes(total)}, {fmt_bytes(free)} free" if total else "size unknown"
     line = (
@@ -557,11 +568,11 @@ def wrap(
                     # worker allowed to write maps it copy-on-write, so its writes
                     # stay its own (as a small captured array's would).
                     private = seg.name
-        except NoRoom:
+        except NoRoom as exc:
             inline.update(to_copy)  # through the pipe, inside the envelope
             fallback = sum(buffers[i].nbytes for i in to_copy)
             if mode == "lend":
-                advise(fallback, "among the items went through the pipe")
+                advise(fallback, "among the items went through the pipe", exc)
         else:
             for (offset, n), i in zip(spans, to_copy, strict=True):
                 seg.view[offset : offset + n] = buffers[i]
@@ -674,8 +685,8 @@ def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
         return a.copy()
     try:
         seg = Segment.create(max(1, a.nbytes), "s")
-    except NoRoom:
-        advise(a.nbytes, "given to mpmagic.share() stays an ordinary array, copied to workers through the pipe")
+    except NoRoom as exc:
+        advise(a.nbytes, "given to mpmagic.share() stays an ordinary array, copied to workers through the pipe", exc)
         return a.copy()
     mapping = seg.map
     seg.view.release()  # from here on only the array's views use the mapping

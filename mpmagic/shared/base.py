@@ -97,10 +97,17 @@ class _Segment:
             try:
                 self.mmap = posixshm.create(name, size)
             except posixshm.NoRoom as exc:
+                if exc.file_limit is not None:
+                    raise NoSharedMemory(
+                        f"mpmagic.{kind}: {exc.why()}: raise `ulimit -f` (it limits /dev/shm segments too)"
+                    ) from exc
+                # (Lock, Value... have no capacity to make smaller: only a Queue's or an Array's size)
+                smaller = ", or use a smaller capacity" if kind == "Queue" else (
+                    ", or make it smaller" if kind == "Array" else "")
                 raise NoSharedMemory(
                     f"mpmagic.{kind}: /dev/shm has no room for its {fmt_bytes(size)} "
                     f"({posixshm.describe_room()}). Free some (drop helpers and share() arrays you no "
-                    "longer use), make it bigger (docker run --shm-size=1g), or use a smaller capacity"
+                    f"longer use) or make it bigger (docker run --shm-size=1g){smaller}"
                 ) from exc
         self.name = name
         self.size = len(self.mmap)
