@@ -509,6 +509,7 @@ class LocalBackend:
             before = len(self.slots), self._manager
             if not self.slots:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
+                compat.heap_off_dev_shm()  # no usable /dev/shm: a worker's RawValue in the temp dir
             if self.start_method == "forkserver" and not self.slots:
                 try:
                     self.ctx.set_forkserver_preload(
