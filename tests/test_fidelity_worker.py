@@ -744,6 +744,32 @@ def test_notebook_directory_deleted_while_the_pool_runs(ip, local_pool, tmp_path
     assert "working directory" not in capsys.readouterr().err  # (said once, by the first run)
 
 
+def test_notebook_directory_made_unenterable_after_the_pool_started_moves_every_worker(ip, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """``chmod 000`` on the notebook's directory after the pool started: getcwd() is
+    unchanged, so the old context kept the old workers there while new ones worked
+    in HOME (one run saw both), with raw "mpmagic worker: cannot change to" lines
+    instead of the documented one-time line. (Root may enter any directory: the
+    access check is faked.)"""
+    local_pool = ensure_pool("forkserver")
+    run(ip, "import os\ndef sq_where(x):\n    return x * x, os.getcwd()\n")
+    before = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        here = str(tmp_path)
+        assert run(ip, "%pmap -q sq_where, range(2)") == [(0, here), (1, here)]
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if p == here else real_access(p, mode, **kw))
+        home = mpmagic.context.fallback_dir()
+        assert run(ip, "%pmap -q sq_where, range(2)") == [(0, home), (1, home)]
+        assert not any(s.broken for s in local_pool.slots)
+    finally:
+        os.chdir(before)
+    err = capsys.readouterr().err
+    assert err.count(f"the notebook's working directory {here} cannot be entered by the workers "
+                     f"(permission denied), so tasks run in {home}") == 1, err
+
+
 def test_notebook_directory_deleted_before_the_pool_starts(ip, tmp_path, capsys):
     """multiprocessing makes each child chdir to the parent's os.getcwd(), which
     raised: a traceback from spawn.get_preparation_data, for %pmap, pmap and
