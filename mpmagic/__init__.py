@@ -11,9 +11,11 @@ is a thin skin over the plain API re-exported here, usable from scripts too::
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -102,19 +104,41 @@ if TYPE_CHECKING:  # annotations only, not part of the API
     from .backends.base import Backend as _Backend
 
 
+@contextlib.contextmanager
+def _room_to_import() -> Iterator[None]:
+    """mpmagic's own modules load with a recursion limit of at least 1000, the
+    notebook's put back after. ``sys.setrecursionlimit(100)``, which the user's
+    code was fine with serially, made the first ``pmap`` raise RecursionError
+    inside these imports (importlib, tempfile, re's parser). The limit sent to
+    the workers is read later, in the call: the notebook's own."""
+    limit = sys.getrecursionlimit()
+    if limit >= _IMPORT_DEPTH:
+        yield
+        return
+    sys.setrecursionlimit(_IMPORT_DEPTH)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+_IMPORT_DEPTH = 1000
+
+
 if not TYPE_CHECKING:  # hidden from type checkers: they see the imports above, and a
     # misspelled name (mpmagic.pmapp, from mpmagic import submitt) is an error, not Any
 
     def __getattr__(name: str) -> Any:
         """Import a public name (or a submodule, ``mpmagic.pool``...) on first use."""
         module = _LAZY.get(name)
-        if module is not None:
-            value = getattr(importlib.import_module(f".{module}", __name__), name)
-        else:
-            try:
-                value = importlib.import_module(f".{name}", __name__)
-            except ModuleNotFoundError:
-                raise AttributeError(f"module 'mpmagic' has no attribute {name!r}") from None
+        with _room_to_import():
+            if module is not None:
+                value = getattr(importlib.import_module(f".{module}", __name__), name)
+            else:
+                try:
+                    value = importlib.import_module(f".{name}", __name__)
+                except ModuleNotFoundError:
+                    raise AttributeError(f"module 'mpmagic' has no attribute {name!r}") from None
         globals()[name] = value
         return value
 

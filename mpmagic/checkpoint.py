@@ -147,8 +147,11 @@ def _readonly_note(store: Store) -> None:
 
 def _why(path: Path, exc: BaseException) -> str:
     """Why the store in ``path`` cannot be opened, in the user's words."""
-    if path.exists() and not path.is_dir():  # FileExistsError says only "File exists"
-        return f"{path.name} is a file, not a folder"
+    try:
+        if path.exists() and not path.is_dir():  # FileExistsError says only "File exists"
+            return f"{path.name} is a file, not a folder"
+    except OSError:  # a folder on the way that may not be entered (Python 3.11's exists() raises EACCES)
+        pass
     return f"{type(exc).__name__}: {exc}"
 
 

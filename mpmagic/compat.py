@@ -142,8 +142,37 @@ _DEV_SHM = "/dev/shm"
 
 
 def shm_available() -> bool:
-    """Can this process make named POSIX shared memory (the module, or Linux's /dev/shm)?"""
-    return os.name == "posix" and (_module("_posixshmem") is not None or os.path.isdir(_DEV_SHM))
+    """Can this process make named POSIX shared memory (the module, or Linux's /dev/shm)?
+
+    On Linux, only with a ``/dev/shm`` it may create files in (missing on AWS
+    Lambda and in some minimal containers, or mounted read-only): there,
+    shm_open *is* a file in /dev/shm, and each new segment failed."""
+    if os.name != "posix" or not dev_shm_usable():
+        return False
+    return _module("_posixshmem") is not None or os.path.isdir(_DEV_SHM)
+
+
+def dev_shm_usable() -> bool:
+    """Linux: is ``/dev/shm`` a directory this process may create files in? (Elsewhere True.)"""
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.isdir(_DEV_SHM) and os.access(_DEV_SHM, os.W_OK | os.X_OK)
+
+
+def heap_off_dev_shm() -> None:
+    """Without a usable ``/dev/shm`` (``dev_shm_usable``): multiprocessing's heap for
+    shared ctypes (a worker's ``RawValue``) in the temporary directory instead.
+    Its ``Arena`` statvfs'ed a missing /dev/shm (FileNotFoundError) and wrote into
+    a read-only one (EROFS): every worker start failed. Without the attribute:
+    nothing changes (logged at INFO), and starts fail as before."""
+    if dev_shm_usable():
+        return
+    arena = getattr(_module("multiprocessing.heap"), "Arena", None)
+    if arena is None or not isinstance(getattr(arena, "_dir_candidates", None), list):
+        log.info("multiprocessing.heap.Arena._dir_candidates is missing in %s: workers cannot start "
+                 "without a usable /dev/shm", _PYTHON)
+        return
+    arena._dir_candidates = []
 
 
 def shm_open(name: str, flags: int, mode: int = 0o600) -> int:
@@ -560,6 +589,9 @@ def report() -> dict[str, bool]:
         "resource_tracker._fd": hasattr(getattr(_module("multiprocessing.resource_tracker"), "_resource_tracker", None),
                                         "_fd"),
         "multiprocessing.spawn.os": getattr(_module("multiprocessing.spawn"), "os", None) is os,
+        "multiprocessing.heap.Arena._dir_candidates": isinstance(
+            getattr(getattr(_module("multiprocessing.heap"), "Arena", None), "_dir_candidates", None), list
+        ),
         "multiprocessing.process._children": isinstance(
             getattr(_module("multiprocessing.process"), "_children", None), set
         ),

@@ -65,6 +65,7 @@ _version = 0
 _last_state: tuple | None = None  # what the last message carried, to compare against
 _last_msg: Context | None = None
 _last_call: Any = object()
+_last_enterable: bool | None = None  # could workers enter the notebook's directory at the last read
 # In a worker: variables it set for itself at start (worker_setup.start_worker:
 # CUDA_VISIBLE_DEVICES of --gpus, the BLAS/OpenMP thread caps). The notebook's
 # environment never overrides or removes them.
@@ -152,12 +153,18 @@ def current(call: Any = None) -> Context:
     ``call`` (a run's id): the world is read once per run, so every unit of a
     run sees the same one, and later units of that run cost a dict lookup.
     """
-    global _version, _last_state, _last_msg, _last_call
+    global _version, _last_state, _last_msg, _last_call, _last_enterable
     with _lock:
         if call is not None and call == _last_call and _last_msg is not None:
             return _last_msg
         state = _state()
-        if _last_msg is None or state != _last_state:
+        # Whether workers may enter it is part of the world too: a directory made
+        # unenterable (chmod 000) after the pool started has the same getcwd(),
+        # and the old context kept the old workers in it while new ones, unable
+        # to enter it, worked in HOME (one run saw two directories; ~1 us).
+        enterable = state[0] is not None and os.access(state[0], os.X_OK)
+        if _last_msg is None or state != _last_state or enterable != _last_enterable:
+            _last_enterable = enterable
             cwd, env, path, limit, filters = state
             # Copies: the live objects keep changing under the comparison.
             _last_state = (cwd, dict(env), list(path), limit, list(filters))

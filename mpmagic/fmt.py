@@ -7,6 +7,8 @@ It imports nothing of mpmagic, so any layer may use it (``report``,
 
 from __future__ import annotations
 
+import codecs
+import sys
 from typing import Any
 
 
@@ -16,13 +18,40 @@ def func_name(func: Any) -> str:
     return getattr(func, "__name__", None) or type(func).__name__
 
 
+def micro() -> str:
+    """``µs``, or ``us`` where the notebook's stdout or stderr cannot encode "µ"
+    (``LC_ALL=C PYTHONIOENCODING=ascii``, a terminal in an ASCII locale): the
+    timing line raised UnicodeEncodeError there, after the run, and
+    ``r = %pmap ...`` was never assigned."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        if isinstance(encoding, str) and not _encodes_micro(encoding):
+            return "us"
+    return "µs"
+
+
+_micro_by_encoding: dict[str, bool] = {}
+
+
+def _encodes_micro(encoding: str) -> bool:
+    ok = _micro_by_encoding.get(encoding)
+    if ok is None:
+        try:
+            codecs.encode("µ", encoding)
+            ok = True
+        except (LookupError, UnicodeError, TypeError):
+            ok = False
+        _micro_by_encoding[encoding] = ok
+    return ok
+
+
 def fmt_seconds(s: float | None) -> str:
-    """``512 µs``, ``3.4 ms``, ``1.25 s``; ``-`` when not measured."""
+    """``512 µs`` (``us`` on an ASCII stream: ``micro``), ``3.4 ms``, ``1.25 s``; ``-`` when not measured."""
     if s is None:
         return "-"
     # The unit is picked after rounding: 0.9996 ms is "1.0 ms", not "1000 µs".
     if round(s * 1e6) < 1000:
-        return f"{s * 1e6:.0f} µs"
+        return f"{s * 1e6:.0f} {micro()}"
     if round(s * 1e3, 1) < 1000:
         return f"{s * 1e3:.1f} ms"
     return f"{s:.2f} s"

@@ -37,12 +37,37 @@ log = logging.getLogger("mpmagic")
 
 
 class NoRoom(OSError):
-    """``/dev/shm`` cannot hold a new segment of ``need`` bytes (it is full or too small)."""
+    """``/dev/shm`` cannot hold a new segment of ``need`` bytes (it is full or too small).
 
-    def __init__(self, need: int) -> None:
+    ``file_limit``: set (the soft ``RLIMIT_FSIZE``, bytes) when the cause was the
+    process's file-size limit (``ulimit -f``: ``EFBIG``), not ``/dev/shm``'s
+    room: the messages name that limit (a huge, empty /dev/shm was reported as
+    full, with advice that could not help).
+    """
+
+    def __init__(self, need: int, too_big: bool = False) -> None:
         self.need = need
         self.free, self.total = room()
-        super().__init__(errno.ENOSPC, f"/dev/shm has no room for {fmt_bytes(need)} ({describe_room()})")
+        self.file_limit = file_size_limit() if too_big else None
+        super().__init__(errno.EFBIG if too_big else errno.ENOSPC, self.why())
+
+    def why(self) -> str:
+        """What stopped the segment, in the user's words."""
+        if self.file_limit is not None:
+            return (f"the file-size limit (ulimit -f, {fmt_bytes(self.file_limit)}) is below the "
+                    f"{fmt_bytes(self.need)} a /dev/shm segment needs")
+        return f"/dev/shm has no room for {fmt_bytes(self.need)} ({describe_room()})"
+
+
+def file_size_limit() -> int | None:
+    """The soft limit on a file's size (``ulimit -f``), in bytes; None when unlimited or unknown."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except Exception:
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def room() -> tuple[int, int]:
@@ -104,9 +129,9 @@ def _create(name: str, size: int) -> mmap.mmap:
     try:
         try:
             os.ftruncate(fd, size)
-        except OSError as exc:  # (EFBIG: a file-size limit, ulimit -f, says the same as a full /dev/shm)
+        except OSError as exc:  # (EFBIG: the file-size limit, ulimit -f; NoRoom names it)
             if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                raise NoRoom(size) from None
+                raise NoRoom(size, too_big=exc.errno == errno.EFBIG) from None
             raise
         reserve(fd, size)
         return compat.map_fd(fd, size)
@@ -125,7 +150,7 @@ def reserve(fd: int, size: int) -> None:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-            raise NoRoom(size) from None
+            raise NoRoom(size, too_big=exc.errno == errno.EFBIG) from None
         if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
             raise
         # A filesystem that cannot preallocate: at least check the free space.

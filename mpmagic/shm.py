@@ -396,13 +396,24 @@ before_exit = posixshm.run_exit_hooks
 _advised = False
 
 
-def advise(nbytes: int, where: str) -> None:
+def advise(nbytes: int, where: str, exc: NoRoom | None = None) -> None:
     # ``where`` finishes the sentence: "among the items went through the pipe".
-    """One line, once per session: shared memory was too small, the pipe carried the data."""
+    """One line, once per session: shared memory was too small, the pipe carried the data.
+    ``exc``: what stopped it, when it was the file-size limit (``ulimit -f``) and not /dev/shm."""
     global _advised
     if _advised:
         return
     _advised = True
+    limit = exc.file_limit if exc is not None else posixshm.file_size_limit()
+    if limit is not None and (exc is not None or posixshm.room()[0] > limit):
+        # (a result's fallback, said in the notebook, carries no cause: the workers have the
+        # notebook's file-size limit, and /dev/shm with more room than it was not the cause)
+        line = (f"mpmagic: the file-size limit (ulimit -f, {fmt_bytes(limit)}) keeps /dev/shm segments "
+                f"small: {fmt_bytes(nbytes)} of array data {where} instead (slower, still correct). "
+                "Raise `ulimit -f` (it limits /dev/shm segments too) to skip this note.")
+        log.info(line)
+        print(line, file=sys.stderr)
+        return
     free, total = posixshm.room()
     size = f"{fmt_bytes(total)}, {fmt_bytes(free)} free" if total else "size unknown"
     line = (
@@ -582,7 +593,10 @@ def wrap(
             inline.update(to_copy)  # through the pipe, inside the envelope
             fallback = sum(buffers[i].nbytes for i in to_copy)
             if mode == "lend":
-                (advise if isinstance(exc, NoRoom) else advise_files)(fallback, "among the items went through the pipe")
+                if isinstance(exc, NoRoom):
+                    advise(fallback, "among the items went through the pipe", exc)
+                else:
+                    advise_files(fallback, "among the items went through the pipe")
             elif not isinstance(exc, NoRoom):
                 fallback = 0  # (the notebook's note would blame /dev/shm: a worker's files are its own)
         else:
@@ -701,7 +715,10 @@ def share(array: numpy.typing.ArrayLike) -> numpy.typing.NDArray[Any]:
         if not isinstance(exc, NoRoom) and not out_of_files(exc):
             raise
         where = "given to mpmagic.share() stays an ordinary array, copied to workers through the pipe"
-        (advise if isinstance(exc, NoRoom) else advise_files)(a.nbytes, where)
+        if isinstance(exc, NoRoom):
+            advise(a.nbytes, where, exc)
+        else:
+            advise_files(a.nbytes, where)
         return a.copy()
     mapping = seg.map
     seg.view.release()  # from here on only the array's views use the mapping

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from .fmt import fmt_bytes
+from .fmt import fmt_bytes, micro
 
 _TH = "padding:2px 10px;text-align:left;font-weight:600"
 _TD = "padding:2px 10px;text-align:left"
@@ -92,7 +92,7 @@ def _state(p: dict[str, Any]) -> str:
 def _seconds(s: float) -> str:
     """Elapsed time of a run (report.fmt_seconds' units; not imported: report -> config -> pool -> here)."""
     if s < 1e-3:
-        return f"{s * 1e6:.0f} µs"
+        return f"{s * 1e6:.0f} {micro()}"
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 

@@ -10,7 +10,9 @@ it imports numpy (the libraries read them when they load), and
 notebook's numpy). ``%config MPMagic.worker_threads = N`` sets the cap
 (0: no cap at all). A variable the user set (``OMP_NUM_THREADS=4`` in the
 notebook's environment when the worker starts) wins over the default cap, as
-in loky, for the variable and for threadpoolctl; the notebook sends its values
+in loky, for the variable and for threadpoolctl; a user's ``OMP_NUM_THREADS``
+also for the BLAS libraries that fall back to it (their own variables are
+left unset unless the user set them, as in the notebook); the notebook sends its values
 with each worker's start (``cap_for``), since a forkserver worker inherits the
 fork server's environment, not the notebook's.
 
@@ -80,6 +82,9 @@ def cap_for(workers: int, setting: int | None = None) -> tuple[int | None, dict[
     return setting, {}
 
 
+# The variables whose library falls back to OMP_NUM_THREADS when they are unset.
+_OMP_FALLBACK = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+
 # The variable each threadpoolctl library reads first (its internal_api ->
 # variable); the others read OMP_NUM_THREADS.
 _LIB_VARS = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS", "blis": "BLIS_NUM_THREADS"}
@@ -96,6 +101,11 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
     for var in THREAD_VARS:
         if var in notebook:
             os.environ[var] = notebook[var]
+        elif var in _OMP_FALLBACK and "OMP_NUM_THREADS" in notebook:
+            # The user's OMP_NUM_THREADS governs these libraries when their own
+            # variable is unset, as in the notebook: a cap set here was read
+            # first (OpenBLAS at 1 thread in the workers, 2 in the notebook).
+            os.environ.pop(var, None)
         elif n:
             os.environ[var] = str(n)
         else:
@@ -118,7 +128,7 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
 def _threads_wanted(internal_api: str) -> int | None:
     """The thread count this worker's environment (set just before) asks of a
     loaded library, None to leave it (no value, or not a number)."""
-    value = os.environ.get(_LIB_VARS.get(internal_api, "OMP_NUM_THREADS"), "")
+    value = os.environ.get(_LIB_VARS.get(internal_api, "OMP_NUM_THREADS")) or os.environ.get("OMP_NUM_THREADS", "")
     try:
         n = int(value.split(",")[0])  # OMP_NUM_THREADS may list nested levels: "4,2"
     except ValueError:

@@ -890,6 +890,11 @@ def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
             return  # the pipe is gone; the main thread's next read ends the process
 
 
+# A worker's exit code when it could not start its threads (``ulimit -u``):
+# the pool shrinks rather than replace it in a loop (backends.local._lost).
+EXIT_NO_THREADS = 75
+
+
 class _Worker:
     def __init__(self, conn: Connection, parent_pid: int, worker_id: int, position: Any = None) -> None:
         self.channel = _Channel(conn)
@@ -905,8 +910,11 @@ class _Worker:
         self.parent_pid = parent_pid
         self.out = _StreamToParent(self.channel, "stdout")
         self.err = _StreamToParent(self.channel, "stderr", sibling=self.out)
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-        threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
+        try:
+            threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+            threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
+        except RuntimeError:  # "can't start new thread": the user's process/thread limit (ulimit -u)
+            os._exit(EXIT_NO_THREADS)  # the pool says so in one line (backends.local._lost), no traceback
 
     def _capture(self, call, tag) -> None:
         for s in (self.out, self.err):

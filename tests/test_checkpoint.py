@@ -1034,3 +1034,26 @@ def test_a_resumed_runs_insights_name_the_slowest_item_by_its_place_in_the_input
     insights = report.insights
     assert insights.slowest[0].index == 4 and {t.first for t in insights.tasks} == {3, 4, 5}
     assert report.slowest_where == "item 4"
+
+
+def test_a_store_under_a_folder_that_may_not_be_entered_warns_and_the_run_goes_on(tmp_path, monkeypatch):
+    """``chmod 000`` on a folder on the way: Python 3.11's ``Path.exists()`` raises
+    EACCES, and it did so while the warning was built (``_why``): a bare
+    PermissionError from checkpoint.py lost the run instead of the documented line."""
+    store = tmp_path / "locked" / "ckpt"
+    denied = PermissionError(13, "Permission denied", str(store))
+
+    def opens(path):
+        raise denied
+
+    def exists(self):
+        raise denied
+
+    monkeypatch.setattr(checkpoint, "_open", opens)
+    monkeypatch.setattr(Path, "exists", exists)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert checkpoint.open_store(store) is None
+    assert [str(w.message) for w in caught] == [
+        f"mpmagic: cannot open the checkpoint store in {store} (PermissionError: {denied}); "
+        "running without a checkpoint"]

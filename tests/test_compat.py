@@ -196,6 +196,27 @@ def test_forgetting_inherited_processes_takes_only_those_out_and_survives_a_pyth
     assert compat.report()["multiprocessing.process._children"] is False
 
 
+def test_without_a_usable_dev_shm_the_shared_ctypes_heap_moves_and_survives_a_python_without_it(
+    monkeypatch, caplog
+) -> None:
+    """A missing or read-only /dev/shm failed every worker start in multiprocessing's
+    heap (a worker's RawValue); a Python without the attribute changes nothing."""
+    import multiprocessing.heap as heap
+
+    monkeypatch.setattr(heap.Arena, "_dir_candidates", ["/dev/shm"])
+    compat.heap_off_dev_shm()
+    assert heap.Arena._dir_candidates == ["/dev/shm"]  # (a usable one: kept)
+    monkeypatch.setattr(compat, "dev_shm_usable", lambda: False)
+    assert compat.shm_available() is False
+    compat.heap_off_dev_shm()
+    assert heap.Arena._dir_candidates == []
+    monkeypatch.delattr(heap.Arena, "_dir_candidates")
+    with caplog.at_level("INFO", logger="mpmagic"):
+        compat.heap_off_dev_shm()
+    assert "multiprocessing.heap.Arena._dir_candidates is missing" in caplog.text
+    assert compat.report()["multiprocessing.heap.Arena._dir_candidates"] is False
+
+
 @pytest.mark.parametrize(
     ("accessor", "internal"),
     [

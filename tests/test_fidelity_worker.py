@@ -774,6 +774,32 @@ def test_notebook_directory_deleted_while_the_pool_runs(ip, local_pool, tmp_path
     assert "working directory" not in capsys.readouterr().err  # (said once, by the first run)
 
 
+def test_notebook_directory_made_unenterable_after_the_pool_started_moves_every_worker(ip, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """``chmod 000`` on the notebook's directory after the pool started: getcwd() is
+    unchanged, so the old context kept the old workers there while new ones worked
+    in HOME (one run saw both), with raw "mpmagic worker: cannot change to" lines
+    instead of the documented one-time line. (Root may enter any directory: the
+    access check is faked.)"""
+    local_pool = ensure_pool("forkserver")
+    run(ip, "import os\ndef sq_where(x):\n    return x * x, os.getcwd()\n")
+    before = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        here = str(tmp_path)
+        assert run(ip, "%pmap -q sq_where, range(2)") == [(0, here), (1, here)]
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if p == here else real_access(p, mode, **kw))
+        home = mpmagic.context.fallback_dir()
+        assert run(ip, "%pmap -q sq_where, range(2)") == [(0, home), (1, home)]
+        assert not any(s.broken for s in local_pool.slots)
+    finally:
+        os.chdir(before)
+    err = capsys.readouterr().err
+    assert err.count(f"the notebook's working directory {here} cannot be entered by the workers "
+                     f"(permission denied), so tasks run in {home}") == 1, err
+
+
 def test_notebook_directory_deleted_before_the_pool_starts(ip, tmp_path, capsys):
     """multiprocessing makes each child chdir to the parent's os.getcwd(), which
     raised: a traceback from spawn.get_preparation_data, for %pmap, pmap and
@@ -885,3 +911,29 @@ def test_a_flushed_partial_line_goes_home_without_waiting_for_its_end():
     assert _pieces(pipe.sent)[-1] == ("stderr", "\r 10%")
     out.flush()
     assert _pieces(pipe.sent)[-1] == ("stdout", "no flush")
+
+
+LOW_LIMIT = r"""
+import sys, mpmagic
+def depth(n):
+    return 0 if n == 0 else 1 + depth(n - 1)
+def limit(_):
+    import sys
+    return sys.getrecursionlimit()
+sys.setrecursionlimit(60)
+print(mpmagic.pmap(depth, (10, 40), workers=2), mpmagic.pmap(limit, [0], workers=2), sys.getrecursionlimit())
+mpmagic.stop_pool()
+"""
+
+
+def test_a_low_recursion_limit_does_not_break_mpmagics_own_imports():
+    """``sys.setrecursionlimit(60)``, fine for the user's code serially: the first
+    pmap raised RecursionError inside mpmagic's lazy imports (importlib, re's
+    parser). They load with room now; the workers and the notebook keep 60."""
+    import subprocess
+
+    here = os.path.dirname(os.path.dirname(mpmagic.__file__))
+    done = subprocess.run([sys.executable, "-c", LOW_LIMIT], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": here})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[0] == "[10, 40] [60] 60", done.stdout

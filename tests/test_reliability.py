@@ -831,6 +831,55 @@ print("BACK", mpmagic.pmap(plus1, range(4)))
 """
 
 
+FEW_PROCESSES = r"""
+import os, resource, mpmagic
+def plus1(x):
+    return x + 1
+def tasks():
+    uid, n = os.getuid(), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                n += int(open(f"/proc/{pid}/status").read().split("Threads:")[1].split()[0])
+        except (OSError, IndexError):
+            pass
+    return n
+mpmagic.use_local(2, "forkserver")
+assert mpmagic.pmap(plus1, range(4)) == [1, 2, 3, 4]
+resource.setrlimit(resource.RLIMIT_NPROC, (tasks() + 8, resource.getrlimit(resource.RLIMIT_NPROC)[1]))
+try:
+    mpmagic.pmap(plus1, range(40), workers=8)
+except mpmagic.MPMagicError as exc:
+    print("ERROR", exc)
+print("AFTER", mpmagic.pmap(plus1, range(4), workers=2))
+mpmagic.stop_pool()
+"""
+
+
+def test_too_few_processes_is_one_line_and_the_pool_recovers():
+    """``ulimit -u`` (processes and threads) too low for the workers asked: workers
+    died starting with tracebacks, the manager replaced them in a loop, and the
+    pool could no longer start even the 2 workers that had worked before."""
+    import shutil
+    import subprocess
+    import sys
+
+    as_nobody: list[str] = []
+    if os.geteuid() == 0:  # (root is not held to RLIMIT_NPROC)
+        if not shutil.which("setpriv"):
+            pytest.skip("root, and no setpriv to run as another user")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    here = os.path.dirname(os.path.dirname(mpmagic.__file__))
+    done = subprocess.run([*as_nobody, sys.executable, "-c", FEW_PROCESSES], capture_output=True, text=True,
+                          timeout=60, cwd="/", env={**os.environ, "HOME": "/", "PYTHONPATH": here})
+    assert done.returncode == 0, done.stderr
+    errors = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, done.stdout + done.stderr
+    assert "workers: the process/thread limit (ulimit -u, " in errors[0] and "(the pool now has 2)" in errors[0]
+    assert "AFTER [1, 2, 3, 4]" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):
     """``ulimit -n`` too low for the workers asked: multiprocessing's tracebacks
     (and the manager's, and the fork server's EOFError), and the failed pool

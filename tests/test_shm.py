@@ -385,3 +385,41 @@ def test_memmap_items_and_globals_reach_local_workers_by_file_name(ip, tmp_path)
     assert items == [(float(big[:200_000].sum()), big.filename), (float(big[200_000:].sum()), big.filename)]
     report = mpmagic.last_report()
     assert report.bytes_sent < 10_000 and report.bytes_shared == 0  # (not 3.2 MB through the pipe or shm)
+
+
+def test_a_file_size_limit_is_named_not_a_full_dev_shm(monkeypatch, capsys):
+    """``ulimit -f 512`` (HPC batch limits): segments fail with EFBIG, and the notes
+    said "/dev/shm is too small or full (25 GB, 25 GB free) ... docker run --shm-size"."""
+    import resource
+
+    from mpmagic.shared import NoSharedMemory
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, hard))
+    try:
+        with pytest.raises(NoSharedMemory, match=r"mpmagic.Queue: the file-size limit \(ulimit -f, 524 kB\) "
+                                                 r"is below the .* a /dev/shm segment needs: raise `ulimit -f`"):
+            mpmagic.Queue()
+        monkeypatch.setattr(shm, "_advised", False)
+        shm.advise(2_000_000, "in the results came back through the pipe")  # (a result's: no cause carried)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert "the file-size limit (ulimit -f, 524 kB) keeps /dev/shm segments small: 2.0 MB" in err, err
+    assert "docker run" not in err
+
+
+def test_no_room_for_a_lock_or_value_does_not_suggest_a_smaller_capacity(monkeypatch):
+    """A Lock or a Value has no capacity to make smaller; a Queue has."""
+    from mpmagic.shared import NoSharedMemory
+
+    def full(name, size):
+        raise posixshm.NoRoom(size)
+
+    monkeypatch.setattr(posixshm, "create", full)
+    for make in (mpmagic.Lock, lambda: mpmagic.Value("i", 0)):
+        with pytest.raises(NoSharedMemory) as caught:
+            make()
+        assert "/dev/shm has no room" in str(caught.value) and "capacity" not in str(caught.value)
+    with pytest.raises(NoSharedMemory, match="or use a smaller capacity"):
+        mpmagic.Queue()

@@ -177,3 +177,25 @@ def test_queue_producers_on_a_nearly_full_dev_shm():
         del filler, q
         print("OK")
     """))
+
+
+def test_a_read_only_dev_shm_runs_maps_through_the_pipe_and_helpers_say_why():
+    """No usable /dev/shm (read-only here; missing on AWS Lambda): every worker start
+    failed with "could not start a worker process (OSError ... '/dev/shm/pym-...');
+    --start-method fork may help", on fork too, and Lock() raised a bare OSError
+    naming an internal semaphore."""
+    proc = run_small("8m,ro", """
+    for method in ("fork", "forkserver"):
+        mpmagic.use_local(2, method)
+        arrays = mpmagic.pmap(lambda x: np.ones(300_000) * x, range(2))
+        print(method, mpmagic.pmap(abs, [-1, -2]), [float(a.sum()) for a in arrays])
+    try:
+        mpmagic.Lock()
+    except mpmagic.shared.NoSharedMemory as exc:
+        print("LOCK", exc)
+    """)
+    check(proc)
+    out = proc.stdout
+    assert "fork [1, 2] [0.0, 300000.0]" in out and "forkserver [1, 2] [0.0, 300000.0]" in out, out
+    assert ("LOCK mpmagic.Lock needs a writable /dev/shm (POSIX shared memory), and this system's is read-only: "
+            "mount one") in out, out

@@ -107,6 +107,20 @@ def test_cap_for_sends_the_notebooks_variables(monkeypatch):
     assert threads.cap_for(2, 0)[0] is None
 
 
+def test_a_users_omp_num_threads_also_wins_for_the_blas_libraries_that_fall_back_to_it(monkeypatch):
+    """OMP_NUM_THREADS=2 in the notebook (the HPC habit): the worker set
+    OPENBLAS_NUM_THREADS=1, which OpenBLAS reads first, so the workers' BLAS ran
+    1 thread while the notebook's ran 2 and the guide said the user's variable wins."""
+    for var in threads.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # (a forkserver's stale value)
+    threads.limit_in_worker(1, {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "3"})
+    assert os.environ["OMP_NUM_THREADS"] == "2" and "OPENBLAS_NUM_THREADS" not in os.environ
+    assert os.environ["MKL_NUM_THREADS"] == "3"  # (the user's own wins)
+    assert os.environ["POLARS_MAX_THREADS"] == "1"  # (polars does not read OMP_NUM_THREADS: capped)
+    assert threads._threads_wanted("openblas") == 2 and threads._threads_wanted("mkl") == 3
+
+
 def test_advice_names_thread_oversubscription():
     r = Report(kind="pmap", items=16, workers=2, backend="local", start_method="forkserver",
                wall=4.0, task_seconds=8.0, chunks=16, chunksize="auto", cores=2, cpu_seconds=24.0)

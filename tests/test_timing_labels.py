@@ -560,3 +560,21 @@ def test_report_of_is_report_with_those_fields_and_refuses_as_it_does():
             Report(**wrong)
         with pytest.raises(TypeError, match=re.escape(str(expected.value))):
             Report.of(wrong)
+
+
+def test_an_ascii_stdout_gets_us_and_a_tasks_non_ascii_output_is_written(monkeypatch):
+    """``LC_ALL=C PYTHONIOENCODING=ascii``: the timing line's "µs" raised
+    UnicodeEncodeError after the run (``r = %pmap ...`` never assigned), and a
+    task's printed "naïve" raised from the relay, losing the results."""
+    import io
+
+    from mpmagic import jobs
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    assert fmt_seconds(5e-6) == "5 µs"
+    monkeypatch.setattr("sys.stdout", out)
+    assert fmt_seconds(5e-6) == "5 us"
+    assert _report(wall=4e-6, task_seconds=2e-6).line().encode("ascii")
+    jobs._print_stream("stdout", "naïve 1\n")
+    out.flush()
+    assert out.buffer.getvalue() == b"na\\xefve 1\n"

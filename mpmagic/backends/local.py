@@ -22,6 +22,7 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import logging
 import multiprocessing
@@ -483,6 +484,7 @@ class LocalBackend:
         # hand-out: a retired worker's slot must not be kept (its Process holds its pipe's fds).
         self._readied: tuple = ()
         self._startup_failures = 0
+        self._tasks_said: object = None  # the run told that workers hit ulimit -u (_tasks_short)
         self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
@@ -516,6 +518,7 @@ class LocalBackend:
             before = len(self.slots), self._manager
             if not self.slots:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
+                compat.heap_off_dev_shm()  # no usable /dev/shm: a worker's RawValue in the temp dir
             if self.start_method == "forkserver" and not self.slots:
                 try:
                     self.ctx.set_forkserver_preload(
@@ -531,7 +534,7 @@ class LocalBackend:
                 # is raised once every worker is in ``slots``: none is started unrecorded.
                 with sigint_deferred():
                     started: list[_Slot] = []
-                    ran_out = False
+                    out_of: str | None = None
                     try:
                         while len([s for s in self.slots if not s.temporary]) < self.workers:
                             started.append(self._spawn())
@@ -539,9 +542,11 @@ class LocalBackend:
                     except OSError as exc:
                         if not out_of_files(exc):
                             raise
-                        ran_out = True
-                    if ran_out:  # (raised here: the failed start's frames, and the pipes they hold, go now)
-                        raise self._files_ran_out(started)
+                        out_of = "files"
+                    except _NoRoomForTasks:
+                        out_of = "tasks"
+                    if out_of:  # (raised here: the failed start's frames, and the pipes they hold, go now)
+                        raise self._files_ran_out(started, tasks=out_of == "tasks")
             if self._manager is None or not self._manager.is_alive():
                 # A new manager with a wakeup pipe and a selector of its own; one
                 # that is still ending closes its own (it never touches these).
@@ -553,19 +558,32 @@ class LocalBackend:
                 self._manager = threading.Thread(
                     target=self._manage, args=(wake_r, wake_w), name="mpmagic-manager", daemon=True
                 )
-                self._manager.start()
+                try:
+                    self._manager.start()
+                except RuntimeError:  # "can't start new thread": the process/thread limit (ulimit -u)
+                    self._manager = None
+                    raise self._files_ran_out(list(self.slots), tasks=True) from None
             changed = (len(self.slots), self._manager) != before
         if wake or changed:
             self._wake()
 
-    def _files_ran_out(self, started: list[_Slot], shrink: bool = True, asked: int | None = None) -> MPMagicError:
+    def _files_ran_out(
+        self, started: list[_Slot], shrink: bool = True, asked: int | None = None, tasks: bool = False
+    ) -> MPMagicError:
         """The process may open no more files (``ulimit -n``) while workers start:
         stop ``started`` (those this start began: their pipes are what ran out),
         shrink the pool to one fewer than it could start (``shrink``; else to
         what it has), and say so in one line. A failed start kept its workers
         and their files: every later call failed too, and IPython could no
         longer open a file to show the error. ``asked``: the processes wanted
-        (a cell's extra workers for its ranks), if not the pool's size."""
+        (a cell's extra workers for its ranks), if not the pool's size.
+
+        ``tasks``: the same for the user's limit on processes and threads
+        (``ulimit -u``, ``_room_for_tasks``): a start that went on spent that
+        budget on workers that died starting, and left the pool unable to
+        start even the workers that had worked before."""
+        if tasks:
+            return self._tasks_ran_out(started, asked)
         pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
         could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
         for slot in started:
@@ -599,11 +617,37 @@ class LocalBackend:
             f"(the pool now has {self.workers})"
         )
 
+    def _tasks_ran_out(self, started: list[_Slot], asked: int | None) -> MPMagicError:
+        """``_files_ran_out`` for the process/thread limit (``ulimit -u``): the workers
+        this start began stop, the pool keeps its size from before the call grew
+        it (or what it could start), and one line names the limit."""
+        pool = len([s for s in self.slots if not s.temporary])
+        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+        kept = len([s for s in self.slots if not s.temporary and s not in started])
+        for slot in started:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            _kill_group(slot.proc.pid)
+            slot.proc.kill()
+            slot.close()
+            slot.proc.join(1.0)
+            if slot.proc.exitcode is None:
+                _reap_later(slot.proc)
+            else:
+                slot.proc.close()
+        if asked is None:
+            fits = max(kept, could - 1)  # (one fewer: a run starts threads of its own)
+            self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
+        return MPMagicError(_tasks_line(could, wanted, self.workers if asked is None else None))
+
     def _spawn(self, temporary: bool = False) -> _Slot:
         """Start one worker. A start that fails for another reason than the
         process's open-file limit (the callers' ``_files_ran_out``) raises
         ``_start_failed``'s one line, never multiprocessing's frames."""
         _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
+        # Out of processes halfway, workers died with tracebacks. (Workers not
+        # ready yet have their two threads still to start.)
+        _room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
         if self.start_method == "fork":
             self._say_fork_hazard()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
@@ -616,6 +660,8 @@ class LocalBackend:
                 raise
             if isinstance(exc, OSError) and out_of_files(exc):
                 raise
+            if _out_of_tasks(exc):
+                raise _NoRoomForTasks() from None
             raise _start_failed(exc) from None
 
     def _say_fork_hazard(self) -> None:
@@ -889,6 +935,27 @@ class LocalBackend:
             error = self._files_ran_out([], shrink=False)
             for run in list(self._runs):
                 self._end(run, error)
+        except _NoRoomForTasks:
+            self._tasks_short()
+
+    def _tasks_short(self) -> None:
+        """A worker could not be (re)started, or died starting, for the process/thread
+        limit (``ulimit -u``): the pool shrinks to the workers it has, the runs go on
+        with them and say so once; with none left they end with the one line.
+        (The manager replaced such workers in a loop: dozens of tracebacks, and
+        the pool could no longer start even the workers that had worked before.)"""
+        have = len([s for s in self.slots if not s.temporary])
+        wanted = self.workers
+        self.workers = max(1, have)
+        line = _tasks_line(have, wanted, self.workers)
+        if not have:
+            for run in list(self._runs):
+                self._end(run, MPMagicError(line))
+        elif self._runs and self._runs[0] is not self._tasks_said:  # (once per run)
+            self._tasks_said = self._runs[0]
+            self._runs[0]._emit_out("stderr", f"mpmagic: workers could not start: the process/thread limit "
+                                              f"({_task_limit_named()}) was reached; the pool goes on with {have} "
+                                              "(use fewer workers or raise `ulimit -u`)\n")
 
     # -- worker setup (worker_setup.py) ------------------------------------
     def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
@@ -1831,6 +1898,14 @@ class LocalBackend:
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
+        if code == worker.EXIT_NO_THREADS:  # it could not start its threads (ulimit -u): not replaced
+            for run, unit in slot.inflight:
+                run.job.requeue(unit)
+            slot.inflight.clear()
+            self._kill(slot)
+            self.workers_replaced -= 1  # (nothing replaced it)
+            self._tasks_short()
+            return
         reason = describe_exitcode(code)
         if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
             reason = f"ran out of memory (killed by SIGKILL; {fmt_bytes(slot.rss or 0)} of its own at its last report)"
@@ -2039,6 +2114,95 @@ def _room_for_files(n: int) -> None:
             os.close(fd)
 
 
+# The most processes and threads a worker's start adds for this user (the
+# worker, its two threads, the fork server's child, a reaper thread).
+_TASKS_PER_START = 4
+
+
+class _NoRoomForTasks(Exception):
+    """A worker cannot start: the user's processes and threads reached ``ulimit -u``."""
+
+
+def _task_limit() -> int | None:
+    """The soft limit on this user's processes and threads (``ulimit -u``), or None
+    where it does not bind (unlimited, root, no ``resource``)."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    except Exception:
+        return None
+    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:  # (root is not held to it)
+        return None
+    return int(soft)
+
+
+def _tasks_in_use(limit: int) -> int:
+    """How many processes and threads count against ``limit`` now (this user's, in
+    /proc). The system's total (/proc/loadavg, one read) answers when it is below
+    the limit: only near it are this user's processes counted (~1 ms per 100)."""
+    try:
+        with open("/proc/loadavg") as f:
+            total = int(f.read().split()[3].split("/")[1])
+        if total < limit // 2:
+            return total
+        uid, used = os.getuid(), 0
+        with os.scandir("/proc") as entries:
+            for entry in entries:
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    if entry.stat().st_uid != uid:
+                        continue
+                    with open(f"/proc/{entry.name}/status") as f:
+                        for line in f:
+                            if line.startswith("Threads:"):
+                                used += int(line.split()[1])
+                                break
+                except OSError:  # (gone meanwhile)
+                    continue
+        return used
+    except Exception:
+        return 0  # (no /proc: no check)
+
+
+def _room_for_tasks(n: int) -> None:
+    """Raise ``_NoRoomForTasks`` unless ``n`` more processes or threads fit under
+    ``ulimit -u`` (free where there is no such limit, as for root)."""
+    limit = _task_limit()
+    if limit is not None and _tasks_in_use(limit) + n > limit:
+        raise _NoRoomForTasks()
+
+
+def _out_of_tasks(exc: BaseException) -> bool:
+    """Did a worker's start fail on the process/thread limit? A fork's EAGAIN, a
+    thread that could not start, or (the fork server's child failed: an EOFError
+    here) any failure while this user is at the limit."""
+    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+        return True
+    if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
+        return True
+    limit = _task_limit()
+    return limit is not None and _tasks_in_use(limit) + _TASKS_PER_START > limit
+
+
+def _task_limit_named() -> str:
+    """``ulimit -u, 20``: the limit and its value, for a message."""
+    limit = _task_limit()
+    return f"ulimit -u, {limit}" if limit is not None else "ulimit -u"
+
+
+def _tasks_line(could: int, wanted: int, now: int | None) -> str:
+    """The one line for a pool that reached the process/thread limit."""
+    named = _task_limit_named()
+    if could <= 0:
+        return (f"the process/thread limit ({named}) is reached: not even one worker can start; "
+                "raise `ulimit -u` (or end processes of yours), or run it serially")
+    rest = f" (the pool now has {now})" if now is not None else ""
+    return (f"the pool could start only {could} of {wanted} workers: the process/thread limit "
+            f"({named}) was reached; use fewer workers or raise `ulimit -u`{rest}")
+
+
 def _kill_group(pid: int | None) -> None:
     """SIGKILL a worker's process group: the worker (if still there) and every
     process its tasks started that did not leave the group (``subprocess.run``,
@@ -2068,4 +2232,7 @@ def _reap_later(proc) -> None:
         except ValueError:  # still running after SIGKILL and 10 s: left to the OS
             log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
 
-    threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()
+    try:
+        threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()
+    except RuntimeError:  # no thread to spare (ulimit -u): reaped here (it was killed: it exits at once)
+        reap()

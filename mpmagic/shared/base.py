@@ -93,14 +93,27 @@ class _Segment:
     def __init__(self, name: str, size: int | None = None, kind: str = "helper") -> None:
         if size is None:
             self.mmap = posixshm.attach(name)
+        elif not compat.dev_shm_usable():  # (shm_open failed with a bare OSError naming the segment)
+            raise NoSharedMemory(
+                f"mpmagic.{kind} needs a writable /dev/shm (POSIX shared memory), and this system's is "
+                f"{'read-only' if os.path.isdir('/dev/shm') else 'missing'}: mount one (a tmpfs on /dev/shm), "
+                "or pass data between tasks through their arguments and results"
+            )
         else:
             try:
                 self.mmap = posixshm.create(name, size)
             except posixshm.NoRoom as exc:
+                if exc.file_limit is not None:
+                    raise NoSharedMemory(
+                        f"mpmagic.{kind}: {exc.why()}: raise `ulimit -f` (it limits /dev/shm segments too)"
+                    ) from exc
+                # (Lock, Value... have no capacity to make smaller: only a Queue's or an Array's size)
+                smaller = ", or use a smaller capacity" if kind == "Queue" else (
+                    ", or make it smaller" if kind == "Array" else "")
                 raise NoSharedMemory(
                     f"mpmagic.{kind}: /dev/shm has no room for its {fmt_bytes(size)} "
                     f"({posixshm.describe_room()}). Free some (drop helpers and share() arrays you no "
-                    "longer use), make it bigger (docker run --shm-size=1g), or use a smaller capacity"
+                    f"longer use) or make it bigger (docker run --shm-size=1g){smaller}"
                 ) from exc
         self.name = name
         self.size = len(self.mmap)
