@@ -31,15 +31,20 @@ stat at their first parallel run).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import sys
+import uuid
 from typing import Any
 
 # module name -> (the spec found for its latest load, its file's (mtime_ns, size) then, load number)
 _loads: dict[str, tuple[Any, tuple[int, int], int]] = {}
 _inplace: dict[str, int] = {}  # module name -> how many times it was re-run in place (autoreload)
 _numbers = itertools.count(1)
+# Load numbers are this process's: a Dask worker serving several notebooks tells
+# theirs apart by this (see dask_tasks.follow_reloads).
+NOTEBOOK = uuid.uuid4().hex[:12]
 
 
 class _LoadStamps:
@@ -81,6 +86,17 @@ def stamp(path: Any) -> tuple[int, int] | None:
     return st.st_mtime_ns, st.st_size
 
 
+def digest(path: Any) -> str | None:
+    """A source file's content hash (None when it cannot be read): what tells a
+    worker's copy of a module's file from the notebook's on another machine,
+    where the stat differs for the same text."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read(), usedforsecurity=False).hexdigest()
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def install() -> None:
     """Put the finder first in ``sys.meta_path`` (once; the notebook's ``import mpmagic``)."""
     if not any(isinstance(f, _LoadStamps) for f in sys.meta_path):
@@ -109,6 +125,11 @@ def version(name: str, module: Any) -> tuple[Any, int]:
     its ``__spec__`` (``importlib.reload`` makes a new one) and how many times it
     was re-run in place since (:func:`reexecuted`). Compare with ``is`` and ``==``."""
     return getattr(module, "__spec__", None), _inplace.get(name, 0)
+
+
+def next_number() -> int:
+    """A load number later than every one given so far (for a reload with no record here)."""
+    return next(_numbers)
 
 
 def loaded(name: str, module: Any) -> tuple[tuple[int, int], int] | None:

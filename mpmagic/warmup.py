@@ -591,8 +591,9 @@ class Reloads:
     since its workers imported them, and how far each worker got with reloading them.
 
     The local pool's :class:`Warmth` has one (its manager sends ``Reload`` with the
-    imports); the Dask backend has its own, only to say that its workers keep the
-    version they imported (``check(..., follow=False)``).
+    imports); the Dask backend has its own, whose tasks carry :meth:`for_tasks`
+    (a Dask worker cannot be sent a message between tasks: each task says which
+    reloads its worker process must have followed, ``dask_tasks.follow_reloads``).
     """
 
     def __init__(self) -> None:
@@ -602,11 +603,14 @@ class Reloads:
         self._told: set[tuple[str, ...]] = set()  # the reloads this pool's workers were said to do
         self._reloads: list[str] = []  # user modules to reload, in the order the notebook's reloads were found
         self._rsent: dict[int, int] = {}  # worker id -> how many of _reloads it was sent
+        # user module -> ((notebook, load number) of its latest reload, its file's digest then or None)
+        self._versions: dict[str, tuple[tuple[str, int], str | None]] = {}
+        self._for_tasks: tuple[int, tuple] = (0, ())  # (len(_reloads), for_tasks()) at the last ask
         self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
         self._user_scanned = 0  # len(sys.modules) at that scan
         self._user_last: str | None = None  # and its last module then
 
-    def check(self, func: Any, key: Any, follow: bool = True) -> bool:
+    def check(self, func: Any, key: Any) -> bool:
         """Before a run (of ``func``; None: a cell): queue a reload in every worker of
         the user's modules (any loaded here, not only the function's: its items'
         classes, a helper module, a cell's imports) that the notebook reloaded since
@@ -615,9 +619,6 @@ class Reloads:
         loaded it (a worker that (re)loads it runs the file, not the notebook's code).
         The reloads go out in the order the notebook made them (``m1`` does ``from m2
         import g``: reloading ``m1`` before ``m2`` keeps the old ``g`` in ``m1``).
-
-        ``follow=False`` (Dask, whose workers cannot be told to reload): nothing
-        is queued, and the line says the workers keep the version they imported.
 
         Per call: an identity test per user module loaded here (a new scan of
         ``sys.modules`` only past the modules loaded since the last one), and an
@@ -636,15 +637,12 @@ class Reloads:
         if reloaded:
             reloaded.sort(key=lambda n: (loadstamps.loaded(n, sys.modules.get(n)) or ((0, 0), 0))[1])
             shown = ", ".join(reloaded)
-            if follow:
-                with self._lock:
-                    self._reloads.extend(reloaded)
-                line = (f"mpmagic: workers reload {shown} (reloaded in the notebook since they imported "
-                        f"{'it' if len(reloaded) == 1 else 'them'})")
-            else:
-                line = (f"mpmagic: {shown} {'was' if len(reloaded) == 1 else 'were'} reloaded in the notebook, but "
-                        "Dask workers keep the version they imported first: restart them to run the new code "
-                        "(%pool restart on a cluster mpmagic started; client.restart() on another)")
+            for name in reloaded:
+                self._versions[name] = _reload_version(name)
+            with self._lock:
+                self._reloads.extend(reloaded)
+            line = (f"mpmagic: workers reload {shown} (reloaded in the notebook since they imported "
+                    f"{'it' if len(reloaded) == 1 else 'them'})")
             if tuple(reloaded) not in self._told:  # (once per pool: a per-pool set, not a key by id())
                 self._told.add(tuple(reloaded))
                 sys.stderr.write(line + "\n")
@@ -701,10 +699,35 @@ class Reloads:
         # Each module once, at its last place: its last reload comes after those it imports from.
         return Reload(list(dict.fromkeys(reversed(todo)))[::-1])
 
+    def for_tasks(self) -> tuple[tuple[str, tuple[str, int], str | None], ...]:
+        """What a Dask task carries: ``(module, (notebook, load number), digest)`` for each
+        module the notebook reloaded, once, at the place of its last reload (the order its
+        worker process reloads them in); ``digest`` is the content hash of the file the
+        notebook loaded (None when it changed since). The same tuple until a reload is found."""
+        n = len(self._reloads)
+        if self._for_tasks[0] != n:
+            with self._lock:
+                order = list(dict.fromkeys(reversed(self._reloads)))[::-1]
+            self._for_tasks = (n, tuple((name, *self._versions[name]) for name in order))
+        return self._for_tasks[1]
+
     def forget(self, wid: int) -> None:
         """That worker is gone (its replacement has another id)."""
         with self._lock:
             self._rsent.pop(wid, None)
+
+
+def _reload_version(name: str) -> tuple[tuple[str, int], str | None]:
+    """A reload of ``name`` found in the notebook: ``((notebook, load number), digest)``.
+    The load number is loadstamps' (its order among the notebook's loads), a new one
+    for a module loaded out of its sight; the digest is the file's as the notebook
+    loaded it, None when it changed on disk since (that is said apart: _say_edited)."""
+    module = sys.modules.get(name)
+    at_load = loadstamps.loaded(name, module)
+    number = at_load[1] if at_load is not None else loadstamps.next_number()
+    path = getattr(module, "__file__", None)
+    same = at_load is not None and _file_stamp(module) == at_load[0]
+    return (loadstamps.NOTEBOOK, number), loadstamps.digest(path) if same else None
 
 
 # -- the worker side: importing, and noticing imports ----------------------

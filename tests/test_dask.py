@@ -646,3 +646,76 @@ def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip,
     assert err.count("has not started") == 1
     advice = mpmagic.last_report().advice or ""
     assert "slow rank" not in advice and "waited" in advice
+
+
+def _save_module(path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
+    """Write a module file with an mtime seconds after the last one (a .pyc goes by seconds and size)."""
+    n[0] += 5
+    path.write_text(text)
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + n[0] * 1_000_000_000))
+
+
+@pytest.fixture
+def module_dirs(ip, dask_pool, tmp_path, monkeypatch):
+    """(the notebook's folder of modules, the workers' own): the workers import from theirs, then
+    the notebook's (a cluster we connect to is sent no sys.path): a file in theirs is another
+    machine's copy."""
+    here, there = str(tmp_path / "here"), str(tmp_path / "there")
+    os.mkdir(here)
+    os.mkdir(there)
+    monkeypatch.syspath_prepend(here)
+
+    def on_path(add: bool) -> None:
+        sys.path[:] = ([there, here] if add else []) + [p for p in sys.path if p not in (here, there)]
+
+    dask_pool.client.run(on_path, True)
+    before = set(sys.modules)
+    yield tmp_path / "here", tmp_path / "there"
+    dask_pool.client.run(on_path, False)
+    for name in set(sys.modules) - before:
+        if name.startswith("dkmod_"):
+            del sys.modules[name]
+
+
+def test_a_module_reloaded_in_the_notebook_is_reloaded_by_the_workers(ip, dask_pool, module_dirs, tmp_path, capsys):
+    """Dask workers kept the module they imported first: after importlib.reload %pmap gave v1 where
+    map gave v2, and --checkpoint stored those v1 results under v2's key. m1 does `from m2 import g`
+    and the notebook reloaded m1 before m2 (m1.g stays v1 there): the workers follow that order."""
+    here = module_dirs[0]
+    _save_module(here / "dkmod_r1.py", "from dkmod_r2 import g\ndef f(x):\n    return g(x)\n")
+    _save_module(here / "dkmod_r2.py", "def g(x):\n    return ('v1', x)\n")
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
+    try:
+        run(ip, "import importlib, dkmod_r1, dkmod_r2")
+        v1, v2 = [("v1", i) for i in range(8)], [("v2", i) for i in range(8)]
+        assert run(ip, "%pmap -q --checkpoint dkmod_r2.g, range(8)") == v1
+        dask_pool.client.run(lambda: __import__("dkmod_r1") and None)  # (every worker has v1: none imports v2 afresh)
+        _save_module(here / "dkmod_r2.py", "def g(x):\n    return ('v2', x)\n")
+        run(ip, "importlib.reload(dkmod_r1); importlib.reload(dkmod_r2)")
+        assert run(ip, "list(map(dkmod_r2.g, range(8)))") == v2
+        capsys.readouterr()
+        assert run(ip, "%pmap -q --checkpoint dkmod_r2.g, range(8)") == v2  # computed again, by v2
+        assert "resumed: 0 of 8" in mpmagic.last_report().line()
+        err = capsys.readouterr().err
+        assert "workers reload dkmod_r1, dkmod_r2" in err and "differs" not in err
+        assert run(ip, "%pmap -q --chunksize 1 dkmod_r1.f, range(8)") == v1  # the notebook's order: m1.g is v1
+        assert run(ip, "%pmap -q --chunksize 1 lambda x: dkmod_r2.g(x), range(8)") == v2
+    finally:
+        run(ip, "%config MPMagic.checkpoint_dir = None")
+
+
+def test_a_worker_whose_copy_of_a_reloaded_module_differs_says_so_once(ip, dask_pool, module_dirs, capsys):
+    """A worker on another machine reloads its own copy of the file: one line says so, naming a worker."""
+    here, there = module_dirs
+    (there / "dkmod_d.py").write_text("def f(x):\n    return ('theirs', x)\n")
+    _save_module(here / "dkmod_d.py", "def f(x):\n    return ('v1', x)\n")
+    run(ip, "import importlib, dkmod_d")
+    assert run(ip, "%pmap -q --chunksize 1 dkmod_d.f, range(8)") == [("theirs", i) for i in range(8)]
+    _save_module(here / "dkmod_d.py", "def f(x):\n    return ('v2', x)\n")
+    run(ip, "importlib.reload(dkmod_d)")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q --chunksize 1 dkmod_d.f, range(8)") == [("theirs", i) for i in range(8)]
+    err = capsys.readouterr().err
+    assert err.count("differs from the file the notebook loaded") == 1
+    assert "mpmagic: dkmod_d.py on Dask worker tcp://127.0.0.1:" in err

@@ -283,7 +283,8 @@ class DaskBackend:
         self.stops = 0
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
-        self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (said, not followed)
+        self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (each task carries them)
+        self._said_differs: set[tuple[str, Any]] = set()  # (module, digest): a worker's file said to differ
         self._topic = ""
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
@@ -801,8 +802,8 @@ class DaskBackend:
                 finally:
                     self._driving = None
 
-        # The user's modules the notebook reloaded: Dask workers keep theirs (said once).
-        self._reloads.check(job.func, job.func_key, follow=False)
+        # The user's modules the notebook reloaded: each task of the run has its worker reload them first.
+        self._reloads.check(job.func, job.func_key)
         run = DrivenRun(job, drive)
         run.background = background
         return run
@@ -920,6 +921,8 @@ class _DaskRun:
         self.asked: int | None = None  # -n / workers=: the most tasks running at once
         # The notebook's world, for the cluster mpmagic started (same machine): see dask_tasks.
         self.world = context.current(job.call_id) if backend.owns_cluster else None
+        # The user's modules the notebook reloaded, for each task's worker to follow (dask_tasks.follow_reloads).
+        self.reloads = backend._reloads.for_tasks()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.token = uuid.uuid4().hex[:12]
         self.topic = backend._events_topic()
@@ -1099,7 +1102,7 @@ class _DaskRun:
         elif self.restrict is not None:
             kwargs.update(workers=self.restrict, allow_other_workers=False)
         future = self.client.submit(
-            dask_tasks.run_message, arg, self.payload_future, self.topic, key, self.world, **kwargs
+            dask_tasks.run_message, arg, self.payload_future, self.topic, key, self.world, self.reloads, **kwargs
         )
         self.tasks[key] = _Task(key, unit, future, target=target, data_future=data_future)
         future.add_done_callback(self._on_done)
@@ -1151,15 +1154,34 @@ class _DaskRun:
             job.lost(unit, "had its task cancelled on the cluster (was it restarted?)", worker_kept=True)
             return
         try:
-            n_streamed, packed = reply
+            n_streamed, packed, differs = reply
         except (TypeError, ValueError):
             raise ProtocolError(
                 f"a Dask task on {self.backend.where} replied with a {type(reply).__name__}, not mpmagic's "
                 "reply: do its workers run the same mpmagic version as the notebook?"
             ) from None
         self._await_output(task, n_streamed)
+        if differs:
+            self._say_differs(unit, differs, task.worker)
         for data in packed:
             self._reply(unit, unpack(data))
+
+    def _say_differs(self, unit: Any, names: list[str], worker: str | None) -> None:
+        """A worker reloaded (or imported) a module the notebook reloaded from a file that is
+        not the notebook's (another machine's copy): one line per module and notebook file,
+        in the cell, naming that worker."""
+        versions = {name: digest for name, _, digest in self.reloads}
+        for name in names:
+            said = (name, versions.get(name))
+            if said in self.backend._said_differs:
+                continue
+            self.backend._said_differs.add(said)
+            module = sys.modules.get(name)
+            shown = os.path.basename(getattr(module, "__file__", None) or name)
+            self.job.output(unit.id, "stderr", (
+                f"mpmagic: {shown} on Dask worker {worker or 'of the cluster'} differs from the file the notebook "
+                f"loaded: {name} there runs that copy's code, not the notebook's (copy the notebook's file to that "
+                f"machine, or reload {name} in the notebook if you saved it since)\n"))
 
     def _reply(self, unit: Any, msg: tuple) -> None:
         """What the task said, handed to the job as the local backend does."""

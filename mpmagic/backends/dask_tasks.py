@@ -28,11 +28,19 @@ and answers with the same packed replies (``mpmagic/protocol.py``), so
 * every task logs a start event and, whatever happens, an end event: the
   notebook knows when a task it gave up on (timeout, interrupt) frees its
   worker thread, and sends no new work there meanwhile.
+* the user's modules the notebook reloaded (``importlib.reload``,
+  ``%autoreload``) are reloaded here too, before the task runs, once per worker
+  process and in the notebook's order: each task carries the notebook's list
+  (``warmup.Reloads.for_tasks``), and :func:`follow_reloads` reloads those this
+  process has not followed yet (a Dask worker takes no message between tasks,
+  as a local worker takes ``Reload``). A worker whose copy of such a file
+  differs from the notebook's (another machine) says so with its reply.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
 import io
 import logging
 import signal
@@ -42,7 +50,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from .. import context, task_builtins, worker_logging
+from .. import context, loadstamps, task_builtins, worker_logging
 from ..protocol import Cell, Context, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
 from ..worker import Loaded, execute_cell, execute_map
@@ -343,6 +351,67 @@ def _cached(key: bytes, call: Any) -> Loaded | None:
     return loaded
 
 
+_reload_lock = threading.Lock()
+# module -> the notebook's (notebook, load number) of the reload this process has followed
+_followed: dict[str, tuple[str, int]] = {}
+
+
+def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
+    """Reload here the user's modules the notebook reloaded that this worker process
+    has not followed yet, in the order given (the notebook's: ``m1`` does ``from m2
+    import g``); return the names of those whose file here differs from the one the
+    notebook loaded (a worker on another machine runs its own copy).
+
+    ``reloads`` is ``warmup.Reloads.for_tasks()``: ``(module, (notebook, load number),
+    digest)``. A module this process has not imported is only noted (its first
+    import reads the file as it is now); one imported at a time nobody knows (by
+    another task, a worker plugin) is reloaded once. The cached functions are
+    dropped: one pickled by reference is the old module's. Under a lock, so the
+    first of several tasks running at once reloads and the others wait for it.
+    Per task, when nothing is new: a dict lookup per reloaded module.
+    """
+    if not reloads or all(_followed.get(name) == version for name, version, _ in reloads):
+        return []
+    differs: list[str] = []
+    with _reload_lock:
+        todo = [(name, version, digest) for name, version, digest in reloads if _newer(name, version)]
+        reloaded = False
+        for name, version, digest in todo:
+            module = sys.modules.get(name)
+            if module is not None:
+                imports.reload([name])  # (a failure is logged: the task that uses it shows the error)
+                reloaded = True
+            _followed[name] = version
+            if digest is not None:
+                path = getattr(sys.modules.get(name), "__file__", None) or _source_file(name)
+                if path is not None and loadstamps.digest(path) != digest:
+                    differs.append(name)
+        if reloaded:
+            with _funcs_lock:
+                _funcs.clear()
+    return differs
+
+
+def _newer(name: str, version: tuple[str, int]) -> bool:
+    """Is this reload one this process has not followed (another notebook's: any)?"""
+    seen = _followed.get(name)
+    return seen is None or seen[0] != version[0] or seen[1] < version[1]
+
+
+def _source_file(name: str) -> str | None:
+    """Where this worker would import ``name`` from, without importing anything."""
+    parent, _, _ = name.rpartition(".")
+    path = getattr(sys.modules.get(parent), "__path__", None) if parent else None
+    if parent and path is None:
+        return None
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+    except Exception:
+        return None
+    origin = getattr(spec, "origin", None)
+    return origin if isinstance(origin, str) else None
+
+
 _context_lock = threading.Lock()
 _context_seen: tuple[int, Any] | None = None  # (context version, call) last adopted here
 
@@ -367,8 +436,9 @@ def _adopt_context(msg: Context, call: Any) -> None:
 
 
 def run_message(
-    data: bytes, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None = None
-) -> tuple[int, list[bytes]]:
+    data: bytes, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None = None,
+    reloads: Any = (),
+) -> tuple[int, list[bytes], list[str]]:
     """Run one unit of a job in this Dask worker; return its packed replies.
 
     ``data`` is ``protocol.pack(job.message(unit))``, a ``Map`` or ``Cell``;
@@ -376,23 +446,29 @@ def run_message(
     on the notebook side, its bytes here); ``topic`` the Dask event topic that
     streams output and the start and end signals; ``tag`` the task's key;
     ``world`` the notebook's context (only on the cluster mpmagic started,
-    see the module's docstring). Returns ``(lines streamed, [Out..., reply])``,
+    see the module's docstring); ``reloads`` the modules the notebook reloaded
+    (:func:`follow_reloads`). Returns ``(lines streamed, [Out..., reply], modules)``,
     every message packed as a local worker packs it; the reply is a ``Done``,
-    ``Error`` or ``Unpicklable``.
+    ``Error`` or ``Unpicklable``; ``modules`` those of ``reloads`` whose file
+    here is not the one the notebook loaded.
     """
     msg = unpack(data)
     if type(msg) not in (Map, Cell):
         raise ProtocolError(f"a Dask task runs Map or Cell messages, not {type(msg).__name__}")
     _log_event(topic, {"tag": tag, "start": True})
     try:
-        return _run(msg, func_payload, topic, tag, world)
+        return _run(msg, func_payload, topic, tag, world, reloads)
     finally:  # (an abandoned task's thread is free again: see the module's docstring)
         _log_event(topic, {"tag": tag, "end": True})
 
 
-def _run(msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None) -> tuple[int, list[bytes]]:
+def _run(
+    msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None, reloads: Any
+) -> tuple[int, list[bytes], list[str]]:
     if world is not None:
-        _adopt_context(world, msg.call)
+        _adopt_context(world, msg.call)  # (first: its sys.path is where the reloaded modules are found)
+    imports = ImportLog()
+    differs = follow_reloads(reloads, imports)
     where = _worker_address()
     cpu0 = time.thread_time()  # this thread's: other tasks may run in the process at once
 
@@ -403,7 +479,6 @@ def _run(msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, worl
     # imports it caused) go home in its reply's meta["once"]. Several tasks may
     # run at once in a Dask worker: an import another thread caused meanwhile
     # can be counted here too (no warm-up is sent to a cluster: see warmup.py).
-    imports = ImportLog()
     task_builtins.install()  # display() and get_ipython() for notebook code (where missing)
     task_builtins.no_console()  # input() and breakpoint(): a line saying why, not pdb on a task's thread
     with _capture(topic, tag) as out:
@@ -417,7 +492,7 @@ def _run(msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, worl
         else:
             reply = execute_cell(msg, where, cpu, imports)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]
-    return out.streamed, rest + [pack(reply)]
+    return out.streamed, rest + [pack(reply)], differs
 
 
 # --------------------------------------------------------------------------
