@@ -46,6 +46,7 @@ from .errors import (
     add_note,
     drop_our_frames,
     format_exception,
+    hide_our_frames,
     interrupt_outcome,
     note_unsent_name,
     render_traceback,
@@ -685,9 +686,10 @@ def pmap(
     options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
         results = job.results()
-    except BaseException:
+    except BaseException as exc:
         # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
         debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
+        hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
         raise
     finally:
         _reports.report = report = call.report(wall)

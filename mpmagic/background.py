@@ -44,7 +44,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar
 
 from . import debugging, display_relay
-from .errors import UsageError, drop_our_frames, one_line, one_line_interrupt
+from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
 
@@ -359,7 +359,11 @@ class Run(Future[_R]):
         if self._cancelled:
             raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
         if self._error is not None:
-            self._raise_error()
+            try:
+                self._raise_error()
+            except BaseException as exc:
+                hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
+                raise
         return self._value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
+from .errors import hide_our_frames
 from .jobs import Failed, MapJob
 
 if TYPE_CHECKING:
@@ -232,7 +233,11 @@ def _generate(reader: _Reader) -> Generator[Any, None, None]:
         if not finished and not reader.dropped:  # the loop was left (break, close(), an exception, Ctrl-C)
             reader.run.cancel()  # stop the rest
     run = reader.run
-    run.result()  # the run's error (or CancelledError), after the results before it
+    try:
+        run.result()  # the run's error (or CancelledError), after the results before it
+    except BaseException as exc:
+        hide_our_frames(exc)  # (a script's traceback: the loop's line, then the task's frames)
+        raise
     changed = run._job.input_changed()  # (the loop appended to its input list: a worklist)
     if changed is not None:
         run._warn(f"mpmagic: {changed}")
