@@ -739,6 +739,10 @@ class MapJob:
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
         ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note)."""
         self.bytes_back += len(data)
+        # Results count as packed items do: later chunks stay under the planner's
+        # max_bytes of results too (10 MB results made time-sized chunks of 58 items,
+        # and an imap's buffer of such chunks held 1.2 GB; report migrate14 finding 6).
+        self.planner.note_bytes(unit.count, len(data))
         if meta:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
