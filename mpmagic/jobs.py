@@ -58,8 +58,9 @@ _FAST_ITEM = 2e-6
 _FAST_BLOCK = 32
 
 _READ_ONLY_NOTE = (
-    "mpmagic: numpy arrays from the notebook (items and captured globals of 1 MB or more) "
-    "reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`), "
+    "mpmagic: numpy arrays and pandas DataFrames / Series from the notebook (items and captured globals "
+    "of 1 MB or more) reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`, "
+    "`df = df.copy()`), "
     "or allow writes with `mpmagic.shm.configure(writable=True)` (writes stay in the worker)."
 )
 

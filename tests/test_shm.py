@@ -385,3 +385,20 @@ def test_memmap_items_and_globals_reach_local_workers_by_file_name(ip, tmp_path)
     assert items == [(float(big[:200_000].sum()), big.filename), (float(big[200_000:].sum()), big.filename)]
     report = mpmagic.last_report()
     assert report.bytes_sent < 10_000 and report.bytes_shared == 0  # (not 3.2 MB through the pipe or shm)
+
+
+def _edit_in_place(df):  # Pool.map(process, df_chunks) as ported: Pool gave a private copy
+    df.loc[df.index[0], "y"] = -1.0
+    return df
+
+
+def test_a_dataframe_edited_in_place_is_refused_with_a_note_naming_dataframes():
+    """A DataFrame item of 1 MB or more is read-only in the worker, like an array:
+    the note says so for DataFrames too, and how to copy (report migrate14 finding 8)."""
+    pd = pytest.importorskip("pandas")
+    ensure_pool("forkserver")
+    frame = pd.DataFrame({"x": np.arange(100_000.0), "y": np.ones(100_000)})  # 1.6 MB
+    with pytest.raises(ValueError, match="read-only") as got:
+        mpmagic.pmap(_edit_in_place, [frame], workers=1)
+    note = next(n for n in got.value.__notes__ if "read-only" in n)
+    assert "pandas DataFrames" in note and "df = df.copy()" in note, note
