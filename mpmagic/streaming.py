@@ -376,6 +376,12 @@ def imap(
     early leaves it read only a few chunks past its last result); ``buffer``
     bounds the finished chunks the notebook holds before the loop takes them
     (default: 2 per worker, at least 4): beyond it no new chunk is handed out.
+    That bound counts chunks, not bytes: automatic chunks are sized by task
+    time (a list's first ones, before any is measured, up to 16 items) and
+    capped at 64 MB of packed items or results each, so results come in bursts
+    of a chunk and big ones can pile up; ``chunksize=1`` (and a small
+    ``buffer``) gives ``Pool.imap``'s one result at a time and holds at most
+    ``buffer + 2 * workers + 1`` results the loop has not taken.
     An error is raised at its place (ordered: after the results of the
     chunks before the failing item's). Leaving the loop early, or the stream's
     ``close()`` (even before its first result), cancels the rest.
