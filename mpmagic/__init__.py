@@ -48,6 +48,7 @@ _LAZY = {
     "RankValues": "api",
     "Run": "background",
     "submit": "api",
+    "call": "api",
     "runs": "background",
     "as_completed": "background",
     "apmap": "api",
@@ -78,7 +79,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the names as if imported eagerly
-    from .api import RankValues, apmap, last_report, parallel, pmap, submit
+    from .api import RankValues, apmap, call, last_report, parallel, pmap, submit
     from .background import Run, as_completed, runs
     from .debugging import last_failures
     from .jobs import Failed
@@ -155,6 +156,7 @@ __all__ = [
     "RankValues",
     "Run",
     "submit",
+    "call",
     "imap",
     "as_completed",
     "apmap",

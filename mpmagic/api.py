@@ -47,6 +47,7 @@ from .errors import (
     add_note,
     drop_our_frames,
     format_exception,
+    hide_our_frames,
     interrupt_outcome,
     note_unsent_name,
     render_traceback,
@@ -132,11 +133,18 @@ def _set_report(report: Report) -> None:
 
 
 def _check_workers(workers: Any) -> int | None:
-    if workers is None:
+    """``workers`` as a run takes it: None (or -1, joblib's ``n_jobs=-1``) for the
+    whole pool, which has one worker per usable CPU unless sized otherwise."""
+    if workers is None or workers == ALL_WORKERS and type(workers) is int:
         return None
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
+        raise UsageError(f"workers must be a whole number of at least 1, or -1 / None (the whole pool), "
+                         f"not {workers!r}")
     return workers
+
+
+#: ``workers=-1``: the whole pool, as leaving ``workers`` out (joblib's ``n_jobs=-1``).
+ALL_WORKERS = -1
 
 
 def _check_positive(name: str, value: Any, integer: bool = False) -> None:
@@ -321,6 +329,10 @@ def _take(it: Any, position: int) -> Any:
         taken = iter(it)
     except TypeError as exc:
         if getattr(kind, "__iter__", None) is None and not hasattr(kind, "__getitem__"):
+            if _map_caller.get() == "submit":  # read as Executor.submit(f, x): say it maps, and the one call
+                raise ArgumentTypeError(f"submit maps func over its iterables like map(), so argument {position} must be "
+                                 f"iterable, not {kind.__name__} {payload_repr(it)}; for one call func(x) use "
+                                 "mpmagic.call(func, x) (or submit(func, [x]).result()[0])") from None
             raise ArgumentTypeError(f"argument {position} of map must be iterable, not {kind.__name__} "
                              f"{payload_repr(it)}") from None
         if _raised_here(exc):  # a C __iter__ refused (a 0-d numpy array): no frame of the user's to show
@@ -390,6 +402,11 @@ def _results_then_drop_input(job: MapJob) -> list:
         return job.results()
     finally:
         job.forget_input()
+
+
+def _first_result(job: MapJob) -> Any:
+    """The value of :func:`call`'s run: its one item's result."""
+    return _results_then_drop_input(job)[0]
 
 
 def _raised_here(exc: BaseException) -> bool:
@@ -586,7 +603,7 @@ def pmap(
     ``functools.partial``, bound method): it travels by value with cloudpickle,
     once per call. ``star=True`` calls ``func(*item)`` (like ``starmap``);
     several iterables are zipped as ``map`` does. ``workers`` limits (or grows)
-    the processes used; ``chunksize`` fixes the items per message (automatic by
+    the processes used (None or -1, joblib's ``n_jobs=-1``: the whole pool); ``chunksize`` fixes the items per message (automatic by
     default, from measured task times). ``compare=True`` also runs the map
     serially here and reports the measured speedup. ``errors="collect"`` puts a
     :class:`~mpmagic.jobs.Failed` in the place of each failing item instead of
@@ -628,7 +645,9 @@ def pmap(
                 "or start the run from the notebook"
             )
         background.check_options(compare=compare)
-        what = f"pmap {func_name(func)}"
+        one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
+        what = f"call {func_name(given_func)}" if one else f"pmap {func_name(func)}"
+        finish = _first_result if one else _results_then_drop_input
 
         def start(func: Callable, iterables: tuple, star: bool, on_chunk: Any = None, resume: Any = None) -> Any:
             def make_call(forward: background.Forward) -> MapCall:
@@ -636,7 +655,7 @@ def pmap(
                                 retries=retries, insights=insights, out=forward.out, progress=forward.progress,
                                 accepted=forward.accepted, on_chunk=forward.then)
 
-            return background.start(what, make_call, lambda call, forward: _results_then_drop_input(call.job),
+            return background.start(what, make_call, lambda call, forward: finish(call.job),
                                     workers, on_chunk=on_chunk, resume=resume, errors=errors, show_report=show_report)
 
         if checkpoint:  # only the items the store lacks run (checkpoint.py)
@@ -686,9 +705,10 @@ def pmap(
     options = {"workers": workers, "chunksize": chunksize, "timeout": timeout, "retries": retries}
     try:
         results = job.results()
-    except BaseException:
+    except BaseException as exc:
         # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
         debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
+        hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
         raise
     finally:
         _reports.report = report = call.report(wall)
@@ -976,18 +996,56 @@ def submit(
 ) -> Run[list[_T]] | Run[list[_T | Failed]]:
     """``pmap(func, *iterables, block=False, ...)``: a :class:`~mpmagic.background.Run`
     handle at once, the map in the background (``result()``, ``cancel()``, ``report()``).
+    A map, not ``Executor.submit``: ``submit(f, "abc")`` calls ``f`` on each of
+    ``"a"``, ``"b"``, ``"c"`` and ``result()`` is the list; for one call ``f(x)``
+    use :func:`call` (``call(f, x).result()`` is ``f(x)``).
     The options are ``pmap``'s (all but ``block``); ``show_report=True`` shows the
     timing report in the run's live area once it ended. The run takes its input as
-    it is now, as ``concurrent.futures``' ``submit`` does: a list, dict, set or other
+    it is now, as ``Executor.submit`` takes its arguments: a list, dict, set or other
     mutable container is copied shallowly, a numpy array (pandas object) copied
     (its memory once more until the run ends); the items themselves are not
     copied, and a generator is read as the run goes."""
     __tracebackhide__ = True
     _no_block("submit", refused)
-    return pmap(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
-                timeout=timeout, retries=retries, show_report=show_report, progress=progress,
-                progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
-                block=False, seed=seed)
+    caller = _map_caller.set("submit")
+    try:
+        return pmap(func, *iterables, workers=workers, chunksize=chunksize, star=star, compare=compare, errors=errors,
+                    timeout=timeout, retries=retries, show_report=show_report, progress=progress,
+                    progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
+                    block=False, seed=seed)
+    finally:
+        _map_caller.reset(caller)
+
+
+#: Which public call a map is made for ("pmap", "submit", "call"): submit's
+#: refusal of a non-iterable names call(); call's run gives one value.
+_map_caller: contextvars.ContextVar[str] = contextvars.ContextVar("mpmagic_map_caller", default="pmap")
+
+
+def call(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Run[_T]:
+    """``func(*args, **kwargs)`` once, in a worker, in the background: a
+    :class:`~mpmagic.background.Run` handle at once, whose ``result()`` is
+    ``func``'s return value (or raises its error, as ``pmap`` does). The
+    equivalent of ``Executor.submit(fn, *args, **kwargs)`` and
+    ``Pool.apply_async(fn, args, kwds)``: one call, one result; ``submit``
+    is a map. It is ``submit(func, [args], star=True)`` with ``kwargs``
+    bound, on the same pool and engine (``cancel()``, ``add_done_callback``,
+    ``concurrent.futures.wait`` / ``as_completed`` over several handles),
+    and it takes its arguments as they are now. Every keyword goes to
+    ``func``: for run options (``timeout``, ``retries``...) use ``submit``.
+    """
+    __tracebackhide__ = True
+    if not callable(func):
+        raise UsageError(f"the first argument must be a function to call, not {type(func).__name__} "
+                         f"{payload_repr(func)}")
+    task: Callable[..., _T] = functools.partial(func, **kwargs) if kwargs else func
+    caller = _map_caller.set("call")
+    try:
+        run = pmap(task, [args], star=True, block=False)
+    finally:
+        _map_caller.reset(caller)
+    # (its finish gives the one result, not the list: _first_result)
+    return run  # type: ignore[return-value]
 
 
 def _no_block(caller: str, refused: dict[str, Any]) -> None:

@@ -37,14 +37,15 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import as_completed as futures_as_completed
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar, overload
 
 from . import debugging, display_relay
-from .errors import UsageError, drop_our_frames, one_line, one_line_interrupt
+from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report, fmt_seconds
 
@@ -359,7 +360,11 @@ class Run(Future[_R]):
         if self._cancelled:
             raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
         if self._error is not None:
-            self._raise_error()
+            try:
+                self._raise_error()
+            except BaseException as exc:
+                hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
+                raise
         return self._value
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
@@ -908,15 +913,30 @@ def finished(what: str, kind: str, value: Any, report: Report, resume: Resume, *
     return run
 
 
-def as_completed(run: Run[list[_T]], timeout: float | None = None) -> Iterator[_T]:
+@overload
+def as_completed(run: Run[list[_T]], timeout: float | None = None) -> Iterator[_T]: ...
+
+
+@overload
+def as_completed(run: Iterable[Run[Any]], timeout: float | None = None) -> Iterator[Run[Any]]: ...
+
+
+def as_completed(run: Run[list[_T]] | Iterable[Run[Any]], timeout: float | None = None) -> Iterator[Any]:
     """The results of a background map as their chunks arrive (completion order).
 
     Raises the run's error (or CancelledError) after the results that came
     before it. ``timeout``: seconds to wait for the next chunk (TimeoutError).
+    Given several handles (a list of runs, as ``concurrent.futures.as_completed``
+    takes futures), yields the handles as their runs end, as that function does
+    (``timeout``: for all of them): a port's ``for run in as_completed(runs):
+    run.result()`` means what it meant.
     """
     __tracebackhide__ = True
+    if isinstance(run, (list, tuple, set, frozenset, RunList)) and run and all(isinstance(r, Run) for r in run):
+        return futures_as_completed(run, timeout)
     if not isinstance(run, Run) or run._chunks is None:  # (an imap generator, a list, a %%parallel --bg handle)
         raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
+                         "or a list of run handles, "
                          f"not {'the handle of a parallel cell' if isinstance(run, Run) else type(run).__name__}")
     return _completed(run, run._chunks, timeout)  # (a generator of its own: a wrong argument is refused at the call)
 

@@ -76,7 +76,7 @@ class MPMagic(LoggingConfigurable):
     workers = Int(
         None,
         allow_none=True,
-        help="Worker processes of the local pool (None: one per usable CPU), applied "
+        help="Worker processes of the local pool (None or -1: one per usable CPU), applied "
         "before the next run after it changes; -n of %pmap and %%parallel defaults to the pool's size.",
     ).tag(config=True)
 
@@ -188,8 +188,10 @@ class MPMagic(LoggingConfigurable):
             from .backends.local import max_workers
 
             most = max_workers()  # the bound -n has: a size no pool could start is refused now
+            if _whole(value) and value == -1:  # joblib's n_jobs=-1: one per usable CPU, as None
+                return None
             return _check(proposal, value is None or (_whole(value) and 1 <= value <= most),
-                          f"a whole number from 1 to {most} (this machine's limit), or None (one per usable CPU)")
+                          f"a whole number from 1 to {most} (this machine's limit), or None / -1 (one per usable CPU)")
         return _check(proposal, value is None or (_whole(value) and value >= 1),
                       "a whole number of at least 1, or None (sized automatically)")
 

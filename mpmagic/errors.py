@@ -800,6 +800,19 @@ def _without_hidden_frames(tb: types.TracebackType | None) -> types.TracebackTyp
     )
 
 
+def hide_our_frames(exc: BaseException) -> None:
+    """A task's error leaving the API (``pmap``, ``Run.result``, an ``imap`` loop):
+    drop our frames (``__tracebackhide__``) from its traceback, as IPython hides
+    them in a notebook, so a plain script's traceback (or ``traceback.format_exc()``
+    in its ``except``) shows the caller's line and the task's frames, as serial
+    ``map`` would. Called in an ``except`` of the API's outermost frame before a
+    bare ``raise``: that one adds no entry for the frame again. Errors not from a
+    task (our refusals, our bugs) keep every frame."""
+    if came_from_worker(exc):
+        # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
+        BaseException.__setattr__(exc, "__traceback__", _without_hidden_frames(exc.__traceback__))
+
+
 def _user_code_under_us(tb: types.TracebackType | None) -> bool:
     """Did user code called by mpmagic raise? (The last frame is not ours, an earlier one is.)"""
     entries = _entries(tb)

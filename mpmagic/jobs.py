@@ -58,8 +58,9 @@ _FAST_ITEM = 2e-6
 _FAST_BLOCK = 32
 
 _READ_ONLY_NOTE = (
-    "mpmagic: numpy arrays from the notebook (items and captured globals of 1 MB or more) "
-    "reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`), "
+    "mpmagic: numpy arrays and pandas DataFrames / Series from the notebook (items and captured globals "
+    "of 1 MB or more) reach workers read-only: they are shared, not copied. Work on a copy (`a = a.copy()`, "
+    "`df = df.copy()`), "
     "or allow writes with `mpmagic.shm.configure(writable=True)` (writes stay in the worker)."
 )
 
@@ -750,6 +751,10 @@ class MapJob:
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
         ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note)."""
         self.bytes_back += len(data)
+        # Results count as packed items do: later chunks stay under the planner's
+        # max_bytes of results too (10 MB results made time-sized chunks of 58 items,
+        # and an imap's buffer of such chunks held 1.2 GB; report migrate14 finding 6).
+        self.planner.note_bytes(unit.count, len(data))
         if meta:
             if "cpu" in meta:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]

@@ -161,6 +161,17 @@ def _int_at_least(minimum: int, words: str) -> Callable[[str], int]:
 
 
 _positive_int = _int_at_least(1, "at least 1")
+
+
+def _workers_int(text: str) -> int | None:
+    """``-n`` of ``%pmap`` / ``%%parallel``: a size of at least 1, or -1 (joblib's
+    ``n_jobs=-1``) for the whole pool, as leaving ``-n`` out."""
+    if text.strip() == "-1":
+        return None
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (-1 or no -n: the whole pool)") from None
 _nonnegative_int = _int_at_least(0, "0 or more")
 
 
@@ -178,8 +189,8 @@ def _positive_float(text: str) -> float:
 def _pmap_parser() -> _Parser:
     p = _Parser(prog="%pmap", usage="%(prog)s [options] FUNC, ITERABLE [, ITERABLE ...]",
                 api="mpmagic.pmap(f, xs, workers=n)")
-    p.add_argument("-n", "--workers", type=_positive_int,
-                   help="worker processes to use (default: the pool's size); more than the pool has grows it, "
+    p.add_argument("-n", "--workers", type=_workers_int,
+                   help="worker processes to use (default, or -1: the pool's size); more than the pool has grows it, "
                         "for good (%%pool resize N shrinks it)")
     p.add_argument("--chunksize", type=_positive_int, help="items per message (default: automatic)")
     p.add_argument("--star", action="store_true", help="call FUNC(*item) for each item, like starmap")
@@ -204,7 +215,7 @@ def _pmap_parser() -> _Parser:
 @functools.cache
 def _parallel_parser() -> _Parser:
     p = _Parser(prog="%%parallel", usage="%(prog)s [options]", api="mpmagic.parallel(code, workers=n)")
-    p.add_argument("-n", "--workers", type=_positive_int, help="ranks to run at once (default: the pool's size)")
+    p.add_argument("-n", "--workers", type=_workers_int, help="ranks to run at once (default, or -1: the pool's size)")
     p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one)")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")

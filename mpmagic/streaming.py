@@ -32,6 +32,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
+from .errors import hide_our_frames
 from .jobs import Failed, MapJob
 
 if TYPE_CHECKING:
@@ -232,7 +233,11 @@ def _generate(reader: _Reader) -> Generator[Any, None, None]:
         if not finished and not reader.dropped:  # the loop was left (break, close(), an exception, Ctrl-C)
             reader.run.cancel()  # stop the rest
     run = reader.run
-    run.result()  # the run's error (or CancelledError), after the results before it
+    try:
+        run.result()  # the run's error (or CancelledError), after the results before it
+    except BaseException as exc:
+        hide_our_frames(exc)  # (a script's traceback: the loop's line, then the task's frames)
+        raise
     changed = run._job.input_changed()  # (the loop appended to its input list: a worklist)
     if changed is not None:
         run._warn(f"mpmagic: {changed}")
@@ -371,6 +376,12 @@ def imap(
     early leaves it read only a few chunks past its last result); ``buffer``
     bounds the finished chunks the notebook holds before the loop takes them
     (default: 2 per worker, at least 4): beyond it no new chunk is handed out.
+    That bound counts chunks, not bytes: automatic chunks are sized by task
+    time (a list's first ones, before any is measured, up to 16 items) and
+    capped at 64 MB of packed items or results each, so results come in bursts
+    of a chunk and big ones can pile up; ``chunksize=1`` (and a small
+    ``buffer``) gives ``Pool.imap``'s one result at a time and holds at most
+    ``buffer + 2 * workers + 1`` results the loop has not taken.
     An error is raised at its place (ordered: after the results of the
     chunks before the failing item's). Leaving the loop early, or the stream's
     ``close()`` (even before its first result), cancels the rest.

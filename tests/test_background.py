@@ -879,3 +879,44 @@ def test_a_kernels_shutdown_does_not_wait_for_a_busy_background_run(ip):
     assert time.monotonic() - start < 1.0
     with pytest.raises(mpmagic.MPMagicError, match="pool was stopped"):
         handle.result(timeout=5)
+
+
+def _upper(s: str) -> str:
+    return s.upper()
+
+
+def _scaled_sum(a: int, b: int, scale: int = 1) -> int:
+    return (a + b) * scale
+
+
+def _inverse(x: int) -> float:
+    return 1 / x
+
+
+def test_call_is_one_call_as_executor_submit_and_submit_says_it_maps(ns):
+    """mpmagic.call(f, *args, **kwargs) is Executor.submit / apply_async: result() is
+    f's value, as serial f gives it; submit(f, 5), read as Executor.submit, says it
+    maps and how to run one call (report migrate14 finding 5)."""
+    assert mpmagic.call(_upper, "abc").result(30) == _upper("abc") == "ABC"
+    assert mpmagic.submit(_upper, "abc").result(30) == list(map(_upper, "abc"))  # (a map: the porter's surprise)
+    assert mpmagic.call(_scaled_sum, 1, 2, scale=10).result(30) == _scaled_sum(1, 2, scale=10)
+    handle = mpmagic.call(_inverse, 0)
+    with pytest.raises(ZeroDivisionError) as got:
+        handle.result(30)
+    with pytest.raises(ZeroDivisionError) as serial:
+        _inverse(0)
+    assert got.value.args == serial.value.args
+    with pytest.raises(UsageError, match=r"^submit maps func over its iterables like map\(\), so argument 2 must be "
+                                         r"iterable, not int 5; for one call func\(x\) use mpmagic\.call\(func, x\)"):
+        mpmagic.submit(_inverse, 5)
+    with pytest.raises(UsageError, match="must be a function to call, not int 5"):
+        mpmagic.call(5)  # type: ignore[call-overload]
+
+
+def test_as_completed_takes_a_list_of_runs_as_concurrent_futures_does(ns):
+    handles = [mpmagic.call(_scaled_sum, i, 1) for i in range(4)]
+    ended = list(mpmagic.as_completed(handles, timeout=30))
+    assert sorted(ended, key=id) == sorted(handles, key=id)  # the handles themselves, each once
+    assert sorted(h.result() for h in ended) == [1, 2, 3, 4]
+    with pytest.raises(UsageError, match="or a list of run handles, not list"):
+        mpmagic.as_completed([1, 2])  # type: ignore[call-overload]

@@ -11,7 +11,7 @@ from mpmagic import config
 
 
 @pytest.mark.parametrize("name, bad, good", [
-    ("workers", -1, 3), ("workers", 0, 3), ("chunksize", 0, 5), ("worker_threads", -5, 0),
+    ("workers", -2, 3), ("workers", 0, 3), ("chunksize", 0, 5), ("worker_threads", -5, 0),
     ("checkpoint_max_bytes", -1, 0), ("shm_threshold", 0, 4096), ("progress_delay", -1.0, 0.0),
     ("worker_max_memory", "'junk'", "'1GB'"),
 ])
@@ -39,8 +39,21 @@ def test_the_documented_special_values_are_still_taken(name, value):
     assert getattr(config.current(), name) == value
 
 
+def test_workers_minus_one_is_one_per_cpu_as_joblibs_n_jobs(ip):
+    """joblib's n_jobs=-1 ported as MPMagic.workers = -1, %pmap -n -1, pmap(workers=-1):
+    one per usable CPU / the whole pool, as leaving it out (report migrate14 finding 7)."""
+    import mpmagic
+
+    config.current().workers = 3
+    config.current().workers = -1
+    assert config.current().workers is None
+    assert run(ip, "%pmap -q -n -1 abs, [-1, -2]") == [1, 2]
+    assert mpmagic.pmap(abs, [-3], workers=-1) == [3]
+    assert run(ip, "%%parallel -q -n -1\nsize") == [mpmagic.get_pool().workers] * mpmagic.get_pool().workers
+
+
 def test_pmap_runs_after_a_refused_workers_setting(ip):
-    run(ip, "%config MPMagic.workers = -1")
+    run(ip, "%config MPMagic.workers = -2")
     assert run(ip, "%pmap -q -n 2 abs, [-1, -2]") == [1, 2]
 
 
@@ -49,12 +62,12 @@ def test_a_refused_value_left_in_the_shells_config_does_not_stop_the_extension_l
     hold one too): %reload_ext takes the default for it, and the other settings."""
     from traitlets.config import Config, Configurable
 
-    shell = Configurable(config=Config({"MPMagic": {"workers": -1, "progress_delay": 2.0}}))
+    shell = Configurable(config=Config({"MPMagic": {"workers": -2, "progress_delay": 2.0}}))
     shell.configurables = []
     monkeypatch.setattr(config, "_current", None)
     settings = config.register(shell)
     assert settings.workers is None and settings.progress_delay == 2.0
-    assert "MPMagic.workers = -1 refused" in capsys.readouterr().err
+    assert "MPMagic.workers = -2 refused" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["workers", "chunksize", "worker_threads", "checkpoint_max_bytes"])

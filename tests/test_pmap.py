@@ -397,3 +397,24 @@ def test_a_script_whose_top_level_calls_pmap_runs_once(ip, tmp_path, monkeypatch
         assert "inside a worker" not in capsys.readouterr().err
     finally:
         sys.modules.pop("pipe_mod_rn", None)
+
+
+def _hundred_kb(i: int) -> bytes:
+    return bytes(100_000)
+
+
+def test_automatic_chunks_keep_their_results_under_the_byte_cap(local_pool, monkeypatch):
+    """Chunks are sized by task time and capped by packed bytes: the results' bytes
+    count too, so fast tasks with big results do not come back (or wait in an
+    imap's buffer) by the hundred (report migrate14 finding 6: 117 results of 10 MB
+    waited unread). Here the cap is 1 MB, so 100 KB results make chunks of at most
+    10 items once measured (the first chunks, sized before any measurement: 16)."""
+    import functools
+
+    from mpmagic import chunking, jobs
+
+    monkeypatch.setattr(jobs, "ChunkPlanner", functools.partial(chunking.ChunkPlanner, max_bytes=1 << 20))
+    assert mpmagic.pmap(_hundred_kb, range(400), workers=2) == [bytes(100_000)] * 400
+    sizes = mpmagic.last_report().chunksize  # "auto (lo-hi)"
+    largest = int(sizes.rstrip(")").split("-")[-1].split("(")[-1])
+    assert largest <= 16, sizes

@@ -423,3 +423,20 @@ def test_no_room_for_a_lock_or_value_does_not_suggest_a_smaller_capacity(monkeyp
         assert "/dev/shm has no room" in str(caught.value) and "capacity" not in str(caught.value)
     with pytest.raises(NoSharedMemory, match="or use a smaller capacity"):
         mpmagic.Queue()
+
+
+def _edit_in_place(df):  # Pool.map(process, df_chunks) as ported: Pool gave a private copy
+    df.loc[df.index[0], "y"] = -1.0
+    return df
+
+
+def test_a_dataframe_edited_in_place_is_refused_with_a_note_naming_dataframes():
+    """A DataFrame item of 1 MB or more is read-only in the worker, like an array:
+    the note says so for DataFrames too, and how to copy (report migrate14 finding 8)."""
+    pd = pytest.importorskip("pandas")
+    ensure_pool("forkserver")
+    frame = pd.DataFrame({"x": np.arange(100_000.0), "y": np.ones(100_000)})  # 1.6 MB
+    with pytest.raises(ValueError, match="read-only") as got:
+        mpmagic.pmap(_edit_in_place, [frame], workers=1)
+    note = next(n for n in got.value.__notes__ if "read-only" in n)
+    assert "pandas DataFrames" in note and "df = df.copy()" in note, note

@@ -255,3 +255,28 @@ def test_a_rank_under_time_above_parallel_is_named_as_its_cell(ip, local_pool):
     """%%time above %%parallel: a failing rank said `<parallel-cell-...>:2` (the body's own lines)."""
     n, text, _ = shown(ip, "%%time\n%%parallel -n 2 -q\nv = rank\n1 / rank")
     assert f"[rank 0] Cell In[{n}], line 4" in text and "<parallel-cell-" not in text, text
+
+
+def _tenth(x: int) -> float:
+    return 10 // (x - 2)
+
+
+def test_a_script_sees_its_own_line_then_the_task_frames(local_pool):
+    """Outside IPython (a script, ``traceback.format_exc()`` in its ``except``), a task's
+    error shows the caller's line and the task's frames, no frame of mpmagic (report
+    migrate14 finding 8: api.py's pmap and jobs.py's results stood between them)."""
+    calls = {
+        "pmap": lambda: mpmagic.pmap(_tenth, range(4), workers=2),
+        "submit": lambda: mpmagic.submit(_tenth, range(4), workers=2).result(),
+        "imap": lambda: list(mpmagic.imap(_tenth, range(4), workers=2)),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+        except ZeroDivisionError:
+            text = traceback.format_exc()
+        else:
+            raise AssertionError(f"{name}: no error")
+        files = re.findall(r'File "([^"]+)", line \d+, in (\w+)', text)
+        assert files and all(not f.startswith(PACKAGE) for f, _ in files), (name, text)
+        assert [fn for _, fn in files][-1] == "_tenth", (name, text)

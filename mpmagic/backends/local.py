@@ -121,7 +121,8 @@ def _widen(conn: Any) -> None:
 
 def _check_size(n: object, what: str = "workers") -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UsageError(f"{what} must be a whole number of at least 1, not {n!r}")
+        hint = " (leave it out, or None, for one per usable CPU)" if n == -1 and what == "workers" else ""
+        raise UsageError(f"{what} must be a whole number of at least 1, not {n!r}{hint}")
     if n > max_workers():
         raise UsageError(
             f"{what} = {n} is more processes than this machine can run at once "
