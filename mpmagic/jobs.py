@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from . import debugging, display_relay, payload, payload_cache, shm, worker_logging
+from . import context, debugging, display_relay, payload, payload_cache, shm, worker_logging
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
@@ -278,6 +278,7 @@ class MapJob:
         accepted: Callable[[int, list], None] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
+        self.libs = context.libraries()  # (here, in the calling thread: torch's grad mode is per thread)
         self.func = func
         # Both are called with (start index, results in order) as each chunk is
         # accepted: each position once, in arrival order. ``accepted`` in the
@@ -1251,6 +1252,7 @@ class CellJob:
         lease: shm.Lease | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
+        self.libs = context.libraries()  # (as MapJob's)
         self.size = size
         self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
         # The pooled segments holding the cell's large arrays (api._pack_spec): lent until the run ends.

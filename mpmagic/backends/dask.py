@@ -919,7 +919,7 @@ class _DaskRun:
         self.restrict = restrict  # the workers a map's chunks may go to (None: any)
         self.asked: int | None = None  # -n / workers=: the most tasks running at once
         # The notebook's world, for the cluster mpmagic started (same machine): see dask_tasks.
-        self.world = context.current(job.call_id) if backend.owns_cluster else None
+        self.world = context.current(job.call_id, job.libs) if backend.owns_cluster else None
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.token = uuid.uuid4().hex[:12]
         self.topic = backend._events_topic()

@@ -917,7 +917,7 @@ class LocalBackend:
         # The notebook's cwd, environment, sys.path first (context.py): a setup
         # may import from a directory the notebook added after the pool started.
         # Built before anything is written: only a write's error is the worker's.
-        ctx = context.current(self._runs[0].job.call_id if self._runs else None)
+        ctx = context.current(*((self._runs[0].job.call_id, self._runs[0].job.libs) if self._runs else ()))
         messages = [] if context.key(ctx) in slot.known else [pack(ctx)]
         messages.append(pack(msg))
         try:
@@ -1581,7 +1581,7 @@ class LocalBackend:
         try:
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
-            ctx = context.current(job.call_id)
+            ctx = context.current(job.call_id, job.libs)
             messages: list[bytes | tuple[bytes, ...]] = []
             keys = []
             if context.key(ctx) not in slot.known:
