@@ -155,6 +155,26 @@ def os_threads() -> int | None:
         return None
 
 
+def numba_omp_used() -> bool:
+    """Has numba's OpenMP threading layer run here (a ``parallel=True`` function)?
+
+    Then a forked child that runs such a function terminates itself: numba
+    prints "Terminating: fork() called from a process already using GNU
+    OpenMP, this is unsafe." and raises SIGTERM in it. Never imports numba.
+    """
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return False
+    try:
+        return bool(numba.threading_layer() == "omp")
+    except Exception:  # (ValueError: no parallel function has run yet)
+        return False
+
+
+NUMBA_OMP_FORK = ("numba's OpenMP threading layer, used in the notebook by a parallel=True function, ends a forked "
+                  "worker that runs one")
+
+
 def fork_hazard() -> str | None:
     """One line to say before forking a worker from this process, or None.
 
@@ -164,8 +184,12 @@ def fork_hazard() -> str | None:
     for a lock nobody will release. Said when the process runs more threads
     than Python's ``threading`` knows of (native pools) and one of
     :data:`FORK_UNSAFE` is imported; BLAS pools alone (numpy's OpenBLAS
-    reinitialises itself after a fork) are not enough.
+    reinitialises itself after a fork) are not enough. numba's OpenMP layer
+    (:func:`numba_omp_used`) does not hang the child: it ends it.
     """
+    fix = "start the pool with the default start method (forkserver) or spawn"
+    if numba_omp_used():
+        return f"mpmagic: {NUMBA_OMP_FORK} (the worker terminates itself with SIGTERM); {fix}"
     loaded = [name for name in FORK_UNSAFE if name in sys.modules]
     if not loaded:
         return None
@@ -173,8 +197,10 @@ def fork_hazard() -> str | None:
     if total is not None and total <= threading.active_count():
         return None  # (no native thread running: nothing to find held in the child)
     return (f"mpmagic: the notebook runs native thread pools and has imported {', '.join(loaded)}: fork copies their "
-            "locks but not their threads, so tasks that use them can hang in the workers; start the pool with the "
-            "default start method (forkserver) or spawn")
+            f"locks but not their threads, so tasks that use them can hang in the workers; {fix}")
 
 
-__all__ = ["FORK_UNSAFE", "THREAD_VARS", "cap_for", "fork_hazard", "limit_in_worker", "os_threads", "threads_per_worker"]
+__all__ = [
+    "FORK_UNSAFE", "THREAD_VARS", "cap_for", "fork_hazard", "limit_in_worker", "numba_omp_used", "os_threads",
+    "threads_per_worker",
+]

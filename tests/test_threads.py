@@ -161,3 +161,30 @@ def test_a_fork_pool_says_once_when_the_notebook_runs_native_pools_of_a_library_
     finally:
         pool.shutdown()
     assert capsys.readouterr().err.count(line) == 1
+
+
+def test_numbas_openmp_layer_is_a_fork_hazard_and_its_self_termination_is_named(ip, monkeypatch, capsys):
+    """numba parallel=True run in the notebook (OpenMP layer), then a fork pool:
+    every task's worker raised SIGTERM on itself, said to be "terminated by
+    another process", and the pool's start said nothing."""
+    import types
+
+    numba = types.ModuleType("numba")  # a stand-in: CI has no numba
+    numba.threading_layer = lambda: (_ for _ in ()).throw(ValueError("Threading layer is not initialized."))
+    monkeypatch.setitem(sys.modules, "numba", numba)
+    assert not threads.numba_omp_used()  # (imported, no parallel function run yet)
+    numba.threading_layer = lambda: "omp"
+    line = threads.fork_hazard()
+    assert line is not None and "numba's OpenMP threading layer" in line and "forkserver" in line
+    pool.shutdown()
+    mpmagic.use_local(1, "fork")
+    try:
+        run(ip, "import os, signal\ndef _omp(x):\n    os.kill(os.getpid(), signal.SIGTERM)  # (as numba's check does)")
+        with pytest.raises(mpmagic.WorkerLostError) as err:
+            run(ip, "%pmap -q _omp, [1]")
+    finally:
+        pool.shutdown()
+    assert "terminated itself with SIGTERM (numba's OpenMP" in str(err.value)
+    assert "another process" not in str(err.value)
+    assert capsys.readouterr().err.count(line) == 1
+

@@ -1763,7 +1763,10 @@ class LocalBackend:
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
         reason = describe_exitcode(code)
-        if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
+        if code == -signal.SIGTERM and self.start_method == "fork" and threads.numba_omp_used():
+            reason = (f"terminated itself with SIGTERM ({threads.NUMBA_OMP_FORK}; start the pool with the default "
+                      "start method, forkserver, or spawn)")
+        elif code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
             reason = f"ran out of memory (killed by SIGKILL; {fmt_bytes(slot.rss or 0)} of its own at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
