@@ -1,4 +1,4 @@
-"""Thread caps for BLAS/OpenMP (and polars) in workers: no oversubscription by default.
+"""Thread caps for BLAS/OpenMP (and polars, numba) in workers: no oversubscription by default.
 
 numpy's BLAS (OpenBLAS, MKL) and OpenMP code start one thread per CPU in
 *every* process. Two workers on two CPUs each running a 4-thread matrix
@@ -6,7 +6,7 @@ product keep 8 threads fighting over 2 cores. So each worker limits these
 pools to ``available CPUs // workers`` threads (at least 1), as loky does for
 joblib: the usual environment variables are set as the worker starts, before
 it imports numpy (the libraries read them when they load), and
-``threadpoolctl`` caps libraries already loaded (a fork worker inherits the
+``threadpoolctl`` (and for numba, ``_cap_numba``) caps libraries already loaded (a fork worker inherits the
 notebook's numpy). ``%config MPMagic.worker_threads = N`` sets the cap
 (0: no cap at all). A variable the user set (``OMP_NUM_THREADS=4`` in the
 notebook's environment when the worker starts) wins over the default cap, as
@@ -23,13 +23,15 @@ import logging
 import os
 import sys
 import threading
+from typing import Any
 
 from .cpus import recent_cpus
 
 log = logging.getLogger("mpmagic")
 
-# The variables the common threaded libraries read at load time (loky's list, and polars':
-# its thread pool starts one thread per CPU in each worker otherwise).
+# The variables the common threaded libraries read at load time (loky's list, polars':
+# its thread pool starts one thread per CPU in each worker otherwise, and numba's, which
+# ignores OMP_NUM_THREADS for its parallel=True pool).
 THREAD_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -38,6 +40,7 @@ THREAD_VARS = (
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
     "POLARS_MAX_THREADS",
+    "NUMBA_NUM_THREADS",
 )
 
 _CAPPED_LIBS = ("numpy", "scipy", "torch", "sklearn")  # modules that load a thread pool
@@ -103,6 +106,8 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
             # with is stale (the notebook's context removes it, but only after
             # the worker may have loaded a library that read it).
             os.environ.pop(var, None)
+    if "numba" in sys.modules:  # (fork: the notebook's numba read NUMBA_NUM_THREADS already)
+        _cap_numba()
     if any(m in sys.modules for m in _CAPPED_LIBS):  # already loaded (fork): env vars came too late
         try:
             from threadpoolctl import ThreadpoolController
@@ -113,6 +118,31 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
                     lib.set_num_threads(want)
         except Exception:
             log.warning("mpmagic: could not cap the worker's BLAS/OpenMP threads at %s", n, exc_info=True)
+
+
+def _cap_numba() -> None:
+    """In a fork worker that inherited numba: its pool size as NUMBA_NUM_THREADS now says.
+
+    numba read the variable at its import in the notebook. Before it launched
+    its threads (no parallel=True function ran there), the size it will launch
+    (its config and ``parallel.NUM_THREADS``, both read at import) is lowered
+    to the cap; once launched (copied by the fork), only the threads a
+    parallel region uses can be lowered (``numba.set_num_threads``).
+    """
+    try:
+        want = int(os.environ.get("NUMBA_NUM_THREADS", ""))
+    except ValueError:
+        return
+    try:
+        numba: Any = sys.modules["numba"]
+        parallel = numba.np.ufunc.parallel
+        if not parallel._is_initialized:
+            if want < parallel.NUM_THREADS:
+                numba.config.NUMBA_NUM_THREADS = parallel.NUM_THREADS = want
+        elif numba.get_num_threads() > want:
+            numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS))
+    except Exception:
+        log.debug("mpmagic: numba's threads not capped at %s", want, exc_info=True)
 
 
 def _threads_wanted(internal_api: str) -> int | None:

@@ -188,3 +188,24 @@ def test_numbas_openmp_layer_is_a_fork_hazard_and_its_self_termination_is_named(
     assert "another process" not in str(err.value)
     assert capsys.readouterr().err.count(line) == 1
 
+
+def test_numbas_pool_capped_too_also_when_a_fork_worker_inherits_numba(ip, monkeypatch):
+    """numba ignores OMP_NUM_THREADS and read NUMBA_NUM_THREADS at its import: 2
+    workers x 2 numba threads on 2 CPUs, with every start method. A fork worker
+    inherits numba already imported: the size it will launch is lowered there."""
+    import types
+
+    parallel = types.SimpleNamespace(_is_initialized=False, NUM_THREADS=64)
+    numba = types.ModuleType("numba")  # a stand-in: CI has no numba
+    numba.np = types.SimpleNamespace(ufunc=types.SimpleNamespace(parallel=parallel))
+    numba.config = types.SimpleNamespace(NUMBA_NUM_THREADS=64)
+    monkeypatch.setitem(sys.modules, "numba", numba)
+    pool.shutdown()
+    backend = mpmagic.use_local(2, "fork")
+    try:
+        run(ip, "import os, sys\ndef _numba_cap(x):\n    n = sys.modules['numba']\n"
+                "    return os.environ.get('NUMBA_NUM_THREADS'), n.config.NUMBA_NUM_THREADS, n.np.ufunc.parallel.NUM_THREADS")
+        cap = max(1, available_cpus() // backend.workers)
+        assert run(ip, "%pmap -q _numba_cap, range(2)") == [(str(cap), cap, cap)] * 2
+    finally:
+        pool.shutdown()
