@@ -72,12 +72,18 @@ def _same_machine(local: bool) -> contextlib.AbstractContextManager:
 
 
 def short_repr(obj: Any, limit: int = 60) -> str:
-    """A repr that fits in an error message."""
+    """A repr that fits in an error message: on one line (an xarray or pandas
+    object's repr spans several: the message's line broke in the middle)."""
     try:
         r = repr(obj)
     except Exception:
         r = f"<{type(obj).__name__}>"
+    if "\n" in r:
+        r = _LINE_BREAK.sub(" ", r.strip())
     return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+_LINE_BREAK = re.compile(r"\s*\n\s*")
 
 
 def _text_of(exc: BaseException) -> str:
@@ -88,6 +94,29 @@ def _text_of(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return ""
+
+
+def _read_only_write(exc: BaseException) -> bool:
+    """Did a write into a read-only array raise ``exc``, or an exception it
+    chains (``__cause__``, ``__context__``)? xarray re-raises numpy's
+    "assignment destination is read-only" as "Assignment destination is a
+    view", with numpy's error as the cause."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 10:
+        seen.add(id(e))
+        if isinstance(e, ValueError) and "read-only" in _text_of(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _read_only_note(exc: BaseException) -> str:
+    """The read-only note, saying first what a library's rewording of it means."""
+    if isinstance(exc, ValueError) and "read-only" in _text_of(exc):
+        return _READ_ONLY_NOTE
+    return _READ_ONLY_NOTE.replace("mpmagic: ", "mpmagic: the array written is read-only (the error above rewords "
+                                                "numpy's): ", 1)
 
 
 def _note_daemonic(exc: BaseException) -> None:
@@ -888,8 +917,8 @@ class MapJob:
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             if idx not in self._errors:
                 self._infos[idx] = debugging.failure_of(exc, info, index=idx, item=self._shown(unit.items[index])[0])
-            if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
-                add_note(exc, _READ_ONLY_NOTE)
+            if self.shared_memory and _read_only_write(exc):
+                add_note(exc, _read_only_note(exc))
             _note_daemonic(exc)
             self._note_unsent_global(exc)
             note_without_setup(exc, unit)
@@ -1480,9 +1509,8 @@ class CellJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
-        if self.lease is not None and isinstance(self.failures[unit.id], ValueError) \
-                and "read-only" in _text_of(self.failures[unit.id]):
-            add_note(self.failures[unit.id], _READ_ONLY_NOTE)
+        if self.lease is not None and _read_only_write(self.failures[unit.id]):
+            add_note(self.failures[unit.id], _read_only_note(self.failures[unit.id]))
         _note_daemonic(self.failures[unit.id])
         note_without_setup(self.failures[unit.id], unit)
         # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)

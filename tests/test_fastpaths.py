@@ -438,3 +438,20 @@ def test_large_bytes_and_str_items_skip_the_notebook_code_scan(monkeypatch):
         payload.dumps_data([*items, odd])
         assert by_value and by_value.pop()[-1] is odd
     assert payload.loads(payload.dumps_data([b"_main__"])) == [b"_main__"] and by_value  # small: scanned as before
+
+
+def test_a_read_only_write_reworded_by_a_library_gets_the_note_and_the_item_one_line(ip, local_pool):
+    """xarray re-raises numpy's read-only error as "Assignment destination is a
+    view" (numpy's as the cause): no note said why; and the item's multi-line
+    repr split the "raised by item" note over two lines."""
+    run(ip, f"import numpy as np\nclass Box:\n    def __init__(self, a):\n        self.a = a\n"
+            f"    def __repr__(self):\n        return '<Box>\\nvalues: ' + repr(self.a[:2])\n"
+            f"boxes = [Box(np.arange({BIG}, dtype=np.float64))]\n"
+            "def poke(b):\n    try:\n        b.a[0] = -1\n    except ValueError as e:\n"
+            "        raise ValueError('Assignment destination is a view.') from e\n")
+    with pytest.raises(ValueError, match="is a view") as info:
+        run(ip, "%pmap -q poke, boxes")
+    notes = getattr(info.value, "__notes__", [])
+    assert any("read-only" in n and "shm.configure(writable=True)" in n for n in notes)
+    assert any(n.startswith("mpmagic: raised by item 0 of the input: poke(<Box> values: array(") for n in notes)
+    assert not any("\n" in n for n in notes)
