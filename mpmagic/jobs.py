@@ -44,7 +44,7 @@ from .errors import (
     unloadable_results,
 )
 from .exc_record import rebuild
-from .fmt import func_name
+from .fmt import fmt_bytes, func_name
 from .protocol import Cell, Map
 from .warmup import OneTimeCosts
 from .worker import ErrorInfo
@@ -56,6 +56,8 @@ log = logging.getLogger("mpmagic")
 # between crash-position marks (see MapJob._block).
 _FAST_ITEM = 2e-6
 _FAST_BLOCK = 32
+
+_VIEW_NOTE_BYTES = 1 << 20  # a torch view's storage from which its item gets the note (see _note_tensor_views)
 
 _READ_ONLY_NOTE = (
     "mpmagic: numpy arrays from the notebook (items and captured globals of 1 MB or more) "
@@ -409,6 +411,7 @@ class MapJob:
         # Measured for the report's advice and for --insights (an insights.Recorder).
         self.insights = insights
         self.bytes_sent = 0
+        self._views_said = False  # (the note on torch views carrying their whole storage: once per run)
         self.bytes_back = 0
         self.bytes_shared = 0  # numpy buffers among the items copied into shared memory
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
@@ -664,6 +667,8 @@ class MapJob:
                     self._settle()
                     return None
                 data = payload.dumps_data(items)
+            if not self._views_said and "torch" in sys.modules and not isinstance(items, range):
+                self._note_tensor_views(items, self._next_start)
             unit = Unit(self._next_id, self._next_start, len(items), data, items, lease=lease)
             unit.block = self._block()
             self.planner.note_bytes(len(items), len(unit.data) + (lease.nbytes if lease else 0))
@@ -678,6 +683,29 @@ class MapJob:
         if self._errors:
             self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
+
+    def _note_tensor_views(self, items: Any, start: int) -> None:
+        """One line (once per run) when an item is a torch tensor viewing a much
+        larger storage: torch pickles a view with its whole storage, so 100 row
+        views of a 4 MB tensor sent 400 MB (numpy sends a view's own bytes)."""
+        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        if not isinstance(tensor, type):
+            return
+        for i, item in enumerate(items):
+            if type(item) is not tensor and not issubclass(type(item), tensor):
+                continue
+            try:
+                stored, data = int(item.untyped_storage().nbytes()), int(item.nbytes)
+            except Exception:
+                continue
+            if stored >= _VIEW_NOTE_BYTES and stored > 2 * data:
+                self._views_said = True
+                self._out("stderr", (
+                    f"mpmagic: item {start + i} is a view of a larger torch tensor, and torch sends a view with all "
+                    f"of its tensor's storage ({fmt_bytes(stored)} for {fmt_bytes(data)} of data), and so does every "
+                    "such item: send copies of the views alone (`[t.clone() for t in rows]`), or indices to "
+                    "slice in the task\n"))
+                return
 
     def _input_failed(self, index: int, error: Exception, why: str, settle: bool = True) -> None:
         """The input itself failed at position ``index`` (its iterator raised, or

@@ -14,6 +14,7 @@ No timing here: speed is measured in benchmarks/bench_core.py.
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -455,3 +456,43 @@ def test_a_read_only_write_reworded_by_a_library_gets_the_note_and_the_item_one_
     assert any("read-only" in n and "shm.configure(writable=True)" in n for n in notes)
     assert any(n.startswith("mpmagic: raised by item 0 of the input: poke(<Box> values: array(") for n in notes)
     assert not any("\n" in n for n in notes)
+
+
+class _Storage:
+    def __init__(self, nbytes):
+        self._nbytes = nbytes
+
+    def nbytes(self):
+        return self._nbytes
+
+
+def test_items_that_are_views_of_a_big_torch_tensor_say_so_once(ip, monkeypatch, capsys):
+    """torch pickles a view with its whole storage: 100 row views of a 4 MB
+    tensor sent 400 MB, and nothing said why the run was slow."""
+    import types
+
+    torch = types.ModuleType("torch")  # a stand-in: CI has no torch
+
+    class Tensor:
+        def __init__(self, stored, data):
+            self.stored, self.nbytes = stored, data
+
+        def untyped_storage(self):
+            return _Storage(self.stored)
+
+    Tensor.__module__, torch.Tensor = "torch", Tensor
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    pool_module.shutdown()
+    mpmagic.use_local(2, "fork")
+    try:
+        ip.user_ns["_rows"] = [Tensor(4 << 20, 8 << 10) for _ in range(6)]
+        ip.user_ns["_own"] = [Tensor(8 << 10, 8 << 10) for _ in range(6)]
+        assert run(ip, "%pmap -q --chunksize 2 lambda t: t.nbytes, _own") == [8 << 10] * 6
+        assert "view of a larger torch tensor" not in capsys.readouterr().err
+        assert run(ip, "%pmap -q --chunksize 2 lambda t: t.nbytes, _rows") == [8 << 10] * 6
+        err = capsys.readouterr().err
+        assert err.count("mpmagic: item 0 is a view of a larger torch tensor") == 1 and "t.clone()" in err
+    finally:
+        pool_module.shutdown()
+        for name in ("_rows", "_own"):
+            ip.user_ns.pop(name, None)
