@@ -212,8 +212,13 @@ def _apply_libraries(libs: tuple) -> bool:
                 write(lib, value)
         except Exception:
             applied = False
-            log.warning("mpmagic worker: could not set %s to the notebook's %r", name, value, exc_info=True)
+            if (name, value) not in _libs_failed:  # (once: the next calls try again, quietly)
+                _libs_failed.add((name, value))
+                log.warning("mpmagic worker: could not set %s to the notebook's %r", name, value, exc_info=True)
     return applied
+
+
+_libs_failed: set[tuple[str, Any]] = set()  # in a worker: the settings it could not apply (warned once)
 
 
 def current(call: Any = None, libs: tuple | None = None) -> Context:

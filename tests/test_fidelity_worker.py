@@ -929,3 +929,18 @@ def test_a_worker_puts_library_settings_back_and_imports_only_to_change_one(monk
     context.apply(context.current(libs=()))
     assert "jax" not in sys.modules  # (the default: nothing to import jax for)
     context.keep_setup_changes(lambda: None)
+
+
+def test_a_library_setting_a_worker_cannot_apply_is_warned_once(monkeypatch, fake_numeric_libs, caplog):
+    from mpmagic import context
+
+    torch, _ = fake_numeric_libs
+    for name in ("_adopted", "_pending", "_as_adopted", "_libs_failed"):
+        monkeypatch.setattr(context, name, type(getattr(context, name))() if name == "_libs_failed"
+                            else getattr(context, name))
+    monkeypatch.setattr(torch, "set_grad_enabled", lambda mode: 1 / 0)
+    context.apply(context.current(libs=(("torch grad mode", False),)))
+    context.reassert()  # (tried again at the next call, quietly)
+    assert [r.getMessage() for r in caplog.records].count("mpmagic worker: could not set torch grad mode to "
+                                                          "the notebook's False") == 1
+    context.apply(context.current(libs=()))
