@@ -624,7 +624,7 @@ def pmap(
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     and runs the map in the background (see ``mpmagic.submit``).
     ``seed=S`` runs item ``i`` with its own random stream from S and ``i``
-    (``random``, ``numpy.random`` and ``mpmagic.rng()``): the same results
+    (``random``, ``numpy.random``, torch's generator and ``mpmagic.rng()``): the same results
     with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
@@ -1209,7 +1209,7 @@ async def apmap(
 
 
 class _random_state_kept:  # noqa: N801 (used as a function: `with _random_state_kept(keep):`)
-    """Restore ``random``'s and numpy's global state after a seeded serial run here.
+    """Restore ``random``'s, numpy's and torch's global state after a seeded serial run here.
 
     A class, not ``contextlib.contextmanager``: that one sets ``__traceback__``
     on an exception passing through, via the class's own ``__setattr__``
@@ -1218,23 +1218,26 @@ class _random_state_kept:  # noqa: N801 (used as a function: `with _random_state
 
     def __init__(self, keep: bool) -> None:
         self.keep = keep
-        self.saved: tuple[Any, Any] | None = None
+        self.saved: tuple[Any, Any, Any] | None = None
 
     def __enter__(self) -> None:
         if self.keep:
             import random
 
-            np = sys.modules.get("numpy")
-            self.saved = random.getstate(), (np.random.get_state() if np is not None else None)
+            np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
+            self.saved = (random.getstate(), (np.random.get_state() if np is not None else None),
+                          (torch.get_rng_state() if torch is not None else None))
 
     def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if self.saved is not None:
             import random
 
             random.setstate(self.saved[0])
-            np = sys.modules.get("numpy")
+            np, torch = sys.modules.get("numpy"), sys.modules.get("torch")
             if np is not None and self.saved[1] is not None:
                 np.random.set_state(self.saved[1])
+            if torch is not None and self.saved[2] is not None:
+                torch.set_rng_state(self.saved[2])
 
 
 class _Enumerated:
@@ -1807,10 +1810,11 @@ class CellCall:
                     "an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
             raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}{hint}") from None
         if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
-            from .seeding import _check_seed, uses_numpy
+            from .seeding import _check_seed, uses_numpy, uses_torch
 
             self.spec.seed = _check_seed(seed)
             self.spec.seed_numpy = uses_numpy(code)
+            self.spec.seed_torch = uses_torch(code)
         self.gather = gather
         self.namespace = namespace
         self.backend = get_pool()

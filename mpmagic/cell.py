@@ -41,6 +41,7 @@ class CellSpec:
     gather: tuple[str, ...] = ()
     seed: int | None = None  # --seed: each rank's random stream (seeding.py)
     seed_numpy: bool = True  # --seed: numpy's global state too (seeding.uses_numpy, decided in the notebook)
+    seed_torch: bool = False  # --seed: torch's default generator too (seeding.uses_torch)
     keep: bool = False  # --keep: run in the rank's kept namespace (ranks.py)
     reset: bool = False  # --keep --reset: drop the kept namespaces first
     # The lines above the body in its notebook cell (the %%parallel line): the body
@@ -266,7 +267,7 @@ def run_cell_code(
     if spec.seed is not None:  # --seed (seeding.py)
         from .seeding import seed_rank
 
-        seed_rank(spec.seed, rank, getattr(spec, "seed_numpy", True))
+        seed_rank(spec.seed, rank, getattr(spec, "seed_numpy", True), getattr(spec, "seed_torch", False))
     # Code in the cell may import from __main__ or pickle its own classes.
     if spec.keep and as_main:  # %%parallel --keep (ranks.py): the rank's kept namespace; its own names win
         main = kept_namespace(rank, spec.reset)

@@ -13,6 +13,12 @@ the notebook's current
   are invalidated so that new directories are seen),
 * recursion limit,
 * warnings filters (``warnings.filterwarnings``, ``simplefilter``),
+* the settings of numeric libraries that change what a task computes, for
+  those the notebook has imported: torch's grad mode (``torch.no_grad()``
+  around a call: read in the calling thread, where it lives) and default
+  dtype (``torch.set_default_dtype``), and jax's ``jax_enable_x64`` (see
+  :func:`libraries`; only what differs from the library's default is sent,
+  and a worker imports the library to apply it),
 
 as one :class:`~mpmagic.protocol.Context` message, and only when it changed
 since that worker last got it: each distinct state gets a version number,
@@ -33,7 +39,8 @@ task that reads a relative path failed there in the notebook too.
 
 Deliberately not carried (see docs/troubleshooting.md): ``decimal``
 contexts, numpy's error state (``np.seterr``) and print options, the locale,
-the random generators' state, signal handlers and thread-local state. They
+the random generators' state, signal handlers and thread-local state
+(torch's grad mode excepted, see above). They
 are per-thread or per-library state that the task can set itself in one
 line, copying them would cost every call, and some would surprise (two
 workers seeded alike draw the same "random" numbers).
@@ -137,27 +144,97 @@ _environ: Callable[[], dict] = (
 )
 
 
-def _state() -> tuple:
+def _state(libs: tuple | None = None) -> tuple:
     return (
         _getcwd(),
         _environ(),
         sys.path,
         sys.getrecursionlimit(),
         warnings.filters,
+        libraries() if libs is None else libs,
     )
 
 
-def current(call: Any = None) -> Context:
+# The library settings carried (libraries()): name -> (module, its default, read it, set it).
+def _torch_dtype(torch: Any) -> str:
+    dtype = torch.get_default_dtype()
+    return "float32" if dtype is torch.float32 else str(dtype).rpartition(".")[2]  # (str() costs ~1.3 us)
+
+
+_LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any, Any], Any]]] = {
+    "torch grad mode": ("torch", True, lambda t: bool(t.is_grad_enabled()), lambda t, v: t.set_grad_enabled(v)),
+    "torch default dtype": ("torch", "float32", _torch_dtype, lambda t, v: t.set_default_dtype(getattr(t, v))),
+    "jax_enable_x64": ("jax", False, lambda j: bool(j.config.jax_enable_x64),
+                       lambda j, v: j.config.update("jax_enable_x64", v)),
+}
+
+
+def libraries() -> tuple:
+    """The settings of imported numeric libraries that differ from their
+    defaults, as ``(name, value)`` pairs: what tasks must compute with.
+
+    Read where a run is made (the job, in the calling thread: torch's grad
+    mode is per thread, and ``with torch.no_grad(): %pmap ...`` sets the
+    notebook's). A library that is not imported costs a dict lookup; torch
+    and jax imported, 1-3 us in all. A setting that cannot be read (a library half
+    imported) is left out.
+    """
+    out = []
+    for name, (module, default, read, _) in _LIBRARY_SETTINGS.items():
+        lib = sys.modules.get(module)
+        if lib is None:
+            continue
+        try:
+            value = read(lib)
+        except Exception:
+            continue
+        if value != default:
+            out.append((name, value))
+    return tuple(out)
+
+
+def _apply_libraries(libs: tuple) -> bool:
+    """In a worker: the library settings ``libs`` (the notebook's, then the
+    setup's), every other one at its default. A library the worker has not
+    imported is imported only to apply a setting that differs from its
+    default (the notebook imported it; its tasks will). True if all applied."""
+    want = dict(libs)
+    want.update(setup_libs)
+    applied = True
+    for name, (module, default, read, write) in _LIBRARY_SETTINGS.items():
+        value = want.get(name, default)
+        lib = sys.modules.get(module)
+        try:
+            if lib is None:
+                if value == default:
+                    continue
+                lib = importlib.import_module(module)
+            if read(lib) != value:
+                write(lib, value)
+        except Exception:
+            applied = False
+            if (name, value) not in _libs_failed:  # (once: the next calls try again, quietly)
+                _libs_failed.add((name, value))
+                log.warning("mpmagic worker: could not set %s to the notebook's %r", name, value, exc_info=True)
+    return applied
+
+
+_libs_failed: set[tuple[str, Any]] = set()  # in a worker: the settings it could not apply (warned once)
+
+
+def current(call: Any = None, libs: tuple | None = None) -> Context:
     """The :class:`Context` message for the notebook's world now.
 
     ``call`` (a run's id): the world is read once per run, so every unit of a
     run sees the same one, and later units of that run cost a dict lookup.
+    ``libs``: the run's :func:`libraries`, read in the thread that made it
+    (None: read now, in this thread).
     """
     global _version, _last_state, _last_msg, _last_call, _last_enterable
     with _lock:
         if call is not None and call == _last_call and _last_msg is not None:
             return _last_msg
-        state = _state()
+        state = _state(libs)
         # Whether workers may enter it is part of the world too: a directory made
         # unenterable (chmod 000) after the pool started has the same getcwd(),
         # and the old context kept the old workers in it while new ones, unable
@@ -165,13 +242,13 @@ def current(call: Any = None) -> Context:
         enterable = state[0] is not None and os.access(state[0], os.X_OK)
         if _last_msg is None or state != _last_state or enterable != _last_enterable:
             _last_enterable = enterable
-            cwd, env, path, limit, filters = state
+            cwd, env, path, limit, filters, libs = state
             # Copies: the live objects keep changing under the comparison.
-            _last_state = (cwd, dict(env), list(path), limit, list(filters))
+            _last_state = (cwd, dict(env), list(path), limit, list(filters), libs)
             _version += 1
             where, reason = workers_dir(cwd, read=False)
             _note_problem(cwd, where, reason)
-            body = (where, dict(os.environ), list(path), limit, _pack_filters(filters))
+            body = (where, dict(os.environ), list(path), limit, _pack_filters(filters), libs)
             _last_msg = Context(_version, payload.dumps_data(body))
         _last_call = call
         return _last_msg
@@ -234,13 +311,13 @@ def apply(msg: Context) -> None:
     """
     global _adopted
     try:
-        cwd, env, path, limit, packed = payload.loads(msg.state)
+        cwd, env, path, limit, packed, libs = payload.loads(msg.state)
     except Exception:
         log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
         return
     global _pending
     _pending = list(packed)
-    _adopted = (cwd, env, path, limit, _load_filters())
+    _adopted = (cwd, env, path, limit, _load_filters(), libs)
     _adopt(*_adopted)
 
 
@@ -288,7 +365,7 @@ def reassert() -> None:
     global _adopted, _as_adopted
     if _adopted is not None:
         if _waiting and any(map(_loadable_now, _waiting)):
-            _adopted = (*_adopted[:4], _load_filters())  # (a task imported a waiting filter's package)
+            _adopted = (*_adopted[:4], _load_filters(), _adopted[5])  # (a task imported a waiting filter's package)
             _as_adopted = None
         if _as_adopted is None or _state() != _as_adopted:
             _adopt(*_adopted)
@@ -297,13 +374,15 @@ def reassert() -> None:
 # In a worker: what its %%pool setup changed of the world, which wins over the
 # notebook's (see keep_setup_changes): variables it set (name -> value), ones
 # it removed, the directory it chose (None: the notebook's), the recursion
-# limit it set (None: the notebook's), and the warnings filters it added
-# (those it put before the ones it found, and those it appended after them).
+# limit it set (None: the notebook's), the warnings filters it added
+# (those it put before the ones it found, and those it appended after them),
+# and the library settings it changed (torch's default dtype...: name -> value).
 setup_env: dict[str, str] = {}
 setup_removed: set[str] = set()
 own_cwd: str | None = None
 setup_limit: int | None = None
 setup_filters: tuple[list, list] = ([], [])
+setup_libs: dict[str, Any] = {}
 
 
 def keep_setup_changes(run: Any) -> Any:
@@ -317,15 +396,18 @@ def keep_setup_changes(run: Any) -> Any:
     ``sys.setrecursionlimit(...)`` was undone at the first call. A new setup
     (or ``%pool setup clear``) replaces the last one's changes: after a
     clear, the notebook's world again. (Filters a setup removes, e.g. by
-    ``warnings.resetwarnings()``, are not kept removed: the notebook's come back.)"""
+    ``warnings.resetwarnings()``, are not kept removed: the notebook's come back.)
+    A :func:`libraries` setting the setup changed (``torch.set_default_dtype``) wins too."""
     global own_cwd, setup_limit, setup_filters, _as_adopted
     setup_env.clear()
     setup_removed.clear()
+    setup_libs.clear()
     own_cwd, setup_limit, setup_filters = None, None, ([], [])
     if _adopted is not None:  # the notebook's world, without the last setup's changes
         _adopt(*_adopted)
     env_before, cwd_before = dict(os.environ), os.getcwd()
     limit_before, filters_before = sys.getrecursionlimit(), list(warnings.filters)
+    libs_before = dict(libraries())
     try:
         return run()
     finally:
@@ -336,6 +418,10 @@ def keep_setup_changes(run: Any) -> Any:
         if sys.getrecursionlimit() != limit_before:
             setup_limit = sys.getrecursionlimit()
         setup_filters = _added_filters(filters_before, list(warnings.filters))
+        libs_after = dict(libraries())
+        for name, (_, default, _, _) in _LIBRARY_SETTINGS.items():
+            if libs_before.get(name, default) != libs_after.get(name, default):
+                setup_libs[name] = libs_after.get(name, default)
         _as_adopted = None  # what wins changed: the next call adopts again
 
 
@@ -363,7 +449,7 @@ _cwd_failed: str | None = None  # in a worker: the directory it last failed to e
 _as_adopted: tuple | None = None
 
 
-def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
+def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list, libs: tuple = ()) -> None:
     if own_cwd is not None:
         cwd = own_cwd
     global _cwd_failed, _as_adopted
@@ -412,9 +498,10 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list) -> None:
         mutated = getattr(warnings, "_filters_mutated", None)  # private; renamed in 3.14
         if mutated is not None:
             mutated()  # drop the per-module "already warned" caches
+    applied = _apply_libraries(libs) and applied
     if applied:
-        cwd_now, env_now, path_now, limit_now, filters_now = _state()
-        _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, list(filters_now))
+        cwd_now, env_now, path_now, limit_now, filters_now, libs_now = _state()
+        _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, list(filters_now), libs_now)
 
 
-__all__ = ["apply", "current", "fallback_dir", "key", "reassert", "take_note", "workers_dir"]
+__all__ = ["apply", "current", "fallback_dir", "key", "libraries", "reassert", "take_note", "workers_dir"]

@@ -914,7 +914,7 @@ def describe_exitcode(exitcode: int | None) -> str:
             "SIGSEGV": " (a segmentation fault, usually in C code or ctypes)",
             "SIGBUS": " (a bus error, e.g. a truncated memory-mapped file)",
             "SIGABRT": " (an abort, usually a failed assertion in C code)",
-            "SIGTERM": " (terminated by another process)",
+            "SIGTERM": " (sent by another process, or by a library in the worker itself)",
         }.get(name, "")
         return f"was killed by {name}{hint}"
     return f"exited unexpectedly with exit code {exitcode}"

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from . import debugging, display_relay, payload, payload_cache, shm, worker_logging
+from . import context, debugging, display_relay, payload, payload_cache, shm, worker_logging
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
@@ -44,7 +44,7 @@ from .errors import (
     unloadable_results,
 )
 from .exc_record import rebuild
-from .fmt import func_name
+from .fmt import fmt_bytes, func_name
 from .protocol import Cell, Map
 from .warmup import OneTimeCosts
 from .worker import ErrorInfo
@@ -56,6 +56,8 @@ log = logging.getLogger("mpmagic")
 # between crash-position marks (see MapJob._block).
 _FAST_ITEM = 2e-6
 _FAST_BLOCK = 32
+
+_VIEW_NOTE_BYTES = 1 << 20  # a torch view's storage from which its item gets the note (see _note_tensor_views)
 
 _READ_ONLY_NOTE = (
     "mpmagic: numpy arrays and pandas DataFrames / Series from the notebook (items and captured globals "
@@ -73,12 +75,18 @@ def _same_machine(local: bool) -> contextlib.AbstractContextManager:
 
 
 def short_repr(obj: Any, limit: int = 60) -> str:
-    """A repr that fits in an error message."""
+    """A repr that fits in an error message: on one line (an xarray or pandas
+    object's repr spans several: the message's line broke in the middle)."""
     try:
         r = repr(obj)
     except Exception:
         r = f"<{type(obj).__name__}>"
+    if "\n" in r:
+        r = _LINE_BREAK.sub(" ", r.strip())
     return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+_LINE_BREAK = re.compile(r"\s*\n\s*")
 
 
 def _text_of(exc: BaseException) -> str:
@@ -89,6 +97,29 @@ def _text_of(exc: BaseException) -> str:
         return str(exc)
     except Exception:
         return ""
+
+
+def _read_only_write(exc: BaseException) -> bool:
+    """Did a write into a read-only array raise ``exc``, or an exception it
+    chains (``__cause__``, ``__context__``)? xarray re-raises numpy's
+    "assignment destination is read-only" as "Assignment destination is a
+    view", with numpy's error as the cause."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and len(seen) < 10:
+        seen.add(id(e))
+        if isinstance(e, ValueError) and "read-only" in _text_of(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _read_only_note(exc: BaseException) -> str:
+    """The read-only note, saying first what a library's rewording of it means."""
+    if isinstance(exc, ValueError) and "read-only" in _text_of(exc):
+        return _READ_ONLY_NOTE
+    return _READ_ONLY_NOTE.replace("mpmagic: ", "mpmagic: the array written is read-only (the error above rewords "
+                                                "numpy's): ", 1)
 
 
 def _note_daemonic(exc: BaseException) -> None:
@@ -279,6 +310,7 @@ class MapJob:
         accepted: Callable[[int, list], None] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
+        self.libs = context.libraries()  # (here, in the calling thread: torch's grad mode is per thread)
         self.func = func
         # Both are called with (start index, results in order) as each chunk is
         # accepted: each position once, in arrival order. ``accepted`` in the
@@ -380,6 +412,7 @@ class MapJob:
         # Measured for the report's advice and for --insights (an insights.Recorder).
         self.insights = insights
         self.bytes_sent = 0
+        self._views_said = False  # (the note on torch views carrying their whole storage: once per run)
         self.bytes_back = 0
         self.bytes_shared = 0  # numpy buffers among the items copied into shared memory
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
@@ -646,6 +679,8 @@ class MapJob:
                     self._settle()
                     return None
                 data = payload.dumps_data(items)
+            if not self._views_said and "torch" in sys.modules and not isinstance(items, range):
+                self._note_tensor_views(items, self._next_start)
             unit = Unit(self._next_id, self._next_start, len(items), data, items, lease=lease)
             unit.block = self._block()
             self.planner.note_bytes(len(items), len(unit.data) + (lease.nbytes if lease else 0))
@@ -660,6 +695,29 @@ class MapJob:
         if self._errors:
             self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
+
+    def _note_tensor_views(self, items: Any, start: int) -> None:
+        """One line (once per run) when an item is a torch tensor viewing a much
+        larger storage: torch pickles a view with its whole storage, so 100 row
+        views of a 4 MB tensor sent 400 MB (numpy sends a view's own bytes)."""
+        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        if not isinstance(tensor, type):
+            return
+        for i, item in enumerate(items):
+            if type(item) is not tensor and not issubclass(type(item), tensor):
+                continue
+            try:
+                stored, data = int(item.untyped_storage().nbytes()), int(item.nbytes)
+            except Exception:
+                continue
+            if stored >= _VIEW_NOTE_BYTES and stored > 2 * data:
+                self._views_said = True
+                self._out("stderr", (
+                    f"mpmagic: item {start + i} is a view of a larger torch tensor, and torch sends a view with all "
+                    f"of its tensor's storage ({fmt_bytes(stored)} for {fmt_bytes(data)} of data), and so does every "
+                    "such item: send copies of the views alone (`[t.clone() for t in rows]`), or indices to "
+                    "slice in the task\n"))
+                return
 
     def _input_failed(self, index: int, error: Exception, why: str, settle: bool = True) -> None:
         """The input itself failed at position ``index`` (its iterator raised, or
@@ -904,8 +962,8 @@ class MapJob:
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             if idx not in self._errors:
                 self._infos[idx] = debugging.failure_of(exc, info, index=idx, item=self._shown(unit.items[index])[0])
-            if self.shared_memory and isinstance(exc, ValueError) and "read-only" in _text_of(exc):
-                add_note(exc, _READ_ONLY_NOTE)
+            if self.shared_memory and _read_only_write(exc):
+                add_note(exc, _read_only_note(exc))
             _note_daemonic(exc)
             self._note_unsent_global(exc)
             note_without_setup(exc, unit)
@@ -1281,6 +1339,7 @@ class CellJob:
         lease: shm.Lease | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
+        self.libs = context.libraries()  # (as MapJob's)
         self.size = size
         self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
         # The pooled segments holding the cell's large arrays (api._pack_spec): lent until the run ends.
@@ -1509,9 +1568,8 @@ class CellJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
-        if self.lease is not None and isinstance(self.failures[unit.id], ValueError) \
-                and "read-only" in _text_of(self.failures[unit.id]):
-            add_note(self.failures[unit.id], _READ_ONLY_NOTE)
+        if self.lease is not None and _read_only_write(self.failures[unit.id]):
+            add_note(self.failures[unit.id], _read_only_note(self.failures[unit.id]))
         _note_daemonic(self.failures[unit.id])
         note_without_setup(self.failures[unit.id], unit)
         # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)

@@ -793,7 +793,13 @@ def _root_name(obj: Any, what: str) -> str:
 
 
 def _type_name(obj: Any) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
+    """``module.QualName`` of the object's type. A C extension's type may carry its
+    module in its qualname already (torch's ScriptFunction: ``torch.jit`` and
+    ``torch.jit.ScriptFunction``): not named twice."""
+    module, qualname = str(type(obj).__module__), str(type(obj).__qualname__)
+    if qualname.startswith(module + "."):
+        return qualname
+    return f"{module}.{qualname}".removeprefix("builtins.")
 
 
 def _too_deep(exc: BaseException | None) -> bool:

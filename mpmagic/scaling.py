@@ -212,10 +212,11 @@ def parallel_scaling(
 
     spec = make_cell_spec(code, namespace)
     if seed is not None:  # rank 0's stream, as the parallel runs' rank 0 (api's cell call does the same)
-        from .seeding import _check_seed, uses_numpy
+        from .seeding import _check_seed, uses_numpy, uses_torch
 
         spec.seed = _check_seed(seed)
         spec.seed_numpy = uses_numpy(code)
+        spec.seed_torch = uses_torch(code)
 
     def serial_run() -> None:
         with api._random_state_kept(seed is not None):

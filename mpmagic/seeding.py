@@ -5,8 +5,9 @@ With ``seed=S`` (``--seed S``) item ``i`` of the input runs with
 ``SeedSequence(S).spawn(n)[i]`` gives: independent streams, and the stream
 depends only on S and the item's *index*, never on which worker ran it or
 how the items were chunked. So 1, 2 or 4 workers, any chunk size and the
-serial ``--compare`` run give the same results. ``random`` and
-``numpy.random``'s global state are seeded from it for the item, and
+serial ``--compare`` run give the same results. ``random``,
+``numpy.random``'s global state and, where the notebook uses PyTorch, torch's
+default generator (``torch.manual_seed``) are seeded from it for the item, and
 :func:`rng` returns the item's ``numpy.random.Generator``.
 
 The notebook wraps the function (:class:`Seeded`) and numbers the items, so
@@ -18,13 +19,16 @@ the function's code names it): seeding never imports numpy into a notebook
 (or a ``--compare`` timing) that does not use it. ``random`` gets the same
 stream either way (:func:`_state_words` is SeedSequence's in pure Python),
 and :func:`rng` makes the item's Generator when first asked. Without numpy
-installed, ``random`` alone is seeded and :func:`rng` is unavailable.
+installed, ``random`` alone is seeded and :func:`rng` is unavailable. torch
+is seeded on the same terms (imported in the notebook, or named by the code),
+so seeding never imports torch either.
 
 This module imports no IPython (workers import it).
 """
 
 from __future__ import annotations
 
+import importlib
 import random
 import sys
 from typing import TYPE_CHECKING, Any
@@ -59,8 +63,31 @@ def uses_numpy(code: Any = None) -> bool:
     return c is not None and "numpy" in _code_names(c)
 
 
-def enter(seed: int, key: int, numpy: bool = True) -> None:
-    """Seed ``random`` (and with ``numpy``, numpy's global state) for stream ``key`` of ``seed``."""
+def uses_torch(code: Any = None) -> bool:
+    """Seed torch too? As :func:`uses_numpy`: torch is imported in the notebook, or ``code`` names it."""
+    if "torch" in sys.modules:
+        return True
+    if isinstance(code, str):
+        return "torch" in code
+    from .warmup import _code_names
+
+    f = getattr(code, "__func__", getattr(code, "func", code))
+    c = getattr(f, "__code__", None)
+    return c is not None and "torch" in _code_names(c)
+
+
+def _seed_torch(words: list[int]) -> None:
+    """torch's default generator (CPU, and CUDA's lazily) from two words of the stream."""
+    try:
+        torch: Any = importlib.import_module("torch")
+    except ImportError:
+        return
+    torch.manual_seed(words[0] | words[1] << 32)
+
+
+def enter(seed: int, key: int, numpy: bool = True, torch: bool = False) -> None:
+    """Seed ``random`` (with ``numpy``, numpy's global state; with ``torch``,
+    torch's default generator) for stream ``key`` of ``seed``."""
     global _current
     np: Any = None
     if numpy or "numpy" in sys.modules:
@@ -71,6 +98,8 @@ def enter(seed: int, key: int, numpy: bool = True) -> None:
     if np is None:  # (not imported: the same words as numpy's, in pure Python)
         words = _state_words(seed, key)
         random.seed(int.from_bytes(b"".join(w.to_bytes(4, "little") for w in words), "little"))
+        if torch:
+            _seed_torch(words[2:])
         _current = (seed, key)  # rng() makes the Generator if asked
         return
     ss = np.random.SeedSequence(seed, spawn_key=(key,))
@@ -78,6 +107,8 @@ def enter(seed: int, key: int, numpy: bool = True) -> None:
     random.seed(int.from_bytes(state.tobytes(), "little"))
     if numpy:
         np.random.seed(state[:2])  # the legacy global RandomState (np.random.rand...)
+    if torch:
+        _seed_torch([int(w) for w in state[2:]])
     _current = ss
 
 
@@ -154,6 +185,7 @@ class Seeded:
     def __init__(self, func: Any, seed: int, star: bool) -> None:
         self.func, self.seed, self.star = func, seed, star
         self.numpy = uses_numpy(func)  # (decided here: every worker and the serial run seed alike)
+        self.torch = uses_torch(func)
         self.__name__ = func_name(func)  # (%pool runs, reports: a partial or callable object by its type, as without seed=)
         self.__qualname__ = getattr(func, "__qualname__", self.__name__)
 
@@ -166,17 +198,17 @@ class Seeded:
         global _current
         __tracebackhide__ = True  # (ours: a task's traceback shows the user's frames only, as without --seed)
         index, item = pair
-        enter(self.seed, index, self.numpy)
+        enter(self.seed, index, self.numpy, self.torch)
         try:
             return self.func(*item) if self.star else self.func(item)
         finally:
             _current = None  # rng() outside a seeded item is not this item's stream
 
 
-def seed_rank(seed: int | None, rank: int, numpy: bool = True) -> None:
+def seed_rank(seed: int | None, rank: int, numpy: bool = True, torch: bool = False) -> None:
     """A ``%%parallel`` rank's stream (``--seed``): the same per rank on every run."""
     if seed is not None:
-        enter(seed, rank, numpy)
+        enter(seed, rank, numpy, torch)
 
 
-__all__ = ["rng", "Seeded", "seed_rank", "enter"]
+__all__ = ["rng", "Seeded", "seed_rank", "enter", "uses_numpy", "uses_torch"]

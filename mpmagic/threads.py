@@ -1,4 +1,4 @@
-"""Thread caps for BLAS/OpenMP (and polars) in workers: no oversubscription by default.
+"""Thread caps for BLAS/OpenMP (and polars, numba) in workers: no oversubscription by default.
 
 numpy's BLAS (OpenBLAS, MKL) and OpenMP code start one thread per CPU in
 *every* process. Two workers on two CPUs each running a 4-thread matrix
@@ -6,7 +6,7 @@ product keep 8 threads fighting over 2 cores. So each worker limits these
 pools to ``available CPUs // workers`` threads (at least 1), as loky does for
 joblib: the usual environment variables are set as the worker starts, before
 it imports numpy (the libraries read them when they load), and
-``threadpoolctl`` caps libraries already loaded (a fork worker inherits the
+``threadpoolctl`` (and for numba, ``_cap_numba``) caps libraries already loaded (a fork worker inherits the
 notebook's numpy). ``%config MPMagic.worker_threads = N`` sets the cap
 (0: no cap at all). A variable the user set (``OMP_NUM_THREADS=4`` in the
 notebook's environment when the worker starts) wins over the default cap, as
@@ -25,13 +25,15 @@ import logging
 import os
 import sys
 import threading
+from typing import Any
 
 from .cpus import recent_cpus
 
 log = logging.getLogger("mpmagic")
 
-# The variables the common threaded libraries read at load time (loky's list, and polars':
-# its thread pool starts one thread per CPU in each worker otherwise).
+# The variables the common threaded libraries read at load time (loky's list, polars':
+# its thread pool starts one thread per CPU in each worker otherwise, and numba's, which
+# ignores OMP_NUM_THREADS for its parallel=True pool).
 THREAD_VARS = (
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
@@ -40,6 +42,7 @@ THREAD_VARS = (
     "NUMEXPR_NUM_THREADS",
     "BLIS_NUM_THREADS",
     "POLARS_MAX_THREADS",
+    "NUMBA_NUM_THREADS",
 )
 
 _CAPPED_LIBS = ("numpy", "scipy", "torch", "sklearn")  # modules that load a thread pool
@@ -113,6 +116,8 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
             # with is stale (the notebook's context removes it, but only after
             # the worker may have loaded a library that read it).
             os.environ.pop(var, None)
+    if "numba" in sys.modules:  # (fork: the notebook's numba read NUMBA_NUM_THREADS already)
+        _cap_numba()
     if any(m in sys.modules for m in _CAPPED_LIBS):  # already loaded (fork): env vars came too late
         try:
             from threadpoolctl import ThreadpoolController
@@ -123,6 +128,31 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
                     lib.set_num_threads(want)
         except Exception:
             log.warning("mpmagic: could not cap the worker's BLAS/OpenMP threads at %s", n, exc_info=True)
+
+
+def _cap_numba() -> None:
+    """In a fork worker that inherited numba: its pool size as NUMBA_NUM_THREADS now says.
+
+    numba read the variable at its import in the notebook. Before it launched
+    its threads (no parallel=True function ran there), the size it will launch
+    (its config and ``parallel.NUM_THREADS``, both read at import) is lowered
+    to the cap; once launched (copied by the fork), only the threads a
+    parallel region uses can be lowered (``numba.set_num_threads``).
+    """
+    try:
+        want = int(os.environ.get("NUMBA_NUM_THREADS", ""))
+    except ValueError:
+        return
+    try:
+        numba: Any = sys.modules["numba"]
+        parallel = numba.np.ufunc.parallel
+        if not parallel._is_initialized:
+            if want < parallel.NUM_THREADS:
+                numba.config.NUMBA_NUM_THREADS = parallel.NUM_THREADS = want
+        elif numba.get_num_threads() > want:
+            numba.set_num_threads(min(want, numba.config.NUMBA_NUM_THREADS))
+    except Exception:
+        log.debug("mpmagic: numba's threads not capped at %s", want, exc_info=True)
 
 
 def _threads_wanted(internal_api: str) -> int | None:
@@ -165,6 +195,26 @@ def os_threads() -> int | None:
         return None
 
 
+def numba_omp_used() -> bool:
+    """Has numba's OpenMP threading layer run here (a ``parallel=True`` function)?
+
+    Then a forked child that runs such a function terminates itself: numba
+    prints "Terminating: fork() called from a process already using GNU
+    OpenMP, this is unsafe." and raises SIGTERM in it. Never imports numba.
+    """
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return False
+    try:
+        return bool(numba.threading_layer() == "omp")
+    except Exception:  # (ValueError: no parallel function has run yet)
+        return False
+
+
+NUMBA_OMP_FORK = ("numba's OpenMP threading layer, used in the notebook by a parallel=True function, ends a forked "
+                  "worker that runs one")
+
+
 def fork_hazard() -> str | None:
     """One line to say before forking a worker from this process, or None.
 
@@ -174,8 +224,12 @@ def fork_hazard() -> str | None:
     for a lock nobody will release. Said when the process runs more threads
     than Python's ``threading`` knows of (native pools) and one of
     :data:`FORK_UNSAFE` is imported; BLAS pools alone (numpy's OpenBLAS
-    reinitialises itself after a fork) are not enough.
+    reinitialises itself after a fork) are not enough. numba's OpenMP layer
+    (:func:`numba_omp_used`) does not hang the child: it ends it.
     """
+    fix = "start the pool with the default start method (forkserver) or spawn"
+    if numba_omp_used():
+        return f"mpmagic: {NUMBA_OMP_FORK} (the worker terminates itself with SIGTERM); {fix}"
     loaded = [name for name in FORK_UNSAFE if name in sys.modules]
     if not loaded:
         return None
@@ -183,8 +237,10 @@ def fork_hazard() -> str | None:
     if total is not None and total <= threading.active_count():
         return None  # (no native thread running: nothing to find held in the child)
     return (f"mpmagic: the notebook runs native thread pools and has imported {', '.join(loaded)}: fork copies their "
-            "locks but not their threads, so tasks that use them can hang in the workers; start the pool with the "
-            "default start method (forkserver) or spawn")
+            f"locks but not their threads, so tasks that use them can hang in the workers; {fix}")
 
 
-__all__ = ["FORK_UNSAFE", "THREAD_VARS", "cap_for", "fork_hazard", "limit_in_worker", "os_threads", "threads_per_worker"]
+__all__ = [
+    "FORK_UNSAFE", "THREAD_VARS", "cap_for", "fork_hazard", "limit_in_worker", "numba_omp_used", "os_threads",
+    "threads_per_worker",
+]

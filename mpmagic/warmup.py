@@ -360,12 +360,19 @@ def _mirrorable(name: str) -> bool:
 
 
 def _pulls_excluded(module: types.ModuleType) -> bool:
-    """Does the module's namespace hold something of a package never preloaded?"""
+    """Does the module's namespace hold something of a package never preloaded?
+
+    Each value's kind is read with ``type()``, never ``isinstance``: that one
+    asks an object for its ``__class__``, and a library's deprecated alias
+    (``torch.distributed.reduce_op``) answers with a FutureWarning, printed
+    after the user's ``import torch`` and attributed to this file.
+    """
     for value in list(vars(module).values()):
         name: Any
-        if isinstance(value, types.ModuleType):
+        kind = type(value)
+        if issubclass(kind, types.ModuleType):
             name = value.__name__
-        elif isinstance(value, (type, types.FunctionType)):
+        elif issubclass(kind, (type, types.FunctionType)):
             name = getattr(value, "__module__", None)
         else:
             continue

@@ -394,8 +394,8 @@ def reseed_fresh() -> None:
 
     A forked worker starts with a copy of its parent's state: without this,
     every fork worker would draw the same "random" numbers (numpy#9650).
-    numpy is reseeded only if already imported (a later import seeds itself
-    from the OS).
+    numpy and torch (whose default generator a fork copies the same way) are
+    reseeded only if already imported (a later import seeds itself from the OS).
     """
     random.seed(os.urandom(32))
     np = sys.modules.get("numpy")
@@ -404,6 +404,12 @@ def reseed_fresh() -> None:
             np.random.seed(int.from_bytes(os.urandom(4), "little"))
         except Exception:  # a numpy stand-in without random
             log.debug("numpy.random not reseeded", exc_info=True)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            torch.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        except Exception:  # a stand-in without manual_seed, or one half imported
+            log.debug("torch not reseeded", exc_info=True)
 
 
 def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:

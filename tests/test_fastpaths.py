@@ -528,3 +528,60 @@ def test_a_chunk_of_atoms_is_pickled_as_dumps_data_would_with_no_lease():
         assert unit is not None and (unit.lease is not None) is lent
         assert payload.loads(unit.data) == items[: unit.count]
         job.release_shared()
+
+
+def test_a_read_only_write_reworded_by_a_library_gets_the_note_and_the_item_one_line(ip, local_pool):
+    """xarray re-raises numpy's read-only error as "Assignment destination is a
+    view" (numpy's as the cause): no note said why; and the item's multi-line
+    repr split the "raised by item" note over two lines."""
+    run(ip, f"import numpy as np\nclass Box:\n    def __init__(self, a):\n        self.a = a\n"
+            f"    def __repr__(self):\n        return '<Box>\\nvalues: ' + repr(self.a[:2])\n"
+            f"boxes = [Box(np.arange({BIG}, dtype=np.float64))]\n"
+            "def poke(b):\n    try:\n        b.a[0] = -1\n    except ValueError as e:\n"
+            "        raise ValueError('Assignment destination is a view.') from e\n")
+    with pytest.raises(ValueError, match="is a view") as info:
+        run(ip, "%pmap -q poke, boxes")
+    notes = getattr(info.value, "__notes__", [])
+    assert any("read-only" in n and "shm.configure(writable=True)" in n for n in notes)
+    assert any(n.startswith("mpmagic: raised by item 0 of the input: poke(<Box> values: array(") for n in notes)
+    assert not any("\n" in n for n in notes)
+
+
+class _Storage:
+    def __init__(self, nbytes):
+        self._nbytes = nbytes
+
+    def nbytes(self):
+        return self._nbytes
+
+
+def test_items_that_are_views_of_a_big_torch_tensor_say_so_once(ip, monkeypatch, capsys):
+    """torch pickles a view with its whole storage: 100 row views of a 4 MB
+    tensor sent 400 MB, and nothing said why the run was slow."""
+    import types
+
+    torch = types.ModuleType("torch")  # a stand-in: CI has no torch
+
+    class Tensor:
+        def __init__(self, stored, data):
+            self.stored, self.nbytes = stored, data
+
+        def untyped_storage(self):
+            return _Storage(self.stored)
+
+    Tensor.__module__, torch.Tensor = "torch", Tensor
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    pool_module.shutdown()
+    mpmagic.use_local(2, "fork")
+    try:
+        ip.user_ns["_rows"] = [Tensor(4 << 20, 8 << 10) for _ in range(6)]
+        ip.user_ns["_own"] = [Tensor(8 << 10, 8 << 10) for _ in range(6)]
+        assert run(ip, "%pmap -q --chunksize 2 lambda t: t.nbytes, _own") == [8 << 10] * 6
+        assert "view of a larger torch tensor" not in capsys.readouterr().err
+        assert run(ip, "%pmap -q --chunksize 2 lambda t: t.nbytes, _rows") == [8 << 10] * 6
+        err = capsys.readouterr().err
+        assert err.count("mpmagic: item 0 is a view of a larger torch tensor") == 1 and "t.clone()" in err
+    finally:
+        pool_module.shutdown()
+        for name in ("_rows", "_own"):
+            ip.user_ns.pop(name, None)

@@ -100,3 +100,14 @@ def test_a_notebook_singledispatch_function_is_named_as_what_cannot_be_sent(ip, 
     assert "`describe_hint` is a functools.singledispatch function defined in the notebook" in text
     assert "Define it in a module the workers can import, or map a plain function" in text
     assert "is a dict" not in text and "Create it inside the function" not in text and "\n" not in text
+
+
+def test_a_type_whose_qualname_holds_its_module_is_named_once(ip, pool2):
+    """torch's ScriptFunction (module torch.jit, qualname torch.jit.ScriptFunction)
+    was named "torch.jit.torch.jit.ScriptFunction"."""
+    run(ip, "class Scripted:\n    def __reduce__(self):\n        raise TypeError('ScriptFunction cannot be pickled')\n"
+            "Scripted.__module__, Scripted.__qualname__ = 'fakejit', 'fakejit.ScriptFunction'\n"
+            "sf = Scripted()\n")
+    with pytest.raises(SerializationError) as info:
+        run(ip, "%pmap -q lambda x: sf, [1]")
+    assert "is a fakejit.ScriptFunction, which cannot be pickled" in str(info.value)

@@ -937,3 +937,92 @@ def test_a_low_recursion_limit_does_not_break_mpmagics_own_imports():
                           env={**os.environ, "PYTHONPATH": here})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "[10, 40] [60] 60", done.stdout
+
+
+@pytest.fixture
+def fake_numeric_libs(monkeypatch):
+    """Stand-ins for torch and jax in sys.modules (CI has neither): torch's grad
+    mode per thread, its default dtype, jax's x64 flag, each with torch's and
+    jax's own functions to read and set it."""
+    import threading
+    import types
+
+    torch, jax = types.ModuleType("torch"), types.ModuleType("jax")
+    local, dtype = threading.local(), ["torch.float32"]
+    torch.float32, torch.float64 = "torch.float32", "torch.float64"
+    torch.is_grad_enabled = lambda: getattr(local, "grad", True)
+    torch.set_grad_enabled = lambda mode: setattr(local, "grad", mode)
+    torch.get_default_dtype = lambda: dtype[0]
+    torch.set_default_dtype = lambda d: dtype.__setitem__(0, d)
+    jax.config = types.SimpleNamespace(jax_enable_x64=False)
+    jax.config.update = lambda name, value: setattr(jax.config, name, value)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "jax", jax)
+    from mpmagic import pool
+
+    pool.shutdown()
+    yield torch, jax
+    pool.shutdown()  # (its fork workers hold the stand-ins)
+
+
+LIB_STATE = "lambda x: (torch.is_grad_enabled(), torch.get_default_dtype(), jax.config.jax_enable_x64)"
+
+
+def test_the_notebooks_grad_mode_default_dtype_and_x64_reach_the_tasks(ip, fake_numeric_libs):
+    """``with torch.no_grad(): pmap(...)`` gave results with requires_grad=True,
+    and torch.set_default_dtype(float64) / jax_enable_x64 were ignored in tasks:
+    silently other numbers than serial. Grad mode is per thread: the calling
+    thread's counts, not the pool manager's."""
+    torch, jax = fake_numeric_libs
+    ensure_pool("fork")
+    run(ip, "import torch, jax, mpmagic")
+    assert run(ip, f"%pmap -q --chunksize 1 {LIB_STATE}, range(2)") == [(True, "torch.float32", False)] * 2
+    torch.set_default_dtype("torch.float64")
+    jax.config.update("jax_enable_x64", True)
+    got = run(ip, f"torch.set_grad_enabled(False)\nout = mpmagic.pmap({LIB_STATE}, range(2), chunksize=1)\n"
+                  "torch.set_grad_enabled(True)\nout")
+    assert got == [(False, "torch.float64", True)] * 2
+    assert run(ip, f"%%parallel -n 2 -q\n({LIB_STATE})(0)") == [(True, "torch.float64", True)] * 2
+    torch.set_default_dtype("torch.float32")
+    jax.config.update("jax_enable_x64", False)
+    assert run(ip, f"%pmap -q --chunksize 1 {LIB_STATE}, range(2)") == [(True, "torch.float32", False)] * 2
+
+
+def test_a_worker_puts_library_settings_back_and_imports_only_to_change_one(monkeypatch, fake_numeric_libs):
+    """In a worker (this process plays one): a task's torch.set_grad_enabled(False)
+    is undone at the next call; a setup's set_default_dtype stays; a library not
+    imported is imported only for a setting off its default."""
+    from mpmagic import context
+
+    torch, _ = fake_numeric_libs
+    for name in ("_adopted", "_pending", "_as_adopted", "setup_libs"):
+        monkeypatch.setattr(context, name, getattr(context, name))
+    context.apply(context.current(libs=(("torch grad mode", False),)))
+    assert torch.is_grad_enabled() is False
+    torch.set_grad_enabled(True)  # a task's change
+    context.reassert()
+    assert torch.is_grad_enabled() is False
+    context.keep_setup_changes(lambda: torch.set_default_dtype("torch.float64"))
+    context.reassert()
+    assert (torch.is_grad_enabled(), torch.get_default_dtype()) == (False, "torch.float64")
+    context.apply(context.current(libs=()))
+    assert (torch.is_grad_enabled(), torch.get_default_dtype()) == (True, "torch.float64")
+    monkeypatch.delitem(sys.modules, "jax")
+    context.apply(context.current(libs=()))
+    assert "jax" not in sys.modules  # (the default: nothing to import jax for)
+    context.keep_setup_changes(lambda: None)
+
+
+def test_a_library_setting_a_worker_cannot_apply_is_warned_once(monkeypatch, fake_numeric_libs, caplog):
+    from mpmagic import context
+
+    torch, _ = fake_numeric_libs
+    for name in ("_adopted", "_pending", "_as_adopted", "_libs_failed"):
+        monkeypatch.setattr(context, name, type(getattr(context, name))() if name == "_libs_failed"
+                            else getattr(context, name))
+    monkeypatch.setattr(torch, "set_grad_enabled", lambda mode: 1 / 0)
+    context.apply(context.current(libs=(("torch grad mode", False),)))
+    context.reassert()  # (tried again at the next call, quietly)
+    assert [r.getMessage() for r in caplog.records].count("mpmagic worker: could not set torch grad mode to "
+                                                          "the notebook's False") == 1
+    context.apply(context.current(libs=()))

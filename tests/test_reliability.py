@@ -795,7 +795,7 @@ def test_an_error_building_a_message_is_the_runs_not_the_workers(ip, pool2, monk
     pool2.wait_ready()
     pids = sorted(s.pid for s in pool2.slots)
 
-    def broken_context(call=None):
+    def broken_context(call=None, libs=None):
         raise OSError("cannot read the notebook's world")
 
     monkeypatch.setattr(mpmagic.context, "current", broken_context)

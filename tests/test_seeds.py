@@ -133,3 +133,49 @@ def test_imap_takes_seed_as_pmap_does(ip, local_pool):
     func = ip.user_ns["_draw"]
     assert list(mpmagic.imap(func, range(12), seed=7, chunksize=1)) == magic
     assert sorted(mpmagic.imap(func, iter(range(12)), seed=7, ordered=False)) == sorted(magic)
+
+
+@pytest.fixture
+def fake_torch(monkeypatch):
+    """A stand-in for torch in sys.modules (CI has no torch): one global
+    generator, which a fork copies as torch's default generator is copied."""
+    import random
+    import sys
+    import types
+
+    from mpmagic import pool
+
+    torch = types.ModuleType("torch")
+    gen = random.Random(12345)
+    torch.manual_seed, torch.rand = gen.seed, gen.random
+    torch.get_rng_state, torch.set_rng_state = gen.getstate, gen.setstate
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    pool.shutdown()
+    yield torch
+    pool.shutdown()  # (its fork workers hold the stand-in)
+
+
+def test_fork_workers_reseed_torch_too(ip, fake_torch):
+    """Fork workers kept a copy of the notebook's torch generator: two workers,
+    two distinct draws out of four (and %%parallel ranks drew alike)."""
+    from conftest import ensure_pool
+
+    ensure_pool("fork")
+    run(ip, "import torch, time\ndef _t(x):\n    time.sleep(0.05)\n    return torch.rand()")
+    assert len(set(run(ip, "%pmap -q --chunksize 1 _t, range(4)"))) == 4
+    assert len(set(run(ip, "%%parallel -n 2 -q\ntorch.rand()"))) == 2
+
+
+def test_seed_seeds_torch_when_the_notebook_uses_it(ip, fake_torch):
+    from conftest import ensure_pool
+
+    ensure_pool("fork")
+    run(ip, "import torch")
+    mine = fake_torch.get_rng_state()
+    one = run(ip, "%pmap -q -n 1 --seed 5 lambda i: torch.rand(), range(4)")
+    two = run(ip, "%pmap -q -n 2 --chunksize 1 --seed 5 --compare lambda i: torch.rand(), range(4)")
+    assert one == two and len(set(one)) == 4
+    assert mpmagic.last_report().equal is True
+    assert fake_torch.get_rng_state() == mine  # the serial run left the notebook's generator as it was
+    ranks = run(ip, "%%parallel -n 2 -q --seed 5\ntorch.rand()")
+    assert list(ranks) == one[:2]

@@ -175,3 +175,51 @@ def test_a_fork_pool_says_once_when_the_notebook_runs_native_pools_of_a_library_
     finally:
         pool.shutdown()
     assert capsys.readouterr().err.count(line) == 1
+
+
+def test_numbas_openmp_layer_is_a_fork_hazard_and_its_self_termination_is_named(ip, monkeypatch, capsys):
+    """numba parallel=True run in the notebook (OpenMP layer), then a fork pool:
+    every task's worker raised SIGTERM on itself, said to be "terminated by
+    another process", and the pool's start said nothing."""
+    import types
+
+    numba = types.ModuleType("numba")  # a stand-in: CI has no numba
+    numba.threading_layer = lambda: (_ for _ in ()).throw(ValueError("Threading layer is not initialized."))
+    monkeypatch.setitem(sys.modules, "numba", numba)
+    assert not threads.numba_omp_used()  # (imported, no parallel function run yet)
+    numba.threading_layer = lambda: "omp"
+    line = threads.fork_hazard()
+    assert line is not None and "numba's OpenMP threading layer" in line and "forkserver" in line
+    pool.shutdown()
+    mpmagic.use_local(1, "fork")
+    try:
+        run(ip, "import os, signal\ndef _omp(x):\n    os.kill(os.getpid(), signal.SIGTERM)  # (as numba's check does)")
+        with pytest.raises(mpmagic.WorkerLostError) as err:
+            run(ip, "%pmap -q _omp, [1]")
+    finally:
+        pool.shutdown()
+    assert "terminated itself with SIGTERM (numba's OpenMP" in str(err.value)
+    assert "another process" not in str(err.value)
+    assert capsys.readouterr().err.count(line) == 1
+
+
+def test_numbas_pool_capped_too_also_when_a_fork_worker_inherits_numba(ip, monkeypatch):
+    """numba ignores OMP_NUM_THREADS and read NUMBA_NUM_THREADS at its import: 2
+    workers x 2 numba threads on 2 CPUs, with every start method. A fork worker
+    inherits numba already imported: the size it will launch is lowered there."""
+    import types
+
+    parallel = types.SimpleNamespace(_is_initialized=False, NUM_THREADS=64)
+    numba = types.ModuleType("numba")  # a stand-in: CI has no numba
+    numba.np = types.SimpleNamespace(ufunc=types.SimpleNamespace(parallel=parallel))
+    numba.config = types.SimpleNamespace(NUMBA_NUM_THREADS=64)
+    monkeypatch.setitem(sys.modules, "numba", numba)
+    pool.shutdown()
+    backend = mpmagic.use_local(2, "fork")
+    try:
+        run(ip, "import os, sys\ndef _numba_cap(x):\n    n = sys.modules['numba']\n"
+                "    return os.environ.get('NUMBA_NUM_THREADS'), n.config.NUMBA_NUM_THREADS, n.np.ufunc.parallel.NUM_THREADS")
+        cap = max(1, available_cpus() // backend.workers)
+        assert run(ip, "%pmap -q _numba_cap, range(2)") == [(str(cap), cap, cap)] * 2
+    finally:
+        pool.shutdown()

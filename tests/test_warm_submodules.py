@@ -231,3 +231,24 @@ def test_a_preload_records_the_memory_it_added_and_a_failed_submodule_is_no_warn
 
 if __name__ == "__main__":
     _session()
+
+
+def test_the_scan_of_a_submodule_touches_no_deprecated_alias(monkeypatch):
+    """`import torch` in a cell printed two FutureWarnings from warmup.py: the
+    scan's isinstance() asked torch.distributed.reduce_op (a deprecated alias
+    that warns on any attribute) for its __class__."""
+    import warnings
+
+    class _Deprecated:
+        def __getattribute__(self, name):
+            warnings.warn("reduce_op is deprecated", FutureWarning, stacklevel=2)
+            return object.__getattribute__(self, name)
+
+    import numpy  # noqa: F401
+
+    _, end = warmup.loaded_submodules({"numpy"})
+    monkeypatch.setitem(sys.modules, "numpy._mpm_test_dep", _fake_module("numpy._mpm_test_dep", reduce_op=_Deprecated()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert warmup.loaded_submodules({"numpy"}, end)[0] == ["numpy._mpm_test_dep"]
+    assert [str(w.message) for w in caught] == []

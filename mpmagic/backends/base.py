@@ -32,6 +32,9 @@ class Job(Protocol):
 
     kind: str  # "map" or "cell"
     call_id: int
+    # The notebook's numeric-library settings when the job was made, in the calling
+    # thread (context.libraries): the backend passes them to context.current.
+    libs: tuple
     collect: bool  # errors="collect": a failed item stands as a Failed in the results (False for a cell)
     timeout: float | None
     # Set by the backend: other runs held workers while this one was in flight,

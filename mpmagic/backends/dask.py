@@ -920,7 +920,7 @@ class _DaskRun:
         self.restrict = restrict  # the workers a map's chunks may go to (None: any)
         self.asked: int | None = None  # -n / workers=: the most tasks running at once
         # The notebook's world, for the cluster mpmagic started (same machine): see dask_tasks.
-        self.world = context.current(job.call_id) if backend.owns_cluster else None
+        self.world = context.current(job.call_id, job.libs) if backend.owns_cluster else None
         # The user's modules the notebook reloaded, for each task's worker to follow (dask_tasks.follow_reloads).
         self.reloads = backend._reloads.for_tasks()
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()

@@ -994,7 +994,7 @@ class LocalBackend:
         # The notebook's cwd, environment, sys.path first (context.py): a setup
         # may import from a directory the notebook added after the pool started.
         # Built before anything is written: only a write's error is the worker's.
-        ctx = context.current(self._runs[0].job.call_id if self._runs else None)
+        ctx = context.current(*((self._runs[0].job.call_id, self._runs[0].job.libs) if self._runs else ()))
         messages = [] if context.key(ctx) in slot.known else [pack(ctx)]
         messages.append(pack(msg))
         try:
@@ -1706,7 +1706,7 @@ class LocalBackend:
         try:
             # The notebook's cwd, environment, sys.path...: sent only when this
             # worker does not have the current version (see context.py).
-            ctx = context.current(job.call_id)
+            ctx = context.current(job.call_id, job.libs)
             messages: list[bytes | tuple[bytes, ...]] = []
             keys = []
             known = slot.known
@@ -1908,7 +1908,10 @@ class LocalBackend:
             self._tasks_short()
             return
         reason = describe_exitcode(code)
-        if code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
+        if code == -signal.SIGTERM and self.start_method == "fork" and threads.numba_omp_used():
+            reason = (f"terminated itself with SIGTERM ({threads.NUMBA_OMP_FORK}; start the pool with the default "
+                      "start method, forkserver, or spawn)")
+        elif code == -signal.SIGKILL and _near_memory_limit(slot, self.max_memory):
             reason = f"ran out of memory (killed by SIGKILL; {fmt_bytes(slot.rss or 0)} of its own at its last report)"
         inflight = list(slot.inflight)
         slot.inflight.clear()
