@@ -48,6 +48,11 @@ def exits(x):
         os._exit(7)
     return x * 10
 
+def exits_tempfail(x):            # 75 (EX_TEMPFAIL): a worker that could not start its threads exits so
+    if x == 5:
+        os._exit(75)
+    return x * 10
+
 def sigkilled(x):                 # what the kernel's OOM killer does
     if x == 5:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -66,6 +71,8 @@ def out_of_memory(x):
 
 DEATHS = {
     "exits": ("exited unexpectedly with exit code 7",),
+    # a task's 75 is a death like any other: not "ulimit -u", the pool not shrunk (assert_healed)
+    "exits_tempfail": ("exited unexpectedly with exit code 75",),
     "sigkilled": ("killed by SIGKILL", "possibly out of memory"),
     "segfaults": ("killed by SIGSEGV", "segmentation fault"),
 }

@@ -1898,7 +1898,10 @@ class LocalBackend:
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
-        if code == worker.EXIT_NO_THREADS:  # it could not start its threads (ulimit -u): not replaced
+        # It could not start its threads (ulimit -u): not replaced. Only a worker
+        # that never said it was ready: its threads start before that, and a task
+        # that exits with 75 (EX_TEMPFAIL, used by real tools) is an ordinary death.
+        if code == worker.EXIT_NO_THREADS and not slot.ready:
             for run, unit in slot.inflight:
                 run.job.requeue(unit)
             slot.inflight.clear()
