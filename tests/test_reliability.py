@@ -887,6 +887,43 @@ def test_too_few_processes_is_one_line_and_the_pool_recovers():
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_the_process_count_is_zero_only_when_proc_cannot_be_read(monkeypatch, caplog):
+    """``ulimit -u`` accounting (proclimits): no /proc is no check, said at DEBUG;
+    any other error (a bug in the count) is raised, not silently "0 in use"."""
+    import builtins
+
+    from mpmagic import proclimits
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    with caplog.at_level("DEBUG", logger="mpmagic"):
+        assert proclimits.tasks_in_use(100) == 0
+    assert "could not count this user's processes" in caplog.text
+
+    def buggy(path, *args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(builtins, "open", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        proclimits.tasks_in_use(100)
+
+
+def test_rlimit_reads_a_soft_limit_or_none():
+    import resource
+
+    from mpmagic import proclimits
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert proclimits.rlimit("RLIMIT_NOFILE") == (None if soft == resource.RLIM_INFINITY else soft)
+    assert proclimits.rlimit("RLIMIT_NO_SUCH_LIMIT") is None
+
+
 def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):
     """``ulimit -n`` too low for the workers asked: multiprocessing's tracebacks
     (and the manager's, and the fork server's EOFError), and the failed pool

@@ -22,7 +22,6 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
-import errno
 import itertools
 import logging
 import multiprocessing
@@ -58,6 +57,7 @@ from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
 from ..fmt import fmt_bytes
+from ..proclimits import NoRoomForTasks, out_of_tasks, room_for_tasks, task_limit_named
 from ..protocol import (
     Collected,
     Done,
@@ -543,7 +543,7 @@ class LocalBackend:
                         if not out_of_files(exc):
                             raise
                         out_of = "files"
-                    except _NoRoomForTasks:
+                    except NoRoomForTasks:
                         out_of = "tasks"
                     if out_of:  # (raised here: the failed start's frames, and the pipes they hold, go now)
                         raise self._files_ran_out(started, tasks=out_of == "tasks")
@@ -647,7 +647,7 @@ class LocalBackend:
         _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
         # Out of processes halfway, workers died with tracebacks. (Workers not
         # ready yet have their two threads still to start.)
-        _room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
+        room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
         if self.start_method == "fork":
             self._say_fork_hazard()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
@@ -660,8 +660,8 @@ class LocalBackend:
                 raise
             if isinstance(exc, OSError) and out_of_files(exc):
                 raise
-            if _out_of_tasks(exc):
-                raise _NoRoomForTasks() from None
+            if out_of_tasks(exc, _TASKS_PER_START):
+                raise NoRoomForTasks() from None
             raise _start_failed(exc) from None
 
     def _say_fork_hazard(self) -> None:
@@ -935,7 +935,7 @@ class LocalBackend:
             error = self._files_ran_out([], shrink=False)
             for run in list(self._runs):
                 self._end(run, error)
-        except _NoRoomForTasks:
+        except NoRoomForTasks:
             self._tasks_short()
 
     def _tasks_short(self) -> None:
@@ -954,7 +954,7 @@ class LocalBackend:
         elif self._runs and self._runs[0] is not self._tasks_said:  # (once per run)
             self._tasks_said = self._runs[0]
             self._runs[0]._emit_out("stderr", f"mpmagic: workers could not start: the process/thread limit "
-                                              f"({_task_limit_named()}) was reached; the pool goes on with {have} "
+                                              f"({task_limit_named()}) was reached; the pool goes on with {have} "
                                               "(use fewer workers or raise `ulimit -u`)\n")
 
     # -- worker setup (worker_setup.py) ------------------------------------
@@ -2122,82 +2122,9 @@ def _room_for_files(n: int) -> None:
 _TASKS_PER_START = 4
 
 
-class _NoRoomForTasks(Exception):
-    """A worker cannot start: the user's processes and threads reached ``ulimit -u``."""
-
-
-def _task_limit() -> int | None:
-    """The soft limit on this user's processes and threads (``ulimit -u``), or None
-    where it does not bind (unlimited, root, no ``resource``)."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-    except Exception:
-        return None
-    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:  # (root is not held to it)
-        return None
-    return int(soft)
-
-
-def _tasks_in_use(limit: int) -> int:
-    """How many processes and threads count against ``limit`` now (this user's, in
-    /proc). The system's total (/proc/loadavg, one read) answers when it is below
-    the limit: only near it are this user's processes counted (~1 ms per 100)."""
-    try:
-        with open("/proc/loadavg") as f:
-            total = int(f.read().split()[3].split("/")[1])
-        if total < limit // 2:
-            return total
-        uid, used = os.getuid(), 0
-        with os.scandir("/proc") as entries:
-            for entry in entries:
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    if entry.stat().st_uid != uid:
-                        continue
-                    with open(f"/proc/{entry.name}/status") as f:
-                        for line in f:
-                            if line.startswith("Threads:"):
-                                used += int(line.split()[1])
-                                break
-                except OSError:  # (gone meanwhile)
-                    continue
-        return used
-    except Exception:
-        return 0  # (no /proc: no check)
-
-
-def _room_for_tasks(n: int) -> None:
-    """Raise ``_NoRoomForTasks`` unless ``n`` more processes or threads fit under
-    ``ulimit -u`` (free where there is no such limit, as for root)."""
-    limit = _task_limit()
-    if limit is not None and _tasks_in_use(limit) + n > limit:
-        raise _NoRoomForTasks()
-
-
-def _out_of_tasks(exc: BaseException) -> bool:
-    """Did a worker's start fail on the process/thread limit? A fork's EAGAIN, a
-    thread that could not start, or (the fork server's child failed: an EOFError
-    here) any failure while this user is at the limit."""
-    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
-        return True
-    limit = _task_limit()
-    return limit is not None and _tasks_in_use(limit) + _TASKS_PER_START > limit
-
-
-def _task_limit_named() -> str:
-    """``ulimit -u, 20``: the limit and its value, for a message."""
-    limit = _task_limit()
-    return f"ulimit -u, {limit}" if limit is not None else "ulimit -u"
-
-
 def _tasks_line(could: int, wanted: int, now: int | None) -> str:
     """The one line for a pool that reached the process/thread limit."""
-    named = _task_limit_named()
+    named = task_limit_named()
     if could <= 0:
         return (f"the process/thread limit ({named}) is reached: not even one worker can start; "
                 "raise `ulimit -u` (or end processes of yours), or run it serially")
