@@ -86,11 +86,18 @@ def room_for_tasks(n: int) -> None:
         raise NoRoomForTasks()
 
 
+def no_thread(exc: BaseException) -> bool:
+    """Was ``exc`` a thread that could not start for lack of processes or threads
+    (``ulimit -u``)? Not a thread refused at interpreter shutdown (3.12+'s
+    "can't create new thread at interpreter shutdown")."""
+    return isinstance(exc, RuntimeError) and "can't start new thread" in str(exc)
+
+
 def out_of_tasks(exc: BaseException, n: int) -> bool:
     """Did a start that needed ``n`` processes or threads fail on the process/thread
     limit? A fork's EAGAIN, a thread that could not start, or (the fork server's
     child failed: an EOFError here) any failure while this user is at the limit."""
-    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
+    if no_thread(exc):
         return True
     if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
         return True

@@ -57,7 +57,7 @@ from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
 from ..fmt import fmt_bytes
-from ..proclimits import NoRoomForTasks, out_of_tasks, room_for_tasks, task_limit_named
+from ..proclimits import NoRoomForTasks, no_thread, out_of_tasks, room_for_tasks, task_limit_named
 from ..protocol import (
     Collected,
     Done,
@@ -545,8 +545,10 @@ class LocalBackend:
                         out_of = "files"
                     except NoRoomForTasks:
                         out_of = "tasks"
-                    if out_of:  # (raised here: the failed start's frames, and the pipes they hold, go now)
-                        raise self._files_ran_out(started, tasks=out_of == "tasks")
+                    if out_of == "files":  # (raised here: the failed start's frames, and the pipes they hold, go now)
+                        raise self._files_ran_out(started)
+                    if out_of == "tasks":
+                        raise self._tasks_ran_out(started)
             if self._manager is None or not self._manager.is_alive():
                 # A new manager with a wakeup pipe and a selector of its own; one
                 # that is still ending closes its own (it never touches these).
@@ -560,32 +562,26 @@ class LocalBackend:
                 )
                 try:
                     self._manager.start()
-                except RuntimeError:  # "can't start new thread": the process/thread limit (ulimit -u)
+                except RuntimeError as exc:
+                    # Its pipe is closed here: only the manager that never ran would have.
+                    # The workers are kept: they started, the next call starts a manager.
                     self._manager = None
-                    raise self._files_ran_out(list(self.slots), tasks=True) from None
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    self._wake_r, self._wake_w = -1, -1
+                    if not no_thread(exc):  # (at interpreter shutdown, say: not ulimit -u)
+                        raise
+                    raise MPMagicError(
+                        f"mpmagic's manager thread could not start: the process/thread limit ({task_limit_named()}) "
+                        "was reached; raise `ulimit -u` (or end processes of yours), or run it serially"
+                    ) from None
             changed = (len(self.slots), self._manager) != before
         if wake or changed:
             self._wake()
 
-    def _files_ran_out(
-        self, started: list[_Slot], shrink: bool = True, asked: int | None = None, tasks: bool = False
-    ) -> MPMagicError:
-        """The process may open no more files (``ulimit -n``) while workers start:
-        stop ``started`` (those this start began: their pipes are what ran out),
-        shrink the pool to one fewer than it could start (``shrink``; else to
-        what it has), and say so in one line. A failed start kept its workers
-        and their files: every later call failed too, and IPython could no
-        longer open a file to show the error. ``asked``: the processes wanted
-        (a cell's extra workers for its ranks), if not the pool's size.
-
-        ``tasks``: the same for the user's limit on processes and threads
-        (``ulimit -u``, ``_room_for_tasks``): a start that went on spent that
-        budget on workers that died starting, and left the pool unable to
-        start even the workers that had worked before."""
-        if tasks:
-            return self._tasks_ran_out(started, asked)
-        pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
-        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+    def _stop_started(self, started: list[_Slot]) -> None:
+        """Stop the workers a start began before it ran out of files or processes
+        (their pipes and processes are what ran out), and forget them."""
         for slot in started:
             if slot in self.slots:
                 self.slots.remove(slot)
@@ -600,6 +596,19 @@ class LocalBackend:
                 _reap_later(slot.proc)
             else:
                 slot.proc.close()
+
+    def _files_ran_out(self, started: list[_Slot], shrink: bool = True, asked: int | None = None) -> MPMagicError:
+        """The process may open no more files (``ulimit -n``) while workers start:
+        stop ``started`` (those this start began: their pipes are what ran out),
+        shrink the pool to one fewer than it could start (``shrink``; else to
+        what it has), and say so in one line. A failed start kept its workers
+        and their files: every later call failed too, and IPython could no
+        longer open a file to show the error. ``asked``: the processes wanted
+        (a cell's extra workers for its ranks), if not the pool's size.
+        (``_tasks_ran_out`` is the same for ``ulimit -u``.)"""
+        pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
+        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+        self._stop_started(started)
         if asked is None:
             # One fewer when starting: a run opens files of its own. Grown for
             # this call (-n 8): no bigger than before.
@@ -617,24 +626,17 @@ class LocalBackend:
             f"(the pool now has {self.workers})"
         )
 
-    def _tasks_ran_out(self, started: list[_Slot], asked: int | None) -> MPMagicError:
-        """``_files_ran_out`` for the process/thread limit (``ulimit -u``): the workers
-        this start began stop, the pool keeps its size from before the call grew
-        it (or what it could start), and one line names the limit."""
+    def _tasks_ran_out(self, started: list[_Slot], asked: int | None = None) -> MPMagicError:
+        """``_files_ran_out`` for the user's limit on processes and threads (``ulimit -u``,
+        ``proclimits.room_for_tasks``): the workers this start began stop, the pool
+        keeps its size from before the call grew it (or what it could start), and
+        one line names the limit. A start that went on spent that budget on
+        workers that died starting, and left the pool unable to start even the
+        workers that had worked before."""
         pool = len([s for s in self.slots if not s.temporary])
         could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
         kept = len([s for s in self.slots if not s.temporary and s not in started])
-        for slot in started:
-            if slot in self.slots:
-                self.slots.remove(slot)
-            _kill_group(slot.proc.pid)
-            slot.proc.kill()
-            slot.close()
-            slot.proc.join(1.0)
-            if slot.proc.exitcode is None:
-                _reap_later(slot.proc)
-            else:
-                slot.proc.close()
+        self._stop_started(started)
         if asked is None:
             fits = max(kept, could - 1)  # (one fewer: a run starts threads of its own)
             self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
@@ -913,7 +915,10 @@ class LocalBackend:
 
     def _respawn(self) -> None:
         """A worker in place of one that stopped (manager); out of files, the pool shrinks
-        and the runs in flight end with the one line of ``_files_ran_out``.
+        and the runs in flight end with the one line of ``_files_ran_out``. Out of
+        processes or threads (``ulimit -u``), the pool shrinks to the workers it has
+        and the runs go on with them, told once (``_tasks_short``); with none left
+        they end with its one line.
 
         A replacement that cannot start for another reason leaves the pool one
         worker short: the runs go on with the others (the dead worker's item is
