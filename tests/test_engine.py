@@ -1051,6 +1051,30 @@ def test_a_manager_thread_that_cannot_start_keeps_the_workers_and_no_fd(monkeypa
         backend.stop()
 
 
+def test_a_run_told_of_ulimit_u_is_told_once_and_not_kept_alive(capsys):
+    """``_tasks_short`` held the run it told (once per run): its job and results
+    stayed referenced by the pool after it ended, so ``del`` freed nothing."""
+    import gc
+    import weakref
+
+    backend = LocalBackend(1, "forkserver")
+    try:
+        backend.start()
+        backend.wait_ready()
+        run = backend.submit(MapJob(time.sleep, [0.3], 1, False, 1))
+        with backend._lock:
+            backend._tasks_short()
+            backend._tasks_short()  # (the same run: not said again)
+        assert run.result(HANG) == [None]
+        assert capsys.readouterr().err.count("workers could not start: the process/thread limit") == 1
+        gone = weakref.ref(run)
+        del run
+        gc.collect()
+        assert gone() is None
+    finally:
+        backend.stop()
+
+
 _MASK_AT_EXEC = """
 import signal, sys, multiprocessing.util as util
 from mpmagic.backends.local import LocalBackend

@@ -484,7 +484,9 @@ class LocalBackend:
         # hand-out: a retired worker's slot must not be kept (its Process holds its pipe's fds).
         self._readied: tuple = ()
         self._startup_failures = 0
-        self._tasks_said: object = None  # the run told that workers hit ulimit -u (_tasks_short)
+        # The call id of the run told that workers hit ulimit -u (_tasks_short): not
+        # the run, which would keep its results alive after it ended.
+        self._tasks_said: int | None = None
         self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
@@ -956,11 +958,11 @@ class LocalBackend:
         if not have:
             for run in list(self._runs):
                 self._end(run, MPMagicError(line))
-        elif self._runs and self._runs[0] is not self._tasks_said:  # (once per run)
-            self._tasks_said = self._runs[0]
-            self._runs[0]._emit_out("stderr", f"mpmagic: workers could not start: the process/thread limit "
-                                              f"({task_limit_named()}) was reached; the pool goes on with {have} "
-                                              "(use fewer workers or raise `ulimit -u`)\n")
+        elif self._runs and self._runs[0].job.call_id != self._tasks_said:  # (once per run)
+            self._tasks_said = self._runs[0].job.call_id
+            self._runs[0].note("stderr", f"mpmagic: workers could not start: the process/thread limit "
+                                         f"({task_limit_named()}) was reached; the pool goes on with {have} "
+                                         "(use fewer workers or raise `ulimit -u`)\n")
 
     # -- worker setup (worker_setup.py) ------------------------------------
     def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
@@ -1025,7 +1027,7 @@ class LocalBackend:
         line = worker_setup.record((self.pool_key, slot.wid), msg)
         if line:
             if self._runs:
-                self._runs[0]._emit_out("stderr", line)
+                self._runs[0].note("stderr", line)
             else:  # no run to show it in (the manager never prints): %pool shows the state
                 log.warning("%s", line.strip())
         self._cond.notify_all()
@@ -1729,7 +1731,7 @@ class LocalBackend:
             return
         note = context.take_note()  # the notebook's directory cannot be used: said once
         if note:
-            run._emit_out("stderr", note)
+            run.note("stderr", note)
         try:
             for data in messages:
                 self._put(slot, data)
@@ -1883,7 +1885,7 @@ class LocalBackend:
         slot.rss = rss
         if self.max_memory and rss > self.max_memory and not slot.over_memory:
             slot.over_memory = True
-            run._emit_out(
+            run.note(
                 "stderr",
                 f"mpmagic: worker {slot.wid} holds {fmt_bytes(rss)} of its own memory after its task, over the pool's "
                 f"max_memory of {fmt_bytes(self.max_memory)}: it is replaced before its next task\n",
@@ -1924,7 +1926,7 @@ class LocalBackend:
         if slot.setup_sent and slot.setup_sent == worker_setup.version() and not interrupted:
             line = worker_setup.died((self.pool_key, slot.wid), slot.wid, reason)  # its setup killed it
             if line and self._runs:
-                self._runs[0]._emit_out("stderr", line)
+                self._runs[0].note("stderr", line)
             self._cond.notify_all()
         if not slot.ready and time.monotonic() - slot.started < 30 and not inflight and not interrupted:
             self._startup_failures += 1
