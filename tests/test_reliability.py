@@ -887,6 +887,42 @@ def test_too_few_processes_is_one_line_and_the_pool_recovers():
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_a_reap_with_no_thread_to_spare_does_not_wait_seconds(monkeypatch):
+    """No thread for the reaper (ulimit -u): the inline reap waited up to 10 s for a
+    process that did not stop by itself, under the pool's lock (every run stalled)."""
+    import multiprocessing
+
+    from mpmagic.backends import local
+
+    proc = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True)
+    proc.start()
+    real_start = threading.Thread.start
+
+    def no_reaper(thread: threading.Thread) -> None:
+        if thread.name == "mpmagic-reaper":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_reaper)
+    t0 = time.monotonic()
+    local._reap_later(proc)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ValueError, match="closed"):  # (killed, reaped and closed: no fd kept)
+        proc.is_alive()
+    # One still running after its kill (a slow exit): left for the next reap, not waited for.
+    slow = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True)
+    slow.start()
+    monkeypatch.setattr(slow, "kill", lambda: None)
+    local._reap_later(slow)
+    assert slow in local._unreaped and slow.is_alive()
+    os.kill(slow.pid, signal.SIGKILL)
+    slow.join(5)
+    local._reap_left()
+    assert slow not in local._unreaped
+    with pytest.raises(ValueError, match="closed"):
+        slow.is_alive()
+
+
 def test_the_process_count_is_zero_only_when_proc_cannot_be_read(monkeypatch, caplog):
     """``ulimit -u`` accounting (proclimits): no /proc is no check, said at DEBUG;
     any other error (a bug in the count) is raised, not silently "0 in use"."""

@@ -2154,6 +2154,12 @@ def _kill_group(pid: int | None) -> None:
         pass  # nothing left in the group, or it is not ours (never made: see worker.main)
 
 
+# Stopped processes an inline reap left running (no thread to spare, see
+# _reap_later): the next reap collects them.
+_unreaped: list = []
+_unreaped_lock = threading.Lock()
+
+
 def _reap_later(proc) -> None:
     """Collect a stopped process's exit status without blocking the notebook."""
 
@@ -2162,14 +2168,43 @@ def _reap_later(proc) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-        _kill_group(proc.pid)  # what its tasks started and left running
-        shm.sweep_worker(proc.pid)  # results it made but never handed over
-        try:
-            proc.close()  # its pipes now, not whenever the last reference to it goes
-        except ValueError:  # still running after SIGKILL and 10 s: left to the OS
-            log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
+        _reaped(proc)
 
+    _reap_left()
     try:
         threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()
-    except RuntimeError:  # no thread to spare (ulimit -u): reaped here (it was killed: it exits at once)
-        reap()
+    except RuntimeError:
+        # No thread to spare (ulimit -u, or the interpreter's exit): here, where the
+        # pool's lock is often held, so not reap()'s 10 s of waiting that stalled
+        # every run: killed at once, and one still running after 0.5 s is left to
+        # the next reap.
+        proc.kill()
+        proc.join(0.5)
+        if proc.exitcode is None:
+            with _unreaped_lock:
+                _unreaped.append(proc)
+        else:
+            _reaped(proc)
+
+
+def _reap_left() -> None:
+    """Collect the processes an inline reap left running, those that have ended (no wait)."""
+    if not _unreaped:
+        return
+    with _unreaped_lock:
+        ended = [p for p in _unreaped if p.exitcode is not None]  # (exitcode polls: no wait)
+        _unreaped[:] = [p for p in _unreaped if p not in ended]
+    for proc in ended:
+        _reaped(proc)
+
+
+def _reaped(proc) -> None:
+    """After a worker's exit: what its tasks started and left running, the results
+    it made but never handed over, and its pipes now (not whenever the last
+    reference to its Process goes)."""
+    _kill_group(proc.pid)
+    shm.sweep_worker(proc.pid)
+    try:
+        proc.close()
+    except ValueError:  # still running after SIGKILL and 10 s: left to the OS
+        log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
