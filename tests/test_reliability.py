@@ -887,6 +887,22 @@ def test_too_few_processes_is_one_line_and_the_pool_recovers():
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_ranks_beyond_the_pool_at_ulimit_u_fail_with_the_one_line(ip, pool2, monkeypatch):
+    """A cell's extra workers for its ranks refused by ``ulimit -u``: a bare
+    NoRoomForTasks escaped the manager into the cell."""
+    from mpmagic.backends import local
+    from mpmagic.proclimits import NoRoomForTasks
+
+    def refused(n: int) -> None:
+        raise NoRoomForTasks()
+
+    monkeypatch.setattr(local, "room_for_tasks", refused)
+    with pytest.raises(mpmagic.MPMagicError, match=r"the pool could start only 2 of 3 workers: the process/thread limit"):
+        mpmagic.parallel("rank", workers=3)
+    monkeypatch.undo()
+    assert list(mpmagic.parallel("rank", workers=2)) == [0, 1]
+
+
 def test_a_reap_with_no_thread_to_spare_does_not_wait_seconds(monkeypatch):
     """No thread for the reaper (ulimit -u): the inline reap waited up to 10 s for a
     process that did not stop by itself, under the pool's lock (every run stalled)."""

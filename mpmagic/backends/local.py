@@ -1677,6 +1677,10 @@ class LocalBackend:
                 asked = len(self.slots) + missing - k
                 self._end(run, self._files_ran_out([s for s in idle if s.temporary], shrink=False, asked=asked))
                 return
+            except NoRoomForTasks:  # (it escaped the manager: the cell failed with a bare NoRoomForTasks)
+                asked = len(self.slots) + missing - k
+                self._end(run, self._tasks_ran_out([s for s in idle if s.temporary], asked=asked))
+                return
             self.slots.append(slot)
             idle.append(slot)
         for slot in idle:
