@@ -108,7 +108,13 @@ class Run:
         return self.job.items_failed
 
     # -- called by the backend (any thread) ------------------------------------
-    def _emit_out(self, stream: str, text: str) -> None:
+    def note(self, stream: str, text: str) -> None:
+        """Show ``text`` (mpmagic's own line, ending in a newline) on the run's
+        ``stream`` ("stdout" or "stderr"), in order with its tasks' output: what the
+        backend has to say about this run (a worker's setup failed, the pool shrank)."""
+        self._events.put(("out", stream, text))
+
+    def _emit_out(self, stream: str, text: str) -> None:  # (the job's output: see redirect)
         self._events.put(("out", stream, text))
 
     def _emit_input(self) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from .astlock import compile_tree, parse
+from .proclimits import rlimit
 
 logger = logging.getLogger("mpmagic")
 _E = TypeVar("_E", bound=BaseException)
@@ -130,12 +131,8 @@ def out_of_files(exc: BaseException) -> bool:
 
 def file_limit() -> int | str:
     """The soft limit on open files (``ulimit -n``), or "?" where it cannot be read."""
-    try:
-        import resource
-
-        return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except Exception:
-        return "?"
+    limit = rlimit("RLIMIT_NOFILE")
+    return "?" if limit is None else limit
 
 
 def too_many_open_files() -> str:

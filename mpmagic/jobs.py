@@ -591,9 +591,6 @@ class MapJob:
             return True
         return self.exhausted and not self._requeued and not self.outstanding
 
-    def _first_error(self) -> int | None:
-        return min(self._errors) if self._errors else None
-
     @property
     def has_work(self) -> bool:
         if self.failure is not None:

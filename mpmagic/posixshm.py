@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 from . import compat  # _posixshmem / _multiprocessing, each behind a guarded accessor
 from .fmt import fmt_bytes
+from .proclimits import rlimit
 
 SHM_DIR = "/dev/shm"
 ENABLED = compat.shm_available()
@@ -61,13 +62,7 @@ class NoRoom(OSError):
 
 def file_size_limit() -> int | None:
     """The soft limit on a file's size (``ulimit -f``), in bytes; None when unlimited or unknown."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    except Exception:
-        return None
-    return None if soft == resource.RLIM_INFINITY else int(soft)
+    return rlimit("RLIMIT_FSIZE")
 
 
 def room() -> tuple[int, int]:

@@ -892,6 +892,7 @@ def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
 
 # A worker's exit code when it could not start its threads (``ulimit -u``):
 # the pool shrinks rather than replace it in a loop (backends.local._lost).
+# It means that only before the worker's Ready message (a task may exit with 75 too).
 EXIT_NO_THREADS = 75
 
 

@@ -1015,6 +1015,66 @@ def test_a_manager_that_fails_ends_its_runs_and_the_next_run_gets_a_new_one(monk
         backend.stop()
 
 
+def test_a_manager_thread_that_cannot_start_keeps_the_workers_and_no_fd(monkeypatch):
+    """The manager's thread refused (``ulimit -u``): its wake-up pipe leaked 2 fds per
+    try, every worker was killed (healthy ones too) with "could start only 2 of 2
+    workers", and a thread refused at interpreter shutdown was called ulimit -u."""
+    backend = LocalBackend(2, "forkserver")
+    real_start = threading.Thread.start
+    refusal = ["can't start new thread"]
+
+    def refused(thread: threading.Thread) -> None:
+        if thread.name == "mpmagic-manager":
+            raise RuntimeError(refusal[0])
+        real_start(thread)
+
+    try:
+        monkeypatch.setattr(threading.Thread, "start", refused)
+        with pytest.raises(mpmagic.MPMagicError, match=r"^mpmagic's manager thread could not start: the process/thread "
+                                                        r"limit \(ulimit -u.*\) was reached") as failed:
+            backend.start()
+        assert "could start only" not in str(failed.value)
+        procs = [s.proc for s in backend.slots]
+        assert len(procs) == 2 and all(p.is_alive() for p in procs)  # (kept: they started)
+        fds = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(mpmagic.MPMagicError, match="manager thread could not start"):
+            backend.start()
+        assert len(os.listdir("/proc/self/fd")) == fds and backend._wake_w == -1
+        refusal[0] = "can't create new thread at interpreter shutdown"
+        with pytest.raises(RuntimeError, match="interpreter shutdown"):  # (not ulimit -u's line)
+            backend.start()
+        assert [s.proc for s in backend.slots] == procs
+        monkeypatch.undo()
+        assert backend.submit(MapJob(abs, [-1, -2], 2, False, 1)).result(HANG) == [1, 2]
+    finally:
+        monkeypatch.undo()
+        backend.stop()
+
+
+def test_a_run_told_of_ulimit_u_is_told_once_and_not_kept_alive(capsys):
+    """``_tasks_short`` held the run it told (once per run): its job and results
+    stayed referenced by the pool after it ended, so ``del`` freed nothing."""
+    import gc
+    import weakref
+
+    backend = LocalBackend(1, "forkserver")
+    try:
+        backend.start()
+        backend.wait_ready()
+        run = backend.submit(MapJob(time.sleep, [0.3], 1, False, 1))
+        with backend._lock:
+            backend._tasks_short()
+            backend._tasks_short()  # (the same run: not said again)
+        assert run.result(HANG) == [None]
+        assert capsys.readouterr().err.count("workers could not start: the process/thread limit") == 1
+        gone = weakref.ref(run)
+        del run
+        gc.collect()
+        assert gone() is None
+    finally:
+        backend.stop()
+
+
 _MASK_AT_EXEC = """
 import signal, sys, multiprocessing.util as util
 from mpmagic.backends.local import LocalBackend

@@ -48,6 +48,11 @@ def exits(x):
         os._exit(7)
     return x * 10
 
+def exits_tempfail(x):            # 75 (EX_TEMPFAIL): a worker that could not start its threads exits so
+    if x == 5:
+        os._exit(75)
+    return x * 10
+
 def sigkilled(x):                 # what the kernel's OOM killer does
     if x == 5:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -66,6 +71,8 @@ def out_of_memory(x):
 
 DEATHS = {
     "exits": ("exited unexpectedly with exit code 7",),
+    # a task's 75 is a death like any other: not "ulimit -u", the pool not shrunk (assert_healed)
+    "exits_tempfail": ("exited unexpectedly with exit code 75",),
     "sigkilled": ("killed by SIGKILL", "possibly out of memory"),
     "segfaults": ("killed by SIGSEGV", "segmentation fault"),
 }
@@ -878,6 +885,95 @@ def test_too_few_processes_is_one_line_and_the_pool_recovers():
     assert "workers: the process/thread limit (ulimit -u, " in errors[0] and "(the pool now has 2)" in errors[0]
     assert "AFTER [1, 2, 3, 4]" in done.stdout
     assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_ranks_beyond_the_pool_at_ulimit_u_fail_with_the_one_line(ip, pool2, monkeypatch):
+    """A cell's extra workers for its ranks refused by ``ulimit -u``: a bare
+    NoRoomForTasks escaped the manager into the cell."""
+    from mpmagic.backends import local
+    from mpmagic.proclimits import NoRoomForTasks
+
+    def refused(n: int) -> None:
+        raise NoRoomForTasks()
+
+    monkeypatch.setattr(local, "room_for_tasks", refused)
+    with pytest.raises(mpmagic.MPMagicError, match=r"the pool could start only 2 of 3 workers: the process/thread limit"):
+        mpmagic.parallel("rank", workers=3)
+    monkeypatch.undo()
+    assert list(mpmagic.parallel("rank", workers=2)) == [0, 1]
+
+
+def test_a_reap_with_no_thread_to_spare_does_not_wait_seconds(monkeypatch):
+    """No thread for the reaper (ulimit -u): the inline reap waited up to 10 s for a
+    process that did not stop by itself, under the pool's lock (every run stalled)."""
+    import multiprocessing
+
+    from mpmagic.backends import local
+
+    proc = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True)
+    proc.start()
+    real_start = threading.Thread.start
+
+    def no_reaper(thread: threading.Thread) -> None:
+        if thread.name == "mpmagic-reaper":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", no_reaper)
+    t0 = time.monotonic()
+    local._reap_later(proc)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ValueError, match="closed"):  # (killed, reaped and closed: no fd kept)
+        proc.is_alive()
+    # One still running after its kill (a slow exit): left for the next reap, not waited for.
+    slow = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,), daemon=True)
+    slow.start()
+    monkeypatch.setattr(slow, "kill", lambda: None)
+    local._reap_later(slow)
+    assert slow in local._unreaped and slow.is_alive()
+    os.kill(slow.pid, signal.SIGKILL)
+    slow.join(5)
+    local._reap_left()
+    assert slow not in local._unreaped
+    with pytest.raises(ValueError, match="closed"):
+        slow.is_alive()
+
+
+def test_the_process_count_is_zero_only_when_proc_cannot_be_read(monkeypatch, caplog):
+    """``ulimit -u`` accounting (proclimits): no /proc is no check, said at DEBUG;
+    any other error (a bug in the count) is raised, not silently "0 in use"."""
+    import builtins
+
+    from mpmagic import proclimits
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    with caplog.at_level("DEBUG", logger="mpmagic"):
+        assert proclimits.tasks_in_use(100) == 0
+    assert "could not count this user's processes" in caplog.text
+
+    def buggy(path, *args, **kwargs):
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(builtins, "open", buggy)
+    with pytest.raises(TypeError, match="a bug"):
+        proclimits.tasks_in_use(100)
+
+
+def test_rlimit_reads_a_soft_limit_or_none():
+    import resource
+
+    from mpmagic import proclimits
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert proclimits.rlimit("RLIMIT_NOFILE") == (None if soft == resource.RLIM_INFINITY else soft)
+    assert proclimits.rlimit("RLIMIT_NO_SUCH_LIMIT") is None
 
 
 def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):

@@ -22,7 +22,6 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
-import errno
 import itertools
 import logging
 import multiprocessing
@@ -58,6 +57,7 @@ from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
 from ..fmt import fmt_bytes
+from ..proclimits import NoRoomForTasks, no_thread, out_of_tasks, room_for_tasks, task_limit_named
 from ..protocol import (
     Collected,
     Done,
@@ -485,7 +485,9 @@ class LocalBackend:
         # hand-out: a retired worker's slot must not be kept (its Process holds its pipe's fds).
         self._readied: tuple = ()
         self._startup_failures = 0
-        self._tasks_said: object = None  # the run told that workers hit ulimit -u (_tasks_short)
+        # The call id of the run told that workers hit ulimit -u (_tasks_short): not
+        # the run, which would keep its results alive after it ended.
+        self._tasks_said: int | None = None
         self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
@@ -544,10 +546,12 @@ class LocalBackend:
                         if not out_of_files(exc):
                             raise
                         out_of = "files"
-                    except _NoRoomForTasks:
+                    except NoRoomForTasks:
                         out_of = "tasks"
-                    if out_of:  # (raised here: the failed start's frames, and the pipes they hold, go now)
-                        raise self._files_ran_out(started, tasks=out_of == "tasks")
+                    if out_of == "files":  # (raised here: the failed start's frames, and the pipes they hold, go now)
+                        raise self._files_ran_out(started)
+                    if out_of == "tasks":
+                        raise self._tasks_ran_out(started)
             if self._manager is None or not self._manager.is_alive():
                 # A new manager with a wakeup pipe and a selector of its own; one
                 # that is still ending closes its own (it never touches these).
@@ -561,32 +565,26 @@ class LocalBackend:
                 )
                 try:
                     self._manager.start()
-                except RuntimeError:  # "can't start new thread": the process/thread limit (ulimit -u)
+                except RuntimeError as exc:
+                    # Its pipe is closed here: only the manager that never ran would have.
+                    # The workers are kept: they started, the next call starts a manager.
                     self._manager = None
-                    raise self._files_ran_out(list(self.slots), tasks=True) from None
+                    os.close(wake_r)
+                    os.close(wake_w)
+                    self._wake_r, self._wake_w = -1, -1
+                    if not no_thread(exc):  # (at interpreter shutdown, say: not ulimit -u)
+                        raise
+                    raise MPMagicError(
+                        f"mpmagic's manager thread could not start: the process/thread limit ({task_limit_named()}) "
+                        "was reached; raise `ulimit -u` (or end processes of yours), or run it serially"
+                    ) from None
             changed = (len(self.slots), self._manager) != before
         if wake or changed:
             self._wake()
 
-    def _files_ran_out(
-        self, started: list[_Slot], shrink: bool = True, asked: int | None = None, tasks: bool = False
-    ) -> MPMagicError:
-        """The process may open no more files (``ulimit -n``) while workers start:
-        stop ``started`` (those this start began: their pipes are what ran out),
-        shrink the pool to one fewer than it could start (``shrink``; else to
-        what it has), and say so in one line. A failed start kept its workers
-        and their files: every later call failed too, and IPython could no
-        longer open a file to show the error. ``asked``: the processes wanted
-        (a cell's extra workers for its ranks), if not the pool's size.
-
-        ``tasks``: the same for the user's limit on processes and threads
-        (``ulimit -u``, ``_room_for_tasks``): a start that went on spent that
-        budget on workers that died starting, and left the pool unable to
-        start even the workers that had worked before."""
-        if tasks:
-            return self._tasks_ran_out(started, asked)
-        pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
-        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+    def _stop_started(self, started: list[_Slot]) -> None:
+        """Stop the workers a start began before it ran out of files or processes
+        (their pipes and processes are what ran out), and forget them."""
         for slot in started:
             if slot in self.slots:
                 self.slots.remove(slot)
@@ -601,6 +599,19 @@ class LocalBackend:
                 _reap_later(slot.proc)
             else:
                 slot.proc.close()
+
+    def _files_ran_out(self, started: list[_Slot], shrink: bool = True, asked: int | None = None) -> MPMagicError:
+        """The process may open no more files (``ulimit -n``) while workers start:
+        stop ``started`` (those this start began: their pipes are what ran out),
+        shrink the pool to one fewer than it could start (``shrink``; else to
+        what it has), and say so in one line. A failed start kept its workers
+        and their files: every later call failed too, and IPython could no
+        longer open a file to show the error. ``asked``: the processes wanted
+        (a cell's extra workers for its ranks), if not the pool's size.
+        (``_tasks_ran_out`` is the same for ``ulimit -u``.)"""
+        pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
+        could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
+        self._stop_started(started)
         if asked is None:
             # One fewer when starting: a run opens files of its own. Grown for
             # this call (-n 8): no bigger than before.
@@ -618,24 +629,17 @@ class LocalBackend:
             f"(the pool now has {self.workers})"
         )
 
-    def _tasks_ran_out(self, started: list[_Slot], asked: int | None) -> MPMagicError:
-        """``_files_ran_out`` for the process/thread limit (``ulimit -u``): the workers
-        this start began stop, the pool keeps its size from before the call grew
-        it (or what it could start), and one line names the limit."""
+    def _tasks_ran_out(self, started: list[_Slot], asked: int | None = None) -> MPMagicError:
+        """``_files_ran_out`` for the user's limit on processes and threads (``ulimit -u``,
+        ``proclimits.room_for_tasks``): the workers this start began stop, the pool
+        keeps its size from before the call grew it (or what it could start), and
+        one line names the limit. A start that went on spent that budget on
+        workers that died starting, and left the pool unable to start even the
+        workers that had worked before."""
         pool = len([s for s in self.slots if not s.temporary])
         could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
         kept = len([s for s in self.slots if not s.temporary and s not in started])
-        for slot in started:
-            if slot in self.slots:
-                self.slots.remove(slot)
-            _kill_group(slot.proc.pid)
-            slot.proc.kill()
-            slot.close()
-            slot.proc.join(1.0)
-            if slot.proc.exitcode is None:
-                _reap_later(slot.proc)
-            else:
-                slot.proc.close()
+        self._stop_started(started)
         if asked is None:
             fits = max(kept, could - 1)  # (one fewer: a run starts threads of its own)
             self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
@@ -648,7 +652,7 @@ class LocalBackend:
         _room_for_files(_FILES_PER_START)  # out of files halfway, the fork server's child printed an EOFError
         # Out of processes halfway, workers died with tracebacks. (Workers not
         # ready yet have their two threads still to start.)
-        _room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
+        room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
         if self.start_method == "fork":
             self._say_fork_hazard()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
@@ -661,8 +665,8 @@ class LocalBackend:
                 raise
             if isinstance(exc, OSError) and out_of_files(exc):
                 raise
-            if _out_of_tasks(exc):
-                raise _NoRoomForTasks() from None
+            if out_of_tasks(exc, _TASKS_PER_START):
+                raise NoRoomForTasks() from None
             raise _start_failed(exc) from None
 
     def _say_fork_hazard(self) -> None:
@@ -914,7 +918,10 @@ class LocalBackend:
 
     def _respawn(self) -> None:
         """A worker in place of one that stopped (manager); out of files, the pool shrinks
-        and the runs in flight end with the one line of ``_files_ran_out``.
+        and the runs in flight end with the one line of ``_files_ran_out``. Out of
+        processes or threads (``ulimit -u``), the pool shrinks to the workers it has
+        and the runs go on with them, told once (``_tasks_short``); with none left
+        they end with its one line.
 
         A replacement that cannot start for another reason leaves the pool one
         worker short: the runs go on with the others (the dead worker's item is
@@ -936,7 +943,7 @@ class LocalBackend:
             error = self._files_ran_out([], shrink=False)
             for run in list(self._runs):
                 self._end(run, error)
-        except _NoRoomForTasks:
+        except NoRoomForTasks:
             self._tasks_short()
 
     def _tasks_short(self) -> None:
@@ -952,11 +959,11 @@ class LocalBackend:
         if not have:
             for run in list(self._runs):
                 self._end(run, MPMagicError(line))
-        elif self._runs and self._runs[0] is not self._tasks_said:  # (once per run)
-            self._tasks_said = self._runs[0]
-            self._runs[0]._emit_out("stderr", f"mpmagic: workers could not start: the process/thread limit "
-                                              f"({_task_limit_named()}) was reached; the pool goes on with {have} "
-                                              "(use fewer workers or raise `ulimit -u`)\n")
+        elif self._runs and self._runs[0].job.call_id != self._tasks_said:  # (once per run)
+            self._tasks_said = self._runs[0].job.call_id
+            self._runs[0].note("stderr", f"mpmagic: workers could not start: the process/thread limit "
+                                         f"({task_limit_named()}) was reached; the pool goes on with {have} "
+                                         "(use fewer workers or raise `ulimit -u`)\n")
 
     # -- worker setup (worker_setup.py) ------------------------------------
     def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
@@ -1021,7 +1028,7 @@ class LocalBackend:
         line = worker_setup.record((self.pool_key, slot.wid), msg)
         if line:
             if self._runs:
-                self._runs[0]._emit_out("stderr", line)
+                self._runs[0].note("stderr", line)
             else:  # no run to show it in (the manager never prints): %pool shows the state
                 log.warning("%s", line.strip())
         self._cond.notify_all()
@@ -1671,6 +1678,10 @@ class LocalBackend:
                 asked = len(self.slots) + missing - k
                 self._end(run, self._files_ran_out([s for s in idle if s.temporary], shrink=False, asked=asked))
                 return
+            except NoRoomForTasks:  # (it escaped the manager: the cell failed with a bare NoRoomForTasks)
+                asked = len(self.slots) + missing - k
+                self._end(run, self._tasks_ran_out([s for s in idle if s.temporary], asked=asked))
+                return
             self.slots.append(slot)
             idle.append(slot)
         for slot in idle:
@@ -1725,7 +1736,7 @@ class LocalBackend:
             return
         note = context.take_note()  # the notebook's directory cannot be used: said once
         if note:
-            run._emit_out("stderr", note)
+            run.note("stderr", note)
         try:
             for data in messages:
                 self._put(slot, data)
@@ -1879,7 +1890,7 @@ class LocalBackend:
         slot.rss = rss
         if self.max_memory and rss > self.max_memory and not slot.over_memory:
             slot.over_memory = True
-            run._emit_out(
+            run.note(
                 "stderr",
                 f"mpmagic: worker {slot.wid} holds {fmt_bytes(rss)} of its own memory after its task, over the pool's "
                 f"max_memory of {fmt_bytes(self.max_memory)}: it is replaced before its next task\n",
@@ -1899,7 +1910,10 @@ class LocalBackend:
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
-        if code == worker.EXIT_NO_THREADS:  # it could not start its threads (ulimit -u): not replaced
+        # It could not start its threads (ulimit -u): not replaced. Only a worker
+        # that never said it was ready: its threads start before that, and a task
+        # that exits with 75 (EX_TEMPFAIL, used by real tools) is an ordinary death.
+        if code == worker.EXIT_NO_THREADS and not slot.ready:
             for run, unit in slot.inflight:
                 run.job.requeue(unit)
             slot.inflight.clear()
@@ -1920,7 +1934,7 @@ class LocalBackend:
         if slot.setup_sent and slot.setup_sent == worker_setup.version() and not interrupted:
             line = worker_setup.died((self.pool_key, slot.wid), slot.wid, reason)  # its setup killed it
             if line and self._runs:
-                self._runs[0]._emit_out("stderr", line)
+                self._runs[0].note("stderr", line)
             self._cond.notify_all()
         if not slot.ready and time.monotonic() - slot.started < 30 and not inflight and not interrupted:
             self._startup_failures += 1
@@ -2123,82 +2137,9 @@ def _room_for_files(n: int) -> None:
 _TASKS_PER_START = 4
 
 
-class _NoRoomForTasks(Exception):
-    """A worker cannot start: the user's processes and threads reached ``ulimit -u``."""
-
-
-def _task_limit() -> int | None:
-    """The soft limit on this user's processes and threads (``ulimit -u``), or None
-    where it does not bind (unlimited, root, no ``resource``)."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
-    except Exception:
-        return None
-    if soft == resource.RLIM_INFINITY or os.geteuid() == 0:  # (root is not held to it)
-        return None
-    return int(soft)
-
-
-def _tasks_in_use(limit: int) -> int:
-    """How many processes and threads count against ``limit`` now (this user's, in
-    /proc). The system's total (/proc/loadavg, one read) answers when it is below
-    the limit: only near it are this user's processes counted (~1 ms per 100)."""
-    try:
-        with open("/proc/loadavg") as f:
-            total = int(f.read().split()[3].split("/")[1])
-        if total < limit // 2:
-            return total
-        uid, used = os.getuid(), 0
-        with os.scandir("/proc") as entries:
-            for entry in entries:
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    if entry.stat().st_uid != uid:
-                        continue
-                    with open(f"/proc/{entry.name}/status") as f:
-                        for line in f:
-                            if line.startswith("Threads:"):
-                                used += int(line.split()[1])
-                                break
-                except OSError:  # (gone meanwhile)
-                    continue
-        return used
-    except Exception:
-        return 0  # (no /proc: no check)
-
-
-def _room_for_tasks(n: int) -> None:
-    """Raise ``_NoRoomForTasks`` unless ``n`` more processes or threads fit under
-    ``ulimit -u`` (free where there is no such limit, as for root)."""
-    limit = _task_limit()
-    if limit is not None and _tasks_in_use(limit) + n > limit:
-        raise _NoRoomForTasks()
-
-
-def _out_of_tasks(exc: BaseException) -> bool:
-    """Did a worker's start fail on the process/thread limit? A fork's EAGAIN, a
-    thread that could not start, or (the fork server's child failed: an EOFError
-    here) any failure while this user is at the limit."""
-    if isinstance(exc, RuntimeError) and "can't start new thread" in str(exc):
-        return True
-    if isinstance(exc, OSError) and exc.errno == errno.EAGAIN:
-        return True
-    limit = _task_limit()
-    return limit is not None and _tasks_in_use(limit) + _TASKS_PER_START > limit
-
-
-def _task_limit_named() -> str:
-    """``ulimit -u, 20``: the limit and its value, for a message."""
-    limit = _task_limit()
-    return f"ulimit -u, {limit}" if limit is not None else "ulimit -u"
-
-
 def _tasks_line(could: int, wanted: int, now: int | None) -> str:
     """The one line for a pool that reached the process/thread limit."""
-    named = _task_limit_named()
+    named = task_limit_named()
     if could <= 0:
         return (f"the process/thread limit ({named}) is reached: not even one worker can start; "
                 "raise `ulimit -u` (or end processes of yours), or run it serially")
@@ -2221,6 +2162,12 @@ def _kill_group(pid: int | None) -> None:
         pass  # nothing left in the group, or it is not ours (never made: see worker.main)
 
 
+# Stopped processes an inline reap left running (no thread to spare, see
+# _reap_later): the next reap collects them.
+_unreaped: list = []
+_unreaped_lock = threading.Lock()
+
+
 def _reap_later(proc) -> None:
     """Collect a stopped process's exit status without blocking the notebook."""
 
@@ -2229,14 +2176,43 @@ def _reap_later(proc) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-        _kill_group(proc.pid)  # what its tasks started and left running
-        shm.sweep_worker(proc.pid)  # results it made but never handed over
-        try:
-            proc.close()  # its pipes now, not whenever the last reference to it goes
-        except ValueError:  # still running after SIGKILL and 10 s: left to the OS
-            log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
+        _reaped(proc)
 
+    _reap_left()
     try:
         threading.Thread(target=reap, daemon=True, name="mpmagic-reaper").start()
-    except RuntimeError:  # no thread to spare (ulimit -u): reaped here (it was killed: it exits at once)
-        reap()
+    except RuntimeError:
+        # No thread to spare (ulimit -u, or the interpreter's exit): here, where the
+        # pool's lock is often held, so not reap()'s 10 s of waiting that stalled
+        # every run: killed at once, and one still running after 0.5 s is left to
+        # the next reap.
+        proc.kill()
+        proc.join(0.5)
+        if proc.exitcode is None:
+            with _unreaped_lock:
+                _unreaped.append(proc)
+        else:
+            _reaped(proc)
+
+
+def _reap_left() -> None:
+    """Collect the processes an inline reap left running, those that have ended (no wait)."""
+    if not _unreaped:
+        return
+    with _unreaped_lock:
+        ended = [p for p in _unreaped if p.exitcode is not None]  # (exitcode polls: no wait)
+        _unreaped[:] = [p for p in _unreaped if p not in ended]
+    for proc in ended:
+        _reaped(proc)
+
+
+def _reaped(proc) -> None:
+    """After a worker's exit: what its tasks started and left running, the results
+    it made but never handed over, and its pipes now (not whenever the last
+    reference to its Process goes)."""
+    _kill_group(proc.pid)
+    shm.sweep_worker(proc.pid)
+    try:
+        proc.close()
+    except ValueError:  # still running after SIGKILL and 10 s: left to the OS
+        log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
