@@ -68,6 +68,7 @@ sites is in docs/architecture.md ("Private interpreter APIs").
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import mmap
@@ -208,7 +209,13 @@ def shm_unlink(name: str) -> None:
 # Mappings that keep no file descriptor: libc's mmap(MAP_FIXED) through ctypes
 
 _MAP_FIXED = 0x10  # (the same on Linux and macOS; Python's mmap module does not export it)
+# Linux: an address reservation charged nothing to commit (mmap's MAP_NORESERVE, exported from 3.13 on);
+# elsewhere 0 (macOS ignores it anyway).
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 _TRACKFD = sys.version_info >= (3, 13)  # mmap.mmap(..., trackfd=False)
+#: Placeholders whose range this process may no longer own (a failed MAP_FIXED that
+#: could not be covered again): kept forever, since their close() would munmap it.
+_orphans: list[mmap.mmap] = []
 
 
 def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
@@ -216,18 +223,33 @@ def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
     keeps no file descriptor open: the caller may close ``fd`` and the mapping
     stays, as mmap(2) promises.
 
+    ``size`` is required and must be > 0: 0 raises ``ValueError("cannot mmap
+    an empty file")`` on every Python (``mmap.mmap`` would map the whole file
+    on 3.13 and fail with EINVAL before it).
+
     Why: CPython's ``mmap.mmap`` keeps a ``dup`` of the descriptor for the
-    object's whole life (for ``size()`` and ``resize()``, which we never call),
-    so every kept numpy result and every shared helper held one: 300 results
-    of 1.2 MB ran the notebook out of files under ``ulimit -n 256``, and the
-    57th ``mpmagic.Value`` under ``ulimit -n 64``. Python 3.13 has
-    ``trackfd=False``; before it, an anonymous ``mmap.mmap`` (no descriptor)
-    reserves the addresses and libc's ``mmap`` with ``MAP_FIXED`` puts the
-    segment at exactly those addresses in place of it, so the object's
-    length, buffer, ``close()`` (``munmap``) and export checks are the real
-    mapping's. Fallback without ctypes or libc's ``mmap``: the plain
-    ``mmap.mmap`` (one descriptor per mapping, logged once at INFO).
+    object's whole life (for ``size()`` and ``resize()``), so every kept
+    numpy result and every shared helper held one: 300 results of 1.2 MB ran
+    the notebook out of files under ``ulimit -n 256``, and the 57th
+    ``mpmagic.Value`` under ``ulimit -n 64``. Python 3.13 has
+    ``trackfd=False``; before it, an anonymous ``mmap.mmap`` (no descriptor,
+    ``MAP_NORESERVE``: not charged to committed memory) reserves the
+    addresses and libc's ``mmap`` with ``MAP_FIXED`` puts the segment at
+    exactly those addresses in place of it, so the object's length, buffer,
+    ``close()`` (``munmap``) and export checks are the real mapping's.
+    Below 3.13 the object is *not* the real mapping's in two ways, so it must
+    not be handed to code that calls them: ``size()`` raises ``EBADF`` (no
+    descriptor), and ``resize()`` ``mremap``s without truncating the file.
+
+    Fallbacks: without ctypes or libc's ``mmap``, the plain ``mmap.mmap`` (one
+    descriptor per mapping, logged once at INFO); when the reservation itself
+    is refused (``ENOMEM``: ``vm.overcommit_memory=2`` ignores
+    ``MAP_NORESERVE``), the plain ``mmap.mmap`` too, for that mapping. A
+    failed ``MAP_FIXED`` raises an ``OSError`` naming the segment mapping
+    (and ``vm.max_map_count`` for ``ENOMEM``).
     """
+    if size <= 0:
+        raise ValueError("cannot mmap an empty file")
     flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     if _TRACKFD:
@@ -237,20 +259,42 @@ def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
         return mmap.mmap(fd, size, flags=flags, prot=prot)
     if size > os.fstat(fd).st_size:  # (what mmap.mmap checks: a page past the file's end is a SIGBUS)
         raise ValueError("mmap length is greater than file size")
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=prot)
     try:
-        import ctypes
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=prot)
+    except OSError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        log.debug("mpmagic: reserving %d bytes of addresses was refused (strict overcommit?): "
+                  "this mapping keeps its file descriptor", size)
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
+    import ctypes
 
-        anchor = ctypes.c_char.from_buffer(mapping)  # (an export of the mapping: gone with it, next line)
-        address = ctypes.addressof(anchor)
-        del anchor
-        if libc_mmap(address, size, prot, flags | _MAP_FIXED, fd, 0) != address:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    except BaseException:
-        mapping.close()
-        raise
+    anchor = ctypes.c_char.from_buffer(mapping)  # (an export of the mapping: gone with it, next line)
+    address = ctypes.addressof(anchor)
+    del anchor
+    if libc_mmap(address, size, prot, flags | _MAP_FIXED, fd, 0) != address:
+        err = ctypes.get_errno()
+        _unmap_failed(mapping, libc_mmap, address, size)
+        hint = " (the limit on a process's mappings, vm.max_map_count, may be reached)" if err == errno.ENOMEM else ""
+        raise OSError(err, f"mapping a shared-memory segment of {size} bytes failed: {os.strerror(err)}{hint}")
     return mapping
+
+
+def _unmap_failed(mapping: mmap.mmap, libc_mmap: Any, address: int, size: int) -> None:
+    """Close the placeholder after a failed ``MAP_FIXED``, never unmapping another's memory.
+
+    A failed ``MAP_FIXED`` may already have unmapped the range (POSIX allows it;
+    Linux does on some ENOMEM paths), and the ctypes call released the GIL: another
+    thread may have mapped memory there, which ``close()``'s ``munmap`` would tear
+    away. So the range is first covered again by an anonymous placeholder of ours
+    (``MAP_FIXED``: atomic), and only then closed; if even that fails, the object is
+    kept for good (:data:`_orphans`) and never closed. (Protection 0: PROT_NONE.)
+    """
+    anon = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", 0x20))
+    if libc_mmap(address, size, 0, anon | _MAP_NORESERVE | _MAP_FIXED, -1, 0) == address:
+        mapping.close()
+    else:
+        _orphans.append(mapping)
 
 
 _libc: list[Any] = []  # [libc's mmap, or None], found once

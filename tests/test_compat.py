@@ -7,11 +7,14 @@ makes ``import`` raise ImportError), or the attribute deleted.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import secrets
 import subprocess
 import sys
 import types
+from typing import Any
 
 import pytest
 
@@ -308,3 +311,83 @@ def test_a_worker_started_while_a_run_script_became_main_is_not_told_to_run_it(m
         thread.start()
         thread.join()
     assert seen[0]["init_main_from_path"] == script.__file__
+
+
+def _committed_kb() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Committed_AS:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info >= (3, 13), reason="Linux, the MAP_FIXED path")
+def test_map_fd_reservation_is_not_charged_to_committed_memory(tmp_path, monkeypatch) -> None:
+    """The address reservation was a private writable mapping: +4 GiB of Committed_AS for a
+    4 GiB segment (the plain mapping of a tmpfs file: nothing), so a segment larger than
+    RAM+swap, or any under vm.overcommit_memory=2, failed with a bare ENOMEM."""
+    real = compat._libc_mmap()
+    seen: list[int] = []
+
+    def watching(*args: Any) -> Any:  # (called while the reservation is in place)
+        seen.append(_committed_kb())
+        return real(*args)
+
+    monkeypatch.setattr(compat, "_libc", [watching])
+    size = 4 << 30
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = _committed_kb()
+        mapping = compat.map_fd(fd, size)
+        assert seen[0] - before < (size >> 10) // 4  # (measured: +0 kB with MAP_NORESERVE, +4194304 kB without)
+        mapping.close()
+        # Strict overcommit ignores MAP_NORESERVE: a refused reservation maps the plain way.
+        monkeypatch.setattr(compat, "_MAP_NORESERVE", 0)
+        monkeypatch.setattr(compat.mmap, "mmap", _refusing_anonymous(mmap.mmap))
+        mapping = compat.map_fd(fd, 3 * 4096)
+        assert len(mapping) == 3 * 4096
+        mapping.close()
+        with pytest.raises(ValueError, match="empty file"):
+            compat.map_fd(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _refusing_anonymous(real: Any) -> Any:
+    def mmap_(fd: int, *args: Any, **kwargs: Any) -> Any:
+        if fd == -1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(fd, *args, **kwargs)
+    return mmap_
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info >= (3, 13), reason="Linux, the MAP_FIXED path")
+@pytest.mark.parametrize("covered", [True, False])
+def test_a_failed_fixed_mapping_never_unmaps_a_range_it_may_not_own(tmp_path, monkeypatch, covered) -> None:
+    """A failed MAP_FIXED may already have unmapped the range, and another thread may map
+    there before close()'s munmap: the range is covered again first, or never unmapped."""
+    real = compat._libc_mmap()
+    calls: list[tuple] = []
+
+    def failing(address: int, size: int, prot: int, flags: int, fd: int, offset: int) -> Any:
+        calls.append((prot, flags, fd))
+        if fd != -1 or not covered:
+            ctypes.set_errno(errno.ENOMEM)
+            return None
+        return real(address, size, prot, flags, fd, offset)
+
+    import ctypes
+
+    monkeypatch.setattr(compat, "_libc", [failing])
+    monkeypatch.setattr(compat, "_orphans", [])
+    path = tmp_path / "segment"
+    path.write_bytes(b"\0" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError, match=r"mapping a shared-memory segment .*vm.max_map_count") as info:
+            compat.map_fd(fd, 4096)
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.ENOMEM
+    assert [fd_ for _, _, fd_ in calls] == [fd, -1] and calls[1][0] == 0  # (PROT_NONE, anonymous)
+    assert len(compat._orphans) == (0 if covered else 1)
