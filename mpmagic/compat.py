@@ -153,38 +153,35 @@ def sem_unlink(name: str) -> None:
 _DEV_SHM = "/dev/shm"
 
 
-def shm_available() -> bool:
-    """Can this process make named POSIX shared memory (the module, or Linux's /dev/shm)?
-
-    On Linux, only with a ``/dev/shm`` it may create files in (missing on AWS
-    Lambda and in some minimal containers, or mounted read-only): there,
-    shm_open *is* a file in /dev/shm, and each new segment failed."""
-    if os.name != "posix" or not dev_shm_usable():
-        return False
+def shm_open_available() -> bool:
+    """Is there a ``shm_open`` here: ``_posixshmem``'s, or our fallback's ``/dev/shm``?
+    (Whether the platform's /dev/shm is usable is ``posixshm.shm_available``'s question.)"""
     return _module("_posixshmem") is not None or os.path.isdir(_DEV_SHM)
 
 
-def dev_shm_usable() -> bool:
-    """Linux: is ``/dev/shm`` a directory this process may create files in? (Elsewhere True.)"""
-    if not sys.platform.startswith("linux"):
-        return True
-    return os.path.isdir(_DEV_SHM) and os.access(_DEV_SHM, os.W_OK | os.X_OK)
-
-
 def heap_off_dev_shm() -> None:
-    """Without a usable ``/dev/shm`` (``dev_shm_usable``): multiprocessing's heap for
-    shared ctypes (a worker's ``RawValue``) in the temporary directory instead.
+    """multiprocessing's heap for shared ctypes (a worker's ``RawValue``) keeps only
+    the directories of its ``Arena._dir_candidates`` (``['/dev/shm']`` on Linux) this
+    process may create files in; with none left it uses the temporary directory.
     Its ``Arena`` statvfs'ed a missing /dev/shm (FileNotFoundError) and wrote into
-    a read-only one (EROFS): every worker start failed. Without the attribute:
-    nothing changes (logged at INFO), and starts fail as before."""
-    if dev_shm_usable():
-        return
+    a read-only one (EROFS): every worker start failed. (The same test as
+    ``posixshm.dev_shm_usable``, made on the heap's own list: posixshm imports this
+    module.) Without the attribute: nothing changes (logged once at INFO), and such
+    starts fail as before."""
     arena = getattr(_module("multiprocessing.heap"), "Arena", None)
-    if arena is None or not isinstance(getattr(arena, "_dir_candidates", None), list):
-        log.info("multiprocessing.heap.Arena._dir_candidates is missing in %s: workers cannot start "
-                 "without a usable /dev/shm", _PYTHON)
+    candidates = getattr(arena, "_dir_candidates", None)
+    if not isinstance(candidates, list):
+        if not _heap_said:
+            _heap_said.append(True)
+            log.info("multiprocessing.heap.Arena._dir_candidates is missing in %s: without a usable /dev/shm "
+                     "workers cannot start", _PYTHON)
         return
-    arena._dir_candidates = []
+    usable = [d for d in candidates if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)]
+    if usable != candidates:
+        arena._dir_candidates = usable  # type: ignore[union-attr]  # (a list was found on it)
+
+
+_heap_said: list[bool] = []
 
 
 def shm_open(name: str, flags: int, mode: int = 0o600) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from mpmagic import compat
+from mpmagic import compat, posixshm
 from mpmagic.errors import MPMagicError
 
 
@@ -87,7 +87,7 @@ def _round_trip(name: str) -> bytes:
 def test_shared_memory_falls_back_to_dev_shm_without_posixshmem(no_module, shm_name) -> None:
     assert _round_trip(shm_name) == b"mpmagic!"  # the real _posixshmem
     no_module("_posixshmem")
-    assert compat.shm_available()
+    assert posixshm.shm_available()
     assert _round_trip(shm_name) == b"mpmagic!"  # the fallback: the same names, the same memory
     assert not os.path.exists("/dev/shm" + shm_name)
     with pytest.raises(FileNotFoundError):
@@ -97,7 +97,7 @@ def test_shared_memory_falls_back_to_dev_shm_without_posixshmem(no_module, shm_n
 def test_without_posixshmem_or_dev_shm_shared_memory_says_what_happens(no_module, monkeypatch, shm_name) -> None:
     no_module("_posixshmem")
     monkeypatch.setattr(compat, "_DEV_SHM", "/nonexistent-dev-shm")
-    assert not compat.shm_available()
+    assert not posixshm.shm_available()
     with pytest.raises(compat.MissingFeatureError, match=r"_posixshmem.*pickled instead"):
         compat.shm_open(shm_name, os.O_RDWR)
 
@@ -209,11 +209,14 @@ def test_without_a_usable_dev_shm_the_shared_ctypes_heap_moves_and_survives_a_py
     monkeypatch.setattr(heap.Arena, "_dir_candidates", ["/dev/shm"])
     compat.heap_off_dev_shm()
     assert heap.Arena._dir_candidates == ["/dev/shm"]  # (a usable one: kept)
-    monkeypatch.setattr(compat, "dev_shm_usable", lambda: False)
-    assert compat.shm_available() is False
-    compat.heap_off_dev_shm()
-    assert heap.Arena._dir_candidates == []
+    monkeypatch.setattr(posixshm, "dev_shm_usable", lambda: False)
+    assert posixshm.shm_available() is False
+    for candidates in (["/nonexistent-dev-shm"], ["/proc/self"]):  # (missing; not writable)
+        monkeypatch.setattr(heap.Arena, "_dir_candidates", candidates)
+        compat.heap_off_dev_shm()
+        assert heap.Arena._dir_candidates == []
     monkeypatch.delattr(heap.Arena, "_dir_candidates")
+    monkeypatch.setattr(compat, "_heap_said", [])
     with caplog.at_level("INFO", logger="mpmagic"):
         compat.heap_off_dev_shm()
     assert "multiprocessing.heap.Arena._dir_candidates is missing" in caplog.text
