@@ -16,7 +16,9 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   functions; the tracker unlinks our names if the notebook dies without its
   finalizers running (SIGKILL of the kernel). Its pipe (``_resource_tracker._fd``)
   and line protocol: a worker that swept a dead notebook's helpers tells the
-  tracker so without starting one (``tracker_forget``). ``ensure_running``: started
+  tracker so without starting one (``tracker_forget``); whether this process
+  has a tracker yet, so a spill registers only with the notebook's
+  (``tracker_connected``). ``ensure_running``: started
   before a worker, not inside its start, since it unblocks SIGINT in the
   calling thread once the tracker runs (see ``start_resource_tracker``).
 * ``multiprocessing.forkserver._forkserver._stop`` and
@@ -50,6 +52,15 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   object keeps no file descriptor (``mmap.mmap`` keeps a ``dup`` of the one it
   maps until 3.13's ``trackfd=False``): one per kept result and per helper ran
   a notebook out of files (``map_fd``).
+* ``multiprocessing.heap.Arena._dir_candidates``: where the heap behind a
+  worker's shared ctypes puts its files; emptied without a usable ``/dev/shm``
+  (``heap_off_dev_shm``), or every worker start failed there.
+* ``threading.Event``'s ``_cond`` and ``_flag``: a run's end flag made with a
+  reentrant lock, without ``Event.__init__``'s three caught AttributeErrors
+  (~1.5 us of every submit: ``fast_event``).
+* ``warnings._filters_mutated``: a worker swaps a unit's warning filters in
+  one step and tells ``warnings`` they changed, where the public route is
+  ``resetwarnings`` plus an ``extend`` (``warnings_filters_mutated``).
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
@@ -68,6 +79,7 @@ sites is in docs/architecture.md ("Private interpreter APIs").
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import mmap
@@ -141,38 +153,35 @@ def sem_unlink(name: str) -> None:
 _DEV_SHM = "/dev/shm"
 
 
-def shm_available() -> bool:
-    """Can this process make named POSIX shared memory (the module, or Linux's /dev/shm)?
-
-    On Linux, only with a ``/dev/shm`` it may create files in (missing on AWS
-    Lambda and in some minimal containers, or mounted read-only): there,
-    shm_open *is* a file in /dev/shm, and each new segment failed."""
-    if os.name != "posix" or not dev_shm_usable():
-        return False
+def shm_open_available() -> bool:
+    """Is there a ``shm_open`` here: ``_posixshmem``'s, or our fallback's ``/dev/shm``?
+    (Whether the platform's /dev/shm is usable is ``posixshm.shm_available``'s question.)"""
     return _module("_posixshmem") is not None or os.path.isdir(_DEV_SHM)
 
 
-def dev_shm_usable() -> bool:
-    """Linux: is ``/dev/shm`` a directory this process may create files in? (Elsewhere True.)"""
-    if not sys.platform.startswith("linux"):
-        return True
-    return os.path.isdir(_DEV_SHM) and os.access(_DEV_SHM, os.W_OK | os.X_OK)
-
-
 def heap_off_dev_shm() -> None:
-    """Without a usable ``/dev/shm`` (``dev_shm_usable``): multiprocessing's heap for
-    shared ctypes (a worker's ``RawValue``) in the temporary directory instead.
+    """multiprocessing's heap for shared ctypes (a worker's ``RawValue``) keeps only
+    the directories of its ``Arena._dir_candidates`` (``['/dev/shm']`` on Linux) this
+    process may create files in; with none left it uses the temporary directory.
     Its ``Arena`` statvfs'ed a missing /dev/shm (FileNotFoundError) and wrote into
-    a read-only one (EROFS): every worker start failed. Without the attribute:
-    nothing changes (logged at INFO), and starts fail as before."""
-    if dev_shm_usable():
-        return
+    a read-only one (EROFS): every worker start failed. (The same test as
+    ``posixshm.dev_shm_usable``, made on the heap's own list: posixshm imports this
+    module.) Without the attribute: nothing changes (logged once at INFO), and such
+    starts fail as before."""
     arena = getattr(_module("multiprocessing.heap"), "Arena", None)
-    if arena is None or not isinstance(getattr(arena, "_dir_candidates", None), list):
-        log.info("multiprocessing.heap.Arena._dir_candidates is missing in %s: workers cannot start "
-                 "without a usable /dev/shm", _PYTHON)
+    candidates = getattr(arena, "_dir_candidates", None)
+    if not isinstance(candidates, list):
+        if not _heap_said:
+            _heap_said.append(True)
+            log.info("multiprocessing.heap.Arena._dir_candidates is missing in %s: without a usable /dev/shm "
+                     "workers cannot start", _PYTHON)
         return
-    arena._dir_candidates = []
+    usable = [d for d in candidates if os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)]
+    if usable != candidates:
+        arena._dir_candidates = usable  # type: ignore[union-attr]  # (a list was found on it)
+
+
+_heap_said: list[bool] = []
 
 
 def shm_open(name: str, flags: int, mode: int = 0o600) -> int:
@@ -208,7 +217,13 @@ def shm_unlink(name: str) -> None:
 # Mappings that keep no file descriptor: libc's mmap(MAP_FIXED) through ctypes
 
 _MAP_FIXED = 0x10  # (the same on Linux and macOS; Python's mmap module does not export it)
+# Linux: an address reservation charged nothing to commit (mmap's MAP_NORESERVE, exported from 3.13 on);
+# elsewhere 0 (macOS ignores it anyway).
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 _TRACKFD = sys.version_info >= (3, 13)  # mmap.mmap(..., trackfd=False)
+#: Placeholders whose range this process may no longer own (a failed MAP_FIXED that
+#: could not be covered again): kept forever, since their close() would munmap it.
+_orphans: list[mmap.mmap] = []
 
 
 def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
@@ -216,18 +231,33 @@ def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
     keeps no file descriptor open: the caller may close ``fd`` and the mapping
     stays, as mmap(2) promises.
 
+    ``size`` is required and must be > 0: 0 raises ``ValueError("cannot mmap
+    an empty file")`` on every Python (``mmap.mmap`` would map the whole file
+    on 3.13 and fail with EINVAL before it).
+
     Why: CPython's ``mmap.mmap`` keeps a ``dup`` of the descriptor for the
-    object's whole life (for ``size()`` and ``resize()``, which we never call),
-    so every kept numpy result and every shared helper held one: 300 results
-    of 1.2 MB ran the notebook out of files under ``ulimit -n 256``, and the
-    57th ``mpmagic.Value`` under ``ulimit -n 64``. Python 3.13 has
-    ``trackfd=False``; before it, an anonymous ``mmap.mmap`` (no descriptor)
-    reserves the addresses and libc's ``mmap`` with ``MAP_FIXED`` puts the
-    segment at exactly those addresses in place of it, so the object's
-    length, buffer, ``close()`` (``munmap``) and export checks are the real
-    mapping's. Fallback without ctypes or libc's ``mmap``: the plain
-    ``mmap.mmap`` (one descriptor per mapping, logged once at INFO).
+    object's whole life (for ``size()`` and ``resize()``), so every kept
+    numpy result and every shared helper held one: 300 results of 1.2 MB ran
+    the notebook out of files under ``ulimit -n 256``, and the 57th
+    ``mpmagic.Value`` under ``ulimit -n 64``. Python 3.13 has
+    ``trackfd=False``; before it, an anonymous ``mmap.mmap`` (no descriptor,
+    ``MAP_NORESERVE``: not charged to committed memory) reserves the
+    addresses and libc's ``mmap`` with ``MAP_FIXED`` puts the segment at
+    exactly those addresses in place of it, so the object's length, buffer,
+    ``close()`` (``munmap``) and export checks are the real mapping's.
+    Below 3.13 the object is *not* the real mapping's in two ways, so it must
+    not be handed to code that calls them: ``size()`` raises ``EBADF`` (no
+    descriptor), and ``resize()`` ``mremap``s without truncating the file.
+
+    Fallbacks: without ctypes or libc's ``mmap``, the plain ``mmap.mmap`` (one
+    descriptor per mapping, logged once at INFO); when the reservation itself
+    is refused (``ENOMEM``: ``vm.overcommit_memory=2`` ignores
+    ``MAP_NORESERVE``), the plain ``mmap.mmap`` too, for that mapping. A
+    failed ``MAP_FIXED`` raises an ``OSError`` naming the segment mapping
+    (and ``vm.max_map_count`` for ``ENOMEM``).
     """
+    if size <= 0:
+        raise ValueError("cannot mmap an empty file")
     flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
     prot = mmap.PROT_READ | mmap.PROT_WRITE
     if _TRACKFD:
@@ -237,20 +267,42 @@ def map_fd(fd: int, size: int, private: bool = False) -> mmap.mmap:
         return mmap.mmap(fd, size, flags=flags, prot=prot)
     if size > os.fstat(fd).st_size:  # (what mmap.mmap checks: a page past the file's end is a SIGBUS)
         raise ValueError("mmap length is greater than file size")
-    mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE, prot=prot)
     try:
-        import ctypes
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=prot)
+    except OSError as exc:
+        if exc.errno != errno.ENOMEM:
+            raise
+        log.debug("mpmagic: reserving %d bytes of addresses was refused (strict overcommit?): "
+                  "this mapping keeps its file descriptor", size)
+        return mmap.mmap(fd, size, flags=flags, prot=prot)
+    import ctypes
 
-        anchor = ctypes.c_char.from_buffer(mapping)  # (an export of the mapping: gone with it, next line)
-        address = ctypes.addressof(anchor)
-        del anchor
-        if libc_mmap(address, size, prot, flags | _MAP_FIXED, fd, 0) != address:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-    except BaseException:
-        mapping.close()
-        raise
+    anchor = ctypes.c_char.from_buffer(mapping)  # (an export of the mapping: gone with it, next line)
+    address = ctypes.addressof(anchor)
+    del anchor
+    if libc_mmap(address, size, prot, flags | _MAP_FIXED, fd, 0) != address:
+        err = ctypes.get_errno()
+        _unmap_failed(mapping, libc_mmap, address, size)
+        hint = " (the limit on a process's mappings, vm.max_map_count, may be reached)" if err == errno.ENOMEM else ""
+        raise OSError(err, f"mapping a shared-memory segment of {size} bytes failed: {os.strerror(err)}{hint}")
     return mapping
+
+
+def _unmap_failed(mapping: mmap.mmap, libc_mmap: Any, address: int, size: int) -> None:
+    """Close the placeholder after a failed ``MAP_FIXED``, never unmapping another's memory.
+
+    A failed ``MAP_FIXED`` may already have unmapped the range (POSIX allows it;
+    Linux does on some ENOMEM paths), and the ctypes call released the GIL: another
+    thread may have mapped memory there, which ``close()``'s ``munmap`` would tear
+    away. So the range is first covered again by an anonymous placeholder of ours
+    (``MAP_FIXED``: atomic), and only then closed; if even that fails, the object is
+    kept for good (:data:`_orphans`) and never closed. (Protection 0: PROT_NONE.)
+    """
+    anon = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", getattr(mmap, "MAP_ANON", 0x20))
+    if libc_mmap(address, size, 0, anon | _MAP_NORESERVE | _MAP_FIXED, -1, 0) == address:
+        mapping.close()
+    else:
+        _orphans.append(mapping)
 
 
 _libc: list[Any] = []  # [libc's mmap, or None], found once
@@ -271,6 +323,49 @@ def _libc_mmap() -> Any:
             fn = None
         _libc.append(fn)
     return _libc[0]
+
+
+# --------------------------------------------------------------------------
+# threading.Event's parts, warnings' "filters changed" call
+
+
+class _ReentrantEvent(threading.Event):
+    """A ``threading.Event`` whose condition holds a reentrant lock (``threading.Condition``'s
+    own default). On an Event's plain lock, the condition's making looked for three methods
+    only a reentrant lock has and caught three AttributeErrors: ~2/3 of making an Event
+    (~1.5 us of every run's submit). Sets ``Event``'s private ``_cond``/``_flag`` itself."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.RLock())
+        self._flag = False
+
+
+_event_parts: list[bool] = []  # [does threading.Event keep _cond and _flag?], checked once
+
+
+def _has_event_parts(event: Any) -> bool:
+    return isinstance(getattr(event, "_cond", None), threading.Condition) and getattr(event, "_flag", None) is False
+
+
+def fast_event() -> threading.Event:
+    """A new ``threading.Event``, made without its ~1.5 us of caught exceptions
+    (:class:`_ReentrantEvent`). Fallback where ``Event`` keeps no ``_cond``/``_flag``:
+    a plain ``threading.Event()`` (the same behaviour, ~1.5 us slower)."""
+    if not _event_parts:
+        _event_parts.append(_has_event_parts(threading.Event()))
+    return _ReentrantEvent() if _event_parts[0] else threading.Event()
+
+
+def warnings_filters_mutated() -> Callable[[], None] | None:
+    """``warnings._filters_mutated``: the call that tells ``warnings`` its filters list
+    was changed in place (drops the "already warned" registries). None where it is
+    missing (3.14 renamed it ``_filters_mutated_lock_held``, to be called only under
+    warnings' own lock, so it is not used): callers then make the public calls
+    (``resetwarnings``, ``simplefilter``), slower by a few microseconds a unit."""
+    import warnings
+
+    fn = getattr(warnings, "_filters_mutated", None)
+    return fn if callable(fn) else None
 
 
 # --------------------------------------------------------------------------
@@ -595,6 +690,8 @@ def report() -> dict[str, bool]:
         "multiprocessing.process._children": isinstance(
             getattr(_module("multiprocessing.process"), "_children", None), set
         ),
+        "threading.Event._cond/_flag": _has_event_parts(threading.Event()),
+        "warnings._filters_mutated": warnings_filters_mutated() is not None,
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
         "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,

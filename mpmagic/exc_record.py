@@ -196,7 +196,7 @@ def _c_fields(exc: BaseException) -> dict[str, bytes] | None:
         if value is None:
             continue
         if k == "obj" and isinstance(exc, AttributeError) and not _small(value):
-            continue
+            continue  # (only up to MAX_OBJ_BYTES of it pickled, to tell)
         try:
             data = payload.dumps_data(value)
         except Exception as why:
@@ -209,11 +209,41 @@ def _c_fields(exc: BaseException) -> dict[str, bytes] | None:
 
 
 def _small(value: Any) -> bool:
-    """Could ``value`` pickle to at most MAX_OBJ_BYTES (judged before pickling it: an array's or frame's size)?"""
+    """Does ``value`` pickle to at most MAX_OBJ_BYTES? Judged first by an array's or
+    frame's size, then by a plain pickle into a writer that stops it past the bound:
+    a list or dict of big arrays passed the size checks (its own size is small) and
+    was pickled in full on every failure, then dropped. A value plain pickle refuses
+    is left to ``dumps_data`` (cloudpickle), whose size is checked after."""
     try:
-        return int(getattr(value, "nbytes", 0) or 0) <= MAX_OBJ_BYTES and sys.getsizeof(value) <= MAX_OBJ_BYTES
+        if int(getattr(value, "nbytes", 0) or 0) > MAX_OBJ_BYTES or sys.getsizeof(value) > MAX_OBJ_BYTES:
+            return False
     except Exception:
         return False
+    capped = _Capped()
+    try:
+        pickle.Pickler(capped, protocol=payload.PROTOCOL).dump(value)  # (written frame by frame: stops early)
+    except _TooBig:
+        return False
+    except Exception:
+        pass
+    return True
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _Capped:
+    """A pickle's file that counts what is written and stops it past MAX_OBJ_BYTES."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: Any) -> int:
+        self.n += len(memoryview(data).cast("B"))
+        if self.n > MAX_OBJ_BYTES:
+            raise _TooBig
+        return len(data)
 
 
 def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:

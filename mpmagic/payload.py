@@ -27,7 +27,7 @@ import threading
 import types
 import weakref
 from collections import ChainMap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import cloudpickle
@@ -438,7 +438,7 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
 
     ``buffer_callback`` as in :func:`cloudpickle_dumps`.
     """
-    if _by_value_marks and any(compat.module_initializing(m) for m in _by_value_names.values()):
+    if _by_value_marks and any(compat.module_initializing(m) for m in _by_value_modules):
         # A plain pickle of a class of a module still importing imports it: that
         # waits for the import (the notebook's thread waiting on this run) forever.
         return cloudpickle_dumps(obj, buffer_callback)
@@ -472,13 +472,8 @@ def dumps_atoms(items: Any) -> bytes | None:
     paid ~6 us a chunk for that machinery.
     """
     t = type(items)
-    if t is not range:
-        if t is not list and t is not tuple:
-            return None
-        atoms = _ATOMS
-        for x in items:
-            if type(x) not in atoms:
-                return None
+    if t is not range and ((t is not list and t is not tuple) or not all_atoms(items)):
+        return None
     data = pickle.dumps(items, PROTOCOL)
     return None if _MAIN_MARKER in data else data
 
@@ -490,8 +485,16 @@ def _only_atoms(obj: Any, nbytes: int) -> bool:
     t = type(obj)
     if (t is not list and t is not tuple) or nbytes < _ATOMS_MIN_BYTES * max(1, len(obj)):
         return False
-    atoms = _ATOMS
-    return all(type(x) in atoms for x in obj)
+    return all_atoms(obj)
+
+
+def all_atoms(items: Iterable[Any]) -> bool:
+    """Is every element of ``items`` a plain value (:data:`_ATOMS`: ``int``,
+    ``float``, ``str``, ``bytes``, ``bytearray``, ``bool``, ``None``)? Such
+    values lend no buffer, keep no helper alive and name no code (a str only
+    *equal* to ``"__main__"`` aside): a plain pickle is all they need. The one
+    check the fast paths share (a C loop: no Python-level step per element)."""
+    return all(map(_ATOMS.__contains__, map(type, items)))
 
 
 # --------------------------------------------------------------------------
@@ -613,8 +616,15 @@ def payload_key(data: bytes) -> bytes:
 # once while it is still importing: a plain pickle of its class would import it,
 # waiting on the import lock the notebook's thread holds, which waits on the run).
 
-_by_value_names: dict[str, types.ModuleType] = {}  # the modules registered here
-_by_value_marks: list[bytes] = []  # how a pickle names each: SHORT_BINUNICODE of the name, then MEMOIZE
+# Written in a caller's thread (send_running_modules_by_value), read by the manager
+# thread packing another run (dumps_data): so copy-on-write, under a lock, rebound as
+# new tuples that a reader iterates as they were (a dict iterated while another
+# thread inserted raised "dictionary changed size during iteration": an unrelated
+# run ended).
+_by_value_lock = threading.Lock()
+_by_value_names: frozenset[str] = frozenset()  # the modules registered here, by name
+_by_value_modules: tuple[types.ModuleType, ...] = ()  # ... and themselves
+_by_value_marks: tuple[bytes, ...] = ()  # how a pickle names each: SHORT_BINUNICODE of the name, then MEMOIZE
 
 
 def send_running_modules_by_value() -> None:
@@ -629,12 +639,23 @@ def send_running_modules_by_value() -> None:
             if isinstance(name, str) and name not in ("__main__", "__mp_main__") and name not in _by_value_names:
                 module = sys.modules.get(name)
                 if module is not None and getattr(module, "__dict__", None) is g:
-                    if name not in cloudpickle.list_registry_pickle_by_value():
-                        cloudpickle.register_pickle_by_value(module)
-                    _by_value_names[name] = module
-                    raw = name.encode()
-                    _by_value_marks.append(b"\x8c" + bytes([len(raw)]) + raw + b"\x94" if len(raw) < 256 else raw)
+                    _send_by_value(name, module)
         frame = frame.f_back  # type: ignore[assignment]
+
+
+def _send_by_value(name: str, module: types.ModuleType) -> None:
+    """Register ``module`` (named ``name``) to be pickled by value (see above)."""
+    global _by_value_names, _by_value_modules, _by_value_marks
+    with _by_value_lock:
+        if name in _by_value_names:
+            return
+        if name not in cloudpickle.list_registry_pickle_by_value():
+            cloudpickle.register_pickle_by_value(module)
+        raw = name.encode()
+        mark = b"\x8c" + bytes([len(raw)]) + raw + b"\x94" if len(raw) < 256 else raw
+        _by_value_modules = (*_by_value_modules, module)
+        _by_value_marks = (*_by_value_marks, mark)
+        _by_value_names = _by_value_names | {name}
 
 
 def _names_running_module(data: bytes) -> bool:

@@ -25,6 +25,7 @@ import errno
 import logging
 import mmap
 import os
+import sys
 from collections.abc import Callable
 
 from . import compat  # _posixshmem / _multiprocessing, each behind a guarded accessor
@@ -32,9 +33,27 @@ from .fmt import fmt_bytes
 from .proclimits import rlimit
 
 SHM_DIR = "/dev/shm"
-ENABLED = compat.shm_available()
 
 log = logging.getLogger("mpmagic")
+
+
+def dev_shm_usable() -> bool:
+    """Linux: is ``/dev/shm`` a directory this process may create files in? (Elsewhere True.)"""
+    if not sys.platform.startswith("linux"):
+        return True
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK | os.X_OK)
+
+
+def shm_available() -> bool:
+    """Can this process make named POSIX shared memory (the module, or Linux's /dev/shm)?
+
+    On Linux, only with a ``/dev/shm`` it may create files in (missing on AWS
+    Lambda and in some minimal containers, or mounted read-only): there,
+    shm_open *is* a file in /dev/shm, and each new segment failed."""
+    return os.name == "posix" and dev_shm_usable() and compat.shm_open_available()
+
+
+ENABLED = shm_available()
 
 
 class NoRoom(OSError):

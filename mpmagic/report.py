@@ -509,6 +509,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(Report))
 _REQUIRED = frozenset(f.name for f in fields(Report) if f.default is MISSING and f.default_factory is MISSING)
 _FACTORIES = tuple((f.name, f.default_factory) for f in fields(Report) if f.default_factory is not MISSING)
 
+
 def _setting(name: str, default: Any) -> Any:
     """A display setting of ``%config MPMagic`` (how reports render, whether to advise)."""
     try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from .fmt import fmt_bytes, micro
+from .fmt import fmt_bytes, fmt_seconds
 
 _TH = "padding:2px 10px;text-align:left;font-weight:600"
 _TD = "padding:2px 10px;text-align:left"
@@ -89,19 +89,12 @@ def _state(p: dict[str, Any]) -> str:
     return "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
 
 
-def _seconds(s: float) -> str:
-    """Elapsed time of a run (report.fmt_seconds' units; not imported: report -> config -> pool -> here)."""
-    if s < 1e-3:
-        return f"{s * 1e6:.0f} {micro()}"
-    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
-
-
 def _run_cells(r: dict[str, Any]) -> list[str]:
     """One background run's row: id, what, items done/total, elapsed, state."""
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
     if r.get("failed"):
         count += f" ({r['failed']} failed)"
-    return [str(r["id"]), str(r["what"]), count, _seconds(r["elapsed"]), str(r["state"])]
+    return [str(r["id"]), str(r["what"]), count, fmt_seconds(r["elapsed"]), str(r["state"])]
 
 
 _RUN_COLUMNS = ["run", "what", "done/total", "elapsed", "state"]
@@ -119,7 +112,7 @@ def _run_line(r: dict[str, Any]) -> str:
     ``run 1: pmap f, 3/5 items, 1 failed, 310.2 ms, failed``."""
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
     failed = f", {r['failed']} failed" if r.get("failed") else ""
-    return (f"run {r['id']}: {r['what']}, {count} {r.get('unit', 'items')}{failed}, {_seconds(r['elapsed'])}, "
+    return (f"run {r['id']}: {r['what']}, {count} {r.get('unit', 'items')}{failed}, {fmt_seconds(r['elapsed'])}, "
             f"{r['state']}")
 
 

@@ -1084,12 +1084,12 @@ def _dumps_result(results: list) -> bytes:
     """A local worker's results: big arrays go through shared memory.
 
     Results that are all plain values (``int``, ``float``, ``str``, ``bytes``,
-    ``None``...: ``payload._ATOMS``) are pickled as they are: no buffer of theirs
+    ``None``...: ``payload.all_atoms``) are pickled as they are: no buffer of theirs
     goes out of band and they name no notebook code, so the shared-memory
     collector and the ``__main__`` scan would find nothing (~3 us per chunk, a
     tenth of a warm 1-item chunk's time in the worker).
     """
-    if all(map(payload._ATOMS.__contains__, map(type, results))):
+    if payload.all_atoms(results):
         return pickle.dumps(results, payload.PROTOCOL)
     return shm.dumps_result(results, payload.dumps_data)
 

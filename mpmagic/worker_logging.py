@@ -63,7 +63,7 @@ import warnings
 from operator import itemgetter
 from typing import Any
 
-from . import context
+from . import compat, context
 from .errors import cell_file
 
 _log = logging.getLogger("mpmagic")
@@ -400,8 +400,8 @@ _unit_cache: tuple | None = None
 
 
 # warnings' own "the filters changed" call (drops the "already warned" registries);
-# private, renamed in 3.14: where it is missing, begin makes the public call instead.
-_filters_mutated: Any = getattr(warnings, "_filters_mutated", None)
+# private (compat): where it is missing, begin makes the public call instead.
+_filters_mutated: Any = compat.warnings_filters_mutated()
 
 
 def _set_unit_filters(saved: list) -> None:

@@ -7,15 +7,18 @@ makes ``import`` raise ImportError), or the attribute deleted.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import secrets
 import subprocess
 import sys
 import types
+from typing import Any
 
 import pytest
 
-from mpmagic import compat
+from mpmagic import compat, posixshm
 from mpmagic.errors import MPMagicError
 
 
@@ -84,7 +87,7 @@ def _round_trip(name: str) -> bytes:
 def test_shared_memory_falls_back_to_dev_shm_without_posixshmem(no_module, shm_name) -> None:
     assert _round_trip(shm_name) == b"mpmagic!"  # the real _posixshmem
     no_module("_posixshmem")
-    assert compat.shm_available()
+    assert posixshm.shm_available()
     assert _round_trip(shm_name) == b"mpmagic!"  # the fallback: the same names, the same memory
     assert not os.path.exists("/dev/shm" + shm_name)
     with pytest.raises(FileNotFoundError):
@@ -94,7 +97,7 @@ def test_shared_memory_falls_back_to_dev_shm_without_posixshmem(no_module, shm_n
 def test_without_posixshmem_or_dev_shm_shared_memory_says_what_happens(no_module, monkeypatch, shm_name) -> None:
     no_module("_posixshmem")
     monkeypatch.setattr(compat, "_DEV_SHM", "/nonexistent-dev-shm")
-    assert not compat.shm_available()
+    assert not posixshm.shm_available()
     with pytest.raises(compat.MissingFeatureError, match=r"_posixshmem.*pickled instead"):
         compat.shm_open(shm_name, os.O_RDWR)
 
@@ -206,11 +209,14 @@ def test_without_a_usable_dev_shm_the_shared_ctypes_heap_moves_and_survives_a_py
     monkeypatch.setattr(heap.Arena, "_dir_candidates", ["/dev/shm"])
     compat.heap_off_dev_shm()
     assert heap.Arena._dir_candidates == ["/dev/shm"]  # (a usable one: kept)
-    monkeypatch.setattr(compat, "dev_shm_usable", lambda: False)
-    assert compat.shm_available() is False
-    compat.heap_off_dev_shm()
-    assert heap.Arena._dir_candidates == []
+    monkeypatch.setattr(posixshm, "dev_shm_usable", lambda: False)
+    assert posixshm.shm_available() is False
+    for candidates in (["/nonexistent-dev-shm"], ["/proc/self"]):  # (missing; not writable)
+        monkeypatch.setattr(heap.Arena, "_dir_candidates", candidates)
+        compat.heap_off_dev_shm()
+        assert heap.Arena._dir_candidates == []
     monkeypatch.delattr(heap.Arena, "_dir_candidates")
+    monkeypatch.setattr(compat, "_heap_said", [])
     with caplog.at_level("INFO", logger="mpmagic"):
         compat.heap_off_dev_shm()
     assert "multiprocessing.heap.Arena._dir_candidates is missing" in caplog.text
@@ -308,3 +314,123 @@ def test_a_worker_started_while_a_run_script_became_main_is_not_told_to_run_it(m
         thread.start()
         thread.join()
     assert seen[0]["init_main_from_path"] == script.__file__
+
+
+def _committed_kb() -> int:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Committed_AS:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info >= (3, 13), reason="Linux, the MAP_FIXED path")
+def test_map_fd_reservation_is_not_charged_to_committed_memory(tmp_path, monkeypatch) -> None:
+    """The address reservation was a private writable mapping: +4 GiB of Committed_AS for a
+    4 GiB segment (the plain mapping of a tmpfs file: nothing), so a segment larger than
+    RAM+swap, or any under vm.overcommit_memory=2, failed with a bare ENOMEM."""
+    real = compat._libc_mmap()
+    seen: list[int] = []
+
+    def watching(*args: Any) -> Any:  # (called while the reservation is in place)
+        seen.append(_committed_kb())
+        return real(*args)
+
+    monkeypatch.setattr(compat, "_libc", [watching])
+    size = 4 << 30
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        before = _committed_kb()
+        mapping = compat.map_fd(fd, size)
+        assert seen[0] - before < (size >> 10) // 4  # (measured: +0 kB with MAP_NORESERVE, +4194304 kB without)
+        mapping.close()
+        # Strict overcommit ignores MAP_NORESERVE: a refused reservation maps the plain way.
+        monkeypatch.setattr(compat, "_MAP_NORESERVE", 0)
+        monkeypatch.setattr(compat.mmap, "mmap", _refusing_anonymous(mmap.mmap))
+        mapping = compat.map_fd(fd, 3 * 4096)
+        assert len(mapping) == 3 * 4096
+        mapping.close()
+        with pytest.raises(ValueError, match="empty file"):
+            compat.map_fd(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _refusing_anonymous(real: Any) -> Any:
+    def mmap_(fd: int, *args: Any, **kwargs: Any) -> Any:
+        if fd == -1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return real(fd, *args, **kwargs)
+    return mmap_
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.version_info >= (3, 13), reason="Linux, the MAP_FIXED path")
+@pytest.mark.parametrize("covered", [True, False])
+def test_a_failed_fixed_mapping_never_unmaps_a_range_it_may_not_own(tmp_path, monkeypatch, covered) -> None:
+    """A failed MAP_FIXED may already have unmapped the range, and another thread may map
+    there before close()'s munmap: the range is covered again first, or never unmapped."""
+    real = compat._libc_mmap()
+    calls: list[tuple] = []
+
+    def failing(address: int, size: int, prot: int, flags: int, fd: int, offset: int) -> Any:
+        calls.append((prot, flags, fd))
+        if fd != -1 or not covered:
+            ctypes.set_errno(errno.ENOMEM)
+            return None
+        return real(address, size, prot, flags, fd, offset)
+
+    import ctypes
+
+    monkeypatch.setattr(compat, "_libc", [failing])
+    monkeypatch.setattr(compat, "_orphans", [])
+    path = tmp_path / "segment"
+    path.write_bytes(b"\0" * 4096)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with pytest.raises(OSError, match=r"mapping a shared-memory segment .*vm.max_map_count") as info:
+            compat.map_fd(fd, 4096)
+    finally:
+        os.close(fd)
+    assert info.value.errno == errno.ENOMEM
+    assert [fd_ for _, _, fd_ in calls] == [fd, -1] and calls[1][0] == 0  # (PROT_NONE, anonymous)
+    assert len(compat._orphans) == (0 if covered else 1)
+
+
+def test_a_python_whose_event_keeps_no_cond_or_flag_gets_a_plain_event(monkeypatch) -> None:
+    """A run's end flag sets Event's private _cond/_flag itself (a reentrant lock's,
+    ~1.5 us less per submit); where Event keeps neither, it is a plain Event."""
+    import threading
+
+    fast = compat.fast_event()
+    assert isinstance(fast, threading.Event) and not fast.is_set()
+    with fast._cond:  # type: ignore[attr-defined]
+        with fast._cond:  # type: ignore[attr-defined]  # (reentrant)
+            fast.set()
+    assert fast.wait(0)
+    assert not compat._has_event_parts(types.SimpleNamespace(_flag=False))
+    monkeypatch.setattr(compat, "_event_parts", [False])
+    plain = compat.fast_event()
+    assert type(plain) is threading.Event
+    plain.set()
+    assert plain.wait(0)
+
+
+def test_without_warnings_filters_mutated_a_worker_swaps_filters_the_public_way(monkeypatch) -> None:
+    """warnings._filters_mutated is private (3.14 renames it): without it, a unit's filters
+    go in and come out through resetwarnings and simplefilter, and still work."""
+    import warnings
+
+    from mpmagic import worker_logging
+
+    assert compat.warnings_filters_mutated() is warnings._filters_mutated  # type: ignore[attr-defined]
+    with monkeypatch.context() as m:  # (a warnings module without it: the real one's is needed by catch_warnings)
+        m.setitem(sys.modules, "warnings", types.SimpleNamespace(filters=[]))
+        assert compat.warnings_filters_mutated() is None and compat.report()["warnings._filters_mutated"] is False
+    monkeypatch.setattr(worker_logging, "_filters_mutated", compat.warnings_filters_mutated())
+    monkeypatch.setattr(worker_logging, "_unit_cache", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        saved = list(warnings.filters)
+        worker_logging._set_unit_filters(saved)
+        assert warnings.filters != saved
+        warnings.filters[:] = saved

@@ -1196,9 +1196,9 @@ def test_a_runs_end_flag_is_an_event_on_a_reentrant_lock():
     """A run's end flag (made at every submit) is a ``threading.Event`` whose condition
     holds a reentrant lock, threading.Condition's default: on a plain lock, making the
     condition raised and caught three AttributeErrors. It works as an Event across threads."""
-    from mpmagic import engine
+    from mpmagic import compat, engine
 
-    ended = engine._Ended()
+    ended = compat.fast_event()
     assert isinstance(ended, threading.Event) and not ended.is_set()
     assert type(ended._cond._lock) is type(threading.RLock())
     assert ended.wait(0.01) is False
@@ -1209,4 +1209,4 @@ def test_a_runs_end_flag_is_an_event_on_a_reentrant_lock():
     ended.set()  # (twice: nothing more)
     assert ended.wait() is True
     run = engine.Run(MapJob(abs, [1], 1, False, 1, func_payload=b"x"))
-    assert type(run._ended) is engine._Ended
+    assert type(run._ended) is compat._ReentrantEvent

@@ -521,6 +521,8 @@ def test_a_chunk_of_atoms_is_pickled_as_dumps_data_would_with_no_lease():
         assert payload.dumps_atoms(items) == payload.dumps_data(items)
     assert payload.dumps_atoms([1, [2]]) is None and payload.dumps_atoms({1}) is None
     assert payload.dumps_atoms(["__main__"]) is None
+    assert payload.all_atoms([1, "x", None, bytearray()]) and payload.all_atoms(())
+    assert not payload.all_atoms([1, [2]]) and not payload.all_atoms([type("Int", (int,), {})(1)])
 
     for items, lent in (([-1, 2], False), ([[-1], [2]], True)):
         job = jobs.MapJob(len, items, 2, False, 2, shared_memory=True)
@@ -585,3 +587,37 @@ def test_items_that_are_views_of_a_big_torch_tensor_say_so_once(ip, monkeypatch,
         pool_module.shutdown()
         for name in ("_rows", "_own"):
             ip.user_ns.pop(name, None)
+
+
+def test_a_module_registered_while_another_run_is_packed_does_not_end_that_run(monkeypatch):
+    """The manager thread packing a run iterated the modules sent by value while a
+    caller's thread registered one more: "dictionary changed size during iteration"
+    ended the run being packed, which had nothing to do with it."""
+    import types
+
+    import cloudpickle
+
+    from mpmagic import compat, payload
+
+    for name in ("_by_value_names", "_by_value_modules", "_by_value_marks"):
+        monkeypatch.setattr(payload, name, getattr(payload, name))  # (restored after)
+    modules = [types.ModuleType(f"mpm_running_{i}") for i in range(2)]
+    register = compile("import mpmagic.payload as p\np.send_running_modules_by_value()", "<m>", "exec")
+    real = compat.module_initializing
+
+    def registering(module):  # (the other thread, between two steps of the iteration)
+        if len(payload._by_value_marks) == 1:
+            exec(register, modules[1].__dict__)
+        return real(module)
+
+    try:
+        for module in modules:
+            monkeypatch.setitem(sys.modules, module.__name__, module)
+        exec(register, modules[0].__dict__)
+        monkeypatch.setattr(compat, "module_initializing", registering)
+        assert payload.loads(payload.dumps_data([1, "two"])) == [1, "two"]
+        assert len(payload._by_value_marks) == 2
+    finally:
+        for module in modules:
+            if module.__name__ in cloudpickle.list_registry_pickle_by_value():
+                cloudpickle.unregister_pickle_by_value(module)

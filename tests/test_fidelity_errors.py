@@ -431,3 +431,24 @@ def test_a_big_attribute_error_obj_stays_in_the_worker():
         except AttributeError as exc:
             back = rebuild(pickle.loads(pickle.dumps(capture(exc))))
         assert back.name == "nope" and (back.obj == obj if kept else back.obj is None)
+
+
+def test_a_small_container_of_big_values_is_not_pickled_in_full_to_be_dropped(monkeypatch):
+    """AttributeError.obj that is a list of big arrays passed the size check (the list's
+    own size is small), was pickled whole by dumps_data on every failure, then dropped."""
+    from mpmagic import exc_record, payload
+
+    big = [b"x" * (exc_record.MAX_OBJ_BYTES // 2) for _ in range(40)]  # (20 MB)
+    pickled: list = []
+    real = payload.dumps_data
+    monkeypatch.setattr(payload, "dumps_data", lambda obj, *a: pickled.append(obj) or real(obj, *a))
+    written: list[int] = []
+    real_write = exc_record._Capped.write
+    monkeypatch.setattr(exc_record._Capped, "write", lambda self, data: written.append(len(data)) or real_write(self, data))
+    try:
+        big.nope  # type: ignore[attr-defined]  # noqa: B018
+    except AttributeError as exc:
+        back = exc_record.rebuild(pickle.loads(pickle.dumps(exc_record.capture(exc))))
+    assert back.name == "nope" and back.obj is None
+    assert not any(obj is big for obj in pickled)
+    assert sum(written) <= 2 * exc_record.MAX_OBJ_BYTES  # (stopped at the bound, not at 20 MB)

@@ -578,3 +578,16 @@ def test_an_ascii_stdout_gets_us_and_a_tasks_non_ascii_output_is_written(monkeyp
     jobs._print_stream("stdout", "naïve 1\n")
     out.flush()
     assert out.buffer.getvalue() == b"na\\xefve 1\n"
+
+
+def test_pool_runs_shows_elapsed_times_as_every_other_time_reads() -> None:
+    """``%pool runs`` had its own copy of the time format, rounding before picking the unit
+    no more: 0.9996 ms read "1000 us" there and "1.0 ms" everywhere else."""
+    from mpmagic.fmt import fmt_seconds
+
+    rows = [{"id": 1, "what": "pmap f", "done": 2, "total": 5, "elapsed": e, "state": "running"} for e in
+            (0.0009996, 0.4, 3.14159)]
+    lines = status.runs_lines(rows)[1:]
+    assert [line.split(", ")[2] for line in lines] == ["1.0 ms", "400.0 ms", "3.14 s"] == [
+        fmt_seconds(r["elapsed"]) for r in rows]
+    assert "1.0 ms" in status.runs_html(rows)

@@ -388,3 +388,25 @@ def test_numpy_loaded_by_a_library_in_the_notebook_is_not_imported_by_the_worker
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WORKERS [False, False]" in proc.stdout, proc.stdout
     assert "FILTER [True, True]" in proc.stdout, proc.stdout  # once a task imported numpy, its filter applies
+
+
+def test_a_dask_worker_shared_by_two_notebooks_reloads_each_ones_reload_once(monkeypatch):
+    """A worker process serving two notebooks took any other notebook's load number as
+    new: with their tasks in turn, the module was reloaded (and the functions dropped)
+    on every task. Each notebook's reloads are followed once, by its own numbers."""
+    import types
+
+    from mpmagic.backends import dask_tasks
+
+    monkeypatch.setattr(dask_tasks, "_followed", {})
+    monkeypatch.setitem(sys.modules, "shared_reload_mod", types.ModuleType("shared_reload_mod"))
+    reloaded: list[list[str]] = []
+    imports = types.SimpleNamespace(reload=reloaded.append)
+    a, b = [("shared_reload_mod", ("nb-a", 3), None)], [("shared_reload_mod", ("nb-b", 1), None)]
+    for _ in range(3):
+        dask_tasks.follow_reloads(a, imports)  # type: ignore[arg-type]
+        dask_tasks.follow_reloads(b, imports)  # type: ignore[arg-type]
+    assert reloaded == [["shared_reload_mod"], ["shared_reload_mod"]]  # (each notebook's first: once)
+    dask_tasks.follow_reloads([("shared_reload_mod", ("nb-a", 4), None)], imports)  # type: ignore[arg-type]
+    dask_tasks.follow_reloads(b, imports)  # type: ignore[arg-type]
+    assert len(reloaded) == 3  # (a's new reload; b's unchanged)

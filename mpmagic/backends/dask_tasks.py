@@ -352,8 +352,10 @@ def _cached(key: bytes, call: Any) -> Loaded | None:
 
 
 _reload_lock = threading.Lock()
-# module -> the notebook's (notebook, load number) of the reload this process has followed
-_followed: dict[str, tuple[str, int]] = {}
+# (notebook, module) -> the load number of that notebook's reload this process has followed:
+# per notebook, since a worker process may serve two, whose load numbers are unrelated
+# (keyed by module alone, the two notebooks' tasks in turn reloaded it on every task)
+_followed: dict[tuple[str, str], int] = {}
 
 
 def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
@@ -370,7 +372,7 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
     first of several tasks running at once reloads and the others wait for it.
     Per task, when nothing is new: a dict lookup per reloaded module.
     """
-    if not reloads or all(_followed.get(name) == version for name, version, _ in reloads):
+    if not reloads or all(_followed.get((version[0], name)) == version[1] for name, version, _ in reloads):
         return []
     differs: list[str] = []
     with _reload_lock:
@@ -381,7 +383,7 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
             if module is not None:
                 imports.reload([name])  # (a failure is logged: the task that uses it shows the error)
                 reloaded = True
-            _followed[name] = version
+            _followed[(version[0], name)] = version[1]
             if digest is not None:
                 path = getattr(sys.modules.get(name), "__file__", None) or _source_file(name)
                 if path is not None and loadstamps.digest(path) != digest:
@@ -393,9 +395,10 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
 
 
 def _newer(name: str, version: tuple[str, int]) -> bool:
-    """Is this reload one this process has not followed (another notebook's: any)?"""
-    seen = _followed.get(name)
-    return seen is None or seen[0] != version[0] or seen[1] < version[1]
+    """Is this reload one this process has not followed for that notebook? (A notebook
+    seen here for the first time: once, as for a module imported at a time nobody knows.)"""
+    seen = _followed.get((version[0], name))
+    return seen is None or seen < version[1]
 
 
 def _source_file(name: str) -> str | None:

@@ -93,7 +93,7 @@ class _Segment:
     def __init__(self, name: str, size: int | None = None, kind: str = "helper") -> None:
         if size is None:
             self.mmap = posixshm.attach(name)
-        elif not compat.dev_shm_usable():  # (shm_open failed with a bare OSError naming the segment)
+        elif not posixshm.dev_shm_usable():  # (shm_open failed with a bare OSError naming the segment)
             raise NoSharedMemory(
                 f"mpmagic.{kind} needs a writable /dev/shm (POSIX shared memory), and this system's is "
                 f"{'read-only' if os.path.isdir('/dev/shm') else 'missing'}: mount one (a tmpfs on /dev/shm), "
