@@ -1131,6 +1131,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
     except OSError:
         pass
     loadstamps.uninstall()  # the notebook's record of its loads (a fork copies it): workers keep none
+    worker_logging.drop_inherited_handlers()  # a task's records reach the notebook's handlers from home, once
     task_builtins.use_task_backend()  # (before anything imports matplotlib)
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

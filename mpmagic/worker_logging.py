@@ -343,6 +343,23 @@ def _module_of(filename: str, lineno: int) -> str:
 _original_showwarning = warnings.showwarning
 
 
+def drop_inherited_handlers() -> None:
+    """In a local worker as it starts: take off every logger the handlers it
+    found there (a forked worker's copies of the notebook's, a ``FileHandler``,
+    ``basicConfig``'s console handler), without closing them (the notebook's
+    file stays the notebook's). The notebook hands each task record to its own
+    handlers (:func:`deliver`): a copy here wrote every record a second time.
+    ``NullHandler`` s stay (they write nothing, and tell ``logging.lastResort``
+    a library has its logging in hand). Handlers ``%%pool setup`` or a task
+    adds later are kept."""
+    global _installed
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        if isinstance(logger, logging.Logger) and logger.handlers:
+            logger.handlers = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
+    _installed = False  # (our own handler too, if the parent had one: the first unit installs it)
+
+
 def _install() -> None:
     global _installed
     with _lock:

@@ -539,3 +539,27 @@ def test_a_record_below_the_notebooks_level_is_dropped_at_home_unless_the_task_l
         assert deliver(record, lowered=True) is True and kept.lines == ["INFO calc m"]
     finally:
         logging.getLogger().removeHandler(kept)
+
+
+def test_a_forked_workers_copy_of_a_notebook_file_handler_writes_nothing(ip, tmp_path):
+    """With fork, the worker's inherited copy of the notebook's FileHandler wrote
+    each task record, and then the notebook's own handler wrote it again."""
+    from conftest import ensure_pool
+
+    from mpmagic import pool as pool_module
+
+    path = tmp_path / "nb.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(name)s:%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        pool_module.shutdown()  # (workers forked now copy the handler)
+        ensure_pool("fork")
+        run(ip, "import logging\ndef warns(x):\n    logging.getLogger('calc').warning('w%s', x)\n    return x")
+        assert run(ip, "%pmap -q --chunksize 1 warns, range(4)") == [0, 1, 2, 3]
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        pool_module.shutdown()
+    assert sorted(path.read_text().split()) == ["calc:w0", "calc:w1", "calc:w2", "calc:w3"]
