@@ -18,7 +18,7 @@ and its fields are in ``mpmagic/protocol.py``:
   labelled by item (``mpmagic/worker_logging.py``, from the message's
   ``log_context``).
 * ``Context``: the notebook's current directory, environment, ``sys.path``,
-  recursion limit and warnings filters (``mpmagic/context.py``), sent only
+  recursion limit, int digits limit and warnings filters (``mpmagic/context.py``), sent only
   when they changed.
 * ``Unmap``: forget shared-memory segments the notebook destroyed.
 * ``Import``: import modules the notebook imported, between tasks (warm
