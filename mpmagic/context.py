@@ -11,7 +11,9 @@ the notebook's current
 * environment variables (set, changed and removed ones),
 * ``sys.path`` (the notebook's entries first, in its order; import caches
   are invalidated so that new directories are seen),
-* recursion limit,
+* recursion limit, and the limit on converting big ints to strings
+  (``sys.set_int_max_str_digits``: a fork inherited it, forkserver and spawn
+  workers raised ``ValueError`` where serial ``str(10**5000)`` worked),
 * warnings filters (``warnings.filterwarnings``, ``simplefilter``),
 * the settings of numeric libraries that change what a task computes, for
   those the notebook has imported: torch's grad mode (``torch.no_grad()``
@@ -144,12 +146,18 @@ _environ: Callable[[], dict] = (
 )
 
 
+# sys.get_int_max_str_digits (Python 3.11, and 3.10.7 on): None where it is missing.
+_get_digits: Callable[[], int] | None = getattr(sys, "get_int_max_str_digits", None)
+_set_digits: Callable[[int], None] | None = getattr(sys, "set_int_max_str_digits", None)
+
+
 def _state(libs: tuple | None = None) -> tuple:
     return (
         _getcwd(),
         _environ(),
         sys.path,
         sys.getrecursionlimit(),
+        _get_digits() if _get_digits is not None else None,
         warnings.filters,
         libraries() if libs is None else libs,
     )
@@ -242,13 +250,13 @@ def current(call: Any = None, libs: tuple | None = None) -> Context:
         enterable = state[0] is not None and os.access(state[0], os.X_OK)
         if _last_msg is None or state != _last_state or enterable != _last_enterable:
             _last_enterable = enterable
-            cwd, env, path, limit, filters, libs = state
+            cwd, env, path, limit, digits, filters, libs = state
             # Copies: the live objects keep changing under the comparison.
-            _last_state = (cwd, dict(env), list(path), limit, list(filters), libs)
+            _last_state = (cwd, dict(env), list(path), limit, digits, list(filters), libs)
             _version += 1
             where, reason = workers_dir(cwd, read=False)
             _note_problem(cwd, where, reason)
-            body = (where, dict(os.environ), list(path), limit, _pack_filters(filters), libs)
+            body = (where, dict(os.environ), list(path), limit, digits, _pack_filters(filters), libs)
             _last_msg = Context(_version, payload.dumps_data(body))
         _last_call = call
         return _last_msg
@@ -311,13 +319,13 @@ def apply(msg: Context) -> None:
     """
     global _adopted
     try:
-        cwd, env, path, limit, packed, libs = payload.loads(msg.state)
+        cwd, env, path, limit, digits, packed, libs = payload.loads(msg.state)
     except Exception:
         log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
         return
     global _pending
     _pending = list(packed)
-    _adopted = (cwd, env, path, limit, _load_filters(), libs)
+    _adopted = (cwd, env, path, limit, digits, _load_filters(), libs)
     _adopt(*_adopted)
 
 
@@ -354,7 +362,7 @@ def _load_filters() -> list:
 def reassert() -> None:
     """In a worker, as a new call starts: the notebook's world again, where a
     task of an earlier call changed it (``os.chdir``, ``os.environ``,
-    ``sys.path``, the recursion limit, warnings filters). Each call starts in
+    ``sys.path``, the recursion limit, the int digits limit, warnings filters). Each call starts in
     the notebook's world, as the docs say: a task's ``os.chdir("/")`` made
     every later call on that worker read files from ``/``.
 
@@ -365,7 +373,7 @@ def reassert() -> None:
     global _adopted, _as_adopted
     if _adopted is not None:
         if _waiting and any(map(_loadable_now, _waiting)):
-            _adopted = (*_adopted[:4], _load_filters(), _adopted[5])  # (a task imported a waiting filter's package)
+            _adopted = (*_adopted[:5], _load_filters(), _adopted[6])  # (a task imported a waiting filter's package)
             _as_adopted = None
         if _as_adopted is None or _state() != _as_adopted:
             _adopt(*_adopted)
@@ -374,13 +382,15 @@ def reassert() -> None:
 # In a worker: what its %%pool setup changed of the world, which wins over the
 # notebook's (see keep_setup_changes): variables it set (name -> value), ones
 # it removed, the directory it chose (None: the notebook's), the recursion
-# limit it set (None: the notebook's), the warnings filters it added
+# limit it set (None: the notebook's), the int digits limit it set (None: the
+# notebook's), the warnings filters it added
 # (those it put before the ones it found, and those it appended after them),
 # and the library settings it changed (torch's default dtype...: name -> value).
 setup_env: dict[str, str] = {}
 setup_removed: set[str] = set()
 own_cwd: str | None = None
 setup_limit: int | None = None
+setup_digits: int | None = None
 setup_filters: tuple[list, list] = ([], [])
 setup_libs: dict[str, Any] = {}
 
@@ -388,7 +398,7 @@ setup_libs: dict[str, Any] = {}
 def keep_setup_changes(run: Any) -> Any:
     """Run ``run()`` (a worker setup, or its clearing) and keep what it changed
     of the world: the environment variables it set, changed or removed, its
-    working directory, its recursion limit and the warnings filters it added
+    working directory, its recursion limit, its int digits limit and the warnings filters it added
     win over the notebook's from then on, and are put back at each call if a
     task changed them. Each call starts in the notebook's world
     (:func:`reassert`), and a setup's ``os.environ["HF_HOME"] = ...``,
@@ -398,15 +408,16 @@ def keep_setup_changes(run: Any) -> Any:
     clear, the notebook's world again. (Filters a setup removes, e.g. by
     ``warnings.resetwarnings()``, are not kept removed: the notebook's come back.)
     A :func:`libraries` setting the setup changed (``torch.set_default_dtype``) wins too."""
-    global own_cwd, setup_limit, setup_filters, _as_adopted
+    global own_cwd, setup_limit, setup_digits, setup_filters, _as_adopted
     setup_env.clear()
     setup_removed.clear()
     setup_libs.clear()
-    own_cwd, setup_limit, setup_filters = None, None, ([], [])
+    own_cwd, setup_limit, setup_digits, setup_filters = None, None, None, ([], [])
     if _adopted is not None:  # the notebook's world, without the last setup's changes
         _adopt(*_adopted)
     env_before, cwd_before = dict(os.environ), os.getcwd()
     limit_before, filters_before = sys.getrecursionlimit(), list(warnings.filters)
+    digits_before = _get_digits() if _get_digits is not None else None
     libs_before = dict(libraries())
     try:
         return run()
@@ -417,6 +428,8 @@ def keep_setup_changes(run: Any) -> Any:
             own_cwd = os.getcwd()
         if sys.getrecursionlimit() != limit_before:
             setup_limit = sys.getrecursionlimit()
+        if _get_digits is not None and _get_digits() != digits_before:
+            setup_digits = _get_digits()
         setup_filters = _added_filters(filters_before, list(warnings.filters))
         libs_after = dict(libraries())
         for name, (_, default, _, _) in _LIBRARY_SETTINGS.items():
@@ -449,7 +462,7 @@ _cwd_failed: str | None = None  # in a worker: the directory it last failed to e
 _as_adopted: tuple | None = None
 
 
-def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list, libs: tuple = ()) -> None:
+def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filters: list, libs: tuple = ()) -> None:
     if own_cwd is not None:
         cwd = own_cwd
     global _cwd_failed, _as_adopted
@@ -484,6 +497,8 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list, libs: tup
         importlib.invalidate_caches()
     if setup_limit is not None:
         limit = setup_limit
+    if setup_digits is not None:
+        digits = setup_digits
     if setup_filters[0] or setup_filters[1]:  # the setup's first (a filterwarnings moves an equal one up)
         front, back = setup_filters
         filters = front + [f for f in filters if f not in front and f not in back] + back
@@ -493,6 +508,12 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list, libs: tup
         except (ValueError, RecursionError) as exc:
             applied = False
             log.warning("mpmagic worker: cannot set the recursion limit to %s: %s", limit, exc)
+    if digits is not None and _get_digits is not None and _set_digits is not None and digits != _get_digits():
+        try:
+            _set_digits(digits)
+        except ValueError as exc:
+            applied = False
+            log.warning("mpmagic worker: cannot set the int digits limit to %s: %s", digits, exc)
     if filters != warnings.filters:
         warnings.filters[:] = filters  # type: ignore[index]  # (typeshed types it as a Sequence)
         mutated = getattr(warnings, "_filters_mutated", None)  # private; renamed in 3.14
@@ -500,8 +521,8 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, filters: list, libs: tup
             mutated()  # drop the per-module "already warned" caches
     applied = _apply_libraries(libs) and applied
     if applied:
-        cwd_now, env_now, path_now, limit_now, filters_now, libs_now = _state()
-        _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, list(filters_now), libs_now)
+        cwd_now, env_now, path_now, limit_now, digits_now, filters_now, libs_now = _state()
+        _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, digits_now, list(filters_now), libs_now)
 
 
 __all__ = ["apply", "current", "fallback_dir", "key", "libraries", "reassert", "take_note", "workers_dir"]

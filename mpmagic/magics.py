@@ -859,7 +859,7 @@ class MPMagics(Magics):
             report = api.last_report()
             if report is not None and report is not before and getattr(opts, "chunksize_setting", False):
                 report.extra["chunksize_setting"] = True  # its advice names %config MPMagic.chunksize
-            _show_report(opts, report, before)
+            _show_report(opts, report, before, self.shell)
         return result
 
     def _rerun_failed(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
@@ -1002,7 +1002,7 @@ class MPMagics(Magics):
             # Reduced before the report shows: --compare's verdict (results equal) is of the reduced value.
             reduced = _reduced(parser, opts, reducer, values, cell) if reducer is not None else None
         finally:
-            _show_report(opts, api.last_report(), before)
+            _show_report(opts, api.last_report(), before, self.shell)
         if reducer is not None:
             return None if _without_final_semicolon(cell)[1] else reduced
         if not api.cell_has_value(cell) or all(v is None for v in values):
@@ -1233,16 +1233,53 @@ def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
 _REPORT_FORMATS = ("text/plain", "text/html")
 
 
-def _show_report(opts: argparse.Namespace, report: api.Report | None, before: api.Report | None) -> None:
+def _report_formats(report: api.Report, shell: Any = None) -> tuple[str, ...]:
+    """The MIME types the report is shown in: its own two, and each other one
+    whose formatter the user gave a function for the Report type
+    (``formatters['text/markdown'].for_type(Report, ...)``, or ``for_type_by_name``),
+    as ``display(report)`` asks every formatter. Only those two were asked, so
+    such a formatter was never used.
+
+    Asking every formatter cost ~30 us a %pmap, and so did reading each one's
+    printers (traitlets attributes): the formatters' printer dicts are kept
+    (``for_type`` adds to them in place) while the shell's formatters are the
+    same objects, and looked in at each call (~1.5 us)."""
+    global _printers
+    if shell is None:
+        from IPython.core.getipython import get_ipython
+
+        shell = get_ipython()
+        if shell is None:
+            return _REPORT_FORMATS
+    formatters = shell.display_formatter.formatters
+    kept_for, kept = _printers
+    if kept_for is None or kept_for[0] is not formatters or kept_for[1] != tuple(formatters.values()):
+        kept = tuple((mime, f.type_printers, f.deferred_printers) for mime, f in formatters.items()
+                     if mime not in _REPORT_FORMATS and hasattr(f, "type_printers"))
+        _printers = ((formatters, tuple(formatters.values())), kept)
+    cls = type(report)  # (a Report's only base is object: a formatter for every object is not one for ours)
+    name = (cls.__module__, cls.__name__)
+    extra = [mime for mime, types_, deferred in kept if cls in types_ or name in deferred]
+    return (*_REPORT_FORMATS, *extra) if extra else _REPORT_FORMATS
+
+
+# The shell's formatters (the dict, and its formatters) and, for each but the
+# Report's own two, (MIME type, its type printers, its deferred printers).
+_printers: tuple[tuple | None, tuple] = (None, ())
+
+
+def _show_report(opts: argparse.Namespace, report: api.Report | None, before: api.Report | None,
+                 shell: Any = None) -> None:
     """This run's report (never an older one); with -q, which hides the timing
-    report, only what --insights recorded (its table and timeline), as asked."""
+    report, only what --insights recorded (its table and timeline), as asked.
+    ``shell``: the magic's (None: the current one, if any)."""
     if report is None or report is before:
         return
     if not opts.quiet:
-        # (the two formats a Report has: IPython's other ten formatters each looked it up in vain;
-        # both formats read the line and the advice, worked out once)
+        # (the two formats a Report has, and those the user registered for it: IPython's other
+        # formatters each looked it up in vain; both formats read the line and the advice, worked out once)
         with report.shown_once():
-            display(report, include=_REPORT_FORMATS)
+            display(report, include=_report_formats(report, shell))
     elif report.insights is not None:
         display(report.insights)
 

@@ -18,7 +18,7 @@ and its fields are in ``mpmagic/protocol.py``:
   labelled by item (``mpmagic/worker_logging.py``, from the message's
   ``log_context``).
 * ``Context``: the notebook's current directory, environment, ``sys.path``,
-  recursion limit and warnings filters (``mpmagic/context.py``), sent only
+  recursion limit, int digits limit and warnings filters (``mpmagic/context.py``), sent only
   when they changed.
 * ``Unmap``: forget shared-memory segments the notebook destroyed.
 * ``Import``: import modules the notebook imported, between tasks (warm
@@ -1140,6 +1140,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
     except OSError:
         pass
     loadstamps.uninstall()  # the notebook's record of its loads (a fork copies it): workers keep none
+    worker_logging.drop_inherited_handlers()  # a task's records reach the notebook's handlers from home, once
     task_builtins.use_task_backend()  # (before anything imports matplotlib)
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

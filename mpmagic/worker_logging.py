@@ -13,7 +13,8 @@ and survives an interrupt or a worker's death up to the last line sent.
 * **Logging.** The notebook's effective levels (the root's, and every logger
   whose level it set) go with each call as a few bytes pickled once per call
   (:func:`notebook_context`). The worker sets the same levels on its own
-  loggers, so a record below the notebook's level is never even made there,
+  loggers at each unit where they differ (a task's ``setLevel`` lasts for its
+  unit), so a record below the notebook's level is never even made there,
   and a handler on its root logger writes each record as one marked line:
   the record's fields and its lines for the cell, ``[item 3] WARNING:root:text``
   (``logging.BASIC_FORMAT`` behind the item label; a ``%%parallel`` rank's
@@ -92,7 +93,7 @@ def notebook_context() -> bytes:
     the notebook's warning filters when one of them says "always".
 
     Pickled only when they changed (the same bytes otherwise) and compared by
-    value in the worker, which re-applies them only when they change. A
+    value in the worker, which re-applies them when they change (or a task changed one). A
     worker sends a warning repeated at one place once per unit, unless the
     notebook shows every repeat of *that* warning (its first matching filter
     says "always": ``simplefilter("always")``, ``catch_warnings(record=True)``
@@ -170,6 +171,10 @@ _units: dict[int, tuple[int | None, dict]] = {}
 THREADS_HOME = True
 _saved_filters: list | None = None  # the worker's own filters, put back by the last end()
 _applied: bytes | None = None  # the levels last applied in this process
+# Those levels: by logger name ("" the root), and as (logger, level) pairs to
+# check at each unit whether a task changed one (see _levels_intact).
+_levels: dict[str, int] = {}
+_level_pairs: tuple[tuple[logging.Logger, int], ...] = ()
 _set_here: set[str] = set()  # loggers whose level this process set
 _installed = False
 _lock = threading.Lock()
@@ -261,7 +266,10 @@ class _TaskHandler(logging.Handler):
             shown = _lines(text, prefix, bool(record.exc_text or record.stack_info))
             # One marked line: the record itself, for the notebook's handlers of its logger,
             # and its labelled lines, for the cell (see WarningRelay._record).
-            sys.stderr.write(MARK + json.dumps({"record": _record_fields(record), "shown": shown}) + "\n")
+            fields: dict[str, Any] = {"record": _record_fields(record), "shown": shown}
+            if record.levelno < sent_level(record.name):
+                fields["lowered"] = True  # made only because the task lowered a level (see deliver)
+            sys.stderr.write(MARK + json.dumps(fields) + "\n")
         except Exception:
             self.handleError(record)
 
@@ -335,6 +343,23 @@ def _module_of(filename: str, lineno: int) -> str:
 _original_showwarning = warnings.showwarning
 
 
+def drop_inherited_handlers() -> None:
+    """In a local worker as it starts: take off every logger the handlers it
+    found there (a forked worker's copies of the notebook's, a ``FileHandler``,
+    ``basicConfig``'s console handler), without closing them (the notebook's
+    file stays the notebook's). The notebook hands each task record to its own
+    handlers (:func:`deliver`): a copy here wrote every record a second time.
+    ``NullHandler`` s stay (they write nothing, and tell ``logging.lastResort``
+    a library has its logging in hand). Handlers ``%%pool setup`` or a task
+    adds later are kept."""
+    global _installed
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        if isinstance(logger, logging.Logger) and logger.handlers:
+            logger.handlers = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
+    _installed = False  # (our own handler too, if the parent had one: the first unit installs it)
+
+
 def _install() -> None:
     global _installed
     with _lock:
@@ -351,21 +376,51 @@ _always: tuple = ()
 
 
 def _apply_levels(ctx: bytes) -> None:
-    """Give this process's loggers the notebook's levels (only when they changed)."""
-    global _applied, _always
-    if ctx == _applied:
-        return
-    levels, _always = pickle.loads(ctx)
+    """Give this process's loggers the notebook's levels: when they changed, or a
+    task of an earlier unit changed one of them (see :func:`begin`)."""
+    global _applied, _always, _levels, _level_pairs
+    if ctx != _applied:
+        _levels, _always = pickle.loads(ctx)
     with _lock:
-        for name in _set_here - set(levels):
+        for name in _set_here - set(_levels):
             logging.getLogger(name).setLevel(logging.NOTSET)
-        for name, level in levels.items():
+        pairs = []
+        for name, level in _levels.items():
             if name.startswith(_OWN_LOGGERS):
                 continue
-            logging.getLogger(name or None).setLevel(level)
+            logger = logging.getLogger(name or None)
+            if logger.level != level:  # (setLevel clears every logger's cache)
+                logger.setLevel(level)
+            pairs.append((logger, level))
         _set_here.clear()
-        _set_here.update(n for n in levels if n)
+        _set_here.update(n for n in _levels if n)
+        _level_pairs = tuple(pairs)
         _applied = ctx
+
+
+def _levels_intact() -> bool:
+    """Do the loggers the notebook set still have its levels here? A task's
+    ``logging.getLogger("calc").setLevel(DEBUG)`` changes them for the rest of
+    its unit (as serially, for its later records), and must not outlive it:
+    each unit starts from the notebook's levels. A few attribute reads."""
+    for logger, level in _level_pairs:
+        if logger.level != level:
+            return False
+    return True
+
+
+def sent_level(name: str) -> int:
+    """The effective level the notebook's levels (as last applied here) give
+    the logger ``name``: its own or its nearest ancestor's, else the root's."""
+    levels = _levels
+    if name == "root":  # (the root logger's records)
+        name = ""
+    while name:
+        level = levels.get(name)
+        if level is not None:
+            return level
+        name = name.rpartition(".")[0]
+    return levels.get("", logging.WARNING)
 
 
 def _unit_filters(filters: list, notebook_always: tuple) -> tuple[list, str]:
@@ -440,13 +495,14 @@ def begin(log_context: tuple | None) -> None:
 
     ``log_context`` is a message's ``(first item index or None, levels bytes)``
     (:func:`notebook_context`); None captures nothing. Costs a few
-    microseconds per unit (a bytes comparison for the levels, a filter swap).
+    microseconds per unit (a bytes comparison for the levels, a look at the
+    levels of the loggers the notebook set, a filter swap).
     """
     global _running, _saved_filters
     if not log_context or not log_context[1]:
         return
     start, levels = log_context
-    if not _installed or levels != _applied:  # (both done already: the usual unit)
+    if not _installed or levels != _applied or not _levels_intact():  # (the usual unit: all done already)
         try:
             _install()
             _apply_levels(levels)
@@ -624,7 +680,7 @@ class WarningRelay:
         record = logging.makeLogRecord(fields["record"])
         shown: str = fields["shown"]
         streams: list[Any] = []
-        if not deliver(record, streams):
+        if not deliver(record, streams, lowered=bool(fields.get("lowered"))):
             return ""
         text = self(shown.rstrip("\n"))  # (its traceback's source lines are marked too)
         # Where serial code's handler would have written it: a handler on stdout, or one
@@ -655,7 +711,7 @@ def _to_console(handler: logging.Handler) -> bool:
     return kind.__name__ == "OutStream" and kind.__module__.startswith("ipykernel")  # (a kernel's stdout/stderr)
 
 
-def deliver(record: logging.LogRecord, streams: list | None = None) -> bool:
+def deliver(record: logging.LogRecord, streams: list | None = None, *, lowered: bool = False) -> bool:
     """Hand a task's ``record`` to the notebook's handlers for its logger, as
     ``Logger.handle`` and ``Logger.callHandlers`` would serially; True when
     serial code would have printed it to the cell.
@@ -672,9 +728,18 @@ def deliver(record: logging.LogRecord, streams: list | None = None) -> bool:
     prints it to stderr serially, at its level (WARNING): then the cell
     shows it at that level too. ``streams`` gets the stream of each console
     handler that took it (the cell's line is written there).
+
+    A record below the notebook's effective level for its logger is dropped, as
+    serial code would not have made it, unless it is ``lowered``: the task
+    itself lowered that level earlier in its unit (``setLevel(DEBUG)``), which
+    serially would have lowered the notebook's, so its later records count. The
+    worker undoes such a change before its next unit: serially it would stay in
+    the notebook and reach every later item and call; here it reaches the rest
+    of that unit (the task's chunk) only, as a task's warning filters do.
     """
     logger = logging.getLogger(record.name) if record.name != "root" else logging.getLogger()
-    if logger.manager.disable >= record.levelno or logger.disabled or not logger.filter(record):
+    if (logger.manager.disable >= record.levelno or logger.disabled
+            or (not lowered and record.levelno < logger.getEffectiveLevel()) or not logger.filter(record)):
         return False
     show, found = False, False
     current: logging.Logger | None = logger

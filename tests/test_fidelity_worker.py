@@ -1,7 +1,7 @@
 """Issue 13, classes 1 and 4: `%pmap f, xs` against serial `map(f, xs)` in an
 InteractiveShell when the task uses control flow (StopIteration, KeyboardInterrupt,
 SystemExit, sys.exit, argparse) and when it depends on the notebook's world
-(current directory, environment, sys.path, recursion limit, warnings filters).
+(current directory, environment, sys.path, recursion limit, int digits limit, warnings filters).
 
 Semantics chosen (docs/troubleshooting.md): a StopIteration raised by the task
 for one item is that item's error, a RuntimeError naming it (serial map() would
@@ -380,6 +380,21 @@ def test_recursion_limit(ip, local_pool):
         assert _same_as_serial(ip, "limit_and_depth") == [(2000, 0)] * 3
     finally:
         sys.setrecursionlimit(before)
+
+
+@pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="Python 3.11+ (3.10.7+)")
+def test_the_int_digits_limit(ip, local_pool):
+    """``sys.set_int_max_str_digits(0)`` in the notebook did not reach forkserver
+    and spawn workers: ``str(10**5000)`` raised ValueError there, not serially."""
+    run(ip, "def digits(n):\n    return len(str(10**n))\n")
+    before = sys.get_int_max_str_digits()
+    try:
+        sys.set_int_max_str_digits(0)
+        assert _same_as_serial(ip, "digits", "[10, 5000]") == [11, 5001]
+        sys.set_int_max_str_digits(4300)
+        assert isinstance(_same_as_serial(ip, "digits", "[5000]"), ValueError)
+    finally:
+        sys.set_int_max_str_digits(before)
 
 
 def test_warnings_filters(ip, local_pool):

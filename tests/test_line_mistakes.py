@@ -205,3 +205,33 @@ def test_a_shown_report_works_out_its_advice_and_line_once(ip, monkeypatch):
     assert "_shown" not in vars(report)  # (afterwards, each asks again: the report may change)
     report.line(), report.line()
     assert len(lines) == 3
+
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_a_shown_report_uses_a_formatter_the_user_registered_for_report(ip, by_name):
+    """Asking only for text and HTML skipped a formatter the user registered for
+    Report in another MIME type (markdown, for nbconvert), which display(report) uses."""
+    import argparse
+
+    from mpmagic import magics
+    from mpmagic.report import Report
+
+    markdown = ip.display_formatter.formatters["text/markdown"]
+    if by_name:
+        markdown.for_type_by_name("mpmagic.report", "Report", lambda r: "**" + r.line() + "**")
+    else:
+        markdown.for_type(Report, lambda r: "**" + r.line() + "**")
+    report = api.Report(kind="pmap", items=2, workers=2, backend="local", start_method="fork", wall=0.001,
+                        task_seconds=0.0)
+    try:
+        with capture_output() as cap:
+            magics._show_report(argparse.Namespace(quiet=False), report, None, ip)
+    finally:
+        markdown.type_printers.pop(Report, None)
+        markdown.deferred_printers.pop(("mpmagic.report", "Report"), None)
+    (shown,) = cap.outputs
+    assert set(shown.data) == {"text/plain", "text/html", "text/markdown"}
+    assert shown.data["text/markdown"] == "**" + report.line() + "**"
+    with capture_output() as cap:  # (unregistered: the two again)
+        magics._show_report(argparse.Namespace(quiet=False), report, None, ip)
+    assert set(cap.outputs[0].data) == {"text/plain", "text/html"}

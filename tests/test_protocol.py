@@ -262,11 +262,15 @@ def test_a_worker_labels_records_by_the_chunks_first_index_and_a_failure_carries
     err = got[-1]
     text = "".join(o.text for o in got[:-1] if type(o) is Out)
     console = logging.StreamHandler()  # (the notebook's logging.basicConfig(): INFO prints serially only through one)
-    logging.getLogger().addHandler(console)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(console)
+    root.setLevel(logging.INFO)  # (the levels sent above: at home, a record below the root's is dropped)
     try:
         text = worker_logging.WarningRelay()(text)  # (each record comes as a marked line, shown at home as its lines)
     finally:
-        logging.getLogger().removeHandler(console)
+        root.removeHandler(console)
+        root.setLevel(level)
     assert text == "[item 10] INFO:calc:item says 10\n[item 11] INFO:calc:item says 11\n[item 12] INFO:calc:item says 12\n"
     assert type(err) is Error and err.index == 2
     ctx = err.info.context

@@ -489,3 +489,77 @@ def test_a_tasks_record_goes_to_its_handlers_own_stream(ip, local_pool, capsys):
         out.handlers.clear()
         out.setLevel(logging.NOTSET)
         out.propagate = True
+
+
+LOWERING = """
+import logging
+def lower(x):
+    logging.getLogger("calc").info("before %s", x)
+    logging.getLogger("calc").setLevel(logging.DEBUG)
+    logging.getLogger("calc").info("after %s", x)
+    return x
+def calc_level(x):
+    return logging.getLogger("calc").level
+"""
+
+
+def test_a_tasks_setlevel_acts_for_its_unit_and_the_next_call_has_the_notebooks_levels_again(
+        ip, local_pool, root_level, capsys):
+    """A task's setLevel(DEBUG) on a logger the notebook set stayed in its worker:
+    later calls showed INFO records serial code never makes (the levels were put
+    back only when the notebook's changed). For the rest of its unit the task's
+    records follow its own level, as serially they follow the level it set."""
+    root_level(logging.WARNING)
+    calc = logging.getLogger("calc")
+    calc.setLevel(logging.WARNING)
+    try:
+        run(ip, LOWERING)
+        assert run(ip, "%pmap -q --chunksize 2 lower, range(2)") == [0, 1]
+        err = capsys.readouterr().err
+        assert "[item 0] INFO:calc:after 0\n" in err and "[item 1] INFO:calc:before 1\n" in err, err
+        assert "before 0" not in err
+        run(ip, "%pmap -q --chunksize 1 lower, range(8)")  # (both workers)
+        capsys.readouterr()
+        assert run(ip, "%pmap -q --chunksize 1 calc_level, range(8)") == [logging.WARNING] * 8
+    finally:
+        calc.setLevel(logging.NOTSET)
+
+
+def test_a_record_below_the_notebooks_level_is_dropped_at_home_unless_the_task_lowered_it(root_level, capsys):
+    """deliver() handed any record that came home to the notebook's handlers,
+    whatever the notebook logger's level (the worker's decided alone)."""
+    from mpmagic.worker_logging import deliver
+
+    root_level(logging.WARNING)
+    kept = _Kept()
+    logging.getLogger().addHandler(kept)
+    try:
+        record = logging.makeLogRecord({"name": "calc", "levelno": logging.INFO, "levelname": "INFO", "msg": "m"})
+        assert deliver(record) is False and kept.lines == []
+        assert deliver(record, lowered=True) is True and kept.lines == ["INFO calc m"]
+    finally:
+        logging.getLogger().removeHandler(kept)
+
+
+def test_a_forked_workers_copy_of_a_notebook_file_handler_writes_nothing(ip, tmp_path):
+    """With fork, the worker's inherited copy of the notebook's FileHandler wrote
+    each task record, and then the notebook's own handler wrote it again."""
+    from conftest import ensure_pool
+
+    from mpmagic import pool as pool_module
+
+    path = tmp_path / "nb.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(name)s:%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        pool_module.shutdown()  # (workers forked now copy the handler)
+        ensure_pool("fork")
+        run(ip, "import logging\ndef warns(x):\n    logging.getLogger('calc').warning('w%s', x)\n    return x")
+        assert run(ip, "%pmap -q --chunksize 1 warns, range(4)") == [0, 1, 2, 3]
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        pool_module.shutdown()
+    assert sorted(path.read_text().split()) == ["calc:w0", "calc:w1", "calc:w2", "calc:w3"]
