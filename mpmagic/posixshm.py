@@ -302,18 +302,71 @@ def is_stale(name: str, prefix: str) -> bool:
     return not pid_alive(int(owner))
 
 
+# --------------------------------------------------------------------------
+# A dead notebook's workers sweep its names themselves: other sweeps wait
+#
+# A notebook that dies without cleaning up (os._exit, SIGKILL) leaves its
+# helpers' names registered with its resource tracker, which lives on until
+# its workers exit. The workers sweep those names and take them off the
+# tracker's list (shm.sweep_notebook), but only the names they unlinked
+# themselves (two telling it of one name print a KeyError). Another
+# notebook's pool start (shm.sweep_stale) in that second unlinked them
+# first: the tracker then printed "leaked semaphore objects" and one "No such
+# file" warning per name (on a machine where others start pools often, in a
+# third of the runs). So each worker holds an abstract Unix socket named
+# after its notebook while it runs (no file: it goes with the process), and a
+# sweep of dead owners leaves the names of a notebook whose workers still run.
+
+_SERVING = "mpmagic-serves-"
+_serving: list = []  # this worker's socket (kept open for its life)
+
+
+def mark_serving(notebook_pid: int) -> None:
+    """In a worker: say, for the life of this process, that it serves ``notebook_pid``."""
+    try:
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(f"\0{_SERVING}{owned_by(notebook_pid)}{os.getpid()}")
+    except (OSError, AttributeError, ValueError):  # no abstract sockets (not Linux): sweeps do not wait
+        return
+    _serving.append(sock)
+
+
+def _served_owners() -> set[str]:
+    """The ``owned_by`` parts of notebooks that some worker still serves."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    found = set()
+    for line in lines:
+        path = line.rpartition(" ")[2]
+        if path.startswith("@" + _SERVING):
+            found.add(path[1 + len(_SERVING) :].rpartition("_")[0] + "_")
+    return found
+
+
 def sweep(prefix: str, dead_owner: bool = False, unlinked: list[str] | None = None) -> int:
     """Unlink the segments named ``prefix...``; returns how many.
 
     ``dead_owner``: only those whose owner, named right after ``prefix``
     (``mpm_<pid>_ns<tag>_...``), is a process of this PID namespace that no
-    longer runs (:func:`is_stale`): the leftovers of a notebook killed before
-    it could clean up. ``unlinked``: the names this call removed are appended.
+    longer runs (:func:`is_stale`) and has no worker left to sweep them (see
+    :func:`mark_serving`): the leftovers of a notebook killed before it could
+    clean up. ``unlinked``: the names this call removed are appended.
     """
     n = 0
+    served: set[str] | None = None
     for name in names(prefix):
-        if dead_owner and not is_stale(name, prefix):
-            continue
+        if dead_owner:
+            if not is_stale(name, prefix):
+                continue
+            if served is None:
+                served = _served_owners()
+            if any(name[len(prefix) :].startswith(owner) for owner in served):
+                continue  # its workers still run: they sweep it and tell its resource tracker
         if unlink(name):
             n += 1
             if unlinked is not None:

@@ -1149,6 +1149,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
     task_builtins.install(force=True)  # display() and get_ipython(): ours, also over a fork's copies of IPython's
     task_builtins.no_console()  # input() in a task: an EOFError saying why, never a wait; breakpoint() skipped
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
+    posixshm.mark_serving(parent_pid)  # another notebook's sweep leaves ours to us if ours dies
     debugging.WORKER_ID = worker_id  # named in a failure's details
     _Worker(conn, parent_pid, worker_id, position).serve()
     # A "stop": the process ends with os._exit (forkserver) or without dropping

@@ -851,6 +851,41 @@ def test_queue_items_bigger_than_the_ring_survive_a_pool_restart(ip):
         drop(ip, "bq", "put_big")
 
 
+def test_queue_big_items_of_a_worker_that_attached_the_queue_twice_survive_a_restart(ip):
+    """A worker drops the queue a task gave it and the next task attaches it anew,
+    while the first item (bigger than the ring) still waits for a reader. The
+    process had two backlogs sharing its slot: at the restart the first spill
+    counted both items and the second spill's name was taken, so got() gave
+    queue.Empty or a struct.error and every item was lost (verify14 F1)."""
+    ensure_pool("forkserver")
+    run(ip, "import gc, pickle, mpmagic\ntq = mpmagic.Queue(capacity=4096)\n"
+            "def put_twice(pickled):\n    for j in range(2):\n        q = pickle.loads(pickled)\n"
+            "        q.put((j, bytes(10_000)))\n        del q\n        gc.collect()\n    return j\n")
+    try:
+        assert run(ip, "%pmap -q put_twice, [pickle.dumps(tq)]") == [1]
+        run(ip, "%pool restart")
+        run(ip, "tq.close()")
+        assert run(ip, "[j for j, _ in tq]") == [0, 1]
+    finally:
+        drop(ip, "tq", "put_twice")
+
+
+def test_a_queue_spill_whose_name_an_earlier_process_left_takes_the_next_one():
+    """A spill is named by pid, and pids are reused: one an earlier process left
+    unread made the next spill of that pid fail (FileExistsError, items lost)."""
+    from mpmagic.shared import queues
+    stem = f"mpsh_t{os.getpid()}_spill"
+    mark = queues._SPILLED | queues._UNTRACKED
+    posixshm.create(queues._spill_name(stem, shared_base._PID | mark), 8).close()
+    try:
+        word, name, mapping = queues._create_spill(stem, mark, 8)
+        mapping.close()
+        assert name == queues._spill_name(stem, shared_base._PID | word) == f"{stem}.y{shared_base._PID}-1"
+    finally:
+        for leftover in posixshm.names(stem):
+            posixshm.unlink(leftover)
+
+
 def test_queue_names_an_item_lost_half_written(ip):
     """A producer killed while writing an item bigger than the ring (its first
     fragment in the ring) with another behind it in its backlog: QueueItemsLost

@@ -33,6 +33,25 @@ def settings_back():
 # shm.sweep_stale
 
 
+def test_sweep_stale_leaves_a_dead_notebook_s_names_to_its_running_workers():
+    """A script's os._exit left its helpers to its workers, which sweep them and
+    take them off its resource tracker's list; another notebook's pool start
+    unlinked them first, and that tracker printed "leaked" and "No such file"."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    name = f"mpsh{posixshm.owned_by(dead_pid)}t1"
+    posixshm.create(name, 4096).close()
+    try:
+        posixshm.mark_serving(dead_pid)  # as its worker would
+        shm.sweep_stale()
+        assert name in posixshm.names("mpsh")
+        posixshm._serving.pop().close()  # the worker is gone
+        shm.sweep_stale()
+        assert name not in posixshm.names("mpsh")
+    finally:
+        posixshm.unlink(name)
+
+
 def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run():
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # exited and reaped: no such process now

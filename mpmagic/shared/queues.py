@@ -15,6 +15,7 @@ import queue
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -111,6 +112,8 @@ _SLOT = 5
 _S_PID, _S_ITEMS, _S_CLOSES, _S_SPILL, _S_READ = range(_SLOT)
 _SPILLED = 1 << 63  # set in a spill's pid word: the process's own later puts get a new slot
 _UNTRACKED = 1 << 62  # also set: the spill is not registered with the resource tracker (named .y<pid>)
+_GEN_SHIFT, _GEN_MASK = 32, 0xFFFF  # also: a spill name's generation (-<n>), when .x<pid> was taken
+_PID_MASK = (1 << _GEN_SHIFT) - 1
 _T_TORN = _SLOTS * _SLOT  # the word after the table: of the lost items, those whose writer died mid-message
 TABLE_BYTES = (_SLOTS * _SLOT + 1) * 8
 _SPILL_REC = struct.Struct("<Q")  # a spilled message: its length, then the bytes (padded)
@@ -270,11 +273,16 @@ class _Ring:
             mapping = self.spills.get(name)
             if mapping is None:
                 mapping = self.spills[name] = posixshm.attach(name, size)
-            (length,) = _SPILL_REC.unpack_from(mapping, offset)
-            data = mapping[offset + 8 : offset + 8 + length]
-            t[i + _S_READ] = offset + 8 + _padded(length)
-            t[i + _S_ITEMS] -= 1
-            w[_W_TAKEN] += 1
+            length = _SPILL_REC.unpack_from(mapping, offset)[0] if offset + 8 <= size else size
+            data: bytes | None = None
+            if offset + 8 + length <= size:
+                data = mapping[offset + 8 : offset + 8 + length]
+                t[i + _S_READ] = offset + 8 + _padded(length)
+                t[i + _S_ITEMS] -= 1
+                w[_W_TAKEN] += 1
+            else:  # the slot counts more items than its spill holds (a bug): count them lost, never wait for them
+                w[_W_LOST] += t[i + _S_ITEMS]
+                t[i + _S_ITEMS] = 0
             last = not t[i + _S_ITEMS]
             if last:  # every spilled item is taken: the spill goes
                 t[i + _S_PID] = t[i + _S_SPILL] = t[i + _S_READ] = t[i + _S_CLOSES] = 0
@@ -341,8 +349,10 @@ class _Ring:
 
 def _spill_name(stem: str, pid: int) -> str:
     """A spill's segment: ``.x<pid>`` if registered with the resource tracker, ``.y<pid>`` if not
-    (so whoever unlinks it knows whether to tell the tracker: an unknown name makes it print a KeyError)."""
-    return f"{stem}.{'y' if pid & _UNTRACKED else 'x'}{pid & ~(_SPILLED | _UNTRACKED)}"
+    (so whoever unlinks it knows whether to tell the tracker: an unknown name makes it print a KeyError);
+    ``-<n>`` after it if an earlier process with the same pid left a spill not yet read."""
+    gen = (pid >> _GEN_SHIFT) & _GEN_MASK
+    return f"{stem}.{'y' if pid & _UNTRACKED else 'x'}{pid & _PID_MASK}{f'-{gen}' if gen else ''}"
 
 
 class _Local:
@@ -360,6 +370,7 @@ class _Local:
         self.slot = -1  # word index of this process's slot in the table (a hint)
         self.ring = ring
         self.owner_pid = owner_pid
+        self.pid = base._PID  # the process whose backlog this is (a fork child makes its own)
 
     def push(self, ring: _Ring, item: Any) -> None:
         """Queue ``item`` behind the backlog (the caller holds ``lock``); start the feeder."""
@@ -379,6 +390,15 @@ class _Local:
         with self.lock:
             self.stopped = self.released = True
             self.cond.notify_all()
+
+
+# This process's backlog of each queue, by stem. One per process, not one per
+# SharedQueue object: a worker drops the queue it got with a task, and the next
+# task attaches it anew while the first backlog may still wait for room. Two
+# backlogs of one process shared its slot in the table, so at exit the first
+# spill counted the second's items (struct.error in the reader) and the second
+# spill's name was taken (FileExistsError, its items lost).
+_locals: weakref.WeakValueDictionary[str, _Local] = weakref.WeakValueDictionary()
 
 
 def _feed(ring: _Ring, local: _Local) -> None:
@@ -478,9 +498,8 @@ def _spill(ring: _Ring, local: _Local) -> None:
     size = sum(8 + _padded(len(x)) for x in items) or 8
     # Registered only with a tracker the notebook shares (see compat.tracker_connected).
     mark = _SPILLED | (0 if compat.tracker_connected() else _UNTRACKED)
-    name = _spill_name(ring.seg.name, base._PID | mark)
     try:
-        mapping = posixshm.create(name, size)
+        mark, name, mapping = _create_spill(ring.seg.name, mark, size)
     except posixshm.NoRoom:
         log.warning("mpmagic.Queue: no room in /dev/shm to hand over %d items at exit; waiting for consumers", len(items))
         with local.lock:
@@ -515,6 +534,22 @@ def _spill(ring: _Ring, local: _Local) -> None:
         local.backlog.clear()
         local.cond.notify_all()
     _notify(ring.data)
+
+
+def _create_spill(stem: str, mark: int, size: int) -> tuple[int, str, Any]:
+    """A new spill segment: (the slot's pid word bits, its name, its mapping).
+
+    ``.x<pid>`` may still exist: a process that had this pid spilled and its
+    items are not all taken yet (pids are reused). Then the next generation.
+    """
+    for gen in range(_GEN_MASK + 1):
+        word = mark | gen << _GEN_SHIFT
+        name = _spill_name(stem, base._PID | word)
+        try:
+            return word, name, posixshm.create(name, size)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"every spill name of {stem} for pid {base._PID} is taken")
 
 
 def _register_at_exit(_obj: object = None) -> None:
@@ -558,14 +593,19 @@ class SharedQueue(IterUntilClosed, _Helper):
 
     def _setup(self) -> None:
         self._maxsize = self._spec[0]
+        local = _locals.get(self._stem)
+        if local is not None and local.pid == base._PID and local.ring is not None and not local.released:
+            self._r, self._local = local.ring, local  # attached again while an earlier backlog waits
+            return
         self._r = _Ring(self._seg, self._sems, self._spec[1])
-        self._local = _Local(self._r, self._owner_pid)
+        self._local = _locals[self._stem] = _Local(self._r, self._owner_pid)
 
     def _on_release(self) -> Any:
         return functools.partial(_release_queue, self._local, self._stem, self._owner_pid)
 
     def _after_fork(self) -> None:
-        self._local = _Local(self._r, self._owner_pid)  # the parent's backlog and feeder are the parent's
+        # The parent's backlog and feeder are the parent's.
+        self._local = _locals[self._stem] = _Local(self._r, self._owner_pid)
 
     # -- put ----------------------------------------------------------------
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
