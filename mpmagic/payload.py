@@ -398,6 +398,8 @@ def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     """
     if buffer_callback is not None and hasattr(buffer_callback, "reset"):
         buffer_callback.reset()
+    if _by_value_names:  # (the loading process learns which modules went by value: _arrived_by_value)
+        obj = _NamingByValue(tuple(_by_value_names), obj)
     with io.BytesIO() as f:
         _with_table(_Pickler, buffer_callback)(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
         return f.getvalue()
@@ -441,6 +443,10 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
     if _by_value_marks and any(compat.module_initializing(m) for m in _by_value_names.values()):
         # A plain pickle of a class of a module still importing imports it: that
         # waits for the import (the notebook's thread waiting on this run) forever.
+        return cloudpickle_dumps(obj, buffer_callback)
+    if _arrived and any(name not in sys.modules for name in _arrived):
+        # (a worker) A plain pickle of a class of a module that came by value imports
+        # that module here, running its top level again: cloudpickle sends it by value.
         return cloudpickle_dumps(obj, buffer_callback)
     try:
         pickler = _with_table(pickle.Pickler, buffer_callback)
@@ -635,6 +641,40 @@ def send_running_modules_by_value() -> None:
                     raw = name.encode()
                     _by_value_marks.append(b"\x8c" + bytes([len(raw)]) + raw + b"\x94" if len(raw) < 256 else raw)
         frame = frame.f_back  # type: ignore[assignment]
+
+
+# The receiving side (a worker). The module is not imported there, so its
+# classes and functions arrive by value, named after it; a plain pickle of a
+# result that is an instance of one (``return Res(x)``) imported the module by
+# that name to find the class, and ran its whole top level again in every
+# worker. Every cloudpickle the notebook makes while such modules exist says
+# their names (:class:`_NamingByValue`), and this worker's data pickles then go by
+# cloudpickle, which finds no such module here and sends the class by value,
+# with the id cloudpickle gave it in the notebook: loaded there, it is the
+# notebook's own class again, as serial gives (``isinstance(r, module.Res)``).
+
+_arrived: set[str] = set()  # names of modules whose code came by value (a worker's)
+
+
+class _NamingByValue:
+    """A pickle's top object while modules go by value: loads as ``obj``, and tells
+    the loading process the names of those modules (:func:`_arrived_by_value`)."""
+
+    __slots__ = ("names", "obj")
+
+    def __init__(self, names: tuple[str, ...], obj: Any) -> None:
+        self.names, self.obj = names, obj
+
+    def __reduce__(self) -> tuple:
+        return _arrived_by_value, (self.names, self.obj)
+
+
+def _arrived_by_value(names: tuple[str, ...], obj: Any) -> Any:
+    """Loading a :class:`_NamingByValue`: note the names not sent by value from here (a worker's), return ``obj``."""
+    for name in names:
+        if name not in _by_value_names:
+            _arrived.add(name)
+    return obj
 
 
 def _names_running_module(data: bytes) -> bool:
