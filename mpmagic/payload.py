@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import compat, shm
+from . import classhome, compat, shm
 from .errors import SerializationError
 
 PROTOCOL = 5
@@ -387,6 +387,8 @@ class _Pickler(cloudpickle.Pickler):
             reference = memmap_reference(obj)
             if reference is not None:
                 return reference
+        elif isinstance(obj, type) and _sent_by_value(obj):
+            classhome.sent(obj)  # (its instances coming back leave it as it is: classhome.loads)
         return super().reducer_override(obj)
 
 
@@ -595,8 +597,9 @@ def _reduce_memmap(m: Any) -> Any:
 
 
 def loads(data: bytes) -> Any:
-    """Load what :func:`dumps_data` or :func:`dumps_function` produced."""
-    return pickle.loads(data)
+    """Load what :func:`dumps_data` or :func:`dumps_function` produced (this
+    process's own classes left as they are: :mod:`mpmagic.classhome`)."""
+    return classhome.loads(data)
 
 
 def payload_key(data: bytes) -> bytes:

@@ -429,3 +429,14 @@ def test_automatic_chunks_keep_their_results_under_the_byte_cap(local_pool, monk
     sizes = mpmagic.last_report().chunksize  # "auto (lo-hi)"
     largest = int(sizes.rstrip(")").split("-")[-1].split("(")[-1])
     assert largest <= 16, sizes
+
+
+def test_a_notebook_class_whose_instances_come_back_keeps_its_own_methods(ip, local_pool):
+    """cloudpickle found the notebook's class by its tracker id, then set the worker's copies of its
+    methods on it: their globals were only the names sent with them, so a function a later cell
+    defines raised NameError in a method, and a global rebound later was not seen."""
+    run(ip, "import mpmagic\nSCALE_KM = 3\nclass KeptM:\n    def show(self): return helper_km(SCALE_KM)\ndef make_km(x): return KeptM()")
+    got = run(ip, "mpmagic.pmap(make_km, range(2), workers=2)")
+    assert all(type(k) is ip.user_ns["KeptM"] for k in got)
+    run(ip, "def helper_km(s): return s * 10\nSCALE_KM = 5")
+    assert run(ip, "KeptM().show()") == 50
