@@ -64,7 +64,9 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
 * cloudpickle's ``cloudpickle._code_reduce``: to keep code objects' real file
   names (so a worker's traceback names the notebook cell);
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
-  cache's fast check of what a function captures.
+  cache's fast check of what a function captures; ``_class_setstate``: what
+  loading a class by value calls, skipped for the notebook's own classes
+  (``classhome``), whose methods it replaced with a worker's copies.
 * IPython's ``DeduperReloader.maybe_reload_module`` (IPython 9's default
   ``%autoreload``): it updates a module's functions in place, from the edited
   file, without ``importlib.reload``, so nothing public tells that the
@@ -620,6 +622,12 @@ def cloudpickle_by_reference() -> Callable[[Any], bool] | None:
     return _cloudpickle_internal("_should_pickle_by_reference")
 
 
+def cloudpickle_class_setstate() -> Callable[[type, Any], type] | None:
+    """What a cloudpickle pickle calls to set a class's state (by this name), or None:
+    loads then leave it to cloudpickle (the notebook's class gets the worker's copies)."""
+    return _cloudpickle_internal("_class_setstate")
+
+
 # --------------------------------------------------------------------------
 # importlib's mark of a module still being imported
 
@@ -695,4 +703,5 @@ def report() -> dict[str, bool]:
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,
         "cloudpickle._should_pickle_by_reference": cloudpickle_by_reference() is not None,
+        "cloudpickle._class_setstate": cloudpickle_class_setstate() is not None,
     }

@@ -343,6 +343,7 @@ class RemoteTraceback(Exception):
 _INTERNAL_MARKERS = (
     "/mpmagic/worker.py",
     "/mpmagic/payload.py",
+    "/mpmagic/classhome.py",
     "/mpmagic/cell.py",
     "/mpmagic/backends/dask_tasks.py",
     "/cloudpickle/",

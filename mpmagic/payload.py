@@ -32,7 +32,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import compat, shm
+from . import classhome, compat, shm
 from .errors import SerializationError
 
 PROTOCOL = 5
@@ -387,6 +387,8 @@ class _Pickler(cloudpickle.Pickler):
             reference = memmap_reference(obj)
             if reference is not None:
                 return reference
+        elif isinstance(obj, type) and _sent_by_value(obj):
+            classhome.sent(obj)  # (its instances coming back leave it as it is: classhome.loads)
         return super().reducer_override(obj)
 
 
@@ -398,6 +400,8 @@ def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     """
     if buffer_callback is not None and hasattr(buffer_callback, "reset"):
         buffer_callback.reset()
+    if _by_value_names:  # (the loading process learns which modules went by value: _arrived_by_value)
+        obj = _NamingByValue(tuple(_by_value_names), obj)
     with io.BytesIO() as f:
         _with_table(_Pickler, buffer_callback)(f, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
         return f.getvalue()
@@ -441,6 +445,10 @@ def dumps_data(obj: Any, buffer_callback: Any = None) -> bytes:
     if _by_value_marks and any(compat.module_initializing(m) for m in _by_value_modules):
         # A plain pickle of a class of a module still importing imports it: that
         # waits for the import (the notebook's thread waiting on this run) forever.
+        return cloudpickle_dumps(obj, buffer_callback)
+    if _arrived and any(name not in sys.modules for name in _arrived):
+        # (a worker) A plain pickle of a class of a module that came by value imports
+        # that module here, running its top level again: cloudpickle sends it by value.
         return cloudpickle_dumps(obj, buffer_callback)
     try:
         pickler = _with_table(pickle.Pickler, buffer_callback)
@@ -592,8 +600,9 @@ def _reduce_memmap(m: Any) -> Any:
 
 
 def loads(data: bytes) -> Any:
-    """Load what :func:`dumps_data` or :func:`dumps_function` produced."""
-    return pickle.loads(data)
+    """Load what :func:`dumps_data` or :func:`dumps_function` produced (this
+    process's own classes left as they are: :mod:`mpmagic.classhome`)."""
+    return classhome.loads(data)
 
 
 def payload_key(data: bytes) -> bytes:
@@ -656,6 +665,40 @@ def _send_by_value(name: str, module: types.ModuleType) -> None:
         _by_value_modules = (*_by_value_modules, module)
         _by_value_marks = (*_by_value_marks, mark)
         _by_value_names = _by_value_names | {name}
+
+
+# The receiving side (a worker). The module is not imported there, so its
+# classes and functions arrive by value, named after it; a plain pickle of a
+# result that is an instance of one (``return Res(x)``) imported the module by
+# that name to find the class, and ran its whole top level again in every
+# worker. Every cloudpickle the notebook makes while such modules exist says
+# their names (:class:`_NamingByValue`), and this worker's data pickles then go by
+# cloudpickle, which finds no such module here and sends the class by value,
+# with the id cloudpickle gave it in the notebook: loaded there, it is the
+# notebook's own class again, as serial gives (``isinstance(r, module.Res)``).
+
+_arrived: set[str] = set()  # names of modules whose code came by value (a worker's)
+
+
+class _NamingByValue:
+    """A pickle's top object while modules go by value: loads as ``obj``, and tells
+    the loading process the names of those modules (:func:`_arrived_by_value`)."""
+
+    __slots__ = ("names", "obj")
+
+    def __init__(self, names: tuple[str, ...], obj: Any) -> None:
+        self.names, self.obj = names, obj
+
+    def __reduce__(self) -> tuple:
+        return _arrived_by_value, (self.names, self.obj)
+
+
+def _arrived_by_value(names: tuple[str, ...], obj: Any) -> Any:
+    """Loading a :class:`_NamingByValue`: note the names not sent by value from here (a worker's), return ``obj``."""
+    for name in names:
+        if name not in _by_value_names:
+            _arrived.add(name)
+    return obj
 
 
 def _names_running_module(data: bytes) -> bool:

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 
 import cloudpickle
 
-from . import compat, posixshm
+from . import classhome, compat, posixshm
 from .errors import out_of_files, too_many_open_files
 from .fmt import fmt_bytes
 from .posixshm import NoRoom
@@ -845,7 +845,7 @@ def _open(data: bytes, refs: list, given: str | None, writable: bool, fallback: 
             segs[name] = seg
         view = seg.view[offset : offset + n]
         views.append(view if writable else view.toreadonly())
-    return pickle.loads(data, buffers=views)
+    return classhome.loads(data, buffers=views)  # (this process's own classes left as they are)
 
 
 def opened() -> set[str]:

@@ -16,6 +16,7 @@ from conftest import run
 from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
+from mpmagic import payload
 
 
 def test_cell_function(ip, backend):
@@ -380,20 +381,30 @@ def test_compare_with_collect_collects_a_sys_exit_serially_too(ip, local_pool):
 def test_a_script_whose_top_level_calls_pmap_runs_once(ip, tmp_path, monkeypatch, capsys):
     """`%run -n job.py` (IPython puts `job` in sys.modules while it runs) and `import pipe_mod`
     whose top level calls pmap: `f` went by reference, so each worker imported the file again and
-    ran all of it: 3 log lines where serial writes 1, and "pmap called inside a worker" notes."""
+    ran all of it: 3 log lines where serial writes 1, and "pmap called inside a worker" notes.
+    Results of the module's own class (`return P(...)`) imported it in each worker too (the
+    worker's plain pickle of P found it by name): they are the notebook's own P, as serially."""
     log = tmp_path / "ran.log"
     body = (f"import mpmagic\nwith open({str(log)!r}, 'a') as fh:\n    fh.write('ran\\n')\n"
             "class P:\n    def __init__(self, x):\n        self.x = x\n"
             "def f(p):\n    return p.x * 3\n"
-            "RESULT = mpmagic.pmap(f, [P(i) for i in range(4)], workers=2)\n")
+            "def g(x):\n    return P(x * 2)\n"
+            "RESULT = mpmagic.pmap(f, [P(i) for i in range(4)], workers=2)\n"
+            "PS = mpmagic.pmap(g, range(4), workers=2)\n"
+            "OWN = [type(p) is P for p in PS]\n")
     (tmp_path / "job_rn.py").write_text(body)
     (tmp_path / "pipe_mod_rn.py").write_text(body)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(payload, "_by_value_names", {})  # (later tests' payloads name no module of this one)
+    monkeypatch.setattr(payload, "_by_value_marks", [])
     try:
         run(ip, f"%run -n {tmp_path / 'job_rn.py'}")
         assert ip.user_ns["RESULT"] == [0, 3, 6, 9] and log.read_text() == "ran\n"
+        assert [p.x for p in ip.user_ns["PS"]] == [0, 2, 4, 6] and ip.user_ns["OWN"] == [True] * 4
         run(ip, "import pipe_mod_rn")
-        assert ip.user_ns["pipe_mod_rn"].RESULT == [0, 3, 6, 9] and log.read_text() == "ran\nran\n"
+        module = ip.user_ns["pipe_mod_rn"]
+        assert module.RESULT == [0, 3, 6, 9] and log.read_text() == "ran\nran\n"
+        assert [type(p) is module.P for p in module.PS] == [True] * 4
         assert "inside a worker" not in capsys.readouterr().err
     finally:
         sys.modules.pop("pipe_mod_rn", None)
@@ -418,3 +429,14 @@ def test_automatic_chunks_keep_their_results_under_the_byte_cap(local_pool, monk
     sizes = mpmagic.last_report().chunksize  # "auto (lo-hi)"
     largest = int(sizes.rstrip(")").split("-")[-1].split("(")[-1])
     assert largest <= 16, sizes
+
+
+def test_a_notebook_class_whose_instances_come_back_keeps_its_own_methods(ip, local_pool):
+    """cloudpickle found the notebook's class by its tracker id, then set the worker's copies of its
+    methods on it: their globals were only the names sent with them, so a function a later cell
+    defines raised NameError in a method, and a global rebound later was not seen."""
+    run(ip, "import mpmagic\nSCALE_KM = 3\nclass KeptM:\n    def show(self): return helper_km(SCALE_KM)\ndef make_km(x): return KeptM()")
+    got = run(ip, "mpmagic.pmap(make_km, range(2), workers=2)")
+    assert all(type(k) is ip.user_ns["KeptM"] for k in got)
+    run(ip, "def helper_km(s): return s * 10\nSCALE_KM = 5")
+    assert run(ip, "KeptM().show()") == 50
