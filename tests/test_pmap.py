@@ -395,8 +395,9 @@ def test_a_script_whose_top_level_calls_pmap_runs_once(ip, tmp_path, monkeypatch
     (tmp_path / "job_rn.py").write_text(body)
     (tmp_path / "pipe_mod_rn.py").write_text(body)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(payload, "_by_value_names", {})  # (later tests' payloads name no module of this one)
-    monkeypatch.setattr(payload, "_by_value_marks", [])
+    monkeypatch.setattr(payload, "_by_value_names", frozenset())  # (later tests' payloads name no module of this one)
+    monkeypatch.setattr(payload, "_by_value_modules", ())
+    monkeypatch.setattr(payload, "_by_value_marks", ())
     try:
         run(ip, f"%run -n {tmp_path / 'job_rn.py'}")
         assert ip.user_ns["RESULT"] == [0, 3, 6, 9] and log.read_text() == "ran\n"
