@@ -172,15 +172,10 @@ class _Sink:
         self.touch()
 
     def relay_here(self) -> None:
-        """Print the output that came since the last call, in the calling thread (a stream's consumer)."""
-        import sys
-
+        """Print the output that came since the last call, in the calling thread (a stream's consumer),
+        as a blocking run prints it (``display_relay.print_output``: escapes where the stream cannot encode it)."""
         while self.relay:
-            stream, text = self.relay.popleft()
-            if stream == "display":
-                display_relay.show(text, sys.stdout.write)
-            else:
-                (sys.stderr if stream == "stderr" else sys.stdout).write(text)
+            display_relay.print_output(*self.relay.popleft())
 
     def progress(self, n: int) -> None:
         self.touch()

@@ -13,6 +13,11 @@ A bundle sent with a display id (``display(x, display_id=...)``, a handle's
 mime type (``task_builtins.DISPLAY_ID``, ``UPDATE``): it is published with
 that id, as an ``update_display_data`` for an update.
 A background run's live area shows the text form (:func:`text_form`).
+
+:func:`print_output` is the one writer of a task's output in the notebook,
+for a blocking run (``jobs``) and a stream's consumer (``imap``,
+``background._Sink.relay_here``) alike: text the notebook's stream cannot
+encode (an ASCII terminal) is written with backslash escapes, never an error.
 """
 
 from __future__ import annotations
@@ -67,6 +72,30 @@ def text_form(payload: str) -> str:
     """The bundle's text form, one line (for places that show text only; an update
     under a display id shows as a line of its own there)."""
     return str(_bundle(payload).get("text/plain", "")) + "\n"
+
+
+def print_output(stream: str, text: str) -> None:
+    """Print one piece of a task's output here: ``stdout`` or ``stderr`` text to the
+    notebook's stream of that name, a ``display`` bundle through :func:`show`.
+
+    A stream that cannot encode what the task printed (``LC_ALL=C
+    PYTHONIOENCODING=ascii``, a terminal in an ASCII locale; the worker's own
+    stream is UTF-8) gets it with backslash escapes (``na\\xefve``), as Python
+    writes such text to stderr: a UnicodeEncodeError here named no item and
+    lost the run's results."""
+    if stream == "display":
+        show(text, lambda t: write_encodable(sys.stdout, t))
+    else:
+        write_encodable(sys.stderr if stream == "stderr" else sys.stdout, text)
+
+
+def write_encodable(target: Any, text: str) -> None:
+    """``target.write(text)``, with backslash escapes for what ``target``'s encoding cannot hold."""
+    try:
+        target.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(target, "encoding", None) or "ascii"
+        target.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
 
 
 def show(payload: str, write: Callable[[str], Any]) -> None:

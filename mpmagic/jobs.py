@@ -1835,18 +1835,9 @@ def _load_failure_note(info: Any) -> str:
 
 
 def _print_stream(stream: str, text: str) -> None:
-    if stream == "display":  # a task's display(): rich output in the cell (display_relay)
-        display_relay.show(text, sys.stdout.write)
-        return
-    target = sys.stderr if stream == "stderr" else sys.stdout
-    try:
-        target.write(text)
-    except UnicodeEncodeError:
-        # A notebook stream that cannot encode what a task printed (an ASCII
-        # terminal; the worker's own stream is UTF-8): written as Python writes
-        # such text to stderr (``\\xe9``), never an error that loses the run's results.
-        encoding = getattr(target, "encoding", None) or "ascii"
-        target.write(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
+    # A task's text, or its display() rich in the cell; backslash escapes where the
+    # notebook's stream cannot encode the text (display_relay.print_output, imap's writer too).
+    display_relay.print_output(stream, text)
     # No flush after each write: in a kernel, each flush is a message of its own and a wait for
     # ipykernel's IO thread (a task alternating stdout and stderr lines made one message per line,
     # 20,000 where serial code makes 26, and an interrupt waited for them all). ipykernel sends

@@ -553,6 +553,21 @@ def test_what_an_imap_task_prints_shows_while_the_loop_waits(ns, tmp_path, monke
     assert list(mpmagic.imap(ns["announce"], [1])) == ["seen"]
 
 
+def test_an_imap_tasks_non_ascii_output_on_an_ascii_stdout_is_escaped(ns, monkeypatch):
+    """``LC_ALL=C PYTHONIOENCODING=ascii``: a task printing "café" made the imap
+    loop raise UnicodeEncodeError from the relay, naming no item (a blocking
+    pmap writes it with backslash escapes: display_relay.print_output)."""
+    import io
+    import sys
+
+    run(ns["get_ipython"](), "def cafe(x):\n    print('caf\\xe9', x)\n    return x\n")
+    out = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", out)
+    assert list(mpmagic.imap(ns["cafe"], [1])) == [1]
+    out.flush()
+    assert out.buffer.getvalue() == b"caf\\xe9 1\n"
+
+
 def test_a_run_the_pool_stopped_under_says_it_failed_in_its_report(ns):
     """Its live area ended with a success-style timing line ("pmap: 68 items on
     2 workers ... speedup ~1.9x") under the error."""
