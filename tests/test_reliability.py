@@ -620,6 +620,7 @@ def test_max_tasks_per_child_recycles_a_leaking_worker(ip):
         assert max(held_mb) <= 32, out
         assert "max tasks per child: 4" in str(mpmagic.pool_status())
     finally:
+        pool_module.shutdown()  # (use_local keeps a limit it is not given: the next file's pool would have it)
         mpmagic.use_local(2, backend.start_method)
 
 
@@ -635,6 +636,7 @@ def test_max_tasks_per_child_holds_with_automatic_and_explicit_chunks(ip):
                 per_pid = collections.Counter(run(ip, f"%pmap -q {chunks}lambda x: os.getpid(), range(12)"))
             assert sum(per_pid.values()) == 12 and max(per_pid.values()) <= 3, (chunks, per_pid)
     finally:
+        pool_module.shutdown()  # (use_local keeps a limit it is not given: the next file's pool would have it)
         mpmagic.use_local(2, backend.start_method)
 
 
