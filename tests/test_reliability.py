@@ -877,7 +877,10 @@ def test_too_few_processes_is_one_line_and_the_pool_recovers():
     if os.geteuid() == 0:  # (root is not held to RLIMIT_NPROC)
         if not shutil.which("setpriv"):
             pytest.skip("root, and no setpriv to run as another user")
-        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        # Reading files as root still (CAP_DAC_READ_SEARCH, which RLIMIT_NPROC ignores): a
+        # clone in a directory only root may enter (mktemp -d) could not import mpmagic.
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search"]
     here = os.path.dirname(os.path.dirname(mpmagic.__file__))
     done = subprocess.run([*as_nobody, sys.executable, "-c", FEW_PROCESSES], capture_output=True, text=True,
                           timeout=60, cwd="/", env={**os.environ, "HOME": "/", "PYTHONPATH": here})
