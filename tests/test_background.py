@@ -553,6 +553,7 @@ def test_what_an_imap_task_prints_shows_while_the_loop_waits(ns, tmp_path, monke
     assert list(mpmagic.imap(ns["announce"], [1])) == ["seen"]
 
 
+@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_an_imap_tasks_non_ascii_output_on_an_ascii_stdout_is_escaped(ns, monkeypatch):
     """``LC_ALL=C PYTHONIOENCODING=ascii``: a task printing "café" made the imap
     loop raise UnicodeEncodeError from the relay, naming no item (a blocking
@@ -908,6 +909,7 @@ def _inverse(x: int) -> float:
     return 1 / x
 
 
+@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_call_is_one_call_as_executor_submit_and_submit_says_it_maps(ns):
     """mpmagic.call(f, *args, **kwargs) is Executor.submit / apply_async: result() is
     f's value, as serial f gives it; submit(f, 5), read as Executor.submit, says it
@@ -928,6 +930,7 @@ def test_call_is_one_call_as_executor_submit_and_submit_says_it_maps(ns):
         mpmagic.call(5)  # type: ignore[call-overload]
 
 
+@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_as_completed_takes_a_list_of_runs_as_concurrent_futures_does(ns):
     handles = [mpmagic.call(_scaled_sum, i, 1) for i in range(4)]
     ended = list(mpmagic.as_completed(handles, timeout=30))

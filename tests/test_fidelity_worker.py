@@ -382,6 +382,7 @@ def test_recursion_limit(ip, local_pool):
         sys.setrecursionlimit(before)
 
 
+@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 @pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="Python 3.11+ (3.10.7+)")
 def test_the_int_digits_limit(ip, local_pool):
     """``sys.set_int_max_str_digits(0)`` in the notebook did not reach forkserver
