@@ -52,28 +52,25 @@ def _check_seed(seed: Any) -> int:
 def uses_numpy(code: Any = None) -> bool:
     """Seed numpy too? Decided in the notebook (the workers follow it): numpy is
     imported there, or ``code`` (a function or a cell's text) names it."""
-    if "numpy" in sys.modules:
-        return True
-    if isinstance(code, str):
-        return "numpy" in code
-    from .warmup import _code_names
-
-    f = getattr(code, "__func__", getattr(code, "func", code))
-    c = getattr(f, "__code__", None)
-    return c is not None and "numpy" in _code_names(c)
+    return _uses("numpy", code)
 
 
 def uses_torch(code: Any = None) -> bool:
     """Seed torch too? As :func:`uses_numpy`: torch is imported in the notebook, or ``code`` names it."""
-    if "torch" in sys.modules:
+    return _uses("torch", code)
+
+
+def _uses(module: str, code: Any) -> bool:
+    """``module`` is imported here, or ``code`` (a function or a cell's text) names it."""
+    if module in sys.modules:
         return True
     if isinstance(code, str):
-        return "torch" in code
+        return module in code
     from .warmup import _code_names
 
     f = getattr(code, "__func__", getattr(code, "func", code))
     c = getattr(f, "__code__", None)
-    return c is not None and "torch" in _code_names(c)
+    return c is not None and module in _code_names(c)
 
 
 def _seed_torch(words: list[int]) -> None:
