@@ -19,12 +19,17 @@ from IPython.utils.capture import capture_output
 import mpmagic
 from mpmagic.errors import UsageError
 
-# The manager's handling of many runs at once is the same code whichever start
-# method made its workers: these soaks run on forkserver only (each took
-# 2-5 s more on spawn). Spawn workers are covered where the method matters:
-# function transfer (test_fidelity_*), helpers (test_shared), interrupts and
-# starts (test_kernel, the SIGINT tests here), reliability and setup.
-FORKSERVER_ONLY = pytest.mark.parametrize("method", ["forkserver"])
+
+@pytest.fixture(scope="module")
+def method() -> str:
+    """The start method of every ``local_pool`` here: forkserver only.
+
+    A background run's handle, stream, cancel and report are the manager's code,
+    the same whichever start method made the workers (spawn cost the suite ~7 s
+    more here). Spawn workers are covered where the method matters: test_fidelity_*,
+    test_shared, test_worker_setup, test_parallel, test_reliability's deaths.
+    """
+    return "forkserver"
 
 DEFS = """
 import threading
@@ -70,7 +75,6 @@ def _no_busy_worker(within: float = 1.0) -> bool:
         time.sleep(0.05)
 
 
-@FORKSERVER_ONLY
 def test_submit_returns_a_handle_whose_result_equals_serial_map(ns):
     handle = mpmagic.submit(ns["slow"], range(40))
     assert isinstance(handle, mpmagic.Run)
@@ -227,13 +231,11 @@ def test_imap_raises_the_serial_error_after_the_results_before_it(ns):
     assert got == list(range(13)) and "no 13" in str(err.value)
 
 
-@FORKSERVER_ONLY
 def test_as_completed_yields_every_result_once(ns):
     handle = mpmagic.submit(ns["slow"], range(30), chunksize=3)
     assert Counter(mpmagic.as_completed(handle)) == Counter(map(ns["slow"], range(30)))
 
 
-@FORKSERVER_ONLY
 def test_apmap_is_awaited_without_blocking_the_event_loop(ns):
     async def main():
         ticks = 0
@@ -399,7 +401,6 @@ def test_a_failed_background_run_shows_what_a_blocking_run_shows_however_often_r
         assert "mpmagic: raised by item 3 of the input: bad(3)" in tail
 
 
-@FORKSERVER_ONLY
 @pytest.mark.parametrize("wait", ["r.result()", "for v in mpmagic.as_completed(r):\n    pass"])
 def test_an_interrupted_wait_on_a_background_run_says_in_one_line_that_the_run_goes_on(ip, ns, wait):
     run(ip, "import mpmagic\nr = mpmagic.submit(napper, range(8), chunksize=1)")  # ~2 s on 2 workers
@@ -437,7 +438,6 @@ def test_pool_runs_counts_a_cells_ranks_as_ranks(ip, local_pool):
     assert "2/2 ranks" in line and "items" not in line, line
 
 
-@FORKSERVER_ONLY
 def test_imap_gives_results_for_an_input_that_trickles_in_as_its_items_come(ns):
     """A whole chunk was read before any item went out: an input fed by
     another thread (a queue, a socket) gave its first result only once the
@@ -553,7 +553,6 @@ def test_what_an_imap_task_prints_shows_while_the_loop_waits(ns, tmp_path, monke
     assert list(mpmagic.imap(ns["announce"], [1])) == ["seen"]
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_an_imap_tasks_non_ascii_output_on_an_ascii_stdout_is_escaped(ns, monkeypatch):
     """``LC_ALL=C PYTHONIOENCODING=ascii``: a task printing "café" made the imap
     loop raise UnicodeEncodeError from the relay, naming no item (a blocking
@@ -751,7 +750,6 @@ def test_the_reference_shows_no_internal_constructor_of_run():
     assert "class: `Run`\n" in text and "Run(what" not in text
 
 
-@FORKSERVER_ONLY
 def test_a_background_run_owns_its_input_as_of_the_call(ns, monkeypatch, tmp_path):
     """A background run read its list (numpy array, deque) as it went, in its own
     thread: a batch cleared and refilled after submit() gave one run the next
@@ -909,7 +907,6 @@ def _inverse(x: int) -> float:
     return 1 / x
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_call_is_one_call_as_executor_submit_and_submit_says_it_maps(ns):
     """mpmagic.call(f, *args, **kwargs) is Executor.submit / apply_async: result() is
     f's value, as serial f gives it; submit(f, 5), read as Executor.submit, says it
@@ -930,7 +927,6 @@ def test_call_is_one_call_as_executor_submit_and_submit_says_it_maps(ns):
         mpmagic.call(5)  # type: ignore[call-overload]
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_as_completed_takes_a_list_of_runs_as_concurrent_futures_does(ns):
     handles = [mpmagic.call(_scaled_sum, i, 1) for i in range(4)]
     ended = list(mpmagic.as_completed(handles, timeout=30))

@@ -23,13 +23,19 @@ from mpmagic.errors import WorkerLostError
 from mpmagic.jobs import CellJob, MapJob
 from mpmagic.ranks import KeptCellJob
 
-# The manager's handling of many runs at once is the same code whichever start
-# method made its workers: these soaks, and the tests of a run's handle, its
-# cancel and its errors' order, run on forkserver only (each soak took 2-5 s
-# more on spawn; the suite has to stay under 10 minutes). Spawn workers are covered where the method matters:
-# function transfer (test_fidelity_*), helpers (test_shared), interrupts and
-# starts (test_kernel, the SIGINT tests here), reliability and setup.
-FORKSERVER_ONLY = pytest.mark.parametrize("method", ["forkserver"])
+
+@pytest.fixture(scope="module")
+def method() -> str:
+    """The start method of every ``local_pool`` here: forkserver only.
+
+    The manager's handling of runs (their handles, cancels, errors' order, soaks,
+    memory limits, segments) is the same code whichever start method made the
+    workers; spawn cost the suite ~10 s more here, and the suite has to stay under
+    10 minutes. A test where the method matters names its methods (the SIGINT
+    tests); spawn workers are also covered by test_fidelity_*, test_shared,
+    test_worker_setup, test_parallel and the worker deaths of test_reliability.
+    """
+    return "forkserver"
 
 HANG = 60  # seconds: only catches a hang
 
@@ -120,7 +126,6 @@ def test_no_code_probes_a_backend_or_a_job_for_a_member():
     assert probes == []
 
 
-@FORKSERVER_ONLY
 def test_submit_returns_a_handle_at_once_and_its_result_is_serials(ip, local_pool):
     run(ip, "def slow_square(x):\n    import time; time.sleep(0.05)\n    return x * x\n")
     func = ip.user_ns["slow_square"]
@@ -131,7 +136,6 @@ def test_submit_returns_a_handle_at_once_and_its_result_is_serials(ip, local_poo
     assert handle.done() and handle.items_done == 20 and handle.items_failed == 0
 
 
-@FORKSERVER_ONLY
 def test_cancel_a_run_leaves_the_pool_usable(ip, local_pool):
     run(ip, "def nap(x):\n    import time; time.sleep(5)\n    return x\n")
     handle = local_pool.submit(MapJob(ip.user_ns["nap"], list(range(8)), 8, False, 2))
@@ -142,7 +146,6 @@ def test_cancel_a_run_leaves_the_pool_usable(ip, local_pool):
     assert mpmagic.pmap(abs, [-1, -2, -3]) == [1, 2, 3]
 
 
-@FORKSERVER_ONLY
 def test_many_threads_with_lazy_inputs_failures_and_background_runs_all_equal_serial(ip, local_pool):
     """8 threads x 8 calls each, with generator inputs (some raising midway), an
     on_chunk, background runs and generators that start runs themselves, at
@@ -213,7 +216,6 @@ def test_many_threads_with_lazy_inputs_failures_and_background_runs_all_equal_se
     assert local_pool.status()["runs_in_flight"] == 0
 
 
-@FORKSERVER_ONLY
 def test_many_threads_with_mixed_calls_all_equal_serial(ip, local_pool):
     """8 threads x 6 calls each: maps, cells and failing maps at once, on one pool."""
     run(
@@ -264,7 +266,6 @@ def test_many_threads_with_mixed_calls_all_equal_serial(ip, local_pool):
     assert len(_manager_threads()) == 1
 
 
-@FORKSERVER_ONLY
 def test_the_error_raised_is_the_first_failing_item_in_input_order(ip, local_pool):
     """Item 2 fails late (it sleeps), item 9 fails at once: serial raises item 2's."""
     run(
@@ -282,7 +283,6 @@ def test_the_error_raised_is_the_first_failing_item_in_input_order(ip, local_poo
     assert mpmagic.pmap(abs, [-4]) == [4]
 
 
-@FORKSERVER_ONLY
 def test_a_worker_killed_while_two_runs_share_it_fails_one_and_hangs_neither(ip, local_pool):
     run(ip, "def pid_after(x):\n    import os, time; time.sleep(0.2)\n    return os.getpid()\n")
     func = ip.user_ns["pid_after"]
@@ -704,7 +704,6 @@ def test_a_run_submitted_from_the_manager_thread_is_an_error_not_a_hang(ip, loca
     assert "manager thread" in str(errors[0])
 
 
-@FORKSERVER_ONLY
 def test_a_run_that_fails_while_units_are_handed_out_loses_no_other_runs_unit(ip, local_pool):
     """When a run's input raises while the manager hands out units, the run
     ends and the worker busy with its unit is replaced. The rest of that same
@@ -800,7 +799,6 @@ def test_a_huge_timeout_is_no_timeout_not_a_dead_manager(local_pool, timeout):
         mpmagic.pmap(abs, [1], timeout=float("nan"))
 
 
-@FORKSERVER_ONLY
 def test_ranks_that_all_fail_at_once_get_the_cells_error_alone(ip, local_pool, capfd):
     """A name missing on every rank: each fails at once, and the cell's error
     says it; no "rank 0 failed while other ranks still run" line before it."""
@@ -929,7 +927,6 @@ def test_a_run_submitted_during_a_stop_runs_on_a_fresh_start(when, caplog):
         backend.stop()
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the pool's bookkeeping: one start method is enough)
 def test_a_shrink_then_a_grow_under_a_run_keeps_the_busy_workers(local_pool):
     """``resize(1)`` marks the busy surplus workers retiring; ``resize(3)`` right after
     counted them as members, so it started none and kept them retiring: the run went

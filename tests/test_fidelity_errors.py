@@ -119,6 +119,16 @@ def no_name(x):
 '''
 
 
+@pytest.fixture(scope="module")
+def method() -> str:
+    """The start method of every ``local_pool`` here: forkserver only.
+
+    An exception travels back pickled by the same code whichever start method made
+    the worker; what differs by method (the function's transfer) is test_fidelity_worker's.
+    """
+    return "forkserver"
+
+
 @pytest.fixture
 def defined(ip):
     run(ip, DEFINITIONS)

@@ -78,6 +78,21 @@ DEATHS = {
 }
 
 
+@pytest.fixture(scope="module")
+def method() -> str:
+    """The start method of every pool here: forkserver, and spawn for worker deaths.
+
+    Timeouts, interrupts and long sessions are the manager's code, the same whichever
+    start method made the workers (spawn cost the suite ~8 s more); a worker's death,
+    its replacement and the processes its task started are checked on both
+    (``BOTH_METHODS``).
+    """
+    return "forkserver"
+
+
+BOTH_METHODS = pytest.mark.parametrize("method", ["forkserver", "spawn"])
+
+
 @pytest.fixture
 def pool2(local_pool):
     """The 2-worker pool of this test's start method, every worker ready."""
@@ -101,6 +116,7 @@ def assert_healed(ip, backend) -> None:
 # -- 1. worker death ------------------------------------------------------
 
 
+@BOTH_METHODS
 @pytest.mark.parametrize("func", sorted(DEATHS))
 def test_worker_death_in_pmap_names_item_and_signal(ip, pool2, func):
     run(ip, CRASHERS)
@@ -122,6 +138,7 @@ def test_worker_death_in_pmap_names_item_and_signal(ip, pool2, func):
     assert_healed(ip, pool2)
 
 
+@BOTH_METHODS
 @pytest.mark.parametrize("func", [*sorted(DEATHS), "out_of_memory"])
 def test_worker_death_collect_keeps_computed_results(ip, pool2, func):
     run(ip, CRASHERS)
@@ -172,6 +189,7 @@ def blocks_sent(monkeypatch):
     return sent
 
 
+@BOTH_METHODS
 def test_worker_death_among_tiny_items_names_the_item(ip, pool2, blocks_sent):
     run(ip, TINY_CRASHERS)
     run(ip, "%pmap -q tiny_dies, range(20_000)")  # measured: items of well under 2 us
@@ -217,6 +235,7 @@ def test_memory_error_comes_back_as_memory_error(ip, pool2):
     assert_healed(ip, pool2)
 
 
+@BOTH_METHODS
 @pytest.mark.parametrize("func", ["exits", "segfaults"])
 def test_worker_death_in_parallel_names_rank(ip, pool2, func):
     run(ip, CRASHERS)
@@ -671,6 +690,7 @@ def test_workers_are_reached_only_through_pipes(ip, pool2):
         assert any("forkserver" in cmd for cmd in helpers), helpers
 
 
+@BOTH_METHODS
 def test_processes_a_task_starts_are_stopped_with_its_worker(ip, pool2):
     """A task's subprocess or forked helper outlived its worker: after a
     --timeout (a ``sleep 300`` reparented to init) and after the pool stopped.

@@ -24,6 +24,16 @@ INTERNAL = ("mpmagic/", "mpmagic\\", "cloudpickle", "multiprocessing", "interact
 PACKAGE = os.path.dirname(mpmagic.__file__)
 
 
+@pytest.fixture(scope="module")
+def method() -> str:
+    """The start method of every ``local_pool`` here: forkserver only.
+
+    A task's traceback is made in the worker and shown by the notebook by the same
+    code whichever start method made the worker (spawn cost the suite ~3 s more).
+    """
+    return "forkserver"
+
+
 def shown(ip, code: str) -> tuple[int, str, BaseException | None]:
     """Run ``code`` as a numbered cell: (its In[N], the text displayed, its error)."""
     with capture_output() as cap:
