@@ -190,10 +190,7 @@ class _Task:
     gather_wait: float | None = None  # seconds the next fetch of its result may take (see _finish)
 
     def describe(self, job: Job) -> str:
-        if job.kind == "cell":
-            return f"rank {self.unit.id}"
-        u = self.unit
-        return f"item {u.start}" if u.count == 1 else f"items {u.start}-{u.start + u.count - 1}"
+        return job.describe_unit(self.unit)
 
 
 _ADDRESS_LOOKS = "a scheduler address looks like tcp://HOST:8786 (HOST:PORT alone means tcp://)"
