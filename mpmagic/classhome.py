@@ -56,6 +56,23 @@ class _Unpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+#: In a pickle that sets a by-value class's state (cloudpickle names this function in it).
+_SETS_CLASS_STATE = b"_class_setstate"
+
+
+def loads_item(data: bytes) -> Any:
+    """A shared helper's item (an ``mpmagic.Queue``'s) as :func:`loads` loads a result:
+    a class of this process that a task's pickle carries keeps its own methods.
+
+    Only where it can matter: in a process that sent classes of its own by value
+    (the notebook) and for a pickle that sets a by-value class's state (an
+    instance of a notebook class); any other item is a plain ``pickle.loads``
+    (a queue of numbers pays one look at ``_own``)."""
+    if _own and _setstate is not None and _SETS_CLASS_STATE in data:
+        return _Unpickler(io.BytesIO(data)).load()
+    return pickle.loads(data)
+
+
 def loads(data: Any, buffers: Any = None) -> Any:
     """``pickle.loads``, leaving this process's own classes untouched (see the module's doc).
     The plain ``pickle.loads`` while no class of ours has been sent (~2 us less a load)."""
