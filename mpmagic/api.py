@@ -646,17 +646,18 @@ def pmap(
             )
         background.check_options(compare=compare)
         one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
-        what = f"call {func_name(given_func)}" if one else f"pmap {func_name(func)}"
+        what = f"call {func_name(_called(given_func))}" if one else f"pmap {func_name(func)}"
         finish = _first_result if one else _results_then_drop_input
 
         def start(func: Callable, iterables: tuple, star: bool, on_chunk: Any = None, resume: Any = None) -> Any:
             def make_call(forward: background.Forward) -> MapCall:
                 return map_call(func, iterables, star, workers, chunksize=chunksize, errors=errors, timeout=timeout,
                                 retries=retries, insights=insights, out=forward.out, progress=forward.progress,
-                                accepted=forward.accepted, on_chunk=forward.then)
+                                accepted=forward.accepted, on_chunk=forward.then, one_call=one)
 
-            return background.start(what, make_call, lambda call, forward: finish(call.job),
-                                    workers, on_chunk=on_chunk, resume=resume, errors=errors, show_report=show_report)
+            return background.start(what, make_call, lambda call, forward: finish(call.job), workers,
+                                    on_chunk=on_chunk, resume=resume, errors=errors, show_report=show_report,
+                                    one_call=one)
 
         if checkpoint:  # only the items the store lacks run (checkpoint.py)
             from .checkpoint import checkpointed_submit
@@ -835,7 +836,8 @@ class MapCall:
     (a blocking ``pmap``, a background run, a stream)."""
 
     def __init__(self, func: Callable, iterables: tuple, star: bool, workers: int | None, *,
-                 job_class: type = MapJob, insights: bool = False, errors: str = "raise", **kwargs: Any) -> None:
+                 job_class: type = MapJob, insights: bool = False, errors: str = "raise", one_call: bool = False,
+                 **kwargs: Any) -> None:
         self.n_items = _length(iterables)
         if len(iterables) == 1:
             items, self.star = iterables[0], star  # MapJob slices a list or tuple, iterates the rest
@@ -846,7 +848,10 @@ class MapCall:
         self.workers = workers or self.backend.workers
         self.cold = self.backend.cold
         self.collect = errors == "collect"
-        self.caller = ""  # (a stream's sets "imap": its report's lines say so)
+        # (a stream's sets "imap": its report's lines say so; mpmagic.call's is "call")
+        self.caller = "call" if one_call else ""
+        if one_call:  # (its messages name the call, not "item 0")
+            kwargs["one_call"] = True
         self.recorder = Recorder("pmap", getattr(func, "__name__", "func"), self.star) if insights else None
         self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
                              insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
@@ -1033,6 +1038,8 @@ def call(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Run[_T]:
     ``concurrent.futures.wait`` / ``as_completed`` over several handles),
     and it takes its arguments as they are now. Every keyword goes to
     ``func``: for run options (``timeout``, ``retries``...) use ``submit``.
+    Being one call, not a map, its error's note, its report's line, its row in
+    ``%pool runs`` and its log records name the call, never "item 0".
     """
     __tracebackhide__ = True
     if not callable(func):
@@ -1046,6 +1053,13 @@ def call(func: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Run[_T]:
         _map_caller.reset(caller)
     # (its finish gives the one result, not the list: _first_result)
     return run  # type: ignore[return-value]
+
+
+def _called(func: Callable) -> Callable:
+    """The function ``call`` calls: ``call(f, x, k=1)`` runs ``partial(f, k=1)``, named ``f``."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return func
 
 
 def _no_block(caller: str, refused: dict[str, Any]) -> None:

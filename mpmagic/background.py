@@ -259,7 +259,8 @@ class Run(Future[_R]):
     """
 
     def __init__(self, what: str, call: Any, finish: Callable[[float], Any], live: bool | str | None = None,
-                 keep_chunks: bool = True, resume: Resume | None = None, show_report: bool = True) -> None:
+                 keep_chunks: bool = True, resume: Resume | None = None, show_report: bool = True,
+                 one_call: bool = False) -> None:
         # The Future's own state only mirrors the end (_end): the stdlib's wait()
         # and as_completed() read it; everything else is this class's.
         super().__init__()
@@ -279,6 +280,8 @@ class Run(Future[_R]):
         # raising frames to its ``__traceback__``: it would grow at every call).
         self._error_tb: TracebackType | None = None
         self._report: Report | None = None
+        # ``mpmagic.call``: one call, not a map: its lines count no items ("run 3: call f, 1.2 s, failed")
+        self._unit = "call" if one_call else "ranks" if self._job.kind == "cell" else "items"
         self._show_report = show_report  # in the live area once it ended (-q / show_report=False: not)
         self._callbacks: list[Callable[[Run], Any]] = []
         self._t0 = time.monotonic()
@@ -480,9 +483,11 @@ class Run(Future[_R]):
     # -- display ---------------------------------------------------------------
     def status_line(self) -> str:
         """The run's one line, as ``%pool runs`` and its repr show it: ``run 1:
-        pmap simulate, 12/40 items, 2 failed, 310.2 ms, running``."""
+        pmap simulate, 12/40 items, 2 failed, 310.2 ms, running`` (a call: ``run 2: call f, 1.2 s, failed``)."""
+        if self._unit == "call":
+            return f"run {self.id}: {self.what}, {fmt_seconds(self.elapsed)}, {self.state}"
         total = self.items_total
-        unit = "ranks" if self._job.kind == "cell" else "items"
+        unit = self._unit
         count = f"{self.items_done}/{total}" if total is not None else f"{self.items_done}"
         failed = f", {self.items_failed} failed" if self.items_failed else ""
         resumed = f" ({self.items_resumed} from the checkpoint)" if self.items_resumed else ""
@@ -493,7 +498,7 @@ class Run(Future[_R]):
         """One row of ``%pool`` / ``runs()``."""
         return {"id": self.id, "what": self.what, "done": self.items_done, "total": self.items_total,
                 "failed": self.items_failed, "elapsed": self.elapsed, "state": self.state,
-                "unit": "ranks" if self._job.kind == "cell" else "items"}
+                "unit": self._unit}
 
     def __repr__(self) -> str:
         return f"<mpmagic.Run {self.status_line()}>"
@@ -841,7 +846,7 @@ class Forward:
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
           workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
           on_chunk: Callable[[int, list], None] | None = None, resume: Resume | None = None,
-          errors: str | None = None, show_report: bool = True) -> Run:
+          errors: str | None = None, show_report: bool = True, one_call: bool = False) -> Run:
     """Submit a job in the background and return its handle at once.
 
     ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
@@ -853,6 +858,7 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     the store lacks; see :class:`Resume`). ``errors``: a map's errors option
     (what ``--rerun-failed`` says after it; None for a cell). ``show_report``:
     the live area shows the timing report once the run ended (``run.report()`` has it either way).
+    ``one_call``: the run is ``mpmagic.call``'s one call (its lines count no items).
     """
     # A failure of an older blocking run is no longer the last one (last_failures);
     # %pdebug, which has nothing of this run to replay, still has it (saying so).
@@ -860,7 +866,7 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
-                            resume=resume, show_report=show_report)
+                            resume=resume, show_report=show_report, one_call=one_call)
     if resume is not None and keep_chunks:  # as_completed yields the stored results too (first: they are done)
         # (Their starts are input positions, the job's count among the computed
         # items only: as_completed, the one reader of _chunks, ignores starts.)

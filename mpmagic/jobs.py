@@ -140,13 +140,21 @@ def shown_item(func: Any, star: bool, item: Any) -> tuple[Any, bool]:
     return (item, star) if unwrap is None else (unwrap(item), getattr(func, "star", False))
 
 
-def item_note(func: Any, star: bool, index: int, item: Any) -> str:
-    """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)".
+def item_note(func: Any, star: bool, index: int, item: Any, one_call: bool = False) -> str:
+    """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)";
+    ``one_call`` (``mpmagic.call``: one call, no input to number): "mpmagic: raised in
+    the call f(3, y=2)"."""
+    if one_call:
+        return f"mpmagic: raised in the call {call_text(func, star, item)}"
+    return f"mpmagic: raised by item {index} of the input: {call_text(func, star, item)}"
 
-    The call reads as the user wrote it: a ``functools.partial`` as the call it
-    makes (``g([1, 2], 3)``), a callable object as an instance of its class
-    called (``<Scaler object>(3)``, as Python's repr names an instance:
-    ``Scaler(3)`` would read as making one),
+
+def call_text(func: Any, star: bool, item: Any) -> str:
+    """The call ``func`` makes of ``item``, as the user wrote it: "f(3)".
+
+    A ``functools.partial`` reads as the call it makes (``g([1, 2], 3)``), a
+    callable object as an instance of its class called (``<Scaler object>(3)``,
+    as Python's repr names an instance: ``Scaler(3)`` would read as making one),
     a ``seed=`` run by the user's function, not its wrapper.
     """
     if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
@@ -163,7 +171,7 @@ def item_note(func: Any, star: bool, index: int, item: Any) -> str:
                 + [f"{k}={short_repr(v)}" for k, v in func.keywords.items()])
         func = func.func
     name = func_name(func) if getattr(func, "__name__", None) else f"<{type(func).__name__} object>"
-    return f"mpmagic: raised by item {index} of the input: {name}({', '.join(args)})"
+    return f"{name}({', '.join(args)})"
 
 
 def rebuild_exception(info: Any, where: str) -> BaseException:
@@ -308,10 +316,13 @@ class MapJob:
         shared_memory: bool = False,
         on_chunk: Callable[[int, list], None] | None = None,
         accepted: Callable[[int, list], None] | None = None,
+        one_call: bool = False,
     ) -> None:
         self.call_id = next(_call_ids)
         self.libs = context.libraries()  # (here, in the calling thread: torch's grad mode is per thread)
         self.func = func
+        # ``mpmagic.call``: one call of ``func``, not a map; its messages name the call, not "item 0".
+        self.one_call = one_call
         # Both are called with (start index, results in order) as each chunk is
         # accepted: each position once, in arrival order. ``accepted`` in the
         # thread that accepts it (the local pool's manager: our own quick
@@ -752,11 +763,19 @@ class MapJob:
                     payload.dumps_data(item)
                 except Exception as exc:
                     index = self._next_start + i
+                    what = (f"the arguments of the call {call_text(self.func, self.star, item)}" if self.one_call
+                            else f"item {index} ({short_repr(item)})")
                     raise _UnsendableItem(i, SerializationError(
-                        f"cannot send item {index} ({short_repr(item)}) to the workers: "
+                        f"cannot send {what} to the workers: "
                         + payload.explain_unpicklable(item, f"item {index}", exc, item=True).split(": ", 1)[1]
                     )) from None
             raise
+
+    def describe_unit(self, unit: Unit) -> str:
+        """``unit`` in a backend's words: "item 3", "items 4-7", "the call" (``mpmagic.call``)."""
+        if self.one_call:
+            return "the call"
+        return f"item {unit.start}" if unit.count == 1 else f"items {unit.start}-{unit.start + unit.count - 1}"
 
     def message(self, unit: Unit) -> Map:
         # With insights the worker also times each item; ``block``: see Unit.
@@ -764,7 +783,7 @@ class MapJob:
         # notebook's logger levels (see worker_logging).
         return Map(
             self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None,
-            unit.block, (unit.start, self.log_context),
+            unit.block, (None if self.one_call else unit.start, self.log_context),  # (a call's records: no "[item 0]")
         )
 
     # -- taking back results -----------------------------------------------
@@ -798,7 +817,7 @@ class MapJob:
         )
 
     def _where(self, index: int, item: Any) -> str:
-        return item_note(self.func, self.star, index, item)
+        return item_note(self.func, self.star, index, item, self.one_call)
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         """A chunk's results came back. ``meta``:
@@ -825,7 +844,8 @@ class MapJob:
         except Exception as exc:
             self.outstanding.pop(unit.id, None)
             last = unit.start + unit.count - 1
-            what = f"the result of item {unit.start}" if unit.count == 1 else f"the results of items {unit.start}-{last}"
+            what = ("the result of the call" if self.one_call else f"the result of item {unit.start}" if unit.count == 1
+                    else f"the results of items {unit.start}-{last}")
             self._fail_or_collect(unit, unloadable_results(what, exc), None)
             return
         if self.collect:
@@ -901,7 +921,8 @@ class MapJob:
         if seconds > self.slowest_task:
             self.slowest_task = seconds
             last = unit.start + unit.count - 1
-            self.slowest_where = f"item {unit.start}" if unit.count == 1 else f"the chunk of items {unit.start}-{last}"
+            self.slowest_where = ("the call" if self.one_call else f"item {unit.start}" if unit.count == 1
+                                  else f"the chunk of items {unit.start}-{last}")
         if unit.recheck is not None:
             last = unit.start + unit.count - 1
             self._out(
@@ -971,6 +992,7 @@ class MapJob:
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
         where = ("" if index is None else
+                 f" of the call {call_text(self.func, self.star, unit.items[index])}" if self.one_call else
                  f" of item {unit.start + index} of the input ({short_repr(self._shown(unit.items[index])[0])})")
         text = info.exc_text.strip()
         exc = SerializationError(f"the result{where} cannot be sent back from the worker: {text}. "
@@ -1049,8 +1071,11 @@ class MapJob:
         self._fail_or_collect(unit, WorkerLostError(f"{self._what(unit)} did not run: {reason}"), None)
 
     def _what(self, unit: Unit) -> str:
-        """``unit``'s items, for messages: "item 3 ('c')", "items 4-7 (chunk starting at 'd')"."""
+        """``unit``'s items, for messages: "item 3 ('c')", "items 4-7 (chunk starting at 'd')",
+        "the call f(3)" (``mpmagic.call``)."""
         first = unit.start
+        if self.one_call:
+            return f"the call {call_text(self.func, self.star, unit.items[0])}"
         if unit.count == 1:
             return f"item {first} ({short_repr(self._shown(unit.items[0])[0])})"
         return f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
@@ -1465,6 +1490,10 @@ class CellJob:
     def input_wait(self) -> float | None:
         """None: a cell has no lazy input, so no read is ever in progress."""
         return None
+
+    def describe_unit(self, unit: Unit) -> str:
+        """``unit`` in a backend's words: "rank 2"."""
+        return f"rank {unit.id}"
 
     def message(self, unit: Unit) -> Cell:
         return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context))

@@ -175,6 +175,17 @@ def _workers_int(text: str) -> int | None:
 _nonnegative_int = _int_at_least(0, "0 or more")
 
 
+def _pool_size_int(text: str) -> int:
+    """``-n`` of ``%pool`` (and ``%pool resize N``): a size of at least 1, or -1 (joblib's
+    ``n_jobs=-1``, ``start_pool(workers=-1)``) for one worker per usable CPU."""
+    if text.strip() == "-1":
+        return -1
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (-1: one per usable CPU)") from None
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -249,7 +260,8 @@ def _pool_parser() -> _Parser:
     p.add_argument("target", nargs="?",
                    help="N for resize; ADDRESS for dask; clear for checkpoints and setup; the run's ID for cancel")
     p.add_argument("name", nargs="?", help="checkpoints clear: the function whose stored runs to delete")
-    p.add_argument("-n", "--workers", type=_positive_int, help="number of worker processes")
+    p.add_argument("-n", "--workers", type=_pool_size_int,
+                   help="number of worker processes (-1: one per usable CPU, as joblib's n_jobs=-1)")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_int_at_least(0, "0 (no limit) or more"),
                    help="recycle a worker after this many items (0: never)")
@@ -1073,7 +1085,7 @@ class MPMagics(Magics):
             if opts.workers and opts.target:
                 raise UsageError(f"resize takes N or -n N, not both: %pool resize {opts.target}")
             try:
-                n = opts.workers or (_positive_int(opts.target) if opts.target else None)
+                n = opts.workers or (_pool_size_int(opts.target) if opts.target else None)
             except argparse.ArgumentTypeError as exc:
                 raise UsageError(f"resize N: {exc}; for example %pool resize 4") from None
             if not n:

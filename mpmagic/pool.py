@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .backends.base import Backend
-from .backends.local import LocalBackend, _check_size
+from .backends.local import LocalBackend, pool_size
 from .engine import sigint_deferred
 from .errors import UsageError
 from .fmt import fmt_seconds
@@ -172,6 +172,9 @@ def start_pool(
 ) -> Backend:
     """Start (or re-create, if its settings change) the local pool.
 
+    ``workers``: its size; None keeps the running pool's (a new one has one
+    worker per usable CPU), -1 (joblib's ``n_jobs=-1``) is one per usable CPU.
+
     ``gpus`` (``%pool start --gpus 0,1``): the devices given to the workers'
     ``CUDA_VISIBLE_DEVICES`` in turn (``[0, 1]`` or ``"0,1"``; ``[]`` none);
     running workers restart when that changes, as a GPU is chosen before a
@@ -322,7 +325,7 @@ def _restart_now(
         return new
     if workers is not None and workers != backend.workers:
         if isinstance(backend, LocalBackend):
-            _check_size(workers)  # before the stop: a size refused leaves the pool running
+            workers = pool_size(workers)  # before the stop: a size refused leaves the pool running
             backend.stop()
         backend.resize(workers)
     backend.restart(wait)

@@ -112,7 +112,8 @@ class Report:
     payload_served: str = ""
     payload_bytes: int = 0
     payload_captures: tuple[tuple[str, int, str], ...] = ()
-    # The call that made it when not ``kind`` (``imap``: a map, named so in its lines)
+    # The call that made it when not ``kind`` (``imap``: a map, named so in its lines;
+    # ``call``: mpmagic.call's one call, whose lines count no items)
     caller: str = ""
 
     @classmethod
@@ -175,6 +176,8 @@ class Report:
         return f"{self.workers} {self.worker_noun}{'s' if self.workers != 1 else ''} ({how})"
 
     def _what(self) -> str:
+        if self.caller == "call":  # (mpmagic.call: one call, no items to count)
+            return "1 call"
         if self.kind == "parallel":
             return f"{self.items} rank{'s' if self.items != 1 else ''}"
         return f"{self.items} item{'s' if self.items != 1 else ''}"
@@ -282,6 +285,8 @@ class Report:
     def failed_line(self) -> str:
         """The one line that replaces the timing report of a run that raised (or was interrupted)."""
         took = fmt_seconds(self.wall)
+        if self.caller == "call":  # (mpmagic.call: one call, not "failed at item 0 after 0 of 1 item")
+            return f"call {'interrupted' if self.interrupted else 'failed'}, {took}{self._ran_again_text(' | ')}"
         if self.interrupted:
             what = "ranks" if self.kind == "parallel" else "items"
             of = "" if self.total is None else f" of {self.total}"

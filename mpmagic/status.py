@@ -90,8 +90,10 @@ def _state(p: dict[str, Any]) -> str:
 
 
 def _run_cells(r: dict[str, Any]) -> list[str]:
-    """One background run's row: id, what, items done/total, elapsed, state."""
+    """One background run's row: id, what, items done/total, elapsed, state (a call: no count)."""
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
+    if r.get("unit") == "call":  # (mpmagic.call: one call, its state says it all)
+        count = ""
     if r.get("failed"):
         count += f" ({r['failed']} failed)"
     return [str(r["id"]), str(r["what"]), count, fmt_seconds(r["elapsed"]), str(r["state"])]
@@ -109,7 +111,9 @@ def runs_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def _run_line(r: dict[str, Any]) -> str:
     """A run's row as its handle's repr says it (``Run.status_line``):
-    ``run 1: pmap f, 3/5 items, 1 failed, 310.2 ms, failed``."""
+    ``run 1: pmap f, 3/5 items, 1 failed, 310.2 ms, failed`` (a call: ``run 2: call f, 1.2 s, failed``)."""
+    if r.get("unit") == "call":
+        return f"run {r['id']}: {r['what']}, {fmt_seconds(r['elapsed'])}, {r['state']}"
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
     failed = f", {r['failed']} failed" if r.get("failed") else ""
     return (f"run {r['id']}: {r['what']}, {count} {r.get('unit', 'items')}{failed}, {fmt_seconds(r['elapsed'])}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import re
 import threading
 import time
@@ -925,6 +926,30 @@ def test_call_is_one_call_as_executor_submit_and_submit_says_it_maps(ns):
         mpmagic.submit(_inverse, 5)
     with pytest.raises(UsageError, match="must be a function to call, not int 5"):
         mpmagic.call(5)  # type: ignore[call-overload]
+
+
+def _inverts(x: int, scale: int = 1) -> float:
+    return scale / x
+
+
+def test_a_failed_call_says_the_call_failed_not_item_0(ns):
+    """mpmagic.call runs one function call, not a map: its error, its report's line, its
+    %pool row name the call, never "item 0" or "0/1 items" (its log records: test_worker_logging)."""
+    handle = mpmagic.call(_inverts, 0, scale=2)
+    with pytest.raises(ZeroDivisionError) as got:
+        handle.result(30)
+    assert got.value.__notes__ == ["mpmagic: raised in the call _inverts(0, scale=2)"]
+    assert re.fullmatch(r"run \d+: call _inverts, \S+ m?s, failed", handle.status_line())
+    assert re.fullmatch(r"call failed, \S+ m?s", handle.report().line())
+    (row,) = [r for r in mpmagic.runs().rows() if r["id"] == handle.id]
+    assert repr(mpmagic.runs()).splitlines()[-1].strip() == handle.status_line()
+    from mpmagic.status import runs_html
+
+    assert "0/1" not in runs_html([row]) and "call _inverts" in runs_html([row])
+    # a worker dying in the call: "the worker running the call f(x)", as its error says
+    lost = mpmagic.call(os._exit, 3)
+    with pytest.raises(mpmagic.WorkerLostError, match=r"^the worker running the call _exit\(3\) exited"):
+        lost.result(30)
 
 
 def test_as_completed_takes_a_list_of_runs_as_concurrent_futures_does(ns):

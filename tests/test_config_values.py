@@ -52,6 +52,32 @@ def test_workers_minus_one_is_one_per_cpu_as_joblibs_n_jobs(ip):
     assert run(ip, "%%parallel -q -n -1\nsize") == [mpmagic.get_pool().workers] * mpmagic.get_pool().workers
 
 
+def test_pool_size_minus_one_is_one_per_cpu_in_pool_start_and_resize_as_in_the_api(ip, pool2, monkeypatch):
+    """%pool start -n -1, %pool resize -1 and start_pool(workers=-1) size the pool to one worker
+    per usable CPU, as MPMagic.workers = -1 does; -2 stays refused, as workers=-2 is in the API."""
+    import mpmagic
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "available_cpus", lambda: 3)  # (one more than the pool has: a change to see)
+    try:
+        for line in ("%pool resize -1", "%pool resize -n -1", "%pool start -n -1", "%pool restart -n -1"):
+            run(ip, "%pool resize 1")
+            with capture_output():
+                run(ip, line)
+            assert pool2.workers == 3, line
+        mpmagic.start_pool(workers=1)
+        mpmagic.start_pool(workers=-1)
+        assert pool2.workers == 3
+        for line in ("%pool start -n -2", "%pool resize -2"):
+            result = ip.run_cell(line, store_history=False)
+            assert "must be at least 1, not -2 (-1: one per usable CPU)" in str(result.error_in_exec), line
+        with pytest.raises(mpmagic.UsageError, match=r"at least 1 or -1 \(one per usable CPU\), not -2"):
+            mpmagic.start_pool(workers=-2)
+        assert pool2.workers == 3
+    finally:
+        mpmagic.start_pool(workers=2)
+
+
 def test_pmap_runs_after_a_refused_workers_setting(ip):
     run(ip, "%config MPMagic.workers = -2")
     assert run(ip, "%pmap -q -n 2 abs, [-1, -2]") == [1, 2]

@@ -719,3 +719,15 @@ def test_a_worker_whose_copy_of_a_reloaded_module_differs_says_so_once(ip, dask_
     err = capsys.readouterr().err
     assert err.count("differs from the file the notebook loaded") == 1
     assert "mpmagic: dkmod_d.py on Dask worker tcp://127.0.0.1:" in err
+
+
+def test_a_failed_call_on_dask_names_the_call_as_on_the_local_pool(ip, dask_pool):
+    """mpmagic.call on Dask: the same job, so the same words ("raised in the call f(0)",
+    "call failed"), never "item 0"."""
+    run(ip, "import mpmagic\ndef inverse_dc(x):\n    return 1 / x")
+    handle = mpmagic.call(ip.user_ns["inverse_dc"], 0)
+    with pytest.raises(ZeroDivisionError) as got:
+        handle.result(60)
+    assert got.value.__notes__ == ["mpmagic: raised in the call inverse_dc(0)"]
+    assert handle.report().line().startswith("call failed, ")
+    assert handle.status_line().startswith(f"run {handle.id}: call inverse_dc, ")

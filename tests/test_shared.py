@@ -1187,3 +1187,22 @@ def test_a_queue_freed_by_the_gc_in_its_feeder_thread_is_no_deadlock():
 
     assert collect_cycles_holding(local.lock)
     assert local.stopped and not left_behind([stem])
+
+
+@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
+def test_a_notebook_class_put_on_a_queue_by_a_task_keeps_its_own_methods(ip, local_pool):
+    """A notebook class's instance a task puts on a Queue comes out as the notebook's own
+    class, as a map's results do (classhome): plain pickle set the worker's copies of the
+    class's methods on it, whose globals were only the names sent with them, so a function
+    a later cell defines raised NameError in a method."""
+    run(ip, "import mpmagic\nSCALE_KQ = 3\nclass KeptQ:\n    def show(self): return helper_kq(SCALE_KQ)\n"
+            "kq = mpmagic.Queue()\ndef put_kq(x):\n    kq.put(KeptQ() if x == 0 else (bytes(10_000), KeptQ()))\n"
+            "    return x")
+    assert run(ip, "mpmagic.pmap(put_kq, range(2), workers=2)") == [0, 1]
+    got = run(ip, "sorted([kq.get(timeout=10), kq.get(timeout=10)], key=lambda k: type(k).__name__)")
+    got = [got[0], got[1][1]]  # (the second in a long pickle, which classhome.loads_item does not scan)
+    assert all(type(k) is ip.user_ns["KeptQ"] for k in got)
+    run(ip, "def helper_kq(s): return s * 10\nSCALE_KQ = 5")
+    assert run(ip, "KeptQ().show()") == 50
+    assert [k.show() for k in got] == [50, 50]
+    drop(ip, "kq")

@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import run
 
+import mpmagic
+
 # The warnings these tests read are the lines a notebook shows (see conftest.notebook_warnings).
 pytestmark = pytest.mark.usefixtures("notebook_warnings")
 
@@ -57,6 +59,15 @@ def test_info_records_at_the_notebooks_level_show_once_labelled_by_item(ip, loca
     err = capsys.readouterr().err
     for x in range(4):
         assert err.count(f"[item {x}] INFO:calc:working on {x}\n") == 1, err
+
+
+def test_the_records_of_one_call_are_not_labelled_as_a_maps_item(ip, local_pool, root_level):
+    """mpmagic.call runs one call, not a map of one item: its records say no "[item 0]"."""
+    root_level(logging.INFO)
+    run(ip, TASK)
+    handle = mpmagic.call(ip.user_ns["chatty"], 7)
+    assert handle.result(30) == 8
+    assert handle.output == "INFO:calc:working on 7\n"
 
 
 def test_a_named_loggers_own_level_is_followed(ip, local_pool, root_level, capsys):

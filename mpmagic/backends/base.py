@@ -102,6 +102,9 @@ class Job(Protocol):
         """Read more of a lazy input, in the thread that waits on the run (``engine.Run``); nothing for a cell."""
     def input_wait(self) -> float | None:
         """Seconds until a read in progress may have items to take, or None when no read goes on."""
+    def describe_unit(self, unit: Any) -> str:
+        """``unit`` in the user's words, for a backend's messages: "item 3", "items 4-7",
+        "the call" (``mpmagic.call``), "rank 2"."""
     def message(self, unit: Any) -> tuple: ...
     def done(self, unit: Any, data: bytes, seconds: float, meta: dict | None = None) -> None: ...
     def error(self, unit: Any, index: int, info: Any, partial: bytes, seconds: float) -> None: ...

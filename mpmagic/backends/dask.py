@@ -190,10 +190,7 @@ class _Task:
     gather_wait: float | None = None  # seconds the next fetch of its result may take (see _finish)
 
     def describe(self, job: Job) -> str:
-        if job.kind == "cell":
-            return f"rank {self.unit.id}"
-        u = self.unit
-        return f"item {u.start}" if u.count == 1 else f"items {u.start}-{u.start + u.count - 1}"
+        return job.describe_unit(self.unit)
 
 
 _ADDRESS_LOOKS = "a scheduler address looks like tcp://HOST:8786 (HOST:PORT alone means tcp://)"
@@ -251,8 +248,11 @@ class DaskBackend:
     ) -> None:
         if address is not None and scheduler_file is not None:
             raise UsageError("give either a scheduler ADDRESS or --scheduler-file, not both")
+        if workers == -1 and type(workers) is int:  # joblib's n_jobs=-1: as None (one per CPU; no count to wait for)
+            workers = None
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise UsageError(f"workers must be a whole number of at least 1, not {workers!r}")
+            raise UsageError(f"workers must be a whole number of at least 1 or -1 (one per usable CPU), "
+                             f"not {workers!r}")
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise UsageError(f"timeout must be a number of seconds greater than 0, not {timeout!r}")
         if address is not None:
@@ -497,9 +497,12 @@ class DaskBackend:
         """Nothing to check before a map: a cluster's size is the cluster's business (see Backend)."""
 
     def resize(self, workers: int) -> None:
-        """Scale the local cluster mpmagic started; a cluster run elsewhere is scaled there."""
+        """Scale the local cluster mpmagic started (-1: one worker per usable CPU); a cluster
+        run elsewhere is scaled there."""
+        if workers == -1 and type(workers) is int:
+            workers = available_cpus()
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise UsageError(f"workers must be at least 1, not {workers!r}")
+            raise UsageError(f"workers must be at least 1 or -1 (one per usable CPU), not {workers!r}")
         if not self.owns_cluster:
             raise UsageError(
                 f"the workers of {self.where} are managed where the cluster runs: start more "

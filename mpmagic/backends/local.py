@@ -119,10 +119,23 @@ def _widen(conn: Any) -> None:
                 log.debug("mpmagic: could not widen a worker socket buffer", exc_info=True)
 
 
+#: A pool size of -1: one worker per usable CPU, as joblib's ``n_jobs=-1`` (and ``%config MPMagic.workers = -1``).
+PER_CPU = -1
+
+
+def pool_size(n: object) -> int:
+    """``n`` as a pool's size: -1 (``PER_CPU``) is one worker per usable CPU now; any
+    other is checked as it is (a whole number from 1 to the machine's limit)."""
+    if n == PER_CPU and type(n) is int:
+        n = available_cpus()
+    _check_size(n)
+    return n  # type: ignore[return-value]  # (checked: an int)
+
+
 def _check_size(n: object, what: str = "workers") -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        hint = " (leave it out, or None, for one per usable CPU)" if n == -1 and what == "workers" else ""
-        raise UsageError(f"{what} must be a whole number of at least 1, not {n!r}{hint}")
+        hint = " or -1 (one per usable CPU)" if what == "workers" else ""
+        raise UsageError(f"{what} must be a whole number of at least 1{hint}, not {n!r}")
     if n > max_workers():
         raise UsageError(
             f"{what} = {n} is more processes than this machine can run at once "
@@ -446,9 +459,7 @@ class LocalBackend:
                 f"unknown start method {method!r}: choose one of "
                 f"{', '.join(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())}"
             )
-        n = available_cpus() if workers is None else workers
-        _check_size(n)
-        self.workers = n
+        self.workers = pool_size(available_cpus() if workers is None else workers)
         self.start_method = method
         self.max_tasks_per_child = max_tasks_per_child
         # Bytes of resident memory a worker may keep after a task; above it the
@@ -863,8 +874,9 @@ class LocalBackend:
             _check_size(workers)
 
     def resize(self, workers: int) -> None:
-        """Grow or shrink the pool to ``workers`` processes (idle ones stop; busy ones once idle)."""
-        _check_size(workers)
+        """Grow or shrink the pool to ``workers`` processes (idle ones stop; busy ones once idle);
+        -1: one per usable CPU."""
+        workers = pool_size(workers)
         with self._lock:
             self.workers = workers
             if self.slots:

@@ -10,7 +10,6 @@ import functools
 import logging
 import multiprocessing.util
 import os
-import pickle
 import queue
 import struct
 import threading
@@ -19,7 +18,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from .. import compat, payload, posixshm
+from .. import classhome, compat, payload, posixshm
 from . import base
 from .base import (
     _HEADER,
@@ -688,8 +687,9 @@ class SharedQueue(IterUntilClosed, _Helper):
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the next item. Waits (up to ``timeout`` seconds) while
         the queue is empty, then raises ``queue.Empty``; raises :class:`QueueClosed`
-        once the queue is closed and drained."""
-        return pickle.loads(self._take(block, timeout))
+        once the queue is closed and drained. An instance of a notebook class a task
+        put keeps the notebook's class as it is (``classhome.loads_item``), as a map's results do."""
+        return classhome.loads_item(self._take(block, timeout))
 
     def get_nowait(self) -> Any:
         """``get(block=False)``, as ``multiprocessing.Queue.get_nowait``:
