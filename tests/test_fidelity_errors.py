@@ -219,7 +219,6 @@ def test_context_suppression_notes_and_oserror_fields(defined, local_pool, func)
         assert isinstance(par, FileNotFoundError) and par.errno == 2 and par.filename == "/nonexistent/0"
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 @pytest.mark.parametrize("func", ["fetch_error", "config_syntax", "plugin_missing", "no_attribute", "no_name"])
 def test_c_level_fields_come_back(defined, local_pool, func):
     """errno/strerror/filename of an OSError subclass with its own __init__, a SyntaxError
@@ -232,7 +231,6 @@ def test_c_level_fields_come_back(defined, local_pool, func):
         assert par.name == "undefined_name_xyz"
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_http_error_keeps_its_url_as_filename(defined, local_pool):
     """(Its file object is a new one at home: compared field by field, not with assert_same.)"""
     import urllib.error

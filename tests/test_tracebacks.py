@@ -262,7 +262,6 @@ def test_no_marks_where_the_worker_had_no_columns():
     assert "^" not in text and "~" not in text, text
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_a_rank_under_time_above_parallel_is_named_as_its_cell(ip, local_pool):
     """%%time above %%parallel: a failing rank said `<parallel-cell-...>:2` (the body's own lines)."""
     n, text, _ = shown(ip, "%%time\n%%parallel -n 2 -q\nv = rank\n1 / rank")
@@ -273,7 +272,6 @@ def _tenth(x: int) -> float:
     return 10 // (x - 2)
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
 def test_a_script_sees_its_own_line_then_the_task_frames(local_pool):
     """Outside IPython (a script, ``traceback.format_exc()`` in its ``except``), a task's
     error shows the caller's line and the task's frames, no frame of mpmagic (report
