@@ -13,8 +13,10 @@ and survives an interrupt or a worker's death up to the last line sent.
 * **Logging.** The notebook's effective levels (the root's, and every logger
   whose level it set) go with each call as a few bytes pickled once per call
   (:func:`notebook_context`). The worker sets the same levels on its own
-  loggers at each unit where they differ (a task's ``setLevel`` lasts for its
-  unit), so a record below the notebook's level is never even made there,
+  loggers at each unit where they differ, so a record below the notebook's
+  level is never even made there (what a task changes of logging, a level,
+  ``disabled``, ``propagate``, handlers, ``logging.disable``, lasts for its
+  unit: see "what a task changes of logging" below),
   and a handler on its root logger writes each record as one marked line:
   the record's fields and its lines for the cell, ``[item 3] WARNING:root:text``
   (``logging.BASIC_FORMAT`` behind the item label; a ``%%parallel`` rank's
@@ -51,6 +53,7 @@ wrap the running of the items or the cell in :func:`begin`/:func:`end`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import linecache
@@ -367,7 +370,134 @@ def _install() -> None:
             return
         logging.getLogger().addHandler(_TaskHandler())
         warnings.showwarning = _show_warning
+        _watch_loggers()
         _installed = True
+
+
+# --------------------------------------------------------------------------
+# Worker side: what a task changes of logging lasts for its unit
+#
+# Serially a task's ``logging.getLogger("x").setLevel(ERROR)``, ``.disabled =
+# True``, ``addHandler(NullHandler()); propagate = False`` or ``logging.disable(...)``
+# would change the notebook's logging; kept in the worker, it would change every
+# later call's records there only, so they would show or not by which worker
+# ran the item. Each unit starts from the notebook's logging instead: a
+# logger's state is saved the first time it changes while a unit runs (copy on
+# write, so a unit that changes nothing pays nothing), and the last unit to end
+# puts back every saved logger and ``logging.disable``'s level. What the worker
+# itself sets outside a unit (``%%pool setup``, a module the warm-up imports)
+# stays, as the worker's own. The notebook's ``disabled`` flags, ``propagate``,
+# handlers and ``logging.disable`` are applied at home to each record
+# (:func:`deliver`); its levels here too (:func:`_apply_levels`), so a record
+# below them is never made.
+
+# A logger's attributes whose change a unit undoes (``addHandler``/``removeHandler``
+# change ``handlers`` in place: they are watched too).
+_WATCHED = frozenset(("level", "disabled", "propagate", "handlers"))
+# Each logger a task changed while units ran: its (level, disabled, propagate,
+# handlers) before the first change. Put back, and emptied, by the last end().
+_changed: dict[logging.Logger, tuple[int, bool, bool, list]] = {}
+# logging.disable's level before a unit first changed it; None: no unit did.
+_disable_before: int | None = None
+_watching = False
+
+
+class _Syncing(threading.local):
+    """Set while this module itself sets loggers (the notebook's levels, a
+    restore): those changes are not a task's."""
+
+    active = False
+
+
+_syncing = _Syncing()
+
+
+def _state(logger: logging.Logger) -> tuple[int, bool, bool, list]:
+    """What :func:`_restore` puts back; read from ``__dict__``: a logger being
+    made (``Logger.__init__``, in a unit) has none of it yet, and is then the
+    new logger's defaults."""
+    attrs = logger.__dict__
+    return (attrs.get("level", logging.NOTSET), attrs.get("disabled", False),
+            attrs.get("propagate", True), list(attrs.get("handlers", ())))
+
+
+def _note(logger: logging.Logger) -> None:
+    """``logger`` changes now: keep its state first, if a unit runs and it is
+    its first change since the units began."""
+    if _running and logger not in _changed and not _syncing.active:
+        _changed.setdefault(logger, _state(logger))
+
+
+_setattr = logging.Logger.__setattr__  # (object's)
+_add_handler = logging.Logger.addHandler
+_remove_handler = logging.Logger.removeHandler
+_disable_property = logging.Manager.__dict__.get("disable")  # (a property since Python 3.7: logging.disable sets it)
+
+
+def _watched_setattr(self: logging.Logger, name: str, value: Any) -> None:
+    if _running and name in _WATCHED:  # (a Logger's construction: ~1 us more, once per logger)
+        _note(self)
+    _setattr(self, name, value)
+
+
+def _watched_add_handler(self: logging.Logger, hdlr: logging.Handler) -> None:
+    if _running:
+        _note(self)
+    _add_handler(self, hdlr)
+
+
+def _watched_remove_handler(self: logging.Logger, hdlr: logging.Handler) -> None:
+    if _running:
+        _note(self)
+    _remove_handler(self, hdlr)
+
+
+def _watched_disable(self: logging.Manager, level: int) -> None:
+    global _disable_before
+    if _running and _disable_before is None and not _syncing.active:
+        _disable_before = self.disable
+    _disable_property.fset(self, level)  # type: ignore[union-attr]  # (a property: see _watch_loggers)
+
+
+def _watch_loggers() -> None:
+    """In a worker, once: see a logger's change as it is made. Setting an
+    attribute and adding a handler are rare (a log call sets none), so this
+    costs nothing on logging's hot path, and a unit need not compare every
+    logger (~0.15 us each, hundreds on a Dask worker) to find what a task changed.
+    ``logger.handlers.append(...)`` in place is not seen (``addHandler`` is)."""
+    global _watching
+    if _watching:
+        return
+    functools.update_wrapper(_watched_add_handler, _add_handler)
+    functools.update_wrapper(_watched_remove_handler, _remove_handler)
+    logging.Logger.__setattr__ = _watched_setattr  # type: ignore[method-assign,assignment]
+    logging.Logger.addHandler = _watched_add_handler  # type: ignore[method-assign]
+    logging.Logger.removeHandler = _watched_remove_handler  # type: ignore[method-assign]
+    if isinstance(_disable_property, property) and _disable_property.fset is not None:
+        logging.Manager.disable = property(_disable_property.fget, _watched_disable)  # type: ignore[assignment]
+    _watching = True
+
+
+def _restore() -> None:
+    """The last unit ended: put back each logger a task changed, and
+    ``logging.disable``'s level (Dask's own loggers are the worker's)."""
+    global _disable_before
+    _syncing.active = True
+    try:
+        for logger, (level, disabled, propagate, handlers) in list(_changed.items()):
+            if logger.name.startswith(_OWN_LOGGERS):
+                continue
+            if logger.level != level:
+                logger.setLevel(level)  # (clears the loggers' caches)
+            logger.disabled, logger.propagate = disabled, propagate
+            if logger.handlers != handlers:
+                logger.handlers = handlers
+        _changed.clear()
+        if _disable_before is not None:
+            logging.disable(_disable_before)
+            _disable_before = None
+    finally:
+        _syncing.active = False
 
 
 # The notebook's filters up to its last "always" one, categories by name (see
@@ -382,20 +512,33 @@ def _apply_levels(ctx: bytes) -> None:
     if ctx != _applied:
         _levels, _always = pickle.loads(ctx)
     with _lock:
-        for name in _set_here - set(_levels):
-            logging.getLogger(name).setLevel(logging.NOTSET)
-        pairs = []
-        for name, level in _levels.items():
-            if name.startswith(_OWN_LOGGERS):
-                continue
-            logger = logging.getLogger(name or None)
-            if logger.level != level:  # (setLevel clears every logger's cache)
-                logger.setLevel(level)
-            pairs.append((logger, level))
+        _syncing.active = True
+        try:
+            for name in _set_here - set(_levels):
+                _set_level(logging.getLogger(name), logging.NOTSET)
+            pairs = []
+            for name, level in _levels.items():
+                if name.startswith(_OWN_LOGGERS):
+                    continue
+                logger = logging.getLogger(name or None)
+                if logger.level != level:  # (setLevel clears every logger's cache)
+                    _set_level(logger, level)
+                pairs.append((logger, level))
+        finally:
+            _syncing.active = False
         _set_here.clear()
         _set_here.update(n for n in _levels if n)
         _level_pairs = tuple(pairs)
         _applied = ctx
+
+
+def _set_level(logger: logging.Logger, level: int) -> None:
+    """The notebook's ``level`` on ``logger``; what the units' end puts back,
+    if a unit running meanwhile (on Dask) changed it, is that level too."""
+    logger.setLevel(level)
+    saved = _changed.get(logger)
+    if saved is not None:
+        _changed[logger] = (level, *saved[1:])
 
 
 def _levels_intact() -> bool:
@@ -529,6 +672,8 @@ def end() -> None:
     with _lock:
         _running -= 1
         _units.pop(threading.get_ident(), None)
+        if _running == 0 and (_changed or _disable_before is not None):
+            _restore()  # (what the units changed of logging)
         if _running == 0 and _saved_filters is not None:
             if _filters_mutated is not None:  # (resetwarnings and an extend, in one step)
                 warnings.filters[:] = _saved_filters  # type: ignore[index]  # (typeshed: a Sequence)
@@ -733,7 +878,7 @@ def deliver(record: logging.LogRecord, streams: list | None = None, *, lowered: 
     serial code would not have made it, unless it is ``lowered``: the task
     itself lowered that level earlier in its unit (``setLevel(DEBUG)``), which
     serially would have lowered the notebook's, so its later records count. The
-    worker undoes such a change before its next unit: serially it would stay in
+    worker undoes such a change when the unit ends: serially it would stay in
     the notebook and reach every later item and call; here it reaches the rest
     of that unit (the task's chunk) only, as a task's warning filters do.
     """

@@ -8,6 +8,7 @@ a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import signal
@@ -539,6 +540,29 @@ def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
         mpmagic.pmap(sq, range(12), chunksize=1, on_chunk=bad)
     assert len(calls) == 1
     assert mpmagic.pmap(sq, range(3)) == [0, 1, 4]
+
+
+def test_what_a_task_changes_of_logging_is_undone_when_its_unit_ends_on_dask(ip, dask_pool):
+    """As on the local pool (test_worker_logging): a task's setLevel on a logger
+    the notebook never set, a disabled logger, a NullHandler with propagate=False
+    and logging.disable() stayed in the Dask worker that ran it, muting later calls."""
+    run(ip, "import logging\n"
+            "def mute(x):\n"
+            "    logging.getLogger('mutable').setLevel(logging.ERROR)\n"
+            "    logging.getLogger('mutable').disabled = True\n"
+            "    logging.getLogger('quiet').addHandler(logging.NullHandler())\n"
+            "    logging.getLogger('quiet').propagate = False\n"
+            "    logging.disable(logging.CRITICAL)\n"
+            "    return x\n")
+    assert run(ip, "%pmap -q --chunksize 1 mute, range(8)") == list(range(8))
+
+    def state():
+        import logging
+
+        mutable, quiet = logging.getLogger("mutable"), logging.getLogger("quiet")
+        return mutable.level, mutable.disabled, quiet.propagate, len(quiet.handlers), logging.root.manager.disable
+
+    assert set(dask_pool.client.run(state).values()) == {(logging.NOTSET, False, True, 0, 0)}
 
 
 def test_lazy_inputs_on_dask_as_on_the_local_pool(ip, dask_pool):

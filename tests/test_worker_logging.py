@@ -575,3 +575,40 @@ def test_a_forked_workers_copy_of_a_notebook_file_handler_writes_nothing(ip, tmp
         handler.close()
         pool_module.shutdown()
     assert sorted(path.read_text().split()) == ["calc:w0", "calc:w1", "calc:w2", "calc:w3"]
+
+
+MUTING = """
+import logging, os, time
+def mute(x):
+    log = logging.getLogger("mutable")
+    log.setLevel(logging.ERROR)
+    logging.getLogger("mutable.child").disabled = True
+    logging.getLogger("quiet").addHandler(logging.NullHandler())
+    logging.getLogger("quiet").propagate = False
+    logging.disable(logging.CRITICAL)
+    time.sleep(0.05)
+    return os.getpid()
+def loud(x):
+    logging.getLogger("mutable").warning("mutable %s", x)
+    logging.getLogger("mutable.child").warning("child %s", x)
+    logging.getLogger("quiet").warning("quiet %s", x)
+    return x
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver"])
+def test_what_a_task_changes_of_logging_lasts_for_its_unit_even_on_loggers_the_notebook_left_notset(
+        ip, local_pool, root_level, capsys):
+    """A task's setLevel on a logger the notebook left at NOTSET (the usual
+    basicConfig setup), a disabled logger, a NullHandler with propagate=False
+    and logging.disable() stayed in its worker: a later call showed 0 of 4
+    warnings, or some, by which worker ran each item."""
+    root_level(logging.WARNING)
+    run(ip, MUTING)
+    assert len(set(run(ip, "%pmap -q --chunksize 1 mute, range(6)"))) == 2  # (both workers muted)
+    capsys.readouterr()
+    assert run(ip, "%pmap -q --chunksize 1 loud, range(4)") == [0, 1, 2, 3]
+    err = capsys.readouterr().err
+    for x in range(4):
+        for name in ("mutable", "child", "quiet"):
+            assert f"{name} {x}\n" in err, err
