@@ -14,7 +14,7 @@ import subprocess
 import executed_notebooks
 import nbformat
 import pytest
-from test_notebooks import NOTEBOOKS, execute
+from test_notebooks import NOTEBOOKS, execute_all
 
 pytest.importorskip("mkdocs", reason="needs the test extra: pip install 'mpmagic[test]'")
 build_site = executed_notebooks.build_site
@@ -23,8 +23,7 @@ build_site = executed_notebooks.build_site
 @pytest.fixture(scope="module")
 def executed() -> None:
     """Every example notebook executed in this session (a failing cell fails here)."""
-    for name in NOTEBOOKS:
-        execute(name, timeout=240)
+    execute_all(NOTEBOOKS, timeout=240)
 
 
 def test_the_site_builds_strictly_with_every_page_and_executed_notebook(executed, tmp_path) -> None:
