@@ -248,6 +248,20 @@ def test_pool_status_and_scheduler_file(ip, dask_cluster, dask_pool):
     assert run(ip, "%pmap -q abs, [-7]") == [7]
 
 
+@pytest.mark.parametrize("line", ["%pool start --max-tasks-per-child 1", "%pool start --start-method spawn",
+                                  "%pool start --max-memory 1GB", "%pool restart --max-tasks-per-child 1"])
+def test_local_only_options_on_dask_are_refused_and_the_cluster_stays(ip, dask_pool, line):
+    # (%pool start with them shut the cluster down and started local workers, without a word.)
+    flag, memory = line.split()[2], pool_module._max_memory
+    with pytest.raises(IPythonUsageError, match=f"\\({flag}\\) is for local workers, and the pool is on dask: "
+                       f".*%pool local {flag}"):
+        run(ip, line)
+    with pytest.raises(mpmagic.UsageError, match="is for local workers"):
+        mpmagic.start_pool(max_tasks_per_child=1)
+    assert pool_module.get_pool() is dask_pool and dask_pool.running
+    assert pool_module._max_memory == memory
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
