@@ -662,6 +662,23 @@ def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip,
     assert "slow rank" not in advice and "waited" in advice
 
 
+def test_a_foreground_run_waiting_behind_a_background_run_says_which(ip, dask_pool, monkeypatch, capsys):
+    """Runs on one Dask backend take turns: a quick %pmap behind a --bg run sat there
+    in silence for the whole background run. One line names the run it waits for."""
+    from mpmagic.backends import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "TURN_NOTICE", 0.2)
+    ip.user_ns["nap"] = time.sleep
+    bg = run(ip, "%pmap --bg -q nap, [1.0]")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q abs, [-1]") == [1]
+    err = capsys.readouterr().err
+    bg.result()
+    assert err.count(f"mpmagic: this run waits for background run {bg.id} (pmap sleep) to end: on Dask the runs "
+                     "of one notebook take turns") == 1
+    assert mpmagic.last_report().waited_for_workers > 0.2
+
+
 def _save_module(path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
     """Write a module file with an mtime seconds after the last one (a .pyc goes by seconds and size)."""
     n[0] += 5

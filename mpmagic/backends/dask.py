@@ -73,6 +73,7 @@ from .. import context, warmup, worker_setup
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
+from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
@@ -85,6 +86,9 @@ _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
 # Seconds a %%parallel rank may take to start before the notebook is told why it
 # waits (its worker busy with other tasks): ranks that meet wait for it silently.
 RANK_START_NOTICE = 3.0
+# Seconds a foreground run may wait for its turn (another run of this notebook
+# holds the backend: runs take turns) before one line says which run it waits for.
+TURN_NOTICE = 1.0
 _keys = itertools.count()
 
 log = logging.getLogger("mpmagic")
@@ -795,18 +799,61 @@ class DaskBackend:
         """
         def drive() -> None:
             __tracebackhide__ = True
-            with self._run_lock:
+            self._take_turn(run)
+            try:
                 self._driving = run
                 try:
                     self._run(job, workers)
                 finally:
                     self._driving = None
+            finally:
+                self._run_lock.release()
 
         # The user's modules the notebook reloaded: each task of the run has its worker reload them first.
         self._reloads.check(job.func, job.func_key)
         run = DrivenRun(job, drive)
         run.background = background
         return run
+
+    def _take_turn(self, run: DrivenRun) -> None:
+        """Acquire ``_run_lock`` for ``run``: runs take turns on this backend.
+
+        A foreground run that waits more than :data:`TURN_NOTICE` seconds for
+        another run of this notebook says so in one line, naming that run (a
+        quick ``%pmap`` behind an 8 s ``--bg`` run sat there for 8 s in silence),
+        and its report counts the wait as one for workers busy with another run.
+        """
+        __tracebackhide__ = True
+        if self._run_lock.acquire(blocking=False):
+            return
+        t0 = time.monotonic()
+        if run.background or not self._run_lock.acquire(timeout=TURN_NOTICE):
+            if not run.background:
+                sys.stderr.write(f"mpmagic: this run waits for {self._describe(self._driving)} to end: on Dask the "
+                                 "runs of one notebook take turns, one at a time (%pool runs lists the background ones, %pool cancel ID "
+                                 "stops one; see docs/dask.md)\n")
+            self._run_lock.acquire()
+        self._note_turn_wait(run, t0)
+
+    @staticmethod
+    def _note_turn_wait(run: DrivenRun, t0: float) -> None:
+        """The run's report: its wall time counts its wait for another run's turn."""
+        waited = time.monotonic() - t0
+        if waited > 0.05:
+            run.job.shared_workers = True
+            run.job.waited_for_workers += waited
+
+    @staticmethod
+    def _describe(holder: DrivenRun | None) -> str:
+        """The run holding the backend, as the waiting run's line names it."""
+        if holder is None:
+            return "another run"
+        if holder.label:  # a background run's handle: "run 3 (pmap nap)"
+            return f"background {holder.label}"
+        job = holder.job
+        kind = {"map": "a pmap", "cell": "a %%parallel cell"}.get(job.kind, "a run")
+        func = job.func if job.kind == "map" else None
+        return kind + (f" of {func_name(func)}" if func is not None else "") + f" in thread {holder.thread!r}"
 
     @contextlib.contextmanager
     def runs_held(self) -> Iterator[list[Any]]:
