@@ -679,6 +679,25 @@ def test_a_foreground_run_waiting_behind_a_background_run_says_which(ip, dask_po
     assert mpmagic.last_report().waited_for_workers > 0.2
 
 
+def test_a_module_the_connected_clusters_workers_cannot_import_gets_advice_for_that_cluster(
+        ip, dask_pool, tmp_path, monkeypatch):
+    """A module on the notebook's sys.path only: the note advised %pool restart, which
+    restarts nothing on a cluster mpmagic connected to (and sends it no sys.path)."""
+    import traceback
+
+    (tmp_path / "dkmod_nowhere.py").write_text("def f(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import dkmod_nowhere
+
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            mpmagic.pmap(dkmod_nowhere.f, [1])
+    finally:
+        del sys.modules["dkmod_nowhere"]
+    text = "".join(traceback.format_exception_only(info.value))
+    assert "Install it (or put its file) where the Dask workers run" in text and "%pool restart)" not in text
+
+
 def _save_module(path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
     """Write a module file with an mtime seconds after the last one (a .pyc goes by seconds and size)."""
     n[0] += 5

@@ -89,6 +89,10 @@ RANK_START_NOTICE = 3.0
 # Seconds a foreground run may wait for its turn (another run of this notebook
 # holds the backend: runs take turns) before one line says which run it waits for.
 TURN_NOTICE = 1.0
+# What to do about a module the workers of a cluster mpmagic connected to cannot import.
+CONNECTED_MISSING_MODULE = (
+    "Install it (or put its file) where the Dask workers run, on every worker machine: a cluster mpmagic "
+    "connected to gets neither the notebook's sys.path nor a restart from %pool restart (see docs/dask.md)")
 _keys = itertools.count()
 
 log = logging.getLogger("mpmagic")
@@ -888,6 +892,8 @@ class DaskBackend:
         self.start()
         self._heal()
         self.calls_run += 1
+        if not self.owns_cluster:  # (%pool restart restarts nothing there, and sys.path is not sent)
+            job.missing_module_advice = CONNECTED_MISSING_MODULE
         t0 = time.monotonic()
         nthreads = self._wait_for_workers(1)
         if time.monotonic() - t0 > 0.5:  # no worker at first: the wall time counts the wait for one to join
