@@ -483,8 +483,8 @@ def _shared_workers(report: Any) -> str | None:
     if report.backend == "dask":  # the cluster's workers: other clients' tasks, abandoned ones, joining ones
         wait = f"waited ~{fmt_seconds(waited)}" if waited >= 0.001 else "waited"
         return (
-            f"this run {wait} for Dask workers (busy with other tasks: another client's, or ones a timeout or "
-            "interrupt left running; or still joining the cluster), so its time counts waiting for them and "
+            f"this run {wait} for Dask workers (busy with other tasks: another run of this notebook, as runs on Dask "
+            "take turns, another client's, or ones a timeout or interrupt left running; or still joining the cluster), so its time counts waiting for them and "
             "says little about its own cost: time it while the cluster is free"
         )
     wait = f"waited ~{fmt_seconds(waited)} for workers busy with" if waited >= 0.001 else "shared the workers with"

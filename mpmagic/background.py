@@ -510,6 +510,7 @@ class Run(Future[_R]):
     def _start(self, backend: Any, workers: int | None) -> None:
         try:
             self._engine_run = backend.submit(self._job, workers=workers, background=True)
+            self._engine_run.label = f"run {self.id} ({self.what})"
         except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
             self._error, self._error_tb = exc, exc.__traceback__
             self._end()

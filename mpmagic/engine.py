@@ -56,6 +56,9 @@ class Run:
     #: a backend hands a foreground run's units out first, so a quick cell is
     #: not kept waiting behind a long background map.
     background = False
+    #: How messages about this run name it: a background run's handle sets
+    #: ``run 3 (pmap nap)`` (None: a foreground run, named by its job).
+    label: str | None = None
 
     def __init__(self, job: Any) -> None:
         # A backends.base.Job (typed Any here: that module imports this one); the

@@ -449,6 +449,7 @@ class MapJob:
         self.shared_workers = False
         self.waited_for_workers = 0.0  # seconds its first unit waited for workers busy with other runs
         self.ran_on: int | None = None  # worker threads it ran on, when the backend says (see backends/base.py)
+        self.missing_module_advice: str | None = None  # (see backends/base.py)
         # (the function's notebook globals, the names sending it sent): read on a task's first NameError/KeyError
         self._sent_globals: tuple[dict[str, Any] | None, set[str]] | None = None
 
@@ -971,7 +972,7 @@ class MapJob:
         else:
             drop_partial(partial)  # results before the failing item: unlink their segments
         if index < 0:  # the chunk as a whole could not run (function failed to load)
-            exc = rebuild_exception(info, _load_failure_note(info))
+            exc = rebuild_exception(info, _load_failure_note(info, self.missing_module_advice))
             idx = unit.start
             if idx not in self._errors:  # (no item's call raised it: %pdebug has nothing to replay)
                 self._infos[idx] = debugging.failure_of(exc, info, outside=LOAD_FAILED)
@@ -1406,6 +1407,7 @@ class CellJob:
         self.shared_workers = False  # other runs held workers meanwhile (see MapJob)
         self.waited_for_workers = 0.0
         self.ran_on: int | None = None  # (a map's; see backends/base.py)
+        self.missing_module_advice: str | None = None  # (a map's; see backends/base.py)
         # A rank failed while others ran: when the backend stops those still running
         # (``abort``), as an MPI job aborts, and whether it is doing so now.
         self.abort_at: float | None = None
@@ -1851,15 +1853,14 @@ LOAD_FAILED = "the function (or its items) could not be loaded in a worker"
 CELL_LOAD_FAILED = "the cell's names could not be loaded in the worker"
 
 
-def _load_failure_note(info: Any) -> str:
-    """Why a worker could not load the function or its items, and what to do."""
+def _load_failure_note(info: Any, advice: str | None = None) -> str:
+    """Why a worker could not load the function or its items, and what to do
+    (``advice``: the backend's, when a restart cannot help: see ``Job.missing_module_advice``)."""
     note = f"mpmagic: {LOAD_FAILED}"
     if info.type_name in ("ModuleNotFoundError", "ImportError"):
-        note += (
-            ": a module the notebook imports cannot be imported there. If you installed "
-            "it or changed sys.path after the pool started, run mpmagic.restart_pool() (%pool restart); otherwise "
-            "install it in the environment the workers run in"
-        )
+        note += ": a module the notebook imports cannot be imported there. " + (advice or (
+            "If you installed it or changed sys.path after the pool started, run mpmagic.restart_pool() "
+            "(%pool restart); otherwise install it in the environment the workers run in"))
     return note
 
 

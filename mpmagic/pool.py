@@ -162,6 +162,24 @@ def _tasks_limit(given: int | None, old: int | None) -> int | None:
     return given or None
 
 
+def _refuse_local_options(
+    backend: Backend | None, start_method: str | None, max_tasks_per_child: int | None, max_memory: int | str | None,
+) -> None:
+    """A usage error when a local pool's option is given while the pool is on Dask:
+    its workers are not made by us, so the option could only be ignored, or
+    honoured by dropping the cluster without a word (``%pool local`` does that, saying so)."""
+    if backend is None or isinstance(backend, LocalBackend):
+        return
+    given = [(name, flag) for name, flag, value in (
+        ("start_method", "--start-method", start_method),
+        ("max_tasks_per_child", "--max-tasks-per-child", max_tasks_per_child),
+        ("max_memory", "--max-memory", max_memory)) if value is not None]
+    if given:
+        name, flag = given[0]
+        raise UsageError(f"{name}= ({flag}) is for local workers, and the pool is on {backend.name}: "
+                         f"use_local({name}=...) (%pool local {flag} ...) switches back to them")
+
+
 def start_pool(
     workers: int | None = None,
     start_method: str | None = None,
@@ -192,8 +210,14 @@ def start_pool(
     have in flight on it fail with "the pool was stopped while this run was in
     flight", as after ``stop_pool()``. ``workers`` and ``max_memory`` are
     changed in place.
+
+    On Dask it starts the cluster's backend again (``workers`` resizes it); the
+    local pool's options (``start_method``, ``max_tasks_per_child``,
+    ``max_memory``, ``gpus``) are a usage error there, as for ``%pool restart``:
+    ``use_local(...)`` switches back first.
     """
     global _backend
+    _refuse_local_options(current_pool(), start_method, max_tasks_per_child, max_memory)
     if max_memory is not None:
         set_max_memory(max_memory)
     if gpus is not None:
@@ -209,8 +233,10 @@ def start_pool(
                 if wait:
                     old.wait_ready()
                 return old
-        elif old is not None and start_method is None and max_tasks_per_child is None:
-            # Another backend (Dask): start it again rather than switch away from it.
+        elif old is not None:
+            # Another backend (Dask): start it again rather than switch away from it
+            # (its local-only options were refused above).
+            _refuse_local_options(old, start_method, max_tasks_per_child, None)
             if workers is not None and workers != old.workers:
                 old.resize(workers)
             old.start()
@@ -302,15 +328,7 @@ def _restart_now(
     """``restart_with``'s work (under ``_lock``); ``wait`` is only the Dask restart's."""
     global _backend
     backend = get_pool()
-    if not isinstance(backend, LocalBackend):
-        given = [(name, flag) for name, flag, value in (
-            ("start_method", "--start-method", start_method),
-            ("max_tasks_per_child", "--max-tasks-per-child", max_tasks_per_child),
-            ("max_memory", "--max-memory", max_memory)) if value is not None]
-        if given:
-            name, flag = given[0]
-            raise UsageError(f"{name}= ({flag}) is for local workers, and the pool is on {backend.name}: "
-                             f"use_local({name}=...) (%pool local {flag} ...) switches back to them")
+    _refuse_local_options(backend, start_method, max_tasks_per_child, max_memory)
     if max_memory is not None:
         set_max_memory(max_memory)
     limit = _tasks_limit(max_tasks_per_child, backend.max_tasks_per_child) if isinstance(backend, LocalBackend) else None

@@ -648,8 +648,9 @@ class Reloads:
                 self._versions[name] = _reload_version(name)
             with self._lock:
                 self._reloads.extend(reloaded)
-            line = (f"mpmagic: workers reload {shown} (reloaded in the notebook since they imported "
-                    f"{'it' if len(reloaded) == 1 else 'them'})")
+            # (Where they imported it: a worker that never did, say it failed to, imports it afresh.)
+            line = (f"mpmagic: workers reload {shown} where they imported {'it' if len(reloaded) == 1 else 'them'} "
+                    "(reloaded in the notebook)")
             if tuple(reloaded) not in self._told:  # (once per pool: a per-pool set, not a key by id())
                 self._told.add(tuple(reloaded))
                 sys.stderr.write(line + "\n")

@@ -681,7 +681,7 @@ def test_a_module_reloaded_in_the_notebook_is_said_to_be_reloaded_on_dask(ip, da
         run(ip, "importlib.reload(mymod_dk)")
         capsys.readouterr()
         assert run(ip, "%pmap -q abs, [-2]") == [2]
-        assert "workers reload mymod_dk (reloaded in the notebook since they imported it)" in capsys.readouterr().err
+        assert "workers reload mymod_dk where they imported it (reloaded in the notebook)" in capsys.readouterr().err
     finally:
         sys.modules.pop("mymod_dk", None)
         pool_module.shutdown()

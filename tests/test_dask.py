@@ -69,6 +69,17 @@ def test_function_payload_loaded_once_per_worker(ip, dask_pool, tmp_path):
     assert 1 <= len(loads.read_text()) <= DASK_WORKERS
 
 
+def test_a_maps_chunks_are_spread_over_the_workers(dask_pool):
+    """Left to Dask, the chunks went where the function's payload was computed: 4 items
+    of 0.5 s on 2 workers ran all on one in 5 of 14 runs. Each chunk now goes to the
+    worker holding the fewest of the run's chunks (a new function each time: a new payload)."""
+    for i in range(2):
+        ns: dict = {}
+        exec(f"import os, time\ndef nap{i}(x):\n    time.sleep(x)\n    return os.getpid()", ns)
+        pids = mpmagic.pmap(ns[f"nap{i}"], [0.3] * DASK_WORKERS, chunksize=1)
+        assert len(set(pids)) == DASK_WORKERS, pids
+
+
 def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool):
     pids = worker_pids(dask_pool)
     run(ip, "import time\ndef slow_square(x):\n    time.sleep(0.3)\n    return x * x\n")
@@ -247,6 +258,20 @@ def test_pool_status_and_scheduler_file(ip, dask_cluster, dask_pool):
     assert "not connected" in str(run(ip, "%pool stop"))
     assert str(run(ip, "%pool start")).startswith("pool: dask") and pool_module.get_pool() is backend
     assert run(ip, "%pmap -q abs, [-7]") == [7]
+
+
+@pytest.mark.parametrize("line", ["%pool start --max-tasks-per-child 1", "%pool start --start-method spawn",
+                                  "%pool start --max-memory 1GB", "%pool restart --max-tasks-per-child 1"])
+def test_local_only_options_on_dask_are_refused_and_the_cluster_stays(ip, dask_pool, line):
+    # (%pool start with them shut the cluster down and started local workers, without a word.)
+    flag, memory = line.split()[2], pool_module._max_memory
+    with pytest.raises(IPythonUsageError, match=f"\\({flag}\\) is for local workers, and the pool is on dask: "
+                       f".*%pool local {flag}"):
+        run(ip, line)
+    with pytest.raises(mpmagic.UsageError, match="is for local workers"):
+        mpmagic.start_pool(max_tasks_per_child=1)
+    assert pool_module.get_pool() is dask_pool and dask_pool.running
+    assert pool_module._max_memory == memory
 
 
 def _free_port() -> int:
@@ -670,6 +695,42 @@ def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip,
     assert err.count("has not started") == 1
     advice = mpmagic.last_report().advice or ""
     assert "slow rank" not in advice and "waited" in advice
+
+
+def test_a_foreground_run_waiting_behind_a_background_run_says_which(ip, dask_pool, monkeypatch, capsys):
+    """Runs on one Dask backend take turns: a quick %pmap behind a --bg run sat there
+    in silence for the whole background run. One line names the run it waits for."""
+    from mpmagic.backends import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "TURN_NOTICE", 0.2)
+    ip.user_ns["nap"] = time.sleep
+    bg = run(ip, "%pmap --bg -q nap, [1.0]")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q abs, [-1]") == [1]
+    err = capsys.readouterr().err
+    bg.result()
+    assert err.count(f"mpmagic: this run waits for background run {bg.id} (pmap sleep) to end: on Dask the runs "
+                     "of one notebook take turns") == 1
+    assert mpmagic.last_report().waited_for_workers > 0.2
+
+
+def test_a_module_the_connected_clusters_workers_cannot_import_gets_advice_for_that_cluster(
+        ip, dask_pool, tmp_path, monkeypatch):
+    """A module on the notebook's sys.path only: the note advised %pool restart, which
+    restarts nothing on a cluster mpmagic connected to (and sends it no sys.path)."""
+    import traceback
+
+    (tmp_path / "dkmod_nowhere.py").write_text("def f(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import dkmod_nowhere
+
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            mpmagic.pmap(dkmod_nowhere.f, [1])
+    finally:
+        del sys.modules["dkmod_nowhere"]
+    text = "".join(traceback.format_exception_only(info.value))
+    assert "Install it (or put its file) where the Dask workers run" in text and "%pool restart)" not in text
 
 
 def _save_module(path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)

@@ -45,6 +45,10 @@ class Job(Protocol):
     # threads a map ran on at most (Dask: ``-n`` capped by the cluster's free
     # threads); None: the workers asked for (the report's line counts them).
     ran_on: int | None
+    # Set by a backend whose workers get no %pool restart or sys.path from the notebook
+    # (a Dask cluster mpmagic connected to): what to do when the function needs a module
+    # they cannot import; None: the local pool's advice (restart, or install it).
+    missing_module_advice: str | None
     # A cell whose rank failed while others still run: the monotonic time at which the
     # backend calls ``abort`` and then stops the workers still busy with its units (and
     # ends the run), as an MPI job aborts; None (always for a map) while nothing is due.
