@@ -368,6 +368,7 @@ def test_sys_path_added_after_the_pool_started(ip, local_pool, tmp_path):
         sys.modules.pop("fidelity_late_mod", None)
 
 
+@pytest.mark.parametrize("method", ["forkserver"])  # (the limit travels with each call, as the int digits limit below)
 def test_recursion_limit(ip, local_pool):
     run(ip, "import sys\ndef deep(n):\n    return n if n == 0 else deep(n - 1)\n"
             "def limit_and_depth(x):\n    return sys.getrecursionlimit(), deep(1200)\n")

@@ -137,6 +137,7 @@ def test_error_in_one_rank_of_four(ip, backend, capsys):
     assert "line 4" in captured.err  # body line 3 is line 4 of the cell, under %%parallel
 
 
+@pytest.mark.parametrize("backend_kind", ["forkserver", "dask"])  # (stopping ranks is the manager's code on both start methods)
 def test_a_failing_rank_stops_the_ranks_still_running_as_an_mpi_job_aborts(ip, backend, monkeypatch, tmp_path):
     """Rank 1 raises; rank 0 waits on it (a q.get() that would wait for ever; here a sleep)
     and rank 2 ends at once. The run waited for ever; now the ranks still running
@@ -177,6 +178,7 @@ def test_classic_split_sum(ip, backend, capsys):
     assert "parallel: 2 ranks" in out and "(measured" in out
 
 
+@pytest.mark.parametrize("backend_kind", ["forkserver", "dask"])  # (stopping ranks is the manager's code on both start methods)
 def test_timeout_stops_a_rank_and_pool_stays_usable(ip, backend):
     # (8 s, well past the 1 s timeout: on a Dask cluster mpmagic does not own the
     # rank runs on to its end, and the next cell waits for its worker that long)
