@@ -511,6 +511,7 @@ class DaskBackend:
             self.stops += 1
             self._payloads.clear()
             self._nthreads_cache = None
+            self._killed.clear()
         if client is not None and not self.owns_cluster and worker_setup.has_setup():
             worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:
@@ -1328,11 +1329,14 @@ class _DaskRun:
                 # the culprit fails (the local pool knows the item at once).
                 self.suspects.update(self.job.split(task.unit))
                 return
-            self.job.lost(
-                task.unit,
-                "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)",
-                worker_kept=True,
-            )
+            # (On mpmagic's own cluster Dask fails a task at its worker's first death: no retry of Dask's.)
+            own, rank = self.backend.owns_cluster, self.job.kind == "cell"
+            if own:
+                how = "died (KilledWorker)" if rank else "died, and so did the worker mpmagic ran it on again, alone (KilledWorker)"
+            else:
+                how = ("died, and so did the workers Dask ran it on again (KilledWorker)" if rank else
+                       "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)")
+            self.job.lost(task.unit, how, worker_kept=True)
             return
         if isinstance(exc, ImportError) and "mpmagic" in str(exc):
             raise MPMagicError(
