@@ -290,6 +290,24 @@ def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip
         pool_module.shutdown()
 
 
+def test_a_cancel_before_the_start_event_came_still_frees_the_worker(ip, monkeypatch):
+    """A task's start event can trail its start (a loaded machine): cancelled then,
+    it was neither known to run nor stopped, and the next call waited 30 s behind it."""
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=1)
+    try:
+        backend = pool_module.get_pool()
+        run_class = sys.modules[type(backend).__module__]._DaskRun
+        real_event = run_class._event
+        monkeypatch.setattr(run_class, "_event", lambda self, ev: None if ev.get("start") else real_event(self, ev))
+        call = mpmagic.call(time.sleep, 30)
+        time.sleep(1.0)
+        call.cancel()
+        assert mpmagic.call(abs, -1).result(timeout=25) == 1
+    finally:
+        pool_module.shutdown()
+
+
 def test_pool_status_and_worker_wait_read_right():
     """``%pool`` said "connected to a running scheduler, not connected", and a
     cluster without workers "fewer than the 1 asked for" with no -n given."""

@@ -1625,6 +1625,22 @@ class _DaskRun:
         t.start()
         t.join(_CANCEL_BUDGET)
 
+    def _started_unseen(self, tasks: list[_Task], running: list[_Task]) -> set[str]:
+        """Workers of mpmagic's own cluster the scheduler has this run's tasks on, with
+        none of them known to have started: a task's start event can trail its start
+        (a loaded machine), and such a task, cancelled but not stopped, kept its worker
+        for 30 s while the next call was queued there. Those workers are killed too."""
+        keys = {t.key for t in tasks if t.started is None and not t.future.done()}
+        if not keys:
+            return set()
+        try:
+            processing = self.client.processing()
+        except Exception:  # (the scheduler did not answer: nothing more is killed)
+            log.debug("mpmagic: asking the scheduler where a run's tasks are failed", exc_info=True)
+            return set()
+        seen = {t.worker for t in running}
+        return {a for a, ks in processing.items() if a not in seen and any(str(k) in keys for k in ks)}
+
     def _abandon(self, interrupted: bool, stop: bool = False) -> str | None:
         """Cancel every future of this run. Tasks already running cannot be
         stopped by Dask: with ``stop`` (an interrupt, a cancel) their workers are
@@ -1645,9 +1661,12 @@ class _DaskRun:
         tasks = list(self.tasks.values())
         self.tasks.clear()
         running = [t for t in tasks if t.started is not None and not t.future.done()]
-        self._cancel([t.future for t in tasks])
         backend = self.backend
+        unseen = self._started_unseen(tasks, running) if (stop or interrupted) and backend.owns_cluster else set()
+        self._cancel([t.future for t in tasks])
         backend._give_up(running, stop=stop or interrupted)
+        if unseen:
+            backend._kill_workers(unseen)
         if not interrupted:
             return None
         queued = len(tasks) - len(running)
