@@ -113,10 +113,14 @@ def test_timeout_on_mpmagics_own_local_cluster_restarts_that_worker(ip, request,
         backend = pool_module.get_pool()
         assert backend.owns_cluster
         before = set(_pids(backend).values())
+        addresses = set(backend.client.nthreads())
         run(ip, "import time\ndef hang(x):\n    time.sleep(30)\n    return x\n")
         t0 = time.monotonic()
         with pytest.raises(mpmagic.TaskTimeoutError, match="its worker was stopped and replaced"):
             run(ip, "%pmap -q --timeout 1 hang, [0]")
+        # The scheduler is told at once: until it noticed, a live worker could spend Dask's 30 s
+        # connect limit fetching the function's payload from the dead one.
+        assert not set(backend.client.nthreads()) & addresses
         # Back at the timeout, not after Dask's restart of the worker (T + 4.5 s,
         # and now and then its 30 s limit): the worker is killed, not asked to close.
         assert time.monotonic() - t0 < 4.5
