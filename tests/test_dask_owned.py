@@ -105,7 +105,7 @@ def test_output_capture_leaves_the_workers_streams_as_they_were(ip, dask_pool):
     assert _streams_once_idle(dask_pool.client) == before
 
 
-def test_timeout_on_mpmagics_own_local_cluster_restarts_that_worker(ip, request):
+def test_timeout_on_mpmagics_own_local_cluster_restarts_that_worker(ip, request, capsys, monkeypatch):
     pytest.importorskip("distributed")
     pool_module.shutdown()
     mpmagic.use_dask(workers=1)
@@ -113,16 +113,52 @@ def test_timeout_on_mpmagics_own_local_cluster_restarts_that_worker(ip, request)
         backend = pool_module.get_pool()
         assert backend.owns_cluster
         before = set(_pids(backend).values())
+        addresses = set(backend.client.nthreads())
         run(ip, "import time\ndef hang(x):\n    time.sleep(30)\n    return x\n")
         t0 = time.monotonic()
         with pytest.raises(mpmagic.TaskTimeoutError, match="its worker was stopped and replaced"):
             run(ip, "%pmap -q --timeout 1 hang, [0]")
+        # The scheduler is told at once: until it noticed, a live worker could spend Dask's 30 s
+        # connect limit fetching the function's payload from the dead one.
+        assert not set(backend.client.nthreads()) & addresses
         # Back at the timeout, not after Dask's restart of the worker (T + 4.5 s,
         # and now and then its 30 s limit): the worker is killed, not asked to close.
         assert time.monotonic() - t0 < 4.5
         _wait_for_new_workers(backend, before)
+        # Stopped while the nanny starts a new worker (`%pool local` right after a
+        # timeout): the close timed out with a traceback, and that new worker process
+        # stayed alive in the kernel. Now it says nothing and leaves no process.
+        with pytest.raises(mpmagic.TaskTimeoutError):
+            run(ip, "%pmap -q --timeout 0.5 hang, [1]")
+        [nanny] = backend.cluster.workers.values()
+        deadline = time.monotonic() + 5.0
+        while nanny.process.status.name != "starting" and time.monotonic() < deadline:
+            time.sleep(0.02)  # (until the nanny starts the new worker process)
+        capsys.readouterr()
+        # (The race made certain: the close cannot end before the new worker is up.)
+        monkeypatch.setattr(sys.modules[type(backend).__module__], "_CLOSE_GRACE", 0.1)
+        backend.stop(timeout=0.1)
+        assert capsys.readouterr().err == ""
+        deadline = time.monotonic() + 2.0
+        while _dask_worker_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _dask_worker_children() == []
     finally:
         pool_module.shutdown()
+
+
+def _dask_worker_children() -> list:
+    """This process's live children that are Dask worker processes (a LocalCluster's are spawned)."""
+    import psutil
+
+    kids = []
+    for child in psutil.Process().children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(child.cmdline()):
+                kids.append(child.pid)
+        except psutil.Error:
+            pass
+    return kids
 
 
 def test_pool_restart_cuts_a_background_run_off_as_on_the_local_pool(ip):
@@ -224,7 +260,7 @@ def test_the_notebooks_world_reaches_the_tasks_of_mpmagics_own_cluster(ip, tmp_p
         pool_module.shutdown()
 
 
-def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip):
+def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip, capsys):
     """Dask cannot stop a running task: on the cluster mpmagic started, an
     interrupt kills the workers running them (new ones start), and the message
     says that, not that they were "stopped and replaced" as on the local pool.
@@ -245,10 +281,33 @@ def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip
                         r"task already started \(Dask cannot stop a running task\) was killed; new ones are starting "
                         r"for the next run \(item \d; on tcp://127\.0\.0\.1:\d+\)$", msg)
         assert "its workers replaced" not in msg
+        # The killed worker is gone, not "still busy with a task ... Dask cannot stop" (the
+        # next run said so, and that it waited for it, while the scheduler still listed it).
+        assert backend._abandoned == {}
+        capsys.readouterr()
         t0 = time.monotonic()
         assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
         assert time.monotonic() - t0 < 20  # (a hang bound: the abandoned tasks sleep 30 s)
+        assert "still busy" not in capsys.readouterr().err
         _wait_for_new_workers(backend, before)
+    finally:
+        pool_module.shutdown()
+
+
+def test_a_cancel_before_the_start_event_came_still_frees_the_worker(ip, monkeypatch):
+    """A task's start event can trail its start (a loaded machine): cancelled then,
+    it was neither known to run nor stopped, and the next call waited 30 s behind it."""
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=1)
+    try:
+        backend = pool_module.get_pool()
+        run_class = sys.modules[type(backend).__module__]._DaskRun
+        real_event = run_class._event
+        monkeypatch.setattr(run_class, "_event", lambda self, ev: None if ev.get("start") else real_event(self, ev))
+        call = mpmagic.call(time.sleep, 30)
+        time.sleep(1.0)
+        call.cancel()
+        assert mpmagic.call(abs, -1).result(timeout=25) == 1
     finally:
         pool_module.shutdown()
 
@@ -299,7 +358,7 @@ def _wait_for_nannies(backend, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2):
+def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2, capfd):
     """A task that calls os._exit: every collect run returns what the local pool
     does, and the workers come back. Dask's LocalCluster closed a nanny for good
     when its worker was not back ``lost-worker-timeout`` after it left (15 s; 0.1
@@ -314,9 +373,13 @@ def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2):
         mpmagic.use_dask(workers=2)
         try:
             backend = pool_module.get_pool()
-            backend.cluster.scheduler.allowed_failures = 0  # (one death is a KilledWorker: a shorter test)
+            # One death is a KilledWorker (Dask's default, the 4th, took 8 worker restarts, 38 s).
+            assert backend.cluster.scheduler.allowed_failures == 0
+            capfd.readouterr()
             for _ in range(2):
                 assert _shape(mpmagic.pmap(_exits_at_1, range(3), errors="collect", progress=False)) == oracle
+            # mpmagic's one line, not Dask's ERROR lines and tracebacks ("Couldn't gather keys", ...).
+            assert "distributed." not in capfd.readouterr().err
             _wait_for_nannies(backend, 2)
             # A nanny Dask closed all the same (as the timeout did): the next run starts it again.
             name, nanny = next(iter(backend.cluster.workers.items()))

@@ -17,12 +17,15 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
   timeout), so the chunk planner's measurements keep steering the sizes.
 * What a task prints is streamed home as Dask events and shown in the cell.
 * A worker that dies: Dask runs its tasks again elsewhere (its
-  ``allowed-failures`` setting). Dask then blames every task that was on the
+  ``allowed-failures`` setting; 0 on the LocalCluster mpmagic started: the
+  first death fails them). Dask then blames every task that was on the
   dying workers, so a blamed chunk runs once more alone; if it kills its worker
   again, each of its items runs alone in turn, and the job hears which one
   was lost (Dask cannot say which item of a chunk was running).
 * On the LocalCluster mpmagic started, a worker that dies is always started
   again by its nanny (``_OwnLocalCluster``; ``_heal`` for a nanny closed anyway).
+  Dask's own log is silenced while it runs (``_DaskLogSilenced``), and closing
+  it kills the worker processes that outlive the close (``_close_cluster``).
 * No worker left for the backend's ``worker_wait`` during a map, the scheduler
   out of reach, or the pool stopped under a run: the run fails as a whole,
   saying so; no item is blamed for what the cluster did. With
@@ -33,7 +36,8 @@ backend-independent jobs (``mpmagic/jobs.py``); only the transport differs:
 * An interrupt, a cancel or a ``--timeout`` cancels the futures at once;
   tasks already running cannot be stopped by Dask. On the LocalCluster
   mpmagic started, their worker processes are killed (the nannies start new
-  ones, never waited on). Elsewhere they run on, and later runs send no work
+  ones, never waited on) and left out while the scheduler still lists them
+  (``_killed``). Elsewhere they run on, and later runs send no work
   to their workers until their end events come (``_plan``); the notebook is
   told which, and the interrupt's message says what happened.
 * ``-n N`` (``workers=N``) restricts a map to N worker threads.
@@ -83,6 +87,8 @@ _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the 
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
 _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
 _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
+_CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its worker processes are killed
+_KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
 # Seconds a %%parallel rank may take to start before the notebook is told why it
 # waits (its worker busy with other tasks): ranks that meet wait for it silently.
 RANK_START_NOTICE = 3.0
@@ -114,7 +120,7 @@ class _ToDebugLog(logging.Filter):
     """Lets no record through: each goes to mpmagic's log at debug level instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        log.debug("mpmagic: Dask said while closing its client: %s", record.getMessage(), exc_info=record.exc_info)
+        log.debug("mpmagic: Dask said while closing: %s", record.getMessage(), exc_info=record.exc_info)
         return False
 
 
@@ -131,6 +137,46 @@ def _quiet_client_log() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(quiet)
+
+
+# Above CRITICAL: no record of Dask's own gets through (``silence_logs`` of mpmagic's own cluster).
+_SILENT = logging.CRITICAL + 10
+
+
+@contextlib.contextmanager
+def _quiet_dask_log() -> Iterator[None]:
+    """While mpmagic's own cluster closes, Dask's records (a nanny whose worker was
+    still starting logs a traceback) go to mpmagic's debug log, not the cell."""
+    quiet = _ToDebugLog()
+    handlers = {h for name in ("distributed", "distributed.client") for h in logging.getLogger(name).handlers}
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
+
+
+class _DaskLogSilenced:
+    """Dask's own log in the kernel is silenced while mpmagic's own cluster runs.
+
+    Its scheduler and nannies run in the kernel, and a worker that dies (a task's
+    ``os._exit``, a ``--timeout``'s kill) made them log ERROR lines and tracebacks
+    ("Couldn't gather keys", "marked as failed because 4 workers died") in the cell
+    beside mpmagic's one line saying what happened. The ``distributed`` logger's
+    level (which its loggers inherit) is raised from the cluster's start to its
+    close and then set back; the user's own loggers are left alone. (Its worker
+    processes get the same level through ``silence_logs``.)"""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("distributed")
+        self.level = self.logger.level
+        self.logger.setLevel(_SILENT)
+
+    def restore(self) -> None:
+        if self.logger.level == _SILENT:  # (unless someone set another level meanwhile)
+            self.logger.setLevel(self.level)
 
 
 class _OwnLocalCluster(LocalCluster):
@@ -304,11 +350,16 @@ class DaskBackend:
         # worker leaves); runs send no work there meanwhile (see _plan).
         self._abandoned: dict[str, str] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # keys of tasks whose end event came (recent ones)
+        # Workers of mpmagic's own cluster it killed (a timeout, an interrupt, a cancel):
+        # address -> when. Gone, though the scheduler lists them for a moment: runs
+        # leave them out (``_nthreads``) and wait for no task of theirs.
+        self._killed: dict[str, float] = {}
         self.created = time.time()
         self._lock = threading.RLock()
         # Runs take turns: one event sink per backend (background runs, issue 16).
         self._run_lock = threading.RLock()
         self._driving: DrivenRun | None = None  # the run holding _run_lock now (named by runs_held)
+        self._silenced: _DaskLogSilenced | None = None  # Dask's log while our own cluster runs
         _live_backends.add(self)
         self.start()
 
@@ -355,8 +406,13 @@ class DaskBackend:
                     processes=True,
                     host="127.0.0.1",
                     dashboard_address=":0",  # never a fixed port another cluster holds
-                    silence_logs=logging.ERROR,
+                    silence_logs=_SILENT,  # (mpmagic says in one line what became of a worker)
+                    # A worker's death fails its tasks at once (Dask's default: the 4th death),
+                    # and mpmagic's run alone names the culprit (_DaskRun._failed): a task
+                    # calling os._exit took 8 worker restarts, 38 s on a busy machine.
+                    scheduler_kwargs={"allowed_failures": 0},
                 )
+            self._silenced = _DaskLogSilenced()
             self.client = Client(self.cluster, set_as_default=False, timeout=self.timeout)
             # Its workers share the kernel's process group: keep "interrupt kernel" off them.
             self.client.register_plugin(dask_tasks.IgnoreSigint())
@@ -397,7 +453,14 @@ class DaskBackend:
         now = time.monotonic()
         if fresh or self._nthreads_cache is None or now - self._nthreads_cache[0] > 1.0:
             self._nthreads_cache = (now, dict(self.client.nthreads()))
-        return self._nthreads_cache[1]
+        listed = self._nthreads_cache[1]
+        if not self._killed:
+            return listed
+        with self._lock:  # workers mpmagic killed are gone: forgotten once the scheduler lists them no more
+            for address, when in list(self._killed.items()):
+                if address not in listed or now - when > _KILLED_LISTED:
+                    del self._killed[address]
+            return {a: n for a, n in listed.items() if a not in self._killed}
 
     @property
     def worker_wait(self) -> float:
@@ -457,6 +520,7 @@ class DaskBackend:
             self.stops += 1
             self._payloads.clear()
             self._nthreads_cache = None
+            self._killed.clear()
         if client is not None and not self.owns_cluster and worker_setup.has_setup():
             worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:
@@ -466,10 +530,35 @@ class DaskBackend:
             except Exception:
                 log.info("mpmagic: closing the Dask client failed", exc_info=True)
         if cluster is not None:
+            self._close_cluster(cluster, max(timeout, _CLOSE_GRACE))
+        silenced, self._silenced = self._silenced, None
+        if silenced is not None:
+            silenced.restore()
+
+    @staticmethod
+    def _close_cluster(cluster: Any, timeout: float) -> None:
+        """Close mpmagic's own ``LocalCluster``; kill the worker processes that outlive it.
+
+        A nanny still starting a worker (one a ``--timeout`` or a cancel killed
+        a moment ago) keeps Dask's close waiting for that worker to come up, so
+        the close timed out, printed a traceback, and left the new worker
+        process running in the kernel. Whatever is alive after ``timeout`` is
+        killed here: the close always ends, and says nothing (Dask's own
+        records of it go to mpmagic's debug log)."""
+        processes = _worker_processes(cluster)
+        try:
+            with _quiet_dask_log():
+                cluster.close(timeout=timeout)
+        except Exception as exc:  # (Dask's TimeoutError: a nanny waits for its starting worker)
+            log.debug("mpmagic: closing mpmagic's local Dask cluster did not end in %g s: %s", timeout, exc)
+        left = [pid for pid in _pids_of(processes) if _is_our_child(pid)]
+        for pid in left:
             try:
-                cluster.close(timeout=max(timeout, 5.0))
-            except Exception:
-                log.warning("mpmagic: closing mpmagic's local Dask cluster failed", exc_info=True)
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if left:
+            log.debug("mpmagic: killed the Dask worker processes the close left running: %s", left)
 
     def _close_quietly(self) -> None:
         try:
@@ -660,13 +749,12 @@ class DaskBackend:
         runs send no work to that worker meanwhile (``_plan``). Returns the
         addresses of the workers that were killed.
         """
-        with self._lock:
+        killed = self._kill_workers({t.worker for t in tasks if t.worker}) if stop and self.owns_cluster else []
+        with self._lock:  # (a killed worker is not busy: it is gone, and a new one starts)
             for t in tasks:
-                if t.worker and t.key not in self._ended:
+                if t.worker and t.key not in self._ended and t.worker not in killed:
                     self._abandoned[t.key] = t.worker
-        if not (stop and self.owns_cluster):
-            return []
-        return self._kill_workers({t.worker for t in tasks if t.worker})
+        return killed
 
     def _kill_workers(self, addresses: set[str]) -> list[str]:
         """Kill these worker processes of mpmagic's own ``LocalCluster`` at once;
@@ -683,11 +771,30 @@ class DaskBackend:
                     killed.append(address)
                 except OSError:
                     log.debug("mpmagic: could not kill Dask worker %s (pid %s)", address, pid, exc_info=True)
+        now = time.monotonic()
+        with self._lock:
+            self._killed.update((address, now) for address in killed)
+        self._forget_workers(cluster, killed)
         rest = sorted(addresses - set(killed))
-        if rest:  # (no nanny process found: Dask's own restart, in the background)
+        if rest:  # (no nanny process found: Dask's own restart, in the background; busy until then)
             threading.Thread(target=_restart_quietly, args=(self.client, rest), daemon=True).start()
-            killed.extend(rest)
         return killed
+
+    @staticmethod
+    def _forget_workers(cluster: Any, addresses: list[str]) -> None:
+        """Tell mpmagic's own scheduler (in this process) at once that these killed
+        workers are gone. Until it noticed, it sent the next task to a live worker
+        with the function's payload to fetch from the dead one, and Dask's connect
+        retried that for its 30 s limit (a call after a cancel took 30 s, 1 run in 3)."""
+        scheduler = getattr(cluster, "scheduler", None)
+        if scheduler is None:
+            return
+        for address in addresses:
+            try:
+                cluster.sync(scheduler.remove_worker, address=address, stimulus_id=f"mpmagic-killed-{time.time()}",
+                             close=False, callback_timeout=2.0)
+            except Exception:  # (the scheduler notices the closed connection itself)
+                log.debug("mpmagic: could not tell the scheduler that worker %s is gone", address, exc_info=True)
 
     def _busy(self, nthreads: dict[str, int]) -> dict[str, int]:
         """Worker address -> threads still held by tasks given up on (workers that
@@ -729,7 +836,8 @@ class DaskBackend:
                 threads += free[address]
         if threads != want:  # (multi-threaded workers that cannot make up ``want``)
             picked, depth = sorted(free), 1
-        restrict = None if len(picked) == len(nthreads) else picked
+        # (Restricted while a worker mpmagic killed is still listed: Dask would send chunks there.)
+        restrict = None if len(picked) == len(nthreads) and not self._killed else picked
         return restrict, want * depth, want
 
     def _say_busy(self, busy: dict[str, int], free: dict[str, int], want: int = 0) -> None:
@@ -1320,11 +1428,14 @@ class _DaskRun:
                 # the culprit fails (the local pool knows the item at once).
                 self.suspects.update(self.job.split(task.unit))
                 return
-            self.job.lost(
-                task.unit,
-                "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)",
-                worker_kept=True,
-            )
+            # (On mpmagic's own cluster Dask fails a task at its worker's first death: no retry of Dask's.)
+            own, rank = self.backend.owns_cluster, self.job.kind == "cell"
+            if own:
+                how = "died (KilledWorker)" if rank else "died, and so did the worker mpmagic ran it on again, alone (KilledWorker)"
+            else:
+                how = ("died, and so did the workers Dask ran it on again (KilledWorker)" if rank else
+                       "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)")
+            self.job.lost(task.unit, how, worker_kept=True)
             return
         if isinstance(exc, ImportError) and "mpmagic" in str(exc):
             raise MPMagicError(
@@ -1359,6 +1470,7 @@ class _DaskRun:
             return
         now = time.monotonic()
         kept = False  # a worker of a cluster not ours stays busy with a task given up on
+        replan = False  # a worker of our own cluster was killed: the chunks to come go to the others
         for task in list(self.tasks.values()):
             if task.started is None or now < task.started + timeout:
                 continue
@@ -1370,6 +1482,7 @@ class _DaskRun:
             self.backend._give_up([task], stop=True)
             if self.backend.owns_cluster:
                 self.job.lost(task.unit, "ran past its timeout", timed_out=True)
+                replan = True
             else:
                 self.job.lost(
                     task.unit,
@@ -1382,6 +1495,8 @@ class _DaskRun:
                 kept = True
         if kept:
             self._leave_busy_workers()
+        elif replan:
+            self._plan_again()
 
     def _leave_busy_workers(self) -> None:
         """Chunks of this map that Dask queued on a worker now busy with a task
@@ -1610,6 +1725,22 @@ class _DaskRun:
         t.start()
         t.join(_CANCEL_BUDGET)
 
+    def _started_unseen(self, tasks: list[_Task], running: list[_Task]) -> set[str]:
+        """Workers of mpmagic's own cluster the scheduler has this run's tasks on, with
+        none of them known to have started: a task's start event can trail its start
+        (a loaded machine), and such a task, cancelled but not stopped, kept its worker
+        for 30 s while the next call was queued there. Those workers are killed too."""
+        keys = {t.key for t in tasks if t.started is None and not t.future.done()}
+        if not keys:
+            return set()
+        try:
+            processing = self.client.processing()
+        except Exception:  # (the scheduler did not answer: nothing more is killed)
+            log.debug("mpmagic: asking the scheduler where a run's tasks are failed", exc_info=True)
+            return set()
+        seen = {t.worker for t in running}
+        return {a for a, ks in processing.items() if a not in seen and any(str(k) in keys for k in ks)}
+
     def _abandon(self, interrupted: bool, stop: bool = False) -> str | None:
         """Cancel every future of this run. Tasks already running cannot be
         stopped by Dask: with ``stop`` (an interrupt, a cancel) their workers are
@@ -1630,9 +1761,12 @@ class _DaskRun:
         tasks = list(self.tasks.values())
         self.tasks.clear()
         running = [t for t in tasks if t.started is not None and not t.future.done()]
-        self._cancel([t.future for t in tasks])
         backend = self.backend
+        unseen = self._started_unseen(tasks, running) if (stop or interrupted) and backend.owns_cluster else set()
+        self._cancel([t.future for t in tasks])
         backend._give_up(running, stop=stop or interrupted)
+        if unseen:
+            backend._kill_workers(unseen)
         if not interrupted:
             return None
         queued = len(tasks) - len(running)
@@ -1679,6 +1813,33 @@ def _cancel_reason(future: Any) -> str | None:
     except Exception:
         return None
     return None
+
+
+def _worker_processes(cluster: Any) -> list[Any]:
+    """The nannies' ``WorkerProcess`` objects of mpmagic's own ``LocalCluster``: a nanny
+    that restarts its worker starts the new process in the same object."""
+    nannies = list(getattr(cluster, "workers", {}).values())
+    return [proc for proc in (getattr(nanny, "process", None) for nanny in nannies) if proc is not None]
+
+
+def _pids_of(processes: list[Any]) -> list[int]:
+    """The pids of the worker processes these ``WorkerProcess`` objects run now."""
+    pids = []
+    for proc in processes:
+        pid = getattr(getattr(proc, "process", None), "pid", None)
+        if isinstance(pid, int) and pid > 0:
+            pids.append(pid)
+    return pids
+
+
+def _is_our_child(pid: int) -> bool:
+    """Is ``pid`` a live (not zombie) child of this process? (A pid is not killed once reused.)"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z" and int(fields[1]) == os.getpid()
 
 
 def _replicate_quietly(client: Any, future: Any) -> None:
