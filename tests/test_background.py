@@ -660,6 +660,31 @@ def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns
     ip.user_ns.pop("bg_slow", None)
 
 
+def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, ns, monkeypatch):
+    """Before 3.11 concurrent.futures.TimeoutError is not the builtin: run.result(timeout=)
+    raised the builtin, which `except concurrent.futures.TimeoutError` missed. Its
+    class here (3.10's, stood in) must catch it, and `except TimeoutError` still."""
+    import concurrent.futures as cf
+
+    class FuturesTimeout(Exception):  # (3.10's concurrent.futures.TimeoutError: not an OSError)
+        pass
+
+    monkeypatch.setattr(cf, "TimeoutError", FuturesTimeout)
+    run(ip, "import mpmagic\nbg_slow = %pmap --bg -q napper, range(40)")
+    try:
+        for code in ("bg_slow.result(timeout=0.01)", "bg_slow.exception(timeout=0.01)",
+                     "next(mpmagic.as_completed(bg_slow, timeout=0.01))"):
+            with capture_output() as cap:
+                result = ip.run_cell(code, store_history=False)
+            error = result.error_in_exec
+            assert isinstance(error, FuturesTimeout) and isinstance(error, TimeoutError), (code, error)
+            shown = (cap.stdout + cap.stderr).strip()
+            assert shown.startswith("TimeoutError: ") and len(shown.splitlines()) == 1, (code, shown)
+    finally:
+        ip.run_cell("bg_slow.cancel()", store_history=False)
+        ip.user_ns.pop("bg_slow", None)
+
+
 def test_a_run_is_a_concurrent_futures_future_and_behaves_as_one(ns, caplog):
     """concurrent.futures.wait / as_completed crashed on a Run (AttributeError
     '_condition'); exception() after cancel() returned CancelledError instead of
