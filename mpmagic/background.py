@@ -31,7 +31,6 @@ the user's frames, as a blocking run shows it, however often it is raised.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import html
 import itertools
 import logging
@@ -250,16 +249,18 @@ def _timeout(message: str) -> BaseException:
     (the usual catch around ``run.result(timeout=...)``) and by ``except
     TimeoutError``. One class from Python 3.11; before, two, and the time-out
     is of a class that derives from both (:func:`_both_timeouts`)."""
-    futures_class = concurrent.futures.TimeoutError  # (looked up here: tests stand in 3.10's)
+    futures_class: Any = concurrent.futures.TimeoutError  # (looked up here: tests stand in 3.10's)
     if futures_class is TimeoutError:
         return TimeoutError(message)
-    return _both_timeouts(futures_class)(message)
+    both = _BOTH_TIMEOUTS.get(futures_class)
+    if both is None:
+        both = _BOTH_TIMEOUTS[futures_class] = type(
+            "TimeoutError", (futures_class, TimeoutError), {"__module__": futures_class.__module__})
+    return both(message)
 
 
-@functools.cache
-def _both_timeouts(futures_class: type[BaseException]) -> type[BaseException]:
-    """Python < 3.11: a ``TimeoutError`` that is ``concurrent.futures``' and the builtin one."""
-    return type("TimeoutError", (futures_class, TimeoutError), {"__module__": futures_class.__module__})
+#: Python < 3.11: a ``TimeoutError`` that is ``concurrent.futures``' and the builtin one, by the former.
+_BOTH_TIMEOUTS: dict[Any, Any] = {}
 
 
 class Run(Future[_R]):
