@@ -730,10 +730,8 @@ def forget_outputs(ip: InteractiveShell) -> None:
         out.clear()
     history = ip.history_manager
     if history is not None:
-        history.outputs.clear()
-        history.output_hist.clear()
-        history.output_hist_reprs.clear()
-        history.exceptions.clear()
+        for kept in ("outputs", "output_hist", "output_hist_reprs", "exceptions"):  # (outputs, exceptions: IPython 9)
+            getattr(history, kept, {}).clear()
     for name in ("last_type", "last_value", "last_traceback", "last_exc"):
         if hasattr(sys, name):
             setattr(sys, name, None)

@@ -30,6 +30,7 @@ the user's frames, as a blocking run shows it, however often it is raised.
 
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import itertools
 import logging
@@ -243,6 +244,25 @@ _R = TypeVar("_R")
 _T = TypeVar("_T")
 
 
+def _timeout(message: str) -> BaseException:
+    """A wait's time-out, caught by ``except concurrent.futures.TimeoutError``
+    (the usual catch around ``run.result(timeout=...)``) and by ``except
+    TimeoutError``. One class from Python 3.11; before, two, and the time-out
+    is of a class that derives from both (:func:`_both_timeouts`)."""
+    futures_class: Any = concurrent.futures.TimeoutError  # (looked up here: tests stand in 3.10's)
+    if futures_class is TimeoutError:
+        return TimeoutError(message)
+    both = _BOTH_TIMEOUTS.get(futures_class)
+    if both is None:
+        both = _BOTH_TIMEOUTS[futures_class] = type(
+            "TimeoutError", (futures_class, TimeoutError), {"__module__": futures_class.__module__})
+    return both(message)
+
+
+#: Python < 3.11: a ``TimeoutError`` that is ``concurrent.futures``' and the builtin one, by the former.
+_BOTH_TIMEOUTS: dict[Any, Any] = {}
+
+
 class Run(Future[_R]):
     """A run going on in the background: ``done()``, ``result(timeout)``, ``cancel()``.
 
@@ -354,7 +374,7 @@ class Run(Future[_R]):
         """The results (as the blocking call returns them), or the run's error raised here."""
         __tracebackhide__ = True
         if not self._wait_here(timeout, "result()"):
-            raise one_line(TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
+            raise one_line(_timeout(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
         if self._cancelled:
             raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
         if self._error is not None:
@@ -371,7 +391,7 @@ class Run(Future[_R]):
         as ``concurrent.futures.Future.exception``."""
         __tracebackhide__ = True
         if not self._wait_here(timeout, "exception()"):
-            raise one_line(TimeoutError(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
+            raise one_line(_timeout(f"run {self.id} ({self.what}) did not end within {timeout:g} s; it goes on"))
         if self._cancelled:
             raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
         return self._error
@@ -955,7 +975,7 @@ def _completed(run: Run[list[_T]], chunks: list[tuple[int, list[Any]]], timeout:
                 except KeyboardInterrupt:  # the loop stops here, the run goes on (say so)
                     raise run._interrupted("as_completed") from None
                 if not arrived:
-                    raise one_line(TimeoutError(f"no result of run {run.id} within {timeout:g} s"))
+                    raise one_line(_timeout(f"no result of run {run.id} within {timeout:g} s"))
             fresh = chunks[seen:]
             ended = run.done()
         seen += len(fresh)

@@ -314,18 +314,46 @@ _DAMAGE_CODES = {11, 26}
 _READONLY_CODES = {8, 14}
 
 
+# SQLite's own text for the result codes above, and SQLITE_FULL (13): before
+# Python 3.11 an error has no ``sqlite_errorcode``, only this message.
+_CODE_MESSAGES = {
+    "attempt to write a readonly database": 8,
+    "database disk image is malformed": 11,
+    "database or disk is full": 13,
+    "unable to open database file": 14,
+    "file is not a database": 26,
+}
+
+
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    """SQLite's primary result code of ``exc``, or None when it cannot be told.
+
+    ``sqlite_errorcode`` exists from Python 3.11; before, the message is read
+    (SQLite's fixed text for the code), else a read-only store was recomputed
+    in full and a full disk's ``clear`` failed on 3.10.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return int(code) & 0xFF
+    return _CODE_MESSAGES.get(str(exc).strip().lower())
+
+
 def _is_readonly(exc: sqlite3.DatabaseError) -> bool:
     """Is ``exc`` SQLite saying this user may not write the store (or its folder)?"""
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code is not None and code & 0xFF in _READONLY_CODES
+    return _primary_code(exc) in _READONLY_CODES
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    """Is ``exc`` SQLite saying the disk is full (SQLITE_FULL)?"""
+    return _primary_code(exc) == 13
 
 
 def _is_damage(exc: sqlite3.DatabaseError) -> bool:
     """Is ``exc`` damage of the file itself (and not a full disk, an I/O error,
     a read-only file or a lock, which say nothing about the store)?"""
-    code = getattr(exc, "sqlite_errorcode", None)
+    code = _primary_code(exc)
     if code is not None:
-        return code & 0xFF in _DAMAGE_CODES
+        return code in _DAMAGE_CODES
     return not isinstance(exc, sqlite3.OperationalError)
 
 
@@ -690,7 +718,7 @@ class Store:
             try:
                 n += self._delete_rows(run)
             except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", None) != 13:  # SQLITE_FULL
+                if not _is_full(exc):
                     raise
                 self._delete_files(run)  # (rows without files: a load counts them unreadable, never wrong)
                 try:

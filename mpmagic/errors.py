@@ -31,8 +31,16 @@ from .proclimits import rlimit
 logger = logging.getLogger("mpmagic")
 _E = TypeVar("_E", bound=BaseException)
 
-# ExceptionGroup exists from Python 3.11; before, nothing is a group.
-_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
+
+def group_class() -> Any:
+    """``BaseExceptionGroup`` (from Python 3.11), else the ``exceptiongroup``
+    backport's if it was imported (IPython 8, pytest, anyio and trio use it on
+    3.10), else ``()``: nothing is a group. Looked up at each use: the backport
+    may be imported after mpmagic, and mpmagic does not depend on it."""
+    group = getattr(builtins, "BaseExceptionGroup", None)
+    if group is None:
+        group = getattr(sys.modules.get("exceptiongroup"), "BaseExceptionGroup", ())
+    return group
 
 
 class MPMagicError(Exception):
@@ -548,9 +556,9 @@ def add_note(exc: BaseException, note: str) -> None:
     it line by line, as a list); a str or anything else stays as it was, without
     our note; a refused write goes through ``BaseException.__setattr__``, as
     Python's own ``raise`` sets ``__traceback__`` past the class's ``__setattr__``.
+    Before Python 3.11 (no ``add_note``) ``__notes__`` is set all the same: IPython 8
+    and the ``exceptiongroup`` backport show it, and :func:`came_from_worker` reads it.
     """
-    if not hasattr(BaseException, "add_note"):  # (Python < 3.11: no notes)
-        return
     try:
         notes = getattr(exc, "__notes__", None)
     except Exception:  # (a class's __getattr__ that raises something else)
@@ -742,9 +750,11 @@ def format_exception(exc: BaseException) -> str:
     elsewhere Python's. Used for each failing ``%%parallel`` rank.
     """
     shell = _ipython()
-    if shell is not None and not isinstance(exc, _GROUP) and not isinstance(exc, SyntaxError):
+    if shell is not None and not isinstance(exc, group_class()) and not isinstance(exc, SyntaxError):
         try:
-            stb = shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__)
+            # tb_offset=0: the rebuilt traceback has no IPython frame for IPython 8
+            # to skip (its default offset of 1 cut off the rank's only frame).
+            stb = shell.InteractiveTB.structured_traceback(type(exc), exc, exc.__traceback__, tb_offset=0)
             return shell.InteractiveTB.stb2text(stb)
         except Exception as why:
             logger.debug("IPython could not render %r: %s", exc, why)
@@ -805,10 +815,19 @@ def hide_our_frames(exc: BaseException) -> None:
     in its ``except``) shows the caller's line and the task's frames, as serial
     ``map`` would. Called in an ``except`` of the API's outermost frame before a
     bare ``raise``: that one adds no entry for the frame again. Errors not from a
-    task (our refusals, our bugs) keep every frame."""
+    task (our refusals, our bugs) keep every frame.
+
+    Before Python 3.11 a bare ``raise`` re-raises the traceback its ``except``
+    caught, not ``__traceback__``: that one's first entry (the API's frame) cannot
+    go, but the entries after it are replaced in place, so only that frame of
+    ours is shown there."""
     if came_from_worker(exc):
+        caught = exc.__traceback__
+        kept = _without_hidden_frames(caught)
         # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
-        BaseException.__setattr__(exc, "__traceback__", _without_hidden_frames(exc.__traceback__))
+        BaseException.__setattr__(exc, "__traceback__", kept)
+        if sys.version_info < (3, 11) and caught is not None and (kept is None or kept.tb_frame is not caught.tb_frame):
+            caught.tb_next = kept
 
 
 def _user_code_under_us(tb: types.TracebackType | None) -> bool:
@@ -872,11 +891,13 @@ def install_display(shell: Any) -> None:
             # The cell's line, then the task's frames: as the same cell with map() shows.
             tb = _without_hidden_frames(tb)
             BaseException.__setattr__(value, "__traceback__", tb)  # (as raise sets it: see drop_our_frames)
-            if isinstance(value, SyntaxError) or isinstance(value, _GROUP):
+            if isinstance(value, SyntaxError) or isinstance(value, group_class()):
                 text = cell_names("".join(traceback.format_exception(value)))
                 shell._showtraceback(etype, value, text.rstrip("\n").split("\n"))
                 return None
             exc_tuple = (etype, value, tb)
+            # IPython's own frames are gone: IPython 8 would skip one more (the cell's line).
+            tb_offset = 0 if tb_offset is None else tb_offset
         elif value is not None and not exception_only and _user_code_under_us(tb):
             # The user's code called by ours (a generator input, an on_chunk callback)
             # raised: the cell's line, then the user's frames, as with map(); not
@@ -885,6 +906,7 @@ def install_display(shell: Any) -> None:
                 t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
             BaseException.__setattr__(value, "__traceback__", tb)
             exc_tuple = (etype, value, tb)
+            tb_offset = 0 if tb_offset is None else tb_offset  # (as above)
         return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
 
     showtraceback._mpmagic = True  # type: ignore[attr-defined]

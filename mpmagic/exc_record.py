@@ -13,7 +13,6 @@ It sits above ``payload`` (it pickles the parts) and ``errors`` (the frames,
 
 from __future__ import annotations
 
-import builtins
 import logging
 import pickle
 import sys
@@ -23,12 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import payload
-from .errors import FrameInfo, RemoteError, extract_frames, fake_traceback, map_cell_frames
+from .errors import (
+    FrameInfo,
+    RemoteError,
+    extract_frames,
+    fake_traceback,
+    group_class,
+    map_cell_frames,
+)
 
 logger = logging.getLogger("mpmagic")
 
-# ExceptionGroup exists from Python 3.11; before, nothing is a group.
-_GROUP: Any = getattr(builtins, "BaseExceptionGroup", ())
 
 _MAX_CHAIN = 16  # causes/contexts followed per exception
 
@@ -119,7 +123,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         rec.notes = [str(n) for n in notes]
-    is_group = isinstance(exc, _GROUP)
+    is_group = isinstance(exc, group_class())
     if not is_group:
         rec.whole = _dumps_loadable(exc, payload)
     if rec.whole is None:

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import os
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -273,6 +274,9 @@ def test_a_cancelled_apmap_stops_its_run_at_once_and_shows_one_line(ns):
 
     exc, took = asyncio.run(main())
     assert took < 2.0  # (the whole run: 40 items of napper; a cancel stops it within a chunk)
+    if sys.version_info < (3, 11):  # asyncio 3.10 raises a new, empty one: ours is its context (troubleshooting.md)
+        assert type(exc) is asyncio.CancelledError and not exc.args
+        exc = exc.__context__
     [line] = exc._render_traceback_()
     assert line.startswith("CancelledError: mpmagic.apmap was cancelled: run ") and "of 40 items" in line
     assert line == f"CancelledError: {exc}"  # (a kernel's error reply: its evalue is str(exc), was '')
@@ -658,6 +662,31 @@ def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns
         assert shown.startswith(f"{name}: ") and words in shown and len(shown.splitlines()) == 1, (code, shown)
         assert "background.py" not in shown
     ip.user_ns.pop("bg_slow", None)
+
+
+def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, ns, monkeypatch):
+    """Before 3.11 concurrent.futures.TimeoutError is not the builtin: run.result(timeout=)
+    raised the builtin, which `except concurrent.futures.TimeoutError` missed. Its
+    class here (3.10's, stood in) must catch it, and `except TimeoutError` still."""
+    import concurrent.futures as cf
+
+    class FuturesTimeout(Exception):  # (3.10's concurrent.futures.TimeoutError: not an OSError)
+        pass
+
+    monkeypatch.setattr(cf, "TimeoutError", FuturesTimeout)
+    run(ip, "import mpmagic\nbg_slow = %pmap --bg -q napper, range(40)")
+    try:
+        for code in ("bg_slow.result(timeout=0.01)", "bg_slow.exception(timeout=0.01)",
+                     "next(mpmagic.as_completed(bg_slow, timeout=0.01))"):
+            with capture_output() as cap:
+                result = ip.run_cell(code, store_history=False)
+            error = result.error_in_exec
+            assert isinstance(error, FuturesTimeout) and isinstance(error, TimeoutError), (code, error)
+            shown = (cap.stdout + cap.stderr).strip()
+            assert shown.startswith("TimeoutError: ") and len(shown.splitlines()) == 1, (code, shown)
+    finally:
+        ip.run_cell("bg_slow.cancel()", store_history=False)
+        ip.user_ns.pop("bg_slow", None)
 
 
 def test_a_run_is_a_concurrent_futures_future_and_behaves_as_one(ns, caplog):

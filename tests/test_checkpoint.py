@@ -895,9 +895,17 @@ def test_files_a_killed_write_left_are_removed_when_the_store_is_opened(tmp_path
 
 
 _READONLY_SCRIPT = textwrap.dedent("""
-    import os, sys, warnings
+    import os, sqlite3, sys, warnings
     from mpmagic import checkpoint
     from mpmagic.checkpoint_store import Store
+    if len(sys.argv) > 2:  # as on Python < 3.11: SQLite's errors carry no sqlite_errorcode, only a message
+        real = Store._connect
+        def bare(self):
+            try:
+                return real(self)
+            except sqlite3.Error as exc:
+                raise type(exc)(str(exc)) from None
+        Store._connect = bare
     store = Store(sys.argv[1])
     print(store.readonly, store.load(b"r" * 16, [b"k" * 16]))
     os.chdir(os.path.dirname(sys.argv[1]))
@@ -909,7 +917,8 @@ _READONLY_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_store_in_a_folder_this_user_may_only_read_is_read(tmp_path):
+@pytest.mark.parametrize("error_code", [True, False], ids=["sqlite_errorcode", "message_only"])
+def test_a_store_in_a_folder_this_user_may_only_read_is_read(tmp_path, error_code):
     folder = tmp_path / ".mpmagic"
     store = Store(folder)
     store.put(b"r" * 16, "f", [(b"k" * 16, "stored")])
@@ -920,7 +929,8 @@ def test_a_store_in_a_folder_this_user_may_only_read_is_read(tmp_path):
     os.chmod(folder / DB_NAME, 0o444)
     os.chmod(folder, 0o555)
     try:
-        out = subprocess.run([*prefix, sys.executable, "-c", _READONLY_SCRIPT, str(folder)], capture_output=True,
+        out = subprocess.run([*prefix, sys.executable, "-c", _READONLY_SCRIPT, str(folder),
+                              *([] if error_code else ["bare"])], capture_output=True,
                              text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     finally:
         os.chmod(folder, 0o755)
@@ -930,7 +940,9 @@ def test_a_store_in_a_folder_this_user_may_only_read_is_read(tmp_path):
     assert lines[2].startswith("MPMagicError") and "read-only" in lines[2] and len(lines) == 3
 
 
-def test_clear_on_a_full_disk_deletes_the_files_first_and_else_says_so_in_one_line(ip, store_dir, monkeypatch):
+@pytest.mark.parametrize("error_code", [True, False], ids=["sqlite_errorcode", "message_only"])  # (< 3.11: no code)
+def test_clear_on_a_full_disk_deletes_the_files_first_and_else_says_so_in_one_line(ip, store_dir, monkeypatch,
+                                                                                   error_code):
     np = pytest.importorskip("numpy")
     store = checkpoint.open_store()
     store.put(b"r" * 16, "big", [(b"k" * 16, np.arange(200_000.0))])
@@ -940,7 +952,8 @@ def test_clear_on_a_full_disk_deletes_the_files_first_and_else_says_so_in_one_li
         tries.append(sorted(p.name for p in self.blobs.iterdir()))
         if len(tries) == 1:
             exc = sqlite3.OperationalError("database or disk is full")
-            exc.sqlite_errorcode = 13
+            if error_code:
+                exc.sqlite_errorcode = 13
             raise exc
         return real(self, run_)
 
@@ -951,7 +964,8 @@ def test_clear_on_a_full_disk_deletes_the_files_first_and_else_says_so_in_one_li
 
     def full(self, run_):
         exc = sqlite3.OperationalError("database or disk is full")
-        exc.sqlite_errorcode = 13
+        if error_code:
+            exc.sqlite_errorcode = 13
         raise exc
 
     monkeypatch.setattr(Store, "_delete_rows", full)

@@ -622,6 +622,65 @@ def test_an_interrupt_during_the_consumer_locks_acquire_gives_the_lease_back():
     assert q._taker.leases == 0
 
 
+class _AsyncioTimeout(Exception):
+    """asyncio.TimeoutError as on Python 3.10: a class of its own, not the builtin TimeoutError."""
+
+
+def test_dasks_asyncio_timeouts_are_timeouts_as_on_python_3_10(monkeypatch):
+    """Dask raises asyncio's TimeoutError, which is not the builtin before 3.11:
+    a result slow to fetch failed its item there ("Dask could not run item 0:
+    TimeoutError") instead of going back to wait twice as long, and a Queue's
+    lost race gave the user a raw timeout. No cluster needed: stand-ins raise it."""
+    import asyncio
+
+    from mpmagic.backends.dask import _DaskRun, _Task
+    from mpmagic.backends.dask_shared import DaskQueue
+
+    monkeypatch.setattr(asyncio, "TimeoutError", _AsyncioTimeout)
+
+    class SlowFuture:
+        status = "finished"
+        callbacks = 0
+
+        def result(self, timeout=None):
+            raise _AsyncioTimeout(f"timed out after {timeout} s.")
+
+        def add_done_callback(self, fn):
+            self.callbacks += 1
+
+    class Backend:
+        timeout = 0.4
+
+    future = SlowFuture()
+    run_ = object.__new__(_DaskRun)
+    run_.backend, run_.job, run_.tasks = Backend(), None, {}
+    task = _Task("k", unit=None, future=future)
+    run_.tasks["k"] = task
+    run_._failed = lambda task, exc: pytest.fail(f"the item failed: {exc!r}")
+    run_._finish("k")
+    assert run_.tasks == {"k": task} and future.callbacks == 1 and task.gather_wait == 0.4
+    run_._finish("k")  # back again, waiting twice as long
+    assert run_.tasks == {"k": task} and future.callbacks == 2 and task.gather_wait == 0.8
+
+    class Lock:
+        def acquire(self, timeout=None):
+            return True
+
+        def release(self):
+            pass
+
+    class LateQueue:
+        def qsize(self):
+            return 1
+
+        def get(self, timeout=None):
+            raise _AsyncioTimeout("timed out")
+
+    q = object.__new__(DaskQueue)
+    q._taker, q._q = Lock(), LateQueue()
+    assert q._take(1.0, look_first=False) == (False, None)
+
+
 def test_queue_put_after_close_raises_as_the_local_one(dask_pool):
     """A put after the end of the stream would be lost (its consumers have
     stopped): ValueError with the local Queue's advice, and get says closed."""

@@ -334,6 +334,43 @@ def test_capture_and_rebuild_keep_real_slots():
     assert type(back) is _ImportableSlotted and back.code == 9 and back.args == ("code 9",)
 
 
+class _BackportGroup(Exception):
+    """The ``exceptiongroup`` backport's BaseExceptionGroup, as on Python 3.10: no builtin's subclass."""
+
+    def __new__(cls, message, exceptions):
+        self = super().__new__(cls, message, exceptions)
+        self.message, self.exceptions = message, tuple(exceptions)
+        return self
+
+    def __init__(self, message, exceptions):
+        super().__init__(message, exceptions)
+
+
+def test_the_exceptiongroup_backports_groups_are_groups_as_on_python_3_10(monkeypatch):
+    """Without a builtin BaseExceptionGroup (3.10) nothing was a group: a task's
+    backport group (anyio, trio, pytest raise them) came back without its
+    sub-exceptions' frames and was shown with mpmagic's frames."""
+    import types
+
+    from mpmagic.errors import group_class
+    from mpmagic.exc_record import capture, rebuild
+
+    monkeypatch.delattr(builtins, "BaseExceptionGroup", raising=False)  # (3.10 has none)
+    backport = types.ModuleType("exceptiongroup")
+    backport.BaseExceptionGroup = _BackportGroup  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "exceptiongroup", backport)
+    assert group_class() is _BackportGroup
+    try:
+        raise _BackportGroup("two", [ValueError(7), KeyError("k")])
+    except _BackportGroup as exc:
+        record = pickle.loads(pickle.dumps(capture(exc)))
+    assert record.children is not None and [c.type_name for c in record.children] == ["ValueError", "KeyError"]
+    back = rebuild(record)
+    assert type(back) is _BackportGroup and [repr(e) for e in back.exceptions] == ["ValueError(7)", "KeyError('k')"]
+    monkeypatch.delitem(sys.modules, "exceptiongroup")
+    assert group_class() == ()  # (no backport imported: nothing is a group, as before)
+
+
 def test_an_exception_whose_str_fails_is_still_the_tasks_own(ip, backend):
     """Reading its text in the pool's manager raised there: the notebook got a
     RuntimeError (or RecursionError) and `except ValueError` missed it."""
@@ -418,6 +455,8 @@ def test_every_exception_mpmagic_exports_round_trips_through_pickle():
     """ParallelError and RemoteError failed to unpickle (their __init__ takes more
     than the message args holds): a ProcessPoolExecutor job that raised one broke
     the executor (BrokenProcessPool). Each exported class keeps message and attributes."""
+    from mpmagic.errors import add_note
+
     samples = {"ParallelError": ("1 of 2 ranks failed", {1: ZeroDivisionError("x")}, {0: 5}),
                "RemoteError": ("WeirdError", "made in a worker"), "ReduceError": ("sum failed", [1, "a"])}
     classes = [c for c in (getattr(mpmagic, n) for n in mpmagic.__all__)
@@ -425,7 +464,7 @@ def test_every_exception_mpmagic_exports_round_trips_through_pickle():
     assert len(classes) >= 10 and mpmagic.ParallelError in classes
     for cls in classes:
         exc = cls(*samples.get(cls.__name__, ("one line",)))
-        exc.add_note("a note")
+        add_note(exc, "a note")  # (ours: BaseException.add_note is 3.11+)
         back = pickle.loads(pickle.dumps(exc))
         assert type(back) is cls and str(back) == str(exc) and back.args == exc.args, cls
         assert repr(vars(back)) == repr(vars(exc)), cls  # failures, values, type_name, message, notes

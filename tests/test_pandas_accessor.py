@@ -379,7 +379,10 @@ def test_a_functions_own_keyword_named_like_an_accessor_option_is_refused_not_ta
     with pytest.raises(UsageError, match="compare= is True or False"):
         ip.run_cell("df['x'].mp.map(abs, compare='left')").raise_error()
     got = run(ip, "import functools\ndf['x'].mp.map(functools.partial(tag, compare='left'), quiet=True)")
-    assert_same(got, run(ip, "df['x'].map(tag, compare='left')"))
+    # (Series.map passes keywords to func from pandas 3; before, the partial is the same call)
+    serial = "df['x'].map(tag, compare='left')" if int(pd.__version__.split(".")[0]) >= 3 else \
+        "df['x'].map(functools.partial(tag, compare='left'))"
+    assert_same(got, run(ip, serial))
 
 
 def test_the_report_times_the_whole_call_as_a_stopwatch_does(ip, frame) -> None:

@@ -101,6 +101,9 @@ def test_syntax_error_raised_in_a_task(ip, local_pool):
 
 
 def test_exception_group_shows_its_sub_exceptions(ip, local_pool):
+    if sys.version_info < (3, 11):  # (the backport, as anyio, trio and pytest raise them there)
+        run_cell = ip.run_cell("from exceptiongroup import ExceptionGroup", store_history=False)
+        assert run_cell.success
     n = defined(ip, "def several(x):\n    raise ExceptionGroup('two', [ValueError(x), TypeError('t')])\n")
     _, text, err = shown(ip, "%pmap several, [7]")
     assert type(err).__name__ == "ExceptionGroup"
@@ -289,5 +292,9 @@ def test_a_script_sees_its_own_line_then_the_task_frames(local_pool):
         else:
             raise AssertionError(f"{name}: no error")
         files = re.findall(r'File "([^"]+)", line \d+, in (\w+)', text)
-        assert files and all(not f.startswith(PACKAGE) for f, _ in files), (name, text)
+        ours = [fn for f, fn in files if f.startswith(PACKAGE)]
+        if sys.version_info >= (3, 11):
+            assert files and not ours, (name, text)
+        else:  # a bare raise keeps the frame its except caught in: the API's own, and only it (see hide_our_frames)
+            assert files and len(ours) == 1 and files[-2][0].startswith(PACKAGE), (name, text)
         assert [fn for _, fn in files][-1] == "_tenth", (name, text)

@@ -51,6 +51,7 @@ turns its absence into an install hint.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import itertools
@@ -434,7 +435,7 @@ class DaskBackend:
             self._close_quietly()
             raise UsageError(f"{where!r} is not a Dask scheduler address Dask can use ({exc}): "
                              f"{_ADDRESS_LOOKS}") from None
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:  # (two classes before 3.11)
             waited = time.monotonic() - t0
             self._close_quietly()
             hint = (
@@ -588,7 +589,7 @@ class DaskBackend:
             self.client.restart(timeout=max(self.timeout, 30.0), wait_for_workers=wait)
         except ValueError as exc:  # workers without nannies
             raise MPMagicError(f"Dask cannot restart these workers ({exc}); restart them where they run") from None
-        except (OSError, TimeoutError) as exc:
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:  # (two classes before 3.11)
             raise MPMagicError(f"the Dask workers did not come back after a restart: {exc}") from None
 
     def check_workers(self, workers: int | None) -> None:
@@ -1323,7 +1324,7 @@ class _DaskRun:
             reply = None if status == "cancelled" else future.result(timeout=wait)
         except CancelledError:
             reply = None
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # Dask's is asyncio's: not the builtin before 3.11
             self.tasks[key] = task
             future.add_done_callback(self._on_done)
             return

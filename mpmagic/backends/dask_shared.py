@@ -18,6 +18,7 @@ shared with the notebook, which a cluster does not have: they raise a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import queue as std_queue
@@ -159,7 +160,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
                     try:
                         self._q.put(data, timeout=self._SLICE)  # (room was there: at once; a lost race logs once)
                         return
-                    except TimeoutError:
+                    except (TimeoutError, asyncio.TimeoutError):  # (Dask's; a class of its own before 3.11)
                         pass
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -251,7 +252,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
                 return False, None  # another consumer took it
             try:
                 data = self._q.get(timeout=self._SLICE)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # (Dask's; a class of its own before 3.11)
                 return False, None
         finally:
             self._taker.release()
