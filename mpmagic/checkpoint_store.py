@@ -282,8 +282,23 @@ def warn(message: str) -> None:
     if frame is None:
         log.warning(message)
         return
+    g = frame.f_globals
     warnings.warn_explicit(message, RuntimeWarning, frame.f_code.co_filename, frame.f_lineno,
-                           module=frame.f_globals.get("__name__", "__main__"), module_globals=frame.f_globals)
+                           module=g.get("__name__", "__main__"), **_module_globals(g))
+
+
+def _module_globals(g: dict[str, Any]) -> dict[str, Any]:
+    """``module_globals=g`` for ``warn_explicit`` when its loader can show the
+    source line, else nothing: from Python 3.12 ``warn_explicit`` *raises*
+    ``ValueError('Module globals is missing a __spec__.loader')`` for globals
+    whose ``__loader__`` and ``__spec__`` are None, as IPython's and a Jupyter
+    kernel's ``__main__`` are, so each warning failed the cell and lost the
+    run's results. Without it the line still shows: IPython puts each cell's
+    source in ``linecache``, and a script's line is read from its file."""
+    spec_loader = getattr(g.get("__spec__"), "loader", None)
+    if spec_loader is not None and g.get("__loader__") in (None, spec_loader):
+        return {"module_globals": g}
+    return {}
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))

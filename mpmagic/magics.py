@@ -487,8 +487,8 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
         if local_ns is not None and local_ns is not user_ns and _is_class_body(local_ns):
             # A class body's names are seen by the argument list itself, not
             # by a lambda or comprehension in it, as in ``map(...)`` there:
-            # eval's separate locals give exactly Python's class scope.
-            args, keywords = eval(code, user_ns, local_ns)
+            # run as a statement of a class body, in the class's namespace.
+            args, keywords = _eval_in_class_body(text, parser, filename, collector, name, user_ns, local_ns)
         elif local_ns is not None and local_ns is not user_ns:
             # One namespace of both, the function's names winning: a lambda
             # written here finds them as its globals (eval's separate locals
@@ -509,6 +509,87 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     finally:
         user_ns.pop(name, None)
     return _map_keywords(args, keywords, text, parser)
+
+
+def _eval_in_class_body(text: str, parser: _Parser, filename: str, collector: str, name: str,
+                        user_ns: dict[str, Any], class_ns: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """map()'s arguments and keywords from ``text`` evaluated as a statement of
+    the class body whose namespace is ``class_ns``, as ``map(...)`` there.
+
+    Why not ``eval(code, user_ns, class_ns)``, Python's class scope until
+    3.11: from 3.12 (PEP 709) a list, set or dict comprehension in top-level
+    code is inlined and reads eval's separate locals, so ``[base for _ in
+    range(2)]`` saw the class's ``base`` where map() there sees the
+    notebook's. A real class body's code is run instead, in the class's own
+    namespace (a walrus binds there, as today); the names the compiler's
+    class prologue writes (``__qualname__``, ...) are put back after it.
+    ``name``: the collector's name for this call (see :func:`_eval_map_args`).
+    """
+    __tracebackhide__ = True
+    class_name = str(class_ns.get("__qualname__", "")).rpartition(".")[2]
+    template = _class_body_code(text, parser, filename, collector, class_name if class_name.isidentifier() else "_")
+    names = template.co_names
+    at = names.index(collector)
+    code = template.replace(co_names=(*names[:at], name, *names[at + 1 :]))
+    found: list[tuple[tuple, dict[str, Any]]] = []
+    user_ns[name] = lambda *args, **keywords: found.append((args, keywords))
+    missing = object()
+    saved = {key: class_ns.get(key, missing) for key in _CLASS_BODY_OWN_NAMES}
+    try:
+        exec(code, user_ns, class_ns)
+    finally:
+        for key, value in saved.items():
+            if value is missing:
+                class_ns.pop(key, None)
+            elif class_ns.get(key, missing) is not value:
+                class_ns[key] = value
+    return found[0]
+
+
+def _class_body_code(text: str, parser: _Parser, filename: str, collector: str, class_name: str) -> types.CodeType:
+    """The code of the body of ``class <class_name>: <collector>(<text>)``, under
+    ``filename`` and at the same lines and columns as :func:`_args_code`'s (a
+    traceback shows the line as written). Named after the user's class, so a
+    ``__name`` is mangled as in ``map(...)`` there. Cached by text and name."""
+    __tracebackhide__ = True
+    key = (text, class_name)
+    code = _class_body_codes.get(key)
+    if code is not None:
+        return code
+    call = astlock.parse(f"{collector}({text}\n)", filename, "eval").body  # type: ignore[attr-defined]  # (checked by _args_code)
+    statement = ast.copy_location(ast.Expr(call), call)
+    since_312: dict[str, Any] = {"type_params": []} if sys.version_info >= (3, 12) else {}
+    body = ast.ClassDef(name=class_name, bases=[], keywords=[], body=[statement], decorator_list=[], **since_312)
+    ast.copy_location(body, call)
+    try:
+        module = astlock.compile_tree(ast.Module(body=[body], type_ignores=[]), filename, "exec")
+    except SyntaxError as exc:  # what only a class body refuses (a walrus in a comprehension), as map() there
+        raise parser.usage_error(f"{text!r}: {exc.msg}") from None
+    code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+    # "in <module>" in a traceback, as the line evaluated elsewhere shows
+    since_311: dict[str, Any] = {"co_qualname": "<module>"} if sys.version_info >= (3, 11) else {}
+    code = code.replace(co_name="<module>", **since_311)
+    if len(_class_body_codes) >= _ARGS_CODES_KEPT:
+        _class_body_codes.clear()
+    _class_body_codes[key] = code
+    return code
+
+
+#: Class-body codes of argument lists (:func:`_class_body_code`), by text and class name.
+_class_body_codes: dict[tuple[str, str], types.CodeType] = {}
+
+
+def _class_body_own_names() -> frozenset[str]:
+    """The names the compiler's class prologue and epilogue bind in a class
+    namespace (``__module__``, ``__qualname__``, 3.13's ``__firstlineno__``
+    and ``__static_attributes__``, ...), asked of this Python."""
+    module = compile("class _:\n    pass\n", "<class>", "exec")
+    namespace: dict[str, Any] = {}
+    exec(next(c for c in module.co_consts if isinstance(c, types.CodeType)), {"__name__": "_"}, namespace)
+    return frozenset(namespace) | {"__classcell__", "__classdictcell__"}
+
+
+_CLASS_BODY_OWN_NAMES = _class_body_own_names()
 
 
 #: Compiled argument lists by their text (:func:`_args_code`): a warm ``%pmap f, xs``

@@ -388,6 +388,34 @@ def test_pool_checkpoints_on_an_unusable_folder_says_so_in_one_line_of_its_own(i
         f"not a folder): {done}; set %config MPMagic.checkpoint_dir to a folder")
 
 
+def test_a_warning_at_a_line_whose_globals_have_no_loader_stays_a_warning(monkeypatch):
+    """IPython's and a Jupyter kernel's ``__main__`` have ``__loader__ = __spec__ = None``:
+    Python 3.12+'s ``warn_explicit`` raises ValueError for such ``module_globals``, so every
+    --checkpoint warning failed the cell and lost the run's results. 3.11 took them, so
+    3.12's rule is applied here on any Python; a module with a loader still passes its globals."""
+    from mpmagic import checkpoint_store
+
+    real, seen = warnings.warn_explicit, []
+
+    def as_on_312(*args, module_globals=None, **kwargs):
+        if module_globals is not None and module_globals.get("__loader__") is None \
+                and getattr(module_globals.get("__spec__"), "loader", None) is None:
+            raise ValueError("Module globals is missing a __spec__.loader")
+        seen.append(module_globals)
+        return real(*args, module_globals=module_globals, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn_explicit", as_on_312)
+    cell = {"__name__": "__main__", "__loader__": None, "__spec__": None, "warn": checkpoint_store.warn}
+    with pytest.warns(RuntimeWarning, match="the store is gone") as caught:
+        exec(compile("warn('the store is gone')", "<a-cell>", "exec"), cell)
+    assert (caught[0].filename, caught[0].lineno, seen) == ("<a-cell>", 1, [None])
+    module = {"__name__": "pytest", "__loader__": pytest.__loader__, "__spec__": pytest.__spec__,
+              "warn": checkpoint_store.warn}
+    with pytest.warns(RuntimeWarning, match="read-only"):
+        exec(compile("warn('read-only')", "<a-module>", "exec"), module)
+    assert seen[1] is module
+
+
 def test_a_foreign_sqlite_file_warns_and_starts_fresh(tmp_path):
     conn = sqlite3.connect(tmp_path / DB_NAME)
     conn.execute("CREATE TABLE photos(id INTEGER)")

@@ -63,6 +63,33 @@ def test_pmap_in_a_class_body_sees_class_names_as_map_does_there(ip, backend) ->
     ip.user_ns.pop("C"), ip.user_ns.pop("base")
 
 
+def test_pmap_in_a_class_body_evaluates_its_arguments_as_that_class_body_does(ip, pool2) -> None:
+    """From Python 3.12 (PEP 709) a comprehension inlined into eval's top-level code read the
+    class namespace passed as eval's locals (3.11's class scope), so ``{base ...}`` saw the
+    class's ``base``; a ``__name`` was not mangled as in the class (a NameError on every
+    Python). Run as a statement of the class body: as ``map(...)`` there, a walrus still binds
+    a class attribute, the class's own ``__qualname__`` stays, an error shows the line."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, "base = 100\nclass D:\n    base = 5\n    __k = -3\n"
+            "    serial = [list(map(abs, {base for _ in range(1)})), list(map(abs, {base: 1 for _ in range(1)})),\n"
+            "              list(map(abs, [__k]))]\n"
+            "    par_set = %pmap -q abs, {base for _ in range(1)}\n"
+            "    par_dict = %pmap -q abs, {base: 1 for _ in range(1)}\n"
+            "    par_mangled = %pmap -q abs, [__k]\n"
+            "    par_walrus = %pmap -q abs, (ys := [base, -2])")
+    D = ip.user_ns.pop("D")
+    assert D.serial == [[100], [100], [3]]
+    assert [D.par_set, D.par_dict, D.par_mangled] == D.serial
+    assert (D.par_walrus, D.ys, D.__qualname__, D.__module__) == ([5, 2], [5, -2], "D", "__main__")
+    assert getattr(D, "__firstlineno__", 2) == 2  # (3.13's: the class's line, not the %pmap line's)
+    with capture_output() as cap:
+        result = ip.run_cell("class E:\n    res = %pmap -q abs, [base / 0]")
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    assert "[base / 0]" in cap.stdout + cap.stderr, cap.stdout + cap.stderr
+    ip.user_ns.pop("base")
+
+
 def test_what_only_compiling_finds_is_a_usage_error_before_any_rank_runs(ip) -> None:
     """A top-level ``return``, or ``await`` (IPython runs it; a rank has no
     autoawait), failed in every rank with a traceback through mpmagic; an
