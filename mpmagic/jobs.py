@@ -140,6 +140,19 @@ def shown_item(func: Any, star: bool, item: Any) -> tuple[Any, bool]:
     return (item, star) if unwrap is None else (unwrap(item), getattr(func, "star", False))
 
 
+def unit_text(start: int, count: int, one_call: bool = False) -> str:
+    """A map unit's items as every message names them: "item 3", "items 4-7", or
+    "the call" (``one_call``: ``mpmagic.call``, one call and no input to number).
+    The one formatter behind ``MapJob.describe_unit`` (the backends' messages) and
+    this module's other messages naming a unit or an item of it (a result that
+    cannot be loaded, "the results of items 4-7"; the report's slowest, "the chunk
+    of items 4-7"; a lost or timed-out unit, "items 4-7 (chunk starting at 'd')";
+    a rechecked block; an item or result that cannot be sent), so they agree."""
+    if one_call:
+        return "the call"
+    return f"item {start}" if count == 1 else f"items {start}-{start + count - 1}"
+
+
 def item_note(func: Any, star: bool, index: int, item: Any, one_call: bool = False) -> str:
     """The note on a map item's error: "mpmagic: raised by item 3 of the input: f(3)";
     ``one_call`` (``mpmagic.call``: one call, no input to number): "mpmagic: raised in
@@ -765,7 +778,7 @@ class MapJob:
                 except Exception as exc:
                     index = self._next_start + i
                     what = (f"the arguments of the call {call_text(self.func, self.star, item)}" if self.one_call
-                            else f"item {index} ({short_repr(item)})")
+                            else f"{unit_text(index, 1)} ({short_repr(item)})")
                     raise _UnsendableItem(i, SerializationError(
                         f"cannot send {what} to the workers: "
                         + payload.explain_unpicklable(item, f"item {index}", exc, item=True).split(": ", 1)[1]
@@ -773,10 +786,9 @@ class MapJob:
             raise
 
     def describe_unit(self, unit: Unit) -> str:
-        """``unit`` in a backend's words: "item 3", "items 4-7", "the call" (``mpmagic.call``)."""
-        if self.one_call:
-            return "the call"
-        return f"item {unit.start}" if unit.count == 1 else f"items {unit.start}-{unit.start + unit.count - 1}"
+        """``unit`` in a backend's words: "item 3", "items 4-7", "the call" (``mpmagic.call``):
+        :func:`unit_text`, as every other message of this job names a unit."""
+        return unit_text(unit.start, unit.count, self.one_call)
 
     def message(self, unit: Unit) -> Map:
         # With insights the worker also times each item; ``block``: see Unit.
@@ -844,9 +856,8 @@ class MapJob:
             results = payload.loads(data)
         except Exception as exc:
             self.outstanding.pop(unit.id, None)
-            last = unit.start + unit.count - 1
-            what = ("the result of the call" if self.one_call else f"the result of item {unit.start}" if unit.count == 1
-                    else f"the results of items {unit.start}-{last}")
+            plural = unit.count > 1 and not self.one_call
+            what = f"the result{'s' if plural else ''} of {self.describe_unit(unit)}"
             self._fail_or_collect(unit, unloadable_results(what, exc), None)
             return
         if self.collect:
@@ -921,14 +932,14 @@ class MapJob:
             self.planner.record(unit.count, seconds)
         if seconds > self.slowest_task:
             self.slowest_task = seconds
-            last = unit.start + unit.count - 1
-            self.slowest_where = ("the call" if self.one_call else f"item {unit.start}" if unit.count == 1
-                                  else f"the chunk of items {unit.start}-{last}")
+            # ("the chunk of ...": advice tells a chunk from an item, or rank, that ran alone)
+            chunk = "the chunk of " if unit.count > 1 and not self.one_call else ""
+            self.slowest_where = chunk + self.describe_unit(unit)
         if unit.recheck is not None:
-            last = unit.start + unit.count - 1
             self._out(
                 "stderr",
-                f"mpmagic: a worker {unit.recheck} while running one of items {unit.start}-{last}; "
+                f"mpmagic: a worker {unit.recheck} while running {'one of ' if unit.count > 1 else ''}"
+                f"{self.describe_unit(unit)}; "
                 "re-run one at a time they all succeeded, so no result is missing\n",
             )
         unit.items = []
@@ -992,9 +1003,9 @@ class MapJob:
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
-        where = ("" if index is None else
-                 f" of the call {call_text(self.func, self.star, unit.items[index])}" if self.one_call else
-                 f" of item {unit.start + index} of the input ({short_repr(self._shown(unit.items[index])[0])})")
+        where = "" if index is None else f" of {unit_text(unit.start + index, 1, self.one_call)}" + (
+            f" {call_text(self.func, self.star, unit.items[index])}" if self.one_call
+            else f" of the input ({short_repr(self._shown(unit.items[index])[0])})")
         text = info.exc_text.strip()
         exc = SerializationError(f"the result{where} cannot be sent back from the worker: {text}. "
                                  f"{payload.result_advice(text)}")
@@ -1074,12 +1085,11 @@ class MapJob:
     def _what(self, unit: Unit) -> str:
         """``unit``'s items, for messages: "item 3 ('c')", "items 4-7 (chunk starting at 'd')",
         "the call f(3)" (``mpmagic.call``)."""
-        first = unit.start
+        which = self.describe_unit(unit)
         if self.one_call:
-            return f"the call {call_text(self.func, self.star, unit.items[0])}"
-        if unit.count == 1:
-            return f"item {first} ({short_repr(self._shown(unit.items[0])[0])})"
-        return f"items {first}-{first + unit.count - 1} (chunk starting at {short_repr(self._shown(unit.items[0])[0])})"
+            return f"{which} {call_text(self.func, self.star, unit.items[0])}"
+        shown = short_repr(self._shown(unit.items[0])[0])
+        return f"{which} ({shown})" if unit.count == 1 else f"{which} (chunk starting at {shown})"
 
     def split(self, unit: Unit) -> list[int]:
         """Send ``unit``'s items out again one per unit, in its place; returns the new units' ids.

@@ -11,16 +11,17 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 from conftest import check_lazy_inputs_equal_serial, run
 
 import mpmagic
-from mpmagic import shm
+from mpmagic import payload, shm
 from mpmagic.backends.base import Backend, Job
 from mpmagic.backends.local import LocalBackend
 from mpmagic.errors import WorkerLostError
-from mpmagic.jobs import CellJob, MapJob
+from mpmagic.jobs import CellJob, MapJob, unit_text
 from mpmagic.ranks import KeptCellJob
 
 
@@ -1207,3 +1208,56 @@ def test_a_runs_end_flag_is_an_event_on_a_reentrant_lock():
     assert ended.wait() is True
     run = engine.Run(MapJob(abs, [1], 1, False, 1, func_payload=b"x"))
     assert type(run._ended) is compat._ReentrantEvent
+
+
+# -- a map unit's name: one formatter (jobs.unit_text) behind every message -----------------
+
+def _unit_words_job(one_call: bool = False, out: Any = None) -> tuple[MapJob, Any]:
+    """A collecting map of 8 items in chunks of 4 (or ``mpmagic.call``'s one call), and its first unit."""
+    n = 1 if one_call else 8
+    job = MapJob(abs, list(range(n)), n, False, 2, chunksize=4, collect=True, one_call=one_call, out=out)
+    return job, job.next_unit()
+
+
+@pytest.mark.parametrize(("one_call", "count", "name"), [(False, 1, "item 0"), (False, 4, "items 0-3"),
+                                                          (True, 1, "the call")])
+def test_describe_unit_names_an_item_a_chunk_or_the_call(one_call, count, name):
+    job, unit = _unit_words_job(one_call)
+    unit = unit if count == unit.count else job._part(unit, 0, count)
+    assert job.describe_unit(unit) == unit_text(unit.start, unit.count, one_call) == name
+
+
+@pytest.mark.parametrize(("one_call", "what"), [(False, "the results of items 0-3"), (True, "the result of the call")])
+def test_results_that_cannot_be_loaded_name_the_unit_as_describe_unit_does(one_call, what):
+    job, unit = _unit_words_job(one_call)
+    job.done(unit, b"not a pickle", 0.01)
+    error = job.results()[0].error
+    assert str(error).startswith(f"{what} came back from the worker but cannot be loaded"), error
+
+
+@pytest.mark.parametrize(("one_call", "where"), [(False, "the chunk of items 0-3"), (True, "the call")])
+def test_the_slowest_unit_is_named_as_describe_unit_does(one_call, where):
+    job, unit = _unit_words_job(one_call)
+    job.done(unit, payload.dumps_data(list(range(unit.count))), 0.5)
+    assert job.slowest_where == where
+    job2, unit2 = _unit_words_job()
+    job2.done(job2._part(unit2, 1, 2), payload.dumps_data([1]), 0.5)
+    assert job2.slowest_where == "item 1"
+
+
+def test_a_unit_that_did_not_run_is_named_as_describe_unit_does():
+    job, unit = _unit_words_job()
+    job.not_run(unit, "no worker")
+    assert str(job.results()[0].error) == "items 0-3 (chunk starting at 0) did not run: no worker"
+    call, unit = _unit_words_job(one_call=True)
+    call.not_run(unit, "no worker")
+    assert str(call.results()[0].error) == "the call abs(0) did not run: no worker"
+
+
+def test_a_rechecked_block_is_named_as_describe_unit_does():
+    said: list[str] = []
+    job, unit = _unit_words_job(out=lambda stream, text: said.append(text))
+    unit.recheck = "died"
+    job.done(unit, payload.dumps_data(list(range(4))), 0.01)
+    assert said == ["mpmagic: a worker died while running one of items 0-3; "
+                    "re-run one at a time they all succeeded, so no result is missing\n"]
