@@ -256,7 +256,7 @@ class _TaskHandler(logging.Handler):
         if not (_unit.active or _running):
             # Not during a task (the worker's own threads): as without this handler.
             last = logging.lastResort
-            if last is not None and record.levelno >= last.level:
+            if last is not None and record.levelno >= last.level and not _handled_elsewhere(record.name):
                 last.handle(record)
             return
         try:
@@ -275,6 +275,25 @@ class _TaskHandler(logging.Handler):
             sys.stderr.write(MARK + json.dumps(fields) + "\n")
         except Exception:
             self.handleError(record)
+
+
+def _handled_elsewhere(name: str) -> bool:
+    """Does a handler other than ours see a record of the logger ``name``? Then
+    ``Logger.callHandlers`` leaves it to that handler, and ``logging.lastResort``
+    stays silent: our handler, which stays on a local worker's root logger between
+    units, printed such a record a second time where the root had a handler of
+    the worker's own (``logging.basicConfig`` in ``%%pool setup``): a record made
+    outside a unit (by a thread the setup started, say). Rare: a few reads."""
+    logger: Any = logging.Logger.manager.loggerDict.get(name)
+    if not isinstance(logger, logging.Logger):  # ("root", or a record made by hand)
+        logger = logging.getLogger()
+    while logger is not None:
+        if any(not isinstance(h, _TaskHandler) for h in logger.handlers):
+            return True
+        if not logger.propagate:
+            return False
+        logger = logger.parent
+    return False
 
 
 # The LogRecord attributes a record takes home (its message already formatted: its args may not travel).

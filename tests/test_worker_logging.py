@@ -612,3 +612,29 @@ def test_what_a_task_changes_of_logging_lasts_for_its_unit_even_on_loggers_the_n
     for x in range(4):
         for name in ("mutable", "child", "quiet"):
             assert f"{name} {x}\n" in err, err
+
+
+def test_a_record_made_outside_a_unit_is_not_printed_twice_when_the_root_has_a_handler(monkeypatch, capsys):
+    """Our handler stays on a local worker's root logger: outside a unit it handed
+    every WARNING to logging.lastResort, which Python calls only when no handler
+    sees a record, so a root handler of the worker's own printed it a second time."""
+    from mpmagic import worker_logging as wl
+
+    monkeypatch.setattr(wl, "_installed", False)
+    wl.begin((0, wl.notebook_context()))
+    wl.end()
+    ours = [h for h in logging.getLogger().handlers if isinstance(h, wl._TaskHandler)][:1]
+    monkeypatch.setattr(logging.getLogger(), "handlers", ours)  # (pytest's capture handler off)
+    got: list[str] = []
+    own = logging.Handler()
+    own.emit = lambda record: got.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("outside.unit")
+    logger.warning("no handler but ours")  # (lastResort prints it, as without ours)
+    logging.getLogger().addHandler(own)
+    try:
+        logger.warning("the root's own handler")
+    finally:
+        logging.getLogger().removeHandler(own)
+    err = capsys.readouterr().err
+    assert "no handler but ours" in err and "the root's own handler" not in err, err
+    assert got == ["the root's own handler"]
