@@ -374,23 +374,71 @@ def drop_inherited_handlers() -> None:
     ``NullHandler`` s stay (they write nothing, and tell ``logging.lastResort``
     a library has its logging in hand). Handlers ``%%pool setup`` or a task
     adds later are kept."""
-    global _installed
+    global _installed, _hooks_in
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     for logger in loggers:
         if isinstance(logger, logging.Logger) and logger.handlers:
             logger.handlers = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
-    _installed = False  # (our own handler too, if the parent had one: the first unit installs it)
+    _installed = _hooks_in = False  # (our own handler too, if the parent had one: the first unit installs it)
+
+
+# Are our hooks (_hook_in) in place only while units run? In a local worker, no:
+# the process is mpmagic's and ends with the pool, so they go in once (putting them
+# in and out made a unit's begin+end ~4 us dearer, 1.6 -> 5.5 us, of a unit's ~40:
+# setting and deleting Logger.__setattr__ updates a slot and drops type caches). A Dask worker
+# may be the user's own long-lived process, serving others after mpmagic's calls
+# (a cluster mpmagic connected to): dask_tasks sets this, the first unit to start
+# puts them in and the last to end takes them out, so no patched class, handler
+# or warnings hook of ours outlives mpmagic's units there (~4 us, of a task's >= 1 ms;
+# kept on the root logger, our handler made a later ``logging.basicConfig()`` there do nothing).
+HOOKS_PER_UNIT = False
+_hooks_in = False  # are they in now?
+_handler: logging.Handler | None = None  # ours on the root logger, made once
 
 
 def _install() -> None:
+    """Ready to capture: in a local worker, our hooks go in for good here; on Dask,
+    each time units start running (:func:`begin`)."""
     global _installed
     with _lock:
         if _installed:
             return
-        logging.getLogger().addHandler(_TaskHandler())
-        warnings.showwarning = _show_warning
-        _watch_loggers()
+        if not HOOKS_PER_UNIT:
+            _hook_in()
         _installed = True
+
+
+def _hook_in() -> None:
+    """Our handler on the root logger, our ``warnings.showwarning``, the watch on
+    logging's classes (:func:`_watch_loggers`). Under ``_lock``; each step is
+    idempotent (``_installed`` set False again puts back what is missing)."""
+    global _handler, _original_showwarning, _hooks_in
+    if _handler is None:
+        _handler = _TaskHandler()
+    _syncing.active = True  # (a unit may run already: our handler is not a task's change)
+    try:
+        logging.getLogger().addHandler(_handler)
+    finally:
+        _syncing.active = False
+    if warnings.showwarning is not _show_warning:
+        _original_showwarning = warnings.showwarning  # (where a warning outside a unit goes)
+        warnings.showwarning = _show_warning
+    _watch_loggers()
+    _hooks_in = True
+
+
+def _hook_out() -> None:
+    """The last unit on a Dask worker ended: its logging and warnings as they were
+    before :func:`_hook_in`. Under ``_lock``."""
+    global _hooks_in
+    if not _hooks_in:
+        return
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+    if warnings.showwarning is _show_warning:
+        warnings.showwarning = _original_showwarning
+    _unwatch_loggers()
+    _hooks_in = False
 
 
 # --------------------------------------------------------------------------
@@ -447,10 +495,13 @@ def _note(logger: logging.Logger) -> None:
         _changed.setdefault(logger, _state(logger))
 
 
+# What the watch wraps, read as it goes in (someone else's patch meanwhile is wrapped, not lost):
+_own_setattr: Any = None  # Logger's own __setattr__ (None: it inherits object's), put back as it was
 _setattr = logging.Logger.__setattr__  # (object's)
 _add_handler = logging.Logger.addHandler
 _remove_handler = logging.Logger.removeHandler
 _disable_property = logging.Manager.__dict__.get("disable")  # (a property since Python 3.7: logging.disable sets it)
+_watched_property: Any = None  # our Manager.disable, made once per property it wraps
 
 
 def _watched_setattr(self: logging.Logger, name: str, value: Any) -> None:
@@ -478,23 +529,58 @@ def _watched_disable(self: logging.Manager, level: int) -> None:
     _disable_property.fset(self, level)  # type: ignore[union-attr]  # (a property: see _watch_loggers)
 
 
+functools.update_wrapper(_watched_add_handler, _add_handler)
+functools.update_wrapper(_watched_remove_handler, _remove_handler)
+
+
 def _watch_loggers() -> None:
-    """In a worker, once: see a logger's change as it is made. Setting an
-    attribute and adding a handler are rare (a log call sets none), so this
-    costs nothing on logging's hot path, and a unit need not compare every
-    logger (~0.15 us each, hundreds on a Dask worker) to find what a task changed.
-    ``logger.handlers.append(...)`` in place is not seen (``addHandler`` is)."""
-    global _watching
+    """See a logger's change as it is made: in a local worker for good, on Dask while
+    units run (see ``HOOKS_PER_UNIT``). Setting an attribute and adding a handler
+    are rare (a log call sets none), so this costs nothing on logging's hot path,
+    and a unit need not compare every logger (~0.15 us each, hundreds on a Dask
+    worker) to find what a task changed. ``logger.handlers.append(...)`` in place
+    is not seen (``addHandler`` is)."""
+    global _watching, _own_setattr, _setattr, _add_handler, _remove_handler, _disable_property, _watched_property
     if _watching:
         return
-    functools.update_wrapper(_watched_add_handler, _add_handler)
-    functools.update_wrapper(_watched_remove_handler, _remove_handler)
+    logger_attrs, manager_attrs = logging.Logger.__dict__, logging.Manager.__dict__
+    if logger_attrs.get("__setattr__") is _watched_setattr:  # (in already: never wrap our own wrapper)
+        _watching = True
+        return
+    _own_setattr = logger_attrs.get("__setattr__")
+    _setattr = logging.Logger.__setattr__
+    _add_handler, _remove_handler = logger_attrs["addHandler"], logger_attrs["removeHandler"]
     logging.Logger.__setattr__ = _watched_setattr  # type: ignore[method-assign,assignment]
     logging.Logger.addHandler = _watched_add_handler  # type: ignore[method-assign]
     logging.Logger.removeHandler = _watched_remove_handler  # type: ignore[method-assign]
-    if isinstance(_disable_property, property) and _disable_property.fset is not None:
-        logging.Manager.disable = property(_disable_property.fget, _watched_disable)  # type: ignore[assignment]
+    disable = manager_attrs.get("disable")
+    if isinstance(disable, property) and disable.fset is not None:
+        if disable is not _disable_property or _watched_property is None:
+            _disable_property, _watched_property = disable, property(disable.fget, _watched_disable)
+        logging.Manager.disable = _watched_property
     _watching = True
+
+
+def _unwatch_loggers() -> None:
+    """The last unit on a Dask worker ended: ``Logger`` and ``Manager`` as they were
+    before :func:`_watch_loggers`. What someone replaced ours with meanwhile stays
+    theirs (it calls ours, which passes a change through while no unit runs)."""
+    global _watching
+    if not _watching:
+        return
+    logger_attrs = logging.Logger.__dict__
+    if logger_attrs.get("__setattr__") is _watched_setattr:
+        if _own_setattr is None:
+            del logging.Logger.__setattr__
+        else:
+            logging.Logger.__setattr__ = _own_setattr  # type: ignore[method-assign]
+    if logger_attrs.get("addHandler") is _watched_add_handler:
+        logging.Logger.addHandler = _add_handler  # type: ignore[method-assign]
+    if logger_attrs.get("removeHandler") is _watched_remove_handler:
+        logging.Logger.removeHandler = _remove_handler  # type: ignore[method-assign]
+    if _watched_property is not None and logging.Manager.__dict__.get("disable") is _watched_property:
+        logging.Manager.disable = _disable_property  # type: ignore[assignment]
+    _watching = False
 
 
 def _restore() -> None:
@@ -678,6 +764,11 @@ def begin(log_context: tuple | None) -> None:
         _running += 1
         _units[threading.get_ident()] = (start, seen)
         if _running == 1:
+            if HOOKS_PER_UNIT:
+                try:
+                    _hook_in()
+                except Exception:  # (as _install's: the task runs, its records are not captured)
+                    _log.warning("mpmagic: could not capture logging in this worker", exc_info=True)
             _saved_filters = list(warnings.filters)
             _set_unit_filters(_saved_filters)
 
@@ -693,6 +784,8 @@ def end() -> None:
         _units.pop(threading.get_ident(), None)
         if _running == 0 and (_changed or _disable_before is not None):
             _restore()  # (what the units changed of logging)
+        if _running == 0 and HOOKS_PER_UNIT:
+            _hook_out()
         if _running == 0 and _saved_filters is not None:
             if _filters_mutated is not None:  # (resetwarnings and an extend, in one step)
                 warnings.filters[:] = _saved_filters  # type: ignore[index]  # (typeshed: a Sequence)

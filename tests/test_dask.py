@@ -570,7 +570,10 @@ def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
 def test_what_a_task_changes_of_logging_is_undone_when_its_unit_ends_on_dask(ip, dask_pool):
     """As on the local pool (test_worker_logging): a task's setLevel on a logger
     the notebook never set, a disabled logger, a NullHandler with propagate=False
-    and logging.disable() stayed in the Dask worker that ran it, muting later calls."""
+    and logging.disable() stayed in the Dask worker that ran it, muting later calls.
+    Nor do mpmagic's own hooks outlive its units in this cluster's workers (it
+    connected to them: they may go on serving others): Logger's patched methods,
+    the Manager.disable property, the handler on the root logger, showwarning."""
     run(ip, "import logging\n"
             "def mute(x):\n"
             "    logging.getLogger('mutable').setLevel(logging.ERROR)\n"
@@ -583,11 +586,19 @@ def test_what_a_task_changes_of_logging_is_undone_when_its_unit_ends_on_dask(ip,
 
     def state():
         import logging
+        import warnings
+
+        from mpmagic import worker_logging
 
         mutable, quiet = logging.getLogger("mutable"), logging.getLogger("quiet")
-        return mutable.level, mutable.disabled, quiet.propagate, len(quiet.handlers), logging.root.manager.disable
+        wl, classes = worker_logging, (logging.Logger.__dict__, logging.Manager.__dict__)
+        hooks = ("__setattr__" in classes[0], classes[0]["addHandler"] is wl._watched_add_handler,
+                 classes[1]["disable"] is wl._watched_property, wl._handler in logging.root.handlers,
+                 warnings.showwarning is wl._show_warning)
+        return mutable.level, mutable.disabled, quiet.propagate, len(quiet.handlers), logging.root.manager.disable, hooks
 
-    assert set(dask_pool.client.run(state).values()) == {(logging.NOTSET, False, True, 0, 0)}
+    assert set(dask_pool.client.run(state).values()) == {(logging.NOTSET, False, True, 0, 0,
+                                                          (False, False, False, False, False))}
 
 
 def test_lazy_inputs_on_dask_as_on_the_local_pool(ip, dask_pool):

@@ -614,6 +614,51 @@ def test_what_a_task_changes_of_logging_lasts_for_its_unit_even_on_loggers_the_n
             assert f"{name} {x}\n" in err, err
 
 
+def _hooks_state() -> tuple:
+    """What our hooks change in a worker: Logger's and Manager's attributes, the root's handlers, showwarning."""
+    import warnings
+
+    return (dict(logging.Logger.__dict__), logging.Manager.__dict__["disable"], list(logging.getLogger().handlers),
+            warnings.showwarning)
+
+
+def test_on_dask_our_logging_hooks_are_in_only_while_units_run(monkeypatch):
+    """A Dask worker may be the user's own process, serving others after mpmagic's
+    calls (a cluster mpmagic connected to): the patched Logger methods, the
+    Manager.disable property, our root handler and warnings hook stayed there for
+    good (a later logging.basicConfig() there did nothing). As dask_tasks sets it up:
+    in while a unit runs, what its task changed still undone, out when it ends;
+    someone else's patch made meanwhile stays theirs."""
+    from mpmagic import worker_logging as wl
+
+    was_in = wl._hooks_in
+    with wl._lock:
+        wl._hook_out()  # (an earlier test's local-worker hooks, in for good)
+    before = _hooks_state()
+    monkeypatch.setattr(wl, "HOOKS_PER_UNIT", True)
+    monkeypatch.setattr(wl, "_installed", False)
+    theirs = logging.Logger.removeHandler
+    try:
+        wl.begin((0, wl.notebook_context()))
+        try:
+            assert logging.Logger.__setattr__ is wl._watched_setattr
+            assert wl._handler in logging.getLogger().handlers
+            logging.getLogger("hooks.per.unit").setLevel(logging.ERROR)  # the task's change
+            logging.Logger.removeHandler = lambda self, h: theirs(self, h)  # someone else's patch
+        finally:
+            wl.end()
+        assert logging.getLogger("hooks.per.unit").level == logging.NOTSET
+        mine = logging.Logger.__dict__["removeHandler"]
+        assert mine is not theirs
+        logging.Logger.removeHandler = theirs
+        assert _hooks_state() == before
+    finally:
+        logging.Logger.removeHandler = theirs
+        if was_in:
+            with wl._lock:
+                wl._hook_in()
+
+
 def test_a_record_made_outside_a_unit_is_not_printed_twice_when_the_root_has_a_handler(monkeypatch, capsys):
     """Our handler stays on a local worker's root logger: outside a unit it handed
     every WARNING to logging.lastResort, which Python calls only when no handler

@@ -219,6 +219,9 @@ def _enter_routers() -> tuple[_ThreadRouter, _ThreadRouter]:
             # A task's own threads write to the worker's streams, not home: their
             # warnings and records are not a task's here (see worker_logging).
             worker_logging.THREADS_HOME = False
+            # The worker may be the user's own, serving others after mpmagic's calls:
+            # our logging and warnings hooks are in place only while units run.
+            worker_logging.HOOKS_PER_UNIT = True
             _installed = (_ThreadRouter("stdout", sys.stdout), _ThreadRouter("stderr", sys.stderr))
             sys.stdout, sys.stderr = _installed
         _active += 1
