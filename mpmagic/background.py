@@ -948,19 +948,35 @@ def as_completed(run: Run[list[_T]] | Iterable[Run[Any]], timeout: float | None 
 
     Raises the run's error (or CancelledError) after the results that came
     before it. ``timeout``: seconds to wait for the next chunk (TimeoutError).
-    Given several handles (a list of runs, as ``concurrent.futures.as_completed``
-    takes futures), yields the handles as their runs end, as that function does
-    (``timeout``: for all of them): a port's ``for run in as_completed(runs):
-    run.result()`` means what it meant.
+    Given several handles (any iterable of runs, an empty one included, as
+    ``concurrent.futures.as_completed`` takes futures), yields the handles as
+    their runs end, as that function does (``timeout``: for all of them): a
+    port's ``for run in as_completed(runs): run.result()`` means what it meant.
     """
     __tracebackhide__ = True
-    if isinstance(run, (list, tuple, set, frozenset, RunList)) and run and all(isinstance(r, Run) for r in run):
-        return futures_as_completed(run, timeout)
-    if not isinstance(run, Run) or run._chunks is None:  # (an imap generator, a list, a %%parallel --bg handle)
-        raise UsageError("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
-                         "or a list of run handles, "
-                         f"not {'the handle of a parallel cell' if isinstance(run, Run) else type(run).__name__}")
-    return _completed(run, run._chunks, timeout)  # (a generator of its own: a wrong argument is refused at the call)
+    if isinstance(run, Run):
+        if run._chunks is None:  # (a %%parallel --bg handle: its ranks send no chunks)
+            raise UsageError(f"{_AS_COMPLETED_TAKES}, not the handle of a parallel cell")
+        return _completed(run, run._chunks, timeout)  # (a generator of its own: a wrong argument is refused at the call)
+    if isinstance(run, ResultStream) or not isinstance(run, Iterable):  # (an imap stream yields results: never consumed here)
+        raise UsageError(f"{_AS_COMPLETED_TAKES}, not {type(run).__name__}")
+    handles = list(run)  # (a generator of handles too: concurrent.futures takes it whole as well)
+    for i, handle in enumerate(handles):
+        if not isinstance(handle, Run):
+            raise UsageError(f"{_AS_COMPLETED_TAKES}; item {i} of the {type(run).__name__} is "
+                             f"{type(handle).__name__}, not a run handle")
+    return futures_as_completed(handles, timeout)
+
+
+_AS_COMPLETED_TAKES = ("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
+                       "or an iterable of run handles")
+
+
+class ResultStream:
+    """Base of ``imap``'s stream (an iterator of results, not of handles): ``as_completed``
+    refuses one rather than consume it looking for handles."""
+
+    __slots__ = ()
 
 
 def _completed(run: Run[list[_T]], chunks: list[tuple[int, list[Any]]], timeout: float | None) -> Iterator[_T]:
@@ -989,5 +1005,5 @@ def _completed(run: Run[list[_T]], chunks: list[tuple[int, list[Any]]], timeout:
         run._raise_error()
 
 
-__all__ = ["Finished", "Forward", "Resume", "Run", "RunList", "as_completed", "check_options", "finished", "get_run",
-           "interrupted", "runs", "start"]
+__all__ = ["Finished", "Forward", "ResultStream", "Resume", "Run", "RunList", "as_completed", "check_options", "finished",
+           "get_run", "interrupted", "runs", "start"]

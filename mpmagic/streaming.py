@@ -32,6 +32,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
+from .background import ResultStream
 from .errors import hide_our_frames
 from .jobs import Failed, MapJob
 
@@ -477,7 +478,7 @@ def _running(gen: Generator) -> bool:
     return inspect.getgeneratorstate(gen) == inspect.GEN_RUNNING
 
 
-class Stream(Generic[_T]):
+class Stream(ResultStream, Generic[_T]):
     """What :func:`imap` returns: an iterator over the results, whose ``close()``
     cancels the rest of the run, as leaving the loop does.
 

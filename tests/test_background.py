@@ -428,11 +428,18 @@ def test_an_interrupted_imap_says_in_one_line_that_its_run_was_cancelled(ip, ns)
     assert handle.state == "cancelled" and _no_busy_worker()
 
 
-@pytest.mark.parametrize("given, named", [([1, 2], "not list"), ((x for x in ()), "not generator")])
+@pytest.mark.parametrize("given, named", [([1, 2], "; item 0 of the list is int, not a run handle"), (5, ", not int")])
 def test_as_completed_of_something_else_says_what_it_takes(given, named):
     """An imap generator or a list raised AttributeError: '... has no attribute _chunks'."""
-    with pytest.raises(mpmagic.UsageError, match=f"takes the handle of a background map.*{named}"):
+    with pytest.raises(mpmagic.UsageError, match=f"takes the handle of a background map.*{re.escape(named)}$"):
         mpmagic.as_completed(given)  # at the call, not at the first next() (a cell's handle was refused late)
+
+
+def test_as_completed_refuses_an_imap_stream_without_consuming_it(ns):
+    stream = mpmagic.imap(_scaled_sum, range(3), range(3))
+    with pytest.raises(UsageError, match="or an iterable of run handles, not Stream$"):
+        mpmagic.as_completed(stream)  # type: ignore[call-overload]
+    assert list(stream) == [0, 2, 4]
 
 
 def test_pool_runs_counts_a_cells_ranks_as_ranks(ip, local_pool):
@@ -986,5 +993,15 @@ def test_as_completed_takes_a_list_of_runs_as_concurrent_futures_does(ns):
     ended = list(mpmagic.as_completed(handles, timeout=30))
     assert sorted(ended, key=id) == sorted(handles, key=id)  # the handles themselves, each once
     assert sorted(h.result() for h in ended) == [1, 2, 3, 4]
-    with pytest.raises(UsageError, match="or a list of run handles, not list"):
-        mpmagic.as_completed([1, 2])  # type: ignore[call-overload]
+    with pytest.raises(UsageError, match="or an iterable of run handles; item 1 of the list is int, not a run handle"):
+        mpmagic.as_completed([handles[0], 2])  # type: ignore[list-item]
+
+
+def test_as_completed_takes_any_iterable_of_runs_even_an_empty_one_as_concurrent_futures_does(ns):
+    """An empty list and a generator of handles were refused ("..., or a list of run handles, not list")."""
+    import concurrent.futures as cf
+
+    assert list(mpmagic.as_completed([])) == list(cf.as_completed([])) == []
+    assert list(mpmagic.as_completed(x for x in ())) == []
+    ended = mpmagic.as_completed((mpmagic.call(_scaled_sum, i, 1) for i in range(2)), timeout=30)
+    assert sorted(h.result() for h in ended) == [1, 2]
