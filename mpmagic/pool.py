@@ -10,6 +10,7 @@ by ``status.PoolStatus``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -125,24 +126,39 @@ _max_memory: int | None = None
 
 
 def parse_memory(value: int | str | None) -> int | None:
-    """Bytes from ``2GB``, ``512 MiB``, ``1.5g`` or a whole number of bytes; None for no limit."""
-    if value is None or value == "" or value == 0 or (isinstance(value, str) and value.strip().lower() in ("0", "none")):
-        return None  # no limit (``--max-memory 0``)
-    if isinstance(value, bool):
+    """Bytes from ``2GB``, ``512 MiB``, ``1.5g`` or a whole number of bytes; None for no limit.
+
+    Zero (``0``, ``'0GB'``, ``-0``) is no limit. Every refusal is one ``UsageError``
+    line, the same for ``%pool start --max-memory``, ``start_pool(max_memory=)`` and
+    ``%config MPMagic.worker_max_memory`` (whose validator calls this): an infinite,
+    NaN or overflowing size (``1e400``) is not a size, and one under a byte (``0.5``)
+    would round down to no limit.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None  # no limit
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise UsageError(f"max_memory must be a size such as '2GB', not {value!r}")
-    if isinstance(value, (int, float)):
-        n = int(value)
+    if isinstance(value, int):
+        size: float = value
     else:
-        text = str(value).strip().lower().replace(" ", "")
-        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits):]
-        try:
-            n = int(float(digits) * _UNITS[unit])
-        except (ValueError, KeyError):
-            raise UsageError(f"max_memory must be a size such as '2GB' or '512MiB', not {value!r}") from None
-    if n <= 0:
-        raise UsageError(f"max_memory must be more than 0 bytes, not {value!r}")
-    return n
+        number, scale = value, 1
+        if isinstance(value, str):
+            text = value.strip().lower().replace(" ", "")
+            digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+            try:
+                number, scale = float(digits), _UNITS[text[len(digits):]]
+            except (ValueError, KeyError):
+                number = math.nan  # (refused below, with the same words)
+        size = number * scale
+        if not math.isfinite(size):  # nan, inf, 1e400 (float('1e400') is inf), '1e300TB'
+            raise UsageError(f"max_memory must be a size such as '2GB' or '512MiB', not {value!r}")
+    if size == 0:
+        return None  # no limit (``--max-memory 0``, as the help says)
+    if size < 0:
+        raise UsageError(f"max_memory must be more than 0 bytes (or 0: no limit), not {value!r}")
+    if size < 1:
+        raise UsageError(f"max_memory must be at least one byte: {value!r} is less than one byte")
+    return int(size)
 
 
 def set_max_memory(value: int | str | None) -> None:

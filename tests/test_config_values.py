@@ -14,6 +14,8 @@ from mpmagic import config
     ("workers", -2, 3), ("workers", 0, 3), ("chunksize", 0, 5), ("worker_threads", -5, 0),
     ("checkpoint_max_bytes", -1, 0), ("shm_threshold", 0, 4096), ("progress_delay", -1.0, 0.0),
     ("worker_max_memory", "'junk'", "'1GB'"),
+    ("worker_max_memory", "'1e400'", "'1GB'"), ("worker_max_memory", "'nan'", "'1GB'"),
+    ("worker_max_memory", "'0.5'", "'1GB'"),
 ])
 def test_a_bad_value_is_refused_and_the_old_one_stays(ip, name, bad, good):
     run(ip, f"%config MPMagic.{name} = {good}")

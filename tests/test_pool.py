@@ -13,6 +13,7 @@ from conftest import run
 
 import mpmagic
 from mpmagic import cpus
+from mpmagic import pool as pool_module
 
 
 def _alive(pid: int) -> bool:
@@ -252,6 +253,32 @@ def test_a_ctrl_c_between_a_restarts_stop_and_start_is_held_until_the_new_pool_s
         assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is pool
     finally:
         mpmagic.stop_pool()
+
+
+@pytest.mark.parametrize("given, said", [
+    ("1e400", "max_memory must be a size such as '2GB' or '512MiB', not '1e400'"),
+    ("1e300TB", "max_memory must be a size such as '2GB' or '512MiB', not '1e300TB'"),
+    ("inf", "max_memory must be a size such as '2GB' or '512MiB', not 'inf'"),
+    ("0.5", "max_memory must be at least one byte: '0.5' is less than one byte"),
+    ("-5", "max_memory must be more than 0 bytes (or 0: no limit), not '-5'"),
+])
+def test_a_max_memory_that_is_no_size_is_refused_in_one_line_by_the_magic_and_the_api(ip, given, said):
+    """``1e400`` ended in a bare OverflowError through pool.py; ``0.5`` was called not more than 0 bytes."""
+    from IPython.core.error import UsageError
+
+    before = pool_module._max_memory
+    err = ip.run_cell(f"%pool start --max-memory {given}", store_history=False).error_in_exec
+    assert isinstance(err, UsageError) and str(err).splitlines()[0] == f"%pool: {said}", repr(err)
+    with pytest.raises(mpmagic.UsageError, match=f"^{re.escape(said)}$"):
+        mpmagic.start_pool(max_memory=given)
+    with pytest.raises(mpmagic.UsageError, match="^max_memory must be a size"):
+        mpmagic.start_pool(max_memory=float("inf"))  # type: ignore[arg-type]
+    assert pool_module._max_memory == before  # (nothing half-applied)
+
+
+@pytest.mark.parametrize("zero", [0, "0", "-0", "0GB", 0.0])
+def test_a_max_memory_of_zero_in_any_spelling_is_no_limit(zero):
+    assert pool_module.parse_memory(zero) is None
 
 
 def test_use_local_takes_max_memory_as_the_magic_does(ip):
