@@ -167,6 +167,13 @@ def _check_retries(retries: Any) -> None:
         raise UsageError(f"retries must be a whole number of 0 or more, not {retries!r}")
 
 
+def _check_checkpoint(checkpoint: Any) -> None:
+    """``checkpoint`` as the runs take it: True/False (None: off) or a folder (a str or
+    path). ``checkpoint=5`` failed inside pathlib with a TypeError that never named it."""
+    if checkpoint is not None and not isinstance(checkpoint, (bool, str, os.PathLike)):
+        raise UsageError(f"checkpoint must be True/False or a folder (a str or path), not {payload_repr(checkpoint)}")
+
+
 def _equal(a: Any, b: Any) -> bool:
     """``--compare``'s verdict: are the serial and the parallel result the same?
 
@@ -284,7 +291,7 @@ def _equal_anyway(a: Any, b: Any) -> bool:
 
 
 def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
-                   star: bool, retries: Any = 0) -> tuple:
+                   star: bool, retries: Any = 0, checkpoint: Any = False) -> tuple:
     """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words;
     else the iterables as ``map`` takes them (see :func:`_take`), to use from then on."""
     __tracebackhide__ = True
@@ -298,6 +305,7 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
     _check_positive("chunksize", chunksize, integer=True)
     _check_positive("timeout", timeout)
     _check_retries(retries)
+    _check_checkpoint(checkpoint)
     if errors not in ("raise", "collect"):
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
@@ -629,7 +637,7 @@ def pmap(
     """
     __tracebackhide__ = True
     given = iterables
-    iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
+    iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries, checkpoint)
     if not block:  # the run reads its input later, in its own thread: it takes it as it is now
         iterables = owned(given, iterables)
     given_func = func  # (the user's, for the advice on differing results: seeded() wraps it)
@@ -1657,6 +1665,7 @@ def parallel(
         )
     workers = _check_workers(workers)
     _check_positive("timeout", timeout)
+    _check_checkpoint(checkpoint)
     if _in_worker_process():
         raise UsageError(
             f"parallel() cannot run {_where_no_pool()}: this process cannot start workers of its own "

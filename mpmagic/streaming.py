@@ -400,7 +400,7 @@ def imap(
 
     if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
         raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
-    iterables = api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries)
+    iterables = api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries, checkpoint)
     if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
         func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():

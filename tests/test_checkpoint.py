@@ -235,6 +235,16 @@ def test_config_checkpoint_is_the_default_and_api_takes_a_folder(ip, store_dir, 
     assert (other / DB_NAME).exists()
 
 
+@pytest.mark.parametrize("call", [
+    lambda: mpmagic.pmap(abs, [1], checkpoint=5), lambda: mpmagic.submit(abs, [1], checkpoint=5),
+    lambda: mpmagic.imap(abs, [1], checkpoint=5), lambda: mpmagic.parallel("rank", workers=1, checkpoint=5),
+])
+def test_a_checkpoint_that_is_no_folder_is_refused_in_one_line_naming_it(call):
+    """``checkpoint=5`` failed in pathlib: ``TypeError: expected str, bytes or os.PathLike object, not int``."""
+    with pytest.raises(mpmagic.UsageError, match=r"^checkpoint must be True/False or a folder \(a str or path\), not 5$"):
+        call()
+
+
 def test_errors_collect_failures_are_not_stored_and_are_retried(ip, store_dir):
     run(ip, "FAIL = {3, 5}\n"
             "def flaky(x):\n"
