@@ -50,6 +50,7 @@ from .errors import (
     hide_our_frames,
     interrupt_outcome,
     note_unsent_name,
+    one_line,
     render_traceback,
     run_interrupted,
     set_interrupt_outcome,
@@ -1080,7 +1081,8 @@ def _no_block(caller: str, refused: dict[str, Any]) -> None:
         raise UsageError("apmap() takes no compare=: its serial run would block the event loop; "
                          "mpmagic.pmap(..., compare=True) runs both (from a coroutine: in asyncio.to_thread)")
     if refused:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {next(iter(refused))!r}")
+        # (Python's own TypeError and words, shown as its one line: not with this frame of ours)
+        raise one_line(TypeError(f"{caller}() got an unexpected keyword argument {next(iter(refused))!r}"))
 
 
 #: Seconds between wake-ups of the event loop while ``apmap`` waits: ipykernel

@@ -33,7 +33,7 @@ from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .background import ResultStream
-from .errors import hide_our_frames
+from .errors import hide_our_frames, one_line
 from .jobs import Failed, MapJob
 
 if TYPE_CHECKING:
@@ -469,7 +469,7 @@ def _refuse(refused: dict[str, Any]) -> None:
         raise UsageError("imap() takes no progress=: the loop over its results shows the progress; wrap it "
                          "in tqdm (for r in tqdm(mpmagic.imap(f, xs), total=len(xs)): ...)")
     if refused:
-        raise TypeError(f"imap() got an unexpected keyword argument {next(iter(refused))!r}")
+        raise one_line(TypeError(f"imap() got an unexpected keyword argument {next(iter(refused))!r}"))
 
 
 def _running(gen: Generator) -> bool:

@@ -298,3 +298,15 @@ def test_a_script_sees_its_own_line_then_the_task_frames(local_pool):
         else:  # a bare raise keeps the frame its except caught in: the API's own, and only it (see hide_our_frames)
             assert files and len(ours) == 1 and files[-2][0].startswith(PACKAGE), (name, text)
         assert [fn for _, fn in files][-1] == "_tenth", (name, text)
+
+
+@pytest.mark.parametrize("code, line", [
+    ("q = mpmagic.Queue(); q.close(); q.put(1)", "UsageError: mpmagic.Queue "),
+    ("mpmagic.submit(abs, [1], bogus=1)", "TypeError: submit() got an unexpected keyword argument 'bogus'"),
+    ("mpmagic.imap(abs, [1], bogus=1)", "TypeError: imap() got an unexpected keyword argument 'bogus'"),
+])
+def test_our_refusals_of_a_put_and_a_keyword_are_one_line_without_our_frames(ip, code, line):
+    """``put`` on a closed queue showed queues.py:624 (``get`` was one line); a bad keyword, api.py's frame."""
+    _, text, err = shown(ip, f"import mpmagic\n{code}")
+    assert err is not None and text.strip().startswith(line) and len(text.strip().splitlines()) == 1, text
+    assert_clean(text)

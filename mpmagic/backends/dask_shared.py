@@ -169,11 +169,11 @@ class DaskQueue(_OnDask, IterUntilClosed):
                 pause = min(pause * 2, self._POLL)
 
     def _refuse_if_closed(self) -> None:
-        """ValueError, as the local Queue: an item put after the end of the stream
-        would wait in a queue nobody reads any more (its consumers' ``for item in q``
+        """UsageError (a ValueError), as the local Queue: an item put after the end of the
+        stream would wait in a queue nobody reads any more (its consumers' ``for item in q``
         has ended), lost without a word. One more round trip per put."""
         if self.closed:
-            raise ValueError(
+            raise UsageError(
                 f"{self!r} is closed: nothing more can be put in it. A close() ends the "
                 "stream for every process: with several producers, make it with "
                 "mpmagic.Queue(producers=N), one close() each, or end with a sentinel and no close()")

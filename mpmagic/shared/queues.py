@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any
 
 from .. import classhome, compat, payload, posixshm
+from ..errors import UsageError
 from . import base
 from .base import (
     _HEADER,
@@ -610,7 +611,7 @@ class SharedQueue(IterUntilClosed, _Helper):
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Put ``obj`` in the queue. Only a bounded queue (``maxsize > 0``) that is
         full makes it wait: ``queue.Full`` after ``timeout`` seconds, or at once
-        with ``block=False``. Raises ValueError once the queue is closed."""
+        with ``block=False``. Raises UsageError (a ValueError) once the queue is closed."""
         data = payload.dumps_data(obj)
         need = 16 + _padded(len(data))
         r, w, maxsize = self._r, self._seg.words, self._maxsize
@@ -621,7 +622,7 @@ class SharedQueue(IterUntilClosed, _Helper):
                 accepted = written = room = False
                 with r.mutex:
                     if r.closed():
-                        raise ValueError(
+                        raise UsageError(  # (a ValueError, as multiprocessing's; shown as one line, as get's QueueClosed)
                             f"{self._describe()} is closed: nothing more can be put in it. A close() ends the "
                             "stream for every process: with several producers, make it with "
                             "mpmagic.Queue(producers=N), one close() each, or end with a sentinel and no close()")
