@@ -492,6 +492,10 @@ def _own_options(method: str, func: Any, workers: Any, chunks: Any, quiet: Any, 
         raise UsageError(f"{method}: `{name}` is this accessor's option and also a parameter of "
                          f"{getattr(func, '__name__', 'the function')}: pass the function's own with "
                          f"functools.partial(f, {name}=...) (or args=)")
+    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+        # (0 was taken as automatic, -1 ran, 2.5 and 'x' failed in raw TypeErrors: checked as workers= is)
+        raise UsageError(f"chunks must be a whole number of at least 1 (the pieces the rows, columns or groups are "
+                         f"split into), or None ({CHUNKS_PER_WORKER} per worker), not {chunks!r}")
     if not isinstance(compare, bool):
         raise UsageError(f"{method}: compare= is True or False (run pandas' own call too and compare), not "
                          f"{compare!r}; a `compare` argument for the function goes with functools.partial")
@@ -510,9 +514,10 @@ class FrameAccessor:
 
         ``axis=1`` (rows) sends contiguous row chunks, ``axis=0`` (columns) groups
         of columns. ``workers`` limits the processes, ``chunks`` sets the number of
-        pieces (default: 4 per worker), ``quiet`` hides the timing report (whose
-        wall time is the whole call's), ``compare`` also runs pandas' own call
-        here and reports its measured time and whether the results are equal. A
+        pieces (a whole number of at least 1; None, the default: 4 per worker),
+        ``quiet`` hides the timing report (whose wall time is the whole call's),
+        ``compare`` also runs pandas' own call here and reports its measured time
+        and whether the results are equal. A
         function named by a string (``"sum"``), a NumPy ufunc or a list or dict
         of functions is pandas' vectorized call: it runs here. pandas' own options
         (``by_row``, ``engine``...) are pandas', never ``func``'s; an ``engine``

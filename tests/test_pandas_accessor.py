@@ -428,3 +428,15 @@ def test_the_chunk_size_cell_says_rows_or_groups_per_chunk(ip, frame) -> None:
     run(ip, "df.groupby('key').mp.apply(len, quiet=True)")
     cell = dict(mpmagic.last_report().rows())["chunk size"]
     assert re.fullmatch(r"auto: ~\d+ groups per chunk, \d+ chunks?", cell), cell
+
+
+@pytest.mark.parametrize("chunks", [0, -1, 2.5, "x", True])
+@pytest.mark.parametrize("call", ["df.mp.apply(row_total, axis=1, chunks={})", "df['x'].mp.map(abs, chunks={})",
+                                  "df.groupby('key').mp.apply(group_spread, chunks={})"])
+def test_chunks_that_are_no_number_of_pieces_are_refused_in_one_line_as_workers_is(ip, frame, call, chunks) -> None:
+    """0 was taken as automatic, -1 ran (with advice about a --chunksize never given), 2.5 and 'x'
+    failed in raw TypeErrors; workers=0 was already one line."""
+    from mpmagic.errors import UsageError
+
+    with pytest.raises(UsageError, match=rf"^chunks must be a whole number of at least 1 .*, not {re.escape(repr(chunks))}$"):
+        ip.run_cell(call.format(repr(chunks))).raise_error()
