@@ -447,6 +447,7 @@ class MapJob:
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
         self.spans: list[tuple[float, float]] = []  # (start, end) of chunks: how many ran at once (report)
         self.retried = 0  # items sent again after their worker died (--retries)
+        self._said_retrying = False  # the one line once an item's worker died SAY_RETRIES_AT times (see lost)
         self.timed_out = 0  # items stopped at the timeout
         # Items that had finished in a chunk whose worker then died (or was stopped at
         # a timeout) before it sent the chunk's results: they went out again and ran a
@@ -1053,6 +1054,13 @@ class MapJob:
             unit.attempts += 1
             self.retried += unit.count
             self._requeued.append(unit)
+            if unit.attempts == SAY_RETRIES_AT and not self._said_retrying:
+                # (a big --retries on an item that always kills its worker looked like a hang: say so, once)
+                self._said_retrying = True
+                left = self.retries - unit.attempts
+                self._out("stderr", f"mpmagic: the worker running {self._what(unit)} died {unit.attempts} times; "
+                                    f"--retries {self.retries} sends it again up to {left} more "
+                                    f"time{'s' if left != 1 else ''} (interrupt to stop)\n")
             return
         if unit.lease is not None:
             unit.lease.release()
@@ -1071,6 +1079,8 @@ class MapJob:
         else:
             # (worker_kept: a Dask cluster's worker, which the pool does not replace itself)
             fate = "" if worker_kept else "; the pool replaced it"
+            if unit.attempts:  # (with --retries: the last of its sends, each of which its worker died running)
+                fate += f"; sent {unit.attempts + 1} times (--retries {self.retries}), its worker died each time"
             exc = WorkerLostError(f"the worker running {what} {reason}{fate}")
         self._fail_or_collect(unit, exc, None)
 
@@ -1305,6 +1315,10 @@ class MapJob:
 
 
 #: Seconds a failed rank waits before a line says so while other ranks still run.
+#: Once an item's worker died this many times (--retries re-sending it), the run says so in one line:
+#: a big --retries on an item that always kills its worker is otherwise silent for hours.
+SAY_RETRIES_AT = 10
+
 _SAY_FAILED_AFTER = 0.5
 #: Seconds the other ranks of a cell may still run after one failed (raised, lost its
 #: worker, timed out) before they are stopped and their workers replaced, as an MPI job

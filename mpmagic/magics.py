@@ -48,6 +48,7 @@ from .errors import (
     interrupt_outcome,
     one_line_interrupt,
 )
+from .jobs import SAY_RETRIES_AT
 from .setup_api import RunsInFlight, SetupRefused
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
@@ -210,7 +211,9 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--errors", choices=("raise", "collect"), default="raise",
                    help="raise the first error (default), or collect failures in place of results")
     p.add_argument("--timeout", type=_positive_float, help="seconds an item may run before it is stopped")
-    p.add_argument("--retries", type=_nonnegative_int, default=0, help="times to re-send items whose worker died")
+    p.add_argument("--retries", type=_nonnegative_int, default=0,
+                   help=f"times to re-send an item whose worker died (no maximum: once one item's worker "
+                   f"died {SAY_RETRIES_AT} times the run says so, and the final error says how often it was sent)")
     p.add_argument("--seed", type=_nonnegative_int,
                    help="give item i its own random stream from SEED and i (same results on any workers)")
     p.add_argument("--rerun-failed", action="store_true",

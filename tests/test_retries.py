@@ -93,6 +93,7 @@ def test_retries_stop_after_n_and_name_the_item(ip, killers):
     err = result.error_in_exec
     assert isinstance(err, mpmagic.WorkerLostError), err
     assert "item 2 (2)" in str(err)
+    assert str(err).endswith("; sent 3 times (--retries 2), its worker died each time"), err  # (said nothing of it)
     assert attempts(tries) == 3  # the first run and two retries, no more
     # With --errors collect the others' results are all there, in order.
     tries.unlink()
@@ -101,6 +102,19 @@ def test_retries_stop_after_n_and_name_the_item(ip, killers):
     assert [r for i, r in enumerate(results) if i != 2] == [0, 1, 9, 16]
     assert isinstance(results[2], mpmagic.Failed) and isinstance(results[2].error, mpmagic.WorkerLostError)
     assert attempts(tries) == 2
+
+
+def test_an_item_that_keeps_killing_its_worker_is_said_once_as_retries_go_on(ip, killers):
+    """``--retries 1000000`` on such an item ran for hours without a word: it looked like a hang."""
+    from mpmagic.jobs import SAY_RETRIES_AT
+
+    n = SAY_RETRIES_AT + 1
+    with capture_output() as cap:
+        err = ip.run_cell(f"%pmap -q --chunksize 1 --retries {n} always_dies, range(3)", store_history=False).error_in_exec
+    said = [line for line in cap.stderr.splitlines() if "more time" in line]
+    assert said == [f"mpmagic: the worker running item 2 (2) died {SAY_RETRIES_AT} times; --retries {n} sends it "
+                    "again up to 1 more time (interrupt to stop)"], cap.stderr
+    assert isinstance(err, mpmagic.WorkerLostError) and f"sent {n + 1} times (--retries {n})" in str(err)
 
 
 @pytest.mark.parametrize("chunking", ["--chunksize 8", "--chunksize 3", ""])
