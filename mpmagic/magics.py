@@ -260,9 +260,9 @@ def _pool_parser() -> _Parser:
     # the subcommand, and argparse's "invalid choice" came before the option was named; checked in pool())
     p.add_argument("action", nargs="?", default="status", metavar="ACTION",
                    help=f"the subcommand: {', '.join(_POOL_ACTIONS)} (see the usage above)")
-    p.add_argument("target", nargs="?",
+    p.add_argument("target", nargs="?", metavar="TARGET",  # (upper case, as ACTION and the reference)
                    help="N for resize; ADDRESS for dask; clear for checkpoints and setup; the run's ID for cancel")
-    p.add_argument("name", nargs="?", help="checkpoints clear: the function whose stored runs to delete")
+    p.add_argument("name", nargs="?", metavar="NAME", help="checkpoints clear: the function whose stored runs to delete")
     p.add_argument("-n", "--workers", type=_pool_size_int,
                    help="number of worker processes (-1: one per usable CPU, as joblib's n_jobs=-1)")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
@@ -1069,8 +1069,12 @@ class MPMagics(Magics):
                 raise parser.usage_error(f"--reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
             if not callable(reducer):
                 raise parser.usage_error(f"--reduce needs a function such as sum, not {opts.reduce!r}")
-        gather = tuple(unicodedata.normalize("NFKC", g.strip()) for g in opts.gather.split(",") if g.strip()) \
-            if opts.gather else ()  # (NFKC: the names as the cell's code binds them, ``ℌ`` as ``H``)
+        pieces = opts.gather.split(",") if opts.gather is not None else []
+        if any(not g.strip() for g in pieces):  # ('x,,y' dropped the empty one without a word)
+            raise parser.usage_error(f"--gather takes variable names separated by commas, and {opts.gather!r} "
+                                     "has an empty one")
+        gather = tuple(unicodedata.normalize("NFKC", g.strip()) for g in pieces)
+        # (NFKC: the names as the cell's code binds them, ``ℌ`` as ``H``)
         for name in gather:
             if not _is_variable_name(name):
                 raise parser.usage_error(f"--gather takes variable names separated by commas, and {name!r} is not one")

@@ -233,6 +233,9 @@ def test_output_and_gather_names_are_names_a_cell_can_read(ip, pool_fs):
     assert usage_error(ip, "%%parallel -n 2 -q -o 1abc\nrank") == "%%parallel: -o needs a variable name, not '1abc'"
     assert usage_error(ip, "%%parallel -n 2 -q --gather x,for\nx = for_ = 1") == (
         "%%parallel: --gather takes variable names separated by commas, and 'for' is not one")
+    for given in ("'x,,y'", "x,", "''"):  # (an empty name was dropped without a word)
+        assert usage_error(ip, f"%%parallel -n 2 -q --gather {given}\nx = y = 1") == (
+            f"%%parallel: --gather takes variable names separated by commas, and {given.strip(chr(39))!r} has an empty one")
     # Python reads ``ℌ`` as ``H`` (NFKC): --gather and -o take the name as the code does
     ip.run_cell("%%parallel -n 2 -q --gather ℌ -o ℬ\nℌ = rank * 3", store_history=False).raise_error()
     assert ip.run_cell("H, B", store_history=False).result == ([0, 3], [None, None])

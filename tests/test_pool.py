@@ -338,3 +338,12 @@ def test_pool_local_with_n_on_the_running_local_pool_says_it_resized(ip):
         assert run(ip, "%pool local -n 2").notice.endswith("; nothing was stopped")
     finally:
         ensure_pool("forkserver")
+
+
+def test_pool_help_names_its_positionals_as_the_reference_does():
+    """``%pool?`` listed ``target`` and ``name`` beside ``ACTION``; the reference says TARGET and NAME."""
+    from mpmagic.magics import _pool_parser
+
+    text = _pool_parser().format_help()
+    assert all(f"\n  {word} " in text for word in ("ACTION", "TARGET", "NAME")), text
+    assert "\n  target " not in text and "\n  name " not in text, text
