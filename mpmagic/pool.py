@@ -141,7 +141,8 @@ def parse_memory(value: int | str | None) -> int | None:
     if isinstance(value, int):
         size: float = value
     else:
-        number, scale = value, 1
+        number: float = value if isinstance(value, float) else math.nan
+        scale = 1
         if isinstance(value, str):
             text = value.strip().lower().replace(" ", "")
             digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
