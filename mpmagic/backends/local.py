@@ -1948,11 +1948,13 @@ class LocalBackend:
             if line and self._runs:
                 self._runs[0].note("stderr", line)
             self._cond.notify_all()
-        # It never said it was ready: it died starting (spawn could not import mpmagic, say), before it
-        # read any unit queued for it, so those go back to their runs (they blamed rank 0 or item 0).
+        # It never said it was ready and exited with an error: Python failed to start it (spawn could not
+        # import mpmagic, say; after an interrupt too), before it read any unit queued for it, so those go
+        # back to their runs (they blamed rank 0 or item 0). Counted, so three in a row end the runs.
         never_ready = not slot.ready and time.monotonic() - slot.started < 30
-        # (after an interrupt, one killed by it is not counted; one that exited with an error still is)
-        if never_ready and (not interrupted or (code is not None and code > 0)):
+        failed_start = never_ready and (
+            (code is not None and code > 0) or (not inflight and not interrupted))
+        if failed_start:
             self._startup_failures += 1
             if self._startup_failures >= 3:
                 self._kill(slot)
@@ -1963,7 +1965,7 @@ class LocalBackend:
                 for run in list(self._runs):
                     self._end(run, error)
                 return
-        elif not never_ready:
+        else:
             self._startup_failures = 0
         self._replace(slot)
         # Killed between units (found by the chaos soak: a kill that landed
@@ -1975,7 +1977,7 @@ class LocalBackend:
                 continue
             # A kept rank (--keep) is not sent again: its state died with the worker.
             again = not run.job.pinned
-            if never_ready and again:
+            if failed_start and again:
                 run.job.requeue(unit)  # (never started: three such deaths in a row end the runs, above)
             elif i == 0 and idle and again and not unit.resent_after_idle_death:
                 # Once: a worker that dies again before starting it (loading
