@@ -5,8 +5,9 @@ A run "did not pay" when it was slower than serial, or its efficiency
 picked from the report's measurements, most specific first:
 
 * items run again after their worker died (--retries);
-* a cell whose ranks each took as long as the whole cell serially (--compare:
-  the ranks repeat the work instead of splitting it; not said when --reduce
+* a cell whose ranks each took about as long as the whole cell serially (--compare:
+  the ranks repeat the work instead of splitting it; only for a cell of 5 ms or
+  more serially, whose ranks each took 0.7-2x that; not said when --reduce
   found the reduced value equal to the serial one, which shows they split it,
   and judged without the one-time imports in the ranks' times, or left to a
   warm run when those were not timed);
@@ -55,6 +56,11 @@ MIN_TIMED_CHUNK = 0.005
 # One-time costs are the cause when they are at least this share of what the
 # run lost against ideal (wall - work per worker).
 ONE_TIME_SHARE = 0.3
+# "The ranks repeat the work" needs a serial cell of at least this long (each rank's own fixed
+# cost, ~0.5 ms of its task time, is then small beside it) and ranks taking at most this many
+# times its serial time (about the serial time each: repeated, not slowed by something else).
+MIN_REPEAT_SERIAL = 0.005
+REPEAT_AT_MOST = 2.0
 LOW_EFFICIENCY = 0.6  # below this share of ideal speedup, say why (2 workers: under 1.2x)
 LARGE_BYTES = 1_000_000  # copying less than this is never the main cost
 # Array data copied into shared memory per call worth pointing at share():
@@ -134,6 +140,8 @@ def advise(report: Any) -> str | None:
 
     if report.failed or report.extra.get("error"):
         return None
+    if report.items == 0 and report.caller != "call":  # an empty map ran nothing: nothing to advise on
+        return None
     if report.equal is False and "serial_value" in report.extra:  # %%parallel --compare --reduce
         return ("the reduced value differs from the cell's value as rank 0 of 1 (size 1): does each rank do "
                 "its share of the work by rank and size, and does --reduce combine the shares into the "
@@ -150,14 +158,18 @@ def advise(report: Any) -> str | None:
                 "RESULTS DIFFER)")
     workers = max(1, report.workers)
     if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
-        workers = report.peak_busy or workers
+        cores = report.cores
+        # (the report's first words say the workers the run had: "4 ranks on 4 workers"; fewer may have run at once)
+        busy = report.peak_busy or workers
+        at_once = f" (up to {busy} at once)" if busy < workers else ""
+        of = f"{workers} workers{at_once} share {cores} CPU core{'s' if cores != 1 else ''} on CPU-bound work"
+        setting = f"-n {cores} (or %config MPMagic.workers = {cores})"
+        if report.serial is not None:  # measured: the speedup is real, and no more than `cores` ran at a time
+            return (f"{of}, so they take turns: no more than {cores} run at a time either way, and {setting} "
+                    "does as well with less switching between them")
         # (where the workers measured their wait for a core, the estimate leaves it out: Report.runq_seconds)
         counts = "leaves their waiting out" if report.subtracts_waiting else "counts their waiting"
-        return (
-            f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''} on "
-            f"CPU-bound work, so they take turns (an estimated serial time {counts}): "
-            f"use -n {report.cores} (or %config MPMagic.workers = {report.cores})"
-        )
+        return f"{of}, so they take turns (an estimated serial time {counts}): use {setting}"
     per = threads_oversubscribed(report)
     if per is not None:  # measured: CPU time per task above wall time per task
         return (
@@ -236,8 +248,7 @@ def advise(report: Any) -> str | None:
                 "so no number of workers or chunk size finishes sooner: only splitting that "
                 f"{'rank' if report.kind == 'parallel' else 'item'}'s work into smaller pieces helps"
             )
-        fixed = report.chunksize not in ("-", "") and not str(report.chunksize).startswith("auto")
-        if report.kind == "pmap" and fixed and report.chunks and report.chunks < workers:
+        if report.kind == "pmap" and _users_chunksize(report) and report.chunks and report.chunks < workers:
             return (
                 f"the {report.items} items went in {report.chunks} chunk{'s' if report.chunks != 1 else ''} "
                 + (f"(%config MPMagic.chunksize = {report.chunksize}), so only {report.chunks} of the {workers} "
@@ -271,11 +282,14 @@ def advise(report: Any) -> str | None:
         overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once - prepared) / report.chunks
         if per_chunk < overhead:
             per_item = report.task_seconds / max(1, report.items)
-            fixed = report.chunksize not in ("-", "") and not report.chunksize.startswith("auto")
+            fixed = _users_chunksize(report)
             fix = (
                 ("set %config MPMagic.chunksize = None (automatic sizing) or a larger one"
                  if report.extra.get("chunksize_setting") else "drop --chunksize (automatic sizing) or make it larger")
                 if fixed
+                else ("--timeout sends each item in a chunk of its own (to time it alone): give each call more work "
+                      "(pass a batch of items per call), or leave --timeout out")
+                if report.extra.get("timeout_chunks")
                 else "give each call more work (pass a batch of items per call)"
             )
             # (On Dask the cost per chunk is the scheduler's too: assigning, queueing on a worker.)
@@ -341,6 +355,14 @@ def _payload_prep(report: Any) -> str | None:
             f"in the notebook: {done}; {fix}")
 
 
+def _users_chunksize(report: Any) -> bool:
+    """Did the user fix the chunk size (--chunksize, %config MPMagic.chunksize)? Not when
+    --timeout alone made the chunks of 1 (the advice said "drop --chunksize" to a
+    user who never gave it)."""
+    size = str(report.chunksize)
+    return size not in ("-", "") and not size.startswith("auto") and not report.extra.get("timeout_chunks")
+
+
 def _chunk_words(report: Any, fixed: bool) -> str:
     """The chunks the advice's chunk time is the average of, as the user would
     say them: ``--chunksize 3`` over 10 items is "a chunk of up to 3 (2.5 on
@@ -376,7 +398,9 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
     # Ranks that sleep or wait for I/O use next to no CPU (0.5 % of their time): their wall time says it, and
     # they wait for no core. CPU-bound ranks sharing cores still use a share of one (4 on 2 cores: ~25-50 %).
     cpu_bound = report.cpu_seconds is not None and report.cpu_seconds >= 0.1 * report.task_seconds
-    per_rank = (report.cpu_seconds if cpu_bound else report.task_seconds) / report.items
+    # (never above the task time: the CPU time also holds each rank's loading and sending, 3.6 ms of it
+    # against a 0.6 ms task on a tiny cell, which read as a rank repeating a 0.25 ms serial cell)
+    per_rank = (min(report.cpu_seconds, report.task_seconds) if cpu_bound else report.task_seconds) / report.items
     # One-time costs in the ranks' times (a first run importing sklearn in each worker) are not the
     # work: without them, the ranks of a cell that does split its work were told they repeat it.
     o = report.one_time or {}
@@ -384,6 +408,11 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
         return None  # imports inside the ranks' times, untimed: the next (warm) run tells
     per_rank -= (o.get("import_seconds", 0.0) + o.get("load", 0.0)) * min(report.workers, report.items) / report.items
     if per_rank < 0.7 * report.serial:
+        return None
+    # Repeating the work makes a rank take about the serial time, not many times it: a rank far
+    # slower than that, or a cell too quick to tell its work from each rank's fixed cost (a 2-14x
+    # slower rank of a 0.25 ms cell that split its work by rank), is left to the fixed-cost advice.
+    if report.serial < MIN_REPEAT_SERIAL or per_rank > REPEAT_AT_MOST * report.serial:
         return None
     return (
         f"each rank took about as long as the whole cell serially ({fmt_seconds(per_rank)} per rank against "

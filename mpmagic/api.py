@@ -858,6 +858,8 @@ class MapCall:
         self.workers = workers or self.backend.workers
         self.cold = self.backend.cold
         self.collect = errors == "collect"
+        # (a timeout with no chunk size sends one item per chunk: the advice names --timeout, not --chunksize)
+        self.chunks_of_timeout = bool(kwargs.get("timeout")) and not kwargs.get("chunksize")
         # (a stream's sets "imap": its report's lines say so; mpmagic.call's is "call")
         self.caller = "call" if one_call else ""
         if one_call:  # (its messages name the call, not "item 0")
@@ -887,7 +889,10 @@ class MapCall:
         fields["chunksize"] = job.planner.describe()
         fields["failed_at"] = job.failure_index
         fields["total"] = self.n_items
-        return Report.of(fields)
+        report = Report.of(fields)
+        if self.chunks_of_timeout:
+            report.extra["timeout_chunks"] = True
+        return report
 
     def failed_items(self, results: list) -> list:
         """The Failed items among ``results`` (only ``errors="collect"`` puts them there)."""

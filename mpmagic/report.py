@@ -162,7 +162,9 @@ class Report:
 
     @property
     def speedup(self) -> float | None:
-        if self.wall <= 0 or self.serial_time <= 0:
+        """Serial time over wall time; None (n/a) when either is zero, and for a run
+        of no items (an empty map: --compare timed an empty loop, "<0.1x")."""
+        if self.wall <= 0 or self.serial_time <= 0 or (self.items == 0 and self.caller != "call"):
             return None
         return self.serial_time / self.wall
 
@@ -239,7 +241,9 @@ class Report:
             where = "in each worker" if self.task_import_workers > 1 else "in the worker"
             include.append(f"importing {_names(self.task_imports)} {where}")
         busy = self.peak_busy or self.workers
-        on_cores = f"{busy} workers on {self.cores} core{'s' if self.cores != 1 else ''}"
+        # (the line begins with the run's workers, "4 ranks on 4 workers": fewer may have run at once)
+        on_cores = (f"{busy} workers" if busy >= self.workers else f"up to {busy} of them at once") + (
+            f" on {self.cores} core{'s' if self.cores != 1 else ''}")
         subtracted = self.subtracts_waiting
         if self.waited_for_cores and not subtracted:  # (not measured: the CPU times say they waited)
             include.append(f"waiting for a core: {on_cores}")

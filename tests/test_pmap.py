@@ -17,6 +17,7 @@ from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
 from mpmagic import payload
+from mpmagic import pool as pool_module
 
 
 def test_cell_function(ip, backend):
@@ -297,6 +298,30 @@ def test_a_worker_that_cannot_start_is_one_line_not_the_manager_failing(ip, monk
     assert "manager failed" not in caplog.text
     monkeypatch.undo()
     assert run(ip, "%pmap -q abs, [-1, -2, -3]") == [1, 2, 3]
+
+
+def test_spawn_workers_that_cannot_import_mpmagic_say_so_not_blame_an_item(tmp_path, monkeypatch):
+    """New spawn workers died importing mpmagic (the venv's install rewritten meanwhile) with the
+    items queued for them: the map failed as "the worker running items 0-1 exited unexpectedly",
+    where troubleshooting.md promises the start-up line. They never started those items."""
+    (tmp_path / "mpmagic").mkdir()
+    (tmp_path / "mpmagic" / "__init__.py").write_text("raise ImportError('simulated: cannot import mpmagic')\n")
+    pool_module.shutdown()
+    try:
+        mpmagic.use_local(1, "spawn")
+        assert mpmagic.pmap(abs, [-1]) == [1]
+        monkeypatch.syspath_prepend(str(tmp_path))  # (a spawn child takes the notebook's sys.path)
+        mpmagic.restart_pool()
+        with pytest.raises(mpmagic.MPMagicError) as got:
+            mpmagic.pmap(abs, [-1, -2])
+        assert not isinstance(got.value, mpmagic.WorkerLostError)
+        assert str(got.value).startswith("worker processes die while starting"), got.value
+        assert "python -c 'import mpmagic'" in str(got.value)
+        monkeypatch.undo()
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]
+    finally:
+        monkeypatch.undo()
+        pool_module.shutdown()
 
 
 def test_star_item_that_cannot_be_unpacked_fails_as_starmap_does(ip, backend):

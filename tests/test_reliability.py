@@ -388,6 +388,10 @@ def with_mp_event(x):
     mp_event.set()
 def with_mp_manager(x):
     return mp_manager.list()
+pipe_parent, pipe_child = multiprocessing.Pipe()
+def with_mp_pipe(x):
+    pipe_child.send(x)
+    return x
 def with_mp_value(x):
     with mp_value.get_lock():
         mp_value.value += x
@@ -433,6 +437,10 @@ CANNOT_SEND = [
     ("with_mp_event", "`with_mp_event -> mp_event", "use mpmagic.Event(), made for tasks"),
     ("with_mp_manager", "`with_mp_manager -> mp_manager",
      "make what the tasks share with it here (q = manager.Queue(), d = manager.dict()) and use those"),
+    # (a Pipe end went as its fd number: on spawn the sends went into another of the worker's files, silently)
+    ("with_mp_pipe", "`with_mp_pipe -> pipe_child` is a multiprocessing.connection.Connection",
+     "works only in processes forked after it was made (no spawn or forkserver worker, nor a fork worker "
+     "started before it): use mpmagic.Queue()"),
     # (it fails on the lock of its Condition, and the advice named mpmagic's Queue, Value, Array, Lock)
     ("with_mp_barrier", "`with_mp_barrier -> mp_barrier -> _cond",
      "mpmagic has no Barrier of its own: a multiprocessing.Manager()'s can be sent to running workers"),
@@ -443,7 +451,7 @@ CANNOT_SEND = [
 def unsendable(ip):
     run(ip, "import os\n" + UNSENDABLE)
     yield
-    run(ip, "log.close(); sock.close(); conn.close(); mp_manager.shutdown()")
+    run(ip, "log.close(); sock.close(); conn.close(); mp_manager.shutdown(); pipe_parent.close(); pipe_child.close()")
 
 
 @pytest.mark.parametrize("func, path, advice", CANNOT_SEND)
@@ -478,6 +486,18 @@ def test_item_that_cannot_be_sent(ip, pool2, unsendable):
     err = result.error_in_exec
     assert isinstance(err, mpmagic.SerializationError)
     assert "cannot send item 2" in str(err) and "_thread.lock" in str(err)
+    # A Pipe end pickles plainly (its fd number): refused as an item and as a rank variable too.
+    with capture_output():
+        result = ip.run_cell("%pmap -q lambda c: c, [1, pipe_child]", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.SerializationError), err
+    assert "cannot send item 1" in str(err) and "use mpmagic.Queue()" in str(err)
+    with capture_output():
+        result = ip.run_cell("%%parallel -n 2 -q\npipe_child.send(rank)\n", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, mpmagic.SerializationError), err
+    assert "cannot send pipe_child to the ranks: `pipe_child` is a multiprocessing.connection.Connection" in str(err)
+    assert not run(ip, "pipe_parent.poll(0)")
 
 
 def test_result_that_cannot_come_back(ip, pool2, unsendable):

@@ -273,6 +273,53 @@ def test_a_cells_estimate_is_the_sum_of_the_ranks_times_and_compare_names_repeat
     assert r.advice is None or "repeat the work" not in r.advice, r.advice
 
 
+def test_a_tiny_cell_whose_ranks_outlast_its_serial_run_is_not_told_they_repeat_the_work():
+    """range(rank, 2000, size) with --compare: each rank took 2-14x the 0.25 ms serial cell (its CPU time
+    holding the rank's loading and sending, above its task time), and was told it repeats the work."""
+    tiny = dict(kind="parallel", items=2, workers=2, wall=0.00975, task_seconds=0.0012, cpu_seconds=0.0072,
+                chunks=0, serial=0.00025)
+    r = _report(**tiny)
+    assert r.advice is not None and "repeat the work" not in r.advice and "beyond its share" in r.advice, r.advice
+    # Ranks many times slower than the whole serial cell are slowed by something else than repeating it.
+    r = _report(**{**tiny, "wall": 0.3, "task_seconds": 0.56, "cpu_seconds": 0.56, "serial": 0.02})
+    assert r.advice is None or "repeat the work" not in r.advice, r.advice
+    # A cell of 20 ms serially whose two ranks each took ~20 ms: repeated.
+    r = _report(**{**tiny, "wall": 0.025, "task_seconds": 0.042, "cpu_seconds": 0.041, "serial": 0.02})
+    assert r.advice is not None and "the ranks repeat the work" in r.advice, r.advice
+
+
+def test_chunks_of_one_made_by_timeout_are_not_blamed_on_a_chunksize_never_given(ip, pool2):
+    tiny = dict(items=200, chunks=200, chunksize="1", wall=0.02, task_seconds=0.0002)
+    r = _report(**tiny, extra={"timeout_chunks": True})
+    assert r.advice is not None and "--chunksize" not in r.advice, r.advice
+    assert "a chunk of 1 in" in r.advice and "--timeout sends each item in a chunk of its own" in r.advice
+    assert "drop --chunksize" in _report(**tiny).advice  # given: named
+    run(ip, "def _tiny(x):\n    return x + 1\n")
+    assert run(ip, "%pmap -q --timeout 5 _tiny, range(20)") == list(range(1, 21))
+    assert mpmagic.last_report().extra.get("timeout_chunks") is True
+    assert run(ip, "%pmap -q --timeout 5 --chunksize 1 _tiny, range(20)") == list(range(1, 21))
+    assert "timeout_chunks" not in mpmagic.last_report().extra
+
+
+def test_a_measured_serial_time_is_not_called_an_estimate_and_the_counts_agree_with_the_line():
+    busy = dict(items=8, workers=4, cores=2, wall=0.0726, task_seconds=0.28, cpu_seconds=0.11, peak_busy=4,
+                over_cores_seconds=0.06, runq_seconds=0.14)
+    r = _report(**busy, serial=0.1126, equal=True)
+    assert r.advice is not None and "estimated" not in r.advice, r.advice
+    assert r.advice.startswith("4 workers share 2 CPU cores on CPU-bound work, so they take turns: no more than 2 "
+                               "run at a time either way, and -n 2"), r.advice
+    # 4 ranks on 4 workers, 3 of them at once: the line and the advice both say 4 workers, and the 3.
+    r = _report(**{**busy, "kind": "parallel", "items": 4, "chunks": 0, "peak_busy": 3})
+    assert r.line().startswith("parallel: 4 ranks on 4 workers") and "up to 3 of them at once on 2 cores" in r.line()
+    assert r.advice is not None and r.advice.startswith("4 workers (up to 3 at once) share 2 CPU cores"), r.advice
+
+
+def test_an_empty_map_has_no_speedup_and_no_advice():
+    for kw in ({}, {"serial": 6e-6, "equal": True}, {"workers": 4, "cores": 2, "serial": 6e-6}):
+        r = _report(items=0, chunks=0, wall=0.0003, task_seconds=0.0, **kw)
+        assert "speedup n/a" in r.line() and r.advice is None, (r.line(), r.advice)
+
+
 def test_a_timed_serial_run_that_imported_modules_says_so():
     r = _report(serial=0.0051, equal=True, serial_imports=("numpy.random",))
     assert "serial 5.1 ms (measured, results equal; it imported numpy.random here)" in r.line()

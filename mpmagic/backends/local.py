@@ -1948,7 +1948,13 @@ class LocalBackend:
             if line and self._runs:
                 self._runs[0].note("stderr", line)
             self._cond.notify_all()
-        if not slot.ready and time.monotonic() - slot.started < 30 and not inflight and not interrupted:
+        # It never said it was ready and exited with an error: Python failed to start it (spawn could not
+        # import mpmagic, say; after an interrupt too), before it read any unit queued for it, so those go
+        # back to their runs (they blamed rank 0 or item 0). Counted, so three in a row end the runs.
+        never_ready = not slot.ready and time.monotonic() - slot.started < 30
+        failed_start = never_ready and (
+            (code is not None and code > 0) or (not inflight and not interrupted))
+        if failed_start:
             self._startup_failures += 1
             if self._startup_failures >= 3:
                 self._kill(slot)
@@ -1971,7 +1977,9 @@ class LocalBackend:
                 continue
             # A kept rank (--keep) is not sent again: its state died with the worker.
             again = not run.job.pinned
-            if i == 0 and idle and again and not unit.resent_after_idle_death:
+            if failed_start and again:
+                run.job.requeue(unit)  # (never started: three such deaths in a row end the runs, above)
+            elif i == 0 and idle and again and not unit.resent_after_idle_death:
                 # Once: a worker that dies again before starting it (loading
                 # the function kills it) is this unit's fault after all.
                 unit.resent_after_idle_death = True
