@@ -90,7 +90,7 @@ def method() -> str:
     return "forkserver"
 
 
-BOTH_METHODS = pytest.mark.parametrize("method", ["forkserver", "spawn"])
+BOTH_METHODS = pytest.mark.parametrize("method", ["forkserver", "spawn"], scope="module")
 
 
 @pytest.fixture
@@ -714,19 +714,24 @@ def test_workers_are_reached_only_through_pipes(ip, pool2):
 def test_processes_a_task_starts_are_stopped_with_its_worker(ip, pool2):
     """A task's subprocess or forked helper outlived its worker: after a
     --timeout (a ``sleep 300`` reparented to init) and after the pool stopped.
-    A worker leads a process group of its own, and the pool kills the group."""
+    A worker leads a process group of its own, and the pool kills the group.
+    The sleeps carry this test process's pid in their length (``sleep 300.<pid>``):
+    the check looks at every process on the machine, and another test run there
+    (or one killed mid-test) has ``sleep 300`` processes of its own."""
+    own = os.getpid()
     run(ip, "import subprocess, time\n"
-            "def spawn_and_wait(x):\n    subprocess.run(['sleep', '300'])\n"
-            "def spawn_and_leave(x):\n    return subprocess.Popen(['sleep', '301']).pid\n")
+            f"def spawn_and_wait(x):\n    subprocess.run(['sleep', '300.{own}'])\n"
+            f"def spawn_and_leave(x):\n    return subprocess.Popen(['sleep', '301.{own}']).pid\n")
 
     def sleeping(arg: str) -> list:
-        return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", arg]]
+        return [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", f"{arg}.{own}"]]
 
     with pytest.raises(mpmagic.TaskTimeoutError):
         run(ip, "%pmap -q --timeout 1 spawn_and_wait, [1]")
     assert psutil.wait_procs(sleeping("300"), timeout=5)[1] == []
     (pid,) = run(ip, "%pmap -q spawn_and_leave, [1]")
     assert psutil.pid_exists(pid)
+    assert [p.pid for p in sleeping("301")] == [pid]  # (the check below finds the sleeps it is meant to)
     mpmagic.restart_pool()  # (a stop, then a start: the next tests get a running pool)
     assert psutil.wait_procs(sleeping("301"), timeout=5)[1] == []
 
