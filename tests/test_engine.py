@@ -1087,7 +1087,7 @@ backend.stop()
 """
 
 
-@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"], scope="session")
 def test_the_first_worker_and_the_fork_server_are_started_with_sigint_blocked(method):
     """The first worker's start starts multiprocessing's resource tracker, and that
     unblocked SIGINT in the starting thread: the spawn worker or the fork server
@@ -1103,7 +1103,7 @@ def test_the_first_worker_and_the_fork_server_are_started_with_sigint_blocked(me
     assert all(line.endswith(" True") for line in lines), lines
 
 
-@pytest.mark.parametrize("method", ["spawn", "fork"])
+@pytest.mark.parametrize("method", ["spawn", "fork"], scope="session")
 def test_a_ctrl_c_while_workers_start_stops_the_call_after_they_are_recorded(method, monkeypatch):
     """SIGINT was ignored while a worker process started (so the child is born
     immune to the kernel's process-group interrupt): a Ctrl-C in that window

@@ -368,7 +368,7 @@ def test_sys_path_added_after_the_pool_started(ip, local_pool, tmp_path):
         sys.modules.pop("fidelity_late_mod", None)
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the limit travels with each call, as the int digits limit below)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the limit travels with each call, as the int digits limit below)
 def test_recursion_limit(ip, local_pool):
     run(ip, "import sys\ndef deep(n):\n    return n if n == 0 else deep(n - 1)\n"
             "def limit_and_depth(x):\n    return sys.getrecursionlimit(), deep(1200)\n")
@@ -383,7 +383,7 @@ def test_recursion_limit(ip, local_pool):
         sys.setrecursionlimit(before)
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the start method changes nothing here: one suffices)
 @pytest.mark.skipif(not hasattr(sys, "set_int_max_str_digits"), reason="Python 3.11+ (3.10.7+)")
 def test_the_int_digits_limit(ip, local_pool):
     """``sys.set_int_max_str_digits(0)`` in the notebook did not reach forkserver

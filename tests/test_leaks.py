@@ -245,7 +245,7 @@ def test_what_the_notebook_remembers_of_a_worker_stays_bounded(ip):
     assert mpmagic.pmap(ip.user_ns["fs"][0], [5]) == [5]
 
 
-@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+@pytest.mark.parametrize("method", ["forkserver", "spawn"], scope="session")
 def test_a_notebook_that_ends_with_its_pool_running_exits_quietly(method, tmp_path):
     """A kernel that exits with the pool running (no ``%pool stop``): our exit
     hook stops the pool before multiprocessing's terminates its daemonic

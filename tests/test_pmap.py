@@ -440,7 +440,7 @@ def _hundred_kb(i: int) -> bytes:
     return bytes(100_000)
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the start method changes nothing here: one suffices)
 def test_automatic_chunks_keep_their_results_under_the_byte_cap(local_pool, monkeypatch):
     """Chunks are sized by task time and capped by packed bytes: the results' bytes
     count too, so fast tasks with big results do not come back (or wait in an
@@ -458,7 +458,7 @@ def test_automatic_chunks_keep_their_results_under_the_byte_cap(local_pool, monk
     assert largest <= 16, sizes
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the start method changes nothing here: one suffices)
 def test_a_notebook_class_whose_instances_come_back_keeps_its_own_methods(ip, local_pool):
     """cloudpickle found the notebook's class by its tracker id, then set the worker's copies of its
     methods on it: their globals were only the names sent with them, so a function a later cell

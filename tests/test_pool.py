@@ -98,7 +98,7 @@ def test_default_start_method_is_forkserver_on_linux_and_spawn_elsewhere():
     assert default_start_method() == ("forkserver" if sys.platform.startswith("linux") else "spawn")
 
 
-@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"])
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"], scope="session")
 def test_every_start_method_runs_notebook_code(ip, method):
     mpmagic.use_local(2, method)
     run(ip, "def cube(x):\n    return x ** 3\n")

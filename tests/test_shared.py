@@ -228,7 +228,7 @@ def test_helpers_made_before_fork_workers_started(ip):
 # Queue behaviour
 
 
-@pytest.mark.parametrize("any_method", ["fork", "forkserver"])  # (spawn passes helpers as forkserver does)
+@pytest.mark.parametrize("any_method", ["fork", "forkserver"], scope="session")  # (spawn passes helpers as forkserver does)
 def test_bounded_queue_blocks_the_producer(ip, any_method):
     ensure_pool(any_method)
     run(ip, "import mpmagic\nbq = mpmagic.Queue(maxsize=3)\nfor i in range(3):\n    bq.put(i)")
@@ -268,7 +268,7 @@ def test_bounded_queue_blocks_the_producer(ip, any_method):
     drop(ip, "bq", "bq2")
 
 
-@pytest.mark.parametrize("any_method", ["fork", "forkserver"])  # (spawn passes helpers as forkserver does)
+@pytest.mark.parametrize("any_method", ["fork", "forkserver"], scope="session")  # (spawn passes helpers as forkserver does)
 def test_many_items_before_any_consumer_and_big_messages(ip, any_method):
     """put() never blocks an unbounded queue: what does not fit in the ring waits in
     the producer's backlog; messages bigger than the ring pass in fragments."""
@@ -556,7 +556,7 @@ def test_a_script_leaving_by_os_exit_with_a_pool_prints_no_tracker_warnings():
     assert "resource_tracker" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (a dead holder is found the same way whatever started it)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (a dead holder is found the same way whatever started it)
 def test_lock_held_by_a_killed_worker_is_taken_over(ip, method):
     ensure_pool(method)
     run(ip, "import mpmagic\nheld = mpmagic.Lock()\ndone = mpmagic.Value('i', 0)")
@@ -1114,7 +1114,7 @@ def test_a_helper_a_rank_made_says_which_rank_once_that_rank_ended(ip, local_poo
 # A run keeps the helpers its payload named alive until it ends
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the run's bookkeeping: one start method suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the run's bookkeeping: one start method suffices)
 def test_a_background_run_keeps_the_helper_its_function_captured_when_the_notebook_rebinds_it(ip, local_pool):
     """A fresh counter for each submitted run: rebinding ``counter`` dropped the
     notebook's last reference to the one a run still in flight captured, which
@@ -1146,7 +1146,7 @@ def test_a_background_run_keeps_the_helper_its_function_captured_when_the_notebo
     drop(ip, "kept_refs", "kept_handles", "counter", "count_kept")
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the run's bookkeeping: one start method suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the run's bookkeeping: one start method suffices)
 def test_a_background_run_keeps_a_helper_passed_in_its_items(ip, local_pool):
     """The same with the helper inside the items (read lazily, one chunk at a
     time) and among a cell's names (``parallel(block=False)``). Kept before the
@@ -1194,7 +1194,7 @@ def test_a_queue_freed_by_the_gc_in_its_feeder_thread_is_no_deadlock():
     assert local.stopped and not left_behind([stem])
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the start method changes nothing here: one suffices)
 def test_a_notebook_class_put_on_a_queue_by_a_task_keeps_its_own_methods(ip, local_pool):
     """A notebook class's instance a task puts on a Queue comes out as the notebook's own
     class, as a map's results do (classhome): plain pickle set the worker's copies of the

@@ -479,7 +479,7 @@ def test_a_units_filters_are_worked_out_again_only_when_the_filters_change(capsy
     assert sum('"again"' in line for line in sent) == 4, sent
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (the start method changes nothing here: one suffices)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the start method changes nothing here: one suffices)
 def test_a_tasks_record_goes_to_its_handlers_own_stream(ip, local_pool, capsys):
     """A handler on stdout printed the task's record to stderr; one made before a
     capture_output() had its task records captured (serially they are not)."""
@@ -596,7 +596,7 @@ def loud(x):
 """
 
 
-@pytest.mark.parametrize("method", ["forkserver"])
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")
 def test_what_a_task_changes_of_logging_lasts_for_its_unit_even_on_loggers_the_notebook_left_notset(
         ip, local_pool, root_level, capsys):
     """A task's setLevel on a logger the notebook left at NOTSET (the usual

@@ -73,7 +73,7 @@ def test_a_setups_environment_and_directory_are_the_tasks(ip, local_pool, tmp_pa
         del os.environ["MPM_SETUP_GONE"]
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (a replacement gets the setup the same way whatever starts it)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (a replacement gets the setup the same way whatever starts it)
 def test_setup_survives_sigkill_timeout_and_resize(ip, local_pool):
     run(ip, "%%pool setup\n" + SETUP)
     old = {s.wid for s in local_pool.slots}
@@ -89,7 +89,7 @@ def test_setup_survives_sigkill_timeout_and_resize(ip, local_pool):
     assert not (_check_all(ip) & old)
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (a replacement gets the setup the same way whatever starts it)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (a replacement gets the setup the same way whatever starts it)
 def test_setup_in_recycled_workers(ip, method):
     pool_module.shutdown()
     mpmagic.start_pool(2, method, max_tasks_per_child=1, wait=True)
@@ -232,7 +232,7 @@ def test_setup_in_a_real_kernel():
         k.close()
 
 
-@pytest.mark.parametrize("method", ["forkserver"])  # (a replacement gets the setup the same way whatever starts it)
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (a replacement gets the setup the same way whatever starts it)
 def test_replacement_failing_setup_printed_once(ip, method, capfd):
     pool_module.shutdown()
     mpmagic.start_pool(2, method, max_tasks_per_child=1, wait=True)
