@@ -148,24 +148,30 @@ def test_a_failing_rank_stops_the_ranks_still_running_as_an_mpi_job_aborts(ip, b
     from mpmagic import jobs
 
     monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 0.3)
-    run(ip, f"DONE = {str(tmp_path / 'rank2-done')!r}")
-    with pytest.raises(mpmagic.ParallelError) as info:
-        cell(ip, "-n 3 -q", "import os, time\n"
-                            "if rank == 2:\n    open(DONE, 'w').close()\n"
-                            "if rank == 1:\n"
-                            "    while not os.path.exists(DONE):\n        time.sleep(0.01)\n"
-                            "    time.sleep(0.2)\n"  # (rank 2's value on its way home)
-                            "    raise ValueError('bad input')\n"
-                            "if rank == 0:\n"
-                            "    while not os.path.exists(DONE):\n        time.sleep(0.01)\n"
-                            "    time.sleep(8)\n"  # (8 s: on a Dask cluster not mpmagic's it runs on)
-                            "rank")
-    assert time.time() - os.path.getmtime(tmp_path / "rank2-done") < 6  # rank 0 stopped, not waited for
-    assert str(info.value) == ("2 of 3 ranks failed (ranks 0, 1); rank 1: ValueError: bad input; rank 0 still ran "
-                               "0.3 s after rank 1 failed (ValueError): stopped, as an MPI job aborts: a rank "
-                               "waiting for a failed one would wait for ever")
-    assert isinstance(info.value.failures[0], mpmagic.RankStoppedError) and info.value.values == {2: 2}
-    assert cell(ip, "-n 3 -q", "rank") == [0, 1, 2]  # the pool is usable
+    run(ip, f"DONE, FREED = {str(tmp_path / 'rank2-done')!r}, {str(tmp_path / 'freed')!r}")
+    try:
+        with pytest.raises(mpmagic.ParallelError) as info:
+            cell(ip, "-n 3 -q", "import os, time\n"
+                                "if rank == 2:\n    open(DONE, 'w').close()\n"
+                                "if rank == 1:\n"
+                                "    while not os.path.exists(DONE):\n        time.sleep(0.01)\n"
+                                "    time.sleep(0.2)\n"  # (rank 2's value on its way home)
+                                "    raise ValueError('bad input')\n"
+                                "if rank == 0:\n"
+                                "    while not os.path.exists(DONE):\n        time.sleep(0.01)\n"
+                                "    t = time.time()\n"  # (8 s at most: on a Dask cluster not mpmagic's it runs on)
+                                "    while not os.path.exists(FREED) and time.time() - t < 8:\n        time.sleep(0.01)\n"
+                                "rank")
+        assert time.time() - os.path.getmtime(tmp_path / "rank2-done") < 6  # rank 0 stopped, not waited for
+        assert str(info.value) == ("2 of 3 ranks failed (ranks 0, 1); rank 1: ValueError: bad input; rank 0 still "
+                                   "ran 0.3 s after rank 1 failed (ValueError): stopped, as an MPI job aborts: a rank "
+                                   "waiting for a failed one would wait for ever")
+        assert isinstance(info.value.failures[0], mpmagic.RankStoppedError) and info.value.values == {2: 2}
+        assert cell(ip, "-n 3 -q", "rank") == [0, 1, 2]  # the pool is usable
+    finally:
+        # A Dask worker runs a stopped rank on: let it end now, not 8 s later in the
+        # next tests (whose new backend does not know that worker is busy, and waited).
+        (tmp_path / "freed").touch()
 
 
 def test_classic_split_sum(ip, backend, capsys):
@@ -179,13 +185,20 @@ def test_classic_split_sum(ip, backend, capsys):
 
 
 @pytest.mark.parametrize("backend_kind", ["forkserver", "dask"])  # (stopping ranks is the manager's code on both start methods)
-def test_timeout_stops_a_rank_and_pool_stays_usable(ip, backend):
-    # (8 s, well past the 1 s timeout: on a Dask cluster mpmagic does not own the
-    # rank runs on to its end, and the next cell waits for its worker that long)
-    with pytest.raises(mpmagic.ParallelError) as info:
-        cell(ip, "-n 2 -q --timeout 1", "import time\nif rank == 1:\n    time.sleep(8)\nrank")
-    assert isinstance(info.value.failures[1], mpmagic.TaskTimeoutError)
-    assert cell(ip, "-n 2 -q", "rank * 2") == [0, 2]
+def test_timeout_stops_a_rank_and_pool_stays_usable(ip, backend, tmp_path):
+    # (8 s at most, well past the 1 s timeout: on a Dask cluster mpmagic does not own
+    # the rank runs on to its end, until the test lets it end: the next tests' new
+    # backend would not know its worker is busy, and wait for it)
+    run(ip, f"FREED = {str(tmp_path / 'freed')!r}")
+    try:
+        with pytest.raises(mpmagic.ParallelError) as info:
+            cell(ip, "-n 2 -q --timeout 1", "import os, time\nt = time.time()\nif rank == 1:\n"
+                                            "    while not os.path.exists(FREED) and time.time() - t < 8:\n"
+                                            "        time.sleep(0.01)\nrank")
+        assert isinstance(info.value.failures[1], mpmagic.TaskTimeoutError)
+        assert cell(ip, "-n 2 -q", "rank * 2") == [0, 2]
+    finally:
+        (tmp_path / "freed").touch()
 
 
 def test_api(backend):
