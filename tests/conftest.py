@@ -149,6 +149,19 @@ def trickle_results(stream_of) -> tuple[list, int | None]:
     return got, put_at_first
 
 
+def low_recursion_limit(headroom: int = 100) -> int:
+    """A recursion limit ``headroom`` frames above the caller's depth: a RecursionError
+    test's tracebacks stay short (about ``headroom`` frames here, a few more in a worker,
+    whose stack starts shallower). IPython shows a traceback at a cost of frames x
+    loaded modules (ultratb's ``inspect.getmodule`` scans ``sys.modules`` for each
+    frame of a cell): a fixed limit of 400-600 cost these tests 4-12 s each once the
+    suite had loaded pandas, Dask and Jupyter, and under a second in a fresh process."""
+    depth, frame = 0, sys._getframe(1)
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    return depth + headroom
+
+
 def run(ip, code: str):
     """Run a cell; fail the test with the cell's error if it raised."""
     result = ip.run_cell(code, store_history=False)

@@ -16,7 +16,7 @@ import sys
 import traceback
 
 import pytest
-from conftest import run
+from conftest import low_recursion_limit, run
 
 import mpmagic
 
@@ -274,7 +274,7 @@ def test_exception_group_comes_back_with_its_sub_exceptions(defined, local_pool)
 
 def test_deep_recursion_is_a_recursion_error(defined, local_pool):
     before = sys.getrecursionlimit()
-    sys.setrecursionlimit(400)  # (travels to the worker: fewer frames to rebuild and format)
+    sys.setrecursionlimit(low_recursion_limit())  # (travels to the worker: fewer frames to rebuild and format)
     try:
         par = outcome(defined, "%pmap -q deep, [0]")
     finally:

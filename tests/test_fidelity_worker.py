@@ -20,7 +20,7 @@ import time
 import warnings
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, low_recursion_limit, run
 
 import mpmagic
 
@@ -370,21 +370,11 @@ def test_sys_path_added_after_the_pool_started(ip, local_pool, tmp_path):
 
 @pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the limit travels with each call, as the int digits limit below)
 def test_recursion_limit(ip, local_pool):
-    """The notebook's recursion limit holds in the workers.
-
-    The low limit is 100 frames above this test's own depth, so each RecursionError's
-    traceback is short: IPython shows a traceback at a cost of frames x modules loaded
-    (``inspect.getmodule`` scans ``sys.modules`` for each frame of a cell), and with a
-    fixed 600 the two tracebacks here (~1,100 frames) took 12 s once the suite had
-    loaded pandas, Dask and Jupyter, 1 s in a fresh process."""
     run(ip, "import sys\ndef deep(n):\n    return n if n == 0 else deep(n - 1)\n"
             "def limit_and_depth(x):\n    return sys.getrecursionlimit(), deep(1200)\n")
     before = sys.getrecursionlimit()
-    depth, frame = 0, sys._getframe()
-    while frame is not None:
-        depth, frame = depth + 1, frame.f_back
     try:
-        sys.setrecursionlimit(depth + 100)
+        sys.setrecursionlimit(low_recursion_limit())  # (short tracebacks: see low_recursion_limit)
         low = _same_as_serial(ip, "limit_and_depth")  # RecursionError in both
         assert isinstance(low, RecursionError)
         sys.setrecursionlimit(2000)  # (deep(1200) fails under Python's default of 1000: the limit travelled)

@@ -15,6 +15,7 @@ import sys
 import traceback
 
 import pytest
+from conftest import low_recursion_limit
 from IPython.utils.capture import capture_output
 
 import mpmagic
@@ -153,7 +154,7 @@ def test_a_ranks_warning_shows_its_own_line(ip, local_pool, notebook_warnings):
 def test_deep_recursion_is_collapsed(ip, local_pool):
     n = defined(ip, "def down(k):\n    return down(k + 1)\n")
     before = sys.getrecursionlimit()
-    sys.setrecursionlimit(400)  # (travels to the worker: fewer frames for IPython to format, the same collapse)
+    sys.setrecursionlimit(low_recursion_limit())  # (travels to the worker: fewer frames for IPython to format, the same collapse)
     try:
         _, text, err = shown(ip, "%pmap down, [0]")
     finally:
