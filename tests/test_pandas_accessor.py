@@ -391,12 +391,22 @@ def test_the_report_times_the_whole_call_as_a_stopwatch_does(ip, frame) -> None:
     import time
 
     s = pd.Series(np.arange(200_000))
-    t0 = time.perf_counter()
-    got = s.mp.map(ip.user_ns["maybe_none"], quiet=True)
-    elapsed = time.perf_counter() - t0
-    report = mpmagic.last_report()
+    # Three tries: on a loaded machine a preemption between the stopwatch's start
+    # and the call's own can exceed the 5 ms; a part left out of the wall (the
+    # input's split, pandas' assembly: tens of ms here) is missing from every try.
+    tries = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        got = s.mp.map(ip.user_ns["maybe_none"], quiet=True)
+        elapsed = time.perf_counter() - t0
+        report = mpmagic.last_report()
+        assert report.wall <= elapsed, (report.wall, elapsed)
+        tries.append((elapsed - report.wall, report.wall, elapsed))
+        if elapsed - 0.005 <= report.wall:
+            break
+    else:
+        raise AssertionError(f"the report's wall left out more than 5 ms of the call in every try: {tries}")
     assert_same(got, s.map(ip.user_ns["maybe_none"]))
-    assert elapsed - 0.005 <= report.wall <= elapsed, (report.wall, elapsed)
     assert 0 < report.home_seconds < report.wall
     assert "the wall includes" in report.line() and "here, splitting the input and assembling" in report.line()
 
