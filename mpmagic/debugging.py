@@ -268,6 +268,11 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
             info.index, info.item = r.index, r.item
             failures.append(info)
         full = results
+        if all(r is not MISSING for r in results):
+            # Every place holds a result or a Failed with its item: a re-run needs
+            # nothing else of the input, which then goes with the user's last name
+            # for it (as serially: what outlives a failed map() is its failing item).
+            inputs = None
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
         failures.append(job.failure_info or FailureInfo(job.failure, index=job.failure_index))
