@@ -158,6 +158,42 @@ def test_sweep_stale_treats_a_zombie_as_dead():
         posixshm.unlink(name)
 
 
+def test_a_pool_starts_past_another_users_leftovers_it_may_not_remove(monkeypatch):
+    """A shared node's /dev/shm is one sticky directory: another user's dead
+    notebook left names this sweep judged stale, and the unlink's EPERM
+    escaped through every pool start (``%pmap`` failed for this user for good).
+    Another user's names are skipped; a name that still refuses is left."""
+    from mpmagic import compat
+    from mpmagic import pool as pool_module
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    theirs, refused = (f"mpm_{posixshm.owned_by(dead_pid)}p{dead_pid}_{i}" for i in (0, 1))
+    real_unlink = compat.shm_unlink
+
+    def unlink(path: str) -> None:
+        if path == "/" + refused:
+            raise PermissionError(13, "Permission denied", path)
+        real_unlink(path)
+
+    monkeypatch.setattr(compat, "shm_unlink", unlink)
+    try:
+        for name in (theirs, refused):
+            posixshm.create(name, 4096).close()
+        if os.geteuid() == 0:  # root may remove anything: the uid check must skip it anyway
+            os.chown(os.path.join(posixshm.SHM_DIR, theirs), 65534, 65534)
+        pool_module.shutdown()
+        big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: through shared memory
+        assert mpmagic.pmap(np.sum, [big, big], workers=2) == [big.sum()] * 2  # a pool start sweeps
+        left = set(posixshm.names("mpm_"))
+        assert refused in left
+        assert theirs in left or os.geteuid() != 0
+    finally:
+        monkeypatch.undo()
+        for name in (theirs, refused):
+            posixshm.unlink(name)
+
+
 # --------------------------------------------------------------------------
 # shm.configure(threshold=..., keep_bytes=...)
 
