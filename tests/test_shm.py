@@ -194,6 +194,32 @@ def test_a_pool_starts_past_another_users_leftovers_it_may_not_remove(monkeypatc
             posixshm.unlink(name)
 
 
+def test_a_taken_segment_name_is_skipped_for_another(monkeypatch):
+    """Segment names are the notebook's pid and a counter: a dead notebook's
+    leftover with the reused pid (or another user's squatting) gave a bare
+    FileExistsError at the first big-array map, and the next, and so on."""
+    import itertools
+
+    monkeypatch.setattr(shm, "_counter", itertools.count(10**6))
+    taken = [f"mpm_{posixshm.owned_by(os.getpid())}{kind}{os.getpid()}_{10**6 + i}" for kind in "pl" for i in (0, 1)]
+    try:
+        for name in taken:
+            posixshm.create(name, 4096).close()
+        shm.pool().clear()
+        big = np.arange(300_000, dtype=np.float64)
+        assert mpmagic.pmap(np.sum, [big, big], workers=2) == [big.sum()] * 2
+        made = {seg.name for seg in shm.pool().free} - set(taken)
+        assert made and all(name.startswith(f"mpm_{posixshm.owned_by(os.getpid())}p{os.getpid()}_") for name in made)
+        assert all(name.split("_")[-2] == f"p{os.getpid()}" for name in made)  # (how shm.held reads the kind)
+        monkeypatch.setattr(posixshm, "create", lambda name, size: (_ for _ in ()).throw(FileExistsError(17, name)))
+        with pytest.raises(shm.SegmentNamesTaken, match=r"8 names in a row were taken \(the last: /dev/shm/mpm_"):
+            shm.Segment.create(10)
+    finally:
+        shm.pool().clear()
+        for name in taken:
+            posixshm.unlink(name)
+
+
 # --------------------------------------------------------------------------
 # shm.configure(threshold=..., keep_bytes=...)
 
