@@ -33,6 +33,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   workers kept theirs it outlived a killed notebook, and so did the workers
   (``PR_SET_PDEATHSIG``, see ``worker._die_with_the_forkserver``): a worker
   closes it (``forkserver_release_alive_fd``).
+* ``multiprocessing.forkserver._forkserver._forkserver_address`` (in the
+  forkserver): the file of its socket, in the notebook's ``/tmp/pymp-XXXX``
+  directory, which multiprocessing removes at the notebook's exit and never
+  after a SIGKILL. The forkserver removes both once the notebook died
+  (``forkserver_socket_path``, from ``forkserver_preload``).
 * ``multiprocessing.spawn``'s module global ``os``: while a worker starts
   from a directory the notebook is not in (the notebook's was deleted, or the
   workers may not enter it), ``spawn.get_preparation_data`` is shown an
@@ -492,6 +497,17 @@ def forkserver_release_alive_fd() -> bool:
     return True
 
 
+def forkserver_socket_path() -> str | None:
+    """In the forkserver: the file of its listening socket (``/tmp/pymp-XXXX/listener-...``),
+    None if it has no file (an abstract socket) or cannot be told. Read from
+    ``multiprocessing.forkserver._forkserver._forkserver_address``, which the
+    forkserver's ``main`` sets. Fallback: None (a killed notebook's
+    ``/tmp/pymp-*`` directory stays, as with plain multiprocessing)."""
+    server = getattr(_module("multiprocessing.forkserver"), "_forkserver", None)
+    address = getattr(server, "_forkserver_address", None)
+    return address if isinstance(address, str) and address.startswith("/") else None
+
+
 def _stopper(module: str, attribute: str) -> Callable[[], None] | None:
     return getattr(getattr(_module(module), attribute, None), "_stop", None)
 
@@ -713,6 +729,9 @@ def report() -> dict[str, bool]:
         "resource_tracker.register": _tracker_function("register") is not None,
         "resource_tracker.ensure_running": _tracker_function("ensure_running") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
+        "forkserver._forkserver_address": hasattr(
+            getattr(_module("multiprocessing.forkserver"), "_forkserver", None), "_forkserver_address"
+        ),
         "forkserver._forkserver_alive_fd": hasattr(
             getattr(_module("multiprocessing.forkserver"), "_forkserver", None), "_forkserver_alive_fd"
         ),

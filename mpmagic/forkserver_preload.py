@@ -20,7 +20,9 @@ Jupyter kill of the kernel's process group does not take it down at once
 (the workers would then die without cleaning up), it leads a session of its
 own, and on its way out (:func:`_after_the_notebook`) gives the workers a
 moment to clean up themselves, then kills those still running (with what
-their tasks started) and sweeps the dead notebook's shared memory.
+their tasks started) and sweeps the dead notebook's shared memory, and
+removes its own socket's ``/tmp/pymp-XXXX`` directory (the notebook's exit
+would have).
 
 Never import this module anywhere else: it would make that process deaf to
 Ctrl-C.
@@ -74,6 +76,26 @@ def _reap() -> None:
             return
 
 
+def _remove_socket_dir() -> None:
+    """Remove this forkserver's socket file and its ``/tmp/pymp-XXXX`` directory, if then empty.
+
+    multiprocessing makes that directory in the notebook and removes it at the
+    notebook's exit: a SIGKILLed kernel left one for good (hundreds on a
+    shared machine). Only the socket and an empty directory go: anything else
+    the dead notebook's other processes made there stays.
+    """
+    from mpmagic import compat
+
+    path = compat.forkserver_socket_path()
+    if path is None or not os.path.basename(os.path.dirname(path)).startswith("pymp-"):
+        return
+    try:
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
+
+
 def _after_the_notebook(notebook: int, me: int) -> None:
     """At the forkserver's exit: if the notebook died, end what it left running.
 
@@ -81,7 +103,8 @@ def _after_the_notebook(notebook: int, me: int) -> None:
     the notebook still runs). Workers still running after :data:`GRACE`
     (a task holding the GIL) are killed with their process groups (each leads
     its own: what its task started goes too), and the notebook's and their
-    shared memory is swept, as they would have done themselves.
+    shared memory is swept, as they would have done themselves; then the
+    forkserver's socket directory goes (:func:`_remove_socket_dir`).
     """
     if os.getpid() != me:  # (a worker forked from here ends with os._exit; in case one does not)
         return
@@ -111,6 +134,7 @@ def _after_the_notebook(notebook: int, me: int) -> None:
             shm.sweep_notebook(notebook)
             for pid in left:
                 shm.sweep_helpers(pid)
+        _remove_socket_dir()
     except Exception:  # never a traceback from a process nobody watches any more
         pass
 

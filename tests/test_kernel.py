@@ -360,7 +360,8 @@ import mpmagic
 mpmagic.use_local(2, "forkserver")
 backend = mpmagic.pool.get_pool()
 backend.wait_ready()
-print(*(slot.pid for slot in backend.slots), flush=True)
+import multiprocessing.util
+print(multiprocessing.util.get_temp_dir(), *(slot.pid for slot in backend.slots), flush=True)
 mpmagic.pmap(lambda n: sum(range(n)), [10**12] * 2, chunksize=1)  # C code holding the GIL for hours
 """
 
@@ -371,12 +372,15 @@ def test_workers_in_a_task_holding_the_gil_end_with_a_killed_notebook(kill):
     """A worker notices its notebook's death from a thread, which cannot run while
     a task holds the GIL in C code: a SIGKILLed kernel's workers ran on for the
     rest of their task (or for ever). The forkserver (its own session, so a
-    group kill leaves it) exits with the notebook and its workers die with it."""
+    group kill leaves it) exits with the notebook and its workers die with it.
+    It also removes the notebook's ``/tmp/pymp-*`` directory (its socket's),
+    which a killed kernel left for good."""
     proc = subprocess.Popen([sys.executable, "-c", GIL_TASK], stdout=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        workers = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
-        assert len(workers) == 2
+        temp, *pids = proc.stdout.readline().split()
+        workers = [psutil.Process(int(pid)) for pid in pids]
+        assert len(workers) == 2 and os.path.isdir(temp)
         time.sleep(0.3)  # (in the task)
         if kill == "group":
             os.killpg(proc.pid, signal.SIGKILL)  # as jupyter_client's kill
@@ -389,6 +393,9 @@ def test_workers_in_a_task_holding_the_gil_end_with_a_killed_notebook(kill):
             time.sleep(0.05)
             alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not alive, [p.pid for p in alive]
+        while os.path.exists(temp) and time.monotonic() < gone:  # (multiprocessing's /tmp/pymp-*: the forkserver's)
+            time.sleep(0.05)
+        assert not os.path.exists(temp), os.listdir(temp)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
