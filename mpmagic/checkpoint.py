@@ -56,6 +56,7 @@ from .checkpoint_keys import (
 from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
 from .errors import renumber_items as _renumber
+from .errors import set_interrupt_outcome
 from .fmt import fmt_bytes, func_name
 from .jobs import Failed, WithoutSetup, read_into, reused_object
 
@@ -194,6 +195,14 @@ class _Writer:
         self._thread: threading.Thread | None = None
         self._closed = False  # finish() ran: a later put would start a thread nobody joins
         self._state = threading.Lock()  # put (the thread accepting chunks) against finish (the pump)
+        self.waited = False  # another process's lock on the store held a write back (see _waiting)
+
+    def _waiting(self) -> None:
+        """A write waited ~1 s for another process's lock on the store: say so, once a run."""
+        if not self.waited and self.store is not None:
+            self.waited = True
+            sys.stderr.write(f"mpmagic: waiting for the checkpoint store {self.store.dir}, in use by another "
+                             "process…\n")
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
         """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now
@@ -242,7 +251,7 @@ class _Writer:
             if self.error is not None or not chunks or self.store is None:
                 continue
             try:
-                self.bytes += self.store.put_packed(self.run, self.name, chunks)
+                self.bytes += self.store.put_packed(self.run, self.name, chunks, self._waiting)
             except Exception as exc:
                 self.error = exc  # reported by finish(), in the notebook's thread
                 with self._cond:
@@ -261,7 +270,15 @@ class _Writer:
                     self._queue.append((None, 0))
                     self._cond.notify_all()
         if thread is not None:
-            thread.join()
+            try:
+                thread.join()
+            except KeyboardInterrupt as exc:  # nothing runs any more: only the store's writes were waited for
+                where = self.store.dir if self.store is not None else "?"
+                set_interrupt_outcome(exc, (
+                    f"its work had finished and it was waiting for the checkpoint store {where}"
+                    + (", in use by another process" if self.waited else "")
+                    + "; its results not stored yet are stored when the store is free (nothing was stopped)"))
+                raise
         if self.store is None or self.store.readonly:
             return
         if self.error is not None:

@@ -50,7 +50,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -76,6 +76,7 @@ _BLOB_MAGIC = b"MPMCKPT1"
 _SHRINK = 8 << 20  # free pages past this are given back to the disk after a delete
 _TMP = ".tmp-"  # a file being written (renamed into place when whole)
 _BUSY_WAIT = 60  # seconds a connection waits for another kernel's write to the store
+_SAY_WAITING = 1.0  # seconds of that wait after which a run says what it waits for
 # Files no row names (a kernel killed between a file's rename and its row's
 # commit, or during its write) older than this are deleted when a store is
 # opened; younger ones may be another kernel's, whose row is on its way.
@@ -608,12 +609,15 @@ class Store:
         """Store several chunks (one row each) in one transaction: each is whole or absent."""
         return self.put_packed(run, name, [pack(results) for results in chunks])
 
-    def put_packed(self, run: bytes, name: str, chunks: list[Packed]) -> int:
+    def put_packed(self, run: bytes, name: str, chunks: list[Packed],
+                   waiting: Callable[[], None] | None = None) -> int:
         """Store chunks :func:`pack` made (one row each) in one transaction; returns the bytes stored.
 
         A large result whose file cannot be written (a full disk) is left out
         of its row, the rest is stored, and then the file's error is raised:
-        the caller says so, as for a row that cannot be written.
+        the caller says so, as for a row that cannot be written. ``waiting``:
+        called once when the write waited :data:`_SAY_WAITING` s for another
+        process's lock on the store (it then waits on, up to ``_BUSY_WAIT``).
         """
         rows = []
         total = 0
@@ -629,16 +633,37 @@ class Store:
                 rows.append((run, len(keys) // _KEY, keys, size, _digest(data), data))
                 total += size
         if rows:
-            self._insert(run, name, rows)
+            self._insert(run, name, rows, waiting)
         if failure is not None:
             raise failure
         return total
 
-    def _insert(self, run: bytes, name: str, rows: list[tuple]) -> None:
+    def _begin_write(self, conn: sqlite3.Connection, waiting: Callable[[], None] | None) -> None:
+        """``BEGIN IMMEDIATE``, telling ``waiting`` once it waited :data:`_SAY_WAITING` s for the lock.
+
+        Another kernel writing the same store (a ``%pool checkpoints clear`` of
+        a large one) held a run back for up to a minute in silence, and its
+        report then blamed the time on sending chunks."""
+        if waiting is None:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        conn.execute(f"PRAGMA busy_timeout = {int(_SAY_WAITING * 1000)}")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_WAIT * 1000}")
+        waiting()
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _insert(self, run: bytes, name: str, rows: list[tuple], waiting: Callable[[], None] | None = None) -> None:
         now = time.time()
         with self._lock:
             conn = self.conn
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin_write(conn, waiting)
             try:
                 conn.execute(
                     "INSERT INTO runs VALUES (?, ?, ?, ?) ON CONFLICT(run) DO UPDATE SET used=excluded.used",

@@ -27,6 +27,17 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   before it exits; the tracker ignores SIGTERM and the fork server, once
   SIGTERM ends it, is a zombie nobody reaps: every shutdown or restart took
   ~2.5 s more, until Jupyter killed the kernel.
+* ``multiprocessing.forkserver._forkserver._forkserver_alive_fd`` (in a
+  forkserver's worker): its copy of the notebook's end of the forkserver's
+  "alive" pipe. The forkserver exits when every copy is closed; while the
+  workers kept theirs it outlived a killed notebook, and so did the workers
+  (``PR_SET_PDEATHSIG``, see ``worker._die_with_the_forkserver``): a worker
+  closes it (``forkserver_release_alive_fd``).
+* ``multiprocessing.forkserver._forkserver._forkserver_address`` (in the
+  forkserver): the file of its socket, in the notebook's ``/tmp/pymp-XXXX``
+  directory, which multiprocessing removes at the notebook's exit and never
+  after a SIGKILL. The forkserver removes both once the notebook died
+  (``forkserver_socket_path``, from ``forkserver_preload``).
 * ``multiprocessing.spawn``'s module global ``os``: while a worker starts
   from a directory the notebook is not in (the notebook's was deleted, or the
   workers may not enter it), ``spawn.get_preparation_data`` is shown an
@@ -467,6 +478,36 @@ def stop_helper_processes() -> None:
         stop()
 
 
+def forkserver_release_alive_fd() -> bool:
+    """In a forkserver's worker: close its copy of the forkserver's "alive" pipe
+    (see the module docstring), so the forkserver exits with the notebook.
+    True if there was one. A task of this worker that uses the forkserver
+    start method still gets a forkserver of its own (this process never
+    started one: ``ensure_running`` starts it). Fallback: False, nothing done
+    (the forkserver, and so the workers, outlive the notebook until they stop)."""
+    server = getattr(_module("multiprocessing.forkserver"), "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if not isinstance(fd, int):
+        return False
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    server._forkserver_alive_fd = None  # type: ignore[union-attr]
+    return True
+
+
+def forkserver_socket_path() -> str | None:
+    """In the forkserver: the file of its listening socket (``/tmp/pymp-XXXX/listener-...``),
+    None if it has no file (an abstract socket) or cannot be told. Read from
+    ``multiprocessing.forkserver._forkserver._forkserver_address``, which the
+    forkserver's ``main`` sets. Fallback: None (a killed notebook's
+    ``/tmp/pymp-*`` directory stays, as with plain multiprocessing)."""
+    server = getattr(_module("multiprocessing.forkserver"), "_forkserver", None)
+    address = getattr(server, "_forkserver_address", None)
+    return address if isinstance(address, str) and address.startswith("/") else None
+
+
 def _stopper(module: str, attribute: str) -> Callable[[], None] | None:
     return getattr(getattr(_module(module), attribute, None), "_stop", None)
 
@@ -688,6 +729,12 @@ def report() -> dict[str, bool]:
         "resource_tracker.register": _tracker_function("register") is not None,
         "resource_tracker.ensure_running": _tracker_function("ensure_running") is not None,
         "forkserver._stop": _stopper("multiprocessing.forkserver", "_forkserver") is not None,
+        "forkserver._forkserver_address": hasattr(
+            getattr(_module("multiprocessing.forkserver"), "_forkserver", None), "_forkserver_address"
+        ),
+        "forkserver._forkserver_alive_fd": hasattr(
+            getattr(_module("multiprocessing.forkserver"), "_forkserver", None), "_forkserver_alive_fd"
+        ),
         "resource_tracker._stop": _stopper("multiprocessing.resource_tracker", "_resource_tracker") is not None,
         "resource_tracker._fd": hasattr(getattr(_module("multiprocessing.resource_tracker"), "_resource_tracker", None),
                                         "_fd"),

@@ -8,14 +8,142 @@ the worker ignores SIGINT itself, e.g. during the restart that follows a
 first interrupt. Preload modules are imported before the forkserver records
 its handlers: ignoring SIGINT here makes every worker ignore it from birth.
 
+The forkserver is also the workers' watchdog when the notebook dies (see
+docs/reliability.md §4). A worker notices its notebook's death from a
+thread, which cannot run while a task holds the GIL inside C code
+(``sum(range(10**12))``, a backtracking ``re``): such workers ran on for
+the rest of their task, or for ever. The forkserver is a separate,
+single-threaded process that exits when the notebook is gone (its "alive"
+pipe ends), and its workers ask the kernel to SIGKILL them when it exits
+(``PR_SET_PDEATHSIG``, ``worker._die_with_the_forkserver``). So that a
+Jupyter kill of the kernel's process group does not take it down at once
+(the workers would then die without cleaning up), it leads a session of its
+own, and on its way out (:func:`_after_the_notebook`) gives the workers a
+moment to clean up themselves, then kills those still running (with what
+their tasks started) and sweeps the dead notebook's shared memory, and
+removes its own socket's ``/tmp/pymp-XXXX`` directory (the notebook's exit
+would have).
+
 Never import this module anywhere else: it would make that process deaf to
 Ctrl-C.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import sys
+import time
+
+#: Seconds the workers get to notice their notebook's death and clean up themselves.
+GRACE = 1.0
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux; empty elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        pass
+    found = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if fields[0] not in (b"Z", b"X") and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _remove_socket_dir() -> None:
+    """Remove this forkserver's socket file and its ``/tmp/pymp-XXXX`` directory, if then empty.
+
+    multiprocessing makes that directory in the notebook and removes it at the
+    notebook's exit: a SIGKILLed kernel left one for good (hundreds on a
+    shared machine). Only the socket and an empty directory go: anything else
+    the dead notebook's other processes made there stays.
+    """
+    from mpmagic import compat
+
+    path = compat.forkserver_socket_path()
+    if path is None or not os.path.basename(os.path.dirname(path)).startswith("pymp-"):
+        return
+    try:
+        os.unlink(path)
+        os.rmdir(os.path.dirname(path))
+    except OSError:
+        pass
+
+
+def _after_the_notebook(notebook: int, me: int) -> None:
+    """At the forkserver's exit: if the notebook died, end what it left running.
+
+    Not when the notebook stopped the forkserver itself (a kernel's shutdown:
+    the notebook still runs). Workers still running after :data:`GRACE`
+    (a task holding the GIL) are killed with their process groups (each leads
+    its own: what its task started goes too), and the notebook's and their
+    shared memory is swept, as they would have done themselves; then the
+    forkserver's socket directory goes (:func:`_remove_socket_dir`).
+    """
+    if os.getpid() != me:  # (a worker forked from here ends with os._exit; in case one does not)
+        return
+    try:
+        from mpmagic import posixshm, shm
+
+        deadline = time.monotonic() + 1.0  # (the pipe closes while a killed process is torn down)
+        while posixshm.pid_alive(notebook):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        deadline = time.monotonic() + GRACE
+        left = _children(me)
+        while left and time.monotonic() < deadline:
+            time.sleep(0.02)
+            _reap()
+            left = _children(me)
+        for pid in left:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if left:
+            shm.sweep_notebook(notebook)
+            for pid in left:
+                shm.sweep_helpers(pid)
+        _remove_socket_dir()
+    except Exception:  # never a traceback from a process nobody watches any more
+        pass
+
 
 if "multiprocessing.forkserver" in sys.modules and sys.argv[:1] == ["-c"]:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            os.setsid()  # out of the kernel's process group: a group kill leaves the watchdog
+        except OSError:
+            pass
+        atexit.register(_after_the_notebook, os.getppid(), os.getpid())

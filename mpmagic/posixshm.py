@@ -348,8 +348,24 @@ def _served_owners() -> set[str]:
     return found
 
 
+def ours(name: str) -> bool:
+    """Does ``/dev/shm/name`` belong to this process's user (its effective uid)?
+
+    On a multi-user machine ``/dev/shm`` is one sticky directory for every
+    user: another user's dead notebook leaves names a sweep here may judge
+    stale (the pid is dead here too) but may not remove (``EPERM``), and is
+    none of this user's business anyway (a root notebook could remove them,
+    and must not either: the other user's workers may still use them).
+    """
+    try:
+        return os.stat(os.path.join(SHM_DIR, name)).st_uid == os.geteuid()
+    except OSError:  # gone meanwhile, or not ours to look at
+        return False
+
+
 def sweep(prefix: str, dead_owner: bool = False, unlinked: list[str] | None = None) -> int:
-    """Unlink the segments named ``prefix...``; returns how many.
+    """Unlink the segments named ``prefix...`` that belong to this user (:func:`ours`);
+    returns how many. Never raises for a name it may not remove (skipped).
 
     ``dead_owner``: only those whose owner, named right after ``prefix``
     (``mpm_<pid>_ns<tag>_...``), is a process of this PID namespace that no
@@ -367,7 +383,14 @@ def sweep(prefix: str, dead_owner: bool = False, unlinked: list[str] | None = No
                 served = _served_owners()
             if any(name[len(prefix) :].startswith(owner) for owner in served):
                 continue  # its workers still run: they sweep it and tell its resource tracker
-        if unlink(name):
+        if not ours(name):
+            continue  # another user's (a shared node's sticky /dev/shm): not ours to judge
+        try:
+            removed = unlink(name)
+        except OSError as exc:  # (EPERM/EACCES: its owner changed meanwhile; EROFS: a read-only mount)
+            log.debug("mpmagic: could not remove /dev/shm/%s (%s): left", name, exc)
+            continue
+        if removed:
             n += 1
             if unlinked is not None:
                 unlinked.append(name)

@@ -61,6 +61,7 @@ import logging
 import mmap
 import os
 import pickle
+import secrets
 import sys
 import threading
 import weakref
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
 import cloudpickle
 
 from . import classhome, compat, posixshm
-from .errors import out_of_files, too_many_open_files
+from .errors import MPMagicError, out_of_files, too_many_open_files
 from .fmt import fmt_bytes
 from .posixshm import NoRoom
 
@@ -136,6 +137,14 @@ def configure(
 NOTEBOOK_PID: int | None = None
 
 
+#: How many names :meth:`Segment.create` tries before it gives up.
+NAME_TRIES = 8
+
+
+class SegmentNamesTaken(MPMagicError, FileExistsError):
+    """Every name :meth:`Segment.create` tried was taken in ``/dev/shm``."""
+
+
 def _owner_pid() -> int:
     """The notebook's pid: workers name their segments after it too."""
     return NOTEBOOK_PID or os.getpid()
@@ -156,11 +165,30 @@ class Segment:
     def create(cls, size: int, tag: str = "n") -> Segment:
         """A new segment of ``size`` bytes (at least 1), every page reserved.
 
-        Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it.
+        Its name is ``mpm_<notebook pid>_ns<namespace>_<kind><pid>_<counter>``; when
+        that name is taken (a dead notebook's leftover whose pid this kernel
+        reuses, which no sweep removes since "its" notebook runs; or another
+        user squatting on the predictable names) it tries the next counter
+        with a random suffix, :data:`NAME_TRIES` times in all. The part the
+        sweeps read (the owner's pid and namespace, the creator's tag and pid)
+        stays the same.
+
+        Raises :class:`NoRoom` when ``/dev/shm`` cannot hold it,
+        :class:`SegmentNamesTaken` when every name tried was taken.
         """
         size = max(1, size)
-        name = f"mpm_{posixshm.owned_by(_owner_pid())}{tag}{os.getpid()}_{next(_counter)}"
-        return cls(name, size, posixshm.create(name, size))
+        stem = f"mpm_{posixshm.owned_by(_owner_pid())}{tag}{os.getpid()}_"
+        name = ""
+        for attempt in range(NAME_TRIES):
+            name = f"{stem}{next(_counter)}" + (f"r{secrets.token_hex(4)}" if attempt else "")
+            try:
+                return cls(name, size, posixshm.create(name, size))
+            except FileExistsError:
+                continue
+        raise SegmentNamesTaken(
+            f"mpmagic could not name a shared-memory segment: {NAME_TRIES} names in a row were taken "
+            f"(the last: /dev/shm/{name}); another process makes names like this notebook's: remove them"
+        )
 
     @classmethod
     def attach(cls, name: str, size: int, private: bool = False) -> Segment:

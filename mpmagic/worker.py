@@ -57,6 +57,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import (
+    compat,
     context,
     debugging,
     loadstamps,
@@ -850,6 +851,42 @@ def _watch_parent(parent_pid: int) -> None:
             _exit_notebook_gone(parent_pid, 3)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_the_forkserver(parent_pid: int) -> None:
+    """Linux, a forkserver's worker: be SIGKILLed by the kernel when the forkserver exits.
+
+    :func:`_watch_parent` is a thread: it cannot run while a task holds the
+    GIL inside C code, and such a worker of a killed notebook ran on for the
+    rest of its task (or for ever). The forkserver exits when the notebook
+    is gone, after giving its workers a moment to clean up themselves
+    (``forkserver_preload._after_the_notebook``). ``PR_SET_PDEATHSIG`` fires
+    when the *thread* that forked this process ends: the forkserver is
+    single-threaded, so that is its exit. The forkserver exits when every
+    copy of the notebook's end of its "alive" pipe is closed, and each
+    worker was given one: closed here first
+    (``compat.forkserver_release_alive_fd``). A fork or spawn worker's parent
+    thread is whichever notebook thread started it (perhaps a short-lived
+    one): those keep the watch thread alone. If the forkserver died before
+    the call (the parent changed, or the notebook is gone), leave now.
+    """
+    before = os.getppid()
+    if not sys.platform.startswith("linux") or before == parent_pid:  # (fork/spawn: the notebook is the parent)
+        return
+    if not compat.forkserver_release_alive_fd():  # (else the forkserver lives as long as we do)
+        return
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != before or not posixshm.pid_alive(parent_pid):
+        _exit_notebook_gone(parent_pid, 3)
+
+
 def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
     """Leave at once; if the notebook died, remove its shared memory first.
 
@@ -1139,6 +1176,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
         os.setsid()
     except OSError:
         pass
+    _die_with_the_forkserver(parent_pid)  # a task holding the GIL does not outlive a killed notebook
     loadstamps.uninstall()  # the notebook's record of its loads (a fork copies it): workers keep none
     worker_logging.drop_inherited_handlers()  # a task's records reach the notebook's handlers from home, once
     task_builtins.use_task_backend()  # (before anything imports matplotlib)

@@ -453,6 +453,51 @@ def test_a_damaged_chunk_is_computed_again_never_returned(ip, store_dir):
     assert sorted(calls(ip)) == [2, 3]
 
 
+def _hold_the_store(folder: Path, seconds: float) -> threading.Timer:
+    """As another kernel's long write (a ``%pool checkpoints clear``): the write lock for ``seconds``."""
+    conn = sqlite3.connect(folder / DB_NAME, isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN EXCLUSIVE")
+    timer = threading.Timer(seconds, lambda: (conn.execute("COMMIT"), conn.close()))
+    timer.start()
+    return timer
+
+
+def test_a_run_says_when_it_waits_for_another_process_holding_the_store(tmp_path, monkeypatch, capfd):
+    """Another kernel writing the same store held a run back for up to a minute in
+    silence; and Ctrl-C then said "the work still running was stopped" of a run
+    whose work had all finished (it was waiting for the store)."""
+    import signal
+
+    from mpmagic import checkpoint_store
+    from mpmagic.errors import STOPPED_OUTCOME, interrupt_outcome
+
+    monkeypatch.setattr(checkpoint_store, "_SAY_WAITING", 0.1)
+    mpmagic.pmap(abs, [1], checkpoint=str(tmp_path))  # (the store exists)
+    _hold_the_store(tmp_path, 0.3)
+    assert mpmagic.pmap(abs, [-1, -2], checkpoint=str(tmp_path)) == [1, 2]
+    line = f"mpmagic: waiting for the checkpoint store {tmp_path}, in use by another process…"
+    assert capfd.readouterr().err.count(line) == 1
+    assert mpmagic.pmap(abs, [-1, -2], checkpoint=str(tmp_path)) == [1, 2]  # stored once the store was free
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    holder = _hold_the_store(tmp_path, 0.6)
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt) as caught:
+            mpmagic.pmap(abs, [-3], checkpoint=str(tmp_path))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    outcome = interrupt_outcome(caught.value) or STOPPED_OUTCOME
+    assert outcome.startswith(f"its work had finished and it was waiting for the checkpoint store {tmp_path}, "
+                              "in use by another process"), outcome
+    holder.join()
+    checkpoint.close_stores()  # (after the write that waited)
+
+
 def _writer(folder: str, run_id: int, n: int, barrier) -> None:
     store = Store(folder)
     barrier.wait(60)  # both write at once: 2 x 200 small transactions interleave
@@ -893,7 +938,7 @@ def test_the_writer_commits_in_bounded_batches_and_put_waits_for_room(monkeypatc
     class SlowStore:
         readonly = False
 
-        def put_packed(self, run, name, chunks):
+        def put_packed(self, run, name, chunks, waiting=None):
             gate.wait(10)
             batches.append(len(chunks))
             return 0

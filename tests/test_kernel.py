@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -352,6 +353,56 @@ def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_its
     finally:
         if k.km.is_alive():
             k.km.shutdown_kernel(now=True)
+
+
+GIL_TASK = """
+import mpmagic
+mpmagic.use_local(2, "forkserver")
+backend = mpmagic.pool.get_pool()
+backend.wait_ready()
+import multiprocessing.util
+print(multiprocessing.util.get_temp_dir(), *(slot.pid for slot in backend.slots), flush=True)
+mpmagic.pmap(lambda n: sum(range(n)), [10**12] * 2, chunksize=1)  # C code holding the GIL for hours
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG: Linux")
+@pytest.mark.parametrize("kill", ["alone"])  # ("group" too, but it costs 2 s)
+def test_workers_in_a_task_holding_the_gil_end_with_a_killed_notebook(kill):
+    """A worker notices its notebook's death from a thread, which cannot run while
+    a task holds the GIL in C code: a SIGKILLed kernel's workers ran on for the
+    rest of their task (or for ever). The forkserver (its own session, so a
+    group kill leaves it) exits with the notebook and its workers die with it.
+    It also removes the notebook's ``/tmp/pymp-*`` directory (its socket's),
+    which a killed kernel left for good."""
+    proc = subprocess.Popen([sys.executable, "-c", GIL_TASK], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        temp, *pids = proc.stdout.readline().split()
+        workers = [psutil.Process(int(pid)) for pid in pids]
+        assert len(workers) == 2 and os.path.isdir(temp)
+        time.sleep(0.3)  # (in the task)
+        if kill == "group":
+            os.killpg(proc.pid, signal.SIGKILL)  # as jupyter_client's kill
+        else:
+            proc.kill()
+        proc.wait(10)
+        gone = time.monotonic() + 3.0
+        alive = workers
+        while alive and time.monotonic() < gone:
+            time.sleep(0.05)
+            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not alive, [p.pid for p in alive]
+        while os.path.exists(temp) and time.monotonic() < gone:  # (multiprocessing's /tmp/pymp-*: the forkserver's)
+            time.sleep(0.05)
+        assert not os.path.exists(temp), os.listdir(temp)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        for p in workers if "workers" in locals() else ():  # (a failure here must not leave them spinning)
+            if p.is_running():
+                p.kill()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and /dev/shm")

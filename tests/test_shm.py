@@ -158,6 +158,68 @@ def test_sweep_stale_treats_a_zombie_as_dead():
         posixshm.unlink(name)
 
 
+def test_a_pool_starts_past_another_users_leftovers_it_may_not_remove(monkeypatch):
+    """A shared node's /dev/shm is one sticky directory: another user's dead
+    notebook left names this sweep judged stale, and the unlink's EPERM
+    escaped through every pool start (``%pmap`` failed for this user for good).
+    Another user's names are skipped; a name that still refuses is left."""
+    from mpmagic import compat
+    from mpmagic import pool as pool_module
+
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                  capture_output=True, text=True).stdout)
+    theirs, refused = (f"mpm_{posixshm.owned_by(dead_pid)}p{dead_pid}_{i}" for i in (0, 1))
+    real_unlink = compat.shm_unlink
+
+    def unlink(path: str) -> None:
+        if path == "/" + refused:
+            raise PermissionError(13, "Permission denied", path)
+        real_unlink(path)
+
+    monkeypatch.setattr(compat, "shm_unlink", unlink)
+    try:
+        for name in (theirs, refused):
+            posixshm.create(name, 4096).close()
+        if os.geteuid() == 0:  # root may remove anything: the uid check must skip it anyway
+            os.chown(os.path.join(posixshm.SHM_DIR, theirs), 65534, 65534)
+        pool_module.shutdown()
+        big = np.arange(300_000, dtype=np.float64)  # 2.4 MB: through shared memory
+        assert mpmagic.pmap(np.sum, [big, big], workers=2) == [big.sum()] * 2  # a pool start sweeps
+        left = set(posixshm.names("mpm_"))
+        assert refused in left
+        assert theirs in left or os.geteuid() != 0
+    finally:
+        monkeypatch.undo()
+        for name in (theirs, refused):
+            posixshm.unlink(name)
+
+
+def test_a_taken_segment_name_is_skipped_for_another(monkeypatch):
+    """Segment names are the notebook's pid and a counter: a dead notebook's
+    leftover with the reused pid (or another user's squatting) gave a bare
+    FileExistsError at the first big-array map, and the next, and so on."""
+    import itertools
+
+    monkeypatch.setattr(shm, "_counter", itertools.count(10**6))
+    taken = [f"mpm_{posixshm.owned_by(os.getpid())}{kind}{os.getpid()}_{10**6 + i}" for kind in "pl" for i in (0, 1)]
+    try:
+        for name in taken:
+            posixshm.create(name, 4096).close()
+        shm.pool().clear()
+        big = np.arange(300_000, dtype=np.float64)
+        assert mpmagic.pmap(np.sum, [big, big], workers=2) == [big.sum()] * 2
+        made = {seg.name for seg in shm.pool().free} - set(taken)
+        assert made and all(name.startswith(f"mpm_{posixshm.owned_by(os.getpid())}p{os.getpid()}_") for name in made)
+        assert all(name.split("_")[-2] == f"p{os.getpid()}" for name in made)  # (how shm.held reads the kind)
+        monkeypatch.setattr(posixshm, "create", lambda name, size: (_ for _ in ()).throw(FileExistsError(17, name)))
+        with pytest.raises(shm.SegmentNamesTaken, match=r"8 names in a row were taken \(the last: /dev/shm/mpm_"):
+            shm.Segment.create(10)
+    finally:
+        shm.pool().clear()
+        for name in taken:
+            posixshm.unlink(name)
+
+
 # --------------------------------------------------------------------------
 # shm.configure(threshold=..., keep_bytes=...)
 
