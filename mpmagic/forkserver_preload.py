@@ -96,6 +96,26 @@ def _remove_socket_dir() -> None:
         pass
 
 
+#: ``PF_EXITING`` in a process's flags (``/proc/PID/stat``, field 9): set as its exit
+#: begins, before its files (the alive pipe's end among them) are closed.
+_PF_EXITING = 0x4
+
+
+def _notebook_gone(pid: int) -> bool:
+    """Is the notebook ``pid`` dead or dying? Read at once, not waited for: when
+    the notebook stops the forkserver itself (every kernel shutdown and %pool
+    restart of a forkserver pool) it is alive and not exiting, and waiting for it
+    to die made each such stop 1 s longer. A killed notebook is past its
+    ``PF_EXITING`` (or a zombie, or gone) by the time its pipe's end closes."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, ValueError, IndexError):
+        return True  # (no such process)
+
+
 def _after_the_notebook(notebook: int, me: int) -> None:
     """At the forkserver's exit: if the notebook died, end what it left running.
 
@@ -111,10 +131,10 @@ def _after_the_notebook(notebook: int, me: int) -> None:
     try:
         from mpmagic import posixshm, shm
 
+        if not _notebook_gone(notebook):
+            return  # the notebook stopped us (a shutdown, a restart): its workers are its own business
         deadline = time.monotonic() + 1.0  # (the pipe closes while a killed process is torn down)
-        while posixshm.pid_alive(notebook):
-            if time.monotonic() > deadline:
-                return
+        while posixshm.pid_alive(notebook) and time.monotonic() < deadline:
             time.sleep(0.02)
         deadline = time.monotonic() + GRACE
         left = _children(me)
