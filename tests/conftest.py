@@ -4,6 +4,7 @@ a check at the end of the session that no worker process was left behind."""
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -18,6 +19,13 @@ from IPython.core.interactiveshell import InteractiveShell
 # longer. Their .pyc files go to __pycache__ (ignored by git), as without the variable.
 if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
     sys.dont_write_bytecode = False
+
+# The interrupt tests send this process SIGINT, as a kernel's interrupt does, and
+# expect KeyboardInterrupt. A shell starts a background job (``cmd &`` without job
+# control, as a CI script may) with SIGINT ignored, and Python then keeps it ignored:
+# every such test hung until its timeout. Python's own handler, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import mpmagic  # noqa: E402
 from mpmagic import pool as pool_module  # noqa: E402
