@@ -355,6 +355,15 @@ def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_its
             k.km.shutdown_kernel(now=True)
 
 
+def _still_running(procs: list, deadline: float) -> list:
+    """Those of ``procs`` still running (zombies count as gone) once all are gone or ``deadline`` passed."""
+    alive = procs
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return alive
+
+
 GIL_TASK = """
 import mpmagic
 mpmagic.use_local(2, "forkserver")
@@ -388,10 +397,7 @@ def test_workers_in_a_task_holding_the_gil_end_with_a_killed_notebook(kill):
             proc.kill()
         proc.wait(10)
         gone = time.monotonic() + 3.0
-        alive = workers
-        while alive and time.monotonic() < gone:
-            time.sleep(0.05)
-            alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = _still_running(workers, gone)
         assert not alive, [p.pid for p in alive]
         while os.path.exists(temp) and time.monotonic() < gone:  # (multiprocessing's /tmp/pymp-*: the forkserver's)
             time.sleep(0.05)
@@ -456,10 +462,7 @@ def test_killing_the_kernel_leaves_no_worker_segment_or_semaphore():
         os.kill(k.pid, signal.SIGKILL)
         kernel_proc.wait(10)
         deadline = time.monotonic() + 5
-        alive = ours
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.1)
-            alive = [p for p in ours if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = _still_running(ours, deadline)
         assert not alive, [(p.pid, " ".join(p.cmdline())[:80]) for p in alive]
         left = {s for s in segments if os.path.exists(s)}
         while left and time.monotonic() < deadline:
