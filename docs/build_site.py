@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,21 +106,52 @@ def stage(log: list[str]) -> None:
         shutil.copy2(copy, STAGE / "examples" / notebook.name)
 
 
+class BuildFailed(Exception):
+    """MkDocs stopped (in strict mode, on a warning); ``log`` holds what it said."""
+
+    def __init__(self, message: str, log: str) -> None:
+        super().__init__(message)
+        self.log = log
+
+
 def build(strict: bool = False, site: Path = SITE) -> list[str]:
-    """Stage and build into ``site``; returns what it did. Raises CalledProcessError when mkdocs fails."""
+    """Stage and build into ``site``; returns what it did. Raises BuildFailed when mkdocs fails.
+
+    MkDocs runs in this process, not as ``python -m mkdocs``: its start (the
+    plugins import jupytext, nbconvert and jsonschema) took longer than
+    building the pages, and a second build in the same process (the tests
+    build twice) pays it once.
+    """
+    import logging
+    import os
+
+    from mkdocs.commands.build import build as mkdocs_build
+    from mkdocs.config import load_config
+    from mkdocs.exceptions import MkDocsException
+
     log: list[str] = []
     t0 = time.perf_counter()
     stage(log)
     # mkdocs.yml with this stage as docs_dir (tests stage elsewhere): a config that inherits it.
     config = STAGE.parent / (STAGE.name + ".mkdocs.yml")
     config.write_text(f"INHERIT: {ROOT / 'mkdocs.yml'}\ndocs_dir: {STAGE}\n")
-    cmd = [sys.executable, "-m", "mkdocs", "build", "--clean", "--config-file", str(config),
-           "--site-dir", str(site)]
-    if strict:
-        cmd.append("--strict")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise subprocess.CalledProcessError(done.returncode, cmd, done.stdout, done.stderr)
+    said: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(f"{record.levelname} - {record.getMessage()}")  # type: ignore[method-assign]
+    logger = logging.getLogger("mkdocs")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # mkdocs-jupyter keeps its cache in .cache/ of the working directory
+    try:
+        mkdocs_build(load_config(str(config), site_dir=str(site), strict=strict))
+    except (MkDocsException, SystemExit) as exc:  # Abort (strict mode), a bad config, a plugin's error
+        raise BuildFailed(f"mkdocs build failed: {exc}", "\n".join([*said, str(exc)])) from None
+    finally:
+        os.chdir(cwd)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     log.append(f"built {site} in {time.perf_counter() - t0:.1f} s")
     return log
 
@@ -132,8 +162,8 @@ def main(argv: list[str]) -> int:
     opts = parser.parse_args(argv)
     try:
         log = build(opts.strict)
-    except subprocess.CalledProcessError as exc:
-        print(exc.stdout, exc.stderr, sep="\n")
+    except BuildFailed as exc:
+        print(exc.log)
         return 1
     print("\n".join(log))
     return 0

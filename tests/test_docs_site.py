@@ -9,7 +9,6 @@ each one, once per session (tests/executed_notebooks.py).
 from __future__ import annotations
 
 import shutil
-import subprocess
 
 import executed_notebooks
 import nbformat
@@ -63,9 +62,9 @@ def test_a_broken_link_fails_the_strict_build(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(build_site, "STAGE", tmp_path / "stage")
     for name in NOTEBOOKS:
         build_site.save_executed(examples / name, nbformat.read(examples / name, as_version=4))
-    with pytest.raises(subprocess.CalledProcessError) as info:
+    with pytest.raises(build_site.BuildFailed) as info:
         build_site.build(strict=True, site=tmp_path / "site")
-    output = info.value.stdout + info.value.stderr
+    output = info.value.log
     warnings = [line for line in output.splitlines() if line.startswith("WARNING")]
     # The broken link is what failed it (not a stand-in notebook, nor anything else).
     assert warnings and all("no-such-page.md" in line for line in warnings), output
