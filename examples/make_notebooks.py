@@ -235,7 +235,7 @@ DATA_WORK = [
 Everyday jobs, each run with `--compare` (or timed against pandas itself) so
 the report shows the measured serial time, the speedup, and whether the
 results are equal: image-style processing of a large array in strips, a Monte
-Carlo estimate, a per-group computation, and a million-row table worked with
+Carlo estimate, a per-group computation, and a quarter-million-row table worked with
 pandas' own `apply` and `map`, run on the pool through `df.mp`."""),
     ("code", """\
 %load_ext mpmagic
@@ -280,7 +280,7 @@ Each task draws its own random points from its own seed (the item is the
 seed), so the answer is the same serially and in parallel. Points are drawn in
 blocks of a million, so the memory stays small however many are drawn."""),
     ("code", """\
-def count_inside(seed, n=16_000_000, block=1_000_000):
+def count_inside(seed, n=8_000_000, block=1_000_000):
     \"\"\"How many of n random points in the unit square fall inside the quarter circle.\"\"\"
     rng = np.random.default_rng(seed)
     inside = 0
@@ -290,7 +290,7 @@ def count_inside(seed, n=16_000_000, block=1_000_000):
     return inside
 
 hits = %pmap --compare count_inside, range(8)
-print(f"pi is about {4 * sum(hits) / (8 * 16_000_000):.4f}")"""),
+print(f"pi is about {4 * sum(hits) / (8 * 8_000_000):.4f}")"""),
     ("md", """\
 ## A group-wise computation with pandas
 
@@ -301,8 +301,8 @@ two arguments): the workers need not import pandas for this."""),
     ("code", """\
 rng = np.random.default_rng(1)
 sales = pd.DataFrame({
-    "store": rng.integers(0, 8, 200_000),
-    "amount": rng.gamma(2.0, 20.0, 200_000).round(2),
+    "store": rng.integers(0, 8, 100_000),
+    "amount": rng.gamma(2.0, 20.0, 100_000).round(2),
 })
 
 def bootstrap_mean(store, values, resamples=1000):
@@ -317,7 +317,7 @@ groups = [(int(store), group["amount"].to_numpy()) for store, group in sales.gro
 rows = %pmap --star --compare bootstrap_mean, groups
 pd.DataFrame(rows).set_index("store").round(2)"""),
     ("md", """\
-## A million orders, the pandas way: `df.mp`
+## A quarter of a million orders, the pandas way: `df.mp`
 
 With pandas imported, every DataFrame, Series and GroupBy has an `.mp`
 accessor: `df.mp.apply(f, axis=1)`, `series.mp.map(f)` and
@@ -330,7 +330,7 @@ The first call that sends pandas data makes each worker import pandas once
 import time
 
 rng = np.random.default_rng(2)
-n = 1_000_000
+n = 250_000
 orders = pd.DataFrame({
     "customer": rng.integers(0, 500, n),
     "product": pd.Categorical(rng.choice(["tea", "coffee", "cocoa", "juice"], n)),
@@ -343,12 +343,12 @@ orders.head()"""),
     ("md", """\
 `series.mp.map` is `Series.map` on the pool, for a function of one value that
 pandas cannot vectorise: here, which part of the day each order was placed in,
-read from its timestamp (a microsecond or two per row, a second or two for the
-million). This first call also pays for the workers' import of pandas.
+read from its timestamp (a few microseconds per row, about a second for the
+quarter million). This first call also pays for the workers' import of pandas.
 
 The timing line times the whole call, as the stopwatch below does. Part of it
-runs here whatever the workers do: pandas assembles the result from the million
-values the workers send back, walking the million timestamps once more. For a
+runs here whatever the workers do: pandas assembles the result from the
+values the workers send back, walking the timestamps once more. For a
 function this quick that part takes about as long as the work itself, so the
 call is no faster than pandas alone (the line then says where the time went);
 `.mp` pays off when each call takes longer, as in the groupby below."""),
@@ -369,7 +369,7 @@ print(f"pandas alone {serial:.2f} s, with .mp {parallel:.2f} s: {serial / parall
       f"same result: {parts.equals(expected)}")
 parts.value_counts()"""),
     ("md", """\
-A profile of each of the 500 customers (2,000 orders each): how many orders,
+A profile of each of the 500 customers (500 orders each): how many orders,
 what they spent, their favourite product, the longest gap between two orders.
 Several pandas operations per group, about 2 ms each: a second of work. (Many
 more, much smaller groups would gain less: pandas itself assembles the result

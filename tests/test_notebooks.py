@@ -251,7 +251,7 @@ def test_data_work_notebook() -> None:
     summary = cell_value(nb, "summary = profiles.join(customers)")
     assert all(region in summary for region in ("north", "south", "east", "west")), summary
     dayparts = cell_text(nb, "mp.map(daypart)")
-    assert "pmap: 1000000 items on" in dayparts and "same result: True" in dayparts, dayparts
+    assert "pmap: 250000 items on" in dayparts and "same result: True" in dayparts, dayparts
 
 
 def test_scaling_out_notebook() -> None:
