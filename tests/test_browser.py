@@ -6,7 +6,11 @@ saved over), opens the notebook in headless Chromium driven by Playwright,
 runs every cell through the Run menu, and checks what a person sees: the
 results, the timing report tables (``table.mpmagic-report``), the
 rank-labelled output of ``%%parallel``, and the progress widget of the long
-cell. It saves screenshots to ``artifacts/``.
+cell. It saves screenshots to ``artifacts/``. A second test opens a notebook
+of its own there: a background run's live area advances while another cell
+runs (issue 16). The two share one JupyterLab server (module scope: starting
+one takes seconds); each opens its notebook in a fresh workspace and its
+kernels are shut down after it.
 
 Chromium is Debian's ``chromium`` package (``.ci/setup-browser.sh`` installs
 it): Playwright's own browser downloads are not used. Without Chromium or
@@ -108,14 +112,26 @@ def stop_tree(proc: subprocess.Popen, timeout: float = 15.0) -> None:
 
 
 class Lab:
-    """A running JupyterLab server: its base URL and token."""
+    """A running JupyterLab server: its base URL, token and the folder it serves."""
 
-    def __init__(self, base: str, token: str) -> None:
-        self.base, self.token = base, token
+    def __init__(self, base: str, token: str, root: Path) -> None:
+        self.base, self.token, self.root = base, token, root
 
-    @property
-    def notebook_url(self) -> str:
-        return f"{self.base}/lab/tree/quickstart.ipynb?token={self.token}"
+    def url(self, notebook: str) -> str:
+        """The notebook opened in a fresh workspace (``reset``): the server is
+        shared by this module's tests, and Lab would otherwise reopen the tabs
+        an earlier test left open."""
+        return f"{self.base}/lab/tree/{notebook}?reset&token={self.token}"
+
+    def shut_down_kernels(self) -> None:
+        """Shut the sessions and their kernels down through the server, as closing them in Lab would."""
+        try:
+            for session in self.api("sessions"):
+                self.api(f"sessions/{session['id']}", method="DELETE")
+            for kernel in self.api("kernels"):
+                self.api(f"kernels/{kernel['id']}", method="DELETE")
+        except OSError:
+            pass
 
     def api(self, path: str, method: str = "GET") -> object:
         req = urllib.request.Request(f"{self.base}/api/{path}?token={self.token}", method=method)
@@ -146,13 +162,14 @@ class Lab:
         page.click(".lm-Menu-itemLabel:text-is('Run All Cells')")
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    """A JupyterLab server on a copy of the quickstart, stopped with its kernels after the test."""
+@pytest.fixture(scope="module")
+def lab_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """A JupyterLab server for this module's tests (starting one takes seconds),
+    stopped with its kernels after them."""
     require_browser_stack()
+    tmp_path = tmp_path_factory.mktemp("lab")
     work = tmp_path / "notebooks"
     work.mkdir()
-    shutil.copy(ROOT / "examples" / "quickstart.ipynb", work / "quickstart.ipynb")
     settings = tmp_path / "lab-settings"
     tracker = settings / "@jupyterlab" / "notebook-extension"
     tracker.mkdir(parents=True)
@@ -199,17 +216,21 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             if time.monotonic() > deadline:
                 pytest.fail(f"JupyterLab did not answer within 90 s:\n{(tmp_path / 'jupyterlab.log').read_text()[-3000:]}")
             time.sleep(0.3)
-        server = Lab(base, token)
+        server = Lab(base, token, work)
         yield server
-        # Shut the kernels down through the server, as closing them in Lab would.
-        try:
-            for kernel in server.api("kernels"):
-                server.api(f"kernels/{kernel['id']}", method="DELETE")
-        except OSError:
-            pass
+        server.shut_down_kernels()
     finally:
         stop_tree(proc)
         log.close()
+
+
+@pytest.fixture
+def lab(lab_server: Lab) -> Iterator[Lab]:
+    """The module's server with a fresh copy of the quickstart; the kernels this
+    test started are shut down after it, so each test starts from none."""
+    shutil.copy(ROOT / "examples" / "quickstart.ipynb", lab_server.root / "quickstart.ipynb")
+    yield lab_server
+    lab_server.shut_down_kernels()
 
 
 def test_quickstart_in_jupyterlab(lab: Lab) -> None:
@@ -223,7 +244,7 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(lab.notebook_url, wait_until="domcontentloaded", timeout=90_000)
+            page.goto(lab.url("quickstart.ipynb"), wait_until="domcontentloaded", timeout=90_000)
             code_cells = page.locator(".jp-Notebook .jp-CodeCell")
             lab.run_all(page, n_code)
 
@@ -293,5 +314,54 @@ def test_quickstart_in_jupyterlab(lab: Lab) -> None:
             page.screenshot(path=str(ARTIFACTS / "quickstart-report.png"))
             long_cell.scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "quickstart-progress.png"))
+        finally:
+            browser.close()
+
+
+# A background run's live area in a real browser (issue 16): its progress bar
+# advances while another cell runs, and it ends with the report.
+BG_CELLS = [
+    "%load_ext mpmagic\n%pool start -n 2\nimport time\n"
+    "def slow(x):\n    time.sleep(0.3)\n    print('bg says', x)\n    return x",
+    "run = %pmap --bg slow, range(20)",
+    "time.sleep(3)\n'foreground done'",
+]
+
+
+def test_the_live_area_advances_while_another_cell_runs(lab: Lab) -> None:
+    from playwright.sync_api import sync_playwright
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in BG_CELLS])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, lab.root / "bg.ipynb")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(lab.url("bg.ipynb"), wait_until="domcontentloaded", timeout=90_000)
+            lab.run_all(page, 3)
+
+            cells = page.locator(".jp-Notebook .jp-CodeCell")
+            bar = cells.nth(1).locator(".mpmagic-run progress")
+            bar.wait_for(timeout=60_000)
+            busy = cells.nth(2).locator(".jp-InputPrompt")
+            # Values of the bar seen while the third cell is running (prompt "[*]").
+            seen = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                running = "*" in busy.inner_text()
+                value = int(bar.get_attribute("value") or 0)
+                if running:
+                    seen.append(value)
+                elif seen:
+                    break
+                time.sleep(0.2)
+            assert len(set(seen)) >= 2 and seen[-1] > seen[0], seen
+            page.wait_for_function(
+                "document.querySelector('.mpmagic-run') && document.querySelector('.mpmagic-run')"
+                ".innerText.includes('20/20 items')", polling=250, timeout=60_000)
+            area = cells.nth(1).locator(".jp-OutputArea").inner_text()
+            assert "done" in area and "bg says 19" in area and "speedup" in area, area
+            assert "bg says" not in cells.nth(2).locator(".jp-OutputArea").inner_text()
         finally:
             browser.close()
