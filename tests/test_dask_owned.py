@@ -56,21 +56,28 @@ def _streams() -> tuple[str, str]:
     return type(sys.stdout).__name__, type(sys.stderr).__name__
 
 
-def test_timeout_on_a_connected_cluster_restarts_no_worker(ip, dask_pool):
+def test_timeout_on_a_connected_cluster_restarts_no_worker(ip, dask_pool, tmp_path):
     before = _pids(dask_pool)
-    run(ip, "import time\ndef hang_at_2(x):\n    if x == 2:\n        time.sleep(3)\n    return x\n")
-    with pytest.raises(mpmagic.TaskTimeoutError) as info:
-        run(ip, "%pmap -q --timeout 1 hang_at_2, range(4)")
-    msg = str(info.value)
-    assert "item 2 (2) ran past the timeout of 1 s" in msg
-    assert "not mpmagic's to restart" in msg and "busy until it returns" in msg
-    # The message docs/troubleshooting.md shows (addresses vary) is this one.
-    from test_docs import DOCS, shown_lines_missing, standalone_error_blocks
+    # Item 2 hangs until the test releases it (at most 3 s): its worker is left busy with it,
+    # and later tests would wait for that worker.
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef hang_at_2(x):\n    t = time.monotonic()\n    while x == 2 and not "
+            f"os.path.exists({str(release)!r}) and time.monotonic() - t < 3:\n        time.sleep(0.02)\n    return x\n")
+    try:
+        with pytest.raises(mpmagic.TaskTimeoutError) as info:
+            run(ip, "%pmap -q --timeout 1 hang_at_2, range(4)")
+        msg = str(info.value)
+        assert "item 2 (2) ran past the timeout of 1 s" in msg
+        assert "not mpmagic's to restart" in msg and "busy until it returns" in msg
+        # The message docs/troubleshooting.md shows (addresses vary) is this one.
+        from test_docs import DOCS, shown_lines_missing, standalone_error_blocks
 
-    [shown] = [t for _, t in standalone_error_blocks(DOCS / "troubleshooting.md", shown_elsewhere=True) if "Dask" in t]
-    assert not shown_lines_missing(shown, msg, example=False), (shown, msg)
-    assert _pids(dask_pool) == before  # the same worker processes
-    assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+        [shown] = [t for _, t in standalone_error_blocks(DOCS / "troubleshooting.md", shown_elsewhere=True) if "Dask" in t]
+        assert not shown_lines_missing(shown, msg, example=False), (shown, msg)
+        assert _pids(dask_pool) == before  # the same worker processes
+        assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+    finally:
+        release.touch()
 
 
 def test_pool_restart_on_a_connected_cluster_restarts_nothing_and_says_so(ip, dask_pool, capsys):
