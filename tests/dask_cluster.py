@@ -8,6 +8,13 @@ nanny and the worker process it runs), so nothing outlives the tests. If the
 test run itself is killed (no teardown runs), Linux ends each command too:
 it asks for SIGTERM at its parent's death (``prctl(PR_SET_PDEATHSIG)``, see
 ``_DIE_WITH_PARENT``), and dask's commands stop their nannies on SIGTERM.
+
+The nannies start their worker processes from a forkserver that has imported
+``distributed`` (``distributed.worker.multiprocessing-method: forkserver``, a
+setting of Dask's own), not by spawn: a worker a test killed is back in a
+fraction of a second instead of the 1-3 s a fresh interpreter takes to import
+``distributed`` on a loaded machine, and the worker-death tests wait for those
+restarts again and again. What mpmagic sees of a worker is the same either way.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ class DaskProcesses:
         self.n_workers = n_commands * per_command
         self.protocol = protocol
         self.tls = tls or {}
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "forkserver", **(env or {})}
         self.scheduler_file = str(self.workdir / "scheduler.json")
         self.procs: list[subprocess.Popen] = []
         self.address = ""
@@ -89,11 +96,22 @@ class DaskProcesses:
 
     def _start(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        Path(self.scheduler_file).unlink(missing_ok=True)  # (the workers find the scheduler by this file)
         scheduler = self._spawn(
             ["scheduler", "--host", "127.0.0.1", "--port", "0", "--protocol", self.protocol,
              "--no-dashboard", "--scheduler-file", self.scheduler_file, *self._tls_args()],
             "scheduler.log",
         )
+        # The worker commands start alongside the scheduler, not after it: each waits for the
+        # scheduler file (``--scheduler-file``), so their imports of distributed overlap the
+        # scheduler's (a start took one interpreter's start-up longer, 1-2 s on a loaded machine).
+        for i in range(self.n_commands):
+            self._spawn(
+                ["worker", "--scheduler-file", self.scheduler_file, "--nworkers", str(self.per_command),
+                 "--nthreads", "1", "--no-dashboard", "--host", "127.0.0.1",
+                 "--local-directory", str(self.workdir / f"w{i}"), *self._tls_args()],
+                f"worker{i}.log",
+            )
         while not self.address:
             if scheduler.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"dask scheduler did not start: {self.log('scheduler.log')}")
@@ -101,13 +119,6 @@ class DaskProcesses:
                 self.address = json.loads(Path(self.scheduler_file).read_text())["address"]
             except (OSError, ValueError, KeyError):
                 time.sleep(0.05)
-        for i in range(self.n_commands):
-            self._spawn(
-                ["worker", self.address, "--nworkers", str(self.per_command), "--nthreads", "1", "--no-dashboard",
-                 "--host", "127.0.0.1", "--local-directory", str(self.workdir / f"w{i}"),
-                 *self._tls_args()],
-                f"worker{i}.log",
-            )
         if self.n_workers:  # (a scheduler alone: nothing to wait for)
             self.wait_for_workers(self.n_workers, deadline - time.monotonic())
 

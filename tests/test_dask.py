@@ -161,43 +161,56 @@ def test_rank_output_is_streamed_while_the_rank_runs(dask_pool, monkeypatch):
     assert all(t < done - 1.0 for t in early)  # shown while the ranks slept, not at the end
 
 
-def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool, capsys):
+def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool, capsys, tmp_path):
     before = set(worker_pids(dask_pool).values())
-    run(ip, "import time\ndef sleepy(x):\n    time.sleep(5)\n    return x\n")
+    # The tasks run until the test releases them (at most 30 s): a cluster mpmagic only
+    # connected to keeps running them after the interrupt, and the last map waits for them.
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef sleepy(x):\n    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
+            " and time.monotonic() - t < 30:\n        time.sleep(0.02)\n    return x\n")
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     capsys.readouterr()
     t0 = time.monotonic()
-    with pytest.raises(KeyboardInterrupt) as info:
-        mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
-    returned = time.monotonic() - t0
-    # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
-    # that catches a hang, not slowness on a loaded machine).
-    assert returned < 20
-    # One line, the interrupt's, as on the local pool: it names the running tasks and their workers.
-    msg = str(info.value)
-    assert msg.startswith("mpmagic.pmap interrupted: its ") and "queued Dask task" in msg and " cancelled" in msg
-    assert "already running (item " in msg and "; on tcp://127.0.0.1:" in msg and "not mpmagic's" in msg
-    assert "\n" not in msg
-    assert "interrupted" not in capsys.readouterr().err  # no second note of it on stderr
-    # %pool restart on a cluster mpmagic connected to restarts nothing, and says so (issue 14.4).
-    run(ip, "%pool restart")
-    assert "did not restart the workers" in capsys.readouterr().err
-    assert set(worker_pids(dask_pool).values()) == before
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
+        returned = time.monotonic() - t0
+        # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
+        # that catches a hang, not slowness on a loaded machine).
+        assert returned < 20
+        # One line, the interrupt's, as on the local pool: it names the running tasks and their workers.
+        msg = str(info.value)
+        assert msg.startswith("mpmagic.pmap interrupted: its ") and "queued Dask task" in msg and " cancelled" in msg
+        assert "already running (item " in msg and "; on tcp://127.0.0.1:" in msg and "not mpmagic's" in msg
+        assert "\n" not in msg
+        assert "interrupted" not in capsys.readouterr().err  # no second note of it on stderr
+        # %pool restart on a cluster mpmagic connected to restarts nothing, and says so (issue 14.4),
+        # with the interrupted map's tasks still running there.
+        run(ip, "%pool restart")
+        assert "did not restart the workers" in capsys.readouterr().err
+        assert set(worker_pids(dask_pool).values()) == before
+    finally:
+        release.touch()
     assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
 
 
-def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool):
+def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool, tmp_path):
     """On a cluster mpmagic only connected to: the stuck item is named and the
     run ends. Whether that cluster's worker is restarted is not asserted here
     (mpmagic is to leave the workers of a cluster it does not own alone); the
     restart is checked on a cluster of its own, in the next test."""
-    # 4 s: a worker of a cluster mpmagic does not own is left to finish the
-    # sleep (test_dask_owned.py checks that), and later tests would wait for it.
-    run(ip, "import time\ndef maybe_hang(x):\n    if x == 2:\n        time.sleep(4)\n    return x\n")
+    # It hangs until released (at most 4 s): a worker of a cluster mpmagic does not own is
+    # left to finish the task (test_dask_owned.py checks that), and later tests would wait for it.
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef maybe_hang(x):\n    t = time.monotonic()\n    while x == 2 and not "
+            f"os.path.exists({str(release)!r}) and time.monotonic() - t < 4:\n        time.sleep(0.02)\n    return x\n")
     t0 = time.monotonic()
-    with pytest.raises(mpmagic.TaskTimeoutError) as info:
-        run(ip, "%pmap -q --timeout 1 maybe_hang, range(4)")
+    try:
+        with pytest.raises(mpmagic.TaskTimeoutError) as info:
+            run(ip, "%pmap -q --timeout 1 maybe_hang, range(4)")
+    finally:
+        release.touch()
     assert "item 2 (2)" in str(info.value) and "timeout of 1 s" in str(info.value)
     assert time.monotonic() - t0 < 15  # ended, before the sleep would have
 
@@ -284,10 +297,10 @@ def test_wrong_address_is_a_clear_error_within_the_timeout(dask_pool):
     address = f"tcp://127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
     with pytest.raises(mpmagic.MPMagicError) as info:
-        mpmagic.use_dask(address, timeout=2)
+        mpmagic.use_dask(address, timeout=0.5)  # (nothing listens there: the whole timeout runs out)
     assert time.monotonic() - t0 < 10
     msg = str(info.value)
-    assert address in msg and "within the timeout of 2 s" in msg and "--timeout" in msg
+    assert address in msg and "within the timeout of 0.5 s" in msg and "--timeout" in msg
     assert pool_module.get_pool() is dask_pool  # the working pool is kept
 
 

@@ -56,21 +56,28 @@ def _streams() -> tuple[str, str]:
     return type(sys.stdout).__name__, type(sys.stderr).__name__
 
 
-def test_timeout_on_a_connected_cluster_restarts_no_worker(ip, dask_pool):
+def test_timeout_on_a_connected_cluster_restarts_no_worker(ip, dask_pool, tmp_path):
     before = _pids(dask_pool)
-    run(ip, "import time\ndef hang_at_2(x):\n    if x == 2:\n        time.sleep(3)\n    return x\n")
-    with pytest.raises(mpmagic.TaskTimeoutError) as info:
-        run(ip, "%pmap -q --timeout 1 hang_at_2, range(4)")
-    msg = str(info.value)
-    assert "item 2 (2) ran past the timeout of 1 s" in msg
-    assert "not mpmagic's to restart" in msg and "busy until it returns" in msg
-    # The message docs/troubleshooting.md shows (addresses vary) is this one.
-    from test_docs import DOCS, shown_lines_missing, standalone_error_blocks
+    # Item 2 hangs until the test releases it (at most 3 s): its worker is left busy with it,
+    # and later tests would wait for that worker.
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef hang_at_2(x):\n    t = time.monotonic()\n    while x == 2 and not "
+            f"os.path.exists({str(release)!r}) and time.monotonic() - t < 3:\n        time.sleep(0.02)\n    return x\n")
+    try:
+        with pytest.raises(mpmagic.TaskTimeoutError) as info:
+            run(ip, "%pmap -q --timeout 1 hang_at_2, range(4)")
+        msg = str(info.value)
+        assert "item 2 (2) ran past the timeout of 1 s" in msg
+        assert "not mpmagic's to restart" in msg and "busy until it returns" in msg
+        # The message docs/troubleshooting.md shows (addresses vary) is this one.
+        from test_docs import DOCS, shown_lines_missing, standalone_error_blocks
 
-    [shown] = [t for _, t in standalone_error_blocks(DOCS / "troubleshooting.md", shown_elsewhere=True) if "Dask" in t]
-    assert not shown_lines_missing(shown, msg, example=False), (shown, msg)
-    assert _pids(dask_pool) == before  # the same worker processes
-    assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+        [shown] = [t for _, t in standalone_error_blocks(DOCS / "troubleshooting.md", shown_elsewhere=True) if "Dask" in t]
+        assert not shown_lines_missing(shown, msg, example=False), (shown, msg)
+        assert _pids(dask_pool) == before  # the same worker processes
+        assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+    finally:
+        release.touch()
 
 
 def test_pool_restart_on_a_connected_cluster_restarts_nothing_and_says_so(ip, dask_pool, capsys):
@@ -170,7 +177,10 @@ def test_pool_restart_cuts_a_background_run_off_as_on_the_local_pool(ip):
     try:
         run(ip, "import time\ndef slow_item(x):\n    time.sleep(0.2)\n    return x\n")
         handle = mpmagic.submit(ip.user_ns["slow_item"], range(30), workers=2)
-        time.sleep(0.7)
+        deadline = time.monotonic() + 30
+        while not handle.items_done:  # (in flight: its first items came back, most are to come)
+            assert time.monotonic() < deadline and not handle.done(), repr(handle)
+            time.sleep(0.02)
         run(ip, "%pool restart")
         with pytest.raises(mpmagic.MPMagicError) as info:
             handle.result(timeout=30)
@@ -294,7 +304,12 @@ def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip
         pool_module.shutdown()
 
 
-def test_a_cancel_before_the_start_event_came_still_frees_the_worker(ip, monkeypatch):
+def _say_started_then_sleep(started: str, seconds: float) -> None:
+    open(started, "w").close()
+    time.sleep(seconds)
+
+
+def test_a_cancel_before_the_start_event_came_still_frees_the_worker(ip, monkeypatch, tmp_path):
     """A task's start event can trail its start (a loaded machine): cancelled then,
     it was neither known to run nor stopped, and the next call waited 30 s behind it."""
     pool_module.shutdown()
@@ -304,8 +319,12 @@ def test_a_cancel_before_the_start_event_came_still_frees_the_worker(ip, monkeyp
         run_class = sys.modules[type(backend).__module__]._DaskRun
         real_event = run_class._event
         monkeypatch.setattr(run_class, "_event", lambda self, ev: None if ev.get("start") else real_event(self, ev))
-        call = mpmagic.call(time.sleep, 30)
-        time.sleep(1.0)
+        started = tmp_path / "started"
+        call = mpmagic.call(_say_started_then_sleep, str(started), 30)
+        deadline = time.monotonic() + 30
+        while not started.exists():  # (the task runs; its start event was dropped above)
+            assert time.monotonic() < deadline, "the task did not start"
+            time.sleep(0.02)
         call.cancel()
         assert mpmagic.call(abs, -1).result(timeout=25) == 1
     finally:

@@ -115,7 +115,8 @@ def test_progress_bar_closed_after_interrupt(kernel):
     )
     assert reply["content"]["status"] == "ok", msgs
     # 400 items of 0.5 s on 2 workers would take 100 s: only the interrupt ends it soon.
-    msg_id = kc.execute("%pmap slow, range(400)")
+    # One item a chunk: the planner's first chunks of 16 items kept the bar at 0 for 8 s.
+    msg_id = kc.execute("%pmap --chunksize 1 slow, range(400)")
     seen: list[dict] = []
     deadline = time.monotonic() + 30
     _collect_until(kc, msg_id, seen, deadline, _widget_opened, "no progress widget")
