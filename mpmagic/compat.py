@@ -26,7 +26,11 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   processes at a kernel's shutdown. ipykernel waits for its children to exit
   before it exits; the tracker ignores SIGTERM and the fork server, once
   SIGTERM ends it, is a zombie nobody reaps: every shutdown or restart took
-  ~2.5 s more, until Jupyter killed the kernel.
+  ~2.5 s more, until Jupyter killed the kernel. Before them,
+  ``multiprocessing.util._run_finalizers(0)`` (the first step of
+  multiprocessing's exit hook): stopped first, the tracker unlinked a
+  notebook's live ``multiprocessing.Lock`` and its finalizer then printed a
+  ``sem_unlink`` traceback at exit.
 * ``multiprocessing.forkserver._forkserver._forkserver_alive_fd`` (in a
   forkserver's worker): its copy of the notebook's end of the forkserver's
   "alive" pipe. The forkserver exits when every copy is closed; while the
@@ -466,7 +470,20 @@ def stop_helper_processes() -> None:
     server is reaped (a zombie child kept ipykernel waiting), and the
     tracker unlinks what is still registered, as at any exit. Fallback:
     nothing (the kernel then takes ~2.5 s more to exit).
+
+    multiprocessing's own exit finalizers (``util._run_finalizers(0)``, what
+    its exit hook runs first) run before the tracker stops: a notebook's
+    live ``multiprocessing.Lock`` is then unlinked and unregistered by its
+    own finalizer. Stopped first, the tracker unlinked it as "leaked" and
+    the finalizer at exit printed a ``FileNotFoundError`` traceback from
+    ``sem_unlink`` per lock. Fallback: the tracker's warning and those
+    tracebacks at exit, nothing else.
     """
+    run_finalizers = getattr(_module("multiprocessing.util"), "_run_finalizers", None)
+    if run_finalizers is None:
+        log.info("multiprocessing.util._run_finalizers is missing in %s: live locks print at exit", _PYTHON)
+    else:
+        run_finalizers(0)
     for module, attribute in (
         ("multiprocessing.forkserver", "_forkserver"),
         ("multiprocessing.resource_tracker", "_resource_tracker"),

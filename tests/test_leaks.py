@@ -268,3 +268,25 @@ def test_a_notebook_that_ends_with_its_pool_running_exits_quietly(method, tmp_pa
         assert done.returncode == 0, done.stderr
         assert "ended" in done.stdout
         assert "Traceback" not in done.stderr and "manager failed" not in done.stderr, done.stderr
+
+
+def test_a_shell_told_to_exit_with_a_live_multiprocessing_lock_prints_nothing(tmp_path):
+    """Our exit hook stops multiprocessing's resource tracker at ``exit_now`` (a kernel's
+    shutdown): it ran before multiprocessing's own finalizers, so the tracker unlinked the
+    notebook's live Lock as "leaked" and the Lock's finalizer printed a sem_unlink
+    FileNotFoundError traceback at exit (three of them ended every test run)."""
+    import subprocess
+
+    script = tmp_path / "lock_at_exit.py"
+    script.write_text(
+        "import multiprocessing as mp\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "shell.run_cell('%load_ext mpmagic')\n"
+        "lock = mp.get_context('spawn').Lock()\n"
+        "shell.exit_now = True\n"
+        "print('ended', flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ended" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr
