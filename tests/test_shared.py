@@ -81,17 +81,10 @@ def nothing_left_in_dev_shm(ip):
         return made[-1]
 
     shared_base._new_stem = recording
-    # Every test drops its helpers with a full gc.collect() (drop): after the rest of the
-    # suite that pass walked every object of the session, 0.1-0.3 s each, 56 times. What
-    # exists now is set aside (gc.freeze: after a collection, none of it is garbage), so
-    # each pass walks only what this module made, the helpers among it. Objects set aside
-    # still keep what they reference alive; the module's end puts them back.
-    gc.collect()
-    gc.freeze()
+    # (each test's drop() walks only this module's objects: conftest set the earlier ones aside)
     try:
         yield
     finally:
-        gc.unfreeze()
         shared_base._new_stem = real
     for name in list(ip.user_ns):
         if isinstance(ip.user_ns[name], shared_base._Helper):
