@@ -82,9 +82,8 @@ def wheel(tmp_path_factory) -> Path:
     pytest.importorskip("build", reason="needs the test extra: pip install 'mpmagic[test]'")
     import tarfile
 
-    import build.env
-
     import build
+    import build.env
 
     src = _sources(tmp_path_factory.mktemp("src"))
     dist = tmp_path_factory.mktemp("dist")
