@@ -17,7 +17,7 @@ import pytest
 from conftest import check_lazy_inputs_equal_serial, run
 
 import mpmagic
-from mpmagic import payload, shm
+from mpmagic import cpus, payload, shm
 from mpmagic.backends.base import Backend, Job
 from mpmagic.backends.local import LocalBackend
 from mpmagic.errors import WorkerLostError
@@ -825,6 +825,10 @@ def test_a_warm_map_opens_no_file_in_the_notebook(ip, local_pool, monkeypatch):
 
         return int(np.int64(x) * x)
 
+    # The CPU count is read afresh every 5 s (cpus.recent_cpus): read it now, so that the
+    # counted calls below (well under 5 s) fall in one window; a read left from up to 5 s
+    # before made the count see the cgroup files in a fresh clone's run.
+    monkeypatch.setattr(cpus, "_seen", None)
     for func in (sq, numpy_sq):
         assert mpmagic.pmap(func, [1, 2]) == [1, 4]  # warm: workers, imports, the function's pickle
     opened: list[str] = []
