@@ -47,6 +47,8 @@ def _children(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except (OSError, ValueError):
         pass
+    from mpmagic import posixshm
+
     found = []
     try:
         entries = os.listdir("/proc")
@@ -56,11 +58,9 @@ def _children(pid: int) -> list[int]:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
+            fields = posixshm.stat_fields(int(entry))
         except OSError:
             continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
         if fields[0] not in (b"Z", b"X") and int(fields[1]) == pid:
             found.append(int(entry))
     return found
@@ -107,10 +107,10 @@ def _notebook_gone(pid: int) -> bool:
     restart of a forkserver pool) it is alive and not exiting, and waiting for it
     to die made each such stop 1 s longer. A killed notebook is past its
     ``PF_EXITING`` (or a zombie, or gone) by the time its pipe's end closes."""
+    from mpmagic import posixshm
+
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(b")") + 2 :].split()
+        fields = posixshm.stat_fields(pid)
         return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & _PF_EXITING)
     except (OSError, ValueError, IndexError):
         return True  # (no such process)

@@ -232,8 +232,7 @@ def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        fields = stat_fields(pid)
     except FileNotFoundError:
         return False
     except OSError:
@@ -244,8 +243,16 @@ def pid_alive(pid: int) -> bool:
         except PermissionError:
             pass
         return True
-    end = stat.rindex(b")")  # the command name may hold spaces and parentheses
-    return stat[end + 2 : end + 3] not in (b"Z", b"X")
+    return fields[0] not in (b"Z", b"X")
+
+
+def stat_fields(pid: int) -> list[bytes]:
+    """The fields of ``/proc/PID/stat`` after the command name: the state first
+    (``Z`` zombie, ``X`` dead), then the parent's pid, ..., the flags at [6].
+    Raises OSError (FileNotFoundError: no such process)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2 :].split()  # (the command name may hold spaces and parentheses)
 
 
 def names(prefix: str) -> list[str]:

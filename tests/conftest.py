@@ -374,8 +374,7 @@ def collect_everything() -> None:
 
 def pytest_sessionfinish(session, exitstatus):
     """No worker may outlive the test run: stop everything, then check."""
-    gc.unfreeze()  # (what the modules set aside: its garbage is collected below, as without the freeze)
-    gc.collect()
+    collect_everything()  # (garbage among what the modules set aside too, as without the freeze)
     pool_module.shutdown()
     deadline = time.monotonic() + 10
     left = leftover_processes()

@@ -74,7 +74,7 @@ from typing import Any, TypedDict
 from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
-from .. import context, warmup, worker_setup
+from .. import context, posixshm, warmup, worker_setup
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
@@ -1836,11 +1836,10 @@ def _pids_of(processes: list[Any]) -> list[int]:
 def _is_our_child(pid: int) -> bool:
     """Is ``pid`` a live (not zombie) child of this process? (A pid is not killed once reused.)"""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        fields = posixshm.stat_fields(pid)
+    except (OSError, ValueError):
         return False
-    return fields[0] != "Z" and int(fields[1]) == os.getpid()
+    return fields[0] not in (b"Z", b"X") and int(fields[1]) == os.getpid()
 
 
 def _replicate_quietly(client: Any, future: Any) -> None:
