@@ -110,18 +110,30 @@ def _one_line_error(reply) -> str:
     return errors[0][0]
 
 
-def test_an_interrupted_wait_on_a_run_is_one_line_saying_what_became_of_the_run(kernel):
+def test_an_interrupted_wait_on_a_run_is_one_line_saying_what_became_of_the_run(kernel, tmp_path):
     """Interrupt kernel while a cell waits on a background run (as_completed,
     result()) or loops over a stream: one line, never a traceback through our
-    waiting code; the background run goes on, the stream's run is cancelled."""
-    kernel.ok("run5 = mpmagic.submit(slow, range(10))")
+    waiting code; the background run goes on, the stream's run is cancelled.
+    The items wait for a file the test makes, so none can finish while an
+    interrupt is on its way: one landing in the cell's own loop body would
+    rightly be the user's traceback, not ours."""
+    release, never = tmp_path / "release", tmp_path / "never"
+    kernel.ok(
+        "import os\n"
+        "def held(x, path):\n    while not os.path.exists(path):\n        time.sleep(0.01)\n    return x * x\n"
+        f"run5 = mpmagic.submit(held, range(4), [{str(release)!r}] * 4)"
+    )
     run_id = kernel.value("run5.id")
+    waiting = "print('waiting', flush=True)\n"
     for wait in ("for v in mpmagic.as_completed(run5):\n    pass", "run5.result()"):
-        line = _one_line_error(kernel.execute(wait, interrupt_after=0.8))
-        assert line.endswith(f"interrupted: run {run_id} (pmap slow) goes on in the background; "
+        line = _one_line_error(kernel.execute(waiting + wait, interrupt_when="waiting", interrupt_after=0.3))
+        assert line.endswith(f"interrupted: run {run_id} (pmap held) goes on in the background; "
                              f"cancel() on its handle (or %pool cancel {run_id}) stops it"), line
-    assert kernel.value("run5.result(60) == [x * x for x in range(10)]") is True
-    line = _one_line_error(kernel.execute("for v in mpmagic.imap(slow, range(10)):\n    pass", interrupt_after=1.0))
+    assert kernel.value("run5.done()") is False
+    release.touch()
+    assert kernel.value("run5.result(60) == [x * x for x in range(4)]") is True
+    stream = f"for v in mpmagic.imap(held, range(4), [{str(never)!r}] * 4):\n    pass"
+    line = _one_line_error(kernel.execute(waiting + stream, interrupt_when="waiting", interrupt_after=0.3))
     assert line.startswith("KeyboardInterrupt: imap interrupted: its run ") and "was cancelled" in line, line
     assert kernel.value("mpmagic.runs()[-1].state") == "cancelled"
     assert kernel.value("mpmagic.get_pool().status()['runs_in_flight']") == 0

@@ -81,20 +81,25 @@ class Kernel:
         interrupts: int = 1,
     ) -> Reply:
         """Run ``code``; optionally interrupt it after some seconds, or once
-        ``interrupt_when`` (each of them, if several) shows in its stdout;
-        ``interrupts`` > 1 sends more interrupts 10 ms apart (the later ones
-        land during the cleanup)."""
+        ``interrupt_when`` (each of them, if several) shows in its stdout (given
+        both, ``interrupt_after`` seconds after that); ``interrupts`` > 1 sends
+        more interrupts 10 ms apart (the later ones land during the cleanup)."""
         msg_id = self.kc.execute(code)
         reply = Reply("?", None)
         t0 = time.monotonic()
+        shown = None if interrupt_when is not None else t0  # what interrupt_after counts from
         first_interrupt = None
         while True:
             now = time.monotonic()
-            due = interrupt_after is not None and now - t0 >= interrupt_after
-            if interrupt_when is not None and not due:
+            if shown is None:
                 wanted = (interrupt_when,) if isinstance(interrupt_when, str) else interrupt_when
-                out = reply.stream()
-                due = all(text in out for text in wanted)
+                if all(text in reply.stream() for text in wanted):
+                    shown = now
+            due = (
+                (interrupt_after is not None or interrupt_when is not None)
+                and shown is not None
+                and now - shown >= (interrupt_after or 0.0)
+            )
             if first_interrupt is None and due:
                 first_interrupt = time.monotonic()
                 for i in range(interrupts):
