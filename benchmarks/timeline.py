@@ -52,16 +52,16 @@ def main() -> None:
     t0 = [0.0]
     next_unit, done, send_unit = jobs.MapJob.next_unit, jobs.MapJob.done, local.LocalBackend._send_unit
 
-    def traced_next_unit(self):
+    def traced_next_unit(self, limit=None):
         start = time.time()
-        unit = next_unit(self)
+        unit = next_unit(self, limit)
         if unit is not None:
             events.append((start - t0[0], time.time() - t0[0], "pack", unit.id, unit.count, ""))
         return unit
 
-    def traced_send_unit(self, slot, job, unit):
+    def traced_send_unit(self, slot, run, unit):
         start = time.time()
-        send_unit(self, slot, job, unit)
+        send_unit(self, slot, run, unit)
         events.append((start - t0[0], time.time() - t0[0], "send", unit.id, unit.count, f"to worker {slot.wid}"))
 
     def traced_done(self, unit, data, seconds, meta=None):
