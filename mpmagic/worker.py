@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import pickle
 import signal
 import struct
 import sys
@@ -1120,14 +1119,15 @@ class _Worker:
 def _dumps_result(results: list) -> bytes:
     """A local worker's results: big arrays go through shared memory.
 
-    Results that are all plain values (``int``, ``float``, ``str``, ``bytes``,
-    ``None``...: ``payload.all_atoms``) are pickled as they are: no buffer of theirs
-    goes out of band and they name no notebook code, so the shared-memory
-    collector and the ``__main__`` scan would find nothing (~3 us per chunk, a
-    tenth of a warm 1-item chunk's time in the worker).
+    Results that are plain values (``int``, ``float``, ``str``, ``bytes``,
+    ``None``... in builtin containers: ``payload.dumps_plain``) are pickled as
+    they are: no buffer of theirs goes out of band and they name no notebook
+    code, so the shared-memory collector and the ``__main__`` scan would find
+    nothing (~3 us per chunk, a tenth of a warm 1-item chunk's time in the worker).
     """
-    if payload.all_atoms(results):
-        return pickle.dumps(results, payload.PROTOCOL)
+    data = payload.dumps_plain(results)
+    if data is not None:
+        return data
     return shm.dumps_result(results, payload.dumps_data)
 
 

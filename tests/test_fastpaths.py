@@ -381,10 +381,12 @@ def test_a_workers_plain_results_are_pickled_as_they_are(monkeypatch):
     collected: list = []
     real = shm.dumps_result
     monkeypatch.setattr(shm, "dumps_result", lambda obj, dumps: collected.append(obj) or real(obj, dumps))
-    plain = [1, 2.5, "__main__.f", b"x" * 100, None, True, bytearray(b"y")]
+    plain = [1, 2.5, "__main__.f", b"x" * 100, None, True, bytearray(b"y"), (1, [2.0, {"k": None}])]
     assert pickle.loads(worker._dumps_result(plain)) == plain and collected == []
     mixed = [1, Fraction(1, 3)]
     assert pickle.loads(worker._dumps_result(mixed)) == mixed and collected == [mixed]
+    inside = [(1, Fraction(1, 3))]
+    assert pickle.loads(worker._dumps_result(inside)) == inside and collected == [mixed, inside]
 
 
 def _plan(planner, per_item: float) -> list[int]:
@@ -511,20 +513,34 @@ def test_large_bytes_and_str_items_skip_the_notebook_code_scan(monkeypatch):
 
 
 def test_a_chunk_of_atoms_is_pickled_as_dumps_data_would_with_no_lease():
-    """A chunk of numbers, strings, bytes (a list, tuple or range) is pickled as it
-    is, the very bytes ``dumps_data`` makes, with no shared-memory lease and no
-    helper kept (it can hold neither); anything else, or a str naming
-    ``__main__``, goes the general way."""
+    """A chunk of numbers, strings, bytes (a list, tuple or range, and the builtin
+    containers of them: starmap's tuples) is pickled as it is, the very bytes
+    ``dumps_data`` makes, with no shared-memory lease and no helper kept (it can
+    hold neither); anything else (a subclass, a class, any other object) goes
+    the general way. A str that merely contains ``__main__`` is data."""
+    import pickle
+    from fractions import Fraction
+
     from mpmagic import jobs, payload
 
-    for items in ([1, 2.5, "x", b"y", None, True, bytearray(b"z")], (1, 2), range(3, 90, 4), []):
-        assert payload.dumps_atoms(items) == payload.dumps_data(items)
-    assert payload.dumps_atoms([1, [2]]) is None and payload.dumps_atoms({1}) is None
-    assert payload.dumps_atoms(["__main__"]) is None
-    assert payload.all_atoms([1, "x", None, bytearray()]) and payload.all_atoms(())
-    assert not payload.all_atoms([1, [2]]) and not payload.all_atoms([type("Int", (int,), {})(1)])
+    class Int(int):
+        pass
 
-    for items, lent in (([-1, 2], False), ([[-1], [2]], True)):
+    nested = [(1, "a"), [2.5, None], {"k": (b"v",)}, {3}, frozenset({4})]
+    for items in ([1, 2.5, "x", b"y", None, True, bytearray(b"z")], (1, 2), range(3, 90, 4), [], nested):
+        assert payload.dumps_atoms(items) == payload.dumps_data(items)
+        assert pickle.loads(payload.dumps_atoms(items)) == items
+    for items in ([1, Int(2)], [1, [Int(2)]], [Fraction(1, 3)], [int], [len], [(1, object())]):
+        assert payload.dumps_atoms(items) is None, items
+    assert pickle.loads(payload.dumps_atoms(["__main__", b"__main__.f"])) == ["__main__", b"__main__.f"]
+    deep: list = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert payload.dumps_plain(deep) is None  # too deep for pickle: the general path says what
+    assert payload.all_atoms([1, "x", None, bytearray()]) and payload.all_atoms(())
+    assert not payload.all_atoms([1, [2]]) and not payload.all_atoms([Int(1)])
+
+    for items, lent in (([-1, 2], False), ([[-1], (2, "x")], False), ([Fraction(-1), Fraction(2)], True)):
         job = jobs.MapJob(len, items, 2, False, 2, shared_memory=True)
         unit = job.next_unit()
         assert unit is not None and (unit.lease is not None) is lent
