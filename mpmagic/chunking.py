@@ -96,11 +96,19 @@ class ChunkPlanner:
             # one another (queues, events), so each worker gets a share. Once
             # what is left is too little to cut finer, it is split evenly once
             # (halving the rest at each step would end in a dozen round trips
-            # of a few items each).
-            if remaining <= floor * self.workers:
+            # of a few items each): into two chunks a worker while those take
+            # at least half the floor, so that packing the next chunk overlaps
+            # running one and the last round ends together. (Floor-sized chunks
+            # first left an odd one out: 100,000 tiny items went as 35k + 32.5k
+            # + 32.5k, the last running alone on one of 2 workers, 10.6 ms;
+            # 4 x 25k: 9.8 ms.)
+            # The split's last chunk takes the few items a division leaves over.
+            if remaining <= 2 * floor * self.workers:
                 if self._tail is None:
-                    self._tail = math.ceil(remaining / self.workers)
-                return max(1, min(self._tail, remaining, self.max_chunk))
+                    rounds = 2 if remaining >= floor * self.workers else 1
+                    self._tail = max(1, remaining // (rounds * self.workers))
+                size = remaining if remaining < 2 * self._tail else self._tail
+                return max(1, min(size, self.max_chunk))
             size = max(size, floor)
         return max(1, min(size, self.max_chunk))
 
