@@ -922,8 +922,18 @@ def _too_deep(exc: BaseException | None) -> bool:
     return isinstance(exc, RecursionError) or "deep recursion" in str(exc)
 
 
-_TOO_DEEP = ("It is nested too deeply for pickle (deeper than Python's recursion limit): "
-             "send it flatter, e.g. as a list of its parts.")
+def _too_deep_advice(verb: str = "send") -> str:
+    """What to do with a structure nested too deeply to pickle: pickle takes one
+    level of the recursion limit per level of nesting, on top of the calls
+    already running (so ~600 levels fail under the default 1,000), and the
+    workers run with the notebook's limit (``context``), so raising it there
+    is a way out as well as a flatter structure."""
+    return (f"It is nested too deeply for pickle, which takes one level of Python's recursion limit "
+            f"(now {sys.getrecursionlimit()}) per level of nesting: {verb} it flatter, e.g. as a list of "
+            "its parts, or raise the limit in the notebook (sys.setrecursionlimit(10_000): the workers "
+            "take the notebook's).")
+
+
 _MEMORYVIEW = "Send the array it views (it keeps its dtype and shape), or bytes(view)."
 
 
@@ -935,7 +945,7 @@ def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -
     function captured from the notebook.
     """
     if _too_deep(exc):
-        return _TOO_DEEP
+        return _too_deep_advice()
     if isinstance(bad, memoryview):
         return _MEMORYVIEW
     tname = _type_name(bad).lower()
@@ -980,7 +990,7 @@ def result_advice(text: str) -> str:
         return ("An open file stays in the worker that opened it: close it there and return its path "
                 "(or what the task read from it) instead.")
     if "deep recursion" in text or "RecursionError" in text:
-        return _TOO_DEEP.replace("send it", "return it")
+        return _too_deep_advice("return")
     if "a memoryview" in text:
         return "Return the array it views (it keeps its dtype and shape), or bytes(view)."
     return "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."

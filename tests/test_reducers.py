@@ -139,6 +139,8 @@ def test_what_cannot_keep_its_meaning_is_refused_with_advice_that_fits(cells, lo
             cells.run_cell(f"%pmap -q {line}").raise_error()
         texts.append(str(info.value))
         assert says in texts[-1] and "capturing it" not in texts[-1] and "Return plain data" not in texts[-1], texts[-1]
+    assert "return it flatter" in texts[2] and "send it flatter" in texts[3], texts[2:]
+    assert "raise the limit in the notebook (sys.setrecursionlimit(" in texts[3], texts[3]
     assert texts[2].startswith("the result of item 0 of the input (100000) cannot be sent back"), texts[2]
     assert texts[3].startswith("cannot send item 0 ("), texts[3]
 
