@@ -1204,8 +1204,8 @@ class MPMagics(Magics):
             if not opts.target:
                 raise UsageError("cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)")
             if not opts.target.isdigit():
-                raise UsageError(f"cancel needs a run's ID (a number), not {opts.target!r}: for example "
-                                 "%pool cancel 3 (%pool runs lists them)")
+                raise UsageError(f"cancel needs a run's ID (a whole number from 1), not {opts.target!r}: "
+                                 "for example %pool cancel 3 (%pool runs lists them)")
             run = background.get_run(int(opts.target))
             stopped = run.cancel()
             return run if stopped else f"run {run.id} had already ended ({run.state}); nothing to cancel"

@@ -162,6 +162,8 @@ def test_limits_are_removed_with_0(ip):
     ("%pool stop extra", "%pool: unexpected argument 'extra': %pool stop takes none"),
     ("%pool resize 3 4", "%pool: unexpected argument '4': %pool resize takes N"),
     ("%pool cancel", "%pool: cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)"),
+    ("%pool cancel -1", "%pool: cancel needs a run's ID (a whole number from 1), not '-1': for example "
+                        "%pool cancel 3 (%pool runs lists them)"),
 ])
 def test_what_a_subcommand_does_not_take_is_a_usage_error_not_ignored(ip, line, first):
     from IPython.core.error import UsageError
