@@ -941,7 +941,8 @@ class MapJob:
                 "stderr",
                 f"mpmagic: a worker {unit.recheck} while running {'one of ' if unit.count > 1 else ''}"
                 f"{self.describe_unit(unit)}; "
-                "re-run one at a time they all succeeded, so no result is missing\n",
+                "re-run one at a time they all succeeded, so no result is missing, but those of them that had run "
+                "before it ended ran twice (which ones is not known)\n",
             )
         unit.items = []
         unit.data = b""
