@@ -251,11 +251,11 @@ def advise(report: Any) -> str | None:
         if report.kind == "pmap" and _users_chunksize(report) and report.chunks and report.chunks < workers:
             return (
                 f"the {report.items} items went in {report.chunks} chunk{'s' if report.chunks != 1 else ''} "
-                + (f"(%config MPMagic.chunksize = {report.chunksize}), so only {report.chunks} of the {workers} "
+                + (f"(%config MPMagic.chunksize = {_asked(report)}), so only {report.chunks} of the {workers} "
                    "workers had work: set a smaller one, or %config MPMagic.chunksize = None (the default splits "
                    "the items among the workers)"
                    if report.extra.get("chunksize_setting") else
-                   f"(--chunksize {report.chunksize}), so only {report.chunks} of the {workers} workers had work: "
+                   f"(--chunksize {_asked(report)}), so only {report.chunks} of the {workers} workers had work: "
                    "use a smaller --chunksize, or none (the default splits the items among the workers)")
             )
         if report.cores and workers > report.cores:  # (a rank or item that waited for a core reads as slow)
@@ -281,7 +281,7 @@ def advise(report: Any) -> str | None:
         prepared = report.payload_seconds * busy  # nor preparing the function, before any chunk went out
         overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once - prepared) / report.chunks
         if per_chunk < overhead:
-            per_item = report.task_seconds / max(1, report.items)
+            per_item = report.task_seconds / max(1, report.items_run)
             fixed = _users_chunksize(report)
             fix = (
                 ("set %config MPMagic.chunksize = None (automatic sizing) or a larger one"
@@ -363,14 +363,21 @@ def _users_chunksize(report: Any) -> bool:
     return size not in ("-", "") and not size.startswith("auto") and not report.extra.get("timeout_chunks")
 
 
+def _asked(report: Any) -> str:
+    """The chunk size the user fixed: the one asked for, where the chunks sent were cut smaller."""
+    return str(report.chunksize_asked or report.chunksize)
+
+
 def _chunk_words(report: Any, fixed: bool) -> str:
     """The chunks the advice's chunk time is the average of, as the user would
     say them: ``--chunksize 3`` over 10 items is "a chunk of up to 3 (2.5 on
-    average)", not "a chunk of 2" (the rounded average, which the user never gave)."""
-    average = report.items / report.chunks
+    average)", not "a chunk of 2" (the rounded average, which the user never gave).
+    Chunks cut below the size asked (``max_tasks_per_child``) are "up to" the largest sent."""
+    average = report.items_run / report.chunks
     mean = f"{average:.0f}" if average.is_integer() else f"{average:.1f}"
-    if fixed and report.chunksize != mean:
-        return f"a chunk of up to {report.chunksize} ({mean} on average)"
+    largest = str(report.chunksize).rsplit("-", 1)[-1]  # ("5-40": chunks of 5 to 40 items went)
+    if fixed and largest != mean:
+        return f"a chunk of up to {largest} ({mean} on average)"
     return f"a chunk of {mean}" if average.is_integer() else f"a chunk of {mean} items on average"
 
 
@@ -492,7 +499,7 @@ def _slower_in_workers(report: Any) -> str | None:
     ratio = report.task_seconds / report.serial
     if ratio < SLOWER_IN_WORKERS:
         return None
-    n = max(1, report.items)
+    n = max(1, report.items_run)  # (a resumed checkpoint's stored items ran neither here nor there)
     return (
         f"tasks ran {ratio:.1f}x slower in the workers than here ({fmt_seconds(report.task_seconds / n)} "
         f"against {fmt_seconds(report.serial / n)} per item): the workers compete for memory "

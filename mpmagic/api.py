@@ -887,6 +887,7 @@ class MapCall:
         fields["task_seconds"] = job.task_seconds
         fields["chunks"] = job.n_chunks
         fields["chunksize"] = job.planner.describe()
+        fields["chunksize_asked"] = job.planner.cut_from
         fields["failed_at"] = job.failure_index
         fields["total"] = self.n_items
         report = Report.of(fields)

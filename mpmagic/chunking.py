@@ -54,14 +54,17 @@ class ChunkPlanner:
         self.per_item: float | None = last[0] if last else None
         self._weight = 0.0  # items behind per_item (older chunks count half at each new one)
         self.sent = 0
+        # The sizes of the chunks sent (note_sent), not those planned: a chunk is cut
+        # to what its worker has left of max_tasks_per_child, and a lazy input may
+        # give fewer items (a 3-item iterator after a call that had measured tiny
+        # items was reported as "100000 items per chunk").
         self.sizes_used: set[int] = set()
+        self._lone_last: int | None = None  # the latest chunk's size when no other chunk had it
         self._tail: int | None = None  # chunk size once the input's end is near (see _adaptive)
 
     def next_size(self) -> int:
-        """Size of the next chunk to send (at least 1)."""
-        size = self.size_hint()
-        self.sizes_used.add(size)
-        return size
+        """Size of the next chunk to cut (at least 1); the chunk really sent is counted by ``note_sent``."""
+        return self.size_hint()
 
     def size_hint(self) -> int:
         """What ``next_size`` would say now, without counting it as used."""
@@ -140,13 +143,43 @@ class ChunkPlanner:
             self.bytes_per_item = max(b, self.bytes_per_item or 0.0)
 
     def note_sent(self, n: int) -> None:
+        """A chunk of ``n`` items went out: what the report states as its size."""
         self.sent += n
         self._largest = max(self._largest, n)
+        self._lone_last = None if n in self.sizes_used else n
+        self.sizes_used.add(n)
+
+    def _fixed_sizes(self) -> set[int]:
+        """The sizes sent under a fixed chunk size, less the input's remainder: the last
+        chunk, when it alone was smaller than the others (100 items in chunks of 40 are
+        "40 items per chunk, 3 chunks", as ``multiprocessing`` counts them)."""
+        sizes, last = self.sizes_used, self._lone_last
+        if last is not None and len(sizes) > 1 and last < min(sizes - {last}):
+            return sizes - {last}
+        return sizes
+
+    @property
+    def cut_from(self) -> int | None:
+        """The fixed chunk size asked for, when chunks were sent smaller than it (other
+        than the input's remainder): a worker's ``max_tasks_per_child`` allowance or a
+        lazy input's reads cut them; None otherwise."""
+        if not self.fixed or not self.sizes_used:
+            return None
+        if len(self.sizes_used) == 1 and self._lone_last is not None:
+            return None  # one chunk: the whole input, shorter than a chunk (or just as long)
+        return self.fixed if min(self._fixed_sizes()) < self.fixed else None
 
     def describe(self) -> str:
-        """For the report: the fixed size, or the range the planner used."""
+        """For the report: the sizes of the chunks sent (``auto (lo-hi)`` when the planner
+        chose them); a fixed size as given while the chunks had it (see ``cut_from``)."""
         if self.fixed:
-            return str(self.fixed)
+            if not self.sizes_used:
+                return str(self.fixed)
+            if self.cut_from is None:  # the size given; or the one chunk's, of an input shorter than it
+                return str(min(self.fixed, max(self.sizes_used)))
+            sizes = self._fixed_sizes()
+            lo, hi = min(sizes), max(sizes)
+            return str(lo) if lo == hi else f"{lo}-{hi}"
         if not self.sizes_used:
             return "auto"
         lo, hi = min(self.sizes_used), max(self.sizes_used)

@@ -37,6 +37,7 @@ from IPython.core.magic import (
 from IPython.display import display
 
 from . import api, astlock, config, pool, scaling
+from .backends.local import tasks_per_child_refused
 from .cell import source_digest
 from .errors import (
     STOPPED_OUTCOME,
@@ -187,6 +188,19 @@ def _pool_size_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{exc} (-1: one per usable CPU)") from None
 
 
+def _tasks_per_child_int(text: str) -> int:
+    """``--max-tasks-per-child`` of ``%pool``: the number checked as ``start_pool`` checks
+    its ``max_tasks_per_child`` (``tasks_per_child_refused``: one check, one wording)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    why = tasks_per_child_refused(value)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -266,7 +280,7 @@ def _pool_parser() -> _Parser:
     p.add_argument("-n", "--workers", type=_pool_size_int,
                    help="number of worker processes (-1: one per usable CPU, as joblib's n_jobs=-1)")
     p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
-    p.add_argument("--max-tasks-per-child", type=_int_at_least(0, "0 (no limit) or more"),
+    p.add_argument("--max-tasks-per-child", type=_tasks_per_child_int,
                    help="recycle a worker after this many items (0: never)")
     p.add_argument("--max-memory", help="replace a worker holding more than this of its own memory after a task "
                    "(shared memory it only reads is not counted; e.g. 2GB; 0: no limit)")

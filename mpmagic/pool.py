@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .backends.base import Backend
-from .backends.local import LocalBackend, pool_size
+from .backends.local import LocalBackend, check_start_method, check_tasks_per_child, pool_size
 from .engine import sigint_deferred
 from .errors import UsageError
 from .fmt import fmt_seconds
@@ -179,6 +179,21 @@ def _tasks_limit(given: int | None, old: int | None) -> int | None:
     return given or None
 
 
+def _check_local_options(
+    workers: int | None, start_method: str | None, max_tasks_per_child: int | None, max_memory: int | str | None,
+) -> None:
+    """A ``UsageError`` for a local pool's option that the pool would refuse, before any
+    pool is touched: the same checks as the pool's own and ``%pool``'s, found
+    first (``max_memory`` was set on the running pool, ``gpus=`` stopped its workers,
+    ``use_local`` stopped a Dask cluster, before a size or a start method was refused)."""
+    check_tasks_per_child(max_tasks_per_child)
+    parse_memory(max_memory)
+    if start_method is not None:
+        check_start_method(start_method)
+    if workers is not None:
+        pool_size(workers)
+
+
 def _refuse_local_options(
     backend: Backend | None, start_method: str | None, max_tasks_per_child: int | None, max_memory: int | str | None,
 ) -> None:
@@ -220,7 +235,9 @@ def start_pool(
     shared memory it only reads (``share()`` arrays, big items) is not counted,
     and each worker gets one chunk at a time (no pipelining), so the check comes
     before its next chunk is sent. ``max_tasks_per_child`` and ``max_memory`` of
-    0 remove the limit.
+    0 remove the limit; ``max_tasks_per_child`` is otherwise a whole number of
+    at least 1. Every option is checked, as ``%pool start`` checks it, before
+    any is applied: one refused leaves the pool as it was.
 
     Another ``start_method`` or ``max_tasks_per_child`` than the running pool's
     replaces the pool (its workers cannot change either): runs other threads
@@ -234,7 +251,10 @@ def start_pool(
     ``use_local(...)`` switches back first.
     """
     global _backend
-    _refuse_local_options(current_pool(), start_method, max_tasks_per_child, max_memory)
+    current = current_pool()
+    _refuse_local_options(current, start_method, max_tasks_per_child, max_memory)
+    if current is None or isinstance(current, LocalBackend):  # (Dask checks its size as it resizes)
+        _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
     if max_memory is not None:
         set_max_memory(max_memory)
     if gpus is not None:
@@ -330,6 +350,7 @@ def restart_with(
     if current is not None and not isinstance(current, LocalBackend):
         with _lock:
             return _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait)
+    _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
     with sigint_deferred():  # (also while it waits for _lock: a pool starting in the background holds it)
         with _lock:
             backend = _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait=False)
@@ -377,6 +398,7 @@ def use_local(
     pool it makes or keeps).
     """
     global _backend
+    _check_local_options(workers, start_method, max_tasks_per_child, max_memory)  # (before a Dask pool stops)
     if max_memory is not None:
         set_max_memory(max_memory)
     with _lock:

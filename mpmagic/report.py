@@ -36,7 +36,10 @@ class Report:
     wall: float
     task_seconds: float
     chunks: int = 0
-    chunksize: str = "-"
+    chunksize: str = "-"  # the sizes of the chunks sent: "auto (lo-hi)", or a fixed size
+    # A fixed chunk size whose chunks were sent smaller (a worker's max_tasks_per_child
+    # allowance, a lazy input's reads cut them): the size asked for; ``chunksize`` is what went.
+    chunksize_asked: int | None = None
     serial: float | None = None  # measured serial time, with compare
     equal: bool | None = None  # serial and parallel results equal, with compare
     # compare: the serial run here raised (parallel and serial code differ in
@@ -139,6 +142,14 @@ class Report:
         return self.caller or self.kind
 
     @property
+    def items_run(self) -> int:
+        """The items (or ranks) that ran in this run: ``items`` less those a checkpoint
+        took from its store, which no task time covers (the time per item of a run that
+        resumed 100,000 items and computed 7 read "~0 ns each")."""
+        stored = self.extra.get("checkpoint")
+        return self.items - stored["resumed"] if stored else self.items
+
+    @property
     def serial_measured(self) -> bool:
         return self.serial is not None
 
@@ -224,12 +235,13 @@ class Report:
             if self.serial_imports:  # a lazy import the workers had done before (warm-up) was timed here
                 eq += f"; it imported {_names(self.serial_imports)} here"
             left_out = self.extra.get("compare_left_out", 0)  # (items not run here: they killed a worker or timed out)
-            of = f" for {self.items - left_out} of {self.items} items" if left_out else ""
+            ran = self.items_run  # (--compare times the items computed, not those a checkpoint resumed)
+            of = f" for {ran - left_out} of {ran} items" if left_out else ""
             return f"serial {fmt_seconds(self.serial)} (measured{of}{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
         nothing = ("; --compare left out every item, so nothing was compared"
-                   if self.items and self.extra.get("compare_left_out", 0) >= self.items else "")
+                   if self.items_run > 0 and self.extra.get("compare_left_out", 0) >= self.items_run else "")
         return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()}{nothing})"
 
     def _estimate_text(self) -> str:
@@ -251,7 +263,7 @@ class Report:
             text += ", which include " + " and ".join(include)
         if subtracted:
             text += f", less the {fmt_seconds(self.runq_seconds or 0.0)} they waited for a core: {on_cores}"
-        per_item = self.task_seconds / self.items if self.kind == "pmap" and self.items else None
+        per_item = self.task_seconds / self.items_run if self.kind == "pmap" and self.items_run > 0 else None
         if per_item is not None and 0 < per_item < TINY_ITEM:  # the workers' loop and waits are most of it
             text += f", high for items this small: ~{per_item * 1e9:.0f} ns each"
         if self.capped_threads and self.capped_libs:  # serial here runs them on all the cores' threads
@@ -279,7 +291,8 @@ class Report:
         chunks = f"{self.chunks} chunk{'s' if self.chunks != 1 else ''}"
         if sizes == "-":
             return f"auto, {chunks}" if auto else chunks
-        return f"{'auto: ' if auto else ''}{sizes}{per} per chunk, {chunks}"
+        cut = f" (cut from the {self.chunksize_asked} asked)" if self.chunksize_asked else ""
+        return f"{'auto: ' if auto else ''}{sizes}{per} per chunk{cut}, {chunks}"
 
     @property
     def failed_run(self) -> bool:

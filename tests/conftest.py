@@ -63,6 +63,22 @@ def synthetic_report(**fields):
     return Report(**{**base, **fields})
 
 
+def chunk_row(report, n_items: int) -> tuple[int, int, int | None, int]:
+    """The report's "chunk size" row read back as (smallest, largest, size asked, chunks),
+    checked against the ``n_items`` the run sent: chunks of the sizes it states
+    (a fixed size's last chunk may hold the rest) add up to them."""
+    import re
+
+    text = dict(report.rows())["chunk size"]
+    m = re.fullmatch(r"(?:auto: )?(\d+)(?:-(\d+))? items? per chunk(?: \(cut from the (\d+) asked\))?, (\d+) chunks?",
+                     text)
+    assert m, text
+    lo, hi = int(m[1]), int(m[2] or m[1])
+    asked, chunks = (int(m[3]) if m[3] else None), int(m[4])
+    assert (chunks - 1) * lo < n_items <= chunks * hi, text
+    return lo, hi, asked, chunks
+
+
 def interrupted_cell(ip, code: str, after: float = 0.6) -> tuple[str, BaseException | None]:
     """Run ``code`` as a cell and interrupt it ``after`` seconds in (SIGINT to the
     main thread, as the kernel's interrupt): (what it showed, its error)."""

@@ -160,6 +160,21 @@ def test_a_captured_set_of_strings_is_flagged_once_in_one_line(ip, store_dir):
 # %pmap --checkpoint in a notebook-like shell
 
 
+def test_a_resumed_runs_time_per_item_is_of_the_items_it_computed(ip, store_dir):
+    """2,000 tiny items stored, 2,007 asked: the 7 computed items' task times were divided
+    by 2,007 ("high for items this small: ~1 ns each")."""
+    run(ip, "def sq_ck(x):\n    return x * x\n")
+    assert run(ip, "%pmap -q --checkpoint sq_ck, range(2000)") == [x * x for x in range(2000)]
+    assert run(ip, "%pmap -q --checkpoint sq_ck, range(2007)") == [x * x for x in range(2007)]
+    report = api.last_report()
+    assert "resumed: 2,000 of 2,007 items from the checkpoint, 7 computed" in report.line()
+    per_item = report.task_seconds / 7
+    if 0 < per_item < 1e-6:
+        assert f"high for items this small: ~{per_item * 1e9:.0f} ns each" in report.line(), report.line()
+    else:
+        assert "ns each" not in report.line(), report.line()
+
+
 def test_rerun_computes_nothing_new_items_only_they_and_report_says_so(ip, store_dir):
     assert run(ip, "%pmap -q --checkpoint work, range(30)") == [x * x for x in range(30)]
     assert sorted(calls(ip)) == list(range(30))

@@ -20,6 +20,7 @@ import mpmagic
 from mpmagic import cpus, payload, shm
 from mpmagic.backends.base import Backend, Job
 from mpmagic.backends.local import LocalBackend
+from mpmagic.chunking import ChunkPlanner
 from mpmagic.errors import WorkerLostError
 from mpmagic.jobs import CellJob, MapJob, unit_text
 from mpmagic.ranks import KeptCellJob
@@ -83,6 +84,30 @@ def test_a_unit_never_exceeds_the_items_its_worker_may_still_run():
     assert (again.start, again.count, list(again.items)) == (2, 1, [2])
     rest = job.next_unit(5)
     assert (rest.start, rest.count, list(rest.items)) == (3, 3, [3, 4, 5])
+
+
+def test_the_planner_describes_the_chunks_sent_not_the_sizes_it_planned():
+    """``describe()`` listed each ``next_size()``, made before the chunk was cut to a
+    worker's allowance or to what a lazy input gave (and even when no chunk went)."""
+    job = MapJob(abs, list(range(10)), 10, False, 2, chunksize=4)
+    units = [job.next_unit(2), job.next_unit(2), job.next_unit(2), job.next_unit(), job.next_unit()]
+    assert [u.count for u in units[:4]] + [units[4]] == [2, 2, 2, 4, None]
+    assert (job.planner.describe(), job.planner.cut_from, job.n_chunks) == ("2-4", 4, 4)
+    # A fixed size: its chunks but the input's rest are that size; one chunk, the input's size.
+    for sizes, fixed, said, cut in [((40, 40, 20), 40, "40", None), ((20,), 40, "20", None),
+                                    ((5,) * 20, 40, "5", 40), ((30, 30, 30, 10), 40, "30", 40),
+                                    ((5, 5, 3), 40, "5", 40), ((), 40, "40", None)]:
+        planner = ChunkPlanner(sum(sizes), 2, fixed)
+        for n in sizes:
+            planner.next_size()
+            planner.note_sent(n)
+        assert (planner.describe(), planner.cut_from) == (said, cut), sizes
+    planner = ChunkPlanner(None, 2)  # automatic: every size that went, none planned and not sent
+    for n in (1, 3):
+        planner.next_size()
+        planner.note_sent(n)
+    planner.next_size()
+    assert (planner.describe(), planner.cut_from) == ("auto (1-3)", None)
 
 
 def test_backends_and_the_engine_use_a_job_only_through_the_job_protocol():

@@ -369,6 +369,27 @@ def test_transfer_cost_advice_names_the_chunksize_given_not_the_rounded_average(
     assert "a chunk of 3 in" in even.advice and "--chunksize" in even.advice, even.advice
     auto = _report(items=10, chunks=4, chunksize="auto (2-3)", wall=0.4, task_seconds=0.00004)
     assert "a chunk of 2.5 items on average in" in auto.advice, auto.advice
+    # --chunksize 40 cut to 5 (max_tasks_per_child): the chunks that went, not "up to 40"
+    cut = _report(items=100, chunks=20, chunksize="5", chunksize_asked=40, wall=0.4, task_seconds=0.0002)
+    assert "a chunk of 5 in" in cut.advice, cut.advice
+    cut = _report(items=100, chunks=24, chunksize="3-5", chunksize_asked=40, wall=0.4, task_seconds=0.0002)
+    assert "a chunk of up to 5 (4.2 on average) in" in cut.advice, cut.advice
+
+
+def test_advice_on_a_fixed_chunksize_names_the_size_given_when_chunks_were_cut():
+    """The advice tells the user what to change: the size they gave (``--chunksize 8``),
+    not the smaller chunks a worker's max_tasks_per_child allowance cut it to."""
+    few = _report(items=10, chunks=2, workers=4, cores=4, chunksize="5", chunksize_asked=8, wall=1.0,
+                  task_seconds=1.0, slowest_task=0.6, slowest_where="the chunk of items 0-4")
+    assert "the 10 items went in 2 chunks (--chunksize 8), so only 2 of the 4 workers had work" in few.advice, (
+        few.advice)
+
+
+def test_a_resumed_runs_advice_divides_by_the_items_it_computed():
+    """With --compare on a partial resume both times are the computed items': per item, by those."""
+    stored = {"checkpoint": {"resumed": 990, "total": 1000, "computed": 10}}
+    slower = _report(items=1000, chunks=2, serial=0.1, wall=0.2, task_seconds=0.5, extra=stored)
+    assert "(50.0 ms against 10.0 ms per item)" in slower.advice, slower.advice
 
 
 def test_advice_does_not_call_waiting_for_another_runs_workers_a_transfer_cost(ip, pool2, settings):

@@ -12,7 +12,7 @@ import traceback
 
 import psutil
 import pytest
-from conftest import run
+from conftest import chunk_row, run
 from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
@@ -468,3 +468,29 @@ def test_a_notebook_class_whose_instances_come_back_keeps_its_own_methods(ip, lo
     assert all(type(k) is ip.user_ns["KeptM"] for k in got)
     run(ip, "def helper_km(s): return s * 10\nSCALE_KM = 5")
     assert run(ip, "KeptM().show()") == 50
+
+
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the start method changes nothing here: one suffices)
+def test_the_report_states_the_chunks_sent_not_the_sizes_planned(ip, local_pool):
+    """After a call that measured tiny items, a 3-item iterator was reported as "auto:
+    100000 items per chunk, 1 chunk": the size planned for it, not the chunk that went.
+    With max_tasks_per_child 5, chunksize=40 on 100 items read "40 items per chunk, 20
+    chunks" (800 items), though no chunk held more than 5."""
+    run(ip, "def sq_cs(x):\n    return x * x\n")
+    sq = ip.user_ns["sq_cs"]
+    assert mpmagic.pmap(sq, range(20_000)) == list(map(sq, range(20_000)))
+    assert mpmagic.pmap(sq, iter([1, 2, 3])) == list(map(sq, [1, 2, 3]))
+    lo, hi, asked, chunks = chunk_row(mpmagic.last_report(), 3)
+    assert hi <= 3 and asked is None, mpmagic.last_report().rows()
+    assert mpmagic.pmap(sq, range(100), chunksize=40) == list(map(sq, range(100)))
+    assert chunk_row(mpmagic.last_report(), 100) == (40, 40, None, 3)  # (the last chunk holds the other 20)
+    mpmagic.start_pool(workers=2, max_tasks_per_child=5, wait=True)
+    try:
+        assert mpmagic.pmap(sq, range(100), chunksize=40) == list(map(sq, range(100)))
+        lo, hi, asked, chunks = chunk_row(mpmagic.last_report(), 100)
+        assert hi <= 5 and asked == 40, mpmagic.last_report().rows()
+        assert mpmagic.pmap(sq, range(100)) == list(map(sq, range(100)))
+        lo, hi, asked, chunks = chunk_row(mpmagic.last_report(), 100)
+        assert hi <= 5 and asked is None, mpmagic.last_report().rows()
+    finally:
+        pool_module.shutdown()  # (use_local keeps a limit it is not given: the next test's pool would have it)

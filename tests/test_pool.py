@@ -152,7 +152,55 @@ def test_limits_are_removed_with_0(ip):
     run(ip, "def cube(x):\n    return x ** 3\n")
     assert run(ip, "%pmap -q cube, range(6)") == [x**3 for x in range(6)]
     err = ip.run_cell("%pool restart --max-tasks-per-child -1", store_history=False).error_in_exec
-    assert "must be 0 (no limit) or more, not -1" in str(err), repr(err)
+    assert "argument --max-tasks-per-child: must be a whole number of at least 1 (the items a worker runs " \
+        "before it is replaced), or 0 for no limit, not -1" in str(err), repr(err)
+
+
+_TAKES = ("must be a whole number of at least 1 (the items a worker runs before it is replaced), "
+          "or 0 for no limit, not ")
+
+
+@pytest.mark.parametrize("value", [-1, "3", 2.5, True, -0.0])
+@pytest.mark.parametrize("call", [
+    lambda v: mpmagic.start_pool(workers=2, max_tasks_per_child=v),
+    lambda v: pool_module.restart_with(max_tasks_per_child=v),
+    lambda v: mpmagic.use_local(2, max_tasks_per_child=v),
+], ids=["start_pool", "restart_with", "use_local"])
+def test_the_api_checks_max_tasks_per_child_as_the_magic_does_before_touching_the_pool(value, call):
+    """``start_pool(max_tasks_per_child=-1)`` was taken (``%pool start`` refused -1), and
+    the next ``pmap`` never returned: workers were replaced in a loop, ~390 in 3 s, no
+    item ran. ``"3"`` failed the run with a TypeError from the manager; ``2.5`` and
+    ``True`` were kept as they were. Now one line in the API's words, and the running
+    pool (its workers, its settings) is left as it was: the next run matches serial."""
+    from mpmagic.errors import UsageError
+
+    backend = mpmagic.use_local(2, "forkserver")
+    backend.wait_ready()
+    pids = {p["pid"] for p in backend.status()["processes"]}
+    with pytest.raises(UsageError) as err:
+        call(value)
+    assert str(err.value) == f"max_tasks_per_child {_TAKES}{value!r}"
+    assert mpmagic.get_pool() is backend and backend.running and backend.max_tasks_per_child is None
+    assert {p["pid"] for p in backend.status()["processes"]} == pids
+    assert mpmagic.pmap(abs, range(-5, 5), workers=2) == list(map(abs, range(-5, 5)))
+
+
+def test_a_refused_pool_option_changes_nothing_before_it_is_refused():
+    """Every option is checked before any is applied: ``max_memory`` was set on the
+    running pool before a size of 0 (or an unknown start method) was refused."""
+    from mpmagic.errors import UsageError
+
+    backend = mpmagic.use_local(2, "forkserver")
+    for kwargs, words in [
+        (dict(workers=0, max_memory="1GB"), "workers must be a whole number of at least 1"),
+        (dict(start_method="nope", max_memory="1GB"), "unknown start method 'nope'"),
+        (dict(max_tasks_per_child=-3, max_memory="1GB"), "max_tasks_per_child must be"),
+    ]:
+        for call in (mpmagic.start_pool, mpmagic.use_local, pool_module.restart_with):
+            with pytest.raises(UsageError, match=words):
+                call(**kwargs)
+            assert mpmagic.get_pool() is backend and backend.max_memory is None and pool_module._max_memory is None
+    assert backend.running and (backend.workers, backend.start_method) == (2, "forkserver")
 
 
 @pytest.mark.parametrize("line, first", [

@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from conftest import run
+from conftest import chunk_row, run
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
@@ -675,6 +675,10 @@ def test_max_tasks_per_child_holds_with_automatic_and_explicit_chunks(ip):
             with capture_output():
                 per_pid = collections.Counter(run(ip, f"%pmap -q {chunks}lambda x: os.getpid(), range(12)"))
             assert sum(per_pid.values()) == 12 and max(per_pid.values()) <= 3, (chunks, per_pid)
+            # The report states the chunks sent, not those planned ("5 items per chunk"; with
+            # automatic sizes "auto: 3-16 items per chunk", though none held more than 3).
+            lo, hi, asked, _ = chunk_row(mpmagic.last_report(), 12)
+            assert hi <= 3 and asked == (5 if chunks else None), mpmagic.last_report().rows()
     finally:
         pool_module.shutdown()  # (use_local keeps a limit it is not given: the next file's pool would have it)
         mpmagic.use_local(2, backend.start_method)

@@ -489,6 +489,18 @@ def test_an_estimate_for_tiny_items_says_it_runs_high():
     assert "high for" not in _report(items=200_000, task_seconds=0.4).line()  # (2 µs an item)
 
 
+def test_a_resumed_runs_time_per_item_counts_the_items_it_computed():
+    """100,000 items from a checkpoint and 7 computed said "~0 ns each": the task
+    times of 7 items were divided by all 100,007. The line says what came from the store."""
+    stored = {"checkpoint": {"resumed": 100_000, "total": 100_007, "computed": 7}}
+    r = _report(items=100_007, task_seconds=3.5e-6, wall=0.002, chunks=2, extra=stored)
+    assert "high for items this small: ~500 ns each" in r.line(), r.line()
+    assert "resumed: 100,000 of 100,007 items from the checkpoint, 7 computed" in r.line()
+    assert r.items_run == 7 and _report(items=8).items_run == 8
+    slow = _report(items=100_007, task_seconds=0.7, wall=0.4, chunks=2, extra=stored)  # 100 ms an item
+    assert "high for" not in slow.line(), slow.line()
+
+
 def test_the_serial_runs_imports_are_named_by_package_without_the_stdlib():
     import sys
 

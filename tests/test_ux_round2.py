@@ -226,6 +226,9 @@ def test_chunk_size_in_words():
     assert rows["chunk size"] == "auto: 1 item per chunk, 8 chunks"
     assert dict(_report(chunksize="auto (2-5)", chunks=3).rows())["chunk size"] == "auto: 2-5 items per chunk, 3 chunks"
     assert dict(_report(chunksize="4", chunks=1).rows())["chunk size"] == "4 items per chunk, 1 chunk"
+    # chunks sent smaller than the size given (a worker's max_tasks_per_child allowance): what went, and what was asked
+    assert dict(_report(chunksize="5", chunksize_asked=40, chunks=20, items=100).rows())["chunk size"] == (
+        "5 items per chunk (cut from the 40 asked), 20 chunks")
 
 
 def test_a_real_run_reports_its_chunks_in_words(ip, pool2):

@@ -143,6 +143,44 @@ def _check_size(n: object, what: str = "workers") -> None:
         )
 
 
+def check_start_method(method: object) -> str:
+    """``method``, or the platform's default for None; a ``UsageError`` for a method
+    this platform has not (checked before a pool is stopped or made)."""
+    method = method or default_start_method()
+    if method not in multiprocessing.get_all_start_methods():
+        raise UsageError(
+            f"unknown start method {method!r}: choose one of "
+            f"{', '.join(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())}"
+        )
+    return method
+
+
+#: What ``max_tasks_per_child`` takes, as every refusal says it.
+TASKS_PER_CHILD_TAKES = "a whole number of at least 1 (the items a worker runs before it is replaced), or 0 for no limit"
+
+
+def tasks_per_child_refused(value: object) -> str | None:
+    """Why ``value`` is no ``max_tasks_per_child`` (``must be ..., not -1``), or None when it is one.
+
+    The one check of ``start_pool``, ``restart_with``, ``use_local`` and ``%pool
+    start/restart/local --max-tasks-per-child``. Unchecked, -1 had workers replaced
+    in a loop (390 in 3 s, no item run: the next ``pmap`` never returned), ``"3"``
+    failed the run with a TypeError from the manager, ``2.5`` and ``True`` were kept.
+    """
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return None
+    return f"must be {TASKS_PER_CHILD_TAKES}, not {value!r}"
+
+
+def check_tasks_per_child(value: object) -> int | None:
+    """``value`` as a ``max_tasks_per_child`` (None: not given), or a ``UsageError``
+    in the API's words (see ``tasks_per_child_refused``)."""
+    why = tasks_per_child_refused(value)
+    if why is not None:
+        raise UsageError(f"max_tasks_per_child {why}")
+    return value  # type: ignore[return-value]  # (checked: None or an int)
+
+
 @dataclass(eq=False)
 class _Slot:
     """One worker process and what the loop knows about it."""
@@ -453,15 +491,10 @@ class LocalBackend:
         max_tasks_per_child: int | None = None,
         max_memory: int | None = None,
     ) -> None:
-        method = start_method or default_start_method()
-        if method not in multiprocessing.get_all_start_methods():
-            raise UsageError(
-                f"unknown start method {method!r}: choose one of "
-                f"{', '.join(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())}"
-            )
+        method = check_start_method(start_method)
         self.workers = pool_size(available_cpus() if workers is None else workers)
         self.start_method = method
-        self.max_tasks_per_child = max_tasks_per_child
+        self.max_tasks_per_child = check_tasks_per_child(max_tasks_per_child) or None  # (0: no limit)
         # Bytes of resident memory a worker may keep after a task; above it the
         # worker is replaced before its next task (like Dask's nanny).
         self.max_memory = max_memory
