@@ -616,8 +616,8 @@ def pmap(
     default, from measured task times). ``compare=True`` also runs the map
     serially here and reports the measured speedup. ``errors="collect"`` puts a
     :class:`~mpmagic.jobs.Failed` in the place of each failing item instead of
-    raising. ``timeout`` (seconds) stops an item that runs longer and replaces
-    its worker. ``retries`` re-sends an item whose worker died, up to that many
+    raising. ``timeout`` (seconds) stops an item that runs longer (each item is
+    timed, also in a chunk of several) and replaces its worker. ``retries`` re-sends an item whose worker died, up to that many
     times (no maximum: one line says so once its worker died 10 times).
     ``progress=True`` shows a bar counting items once the run has lasted
     ``progress_delay`` seconds. ``insights=True`` times every item in the

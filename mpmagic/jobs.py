@@ -794,10 +794,13 @@ class MapJob:
     def message(self, unit: Unit) -> Map:
         # With insights the worker also times each item; ``block``: see Unit.
         # ``log_context``: the chunk's first index (labels its records) and the
-        # notebook's logger levels (see worker_logging).
+        # notebook's logger levels (see worker_logging). ``item_clock``: a
+        # --timeout over several items is each item's, so the worker tells when
+        # each starts (a chunk of one is timed as a whole: nothing to tell).
         return Map(
             self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None,
             unit.block, (None if self.one_call else unit.start, self.log_context),  # (a call's records: no "[item 0]")
+            bool(self.timeout) and unit.count > 1,
         )
 
     # -- taking back results -----------------------------------------------

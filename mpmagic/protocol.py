@@ -11,7 +11,7 @@ by :func:`unpack`, the only two functions that know the layout (CPython's
 Notebook to worker (requests)::
 
     Func(key, payload)                 cache a cloudpickled function under its key
-    Map(call, tag, key, star, collect, items, timing, block, log_context)
+    Map(call, tag, key, star, collect, items, timing, block, log_context, item_clock)
                                        run the function over a chunk of items
     Cell(call, tag, size, payload, log_context)
                                        run a %%parallel cell body as rank ``tag``
@@ -93,6 +93,10 @@ class Map(NamedTuple):
     # (chunk's first index, pickled logger levels): see worker_logging. The
     # levels are pickled once per run, so each chunk adds a ~300-byte copy.
     log_context: tuple | None = None
+    # A --timeout over a chunk of several items: the worker tells the notebook
+    # when each item starts (``started`` of worker.run_items), so that each item,
+    # not the chunk, gets the timeout (see backends/local.py ``_check_deadlines``).
+    item_clock: bool = False
 
 
 class Cell(NamedTuple):

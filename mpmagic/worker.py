@@ -552,7 +552,7 @@ _FAST_PATH_STOP = (
 
 def run_items(
     func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None, block: int = 1,
-    noted: Callable[[int, ErrorInfo], None] | None = None,
+    noted: Callable[[int, ErrorInfo], None] | None = None, started: Callable[[int], None] | None = None,
 ) -> tuple[list, float, tuple[int, ErrorInfo] | None]:
     """Run ``func`` over a chunk of items.
 
@@ -569,6 +569,11 @@ def run_items(
     ``noted(index, info)``, with ``collect``, hears of each failing item at once
     (only failures pay for it): the notebook keeps that error if this process dies
     later in the chunk, before the chunk's results went home.
+    ``started(index)``, given only for a chunk run under a ``--timeout``
+    (``Map.item_clock``), is called as each item starts, before its position is
+    set: the notebook then times each item, not the chunk (a local worker's
+    :func:`item_clock`; a Dask task's tells it with an event). Runs without
+    a timeout never call it, so they pay nothing for it.
     """
     results: list = []
     extend, append = results.extend, results.append
@@ -596,6 +601,16 @@ def run_items(
             start = len(results)
             if pos is None:
                 extend(mapper(func, items[start:] if start else items))
+            elif started is not None:  # (a --timeout: block is 1, see jobs.MapJob._block)
+                for i in range(start, n):
+                    started(i)
+                    pos[0] = i
+                    if star:  # (as below: starmap's own message for an item it cannot unpack)
+                        extend(mapper(func, items[i : i + 1]))
+                        if len(results) <= i:
+                            break
+                    else:
+                        append(func(items[i]))
             elif block > 1:
                 for s in range(start, n, block):
                     pos[0] = s
@@ -641,6 +656,24 @@ def _view_of(position: Any) -> memoryview:
     return view
 
 
+def item_clock(stamp: Any) -> Callable[[int], None]:
+    """A local worker's ``started`` for :func:`run_items`: it writes the moment
+    each item starts (``time.monotonic``, CLOCK_MONOTONIC: the same clock in
+    every process of the machine) into ``stamp``, a float the notebook shares
+    with this worker. When a chunk's --timeout deadline passes, the notebook
+    reads it with the position: a later item of the chunk than the first gets
+    its own timeout from its start (backends/local.py ``_check_deadlines``).
+    Written before the position, so a stamp read after a position is that
+    item's or a later one's, never an earlier item's."""
+    view = memoryview(stamp).cast("B").cast("d")
+    now = time.monotonic
+
+    def started(index: int) -> None:
+        view[0] = now()
+
+    return started
+
+
 #: Collected failures of one chunk told to the notebook at once (``Collected``):
 #: a chunk where every item fails sends one message per failure up to this many.
 NOTED_PER_UNIT = 50
@@ -652,7 +685,7 @@ POSITION_IDLE = -2
 
 def run_items_timed(
     func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None,
-    noted: Callable[[int, ErrorInfo], None] | None = None,
+    noted: Callable[[int, ErrorInfo], None] | None = None, started: Callable[[int], None] | None = None,
 ) -> tuple[list, float, tuple[int, ErrorInfo] | None, list[float]]:
     """:func:`run_items` that also returns each item's seconds (for ``--insights``).
 
@@ -663,6 +696,8 @@ def run_items_timed(
     clock = time.perf_counter
     t0 = clock()
     for i, item in enumerate(items):
+        if started is not None:
+            started(i)
         if position is not None:
             position.value = i
         t = clock()
@@ -700,6 +735,7 @@ def execute_map(
     position: Any = None,
     imports: ImportLog | None = None,
     noted: Callable[[int, ErrorInfo], None] | None = None,
+    started: Callable[[int], None] | None = None,
 ) -> Done | Error | Unpicklable:
     """Run a map chunk: load its items, run them, pack the results.
 
@@ -708,8 +744,8 @@ def execute_map(
     seconds the chunk used; ``dumps_results`` packs the results (the local
     worker puts big arrays in shared memory); ``position``: see :func:`run_items`;
     ``imports``: the process's import log (one-time costs since the last
-    reply go home in ``meta["once"]``; a new log when not given); ``noted``:
-    see :func:`run_items`.
+    reply go home in ``meta["once"]``; a new log when not given); ``noted``,
+    ``started``: see :func:`run_items` (``started`` is used only when ``msg.item_clock``).
     """
     call, tag = msg.call, msg.tag
     if isinstance(func, ErrorInfo):
@@ -732,11 +768,14 @@ def execute_map(
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
     figures = task_builtins.open_figures()
     runq = runq_end = run_queue_seconds()  # (around the timed items only: see _waited)
+    if not msg.item_clock:
+        started = None
     try:
         if msg.timing:
-            results, seconds, error, item_seconds = run_items_timed(func, items, msg.star, msg.collect, position, noted)
+            results, seconds, error, item_seconds = run_items_timed(
+                func, items, msg.star, msg.collect, position, noted, started)
         else:
-            results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block, noted)
+            results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block, noted, started)
         runq_end = run_queue_seconds() if runq is not None else None
     finally:
         task_builtins.end_task(figures)  # the figures its items left open: shown, closed (before results are pickled)
@@ -933,7 +972,9 @@ EXIT_NO_THREADS = 75
 
 
 class _Worker:
-    def __init__(self, conn: Connection, parent_pid: int, worker_id: int, position: Any = None) -> None:
+    def __init__(
+        self, conn: Connection, parent_pid: int, worker_id: int, position: Any = None, stamp: Any = None
+    ) -> None:
         self.channel = _Channel(conn)
         self.reader = MessageReader(self.channel.fd)
         self.worker_id = worker_id
@@ -941,6 +982,7 @@ class _Worker:
         self._call: Any = None  # the call of the last unit (see _new_call)
         self._cpu_mark = time.process_time()  # see _cpu_since_last_reply
         self.position = position  # see run_items
+        self.started = item_clock(stamp) if stamp is not None else None  # see item_clock
         self.funcs: OrderedDict[bytes, Loaded] = OrderedDict()
         self.imports = ImportLog()  # preloads, and one-time costs since the last reply (warmup.py)
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
@@ -1074,7 +1116,7 @@ class _Worker:
         try:
             reply = execute_map(
                 msg, func, self.worker_id, self._cpu_since_last_reply, _dumps_result, self.position, self.imports,
-                self._noter(msg) if msg.collect else None,
+                self._noter(msg) if msg.collect else None, self.started,
             )
         finally:
             self._leave_if_forked()
@@ -1159,11 +1201,16 @@ def _first_unpicklable(results: list) -> int | None:
     return None
 
 
-def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None) -> None:
+def main(
+    conn: Connection, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None,
+    stamp: Any = None,
+) -> None:
     """Entry point of a worker process (the target of ``Process``).
 
     ``init`` (``worker_setup.start_info``): ``threads``/``thread_vars`` (the
     BLAS/OpenMP cap, and the notebook's own thread variables, which win over it) and ``gpu`` (``CUDA_VISIBLE_DEVICES``), applied first.
+    ``position`` and ``stamp``: the running item's position and start, shared
+    with the notebook (:func:`run_items`, :func:`item_clock`).
     """
     from .worker_setup import start_worker
 
@@ -1189,7 +1236,7 @@ def main(conn: Connection, parent_pid: int, worker_id: int, position: Any = None
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     posixshm.mark_serving(parent_pid)  # another notebook's sweep leaves ours to us if ours dies
     debugging.WORKER_ID = worker_id  # named in a failure's details
-    _Worker(conn, parent_pid, worker_id, position).serve()
+    _Worker(conn, parent_pid, worker_id, position, stamp).serve()
     # A "stop": the process ends with os._exit (forkserver) or without dropping
     # a kept rank's namespace, so the helpers its tasks made (a --keep rank's
     # inbox) are released here, not left in /dev/shm.

@@ -215,6 +215,26 @@ def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool, tmp_path):
     assert time.monotonic() - t0 < 15  # ended, before the sleep would have
 
 
+def test_timeout_is_each_items_in_a_chunk(ip, dask_pool, tmp_path):
+    """--timeout is each item's, also in a chunk of several (each item's start
+    comes as an event): items of 0.3 s in chunks of 4 (1.2 s) under a timeout
+    of 1 s all finish, and in a chunk where items 4-5 took 0.6 s, item 6, stuck,
+    is the one named, its chunk's other items kept (before, "items 4-7")."""
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef nap_or_hang(x):\n    t = time.monotonic()\n    while x == 6 and not "
+            f"os.path.exists({str(release)!r}) and time.monotonic() - t < 4:\n        time.sleep(0.02)\n"
+            "    time.sleep(0.3)\n    return x\n")
+    release.touch()
+    assert run(ip, "%pmap -q --timeout 1 --chunksize 4 nap_or_hang, range(8)") == list(range(8))
+    release.unlink()
+    try:
+        results = run(ip, "%pmap -q --timeout 1 --chunksize 4 --errors collect nap_or_hang, range(8)")
+    finally:
+        release.touch()
+    assert [r for i, r in enumerate(results) if i != 6] == [0, 1, 2, 3, 4, 5, 7], results
+    assert isinstance(results[6], mpmagic.Failed) and "item 6 (6) ran past the timeout of 1 s" in str(results[6].error)
+
+
 def test_timeout_restarts_the_worker_of_its_own_local_cluster(ip, tmp_path):
     """`%pool dask` without an address starts a LocalCluster that mpmagic owns:
     a timed-out task's worker process is restarted (a new pid in its place)."""

@@ -353,6 +353,58 @@ def test_pmap_timeout_with_chunks_blames_the_item(ip, pool2):
     assert "item 3 (3)" in str(results[3].error)
 
 
+# Items of 0.1 s in chunks of 8 under a timeout of 0.5 s: each item is far inside
+# its timeout, and a chunk (0.8 s) is not. The clock is the worker's shared stamp,
+# passed as the worker starts: checked on every start method.
+ITEM_CLOCK = """
+import time
+def nap(x):
+    time.sleep(0.1)
+    return x
+def nap2(x, y):
+    time.sleep(0.1)
+    return x + y
+def stuck_at_6(x):
+    time.sleep(60 if x == 6 else 0.1)
+    return x
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"], scope="module")
+def test_timeout_is_each_items_not_its_chunks(ip, pool2):
+    """--timeout is "seconds an item may run": with chunks of several items (a
+    session-wide chunk size, --chunksize, imap's chunksize=) the whole chunk
+    was timed, and an item of 0.1 s "ran past the timeout of 0.5 s"."""
+    run(ip, ITEM_CLOCK)
+    run(ip, "%config MPMagic.chunksize = 8")
+    assert run(ip, "%pmap -q --timeout 0.5 nap, range(8)") == list(range(8))
+    assert mpmagic.last_report().chunks == 1  # (one chunk of all 8 items: 0.8 s)
+    pairs = [(i, 10 * i) for i in range(8)]  # (--star and --insights: the other item loops)
+    nap2 = ip.user_ns["nap2"]
+    got = list(mpmagic.imap(nap2, pairs, star=True, timeout=0.5, chunksize=8, insights=True))
+    assert got == [x + y for x, y in pairs]
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"], scope="module")
+def test_timeout_in_a_chunk_stops_the_item_past_it_and_keeps_those_before(ip, pool2):
+    """Items 0-5 of a chunk of 8 take 0.6 s together, past the timeout of 0.5 s:
+    item 6, which runs for ever, is the one stopped and named, not item 5."""
+    run(ip, ITEM_CLOCK)
+    with capture_output():
+        results = run(ip, "%pmap -q --timeout 0.5 --chunksize 8 --errors collect stuck_at_6, range(8)")
+    assert results[:6] == [0, 1, 2, 3, 4, 5] and results[7] == 7, results
+    assert isinstance(results[6], mpmagic.Failed) and isinstance(results[6].error, mpmagic.TaskTimeoutError)
+    assert str(results[6].error).startswith("item 6 (6) ran past the timeout of 0.5 s; its worker was stopped")
+    assert_healed(ip, pool2)
+
+
+def test_timeout_in_a_chunk_raises_for_the_item_past_it(ip, pool2):
+    run(ip, ITEM_CLOCK)
+    with capture_output(), pytest.raises(mpmagic.TaskTimeoutError) as info:
+        mpmagic.pmap(ip.user_ns["stuck_at_6"], range(8), timeout=0.5, chunksize=8)
+    assert str(info.value) == "item 6 (6) ran past the timeout of 0.5 s; its worker was stopped and replaced"
+
+
 def test_parallel_timeout_stops_the_stuck_rank(ip, pool2):
     t0 = time.monotonic()
     with capture_output() as cap:

@@ -225,6 +225,7 @@ class _TaskEvent(TypedDict, total=False):
 
     tag: str  # the task's key
     start: bool  # the task began running (timeouts count from here)
+    item: int  # a chunk under a --timeout: this item of it began (dask_tasks._item_starts)
     stream: str  # an output line: "stdout" or "stderr"...
     text: str  # ...and its text
     worker: str  # added by the scheduler: the address of the worker that logged it
@@ -240,6 +241,11 @@ class _Task:
     target: str | None = None  # the worker a rank is pinned to
     prefer: str | None = None  # the worker a map's chunk was sent to (loosely: see _DaskRun._spread_to)
     started: float | None = None  # monotonic time the task began running
+    # A chunk of several items under a --timeout: the item it runs (as its last
+    # event said) and, from its second item on, when that item began: each item,
+    # not the chunk, gets the timeout (_check_deadlines).
+    item: int | None = None
+    item_started: float | None = None
     worker: str | None = None  # where it is running
     streamed: int = 0  # output events received
     data_future: Any = None  # a large unit's scattered message
@@ -247,6 +253,10 @@ class _Task:
 
     def describe(self, job: Job) -> str:
         return job.describe_unit(self.unit)
+
+    def clock(self) -> float | None:
+        """When the --timeout of its running item began (None: not running yet)."""
+        return self.item_started if self.item_started is not None else self.started
 
 
 _ADDRESS_LOOKS = "a scheduler address looks like tcp://HOST:8786 (HOST:PORT alone means tcp://)"
@@ -1176,8 +1186,9 @@ class _DaskRun:
         if self.job.timeout:
             now = time.monotonic()
             for t in self.tasks.values():
-                if t.started is not None:
-                    wait = min(wait, max(0.0, t.started + self.job.timeout - now))
+                began = t.clock()
+                if began is not None:
+                    wait = min(wait, max(0.0, began + self.job.timeout - now))
         return wait
 
     def _wait(self, timeout: float) -> None:
@@ -1214,8 +1225,15 @@ class _DaskRun:
         task = self.tasks.get(ev.get("tag", ""))
         if task is None:
             return  # from a task this run already gave up on
+        item = ev.get("item")
+        if item is not None:  # (not an output line: not counted in ``streamed``)
+            task.item = item
+            if item:  # (the first item's clock is the task's: it began with it, as on the local pool)
+                task.item_started = time.monotonic()
+            return
         if ev.get("start"):
             task.started = time.monotonic()
+            task.item = task.item_started = None  # (Dask may run it again after its worker died)
             task.worker = ev.get("worker")
             first = not self._any_started
             self._any_started = True
@@ -1473,7 +1491,8 @@ class _DaskRun:
         kept = False  # a worker of a cluster not ours stays busy with a task given up on
         replan = False  # a worker of our own cluster was killed: the chunks to come go to the others
         for task in list(self.tasks.values()):
-            if task.started is None or now < task.started + timeout:
+            began = task.clock()  # (a later item of a chunk: its own start, as its event came)
+            if began is None or now < began + timeout:
                 continue
             self.tasks.pop(task.key, None)
             self._cancel([task.future])
@@ -1482,7 +1501,7 @@ class _DaskRun:
             # task runs on there; later runs leave that worker out until it returns.
             self.backend._give_up([task], stop=True)
             if self.backend.owns_cluster:
-                self.job.lost(task.unit, "ran past its timeout", timed_out=True)
+                self.job.lost(task.unit, "ran past its timeout", timed_out=True, index=task.item)
                 replan = True
             else:
                 self.job.lost(
@@ -1491,6 +1510,7 @@ class _DaskRun:
                     f"mpmagic's to restart: it keeps one thread of worker {task.worker or '?'} busy until it "
                     "returns (later runs use the other workers meanwhile)",
                     timed_out=True,
+                    index=task.item,
                     worker_kept=True,
                 )
                 kept = True

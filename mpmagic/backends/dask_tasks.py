@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .. import context, loadstamps, task_builtins, worker_logging
@@ -286,6 +287,19 @@ def _log_event(topic: str | None, msg: dict, worker: Any = None) -> bool:
         return False
 
 
+def _item_starts(topic: str | None, tag: Any) -> Callable[[int], None]:
+    """A task's ``started`` for ``worker.run_items`` (a chunk of several items under
+    a --timeout, ``Map.item_clock``): an event as each item begins, so the notebook
+    times each item, not the chunk, and names the one that ran past the timeout
+    (Dask can neither stop nor ask a running task). Runs without a timeout send none."""
+    worker = _current_worker()
+
+    def started(index: int) -> None:
+        _log_event(topic, {"tag": tag, "item": index}, worker)
+
+    return started
+
+
 def _worker_address() -> str | None:
     try:
         from distributed import get_worker
@@ -494,7 +508,8 @@ def _run(
             # then run as there, so a StopIteration comes back with its value,
             # cause and frame (the no-position path's map() swallows it).
             position = ctypes.c_int64(-1)
-            reply = execute_map(msg, func, where, cpu, position=position, imports=imports)
+            started = _item_starts(topic, tag) if msg.item_clock else None
+            reply = execute_map(msg, func, where, cpu, position=position, imports=imports, started=started)
         else:
             reply = execute_cell(msg, where, cpu, imports)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]

@@ -200,6 +200,10 @@ class _Slot:
     # Shared with the worker: the position in its chunk of the item it is
     # running, so a crash blames that one item rather than the whole chunk.
     position: Any = None
+    # Shared with the worker too: when (time.monotonic) the item it is running
+    # started, written only in chunks of several items under a --timeout
+    # (worker.item_clock), so that each item gets the timeout (_check_deadlines).
+    stamp: Any = None
     rss: int | None = None  # its own (private) bytes after its last task, as it reported (rss.private_bytes)
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
     setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
@@ -730,6 +734,7 @@ class LocalBackend:
         _widen(parent_conn)
         _widen(child_conn)
         position = self.ctx.RawValue("q", worker.POSITION_IDLE)
+        stamp = self.ctx.RawValue("d", 0.0)
         wid = self._next_wid
         self._next_wid += 1
         # worker setup (worker_setup.py): thread caps and GPU, applied before it imports anything
@@ -738,7 +743,7 @@ class LocalBackend:
         )
         proc = self.ctx.Process(
             target=worker.main,
-            args=(child_conn, os.getpid(), wid, position, init),
+            args=(child_conn, os.getpid(), wid, position, init, stamp),
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
@@ -751,7 +756,8 @@ class LocalBackend:
         _worker_processes.add(proc)
         child_conn.close()
         return _Slot(
-            wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position
+            wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position,
+            stamp=stamp,
         )
 
     def preload(self, names: list[str]) -> None:
@@ -2023,13 +2029,30 @@ class LocalBackend:
                 run.job.requeue(unit)
 
     def _check_deadlines(self) -> None:
+        """Stop the workers whose running item went past its --timeout (and fail
+        that item), and those whose %%pool setup went past its bound.
+
+        A unit's deadline is set when it starts (``_start_clock``): its timeout,
+        counted from then, is its first item's. In a chunk of several items each
+        later item's clock starts with that item (the worker stamps its start:
+        ``worker.item_clock``), so when the deadline passes while the worker is
+        on a later item, the deadline moves to that item's start plus the
+        timeout; only an item running longer than the timeout is stopped.
+        """
         now = time.monotonic()
         for slot in list(self.slots):
             if slot.deadline is not None and now >= slot.deadline and slot.inflight:
+                index = _position(slot)  # (read before the stamp, which the worker writes first)
+                if index and slot.stamp is not None:  # a later item of the chunk: timed from its own start
+                    deadline = slot.stamp.value + (slot.inflight[0][0].job.timeout or 0.0)
+                    if deadline > now:
+                        slot.deadline = deadline
+                        continue
                 run, unit = slot.inflight.popleft()
                 self._replace(slot)
                 if run in self._runs and not run.job.finished:
-                    run.job.lost(unit, "ran past its timeout", timed_out=True, index=_position(slot))
+                    # (the item read above: one that overran and just ended must not pass the blame on)
+                    run.job.lost(unit, "ran past its timeout", timed_out=True, index=index)
             elif slot.setup_deadline is not None and now >= slot.setup_deadline and slot in self.slots:
                 self._setup_stuck(slot)
 
