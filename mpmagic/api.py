@@ -1870,12 +1870,22 @@ class CellCall:
         self.recorder = Recorder("parallel") if insights else None
         if self.pins is None:
             self.job = CellJob(spec_bytes, self.size, insights=self.recorder, kept=kept,
-                               lease=lease if lease is not None and lease.segments else None, **kwargs)
+                               lease=lease if lease is not None and lease.segments else None,
+                               repack=self._repack, **kwargs)
         else:
             from . import ranks
 
             self.job = ranks.KeptCellJob(spec_bytes, self.size, insights=self.recorder, pins=self.pins, kept=kept,
                                          **kwargs)
+
+    def _repack(self) -> tuple[bytes, shm.Lease | None]:
+        """The cell's payload packed again into a new lease (a pool stop from another
+        thread unlinked the first one's segments before the run was handed over:
+        ``CellJob.prepare_payload_again``)."""
+        lease = shm.Lease()
+        with payload.keeping(self.job.kept):
+            spec_bytes = _pack_spec(self.spec, lease)
+        return spec_bytes, lease if lease.segments else None
 
     @property
     def spec_bytes(self) -> bytes:

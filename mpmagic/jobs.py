@@ -358,14 +358,12 @@ class MapJob:
         # array spends them comparing it with the workers' copy, and its report says so.
         self.payload_seconds = 0.0
         self.payload_served: tuple[str, int] = ("given", 0)
+        # The segment holding the payload's copy of the function's captured arrays (see payload_lost).
+        self._payload_segment: str | None = None
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
-            t0 = time.perf_counter()
-            with payload.keeping(self.kept), _same_machine(self.shared_memory):
-                self.func_key, self.func_payload = payload_cache.function_payload(func, self.shared_memory)
-            self.payload_seconds = time.perf_counter() - t0
-            self.payload_served = payload_cache.last_served()
+            self._build_payload()
         self.star = star
         self.collect = collect
         self.timeout = timeout
@@ -1233,6 +1231,29 @@ class MapJob:
         self._seq = self._iter = None
         self._last_read = []
 
+    def _build_payload(self) -> None:
+        """The function's payload, from ``payload_cache`` (reused when nothing it captures changed)."""
+        t0 = time.perf_counter()
+        with payload.keeping(self.kept), _same_machine(self.shared_memory):
+            self.func_key, self.func_payload = payload_cache.function_payload(self.func, self.shared_memory)
+        self.payload_seconds += time.perf_counter() - t0
+        self.payload_served = payload_cache.last_served()
+        self._payload_segment = payload_cache.last_segment()
+
+    def payload_lost(self) -> bool:
+        """Did a pool stop unlink the shared-memory copy of the captured arrays that
+        the function's payload names, since the payload was built? A stop from
+        another thread (``%pool restart``, ``stop_pool``) may land between ``pmap``
+        building the payload and the backend taking the run: a worker of the new
+        pool would find no segment by that name."""
+        return self._payload_segment is not None and not shm.lent(self._payload_segment)
+
+    def prepare_payload_again(self) -> None:
+        """Build the function's payload again, for the pool as it is now (after
+        :meth:`payload_lost`): the arrays are copied into a new segment."""
+        self._build_payload()
+        self.planner.key = self.func_key  # (what its chunks cost is remembered under the key the next call has)
+
     def release_shared(self) -> None:
         """The run is over (done, failed or interrupted): give back every segment.
 
@@ -1388,6 +1409,7 @@ class CellJob:
         insights: Any = None,
         kept: dict[int, Any] | None = None,
         lease: shm.Lease | None = None,
+        repack: Callable[[], tuple[bytes, shm.Lease | None]] | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.libs = context.libraries()  # (as MapJob's)
@@ -1395,6 +1417,8 @@ class CellJob:
         self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
         # The pooled segments holding the cell's large arrays (api._pack_spec): lent until the run ends.
         self.lease = lease
+        # Packs the cell's payload again, into a new lease (see prepare_payload_again).
+        self._repack = repack
         self.timeout = timeout
         self.func_key: bytes | None = None  # (a cell's code travels in each unit)
         self.func_payload: bytes | None = None
@@ -1441,6 +1465,22 @@ class CellJob:
         self.abort_at: float | None = None
         self.aborting = False
         self._abort_after = 0.0  # the grace those ranks had (said in their error)
+
+    def payload_lost(self) -> bool:
+        """Did a pool stop (another thread's) unlink a segment of the lease holding the
+        cell's large arrays, since they were packed? (See ``MapJob.payload_lost``.)"""
+        return self.lease is not None and any(not shm.lent(seg.name) for seg in self.lease.segments)
+
+    def prepare_payload_again(self) -> None:
+        """Pack the cell's payload again, for the pool as it is now (after :meth:`payload_lost`)."""
+        if self._repack is None:
+            return
+        if self.lease is not None:
+            self.lease.release()  # (what a stop left of it goes back to the pool)
+        spec_bytes, self.lease = self._repack()
+        self._pending = deque(Unit(r, r, 1, spec_bytes) for r in range(self.size))
+        self.bytes_sent = len(spec_bytes) * self.size
+        self.bytes_shared = self.lease.copied if self.lease is not None else 0
 
     def _rank_finished(self) -> None:
         if self._progress:

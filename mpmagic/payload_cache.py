@@ -84,9 +84,19 @@ def last_served() -> tuple[str, int]:
     return getattr(_last, "how", "fast"), getattr(_last, "bytes", 0)
 
 
-def _served(how: str, copies: int) -> None:
+def last_segment() -> str | None:
+    """The name of the segment holding this thread's last :func:`function_payload`'s
+    copy of its captured arrays, or None (none was copied). A pool stop unlinks it
+    (``LocalBackend.stop``): a run whose payload was built before a stop from
+    another thread checks it is still there before the run is handed over, and
+    builds its payload again if not (``jobs.MapJob.payload_lost``)."""
+    return getattr(_last, "segment", None)
+
+
+def _served(how: str, copies: int, segment: shm.Segment | None) -> None:
     stats[how] += 1
     _last.how, _last.bytes = how, copies
+    _last.segment = segment.name if segment is not None else None
 
 
 def function_payload(func: Any, shared: bool = False, what: str = "the function") -> tuple[bytes, bytes]:
@@ -113,7 +123,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     captured = _capture(func)
     if (entry is not None and captured is not None and entry.captured is not None and _same(entry.captured, captured)
             and _keep_again(entry)):
-        _served("fast", 0)
+        _served("fast", 0, entry.segment)
         return entry.key, entry.data
 
     collector = shm.Collector(lend=True) if shared else None
@@ -126,7 +136,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
         kept = tuple(weakref.ref(h) for h in found.values())
     buffers = collector.buffers if collector is not None else []
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
-        _served("same", _copied_bytes(entry.segment, entry.refs))
+        _served("same", _copied_bytes(entry.segment, entry.refs), entry.segment)
         entry.captured, entry.kept = captured, kept
         if entry.segment is not None:
             _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
@@ -138,7 +148,7 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     data = inband
     if buffers:
         data, segment, refs = shm.wrap(inband, buffers, "lend")
-    _served("built", _copied_bytes(segment, refs))
+    _served("built", _copied_bytes(segment, refs), segment)
     def forget(_ref: weakref.ref, slot: tuple[int, bool] = slot) -> None:
         _dead.append(slot)  # dropped on the next call (never from the collector's thread)
 

@@ -289,6 +289,12 @@ def pool() -> SegmentPool:
     return _pool
 
 
+def lent(name: str) -> bool:
+    """Is ``name`` a segment the notebook still lends (not unlinked since: a pool
+    stop unlinks them all, :func:`cleanup`)?"""
+    return _pool is not None and name in _pool.live
+
+
 def give_back_kept() -> bool:
     """/dev/shm is full: destroy the free segments the pool keeps for later
     (``share()``, the helpers and the next map's chunks need the room more).

@@ -9,6 +9,7 @@ import sys
 import threading
 
 import numpy as np
+import psutil
 import pytest
 from conftest import collect_cycles_holding, ensure_pool, run
 
@@ -530,3 +531,103 @@ def test_a_dataframe_edited_in_place_is_refused_with_a_note_naming_dataframes():
         mpmagic.pmap(_edit_in_place, [frame], workers=1)
     note = next(n for n in got.value.__notes__ if "read-only" in n)
     assert "pandas DataFrames" in note and "df = df.copy()" in note, note
+
+
+# --------------------------------------------------------------------------
+# A stop from another thread between a map's payload and its submit
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _restart_from_another_thread() -> None:
+    other = threading.Thread(target=mpmagic.restart_pool)
+    other.start()
+    other.join(60)
+
+
+@pytest.mark.parametrize("window", ["restart before submit", "stop still unlinking"])
+def test_a_stop_between_a_maps_payload_and_its_submit_leaves_the_run_whole(ip, any_method, window, monkeypatch):
+    """A function capturing a large array has its payload name the array's copy
+    in /dev/shm. A stop from another thread (``%pool restart``, ``stop_pool``
+    beside a background run) landing after ``pmap`` built that payload and before
+    the run reached the pool unlinked the copy, and the run went to the fresh pool
+    anyway: FileNotFoundError from our shm code in the worker, "the function could
+    not be loaded". Nothing had run yet: the run prepares its payload again for the
+    new pool and returns what serial ``map`` does. After ``stop_pool`` nothing is
+    left: no segment, no worker.
+
+    ``restart before submit``: the restart lands right after the payload was built.
+    ``stop still unlinking``: a stop began before the payload was built (served from
+    the cache, its copy still there) and unlinked the copy after (its slow phase)."""
+    backend = ensure_pool(any_method)
+    before = mine()
+    run(ip, "import numpy as np\nrace_cap = np.arange(300_000, dtype=np.float64)\n"
+            "def use_race_cap(i):\n    return float(race_cap[i])")
+    use_cap = ip.user_ns["use_race_cap"]
+    expected = list(map(use_cap, range(5)))
+    assert mpmagic.pmap(use_cap, range(5)) == expected  # its payload is cached, its copy in /dev/shm
+    pids = {s.pid for s in backend.slots}
+    want_for = backend.warmth.want_for  # called in submit once the payload is built, before the pool takes the run
+    built = threading.Event()
+
+    def hooked(*args):
+        monkeypatch.setattr(backend.warmth, "want_for", want_for)  # (once)
+        if window == "restart before submit":
+            _restart_from_another_thread()
+            pids.update(s.pid for s in backend.slots)
+        built.set()
+        return want_for(*args)
+
+    monkeypatch.setattr(backend.warmth, "want_for", hooked)
+    stopper = None
+    if window == "stop still unlinking":
+        unlinking, cleanup = threading.Event(), shm.cleanup
+
+        def held_cleanup():  # the stop's slow phase: its workers are gone, its segments not yet
+            unlinking.set()
+            built.wait(60)
+            cleanup()
+
+        monkeypatch.setattr(shm, "cleanup", held_cleanup)
+        stopper = threading.Thread(target=backend.stop)  # (stop_pool's work, without the pool lock it holds)
+        stopper.start()
+        assert unlinking.wait(60)
+    try:
+        assert mpmagic.pmap(use_cap, range(5)) == expected
+    finally:
+        built.set()
+        if stopper is not None:
+            stopper.join(60)
+    pids.update(s.pid for s in backend.slots)
+    assert mpmagic.pmap(use_cap, range(5)) == expected  # and the next call too
+
+    mpmagic.stop_pool()
+    assert mine() - before == set()
+    assert [pid for pid in pids if not _gone(pid)] == []
+
+
+def test_a_restart_between_a_cells_packing_and_its_submit_leaves_the_run_whole(ip, local_pool, monkeypatch):
+    """The same for a %%parallel cell reading a large notebook array: its pooled
+    segment, packed before the submit, was unlinked by the restart. The cell is
+    packed again for the new pool and every rank gets the array."""
+    local_pool.wait_ready()
+    before = mine()
+    run(ip, "import numpy as np\ncell_race = np.arange(400_000, dtype=np.float64)")
+    big = ip.user_ns["cell_race"]
+    check = local_pool.warmth.reloads.check  # called in submit, after the cell was packed
+
+    def hooked(*args):
+        monkeypatch.setattr(local_pool.warmth.reloads, "check", check)  # (once)
+        _restart_from_another_thread()
+        return check(*args)
+
+    monkeypatch.setattr(local_pool.warmth.reloads, "check", hooked)
+    got = run(ip, "%%parallel -n 2 -q\nfloat(cell_race[rank::2].sum())")
+    assert list(got) == [float(big[r::2].sum()) for r in range(2)]
+    mpmagic.stop_pool()
+    assert mine() - before == set()

@@ -100,6 +100,11 @@ class Job(Protocol):
         """Fail the pending units pinned to a worker not in ``live`` (it is gone); nothing for an unpinned job."""
     def split(self, unit: Any) -> list[int]:
         """Send a map unit's items out again one per unit, in its place; returns their ids (ValueError for a rank)."""
+    def payload_lost(self) -> bool:
+        """Did a pool stop unlink a shared-memory segment the job's payload names (the
+        captured arrays of a map's function, a cell's large names) since it was built?"""
+    def prepare_payload_again(self) -> None:
+        """Build the payload again for the pool as it is now (after ``payload_lost``)."""
     def prefill(self) -> None:
         """Read a lazy input's first chunk in the submitting thread, before the backend's lock; nothing for a cell."""
     def read_input(self, n: int | None = None) -> None:

@@ -426,6 +426,11 @@ _SETUP_WAIT_MIN = 30.0
 _SETUP_WAIT_TIMES = 10.0
 
 
+#: How many times ``submit`` builds a run's payload again when pool stops from other
+#: threads keep unlinking its segments first; then the run fails as stopped in flight.
+_PAYLOAD_TRIES = 4
+
+
 def _stopped_error() -> MPMagicError:
     """What a run gets when the pool stops under it (in flight, or while it was being submitted)."""
     return MPMagicError("the pool was stopped while this run was in flight")
@@ -1195,9 +1200,21 @@ class LocalBackend:
         if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
         self.warmth.reloads.check(job.func, job.func_key)  # the user's modules the notebook reloaded since
-        with self._lock:
-            self.start(wake=False)  # (woken below, once)
-            stops = self._stops
+        # A stop from another thread (%pool restart, stop_pool) may have landed since the job
+        # built its payload, or be unlinking segments still: ``start`` waits until it is over,
+        # and a payload naming a segment it unlinked is built again for the pool as it is now
+        # (nothing ran yet: as if the stop had come before the call). A stop from here on
+        # fails the run (the check below), as it fails the runs in flight.
+        tries = 0
+        while True:
+            with self._lock:
+                self.start(wake=False)  # (woken below, once)
+                stops = self._stops
+            lost = job.payload_lost()
+            if not lost or tries == _PAYLOAD_TRIES:
+                break
+            job.prepare_payload_again()
+            tries += 1
         if not background:
             job.prefill()  # a lazy input's first chunk, read here before the lock (nothing for a cell)
         run = _LocalRun(self, job, limit)
@@ -1206,7 +1223,7 @@ class LocalBackend:
         with self._lock:
             # The pool stopped (%pool stop / restart, from another thread) while this
             # read its input: handed to the manager now, nobody would ever end the run.
-            stopped = self._stops != stops or not self._manager_alive()
+            stopped = self._stops != stops or not self._manager_alive() or lost
             if not stopped:
                 self.calls_run += 1
                 self._runs.append(run)
