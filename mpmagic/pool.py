@@ -224,9 +224,10 @@ def start_pool(
 
     Another ``start_method`` or ``max_tasks_per_child`` than the running pool's
     replaces the pool (its workers cannot change either): runs other threads
-    have in flight on it fail with "the pool was stopped while this run was in
-    flight", as after ``stop_pool()``. ``workers`` and ``max_memory`` are
-    changed in place.
+    have in flight on it, or are starting on it, fail with "the pool was
+    stopped while this run was in flight", as after ``stop_pool()``, and the
+    old pool never starts again. ``workers`` and ``max_memory`` are changed
+    in place.
 
     On Dask it starts the cluster's backend again (``workers`` resizes it); the
     local pool's options (``start_method``, ``max_tasks_per_child``,
@@ -266,12 +267,22 @@ def start_pool(
             max_tasks_per_child = _tasks_limit(max_tasks_per_child, old.max_tasks_per_child)
         new = LocalBackend(workers, start_method, max_tasks_per_child or None, max_memory=_max_memory)
         if old is not None:
-            old.stop()
+            _retire(old)
         _backend = new
         new.start()
         if wait:
             new.wait_ready()
         return new
+
+
+def _retire(backend: Backend, wait_busy: bool = True) -> None:
+    """Stop ``backend``, which another replaces (or none, at unload): a local pool
+    stays stopped for good (``LocalBackend.retire``), so a run that chose it just
+    before fails cleanly instead of starting workers nobody would stop."""
+    if isinstance(backend, LocalBackend):
+        backend.retire(wait_busy=wait_busy)
+    else:
+        backend.stop()
 
 
 def _set_gpus(gpus: str | Iterable[int | str]) -> None:
@@ -354,7 +365,7 @@ def _restart_now(
         # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
         new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
                            limit, max_memory=_max_memory)
-        backend.stop()
+        _retire(backend)
         _backend = new
         new.start()
         return new
@@ -381,7 +392,7 @@ def use_local(
         set_max_memory(max_memory)
     with _lock:
         if _backend is not None and not isinstance(_backend, LocalBackend):
-            _backend.stop()
+            _retire(_backend)
             _backend = None
         return start_pool(workers, start_method, max_tasks_per_child)
 
@@ -409,7 +420,7 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
         new = DaskBackend(address, **options)
         old, _backend = _backend, new
         if old is not None:
-            old.stop()
+            _retire(old)
             if old.name == "dask" and new.running:
                 # Its stop removed the worker setup's plugin (and names) from the
                 # cluster, which may be the one the new backend just set up.
@@ -423,10 +434,7 @@ def shutdown(wait_busy: bool = True) -> None:
     global _backend
     with _lock:
         if _backend is not None:
-            if isinstance(_backend, LocalBackend):
-                _backend.stop(wait_busy=wait_busy)
-            else:
-                _backend.stop()
+            _retire(_backend, wait_busy)
         _backend = None
 
 

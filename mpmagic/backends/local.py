@@ -486,6 +486,7 @@ class LocalBackend:
         self._manager: threading.Thread | None = None
         self._stopping: threading.Thread | None = None  # the thread stopping the pool (see stop); start waits
         self._stops = 0  # pool stops so far (see stop)
+        self._retired = False  # replaced by another pool (see retire): never started again
         # The current manager's wakeup pipe: each manager opens its own and closes it as it ends.
         self._wake_r, self._wake_w = -1, -1
         self._selector: selectors.BaseSelector | None = None  # the manager's (see _selector_for_slots)
@@ -529,6 +530,10 @@ class LocalBackend:
         with self._lock:
             while self._stopping not in (None, threading.current_thread()):
                 self._cond.wait()  # a stop in progress (another thread) ends first: then this starts afresh
+            if self._retired:
+                raise MPMagicError("this pool was replaced by another one (a new start method or recycling "
+                                   "limit, Dask, or the extension's unload) and stays stopped: "
+                                   "mpmagic.get_pool() is the pool now")
             before = len(self.slots), self._manager
             if not self.slots:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
@@ -816,6 +821,21 @@ class LocalBackend:
             with self._lock:
                 self._stopping = None
                 self._cond.notify_all()
+
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+        """Stop this pool for good: another pool replaced it (a new start method or
+        recycling limit, ``use_dask``, the extension's unload).
+
+        A run that chose this pool just before it was replaced (another thread's
+        ``pmap`` between ``get_pool()`` and ``submit``) then fails with "the pool was
+        stopped while this run was in flight", as one a stop overtook while it
+        started; nothing starts this pool again. Its ``submit`` restarted it: its
+        workers ran on, out of ``%pool``'s sight and out of ``stop_pool()``'s reach,
+        until the interpreter exited.
+        """
+        with self._lock:
+            self._retired = True
+        self.stop(timeout, wait_busy)
 
     def _stop_workers(self, manager: threading.Thread | None, runs: list[_LocalRun], slots: list[_Slot],
                       timeout: float, wait_busy: bool = True) -> None:
@@ -1136,7 +1156,7 @@ class LocalBackend:
             if job.size > cap:
                 raise UsageError(f"-n {job.size} is more ranks than this machine can run at once "
                                  f"(at most {cap} with {available_cpus()} CPUs)")
-        elif workers and workers > self.workers:
+        elif workers and workers > self.workers and not self._retired:
             # The pool grows for good (starting workers for one call and stopping
             # them after would cost every such call their start): say so once,
             # after the resize took it (more than the machine runs is refused).
@@ -1157,7 +1177,9 @@ class LocalBackend:
             self.warmth.want_for(job.func, job.func_key)
         self.warmth.reloads.check(job.func, job.func_key)  # the user's modules the notebook reloaded since
         with self._lock:
-            self.start(wake=False)  # (woken below, once)
+            retired = self._retired  # (replaced since the caller chose it: its run fails below)
+            if not retired:
+                self.start(wake=False)  # (woken below, once)
             stops = self._stops
         if not background:
             job.prefill()  # a lazy input's first chunk, read here before the lock (nothing for a cell)
@@ -1167,7 +1189,7 @@ class LocalBackend:
         with self._lock:
             # The pool stopped (%pool stop / restart, from another thread) while this
             # read its input: handed to the manager now, nobody would ever end the run.
-            stopped = self._stops != stops or not self._manager_alive()
+            stopped = retired or self._stops != stops or not self._manager_alive()
             if not stopped:
                 self.calls_run += 1
                 self._runs.append(run)
