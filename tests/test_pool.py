@@ -384,3 +384,57 @@ def test_a_run_that_picked_a_pool_just_replaced_fails_cleanly_and_never_starts_i
     finally:
         old.warmth.want_for = real_want_for
         mpmagic.stop_pool()
+
+
+def test_a_ctrl_c_during_stop_pool_lets_the_stop_finish_and_says_so_in_one_line(pool2, monkeypatch):
+    """Ctrl-C while stop_pool() waited for busy workers cut the stop short: a bare
+    KeyboardInterrupt through multiprocessing's join, the workers left computing
+    out of the pool (no later stop reached them), its segments left in /dev/shm.
+    The stop now finishes, then the interrupt is one line saying so."""
+    from mpmagic.backends.local import LocalBackend
+
+    pids = [s.pid for s in pool2.slots]
+    real_stop_workers = LocalBackend._stop_workers
+
+    def interrupted_stop(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the stop waits for the workers
+        return real_stop_workers(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "_stop_workers", interrupted_stop)
+    with pytest.raises(KeyboardInterrupt) as info:
+        mpmagic.stop_pool()
+    monkeypatch.undo()
+    assert info.value._render_traceback_() == [
+        "KeyboardInterrupt: stop_pool() interrupted: the stop was finished first, and none of the pool's "
+        "workers is left running"]
+    assert pool2.slots == [] and not any(_alive(pid) for pid in pids)
+    assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # and the next run starts it again
+
+
+def test_a_ctrl_c_during_a_start_method_switch_lets_it_finish_and_says_so_in_one_line(pool2, monkeypatch):
+    """Ctrl-C while start_pool(start_method=...) stopped the old pool left the switch
+    half done: the old pool stopped, the new start method silently dropped (the
+    next run started the old pool again). As restart_with, the switch now finishes
+    first, then the interrupt is one line saying so."""
+    from mpmagic.backends.local import LocalBackend
+
+    old = pool2
+    real_stop = LocalBackend.stop
+
+    def interrupted_stop(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the old pool stops
+        return real_stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            mpmagic.start_pool(start_method="fork")
+        monkeypatch.undo()
+        assert info.value._render_traceback_() == [
+            "KeyboardInterrupt: start_pool() interrupted: its change was finished first, and the pool "
+            "(2 workers, start method fork) goes on starting; %pool shows its state"]
+        new = mpmagic.get_pool()
+        assert new is not old and new.start_method == "fork" and len(new.slots) == 2 and old.slots == []
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is new
+    finally:
+        mpmagic.stop_pool()
