@@ -1159,9 +1159,9 @@ class MPMagics(Magics):
             raise IPythonUsageError(str(exc)) from None
         except UsageError as exc:
             raise parser.usage_error(str(exc)) from None
-        except KeyboardInterrupt:
-            if opts.action not in ("start", "restart", "resize", "local", "dask"):
-                raise
+        except KeyboardInterrupt as exc:
+            if opts.action not in ("start", "restart", "resize", "local", "dask") or hasattr(exc, "_render_traceback_"):
+                raise  # (one line already: what the interrupted start or stop finished first)
             # (a bare KeyboardInterrupt from a Condition.wait deep in the start)
             raise _interrupted("%pool", f"%pool {opts.action} interrupted while it waited for the workers; "
                                "they go on starting, and %pool shows their state") from None
@@ -1177,10 +1177,10 @@ class MPMagics(Magics):
             workers, method = config.current().take_pool_settings()
             opts.workers, opts.start_method = opts.workers or workers, opts.start_method or method
         if action == "start":
-            pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
-                            max_memory=opts.max_memory, gpus=opts.gpus)
+            pool.start_pool_saying("%pool start", opts.workers, opts.start_method, opts.max_tasks_per_child,
+                                   wait=True, max_memory=opts.max_memory, gpus=opts.gpus)
         elif action == "stop":
-            pool.stop_pool()
+            pool.stop_pool_saying("%pool stop")
         elif action == "restart":
             pool.restart_with(opts.workers, opts.start_method, opts.max_tasks_per_child, opts.max_memory)
         elif action == "resize":

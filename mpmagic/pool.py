@@ -14,13 +14,13 @@ import math
 import os
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .backends.base import Backend
 from .backends.local import LocalBackend, check_start_method, check_tasks_per_child, pool_size
 from .engine import sigint_deferred
-from .errors import UsageError
+from .errors import UsageError, one_line_interrupt
 from .fmt import fmt_seconds
 from .shared import base as _shared_base
 from .status import PoolStatus  # formatting lives in status.py; importable from here as before
@@ -212,6 +212,49 @@ def _refuse_local_options(
                          f"use_local({name}=...) (%pool local {flag} ...) switches back to them")
 
 
+#: What a Ctrl-C during a stop says once the stop finished (``who``: ``stop_pool()``, ``%pool stop``).
+STOP_INTERRUPTED = "{who} interrupted: the stop was finished first, and none of the pool's workers is left running"
+#: ... during start_pool's change (a new pool made and started, or the pool resized and started).
+START_INTERRUPTED = ("{who} interrupted: its change was finished first, and the pool ({workers} workers, "
+                     "start method {method}) goes on starting; %pool shows its state")
+#: ... during start_pool(wait=True)'s wait for the workers.
+WAIT_INTERRUPTED = "{who} interrupted while it waited for the workers; they go on starting, and %pool shows their state"
+
+
+class _finished_then_interrupt:  # noqa: N801 (used as a function: `with _finished_then_interrupt(...):`)
+    """A change of the local pool that a Ctrl-C must not leave half done (a stop
+    with busy workers takes ~2 s, an interrupt landed in it every time).
+
+    SIGINT is deferred in the body, as ``restart_with`` does (also while it
+    waits for ``_lock``). A Ctrl-C that came meanwhile is raised after, as one
+    line (``say()``: what the change finished), not as a bare KeyboardInterrupt
+    whose traceback was multiprocessing's join. Nested in another deferral (or
+    outside the main thread) it does nothing: the outer one holds the signal.
+    On Dask it does not defer: connecting to a cluster may take long, and a
+    Ctrl-C must stop that wait.
+    """
+
+    def __init__(self, say: Callable[[], str]) -> None:
+        self.say = say  # called once the change is over
+        self.deferred: sigint_deferred | None = None
+
+    def __enter__(self) -> None:
+        current = current_pool()
+        if current is None or isinstance(current, LocalBackend):
+            self.deferred = sigint_deferred()
+            self.deferred.__enter__()
+
+    def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.deferred is None:
+            return
+        try:
+            self.deferred.__exit__(etype, exc, tb)  # delivers a SIGINT that came meanwhile
+        except KeyboardInterrupt:
+            if exc is not None:
+                raise  # (the change's own error goes with it, as the interrupt's context)
+            raise one_line_interrupt(self.say()) from None
+
+
 def start_pool(
     workers: int | None = None,
     start_method: str | None = None,
@@ -241,20 +284,63 @@ def start_pool(
 
     Another ``start_method`` or ``max_tasks_per_child`` than the running pool's
     replaces the pool (its workers cannot change either): runs other threads
-    have in flight on it fail with "the pool was stopped while this run was in
-    flight", as after ``stop_pool()``. ``workers`` and ``max_memory`` are
-    changed in place.
+    have in flight on it, or are starting on it, fail with "the pool was
+    stopped while this run was in flight", as after ``stop_pool()``, and the
+    old pool never starts again. ``workers`` and ``max_memory`` are changed
+    in place.
 
     On Dask it starts the cluster's backend again (``workers`` resizes it); the
     local pool's options (``start_method``, ``max_tasks_per_child``,
     ``max_memory``, ``gpus``) are a usage error there, as for ``%pool restart``:
     ``use_local(...)`` switches back first.
+
+    A Ctrl-C while it stops or starts the local workers is held until that is
+    done (a few seconds at most, for busy workers), then raised as one line: the
+    pool is never left half switched, with the old pool stopped and the new
+    settings dropped. Only the wait for the new workers (``wait=True``) is cut
+    short; they go on starting.
     """
-    global _backend
+    return start_pool_saying("start_pool()", workers, start_method, max_tasks_per_child, wait, max_memory, gpus)
+
+
+def start_pool_saying(
+    who: str,
+    workers: int | None = None,
+    start_method: str | None = None,
+    max_tasks_per_child: int | None = None,
+    wait: bool = False,
+    max_memory: int | str | None = None,
+    gpus: str | Iterable[int | str] | None = None,
+) -> Backend:
+    """``start_pool(...)``, whose one-line interrupts name ``who`` (``%pool start``, ``use_local()``)."""
     current = current_pool()
     _refuse_local_options(current, start_method, max_tasks_per_child, max_memory)
     if current is None or isinstance(current, LocalBackend):  # (Dask checks its size as it resizes)
         _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
+
+    def said() -> str:
+        now = current_pool()
+        return START_INTERRUPTED.format(who=who, workers=getattr(now, "workers", "?"),
+                                        method=getattr(now, "start_method", "?"))
+
+    with _finished_then_interrupt(said):
+        backend = _start_now(workers, start_method, max_tasks_per_child, max_memory, gpus)
+    if wait:
+        try:
+            backend.wait_ready()
+        except KeyboardInterrupt as exc:
+            if hasattr(exc, "_render_traceback_"):
+                raise
+            raise one_line_interrupt(WAIT_INTERRUPTED.format(who=who)) from None
+    return backend
+
+
+def _start_now(
+    workers: int | None, start_method: str | None, max_tasks_per_child: int | None, max_memory: int | str | None,
+    gpus: str | Iterable[int | str] | None,
+) -> Backend:
+    """``start_pool``'s change, without its wait for the workers."""
+    global _backend
     if max_memory is not None:
         set_max_memory(max_memory)
     if gpus is not None:
@@ -267,8 +353,6 @@ def start_pool(
                 if workers is not None and workers != old.workers:
                     old.resize(workers)
                 old.start()
-                if wait:
-                    old.wait_ready()
                 return old
         elif old is not None:
             # Another backend (Dask): start it again rather than switch away from it
@@ -286,12 +370,20 @@ def start_pool(
             max_tasks_per_child = _tasks_limit(max_tasks_per_child, old.max_tasks_per_child)
         new = LocalBackend(workers, start_method, max_tasks_per_child or None, max_memory=_max_memory)
         if old is not None:
-            old.stop()
+            _retire(old)
         _backend = new
         new.start()
-        if wait:
-            new.wait_ready()
         return new
+
+
+def _retire(backend: Backend, wait_busy: bool = True) -> None:
+    """Stop ``backend``, which another replaces (or none, at unload): a local pool
+    stays stopped for good (``LocalBackend.retire``), so a run that chose it just
+    before fails cleanly instead of starting workers nobody would stop."""
+    if isinstance(backend, LocalBackend):
+        backend.retire(wait_busy=wait_busy)
+    else:
+        backend.stop()
 
 
 def _set_gpus(gpus: str | Iterable[int | str]) -> None:
@@ -309,10 +401,21 @@ def _set_gpus(gpus: str | Iterable[int | str]) -> None:
 
 
 def stop_pool() -> None:
-    """Stop the workers; the next call starts them again."""
-    with _lock:
-        if _backend is not None:
-            _backend.stop()
+    """Stop the workers; the next call starts them again.
+
+    A Ctrl-C during the stop (it gives busy workers 2 s to finish their task)
+    is held until the stop is over, then raised as one line: a stop cut short
+    left busy workers computing out of the pool, which no later stop reached.
+    """
+    stop_pool_saying("stop_pool()")
+
+
+def stop_pool_saying(who: str) -> None:
+    """``stop_pool()``, whose one-line interrupt names ``who`` (``%pool stop``)."""
+    with _finished_then_interrupt(lambda: STOP_INTERRUPTED.format(who=who)):
+        with _lock:
+            if _backend is not None:
+                _backend.stop()
 
 
 def restart_pool(wait: bool = True) -> Backend:
@@ -375,7 +478,7 @@ def _restart_now(
         # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
         new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
                            limit, max_memory=_max_memory)
-        backend.stop()
+        _retire(backend)
         _backend = new
         new.start()
         return new
@@ -403,9 +506,9 @@ def use_local(
         set_max_memory(max_memory)
     with _lock:
         if _backend is not None and not isinstance(_backend, LocalBackend):
-            _backend.stop()
+            _retire(_backend)
             _backend = None
-        return start_pool(workers, start_method, max_tasks_per_child)
+        return start_pool_saying("use_local()", workers, start_method, max_tasks_per_child)
 
 
 def use_dask(address: str | None = None, **options: Any) -> Backend:
@@ -431,7 +534,7 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
         new = DaskBackend(address, **options)
         old, _backend = _backend, new
         if old is not None:
-            old.stop()
+            _retire(old)
             if old.name == "dask" and new.running:
                 # Its stop removed the worker setup's plugin (and names) from the
                 # cluster, which may be the one the new backend just set up.
@@ -445,10 +548,7 @@ def shutdown(wait_busy: bool = True) -> None:
     global _backend
     with _lock:
         if _backend is not None:
-            if isinstance(_backend, LocalBackend):
-                _backend.stop(wait_busy=wait_busy)
-            else:
-                _backend.stop()
+            _retire(_backend, wait_busy)
         _backend = None
 
 

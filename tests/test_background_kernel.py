@@ -145,3 +145,40 @@ def test_an_awaited_apmap_prints_its_tasks_output_in_its_cell_as_pmap_does(kerne
     assert reply.result() == "[0, 1]"
     assert sorted(reply.stream().splitlines()) == [f"{BG_TEXT} 0", f"{BG_TEXT} 1"]
     assert not [t for t, c in reply.outputs if t == "display_data"]  # no live area: nothing to redraw
+
+
+@pytest.mark.parametrize("code, who", [("%pool stop", "%pool stop"), ("mpmagic.stop_pool()", "stop_pool()")])
+def test_an_interrupt_during_pool_stop_with_busy_workers_finishes_the_stop_and_says_so_in_one_line(kernel, code, who):
+    """Kernel interrupt while %pool stop (stop_pool()) waited for busy workers: the
+    stop was cut short. stop_pool() showed a bare KeyboardInterrupt through
+    multiprocessing's join (%pool stop: "interrupted before it finished"), the
+    busy workers went on computing out of the pool (no later stop reached them;
+    an endless task ran until the kernel died) and its segments stayed. The stop
+    now finishes first: one line, no worker left, and the pool starts again."""
+    import psutil
+
+    kernel.ok("run6 = mpmagic.submit(spin, range(2))")  # never ends: the stop waits 2 s for its workers
+    busy = "sum(p['busy'] for p in mpmagic.pool_status().info['processes'])"
+    deadline = time.monotonic() + 30
+    while kernel.value(busy) == 0:
+        assert time.monotonic() < deadline, "the spinning run never reached a worker"
+        time.sleep(0.1)
+    workers = kernel.value("[s.pid for s in mpmagic.get_pool().slots]")
+    reply = kernel.execute(f"print('stopping', flush=True)\n{code}", interrupt_when="stopping", interrupt_after=0.3)
+    assert _one_line_error(reply) == (
+        f"KeyboardInterrupt: {who} interrupted: the stop was finished first, and none of the pool's "
+        "workers is left running")
+
+    def alive(p: psutil.Process) -> bool:
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    helpers = ("resource_tracker", "forkserver")  # multiprocessing's, the kernel's direct children
+    left = [p.pid for p in kernel.descendants() if alive(p)
+            and not (p.ppid() == kernel.pid and any(h in " ".join(p.cmdline()) for h in helpers))]
+    assert left == [], (left, workers)
+    assert kernel.value("run6.state") == "failed"
+    kernel.ok("%pool start -n 2")
+    assert kernel.ok("%pmap -q lambda x: -x, range(5)").result() == "[0, -1, -2, -3, -4]"

@@ -288,8 +288,8 @@ def test_a_ctrl_c_between_a_restarts_stop_and_start_is_held_until_the_new_pool_s
     mpmagic.get_pool().start()
     real_stop = LocalBackend.stop
 
-    def stop_then_interrupt(self, timeout: float = 2.0) -> None:
-        real_stop(self, timeout)
+    def stop_then_interrupt(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+        real_stop(self, timeout, wait_busy)
         os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, once the old workers are gone
 
     monkeypatch.setattr(LocalBackend, "stop", stop_then_interrupt)
@@ -397,3 +397,94 @@ def test_pool_help_names_its_positionals_as_the_reference_does():
     text = _pool_parser().format_help()
     assert all(f"\n  {word} " in text for word in ("ACTION", "TARGET", "NAME")), text
     assert "\n  target " not in text and "\n  name " not in text, text
+
+
+def test_a_run_that_picked_a_pool_just_replaced_fails_cleanly_and_never_starts_it_again(pool2):
+    """A run that chose the pool (``get_pool()``) just before another thread's
+    ``start_pool(start_method=...)`` replaced it reached the old pool's
+    ``submit``, whose start brought the replaced pool back to life: the run
+    went through on workers ``%pool`` did not list and ``stop_pool()`` never
+    stopped (they lived until the interpreter exited). The replaced pool now
+    stays stopped; the run fails as one the replacement overtook ("the pool
+    was stopped while this run was in flight", as the docs say), and the next
+    run uses the new pool."""
+    old = pool2
+    helpers = {p.pid for p in psutil.Process().children(recursive=True)} - {s.pid for s in old.slots}
+    switched = []
+    real_want_for = old.warmth.want_for
+
+    def switch_then_go_on(*args, **kwargs):  # (called in submit, between choosing the pool and starting it)
+        old.warmth.want_for = real_want_for
+        switched.append(mpmagic.start_pool(start_method="fork"))
+        return real_want_for(*args, **kwargs)
+
+    old.warmth.want_for = switch_then_go_on
+    try:
+        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+            mpmagic.pmap(abs, [-1, -2])
+        new = switched[0]
+        assert new is not old and pool_module.current_pool() is new and new.start_method == "fork"
+        assert old.slots == [] and not old.running  # not started again
+        with pytest.raises(mpmagic.MPMagicError, match="replaced by another one .* mpmagic.get_pool"):
+            old.start()  # nothing starts it again
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is new
+        mpmagic.stop_pool()
+        left = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in helpers and _alive(p.pid)]
+        assert left == []  # (the resource tracker and the fork server were there before)
+    finally:
+        old.warmth.want_for = real_want_for
+        mpmagic.stop_pool()
+
+
+def test_a_ctrl_c_during_stop_pool_lets_the_stop_finish_and_says_so_in_one_line(pool2, monkeypatch):
+    """Ctrl-C while stop_pool() waited for busy workers cut the stop short: a bare
+    KeyboardInterrupt through multiprocessing's join, the workers left computing
+    out of the pool (no later stop reached them), its segments left in /dev/shm.
+    The stop now finishes, then the interrupt is one line saying so."""
+    from mpmagic.backends.local import LocalBackend
+
+    pids = [s.pid for s in pool2.slots]
+    real_stop_workers = LocalBackend._stop_workers
+
+    def interrupted_stop(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the stop waits for the workers
+        return real_stop_workers(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "_stop_workers", interrupted_stop)
+    with pytest.raises(KeyboardInterrupt) as info:
+        mpmagic.stop_pool()
+    monkeypatch.undo()
+    assert info.value._render_traceback_() == [
+        "KeyboardInterrupt: stop_pool() interrupted: the stop was finished first, and none of the pool's "
+        "workers is left running"]
+    assert pool2.slots == [] and not any(_alive(pid) for pid in pids)
+    assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # and the next run starts it again
+
+
+def test_a_ctrl_c_during_a_start_method_switch_lets_it_finish_and_says_so_in_one_line(pool2, monkeypatch):
+    """Ctrl-C while start_pool(start_method=...) stopped the old pool left the switch
+    half done: the old pool stopped, the new start method silently dropped (the
+    next run started the old pool again). As restart_with, the switch now finishes
+    first, then the interrupt is one line saying so."""
+    from mpmagic.backends.local import LocalBackend
+
+    old = pool2
+    real_stop = LocalBackend.stop
+
+    def interrupted_stop(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the old pool stops
+        return real_stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            mpmagic.start_pool(start_method="fork")
+        monkeypatch.undo()
+        assert info.value._render_traceback_() == [
+            "KeyboardInterrupt: start_pool() interrupted: its change was finished first, and the pool "
+            "(2 workers, start method fork) goes on starting; %pool shows its state"]
+        new = mpmagic.get_pool()
+        assert new is not old and new.start_method == "fork" and len(new.slots) == 2 and old.slots == []
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is new
+    finally:
+        mpmagic.stop_pool()

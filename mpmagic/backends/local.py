@@ -528,6 +528,7 @@ class LocalBackend:
         self._manager: threading.Thread | None = None
         self._stopping: threading.Thread | None = None  # the thread stopping the pool (see stop); start waits
         self._stops = 0  # pool stops so far (see stop)
+        self._retired = False  # replaced by another pool (see retire): never started again
         # The current manager's wakeup pipe: each manager opens its own and closes it as it ends.
         self._wake_r, self._wake_w = -1, -1
         self._selector: selectors.BaseSelector | None = None  # the manager's (see _selector_for_slots)
@@ -571,6 +572,10 @@ class LocalBackend:
         with self._lock:
             while self._stopping not in (None, threading.current_thread()):
                 self._cond.wait()  # a stop in progress (another thread) ends first: then this starts afresh
+            if self._retired:
+                raise MPMagicError("this pool was replaced by another one (a new start method or recycling "
+                                   "limit, Dask, or the extension's unload) and stays stopped: "
+                                   "mpmagic.get_pool() is the pool now")
             before = len(self.slots), self._manager
             if not self.slots:
                 shm.sweep_stale()  # segments of notebooks that died without cleaning up
@@ -860,6 +865,21 @@ class LocalBackend:
             with self._lock:
                 self._stopping = None
                 self._cond.notify_all()
+
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+        """Stop this pool for good: another pool replaced it (a new start method or
+        recycling limit, ``use_dask``, the extension's unload).
+
+        A run that chose this pool just before it was replaced (another thread's
+        ``pmap`` between ``get_pool()`` and ``submit``) then fails with "the pool was
+        stopped while this run was in flight", as one a stop overtook while it
+        started; nothing starts this pool again. Its ``submit`` restarted it: its
+        workers ran on, out of ``%pool``'s sight and out of ``stop_pool()``'s reach,
+        until the interpreter exited.
+        """
+        with self._lock:
+            self._retired = True
+        self.stop(timeout, wait_busy)
 
     def _stop_workers(self, manager: threading.Thread | None, runs: list[_LocalRun], slots: list[_Slot],
                       timeout: float, wait_busy: bool = True) -> None:
@@ -1180,7 +1200,7 @@ class LocalBackend:
             if job.size > cap:
                 raise UsageError(f"-n {job.size} is more ranks than this machine can run at once "
                                  f"(at most {cap} with {available_cpus()} CPUs)")
-        elif workers and workers > self.workers:
+        elif workers and workers > self.workers and not self._retired:
             # The pool grows for good (starting workers for one call and stopping
             # them after would cost every such call their start): say so once,
             # after the resize took it (more than the machine runs is refused).
@@ -1204,13 +1224,16 @@ class LocalBackend:
         # built its payload, or be unlinking segments still: ``start`` waits until it is over,
         # and a payload naming a segment it unlinked is built again for the pool as it is now
         # (nothing ran yet: as if the stop had come before the call). A stop from here on
-        # fails the run (the check below), as it fails the runs in flight.
+        # fails the run (the check below), as it fails the runs in flight; so does a pool
+        # replaced since the caller chose it (``retired``: it never starts again).
         tries = 0
         while True:
             with self._lock:
-                self.start(wake=False)  # (woken below, once)
+                retired = self._retired
+                if not retired:
+                    self.start(wake=False)  # (woken below, once)
                 stops = self._stops
-            lost = job.payload_lost()
+            lost = not retired and job.payload_lost()
             if not lost or tries == _PAYLOAD_TRIES:
                 break
             job.prepare_payload_again()
@@ -1223,7 +1246,7 @@ class LocalBackend:
         with self._lock:
             # The pool stopped (%pool stop / restart, from another thread) while this
             # read its input: handed to the manager now, nobody would ever end the run.
-            stopped = self._stops != stops or not self._manager_alive() or lost
+            stopped = retired or self._stops != stops or not self._manager_alive() or lost
             if not stopped:
                 self.calls_run += 1
                 self._runs.append(run)
