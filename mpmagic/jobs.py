@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import types
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -1417,8 +1418,15 @@ class CellJob:
         self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
         # The pooled segments holding the cell's large arrays (api._pack_spec): lent until the run ends.
         self.lease = lease
-        # Packs the cell's payload again, into a new lease (see prepare_payload_again).
-        self._repack = repack
+        # Packs the cell's payload again, into a new lease (see prepare_payload_again). Held
+        # weakly: the call that made it holds the cell's names (a Queue the notebook then
+        # deletes), and a job kept after its run (the last report, %pdebug) kept them alive,
+        # so a dropped Queue was never dropped for the workers (they spilled its backlog).
+        self._repack: Callable[[], Callable[[], tuple[bytes, shm.Lease | None]] | None] | None = (
+            None if repack is None
+            else weakref.WeakMethod(repack) if isinstance(repack, types.MethodType)
+            else (lambda: repack)
+        )
         self.timeout = timeout
         self.func_key: bytes | None = None  # (a cell's code travels in each unit)
         self.func_payload: bytes | None = None
@@ -1473,11 +1481,12 @@ class CellJob:
 
     def prepare_payload_again(self) -> None:
         """Pack the cell's payload again, for the pool as it is now (after :meth:`payload_lost`)."""
-        if self._repack is None:
+        repack = self._repack() if self._repack is not None else None
+        if repack is None:
             return
         if self.lease is not None:
             self.lease.release()  # (what a stop left of it goes back to the pool)
-        spec_bytes, self.lease = self._repack()
+        spec_bytes, self.lease = repack()
         self._pending = deque(Unit(r, r, 1, spec_bytes) for r in range(self.size))
         self.bytes_sent = len(spec_bytes) * self.size
         self.bytes_shared = self.lease.copied if self.lease is not None else 0
