@@ -140,16 +140,22 @@ class Recorder:
         start = unit.sent_at if unit.sent_at is not None else self.begin
         if worker is not None:  # (after the worker's previous task: it waited behind it)
             start = max([start] + [t.end for t in self.tasks if t.worker == worker and t.end <= end])
+        item_start = start  # (the item stopped: the whole unit's time unless its clock says less)
         if timed_out and timeout:  # (its clock started when it did: not before end - timeout)
-            start = max(start, end - timeout) if worker is not None else end - timeout
+            item_start = max(start, end - timeout) if worker is not None else end - timeout
+            if unit.count == 1 or self.kind == "parallel":
+                start = item_start
+            # (a chunk of several items: each item's clock starts with it, so the
+            # chunk ran from when it was sent, its items before the stopped one too)
         if worker is not None:
             self.tasks.append(Task(worker, start, end, unit.start, unit.count, fate))
         at = index if index is not None and 0 <= index < unit.count else 0
         if self.kind == "parallel":
-            self._offer(end - start, unit.id, None, worker if worker is not None else "?", is_rank=True, fate=fate)
+            self._offer(end - item_start, unit.id, None, worker if worker is not None else "?", is_rank=True,
+                        fate=fate)
         elif timed_out or unit.count == 1 or index is not None:  # (the item known to be the one stopped)
             item = unit.items[at] if unit.items else None
-            self._offer(end - start, unit.start + at, item, worker if worker is not None else "?", fate=fate)
+            self._offer(end - item_start, unit.start + at, item, worker if worker is not None else "?", fate=fate)
 
     def finish(self, workers: int) -> Insights:
         """The insights of the finished run, with ``workers`` the number it could use."""

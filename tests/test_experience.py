@@ -515,6 +515,21 @@ def test_insights_show_a_timed_out_item_and_count_worker_slots(ip, pool2, settin
     assert len(shown) == 1 and shown[0]["text/plain"].startswith("insights: 2 of 2 workers (1 replaced)")
 
 
+def test_insights_of_a_chunk_stopped_on_a_later_item_keep_its_earlier_items_time(ip, pool2):
+    """Each item of a chunk has its own --timeout: a chunk stopped at its 4th item
+    ran its first 3 before, and the timeline shows that time as the stopped
+    chunk's, not as its worker idle; the stopped item's own time is ~the timeout."""
+    run(ip, "def late(x):\n    time.sleep(5 if x == 3 else 0.25)\n    return x\n")
+    run(ip, "%pmap -q --insights --errors collect --timeout 0.5 --chunksize 4 late, range(4)")
+    ins = mpmagic.last_report().insights
+    top = ins.slowest[0]
+    assert (top.index, top.fate) == (3, "timed out") and 0.49 <= top.seconds < 1.0, top
+    stopped = [t for t in ins.tasks if t.fate]
+    assert [(t.first, t.count, t.fate) for t in stopped] == [(0, 4, "timed out")]
+    # items 0-2 (0.75 s) and item 3 until its timeout (0.5 s)
+    assert stopped[0].end - stopped[0].start >= 1.2, stopped
+
+
 def test_compare_leaves_out_items_that_killed_their_worker_or_timed_out(ip, pool2, settings, tmp_path, capfd):
     """--compare's serial run calls no item whose worker died under it (retried or
     not) or that timed out: here it would exit or hang the notebook (%pdebug's rule).
