@@ -185,6 +185,19 @@ def test_the_api_checks_max_tasks_per_child_as_the_magic_does_before_touching_th
     assert mpmagic.pmap(abs, range(-5, 5), workers=2) == list(map(abs, range(-5, 5)))
 
 
+def test_a_numpy_integer_is_a_max_tasks_per_child():
+    """``np.int64(3)`` (a count computed with numpy) was refused as "must be a whole
+    number ..., not np.int64(3)": it is taken as the int it is, as pmap's options take it."""
+    import numpy as np
+
+    backend = mpmagic.start_pool(workers=2, max_tasks_per_child=np.int64(3))
+    try:
+        assert backend.max_tasks_per_child == 3 and type(backend.max_tasks_per_child) is int
+        assert mpmagic.pmap(abs, range(-5, 5)) == list(map(abs, range(-5, 5)))
+    finally:
+        mpmagic.use_local(2, "forkserver", max_tasks_per_child=0)
+
+
 def test_a_refused_pool_option_changes_nothing_before_it_is_refused():
     """Every option is checked before any is applied: ``max_memory`` was set on the
     running pool before a size of 0 (or an unknown start method) was refused."""

@@ -26,6 +26,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (before our exit hook: see stop_all)
+import operator
 import os
 import selectors
 import signal
@@ -167,18 +168,31 @@ def tasks_per_child_refused(value: object) -> str | None:
     in a loop (390 in 3 s, no item run: the next ``pmap`` never returned), ``"3"``
     failed the run with a TypeError from the manager, ``2.5`` and ``True`` were kept.
     """
-    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+    whole = _whole(value)
+    if value is None or (whole is not None and whole >= 0):
         return None
     return f"must be {TASKS_PER_CHILD_TAKES}, not {value!r}"
 
 
+def _whole(value: object) -> int | None:
+    """``value`` as an int if it is a whole number type (``int``, ``numpy.int64``...:
+    ``operator.index`` takes it), not a bool, a float or a str; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 def check_tasks_per_child(value: object) -> int | None:
     """``value`` as a ``max_tasks_per_child`` (None: not given), or a ``UsageError``
-    in the API's words (see ``tasks_per_child_refused``)."""
+    in the API's words (see ``tasks_per_child_refused``). A numpy integer is taken
+    as the int it is."""
     why = tasks_per_child_refused(value)
     if why is not None:
         raise UsageError(f"max_tasks_per_child {why}")
-    return value  # type: ignore[return-value]  # (checked: None or an int)
+    return None if value is None else _whole(value)
 
 
 @dataclass(eq=False)
