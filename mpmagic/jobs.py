@@ -451,7 +451,11 @@ class MapJob:
         # Items that had finished in a chunk whose worker then died (or was stopped at
         # a timeout) before it sent the chunk's results: they went out again and ran a
         # second time, with or without --retries (the report says so: Report.ran_again).
+        # Counted as they go out again (``_finished_once`` until then): a run that
+        # failed first never sent some of them, and "item 4 ran again" was said of an
+        # item that ran once.
         self.ran_again: list[int] = []
+        self._finished_once: set[int] = set()
         # How their worker ended: "died", "was stopped at --timeout", or both ("died or was stopped...").
         self.ran_again_cause = ""
         # Positions of the items a worker died running, retried or not (--compare leaves them out of its serial run)
@@ -649,10 +653,12 @@ class MapJob:
                     self._requeued.remove(unit)
                     unit = self._at_most(unit, limit)
                     self.outstanding[unit.id] = unit
+                    self._going_again(unit)
                     return unit
             return None
         if self._requeued:
             unit = self._at_most(self._requeued.popleft(), limit)
+            self._going_again(unit)
         else:
             if self.exhausted:
                 return None
@@ -1040,9 +1046,9 @@ class MapJob:
             # The items before ``index`` had finished; their results died with the worker
             # (a chunk's results travel together: no message per item). Those whose error
             # the worker told (``collected``) keep it; the others run again (said in the report).
-            again = len(self.ran_again)
+            again = len(self._finished_once)
             self._finished_before(unit, index)
-            if len(self.ran_again) > again:
+            if len(self._finished_once) > again:
                 cause = "was stopped at --timeout" if timed_out else "died"
                 self.ran_again_cause = (cause if self.ran_again_cause in ("", cause)
                                         else "died or was stopped at --timeout")
@@ -1125,7 +1131,7 @@ class MapJob:
         """The worker running ``unit`` died at item ``index`` (its block's first): the items
         before it had finished. Each whose error the worker told (``collected``) fails with it
         now; the others go out again (their retries afresh: not at fault) and are counted in
-        ``ran_again``. ``_isolate`` and ``_recheck`` then send the rest."""
+        ``ran_again`` as they go out again. ``_isolate`` and ``_recheck`` then send the rest."""
         known = unit.collected or {}
         lo = 0
         for j in sorted(k for k in known if k < index):
@@ -1138,7 +1144,16 @@ class MapJob:
     def _again(self, unit: Unit, lo: int, hi: int) -> None:
         """Items ``lo:hi`` of ``unit`` ran, and their results died with its worker: they go out again."""
         self._resend_part(unit, lo, hi, attempts=0)
-        self.ran_again.extend(range(unit.start + lo, unit.start + hi))
+        self._finished_once.update(range(unit.start + lo, unit.start + hi))
+
+    def _going_again(self, unit: Unit) -> None:
+        """``unit`` goes out again: those of its items that had finished once are
+        said to have run again (``ran_again``) now, not when they were queued."""
+        if self._finished_once:
+            again = [i for i in range(unit.start, unit.start + unit.count) if i in self._finished_once]
+            if again:
+                self.ran_again.extend(again)
+                self._finished_once.difference_update(again)
 
     def _isolate(self, unit: Unit, index: int) -> Unit:
         """Split ``unit`` around item ``index``: re-send those after it, return the culprit

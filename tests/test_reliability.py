@@ -405,6 +405,25 @@ def test_timeout_in_a_chunk_raises_for_the_item_past_it(ip, pool2):
     assert str(info.value) == "item 6 (6) ran past the timeout of 0.5 s; its worker was stopped and replaced"
 
 
+def test_ran_again_names_only_items_that_ran_again(ip, pool2, tmp_path):
+    """Items 1 and 5 run past the timeout in chunks of 4: items 0 and 4 had finished in
+    the stopped chunks and are queued again, but the run fails at item 1 and may
+    never send item 4 again. The report said "items 0, 4 ran again" of an item that
+    ran once; now what it says is what the items' own log shows."""
+    log = tmp_path / "ran.log"
+    run(ip, f"import time\nLOG = {str(log)!r}\n"
+            "def hangs(x):\n    with open(LOG, 'a') as f:\n        f.write(f'{x}\\n')\n"
+            "    time.sleep(30 if x in (1, 5) else 0.3)\n    return x\n")
+    with capture_output(), pytest.raises(mpmagic.TaskTimeoutError):
+        mpmagic.pmap(ip.user_ns["hangs"], range(8), timeout=0.5, chunksize=4)
+    said = sorted(mpmagic.last_report().ran_again)
+    time.sleep(1.0)  # (a unit sent again before the run failed finishes its item)
+    runs = [int(line) for line in log.read_text().split()]
+    assert said == sorted(i for i in set(runs) if runs.count(i) > 1), (said, runs)
+    assert 0 in said  # (item 1's error waits for item 0, which ran again)
+    assert_healed(ip, pool2)
+
+
 def test_parallel_timeout_stops_the_stuck_rank(ip, pool2):
     t0 = time.monotonic()
     with capture_output() as cap:
