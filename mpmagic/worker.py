@@ -702,7 +702,10 @@ def run_items_timed(
             position.value = i
         t = clock()
         try:
-            results.append(func(*item) if star else func(item))
+            # (starmap's call, not func(*item): an item it cannot unpack fails with
+            # serial starmap's "'int' object is not iterable", not "func() argument
+            # after * must be an iterable")
+            results.append(next(starmap(func, (item,))) if star else func(item))
         except BaseException as exc:
             times.append(clock() - t)
             info = ErrorInfo(_as_item_error(exc))

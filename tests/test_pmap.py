@@ -330,10 +330,11 @@ def test_star_item_that_cannot_be_unpacked_fails_as_starmap_does(ip, backend):
     run(ip, "import itertools\ndef tup(*a):\n    return a\ndef div(a, b=0):\n    return a / b\n")
     with pytest.raises(TypeError) as serial:
         run(ip, "list(itertools.starmap(tup, [(1, 2), 3]))")
-    with pytest.raises(TypeError) as got:
-        run(ip, "%pmap -q --star tup, [(1, 2), 3]")
-    assert str(got.value) == str(serial.value) == "'int' object is not iterable"
-    assert "item 1 of the input: tup(*3)" in "\n".join(getattr(got.value, "__notes__", []))
+    for line in ("%pmap -q --star tup, [(1, 2), 3]", "%pmap -q --star --insights tup, [(1, 2), 3]"):
+        with pytest.raises(TypeError) as got:  # (--insights: the loop that times each item)
+            run(ip, line)
+        assert str(got.value) == str(serial.value) == "'int' object is not iterable", line
+        assert "item 1 of the input: tup(*3)" in "\n".join(getattr(got.value, "__notes__", [])), line
     with pytest.raises(ZeroDivisionError) as got:
         run(ip, "%pmap -q --star div, [(1,)]")
     assert "item 0 of the input: div(1)" in "\n".join(getattr(got.value, "__notes__", []))
