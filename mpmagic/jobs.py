@@ -359,8 +359,12 @@ class MapJob:
         # array spends them comparing it with the workers' copy, and its report says so.
         self.payload_seconds = 0.0
         self.payload_served: tuple[str, int] = ("given", 0)
-        # The segment holding the payload's copy of the function's captured arrays (see payload_lost).
+        # The segment holding the payload's copy of the function's captured arrays (see
+        # payload_lost), held until the run ends (release_shared; or when the job is
+        # collected, if it never ran): the cache replacing its entry meanwhile (another
+        # thread's first call of the same function) does not unlink it under the run.
         self._payload_segment: str | None = None
+        self._let_go: weakref.finalize | None = None
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
@@ -1249,12 +1253,23 @@ class MapJob:
 
     def _build_payload(self) -> None:
         """The function's payload, from ``payload_cache`` (reused when nothing it captures changed)."""
+        self._release_payload_segment()
         t0 = time.perf_counter()
         with payload.keeping(self.kept), _same_machine(self.shared_memory):
-            self.func_key, self.func_payload = payload_cache.function_payload(self.func, self.shared_memory)
+            self.func_key, self.func_payload = payload_cache.function_payload(
+                self.func, self.shared_memory, hold=True)
         self.payload_seconds += time.perf_counter() - t0
         self.payload_served = payload_cache.last_served()
-        self._payload_segment = payload_cache.last_segment()
+        self._payload_segment = name = payload_cache.last_segment()
+        if name is not None:  # (held: see function_payload; let go once, whichever comes first)
+            self._let_go = weakref.finalize(self, shm.let_go, name)
+            self._let_go.atexit = False  # (at exit shm.release_all unlinks it anyway)
+
+    def _release_payload_segment(self) -> None:
+        """Give back the hold on the payload's segment (unlinked if the cache no longer has it)."""
+        let_go, self._let_go = self._let_go, None
+        if let_go is not None:
+            let_go()
 
     def payload_lost(self) -> bool:
         """Did a pool stop unlink the shared-memory copy of the captured arrays that
@@ -1278,6 +1293,7 @@ class MapJob:
         they are released as before.
         """
         self.kept = {}
+        self._release_payload_segment()
         self._lines.end()  # (an interrupted or dead unit's partial line is shown)
         for unit in [*self.outstanding.values(), *self._requeued]:
             if unit.lease is not None:

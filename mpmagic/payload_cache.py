@@ -99,15 +99,26 @@ def _served(how: str, copies: int, segment: shm.Segment | None) -> None:
     _last.segment = segment.name if segment is not None else None
 
 
-def function_payload(func: Any, shared: bool = False, what: str = "the function") -> tuple[bytes, bytes]:
+def function_payload(
+    func: Any, shared: bool = False, what: str = "the function", hold: bool = False
+) -> tuple[bytes, bytes]:
     """``(key, payload)`` for ``func``: reused when unchanged, built when not.
 
     ``shared``: large buffers the function captures go into a shared-memory
     segment (only for workers on this machine).
+
+    ``hold``: the caller takes a reference on that segment (its name:
+    :func:`last_segment`) and gives it back with ``shm.let_go(name)`` once
+    the run that sends this payload is over. The cache may replace the entry
+    meanwhile (another thread's first call of the same function, an array
+    changed for the next call): the segment stays until the run lets go, since
+    its workers attach to it by name as they start (a pool stop still unlinks
+    it: see ``jobs.MapJob.payload_lost``).
     """
     payload.send_running_modules_by_value()  # (a %run -n script's functions: not imported again by workers)
     shared = shared and shm.ENABLED
     slot = (id(func), shared)
+    held: str | None = None  # the segment this call holds for its caller (hold=True)
     with _lock:
         _drop_dead(keep=slot)
         entry = _entries.get(slot)
@@ -120,11 +131,29 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
             # The most recently used now, whichever way it is served (a payload built
             # again goes last too): one trip under the lock less for a warm call.
             _entries.move_to_end(slot)
+            # Held before the lock goes: a thread replacing the entry from here on
+            # cannot unlink the segment this call may serve (a stop can: payload_lost).
+            if hold and entry.segment is not None and shm.pool().hold(entry.segment.name):
+                held = entry.segment.name
+    try:
+        key, data, held = _serve(func, shared, what, slot, entry, held, hold)
+    except BaseException:
+        if held is not None:
+            shm.let_go(held)
+        raise
+    return key, data
+
+
+def _serve(
+    func: Any, shared: bool, what: str, slot: tuple[int, bool], entry: _Entry | None, held: str | None, hold: bool
+) -> tuple[bytes, bytes, str | None]:
+    """:func:`function_payload`'s work once the entry is looked up: ``(key, payload,
+    the segment now held for the caller)``; ``held`` is the one held so far."""
     captured = _capture(func)
     if (entry is not None and captured is not None and entry.captured is not None and _same(entry.captured, captured)
             and _keep_again(entry)):
         _served("fast", 0, entry.segment)
-        return entry.key, entry.data
+        return entry.key, entry.data, held
 
     collector = shm.Collector(lend=True) if shared else None
     found: dict[int, Any] = {}
@@ -142,8 +171,11 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
             _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
         with _lock:
             _entries.move_to_end(slot)
-        return entry.key, entry.data
+        return entry.key, entry.data, held
 
+    if held is not None:  # (the old entry's segment: not what this payload names)
+        shm.let_go(held)
+        held = None
     segment = refs = None
     data = inband
     if buffers:
@@ -155,18 +187,22 @@ def function_payload(func: Any, shared: bool = False, what: str = "the function"
     try:
         ref = weakref.ref(func, forget)
     except TypeError:  # builtins and the like: cheap to pickle, not cached
-        if segment is not None:
-            shm.pool().track(segment)  # freed at pool stop
-        return payload.payload_key(data), data
+        if segment is not None and hold and shm.pool().hold(segment.name):
+            held = segment.name  # (nobody else's: unlinked when the run lets go)
+        return payload.payload_key(data), data, held
     new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs, kept, shm.WRITABLE)
     if segment is not None:
         _watch_arrays(new, slot, buffers)
     with _lock:
+        if segment is not None:
+            shm.pool().hold(segment.name)  # the cache's reference (let go by _drop)
+            if hold and shm.pool().hold(segment.name):
+                held = segment.name
         _drop(slot)
         _entries[slot] = new
         while len(_entries) > _MAX_ENTRIES:
             _drop(next(iter(_entries)))
-    return new.key, new.data
+    return new.key, new.data, held
 
 
 def _watch_arrays(entry: _Entry, slot: tuple[int, bool], buffers: list) -> None:
@@ -232,8 +268,8 @@ def _drop(slot: tuple[int, bool]) -> None:
     entry = _entries.pop(slot, None)
     for watch in entry.watch if entry is not None else ():
         watch.detach()
-    if entry is not None and entry.segment is not None and entry.segment.name in shm.pool().live:
-        shm.pool().destroy(entry.segment)
+    if entry is not None and entry.segment is not None:
+        shm.let_go(entry.segment.name)  # (unlinked now, or when the last run naming it ends: SegmentPool.hold)
 
 
 def _keep_again(entry: _Entry) -> bool:

@@ -22,7 +22,8 @@ Who owns a segment, and so who unlinks it:
   2 ms per MB on a small VM, against 0.08 ms per MB to copy into pages that
   are already there). Captured globals get a segment that lives as long as
   the cached function payload, and no longer than the captured array
-  (``payload_cache._watch_arrays``). Workers map lent segments **read-only**
+  (``payload_cache._watch_arrays``), except that a run whose payload names
+  it holds it until the run ends (:meth:`SegmentPool.hold`). Workers map lent segments **read-only**
   (unless ``writable``: then a captured array's copy is mapped
   copy-on-write, so a worker's writes stay its own) and keep the mapping
   until the notebook says ``unmap`` (:func:`take_unmapped`), so a reused
@@ -223,6 +224,10 @@ class SegmentPool:
         self.free: list[Segment] = []
         self.live: dict[str, Segment] = {}  # every segment this pool created
         self.unmapped: list[str] = []  # destroyed since workers were last told
+        # References on a segment shared by several owners (a cached function payload's
+        # copy of its captured arrays: the cache, and each run whose payload names it),
+        # by name: the last :meth:`let_go` destroys it (:meth:`hold`).
+        self.holds: dict[str, int] = {}
 
     def acquire(self, nbytes: int) -> Segment:
         """A segment of at least ``nbytes``: a free one of about that size, or a new one."""
@@ -255,10 +260,39 @@ class SegmentPool:
         for seg in doomed:
             self.destroy(seg)
 
+    def hold(self, name: str) -> bool:
+        """Take a reference on live segment ``name``; False (nothing taken) if it is gone.
+
+        A captured array's copy is named by every payload built from the cached
+        entry that owns it, and a run's workers attach to it by name as they
+        start on it: replacing the entry (another thread's first call of the same
+        function, a changed array) must not unlink it under a run still in flight.
+        So the cache and each such run hold it, and :meth:`let_go` unlinks it
+        when the last of them lets go. A pool stop (:meth:`clear`) unlinks it
+        whatever the holds (its runs fail, or build their payload again)."""
+        with _lock:
+            if name not in self.live:
+                return False
+            self.holds[name] = self.holds.get(name, 0) + 1
+            return True
+
+    def let_go(self, name: str) -> None:
+        """Give back a reference :meth:`hold` took; the last one destroys the segment
+        (nothing if it is gone already: a pool stop unlinked it)."""
+        with _lock:
+            n = self.holds.pop(name, 0) - 1
+            if n > 0:
+                self.holds[name] = n
+                return
+            seg = self.live.get(name) if n == 0 else None
+            if seg is not None:
+                self.destroy(seg)  # (under the lock: nobody can hold it in between)
+
     def destroy(self, seg: Segment) -> None:
         """Unlink a segment now; workers drop their mappings when told."""
         with _lock:
             self.live.pop(seg.name, None)
+            self.holds.pop(seg.name, None)
             if seg in self.free:
                 self.free.remove(seg)
             self.unmapped.append(seg.name)
@@ -274,6 +308,7 @@ class SegmentPool:
         """Unlink every segment this notebook lent (pool stop, exit)."""
         with _lock:
             segs = list(self.live.values())
+            self.holds.clear()
         for seg in segs:
             self.destroy(seg)
 
@@ -293,6 +328,12 @@ def lent(name: str) -> bool:
     """Is ``name`` a segment the notebook still lends (not unlinked since: a pool
     stop unlinks them all, :func:`cleanup`)?"""
     return _pool is not None and name in _pool.live
+
+
+def let_go(name: str) -> None:
+    """Give back a reference on segment ``name`` (:meth:`SegmentPool.hold`)."""
+    if _pool is not None:
+        _pool.let_go(name)
 
 
 def give_back_kept() -> bool:

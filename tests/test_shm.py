@@ -631,3 +631,81 @@ def test_a_restart_between_a_cells_packing_and_its_submit_leaves_the_run_whole(i
     assert list(got) == [float(big[r::2].sum()) for r in range(2)]
     mpmagic.stop_pool()
     assert mine() - before == set()
+
+
+# --------------------------------------------------------------------------
+# Two threads' first calls of one function: two copies of its captured array
+
+
+def test_two_threads_first_calls_of_one_function_keep_each_payloads_copy(ip, method, monkeypatch):
+    """Two threads call ``pmap`` at once on a function just defined that captures
+    a large array: both miss the payload cache, and each copies the array into a
+    segment of its own. The second to store its entry replaced the first's, and
+    unlinked the first's copy after that thread's run had checked it
+    (``payload_lost``) and before its workers attached to it: FileNotFoundError
+    from our shm code, "the function could not be loaded" (a tester: 28 of 200
+    calls with 2 threads). A run now holds its payload's segment until it ends.
+
+    The interleaving is forced: both threads copy the array (``shm.wrap``) before
+    either stores its entry; the second stores its entry only once the first's run
+    passed its check (``MapJob.prefill``, right after it), and the first's run goes
+    on once the second's entry is stored. Both get serial ``map()``'s result; the
+    replaced copy is unlinked when its run ends; after ``stop_pool`` nothing is left."""
+    from mpmagic import jobs
+
+    ensure_pool(method).wait_ready()
+    before = mine()
+    run(ip, "import numpy as np\ntwin_cap = np.arange(300_000, dtype=np.float64)\n"
+            "def use_twin_cap(i):\n    return float(twin_cap[i]) * 2")
+    use_cap = ip.user_ns["use_twin_cap"]
+    expected = list(map(use_cap, range(6)))
+    both_copying = threading.Barrier(2, timeout=60)
+    first_checked, second_stored = threading.Event(), threading.Event()
+    role: dict[int, int] = {}  # thread -> 0 (first to store its entry) or 1
+    wrap, prefill = shm.wrap, jobs.MapJob.prefill
+
+    def hooked_wrap(data, buffers, mode, lease=None, inline=()):
+        if mode != "lend" or lease is not None or threading.get_ident() not in role:
+            return wrap(data, buffers, mode, lease, inline)  # (not a payload of the two calls)
+        out = wrap(data, buffers, mode, lease, inline)
+        if both_copying.wait() == 1:  # (both missed the cache: each has its own copy)
+            role[threading.get_ident()] = 1
+            assert first_checked.wait(60)  # its entry replaces the first's after the first's run checked it
+        return out
+
+    def hooked_prefill(job):
+        who = role.get(threading.get_ident())
+        if who == 0:
+            first_checked.set()
+            assert second_stored.wait(60)
+        elif who == 1:
+            second_stored.set()
+        return prefill(job)
+
+    monkeypatch.setattr(shm, "wrap", hooked_wrap)
+    monkeypatch.setattr(jobs.MapJob, "prefill", hooked_prefill)
+    got: dict[int, object] = {}
+
+    def call(n: int) -> None:
+        role[threading.get_ident()] = 0
+        try:
+            got[n] = mpmagic.pmap(use_cap, range(6))
+        except BaseException as exc:  # (asserted below, in the test's thread)
+            got[n] = exc
+            first_checked.set()
+            second_stored.set()
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert got == {0: expected, 1: expected}
+    assert sorted(role.values()) == [0, 1]  # (the interleaving was the one forced)
+    monkeypatch.undo()
+    copies = [name for name in mine() - before if name.split("_")[-2].startswith("l")]
+    assert len(copies) == 1, copies  # the cached entry's; the replaced one went with its run
+    assert mpmagic.pmap(use_cap, range(6)) == expected  # the next call is served from the cache
+    mpmagic.stop_pool()
+    assert mine() - before == set()
