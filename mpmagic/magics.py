@@ -1182,7 +1182,8 @@ class MPMagics(Magics):
         elif action == "stop":
             pool.stop_pool_saying("%pool stop")
         elif action == "restart":
-            pool.restart_with(opts.workers, opts.start_method, opts.max_tasks_per_child, opts.max_memory)
+            pool.restart_with_saying("%pool restart", opts.workers, opts.start_method, opts.max_tasks_per_child,
+                                     opts.max_memory)
         elif action == "resize":
             if opts.workers and opts.target:
                 raise UsageError(f"resize takes N or -n N, not both: %pool resize {opts.target}")

@@ -214,7 +214,7 @@ def _refuse_local_options(
 
 #: What a Ctrl-C during a stop says once the stop finished (``who``: ``stop_pool()``, ``%pool stop``).
 STOP_INTERRUPTED = "{who} interrupted: the stop was finished first, and none of the pool's workers is left running"
-#: ... during start_pool's change (a new pool made and started, or the pool resized and started).
+#: ... during start_pool's or restart_with's change (a new pool made and started, or the pool resized or restarted).
 START_INTERRUPTED = ("{who} interrupted: its change was finished first, and the pool ({workers} workers, "
                      "start method {method}) goes on starting; %pool shows its state")
 #: ... during start_pool(wait=True)'s wait for the workers.
@@ -377,13 +377,11 @@ def _start_now(
 
 
 def _retire(backend: Backend, wait_busy: bool = True) -> None:
-    """Stop ``backend``, which another replaces (or none, at unload): a local pool
-    stays stopped for good (``LocalBackend.retire``), so a run that chose it just
-    before fails cleanly instead of starting workers nobody would stop."""
-    if isinstance(backend, LocalBackend):
-        backend.retire(wait_busy=wait_busy)
-    else:
-        backend.stop()
+    """Stop ``backend``, which another replaces (or none, at unload): it stays
+    stopped for good (``Backend.retire``, local or Dask), so a run that chose it
+    just before fails cleanly instead of starting workers (a Dask cluster) nobody
+    would stop."""
+    backend.retire(wait_busy=wait_busy)
 
 
 def _set_gpus(gpus: str | Iterable[int | str]) -> None:
@@ -424,7 +422,7 @@ def restart_pool(wait: bool = True) -> Backend:
     ``wait``: return once the workers are ready; ``wait=False`` returns at once
     while they start (the next run waits for them).
     """
-    return restart_with(wait=wait)
+    return restart_with_saying("restart_pool()", wait=wait)
 
 
 def restart_with(
@@ -446,19 +444,48 @@ def restart_with(
     On the local pool a Ctrl-C before the new workers are started is held until
     they are (the old ones' stop takes at most a few seconds): the restart is
     never left half done, with the old pool stopped and the new settings
-    dropped. Only the wait for the new workers is cut short; they go on
-    starting, as %pool restart's interrupt line says.
+    dropped. The interrupt is then one line saying the restart was finished
+    first (as ``start_pool``'s). Only the wait for the new workers is cut short;
+    they go on starting, as that interrupt's line says.
     """
+    return restart_with_saying("restart_with()", workers, start_method, max_tasks_per_child, max_memory, wait)
+
+
+def restart_with_saying(
+    who: str,
+    workers: int | None = None,
+    start_method: str | None = None,
+    max_tasks_per_child: int | None = None,
+    max_memory: int | str | None = None,
+    wait: bool = True,
+) -> Backend:
+    """``restart_with(...)``, whose one-line interrupts name ``who`` (``%pool restart``, ``restart_pool()``).
+
+    A Ctrl-C held during the stop and the new start says the restart was finished
+    first (``START_INTERRUPTED``); only one during the wait for the workers says it
+    cut that wait short (``WAIT_INTERRUPTED``). It said "interrupted while it waited
+    for the workers" for a Ctrl-C that came during the ~2 s stop of busy workers."""
     current = current_pool()
     if current is not None and not isinstance(current, LocalBackend):
         with _lock:
             return _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait)
     _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
-    with sigint_deferred():  # (also while it waits for _lock: a pool starting in the background holds it)
+
+    def said() -> str:
+        now = current_pool()
+        return START_INTERRUPTED.format(who=who, workers=getattr(now, "workers", "?"),
+                                        method=getattr(now, "start_method", "?"))
+
+    with _finished_then_interrupt(said):  # (also while it waits for _lock: a pool starting in the background holds it)
         with _lock:
             backend = _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait=False)
     if wait:
-        backend.wait_ready()
+        try:
+            backend.wait_ready()
+        except KeyboardInterrupt as exc:
+            if hasattr(exc, "_render_traceback_"):
+                raise
+            raise one_line_interrupt(WAIT_INTERRUPTED.format(who=who)) from None
     return backend
 
 

@@ -191,6 +191,72 @@ def test_pool_restart_cuts_a_background_run_off_as_on_the_local_pool(ip):
         pool_module.shutdown()
 
 
+def test_a_run_that_chose_a_dask_pool_replaced_by_use_local_fails_and_starts_no_cluster(ip):
+    """A run that chose the Dask pool just before another thread's ``use_local()``
+    replaced it (it waited for its turn: runs on Dask take turns) started a new
+    LocalCluster when its turn came: its worker process was out of ``%pool``'s and
+    ``stop_pool()``'s reach, one more per switch, until the interpreter exited. The
+    replaced pool now stays stopped, as a replaced local pool does: the run fails
+    as one the switch overtook, and nothing starts the old pool again."""
+    pool_module.shutdown()
+    old = mpmagic.use_dask(workers=1)
+    real_take_turn = old._take_turn
+
+    def switch_then_take_turn(run):  # (the other thread's switch, while this run waits for its turn)
+        del old._take_turn
+        mpmagic.use_local(workers=1)
+        return real_take_turn(run)
+
+    old._take_turn = switch_then_take_turn
+    try:
+        with pytest.raises(mpmagic.MPMagicError) as info:
+            mpmagic.pmap(abs, [-1, -2])
+        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert not old.running and old.client is None and old.cluster is None  # not started again
+        with pytest.raises(mpmagic.MPMagicError, match="replaced by another one .* mpmagic.get_pool"):
+            old.start()  # nothing starts it again
+        new = pool_module.current_pool()
+        assert new is not old and new.name == "local"
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is new
+        mpmagic.stop_pool()
+        deadline = time.monotonic() + 10.0
+        while _dask_worker_children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _dask_worker_children() == []
+    finally:
+        old.__dict__.pop("_take_turn", None)
+        pool_module.shutdown()
+
+
+def test_a_result_dask_cannot_fetch_as_the_pool_stops_blames_the_stop(dask_pool, monkeypatch):
+    """A run in flight when ``use_local()`` stopped the Dask pool fetched a finished
+    task's result from the closing client, and failed with "Dask could not run items
+    0-2: RuntimeError: ConnectionPool is closed" (1 run in ~4,000, a tester): it
+    blamed the items for the stop. The stop is the cause: the run says so, as the
+    others in flight did."""
+    from distributed import Future
+
+    real_result = Future.result
+    stopped = []
+
+    def result_as_the_pool_stops(self, timeout=None):
+        if not stopped and sys._getframe(1).f_code.co_name == "_finish":  # (the run's fetch of a result)
+            stopped.append(True)
+            stop = threading.Thread(target=dask_pool.stop)  # (use_local() in another thread)
+            stop.start()
+            stop.join()
+            raise RuntimeError("ConnectionPool is closed")  # what Dask's closed client said
+        return real_result(self, timeout)
+
+    monkeypatch.setattr(Future, "result", result_as_the_pool_stops)
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        mpmagic.pmap(abs, range(-3, 0))
+    monkeypatch.undo()
+    assert stopped
+    assert str(info.value) == "the pool was stopped while this run was in flight"
+    assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # (the next run connects again)
+
+
 # -- abandoned tasks, -n, control flow, the notebook's world -----------------
 
 

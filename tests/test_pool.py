@@ -281,7 +281,7 @@ def test_an_interrupted_pool_restart_is_one_line_saying_what_goes_on(ip, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pool_module, "restart_with", interrupted)
+    monkeypatch.setattr(pool_module, "restart_with_saying", interrupted)
     result = ip.run_cell("%pool restart", store_history=False)
     err = result.error_in_exec
     assert isinstance(err, KeyboardInterrupt)
@@ -310,7 +310,9 @@ def test_a_ctrl_c_between_a_restarts_stop_and_start_is_held_until_the_new_pool_s
         err = ip.run_cell("%pool restart --start-method spawn", store_history=False).error_in_exec
         monkeypatch.undo()
         assert isinstance(err, KeyboardInterrupt)
-        assert "they go on starting" in err._render_traceback_()[0]
+        assert err._render_traceback_() == [  # (the restart finished first: the line says so)
+            "KeyboardInterrupt: %pool restart interrupted: its change was finished first, and the pool "
+            "(2 workers, start method spawn) goes on starting; %pool shows its state"]
         pool = mpmagic.get_pool()
         assert pool.start_method == "spawn" and len(pool.slots) == 2  # made and started
         assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is pool
@@ -472,6 +474,41 @@ def test_a_ctrl_c_during_stop_pool_lets_the_stop_finish_and_says_so_in_one_line(
         "workers is left running"]
     assert pool2.slots == [] and not any(_alive(pid) for pid in pids)
     assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # and the next run starts it again
+
+
+def test_a_ctrl_c_during_pool_restarts_stop_says_the_restart_was_finished_first(ip, pool2, monkeypatch):
+    """A Ctrl-C during ``%pool restart``'s stop of busy workers is held until the
+    restart is done (the state afterwards was right), but it was reported as
+    "%pool restart interrupted while it waited for the workers": it came during the
+    stop, not the wait, and the line did not say the restart finished first, as
+    ``%pool stop`` and ``%pool start`` say."""
+    from mpmagic.backends.local import LocalBackend
+
+    pids = [s.pid for s in pool2.slots]
+    real_stop = LocalBackend.stop
+
+    def interrupted_stop(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the old workers stop
+        return real_stop(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            ip.run_line_magic("pool", "restart")
+        monkeypatch.undo()
+        assert info.value._render_traceback_() == [
+            "KeyboardInterrupt: %pool restart interrupted: its change was finished first, and the pool "
+            "(2 workers, start method forkserver) goes on starting; %pool shows its state"]
+        assert mpmagic.get_pool() is pool2 and not any(_alive(pid) for pid in pids)  # restarted: new workers
+        with pytest.raises(KeyboardInterrupt) as info:
+            monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+            mpmagic.restart_pool()
+        monkeypatch.undo()
+        assert info.value._render_traceback_()[0].startswith(
+            "KeyboardInterrupt: restart_pool() interrupted: its change was finished first")
+        assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]
+    finally:
+        monkeypatch.undo()
 
 
 def test_a_ctrl_c_during_a_start_method_switch_lets_it_finish_and_says_so_in_one_line(pool2, monkeypatch):

@@ -82,7 +82,7 @@ from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
-from .local import _no_main_module
+from .local import _no_main_module, _stopped_error
 
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
@@ -347,6 +347,7 @@ class DaskBackend:
         # Stops and restarts so far: a run in flight when it changes was cut
         # off by the user (``%pool stop``/``restart``), not by the cluster.
         self.stops = 0
+        self._retired = False  # replaced by another pool (see retire): never started or connected again
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
         self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (each task carries them)
@@ -391,6 +392,9 @@ class DaskBackend:
     def start(self) -> None:
         """Connect (or start the local cluster); a clear error if that fails in time."""
         with self._lock:
+            if self._retired:
+                raise MPMagicError("this Dask pool was replaced by another one (use_local(), use_dask(), or the "
+                                   "extension's unload) and stays stopped: mpmagic.get_pool() is the pool now")
             if self.running:
                 return
             self._close_quietly()
@@ -545,6 +549,21 @@ class DaskBackend:
         silenced, self._silenced = self._silenced, None
         if silenced is not None:
             silenced.restore()
+
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+        """Stop this pool for good: another pool replaced it (``use_local``, ``use_dask``,
+        the extension's unload). ``wait_busy`` is the local pool's (Dask's tasks are cancelled).
+
+        A run that chose this pool just before it was replaced (another thread's ``pmap``,
+        waiting for its turn while ``use_local()`` stopped the cluster) then fails with
+        "the pool was stopped while this run was in flight"; nothing starts or connects
+        it again. Its run used to start a new cluster: its worker process ran on, out of
+        ``%pool``'s sight and out of ``stop_pool()``'s reach, one more per switch, until
+        the interpreter exited.
+        """
+        with self._lock:
+            self._retired = True
+        self.stop(timeout)
 
     @staticmethod
     def _close_cluster(cluster: Any, timeout: float) -> None:
@@ -1012,7 +1031,22 @@ class DaskBackend:
 
     def _run(self, job: Job, workers: int | None) -> None:
         __tracebackhide__ = True
-        self.start()
+        with self._lock:
+            if self._retired:  # replaced since the caller chose it (a run waiting for its turn): never started again
+                raise _stopped_error()
+            self.start()
+            stops = self.stops
+        try:
+            run = self._prepare(job, workers, stops)
+        except Exception:
+            if self.stops != stops:  # stopped (or replaced) from another thread meanwhile: the stop is the cause
+                raise _stopped_error() from None
+            raise
+        run.execute()
+
+    def _prepare(self, job: Job, workers: int | None, stops: int) -> _DaskRun:
+        """``_run``'s plan of the run, on the cluster as it was when ``stops`` was read."""
+        __tracebackhide__ = True
         self._heal()
         self.calls_run += 1
         if not self.owns_cluster:  # (%pool restart restarts nothing there, and sys.path is not sent)
@@ -1040,10 +1074,11 @@ class DaskBackend:
                 job.shared_workers = True  # every worker busy with a task given up on: the run waits for one
             restrict, capacity, job.ran_on = self._plan(nthreads, workers, depth)
         run = _DaskRun(self, job, capacity, targets, restrict)
+        run.stops = stops
         run.asked = workers
         if job.kind == "map" and restrict is None:
             run.spread = nthreads
-        run.execute()
+        return run
 
     def _rank_workers(self, size: int, nthreads: dict[str, int]) -> list[str]:
         """One distinct worker process per rank, or a clear error."""
@@ -1145,6 +1180,11 @@ class _DaskRun:
             raise
         except BaseException as exc:
             self._abandon(interrupted=False, stop=isinstance(exc, CancelledError))
+            if self.backend.stops != self.stops and not isinstance(exc, (MPMagicError, CancelledError)):
+                # Dask's own error as the pool stopped under the run (a submit to the
+                # closed client): the stop is the cause, not the run's items.
+                log.debug("mpmagic: a Dask run failed as the pool stopped", exc_info=True)
+                raise _stopped_error() from None
             raise
         finally:
             self.backend._event_sink = None
@@ -1429,8 +1469,14 @@ class _DaskRun:
             self.tasks.pop(task.key, None)
 
     def _failed(self, task: _Task, exc: BaseException | None) -> None:
-        """Dask itself could not run the task (not an exception of the user's code)."""
+        """Dask itself could not run the task (not an exception of the user's code).
+
+        A pool stopped under the run is the cause of whatever Dask says then (a
+        result fetched as the client closed: "RuntimeError: ConnectionPool is
+        closed"): the run fails as stopped, blaming no item."""
         self.tasks.pop(task.key, None)
+        if self.backend.stops != self.stops:
+            raise _stopped_error()
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, KilledWorker):
@@ -1561,7 +1607,7 @@ class _DaskRun:
         """
         backend = self.backend
         if backend.stops != self.stops:
-            raise MPMagicError("the pool was stopped while this run was in flight")
+            raise _stopped_error()
         lost = reason == "scheduler-connection-lost" or self.client.status != "running"
         if not lost and reason != "scheduler-restart":
             return
