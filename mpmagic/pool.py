@@ -255,6 +255,28 @@ class _finished_then_interrupt:  # noqa: N801 (used as a function: `with _finish
             raise one_line_interrupt(self.say()) from None
 
 
+def _changed(who: str) -> Callable[[], str]:
+    """The line of a Ctrl-C held during ``who``'s stop and start (``START_INTERRUPTED``),
+    made once the change is over: the pool as it is then."""
+
+    def said() -> str:
+        now = current_pool()
+        return START_INTERRUPTED.format(who=who, workers=getattr(now, "workers", "?"),
+                                        method=getattr(now, "start_method", "?"))
+
+    return said
+
+
+def _wait_ready_saying(who: str, backend: Backend) -> None:
+    """``backend.wait_ready()``; a Ctrl-C cuts that wait short, as one line (``WAIT_INTERRUPTED``)."""
+    try:
+        backend.wait_ready()
+    except KeyboardInterrupt as exc:
+        if hasattr(exc, "_render_traceback_"):
+            raise  # (one line already)
+        raise one_line_interrupt(WAIT_INTERRUPTED.format(who=who)) from None
+
+
 def start_pool(
     workers: int | None = None,
     start_method: str | None = None,
@@ -318,20 +340,10 @@ def start_pool_saying(
     if current is None or isinstance(current, LocalBackend):  # (Dask checks its size as it resizes)
         _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
 
-    def said() -> str:
-        now = current_pool()
-        return START_INTERRUPTED.format(who=who, workers=getattr(now, "workers", "?"),
-                                        method=getattr(now, "start_method", "?"))
-
-    with _finished_then_interrupt(said):
+    with _finished_then_interrupt(_changed(who)):
         backend = _start_now(workers, start_method, max_tasks_per_child, max_memory, gpus)
     if wait:
-        try:
-            backend.wait_ready()
-        except KeyboardInterrupt as exc:
-            if hasattr(exc, "_render_traceback_"):
-                raise
-            raise one_line_interrupt(WAIT_INTERRUPTED.format(who=who)) from None
+        _wait_ready_saying(who, backend)
     return backend
 
 
@@ -471,21 +483,11 @@ def restart_with_saying(
             return _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait)
     _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
 
-    def said() -> str:
-        now = current_pool()
-        return START_INTERRUPTED.format(who=who, workers=getattr(now, "workers", "?"),
-                                        method=getattr(now, "start_method", "?"))
-
-    with _finished_then_interrupt(said):  # (also while it waits for _lock: a pool starting in the background holds it)
+    with _finished_then_interrupt(_changed(who)):  # (also while it waits for _lock: a pool starting in the background holds it)
         with _lock:
             backend = _restart_now(workers, start_method, max_tasks_per_child, max_memory, wait=False)
     if wait:
-        try:
-            backend.wait_ready()
-        except KeyboardInterrupt as exc:
-            if hasattr(exc, "_render_traceback_"):
-                raise
-            raise one_line_interrupt(WAIT_INTERRUPTED.format(who=who)) from None
+        _wait_ready_saying(who, backend)
     return backend
 
 
