@@ -283,15 +283,20 @@ def advise(report: Any) -> str | None:
         if per_chunk < overhead:
             per_item = report.task_seconds / max(1, report.items_run)
             fixed = _users_chunksize(report)
-            fix = (
-                ("set %config MPMagic.chunksize = None (automatic sizing) or a larger one"
-                 if report.extra.get("chunksize_setting") else "drop --chunksize (automatic sizing) or make it larger")
-                if fixed
-                else ("--timeout sends each item in a chunk of its own (to time it alone): give each call more work "
-                      "(pass a batch of items per call), or leave --timeout out")
-                if report.extra.get("timeout_chunks")
-                else "give each call more work (pass a batch of items per call)"
-            )
+            setting = report.extra.get("chunksize_setting")
+            if fixed and report.extra.get("timed"):  # (automatic sizing under --timeout: chunks of 1)
+                fix = (("set a larger %config MPMagic.chunksize" if setting else "make --chunksize larger")
+                       + " (each item is still timed alone; without a chunk size --timeout sends each item alone)")
+            elif fixed:
+                fix = ("set %config MPMagic.chunksize = None (automatic sizing) or a larger one" if setting
+                       else "drop --chunksize (automatic sizing) or make it larger")
+            elif report.extra.get("timeout_chunks"):
+                fix = ("--timeout without a chunk size sends each item in a chunk of its own (a stopped item takes no "
+                       "other item's result with it): pass --chunksize N as well (each item is still timed alone; "
+                       "the finished items of a stopped chunk run again), give each call more work, or leave "
+                       "--timeout out")
+            else:
+                fix = "give each call more work (pass a batch of items per call)"
             # (On Dask the cost per chunk is the scheduler's too: assigning, queueing on a worker.)
             cost = "Dask scheduling, sending and collecting" if report.backend == "dask" else "sending and collecting"
             return (

@@ -893,6 +893,8 @@ class MapCall:
         report = Report.of(fields)
         if self.chunks_of_timeout:
             report.extra["timeout_chunks"] = True
+        if job.timeout:
+            report.extra["timed"] = True  # (advice: a chunk size kept, not dropped, under --timeout)
         return report
 
     def failed_items(self, results: list) -> list:

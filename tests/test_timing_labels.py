@@ -290,10 +290,15 @@ def test_a_tiny_cell_whose_ranks_outlast_its_serial_run_is_not_told_they_repeat_
 
 def test_chunks_of_one_made_by_timeout_are_not_blamed_on_a_chunksize_never_given(ip, pool2):
     tiny = dict(items=200, chunks=200, chunksize="1", wall=0.02, task_seconds=0.0002)
-    r = _report(**tiny, extra={"timeout_chunks": True})
-    assert r.advice is not None and "--chunksize" not in r.advice, r.advice
-    assert "a chunk of 1 in" in r.advice and "--timeout sends each item in a chunk of its own" in r.advice
+    r = _report(**tiny, extra={"timeout_chunks": True, "timed": True})
+    assert r.advice is not None and "drop --chunksize" not in r.advice, r.advice
+    assert "a chunk of 1 in" in r.advice and "sends each item in a chunk of its own" in r.advice
+    assert "pass --chunksize N as well (each item is still timed alone" in r.advice, r.advice
     assert "drop --chunksize" in _report(**tiny).advice  # given: named
+    # Given with --timeout: dropping it would send each item alone, so the advice keeps it
+    # (a tester: "drop --chunksize" made a Dask run 150x slower).
+    r = _report(**tiny, extra={"timed": True})
+    assert "drop --chunksize" not in r.advice and "make --chunksize larger" in r.advice, r.advice
     run(ip, "def _tiny(x):\n    return x + 1\n")
     assert run(ip, "%pmap -q --timeout 5 _tiny, range(20)") == list(range(1, 21))
     assert mpmagic.last_report().extra.get("timeout_chunks") is True
