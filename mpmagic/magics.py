@@ -1177,13 +1177,15 @@ class MPMagics(Magics):
             workers, method = config.current().take_pool_settings()
             opts.workers, opts.start_method = opts.workers or workers, opts.start_method or method
         if action == "start":
-            pool.start_pool_saying("%pool start", opts.workers, opts.start_method, opts.max_tasks_per_child,
-                                   wait=True, max_memory=opts.max_memory, gpus=opts.gpus)
+            with pool.said_as("%pool start"):
+                pool.start_pool(opts.workers, opts.start_method, opts.max_tasks_per_child, wait=True,
+                                max_memory=opts.max_memory, gpus=opts.gpus)
         elif action == "stop":
-            pool.stop_pool_saying("%pool stop")
+            with pool.said_as("%pool stop"):
+                pool.stop_pool()
         elif action == "restart":
-            pool.restart_with_saying("%pool restart", opts.workers, opts.start_method, opts.max_tasks_per_child,
-                                     opts.max_memory)
+            with pool.said_as("%pool restart"):
+                pool.restart_with(opts.workers, opts.start_method, opts.max_tasks_per_child, opts.max_memory)
         elif action == "resize":
             if opts.workers and opts.target:
                 raise UsageError(f"resize takes N or -n N, not both: %pool resize {opts.target}")

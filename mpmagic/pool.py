@@ -255,6 +255,31 @@ class _finished_then_interrupt:  # noqa: N801 (used as a function: `with _finish
             raise one_line_interrupt(self.say()) from None
 
 
+_naming = threading.local()  # (said_as: the name a magic gives the pool change it calls)
+
+
+class said_as:  # noqa: N801 (used as a function: `with said_as("%pool start"):`)
+    """``with said_as("%pool start"): start_pool(...)``: the one-line interrupts of
+    the pool changes inside name the magic the user typed, not the function it
+    calls. The outermost name wins (``%pool local`` calls ``use_local``, which
+    calls ``start_pool``: the line says ``%pool local``)."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_naming, "who", None)
+        _naming.who = self.outer or self.who
+
+    def __exit__(self, *exc: object) -> None:
+        _naming.who = self.outer
+
+
+def _who(default: str) -> str:
+    """The name for a pool change's one-line interrupt: the caller's (``said_as``), or ``default``."""
+    return getattr(_naming, "who", None) or default
+
+
 def _changed(who: str) -> Callable[[], str]:
     """The line of a Ctrl-C held during ``who``'s stop and start (``START_INTERRUPTED``),
     made once the change is over: the pool as it is then."""
@@ -322,19 +347,7 @@ def start_pool(
     settings dropped. Only the wait for the new workers (``wait=True``) is cut
     short; they go on starting.
     """
-    return start_pool_saying("start_pool()", workers, start_method, max_tasks_per_child, wait, max_memory, gpus)
-
-
-def start_pool_saying(
-    who: str,
-    workers: int | None = None,
-    start_method: str | None = None,
-    max_tasks_per_child: int | None = None,
-    wait: bool = False,
-    max_memory: int | str | None = None,
-    gpus: str | Iterable[int | str] | None = None,
-) -> Backend:
-    """``start_pool(...)``, whose one-line interrupts name ``who`` (``%pool start``, ``use_local()``)."""
+    who = _who("start_pool()")
     current = current_pool()
     _refuse_local_options(current, start_method, max_tasks_per_child, max_memory)
     if current is None or isinstance(current, LocalBackend):  # (Dask checks its size as it resizes)
@@ -417,11 +430,7 @@ def stop_pool() -> None:
     is held until the stop is over, then raised as one line: a stop cut short
     left busy workers computing out of the pool, which no later stop reached.
     """
-    stop_pool_saying("stop_pool()")
-
-
-def stop_pool_saying(who: str) -> None:
-    """``stop_pool()``, whose one-line interrupt names ``who`` (``%pool stop``)."""
+    who = _who("stop_pool()")
     with _finished_then_interrupt(lambda: STOP_INTERRUPTED.format(who=who)):
         with _lock:
             if _backend is not None:
@@ -434,7 +443,8 @@ def restart_pool(wait: bool = True) -> Backend:
     ``wait``: return once the workers are ready; ``wait=False`` returns at once
     while they start (the next run waits for them).
     """
-    return restart_with_saying("restart_pool()", wait=wait)
+    with said_as("restart_pool()"):
+        return restart_with(wait=wait)
 
 
 def restart_with(
@@ -460,23 +470,7 @@ def restart_with(
     first (as ``start_pool``'s). Only the wait for the new workers is cut short;
     they go on starting, as that interrupt's line says.
     """
-    return restart_with_saying("restart_with()", workers, start_method, max_tasks_per_child, max_memory, wait)
-
-
-def restart_with_saying(
-    who: str,
-    workers: int | None = None,
-    start_method: str | None = None,
-    max_tasks_per_child: int | None = None,
-    max_memory: int | str | None = None,
-    wait: bool = True,
-) -> Backend:
-    """``restart_with(...)``, whose one-line interrupts name ``who`` (``%pool restart``, ``restart_pool()``).
-
-    A Ctrl-C held during the stop and the new start says the restart was finished
-    first (``START_INTERRUPTED``); only one during the wait for the workers says it
-    cut that wait short (``WAIT_INTERRUPTED``). It said "interrupted while it waited
-    for the workers" for a Ctrl-C that came during the ~2 s stop of busy workers."""
+    who = _who("restart_with()")
     current = current_pool()
     if current is not None and not isinstance(current, LocalBackend):
         with _lock:
@@ -537,7 +531,8 @@ def use_local(
         if _backend is not None and not isinstance(_backend, LocalBackend):
             _retire(_backend)
             _backend = None
-        return start_pool_saying("use_local()", workers, start_method, max_tasks_per_child)
+        with said_as("use_local()"):
+            return start_pool(workers, start_method, max_tasks_per_child)
 
 
 def use_dask(address: str | None = None, **options: Any) -> Backend:

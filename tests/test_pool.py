@@ -281,7 +281,7 @@ def test_an_interrupted_pool_restart_is_one_line_saying_what_goes_on(ip, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pool_module, "restart_with_saying", interrupted)
+    monkeypatch.setattr(pool_module, "restart_with", interrupted)
     result = ip.run_cell("%pool restart", store_history=False)
     err = result.error_in_exec
     assert isinstance(err, KeyboardInterrupt)
@@ -451,21 +451,26 @@ def test_a_run_that_picked_a_pool_just_replaced_fails_cleanly_and_never_starts_i
         mpmagic.stop_pool()
 
 
+def _ctrl_c_in(monkeypatch, name: str) -> None:
+    """Make ``LocalBackend.<name>`` send this process a SIGINT (the user's Ctrl-C) as it starts."""
+    from mpmagic.backends.local import LocalBackend
+
+    real = getattr(LocalBackend, name)
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LocalBackend, name, interrupted)
+
+
 def test_a_ctrl_c_during_stop_pool_lets_the_stop_finish_and_says_so_in_one_line(pool2, monkeypatch):
     """Ctrl-C while stop_pool() waited for busy workers cut the stop short: a bare
     KeyboardInterrupt through multiprocessing's join, the workers left computing
     out of the pool (no later stop reached them), its segments left in /dev/shm.
     The stop now finishes, then the interrupt is one line saying so."""
-    from mpmagic.backends.local import LocalBackend
-
     pids = [s.pid for s in pool2.slots]
-    real_stop_workers = LocalBackend._stop_workers
-
-    def interrupted_stop(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the stop waits for the workers
-        return real_stop_workers(self, *args, **kwargs)
-
-    monkeypatch.setattr(LocalBackend, "_stop_workers", interrupted_stop)
+    _ctrl_c_in(monkeypatch, "_stop_workers")  # (as the stop waits for the workers)
     with pytest.raises(KeyboardInterrupt) as info:
         mpmagic.stop_pool()
     monkeypatch.undo()
@@ -482,16 +487,8 @@ def test_a_ctrl_c_during_pool_restarts_stop_says_the_restart_was_finished_first(
     "%pool restart interrupted while it waited for the workers": it came during the
     stop, not the wait, and the line did not say the restart finished first, as
     ``%pool stop`` and ``%pool start`` say."""
-    from mpmagic.backends.local import LocalBackend
-
     pids = [s.pid for s in pool2.slots]
-    real_stop = LocalBackend.stop
-
-    def interrupted_stop(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the old workers stop
-        return real_stop(self, *args, **kwargs)
-
-    monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+    _ctrl_c_in(monkeypatch, "stop")  # (as the old workers stop)
     try:
         with pytest.raises(KeyboardInterrupt) as info:
             ip.run_line_magic("pool", "restart")
@@ -501,7 +498,7 @@ def test_a_ctrl_c_during_pool_restarts_stop_says_the_restart_was_finished_first(
             "(2 workers, start method forkserver) goes on starting; %pool shows its state"]
         assert mpmagic.get_pool() is pool2 and not any(_alive(pid) for pid in pids)  # restarted: new workers
         with pytest.raises(KeyboardInterrupt) as info:
-            monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+            _ctrl_c_in(monkeypatch, "stop")
             mpmagic.restart_pool()
         monkeypatch.undo()
         assert info.value._render_traceback_()[0].startswith(
@@ -516,16 +513,8 @@ def test_a_ctrl_c_during_a_start_method_switch_lets_it_finish_and_says_so_in_one
     half done: the old pool stopped, the new start method silently dropped (the
     next run started the old pool again). As restart_with, the switch now finishes
     first, then the interrupt is one line saying so."""
-    from mpmagic.backends.local import LocalBackend
-
     old = pool2
-    real_stop = LocalBackend.stop
-
-    def interrupted_stop(self, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, as the old pool stops
-        return real_stop(self, *args, **kwargs)
-
-    monkeypatch.setattr(LocalBackend, "stop", interrupted_stop)
+    _ctrl_c_in(monkeypatch, "stop")  # (as the old pool stops)
     try:
         with pytest.raises(KeyboardInterrupt) as info:
             mpmagic.start_pool(start_method="fork")

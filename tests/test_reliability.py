@@ -845,7 +845,7 @@ def _one_line_cell(ip, code):
     ("%%parallel -n 2\nrank", "magics", "_check_plain_python",
      "%%parallel interrupted before its run started: nothing ran"),
     ("%pool status", "magics", "_check_pool_line", "%pool interrupted before it did anything: nothing changed"),
-    ("%pool stop", "pool", "stop_pool_saying", "%pool stop interrupted before it finished; %pool shows the pool's state"),
+    ("%pool stop", "pool", "stop_pool", "%pool stop interrupted before it finished; %pool shows the pool's state"),
     ("%pdebug", "debugging", "last_run", "%pdebug interrupted before its replay started: nothing was replayed"),
 ])
 def test_an_interrupt_before_a_magics_run_is_one_line(ip, monkeypatch, code, target, name, line):
