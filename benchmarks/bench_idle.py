@@ -8,6 +8,11 @@ whether the gap before a call, not the collection, is what costs: for each
 kind of gap (none, ``gc.collect()``, sleeps of 1, 5 and 20 ms, 5 ms of busy
 work) it times ``mpmagic.pmap(sq, [1, 2])`` and ``Pool(fork).map(sq, [1, 2])``
 right after the gap, the two alternated call by call. Medians; markdown out.
+
+A third column, ``pmap(sq, [1, 2], chunksize=2)``, sends both items to one
+worker as one chunk: what mpmagic's call costs without waking a second
+worker (the planner gives every worker a share on purpose: see
+docs/performance.md, "Round 2, nineteenth session").
 """
 
 from __future__ import annotations
@@ -48,22 +53,26 @@ def main() -> None:
     shell.run_cell("def sq(x):\n    return x * x\n", store_history=False)
     sq = shell.user_ns["sq"]
     mpmagic.start_pool(2, wait=True)
-    print("| gap before each call | mpmagic | `Pool(fork)` | ratio |\n|---|---|---|---|")
+    print("| gap before each call | mpmagic | `Pool(fork)` | ratio | mpmagic, one chunk | its ratio |\n|---|---|---|---|---|---|")
     with multiprocessing.get_context("fork").Pool(2) as pool:
-        calls = {"ours": lambda: mpmagic.pmap(sq, [1, 2]), "pool": lambda: pool.map(sq, [1, 2])}
+        calls = {"ours": lambda: mpmagic.pmap(sq, [1, 2]), "pool": lambda: pool.map(sq, [1, 2]),
+                 "one": lambda: mpmagic.pmap(sq, [1, 2], chunksize=2)}
         for label, gap in GAPS.items():
             times: dict[str, list[float]] = {k: [] for k in calls}
             for _ in range(20):  # warm-up
                 for f in calls.values():
                     f()
-            for i in range(args.calls):
-                for k in (("ours", "pool") if i % 2 else ("pool", "ours")):
+            order = list(calls)
+            for _ in range(args.calls):
+                order = order[1:] + order[:1]  # each pool after each of the others, in turn
+                for k in order:
                     gap()
                     t0 = time.perf_counter()
                     calls[k]()
                     times[k].append(time.perf_counter() - t0)
-            ours, theirs = (statistics.median(times[k]) for k in ("ours", "pool"))
-            print(f"| {label} | {ours * 1e6:.0f} us | {theirs * 1e6:.0f} us | {ours / theirs:.2f}x |")
+            ours, theirs, one = (statistics.median(times[k]) for k in ("ours", "pool", "one"))
+            print(f"| {label} | {ours * 1e6:.0f} us | {theirs * 1e6:.0f} us | {ours / theirs:.2f}x "
+                  f"| {one * 1e6:.0f} us | {one / theirs:.2f}x |")
     mpmagic.stop_pool()
 
 
