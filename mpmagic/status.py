@@ -21,6 +21,13 @@ _TH = "padding:2px 10px;text-align:left;font-weight:600"
 _TD = "padding:2px 10px;text-align:left"
 
 
+def _no_dashboard(info: dict[str, Any]) -> str:
+    """What ``%pool`` says in place of a Dask dashboard link."""
+    if info.get("dashboard_off"):
+        return "none (the scheduler runs without one: started with --no-dashboard?)"
+    return "not available (pip install bokeh)"
+
+
 def dask_lines(info: dict[str, Any]) -> list[str]:
     """``%pool`` text lines for a Dask backend's status dict."""
     if info.get("owned"):  # the LocalCluster mpmagic started
@@ -35,7 +42,7 @@ def dask_lines(info: dict[str, Any]) -> list[str]:
             f"  workers: {info.get('workers')}, threads: {info.get('threads')}"
             + (f", memory limit: {fmt_bytes(mem)}" if mem else "")
         )
-        out.append(f"  dashboard: {info.get('dashboard') or 'not available (pip install bokeh)'}")
+        out.append(f"  dashboard: {info.get('dashboard') or _no_dashboard(info)}")
     if info.get("error"):
         out.append(f"  {info['error']}")
     out.append(f"  calls run: {info.get('calls_run', 0)}, tasks run: {info.get('tasks_run', 0)}")
@@ -235,7 +242,7 @@ class PoolStatus:
                 url = html.escape(str(link), quote=True)
                 notes.append(f"dashboard: <a href='{url}' target='_blank'>{html.escape(str(link))}</a>")
             else:
-                notes.append("dashboard: not available (pip install bokeh)")
+                notes.append(f"dashboard: {html.escape(_no_dashboard(i))}")
         if i.get("error"):
             notes.append(html.escape(str(i["error"])))
         notes.append(f"calls run: {i.get('calls_run', 0)}, tasks run: {i.get('tasks_run', 0)}")

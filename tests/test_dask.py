@@ -281,6 +281,10 @@ def test_pool_status_and_scheduler_file(ip, dask_cluster, dask_pool):
     assert dask_cluster.address in text and f"workers: {DASK_WORKERS}, threads: {DASK_WORKERS}" in text
     assert text.count("  worker tcp://127.0.0.1:") == DASK_WORKERS
     assert "<table" in status._repr_html_()
+    # The test scheduler runs with --no-dashboard: its HTTP server is still listed
+    # as "dashboard", and the link to it answered 404 where %pool showed it.
+    assert "  dashboard: none (the scheduler runs without one: started with --no-dashboard?)" in text
+    assert "http://" not in text and "href" not in status._repr_html_()
     run(ip, f"%pool dask --scheduler-file {dask_cluster.scheduler_file}")
     backend = pool_module.get_pool()
     assert backend.name == "dask" and backend.client.scheduler.address == dask_cluster.address

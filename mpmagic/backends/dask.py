@@ -262,6 +262,23 @@ class _Task:
 _ADDRESS_LOOKS = "a scheduler address looks like tcp://HOST:8786 (HOST:PORT alone means tcp://)"
 
 
+def _serves_a_page(link: str) -> bool:
+    """False only when ``link`` answers 404. No answer, or another error, keeps
+    it: the user's browser may reach what this process cannot. No proxy: a
+    dashboard is reached directly, and a loopback one must not go out."""
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(link, timeout=2):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404
+    except (OSError, ValueError):
+        return True
+
+
 def _scheduler_address(given: str) -> str:
     """``given`` as the scheduler address to connect to (``HOST:PORT`` gets ``tcp://``),
     or a one-line usage error naming it: Dask's own error for a malformed address
@@ -343,6 +360,8 @@ class DaskBackend:
         self.scheduler_address: str | None = address
         self.calls_run = 0
         self.tasks_run = 0
+        # The dashboard link last checked, and whether it serves a dashboard (_dashboard).
+        self._dashboard_checked: tuple[str, bool] | None = None
         self._most_workers = 0  # the most workers seen at once
         # Stops and restarts so far: a run in flight when it changes was cut
         # off by the user (``%pool stop``/``restart``), not by the cluster.
@@ -670,6 +689,15 @@ class DaskBackend:
     def __repr__(self) -> str:
         return f"<mpmagic Dask pool: {self.where}, {'running' if self.running else 'stopped'}>"
 
+    def _dashboard(self, link: str) -> str | None:
+        """``link``, or None when it answers 404: a scheduler started with
+        ``--no-dashboard`` still lists its HTTP server (health checks, metrics)
+        as "dashboard" in its services, and the link Dask makes of it showed in
+        ``%pool`` as the dashboard, a page that is not there. Asked once per link."""
+        if self._dashboard_checked is None or self._dashboard_checked[0] != link:
+            self._dashboard_checked = (link, _serves_a_page(link))
+        return link if self._dashboard_checked[1] else None
+
     def status(self) -> dict[str, Any]:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
         base: dict[str, Any] = {
@@ -696,9 +724,11 @@ class DaskBackend:
         base["scheduler"] = info.get("address") or self.client.scheduler.address
         if "dashboard" in info.get("services", {}):
             try:
-                base["dashboard"] = self.client.dashboard_link
+                base["dashboard"] = self._dashboard(self.client.dashboard_link)
             except Exception:
                 log.debug("mpmagic: no dashboard link", exc_info=True)
+            if base["dashboard"] is None:
+                base["dashboard_off"] = True
         try:
             # Tasks running now, as the scheduler has them at this moment: the workers'
             # own counts in scheduler_info are heartbeat metrics of a moment ago
