@@ -1202,8 +1202,9 @@ class MPMagics(Magics):
             # The %config MPMagic settings for what the line did not say: leaving Dask
             # made the local pool at the defaults (2 workers, forkserver), not the settings'.
             settings = config.current()
-            now = pool.use_local(opts.workers or settings.workers, opts.start_method or settings.start_method,
-                                 opts.max_tasks_per_child, max_memory=opts.max_memory)
+            with pool.said_as("%pool local"):
+                now = pool.use_local(opts.workers or settings.workers, opts.start_method or settings.start_method,
+                                     opts.max_tasks_per_child, max_memory=opts.max_memory)
             status = pool.pool_status()
             status.notice = _switched(before, now, size_before)
             return status

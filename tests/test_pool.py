@@ -508,6 +508,23 @@ def test_a_ctrl_c_during_pool_restarts_stop_says_the_restart_was_finished_first(
         monkeypatch.undo()
 
 
+def test_a_ctrl_c_during_pool_local_names_pool_local(ip, pool2, monkeypatch):
+    """``%pool local --start-method fork``'s held Ctrl-C was reported as
+    "use_local() interrupted", the function the magic calls, not what was typed."""
+    _ctrl_c_in(monkeypatch, "stop")  # (as the old pool stops for the new start method)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            ip.run_line_magic("pool", "local --start-method fork")
+        monkeypatch.undo()
+        assert info.value._render_traceback_() == [
+            "KeyboardInterrupt: %pool local interrupted: its change was finished first, and the pool "
+            "(2 workers, start method fork) goes on starting; %pool shows its state"]
+        assert mpmagic.get_pool().start_method == "fork" and mpmagic.pmap(abs, [-1, -2]) == [1, 2]
+    finally:
+        monkeypatch.undo()
+        mpmagic.stop_pool()
+
+
 def test_a_ctrl_c_during_a_start_method_switch_lets_it_finish_and_says_so_in_one_line(pool2, monkeypatch):
     """Ctrl-C while start_pool(start_method=...) stopped the old pool left the switch
     half done: the old pool stopped, the new start method silently dropped (the
