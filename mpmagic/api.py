@@ -13,18 +13,22 @@ import contextvars
 import functools
 import inspect
 import itertools
+import keyword
 import math
 import os
+import re
 import sys
 import threading
 import time
 import types
+import unicodedata
 import warnings
 from collections.abc import (
     Callable,
     Container,
     Iterable,
     Iterator,
+    Mapping,
     MutableMapping,
     MutableSequence,
     MutableSet,
@@ -1532,6 +1536,42 @@ def _ignored_serially(**given: Any) -> list[str]:
     return [name for name, value in given.items() if value]
 
 
+def is_variable_name(text: str) -> bool:
+    """Can a cell read a variable of this name (``-o``, ``--gather``)? Not ``1abc``, not ``class``."""
+    return text.isidentifier() and not keyword.iskeyword(text)
+
+
+def variable_names(given: object, option: str) -> tuple[str, ...]:
+    """The names ``gather=`` / ``--gather`` (``option``, as the error names it) brings back.
+
+    One reading for the API and the magic: a str is one name or several separated
+    by commas or spaces (``'x'``, ``'x,y'``, ``'lo, hi'``), as ``--gather`` is
+    written; a list or other iterable holds one name per item. An empty name
+    (``''``, ``'x,,y'``) is refused rather than dropped, and so is anything else
+    (``None``, ``5``, ``[1]``, a dict): ``tuple('total')`` took a str as its
+    letters, and None or 1 failed inside mpmagic. Names are NFKC-normalized, as
+    Python reads them (the cell binds ``ℌ`` as ``H``).
+    """
+    if isinstance(given, str):
+        pieces: list = re.split(r"\s*,\s*|\s+", given.strip())
+        if not all(pieces):
+            raise UsageError(f"{option} takes variable names separated by commas or spaces, and {given!r} "
+                             "has an empty one")
+        how = " separated by commas or spaces"
+    elif isinstance(given, Iterable) and not isinstance(given, (bytes, bytearray, Mapping)):
+        pieces, how = list(given), ""
+    else:
+        raise UsageError(f"{option} takes variable names: a str such as 'x' or 'x, y', or a list of them, "
+                         f"not {payload_repr(given)}")
+    names = []
+    for piece in pieces:
+        name = unicodedata.normalize("NFKC", piece) if isinstance(piece, str) else piece
+        if not (isinstance(name, str) and is_variable_name(name)):
+            raise UsageError(f"{option} takes variable names{how}, and {payload_repr(piece)} is not one")
+        names.append(name)
+    return tuple(names)
+
+
 @overload
 def parallel(
     code: str,
@@ -1649,9 +1689,11 @@ def parallel(
     ``namespace`` that the code reads (modules are imported again in the
     workers, everything else is cloudpickled). Returns each rank's last
     expression value in rank order (None where the code ends in a statement);
-    ``gather`` names variables to bring back from every rank. What ranks print
-    is shown labelled ``[rank N]``. If ranks fail, each failing rank's traceback
-    is printed and :class:`~mpmagic.errors.ParallelError` is raised; the ranks
+    ``gather`` names variables to bring back from every rank: ``'x'``, ``'x, y'``
+    (separated by commas or spaces, as ``--gather`` takes them) or a list of
+    names. What ranks print is shown labelled ``[rank N]``. If ranks fail, each
+    failing rank's traceback is printed and
+    :class:`~mpmagic.errors.ParallelError` is raised; the ranks
     still running 3 s (``mpmagic.jobs.RANK_FAILURE_GRACE``) after a rank failed
     are stopped then (:class:`~mpmagic.errors.RankStoppedError`), as an MPI job
     aborts: a rank waiting on the failed one would wait for ever.
@@ -1682,10 +1724,7 @@ def parallel(
             f"parallel() cannot run {_where_no_pool()}: this process cannot start workers of its own "
             "(ranks run at the same time, so they cannot be run one after another either); call it from the notebook"
         )
-    gather = tuple(gather)
-    for g in gather:
-        if not g.isidentifier():
-            raise UsageError(f"gather= (--gather) takes variable names, and {g!r} is not one")
+    gather = variable_names(gather, "gather= (--gather)")
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     if reduce is not None:

@@ -12,7 +12,6 @@ import ast
 import difflib
 import functools
 import itertools
-import keyword
 import linecache
 import re
 import shlex
@@ -247,7 +246,8 @@ def _parallel_parser() -> _Parser:
     p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one)")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
-    p.add_argument("--gather", metavar="NAME[,NAME]", help="bring these variables of every rank back as lists")
+    p.add_argument("--gather", metavar="NAME[,NAME]",
+                   help="bring these variables of every rank back as lists (names separated by commas or spaces)")
     p.add_argument("--timeout", type=_positive_float, help="seconds a rank may run before it is stopped")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
     p.add_argument("--no-label", action="store_true", help="do not prefix output lines with [rank N]")
@@ -1020,7 +1020,7 @@ class MPMagics(Magics):
     def _parallel_bg(self, parser: _Parser, opts: argparse.Namespace, cell: str) -> Any:
         """``%%parallel --bg``: the run's handle (also stored in ``-o NAME``)."""
         __tracebackhide__ = True
-        if opts.reduce or opts.gather:
+        if opts.reduce is not None or opts.gather is not None:  # (given empty too: nothing is dropped unsaid)
             raise parser.usage_error("--bg cannot be combined with --reduce or --gather: "
                                      "use the handle's result() (its .gathered) once it is done")
         with _magic_errors(parser):
@@ -1060,10 +1060,18 @@ class MPMagics(Magics):
         if opts.help:
             return _show_help(MPMagics.parallel)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
-        if opts.output:  # a name as Python reads it (NFKC: ``ℌ`` is ``H``), or later cells could not see it
+        # ``is not None``: -o '' and --reduce '' were taken as not given, and stored or reduced nothing unsaid
+        if opts.output is not None:  # a name as Python reads it (NFKC: ``ℌ`` is ``H``), or later cells could not see it
             opts.output = unicodedata.normalize("NFKC", opts.output)
-        if opts.output and not _is_variable_name(opts.output):
-            raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
+            if not api.is_variable_name(opts.output):
+                raise parser.usage_error(f"-o needs a variable name, not {opts.output!r}")
+        gather: tuple[str, ...] = ()
+        if opts.gather is not None:
+            with _magic_errors(parser):  # (one reading of the names for --gather and the API's gather=)
+                gather = api.variable_names(opts.gather, "--gather")
+        if opts.output in gather:  # (the gathered lists were overwritten by -o's values without a word)
+            raise parser.usage_error(f"-o {opts.output} and --gather {opts.gather} would both store "
+                                     f"{opts.output}: give -o another name")
         _check_plain_python(parser, cell, self.shell)
         if opts.bg:
             return self._parallel_bg(parser, opts, cell)
@@ -1076,22 +1084,15 @@ class MPMagics(Magics):
                 return scaling.parallel_scaling(cell, self._user_ns, max_workers=opts.workers, timeout=opts.timeout,
                                                 seed=opts.seed, label_output=not opts.no_label)
         reducer = None
-        if opts.reduce:
+        if opts.reduce is not None:
+            if not opts.reduce.strip():  # (eval's "invalid syntax (<string>, line 0)" said less)
+                raise parser.usage_error(f"--reduce needs a function such as sum, not {opts.reduce!r}")
             try:
                 reducer = eval(opts.reduce, self._user_ns)
             except Exception as exc:
                 raise parser.usage_error(f"--reduce {opts.reduce!r}: {type(exc).__name__}: {exc}") from None
             if not callable(reducer):
                 raise parser.usage_error(f"--reduce needs a function such as sum, not {opts.reduce!r}")
-        pieces = opts.gather.split(",") if opts.gather is not None else []
-        if any(not g.strip() for g in pieces):  # ('x,,y' dropped the empty one without a word)
-            raise parser.usage_error(f"--gather takes variable names separated by commas, and {opts.gather!r} "
-                                     "has an empty one")
-        gather = tuple(unicodedata.normalize("NFKC", g.strip()) for g in pieces)
-        # (NFKC: the names as the cell's code binds them, ``ℌ`` as ``H``)
-        for name in gather:
-            if not _is_variable_name(name):
-                raise parser.usage_error(f"--gather takes variable names separated by commas, and {name!r} is not one")
         before = api.last_report()
         try:
             with _magic_errors(parser, _compare_finished(opts.compare, before)):
@@ -1277,11 +1278,6 @@ def _has_no_code(cell: str) -> bool:
         return not astlock.parse(cell).body
     except (SyntaxError, ValueError):
         return False
-
-
-def _is_variable_name(text: str) -> bool:
-    """Can a cell read a variable of this name (``-o``, ``--gather``)? Not ``1abc``, not ``class``."""
-    return text.isidentifier() and not keyword.iskeyword(text)
 
 
 # What to write instead of IPython syntax in plain Python (a rank, a worker setup), by

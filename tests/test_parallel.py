@@ -245,14 +245,41 @@ def test_output_and_gather_names_are_names_a_cell_can_read(ip, pool_fs):
     assert "class" not in ip.user_ns
     assert usage_error(ip, "%%parallel -n 2 -q -o 1abc\nrank") == "%%parallel: -o needs a variable name, not '1abc'"
     assert usage_error(ip, "%%parallel -n 2 -q --gather x,for\nx = for_ = 1") == (
-        "%%parallel: --gather takes variable names separated by commas, and 'for' is not one")
-    for given in ("'x,,y'", "x,", "''"):  # (an empty name was dropped without a word)
+        "%%parallel: --gather takes variable names separated by commas or spaces, and 'for' is not one")
+    for given in ("'x,,y'", "x,", "''", "' '"):  # (an empty name was dropped without a word)
         assert usage_error(ip, f"%%parallel -n 2 -q --gather {given}\nx = y = 1") == (
-            f"%%parallel: --gather takes variable names separated by commas, and {given.strip(chr(39))!r} has an empty one")
+            "%%parallel: --gather takes variable names separated by commas or spaces, and "
+            f"{given[1:-1] if given[0] == chr(39) else given!r} has an empty one")
+    # -o '' and --reduce '' were taken as not given: nothing stored, the list unreduced, without a word
+    assert usage_error(ip, "%%parallel -n 2 -q -o ''\nrank") == "%%parallel: -o needs a variable name, not ''"
+    for given in ("''", "' '"):
+        assert usage_error(ip, f"%%parallel -n 2 -q --reduce {given}\nrank") == (
+            f"%%parallel: --reduce needs a function such as sum, not {given[1:-1]!r}")
+        assert usage_error(ip, f"%%parallel -n 2 -q --bg --reduce {given}\nrank").startswith(
+            "%%parallel: --bg cannot be combined with --reduce or --gather")
     # Python reads ``ℌ`` as ``H`` (NFKC): --gather and -o take the name as the code does
     ip.run_cell("%%parallel -n 2 -q --gather ℌ -o ℬ\nℌ = rank * 3", store_history=False).raise_error()
     assert ip.run_cell("H, B", store_history=False).result == ([0, 3], [None, None])
     ip.user_ns.pop("H"), ip.user_ns.pop("B")
+
+
+def test_output_and_gather_naming_one_variable_is_refused_before_the_cell_runs(ip, pool_fs, tmp_path):
+    """``--gather x -o x``: -o's list of values overwrote the gathered lists without
+    a word. Refused in one line, before the cell runs (it would have left a file)."""
+    run(ip, f"x = 'before'\nran_dir = {str(tmp_path)!r}")
+    body = "import os\nopen(os.path.join(ran_dir, str(rank)), 'w').close()\nx = y = rank * 10\nrank"
+    for line, gathered in (("--gather x -o x", "x"), ("--gather 'y, x' -o x", "y, x"), ("-o ℌ --gather H", "H")):
+        stored = "H" if "H" in line else "x"
+        assert usage_error(ip, f"%%parallel -n 2 -q {line}\n{body}") == (
+            f"%%parallel: -o {stored} and --gather {gathered} would both store {stored}: give -o another name")
+    assert run(ip, "x") == "before" and "H" not in ip.user_ns and not list(tmp_path.iterdir())
+    # Two names: each holds what it says, as the cell gives it serially, rank by rank.
+    serial = [{"rank": r, "size": 2, "ran_dir": str(tmp_path)} for r in range(2)]
+    for ns in serial:
+        exec(body.rsplit("\n", 1)[0], ns)
+    assert cell(ip, "-n 2 -q --gather x -o values", body) == [0, 1]
+    assert run(ip, "x, values") == ([ns["x"] for ns in serial], [ns["rank"] for ns in serial])
+    ip.user_ns.pop("values"), ip.user_ns.pop("x")
 
 
 def test_a_reduce_that_fails_says_why_and_keeps_the_values(ip, pool_fs):
@@ -354,6 +381,47 @@ def test_parallel_takes_reduce_as_the_magic_does(ip, local_pool):
     assert list(info.value.values) == [None, None]
     with pytest.raises(mpmagic.UsageError, match="reduce= needs block=True"):
         mpmagic.parallel("rank", workers=2, reduce=sum, block=False)
+
+
+def test_parallel_reads_gather_as_the_magic_does(ip, pool_fs):
+    """``gather='total'`` was split into letters (every rank failed: "name(s) 't', 'o',
+    't', 'a', 'l' not defined", after running the whole cell), ``gather='x,y'`` failed
+    on ',', and None or [1] failed inside mpmagic: a str is the names as ``--gather``
+    reads them (commas or spaces), a list holds names, anything else is one line."""
+    code = "total = rank * 10\nx, y = rank, -rank\nlabel = 'r%d' % rank"
+    serial = [{"rank": r, "size": 2} for r in range(2)]
+    for ns in serial:
+        exec(code, ns)
+
+    def expected(*names: str) -> dict:
+        return {n: [ns[n] for ns in serial] for n in names}
+
+    for given, names in (("total", ("total",)), ("x,y", ("x", "y")), ("x, y", ("x", "y")), (" x  y ", ("x", "y")),
+                         (["total", "label"], ("total", "label")), (("x",), ("x",)), ((), ())):
+        assert mpmagic.parallel(code, workers=2, gather=given).gathered == expected(*names), given
+    # The magic reads the same str the same way.
+    cell(ip, "-n 2 -q --gather 'x y'", code)
+    assert run(ip, "x, y") == (expected("x")["x"], expected("y")["y"])
+    ip.user_ns.pop("x"), ip.user_ns.pop("y")
+    refused = {
+        "": "gather= (--gather) takes variable names separated by commas or spaces, and '' has an empty one",
+        "x,,y": "gather= (--gather) takes variable names separated by commas or spaces, and 'x,,y' has an empty one",
+        "x-y": "gather= (--gather) takes variable names separated by commas or spaces, and 'x-y' is not one",
+        None: "gather= (--gather) takes variable names: a str such as 'x' or 'x, y', or a list of them, not None",
+        5: "gather= (--gather) takes variable names: a str such as 'x' or 'x, y', or a list of them, not 5",
+        b"x": "gather= (--gather) takes variable names: a str such as 'x' or 'x, y', or a list of them, not b'x'",
+        (1,): "gather= (--gather) takes variable names, and 1 is not one",
+        ("x", "class"): "gather= (--gather) takes variable names, and 'class' is not one",
+        ("x,y",): "gather= (--gather) takes variable names, and 'x,y' is not one",
+    }
+    before = mpmagic.last_report()
+    for given, message in refused.items():
+        with pytest.raises(mpmagic.UsageError) as info:
+            mpmagic.parallel(code, workers=2, gather=given)
+        assert str(info.value) == message, given
+    assert mpmagic.last_report() is before  # (refused before anything ran)
+    with pytest.raises(mpmagic.UsageError, match=r"^reduce= takes a function such as sum, not ''$"):
+        mpmagic.parallel(code, workers=2, reduce="")  # type: ignore[call-overload]
 
 
 def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip, local_pool, capsys):
