@@ -80,11 +80,11 @@ class MPMagic(LoggingConfigurable):
         "before the next run after it changes; -n of %pmap and %%parallel defaults to the pool's size.",
     ).tag(config=True)
 
-    start_method = CaselessStrEnum(
-        ("forkserver", "spawn", "fork"),
-        default_value=None,
+    start_method = Unicode(
+        None,
         allow_none=True,
-        help="How local workers start (None: forkserver on Linux, spawn elsewhere).",
+        help="How local workers start: forkserver, spawn or fork, those this platform has "
+        "(None: forkserver on Linux, spawn elsewhere).",
     ).tag(config=True)
 
     chunksize = Int(
@@ -215,6 +215,17 @@ class MPMagic(LoggingConfigurable):
     def _progress_delay_valid(self, proposal: Any) -> float:
         value = proposal["value"]
         return _check(proposal, math.isfinite(value) and value >= 0, "a number of seconds (0 or more)")
+
+    @validate("start_method")
+    def _start_method_valid(self, proposal: Any) -> str | None:
+        # The check %pool --start-method and start_pool make (its enum took 'FORK', which they refuse).
+        from .backends.local import start_method_refused
+
+        value = proposal["value"]
+        why = None if value is None else start_method_refused(value)
+        if why is not None:
+            raise TraitError(f"%config MPMagic.start_method = {value!r} refused: {why}; the setting keeps its value")
+        return value
 
     @validate("worker_max_memory")
     def _max_memory_valid(self, proposal: Any) -> str:

@@ -36,7 +36,7 @@ from IPython.core.magic import (
 from IPython.display import display
 
 from . import api, astlock, config, pool, scaling
-from .backends.local import tasks_per_child_refused
+from .backends.local import START_METHODS, start_method_refused, tasks_per_child_refused
 from .cell import source_digest
 from .errors import (
     STOPPED_OUTCOME,
@@ -93,6 +93,14 @@ class _Parser(argparse.ArgumentParser):
         # intermixed: options and words in any order (``%pool dask --timeout 1 ADDRESS``); plain
         # argparse fills every positional at the first word, then calls the later one unexpected.
         self.intermixed = intermixed
+        # elsewhere: an option the magic has not but its sibling has (``%%parallel --retries``),
+        # and what to write instead, said in place of a guess at a close name (unknown()).
+        self.elsewhere: dict[str, str] = {}
+        # An option that takes a value is given once a line (_GivenOnce); the words it was
+        # given as, read by the action just after argparse converted them (_get_values).
+        self._written = threading.local()
+        self.register("action", None, _GivenOnce)
+        self.register("action", "store", _GivenOnce)
         # argparse's own -h would print and exit: the magic prints its help itself (_show_help).
         self.add_argument("-h", "--help", action="store_true", help="show this help (as %(prog)s? does); run nothing")
 
@@ -134,16 +142,119 @@ class _Parser(argparse.ArgumentParser):
             raise self.usage_error(self.unknown(extra[0]))
         return opts
 
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:  # type: ignore[override]
+        opts, extra = super().parse_known_args(self._negatives_attached(args), namespace)
+        return _without_given(opts), extra
+
+    def parse_known_intermixed_args(self, args: Any = None,  # type: ignore[override]
+                                    namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        opts, extra = super().parse_known_intermixed_args(self._negatives_attached(args), namespace)
+        return _without_given(opts), extra
+
+    def _negatives_attached(self, args: Any) -> Any:
+        """``args`` with a value that starts like a negative number attached to its option
+        (``--max-memory -1GB`` as ``--max-memory=-1GB``, ``-n -1e3`` as ``-n-1e3``).
+
+        argparse takes ``-1GB`` or ``-1e3`` for an option (only ``-1`` and ``-0.5`` read
+        as negative numbers), so ``--max-memory -1GB`` said "expected one argument",
+        one argument having been given, where the value's own check says what is wrong
+        with it (``max_memory must be more than 0 bytes``), as ``--max-memory=-1GB`` did.
+        """
+        if not args:
+            return args
+        actions = self._option_string_actions  # noqa: SLF001 - argparse has no public table
+        words, out = list(args), []
+        at = 0
+        while at < len(words):
+            word = words[at]
+            if word == "--":  # the end of the options: the rest as it is
+                out.extend(words[at:])
+                break
+            value = words[at + 1] if at + 1 < len(words) else None
+            if (value is not None and word.startswith("-") and _takes_next_word(word, actions)
+                    and _LOOKS_NEGATIVE.match(value) and value.split("=", 1)[0] not in actions):
+                out.append(f"{word}={value}" if word.startswith("--") else word + value)
+                at += 2
+                continue
+            out.append(word)
+            at += 1
+        return out
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        values = super()._get_values(action, arg_strings)
+        self._written.words = list(arg_strings)  # (for the action argparse calls next: _GivenOnce)
+        return values
+
+    def written(self, values: Any) -> str:
+        """The words the option argparse is storing now was given as (``-1GB``, not
+        ``values``, what they were read as: ``-n -1`` is None), for a message."""
+        words = self._written.__dict__.pop("words", None)
+        return repr(values) if words is None else " ".join(shlex.quote(word) for word in words)
+
     def unknown(self, token: str) -> str:
-        """What is wrong with a token no option takes, and the closest option when there is one."""
+        """What is wrong with a token no option takes: for an option, the magic's note when it
+        is another magic's (``elsewhere``), else a close option's name when there is one.
+
+        Close is judged on the names without their dashes (``--`` made ``--retries`` look
+        like ``--workers``), or a name that begins only one option (``--rerun``); the
+        other magic's options count (``%%parallel --retry`` is told about ``--retries``)."""
         if not token.startswith("-"):
             return f"unexpected argument {token!r}"
         name = token.split("=", 1)[0]
+        if name in self.elsewhere:
+            return f"unknown option {name}: {self.elsewhere[name]}"
         actions = self._option_string_actions  # noqa: SLF001 - argparse has no public table
-        close = difflib.get_close_matches(name, list(actions), n=1, cutoff=0.6)
-        if not close:
-            return f"unknown option {name}"
-        return f"unknown option {name}; did you mean {'/'.join(actions[close[0]].option_strings)}?"
+        # (each name and what it sets: -n and --workers are one option; another magic's names too)
+        names = {**{option: actions[option].dest for option in actions}, **{o: o for o in self.elsewhere}}
+        begun = [option for option in names if option.startswith(name)]
+        if len(name) > 3 and len({names[option] for option in begun}) == 1:
+            close = begun[0]
+        else:
+            bare = {option.lstrip("-"): option for option in names}
+            found = difflib.get_close_matches(name.lstrip("-"), list(bare), n=1, cutoff=0.6)
+            if not found:
+                return f"unknown option {name}"
+            close = bare[found[0]]
+        if close in self.elsewhere:  # (--retry in %%parallel: --retries is %pmap's)
+            return f"unknown option {name}; {close} is {self.elsewhere[close]}"
+        return f"unknown option {name}; did you mean {'/'.join(actions[close].option_strings)}?"
+
+
+#: A value argparse would take for an option (``-1GB``, ``-1e3``, ``-.5s``): see _Parser._negatives_attached.
+_LOOKS_NEGATIVE = re.compile(r"-\.?\d")
+
+#: Where a parse keeps the options given so far on its namespace (_GivenOnce); gone before a magic reads it.
+_GIVEN = "_mpmagic_given_options"
+
+
+def _without_given(opts: argparse.Namespace) -> argparse.Namespace:
+    """``opts`` without _GivenOnce's record of the options given (the magics read ``vars(opts)``)."""
+    vars(opts).pop(_GIVEN, None)
+    return opts
+
+
+class _GivenOnce(argparse.Action):
+    """argparse's ``store`` for the magics' options, each given at most once a line.
+
+    ``store`` kept the last value and dropped the first without a word
+    (``%pmap --timeout 5 --timeout 0.01`` stopped items at 0.01 s, and
+    ``%%parallel --reduce max --reduce min`` returned the min): an option that
+    takes a value, given twice, is now refused in one line naming the option
+    and both values as written. (A flag given twice, ``-q -q``, says the same
+    thing twice and stays accepted; a positional word is stored as before.)
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if self.option_strings:
+            written = parser.written(values) if isinstance(parser, _Parser) else repr(values)
+            given = vars(namespace).setdefault(_GIVEN, {})
+            if self.dest in given:
+                raise argparse.ArgumentError(
+                    None, f"{'/'.join(self.option_strings)} given twice ({given[self.dest]}, then {written}): "
+                          "give it once")
+            given[self.dest] = written
+        setattr(namespace, self.dest, values)
 
 
 def _int_at_least(minimum: int, words: str) -> Callable[[str], int]:
@@ -200,6 +311,15 @@ def _tasks_per_child_int(text: str) -> int:
     return value
 
 
+def _start_method(text: str) -> str:
+    """``--start-method`` of ``%pool``: checked as ``start_pool`` and ``%config MPMagic.start_method``
+    check it (``start_method_refused``: one accepted set, one wording; ``FORK`` is none of them)."""
+    why = start_method_refused(text)
+    if why is not None:
+        raise argparse.ArgumentTypeError(why)
+    return text
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -236,6 +356,12 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--bg", action="store_true",
                    help="run in the background: return a run handle at once (not with --compare or --scaling)")
     config.add_options(p, "items")
+    p.elsewhere = {
+        "-o": "a %%parallel option; assign %pmap's value instead: results = %pmap f, xs",
+        "--output": "a %%parallel option; assign %pmap's value instead: results = %pmap f, xs",
+        "--reduce": "a %%parallel option; reduce %pmap's value instead: results = %pmap f, xs, then sum(results)",
+        "--gather": "a %%parallel option; %pmap's value is the list of results: results = %pmap f, xs",
+    }
     return p
 
 
@@ -258,6 +384,15 @@ def _parallel_parser() -> _Parser:
                    help="persistent ranks: each rank keeps its variables in its worker for the next --keep cell")
     p.add_argument("--reset", action="store_true", help="with --keep: drop the kept ranks and start afresh")
     config.add_options(p, "ranks")
+    p.elsewhere = {
+        "--retries": "a %pmap option (it re-sends an item whose worker died); a rank runs once, and one whose "
+                     "worker died fails the cell: run the cell again, or map the work with %pmap --retries N",
+        "--errors": "a %pmap option; a failed rank raises ParallelError, whose .values keeps the values of the "
+                    "ranks that finished and .failures each failed rank's error",
+        "--chunksize": "a %pmap option; each rank is one task",
+        "--star": "a %pmap option; each rank runs the cell, which reads rank and size",
+        "--rerun-failed": "a %pmap option; run the cell again",
+    }
     return p
 
 
@@ -279,7 +414,8 @@ def _pool_parser() -> _Parser:
     p.add_argument("name", nargs="?", metavar="NAME", help="checkpoints clear: the function whose stored runs to delete")
     p.add_argument("-n", "--workers", type=_pool_size_int,
                    help="number of worker processes (-1: one per usable CPU, as joblib's n_jobs=-1)")
-    p.add_argument("--start-method", choices=("forkserver", "spawn", "fork"), help="how workers start")
+    # (type: its refusal in start_pool's words; choices: for the help, as the type refuses first)
+    p.add_argument("--start-method", type=_start_method, choices=START_METHODS, help="how workers start")
     p.add_argument("--max-tasks-per-child", type=_tasks_per_child_int,
                    help="recycle a worker after this many items (0: never)")
     p.add_argument("--max-memory", help="replace a worker holding more than this of its own memory after a task "
@@ -294,8 +430,9 @@ def _pool_parser() -> _Parser:
     return p
 
 
-def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str], str]:
-    """Split ``-x VALUE --flag REST`` into option tokens and the rest of the line.
+def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str], str, bool]:
+    """Split ``-x VALUE --flag REST`` into option tokens, the rest of the line, and
+    whether a ``--`` ended the options (the rest is then the arguments, however it reads).
 
     The rest (map()'s argument list) is Python and is never tokenized as
     shell words, so its quotes and spaces survive untouched. Words are split
@@ -308,7 +445,7 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     while rest.startswith("-") and not rest.startswith("--, "):
         head, tail = _first_word(rest)
         if head == "--":  # the end of the options, as on a command line: the rest is ARGS
-            return tokens, tail
+            return tokens, tail, True
         tokens.append(head)
         rest = tail
         if _takes_next_word(head, actions):
@@ -316,7 +453,7 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
                 break
             value, rest = _first_word(rest)
             tokens.append(value)
-    return tokens, rest
+    return tokens, rest, False
 
 
 def _first_word(text: str) -> tuple[str, str]:
@@ -477,16 +614,18 @@ def _closes_more_than_opened(text: str) -> str | None:
 
 
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
-                   local_ns: dict[str, Any] | None = None) -> tuple:
+                   local_ns: dict[str, Any] | None = None, ended: bool = False) -> tuple:
     """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace.
 
     ``local_ns``: the locals of the function whose body holds the ``%pmap``
     line (``def f(data): res = %pmap g, data``), looked up before the
     notebook's names, as in ``map(g, data)`` there (a walrus there binds in
-    neither, as in IPython's ``%time``).
+    neither, as in IPython's ``%time``). ``ended``: a ``--`` ended the options,
+    so a word in ``text`` that reads as an option is the user's argument, and
+    an error gets no "options go before FUNC" hint.
     """
     __tracebackhide__ = True
-    template, filename, collector = _args_code(text, parser)
+    template, filename, collector = _args_code(text, parser, ended)
     # (registered each call: the lines a traceback through the arguments shows)
     linecache.cache[filename] = (len(text), None, [text + "\n"], filename)
     # The notebook's namespace as globals and no separate locals, as a cell's
@@ -518,7 +657,7 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
         # with a line saying where options go when the name is one of an option's. A
         # TypeError gets it when the text holds an option (``ys -q`` with a ``q`` defined
         # is ``ys - q``: a list minus an int).
-        words = _option_words(text, parser)
+        words = [] if ended else _option_words(text, parser)
         if (any(exc.name == option.lstrip("-").split("-")[0] for option in words) if isinstance(exc, NameError)
                 else bool(words)):
             add_note(exc, _options_after(text, parser).removeprefix("; "))
@@ -615,12 +754,13 @@ _args_codes: dict[str, tuple[types.CodeType, str, str]] = {}
 _ARGS_CODES_KEPT = 256
 
 
-def _args_code(text: str, parser: _Parser) -> tuple[types.CodeType, str, str]:
+def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.CodeType, str, str]:
     """``text`` checked and compiled as map()'s argument list passed to a collector,
     the file name its lines go under, and the collector's name in the code (one
     the line does not use); the usage error for a line that is not one. Cached
     by the text: the same line compiles to the same code (a lambda in it keeps
-    the same payload key)."""
+    the same payload key). ``ended``: a ``--`` ended the options (no hint that
+    options go before FUNC)."""
     __tracebackhide__ = True
     found = _args_codes.get(text)
     if found is not None:
@@ -642,8 +782,8 @@ def _args_code(text: str, parser: _Parser) -> tuple[types.CodeType, str, str]:
         # of the line happens to parse once the call's own ')' is added.
         if (bracket := _closes_more_than_opened(text)) is not None:
             raise unbalanced(bracket) from None
-        raise parser.usage_error(f"{text!r} is not an argument list like map()'s{_options_after(text, parser)}") \
-            from None
+        hint = "" if ended else _options_after(text, parser)  # (after a --, the user's words are ARGS)
+        raise parser.usage_error(f"{text!r} is not an argument list like map()'s{hint}") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == collector):
         # A stray ')' closed the argument list early and the rest of the line
@@ -915,9 +1055,9 @@ class MPMagics(Magics):
     def pmap(self, line: str = "", local_ns: dict[str, Any] | None = None) -> Any:
         __tracebackhide__ = True
         parser = _pmap_parser()
-        tokens, rest = split_options(line, parser)
+        tokens, rest, ended = split_options(line, parser)
         rest, silenced = _without_final_semicolon(rest)
-        result = self._pmap(parser, tokens, rest, local_ns)
+        result = self._pmap(parser, tokens, rest, local_ns, ended)
         call = _current_call()
         if result is not None and call is not None and call.kept is None:  # (--rerun-failed's results)
             _finished("%pmap", "results", "its results are", result)
@@ -925,19 +1065,22 @@ class MPMagics(Magics):
             return None  # %pmap f, xs; shows nothing, as list(map(f, xs)); does
         return result
 
-    def _pmap(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
+    def _pmap(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None,
+              ended: bool = False) -> Any:
+        """``ended``: a ``--`` ended the options (no "options go before FUNC" hint then)."""
         __tracebackhide__ = True
         opts = parser.parse_args(tokens)
         if opts.help:
             return _show_help(MPMagics.pmap)
         if opts.rerun_failed:
-            return self._rerun_failed(parser, tokens, rest, local_ns)
-        args = _eval_map_args(rest, self._user_ns, parser, local_ns)
+            return self._rerun_failed(parser, tokens, rest, local_ns, ended)
+        args = _eval_map_args(rest, self._user_ns, parser, local_ns, ended)
         if len(args) < 2:
             raise parser.usage_error("missing ITERABLE after FUNC")
+        if opts.star and (isinstance(args, _StarArgs) or len(args) > 2):
+            # (said here in the magic's words: the API's refusal names its star=True)
+            raise parser.usage_error("--star takes one iterable of argument tuples, not several iterables")
         if isinstance(args, _StarArgs):  # strict=True: the iterables zipped, each item FUNC's arguments
-            if opts.star:
-                raise parser.usage_error("--star takes one iterable of argument tuples, not several iterables")
             opts.star = True
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.bg:
@@ -972,7 +1115,8 @@ class MPMagics(Magics):
             _show_report(opts, report, before, self.shell)
         return result
 
-    def _rerun_failed(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None) -> Any:
+    def _rerun_failed(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None,
+                      ended: bool = False) -> Any:
         """``%pmap --rerun-failed [FUNC]`` (mpmagic.postmortem): the last run's failed
         items again, with FUNC or the current definition of its function's name.
 
@@ -991,7 +1135,7 @@ class MPMagics(Magics):
         options = {dest: getattr(parser.parse_args(tokens), dest) for dest in given if dest in _RERUN_OPTIONS}
         func = None
         if rest.strip():
-            args = _eval_map_args(rest, self._user_ns, parser, local_ns)
+            args = _eval_map_args(rest, self._user_ns, parser, local_ns, ended)
             if len(args) > 1:
                 raise parser.usage_error(
                     "--rerun-failed takes FUNC alone (the fixed function; by default the current definition of the "

@@ -7,7 +7,7 @@ import pytest
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
-from mpmagic import api
+from mpmagic import api, pool
 
 
 def error_of(ip, cell: str) -> tuple[BaseException | None, str, int]:
@@ -235,3 +235,135 @@ def test_a_shown_report_uses_a_formatter_the_user_registered_for_report(ip, by_n
     with capture_output() as cap:  # (unregistered: the two again)
         magics._show_report(argparse.Namespace(quiet=False), report, None, ip)
     assert set(cap.outputs[0].data) == {"text/plain", "text/html"}
+
+
+# -- an option given twice; values argparse took for options; the API's words (tester-options 3, 8, 9) --
+
+USAGE_TAIL = {"%pmap": "%pmap [options] FUNC, ITERABLE", "%%parallel": "%%parallel [options]", "%pool": "%pool ["}
+
+
+def first_line_of_usage_error(ip, cell: str) -> str:
+    """The usage error's first line (the second is the usage and the pointer to the help)."""
+    err, said, shown = error_of(ip, cell)
+    assert isinstance(err, IPythonUsageError), repr(err)
+    first, usage = str(err).splitlines()
+    magic = first.split(":")[0]
+    assert usage.startswith("usage: " + USAGE_TAIL[magic]) and usage.endswith(f"(see {magic}?)")
+    assert "Traceback" not in said and shown == 0
+    return first
+
+
+@pytest.mark.parametrize("cell, said", [
+    ("%pmap -q --timeout 5 --timeout 0.01 abs, [1]", "%pmap: --timeout given twice (5, then 0.01): give it once"),
+    ("%pmap -q -n 1 -n 2 abs, [1]", "%pmap: -n/--workers given twice (1, then 2): give it once"),
+    ("%pmap -qn-1 --workers=2 abs, [1]", "%pmap: -n/--workers given twice (-1, then 2): give it once"),
+    ("%pmap -q --errors collect --errors raise abs, [1]",
+     "%pmap: --errors given twice (collect, then raise): give it once"),
+    ("%pmap --rerun-failed -n 1 -n 2", "%pmap: -n/--workers given twice (1, then 2): give it once"),
+    ("%%parallel -q -n 2 --reduce max --reduce min\nrank",
+     "%%parallel: --reduce given twice (max, then min): give it once"),
+    ("%%parallel -q -n 2 --reduce 'lambda v: max(v)' --reduce=min\nrank",
+     "%%parallel: --reduce given twice ('lambda v: max(v)', then min): give it once"),
+    ("%%parallel -q -n 2 -n 1\nrank", "%%parallel: -n/--workers given twice (2, then 1): give it once"),
+    ("%pool start -n 1 -n 2", "%pool: -n/--workers given twice (1, then 2): give it once"),
+    ("%pool --max-memory 1GB start --max-memory 2GB", "%pool: --max-memory given twice (1GB, then 2GB): give it once"),
+])
+def test_an_option_given_twice_is_refused_naming_both_values(ip, pool2, cell, said):
+    """The last of an option given twice won without a word (``%pmap --timeout 5 --timeout
+    0.01`` stopped items at 0.01 s; ``%pool start -n 1 -n 2`` started 2 workers): refused,
+    in every magic by one check in their parser, before anything runs or changes."""
+    before, backend, workers = api.last_report(), pool.current_pool(), pool2.workers
+    assert first_line_of_usage_error(ip, cell) == said
+    assert api.last_report() is before and pool.current_pool() is backend and backend.workers == workers
+
+
+def test_a_flag_given_twice_is_taken_and_a_parse_keeps_no_record_of_what_was_given(ip, pool2):
+    from mpmagic.magics import _parallel_parser, _pmap_parser, _pool_parser
+
+    assert ip.run_cell("%pmap -q -q abs, [-1, 2]", store_history=False).result == [1, 2]
+    for parser, words in [(_pmap_parser(), ["-n", "2", "--timeout=1"]), (_parallel_parser(), ["-n", "2", "-o", "x"]),
+                          (_pool_parser(), ["start", "-n", "2", "--max-memory", "1GB"])]:
+        opts = parser.parse_args(words)
+        assert set(vars(opts)) == {a.dest for a in parser._actions}  # noqa: SLF001
+        assert parser.parse_args(words) == opts  # (the same words again: nothing of the last parse is left)
+
+
+def test_a_value_that_starts_like_a_negative_number_gets_the_values_own_refusal(ip, pool2):
+    """``--max-memory -1GB``: argparse took ``-1GB`` for an option ("expected one argument");
+    the magic now says what ``start_pool(max_memory='-1GB')`` says, as for ``--max-memory=-1GB``."""
+    from mpmagic.errors import UsageError
+
+    with pytest.raises(UsageError) as api_said:
+        pool.parse_memory("-1GB")
+    for line in ("%pool start --max-memory -1GB", "%pool start --max-memory=-1GB", "%pool --max-memory -1GB start"):
+        assert first_line_of_usage_error(ip, line) == f"%pool: {api_said.value}"
+    assert first_line_of_usage_error(ip, "%pool start -n -1GB") == \
+        "%pool: argument -n/--workers: '-1GB' is not a whole number (-1: one per usable CPU)"
+    assert first_line_of_usage_error(ip, "%pmap -q --timeout -1e3 abs, [1]") == \
+        "%pmap: argument --timeout: must be greater than 0, not -1e3"
+    assert ip.run_cell("%pmap -q -n -1 abs, [-3]", store_history=False).result == [3]  # (still the whole pool)
+
+
+def test_a_start_method_is_refused_alike_by_pool_start_pool_and_config(ip, pool2):
+    """``%config MPMagic.start_method = 'FORK'`` was taken (a case-blind enum) where
+    ``%pool start --start-method FORK`` and ``start_pool(start_method='FORK')`` refused it."""
+    from traitlets import TraitError
+
+    import mpmagic
+    from mpmagic import config
+    from mpmagic.backends.local import start_method_refused
+
+    said = "unknown start method 'FORK': choose one of forkserver, spawn, fork"
+    assert start_method_refused("FORK") == said
+    assert [start_method_refused(m) for m in ("forkserver", "spawn", "fork")] == [None, None, None]
+    assert first_line_of_usage_error(ip, "%pool start --start-method FORK") == f"%pool: argument --start-method: {said}"
+    with pytest.raises(mpmagic.UsageError) as api_said:
+        mpmagic.start_pool(start_method="FORK")
+    assert str(api_said.value) == said
+    settings = config.current()
+    before = settings.start_method
+    with capture_output():
+        ip.run_cell("%config MPMagic.start_method = 'FORK'", store_history=False)
+    assert settings.start_method == before
+    with pytest.raises(TraitError) as config_said:
+        settings.start_method = "FORK"
+    assert str(config_said.value) == \
+        f"%config MPMagic.start_method = 'FORK' refused: {said}; the setting keeps its value"
+    assert settings.start_method == before
+
+
+@pytest.mark.parametrize("cell, said", [
+    ("%%parallel --retries 2\nrank",
+     "%%parallel: unknown option --retries: a %pmap option (it re-sends an item whose worker died); a rank runs "
+     "once, and one whose worker died fails the cell: run the cell again, or map the work with %pmap --retries N"),
+    ("%%parallel --errors collect\nrank",
+     "%%parallel: unknown option --errors: a %pmap option; a failed rank raises ParallelError, whose .values keeps "
+     "the values of the ranks that finished and .failures each failed rank's error"),
+    ("%%parallel --retry 2\nrank", "%%parallel: unknown option --retry; --retries is a %pmap option (it re-sends an "
+     "item whose worker died); a rank runs once, and one whose worker died fails the cell: run the cell again, or "
+     "map the work with %pmap --retries N"),
+    ("%pmap -o x abs, [1]", "%pmap: unknown option -o: a %%parallel option; assign %pmap's value instead: "
+     "results = %pmap f, xs"),
+    ("%pmap --rerun abs", "%pmap: unknown option --rerun; did you mean --rerun-failed?"),
+    ("%pmap -q --star pow, [1], [2]", "%pmap: --star takes one iterable of argument tuples, not several iterables"),
+])
+def test_the_magics_own_words_and_no_unrelated_suggestion(ip, pool2, cell, said):
+    """``%%parallel --retries`` was asked "did you mean -n/--workers?" (the dashes made the
+    names look alike), and ``%pmap --star f, xs, ys`` said the API's ``star=True``."""
+    assert first_line_of_usage_error(ip, cell) == said
+
+
+def test_after_a_double_dash_the_arguments_get_no_options_go_before_func_hint(ip, pool2):
+    """``--`` ends the options: what follows is the argument list, however it reads, so an
+    error in it is map()'s alone (the hint told ``%pmap -q -- -n, xs`` to write ``%pmap -n, xs``)."""
+    for name in ("n", "compare"):
+        ip.user_ns.pop(name, None)
+    ip.user_ns["xs"] = [1, 2]
+    err, _, _ = error_of(ip, "%pmap -q -- -n, xs")
+    assert isinstance(err, NameError) and not getattr(err, "__notes__", None)
+    err, _, _ = error_of(ip, "%pmap -q -- abs, xs --compare")
+    assert isinstance(err, NameError) and not getattr(err, "__notes__", None)
+    assert first_line_of_usage_error(ip, "%pmap -q -- abs, xs -n 2") == \
+        "%pmap: 'abs, xs -n 2' is not an argument list like map()'s"
+    err, _, _ = error_of(ip, "%pmap -q abs, xs --compare")  # (without the --: the hint, as before)
+    assert err.__notes__ == ["options go before FUNC: %pmap --compare abs, xs"]

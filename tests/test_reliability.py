@@ -632,7 +632,7 @@ BAD_INPUT = [
     ("%%parallel --bogus\nrank", "unknown option --bogus"),
     ("%%parallel\nrank +", "the cell has a syntax error on line 2"),
     ("%%parallel --reduce 42\nrank", "--reduce needs a function"),
-    ("%pool start --start-method nope", "invalid choice: 'nope'"),
+    ("%pool start --start-method nope", "--start-method: unknown start method 'nope': choose one of"),
     ("%pool start -n 0", "must be at least 1, not 0"),
     ("%pool start -n 100000", "100000 is more processes than this machine can run"),
     ("%pool resize 0", "must be at least 1, not 0"),

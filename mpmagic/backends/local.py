@@ -144,16 +144,27 @@ def _check_size(n: object, what: str = "workers") -> None:
         )
 
 
+def start_method_refused(method: object) -> str | None:
+    """Why ``method`` is not a start method this platform has, or None when it is one.
+
+    One check and one wording for ``start_pool(start_method=)``, ``%pool
+    --start-method`` and ``%config MPMagic.start_method``: the setting took
+    ``'FORK'`` (its enum ignored case) where the other two refused it.
+    """
+    have = [m for m in START_METHODS if m in multiprocessing.get_all_start_methods()]
+    if isinstance(method, str) and method in have:
+        return None
+    return f"unknown start method {method!r}: choose one of {', '.join(have)}"
+
+
 def check_start_method(method: object) -> str:
     """``method``, or the platform's default for None; a ``UsageError`` for a method
     this platform has not (checked before a pool is stopped or made)."""
     method = method or default_start_method()
-    if method not in multiprocessing.get_all_start_methods():
-        raise UsageError(
-            f"unknown start method {method!r}: choose one of "
-            f"{', '.join(m for m in START_METHODS if m in multiprocessing.get_all_start_methods())}"
-        )
-    return method
+    why = start_method_refused(method)
+    if why is not None:
+        raise UsageError(why)
+    return method  # type: ignore[return-value]  # (checked: one of the start methods)
 
 
 #: What ``max_tasks_per_child`` takes, as every refusal says it.
