@@ -11,6 +11,9 @@ picked from the report's measurements, most specific first:
   found the reduced value equal to the serial one, which shows they split it,
   and judged without the one-time imports in the ranks' times, or left to a
   warm run when those were not timed);
+* imports a cell's temporary workers paid (its ranks beyond the idle pool
+  workers get new workers, stopped after it): every call pays them again, so
+  ``%pool resize`` to the ranks keeps workers that have them;
 * one-time costs the next call will not pay, as the workers measured them:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
@@ -136,9 +139,14 @@ def _thread_remedy(report: Any, cap: int) -> str:
 
 
 def advise(report: Any) -> str | None:
-    """The likely cause and what to try, in one line; None for a good (or failed) run."""
+    """The likely cause and what to try, in one line; None for a good, failed or interrupted run.
 
-    if report.failed or report.extra.get("error"):
+    An interrupted run's figures stop at the interrupt: the unit that was running has
+    no task time and its wait is all wall time, so every cause below reads it wrongly
+    (a 60 s item read as "sending and collecting a chunk cost ~3.09 s", a cell that used
+    both its workers was told to use -n 1). docs/experience.md: "no speedup, no advice"."""
+
+    if report.interrupted or report.failed or report.extra.get("error"):
         return None
     if report.items == 0 and report.caller != "call":  # an empty map ran nothing: nothing to advise on
         return None
@@ -416,9 +424,12 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
     # One-time costs in the ranks' times (a first run importing sklearn in each worker) are not the
     # work: without them, the ranks of a cell that does split its work were told they repeat it.
     o = report.one_time or {}
-    if report.task_imports and any(t is None for t in (o.get("imports") or {}).values()):
+    temp = o.get("temporary") or {}  # (a cell's temporary workers: their imports are in their ranks' times too)
+    imports = [*(o.get("imports") or {}).values(), *(temp.get("imports") or {}).values()]
+    if report.task_imports and any(t is None for t in imports):
         return None  # imports inside the ranks' times, untimed: the next (warm) run tells
-    per_rank -= (o.get("import_seconds", 0.0) + o.get("load", 0.0)) * min(report.workers, report.items) / report.items
+    paid = max(o.get("import_seconds", 0.0) + o.get("load", 0.0), temp.get("import_seconds", 0.0) + temp.get("load", 0.0))
+    per_rank -= paid * min(report.workers, report.items) / report.items
     if per_rank < 0.7 * report.serial:
         return None
     # Repeating the work makes a rank take about the serial time, not many times it: a rank far
@@ -440,6 +451,9 @@ def _one_time(report: Any) -> str | None:
     # --compare measured the work: imports inside the tasks inflate their times, not the serial time.
     work = report.serial if report.serial is not None and report.task_imports else report.task_seconds
     lost = report.wall - work / max(1, report.workers)
+    recurring = _every_call(report, lost)
+    if recurring:
+        return recurring
     untimed = [n for n, t in (o.get("imports") or {}).items() if t is None]
     if untimed and total < ONE_TIME_SHARE * lost:
         # Imported by the tasks themselves (``import x`` in the function): inside their times.
@@ -480,6 +494,33 @@ def _one_time(report: Any) -> str | None:
     return (
         f"the workers spent {fmt_seconds(o['load'])} loading the function (sent once, with what it "
         "captures); the next call reuses it while nothing it captures changes"
+    )
+
+
+def _every_call(report: Any, lost: float) -> str | None:
+    """A cell's temporary workers (its ranks beyond the idle pool workers get new
+    workers, stopped after the cell) imported modules during it: the next call
+    starts new ones, which import them again, so the cure is workers that stay,
+    not "the next call will not pay it" (said on every call of a ``%%parallel -n 4``
+    on 2 workers). Named when their timed imports are at least
+    :data:`ONE_TIME_SHARE` of what the run lost, or when the ranks' code imported
+    them (untimed: inside the ranks' times)."""
+    temp = (report.one_time or {}).get("temporary") or {}
+    imports = temp.get("imports") or {}
+    if not imports:
+        return None
+    untimed = any(t is None for t in imports.values())
+    if not untimed and temp.get("import_seconds", 0.0) < ONE_TIME_SHARE * lost:
+        return None
+    n, size = temp["workers"], report.workers
+    pool = temp.get("pool") or max(1, size - n)
+    them = "it" if len(imports) == 1 and ", " not in next(iter(imports)) else "them"
+    inside = " (inside the ranks' times)" if untimed else ""
+    return (
+        f"the {n} temporary worker{'s' if n != 1 else ''} started for the ranks beyond the pool's {pool} "
+        f"imported {imports_text(_short(imports))} during this call{inside}, and every call starts new ones, "
+        f"which import {them} again: %pool resize {size} keeps {size} workers that have {them} "
+        f"(or -n {pool} runs the ranks on the pool's workers)"
     )
 
 

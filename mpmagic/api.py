@@ -114,11 +114,11 @@ def _interrupted(call: Any, t0: float) -> None:
 
 
 def _stopped(call: Any, t0: float, exc: BaseException) -> None:
-    """The report of a run stopped by an error of its own (not an item's: its
-    ``on_chunk`` raised), so that ``last_report()`` is not the run before it."""
+    """The report of a run stopped by an error of its own (not an item's or a rank's:
+    its ``on_chunk`` raised, the pool was stopped under it), so that ``last_report()``
+    is not the run before it."""
     try:
-        report = call.report(time.perf_counter() - t0)
-        report.extra.update(error=True, stopped_by=type(exc).__name__)
+        report = call.report(time.perf_counter() - t0, stopped_by=type(exc).__name__)
     except Exception:  # (never in the way of the error itself)
         report = None
     _reports.report = report
@@ -872,9 +872,10 @@ class MapCall:
         self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
                              insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
 
-    def report(self, wall: float, *, interrupted: bool = False) -> Report:
+    def report(self, wall: float, *, interrupted: bool = False, stopped_by: str | None = None) -> Report:
         """The timing report of the finished job (``wall`` seconds from submit to end);
-        ``interrupted``: of a run stopped by an interrupt (items: those that finished)."""
+        ``interrupted``: of a run stopped by an interrupt (items: those that finished);
+        ``stopped_by``: the name of the error of its own that stopped it (its line says so)."""
         job, backend = self.job, self.backend
         fields = _payload_costs(job, wall, _measured(job, backend, self.cold, self.recorder, job.ran_on or self.workers,
                                                      _func_libs(job.func)))
@@ -899,6 +900,8 @@ class MapCall:
             report.extra["timeout_chunks"] = True
         if job.timeout:
             report.extra["timed"] = True  # (advice: a chunk size kept, not dropped, under --timeout)
+        if stopped_by is not None:
+            report.extra.update(error=True, stopped_by=stopped_by)
         return report
 
     def failed_items(self, results: list) -> list:
@@ -1333,6 +1336,8 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     """
     cores = recent_cpus() if backend.name == "local" else None
     one_time = job.one_time.summary(cold)  # imports, loading, start: not the work (warmup.py)
+    if one_time["temporary"] is not None:  # (a cell's temporary workers: the advice names the pool's size)
+        one_time["temporary"]["pool"] = backend.workers
     # (one dict, filled in place: the report takes it as keywords, with the payload's costs)
     fields: dict[str, Any] = {
         "task_imports": one_time["task_imports"],
@@ -1803,6 +1808,9 @@ def parallel(
         new = run_interrupted("mpmagic.parallel", exc)  # one line in IPython, as %%parallel's
         new.failures, new.values = dict(job.failures), dict(job.values)  # type: ignore[attr-defined]
         raise new from None
+    except BaseException as exc:  # what stopped the cell itself (the pool stopped under it): the report is this run's
+        _stopped(call, t0, exc)
+        raise
     finally:
         call.record_kept()
     report = _reports.report = call.report(time.perf_counter() - t0)
@@ -1945,17 +1953,21 @@ class CellCall:
             assert isinstance(self.job, ranks.KeptCellJob)  # (pins: made in __init__ with the pins)
             ranks.record(self.backend, self.size, self.job.placed)
 
-    def report(self, wall: float, *, interrupted: bool = False) -> Report:
+    def report(self, wall: float, *, interrupted: bool = False, stopped_by: str | None = None) -> Report:
         """The cell's timing report (``wall`` seconds from submit to end). Of a run
         stopped by an interrupt (``interrupted``): ``items`` counts the ranks that
         finished (with a value), ``failed`` those that had failed, and ``total`` is the
         ranks of the run, so its line says ``parallel interrupted after 0 of 2 ranks
-        finished, 1 failed (rank 1)``."""
+        finished, 1 failed (rank 1)``. Likewise of a run stopped by an error not of its
+        ranks (``stopped_by``, its name: the pool was stopped under it): ``parallel
+        stopped by MPMagicError after 1 of 2 ranks finished`` (it was read as a cell that
+        ended: a timing line, and advice on its figures)."""
         job, size = self.job, self.size
-        return Report(
+        early = interrupted or stopped_by is not None  # (failed ranks are counted as failed)
+        report = Report(
             kind="parallel",
-            items=len(job.values) if interrupted else size,  # (interrupted: failed ranks are counted as failed)
-            total=size if interrupted else None,
+            items=len(job.values) if early else size,
+            total=size if early else None,
             interrupted=interrupted,
             workers=size,
             backend=self.backend.name,
@@ -1966,6 +1978,9 @@ class CellCall:
             failed_ranks=tuple(sorted(job.failures)),
             **_measured(job, self.backend, self.cold, self.recorder, size, lambda: self.spec.modules.values()),
         )
+        if stopped_by is not None:
+            report.extra.update(error=True, stopped_by=stopped_by)
+        return report
 
     def values(self, write: Callable[[str], Any]) -> RankValues:
         """The ranks' values, or ParallelError after writing each failing rank's traceback with ``write``."""

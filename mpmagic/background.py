@@ -564,7 +564,7 @@ class Run(Future[_R]):
                 value = self._finish_result(wall)
                 self._value = value if resume is None else resume.value(value)
             finally:
-                self._report = self._call_report(wall)
+                self._report = self._call_report(wall, run.error)
             if resume is not None:
                 self._report = resume.amend(self._report, wall)
         except BaseException as exc:  # kept for result(), shown in the live area at once
@@ -584,15 +584,19 @@ class Run(Future[_R]):
                 self._elapsed = time.monotonic() - self._t0
             self._end()
 
-    def _call_report(self, wall: float) -> Report:
+    def _call_report(self, wall: float, stopped: BaseException | None = None) -> Report:
         """The call's report, with the items that failed under ``errors="collect"``.
 
         A map's report leaves that count to its caller (the blocking ``pmap``
         counts the Failed among its results); a background run has the job's
         count, kept as chunks arrived (a streaming ``imap`` keeps no results).
         Under ``errors="raise"`` the report says where the run failed instead,
-        as the blocking one does.
+        as the blocking one does. ``stopped``: the run's own error (the pool was
+        stopped under it); a cell's report then says so and counts the ranks that
+        finished, as the blocking ``parallel``'s (a map's: ``_pump`` marks it failed).
         """
+        if stopped is not None and self._job.kind == "cell":
+            return self._call.report(wall, stopped_by=type(stopped).__name__)
         report = self._call.report(wall)
         if getattr(self._call, "collect", False) and not report.failed:
             report.failed = self._job.items_failed

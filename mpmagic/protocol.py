@@ -171,7 +171,8 @@ class Done(NamedTuple):
     # worker, start, end, cpu, rss; "runq" (Linux: seconds the task waited for a core,
     # cpus.run_queue_seconds); with timing item_top/items_timed/transfer; "once":
     # {"imports": [(why, [names], seconds|None, start_epoch, end_epoch)], "load": seconds}
-    # when the worker paid one-time costs since its last reply (see warmup.ImportLog)
+    # when the worker paid one-time costs since its last reply (see warmup.ImportLog);
+    # "temporary": True, added here by the local pool's loop for a cell's temporary worker
     meta: dict
 
 

@@ -73,7 +73,10 @@ class Report:
     insights: Any = None  # an insights.Insights with --insights
     # Costs the next run will not pay (warmup.OneTimeCosts.summary): ``imports``
     # {module: seconds or None}, ``import_seconds``, ``load`` (unpickling the
-    # function), ``start`` (workers starting), ``total`` (the most a worker paid).
+    # function), ``start`` (workers starting), ``total`` (the most a worker paid);
+    # ``temporary``: what a cell's temporary workers paid, which every such call
+    # pays again (``workers``, ``imports``, ``import_seconds``, ``load``, ``total``,
+    # ``pool``: the pool's size), or None.
     one_time: dict[str, Any] | None = None
     advice_enabled: bool = True
     # What the estimate assumes, said on the line itself (see _estimate_text):
@@ -304,7 +307,8 @@ class Report:
         took = fmt_seconds(self.wall)
         if self.caller == "call":  # (mpmagic.call: one call, not "failed at item 0 after 0 of 1 item")
             return f"call {'interrupted' if self.interrupted else 'failed'}, {took}{self._ran_again_text(' | ')}"
-        if self.interrupted:
+        stopped = self.extra.get("stopped_by")
+        if self.interrupted or (self.kind == "parallel" and stopped):  # (a cell the pool was stopped under)
             what = "ranks" if self.kind == "parallel" else "items"
             of = "" if self.total is None else f" of {self.total}"
             failed = ""
@@ -312,7 +316,8 @@ class Report:
                 ranks = ", ".join(map(str, self.failed_ranks))
                 failed = f", {self.failed} failed" + (f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})"
                                                       if ranks else "")
-            return f"{self.name} interrupted after {self.items}{of} {what} finished{failed}, {took}"
+            how = "interrupted" if self.interrupted else f"stopped by {stopped}"
+            return f"{self.name} {how} after {self.items}{of} {what} finished{failed}, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
             which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""
@@ -328,6 +333,22 @@ class Report:
         """Did one-time costs take a noticeable share of the run (5% of the wall, 5 ms)?"""
         t = (self.one_time or {}).get("total", 0.0)
         return t >= 0.005 and t >= 0.05 * self.wall
+
+    def every_call_mattered(self) -> bool:
+        """Did a cell's temporary workers' imports take a noticeable share of the run
+        (5% of the wall, 5 ms), as :meth:`one_time_mattered` asks of one-time costs?"""
+        t = ((self.one_time or {}).get("temporary") or {}).get("total", 0.0)
+        return t >= 0.005 and t >= 0.05 * self.wall
+
+    def every_call_text(self) -> str:
+        """``2 temporary workers imported numpy (73.8 ms)``: a cell's workers started for
+        ranks beyond the idle pool workers, and stopped after it, so every such call
+        pays this again (never "one-time"); empty when they imported nothing."""
+        temp = (self.one_time or {}).get("temporary") or {}
+        if not temp.get("imports"):
+            return ""
+        n = temp["workers"]
+        return f"{n} temporary worker{'s' if n != 1 else ''} imported {imports_text(temp['imports'])}"
 
     def one_time_text(self) -> str:
         """``workers started 120 ms, imported numpy 290 ms, loaded the function 4.0 ms``."""
@@ -358,10 +379,12 @@ class Report:
         if resumed and not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup
             return f"{self.name}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
         once = self.one_time_text() if self.one_time_mattered() else ""  # shown only when it mattered
+        every = self.every_call_text() if self.every_call_mattered() else ""
         return (
             f"{self.name}: {self._what()}{failed} on {self._where()} in {fmt_seconds(self.wall)}"
             f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
-            + (f" | one-time: {once}" if once else "") + self._ran_again_text(" | ")
+            + (f" | one-time: {once}" if once else "") + (f" | every call: {every}" if every else "")
+            + self._ran_again_text(" | ")
         )
 
     def _ran_again_text(self, sep: str) -> str:
@@ -481,6 +504,9 @@ class Report:
         once = self.one_time_text() if self.one_time_mattered() else ""
         if once:
             rows.append(("one-time", once))
+        every = self.every_call_text() if self.every_call_mattered() else ""
+        if every:
+            rows.append(("every call", every))
         resumed = self._resumed_text()
         if resumed:
             if not self.extra["checkpoint"]["computed"]:  # nothing ran: no workers, no speedup

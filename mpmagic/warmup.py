@@ -891,6 +891,13 @@ class OneTimeCosts:
     still running when the run began count from its start), and unpickling
     the function. Workers do these in parallel, so the run paid about the
     largest per-worker total, not the sum.
+
+    A cell's temporary workers (``meta["temporary"]``: started for ranks beyond the
+    idle pool workers, stopped after the cell) are counted apart: every such cell
+    starts new ones, which pay the same again, so their costs are not one-time
+    (``summary()["temporary"]``). A ``%%parallel -n 4`` on 2 workers was told on
+    every call that "the next call will not pay" the numpy import its 2 new
+    workers paid.
     """
 
     def __init__(self) -> None:
@@ -902,16 +909,21 @@ class OneTimeCosts:
         self._entry_of: dict[str, str] = {}  # module -> the ``modules`` entry that names it (each named once)
         self.task_imports: dict[str, set] = {}  # modules the tasks imported (inside their times) -> workers
         self.preloading = False  # the run waited for a background preload (the notebook had imported it)
+        self.temporary: set = set()  # a cell's temporary workers that ran ranks (their costs recur)
+        self.temporary_modules: dict[str, float | None] = {}  # as ``modules``, of the temporary workers
 
     def note(self, meta: dict) -> None:
         """Take a ``done`` reply's meta (only chunks with ``meta["once"]`` cost anything)."""
         start = meta.get("start")
         if start is not None and (self.first_start is None or start < self.first_start):
             self.first_start = start
+        worker = meta.get("worker")
+        if meta.get("temporary"):
+            self.temporary.add(worker)
         once = meta.get("once")
         if not once:
             return
-        worker = meta.get("worker")
+        modules = self.temporary_modules if worker in self.temporary else self.modules
         spent = in_load = 0.0
         for record in once.get("imports", ()):
             why, names, seconds, began, ended = record[:5]
@@ -929,8 +941,8 @@ class OneTimeCosts:
             key = ", ".join(fresh) if fresh else self._entry_of[names[0]] if names else ""
             for name in fresh:
                 self._entry_of[name] = key
-            old = self.modules.get(key)
-            self.modules[key] = seconds if old is None else max(old, seconds or 0.0)
+            old = modules.get(key)
+            modules[key] = seconds if old is None else max(old, seconds or 0.0)
             spent += seconds or 0.0
             if why == "task":  # each worker that imported it has it in its task times
                 for name in names:
@@ -943,26 +955,45 @@ class OneTimeCosts:
     def summary(self, cold: bool) -> dict[str, Any]:
         """For the report: ``imports`` {"module[, module...]": seconds or None}, ``import_seconds``,
         ``load``, ``start`` (workers starting, when the pool was cold), ``total``
-        (the most any worker paid); zeros when nothing was paid."""
+        (the most any worker paid); zeros when nothing was paid. These are the pool's
+        workers'; ``temporary`` is what a cell's temporary workers paid, which every
+        such call pays again (:meth:`_temporary`; None when they paid nothing)."""
         started = 0.0
         if not self.imports and not self.loads:  # (a warm run: no chunk paid any, so nothing was noted)
             if cold and self.first_start is not None:
                 waited = self.first_start - self.run_start
                 started = waited if waited > 0.0 else 0.0
             return {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": started, "total": started,
-                    "preloading": self.preloading, "task_imports": (), "task_import_workers": 0}
-        workers = set(self.imports) | set(self.loads)
+                    "preloading": self.preloading, "task_imports": (), "task_import_workers": 0, "temporary": None}
+        workers = (set(self.imports) | set(self.loads)) - self.temporary
         total = max((self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in workers), default=0.0)
         if cold and self.first_start is not None:
             # The first chunk began this long after the run did: the workers were starting.
             started = max(0.0, self.first_start - self.run_start - total)
         return {
             "imports": dict(self.modules),
-            "import_seconds": max(self.imports.values(), default=0.0),
-            "load": max(self.loads.values(), default=0.0),
+            "import_seconds": max((self.imports.get(w, 0.0) for w in workers), default=0.0),
+            "load": max((self.loads.get(w, 0.0) for w in workers), default=0.0),
             "start": started,
             "total": total + started,
             "preloading": self.preloading,
             "task_imports": tuple(self.task_imports),
             "task_import_workers": len(set().union(*self.task_imports.values())) if self.task_imports else 0,
+            "temporary": self._temporary(),
+        }
+
+    def _temporary(self) -> dict[str, Any] | None:
+        """What the cell's temporary workers paid: ``workers`` (how many ran ranks),
+        ``imports`` (as the summary's, a None time for one the rank's code made inside
+        its time), ``import_seconds``, ``load`` and ``total`` (the most one of them
+        paid); None when they imported nothing and loaded nothing."""
+        paid = [w for w in self.temporary if w in self.imports or w in self.loads]
+        if not paid or not (self.temporary_modules or any(self.loads.get(w, 0.0) for w in paid)):
+            return None
+        return {
+            "workers": len(self.temporary),
+            "imports": dict(self.temporary_modules),
+            "import_seconds": max(self.imports.get(w, 0.0) for w in paid),
+            "load": max(self.loads.get(w, 0.0) for w in paid),
+            "total": max(self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in paid),
         }

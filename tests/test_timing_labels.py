@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import time
 import warnings
 
 import numpy as np
@@ -378,6 +379,17 @@ def test_an_interrupted_runs_report_says_so():
     assert r.line() == "pmap interrupted after 3 of 10 items finished, 250.0 ms" and r.advice is None
 
 
+def test_an_interrupted_run_gets_no_advice_whatever_its_figures_say():
+    """A tester's %pmap of [0, 60] interrupted after 3 s: its one finished item was
+    "a chunk of 0.5 items on average" whose "sending and collecting ... cost ~3.09 s";
+    a 2-rank cell that used both workers was told "only 1 rank for 2 workers ... use -n 1".
+    The running unit has no task time at an interrupt: docs say "no speedup, no advice"."""
+    pmap = _report(items=1, total=2, wall=3.09, task_seconds=0.000088, chunks=2, chunksize="1", interrupted=True)
+    assert pmap.text() == "pmap interrupted after 1 of 2 items finished, 3.09 s"
+    cell = _report(kind="parallel", items=1, total=2, wall=3.04, task_seconds=0.0003, chunks=0, interrupted=True)
+    assert cell.text() == "parallel interrupted after 1 of 2 ranks finished, 3.04 s"
+
+
 def test_seeding_imports_no_numpy_into_a_notebook_without_it_and_gives_the_same_random_stream():
     """--seed imported numpy into the notebook (inside --compare's timing); the
     stream of ``random`` must not depend on whether numpy is there."""
@@ -445,11 +457,55 @@ def test_an_interrupted_cell_counts_the_ranks_that_ended_not_all_of_them(ip, poo
     report = mpmagic.last_report()
     assert report is not None and report.interrupted and (report.items, report.total) == (1, 2)
     assert report.line().startswith("parallel interrupted after 1 of 2 ranks finished, ")
+    assert report.text() == report.line()  # (no "only 1 rank for 2 workers: ... use -n 1")
     # A cell that ends has its ranks as items and no "of N", as before.
     run(ip, "%%parallel -n 2 -q\nrank\n")
     report = mpmagic.last_report()
     assert (report.items, report.total, report.interrupted) == (2, None, False)
     assert report.line().startswith("parallel: 2 ranks on 2 workers")
+
+
+def test_an_interrupted_pmap_after_a_finished_item_shows_its_line_and_no_advice(ip, pool2):
+    """The tester's case: one item done at once, the other still sleeping at the interrupt."""
+    import mpmagic
+
+    run(ip, "import time\n_ = %pmap -q abs, range(2)")  # (the workers up: item 0 ends before the interrupt)
+    shown, error = interrupted_cell(ip, "%pmap --chunksize 1 time.sleep, [0, 30]", after=0.6)
+    assert isinstance(error, KeyboardInterrupt)
+    report = mpmagic.last_report()
+    assert re.fullmatch(r"pmap interrupted after 1 of 2 items finished, \S+ m?s", report.text()), report.text()
+    assert "advice" not in shown
+
+
+def test_a_cell_the_pool_was_stopped_under_says_so_and_gets_no_advice(pool2):
+    """``stop_pool()`` from another thread while a cell ran (``%pool stop`` beside it):
+    ``last_report()`` was still the run before's, and a --bg cell's report read as a
+    cell that ended ("parallel: 2 ranks on 2 workers ... speedup <0.1x") with advice
+    on its figures ("the run spent ~1.00 s beyond its share of work ...")."""
+    import threading
+
+    # (rank 1 sleeps on past the stop, not for long: a stop gives a busy worker up to 2 s to finish)
+    code = "import time\ntime.sleep(0 if rank == 0 else 1.5)\nrank\n"
+    mpmagic.pmap(abs, range(2))  # (the workers up: rank 0 ends before the stop)
+    line = r"parallel stopped by MPMagicError after 1 of 2 ranks finished, \S+ m?s"
+    stop = threading.Timer(0.6, mpmagic.stop_pool)
+    stop.start()
+    try:
+        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+            mpmagic.parallel(code, workers=2, namespace={})
+        report = mpmagic.last_report()
+        assert report.kind == "parallel" and re.fullmatch(line, report.text()), report.text()
+        # In the background: the handle's report says the same.
+        handle = mpmagic.parallel(code, workers=2, namespace={}, block=False)
+        while handle.items_done < 1:
+            time.sleep(0.02)
+        mpmagic.stop_pool()
+        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+            handle.result(timeout=30)
+        assert re.fullmatch(line, handle.report().text()), handle.report().text()
+    finally:
+        stop.cancel()
+        mpmagic.stop_pool()
 
 
 def test_a_threads_run_does_not_replace_the_report_a_cell_reads(ip, pool2):

@@ -237,12 +237,88 @@ def test_a_run_that_paid_nothing_once_sums_up_without_walking_its_records(monkey
     monkeypatch.setattr(warmup, "max", lambda *a, **k: pytest.fail("walked"), raising=False)
     assert costs.summary(cold=False) == {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0,
                                          "total": 0.0, "preloading": False, "task_imports": (),
-                                         "task_import_workers": 0}
+                                         "task_import_workers": 0, "temporary": None}
     cold = costs.summary(cold=True)
     assert cold["start"] == cold["total"] == pytest.approx(0.25)
     monkeypatch.undo()
     costs.note({"worker": 1, "start": costs.run_start + 0.3, "once": {"imports": [], "load": 0.05}})
     assert costs.summary(cold=True)["total"] == pytest.approx(0.25)  # (0.05 loading, 0.2 starting)
+
+def test_a_cells_temporary_workers_imports_are_counted_apart_from_the_pools():
+    """A %%parallel -n 4 on 2 warm workers: the 2 temporary workers (new each call)
+    imported numpy. It is not a one-time cost of the pool: the next call pays it again."""
+    costs = warmup.OneTimeCosts()
+    t = costs.run_start
+    for w in (0, 1):  # the pool's warm workers: nothing to pay
+        costs.note({"worker": w, "start": t + 0.01})
+    for w in (2, 3):
+        costs.note({"worker": w, "start": t + 0.08, "temporary": True, "once": {
+            "imports": [("preload", ["numpy"], 0.07, t, t + 0.07 + 0.001 * w)], "load": 0.0}})
+    s = costs.summary(cold=False)
+    assert (s["imports"], s["import_seconds"], s["total"]) == ({}, 0.0, 0.0)
+    assert s["temporary"] == {"workers": 2, "imports": {"numpy": pytest.approx(0.073)},
+                              "import_seconds": pytest.approx(0.073), "load": 0.0, "total": pytest.approx(0.073)}
+    # A first call: the pool's workers paid it once, the temporary ones as every call's will.
+    costs.note({"worker": 0, "start": t, "once": {"imports": [("function", ["numpy"], 0.29, t, t + 0.29)],
+                                                  "load": 0.3}})
+    s = costs.summary(cold=False)
+    assert s["imports"] == {"numpy": pytest.approx(0.29)} and s["total"] == pytest.approx(0.3)
+    assert s["temporary"]["imports"] == {"numpy": pytest.approx(0.073)}
+
+
+def test_the_line_and_advice_say_a_cells_temporary_workers_pay_their_imports_on_every_call():
+    """The tester's %%parallel -n 4 on 2 workers was told on every call: "one-time: imported
+    numpy (73.8 ms)" and "the next call will not pay it (... idle workers were still importing
+    them ...)". Every call starts new temporary workers, which import it again."""
+    temp = {"workers": 2, "imports": {"numpy": 0.0738}, "import_seconds": 0.0738, "load": 0.0, "total": 0.0738,
+            "pool": 2}
+    once = {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0, "preloading": True,
+            "temporary": temp}
+    r = _report(kind="parallel", items=4, workers=4, wall=0.135, task_seconds=0.16, chunks=0, cores=None,
+                one_time=once)
+    assert r.line() == ("parallel: 4 ranks on 4 workers (forkserver) in 135.0 ms | serial ~160.0 ms (estimated: the "
+                        "sum of the ranks' times) | speedup ~1.2x | every call: 2 temporary workers imported numpy "
+                        "(73.8 ms)")
+    assert ("every call", "2 temporary workers imported numpy (73.8 ms)") in r.rows()
+    assert r.advice == ("the 2 temporary workers started for the ranks beyond the pool's 2 imported numpy (73.8 ms) "
+                        "during this call, and every call starts new ones, which import it again: %pool resize 4 "
+                        "keeps 4 workers that have it (or -n 2 runs the ranks on the pool's workers)")
+    # Imported by the ranks' own code (untimed, inside their times): the same, said so.
+    untimed = {**once, "temporary": {**temp, "imports": {"numpy": None, "scipy": None}, "import_seconds": 0.0,
+                                     "total": 0.0}}
+    r = _report(kind="parallel", items=4, workers=4, wall=0.135, task_seconds=0.16, chunks=0, cores=None,
+                one_time=untimed, task_imports=("numpy", "scipy"), task_import_workers=2)
+    assert "every call" not in r.line()  # (their time is in the ranks' times: nothing to set apart)
+    assert r.advice == ("the 2 temporary workers started for the ranks beyond the pool's 2 imported numpy, scipy "
+                        "during this call (inside the ranks' times), and every call starts new ones, which import "
+                        "them again: %pool resize 4 keeps 4 workers that have them (or -n 2 runs the ranks on the "
+                        "pool's workers)")
+
+
+def test_every_cell_call_on_temporary_workers_is_told_it_pays_their_imports_again(pool2, tmp_path):
+    """End to end: the ranks say whether their worker had the module before they imported it.
+    After the first call the pool's 2 workers have it and the 2 temporary ones never do, so
+    each later call paid it again; the report must say that, not "the next call will not pay it"."""
+    import mpmagic
+    from mpmagic.advice import _every_call as every_call
+
+    name = f"mpm_probe_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    code = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nhad = {name!r} in sys.modules\n"
+            f"import {name}\nhad")
+    for call in range(3):
+        had = mpmagic.parallel(code, workers=4, namespace={})
+        report = mpmagic.last_report()
+        assert had.count(False) == (4 if call == 0 else 2)  # (serial truth: who imported it in this call)
+        temp = report.one_time["temporary"]
+        assert temp["workers"] == 2 and temp["pool"] == 2 and name in temp["imports"], report.one_time
+        if call:
+            assert name not in report.one_time["imports"]  # (the pool's workers had it: nothing one-time)
+        advice = every_call(report, lost=report.wall)
+        assert advice is not None and advice.startswith(f"the 2 temporary workers started for the ranks beyond the "
+                                                        f"pool's 2 imported {name} during this call"), advice
+        assert "next call will not pay" not in (report.advice or "")
+
 
 def test_the_import_log_notices_new_modules_only():
     log = warmup.ImportLog()

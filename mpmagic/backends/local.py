@@ -1986,6 +1986,9 @@ class LocalBackend:
                     job.ran_without_setup(unit, note)
             if kind is Done:
                 self._note_memory(slot, owner, msg.meta)
+                if slot.temporary and msg.meta is not None:
+                    # Its imports are not one-time: the next cell starts new temporary workers (warmup.OneTimeCosts).
+                    msg.meta["temporary"] = True
                 job.done(unit, msg.data, msg.seconds, msg.meta)
             elif kind is Error:
                 job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
