@@ -11,6 +11,10 @@ picked from the report's measurements, most specific first:
   found the reduced value equal to the serial one, which shows they split it,
   and judged without the one-time imports in the ranks' times, or left to a
   warm run when those were not timed);
+* tasks blocked in mpmagic's own helpers (a Lock or a Value's lock, which lets
+  one task at a time through; ``Queue.get()`` waiting for a producer;
+  ``Event.wait()``) for a good share of the time the run lost, as the helpers
+  measured it (``report.helper_wait_seconds``, :mod:`mpmagic.waits`);
 * imports a cell's temporary workers paid (its ranks beyond the idle pool
   workers get new workers, stopped after it): every call pays them again, so
   ``%pool resize`` to the ranks keeps workers that have them;
@@ -22,7 +26,8 @@ picked from the report's measurements, most specific first:
   a dict of arrays, a DataFrame) compared with the workers' copy on every
   call, or copied when changed, where ``mpmagic.share`` needs neither;
 * tasks that ran slower in the workers than serially here (``--compare``
-  measured both: memory bandwidth or threads shared by the workers);
+  measured both, less their time blocked in mpmagic's helpers: memory
+  bandwidth or threads shared by the workers);
 * more workers than usable CPU cores (also when the estimate looks good:
   on CPU-bound work, measured by the workers' CPU time, it counts waiting);
 * large arguments or results copied to and from the workers;
@@ -49,6 +54,7 @@ from __future__ import annotations
 from typing import Any
 
 from .fmt import fmt_bytes, fmt_seconds, imports_text
+from .waits import names as helper_names
 
 # Tasks this much slower in the workers than serially here are worth naming
 # (below it, timer noise and turbo clocks explain the difference).
@@ -72,6 +78,9 @@ SHARED_COPY_BYTES = 16 << 20
 # Preparing the function's payload here (checking or copying what it captures) is
 # the cause when it took at least this share of what the run lost against ideal.
 PAYLOAD_SHARE = 0.5
+# The tasks' time blocked in mpmagic's helpers is the cause when it is at least this
+# share of the worker time the run lost (workers x wall, less the work done).
+HELPER_WAIT_SHARE = 0.3
 
 
 #: Below this speedup a run "did not pay": a run on one worker at ~1.0x (0.98x:
@@ -204,6 +213,9 @@ def advise(report: Any) -> str | None:
     repeated = _ranks_repeat_the_work(report)
     if repeated:
         return repeated
+    blocked = _helper_waits(report)
+    if blocked:
+        return blocked
     once = _one_time(report)
     if once:
         return once
@@ -417,10 +429,13 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
         return None
     # Ranks that sleep or wait for I/O use next to no CPU (0.5 % of their time): their wall time says it, and
     # they wait for no core. CPU-bound ranks sharing cores still use a share of one (4 on 2 cores: ~25-50 %).
-    cpu_bound = report.cpu_seconds is not None and report.cpu_seconds >= 0.1 * report.task_seconds
+    # (Their time blocked in mpmagic's helpers is no work: a consumer rank waiting in Queue.get() for the
+    # producer's 400 ms made the two ranks' average the serial time, "the ranks repeat the work".)
+    work = report.work_seconds
+    cpu_bound = report.cpu_seconds is not None and report.cpu_seconds >= 0.1 * work
     # (never above the task time: the CPU time also holds each rank's loading and sending, 3.6 ms of it
     # against a 0.6 ms task on a tiny cell, which read as a rank repeating a 0.25 ms serial cell)
-    per_rank = (min(report.cpu_seconds, report.task_seconds) if cpu_bound else report.task_seconds) / report.items
+    per_rank = (min(report.cpu_seconds, work) if cpu_bound else work) / report.items
     # One-time costs in the ranks' times (a first run importing sklearn in each worker) are not the
     # work: without them, the ranks of a cell that does split its work were told they repeat it.
     o = report.one_time or {}
@@ -442,6 +457,35 @@ def _ranks_repeat_the_work(report: Any) -> str | None:
         f"{fmt_seconds(report.serial)} here): the ranks repeat the work instead of sharing it; "
         "give each rank its part, e.g. range(rank, n, size)"
     )
+
+
+def _helper_waits(report: Any) -> str | None:
+    """The tasks were blocked in mpmagic's own helpers for a good share of the time the
+    run lost (:data:`HELPER_WAIT_SHARE`): a lock lets one task at a time through, a
+    consumer waits for its producer. Measured by the helpers (``report.helper_wait_seconds``);
+    the estimate leaves that time out, and --compare's serial run waits for nothing, so
+    without this the loss was blamed on memory bandwidth or transfer costs."""
+    waited = report.helper_wait_seconds
+    if waited < 0.005 or not report.helper_wait_kinds:
+        return None
+    running = max(1, min(report.workers, report.chunks or report.items))  # (units that could run at once)
+    lost = running * report.wall - report.work_seconds  # worker time not spent on the work
+    if lost <= 0 or waited < HELPER_WAIT_SHARE * lost:
+        return None
+    who = "ranks" if report.kind == "parallel" else "tasks"
+    head = (f"the {who} spent {fmt_seconds(waited)} of their {fmt_seconds(report.task_seconds)} waiting on "
+            f"{helper_names(report.helper_wait_kinds)}")
+    first = report.helper_wait_kinds[0]
+    if first == "Queue":
+        return (f"{head} (in get() for items, or in put() for room in a bounded queue), so they went at the pace "
+                "of what filled the queue rather than beside it: give the producing to more tasks "
+                "(mpmagic.Queue(producers=N), one close() each), or map the items with %pmap when they are "
+                "known in advance")
+    if first == "Event":
+        return (f"{head} until another process set() it, doing no work meanwhile: set it sooner, or do the "
+                "work that does not need it before waiting")
+    return (f"{head}, which lets one task at a time through: the code it guards ran serially; hold it only around the shared update (compute outside `with lock:`), update shared state less "
+            "often (add up a task's count and add it once), or return values and combine them in the notebook")
 
 
 def _one_time(report: Any) -> str | None:
@@ -542,12 +586,15 @@ def _slower_in_workers(report: Any) -> str | None:
         return None
     if report.task_seconds / report.chunks < MIN_TIMED_CHUNK:
         return None  # the workers' clocks around tiny chunks measure mostly themselves
-    ratio = report.task_seconds / report.serial
+    # (their time blocked in mpmagic's helpers is not slower work: a map serialised by a Lock,
+    # 1.9x "slower", was blamed on memory bandwidth)
+    work = report.work_seconds
+    ratio = work / report.serial
     if ratio < SLOWER_IN_WORKERS:
         return None
     n = max(1, report.items_run)  # (a resumed checkpoint's stored items ran neither here nor there)
     return (
-        f"tasks ran {ratio:.1f}x slower in the workers than here ({fmt_seconds(report.task_seconds / n)} "
+        f"tasks ran {ratio:.1f}x slower in the workers than here ({fmt_seconds(work / n)} "
         f"against {fmt_seconds(report.serial / n)} per item): the workers compete for memory "
         "bandwidth, or each uses several threads (numpy's BLAS) on the same cores; "
         "see docs/performance.md, \"Slower in the workers\""

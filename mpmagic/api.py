@@ -1365,6 +1365,9 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     fields["bytes_shared"] = job.bytes_shared
     fields["cpu_seconds"] = job.cpu_seconds
     fields["runq_seconds"] = job.runq_seconds
+    helpers = job.helper_wait  # (seconds blocked in mpmagic's helpers, by kind: MapJob, CellJob)
+    fields["helper_wait_seconds"] = sum(helpers.values())
+    fields["helper_wait_kinds"] = tuple(sorted(helpers, key=lambda kind: -helpers[kind]))
     fields["slowest_task"] = job.slowest_task or None
     fields["slowest_where"] = job.slowest_where
     fields["insights"] = recorder.finish(workers) if recorder is not None else None

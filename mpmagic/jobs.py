@@ -207,6 +207,13 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
 MAX_SPANS = 20_000
 
 
+def add_waits(total: dict[str, float], unit: Any) -> None:
+    """Add a unit's ``meta["helper_wait"]`` ({kind: seconds} blocked in mpmagic's helpers) to a job's."""
+    if isinstance(unit, dict):
+        for kind, seconds in unit.items():
+            total[kind] = total.get(kind, 0.0) + float(seconds)
+
+
 @dataclass
 class Failed:
     """Stands in the results, with ``errors="collect"``, for an item that failed.
@@ -445,6 +452,8 @@ class MapJob:
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
         # Of the task seconds, those the tasks waited for a core (meta["runq"], Linux), if the workers said
         self.runq_seconds: float | None = None
+        # ...and those they were blocked in mpmagic's helpers, by kind (meta["helper_wait"]: mpmagic.waits)
+        self.helper_wait: dict[str, float] = {}
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports / function loading in the workers (warmup.py)
@@ -847,7 +856,8 @@ class MapJob:
 
     def done(self, unit: Unit, data: bytes, seconds: float, meta: dict | None = None) -> None:
         """A chunk's results came back. ``meta``:
-        ``worker``, ``start``/``end`` (epoch seconds), ``cpu``, ``runq`` (seconds waiting for a core) and, with insights,
+        ``worker``, ``start``/``end`` (epoch seconds), ``cpu``, ``runq`` (seconds waiting for a core),
+        ``helper_wait`` ({kind: seconds} blocked in mpmagic's helpers) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
         ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note)."""
         self.bytes_back += len(data)
@@ -860,6 +870,8 @@ class MapJob:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
             if "runq" in meta:
                 self.runq_seconds = (self.runq_seconds or 0.0) + meta["runq"]
+            if "helper_wait" in meta:
+                add_waits(self.helper_wait, meta["helper_wait"])
             self.one_time.note(meta)
             if "end" in meta and len(self.spans) < MAX_SPANS:
                 self.spans.append((meta["start"], meta["end"]))
@@ -1487,6 +1499,7 @@ class CellJob:
         self.bytes_shared = lease.copied if lease is not None else 0  # the cell's arrays, copied once for all ranks
         self.cpu_seconds: float | None = None
         self.runq_seconds: float | None = None  # (see MapJob)
+        self.helper_wait: dict[str, float] = {}  # (see MapJob)
         self.slowest_task = 0.0
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
@@ -1626,6 +1639,8 @@ class CellJob:
                 self.cpu_seconds = (self.cpu_seconds or 0.0) + meta["cpu"]
             if "runq" in meta:
                 self.runq_seconds = (self.runq_seconds or 0.0) + meta["runq"]
+            if "helper_wait" in meta:
+                add_waits(self.helper_wait, meta["helper_wait"])
             self.one_time.note(meta)
             if "end" in meta and len(self.spans) < MAX_SPANS:
                 self.spans.append((meta["start"], meta["end"]))

@@ -169,7 +169,9 @@ class Done(NamedTuple):
     data: bytes
     seconds: float
     # worker, start, end, cpu, rss; "runq" (Linux: seconds the task waited for a core,
-    # cpus.run_queue_seconds); with timing item_top/items_timed/transfer; "once":
+    # cpus.run_queue_seconds); "helper_wait" ({kind: seconds} the task was blocked in
+    # mpmagic's Lock / Value's lock / Queue / Event, only when it was: mpmagic.waits);
+    # with timing item_top/items_timed/transfer; "once":
     # {"imports": [(why, [names], seconds|None, start_epoch, end_epoch)], "load": seconds}
     # when the worker paid one-time costs since its last reply (see warmup.ImportLog);
     # "temporary": True, added here by the local pool's loop for a cell's temporary worker

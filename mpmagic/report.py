@@ -3,8 +3,9 @@
 The serial time is *measured* only when the work really ran serially in the
 notebook (``compare=True``); otherwise it is *estimated* as the sum of the
 compute times the workers measured around each task (less the time the tasks
-waited for a core because more workers than cores ran, where the workers
-measured it: Linux), and the line says so.
+were blocked in mpmagic's own Lock, Queue or Event, which the helpers measure,
+and the time they waited for a core because more workers than cores ran,
+where the workers measured it: Linux), and the line says so.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from .fmt import fmt_seconds, imports_text
+from .waits import names as helper_names
 
 # Items under this many seconds each: the workers' time around each call (their
 # loop, the crash-position marks) and the notebook packing chunks on the same
 # cores are a large share of the task times, so the estimate runs high (a
 # tester: 200,000 items of x + 1 estimated at ~2x the serial time).
 TINY_ITEM = 1e-6
+# The tasks' time blocked in mpmagic's helpers is left out of the estimate (and
+# said so) from this share of the task times: below it, a lock taken now and
+# then moves the estimate by less than the noise of timing it.
+HELPER_WAIT_SHARE = 0.05
 
 
 @dataclass
@@ -68,6 +74,14 @@ class Report:
     # waits for I/O waits for no core, which the CPU time alone could not tell from
     # CPU-bound tasks that other processes left less than their share of a core.
     runq_seconds: float | None = None
+    # Of task_seconds, the seconds the tasks were blocked in mpmagic's own helpers (an
+    # mpmagic.Lock, a Value's lock, Queue.get(), Event.wait(): measured by the helpers in
+    # the task's thread, mpmagic.waits), and their kinds ("Lock", "Queue"...), the longest
+    # wait first. No work is done meanwhile, so the estimate leaves them out
+    # (subtracts_helper_wait): a map serialised by a Lock was estimated at ~1.9x where
+    # --compare measured 1.00x, and a consumer rank counted its wait for items as work.
+    helper_wait_seconds: float = 0.0
+    helper_wait_kinds: tuple[str, ...] = ()
     slowest_task: float | None = None  # longest chunk or rank, in seconds
     slowest_where: str | None = None  # which items or rank that was
     insights: Any = None  # an insights.Insights with --insights
@@ -165,9 +179,28 @@ class Report:
         return self.runq_seconds is not None and self.waited_for_cores
 
     @property
+    def subtracts_helper_wait(self) -> bool:
+        """Does the estimate leave out the tasks' time blocked in mpmagic's helpers?
+        When it is a noticeable share of the task times (:data:`HELPER_WAIT_SHARE`)."""
+        waited = self.helper_wait_seconds
+        return waited > 0 and waited >= HELPER_WAIT_SHARE * self.task_seconds
+
+    @property
     def estimated_serial(self) -> float:
-        """The task times, less what the tasks waited for a core among too many workers."""
-        return max(0.0, self.task_seconds - (self.runq_seconds or 0.0)) if self.subtracts_waiting else self.task_seconds
+        """The task times, less what the tasks waited for a core among too many workers
+        and what they were blocked in mpmagic's helpers (both: no work was done)."""
+        seconds = self.task_seconds
+        if self.subtracts_waiting:
+            seconds -= self.runq_seconds or 0.0
+        if self.subtracts_helper_wait:
+            seconds -= self.helper_wait_seconds
+        return max(0.0, seconds)
+
+    @property
+    def work_seconds(self) -> float:
+        """The task times less their time blocked in mpmagic's helpers: what the tasks
+        computed (what advice compares with a measured serial time)."""
+        return max(0.0, self.task_seconds - self.helper_wait_seconds)
 
     @property
     def serial_time(self) -> float:
@@ -264,8 +297,14 @@ class Report:
             include.append(f"waiting for a core: {on_cores}")
         if include:
             text += ", which include " + " and ".join(include)
+        less = []
+        if self.subtracts_helper_wait:  # (blocked in a Lock, Queue.get()...: no work, and serial would not wait)
+            less.append(f"the {fmt_seconds(self.helper_wait_seconds)} they waited on "
+                        f"{helper_names(self.helper_wait_kinds)}")
         if subtracted:
-            text += f", less the {fmt_seconds(self.runq_seconds or 0.0)} they waited for a core: {on_cores}"
+            less.append(f"the {fmt_seconds(self.runq_seconds or 0.0)} they waited for a core: {on_cores}")
+        if less:
+            text += ", less " + " and ".join(less)
         per_item = self.task_seconds / self.items_run if self.kind == "pmap" and self.items_run > 0 else None
         if per_item is not None and 0 < per_item < TINY_ITEM:  # the workers' loop and waits are most of it
             text += f", high for items this small: ~{per_item * 1e9:.0f} ns each"

@@ -65,6 +65,7 @@ from . import (
     posixshm,
     shm,
     task_builtins,
+    waits,
     worker_logging,
     worker_setup,
 )
@@ -771,6 +772,7 @@ def execute_map(
     worker_logging.begin(msg.log_context)  # the items' logging and warnings go home too
     figures = task_builtins.open_figures()
     runq = runq_end = run_queue_seconds()  # (around the timed items only: see _waited)
+    waits.begin()  # (the items' time blocked in mpmagic's helpers: see _waited)
     if not msg.item_clock:
         started = None
     try:
@@ -815,9 +817,18 @@ def _waited(meta: dict[str, Any], before: float | None, after: float | None, sec
     """``meta["runq"]``: seconds the unit's thread waited on a run queue for a core
     between the two reads of cpus.run_queue_seconds (at most the unit's ``seconds``),
     where the kernel says. The task times less it are what the tasks take on a free
-    core: the report's serial estimate with more workers than cores (Report.runq_seconds)."""
+    core: the report's serial estimate with more workers than cores (Report.runq_seconds).
+
+    ``meta["helper_wait"]``: ``{kind: seconds}`` the unit's thread was blocked in
+    mpmagic's own helpers since ``waits.begin()`` (a Lock, a Value's lock,
+    ``Queue.get()``, ``Event.wait()``: :mod:`mpmagic.waits`), only when it was:
+    no work was done meanwhile, and the report's estimate leaves it out
+    (Report.helper_wait_seconds)."""
     if before is not None and after is not None:
         meta["runq"] = min(max(0.0, after - before), seconds)
+    helpers = waits.take()
+    if helpers:
+        meta["helper_wait"] = helpers
 
 
 def execute_cell(
@@ -836,6 +847,7 @@ def execute_cell(
     runq = run_queue_seconds()
     t0 = time.perf_counter()
     debugging.new_unit(f"rank {rank}")
+    waits.begin()  # (the rank's time blocked in mpmagic's helpers: see _waited)
     worker_logging.begin(msg.log_context)
     figures = task_builtins.open_figures()
     mark = log.mark()

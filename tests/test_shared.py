@@ -1055,8 +1055,8 @@ def test_a_bounded_queue_of_items_larger_than_its_free_ring_never_sleeps_a_slice
     ran_out = []
     real_wait = queues._wait
 
-    def counting_wait(sem, seconds):
-        got = real_wait(sem, seconds)
+    def counting_wait(sem, seconds, kind):
+        got = real_wait(sem, seconds, kind)
         if not got:
             ran_out.append(seconds)
         return got

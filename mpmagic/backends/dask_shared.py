@@ -11,7 +11,12 @@ notebook-defined classes travel too) and travel into tasks by name.
 
 Every operation is a round trip to the scheduler: about a millisecond on one
 machine, more across a network, against microseconds for the local helpers
-(docs/dask.md has the measured figures). ``Value`` and ``Array`` need memory
+(docs/dask.md has the measured figures). A task's time in the calls that
+wait (``get``, ``put``, ``acquire``, ``wait``: round trips included, no work is
+done meanwhile) counts as its wait in the helper (:mod:`mpmagic.waits`),
+which the report leaves out of its estimate, as for the local helpers; a
+``get()`` or ``wait()`` with no timeout that has waited
+:data:`mpmagic.waits.NOTE_AFTER` seconds says so, once per task. ``Value`` and ``Array`` need memory
 shared with the notebook, which a cluster does not have: they raise a
 :class:`~mpmagic.errors.UsageError` that says what to use instead.
 """
@@ -27,7 +32,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from .. import payload
+from .. import payload, waits
 from ..errors import UsageError
 from ..shared import IterUntilClosed
 from ..shared.base import current_backend
@@ -37,6 +42,17 @@ from ..shared.base import current_backend
 # outside of the context of a Client or Worker", "No clients found", and an
 # Event's "'NoneType' object has no attribute 'event_set'").
 _GONE_SIGNS = ("not properly initialized", "No clients found", "IOLoop is closed", "'NoneType' object has no attribute")
+
+
+@contextlib.contextmanager
+def _timed(kind: str) -> Iterator[None]:
+    """The call's time counts as this thread's wait in a helper of ``kind`` (mpmagic.waits):
+    on Dask each of these calls waits for the scheduler, at least one round trip."""
+    t0 = time.monotonic()
+    try:
+        yield
+    finally:
+        waits.add(kind, time.monotonic() - t0)
 
 
 def _gone_error(helper: Any) -> UsageError:
@@ -148,7 +164,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         """
         data = payload.dumps_checked(obj, "an item put in the queue")
         limit = _wait_for(block, timeout)
-        with _pool_gone(self):
+        with _pool_gone(self), _timed("Queue"):
             self._refuse_if_closed()
             if not self.maxsize or limit is None:  # no bound, or no limit: Dask's put waits without logging
                 self._q.put(data, timeout=limit)
@@ -189,12 +205,13 @@ class DaskQueue(_OnDask, IterUntilClosed):
         is taken only once one is there, under a lock all consumers share, so
         another consumer cannot take it in between and leave this one waiting.
         """
-        with _pool_gone(self):
+        with _pool_gone(self), _timed("Queue"):
             return self._get(block, timeout)
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         limit = _wait_for(block, timeout)
-        deadline = None if limit is None else time.monotonic() + limit
+        since = time.monotonic()  # (a task's wait with no timeout says so after a while: _say_waiting)
+        deadline = None if limit is None else since + limit
         pause = 0.001  # short at first (an item is often just being put), longer while idle
         next_close_check = time.monotonic() + self._SLICE
         first = True
@@ -214,6 +231,14 @@ class DaskQueue(_OnDask, IterUntilClosed):
                     raise QueueClosed(f"{self!r} is closed and every item has been taken")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise std_queue.Empty
+                if deadline is None and waits.due(since) and not self.closed and self.qsize() == 0:
+                    waits.note_long_wait(
+                        "mpmagic.Queue.get()",
+                        "the queue is empty and not closed, and nothing was put meanwhile; if no producer will "
+                        "put more, it waits for ever: interrupt to stop it, or have the producer close() the "
+                        "queue when it is done (a get() then raises QueueClosed, and `for item in q` ends)",
+                        since,
+                    )
             left = self._POLL if deadline is None else max(0.0, deadline - time.monotonic())
             time.sleep(min(pause, left))
             pause = min(pause * 2, self._POLL)
@@ -341,7 +366,7 @@ class DaskLock(_OnDask):
         """Take the lock; True if taken (False after ``timeout`` or when not blocking)."""
         if timeout is not None and timeout < 0:  # threading.Lock's "no timeout"
             timeout = None
-        with _pool_gone(self):
+        with _pool_gone(self), _timed("Lock"):
             return bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
 
     def release(self) -> None:
@@ -420,8 +445,19 @@ class DaskEvent(_OnDask):
             return bool(self._event.is_set())
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until set; False if ``timeout`` passed first."""
-        with _pool_gone(self):
+        """Wait until set; False if ``timeout`` passed first. A task's wait with no
+        timeout says so once it has lasted :data:`mpmagic.waits.NOTE_AFTER` seconds."""
+        with _pool_gone(self), _timed("Event"):
+            if timeout is None and waits.watching():
+                since = time.monotonic()
+                if self._event.wait(waits.NOTE_AFTER):
+                    return True
+                waits.note_long_wait(
+                    "mpmagic.Event.wait()",
+                    "the event is not set; if no process will set() it, it waits for ever: interrupt to stop it, "
+                    "or give wait() a timeout",
+                    since,
+                )
             return bool(self._event.wait(timeout))
 
 

@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import compat, debugging, payload, posixshm, shm
+from .. import compat, debugging, payload, posixshm, shm, waits
 from ..errors import MPMagicError, out_of_files, too_many_open_files
 from ..fmt import fmt_bytes
 
@@ -220,9 +220,16 @@ def _notify(sem: Any) -> None:
         pass
 
 
-def _wait(sem: Any, seconds: float) -> bool:
-    """Take a token from ``sem`` within ``seconds`` (interruptible by Ctrl-C)."""
-    return sem.acquire(True, max(0.0, seconds))
+def _wait(sem: Any, seconds: float, kind: str) -> bool:
+    """Take a token from ``sem`` within ``seconds`` (interruptible by Ctrl-C).
+
+    The time it blocked counts as this thread's wait in a helper of ``kind``
+    (:mod:`mpmagic.waits`: the report leaves it out of the work)."""
+    t0 = time.monotonic()
+    try:
+        return sem.acquire(True, max(0.0, seconds))
+    finally:
+        waits.add(kind, time.monotonic() - t0)
 
 
 # --------------------------------------------------------------------------
@@ -255,16 +262,20 @@ class _HolderLock:
     Why ``_SLICE`` (0.25 s): a waiter checks the holder only after waiting that
     long, so the uncontended path costs one ``sem_trywait`` and one store (the
     locked ``Value`` increment of bench_shared.py: ~600,000/s over 2 ranks), and
-    a dead holder costs the others a quarter of a second, once.
+    a dead holder costs the others a quarter of a second, once. Only the
+    waiting path is timed (:meth:`_wait`, for :mod:`mpmagic.waits`): the
+    uncontended path pays nothing for it.
     """
 
-    def __init__(self, sem: Any, seg: _Segment, slot: int, recursive: bool, what: str | None) -> None:
+    def __init__(self, sem: Any, seg: _Segment, slot: int, recursive: bool, what: str | None,
+                 kind: str) -> None:
         self.sem = sem
         self.seg = seg
         self.words = seg.words
         self.slot = slot
         self.recursive = recursive
         self.what = what  # shown in the takeover warning; None for internal locks
+        self.kind = kind  # whose wait the time blocked here is (mpmagic.waits): "Lock", "Value", "Queue"...
         self.owner: int | None = None  # thread ident (recursive locks)
         self.depth = 0
         self.helper: tuple | None = None  # how to find it again elsewhere (see __reduce__)
@@ -284,15 +295,20 @@ class _HolderLock:
         return True
 
     def _wait(self, timeout: float | None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
-            if step > 0 and self.sem.acquire(True, step):
-                return True
-            if self._take_over():
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits)."""
+        t0 = time.monotonic()
+        deadline = None if timeout is None else t0 + timeout
+        try:
+            while True:
+                step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+                if step > 0 and self.sem.acquire(True, step):
+                    return True
+                if self._take_over():
+                    return True
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+        finally:
+            waits.add(self.kind, time.monotonic() - t0)
 
     def _take_over(self) -> bool:
         """Become the holder if the recorded one is dead (the semaphore stays taken)."""
@@ -470,7 +486,7 @@ class _Helper:
     def _own_lock(self, recursive: bool) -> _HolderLock:
         """The helper's lock: semaphore "l", holder pid in header word 1. Pickled on
         its own (``lock = v.get_lock()``), it travels as "the lock of this helper"."""
-        lock = _HolderLock(self._sems["l"], self._seg, 1, recursive, self._describe())
+        lock = _HolderLock(self._sems["l"], self._seg, 1, recursive, self._describe(), self._kind)
         lock.helper = self._by_name()
         return lock
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .. import waits
 from .base import _SEM_MAX, _SLICE, _Helper, _notify, _wait
 
 # --------------------------------------------------------------------------
@@ -87,13 +88,24 @@ class SharedEvent(_Helper):
             pass
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the flag is set (True) or ``timeout`` seconds pass (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Block until the flag is set (True) or ``timeout`` seconds pass (False).
+
+        A task's wait with no timeout says so once it has lasted
+        :data:`mpmagic.waits.NOTE_AFTER` seconds (an event nobody sets waits for ever)."""
+        since = time.monotonic()
+        deadline = None if timeout is None else since + timeout
         while not self._seg.words[1]:
             step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             if step <= 0:
                 return False
-            if _wait(self._sem, step):
+            if deadline is None and waits.due(since):
+                waits.note_long_wait(
+                    "mpmagic.Event.wait()",
+                    "the event is not set; if no process will set() it, it waits for ever: interrupt to stop it, "
+                    "or give wait() a timeout",
+                    since,
+                )
+            if _wait(self._sem, step, "Event"):
                 _notify(self._sem)  # pass the wake-up on to the next waiter
         return True
 

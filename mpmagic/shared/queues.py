@@ -18,7 +18,7 @@ import weakref
 from collections import deque
 from typing import Any
 
-from .. import classhome, compat, payload, posixshm
+from .. import classhome, compat, payload, posixshm, waits
 from ..errors import UsageError
 from . import base
 from .base import (
@@ -137,9 +137,9 @@ class _Ring:
         self.w = seg.words
         self.ring = memoryview(seg.mmap)[_HEADER : _HEADER + capacity]
         self.t = memoryview(seg.mmap)[_HEADER + capacity : _HEADER + capacity + TABLE_BYTES].cast("Q")
-        self.mutex = _HolderLock(sems["m"], seg, _W_MUTEX, False, None)
-        self.wlock = _HolderLock(sems["w"], seg, _W_WLOCK, False, None)
-        self.rlock = _HolderLock(sems["r"], seg, _W_RLOCK, False, None)
+        self.mutex = _HolderLock(sems["m"], seg, _W_MUTEX, False, None, "Queue")
+        self.wlock = _HolderLock(sems["w"], seg, _W_WLOCK, False, None, "Queue")
+        self.rlock = _HolderLock(sems["r"], seg, _W_RLOCK, False, None, "Queue")
         self.data, self.space, self.count_room = sems["d"], sems["s"], sems["c"]
         self.spills: dict[str, Any] = {}  # spill segments mapped here, by name
 
@@ -338,7 +338,7 @@ class _Ring:
                 elif local.stopped and (sent == 0 or local.released):
                     return False  # a message a reader has begun is finished, unless the queue is gone
                 else:
-                    _wait(self.space, _SLICE)
+                    _wait(self.space, _SLICE, "Queue")
             return True
         finally:
             if not whole:
@@ -652,7 +652,7 @@ class SharedQueue(IterUntilClosed, _Helper):
             left = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             if left <= 0:
                 raise queue.Full
-            _wait(r.count_room, left)
+            _wait(r.count_room, left, "Queue")
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``, as ``multiprocessing.Queue.put_nowait``:
@@ -710,16 +710,46 @@ class SharedQueue(IterUntilClosed, _Helper):
                     return data
             elif not block and not r.closed() and not w[_W_SLOTS_USED]:
                 raise queue.Empty  # nothing in the ring, no backlog anywhere: nothing to wait for
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not r.rlock.acquire(block, timeout):
+        since = time.monotonic()  # (the wait began: see _say_waiting)
+        deadline = None if timeout is None else since + timeout
+        if not self._read_lock(block, timeout, since):
             raise queue.Empty
         try:
-            return self._take_waiting(block, deadline)
+            return self._take_waiting(block, deadline, since)
         finally:
             r.rlock.release()
 
-    def _take_waiting(self, block: bool, deadline: float | None) -> bytes:
-        """Holding the read lock: the next message, waiting and joining fragments."""
+    def _read_lock(self, block: bool, timeout: float | None, since: float) -> bool:
+        """Take the read lock, which another consumer holds while it waits for the
+        next item: a wait with no timeout says so after a while (:meth:`_say_waiting`)."""
+        rlock = self._r.rlock
+        if block and timeout is None:
+            while waits.watching():
+                if rlock.acquire(True, max(_SLICE, waits.NOTE_AFTER - (time.monotonic() - since))):
+                    return True
+                self._say_waiting(since)
+        return rlock.acquire(block, timeout)
+
+    def _say_waiting(self, since: float) -> None:
+        """A task's ``get()`` with no timeout has waited :data:`mpmagic.waits.NOTE_AFTER`
+        seconds on a queue that stayed empty and open: say so, once per unit (a
+        queue read more times than it was written waits for ever, and the cell
+        showed nothing but its progress bar). Not while items are on their way
+        (in a producer's backlog), nor in the notebook."""
+        r = self._r
+        if not waits.due(since) or r.closed() or r.outstanding() > 0:
+            return
+        waits.note_long_wait(
+            "mpmagic.Queue.get()",
+            "the queue is empty and not closed, and nothing was put meanwhile; if no producer will put more, "
+            "it waits for ever: interrupt to stop it, or have the producer close() the queue when it is done "
+            "(a get() then raises QueueClosed, and `for item in q` ends)",
+            since,
+        )
+
+    def _take_waiting(self, block: bool, deadline: float | None, since: float) -> bytes:
+        """Holding the read lock: the next message, waiting and joining fragments.
+        ``since``: when the wait began (or the last fragment came), for :meth:`_say_waiting`."""
         r, w = self._r, self._seg.words
         parts: list[bytes] = []
         writer = 0
@@ -746,6 +776,7 @@ class SharedQueue(IterUntilClosed, _Helper):
                     r.t[_T_TORN] += lost
                 closed = r.closed()
             if got is not None:
+                since = time.monotonic()
                 _notify(r.space)
                 if counted or lost:
                     _notify(r.count_room)
@@ -760,7 +791,7 @@ class SharedQueue(IterUntilClosed, _Helper):
                     parts = []
                     _notify(r.count_room)
                 else:
-                    _wait(r.data, _SLICE)
+                    _wait(r.data, _SLICE, "Queue")
                 continue
             spilled = r.take_spilled()
             if spilled is not None:
@@ -774,7 +805,9 @@ class SharedQueue(IterUntilClosed, _Helper):
             left = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             if not block or left <= 0:
                 raise queue.Empty
-            _wait(r.data, left)
+            if deadline is None:
+                self._say_waiting(since)
+            _wait(r.data, left, "Queue")
 
     def _end(self) -> QueueClosed | QueueItemsLost:
         """The end of the stream: QueueClosed, or QueueItemsLost if producers died with items."""

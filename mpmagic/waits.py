@@ -1,0 +1,139 @@
+"""Time a task spends blocked in mpmagic's own helpers, and the note a long wait gives.
+
+A task that waits for an ``mpmagic.Lock`` (or a ``Value``'s lock), in
+``Queue.get()`` or in ``Event.wait()`` does none of its work meanwhile, yet
+that wait is inside the task time the worker measures. Summed into the
+report's serial estimate it read as work: a map serialised by a lock was
+estimated at ~1.9x where ``--compare`` measured 1.00x, and the consumer rank
+of a producer/consumer cell counted its whole wait for items.
+
+So the helpers add up, per thread, the seconds they spend blocked (a
+``time.monotonic`` pair around the blocking call only: a lock taken at once,
+an item already in the queue pay nothing), by kind of helper, and the worker
+(:func:`mpmagic.worker.execute_map` / ``execute_cell``, the local worker's and
+the Dask task's alike) resets the tally when a unit starts (:func:`begin`) and
+sends it home with the unit's meta (``meta["helper_wait"]``,
+:func:`take`). The report leaves it out of the estimate and says so
+(``report.Report.helper_wait_seconds``). Per thread: only the task's own thread
+is timed; a thread a task starts, or a queue's feeder thread, waits on its own
+tally, which no unit reads.
+
+The same place says something about a wait that may never end: a task
+blocked in ``Queue.get()`` (with nothing put and the queue not closed) or in
+``Event.wait()`` (not set) for :data:`NOTE_AFTER` seconds writes one line to
+its stderr, which reaches the cell as the task's printed output does, once
+per unit (:func:`note_long_wait`). A wait that ends sooner says nothing. The
+notebook's own waits say nothing: the cell there is visibly running and
+Ctrl-C ends it.
+
+It imports no IPython, and of mpmagic only :mod:`mpmagic.debugging` (which
+says what the running unit is) at import time: workers, the helpers and the
+report all use it.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from time import monotonic
+
+from . import debugging
+
+#: Seconds a task waits in ``Queue.get()`` / ``Event.wait()`` with nothing
+#: arriving before it says so (once per unit). A module constant: a test, or a
+#: task, may set it lower in the worker (``mpmagic.waits.NOTE_AFTER = 1``).
+NOTE_AFTER = 10.0
+
+#: What each kind of helper is called in the report's line and advice.
+NAMES = {
+    "Lock": "mpmagic.Lock",
+    "RLock": "mpmagic.RLock",
+    "Value": "mpmagic.Value's lock",
+    "Array": "mpmagic.Array's lock",
+    "Queue": "mpmagic.Queue",
+    "Event": "mpmagic.Event",
+}
+
+
+class _Tally(threading.local):
+    """This thread's seconds blocked in helpers since :func:`begin`, by kind; and
+    whether the running unit has said it waits (:func:`note_long_wait`)."""
+
+    seconds: dict[str, float] | None = None
+    said = False
+
+
+_tally = _Tally()
+
+
+def add(kind: str, seconds: float) -> None:
+    """``seconds`` this thread spent blocked in a helper of ``kind`` ("Lock", "Queue"...)."""
+    tally = _tally
+    got = tally.seconds
+    if got is None:
+        tally.seconds = {kind: seconds}
+    else:
+        got[kind] = got.get(kind, 0.0) + seconds
+
+
+def begin() -> None:
+    """A unit starts in this thread: its tally starts at nothing, and it has said nothing."""
+    tally = _tally
+    tally.seconds = None
+    tally.said = False
+
+
+def take() -> dict[str, float] | None:
+    """The seconds this thread was blocked in helpers since :func:`begin`, by kind
+    (None if it never was), and the tally starts again."""
+    tally = _tally
+    got, tally.seconds = tally.seconds, None
+    return got
+
+
+def watching() -> bool:
+    """Is this a task (not the notebook) that has not yet said it waits (:func:`note_long_wait`)?"""
+    return debugging.TASK is not None and not _tally.said
+
+
+def due(since: float) -> bool:
+    """Has a wait that began at ``since`` (``time.monotonic``) lasted :data:`NOTE_AFTER`,
+    in a task that has not said so yet? Cheap: the helpers ask at each slice of a wait."""
+    return debugging.TASK is not None and not _tally.said and monotonic() - since >= NOTE_AFTER
+
+
+def note_long_wait(where: str, why: str, since: float) -> None:
+    """Once per unit, in a task: one line saying it has waited since ``since`` in
+    ``where`` (``mpmagic.Queue.get()``), ``why`` it may never end and what to do.
+
+    Written to the task's stderr, the channel that carries a task's notes home
+    (a local worker streams it while the task runs; a Dask task as events):
+    ``mpmagic: item 3 has waited 10 s in ...``; a rank's lines are labelled at
+    home (``[rank 1] mpmagic: this rank has waited ...``). Nothing in the notebook.
+    """
+    tally = _tally
+    task = debugging.TASK
+    if tally.said or task is None:
+        return
+    tally.said = True
+    if task.startswith("rank"):
+        who = "this rank"
+    else:
+        from . import worker_logging
+
+        item = worker_logging.label().strip(" []")
+        who = item or "this task"
+    waited = monotonic() - since
+    took = f"{waited:.0f} s" if waited >= 10 else f"{waited:.1f} s"
+    try:
+        sys.stderr.write(f"mpmagic: {who} has waited {took} in {where}: {why}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # (the stream is gone: the worker is ending)
+        pass
+
+
+def names(kinds: tuple[str, ...]) -> str:
+    """``mpmagic.Lock``, ``mpmagic.Queue and mpmagic.Lock``: the kinds (the longest
+    wait first) as the report's line and advice name them."""
+    said = [NAMES.get(k, f"mpmagic.{k}") for k in kinds]
+    return said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]

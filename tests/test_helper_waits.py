@@ -1,0 +1,156 @@
+"""Time tasks spend blocked in mpmagic's own helpers is not work, and a wait that may never end says so.
+
+* A map serialised by an ``mpmagic.Lock`` was estimated at ~1.9x, where
+  ``--compare`` measured 1.00x, and the advice blamed memory bandwidth: the
+  estimate summed the tasks' times, their wait for the lock included. The
+  helpers now time their blocking part (``mpmagic.waits``), the worker sends
+  it home with the unit's meta, and the estimate leaves it out, saying so.
+* A rank reading a queue more times than it was written waited silently for
+  ever; it now says so once, after ``mpmagic.waits.NOTE_AFTER`` seconds (set
+  low here, in the task, and put back).
+
+The real runs use the session's warm 2-worker forkserver pool; timings are
+compared with the serial run's by ratio only.
+"""
+
+from __future__ import annotations
+
+from conftest import run, synthetic_report
+
+import mpmagic
+from mpmagic import waits
+
+# -- the line and the advice, from made-up numbers ------------------------------------------
+
+
+def test_an_estimate_leaves_out_the_tasks_wait_on_a_helper_and_says_so():
+    """8 items of 0.1 s, each under one Lock, on 2 workers: 1.5 s of task time of which
+    0.7 s waiting for the lock. The estimate is the 0.8 s of work, and the line says why."""
+    r = synthetic_report(wall=0.8, task_seconds=1.5, helper_wait_seconds=0.7, helper_wait_kinds=("Lock",),
+                         cpu_seconds=0.01)
+    assert abs(r.estimated_serial - 0.8) < 1e-9
+    assert "serial ~800.0 ms (estimated from task times, less the 700.0 ms they waited on mpmagic.Lock) | " \
+        "speedup ~1.0x" in r.line()
+    assert r.advice is not None and "waiting on mpmagic.Lock, which lets one task at a time through" in r.advice
+    # With --compare the serial time is measured; the advice names the lock, not memory bandwidth.
+    measured = synthetic_report(wall=0.8, task_seconds=1.5, helper_wait_seconds=0.7, helper_wait_kinds=("Lock",),
+                                cpu_seconds=0.01, serial=0.8, equal=True)
+    assert measured.advice is not None and "mpmagic.Lock" in measured.advice
+    assert "slower in the workers" not in measured.advice
+    # A wait that is a small share of the task times changes nothing.
+    r = synthetic_report(task_seconds=1.9, helper_wait_seconds=0.01, helper_wait_kinds=("Lock",))
+    assert r.estimated_serial == 1.9 and "waited" not in r.line()
+
+
+def test_a_consumer_ranks_wait_for_items_is_not_work():
+    """Rank 0 produces for 400 ms, rank 1 waits for its items: the sum of the ranks'
+    times (820 ms) read as 2x; the wait left out, ~1x. With --compare, the ranks are
+    not said to repeat the work (their average was the serial time)."""
+    cell = dict(kind="parallel", items=2, workers=2, wall=0.41, task_seconds=0.82, helper_wait_seconds=0.40,
+                helper_wait_kinds=("Queue",), cpu_seconds=0.01, chunks=0, chunksize="-")
+    r = synthetic_report(**cell)
+    line = r.line()
+    assert "(estimated: the sum of the ranks' times, less the 400.0 ms they waited on mpmagic.Queue)" in line
+    assert "speedup ~1.0x" in line
+    assert r.advice is not None and r.advice.startswith("the ranks spent 400.0 ms of their 820.0 ms waiting on "
+                                                        "mpmagic.Queue")
+    compared = synthetic_report(**cell, serial=0.40, equal=True)
+    assert compared.advice is not None and "repeat the work" not in compared.advice
+    assert "mpmagic.Queue" in compared.advice
+
+
+def test_the_helpers_kinds_are_named_longest_wait_first():
+    assert waits.names(("Value",)) == "mpmagic.Value's lock"
+    assert waits.names(("Queue", "Lock", "Event")) == "mpmagic.Queue, mpmagic.Lock and mpmagic.Event"
+
+
+# -- real runs ------------------------------------------------------------------------------
+
+_LOCKED = """
+import time
+import mpmagic
+serialised = mpmagic.Lock()
+def crit(x):
+    with serialised:
+        time.sleep(0.05)
+    return x
+"""
+
+
+def test_a_map_serialised_by_a_lock_is_estimated_near_its_serial_time(ip, pool2):
+    """6 items of 50 ms, each holding one Lock, on 2 workers: they run one at a time, so
+    the serial time is the parallel one. The estimate was ~1.8x the serial time measured
+    by --compare (their wait for the lock counted as work); it is now about that time,
+    the line says what it left out, and --compare's advice names the lock."""
+    run(ip, _LOCKED)
+    run(ip, "_ = %pmap -q --chunksize 1 crit, range(6)")
+    estimated = mpmagic.last_report()
+    line = estimated.line()
+    assert "they waited on mpmagic.Lock)" in line, line
+    assert estimated.helper_wait_seconds > 0 and estimated.helper_wait_kinds == ("Lock",)
+    run(ip, "_ = %pmap -q --chunksize 1 --compare crit, range(6)")
+    compared = mpmagic.last_report()
+    assert compared.serial is not None and compared.equal is True
+    assert 0.7 < compared.estimated_serial / compared.serial < 1.35, compared.text()  # (it was ~1.8)
+    assert 0.7 < estimated.estimated_serial / compared.serial < 1.35, (line, compared.line())
+    assert compared.advice is not None and "mpmagic.Lock" in compared.advice, compared.text()
+
+
+_PUT_BACK = "finally:\n    waits.NOTE_AFTER = before\n"  # (the pool's workers serve the other tests)
+
+
+def test_a_rank_waiting_in_queue_get_says_so_once_after_a_while(ip, pool2, capsys):
+    """Rank 1 reads an item that comes only after 1 s (with the threshold at 0.3 s): one
+    line, labelled with its rank, names the wait and what ends it. Once per unit: its
+    Event.wait() after that says nothing more."""
+    run(ip, "import mpmagic\nlate = mpmagic.Queue()\nlater = mpmagic.Event()")
+    capsys.readouterr()
+    run(ip, "%%parallel -n 2 -q\nimport time\nfrom mpmagic import waits\nbefore, waits.NOTE_AFTER = waits.NOTE_AFTER, 0.3\n"
+            "try:\n    if rank == 0:\n        time.sleep(1.0)\n        late.put('late')\n        time.sleep(0.5)\n"
+            "        later.set()\n    else:\n        assert late.get() == 'late'\n        later.wait()\n" + _PUT_BACK)
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "has waited" in line]
+    assert len(notes) == 1, err
+    assert notes[0].startswith("[rank 1] mpmagic: this rank has waited ")
+    assert "in mpmagic.Queue.get(): the queue is empty and not closed" in notes[0]
+    assert "close() the queue" in notes[0]
+
+
+_WAIT_OR_SET = """
+import time
+import mpmagic
+flag = mpmagic.Event()
+def wait_or_set(i):
+    from mpmagic import waits
+    before, waits.NOTE_AFTER = waits.NOTE_AFTER, 0.3
+    try:
+        if i == 0:
+            return flag.wait()
+        time.sleep(1.0)
+        flag.set()
+        return True
+    finally:
+        waits.NOTE_AFTER = before
+"""
+
+
+def test_a_map_item_waiting_on_an_event_says_which_item(ip, pool2, capsys):
+    """Item 0 waits for an Event item 1 sets after 1 s: the line names the item."""
+    run(ip, _WAIT_OR_SET)
+    capsys.readouterr()
+    assert run(ip, "%pmap -q --chunksize 1 wait_or_set, range(2)") == [True, True]
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if "has waited" in line]
+    assert len(notes) == 1 and notes[0].startswith("mpmagic: item 0 has waited "), err
+    assert "in mpmagic.Event.wait(): the event is not set" in notes[0]
+
+
+def test_a_wait_that_ends_before_the_threshold_says_nothing(ip, pool2, capsys):
+    run(ip, "import mpmagic\nsoon = mpmagic.Queue()")
+    capsys.readouterr()
+    run(ip, "%%parallel -n 2 -q\nimport time\nfrom mpmagic import waits\nbefore, waits.NOTE_AFTER = waits.NOTE_AFTER, 3.0\n"
+            "try:\n    if rank == 0:\n        time.sleep(0.3)\n        soon.put(1)\n    else:\n        soon.get()\n"
+            + _PUT_BACK)
+    captured = capsys.readouterr()
+    assert "has waited" not in captured.err + captured.out
+    assert mpmagic.last_report().helper_wait_kinds == ("Queue",)  # (the wait was timed all the same)
