@@ -1708,7 +1708,8 @@ def parallel(
     ``progress`` shows a bar counting finished ranks after ``progress_delay``
     seconds; ``insights`` records each rank's worker and span (see ``pmap``).
     ``checkpoint`` keeps the ranks' values: see ``pmap`` and docs/checkpoint.md.
-    ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once.
+    ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
+    (its ``result()`` is the values, their ``.gathered`` the ``gather`` lists).
     ``seed=S`` gives each rank its own random stream from S and its rank.
     ``keep=True`` runs on persistent ranks: each rank keeps its namespace in
     its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).

@@ -48,7 +48,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, overload
 from . import debugging, display_relay
 from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
-from .report import Report, fmt_seconds
+from .report import Report
 
 log = logging.getLogger("mpmagic")
 
@@ -504,21 +504,16 @@ class Run(Future[_R]):
     def status_line(self) -> str:
         """The run's one line, as ``%pool runs`` and its repr show it: ``run 1:
         pmap simulate, 12/40 items, 2 failed, 310.2 ms, running`` (a call: ``run 2: call f, 1.2 s, failed``)."""
-        if self._unit == "call":
-            return f"run {self.id}: {self.what}, {fmt_seconds(self.elapsed)}, {self.state}"
-        total = self.items_total
-        unit = self._unit
-        count = f"{self.items_done}/{total}" if total is not None else f"{self.items_done}"
-        failed = f", {self.items_failed} failed" if self.items_failed else ""
-        resumed = f" ({self.items_resumed} from the checkpoint)" if self.items_resumed else ""
-        return (f"run {self.id}: {self.what}, {count} {unit}{resumed}{failed}, {fmt_seconds(self.elapsed)}, "
-                f"{self.state}")
+        from .status import run_line  # (one wording for the repr, %pool runs and runs())
+
+        return run_line(self.info())
 
     def info(self) -> dict[str, Any]:
-        """One row of ``%pool`` / ``runs()``."""
+        """One row of ``%pool`` / ``runs()``: ``resumed`` counts the items (ranks) of
+        ``done`` taken from the checkpoint store (``items_resumed``)."""
         return {"id": self.id, "what": self.what, "done": self.items_done, "total": self.items_total,
                 "failed": self.items_failed, "elapsed": self.elapsed, "state": self.state,
-                "unit": self._unit}
+                "unit": self._unit, "resumed": self.items_resumed}
 
     def __repr__(self) -> str:
         return f"<mpmagic.Run {self.status_line()}>"
@@ -881,17 +876,18 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     and ``streaming.imap`` call this: this module never imports ``api``.
     ``resume``: a checkpointed run's store side (the job computes only what
     the store lacks; see :class:`Resume`). ``errors``: a map's errors option
-    (what ``--rerun-failed`` says after it; None for a cell). ``show_report``:
+    (where ``%pdebug`` and ``--rerun-failed`` say its failures are; None for a cell). ``show_report``:
     the live area shows the timing report once the run ended (``run.report()`` has it either way).
     ``one_call``: the run is ``mpmagic.call``'s one call (its lines count no items).
     """
-    # A failure of an older blocking run is no longer the last one (last_failures);
-    # %pdebug, which has nothing of this run to replay, still has it (saying so).
-    debugging.forget(background=True, errors=errors)
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
                             resume=resume, show_report=show_report, one_call=one_call)
+    # Its failures stay on its handle: the last blocking run's record (last_failures,
+    # %pdebug, --rerun-failed, as last_report) stays as it was; only what those say
+    # of a background run that failed since needs to know of it.
+    debugging.started_in_background(run, errors)
     if resume is not None and keep_chunks:  # as_completed yields the stored results too (first: they are done)
         # (Their starts are input positions, the job's count among the computed
         # items only: as_completed, the one reader of _chunks, ignores starts.)

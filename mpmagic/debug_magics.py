@@ -25,7 +25,10 @@ worker: the worker's traceback and its local variables at the failing line
 are shown instead. Code that uses an mpmagic.Queue or Event is not replayed
 (it would take other tasks' items, or wait for ever): its worker's traceback
 and locals are shown. A replay writes an mpmagic.Value or Array again.
-mpmagic.last_failures() lists the failures with those details.
+mpmagic.last_failures() lists the failures with those details. The last run
+is the last blocking one: a --bg run or an imap stream keeps its failures on
+its handle and leaves that run's for %pdebug, --rerun-failed and
+last_failures() (as last_report()).
 """
 
 
@@ -45,11 +48,10 @@ class DebugMagics(Magics):
         if text and not re.fullmatch(r"-?[0-9]+", text):
             raise IPythonUsageError(f"%pdebug: N must be an item index or rank, not {text!r}\nusage: %pdebug [N]   (see %pdebug?)")
         which = int(text) if text else None
-        # Every %pmap / %%parallel that ended leaves a record, failed or not (and a
-        # failed one stays for %pdebug when a --bg run or an imap stream follows it).
-        if debugging.last_run() is None and debugging.last_foreground_failure() is None:
-            raise IPythonUsageError("%pdebug: no run to debug yet: run a %pmap or %%parallel cell first (an "
-                                    "interrupted run, a --bg run or an imap stream leaves nothing to replay)")
+        # Every blocking %pmap / %%parallel that ended leaves a record, failed or not; a
+        # --bg run or an imap stream leaves it as it was.
+        if debugging.last_run() is None:
+            raise IPythonUsageError(f"%pdebug: {postmortem.NO_RUN}{postmortem.since_hint('replay')}")
         _now("%pdebug interrupted: the replay was stopped; mpmagic.last_failures() has the worker's traceback "
              "and locals")
         try:

@@ -8,9 +8,11 @@
   locals, worker id and pid (``jobs.py`` calls it where it rebuilds a task's
   exception, and keeps it beside the exception: ``Failed.info``, never as an
   attribute of the exception, whose ``vars()`` stay as serial Python's). :func:`record_map` / :func:`record_cell`
-  (called by ``api.py``) keep the last run, with the very payload bytes its
+  (called by ``api.py``) keep the last blocking run, with the very payload bytes its
   workers loaded, for ``postmortem.py``: ``%pdebug`` (replay under the
-  debugger) and ``--rerun-failed``. Each thread keeps its own last run
+  debugger) and ``--rerun-failed``; a background run or an imap stream keeps
+  its failures on its handle and leaves that record as it was
+  (:func:`started_in_background`). Each thread keeps its own last run
   (:class:`_ThreadRuns`), as ``last_report`` does: a run a library or a
   ``threading.Thread`` made leaves the notebook's record as it was.
 
@@ -26,6 +28,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,14 +237,17 @@ class _ThreadRuns(threading.local):
     ipykernel subshell) neither replaces the cells' last run nor is hidden from
     the thread that made it (its ``last_failures()``, ``rerun_failed()``)."""
 
+    # The last *blocking* run's record. A background run or an imap stream keeps its
+    # failures on its handle and leaves this as it was: a later --bg run (which may well
+    # succeed) must not take away the failures the user is about to re-run or debug.
     last: LastRun | None = None
-    # The last blocking run's record, when it failed and a background run or an
-    # imap stream (which leave no record) started after it: %pdebug still has it.
-    foreground: LastRun | None = None
-    background_last = False  # the last run started was a background run or a stream (see forget)
-    background_errors: str | None = None  # that run's errors option ("raise", "collect"; None: a cell)
+    # The background runs and streams this thread started since its last blocking run
+    # started: (weak reference to the handle, errors option), newest last, at most
+    # SINCE_KEPT. Only for what %pdebug and --rerun-failed say of them (see background_since).
+    since: tuple[tuple[Any, str | None], ...] = ()
 
 
+SINCE_KEPT = 20  # background runs remembered per thread (weakly: their results are never held)
 _runs = _ThreadRuns()
 
 
@@ -314,39 +320,28 @@ def renumber_last(positions: list[int]) -> None:
     last.results, last.inputs, last.checkpointed = None, None, True
 
 
-def forget(background: bool = False, errors: str | None = None) -> None:
-    """A run starts: an older run's failures are no longer the last (even if
-    this one is interrupted before it records its own). A ``background`` run
-    (``--bg``, ``submit``, ``imap``) records nothing: the last blocking run's
-    failure is set aside for ``%pdebug`` (see :func:`last_foreground_failure`).
-    ``errors``: a background map's errors option, for what ``--rerun-failed``
-    says of it (:func:`background_errors`).
+def forget() -> None:
+    """A blocking run starts: an older run's failures are no longer the last (even if
+    this one is interrupted before it records its own), and the background runs
+    started before it are no longer "since the last run".
     A run another thread starts changes only that thread's record."""
-    runs = _runs
-    if background and runs.last is not None and runs.last.failures:
-        runs.foreground = runs.last
-    elif not background:
-        runs.foreground = None
-    runs.last = None
-    runs.background_last = background
-    runs.background_errors = errors if background else None
+    _runs.last = None
+    _runs.since = ()
 
 
-def last_was_background() -> bool:
-    """Did a background run or a stream start after the last blocking run ended?"""
-    return _runs.background_last and _runs.last is None
+def started_in_background(handle: Any, errors: str | None) -> None:
+    """A background run or an imap stream (``--bg``, ``submit``, ``imap``) started:
+    it records nothing (its failures are on ``handle``) and leaves the last blocking
+    run's record as it was; it is remembered weakly for what ``%pdebug`` and
+    ``--rerun-failed`` say when it failed. ``errors``: a map's errors option
+    ("raise", "collect"; None for a cell)."""
+    _runs.since = (*_runs.since[-(SINCE_KEPT - 1):], (weakref.ref(handle), errors))
 
 
-def background_errors() -> str | None:
-    """The errors option ("raise" or "collect") of the background map or stream
-    :func:`last_was_background` means; None for a background cell."""
-    return _runs.background_errors
-
-
-def last_foreground_failure() -> LastRun | None:
-    """The failed blocking run a background run or a stream followed, if the
-    last run is one of those; else None."""
-    return _runs.foreground if _runs.last is None else None
+def background_since() -> list[tuple[Any, str | None]]:
+    """(handle, errors option) of the background runs and streams this thread started
+    since its last blocking run started, oldest first, those whose handle is still held."""
+    return [(h, errors) for ref, errors in _runs.since if (h := ref()) is not None]
 
 
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
@@ -358,9 +353,11 @@ def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
 
 
 def last_failures() -> list[FailureInfo]:
-    """The failures of the last ``pmap`` or ``parallel`` run this thread made
-    (empty if it succeeded). Each thread has its own, as :func:`mpmagic.last_report`:
-    the cells' (the main thread's) are not replaced by a run another thread makes.
+    """The failures of the last blocking ``pmap`` or ``parallel`` run this thread made
+    (empty if it succeeded). A background run or an ``imap`` stream keeps its
+    failures on its handle and leaves this as it was. Each thread has its own, as
+    :func:`mpmagic.last_report`: the cells' (the main thread's) are not replaced by
+    a run another thread makes.
 
     Each :class:`FailureInfo` holds the item's index and input (or the rank),
     the exception, the worker's local variables at the raising line (as

@@ -373,12 +373,14 @@ def _parallel_parser() -> _Parser:
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
     p.add_argument("--gather", metavar="NAME[,NAME]",
-                   help="bring these variables of every rank back as lists (names separated by commas or spaces)")
+                   help="bring these variables of every rank back as lists (names separated by commas or spaces); "
+                        "with --bg they are in the handle's result().gathered, a dict of those lists")
     p.add_argument("--timeout", type=_positive_float, help="seconds a rank may run before it is stopped")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
     p.add_argument("--no-label", action="store_true", help="do not prefix output lines with [rank N]")
     p.add_argument("--bg", action="store_true",
-                   help="run in the background: the cell's value is a run handle (-o NAME stores it)")
+                   help="run in the background: the cell's value is a run handle (-o NAME stores it); its result() "
+                        "is the list of the ranks' values, .gathered the --gather lists (not with --reduce)")
     p.add_argument("--seed", type=_nonnegative_int, help="give each rank its own random stream from SEED and its rank")
     p.add_argument("--keep", action="store_true",
                    help="persistent ranks: each rank keeps its variables in its worker for the next --keep cell")
@@ -1161,18 +1163,23 @@ class MPMagics(Magics):
         _now(_BG_STARTED.format(magic="%pmap"), ("run", run))
         return run
 
-    def _parallel_bg(self, parser: _Parser, opts: argparse.Namespace, cell: str) -> Any:
-        """``%%parallel --bg``: the run's handle (also stored in ``-o NAME``)."""
+    def _parallel_bg(self, parser: _Parser, opts: argparse.Namespace, cell: str,
+                     gather: tuple[str, ...]) -> Any:
+        """``%%parallel --bg``: the run's handle (also stored in ``-o NAME``).
+
+        ``--gather`` names come back as ``parallel(gather=, block=False)`` brings
+        them: in ``h.result().gathered``, not as notebook variables (a run that
+        ends while another cell runs would change that cell's names under it)."""
         __tracebackhide__ = True
-        if opts.reduce is not None or opts.gather is not None:  # (given empty too: nothing is dropped unsaid)
-            raise parser.usage_error("--bg cannot be combined with --reduce or --gather: "
-                                     "use the handle's result() (its .gathered) once it is done")
+        if opts.reduce is not None:  # (given empty too: nothing is dropped unsaid; reduce= needs block=True too)
+            raise parser.usage_error("--bg cannot be combined with --reduce: reduce the handle's result() (the list "
+                                     "of the ranks' values) once it is done, e.g. sum(h.result())")
         with _magic_errors(parser):
             from . import background
 
             background.check_options(compare=opts.compare, scaling=opts.scaling)
             kw = config.run_kwargs(opts)
-            run = api.parallel(cell, workers=opts.workers, namespace=self._user_ns, timeout=opts.timeout,
+            run = api.parallel(cell, workers=opts.workers, namespace=self._user_ns, timeout=opts.timeout, gather=gather,
                                label_output=not opts.no_label, insights=kw.get("insights", False),
                                checkpoint=kw.get("checkpoint", False), seed=opts.seed, keep=opts.keep,
                                reset=opts.reset, block=False, show_report=not opts.quiet)
@@ -1213,12 +1220,14 @@ class MPMagics(Magics):
         if opts.gather is not None:
             with _magic_errors(parser):  # (one reading of the names for --gather and the API's gather=)
                 gather = api.variable_names(opts.gather, "--gather")
-        if opts.output in gather:  # (the gathered lists were overwritten by -o's values without a word)
+        # (the gathered lists were overwritten by -o's values without a word; with --bg, -o
+        # stores the handle and the lists stay in its result().gathered: no clash)
+        if opts.output in gather and not opts.bg:
             raise parser.usage_error(f"-o {opts.output} and --gather {opts.gather} would both store "
                                      f"{opts.output}: give -o another name")
         _check_plain_python(parser, cell, self.shell)
         if opts.bg:
-            return self._parallel_bg(parser, opts, cell)
+            return self._parallel_bg(parser, opts, cell, gather)
         if opts.scaling and (opts.keep or opts.reset):
             raise parser.usage_error("--scaling runs the cell at several sizes, each afresh: it cannot keep "
                                      "ranks (--keep/--reset)")
@@ -1671,6 +1680,9 @@ Example::
 
 With --bg the cell runs in the background: its value is a run handle whose
 ``result()`` is the list of values; the kernel's interrupt does not stop it.
+With --bg --gather the gathered lists are ``h.result().gathered`` (a dict:
+name to its per-rank list), not notebook variables, as with
+``mpmagic.parallel(code, gather=..., block=False)``.
 
 The line is taken as written: IPython's ``$name`` / ``{{expr}}`` expansion is
 off for it (--reduce's text is Python), so write values themselves

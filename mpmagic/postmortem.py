@@ -27,11 +27,9 @@ from .debugging import (
     MISSING,
     FailureInfo,
     LastRun,
-    background_errors,
+    background_since,
     exception_line,
-    last_foreground_failure,
     last_run,
-    last_was_background,
     set_last_run,
 )
 from .errors import (
@@ -43,6 +41,7 @@ from .errors import (
     unsafe_here,
     without_our_frames,
 )
+from .fmt import func_name
 from .jobs import Failed
 from .shared.base import collect_attached
 
@@ -58,21 +57,21 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     so a function fixed and redefined since is the one used. Items that
     succeeded keep their results; with ``errors="raise"``, items the failed
     run never reached run too. ``options`` override the last run's
-    (``workers``, ``chunksize``, ``timeout``, ``retries``...).
+    (``workers``, ``chunksize``, ``timeout``, ``retries``...). The last run is
+    the last blocking one of this thread: a background run or an ``imap``
+    stream started since keeps its own failures on its handle and leaves
+    that run to re-run (a line says so when such a run failed).
     """
     __tracebackhide__ = True  # (IPython's traceback shows the user's frames, not this one)
     last = last_run()
     if last is not None and last.kind == "cell" and last.failures:
         raise UsageError("rerun_failed() (--rerun-failed) re-runs the failed items of a pmap, and the last run "
                          "was a parallel cell that failed: run the cell again")
-    if last is None and last_was_background():
-        raise UsageError(
-            "no failed pmap run to re-run: the last run was a background run or an imap stream (--bg, submit, "
-            f"imap), which keeps nothing to re-run. {_background_hint(background_errors())}")
     if last is None:
-        raise UsageError("no failed pmap run to re-run: no run of this thread has ended yet")
+        raise UsageError("no failed pmap run to re-run: no blocking run of this thread has ended yet"
+                         f"{since_hint('re-run')}")
     if last.kind != "map" or not last.failures:
-        raise UsageError("no failed pmap run to re-run: the last run had no failures")
+        raise UsageError(f"no failed pmap run to re-run: the last run had no failures{since_hint('re-run')}")
     if getattr(last.func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded)
         raise UsageError(
             "the last run used seed= (--seed): run the same call again instead (an item's random stream comes "
@@ -94,6 +93,9 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
             "again: run it with errors='collect' (or a list) to be able to re-run what failed"
         )
     func = func if func is not None else _current_definition(last.func, namespace)
+    note = _failed_since_note(f"re-running the failed items of the last blocking pmap ({func_name(last.func)})")
+    if note:
+        print(note)
     full = list(last.results)
     todo = [i for i, r in enumerate(full) if r is MISSING or isinstance(r, Failed)]
     items = [full[i].item if isinstance(full[i], Failed) else last.inputs[i] for i in todo]
@@ -142,16 +144,70 @@ def _renumber_report(report: Any, todo: list[int], full: list) -> None:
     report.total = len(full)
 
 
-def _background_hint(errors: str | None) -> str:
-    """Where a background run's failures are, by its errors option."""
-    if errors == "collect":
-        return ("Its failed items are in its results: "
-                "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
-    if errors == "raise":
-        return ("It stopped at its first failure, which is run.exception() on its handle (an imap stream raised "
-                "it); run it again with --errors collect (errors='collect') to get every failed item as an "
-                "mpmagic.Failed in its results")
-    return "Its error is run.exception() on its handle"
+# What %pdebug and --rerun-failed say of the background runs and imap streams
+# started since the last blocking run: they act on that blocking run (whose
+# failures a later --bg run, failed or not, must not take away), and a
+# background run keeps its own failures on its handle.
+
+
+def _failed_since() -> tuple[Any, str | None] | None:
+    """(handle, errors option) of the newest background run or stream started since
+    the last blocking run that has failed (or has failed items), while its handle is held."""
+    failed = [(run, errors) for run, errors in background_since() if run.state == "failed" or run.items_failed]
+    return failed[-1] if failed else None
+
+
+def _where_failures_are(run: Any, errors: str | None, action: str) -> str:
+    """Where a background run's (or stream's) failures are, by how it ended; and how
+    to get what ``action`` ("replay", "re-run") would need of them."""
+    if run.state != "failed":  # errors="collect": it ended, its failed items in place
+        where = "its failed items are in its results: [r.item for r in run.result() if isinstance(r, mpmagic.Failed)]"
+    elif run.what.startswith("imap "):
+        where = "its loop raised its error (the stream's .run.exception() has it)"
+    else:
+        where = "its error is run.exception() on its handle"
+    if action == "replay":
+        return where + " (run its call without --bg to replay a failure with %pdebug)"
+    if run.state == "failed" and errors == "raise":
+        where += ("; it stopped at its first failure: run it again with --errors collect (errors='collect') to get "
+                  "every failed item as an mpmagic.Failed in its results")
+    return where
+
+
+def since_hint(action: str) -> str:
+    """The end of a refusal of %pdebug or --rerun-failed (``action``: "replay",
+    "re-run"): where a background run's failures are, if one started since."""
+    failed = _failed_since()
+    if failed is not None:
+        run, errors = failed
+        return (f"; run {run.id} ({run.what}), started in the background since, {_how_it_failed(run)}, and a "
+                f"background run or an imap stream keeps nothing to {action}: {_where_failures_are(run, errors, action)}")
+    if background_since():
+        return (f" (a background run or an imap stream started since keeps nothing to {action}: a failed one "
+                "keeps its failures on its handle)")
+    return ""
+
+
+def _failed_since_note(doing: str) -> str | None:
+    """The line %pdebug and --rerun-failed print before they act on the last blocking
+    run when a background run or stream started since has failed: which run they
+    act on, and where that other run's failures are."""
+    failed = _failed_since()
+    if failed is None:
+        return None
+    run, errors = failed
+    action = "replay" if doing.startswith("replaying") else "re-run"
+    return (f"mpmagic: {doing}; run {run.id} ({run.what}), started in the background since, "
+            f"{_how_it_failed(run)} too, and is not {'replayed' if action == 'replay' else 're-run'}: "
+            f"{_where_failures_are(run, errors, action)}")
+
+
+def _how_it_failed(run: Any) -> str:
+    """``failed`` (it raised), or ``had 2 failed items`` (errors="collect": it ended with them in place)."""
+    if run.state == "failed":
+        return "failed"
+    n = run.items_failed
+    return f"had {n} failed {'item' if n == 1 else 'items'}"
 
 
 def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:
@@ -184,21 +240,29 @@ def _notebook_namespace() -> dict:
 # Replay under the debugger
 
 
+#: What %pdebug (replay) says when this thread has no blocking run on record.
+NO_RUN = ("no run to debug yet: run a %pmap or %%parallel cell first (an interrupted run, a --bg run or an imap "
+          "stream leaves nothing to replay)")
+
+
 def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
     last = last_run()
-    if last is None and (last := last_foreground_failure()) is not None:
-        print("mpmagic: the last run was a background run or an imap stream, which leave nothing to replay "
-              "(its handle's result() raises its error); replaying the last failed %pmap or %%parallel run's")
-    if last is None or not last.failures:
-        raise UsageError("no failure to debug: the last %pmap or %%parallel run did not fail")
-    if which is None:
-        return last, last.failures[0]
-    for f in last.failures:
-        if (f.rank if last.kind == "cell" else f.index) == which:
-            return last, f
-    kind = "rank" if last.kind == "cell" else "item"
-    known = ", ".join(f.label for f in last.failures[:10])
-    raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
+    if last is None:
+        raise UsageError(f"{NO_RUN}{since_hint('replay')}")
+    if not last.failures:
+        raise UsageError(f"no failure to debug: the last %pmap or %%parallel run did not fail{since_hint('replay')}")
+    failure = last.failures[0]
+    if which is not None:
+        found = [f for f in last.failures if (f.rank if last.kind == "cell" else f.index) == which]
+        if not found:
+            kind = "rank" if last.kind == "cell" else "item"
+            known = ", ".join(f.label for f in last.failures[:10])
+            raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
+        failure = found[0]
+    note = _failed_since_note(f"replaying {failure.label} of the last blocking run")
+    if note:
+        print(note)
+    return last, failure
 
 
 def _run_again(last: LastRun, obj: Any, failure: FailureInfo) -> None:
@@ -218,7 +282,7 @@ def _run_again(last: LastRun, obj: Any, failure: FailureInfo) -> None:
 
 
 def replay(which: int | None = None, debugger: Any = None) -> bool:
-    """Replay a failure of the last run here, under the debugger.
+    """Replay a failure of the last (blocking) run here, under the debugger.
 
     ``which`` is the item index (or rank) to replay, the first failure by
     default. Stops at the line that raised, as ``%debug`` does (a
@@ -267,12 +331,13 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
                 f"%pdebug interrupted: the replay of {failure.label} was stopped; "
                 "mpmagic.last_failures() has the worker's traceback and locals") from None
         if type(exc).__qualname__ != expected:
-            print(
-                f"mpmagic: {failure.label} raised {expected} in its worker, but replayed here it raised "
-                f"{exception_line(exc)}, so the failure depended on the worker: state that lived there"
-                f"{_kept_state(obj)}, its environment or resources; that other error is not debugged. "
-                "The worker's traceback and locals:"
-            )
+            setup = _setup_name(exc)
+            why = (f": `{setup[0]}` is a name of the worker setup ({setup[1]}), which the workers have and the "
+                   "notebook does not, so it cannot be replayed here" if setup is not None else
+                   f", so the failure depended on the worker: state that lived there{_kept_state(obj)}, its "
+                   "environment or resources")
+            print(f"mpmagic: {failure.label} raised {expected} in its worker, but replayed here it raised "
+                  f"{exception_line(exc)}{why}; that other error is not debugged. The worker's traceback and locals:")
             print(failure.describe())
             return False
         tb = without_our_frames(exc.__traceback__)
@@ -355,6 +420,19 @@ def _worker_type(error: BaseException) -> str:
             and str(error).startswith(f"the task raised {type(cause).__name__}")):
         return type(cause).__qualname__
     return type(error).__qualname__
+
+
+def _setup_name(exc: BaseException) -> tuple[str, str] | None:
+    """(name, what defines it) when the replay's ``NameError`` is for a name of the
+    worker setup (``%%pool setup``, ``on_worker_start``): the workers have it as a
+    builtin, the notebook, where the replay runs, does not."""
+    name = getattr(exc, "name", None) if isinstance(exc, NameError) else None
+    if not isinstance(name, str):
+        return None
+    from .setup_api import defining
+
+    what = defining(name)
+    return (name, what) if what is not None else None
 
 
 def _kept_state(obj: Any) -> str:

@@ -126,6 +126,27 @@ def setup_names(source: str) -> set[str]:
     return names
 
 
+def defining(name: str) -> str | None:
+    """What of the current worker setup defines ``name``, as a message names it
+    (``"%%pool setup"``, ``"on_worker_start(init)"``, ``"the worker setup"``), or None.
+
+    ``%pdebug`` replays in the notebook, which lacks the setup's names: a replay
+    that fails on one of them failed for that reason, and says so. The setup
+    cell's text tells its names (:func:`setup_names`); the workers' replies tell
+    the rest (a function's returned dict, ``global``, ``exec``).
+    """
+    entries = worker_setup.entries()
+    codes = [e for e in entries if e.kind == "code"]
+    funcs = [e.name for e in entries if e.kind == "func"]
+    if any(name in setup_names(e.data) for e in codes):
+        return "%%pool setup"
+    if name not in worker_setup.reported_names():
+        return None
+    if not funcs:
+        return "%%pool setup"
+    return f"on_worker_start({funcs[0]})" if len(funcs) == 1 and not codes else "the worker setup"
+
+
 def clear() -> list[str]:
     """``%pool setup clear``: remove the setup; running workers drop its names now.
 

@@ -97,10 +97,13 @@ def _state(p: dict[str, Any]) -> str:
 
 
 def _run_cells(r: dict[str, Any]) -> list[str]:
-    """One background run's row: id, what, items done/total, elapsed, state (a call: no count)."""
+    """One background run's row: id, what, items done/total (with those from the
+    checkpoint), elapsed, state (a call: no count)."""
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
     if r.get("unit") == "call":  # (mpmagic.call: one call, its state says it all)
         count = ""
+    elif r.get("resumed"):
+        count += f" ({r['resumed']} from the checkpoint)"
     if r.get("failed"):
         count += f" ({r['failed']} failed)"
     return [str(r["id"]), str(r["what"]), count, fmt_seconds(r["elapsed"]), str(r["state"])]
@@ -113,18 +116,20 @@ def runs_lines(rows: list[dict[str, Any]]) -> list[str]:
     """``%pool runs`` as text: background and streamed runs, in flight and recently finished."""
     if not rows:
         return ["runs: none in the background (start one with %pmap --bg or mpmagic.submit)"]
-    return ["runs:"] + [f"  {_run_line(r)}" for r in rows]
+    return ["runs:"] + [f"  {run_line(r)}" for r in rows]
 
 
-def _run_line(r: dict[str, Any]) -> str:
-    """A run's row as its handle's repr says it (``Run.status_line``):
-    ``run 1: pmap f, 3/5 items, 1 failed, 310.2 ms, failed`` (a call: ``run 2: call f, 1.2 s, failed``)."""
+def run_line(r: dict[str, Any]) -> str:
+    """A run's row (``Run.info``) as one line, the one its handle's repr, ``%pool runs``
+    and ``runs()`` show: ``run 1: pmap f, 30/60 items (20 from the checkpoint), 1 failed,
+    310.2 ms, running`` (a call: ``run 2: call f, 1.2 s, failed``)."""
     if r.get("unit") == "call":
         return f"run {r['id']}: {r['what']}, {fmt_seconds(r['elapsed'])}, {r['state']}"
     count = f"{r['done']}/{r['total']}" if r.get("total") is not None else str(r["done"])
+    resumed = f" ({r['resumed']} from the checkpoint)" if r.get("resumed") else ""
     failed = f", {r['failed']} failed" if r.get("failed") else ""
-    return (f"run {r['id']}: {r['what']}, {count} {r.get('unit', 'items')}{failed}, {fmt_seconds(r['elapsed'])}, "
-            f"{r['state']}")
+    return (f"run {r['id']}: {r['what']}, {count} {r.get('unit', 'items')}{resumed}{failed}, "
+            f"{fmt_seconds(r['elapsed'])}, {r['state']}")
 
 
 def runs_html(rows: list[dict[str, Any]]) -> str:

@@ -82,6 +82,12 @@ def _changed() -> None:
     _version += 1
     _reported.clear()
     _random_states.clear()
+    _names.clear()
+
+
+# The names the workers reported the current setup defined (SetupDone.names): also
+# those only running it shows (an on_worker_start function's dict, exec, a star import).
+_names: set[str] = set()
 
 
 # The current setup's random states: (generator, fingerprint) -> the first worker
@@ -125,6 +131,12 @@ def entries() -> list[_Entry]:
     """A copy of the current setup's entries (to tell what a change removed)."""
     with _lock:
         return list(_entries)
+
+
+def reported_names() -> set[str]:
+    """The names the workers reported the current setup defined (a copy)."""
+    with _lock:
+        return set(_names)
 
 
 _STATUS_KEPT = 4096  # workers remembered (a run with --max-tasks-per-child 1 starts one per item)
@@ -205,6 +217,7 @@ def record(worker: Any, reply: SetupDone) -> str | None:
             log.debug("worker %s: %s", worker, reply.error)
         if reply.version != _version:
             return None
+        _names.update(reply.names)
         note = _same_random_state(reply)
         if note and _quiet:
             _outputs.append(note)

@@ -343,6 +343,37 @@ def test_parallel_bg_returns_a_handle_of_the_ranks_values(ip, ns):
     assert "ZeroDivisionError" in failing.output
 
 
+def test_parallel_bg_gathers_into_the_handles_result(ip, ns):
+    """``%%parallel --bg --gather`` was refused, and the refusal pointed to
+    ``h.result().gathered``, which is {} without --gather: the names come back in
+    the handle's result, as ``parallel(code, gather=..., block=False)`` brings them."""
+    code = "part = [rank] * 2\nlo, hi = rank * 10, rank * 10 + 9\nrank * 100"
+    serial = [{"rank": r, "size": 3} for r in range(3)]
+    for names in serial:
+        exec(code, names)
+    for name in ("part", "hi", "h"):
+        ip.user_ns.pop(name, None)
+    handle = run(ip, f"%%parallel --bg -n 3 -q --gather 'part, hi' -o h\n{code}")
+    assert ip.user_ns["h"] is handle  # -o stores the handle; the gathered lists stay in its result
+    values = handle.result(60)
+    assert list(values) == [names["rank"] * 100 for names in serial]
+    assert values.gathered == {"part": [names["part"] for names in serial], "hi": [names["hi"] for names in serial]}
+    assert "part" not in ip.user_ns and "hi" not in ip.user_ns  # (a run ending later would change names under a cell)
+    assert mpmagic.parallel(code, workers=3, gather="part, hi", block=False).result(60).gathered == values.gathered
+    # -o names the handle here, so -o part --gather part is no clash
+    again = run(ip, f"%%parallel --bg -n 3 -q --gather part -o part\n{code}")
+    assert ip.user_ns.pop("part") is again and again.result(60).gathered == {"part": values.gathered["part"]}
+    ip.user_ns.pop("h")
+    # --reduce stays refused with --bg (reduce= needs block=True), and so is an empty --gather
+    for line, message in (
+            ("--bg -n 2 --reduce sum", "%%parallel: --bg cannot be combined with --reduce: reduce the handle's "
+             "result() (the list of the ranks' values) once it is done, e.g. sum(h.result())"),
+            ("--bg -n 2 --gather ''", "%%parallel: --gather takes variable names separated by commas or spaces, "
+             "and '' has an empty one")):
+        error = ip.run_cell(f"%%parallel {line}\nrank", store_history=False).error_in_exec
+        assert isinstance(error, IPythonUsageError) and str(error).splitlines()[0] == message, error
+
+
 def test_dask_background_and_foreground_runs_take_turns_and_stream(ip, request):
     from conftest import ensure_pool
 

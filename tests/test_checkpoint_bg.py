@@ -103,6 +103,12 @@ def test_a_foreground_partial_run_is_resumed_in_the_background(ip, ns):
     assert calls(ns) == list(range(20, 30))
     assert handle.items_done == handle.items_total == 30 and handle.items_resumed == 20
     assert "30/30 items (20 from the checkpoint)" in handle.status_line()
+    # %pool runs and runs() say it too (they left it out: "run 1: pmap work, 30/30 items, ...")
+    listing = run(ip, "%pool runs")
+    assert f"  {handle.status_line()}" in repr(listing).splitlines()
+    assert "<td style='" in listing._repr_html_() and ">30/30 (20 from the checkpoint)</td>" in listing._repr_html_()
+    assert repr(mpmagic.runs()).splitlines()[-1] == f"  {handle.status_line()}"
+    assert mpmagic.runs().rows()[-1]["resumed"] == 20
     line = handle.report().line()
     assert "resumed: 20 of 30 items from the checkpoint, 10 computed" in line and "30 items" in line
     # The live area (text and HTML) says it too, once the run ended.

@@ -110,6 +110,41 @@ def test_pdebug_of_a_kept_rank_says_the_replay_raised_another_error(ip, fs_pool,
     assert "RuntimeError: total 3" in rest and "shard = [1, 1, 1]" in rest  # the worker's traceback and locals
 
 
+def test_pdebug_of_a_function_that_uses_a_setup_name_says_the_notebook_lacks_it(ip, fs_pool, capsys):
+    """A function reading a %%pool setup name can never be replayed here (the
+    notebook lacks the name): the line said only that the failure "depended on
+    the worker: state that lived there ..."; it names the setup's name now."""
+    from mpmagic import setup_api, worker_setup
+
+    run(ip, "def uses_base(x):\n    y = BASE + x\n    if x == 1:\n        raise ValueError(f'bad {y}')\n    return y\n"
+            "def uses_token(x):\n    raise KeyError(TOKEN + str(x))\n"
+            "def _start():\n    return {'TOKEN': 'abc'}\n")
+    lines = []
+    try:
+        run(ip, "%%pool setup\nBASE = 100\n")
+        out = run(ip, "%pmap -q --errors collect uses_base, range(3)")
+        assert [r.index if isinstance(r, mpmagic.Failed) else r for r in out] == [100, 1, 102]  # BASE + x, serially
+        capsys.readouterr()
+        lines.append(_debug(ip, "%pdebug 1", "q\n", capsys))
+        run(ip, "%pool setup clear\nimport mpmagic\nmpmagic.on_worker_start(_start)")
+        run(ip, "%pmap -q --errors collect uses_token, [7]")
+        capsys.readouterr()
+        lines.append(_debug(ip, "%pdebug", "q\n", capsys))
+    finally:
+        worker_setup.clear()
+        setup_api.apply_now()
+    (first, rest), (second, _) = (text.split("\n", 1) for text in lines)
+    assert first == ("mpmagic: item 1 raised ValueError in its worker, but replayed here it raised NameError: name "
+                     "'BASE' is not defined: `BASE` is a name of the worker setup (%%pool setup), which the workers "
+                     "have and the notebook does not, so it cannot be replayed here; that other error is not "
+                     "debugged. The worker's traceback and locals:")
+    assert "ValueError: bad 101" in rest and "y = 101" in rest and "ipdb>" not in lines[0]
+    assert second == ("mpmagic: item 0 raised KeyError in its worker, but replayed here it raised NameError: name "
+                      "'TOKEN' is not defined: `TOKEN` is a name of the worker setup (on_worker_start(_start)), which "
+                      "the workers have and the notebook does not, so it cannot be replayed here; that other error is "
+                      "not debugged. The worker's traceback and locals:")
+
+
 def test_pdebug_debugs_a_tasks_systemexit_and_keyboardinterrupt(ip, fs_pool, capsys):
     """They escaped from %pdebug (a KeyboardInterrupt traceback on the %pdebug line)
     where %debug opens the debugger at the raise."""
@@ -413,31 +448,60 @@ def test_pdebug_before_any_run_says_there_was_none(ip, capsys):
     assert "did not fail" not in capsys.readouterr().err
 
 
-def test_after_a_failing_stream_pdebug_replays_the_last_blocking_failure_saying_so(ip, fs_pool, capsys):
+def test_after_a_failing_stream_and_bg_run_the_last_blocking_failure_is_debugged_saying_so(ip, fs_pool, capsys):
     """After a failing foreground %pmap, a failing imap loop or --bg run left
     %pdebug with "no run to debug yet: run a %pmap or %%parallel cell first"
     (before that, it replayed the older failure with nothing saying so).
-    last_failures() is the last run's: none."""
+    The last run is the last blocking one, for last_failures() and last_report()
+    too; the line before the replay names the background run that failed since."""
     run(ip, "def first(a):\n    assert a != 3, 'old failure'\n    return a\n"
             "def second(a):\n    if a == 7:\n        raise ValueError('new failure')\n    return a\n")
     with pytest.raises(AssertionError):
         run(ip, "%pmap -q first, range(5)")
+    report = mpmagic.last_report()
     with pytest.raises(ValueError):
         for _value in mpmagic.imap(ip.user_ns["second"], range(20)):
             pass
     handle = run(ip, "%pmap --bg -q second, range(9)")
     with pytest.raises(ValueError):
         handle.result()
-    assert mpmagic.last_failures() == []
+    assert [(f.index, f.item) for f in mpmagic.last_failures()] == [(3, 3)]
+    assert mpmagic.last_report() is report
     capsys.readouterr()
     out = _debug(ip, "%pdebug", "p a\nq\n", capsys)
-    assert out.startswith("mpmagic: the last run was a background run or an imap stream, which leave nothing to "
-                          "replay (its handle's result() raises its error); replaying the last failed %pmap or "
-                          "%%parallel run's\n"), out
+    assert out.startswith(
+        f"mpmagic: replaying item 3 of the last blocking run; run {handle.id} (pmap second), started in the "
+        "background since, failed too, and is not replayed: its error is run.exception() on its handle (run its "
+        "call without --bg to replay a failure with %pdebug)\n"), out
     assert "assert a != 3, 'old failure'" in out and "ipdb> 3\n" in out
     run(ip, "%pmap -q first, range(3)")  # a blocking run that succeeds: nothing older is replayed
-    result = ip.run_cell("%pdebug", store_history=False)
-    assert "no failure to debug" in str(result.error_in_exec)
+    message, _ = _pdebug_error(ip, "%pdebug", capsys)
+    assert message == "%pdebug: no failure to debug: the last %pmap or %%parallel run did not fail"
+
+
+def test_a_background_run_or_stream_that_succeeds_leaves_the_failed_run_to_rerun(ip, fs_pool, capsys):
+    """After a failed %pmap, a --bg run or an imap loop that succeeded made
+    --rerun-failed refuse, saying that run "stopped at its first failure" (or
+    "Its failed items are in its results"), while %pdebug replayed the failed
+    run saying the background run's "result() raises its error", last_report()
+    showed the failed run and last_failures() was []. All four are the last
+    blocking run's now, and nothing is said of runs that did not fail."""
+    run(ip, "def inv(x):\n    scaled = x * 2\n    return 10 / (x % 3)\n")
+    run(ip, "%pmap -q --errors collect inv, range(6)")
+    report = mpmagic.last_report()
+    run(ip, "bg = %pmap --bg -q abs, [-1, -2]\nbg.result()")
+    run(ip, "bg = %pmap --bg -q --errors collect abs, [-1, -2]\nbg.result()")
+    run(ip, "for v in mpmagic.imap(abs, [-1, -2]):\n    pass")
+    assert [(f.index, f.item) for f in mpmagic.last_failures()] == [(0, 0), (3, 3)]
+    assert mpmagic.last_report() is report and "6 items (2 failed)" in report.line()
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug 3", "p x, scaled\nq\n", capsys)
+    assert "ipdb> (3, 6)\n" in out and "mpmagic:" not in out, out
+    run(ip, "def inv(x):\n    return 10 / (x % 3) if x % 3 else 0.0\n")
+    run(ip, "fixed = %pmap -q --rerun-failed")
+    assert ip.user_ns.pop("fixed") == list(map(ip.user_ns["inv"], range(6)))
+    assert capsys.readouterr().out == "" and mpmagic.last_failures() == []
+    ip.user_ns.pop("bg")
 
 
 def test_pdebug_without_a_failure_is_a_one_line_usage_error(ip, local_pool, capsys):
@@ -527,29 +591,64 @@ def test_rerun_failed_after_a_failed_parallel_cell_says_what_it_re_runs(ip, loca
     assert "no failures" not in message
 
 
-def test_rerun_failed_after_a_background_run_says_it_keeps_nothing(ip, local_pool):
+def test_rerun_failed_after_a_background_run_says_where_its_failures_are(ip, fs_pool):
     """It said "no run has ended yet" after a --bg run whose items failed."""
     run(ip, "def half(x):\n    if x == 5:\n        raise ValueError(x)\n    return x // 2\n")
-    run(ip, "bg = %pmap --bg -q --errors collect half, range(10)\nbg.result()")
+    run(ip, "%pmap -q half, range(3)")  # the last blocking run: no failures
+    run(ip, "bg = %pmap --bg -q --errors collect half, range(10)")
+    bg = ip.user_ns.pop("bg")
+    assert [r.index for r in bg.result(60) if isinstance(r, mpmagic.Failed)] == [5]
     result = ip.run_cell("%pmap --rerun-failed", store_history=False)
-    message = str(result.error_in_exec)
-    assert "the last run was a background run or an imap stream" in message, message
-    assert "isinstance(r, mpmagic.Failed)" in message and "no run has ended yet" not in message
-    ip.user_ns.pop("bg", None)
+    assert str(result.error_in_exec).splitlines()[0] == (
+        f"%pmap: no failed pmap run to re-run: the last run had no failures; run {bg.id} (pmap half), started in the "
+        "background since, had 1 failed item, and a background run or an imap stream keeps nothing to re-run: its "
+        "failed items are in its results: [r.item for r in run.result() if isinstance(r, mpmagic.Failed)]")
 
 
-def test_rerun_failed_after_a_raising_background_run_points_to_its_exception(ip, local_pool):
+def test_rerun_failed_after_a_raising_background_run_points_to_its_exception(ip, fs_pool):
     """After a --bg run with errors="raise" it suggested the Failed of run.result(),
     which raises for such a run (and holds no Failed)."""
     run(ip, "def half(x):\n    if x == 5:\n        raise ValueError(x)\n    return x // 2\n")
-    run(ip, "bg = %pmap --bg -q half, range(10)\nbg.wait()")
+    run(ip, "%pmap -q half, range(3)")  # the last blocking run: no failures
+    run(ip, "bg = %pmap --bg -q half, range(10)")
+    bg = ip.user_ns.pop("bg")
+    bg.wait()
     result = ip.run_cell("%pmap --rerun-failed", store_history=False)
-    message = str(result.error_in_exec)
-    assert "the last run was a background run or an imap stream" in message, message
-    assert "run.exception()" in message and "--errors collect" in message
-    assert "isinstance(r, mpmagic.Failed)" not in message
-    assert isinstance(run(ip, "bg.exception()"), ValueError)  # (what the hint says holds)
-    ip.user_ns.pop("bg", None)
+    assert str(result.error_in_exec).splitlines()[0] == (
+        f"%pmap: no failed pmap run to re-run: the last run had no failures; run {bg.id} (pmap half), started in the "
+        "background since, failed, and a background run or an imap stream keeps nothing to re-run: its error is "
+        "run.exception() on its handle; it stopped at its first failure: run it again with --errors collect "
+        "(errors='collect') to get every failed item as an mpmagic.Failed in its results")
+    assert isinstance(bg.exception(), ValueError)  # (what the line says holds)
+
+
+def test_in_a_thread_with_only_a_background_run_nothing_is_replayed_or_re_run(fs_pool):
+    """A thread whose one run was a failed --bg run: %pdebug and rerun_failed()
+    refuse, naming that run and where its failures are."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mpmagic import postmortem
+
+    def job():
+        handle = mpmagic.submit(lambda x: 1 // (x - 2), range(4), errors="collect")
+        handle.result(60)
+        messages = []
+        for call in (postmortem.replay, mpmagic.rerun_failed):
+            with pytest.raises(mpmagic.UsageError) as info:
+                call()
+            messages.append(str(info.value))
+        return handle.id, messages
+
+    with ThreadPoolExecutor(1) as pool:
+        run_id, (replay, rerun) = pool.submit(job).result(60)
+    where = ("run {id} (pmap <lambda>), started in the background since, had 1 failed item, and a background run or "
+             "an imap stream keeps nothing to {action}: its failed items are in its results: "
+             "[r.item for r in run.result() if isinstance(r, mpmagic.Failed)]").replace("{id}", str(run_id))
+    assert replay == ("no run to debug yet: run a %pmap or %%parallel cell first (an interrupted run, a --bg run or an "
+                      "imap stream leaves nothing to replay); " + where.replace("{action}", "replay")
+                      + " (run its call without --bg to replay a failure with %pdebug)")
+    assert rerun == "no failed pmap run to re-run: no blocking run of this thread has ended yet; " + where.replace(
+        "{action}", "re-run")
 
 
 def test_pdebug_usage_error_ends_with_the_pointer_to_its_help(ip):

@@ -255,8 +255,9 @@ def test_output_and_gather_names_are_names_a_cell_can_read(ip, pool_fs):
     for given in ("''", "' '"):
         assert usage_error(ip, f"%%parallel -n 2 -q --reduce {given}\nrank") == (
             f"%%parallel: --reduce needs a function such as sum, not {given[1:-1]!r}")
-        assert usage_error(ip, f"%%parallel -n 2 -q --bg --reduce {given}\nrank").startswith(
-            "%%parallel: --bg cannot be combined with --reduce or --gather")
+        assert usage_error(ip, f"%%parallel -n 2 -q --bg --reduce {given}\nrank") == (
+            "%%parallel: --bg cannot be combined with --reduce: reduce the handle's result() (the list of the "
+            "ranks' values) once it is done, e.g. sum(h.result())")
     # Python reads ``ℌ`` as ``H`` (NFKC): --gather and -o take the name as the code does
     ip.run_cell("%%parallel -n 2 -q --gather ℌ -o ℬ\nℌ = rank * 3", store_history=False).raise_error()
     assert ip.run_cell("H, B", store_history=False).result == ([0, 3], [None, None])
