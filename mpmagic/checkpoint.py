@@ -404,6 +404,38 @@ def _ranks_without_setup_line(ranks: tuple[int, ...]) -> str:
             "cell's values were not stored; a run once the setup works computes them")
 
 
+def _check_setup_files(run: str) -> None:
+    """Raise ``ValueError`` (the run then goes without a checkpoint), after one warning,
+    when a module of the user's that the worker setup imports changed on disk since a
+    worker of the pool ran the setup.
+
+    The key covers such a module by its file as it is now (``checkpoint_keys``), but
+    a worker imported it when it ran the setup and runs that version until the pool
+    restarts: its results would be stored under the new file's key, and found again
+    after ``%pool restart`` (the old code's results where the new code's were due).
+    Read or stored, the run would mix versions: it runs as a plain one (as a run
+    without ``--checkpoint`` would: the workers' version). Only the local pool
+    reports when its workers ran the setup (``setup_workers``).
+    """
+    if not worker_setup.has_setup():
+        return
+    from .pool import current_pool
+
+    backend = current_pool()
+    workers = getattr(backend, "setup_workers", None)
+    if workers is None or not getattr(backend, "running", False):
+        return
+    changed = worker_setup.files_changed(workers())
+    if not changed:
+        return
+    names = ", ".join(os.path.basename(p) for p in changed)
+    _warn(f"mpmagic: --checkpoint: {names} changed on disk since the workers ran the %%pool setup that imports "
+          f"{'it' if len(changed) == 1 else 'them'}, and they run the version they imported then, so {run} "
+          "runs without the checkpoint (nothing read from it or stored); %pool restart runs the setup, and "
+          "the file as it is now, in new workers")
+    raise ValueError("the setup's modules changed since the workers ran it")
+
+
 def _setup_changed_line(run: str, what: str) -> str:
     """The warning of a checkpointed run whose worker setup changed between its keying and its start."""
     return (f"mpmagic: --checkpoint: the worker setup changed while {run} started, so it ran under the new "
@@ -437,6 +469,7 @@ class MapCheckpoint:
         self.setup_version = worker_setup.version()
         self._setup_changed = False
         self._without_setup = 0  # results computed on workers whose setup failed: not stored
+        _check_setup_files(f"this run of `{self.name}`")
         try:
             self.run, run_pickle = run_key(func, self.star)
         except Exception as exc:  # cannot be pickled: the plain run raises its clear error
@@ -892,6 +925,7 @@ class CellCheckpoint:
 
         self.size, self.gather = size, tuple(gather)
         self.setup_version = worker_setup.version()  # (as MapCheckpoint's: the setup the key covers)
+        _check_setup_files("this cell")
         try:
             spec = make_cell_spec(code, namespace, self.gather)
             # --gather names are the cell's outputs: their last values (put in the

@@ -44,12 +44,14 @@ import os
 import pickle
 import pickletools
 import sys
-import sysconfig
 import types
+import weakref
 from collections import ChainMap
 from typing import Any
 
 import cloudpickle
+
+from .usermodules import local_module_file
 
 # Bump when what a key covers, or how results are stored, changes: old
 # entries then simply stop matching.
@@ -99,34 +101,14 @@ def _wrapped_stub(*parts: Any) -> None:
     """Stands for a ``functools.lru_cache`` wrapper in a key pickle (never called)."""
 
 
+def _shared_stub(*parts: Any) -> None:
+    """Stands for an ``mpmagic.Value``, ``Lock``, ``Queue``... in a key pickle (never called)."""
+
+
 _LRU_WRAPPER = type(functools.lru_cache(maxsize=1)(lambda: None))
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-
-
-def _installed_dirs() -> tuple[str, ...]:
-    """Folders whose modules are installed code (the standard library, site-packages):
-    left out of the key, as they change only with an install."""
-    paths = sysconfig.get_paths()
-    dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    dirs |= {os.path.realpath(p) for p in sys.path if "site-packages" in p or "dist-packages" in p}
-    return tuple(sorted(d.rstrip(os.sep) + os.sep for d in dirs))
-
-
-_INSTALLED = _installed_dirs()
+_NOT_LOOKED = object()
+_helper_keys: weakref.WeakKeyDictionary[type, Any] = weakref.WeakKeyDictionary()  # type -> its _mpmagic_key or None
 _file_digests: dict[tuple[str, int, int], bytes] = {}  # (path, mtime_ns, size) -> digest of its bytes
-
-
-def _local_module_file(module_name: Any) -> str | None:
-    """The source file of module ``module_name`` when it is the user's own code (a .py
-    beside the notebook, say), not installed (standard library, site-packages) nor ours."""
-    module = sys.modules.get(module_name) if isinstance(module_name, str) else None
-    path = getattr(module, "__file__", None)
-    if not path or module_name in ("__main__", "__mp_main__"):
-        return None
-    path = os.path.realpath(path)
-    if path.startswith(_INSTALLED) or path.startswith(_PACKAGE_DIR):
-        return None
-    return path
 
 
 def _file_digest(path: str) -> bytes:
@@ -151,22 +133,40 @@ class _KeyPickler(cloudpickle.Pickler):
     value); a function, class or module of the user's own modules (a ``.py``
     file beside the notebook) by a digest of that module's file
     (``modules``, added to the key by :func:`run_key`).
+
+    mpmagic's shared helpers (``Value``, ``Array``, ``Lock``, ``RLock``,
+    ``Event``, ``Queue``, and a helper's ``get_lock()``) pickle by the name of
+    their shared memory, new for every object made: a function capturing a
+    counter had a new key each time the cell making the counter ran (a new
+    kernel too), and never resumed. What a run captures (``captures``: the
+    function, a cell's names, the setup) keys them by what they are, their
+    ``_mpmagic_key()`` (kind, typecode, length, maxsize...), never by their
+    current value, which is state the run itself changes (docs/checkpoint.md).
+    An item keeps its helper's name: two queues given as two items are two
+    items, whose results must not be taken for each other.
     """
 
     dispatch_table = ChainMap({types.CodeType: _code_key_reduce}, cloudpickle.Pickler.dispatch_table)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, captures: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.modules: dict[str, bytes] = {}  # file of a user's module the pickle refers to -> its digest
+        self.captures = captures
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
+        if self.captures:
+            what = _helper_keys.get(t, _NOT_LOOKED)
+            if what is _NOT_LOOKED:  # (a lookup per object: getattr per object made keys ~25% slower)
+                what = _helper_keys[t] = getattr(t, "_mpmagic_key", None)
+            if what is not None:  # an mpmagic.Value, Lock, Queue...: by what it is, not its name
+                return _shared_stub, what(obj)
         if t is _LRU_WRAPPER and callable(getattr(obj, "__wrapped__", None)):
             params = obj.cache_parameters()
             return _wrapped_stub, (obj.__wrapped__, params["maxsize"], params["typed"])
         if t is types.ModuleType or isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
             name = obj.__name__ if t is types.ModuleType else getattr(obj, "__module__", None)
-            path = _local_module_file(name)
+            path = local_module_file(name)
             if path is not None and path not in self.modules:
                 self.modules[path] = _file_digest(path)
             if path is not None and t is types.FunctionType:  # the code that runs (a module edited, not reloaded)
@@ -203,11 +203,12 @@ class _BufferHasher:
         return False
 
 
-def _key_pickle(obj: Any, h: Any) -> bytes:
+def _key_pickle(obj: Any, h: Any, captures: bool = False) -> bytes:
     """The key pickle of ``obj``; the digests of the user's modules it refers to go into ``h``
-    (by file contents, not path: a new checkout in another folder finds its results)."""
+    (by file contents, not path: a new checkout in another folder finds its results).
+    ``captures``: ``obj`` is what a run captures, not an item (see :class:`_KeyPickler`)."""
     with io.BytesIO() as f:
-        pickler = _KeyPickler(f, protocol=_PROTOCOL, buffer_callback=_BufferHasher(h))
+        pickler = _KeyPickler(f, protocol=_PROTOCOL, buffer_callback=_BufferHasher(h), captures=captures)
         pickler.dump(obj)
         for digest in sorted(pickler.modules.values()):
             h.update(b"module " + digest)
@@ -216,7 +217,8 @@ def _key_pickle(obj: Any, h: Any) -> bytes:
 
 def _setup_digest() -> bytes:
     """A digest of the current ``%%pool setup`` cell and ``on_worker_start`` functions
-    (names they define are the workers' builtins, which the function may read); b"" when none."""
+    (names they define are the workers' builtins, which the function may read), and of
+    the user's own modules they import; b"" when none."""
     from . import worker_setup
 
     with worker_setup._lock:  # (read only)
@@ -224,13 +226,18 @@ def _setup_digest() -> bytes:
     if not entries:
         return b""
     h = hashlib.blake2b(digest_size=16, person=b"mpmagic-setup")
+    # The user's own modules it imports, by their file's contents (as a module the
+    # function refers to): imported by the setup alone, an edited module kept its
+    # old results. (Whether the workers run that file: see worker_setup.files_changed.)
+    for digest in sorted(_file_digest(path) for path in worker_setup.module_files()):
+        h.update(b"module " + digest)
     for entry in entries:
         h.update(f"{entry.kind}|{entry.name}|".encode())
         if entry.kind == "code":
             h.update(str(entry.data).encode())
             continue
         try:  # a function: by what it does, as the mapped function is
-            h.update(_key_pickle(pickle.loads(entry.data), h))
+            h.update(_key_pickle(pickle.loads(entry.data), h, captures=True))
         except Exception:
             h.update(entry.data)
     return h.digest()
@@ -252,7 +259,7 @@ def run_key(func: Any, star: bool) -> tuple[bytes, bytes]:
     h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{int(star)}|".encode())
     if setup := _setup_digest():  # (only then: keys without a setup stay as they were)
         h.update(b"setup " + setup)
-    data = _key_pickle(func, h)
+    data = _key_pickle(func, h, captures=True)
     return _digest(h, data), data
 
 
@@ -269,7 +276,7 @@ def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
     if setup := _setup_digest():  # (only then, as in run_key)
         h.update(b"setup " + setup)
     h.update(source.encode())
-    data = _key_pickle((sorted(names.items()), sorted(modules.items())), h)
+    data = _key_pickle((sorted(names.items()), sorted(modules.items())), h, captures=True)
     return _digest(h, data), data
 
 
@@ -280,14 +287,14 @@ _modules_seen = 0
 
 def _local_module_patterns() -> tuple[bytes, ...]:
     """How a pickle names each loaded module of the user's own (a .py beside the
-    notebook: :func:`_local_module_file`), as protocol 4+ writes a module name
+    notebook: :func:`usermodules.local_module_file`), as protocol 4+ writes a module name
     (SHORT_BINUNICODE: ``\\x8c``, its length, the name); looked at again only
     when modules were imported since."""
     global _local_patterns, _modules_seen
     if len(sys.modules) != _modules_seen:
         for name in list(sys.modules):
             if name not in _local_names:
-                local = _local_module_file(name) is not None
+                local = local_module_file(name) is not None
                 raw = name.encode()
                 _local_names[name] = (b"\x8c" + bytes([len(raw)]) + raw if len(raw) < 256 else raw) if local else None
         _local_patterns = tuple(p for p in _local_names.values() if p is not None)

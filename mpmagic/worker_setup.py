@@ -31,6 +31,14 @@ sends and records them; applying a setup to the current pool from the
 notebook (``%%pool setup``, :func:`mpmagic.on_worker_start`) is in
 ``setup_api.py``, since this module sits below the pool (workers import it).
 
+The user's own modules a setup imports (``import mymodel``: often imported
+by the setup alone, never by the notebook) are found when it is set
+(:func:`module_files`, through ``usermodules.py``): a checkpoint key covers
+their files' contents. Each worker imports them once, when it first runs a
+setup that imports them, so their files are stamped as each worker says it
+ran it (:func:`record`); :func:`files_changed` tells a checkpointed run that
+a live worker runs an older version than the file's.
+
 This module imports no IPython.
 """
 
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import linecache
 import logging
 import os
@@ -75,6 +84,13 @@ _payload_cache: tuple[int, bytes | None] | None = None
 # worker id -> (setup version it ran, error line or None); filled by the backends.
 _status: dict[Any, tuple[int, str | None]] = {}
 _reported: set[tuple[int, str]] = set()  # failures (and the random state line) already printed, once each
+# (kind, name) of an entry -> the files of the user's own modules it imports (usermodules.py),
+# found when it is set: the checkpoint key covers them (checkpoint_keys._setup_digest).
+_files: dict[tuple[str, str], tuple[str, ...]] = {}
+# worker id -> {file: its (mtime_ns, size) when the worker first ran a setup importing it}: what
+# tells that a file changed since (files_changed). The first: a later setup's `import` of a
+# module the worker has is a no-op, it keeps the version it imported.
+_loaded: dict[Any, dict[str, tuple[int, int] | None]] = {}
 
 
 def _changed() -> None:
@@ -97,10 +113,12 @@ _random_states: dict[tuple[str, int], Any] = {}
 
 def set_code(source: str) -> None:
     """Make ``source`` the ``%%pool setup`` cell (replacing an earlier one)."""
-    compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
+    code = compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
+    files = _imported_files(code)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
         _entries.insert(0, _Entry("code", "%%pool setup", source))
+        _files[("code", "%%pool setup")] = files
         _changed()
 
 
@@ -110,9 +128,15 @@ def add_function(func: Callable[[], Any]) -> None:
 
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     data = payload.dumps_function(func, name)
+    inner = func
+    while isinstance(inner, functools.partial):  # on_worker_start(partial(init, v))
+        inner = inner.func
+    code = getattr(inner, "__code__", None)
+    files = _imported_files(code) if isinstance(code, types.CodeType) else ()
     with _lock:
         _entries[:] = [e for e in _entries if not (e.kind == "func" and e.name == name)]
         _entries.append(_Entry("func", name, data))
+        _files[("func", name)] = files
         _changed()
 
 
@@ -120,7 +144,65 @@ def clear() -> None:
     """Remove every setup: new workers start bare, running ones drop the setup's names."""
     with _lock:
         _entries.clear()
+        _files.clear()
         _changed()
+
+
+def _imported_files(code: types.CodeType) -> tuple[str, ...]:
+    """The files of the user's own modules ``code`` imports (never raises: a setup
+    whose imports cannot be looked at here is still a setup)."""
+    from . import usermodules
+
+    try:
+        return tuple(usermodules.imported_files(code))
+    except Exception:  # pragma: no cover - an odd code object or finder
+        log.debug("mpmagic: could not look at the setup's imports", exc_info=True)
+        return ()
+
+
+def module_files() -> list[str]:
+    """The files of the user's own modules the current setup imports (each once): a
+    ``%%pool setup`` cell's ``import mymodel``, an ``on_worker_start`` function's
+    ``import mymodel`` in its body. Not modules those modules import in turn."""
+    with _lock:
+        found = [f for e in _entries for f in _files.get((e.kind, e.name), ())]
+    return list(dict.fromkeys(found))
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+def files_changed(workers: list) -> list[str]:
+    """Of the user's modules the setup imports, the files changed on disk since one
+    of these workers ran the setup (it imported the file as it was then, and runs
+    that version until it restarts): a checkpoint keyed by the file as it is now
+    would store that worker's results under the new file's key."""
+    files = module_files()
+    if not files:
+        return []
+    with _lock:
+        records = [dict(_loaded[w]) for w in workers if w in _loaded]
+    changed: list[str] = []
+    for path in files:
+        now = _stamp(path)
+        if any(path in stamps and stamps[path] != now for stamps in records):
+            changed.append(path)
+    return changed
+
+
+def reloaded(paths: list[str]) -> None:
+    """The notebook reloaded the modules of these files, and the workers reload them
+    too before their next task (``warmup.Reloads``): they run the files as they are now."""
+    with _lock:
+        for stamps in _loaded.values():
+            for path in paths:
+                if path in stamps:
+                    stamps[path] = _stamp(path)
 
 
 def has_setup() -> bool:
@@ -211,6 +293,13 @@ def record(worker: Any, reply: SetupDone) -> str | None:
         _status[worker] = (reply.version, reply.error)
         if len(_status) > _STATUS_KEPT:
             del _status[next(iter(_status))]
+        if reply.version == _version and not reply.error:  # the files it imported are as they are now
+            stamps = _loaded.setdefault(worker, {})
+            for path in module_files():
+                if path not in stamps:
+                    stamps[path] = _stamp(path)
+            if len(_loaded) > _STATUS_KEPT:
+                del _loaded[next(iter(_loaded))]
         if reply.output and _quiet:  # an explicit %%pool setup: show what it printed, per worker
             _outputs.append("".join(f"[worker {reply.worker}] {line}\n" for line in reply.output.splitlines()))
         if reply.error:

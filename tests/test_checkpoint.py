@@ -707,6 +707,158 @@ def test_run_key_covers_cached_notebook_functions_modules_beside_the_notebook_an
     sys.modules.pop("mylib_ck", None)
 
 
+def test_run_key_covers_the_users_modules_the_pool_setup_imports(ip, tmp_path, monkeypatch):
+    """A module of the user's imported only by the %%pool setup (the notebook never imports
+    it) was not in the key: edited, its old results were returned (also after %pool
+    restart, or in a new kernel). Covered by its file's contents now, as a module the
+    function names; found without importing it in the notebook."""
+    from mpmagic import worker_setup
+
+    pkg = tmp_path / "setuppkg_ck"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "model.py").write_text("W = 1\n")
+    (tmp_path / "setupmod_ck.py").write_text("def f(x):\n    return x + 1000\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(worker_setup, "_entries", [])
+    monkeypatch.setattr(worker_setup, "_files", {})
+    run(ip, "def via_setup(x):\n    return setupmod_ck.f(x)\n")
+    func = ip.user_ns["via_setup"]
+    keys = []
+    for source in ("import os, setupmod_ck", "from setuppkg_ck import model\nimport json"):
+        worker_setup.set_code(source)
+        keys.append(run_key(func, False)[0])
+        assert run_key(func, False)[0] == keys[-1]  # the same files: the same key
+    assert not {"setupmod_ck", "setuppkg_ck", "setuppkg_ck.model"} & set(sys.modules)  # nothing imported here
+    assert [os.path.basename(f) for f in worker_setup.module_files()] == ["__init__.py", "model.py"]
+    (pkg / "model.py").write_text("W = 22\n")  # a submodule, imported with `from package import submodule`
+    assert run_key(func, False)[0] != keys[1]
+    worker_setup.set_code("import os, setupmod_ck")
+    (tmp_path / "setupmod_ck.py").write_text("def f(x):\n    return x + 20000\n")
+    edited = run_key(func, False)[0]
+    assert edited != keys[0]
+    (tmp_path / "setupmod_ck.py").write_text("def f(x):\n    return x + 1000\n")  # back as it was
+    assert run_key(func, False)[0] == keys[0]
+    # an on_worker_start function that imports it in its body
+    worker_setup.clear()
+    run(ip, "def load_model():\n    import setupmod_ck\n    global F\n    F = setupmod_ck.f\n")
+    worker_setup.add_function(ip.user_ns["load_model"])
+    before = run_key(func, False)[0]
+    (tmp_path / "setupmod_ck.py").write_text("def f(x):\n    return x + 300000\n")
+    assert run_key(func, False)[0] != before
+    worker_setup.clear()
+    # which files changed since a worker imported them: its first setup run counts (a later
+    # setup's `import` of a module it has is a no-op), a reload in the notebook reaches it
+    from mpmagic.protocol import SetupDone
+
+    monkeypatch.setattr(worker_setup, "_loaded", {})
+    monkeypatch.setattr(worker_setup, "_status", {})
+    path = str((tmp_path / "setupmod_ck.py").resolve())
+    worker = ("test", 0)
+    worker_setup.set_code("import setupmod_ck")
+    worker_setup.record(worker, SetupDone(worker_setup.version(), 0, None, [], ""))
+    assert worker_setup.files_changed([worker]) == []
+    (tmp_path / "setupmod_ck.py").write_text("def f(x):\n    return x + 4000000\n")
+    assert worker_setup.files_changed([worker]) == [path]
+    assert worker_setup.files_changed([("test", 1)]) == []  # (a worker that did not run it)
+    worker_setup.set_code("import setupmod_ck")  # the same cell again
+    worker_setup.record(worker, SetupDone(worker_setup.version(), 0, None, [], ""))
+    assert worker_setup.files_changed([worker]) == [path]
+    worker_setup.reloaded([path])
+    assert worker_setup.files_changed([worker]) == []
+    worker_setup.clear()
+
+
+def test_a_pool_setups_own_module_edited_is_computed_again(ip, store_dir, tmp_path, monkeypatch, local_pool):
+    """%%pool setup imports the user's module, which the notebook does not: after the module
+    was edited and the pool restarted, --checkpoint returned the old code's stored results
+    ([1000, 1001, 1002] where the workers now give [20000, ...]). Edited while the workers
+    still run the version they imported, the run goes without the checkpoint, so no old
+    code's results are stored under the new file's key."""
+    import runpy
+
+    path = tmp_path / "setupmod_e2e.py"
+    path.write_text("def f(x):\n    return x + 1000\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "%%pool setup\nimport setupmod_e2e")
+        run(ip, "def via_setup(x):\n    return setupmod_e2e.f(x)\n")
+        assert "setupmod_e2e" not in sys.modules
+        first = [x + 1000 for x in range(3)]
+        assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == first
+        assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == first  # the same module: reused
+        assert "resumed: 3 of 3" in mpmagic.last_report().line()
+        path.write_text("def f(x):\n    return x + 20000\n")
+        # the workers still run the version they imported: no checkpoint (and one line says why)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == first
+        said = [str(w.message) for w in caught if "setupmod_e2e.py changed on disk" in str(w.message)]
+        assert len(said) == 1 and "%pool restart" in said[0]
+        assert "checkpoint" not in mpmagic.last_report().line()
+        run(ip, "%%pool setup\nimport setupmod_e2e")  # the same cell again: the workers keep their module
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == first
+        assert any("setupmod_e2e.py changed on disk" in str(w.message) for w in caught)
+        mpmagic.restart_pool()
+        oracle = [runpy.run_path(str(path))["f"](x) for x in range(3)]  # the code as it is now, serially
+        assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == oracle
+        assert "resumed: 0 of 3" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == oracle
+        assert "resumed: 3 of 3" in mpmagic.last_report().line()
+        # another setup text (same module): not reused either
+        run(ip, "%%pool setup\nimport setupmod_e2e\nSCALE = 2")
+        assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == oracle
+        assert "resumed: 0 of 3" in mpmagic.last_report().line()
+    finally:
+        run(ip, "%pool setup clear")
+        sys.modules.pop("setupmod_e2e", None)
+        from mpmagic import pool
+
+        pool.shutdown()  # (a restarted pool numbers its workers on: pages tested later show workers 0 and 1)
+
+
+def test_a_function_capturing_shared_helpers_resumes_after_they_are_made_again(ip, store_dir):
+    """Value, Lock, Queue... pickle by the name of their shared memory, new for each one
+    made: a function capturing a counter never resumed after the cell making it ran
+    again (or in a new kernel), and %pool checkpoints gained a row each time."""
+    make = ("import mpmagic\ncounter = mpmagic.Value('i', 0)\nlock = mpmagic.Lock()\n"
+            "def counted(x):\n    with counter.get_lock():\n        counter.value += 1\n"
+            "    with lock:\n        return x * 3\n")
+    run(ip, make)
+    oracle = [x * 3 for x in range(6)]
+    assert run(ip, "%pmap -q --checkpoint counted, range(6)") == oracle
+    assert ip.user_ns["counter"].value == 6
+    run(ip, make)  # the cell again: new segments
+    assert run(ip, "%pmap -q --checkpoint counted, range(6)") == oracle
+    assert "resumed: 6 of 6" in mpmagic.last_report().line()
+    assert ip.user_ns["counter"].value == 0  # (a stored item's side effects are not done again)
+    assert len(checkpoint.list_runs()) == 1
+    # what a helper is counts, its value does not
+    key = lambda h: run_key(lambda x: (h, x), False)[0]  # noqa: E731
+    made = {
+        "Value('i')": lambda: mpmagic.Value("i", 0), "Value('i', 5)": lambda: mpmagic.Value("i", 5),
+        "Value('d')": lambda: mpmagic.Value("d", 0), "Value('i', lock=False)": lambda: mpmagic.Value("i", 0, False),
+        "Array('i', 3)": lambda: mpmagic.Array("i", 3), "Array('i', 4)": lambda: mpmagic.Array("i", 4),
+        "Queue()": lambda: mpmagic.Queue(), "Queue(2)": lambda: mpmagic.Queue(2),
+        "Lock()": lambda: mpmagic.Lock(), "RLock()": lambda: mpmagic.RLock(), "Event()": lambda: mpmagic.Event(),
+        "get_lock()": lambda: mpmagic.Value("i", 0).get_lock(),
+    }
+    keys = {}
+    for name, new in made.items():
+        a, b = new(), new()
+        keys[name] = key(a)
+        assert key(b) == keys[name], name
+    assert keys.pop("Value('i', 5)") == keys["Value('i')"]  # the value is state, not what it is
+    assert len(set(keys.values())) == len(keys)
+    # an item keeps its helper's name: two queues given as items are two items (also beside notebook code)
+    run(ip, "def tag():\n    pass\n")
+    a, b = mpmagic.Queue(), mpmagic.Queue()
+    assert item_key(a)[0] != item_key(b)[0]
+    assert item_key((a, ip.user_ns["tag"]))[0] != item_key((b, ip.user_ns["tag"]))[0]
+
+
 def test_items_of_a_class_from_a_module_beside_the_notebook_count_by_that_modules_file(ip, store_dir, tmp_path,
                                                                                         monkeypatch):
     """Only items naming __main__ were keyed with module digests: items of a class

@@ -151,6 +151,10 @@ class DaskQueue(_OnDask, IterUntilClosed):
     def __reduce__(self) -> tuple:
         return _rebuild_queue, (self.name, self.maxsize, self.producers)
 
+    def _mpmagic_key(self) -> tuple:
+        """What it is, for a checkpoint key (not its name, new for every queue made)."""
+        return ("Queue on Dask", self.maxsize, self.producers)
+
     def __repr__(self) -> str:
         return f"<mpmagic.Queue on Dask {self.name!r}>"
 
@@ -359,6 +363,10 @@ class DaskLock(_OnDask):
     def __reduce__(self) -> tuple:
         return _rebuild_lock, (self.name,)
 
+    def _mpmagic_key(self) -> tuple:
+        """What it is, for a checkpoint key (not its name, new for every lock made)."""
+        return ("Lock on Dask",)
+
     def __repr__(self) -> str:
         return f"<mpmagic.Lock on Dask {self.name!r}>"
 
@@ -423,6 +431,10 @@ class DaskEvent(_OnDask):
 
     def __reduce__(self) -> tuple:
         return _rebuild_event, (self.name,)
+
+    def _mpmagic_key(self) -> tuple:
+        """What it is, for a checkpoint key (not its name, new for every event made)."""
+        return ("Event on Dask",)
 
     def __repr__(self) -> str:
         return f"<mpmagic.Event on Dask {self.name!r}>"

@@ -1067,6 +1067,10 @@ class LocalBackend:
                                          "(use fewer workers or raise `ulimit -u`)\n")
 
     # -- worker setup (worker_setup.py) ------------------------------------
+    def setup_workers(self) -> list[Any]:
+        """The ids ``worker_setup`` knows this pool's live workers by (temporary ones too)."""
+        return [(self.pool_key, s.wid) for s in list(self.slots)]
+
     def apply_setup(self, wait: bool = True, timeout: float = 600.0) -> list[str]:
         """Run the current setup in every worker (starting the pool); wait for their answers.
 
@@ -1080,7 +1084,7 @@ class LocalBackend:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                keys = [(self.pool_key, s.wid) for s in self.slots]  # a worker that died was replaced
+                keys = self.setup_workers()  # a worker that died was replaced
                 left = deadline - time.monotonic()
                 if worker_setup.done_on(keys) or left <= 0 or not self.slots:
                     return worker_setup.failures(keys)

@@ -365,6 +365,13 @@ class _HolderLock:
             payload.keep_alive(helper)
         return (_lock_of, self.helper)
 
+    def _mpmagic_key(self) -> tuple:
+        """What this lock is, for a checkpoint key: the lock of a helper of that kind and
+        spec (``_Helper._mpmagic_key``), not of that name."""
+        if self.helper is None:
+            raise TypeError("an mpmagic queue's internal lock cannot be pickled")
+        return ("the lock of", self.helper[0]._kind, self.helper[2])
+
     def __repr__(self) -> str:
         holder = self.words[self.slot]
         kind = "RLock" if self.recursive else "Lock"
@@ -525,6 +532,13 @@ class _Helper:
         # notebook drops or rebinds it meanwhile (payload.keeping).
         payload.keep_alive(self)
         return (_attach, self._by_name())
+
+    def _mpmagic_key(self) -> tuple:
+        """What this helper is, for a checkpoint key (``checkpoint_keys``): its kind and
+        how it was made (typecode, length, lock; maxsize...), not the name of its shared
+        memory (new for every helper made: a new kernel never resumed) nor its value
+        (state the run changes: docs/checkpoint.md)."""
+        return (self._kind, self._spec)
 
     def _by_name(self) -> tuple:
         """What finds this helper in another process: (class, stem, spec, owner pid, origin)."""

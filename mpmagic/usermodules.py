@@ -1,0 +1,143 @@
+"""The user's own modules: which files are the user's code, and which of them some code imports.
+
+A checkpoint key covers the user's own modules (a ``.py`` beside the
+notebook) by their file's contents, never installed code (the standard
+library, ``site-packages``) nor mpmagic's: those change only with an install.
+``checkpoint_keys`` asks this of the modules a function refers to;
+``worker_setup`` asks it of the modules a ``%%pool setup`` cell (or an
+``on_worker_start`` function) imports. Those are imported in the workers
+only, often never in the notebook (that is what a setup is for: a model's
+module loaded once per worker), so their files are found here as ``import``
+would find them, without importing them in the notebook: importing runs the
+module (a model loaded in the notebook too), and a package's submodule is
+looked for under its package's folder without running the package.
+
+This module imports no IPython (``worker_setup`` uses it) and nothing of mpmagic.
+"""
+
+from __future__ import annotations
+
+import dis
+import importlib.machinery
+import os
+import sys
+import sysconfig
+import types
+from typing import Any
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _installed_dirs() -> tuple[str, ...]:
+    """Folders whose modules are installed code (the standard library, site-packages):
+    left out of the key, as they change only with an install."""
+    paths = sysconfig.get_paths()
+    dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= {os.path.realpath(p) for p in sys.path if "site-packages" in p or "dist-packages" in p}
+    return tuple(sorted(d.rstrip(os.sep) + os.sep for d in dirs))
+
+
+INSTALLED = _installed_dirs()
+
+
+def local_path(path: str) -> str | None:
+    """``path`` made absolute (symlinks resolved) if it is a file of the user's own code,
+    None if it is installed code (standard library, site-packages) or mpmagic's."""
+    path = os.path.realpath(path)
+    if path.startswith(INSTALLED) or path.startswith(_PACKAGE_DIR):
+        return None
+    return path
+
+
+def local_module_file(module_name: Any) -> str | None:
+    """The source file of the loaded module ``module_name`` when it is the user's own code
+    (a .py beside the notebook, say), not installed (standard library, site-packages) nor ours."""
+    module = sys.modules.get(module_name) if isinstance(module_name, str) else None
+    path = getattr(module, "__file__", None)
+    if not path or module_name in ("__main__", "__mp_main__"):
+        return None
+    return local_path(path)
+
+
+def module_file(name: str) -> str | None:
+    """The file ``import name`` would load here, when it is the user's own; None otherwise
+    (not found, installed, the standard library, a namespace package).
+
+    A module loaded here is taken as loaded. Else it is looked for along
+    ``sys.path`` (``PathFinder``, as the import system does), a submodule under
+    its package's folder, without running anything; an installed package's
+    submodules are never looked for (they are installed too).
+    """
+    top = name.partition(".")[0]
+    if not top or top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return None
+    if name in sys.modules:
+        return local_module_file(name)
+    parts = name.split(".")
+    search: list[str] | None = None  # None: sys.path (a top-level module)
+    origin: str | None = None
+    for i in range(1, len(parts) + 1):
+        full = ".".join(parts[:i])
+        module = sys.modules.get(full)
+        if module is not None:
+            origin, locations = getattr(module, "__file__", None), getattr(module, "__path__", None)
+        else:
+            try:
+                spec = importlib.machinery.PathFinder.find_spec(full, search)
+            except Exception:  # (a broken sys.path entry, a bad name): nothing known of it
+                return None
+            if spec is None:
+                return None
+            origin = spec.origin if spec.has_location else None
+            locations = spec.submodule_search_locations
+        if origin and local_path(origin) is None:  # installed (or ours): so is everything below it
+            return None
+        if i < len(parts):
+            if not locations:
+                return None
+            search = list(locations)
+    return local_path(origin) if origin else None
+
+
+_LOADS = ("LOAD_CONST", "LOAD_SMALL_INT")
+_IMPORTERS = ("import_module", "__import__")
+
+
+def imported_names(code: types.CodeType) -> list[str]:
+    """The absolute module names ``code`` (and the functions and classes defined in it)
+    imports, in order: ``import a.b`` gives ``a`` and ``a.b``; ``from a import b``
+    gives ``a`` and ``a.b`` (``b`` may be a submodule); ``importlib.import_module("m")``
+    and ``__import__("m")`` with a literal name give ``m``. Relative imports are left
+    out (the setup cell is no package). Read from the bytecode, so the source is not
+    needed (an ``on_worker_start`` function)."""
+    names: list[str] = []
+    stack, seen = [code], set()
+    while stack:
+        co = stack.pop()
+        if id(co) in seen:
+            continue
+        seen.add(id(co))
+        stack.extend(c for c in co.co_consts if isinstance(c, types.CodeType))
+        before: list[Any] = [None, None]  # the two instructions before this one
+        current = ""  # the module of the last IMPORT_NAME (IMPORT_FROM names are in it)
+        for ins in dis.get_instructions(co):
+            if ins.opname == "IMPORT_NAME":
+                level = before[0].argval if before[0] is not None and before[0].opname in _LOADS else 0
+                current = ins.argval if level == 0 or not isinstance(level, int) else ""
+                if current:
+                    dotted = current.split(".")
+                    names += [".".join(dotted[:i]) for i in range(1, len(dotted) + 1)]
+            elif ins.opname == "IMPORT_FROM" and current:
+                names.append(f"{current}.{ins.argval}")
+            elif (ins.opname in _LOADS and isinstance(ins.argval, str) and before[1] is not None
+                  and before[1].argval in _IMPORTERS):
+                names.append(ins.argval)
+            before = [before[1], ins]
+    return list(dict.fromkeys(names))
+
+
+def imported_files(code: types.CodeType) -> list[str]:
+    """The files of the user's own modules ``code`` imports (:func:`imported_names`,
+    :func:`module_file`), in order, each once."""
+    files = (module_file(name) for name in imported_names(code))
+    return list(dict.fromkeys(f for f in files if f is not None))
