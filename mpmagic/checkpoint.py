@@ -422,10 +422,10 @@ def _check_setup_files(run: str) -> None:
     from .pool import current_pool
 
     backend = current_pool()
-    workers = getattr(backend, "setup_workers", None)
-    if workers is None or not getattr(backend, "running", False):
+    workers = backend.setup_workers() if backend is not None and backend.running else None
+    if workers is None:
         return
-    changed = worker_setup.files_changed(workers())
+    changed = worker_setup.files_changed(workers)
     if not changed:
         return
     names = ", ".join(os.path.basename(p) for p in changed)

@@ -698,6 +698,10 @@ class DaskBackend:
             self._dashboard_checked = (link, _serves_a_page(link))
         return link if self._dashboard_checked[1] else None
 
+    def setup_workers(self) -> None:
+        """None: Dask workers do not report when they ran the worker setup (see ``Backend``)."""
+        return None
+
     def status(self) -> dict[str, Any]:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
         base: dict[str, Any] = {
