@@ -33,11 +33,12 @@ from collections.abc import (
     MutableSequence,
     MutableSet,
 )
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
 from . import astlock, debugging, payload, payload_cache, shm
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
+from .checks import check_delay, check_whole, run_timeout, whole
 from .cpus import recent_cpus
 from .engine import sigint_deferred
 from .errors import (
@@ -139,37 +140,40 @@ def _set_report(report: Report) -> None:
 
 def _check_workers(workers: Any) -> int | None:
     """``workers`` as a run takes it: None (or -1, joblib's ``n_jobs=-1``) for the
-    whole pool, which has one worker per usable CPU unless sized otherwise."""
-    if workers is None or workers == ALL_WORKERS and type(workers) is int:
+    whole pool, which has one worker per usable CPU unless sized otherwise; else a
+    plain int of at least 1 (a numpy integer is the int it is: ``checks.whole``)."""
+    if workers is None or whole(workers) == ALL_WORKERS:
         return None
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise UsageError(f"workers must be a whole number of at least 1, or -1 / None (the whole pool), "
-                         f"not {workers!r}")
-    return workers
+    return check_whole("workers", workers, 1, "a whole number of at least 1, or -1 / None (the whole pool)")
 
 
 #: ``workers=-1``: the whole pool, as leaving ``workers`` out (joblib's ``n_jobs=-1``).
 ALL_WORKERS = -1
 
 
-def _check_positive(name: str, value: Any, integer: bool = False) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or not value > 0:  # (not >: NaN too)
-        kind = "a whole number" if integer else "a number"
-        raise UsageError(f"{name} must be {kind} greater than 0, not {value!r}")
-
-
-def _check_retries(retries: Any) -> None:
-    """``retries`` as ``%pmap --retries`` takes it: a whole number of 0 or more.
+def _check_retries(retries: Any) -> int:
+    """``retries`` as ``%pmap --retries`` takes it: a whole number of 0 or more (a plain int).
 
     None is refused like -1 or "2" (the default is 0, not None): unchecked, a
     bad value reached the manager thread only when a worker died, and its
     TypeError replaced the run's results, ``errors="collect"`` too.
     """
-    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-        raise UsageError(f"retries must be a whole number of 0 or more, not {retries!r}")
+    return check_whole("retries", retries, 0)
+
+
+def _check_progress_delay(progress_delay: Any) -> float:
+    """``progress_delay`` as ``%config MPMagic.progress_delay`` takes it: seconds, 0 or
+    more (a plain float). ``'x'`` failed inside the progress bar with a TypeError,
+    and only where a bar was made (``submit`` kept it without a word)."""
+    return check_delay("progress_delay", progress_delay)
+
+
+def _check_on_chunk(on_chunk: Any) -> None:
+    """``on_chunk`` is None or a function: ``on_chunk=5`` was found out only when the
+    first chunk came back, with the run under way (``'int' object is not callable``)."""
+    if on_chunk is not None and not callable(on_chunk):
+        raise UsageError(f"on_chunk must be a function called as on_chunk(start, results) as each chunk arrives "
+                         f"(or None), not {payload_repr(on_chunk)}")
 
 
 def _check_checkpoint(checkpoint: Any) -> None:
@@ -295,10 +299,23 @@ def _equal_anyway(a: Any, b: Any) -> bool:
     return False
 
 
+class MapArgs(NamedTuple):
+    """What :func:`check_map_args` made of a map's arguments, to use from then on:
+    the iterables as ``map`` takes them, and the options as plain values."""
+
+    iterables: tuple
+    workers: int | None
+    chunksize: int | None
+    timeout: float | None
+    retries: int
+
+
 def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
-                   star: bool, retries: Any = 0, checkpoint: Any = False) -> tuple:
+                   star: bool, retries: Any = 0, checkpoint: Any = False) -> MapArgs:
     """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words;
-    else the iterables as ``map`` takes them (see :func:`_take`), to use from then on."""
+    else the iterables as ``map`` takes them (see :func:`_take`) and the options as plain
+    ints and floats (``workers=-1`` is None; a numpy number the number it is; a timeout
+    too large to wait on ``inf``: see ``checks.run_timeout``), to use from then on."""
     __tracebackhide__ = True
     if not callable(func):
         raise ArgumentTypeError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
@@ -306,16 +323,14 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise ArgumentTypeError("give at least one iterable to map over, as with map(func, iterable)")
     _check_not_async(func)
     taken = tuple(_take(it, i) for i, it in enumerate(iterables, 2))
-    _check_workers(workers)
-    _check_positive("chunksize", chunksize, integer=True)
-    _check_positive("timeout", timeout)
-    _check_retries(retries)
+    checked = MapArgs(taken, _check_workers(workers), None if chunksize is None else check_whole("chunksize", chunksize),
+                      run_timeout(timeout), _check_retries(retries))
     _check_checkpoint(checkpoint)
     if errors not in ("raise", "collect"):
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
-    return taken
+    return checked
 
 
 #: Types whose ``__iter__`` gives the same items each time and changes nothing:
@@ -621,7 +636,8 @@ def pmap(
     serially here and reports the measured speedup. ``errors="collect"`` puts a
     :class:`~mpmagic.jobs.Failed` in the place of each failing item instead of
     raising. ``timeout`` (seconds) stops an item that runs longer (each item is
-    timed, also in a chunk of several) and replaces its worker. ``retries`` re-sends an item whose worker died, up to that many
+    timed, also in a chunk of several) and replaces its worker (one too large to
+    wait on, ``10**400`` as ``inf``, is no limit). ``retries`` re-sends an item whose worker died, up to that many
     times (no maximum: one line says so once its worker died 10 times).
     ``progress=True`` shows a bar counting items once the run has lasted
     ``progress_delay`` seconds. ``insights=True`` times every item in the
@@ -643,7 +659,10 @@ def pmap(
     """
     __tracebackhide__ = True
     given = iterables
-    iterables = check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries, checkpoint)
+    iterables, workers, chunksize, timeout, retries = check_map_args(func, iterables, workers, chunksize, timeout,
+                                                                     errors, star, retries, checkpoint)
+    progress_delay = _check_progress_delay(progress_delay)
+    _check_on_chunk(on_chunk)
     if not block:  # the run reads its input later, in its own thread: it takes it as it is now
         iterables = owned(given, iterables)
     given_func = func  # (the user's, for the advice on differing results: seeded() wraps it)
@@ -1726,8 +1745,16 @@ def parallel(
             "to run a function in parallel use mpmagic.pmap(func, items), e.g. mpmagic.pmap(func, range(n)) for n calls"
         )
     workers = _check_workers(workers)
-    _check_positive("timeout", timeout)
+    timeout = run_timeout(timeout)
+    progress_delay = _check_progress_delay(progress_delay)
+    if seed is not None:  # (a plain int from here on: the checkpoint's key and the ranks' streams)
+        from .seeding import _check_seed
+
+        seed = _check_seed(seed)
     _check_checkpoint(checkpoint)
+    if namespace is not None and not isinstance(namespace, Mapping):
+        raise UsageError(f"namespace must be a dict of the names the code reads (None: the caller's globals()), "
+                         f"not {payload_repr(namespace)}")
     if _in_worker_process():
         raise UsageError(
             f"parallel() cannot run {_where_no_pool()}: this process cannot start workers of its own "

@@ -46,6 +46,7 @@ from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar, overload
 
 from . import debugging, display_relay
+from .checks import wait_timeout
 from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
 from .report import Report
@@ -397,10 +398,13 @@ class Run(Future[_R]):
         return self._error
 
     def _wait_here(self, timeout: float | None, what: str) -> bool:
-        """Wait for the end; an interrupt stops the waiting, not the run, and says so."""
+        """Wait for the end; an interrupt stops the waiting, not the run, and says so.
+        ``timeout`` as ``concurrent.futures`` takes it (``checks.wait_timeout``: ``'1'``
+        is one usage line, not a TypeError from ``threading``; ``inf`` waits with no limit)."""
         __tracebackhide__ = True
+        seconds = wait_timeout(timeout)
         try:
-            return self._done.wait(timeout)
+            return self._done.wait(seconds)
         except KeyboardInterrupt:
             raise self._interrupted(what) from None
 
@@ -954,6 +958,7 @@ def as_completed(run: Run[list[_T]] | Iterable[Run[Any]], timeout: float | None 
     port's ``for run in as_completed(runs): run.result()`` means what it meant.
     """
     __tracebackhide__ = True
+    timeout = wait_timeout(timeout)  # (checked at the call: '1' failed inside threading at the first wait)
     if isinstance(run, Run):
         if run._chunks is None:  # (a %%parallel --bg handle: its ranks send no chunks)
             raise UsageError(f"{_AS_COMPLETED_TAKES}, not the handle of a parallel cell")

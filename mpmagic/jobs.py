@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from . import context, debugging, display_relay, payload, payload_cache, shm, worker_logging
+from .checks import run_timeout
 from .chunking import ChunkPlanner
 from .errors import (
     ParallelError,
@@ -378,7 +379,9 @@ class MapJob:
             self._build_payload()
         self.star = star
         self.collect = collect
-        self.timeout = timeout
+        # A plain float (or None), whoever made the job: the manager adds it to its clock
+        # (an int past float's range raised OverflowError there, in every run's thread).
+        self.timeout = run_timeout(timeout)
         self.retries = retries
         self.planner = ChunkPlanner(
             n_items, workers, 1 if timeout and not chunksize else chunksize, key=self.func_key
@@ -1470,7 +1473,7 @@ class CellJob:
             else weakref.WeakMethod(repack) if isinstance(repack, types.MethodType)
             else (lambda: repack)
         )
-        self.timeout = timeout
+        self.timeout = run_timeout(timeout)  # (a plain float or None, as MapJob's)
         self.func_key: bytes | None = None  # (a cell's code travels in each unit)
         self.func_payload: bytes | None = None
         self._pending = deque(Unit(r, r, 1, spec_bytes) for r in range(size))

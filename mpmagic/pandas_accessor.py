@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from pandas.core.groupby import DataFrameGroupBy, SeriesGroupBy
 
+from .checks import check_whole
 from .errors import UsageError, add_note
 
 log = logging.getLogger("mpmagic")
@@ -475,12 +476,13 @@ def _is_default(value: Any, default: Any) -> bool:
         return False
 
 
-def _own_options(method: str, func: Any, workers: Any, chunks: Any, quiet: Any, compare: Any) -> None:
+def _own_options(method: str, func: Any, workers: Any, chunks: Any, quiet: Any, compare: Any) -> int | None:
     """Refuse what would silently change the user's call: pandas passes unknown
     keywords on to ``func``, so a function whose own parameter is named like
     one of the accessor's options (``compare``, ``workers``, ``chunks``,
     ``quiet``) would lose that argument to us (``s.map(f, compare="left")``
-    gave ``f`` its ``compare``; ``s.mp.map`` took it). And ``compare`` is a switch."""
+    gave ``f`` its ``compare``; ``s.mp.map`` took it). And ``compare`` is a switch.
+    Returns ``chunks`` as a plain int (None: automatic)."""
     given = {"workers": workers is not None, "chunks": chunks is not None, "quiet": quiet is not False,
              "compare": compare is not False}
     try:
@@ -492,13 +494,14 @@ def _own_options(method: str, func: Any, workers: Any, chunks: Any, quiet: Any, 
         raise UsageError(f"{method}: `{name}` is this accessor's option and also a parameter of "
                          f"{getattr(func, '__name__', 'the function')}: pass the function's own with "
                          f"functools.partial(f, {name}=...) (or args=)")
-    if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
+    if chunks is not None:  # (a plain int: a numpy one, df[c].nunique(), is taken as the int it is)
         # (0 was taken as automatic, -1 ran, 2.5 and 'x' failed in raw TypeErrors: checked as workers= is)
-        raise UsageError(f"chunks must be a whole number of at least 1 (the pieces the rows, columns or groups are "
-                         f"split into), or None ({CHUNKS_PER_WORKER} per worker), not {chunks!r}")
+        chunks = check_whole("chunks", chunks, 1, "a whole number of at least 1 (the pieces the rows, columns or "
+                             f"groups are split into), or None ({CHUNKS_PER_WORKER} per worker)")
     if not isinstance(compare, bool):
         raise UsageError(f"{method}: compare= is True or False (run pandas' own call too and compare), not "
                          f"{compare!r}; a `compare` argument for the function goes with functools.partial")
+    return chunks
 
 
 class FrameAccessor:
@@ -525,7 +528,7 @@ class FrameAccessor:
         """
         __tracebackhide__ = True
         started = time.perf_counter()
-        _own_options("df.mp.apply", func, workers, chunks, quiet, compare)
+        chunks = _own_options("df.mp.apply", func, workers, chunks, quiet, compare)
         df = self._obj
         axis = df._get_axis_number(axis)  # pandas' own error for a bad axis ("No axis named 2 ...")
         by_rows = axis == 1
@@ -567,7 +570,7 @@ class SeriesAccessor:
         """
         __tracebackhide__ = True
         started = time.perf_counter()
-        _own_options("series.mp.map", func, workers, chunks, quiet, compare)
+        chunks = _own_options("series.mp.map", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
         if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
@@ -587,7 +590,7 @@ class SeriesAccessor:
         """
         __tracebackhide__ = True
         started = time.perf_counter()
-        _own_options("series.mp.apply", func, workers, chunks, quiet, compare)
+        chunks = _own_options("series.mp.apply", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
         if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:

@@ -9,6 +9,7 @@ by ``status.PoolStatus``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -19,8 +20,9 @@ from typing import Any
 
 from .backends.base import Backend
 from .backends.local import LocalBackend, check_start_method, check_tasks_per_child, pool_size
+from .checks import real, whole
 from .engine import sigint_deferred
-from .errors import UsageError, one_line_interrupt
+from .errors import UsageError, one_line, one_line_interrupt
 from .fmt import fmt_seconds
 from .shared import base as _shared_base
 from .status import PoolStatus  # formatting lives in status.py; importable from here as before
@@ -136,12 +138,12 @@ def parse_memory(value: int | str | None) -> int | None:
     """
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
         return None  # no limit
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    count, number = whole(value), real(value)  # (a numpy number too: the int or float it is)
+    if count is None and number is None and not isinstance(value, str):
         raise UsageError(f"max_memory must be a size such as '2GB', not {value!r}")
-    if isinstance(value, int):
-        size: float = value
+    if count is not None:
+        size: float = count
     else:
-        number: float = value if isinstance(value, float) else math.nan
         scale = 1
         if isinstance(value, str):
             text = value.strip().lower().replace(" ", "")
@@ -150,7 +152,7 @@ def parse_memory(value: int | str | None) -> int | None:
                 number, scale = float(digits), _UNITS[text[len(digits):]]
             except (ValueError, KeyError):
                 number = math.nan  # (refused below, with the same words)
-        size = number * scale
+        size = (math.nan if number is None else number) * scale
         if not math.isfinite(size):  # nan, inf, 1e400 (float('1e400') is inf), '1e300TB'
             raise UsageError(f"max_memory must be a size such as '2GB' or '512MiB', not {value!r}")
     if size == 0:
@@ -352,9 +354,10 @@ def start_pool(
     _refuse_local_options(current, start_method, max_tasks_per_child, max_memory)
     if current is None or isinstance(current, LocalBackend):  # (Dask checks its size as it resizes)
         _check_local_options(workers, start_method, max_tasks_per_child, max_memory)
+    devices = None if gpus is None else gpu_devices(gpus)  # (refused before any change, as the others)
 
     with _finished_then_interrupt(_changed(who)):
-        backend = _start_now(workers, start_method, max_tasks_per_child, max_memory, gpus)
+        backend = _start_now(workers, start_method, max_tasks_per_child, max_memory, devices)
     if wait:
         _wait_ready_saying(who, backend)
     return backend
@@ -362,9 +365,9 @@ def start_pool(
 
 def _start_now(
     workers: int | None, start_method: str | None, max_tasks_per_child: int | None, max_memory: int | str | None,
-    gpus: str | Iterable[int | str] | None,
+    gpus: list[str] | None,
 ) -> Backend:
-    """``start_pool``'s change, without its wait for the workers."""
+    """``start_pool``'s change, without its wait for the workers (``gpus``: checked, see ``gpu_devices``)."""
     global _backend
     if max_memory is not None:
         set_max_memory(max_memory)
@@ -409,7 +412,37 @@ def _retire(backend: Backend, wait_busy: bool = True) -> None:
     backend.retire(wait_busy=wait_busy)
 
 
-def _set_gpus(gpus: str | Iterable[int | str]) -> None:
+#: What ``start_pool(gpus=)`` takes, as its refusals say it.
+GPUS_TAKE = "device IDs such as [0, 1] or '0,1' (one device: [5] or '5'; none: [])"
+
+
+def gpu_devices(gpus: object) -> list[str]:
+    """``start_pool(gpus=)`` as the device IDs for ``CUDA_VISIBLE_DEVICES``, or a UsageError
+    before anything changes: ``'0,1'``, ``[0, 1]`` (whole numbers, numpy's too, or
+    strings such as ``'MIG-...'``), ``[]`` or ``''`` for none.
+
+    ``gpus=5`` failed inside with ``'int' object is not iterable`` (and could mean five
+    GPUs as well as device 5: it is refused, saying how to write device 5); ``[0, None]``
+    gave a device ``'None'``, and ``'0,,1'`` dropped its empty entry without a word (as
+    ``--gather x,,y`` is refused for it, so is this: ``%pool start --gpus`` comes here too).
+    """
+    if isinstance(gpus, str):
+        entries: list[Any] = gpus.split(",") if gpus.strip() else []
+    elif isinstance(gpus, Iterable) and not isinstance(gpus, (bytes, bytearray)):
+        entries = list(gpus)
+    else:
+        raise UsageError(f"gpus must be {GPUS_TAKE}, not {gpus!r}")
+    devices = []
+    for entry in entries:
+        number = whole(entry)
+        device = str(number) if number is not None else entry.strip() if isinstance(entry, str) else ""
+        if not device:
+            raise UsageError(f"gpus must be {GPUS_TAKE}: {entry!r} in {gpus!r} is not a device ID")
+        devices.append(device)
+    return devices
+
+
+def _set_gpus(gpus: list[str]) -> None:
     """``start_pool(gpus=)``: the devices of the local workers; running ones stop
     (the start that follows starts them with their device)."""
     from . import worker_setup
@@ -418,8 +451,7 @@ def _set_gpus(gpus: str | Iterable[int | str]) -> None:
         if _backend is not None and not isinstance(_backend, LocalBackend):
             raise UsageError(f"gpus= is for the local pool, and the pool is on {_backend.name} (use_local() first); "
                              "Dask workers pick their own devices")
-        devices = gpus.split(",") if isinstance(gpus, str) else [str(g) for g in gpus]
-        if worker_setup.set_gpus(devices) and _backend is not None and _backend.running:
+        if worker_setup.set_gpus(gpus) and _backend is not None and _backend.running:
             _backend.stop()
 
 
@@ -554,6 +586,11 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
         raise UsageError(
             f"the Dask backend needs dask.distributed ({exc}); install it with: pip install \"mpmagic[dask]\""
         ) from None
+    takes = [name for name in inspect.signature(DaskBackend).parameters if name != "address"]
+    for name in options:
+        if name not in takes:  # (Python's TypeError named DaskBackend.__init__, which the user never called)
+            raise one_line(TypeError(f"use_dask() got an unexpected keyword argument {name!r}; its options are "
+                                     f"{', '.join(takes)}"))
     with _lock:
         new = DaskBackend(address, **options)
         old, _backend = _backend, new

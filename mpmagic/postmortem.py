@@ -36,6 +36,7 @@ from .errors import (
     RemoteError,
     UsageError,
     cell_file,
+    one_line,
     one_line_interrupt,
     renumber_items,
     unsafe_here,
@@ -57,12 +58,14 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     so a function fixed and redefined since is the one used. Items that
     succeeded keep their results; with ``errors="raise"``, items the failed
     run never reached run too. ``options`` override the last run's
-    (``workers``, ``chunksize``, ``timeout``, ``retries``...). The last run is
+    (``workers``, ``chunksize``, ``timeout``, ``retries``...: ``pmap``'s, but
+    ``star``, ``errors`` and ``block``, which a re-run keeps). The last run is
     the last blocking one of this thread: a background run or an ``imap``
     stream started since keeps its own failures on its handle and leaves
     that run to re-run (a line says so when such a run failed).
     """
     __tracebackhide__ = True  # (IPython's traceback shows the user's frames, not this one)
+    _check_rerun_options(options)
     last = last_run()
     if last is not None and last.kind == "cell" and last.failures:
         raise UsageError("rerun_failed() (--rerun-failed) re-runs the failed items of a pmap, and the last run "
@@ -131,6 +134,33 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         full[i] = r
     _remember_rerun(last, func, full, failures)
     return full
+
+
+#: The ``pmap`` options a re-run keeps from the last run (its input's shape, how errors end it)
+#: or fixes itself (it waits for the results it merges).
+_RERUN_KEEPS = ("star", "errors", "block")
+
+
+def _check_rerun_options(options: dict[str, Any]) -> None:
+    """``rerun_failed``'s ``**options``: ``pmap``'s, but those a re-run keeps, checked
+    before anything runs. ``bogus=1`` was Python's TypeError naming ``pmap()``, a
+    function the user did not call; ``star=`` one about "multiple values"."""
+    __tracebackhide__ = True
+    for name in options:
+        if name in _RERUN_KEEPS:
+            raise UsageError(f"rerun_failed() takes no {name}=: a re-run keeps the last run's input, star and errors, "
+                             "and returns the full results; run the whole pmap again to change it")
+        if name not in _rerun_takes():
+            raise one_line(TypeError(f"rerun_failed() got an unexpected keyword argument {name!r}; besides func and "
+                                     f"namespace it takes pmap's options {', '.join(_rerun_takes())}"))
+
+
+def _rerun_takes() -> list[str]:
+    """The keyword options of ``pmap`` that ``rerun_failed`` passes on (all but ``_RERUN_KEEPS``)."""
+    import inspect
+
+    return [name for name, p in inspect.signature(api.pmap).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in _RERUN_KEEPS]
 
 
 def _renumber_report(report: Any, todo: list[int], full: list) -> None:

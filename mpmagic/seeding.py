@@ -42,11 +42,10 @@ _current: Any = None  # the running item's Generator (or the key to make it lazi
 
 
 def _check_seed(seed: Any) -> int:
-    from .errors import UsageError
+    """``seed`` as a plain int of 0 or more (a numpy integer is the int it is), else a UsageError."""
+    from .checks import check_whole
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UsageError(f"seed must be a whole number of 0 or more, not {seed!r}")
-    return seed
+    return check_whole("seed", seed, 0)
 
 
 def uses_numpy(code: Any = None) -> bool:

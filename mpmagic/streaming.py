@@ -33,6 +33,7 @@ from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .background import ResultStream
+from .checks import check_whole
 from .errors import hide_our_frames, one_line
 from .jobs import Failed, MapJob
 
@@ -398,9 +399,10 @@ def imap(
 
     _refuse(refused)
 
-    if buffer is not None and (isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1):
-        raise api.UsageError(f"buffer must be a whole number of at least 1, not {buffer!r}")
-    iterables = api.check_map_args(func, iterables, workers, chunksize, timeout, errors, star, retries, checkpoint)
+    if buffer is not None:
+        buffer = check_whole("buffer", buffer)
+    iterables, workers, chunksize, timeout, retries = api.check_map_args(func, iterables, workers, chunksize, timeout,
+                                                                         errors, star, retries, checkpoint)
     if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
         func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():

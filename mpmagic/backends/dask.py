@@ -75,6 +75,7 @@ from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
 from .. import context, posixshm, warmup, worker_setup
+from ..checks import check_real, check_whole, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
@@ -331,13 +332,11 @@ class DaskBackend:
     ) -> None:
         if address is not None and scheduler_file is not None:
             raise UsageError("give either a scheduler ADDRESS or --scheduler-file, not both")
-        if workers == -1 and type(workers) is int:  # joblib's n_jobs=-1: as None (one per CPU; no count to wait for)
+        if whole(workers) == -1:  # joblib's n_jobs=-1: as None (one per CPU; no count to wait for)
             workers = None
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise UsageError(f"workers must be a whole number of at least 1 or -1 (one per usable CPU), "
-                             f"not {workers!r}")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise UsageError(f"timeout must be a number of seconds greater than 0, not {timeout!r}")
+        if workers is not None:
+            workers = check_whole("workers", workers, 1, "a whole number of at least 1 or -1 (one per usable CPU)")
+        timeout = check_real("timeout", timeout, "a number of seconds greater than 0", lambda seconds: seconds > 0)
         if address is not None:
             address = _scheduler_address(address)
         if scheduler_file is not None and not os.path.isfile(scheduler_file):
@@ -646,10 +645,8 @@ class DaskBackend:
     def resize(self, workers: int) -> None:
         """Scale the local cluster mpmagic started (-1: one worker per usable CPU); a cluster
         run elsewhere is scaled there."""
-        if workers == -1 and type(workers) is int:
-            workers = available_cpus()
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise UsageError(f"workers must be at least 1 or -1 (one per usable CPU), not {workers!r}")
+        workers = check_whole("workers", available_cpus() if whole(workers) == -1 else workers, 1,
+                              "a whole number of at least 1 or -1 (one per usable CPU)")
         if not self.owns_cluster:
             raise UsageError(
                 f"the workers of {self.where} are managed where the cluster runs: start more "

@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import payload, waits
+from ..checks import check_whole
 from ..errors import UsageError
 from ..shared import IterUntilClosed
 from ..shared.base import current_backend
@@ -132,9 +133,8 @@ class DaskQueue(_OnDask, IterUntilClosed):
         name: str | None = None,
         client: Any = None,
     ) -> None:
-        for what, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"mpmagic.Queue: {what} must be a whole number of at least {low}, not {value!r}")
+        maxsize, producers = (check_whole(f"mpmagic.Queue: {what}", value, low, f"a whole number of at least {low}")
+                              for what, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1)))
         self._setup(name or f"mpmagic-queue-{uuid.uuid4().hex}", maxsize, producers, client)
 
     def _setup(self, name: str, maxsize: int, producers: int, client: Any, orphan: bool = False) -> None:

@@ -26,7 +26,6 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (before our exit hook: see stop_all)
-import operator
 import os
 import selectors
 import signal
@@ -54,6 +53,7 @@ from .. import (
     worker,
     worker_setup,
 )
+from ..checks import check_whole, whole
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
@@ -125,23 +125,22 @@ PER_CPU = -1
 
 
 def pool_size(n: object) -> int:
-    """``n`` as a pool's size: -1 (``PER_CPU``) is one worker per usable CPU now; any
-    other is checked as it is (a whole number from 1 to the machine's limit)."""
-    if n == PER_CPU and type(n) is int:
-        n = available_cpus()
-    _check_size(n)
-    return n  # type: ignore[return-value]  # (checked: an int)
+    """``n`` as a pool's size, a plain int: -1 (``PER_CPU``) is one worker per usable CPU
+    now; any other is checked as it is (a whole number from 1 to the machine's limit;
+    a numpy integer is the int it is)."""
+    return _check_size(available_cpus() if whole(n) == PER_CPU else n)
 
 
-def _check_size(n: object, what: str = "workers") -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        hint = " or -1 (one per usable CPU)" if what == "workers" else ""
-        raise UsageError(f"{what} must be a whole number of at least 1{hint}, not {n!r}")
-    if n > max_workers():
+def _check_size(n: object, what: str = "workers") -> int:
+    """``n`` as a plain int if it is a number of processes this machine can run, else a UsageError."""
+    hint = " or -1 (one per usable CPU)" if what == "workers" else ""
+    size = check_whole(what, n, 1, f"a whole number of at least 1{hint}")
+    if size > max_workers():
         raise UsageError(
-            f"{what} = {n} is more processes than this machine can run at once "
+            f"{what} = {size} is more processes than this machine can run at once "
             f"(at most {max_workers()} with {available_cpus()} CPUs)"
         )
+    return size
 
 
 def start_method_refused(method: object) -> str | None:
@@ -179,21 +178,10 @@ def tasks_per_child_refused(value: object) -> str | None:
     in a loop (390 in 3 s, no item run: the next ``pmap`` never returned), ``"3"``
     failed the run with a TypeError from the manager, ``2.5`` and ``True`` were kept.
     """
-    whole = _whole(value)
-    if value is None or (whole is not None and whole >= 0):
+    number = whole(value)
+    if value is None or (number is not None and number >= 0):
         return None
     return f"must be {TASKS_PER_CHILD_TAKES}, not {value!r}"
-
-
-def _whole(value: object) -> int | None:
-    """``value`` as an int if it is a whole number type (``int``, ``numpy.int64``...:
-    ``operator.index`` takes it), not a bool, a float or a str; else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def check_tasks_per_child(value: object) -> int | None:
@@ -203,7 +191,7 @@ def check_tasks_per_child(value: object) -> int | None:
     why = tasks_per_child_refused(value)
     if why is not None:
         raise UsageError(f"max_tasks_per_child {why}")
-    return None if value is None else _whole(value)
+    return None if value is None else whole(value)
 
 
 @dataclass(eq=False)
@@ -472,6 +460,9 @@ class _LocalRun(Run):
         self.grace_deadline: float | None = None  # failed: its later chunks may come back until then
         # Submitted while other runs' units held every worker: since when (until its first unit goes out).
         self.waiting_since: float | None = None
+        # An error of this run's own found while the manager read a worker (its timeout could not
+        # start a clock: _start_clock_of): the manager's next _check_runs ends it with it, alone.
+        self.failed_with: BaseException | None = None
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
@@ -1572,7 +1563,9 @@ class LocalBackend:
             return
         now = time.monotonic()
         for run in list(self._runs):
-            if run.cancel_requested:
+            if run.failed_with is not None:
+                self._end(run, run.failed_with)
+            elif run.cancel_requested:
                 if run.interrupted:
                     self._interrupted_at = now
                 self._abandon(run)
@@ -1876,7 +1869,7 @@ class LocalBackend:
         if len(self._runs) > 1:
             self._note_sharing()
         if job.timeout and len(slot.inflight) == 1:  # (its clock starts once the worker is ready and set up)
-            _start_clock(slot)
+            self._start_clock_of(slot)
 
     def _note_sharing(self, new: _LocalRun | None = None) -> None:
         """Mark the runs that hold workers at the same moment as sharing them
@@ -1937,7 +1930,7 @@ class LocalBackend:
             slot.ready = True
             self._startup_failures = 0
             slot.pid = msg.pid
-            _start_clock(slot)  # its first unit's time starts now (not while it started)
+            self._start_clock_of(slot)  # its first unit's time starts now (not while it started)
             self._cond.notify_all()
             return
         if kind is SetupDone:  # worker setup (worker_setup.py): how it went on this worker
@@ -1947,7 +1940,7 @@ class LocalBackend:
             # The unit that waited for this setup starts its time now (a slow setup
             # after a restart or a recycling is no task's timeout).
             if slot.deadline is None:
-                _start_clock(slot)
+                self._start_clock_of(slot)
             self._setup_done(slot, msg)
             return
         if kind not in _WORKER_SAYS:
@@ -1974,7 +1967,7 @@ class LocalBackend:
         if slot.setups_ahead:  # one unit fewer before each setup still running
             slot.setups_ahead = deque(max(0, n - 1) for n in slot.setups_ahead)
         if slot.inflight and slot.inflight[0][0].job.timeout:  # (_start_clock's own first look)
-            _start_clock(slot)
+            self._start_clock_of(slot)
         if kind is Done or kind is Error:
             slot.tasks += unit.count
             self.tasks_run += unit.count
@@ -2144,6 +2137,25 @@ class LocalBackend:
                 run.job.not_run(unit, f"worker {slot.wid}'s %%pool setup still ran after {waited:g} s "
                                       f"(--timeout {timeout:g} s per {each}), so it did not start; "
                                       "the worker was replaced")
+
+    def _start_clock_of(self, slot: _Slot) -> None:
+        """``_start_clock(slot)``, where an error is the run's own, never the manager's.
+
+        A run's timeout is checked before it is made (``checks.run_timeout``), but the
+        manager serves every run in flight: should a value of one run still fail here,
+        as ``10**400`` did (OverflowError), that run ends alone with its error, at the
+        manager's next turn (``_check_runs``: not while it reads this worker), and its
+        worker is replaced; the other runs and the manager go on. Before, the error
+        went up to the step's handler, which ended every run in flight with it.
+        """
+        try:
+            _start_clock(slot)
+        except Exception as exc:
+            run = slot.inflight[0][0]
+            log.debug("mpmagic: run %s's timeout failed its clock", run.job.call_id, exc_info=True)
+            slot.deadline = slot.setup_deadline = None
+            if run.failed_with is None:
+                run.failed_with = exc
 
     def _check_restarts(self) -> None:
         """Recycle workers that reached ``max_tasks_per_child`` or ``max_memory`` once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..checks import check_whole
 from ..errors import UsageError
 from .base import _HEADER, _backend_helper, _check_platform, _given
 from .locks import SharedEvent, SharedLock, SharedRLock
@@ -32,9 +33,9 @@ def Queue(maxsize: int = 0, *, producers: int = 1, capacity: int = 1 << 20) -> S
     if got is not NotImplemented:
         return got
     _check_platform("Queue")
-    for name, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1), ("capacity", capacity, 4096)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"mpmagic.Queue: {name} must be a whole number of at least {low}, not {value!r}")
+    maxsize, producers, capacity = (check_whole(f"mpmagic.Queue: {name}", value, low, f"a whole number of at least {low}")
+                                    for name, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1),
+                                                             ("capacity", capacity, 4096)))
     capacity = _padded(capacity)
     return SharedQueue._create((maxsize, capacity, producers), _HEADER + capacity + TABLE_BYTES)
 

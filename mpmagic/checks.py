@@ -1,0 +1,110 @@
+"""The one check of the API's number options (``workers``, ``chunksize``, ``timeout``,
+``retries``, ``seed``, ``buffer``, a pool's size...): what the serial and stdlib
+code takes, in one ``UsageError`` line that names the option, the value and what it takes.
+
+A number that came from numpy (``arr.sum()``, ``np.argmax``, ``df[c].nunique()``)
+is taken as the number it is, as ``range(np.int64(3))`` and
+``multiprocessing.Pool(np.int64(2))`` take it: a whole number is anything
+``operator.index`` takes (``int``, ``numpy.int64``...), a number anything
+``numbers.Real`` (``float``, ``numpy.float32``, ``fractions.Fraction``, the whole
+numbers too). A bool is neither (``workers=True`` is a mistake, not 1). The value
+is handed on as a plain ``int`` or ``float``: it travels to the workers and into
+the reports, which have no reason to hold a numpy scalar.
+
+Imports nothing of mpmagic's but its errors: the worker side (``seeding``) uses it too.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import threading
+from collections.abc import Callable
+
+from .errors import UsageError
+
+
+def whole(value: object) -> int | None:
+    """``value`` as a plain int if it is a whole number (``operator.index`` takes it:
+    ``int``, ``numpy.int64``...), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def real(value: object) -> float | None:
+    """``value`` as a plain float if it is a real number (``numbers.Real``, or a whole
+    number ``operator.index`` takes), not a bool; else None. A whole number too large
+    for a float (``10**400``) is infinite, as ``1e400`` is (``float('1e400')`` is
+    ``inf``): no wait in seconds can reach it either. NaN stays NaN (each check refuses it)."""
+    if isinstance(value, bool):
+        return None
+    number: numbers.Real | int | None = value if isinstance(value, numbers.Real) else whole(value)
+    if number is None:
+        return None
+    try:
+        return float(number)
+    except OverflowError:  # (an int or a Fraction past float's range)
+        return -math.inf if number < 0 else math.inf
+
+
+def check_whole(name: str, value: object, least: int = 1, takes: str | None = None) -> int:
+    """``value`` as a plain int if it is a whole number of at least ``least``, else a
+    ``UsageError``: ``{name} must be {takes}, not {value!r}`` (``takes``: by default
+    ``a whole number of at least 1`` / ``of 0 or more``)."""
+    number = whole(value)
+    if number is None or number < least:
+        if takes is None:
+            takes = f"a whole number of {'0 or more' if least == 0 else f'at least {least}'}"
+        raise UsageError(f"{name} must be {takes}, not {value!r}")
+    return number
+
+
+def check_real(name: str, value: object, takes: str, ok: Callable[[float], bool]) -> float:
+    """``value`` as a plain float if it is a real number that ``ok`` accepts (NaN never
+    is), else a ``UsageError``: ``{name} must be {takes}, not {value!r}``."""
+    number = real(value)
+    if number is None or math.isnan(number) or not ok(number):
+        raise UsageError(f"{name} must be {takes}, not {value!r}")
+    return number
+
+
+#: What a run's ``timeout`` takes, as its refusal says it.
+TIMEOUT_TAKES = "a number of seconds greater than 0 (None: no limit)"
+
+
+def run_timeout(value: object, name: str = "timeout") -> float | None:
+    """A run's ``timeout`` (``pmap``, ``imap``, ``parallel``...): None (no limit), or a
+    plain float of seconds greater than 0.
+
+    One too large to wait on (``10**400``, ``inf``, ``1e400``) is ``inf``: no item
+    can run past it, so it is no limit, as the float of the same value always was
+    (and ``--timeout 1e400`` in the magics). Unchecked, ``10**400`` reached the
+    pool's manager thread as an int, whose deadline (``monotonic() + timeout``)
+    raised OverflowError there and failed every run in flight with it.
+    """
+    if value is None:
+        return None
+    return check_real(name, value, TIMEOUT_TAKES, lambda seconds: seconds > 0)
+
+
+def wait_timeout(value: object, name: str = "timeout") -> float | None:
+    """How long a caller waits (``as_completed(timeout=)``, ``run.result(timeout=)``):
+    None for no limit, or seconds as ``concurrent.futures`` takes them (0 or less: do
+    not wait). One too large to wait on (``inf``, ``10**400``, past ``threading.TIMEOUT_MAX``,
+    some 292 years) is None: ``threading`` raises OverflowError for it, and waiting that
+    long is waiting with no limit."""
+    if value is None:
+        return None
+    seconds = check_real(name, value, "a number of seconds to wait (None: no limit)", lambda seconds: True)
+    return None if seconds > threading.TIMEOUT_MAX else seconds
+
+
+def check_delay(name: str, value: object) -> float:
+    """A delay such as ``progress_delay``: a plain float of seconds, 0 or more and
+    finite (as ``%config MPMagic.progress_delay`` takes it)."""
+    return check_real(name, value, "a number of seconds (0 or more)", lambda seconds: 0 <= seconds < math.inf)
