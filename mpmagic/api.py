@@ -35,7 +35,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
-from . import astlock, debugging, payload, payload_cache, shm
+from . import astlock, debugging, exiting, payload, payload_cache, shm
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .checks import check_delay, check_whole, run_timeout, whole
@@ -357,6 +357,11 @@ def _take(it: Any, position: int) -> Any:
         taken = iter(it)
     except TypeError as exc:
         if getattr(kind, "__iter__", None) is None and not hasattr(kind, "__getitem__"):
+            if hasattr(kind, "__aiter__"):  # an async generator: its items come from an event loop
+                raise ArgumentTypeError(
+                    f"argument {position} of map must be iterable, not {kind.__name__} {payload_repr(it)}: "
+                    "mpmagic maps a plain iterable, not an async one; collect its items first, in a coroutine: "
+                    "items = [x async for x in it]") from None
             if _map_caller.get() == "submit":  # read as Executor.submit(f, x): say it maps, and the one call
                 raise ArgumentTypeError(f"submit maps func over its iterables like map(), so argument {position} must be "
                                  f"iterable, not {kind.__name__} {payload_repr(it)}; for one call func(x) use "
@@ -1066,7 +1071,7 @@ def submit(
         _map_caller.reset(caller)
 
 
-#: Which public call a map is made for ("pmap", "submit", "call"): submit's
+#: Which public call a map is made for ("pmap", "submit", "call", "apmap"): submit's
 #: refusal of a non-iterable names call(); call's run gives one value.
 _map_caller: contextvars.ContextVar[str] = contextvars.ContextVar("mpmagic_map_caller", default="pmap")
 
@@ -1211,6 +1216,8 @@ async def apmap(
     printed here while the coroutine waits, as ``pmap`` prints it (in the cell
     that awaits it; in a terminal or script, on stdout/stderr): nobody holds
     the background run's handle, whose ``output`` was the only place it went.
+    Its iterables are plain ones, as ``pmap``'s: an async generator is refused
+    in one line (collect its items first: ``[x async for x in agen]``).
     """
     __tracebackhide__ = True  # (a cancelled await shows the user's line, not this one)
     import asyncio
@@ -1229,12 +1236,14 @@ async def apmap(
         finally:
             _serial_caller.reset(caller)
     relay = background.relay_output.set(True)
+    caller = _map_caller.set("apmap")  # (its refusals name apmap's arguments as pmap's, never submit's)
     try:
-        run = submit(func, *iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
-                     timeout=timeout, retries=retries, show_report=show_report, progress=progress,
-                     progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
-                     seed=seed)
+        run = pmap(func, *iterables, workers=workers, chunksize=chunksize, star=star, errors=errors,
+                   timeout=timeout, retries=retries, show_report=show_report, progress=progress,
+                   progress_delay=progress_delay, insights=insights, checkpoint=checkpoint, on_chunk=on_chunk,
+                   block=False, seed=seed)
     finally:
+        _map_caller.reset(caller)
         background.relay_output.reset(relay)
     loop = asyncio.get_running_loop()
     future: asyncio.Future = loop.create_future()
@@ -1334,7 +1343,7 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
                 set_interrupt_outcome(exc, IDLE_OUTCOME if run.units_sent else NOT_STARTED_OUTCOME)
             raise
         if run.error is not None:
-            raise run.error
+            raise exiting.raised(run.error)  # (a daemon thread's run the exit stopped: the thread ends silently)
     except KeyboardInterrupt:
         absorb_late_interrupts()  # more presses of interrupt are repeats of this one
         bar.close("interrupted")

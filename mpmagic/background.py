@@ -45,7 +45,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar, overload
 
-from . import debugging, display_relay
+from . import debugging, display_relay, exiting
 from .checks import wait_timeout
 from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
@@ -58,6 +58,8 @@ _lock = threading.Lock()
 # In flight (the handle itself) and recently finished (a Finished record: what
 # ``%pool runs`` shows, and the handle only as long as the user holds it), oldest first.
 _registry: dict[int, Run | Finished] = {}
+#: Handles whose pump thread runs (until it has called the done-callbacks): what the exit waits for.
+_pumping: set[Run] = set()
 #: Finished runs listed by ``%pool`` / ``runs()`` besides those in flight (their rows: no results).
 KEEP_FINISHED = 20
 #: Set by ``api.apmap`` around its submit: the run's output is printed by the
@@ -281,7 +283,7 @@ class Run(Future[_R]):
 
     def __init__(self, what: str, call: Any, finish: Callable[[float], Any], live: bool | str | None = None,
                  keep_chunks: bool = True, resume: Resume | None = None, show_report: bool = True,
-                 one_call: bool = False) -> None:
+                 one_call: bool = False, streamed: bool = False) -> None:
         # The Future's own state only mirrors the end (_end): the stdlib's wait()
         # and as_completed() read it; everything else is this class's.
         super().__init__()
@@ -292,6 +294,10 @@ class Run(Future[_R]):
         self._resume = resume
         self._finish_result = finish
         self._engine_run: Any = None
+        self._pump_thread: threading.Thread | None = None
+        # An ``imap`` stream's run: its loop makes room for its next chunks, so at exit,
+        # with no loop left, it is stopped as a dropped stream is, not waited for (_waited_at_exit).
+        self._streamed = streamed
         self._done = threading.Event()
         self._cancelled = False
         self._value: Any = None
@@ -379,6 +385,9 @@ class Run(Future[_R]):
         if self._cancelled:
             raise one_line(CancelledError(f"run {self.id} ({self.what}) was cancelled"))
         if self._error is not None:
+            ends = exiting.raised(self._error)
+            if ends is not self._error:  # a daemon thread's wait the exit's stop ended: the thread ends
+                raise ends
             try:
                 self._raise_error()
             except BaseException as exc:
@@ -527,20 +536,36 @@ class Run(Future[_R]):
 
     # -- the pump (its own thread) ---------------------------------------------
     def _start(self, backend: Any, workers: int | None) -> None:
+        # The exit waits for this run from its submit on (the pool may be starting for it):
+        # its pump, made here, is started once the run is the backend's (_waited_at_exit).
+        pump = self._pump_thread = threading.Thread(target=self._pump, args=(backend,), daemon=True,
+                                                    name=f"mpmagic-bg-{self.id}")
+        with _lock:
+            _pumping.add(self)
         try:
             self._engine_run = backend.submit(self._job, workers=workers, background=True)
             self._engine_run.label = f"run {self.id} ({self.what})"
         except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
+            with _lock:
+                _pumping.discard(self)
             self._error, self._error_tb = exc, exc.__traceback__
             self._end()
             raise
         with _lock:
             _registry[self.id] = self
             _forget_old()
-        threading.Thread(target=self._pump, args=(backend,), daemon=True, name=f"mpmagic-bg-{self.id}").start()
+        pump.start()
 
     def _pump(self, backend: Any) -> None:
-        """Wait on the backend's run here, then settle the handle (results, error, report)."""
+        """Wait on the backend's run here, settle the handle, then call its done-callbacks."""
+        try:
+            self._pump_run()
+        finally:
+            with _lock:
+                _pumping.discard(self)
+
+    def _pump_run(self) -> None:
+        """Wait on the backend's run, then settle the handle (results, error, report)."""
         run = self._engine_run
         resume = self._resume
         try:
@@ -774,6 +799,21 @@ def _forget_old() -> None:
         del _registry[k]
 
 
+def _waited_at_exit() -> list[tuple[Run, None]]:
+    """The background runs a script's exit waits for (``exiting``): those whose pump still
+    runs (until their done-callbacks were called) or is about to (the run is being
+    submitted), but an ``imap`` stream's, whose loop is gone (its run would wait for it
+    for ever). A pump that is not alive (this process was forked from the one that ran
+    it) is nobody's to wait for."""
+    with _lock:
+        pumping = list(_pumping)
+    return [(run, None) for run in pumping if not run._streamed and run._pump_thread is not None
+            and (run._pump_thread.ident is None or run._pump_thread.is_alive())]  # (None: being submitted)
+
+
+exiting.count_runs(_waited_at_exit)
+
+
 def runs() -> RunList:
     """Background and streamed runs in flight and recently finished, oldest first: their
     handles, or for a finished run whose handle was dropped, its record (no results)."""
@@ -870,7 +910,8 @@ class Forward:
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],
           workers: int | None, *, live: bool | str | None = None, keep_chunks: bool = True,
           on_chunk: Callable[[int, list], None] | None = None, resume: Resume | None = None,
-          errors: str | None = None, show_report: bool = True, one_call: bool = False) -> Run:
+          errors: str | None = None, show_report: bool = True, one_call: bool = False,
+          streamed: bool = False) -> Run:
     """Submit a job in the background and return its handle at once.
 
     ``make_call(forward)`` makes the call (``api.MapCall`` / ``api.CellCall``)
@@ -883,11 +924,12 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     (where ``%pdebug`` and ``--rerun-failed`` say its failures are; None for a cell). ``show_report``:
     the live area shows the timing report once the run ended (``run.report()`` has it either way).
     ``one_call``: the run is ``mpmagic.call``'s one call (its lines count no items).
+    ``streamed``: an ``imap`` stream's run, which the exit stops rather than waits for.
     """
     forward = Forward(on_chunk, after_then=resume is not None)
     call = make_call(forward)
     run = forward.run = Run(what, call, lambda wall: finish(call, forward), live=live, keep_chunks=keep_chunks,
-                            resume=resume, show_report=show_report, one_call=one_call)
+                            resume=resume, show_report=show_report, one_call=one_call, streamed=streamed)
     # Its failures stay on its handle: the last blocking run's record (last_failures,
     # %pdebug, --rerun-failed, as last_report) stays as it was; only what those say
     # of a background run that failed since needs to know of it.

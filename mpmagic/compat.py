@@ -70,6 +70,12 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
 * ``multiprocessing.heap.Arena._dir_candidates``: where the heap behind a
   worker's shared ctypes puts its files; emptied without a usable ``/dev/shm``
   (``heap_off_dev_shm``), or every worker start failed there.
+* ``threading._register_atexit``: a hook run at the interpreter's exit before
+  the non-daemon threads are joined, where ``concurrent.futures`` waits for
+  pending work (and then stops every thread pool, Dask's scheduler's among
+  them). A script's exit waits there for its runs in flight (``exiting``):
+  in ``atexit`` it was too late for a Dask ``LocalCluster`` in this process,
+  which then took no task (``register_before_threads_join``).
 * ``threading.Event``'s ``_cond`` and ``_flag``: a run's end flag made with a
   reentrant lock, without ``Event.__init__``'s three caught AttributeErrors
   (~1.5 us of every submit: ``fast_event``).
@@ -633,6 +639,33 @@ def children_start_in(path: str) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------
+# threading's hooks run at exit before the non-daemon threads are joined
+
+
+def register_before_threads_join(hook: Callable[[], None]) -> bool:
+    """Call ``hook()`` at the interpreter's exit before it joins the non-daemon threads
+    (``threading._register_atexit``, where ``concurrent.futures`` waits for its pending
+    work before it stops every thread pool); such hooks run last registered, first.
+    True once registered.
+
+    Fallback without it: nothing (logged; False): a script's exit then waits for its
+    runs in flight only in mpmagic's ``atexit`` hooks (``exiting.wait_for_runs``), after
+    Python's exit stopped the thread pools, where a run on a Dask ``LocalCluster`` of
+    this process fails instead of finishing. Also False once the exit began.
+    """
+    register = getattr(threading, "_register_atexit", None)
+    if not callable(register):
+        log.info("threading._register_atexit is missing in %s: at exit, mpmagic waits for the runs in flight "
+                 "only after the thread pools stopped (Dask's runs then fail)", _PYTHON)
+        return False
+    try:
+        register(hook)
+    except RuntimeError:  # "can't register atexit after shutdown"
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------
 # multiprocessing's list of child processes
 
 
@@ -763,6 +796,7 @@ def report() -> dict[str, bool]:
             getattr(_module("multiprocessing.process"), "_children", None), set
         ),
         "threading.Event._cond/_flag": _has_event_parts(threading.Event()),
+        "threading._register_atexit": callable(getattr(threading, "_register_atexit", None)),
         "warnings._filters_mutated": warnings_filters_mutated() is not None,
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,
         "cloudpickle._extract_code_globals": cloudpickle_extract_code_globals() is not None,

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from . import compat
+from . import compat, exiting
 from .jobs import flush_stdio
 
 log = logging.getLogger("mpmagic")
@@ -80,7 +80,9 @@ class Run:
         self.workers_stopped = 0
         self.units_sent = False
         # The thread that started it: named when a setup change is refused while it runs (setup_api).
-        self.thread = threading.current_thread().name
+        # A foreground run's waiting thread: the exit waits for the run while that thread lives (exiting).
+        self.starter = threading.current_thread()
+        self.thread = self.starter.name
         self._wait_lock = threading.Lock()  # one thread pumps the events at a time
         self._result: list | None = None
         self._progress_held = 0  # items done but not yet reported (see PROGRESS_EVERY)
@@ -223,7 +225,7 @@ class Run:
         if not self.wait(timeout):
             raise TimeoutError(f"the run did not end within {timeout:g} s")
         if self.error is not None:
-            raise self.error
+            raise exiting.raised(self.error)
         if self._result is None:
             self._result = self.job.results()
         return self._result

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from . import exiting
 from .backends.base import Backend
 from .backends.local import LocalBackend, check_start_method, check_tasks_per_child, pool_size
 from .checks import real, whole
@@ -65,7 +66,10 @@ def at_shell_exit(change: Any) -> None:
     ended by SIGTERM, stays a zombie: both are stopped here too. Otherwise
     Jupyter killed the kernel ~2.5 s later, and no exit hook ran (the pool's
     segments stayed in /dev/shm until another notebook's pool swept them).
+    The user asked the process to go: its exit then waits for no run in flight
+    (``exiting.shell_exiting``), where a script's exit waits for them.
     """
+    exiting.shell_exiting(bool(change["new"]))
     if not change["new"]:
         return
     from . import compat

@@ -447,7 +447,7 @@ def imap(
     else:
         try:
             run = background.start(what, make_call, lambda call, forward: call.job.results(), workers, live="relay",
-                                   keep_chunks=False, resume=resume, errors=errors)
+                                   keep_chunks=False, resume=resume, errors=errors, streamed=True)
         except BaseException:
             if resume is not None:
                 resume.settle()

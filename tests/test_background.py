@@ -7,12 +7,15 @@ import asyncio
 import itertools
 import os
 import re
+import signal
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from concurrent.futures import CancelledError
 
+import psutil
 import pytest
 from conftest import interrupted_cell, run, trickle_results
 from IPython.core.error import UsageError as IPythonUsageError
@@ -287,6 +290,41 @@ def test_a_cancelled_apmap_stops_its_run_at_once_and_shows_one_line(ns):
     assert line.startswith("CancelledError: mpmagic.apmap was cancelled: run ") and "of 40 items" in line
     assert line == f"CancelledError: {exc}"  # (a kernel's error reply: its evalue is str(exc), was '')
     assert mpmagic.runs()[-1].state == "cancelled"
+
+
+def test_apmap_refuses_what_is_not_iterable_as_pmap_does_and_an_async_one_says_so(ns):
+    """``await apmap(f, 5)`` said "submit maps func over its iterables ... use
+    mpmagic.call(func, x)": a function the user never called, advice that cannot
+    help with an async generator. It says what pmap (and map()) says; an async
+    iterable is refused saying to collect its items first."""
+    def words(call) -> str:
+        with pytest.raises(TypeError) as got:
+            call()
+        return str(got.value)
+
+    with pytest.raises(TypeError) as serial:
+        map(ns["square"], 5)  # (map's own: 'int' object is not iterable)
+    assert "not iterable" in str(serial.value)
+    said = words(lambda: asyncio.run(mpmagic.apmap(ns["square"], 5)))
+    assert said == words(lambda: mpmagic.pmap(ns["square"], 5)) == "argument 2 of map must be iterable, not int 5"
+    assert words(lambda: asyncio.run(mpmagic.apmap(ns["square"], [1], 3))) == (
+        "argument 3 of map must be iterable, not int 3")
+
+    async def agen():
+        yield 1
+
+    async def main():
+        it = agen()
+        with pytest.raises(TypeError) as got:
+            await mpmagic.apmap(ns["square"], it)
+        assert await mpmagic.apmap(ns["square"], [x async for x in it]) == [1]  # what it says to do
+        return str(got.value)
+
+    said = asyncio.run(main())
+    assert said.startswith("argument 2 of map must be iterable, not async_generator <async_generator object")
+    assert said.endswith("mpmagic maps a plain iterable, not an async one; collect its items first, in a "
+                         "coroutine: items = [x async for x in it]")
+    assert "submit" not in said and "call" not in said
 
 
 def test_apmap_prints_what_the_tasks_print_as_pmap_does(ip, ns, capsys):
@@ -967,6 +1005,135 @@ def test_a_kernels_shutdown_does_not_wait_for_a_busy_background_run(ip):
     assert time.monotonic() - start < 1.0
     with pytest.raises(mpmagic.MPMagicError, match="pool was stopped"):
         handle.result(timeout=5)
+
+
+# -- a script that ends with runs in flight ------------------------------------------
+#: A script whose runs are in flight when it ends. ``work`` writes a file, as the tester's
+#: repro did; each handle's done-callback writes its state; a daemon thread maps too (the
+#: script waits to see that run submitted), and maps again once the exit began.
+EXIT_SCRIPT = """
+import os, sys, threading, time
+import mpmagic
+
+method, out, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+def work(x):
+    time.sleep(seconds)
+    with open(os.path.join(out, f"item_{x}"), "w") as f:
+        f.write(str(x * x))
+    return x * x
+
+def note(run):
+    with open(os.path.join(out, f"callback_{run.id}"), "w") as f:
+        f.write(run.state)
+
+def daemon():
+    mpmagic.pmap(work, [10, 11])  # in flight when the script ends: the exit waits for it
+    threading.main_thread().join()  # (returns once the exit began: Python's exit hooks before the joins ran)
+    mpmagic.pmap(work, [20, 21])  # started once the exit began: the thread ends, as serial code's does
+
+if __name__ == "__main__":
+    mpmagic.start_pool(workers=2, start_method=method)
+    pool = mpmagic.get_pool()
+    mpmagic.pmap(abs, [-1, -2])  # (the workers are up)
+    print(*(s.pid for s in pool.slots), flush=True)
+    runs = [mpmagic.call(work, i) for i in range(4)] + [mpmagic.submit(work, [4, 5])]
+    for r in runs:
+        r.add_done_callback(note)
+    thread = threading.Thread(target=daemon, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not any(r.thread == thread.name for r in list(pool._runs)) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    print("ending", flush=True)
+"""
+
+
+def _start_script(tmp_path, method: str, seconds: float, code: str = EXIT_SCRIPT) -> subprocess.Popen:
+    script = tmp_path / "ends.py"
+    script.write_text(code)
+    out = tmp_path / "out"
+    out.mkdir()
+    return subprocess.Popen([sys.executable, str(script), method, str(out), str(seconds)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _gone(pids: list[int]) -> bool:
+    """Are the script's workers gone (or zombies left to init), within 10 s?"""
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if not [p for p in pids if running(p)]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("start", ["forkserver", "fork"])
+def test_a_script_ends_once_the_runs_it_left_in_flight_are_done(tmp_path, start):
+    """Tester report (async), finding 1: a script whose ``call``/``submit`` runs were in
+    flight when it ended exited at once, its tasks' files never written, every
+    done-callback told "failed", nothing said; ``ProcessPoolExecutor`` runs that work
+    first (its exit hook waits for it), and serial code ran it. A daemon thread's
+    ``pmap`` printed a traceback of mpmagic's internals ("the pool was stopped while
+    this run was in flight"). Now the exit waits for the runs in flight, and a daemon
+    thread's run started after that ends the thread silently, as serial code's does."""
+    proc = _start_script(tmp_path, start, 0.3)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.splitlines()[1:] == ["ending"], out
+    files = {f.name: f.read_text() for f in (tmp_path / "out").iterdir()}
+    items = {name: text for name, text in files.items() if name.startswith("item_")}
+    assert items == {f"item_{x}": str(x * x) for x in [0, 1, 2, 3, 4, 5, 10, 11]}  # not the daemon's 2nd map
+    assert sorted(text for name, text in files.items() if name.startswith("callback_")) == ["done"] * 5
+    # At most the line saying what the exit waits for (past 1 s of it: 8 items of 0.3 s on 2 workers).
+    waiting = r"mpmagic: waiting for [1-6] runs? in flight to finish before exit; Ctrl-C stops them"
+    assert all(re.fullmatch(waiting, line) for line in err.splitlines()) and len(err.splitlines()) <= 1, err
+    assert _gone([int(p) for p in out.split()[:2]])
+
+
+def test_the_exit_says_what_it_waits_for_and_ctrl_c_stops_the_runs_at_once(tmp_path):
+    """Past a second of waiting one line says what the exit waits for and how to stop
+    it; Ctrl-C then stops the runs (workers too) at once, the daemon thread whose map
+    it stopped ends silently, and the script exits with no traceback."""
+    proc = _start_script(tmp_path, "forkserver", 300)
+    try:
+        first = proc.stderr.readline()
+        assert first == "mpmagic: waiting for 6 runs in flight to finish before exit; Ctrl-C stops them\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err == "mpmagic: Ctrl-C: stopping the 6 runs in flight\n"
+    assert out.splitlines()[1:] == ["ending"]
+    assert not [f for f in (tmp_path / "out").iterdir() if f.name.startswith("item_")]
+    assert _gone([int(p) for p in out.split()[:2]])
+
+
+def test_a_script_ended_by_ctrl_c_does_not_wait_for_its_runs(tmp_path):
+    """The user asked the script to stop: its runs in flight are stopped as before
+    (no wait, no line), as a kernel's shutdown stops them (test_kernel)."""
+    code = EXIT_SCRIPT.replace('print("ending", flush=True)', 'print("ending", flush=True)\n    time.sleep(300)')
+    proc = _start_script(tmp_path, "forkserver", 300, code)
+    try:
+        while proc.stdout.readline() not in ("ending\n", ""):
+            pass
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == -signal.SIGINT, err
+    assert err.rstrip().endswith("KeyboardInterrupt") and "mpmagic" not in err, err
 
 
 def _upper(s: str) -> str:

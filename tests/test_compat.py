@@ -199,6 +199,31 @@ def test_forgetting_inherited_processes_takes_only_those_out_and_survives_a_pyth
     assert compat.report()["multiprocessing.process._children"] is False
 
 
+def test_the_hook_before_threads_join_is_registered_and_survives_a_python_without_it(monkeypatch, caplog) -> None:
+    """A script's exit waits for its runs in flight there (mpmagic.exiting); a Python
+    without ``threading._register_atexit`` registers nothing and says so once, in the log."""
+    import threading
+
+    hooks: list = []
+    monkeypatch.setattr(threading, "_register_atexit", hooks.append)
+
+    def hook() -> None:
+        pass
+
+    assert compat.register_before_threads_join(hook) is True and hooks == [hook]
+
+    def shutting_down(func) -> None:
+        raise RuntimeError("can't register atexit after shutdown")
+
+    monkeypatch.setattr(threading, "_register_atexit", shutting_down)
+    assert compat.register_before_threads_join(hook) is False
+    monkeypatch.delattr(threading, "_register_atexit")
+    with caplog.at_level("INFO", logger="mpmagic"):
+        assert compat.register_before_threads_join(hook) is False
+    assert "threading._register_atexit is missing" in caplog.text
+    assert compat.report()["threading._register_atexit"] is False
+
+
 def test_without_a_usable_dev_shm_the_shared_ctypes_heap_moves_and_survives_a_python_without_it(
     monkeypatch, caplog
 ) -> None:

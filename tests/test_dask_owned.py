@@ -397,6 +397,48 @@ def test_a_cancel_before_the_start_event_came_still_frees_the_worker(ip, monkeyp
         pool_module.shutdown()
 
 
+def test_a_script_on_mpmagics_own_cluster_ends_once_its_runs_in_flight_are_done(tmp_path):
+    """As on the local pool (test_background): a script's exit waits for its runs in
+    flight, then closes the cluster. On Dask the wait must come before Python's exit
+    stops its thread pools: waited for in ``atexit``, the runs queued for their turn
+    failed ("Dask could not run item 0: RuntimeError: cannot schedule new futures
+    after shutdown": the scheduler runs in the script's process), and a daemon
+    thread's ``pmap`` printed that traceback."""
+    import subprocess
+
+    script = tmp_path / "ends.py"
+    script.write_text(
+        "import os, sys, threading, time\n"
+        "import mpmagic\n"
+        "def work(x):\n"
+        "    time.sleep(0.3)\n"
+        "    with open(os.path.join(sys.argv[1], f'item_{x}'), 'w') as f:\n"
+        "        f.write(str(x * x))\n"
+        "    return x\n"
+        "def note(run):\n"
+        "    with open(os.path.join(sys.argv[1], f'callback_{run.id}'), 'w') as f:\n"
+        "        f.write(run.state)\n"
+        "if __name__ == '__main__':\n"
+        "    mpmagic.use_dask(workers=2)\n"
+        "    for run in [mpmagic.call(work, i) for i in range(3)]:\n"
+        "        run.add_done_callback(note)\n"
+        "    threading.Thread(target=mpmagic.pmap, args=(work, [10, 11]), daemon=True).start()\n"
+        "    pool, deadline = mpmagic.get_pool(), time.monotonic() + 60\n"
+        "    while not getattr(pool, '_foreground', True) and time.monotonic() < deadline:\n"
+        "        time.sleep(0.005)  # (until the daemon thread's run is submitted: it waits for its turn)\n"
+        "    print('ending', flush=True)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and done.stdout == "ending\n", done.stderr
+    files = {f.name: f.read_text() for f in out.iterdir()}
+    assert {n: t for n, t in files.items() if n.startswith("item_")} == {
+        f"item_{x}": str(x * x) for x in (0, 1, 2, 10, 11)}
+    assert sorted(t for n, t in files.items() if n.startswith("callback_")) == ["done"] * 3
+    assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
 def test_pool_status_and_worker_wait_read_right():
     """``%pool`` said "connected to a running scheduler, not connected", and a
     cluster without workers "fewer than the 1 asked for" with no -n given."""

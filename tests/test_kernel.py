@@ -360,6 +360,32 @@ def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_its
             k.km.shutdown_kernel(now=True)
 
 
+@pytest.mark.parametrize("how", ["shutdown", "restart"])
+def test_a_kernels_shutdown_or_restart_does_not_wait_for_the_runs_in_flight(how):
+    """A script's exit waits for its runs in flight (test_background); a kernel's
+    shutdown or restart must not (the user asked the kernel to go, and Jupyter
+    kills a kernel that takes long): its runs are stopped, the kernel exits by
+    itself at once and its workers with it, as before."""
+    k = Kernel()
+    try:
+        k.ok("import mpmagic, threading, time\nmpmagic.pmap(abs, [-1, -2])\n"
+             "runs = [mpmagic.call(time.sleep, 300), mpmagic.submit(time.sleep, [300])]\n"
+             "threading.Thread(target=mpmagic.pmap, args=(time.sleep, [300]), daemon=True).start()\n"
+             "time.sleep(0.3)")
+        workers = [psutil.Process(pid) for pid in worker_pids(k)]
+        process = k.km.provisioner.process
+        k.kc.stop_channels()
+        if how == "shutdown":
+            k.km.shutdown_kernel(now=False)
+        else:
+            k.km.restart_kernel(now=False)
+        assert process.wait(30) == 0  # exited by itself, not killed (-9) after jupyter_client's wait
+        assert not _still_running(workers, time.monotonic() + 10)
+    finally:
+        if k.km.is_alive():
+            k.km.shutdown_kernel(now=True)
+
+
 def _still_running(procs: list, deadline: float) -> list:
     """Those of ``procs`` still running (zombies count as gone) once all are gone or ``deadline`` passed."""
     alive = procs

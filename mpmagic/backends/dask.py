@@ -74,7 +74,7 @@ from typing import Any, TypedDict
 from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
-from .. import context, posixshm, warmup, worker_setup
+from .. import context, exiting, posixshm, warmup, worker_setup
 from ..checks import check_real, check_whole, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
@@ -108,7 +108,6 @@ log = logging.getLogger("mpmagic")
 _live_backends: weakref.WeakSet = weakref.WeakSet()
 
 
-@atexit.register
 def stop_all() -> None:
     """Stop every Dask pool (exit, or a kernel asked to shut down)."""
     for backend in list(_live_backends):
@@ -116,6 +115,36 @@ def stop_all() -> None:
             backend.stop(timeout=1.0)
         except Exception:  # one backend's cleanup must not stop the others'
             log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+
+
+@atexit.register
+def _at_exit() -> None:
+    """The exit hook: as the local pool's (``local._at_exit``), wait for the runs in flight
+    (``exiting.wait_for_runs``: not in a kernel's shutdown; Ctrl-C stops them), then
+    close the client, and the cluster if mpmagic started it. (Registered after the
+    local pool's and Dask's own hooks: it runs before them, while the cluster and the
+    local workers still run.) The wait that matters for Dask came earlier, before
+    Python's exit stopped the scheduler's thread pools (``wait_before_threads_join``)."""
+    exiting.wait_for_runs()
+    with exiting.sigint_dropped():
+        stop_all()
+
+
+def _waited_at_exit() -> list[tuple[DrivenRun, threading.Thread]]:
+    """What the exit waits for of the Dask pools: the foreground runs another thread
+    submitted and drives (a daemon thread's ``pmap``, its turn come or not). A
+    background run is its handle's (``background`` counts it); a thread that is gone
+    (this process was forked from the one it ran in) drives nothing."""
+    return [(run, run.starter) for backend in list(_live_backends) for run in list(backend._foreground)
+            if not run.done() and run.starter.is_alive()]
+
+
+exiting.count_runs(_waited_at_exit)
+exiting.on_stop(stop_all)
+# Python's exit stops every ThreadPoolExecutor (``distributed`` uses them: its scheduler
+# in this process takes no task after that) before it joins the threads: the exit's
+# first wait runs before that hook, registered on importing ``distributed``, above.
+exiting.wait_before_threads_join()
 
 
 class _ToDebugLog(logging.Filter):
@@ -389,6 +418,8 @@ class DaskBackend:
         # Runs take turns: one event sink per backend (background runs, issue 16).
         self._run_lock = threading.RLock()
         self._driving: DrivenRun | None = None  # the run holding _run_lock now (named by runs_held)
+        # Foreground runs submitted and not ended (other threads' pmap), for the exit's wait (_waited_at_exit).
+        self._foreground: weakref.WeakSet[DrivenRun] = weakref.WeakSet()
         self._silenced: _DaskLogSilenced | None = None  # Dask's log while our own cluster runs
         _live_backends.add(self)
         self.start()
@@ -973,7 +1004,9 @@ class DaskBackend:
         """A run handle; the thread that waits on it drives the job (see ``engine.DrivenRun``).
 
         Ctrl-C lands in that wait as in ``run``, which cancels the run's futures.
+        Once the exit hook began, a daemon thread's new run ends that thread (``exiting.refuse_late_run``).
         """
+        exiting.refuse_late_run()
         def drive() -> None:
             __tracebackhide__ = True
             self._take_turn(run)
@@ -990,6 +1023,8 @@ class DaskBackend:
         self._reloads.check(job.func, job.func_key)
         run = DrivenRun(job, drive)
         run.background = background
+        if not background:
+            self._foreground.add(run)
         return run
 
     def _take_turn(self, run: DrivenRun) -> None:

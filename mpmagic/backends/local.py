@@ -25,7 +25,7 @@ import atexit
 import itertools
 import logging
 import multiprocessing
-import multiprocessing.util  # noqa: F401  (before our exit hook: see stop_all)
+import multiprocessing.util  # noqa: F401  (before our exit hook: see _at_exit)
 import os
 import selectors
 import signal
@@ -44,6 +44,7 @@ from typing import Any
 from .. import (
     compat,
     context,
+    exiting,
     payload,
     payload_cache,
     posixshm,
@@ -391,10 +392,21 @@ posixshm.on_no_room(_give_back_shared_memory)
 _setup_keys = itertools.count()
 
 
-@atexit.register
 def stop_all(wait_busy: bool = True) -> None:
-    """Stop every pool at exit, before multiprocessing's own exit hook
-    (``wait_busy``: as :meth:`LocalBackend.stop`).
+    """Stop every pool now (exit, a kernel's shutdown: ``pool.release_everything``;
+    ``wait_busy``: as :meth:`LocalBackend.stop`)."""
+    for backend in list(_live_backends):
+        try:
+            backend.stop(timeout=0.5, wait_busy=wait_busy)
+        except Exception:  # one backend's cleanup must not stop the others'
+            log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
+
+
+@atexit.register
+def _at_exit() -> None:
+    """The exit hook: wait for the runs in flight (``exiting.wait_for_runs``: not in a
+    kernel's shutdown; Ctrl-C stops them at once), then stop every pool, before
+    multiprocessing's own exit hook.
 
     Exit hooks run last registered, first run. multiprocessing's (which
     terminates daemonic children, our workers among them) registers when
@@ -402,11 +414,27 @@ def stop_all(wait_busy: bool = True) -> None:
     first. Run after it, this found the workers dead, and the manager started
     replacements, which failed on forkserver with a traceback.
     """
+    stop_now = exiting.wait_for_runs()
+    with exiting.sigint_dropped():
+        stop_all(wait_busy=not stop_now)
+
+
+def _foreground_runs() -> list[tuple[Any, threading.Thread]]:
+    """What the exit waits for of the local pools (``exiting``): the runs other threads
+    wait on (a daemon thread's ``pmap``), submitted or being submitted (the pool may
+    be starting for it), each with its thread. A background run is its handle's
+    (``background`` counts it), and a pool whose manager is gone ends no run (its
+    stop ends them)."""
+    waited: list[tuple[Any, threading.Thread]] = []
     for backend in list(_live_backends):
-        try:
-            backend.stop(timeout=0.5, wait_busy=wait_busy)
-        except Exception:  # one backend's cleanup must not stop the others'
-            log.warning("mpmagic: stopping a pool at exit failed", exc_info=True)
+        waited.extend((t, t) for t in list(backend._submitting) if t.is_alive())
+        if backend._manager_alive():
+            waited.extend((run, run.starter) for run in list(backend._runs) if not run.background)
+    return waited
+
+
+exiting.count_runs(_foreground_runs)
+exiting.on_stop(lambda: stop_all(wait_busy=False))
 
 
 #: Every worker ``Process`` this process started and has not forgotten (slots and
@@ -445,8 +473,9 @@ _PAYLOAD_TRIES = 4
 
 
 def _stopped_error() -> MPMagicError:
-    """What a run gets when the pool stops under it (in flight, or while it was being submitted)."""
-    return MPMagicError("the pool was stopped while this run was in flight")
+    """What a run gets when the pool stops under it (in flight, or while it was being submitted);
+    the exit's stop says so (``exiting.StoppedAtExit``: a daemon thread waiting on it ends silently)."""
+    return exiting.stopped_error()
 
 
 class _LocalRun(Run):
@@ -536,6 +565,7 @@ class LocalBackend:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)  # notified when a worker says it is ready
         self._runs: list[_LocalRun] = []  # in flight, in submission order
+        self._submitting: set[threading.Thread] = set()  # threads in a foreground submit now (_foreground_runs)
         self._calls: dict[int, _LocalRun] = {}  # call id -> run, for replies
         self._turn = 0  # round-robin position among runs (fair sharing of workers)
         # The manager thread now. A manager runs while it is this one: a stop
@@ -1208,7 +1238,23 @@ class LocalBackend:
         units go after foreground runs' from its first step, and its lazy
         input is read by the thread that waits on it, from the first chunk on
         (the handle comes back at once, however slow the input).
+
+        Once the exit hook began, a daemon thread's new run ends that thread
+        (``exiting.refuse_late_run``); the exit waits for a foreground run whose
+        submit began before, while it starts the pool, too (``_submitting``).
         """
+        exiting.refuse_late_run()
+        if background:  # (the exit counts it as its handle's: background._waited_at_exit)
+            return self._submit(job, workers, background)
+        me = threading.current_thread()
+        self._submitting.add(me)
+        try:
+            return self._submit(job, workers, background)
+        finally:
+            self._submitting.discard(me)
+
+    def _submit(self, job: Job, workers: int | None, background: bool) -> _LocalRun:
+        """``submit``'s work."""
         if threading.current_thread() is self._manager:
             raise UsageError(
                 "a parallel run cannot start in the pool's manager thread (from a hook the pool calls "
@@ -1341,7 +1387,7 @@ class LocalBackend:
                 run.wait()
             raise
         if run.error is not None:
-            raise run.error
+            raise exiting.raised(run.error)
 
     def _wake(self) -> None:
         """Wake the manager from its wait (new run, cancel, new workers, stop)."""

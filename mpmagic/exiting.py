@@ -1,0 +1,271 @@
+"""What happens to the runs in flight when the interpreter exits.
+
+A script that ends with runs still going (``call``/``submit`` handles,
+``pmap(block=False)``, a daemon thread's ``pmap``) gets them finished before
+it exits, as ``concurrent.futures.ProcessPoolExecutor`` does (its exit hook,
+``_python_exit``, joins the executor's manager thread, which runs every
+pending work item first). ``call`` stands in for ``Executor.submit``
+(docs/migrating.md): the exit hook stopped the pool at once and the
+submitted work was lost, the tasks' files never written, the done-callbacks
+told the runs had failed, and nothing said so.
+
+The exit waits until no run is in flight, and past :data:`NOTICE_AFTER`
+one stderr line says what it waits for; Ctrl-C ends the wait and the runs
+are stopped at once. It waits twice, where Python gives a hook:
+
+1. Before the non-daemon threads are joined (``threading._register_atexit``,
+   where ``concurrent.futures`` waits; ``compat.register_before_threads_join``): for the runs nobody waits on (the
+   background handles) and daemon threads' runs. The threads Python joins
+   next wait on their own runs. This wait must come first for Dask: Python's
+   exit then stops every ``ThreadPoolExecutor``, Dask's scheduler's among
+   them, and a ``LocalCluster`` in this process takes no task after that.
+   ``backends.dask`` registers it again after ``distributed`` registered its
+   executors' hook, so that it runs before that one.
+2. In the backends' exit hooks (``atexit``: ``backends.local._at_exit``,
+   ``backends.dask._at_exit``), :func:`wait_for_runs`: for what the joined
+   threads left in flight; then the pools are stopped.
+
+Neither waits (the pools are stopped as before) when the user asked the
+process to go: a Jupyter/IPython kernel's shutdown or restart, an IPython
+shell's ``exit`` (``exit_now``, :func:`shell_exiting`), or a script ended
+by Ctrl-C.
+
+Once the exit began, a daemon thread's new run is refused, and such a
+thread's mpmagic call ends it silently (a bare ``SystemExit``, which
+``threading`` prints nothing for), as serial code's daemon thread just ends
+when the program does: a run it starts then (:func:`refuse_late_run`; the
+exit waits for the runs in flight when it began, not for a daemon thread's
+endless loop, and ``concurrent.futures`` refuses such work too), and a wait
+of its that the exit's stop ended (:func:`raised`). It printed a traceback
+of mpmagic's internals about a stop the user never made.
+
+This module imports no IPython (it looks at ``sys.modules``) and nothing of
+the backends: they hand it what is in flight (:func:`count_runs`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from . import compat
+from .errors import MPMagicError
+
+#: Seconds the exit waits for runs in flight before one line says what it waits for.
+NOTICE_AFTER = 1.0
+#: Seconds between the exit's looks at what is still in flight.
+_POLL = 0.02
+
+#: What is in flight, from each backend: pairs of a run (or a thread submitting one) and
+#: the thread waiting on it (None: nobody does, a background handle's pump aside).
+_sources: list[Callable[[], Iterable[tuple[Any, threading.Thread | None]]]] = []
+#: Each backend's stop of all its pools, for a Ctrl-C during the first wait (see on_stop).
+_stoppers: list[Callable[[], None]] = []
+_began = False  # the exit began (a daemon thread's new run is refused)
+_joined_wait_done = False  # the second wait (atexit) happened: wait_for_runs answers at once
+_stop_now = False  # a Ctrl-C (during a wait, or the one that ended the script): stop the runs at once
+_shell_exiting = False  # an IPython shell was told to exit (exit_now): a kernel's shutdown, ``exit``
+_said = False  # the line saying what the exit waits for was printed
+
+
+class StoppedAtExit(MPMagicError):
+    """A run the exit's stop ended (the pool was stopped at exit while it was in flight)."""
+
+
+def _thread_ends() -> SystemExit:
+    """What ends a thread other than the main one whose mpmagic call the exit cut short,
+    silently: ``threading.excepthook`` prints nothing for a ``SystemExit`` (its own
+    class only, not a subclass), as serial code's daemon thread just ends when the
+    program does."""
+    return SystemExit()
+
+
+def count_runs(source: Callable[[], Iterable[tuple[Any, threading.Thread | None]]]) -> None:
+    """Have the exit wait for what ``source()`` gives: ``(run, waiter)`` for the runs of one
+    kind now in flight, ``waiter`` the thread that waits on it (None for a background run:
+    each source gives distinct runs, a background run being its handle's, not the pool's)."""
+    _sources.append(source)
+
+
+def on_stop(stop: Callable[[], None]) -> None:
+    """``stop()`` stops every pool of one backend at once: what a Ctrl-C during the
+    first wait does (the threads Python joins next would wait on their runs, so the
+    pools stop then, not in the exit hooks after them: ``raised`` ends those threads)."""
+    _stoppers.append(stop)
+
+
+def shell_exiting(asked: bool) -> None:
+    """An IPython shell's ``exit_now`` changed (``pool.at_shell_exit``): while it is
+    True the user asked the process to go, and the exit waits for nothing."""
+    global _shell_exiting
+    _shell_exiting = asked
+
+
+def began() -> bool:
+    """Has the exit begun (a daemon thread's new run is refused)?"""
+    return _began
+
+
+def in_flight(joined_too: bool = True) -> list[Any]:
+    """The runs the exit would wait for now. ``joined_too=False``: not those a live
+    non-daemon thread waits on (Python joins it next; its own wait ends them)."""
+    runs: list[Any] = []
+    for source in list(_sources):
+        try:
+            pairs = list(source())
+        except Exception:  # (a source must never hang the exit: what it holds is stopped anyway)
+            continue
+        runs.extend(run for run, waiter in pairs
+                    if joined_too or waiter is None or waiter.daemon or not waiter.is_alive())
+    return runs
+
+
+def _runs(n: int) -> str:
+    return f"{n} run{'s' if n != 1 else ''}"
+
+
+def asked_to_go() -> str | None:
+    """Why the exit must not wait (the user asked the process to go), or None: a
+    Jupyter/IPython kernel (its shutdown or restart: Jupyter kills a kernel that
+    takes long), an IPython shell told to exit, or a script ended by Ctrl-C."""
+    if _shell_exiting:
+        return "the shell was told to exit"
+    app = sys.modules.get("ipykernel.kernelapp")
+    if app is not None and getattr(app, "IPKernelApp", None) is not None and app.IPKernelApp.initialized():
+        return "a kernel exits"
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        return "a kernel exits"
+    # The main module's uncaught error, as Python printed it (3.12: also sys.last_exc).
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if isinstance(last, KeyboardInterrupt):
+        return "Ctrl-C ended the script"
+    return None
+
+
+def _wait(joined_too: bool) -> None:
+    """Wait until nothing is in flight (``in_flight``), unless the user asked the
+    process to go; a Ctrl-C ends the wait and sets ``_stop_now``."""
+    global _stop_now, _said
+    if _stop_now:
+        return
+    why = asked_to_go()
+    if why is not None:
+        _stop_now = why.startswith("Ctrl-C")  # (its busy workers get no time to finish)
+        return
+    t0 = time.monotonic()
+    try:
+        while runs := in_flight(joined_too):
+            if not _said and time.monotonic() - t0 >= NOTICE_AFTER:
+                _said = True
+                _say(f"mpmagic: waiting for {_runs(len(runs))} in flight to finish before exit; Ctrl-C stops them")
+            time.sleep(_POLL)
+    except KeyboardInterrupt:
+        _stop_now = True
+        _say(f"mpmagic: Ctrl-C: stopping the {_runs(len(in_flight()))} in flight")
+
+
+def _wait_before_threads_join() -> None:
+    """The first wait (``threading._register_atexit``): for the background runs and
+    daemon threads' runs, while Python's thread pools (Dask's scheduler's) still run.
+    Once only; never raises (an error here would skip the other hooks of that phase)."""
+    global _began
+    if _began:
+        return
+    _began = True
+    try:
+        stopped = _stop_now
+        _wait(joined_too=False)
+        if _stop_now and not stopped and asked_to_go() is None:  # a Ctrl-C during the wait: stop them now
+            with sigint_dropped():
+                for stop in list(_stoppers):
+                    stop()
+    except BaseException:  # (nothing of ours may stop the exit)
+        pass
+
+
+def wait_before_threads_join() -> None:
+    """Have the first wait run before the hooks of this phase registered so far
+    (``compat.register_before_threads_join``: last registered, first run): ``backends.dask``
+    calls this once ``distributed`` registered its thread pools' hook. (Without it, the
+    second wait, at ``atexit``, is all.)"""
+    compat.register_before_threads_join(_wait_before_threads_join)
+
+
+def wait_for_runs() -> bool:
+    """The second wait, in the backends' exit hooks (``atexit``): once the non-daemon
+    threads were joined, for whatever they and the daemon threads left in flight, unless
+    the user asked the process to go (:func:`asked_to_go`).
+
+    Returns True when the runs in flight are to be stopped at once (a Ctrl-C during
+    a wait, or a script ended by Ctrl-C: busy workers get no time to finish). Waits
+    once: the exit hooks after the first get its answer. Runs that never end (an
+    endless input) keep the exit waiting, as ``concurrent.futures`` does; the line
+    printed past :data:`NOTICE_AFTER` says Ctrl-C stops them.
+    """
+    global _began, _joined_wait_done
+    if not _joined_wait_done:
+        _began = _joined_wait_done = True
+        _wait(joined_too=True)
+    return _stop_now
+
+
+def _say(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except Exception:  # (no stderr left: nothing to tell)
+        pass
+
+
+def refuse_late_run() -> None:
+    """A run a daemon thread starts once the exit began: the thread ends silently, as it
+    would with serial code. The exit waits for the runs in flight when it began, not
+    for a daemon thread's loop (``concurrent.futures`` refuses such work too); a run
+    started after the exit's stop would start the workers again. (A non-daemon thread
+    runs on: Python waits for it, and so for its runs.)"""
+    if _began and threading.current_thread().daemon:
+        raise _thread_ends()
+
+
+def stopped_error() -> MPMagicError:
+    """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`."""
+    if _began:
+        return StoppedAtExit("the pool was stopped at exit while this run was in flight")
+    return MPMagicError("the pool was stopped while this run was in flight")
+
+
+def raised(error: BaseException) -> BaseException:
+    """What a wait on a run raises for its ``error``: in a thread other than the main one,
+    a run the exit's stop ended ends the thread silently (a bare ``SystemExit``)."""
+    if isinstance(error, StoppedAtExit) and threading.current_thread() is not threading.main_thread():
+        return _thread_ends()
+    return error
+
+
+@contextmanager
+def sigint_dropped() -> Iterator[None]:
+    """The exit's stop is bounded (seconds at most): a second Ctrl-C during it is
+    dropped, not raised in the middle of it (a traceback "Exception ignored in
+    atexit callback", the rest of the stop undone). A no-op outside the main thread."""
+    try:
+        old = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    except (ValueError, TypeError):  # not the main thread (or no handler to swap)
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            signal.signal(signal.SIGINT, old)
+        except (ValueError, TypeError):
+            pass
+
+
+wait_before_threads_join()
