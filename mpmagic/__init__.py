@@ -216,9 +216,9 @@ def load_ipython_extension(ipython: Any) -> None:
     pandas_hook.install()  # df.mp now if pandas is imported, else as soon as it is
     if _after_cell not in ipython.events.callbacks["post_run_cell"]:  # warm: idle workers import
         ipython.events.register("post_run_cell", _after_cell)  # what each cell imported
-    from . import pool
+    from . import exiting, pool
 
-    pool.watch_shell_exit(ipython)
+    exiting.watch_shell(pool.at_shell_exit, ipython)  # (also for the user's own multiprocessing helpers)
     from . import warmup
 
     warmup.follow_autoreload()  # IPython's in-place %autoreload counts as a reload (workers follow it)
@@ -311,7 +311,7 @@ def _start_if_current(backend: _Backend) -> None:
 def unload_ipython_extension(ipython: Any) -> None:
     """``%unload_ext mpmagic``: remove the magics and stop the pool.
 
-    The shell's exit hook (``pool.at_shell_exit``) stays: multiprocessing's
+    The shell's exit hook (``exiting.watch_shell``) stays: multiprocessing's
     fork server and resource tracker outlive the pool (helpers still
     referenced need the tracker, the user's own processes the fork server),
     and a kernel's shutdown must still stop them and free what is left.

@@ -27,8 +27,13 @@ are stopped at once. It waits twice, where Python gives a hook:
 
 Neither waits (the pools are stopped as before) when the user asked the
 process to go: a Jupyter/IPython kernel's shutdown or restart, an IPython
-shell's ``exit`` (``exit_now``, :func:`shell_exiting`), or a script ended
+shell's ``exit`` (``exit_now``, :func:`watch_shell`), or a script ended
 by Ctrl-C.
+
+A kernel's shutdown may run no exit hook at all: :func:`watch_shell` frees
+what mpmagic made as soon as the shell is told to exit. Whatever makes
+something that must be freed then (every pool, ``pool._made``; a helper made
+without a pool, ``shared``; ``%load_ext``) calls it: one watcher per shell.
 
 Once the exit began, a daemon thread's new run is refused, and such a
 thread's mpmagic call ends it silently (a bare ``SystemExit``, which
@@ -45,6 +50,7 @@ the backends: they hand it what is in flight (:func:`count_runs`).
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -66,6 +72,8 @@ _POLL = 0.02
 _sources: list[Callable[[], Iterable[tuple[Any, threading.Thread | None]]]] = []
 #: Each backend's stop of all its pools, for a Ctrl-C during the first wait (see on_stop).
 _stoppers: list[Callable[[], None]] = []
+#: What frees each kind of thing mpmagic made (the pools, the helpers) when a shell is told to exit.
+_releasers: list[Callable[[], None]] = []
 _began = False  # the exit began (a daemon thread's new run is refused)
 _joined_wait_done = False  # the second wait (atexit) happened: wait_for_runs answers at once
 _stop_now = False  # a Ctrl-C (during a wait, or the one that ended the script): stop the runs at once
@@ -99,11 +107,58 @@ def on_stop(stop: Callable[[], None]) -> None:
     _stoppers.append(stop)
 
 
-def shell_exiting(asked: bool) -> None:
-    """An IPython shell's ``exit_now`` changed (``pool.at_shell_exit``): while it is
-    True the user asked the process to go, and the exit waits for nothing."""
+def ipython_shell() -> Any | None:
+    """The running IPython shell, if any (without importing IPython)."""
+    ipython = sys.modules.get("IPython")
+    return None if ipython is None else ipython.get_ipython()
+
+
+def watch_shell(release: Callable[[], None], shell: Any | None = None) -> None:
+    """When ``shell`` (None: the running IPython shell, if any) is told to exit,
+    call ``release()`` to free what it stands for, then stop multiprocessing's
+    helper processes (:func:`_at_shell_exit`). Each ``release`` is called once,
+    however often it is given (the last given first); the shell is watched once.
+
+    Called by whatever makes something a kernel's shutdown must free: every
+    pool (``pool._made``, whichever call made it), a helper made without a pool
+    (``shared.base``), ``%load_ext``. ``mpmagic.start_pool(2)``, ``use_local``,
+    ``use_dask`` or ``mpmagic.Queue()`` as a kernel's first mpmagic call, without
+    ``%load_ext``, made theirs unwatched: Jupyter then SIGTERMed the kernel
+    ~2.6 s into its shutdown, before any exit hook ran.
+    """
+    if release not in _releasers:
+        _releasers.append(release)
+    if shell is None:
+        shell = ipython_shell()
+    if shell is not None:
+        shell.observe(_at_shell_exit, names="exit_now")  # (traitlets keeps one registration per handler)
+
+
+def _at_shell_exit(change: Any) -> None:
+    """The shell is about to exit (``exit_now``: a kernel's shutdown request, ``exit``):
+    free what mpmagic made now (the ``release`` functions :func:`watch_shell` was
+    given: the pools, their shared memory, the helpers).
+
+    ipykernel then stops its child processes and waits for them to exit.
+    multiprocessing's resource tracker ignores SIGTERM, and its fork server,
+    ended by SIGTERM, stays a zombie: both are stopped here too
+    (``compat.stop_helper_processes``). Otherwise Jupyter killed the kernel
+    ~2.5 s later, and no exit hook ran (the pool's segments stayed in /dev/shm
+    until another notebook's pool swept them). While ``exit_now`` is true the
+    user asked the process to go: its exit then waits for no run in flight,
+    where a script's exit waits for them.
+    """
     global _shell_exiting
-    _shell_exiting = asked
+    _shell_exiting = bool(change["new"])
+    if not _shell_exiting:
+        return
+    # Last given, first called, as atexit does (a pool made after a pool-less helper stops
+    # before that helper is freed); each one whatever another did; the helper processes last.
+    for release in [*reversed(_releasers), compat.stop_helper_processes]:
+        try:
+            release()
+        except Exception:  # never in the way of the shutdown
+            logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
 
 
 def began() -> bool:
@@ -138,8 +193,7 @@ def asked_to_go() -> str | None:
     app = sys.modules.get("ipykernel.kernelapp")
     if app is not None and getattr(app, "IPKernelApp", None) is not None and app.IPKernelApp.initialized():
         return "a kernel exits"
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None else None
+    shell = ipython_shell()
     if shell is not None and getattr(shell, "kernel", None) is not None:
         return "a kernel exits"
     # The main module's uncaught error, as Python printed it (3.12: also sys.last_exc).

@@ -10,7 +10,6 @@ by ``status.PoolStatus``.
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import os
 import sys
@@ -36,49 +35,34 @@ def get_pool(workers: int | None = None, start_method: str | None = None) -> Bac
     """The current backend, created (not yet started) on first use: a local pool
     of ``workers`` (None: one per usable CPU) started by ``start_method`` (None:
     the platform's default), both used only when it is created."""
-    global _backend
     with _lock:
         if _backend is None:
-            _backend = LocalBackend(workers, start_method, max_memory=_max_memory)
-            shell = _ipython_shell()
-            if shell is not None:  # (``import mpmagic`` in a notebook, without %load_ext)
-                watch_shell_exit(shell)
+            return _made(LocalBackend(workers, start_method, max_memory=_max_memory))
         return _backend
 
 
-def _ipython_shell() -> Any | None:
-    """The running IPython shell, if any (without importing IPython)."""
-    ipython = sys.modules.get("IPython")
-    return None if ipython is None else ipython.get_ipython()
+def _made(backend: Backend) -> Backend:
+    """Make the new ``backend`` the current one (under ``_lock``), and have an IPython
+    shell's exit free it (``exiting.watch_shell``, with or without ``%load_ext``).
 
-
-def watch_shell_exit(shell: Any) -> None:
-    """Free everything when ``shell`` is told to exit (see ``at_shell_exit``); once per shell."""
-    shell.observe(at_shell_exit, names="exit_now")  # (traitlets keeps one registration per handler)
-
-
-def at_shell_exit(change: Any) -> None:
-    """The shell is about to exit (``exit_now``: a kernel's shutdown request, ``exit``):
-    stop the pool and free its shared memory and the helpers now.
-
-    ipykernel then stops its child processes and waits for them to exit.
-    multiprocessing's resource tracker ignores SIGTERM, and its fork server,
-    ended by SIGTERM, stays a zombie: both are stopped here too. Otherwise
-    Jupyter killed the kernel ~2.5 s later, and no exit hook ran (the pool's
-    segments stayed in /dev/shm until another notebook's pool swept them).
-    The user asked the process to go: its exit then waits for no run in flight
-    (``exiting.shell_exiting``), where a script's exit waits for them.
+    Every pool becomes current here, whichever call made it (``get_pool``,
+    ``start_pool``, ``use_local``, ``use_dask``, a restart with another start
+    method): ``start_pool(2)`` as a kernel's first mpmagic call made its pool
+    unwatched, and Jupyter SIGTERMed the kernel ~2.6 s into its shutdown.
     """
-    exiting.shell_exiting(bool(change["new"]))
-    if not change["new"]:
-        return
-    from . import compat
+    global _backend
+    _backend = backend
+    exiting.watch_shell(at_shell_exit)
+    return backend
 
-    try:
-        release_everything(wait_busy=False)  # (a busy worker's run ends anyway: not 2 s of waiting for it)
-        compat.stop_helper_processes()
-    except Exception:  # never in the way of the shutdown
-        logging.getLogger("mpmagic").warning("mpmagic: cleaning up at shutdown failed", exc_info=True)
+
+def at_shell_exit() -> None:
+    """An IPython shell is told to exit (a kernel's shutdown request, ``exit``): stop
+    the pools and free their shared memory and the helpers now, busy workers
+    included (their runs end anyway: not 2 s of waiting for them). What the
+    exit hooks would do, which a kernel's shutdown may never run; the helper
+    processes are stopped after it (``exiting.watch_shell``)."""
+    release_everything(wait_busy=False)
 
 
 #: True in a process forked from one whose pool had been made (a ``multiprocessing.Process``
@@ -372,7 +356,6 @@ def _start_now(
     gpus: list[str] | None,
 ) -> Backend:
     """``start_pool``'s change, without its wait for the workers (``gpus``: checked, see ``gpu_devices``)."""
-    global _backend
     if max_memory is not None:
         set_max_memory(max_memory)
     if gpus is not None:
@@ -403,8 +386,7 @@ def _start_now(
         new = LocalBackend(workers, start_method, max_tasks_per_child or None, max_memory=_max_memory)
         if old is not None:
             _retire(old)
-        _backend = new
-        new.start()
+        _made(new).start()
         return new
 
 
@@ -526,7 +508,6 @@ def _restart_now(
     wait: bool,
 ) -> Backend:
     """``restart_with``'s work (under ``_lock``); ``wait`` is only the Dask restart's."""
-    global _backend
     backend = get_pool()
     _refuse_local_options(backend, start_method, max_tasks_per_child, max_memory)
     if max_memory is not None:
@@ -538,8 +519,7 @@ def _restart_now(
         new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
                            limit, max_memory=_max_memory)
         _retire(backend)
-        _backend = new
-        new.start()
+        _made(new).start()
         return new
     if workers is not None and workers != backend.workers:
         if isinstance(backend, LocalBackend):
@@ -583,7 +563,6 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
     A scheduler that cannot be reached in time is an error and the current
     pool stays. See docs/dask.md.
     """
-    global _backend
     try:
         from .backends.dask import DaskBackend
     except ImportError as exc:
@@ -597,7 +576,8 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
                                      f"{', '.join(takes)}"))
     with _lock:
         new = DaskBackend(address, **options)
-        old, _backend = _backend, new
+        old = _backend
+        _made(new)
         if old is not None:
             _retire(old)
             if old.name == "dask" and new.running:

@@ -336,8 +336,14 @@ def _shm_paths(procs: list[psutil.Process]) -> set[str]:
         "r = %pmap -q lambda a: float(a.sum()), [np.ones(300_000)] * 4\n",
         # No %load_ext: the pool made by the API watches the shell's exit itself.
         "import numpy as np, mpmagic\nr = mpmagic.pmap(lambda a: float(a.sum()), [np.ones(300_000)] * 4)\n",
+        # The first call makes the pool some other way than get_pool(): it was not watched, and
+        # Jupyter SIGTERMed the kernel 2.6 s into its shutdown (use_local and %pool start go there too).
+        "import numpy as np, mpmagic\nmpmagic.start_pool(2)\n"
+        "r = mpmagic.pmap(lambda a: float(a.sum()), [np.ones(300_000)] * 4)\n",
+        # No pool at all: the helpers alone started multiprocessing's resource tracker.
+        "import mpmagic\n",
     ],
-    ids=["magics", "api_only"],
+    ids=["magics", "api_only", "start_pool_first", "helpers_only"],
 )
 def test_a_normal_shutdown_leaves_nothing_in_dev_shm_and_the_kernel_exits_by_itself(use):
     """Jupyter's "Shut down kernel" (a shutdown request): ipykernel stops its

@@ -290,3 +290,35 @@ def test_a_shell_told_to_exit_with_a_live_multiprocessing_lock_prints_nothing(tm
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ended" in done.stdout, done.stderr
     assert "Traceback" not in done.stderr and "leaked" not in done.stderr, done.stderr
+
+
+#: A shell without ``%load_ext`` whose first mpmagic call makes a pool some way other than
+#: ``get_pool()``, then is told to exit (what a kernel's shutdown request does).
+FIRST_CALL_AT_EXIT = """
+import sys, psutil
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+import mpmagic
+{first}
+assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]
+shell.exit_now = True
+left = [p.cmdline() for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+print("left", left, flush=True)
+"""
+
+
+@pytest.mark.parametrize("first", ["mpmagic.use_local(1, 'forkserver')", "mpmagic.use_dask(workers=1)"])
+def test_a_pool_made_by_any_first_call_is_freed_when_the_shell_exits(tmp_path, first):
+    """Only ``get_pool()`` had the shell's exit watched: ``use_local``, ``use_dask`` (and
+    ``start_pool``, test_kernel) as a kernel's first mpmagic call left the workers, the
+    fork server and the resource tracker running at ``exit_now``, so Jupyter SIGTERMed
+    the kernel ~2.6 s into its shutdown. Every pool is watched where it is made."""
+    import subprocess
+
+    if "dask" in first:
+        pytest.importorskip("distributed")
+    script = tmp_path / "first_call.py"
+    script.write_text(FIRST_CALL_AT_EXIT.format(first=first))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "left []" in done.stdout, done.stdout

@@ -183,7 +183,7 @@ def release_all() -> None:
     """Release every helper this process made, now: what its exit would do.
 
     For a kernel asked to shut down, whose exit hooks may never run (see
-    ``pool.at_shell_exit``), and a worker that stops (an exit hook: it ends
+    ``exiting.watch_shell``), and a worker that stops (an exit hook: it ends
     with ``os._exit``, and a kept rank's helpers were never dropped); a helper
     used after this says it is gone.
     """
@@ -650,8 +650,21 @@ def _backend_helper(kind: str, args: tuple, kwargs: dict) -> Any:
     backend = current_backend()
     make = backend.make_shared if backend is not None else None
     if make is None:
+        if backend is None and shm.NOTEBOOK_PID is None:  # (a worker's helpers are not its shell's)
+            _watch_shell()
         return NotImplemented
     return make(kind, *args, **kwargs)
+
+
+def _watch_shell() -> None:
+    """A helper made without a pool (``mpmagic.Queue()`` as a kernel's first mpmagic
+    call): an IPython shell's exit frees it and stops the resource tracker it
+    started (``exiting.watch_shell``), as a pool's does. Without it Jupyter
+    SIGTERMed the kernel ~2.6 s into its shutdown, the tracker saying its
+    segments "leaked". (Imported here: a worker never needs ``exiting``.)"""
+    from .. import exiting
+
+    exiting.watch_shell(release_all)
 
 
 def _given(**options: tuple[Any, Any]) -> dict[str, Any]:
