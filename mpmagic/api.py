@@ -66,7 +66,7 @@ from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
 from .jobs import CellJob, Failed, MapJob, first_failed_rank, item_note, parallel_error_line
-from .pool import forked_from_pool, get_pool
+from .pool import check_run_workers, forked_from_pool, get_pool
 from .progress import Progress
 from .report import RankValues, Report
 from .threads import cap_for, configured
@@ -330,6 +330,11 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise UsageError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if star and len(iterables) > 1:
         raise UsageError("star=True takes one iterable of argument tuples, not several iterables")
+    if checkpoint and checked.workers is not None and not _in_worker_process():
+        # A checkpointed run whose items are all stored runs nothing: the pool's check of
+        # workers (more than the machine runs) is asked now, so that the call is a usage
+        # error or not whatever the store holds (`-n 100000` returned the stored results).
+        check_run_workers(checked.workers)
     return checked
 
 

@@ -293,6 +293,19 @@ def run_cell_code(
     return value, {g: ns[g] for g in spec.gather}
 
 
+def gather_check_failed(exc: BaseException) -> bool:
+    """True when ``exc`` is :func:`run_cell_code`'s own ``NameError`` for a gathered
+    variable (``gather=``, ``--gather``) the rank never set: the cell's code ran to
+    its end and raised nothing; mpmagic's check after it did. (An error of the
+    cell's code has the cell's frames below run_cell_code's.)"""
+    if not isinstance(exc, NameError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code is run_cell_code.__code__
+
+
 _kept: dict[int, types.ModuleType] = {}  # %%parallel --keep: rank -> its kept ``__main__`` in this worker
 
 

@@ -359,11 +359,8 @@ def register(shell: Any) -> MPMagic:
         if isinstance(c, MPMagic):
             _current = c
             return c
-    try:
-        _current = MPMagic(parent=shell)
-    except TraitError:
-        _drop_refused(shell)
-        _current = MPMagic(parent=shell)
+    _drop_refused(shell)  # (first: the one MPMagic made then says each unknown name once)
+    _current = MPMagic(parent=shell)
     shell.configurables.append(_current)
     return _current
 
@@ -371,11 +368,15 @@ def register(shell: Any) -> MPMagic:
 def _drop_refused(shell: Any) -> None:
     """Say and drop the values of the shell's config that a setting refuses, so that
     the extension loads with their defaults: one from ipython_config.py, or one a
-    %config line had refused (IPython's own config keeps it, and %reload_ext failed)."""
+    %config line had refused (IPython's own config keeps it, and %reload_ext failed).
+
+    Only the settings' own names are tried here, one each: a name ``MPMagic`` lacks
+    is said by traitlets when the settings are made, once (each try said it again)."""
     from traitlets.config import Config
 
     section = shell.config.get("MPMagic") or {}
-    for name in list(section):
+    known = MPMagic.class_traits(config=True)
+    for name in [n for n in section if n in known]:
         try:
             MPMagic(config=Config({"MPMagic": {name: section[name]}}))
         except TraitError as exc:
@@ -385,9 +386,27 @@ def _drop_refused(shell: Any) -> None:
 
 
 def unregister(shell: Any) -> None:
-    """Remove ``MPMagic`` from the shell at ``%unload_ext``."""
+    """Remove ``MPMagic`` from the shell at ``%unload_ext``.
+
+    IPython keeps in the shell's config every ``%config MPMagic.x = v`` line run,
+    the ones refused (``workers = -2``) and misspelled (``worker = 2``) too, and
+    ``%load_ext`` reads it again: each of those was said once more, long after it
+    had been said at its line and fixed (a misspelled name three times). What the
+    section keeps now is what the settings held at the unload: each setting's
+    value in force (a refused value never was; the one before it was), and no
+    name the settings lack, which was said when it was read.
+    """
     global _current
     configurables = getattr(shell, "configurables", [])
+    settings = next((c for c in configurables if isinstance(c, MPMagic)), None)
+    section = getattr(shell, "config", {}).get("MPMagic")
+    if settings is not None and section:
+        known = settings.traits(config=True)
+        for name in list(section):
+            if name in known:
+                section[name] = getattr(settings, name)
+            else:
+                del section[name]
     configurables[:] = [c for c in configurables if not isinstance(c, MPMagic)]
     _current = None
 

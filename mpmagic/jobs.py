@@ -1726,9 +1726,11 @@ class CellJob:
             add_note(self.failures[unit.id], _read_only_note(self.failures[unit.id]))
         _note_daemonic(self.failures[unit.id])
         note_without_setup(self.failures[unit.id], unit)
-        # (index -1: the cell's names could not be loaded in the worker; the rank's code never ran)
+        # (index -1: the cell's names could not be loaded in the worker, the rank's code never ran;
+        # 1: it ran to its end, and the --gather check after it failed: neither is the code's own error)
+        outside = CELL_LOAD_FAILED if index < 0 else GATHER_UNSET if index > 0 else ""
         self.failure_infos[unit.id] = debugging.failure_of(self.failures[unit.id], info, rank=unit.id, size=self.size,
-                                                           outside=CELL_LOAD_FAILED if index < 0 else "")
+                                                           outside=outside)
         self.items_done += 1
         self._rank_finished()
         self._failed_while_others_run(unit.id)
@@ -1977,6 +1979,8 @@ def drop_partial(data: bytes) -> None:
 #: Why a failure is no item's (or rank's) own (debugging.FailureInfo.outside).
 LOAD_FAILED = "the function (or its items) could not be loaded in a worker"
 CELL_LOAD_FAILED = "the cell's names could not be loaded in the worker"
+GATHER_UNSET = ("the rank's code ran to its end without setting that variable, and mpmagic's check of the "
+                "gather= (--gather) names raised it")
 
 
 def _load_failure_note(info: Any, advice: str | None = None) -> str:

@@ -1477,8 +1477,14 @@ def _ipython_syntax(cell: str, shell: Any) -> tuple[int, str, str, str] | None:
 def _cell_lineno(cell: str, lineno: int) -> int:
     """Line ``lineno`` of a cell magic's body, numbered as IPython numbers the
     cell (the ``%%`` line is line 1), as the ranks' tracebacks are."""
+    return lineno + _lines_above(cell)
+
+
+def _lines_above(cell: str) -> int:
+    """The lines of the running notebook cell above the cell magic's body ``cell``:
+    its ``%%`` line (or lines, ``%%time`` above it) and blank lines before them."""
     origin = cell_origin(cell)
-    return lineno + (origin.offset if origin is not None else 1)
+    return origin.offset if origin is not None else 1
 
 
 def _check_plain_python(parser: _Parser, cell: str, shell: Any) -> None:
@@ -1578,7 +1584,9 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
         raise UsageError("%%pool setup needs code in the cell: it has only comments or blank lines "
                          "(or %pool setup clear to remove the setup)")
     try:
-        errors = setup_api.set_code(cell)  # (refused while runs are in flight: their workers would switch setups)
+        # (refused while runs are in flight: their workers would switch setups; a failure's
+        # line is counted from the %%pool setup line, as a syntax error's is)
+        errors = setup_api.set_code(cell, _lines_above(cell))
     except SyntaxError as exc:
         found = _ipython_syntax(cell, shell)  # (as %%parallel says it: the workers run plain Python)
         if found is not None:

@@ -41,6 +41,18 @@ def get_pool(workers: int | None = None, start_method: str | None = None) -> Bac
         return _backend
 
 
+def check_run_workers(workers: int) -> None:
+    """The usage error a run's ``workers`` (a whole number of at least 1) gets from the
+    pool it would run on (more than this machine can run at once, for local workers),
+    asked without making or starting a pool: the current pool's check, or, with none
+    made yet, the one of the local pool :func:`get_pool` would make."""
+    backend = _backend
+    if backend is not None:
+        backend.check_workers(workers)
+    else:
+        pool_size(workers)
+
+
 def _made(backend: Backend) -> Backend:
     """Make the new ``backend`` the current one (under ``_lock``), and have an IPython
     shell's exit free it (``exiting.watch_shell``, with or without ``%load_ext``).

@@ -181,7 +181,9 @@ class Done(NamedTuple):
 class Error(NamedTuple):
     call: int
     tag: Any
-    index: int  # type: ignore[assignment]  # (shadows tuple.index) in the chunk (a cell: 0, its rank's code); -1: the unit as a whole could not run (it did not load)
+    # (shadows tuple.index) in the chunk (a cell: 0, its rank's code; 1, mpmagic's check that the
+    # --gather variables were set, after the code ran); -1: the unit as a whole could not run (it did not load)
+    index: int  # type: ignore[assignment]
     info: Any  # worker.ErrorInfo
     partial: bytes  # results of the items before it
     seconds: float

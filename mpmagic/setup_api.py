@@ -56,21 +56,22 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     return func
 
 
-def set_code(source: str) -> list[str]:
+def set_code(source: str, line_offset: int = 0) -> list[str]:
     """``%%pool setup``: make ``source`` the setup cell and run it in every worker now (starting the pool).
 
     Returns the one-line errors of workers whose setup failed. A syntax error
     raises ``SyntaxError`` and changes nothing; so does a setup defining the
     name of a Python builtin (``SetupRefused``: it would replace that builtin
     for all the code in the worker); runs in flight refuse the change (a
-    ``UsageError``, see :func:`_change`).
+    ``UsageError``, see :func:`_change`). ``line_offset``: the cell's lines above
+    ``source`` (the ``%%pool setup`` line), for the line a failure names.
     """
     __tracebackhide__ = True
     compile(source, worker_setup.SETUP_FILENAME, "exec")  # (before asking about runs: the cell's own error first)
     bad = worker_setup.shadowing(n for n in setup_names(source) if not n.startswith("_"))
     if bad:  # (each worker checks again what the setup really defines: names made by exec, a star import...)
         raise SetupRefused(f"%%pool setup refused, nothing was sent to the workers: {worker_setup.shadow_message(bad)}")
-    return _change(lambda: worker_setup.set_code(source), "%%pool setup", start=True)
+    return _change(lambda: worker_setup.set_code(source, line_offset), "%%pool setup", start=True)
 
 
 def setup_names(source: str) -> set[str]:

@@ -839,7 +839,7 @@ def execute_cell(
     ``imports``: as for :func:`execute_map`; the modules the cell's payload
     and names import are one-time costs too.
     """
-    from .cell import run_cell_code
+    from .cell import gather_check_failed, run_cell_code
 
     log = imports if imports is not None else ImportLog()
     call, rank = msg.call, msg.tag
@@ -868,7 +868,13 @@ def execute_cell(
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt):  # the cell's own code raised it (see _as_item_error)
             exc = _as_item_error(exc)
-        return Error(call, rank, 0, ErrorInfo(exc), b"", 0.0)
+        info = ErrorInfo(exc)
+        if not gather_check_failed(exc):
+            return Error(call, rank, 0, info, b"", 0.0)
+        # (index 1: the rank's code ran to its end, mpmagic's check of its --gather names failed;
+        # the raising frame is mpmagic's own, whose locals would only show its internals)
+        info.context = {**info.context, "locals": {}, "where": None}
+        return Error(call, rank, 1, info, b"", 0.0)
     finally:
         task_builtins.end_task(figures)  # the figures the rank left open: shown, closed (before its value is pickled)
         worker_logging.end()

@@ -73,6 +73,9 @@ class _Entry:
     kind: str  # "code" or "func"
     name: str  # "%%pool setup" or the function's name
     data: Any  # the source text, or the cloudpickled function
+    # The cell's lines above the code (the ``%%pool setup`` line): a failure names its line as
+    # IPython numbers the cell, the magic's line being line 1, as %%parallel's messages do.
+    line_offset: int = 0
 
 
 # -- notebook side --------------------------------------------------------
@@ -111,13 +114,17 @@ _names: set[str] = set()
 _random_states: dict[tuple[str, int], Any] = {}
 
 
-def set_code(source: str) -> None:
-    """Make ``source`` the ``%%pool setup`` cell (replacing an earlier one)."""
+def set_code(source: str, line_offset: int = 0) -> None:
+    """Make ``source`` the ``%%pool setup`` cell (replacing an earlier one).
+
+    ``line_offset``: the lines of the notebook cell above ``source`` (1: the
+    ``%%pool setup`` line), so that a failure's line is the cell's line.
+    """
     code = compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
     files = _imported_files(code)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
-        _entries.insert(0, _Entry("code", "%%pool setup", source))
+        _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset))
         _files[("code", "%%pool setup")] = files
         _changed()
 
@@ -573,9 +580,11 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         try:
             with _as_main(main):
                 if entry.kind == "code":
-                    lines = entry.data.splitlines(keepends=True)
-                    linecache.cache[SETUP_FILENAME] = (len(entry.data), None, lines, SETUP_FILENAME)
-                    exec(compile(entry.data, SETUP_FILENAME, "exec"), ns)
+                    # (numbered as the notebook cell: its failure line and its functions' frames)
+                    text = "\n" * entry.line_offset + entry.data
+                    lines = text.splitlines(keepends=True)
+                    linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
+                    exec(compile(text, SETUP_FILENAME, "exec"), ns)
                 else:
                     func = payload.loads(entry.data)
                     g = _by_value_globals(func)
@@ -655,7 +664,8 @@ def _shadow_line(names: list[str], wid: Any) -> str:
 
 
 def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
-    """``setup failed on worker 3, line 2 (`model = load(p)`): OSError: ...``"""
+    """``setup failed on worker 3, %%pool setup, line 3 (`model = load(p)`): OSError: ...``
+    (the line counted from the ``%%pool setup`` line, as IPython numbers the cell)."""
     where = entry.name if entry.kind == "func" else "%%pool setup"
     frames = traceback.extract_tb(exc.__traceback__)
     mine = [f for f in frames if f.filename == SETUP_FILENAME] if entry.kind == "code" else frames[1:]

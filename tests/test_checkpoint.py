@@ -208,6 +208,31 @@ def test_compare_says_why_nothing_was_compared_when_everything_came_from_the_sto
     assert "mpmagic:" not in capfd.readouterr().err
 
 
+def test_a_line_mistake_is_refused_also_when_every_item_is_stored(ip, store_dir):
+    """``-n 100000`` is a usage error before anything runs (troubleshooting.md): with
+    every item stored it returned the stored results, silently; with one missing it
+    was refused. The store's contents no longer decide whether a call is a mistake."""
+    from IPython.core.error import UsageError as IPythonUsageError
+
+    from mpmagic.backends.local import available_cpus, max_workers
+
+    assert run(ip, "%pmap -q --checkpoint work, [1, 2]") == [1, 4]
+    calls(ip)
+    said = (f"workers = 100000 is more processes than this machine can run at once "
+            f"(at most {max_workers()} with {available_cpus()} CPUs)")
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%pmap -q --checkpoint -n 100000 work, [1, 2]")
+    assert str(info.value).splitlines()[0] == f"%pmap: {said}"
+    for call in (lambda: mpmagic.pmap(ip.user_ns["work"], [1, 2], workers=100000, checkpoint=True),
+                 lambda: mpmagic.submit(ip.user_ns["work"], [1, 2], workers=100000, checkpoint=True),
+                 lambda: list(mpmagic.imap(ip.user_ns["work"], [1, 2], workers=100000, checkpoint=True))):
+        with pytest.raises(mpmagic.UsageError) as info:
+            call()
+        assert str(info.value) == said
+    assert calls(ip) == []
+    assert run(ip, "%pmap -q --checkpoint -n 2 work, [1, 2]") == [1, 4] and calls(ip) == []  # (a right -n: stored)
+
+
 def test_leftovers_of_a_killed_write_are_harmless_and_clear_removes_them(tmp_path):
     np = pytest.importorskip("numpy")
     store = Store(tmp_path)

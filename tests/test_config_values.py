@@ -205,3 +205,39 @@ def test_a_misspelled_setting_is_said_every_time_in_one_line(ip):
         assert cap.stderr == ("mpmagic: Config option `worker` not recognized by `MPMagic`.  "
                               "Did you mean one of: `worker_threads, workers`?\n")
     ip.config.MPMagic.pop("worker", None)  # (%config keeps it in the shell's config)
+
+
+def test_reloading_the_extension_says_no_old_complaint_again_and_keeps_the_settings_in_force(ip):
+    """IPython keeps every %config line in the shell's config, and %load_ext after
+    %unload_ext read them again: ``worker`` (misspelled, said at its line) was said
+    three times more, and the refused values once more each, "(the default is used)"
+    where the setting had kept the value set before them."""
+    with capture_output():
+        for line in ("worker = 2", "progress_delay = 2.5", "progress_delay = -1", "start_method = 'FORK'"):
+            ip.run_line_magic("config", f"MPMagic.{line}")
+    assert config.current().progress_delay == 2.5
+    try:
+        with capture_output() as cap:
+            run(ip, "%unload_ext mpmagic")
+            run(ip, "%load_ext mpmagic")
+        assert cap.stdout + cap.stderr == ""
+        assert config.current().progress_delay == 2.5 and config.current().start_method is None
+        with capture_output() as cap:  # (a name still misspelled at a new line is said there, once)
+            ip.run_line_magic("config", "MPMagic.worker = 3")
+        assert cap.stderr.count("Config option `worker` not recognized") == 1, cap.stderr
+    finally:
+        ip.config.MPMagic.pop("worker", None)
+        ip.config.MPMagic.pop("progress_delay", None)
+        ip.config.MPMagic.pop("start_method", None)
+
+
+def test_an_unknown_name_beside_a_refused_value_in_ipython_config_is_said_once(monkeypatch, capsys):
+    from traitlets.config import Config, Configurable
+
+    shell = Configurable(config=Config({"MPMagic": {"worker": 2, "workers": -2}}))
+    shell.configurables = []
+    monkeypatch.setattr(config, "_current", None)
+    assert config.register(shell).workers is None
+    err = capsys.readouterr().err
+    assert err.count("Config option `worker` not recognized") == 1, err
+    assert err.count("MPMagic.workers = -2 refused") == 1 and len(err.strip().splitlines()) == 2, err

@@ -91,6 +91,30 @@ def test_pdebug_does_not_replay_a_failure_no_item_raised(ip, fs_pool, capsys):
     assert "ipdb>" not in out
 
 
+def test_pdebug_of_a_gathered_variable_never_set_has_nothing_to_replay(ip, fs_pool, capsys):
+    """``--gather zz`` of a cell that never sets zz: mpmagic's check after the cell
+    raised the NameError, and %pdebug "replayed" it, blaming it on CellSpec (an
+    mpmagic class) "which is not Python code"; a NameError of the cell's own code
+    is still replayed."""
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -n 2 -q --gather zz\nx = rank")
+    info = mpmagic.last_failures()[0]
+    assert info.rank == 0 and info.outside.startswith("the rank's code ran to its end without setting that variable")
+    capsys.readouterr()
+    message, out = _pdebug_error(ip, "%pdebug", capsys)
+    assert message == ("%pdebug: the failure was not raised by the rank's code (NameError: gather= (--gather): "
+                       "name(s) 'zz' not defined in the cell; the rank's code ran to its end without setting that "
+                       "variable, and mpmagic's check of the gather= (--gather) names raised it): there is nothing to "
+                       "replay; its traceback is above"), message
+    assert "NameError: gather= (--gather): name(s) 'zz' not defined in the cell" in out
+    assert "CellSpec" not in message + out and "ipdb>" not in out
+    with pytest.raises(mpmagic.ParallelError):  # the cell's own NameError: replayed at its line
+        run(ip, "%%parallel -n 2 -q --gather zz\nzz = rank + not_defined_anywhere")
+    assert mpmagic.last_failures()[0].outside == ""
+    out = _debug(ip, "%pdebug", "q\n", capsys)
+    assert "zz = rank + not_defined_anywhere" in out and "ipdb>" in out, out
+
+
 def test_pdebug_of_a_kept_rank_says_the_replay_raised_another_error(ip, fs_pool, capsys):
     """A kept rank's failure replayed here without its kept variables stopped on a
     NameError at another line, debugged as if it were the rank's RuntimeError."""

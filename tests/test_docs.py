@@ -391,6 +391,68 @@ def test_error_texts_on_the_pages_are_what_the_code_says(docs_shell, tmp_path) -
     assert not wrong, "error texts shown that the code does not give:\n" + "\n".join(wrong) + f"\n--- it gave:\n{everything}"
 
 
+# Messages the troubleshooting page's tables quote (in `code`), each with the cell that
+# gives it, run in this order: the quoted text, a code span of a table row found by how
+# it begins, must be what the cell shows (``...`` for any text; the number after
+# "worker " for any worker, whose ids differ from session to session). None: a cell
+# run for the next ones only.
+TABLE_CASES: list[tuple[str, str | None]] = [
+    ("%pool bogus", "%pool: unknown subcommand 'bogus'"),
+    ("%pool stauts", "unknown subcommand 'stauts'"),
+    ("%pool resize 2 --gpus 0,1", "--gpus goes with start"),
+    ("%%parallel -n 2 -q --reduce\nrank", "%%parallel: argument --reduce"),
+    ("%%parallel -n 2 -q --reduce ''\nrank", "%%parallel: --reduce needs"),
+    ("%%parallel -n 1 -q\nimport threading\nthreading.Lock()", "rank 0: its last value"),
+    ("%pmap --seed -1 abs, [1]", "%pmap: argument --seed"),
+    ("import mpmagic\nmpmagic.pmap(abs, [1], seed=-1)", "seed must be"),
+    ("def fails_at_1(x):\n    return 1 / (x - 1)\n\n_ = %pmap -q --seed 3 --errors collect fails_at_1, range(3)",
+     None),
+    ("%pmap --rerun-failed", "the last run used seed="),
+    ("%pmap -n 0 abs, range(3)", "argument -n/--workers"),
+    ("%pmap --retries -1 abs, range(3)", "argument --retries"),
+    ("%%pool setup\npath = 'model.bin'\nmodel = open(path, 'rb').read()", "setup failed on worker 3, %%pool setup"),
+    ("%pool setup clear", None),
+    ("%%parallel -n 2 -q --gather x\ny = rank", "NameError: gather="),
+    ("%pdebug", "the rank's code ran to its end"),
+]
+
+
+def table_code_spans(page: Path) -> list[str]:
+    """The text of every code span in the rows of a page's tables."""
+    spans, in_row = [], False
+    for tok in _md.parse(page.read_text()):
+        if tok.type in ("tr_open", "tr_close"):
+            in_row = tok.type == "tr_open"
+        elif in_row and tok.type == "inline":
+            spans += [c.content for c in tok.children or [] if c.type == "code_inline"]
+    return spans
+
+
+def test_messages_quoted_in_the_tables_are_what_the_code_says(docs_shell) -> None:
+    """A table row quoting a message (``%pool: argument action: invalid choice``, long
+    after the message had changed) is what the code says now, for the cases above."""
+    ip = docs_shell
+    spans = table_code_spans(DOCS / "troubleshooting.md")
+    wrong = []
+    try:
+        for code, start in TABLE_CASES:
+            with capture_output() as cap:
+                result = ip.run_cell(code, store_history=False)
+            if start is None:
+                continue
+            shown = what_it_showed(cap, result.error_before_exec or result.error_in_exec)
+            quoted = [span for span in spans if span.startswith(start)]
+            if len(quoted) != 1:
+                wrong.append(f"{start!r}: {len(quoted)} quotes in troubleshooting.md begin so, not 1")
+                continue
+            text = re.sub(r"\bworker \d+\b", "worker ...", quoted[0])
+            if shown_lines_missing(text, re.sub(r"\bworker \d+\b", "worker ...", shown), example=False):
+                wrong.append(f"{code!r} quoted as {quoted[0]!r}, but it shows:\n{shown}")
+    finally:
+        ip.run_cell("%pool setup clear", store_history=False)
+    assert not wrong, "messages the troubleshooting tables quote that the code does not give:\n" + "\n".join(wrong)
+
+
 def test_markers_are_rare_and_used_right() -> None:
     """Skipping is for what cannot run here; every marker sits right before a python block."""
     skipped = [s.where() for p in PAGES for s in snippets(p) if s.skip]
