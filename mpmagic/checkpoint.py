@@ -413,6 +413,9 @@ def _check_setup_files(run: str) -> None:
     a worker imported it when it ran the setup and runs that version until the pool
     restarts: its results would be stored under the new file's key, and found again
     after ``%pool restart`` (the old code's results where the new code's were due).
+    So too after ``importlib.reload`` in the notebook, which the workers follow:
+    the setup is not run again, so what it made from the module (``BASE =
+    mymod.BASE``) stays the old file's, each run until the pool restarts.
     Read or stored, the run would mix versions: it runs as a plain one (as a run
     without ``--checkpoint`` would: the workers' version). Only the local pool
     reports when its workers ran the setup (``setup_workers``).
@@ -430,7 +433,8 @@ def _check_setup_files(run: str) -> None:
         return
     names = ", ".join(os.path.basename(p) for p in changed)
     _warn(f"mpmagic: --checkpoint: {names} changed on disk since the workers ran the %%pool setup that imports "
-          f"{'it' if len(changed) == 1 else 'them'}, and they run the version they imported then, so {run} "
+          f"{'it' if len(changed) == 1 else 'them'}, and they keep what the setup made of the version then "
+          f"(a reload does not run the setup again), so {run} "
           "runs without the checkpoint (nothing read from it or stored); %pool restart runs the setup, and "
           "the file as it is now, in new workers")
     raise ValueError("the setup's modules changed since the workers ran it")

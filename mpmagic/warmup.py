@@ -52,7 +52,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import compat, loadstamps, worker_setup
+from . import compat, loadstamps
 from .protocol import Import, Reload
 from .rss import resident_bytes
 
@@ -646,9 +646,9 @@ class Reloads:
             shown = ", ".join(reloaded)
             for name in reloaded:
                 self._versions[name] = _reload_version(name)
-            # (a module the %%pool setup imports too: the workers run the file as it is now)
-            worker_setup.reloaded([os.path.realpath(f) for n in reloaded
-                                   if (f := getattr(sys.modules.get(n), "__file__", None))])
+            # (A module the %%pool setup imports too stays "changed since the workers ran the setup"
+            # for --checkpoint, worker_setup.files_changed: the reload does not run the setup again,
+            # and what it made from the module, `BASE = mymod.BASE`, is of the old file.)
             with self._lock:
                 self._reloads.extend(reloaded)
             # (Where they imported it: a worker that never did, say it failed to, imports it afresh.)

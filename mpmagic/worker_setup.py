@@ -37,7 +37,8 @@ by the setup alone, never by the notebook) are found when it is set
 their files' contents. Each worker imports them once, when it first runs a
 setup that imports them, so their files are stamped as each worker says it
 ran it (:func:`record`); :func:`files_changed` tells a checkpointed run that
-a live worker runs an older version than the file's.
+a live worker runs an older version than the file's (a reload of the module
+in the workers leaves the setup's own names as they were: still older).
 
 This module imports no IPython.
 """
@@ -188,7 +189,13 @@ def files_changed(workers: list) -> list[str]:
     """Of the user's modules the setup imports, the files changed on disk since one
     of these workers ran the setup (it imported the file as it was then, and runs
     that version until it restarts): a checkpoint keyed by the file as it is now
-    would store that worker's results under the new file's key."""
+    would store that worker's results under the new file's key.
+
+    Also after the notebook reloaded the module and the workers did too
+    (``warmup.Reloads``): a reload runs the module, not the setup, so what the
+    setup made from it (``BASE = mymod.BASE``, a model built by its code) is
+    still the old file's. Only a worker that runs the setup afresh, a new one
+    (``%pool restart``), has it from the file as it is now."""
     files = module_files()
     if not files:
         return []
@@ -200,16 +207,6 @@ def files_changed(workers: list) -> list[str]:
         if any(path in stamps and stamps[path] != now for stamps in records):
             changed.append(path)
     return changed
-
-
-def reloaded(paths: list[str]) -> None:
-    """The notebook reloaded the modules of these files, and the workers reload them
-    too before their next task (``warmup.Reloads``): they run the files as they are now."""
-    with _lock:
-        for stamps in _loaded.values():
-            for path in paths:
-                if path in stamps:
-                    stamps[path] = _stamp(path)
 
 
 def has_setup() -> bool:

@@ -773,7 +773,7 @@ def test_run_key_covers_the_users_modules_the_pool_setup_imports(ip, tmp_path, m
     assert run_key(func, False)[0] != before
     worker_setup.clear()
     # which files changed since a worker imported them: its first setup run counts (a later
-    # setup's `import` of a module it has is a no-op), a reload in the notebook reaches it
+    # setup's `import` of a module it has is a no-op); a reload does not run the setup again
     from mpmagic.protocol import SetupDone
 
     monkeypatch.setattr(worker_setup, "_loaded", {})
@@ -789,8 +789,6 @@ def test_run_key_covers_the_users_modules_the_pool_setup_imports(ip, tmp_path, m
     worker_setup.set_code("import setupmod_ck")  # the same cell again
     worker_setup.record(worker, SetupDone(worker_setup.version(), 0, None, [], ""))
     assert worker_setup.files_changed([worker]) == [path]
-    worker_setup.reloaded([path])
-    assert worker_setup.files_changed([worker]) == []
     worker_setup.clear()
 
 
@@ -842,6 +840,49 @@ def test_a_pool_setups_own_module_edited_is_computed_again(ip, store_dir, tmp_pa
         from mpmagic import pool
 
         pool.shutdown()  # (a restarted pool numbers its workers on: pages tested later show workers 0 and 1)
+
+
+def test_a_pool_setups_copy_from_a_module_reloaded_in_the_notebook_is_not_stored(ip, store_dir, tmp_path,
+                                                                                  monkeypatch, local_pool):
+    """%%pool setup copies a value out of the user's module (`BASE = setupmod_rl.BASE`); the notebook
+    imports the module too, and after editing it runs importlib.reload. The workers reload the module,
+    which does not run the setup again: BASE stays the old one. The first --checkpoint run warned and
+    went without the checkpoint, the second said nothing and stored [1000, ...] under the edited file's
+    key, and after %pool restart --checkpoint returned those where the workers give [2000, ...]."""
+    import importlib
+    import runpy
+
+    path = tmp_path / "setupmod_rl.py"
+    _save(path, "BASE = 1000\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import setupmod_rl")
+        run(ip, "%%pool setup\nimport setupmod_rl\nBASE = setupmod_rl.BASE")
+        run(ip, "def from_setup(x):\n    return BASE + x\n")
+        old = [1000 + x for x in range(3)]
+        assert run(ip, "%pmap -q --checkpoint from_setup, range(3)") == old
+        _save(path, "BASE = 20000\n")
+        importlib.reload(sys.modules["setupmod_rl"])
+        for _ in range(2):  # each run until the setup runs again: the workers' (stale) values, not stored
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert run(ip, "%pmap -q --checkpoint from_setup, range(3)") == old
+            said = [str(w.message) for w in caught if "setupmod_rl.py changed on disk" in str(w.message)]
+            assert len(said) == 1 and "%pool restart" in said[0]
+            assert "checkpoint" not in mpmagic.last_report().line()
+        mpmagic.restart_pool()
+        base = runpy.run_path(str(path))["BASE"]  # the setup on the file as it is now, serially
+        oracle = [base + x for x in range(3)]
+        assert run(ip, "%pmap -q from_setup, range(3)") == oracle
+        assert run(ip, "%pmap -q --checkpoint from_setup, range(3)") == oracle
+        assert "resumed: 0 of 3" in mpmagic.last_report().line()
+    finally:
+        run(ip, "%pool setup clear")
+        sys.modules.pop("setupmod_rl", None)
+        ip.user_ns.pop("setupmod_rl", None)
+        from mpmagic import pool
+
+        pool.shutdown()
 
 
 def test_a_function_capturing_shared_helpers_resumes_after_they_are_made_again(ip, store_dir):
