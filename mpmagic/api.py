@@ -66,7 +66,7 @@ from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
 from .jobs import CellJob, Failed, MapJob, first_failed_rank, item_note, parallel_error_line
-from .pool import check_run_workers, forked_from_pool, get_pool
+from .pool import check_run_ranks, check_run_workers, forked_from_pool, get_pool
 from .progress import Progress
 from .report import RankValues, Report
 from .threads import cap_for, configured
@@ -1759,6 +1759,8 @@ def parallel(
             "to run a function in parallel use mpmagic.pmap(func, items), e.g. mpmagic.pmap(func, range(n)) for n calls"
         )
     workers = _check_workers(workers)
+    if workers is not None:  # (before anything is built per rank: -n 10**30 ran out of memory first)
+        check_run_ranks(workers)
     timeout = run_timeout(timeout)
     progress_delay = _check_progress_delay(progress_delay)
     if seed is not None:  # (a plain int from here on: the checkpoint's key and the ranks' streams)
@@ -1945,6 +1947,7 @@ class CellCall:
         self.namespace = namespace
         self.backend = get_pool()
         self.size = workers or self.backend.workers
+        self.backend.check_ranks(self.size)  # (the pool the run goes to: one unit per rank is made below)
         self.pins = None
         if keep or reset:  # persistent ranks (ranks.py): each rank pinned to the worker keeping its namespace
             from . import ranks

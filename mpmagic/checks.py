@@ -24,6 +24,31 @@ from collections.abc import Callable
 
 from .errors import UsageError
 
+#: Digits a whole number is shown with in full in a message; past them, abbreviated (``number_text``).
+SHOWN_DIGITS = 20
+
+
+def number_text(value: object) -> str:
+    """``value`` as a message shows it: its ``repr``, but a whole number of more than
+    ``SHOWN_DIGITS`` digits abbreviated (``10**400``, ``-10**30``, ``999999... (29 digits)``).
+
+    Why: ``workers=10**400`` was refused with all 401 digits in the line, and
+    ``repr`` of an int past 4300 digits raises ValueError (Python's limit on
+    int-to-text), which would replace the refusal with an unrelated error.
+    """
+    number = whole(value)
+    if number is None or -(10**SHOWN_DIGITS) < number < 10**SHOWN_DIGITS:
+        return repr(value)
+    sign, size = ("-" if number < 0 else ""), abs(number)
+    digits = int(math.log10(size)) + 1  # (log10 takes any int; a float's rounding is corrected next)
+    while size < 10 ** (digits - 1):
+        digits -= 1
+    while size >= 10**digits:
+        digits += 1
+    if size == 10 ** (digits - 1):
+        return f"{sign}10**{digits - 1}"
+    return f"{sign}{size // 10 ** (digits - 6)}... ({digits} digits)"
+
 
 def whole(value: object) -> int | None:
     """``value`` as a plain int if it is a whole number (``operator.index`` takes it:
@@ -64,7 +89,7 @@ def check_whole(name: str, value: object, least: int = 1, takes: str | None = No
     if number is None or number < least:
         if takes is None:
             takes = f"a whole number of {'0 or more' if least == 0 else f'at least {least}'}"
-        raise UsageError(f"{name} must be {takes}, not {value!r}")
+        raise UsageError(f"{name} must be {takes}, not {number_text(value)}")
     return number
 
 
@@ -73,7 +98,7 @@ def check_real(name: str, value: object, takes: str, ok: Callable[[float], bool]
     is), else a ``UsageError``: ``{name} must be {takes}, not {value!r}``."""
     number = real(value)
     if number is None or math.isnan(number) or not ok(number):
-        raise UsageError(f"{name} must be {takes}, not {value!r}")
+        raise UsageError(f"{name} must be {takes}, not {number_text(value)}")
     return number
 
 

@@ -19,7 +19,13 @@ from typing import Any
 
 from . import exiting
 from .backends.base import Backend
-from .backends.local import LocalBackend, check_start_method, check_tasks_per_child, pool_size
+from .backends.local import (
+    LocalBackend,
+    check_rank_count,
+    check_start_method,
+    check_tasks_per_child,
+    pool_size,
+)
 from .checks import real, whole
 from .engine import sigint_deferred
 from .errors import UsageError, one_line, one_line_interrupt
@@ -51,6 +57,18 @@ def check_run_workers(workers: int) -> None:
         backend.check_workers(workers)
     else:
         pool_size(workers)
+
+
+def check_run_ranks(size: int) -> None:
+    """The usage error a cell of ``size`` ranks (a whole number of at least 1) gets from
+    the pool it would run on, asked before anything per rank is built and without
+    making or starting a pool: the current pool's check, or, with none made yet,
+    the local pool's (more ranks than this machine can run at once)."""
+    backend = _backend
+    if backend is not None:
+        backend.check_ranks(size)
+    else:
+        check_rank_count(size)
 
 
 def _made(backend: Backend) -> Backend:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .checks import check_whole
 from .fmt import fmt_seconds
 
 
@@ -131,11 +132,11 @@ def _plot(result: Scaling) -> Any:
     return fig
 
 
-def _counts(max_workers: int | None) -> list[int]:
+def _counts(max_workers: int | None) -> range:
     from .pool import get_pool
 
     n = max_workers or get_pool().workers
-    return list(range(1, max(1, n) + 1))
+    return range(1, max(1, n) + 1)
 
 
 def _warm_up() -> None:
@@ -173,7 +174,10 @@ def pmap_scaling(
     parallel runs only.
     """
     from . import api
+    from .pool import check_run_workers
 
+    if max_workers is not None:  # (refused before the serial runs, not at the first point past the machine)
+        check_run_workers(check_whole("max_workers", max_workers))
     data = [list(it) for it in iterables]
     serial_func, serial_data, serial_star = func, tuple(data), star
     if seed is not None:  # the same per-item streams as the parallel runs (api.seeded)
@@ -209,7 +213,10 @@ def parallel_scaling(
     """
     from . import api
     from .cell import make_cell_spec, run_cell_code
+    from .pool import check_run_ranks
 
+    if max_workers is not None:  # (refused before the serial run, not after 1..N as a list of N counts)
+        check_run_ranks(check_whole("max_workers", max_workers))
     spec = make_cell_spec(code, namespace)
     if seed is not None:  # rank 0's stream, as the parallel runs' rank 0 (api's cell call does the same)
         from .seeding import _check_seed, uses_numpy, uses_torch

@@ -138,3 +138,71 @@ def test_a_bad_value_is_one_line_naming_the_argument_before_anything_runs(pool2,
     assert "\n" not in message and name in message and given in message, message
     assert mpmagic.last_report() is before  # (no run started: none made a report)
     assert pool_module.current_pool() is pool2 and pool2.running  # (the pool as it was)
+
+
+class _NoUnitsPerRank(jobs.CellJob):
+    """A cell job that fails the test if made for more ranks than the machine runs: one
+    for 10**8 ranks took 16 s and then a SystemError from ``deque``, one for 10**400
+    grew to 23 GB (a tester's report)."""
+
+    def __init__(self, spec: bytes, size: int, **kwargs) -> None:
+        from mpmagic.backends.local import max_workers
+
+        assert size <= max_workers(), f"a CellJob of {size} ranks was built before the size was checked"
+        super().__init__(spec, size, **kwargs)
+
+
+HUGE_RANKS = [(1000, "1000"), (10**8, "100000000"), (10**400, "10**400"),
+              (99999999999999999999999999999, "999999... (29 digits)"), (np.int64(10**12), "1000000000000")]
+
+
+@pytest.mark.parametrize("workers, shown", HUGE_RANKS, ids=[r[1] for r in HUGE_RANKS])
+def test_more_ranks_than_the_machine_runs_are_refused_before_anything_per_rank(pool2, monkeypatch, workers, shown):
+    """``parallel(code, workers=N)``: the size was checked at submit, after the job had
+    made one unit per rank (``-n 1000`` was quick, ``10**8`` and ``10**400`` were not)."""
+    monkeypatch.setattr(api, "CellJob", _NoUnitsPerRank)
+    from mpmagic.backends.local import max_workers
+    from mpmagic.cpus import available_cpus
+
+    before = mpmagic.last_report()
+    for block in (True, False):
+        with pytest.raises(UsageError) as info:
+            mpmagic.parallel("rank", workers=workers, namespace={}, block=block)
+        assert str(info.value) == (f"-n {shown} is more ranks than this machine can run at once "
+                                   f"(at most {max_workers()} with {available_cpus()} CPUs)")
+    assert mpmagic.last_report() is before  # (no run started)
+    assert pool_module.current_pool() is pool2 and pool2.workers == 2
+
+
+def test_a_refused_number_is_shown_abbreviated_past_twenty_digits():
+    """``pmap(workers=10**400)`` printed all 401 digits; past 4300 digits ``repr`` of an
+    int raises ValueError, which would have replaced the refusal."""
+    from mpmagic.checks import number_text
+
+    assert [number_text(v) for v in (2, -7, 10**20 - 1, np.int64(5), 2.5, "x")] == [
+        "2", "-7", "99999999999999999999", "np.int64(5)", "2.5", "'x'"]
+    assert number_text(10**400) == "10**400" and number_text(-(10**30)) == "-10**30"
+    assert number_text(123456789 * 10**400) == "123456... (409 digits)"
+    assert number_text(10**5000 + 1) == "100000... (5001 digits)"  # (str() of it raises ValueError)
+    with pytest.raises(UsageError, match=r"^workers = 10\*\*400 is more processes than this machine can run"):
+        mpmagic.pmap(abs, XS, workers=10**400)
+    with pytest.raises(UsageError, match=r"^chunksize must be a whole number of at least 1, not -10\*\*400$"):
+        mpmagic.pmap(abs, XS, chunksize=-(10**400))
+
+
+def test_a_dask_pool_refuses_more_ranks_than_its_worker_processes_before_connecting():
+    """A Dask pool not running yet: mpmagic's own cluster starts with a known size; a
+    cluster elsewhere is counted once connected, and only an absurd size is refused now."""
+    from mpmagic.backends import dask as dask_backend
+
+    backend = object.__new__(dask_backend.DaskBackend)  # (its attributes, without a cluster)
+    backend.client, backend._most_workers, backend.address, backend.scheduler_file = None, 0, None, None
+    backend.owns_cluster, backend.requested_workers = True, 2
+    backend.check_ranks(2)
+    with pytest.raises(UsageError, match=r"^-n 3 needs 3 Dask worker processes at once \(one per rank\), and the "
+                                         r"local Dask cluster has 2: use -n 2 or fewer"):
+        backend.check_ranks(3)
+    backend.owns_cluster, backend.address = False, "tcp://10.0.0.1:8786"
+    backend.check_ranks(1000)  # (perhaps: the run counts the workers once connected)
+    with pytest.raises(UsageError, match=r"^-n 10\*\*400 is more ranks than mpmagic runs at once \(at most 65536"):
+        backend.check_ranks(10**400)

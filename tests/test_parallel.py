@@ -489,3 +489,21 @@ def test_a_ranks_displayed_object_says_which_rank_sent_it(ip, local_pool):
         cell(ip, "-n 1 -q", "h = display('table', display_id=True)\nh.update('done')\nrank;")
     assert cap.stdout.startswith("[rank 0] \n") and cap.stdout.count("[rank 0]") == 1
     assert [o.data["text/plain"] for o in cap.outputs] == ["'table'", "'done'"]
+
+
+def test_more_ranks_than_the_machine_runs_is_one_line_at_once(ip, pool_fs, monkeypatch):
+    """``%%parallel -n 99999999999999999999999999999`` grew to 23 GB before the size was
+    checked (one unit per rank was made first); ``-n 1000`` was refused at once."""
+    from mpmagic import api
+    from mpmagic.backends.local import max_workers
+    from mpmagic.cpus import available_cpus
+
+    def no_job(*args, **kwargs):
+        raise AssertionError("a CellJob was built before the size was checked")
+
+    monkeypatch.setattr(api, "CellJob", no_job)
+    cap = f"(at most {max_workers()} with {available_cpus()} CPUs)"
+    for n, shown in (("99999999999999999999999999999", "999999... (29 digits)"), ("1" + "0" * 400, "10**400")):
+        for extra in ("", " --bg", " --scaling"):
+            assert usage_error(ip, f"%%parallel -q -n {n}{extra}\nrank") == (
+                f"%%parallel: -n {shown} is more ranks than this machine can run at once {cap}"), extra

@@ -179,6 +179,10 @@ class Backend(Protocol):
     # A usage error for a map's ``workers`` this backend could never run (the local
     # pool's cap), asked before the run is made: a mistake in the call makes no report.
     def check_workers(self, workers: int | None) -> None: ...
+    # The same for a cell's ``size`` ranks (a whole number of at least 1), asked before
+    # the job builds anything per rank: ``-n 10**30`` must be refused at once, not
+    # after the memory for 10**30 units ran out.
+    def check_ranks(self, size: int) -> None: ...
     def status(self) -> dict[str, Any]: ...
     # The ids ``worker_setup`` knows the live workers by, or None where the workers
     # do not report when they ran the setup (Dask): ``checkpoint`` asks whether they

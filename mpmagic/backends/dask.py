@@ -75,7 +75,7 @@ from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
 from .. import context, exiting, posixshm, warmup, worker_setup
-from ..checks import check_real, check_whole, whole
+from ..checks import check_real, check_whole, number_text, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
@@ -91,6 +91,9 @@ _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it retu
 _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
 _CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its worker processes are killed
 _KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
+# The most ranks a cell may ask of a cluster not yet connected (one worker process each):
+# beyond any cluster's size, refused before one unit per rank is built (check_ranks).
+_MOST_RANKS = 65_536
 # Seconds a %%parallel rank may take to start before the notebook is told why it
 # waits (its worker busy with other tasks): ranks that meet wait for it silently.
 RANK_START_NOTICE = 3.0
@@ -673,6 +676,46 @@ class DaskBackend:
     def check_workers(self, workers: int | None) -> None:
         """Nothing to check before a map: a cluster's size is the cluster's business (see Backend)."""
 
+    def check_ranks(self, size: int) -> None:
+        """A usage error for a cell of ``size`` ranks the cluster has too few worker processes
+        for (one per rank, as ``_rank_workers`` places them), before the run builds one
+        unit per rank: ``-n 10**30`` ran out of memory before this was asked.
+
+        Running: the workers it has (asked of the scheduler afresh before refusing),
+        or the most it had (a worker restarting after a timeout is waited for). Not
+        running: the size mpmagic's own cluster starts at; a cluster elsewhere is
+        counted when the run connects, and only more than ``_MOST_RANKS`` is refused now.
+        """
+        if size <= _MOST_RANKS and size <= self._most_workers:
+            return
+        if self.running:
+            try:
+                have = len(self._nthreads())
+                if size > max(have, self._most_workers):
+                    have = len(self._nthreads(fresh=True))
+            except Exception:  # (the scheduler went away: the run says so, and refuses too many ranks then)
+                log.debug("mpmagic: could not count the Dask workers", exc_info=True)
+            else:
+                if size > max(have, self._most_workers):
+                    raise self._too_few_workers(size, have)
+                return
+        elif self.owns_cluster:
+            have = self.requested_workers or available_cpus()
+            if size > have:
+                raise self._too_few_workers(size, have)
+            return
+        if size > _MOST_RANKS:
+            raise UsageError(f"-n {number_text(size)} is more ranks than mpmagic runs at once (at most "
+                             f"{_MOST_RANKS}: each rank is a Dask worker process of its own)")
+
+    def _too_few_workers(self, size: int, have: int) -> UsageError:
+        """The error for a cell of ``size`` ranks on a cluster of ``have`` worker processes."""
+        return UsageError(
+            f"-n {number_text(size)} needs {number_text(size)} Dask worker processes at once (one per rank), and "
+            f"{self.where} has {have}: use -n {have} or fewer, or add workers"
+            + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
+        )
+
     def resize(self, workers: int) -> None:
         """Scale the local cluster mpmagic started (-1: one worker per usable CPU); a cluster
         run elsewhere is scaled there."""
@@ -1149,12 +1192,7 @@ class DaskBackend:
     def _rank_workers(self, size: int, nthreads: dict[str, int]) -> list[str]:
         """One distinct worker process per rank, or a clear error."""
         if len(nthreads) < size:
-            n = len(nthreads)
-            raise UsageError(
-                f"-n {size} needs {size} Dask worker processes at once (one per rank), and "
-                f"{self.where} has {n}: use -n {n} or fewer, or add workers"
-                + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
-            )
+            raise self._too_few_workers(size, len(nthreads))
         # Idle workers first, so ranks start at once on a shared cluster; last,
         # those still busy with a task this notebook gave up on (Dask does not
         # count those: their ranks would wait until that task returns).

@@ -54,7 +54,7 @@ from .. import (
     worker,
     worker_setup,
 )
-from ..checks import check_whole, whole
+from ..checks import check_whole, number_text, whole
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
@@ -138,10 +138,25 @@ def _check_size(n: object, what: str = "workers") -> int:
     size = check_whole(what, n, 1, f"a whole number of at least 1{hint}")
     if size > max_workers():
         raise UsageError(
-            f"{what} = {size} is more processes than this machine can run at once "
+            f"{what} = {number_text(size)} is more processes than this machine can run at once "
             f"(at most {max_workers()} with {available_cpus()} CPUs)"
         )
     return size
+
+
+def check_rank_count(size: int) -> None:
+    """A UsageError for a cell of ``size`` ranks (a whole number of at least 1) more than
+    this machine runs at once: one worker process per rank, ``max_workers()`` at most.
+
+    Asked before the run builds anything per rank (``pool.check_run_ranks``): the
+    check came only at submit, after ``CellJob`` had made one unit per rank, so
+    ``parallel(code, workers=10**8)`` failed after 16 s with a SystemError from
+    ``deque`` and ``-n 99999999999999999999999999999`` grew to 23 GB.
+    """
+    cap = max_workers()
+    if size > cap:
+        raise UsageError(f"-n {number_text(size)} is more ranks than this machine can run at once "
+                         f"(at most {cap} with {available_cpus()} CPUs)")
 
 
 def start_method_refused(method: object) -> str | None:
@@ -983,6 +998,11 @@ class LocalBackend:
         if workers and workers > self.workers:
             _check_size(workers)
 
+    def check_ranks(self, size: int) -> None:
+        """A usage error for a cell of ``size`` ranks more than the machine runs at once
+        (``check_rank_count``), before the run builds one unit per rank."""
+        check_rank_count(size)
+
     def resize(self, workers: int) -> None:
         """Grow or shrink the pool to ``workers`` processes (idle ones stop; busy ones once idle);
         -1: one per usable CPU."""
@@ -1262,10 +1282,7 @@ class LocalBackend:
             )
         limit = None
         if job.kind == "cell":
-            cap = max_workers()
-            if job.size > cap:
-                raise UsageError(f"-n {job.size} is more ranks than this machine can run at once "
-                                 f"(at most {cap} with {available_cpus()} CPUs)")
+            check_rank_count(job.size)  # (asked before the job was made too: pool.check_run_ranks)
         elif workers and workers > self.workers and not self._retired:
             # The pool grows for good (starting workers for one call and stopping
             # them after would cost every such call their start): say so once,
