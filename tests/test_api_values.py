@@ -138,3 +138,15 @@ def test_a_bad_value_is_one_line_naming_the_argument_before_anything_runs(pool2,
     assert "\n" not in message and name in message and given in message, message
     assert mpmagic.last_report() is before  # (no run started: none made a report)
     assert pool_module.current_pool() is pool2 and pool2.running  # (the pool as it was)
+
+
+def test_gather_names_from_numpy_are_plain_str_keys(pool2):
+    """``gather=np.array(['x', 'y'])`` holds ``np.str_`` names, which became the keys of
+    ``.gathered`` as they were (``np.str_('x')``): the keys are the variables' names,
+    plain str, as ``gather=['x', 'y']`` gives them."""
+    names = api.variable_names(np.array(["x", "y"]), "gather=")
+    assert names == ("x", "y") and [type(name) for name in names] == [str, str]
+    code = "x = rank\ny = -rank"
+    got = mpmagic.parallel(code, workers=2, gather=np.array(["x", "y"]), namespace={}).gathered
+    assert got == mpmagic.parallel(code, workers=2, gather=["x", "y"], namespace={}).gathered
+    assert [type(key) for key in got] == [str, str]
