@@ -1591,7 +1591,9 @@ def variable_names(given: object, option: str) -> tuple[str, ...]:
     (``''``, ``'x,,y'``) is refused rather than dropped, and so is anything else
     (``None``, ``5``, ``[1]``, a dict): ``tuple('total')`` took a str as its
     letters, and None or 1 failed inside mpmagic. Names are NFKC-normalized, as
-    Python reads them (the cell binds ``ℌ`` as ``H``).
+    Python reads them (the cell binds ``ℌ`` as ``H``), and plain ``str``: a name
+    from ``np.array(['x', 'y'])`` is an ``np.str_``, which became a key of
+    ``.gathered`` as it was (``np.str_('x')``), not the variable's name.
     """
     if isinstance(given, str):
         pieces: list = re.split(r"\s*,\s*|\s+", given.strip())
@@ -1606,7 +1608,7 @@ def variable_names(given: object, option: str) -> tuple[str, ...]:
                          f"not {payload_repr(given)}")
     names = []
     for piece in pieces:
-        name = unicodedata.normalize("NFKC", piece) if isinstance(piece, str) else piece
+        name = unicodedata.normalize("NFKC", str.__str__(piece)) if isinstance(piece, str) else piece
         if not (isinstance(name, str) and is_variable_name(name)):
             raise UsageError(f"{option} takes variable names{how}, and {payload_repr(piece)} is not one")
         names.append(name)

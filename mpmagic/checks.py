@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import sys
 import threading
 from collections.abc import Callable
 
@@ -81,14 +82,17 @@ def real(value: object) -> float | None:
         return -math.inf if number < 0 else math.inf
 
 
-def check_whole(name: str, value: object, least: int = 1, takes: str | None = None) -> int:
-    """``value`` as a plain int if it is a whole number of at least ``least``, else a
-    ``UsageError``: ``{name} must be {takes}, not {value!r}`` (``takes``: by default
-    ``a whole number of at least 1`` / ``of 0 or more``)."""
+def check_whole(name: str, value: object, least: int = 1, takes: str | None = None,
+                most: int | None = None) -> int:
+    """``value`` as a plain int if it is a whole number of at least ``least`` (and at
+    most ``most``, if given), else a ``UsageError``: ``{name} must be {takes}, not
+    {value!r}`` (``takes``: by default ``a whole number of at least 1`` / ``of 0 or
+    more`` / ``from 0 to {most}``)."""
     number = whole(value)
-    if number is None or number < least:
+    if number is None or number < least or (most is not None and number > most):
         if takes is None:
-            takes = f"a whole number of {'0 or more' if least == 0 else f'at least {least}'}"
+            takes = (f"a whole number from {least} to {most}" if most is not None
+                     else f"a whole number of {'0 or more' if least == 0 else f'at least {least}'}")
         raise UsageError(f"{name} must be {takes}, not {number_text(value)}")
     return number
 
@@ -131,6 +135,24 @@ def wait_timeout(value: object, name: str = "timeout") -> float | None:
         return None
     seconds = check_real(name, value, "a number of seconds to wait (None: no limit)", lambda seconds: True)
     return None if seconds > threading.TIMEOUT_MAX else seconds
+
+
+#: The largest ``maxsize``, ``producers`` or ``capacity`` an ``mpmagic.Queue`` takes:
+#: the local queue keeps them in 64-bit words of its shared header (``10**400``
+#: failed there with ``memoryview: invalid value for format 'Q'``), and Dask sends
+#: them to its scheduler as 64-bit integers. ``sys.maxsize`` is also the most
+#: items any Python container holds, so no queue can need a bound past it.
+#: (``multiprocessing.Queue`` refuses less: past ``2**31 - 1``, its semaphore's
+#: limit, it raises OverflowError.)
+QUEUE_SIZE_MAX = sys.maxsize
+
+
+def queue_size(name: str, value: object, least: int, most: int = QUEUE_SIZE_MAX, most_says: str = "sys.maxsize") -> int:
+    """An ``mpmagic.Queue`` size option (``maxsize``, ``producers``, ``capacity``):
+    a plain int from ``least`` to ``most`` (:data:`QUEUE_SIZE_MAX`, written
+    ``most_says`` in the refusal), else one ``UsageError`` line naming it, on the
+    local backend and on Dask alike."""
+    return check_whole(f"mpmagic.Queue: {name}", value, least, f"a whole number from {least} to {most_says}", most)
 
 
 def check_delay(name: str, value: object) -> float:

@@ -206,3 +206,15 @@ def test_a_dask_pool_refuses_more_ranks_than_its_worker_processes_before_connect
     backend.check_ranks(1000)  # (perhaps: the run counts the workers once connected)
     with pytest.raises(UsageError, match=r"^-n 10\*\*400 is more ranks than mpmagic runs at once \(at most 65536"):
         backend.check_ranks(10**400)
+
+
+def test_gather_names_from_numpy_are_plain_str_keys(pool2):
+    """``gather=np.array(['x', 'y'])`` holds ``np.str_`` names, which became the keys of
+    ``.gathered`` as they were (``np.str_('x')``): the keys are the variables' names,
+    plain str, as ``gather=['x', 'y']`` gives them."""
+    names = api.variable_names(np.array(["x", "y"]), "gather=")
+    assert names == ("x", "y") and [type(name) for name in names] == [str, str]
+    code = "x = rank\ny = -rank"
+    got = mpmagic.parallel(code, workers=2, gather=np.array(["x", "y"]), namespace={}).gathered
+    assert got == mpmagic.parallel(code, workers=2, gather=["x", "y"], namespace={}).gathered
+    assert [type(key) for key in got] == [str, str]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import gc
+import multiprocessing
 import os
 import pickle
 import queue
@@ -26,6 +27,7 @@ from conftest import collect_cycles_holding, ensure_pool, run
 import mpmagic
 from mpmagic import pool as pool_module
 from mpmagic import posixshm, shared
+from mpmagic.errors import UsageError
 from mpmagic.shared import base as shared_base
 
 SHM = "/dev/shm"
@@ -1084,6 +1086,125 @@ def test_classic_queue_calls_run_unchanged():
     q.cancel_join_thread()
     q.join_thread()
     assert q.get(timeout=5) == 1
+
+
+HUGE = 10**400  # a whole number past float's range: 1e400 (inf) already meant no limit
+
+
+def _held_then_freed(lock) -> threading.Thread:
+    """A thread holds ``lock`` until about 0.1 s from now, so an acquire has to wait."""
+    held = threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            time.sleep(0.1)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    return holder
+
+
+def test_a_helper_timeout_too_large_to_wait_on_is_no_limit_as_its_float_is():
+    """``wait(10**400)`` on a set Event and ``get(timeout=10**400)`` raised OverflowError
+    from mpmagic's deadline (``since + timeout``), while ``1e400`` was no limit and
+    ``threading.Event().wait(10**400)`` is True. Now every helper wait reads its timeout
+    with ``checks.wait_timeout``: past ``threading.TIMEOUT_MAX`` it is no limit."""
+    local_helpers()
+    oracle = threading.Event()
+    oracle.set()
+    event = mpmagic.Event()
+    event.set()
+    assert event.wait(HUGE) is oracle.wait(HUGE) is True
+    event = mpmagic.Event()
+    threading.Timer(0.1, event.set).start()
+    assert event.wait(HUGE) is True  # (unset: it waits for the set, not for ever)
+    for made in (mpmagic.Lock(), mpmagic.RLock(), mpmagic.Value("i", 0).get_lock(), mpmagic.Array("d", 3).get_lock()):
+        holder = _held_then_freed(made)
+        assert made.acquire(timeout=HUGE) is True, made
+        made.release()
+        holder.join(10)
+    value = mpmagic.Value("i", 0)
+    holder = _held_then_freed(value.get_lock())
+    assert value.acquire(timeout=HUGE) is True
+    value.release()
+    holder.join(10)
+
+    q = mpmagic.Queue(maxsize=1)
+    threading.Timer(0.1, q.put, (5,)).start()
+    assert q.get(timeout=HUGE) == 5
+    with pytest.raises(queue.Empty):  # (as queue.Queue: no wait without block, whatever the timeout)
+        q.get(False, HUGE)
+    q.put(1, timeout=HUGE)
+    with pytest.raises(queue.Full):
+        q.put(2, False, HUGE)
+    threading.Timer(0.1, q.get).start()
+    q.put(2, timeout=HUGE)  # (full: it waits for the room the get makes)
+    assert q.flush(HUGE) is True and q.get(timeout=HUGE) == 2
+    with pytest.raises(UsageError, match=r"^timeout must be a number of seconds to wait \(None: no limit\), not '1'$"):
+        mpmagic.Event().wait("1")  # (what wait_timeout refuses, as run.result(timeout='1'))
+
+
+def test_a_queue_size_too_large_for_its_header_is_one_line_naming_it():
+    """``mpmagic.Queue(maxsize=10**400)`` failed with ``memoryview: invalid value for
+    format 'Q'`` (its header's 64-bit word). ``multiprocessing.Queue(maxsize=10**400)``
+    refuses it too (OverflowError, past its semaphore's 2**31 - 1): here it is one
+    line naming the option, and any bound up to sys.maxsize is taken."""
+    local_helpers()
+    with pytest.raises(OverflowError):
+        multiprocessing.Queue(maxsize=HUGE)
+    for option, least, most in (("maxsize", 0, "sys.maxsize"), ("producers", 1, "sys.maxsize"),
+                                ("capacity", 4096, r"2\*\*60 \(bytes\)")):
+        with pytest.raises(UsageError, match=rf"^mpmagic.Queue: {option} must be a whole number from {least} to "
+                                             rf"{most}, not 10\*\*400$"):  # (abbreviated: checks.number_text)
+            mpmagic.Queue(**{option: HUGE})
+    with pytest.raises(UsageError, match=r"^mpmagic.Queue: capacity must be a whole number from 4096 to 2\*\*60"):
+        mpmagic.Queue(capacity=sys.maxsize)  # (was OverflowError: Python int too large to convert to C long)
+    q = mpmagic.Queue(maxsize=sys.maxsize)
+    q.put(1)
+    assert q.maxsize == sys.maxsize and not q.full() and q.get(timeout=5) == 1
+
+
+def test_dask_helpers_take_a_timeout_too_large_to_wait_on_as_no_limit():
+    """The Dask Queue, Lock and Event read their timeouts as the local ones do: ``10**400``
+    reached ``distributed`` (or the deadline sum) as an int. No cluster needed: stand-ins
+    record what Dask is asked to wait."""
+    from mpmagic.backends.dask_shared import DaskEvent, DaskLock, DaskQueue
+
+    asked: list = []
+
+    class Waits:
+        def acquire(self, blocking=True, timeout=None):
+            asked.append(("acquire", timeout))
+            return True
+
+        def wait(self, timeout=None):
+            asked.append(("wait", timeout))
+            return True
+
+        def put(self, data, timeout=None):
+            asked.append(("put", timeout))
+
+        def get(self, timeout=None):
+            return "item"
+
+        def qsize(self):
+            return 1
+
+    lock, event = object.__new__(DaskLock), object.__new__(DaskEvent)
+    lock._lock = event._event = Waits()
+    assert lock.acquire(timeout=HUGE) is True and event.wait(HUGE) is True
+    q = object.__new__(DaskQueue)
+    q.maxsize, q._q, q._taker = 1, Waits(), Waits()
+    q._refuse_if_closed = lambda: None
+    q.put(1, timeout=HUGE)
+    assert asked == [("acquire", None), ("wait", None), ("put", None)]
+    with pytest.raises(ValueError, match="'timeout' must be a non-negative number"):  # (as queue.Queue)
+        q.get(timeout=-1)
+    for option in ("maxsize", "producers"):
+        with pytest.raises(UsageError, match=rf"^mpmagic.Queue: {option} must be a whole number from [01] to sys.maxsize"):
+            DaskQueue(**{option: HUGE})
 
 
 def test_a_helper_made_in_a_task_and_returned_says_to_make_it_in_the_notebook(ip, local_pool):

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import payload, waits
-from ..checks import check_whole
+from ..checks import queue_size, wait_timeout
 from ..errors import UsageError
 from ..shared import IterUntilClosed
 from ..shared.base import current_backend
@@ -133,7 +133,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         name: str | None = None,
         client: Any = None,
     ) -> None:
-        maxsize, producers = (check_whole(f"mpmagic.Queue: {what}", value, low, f"a whole number of at least {low}")
+        maxsize, producers = (queue_size(what, value, low)
                               for what, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1)))
         self._setup(name or f"mpmagic-queue-{uuid.uuid4().hex}", maxsize, producers, client)
 
@@ -340,11 +340,15 @@ def _rebuild_queue(name: str, maxsize: int, producers: int = 1) -> DaskQueue:
 
 
 def _wait_for(block: bool, timeout: float | None) -> float | None:
+    """How long a Queue's ``get``/``put`` may wait: 0 when not blocking, None for no
+    limit (also a timeout too large to wait on, ``10**400``: ``checks.wait_timeout``),
+    else the seconds; a negative one is refused as ``queue.Queue`` refuses it."""
     if not block:
         return 0
-    if timeout is not None and timeout < 0:
+    limit = wait_timeout(timeout)
+    if limit is not None and limit < 0:
         raise ValueError("'timeout' must be a non-negative number")
-    return timeout
+    return limit
 
 
 class DaskLock(_OnDask):
@@ -371,7 +375,9 @@ class DaskLock(_OnDask):
         return f"<mpmagic.Lock on Dask {self.name!r}>"
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        """Take the lock; True if taken (False after ``timeout`` or when not blocking)."""
+        """Take the lock; True if taken (False after ``timeout`` or when not blocking).
+        A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
+        timeout = wait_timeout(timeout)
         if timeout is not None and timeout < 0:  # threading.Lock's "no timeout"
             timeout = None
         with _pool_gone(self), _timed("Lock"):
@@ -458,7 +464,9 @@ class DaskEvent(_OnDask):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until set; False if ``timeout`` passed first. A task's wait with no
-        timeout says so once it has lasted :data:`mpmagic.waits.NOTE_AFTER` seconds."""
+        timeout says so once it has lasted :data:`mpmagic.waits.NOTE_AFTER` seconds.
+        A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
+        timeout = wait_timeout(timeout)
         with _pool_gone(self), _timed("Event"):
             if timeout is None and waits.watching():
                 since = time.monotonic()

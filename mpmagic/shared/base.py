@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from .. import compat, debugging, payload, posixshm, shm, waits
+from ..checks import wait_timeout
 from ..errors import MPMagicError, out_of_files, too_many_open_files
 from ..fmt import fmt_bytes
 
@@ -281,6 +282,8 @@ class _HolderLock:
         self.helper: tuple | None = None  # how to find it again elsewhere (see __reduce__)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        if timeout is not None:  # (10**400: no limit, as threading.TIMEOUT_MAX is, not OverflowError in _wait)
+            timeout = wait_timeout(timeout)
         if self.recursive:
             me = threading.get_ident()
             if self.owner == me:

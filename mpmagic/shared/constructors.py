@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checks import check_whole
+from ..checks import queue_size
 from ..errors import UsageError
 from .base import _HEADER, _backend_helper, _check_platform, _given
 from .locks import SharedEvent, SharedLock, SharedRLock
@@ -33,9 +33,9 @@ def Queue(maxsize: int = 0, *, producers: int = 1, capacity: int = 1 << 20) -> S
     if got is not NotImplemented:
         return got
     _check_platform("Queue")
-    maxsize, producers, capacity = (check_whole(f"mpmagic.Queue: {name}", value, low, f"a whole number of at least {low}")
-                                    for name, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1),
-                                                             ("capacity", capacity, 4096)))
+    maxsize, producers = queue_size("maxsize", maxsize, 0), queue_size("producers", producers, 1)
+    # (a capacity past 2**60 bytes, an exabyte, no /dev/shm holds: sys.maxsize overflowed the segment's size)
+    capacity = queue_size("capacity", capacity, 4096, 1 << 60, "2**60 (bytes)")
     capacity = _padded(capacity)
     return SharedQueue._create((maxsize, capacity, producers), _HEADER + capacity + TABLE_BYTES)
 

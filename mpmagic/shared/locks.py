@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from .. import waits
+from ..checks import wait_timeout
 from .base import _SEM_MAX, _SLICE, _Helper, _notify, _wait
 
 # --------------------------------------------------------------------------
@@ -91,7 +92,10 @@ class SharedEvent(_Helper):
         """Block until the flag is set (True) or ``timeout`` seconds pass (False).
 
         A task's wait with no timeout says so once it has lasted
-        :data:`mpmagic.waits.NOTE_AFTER` seconds (an event nobody sets waits for ever)."""
+        :data:`mpmagic.waits.NOTE_AFTER` seconds (an event nobody sets waits for ever).
+        A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``),
+        as ``threading.Event.wait`` takes it on a set event: ``since + 10**400`` raised OverflowError."""
+        timeout = wait_timeout(timeout)
         since = time.monotonic()
         deadline = None if timeout is None else since + timeout
         while not self._seg.words[1]:

@@ -19,6 +19,7 @@ from collections import deque
 from typing import Any
 
 from .. import classhome, compat, payload, posixshm, waits
+from ..checks import wait_timeout
 from ..errors import UsageError
 from . import base
 from .base import (
@@ -615,6 +616,7 @@ class SharedQueue(IterUntilClosed, _Helper):
         data = payload.dumps_data(obj)
         need = 16 + _padded(len(data))
         r, w, maxsize = self._r, self._seg.words, self._maxsize
+        timeout = wait_timeout(timeout)  # (10**400: no limit, not OverflowError below)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             local = self._local
@@ -673,7 +675,7 @@ class SharedQueue(IterUntilClosed, _Helper):
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until this process's backlog (items put while the ring was full)
         is in the shared ring; True if it is, False after ``timeout`` seconds."""
-        return self._local.wait_empty(timeout)
+        return self._local.wait_empty(wait_timeout(timeout))
 
     join_thread = flush  # the stdlib's name for the same wait
 
@@ -698,6 +700,7 @@ class SharedQueue(IterUntilClosed, _Helper):
         return self.get(False)
 
     def _take(self, block: bool, timeout: float | None) -> bytes:
+        timeout = wait_timeout(timeout)  # (10**400: no limit, as 1e400 is, not OverflowError at the deadline)
         r, w = self._r, self._seg.words
         # Fast path: a whole record at the head, taken under the mutex alone.
         with r.mutex:
