@@ -659,14 +659,17 @@ class Run(Future[_R]):
             self._done.set()
             self._arrived.notify_all()
             callbacks, self._callbacks = self._callbacks, []
-        self._settle_future()
-        with _lock:  # the history keeps its row; the handle (and results) only while the user holds it
-            if self.id in _registry:
-                _registry[self.id] = Finished(self)
-                _forget_old()
-        self._sink.draw(final=True)
-        for fn in callbacks:
-            self._call_back(fn)
+        # The exit waits for a run the callbacks start (the Future's own, those given
+        # here): this run counts as in flight until they were called (exiting.calling_back).
+        with exiting.calling_back():
+            self._settle_future()
+            with _lock:  # the history keeps its row; the handle (and results) only while the user holds it
+                if self.id in _registry:
+                    _registry[self.id] = Finished(self)
+                    _forget_old()
+            self._sink.draw(final=True)
+            for fn in callbacks:
+                self._call_back(fn)
 
     def set_result(self, result: Any) -> None:
         """Not for user code: a run settles itself when it ends (a value set from

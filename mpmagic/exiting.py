@@ -35,7 +35,20 @@ what mpmagic made as soon as the shell is told to exit. Whatever makes
 something that must be freed then (every pool, ``pool._made``; a helper made
 without a pool, ``shared``; ``%load_ext``) calls it: one watcher per shell.
 
-Once the exit began, a daemon thread's new run is refused, and such a
+Both lines count the same thing: every mpmagic run in flight, in any thread
+(those a thread Python joins next waits on too: the exit waits for them as
+well, through that thread).
+
+A run started by a done-callback of a run the exit waits for (the callbacks
+run in that run's daemon thread, and the run counts as in flight until they
+were called) is waited for too (:func:`calling_back`): it is part of that work,
+as serial code's callback would have run it, and the wait never lapses in
+between. ``concurrent.futures`` refuses it ("cannot schedule new futures after
+shutdown", logged with a traceback), but its callbacks can only refuse: its
+executor shuts down before the wait; here the wait is still going on. After a
+Ctrl-C stopped the runs, such a run is refused with one line.
+
+Otherwise, once the exit began, a daemon thread's new run is refused, and such a
 thread's mpmagic call ends it silently (a bare ``SystemExit``, which
 ``threading`` prints nothing for), as serial code's daemon thread just ends
 when the program does: a run it starts then (:func:`refuse_late_run`; the
@@ -79,6 +92,8 @@ _joined_wait_done = False  # the second wait (atexit) happened: wait_for_runs an
 _stop_now = False  # a Ctrl-C (during a wait, or the one that ended the script): stop the runs at once
 _shell_exiting = False  # an IPython shell was told to exit (exit_now): a kernel's shutdown, ``exit``
 _said = False  # the line saying what the exit waits for was printed
+_waits_over = False  # the second wait ended: the pools are being stopped
+_calling_back = threading.local()  # .depth: this thread is calling a run's done-callbacks
 
 
 class StoppedAtExit(MPMagicError):
@@ -218,7 +233,10 @@ def _wait(joined_too: bool) -> None:
         while runs := in_flight(joined_too):
             if not _said and time.monotonic() - t0 >= NOTICE_AFTER:
                 _said = True
-                _say(f"mpmagic: waiting for {_runs(len(runs))} in flight to finish before exit; Ctrl-C stops them")
+                # (every run in flight, as the Ctrl-C line counts: not only ``runs``, which leaves out
+                # those a thread Python joins next waits on; the exit waits for them too)
+                waited = len(in_flight()) or len(runs)
+                _say(f"mpmagic: waiting for {_runs(waited)} in flight to finish before exit; Ctrl-C stops them")
             time.sleep(_POLL)
     except KeyboardInterrupt:
         _stop_now = True
@@ -263,10 +281,11 @@ def wait_for_runs() -> bool:
     endless input) keep the exit waiting, as ``concurrent.futures`` does; the line
     printed past :data:`NOTICE_AFTER` says Ctrl-C stops them.
     """
-    global _began, _joined_wait_done
+    global _began, _joined_wait_done, _waits_over
     if not _joined_wait_done:
         _began = _joined_wait_done = True
         _wait(joined_too=True)
+        _waits_over = True
     return _stop_now
 
 
@@ -278,14 +297,37 @@ def _say(line: str) -> None:
         pass
 
 
+@contextmanager
+def calling_back() -> Iterator[None]:
+    """This thread calls the done-callbacks of a run that ended (``background.Run._end``):
+    a run they start while the exit still waits is waited for too (:func:`refuse_late_run`)."""
+    _calling_back.depth = getattr(_calling_back, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _calling_back.depth -= 1
+
+
 def refuse_late_run() -> None:
     """A run a daemon thread starts once the exit began: the thread ends silently, as it
     would with serial code. The exit waits for the runs in flight when it began, not
     for a daemon thread's loop (``concurrent.futures`` refuses such work too); a run
     started after the exit's stop would start the workers again. (A non-daemon thread
-    runs on: Python waits for it, and so for its runs.)"""
-    if _began and threading.current_thread().daemon:
-        raise _thread_ends()
+    runs on: Python waits for it, and so for its runs.)
+
+    But a run a done-callback starts (:func:`calling_back`) while the exit still
+    waits goes ahead: the run whose callback it is counts as in flight until its
+    callbacks were called, and the new one from its submit on, so the wait goes on
+    for it. Once the runs were stopped (Ctrl-C) or the waits are over, it is refused
+    with one line, never silently."""
+    if not _began or not threading.current_thread().daemon:
+        return
+    if getattr(_calling_back, "depth", 0):
+        if not _stop_now and not _waits_over:
+            return
+        _say("mpmagic: a run started by a done-callback was not run: "
+             + ("Ctrl-C stopped the runs at exit" if _stop_now else "the pools were stopping at exit"))
+    raise _thread_ends()
 
 
 def stopped_error() -> MPMagicError:

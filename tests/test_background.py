@@ -1118,6 +1118,83 @@ def test_the_exit_says_what_it_waits_for_and_ctrl_c_stops_the_runs_at_once(tmp_p
     assert _gone([int(p) for p in out.split()[:2]])
 
 
+#: A done-callback chains a run on each run's end, as serial code's callback would call ``work`` again.
+CHAIN_SCRIPT = """
+import os, sys, time
+import mpmagic
+
+method, out, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+def work(x):
+    time.sleep(seconds)
+    with open(os.path.join(out, f"item_{x}"), "w") as f:
+        f.write(str(x))
+    return x
+
+def chain(run):
+    n = run.result()
+    if n < 3:
+        mpmagic.call(work, n + 1).add_done_callback(chain)
+    open(os.path.join(out, f"chained_{n}"), "w").close()
+
+if __name__ == "__main__":
+    mpmagic.start_pool(workers=2, start_method=method)
+    mpmagic.call(work, 0).add_done_callback(chain)
+    print("ending", flush=True)
+"""
+
+
+def test_a_run_a_done_callback_starts_during_the_exit_wait_is_waited_for_too(tmp_path):
+    """Tester report (today), finding 3: a run started by the done-callback of a run the
+    exit waited for was dropped without a word (the callback's thread ended silently:
+    its ``call`` never returned). That run is part of the work the exit waits for: it
+    runs, its own callback too, as serially (the chain of 4 calls)."""
+    proc = _start_script(tmp_path, "forkserver", 0.1, CHAIN_SCRIPT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out == "ending\n"
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == sorted(
+        [f"item_{n}" for n in range(4)] + [f"chained_{n}" for n in range(4)])
+    waiting = r"mpmagic: waiting for 1 run in flight to finish before exit; Ctrl-C stops them"
+    assert all(re.fullmatch(waiting, line) for line in err.splitlines()) and len(err.splitlines()) <= 1, err
+
+
+#: A non-daemon thread's ``pmap`` and a background ``call`` in flight when the script ends.
+JOINED_SCRIPT = """
+import os, sys, threading, time
+import mpmagic
+
+method, out, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+if __name__ == "__main__":
+    mpmagic.start_pool(workers=2, start_method=method)
+    pool = mpmagic.get_pool()
+    threading.Thread(target=mpmagic.pmap, args=(time.sleep, [seconds])).start()
+    mpmagic.call(time.sleep, seconds)
+    while len(pool._runs) < 2:
+        time.sleep(0.005)
+    print("ending", flush=True)
+"""
+
+
+def test_the_exit_lines_count_the_same_runs(tmp_path):
+    """Tester report (today), minor: "waiting for 1 run in flight" (a non-daemon
+    thread's run left out) then "Ctrl-C: stopping the 2 runs in flight". Both lines
+    count every run in flight, the joined thread's too (the exit waits for it as well)."""
+    proc = _start_script(tmp_path, "forkserver", 300, JOINED_SCRIPT)
+    try:
+        first = proc.stderr.readline()
+        assert first == "mpmagic: waiting for 2 runs in flight to finish before exit; Ctrl-C stops them\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert err == "mpmagic: Ctrl-C: stopping the 2 runs in flight\n"
+
+
 def test_a_script_ended_by_ctrl_c_does_not_wait_for_its_runs(tmp_path):
     """The user asked the script to stop: its runs in flight are stopped as before
     (no wait, no line), as a kernel's shutdown stops them (test_kernel)."""

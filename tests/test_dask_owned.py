@@ -439,6 +439,37 @@ def test_a_script_on_mpmagics_own_cluster_ends_once_its_runs_in_flight_are_done(
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
 
 
+def test_ctrl_c_during_the_exit_wait_on_mpmagics_own_cluster_stops_quietly(tmp_path):
+    """Tester report (today), finding 4: Ctrl-C during the exit's wait printed
+    distributed's "cannot schedule new futures after shutdown" traceback (through
+    tornado's log) and took ~8 s: the run waiting for its turn started a new cluster
+    once the first was stopped, and both closes waited out their grace. Now the two
+    lines of the local pool, nothing else (as quickly: see the commit)."""
+    import subprocess
+
+    script = tmp_path / "ends.py"
+    script.write_text(
+        "import time\n"
+        "import mpmagic\n"
+        "if __name__ == '__main__':\n"
+        "    mpmagic.use_dask(workers=2)\n"
+        "    runs = [mpmagic.call(time.sleep, 300) for i in range(2)]\n"
+        "    print('ending', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+        assert first == "mpmagic: waiting for 2 runs in flight to finish before exit; Ctrl-C stops them\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0 and out == "ending\n", err
+    assert err == "mpmagic: Ctrl-C: stopping the 2 runs in flight\n"
+
+
 def test_pool_status_and_worker_wait_read_right():
     """``%pool`` said "connected to a running scheduler, not connected", and a
     cluster without workers "fewer than the 1 asked for" with no -n given."""

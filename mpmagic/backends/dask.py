@@ -63,6 +63,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
 import weakref
 from collections import OrderedDict, deque
@@ -120,6 +121,31 @@ def stop_all() -> None:
             log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
 
 
+#: Seconds into the close of mpmagic's own cluster at exit after a Ctrl-C that its worker
+#: processes are killed (their tasks are being stopped: no grace to wait out).
+_CLOSE_AT_ONCE = 0.5
+
+
+def _stop_at_exit(at_once: bool) -> None:
+    """Stop every Dask pool for good at exit (``retire``: a run that waited for its turn
+    must not start a new cluster once this one is stopped: it did, after a Ctrl-C during
+    the exit's wait, and its close waited out the grace again, ~8 s in all). ``at_once``
+    (a Ctrl-C): the workers are killed :data:`_CLOSE_AT_ONCE` into the close, busy or not.
+
+    ``distributed``'s records are silenced from here to the end, as while mpmagic's own
+    cluster runs (``_DaskLogSilenced``): closing with tasks in flight made the scheduler
+    log INFO lines and a callback tornado logged as an error with a traceback ("cannot
+    schedule new futures after shutdown": Dask's callback pool was shut down already).
+    mpmagic's one line said what happened; they go to mpmagic's debug log."""
+    logging.getLogger("distributed").setLevel(_SILENT)
+    logging.getLogger("tornado.application").addFilter(_FromDistributed())
+    for backend in list(_live_backends):
+        try:
+            backend.retire(timeout=1.0, wait_busy=not at_once)
+        except Exception:  # one backend's cleanup must not stop the others'
+            log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+
+
 @atexit.register
 def _at_exit() -> None:
     """The exit hook: as the local pool's (``local._at_exit``), wait for the runs in flight
@@ -128,9 +154,9 @@ def _at_exit() -> None:
     local pool's and Dask's own hooks: it runs before them, while the cluster and the
     local workers still run.) The wait that matters for Dask came earlier, before
     Python's exit stopped the scheduler's thread pools (``wait_before_threads_join``)."""
-    exiting.wait_for_runs()
+    stop_now = exiting.wait_for_runs()
     with exiting.sigint_dropped():
-        stop_all()
+        _stop_at_exit(at_once=stop_now)
 
 
 def _waited_at_exit() -> list[tuple[DrivenRun, threading.Thread]]:
@@ -143,7 +169,7 @@ def _waited_at_exit() -> list[tuple[DrivenRun, threading.Thread]]:
 
 
 exiting.count_runs(_waited_at_exit)
-exiting.on_stop(stop_all)
+exiting.on_stop(lambda: _stop_at_exit(at_once=True))
 # Python's exit stops every ThreadPoolExecutor (``distributed`` uses them: its scheduler
 # in this process takes no task after that) before it joins the threads: the exit's
 # first wait runs before that hook, registered on importing ``distributed``, above.
@@ -156,6 +182,18 @@ class _ToDebugLog(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         log.debug("mpmagic: Dask said while closing: %s", record.getMessage(), exc_info=record.exc_info)
         return False
+
+
+class _FromDistributed(_ToDebugLog):
+    """For tornado's log at exit: the errors of ``distributed``'s own callbacks (their
+    traceback runs through its code) go to mpmagic's debug log; any other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        tb = record.exc_info[2] if record.exc_info else None
+        files = [frame.filename for frame in traceback.extract_tb(tb)] if tb is not None else []
+        if not any(f"{os.sep}distributed{os.sep}" in f for f in files):
+            return True
+        return super().filter(record)
 
 
 @contextlib.contextmanager
@@ -579,8 +617,10 @@ class DaskBackend:
                 raise MPMagicError(f"{have} within {wait:g} s: {todo}")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Disconnect; a local cluster mpmagic started is shut down (its processes end)."""
+    def stop(self, timeout: float = 2.0, kill_after: float | None = None) -> None:
+        """Disconnect; a local cluster mpmagic started is shut down (its processes end).
+        ``kill_after``: its worker processes are killed that many seconds into the close
+        (busy ones end then, not when the close gives up on them)."""
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
@@ -597,14 +637,16 @@ class DaskBackend:
             except Exception:
                 log.info("mpmagic: closing the Dask client failed", exc_info=True)
         if cluster is not None:
-            self._close_cluster(cluster, max(timeout, _CLOSE_GRACE))
+            self._close_cluster(cluster, max(timeout, _CLOSE_GRACE), kill_after)
         silenced, self._silenced = self._silenced, None
         if silenced is not None:
             silenced.restore()
 
     def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
         """Stop this pool for good: another pool replaced it (``use_local``, ``use_dask``,
-        the extension's unload). ``wait_busy`` is the local pool's (Dask's tasks are cancelled).
+        the extension's unload), or the exit. Dask's tasks are cancelled; ``wait_busy=False``
+        (a Ctrl-C at exit) kills the busy workers of mpmagic's own cluster after
+        ``_CLOSE_AT_ONCE``, not the grace its close may take otherwise.
 
         A run that chose this pool just before it was replaced (another thread's ``pmap``,
         waiting for its turn while ``use_local()`` stopped the cluster) then fails with
@@ -615,10 +657,10 @@ class DaskBackend:
         """
         with self._lock:
             self._retired = True
-        self.stop(timeout)
+        self.stop(timeout, kill_after=None if wait_busy else _CLOSE_AT_ONCE)
 
     @staticmethod
-    def _close_cluster(cluster: Any, timeout: float) -> None:
+    def _close_cluster(cluster: Any, timeout: float, kill_after: float | None = None) -> None:
         """Close mpmagic's own ``LocalCluster``; kill the worker processes that outlive it.
 
         A nanny still starting a worker (one a ``--timeout`` or a cancel killed
@@ -626,21 +668,28 @@ class DaskBackend:
         the close timed out, printed a traceback, and left the new worker
         process running in the kernel. Whatever is alive after ``timeout`` is
         killed here: the close always ends, and says nothing (Dask's own
-        records of it go to mpmagic's debug log)."""
+        records of it go to mpmagic's debug log).
+
+        ``kill_after`` (a Ctrl-C at exit): the worker processes are killed that
+        many seconds into the close. A worker busy with a task took the close
+        ~4 s; a close cut short by a timeout instead is closed again by Dask's
+        own exit hook, which waited 10 s more. Killed while their nannies close,
+        they are not started again, and the close ends at once."""
         processes = _worker_processes(cluster)
+        killer = None
+        if kill_after is not None:
+            killer = threading.Timer(kill_after, _kill_left, args=(processes,))
+            killer.daemon = True
+            killer.start()
         try:
             with _quiet_dask_log():
                 cluster.close(timeout=timeout)
         except Exception as exc:  # (Dask's TimeoutError: a nanny waits for its starting worker)
             log.debug("mpmagic: closing mpmagic's local Dask cluster did not end in %g s: %s", timeout, exc)
-        left = [pid for pid in _pids_of(processes) if _is_our_child(pid)]
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        if left:
-            log.debug("mpmagic: killed the Dask worker processes the close left running: %s", left)
+        finally:
+            if killer is not None:
+                killer.cancel()
+        _kill_left(processes)
 
     def _close_quietly(self) -> None:
         try:
@@ -2001,6 +2050,18 @@ def _pids_of(processes: list[Any]) -> list[int]:
         if isinstance(pid, int) and pid > 0:
             pids.append(pid)
     return pids
+
+
+def _kill_left(processes: list[Any]) -> None:
+    """Kill the worker processes of these ``WorkerProcess`` objects still alive (our children)."""
+    left = [pid for pid in _pids_of(processes) if _is_our_child(pid)]
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        log.debug("mpmagic: killed the Dask worker processes the close left running: %s", left)
 
 
 def _is_our_child(pid: int) -> bool:
