@@ -289,9 +289,6 @@ def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
             known = ", ".join(f.label for f in last.failures[:10])
             raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
         failure = found[0]
-    note = _failed_since_note(f"replaying {failure.label} of the last blocking run")
-    if note:
-        print(note)
     return last, failure
 
 
@@ -351,6 +348,11 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
                          f"({exception_line(exc)}); mpmagic.last_failures() has the worker's traceback") from None
     if _refused_for_helpers(obj, failure, helpers):
         return False
+    # (Said only now, when it does replay: before a refusal above it said "replaying"
+    # and then that there was nothing to replay.)
+    note = _failed_since_note(f"replaying {failure.label} of the last blocking run")
+    if note:
+        print(note)
     expected = _worker_type(failure.error)
     try:
         _run_again(last, obj, failure)

@@ -503,6 +503,22 @@ def test_after_a_failing_stream_and_bg_run_the_last_blocking_failure_is_debugged
     assert message == "%pdebug: no failure to debug: the last %pmap or %%parallel run did not fail"
 
 
+def test_a_refused_replay_does_not_first_say_it_is_replaying(ip, fs_pool, capsys):
+    """A failure with nothing to replay (a --gather variable the cell never set),
+    then a failing --bg run: %pdebug said "mpmagic: replaying rank 0 of the last
+    blocking run; ..." and then "there is nothing to replay". The refusal is said
+    alone, as it is without the background failure."""
+    with pytest.raises(mpmagic.ParallelError):
+        run(ip, "%%parallel -q -n 2 --gather never_set\ny = rank\n")
+    handle = run(ip, "%pmap --bg -q abs, ['a']")
+    with pytest.raises(TypeError):
+        handle.result()
+    capsys.readouterr()
+    message, out = _pdebug_error(ip, "%pdebug", capsys)
+    assert "there is nothing to replay" in message and "never_set" in message, message
+    assert "replaying" not in out, out
+
+
 def test_a_background_run_or_stream_that_succeeds_leaves_the_failed_run_to_rerun(ip, fs_pool, capsys):
     """After a failed %pmap, a --bg run or an imap loop that succeeded made
     --rerun-failed refuse, saying that run "stopped at its first failure" (or
