@@ -170,6 +170,13 @@ class _Parser(argparse.ArgumentParser):
             if word == "--":  # the end of the options: the rest as it is
                 out.extend(words[at:])
                 break
+            if (_LOOKS_NEGATIVE.match(word) and word.split("=", 1)[0] not in actions and self._positionals._group_actions  # noqa: SLF001
+                    and not any(w.startswith("-") and not _LOOKS_NEGATIVE.match(w) for w in words[at + 1:])):
+                # A positional that looks negative (``%pool resize -1GB``), with only
+                # positionals after it: argparse took it for an unknown option.
+                out.append("--")
+                out.extend(words[at:])
+                break
             value = words[at + 1] if at + 1 < len(words) else None
             if (value is not None and word.startswith("-") and _takes_next_word(word, actions)
                     and _LOOKS_NEGATIVE.match(value) and value.split("=", 1)[0] not in actions):

@@ -73,6 +73,12 @@ def test_pool_size_minus_one_is_one_per_cpu_in_pool_start_and_resize_as_in_the_a
         for line in ("%pool start -n -2", "%pool resize -2"):
             result = ip.run_cell(line, store_history=False)
             assert "must be at least 1, not -2 (-1: one per usable CPU)" in str(result.error_in_exec), line
+        # A size that looks negative but is no number (argparse took it for an option:
+        # "unknown option -1GB"), as resize's N and as -n:
+        for line, said in (("%pool resize -1GB", "%pool: resize N: '-1GB' is not a whole number"),
+                           ("%pool start -n -1GB", "%pool: argument -n/--workers: '-1GB' is not a whole number")):
+            result = ip.run_cell(line, store_history=False)
+            assert str(result.error_in_exec).startswith(said), (line, str(result.error_in_exec))
         with pytest.raises(mpmagic.UsageError, match=r"at least 1 or -1 \(one per usable CPU\), not -2"):
             mpmagic.start_pool(workers=-2)
         assert pool2.workers == 3
