@@ -208,6 +208,64 @@ def test_a_dask_pool_refuses_more_ranks_than_its_worker_processes_before_connect
         backend.check_ranks(10**400)
 
 
+@pytest.fixture
+def no_local_cluster(monkeypatch):
+    """Dask's LocalCluster and Client replaced by a failure: a refusal must come before either is made."""
+    from mpmagic.backends import dask as dask_backend
+
+    def made(*args, **kwargs):
+        raise AssertionError(f"a Dask cluster or client was made: {args} {kwargs}")
+
+    monkeypatch.setattr(dask_backend, "_OwnLocalCluster", made)
+    monkeypatch.setattr(dask_backend, "Client", made)
+    return dask_backend
+
+
+@pytest.mark.parametrize("size, shown", [(10**400, r"10\*\*400"), (100000, "100000"), (np.int64(100000), "100000")],
+                         ids=["10**400", "100000", "np.int64(100000)"])
+def test_mpmagics_own_dask_cluster_is_refused_past_the_machines_limit_before_it_starts(no_local_cluster, size, shown):
+    """``use_dask(workers=10**400)`` grew to 23 GB and was OOM-killed, ``workers=100000``
+    hung starting processes: mpmagic's LocalCluster runs on this machine, so it has the
+    local pool's limit, refused in the local pool's words before anything starts."""
+    from mpmagic.backends.local import max_workers
+    from mpmagic.cpus import available_cpus
+
+    before = pool_module.current_pool()
+    said = (rf"^workers = {shown} is more processes than this machine can run at once "
+            rf"\(at most {max_workers()} with {available_cpus()} CPUs\)$")
+    with pytest.raises(UsageError, match=said):
+        mpmagic.use_dask(workers=size)
+    with pytest.raises(UsageError, match=said):
+        no_local_cluster.DaskBackend(workers=size)
+    assert pool_module.current_pool() is before  # (the pool there was stays)
+    backend = object.__new__(no_local_cluster.DaskBackend)  # (%pool resize N on it: before any scale)
+    backend.owns_cluster, backend.address, backend.scheduler_file, backend.requested_workers = True, None, None, 2
+    backend.client = backend.cluster = None
+    with pytest.raises(UsageError, match=said):
+        backend.resize(size)
+    assert backend.requested_workers == 2
+    backend.resize(max_workers())  # (the limit itself is a size: not running, it is only kept)
+    assert backend.requested_workers == max_workers()
+
+
+def test_a_connected_dask_clusters_worker_count_is_not_this_machines_limit(no_local_cluster):
+    """With a scheduler, ``workers=N`` is a count of workers to wait for, on machines of
+    their own: mpmagic starts nothing for it, so no limit of this machine's applies (the
+    first thing tried is connecting)."""
+    with pytest.raises(AssertionError, match="a Dask cluster or client was made"):
+        no_local_cluster.DaskBackend("tcp://127.0.0.1:9", workers=100000)
+
+
+def test_pool_dask_n_past_the_machines_limit_is_one_usage_line(ip, no_local_cluster):
+    """``%pool dask -n 100000`` hung 40 s+ starting processes; ``%pool start -n 100000`` is refused at once."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as cap:
+        result = ip.run_cell("%pool dask -n 100000", store_history=False)
+    assert "workers = 100000 is more processes than this machine can run at once" in str(result.error_in_exec)
+    assert "was made" not in cap.stdout + cap.stderr
+
+
 def test_gather_names_from_numpy_are_plain_str_keys(pool2):
     """``gather=np.array(['x', 'y'])`` holds ``np.str_`` names, which became the keys of
     ``.gathered`` as they were (``np.str_('x')``): the keys are the variables' names,

@@ -84,7 +84,7 @@ from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
-from .local import _no_main_module, _stopped_error
+from .local import _no_main_module, _stopped_error, pool_size
 
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
@@ -381,7 +381,8 @@ class DaskBackend:
     ``address`` (``tcp://host:8786``, ``tls://...``) or ``scheduler_file``
     connects to a running scheduler; with neither, a ``LocalCluster`` of
     ``workers`` single-threaded worker processes starts here (by default as
-    many as the local pool would have). With an address, ``workers`` means
+    many as the local pool would have; at most the local pool's limit,
+    ``local.max_workers()``, refused before it starts). With an address, ``workers`` means
     "wait until that many workers have joined". ``timeout`` bounds the wait
     for the scheduler (and for workers).
     """
@@ -406,6 +407,11 @@ class DaskBackend:
             workers = None
         if workers is not None:
             workers = check_whole("workers", workers, 1, "a whole number of at least 1 or -1 (one per usable CPU)")
+            if address is None and scheduler_file is None:
+                # mpmagic's own LocalCluster runs on this machine: the local pool's limit, before
+                # anything starts (workers=10**400 grew to 23 GB, 100000 hung starting processes).
+                # With a scheduler, workers is a count to wait for: nothing starts for it.
+                workers = pool_size(workers)
         timeout = check_real("timeout", timeout, "a number of seconds greater than 0", lambda seconds: seconds > 0)
         if address is not None:
             address = _scheduler_address(address)
@@ -605,7 +611,7 @@ class DaskBackend:
             if time.monotonic() >= deadline:
                 have = f"{_cap(self.where)} has {len(nthreads)} worker{'s' if len(nthreads) != 1 else ''}"
                 if n > 1:
-                    have += f", fewer than the {n} asked for, and no more joined"
+                    have += f", fewer than the {number_text(n)} asked for, and no more joined"
                 else:
                     have += ", and none joined"
                 if self.owns_cluster:
@@ -776,6 +782,7 @@ class DaskBackend:
                 "`dask worker` processes, or call cluster.scale(N) on its dask-jobqueue or "
                 "Kubernetes cluster object"
             )
+        workers = pool_size(workers)  # this machine's limit, before the scale (100000 hung starting them)
         self.requested_workers = workers
         if not self.running:
             return
