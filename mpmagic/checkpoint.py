@@ -417,17 +417,35 @@ def _check_setup_files(run: str) -> None:
     the setup is not run again, so what it made from the module (``BASE =
     mymod.BASE``) stays the old file's, each run until the pool restarts.
     Read or stored, the run would mix versions: it runs as a plain one (as a run
-    without ``--checkpoint`` would: the workers' version). Only the local pool
-    reports when its workers ran the setup (``setup_workers``).
+    without ``--checkpoint`` would: the workers' version). The backend tells
+    which records stand for its workers (``setup_workers``: the local pool's
+    workers as each reported it ran the setup, a Dask cluster's one stamp
+    taken as the notebook sent it the setup); where none tells (None), such
+    a setup's run goes without the checkpoint too: a stale result stored
+    silently is worse than one computed again.
     """
     if not worker_setup.has_setup():
         return
     from .pool import current_pool
 
     backend = current_pool()
-    workers = backend.setup_workers() if backend is not None and backend.running else None
+    if backend is None or not backend.running:
+        return  # (the run starts it: its new workers run the setup with the files as they are)
+    workers = backend.setup_workers()
+    connected = getattr(backend, "owns_cluster", True) is False  # a Dask cluster mpmagic only connected to
+    advice = ("its workers keep that version until they restart where the cluster runs, which mpmagic cannot "
+              "tell, so runs under this setup go without the checkpoint for the rest of the session "
+              "(mpmagic's own cluster, %pool dask -n N, restarts with %pool restart)" if connected else
+              "%pool restart runs the setup, and the file as it is now, in new workers")
     if workers is None:
-        return
+        files = worker_setup.module_files()
+        if not files:
+            return
+        names = ", ".join(os.path.basename(p) for p in files)
+        _warn(f"mpmagic: --checkpoint: mpmagic has no record of the version of {names} the workers imported when "
+              f"they ran the %%pool setup that imports {'it' if len(files) == 1 else 'them'}, so {run} runs "
+              f"without the checkpoint (nothing read from it or stored); {advice}")
+        raise ValueError("no record of the setup's modules the workers imported")
     changed = worker_setup.files_changed(workers)
     if not changed:
         return
@@ -435,8 +453,7 @@ def _check_setup_files(run: str) -> None:
     _warn(f"mpmagic: --checkpoint: {names} changed on disk since the workers ran the %%pool setup that imports "
           f"{'it' if len(changed) == 1 else 'them'}, and they keep what the setup made of the version then "
           f"(a reload does not run the setup again), so {run} "
-          "runs without the checkpoint (nothing read from it or stored); %pool restart runs the setup, and "
-          "the file as it is now, in new workers")
+          f"runs without the checkpoint (nothing read from it or stored); {advice}")
     raise ValueError("the setup's modules changed since the workers ran it")
 
 

@@ -36,7 +36,8 @@ by the setup alone, never by the notebook) are found when it is set
 (:func:`module_files`, through ``usermodules.py``): a checkpoint key covers
 their files' contents. Each worker imports them once, when it first runs a
 setup that imports them, so their files are stamped as each worker says it
-ran it (:func:`record`); :func:`files_changed` tells a checkpointed run that
+ran it (:func:`record`), or, on Dask, as the notebook sends the setup to the
+cluster (:func:`sent`); :func:`files_changed` tells a checkpointed run that
 a live worker runs an older version than the file's (a reload of the module
 in the workers leaves the setup's own names as they were: still older).
 
@@ -207,6 +208,41 @@ def files_changed(workers: list) -> list[str]:
         if any(path in stamps and stamps[path] != now for stamps in records):
             changed.append(path)
     return changed
+
+
+def sent(key: Any) -> None:
+    """The notebook is about to send the current setup to workers it knows together
+    as ``key`` (a Dask cluster: its workers are not told apart here, see
+    ``DaskBackend.setup_workers``): stamp the setup's module files not stamped for
+    ``key`` yet, as they are now, before the workers import them.
+
+    Before, not after: a file edited while the workers import it is then taken
+    for changed (the run goes without the checkpoint), never the other way round.
+    A file already stamped keeps its stamp, as :func:`record` does: workers
+    that imported it once keep that version when a later setup imports it again.
+    A new group of workers (a restarted cluster) gets a new ``key``."""
+    with _lock:
+        stamps = _loaded.pop(key, {})
+        _loaded[key] = stamps  # (the newest: kept when the oldest records are dropped)
+        for path in module_files():
+            if path not in stamps:
+                stamps[path] = _stamp(path)
+        if len(_loaded) > _STATUS_KEPT:
+            del _loaded[next(iter(_loaded))]
+
+
+def recorded(key: Any) -> bool:
+    """Whether ``key`` has a stamp of every module file the current setup imports
+    (stamped by :func:`sent`); False: what those workers imported is not known."""
+    with _lock:
+        stamps = _loaded.get(key)
+        return stamps is not None and all(path in stamps for path in module_files())
+
+
+def forget_stamps(key: Any) -> None:
+    """Drop the stamps of ``key``'s workers (they are gone: a stopped or restarted cluster)."""
+    with _lock:
+        _loaded.pop(key, None)
 
 
 def has_setup() -> bool:

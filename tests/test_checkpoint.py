@@ -842,6 +842,80 @@ def test_a_pool_setups_own_module_edited_is_computed_again(ip, store_dir, tmp_pa
         pool.shutdown()  # (a restarted pool numbers its workers on: pages tested later show workers 0 and 1)
 
 
+def test_a_pool_setups_own_module_edited_on_mpmagics_dask_cluster_is_computed_again(ip, store_dir, tmp_path,
+                                                                                    monkeypatch):
+    """On Dask the edited module went unnoticed (tester-dask4): the workers' old results
+    ([100..103] from BASE = 100) were stored under the edited file's key, and after
+    %pool restart the checkpoint returned them where the code now gives [200..203].
+    The notebook stamps the setup's module files as it sends the setup to the cluster
+    (again at a restart), so the run after the edit goes without the checkpoint, as
+    on the local pool, and the restarted workers' results are the file's as it is now."""
+    pytest.importorskip("distributed")
+    import runpy
+
+    from mpmagic import pool as pool_module
+
+    path = tmp_path / "setupmod_dk.py"
+    path.write_text("BASE = 100\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=1)
+    try:
+        run(ip, "%%pool setup\nimport setupmod_dk\nOFF = setupmod_dk.BASE")
+        run(ip, "def addoff(x):\n    return x + OFF\n")
+        first = [x + 100 for x in range(4)]
+        assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == first
+        assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == first  # nothing changed: reused
+        assert "resumed: 4 of 4" in mpmagic.last_report().line()
+        path.write_text("BASE = 200 \n")  # (another size: a new stamp even within the clock's tick)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == first  # the workers' version
+        said = [str(w.message) for w in caught if "setupmod_dk.py changed on disk" in str(w.message)]
+        assert len(said) == 1 and "%pool restart" in said[0]
+        assert "checkpoint" not in mpmagic.last_report().line()
+        mpmagic.restart_pool()
+        oracle = [x + runpy.run_path(str(path))["BASE"] for x in range(4)]  # the file as it is now, serially
+        assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == oracle
+        assert "resumed: 0 of 4" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == oracle
+        assert "resumed: 4 of 4" in mpmagic.last_report().line()
+    finally:
+        run(ip, "%pool setup clear")
+        sys.modules.pop("setupmod_dk", None)
+        pool_module.shutdown()
+
+
+def test_a_setup_importing_user_modules_without_a_record_of_the_workers_runs_without_the_checkpoint(
+        tmp_path, monkeypatch):
+    """A backend whose ``setup_workers`` gives no record (None) cannot tell which version
+    of the setup's module its workers imported: the run goes without the checkpoint and
+    says so, never storing what may be the old code's results (Dask's None skipped the
+    check: tester-dask4). A setup importing none of the user's modules is not concerned."""
+    from types import SimpleNamespace
+
+    from mpmagic import pool as pool_module
+    from mpmagic import worker_setup
+
+    (tmp_path / "setupmod_nr.py").write_text("BASE = 7\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stand_in = SimpleNamespace(running=True, owns_cluster=True, setup_workers=lambda: None)
+    monkeypatch.setattr(pool_module, "current_pool", lambda: stand_in)
+    try:
+        worker_setup.set_code("import setupmod_nr\nOFF7 = setupmod_nr.BASE\n")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ValueError):
+                checkpoint._check_setup_files("this run")
+        said = [str(w.message) for w in caught]
+        assert len(said) == 1 and "no record of the version of setupmod_nr.py" in said[0]
+        assert "runs without the checkpoint (nothing read from it or stored)" in said[0]
+        worker_setup.set_code("import os\nSEP = os.sep\n")  # no module of the user's: nothing to tell
+        checkpoint._check_setup_files("this run")
+    finally:
+        worker_setup.clear()
+
+
 def test_a_pool_setups_copy_from_a_module_reloaded_in_the_notebook_is_not_stored(ip, store_dir, tmp_path,
                                                                                   monkeypatch, local_pool):
     """%%pool setup copies a value out of the user's module (`BASE = setupmod_rl.BASE`); the notebook

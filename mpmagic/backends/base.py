@@ -184,9 +184,12 @@ class Backend(Protocol):
     # after the memory for 10**30 units ran out.
     def check_ranks(self, size: int) -> None: ...
     def status(self) -> dict[str, Any]: ...
-    # The ids ``worker_setup`` knows the live workers by, or None where the workers
-    # do not report when they ran the setup (Dask): ``checkpoint`` asks whether they
-    # run a setup module older than its file.
+    # The ids ``worker_setup`` knows the live workers' setup module files by: the
+    # local pool's workers (stamped as each reports it ran the setup), a Dask
+    # cluster's one key (stamped as the notebook sends it the setup); ``checkpoint``
+    # asks whether they run a setup module older than its file. None: no record
+    # tells, and a checkpointed run under a setup importing the user's modules goes
+    # without the checkpoint.
     def setup_workers(self) -> list[Any] | None: ...
     def submit(self, job: Job, workers: int | None = None, background: bool = False) -> Run: ...
 

@@ -90,6 +90,7 @@ _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the 
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
 _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
 _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
+_SETUP_KEYS = itertools.count(1)  # mpmagic's own clusters' setup stamp keys (DaskBackend._setup_key)
 _CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its worker processes are killed
 _KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
 # The most ranks a cell may ask of a cluster not yet connected (one worker process each):
@@ -443,6 +444,7 @@ class DaskBackend:
         self.stops = 0
         self._retired = False  # replaced by another pool (see retire): never started or connected again
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
+        self._own_setup_key: Any = ("dask-own", next(_SETUP_KEYS))  # (see _setup_key)
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
         self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (each task carries them)
         self._said_differs: set[tuple[str, Any]] = set()  # (module, digest): a worker's file said to differ
@@ -501,7 +503,10 @@ class DaskBackend:
             self.scheduler_address = self.client.scheduler.address or self.scheduler_address
             if self.requested_workers and not self.owns_cluster:
                 self._wait_for_workers(self.requested_workers)
+            if self.owns_cluster:  # new worker processes: what they import is stamped afresh
+                self._new_setup_key()
             if worker_setup.has_setup():  # worker setup (worker_setup.py): a plugin, also for later workers
+                worker_setup.sent(self._setup_key())
                 self._setup_errors = worker_setup.dask_apply(self.client)
                 for error in [] if worker_setup.is_quiet() else self._setup_errors:
                     sys.stderr.write(f"mpmagic: {error}\n")
@@ -721,6 +726,9 @@ class DaskBackend:
             )
             return
         self.stops += 1  # (its tasks are cancelled: a run in flight says the pool was stopped)
+        self._new_setup_key()  # new processes import the setup's modules as they are now
+        if worker_setup.has_setup():
+            worker_setup.sent(self._setup_key())
         try:
             self.client.restart(timeout=max(self.timeout, 30.0), wait_for_workers=wait)
         except ValueError as exc:  # workers without nannies
@@ -810,7 +818,23 @@ class DaskBackend:
             self._setup_errors = []
             self.start()  # connecting installs the setup
             return list(self._setup_errors)
+        worker_setup.sent(self._setup_key())
         return worker_setup.dask_apply(self.client)
+
+    def _setup_key(self) -> Any:
+        """The key ``worker_setup`` stamps this cluster's setup module files under
+        (``setup_workers``). mpmagic's own cluster: one per start and restart (new
+        processes). A cluster it connected to: its scheduler's address, for the
+        session: its workers may keep a module they imported from an earlier
+        connection, and mpmagic cannot tell when they restart."""
+        if self.owns_cluster:
+            return self._own_setup_key
+        return ("dask", self.scheduler_address or self.where)
+
+    def _new_setup_key(self) -> None:
+        """mpmagic's own cluster has new worker processes: stamps start afresh."""
+        worker_setup.forget_stamps(self._own_setup_key)
+        self._own_setup_key = ("dask-own", next(_SETUP_KEYS))
 
     # -- status ------------------------------------------------------------
     def __repr__(self) -> str:
@@ -825,9 +849,15 @@ class DaskBackend:
             self._dashboard_checked = (link, _serves_a_page(link))
         return link if self._dashboard_checked[1] else None
 
-    def setup_workers(self) -> None:
-        """None: Dask workers do not report when they ran the worker setup (see ``Backend``)."""
-        return None
+    def setup_workers(self) -> list[Any] | None:
+        """The one key ``worker_setup`` stamped the setup's module files under as this
+        notebook sent the setup to the cluster (``_setup_key``; see ``Backend``): Dask
+        workers do not report when each ran it, and one that joins later (a nanny's
+        restart, a resize) imports the file as it is then, which a stamp taken before
+        only ever takes for changed. None: no stamp tells (the checkpoint then runs
+        without a setup that imports the user's modules)."""
+        key = self._setup_key()
+        return [key] if worker_setup.recorded(key) else None
 
     def status(self) -> dict[str, Any]:
         """For ``%pool``: scheduler, dashboard, workers with threads and memory."""
