@@ -432,7 +432,7 @@ def _check_setup_files(run: str) -> None:
     if backend is None or not backend.running:
         return  # (the run starts it: its new workers run the setup with the files as they are)
     workers = backend.setup_workers()
-    connected = getattr(backend, "owns_cluster", True) is False  # a Dask cluster mpmagic only connected to
+    connected = not backend.owns_workers  # a Dask cluster mpmagic only connected to
     advice = ("its workers keep that version until they restart where the cluster runs, which mpmagic cannot "
               "tell, so runs under this setup go without the checkpoint for the rest of the session "
               "(mpmagic's own cluster, %pool dask -n N, restarts with %pool restart)" if connected else

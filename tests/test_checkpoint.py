@@ -899,7 +899,7 @@ def test_a_setup_importing_user_modules_without_a_record_of_the_workers_runs_wit
 
     (tmp_path / "setupmod_nr.py").write_text("BASE = 7\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    stand_in = SimpleNamespace(running=True, owns_cluster=True, setup_workers=lambda: None)
+    stand_in = SimpleNamespace(running=True, owns_workers=True, setup_workers=lambda: None)
     monkeypatch.setattr(pool_module, "current_pool", lambda: stand_in)
     try:
         worker_setup.set_code("import setupmod_nr\nOFF7 = setupmod_nr.BASE\n")

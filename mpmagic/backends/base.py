@@ -154,6 +154,8 @@ class Backend(Protocol):
     @property
     def shares_memory(self) -> bool: ...  # may large arrays travel through shared memory (same machine)?
     @property
+    def owns_workers(self) -> bool: ...  # does mpmagic start (and %pool restart renew) them? not a cluster it joined
+    @property
     def start_method(self) -> str | None: ...  # None where it does not apply (Dask)
     #: ``make_shared(kind, *args, **kwargs)`` for ``mpmagic.Queue()`` etc., or
     #: None where ``shared`` makes its own (the local pool: POSIX shared memory).

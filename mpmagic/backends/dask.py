@@ -849,6 +849,12 @@ class DaskBackend:
             self._dashboard_checked = (link, _serves_a_page(link))
         return link if self._dashboard_checked[1] else None
 
+    @property
+    def owns_workers(self) -> bool:
+        """Only for the cluster mpmagic started (``%pool restart`` restarts it): the workers
+        of one it connected to are managed where that cluster runs."""
+        return self.owns_cluster
+
     def setup_workers(self) -> list[Any] | None:
         """The one key ``worker_setup`` stamped the setup's module files under as this
         notebook sent the setup to the cluster (``_setup_key``; see ``Backend``): Dask

@@ -551,6 +551,7 @@ class LocalBackend:
 
     name = "local"
     shares_memory = True  # large arrays may travel through shared memory (shm.py)
+    owns_workers = True  # its processes are mpmagic's own: %pool restart starts new ones
     make_shared = None  # ``shared`` makes its helpers in POSIX shared memory itself
 
     def __init__(
