@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import psutil
 import pytest
@@ -430,3 +431,18 @@ def kernel():
         yield k
     finally:
         k.close()
+
+
+def ctrl_c_during_the_exit_wait(proc: Any, runs: int) -> tuple[str, str]:
+    """A script ending with ``runs`` runs in flight (``proc``: its Popen, text pipes):
+    wait for the exit's line saying what it waits for, press Ctrl-C, and return the
+    script's (stdout, stderr after that line); the process is always ended."""
+    try:
+        first = proc.stderr.readline()
+        assert first == f"mpmagic: waiting for {runs} runs in flight to finish before exit; Ctrl-C stops them\n"
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

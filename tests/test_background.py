@@ -17,7 +17,7 @@ from concurrent.futures import CancelledError
 
 import psutil
 import pytest
-from conftest import interrupted_cell, run, trickle_results
+from conftest import ctrl_c_during_the_exit_wait, interrupted_cell, run, trickle_results
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
@@ -1102,15 +1102,7 @@ def test_the_exit_says_what_it_waits_for_and_ctrl_c_stops_the_runs_at_once(tmp_p
     it; Ctrl-C then stops the runs (workers too) at once, the daemon thread whose map
     it stopped ends silently, and the script exits with no traceback."""
     proc = _start_script(tmp_path, "forkserver", 300)
-    try:
-        first = proc.stderr.readline()
-        assert first == "mpmagic: waiting for 6 runs in flight to finish before exit; Ctrl-C stops them\n"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = ctrl_c_during_the_exit_wait(proc, 6)
     assert proc.returncode == 0, err
     assert err == "mpmagic: Ctrl-C: stopping the 6 runs in flight\n"
     assert out.splitlines()[1:] == ["ending"]
@@ -1182,15 +1174,7 @@ def test_the_exit_lines_count_the_same_runs(tmp_path):
     thread's run left out) then "Ctrl-C: stopping the 2 runs in flight". Both lines
     count every run in flight, the joined thread's too (the exit waits for it as well)."""
     proc = _start_script(tmp_path, "forkserver", 300, JOINED_SCRIPT)
-    try:
-        first = proc.stderr.readline()
-        assert first == "mpmagic: waiting for 2 runs in flight to finish before exit; Ctrl-C stops them\n"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = ctrl_c_during_the_exit_wait(proc, 2)
     assert proc.returncode == 0, err
     assert err == "mpmagic: Ctrl-C: stopping the 2 runs in flight\n"
 

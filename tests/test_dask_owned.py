@@ -19,7 +19,7 @@ import traceback
 
 import cloudpickle
 import pytest
-from conftest import DASK_WORKERS, ensure_pool, run
+from conftest import DASK_WORKERS, ctrl_c_during_the_exit_wait, ensure_pool, run
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -457,15 +457,7 @@ def test_ctrl_c_during_the_exit_wait_on_mpmagics_own_cluster_stops_quietly(tmp_p
         "    print('ending', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first = proc.stderr.readline()
-        assert first == "mpmagic: waiting for 2 runs in flight to finish before exit; Ctrl-C stops them\n"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = ctrl_c_during_the_exit_wait(proc, 2)
     assert proc.returncode == 0 and out == "ending\n", err
     assert err == "mpmagic: Ctrl-C: stopping the 2 runs in flight\n"
 
