@@ -12,7 +12,8 @@ with every kernel though the function did not:
   ``/tmp/ipykernel_<pid>/<hash>.py``, with the kernel's pid in it; and its
   line numbers, which move when a cell above gains a line;
 * the tracker id cloudpickle gives a class defined in the notebook: a random
-  ``uuid4`` per class per process;
+  ``uuid4`` per class per process; and, from Python 3.13, the class's
+  ``__firstlineno__``, the line it starts on;
 * frozensets among a code object's constants (``x in {"a", "b"}`` compiles to
   one): their order follows string hashes, randomised per process.
 
@@ -173,9 +174,14 @@ class _KeyPickler(cloudpickle.Pickler):
                 self.modules[f"{path}:{obj.__qualname__}"] = hashlib.blake2b(
                     marshal.dumps(obj.__code__), digest_size=16).digest()
         rv = super().reducer_override(obj)
-        if _TRACKER is not None and isinstance(obj, type) and isinstance(rv, tuple) and len(rv) > 1:
-            tracker = _TRACKER(obj)
-            rv = (rv[0], tuple(None if a == tracker else a for a in rv[1]), *rv[2:])
+        if isinstance(obj, type) and isinstance(rv, tuple) and len(rv) > 2:
+            if _TRACKER is not None:
+                tracker = _TRACKER(obj)
+                rv = (rv[0], tuple(None if a == tracker else a for a in rv[1]), *rv[2:])
+            state = rv[2]  # (class dict, slot state): Python 3.13 adds the line the class starts on
+            if isinstance(state, tuple) and state and isinstance(state[0], dict) and "__firstlineno__" in state[0]:
+                clsdict = {k: v for k, v in state[0].items() if k != "__firstlineno__"}
+                rv = (rv[0], rv[1], (clsdict, *state[1:]), *rv[3:])
         return rv
 
 

@@ -107,6 +107,20 @@ def test_run_key_changes_with_code_captured_global_called_function_and_default(i
     assert run_key(ip.user_ns["outer"], False)[0] != base
 
 
+def test_a_notebook_class_moved_down_a_line_keeps_its_keys(ip):
+    """Python 3.13 records the line a class starts on (``__firstlineno__``), and the
+    keys had it: a comment added above a class the function uses, or whose instances
+    are the items, gave every stored item a new key (0 of 6 from the checkpoint).
+    Below 3.13 the attribute is written out, as 3.13 sets it."""
+    def keys(pad: int) -> tuple[bytes, bytes]:
+        own = "" if sys.version_info >= (3, 13) else f"    __firstlineno__ = {pad + 2}\n"
+        run(ip, "\n" * pad + "# points\nclass Pt:\n" + own + "    def __init__(self, x):\n        self.x = x\n"
+                "def use(x):\n    return Pt(x).x\n")
+        return run_key(ip.user_ns["use"], False)[0], item_key(ip.user_ns["Pt"](3))[0]
+
+    assert keys(0) == keys(3)
+
+
 def test_item_keys_tell_items_apart_and_sets_of_strings_are_flagged():
     assert item_key(1)[0] == item_key(1)[0]
     assert item_key(1)[0] != item_key(1.0)[0] != item_key(True)[0]
