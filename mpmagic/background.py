@@ -1015,7 +1015,25 @@ def as_completed(run: Run[list[_T]] | Iterable[Run[Any]], timeout: float | None 
         if not isinstance(handle, Run):
             raise UsageError(f"{_AS_COMPLETED_TAKES}; item {i} of the {type(run).__name__} is "
                              f"{type(handle).__name__}, not a run handle")
-    return futures_as_completed(handles, timeout)
+    return _runs_as_completed(handles, timeout)
+
+
+def _runs_as_completed(handles: list[Run[Any]], timeout: float | None) -> Iterator[Run[Any]]:
+    """``concurrent.futures.as_completed`` over run handles, but for its time-out:
+    ours, in one line, caught by ``except TimeoutError`` on Python 3.10 too (the
+    stdlib's was its own class there, with its frame and "1 (of 1) futures unfinished")."""
+    __tracebackhide__ = True
+    ended = futures_as_completed(handles, timeout)
+    while True:
+        try:
+            handle = next(ended)
+        except StopIteration:
+            return
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            going = [f"run {h.id}" for h in handles if not h.done()]
+            raise one_line(_timeout(f"{', '.join(going)} did not end within {timeout:g} s; "
+                                    f"{'they go' if len(going) > 1 else 'it goes'} on")) from None
+        yield handle
 
 
 _AS_COMPLETED_TAKES = ("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "

@@ -748,8 +748,9 @@ def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns
 
 def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, ns, monkeypatch):
     """Before 3.11 concurrent.futures.TimeoutError is not the builtin: run.result(timeout=)
-    raised the builtin, which `except concurrent.futures.TimeoutError` missed. Its
-    class here (3.10's, stood in) must catch it, and `except TimeoutError` still."""
+    raised the builtin, which `except concurrent.futures.TimeoutError` missed, and
+    as_completed([runs], timeout=) the stdlib's own, which `except TimeoutError` missed.
+    Its class here (3.10's, stood in) must catch it, and `except TimeoutError` still."""
     import concurrent.futures as cf
 
     class FuturesTimeout(Exception):  # (3.10's concurrent.futures.TimeoutError: not an OSError)
@@ -759,7 +760,8 @@ def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, 
     run(ip, "import mpmagic\nbg_slow = %pmap --bg -q napper, range(40)")
     try:
         for code in ("bg_slow.result(timeout=0.01)", "bg_slow.exception(timeout=0.01)",
-                     "next(mpmagic.as_completed(bg_slow, timeout=0.01))"):
+                     "next(mpmagic.as_completed(bg_slow, timeout=0.01))",
+                     "next(mpmagic.as_completed([bg_slow], timeout=0.01))"):  # (the stdlib's, with its frame)
             with capture_output() as cap:
                 result = ip.run_cell(code, store_history=False)
             error = result.error_in_exec
