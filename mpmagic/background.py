@@ -43,7 +43,7 @@ from concurrent.futures import CancelledError, Future
 from concurrent.futures import as_completed as futures_as_completed
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, NoReturn, Protocol, TypeVar, overload
+from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
 from . import debugging, display_relay, exiting
 from .checks import wait_timeout
@@ -1033,7 +1033,7 @@ def _runs_as_completed(handles: list[Run[Any]], timeout: float | None) -> Iterat
             going = [f"run {h.id}" for h in handles if not h.done()]
             raise one_line(_timeout(f"{', '.join(going)} did not end within {timeout:g} s; "
                                     f"{'they go' if len(going) > 1 else 'it goes'} on")) from None
-        yield handle
+        yield cast(Run[Any], handle)  # (one of ``handles``)
 
 
 _AS_COMPLETED_TAKES = ("as_completed takes the handle of a background map (pmap(..., block=False) or %pmap --bg), "
