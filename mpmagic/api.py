@@ -321,7 +321,7 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise ArgumentTypeError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
     if not iterables:
         raise ArgumentTypeError("give at least one iterable to map over, as with map(func, iterable)")
-    _check_not_async(func)
+    check_not_async(func, several=star or len(iterables) > 1)
     taken = tuple(_take(it, i) for i, it in enumerate(iterables, 2))
     checked = MapArgs(taken, _check_workers(workers), None if chunksize is None else check_whole("chunksize", chunksize),
                       run_timeout(timeout), _check_retries(retries))
@@ -483,27 +483,81 @@ def _one_shot(it: Any) -> bool:
     return type(it) is _Taken or iter(it) is it
 
 
-_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+#: Code flags of what map() cannot run in a worker: generator and async functions.
+_REFUSED_FLAGS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
 
 
-def _check_not_async(func: Any) -> None:
-    """An ``async def`` function (a partial of one, an object whose ``__call__``
-    is one) or an async generator function: map() would give coroutines (or
-    async generators) that never run and cannot come back from a worker."""
-    if type(func) is types.FunctionType and not func.__code__.co_flags & _ASYNC_FLAGS:
+def check_not_async(func: Any, func_text: Callable[[], str | None] | None = None, several: bool = False) -> None:
+    """UsageError for an ``async def`` function (a partial of one, a bound method, an
+    object whose ``__call__`` is one), an async generator function or a generator
+    function: map() would give coroutines, async generators or generators, which
+    cannot come back from a worker (a generator function ran every item first and
+    then failed on sending the results). Refused before anything runs, with a
+    plain function that does the work as the fix.
+
+    ``func_text()``: FUNC as the user wrote it (the magic's line), asked only for
+    a refusal: the fix calls that (``lambda x: asyncio.run(k.m(x))``), where the
+    function's own name would be wrong for a bound method, a partial or a callable
+    object. ``several``: FUNC takes several arguments (``star``, or several iterables)."""
+    if type(func) is types.FunctionType and not func.__code__.co_flags & _REFUSED_FLAGS:
         return  # the common case, a plain def or lambda: two attribute reads
     target = func.func if isinstance(func, functools.partial) else func
-    name = getattr(target, "__name__", None) or type(target).__name__
     call = inspect.getattr_static(type(target), "__call__", None)  # (an instance whose __call__ is async def)
+    refused = (inspect.isasyncgenfunction, inspect.iscoroutinefunction, inspect.isgeneratorfunction)
+    if not any(test(target) for test in refused) and any(test(call) for test in refused):
+        name = f"the __call__ of {type(target).__qualname__}"  # (a callable object)
+    else:
+        name = getattr(target, "__name__", None) or type(target).__name__
     if inspect.isasyncgenfunction(target) or inspect.isasyncgenfunction(call):
-        raise UsageError(f"{name} is an async generator function (async def with yield): map() would give async "
-                         "generators that never run, and cannot come back from a worker; map a plain function that "
-                         f"collects it, e.g. def run(x): return asyncio.run(collect({name}(x))) with "
-                         "async def collect(agen): return [v async for v in agen]")
-    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call):
-        raise UsageError(f"{name} is an async function (async def): map() would give coroutines that never run, and "
-                         f"cannot come back from a worker; map a plain function that runs it, e.g. "
-                         f"lambda x: asyncio.run({name}(x))")
+        kind = "async generator function (async def with yield)"
+        gives = "async generators that never run, and cannot come back from a worker"
+    elif inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(call):
+        kind, gives = "async function (async def)", "coroutines that never run, and cannot come back from a worker"
+    elif inspect.isgeneratorfunction(target) or inspect.isgeneratorfunction(call):
+        kind = "generator function (def with yield)"
+        gives = "generator objects (as serial map() does), which cannot come back from a worker"
+    else:
+        return
+    text = func_text() if func_text is not None else None
+    expr, whose = _callable_text(func, text)
+    params, args = ("*args", "*args") if several else ("x", "x")
+    if kind.startswith("async generator"):
+        fix = (f"def run({params}): return asyncio.run(collect({expr}({args}))) with "
+               "async def collect(agen): return [v async for v in agen]")
+    elif kind.startswith("async"):
+        fix = f"lambda {params}: asyncio.run({expr}({args}))"
+    else:
+        fix = f"lambda {params}: list({expr}({args}))"
+    does = "collects it" if "generator" in kind else "runs it"
+    raise UsageError(f"{name} is {'an' if kind[0] == 'a' else 'a'} {kind}: map() would give {gives}; map a plain "
+                     f"function that {does}, e.g. {fix}{whose}")
+
+
+def _callable_text(func: Any, text: str | None) -> tuple[str, str]:
+    """How :func:`check_not_async`'s fix calls ``func``: ``(expression, what it stands
+    for)``. FUNC as written when known (in parentheses unless it is a name, an
+    attribute, a call or a subscript); else the function's name for a plain
+    function, and ``f`` with what it stands for for anything else."""
+    import ast
+
+    if text:
+        try:
+            node = ast.parse(text.strip(), mode="eval").body
+        except SyntaxError:
+            node = None
+        if node is not None:
+            plain = isinstance(node, (ast.Name, ast.Attribute, ast.Call, ast.Subscript))
+            return (text.strip() if plain else f"({text.strip()})"), ""
+    if isinstance(func, types.FunctionType):
+        return func.__name__, ""
+    if isinstance(func, types.MethodType):
+        owner = func.__self__ if isinstance(func.__self__, type) else type(func.__self__)
+        what = f"the bound method {owner.__name__}.{func.__func__.__name__}"
+    elif isinstance(func, functools.partial):
+        what = f"the functools.partial of {getattr(func.func, '__name__', type(func.func).__name__)}"
+    else:
+        what = f"the {type(func).__name__} object"
+    return "f", f" (f: {what} you passed)"
 
 
 @overload

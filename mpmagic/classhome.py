@@ -49,6 +49,27 @@ def _class_setstate(cls: type, state: Any) -> type:
     return _setstate(cls, state)  # type: ignore[misc]
 
 
+def enum_setstate(cls: type, state: tuple[Any, dict[str, dict[str, Any]]]) -> type:
+    """The state of a notebook Enum class sent by value (``payload.enum_reduce``): the
+    class's own (as cloudpickle sets it), then each member's attributes.
+
+    cloudpickle rebuilds an Enum from ``{name: value}`` before the class has its
+    methods, so the members' ``__init__``/``__new__`` never run there: the
+    attributes they set (the Python docs' ``Planet.mass``, a ``.label``), and any
+    set on a member later, were missing in the worker. A class of this process's
+    own (a worker's result coming home) is left as it is, members included."""
+    class_state, members = state
+    if cls in _own:
+        return cls
+    cls = _setstate(cls, class_state) if _setstate is not None else cls
+    member_map = getattr(cls, "_member_map_", {})
+    for name, attrs in members.items():
+        member = member_map.get(name)
+        if member is not None:
+            vars(member).update(attrs)
+    return cls
+
+
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "cloudpickle.cloudpickle" and name == "_class_setstate":

@@ -676,6 +676,18 @@ def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
     return _map_keywords(args, keywords, text, parser)
 
 
+def _func_text(text: str) -> str | None:
+    """FUNC as written in map()'s argument list ``text`` (``functools.partial(co, 10)``),
+    or None (a ``*args`` first, or a line that does not parse)."""
+    try:
+        call = ast.parse(f"f({text}\n)", mode="eval").body
+    except SyntaxError:
+        return None
+    if not isinstance(call, ast.Call) or not call.args or isinstance(call.args[0], ast.Starred):
+        return None
+    return ast.get_source_segment(f"f({text}\n)", call.args[0])
+
+
 def _eval_in_class_body(text: str, parser: _Parser, filename: str, collector: str, name: str,
                         user_ns: dict[str, Any], class_ns: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
     """map()'s arguments and keywords from ``text`` evaluated as a statement of
@@ -1091,6 +1103,8 @@ class MPMagics(Magics):
             raise parser.usage_error("--star takes one iterable of argument tuples, not several iterables")
         if isinstance(args, _StarArgs):  # strict=True: the iterables zipped, each item FUNC's arguments
             opts.star = True
+        with _magic_errors(parser):  # (before the API's own check: its fix then calls FUNC as written)
+            api.check_not_async(args[0], lambda: _func_text(rest), several=opts.star or len(args) > 2)
         config.apply(opts)  # %config MPMagic defaults for what the line did not say
         if opts.bg:
             return self._pmap_bg(parser, opts, args)

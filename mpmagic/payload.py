@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copyreg
 import dis
+import enum
 import functools
 import hashlib
 import io
@@ -180,6 +181,40 @@ def _rebuild_slotted(cls: type, state: dict[str, Any]) -> Any:
     for name, value in state.items():
         object.__setattr__(obj, name, value)
     return obj
+
+
+# What an Enum member holds of its own (the rest is what its ``__init__``/``__new__``
+# or later code set on it): rebuilt by the class itself.
+_ENUM_OWN = frozenset({"_value_", "_name_", "__objclass__", "_sort_order_"})
+_cloudpickle_class_setstate = compat.cloudpickle_class_setstate()
+
+
+def enum_reduce(cls: type, reduced: Any) -> Any:
+    """cloudpickle's reduction of the notebook Enum ``cls``, with its members' attributes.
+
+    cloudpickle rebuilds a by-value Enum from ``{name: value}`` only (its members
+    made before the class has its methods): an attribute its ``__init__`` or
+    ``__new__`` set (the Python docs' ``Planet.mass``, the ``.label`` idiom) or set
+    on a member later (``E.A.extra = 1``) was missing in the worker, an
+    AttributeError serial code never raises. Each member's own attributes travel
+    with the class's state and are set on the rebuilt members
+    (``classhome.enum_setstate``); the members stay the class's, looked up by
+    value as before (``x is Planet.EARTH`` holds). An Enum without such
+    attributes is pickled as cloudpickle does (the same bytes)."""
+    if not (isinstance(reduced, tuple) and len(reduced) == 6 and reduced[5] is _cloudpickle_class_setstate):
+        return reduced  # (another cloudpickle's shape: as it is)
+    members: dict[str, dict[str, Any]] = {}
+    for name, member in getattr(cls, "_member_map_", {}).items():
+        attrs = getattr(member, "__dict__", None)
+        if attrs is None or getattr(member, "_name_", None) != name:  # (an alias: its member's name has it)
+            continue
+        own = {k: v for k, v in attrs.items() if k not in _ENUM_OWN}
+        if own:
+            members[name] = own
+    if not members:
+        return reduced
+    make, args, state, _, _, _ = reduced
+    return make, args, (state, members), None, None, classhome.enum_setstate
 
 
 def _is_shells_get_ipython(method: types.MethodType) -> bool:
@@ -407,6 +442,8 @@ class _Pickler(cloudpickle.Pickler):
                 return reference
         elif isinstance(obj, type) and _sent_by_value(obj):
             classhome.sent(obj)  # (its instances coming back leave it as it is: classhome.loads)
+            if isinstance(obj, enum.EnumMeta):
+                return enum_reduce(obj, super().reducer_override(obj))
         return super().reducer_override(obj)
 
 
@@ -870,9 +907,35 @@ def _children(obj: Any) -> list[tuple[str, Any]]:
         out += [(repr(k), v) for k, v in list(obj.items())[:1000]]
     elif isinstance(obj, (list, tuple, set, frozenset)):
         out += [(f"[{i}]", v) for i, v in enumerate(list(obj)[:1000])]
-    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+    elif isinstance(obj, type):
+        if _sent_by_value(obj):  # (a class the workers import sends nothing of its own)
+            out += [(k, v) for k, v in _class_attributes(obj)]
+    elif hasattr(obj, "__dict__"):
         out += [(k, v) for k, v in vars(obj).items()]
+        if _sent_by_value(type(obj)):  # a notebook class goes with its instance: `s.run -> self -> __class__ -> _lock`
+            out.append(("__class__", type(obj)))
     return out
+
+
+#: What a class's ``__dict__`` holds that cloudpickle does not send as it is (the
+#: class makes them again, or cloudpickle sends them its own way).
+_CLASS_MADE = frozenset({"__dict__", "__weakref__", "_abc_impl", "_abc_registry", "_abc_cache", "_abc_negative_cache",
+                         "_abc_negative_cache_version"})
+
+
+def _class_attributes(cls: type) -> list[tuple[str, Any]]:
+    """``(name, value)`` of the attributes a notebook class sends with itself
+    (``_lock`` of ``class Svc: _lock = threading.Lock()``), for the path to what
+    cannot be pickled: without them the path ended at the class, and the
+    advice for a type ("create it inside the function") did not fit. Its data
+    first, its methods after: a method that names the class fails through the
+    class's data too, and the path should end at the data."""
+    attributes = [(k, v) for k, v in vars(cls).items()
+                  if k not in _CLASS_MADE and not isinstance(v, (types.MemberDescriptorType, types.GetSetDescriptorType))]
+    return sorted(attributes, key=lambda kv: isinstance(kv[1], _CODE_ATTRIBUTES))
+
+
+_CODE_ATTRIBUTES = (types.FunctionType, classmethod, staticmethod, property)
 
 
 def find_unpicklable(obj: Any, root: str, max_depth: int = 6, chain: list | None = None) -> tuple[str, Any] | None:
@@ -993,6 +1056,11 @@ def result_advice(text: str) -> str:
         return _too_deep_advice("return")
     if "a memoryview" in text:
         return "Return the array it views (it keeps its dtype and shape), or bytes(view)."
+    if "is a coroutine," in text:
+        return ("A coroutine is what an async function returns, and it runs only when awaited: have the task run "
+                "it, e.g. return asyncio.run(fetch(x)) instead of return fetch(x).")
+    if "is a generator," in text:
+        return "A generator is consumed where it is made: return list(gen) instead of gen."
     return "Return plain data (numbers, strings, lists, dicts, numpy arrays) instead."
 
 

@@ -39,7 +39,7 @@ from . import compat, payload, shm
 _MAX_ENTRIES = 32
 _MISSING = object()
 _EMPTY_CELL = object()
-_ATOMIC = (int, float, complex, str, bytes, bool, type(None), range, slice, type(Ellipsis))
+_ATOMIC = (int, float, complex, str, bytes, bool, type(None), range, type(Ellipsis))
 
 _extract_code_globals = compat.cloudpickle_extract_code_globals()
 _should_pickle_by_reference = compat.cloudpickle_by_reference()
@@ -412,6 +412,8 @@ def _ok(v: Any, objs: list, seen: set, depth: int) -> bool:
         return False
     if t is tuple or t is frozenset:
         return len(v) <= 256 and all(_ok(x, objs, seen, depth + 1) for x in v)
+    if t is slice:  # (immutable, but its start, stop and step may be any object: ``slice(0, [1])``)
+        return all(_ok(x, objs, seen, depth + 1) for x in (v.start, v.stop, v.step))
     if t is types.ModuleType:
         # An imported module goes by name. One built in the notebook
         # (types.ModuleType("cfg")) goes by value, and its attributes change

@@ -48,6 +48,7 @@ import struct
 import sys
 import threading
 import time
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from heapq import nlargest
@@ -794,6 +795,7 @@ def execute_map(
     try:
         data = dumps_results(results)
     except Exception as exc:
+        _close_coroutines(results)
         bad = _first_unpicklable(results)
         info = _unsendable_info(results[bad] if bad is not None else results, "result", exc)
         if not msg.collect or bad is None:
@@ -1211,6 +1213,15 @@ def _sendable_or_error(result: Any) -> Any:
         return ErrorInfo(SerializationError(
             f"the result cannot be sent back from the worker: {text}. {payload.result_advice(text)}"
         ))
+
+
+def _close_coroutines(results: list) -> None:
+    """Close the coroutines among ``results`` (a task returned ``co(x)`` for an async
+    ``co``): the error says what to do, and Python's "coroutine 'co' was never
+    awaited" warning, once they were collected, pointed at this module's line."""
+    for r in results:
+        if type(r) is types.CoroutineType:
+            r.close()
 
 
 def _first_unpicklable(results: list) -> int | None:

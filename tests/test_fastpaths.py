@@ -218,6 +218,11 @@ def test_cached_payload_sees_every_kind_of_change(ip, local_pool):
     assert run(ip, "%pmap -q h, [0]") == [6]
     run(ip, "h = make(7)")
     assert run(ip, "%pmap -q h, [0]") == [8]
+    # A slice is immutable, but what it holds may not be (it was taken as unchangeable: the stale [1]).
+    run(ip, "SL = slice(0, [1])\ndef stop(x):\n    return SL.stop[0]")
+    assert run(ip, "%pmap -q stop, [0]") == [1]
+    run(ip, "SL.stop[0] = 2")
+    assert run(ip, "%pmap -q stop, [0]") == run(ip, "list(map(stop, [0]))") == [2]
 
 
 def test_a_warm_payload_takes_the_cache_lock_once_and_becomes_the_most_recent(monkeypatch):

@@ -7,6 +7,7 @@ without a file, as in a notebook; every test runs on each pool in
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 
@@ -205,11 +206,24 @@ def test_api_from_plain_python(backend):
         ("%pmap abs, 5", "must be iterable"),
         # map() would give coroutines that never run: said before any worker makes them
         ("async def fetch(x):\n    return x\n%pmap fetch, [1]", "fetch is an async function (async def)"),
+        # The fix calls FUNC as written: a partial's arguments kept, a bound method through its object
+        # (it called get(x), m(x) and Caller(x): a TypeError, a NameError, an instance made of x).
         ("import functools\nasync def get(x, y):\n    return x\n%pmap functools.partial(get, y=1), [1]",
-         "lambda x: asyncio.run(get(x))"),
+         "lambda x: asyncio.run(functools.partial(get, y=1)(x))"),
         ("async def gen(x):\n    yield x\n%pmap gen, [1]", "gen is an async generator function"),
         ("class Caller:\n    async def __call__(self, x):\n        return x\n%pmap Caller(), [1]",
-         "Caller is an async function"),
+         "the __call__ of Caller is an async function (async def): map() would give coroutines that never run, "
+         "and cannot come back from a worker; map a plain function that runs it, e.g. "
+         "lambda x: asyncio.run(Caller()(x))"),
+        ("class K:\n    async def m(self, x):\n        return x\nk = K()\n%pmap k.m, [1]",
+         "lambda x: asyncio.run(k.m(x))"),
+        ("async def add(x, y):\n    return x + y\n%pmap add if True else abs, [1], [2]",
+         "lambda *args: asyncio.run((add if True else abs)(*args))"),
+        # A generator function ran every item, then failed on sending generators back.
+        ("def count(n):\n    yield from range(n)\n%pmap count, [2, 3]",
+         "count is a generator function (def with yield): map() would give generator objects (as serial map() "
+         "does), which cannot come back from a worker; map a plain function that collects it, e.g. "
+         "lambda x: list(count(x))"),
     ],
 )
 def test_bad_input_is_a_one_line_usage_error(ip, line, words, capsys):
@@ -218,6 +232,28 @@ def test_bad_input_is_a_one_line_usage_error(ip, line, words, capsys):
     assert words in str(result.error_in_exec)
     err = capsys.readouterr()
     assert "Traceback" not in err.out + err.err
+
+
+def test_the_fix_for_an_async_or_generator_func_given_to_the_api_calls_it_right():
+    """pmap() has no FUNC text: a plain function is called by its name, anything else
+    as ``f``, said to be what was passed (its own name called it wrongly)."""
+    class K:
+        async def m(self, x):
+            return x
+
+        def g(self, x):
+            yield x
+
+    async def co(a, x):
+        return a + x
+
+    for func, fix in ((co, "lambda x: asyncio.run(co(x))"),
+                      (K().m, "lambda x: asyncio.run(f(x)) (f: the bound method K.m you passed)"),
+                      (functools.partial(co, 10), "asyncio.run(f(x)) (f: the functools.partial of "),
+                      (K().g, "lambda x: list(f(x)) (f: the bound method K.g you passed)")):
+        with pytest.raises(mpmagic.UsageError) as info:
+            mpmagic.pmap(func, [1])
+        assert fix in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("line", ["%pmap -qn 2 abs, [-1, -2]", "%pmap -qn2 abs, [-1, -2]", "%pmap -q\tabs, [-1, -2]",

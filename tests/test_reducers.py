@@ -7,7 +7,7 @@ shell: equal results, of the notebook's own types.
 from __future__ import annotations
 
 import pytest
-from conftest import run
+from conftest import ensure_pool, run
 
 CELLS = '''
 import dataclasses, functools, types
@@ -80,6 +80,62 @@ def same_as_serial(ip, args: str) -> list:
 @pytest.mark.parametrize("func", ["fib", "square", "calls_cached"])
 def test_lru_cache_and_cache_functions_and_their_callers(cells, backend, func):
     same_as_serial(cells, f"{func}, range(25)")
+
+
+ENUMS = '''
+import enum
+
+class Planet(enum.Enum):  # the Python docs' example: __init__ sets attributes on each member
+    MERCURY = (3.303e+23, 2.4397e6)
+    EARTH = (5.976e+24, 6.37814e6)
+    def __init__(self, mass, radius):
+        self.mass = mass
+        self.radius = radius
+    @property
+    def gravity(self):
+        return 6.673e-11 * self.mass / (self.radius * self.radius)
+
+class Status(enum.Enum):  # "an enum with a label": __new__ sets _value_ and .label
+    def __new__(cls, code, label):
+        obj = object.__new__(cls)
+        obj._value_ = code
+        obj.label = label
+        return obj
+    OK = (200, "ok")
+    NOT_FOUND = (404, "not found")
+
+class Tagged(enum.IntEnum):
+    A = 1
+    B = 2
+Tagged.A.extra = "set later"
+
+def describe(member):
+    return (member.name, getattr(member, "mass", None), getattr(member, "label", None),
+            getattr(member, "extra", None), member is type(member)[member.name])
+'''
+
+
+@pytest.fixture
+def enums(ip):
+    run(ip, ENUMS)
+    return ip
+
+
+def test_enum_members_keep_what_their_init_or_new_set(enums, any_method):
+    """cloudpickle rebuilds a notebook Enum from {name: value}: the attributes the
+    members' __init__/__new__ set, or set on them later, were missing in the worker
+    (an AttributeError serial never raises). The members stay the class's own."""
+    ensure_pool(any_method)
+    for args in ("describe, [*Planet, *Status, *Tagged]",
+                 "lambda name: round(Planet[name].gravity, 3), ['MERCURY', 'EARTH']",
+                 "lambda code: (Status(code).label, Status(code) is Status.NOT_FOUND), [200, 404]"):
+        same_as_serial(enums, args)
+    back = run(enums, "%pmap -q lambda m: m, [Planet.EARTH, Status.OK, Tagged.A]")
+    assert back == [enums.user_ns["Planet"].EARTH, enums.user_ns["Status"].OK, enums.user_ns["Tagged"].A]
+    assert all(a is b for a, b in zip(back, run(enums, "[Planet.EARTH, Status.OK, Tagged.A]"), strict=True))
+    # A member's attribute changed in the notebook: the next run sees it.
+    run(enums, "Tagged.A.extra = 'changed'\nStatus.OK.label = 'fine'")
+    same_as_serial(enums, "describe, [*Status, *Tagged]")
 
 
 def test_a_cached_function_stays_cached_in_the_worker(cells, local_pool):

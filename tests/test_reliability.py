@@ -493,6 +493,21 @@ def returns_lock(x):
     return threading.Lock() if x == 2 else x
 def returns_connection(x):
     return sqlite3.connect(":memory:")
+class Svc:
+    _lock = threading.Lock()
+    def run(self, x):
+        with self._lock:
+            return x
+    @classmethod
+    def make(cls, x):
+        return cls().run(x)
+def uses_svc(x):
+    return Svc().run(x)
+svc = Svc()
+async def fetch(x):
+    return x
+def returns_coroutine(x):
+    return fetch(x)
 """
 
 CANNOT_SEND = [
@@ -502,6 +517,11 @@ CANNOT_SEND = [
     ("query", "`query -> conn` is a sqlite3.Connection", "open it inside the function"),
     ("with_generator", "`with_generator -> numbers` is a generator", "list(gen)"),
     ("nested", "`nested -> holder -> conn` is a sqlite3.Connection", "open it inside the function"),
+    # A class attribute: the path stopped at the class (`uses_svc -> Svc` is a type), and the
+    # advice for a type ("create it inside the function") did not fit a lock.
+    ("uses_svc", "`uses_svc -> Svc -> _lock` is a _thread.lock", "lock made for processes"),
+    ("svc.run", "`Svc.run -> self -> __class__ -> _lock` is a _thread.lock", "lock made for processes"),
+    ("Svc.make", "`Svc.make -> self -> _lock` is a _thread.lock", "lock made for processes"),
     # (the advice said "a thread lock" and "create it inside the function": a counter would count alone)
     ("with_mp_queue", "`with_mp_queue -> mp_queue", "use mpmagic.Queue(), made for tasks, with the same methods"),
     ("with_mp_value", "`with_mp_value -> mp_value", "use mpmagic.Value(typecode, value), made for tasks"),
@@ -550,6 +570,10 @@ def test_cell_name_that_cannot_be_sent(ip, pool2, unsendable):
     err = result.error_in_exec
     assert isinstance(err, mpmagic.SerializationError)
     assert "cannot send conn to the ranks: `conn` is a sqlite3.Connection" in str(err)
+    with capture_output():
+        result = ip.run_cell("%%parallel -n 2 -q\nSvc().run(1)\n", store_history=False)
+    assert "cannot send Svc to the ranks: `Svc -> _lock` is a _thread.lock" in str(result.error_in_exec)
+    assert "mpmagic.Lock()" in str(result.error_in_exec)
 
 
 def test_item_that_cannot_be_sent(ip, pool2, unsendable):
@@ -594,6 +618,18 @@ def test_result_that_cannot_come_back(ip, pool2, unsendable):
     assert isinstance(err, mpmagic.ParallelError) and set(err.failures) == {0, 1}
     assert "`the cell's last value` is a _thread.lock" in str(err.failures[0])
     assert_healed(ip, pool2)
+
+
+def test_a_coroutine_result_is_told_to_be_run(ip, pool2, unsendable):
+    """A function returning an async function's coroutine: the error says to run it
+    (it said "return plain data"), and no "coroutine 'fetch' was never awaited"
+    warning points at mpmagic's worker.py."""
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q returns_coroutine, range(2)", store_history=False)
+    text = str(result.error_in_exec)
+    assert "`result` is a coroutine" in text and "return asyncio.run(fetch(x)) instead of return fetch(x)" in text, text
+    shown = cap.stdout + cap.stderr
+    assert "never awaited" not in shown and "worker.py" not in shown, shown
 
 
 def test_module_the_workers_cannot_import(ip, pool2, tmp_path):
