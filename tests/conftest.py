@@ -406,6 +406,72 @@ def pytest_sessionfinish(session, exitstatus):
     if segments:
         print(f"\nLEAKED SHARED MEMORY after the test session: {segments}")
         session.exitstatus = 1
+    helpers = sys.modules.get("mpmagic.shared.base")
+    if helpers is not None:  # (what this process's exit does: its own helpers' names go)
+        helpers.release_all()
+    semaphores = leftover_semaphores()
+    if semaphores:
+        print(f"\nLEAKED SEMAPHORES after the test session (seen open in a process of the run): {semaphores}")
+        session.exitstatus = 1
+
+
+#: Named semaphores (``/dev/shm/sem.*``) that a process this run started had open at
+#: some test's end, by (device, inode): Dask nannies' queues, helpers made in workers,
+#: multiprocessing locks. (By inode: the process that made one maps it under the
+#: temporary name glibc creates it as, "sem.XXXXXX (deleted)", before linking it.)
+_semaphores_seen: set[tuple[str, int]] = set()
+
+
+def _semaphores_open_in(pid: int) -> set[tuple[str, int]]:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            fields = [line.split() for line in maps if "/dev/shm/sem." in line]
+    except OSError:  # (gone, or no /proc: macOS)
+        return set()
+    return {(f[3], int(f[4])) for f in fields if len(f) > 5}
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """Note the semaphores the run's other processes hold (a few ms; see leftover_semaphores)."""
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        _semaphores_seen.update(_semaphores_open_in(child.pid))
+
+
+def _semaphore_files() -> dict[tuple[str, int], str]:
+    found = {}
+    try:
+        with os.scandir("/dev/shm") as entries:
+            for entry in entries:
+                if entry.name.startswith("sem."):
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    found[(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}", st.st_ino)] = entry.name
+    except OSError:
+        pass
+    return found
+
+
+def leftover_semaphores() -> list[str]:
+    """Semaphores a process of the run had open that are still in /dev/shm once every
+    process of the run is gone, but for this process's own (its exit removes those).
+
+    A process that ends normally unlinks what it made; one killed leaves them to its
+    resource tracker, which unlinks them once its last process has gone: a leak is a
+    tracker killed first (a SIGKILL to a whole process group), or a name no process
+    registered. Polled for a few seconds: the trackers may still be at it."""
+    deadline = time.monotonic() + 5
+    while True:
+        mine = _semaphores_open_in(os.getpid())
+        left = sorted(name for key, name in _semaphore_files().items() if key in _semaphores_seen - mine)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def leftover_segments() -> list[str]:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 # Run ``python -m dask ...`` after asking Linux for SIGTERM when the test
 # process dies (PR_SET_PDEATHSIG = 1); a parent already gone means exit at once.
 _DIE_WITH_PARENT = (
@@ -144,17 +146,25 @@ class DaskProcesses:
             return ""
 
     def stop(self) -> None:
-        """Kill every process group this started: SIGTERM, then SIGKILL."""
+        """End every process group this started, letting each one clean up.
+
+        SIGTERM to each group, then a wait until every process of it has gone
+        but multiprocessing's resource tracker (a nanny's queues are named
+        semaphores in /dev/shm: the tracker unlinks those its dead processes left,
+        once the last of them has exited, and it ignores SIGTERM). SIGKILL only
+        for what is still there after that: a SIGKILL to the whole group at once
+        killed the tracker mid-cleanup and left a nanny's 6 semaphores behind.
+        """
+        groups = [p.pid for p in self.procs]
         for p in self.procs:
             _signal_group(p, signal.SIGTERM)
-        deadline = time.monotonic() + 5
+        _wait_until(lambda: not [q for q in _members(groups) if not _is_tracker(q)], 10)
+        for q in _members(groups):
+            if not _is_tracker(q):
+                _kill(q)
+        _wait_until(lambda: not _members(groups), 5)  # (the trackers: unlink, then exit)
         for p in self.procs:
-            try:
-                p.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.procs:
-            _signal_group(p, signal.SIGKILL)  # also the nanny's worker child, if it lingers
+            _signal_group(p, signal.SIGKILL)
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:
@@ -167,6 +177,38 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _members(groups: list[int]) -> list[psutil.Process]:
+    """The live processes of these process groups (zombies, dead but not yet reaped, are not)."""
+    found = []
+    for q in psutil.process_iter():
+        try:
+            if os.getpgid(q.pid) in groups and q.status() != psutil.STATUS_ZOMBIE:
+                found.append(q)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _is_tracker(proc: psutil.Process) -> bool:
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _kill(proc: psutil.Process) -> None:
+    try:
+        proc.kill()
+    except psutil.Error:
+        pass
+
+
+def _wait_until(done: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def make_certificates(directory: Path) -> dict[str, str]:
