@@ -581,6 +581,40 @@ def add_note(exc: BaseException, note: str) -> None:
             BaseException.__setattr__(exc, "__notes__", new)
         except Exception as why:
             logger.debug("note %r not added to %s: %s", note, type(exc).__name__, why)
+    if sys.version_info < (3, 11):
+        _show_notes_at_top_level()
+
+
+def _show_notes_at_top_level() -> None:
+    """Python 3.10 prints no ``__notes__``: in a plain script, our "raised by item 3 of
+    the input" line was lost. Python's own hook gives way to :func:`print_with_notes`,
+    unless something else replaced it (IPython, the ``exceptiongroup`` backport: both
+    show notes)."""
+    if sys.excepthook is sys.__excepthook__ and "exceptiongroup" not in sys.modules:
+        sys.excepthook = print_with_notes
+
+
+def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
+    """``sys.excepthook`` as Python 3.11 prints: each exception of the chain with its
+    notes, and without mpmagic's own frames (a ``raise`` in mpmagic adds its frame on
+    3.10, which the traceback cannot drop; here the print drops it)."""
+    shown = traceback.TracebackException(exc_type, exc, tb, compact=True)
+    seen: set[int] = set()
+    todo = [(shown, exc)]
+    while todo:
+        one, value = todo.pop()
+        if id(one) in seen:
+            continue
+        seen.add(id(one))
+        one.stack = traceback.StackSummary.from_list(
+            [f for f in one.stack if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)])
+        notes = getattr(value, "__notes__", None)
+        if sys.version_info < (3, 11) and isinstance(notes, (list, tuple)) and notes:  # (as 3.11: after the message)
+            one._str = "\n".join([one._str or "", *(str(n) for n in notes)])  # type: ignore[attr-defined]
+        for link, linked in ((one.__cause__, value.__cause__), (one.__context__, value.__context__)):
+            if link is not None and linked is not None:
+                todo.append((link, linked))
+    sys.stderr.write("".join(shown.format()))
 
 
 def show_without_frames(exc: BaseException) -> None:

@@ -311,3 +311,33 @@ def test_our_refusals_of_a_put_and_a_keyword_are_one_line_without_our_frames(ip,
     _, text, err = shown(ip, f"import mpmagic\n{code}")
     assert err is not None and text.strip().startswith(line) and len(text.strip().splitlines()) == 1, text
     assert_clean(text)
+
+
+def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, capsys, monkeypatch):
+    """Python 3.10 prints no ``__notes__``: a plain script lost "raised by item 3 of the
+    input" and showed api.py's frame. The hook mpmagic gives 3.10 (in place of Python's
+    own only) prints them as 3.11 does, without our frames (a refusal raised deep in
+    mpmagic has four)."""
+    from mpmagic import errors
+
+    def inverse(x):
+        return 1 / x
+
+    wanted = {"failed": "ZeroDivisionError: division by zero\nmpmagic: raised by item 1 of the input: inverse(0)",
+              "refused": "mpmagic.errors.UsageError: workers must be a whole number of at least 1, or -1 / None "
+                         "(the whole pool), not 'x'"}
+    for what, call in (("failed", lambda: mpmagic.pmap(inverse, [1, 0])),
+                       ("refused", lambda: mpmagic.pmap(abs, [1], workers="x"))):
+        with pytest.raises(Exception) as info:
+            call()
+        capsys.readouterr()
+        errors.print_with_notes(info.type, info.value, info.value.__traceback__)
+        shown = capsys.readouterr().err
+        assert shown.startswith("Traceback (most recent call last):\n"), shown
+        assert shown.endswith(f"{wanted[what]}\n") and f"{os.sep}mpmagic{os.sep}" not in shown, shown
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    errors._show_notes_at_top_level()
+    assert sys.excepthook is errors.print_with_notes
+    monkeypatch.setattr(sys, "excepthook", print)  # another hook (IPython's): left alone
+    errors._show_notes_at_top_level()
+    assert sys.excepthook is print
