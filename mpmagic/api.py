@@ -953,7 +953,8 @@ class MapCall:
             kwargs["one_call"] = True
         self.recorder = Recorder("pmap", getattr(func, "__name__", "func"), self.star) if insights else None
         self.job = job_class(func, items, self.n_items, self.star, self.workers, collect=self.collect,
-                             insights=self.recorder, shared_memory=self.backend.shares_memory, **kwargs)
+                             insights=self.recorder, shared_memory=self.backend.shares_memory,
+                             iterables=iterables, **kwargs)
 
     def report(self, wall: float, *, interrupted: bool = False, stopped_by: str | None = None) -> Report:
         """The timing report of the finished job (``wall`` seconds from submit to end);

@@ -58,7 +58,14 @@ from .checkpoint_store import warn as _warn
 from .errors import renumber_items as _renumber
 from .errors import set_interrupt_outcome
 from .fmt import fmt_bytes, func_name
-from .jobs import Failed, WithoutSetup, read_into, reused_object
+from .jobs import (
+    Failed,
+    WithoutSetup,
+    advanced_elsewhere,
+    read_into,
+    reused_object,
+    shared_generator_error,
+)
 
 log = logging.getLogger("mpmagic")
 
@@ -484,6 +491,7 @@ class MapCheckpoint:
             self.items, self.star = iterables[0], star
         else:
             self.items, self.star = zip(*iterables, strict=False), True
+        self.iterables = iterables  # (to name one that another thread is running: see _lazy)
         self.name = func_name(func)
         # The worker setup the key covers (read before it): results are stored only
         # while it is still the setup (``_same_setup``).
@@ -522,7 +530,8 @@ class MapCheckpoint:
         if type(self.items) in (list, tuple, range):
             todo = self.plan.add(list(self.items), self.store, self.run, copy=self.background)
             return todo, bool(todo)
-        return _lazy(iter(self.items), self.plan, self.store, self.run, read_first=not self.background)
+        return _lazy(iter(self.items), self.plan, self.store, self.run, read_first=not self.background,
+                     iterables=self.iterables)
 
     @property
     def resumed(self) -> int:
@@ -849,7 +858,8 @@ def checkpointed_submit(
         raise
 
 
-def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: bool = True) -> tuple[Iterable, bool]:
+def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: bool = True,
+          iterables: tuple = ()) -> tuple[Iterable, bool]:
     """The missing items of a lazy input, keyed and looked up batch by batch as the core pmap pulls them.
 
     ``read_first`` (a blocking run): the input is read up to its first missing
@@ -872,6 +882,8 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
                 done = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
             except Exception as exc:  # the input's own error: after the items it gave
                 error, done = exc, True
+                if advanced_elsewhere(exc):  # (another run, the loop or a thread is inside the generator)
+                    error = shared_generator_error(iterables or (it,))
             if (reused := reused_object(it, n_read, last, batch)) is not None:  # a reused buffer: loud
                 keep, error = reused
                 batch, done = batch[:keep], True

@@ -895,15 +895,22 @@ def without_our_frames(tb: types.TracebackType | None) -> types.TracebackType | 
     return _relink(t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
 
 
+def raised_by_our_call(exc: BaseException) -> bool:
+    """Is the last frame of ``exc``'s traceback mpmagic's (it came from our code, or
+    from C code ours called: no frame of the user's ran below ours)?"""
+    entries = _entries(exc.__traceback__)
+    return bool(entries) and entries[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+
+
 def drop_our_frames(exc: BaseException) -> None:
     """User code that raised while our machinery called it (a generator input
     consumed chunk by chunk): leave only the user's frames in its traceback.
 
     An error whose last frame is ours is our bug: it keeps every frame.
     """
-    entries = _entries(exc.__traceback__)
-    if not entries or entries[-1].tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    if raised_by_our_call(exc) or exc.__traceback__ is None:
         return
+    entries = _entries(exc.__traceback__)
     # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
     BaseException.__setattr__(exc, "__traceback__", _relink(
         t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))

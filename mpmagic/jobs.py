@@ -42,6 +42,7 @@ from .errors import (
     fake_traceback,
     looked_up_name,
     note_unsent_name,
+    raised_by_our_call,
     show_without_frames,
     unloadable_results,
 )
@@ -339,6 +340,7 @@ class MapJob:
         on_chunk: Callable[[int, list], None] | None = None,
         accepted: Callable[[int, list], None] | None = None,
         one_call: bool = False,
+        iterables: tuple | None = None,
     ) -> None:
         self.call_id = next(_call_ids)
         self.libs = context.libraries()  # (here, in the calling thread: torch's grad mode is per thread)
@@ -393,6 +395,9 @@ class MapJob:
         # loop appending to its own input, a worklist) is not followed: see ``input_changed``.
         self._seq_len = len(self._seq) if self._seq is not None else 0
         self._iter: Iterator | None = iter(items) if self._seq is None else None
+        # What the caller passed, when ``items`` zips several: the error for a generator another
+        # thread is running names which of them it is (``shared_generator_error``).
+        self._iterables = iterables or (items,)
         # A lazy input runs the user's code (a generator, a database cursor), so
         # it is read where serial map would read it: in the thread that submits
         # and waits on the run, never in the local pool's manager (where a slow
@@ -528,8 +533,11 @@ class MapJob:
         try:
             exhausted = read_into(batch, self._iter, want)
         except Exception as exc:
-            drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
-            error = exc
+            if advanced_elsewhere(exc):  # (another run, the loop or a thread is inside the generator)
+                error = shared_generator_error(self._iterables)
+            else:
+                drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
+                error = exc
         keep = len(batch)
         if (reused := reused_object(self._iter, self._n_read, self._last_read, batch)) is not None:
             keep, error = reused  # (the items from the first of the two on were changed since they were read)
@@ -1919,6 +1927,51 @@ def read_into(batch: list, items: Iterator, want: int) -> bool:
             return False
         step *= 2
     return False
+
+
+def advanced_elsewhere(exc: BaseException) -> bool:
+    """Is ``exc`` Python's refusal to run a generator input that another thread
+    is running at this moment (``ValueError: generator already executing``)?
+
+    Raised by the ``next()`` mpmagic called (no frame of the generator's ran:
+    the last frame is ours), so it is not a ValueError the generator's own code
+    raised, nor one a generator met while advancing another (its frame is then
+    the last): those are the user's errors, shown as serial map shows them.
+    """
+    return type(exc) is ValueError and exc.args == ("generator already executing",) and raised_by_our_call(exc)
+
+
+def shared_generator_error(iterables: tuple) -> UsageError:
+    """The error for an input :func:`advanced_elsewhere` found in use: which of the
+    map's ``iterables`` it is (``argument 2 of map``, counting the function as 1),
+    who else may be advancing it, and what to do instead.
+
+    Serial code that shares a generator (``zip(map(f, g), map(f, g))``, a
+    ``next(g)`` in the loop) takes its items in turns; mpmagic reads an input
+    ahead of the calls, in the run's own thread, so the two meet inside the
+    generator. Python's own error named no input and showed only our frames.
+    Taking turns under a lock would not give map's meaning back either (which
+    items each run got would depend on timing), so this says how to share.
+    """
+    gens = [i for i, it in enumerate(iterables) if isinstance(it, types.GeneratorType)]
+    running = [i for i in gens if iterables[i].gi_running]  # (it may have finished its step meanwhile)
+    which = running if len(running) == 1 else gens if len(gens) == 1 else [0] if len(iterables) == 1 else []
+    if not which:
+        what = "a generator among the arguments of map"
+    else:
+        what = f"argument {which[0] + 2} of map"
+        name = getattr(iterables[which[0]], "__qualname__", "") if which[0] in gens else ""
+        if name.endswith("<genexpr>"):
+            what += " (a generator expression)"
+        elif name:
+            what += f" (the generator `{name}`)"
+    return UsageError(
+        f"{what} was being advanced elsewhere while this run read it: by another run given the same generator "
+        "(zip(imap(f, g), imap(f, g)), two submit(f, g)), by a next(g) in the loop over the results, or by "
+        "another thread. A generator runs in one thread at a time, and mpmagic reads its input ahead of the "
+        "calls, in the run's own thread, so the two cannot take turns as they do with map(); give each run its "
+        "own input: a list made once (xs = list(g)) or a new generator for each run (itertools.tee's copies "
+        "are not safe across threads either)")
 
 
 # Objects a lazy input may yield twice: they cannot change between the yields.

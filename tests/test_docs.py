@@ -414,6 +414,13 @@ TABLE_CASES: list[tuple[str, str | None]] = [
     ("%pool setup clear", None),
     ("%%parallel -n 2 -q --gather x\ny = rank", "NameError: gather="),
     ("%pdebug", "the rank's code ran to its end"),
+    # (a thread waits inside the generator `gen`, as a second run reading it ahead would)
+    ("import itertools, threading, mpmagic\ninside, release = threading.Event(), threading.Event()\n"
+     "def gen(n):\n    yield from range(3)\n    inside.set()\n    release.wait(60)\n    yield from range(3, n)\n"
+     "g = gen(10)\nholder = threading.Thread(target=lambda: list(itertools.islice(g, 4)))\nholder.start()\n"
+     "assert inside.wait(30)", None),
+    ("mpmagic.pmap(abs, g)", "argument 2 of map (the generator"),
+    ("release.set()\nholder.join()", None),
 ]
 
 

@@ -8,6 +8,8 @@ message). Also: ``--compare`` with an endless iterator among several, a
 
 from __future__ import annotations
 
+import itertools
+import threading
 import traceback
 
 import pytest
@@ -43,6 +45,12 @@ SETUP = (
     "import enum\nclass Color(enum.Enum):\n    RED = 1\n"
     "class LenRaises:\n    def __len__(self):\n        raise RuntimeError('length unknown')\n"
     "    def __iter__(self):\n        return iter([10, 20, 30])\n"
+    # Python's words for a generator another thread runs, raised by the generator's own code, and
+    # met by one that advances itself: the user's errors, not a run sharing the input (their frame is the last)
+    "def says_already_executing():\n    yield 1\n    raise ValueError('generator already executing')\n"
+    "_SELVES = []\n"
+    "def _advancing_itself():\n    yield 1\n    yield next(_SELVES[-1])\n"
+    "def advances_itself():\n    _SELVES.append(_advancing_itself())\n    return _SELVES[-1]\n"
 )
 
 # map()'s argument text: each is evaluated afresh for the serial run and for %pmap.
@@ -73,6 +81,8 @@ CASES = {
     "its __len__ raises (map never asks)": "inc, LenRaises()",
     "the same immutable objects again and again": "pair, itertools.repeat('ab', 40), itertools.repeat(None, 30)",
     "the same tuple and enum member again": "pair, itertools.repeat((1, 2), 30), (Color.RED for _ in range(30))",
+    "a generator raising Python's 'already executing' itself": "inc, says_already_executing()",
+    "a generator advancing itself": "inc, advances_itself()",
 }
 
 
@@ -226,6 +236,82 @@ def test_a_generator_yielding_one_object_changed_in_between_is_an_error_naming_i
     if how.startswith("imap"):  # every result before the reuse, as map gives them, then the error
         assert len(got) >= 100 and got[:100] == list(range(100)), got
     assert run(shell, "%pmap -q v, reuses(40, 40)") == list(range(40))  # fresh objects: fine
+
+
+GATED = (
+    "import threading\n"
+    "def gated(n, inside, release, off_main=False):\n"  # 0..n-1; one item waits for release, its reader inside
+    "    waited = False\n"
+    "    for i in range(n):\n"
+    "        if not waited and (threading.current_thread() is not threading.main_thread() if off_main else i == 3):\n"
+    "            waited = True\n"
+    "            inside.set()\n"
+    "            release.wait(60)\n"
+    "        yield i\n"
+    "def v(x):\n    return x\n"
+)
+
+SHARED = r"argument {} of map \(the generator `gated`\) was being advanced elsewhere while this run read it"
+
+
+@pytest.mark.parametrize("how", ["pmap", "imap", "submit", "pmap checkpoint", "imap checkpoint", "several"])
+def test_a_generator_another_thread_is_running_is_an_error_naming_it(shell, tmp_path, how):
+    """A generator that something else is inside (another run reading it ahead, a
+    ``next(g)`` in the loop, a thread) cannot be run: Python raises ``ValueError:
+    generator already executing``, as serial map does here. The run failed with it
+    and a traceback of mpmagic's frames only; now it is one line naming the input
+    and saying how to share it, still a ValueError, and nothing of it was read."""
+    import mpmagic
+
+    run(shell, GATED)
+    inside, release = threading.Event(), threading.Event()
+    g = shell.user_ns["gated"](10, inside, release)
+    holder = threading.Thread(target=lambda: list(itertools.islice(g, 4)))  # waits inside g at item 3
+    holder.start()
+    checkpoint = tmp_path if "checkpoint" in how else False
+    func = shell.user_ns["v"]
+    try:
+        assert inside.wait(30)
+        with pytest.raises(ValueError, match="^generator already executing$"):  # serial map meets it too
+            list(map(func, g))
+        with pytest.raises(api.UsageError, match=SHARED.format(3 if how == "several" else 2)) as e:
+            if how.startswith("pmap"):
+                mpmagic.pmap(func, g, checkpoint=checkpoint)
+            elif how == "submit":
+                mpmagic.submit(func, g).result()
+            elif how == "several":
+                mpmagic.pmap(lambda a, b: b, "abcdefghij", g)
+            else:
+                list(mpmagic.imap(func, g, checkpoint=checkpoint))
+    finally:
+        release.set()
+        holder.join()
+    assert "list(g)" in str(e.value) and "\n" not in str(e.value)
+    assert list(g) == [4, 5, 6, 7, 8, 9]  # the run read none of it: the rest is there for whoever reads on
+
+
+@pytest.mark.parametrize("how", ["imap", "submit"])
+def test_a_second_run_over_a_generator_the_first_is_reading_says_so(ip, pool2, how):
+    """``zip(imap(f, g), imap(f, g))`` and two ``submit(f, g)``: the first run's own
+    thread is inside the generator (it reads ahead) when the second asks it for
+    items. The second fails with the one line; the first gives every result."""
+    import mpmagic
+
+    run(ip, GATED)
+    inside, release = threading.Event(), threading.Event()
+    g = ip.user_ns["gated"](300, inside, release, off_main=True)  # waits where the first run's thread reads it
+    func = ip.user_ns["v"]
+    first = mpmagic.imap(func, g) if how == "imap" else mpmagic.submit(func, g)
+    try:
+        assert inside.wait(30)
+        with pytest.raises(api.UsageError, match=SHARED.format(2)):
+            if how == "imap":
+                next(zip(mpmagic.imap(func, g), first, strict=False))  # (first's results wait for its reader: after release)
+            else:
+                mpmagic.submit(func, g).result()
+    finally:
+        release.set()
+    assert (list(first) if how == "imap" else first.result()) == list(range(300))  # map(v, g) with g its own
 
 
 def test_nested_pmap_names_the_options_it_cannot_apply(ip, local_pool):

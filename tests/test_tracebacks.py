@@ -120,6 +120,34 @@ def test_generator_input_that_raises_shows_the_generator(ip, local_pool):
     assert f"Cell In[{n}], line 3, in numbers" in text
 
 
+def test_a_generator_another_thread_is_inside_is_one_line_not_our_frames(ip, local_pool):
+    """``ValueError: generator already executing`` (another run, the loop or a thread
+    was inside the input's generator when the run read it) showed mpmagic's frames
+    only (background.py, streaming.py, jobs.py). It is one line that names the input."""
+    defined(ip, "import itertools, threading, mpmagic\n"
+                "inside, release = threading.Event(), threading.Event()\n"
+                "def held(n):\n    yield from range(3)\n    inside.set()\n    release.wait(60)\n    yield from range(3, n)\n")
+    release = ip.user_ns["release"]
+    try:
+        for line in ("mpmagic.pmap(abs, g)", "%pmap abs, g", "for r in mpmagic.imap(abs, g):\n    pass"):
+            release.clear()
+            defined(ip, "inside.clear()\ng = held(10)\n"  # (a thread waits inside g: it took items 0-2)
+                        "holder = threading.Thread(target=lambda: list(itertools.islice(g, 4)))\n"
+                        "holder.start()\nassert inside.wait(30)")
+            _, text, err = shown(ip, line)
+            release.set()
+            ip.user_ns["holder"].join()
+            assert_clean(text)
+            said = "argument 2 of map (the generator `held`) was being advanced elsewhere while this run read it"
+            if line.startswith("%pmap"):  # (the magic says its errors of the input as its usage errors, with its usage)
+                assert text.strip().startswith(f"UsageError: %pmap: {said}") and len(text.strip().splitlines()) == 2, text
+            else:  # a ValueError still, as Python's was
+                assert isinstance(err, ValueError) and isinstance(err, mpmagic.UsageError), text
+                assert text.strip().startswith(f"UsageError: {said}") and len(text.strip().splitlines()) == 1, text
+    finally:
+        release.set()
+
+
 def test_a_seeded_task_shows_no_frame_of_ours(ip, local_pool):
     # (--seed's wrapper, seeding.Seeded.__call__, was shown between the cell's line and the task)
     n = defined(ip, "def drawn(x):\n    return 1 / x\n")
