@@ -61,7 +61,7 @@ from .errors import (
     set_interrupt_outcome,
     unsafe_here,
 )
-from .fmt import func_name
+from .fmt import code_snippet, func_name
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
@@ -1386,13 +1386,18 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
 
     Ctrl-C (or the kernel's interrupt) lands in this wait: it cancels this run
     only (other threads' runs go on), shows what its workers printed, and
-    re-raises. The bar is closed however the run ends (done, error, interrupt).
+    re-raises. The bar is made once the run has lasted its delay (this wait wakes
+    then; not if the run is over by then), and closed however the run ends (done,
+    error, interrupt).
     """
     __tracebackhide__ = True
     restore_interrupts()  # this run's interrupt is its own, not a repeat of the last one's
     try:
         run = backend.submit(job, workers=workers)
         try:
+            due = bar.due_in()
+            if due is not None and (due == 0 or not run.wait(due)):
+                bar.show(ended=run.done())
             run.wait()
         except KeyboardInterrupt as exc:
             with sigint_deferred():  # a second Ctrl-C must not cut the cleanup short
@@ -1871,8 +1876,9 @@ def parallel(
             return call.values(lambda text: forward.out("stderr", text))
 
         size = workers or get_pool().workers
-        first = code.strip().splitlines()[0][:30] if code.strip() else ""
-        what = f"parallel -n {size}: {first}"
+        # The cell's start, quoted: "run 1: parallel -n 2 `if rank == 1: …`, 2/2 ranks, ..."
+        snippet = code_snippet(code)
+        what = f"parallel -n {size} `{snippet}`" if snippet else f"parallel -n {size}"
 
         def start(resume: Any = None) -> Any:
             return background.start(what, make_cell, rank_values, size, keep_chunks=False, resume=resume,

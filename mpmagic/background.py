@@ -45,7 +45,7 @@ from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
-from . import debugging, display_relay, exiting
+from . import ansi, debugging, display_relay, exiting
 from .checks import wait_timeout
 from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
 from .interrupts import absorb_late_interrupts
@@ -218,12 +218,13 @@ class _Sink:
             body.append(f"<progress value='{run.items_done}' max='{total}' style='width:30em'></progress>")
         if out:
             plain.append(out.rstrip("\n"))
-            body.append(f"<pre style='margin:2px 0'>{html.escape(out)}</pre>")
+            # (the HTML is what Jupyter shows: the tasks' ANSI colours as spans, not as "[31m")
+            body.append(f"<pre style='margin:2px 0'>{ansi.to_html(out)}</pre>")
         error = run._error
         if error is not None and not isinstance(error, CancelledError):
             line = f"{type(error).__name__}: {error} (run.result() raises it)"
             plain.append(line)
-            body.append(f"<pre style='color:#b00;margin:2px 0'>{html.escape(line)}</pre>")
+            body.append(f"<pre style='color:#b00;margin:2px 0'>{ansi.to_html(line)}</pre>")
         if run._report is not None and run._show_report:
             plain.append(run._report.line())
             body.append(run._report._repr_html_() or f"<div>{html.escape(run._report.line())}</div>")

@@ -147,8 +147,10 @@ class Run:
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the run to end, printing its output and moving its progress here.
 
-        True when it ended. A KeyboardInterrupt raised in here leaves the run
-        going: the caller decides (``api`` cancels it).
+        True when it ended; False once ``timeout`` seconds passed, even while
+        output keeps coming (the progress bar is made then: ``api``). A
+        KeyboardInterrupt raised in here leaves the run going: the caller
+        decides (``api`` cancels it).
         """
         __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -164,6 +166,8 @@ class Run:
                 self._dispatch(ev)
                 if ev[0] == "out" and self._events.empty():
                     self._idle_flush()  # (output is not flushed line by line: jobs._print_stream)
+                if deadline is not None and not self._pumped and time.monotonic() >= deadline:
+                    return False  # (time is up, though output keeps coming: the caller's turn)
         return True
 
     def _dispatch(self, ev: tuple) -> None:

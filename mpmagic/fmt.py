@@ -23,26 +23,58 @@ def micro() -> str:
     (``LC_ALL=C PYTHONIOENCODING=ascii``, a terminal in an ASCII locale): the
     timing line raised UnicodeEncodeError there, after the run, and
     ``r = %pmap ...`` was never assigned."""
+    return "µs" if _streams_encode("µ") else "us"
+
+
+def ellipsis() -> str:
+    """``…``, or ``...`` where the notebook's stdout or stderr cannot encode it (as :func:`micro`)."""
+    return "…" if _streams_encode("…") else "..."
+
+
+def _streams_encode(char: str) -> bool:
     for stream in (sys.stdout, sys.stderr):
         encoding = getattr(stream, "encoding", None)
-        if isinstance(encoding, str) and not _encodes_micro(encoding):
-            return "us"
-    return "µs"
+        if isinstance(encoding, str) and not _encodes(char, encoding):
+            return False
+    return True
 
 
-_micro_by_encoding: dict[str, bool] = {}
+_encodes_by_encoding: dict[tuple[str, str], bool] = {}
 
 
-def _encodes_micro(encoding: str) -> bool:
-    ok = _micro_by_encoding.get(encoding)
+def _encodes(char: str, encoding: str) -> bool:
+    ok = _encodes_by_encoding.get((char, encoding))
     if ok is None:
         try:
-            codecs.encode("µ", encoding)
+            codecs.encode(char, encoding)
             ok = True
         except (LookupError, UnicodeError, TypeError):
             ok = False
-        _micro_by_encoding[encoding] = ok
+        _encodes_by_encoding[(char, encoding)] = ok
     return ok
+
+
+#: Characters of a cell's first line that a background run's label shows.
+SNIPPET_CHARS = 40
+
+
+def code_snippet(code: str, limit: int = SNIPPET_CHARS) -> str:
+    """The start of a cell, as a background run's label names it: its first
+    non-blank line, cut at a space near ``limit`` characters, then ``…`` when
+    more of the cell follows (``if rank == 1: …``). The label used to cut the
+    line at 30 characters as it fell, with no mark, and its ``, 2/2 ranks``
+    then read as code (``print('x', , 2/2 ranks``)."""
+    lines = [line.strip() for line in code.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    first, more = lines[0], len(lines) > 1
+    if len(first) > limit:
+        cut = first[:limit]
+        space = cut.rfind(" ")
+        if space >= limit // 2:  # (a word's end, unless that drops most of the line)
+            cut = cut[:space]
+        first, more = cut.rstrip(" ,;"), True
+    return f"{first} {ellipsis()}" if more else first
 
 
 def fmt_seconds(s: float | None) -> str:

@@ -1,18 +1,25 @@
 """A progress bar for long runs that counts items, and stays away for short ones.
 
 The job reports finished items (a map's chunk sizes, a cell's ranks) through
-:meth:`Progress.update`. The tqdm bar is only made on the first update after
-``delay`` seconds of work, so a quick run prints nothing at all; when it is
-made, its clock is set back to the start of the run so that the rate and the
-time left are right from the first frame. ``tqdm.auto`` gives the notebook
-widget in Jupyter (when ipywidgets is installed) and a text bar elsewhere.
-:meth:`Progress.close` must run on every way out (success, error, interrupt):
-the API calls it in a ``finally``.
+:meth:`Progress.update`. The bar is made once the run has lasted ``delay``
+seconds: the thread waiting on the run wakes then and calls :meth:`Progress.show`
+(a Dask run, driven by that thread, makes it on the first update after the
+delay). A quick run prints nothing at all, and neither does a run that is over
+by then: a bar born at 100% told nothing (two ranks that end together after
+1.5 s showed a full bar once the cell was done, and nothing during it). Its
+clock is set back to the start of the run, so the rate and the time left are
+right from the first frame. ``tqdm.auto`` gives the notebook widget in Jupyter
+(when ipywidgets is installed) and a text bar elsewhere; in Jupyter without
+ipywidgets, a text bar and one line of mpmagic's saying what to install
+(:func:`_tqdm_class`). :meth:`Progress.close` must run on every way out
+(success, error, interrupt): the API calls it in a ``finally``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -21,12 +28,45 @@ from typing import Any
 # look at what the last run showed: ``mpmagic.progress.last``.
 last: Progress | None = None
 
+#: What a Jupyter kernel without ipywidgets shows once, with the first bar.
+NO_WIDGETS_LINE = ("mpmagic: the progress bar is text here: the notebook's bar needs ipywidgets "
+                   "(pip install ipywidgets, then restart the kernel)\n")
+_said_no_widgets = False
+
 
 def _tqdm_class() -> Any:
-    """tqdm's notebook widget in Jupyter with ipywidgets, its text bar elsewhere."""
+    """tqdm's notebook widget in Jupyter with ipywidgets, its text bar elsewhere.
+
+    In Jupyter without ipywidgets, ``tqdm.auto`` warned in its own words on the
+    first bar (``TqdmWarning: IProgress not found. Please update jupyter and
+    ipywidgets``, under a site-packages path): here the text bar is picked
+    directly, and mpmagic says once what to install (:data:`NO_WIDGETS_LINE`).
+    """
+    global _said_no_widgets
+    if _notebook_without_widgets():
+        if not _said_no_widgets:
+            _said_no_widgets = True
+            sys.stderr.write(NO_WIDGETS_LINE)
+        from tqdm.std import tqdm as text_bar
+
+        return text_bar
     from tqdm.auto import tqdm
 
     return tqdm
+
+
+def _notebook_without_widgets() -> bool:
+    """Would ``tqdm.auto`` want the notebook widget (as ``tqdm.autonotebook``
+    decides: a Jupyter kernel, not a Qt console or Spyder) and lack ipywidgets?"""
+    if "ipykernel.zmqshell" not in sys.modules:
+        return False
+    if any(name == "QT_API" or name.startswith("SPYDER") for name in os.environ):
+        return False
+    try:
+        from ipywidgets import FloatProgress  # noqa: F401  (what tqdm.notebook's bar is made of)
+    except Exception:  # (not installed, or broken: tqdm.auto falls back to its text bar then too)
+        return True
+    return False
 
 
 class Progress:
@@ -62,15 +102,32 @@ class Progress:
             if self.closed or not self.enabled:
                 return
             if self.bar is None:
-                if time.perf_counter() - self.t0 < self.delay:
-                    return
-                self.bar = self._make_bar()
-                self.shown = self.bar is not None
-                if self.bar is None:
-                    return
-                self.bar.update(self.n)
+                if time.perf_counter() - self.t0 >= self.delay:
+                    self._show()
             else:
                 self.bar.update(n)
+
+    def due_in(self) -> float | None:
+        """Seconds until the bar is due (0: now), or None when no bar is to be made."""
+        with self._lock:
+            if self.closed or not self.enabled or self.bar is not None:
+                return None
+            return max(0.0, self.delay - (time.perf_counter() - self.t0))
+
+    def show(self, ended: bool = False) -> None:
+        """The delay is over: make the bar now, at the count so far, unless the run
+        ``ended`` or all its items finished (a bar born full says nothing)."""
+        with self._lock:
+            if not ended and not self.closed and self.enabled and self.bar is None:
+                self._show()
+
+    def _show(self) -> None:  # (holding the lock)
+        if self.total is not None and self.n >= self.total:
+            return  # (the run is over, or about to be: no bar whose only frame is "done")
+        self.bar = self._make_bar()
+        self.shown = self.bar is not None
+        if self.bar is not None and self.n:
+            self.bar.update(self.n)
 
     def _make_bar(self) -> Any:
         try:

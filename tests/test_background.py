@@ -1272,3 +1272,72 @@ def test_as_completed_takes_any_iterable_of_runs_even_an_empty_one_as_concurrent
     assert list(mpmagic.as_completed(x for x in ())) == []
     ended = mpmagic.as_completed((mpmagic.call(_scaled_sum, i, 1) for i in range(2)), timeout=30)
     assert sorted(h.result() for h in ended) == [1, 2]
+
+
+def test_the_live_areas_html_shows_the_tasks_ansi_colours_as_colours_not_codes(ip, ns):
+    """The live area's HTML (what Jupyter shows of it) had a failed rank's coloured
+    traceback as literal ``[31m-----[39m``: the output was HTML-escaped only. Its
+    text/plain form keeps the codes, as a cell's stream does."""
+    run(ip, "def colourful(x):\n"
+            "    print(f'\\x1b[31mred {x}\\x1b[0m plain \\x1b[1;38;5;28mbold\\x1b[22;39m <&>')\n"
+            "    return x\n")
+    handle = mpmagic.submit(ns["colourful"], [1])
+    assert handle.result(60) == [1]
+    bundle = handle._sink.bundle()
+    assert "\x1b[31mred 1\x1b[0m" in bundle["text/plain"]
+    page = bundle["text/html"]
+    assert "\x1b" not in page and "[31m" not in page and "[0m" not in page, page
+    assert ("<span style='color:#E75C58'>red 1</span> plain "
+            "<span style='color:#008700;font-weight:bold'>bold</span> &lt;&amp;&gt;") in page, page
+
+
+def test_ansi_to_html_keeps_the_text_and_drops_every_escape():
+    """IPython's coloured traceback (its own codes), other escapes (erase line, a title,
+    a sequence cut short): the HTML's text is the text without them."""
+    from html.parser import HTMLParser
+
+    from mpmagic.ansi import to_html
+
+    text = ("[rank 1] \x1b[31m---------\x1b[39m\n[rank 1] \x1b[31mValueError\x1b[39m    Traceback\n"
+            "[rank 1] \x1b[36mCell\x1b[39m\x1b[36m \x1b[39m\x1b[32mIn[2]\x1b[39m\x1b[32m, line 3\x1b[39m\n"
+            "[rank 1] \x1b[32m----> \x1b[39m\x1b[32m3\x1b[39m     \x1b[38;5;28;01mraise\x1b[39;00m ValueError('<boom>')\n"
+            "\x1b[2K\x1b]0;a title\x07\x1b[48;2;1;2;3mrgb\x1b[49m \x1b[97;100mbright\x1b[0m cut \x1b")
+
+    class Text(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__(convert_charrefs=True)
+            self.parts: list[str] = []
+
+        def handle_data(self, data: str) -> None:
+            self.parts.append(data)
+
+    page = to_html(text)
+    parser = Text()
+    parser.feed(page)
+    expected = re.sub(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*\x07)?", "", text)
+    assert "".join(parser.parts) == expected
+    assert "\x1b" not in page and page.count("<span") == page.count("</span>")
+    assert "<span style='background-color:#010203'>rgb</span>" in page
+    assert "<span style='color:#A1A6B2;background-color:#282C36'>bright</span>" in page
+    assert to_html("no colour <here>") == "no colour &lt;here&gt;"
+
+
+def test_a_cells_run_label_quotes_its_start_and_marks_what_was_cut(ip, ns, monkeypatch):
+    """The label cut the cell's first line at 30 characters with no mark:
+    ``parallel -n 2: print('<b>not bold</b> & co', , 2/2 ranks`` (a dangling ``, ,``)."""
+    from mpmagic.fmt import code_snippet, ellipsis
+
+    dots = ellipsis()
+    handle = run(ip, "%%parallel -n 2 -q --bg\nif rank == 1:\n    pass\nrank")
+    handle.result(60)
+    assert handle.what == f"parallel -n 2 `if rank == 1: {dots}`"
+    assert f"parallel -n 2 `if rank == 1: {dots}`, 2/2 ranks, " in repr(handle)
+    assert run(ip, "%%parallel -n 1 -q --bg\n\nrank\n\n").what == "parallel -n 1 `rank`"  # (one line: no mark)
+    long = "print('<b>not bold</b> & co', rank, 'and then much more text')"
+    assert code_snippet(long) == f"print('<b>not bold</b> & co', rank {dots}"  # (at a space, no dangling comma)
+    assert code_snippet("x" * 60 + "\n") == "x" * 40 + f" {dots}"
+    assert code_snippet("\n \n") == ""
+    import io
+
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
+    assert code_snippet("a\nb") == "a ..."  # (an ASCII terminal: as fmt.micro's "us")

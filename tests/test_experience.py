@@ -66,13 +66,17 @@ class RecordingBar(std_tqdm):
     """tqdm's text bar, written to a string, remembering every instance."""
 
     made: list[RecordingBar] = []
+    touch: str | None = None  # a file each new bar creates (tasks can wait for the bar)
 
     def __init__(self, *args, **kwargs):
         self.out = io.StringIO()
         kwargs["file"] = self.out
         super().__init__(*args, **kwargs)
         self.closed_at: int | None = None
+        self.born_at = progress.last.n if progress.last is not None else None  # items finished when it was made
         RecordingBar.made.append(self)
+        if RecordingBar.touch:
+            open(RecordingBar.touch, "w").close()
 
     def close(self):
         if self.closed_at is None:
@@ -84,6 +88,7 @@ class RecordingBar(std_tqdm):
 def bars(monkeypatch):
     """Progress bars made during the test, instead of bars on the terminal."""
     RecordingBar.made = []
+    monkeypatch.setattr(RecordingBar, "touch", None)
     monkeypatch.setattr(progress, "_tqdm_class", lambda: RecordingBar)
     return RecordingBar.made
 
@@ -158,6 +163,86 @@ def test_no_progress_bar_for_short_runs(ip, pool2, settings, bars):
     assert bars == []
     run(ip, "%pmap -q --progress sq, range(200)")  # the option beats the setting
     assert progress.last.shown and len(bars) == 1
+
+
+#: Tasks that end only once the bar exists (or after 10 s: then the bar came too late).
+UNTIL_THE_BAR = """
+import os, time
+def until_the_bar(path):
+    deadline = time.monotonic() + 10
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return path
+"""
+
+
+@pytest.mark.parametrize("cell", [
+    "%pmap -q --progress until_the_bar, [bar_file, bar_file]",
+    "%pmap -q --compare --progress until_the_bar, [bar_file, bar_file]",
+    "%%parallel -n 2 -q --progress\nuntil_the_bar(bar_file)\nrank\n",
+    "%%parallel -n 2 --progress\nuntil_the_bar(bar_file)\nrank\n",
+])
+def test_the_bar_shows_during_a_run_whose_items_all_end_together(ip, pool2, settings, bars, cell, tmp_path):
+    """Two ranks (or items) that end together after the delay: the bar was made on
+    the first update after the delay, the end of the run, so nothing showed during
+    it (then a bar at 1/2 and 2/2 at once; at 2/2 when both came in one update).
+    It is made as the delay is over, at the count so far: here the tasks end only
+    once it exists, so it must have been made at 0 of 2."""
+    RecordingBar.touch = ip.user_ns["bar_file"] = str(tmp_path / "bar")
+    run(ip, UNTIL_THE_BAR)
+    run(ip, "%config MPMagic.progress_delay = 0.1")
+    with capture_output():
+        run(ip, cell)
+    assert len(bars) == 1 and bars[0].total == 2
+    assert bars[0].born_at == 0 and bars[0].closed_at == 2 and progress.last.outcome == "done"
+
+
+def test_no_bar_is_born_full():
+    """A bar due once the run is over, or once all its items finished, is not made."""
+    for ended in (True, False):
+        bar = progress.Progress(2, delay=0.0)
+        bar.update(2)  # (the update path: a run driven by the waiting thread, as Dask's)
+        bar.show(ended=ended)
+        assert not bar.shown and bar.bar is None
+    bar = progress.Progress(2, delay=0.0)
+    bar.show(ended=True)
+    assert not bar.shown
+    bar = progress.Progress(None, delay=0.0)  # (an input of unknown length: the bar when due)
+    assert bar.due_in() == 0.0
+    bar.close()
+    assert bar.due_in() is None
+
+
+def test_a_kernel_without_ipywidgets_gets_a_text_bar_and_one_line_of_ours(monkeypatch, capsys):
+    """tqdm.auto printed its own warning on the first bar ("TqdmWarning: IProgress not
+    found. Please update jupyter and ipywidgets", under a site-packages path) where
+    the README promises that mpmagic says what to install."""
+    import types
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "ipykernel.zmqshell", types.ModuleType("ipykernel.zmqshell"))  # a kernel
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # (import ipywidgets raises ImportError)
+    for name in ("tqdm.auto", "tqdm.autonotebook", "tqdm.notebook"):  # as in a fresh kernel: not imported yet
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in [n for n in os.environ if n == "QT_API" or n.startswith("SPYDER")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(progress, "_said_no_widgets", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        classes = [progress._tqdm_class(), progress._tqdm_class()]
+    assert [str(w.message) for w in caught] == []
+    assert classes == [std_tqdm, std_tqdm]
+    err = capsys.readouterr().err
+    assert err.count("pip install ipywidgets") == 1 and err.startswith("mpmagic: "), err
+
+
+def test_outside_a_kernel_the_bar_is_tqdm_autos_and_says_nothing(monkeypatch, capsys):
+    monkeypatch.delitem(sys.modules, "ipykernel.zmqshell", raising=False)
+    monkeypatch.setattr(progress, "_said_no_widgets", False)
+    from tqdm.auto import tqdm as auto_tqdm
+
+    assert progress._tqdm_class() is auto_tqdm
+    assert capsys.readouterr().err == ""
 
 
 # -- %config -------------------------------------------------------------------
