@@ -18,7 +18,8 @@ the notebook's current
 * the settings of numeric libraries that change what a task computes, for
   those the notebook has imported: torch's grad mode (``torch.no_grad()``
   around a call: read in the calling thread, where it lives) and default
-  dtype (``torch.set_default_dtype``), and jax's ``jax_enable_x64`` (see
+  dtype (``torch.set_default_dtype``), jax's ``jax_enable_x64``, and numpy's
+  error state (``np.seterr``, ``with np.errstate(...)`` around a call; see
   :func:`libraries`; only what differs from the library's default is sent,
   and a worker imports the library to apply it),
 
@@ -40,7 +41,7 @@ once (:func:`take_note`). Serial ``map`` does not care where it runs; a
 task that reads a relative path failed there in the notebook too.
 
 Deliberately not carried (see docs/troubleshooting.md): ``decimal``
-contexts, numpy's error state (``np.seterr``) and print options, the locale,
+contexts, numpy's print options, the locale,
 the random generators' state, signal handlers and thread-local state
 (torch's grad mode excepted, see above). They
 are per-thread or per-library state that the task can set itself in one
@@ -174,6 +175,9 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
     "torch default dtype": ("torch", "float32", _torch_dtype, lambda t, v: t.set_default_dtype(getattr(t, v))),
     "jax_enable_x64": ("jax", False, lambda j: bool(j.config.jax_enable_x64),
                        lambda j, v: j.config.update("jax_enable_x64", v)),
+    # np.seterr(divide="raise") in the notebook: serial 1 / np.float64(0) raises FloatingPointError
+    "numpy error state": ("numpy", (("divide", "warn"), ("invalid", "warn"), ("over", "warn"), ("under", "ignore")),
+                          lambda n: tuple(sorted(n.geterr().items())), lambda n, v: n.seterr(**dict(v))),
 }
 
 

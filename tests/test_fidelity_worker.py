@@ -1043,3 +1043,25 @@ def test_a_library_setting_a_worker_cannot_apply_is_warned_once(monkeypatch, fak
     assert [r.getMessage() for r in caplog.records].count("mpmagic worker: could not set torch grad mode to "
                                                           "the notebook's False") == 1
     context.apply(context.current(libs=()))
+
+
+def test_numpys_error_state_reaches_the_tasks_as_serially(ip, any_method):
+    """``np.seterr(divide="raise")`` in the notebook (or ``with np.errstate(...)``
+    around a call, read in the calling thread) was lost: serial 1 / np.float64(0)
+    raises FloatingPointError, the task returned inf with a RuntimeWarning."""
+    np = pytest.importorskip("numpy")
+    ensure_pool(any_method)
+    run(ip, "import numpy as np, mpmagic\ndef inv(x):\n    return 1 / np.float64(x)\n")
+    before = np.geterr()
+    try:
+        run(ip, "old = np.seterr(divide='raise')")
+        with pytest.raises(FloatingPointError, match="divide by zero"):
+            run(ip, "list(map(inv, [2, 0]))")  # (the oracle)
+        with pytest.raises(FloatingPointError, match="divide by zero"):
+            run(ip, "%pmap -q inv, [2, 0]")
+        run(ip, "np.seterr(**old)")
+        assert run(ip, "%pmap -q inv, [2, 0]") == [0.5, np.inf]  # (back to the default, with its warning)
+        with pytest.raises(FloatingPointError):
+            run(ip, "with np.errstate(divide='raise'):\n    mpmagic.pmap(inv, [2, 0])\n")
+    finally:
+        np.seterr(**before)
