@@ -539,3 +539,25 @@ def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2, c
             _wait_for_nannies(backend, 2)
         finally:
             pool_module.shutdown()
+
+
+def test_numpys_error_state_reaches_every_task_on_mpmagics_own_cluster(ip):
+    """Dask runs each task in a copy of its loop's ``contextvars`` context: numpy's
+    error state (a context variable) set as the world was adopted never reached the
+    tasks: ``np.seterr(divide="raise")`` gave inf where serial raises."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("distributed")
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=1)
+    before = np.geterr()
+    try:
+        run(ip, "import numpy as np\ndef inv(x):\n    return 1 / np.float64(x)\n")
+        np.seterr(divide="raise")
+        for _ in range(2):  # (the second: the same world, adopted already; a new task)
+            with pytest.raises(FloatingPointError, match="divide by zero"):
+                run(ip, "%pmap -q --chunksize 1 inv, [2, 0]")
+        np.seterr(**before)
+        assert run(ip, "%pmap -q inv, [2, 0]") == [0.5, np.inf]
+    finally:
+        np.seterr(**before)
+        pool_module.shutdown()

@@ -439,7 +439,8 @@ _context_seen: tuple[int, Any] | None = None  # (context version, call) last ado
 def _adopt_context(msg: Context, call: Any) -> None:
     """The notebook's world in this worker process, as a local worker adopts it:
     loaded when its version is new, put back at the start of each new call
-    (a task of an earlier call may have changed it). The variables Dask's
+    (a task of an earlier call may have changed it), and its per-thread library
+    settings in every task's own thread and context. The variables Dask's
     nanny sets for its workers (thread caps) stay the worker's own."""
     global _context_seen
     with _context_lock:
@@ -453,6 +454,7 @@ def _adopt_context(msg: Context, call: Any) -> None:
         elif _context_seen[1] != call:
             context.reassert()
         _context_seen = (msg.version, call)
+    context.reassert_libraries()  # (in this task's thread and context)
 
 
 def run_message(
