@@ -35,6 +35,10 @@ from typing import Any
 _log = logging.getLogger("mpmagic")
 
 MAX_LOCALS = 20  # names kept from the raising frame
+# The local of the worker's item loops (callsite.MARK, named here: this module imports
+# none of mpmagic's): a call that failed in one (a wrong number of arguments) has no
+# frame of the task's; the loop's own locals, under the caller's line, are not the user's.
+_CALL_SITE = "__mpmagic_call_site__"
 MAX_REPR = 200  # characters kept of each repr
 WORKER_ID: Any = None  # set by the worker process at start (worker.main)
 # Failures per unit whose locals are kept: a --errors collect chunk where every
@@ -93,6 +97,8 @@ def failure_context(exc: BaseException) -> dict[str, Any]:
     if tb is not None:
         while tb.tb_next is not None:
             tb = tb.tb_next
+    # (the call itself failed in the item loop: no frame of the task's to show)
+    if tb is not None and _CALL_SITE not in tb.tb_frame.f_code.co_varnames:
         frame = tb.tb_frame
         where = (frame.f_code.co_filename, tb.tb_lineno, frame.f_code.co_name)
         try:

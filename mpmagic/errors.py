@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from .astlock import compile_tree, parse
+from .callsite import MARK
 from .proclimits import rlimit
 
 logger = logging.getLogger("mpmagic")
@@ -385,6 +386,8 @@ def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
     for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
+        if MARK in frame.f_code.co_varnames:
+            continue  # (the worker's item loop, copied to the map's call site: ours still, see callsite.py)
         if "__tracebackhide__" in frame.f_code.co_varnames and fs.filename.startswith(_PACKAGE_DIR):
             continue  # (ours, as IPython hides it: a pmap run serially inside a task)
         first = frame.f_code.co_firstlineno

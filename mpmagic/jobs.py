@@ -25,7 +25,16 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from . import context, debugging, display_relay, payload, payload_cache, shm, worker_logging
+from . import (
+    callsite,
+    context,
+    debugging,
+    display_relay,
+    payload,
+    payload_cache,
+    shm,
+    worker_logging,
+)
 from .checks import run_timeout
 from .chunking import ChunkPlanner
 from .errors import (
@@ -450,6 +459,9 @@ class MapJob:
         # The notebook's logger levels go with each unit; warnings come back through this.
         self.log_context = worker_logging.notebook_context()
         self._warnings = worker_logging.WarningRelay()
+        # Where the map is called (here, in the calling thread): the workers call the
+        # function from a frame that looks like that line's (callsite.py).
+        self.site = callsite.caller_site()
         self._progress = progress
         # Measured for the report's advice and for --insights (an insights.Recorder).
         self.insights = insights
@@ -826,10 +838,11 @@ class MapJob:
         # notebook's logger levels (see worker_logging). ``item_clock``: a
         # --timeout over several items is each item's, so the worker tells when
         # each starts (a chunk of one is timed as a whole: nothing to tell).
+        # ``site``: where the map was called (callsite.py).
         return Map(
             self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None,
             unit.block, (None if self.one_call else unit.start, self.log_context),  # (a call's records: no "[item 0]")
-            bool(self.timeout) and unit.count > 1,
+            bool(self.timeout) and unit.count > 1, self.site,
         )
 
     # -- taking back results -----------------------------------------------

@@ -11,7 +11,7 @@ by :func:`unpack`, the only two functions that know the layout (CPython's
 Notebook to worker (requests)::
 
     Func(key, payload)                 cache a cloudpickled function under its key
-    Map(call, tag, key, star, collect, items, timing, block, log_context, item_clock)
+    Map(call, tag, key, star, collect, items, timing, block, log_context, item_clock, site)
                                        run the function over a chunk of items
     Cell(call, tag, size, payload, log_context)
                                        run a %%parallel cell body as rank ``tag``
@@ -97,6 +97,10 @@ class Map(NamedTuple):
     # when each item starts (``started`` of worker.run_items), so that each item,
     # not the chunk, gets the timeout (see backends/local.py ``_check_deadlines``).
     item_clock: bool = False
+    # Where the map was called (module name, file, line, function name: callsite.caller_site):
+    # the worker calls the function from a frame that looks like that line's, so a warning
+    # the function charges to its caller (``stacklevel=2``) names it, as serially.
+    site: tuple | None = None
 
 
 class Cell(NamedTuple):

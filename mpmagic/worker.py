@@ -57,6 +57,7 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import (
+    callsite,
     compat,
     context,
     debugging,
@@ -70,6 +71,7 @@ from . import (
     worker_logging,
     worker_setup,
 )
+from .callsite import Site, at_site
 from .cpus import run_queue_seconds
 from .errors import SerializationError
 from .exc_record import capture
@@ -555,6 +557,7 @@ _FAST_PATH_STOP = (
 def run_items(
     func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None, block: int = 1,
     noted: Callable[[int, ErrorInfo], None] | None = None, started: Callable[[int], None] | None = None,
+    site: Site | None = None,
 ) -> tuple[list, float, tuple[int, ErrorInfo] | None]:
     """Run ``func`` over a chunk of items.
 
@@ -576,9 +579,11 @@ def run_items(
     set: the notebook then times each item, not the chunk (a local worker's
     :func:`item_clock`; a Dask task's tells it with an event). Runs without
     a timeout never call it, so they pay nothing for it.
+    ``site`` (``Map.site``): where the map was called from; the calls are made
+    from a frame that looks like that line's (:func:`mpmagic.callsite.at_site`),
+    so a warning charged to the function's caller names it, as serially.
     """
     results: list = []
-    extend, append = results.extend, results.append
     n = len(items)
     mapper = starmap if star else map
     # The index of the running item, written straight into the shared word
@@ -589,48 +594,15 @@ def run_items(
         pos = _position_view[1]
     else:
         pos = _view_of(position)
+    calls = at_site(_call_items, site)
     t0 = time.perf_counter()
     while len(results) < n:
-        # The calls run in C (list.extend over map), not in a bytecode loop:
-        # that loop and its per-item store were most of the cost of tiny items.
-        # When a call raises, extend keeps the results so far, so the failing
-        # item is the number of results. A StopIteration raised by a call is
-        # the one exception extend does not pass on: map() just ends, so a
-        # short result after extend means the next item raised it. Checking
-        # the length costs nothing per item; wrapping each call (a generator
-        # expression, which turns it into RuntimeError) cost ~6 ns per item.
+        # When a call raises, the results so far are kept, so the failing item is
+        # the number of results. A StopIteration raised by a call is the one
+        # exception extend does not pass on: map() just ends, so a short result
+        # means the next item raised it (see _call_items).
         try:
-            start = len(results)
-            if pos is None:
-                extend(mapper(func, items[start:] if start else items))
-            elif started is not None:  # (a --timeout: block is 1, see jobs.MapJob._block)
-                for i in range(start, n):
-                    started(i)
-                    pos[0] = i
-                    if star:  # (as below: starmap's own message for an item it cannot unpack)
-                        extend(mapper(func, items[i : i + 1]))
-                        if len(results) <= i:
-                            break
-                    else:
-                        append(func(items[i]))
-            elif block > 1:
-                for s in range(start, n, block):
-                    pos[0] = s
-                    extend(mapper(func, items[s : s + block]))
-                    if len(results) < s + block and len(results) < n:
-                        break  # a StopIteration ended this block early
-            elif star:
-                # starmap, one item at a time: an item it cannot unpack fails with
-                # starmap's own message, as serially ("'int' object is not iterable").
-                for i in range(start, n):
-                    pos[0] = i
-                    extend(mapper(func, items[i : i + 1]))
-                    if len(results) <= i:
-                        break  # a StopIteration raised by the call ended it
-            else:
-                for i in range(start, n):
-                    pos[0] = i
-                    append(func(items[i]))
+            calls(func, items, results, mapper, star, pos, block, started)
             if len(results) == n:
                 break
             exc: BaseException = RuntimeError(_FAST_PATH_STOP)
@@ -640,10 +612,63 @@ def run_items(
         info = ErrorInfo(exc)
         if not collect:
             return results, time.perf_counter() - t0, (i, info)
-        append(info)
+        results.append(info)
         if noted is not None:
             noted(i, info)
     return results, time.perf_counter() - t0, None
+
+
+def _call_items(
+    func: Callable[..., Any], items: list, results: list, mapper: Any, star: bool, pos: Any, block: int,
+    started: Callable[[int], None] | None,
+) -> None:
+    """Call ``func`` on ``items`` from the first one ``results`` lacks, appending each
+    result, until one raises or a StopIteration ends a ``map`` early (for
+    :func:`run_items`, whose loop around this handles both).
+
+    This frame calls the task's function: a unit runs a copy of it made for the
+    map's call site (:func:`mpmagic.callsite.at_site`), which reads no globals but
+    builtins. Its source has no line at the left margin (see ``callsite._source``).
+    """
+    __mpmagic_call_site__ = True  # noqa: F841 (callsite.MARK: left out of a task's traceback)
+    extend, append = results.extend, results.append
+    n = len(items)
+    start = len(results)
+    # The calls run in C (list.extend over map), not in a bytecode loop:
+    # that loop and its per-item store were most of the cost of tiny items.
+    # Checking the length after extend costs nothing per item; wrapping each
+    # call (a generator expression, which turns a StopIteration into
+    # RuntimeError) cost ~6 ns per item.
+    if pos is None:
+        extend(mapper(func, items[start:] if start else items))
+    elif started is not None:  # (a --timeout: block is 1, see jobs.MapJob._block)
+        for i in range(start, n):
+            started(i)
+            pos[0] = i
+            if star:  # (as below: starmap's own message for an item it cannot unpack)
+                extend(mapper(func, items[i : i + 1]))
+                if len(results) <= i:
+                    return
+            else:
+                append(func(items[i]))
+    elif block > 1:
+        for s in range(start, n, block):
+            pos[0] = s
+            extend(mapper(func, items[s : s + block]))
+            if len(results) < s + block and len(results) < n:
+                return  # a StopIteration ended this block early
+    elif star:
+        # starmap, one item at a time: an item it cannot unpack fails with
+        # starmap's own message, as serially ("'int' object is not iterable").
+        for i in range(start, n):
+            pos[0] = i
+            extend(mapper(func, items[i : i + 1]))
+            if len(results) <= i:
+                return  # a StopIteration raised by the call ended it
+    else:
+        for i in range(start, n):
+            pos[0] = i
+            append(func(items[i]))
 
 
 # A worker's position word and its view as one int64 (run_items): made once, not per
@@ -688,6 +713,7 @@ POSITION_IDLE = -2
 def run_items_timed(
     func: Callable[..., Any], items: list, star: bool, collect: bool, position: Any = None,
     noted: Callable[[int, ErrorInfo], None] | None = None, started: Callable[[int], None] | None = None,
+    site: Site | None = None,
 ) -> tuple[list, float, tuple[int, ErrorInfo] | None, list[float]]:
     """:func:`run_items` that also returns each item's seconds (for ``--insights``).
 
@@ -695,8 +721,32 @@ def run_items_timed(
     """
     results: list = []
     times: list[float] = []
+    error: list[tuple[int, ErrorInfo]] = []
+
+    def failed(i: int, exc: BaseException) -> bool:
+        """Item ``i`` raised ``exc``: is the chunk over?"""
+        info = ErrorInfo(_as_item_error(exc))
+        if not collect:
+            error.append((i, info))
+            return True
+        results.append(info)
+        if noted is not None:
+            noted(i, info)
+        return False
+
     clock = time.perf_counter
     t0 = clock()
+    at_site(_call_items_timed, site)(func, items, results, times, star, starmap, clock, position, started, failed)
+    return results, clock() - t0, error[0] if error else None, times
+
+
+def _call_items_timed(
+    func: Callable[..., Any], items: list, results: list, times: list, star: bool, starmap: Any,
+    clock: Callable[[], float], position: Any, started: Callable[[int], None] | None,
+    failed: Callable[[int, BaseException], bool],
+) -> None:
+    """:func:`run_items_timed`'s calls, as :func:`_call_items` is :func:`run_items`'."""
+    __mpmagic_call_site__ = True  # noqa: F841 (callsite.MARK: left out of a task's traceback)
     for i, item in enumerate(items):
         if started is not None:
             started(i)
@@ -710,15 +760,10 @@ def run_items_timed(
             results.append(next(starmap(func, (item,))) if star else func(item))
         except BaseException as exc:
             times.append(clock() - t)
-            info = ErrorInfo(_as_item_error(exc))
-            if not collect:
-                return results, clock() - t0, (i, info), times
-            results.append(info)
-            if noted is not None:
-                noted(i, info)
+            if failed(i, exc):
+                return
             continue
         times.append(clock() - t)
-    return results, clock() - t0, None, times
 
 
 # worker_logging labels a record with its item by finding these loops on the stack.
@@ -779,9 +824,10 @@ def execute_map(
     try:
         if msg.timing:
             results, seconds, error, item_seconds = run_items_timed(
-                func, items, msg.star, msg.collect, position, noted, started)
+                func, items, msg.star, msg.collect, position, noted, started, msg.site)
         else:
-            results, seconds, error = run_items(func, items, msg.star, msg.collect, position, msg.block, noted, started)
+            results, seconds, error = run_items(
+                func, items, msg.star, msg.collect, position, msg.block, noted, started, msg.site)
         runq_end = run_queue_seconds() if runq is not None else None
     finally:
         task_builtins.end_task(figures)  # the figures its items left open: shown, closed (before results are pickled)
@@ -1056,6 +1102,8 @@ class _Worker:
 
     def _serve(self) -> None:
         self.channel.send(Ready(os.getpid(), self.worker_id))
+        # (while the notebook has no unit for it yet, as a rule: its first unit would wait for it)
+        callsite.prepare(_call_items)
         while True:
             msg = unpack(self._receive())
             kind = type(msg)

@@ -1,0 +1,209 @@
+"""Where a map was called from, and a worker frame that stands in for it.
+
+Serial ``list(map(f, xs))`` calls ``f`` from C: the Python frame above ``f``
+is the caller's own, the notebook cell (or the script, or the module) with
+the ``map`` line. A library that warns its caller does it with
+``warnings.warn(..., stacklevel=2)`` (pandas walks up to the first frame
+outside pandas), so the warning is charged to that frame: its globals'
+``__name__`` is the module that filters match (Python's
+``default::DeprecationWarning:__main__`` shows a deprecation in a notebook,
+``filterwarnings("error", module="__main__")`` makes it an error), and its
+file and line are what the warning shows. In a worker the frame above ``f``
+was mpmagic's item loop (``worker.run_items``): the deprecation was hidden
+(module ``mpmagic.worker``), another warning showed ``worker.py:632`` and
+``append(func(items[i]))``, and a filter for ``__main__`` no longer matched.
+
+So the notebook notes the call site when a map's job is made
+(:func:`caller_site`: the first frame outside mpmagic and IPython's magic
+machinery, its module name, file, line and function name, as serial Python
+would charge the warning), the site travels with each ``Map`` message, and the
+worker calls the function from a copy of its item loop made for that site
+(:func:`at_site`): the same bytecode, every instruction on the site's line
+and file, named as the caller's frame, with globals whose ``__name__`` is the
+caller's module (its own dict: builtins only, and the ``__warningregistry__``
+``warnings`` keeps there, as it keeps one per module serially).
+
+A copy is made once per site and process, from the loop's source (compiled
+with every line at 1, then moved to the site's line: ``code.replace``); it
+costs nothing per item and a dictionary look-up per unit. Where the source
+cannot be read or no longer matches the loaded code (an edited install),
+the loop runs as it is, charged to ``mpmagic.worker`` as before.
+
+The copy's frame has the local :data:`MARK`: ``errors.extract_frames`` leaves
+it out of a task's traceback (the notebook shows the caller's line itself),
+as it leaves out the rest of ``worker.py``. Imports nothing of mpmagic's but
+``astlock``: workers import it, and it imports no IPython.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import linecache
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .astlock import compile_tree, parse
+
+#: A local variable of every item loop a copy is made of: its frames are mpmagic's
+#: (left out of tracebacks), whatever file and line the copy names.
+MARK = "__mpmagic_call_site__"
+
+# A call site as it travels: (module name, file name, line, function name).
+Site = tuple[str, str, int, str]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Frames between the user's code and ours that are not the caller serial code would
+# blame: IPython's magic machinery (``run_line_magic``, the ``<decorator-gen-N>``
+# wrappers of magics) between a cell's ``%pmap`` and our magic.
+_IPYTHON = os.sep + "IPython" + os.sep
+_MAGIC_WRAPPER = "<decorator-gen-"
+
+
+def caller_site() -> Site | None:
+    """The frame serial ``map`` would have called the function from: the innermost
+    of this thread's stack that is neither mpmagic's nor IPython's magic machinery
+    (``%pmap``'s cell line, a script's ``pmap`` line, a module's), as
+    ``(module name, file name, line, function name)``; None if there is none.
+
+    The module name is its globals' ``__name__`` (``__main__`` for a notebook cell
+    or a script; ``__main__`` too where it is not a string)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (filename.startswith(_PACKAGE_DIR) or _IPYTHON in filename or filename.startswith(_MAGIC_WRAPPER)):
+            break
+        frame = frame.f_back
+    if frame is None or not frame.f_lineno:  # (3.11+: None where a frame has no line)
+        return None
+    name = frame.f_globals.get("__name__")
+    return (name if isinstance(name, str) else "__main__", filename, frame.f_lineno, frame.f_code.co_name)
+
+
+# --------------------------------------------------------------------------
+# Worker side
+
+# By item loop: its code compiled with every instruction on line 1 (None: its source
+# could not be had, or does not compile to the loaded code).
+_one_line: dict[Callable[..., Any], types.CodeType | None] = {}
+# By (item loop, site): the loop's copy for that site.
+_copies: dict[tuple[Callable[..., Any], Site], Callable[..., Any]] = {}
+# By module name: the globals of the copies charged to it.
+_globals: dict[str, dict[str, Any]] = {}
+# The last copy asked for, (loop, site, copy): a unit's site is a new tuple from its
+# message, equal to the last unit's as a rule, and comparing it costs less than hashing it.
+_last: tuple = (None, None, None)
+_lock = threading.Lock()  # (Dask runs units in threads)
+_MAX_COPIES = 256  # sites kept per process (a notebook has few; a loop calling pmap from many lines, more)
+
+
+def at_site(loop: _F, site: Site | None) -> _F:
+    """``loop`` (an item loop of ``worker.py``, whose frame calls the task's function)
+    as a copy whose frame looks like ``site``'s to ``warnings`` and to anything reading
+    the stack: file, line, function name, module ``__name__``. ``loop`` itself
+    when ``site`` is None or no copy can be made (see the module's docstring)."""
+    global _last
+    if site is None:
+        return loop
+    last = _last
+    if last[0] is loop and last[1] == site:  # (the site of the unit before, as a rule: no hashing)
+        return last[2]
+    copy = _copies.get((loop, site))
+    if copy is None:
+        copy = _make(loop, site)
+    _last = (loop, site, copy)
+    return copy  # type: ignore[return-value]
+
+
+def prepare(loop: Callable[..., Any]) -> None:
+    """Compile what copies of ``loop`` are made from now (~1.5 ms, once per process):
+    a local worker does it once it is ready, so that its first unit seldom waits for it."""
+    with _lock:
+        if loop not in _one_line:
+            _one_line[loop] = _compiled_on_one_line(loop)
+
+
+def _make(loop: Callable[..., Any], site: Site) -> Callable[..., Any]:
+    prepare(loop)
+    with _lock:
+        code = _one_line[loop]
+        if code is None:
+            return loop
+        module, filename, lineno, name = site
+        names: dict[str, Any] = {"co_name": name}
+        if sys.version_info >= (3, 11):
+            names["co_qualname"] = name
+        code = code.replace(co_filename=filename, co_firstlineno=max(int(lineno), 1), **names)
+        g = _globals.get(module)
+        if g is None:
+            g = _globals[module] = {"__name__": module, "__builtins__": builtins}
+        copy = types.FunctionType(code, g, name, loop.__defaults__)
+        if len(_copies) >= _MAX_COPIES:
+            _copies.clear()
+        _copies[(loop, site)] = copy
+        return copy
+
+
+def _compiled_on_one_line(loop: Callable[..., Any]) -> types.CodeType | None:
+    """``loop``'s code compiled again from its source with every node on line 1,
+    or None when its source cannot be read or is not the loaded function's (its
+    file changed since: compiled as it is, it gives other bytecode), or has no
+    :data:`MARK`. Then no copy is made: the loop runs as it is.
+
+    (The one-line code itself may differ from the loaded one: a ``NOP`` that only
+    keeps a line's own event, before a ``try:``, is dropped on one line.)"""
+    original = loop.__code__
+    try:
+        source = _source(loop)
+        if source is None:
+            return None
+        tree = parse(source, original.co_filename, "exec")
+        if not _same_code(_function_code(compile_tree(tree, original.co_filename, "exec"), original), original):
+            return None
+        col = -1 if sys.version_info >= (3, 11) else 0  # (3.11+: no column; 3.10 wants one)
+        for node in ast.walk(tree):
+            if "lineno" in node._attributes:
+                node.lineno = node.end_lineno = 1  # type: ignore[attr-defined]
+                node.col_offset = node.end_col_offset = col  # type: ignore[attr-defined]
+        code = _function_code(compile_tree(tree, original.co_filename, "exec"), original)
+    except (SyntaxError, ValueError, TypeError, OSError):
+        return None
+    return code if code is not None and MARK in code.co_varnames else None
+
+
+def _function_code(module: types.CodeType, original: types.CodeType) -> types.CodeType | None:
+    """The code of the function named as ``original`` among ``module``'s constants."""
+    for const in module.co_consts:
+        if isinstance(const, types.CodeType) and const.co_name == original.co_name:
+            return const
+    return None
+
+
+def _same_code(code: types.CodeType | None, original: types.CodeType) -> bool:
+    """Does ``code`` do what ``original`` does (the same bytecode, constants, names)?"""
+    return code is not None and all(
+        getattr(code, attr) == getattr(original, attr)
+        for attr in ("co_code", "co_consts", "co_names", "co_varnames", "co_argcount", "co_kwonlyargcount",
+                     "co_freevars", "co_cellvars", "co_flags"))
+
+
+def _source(loop: Callable[..., Any]) -> str | None:
+    """The source of the top-level function ``loop``: from its ``def`` to the line
+    before the next one that starts at the left margin (the loops are written with
+    no line of theirs there), as ``linecache`` has its module (its loader's too:
+    a zip import)."""
+    code = loop.__code__
+    lines = linecache.getlines(code.co_filename, loop.__globals__)
+    first = code.co_firstlineno - 1
+    if not lines or first >= len(lines) or not lines[first].startswith("def "):
+        return None
+    end = first + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#)"):
+        end += 1
+    return "".join(lines[first:end])
