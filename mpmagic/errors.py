@@ -194,10 +194,12 @@ def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, k
 class RemoteError(MPMagicError):
     """A task raised an exception whose type cannot be loaded in the notebook.
 
-    Only when the type itself cannot be loaded here (e.g. it comes from a
-    module installed only on the workers); every other exception comes back
-    as its own type. Shown like any traceback (the worker's frames), not as
-    one of our one-line messages.
+    Only when the type itself, or one of the exception's args, cannot be
+    loaded here (it comes from a module installed only on the workers), or
+    the class's own ``__new__`` refuses the args; every other exception
+    comes back as its own type (its ``__init__`` is not called here, so one
+    that works only in the worker is no cause). Shown like any traceback
+    (the worker's frames), not as one of our one-line messages.
     """
 
     def __init__(self, type_name: str, message: str) -> None:
@@ -531,8 +533,9 @@ class _FrameMarker(Exception):
 # ``__cause__``, ``__context__`` and the traceback. So the worker sends the
 # parts (type, args, each picklable attribute, notes, chain, frames) and the
 # notebook rebuilds the exception without calling ``__init__``, as pickle
-# itself does for ordinary objects. Only a type that cannot be loaded here
-# gives a RemoteError.
+# itself does for ordinary objects (so ``__init__`` runs once, at the raise;
+# see ``exc_record``). Only a type or an argument that cannot be loaded here
+# (or a class whose ``__new__`` refuses its args) gives a RemoteError.
 
 class _ExceptionOnly:
     """``_render_traceback_`` of a task exception none of whose frames is the

@@ -7,12 +7,22 @@ same type again without calling ``__init__`` (as pickle makes objects), so
 ``except HTTPError`` catches it whatever its ``__init__`` takes, and gives it
 the worker's frames as its ``__traceback__`` (see ``errors.fake_traceback``).
 
+An exception's ``__init__`` therefore runs once, at the raise, as serially:
+neither side calls it again (a logging ``__init__`` logged three times, and
+one that needs what only the task set up came home as a RemoteError, when a
+pickle round trip checked it in the worker and ``pickle.loads`` rebuilt it in
+the notebook). Only an exception that says how it pickles (a ``__reduce__``
+or ``__setstate__`` of its own class, or a C constructor outside the
+builtins) is also pickled whole and loaded as it says, as any pickle would:
+its parts are still sent, for when that load fails or loses something.
+
 It sits above ``payload`` (it pickles the parts) and ``errors`` (the frames,
 ``RemoteError``): neither of those imports it. This module imports no IPython.
 """
 
 from __future__ import annotations
 
+import copyreg
 import logging
 import pickle
 import sys
@@ -45,7 +55,8 @@ class ExcRecord:
     message: str
     text: str  # "HTTPError: 404", as Python prints its last line
     frames: list[FrameInfo]
-    whole: bytes | None = None  # the exception by pickle's usual route, when that loads again
+    whole: bytes | None = None  # the exception pickled whole, when it says how it pickles (see _pickled_whole)
+    names: list[str] | None = None  # (with whole) its attributes' names, to tell a load that lost some
     type_bytes: bytes | None = None
     args_bytes: bytes | None = None
     state: dict[str, bytes] | None = None  # attributes that pickle, one by one
@@ -124,27 +135,31 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
     if isinstance(notes, list):
         rec.notes = [str(n) for n in notes]
     is_group = isinstance(exc, group_class())
-    if not is_group:
-        rec.whole = _dumps_loadable(exc, payload)
-    if rec.whole is None:
-        try:
-            rec.type_bytes = payload.dumps_data(type(exc))
+    if not is_group and _pickled_whole(type(exc)):
+        try:  # (not loaded back here: that would run its reconstruction, often __init__, once more)
+            rec.whole = payload.dumps_data(exc)
+            rec.names = sorted(_attribute_names(exc, payload))
         except Exception as why:
-            logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
-        args = (exc.message,) if is_group else exc.args  # type: ignore[attr-defined]
-        rec.args_bytes = _sendable(tuple(args))
-        rec.state = {}
-        attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
-        attrs.update(getattr(exc, "__dict__", {}))
-        for k, v in attrs.items():
-            if k == "__notes__" and rec.notes is not None:  # (a tuple or str a library set travels as it is)
-                continue
-            try:
-                rec.state[k] = payload.dumps_data(v)
-            except Exception as why:  # that attribute stays behind, the exception comes home
-                logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
-        if is_group:
-            rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]  # type: ignore[attr-defined]
+            logger.debug("%s not pickled whole: %s", rec.type_name, why)
+            rec.whole = rec.names = None
+    try:
+        rec.type_bytes = payload.dumps_data(type(exc))
+    except Exception as why:
+        logger.debug("exception type %s cannot be sent: %s", rec.type_name, why)
+    args = (exc.message,) if is_group else exc.args  # type: ignore[attr-defined]
+    rec.args_bytes = _sendable(tuple(args))
+    rec.state = {}
+    attrs = {k: getattr(exc, k) for k in payload.slot_names(type(exc)) if hasattr(exc, k)}
+    attrs.update(getattr(exc, "__dict__", {}))
+    for k, v in attrs.items():
+        if k == "__notes__" and rec.notes is not None:  # (a tuple or str a library set travels as it is)
+            continue
+        try:
+            rec.state[k] = payload.dumps_data(v)
+        except Exception as why:  # that attribute stays behind, the exception comes home
+            logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
+    if is_group:
+        rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]  # type: ignore[attr-defined]
     if _depth < _MAX_CHAIN:
         for link in ("__cause__", "__context__"):
             other = getattr(exc, link)
@@ -250,22 +265,63 @@ class _Capped:
         return len(data)
 
 
-def _dumps_loadable(exc: BaseException, payload: Any) -> bytes | None:
-    """``exc`` pickled whole if that loads back as the same type (exact for the
-    builtins: OSError's errno, SyntaxError's position...), else None."""
+_PICKLE_HOOKS = ("__reduce_ex__", "__reduce__", "__setstate__")
+_CONSTRUCTORS = ("__new__", "__init__")
+
+
+def _pickled_whole(cls: type) -> bool:
+    """Does an exception of ``cls`` go home pickled whole, besides its parts?
+
+    Only when its parts might miss something its own pickling keeps:
+
+    * a class of its MRO other than a builtin says how it pickles
+      (``__reduce__``, ``__reduce_ex__``, ``__setstate__``), or a ``copyreg``
+      reducer other than tblib's (which distributed installs for every
+      exception, and which rebuilds from the same parts) is registered for it;
+    * its constructor is C code outside the builtins (an extension's
+      exception), which may keep state that neither its args, its
+      ``__dict__`` nor the builtins' C fields (``_c_fields``) hold.
+
+    Every other exception pickles as BaseException does, ``cls(*args)`` then
+    its ``__dict__``: its parts rebuild it as that would, without running its
+    ``__init__`` a second time (see the module's docstring).
+    """
+    for name in _PICKLE_HOOKS:
+        owner = next((k for k in cls.__mro__ if name in vars(k)), object)
+        if owner.__module__ != "builtins":
+            return True
+    reducer = copyreg.dispatch_table.get(cls)
+    if reducer is not None and getattr(reducer, "__module__", None) != "tblib.pickling_support":
+        return True
+    for k in cls.__mro__:
+        if k.__module__ != "builtins":
+            for name in _CONSTRUCTORS:
+                method = vars(k).get(name)
+                if isinstance(method, staticmethod):
+                    method = method.__func__
+                if method is not None and not isinstance(method, types.FunctionType):
+                    return True  # (a slot wrapper or builtin: an extension type's own)
+    return False
+
+
+def _load_whole(rec: ExcRecord, cls: Any, args: Any) -> BaseException | None:
+    """``rec``'s whole pickle loaded, if it loads here as the worker's exception:
+    same type (``cls``, from the parts), args and attribute names; else None
+    (the parts rebuild it). A reducer that drops attributes or changes the
+    args (tblib's drops slots) is caught here."""
     try:
-        data = payload.dumps_data(exc)
-        back = pickle.loads(data)
-        # Same args and the same attributes set: a reducer that drops slots
-        # (tblib's, which distributed installs for every exception) is caught here.
+        back = payload.loads(rec.whole)  # type: ignore[arg-type]
         same = (
-            type(back) is type(exc)
-            and bool(back.args == exc.args)
-            and _attribute_names(back, payload) == _attribute_names(exc, payload)
+            type(back) is cls
+            and bool(back.args == args)
+            and sorted(_attribute_names(back, payload)) == rec.names
         )
-    except Exception:  # (args holding numpy arrays cannot even be compared)
+    except Exception as why:  # (its load failed here; args holding numpy arrays cannot even be compared)
+        logger.debug("could not load %s whole: %s", rec.type_name, why)
         return None
-    return data if same else None
+    if not same:
+        logger.debug("%s pickled whole did not load back the same: rebuilt from its parts", rec.type_name)
+    return back if same else None
 
 
 def _attribute_names(exc: BaseException, payload: Any) -> set[str]:
@@ -280,19 +336,18 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
         return memo[id(rec)]
 
     exc: BaseException | None = None
-    if rec.whole is not None:
-        try:
-            exc = payload.loads(rec.whole)
-        except Exception as why:
-            logger.debug("could not load %s whole: %s", rec.type_name, why)
-    if exc is None and rec.type_bytes is not None:
+    cls: Any = None
+    if rec.type_bytes is not None:
         try:
             cls = payload.loads(rec.type_bytes)
         except Exception as why:
             logger.debug("could not load the type %s: %s", rec.type_name, why)
-            cls = None
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            exc = _new_exception(cls, rec, payload, memo)
+    if isinstance(cls, type) and issubclass(cls, BaseException):
+        args = _load_args(rec)
+        if rec.whole is not None and args is not None:
+            exc = _load_whole(rec, cls, args)
+        if exc is None and args is not None:
+            exc = _new_exception(cls, args, rec, payload, memo)
     if not isinstance(exc, BaseException):
         exc = RemoteError(rec.type_name, rec.message)
     else:
@@ -344,11 +399,20 @@ def _restore(exc: BaseException, name: str, value: Any, rec: ExcRecord) -> None:
         logger.debug("%s of %s not restored: %s", name, rec.type_name, why)
 
 
-def _new_exception(cls: Any, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
+def _load_args(rec: ExcRecord) -> tuple | None:
+    """The args of ``rec``'s exception, or None if they do not load here."""
+    try:
+        args = payload.loads(rec.args_bytes) if rec.args_bytes else ()
+    except Exception as why:
+        logger.debug("could not load the args of %s: %s", rec.type_name, why)
+        return None
+    return args if isinstance(args, tuple) else None
+
+
+def _new_exception(cls: Any, args: tuple, rec: ExcRecord, payload: Any, memo: dict) -> BaseException | None:
     """``cls`` made without calling ``__init__`` (as pickle makes objects), then
     given the args and attributes the worker's exception had."""
     try:
-        args: tuple = payload.loads(rec.args_bytes) if rec.args_bytes else ()
         if rec.children is not None:
             exc = cls.__new__(cls, args[0], [rebuild(c, memo) for c in rec.children])
         else:

@@ -313,6 +313,149 @@ def test_errors_collect_keeps_each_exception_as_itself(defined, local_pool):
         assert_same(failed.error, expected)
 
 
+# An exception's __init__ runs once, where the task raised it (issue: it ran 3 times, the
+# worker's round-trip check and the notebook's pickle.loads calling it again), and one that
+# works only in the task (reads what the task set up) still comes back as its own type.
+INIT_EFFECTS = '''
+import os
+
+class Counted(Exception):
+    def __init__(self, m):
+        super().__init__(m)
+        with open({path!r}, "a") as f:   # a side effect: logging, a metric, a counter
+            f.write("x")
+
+class CountedOwnReduce(Counted):
+    def __reduce__(self):                # says how it pickles: loaded through __init__, as pickle does
+        return (type(self), self.args, self.__dict__)
+
+class NeedsEnv(Exception):
+    def __init__(self, m):
+        super().__init__(m)
+        self.home = os.environ["MPMAGIC_TEST_ONLY_IN_TASK"]
+
+class NeedsEnvOwnReduce(NeedsEnv):
+    def __reduce__(self):
+        return (type(self), self.args, self.__dict__)
+
+def counted(x):
+    raise Counted(f"bad {{x}}")
+
+def counted_own_reduce(x):
+    raise CountedOwnReduce(f"bad {{x}}")
+
+def raise_in_task(cls, x):
+    os.environ["MPMAGIC_TEST_ONLY_IN_TASK"] = str(x)   # (stays set in the worker: only the notebook lacks it)
+    raise cls(f"bad {{x}}")
+
+def needs_env(x):
+    raise_in_task(NeedsEnv, x)
+
+def needs_env_own_reduce(x):
+    raise_in_task(NeedsEnvOwnReduce, x)
+'''
+
+
+@pytest.fixture
+def effects(ip, tmp_path):
+    count = tmp_path / "inits"
+    run(ip, INIT_EFFECTS.format(path=str(count)))
+    return ip, count
+
+
+def inits(count, before) -> int:
+    """How many times an __init__ ran since ``before`` (its file's length)."""
+    return len(count.read_text()) - before if count.exists() else 0
+
+
+@pytest.mark.parametrize("func, per_error", [("counted", 1), ("counted_own_reduce", 2)])
+def test_an_exceptions_init_runs_once_as_serially(effects, backend, func, per_error):
+    """Serially an exception's __init__ runs once, at the raise; mpmagic ran it 3 times
+    (the raise, the worker's pickle round-trip check, the notebook's pickle.loads): a
+    logging __init__ logged 3 lines, one that slept 1 s made the failed run 3 s. Now the
+    notebook rebuilds it without __init__; a class with a __reduce__ of its own is loaded
+    as it says (as any pickle would), so its __init__ runs a second time, in the notebook."""
+    ip, count = effects
+    ser = outcome(ip, f"list(map({func}, [1]))")
+    assert inits(count, 0) == 1
+    par = outcome(ip, f"%pmap -q {func}, [1]")
+    assert_same(par, ser)
+    assert inits(count, 1) == per_error
+    out = run(ip, f"%pmap -q --errors collect {func}, range(3)")
+    assert [type(f.error) for f in out] == [type(ser)] * 3
+    assert inits(count, 1 + per_error) == 3 * per_error
+
+
+@pytest.mark.parametrize("func", ["needs_env", "needs_env_own_reduce"])
+def test_an_init_that_works_only_in_the_task_still_gives_its_own_type(effects, backend, func):
+    """Its class loads in the notebook, but its __init__ needs what the task set up (an
+    environment variable, a name of %%pool setup): the worker's round trip worked, so only
+    the whole pickle was sent, and its load failing in the notebook left a RemoteError that
+    `except NeedsEnv` missed."""
+    import os
+
+    ip, _ = effects
+    ser = outcome(ip, f"list(map({func}, [1]))")
+    os.environ.pop("MPMAGIC_TEST_ONLY_IN_TASK")  # (the serial run set it here)
+    par = outcome(ip, f"%pmap -q {func}, [1]")
+    assert_same(par, ser)
+    assert par.home == "1" and "MPMAGIC_TEST_ONLY_IN_TASK" not in os.environ
+    assert run(ip, f"try:\n    %pmap -q {func}, [0, 2]\nexcept NeedsEnv as e:\n    caught = e.home\ncaught") == "0"
+
+
+def _library_exceptions() -> list[BaseException]:
+    import json
+    import re
+    import subprocess
+    import zlib
+
+    def compile_bad():
+        compile("a = = b", "f.py", "exec")
+
+    def undefined():
+        return undefined_name_xyz  # type: ignore[name-defined]  # noqa: F821
+
+    def missing_module():
+        import nope_xyz  # type: ignore[import-not-found]  # noqa: F401
+
+    def block():
+        raise BlockingIOError(11, "again", 7)
+
+    def bad_unpack():
+        a, b = "abc"
+
+    found = []
+    for make in (lambda: int("x"), lambda: {}["k"], lambda: open("/nonexistent/a"), lambda: next(iter([])),
+                 lambda: b"\xff".decode("utf8"), compile_bad, undefined, missing_module, block, bad_unpack,
+                 lambda: object().nope, lambda: subprocess.run(["false"], check=True), lambda: json.loads("{bad"),
+                 lambda: re.compile("(("), lambda: zlib.decompress(b"xx"), lambda: sys.exit(3)):
+        try:
+            make()
+        except BaseException as exc:
+            found.append(exc)
+    return found
+
+
+def test_builtin_and_library_exceptions_rebuild_from_their_parts_as_pickle_would():
+    """The builtins and the standard library's exceptions come home from their parts
+    (no whole pickle, no __init__ call) as exactly as a pickle round trip brings them:
+    type, args, str, repr, attributes and C-level fields (errno, lineno, name...). Only
+    one that says how it pickles (JSONDecodeError's __reduce__) is pickled whole too."""
+    from mpmagic.exc_record import _fields_of, capture, rebuild
+
+    def state(e):
+        fields = {k: repr(getattr(e, k, None)) for k in _fields_of(type(e)) if k != "obj"}
+        return type(e), repr(e.args), str(e), repr(e), repr(sorted(vars(e).items())), fields
+
+    for exc in _library_exceptions():
+        record = pickle.loads(pickle.dumps(capture(exc)))
+        assert (record.whole is not None) == (type(exc).__name__ == "JSONDecodeError"), exc
+        back = rebuild(record)
+        assert state(back) == state(exc), exc
+        if isinstance(exc, AttributeError):
+            assert back.name == "nope" and type(back.obj) is object
+
+
 class _ImportableSlotted(Exception):
     __slots__ = ("code",)
 
