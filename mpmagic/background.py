@@ -47,7 +47,14 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
 from . import ansi, debugging, display_relay, exiting
 from .checks import wait_timeout
-from .errors import UsageError, drop_our_frames, hide_our_frames, one_line, one_line_interrupt
+from .errors import (
+    MPMagicError,
+    UsageError,
+    drop_our_frames,
+    hide_our_frames,
+    one_line,
+    one_line_interrupt,
+)
 from .interrupts import absorb_late_interrupts
 from .report import Report
 
@@ -610,7 +617,7 @@ class Run(Future[_R]):
             self._end()
 
     def _call_report(self, wall: float, stopped: BaseException | None = None) -> Report:
-        """The call's report, with the items that failed under ``errors="collect"``.
+        """The call's report, with the items that failed under ``errors="collect"`` (or in an ``imap`` loop).
 
         A map's report leaves that count to its caller (the blocking ``pmap``
         counts the Failed among its results); a background run has the job's
@@ -623,7 +630,8 @@ class Run(Future[_R]):
         if stopped is not None and self._job.kind == "cell":
             return self._call.report(wall, stopped_by=type(stopped).__name__)
         report = self._call.report(wall)
-        if getattr(self._call, "collect", False) and not report.failed:
+        # (an imap stream's too: its failed items, raised in its loop, did not stop it)
+        if (getattr(self._call, "collect", False) or self._streamed) and not report.failed:
             report.failed = self._job.items_failed
         return report
 
@@ -997,7 +1005,11 @@ def as_completed(run: Run[list[_T]] | Iterable[Run[Any]], timeout: float | None 
     """The results of a background map as their chunks arrive (completion order).
 
     Raises the run's error (or CancelledError) after the results that came
-    before it. ``timeout``: seconds to wait for the next chunk (TimeoutError).
+    before it; a map with ``errors="raise"`` stopped there, as a blocking
+    ``pmap`` does, so the next ``next()`` raises ``MPMagicError`` saying so
+    (not a StopIteration a loop that logs errors and goes on would take for the
+    end). ``timeout``: seconds to wait for the next chunk (TimeoutError; a
+    later ``next()`` waits again, as after an interrupt).
     Given several handles (any iterable of runs, an empty one included, as
     ``concurrent.futures.as_completed`` takes futures), yields the handles as
     their runs end, as that function does (``timeout``: for all of them): a
@@ -1048,30 +1060,82 @@ class ResultStream:
     __slots__ = ()
 
 
+class _Arrivals:
+    """Where an :func:`as_completed` loop over a run's arrived chunks stands, across its parts."""
+
+    __slots__ = ("run", "chunks", "timeout", "seen", "given", "over", "stopped")
+
+    def __init__(self, run: Run[Any], chunks: list[tuple[int, list[Any]]], timeout: float | None) -> None:
+        self.run, self.chunks, self.timeout = run, chunks, timeout
+        self.seen = 0  # chunks yielded
+        self.given = 0  # results yielded
+        self.over = False  # nothing more comes: the loop ends at the next next()
+        self.stopped = False  # the run's error was raised: the next next() says the run stopped there
+
+
 def _completed(run: Run[list[_T]], chunks: list[tuple[int, list[Any]]], timeout: float | None) -> Iterator[_T]:
-    """:func:`as_completed`'s loop over ``run``'s arrived ``chunks`` (its ``_chunks``)."""
+    """:func:`as_completed`'s loop over ``run``'s arrived ``chunks`` (its ``_chunks``).
+
+    A chain of parts (``itertools.chain``: no Python call per result), each a
+    generator that ends where it raises: a time-out, an interrupt or the run's
+    error ends the part, not the loop, so a loop that catches it and calls
+    ``next()`` again goes on (waits again; after the run's error, hears why
+    nothing more comes) instead of ending as if every result had come."""
+    return itertools.chain.from_iterable(_completed_parts(_Arrivals(run, chunks, timeout)))
+
+
+def _completed_parts(state: _Arrivals) -> Iterator[Iterator[Any]]:
+    while not state.over:
+        if state.stopped:
+            state.over = True
+            yield _stopped_note(state)
+            return
+        yield _completed_part(state)
+
+
+def _completed_part(state: _Arrivals) -> Iterator[Any]:
     __tracebackhide__ = True
-    seen = 0
+    run, chunks, timeout = state.run, state.chunks, state.timeout
     while True:
         with run._arrived:
-            while seen == len(chunks) and not run.done():
+            while state.seen == len(chunks) and not run.done():
                 try:
                     arrived = run._arrived.wait(timeout)
                 except KeyboardInterrupt:  # the loop stops here, the run goes on (say so)
                     raise run._interrupted("as_completed") from None
                 if not arrived:
                     raise one_line(_timeout(f"no result of run {run.id} within {timeout:g} s"))
-            fresh = chunks[seen:]
+            fresh = chunks[state.seen:]
             ended = run.done()
-        seen += len(fresh)
+        state.seen += len(fresh)
         for _, results in fresh:
+            state.given += len(results)
             yield from results
-        if ended and seen == len(chunks):
+        if ended and state.seen == len(chunks):
             break
+    state.over = True
     if run._cancelled:
         raise one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled"))
     if run._error is not None:
+        state.over, state.stopped = False, True
         run._raise_error()
+
+
+def _stopped_note(state: _Arrivals) -> Iterator[Any]:
+    """The one ``next()`` after the run's error: the run stopped there, so the items that
+    gave nothing will not come (an error, not a StopIteration a loop that logs errors and
+    goes on would take for every result having come)."""
+    __tracebackhide__ = True
+    run = state.run
+    error = run._error
+    total = run.items_total
+    of = f" of {total}" if total is not None else ""
+    raise one_line(MPMagicError(
+        f"run {run.id} ({run.what}) stopped at the {type(error).__name__} raised before (a map with errors='raise' "
+        f"stops at its first error, as a blocking pmap does): {state.given}{of} results came, the other items gave "
+        "none, and nothing more comes; with errors='collect' a run goes on, each failed item an mpmagic.Failed in "
+        "its place"))
+    yield  # (a generator: the chain iterates it)
 
 
 __all__ = ["Finished", "Forward", "ResultStream", "Resume", "Run", "RunList", "as_completed", "check_options", "finished",

@@ -668,6 +668,10 @@ class StreamCheckpoint(MapCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, background=True, **kwargs)
         self._cursor = 0  # the next input position the ordered stream yields
+        # A stream's failed items stand in its chunks whatever its errors option (those of
+        # errors="raise" are raised at their place: streaming.StreamJob): never stored, and
+        # each names its place in the whole input.
+        self.collect = True
 
     def value(self, computed: list) -> list:
         return computed

@@ -263,6 +263,21 @@ class Failed:
         return f"<Failed item {self.index}: input={short_repr(self.item, 40)}, {debugging.exception_line(self.error)}>"
 
 
+@dataclass(repr=False)
+class ToRaise(Failed):
+    """A failed item of an ``imap`` stream with ``errors="raise"``: its loop raises
+    ``error`` at its place, and the next ``next()`` goes on with the next item, as
+    serial ``map`` does (``streaming``). Never yielded: a result of the user's
+    function that is a :class:`Failed` stays a value."""
+
+    # The error's traceback as rebuilt (the worker's frames): each raise starts from it
+    # (one exception stands for every item of a unit whose worker was lost).
+    tb: Any = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        self.tb = self.error.__traceback__
+
+
 @dataclass
 class Unit:
     """One message's worth of work: a chunk of items, or one rank of a cell."""
@@ -359,7 +374,7 @@ class MapJob:
         # Both are called with (start index, results in order) as each chunk is
         # accepted: each position once, in arrival order. ``accepted`` in the
         # thread that accepts it (the local pool's manager: our own quick
-        # hooks, a stream's feed, a background handle's list). ``on_chunk``
+        # hooks, a background handle's list; a stream's feed is StreamJob._accept's). ``on_chunk``
         # (the user's, or a checkpoint's) goes through the run's events like
         # printed output, so it runs in the thread waiting on the run: a slow
         # one delays only its own run, never the manager serving the others.
@@ -390,6 +405,12 @@ class MapJob:
             self._build_payload()
         self.star = star
         self.collect = collect
+        # A failed item stands in its place (a Failed) and the run goes on, the chunk's
+        # later items too: errors="collect", and every imap stream (whose loop raises an
+        # item's error at its place and goes on, as serial map's: streaming.StreamJob).
+        # Otherwise the first failure ends the run, as serial map's for loop.
+        self.per_item = collect
+        self._failed_type: type[Failed] = Failed
         # A plain float (or None), whoever made the job: the manager adds it to its clock
         # (an int past float's range raised OverflowError there, in every run's thread).
         self.timeout = run_timeout(timeout)
@@ -426,6 +447,10 @@ class MapJob:
         self._reading_since = 0.0
         self._input_done = False  # the iterator ended, or raised (``_input_error``)
         self._input_error: Exception | None = None
+        # The input's own error (its iterator raised it; not one of ours about it), once it
+        # is the run's: a stream ends after it, as serial map over a generator that raised.
+        self.input_raised: Exception | None = None
+        self._input_own = False  # ``_input_error`` is the iterator's own
         self._input_asked = False  # a read was asked and is not done yet
         self._n_read = 0  # items read so far (positions for reused_object's error)
         self._last_read: list = []  # the last items of the read before (reused_object)
@@ -564,6 +589,7 @@ class MapJob:
                 self._read_count += len(rest)
             if error is not None or exhausted:
                 self._input_error, self._input_done = error, True
+                self._input_own = reused is None
             self._input_asked = False
 
     def _take_reading(self, size: int) -> list:
@@ -632,6 +658,8 @@ class MapJob:
         items = self._take_read(size)
         if not items and self._input_error is not None:
             error, self._input_error = self._input_error, None
+            if self._input_own:
+                self.input_raised = error
             self._input_failed(self._next_start, error, "the input raised it while it was read, in the notebook")
             return None
         if not self._input_done and self._read_count < size:
@@ -840,7 +868,7 @@ class MapJob:
         # each starts (a chunk of one is timed as a whole: nothing to tell).
         # ``site``: where the map was called (callsite.py).
         return Map(
-            self.call_id, unit.id, self.func_key, self.star, self.collect, unit.data, self.insights is not None,
+            self.call_id, unit.id, self.func_key, self.star, self.per_item, unit.data, self.insights is not None,
             unit.block, (None if self.one_call else unit.start, self.log_context),  # (a call's records: no "[item 0]")
             bool(self.timeout) and unit.count > 1, self.site,
         )
@@ -883,7 +911,8 @@ class MapJob:
         ``worker``, ``start``/``end`` (epoch seconds), ``cpu``, ``runq`` (seconds waiting for a core),
         ``helper_wait`` ({kind: seconds} blocked in mpmagic's helpers) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
-        ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note)."""
+        ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note); ``failed``, with
+        ``per_item``: how many results are an item's ErrorInfo (absent: look for them)."""
         self.bytes_back += len(data)
         # Results count as packed items do: later chunks stay under the planner's
         # max_bytes of results too (10 MB results made time-sized chunks of 58 items,
@@ -909,13 +938,17 @@ class MapJob:
             what = f"the result{'s' if plural else ''} of {self.describe_unit(unit)}"
             self._fail_or_collect(unit, unloadable_results(what, exc), None)
             return
-        if self.collect:
+        failed = 0
+        # (the worker says how many of its items failed: a chunk without any is not gone
+        # through, ~10 ms per 200,000 results, every imap's chunks being per_item)
+        if self.per_item and (meta is None or meta.get("failed", 1)):
             for i, r in enumerate(results):
                 if type(r) is ErrorInfo:
                     results[i] = self._collected_failed(unit, r, i)
+                    failed += 1
         if unit.without_setup is not None:
             results = WithoutSetup(results)
-        self._complete(unit, results, seconds)
+        self._complete(unit, results, seconds, failed)
 
     def collected(self, unit: Unit, index: int, info: Any) -> None:
         """Item ``index`` of ``unit`` raised (``errors="collect"``; the worker told before its
@@ -929,9 +962,17 @@ class MapJob:
         idx = unit.start + index
         item = self._shown(unit.items[index])[0]
         error = rebuild_exception(info, self._where(idx, unit.items[index]))
-        self._note_unsent_global(error)
-        note_without_setup(error, unit)
-        return Failed(idx, item, error, debugging.failure_of(error, info, index=idx, item=item))
+        self._noted(error, unit)
+        return self._failed_type(idx, item, error, debugging.failure_of(error, info, index=idx, item=item))
+
+    def _noted(self, exc: BaseException, unit: Unit) -> None:
+        """The notes an item's error gets here (a write to a read-only shared array, a daemonic
+        process, a notebook name not sent, a worker without the setup), raised or collected."""
+        if self.shared_memory and _read_only_write(exc):
+            add_note(exc, _read_only_note(exc))
+        _note_daemonic(exc)
+        self._note_unsent_global(exc)
+        note_without_setup(exc, unit)
 
     def ran_without_setup(self, unit: Unit, note: str) -> None:
         """The worker answering ``unit`` runs without the pool's setup (``note``: one line
@@ -952,28 +993,26 @@ class MapJob:
             results = WithoutSetup(results)
         self._results[unit.start] = results
         self.items_done += len(results)  # they ran ("failed at item 13 after 0 of 30 items" when one chunk held 0-13)
-        if self.accepted is not None:
-            self.accepted(unit.start, results)
+        self._accept(unit.start, results, 0)
         if self._on_chunk is not None:
             self._on_chunk(unit.start, results)
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
 
-    def _complete(self, unit: Unit, results: list, seconds: float | None) -> None:
+    def _complete(self, unit: Unit, results: list, seconds: float | None, failed: int = 0) -> None:
         """``unit`` is done with ``results``, which took ``seconds`` in a worker (None: no
-        run was timed, a failure known without one: the chunk planner learns nothing)."""
+        run was timed, a failure known without one: the chunk planner learns nothing).
+        ``failed``: how many of them are the Failed of its items that failed (``per_item``)."""
         self.outstanding.pop(unit.id, None)
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
-            if self.accepted is not None:  # (see __init__)
-                self.accepted(unit.start, results)
+            self._accept(unit.start, results, failed)
             if self._on_chunk is not None:
                 self._on_chunk(unit.start, results)
         while len(self._in_order) in self._results:
             self._in_order.extend(self._results.pop(len(self._in_order)))
         self.items_done += unit.count
-        if self.collect:
-            self.items_failed += sum(isinstance(r, Failed) for r in results)
+        self.items_failed += failed
         if seconds is None:
             seconds = 0.0
         else:
@@ -1001,6 +1040,12 @@ class MapJob:
             self._progress(unit.count)
         if self._errors:  # (_settle has nothing to decide without one)
             self._settle()
+
+    def _accept(self, start: int, results: list, failed: int) -> None:
+        """Hand a chunk accepted in place to ``accepted`` (see __init__); ``failed``: the
+        number of its items' Failed among them (a stream's reader looks for them only then)."""
+        if self.accepted is not None:
+            self.accepted(start, results)
 
     def _fail(self, index: int, exc: BaseException) -> None:
         """Item ``index`` failed: keep its error; raise the first one in input order."""
@@ -1042,11 +1087,7 @@ class MapJob:
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             if idx not in self._errors:
                 self._infos[idx] = debugging.failure_of(exc, info, index=idx, item=self._shown(unit.items[index])[0])
-            if self.shared_memory and _read_only_write(exc):
-                add_note(exc, _read_only_note(exc))
-            _note_daemonic(exc)
-            self._note_unsent_global(exc)
-            note_without_setup(exc, unit)
+            self._noted(exc, unit)
         if unit.lease is not None:  # no worker reads this chunk any more
             unit.lease.release()
         self._fail(idx, exc)
@@ -1177,7 +1218,7 @@ class MapJob:
         for j in sorted(k for k in known if k < index):
             self._again(unit, lo, j)
             part = self._part(unit, j, j + 1, block=1)
-            self._complete(part, [self._collected_failed(unit, known[j], j)], None)
+            self._complete(part, [self._collected_failed(unit, known[j], j)], None, 1)
             lo = j + 1
         self._again(unit, lo, index)
 
@@ -1235,8 +1276,9 @@ class MapJob:
         if unit.lease is not None:
             unit.lease.release()
             unit.lease = None
-        if self.collect:
-            self._complete(unit, [Failed(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)], None)
+        if self.per_item:
+            failed = [self._failed_type(unit.start + i, self._shown(it)[0], exc) for i, it in enumerate(unit.items)]
+            self._complete(unit, failed, None, len(failed))
         else:
             idx = unit.start + (index or 0)
             if idx not in self._errors and unit.items:  # (last_failures() names its input, as a collect run's Failed)
@@ -1389,7 +1431,7 @@ class MapJob:
         their side effects), so ``results_so_far`` has them and ``--rerun-failed``
         does not run them again. Nobody else reads them (serial map raised before
         them); a run that did not fail only frees their shared memory."""
-        if self.failure is None or self.collect:
+        if self.failure is None or self.per_item:
             drop_partial(data)
             return
         try:

@@ -190,15 +190,19 @@ def _failed_since() -> tuple[Any, str | None] | None:
 def _where_failures_are(run: Any, errors: str | None, action: str) -> str:
     """Where a background run's (or stream's) failures are, by how it ended; and how
     to get what ``action`` ("replay", "re-run") would need of them."""
-    if run.state != "failed":  # errors="collect": it ended, its failed items in place
-        where = "its failed items are in its results: [r.item for r in run.result() if isinstance(r, mpmagic.Failed)]"
-    elif run.what.startswith("imap "):
+    stream = run.what.startswith("imap ")
+    if stream and run.state == "failed":  # (an error no item raised itself ended it: the input's, ...)
         where = "its loop raised its error (the stream's .run.exception() has it)"
+    elif stream:  # an item's failure did not end it: its loop got each one in its place
+        where = ("its loop got each failed item as an mpmagic.Failed in its place" if errors == "collect"
+                 else "its loop raised each failed item's error in its place")
+    elif run.state != "failed":  # errors="collect": it ended, its failed items in place
+        where = "its failed items are in its results: [r.item for r in run.result() if isinstance(r, mpmagic.Failed)]"
     else:
         where = "its error is run.exception() on its handle"
     if action == "replay":
         return where + " (run its call without --bg to replay a failure with %pdebug)"
-    if run.state == "failed" and errors == "raise":
+    if run.state == "failed" and errors == "raise" and not stream:
         where += ("; it stopped at its first failure: run it again with --errors collect (errors='collect') to get "
                   "every failed item as an mpmagic.Failed in its results")
     return where

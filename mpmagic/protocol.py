@@ -86,7 +86,7 @@ class Map(NamedTuple):
     tag: int
     key: bytes | None
     star: bool
-    collect: bool
+    collect: bool  # a failing item's ErrorInfo stands in its place, the chunk goes on (--errors collect, imap)
     items: bytes  # (unpacked from pack_parts' wire form: a memoryview of the message, uncopied)
     timing: bool  # --insights: time each item
     block: int  # items between crash-position marks (see worker.run_items)
@@ -178,7 +178,9 @@ class Done(NamedTuple):
     # with timing item_top/items_timed/transfer; "once":
     # {"imports": [(why, [names], seconds|None, start_epoch, end_epoch)], "load": seconds}
     # when the worker paid one-time costs since its last reply (see warmup.ImportLog);
-    # "temporary": True, added here by the local pool's loop for a cell's temporary worker
+    # "failed": with Map.collect, how many of the chunk's results are an ErrorInfo (0: the
+    # notebook need not look for them); "temporary": True, added here by the local pool's
+    # loop for a cell's temporary worker
     meta: dict
 
 

@@ -24,6 +24,7 @@ items only, back among the stored ones); unordered, first, as they are found.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import queue
 import threading
@@ -34,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .background import ResultStream
 from .checks import check_whole
-from .errors import hide_our_frames, one_line
-from .jobs import Failed, MapJob
+from .errors import MPMagicError, hide_our_frames, one_line
+from .jobs import Failed, MapJob, ToRaise
 
 if TYPE_CHECKING:
     from .background import Run
@@ -74,17 +75,18 @@ class Feed:
         self.held = 0  # chunks accepted and not yet consumed (a counter shared by two threads)
         self._held_lock = threading.Lock()
 
-    def put(self, start: int, results: list) -> None:
+    def put(self, start: int, results: list, failing: bool = False) -> None:
+        """A chunk accepted (``failing``: a ToRaise stands among its results)."""
         if self.store is not None:
             self.store(start, results)
         with self._held_lock:
             self.held += 1
-        self.chunks.put((start, results))
+        self.chunks.put((start, results, failing))
 
     def put_stored(self, start: int, results: list) -> None:
         """Stored items for an unordered stream: yielded as they come, never counted as held
         (they cost no worker time, and holding them back would not bound anything)."""
-        self.chunks.put((None, results))
+        self.chunks.put((None, results, False))
 
     def taken(self, n: int = 1) -> bool:
         """``n`` chunks consumed: True if that made room for more work."""
@@ -102,12 +104,22 @@ class Feed:
 
 
 class StreamJob(MapJob):
-    """A MapJob whose results go to a :class:`Feed` instead of a list."""
+    """A MapJob whose results go to a :class:`Feed` instead of a list.
+
+    An item's failure does not end it (``per_item``): it stands in its place,
+    a ``Failed`` (``errors="collect"``) or a ``ToRaise`` whose error the loop
+    raises there (``errors="raise"``), and the run goes on, so that the next
+    ``next()`` gives the next item's result, as serial ``map``'s does. Only what
+    no item's call raised ends it: the input's own error, an item that cannot
+    be sent, a function that cannot be loaded, the pool stopped under it.
+    """
 
     def __init__(self, *args: Any, feed: Feed, **kwargs: Any) -> None:
-        kwargs["accepted"] = feed.put  # in the manager thread: the feed's count holds the workers back at once
         super().__init__(*args, **kwargs)
         self.feed = feed
+        self.per_item = True
+        if not self.collect:
+            self._failed_type = ToRaise
         self._in_order = _Count()  # type: ignore[assignment]
         # A lazy input is read about one chunk ahead of what went out, and what
         # goes out is bounded by the feed: ramping the chunk sizes up keeps the
@@ -121,6 +133,10 @@ class StreamJob(MapJob):
             return False
         # Units sent again (a lost worker's) always go: an earlier chunk may be among them.
         return bool(self._requeued) or not self.feed.full
+
+    def _accept(self, start: int, results: list, failed: int) -> None:
+        # (in the manager thread: the feed's count holds the workers back at once)
+        self.feed.put(start, results, bool(failed) and not self.collect)
 
     def results(self) -> list:
         __tracebackhide__ = True
@@ -143,8 +159,12 @@ _RELAY_EVERY = 0.1  # seconds between showing the tasks' output while the loop w
 
 
 class _Reader:
-    """Takes chunks from the feed for the generator ``imap`` returns, in input
-    order (or as they come), and makes room for more work as it goes."""
+    """Takes chunks from the feed for the stream ``imap`` returns, in input
+    order (or as they come), and makes room for more work as it goes.
+
+    It outlives each of the stream's segments (``_segment``: the generator a
+    loop runs in until an item's error is raised, or the end), so the next
+    segment goes on where the last one raised, with the rest of its chunk."""
 
     def __init__(self, run: Any, feed: Feed, ordered: bool, resume: Any = None) -> None:
         self.run = run
@@ -152,18 +172,41 @@ class _Reader:
         self.ordered = ordered
         self.resume = resume  # --checkpoint, ordered: puts the stored items in their places
         self.next_index = 0  # ordered: the next input index to yield
-        self.waiting: dict[int, list] = {}  # ordered: chunks that came before an earlier one
+        self.waiting: dict[int, tuple[list, bool]] = {}  # ordered: chunks that came before an earlier one
         self.ended = False
         self.dropped = False  # the stream was dropped (its finalizer ran): its cancel was asked, never waited for
-        run.add_done_callback(lambda r: feed.chunks.put((-1, _END)))
+        # The rest of a chunk whose item's error a segment raised, and where it goes on.
+        self.held: list | None = None
+        self.held_at = 0
+        self.over = False  # nothing more comes: the stream ends at the next next()
+        # The run ended with an error that stopped it (not an item's own, not the input's):
+        # the next next() says so, once, rather than ending as if every item had been given.
+        self.stopped_by: BaseException | None = None
+        # The segment being iterated (close() closes it), weakly: its finalizer holds this reader.
+        self.segment: weakref.ref[Generator] | None = None
+        self.guard: weakref.finalize | None = None  # that segment's finalizer (see _dropped)
+        run.add_done_callback(lambda r: feed.chunks.put((-1, _END, False)))
 
-    def next_chunk(self) -> list | None:
-        """The next results to yield (possibly empty), or None once the run ended and all are out."""
+    def next_part(self) -> tuple[list, int] | None:
+        """The next results to yield (possibly none) and where a ToRaise may stand among them
+        (-1: nowhere), or None once the run ended and all are out."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            return held, self.held_at
+        chunk = self.next_chunk()
+        if chunk is None:
+            return None
+        return chunk[0], 0 if chunk[1] else -1
+
+    def next_chunk(self) -> tuple[list, bool] | None:
+        """The next results to yield (possibly empty) and whether a ToRaise is among them,
+        or None once the run ended and all are out."""
         if self.ended:
             return None
         while True:
             try:
-                start, results = self.feed.chunks.get(timeout=_RELAY_EVERY)
+                start, results, failing = self.feed.chunks.get(timeout=_RELAY_EVERY)
                 break
             except queue.Empty:
                 # What the tasks print shows while the loop waits, as a blocking
@@ -174,28 +217,30 @@ class _Reader:
         if results is _END:
             return self._rest()
         if start is None:  # stored items (unordered, --checkpoint)
-            return results
+            return results, False
         if not self.ordered:
             self._taken(1)
-            return results
+            return results, failing
         # Ordered: a chunk that came before an earlier one still counts as held,
         # so a slow early chunk cannot make the notebook hold all the later ones.
         first = self.next_index
         if start == first and not self.waiting:  # the usual case: in order already, no copy
             self.next_index += len(results)
             self._taken(1)
-            return self._placed(first, results)
-        self.waiting[start] = results
+            return self._placed(first, results), failing
+        self.waiting[start] = (results, failing)
         ready: list = []
         n = 0
+        any_failing = False
         while self.next_index in self.waiting:
-            chunk = self.waiting.pop(self.next_index)
+            chunk, chunk_failing = self.waiting.pop(self.next_index)
             self.next_index += len(chunk)
             ready.extend(chunk)
+            any_failing = any_failing or chunk_failing
             n += 1
         if n:
             self._taken(n)
-        return self._placed(first, ready)
+        return self._placed(first, ready), any_failing
 
     def _placed(self, first: int, computed: list) -> list:
         """Computed results from computed item ``first`` on, with the stored items among them."""
@@ -205,45 +250,106 @@ class _Reader:
         if self.feed.taken(n):
             self.run._engine_run.nudge()
 
-    def _rest(self) -> list | None:
+    def _rest(self) -> tuple[list, bool] | None:
         """At the end: what still waits in order (ordered, after a failure: up to the gap)."""
         self.ended = True  # the end marker was taken: nothing more comes
         first = self.next_index
         rest: list = []
+        failing = False
         while self.next_index in self.waiting:
-            chunk = self.waiting.pop(self.next_index)
+            chunk, chunk_failing = self.waiting.pop(self.next_index)
             self.next_index += len(chunk)
             rest.extend(chunk)
+            failing = failing or chunk_failing
         self.waiting.clear()
         if self.resume is not None and self.ordered:  # and the stored items after them
             rest = self.resume.in_input_order(first, rest) + self.resume.stored_until(self.next_index)
-        return rest or None
+        return (rest, failing) if rest else None
+
+    def ended_with(self, exc: BaseException) -> None:
+        """The run ended with ``exc`` (raised at the stream's end): after a cancel, or the
+        input's own error (a generator that raised is finished: serial map ends there too),
+        the stream ends; after any other, the next ``next()`` says the run stopped there."""
+        self.over = True
+        if not isinstance(exc, CancelledError) and exc is not self.run._job.input_raised:
+            self.over, self.stopped_by = False, exc
 
 
-def _generate(reader: _Reader) -> Generator[Any, None, None]:
-    """The results. ``yield from`` a chunk costs far less per item than a
-    Python ``__next__`` would (100,000 tiny items: ~5 ms less)."""
+def _segments(reader: _Reader) -> Generator[Generator[Any, None, None], None, None]:
+    """The stream's segments, one after the other (``itertools.chain`` iterates them):
+    each yields results until an item's error raised in its place ends it, and the
+    next goes on from there. A generator that raised is finished; the chain is not."""
+    while not reader.over:
+        if reader.stopped_by is not None:  # (the run has ended: nothing to guard)
+            reader.over = True
+            yield _stopped(reader)
+            return
+        segment = _segment(reader)
+        reader.segment = weakref.ref(segment)
+        # A segment dropped unfinished (the loop left, the stream freed) cancels the run.
+        reader.guard = weakref.finalize(segment, _dropped, reader)
+        yield segment
+
+
+def _segment(reader: _Reader) -> Generator[Any, None, None]:
+    """Results until an item's error, raised here at its place, or the end. ``yield from``
+    a chunk costs far less per item than a Python ``__next__`` would (100,000 tiny
+    items: ~5 ms less); only a chunk holding a failed item is gone through one by one."""
     __tracebackhide__ = True
-    finished = False
+    left = False  # the segment ended as it should (the end, an item's error): nothing to cancel
     try:
-        while (chunk := reader.next_chunk()) is not None:
-            yield from chunk
-        finished = True
+        while (part := reader.next_part()) is not None:
+            chunk, at = part
+            if at < 0:
+                yield from chunk
+                continue
+            for i in range(at, len(chunk)):
+                result = chunk[i]
+                if type(result) is ToRaise:
+                    reader.held, reader.held_at = chunk, i + 1  # the next segment goes on from there
+                    left = True
+                    try:  # (from the traceback it was rebuilt with, each time: one error may stand for several items)
+                        raise result.error.with_traceback(result.tb)
+                    except BaseException as exc:
+                        hide_our_frames(exc)  # (as a blocking pmap raises it: the loop's line, the task's frames)
+                        raise
+                yield result
+        left = True
     except KeyboardInterrupt:  # in our wait for the next chunk (the loop's own body raises in the user's frame)
+        if left:  # (an item's own error, of a class deriving from it, raised in its place: not an interrupt)
+            raise
         raise _interrupted(reader.run) from None
     finally:
-        if not finished and not reader.dropped:  # the loop was left (break, close(), an exception, Ctrl-C)
+        if reader.guard is not None:  # (ended here: the chain dropping it later is no reason to cancel)
+            reader.guard.detach()
+        if not left and not reader.dropped:  # the loop was left (break, close(), an exception, Ctrl-C)
             reader.run.cancel()  # stop the rest
     run = reader.run
     try:
         run.result()  # the run's error (or CancelledError), after the results before it
     except BaseException as exc:
+        reader.ended_with(exc)
         hide_our_frames(exc)  # (a script's traceback: the loop's line, then the task's frames)
         raise
+    reader.over = True
     changed = run._job.input_changed()  # (the loop appended to its input list: a worklist)
     if changed is not None:
         run._warn(f"mpmagic: {changed}")
         run._sink.relay_here()
+
+
+def _stopped(reader: _Reader) -> Generator[Any, None, None]:
+    """The one ``next()`` after the run's error that stopped it: says so (an error, not
+    the StopIteration a loop that logs errors and goes on would take for the end)."""
+    __tracebackhide__ = True
+    run, exc = reader.run, reader.stopped_by
+    done, total = run.items_done, run.items_total
+    of = f" of {total}" if total is not None else ""
+    raise one_line(MPMagicError(
+        f"imap's run {run.id} ({run.what}) ended with the {type(exc).__name__} raised before ({done}{of} items "
+        "finished): the items it had not given by then did not run, and nothing more comes (an error an item "
+        "raises itself does not end it: the next item's result comes after it)"))
+    yield  # (a generator: the chain iterates it)
 
 
 def _interrupted(run: Any) -> KeyboardInterrupt:
@@ -284,7 +390,8 @@ def _cancel_quietly(run: Any, wait: bool = True) -> None:
 
 
 def _dropped(reader: _Reader) -> None:
-    """A stream's finalizer: it was dropped (a loop left early, or the stream freed), so its run is cancelled.
+    """A stream's finalizer (its segment's, or before the first one its chain's source's):
+    it was dropped (a loop left early, or the stream freed), so its run is cancelled.
 
     The cyclic gc frees a stream caught in a reference cycle in whatever thread
     allocates: often the pool's manager, holding the pool's lock, or a thread
@@ -294,6 +401,8 @@ def _dropped(reader: _Reader) -> None:
     time, and not at all in the manager thread or under the pool's lock
     (``background.Run._cancel``). The generator's ``finally``, which runs right
     after it (CPython clears weak references before it finalizes), asks nothing more."""
+    if reader.dropped:  # (the segment's and then the source's, as the chain is freed)
+        return
     reader.dropped = True
     _cancel_quietly(reader.run, wait=False)
 
@@ -384,8 +493,14 @@ def imap(
     of a chunk and big ones can pile up; ``chunksize=1`` (and a small
     ``buffer``) gives ``Pool.imap``'s one result at a time and holds at most
     ``buffer + 2 * workers + 1`` results the loop has not taken.
-    An error is raised at its place (ordered: after the results of the
-    chunks before the failing item's). Leaving the loop early, or the stream's
+    An item's error is raised at its place (ordered: after the results of the
+    items before it), and, as over serial ``map``, the next ``next()`` goes on
+    with the next item's result: a failing item (its worker lost, or past
+    ``timeout`` too) does not stop the run. What no item raised ends it: the
+    input's own error ends the stream (as a generator that raised ends
+    ``map``); any other (an item that cannot be sent, the pool stopped) is
+    raised at its place and the next ``next()`` raises ``MPMagicError`` saying
+    nothing more comes. Leaving the loop early, or the stream's
     ``close()`` (even before its first result), cancels the rest.
     ``checkpoint=True`` (or a folder) stores each finished item's result and
     yields stored ones instead of computing them again (docs/checkpoint.md):
@@ -408,8 +523,7 @@ def imap(
     if api._in_worker_process():
         ignored = api._ignored_serially(timeout=timeout, workers=workers, chunksize=chunksize, retries=retries,
                                         insights=insights, buffer=buffer)
-        return Stream((r for r in api._serial_in_worker(func, iterables, star, errors == "collect", ignored, "imap")),
-                      None)
+        return Stream(iter(api._serial_in_worker(func, iterables, star, errors == "collect", ignored, "imap")), None)
     n_workers = workers or api.get_pool().workers
     what = f"imap {api.func_name(func)}"
     resume = None
@@ -453,10 +567,10 @@ def imap(
                 resume.settle()
             raise
     reader = _Reader(run, feed, ordered, resume if ordered else None)
-    stream = _generate(reader)
-    # A generator dropped before it was started runs no ``finally``: cancel then too.
-    weakref.finalize(stream, _dropped, reader)
-    return Stream(stream, run)
+    segments = _segments(reader)
+    # Dropped before its first segment started (a generator not started runs no ``finally``): cancel then too.
+    weakref.finalize(segments, _dropped, reader)
+    return Stream(itertools.chain.from_iterable(segments), run, reader)
 
 
 def _refuse(refused: dict[str, Any]) -> None:
@@ -484,36 +598,42 @@ class Stream(ResultStream, Generic[_T]):
     """What :func:`imap` returns: an iterator over the results, whose ``close()``
     cancels the rest of the run, as leaving the loop does.
 
-    A ``for`` loop iterates the generator itself (``iter()`` gives it), so the
-    results cost no Python call each. The wrapper is for ``close()`` before the
-    first ``next()``: a generator not yet started ignores ``close()``, and the
-    run went on to the end (on Dask, and the next run waited behind it).
+    A ``for`` loop iterates the chain of segments itself (``iter()`` gives it:
+    ``itertools.chain`` over ``_segments``), so the results cost no Python call
+    each; after an item's error the same iterator goes on with the next item,
+    as ``map``'s does. The wrapper is for ``close()`` before the first
+    ``next()``: a generator not yet started ignores ``close()``, and the run
+    went on to the end (on Dask, and the next run waited behind it).
     """
 
-    __slots__ = ("_gen", "_run")
+    __slots__ = ("_it", "_run", "_reader")
 
-    def __init__(self, gen: Generator[_T, None, None], run: Run[list[_T]] | None) -> None:
-        self._gen, self._run = gen, run
+    def __init__(self, it: Iterator[_T], run: Run[list[_T]] | None, reader: _Reader | None = None) -> None:
+        self._it, self._run, self._reader = it, run, reader
 
     def __iter__(self) -> Iterator[_T]:
-        return self._gen
+        return self._it
 
     def __next__(self) -> _T:
         __tracebackhide__ = True
-        return next(self._gen)
+        return next(self._it)
 
     def close(self) -> None:
         """Stop here: the rest of the run is cancelled (from any thread: a timer's, a
         watchdog's, while the loop runs in another; that loop then ends with
-        ``CancelledError``, as after ``stream.run.cancel()``)."""
-        if not _running(self._gen):
-            try:
-                self._gen.close()
-            except ValueError:  # it started running in another thread meanwhile: cancelled below
-                if not _running(self._gen):
-                    raise
-        # (a generator closed before it started runs no ``finally``; one running in
-        # another thread cannot be closed from here: its loop ends once this cancels it)
+        ``CancelledError``, as after ``stream.run.cancel()``), and ``next()`` ends the stream."""
+        reader = self._reader
+        if reader is not None:
+            reader.over = True  # (no segment after the one running now, if any)
+            segment = reader.segment() if reader.segment is not None else None
+            if segment is not None and not _running(segment):
+                try:
+                    segment.close()
+                except ValueError:  # it started running in another thread meanwhile: cancelled below
+                    if not _running(segment):
+                        raise
+        # (a stream closed before its first segment runs none; one running in another
+        # thread cannot be closed from here: its loop ends once this cancels it)
         if self._run is not None:
             _cancel_quietly(self._run)
 

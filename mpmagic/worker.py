@@ -821,6 +821,9 @@ def execute_map(
     waits.begin()  # (the items' time blocked in mpmagic's helpers: see _waited)
     if not msg.item_clock:
         started = None
+    failed = [0]  # --errors collect (and an imap's chunks): the items that failed, told in meta["failed"]
+    if msg.collect:
+        noted = _counting(noted, failed)
     try:
         if msg.timing:
             results, seconds, error, item_seconds = run_items_timed(
@@ -847,7 +850,13 @@ def execute_map(
         if not msg.collect or bad is None:
             return Unpicklable(call, tag, bad, info)
         # --errors collect: only the results that cannot travel become failures.
-        data = payload.dumps_data([_sendable_or_error(r) for r in results])
+        results = [_sendable_or_error(r) for r in results]
+        failed[0] = sum(type(r) is ErrorInfo for r in results)
+        data = payload.dumps_data(results)
+    if msg.collect:
+        # (0 too: the notebook looks for ErrorInfo among the results only when this says
+        # some are there, or when it is missing: an older worker's reply)
+        meta["failed"] = failed[0]
     if msg.timing:
         # Only the chunk's slowest items can matter to the notebook: (index, seconds) pairs.
         meta["item_top"] = nlargest(_TOP_ITEMS, enumerate(item_seconds), key=itemgetter(1))
@@ -859,6 +868,18 @@ def execute_map(
             meta["once"] = once
         return Done(call, tag, data, seconds, meta)
     return Error(call, tag, error[0], error[1], data, seconds)
+
+
+def _counting(noted: Callable[[int, ErrorInfo], None] | None,
+              failed: list[int]) -> Callable[[int, ErrorInfo], None]:
+    """``noted`` (or nothing) that also counts the chunk's failed items in ``failed[0]``."""
+
+    def counted(index: int, info: ErrorInfo) -> None:
+        failed[0] += 1
+        if noted is not None:
+            noted(index, info)
+
+    return counted
 
 
 def _waited(meta: dict[str, Any], before: float | None, after: float | None, seconds: float) -> None:

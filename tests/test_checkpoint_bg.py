@@ -291,6 +291,35 @@ def test_an_ordered_imap_failure_yields_stored_items_only_up_to_the_failing_one(
     assert got == [0, -1, -2]  # as serial map: nothing after item 3, not even stored 6 and 7
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_checkpointed_imap_loop_goes_on_past_an_items_error_and_stores_every_other_result(ns, ordered):
+    """As without a checkpoint, the loop that catches an item's error gets the later
+    results (stored ones among them); the failed items are not stored, so the same
+    call again computes only them."""
+    mpmagic.pmap(ns["flaky"], [0, 1, 2, 6, 7], checkpoint=True)
+    calls(ns)
+
+    def drain(it) -> list:
+        out: list = []
+        while True:
+            try:
+                out.append(next(it))
+            except StopIteration:
+                return out
+            except ValueError as exc:
+                out.append(str(exc))
+
+    serial = drain(map(ns["flaky"], range(10)))
+    calls(ns)
+    got = drain(iter(mpmagic.imap(ns["flaky"], range(10), ordered=ordered, chunksize=2, checkpoint=True)))
+    assert got == serial if ordered else Counter(got) == Counter(serial)
+    assert calls(ns) == [3, 4, 5, 8, 9]
+    assert stored(ns, "flaky", range(10)) == set(range(10)) - {3, 5}
+    again = drain(iter(mpmagic.imap(ns["flaky"], range(10), ordered=ordered, checkpoint=True)))
+    assert again == serial if ordered else Counter(again) == Counter(serial)
+    assert calls(ns) == [3, 5]
+
+
 def test_breaking_out_of_a_checkpointed_imap_keeps_what_it_got(ns):
     for i, _value in enumerate(mpmagic.imap(ns["slow"], range(40), chunksize=1, checkpoint=True)):
         if i == 4:

@@ -662,6 +662,24 @@ def test_rerun_failed_after_a_raising_background_run_points_to_its_exception(ip,
     assert isinstance(bg.exception(), ValueError)  # (what the line says holds)
 
 
+def test_rerun_failed_after_an_imap_loop_that_went_on_past_its_errors_says_where_they_were(ip, fs_pool):
+    """An imap loop goes on past an item's error (the stream's run is not failed): the
+    line pointed to the Failed of run.result(), which a stream never has."""
+    run(ip, "def half(x):\n    if x == 5:\n        raise ValueError(x)\n    return x // 2\n")
+    run(ip, "%pmap -q half, range(3)")  # the last blocking run: no failures
+    run(ip, "import mpmagic\nstream = mpmagic.imap(half, range(10))\ngot = []\nfor _ in range(10):\n    try:\n"
+            "        got.append(next(stream))\n    except ValueError:\n        got.append(None)\n")
+    handle = ip.user_ns["stream"].run
+    assert ip.user_ns["got"] == [0, 0, 1, 1, 2, None, 3, 3, 4, 4]
+    assert handle.wait(60) and (handle.state, handle.items_failed) == ("done", 1)
+    result = ip.run_cell("%pmap --rerun-failed", store_history=False)
+    assert str(result.error_in_exec).splitlines()[0] == (
+        f"%pmap: no failed pmap run to re-run: the last run had no failures; run {handle.id} (imap half), started in "
+        "the background since, had 1 failed item, and a background run or an imap stream keeps nothing to re-run: "
+        "its loop raised each failed item's error in its place")
+    ip.user_ns.pop("stream")
+
+
 def test_in_a_thread_with_only_a_background_run_nothing_is_replayed_or_re_run(fs_pool):
     """A thread whose one run was a failed --bg run: %pdebug and rerun_failed()
     refuse, naming that run and where its failures are."""

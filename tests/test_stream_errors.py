@@ -1,0 +1,159 @@
+"""After an item's error, an ``imap`` loop goes on, as serial ``map`` does.
+
+Serial ``map`` raises a failing item's error from ``next()`` and gives the
+next item's result at the next ``next()``: a loop that logs the error and
+keeps going gets every other result. ``mpmagic.imap`` ended there (the next
+``next()`` raised StopIteration), so such a loop silently lost the later
+results. The oracle is serial ``map`` drained by the same loop, on each pool
+of ``conftest.BACKENDS`` (local forkserver, local spawn, Dask). What cannot
+go on (the run itself ended: an item that cannot be sent, ``as_completed``
+over a run that stopped at its first error) says so in one more error, never
+with a silent StopIteration.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import run
+
+import mpmagic
+
+DEFS = """
+import threading
+def f(x):
+    if x in (1, 5):
+        raise ValueError(f'bad item {x}')
+    return x * 10
+def until_3():
+    yield from range(3)
+    raise RuntimeError('the input broke at 3')
+UNSENDABLE_AT_2 = [0, 1, threading.Lock(), 3, 4]
+def g(x):
+    return x if not isinstance(x, int) else x * 10
+def lock_at_2(x):
+    return threading.Lock() if x == 2 else x
+def nap(x):
+    import time
+    time.sleep(0.2)
+    return -x
+"""
+
+
+def drain(it: Iterator[Any]) -> list[Any]:
+    """A loop that logs each error and keeps going: results, and ``(type, message)`` for each error."""
+    out: list[Any] = []
+    for _ in range(1000):  # (bounded: a stream that raised for ever fails the test instead of hanging)
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return out
+        except Exception as exc:
+            out.append((type(exc).__name__, str(exc)))
+    raise AssertionError(f"no end after 1000 next() calls: {out[:20]}")
+
+
+@pytest.fixture
+def ns(ip, backend):
+    run(ip, DEFS)
+    yield ip.user_ns
+    for r in mpmagic.runs():
+        r.cancel()
+
+
+@pytest.mark.parametrize("chunksize", [1, 4])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_imap_loop_that_catches_an_items_error_gets_the_later_results_as_serial_map(ns, ordered, chunksize):
+    f = ns["f"]
+    serial = drain(map(f, range(12)))
+    assert serial == [0, ("ValueError", "bad item 1"), 20, 30, 40, ("ValueError", "bad item 5"),
+                      *(x * 10 for x in range(6, 12))]
+    stream = mpmagic.imap(f, range(12), ordered=ordered, chunksize=chunksize)
+    got = drain(iter(stream))
+    if ordered:
+        assert got == serial
+    else:
+        assert Counter(got) == Counter(serial)
+    # The run went on to its end: done (not failed), its two failed items counted.
+    handle = stream.run
+    assert handle is not None and handle.wait(30)
+    assert (handle.state, handle.items_done, handle.items_failed) == ("done", 12, 2), repr(handle)
+    assert "(2 failed)" in handle.report().line()
+
+
+def test_a_for_loop_left_at_an_items_error_goes_on_where_it_stopped(ns):
+    """``for`` over the iterator again after its error: the later results, as over ``map``'s."""
+    f = ns["f"]
+
+    def two_loops(it: Iterator[Any]) -> tuple[list, list]:
+        first: list = []
+        with pytest.raises(ValueError, match="bad item 1"):
+            for value in it:
+                first.append(value)
+        return first, [next(it) for _ in range(3)]
+
+    assert two_loops(iter(mpmagic.imap(f, range(12), chunksize=3))) == two_loops(map(f, range(12)))
+
+
+def test_an_input_that_raises_ends_the_loop_as_it_ends_serial_map(ns):
+    """A generator that raised is finished: serial map raises its error, then ends."""
+    f, until_3 = ns["f"], ns["until_3"]
+    serial = drain(map(f, until_3()))
+    assert serial == [0, ("ValueError", "bad item 1"), 20, ("RuntimeError", "the input broke at 3")]
+    assert drain(iter(mpmagic.imap(f, until_3(), chunksize=1))) == serial
+
+
+def test_an_item_that_cannot_be_sent_ends_the_stream_saying_so_not_silently(ns):
+    """Serial map would go on past an item mpmagic cannot send; the stream cannot:
+    after that item's error, the next next() says the run ended there, then the stream ends."""
+    got = drain(iter(mpmagic.imap(ns["g"], ns["UNSENDABLE_AT_2"], chunksize=1)))
+    assert got[:2] == [0, 10]
+    assert got[2][0] == "SerializationError" and "item 2" in got[2][1]
+    assert got[3][0] == "MPMagicError" and "ended with the SerializationError raised before" in got[3][1], got
+    assert len(got) == 4
+
+
+def test_a_result_that_cannot_come_back_fails_its_item_and_the_loop_goes_on(ns):
+    """The one failure serial map does not have: a result that cannot be pickled home. It is
+    that item's error, raised in its place, as an item's own is; the later items come after it."""
+    got = drain(iter(mpmagic.imap(ns["lock_at_2"], range(6), chunksize=3)))
+    assert got[:2] == [0, 1] and got[3:] == [3, 4, 5], got
+    assert got[2][0] == "SerializationError" and "cannot be sent back" in got[2][1], got
+
+
+def test_as_completed_after_a_runs_first_error_says_the_rest_did_not_run(ns):
+    """A background map with errors='raise' stops at its first error, as a blocking pmap:
+    as_completed raises it after the results that came, then says so instead of ending silently.
+    With errors='collect' every item is there, each failure a Failed in its place."""
+    f = ns["f"]
+    handle = mpmagic.submit(f, range(12), chunksize=1)
+    assert handle.wait(60)
+    got = drain(mpmagic.as_completed(handle))
+    errors = [g for g in got if isinstance(g, tuple)]
+    assert errors[0] == ("ValueError", "bad item 1")
+    assert errors[1][0] == "MPMagicError" and "stopped at the ValueError raised before" in errors[1][1], got
+    assert len(errors) == 2 and got[-1] == errors[1]
+    collected = mpmagic.submit(f, range(12), chunksize=3, errors="collect")
+    results = list(mpmagic.as_completed(collected))
+    assert sorted(r for r in results if not isinstance(r, mpmagic.Failed)) == [x * 10 for x in range(12)
+                                                                              if x not in (1, 5)]
+    assert sorted(r.index for r in results if isinstance(r, mpmagic.Failed)) == [1, 5]
+
+
+def test_as_completed_goes_on_after_a_time_out_it_raised(ns):
+    """``timeout=`` bounds the wait for the next chunk; the run goes on, and so can the loop:
+    it ended at the first TimeoutError (the next next() raised StopIteration)."""
+    handle = mpmagic.submit(ns["nap"], range(4), chunksize=1)
+    it = mpmagic.as_completed(handle, timeout=0.01)
+    got, timeouts = [], 0
+    for _ in range(10_000):
+        try:
+            got.append(next(it))
+        except TimeoutError:
+            timeouts += 1
+        except StopIteration:
+            break
+    assert timeouts >= 1 and sorted(got) == sorted(map(ns["nap"], range(4)))
