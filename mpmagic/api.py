@@ -1402,10 +1402,11 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
         except KeyboardInterrupt as exc:
             with sigint_deferred():  # a second Ctrl-C must not cut the cleanup short
                 stopped = run.cancel(interrupted=True)
-                run.wait()  # what its workers printed before they stopped
-            if stopped and not run.workers_stopped and interrupt_outcome(exc) is None:
-                # (no worker was busy with it: the one line must not say its workers were replaced)
-                set_interrupt_outcome(exc, IDLE_OUTCOME if run.units_sent else NOT_STARTED_OUTCOME)
+                run.wait()  # what its workers printed before they stopped (at once if it had ended)
+            if not run.workers_stopped and interrupt_outcome(exc) is None:
+                # (no worker was busy with it, or it had just ended as the interrupt came: the
+                # one line must not say its workers were replaced)
+                set_interrupt_outcome(exc, NOT_STARTED_OUTCOME if stopped and not run.units_sent else IDLE_OUTCOME)
             raise
         if run.error is not None:
             raise exiting.raised(run.error)  # (a daemon thread's run the exit stopped: the thread ends silently)

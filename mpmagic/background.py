@@ -443,7 +443,9 @@ class Run(Future[_R]):
         return self._report
 
     def cancel(self) -> bool:
-        """Stop the run: queued work is dropped, workers busy with it replaced. True if it stopped it.
+        """Stop the run: queued work is dropped, workers busy with it replaced. True if it
+        stopped it, or it was cancelled already; False once it ended otherwise (done or
+        failed), as ``concurrent.futures.Future.cancel`` (``if not fut.cancel(): fut.result()``).
 
         Returns at once, the run cancelled (``cancelled()`` True): an ``on_chunk``
         call in progress finishes in the run's own thread, and no other is made.
@@ -462,7 +464,7 @@ class Run(Future[_R]):
         __tracebackhide__ = True
         with self._arrived:  # (as _end: a cancel that loses the race with the end finds the run done)
             if self._done.is_set():
-                return False
+                return self._cancelled  # (a cancelled run stays cancelled: True again, as a Future's)
             self._cancelled = True  # (the user's on_chunk is not called for chunks still queued: Forward)
         try:
             if self._resume is not None:
@@ -775,8 +777,8 @@ class Finished:
         return True
 
     def cancel(self) -> bool:
-        """False: an ended run cannot be cancelled (as :meth:`Run.cancel` after the end)."""
-        return False
+        """True if the run was cancelled, else False: it ended (as :meth:`Run.cancel` after the end)."""
+        return self.cancelled()
 
     def result(self, timeout: float | None = None) -> NoReturn:
         """Raises UsageError: the results were freed with the dropped handle."""

@@ -150,12 +150,24 @@ class Run:
         True when it ended; False once ``timeout`` seconds passed, even while
         output keeps coming (the progress bar is made then: ``api``). A
         KeyboardInterrupt raised in here leaves the run going: the caller
-        decides (``api`` cancels it).
+        decides (``api`` cancels it, then waits again).
+
+        Idempotent: a run that ended stays ended for every later wait, which
+        returns at once, even when an interrupt took the end event with it.
+        Ctrl-C can land right after ``get`` took the end event off the queue
+        (the item is then lost before it is dispatched): the ``_ended`` flag,
+        set before that event was put, with the queue empty, says all the events
+        before it were taken, so the end is taken here instead. The caller's
+        second wait blocked on a queue nobody would fill again, under
+        ``sigint_deferred`` (so more presses did nothing): the kernel hung.
         """
         __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._wait_lock:
             while not self._pumped:
+                if self._ended.is_set() and self._events.empty():
+                    self._end_here()  # (its end event was taken by an interrupted wait, or is on its way)
+                    break
                 try:
                     if deadline is None:
                         ev = self._events.get()
@@ -190,11 +202,17 @@ class Run:
             finally:
                 self.reading_input = False
             self.nudge()
-        else:  # the end: the job is ours again
-            if self._left_out:
-                self._say_left_out()
-            self._pumped = True
-            self.job.redirect(self._out, self._progress, self._chunk, self._ask_input)
+        else:
+            self._end_here()
+
+    def _end_here(self) -> None:
+        """The run's end, taken by the waiting thread: the job is ours again.
+
+        Safe to repeat (an interrupt may cut it short): ``_pumped`` is set last."""
+        if self._left_out:
+            self._say_left_out()
+        self.job.redirect(self._out, self._progress, self._chunk, self._ask_input)
+        self._pumped = True
 
     def _say_left_out(self) -> None:
         n, self._left_out = self._left_out, 0
@@ -268,25 +286,34 @@ class DrivenRun(Run):
     def __init__(self, job: Any, drive: Callable[[], None]) -> None:
         super().__init__(job)
         self._drive = drive
+        self._driven = False  # ``drive`` was called: never again, however that wait ended
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Drive the run to its end here (the first wait), or return at once (every later one).
+
+        Idempotent, as ``Run.wait``: a Ctrl-C that lands after ``drive``
+        returned but before the run was marked ended drove the job a second
+        time in the caller's next wait (``api`` waits again after an interrupt).
+        """
         __tracebackhide__ = True
         with self._wait_lock:
-            if not self._ended.is_set():
-                # Directly: this is the waiting thread (it reads a lazy input itself, too).
-                self.job.redirect(self._out, self._progress, self._chunk, None)
+            if not (self._driven or self._ended.is_set()):
+                error: BaseException | None = None
                 try:
+                    self._driven = True
+                    # Directly: this is the waiting thread (it reads a lazy input itself, too).
+                    self.job.redirect(self._out, self._progress, self._chunk, None)
                     self._drive()
                 except KeyboardInterrupt:
                     self.interrupted = True
-                    self._finish()
-                    self._pumped = True
                     raise
                 except BaseException as exc:
-                    self._finish(exc)
-                else:
-                    self._finish()
-                self._pumped = True
+                    error = exc
+                finally:
+                    self._finish(error)  # (however it ended: an interrupt too)
+                    self._pumped = True
+            self._finish()  # (a no-op once ended: an interrupt cut the one above short)
+            self._pumped = True
         return True
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:

@@ -1400,7 +1400,8 @@ class MPMagics(Magics):
                 raise UsageError(f"cancel needs a run's ID (a whole number from 1), not {opts.target!r}: "
                                  "for example %pool cancel 3 (%pool runs lists them)")
             run = background.get_run(int(opts.target))
-            stopped = run.cancel()
+            ended = run.done()  # (cancel() is True again for a run cancelled already, as a Future's)
+            stopped = run.cancel() and not ended
             return run if stopped else f"run {run.id} had already ended ({run.state}); nothing to cancel"
         elif action == "checkpoints":
             from . import checkpoint

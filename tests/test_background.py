@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import CancelledError
+from concurrent.futures import CancelledError, Future
 
 import psutil
 import pytest
@@ -22,6 +22,7 @@ from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
 import mpmagic
+from mpmagic import background
 from mpmagic.errors import UsageError
 
 
@@ -140,12 +141,23 @@ def test_insights_of_a_run_of_no_items_say_so_in_one_line_blocking_or_background
         assert "<table" not in report.insights._repr_html_()  # no table header over no rows
 
 
-def test_result_of_a_cancelled_run_raises_cancelled_error_and_frees_the_workers(ns):
+def test_result_of_a_cancelled_run_raises_cancelled_error_and_frees_the_workers(ip, ns):
     handle = mpmagic.submit(ns["napper"], range(40))
     assert handle.cancel() is True
     with pytest.raises(CancelledError):
         handle.result(10)
-    assert handle.state == "cancelled" and handle.cancel() is False
+    # Cancelled stays cancelled: True again, as concurrent.futures.Future.cancel (code written
+    # for futures, `if not fut.cancel(): fut.result()`, got CancelledError from that result).
+    oracle = Future()
+    assert oracle.cancel() is True and oracle.cancel() is True
+    assert handle.state == "cancelled" and handle.cancel() is True and handle.cancelled()
+    assert background.Finished(handle).cancel() is True  # (its record, once the handle is dropped)
+    assert str(run(ip, f"%pool cancel {handle.id}")) == f"run {handle.id} had already ended (cancelled); nothing to cancel"
+    done = mpmagic.submit(abs, [-1])
+    assert done.result(60) == [1]
+    finished = Future()
+    finished.set_result([1])
+    assert finished.cancel() is False and done.cancel() is False and background.Finished(done).cancel() is False
     assert _no_busy_worker()
 
 
@@ -1016,6 +1028,7 @@ def test_a_kernels_shutdown_does_not_wait_for_a_busy_background_run(ip):
 EXIT_SCRIPT = """
 import os, sys, threading, time
 import mpmagic
+from mpmagic import background
 
 method, out, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 
@@ -1116,6 +1129,7 @@ def test_the_exit_says_what_it_waits_for_and_ctrl_c_stops_the_runs_at_once(tmp_p
 CHAIN_SCRIPT = """
 import os, sys, time
 import mpmagic
+from mpmagic import background
 
 method, out, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 
@@ -1157,6 +1171,7 @@ def test_a_run_a_done_callback_starts_during_the_exit_wait_is_waited_for_too(tmp
 JOINED_SCRIPT = """
 import os, sys, threading, time
 import mpmagic
+from mpmagic import background
 
 method, out, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
 

@@ -1297,3 +1297,124 @@ def test_a_rechecked_block_is_named_as_describe_unit_does():
     assert said == ["mpmagic: a worker died while running one of items 0-3; "
                     "re-run one at a time they all succeeded, so no result is missing, but those of them that had "
                     "run before it ended ran twice (which ones is not known)\n"]
+
+
+class _EndTakenThenInterrupted:
+    """A run's event queue whose ``get`` raises KeyboardInterrupt right after it took the
+    end event off the queue: where a Ctrl-C lands when it comes as the run ends (the
+    pending signal runs its handler at the next bytecode after the ``get``)."""
+
+    def __init__(self, events):
+        self.events, self.interrupts = events, 0
+
+    def __getattr__(self, name):
+        return getattr(self.events, name)
+
+    def get(self, *args, **kwargs):
+        from mpmagic import engine
+
+        ev = self.events.get(*args, **kwargs)
+        if ev is engine._END and not self.interrupts:
+            self.interrupts += 1
+            raise KeyboardInterrupt
+        return ev
+
+
+def test_a_wait_after_an_interrupt_that_took_the_end_event_returns_at_once():
+    """Waiting on a run is idempotent: a run that ended stays ended for every later wait.
+
+    ``pmap`` cancels an interrupted run and waits on it again; when the interrupt had
+    come right after the first wait took the end event, the second wait blocked for ever
+    on a queue nobody fills again, under ``sigint_deferred`` (more presses did nothing):
+    the kernel hung. (Before the fix this second wait timed out: it returned False.)"""
+    from mpmagic import engine
+
+    shown, back = [], []
+
+    class _Job:
+        items_total = 1
+
+        def redirect(self, out, progress, chunk, ask_input):
+            back.append(out)  # (the run hands the job its own callbacks back at its end)
+            return (lambda stream, text: shown.append(text), None, None, None)
+
+    run = engine.Run(_Job())
+    run._events = _EndTakenThenInterrupted(run._events)
+    run._emit_out("stdout", "printed before the end\n")
+    run._finish()
+    with pytest.raises(KeyboardInterrupt):
+        run.wait()
+    assert run._events.interrupts == 1 and run.done()
+    assert run.wait(HANG) is True  # at once (the bound only turns the old hang into a failure)
+    assert run.wait(0) is True and run.wait() is True
+    assert shown == ["printed before the end\n"] and len(back) == 2  # the job got its callbacks back
+
+
+def test_a_driven_run_interrupted_between_its_drive_and_its_end_is_never_driven_again(monkeypatch):
+    """A Dask run is driven by its first wait (engine.DrivenRun). A Ctrl-C after the drive
+    returned but before the run was marked ended made the caller's second wait drive the
+    whole job again; now every later wait returns at once, the run ended."""
+    from mpmagic import engine
+
+    class _Job:
+        items_total = 1
+
+        def redirect(self, out, progress, chunk, ask_input):
+            return (None, None, None, None)
+
+    drives = []
+    run = engine.DrivenRun(_Job(), lambda: drives.append(1))
+    finish = engine.DrivenRun._finish
+
+    def interrupted_finish(self, error=None):
+        if not drives or len(drives) > 1 or getattr(self, "_hit", False):
+            return finish(self, error)
+        self._hit = True
+        raise KeyboardInterrupt  # lands just before the end is recorded
+
+    monkeypatch.setattr(engine.DrivenRun, "_finish", interrupted_finish)
+    with pytest.raises(KeyboardInterrupt):
+        run.wait()
+    assert run.wait() is True and run.done() and drives == [1]
+    assert run.wait(0) is True and drives == [1]
+
+
+def test_pmap_interrupted_right_after_its_run_ended_raises_the_interrupt_not_a_hang(ip, local_pool, monkeypatch):
+    """The tester's hang, deterministically: the Ctrl-C lands in ``pmap``'s wait just after
+    the end event was taken. ``pmap`` then raises KeyboardInterrupt (serial map would raise
+    it too), its one line says no worker was stopped, and the pool serves the next call.
+
+    Before the fix the interrupt's cleanup waited for ever; a watchdog here puts a second
+    end event after HANG seconds so the hang fails the test instead of blocking the suite."""
+    from mpmagic import engine
+
+    run(ip, "def sq(x):\n    return x * x\n")
+    sq = ip.user_ns["sq"]
+    runs = []
+    init = engine.Run.__init__
+
+    def init_interrupted(self, job):
+        init(self, job)
+        self._events = _EndTakenThenInterrupted(self._events)
+        runs.append(self)
+
+    monkeypatch.setattr(engine.Run, "__init__", init_interrupted)
+    over = threading.Event()
+    rescued = []
+
+    def watchdog():
+        if not over.wait(HANG):
+            for r in runs:
+                rescued.append(r)
+                r._events.put(engine._END)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            mpmagic.pmap(sq, range(20))
+    finally:
+        over.set()
+    assert rescued == [] and len(runs) == 1 and runs[0]._events.interrupts == 1
+    assert "no worker was stopped or replaced" in str(caught.value)  # it had ended: nothing was stopped
+    monkeypatch.undo()
+    assert mpmagic.pmap(sq, range(20)) == list(map(sq, range(20)))
