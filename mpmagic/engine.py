@@ -263,7 +263,7 @@ class DrivenRun(Run):
 
     def __init__(self, job: Any, drive: Callable[[], None]) -> None:
         super().__init__(job)
-        self._drive = drive
+        self._drive: Callable[[], None] | None = drive
 
     def wait(self, timeout: float | None = None) -> bool:
         __tracebackhide__ = True
@@ -271,8 +271,12 @@ class DrivenRun(Run):
             if not self._ended.is_set():
                 # Directly: this is the waiting thread (it reads a lazy input itself, too).
                 self.job.redirect(self._out, self._progress, self._chunk, None)
+                # Driven once: not kept after (the backend's closure names this run, a cycle
+                # that kept the run, its job and the job's payload until a full collection).
+                drive, self._drive = self._drive, None
+                assert drive is not None  # (its one drive ends the run: _finish below)
                 try:
-                    self._drive()
+                    drive()
                 except KeyboardInterrupt:
                     self.interrupted = True
                     self._finish()
