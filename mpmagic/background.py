@@ -152,7 +152,9 @@ class _Sink:
     in the starting cell (by display id), elsewhere it only keeps them."""
 
     def __init__(self, run: Run, live: bool, relay: bool = False) -> None:
-        self.run = run
+        # Weak: the handle holds this sink, and a cycle kept a finished run (its job,
+        # results and function payload) alive until a full collection.
+        self._run = weakref.ref(run)
         # A stream's output is printed by its consumer (the cell iterating), not drawn.
         self.relay: deque | None = deque() if relay else None
         self.parts: list[str] = []
@@ -214,8 +216,10 @@ class _Sink:
                 log.warning("mpmagic: could not redraw a background run's live area", exc_info=True)
 
     def bundle(self) -> dict[str, str]:
-        run = self.run
+        run = self._run()
         out = self.text()
+        if run is None:  # (the handle is gone: nobody draws its area any more)
+            return {"text/plain": out}
         if len(out) > SHOW_OUTPUT:
             out = "... (earlier output cut: run.output has it all)\n" + out[-SHOW_OUTPUT:]
         plain = [run.status_line()]
@@ -757,6 +761,11 @@ class Finished:
         return self._info["total"]
 
     @property
+    def items_resumed(self) -> int:
+        """Of ``items_done``, those taken from the checkpoint store (as :attr:`Run.items_resumed`)."""
+        return int(self._info["resumed"])
+
+    @property
     def elapsed(self) -> float:
         return float(self._info["elapsed"])
 
@@ -887,9 +896,8 @@ class Forward:
     each chunk for ``as_completed`` as soon as it is accepted.
     """
 
-    run: Run
-
     def __init__(self, then: Callable[[int, list], None] | None = None, after_then: bool = False) -> None:
+        self._run: Callable[[], Run | None] = lambda: None  # (set by ``start``, before anything is sent)
         # ``after_then`` (a checkpointed run): as_completed gets each chunk only
         # after ``then`` (which snapshots it for the store) ran. Given at once,
         # a loop that changed its results in place changed what was stored.
@@ -898,27 +906,48 @@ class Forward:
         self._then, self._after_then = then, after_then
         self.then = self._then_and_keep if after_then else None if then is None else self._unless_cancelled
 
+    @property
+    def run(self) -> Run | None:
+        """The handle, while anything holds it (its pump does while the run goes on).
+
+        Held weakly: the handle holds the job, whose output goes to these
+        methods, and that cycle kept every finished run (its job, results and
+        pickled function payload) alive until a full collection."""
+        return self._run()
+
+    @run.setter
+    def run(self, run: Run) -> None:
+        self._run = weakref.ref(run)
+
     def out(self, stream: str, text: str) -> None:
-        self.run._sink.out(stream, text)
+        run = self._run()
+        if run is not None:
+            run._sink.out(stream, text)
 
     def progress(self, n: int) -> None:
-        self.run._sink.progress(n)
+        run = self._run()
+        if run is not None:
+            run._sink.progress(n)
 
     def accepted(self, start: int, results: list) -> None:
-        if not self._after_then:
-            self.run._on_chunk(start, results)
+        run = self._run()
+        if not self._after_then and run is not None:
+            run._on_chunk(start, results)
 
     def _unless_cancelled(self, start: int, results: list) -> None:
         """The user's on_chunk, for chunks that arrived before the run was cancelled:
         those still queued then are dropped (a slow on_chunk made ``cancel()`` wait
         until it had run for each: 5 s for 16 chunks)."""
-        if self._then is not None and not self.run._cancelled:
+        run = self._run()
+        if self._then is not None and run is not None and not run._cancelled:
             self._then(start, results)
 
     def _then_and_keep(self, start: int, results: list) -> None:
         if self._then is not None:
             self._then(start, results)
-        self.run._on_chunk(start, results)
+        run = self._run()
+        if run is not None:
+            run._on_chunk(start, results)
 
 
 def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any, Forward], Any],

@@ -285,7 +285,7 @@ class DrivenRun(Run):
 
     def __init__(self, job: Any, drive: Callable[[], None]) -> None:
         super().__init__(job)
-        self._drive = drive
+        self._drive: Callable[[], None] | None = drive
         self._driven = False  # ``drive`` was called: never again, however that wait ended
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -303,7 +303,11 @@ class DrivenRun(Run):
                     self._driven = True
                     # Directly: this is the waiting thread (it reads a lazy input itself, too).
                     self.job.redirect(self._out, self._progress, self._chunk, None)
-                    self._drive()
+                    # Driven once: not kept after (the backend's closure names this run, a cycle
+                    # that kept the run, its job and the job's payload until a full collection).
+                    drive, self._drive = self._drive, None
+                    assert drive is not None  # (``_driven`` guards the one call)
+                    drive()
                 except KeyboardInterrupt:
                     self.interrupted = True
                     raise

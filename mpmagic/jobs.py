@@ -480,7 +480,10 @@ class MapJob:
         self.items_total = n_items
         self.n_chunks = 0
         self._out = out or _print_stream
-        self._lines = OpenLines(lambda stream, text: self._out(stream, text), lambda tag: tag in self.outstanding)
+        # Given the job's writer and its dict's own test, not closures over the job:
+        # those made a cycle that kept every finished job (its payload: the pickle of
+        # all it captures) until a full collection. ``redirect`` follows ``_out``.
+        self._lines = OpenLines(self._out, self.outstanding.__contains__)
         # The notebook's logger levels go with each unit; warnings come back through this.
         self.log_context = worker_logging.notebook_context()
         self._warnings = worker_logging.WarningRelay()
@@ -536,6 +539,7 @@ class MapJob:
         it queues no chunk events); ``ask_input`` None: ``next_unit`` reads itself."""
         old = (self._out, self._progress, self._on_chunk, self._ask_input)
         self._out, self._progress, self._ask_input = out, progress, ask_input
+        self._lines.write = out
         if self._on_chunk is not None:
             self._on_chunk = chunk
         return old
@@ -1555,8 +1559,7 @@ class CellJob:
         self.log_context = worker_logging.notebook_context()  # see MapJob
         self._warnings = worker_logging.WarningRelay()
         self._label = label
-        self._lines = OpenLines(lambda stream, text: self._out(stream, text), lambda rank: rank in self.outstanding,
-                                label=True)
+        self._lines = OpenLines(self._out, self.outstanding.__contains__, label=True)  # (no cycle: see MapJob)
         self._over = False  # the run ended (its backend is done with it, or its results were taken)
         self._progress = progress  # called with 1 as each rank finishes, however it ends
         self.insights = insights
@@ -1611,6 +1614,7 @@ class CellJob:
         (a cell has no chunks and no lazy input: ``chunk`` and ``ask_input`` are not used)."""
         old = (self._out, self._progress, None, None)
         self._out, self._progress = out, progress
+        self._lines.write = out
         return old
 
     @property
@@ -1835,7 +1839,7 @@ class CellJob:
     def forget_work(self) -> None:
         """A cancelled background cell, kept in ``%pool runs``' history: the ranks it never sent go."""
         self._pending.clear()
-        self.outstanding = {}
+        self.outstanding.clear()  # (in place: its OpenLines asks this dict)
 
     def requeue(self, unit: Unit) -> None:  # ranks never queue behind one another
         if self.aborting:  # its worker was stopped by ``abort``: the rank is not sent again

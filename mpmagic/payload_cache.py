@@ -20,17 +20,23 @@ payload depends on changed:
 
 So a changed global is always seen by the next call, and a large captured
 array is copied to shared memory once and sent to each worker once.
+
+A payload this cache drops (the function defined again, a global it captures
+rebound, the function collected) is retired: the backends tell their workers
+to drop their loaded copies (:func:`retired_since`), each of which holds all
+its function captured by value.
 """
 
 from __future__ import annotations
 
 import dis
 import functools
+import itertools
 import operator
 import threading
 import types
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +68,7 @@ class _Entry:
     writable: bool = False  # shm.WRITABLE when built (the envelope says how workers map it)
     # weakref.finalize of the arrays copied into ``segment``: their death drops the entry
     watch: list = field(default_factory=list)
+    retired: bool = False  # its key was given to the workers to drop already (see retired_since)
 
 
 _entries: OrderedDict[tuple[int, bool], _Entry] = OrderedDict()
@@ -70,6 +77,17 @@ _lock = threading.RLock()
 # collected: dropped on the next call (never from the collector's thread).
 _dead: list[tuple[int, bool]] = []
 stats = {"fast": 0, "same": 0, "built": 0}  # how calls were served (tests, benchmarks)
+# The keys of the payloads dropped here, newest last, numbered (under ``_lock``):
+# workers still holding one may let it go (see :func:`retired_since`). Bounded:
+# a backend that missed some (it looked too late) leaves them to its workers' own limit.
+_RETIRED_KEPT = 64
+_retired: deque[tuple[int, bytes]] = deque(maxlen=_RETIRED_KEPT)
+_retirements = itertools.count(1)
+_last_retired = 0  # the number of the newest in ``_retired`` (0: none yet)
+# Slots whose function was collected, appended by its weak reference's callback:
+# their keys are retired at the backend's next look, before the entry is dropped
+# (by the next call here: the function a run kept alive dies after it ended).
+_died: list[tuple[int, bool]] = []
 # How this thread's last call was served, for its run's report (see :func:`last_served`).
 _last = threading.local()
 
@@ -181,16 +199,19 @@ def _serve(
     if buffers:
         data, segment, refs = shm.wrap(inband, buffers, "lend")
     _served("built", _copied_bytes(segment, refs), segment)
+    key = payload.payload_key(data)
+
     def forget(_ref: weakref.ref, slot: tuple[int, bool] = slot) -> None:
         _dead.append(slot)  # dropped on the next call (never from the collector's thread)
+        _died.append(slot)  # (its key: for the workers, at the backend's next look)
 
     try:
         ref = weakref.ref(func, forget)
     except TypeError:  # builtins and the like: cheap to pickle, not cached
         if segment is not None and hold and shm.pool().hold(segment.name):
             held = segment.name  # (nobody else's: unlinked when the run lets go)
-        return payload.payload_key(data), data, held
-    new = _Entry(ref, shared, captured, inband, payload.payload_key(data), data, segment, refs, kept, shm.WRITABLE)
+        return key, data, held
+    new = _Entry(ref, shared, captured, inband, key, data, segment, refs, kept, shm.WRITABLE)
     if segment is not None:
         _watch_arrays(new, slot, buffers)
     with _lock:
@@ -249,6 +270,7 @@ def _drop_dead(keep: tuple[int, bool] | None = None) -> None:
         entry = _entries.get(slot)
         if entry is not None and (slot != keep or entry.func() is None):
             _drop(slot)
+    _died.clear()  # (their entries are dropped, and so retired: see retired_since)
 
 
 def release_dead() -> None:
@@ -266,10 +288,60 @@ def clear() -> None:
 
 def _drop(slot: tuple[int, bool]) -> None:
     entry = _entries.pop(slot, None)
-    for watch in entry.watch if entry is not None else ():
+    if entry is None:
+        return
+    for watch in entry.watch:
         watch.detach()
-    if entry is not None and entry.segment is not None:
+    if entry.segment is not None:
         shm.let_go(entry.segment.name)  # (unlinked now, or when the last run naming it ends: SegmentPool.hold)
+    if not entry.retired:
+        _retire(entry)
+
+
+def _retire(entry: _Entry) -> None:
+    """Put ``entry``'s key in the log of retired payloads (under ``_lock``)."""
+    global _last_retired
+    entry.retired = True
+    _last_retired = next(_retirements)
+    _retired.append((_last_retired, entry.key))
+
+
+def last_retired() -> int:
+    """The number of the last payload this cache dropped (0: none yet)."""
+    return _last_retired
+
+
+def news(seen: int) -> bool:
+    """Has a payload been dropped, or a cached function died, since number ``seen``
+    (a number :func:`retired_since` returned)? Cheap, with no lock: a backend
+    asks it at every step."""
+    return _last_retired != seen or bool(_died)
+
+
+def retired_since(seen: int) -> tuple[list[bytes], int]:
+    """The keys of the payloads dropped after number ``seen`` that no cached
+    payload of a live function has now, and the number of the last one.
+
+    A payload is dropped when its function was defined again, a global it
+    captures was rebound or changed, or the function was collected: each
+    worker holds its own loaded copy of what the function captured (a 100 MB
+    table, once per worker per version), which nothing will use again. The
+    backends tell their workers to drop these (``protocol.Forget``). A key
+    dropped and then built again (a cell re-run unchanged: equal bytes) is
+    left out; a run in flight that still names one sends it again with its
+    next chunk (a worker that lacks it answers ``Missing``). A collected function's key is
+    retired here at once; its entry (and shared-memory copy) goes at the
+    next call, in the caller's thread, as before."""
+    with _lock:
+        while _died:
+            entry = _entries.get(_died.pop())
+            if entry is not None and not entry.retired and entry.func() is None:
+                _retire(entry)
+        keys = [key for n, key in _retired if n > seen]
+        if keys:
+            live = {e.key for e in _entries.values() if not e.retired}
+            keys = [key for key in dict.fromkeys(keys) if key not in live]
+        return keys, _last_retired
 
 
 def _keep_again(entry: _Entry) -> bool:

@@ -17,6 +17,8 @@ Notebook to worker (requests)::
                                        run a %%parallel cell body as rank ``tag``
     Context(version, state)            the notebook's world (see context.py)
     Unmap(names)                       these shared-memory segments are gone
+    Forget(keys)                       drop these cached functions: the notebook
+                                       replaced or dropped their payloads
     Import(names)                      import these modules between tasks (warm
                                        workers: the notebook imported them)
     Reload(names)                      reload these modules (the user's own: the
@@ -118,6 +120,16 @@ class Context(NamedTuple):
 
 class Unmap(NamedTuple):
     names: list
+
+
+class Forget(NamedTuple):
+    """Payload keys the notebook's cache dropped (``payload_cache.retired_since``: the
+    function was defined again, a global it captures rebound, or it was collected).
+    A worker drops its loaded copies: each holds what its function captured (a
+    100 MB table per version of ``f``), and no later call names them. A run that
+    still does gets ``Missing`` and sends the payload again."""
+
+    keys: list
 
 
 class Stop(NamedTuple):
@@ -229,7 +241,7 @@ class SetupDone(NamedTuple):
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
-    SetupDone, Reload, Outs, Collected,
+    SetupDone, Reload, Outs, Collected, Forget,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
@@ -308,7 +320,8 @@ def _short(obj: Any) -> str:
 
 
 __all__ = [
-    "KINDS", "REPLIES", "Cell", "Collected", "Context", "Done", "Error", "Func", "Import", "Map", "Missing", "Out", "Outs",
+    "KINDS", "REPLIES", "Cell", "Collected", "Context", "Done", "Error", "Forget", "Func", "Import", "Map", "Missing",
+    "Out", "Outs",
     "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "pack_parts",
     "unpack",
 ]

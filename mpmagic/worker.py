@@ -81,6 +81,7 @@ from .protocol import (
     Context,
     Done,
     Error,
+    Forget,
     Func,
     Import,
     Map,
@@ -103,7 +104,7 @@ from .warmup import ImportLog
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-_CACHE_SIZE = 16  # function payloads kept per worker
+_CACHE_SIZE = 16  # function payloads kept per worker (one the notebook replaced goes at once: Forget)
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
 _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
 #: A batch of output (at most _FLUSH_INTERVAL of a unit's text) that switches between
@@ -1139,6 +1140,8 @@ class _Worker:
                     context.apply(msg)
             elif kind is Unmap:
                 self.unmap(msg.names)
+            elif kind is Forget:
+                self.forget(msg.keys)
             elif kind is Import:
                 self.imports.preload(msg.names)
                 self._cpu_mark = time.process_time()  # a preload's CPU is no task's (it is timed apart)
@@ -1178,6 +1181,13 @@ class _Worker:
         while len(self.funcs) > _CACHE_SIZE:
             old, _ = self.funcs.popitem(last=False)
             self.func_segments.pop(old, None)
+
+    def forget(self, keys: list) -> None:
+        """The notebook dropped these payloads (a function defined again, a global it
+        captures rebound): drop our copies, each holding all its function captured."""
+        for key in keys:
+            self.funcs.pop(key, None)
+            self.func_segments.pop(key, None)
 
     def unmap(self, names: list) -> None:
         """The notebook destroyed these segments: drop them and the functions using them."""

@@ -19,6 +19,7 @@ from mpmagic.protocol import (
     Context,
     Done,
     Error,
+    Forget,
     Func,
     Import,
     Map,
@@ -44,6 +45,7 @@ EXAMPLES = [
     Cell(1, 3, 4, b"spec", (None, b"levels")),
     Context(7, b"state"),
     Unmap(["mpm_1_a", "mpm_1_b"]),
+    Forget([b"k" * 16, b"j" * 16]),
     Stop(),
     Ready(1234, 0),
     Out(1, 2, "stdout", "hello\n"),
@@ -208,6 +210,10 @@ def test_a_worker_speaks_every_kind(bare_worker, tmp_path):
     done = _replies(conn)[-1]
     assert type(done) is Done and payload.loads(done.data) == [True]
     assert ("preload", ["colorsys"]) in [tuple(r[:2]) for r in done.meta["once"]["imports"]]
+    # Forget: the worker drops that function (no reply); a map naming it gets Missing.
+    conn.send_bytes(pack(Forget([b"i" * 16, b"never sent" * 2])))
+    conn.send_bytes(pack(Map(1, 6, b"i" * 16, False, False, payload.dumps_data(["colorsys"]), False, 1)))
+    assert _replies(conn)[-1] == Missing(1, 6, b"i" * 16)
     # The worker setup: SetupDone with the names it defined and what it printed; then they are globals.
     from mpmagic import worker_setup
 

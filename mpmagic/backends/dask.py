@@ -75,7 +75,7 @@ from typing import Any, TypedDict
 from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
-from .. import context, exiting, posixshm, warmup, worker_setup
+from .. import context, exiting, payload_cache, posixshm, warmup, worker_setup
 from ..checks import check_real, check_whole, number_text, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
@@ -452,6 +452,8 @@ class DaskBackend:
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
         self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> future of its hold task
+        # The last payload the notebook's cache dropped that the cluster was told of (_forget_retired).
+        self._retired_seen = payload_cache.last_retired()
         # Tasks this notebook gave up on while they ran (a timeout, an interrupt,
         # a cancel): key -> worker address. Dask cannot stop a running task, so
         # its worker thread stays busy until the task's end event arrives (or the
@@ -1098,6 +1100,8 @@ class DaskBackend:
         so no --timeout could fire (a hang for as long as the old task ran).
         """
         with self._lock:
+            if payload_cache.news(self._retired_seen):
+                self._forget_retired()
             fut = self._payloads.get(key)
             if fut is not None and (fut.status == "finished" or (fut.status == "pending" and workers is None)):
                 self._payloads.move_to_end(key)
@@ -1115,6 +1119,19 @@ class DaskBackend:
             while len(self._payloads) > _PAYLOADS_KEPT:
                 self._payloads.popitem(last=False)
             return fut
+
+    def _forget_retired(self) -> None:
+        """Payloads the notebook's cache dropped (a function defined again, a global it
+        captures rebound: ``payload_cache.retired_since``): their hold futures go (Dask's
+        copy of the bytes on every worker), and the workers drop their loaded copies,
+        each holding all its function captured (``dask_tasks.forget``). In the
+        background, as the replication: a busy or slow worker must not hold the run."""
+        keys, self._retired_seen = payload_cache.retired_since(self._retired_seen)
+        if not keys or self.client is None:
+            return
+        for key in keys:
+            self._payloads.pop(key, None)
+        threading.Thread(target=_forget_quietly, args=(self.client, keys), daemon=True).start()
 
     # -- shared helpers ------------------------------------------------------
     def make_shared(self, kind: str, *args: Any, **kwargs: Any) -> Any:
@@ -2121,6 +2138,13 @@ def _replicate_quietly(client: Any, future: Any) -> None:
         client.replicate([future])
     except Exception:  # an optimisation: workers fetch the payload on first use anyway
         log.debug("mpmagic: replicating the function payload failed", exc_info=True)
+
+
+def _forget_quietly(client: Any, keys: list[bytes]) -> None:
+    try:
+        client.run(dask_tasks.forget, keys, on_error="ignore")
+    except Exception:  # memory only: each worker's own limit (dask_tasks._CACHE_SIZE) still holds
+        log.debug("mpmagic: telling the workers which payloads were dropped failed", exc_info=True)
 
 
 def _restart_quietly(client: Any, addresses: list[str]) -> None:

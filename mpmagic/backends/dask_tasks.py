@@ -354,6 +354,19 @@ def _function(key: bytes, data: bytes, imports: ImportLog, call: Any) -> Any:
 _COPIES_PER_FUNCTION = 2  # calls of one stateful function that keep a copy each (see _function)
 
 
+def forget(keys: list[bytes]) -> None:
+    """Drop the loaded functions of these payload keys, a stateful one's copies too.
+
+    The notebook's cache dropped them (the function was defined again, a global it
+    captures rebound: ``payload_cache.retired_since``); each copy holds all its
+    function captured by value, and no later task names it (one that does loads it
+    again from its payload). Run on every worker by ``Client.run``."""
+    gone = set(keys)
+    with _funcs_lock:
+        for k in [k for k in _funcs if (k[0] if type(k) is tuple else k) in gone]:
+            del _funcs[k]
+
+
 def _cached(key: bytes, call: Any) -> Loaded | None:
     """The loaded function for ``key`` in ``call``, if kept (under ``_funcs_lock``)."""
     loaded = _funcs.get(key)  # a stateless one

@@ -64,6 +64,7 @@ from ..protocol import (
     Collected,
     Done,
     Error,
+    Forget,
     Func,
     Missing,
     Out,
@@ -600,6 +601,9 @@ class LocalBackend:
         # a unit for one of them needs no second look (_send_unit). Empty outside the
         # hand-out: a retired worker's slot must not be kept (its Process holds its pipe's fds).
         self._readied: tuple = ()
+        # The number of the last payload the notebook's cache dropped that the workers
+        # were told of (payload_cache.last_retired; see _send_forgets).
+        self._retired_seen = payload_cache.last_retired()
         self._startup_failures = 0
         # The call id of the run told that workers hit ulimit -u (_tasks_short): not
         # the run, which would keep its results alive after it ended.
@@ -979,6 +983,7 @@ class LocalBackend:
             shm.sweep_worker(s.pid)
         shm.cleanup()
         payload_cache.clear()
+        self._retired_seen = payload_cache.last_retired()  # (the next workers never held those)
         shm.take_unmapped()
 
     def restart(self, wait: bool = True) -> None:
@@ -1514,6 +1519,8 @@ class LocalBackend:
         try:
             self._check_restarts()
             self._check_runs()
+            if payload_cache.news(self._retired_seen):
+                self._send_forgets()  # (first: a worker lets the old copy go before it loads the new one)
             version = worker_setup.version()
             readied = self._readied = tuple(self.slots)
             try:
@@ -2075,6 +2082,26 @@ class LocalBackend:
                 f"mpmagic: worker {slot.wid} holds {fmt_bytes(rss)} of its own memory after its task, over the pool's "
                 f"max_memory of {fmt_bytes(self.max_memory)}: it is replaced before its next task\n",
             )
+
+    def _send_forgets(self) -> None:
+        """Tell every worker which payloads the notebook's cache dropped since it last
+        looked (``payload_cache.retired_since``): the function was defined again, a
+        global it captures was rebound, or it was collected. Each worker kept its
+        own loaded copy of each (up to ``worker._CACHE_SIZE``), with all the function
+        captured by value: re-running the cell that defines ``f`` over a 100 MB
+        table added 100 MB to every worker, each time."""
+        keys, self._retired_seen = payload_cache.retired_since(self._retired_seen)
+        if not keys:
+            return
+        msg = pack(Forget(keys))
+        for slot in self.slots:
+            slot.known.difference_update(keys)  # (a run still using one sends it again)
+            if slot.broken:
+                continue
+            try:
+                self._put(slot, msg)
+            except OSError:
+                log.debug("mpmagic: worker %s gone: its functions went with it", slot.wid)
 
     def _send_unmaps(self, names: list[str]) -> None:
         """Tell every worker which shared-memory segments the notebook destroyed."""
