@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import astlock
-from .errors import cell_origin, remember_cell_origin
+from .errors import cell_origin, newline_ended, remember_cell_origin
 from .worker_setup import use_set_globals_in
 
 
@@ -67,7 +67,7 @@ def register_source(source: str, prefix: str = "parallel-cell") -> str:
     now reuses one name.
     """
     filename = f"<{prefix}-{source_digest(source)}>"
-    lines = source.splitlines(keepends=True)
+    lines = newline_ended(source.splitlines(keepends=True))
     linecache.cache[filename] = (len(source), None, lines, filename)
     return filename
 
@@ -258,7 +258,7 @@ def run_cell_code(
     source = spec.numbered_source
     if filename is None:
         filename = spec.filename
-        linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+        linecache.cache[filename] = (len(source), None, newline_ended(source.splitlines(keepends=True)), filename)
     ns: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
     for alias, modname in spec.modules.items():
         ns[alias] = importlib.import_module(modname)

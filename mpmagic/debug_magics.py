@@ -17,12 +17,16 @@ Replay a failure of the last %pmap or %%parallel run here, under IPython's debug
 usage: %pdebug [N]
 
 It stops at the line that raised (as %debug does): the function (or cell)
-is loaded from the very bytes the workers ran, with the same item (or the
-same rank and size). N is the item index (or rank) to replay, e.g. one of a
---errors collect run; the first failure by default. If the replay does not
-fail here, or fails with another exception, the failure depended on the
-worker: the worker's traceback and its local variables at the failing line
-are shown instead. Code that uses an mpmagic.Queue or Event is not replayed
+is loaded from the very bytes the workers ran, with a copy of the item as
+its worker got it (never your own object: a large numpy array comes
+read-only, as the workers map it), or the same rank and size. N is the item
+index (or rank) to replay, e.g. one of a --errors collect run; by default
+the first failure its code raised (a cell's rank that failed first: a rank
+stopped because another failed, or one that timed out or whose worker died,
+is not replayed). If the replay does not fail here, or fails with another
+exception, the failure depended on the worker (or on code reloaded since the
+run: the line says so): the worker's traceback and its local variables at
+the failing line are shown instead. Code that uses an mpmagic.Queue or Event is not replayed
 (it would take other tasks' items, or wait for ever): its worker's traceback
 and locals are shown. A replay writes an mpmagic.Value or Array again.
 mpmagic.last_failures() lists the failures with those details. The last run

@@ -235,6 +235,13 @@ class LastRun:
     results: list | None = None  # map: full length, MISSING where there is none
     inputs: Any = None  # map: the input sequence, when it was one
     checkpointed: bool = False  # only the items a checkpoint store lacked ran (see renumber_last)
+    # map: (shm.THRESHOLD, shm.WRITABLE) when its items' large buffers reached the workers through
+    # shared memory (read-only there unless writable): %pdebug gives the replay such a copy (shm.as_lent)
+    lent: tuple[int, bool] | None = None
+    # loadstamps' load number when the run ended: a module reloaded after it ran new code in a replay
+    loads_mark: int = 0
+    # cell: the failed ranks in the order they failed (the cause first, ranks stopped because of it after)
+    in_time: list[int] = field(default_factory=list)
 
 
 class _ThreadRuns(threading.local):
@@ -291,10 +298,23 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
         if inputs is None:
             inputs = items
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
+    lent = None
+    if getattr(job, "shared_memory", False):
+        from . import shm
+
+        lent = (shm.THRESHOLD, shm.WRITABLE)
     _runs.last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
-        options=options, results=full, inputs=inputs if failures else None,
+        options=options, results=full, inputs=inputs if failures else None, lent=lent, loads_mark=_loads_mark(),
     )
+
+
+def _loads_mark() -> int:
+    """A load number later than every module load so far (``loadstamps``): a module
+    whose latest reload is numbered after it was reloaded after the run."""
+    from . import loadstamps
+
+    return loadstamps.next_number()
 
 
 def last_run() -> LastRun | None:
@@ -355,7 +375,8 @@ def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:
     (this thread's last run)."""
     infos = job.failure_infos
     failures = [infos.get(r) or FailureInfo(job.failures[r], rank=r, size=size) for r in sorted(job.failures)]
-    _runs.last = LastRun("cell", spec_bytes, failures)
+    # (job.failures is in the order the ranks failed: what %pdebug replays by default, errors.first_failed_rank)
+    _runs.last = LastRun("cell", spec_bytes, failures, loads_mark=_loads_mark(), in_time=list(job.failures))
 
 
 def last_failures() -> list[FailureInfo]:

@@ -104,11 +104,13 @@ def unsafe_here(error: BaseException) -> bool:
     """Would calling the failed task again in the notebook risk the notebook itself?
 
     True for a task whose worker died under it (``WorkerLostError``: it may call
-    ``os._exit`` or crash the interpreter) or that ran past its timeout
-    (``TaskTimeoutError``: it may never return). The one rule for what the
-    notebook does not run again: ``%pdebug`` does not replay such an item, and
+    ``os._exit`` or crash the interpreter), that ran past its timeout
+    (``TaskTimeoutError``: it may never return), or a rank stopped because
+    another failed (``RankStoppedError``: it raised nothing, and was still
+    running, maybe waiting for the failed rank for ever). The one rule for what the
+    notebook does not run again: ``%pdebug`` does not replay such an item or rank, and
     ``--compare``'s serial run leaves it out."""
-    return isinstance(error, (WorkerLostError, TaskTimeoutError))
+    return isinstance(error, (WorkerLostError, TaskTimeoutError, RankStoppedError))
 
 
 class SerializationError(MPMagicError):
@@ -714,8 +716,19 @@ def remember_cell_origin(filename: str, origin: CellOrigin | None) -> None:
     _cell_origins.pop(filename, None)
     if origin is None:
         return
-    linecache.cache[origin.name] = (sum(map(len, origin.lines)), None, list(origin.lines), origin.name)
+    lines = newline_ended(origin.lines)
+    linecache.cache[origin.name] = (sum(map(len, lines)), None, lines, origin.name)
     _cell_origins[filename] = origin.name
+
+
+def newline_ended(lines: list[str]) -> list[str]:
+    """``lines`` for ``linecache``, the last one ending in a newline as a file's (and
+    IPython's own entry for a cell) does: pdb prints a listing's last line, and
+    ``where`` each frame's, as it is, so a cell whose last line raised ran into
+    the next prompt (``val = [0][rank]ipdb>``) or the next frame."""
+    if lines and not lines[-1].endswith("\n"):
+        return [*lines[:-1], lines[-1] + "\n"]
+    return list(lines)
 
 
 def _magic_cell_lines(cell_name: str, source: str) -> list[str]:

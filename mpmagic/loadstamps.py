@@ -27,6 +27,11 @@ then, for the same spec, so that update counts as a reload (the workers
 reload the module; its file is not "changed since the notebook loaded it").
 Modules imported before mpmagic have no record (warmup.py falls back on a
 stat at their first parallel run).
+
+A load of a module that is still in ``sys.modules`` is a reload (importlib
+tells the two apart the same way): its number is noted too, so that
+:func:`reloaded_since` tells ``%pdebug`` which modules were reloaded after a
+run (a function of such a module travels by name: the replay runs its new code).
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ from typing import Any
 # module name -> (the spec found for its latest load, its file's (mtime_ns, size) then, load number)
 _loads: dict[str, tuple[Any, tuple[int, int], int]] = {}
 _inplace: dict[str, int] = {}  # module name -> how many times it was re-run in place (autoreload)
+# module name -> load number of its latest reload here (importlib.reload, %autoreload): a load
+# of a module already in sys.modules, as importlib tells a reload from a first import
+_reloads: dict[str, int] = {}
 _numbers = itertools.count(1)
 # Load numbers are this process's: a Dask worker serving several notebooks tells
 # theirs apart by this (see dask_tasks.follow_reloads).
@@ -68,7 +76,10 @@ class _LoadStamps:
             if isinstance(origin, str) and origin.endswith(".py"):
                 at_load = stamp(origin)
                 if at_load is not None:
-                    _loads[name] = (spec, at_load, next(_numbers))
+                    number = next(_numbers)
+                    _loads[name] = (spec, at_load, number)
+                    if name in sys.modules:  # (importlib.reload looks for the spec of a module it has)
+                        _reloads[name] = number
             return spec
         return None
 
@@ -116,7 +127,8 @@ def reexecuted(module: Any) -> None:
     at_load = stamp(getattr(module, "__file__", None))
     if not isinstance(name, str) or spec is None or at_load is None:
         return
-    _loads[name] = (spec, at_load, next(_numbers))
+    number = _reloads[name] = next(_numbers)
+    _loads[name] = (spec, at_load, number)
     _inplace[name] = _inplace.get(name, 0) + 1
 
 
@@ -130,6 +142,12 @@ def version(name: str, module: Any) -> tuple[Any, int]:
 def next_number() -> int:
     """A load number later than every one given so far (for a reload with no record here)."""
     return next(_numbers)
+
+
+def reloaded_since(number: int) -> list[str]:
+    """The modules the notebook reloaded (``importlib.reload``, ``%autoreload``) after
+    :func:`next_number` gave ``number``, in the order of their latest reload."""
+    return sorted((name for name, n in _reloads.items() if n > number), key=_reloads.__getitem__)
 
 
 def loaded(name: str, module: Any) -> tuple[tuple[int, int], int] | None:

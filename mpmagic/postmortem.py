@@ -21,7 +21,7 @@ import sys
 import types
 from typing import Any
 
-from . import api, payload
+from . import api, payload, shm
 from .cell import CellSpec, run_cell_code
 from .debugging import (
     MISSING,
@@ -33,7 +33,9 @@ from .debugging import (
     set_last_run,
 )
 from .errors import (
+    RankStoppedError,
     RemoteError,
+    TaskTimeoutError,
     UsageError,
     cell_file,
     one_line,
@@ -246,10 +248,12 @@ def _how_it_failed(run: Any) -> str:
 
 def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:
     """After a re-run, the merged run is the last run (for last_failures, %pdebug)."""
-    ran = last_run()  # the re-run itself: its payload is the new function's
+    ran = last_run()  # the re-run itself: its payload is the new function's (and how its items travelled)
+    now = ran if ran is not None and ran is not last else last
     set_last_run(LastRun(
-        "map", ran.payload if ran is not None else last.payload, failures, func=func, star=last.star,
+        "map", now.payload, failures, func=func, star=last.star,
         collect=last.collect, options=last.options, results=full if failures else None, inputs=last.inputs,
+        lent=now.lent, loads_mark=now.loads_mark,
     ))
 
 
@@ -279,49 +283,110 @@ NO_RUN = ("no run to debug yet: run a %pmap or %%parallel cell first (an interru
           "stream leaves nothing to replay)")
 
 
-def _pick(which: int | None) -> tuple[LastRun, FailureInfo]:
+def _pick(which: int | None) -> tuple[LastRun, FailureInfo, str | None]:
+    """The last run, the failure ``%pdebug [which]`` replays, and the line that says
+    which failures plain ``%pdebug`` passed over, if any (see :func:`_first_raised`)."""
     last = last_run()
     if last is None:
         raise UsageError(f"{NO_RUN}{since_hint('replay')}")
     if not last.failures:
         raise UsageError(f"no failure to debug: the last %pmap or %%parallel run did not fail{since_hint('replay')}")
-    failure = last.failures[0]
-    if which is not None:
-        found = [f for f in last.failures if (f.rank if last.kind == "cell" else f.index) == which]
-        if not found:
-            kind = "rank" if last.kind == "cell" else "item"
-            known = ", ".join(f.label for f in last.failures[:10])
-            raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
-        failure = found[0]
-    return last, failure
+    if which is None:
+        return (last, *_first_raised(last))
+    found = [f for f in last.failures if (f.rank if last.kind == "cell" else f.index) == which]
+    if not found:
+        kind = "rank" if last.kind == "cell" else "item"
+        known = ", ".join(f.label for f in last.failures[:10])
+        raise UsageError(f"{kind} {which} did not fail in the last run; the failures are: {known}")
+    return last, found[0], None
 
 
-def _run_again(last: LastRun, obj: Any, failure: FailureInfo) -> None:
+def _first_raised(last: LastRun) -> tuple[FailureInfo, str | None]:
+    """The failure plain ``%pdebug`` replays: the first one (a map's in input order; a
+    cell's in the order its ranks failed, the cause first, as its ``ParallelError``
+    names it) that its code raised. A rank mpmagic stopped because another failed,
+    an item or rank that ran past its timeout or whose worker died, is passed over
+    (``unsafe_here``: it is not replayed), and the second value is the line that says
+    so (printed only when the replay starts); when every failure is such, the first,
+    whose refusal says why."""
+    failures = last.failures
+    if last.kind == "cell" and last.in_time:
+        by_rank = {f.rank: f for f in failures}
+        failures = [by_rank[r] for r in last.in_time if r in by_rank] + [f for f in failures if f.rank not in last.in_time]
+    picked = next((f for f in failures if not unsafe_here(f.error)), failures[0])
+    passed = failures[:failures.index(picked)]
+    stopped = [f for f in passed if isinstance(f.error, RankStoppedError)]
+    others = [f for f in passed if f not in stopped]
+    if not others:  # (ranks stopped because the picked one failed go without saying: its ParallelError says so)
+        return picked, None
+    said = "; ".join(f"{f.label} {_why_not_replayed(f.error)}" for f in others[:3])
+    return picked, f"mpmagic: replaying {picked.label}, the first failure its code raised ({said}: not replayed here)"
+
+
+def _why_not_replayed(error: BaseException) -> str:
+    """Why a failure is not replayed here (``unsafe_here``), in a few words."""
+    if isinstance(error, RankStoppedError):
+        return "was stopped because another rank failed"
+    if isinstance(error, TaskTimeoutError):
+        return "ran past its timeout"
+    return "lost its worker"
+
+
+def _run_again(last: LastRun, obj: Any, failure: FailureInfo, item: Any) -> None:
     """Run the failed item or rank here with ``obj``, the function (or cell) loaded
-    from the payload bytes the workers loaded."""
+    from the payload bytes the workers loaded, and ``item``, the item as its worker
+    got it (:func:`_item_as_sent`)."""
     if last.kind == "cell":
         assert failure.rank is not None and failure.size is not None  # (record_cell sets both)
         # (as its notebook cell: the same name and line numbers as the rank's traceback)
         name = cell_file(obj.filename)
         run_cell_code(obj, failure.rank, failure.size, as_main=False, filename=name if name != obj.filename else None)
     elif getattr(obj, "mpmagic_item", None) is not None:  # seed=: with the item's own random stream again
-        obj((failure.index, failure.item))
+        obj((failure.index, item))
     elif last.star:
-        obj(*failure.item)
+        obj(*item)
     else:
-        obj(failure.item)
+        obj(item)
+
+
+def _item_as_sent(last: LastRun, failure: FailureInfo) -> Any:
+    """A copy of the failed item made as its worker's was: pickled and loaded again
+    (``payload.dumps_data``, the chunks' pickler), its large numpy buffers read-only
+    copies when the run lent them through shared memory (``shm.as_lent``, as the
+    workers map them), a file-backed memmap opened again from its file. Never the
+    notebook's own object: the worker's changes to its copy stayed there, and so
+    do the replay's (an item normalised in place, a dict the function updates).
+    A cell has no item (its names are in its payload, loaded apart): None."""
+    if last.kind == "cell":
+        return None
+    item = failure.item
+    try:
+        if last.lent is None:  # (Dask, or no shared memory here: every buffer inside the pickle)
+            return payload.loads(payload.dumps_data(item))
+        with payload.memmaps_by_reference():
+            return shm.as_lent(item, payload.dumps_data, *last.lent)
+    except Exception as exc:
+        raise UsageError(
+            f"{failure.label} cannot be copied here as its worker got it ({exception_line(exc)}), and the replay "
+            "runs on such a copy, never on your own object: mpmagic.last_failures() has the worker's traceback "
+            "and locals") from None
 
 
 def replay(which: int | None = None, debugger: Any = None) -> bool:
     """Replay a failure of the last (blocking) run here, under the debugger.
 
-    ``which`` is the item index (or rank) to replay, the first failure by
-    default. Stops at the line that raised, as ``%debug`` does (a
-    ``SystemExit`` or ``KeyboardInterrupt`` the task raised too). Returns
-    True if the replay raised what the worker raised (and was debugged).
-    Otherwise it says in one line why there is nothing to debug here (the
-    replay succeeded, or raised another exception: the failure depended on
-    the worker; or the function is a builtin, with no Python frame) and
+    ``which`` is the item index (or rank) to replay; by default the first
+    failure the code raised (a cell's in the order its ranks failed: a rank
+    stopped because another failed, or one that timed out or lost its worker,
+    is passed over, see :func:`_first_raised`). The item is a copy made as its
+    worker's was (:func:`_item_as_sent`), never the notebook's object. Stops
+    at the line that raised, as ``%debug`` does (a ``SystemExit`` or
+    ``KeyboardInterrupt`` the task raised too). Returns True if the replay
+    raised what the worker raised (and was debugged). Otherwise it says in
+    one line why there is nothing to debug here (the replay succeeded, or
+    raised another exception: the failure depended on the worker, or on code
+    reloaded since the run; or the function is a builtin, with no Python
+    frame) and
     prints the worker's traceback with its local variables.
     A failure no call of the function raised (the function could not be
     loaded in the worker, the input raised) is not replayed: UsageError.
@@ -330,7 +395,14 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     and prints the worker's traceback (False). A Ctrl-C during the replay
     is a one-line KeyboardInterrupt.
     """
-    last, failure = _pick(which)
+    last, failure, passed_over = _pick(which)
+    if isinstance(failure.error, RankStoppedError):  # still running, maybe waiting for the failed rank for ever
+        cause = failure.error.cause_rank
+        raise UsageError(
+            f"{failure.label} did not raise: mpmagic stopped it ({failure.error}); replaying it here could wait "
+            "for ever in the notebook, so it is not replayed"
+            + (f"; %pdebug {cause} replays rank {cause}, whose failure stopped it" if cause is not None else "")
+        )
     if unsafe_here(failure.error):  # running it here could crash or hang the notebook itself
         raise UsageError(
             f"{failure.label} did not raise, its worker died or ran past the timeout "
@@ -346,6 +418,9 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
     try:
         with collect_attached() as helpers:
             obj = payload.loads(last.payload)
+            item = _item_as_sent(last, failure)
+    except UsageError:
+        raise
     except Exception as exc:
         what = "cell's names" if last.kind == "cell" else "function"
         raise UsageError(f"the {what} cannot be loaded here to replay {failure.label} "
@@ -354,12 +429,13 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
         return False
     # (Said only now, when it does replay: before a refusal above it said "replaying"
     # and then that there was nothing to replay.)
-    note = _failed_since_note(f"replaying {failure.label} of the last blocking run")
-    if note:
-        print(note)
+    for note in (passed_over, _failed_since_note(f"replaying {failure.label} of the last blocking run")):
+        if note:
+            print(note)
     expected = _worker_type(failure.error)
+    reloaded = _reloaded_since_run(last, obj, failure)
     try:
-        _run_again(last, obj, failure)
+        _run_again(last, obj, failure, item)
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and expected != "KeyboardInterrupt":
             # The user's Ctrl-C during the replay: one line, not our frames (nor the helpers' waits).
@@ -370,6 +446,7 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
             setup = _setup_name(exc)
             why = (f": `{setup[0]}` is a name of the worker setup ({setup[1]}), which the workers have and the "
                    "notebook does not, so it cannot be replayed here" if setup is not None else
+                   f", and {_code_changed(reloaded)}" if reloaded else
                    f", so the failure depended on the worker: state that lived there{_kept_state(obj)}, its "
                    "environment or resources")
             print(f"mpmagic: {failure.label} raised {expected} in its worker, but replayed here it raised "
@@ -382,14 +459,53 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
             print(f"mpmagic: replayed here, {failure.label} raised {exception_line(exc)} inside {name}, which is "
                   "not Python code: there is no Python frame of yours for the debugger to stop in")
             return True
+        if reloaded:
+            print(f"mpmagic: {_code_changed(reloaded, ran=False)}")
         _post_mortem(tb, debugger)
         return True
-    print(
-        f"mpmagic: {failure.label} did not fail when replayed here, so the failure depended on the "
-        "worker (its state, environment or resources); the worker's traceback and locals:"
-    )
+    why = (f"but {_code_changed(reloaded)}" if reloaded else
+           "so the failure depended on the worker (its state, environment or resources)")
+    print(f"mpmagic: {failure.label} did not fail when replayed here, {why}; the worker's traceback and locals:")
     print(failure.describe())
     return False
+
+
+def _reloaded_since_run(last: LastRun, obj: Any, failure: FailureInfo) -> list[str]:
+    """The user's modules the replay's code reaches (the function's own, those it
+    names, its item's classes'; a cell's imports and names) that the notebook
+    reloaded since the run (``importlib.reload``, ``%autoreload``): a function of
+    such a module travels by name, so the replay runs its new code where the
+    workers ran the old. Empty when nothing was reloaded (the usual case, one dict
+    look-up)."""
+    from . import loadstamps
+
+    reloaded = loadstamps.reloaded_since(last.loads_mark)
+    if not reloaded:
+        return []
+    from .usermodules import imported_names
+    from .warmup import user_modules
+
+    reached: set[str] = set()
+    try:
+        if isinstance(obj, CellSpec):
+            reached.update(obj.modules.values())
+            reached.update(imported_names(compile(obj.numbered_source, obj.filename, "exec", dont_inherit=True)))
+            for value in obj.names.values():
+                reached.update(user_modules(value))
+        else:
+            reached.update(user_modules(obj))
+            reached.update(user_modules(failure.item))
+    except Exception:  # (an odd object: say nothing rather than fail the replay)
+        return []
+    return [name for name in reloaded if name in reached]
+
+
+def _code_changed(modules: list[str], ran: bool = True) -> str:
+    """What a replay after ``importlib.reload`` of ``modules`` says: the code changed since
+    the run (``ran``: the replay is over; else it is about to start)."""
+    names = ", ".join(modules)
+    return (f"the code changed since the run: {names} {'was' if len(modules) == 1 else 'were'} reloaded since, "
+            f"so the replay {'ran' if ran else 'runs'} its new code where the workers ran the old")
 
 
 #: Helpers whose use in a replay would take what other tasks (or the next cell)

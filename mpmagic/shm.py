@@ -947,6 +947,27 @@ def dumps_lent(obj: Any, lease: Lease, dumps: Callable[[Any, Collector], bytes])
     return wrap(data, collector.buffers, "lend", lease)[0]
 
 
+def as_lent(obj: Any, dumps: Callable[[Any, Collector], bytes], threshold: int | None = None,
+            writable: bool | None = None) -> Any:
+    """``obj`` loaded again as a worker on this machine loads it from :func:`dumps_lent`:
+    a copy, never ``obj`` itself (``%pdebug`` replays a failed item on it).
+
+    Buffers of at least ``threshold`` bytes (the workers' :data:`THRESHOLD` at the
+    run) come as read-only copies, as a worker maps its lent segment, unless
+    ``writable`` (:data:`WRITABLE` at the run). A buffer inside a :func:`share`
+    array is that very memory, as it is in the workers. The smaller ones are
+    in the pickle, as there. No segment is made: the copies are this process's.
+    """
+    collector = Collector(threshold, lend=True)
+    data = dumps(obj, collector)
+    writable = WRITABLE if writable is None else writable
+    views = []
+    for b in collector.buffers:
+        view = memoryview(b) if _in_shared(b) is not None else memoryview(bytearray(b))
+        views.append(view if writable else view.toreadonly())
+    return classhome.loads(data, buffers=views)
+
+
 class _WritablePickler(cloudpickle.Pickler):
     """cloudpickle, with every read-only numpy array pickled as a writable copy."""
 

@@ -41,6 +41,12 @@ def fs_pool():
     return ensure_pool("forkserver")
 
 
+def _serial_debug(ip, commands: str, capsys) -> str:
+    """``%debug`` of the last error, with pdb reading ``commands`` (the oracle of a replay)."""
+    ip.InteractiveTB.pdb = None  # (IPython keeps its debugger, and with it an earlier test's closed stdout)
+    return _debug(ip, "%debug", commands, capsys)
+
+
 def _pdebug_error(ip, line: str, capsys) -> tuple[str, str]:
     """Run ``line`` (a %pdebug that must refuse): (its one-line error, what it printed)."""
     saved = sys.stdin
@@ -260,7 +266,7 @@ def test_debug_after_a_failed_parallel_cell_stops_at_the_ranks_line(ip, fs_pool,
     frames = [(f.f_code.co_filename, line) for f, line in traceback.walk_tb(sys.last_traceback)]
     assert frames[-1][1] == 4 and not [f for f in frames if f[0].startswith(ours)], frames
     capsys.readouterr()
-    out = _debug(ip, "%debug", "where\nq\n", capsys)
+    out = _serial_debug(ip, "where\nq\n", capsys)
     assert "----> 4     1 / 0" in out and ours not in out, out
 
 
@@ -849,3 +855,141 @@ def test_rerun_failed_again_after_a_raising_rerun_runs_each_item_once_and_names_
     run(ip, "def once(x):\n    with ran.get_lock():\n        ran[x] += 1\n    return x\n")
     assert run(ip, "%pmap -q --rerun-failed") == list(range(8))
     assert list(ip.user_ns["ran"][:]) == [1, 1, 1, 4, 1, 1, 1, 1]
+
+
+def test_pdebug_replays_on_a_copy_of_the_item_as_its_worker_got_one(ip, backend, capsys):
+    """The replay ran on the notebook's own item: a row normalised in place was all
+    zeros after %pdebug (the run had left it alone), and a dict the function updates
+    made the second %pdebug say the failure "depended on the worker" and a later
+    --rerun-failed succeed only because the debugger had changed the data."""
+    run(ip, "import copy, numpy as np\n"
+            "def center(a):\n    a -= a.mean()\n    if not a.any():\n        raise ValueError('constant row')\n"
+            "    return a.std()\n"
+            "def once(d):\n    d['calls'] = d.get('calls', 0) + 1\n    if d['calls'] == 1:\n"
+            "        raise RuntimeError('first call')\n    return 'ok'\n"
+            "rows = [np.arange(5.0), np.ones(5)]\nitems = [{'name': 'a'}]\n")
+    out = run(ip, "%pmap -q --errors collect center, rows")
+    assert isinstance(out[1], mpmagic.Failed) and run(ip, "rows[1].tolist()") == [1.0] * 5
+    capsys.readouterr()
+    shown = _debug(ip, "%pdebug 1", "p a.tolist()\nq\n", capsys)
+    assert "raise ValueError('constant row')" in shown and "ipdb> [0.0, 0.0, 0.0, 0.0, 0.0]\n" in shown, shown
+    assert run(ip, "rows[1].tolist()") == [1.0] * 5  # (it was all zeros: the replay's writes went to the notebook's row)
+    with pytest.raises(RuntimeError):
+        run(ip, "%pmap -q once, items")
+    for _ in range(2):  # each replay is the worker's: the same failure, again
+        shown = _debug(ip, "%pdebug", "p d\nq\n", capsys)
+        assert "raise RuntimeError('first call')" in shown and "ipdb> {'name': 'a', 'calls': 1}\n" in shown, shown
+    assert run(ip, "items") == [{"name": "a"}]
+    with pytest.raises(RuntimeError) as serial:  # the oracle: serial map on what the workers got, a copy
+        run(ip, "list(map(once, copy.deepcopy(items)))")
+    with pytest.raises(RuntimeError) as again:  # (it "succeeded": the debugger had set 'calls' in the notebook)
+        run(ip, "%pmap -q --rerun-failed")
+    assert str(again.value) == str(serial.value) == "first call"
+
+
+def test_pdebug_replays_a_shared_array_read_only_as_its_worker_had_it(ip, local_pool, capsys):
+    """An array of 1 MB or more reaches the workers read-only (shared memory), so the
+    item failed there with "output array is read-only"; the replay ran on the
+    notebook's writable array: no failure, "the failure depended on the worker", and
+    the user's array silently rewritten."""
+    run(ip, "import numpy as np\ndef center(a):\n    a -= a.mean()\n    return a.sum()\n"
+            "big = [np.arange(300_000.0)]\n")
+    with pytest.raises(ValueError, match="output array is read-only"):
+        run(ip, "%pmap -q center, big")
+    capsys.readouterr()
+    shown = _debug(ip, "%pdebug", "p a.flags.writeable\nq\n", capsys)
+    # The oracle: serial %debug of the same call on a read-only copy, as the worker had it.
+    with pytest.raises(ValueError, match="output array is read-only"):
+        run(ip, "ro = big[0].copy()\nro.flags.writeable = False\ncenter(ro)")
+    serial = _serial_debug(ip, "p a.flags.writeable\nq\n", capsys)
+    line = "----> 3     a -= a.mean()\n"
+    assert line in shown and line in serial and "ipdb> False\n" in shown and "ipdb> False\n" in serial, shown
+    assert "depended on the worker" not in shown
+    assert run(ip, "big[0][:3].tolist()") == [0.0, 1.0, 2.0]
+
+
+def test_plain_pdebug_replays_the_rank_that_raised_not_one_stopped_because_of_it(ip, backend, capsys,
+                                                                                  monkeypatch):
+    """The guide's own scenario: rank 1 raises, rank 0 waits for it and is stopped.
+    Plain %pdebug took the lowest rank, the stopped one, and ran its waiting loop in
+    the notebook (until Ctrl-C; a loop that ended made it say the failure "depended
+    on the worker"); %pdebug 0 did the same."""
+    from mpmagic import jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 0.3)
+    cell = ("%%parallel -n 2 -q\nimport time\nstarted = time.time()\nif rank == 1:\n"
+            "    raise ValueError('bad input on rank 1')\n"
+            "while time.time() - started < 5:  # rank 0 waits for rank 1\n    time.sleep(0.05)\n")
+    with pytest.raises(mpmagic.ParallelError) as raised:
+        run(ip, cell)
+    assert isinstance(raised.value.failures[0], mpmagic.RankStoppedError)
+    assert [f.rank for f in mpmagic.last_failures()] == [0, 1]
+    capsys.readouterr()
+    shown = _debug(ip, "%pdebug", "p rank\nq\n", capsys)
+    assert "----> 5     raise ValueError('bad input on rank 1')" in shown and "ipdb> 1\n" in shown, shown
+    assert "mpmagic:" not in shown  # (its ParallelError already says rank 0 was stopped because of it)
+    message, out = _pdebug_error(ip, "%pdebug 0", capsys)
+    assert message.startswith("%pdebug: rank 0 did not raise: mpmagic stopped it (rank 0 still ran 0.3 s after rank "
+                              "1 failed (ValueError): stopped, as an MPI job aborts"), message
+    assert message.endswith("replaying it here could wait for ever in the notebook, so it is not replayed; "
+                            "%pdebug 1 replays rank 1, whose failure stopped it"), message
+    assert "ipdb>" not in out
+
+
+def test_plain_pdebug_passes_over_an_item_that_ran_past_its_timeout(ip, fs_pool, capsys):
+    """The first failure of a collecting run timed out, a later one raised: plain %pdebug
+    refused the first ("could do the same to the notebook") though one could be replayed."""
+    run(ip, "import time\ndef slow_or_bad(x):\n    if x == 0:\n        time.sleep(30)\n"
+            "    if x == 2:\n        raise KeyError(x)\n    return x\n")
+    out = run(ip, "%pmap -q --errors collect --timeout 0.5 -n 2 --chunksize 1 slow_or_bad, range(3)")
+    assert [type(r.error).__name__ for r in out if isinstance(r, mpmagic.Failed)] == ["TaskTimeoutError", "KeyError"]
+    capsys.readouterr()
+    shown = _debug(ip, "%pdebug", "p x\nq\n", capsys)
+    assert shown.startswith("mpmagic: replaying item 2, the first failure its code raised (item 0 ran past its "
+                            "timeout: not replayed here)\n"), shown
+    assert "raise KeyError(x)" in shown and "ipdb> 2\n" in shown, shown
+
+
+def test_pdebug_after_a_module_reload_says_the_code_changed_not_the_worker(ip, fs_pool, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A function of a module goes by name: after importlib.reload of its edited file
+    the replay ran the new code, did not fail, and %pdebug blamed "the worker (its
+    state, environment or resources)" though mpmagic itself had said of the reload."""
+    (tmp_path / "pdebug_reload_mod.py").write_text("def f(x):\n    if x == 2:\n        raise ValueError('old code')\n"
+                                                   "    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import importlib, pdebug_reload_mod")
+        with pytest.raises(ValueError, match="old code"):
+            run(ip, "%pmap -q pdebug_reload_mod.f, range(4)")
+        capsys.readouterr()
+        shown = _debug(ip, "%pdebug", "q\n", capsys)  # (not reloaded: the very failure)
+        assert "raise ValueError('old code')" in shown and "mpmagic:" not in shown, shown
+        (tmp_path / "pdebug_reload_mod.py").write_text("def f(x):\n    return x  # fixed\n")
+        run(ip, "importlib.reload(pdebug_reload_mod)")
+        assert run(ip, "list(map(pdebug_reload_mod.f, range(4)))") == [0, 1, 2, 3]  # serially, the new code
+        capsys.readouterr()
+        shown = _debug(ip, "%pdebug", "q\n", capsys)
+        assert shown.splitlines()[0] == (
+            "mpmagic: item 2 did not fail when replayed here, but the code changed since the run: pdebug_reload_mod "
+            "was reloaded since, so the replay ran its new code where the workers ran the old; the worker's "
+            "traceback and locals:"), shown
+        assert "ValueError: old code" in shown and "depended on the worker" not in shown
+    finally:
+        sys.modules.pop("pdebug_reload_mod", None)
+
+
+def test_a_parallel_cells_last_line_ends_its_line_in_the_debugger(ip, fs_pool, capsys):
+    """The cached lines of a %%parallel cell had no newline at the end: when its last
+    line raised, pdb's listing ran into the prompt (``val = [0][rank]ipdb>``) and
+    ``where`` printed two frames on one line. Serial %debug of a cell is the oracle."""
+    with pytest.raises(IndexError):
+        ip.run_cell("rank = 1\nval = 1\nval = [0][rank]", store_history=True).raise_error()
+    serial = _serial_debug(ip, "q\n", capsys)
+    assert "----> 3 val = [0][rank]\n\nipdb> " in serial, serial  # IPython's own cell: a blank line, then the prompt
+    ip.run_cell("%%parallel -n 2 -q\nval = 1\nval = [0][rank]", store_history=True)
+    capsys.readouterr()
+    for line in ("%pdebug", "%debug"):
+        shown = _debug(ip, line, "where\nq\n", capsys) if line == "%pdebug" else _serial_debug(ip, "where\nq\n", capsys)
+        assert "----> 3 val = [0][rank]\n\nipdb> " in shown, shown
+        assert not re.search(r"\S> <ipython-input", shown), shown  # each frame on its own line
