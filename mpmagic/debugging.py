@@ -299,7 +299,7 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
             inputs = items
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
     lent = None
-    if getattr(job, "shared_memory", False):
+    if job.shared_memory:  # (a MapJob: the one kind recorded here)
         from . import shm
 
         lent = (shm.THRESHOLD, shm.WRITABLE)
