@@ -310,6 +310,8 @@ class Run(Future[_R]):
         # An ``imap`` stream's run: its loop makes room for its next chunks, so at exit,
         # with no loop left, it is stopped as a dropped stream is, not waited for (_waited_at_exit).
         self._streamed = streamed
+        # Its entry among the runs started since the last blocking run (debugging.started_in_background).
+        self._since: Any = None
         self._done = threading.Event()
         self._cancelled = False
         self._value: Any = None
@@ -682,6 +684,9 @@ class Run(Future[_R]):
                 if self.id in _registry:
                     _registry[self.id] = Finished(self)
                     _forget_old()
+            if self._since is not None and (self.state == "failed" or self.items_failed):
+                # (what %pdebug and --rerun-failed say of it, after a failed imap loop dropped its stream too)
+                debugging.ended_in_background(self._since, Finished(self))
             self._sink.draw(final=True)
             for fn in callbacks:
                 self._call_back(fn)
@@ -976,7 +981,7 @@ def start(what: str, make_call: Callable[[Forward], Any], finish: Callable[[Any,
     # Its failures stay on its handle: the last blocking run's record (last_failures,
     # %pdebug, --rerun-failed, as last_report) stays as it was; only what those say
     # of a background run that failed since needs to know of it.
-    debugging.started_in_background(run, errors)
+    run._since = debugging.started_in_background(run, errors)
     if resume is not None and keep_chunks:  # as_completed yields the stored results too (first: they are done)
         # (Their starts are input positions, the job's count among the computed
         # items only: as_completed, the one reader of _chunks, ignores starts.)

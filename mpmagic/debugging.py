@@ -23,10 +23,13 @@ and never IPython (workers import it).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -40,6 +43,17 @@ MAX_LOCALS = 20  # names kept from the raising frame
 # frame of the task's; the loop's own locals, under the caller's line, are not the user's.
 _CALL_SITE = "__mpmagic_call_site__"
 MAX_REPR = 200  # characters kept of each repr
+#: Seconds the reprs of one failure's locals may take in all. A ``__repr__`` that
+#: sleeps or walks a large structure delayed the failure by as long (30 s for a
+#: slow one); past this, such a repr is stopped (where a timer can stop it: a
+#: worker's main thread) or not taken, and the local shows why instead.
+REPR_SECONDS = 1.0
+#: Items of a collection a bounded repr looks at before it stops (enough to fill
+#: MAX_REPR characters: each item takes at least one, and a separator).
+_MAX_ITEMS = MAX_REPR
+#: A collection of a standard type whose repr this module does not build itself
+#: (array.array, OrderedDict, Counter...) shows only its type and size past this many items.
+_SUMMARY_ITEMS = 1000
 WORKER_ID: Any = None  # set by the worker process at start (worker.main)
 # Failures per unit whose locals are kept: a --errors collect chunk where every
 # item fails would otherwise send up to 4 kB of reprs per item home.
@@ -70,12 +84,177 @@ def end_unit() -> None:
 # Worker side
 
 
-def _bounded_repr(value: Any, limit: int = MAX_REPR) -> str:
+def _bounded_repr(value: Any, limit: int = MAX_REPR, clock: _ReprClock | None = None) -> str:
+    """``repr(value)`` cut to ``limit`` characters, at a cost that does not grow with ``value``.
+
+    The repr of a large ``str``, ``bytes``, ``bytearray``, ``int`` or builtin
+    collection is built only as far as ``limit`` needs (a 100 MB ``bytearray``
+    local made a 400 MB string in the worker, and 2 s, for 200 characters); a
+    large collection of another standard type (``array.array``,
+    ``OrderedDict``, a dict's ``keys()``...) shows its type and size. Any
+    other object's own ``__repr__`` runs within ``clock`` (see
+    :class:`_ReprClock`; None: not timed, as in the notebook). What shows for
+    an ordinary value is ``repr(value)``, cut as before.
+    """
     try:
-        text = repr(value)
+        text = _repr_start(value, limit + 1, clock, set())
+    except _ReprTimeout as late:
+        text = (f"<{type(value).__name__} object: its repr took over {REPR_SECONDS:g} s and was stopped>" if late.args
+                else f"<{type(value).__name__} object: repr not taken, the reprs of the locals before it took the "
+                     f"{REPR_SECONDS:g} s they may>")
     except Exception as exc:  # a broken __repr__ must not hide the real error
         text = f"<{type(value).__name__}: repr failed: {type(exc).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _ReprTimeout(BaseException):
+    """A repr ran past :data:`REPR_SECONDS` (args: (True,), stopped in it) or was not
+    started for lack of time (no args). A BaseException: a ``__repr__``'s own
+    ``except Exception`` does not swallow it."""
+
+
+def _alarm_free() -> bool:
+    """Can a timer stop a slow ``__repr__`` here? In the main thread (where Python runs
+    signal handlers), where SIGALRM is neither handled nor timed by the task's code."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        return signal.getsignal(signal.SIGALRM) == signal.SIG_DFL and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    except (ValueError, OSError):
+        return False
+
+
+class _ReprClock:
+    """The :data:`REPR_SECONDS` the reprs of one failure's locals may take in all.
+
+    Used as a context manager around them. Where :func:`_alarm_free`, a
+    ``__repr__`` still running when the time is up is stopped by SIGALRM (its
+    handler is installed at the first such repr, until the capture ends, and
+    raises only while a repr runs); elsewhere (a Dask worker's task thread) a
+    repr is not stopped, but none starts once the time is up. Locals of
+    builtin types alone (most failures) touch no signal.
+    """
+
+    def __init__(self, seconds: float = REPR_SECONDS) -> None:
+        self.deadline = time.monotonic() + seconds
+        self._armed = False
+        self._saved: Any = None  # the SIGALRM handler before ours, once ours is installed
+        self._can_stop: bool | None = None  # (asked at the first repr that needs it)
+
+    def __enter__(self) -> _ReprClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            self._armed = False  # (a ring handled from here on raises nothing)
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            # (a ring still pending once SIG_DFL is back is dropped by Python, not fatal:
+            # the timer is off and its handler is looked up when it is handled)
+            signal.signal(signal.SIGALRM, self._saved)
+            self._saved = None
+
+    def _can_ring(self) -> bool:
+        """Is our SIGALRM handler in place (installed now if it can be)?"""
+        if self._can_stop is None:
+            self._can_stop = _alarm_free()
+            if self._can_stop:
+                try:
+                    self._saved = signal.signal(signal.SIGALRM, self._ring)
+                except (ValueError, OSError):
+                    self._can_stop = False
+        return self._can_stop
+
+    def _ring(self, signum: int, frame: Any) -> None:
+        if self._armed:
+            self._armed = False
+            raise _ReprTimeout(True)
+
+    def repr(self, value: Any) -> str:
+        """``repr(value)`` in the time left (:class:`_ReprTimeout` when there is none, or it ran out)."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise _ReprTimeout
+        if not self._can_ring():
+            return repr(value)
+        self._armed = True
+        signal.setitimer(signal.ITIMER_REAL, left)
+        try:
+            return repr(value)
+        finally:
+            self._armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+#: Types whose repr is short and calls no code of the user's: no time limit.
+_PLAIN = frozenset({float, complex, bool, type(None), range, memoryview, type(...), type(NotImplemented)})
+#: Collections whose repr :func:`_repr_start` builds itself: (opening, closing) as Python writes them.
+_SEQUENCES: dict[type, tuple[str, str]] = {list: ("[", "]"), tuple: ("(", ")"), set: ("{", "}"),
+                                           frozenset: ("frozenset({", "})"), collections.deque: ("deque([", "])")}
+#: The types whose repr :func:`_repr_start` writes as far as needed (these, not their subclasses).
+_BUILTS = frozenset({str, bytes, bytearray, int, dict, *_SEQUENCES})
+
+
+def _repr_start(value: Any, room: int, clock: _ReprClock | None, seen: set[int]) -> str:
+    """The start of ``repr(value)``: all of it, or at least its first ``room`` characters
+    when it is longer (a collection's then lacks its end), built at a cost that
+    grows with ``room``, not with ``value``. ``seen``: the collections being
+    written (a collection inside itself reads ``[...]``, as Python writes it)."""
+    kind: Any = type(value)
+    if kind in _PLAIN:
+        return repr(value)
+    base: Any = kind if kind in _BUILTS else None
+    if base is None:  # a subclass that writes itself as its builtin base does (not a namedtuple, an IntEnum)
+        base = next((b for b in (str, bytes, list, tuple, dict, int) if issubclass(kind, b)), None)
+        if base is not None and kind.__repr__ is not base.__repr__:
+            base = None
+    if base in (str, bytes, bytearray):
+        return repr(value[:room]) if len(value) > room else repr(value)
+    if base is int:
+        # (str() of an int takes time that grows faster than its digits, and refuses
+        # more than 4300 of them: sys.set_int_max_str_digits)
+        return repr(value) if value.bit_length() <= 10_000 else f"<int of {value.bit_length()} bits>"
+    if base is not None:
+        return _collection_start(value, base, room, clock, seen)
+    if kind.__repr__ is object.__repr__:
+        return repr(value)
+    if kind.__module__ in ("builtins", "collections", "array") and hasattr(value, "__len__"):
+        try:
+            size = len(value)
+        except Exception:  # (a view of a dict that changed size...)
+            size = 0
+        if size > _SUMMARY_ITEMS:  # (array.array, OrderedDict, Counter, a dict's keys(): their whole repr)
+            return f"<{kind.__name__} of {size} items>"
+    return clock.repr(value) if clock is not None else repr(value)
+
+
+def _collection_start(value: Any, kind: Any, room: int, clock: _ReprClock | None, seen: set[int]) -> str:
+    """:func:`_repr_start` of a list, tuple, dict, set, frozenset or deque (``kind``)."""
+    if kind is dict:
+        opening, closing = "{", "}"
+    else:
+        opening, closing = _SEQUENCES[kind]
+    if id(value) in seen:
+        return "{...}" if kind is dict else "[...]" if kind in (list, collections.deque) else f"{opening}...{closing}"
+    if not value and kind in (set, frozenset):
+        return f"{kind.__name__}()"
+    seen.add(id(value))
+    try:
+        text, parts = len(opening), []
+        for element in (value.items() if kind is dict else value):
+            if kind is dict:
+                key = _repr_start(element[0], max(room - text, 1), clock, seen)
+                part = f"{key}: {_repr_start(element[1], max(room - text - len(key) - 2, 1), clock, seen)}"
+            else:
+                part = _repr_start(element, max(room - text, 1), clock, seen)
+            parts.append(part)
+            text += len(part) + 2
+            if text > room:  # (enough: the rest is cut off anyway)
+                return opening + ", ".join(parts)
+    finally:
+        seen.discard(id(value))
+    inner = ", ".join(parts) + ("," if kind is tuple and len(parts) == 1 else "")
+    maxlen = f", maxlen={value.maxlen}" if kind is collections.deque and value.maxlen is not None else ""
+    return f"{opening}{inner}{closing[:1]}{maxlen}{closing[1:]}"
 
 
 def _worth_showing(name: str, value: Any) -> bool:
@@ -87,8 +266,9 @@ def _worth_showing(name: str, value: Any) -> bool:
 
 def failure_context(exc: BaseException) -> dict[str, Any]:
     """What the worker knows at the failure: the raising frame's locals
-    (at most MAX_LOCALS names, MAX_REPR characters each; for the first
-    LOCALS_PER_UNIT failures of a unit), worker id and pid."""
+    (at most MAX_LOCALS names, MAX_REPR characters each, in REPR_SECONDS in
+    all: see :func:`_bounded_repr`; for the first LOCALS_PER_UNIT failures of
+    a unit), worker id and pid."""
     global _budget
     tb = exc.__traceback__ if _budget > 0 else None
     _budget -= 1
@@ -102,11 +282,12 @@ def failure_context(exc: BaseException) -> dict[str, Any]:
         frame = tb.tb_frame
         where = (frame.f_code.co_filename, tb.tb_lineno, frame.f_code.co_name)
         try:
-            for name, value in list(frame.f_locals.items()):
-                if len(frame_locals) >= MAX_LOCALS:
-                    break
-                if _worth_showing(name, value):
-                    frame_locals[name] = _bounded_repr(value)
+            with _ReprClock() as clock:
+                for name, value in list(frame.f_locals.items()):
+                    if len(frame_locals) >= MAX_LOCALS:
+                        break
+                    if _worth_showing(name, value):
+                        frame_locals[name] = _bounded_repr(value, clock=clock)
         except Exception:
             _log.debug("mpmagic: could not read the raising frame's locals", exc_info=True)
     return {"locals": frame_locals, "where": where, "worker": WORKER_ID if WORKER_ID is not None else _dask_worker(), "pid": os.getpid()}
@@ -242,6 +423,9 @@ class LastRun:
     loads_mark: int = 0
     # cell: the failed ranks in the order they failed (the cause first, ranks stopped because of it after)
     in_time: list[int] = field(default_factory=list)
+    # map: FUNC as the %pmap line wrote it (``m.transform``), when it was evaluated among the
+    # notebook's names; --rerun-failed looks it up again (postmortem._rerun_function). None: pmap().
+    func_text: str | None = None
 
 
 class _ThreadRuns(threading.local):
@@ -255,9 +439,26 @@ class _ThreadRuns(threading.local):
     # succeed) must not take away the failures the user is about to re-run or debug.
     last: LastRun | None = None
     # The background runs and streams this thread started since its last blocking run
-    # started: (weak reference to the handle, errors option), newest last, at most
-    # SINCE_KEPT. Only for what %pdebug and --rerun-failed say of them (see background_since).
-    since: tuple[tuple[Any, str | None], ...] = ()
+    # started (see _Since), newest last, at most SINCE_KEPT. Only for what %pdebug and
+    # --rerun-failed say of them (see background_since).
+    since: tuple[_Since, ...] = ()
+
+
+class _Since:
+    """A background run or stream started since the last blocking run, as
+    :func:`background_since` knows it: a weak reference to its handle (its
+    results are never held here), its errors option, and, once it ended failed,
+    ``failed``: the small record of it (``background.Finished``: its id, what
+    it ran, its state and counts), set by the run's end (:func:`ended_in_background`).
+    A failed ``imap`` loop drops its stream, and with it the handle: the
+    record is what is left to say that it failed."""
+
+    __slots__ = ("ref", "errors", "failed")
+
+    def __init__(self, handle: Any, errors: str | None) -> None:
+        self.ref = weakref.ref(handle)
+        self.errors = errors
+        self.failed: Any = None
 
 
 SINCE_KEPT = 20  # background runs remembered per thread (weakly: their results are never held)
@@ -317,6 +518,15 @@ def _loads_mark() -> int:
     return loadstamps.next_number()
 
 
+def name_func(before: LastRun | None, text: str | None) -> None:
+    """``text`` is how the ``%pmap`` line that just ran wrote FUNC: kept with the run it
+    recorded (if it recorded one since ``before``, this thread's record then), for
+    ``--rerun-failed`` to look that up again rather than the function's ``__name__``."""
+    last = _runs.last
+    if last is not None and last is not before and last.kind == "map":
+        last.func_text = text
+
+
 def last_run() -> LastRun | None:
     """This thread's last run's record (for ``postmortem.py``)."""
     return _runs.last
@@ -355,19 +565,31 @@ def forget() -> None:
     _runs.since = ()
 
 
-def started_in_background(handle: Any, errors: str | None) -> None:
+def started_in_background(handle: Any, errors: str | None) -> _Since:
     """A background run or an imap stream (``--bg``, ``submit``, ``imap``) started:
     it records nothing (its failures are on ``handle``) and leaves the last blocking
     run's record as it was; it is remembered weakly for what ``%pdebug`` and
     ``--rerun-failed`` say when it failed. ``errors``: a map's errors option
-    ("raise", "collect"; None for a cell)."""
-    _runs.since = (*_runs.since[-(SINCE_KEPT - 1):], (weakref.ref(handle), errors))
+    ("raise", "collect"; None for a cell). Returns its entry, which the run's end
+    passes to :func:`ended_in_background` (from its own thread: the entry, not
+    this thread's list)."""
+    entry = _Since(handle, errors)
+    _runs.since = (*_runs.since[-(SINCE_KEPT - 1):], entry)
+    return entry
+
+
+def ended_in_background(entry: _Since, record: Any) -> None:
+    """The run of ``entry`` ended failed (it raised, or has failed items): ``record``
+    (its ``background.Finished``) stands for it once its handle is dropped."""
+    entry.failed = record
 
 
 def background_since() -> list[tuple[Any, str | None]]:
     """(handle, errors option) of the background runs and streams this thread started
-    since its last blocking run started, oldest first, those whose handle is still held."""
-    return [(h, errors) for ref, errors in _runs.since if (h := ref()) is not None]
+    since its last blocking run started, oldest first: those whose handle is still
+    held, and for those that failed and were dropped since (a failed ``imap``
+    loop's stream), the record of their end in place of the handle."""
+    return [(h, e.errors) for e in _runs.since if (h := e.ref() or e.failed) is not None]
 
 
 def record_cell(job: Any, spec_bytes: bytes, size: int) -> None:

@@ -35,7 +35,7 @@ from IPython.core.magic import (
 )
 from IPython.display import display
 
-from . import api, astlock, config, pool, scaling
+from . import api, astlock, config, debugging, pool, scaling
 from .backends.local import START_METHODS, start_method_refused, tasks_per_child_refused
 from .cell import source_digest
 from .errors import (
@@ -357,9 +357,9 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--seed", type=_nonnegative_int,
                    help="give item i its own random stream from SEED and i (same results on any workers)")
     p.add_argument("--rerun-failed", action="store_true",
-                   help="run only the failed items of the last %%pmap again, with the current definition of its "
-                        "function's name (fixed since) or FUNC if given alone, and return the full results (no ITERABLE; "
-                        "only -n, --chunksize, --timeout, --retries and -q go with it)")
+                   help="run only the failed items of the last %%pmap again, with its FUNC looked up again as its line "
+                        "wrote it (so a fix since is used) or FUNC if given alone, and return the full results (no "
+                        "ITERABLE; only -n, --chunksize, --timeout, --retries and -q go with it)")
     p.add_argument("--bg", action="store_true",
                    help="run in the background: return a run handle at once (not with --compare or --scaling)")
     config.add_options(p, "items")
@@ -1115,6 +1115,7 @@ class MPMagics(Magics):
                                             chunksize=opts.chunksize, errors=opts.errors, timeout=opts.timeout,
                                             retries=opts.retries, seed=opts.seed)
         before = api.last_report()
+        recorded = debugging.last_run()
         try:
             with _magic_errors(parser, _compare_finished(opts.compare, before)):
                 result = api.pmap(
@@ -1132,6 +1133,7 @@ class MPMagics(Magics):
                 )
             _finished("%pmap", "results", "its results are", result)
         finally:
+            self._name_func(recorded, rest, local_ns)
             report = api.last_report()
             if report is not None and report is not before and getattr(opts, "chunksize_setting", False):
                 report.extra["chunksize_setting"] = True  # its advice names %config MPMagic.chunksize
@@ -1141,7 +1143,8 @@ class MPMagics(Magics):
     def _rerun_failed(self, parser: _Parser, tokens: list[str], rest: str, local_ns: dict[str, Any] | None,
                       ended: bool = False) -> Any:
         """``%pmap --rerun-failed [FUNC]`` (mpmagic.postmortem): the last run's failed
-        items again, with FUNC or the current definition of its function's name.
+        items again, with FUNC, or the last run's FUNC looked up again as its line wrote it
+        (``postmortem._rerun_function``).
 
         The options that a re-run can change are taken; any other one, or an
         ITERABLE, is a usage error: the re-run keeps the last run's input, star
@@ -1161,13 +1164,26 @@ class MPMagics(Magics):
             args = _eval_map_args(rest, self._user_ns, parser, local_ns, ended)
             if len(args) > 1:
                 raise parser.usage_error(
-                    "--rerun-failed takes FUNC alone (the fixed function; by default the current definition of the "
-                    "last run's function name), not ITERABLE: it runs the last run's failed items")
+                    "--rerun-failed takes FUNC alone (the fixed function; by default the last run's FUNC, looked up "
+                    "again as its line wrote it), not ITERABLE: it runs the last run's failed items")
             func = args[0]
         from .postmortem import rerun_failed
 
-        with _magic_errors(parser):
-            return rerun_failed(func, namespace=self._user_ns, **options)
+        recorded = debugging.last_run()
+        try:
+            with _magic_errors(parser):
+                return rerun_failed(func, namespace=self._user_ns, **options)
+        finally:
+            if func is not None:  # (the re-run's record: FUNC given here is how it names the function now)
+                self._name_func(recorded, rest, local_ns)
+
+    def _name_func(self, recorded: Any, rest: str, local_ns: dict[str, Any] | None) -> None:
+        """Keep FUNC as this line wrote it with the run the line recorded (``recorded``: the
+        record before it ran), for ``--rerun-failed`` to look it up again, as written, among
+        the notebook's names: so only when it was evaluated there, not among a function's
+        locals (a ``%pmap`` line in a ``def``), which a later cell does not see."""
+        if local_ns is None or local_ns is self._user_ns:
+            debugging.name_func(recorded, _func_text(rest))
 
     def _pmap_bg(self, parser: _Parser, opts: argparse.Namespace, args: tuple) -> Any:
         """``%pmap --bg``: the run's handle at once; its live area shows in this cell."""

@@ -17,11 +17,15 @@ imported only when a replay needs it.
 
 from __future__ import annotations
 
+import ast
+import builtins
+import functools
 import sys
 import types
 from typing import Any
 
 from . import api, payload, shm
+from .background import Finished
 from .cell import CellSpec, run_cell_code
 from .debugging import (
     MISSING,
@@ -55,9 +59,18 @@ from .shared.base import collect_attached
 def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any) -> list:
     """Run the failed items of the last ``pmap`` again; return the full results.
 
-    The function is ``func`` if given, else the *current* definition of the
-    last run's function name in ``namespace`` (the notebook's, by default),
-    so a function fixed and redefined since is the one used. Items that
+    The function is ``func`` if given, else the last run's function found
+    again the way its call named it, in ``namespace`` (the notebook's, by
+    default), so a function fixed and redefined since is the one used: FUNC of
+    a ``%pmap`` line that is a name or a dotted name (``inv``, ``m.transform``)
+    is looked up again; a function given to ``pmap()`` (what this has is the
+    function object) is looked up by its qualified name if a ``def`` of the
+    notebook made it (``inv``, ``Model.transform``), and a module's function is
+    used as it is (the workers run its module's code as it is now). Anything
+    else (a lambda, a closure, a bound method, a partial, FUNC written as another
+    expression, a name no longer defined) re-runs the last run's own function,
+    and a line says so; never another object that shares its ``__name__``.
+    Items that
     succeeded keep their results; with ``errors="raise"``, items the failed
     run never reached run too. ``options`` override the last run's
     (``workers``, ``chunksize``, ``timeout``, ``retries``...: ``pmap``'s, but
@@ -97,10 +110,15 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
             "the last run's input was an iterator that is used up, so its missing items cannot be sent "
             "again: run it with errors='collect' (or a list) to be able to re-run what failed"
         )
-    func = func if func is not None else _current_definition(last.func, namespace)
+    func_text = None  # (a function given here is named by no line: see _rerun_function)
+    which = None
+    if func is None:
+        func, which = _rerun_function(last, namespace)
+        func_text = last.func_text
     note = _failed_since_note(f"re-running the failed items of the last blocking pmap ({func_name(last.func)})")
-    if note:
-        print(note)
+    for line in (note, which):
+        if line:
+            print(line)
     full = list(last.results)
     todo = [i for i, r in enumerate(full) if r is MISSING or isinstance(r, Failed)]
     items = [full[i].item if isinstance(full[i], Failed) else last.inputs[i] for i in todo]
@@ -114,7 +132,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         renumber_items(exc, todo)  # ("raised by item 3 of the input": the user's input, not the re-run's)
         ran = last_run()  # (the re-run's record, when it ran: api.pmap records a run that raised)
         if ran is None or ran is last:
-            _remember_rerun(last, func, full, [])
+            _remember_rerun(last, func, full, [], func_text)
             raise
         info = ran.failures[0] if ran.failures else None
         if info is not None and info.index is not None:
@@ -124,7 +142,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
             if r is not MISSING:
                 full[i] = r
         _renumber_report(api.last_report(), todo, full)
-        _remember_rerun(last, func, full, [info] if info is not None else [])
+        _remember_rerun(last, func, full, [info] if info is not None else [], func_text)
         raise
     failures = []
     for i, r in zip(todo, again, strict=True):
@@ -134,7 +152,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
             info.index, info.item = i, r.item
             failures.append(info)
         full[i] = r
-    _remember_rerun(last, func, full, failures)
+    _remember_rerun(last, func, full, failures, func_text)
     return full
 
 
@@ -184,26 +202,31 @@ def _renumber_report(report: Any, todo: list[int], full: list) -> None:
 
 def _failed_since() -> tuple[Any, str | None] | None:
     """(handle, errors option) of the newest background run or stream started since
-    the last blocking run that has failed (or has failed items), while its handle is held."""
+    the last blocking run that has failed (or has failed items); in place of a handle
+    dropped since (a failed imap loop's stream), the record of its end."""
     failed = [(run, errors) for run, errors in background_since() if run.state == "failed" or run.items_failed]
     return failed[-1] if failed else None
 
 
 def _where_failures_are(run: Any, errors: str | None, action: str) -> str:
     """Where a background run's (or stream's) failures are, by how it ended; and how
-    to get what ``action`` ("replay", "re-run") would need of them."""
+    to get what ``action`` ("replay", "re-run") would need of them. ``run`` is its
+    handle, or once that was dropped (a failed imap loop's stream), the record of its end."""
+    held = not isinstance(run, Finished)
     stream = run.what.startswith("imap ")
     if stream and run.state == "failed":  # (an error no item raised itself ended it: the input's, ...)
-        where = "its loop raised its error (the stream's .run.exception() has it)"
+        where = "its loop raised its error" + (" (the stream's .run.exception() has it)" if held else "")
     elif stream:  # an item's failure did not end it: its loop got each one in its place
         where = ("its loop got each failed item as an mpmagic.Failed in its place" if errors == "collect"
                  else "its loop raised each failed item's error in its place")
     elif run.state != "failed":  # errors="collect": it ended, its failed items in place
-        where = "its failed items are in its results: [r.item for r in run.result() if isinstance(r, mpmagic.Failed)]"
+        where = ("its failed items are in its results: [r.item for r in run.result() if isinstance(r, mpmagic.Failed)]"
+                 if held else "its failed items were in its results, which went with its handle (dropped since)")
     else:
-        where = "its error is run.exception() on its handle"
+        where = "its error is run.exception() on its handle" if held else "its handle was dropped, and its error with it"
     if action == "replay":
-        return where + " (run its call without --bg to replay a failure with %pdebug)"
+        return where + (" (run the same map as a blocking %pmap or pmap() to replay a failure with %pdebug)" if stream
+                        else " (run its call without --bg to replay a failure with %pdebug)")
     if run.state == "failed" and errors == "raise" and not stream:
         where += ("; it stopped at its first failure: run it again with --errors collect (errors='collect') to get "
                   "every failed item as an mpmagic.Failed in its results")
@@ -246,24 +269,188 @@ def _how_it_failed(run: Any) -> str:
     return f"had {n} failed {'item' if n == 1 else 'items'}"
 
 
-def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo]) -> None:
-    """After a re-run, the merged run is the last run (for last_failures, %pdebug)."""
+def _remember_rerun(last: LastRun, func: Any, full: list, failures: list[FailureInfo],
+                    func_text: str | None = None) -> None:
+    """After a re-run, the merged run is the last run (for last_failures, %pdebug).
+    ``func_text``: how the call named ``func`` (``LastRun.func_text``), if it did by a name."""
     ran = last_run()  # the re-run itself: its payload is the new function's (and how its items travelled)
     now = ran if ran is not None and ran is not last else last
     set_last_run(LastRun(
         "map", now.payload, failures, func=func, star=last.star,
         collect=last.collect, options=last.options, results=full if failures else None, inputs=last.inputs,
         lent=now.lent, loads_mark=now.loads_mark,
+        func_text=func_text,
     ))
 
 
-def _current_definition(func: Any, namespace: dict | None) -> Any:
-    """The notebook's current object under ``func``'s name, if there is one."""
-    name = getattr(func, "__name__", None)
+#: How a line about the re-run's function ends: how to run another one.
+_PASS_IT = "to run a fixed one, pass it: %pmap --rerun-failed FUNC (rerun_failed(func))"
+
+
+def _rerun_function(last: LastRun, namespace: dict | None) -> tuple[Any, str | None]:
+    """The function a re-run uses when none is given, and the line to print first (or None).
+
+    It is found again the way the failed run's call named it, so a definition
+    fixed since is the one used, and never another object that merely shares
+    the function's ``__name__`` (a global ``transform`` for ``m.transform``, a
+    notebook ``sqrt`` for ``math.sqrt``):
+
+    * FUNC of the ``%pmap`` line (``LastRun.func_text``) that is a name or a
+      dotted name (``inv``, ``m.transform``, ``math.sqrt``) is looked up again
+      in ``namespace`` (the notebook's by default);
+    * otherwise (``pmap(func)``, what ``rerun_failed()`` has is the function
+      object) a function defined by ``def`` in the notebook (a class's method
+      too) is looked up by its qualified name there (``inv``, ``Model.transform``),
+      and a module's function is used as it is: it goes to the workers by
+      reference, so they run the module's code as it is now.
+
+    Anything else re-runs the failed run's own function object, with a line
+    saying so and why: FUNC written as another expression (a lambda,
+    ``partial(f, 2)``: not evaluated again), a name no longer defined
+    (``%reset``), a lambda, a closure, a method bound to an object, a
+    ``functools.partial`` given to ``pmap()``. A name found again whose code is
+    still an earlier definition (an object made before its class was fixed, a
+    closure made by the earlier outer function) runs, with a line saying so.
+    """
     if namespace is None:
         namespace = _notebook_namespace()
-    new = namespace.get(name) if name and name != "<lambda>" else None
-    return new if callable(new) else func
+    func, text = last.func, last.func_text
+    if text is not None:
+        path = _dotted_name(text)
+        if path is None:
+            return func, _as_it_was(func, f"FUNC was the expression `{text}`, which is not evaluated again (a name, "
+                                          "or a dotted name such as m.transform, is looked up again)")
+        try:
+            found = _lookup(path, namespace)
+        except NameError:
+            return func, _as_it_was(func, f"`{path}` is no longer defined in the notebook")
+        except Exception as exc:
+            return func, _as_it_was(func, f"`{path}` cannot be looked up now ({exception_line(exc)})")
+        if not callable(found):
+            return func, _as_it_was(func, f"`{path}` now names a {type(found).__name__}, not a function")
+        return found, _earlier_code(found, path, namespace)
+    path = _notebook_def(func, namespace)
+    if path is not None:
+        try:
+            found = _lookup(path, namespace)
+        except Exception:
+            return func, _as_it_was(func, f"`{path}` is no longer defined in the notebook")
+        if not callable(found):
+            return func, _as_it_was(func, f"`{path}` now names a {type(found).__name__}, not a function")
+        return found, None
+    if _by_reference(func):
+        return func, None
+    return func, _as_it_was(func, _no_name(func))
+
+
+def _as_it_was(func: Any, why: str) -> str:
+    """The line said when a re-run uses the failed run's own function: which code runs, and why."""
+    return f"mpmagic: the re-run uses the last run's function {func_name(func)} as it was then: {why}; {_PASS_IT}"
+
+
+def _dotted_name(text: str) -> str | None:
+    """``text`` (FUNC as the line wrote it) as a dotted name (``m.transform``), or None
+    if it is another expression (a lambda, a call, a subscript)."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        return None
+    parts: list[str] = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
+def _lookup(path: str, namespace: dict) -> Any:
+    """The object ``path`` (``m.transform``) names in ``namespace``, builtins after it
+    (NameError for a first name that neither has, as Python's)."""
+    first, *rest = path.split(".")
+    if first in namespace:
+        obj = namespace[first]
+    elif hasattr(builtins, first):
+        obj = getattr(builtins, first)
+    else:
+        raise NameError(f"name {first!r} is not defined", name=first)
+    for part in rest:
+        obj = getattr(obj, part)
+    return obj
+
+
+def _notebook_def(func: Any, namespace: dict) -> str | None:
+    """The qualified name of ``func`` if a ``def`` of the notebook (of ``namespace``)
+    made it, at its top level or in a class there: how it is looked up again."""
+    if not isinstance(func, types.FunctionType) or func.__name__ == "<lambda>" or "<locals>" in func.__qualname__:
+        return None
+    ours = func.__globals__ is namespace or func.__module__ in ("__main__", namespace.get("__name__"))
+    return func.__qualname__ if ours else None
+
+
+def _by_reference(func: Any) -> bool:
+    """Is ``func`` a module's function (or builtin), sent to the workers by its module
+    and name, so that they run its module's code as it is now?"""
+    if isinstance(func, (functools.partial, types.MethodType)) or getattr(func, "__name__", "<lambda>") == "<lambda>":
+        return False
+    module = getattr(func, "__module__", None)
+    qualname = str(getattr(func, "__qualname__", None) or getattr(func, "__name__", "<"))
+    return isinstance(module, str) and module not in ("__main__", "__mp_main__") and "<" not in qualname
+
+
+def _no_name(func: Any) -> str:
+    """Why ``func`` (given to ``pmap()``) cannot be looked up again in the notebook."""
+    if isinstance(func, functools.partial):
+        return "a functools.partial keeps the function it was made with"
+    if isinstance(func, types.MethodType):
+        return (f"a method bound to an object ({getattr(func, '__qualname__', func_name(func))}) runs on that object "
+                "with the code its class had")
+    qualname = getattr(func, "__qualname__", "")
+    if getattr(func, "__name__", None) == "<lambda>":
+        return "a lambda has no name to look it up by again"
+    if "<locals>" in qualname:
+        return (f"it was made inside {qualname.split('.<locals>', 1)[0]}() (a closure), so it has no name in the "
+                "notebook to look it up by again")
+    return f"a {type(func).__name__} object has no name in the notebook to look it up by again"
+
+
+def _earlier_code(found: Any, path: str, namespace: dict) -> str | None:
+    """The line to say when ``found`` (what ``path`` names now) still runs an earlier
+    definition of a notebook function: an object made before its class was defined
+    again, an alias of a function defined again since, a closure made by an
+    earlier definition of the function that makes it. None otherwise."""
+    fn = getattr(found, "__func__", found)
+    if not isinstance(fn, types.FunctionType) or fn.__module__ != "__main__" or fn.__name__ == "<lambda>":
+        return None
+    qualname = fn.__qualname__
+    if "<locals>" in qualname:
+        outer_name = qualname.split(".<locals>", 1)[0]
+        try:
+            outer = _lookup(outer_name, namespace)
+        except Exception:
+            return None
+        outer = getattr(outer, "__func__", outer)
+        if isinstance(outer, types.FunctionType) and not _holds_code(outer.__code__, fn.__code__):
+            return (f"mpmagic: `{path}` was made by an earlier definition of {outer_name}() and re-runs the code it "
+                    f"had then: make it again with the current {outer_name}(), or {_PASS_IT}")
+        return None
+    try:
+        current = _lookup(qualname, namespace)
+    except Exception:
+        return None
+    current = getattr(current, "__func__", current)
+    if current is fn or not isinstance(current, types.FunctionType):
+        return None
+    if found is not fn:  # a method bound to an object
+        return (f"mpmagic: `{path}` is a method of an object made before {qualname} was defined again, and re-runs "
+                f"the code it had then: make the object again, or {_PASS_IT}")
+    return (f"mpmagic: `{path}` is an earlier definition of {qualname}, which the notebook has defined again since, "
+            f"and re-runs the code it had then; {_PASS_IT}")
+
+
+def _holds_code(outer: types.CodeType, inner: types.CodeType) -> bool:
+    """Is ``inner`` among the code objects ``outer`` makes functions of (at any depth)?"""
+    return any(c is inner or (isinstance(c, types.CodeType) and _holds_code(c, inner)) for c in outer.co_consts)
 
 
 def _notebook_namespace() -> dict:
@@ -407,7 +594,7 @@ def replay(which: int | None = None, debugger: Any = None) -> bool:
         raise UsageError(
             f"{failure.label} did not raise, its worker died or ran past the timeout "
             f"({type(failure.error).__name__}): replaying it here could do the same to the notebook, "
-            "so it is not replayed; call the function on that input yourself if you mean it"
+            f"so it is not replayed; call the function on that input yourself if you mean it{since_hint('replay')}"
         )
     if failure.outside or (last.kind == "map" and failure.index is None):
         print(failure.describe())
