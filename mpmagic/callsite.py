@@ -16,21 +16,38 @@ was mpmagic's item loop (``worker.run_items``): the deprecation was hidden
 So the notebook notes the call site when a map's job is made
 (:func:`caller_site`: the first frame outside mpmagic and IPython's magic
 machinery, its module name, file, line and function name, as serial Python
-would charge the warning), the site travels with each ``Map`` message, and the
+would charge the warning, then the same of up to :data:`ANCESTORS` frames
+that called it), the site travels with each ``Map`` message, and the
 worker calls the function from a copy of its item loop made for that site
 (:func:`at_site`): the same bytecode, every instruction on the site's line
 and file, named as the caller's frame, with globals whose ``__name__`` is the
 caller's module (its own dict: builtins only, and the ``__warningregistry__``
 ``warnings`` keeps there, as it keeps one per module serially).
 
+``stacklevel=3`` and more (a mapped function blaming its caller's caller:
+``def driver(mapper): return list(mapper(f, xs))``, serially the line calling
+``driver``) walk further up: the copy is called through a chain of one-line
+trampolines ("hops"), one per caller the site kept, each made in the same way
+for that caller's module, file, line and name. The callers stop before the
+first frame of mpmagic's or IPython's (a cell's caller is IPython's
+``run_code``, a script's ``<module>`` has none); the chain is then filled
+with hops standing for ``sys:1`` up to :data:`DEPTH` frames: where a stack
+runs out ``warnings`` charges ``sys:1`` (module ``sys``), and a worker's own
+frames are above the chain (a frame's caller is its thread's: ``exec`` or any
+call from C starts no new stack), so a ``stacklevel`` up to ``DEPTH + 1``
+never names a file of mpmagic's. Past the cell, serial Python names IPython's
+``run_code``; a worker names ``sys:1`` there.
+
 A copy is made once per site and process, from the loop's source (compiled
-with every line at 1, then moved to the site's line: ``code.replace``); it
-costs nothing per item and a dictionary look-up per unit. Where the source
+with every line at 1, then moved to the site's line: ``code.replace``), and
+its hops from one-line sources likewise; it costs nothing per item, and per
+unit a comparison with the last unit's site (a dictionary look-up when it
+differs) and ``DEPTH - 1`` calls of a hop (~0.4 us all told). Where the source
 cannot be read or no longer matches the loaded code (an edited install),
 the loop runs as it is, charged to ``mpmagic.worker`` as before.
 
-The copy's frame has the local :data:`MARK`: ``errors.extract_frames`` leaves
-it out of a task's traceback (the notebook shows the caller's line itself),
+The copy's frame and its hops' have the local :data:`MARK`: ``errors.extract_frames``
+leaves them out of a task's traceback (the notebook shows the caller's line itself),
 as it leaves out the rest of ``worker.py``. Imports nothing of mpmagic's but
 ``astlock``: workers import it, and it imports no IPython.
 """
@@ -53,8 +70,21 @@ from .astlock import compile_tree, parse
 #: (left out of tracebacks), whatever file and line the copy names.
 MARK = "__mpmagic_call_site__"
 
-# A call site as it travels: (module name, file name, line, function name).
-Site = tuple[str, str, int, str]
+# One frame of a call site as it travels: (module name, file name, line, function name).
+Frame = tuple[str, str, int, str]
+# A call site as it travels: the frame that called the map, then the frames that
+# called it, innermost first (at most 1 + ANCESTORS).
+Site = tuple[Frame, ...]
+
+#: Frames above the map's caller a site keeps (a warning's ``stacklevel`` of 3 or more).
+ANCESTORS = 6
+#: Frames a worker's chain stands in for, the caller's included: those the site
+#: lacks are "sys" frames (:data:`STACK_END`), so a ``stacklevel`` up to one more
+#: than this never names a worker frame.
+DEPTH = 8
+#: Where ``warnings`` charges a warning whose ``stacklevel`` goes past the stack
+#: (``sys:1``, module ``sys``): where one past the site's frames is charged.
+STACK_END: Frame = ("sys", "sys", 1, "<module>")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -69,21 +99,38 @@ _MAGIC_WRAPPER = "<decorator-gen-"
 def caller_site() -> Site | None:
     """The frame serial ``map`` would have called the function from: the innermost
     of this thread's stack that is neither mpmagic's nor IPython's magic machinery
-    (``%pmap``'s cell line, a script's ``pmap`` line, a module's), as
-    ``(module name, file name, line, function name)``; None if there is none.
+    (``%pmap``'s cell line, a script's ``pmap`` line, a module's), then up to
+    :data:`ANCESTORS` of its callers, each as ``(module name, file name, line,
+    function name)``; None if there is none.
 
-    The module name is its globals' ``__name__`` (``__main__`` for a notebook cell
-    or a script; ``__main__`` too where it is not a string)."""
+    The callers stop before the first frame that is mpmagic's or IPython's (a
+    cell's caller is IPython's ``run_code``: a worker never names those files;
+    past the site it names ``sys``, as a stack that runs out does). The module
+    name is its globals' ``__name__`` (``__main__`` for a notebook cell or a
+    script; ``__main__`` too where it is not a string)."""
     frame: types.FrameType | None = sys._getframe(1)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not (filename.startswith(_PACKAGE_DIR) or _IPYTHON in filename or filename.startswith(_MAGIC_WRAPPER)):
-            break
+    while frame is not None and _machinery(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None or not frame.f_lineno:  # (3.11+: None where a frame has no line)
         return None
+    site = [_frame(frame)]
+    frame = frame.f_back
+    while (frame is not None and len(site) <= ANCESTORS and frame.f_lineno
+           and not _machinery(frame.f_code.co_filename)):
+        site.append(_frame(frame))
+        frame = frame.f_back
+    return tuple(site)
+
+
+def _machinery(filename: str) -> bool:
+    """Is this a frame of mpmagic's or of IPython's (its magic machinery, ``run_cell``'s)?"""
+    return filename.startswith(_PACKAGE_DIR) or _IPYTHON in filename or filename.startswith(_MAGIC_WRAPPER)
+
+
+def _frame(frame: types.FrameType) -> Frame:
     name = frame.f_globals.get("__name__")
-    return (name if isinstance(name, str) else "__main__", filename, frame.f_lineno, frame.f_code.co_name)
+    return (name if isinstance(name, str) else "__main__", frame.f_code.co_filename, frame.f_lineno,
+            frame.f_code.co_name)
 
 
 # --------------------------------------------------------------------------
@@ -105,9 +152,11 @@ _MAX_COPIES = 256  # sites kept per process (a notebook has few; a loop calling 
 
 def at_site(loop: _F, site: Site | None) -> _F:
     """``loop`` (an item loop of ``worker.py``, whose frame calls the task's function)
-    as a copy whose frame looks like ``site``'s to ``warnings`` and to anything reading
-    the stack: file, line, function name, module ``__name__``. ``loop`` itself
-    when ``site`` is None or no copy can be made (see the module's docstring)."""
+    as a copy whose frame looks like ``site``'s innermost frame to ``warnings`` and to
+    anything reading the stack (file, line, function name, module ``__name__``),
+    called through a frame standing in for each of the site's callers, then "sys"
+    frames up to :data:`DEPTH` (see the module's docstring). ``loop`` itself when
+    ``site`` is None or no copy can be made."""
     global _last
     if site is None:
         return loop
@@ -127,6 +176,20 @@ def prepare(loop: Callable[..., Any]) -> None:
     with _lock:
         if loop not in _one_line:
             _one_line[loop] = _compiled_on_one_line(loop)
+        if not _hops:
+            _hops.extend(_function_code(compile(source, "<mpmagic hop>", "exec"), name)  # type: ignore[misc]
+                         for name, source in _HOP_SOURCES)
+
+
+# The frames standing in for the site's callers, each of one line (see _placed): the
+# outermost takes the loop's arguments, the others pass them on as a tuple, the
+# innermost calls the loop's copy with them. Each has the local MARK.
+_HOP_SOURCES = (
+    ("outermost", f"def outermost(*args, onward=None): {MARK} = True; return onward(args)\n"),
+    ("between", f"def between(args, *, onward=None): {MARK} = True; return onward(args)\n"),
+    ("innermost", f"def innermost(args, *, onward=None): {MARK} = True; return onward(*args)\n"),
+)
+_hops: list[types.CodeType] = []  # their code, in that order (prepare)
 
 
 def _make(loop: Callable[..., Any], site: Site) -> Callable[..., Any]:
@@ -135,19 +198,40 @@ def _make(loop: Callable[..., Any], site: Site) -> Callable[..., Any]:
         code = _one_line[loop]
         if code is None:
             return loop
-        module, filename, lineno, name = site
-        names: dict[str, Any] = {"co_name": name}
-        if sys.version_info >= (3, 11):
-            names["co_qualname"] = name
-        code = code.replace(co_filename=filename, co_firstlineno=max(int(lineno), 1), **names)
-        g = _globals.get(module)
-        if g is None:
-            g = _globals[module] = {"__name__": module, "__builtins__": builtins}
-        copy = types.FunctionType(code, g, name, loop.__defaults__)
+        # (a site from elsewhere than caller_site, as the tests make: its frames' fields as they come)
+        frames = [(str(m), str(f), int(n), str(c)) for m, f, n, c in site[:DEPTH]]
+        frames += [STACK_END] * (DEPTH - len(frames))
+        module, filename, lineno, name = frames[0]
+        copy: Callable[..., Any] = types.FunctionType(_placed(code, filename, lineno, name), _module_globals(module),
+                                                      name, loop.__defaults__)
+        outermost, between, innermost = _hops
+        for i, (module, filename, lineno, name) in enumerate(frames[1:], 2):
+            hop_code = outermost if i == DEPTH else innermost if i == 2 else between
+            hop = types.FunctionType(_placed(hop_code, filename, lineno, name), _module_globals(module), name)
+            hop.__kwdefaults__ = {"onward": copy}
+            copy = hop
         if len(_copies) >= _MAX_COPIES:
             _copies.clear()
         _copies[(loop, site)] = copy
         return copy
+
+
+def _placed(code: types.CodeType, filename: str, lineno: int, name: str) -> types.CodeType:
+    """``code``, every instruction of which is on line 1, moved to ``filename``'s ``lineno``
+    and named ``name``."""
+    names: dict[str, Any] = {"co_name": name}
+    if sys.version_info >= (3, 11):
+        names["co_qualname"] = name
+    return code.replace(co_filename=filename, co_firstlineno=max(lineno, 1), **names)
+
+
+def _module_globals(module: str) -> dict[str, Any]:
+    """The globals of the frames charged to ``module``: its name and builtins only,
+    and the ``__warningregistry__`` ``warnings`` keeps there, as it keeps one per module."""
+    g = _globals.get(module)
+    if g is None:
+        g = _globals[module] = {"__name__": module, "__builtins__": builtins}
+    return g
 
 
 def _compiled_on_one_line(loop: Callable[..., Any]) -> types.CodeType | None:
@@ -164,23 +248,23 @@ def _compiled_on_one_line(loop: Callable[..., Any]) -> types.CodeType | None:
         if source is None:
             return None
         tree = parse(source, original.co_filename, "exec")
-        if not _same_code(_function_code(compile_tree(tree, original.co_filename, "exec"), original), original):
+        if not _same_code(_function_code(compile_tree(tree, original.co_filename, "exec"), original.co_name), original):
             return None
         col = -1 if sys.version_info >= (3, 11) else 0  # (3.11+: no column; 3.10 wants one)
         for node in ast.walk(tree):
             if "lineno" in node._attributes:
                 node.lineno = node.end_lineno = 1  # type: ignore[attr-defined]
                 node.col_offset = node.end_col_offset = col  # type: ignore[attr-defined]
-        code = _function_code(compile_tree(tree, original.co_filename, "exec"), original)
+        code = _function_code(compile_tree(tree, original.co_filename, "exec"), original.co_name)
     except (SyntaxError, ValueError, TypeError, OSError):
         return None
     return code if code is not None and MARK in code.co_varnames else None
 
 
-def _function_code(module: types.CodeType, original: types.CodeType) -> types.CodeType | None:
-    """The code of the function named as ``original`` among ``module``'s constants."""
+def _function_code(module: types.CodeType, name: str) -> types.CodeType | None:
+    """The code of the function ``name`` among ``module``'s constants."""
     for const in module.co_consts:
-        if isinstance(const, types.CodeType) and const.co_name == original.co_name:
+        if isinstance(const, types.CodeType) and const.co_name == name:
             return const
     return None
 

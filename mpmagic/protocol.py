@@ -99,9 +99,10 @@ class Map(NamedTuple):
     # when each item starts (``started`` of worker.run_items), so that each item,
     # not the chunk, gets the timeout (see backends/local.py ``_check_deadlines``).
     item_clock: bool = False
-    # Where the map was called (module name, file, line, function name: callsite.caller_site):
-    # the worker calls the function from a frame that looks like that line's, so a warning
-    # the function charges to its caller (``stacklevel=2``) names it, as serially.
+    # Where the map was called, then the frames that called it: each (module name, file,
+    # line, function name), innermost first (callsite.caller_site). The worker calls the
+    # function from frames that look like those lines', so a warning the function charges
+    # to its caller (``stacklevel=2``) or further up names them, as serially.
     site: tuple | None = None
 
 

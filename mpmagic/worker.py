@@ -580,9 +580,10 @@ def run_items(
     set: the notebook then times each item, not the chunk (a local worker's
     :func:`item_clock`; a Dask task's tells it with an event). Runs without
     a timeout never call it, so they pay nothing for it.
-    ``site`` (``Map.site``): where the map was called from; the calls are made
-    from a frame that looks like that line's (:func:`mpmagic.callsite.at_site`),
-    so a warning charged to the function's caller names it, as serially.
+    ``site`` (``Map.site``): where the map was called from, and its callers; the
+    calls are made from a frame that looks like that line's, called from frames
+    that look like its callers' (:func:`mpmagic.callsite.at_site`), so a warning
+    charged to the function's caller (or further up) names it, as serially.
     """
     results: list = []
     n = len(items)

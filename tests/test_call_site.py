@@ -44,6 +44,19 @@ def squares_in_parallel(xs):
 
 def squares(xs):
     return list(map(old_square, xs))
+
+
+def blames_callers_caller(x):
+    warnings.warn("blame my caller's caller", UserWarning, stacklevel=3)
+    return x
+
+
+def driver(mapper, xs):
+    return list(mapper(blames_callers_caller, xs))
+
+
+def calls_driver(mapper):
+    return driver(mapper, [1, 2])
 '''
 
 
@@ -164,9 +177,73 @@ def test_on_dask_a_warning_charged_to_the_caller_names_the_maps_line(ip, dask_cl
     assert shown[2:] == ("UserWarning", "blame my caller") and _line(shown) == code
 
 
+# -- stacklevel=3 and more: the frames above the map's caller --------------------------
+
+DRIVER = ("import warnings, mpmagic\n"
+          "def deprecated_thing(x):\n"
+          "    warnings.warn('deprecated thing', DeprecationWarning, stacklevel=3)\n"
+          "    return x\n"
+          "def driver(mapper):\n"
+          "    return list(mapper(deprecated_thing, range(4)))\n")
+
+
+def test_stacklevel_3_through_a_driver_in_a_cell_names_the_cell_as_serially(ip, any_method):
+    """The mapped function blames its caller's caller: serially the cell line calling
+    ``driver`` (module ``__main__``: the deprecation is shown, an error filter for
+    ``__main__`` matches). Workers charged it to their own frames (``mpmagic.worker``)."""
+    ensure_pool(any_method)
+    run(ip, DRIVER)
+    [serial] = _warned(ip, "r = driver(map)")
+    assert serial[2:] == ("DeprecationWarning", "deprecated thing") and _line(serial) == "r = driver(map)"
+    run(ip, "from functools import partial")
+    for code in ("r = driver(mpmagic.pmap)", "r = driver(partial(mpmagic.pmap, chunksize=1))",
+                 "r = driver(partial(mpmagic.pmap, insights=True))"):
+        [parallel] = _warned(ip, code)
+        assert parallel[2:] == serial[2:] and parallel[0].startswith("<ipython-input-"), parallel
+        assert _line(parallel) == code
+    error = ("error", "", Warning, "__main__")
+    assert type(_raised(ip, "driver(map)", error)) is DeprecationWarning
+    assert type(_raised(ip, "driver(mpmagic.pmap)", error)) is DeprecationWarning
+
+
+def test_stacklevel_3_through_a_module_names_that_modules_line_as_serially(ip, any_method, lib):
+    import mpm_blame_lib
+
+    ensure_pool(any_method)
+    [serial] = _warned(ip, "r = mpm_blame_lib.calls_driver(map)")
+    [parallel] = _warned(ip, "r = mpm_blame_lib.calls_driver(mpmagic.pmap)")
+    assert parallel == serial and serial[0] == mpm_blame_lib.__file__
+    assert _line(serial) == "return driver(mapper, [1, 2])"
+    error = ("error", "", Warning, "mpm_blame_lib")
+    assert type(_raised(ip, "mpm_blame_lib.calls_driver(mpmagic.pmap)", error)) is UserWarning
+    # Called from a cell: the frame above the module's is the cell's (stacklevel 3 from driver).
+    [serial] = _warned(ip, "r = mpm_blame_lib.driver(map, [1])")
+    [parallel] = _warned(ip, "r = mpm_blame_lib.driver(mpmagic.pmap, [1])")
+    assert serial[2:] == parallel[2:] and _line(serial) == "r = mpm_blame_lib.driver(map, [1])"
+    assert _line(parallel) == "r = mpm_blame_lib.driver(mpmagic.pmap, [1])"
+
+
+def test_a_stacklevel_past_the_callers_names_sys_never_a_worker_file(ip, local_pool):
+    """Past the cell, serial Python blames IPython's ``run_code``; a worker blames
+    ``sys:1``, as Python does where a stack runs out, never a file of mpmagic's."""
+    run(ip, "import warnings, mpmagic\n"
+            "def far(x, level):\n    warnings.warn('far', UserWarning, stacklevel=level)\n    return x\n")
+    for level in (3, 4, 6, 9):
+        [shown] = _warned(ip, f"r = mpmagic.pmap(far, [(1, {level})], star=True)")
+        assert shown[:2] == ("sys", 1), shown
+
+
+def test_on_dask_stacklevel_3_through_a_driver_names_the_cell(ip, dask_cluster, request):
+    ensure_pool("dask", request)
+    run(ip, DRIVER)
+    [serial] = _warned(ip, "r = driver(map)")
+    [parallel] = _warned(ip, "r = driver(mpmagic.pmap)")
+    assert parallel[2:] == serial[2:] and _line(parallel) == "r = driver(mpmagic.pmap)"
+
+
 # -- the worker's item loops, without a pool -----------------------------------------
 
-SITE = ("__main__", "/notebook/cell.py", 7, "<module>")
+SITE = (("__main__", "/notebook/cell.py", 7, "<module>"),)
 
 
 def blames_caller(x, y=0):
@@ -207,7 +284,7 @@ def test_the_copy_is_charged_to_the_callers_module_and_left_out_of_tracebacks():
         warnings.simplefilter("ignore")
         warnings.filterwarnings("error", module="^mylib$")
         results, _, error = worker.run_items(blames_caller, [1, 2], False, False, None, 1, None, None,
-                                             ("mylib", "/lib/mylib.py", 3, "run"))
+                                             (("mylib", "/lib/mylib.py", 3, "run"),))
         assert results == [] and error is not None
         assert error[1].type_name == "UserWarning"
         # The task's frame only: not the loop, whose copy names /lib/mylib.py.
@@ -235,12 +312,70 @@ def test_a_call_that_fails_in_the_loop_itself_shows_no_frame_or_locals_of_the_lo
 def test_a_copy_is_made_once_per_site_with_every_instruction_on_its_line():
     from mpmagic import callsite
 
-    copy = callsite.at_site(worker._call_items, SITE)
-    assert copy is not worker._call_items and callsite.at_site(worker._call_items, SITE) is copy
+    entry = callsite.at_site(worker._call_items, SITE)
+    assert entry is not worker._call_items and callsite.at_site(worker._call_items, SITE) is entry
     assert callsite.at_site(worker._call_items, None) is worker._call_items
+    # (called through DEPTH - 1 frames standing in for the site's callers: here none, so all "sys:1")
+    chain = [entry]
+    while chain[-1].__kwdefaults__:
+        chain.append(chain[-1].__kwdefaults__["onward"])
+    *hops, copy = chain
+    assert len(chain) == callsite.DEPTH and all(callsite.MARK in hop.__code__.co_varnames for hop in hops)
+    assert {(hop.__code__.co_filename, hop.__globals__["__name__"]) for hop in hops} == {("sys", "sys")}
+    assert {line for hop in hops for *_, line in hop.__code__.co_lines() if line is not None} == {1}
     assert copy.__code__.co_filename == "/notebook/cell.py" and copy.__code__.co_name == "<module>"
     assert copy.__globals__["__name__"] == "__main__"
     assert {line for *_, line in copy.__code__.co_lines() if line is not None} == {7}
     from mpmagic import debugging
 
     assert callsite.MARK in worker._call_items.__code__.co_varnames and debugging._CALL_SITE == callsite.MARK
+
+
+@pytest.mark.parametrize("way", ["whole", "insights"])
+def test_each_frame_of_the_site_stands_in_for_its_callers_frame(way):
+    """``stacklevel`` 2, 3, 4 land on the site's frames in turn, each charged to its own
+    module; past them, ``sys:1``, as where a serial stack runs out: never ``worker.py``."""
+    site = (("__main__", "/notebook/cell.py", 7, "driver"), ("__main__", "/notebook/cell.py", 9, "<module>"),
+            ("mylib", "/lib/mylib.py", 3, "run"))
+
+    def far(x, level):
+        warnings.warn("far", UserWarning, stacklevel=level)
+        return x
+
+    def blamed(level: int) -> tuple:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if way == "insights":
+                worker.run_items_timed(far, [(1, level)], True, False, None, None, None, site)
+            else:
+                worker.run_items(far, [(1, level)], True, False, None, 1, None, None, site)
+        return tuple((w.filename, w.lineno) for w in caught)
+
+    assert blamed(2) == (("/notebook/cell.py", 7),) and blamed(3) == (("/notebook/cell.py", 9),)
+    assert blamed(4) == (("/lib/mylib.py", 3),)
+    from mpmagic import callsite
+
+    for level in range(5, callsite.DEPTH + 2):
+        assert blamed(level) == (("sys", 1),), level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", module="^mylib$")
+        _, _, error = worker.run_items(far, [(1, 4)], True, False, None, 1, None, None, site)
+    assert error is not None and error[1].type_name == "UserWarning"
+    assert [f.name for f in error[1].frames] == ["far"]  # (the stand-in frames are left out)
+
+
+def test_caller_site_keeps_the_callers_above_the_map_up_to_mpmagics_or_ipythons():
+    from mpmagic import callsite
+
+    def inner():
+        return callsite.caller_site()
+
+    def outer():
+        return inner()
+
+    site = outer()
+    assert site is not None and [f[3] for f in site[:3]] == ["inner", "outer", sys._getframe().f_code.co_name]
+    assert all(f[0] == __name__ and f[1] == __file__ for f in site[:3]) and len(site) == 1 + callsite.ANCESTORS
+    # (past pytest's frames, a pmap run serially from mpmagic's own code: the callers stop there)
+    assert callsite._machinery(callsite.__file__) and not callsite._machinery(__file__)
