@@ -923,3 +923,23 @@ def test_a_failed_call_on_dask_names_the_call_as_on_the_local_pool(ip, dask_pool
     assert got.value.__notes__ == ["mpmagic: raised in the call inverse_dc(0)"]
     assert handle.report().line().startswith("call failed, ")
     assert handle.status_line().startswith(f"run {handle.id}: call inverse_dc, ")
+
+
+def test_a_run_waiting_for_its_turn_ends_with_a_stop_as_on_the_local_pool(ip, dask_pool, tmp_path):
+    """Runs take turns on Dask: the one being driven failed at ``%pool stop``, but the
+    one queued behind it then connected again (mpmagic's own cluster: started a new
+    one) and ran after the stop. Both end, as both do on the local pool."""
+    log = tmp_path / "ran"
+    run(ip, f"import time\ndef nap_logged(x):\n    with open({str(log)!r}, 'a') as f:\n"
+            "        f.write(f'{x} ')\n    time.sleep(0.5)\n    return x\n")
+    first = mpmagic.submit(ip.user_ns["nap_logged"], range(4), chunksize=1)
+    second = mpmagic.submit(ip.user_ns["nap_logged"], range(10, 12), chunksize=1)
+    deadline = time.monotonic() + 30
+    while not log.exists() and time.monotonic() < deadline:  # (the first is being driven)
+        time.sleep(0.05)
+    run(ip, "%pool stop")
+    for handle in (first, second):
+        with pytest.raises(mpmagic.MPMagicError, match="the pool was stopped while this run was in flight"):
+            handle.result(60)
+    assert "10" not in log.read_text().split()
+    assert not pool_module.current_pool().running

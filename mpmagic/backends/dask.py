@@ -1159,13 +1159,15 @@ class DaskBackend:
         Once the exit hook began, a daemon thread's new run ends that thread (``exiting.refuse_late_run``).
         """
         exiting.refuse_late_run()
+        stops = self.stops  # (in flight from here: a stop before its turn ends it, see ``run``)
+
         def drive() -> None:
             __tracebackhide__ = True
             self._take_turn(run)
             try:
                 self._driving = run
                 try:
-                    self._run(job, workers)
+                    self._run(job, workers, stops)
                 finally:
                     self._driving = None
             finally:
@@ -1244,13 +1246,17 @@ class DaskBackend:
         __tracebackhide__ = True
         # One run at a time on this backend: the task events have one sink
         # (``_event_sink``), so a background run and a foreground one take turns.
+        # A run waiting for its turn is in flight: a stop meanwhile (``%pool stop``,
+        # ``restart``) ends it as it ends the run being driven, as on the local pool
+        # (it started a new cluster once its turn came, and ran after the stop).
+        stops = self.stops
         with self._run_lock:
-            self._run(job, workers)
+            self._run(job, workers, stops)
 
-    def _run(self, job: Job, workers: int | None) -> None:
+    def _run(self, job: Job, workers: int | None, stops_before: int) -> None:
         __tracebackhide__ = True
         with self._lock:
-            if self._retired:  # replaced since the caller chose it (a run waiting for its turn): never started again
+            if self._retired or self.stops != stops_before:  # (replaced or stopped while it waited for its turn)
                 raise _stopped_error()
             self.start()
             stops = self.stops
