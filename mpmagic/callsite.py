@@ -30,19 +30,22 @@ caller's module (its own dict: builtins only, and the ``__warningregistry__``
 trampolines ("hops"), one per caller the site kept, each made in the same way
 for that caller's module, file, line and name. The callers stop before the
 first frame of mpmagic's or IPython's (a cell's caller is IPython's
-``run_code``, a script's ``<module>`` has none); the chain is then filled
-with hops standing for ``sys:1`` up to :data:`DEPTH` frames: where a stack
-runs out ``warnings`` charges ``sys:1`` (module ``sys``), and a worker's own
-frames are above the chain (a frame's caller is its thread's: ``exec`` or any
-call from C starts no new stack), so a ``stacklevel`` up to ``DEPTH + 1``
-never names a file of mpmagic's. Past the cell, serial Python names IPython's
-``run_code``; a worker names ``sys:1`` there.
+``run_code``, a script's ``<module>`` has none); :data:`PAST` hops standing
+for ``sys:1`` follow: where a stack runs out ``warnings`` charges ``sys:1``
+(module ``sys``), and a worker's own frames are above the chain (a frame's
+caller is its thread's: ``exec`` or any call from C starts no new stack), so
+a ``stacklevel`` up to ``PAST`` past the site's frames never names a file of
+mpmagic's (past the cell, serial Python names IPython's ``run_code``; a worker
+names ``sys:1`` there); one further names the worker's. Not more of them:
+each frame of the chain is one less for the task's own recursion under the
+notebook's recursion limit (``setrecursionlimit(60)`` in a script, then a
+task 40 calls deep: serially fine, and eight hops made it a RecursionError).
 
 A copy is made once per site and process, from the loop's source (compiled
 with every line at 1, then moved to the site's line: ``code.replace``), and
 its hops from one-line sources likewise; it costs nothing per item, and per
 unit a comparison with the last unit's site (a dictionary look-up when it
-differs) and ``DEPTH - 1`` calls of a hop (~0.4 us all told). Where the source
+differs) and a call of each hop (~0.1-0.3 us all told). Where the source
 cannot be read or no longer matches the loaded code (an edited install),
 the loop runs as it is, charged to ``mpmagic.worker`` as before.
 
@@ -78,10 +81,10 @@ Site = tuple[Frame, ...]
 
 #: Frames above the map's caller a site keeps (a warning's ``stacklevel`` of 3 or more).
 ANCESTORS = 6
-#: Frames a worker's chain stands in for, the caller's included: those the site
-#: lacks are "sys" frames (:data:`STACK_END`), so a ``stacklevel`` up to one more
-#: than this never names a worker frame.
-DEPTH = 8
+#: "sys" frames (:data:`STACK_END`) a worker's chain has past the site's: a
+#: ``stacklevel`` up to this many past the site's frames names ``sys:1``, never a
+#: worker frame (and costs the task's recursion this many frames: see the docstring).
+PAST = 2
 #: Where ``warnings`` charges a warning whose ``stacklevel`` goes past the stack
 #: (``sys:1``, module ``sys``): where one past the site's frames is charged.
 STACK_END: Frame = ("sys", "sys", 1, "<module>")
@@ -154,8 +157,8 @@ def at_site(loop: _F, site: Site | None) -> _F:
     """``loop`` (an item loop of ``worker.py``, whose frame calls the task's function)
     as a copy whose frame looks like ``site``'s innermost frame to ``warnings`` and to
     anything reading the stack (file, line, function name, module ``__name__``),
-    called through a frame standing in for each of the site's callers, then "sys"
-    frames up to :data:`DEPTH` (see the module's docstring). ``loop`` itself when
+    called through a frame standing in for each of the site's callers, then
+    :data:`PAST` "sys" frames (see the module's docstring). ``loop`` itself when
     ``site`` is None or no copy can be made."""
     global _last
     if site is None:
@@ -199,14 +202,15 @@ def _make(loop: Callable[..., Any], site: Site) -> Callable[..., Any]:
         if code is None:
             return loop
         # (a site from elsewhere than caller_site, as the tests make: its frames' fields as they come)
-        frames = [(str(m), str(f), int(n), str(c)) for m, f, n, c in site[:DEPTH]]
-        frames += [STACK_END] * (DEPTH - len(frames))
+        frames = [(str(m), str(f), int(n), str(c)) for m, f, n, c in site[:1 + ANCESTORS]]
+        frames += [STACK_END] * PAST  # (at least 2 hops: the innermost and the outermost differ)
+        depth = len(frames)
         module, filename, lineno, name = frames[0]
         copy: Callable[..., Any] = types.FunctionType(_placed(code, filename, lineno, name), _module_globals(module),
                                                       name, loop.__defaults__)
         outermost, between, innermost = _hops
         for i, (module, filename, lineno, name) in enumerate(frames[1:], 2):
-            hop_code = outermost if i == DEPTH else innermost if i == 2 else between
+            hop_code = outermost if i == depth else innermost if i == 2 else between
             hop = types.FunctionType(_placed(hop_code, filename, lineno, name), _module_globals(module), name)
             hop.__kwdefaults__ = {"onward": copy}
             copy = hop

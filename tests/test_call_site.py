@@ -223,12 +223,16 @@ def test_stacklevel_3_through_a_module_names_that_modules_line_as_serially(ip, a
     assert _line(parallel) == "r = mpm_blame_lib.driver(mpmagic.pmap, [1])"
 
 
-def test_a_stacklevel_past_the_callers_names_sys_never_a_worker_file(ip, local_pool):
+def test_a_stacklevel_past_the_callers_names_sys_not_a_worker_file(ip, local_pool):
     """Past the cell, serial Python blames IPython's ``run_code``; a worker blames
-    ``sys:1``, as Python does where a stack runs out, never a file of mpmagic's."""
+    ``sys:1``, as Python does where a stack runs out, not a file of mpmagic's, for
+    ``callsite.PAST`` levels (further it would: each stand-in frame costs the
+    task's recursion a frame)."""
+    from mpmagic import callsite
+
     run(ip, "import warnings, mpmagic\n"
             "def far(x, level):\n    warnings.warn('far', UserWarning, stacklevel=level)\n    return x\n")
-    for level in (3, 4, 6, 9):
+    for level in range(3, 3 + callsite.PAST):
         [shown] = _warned(ip, f"r = mpmagic.pmap(far, [(1, {level})], star=True)")
         assert shown[:2] == ("sys", 1), shown
 
@@ -315,12 +319,12 @@ def test_a_copy_is_made_once_per_site_with_every_instruction_on_its_line():
     entry = callsite.at_site(worker._call_items, SITE)
     assert entry is not worker._call_items and callsite.at_site(worker._call_items, SITE) is entry
     assert callsite.at_site(worker._call_items, None) is worker._call_items
-    # (called through DEPTH - 1 frames standing in for the site's callers: here none, so all "sys:1")
+    # (called through a frame for each of the site's callers, here none, then PAST "sys:1" frames)
     chain = [entry]
     while chain[-1].__kwdefaults__:
         chain.append(chain[-1].__kwdefaults__["onward"])
     *hops, copy = chain
-    assert len(chain) == callsite.DEPTH and all(callsite.MARK in hop.__code__.co_varnames for hop in hops)
+    assert len(chain) == 1 + callsite.PAST and all(callsite.MARK in hop.__code__.co_varnames for hop in hops)
     assert {(hop.__code__.co_filename, hop.__globals__["__name__"]) for hop in hops} == {("sys", "sys")}
     assert {line for hop in hops for *_, line in hop.__code__.co_lines() if line is not None} == {1}
     assert copy.__code__.co_filename == "/notebook/cell.py" and copy.__code__.co_name == "<module>"
@@ -334,7 +338,8 @@ def test_a_copy_is_made_once_per_site_with_every_instruction_on_its_line():
 @pytest.mark.parametrize("way", ["whole", "insights"])
 def test_each_frame_of_the_site_stands_in_for_its_callers_frame(way):
     """``stacklevel`` 2, 3, 4 land on the site's frames in turn, each charged to its own
-    module; past them, ``sys:1``, as where a serial stack runs out: never ``worker.py``."""
+    module; past them, ``sys:1``, as where a serial stack runs out, for ``callsite.PAST``
+    levels (each stand-in frame costs the task a frame of its recursion limit)."""
     site = (("__main__", "/notebook/cell.py", 7, "driver"), ("__main__", "/notebook/cell.py", 9, "<module>"),
             ("mylib", "/lib/mylib.py", 3, "run"))
 
@@ -355,7 +360,7 @@ def test_each_frame_of_the_site_stands_in_for_its_callers_frame(way):
     assert blamed(4) == (("/lib/mylib.py", 3),)
     from mpmagic import callsite
 
-    for level in range(5, callsite.DEPTH + 2):
+    for level in range(5, 5 + callsite.PAST):
         assert blamed(level) == (("sys", 1),), level
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
