@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import builtins
 import errno
+import inspect
 import linecache
 import logging
 import os
@@ -382,6 +383,24 @@ class FrameInfo:
     end_lineno: int | None = None
     colno: int | None = None
     end_colno: int | None = None
+    # The function's parameters, as its code lists them (co_varnames order:
+    # positional, keyword-only, then the names of *args and **kwargs), with
+    # the counts that say which is which: IPython names the frame by them
+    # ("in f(x, y)"), read from the rebuilt frame (inspect.getargvalues).
+    params: tuple[str, ...] = ()
+    argcount: int = 0
+    kwonlycount: int = 0
+    varargs: bool = False
+    varkw: bool = False
+
+
+def _params(code: types.CodeType) -> dict[str, Any]:
+    """The parameter fields of :class:`FrameInfo` for the frame running ``code``."""
+    varargs = bool(code.co_flags & inspect.CO_VARARGS)
+    varkw = bool(code.co_flags & inspect.CO_VARKEYWORDS)
+    n = code.co_argcount + code.co_kwonlyargcount + varargs + varkw
+    return {"params": tuple(code.co_varnames[:n]), "argcount": code.co_argcount,
+            "kwonlycount": code.co_kwonlyargcount, "varargs": varargs, "varkw": varkw}
 
 
 def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
@@ -397,7 +416,8 @@ def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
         first = frame.f_code.co_firstlineno
         frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first,
                                 getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
-                                getattr(fs, "end_colno", None)))  # (3.11+ only)
+                                getattr(fs, "end_colno", None),  # (3.11+ only)
+                                **_params(frame.f_code)))
     if len(frames) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
         frames = frames[: _MAX_FRAMES // 2] + frames[-_MAX_FRAMES // 2 :]
     return frames
@@ -421,24 +441,37 @@ def _summary(f: FrameInfo) -> traceback.FrameSummary | tuple:
 
 
 def _stub(fr: FrameInfo, lineno: int, first: int) -> types.CodeType:
-    """``raise __mpmagic_exc__``, placed where the task's failing expression was.
+    """A function that does ``raise __mpmagic_exc__``, placed where the task's
+    failing expression was, with the parameters of the task's function.
 
     The raise sits ``lineno - first`` lines below the code's first line, as the
     real statement sat below its ``def``, and spans the columns of the
     expression that failed: Python's traceback reads the real line from the
     file and marks those columns (``~~^~~`` under ``1 / x``), as it would for
     the task run here. Columns not known (Python 3.10, or not recorded) are
-    left unknown, so no marks rather than marks in the wrong place.
+    left unknown, so no marks rather than marks in the wrong place. The
+    parameters (compiled under stand-in names, then given the real ones, which
+    need not be identifiers: a generator expression's ``.0``) let IPython name
+    the frame as it names a local one: ``in f(x, y)``, not ``in f()``.
     """
-    tree = parse("raise __mpmagic_exc__", "<mpmagic>", "exec")
+    pos = [f"p{i}" for i in range(fr.argcount)]
+    star = ["*v"] if fr.varargs else (["*"] if fr.kwonlycount else [])
+    kwonly = [f"k{i}" for i in range(fr.kwonlycount)]
+    starstar = ["**w"] if fr.varkw else []
+    tree = parse(f"def f({', '.join(pos + star + kwonly + starstar)}):\n raise __mpmagic_exc__", "<mpmagic>", "exec")
     start = lineno - first + 1
     end = start + max(0, (fr.end_lineno or lineno) - lineno)
     col, end_col = (fr.colno, fr.end_colno) if fr.colno is not None and fr.end_colno is not None else (-1, -1)
-    for node in ast.walk(tree):
+    func = tree.body[0]
+    assert isinstance(func, ast.FunctionDef)
+    func.end_lineno = max(end, 1)
+    for node in ast.walk(func.body[0]):
         if isinstance(node, (ast.stmt, ast.expr)):
             node.lineno, node.end_lineno = start, end
             node.col_offset, node.end_col_offset = col, end_col
-    return compile_tree(tree, "<mpmagic>", "exec")
+    module = compile_tree(tree, "<mpmagic>", "exec")
+    code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
+    return code.replace(co_varnames=fr.params) if len(fr.params) == len(code.co_varnames) else code
 
 
 _stub_codes: dict[tuple, types.CodeType] = {}
@@ -458,7 +491,8 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     for fr in frames:
         lineno = max(fr.lineno, 1)
         first = fr.first if 0 < fr.first <= lineno else lineno
-        key = (fr.filename, lineno, fr.name, first, fr.end_lineno, fr.colno, fr.end_colno)
+        key = (fr.filename, lineno, fr.name, first, fr.end_lineno, fr.colno, fr.end_colno,
+               fr.params, fr.argcount, fr.kwonlycount, fr.varargs, fr.varkw)
         code = _stub_codes.get(key)
         if code is None:
             if len(_stub_codes) > 10_000:
@@ -468,7 +502,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
                 names["co_qualname"] = fr.name
             stub = _stub(fr, lineno, first)
             code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
-        tb = _run_stub(code)
+        tb = _run_stub(code, fr.argcount, fr.kwonlycount)
         if tb is None:
             continue
         tb.tb_next = None
@@ -493,14 +527,54 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
 _runners = threading.local()
 
 
-def _stub_runner() -> Generator[types.TracebackType | None, types.CodeType, None]:
+class _NotSent:
+    """What a rebuilt frame's parameter holds: the worker sends the names, not
+    the values (``%xmode Verbose`` shows ``f(x=<not sent>)``), save the reprs
+    of the raising frame's locals (see :func:`show_captured_values`)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self) -> None:
+        self.text = "<not sent>"
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> None:
+    """Give the parameters of ``exc``'s innermost rebuilt frame the reprs the
+    worker took of that frame's locals (``debugging.failure_context``), so
+    ``%xmode Verbose`` shows ``f(x=0, y=2)`` as for a local error."""
+    tb = exc.__traceback__
+    where = (context or {}).get("where")
+    captured = (context or {}).get("locals") or {}
+    if tb is None or not where or not captured:
+        return
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    if (code.co_filename, tb.tb_lineno, code.co_name) != tuple(where):
+        return  # (not the frame whose locals were taken)
+    try:
+        for name, value in tb.tb_frame.f_locals.items():
+            if isinstance(value, _NotSent) and isinstance(captured.get(name), str):
+                value.text = captured[name]
+    except Exception:  # (cosmetic: never an error of ours in place of the task's)
+        logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
+
+
+def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType, int, int], None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
+    namespace = {"__mpmagic_exc__": marker, "__name__": "__main__"}
     while True:
-        code = yield tb
+        code, argcount, kwonlycount = yield tb
         tb = None
+        func = types.FunctionType(code, namespace)
+        func.__defaults__ = tuple(_NotSent() for _ in range(argcount))  # (called with none: *args, **kwargs empty)
+        func.__kwdefaults__ = {name: _NotSent() for name in code.co_varnames[argcount:argcount + kwonlycount]}
         try:
-            exec(code, {"__mpmagic_exc__": marker, "__name__": "__main__"})  # noqa: S102
+            func()
         except _FrameMarker as m:
             tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this one)
             # The marker lives on in this generator: nothing it met may live with it
@@ -508,15 +582,15 @@ def _stub_runner() -> Generator[types.TracebackType | None, types.CodeType, None
             m.__traceback__ = m.__context__ = None
 
 
-def _run_stub(code: types.CodeType) -> types.TracebackType | None:
-    """The traceback of one stub run in this thread's runner."""
+def _run_stub(code: types.CodeType, argcount: int, kwonlycount: int) -> types.TracebackType | None:
+    """The traceback of one stub (a function's code) called in this thread's runner."""
     runner = getattr(_runners, "runner", None)
     if runner is None:
         runner = _stub_runner()
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send(code)
+        return runner.send((code, argcount, kwonlycount))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise

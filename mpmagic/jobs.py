@@ -52,6 +52,7 @@ from .errors import (
     looked_up_name,
     note_unsent_name,
     raised_by_our_call,
+    show_captured_values,
     show_without_frames,
     unloadable_results,
 )
@@ -208,6 +209,7 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
     else:  # an ErrorInfo made without a record (older worker): words only
         exc = RemoteError(info.type_name, info.message)
         exc.__traceback__ = fake_traceback(info.frames)
+    show_captured_values(exc, getattr(info, "context", None))
     add_note(exc, where)
     if exc.__traceback__ is None:  # none of its frames was the user's
         show_without_frames(exc)

@@ -369,3 +369,34 @@ def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, caps
     monkeypatch.setattr(sys, "excepthook", print)  # another hook (IPython's): left alone
     errors._show_notes_at_top_level()
     assert sys.excepthook is print
+
+
+def _frame_headers(text: str) -> list[str]:
+    """The "Cell In[N], line L, in f(...)" lines of a displayed traceback."""
+    return re.findall(r"^Cell In\[\d+\], line \d+, in .*$", text, flags=re.M)
+
+
+def test_task_frames_name_their_arguments_as_serial_ipython_does(ip, local_pool):
+    """Each task frame's header lists its function's parameters, as for a local
+    error: ``in outer(a, b, *rest, c, **kw)``, not ``in outer()`` (tester-exc
+    report, item 6); under ``%xmode Verbose`` the raising frame's values are the
+    worker's reprs."""
+    defined(ip, "def inner(x, y=2):\n    return 10 / x\n"
+                "def outer(a, /, b, *rest, c=0, **kw):\n    return inner(a - b)\n"
+                "def call(v):\n    return outer(v, v, c=1)\n")
+    _, serial, _ = shown(ip, "list(map(call, [1]))")
+    _, parallel, err = shown(ip, "%pmap call, [1]")
+    assert isinstance(err, ZeroDivisionError)
+    assert_clean(parallel)
+    headers = _frame_headers(parallel)
+    assert headers[-3:] == _frame_headers(serial)[-3:], (serial, parallel)
+    assert headers[-1].endswith("in inner(x, y)") and headers[-2].endswith("in outer(a, b, c, *rest, **kw)"), parallel
+    ip.run_line_magic("xmode", "Verbose")
+    try:
+        _, verbose, err = shown(ip, "%pmap call, [1]")
+    finally:
+        ip.run_line_magic("xmode", "Context")
+    assert isinstance(err, ZeroDivisionError)
+    verbose_headers = _frame_headers(verbose)
+    assert verbose_headers[-1].endswith("in inner(x=0, y=2)"), verbose
+    assert verbose_headers[-2].endswith("in outer(a=<not sent>, b=<not sent>, c=<not sent>, *rest=(), **kw={})"), verbose
