@@ -40,6 +40,11 @@ def _color_256(n: int) -> str | None:
     return None
 
 
+# SGR codes that set or clear one flag: code -> (attribute, value).
+_FLAGS = {1: ("bold", True), 3: ("italic", True), 4: ("underline", True),
+          22: ("bold", False), 23: ("italic", False), 24: ("underline", False)}
+
+
 class _Style:
     """The SGR state: colours, bold, italic, underline."""
 
@@ -77,18 +82,8 @@ class _Style:
             i += 1
             if code == 0:
                 self.reset()
-            elif code == 1:
-                self.bold = True
-            elif code == 3:
-                self.italic = True
-            elif code == 4:
-                self.underline = True
-            elif code == 22:
-                self.bold = False
-            elif code == 23:
-                self.italic = False
-            elif code == 24:
-                self.underline = False
+            elif code in _FLAGS:
+                setattr(self, *_FLAGS[code])
             elif 30 <= code <= 37 or 90 <= code <= 97:
                 self.fg = _PALETTE[code - 30 if code < 90 else code - 90 + 8]
             elif 40 <= code <= 47 or 100 <= code <= 107:

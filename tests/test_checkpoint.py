@@ -806,6 +806,19 @@ def test_run_key_covers_the_users_modules_the_pool_setup_imports(ip, tmp_path, m
     worker_setup.clear()
 
 
+def _without_checkpoint(ip, cell: str, module: str) -> list:
+    """Run ``cell`` (a ``%pmap --checkpoint``) whose workers run an older ``module``
+    than its file: it runs without the checkpoint, and one warning says why and
+    to ``%pool restart``. Returns the cell's results."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run(ip, cell)
+    said = [str(w.message) for w in caught if f"{module}.py changed on disk" in str(w.message)]
+    assert len(said) == 1 and "%pool restart" in said[0]
+    assert "checkpoint" not in mpmagic.last_report().line()
+    return results
+
+
 def test_a_pool_setups_own_module_edited_is_computed_again(ip, store_dir, tmp_path, monkeypatch, local_pool):
     """%%pool setup imports the user's module, which the notebook does not: after the module
     was edited and the pool restarted, --checkpoint returned the old code's stored results
@@ -827,12 +840,7 @@ def test_a_pool_setups_own_module_edited_is_computed_again(ip, store_dir, tmp_pa
         assert "resumed: 3 of 3" in mpmagic.last_report().line()
         path.write_text("def f(x):\n    return x + 20000\n")
         # the workers still run the version they imported: no checkpoint (and one line says why)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert run(ip, "%pmap -q --checkpoint via_setup, range(3)") == first
-        said = [str(w.message) for w in caught if "setupmod_e2e.py changed on disk" in str(w.message)]
-        assert len(said) == 1 and "%pool restart" in said[0]
-        assert "checkpoint" not in mpmagic.last_report().line()
+        assert _without_checkpoint(ip, "%pmap -q --checkpoint via_setup, range(3)", "setupmod_e2e") == first
         run(ip, "%%pool setup\nimport setupmod_e2e")  # the same cell again: the workers keep their module
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -882,12 +890,7 @@ def test_a_pool_setups_own_module_edited_on_mpmagics_dask_cluster_is_computed_ag
         assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == first  # nothing changed: reused
         assert "resumed: 4 of 4" in mpmagic.last_report().line()
         path.write_text("BASE = 200 \n")  # (another size: a new stamp even within the clock's tick)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == first  # the workers' version
-        said = [str(w.message) for w in caught if "setupmod_dk.py changed on disk" in str(w.message)]
-        assert len(said) == 1 and "%pool restart" in said[0]
-        assert "checkpoint" not in mpmagic.last_report().line()
+        assert _without_checkpoint(ip, "%pmap -q --checkpoint addoff, range(4)", "setupmod_dk") == first  # (old)
         mpmagic.restart_pool()
         oracle = [x + runpy.run_path(str(path))["BASE"] for x in range(4)]  # the file as it is now, serially
         assert run(ip, "%pmap -q --checkpoint addoff, range(4)") == oracle
@@ -952,12 +955,7 @@ def test_a_pool_setups_copy_from_a_module_reloaded_in_the_notebook_is_not_stored
         _save(path, "BASE = 20000\n")
         importlib.reload(sys.modules["setupmod_rl"])
         for _ in range(2):  # each run until the setup runs again: the workers' (stale) values, not stored
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                assert run(ip, "%pmap -q --checkpoint from_setup, range(3)") == old
-            said = [str(w.message) for w in caught if "setupmod_rl.py changed on disk" in str(w.message)]
-            assert len(said) == 1 and "%pool restart" in said[0]
-            assert "checkpoint" not in mpmagic.last_report().line()
+            assert _without_checkpoint(ip, "%pmap -q --checkpoint from_setup, range(3)", "setupmod_rl") == old
         mpmagic.restart_pool()
         base = runpy.run_path(str(path))["BASE"]  # the setup on the file as it is now, serially
         oracle = [base + x for x in range(3)]
