@@ -74,6 +74,39 @@ _SERIAL_INTERRUPTED = (
 )
 
 
+class MagicUsageError(IPythonUsageError, ValueError):
+    """A magic's refusal of what the API refuses with :class:`mpmagic.UsageError`:
+    IPython's ``UsageError`` (one line, no traceback) that is also a ``ValueError``,
+    as the API's is, so ``except ValueError`` around the magic catches it as around
+    the call. (A plain IPython ``UsageError`` was caught by neither.)"""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows only UsageError itself (not a subclass) in one line; a class
+        # that renders its own traceback is shown as that, in the same words.
+        return [f"UsageError: {self}"]
+
+
+class MagicArgumentTypeError(MagicUsageError, TypeError):
+    """A wrong FUNC or ITERABLE in a magic's line (``%pmap f, None``), where ``map()``
+    raises ``TypeError`` and the API :class:`mpmagic.ArgumentTypeError`: one line as
+    IPython's ``UsageError``, and a ``TypeError``, so ``try: r = %pmap f, xs`` /
+    ``except TypeError:`` in a cell catches it, as around ``list(map(f, xs))``."""
+
+
+def _usage_class(like: BaseException | type[BaseException] | None) -> type[IPythonUsageError]:
+    """The usage error class for a refusal like ``like`` (the API's error, or the
+    built-in class serial ``map()`` would raise): a ``TypeError`` or ``ValueError``
+    stays one (:class:`MagicArgumentTypeError`, :class:`MagicUsageError`)."""
+    if like is None:
+        return IPythonUsageError
+    kind = like if isinstance(like, type) else type(like)
+    if issubclass(kind, TypeError):
+        return MagicArgumentTypeError
+    if issubclass(kind, ValueError):
+        return MagicUsageError
+    return IPythonUsageError
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse for a magic's line: no abbreviations, and errors as a short usage error.
 
@@ -104,11 +137,13 @@ class _Parser(argparse.ArgumentParser):
         # argparse's own -h would print and exit: the magic prints its help itself (_show_help).
         self.add_argument("-h", "--help", action="store_true", help="show this help (as %(prog)s? does); run nothing")
 
-    def usage_error(self, message: str) -> IPythonUsageError:
-        """The magic's usage error: ``message``, then the usage line and the pointer to its help."""
+    def usage_error(self, message: str, like: BaseException | type[BaseException] | None = None) -> IPythonUsageError:
+        """The magic's usage error: ``message``, then the usage line and the pointer to its help.
+        ``like``: the error (or built-in class) it stands for, whose ``TypeError`` or
+        ``ValueError`` it stays (:func:`_usage_class`), so ``except TypeError`` catches it."""
         usage = self.format_usage().strip().removeprefix("usage: ")
-        return IPythonUsageError(f"{self.prog}: {message}{self._unexpanded_hint(message)}\n"
-                                 f"usage: {usage}   (see {self.prog}?)")
+        return _usage_class(like)(f"{self.prog}: {message}{self._unexpanded_hint(message)}\n"
+                                  f"usage: {usage}   (see {self.prog}?)")
 
     def _unexpanded_hint(self, message: str) -> str:
         """For a value quoted in ``message`` that starts ``$name`` or ``{``: the line is
@@ -198,6 +233,23 @@ class _Parser(argparse.ArgumentParser):
         words = self._written.__dict__.pop("words", None)
         return repr(values) if words is None else " ".join(shlex.quote(word) for word in words)
 
+    def dash_hint(self, text: str) -> str:
+        """``; '—compare' starts with an em dash (U+2014), not the ASCII '-' or '--' ...`` for the first
+        word of ``text`` that starts with a dash other than ASCII '-' (autocorrect's en
+        or em dash for ``--``, a minus sign pasted from a document), else "". Such a word
+        is no option: Python or argparse then said only that the line was not right."""
+        found = re.search(rf"(?:^|(?<=[\s,]))([{_OTHER_DASHES}]+)([^\s,]*)", text)
+        if found is None:
+            return ""
+        dashes, name = found.groups()
+        actions = self._option_string_actions  # noqa: SLF001 - argparse has no public table
+        meant = next((o for o in (f"--{name}", f"-{name}") if name and o in actions), None)
+        char = dashes[0]
+        what = unicodedata.name(char, "a dash").lower()
+        fix = f": write {meant}" if meant else ""
+        return (f"; {dashes + name!r} starts with {'an' if what[0] in 'aeiou' else 'a'} {what} (U+{ord(char):04X}), "
+                f"not the ASCII '-' or '--' an option starts with{fix}")
+
     def unknown(self, token: str) -> str:
         """What is wrong with a token no option takes: for an option, the magic's note when it
         is another magic's (``elsewhere``), else a close option's name when there is one.
@@ -206,7 +258,7 @@ class _Parser(argparse.ArgumentParser):
         like ``--workers``), or a name that begins only one option (``--rerun``); the
         other magic's options count (``%%parallel --retry`` is told about ``--retries``)."""
         if not token.startswith("-"):
-            return f"unexpected argument {token!r}"
+            return f"unexpected argument {token!r}{self.dash_hint(token)}"
         name = token.split("=", 1)[0]
         if name in self.elsewhere:
             return f"unknown option {name}: {self.elsewhere[name]}"
@@ -226,6 +278,10 @@ class _Parser(argparse.ArgumentParser):
             return f"unknown option {name}; {close} is {self.elsewhere[close]}"
         return f"unknown option {name}; did you mean {'/'.join(actions[close].option_strings)}?"
 
+
+#: Dashes that are not ASCII '-' but look like it: hyphens, figure / en / em dash, horizontal
+#: bar, minus sign, small and full-width hyphen-minus (autocorrect writes '—' for '--').
+_OTHER_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 
 #: A value argparse would take for an option (``-1GB``, ``-1e3``, ``-.5s``): see _Parser._negatives_attached.
 _LOOKS_NEGATIVE = re.compile(r"-\.?\d")
@@ -463,6 +519,20 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
             value, rest = _first_word(rest)
             tokens.append(value)
     return tokens, rest, False
+
+
+def _options_ended(parser: _Parser, tokens: list[str]) -> list[str]:
+    """``%%parallel``'s option words without a ``--`` that ends them, as on a command
+    line (it was "unknown option --"); a word after it is refused: the line takes
+    options only (the cell is the code). A ``--`` that is an option's value stays."""
+    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
+    for at, word in enumerate(tokens):
+        if word == "--" and not (at and _takes_next_word(tokens[at - 1], actions)):
+            if at + 1 < len(tokens):
+                raise parser.usage_error(f"unexpected argument {tokens[at + 1]!r} after --: {parser.prog} takes "
+                                         "options only (the cell is its code)")
+            return tokens[:at]
+    return tokens
 
 
 def _first_word(text: str) -> tuple[str, str]:
@@ -787,7 +857,7 @@ def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.C
     if found is not None:
         return found
     if not text:
-        raise parser.usage_error("missing FUNC and ITERABLE")
+        raise parser.usage_error("missing FUNC and ITERABLE", like=TypeError)  # (map() raises TypeError)
     collector = "__mpmagic_args__"
     while collector in text:
         collector += "_"
@@ -803,7 +873,7 @@ def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.C
         # of the line happens to parse once the call's own ')' is added.
         if (bracket := _closes_more_than_opened(text)) is not None:
             raise unbalanced(bracket) from None
-        hint = "" if ended else _options_after(text, parser)  # (after a --, the user's words are ARGS)
+        hint = parser.dash_hint(text) or ("" if ended else _options_after(text, parser))  # (after a --, the user's words are ARGS)
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s{hint}") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == collector):
@@ -813,7 +883,7 @@ def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.C
         raise unbalanced() from None
     if not _MAP_TAKES_STRICT and any(k.arg is not None for k in call.keywords):
         # (refused before anything is evaluated, as map() refuses it; ``**opts`` is seen once evaluated)
-        raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
+        raise parser.usage_error(f"map() takes no keyword arguments: {text!r}", like=TypeError)
     if any(isinstance(node, ast.Await) for node in ast.walk(tree)):
         raise parser.usage_error("await in the arguments is not supported: await it in a line before "
                                  "(items = await load()), then %pmap f, items")
@@ -854,9 +924,9 @@ def _map_keywords(args: tuple, keywords: dict[str, Any], text: str, parser: _Par
     unknown = [k for k in keywords if not (_MAP_TAKES_STRICT and k == "strict")]
     if unknown:
         if not _MAP_TAKES_STRICT:
-            raise parser.usage_error(f"map() takes no keyword arguments: {text!r}")
+            raise parser.usage_error(f"map() takes no keyword arguments: {text!r}", like=TypeError)
         raise parser.usage_error(f"map() got an unexpected keyword argument {unknown[0]!r} (it takes strict=): "
-                                 f"{text!r}")
+                                 f"{text!r}", like=TypeError)
     if keywords["strict"] and len(args) > 2:
         return _StarArgs((args[0], zip(*args[1:], strict=True)))
     return args
@@ -1005,8 +1075,9 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
     """A run's errors as the magic says them.
 
     Our UsageError (bad arguments found by the API) becomes the magic's usage
-    error with the pointer to its help, unless a task raised it (it then has
-    the worker's frames and is the task's error). An
+    error with the pointer to its help (still a ``TypeError`` or ``ValueError``
+    as the API's was: :class:`MagicArgumentTypeError`), unless a task raised it
+    (it then has the worker's frames and is the task's error). An
     interrupt becomes the one-line KeyboardInterrupt of :func:`_interrupted`;
     when ``serial_pass()`` says the parallel run had finished (a ``--compare``
     run whose report was made), it says the serial run here was interrupted.
@@ -1029,7 +1100,8 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
         if isinstance(exc, UsageError):
             if came_from_worker(exc):
                 return
-            raise parser.usage_error(str(exc)) from None
+            # (the API's ArgumentTypeError stays a TypeError, its UsageError a ValueError)
+            raise parser.usage_error(str(exc), like=exc) from None
         if isinstance(exc, KeyboardInterrupt):
             if self.serial_pass is not None and self.serial_pass():
                 values = "results" if parser.prog == "%pmap" else "ranks' values"
@@ -1096,11 +1168,13 @@ class MPMagics(Magics):
         if opts.rerun_failed:
             return self._rerun_failed(parser, tokens, rest, local_ns, ended)
         args = _eval_map_args(rest, self._user_ns, parser, local_ns, ended)
-        if len(args) < 2:
-            raise parser.usage_error("missing ITERABLE after FUNC")
+        if len(args) < 2:  # (a comment alone, ``%pmap # f, xs``, or ``*[]``, has no FUNC either)
+            raise parser.usage_error("missing ITERABLE after FUNC" if args else "missing FUNC and ITERABLE",
+                                     like=TypeError)
         if opts.star and (isinstance(args, _StarArgs) or len(args) > 2):
             # (said here in the magic's words: the API's refusal names its star=True)
-            raise parser.usage_error("--star takes one iterable of argument tuples, not several iterables")
+            raise parser.usage_error("--star takes one iterable of argument tuples, not several iterables",
+                                     like=UsageError)  # (a ValueError, as the API's refusal)
         if isinstance(args, _StarArgs):  # strict=True: the iterables zipped, each item FUNC's arguments
             opts.star = True
         with _magic_errors(parser):  # (before the API's own check: its fix then calls FUNC as written)
@@ -1166,7 +1240,7 @@ class MPMagics(Magics):
                 raise parser.usage_error(
                     "--rerun-failed takes FUNC alone (the fixed function; by default the last run's FUNC, looked up "
                     "again as its line wrote it), not ITERABLE: it runs the last run's failed items")
-            func = args[0]
+            func = args[0] if args else None  # (a comment alone gives no FUNC: the last run's, as with none)
         from .postmortem import rerun_failed
 
         recorded = debugging.last_run()
@@ -1239,6 +1313,7 @@ class MPMagics(Magics):
             tokens = shlex.split(line, comments=True)
         except ValueError as exc:  # shlex: an unclosed quote
             raise parser.usage_error(str(exc)) from None
+        tokens = _options_ended(parser, tokens)
         opts, extra = parser.parse_known_args(tokens)
         if extra:
             at = tokens.index(extra[0])

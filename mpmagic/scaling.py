@@ -166,32 +166,58 @@ def pmap_scaling(
     """Time ``map(func, *iterables)`` serially and with ``pmap`` on 1..``max_workers`` workers.
 
     ``max_workers`` defaults to the pool's size. Each point is the best of
-    ``repeat`` runs. The input is read into lists once (it is used N+1 times).
+    ``repeat`` runs. The arguments are checked first, as ``pmap`` checks them
+    (the same one-line errors: a FUNC that is not callable, an ITERABLE that
+    is not iterable, ``star`` with several iterables), and only then is the
+    input read into lists once (it is used N+1 times), cut to the shortest
+    iterable as ``map`` cuts it: ``itertools.count()`` next to a list of two
+    is read three times, not for ever. A failing item stops the serial run
+    with its error and the note a parallel run gives it ("raised by item 3
+    of the input: f(3)").
     ``errors``, ``timeout``, ``retries`` and ``seed`` are ``pmap``'s, given to
     every parallel run; the serial runs here take ``errors`` (``"collect"``
     keeps a failing item's place) and ``seed`` (the same per-item streams),
     but nothing here can stop an item: ``timeout`` and ``retries`` bound the
     parallel runs only.
     """
+    __tracebackhide__ = True
     from . import api
     from .pool import check_run_workers
 
+    # pmap's own checks, before anything is read (a bare TypeError came from the reading
+    # below, and a FUNC that is not callable from the first serial call)
+    taken = api.check_map_args(func, iterables, None, chunksize, timeout, errors, star, retries).iterables
     if max_workers is not None:  # (refused before the serial runs, not at the first point past the machine)
         check_run_workers(check_whole("max_workers", max_workers))
-    data = [list(it) for it in iterables]
-    serial_func, serial_data, serial_star = func, tuple(data), star
+    if seed is not None:  # (a bad seed is refused before the input is read, too)
+        from .seeding import _check_seed
+
+        seed = _check_seed(seed)
+    data = _read_input(taken)
+    serial_func, serial_data, serial_star = func, data, star
     if seed is not None:  # the same per-item streams as the parallel runs (api.seeded)
         serial_func, serial_data, serial_star = api.seeded(func, serial_data, star, seed)
 
     def serial_run() -> None:
+        __tracebackhide__ = True
         with api._random_state_kept(seed is not None):  # (the notebook's own random state stays)
-            api._serial_map(serial_func, serial_data, serial_star, errors == "collect")
+            # note_items: a failing item's error names it, as a parallel run's does
+            api._serial_map(serial_func, serial_data, serial_star, errors == "collect", note_items=True)
 
     first = _best_of(serial_run, repeat)
     points = _sweep(lambda k: api.pmap(func, *data, workers=k, star=star, chunksize=chunksize, errors=errors,
                                        timeout=timeout, retries=retries, seed=seed), 0.0, max_workers, repeat)
     serial = _serial_after(serial_run, first, points)
     return Scaling("pmap", serial, points, title=f"pmap {getattr(func, '__name__', 'func')}")
+
+
+def _read_input(iterables: tuple) -> tuple[list, ...]:
+    """The input as lists, one per iterable, read as ``map`` reads it: several are
+    cut to the shortest (an endless one next to a short one is read that far)."""
+    if len(iterables) == 1:
+        return (list(iterables[0]),)
+    rows = list(zip(*iterables, strict=False))
+    return tuple(map(list, zip(*rows, strict=True))) if rows else tuple([] for _ in iterables)
 
 
 def parallel_scaling(
@@ -238,6 +264,7 @@ def parallel_scaling(
 
 def _best_of(run: Callable[[], Any], repeat: int) -> float:
     """The best of ``repeat`` timings of ``run()`` (as each point is the best of its runs)."""
+    __tracebackhide__ = True
     best = float("inf")
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()

@@ -409,6 +409,8 @@ TABLE_CASES: list[tuple[str, str | None]] = [
      None),
     ("%pmap --rerun-failed", "the last run used seed="),
     ("%pmap -n 0 abs, range(3)", "argument -n/--workers"),
+    ("%pmap -q —compare abs, [1]", "'—compare' starts with an em dash"),
+    ("%pmap # abs, [1]", "%pmap: missing FUNC and ITERABLE"),
     ("%pmap --retries -1 abs, range(3)", "argument --retries"),
     ("%%pool setup\npath = 'model.bin'\nmodel = open(path, 'rb').read()", "setup failed on worker 3, %%pool setup"),
     ("%pool setup clear", None),
