@@ -114,13 +114,20 @@ def caller_site() -> Site | None:
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and _machinery(frame.f_code.co_filename):
         frame = frame.f_back
-    if frame is None or not frame.f_lineno:  # (3.11+: None where a frame has no line)
+    if frame is None:
         return None
-    site = [_frame(frame)]
+    # Each frame's line read once: ``f_lineno`` walks the code's line table
+    # (read twice, in the test and in the tuple, it was half of this call).
+    line = frame.f_lineno
+    if not line:  # (3.11+: None where a frame has no line)
+        return None
+    site = [_frame(frame, line)]
     frame = frame.f_back
-    while (frame is not None and len(site) <= ANCESTORS and frame.f_lineno
-           and not _machinery(frame.f_code.co_filename)):
-        site.append(_frame(frame))
+    while frame is not None and len(site) <= ANCESTORS and not _machinery(frame.f_code.co_filename):
+        line = frame.f_lineno
+        if not line:
+            break
+        site.append(_frame(frame, line))
         frame = frame.f_back
     return tuple(site)
 
@@ -130,10 +137,11 @@ def _machinery(filename: str) -> bool:
     return filename.startswith(_PACKAGE_DIR) or _IPYTHON in filename or filename.startswith(_MAGIC_WRAPPER)
 
 
-def _frame(frame: types.FrameType) -> Frame:
+def _frame(frame: types.FrameType, line: int) -> Frame:
+    """``frame`` as a site's frame; ``line``: its ``f_lineno``, read by the caller."""
     name = frame.f_globals.get("__name__")
-    return (name if isinstance(name, str) else "__main__", frame.f_code.co_filename, frame.f_lineno,
-            frame.f_code.co_name)
+    code = frame.f_code
+    return (name if isinstance(name, str) else "__main__", code.co_filename, line, code.co_name)
 
 
 # --------------------------------------------------------------------------
