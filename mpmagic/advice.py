@@ -115,8 +115,8 @@ def threads_oversubscribed(report: Any) -> float | None:
     cores, workers = report.cores, max(1, min(report.workers, report.chunks or report.workers))
     if per is None or not cores or per < 1.3 or workers * per <= 1.15 * cores:
         return None
-    # The CPU time also holds each chunk's (un)pickling, which the task time does
-    # not: only chunks of 20 ms of work or more make the ratio mean threads
+    # The CPU time also holds each chunk's unpickling of its items (counted from where
+    # the unit starts: worker._cpu_of_unit), which the task time does not: only chunks of 20 ms of work or more make the ratio mean threads
     # (1,000,000 items of x + 1 measured 1.2-1.9 CPU/task in 5 ms chunks).
     if report.task_seconds / max(1, report.chunks or report.items) < 0.02:
         return None
@@ -345,9 +345,12 @@ def _payload_prep(report: Any) -> str | None:
     compared with the workers' copy on every call, or copied when it changed
     (payload_cache.py). Batching items cannot help; ``mpmagic.share`` does (a tester's
     warm call on a 500 MB global spent 0.3-0.7 s there and was told to batch items)."""
-    seconds = report.payload_seconds
+    # Freeing the copies of arrays the notebook dropped (another function's captured
+    # global, deleted) is timed apart: no cost of this function's captures. A payload
+    # served "fast" pickled and compared nothing: its time is not its captures' either.
+    seconds = report.payload_seconds - report.payload_freed_seconds
     lost = report.wall - report.task_seconds / max(1, report.workers)
-    if not report.payload_served or seconds < 0.005 or seconds < PAYLOAD_SHARE * lost:
+    if report.payload_served in ("", "fast") or seconds < 0.005 or seconds < PAYLOAD_SHARE * lost:
         return None
     captures = report.payload_captures
     if captures:

@@ -395,6 +395,8 @@ class MapJob:
         # array spends them comparing it with the workers' copy, and its report says so.
         self.payload_seconds = 0.0
         self.payload_served: tuple[str, int] = ("given", 0)
+        # Of payload_seconds, freeing the copies of arrays the notebook dropped (payload_cache.last_freed).
+        self.payload_freed_seconds = 0.0
         # The segment holding the payload's copy of the function's captured arrays (see
         # payload_lost), held until the run ends (release_shared; or when the job is
         # collected, if it never ran): the cache replacing its entry meanwhile (another
@@ -1343,6 +1345,7 @@ class MapJob:
             self.func_key, self.func_payload = payload_cache.function_payload(
                 self.func, self.shared_memory, hold=True)
         self.payload_seconds += time.perf_counter() - t0
+        self.payload_freed_seconds += payload_cache.last_freed()
         self.payload_served = payload_cache.last_served()
         self._payload_segment = name = payload_cache.last_segment()
         if name is not None:  # (held: see function_payload; let go once, whichever comes first)

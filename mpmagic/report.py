@@ -127,8 +127,13 @@ class Report:
     # ``payload_bytes`` of captured arrays compared with the workers' copy),
     # "built" (``payload_bytes`` copied into shared memory), "" (not measured);
     # ``payload_captures``: (name, bytes, kind) of the large captured globals,
-    # looked up only when the preparation took a good part of the call.
+    # looked up only when the preparation took a good part of the call;
+    # ``payload_freed_seconds``: of ``payload_seconds``, freeing the shared-memory
+    # copies of arrays the notebook dropped (``del G`` of another function's
+    # captured global: freed at the next call), which the advice does not blame
+    # on this function.
     payload_seconds: float = 0.0
+    payload_freed_seconds: float = 0.0
     payload_served: str = ""
     payload_bytes: int = 0
     payload_captures: tuple[tuple[str, int, str], ...] = ()

@@ -133,6 +133,40 @@ def test_a_warm_call_reports_checking_its_captured_global_and_names_it(ip, pool2
         run(ip, "del checked, book, peek")  # (frees the share() segment)
 
 
+def test_freeing_a_dropped_globals_copy_is_not_blamed_on_the_next_functions_captures(ip, pool2, monkeypatch):
+    """After ``del G`` of a captured 300 MB global, the next %pmap of a function that
+    captures nothing frees G's shared-memory copy first (payload_cache drops the dead
+    entry): 12 ms of a 14 ms call, reported as preparing the function, and the advice
+    said it "captures large objects" and sent the user to mpmagic.share(). The freeing
+    is timed apart (Report.payload_freed_seconds) and the advice on preparing leaves it
+    out. Here freeing is made slow (0.2 s a segment), whether the function's payload
+    was reused ("fast") or built by this call."""
+    run(ip, f"import numpy as np\ndropped1 = np.arange({BIG}, dtype=np.float64)\ndropped2 = dropped1 + 1\n"
+            "def use1(i):\n    return float(dropped1[i])\ndef use2(i):\n    return float(dropped2[i])\n"
+            "def tiny(a):\n    return float(a.sum())\ndef tiny2(a):\n    return float(a.sum()) + 1")
+    assert run(ip, "%pmap -q use1, [1]") == [1.0] and run(ip, "%pmap -q use2, [1]") == [2.0]
+    assert run(ip, "%pmap -q tiny, [np.ones(3)]") == [3.0]  # (its payload is cached: the next call is "fast")
+    let_go = shm.let_go
+
+    def slow_let_go(name: str) -> None:
+        import time
+
+        time.sleep(0.2)
+        let_go(name)
+
+    monkeypatch.setattr(shm, "let_go", slow_let_go)
+    for dropped, func, served in (("dropped1", "tiny", "fast"), ("dropped2", "tiny2", "built")):
+        run(ip, f"del {dropped}\nimport gc\ngc.collect()")
+        serial = ip.user_ns[func](np.ones(3))
+        assert run(ip, f"%pmap -q {func}, [np.ones(3)]") == [serial]
+        report = mpmagic.last_report()
+        assert report.payload_served == served and report.payload_bytes == 0, func
+        assert "preparing the function" not in (report.advice or "") and "share(" not in (report.advice or ""), (
+            report.advice)
+        assert report.payload_freed_seconds >= 0.2 and report.payload_seconds >= report.payload_freed_seconds
+        assert report.payload_captures == ()
+
+
 def test_equal_bytes_finds_a_difference_anywhere_in_a_large_buffer():
     """The check of a captured array against its shared-memory copy (memcmp in steps of
     64 MB): a change in the first or last byte of any step is seen, read-only buffers too."""

@@ -444,6 +444,87 @@ def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip
     assert mpmagic.last_report().equal is None
 
 
+def test_compare_with_reduce_takes_float_arrays_and_frames_within_1e9_as_it_takes_floats(ip, local_pool):
+    """--reduce sum of per-rank numpy arrays, Series or DataFrames (the column sums of a
+    split) adds the shares in another order than the cell as rank 0 of 1: the last bits
+    differ, as for a float, and that is the serial value. Before, only Python floats and
+    numpy scalars had the 1e-9 tolerance: an array said RESULTS DIFFER and the advice
+    asked whether the rank/size split was right."""
+    import numpy as np
+
+    # The serial oracle: the shares 0.1 and 0.2 summed are not 0.3 to the bit.
+    shares = [np.array([0.1, 2.0]), np.array([0.2, 3.0])]
+    assert not np.array_equal(sum(shares), np.array([0.3, 5.0]))
+    assert np.allclose(sum(shares), np.array([0.3, 5.0]), rtol=1e-9, atol=0)
+    run(ip, "import numpy as np, pandas as pd\ndef add_pairs(vs):\n    return tuple(map(sum, zip(*vs)))")
+    for whole, share, reducer in (
+            ("np.array([0.3, 5.0])", "np.array([[0.1, 0.2][rank], [2.0, 3.0][rank]])", "sum"),
+            ("pd.Series([0.3, 5.0])", "pd.Series([[0.1, 0.2][rank], [2.0, 3.0][rank]])", "sum"),
+            ("pd.DataFrame({'x': [0.3], 'n': [5]}, index=['r'])",
+             "pd.DataFrame({'x': [[0.1, 0.2][rank]], 'n': [[2, 3][rank]]}, index=['r'])", "sum"),
+            ("(np.array([0.3]), 5)", "(np.array([[0.1, 0.2][rank]]), [2, 3][rank])", "add_pairs")):
+        value = cell(ip, f"-n 2 -q --compare --reduce {reducer}", f"{whole} if size == 1 else {share}")
+        report = mpmagic.last_report()
+        assert report.equal is True and "by rank and size" not in (report.advice or ""), (whole, report.line())
+        serial = run(ip, whole)
+        assert type(value) is type(serial), whole
+    # A real difference is still one: the whole counted twice, an int off by one, a float off by 1e-6.
+    for whole, share in (("np.array([0.3])", "np.array([0.3])"),
+                         ("np.array([10**12])", "np.array([10**12 + 1]) if rank == 0 else np.array([0])"),
+                         ("pd.Series([0.3])", "pd.Series([[0.1, 0.2 + 1e-6][rank]])")):
+        cell(ip, "-n 2 -q --compare --reduce sum", f"{whole} if size == 1 else {share}")
+        report = mpmagic.last_report()
+        assert report.equal is False and "by rank and size" in report.advice, (whole, report.line())
+
+
+def test_reduced_value_compared_within_1e9_only_for_floats_and_without_importing_numpy():
+    """The tolerance, value by value: float arrays, Series and DataFrames, and lists,
+    tuples and dicts of them, to within 1e-9 relative (NaN where serial had NaN); ints,
+    int arrays, strings, indexes and dtypes exactly. A notebook without numpy or pandas
+    imported does not import them for the comparison."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pandas as pd
+
+    from mpmagic.api import _equal_reduced
+
+    close = 0.1 + 0.2  # (0.30000000000000004: the serial loop's 0.3 in another order)
+    assert _equal_reduced(0.3, close) and _equal_reduced(np.float64(0.3), np.float64(close))
+    assert _equal_reduced(np.array([0.3, np.nan, np.inf]), np.array([close, np.nan, np.inf]))
+    assert _equal_reduced(np.array([[0.3j]]), np.array([[close * 1j]]))
+    assert _equal_reduced(np.array([0.3], dtype=np.float32), np.array([0.3], dtype=np.float32))
+    assert _equal_reduced(pd.Series([0.3, None], dtype="Float64"), pd.Series([close, None], dtype="Float64"))
+    frame = pd.DataFrame({"x": [0.3], "n": [5], "s": ["a"]}, index=["r"])
+    assert _equal_reduced(frame, frame.assign(x=[close]))
+    assert _equal_reduced([np.array([0.3]), {"k": pd.Series([0.3])}], [np.array([close]), {"k": pd.Series([close])}])
+    assert _equal_reduced((0.3, 2), (close, 2))
+    differ = [
+        (10**12, 10**12 + 1),  # (ints add up exactly in any order)
+        (np.array([10**12]), np.array([10**12 + 1])),
+        (np.array([0.3]), np.array([0.3 + 1e-6])),
+        (np.array([0.3]), np.array([0.3, 0.3])),
+        (np.array([0.3]), np.array([close], dtype=np.float32)),
+        (np.array([np.nan]), np.array([0.3])),
+        (pd.Series([0.3]), pd.Series([close], index=[1])),
+        (frame, frame.assign(n=[6])),
+        (frame, frame.assign(s=["b"])),
+        (frame, frame.rename(columns={"x": "y"})),
+        (frame, frame.assign(x=[close]).astype({"n": float})),
+        ([np.array([0.3])], [np.array([0.3]), np.array([0.3])]),
+        ({"a": 0.3}, {"b": close}),
+        (pd.Series([0.3]), np.array([close])),
+    ]
+    for serial, reduced in differ:
+        assert not _equal_reduced(serial, reduced), (serial, reduced)
+    code = ("import sys\nfrom mpmagic.api import _equal_reduced\n"
+            "assert _equal_reduced([0.3], [0.1 + 0.2]) and not _equal_reduced([1], [2])\n"
+            "print(sorted({'numpy', 'pandas'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_partial_lines_of_ranks_show_at_once_each_line_from_one_rank():
     """A flushed partial line (a tqdm bar) of a rank shows at once, labelled once: its
     continuation needs no new label; another rank's partial text waits while the first

@@ -133,6 +133,67 @@ def test_advice_names_thread_oversubscription():
     assert "threads" not in (advice.advise(r) or "")
 
 
+_BURNER = """
+import os, threading, time
+
+def _spin(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+HOME = os.getpid()
+
+class Burner:
+    \"\"\"A result whose freeing in the worker that made it costs 0.25 s of CPU (made here
+    or unpickled as a copy: nothing).\"\"\"
+    def __init__(self, i):
+        self.i, self.burn = i, os.getpid() != HOME
+    def __setstate__(self, state):
+        self.__dict__.update(state, burn=False)
+    def __del__(self):
+        if self.burn:
+            _spin(0.25)
+
+def napping_burner(i):
+    time.sleep(0.06)
+    return Burner(i)
+
+def two_threads(i):
+    spinner = threading.Thread(target=_spin, args=(0.1,))
+    spinner.start()
+    _spin(0.1)
+    spinner.join()
+    return i
+"""
+
+
+def test_a_units_cpu_time_leaves_out_what_the_worker_did_between_units(ip, pool2):
+    """A worker's CPU time per unit (the report's cpu_seconds, read as threads per worker)
+    counted from its previous reply, so it held the freeing of the previous unit's
+    results: a tiny call right after one that returned hundreds of MB said "each worker
+    ran ~1.6 threads ... pass n_jobs=1" for tasks that start none. Here each result
+    costs 0.25 s of CPU to free in its worker, and the tasks sleep: the units' CPU time
+    is measured from where each unit starts, so it holds none of that. Threads a task
+    does start are still counted (two threads spinning 0.1 s each)."""
+    run(ip, _BURNER)
+    made = run(ip, "%pmap -q --chunksize 1 napping_burner, range(3)")
+    assert [b.i for b in made] == [b.i for b in map(ip.user_ns["napping_burner"], range(3))]
+    del made
+    report = mpmagic.last_report()
+    # 3 units on 2 workers: one unit at least ran after another on its worker, which freed
+    # the earlier unit's result (0.25 s of CPU) first; the units slept, using next to no CPU.
+    assert report.cpu_seconds is not None and report.cpu_seconds < 0.15, report.cpu_seconds
+    ranks = run(ip, "%%parallel -n 2 -q\nnapping_burner(rank)")  # (each rank's value: freed after the rank)
+    assert [b.i for b in ranks] == [0, 1]
+    del ranks
+    run(ip, "%%parallel -n 2 -q\nimport time\ntime.sleep(0.06)\nrank")
+    report = mpmagic.last_report()
+    assert report.cpu_seconds is not None and report.cpu_seconds < 0.15, report.cpu_seconds
+    assert run(ip, "%pmap -q two_threads, [0]") == [0]
+    report = mpmagic.last_report()
+    assert report.cpu_seconds is not None and report.cpu_seconds >= 0.2, report.cpu_seconds
+
+
 def test_thread_advice_does_not_ask_for_the_cap_already_in_force(monkeypatch):
     """RandomForest(n_jobs=-1) in tasks was told to set worker_threads to what it
     already was: with the cap in force, the threads are the tasks' own."""

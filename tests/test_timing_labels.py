@@ -659,11 +659,11 @@ def test_a_reports_measured_fields_and_payload_costs_fill_one_dict():
 
     from mpmagic import api
 
-    job = SimpleNamespace(payload_served=("fast", 0), payload_seconds=0.0001, func=abs)
+    job = SimpleNamespace(payload_served=("fast", 0), payload_seconds=0.0001, payload_freed_seconds=0.0, func=abs)
     fields = {"cores": 2}
     assert api._payload_costs(job, 0.001, fields) is fields
-    assert fields == {"cores": 2, "payload_seconds": 0.0001, "payload_served": "fast", "payload_bytes": 0,
-                      "payload_captures": ()}
+    assert fields == {"cores": 2, "payload_seconds": 0.0001, "payload_freed_seconds": 0.0, "payload_served": "fast",
+                      "payload_bytes": 0, "payload_captures": ()}
 
 
 def test_report_of_is_report_with_those_fields_and_refuses_as_it_does():
