@@ -264,33 +264,105 @@ def _worth_showing(name: str, value: Any) -> bool:
     return not isinstance(value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type))
 
 
-def failure_context(exc: BaseException) -> dict[str, Any]:
-    """What the worker knows at the failure: the raising frame's locals
-    (at most MAX_LOCALS names, MAX_REPR characters each, in REPR_SECONDS in
-    all: see :func:`_bounded_repr`; for the first LOCALS_PER_UNIT failures of
-    a unit), worker id and pid."""
-    global _budget
-    tb = exc.__traceback__ if _budget > 0 else None
-    _budget -= 1
-    frame_locals: dict[str, str] = {}
-    where = None
-    if tb is not None:
-        while tb.tb_next is not None:
-            tb = tb.tb_next
-    # (the call itself failed in the item loop: no frame of the task's to show)
-    if tb is not None and _CALL_SITE not in tb.tb_frame.f_code.co_varnames:
-        frame = tb.tb_frame
-        where = (frame.f_code.co_filename, tb.tb_lineno, frame.f_code.co_name)
-        try:
-            with _ReprClock() as clock:
+#: Characters of argument reprs one failure sends for the frames of its traceback,
+#: all frames together (see :meth:`FailureReprs.arguments`): the arguments whose
+#: turn comes after show ``<not sent>``.
+ARGUMENT_CHARS = 8000
+
+
+class FailureReprs:
+    """The reprs one failure sends home, all within one :data:`REPR_SECONDS`
+    (one :class:`_ReprClock`, entered with ``with``): the raising frame's locals
+    (:meth:`context`), then the arguments of the traceback's frames
+    (:meth:`arguments`, for ``%xmode Verbose``), the latter also within
+    :data:`ARGUMENT_CHARS`. Only for the first :data:`LOCALS_PER_UNIT`
+    failures of a unit: each one made counts.
+    """
+
+    def __init__(self) -> None:
+        global _budget
+        self.active = _budget > 0
+        _budget -= 1
+        self._clock = _ReprClock()
+        self._chars = ARGUMENT_CHARS
+        self._raising: Any = None  # (the raising frame, its locals' reprs), once context() took them
+        self._done: list[tuple[types.FrameType, Any]] = []  # (frame, its FrameValues): a frame two exceptions share
+
+    def __enter__(self) -> FailureReprs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._raising = None
+        self._done.clear()
+        self._clock.__exit__(*exc)
+
+    def context(self, exc: BaseException) -> dict[str, Any]:
+        """See :func:`failure_context`."""
+        tb = exc.__traceback__ if self.active else None
+        frame_locals: dict[str, str] = {}
+        where = None
+        if tb is not None:
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+        # (the call itself failed in the item loop: no frame of the task's to show)
+        if tb is not None and _CALL_SITE not in tb.tb_frame.f_code.co_varnames:
+            frame = tb.tb_frame
+            where = (frame.f_code.co_filename, tb.tb_lineno, frame.f_code.co_name)
+            try:
                 for name, value in list(frame.f_locals.items()):
                     if len(frame_locals) >= MAX_LOCALS:
                         break
                     if _worth_showing(name, value):
-                        frame_locals[name] = _bounded_repr(value, clock=clock)
-        except Exception:
-            _log.debug("mpmagic: could not read the raising frame's locals", exc_info=True)
-    return {"locals": frame_locals, "where": where, "worker": WORKER_ID if WORKER_ID is not None else _dask_worker(), "pid": os.getpid()}
+                        frame_locals[name] = _bounded_repr(value, clock=self._clock)
+            except Exception:
+                _log.debug("mpmagic: could not read the raising frame's locals", exc_info=True)
+            self._raising = (frame, frame_locals)
+        return {"locals": frame_locals, "where": where, "worker": WORKER_ID if WORKER_ID is not None else _dask_worker(),
+                "pid": os.getpid()}
+
+    def arguments(self, frame: types.FrameType) -> Any:
+        """The ``errors.FrameValues`` of ``frame``'s arguments: bounded reprs
+        (:func:`_bounded_repr`, within the time :meth:`context` left), those
+        :meth:`context` took of the raising frame's locals again; None when
+        this failure sends none (past a unit's first failures, or its
+        :data:`ARGUMENT_CHARS` spent)."""
+        for seen, values in self._done:
+            if seen is frame:
+                return values
+        if not self._room():
+            return None
+        from .errors import frame_values
+
+        known = self._raising[1] if self._raising is not None and self._raising[0] is frame else None
+
+        def take(value: Any) -> str | None:
+            if not self._room():
+                return None
+            text = _bounded_repr(value, clock=self._clock)
+            self._chars -= len(text)
+            return text
+
+        try:
+            values = frame_values(frame, take, known)
+        except Exception:  # (cosmetic: never an error of ours in place of the task's)
+            _log.debug("mpmagic: could not read a frame's arguments", exc_info=True)
+            return None
+        self._done.append((frame, values))
+        return values
+
+    def _room(self) -> bool:
+        # (past the time, a builtin value's repr is still taken, an object's not: _ReprClock)
+        return self.active and self._chars > 0
+
+
+def failure_context(exc: BaseException) -> dict[str, Any]:
+    """What the worker knows at the failure: the raising frame's locals
+    (at most MAX_LOCALS names, MAX_REPR characters each, in REPR_SECONDS in
+    all: see :func:`_bounded_repr`; for the first LOCALS_PER_UNIT failures of
+    a unit), worker id and pid. (A task's failure takes them with the
+    arguments of its frames: :class:`FailureReprs`.)"""
+    with FailureReprs() as reprs:
+        return reprs.context(exc)
 
 
 def _dask_worker() -> str | None:

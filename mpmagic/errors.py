@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import builtins
 import errno
+import heapq
 import inspect
 import linecache
 import logging
@@ -22,7 +23,7 @@ import sys
 import threading
 import traceback
 import types
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -365,6 +366,98 @@ _INTERNAL_MARKERS = (
 # Frames kept per exception: a RecursionError has ~1000; more than this is
 # never read, and each costs a compile here.
 _MAX_FRAMES = 1200
+#: Frames of an exception whose arguments the worker sends (``%xmode Verbose``
+#: shows them in each frame's header, ``in f(x=1, y=2)``): the innermost
+#: ARGUMENT_FRAMES_INNER and the outermost ARGUMENT_FRAMES_OUTER (a RecursionError's
+#: thousand frames send 30: IPython shows of a recursion its outer frames, the first
+#: two repeats and the last one). The others show ``<not sent>``.
+ARGUMENT_FRAMES_INNER = 20
+ARGUMENT_FRAMES_OUTER = 10
+#: Elements of a frame's ``*args`` and items of its ``**kwargs`` sent: IPython writes
+#: a value with pydoc's TextRepr, which shows 20 of a tuple's elements and 10 of a
+#: dict's items (its smallest keys), then "...": one more of each tells it there are more.
+STAR_ITEMS = 21
+STARSTAR_ITEMS = 11
+#: A frame's ``*args`` or ``**kwargs`` whose elements' reprs take up to this many
+#: characters is sent whole, in its order (IPython's list of the variables of a
+#: frame's line shows ``rest = (5, 6)``, ``len(rest) = 2``, a dict in its order);
+#: a longer one only in part (the items above, those its header shows).
+STAR_CHARS = 200
+
+
+@dataclass
+class FrameValues:
+    """The worker's reprs of one frame's arguments, as they were when the task's
+    exception was caught (what IPython reads of a local error's frames then).
+
+    ``named``: a positional or keyword-only parameter's name to its repr (a name
+    missing was not sent, or was deleted: ``<not sent>``). ``star``: the reprs of
+    the elements of ``*args``, or of its first :data:`STAR_ITEMS` at least when
+    they are many (see :data:`STAR_CHARS`; None: not sent, or not a tuple any
+    more), ``star_len`` their number; ``starstar``: (key, repr) of the items of
+    ``**kwargs``, or of its :data:`STARSTAR_ITEMS` smallest keys when they are
+    many (None: not sent). Each repr is bounded (``debugging.FailureReprs``).
+    """
+
+    named: dict[str, str]
+    star: list[str] | None = None
+    star_len: int = 0
+    starstar: list[tuple[str, str]] | None = None
+
+
+def frame_values(frame: types.FrameType, take: Callable[[Any], str | None],
+                 known: dict[str, str] | None = None) -> FrameValues:
+    """The :class:`FrameValues` of ``frame`` (runs in the worker).
+
+    ``take(value)`` gives a bounded repr, or None once the failure's budget for
+    them is spent (the values from there on are not sent); ``known``: reprs
+    already taken of the frame's locals, used as they are.
+    """
+    code = frame.f_code
+    values = frame.f_locals
+    n = code.co_argcount + code.co_kwonlyargcount
+    out = FrameValues({})
+    for name in code.co_varnames[:n]:
+        if known and name in known:
+            out.named[name] = known[name]
+        elif name in values:
+            text = take(values[name])
+            if text is None:
+                return out
+            out.named[name] = text
+    if code.co_flags & inspect.CO_VARARGS:
+        star = values.get(code.co_varnames[n])
+        n += 1
+        if isinstance(star, tuple):
+            out.star, out.star_len = [], len(star)
+            room = STAR_CHARS
+            for element in star:
+                if len(out.star) >= STAR_ITEMS and room < 0:
+                    break
+                text = take(element)
+                if text is None:
+                    return out
+                out.star.append(text)
+                room -= len(text) + 2
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        starstar = values.get(code.co_varnames[n])
+        if isinstance(starstar, dict) and all(type(k) is str for k in starstar):
+            taken: dict[str, str | None] = {}
+            room = STAR_CHARS
+            for key in starstar:  # (all of it, in its order, when it is short)
+                if room < 0:
+                    break
+                text = take(starstar[key])
+                if text is None:
+                    break
+                taken[key] = text
+                room -= len(key) + len(text) + 6
+            if len(taken) < len(starstar):  # (else the smallest keys, those IPython's header shows)
+                smallest = heapq.nsmallest(STARSTAR_ITEMS, starstar)
+                taken = {key: taken[key] if key in taken else take(starstar[key]) for key in smallest}
+            # (a key of 100 characters at most: IPython shows no more, pydoc's TextRepr.maxstring)
+            out.starstar = [(key[:100], text) for key, text in taken.items() if text is not None]
+    return out
 
 
 @dataclass
@@ -392,6 +485,8 @@ class FrameInfo:
     kwonlycount: int = 0
     varargs: bool = False
     varkw: bool = False
+    # Their values, as the worker's reprs (see ARGUMENT_FRAMES_INNER); None: not sent.
+    values: FrameValues | None = None
 
 
 def _params(code: types.CodeType) -> dict[str, Any]:
@@ -403,9 +498,15 @@ def _params(code: types.CodeType) -> dict[str, Any]:
             "kwonlycount": code.co_kwonlyargcount, "varargs": varargs, "varkw": varkw}
 
 
-def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
-    """Frames of a worker-side traceback, our own machinery left out."""
-    frames = []
+def extract_frames(tb: types.TracebackType | None,
+                   arguments: Callable[[types.FrameType], FrameValues | None] | None = None) -> list[FrameInfo]:
+    """Frames of a worker-side traceback, our own machinery left out.
+
+    ``arguments`` (the worker's, for a task's failure) gives a frame's
+    :class:`FrameValues`: asked for the innermost :data:`ARGUMENT_FRAMES_INNER`
+    frames first, then the outermost :data:`ARGUMENT_FRAMES_OUTER`.
+    """
+    kept = []
     for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
@@ -413,13 +514,20 @@ def extract_frames(tb: types.TracebackType | None) -> list[FrameInfo]:
             continue  # (the worker's item loop, copied to the map's call site: ours still, see callsite.py)
         if "__tracebackhide__" in frame.f_code.co_varnames and fs.filename.startswith(_PACKAGE_DIR):
             continue  # (ours, as IPython hides it: a pmap run serially inside a task)
-        first = frame.f_code.co_firstlineno
-        frames.append(FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, first,
-                                getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
-                                getattr(fs, "end_colno", None),  # (3.11+ only)
-                                **_params(frame.f_code)))
-    if len(frames) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
-        frames = frames[: _MAX_FRAMES // 2] + frames[-_MAX_FRAMES // 2 :]
+        kept.append((frame, fs))
+    if len(kept) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
+        kept = kept[: _MAX_FRAMES // 2] + kept[-_MAX_FRAMES // 2 :]
+    frames = [FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, frame.f_code.co_firstlineno,
+                        getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
+                        getattr(fs, "end_colno", None),  # (3.11+ only)
+                        **_params(frame.f_code))
+              for frame, fs in kept]
+    if arguments is not None:
+        n = len(frames)
+        inner = max(n - ARGUMENT_FRAMES_INNER, 0)
+        for i in [*range(n - 1, inner - 1, -1), *range(min(ARGUMENT_FRAMES_OUTER, inner))]:
+            if frames[i].params:
+                frames[i].values = arguments(kept[i][0])
     return frames
 
 
@@ -452,9 +560,11 @@ def _stub(fr: FrameInfo, lineno: int, first: int) -> types.CodeType:
     left unknown, so no marks rather than marks in the wrong place. The
     parameters (compiled under stand-in names, then given the real ones, which
     need not be identifiers: a generator expression's ``.0``) let IPython name
-    the frame as it names a local one: ``in f(x, y)``, not ``in f()``.
+    the frame as it names a local one: ``in f(x, y)``, not ``in f()``, and
+    hold the worker's values under ``%xmode Verbose`` (:func:`_arguments`).
     """
-    pos = [f"p{i}" for i in range(fr.argcount)]
+    # (positional-only: a name of theirs may be a key of **kwargs, as for f(a, /, **kw) called f(1, a=2))
+    pos = [f"p{i}" for i in range(fr.argcount)] + (["/"] if fr.argcount else [])
     star = ["*v"] if fr.varargs else (["*"] if fr.kwonlycount else [])
     kwonly = [f"k{i}" for i in range(fr.kwonlycount)]
     starstar = ["**w"] if fr.varkw else []
@@ -502,7 +612,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
                 names["co_qualname"] = fr.name
             stub = _stub(fr, lineno, first)
             code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
-        tb = _run_stub(code, fr.argcount, fr.kwonlycount)
+        tb = _run_stub(code, _arguments(fr, code))
         if tb is None:
             continue
         tb.tb_next = None
@@ -527,24 +637,41 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
 _runners = threading.local()
 
 
-class _NotSent:
-    """What a rebuilt frame's parameter holds: the worker sends the names, not
-    the values (``%xmode Verbose`` shows ``f(x=<not sent>)``), save the reprs
-    of the raising frame's locals (see :func:`show_captured_values`)."""
+class _WorkerValue:
+    """What a rebuilt frame's parameter holds: its ``repr`` is the worker's repr
+    of the value (``%xmode Verbose`` shows ``f(x=1)``), or ``<not sent>`` for a
+    value the worker did not send (see :data:`ARGUMENT_FRAMES_INNER`)."""
 
     __slots__ = ("text",)
 
-    def __init__(self) -> None:
-        self.text = "<not sent>"
+    def __init__(self, text: str | None = None) -> None:
+        self.text = "<not sent>" if text is None else text
 
     def __repr__(self) -> str:
         return self.text
 
 
+def _arguments(fr: FrameInfo, code: types.CodeType) -> tuple[list, dict, list, dict]:
+    """What the stub of ``fr`` (its ``code``) is called with: positional
+    arguments, keyword-only ones, then the elements of ``*args`` and the items
+    of ``**kwargs``, each a :class:`_WorkerValue` holding the worker's repr."""
+    values = fr.values if fr.values is not None else FrameValues({})
+    named = [_WorkerValue(values.named.get(name)) for name in fr.params[:fr.argcount + fr.kwonlycount]]
+    kwonly = dict(zip(code.co_varnames[fr.argcount:fr.argcount + fr.kwonlycount], named[fr.argcount:], strict=True))
+    star: list = []
+    if fr.varargs and values.star is not None:  # (the elements not sent, when the budget ran out: <not sent>)
+        star = [_WorkerValue(values.star[i] if i < len(values.star) else None)
+                for i in range(max(len(values.star), min(values.star_len, STAR_ITEMS)))]
+    starstar = {key: _WorkerValue(text) for key, text in values.starstar or ()} if fr.varkw else {}
+    return named[:fr.argcount], kwonly, star, starstar
+
+
 def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> None:
-    """Give the parameters of ``exc``'s innermost rebuilt frame the reprs the
-    worker took of that frame's locals (``debugging.failure_context``), so
-    ``%xmode Verbose`` shows ``f(x=0, y=2)`` as for a local error."""
+    """Give the parameters of ``exc``'s innermost rebuilt frame that still show
+    ``<not sent>`` the reprs the worker took of that frame's locals
+    (``debugging.failure_context``), so ``%xmode Verbose`` shows ``f(x=0, y=2)``
+    as for a local error (the frames' own :class:`FrameValues` have them
+    already, unless the exception came as words only: a RemoteError)."""
     tb = exc.__traceback__
     where = (context or {}).get("where")
     captured = (context or {}).get("locals") or {}
@@ -557,24 +684,27 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
         return  # (not the frame whose locals were taken)
     try:
         for name, value in tb.tb_frame.f_locals.items():
-            if isinstance(value, _NotSent) and isinstance(captured.get(name), str):
+            if isinstance(value, _WorkerValue) and value.text == "<not sent>" and isinstance(captured.get(name), str):
                 value.text = captured[name]
     except Exception:  # (cosmetic: never an error of ours in place of the task's)
         logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
 
 
-def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType, int, int], None]:
+def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType, tuple[list, dict, list, dict]], None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
     namespace = {"__mpmagic_exc__": marker, "__name__": "__main__"}
     while True:
-        code, argcount, kwonlycount = yield tb
+        code, (positional, kwonly, star, starstar) = yield tb
         tb = None
         func = types.FunctionType(code, namespace)
-        func.__defaults__ = tuple(_NotSent() for _ in range(argcount))  # (called with none: *args, **kwargs empty)
-        func.__kwdefaults__ = {name: _NotSent() for name in code.co_varnames[argcount:argcount + kwonlycount]}
+        func.__defaults__ = tuple(positional)
+        func.__kwdefaults__ = kwonly
         try:
-            func()
+            try:
+                func(*positional, *star, **starstar)
+            except TypeError:  # (arguments its parameters cannot take: it runs with the named ones only)
+                func()
         except _FrameMarker as m:
             tb = m.__traceback__.tb_next if m.__traceback__ else None  # the stub's own frame (the first is this one)
             # The marker lives on in this generator: nothing it met may live with it
@@ -582,15 +712,16 @@ def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType
             m.__traceback__ = m.__context__ = None
 
 
-def _run_stub(code: types.CodeType, argcount: int, kwonlycount: int) -> types.TracebackType | None:
-    """The traceback of one stub (a function's code) called in this thread's runner."""
+def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict]) -> types.TracebackType | None:
+    """The traceback of one stub (a function's code) called with ``arguments`` (see
+    :func:`_arguments`) in this thread's runner."""
     runner = getattr(_runners, "runner", None)
     if runner is None:
         runner = _stub_runner()
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send((code, argcount, kwonlycount))
+        return runner.send((code, arguments))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise

@@ -28,6 +28,7 @@ import pickle
 import sys
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,18 +118,21 @@ def _safe_str(exc: BaseException) -> str:
     return _safe(str, exc)
 
 
-def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> ExcRecord:
+def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None, *,
+            arguments: Callable[[types.FrameType], Any] | None = None) -> ExcRecord:
     """The parts of ``exc`` (and its chain) to send home (runs in the worker).
 
     An exception met twice (``raise A from B`` makes B both the cause and the
     context) gets one record, so it is one exception again in the notebook.
+    ``arguments``: gives a frame's ``errors.FrameValues`` (see
+    ``errors.extract_frames``), for the frames of ``exc`` and of its chain.
     """
     seen: dict[int, ExcRecord] = {} if _seen is None else _seen
     try:
         text = "".join(traceback.format_exception_only(type(exc), exc))
     except Exception:
         text = f"{type(exc).__qualname__}: {_safe_str(exc)}\n"
-    rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__))
+    rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__, arguments))
     seen[id(exc)] = rec
     rec.fields = _c_fields(exc)
     notes = getattr(exc, "__notes__", None)
@@ -159,12 +163,12 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None) -> E
         except Exception as why:  # that attribute stays behind, the exception comes home
             logger.debug("attribute %s of %s not sent: %s", k, rec.type_name, why)
     if is_group:
-        rec.children = [capture(e, _depth + 1, seen) for e in exc.exceptions]  # type: ignore[attr-defined]
+        rec.children = [capture(e, _depth + 1, seen, arguments=arguments) for e in exc.exceptions]  # type: ignore[attr-defined]
     if _depth < _MAX_CHAIN:
         for link in ("__cause__", "__context__"):
             other = getattr(exc, link)
             if other is not None:
-                other_rec = seen.get(id(other)) or capture(other, _depth + 1, seen)
+                other_rec = seen.get(id(other)) or capture(other, _depth + 1, seen, arguments=arguments)
                 setattr(rec, link.strip("_"), other_rec)
     rec.suppress_context = bool(exc.__suppress_context__)
     return rec

@@ -122,18 +122,21 @@ class ErrorInfo:
     same exception; ``type_name``, ``message`` and ``exc_text`` say it in
     words when even that is not possible. ``context`` is what the worker saw
     at the raising line (its locals as bounded reprs, worker id, pid: see
-    :func:`mpmagic.debugging.failure_context`), for ``%pdebug`` and ``Failed``.
+    :func:`mpmagic.debugging.failure_context`), for ``%pdebug`` and ``Failed``;
+    the frames also carry their arguments' reprs, for ``%xmode Verbose``
+    (``errors.FrameValues``, within the same budget: ``debugging.FailureReprs``).
     """
 
     __slots__ = ("record", "type_name", "message", "exc_text", "frames", "context")
 
     def __init__(self, exc: BaseException) -> None:
-        self.record = capture(exc)
+        with debugging.FailureReprs() as reprs:  # (the locals' reprs, then the frames' arguments: one budget)
+            self.context = reprs.context(exc)
+            self.record = capture(exc, arguments=reprs.arguments)
         self.type_name = self.record.type_name
         self.message = self.record.message
         self.exc_text = self.record.text
         self.frames = self.record.frames
-        self.context = debugging.failure_context(exc)
 
     def __getstate__(self):
         return tuple(getattr(self, s) for s in self.__slots__)

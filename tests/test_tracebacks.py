@@ -15,7 +15,7 @@ import sys
 import traceback
 
 import pytest
-from conftest import low_recursion_limit
+from conftest import ensure_pool, low_recursion_limit
 from IPython.utils.capture import capture_output
 
 import mpmagic
@@ -399,4 +399,102 @@ def test_task_frames_name_their_arguments_as_serial_ipython_does(ip, local_pool)
     assert isinstance(err, ZeroDivisionError)
     verbose_headers = _frame_headers(verbose)
     assert verbose_headers[-1].endswith("in inner(x=0, y=2)"), verbose
-    assert verbose_headers[-2].endswith("in outer(a=<not sent>, b=<not sent>, c=<not sent>, *rest=(), **kw={})"), verbose
+    assert verbose_headers[-2].endswith("in outer(a=1, b=1, c=1, *rest=(), **kw={})"), verbose
+
+
+def _verbose(ip, code: str) -> tuple[list[str], BaseException | None]:
+    """The frame headers ``code`` shows under ``%xmode Verbose`` (``in f(x=1)``),
+    and its error. (IPython's lists of the variables of each frame's line, which
+    follow, show what serial Python evaluates there, ``x + 1 = 2``: the worker
+    sends the arguments' reprs, not the values.)"""
+    ip.run_line_magic("xmode", "Verbose")
+    try:
+        _, text, err = shown(ip, code)
+    finally:
+        ip.run_line_magic("xmode", "Context")
+    return _frame_headers(text), err
+
+
+@pytest.mark.parametrize("kind", ["fork", "spawn", "forkserver", "dask"])
+def test_verbose_shows_each_frames_arguments_as_serially(ip, kind, request):
+    """Under ``%xmode Verbose`` IPython heads each frame with its arguments' values.
+    A task's outer frames showed ``outer(x=<not sent>, y=<not sent>)`` and every
+    frame's ``*args`` / ``**kwargs`` ``()`` / ``{}`` (only the raising frame's
+    named arguments came home). Now each frame's come as the worker's reprs:
+    ``*args`` past the 20 IPython shows (then "..."), a ``**kwargs`` key that is
+    the name of a positional-only parameter, a generator expression's ``.0``."""
+    ensure_pool(kind, request)
+    defined(ip, "import mpmagic\ndef inner(a, *rest, **kw):\n    return sum(1 / (r - 6) for r in rest)\n"
+                "def outer(x, y=3):\n    return inner(x + 1, 5, 6, k=7)\n"
+                "def first(a, /, *many, b=None, **kw):\n    return outer(a, y=len(many))\n"
+                "def call(v):\n    return first(v, *range(30), b=[1, 'two'], a=2, z=None)\n")
+    serial, serial_err = _verbose(ip, "list(map(call, [1]))")
+    assert [h.split(", in ")[1] for h in serial] == [
+        "call(v=1)",
+        "first(a=1, b=[1, 'two'], *many=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, ...), "
+        "**kw={'a': 2, 'z': None})",
+        "outer(x=1, y=30)", "inner(a=2, *rest=(5, 6), **kw={'k': 7})", "<genexpr>(.0=<tuple_iterator object>)"], serial
+    for code in ("%pmap call, [1]", "mpmagic.pmap(call, [1])"):
+        parallel, err = _verbose(ip, code)
+        assert type(err) is type(serial_err) is ZeroDivisionError
+        assert parallel == serial, (code, serial, parallel)
+
+
+def test_verbose_arguments_whose_repr_fails_or_hangs_do_not_stop_the_error(ip, local_pool):
+    """An argument's repr is taken in the worker as the raising frame's locals are:
+    one that raises shows why, one that hangs is stopped after a second (the
+    second all the reprs of a failure may take: an object's after it is not
+    taken, a builtin value's still is), and the task's own exception comes home."""
+    defined(ip, "import time\n"
+                "class Broken:\n    def __repr__(self):\n        raise ValueError('no repr')\n"
+                "class Slow:\n    def __repr__(self):\n        time.sleep(20)\n        return 'slow'\n"
+                "def leaf(v):\n    return 1 / v\n"
+                "def middle(broken, slow, *rest):\n    return leaf(0)\n"
+                "def top(x):\n    return middle(Broken(), Slow(), x, Broken())\n")
+    headers, err = _verbose(ip, "%pmap top, [4]")
+    text = "\n".join(headers)
+    assert isinstance(err, ZeroDivisionError)
+    assert "in top(x=4)" in text and "in leaf(v=0)" in text, text
+    assert ("in middle(broken=<Broken: repr failed: ValueError>, slow=<Slow object: its repr took over 1 s and was "
+            "stopped>, *rest=(4, <Broken object: repr not taken, the reprs of the locals before it took the 1 s "
+            "they may>))") in text, text
+
+
+def test_a_deep_recursion_sends_the_arguments_of_its_first_and_last_frames_only():
+    """A RecursionError has a thousand frames: the worker sends the arguments of
+    the innermost ARGUMENT_FRAMES_INNER and outermost ARGUMENT_FRAMES_OUTER (what
+    IPython shows of it: the outer frames, the first repeats, the last), the
+    innermost first, all within ARGUMENT_CHARS; the others are not sent."""
+    from mpmagic import debugging, errors
+
+    def down(k, text):
+        return down(k + 1, text)
+
+    def catch():
+        try:
+            down(0, "x" * 10_000)
+        except RecursionError as exc:
+            return exc
+
+    def sent(arguments_chars: int) -> tuple[list[errors.FrameInfo], list[int]]:
+        debugging.new_unit()
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(debugging, "ARGUMENT_CHARS", arguments_chars)
+                with debugging.FailureReprs() as reprs:
+                    frames = errors.extract_frames(catch().__traceback__, reprs.arguments)
+        finally:
+            debugging.end_unit()
+        return frames, [i for i, f in enumerate(frames) if f.values is not None and f.values.named]
+
+    frames, with_values = sent(10 ** 6)
+    n = len(frames)
+    assert n > 100 and frames[0].name == "catch" and frames[1].name == "down"
+    assert with_values == [*range(1, errors.ARGUMENT_FRAMES_OUTER), *range(n - errors.ARGUMENT_FRAMES_INNER, n)]
+    assert frames[1].values.named == {"k": "0", "text": repr("x" * 10_000)[:debugging.MAX_REPR - 3] + "..."}
+    assert frames[-1].values.named["k"] == str(n - 2)
+    frames, with_values = sent(4000)  # (a text of 200 characters per frame: 20 of them fit)
+    assert with_values == [*range(n - errors.ARGUMENT_FRAMES_INNER, n)]  # (the innermost frames first)
+    tb = errors.fake_traceback(frames)
+    headers = [repr(frame.f_locals.get("k")) for frame, _ in traceback.walk_tb(tb)]
+    assert headers[1:3] == ["<not sent>", "<not sent>"] and headers[-1] == str(n - 2)
