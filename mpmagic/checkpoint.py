@@ -327,6 +327,7 @@ class _Plan:
         self.keys: list[bytes] = []  # item key by input index
         self.missing: list[int] = []  # input indices sent to the core pmap, in order
         self.unstable: str | None = None  # first reason an item's key may not repeat
+        self.edited: list[tuple[str, str]] = []  # the user's modules items named, edited since loaded (_check_edited)
         # Who hears of stored items (a background run's as_completed, a stream,
         # the user's on_chunk): a lazy input's batches are planned in the thread
         # that reads the input while a listener may be joining from another.
@@ -341,21 +342,30 @@ class _Plan:
         (``checkpoint_keys.keyed_copy``), so that an item changed in place
         meanwhile is computed as it was keyed, never stored under a key of
         another state. An item without a key goes as it is, and is not stored.
+
+        A batch whose items name a module of the user's (a class of ``shapes.py``)
+        that changed on disk since the notebook loaded it has no keys: their key
+        would follow the file, the code that computes them is the one loaded (as for
+        the function: :func:`_check_edited`; ``settle`` says so once).
         """
         base = len(self.keys)
-        key_all: Callable[[list], list] = keyed_copies if copy else item_keys
-        key_one: Callable[[Any], tuple] = keyed_copy if copy else item_key
+        key_all: Callable[[list, dict], list] = keyed_copies if copy else item_keys
+        key_one: Callable[[Any, dict], tuple] = keyed_copy if copy else item_key
+        used: dict[str, str] = {}
         try:
-            triples = key_all(items)
+            triples = key_all(items, used)
         except Exception:  # one item does not pickle: key them one by one to find it
             triples = []
             for i, item in enumerate(items):
                 try:
-                    triples.append(key_one(item))
+                    triples.append(key_one(item, used))
                 except Exception as exc:  # unpicklable: the run itself will say so
                     log.debug("item %d has no key: %s", base + i, exc)
                     triples.append((b"", None, item))
         keys = [t[0] for t in triples]
+        if used and (edited := _edited_modules(used)):
+            keys = [b""] * len(keys)
+            self.edited = self.edited or edited
         if copy:
             items = [t[2] for t in triples]
         if self.unstable is None:
@@ -464,6 +474,49 @@ def _check_setup_files(run: str) -> None:
     raise ValueError("the setup's modules changed since the workers ran it")
 
 
+def _check_edited(run: str, used: dict[str, str]) -> None:
+    """Raise ``ValueError`` (the run then goes without a checkpoint), after one warning,
+    when a module of the user's that the key covers by its file (``used``: name -> file)
+    changed on disk since the notebook loaded it, without a reload.
+
+    The key follows the file, but the notebook runs the code it loaded, as do the
+    workers that imported it then; a worker that imports it now runs the file's.
+    Stored, the run's results (the old code's, as the serial map's) went under the
+    edited file's key, and the reload the warning asks for (or a new kernel) then
+    resumed them: the old code's results where the new code's were due. Read, a
+    result stored under that key would be the new code's where the notebook runs
+    the old. So nothing is read or stored, as for a module the ``%%pool setup``
+    imports (:func:`_check_setup_files`); after the reload the key's results are
+    the new code's (the workers reload it before their next task).
+    """
+    edited = _edited_modules(used) if used else []
+    if not edited:
+        return
+    _warn(_edited_line(edited, "", f"{run} runs without the checkpoint (nothing read from it or stored)"))
+    raise ValueError("the user's modules changed on disk since the notebook loaded them")
+
+
+def _edited_modules(used: dict[str, str]) -> list[tuple[str, str]]:
+    """Of the user's modules a key covers by their file (name -> file), those edited since
+    the notebook loaded them, as ``(module, file name)`` (``warmup.edited_for_checkpoint``)."""
+    from . import warmup
+
+    return warmup.edited_for_checkpoint(sorted(used))
+
+
+def _edited_line(edited: list[tuple[str, str]], who: str, what: str) -> str:
+    """The warning of a checkpointed run (``who``: what names the modules, if not the run)
+    some of whose user's modules (``edited``) changed on disk since the notebook loaded them."""
+    files = ", ".join(f for _, f in edited)
+    reload = " and ".join(f"importlib.reload({name})" for name, _ in edited)
+    it = "it" if len(edited) == 1 else "them"
+    changed = f"changed on disk since the notebook loaded {it}"
+    return (f"mpmagic: --checkpoint: {f'{who} {files}, {changed}' if who else f'{files} {changed}'}, so {what}: "
+            f"the notebook, and the workers that imported {it}, run the version loaded then, "
+            f"a worker that loads {it} now runs the file's, and the key would be the file's; {reload} to run "
+            "one version, which the checkpoint keeps")
+
+
 def _setup_changed_line(run: str, what: str) -> str:
     """The warning of a checkpointed run whose worker setup changed between its keying and its start."""
     return (f"mpmagic: --checkpoint: the worker setup changed while {run} started, so it ran under the new "
@@ -499,11 +552,13 @@ class MapCheckpoint:
         self._setup_changed = False
         self._without_setup = 0  # results computed on workers whose setup failed: not stored
         _check_setup_files(f"this run of `{self.name}`")
+        used: dict[str, str] = {}
         try:
-            self.run, run_pickle = run_key(func, self.star)
+            self.run, run_pickle = run_key(func, self.star, used)
         except Exception as exc:  # cannot be pickled: the plain run raises its clear error
             log.debug("no run key for %s: %s", self.name, exc)
             raise ValueError(f"no checkpoint key for {self.name}") from exc
+        _check_edited(f"this run of `{self.name}`", used)
         self.store = open_store(location)
         if self.store is None:  # (it warned) a plain run then: its report claims no checkpoint
             raise ValueError(f"no checkpoint store for {self.name}")
@@ -602,6 +657,9 @@ class MapCheckpoint:
         if self.plan.unstable:
             (warn or _warn)(f"mpmagic: --checkpoint: {self.plan.unstable}; a new kernel will compute such items "
                             "again. Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
+        if self.plan.edited:
+            (warn or _warn)(_edited_line(self.plan.edited, f"items of this run of `{self.name}` name",
+                                         "they were computed without the checkpoint (not read from it nor stored)"))
 
     def value(self, computed: list) -> list:
         """The whole input's results in input order: stored ones and ``computed`` (the missing ones')."""
@@ -963,15 +1021,17 @@ class CellCheckpoint:
         self.size, self.gather = size, tuple(gather)
         self.setup_version = worker_setup.version()  # (as MapCheckpoint's: the setup the key covers)
         _check_setup_files("this cell")
+        used: dict[str, str] = {}
         try:
             spec = make_cell_spec(code, namespace, self.gather)
             # --gather names are the cell's outputs: their last values (put in the
             # notebook by the previous run) are not inputs of this one.
             names = {k: v for k, v in spec.names.items() if k not in gather}
-            self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed)
+            self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used)
         except Exception as exc:
             log.debug("no key for the cell: %s", exc)
             raise ValueError("no checkpoint key for the cell") from exc
+        _check_edited("this cell", used)
         self.store = open_store(location)
         if self.store is None:  # (it warned) the cell runs as a plain one
             raise ValueError("no checkpoint store for the cell")

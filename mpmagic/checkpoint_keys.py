@@ -126,14 +126,62 @@ def _file_digest(path: str) -> bytes:
         return b""
 
 
+_module_files: dict[str, tuple[Any, str | None]] = {}  # module name -> (that module, local_module_file then)
+
+
+def _module_file(name: str) -> str | None:
+    """``local_module_file(name)``, remembered for the module loaded as ``name`` (a
+    realpath per module: ~10 us, for each module a scanned module imports, every run)."""
+    module = sys.modules.get(name)
+    known = _module_files.get(name)
+    if known is not None and known[0] is module:
+        return known[1]
+    path = local_module_file(name)
+    _module_files[name] = (module, path)
+    return path
+
+
+def _local_imports(name: str) -> list[tuple[str, str, list[types.FunctionType]]]:
+    """The user's own modules that the loaded module ``name``'s globals come from
+    (``import m2``, ``from m2 import k``, ``from m2 import Shape``), as ``(module, file,
+    functions taken from it)``: those functions are keyed by their code too, since
+    after ``importlib.reload(m2)`` alone ``m1`` (in the notebook and in the workers)
+    still runs the ``k`` it took before. A module imported inside a function's body is
+    not among them (nothing at module level names it). A scan of the module's globals,
+    ``local_module_file`` once per other module they come from."""
+    module = sys.modules.get(name)
+    values = list(getattr(module, "__dict__", {}).values())
+    found: dict[str, list[types.FunctionType]] = {}
+    other: Any
+    for value in values:
+        if type(value) is types.ModuleType:
+            other = value.__name__
+        elif isinstance(value, (type, types.FunctionType)):
+            other = getattr(value, "__module__", None)
+        else:
+            continue
+        if isinstance(other, str) and other != name:
+            taken = found.setdefault(other, [])
+            if type(value) is types.FunctionType:
+                taken.append(value)
+    out = []
+    for other, taken in found.items():
+        path = _module_file(other)
+        if path is not None:
+            out.append((other, path, taken))
+    return out
+
+
 class _KeyPickler(cloudpickle.Pickler):
     """cloudpickle with the per-process parts taken out (see the module docstring).
 
     Code it pickles by reference counts too: a notebook function wrapped by
     ``functools.cache``/``lru_cache`` is keyed by the function it wraps (by
     value); a function, class or module of the user's own modules (a ``.py``
-    file beside the notebook) by a digest of that module's file
-    (``modules``, added to the key by :func:`run_key`).
+    file beside the notebook) by a digest of that module's file, and of the
+    user's modules it imports in turn (``modules``, added to the key by
+    :func:`run_key`; ``names``: those modules, for the caller's check that
+    their files are the ones the notebook loaded).
 
     mpmagic's shared helpers (``Value``, ``Array``, ``Lock``, ``RLock``,
     ``Event``, ``Queue``, and a helper's ``get_lock()``) pickle by the name of
@@ -152,7 +200,33 @@ class _KeyPickler(cloudpickle.Pickler):
     def __init__(self, *args: Any, captures: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.modules: dict[str, bytes] = {}  # file of a user's module the pickle refers to -> its digest
+        self.names: dict[str, str] = {}  # those modules by name -> their file (for checkpoint._check_edited)
         self.captures = captures
+
+    def _add_code(self, path: str, func: types.FunctionType) -> None:
+        """Key ``func`` of the user's module at ``path`` also by the code it has now (which a
+        module edited and not reloaded, or a name taken from a module reloaded since, keeps)."""
+        digest = hashlib.blake2b(marshal.dumps(func.__code__), digest_size=16).digest()
+        # (the digest in the name too: m1's stale `k` and m2's new one are two entries)
+        self.modules[f"{path}:{func.__qualname__}:{digest.hex()}"] = digest
+
+    def _add_module(self, name: str, path: str) -> None:
+        """Key the user's module ``name`` (file ``path``) by its file, and so the user's
+        modules it imports, in turn (:func:`_local_imports`): ``f`` calls ``m1.g``, which
+        calls ``m2.k``; edited and reloaded, ``m2`` kept its stored results when only the
+        modules the function names counted."""
+        todo = [(name, path)]
+        while todo:
+            name, path = todo.pop()
+            if path in self.modules:
+                continue
+            self.modules[path] = _file_digest(path)
+            self.names[name] = path
+            for other, other_path, taken in _local_imports(name):
+                for func in taken:  # `from m2 import k` in m1: m1 runs the k it took (see _local_imports)
+                    self._add_code(other_path, func)
+                if other_path not in self.modules:
+                    todo.append((other, other_path))
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)
@@ -168,11 +242,10 @@ class _KeyPickler(cloudpickle.Pickler):
         if t is types.ModuleType or isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
             name = obj.__name__ if t is types.ModuleType else getattr(obj, "__module__", None)
             path = local_module_file(name)
-            if path is not None and path not in self.modules:
-                self.modules[path] = _file_digest(path)
+            if path is not None and path not in self.modules and isinstance(name, str):
+                self._add_module(name, path)
             if path is not None and t is types.FunctionType:  # the code that runs (a module edited, not reloaded)
-                self.modules[f"{path}:{obj.__qualname__}"] = hashlib.blake2b(
-                    marshal.dumps(obj.__code__), digest_size=16).digest()
+                self._add_code(path, obj)
         rv = super().reducer_override(obj)
         if isinstance(obj, type) and isinstance(rv, tuple) and len(rv) > 2:
             if _TRACKER is not None:
@@ -209,15 +282,18 @@ class _BufferHasher:
         return False
 
 
-def _key_pickle(obj: Any, h: Any, captures: bool = False) -> bytes:
+def _key_pickle(obj: Any, h: Any, captures: bool = False, used: dict[str, str] | None = None) -> bytes:
     """The key pickle of ``obj``; the digests of the user's modules it refers to go into ``h``
     (by file contents, not path: a new checkout in another folder finds its results).
-    ``captures``: ``obj`` is what a run captures, not an item (see :class:`_KeyPickler`)."""
+    ``captures``: ``obj`` is what a run captures, not an item (see :class:`_KeyPickler`).
+    ``used``: gets those modules, name -> file."""
     with io.BytesIO() as f:
         pickler = _KeyPickler(f, protocol=_PROTOCOL, buffer_callback=_BufferHasher(h), captures=captures)
         pickler.dump(obj)
         for digest in sorted(pickler.modules.values()):
             h.update(b"module " + digest)
+        if used is not None:
+            used.update(pickler.names)
         return f.getvalue()
 
 
@@ -254,27 +330,31 @@ def _digest(h: Any, data: bytes) -> bytes:
     return h.digest()
 
 
-def run_key(func: Any, star: bool) -> tuple[bytes, bytes]:
+def run_key(func: Any, star: bool, used: dict[str, str] | None = None) -> tuple[bytes, bytes]:
     """``(key, key pickle)`` of a map of ``func``: equal across kernels for equal code and captures.
 
     The pickle is returned so callers can look for sets in it
     (:func:`unstable_reason`). Raises what pickling raises when ``func``
-    cannot be pickled (the run would fail the same way).
+    cannot be pickled (the run would fail the same way). ``used`` gets the
+    user's modules the key covers by their file, name -> file (the caller
+    checks that the file is still the one the notebook loaded:
+    ``checkpoint._check_edited``).
     """
     h = hashlib.blake2b(digest_size=16, person=b"mpmagic-run")
     h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{int(star)}|".encode())
     if setup := _setup_digest():  # (only then: keys without a setup stay as they were)
         h.update(b"setup " + setup)
-    data = _key_pickle(func, h, captures=True)
+    data = _key_pickle(func, h, captures=True, used=used)
     return _digest(h, data), data
 
 
 def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
-             seed: int | None = None) -> tuple[bytes, bytes]:
+             seed: int | None = None, used: dict[str, str] | None = None) -> tuple[bytes, bytes]:
     """The run key of a ``%%parallel`` cell: its text, the names it reads, its size,
     its ``seed`` (another seed gives other values: a --seed 4 run returned the
     values stored by a --seed 3 one) and the worker setup (a cell reads its names
-    as a map's function does: a new setup returned the old one's stored values)."""
+    as a map's function does: a new setup returned the old one's stored values).
+    ``used``: as :func:`run_key`'s."""
     h = hashlib.blake2b(digest_size=16, person=b"mpmagic-cell")
     h.update(f"{FORMAT}|{sys.version_info[0]}.{sys.version_info[1]}|{size}|{gather}|".encode())
     if seed is not None:  # (only then: the keys of cells without a seed stay as they were)
@@ -282,7 +362,12 @@ def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
     if setup := _setup_digest():  # (only then, as in run_key)
         h.update(b"setup " + setup)
     h.update(source.encode())
-    data = _key_pickle((sorted(names.items()), sorted(modules.items())), h, captures=True)
+    # The modules the cell imports travel by name: those of the user's own count by their
+    # file, as a module a function names (an edited and reloaded one kept its stored values).
+    # (Only then in the pickle: the keys of cells without such modules stay as they were.)
+    local = [sys.modules[m] for m in sorted(set(modules.values())) if local_module_file(m) is not None]
+    what = (sorted(names.items()), sorted(modules.items()), *([local] if local else []))
+    data = _key_pickle(what, h, captures=True, used=used)
     return _digest(h, data), data
 
 
@@ -316,11 +401,12 @@ def _names_code(data: bytes) -> bool:
     return b"__main__" in data or b"__mp_main__" in data or any(p in data for p in _local_module_patterns())
 
 
-def item_key(item: Any) -> tuple[bytes, bytes | None]:
+def item_key(item: Any, used: dict[str, str] | None = None) -> tuple[bytes, bytes | None]:
     """``(key, pickle)`` of one item; the pickle is None for plain values (nothing to check).
 
     Plain pickle when it names no notebook code (fast: ~1 us for a number);
     the key pickler when it does, so a notebook class's code counts too.
+    ``used``: as :func:`run_key`'s.
     """
     if type(item) in _PLAIN:
         return hashlib.blake2b(pickle.dumps(item, _PROTOCOL), digest_size=16).digest(), None
@@ -331,11 +417,11 @@ def item_key(item: Any) -> tuple[bytes, bytes | None]:
             raise pickle.PicklingError("by reference to notebook code")
     except Exception:
         h = hashlib.blake2b(digest_size=16)
-        data = _key_pickle(item, h)
+        data = _key_pickle(item, h, used=used)
     return _digest(h, data), data
 
 
-def keyed_copy(item: Any) -> tuple[bytes, bytes | None, Any]:
+def keyed_copy(item: Any, used: dict[str, str] | None = None) -> tuple[bytes, bytes | None, Any]:
     """``(key, pickle, copy)``: :func:`item_key` of a private copy of ``item``, and that copy.
 
     A background run (or a stream, or a lazy input) keys its items before they
@@ -345,7 +431,8 @@ def keyed_copy(item: Any) -> tuple[bytes, bytes | None, Any]:
     and nobody else holds it. Numbers and strings cannot change: they are
     their own copy. Others are loaded back from the very pickle that is hashed
     (numpy buffers copied once); one that names notebook code or a module of
-    the user's is copied by a pickle round trip first, then keyed.
+    the user's is copied by a pickle round trip first, then keyed. ``used``: as
+    :func:`run_key`'s.
     """
     if type(item) in _PLAIN:
         return hashlib.blake2b(pickle.dumps(item, _PROTOCOL), digest_size=16).digest(), None, item
@@ -363,24 +450,26 @@ def keyed_copy(item: Any) -> tuple[bytes, bytes | None, Any]:
     except Exception:  # (a lambda inside, a class defined in a function: by value)
         copy = cloudpickle.loads(cloudpickle.dumps(item, _PROTOCOL))
     h = hashlib.blake2b(digest_size=16)
-    data = _key_pickle(copy, h)
+    data = _key_pickle(copy, h, used=used)
     return _digest(h, data), data, copy
 
 
-def keyed_copies(items: list) -> list[tuple[bytes, bytes | None, Any]]:
-    """:func:`keyed_copy` of each item; a batch of plain values (numbers, strings) in one tight loop."""
+def keyed_copies(items: list, used: dict[str, str] | None = None) -> list[tuple[bytes, bytes | None, Any]]:
+    """:func:`keyed_copy` of each item; a batch of plain values (numbers, strings) in one tight loop.
+    ``used`` gets the user's modules any of them names (see :func:`run_key`)."""
     if all(type(x) in _PLAIN for x in items):
         dumps, b2 = pickle.dumps, hashlib.blake2b
         return [(b2(dumps(x, _PROTOCOL), digest_size=16).digest(), None, x) for x in items]
-    return [keyed_copy(x) for x in items]
+    return [keyed_copy(x, used) for x in items]
 
 
-def item_keys(items: list) -> list[tuple[bytes, bytes | None]]:
-    """:func:`item_key` of each item; a batch of plain values (numbers, strings) in one tight loop."""
+def item_keys(items: list, used: dict[str, str] | None = None) -> list[tuple[bytes, bytes | None]]:
+    """:func:`item_key` of each item; a batch of plain values (numbers, strings) in one tight loop.
+    ``used`` gets the user's modules any of them names (see :func:`run_key`)."""
     if all(type(x) in _PLAIN for x in items):
         dumps, b2 = pickle.dumps, hashlib.blake2b
         return [(b2(dumps(x, _PROTOCOL), digest_size=16).digest(), None) for x in items]
-    return [item_key(x) for x in items]
+    return [item_key(x, used) for x in items]
 
 
 # Opcodes that build sets, and those that hold a string or bytes.

@@ -478,6 +478,18 @@ def edited_modules(names: list[str]) -> list[str]:
     return out
 
 
+def edited_for_checkpoint(names: list[str]) -> list[tuple[str, str]]:
+    """Of these user modules (those a checkpoint key covers by their file), those whose file
+    changed on disk since the notebook loaded them (:func:`edited_modules`), as
+    ``(module, file's base name)``.
+    The checkpointed run that asks goes without the checkpoint and says why in its own
+    line, which says what ``Reloads._say_edited`` would: that line is taken as said."""
+    edited = edited_modules(names)
+    for name in edited:
+        _said.add(("edited", name, _file_stamp(sys.modules[name])))
+    return [(name, os.path.basename(getattr(sys.modules[name], "__file__", None) or name)) for name in edited]
+
+
 def _say_once(key: Any, line: str) -> None:
     if key not in _said:
         _said.add(key)

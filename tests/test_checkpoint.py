@@ -1066,6 +1066,153 @@ def test_a_module_reloaded_in_the_notebook_is_reloaded_in_running_workers(ip, st
         sys.modules.pop("mymod_rl", None)
 
 
+def _edited_line(ip, cell: str, module: str) -> list:
+    """Run ``cell`` (a checkpointed run) whose ``module`` changed on disk since the notebook
+    loaded it: one warning says it runs without the checkpoint (and the warm-up's own
+    line about the edit is not said too); its report claims no checkpoint."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run(ip, cell)
+    said = [str(w.message) for w in caught if "changed on disk" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"mpmagic: --checkpoint: {module}.py changed on disk since the notebook loaded it")
+    assert "without the checkpoint (nothing read from it or stored)" in said[0]
+    assert f"importlib.reload({module})" in said[0]
+    assert "checkpoint" not in mpmagic.last_report().line()
+    return results
+
+
+@pytest.mark.parametrize("mod, cell, again", [
+    ("edmod_ck", "import edmod_ck\ndef via_mod(x):\n    return edmod_ck.g(x)\n", ""),  # through the module
+    ("edmod_ck2", "import edmod_ck2\nfrom edmod_ck2 import g\ndef via_mod(x):\n    return g(x)\n",
+     "from edmod_ck2 import g"),  # g unchanged, the h it calls edited
+])
+def test_a_module_edited_and_not_reloaded_runs_without_the_checkpoint_so_its_old_results_are_never_resumed(
+        ip, store_dir, tmp_path, monkeypatch, local_pool, mod, cell, again):
+    """tester-bgdurable: after an edit of the user's module and no reload, --checkpoint
+    computed the old code's results (what the notebook and its workers have loaded) and
+    stored them under the key of the edited file; after the importlib.reload the warning
+    asked for (or a kernel restart) the next run resumed 5 of 5 old results where map gave
+    the new code's. Such a run goes without the checkpoint now: nothing read or stored."""
+    path = tmp_path / f"{mod}.py"
+    path.write_text("def h(x):\n    return x + 1\ndef g(x):\n    return h(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import importlib\n" + cell)
+        old = [x + 1 for x in range(5)]
+        assert run(ip, "%pmap -q --checkpoint via_mod, range(5)") == old
+        path.write_text("def h(x):\n    return x * 100\ndef g(x):\n    return h(x)\n")  # no reload
+        assert run(ip, "list(map(via_mod, range(5)))") == old  # (the notebook runs what it loaded)
+        assert _edited_line(ip, "%pmap -q --checkpoint via_mod, range(5)", mod) == old
+        assert _edited_line(ip, "%pmap -q --checkpoint via_mod, range(5)", mod) == old  # each run
+        run(ip, f"importlib.reload({mod})\n" + again)
+        oracle = run(ip, "list(map(via_mod, range(5)))")
+        assert oracle == [x * 100 for x in range(5)]
+        assert run(ip, "%pmap -q --checkpoint via_mod, range(5)") == oracle
+        assert "resumed: 0 of 5" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint via_mod, range(5)") == oracle  # stored: the new code's
+        assert "resumed: 5 of 5" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop(mod, None)
+
+
+def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_checkpoint_off(
+        ip, store_dir, tmp_path, monkeypatch, local_pool):
+    """A %%parallel cell's modules travel by name, and were keyed by name: a module of the
+    user's edited and reloaded kept the cell's stored values ([1, 2] where the ranks now
+    give [0, 100]). By its file now; edited without a reload, the cell runs without the
+    checkpoint, as a map does."""
+    path = tmp_path / "cellmod_ck.py"
+    path.write_text("def g(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cell = "v = cellmod_ck.g(rank)\nv\n"
+    try:
+        run(ip, "import importlib, cellmod_ck")
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 2]
+        path.write_text("def g(x):\n    return x * 100\n")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 2]  # (loaded: old)
+        said = [str(w.message) for w in caught if "changed on disk" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith("mpmagic: --checkpoint: cellmod_ck.py changed on disk"), said
+        assert "so this cell runs without the checkpoint" in said[0]
+        run(ip, "importlib.reload(cellmod_ck)")
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [0, 100]
+        assert "resumed: 0 of 2" in api.last_report().line()
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [0, 100]
+        assert "resumed: 2 of 2" in api.last_report().line()
+    finally:
+        sys.modules.pop("cellmod_ck", None)
+
+
+def test_items_of_a_class_from_a_module_edited_and_not_reloaded_are_not_read_or_stored(ip, store_dir, tmp_path,
+                                                                                       monkeypatch, local_pool):
+    """As for the function's module: items of a class of the user's module edited without a
+    reload were computed by the class the workers had loaded and stored under the edited
+    file's key, then resumed after the reload (stale areas where map gives the new ones)."""
+    path = tmp_path / "shapes_ed.py"
+    path.write_text("class Sq:\n    def __init__(self, s):\n        self.s = s\n"
+                    "    def area(self):\n        return self.s * self.s\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import importlib, shapes_ed\ndef area(sq):\n    return sq.area()\n"
+                "items = [shapes_ed.Sq(i) for i in range(4)]")
+        assert run(ip, "%pmap -q --checkpoint area, items") == [0, 1, 4, 9]
+        path.write_text("class Sq:\n    def __init__(self, s):\n        self.s = s\n"
+                        "    def area(self):\n        return self.s * self.s * 10\n")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run(ip, "%pmap -q --checkpoint area, items") == run(ip, "list(map(area, items))")
+        said = [str(w.message) for w in caught if "changed on disk" in str(w.message)]
+        assert len(said) == 1 and said[0].startswith(
+            "mpmagic: --checkpoint: items of this run of `area` name shapes_ed.py, changed on disk"), said
+        assert "importlib.reload(shapes_ed)" in said[0]
+        run(ip, "importlib.reload(shapes_ed)\nitems = [shapes_ed.Sq(i) for i in range(4)]")
+        oracle = run(ip, "list(map(area, items))")
+        assert oracle == [0, 10, 40, 90]
+        assert run(ip, "%pmap -q --checkpoint area, items") == oracle
+        assert "resumed: 0 of 4" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint area, items") == oracle
+        assert "resumed: 4 of 4" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop("shapes_ed", None)
+
+
+def test_a_module_the_functions_module_imports_counts_by_its_file_and_the_code_taken_from_it(
+        ip, store_dir, tmp_path, monkeypatch, local_pool):
+    """tester-bgdurable finding 2: f calls m1.g, which calls m2.k; m2 edited and reloaded,
+    --checkpoint returned the stored results of the old k, without a word (map gave the
+    new). The user's modules that a covered module imports count by their file too, and a
+    function m1 took with `from m2 import k` by the code m1 has (a reload of m2 alone leaves
+    m1's k the old one, in the notebook and in the workers: a kernel restart gives the new)."""
+    (tmp_path / "m2_tr.py").write_text("def k(x):\n    return 0\n")
+    (tmp_path / "m1_tr.py").write_text("import m2_tr\nfrom m2_tr import k\n"
+                                       "def g(x):\n    return x + m2_tr.k(x)\ndef g2(x):\n    return x + k(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, "import importlib, m1_tr, m2_tr\ndef via(x):\n    return m1_tr.g(x)\n"
+                "def via2(x):\n    return m1_tr.g2(x)\n")
+        assert run(ip, "%pmap -q --checkpoint via, range(4)") == [0, 1, 2, 3]
+        fresh2 = run_key(ip.user_ns["via2"], False)[0]
+        (tmp_path / "m2_tr.py").write_text("def k(x):\n    return 5000\n")
+        # edited, not reloaded: m2 is under the key, so the run goes without the checkpoint
+        assert _edited_line(ip, "%pmap -q --checkpoint via, range(4)", "m2_tr") == [0, 1, 2, 3]
+        run(ip, "importlib.reload(m2_tr)")
+        oracle = run(ip, "list(map(via, range(4)))")
+        assert oracle == [5000, 5001, 5002, 5003]
+        assert run(ip, "%pmap -q --checkpoint via, range(4)") == oracle
+        assert "resumed: 0 of 4" in mpmagic.last_report().line()
+        # m1's own k is still the old one: its key is neither the old files' nor that of m1 loaded afresh
+        stale2 = run_key(ip.user_ns["via2"], False)[0]
+        assert run(ip, "list(map(via2, range(4)))") == [0, 1, 2, 3]
+        run(ip, "importlib.reload(m1_tr)")
+        assert run(ip, "list(map(via2, range(4)))") == [5000, 5001, 5002, 5003]
+        assert len({fresh2, stale2, run_key(ip.user_ns["via2"], False)[0]}) == 3
+    finally:
+        sys.modules.pop("m1_tr", None)
+        sys.modules.pop("m2_tr", None)
+
+
 def test_a_module_reloaded_in_the_notebook_is_said_to_be_reloaded_on_dask(ip, dask_cluster, request, tmp_path,
                                                                            monkeypatch, capsys):
     """Dask workers ran the old code without a word; they reload it now (test_dask.py shows the results)."""
