@@ -16,7 +16,8 @@ and survives an interrupt or a worker's death up to the last line sent.
   loggers at each unit where they differ, so a record below the notebook's
   level is never even made there (what a task changes of logging, a level,
   ``disabled``, ``propagate``, handlers, ``logging.disable``, lasts for its
-  unit: see "what a task changes of logging" below),
+  unit, except what a module's import sets: see "what a task changes of
+  logging" below),
   and a handler on its root logger writes each record as one marked line:
   the record's fields and its lines for the cell, ``[item 3] WARNING:root:text``
   (``logging.BASIC_FORMAT`` behind the item label; a ``%%parallel`` rank's
@@ -25,7 +26,9 @@ and survives an interrupt or a worker's death up to the last line sent.
   and other handlers, ``propagate``), and its lines show exactly when serial
   code would have printed it to the cell (``logging.disable()``, handler
   levels, ``logging.lastResort``). A traceback's frame in a notebook cell (``logging.exception``)
-  has no source line in the worker: a marked line asks the notebook for it.
+  has no source line in the worker: a marked line asks the notebook for it
+  (and its ``~~^~~``), in the cell's lines and in the record's ``exc_text``,
+  which the notebook's other handlers (a ``FileHandler``) write.
 * **Warnings.** Whether a warning shows is the notebook's filters' decision,
   "once per location" by default across every worker and item of a call:
   a worker could only deduplicate its own share. So the worker sends each
@@ -55,6 +58,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.machinery
+import itertools
 import json
 import linecache
 import logging
@@ -62,6 +67,7 @@ import pickle
 import re
 import sys
 import threading
+import traceback
 import types
 import warnings
 from operator import itemgetter
@@ -157,6 +163,7 @@ class _Unit(threading.local):
     active = False
     start: int | None = None  # a map chunk's first item index; None for a cell rank
     seen: dict | None = None  # warnings already sent for this unit: are their repeats sent too?
+    frame: types.FrameType | None = None  # the frame that began the unit (see _importing)
 
 
 _unit = _Unit()
@@ -233,16 +240,47 @@ def _owner() -> tuple[str, dict] | None:
 _FRAME_LINE = re.compile(r'  File "(.+)", line (\d+), in ')
 
 
-def _lines(text: str, prefix: str, traceback: bool) -> str:
+def _lines(text: str, prefix: str, traceback: bool, positions: dict | None = None) -> str:
     """A record's formatted text as labelled lines. After a traceback's frame
     whose source this worker lacks (a notebook cell's), a marked line asks
-    the notebook for the source line serial Python prints there."""
+    the notebook for the source line serial Python prints there (and, with its
+    position in ``positions``, see :func:`_positions`, the ``^`` line under it)."""
     out = []
     for line in text.splitlines():
         out.append(f"{prefix}{line}\n")
         if traceback and (m := _FRAME_LINE.match(line)) and not linecache.getline(m[1], int(m[2])):
-            out.append(MARK + json.dumps([prefix, m[1], int(m[2])]) + "\n")
+            fields: list = [prefix, m[1], int(m[2])]
+            where = (positions or {}).get((m[1], int(m[2])))
+            if where is not None:
+                fields.append(where)
+            out.append(MARK + json.dumps(fields) + "\n")
     return "".join(out)
+
+
+def _positions(exc: BaseException | None) -> dict[tuple[str, int], list]:
+    """Where in its line each frame of ``exc``'s traceback stopped (its causes',
+    contexts' and an exception group's members' too), by (file, line): [end line,
+    start column, end column], from which ``traceback`` draws the ``~~^~~`` under
+    a frame's source line (Python 3.11 and later; empty before). The notebook,
+    which has a cell's source, draws it (see ``WarningRelay._one``)."""
+    out: dict[tuple[str, int], list] = {}
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo and len(seen) < 64:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            code = tb.tb_frame.f_code
+            if hasattr(code, "co_positions") and tb.tb_lasti >= 0:
+                where = next(itertools.islice(code.co_positions(), tb.tb_lasti // 2, None), None)
+                if where is not None and None not in where:
+                    out.setdefault((code.co_filename, tb.tb_lineno), list(where[1:]))
+            tb = tb.tb_next
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return out
 
 
 class _TaskHandler(logging.Handler):
@@ -266,10 +304,17 @@ class _TaskHandler(logging.Handler):
             else:  # a thread the task started: labelled as the item running now
                 owner = _owner()
                 prefix = owner[0] if owner is not None else ""
-            shown = _lines(text, prefix, bool(record.exc_text or record.stack_info))
+            positions = _positions(record.exc_info[1]) if record.exc_info and record.exc_text else None
+            shown = _lines(text, prefix, bool(record.exc_text or record.stack_info), positions)
             # One marked line: the record itself, for the notebook's handlers of its logger,
-            # and its labelled lines, for the cell (see WarningRelay._record).
-            fields: dict[str, Any] = {"record": _record_fields(record), "shown": shown}
+            # and its labelled lines, for the cell (see WarningRelay._record). Its
+            # traceback and stack ask for their cell frames' source lines as the cell's
+            # lines do: a notebook FileHandler wrote them without (serially, with).
+            sent = _record_fields(record)
+            for attr in ("exc_text", "stack_info"):
+                if sent[attr]:
+                    sent[attr] = _lines(sent[attr], "", True, positions).rstrip("\n")
+            fields: dict[str, Any] = {"record": sent, "shown": shown}
             if record.levelno < sent_level(record.name):
                 fields["lowered"] = True  # made only because the task lowered a level (see deliver)
             sys.stderr.write(MARK + json.dumps(fields) + "\n")
@@ -453,7 +498,12 @@ def _hook_out() -> None:
 # write, so a unit that changes nothing pays nothing), and the last unit to end
 # puts back every saved logger and ``logging.disable``'s level. What the worker
 # itself sets outside a unit (``%%pool setup``, a module the warm-up imports)
-# stays, as the worker's own. The notebook's ``disabled`` flags, ``propagate``,
+# stays, as the worker's own; so does what a module sets while it is imported,
+# wherever the import runs (a task's ``import transformers`` gives its logger a
+# handler, a level and ``propagate = False``): the module stays imported and
+# never sets them again, so undoing them lost its records in that worker for
+# good (7 of 8 INFO lines of two calls, one item a chunk), where serially they
+# stay. The notebook's ``disabled`` flags, ``propagate``,
 # handlers and ``logging.disable`` are applied at home to each record
 # (:func:`deliver`); its levels here too (:func:`_apply_levels`), so a record
 # below them is never made.
@@ -488,11 +538,60 @@ def _state(logger: logging.Logger) -> tuple[int, bool, bool, list]:
             attrs.get("propagate", True), list(attrs.get("handlers", ())))
 
 
-def _note(logger: logging.Logger) -> None:
+def _note(logger: logging.Logger) -> bool:
     """``logger`` changes now: keep its state first, if a unit runs and it is
-    its first change since the units began."""
-    if _running and logger not in _changed and not _syncing.active:
+    its first change since the units began. True when the change is a module's
+    import's (see :func:`_importing`): the caller then passes it on to the state
+    kept (:func:`_keep_imported`), so the units' end does not undo it."""
+    if not _running or _syncing.active:
+        return False
+    if _importing():
+        return logger in _changed
+    if logger not in _changed:
         _changed.setdefault(logger, _state(logger))
+    return False
+
+
+def _keep_imported(logger: logging.Logger, before: tuple[int, bool, bool, list]) -> None:
+    """A module's import (in a unit) changed ``logger`` from the state ``before``,
+    and a task of the running units had changed it earlier: what the import set
+    is what the units' end puts back (the rest of the task's change is undone).
+    ``handlers`` compared by identity."""
+    saved = _changed.get(logger)
+    if saved is None:
+        return
+    level, disabled, propagate, handlers = _state(logger)
+    old_level, old_disabled, old_propagate, old_handlers = before
+    kept = list(saved[3])
+    for h in old_handlers:  # (removed by the import)
+        if not any(h is x for x in handlers):
+            kept = [x for x in kept if x is not h]
+    for h in handlers:  # (added by the import)
+        if not any(h is x for x in old_handlers) and not any(h is x for x in kept):
+            kept.append(h)
+    _changed[logger] = (level if level != old_level else saved[0],
+                        disabled if disabled != old_disabled else saved[1],
+                        propagate if propagate != old_propagate else saved[2], kept)
+
+
+# Code run by an import (``importlib._bootstrap``'s file: ``import x``,
+# ``importlib.import_module``, ``importlib.reload``), found by a public class of it.
+_IMPORT_FILE = importlib.machinery.ModuleSpec.__init__.__code__.co_filename
+
+
+def _importing() -> bool:
+    """Is a module being imported in this thread, under the running unit? The
+    frames from here up to the unit's own (the worker's, which starts the unit:
+    a fork worker's stack may hold its notebook's import that started the pool)
+    are looked at: a change made under the import machinery's frames is the
+    module's. A few microseconds, paid only when a logger changes in a unit."""
+    stop = _unit.frame
+    frame: types.FrameType | None = sys._getframe(2)
+    while frame is not None and frame is not stop:
+        if frame.f_code.co_filename == _IMPORT_FILE:
+            return True
+        frame = frame.f_back
+    return False
 
 
 # What the watch wraps, read as it goes in (someone else's patch meanwhile is wrapped, not lost):
@@ -504,28 +603,48 @@ _disable_property = logging.Manager.__dict__.get("disable")  # (a property since
 _watched_property: Any = None  # our Manager.disable, made once per property it wraps
 
 
+def _watched(change: Any, logger: logging.Logger, *args: Any) -> None:
+    """Make ``change`` to ``logger`` while a unit runs: noted first, or, if a
+    module's import makes it, kept (see :func:`_note`)."""
+    if not _note(logger):
+        change(logger, *args)
+        return
+    before = _state(logger)
+    try:
+        change(logger, *args)
+    finally:
+        _keep_imported(logger, before)
+
+
 def _watched_setattr(self: logging.Logger, name: str, value: Any) -> None:
     if _running and name in _WATCHED:  # (a Logger's construction: ~1 us more, once per logger)
-        _note(self)
-    _setattr(self, name, value)
+        _watched(_setattr, self, name, value)
+    else:
+        _setattr(self, name, value)
 
 
 def _watched_add_handler(self: logging.Logger, hdlr: logging.Handler) -> None:
     if _running:
-        _note(self)
-    _add_handler(self, hdlr)
+        _watched(_add_handler, self, hdlr)
+    else:
+        _add_handler(self, hdlr)
 
 
 def _watched_remove_handler(self: logging.Logger, hdlr: logging.Handler) -> None:
     if _running:
-        _note(self)
-    _remove_handler(self, hdlr)
+        _watched(_remove_handler, self, hdlr)
+    else:
+        _remove_handler(self, hdlr)
 
 
 def _watched_disable(self: logging.Manager, level: int) -> None:
     global _disable_before
-    if _running and _disable_before is None and not _syncing.active:
-        _disable_before = self.disable
+    if _running and not _syncing.active:
+        if _importing():  # (a module's import: its level stays, see _note)
+            if _disable_before is not None:
+                _disable_before = level
+        elif _disable_before is None:
+            _disable_before = self.disable
     _disable_property.fset(self, level)  # type: ignore[union-attr]  # (a property: see _watch_loggers)
 
 
@@ -610,21 +729,66 @@ def _restore() -> None:
 _always: tuple = ()
 
 
+# The levels the worker's setup (``%%pool setup``, ``on_worker_start``) set, by
+# logger name ("" the root): (the level before it, the setup's). They win over the
+# notebook's in tasks, as the setup's environment and directory do
+# (``context.keep_setup_changes``): a setup's ``logging.basicConfig(level=INFO)``
+# was undone at its first unit by the notebook's root level (its INFO records were
+# never made), while a level it set on a logger the notebook left alone stayed.
+setup_levels: dict[str, tuple[int, int]] = {}
+
+
+def _own_levels() -> dict[str, int]:
+    """Each logger's own level in this process, by name ("" the root)."""
+    levels = {"": logging.getLogger().level}
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if isinstance(logger, logging.Logger):
+            levels[name] = logger.level
+    return levels
+
+
+def keep_setup_levels(run: Any) -> Any:
+    """Run ``run()`` (a worker setup, or its clearing) and keep the logger levels
+    it set as the worker's (:data:`setup_levels`); the last setup's levels are put
+    back first, so that a new setup (or a clear) replaces them, and the next
+    unit applies the notebook's levels again around the new ones."""
+    global _applied
+    with _lock:
+        _syncing.active = True
+        try:
+            for name, (was, _) in setup_levels.items():
+                logging.getLogger(name or None).setLevel(was)
+        finally:
+            _syncing.active = False
+        setup_levels.clear()
+        _applied = None
+    before = _own_levels()
+    try:
+        return run()
+    finally:
+        setup_levels.update((name, (before.get(name, logging.NOTSET), level))
+                            for name, level in _own_levels().items()
+                            if level != before.get(name, logging.NOTSET))
+
+
 def _apply_levels(ctx: bytes) -> None:
     """Give this process's loggers the notebook's levels: when they changed, or a
-    task of an earlier unit changed one of them (see :func:`begin`)."""
+    task of an earlier unit changed one of them (see :func:`begin`). A level the
+    worker's setup set wins (:data:`setup_levels`)."""
     global _applied, _always, _levels, _level_pairs
     if ctx != _applied:
         _levels, _always = pickle.loads(ctx)
     with _lock:
         _syncing.active = True
         try:
-            for name in _set_here - set(_levels):
+            for name in _set_here - set(_levels) - set(setup_levels):
                 _set_level(logging.getLogger(name), logging.NOTSET)
             pairs = []
             for name, level in _levels.items():
                 if name.startswith(_OWN_LOGGERS):
                     continue
+                if name in setup_levels:
+                    level = setup_levels[name][1]
                 logger = logging.getLogger(name or None)
                 if logger.level != level:  # (setLevel clears every logger's cache)
                     _set_level(logger, level)
@@ -759,7 +923,7 @@ def begin(log_context: tuple | None) -> None:
             return
     unit = _unit
     seen: dict = {}
-    unit.active, unit.start, unit.seen = True, start, seen
+    unit.active, unit.start, unit.seen, unit.frame = True, start, seen, sys._getframe(1)
     with _lock:
         _running += 1
         _units[threading.get_ident()] = (start, seen)
@@ -778,7 +942,7 @@ def end() -> None:
     global _running, _saved_filters
     if not _unit.active:
         return
-    _unit.active, _unit.seen = False, None
+    _unit.active, _unit.seen, _unit.frame = False, None, None
     with _lock:
         _running -= 1
         _units.pop(threading.get_ident(), None)
@@ -892,10 +1056,8 @@ class WarningRelay:
             fields = json.loads(body)
             if isinstance(fields, dict):  # a logging record
                 return self._record(fields)
-            if len(fields) == 3:  # a traceback's source line, from this notebook's cells
-                label, filename, lineno = fields
-                source = linecache.getline(cell_file(filename), lineno).strip()
-                return f"{label}    {source}" if source else ""
+            if len(fields) in (3, 4):  # a traceback's source line, from this notebook's cells
+                return _source_lines(*fields)
             label, text, module, qualname, filename, lineno, modname = fields
         except ValueError:
             _log.warning("mpmagic: a malformed warning line from a worker: %r", body[:200])
@@ -934,7 +1096,11 @@ class WarningRelay:
         of its logger (a FileHandler gets it), its levels, filters and
         ``propagate`` applied; the text for the cell: its labelled lines
         (``logging.BASIC_FORMAT``, see :func:`deliver`), or nothing."""
-        record = logging.makeLogRecord(fields["record"])
+        sent = fields["record"]
+        for attr in ("exc_text", "stack_info"):  # (their cell frames' source lines, marked)
+            if isinstance(sent.get(attr), str) and MARK in sent[attr]:
+                sent[attr] = self(sent[attr])
+        record = logging.makeLogRecord(sent)
         shown: str = fields["shown"]
         streams: list[Any] = []
         if not deliver(record, streams, lowered=bool(fields.get("lowered"))):
@@ -953,6 +1119,28 @@ class WarningRelay:
             except Exception:  # a closed stream: shown in the cell instead
                 return text
         return text if any(stream is here for stream in streams) else ""
+
+
+def _source_lines(label: str, filename: str, lineno: int, where: list | None = None) -> str:
+    """The source line of a traceback's frame in a notebook cell, as ``traceback``
+    prints it under the frame's ``File`` line (with its ``~~^~~`` line where
+    ``where``, the frame's [end line, start column, end column], makes one), each
+    line behind ``label``; empty if the notebook has no such line."""
+    filename = cell_file(filename)
+    source = linecache.getline(filename, lineno).strip()
+    if not source:
+        return ""
+    if where is not None and sys.version_info >= (3, 11):
+        try:
+            end_lineno, colno, end_colno = where
+            frame = traceback.FrameSummary(filename, lineno, "", end_lineno=end_lineno,  # type: ignore[call-arg]
+                                           colno=colno, end_colno=end_colno)
+            lines = traceback.StackSummary.from_list([frame]).format()[0].splitlines()[1:]
+            if lines:
+                return "\n".join(f"{label}{line}" for line in lines)
+        except Exception:  # (positions a later Python reads otherwise: the source line alone)
+            _log.debug("mpmagic: a traceback's position not drawn", exc_info=True)
+    return f"{label}    {source}"
 
 
 def _to_console(handler: logging.Handler) -> bool:

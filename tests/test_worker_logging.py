@@ -683,3 +683,124 @@ def test_a_record_made_outside_a_unit_is_not_printed_twice_when_the_root_has_a_h
     err = capsys.readouterr().err
     assert "no handler but ours" in err and "the root's own handler" not in err, err
     assert got == ["the root's own handler"]
+
+
+# A library that gets its logger ready at import, as transformers and datasets do.
+CHATTY_LIBRARY = """
+import logging
+_logger = logging.getLogger(__name__)
+_h = logging.StreamHandler()
+_h.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+_logger.addHandler(_h)
+_logger.setLevel(logging.INFO)
+_logger.propagate = False
+def work(x):
+    _logger.info("loading shard %s", x)
+    return x * 2
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"], scope="session")
+def test_a_library_imported_in_a_task_keeps_the_logging_its_import_set_up(ip, local_pool, tmp_path, capsys):
+    """The end of a chunk undid the handler, level and propagate=False that the
+    library's import gave its logger, as if they were the task's own changes;
+    the module stayed imported and never set them again: two calls of one item a
+    chunk showed 1 of their 8 INFO lines. Serial map (the oracle) shows them all."""
+    import uuid
+
+    name = f"mpm_chatty_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(CHATTY_LIBRARY)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        run(ip, f"def lazy(x):\n    import {name}\n    return {name}.work(x)")
+        capsys.readouterr()
+        for _ in range(2):
+            assert run(ip, "%pmap -q --chunksize 1 lazy, range(4)") == [0, 2, 4, 6]
+        parallel = capsys.readouterr().err.splitlines()
+        assert run(ip, "list(map(lazy, range(4)))") == [0, 2, 4, 6]  # (after: the notebook imports it only now)
+        serial = capsys.readouterr().err.splitlines()
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+        logging.getLogger(name).handlers.clear()
+    assert serial == [f"{name} INFO: loading shard {x}" for x in range(4)]
+    assert sorted(parallel) == sorted(serial * 2)
+
+
+def test_a_tasks_own_change_is_still_undone_when_an_import_changes_the_same_logger(monkeypatch):
+    """What an import sets stays; what the task set before it on the same logger does not."""
+    import types
+
+    from mpmagic import worker_logging as wl
+
+    monkeypatch.setattr(wl, "_installed", False)
+    lib = logging.getLogger("mpm.imported.lib")
+    module = types.ModuleType("mpm_imports_a_handler")
+    handler = logging.NullHandler()
+    wl.begin((0, wl.notebook_context()))
+    try:
+        lib.disabled = True  # the task's own change
+        sys.modules.pop(module.__name__, None)
+        code = "import logging\nlogging.getLogger('mpm.imported.lib').addHandler(H)\n" \
+               "logging.getLogger('mpm.imported.lib').setLevel(logging.INFO)\n"
+        loader = _SourceLoader(code, {"H": handler})
+        spec = __import__("importlib.util").util.spec_from_loader(module.__name__, loader)
+        sys.meta_path.insert(0, _Finder(spec))
+        try:
+            __import__(module.__name__)
+        finally:
+            sys.meta_path.pop(0)
+            sys.modules.pop(module.__name__, None)
+    finally:
+        wl.end()
+    try:
+        assert (lib.disabled, lib.level, lib.handlers) == (False, logging.INFO, [handler])
+    finally:
+        lib.handlers.clear()
+        lib.setLevel(logging.NOTSET)
+
+
+class _SourceLoader:
+    """Runs ``code`` as a module's body, with ``names`` in its namespace."""
+
+    def __init__(self, code: str, names: dict) -> None:
+        self.code, self.names = code, names
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module) -> None:
+        module.__dict__.update(self.names)
+        exec(self.code, module.__dict__)
+
+
+class _Finder:
+    def __init__(self, spec) -> None:
+        self.spec = spec
+
+    def find_spec(self, name, path=None, target=None):
+        return self.spec if name == self.spec.name else None
+
+
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")
+def test_a_tasks_logging_exception_reaches_a_notebook_file_handler_with_its_source_lines(ip, local_pool, tmp_path):
+    """The notebook's FileHandler got the task's traceback without the cell
+    frame's source line (``    1/0`` and its ``~^~``), which serial logging writes."""
+    path = tmp_path / "exc.log"
+    handler = logging.FileHandler(path)
+    logging.getLogger("mpm.exc").addHandler(handler)
+    try:
+        run(ip, "import logging\ndef failing(x):\n    try:\n        1/0\n    except ZeroDivisionError:\n"
+                "        logging.getLogger('mpm.exc').exception('boom %s', x)\n    return x")
+        run(ip, "list(map(failing, ['x']))")
+        handler.flush()
+        serial = path.read_text()
+        path.write_text("")
+        assert run(ip, "%pmap -q failing, ['x']") == ["x"]
+        handler.flush()
+        parallel = path.read_text()
+    finally:
+        logging.getLogger("mpm.exc").removeHandler(handler)
+        handler.close()
+    assert "    1/0\n" in serial
+    assert parallel == serial

@@ -671,3 +671,45 @@ def test_on_worker_start_globals_are_what_tasks_read(ip, any_method):
     assert list(run(ip, "%%parallel -n 2 -q\nmodel['w']")) == [3, 3]
     run(ip, "%pool setup clear")  # the notebook's value again
     assert run(ip, "%pmap -q _w, range(2)") == [1, 1]
+
+
+SETUP_LOGGING = """
+import logging
+logging.getLogger().setLevel(logging.INFO)
+_h = logging.StreamHandler()
+_h.setFormatter(logging.Formatter("setup %(levelname)s:%(name)s:%(message)s"))
+logging.getLogger("mpm.setuplog").addHandler(_h)
+logging.getLogger("mpm.setuplog").propagate = False
+"""
+LOGS = ("import logging\ndef _logs(x):\n    logging.getLogger('mpm.setuplog').warning('item %s', x)\n"
+        "    return logging.getLogger('mpm.setuplog').getEffectiveLevel()")
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"], scope="session")
+def test_a_handler_and_root_level_the_setup_made_act_in_tasks(ip, local_pool, capsys):
+    """A StreamHandler made while the setup ran kept the setup's temporary output
+    buffer as its stream: its records never showed, and piled up in the worker
+    for good. And the setup's root level was replaced by the notebook's at each
+    call. The oracle: the setup's code, then map, serially."""
+    import logging
+
+    run(ip, LOGS)
+    run(ip, "%%pool setup\n" + SETUP_LOGGING)
+    capsys.readouterr()
+    levels = run(ip, "%pmap -q --chunksize 1 _logs, range(4)")
+    parallel = capsys.readouterr().err.splitlines()
+    root, logger = logging.getLogger(), logging.getLogger("mpm.setuplog")
+    level = root.level
+    try:
+        run(ip, SETUP_LOGGING)
+        assert run(ip, "list(map(_logs, range(4)))") == [logging.INFO] * 4
+        serial = capsys.readouterr().err.splitlines()
+    finally:
+        root.setLevel(level)
+        logger.handlers.clear()
+        logger.propagate = True
+    assert serial == [f"setup WARNING:mpm.setuplog:item {x}" for x in range(4)]
+    assert sorted(parallel) == serial
+    assert levels == [logging.INFO] * 4
+    run(ip, "%pool setup clear")  # the notebook's root level again
+    assert run(ip, "%pmap -q --chunksize 1 _logs, range(4)") == [logging.WARNING] * 4
