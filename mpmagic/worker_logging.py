@@ -59,6 +59,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.machinery
+import io
 import itertools
 import json
 import linecache
@@ -283,6 +284,80 @@ def _positions(exc: BaseException | None) -> dict[tuple[str, int], list]:
     return out
 
 
+class SetupStream(io.TextIOBase):
+    """``sys.stdout``/``sys.stderr`` while a setup runs: what the setup prints is
+    kept for its ``SetupDone`` (shown by ``%%pool setup``, labelled by worker);
+    once it has run (:meth:`release`), each write goes to this process's
+    ``sys.stdout``/``sys.stderr`` of the moment: a task's, sent home with its
+    output, while a unit runs.
+
+    Why: a ``logging.StreamHandler()`` made by the setup (``logging.basicConfig``,
+    a library it imports that sets up its own logger) keeps the stream it was
+    given. Given a plain buffer, its records were never shown (serially they
+    are) and piled up there for the worker's life (20,000 records of 1 KB:
+    20 MB more). Now it writes where a handler made in a task would. A
+    record such a handler prints is not written again for the notebook's
+    console handlers (see :func:`_printed_by_setup`).
+    """
+
+    def __init__(self, name: str, held: list[str]) -> None:
+        self._name = name  # "stdout" or "stderr"
+        self._held: list[str] | None = held  # shared by both streams (kept in the order written)
+
+    def release(self) -> None:
+        """The setup has run: later writes go to the process's stream."""
+        self._held = None
+
+    def _target(self) -> Any:
+        target = getattr(sys, self._name)
+        return target if target is not self else getattr(sys, f"__{self._name}__")
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        """The worker's own fd 1 or 2, as the task's stream says (``worker._StreamToParent``)."""
+        return 1 if self._name == "stdout" else 2
+
+    def write(self, s: str) -> int:
+        held = self._held
+        if held is not None:
+            held.append(s)
+            return len(s)
+        return self._target().write(s)
+
+    def flush(self) -> None:
+        if self._held is None:
+            self._target().flush()
+
+
+
+def _printed_by_setup(record: logging.LogRecord) -> bool:
+    """Does a console handler that ``%%pool setup`` made (one writing to a
+    :class:`SetupStream`) print ``record`` in this worker, as ``Logger.callHandlers``
+    would go? Then the task's output shows it, and the notebook does not write
+    its line again for its own console handlers: ``logging.basicConfig`` in a
+    setup beside the notebook's printed each record twice (serially the setup's
+    ``basicConfig`` finds the root's handler and does nothing)."""
+    logger: Any = logging.Logger.manager.loggerDict.get(record.name)
+    if not isinstance(logger, logging.Logger):  # ("root", or a record made by hand)
+        logger = logging.getLogger()
+    while logger is not None:
+        for handler in logger.handlers:
+            if (isinstance(handler, logging.StreamHandler) and isinstance(handler.stream, SetupStream)
+                    and record.levelno >= handler.level and handler.filter(record)):
+                return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
 class _TaskHandler(logging.Handler):
     """Writes a task's records to its captured stderr, one labelled line each."""
 
@@ -317,6 +392,8 @@ class _TaskHandler(logging.Handler):
             fields: dict[str, Any] = {"record": sent, "shown": shown}
             if record.levelno < sent_level(record.name):
                 fields["lowered"] = True  # made only because the task lowered a level (see deliver)
+            if _printed_by_setup(record):
+                fields["printed"] = True  # the setup's console handler showed it (see WarningRelay._record)
             sys.stderr.write(MARK + json.dumps(fields) + "\n")
         except Exception:
             self.handleError(record)
@@ -763,12 +840,32 @@ def keep_setup_levels(run: Any) -> Any:
         setup_levels.clear()
         _applied = None
     before = _own_levels()
+    root = logging.getLogger()
+    ours = _handler if _handler is not None and _handler in root.handlers else None
+    # Our handler off the root while the setup runs: a ``logging.basicConfig()`` in it
+    # then acts alike in a new worker and in one that ran units already (with ours
+    # on the root, it did nothing there: no handler, no level).
+    _set_root_handler(ours, False)
     try:
         return run()
     finally:
+        _set_root_handler(ours, True)
         setup_levels.update((name, (before.get(name, logging.NOTSET), level))
                             for name, level in _own_levels().items()
                             if level != before.get(name, logging.NOTSET))
+
+
+def _set_root_handler(handler: logging.Handler | None, on: bool) -> None:
+    """Put ``handler`` (ours, or None: nothing) on the root logger or take it off,
+    as mpmagic's own change, not a task's."""
+    if handler is None:
+        return
+    with _lock:
+        _syncing.active = True
+        try:
+            (logging.getLogger().addHandler if on else logging.getLogger().removeHandler)(handler)
+        finally:
+            _syncing.active = False
 
 
 def _apply_levels(ctx: bytes) -> None:
@@ -1103,8 +1200,8 @@ class WarningRelay:
         record = logging.makeLogRecord(sent)
         shown: str = fields["shown"]
         streams: list[Any] = []
-        if not deliver(record, streams, lowered=bool(fields.get("lowered"))):
-            return ""
+        if not deliver(record, streams, lowered=bool(fields.get("lowered"))) or fields.get("printed"):
+            return ""  # (printed: a console handler of the setup's wrote it in the task's output)
         text = self(shown.rstrip("\n"))  # (its traceback's source lines are marked too)
         # Where serial code's handler would have written it: a handler on stdout, or one
         # made before a capture_output() / %%capture, writes to its own stream, not the

@@ -49,7 +49,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
-import io
 import linecache
 import logging
 import os
@@ -556,62 +555,10 @@ def reseed_fresh() -> None:
             log.debug("torch not reseeded", exc_info=True)
 
 
-class _SetupStream(io.TextIOBase):
-    """``sys.stdout``/``sys.stderr`` while a setup runs: what the setup prints is
-    kept for its ``SetupDone`` (shown by ``%%pool setup``, labelled by worker);
-    once it has run (:meth:`release`), each write goes to this process's
-    ``sys.stdout``/``sys.stderr`` of the moment: a task's, sent home with its
-    output, while a unit runs.
-
-    Why: a ``logging.StreamHandler()`` made by the setup (``logging.basicConfig``,
-    a library it imports that sets up its own logger) keeps the stream it was
-    given. Given a plain buffer, its records were never shown (serially they
-    are) and piled up there for the worker's life (20,000 records of 1 KB:
-    20 MB more). Now it writes where a handler made in a task would.
-    """
-
-    def __init__(self, name: str, held: list[str]) -> None:
-        self._name = name  # "stdout" or "stderr"
-        self._held: list[str] | None = held  # shared by both streams (kept in the order written)
-
-    def release(self) -> None:
-        """The setup has run: later writes go to the process's stream."""
-        self._held = None
-
-    def _target(self) -> Any:
-        target = getattr(sys, self._name)
-        return target if target is not self else getattr(sys, f"__{self._name}__")
-
-    @property
-    def encoding(self) -> str:  # type: ignore[override]
-        return "utf-8"
-
-    def writable(self) -> bool:
-        return True
-
-    def isatty(self) -> bool:
-        return False
-
-    def fileno(self) -> int:
-        """The worker's own fd 1 or 2, as the task's stream says (``worker._StreamToParent``)."""
-        return 1 if self._name == "stdout" else 2
-
-    def write(self, s: str) -> int:
-        held = self._held
-        if held is not None:
-            held.append(s)
-            return len(s)
-        return self._target().write(s)
-
-    def flush(self) -> None:
-        if self._held is None:
-            self._target().flush()
-
-
 def run_setup(ver: int, data: bytes | None, wid: Any) -> SetupDone:
     """Run a setup payload in this worker; the ``SetupDone`` reply (error line, names, output)."""
     held: list[str] = []
-    out, err = _SetupStream("stdout", held), _SetupStream("stderr", held)
+    out, err = worker_logging.SetupStream("stdout", held), worker_logging.SetupStream("stderr", held)
     before = random_fingerprints()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -713,3 +714,50 @@ def test_a_handler_and_root_level_the_setup_made_act_in_tasks(ip, local_pool, ca
     assert levels == [logging.INFO] * 4
     run(ip, "%pool setup clear")  # the notebook's root level again
     assert run(ip, "%pmap -q --chunksize 1 _logs, range(4)") == [logging.WARNING] * 4
+
+
+SETUP_BASIC = "import logging\nlogging.basicConfig(level=logging.INFO, format='setup %(levelname)s:%(name)s:%(message)s')\n"
+INFO_LOGS = "import logging\ndef _info(x):\n    logging.getLogger('mpm.twice').info('item %s', x)\n    return x\n"
+
+
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")
+def test_a_record_the_setups_console_handler_prints_shows_once(ip, local_pool, capsys, tmp_path):
+    """``logging.basicConfig`` in ``%%pool setup`` beside a console handler of the
+    notebook's own printed each task record twice: the setup's handler wrote it to
+    the task's output and mpmagic's line for the notebook's handler showed it again.
+    Serially the setup's ``basicConfig`` finds the root's handler and does nothing:
+    one line a record. Here it is the setup's handler's line (in the setup's format:
+    the worker cannot know whether the notebook has a console handler); the
+    notebook's other handlers (a file) still get each record."""
+    import logging
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("notebook %(levelname)s:%(name)s:%(message)s"))
+    to_file = logging.FileHandler(tmp_path / "nb.log")
+    level = root.level
+    root.addHandler(console)
+    root.addHandler(to_file)
+    root.setLevel(logging.INFO)
+    try:
+        run(ip, INFO_LOGS)
+        run(ip, "%%pool setup\n" + SETUP_BASIC)
+        capsys.readouterr()
+        assert run(ip, "%pmap -q --chunksize 1 _info, range(3)") == [0, 1, 2]
+        parallel = [line for line in capsys.readouterr().err.splitlines() if "mpm.twice" in line]
+        run(ip, SETUP_BASIC)  # serially: a root with handlers already, so nothing
+        assert run(ip, "list(map(_info, range(3)))") == [0, 1, 2]
+        serial = [line for line in capsys.readouterr().err.splitlines() if "mpm.twice" in line]
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(to_file)
+        to_file.close()
+        root.setLevel(level)
+        run(ip, "%pool setup clear")
+        run(ip, "%pool restart")  # (running workers keep the setup's handler: the next tests get new ones)
+    assert serial == [f"notebook INFO:mpm.twice:item {x}" for x in range(3)]
+    # One line a record, not two: the setup's handler's (its format: mpmagic does
+    # not write the record's line for the notebook's console handler again).
+    assert sorted(parallel) == [f"setup INFO:mpm.twice:item {x}" for x in range(3)]
+    logged = (tmp_path / "nb.log").read_text().splitlines()
+    assert sorted(logged) == sorted([f"item {x}" for x in range(3)] * 2), logged  # (the parallel run's and the serial)
