@@ -466,7 +466,8 @@ def _helper_waits(report: Any) -> str | None:
     """The tasks were blocked in mpmagic's own helpers for a good share of the time the
     run lost (:data:`HELPER_WAIT_SHARE`): a lock lets one task at a time through, a
     consumer waits for its producer. Measured by the helpers (``report.helper_wait_seconds``);
-    the estimate leaves that time out, and --compare's serial run waits for nothing, so
+    the estimate leaves that time out, and --compare's serial run (of a lock's users: work
+    using a Queue or Event gets none, serial_copy.py) waits for nothing, so
     without this the loss was blamed on memory bandwidth or transfer costs."""
     waited = report.helper_wait_seconds
     if waited < 0.005 or not report.helper_wait_kinds:

@@ -35,7 +35,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
-from . import astlock, debugging, exiting, payload, payload_cache, shm
+from . import astlock, debugging, exiting, payload, payload_cache, serial_copy, shm
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .checks import check_delay, check_whole, run_timeout, whole
@@ -65,7 +65,15 @@ from .fmt import code_snippet, func_name
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
-from .jobs import CellJob, Failed, MapJob, first_failed_rank, item_note, parallel_error_line
+from .jobs import (
+    CellJob,
+    Failed,
+    MapJob,
+    first_failed_rank,
+    helpers_used,
+    item_note,
+    parallel_error_line,
+)
 from .pool import check_run_ranks, check_run_workers, forked_from_pool, get_pool
 from .progress import Progress
 from .report import RankValues, Report
@@ -697,7 +705,10 @@ def pmap(
     several iterables are zipped as ``map`` does. ``workers`` limits (or grows)
     the processes used (None or -1, joblib's ``n_jobs=-1``: the whole pool); ``chunksize`` fixes the items per message (automatic by
     default, from measured task times). ``compare=True`` also runs the map
-    serially here and reports the measured speedup. ``errors="collect"`` puts a
+    serially here and reports the measured speedup (not a function using an
+    mpmagic ``Queue``, ``Value``, ``Array`` or ``Event``: a serial copy would take
+    from the queue or add to the counter again; one line says so, and the
+    serial time stays estimated). ``errors="collect"`` puts a
     :class:`~mpmagic.jobs.Failed` in the place of each failing item instead of
     raising. ``timeout`` (seconds) stops an item that runs longer (each item is
     timed, also in a chunk of several) and replaces its worker (one too large to
@@ -817,6 +828,9 @@ def pmap(
     if left_out:
         report.extra["compare_left_out"] = len(left_out)
         _say_left_out(left_out, len(results))
+    # A function using shared state (a Queue, a Value...): its serial copy is not the same computation.
+    if compare and _no_serial_copy(report, "the function"):
+        compare = False
     # With every item left out, nothing is compared: equal stays None, the serial time an estimate.
     if compare and (not left_out or len(left_out) < len(results)):
         mark = len(sys.modules)
@@ -897,6 +911,18 @@ def _left_out_of_compare(results: list, died_under: set[int]) -> dict[int, str]:
         if isinstance(r, Failed) and unsafe_here(r.error):
             out[r.index] = "timeout" if isinstance(r.error, TaskTimeoutError) else "died"
     return out
+
+
+def _no_serial_copy(report: Report, where: str) -> bool:
+    """``compare``: does the run's use of shared state (``report.extra["shared_state"]``,
+    :mod:`mpmagic.serial_copy`) forbid the serial copy? If so, one line says why and the
+    report keeps the estimated serial time, saying why on its line."""
+    no = report.extra.get("shared_state")
+    if no is None:
+        return False
+    report.extra["compare_skipped"] = f"{where} uses {no.what}"
+    serial_copy.say(no, where, sys.stderr.write)
+    return True
 
 
 def _say_left_out(left_out: dict[int, str], total: int) -> None:
@@ -984,6 +1010,12 @@ class MapCall:
             report.extra["timeout_chunks"] = True
         if job.timeout:
             report.extra["timed"] = True  # (advice: a chunk size kept, not dropped, under --timeout)
+        helpers = helpers_used(job)
+        if helpers:  # (a Queue, a Value...: compare=True runs no serial copy, see serial_copy.py)
+            names, globals_ = serial_copy.names_read_by(job.func)
+            no = serial_copy.judge(helpers, names, globals_)
+            if no is not None:
+                report.extra["shared_state"] = no
         if stopped_by is not None:
             report.extra.update(error=True, stopped_by=stopped_by)
         return report
@@ -1810,6 +1842,9 @@ def parallel(
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     (its ``result()`` is the values, their ``.gathered`` the ``gather`` lists).
     ``seed=S`` gives each rank its own random stream from S and its rank.
+    ``compare=True`` also runs the cell here as rank 0 of 1 and times it (not a
+    cell using an mpmagic ``Queue``, ``Value``, ``Array`` or ``Event``: rank 0
+    alone would wait for what the other ranks put; one line says so).
     ``keep=True`` runs on persistent ranks: each rank keeps its namespace in
     its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
     ``reduce=FUNC`` returns ``FUNC(values)`` instead of the values (``%%parallel
@@ -1930,7 +1965,7 @@ def parallel(
     report = _reports.report = call.report(time.perf_counter() - t0)
     debugging.record_cell(job, call.spec_bytes if job.failures else b"", size)  # for %pdebug (failed ranks)
     values = call.values(sys.stderr.write)
-    if compare:
+    if compare and not _no_serial_copy(report, "the cell"):
         mark = len(sys.modules)
         t1 = time.perf_counter()
         try:
@@ -2158,6 +2193,11 @@ class CellCall:
         )
         if stopped_by is not None:
             report.extra.update(error=True, stopped_by=stopped_by)
+        helpers = helpers_used(job)
+        if helpers:  # (a Queue, a Value...: compare=True runs no serial copy, see serial_copy.py)
+            no = serial_copy.judge(helpers, self.spec.names, self.namespace)
+            if no is not None:
+                report.extra["shared_state"] = no
         return report
 
     def values(self, write: Callable[[str], Any]) -> RankValues:

@@ -220,6 +220,24 @@ def rebuild_exception(info: Any, where: str) -> BaseException:
 MAX_SPANS = 20_000
 
 
+def helpers_used(job: Any) -> tuple[tuple[str, Any], ...]:
+    """The shared helpers ``job``'s payloads named (its function and what that
+    captures, its items; a cell's names), as ``(kind, weakref or None)`` pairs:
+    ``kind`` as the constructor is named ("Queue", "Value"...). While the run holds
+    them (``job.kept``), from those; after it let them go, what it recorded then
+    (``helpers_named``), so that ``--compare`` can ask after any backend's run."""
+    if not job.kept:
+        return job.helpers_named
+    pairs = []
+    for helper in job.kept.values():
+        try:
+            ref: Any = weakref.ref(helper)
+        except TypeError:  # (a helper that takes no weak reference: its kind is what matters)
+            ref = None
+        pairs.append((payload.helper_kind(helper), ref))
+    return tuple(pairs)
+
+
 def add_waits(total: dict[str, float], unit: Any) -> None:
     """Add a unit's ``meta["helper_wait"]`` ({kind: seconds} blocked in mpmagic's helpers) to a job's."""
     if isinstance(unit, dict):
@@ -390,6 +408,9 @@ class MapJob:
         # notebook rebinding ``counter`` meanwhile cannot release the one the
         # workers are about to attach to by name (payload.keeping).
         self.kept: dict[int, Any] = {}
+        # What kinds of helper those were (weakly held), recorded when the run lets them
+        # go (release_shared): --compare asks after the run (helpers_used, serial_copy).
+        self.helpers_named: tuple[tuple[str, Any], ...] = ()
         # Seconds spent here preparing the function's payload, and how it was served
         # (payload_cache.last_served): a warm call whose function captures a 500 MB
         # array spends them comparing it with the workers' copy, and its report says so.
@@ -1377,8 +1398,9 @@ class MapJob:
 
         The backend calls this once no worker can still read this job's chunks.
         The helpers its payloads named are no longer kept: dropped in the notebook,
-        they are released as before.
+        they are released as before (their kinds are kept, weakly: ``helpers_named``).
         """
+        self.helpers_named = helpers_used(self)
         self.kept = {}
         self._release_payload_segment()
         self._lines.end()  # (an interrupted or dead unit's partial line is shown)
@@ -1534,6 +1556,7 @@ class CellJob:
         self.libs = context.libraries()  # (as MapJob's)
         self.size = size
         self.kept = kept or {}  # the helpers the cell's names were pickled with (see MapJob.kept)
+        self.helpers_named: tuple[tuple[str, Any], ...] = ()  # (see MapJob.helpers_named)
         # The pooled segments holding the cell's large arrays (api._pack_spec): lent until the run ends.
         self.lease = lease
         # Packs the cell's payload again, into a new lease (see prepare_payload_again). Held
@@ -1641,6 +1664,7 @@ class CellJob:
         with are no longer kept. A rank's line left open (its worker was stopped
         or died) ends here, so what it showed stays."""
         self.flush_output()
+        self.helpers_named = helpers_used(self)
         self.kept = {}
         if self.lease is not None:
             self.lease.release()

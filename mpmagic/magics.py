@@ -402,7 +402,7 @@ def _pmap_parser() -> _Parser:
                         "for good (%%pool resize N shrinks it)")
     p.add_argument("--chunksize", type=_positive_int, help="items per message (default: automatic)")
     p.add_argument("--star", action="store_true", help="call FUNC(*item) for each item, like starmap")
-    p.add_argument("--compare", action="store_true", help="also run serially here; report the measured speedup")
+    p.add_argument("--compare", action="store_true", help="also run serially here; report the measured speedup (not for a function using an mpmagic Queue, Value, Array or Event: one line says why)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")
     p.add_argument("--errors", choices=("raise", "collect"), default="raise",
                    help="raise the first error (default), or collect failures in place of results")
@@ -432,7 +432,7 @@ def _pmap_parser() -> _Parser:
 def _parallel_parser() -> _Parser:
     p = _Parser(prog="%%parallel", usage="%(prog)s [options]", api="mpmagic.parallel(code, workers=n)")
     p.add_argument("-n", "--workers", type=_workers_int, help="ranks to run at once (default, or -1: the pool's size)")
-    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one)")
+    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one); not for a cell using an mpmagic Queue, Value, Array or Event: one line says why")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
     p.add_argument("--gather", metavar="NAME[,NAME]",

@@ -300,7 +300,11 @@ def _report(report: Any, started: float, result: Any, quiet: bool, serial: Calla
     wall = time.perf_counter() - started
     report.home_seconds = max(0.0, wall - report.wall)
     report.wall = wall
-    if serial is not None:
+    if serial is not None and "shared_state" in report.extra:  # (a Queue, a Value...: see serial_copy.py)
+        from .api import _no_serial_copy
+
+        _no_serial_copy(report, "the function")
+    elif serial is not None:
         t0 = time.perf_counter()
         try:
             expected = serial()

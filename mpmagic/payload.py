@@ -257,6 +257,13 @@ def keep_alive(obj: Any) -> None:
         into[id(obj)] = obj
 
 
+def helper_kind(obj: Any) -> str:
+    """What kind of shared helper ``obj`` is, as its constructor is named ("Queue",
+    "Value", "Lock"...): a local helper's ``_kind``, a Dask one's class name."""
+    kind = getattr(obj, "_kind", None)
+    return kind if isinstance(kind, str) else type(obj).__name__.removeprefix("Dask")
+
+
 def keep_all(objs: Any) -> None:
     """:func:`keep_alive` for each of ``objs`` (what an earlier pickling collected)."""
     into = _keeping.into

@@ -283,6 +283,9 @@ class Report:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
         nothing = ("; --compare left out every item, so nothing was compared"
                    if self.items_run > 0 and self.extra.get("compare_left_out", 0) >= self.items_run else "")
+        skipped = self.extra.get("compare_skipped")  # (shared state: no serial copy, see serial_copy.py)
+        if skipped:
+            nothing += f"; --compare ran no serial copy: {skipped}"
         return f"serial ~{fmt_seconds(self.estimated_serial)} ({self._estimate_text()}{nothing})"
 
     def _estimate_text(self) -> str:

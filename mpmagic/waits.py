@@ -18,6 +18,18 @@ sends it home with the unit's meta (``meta["helper_wait"]``,
 is timed; a thread a task starts, or a queue's feeder thread, waits on its own
 tally, which no unit reads.
 
+A call that ends by its own timeout (``get(timeout=)`` raising ``queue.Empty``,
+``put(timeout=)`` raising ``queue.Full``, ``acquire(timeout=)`` or
+``wait(timeout)`` returning False) is not counted: serial code waits just as
+long, so that time is the task's own, as a ``time.sleep`` is. The helper takes
+its :func:`mark` before such a call and puts it back (:func:`timed_out`) when
+the call ends so: a map of ``get(timeout=0.3)`` on an empty queue read
+`speedup <0.1x` (its whole time left out, the advice blaming a slow producer)
+where ``--compare`` measured ~2x. A polling loop's timed-out gets
+(``while True: try: q.get(timeout=0.1) ...``) are therefore counted as work,
+which a serial run would not do; a ``get()`` with no timeout (or a
+``for item in q``) waits the same time and is left out.
+
 The same place says something about a wait that may never end: a task
 blocked in ``Queue.get()`` (with nothing put and the queue not closed) or in
 ``Event.wait()`` (not set) for :data:`NOTE_AFTER` seconds writes one line to
@@ -74,6 +86,19 @@ def add(kind: str, seconds: float) -> None:
         tally.seconds = {kind: seconds}
     else:
         got[kind] = got.get(kind, 0.0) + seconds
+
+
+def mark() -> dict[str, float] | None:
+    """This thread's tally now (a copy): what :func:`timed_out` puts back."""
+    got = _tally.seconds
+    return None if got is None else dict(got)
+
+
+def timed_out(before: dict[str, float] | None) -> None:
+    """The helper call that began at :func:`mark` (``before``) ended by its own
+    timeout: serial code waits as long, so the time it was blocked is the task's
+    work, not a wait the estimate leaves out; the tally goes back to ``before``."""
+    _tally.seconds = before
 
 
 def begin() -> None:

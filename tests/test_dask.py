@@ -521,6 +521,50 @@ def test_queue_between_ranks_and_the_notebook(ip, dask_pool):
         q2.get(timeout=0.2)
 
 
+def test_compare_runs_no_serial_copy_of_a_map_taking_from_a_queue(ip, dask_pool, capsys):
+    """As on the local pool (tests/test_compare_shared.py): the parallel run empties the
+    queue, so a serial copy would wait in get() for ever; it is not run, and one line
+    says why. (A watchdog feeds a blocked copy after 30 s: the test fails, not hangs.)"""
+    from test_compare_shared import unblocked
+
+    run(ip, "import mpmagic\ntodo = mpmagic.Queue()\nfor i in range(3):\n    todo.put(i)\n"
+            "def take(_):\n    return todo.get() * 10\n")
+    capsys.readouterr()
+    with unblocked(ip.user_ns["todo"], 3) as fired:
+        results = run(ip, "%pmap -q --compare take, range(3)")
+    assert not fired, "the serial copy waited in todo.get() for the items the parallel run took"
+    assert sorted(results) == [0, 10, 20]
+    report = mpmagic.last_report()
+    assert report.serial is None and "the function uses mpmagic.Queue 'todo'" in report.line()
+    assert "no serial run here: the function uses mpmagic.Queue 'todo'" in capsys.readouterr().err
+
+
+def test_a_helper_call_that_ends_by_its_timeout_is_not_counted_as_waiting(dask_pool):
+    """As the local helpers (tests/test_helper_waits.py): serial code waits as long, so
+    the estimate keeps that time; a get that finds its item still counts as waiting."""
+    from mpmagic import waits
+
+    q, bounded, lock, ev = mpmagic.Queue(), mpmagic.Queue(maxsize=1), mpmagic.Lock(), mpmagic.Event()
+    bounded.put(0)
+    assert lock.acquire()  # (before the tally: on Dask even a lock taken at once is a round trip, counted)
+    waits.begin()
+    try:
+        with pytest.raises(__import__("queue").Empty):
+            q.get(timeout=0.2)
+        with pytest.raises(__import__("queue").Full):
+            bounded.put(1, timeout=0.2)
+        assert lock.acquire(timeout=0.2) is False
+        assert ev.wait(0.2) is False
+        assert waits.take() is None
+        lock.release()
+        q.put(1)
+        assert q.get(timeout=10) == 1
+        got = waits.take()
+        assert got is not None and "Queue" in got
+    finally:
+        waits.begin()
+
+
 def test_waiting_on_a_queue_logs_no_error_and_consumers_share_its_items(ip, dask_cluster, dask_pool):
     """A get that waits logged a traceback in the scheduler per 0.25 s (Dask
     logs each timed-out ``distributed.Queue.get``); items still go FIFO, each

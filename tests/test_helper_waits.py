@@ -15,6 +15,7 @@ compared with the serial run's by ratio only.
 
 from __future__ import annotations
 
+import pytest
 from conftest import run, synthetic_report
 
 import mpmagic
@@ -154,3 +155,68 @@ def test_a_wait_that_ends_before_the_threshold_says_nothing(ip, pool2, capsys):
     captured = capsys.readouterr()
     assert "has waited" not in captured.err + captured.out
     assert mpmagic.last_report().helper_wait_kinds == ("Queue",)  # (the wait was timed all the same)
+
+
+# -- a wait that ends by its own timeout is work ------------------------------------------------
+
+
+def test_a_call_that_ends_by_its_timeout_is_not_counted_as_waiting(ip):
+    """``get(timeout=)`` raising queue.Empty, ``put(timeout=)`` raising queue.Full,
+    ``acquire(timeout=)`` and ``Event.wait(timeout)`` returning False: serial code
+    waits just as long, so the estimate must keep that time (it was left out, and a
+    map of such gets read `speedup <0.1x` where --compare measured ~2x). A wait that
+    ends by what it waited for still counts."""
+    import queue
+    import threading
+
+    q, full, lock, ev = mpmagic.Queue(), mpmagic.Queue(maxsize=1), mpmagic.Lock(), mpmagic.Event()
+    full.put(0)
+    waits.begin()
+    try:
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.05)
+        with pytest.raises(queue.Full):
+            full.put(1, timeout=0.05)
+        lock.acquire()
+        assert lock.acquire(timeout=0.05) is False
+        lock.release()
+        assert ev.wait(0.05) is False
+        assert waits.take() is None
+        # Ended by an item, a release, a set(): those waits count, as before.
+        threading.Timer(0.1, q.put, ("late",)).start()
+        assert q.get(timeout=10) == "late"
+        got = waits.take()
+        assert got is not None and got["Queue"] > 0.05
+        lock.acquire()
+        threading.Timer(0.1, lock.release).start()
+        assert lock.acquire(timeout=10) is True
+        lock.release()
+        threading.Timer(0.1, ev.set).start()
+        assert ev.wait(10) is True
+        got = waits.take()
+        assert got is not None and got["Lock"] > 0.05 and got["Event"] > 0.05
+    finally:
+        waits.begin()
+
+
+_TRY_GET = """
+import queue
+import mpmagic
+nothing_there = mpmagic.Queue()
+def try_get(_):
+    try:
+        return nothing_there.get(timeout=0.3)
+    except queue.Empty:
+        return "empty"
+"""
+
+
+def test_a_map_whose_gets_time_out_is_estimated_with_their_wait(ip, pool2):
+    """Serially, two get(timeout=0.3) on an empty queue take 0.6 s at least; the estimate
+    subtracted that wait and read `speedup <0.1x`, with advice blaming a slow producer."""
+    run(ip, _TRY_GET)
+    assert run(ip, "%pmap -q --chunksize 1 try_get, range(2)") == ["empty", "empty"]
+    report = mpmagic.last_report()
+    assert report.helper_wait_seconds == 0 and "waited on mpmagic.Queue" not in report.line(), report.line()
+    assert report.estimated_serial >= 0.6, report.line()  # (each get waits its 0.3 s, as serially)
+    assert report.advice is None or "mpmagic.Queue" not in report.advice, report.advice

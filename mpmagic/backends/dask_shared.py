@@ -13,7 +13,8 @@ Every operation is a round trip to the scheduler: about a millisecond on one
 machine, more across a network, against microseconds for the local helpers
 (docs/dask.md has the measured figures). A task's time in the calls that
 wait (``get``, ``put``, ``acquire``, ``wait``: round trips included, no work is
-done meanwhile) counts as its wait in the helper (:mod:`mpmagic.waits`),
+done meanwhile) counts as its wait in the helper (:mod:`mpmagic.waits`; not a
+call that ends by its own timeout, which serial code waits as long),
 which the report leaves out of its estimate, as for the local helpers; a
 ``get()`` or ``wait()`` with no timeout that has waited
 :data:`mpmagic.waits.NOTE_AFTER` seconds says so, once per task. ``Value`` and ``Array`` need memory
@@ -35,7 +36,7 @@ from typing import Any
 from .. import payload, waits
 from ..checks import queue_size, wait_timeout
 from ..errors import UsageError
-from ..shared import IterUntilClosed
+from ..shared import IterUntilClosed, QueueClosed
 from ..shared.base import current_backend
 
 # What ``distributed`` raises for a primitive whose client was closed or that was
@@ -45,15 +46,25 @@ from ..shared.base import current_backend
 _GONE_SIGNS = ("not properly initialized", "No clients found", "IOLoop is closed", "'NoneType' object has no attribute")
 
 
+class _Call:
+    """One timed helper call; ``ran_out`` once it ended by its own timeout (see :func:`_timed`)."""
+
+    ran_out = False
+
+
 @contextlib.contextmanager
-def _timed(kind: str) -> Iterator[None]:
+def _timed(kind: str) -> Iterator[_Call]:
     """The call's time counts as this thread's wait in a helper of ``kind`` (mpmagic.waits):
-    on Dask each of these calls waits for the scheduler, at least one round trip."""
+    on Dask each of these calls waits for the scheduler, at least one round trip. Unless
+    the call ended by its own timeout (``queue.Empty``, ``queue.Full``, False: the caller
+    sets ``ran_out``): serial code waits as long, so that time is the task's work."""
     t0 = time.monotonic()
+    call = _Call()
     try:
-        yield
+        yield call
     finally:
-        waits.add(kind, time.monotonic() - t0)
+        if not call.ran_out:
+            waits.add(kind, time.monotonic() - t0)
 
 
 def _gone_error(helper: Any) -> UsageError:
@@ -149,6 +160,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         self._closes = Queue(name=name + "-closes", client=client)
 
     def __reduce__(self) -> tuple:
+        payload.keep_alive(self)  # (a run records the helpers its payload names: serial_copy.py)
         return _rebuild_queue, (self.name, self.maxsize, self.producers)
 
     def _mpmagic_key(self) -> tuple:
@@ -168,7 +180,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         """
         data = payload.dumps_checked(obj, "an item put in the queue")
         limit = _wait_for(block, timeout)
-        with _pool_gone(self), _timed("Queue"):
+        with _pool_gone(self), _timed("Queue") as call:
             self._refuse_if_closed()
             if not self.maxsize or limit is None:  # no bound, or no limit: Dask's put waits without logging
                 self._q.put(data, timeout=limit)
@@ -184,6 +196,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
                         pass
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    call.ran_out = True
                     raise std_queue.Full
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, self._POLL)
@@ -209,8 +222,14 @@ class DaskQueue(_OnDask, IterUntilClosed):
         is taken only once one is there, under a lock all consumers share, so
         another consumer cannot take it in between and leave this one waiting.
         """
-        with _pool_gone(self), _timed("Queue"):
-            return self._get(block, timeout)
+        with _pool_gone(self), _timed("Queue") as call:
+            try:
+                return self._get(block, timeout)
+            except QueueClosed:  # (ended by close(): a wait for the producers)
+                raise
+            except std_queue.Empty:
+                call.ran_out = True
+                raise
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         limit = _wait_for(block, timeout)
@@ -230,8 +249,6 @@ class DaskQueue(_OnDask, IterUntilClosed):
             if (deadline is not None and now >= deadline) or now >= next_close_check:
                 next_close_check = now + self._SLICE
                 if self.closed and self.qsize() == 0:
-                    from ..shared import QueueClosed
-
                     raise QueueClosed(f"{self!r} is closed and every item has been taken")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise std_queue.Empty
@@ -365,6 +382,7 @@ class DaskLock(_OnDask):
         self._lock = _dask_lock(self.name, client)
 
     def __reduce__(self) -> tuple:
+        payload.keep_alive(self)  # (a run records the helpers its payload names: serial_copy.py)
         return _rebuild_lock, (self.name,)
 
     def _mpmagic_key(self) -> tuple:
@@ -380,8 +398,10 @@ class DaskLock(_OnDask):
         timeout = wait_timeout(timeout)
         if timeout is not None and timeout < 0:  # threading.Lock's "no timeout"
             timeout = None
-        with _pool_gone(self), _timed("Lock"):
-            return bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
+        with _pool_gone(self), _timed("Lock") as call:
+            got = bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
+            call.ran_out = not got
+            return got
 
     def release(self) -> None:
         """Give the lock back; ValueError if this lock object does not hold it,
@@ -436,6 +456,7 @@ class DaskEvent(_OnDask):
         self._event = Event(self.name, client=client)
 
     def __reduce__(self) -> tuple:
+        payload.keep_alive(self)  # (a run records the helpers its payload names: serial_copy.py)
         return _rebuild_event, (self.name,)
 
     def _mpmagic_key(self) -> tuple:
@@ -467,7 +488,7 @@ class DaskEvent(_OnDask):
         timeout says so once it has lasted :data:`mpmagic.waits.NOTE_AFTER` seconds.
         A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
-        with _pool_gone(self), _timed("Event"):
+        with _pool_gone(self), _timed("Event") as call:
             if timeout is None and waits.watching():
                 since = time.monotonic()
                 if self._event.wait(waits.NOTE_AFTER):
@@ -478,7 +499,9 @@ class DaskEvent(_OnDask):
                     "or give wait() a timeout",
                     since,
                 )
-            return bool(self._event.wait(timeout))
+            is_set = bool(self._event.wait(timeout))
+            call.ran_out = not is_set
+            return is_set
 
 
 def _rebuild_event(name: str) -> DaskEvent:

@@ -19,7 +19,8 @@ constructor. On top of it:
 * A lock whose holder died (a worker killed on timeout or interrupt) is taken
   over by the next process that waits for it, with a ``RuntimeWarning``.
 * The time a task spends blocked in them is measured (the blocking part
-  only) and left out of the timing report's estimate; a task's ``get()`` or
+  only; not a call that ends by its own timeout, which serial code waits as
+  long) and left out of the timing report's estimate; a task's ``get()`` or
   ``wait()`` that may never end says so after a while (:mod:`mpmagic.waits`).
 
 Lifetime: the process that makes a helper owns its names. They are unlinked

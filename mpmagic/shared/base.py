@@ -298,9 +298,11 @@ class _HolderLock:
         return True
 
     def _wait(self, timeout: float | None) -> bool:
-        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits)."""
+        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits;
+        a wait that ends by its timeout is not: serial code waits as long)."""
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
+        ran_out = False
         try:
             while True:
                 step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
@@ -309,9 +311,11 @@ class _HolderLock:
                 if self._take_over():
                     return True
                 if deadline is not None and time.monotonic() >= deadline:
+                    ran_out = True
                     return False
         finally:
-            waits.add(self.kind, time.monotonic() - t0)
+            if not ran_out:
+                waits.add(self.kind, time.monotonic() - t0)
 
     def _take_over(self) -> bool:
         """Become the holder if the recorded one is dead (the semaphore stays taken)."""

@@ -98,9 +98,11 @@ class SharedEvent(_Helper):
         timeout = wait_timeout(timeout)
         since = time.monotonic()
         deadline = None if timeout is None else since + timeout
+        before = waits.mark() if deadline is not None else None
         while not self._seg.words[1]:
             step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             if step <= 0:
+                waits.timed_out(before)  # (serial code waits as long: work, see mpmagic.waits)
                 return False
             if deadline is None and waits.due(since):
                 waits.note_long_wait(

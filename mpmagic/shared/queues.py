@@ -618,6 +618,7 @@ class SharedQueue(IterUntilClosed, _Helper):
         r, w, maxsize = self._r, self._seg.words, self._maxsize
         timeout = wait_timeout(timeout)  # (10**400: no limit, not OverflowError below)
         deadline = None if timeout is None else time.monotonic() + timeout
+        before = waits.mark() if deadline is not None else None
         while True:
             local = self._local
             with local.lock:
@@ -653,6 +654,7 @@ class SharedQueue(IterUntilClosed, _Helper):
                 raise queue.Full
             left = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
             if left <= 0:
+                waits.timed_out(before)  # (serial code waits as long: work, see mpmagic.waits)
                 raise queue.Full
             _wait(r.count_room, left, "Queue")
 
@@ -692,7 +694,17 @@ class SharedQueue(IterUntilClosed, _Helper):
         the queue is empty, then raises ``queue.Empty``; raises :class:`QueueClosed`
         once the queue is closed and drained. An instance of a notebook class a task
         put keeps the notebook's class as it is (``classhome.loads_item``), as a map's results do."""
-        return classhome.loads_item(self._take(block, timeout))
+        if timeout is None or not block:
+            return classhome.loads_item(self._take(block, timeout))
+        before = waits.mark()
+        try:
+            data = self._take(block, timeout)
+        except QueueClosed:  # (ended by close(): a wait for the producers, not by the timeout)
+            raise
+        except queue.Empty:
+            waits.timed_out(before)  # (serial code waits as long: work, see mpmagic.waits)
+            raise
+        return classhome.loads_item(data)
 
     def get_nowait(self) -> Any:
         """``get(block=False)``, as ``multiprocessing.Queue.get_nowait``:
