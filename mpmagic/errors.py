@@ -487,6 +487,10 @@ class FrameInfo:
     varkw: bool = False
     # Their values, as the worker's reprs (see ARGUMENT_FRAMES_INNER); None: not sent.
     values: FrameValues | None = None
+    # Which code object ran the frame, numbered in its traceback (the first
+    # one met is 0): two functions of one name, file and first line (lambdas
+    # on one line) are still two, as IPython tells them apart.
+    code: int = 0
 
 
 def _params(code: types.CodeType) -> dict[str, Any]:
@@ -517,10 +521,11 @@ def extract_frames(tb: types.TracebackType | None,
         kept.append((frame, fs))
     if len(kept) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
         kept = kept[: _MAX_FRAMES // 2] + kept[-_MAX_FRAMES // 2 :]
+    codes: dict[int, int] = {}
     frames = [FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, frame.f_code.co_firstlineno,
                         getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
                         getattr(fs, "end_colno", None),  # (3.11+ only)
-                        **_params(frame.f_code))
+                        **_params(frame.f_code), code=codes.setdefault(id(frame.f_code), len(codes)))
               for frame, fs in kept]
     if arguments is not None:
         n = len(frames)
@@ -548,7 +553,10 @@ def _summary(f: FrameInfo) -> traceback.FrameSummary | tuple:
                                   colno=f.colno, end_colno=f.end_colno)
 
 
-def _stub(fr: FrameInfo, lineno: int, first: int) -> types.CodeType:
+Spot = tuple[int | None, int | None, int | None]  # where on its line(s) a frame failed: end_lineno, colno, end_colno
+
+
+def _stub(fr: FrameInfo, lineno: int, first: int, spots: list[Spot]) -> types.CodeType:
     """A function that does ``raise __mpmagic_exc__``, placed where the task's
     failing expression was, with the parameters of the task's function.
 
@@ -562,23 +570,32 @@ def _stub(fr: FrameInfo, lineno: int, first: int) -> types.CodeType:
     need not be identifiers: a generator expression's ``.0``) let IPython name
     the frame as it names a local one: ``in f(x, y)``, not ``in f()``, and
     hold the worker's values under ``%xmode Verbose`` (:func:`_arguments`).
+
+    One raise per spot of ``spots`` (the places on that line where frames of
+    the traceback failed: ``f(n - 1) if n % 2 else (f(n - 1))`` has two), the
+    one that runs chosen by the global ``__mpmagic_at__``, so that every
+    frame of one line is one code, as serially (see :func:`fake_traceback`).
     """
     # (positional-only: a name of theirs may be a key of **kwargs, as for f(a, /, **kw) called f(1, a=2))
     pos = [f"p{i}" for i in range(fr.argcount)] + (["/"] if fr.argcount else [])
     star = ["*v"] if fr.varargs else (["*"] if fr.kwonlycount else [])
     kwonly = [f"k{i}" for i in range(fr.kwonlycount)]
     starstar = ["**w"] if fr.varkw else []
-    tree = parse(f"def f({', '.join(pos + star + kwonly + starstar)}):\n raise __mpmagic_exc__", "<mpmagic>", "exec")
-    start = lineno - first + 1
-    end = start + max(0, (fr.end_lineno or lineno) - lineno)
-    col, end_col = (fr.colno, fr.end_colno) if fr.colno is not None and fr.end_colno is not None else (-1, -1)
+    body = ([" raise __mpmagic_exc__"] if len(spots) == 1
+            else [f" if __mpmagic_at__ == {i}: raise __mpmagic_exc__" for i in range(len(spots))])
+    tree = parse(f"def f({', '.join(pos + star + kwonly + starstar)}):\n" + "\n".join(body), "<mpmagic>", "exec")
     func = tree.body[0]
     assert isinstance(func, ast.FunctionDef)
-    func.end_lineno = max(end, 1)
-    for node in ast.walk(func.body[0]):
-        if isinstance(node, (ast.stmt, ast.expr)):
-            node.lineno, node.end_lineno = start, end
-            node.col_offset, node.end_col_offset = col, end_col
+    start = lineno - first + 1
+    func.end_lineno = 1
+    for statement, (end_lineno, colno, end_colno) in zip(func.body, spots, strict=True):
+        end = start + max(0, (end_lineno or lineno) - lineno)
+        col, end_col = (colno, end_colno) if colno is not None and end_colno is not None else (-1, -1)
+        func.end_lineno = max(func.end_lineno, end)
+        for node in ast.walk(statement):  # (an ``if``'s test too: no instruction of the stub on another line)
+            if isinstance(node, (ast.stmt, ast.expr)):
+                node.lineno, node.end_lineno = start, end
+                node.col_offset, node.end_col_offset = col, end_col
     module = compile_tree(tree, "<mpmagic>", "exec")
     code = next(c for c in module.co_consts if isinstance(c, types.CodeType))
     return code.replace(co_varnames=fr.params) if len(fr.params) == len(code.co_varnames) else code
@@ -590,29 +607,49 @@ _stub_codes: dict[tuple, types.CodeType] = {}
 def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     """A real traceback object whose frames are ``frames`` (file, line, name).
 
-    One code object per distinct frame, so a recursion's frames are
-    recognised as repeats and collapsed by IPython and Python alike (a
-    RecursionError shows a few frames and "[... skipping similar frames]").
-    The stubs run in this thread's :func:`_stub_runner`, so that the frames
-    hold nothing of the code that rebuilt the exception (see there).
+    Repeats are told as serially: IPython collapses a recursion ("[... skipping
+    similar frames: f at line 3 (147 times)]", stack_data's ``RepeatedFrames``)
+    by each frame's code object and line, counted over the whole traceback;
+    Python (``traceback.StackSummary.format``, and CPython 3.11's C printer
+    behind a script's ``sys.excepthook``, which compares the code's file and
+    name strings by identity) by consecutive frames of one file, line and
+    name. So the frames of one function (``FrameInfo.code``) and line share one
+    code object, whatever columns each failed at (a code object was made per
+    distinct columns too: ``f(n - 1) if n % 2 else (f(n - 1))`` then counted as
+    two groups of 72 frames where serial Python said 147, and showed an extra
+    frame), with one raise per spot in it (:func:`_stub`); and file and name are
+    interned strings. The stubs run in this thread's :func:`_stub_runner`, so
+    that the frames hold nothing of the code that rebuilt the exception (see there).
     """
-    head: types.TracebackType | None = None
-    tail: types.TracebackType | None = None
+    spots: dict[tuple, dict[Spot, int]] = {}
+    placed = []
     for fr in frames:
         lineno = max(fr.lineno, 1)
         first = fr.first if 0 < fr.first <= lineno else lineno
-        key = (fr.filename, lineno, fr.name, first, fr.end_lineno, fr.colno, fr.end_colno,
-               fr.params, fr.argcount, fr.kwonlycount, fr.varargs, fr.varkw)
-        code = _stub_codes.get(key)
+        key = (fr.filename, lineno, fr.name, first, fr.code, fr.params, fr.argcount, fr.kwonlycount,
+               fr.varargs, fr.varkw)
+        places = spots.setdefault(key, {})
+        placed.append((fr, lineno, first, key, places.setdefault((fr.end_lineno, fr.colno, fr.end_colno), len(places))))
+    codes: dict[tuple, types.CodeType] = {}
+    head: types.TracebackType | None = None
+    tail: types.TracebackType | None = None
+    for fr, lineno, first, key, at in placed:
+        code = codes.get(key)
         if code is None:
-            if len(_stub_codes) > 10_000:
-                _stub_codes.clear()
-            names: dict[str, Any] = {"co_name": fr.name}
-            if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
-                names["co_qualname"] = fr.name
-            stub = _stub(fr, lineno, first)
-            code = _stub_codes[key] = stub.replace(co_filename=fr.filename, co_firstlineno=first, **names)
-        tb = _run_stub(code, _arguments(fr, code))
+            full = (*key, *spots[key])
+            code = _stub_codes.get(full)
+            if code is None:
+                if len(_stub_codes) > 10_000:
+                    _stub_codes.clear()
+                name = sys.intern(fr.name)
+                names: dict[str, Any] = {"co_name": name}
+                if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
+                    names["co_qualname"] = name
+                stub = _stub(fr, lineno, first, list(spots[key]))
+                code = _stub_codes[full] = stub.replace(co_filename=sys.intern(fr.filename), co_firstlineno=first,
+                                                         **names)
+            codes[key] = code
+        tb = _run_stub(code, _arguments(fr, code), at)
         if tb is None:
             continue
         tb.tb_next = None
@@ -690,12 +727,13 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
         logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
 
 
-def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType, tuple[list, dict, list, dict]], None]:
+def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType, tuple[list, dict, list, dict], int],
+                                 None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
-    namespace = {"__mpmagic_exc__": marker, "__name__": "__main__"}
+    namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__name__": "__main__"}
     while True:
-        code, (positional, kwonly, star, starstar) = yield tb
+        code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"] = yield tb
         tb = None
         func = types.FunctionType(code, namespace)
         func.__defaults__ = tuple(positional)
@@ -712,16 +750,16 @@ def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType
             m.__traceback__ = m.__context__ = None
 
 
-def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict]) -> types.TracebackType | None:
+def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at: int = 0) -> types.TracebackType | None:
     """The traceback of one stub (a function's code) called with ``arguments`` (see
-    :func:`_arguments`) in this thread's runner."""
+    :func:`_arguments`) in this thread's runner, raising at its spot ``at`` (see :func:`_stub`)."""
     runner = getattr(_runners, "runner", None)
     if runner is None:
         runner = _stub_runner()
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send((code, arguments))
+        return runner.send((code, arguments, at))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise

@@ -193,6 +193,107 @@ def test_deep_recursion_is_collapsed(ip, local_pool):
     assert len(text.splitlines()) < 40, text
 
 
+RECURSIONS = ("def down(n):\n    if n == 0: raise ValueError('bottom')\n"
+              "    return down(n - 1) if n % 2 else (down(n - 1))\n"  # (two calls on one line, at other columns)
+              "def a(n):\n    return b(n) if n else 1 / n\n"
+              "def b(n):\n    return a(n - 1) if n % 2 else (a(n - 1))\n"
+              "def up(n):\n    return up(n + 1) if n % 3 else (up(n + 1))\n"
+              "f = lambda n: g(n); g = lambda n: f(n - 1) if n else 1 / n\n")  # (two functions, one name and line)
+
+
+def _as_serial(ip, call: str, modes: tuple[str, ...]) -> None:
+    """The text IPython shows for ``call`` failing, serially (``list(map(f, x))``) and
+    through ``mpmagic.pmap(f, x)``, under each ``%xmode`` of ``modes``: the same but for
+    the calling cell's number and text, and mpmagic's one note."""
+    def text(code: str, *, verbose: bool) -> str:
+        n, out, err = shown(ip, code)
+        assert err is not None, out
+        out = out.replace(f"Cell In[{n}]", "Cell In[CALL]").replace(code, "CALL")
+        out = re.sub(r"\nmpmagic: raised by item 0 of the input: .*", "", out)
+        if verbose:  # (an expression's value, `n % 2 = 0`, needs the value itself: the worker sends reprs)
+            out = re.sub(r"\n {8}(?![A-Za-z_]\w* = )\S[^\n]* = [^\n]*", "", out)
+        if isinstance(err, RecursionError):  # (how deep it got depends on the stack under the call: a worker's is not the notebook's)
+            out = re.sub(r"\(\d+ times\)", "(N times)", out)
+        return out
+
+    try:
+        for mode in modes:
+            ip.run_line_magic("xmode", mode)
+            serial = text(f"list(map({call}))", verbose=mode == "Verbose")
+            parallel = text(f"mpmagic.pmap({call})", verbose=mode == "Verbose")
+            assert parallel == serial, f"%xmode {mode}\n{parallel}\n----- serially:\n{serial}"
+    finally:
+        ip.run_line_magic("xmode", "Context")
+
+
+def test_recursion_collapses_as_serially(ip, local_pool):
+    """A recursion's frames are skipped as serially: the calls of ``down`` on its
+    line 3 fail at two places (``down(n - 1)`` and ``(down(n - 1))``), and the
+    rebuilt traceback had a code object per place: IPython (which groups frames
+    by code and line) showed an extra frame and "[... skipping similar frames:
+    down at line 3 (72 times), down at line 3 (72 times)]" where serial says
+    "down at line 3 (147 times)"; mutual recursion likewise. (Lines counted from
+    the ``def``: the cell's line 4.)"""
+    defined(ip, "import mpmagic\n" + RECURSIONS)
+    _as_serial(ip, "down, [150]", ("Plain", "Context", "Verbose"))
+    _as_serial(ip, "a, [150]", ("Plain", "Context", "Verbose"))
+    _as_serial(ip, "f, [150]", ("Context",))
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(low_recursion_limit())  # (see test_deep_recursion_is_collapsed)
+    try:
+        _as_serial(ip, "up, [0]", ("Context",))  # (Plain shows every frame: as many as the depth allows)
+    finally:
+        sys.setrecursionlimit(before)
+
+
+_SCRIPT = """
+import io, sys
+import mpmagic
+{functions}
+def both(f, x):
+    texts = []
+    for run in (lambda: list(map(f, [x])), lambda: mpmagic.pmap(f, [x])):
+        try:
+            run()
+        except BaseException as exc:
+            sys.stderr = out = io.StringIO()
+            sys.excepthook(type(exc), exc, exc.__traceback__)  # (Python's own, as for an uncaught error)
+            sys.stderr = sys.__stderr__
+            texts.append(out.getvalue())
+    return texts
+
+if __name__ == "__main__":
+    mpmagic.use_local(1, "forkserver")
+    for f, x in ((down, 150), (a, 150), (up, 0)):
+        print(repr(both(f, x)))
+"""
+
+
+def test_recursion_collapses_as_serially_in_a_script(tmp_path):
+    """A plain script's default ``sys.excepthook`` (on CPython 3.11 a C printer,
+    which compares frames' file and name strings by identity) says
+    "[Previous line repeated 147 more times]" for a task's recursion as for
+    the same recursion run serially."""
+    import ast
+    import subprocess
+
+    script = tmp_path / "recursions.py"
+    script.write_text(_SCRIPT.format(functions=RECURSIONS))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(PACKAGE), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    results = [ast.literal_eval(line) for line in done.stdout.splitlines()]
+    assert len(results) == 3, done.stdout
+    for serial, parallel in results:
+        parallel = re.sub(r"\nmpmagic: raised by item 0 of the input: .*", "", parallel)
+        if "RecursionError" in serial:  # (see _as_serial)
+            serial, parallel = (re.sub(r"repeated \d+ more", "repeated N more", t) for t in (serial, parallel))
+        serial, parallel = (re.sub(r'  File "[^"]*", line \d+, in (both|<lambda>)\n(    .*\n)*', "", t)
+                            for t in (serial, parallel))  # (the calling frames: the script's own)
+        assert parallel == serial
+    assert "[Previous line repeated 147 more times]" in results[0][0], results[0][0]
+
+
 def test_a_result_the_notebook_cannot_load_is_one_line(ip, local_pool):
     defined(
         ip,
