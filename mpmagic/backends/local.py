@@ -1497,14 +1497,6 @@ class LocalBackend:
                     for _ in range(_MORE_READY):
                         if self._selector_slots != tuple(self.slots):
                             break  # a worker replaced: the selector is rebuilt first
-                        for s in self.slots:
-                            if s.inflight:
-                                break
-                        else:
-                            # No unit out: no reply to wait for (a warm call's last reply
-                            # was just read). Its step ends the run now, one poll sooner;
-                            # anything a worker says meanwhile wakes the next select.
-                            break
                         try:
                             ready = [(key.data, events) for key, events in selector.select(0)]
                         except (OSError, ValueError):  # a pipe closed meanwhile: the next turn rebuilds it
