@@ -35,7 +35,7 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
-from . import astlock, debugging, exiting, payload, payload_cache, serial_copy, shm
+from . import astlock, debugging, exiting, payload, payload_cache, serial_copy, shm, task_shell
 from .backends.base import Backend, Job
 from .cell import make_cell_spec, run_cell_code, split_last_expression
 from .checks import check_delay, check_whole, run_timeout, whole
@@ -1662,7 +1662,9 @@ def _serial_in_worker(func: Callable, iterables: tuple, star: bool, collect: boo
             why = (f"mpmagic: {caller} called inside a worker runs serially in that worker "
                    "(a worker process cannot start workers of its own)")
         if ignored:
-            why += f"; {', '.join(o + '=' for o in ignored)} {'is' if len(ignored) == 1 else 'are'} not applied there"
+            # (a %pmap line in a task, task_shell: its options as the line wrote them)
+            names = [task_shell.MAGIC_OPTION_NAMES.get(o, o) if caller.startswith("%") else o + "=" for o in ignored]
+            why += f"; {', '.join(names)} {'is' if len(ignored) == 1 else 'are'} not applied there"
         sys.stderr.write(why + "\n")
     return _serial_map(func, iterables, star, collect, note_items=True)
 

@@ -50,6 +50,7 @@ from .errors import (
 )
 from .jobs import SAY_RETRIES_AT
 from .setup_api import RunsInFlight, SetupRefused
+from .task_shell import _takes_next_word, split_options, without_final_semicolon
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
 # An interrupt that escapes a magic outside its run (_one_line_interrupts): what it says.
@@ -495,32 +496,6 @@ def _pool_parser() -> _Parser:
     return p
 
 
-def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str], str, bool]:
-    """Split ``-x VALUE --flag REST`` into option tokens, the rest of the line, and
-    whether a ``--`` ended the options (the rest is then the arguments, however it reads).
-
-    The rest (map()'s argument list) is Python and is never tokenized as
-    shell words, so its quotes and spaces survive untouched. Words are split
-    at any whitespace (a tab too), and short flags may be combined as
-    argparse takes them (``-qn 2``, ``-qn2``).
-    """
-    tokens: list[str] = []
-    rest = line.strip()
-    actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
-    while rest.startswith("-") and not rest.startswith("--, "):
-        head, tail = _first_word(rest)
-        if head == "--":  # the end of the options, as on a command line: the rest is ARGS
-            return tokens, tail, True
-        tokens.append(head)
-        rest = tail
-        if _takes_next_word(head, actions):
-            if not rest:
-                break
-            value, rest = _first_word(rest)
-            tokens.append(value)
-    return tokens, rest, False
-
-
 def _options_ended(parser: _Parser, tokens: list[str]) -> list[str]:
     """``%%parallel``'s option words without a ``--`` that ends them, as on a command
     line (it was "unknown option --"); a word after it is refused: the line takes
@@ -533,26 +508,6 @@ def _options_ended(parser: _Parser, tokens: list[str]) -> list[str]:
                                          "options only (the cell is its code)")
             return tokens[:at]
     return tokens
-
-
-def _first_word(text: str) -> tuple[str, str]:
-    """``text``'s first word and the rest, split at any run of whitespace."""
-    parts = text.split(None, 1)
-    return parts[0], parts[1] if len(parts) > 1 else ""
-
-
-def _takes_next_word(head: str, actions: dict[str, argparse.Action]) -> bool:
-    """Is the word after option ``head`` its value (``-n 2``; ``-qn 2``, the last of combined flags)?"""
-    action = actions.get(head.split("=", 1)[0])
-    if action is not None:
-        return action.nargs != 0 and "=" not in head
-    if head.startswith("--") or len(head) < 3:
-        return False  # unknown: the parser names it
-    for k, letter in enumerate(head[1:], 2):  # -qn: -q then -n, as argparse reads it
-        action = actions.get("-" + letter)
-        if action is None or action.nargs != 0:
-            return action is not None and k == len(head)  # a value attached (-qn2) or the next word
-    return False
 
 
 #: What ``%pmap --rerun-failed`` takes (the last run's other options stay), as its
@@ -620,26 +575,8 @@ def _check_scaling_line(parser: _Parser, build: Callable[[], _Parser], tokens: l
             f"{'them' if len(refused) > 1 else 'it'}")
 
 
-@functools.lru_cache(maxsize=256)  # (a warm %pmap line tokenized its text again each call)
-def _without_final_semicolon(text: str) -> tuple[str, bool]:
-    """``text`` without a final ``;`` (IPython's "show no output"), and whether it had one.
-
-    Found as IPython finds it, as the last token that is not a comment or a
-    line end: ``f, xs;  # note`` has one, ``f, [";"]`` has not.
-    """
-    try:
-        tokens = list(tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__))
-    except (tokenize.TokenError, SyntaxError):
-        return text, False  # (not Python: the parser below says so)
-    for token in reversed(tokens):
-        if token.type in (tokenize.ENDMARKER, tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT):
-            continue
-        if token.type == tokenize.OP and token.string == ";":
-            lines = text.splitlines(keepends=True)
-            row, col = token.start
-            return "".join(lines[: row - 1]) + lines[row - 1][:col] + lines[row - 1][col + 1 :], True
-        break
-    return text, False
+# (a warm %pmap line tokenized its text again each call)
+_without_final_semicolon = functools.lru_cache(maxsize=256)(without_final_semicolon)
 
 
 def _statement_is_an_expression() -> bool:

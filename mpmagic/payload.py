@@ -34,7 +34,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import classhome, compat, shm
+from . import classhome, compat, shm, task_shell
 from .errors import SerializationError
 
 PROTOCOL = 5
@@ -453,6 +453,53 @@ class _Pickler(cloudpickle.Pickler):
                 return enum_reduce(obj, super().reducer_override(obj))
         return super().reducer_override(obj)
 
+    def _dynamic_function_reduce(self, func: types.FunctionType) -> Any:
+        # cloudpickle sends the globals the function's bytecode names; a magic line
+        # names its globals in a string (``r = %pmap f, [x]``): those go too, so the
+        # line finds them in a task (task_shell runs it there).
+        reduced = super()._dynamic_function_reduce(func)
+        _with_magic_line_globals(func, reduced)
+        return reduced
+
+
+def _with_magic_line_globals(func: types.FunctionType, reduced: Any) -> None:
+    """Add to cloudpickle's reduction of ``func`` the globals its ``%pmap`` lines read
+    (:func:`task_shell.magic_line_names`), and the loaded submodules of those that are
+    modules which the lines use as attributes (``np.linalg.norm``), as cloudpickle
+    adds those of the names its code reads."""
+    names, attributes = task_shell.magic_line_names(func.__code__)
+    if not names:
+        return
+    try:
+        slotstate = reduced[2][1]
+        sent = slotstate["__globals__"]
+    except (IndexError, KeyError, TypeError):  # (another cloudpickle's layout: those names are not sent)
+        return
+    namespace = func.__globals__
+    for name in names:
+        if name in namespace and name not in sent:
+            sent[name] = namespace[name]
+            value = namespace[name]
+            if isinstance(value, types.ModuleType) and isinstance(slotstate.get("_cloudpickle_submodules"), list):
+                prefix = value.__name__ + "."
+                slotstate["_cloudpickle_submodules"] += [
+                    module for module_name, module in list(sys.modules.items())
+                    if module_name.startswith(prefix) and set(module_name[len(prefix):].split(".")) <= attributes]
+
+
+def code_globals(code: types.CodeType) -> list[str]:
+    """The globals a function of this code sends (cloudpickle's, and those its
+    ``%pmap`` lines read), for the payload cache's checks; ``[]`` when cloudpickle
+    does not say."""
+    if _extract_code_globals is None:
+        return []
+    names = list(_extract_code_globals(code))
+    extra, _ = task_shell.magic_line_names(code)
+    return names + sorted(extra.difference(names)) if extra else names
+
+
+_extract_code_globals = compat.cloudpickle_extract_code_globals()
+
 
 def cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     """cloudpickle ``obj`` by value (functions and classes of ``__main__`` included).
@@ -840,6 +887,7 @@ def _code_names(code: types.CodeType) -> set[str]:
     ``h.conn`` must not be reported as the global ``conn``.
     """
     names = {i.argval for i in dis.get_instructions(code) if i.opname in _GLOBAL_OPS}
+    names |= task_shell.magic_line_names(code)[0]  # (a %pmap line's, sent too: _with_magic_line_globals)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names |= _code_names(const)

@@ -48,7 +48,8 @@ _MISSING = object()
 _EMPTY_CELL = object()
 _ATOMIC = (int, float, complex, str, bytes, bool, type(None), range, type(Ellipsis))
 
-_extract_code_globals = compat.cloudpickle_extract_code_globals()
+# (cloudpickle's names, and those a %pmap line in the function reads, which the payload sends too)
+_extract_code_globals = payload.code_globals if compat.cloudpickle_extract_code_globals() is not None else None
 _should_pickle_by_reference = compat.cloudpickle_by_reference()
 
 

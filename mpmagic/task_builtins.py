@@ -14,6 +14,9 @@ IPython shell, no keyboard and no notebook to draw in, so there:
   ``update_display``) replaces what the cell shows under that id;
 * ``get_ipython()`` returns None, as ``IPython.get_ipython()`` does outside
   IPython, so ``if get_ipython() is not None`` guards work as in a script;
+  but ``get_ipython().<attribute>``, IPython's form of a magic line in a
+  ``def`` (``r = %pmap f, xs``, ``!cmd``), gets ``task_shell``'s stand-in,
+  which runs a ``%pmap`` line serially and refuses the rest in one line;
 * ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once with an
   EOFError saying why, and ``breakpoint()`` is skipped with one line pointing
   to ``%pdebug`` (:func:`no_console`);
@@ -34,6 +37,8 @@ import json
 import os
 import sys
 from typing import Any
+
+from . import task_shell
 
 #: A displayed object travels as one line of the task's stdout that starts
 #: with this marker (ASCII "record separator", never in printed text), then JSON.
@@ -332,9 +337,13 @@ def matplotlib_backend(value: str) -> str:
     return _TASK_BACKEND if value in _INLINE else value
 
 
-def get_ipython() -> None:
-    """None: a task runs without IPython (as ``IPython.get_ipython()`` outside it)."""
-    return None
+def get_ipython() -> task_shell.TaskShell | None:
+    """None: a task runs without IPython (as ``IPython.get_ipython()`` outside it);
+    but for ``get_ipython().<attribute>`` (a magic line or ``!cmd`` in a notebook
+    function, as IPython writes it) the stand-in shell of :mod:`mpmagic.task_shell`,
+    whose ``%pmap`` runs serially in the task and whose other magics say what to
+    write instead, where ``None.run_line_magic`` said nothing of use."""
+    return task_shell.shell_for_caller(sys._getframe(1))
 
 
 class NoInput(io.TextIOBase):

@@ -423,6 +423,7 @@ TABLE_CASES: list[tuple[str, str | None]] = [
      "assert inside.wait(30)", None),
     ("mpmagic.pmap(abs, g)", "argument 2 of map (the generator"),
     ("release.set()\nholder.join()", None),
+    ("def shell_in_task(x):\n    !ls\n    return x\n\n_ = %pmap -q shell_in_task, [1]", "TaskShellError: !ls cannot"),
 ]
 
 
