@@ -94,6 +94,14 @@ class MagicArgumentTypeError(MagicUsageError, TypeError):
     ``except TypeError:`` in a cell catches it, as around ``list(map(f, xs))``."""
 
 
+# Both are named as IPython's: a kernel's error reply names the exception's class
+# (``ename``), which papermill and nbclient print before its text, and which a
+# plain UsageError's reply gives as "UsageError".
+for _cls in (MagicUsageError, MagicArgumentTypeError):
+    _cls.__name__ = _cls.__qualname__ = "UsageError"
+del _cls
+
+
 def _usage_class(like: BaseException | type[BaseException] | None) -> type[IPythonUsageError]:
     """The usage error class for a refusal like ``like`` (the API's error, or the
     built-in class serial ``map()`` would raise): a ``TypeError`` or ``ValueError``

@@ -119,6 +119,7 @@ def test_a_wrong_func_or_iterable_is_one_line_and_a_type_error(ip, names):
         result = ip.run_cell("%pmap -q f, None", store_history=False)
     err = result.error_in_exec
     assert isinstance(err, TypeError) and isinstance(err, IPythonUsageError)
+    assert type(err).__name__ == "UsageError"  # (a kernel's error reply says ename 'UsageError', as for a plain one)
     assert (cap.stdout + cap.stderr).strip().splitlines() == [f"UsageError: {str(err).splitlines()[0]}",
                                                              str(err).splitlines()[1]]
     with capture_output() as plain:
