@@ -15,6 +15,8 @@ the notebook's current
   (``sys.set_int_max_str_digits``: a fork inherited it, forkserver and spawn
   workers raised ``ValueError`` where serial ``str(10**5000)`` worked),
 * warnings filters (``warnings.filterwarnings``, ``simplefilter``),
+* ``sys.argv`` (``sys.argv = ["train.py", "--lr", "0.1"]`` to drive an
+  ``argparse`` main from the notebook: tasks kept the argv of the pool's start),
 * the settings of numeric libraries that change what a task computes, for
   those the notebook has imported: torch's grad mode (``torch.no_grad()``
   around a call: read in the calling thread, where it lives) and default
@@ -161,6 +163,7 @@ def _state(libs: tuple | None = None) -> tuple:
         _get_digits() if _get_digits is not None else None,
         warnings.filters,
         libraries() if libs is None else libs,
+        sys.argv,
     )
 
 
@@ -254,13 +257,13 @@ def current(call: Any = None, libs: tuple | None = None) -> Context:
         enterable = state[0] is not None and os.access(state[0], os.X_OK)
         if _last_msg is None or state != _last_state or enterable != _last_enterable:
             _last_enterable = enterable
-            cwd, env, path, limit, digits, filters, libs = state
+            cwd, env, path, limit, digits, filters, libs, argv = state
             # Copies: the live objects keep changing under the comparison.
-            _last_state = (cwd, dict(env), list(path), limit, digits, list(filters), libs)
+            _last_state = (cwd, dict(env), list(path), limit, digits, list(filters), libs, list(argv))
             _version += 1
             where, reason = workers_dir(cwd, read=False)
             _note_problem(cwd, where, reason)
-            body = (where, dict(os.environ), list(path), limit, digits, _pack_filters(filters), libs)
+            body = (where, dict(os.environ), list(path), limit, digits, _pack_filters(filters), libs, list(argv))
             _last_msg = Context(_version, payload.dumps_data(body))
         _last_call = call
         return _last_msg
@@ -323,13 +326,13 @@ def apply(msg: Context) -> None:
     """
     global _adopted
     try:
-        cwd, env, path, limit, digits, packed, libs = payload.loads(msg.state)
+        cwd, env, path, limit, digits, packed, libs, argv = payload.loads(msg.state)
     except Exception:
         log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
         return
     global _pending
     _pending = list(packed)
-    _adopted = (cwd, env, path, limit, digits, _load_filters(), libs)
+    _adopted = (cwd, env, path, limit, digits, _load_filters(), libs, argv)
     _adopt(*_adopted)
 
 
@@ -366,7 +369,7 @@ def _load_filters() -> list:
 def reassert() -> None:
     """In a worker, as a new call starts: the notebook's world again, where a
     task of an earlier call changed it (``os.chdir``, ``os.environ``,
-    ``sys.path``, the recursion limit, the int digits limit, warnings filters). Each call starts in
+    ``sys.path``, the recursion limit, the int digits limit, warnings filters, ``sys.argv``). Each call starts in
     the notebook's world, as the docs say: a task's ``os.chdir("/")`` made
     every later call on that worker read files from ``/``.
 
@@ -377,7 +380,7 @@ def reassert() -> None:
     global _adopted, _as_adopted
     if _adopted is not None:
         if _waiting and any(map(_loadable_now, _waiting)):
-            _adopted = (*_adopted[:5], _load_filters(), _adopted[6])  # (a task imported a waiting filter's package)
+            _adopted = (*_adopted[:5], _load_filters(), *_adopted[6:])  # (a task imported a waiting filter's package)
             _as_adopted = None
         if _as_adopted is None or _state() != _as_adopted:
             _adopt(*_adopted)
@@ -421,35 +424,105 @@ def keep_setup_changes(run: Any) -> Any:
     (or ``%pool setup clear``) replaces the last one's changes: after a
     clear, the notebook's world again. (Filters a setup removes, e.g. by
     ``warnings.resetwarnings()``, are not kept removed: the notebook's come back.)
-    A :func:`libraries` setting the setup changed (``torch.set_default_dtype``) wins too."""
-    global own_cwd, setup_limit, setup_digits, setup_filters, _as_adopted
+    A :func:`libraries` setting the setup changed (``torch.set_default_dtype``) wins too.
+
+    Each piece of the setup runs in the notebook's world of the moment it was
+    given (:func:`in_setup_world`), and the worker is back in the notebook's
+    world of now (with the setup's changes winning) when it ends: tasks see
+    the notebook's later ``%cd`` as serial code does."""
+    global own_cwd, setup_limit, setup_digits, setup_filters, _as_adopted, _mark
     setup_env.clear()
     setup_removed.clear()
     setup_libs.clear()
     own_cwd, setup_limit, setup_digits, setup_filters = None, None, None, ([], [])
     if _adopted is not None:  # the notebook's world, without the last setup's changes
         _adopt(*_adopted)
-    env_before, cwd_before = dict(os.environ), os.getcwd()
-    limit_before, filters_before = sys.getrecursionlimit(), list(warnings.filters)
-    digits_before = _get_digits() if _get_digits is not None else None
-    libs_before = dict(libraries())
+    _mark = _snapshot()
     try:
         return run()
     finally:
-        setup_env.update((n, v) for n, v in os.environ.items() if env_before.get(n) != v)
-        setup_removed.update(n for n in env_before if n not in os.environ)
-        if os.getcwd() != cwd_before:
-            own_cwd = os.getcwd()
-        if sys.getrecursionlimit() != limit_before:
-            setup_limit = sys.getrecursionlimit()
-        if _get_digits is not None and _get_digits() != digits_before:
-            setup_digits = _get_digits()
-        setup_filters = _added_filters(filters_before, list(warnings.filters))
-        libs_after = dict(libraries())
-        for name, (_, default, _, _) in _LIBRARY_SETTINGS.items():
-            if libs_before.get(name, default) != libs_after.get(name, default):
-                setup_libs[name] = libs_after.get(name, default)
+        _count_changes(_mark)
+        _mark = None
+        if _adopted is not None:  # (a piece run in the world of its cell's moment: the notebook's of now again)
+            _adopt(*_adopted)
         _as_adopted = None  # what wins changed: the next call adopts again
+
+
+# In a worker, while keep_setup_changes runs a setup: the world its changes are counted from
+# (_snapshot); in_setup_world counts them and marks again before it switches worlds.
+_mark: tuple | None = None
+
+
+def _snapshot() -> tuple:
+    """What :func:`_count_changes` compares with: environment, directory, limits, filters, library settings."""
+    return (dict(os.environ), _getcwd(), sys.getrecursionlimit(), _get_digits() if _get_digits is not None else None,
+            list(warnings.filters), dict(libraries()))
+
+
+def _count_changes(before: tuple) -> None:
+    """Add what changed of the world since ``before`` (a :func:`_snapshot`) to the setup's changes."""
+    global own_cwd, setup_limit, setup_digits, setup_filters
+    env_before, cwd_before, limit_before, digits_before, filters_before, libs_before = before
+    for name, value in os.environ.items():
+        if env_before.get(name) != value:
+            setup_env[name] = value
+            setup_removed.discard(name)
+    for name in env_before:
+        if name not in os.environ:
+            setup_removed.add(name)
+            setup_env.pop(name, None)
+    cwd = _getcwd()
+    if cwd is not None and cwd != cwd_before:
+        own_cwd = cwd
+    if sys.getrecursionlimit() != limit_before:
+        setup_limit = sys.getrecursionlimit()
+    if _get_digits is not None and _get_digits() != digits_before:
+        setup_digits = _get_digits()
+    front, back = _added_filters(filters_before, list(warnings.filters))
+    setup_filters = (front + [f for f in setup_filters[0] if f not in front], setup_filters[1] + back)
+    libs_after = dict(libraries())
+    for name, (_, default, _, _) in _LIBRARY_SETTINGS.items():
+        if libs_before.get(name, default) != libs_after.get(name, default):
+            setup_libs[name] = libs_after.get(name, default)
+
+
+def world() -> bytes:
+    """In the notebook: its world now, for a piece of worker setup to run in
+    (:func:`in_setup_world`): what a ``Context`` message carries."""
+    return current().state
+
+
+def in_setup_world(state: bytes | None, run: Callable[[], Any]) -> Any:
+    """In a worker: ``run()`` (one piece of its setup) in the notebook's world
+    ``state`` of the moment that piece was given (:func:`world`), with what
+    earlier pieces changed winning; inside :func:`keep_setup_changes` only
+    (a Dask worker's plugin runs it where it is).
+
+    Why: a setup runs again in every later worker (a replacement, a resize,
+    ``%pool restart``). Run in the notebook's world of that moment, a
+    ``%cd ../expB`` made after the setup cell made the replacement read
+    ``expB/cfg.txt`` where the others had read ``expA/cfg.txt`` (one run with
+    two setups), and a relative ``os.chdir("data")`` failed on every new
+    worker. A setup runs once in the notebook's sense, in one world."""
+    global _mark
+    if _mark is None or state is None:
+        return run()
+    try:
+        cwd, env, path, limit, digits, packed, libs, argv = payload.loads(state)
+    except Exception:
+        log.warning("mpmagic worker: could not load the world of the setup's cell", exc_info=True)
+        return run()
+    _count_changes(_mark)  # (what ran since the last mark: nothing, as a rule)
+    filters = []
+    for package, data in packed:
+        if _loadable_now(package):
+            try:
+                filters.append(payload.loads(data))
+            except Exception:
+                log.debug("mpmagic worker: a warnings filter of the setup's cell not loaded", exc_info=True)
+    _adopt(cwd, env, path, limit, digits, filters, libs, argv)
+    _mark = _snapshot()
+    return run()
 
 
 def _added_filters(before: list, after: list) -> tuple[list, list]:
@@ -476,7 +549,8 @@ _cwd_failed: str | None = None  # in a worker: the directory it last failed to e
 _as_adopted: tuple | None = None
 
 
-def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filters: list, libs: tuple = ()) -> None:
+def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filters: list, libs: tuple = (),
+           argv: list[str] | None = None) -> None:
     if own_cwd is not None:
         cwd = own_cwd
     global _cwd_failed, _as_adopted
@@ -533,10 +607,13 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
         mutated = getattr(warnings, "_filters_mutated", None)  # private; renamed in 3.14
         if mutated is not None:
             mutated()  # drop the per-module "already warned" caches
+    if argv is not None and sys.argv != argv:
+        sys.argv = list(argv)  # (rebound, as the notebook's `sys.argv = [...]` does)
     applied = _apply_libraries(libs) and applied
     if applied:
-        cwd_now, env_now, path_now, limit_now, digits_now, filters_now, libs_now = _state()
-        _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, digits_now, list(filters_now), libs_now)
+        cwd_now, env_now, path_now, limit_now, digits_now, filters_now, libs_now, argv_now = _state()
+        _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, digits_now, list(filters_now), libs_now,
+                       list(argv_now))
 
 
 __all__ = ["apply", "current", "fallback_dir", "key", "libraries", "reassert", "take_note", "workers_dir"]

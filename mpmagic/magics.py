@@ -1655,8 +1655,25 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
         raise UsageError(f"the setup cell has a syntax error{where}: {exc.msg}") from None
     if errors:
         more = f" (and on {len(errors) - 1} more worker{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise MPMagicError(errors[0] + more)
+        raise MPMagicError(errors[0] + more + _notebook_name_hint(errors[0], shell))
     return None
+
+
+def _notebook_name_hint(error: str, shell: Any) -> str:
+    """The line to add to a setup failure that is a ``NameError`` for a notebook variable:
+    a ``%%parallel`` cell gets the notebook's names, a setup cell does not (it runs
+    again, alone, in every worker started later), and a bare ``NameError`` for a name
+    the notebook plainly has did not say why."""
+    import re
+
+    found = re.search(r"NameError: name '(\w+)' is not defined", error)
+    ns = getattr(shell, "user_ns", None)
+    if found is None or not isinstance(ns, dict) or found.group(1) not in ns:
+        return ""
+    name = found.group(1)
+    return (f"\nmpmagic: {name} is a notebook variable: a %%pool setup cell runs in the workers without the "
+            "notebook's names (it runs again, on its own, in every worker started later); define it in the setup "
+            f"cell, or pass its value to a setup function: mpmagic.on_worker_start(functools.partial(init, {name}))")
 
 
 def _switched(before: Any, now: Any, size_before: int | None = None) -> str:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from . import pool, worker_setup
+from . import context, pool, worker_setup
 from .errors import MPMagicError, UsageError
 from .fmt import func_name
 from .jobs import MapJob
@@ -48,7 +48,8 @@ def on_worker_start(func: Callable[[], Any]) -> Callable[[], Any]:
     """
     if not callable(func):
         raise UsageError(f"on_worker_start takes a function, not {type(func).__name__}")
-    errors = _change(lambda: worker_setup.add_function(func), f"on_worker_start({func_name(func)})", start=False,
+    world = context.world()  # (it runs in the notebook's directory, environment... of now, in every worker)
+    errors = _change(lambda: worker_setup.add_function(func, world), f"on_worker_start({func_name(func)})", start=False,
                      interrupt_as="on_worker_start")
     if errors:
         more = f" (and on {len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -71,7 +72,8 @@ def set_code(source: str, line_offset: int = 0) -> list[str]:
     bad = worker_setup.shadowing(n for n in setup_names(source) if not n.startswith("_"))
     if bad:  # (each worker checks again what the setup really defines: names made by exec, a star import...)
         raise SetupRefused(f"%%pool setup refused, nothing was sent to the workers: {worker_setup.shadow_message(bad)}")
-    return _change(lambda: worker_setup.set_code(source, line_offset), "%%pool setup", start=True)
+    world = context.world()  # (it runs in the notebook's directory, environment... of now, in every worker)
+    return _change(lambda: worker_setup.set_code(source, line_offset, world), "%%pool setup", start=True)
 
 
 def setup_names(source: str) -> set[str]:
@@ -171,7 +173,10 @@ def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as:
     ``start``: start the pool to run it (``%%pool setup``); else only a
     running pool's workers get it now, later ones as they start.
     ``interrupt_as``: the caller, as an interrupt of the wait names it.
-    ``done``: the line saying the change was made (printed first). When
+    ``done``: the line saying the change was made (printed first). Workers
+    still running an earlier setup (a hung one, whose wait was interrupted)
+    are replaced first, and one line says so (:func:`_replaced_line`): the
+    change waited for that setup to end, for ever if it never did. When
     running workers had run a setup the change replaces or removes, one line
     (:data:`KEPT_NOTE`) says they keep what it did to modules and
     ``sys.path``: only its names are dropped.
@@ -187,10 +192,15 @@ def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as:
         if busy:
             raise RunsInFlight(_refusal(what, busy))
         old, running = worker_setup.entries(), backend.running
+        before = (backend.setup_workers() or []) if running else []
+        replaced = backend.replace_setting_up() if running else []
+        kept = not replaced or len(before) > len(replaced)  # (workers that ran the earlier setup stay)
         change()
         errors = run_everywhere(interrupt_as, backend) if start or backend.running else []
     sys.stdout.write(done)
-    if running and any(e not in worker_setup.entries() for e in old):
+    if replaced:
+        sys.stdout.write(_replaced_line(replaced))
+    if running and kept and any(e not in worker_setup.entries() for e in old):
         sys.stdout.write(KEPT_NOTE)
     return errors
 
@@ -200,6 +210,16 @@ def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as:
 # workers will lack; undoing that would take a restart of every worker.
 KEPT_NOTE = ("mpmagic: running workers keep what earlier setups did to modules and sys.path (imports, patches, "
              "added paths), workers started from now on lack it; %pool restart for a clean start\n")
+
+
+def _replaced_line(workers: list[Any]) -> str:
+    """The line saying that a setup change replaced these workers, which were still running an earlier setup."""
+    if len(workers) == 1:
+        them = f"worker {workers[0]}, which was"
+    else:
+        them = f"workers {', '.join(str(w) for w in workers[:-1])} and {workers[-1]}, which were"
+    return (f"mpmagic: stopped {them} still running the earlier setup (it would have run to its end first), "
+            "and started new ones in their place\n")
 
 
 def _refusal(what: str, runs: list[Any]) -> str:
@@ -275,8 +295,8 @@ def _interrupted(what: str | None) -> KeyboardInterrupt:
     if worker_setup.has_setup():
         return interrupted(
             f"{what or '%%pool setup'} interrupted: the worker setup stays installed (%pool setup shows it) and "
-            "the workers go on running it (a run waits for it); %pool setup clear removes it, "
-            "then %pool restart stops workers still in it"
+            "the workers go on running it (a run waits for it); %pool setup clear removes it "
+            "and replaces the workers still running it (so does a new %%pool setup)"
         )
     return interrupted(
         f"{what or '%pool setup clear'} interrupted: the worker setup is removed; workers still running it "

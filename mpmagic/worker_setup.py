@@ -31,6 +31,12 @@ sends and records them; applying a setup to the current pool from the
 notebook (``%%pool setup``, :func:`mpmagic.on_worker_start`) is in
 ``setup_api.py``, since this module sits below the pool (workers import it).
 
+Each entry keeps the notebook's world of the moment it was given (its
+directory, environment, ``sys.path``, ``sys.argv``...: ``context.world``),
+and a local worker runs it there (``context.in_setup_world``), later workers
+too: a replacement started after a ``%cd ../expB`` read ``expB/cfg.txt``
+where the first workers had read ``expA/cfg.txt``, one run with two setups.
+
 The user's own modules a setup imports (``import mymodel``: often imported
 by the setup alone, never by the notebook) are found when it is set
 (:func:`module_files`, through ``usermodules.py``): a checkpoint key covers
@@ -58,7 +64,7 @@ import threading
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import worker_logging
@@ -79,6 +85,10 @@ class _Entry:
     # The cell's lines above the code (the ``%%pool setup`` line): a failure names its line as
     # IPython numbers the cell, the magic's line being line 1, as %%parallel's messages do.
     line_offset: int = 0
+    # The notebook's world (directory, environment, sys.path, argv...: context.world) when it was
+    # given: every worker runs it there, also one started after a %cd (context.in_setup_world).
+    # Not compared: the same cell run again after a %cd is the same setup.
+    world: bytes | None = field(default=None, compare=False)
 
 
 # -- notebook side --------------------------------------------------------
@@ -117,23 +127,26 @@ _names: set[str] = set()
 _random_states: dict[tuple[str, int], Any] = {}
 
 
-def set_code(source: str, line_offset: int = 0) -> None:
+def set_code(source: str, line_offset: int = 0, world: bytes | None = None) -> None:
     """Make ``source`` the ``%%pool setup`` cell (replacing an earlier one).
 
     ``line_offset``: the lines of the notebook cell above ``source`` (1: the
     ``%%pool setup`` line), so that a failure's line is the cell's line.
+    ``world``: the notebook's world as the cell runs (``context.world``), which
+    every worker runs it in.
     """
     code = compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
     files = _imported_files(code)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
-        _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset))
+        _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset, world))
         _files[("code", "%%pool setup")] = files
         _changed()
 
 
-def add_function(func: Callable[[], Any]) -> None:
-    """Add ``func`` (same name replaces) to what every worker runs at start."""
+def add_function(func: Callable[[], Any], world: bytes | None = None) -> None:
+    """Add ``func`` (same name replaces) to what every worker runs at start
+    (in the notebook's ``world`` of now, as :func:`set_code`)."""
     from . import payload
 
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
@@ -145,7 +158,7 @@ def add_function(func: Callable[[], Any]) -> None:
     files = _imported_files(code) if isinstance(code, types.CodeType) else ()
     with _lock:
         _entries[:] = [e for e in _entries if not (e.kind == "func" and e.name == name)]
-        _entries.append(_Entry("func", name, data))
+        _entries.append(_Entry("func", name, data, world=world))
         _files[("func", name)] = files
         _changed()
 
@@ -613,29 +626,35 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         entries = payload.loads(data)
     except BaseException as exc:
         return f"setup could not be loaded on worker {wid}: {type(exc).__name__}: {exc}", []
+    from . import context
+
+    def run(entry: _Entry) -> None:
+        with _as_main(main):
+            if entry.kind == "code":
+                # (numbered as the notebook cell: its failure line and its functions' frames)
+                text = "\n" * entry.line_offset + entry.data
+                lines = text.splitlines(keepends=True)
+                linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
+                exec(compile(text, SETUP_FILENAME, "exec"), ns)
+            else:
+                func = payload.loads(entry.data)
+                g = _by_value_globals(func)
+                before = dict(g) if g is not None else {}
+                try:
+                    out = func()
+                finally:  # (what it assigned before it raised stays, as a setup cell's earlier lines)
+                    if g is not None:
+                        assigned = {k: v for k, v in g.items() if not k.startswith("__")
+                                    and (k not in before or before[k] is not v)}
+                        ns.update(assigned)
+                        set_globals.update(assigned)
+                if isinstance(out, dict):
+                    ns.update(out)
+
     for entry in entries:
         try:
-            with _as_main(main):
-                if entry.kind == "code":
-                    # (numbered as the notebook cell: its failure line and its functions' frames)
-                    text = "\n" * entry.line_offset + entry.data
-                    lines = text.splitlines(keepends=True)
-                    linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
-                    exec(compile(text, SETUP_FILENAME, "exec"), ns)
-                else:
-                    func = payload.loads(entry.data)
-                    g = _by_value_globals(func)
-                    before = dict(g) if g is not None else {}
-                    try:
-                        out = func()
-                    finally:  # (what it assigned before it raised stays, as a setup cell's earlier lines)
-                        if g is not None:
-                            assigned = {k: v for k, v in g.items() if not k.startswith("__")
-                                        and (k not in before or before[k] is not v)}
-                            ns.update(assigned)
-                            set_globals.update(assigned)
-                    if isinstance(out, dict):
-                        ns.update(out)
+            # (in the notebook's directory, environment... of the moment it was given)
+            context.in_setup_world(getattr(entry, "world", None), functools.partial(run, entry))
         except BaseException as exc:
             if shadowing(ns):  # (what ran before the failing line would replace builtins: nothing installed)
                 return _shadow_line(shadowing(ns), wid), []
@@ -705,7 +724,13 @@ def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
     (the line counted from the ``%%pool setup`` line, as IPython numbers the cell)."""
     where = entry.name if entry.kind == "func" else "%%pool setup"
     frames = traceback.extract_tb(exc.__traceback__)
-    mine = [f for f in frames if f.filename == SETUP_FILENAME] if entry.kind == "code" else frames[1:]
+    if entry.kind == "code":
+        mine = [f for f in frames if f.filename == SETUP_FILENAME]
+    else:  # (the function's frames: not this module's, nor those running it in its world)
+        from . import context
+
+        ours = {os.path.normcase(__file__), os.path.normcase(context.__file__)}
+        mine = [f for f in frames if os.path.normcase(f.filename) not in ours]
     if mine:
         f = mine[-1] if entry.kind == "code" else mine[0]
         text = (f.line or "").strip()

@@ -368,6 +368,25 @@ def test_sys_path_added_after_the_pool_started(ip, local_pool, tmp_path):
         sys.modules.pop("fidelity_late_mod", None)
 
 
+def test_sys_argv_set_after_the_pool_started(ip, local_pool):
+    """``sys.argv = [...]`` in the notebook (to drive an argparse main) did not reach
+    tasks: they kept the argv of the pool's start, and ``parse_args()`` raised
+    SystemExit: 2 where serial code read ``--lr 0.1``."""
+    local_pool.wait_ready()
+    run(ip, "import argparse, sys\ndef lr(x):\n    p = argparse.ArgumentParser()\n    p.add_argument('--lr', type=float)\n"
+            "    return p.parse_args().lr * x\n"
+            "def meddle(x):\n    sys.argv = ['task.py']\n")
+    before = sys.argv
+    try:
+        sys.argv = ["train.py", "--lr", "0.1"]
+        assert _same_as_serial(ip, "lr", "[1, 2]") == [0.1, 0.2]
+        run(ip, "%pmap -q --chunksize 1 meddle, range(4)")  # a task's own argv: the next call has the notebook's
+        sys.argv = ["train.py", "--lr", "0.5"]
+        assert _same_as_serial(ip, "lr", "[1, 2]") == [0.5, 1.0]
+    finally:
+        sys.argv = before
+
+
 @pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the limit travels with each call, as the int digits limit below)
 def test_recursion_limit(ip, local_pool):
     run(ip, "import sys\ndef deep(n):\n    return n if n == 0 else deep(n - 1)\n"

@@ -162,8 +162,8 @@ def test_an_interrupted_pool_setup_says_in_one_line_that_it_stays_and_the_worker
         assert type(err) is KeyboardInterrupt
         assert text.strip() == (
             "KeyboardInterrupt: %%pool setup interrupted: the worker setup stays installed (%pool setup shows it) "
-            "and the workers go on running it (a run waits for it); %pool setup clear removes it, then "
-            "%pool restart stops workers still in it"), text
+            "and the workers go on running it (a run waits for it); %pool setup clear removes it "
+            "and replaces the workers still running it (so does a new %%pool setup)"), text
         with capture_output() as shown:
             run(ip, "%pool setup")
         assert "time.sleep(1.5)" in shown.stdout  # as the line says

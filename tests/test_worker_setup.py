@@ -761,3 +761,104 @@ def test_a_record_the_setups_console_handler_prints_shows_once(ip, local_pool, c
     assert sorted(parallel) == [f"setup INFO:mpm.twice:item {x}" for x in range(3)]
     logged = (tmp_path / "nb.log").read_text().splitlines()
     assert sorted(logged) == sorted([f"item {x}" for x in range(3)] * 2), logged  # (the parallel run's and the serial)
+
+
+def test_a_setup_runs_where_its_cell_ran_in_every_later_worker(ip, local_pool, tmp_path, monkeypatch):
+    """A setup ran again in each new worker (a restart, a replacement) in the
+    notebook's directory and environment of *that* moment: after a ``%cd
+    ../expB`` one run mixed the setup of expA/cfg.txt with that of expB/cfg.txt,
+    and a relative ``os.chdir("data")`` failed on every new worker. Serially the
+    setup cell ran once, where it was run; tasks follow the notebook's later %cd."""
+    for name in ("expA", "expB"):
+        (tmp_path / name / "data").mkdir(parents=True)
+        (tmp_path / name / "cfg.txt").write_text(name[-1])
+    monkeypatch.setenv("MPM_SETUP_CFG", "A")
+    monkeypatch.chdir(tmp_path / "expA")
+    setup = ("%%pool setup\nimport os\nCFG = open('cfg.txt').read() + os.environ['MPM_SETUP_CFG']\n"
+             "os.environ['MPM_SETUP_SET'] = 'setup'\n")
+    run(ip, setup)
+    serial_cfg = open("cfg.txt").read() + os.environ["MPM_SETUP_CFG"]  # (what the cell read, run here)
+    run(ip, "%cd -q ../expB")
+    monkeypatch.setenv("MPM_SETUP_CFG", "B")
+    run(ip, "import os\ndef seen(x):\n    return CFG, open('cfg.txt').read(), os.environ['MPM_SETUP_CFG'], "
+            "os.environ['MPM_SETUP_SET']\n")
+    serial = [(serial_cfg, "B", "B", "setup")] * 4
+    assert run(ip, "%pmap -q --chunksize 1 seen, range(4)") == serial  # the workers that ran it
+    run(ip, "%pool restart")  # new workers: the setup runs again, where its cell ran
+    assert run(ip, "%pmap -q --chunksize 1 seen, range(4)") == serial
+    # A relative os.chdir in the setup: from the cell's directory, in every later worker too
+    run(ip, "%cd -q ../expA")
+    run(ip, "%%pool setup\nimport os\nos.chdir('data')\n")
+    run(ip, "%cd -q ../expB")
+    run(ip, "%pool restart")
+    assert run(ip, "%pmap -q --chunksize 1 lambda x: os.getcwd(), range(2)") == [str(tmp_path / "expA" / "data")] * 2
+
+
+def test_a_setup_functions_line_is_its_own_in_its_cells_world(ip, local_pool, tmp_path, monkeypatch):
+    """An on_worker_start function runs in the world of its call too, and its
+    failure still names its own line (not mpmagic's frames that run it there)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "path.txt").write_text("x")
+    run(ip, "def _init_reads():\n    import os\n    assert os.path.exists('path.txt')\n    raise OSError('no')\n")
+    with pytest.raises(mpmagic.MPMagicError, match=r"_init_reads, line 4: OSError: no"):
+        run(ip, "mpmagic.on_worker_start(_init_reads)")
+
+
+def test_clearing_a_setup_that_never_ends_replaces_its_workers(ip, local_pool, tmp_path, capsys):
+    """After an interrupted ``%%pool setup`` that hung (a stalled download), its
+    documented way out, ``%pool setup clear``, waited for it without a word, for
+    ever: now it replaces the workers still running it, and says so."""
+    stall = tmp_path / "STALL"
+    # (the setup gives up after 60 s, so that a clear that waits fails here, not hangs)
+    run(ip, f"%%pool setup\nimport os, time\nt = time.time() + 60\nwhile os.path.exists({str(stall)!r}) "
+            "and time.time() < t:\n    time.sleep(0.02)\nSTALLED = 0\n")
+    stall.touch()
+    run(ip, "%pool restart")  # the new workers' setups wait for the file to go
+    old = {s.wid for s in local_pool.slots}
+    capsys.readouterr()
+    run(ip, "%pool setup clear")
+    out = capsys.readouterr().out
+    assert f"mpmagic: stopped workers {' and '.join(str(w) for w in sorted(old))}, which were still running the " \
+           "earlier setup (it would have run to its end first), and started new ones in their place" in out
+    assert "running workers keep" not in out  # (none of them ran it)
+    assert not old & {s.wid for s in local_pool.slots}
+    assert run(ip, "%pmap -q lambda x: x + 1, range(4)") == [1, 2, 3, 4]
+
+
+def test_a_run_waiting_for_a_setup_says_so(ip, local_pool, tmp_path, monkeypatch, capsys):
+    """An untimed run behind a setup that hung sat at 0% for ever with no word:
+    one line says the workers still run the setup, and how to get out."""
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "_SETUP_NOTE_AFTER", 0.1)
+    stall = tmp_path / "STALL"
+    run(ip, f"%%pool setup\nimport os, time\nt = time.time() + 60\nwhile os.path.exists({str(stall)!r}) "
+            "and time.time() < t:\n    time.sleep(0.02)\nSTALLED = 0\n")
+    stall.touch()
+    run(ip, "%pool restart")
+    say = local.LocalBackend._say_setup_waits
+
+    def said(self, slot, now):  # (the line is out: the setup may end now)
+        say(self, slot, now)
+        stall.unlink(missing_ok=True)
+
+    monkeypatch.setattr(local.LocalBackend, "_say_setup_waits", said)
+    capsys.readouterr()
+    assert run(ip, "%pmap -q lambda x: x + STALLED, range(4)") == [0, 1, 2, 3]
+    err = capsys.readouterr().err
+    assert err.count("is still running the worker setup") == 1, err
+    assert ("and this run's items sent to it wait for it to end; Ctrl-C stops the wait, then %pool setup clear "
+            "removes the setup and replaces the workers still running it") in err
+
+
+def test_a_setups_name_error_for_a_notebook_variable_says_why(ip, local_pool):
+    run(ip, "MPM_MODEL_PATH = 'model.bin'")
+    with pytest.raises(mpmagic.MPMagicError) as failed:
+        run(ip, "%%pool setup\nMODEL = MPM_MODEL_PATH\n")
+    assert str(failed.value).endswith(
+        "\nmpmagic: MPM_MODEL_PATH is a notebook variable: a %%pool setup cell runs in the workers without the "
+        "notebook's names (it runs again, on its own, in every worker started later); define it in the setup "
+        "cell, or pass its value to a setup function: mpmagic.on_worker_start(functools.partial(init, MPM_MODEL_PATH))")
+    with pytest.raises(mpmagic.MPMagicError) as failed:  # (a name the notebook lacks: no such line)
+        run(ip, "%%pool setup\nMODEL = MPM_NO_SUCH_NAME\n")
+    assert "\n" not in str(failed.value)

@@ -193,6 +193,10 @@ class Backend(Protocol):
     # tells, and a checkpointed run under a setup importing the user's modules goes
     # without the checkpoint.
     def setup_workers(self) -> list[Any] | None: ...
+    # Replace the workers still running (or yet to run) a setup sent to them, as the setup
+    # changes (no run in flight): they would finish it before the new one, a hung one never.
+    # The ids of those replaced; Dask: none (its workers run the plugin as the cluster starts them).
+    def replace_setting_up(self) -> list[Any]: ...
     def submit(self, job: Job, workers: int | None = None, background: bool = False) -> Run: ...
 
 

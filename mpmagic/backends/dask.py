@@ -857,6 +857,11 @@ class DaskBackend:
         of one it connected to are managed where that cluster runs."""
         return self.owns_cluster
 
+    def replace_setting_up(self) -> list[Any]:
+        """None replaced (see ``Backend``): a Dask worker runs the setup plugin as it
+        registers; mpmagic does not track which is still in it."""
+        return []
+
     def setup_workers(self) -> list[Any] | None:
         """The one key ``worker_setup`` stamped the setup's module files under as this
         notebook sent the setup to the cluster (``_setup_key``; see ``Backend``): Dask

@@ -244,6 +244,9 @@ class _Slot:
     # While its first unit (with a --timeout) waits for such a setup: when the
     # wait ends, the setup counting as stuck (_SETUP_WAIT_MIN; _check_deadlines).
     setup_deadline: float | None = None
+    # Since when (time.monotonic) it runs the first setup of ``setups_ahead`` (from its Ready, or
+    # the send to a ready worker): a run whose items wait behind it is told so (_say_setup_waits).
+    setup_since: float | None = None
     # A send to it failed (it died and its sentinel is not handled yet), or it
     # was closed (``close``): no more units, or ``_assign`` would retry it
     # without end (or give a unit to a pipe nobody reads).
@@ -481,6 +484,9 @@ _CANCEL_CHECK = 0.5
 #: (a stalled download, a lock) must not make a timed run wait for ever (see _start_clock).
 _SETUP_WAIT_MIN = 30.0
 _SETUP_WAIT_TIMES = 10.0
+#: Seconds a run's items wait behind a worker's %%pool setup before the run says so in one line
+#: (a hung setup left an untimed run at 0% for ever, with nothing saying why: _say_setup_waits).
+_SETUP_NOTE_AFTER = 5.0
 
 
 #: How many times ``submit`` builds a run's payload again when pool stops from other
@@ -508,6 +514,7 @@ class _LocalRun(Run):
         # An error of this run's own found while the manager read a worker (its timeout could not
         # start a clock: _start_clock_of): the manager's next _check_runs ends it with it, alone.
         self.failed_with: BaseException | None = None
+        self.setup_wait_said = False  # told that its items wait for a worker's setup (_say_setup_waits)
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
@@ -1163,7 +1170,28 @@ class LocalBackend:
             self._send_failed(slot)
             return
         slot.known.add(context.key(ctx))
+        if not slot.setups_ahead and slot.ready:
+            slot.setup_since = time.monotonic()
         slot.setups_ahead.append(len(slot.inflight))
+
+    def replace_setting_up(self) -> list[Any]:
+        """Replace the workers still running (or yet to run) a setup sent to them;
+        the ids of those replaced.
+
+        For a setup change (``setup_api._change``, under ``runs_held``: no run
+        is in flight): that setup is being replaced or removed, and such a worker
+        would run it to its end before the new one. After an interrupted
+        ``%%pool setup`` that hung (a stalled download), ``%pool setup clear``
+        waited for it without a word, for ever. Their replacements start with
+        the setup as changed.
+        """
+        with self._lock:
+            stuck = [s for s in self.slots if s.setups_ahead]
+            for slot in stuck:
+                self._replace(slot)
+        if stuck:
+            self._wake()
+        return [s.wid for s in stuck]
 
     def _without_setup(self, slot: _Slot) -> str | None:
         """The line saying that this worker runs tasks without the current setup (it
@@ -1389,8 +1417,8 @@ class LocalBackend:
         if self._selector_slots != tuple(self.slots):
             return True  # new or gone workers: its selector must change
         for s in self.slots:
-            if s.sender.pending or s.deadline is not None or s.setup_deadline is not None:
-                return True  # a send waits for room, or a timeout to watch
+            if s.sender.pending or s.deadline is not None or s.setup_deadline is not None or s.setup_since is not None:
+                return True  # a send waits for room, or a timeout (or a wait for a setup: _say_setup_waits) to watch
         if job.input_wait() is not None:
             return True  # a lazy input's read asked: the manager looks at it while it goes on (_take_reading)
         for r in self._runs:
@@ -1551,6 +1579,10 @@ class LocalBackend:
                     first = t
             if not s.inflight:
                 idle = True
+            elif s.setup_since is not None and _waits_for_setup(s) and not all(r.setup_wait_said for r, _ in s.inflight):
+                t = s.setup_since + _SETUP_NOTE_AFTER
+                if first is None or t < first:
+                    first = t
         now = None
         for r in self._runs:
             job = r.job
@@ -2001,6 +2033,8 @@ class LocalBackend:
             slot.ready = True
             self._startup_failures = 0
             slot.pid = msg.pid
+            if slot.setups_ahead:  # (its setup starts now: sent while it started)
+                slot.setup_since = time.monotonic()
             self._start_clock_of(slot)  # its first unit's time starts now (not while it started)
             self._cond.notify_all()
             return
@@ -2008,6 +2042,7 @@ class LocalBackend:
             if slot.setups_ahead:
                 slot.setups_ahead.popleft()
             slot.setup_deadline = None
+            slot.setup_since = time.monotonic() if slot.setups_ahead else None  # (the next one's start)
             # The unit that waited for this setup starts its time now (a slow setup
             # after a restart or a recycling is no task's timeout).
             if slot.deadline is None:
@@ -2211,6 +2246,23 @@ class LocalBackend:
                     run.job.lost(unit, "ran past its timeout", timed_out=True, index=index)
             elif slot.setup_deadline is not None and now >= slot.setup_deadline and slot in self.slots:
                 self._setup_stuck(slot)
+            if (slot.setup_since is not None and now >= slot.setup_since + _SETUP_NOTE_AFTER and slot.inflight
+                    and slot in self.slots and _waits_for_setup(slot)):
+                self._say_setup_waits(slot, now)
+
+    def _say_setup_waits(self, slot: _Slot, now: float) -> None:
+        """Tell each run whose items wait behind this worker's setup, once a run, that they
+        do and how to get out: an untimed run after an interrupted setup that hung sat at 0%
+        for ever, with nothing saying why."""
+        for run, _ in slot.inflight:
+            if run.setup_wait_said or run not in self._runs:
+                continue
+            run.setup_wait_said = True
+            since = f"{now - (slot.setup_since or now):.0f} s"
+            run.note("stderr", f"mpmagic: worker {slot.wid} is still running the worker setup (%pool setup shows it; "
+                               f"for {since} now), and this run's items sent to it wait for it to end; "
+                               "Ctrl-C stops the wait, then %pool setup clear removes the setup and replaces the "
+                               "workers still running it\n")
 
     def _setup_stuck(self, slot: _Slot) -> None:
         """A worker's %%pool setup still runs past its bound (``_SETUP_WAIT_MIN``) while
@@ -2262,6 +2314,11 @@ class LocalBackend:
                 self._retire(slot)
                 if not slot.temporary:
                     self._respawn()
+
+
+def _waits_for_setup(slot: _Slot) -> bool:
+    """Does the worker's first unit in flight wait for a setup it runs (or is yet to run)?"""
+    return bool(slot.ready and slot.inflight and slot.setups_ahead and slot.setups_ahead[0] == 0)
 
 
 def _clock_runs(slot: _Slot) -> bool:
