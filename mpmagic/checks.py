@@ -23,7 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from .errors import UsageError
+from .errors import ArgumentTypeError, UsageError
 
 #: Digits a whole number is shown with in full in a message; past them, abbreviated (``number_text``).
 SHOWN_DIGITS = 20
@@ -153,6 +153,18 @@ def queue_size(name: str, value: object, least: int, most: int = QUEUE_SIZE_MAX,
     ``most_says`` in the refusal), else one ``UsageError`` line naming it, on the
     local backend and on Dask alike."""
     return check_whole(f"mpmagic.Queue: {name}", value, least, f"a whole number from {least} to {most_says}", most)
+
+
+def queue_maxsize(value: object) -> int:
+    """An ``mpmagic.Queue``'s ``maxsize``: a whole number up to :data:`QUEUE_SIZE_MAX`, and
+    0 or less for no bound (0), as ``multiprocessing.Queue`` and ``queue.Queue`` take it
+    (``Queue(-1)`` was refused). Anything but a whole number is an ``ArgumentTypeError``
+    (a ``TypeError``, as theirs, and a ``UsageError``), on the local backend and on Dask alike."""
+    number = whole(value)
+    if number is None:
+        raise ArgumentTypeError(
+            f"mpmagic.Queue: maxsize must be a whole number (0 or less: no bound), not {number_text(value)}")
+    return 0 if number <= 0 else queue_size("maxsize", number, 0)
 
 
 def check_delay(name: str, value: object) -> float:

@@ -16,6 +16,7 @@ This module imports no IPython: workers import it.
 from __future__ import annotations
 
 import copyreg
+import ctypes
 import dis
 import enum
 import functools
@@ -1172,6 +1173,39 @@ def _advice_for_mp_shared(parts: list) -> str:
             "mpmagic.Lock(), RLock(), Event() (docs/shared.md).")
 
 
+def _mp_raw_advice(parts: list) -> str | None:
+    """A ``multiprocessing.RawValue``/``RawArray`` or ``Value``/``Array(..., lock=False)``:
+    a plain ctypes object over multiprocessing's heap (it fails on that heap's mmap,
+    with no word of multiprocessing's own). The generic advice, "create it inside the
+    function", would give each task a value of its own, silently: this names the
+    mpmagic helper with ``lock=False`` (the typecode, and the value or length, its
+    own). None for anything else. ``parts``: the objects on the path, outermost first."""
+    for raw, inner in zip(parts, parts[1:], strict=False):
+        if not (type(inner).__module__ == "multiprocessing.heap" and type(inner).__name__ == "BufferWrapper"):
+            continue
+        if isinstance(raw, ctypes.Array):
+            code = getattr(raw._type_, "_type_", None)
+            helper = f"mpmagic.Array({code!r}, {len(raw)}, lock=False)"
+            kind, same = "RawArray (or Array(..., lock=False))", "indexing"
+        else:
+            code = getattr(type(raw), "_type_", None)
+            helper = f"mpmagic.Value({code!r}, {getattr(raw, 'value', 0)!r}, lock=False)"
+            kind, same = "RawValue (or Value(..., lock=False))", ".value"
+        if not isinstance(code, str) or code not in _MPMAGIC_TYPECODES:  # (a Structure, a c_char_p...)
+            return ("A multiprocessing shared ctypes object reaches only the processes started with it, and mpmagic "
+                    f"shares only numbers and chars ({', '.join(_MPMAGIC_TYPECODES)}): use an mpmagic.Value or Array "
+                    "per field, made in the notebook (docs/shared.md); made inside the function, each task would "
+                    "have its own.")
+        return (f"A multiprocessing {kind} reaches only the processes started with it: use {helper}, made for "
+                f"tasks, with the same {same} (docs/shared.md). Made inside the function it would not be "
+                "shared: each task would have its own.")
+    return None
+
+
+#: The typecodes mpmagic.Value and Array take (mpmagic.shared.values, which payload does not import).
+_MPMAGIC_TYPECODES = "cu?bBhHiIlLqQfdg"
+
+
 def _is_mp_manager(obj: Any) -> bool:
     """A multiprocessing.Manager() (SyncManager, or a BaseManager subclass)."""
     return any(c.__module__ == "multiprocessing.managers" and c.__name__ == "BaseManager" for c in type(obj).__mro__)
@@ -1235,6 +1269,8 @@ def explain_unpicklable(obj: Any, what: str, exc: BaseException, item: bool = Fa
         advice = _MANAGER_ADVICE
     elif _MP_SHARED in text:
         advice = _advice_for_mp_shared([obj, *chain])
+    elif (raw := _mp_raw_advice([obj, *chain])) is not None:
+        advice = raw
     elif isinstance(bad, _mp_connection.Connection):
         advice = _PIPE_ADVICE
     elif (inside := _through_library(obj, root, chain, text, exc)) is not None:

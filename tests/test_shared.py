@@ -142,7 +142,7 @@ def test_counter_without_lock_races_but_does_not_crash(ip, any_method):
     )
     total = run(ip, "racy.value")
     assert 10_000 <= total <= 40_000
-    with pytest.raises(mpmagic.UsageError, match="lock=False"):
+    with pytest.raises(AttributeError, match="lock=False"):  # (as multiprocessing's: its raw value has no get_lock)
         run(ip, "racy.get_lock()")
     drop(ip, "racy")
 
@@ -490,7 +490,7 @@ def test_clear_errors_for_misuse(ip):
     with pytest.raises(mpmagic.UsageError, match="size must be"):
         mpmagic.Array("i", -1)
     with pytest.raises(mpmagic.UsageError, match="maxsize"):
-        mpmagic.Queue(-1)
+        mpmagic.Queue(1.5)
     with pytest.raises(mpmagic.UsageError, match="multiprocessing lock"):
         import multiprocessing
 
@@ -1333,3 +1333,167 @@ def test_a_notebook_class_put_on_a_queue_by_a_task_keeps_its_own_methods(ip, loc
     assert run(ip, "KeptQ().show()") == 50
     assert [k.show() for k in got] == [50, 50]
     drop(ip, "kq")
+
+
+# --------------------------------------------------------------------------
+# As multiprocessing does it (the oracle: its fork context, the same calls)
+
+MP = multiprocessing.get_context("fork")
+
+
+def assigned(obj, attr: str, new) -> tuple:
+    """What ``setattr(obj, attr, new)`` gives: ``("ok",)``, or the exception's type name and message."""
+    try:
+        setattr(obj, attr, new)
+    except Exception as exc:  # noqa: BLE001 - the outcome is what is compared
+        return type(exc).__name__, str(exc)
+    return ("ok",)
+
+
+@pytest.mark.parametrize("lock", [True, False])
+def test_a_char_arrays_raw_and_value_are_assigned_as_multiprocessings(ip, lock):
+    """``a.raw = b"..."`` raised "property 'raw' of 'SharedArray' object has no setter";
+    multiprocessing's writes the bytes over the start (``ValueError: byte string too long``
+    past the end), and ``.value`` writes up to a NUL."""
+    local_helpers()
+    ours, theirs = mpmagic.Array("c", b"hello", lock=lock), MP.Array("c", b"hello", lock=lock)
+    steps = [("raw", b"HELLO"), ("raw", b"HI"), ("raw", bytearray(b"xy")), ("raw", memoryview(b"zz")),
+             ("raw", b"toolong"), ("raw", "text"), ("raw", 5), ("raw", b""), ("value", b"AB"),
+             ("value", b"ABCDE"), ("value", b"ABCDEF"), ("value", "s"), ("value", bytearray(b"q"))]
+    for attr, new in steps:
+        assert assigned(ours, attr, new) == assigned(theirs, attr, new), (attr, new)
+        assert (ours.raw, ours.value, ours[:]) == (theirs.raw, theirs.value, theirs[:]), (attr, new)
+    drop(ip)
+
+
+@pytest.mark.parametrize("any_method", ["fork", "forkserver"], scope="session")  # (spawn passes helpers as forkserver does)
+def test_a_task_assigns_a_char_arrays_raw(ip, any_method):
+    ensure_pool(any_method)
+    run(ip, "import mpmagic\nlabel = mpmagic.Array('c', 6)\ndef relabel(new):\n    label.raw = new\n    return label.value")
+    assert run(ip, "%pmap -q relabel, [b'abc']") == [b"abc"]
+    assert run(ip, "label.raw") == b"abc\0\0\0"
+    with pytest.raises(ValueError, match="byte string too long"):
+        run(ip, "%pmap -q relabel, [b'seven!!']")
+    drop(ip, "label", "relabel")
+
+
+@pytest.mark.parametrize("maxsize", [0, -1, -5, np.int64(-1), -(10**400)])
+def test_a_queue_with_maxsize_zero_or_less_is_unbounded_as_multiprocessings(ip, maxsize):
+    """``mpmagic.Queue(-1)`` was refused (UsageError); ``multiprocessing.Queue`` and
+    ``queue.Queue`` take any maxsize <= 0 as no bound, and classic code writes ``Queue(-1)``."""
+    local_helpers()
+    ours, theirs = mpmagic.Queue(maxsize), MP.Queue(maxsize)
+    for q in (ours, theirs):
+        for i in range(50):
+            q.put_nowait(i)
+        assert not q.full()
+        assert [q.get(timeout=10) for _ in range(50)] == list(range(50))
+    theirs.close()
+    theirs.join_thread()
+    drop(ip)
+
+
+def test_a_queues_maxsize_of_the_wrong_type_is_a_type_error_as_multiprocessings(ip):
+    local_helpers()
+    for bad in (1.5, "3"):
+        with pytest.raises(TypeError):
+            MP.Queue(bad)
+        with pytest.raises(TypeError, match="maxsize"):  # (and still a UsageError, as before)
+            mpmagic.Queue(bad)
+        with pytest.raises(mpmagic.UsageError):
+            mpmagic.Queue(bad)
+
+
+def test_a_dask_queue_takes_maxsize_as_the_local_one(monkeypatch):
+    from mpmagic.backends import dask_shared
+
+    seen: list = []
+    monkeypatch.setattr(dask_shared.DaskQueue, "_setup", lambda self, name, maxsize, *rest: seen.append(maxsize))
+    for maxsize in (-1, -(10**400), 0, 3):
+        dask_shared.DaskQueue(maxsize)
+    assert seen == [0, 0, 0, 3]
+    with pytest.raises(TypeError, match="maxsize"):
+        dask_shared.DaskQueue(1.5)
+
+
+@pytest.mark.parametrize("make", ["Value('i', 0, lock=False)", "Array('d', 3, lock=False)"])
+def test_a_helper_made_with_lock_false_has_no_lock_as_multiprocessings(ip, make):
+    """``get_lock()`` raised UsageError (a ValueError); multiprocessing's lock=False object
+    is a raw ctypes one, where it is an AttributeError. ``with v:`` is a TypeError there
+    (Python 3.11+; an AttributeError before): ours is both."""
+    local_helpers()
+    ours, theirs = eval("mpmagic." + make), eval("MP." + make)
+    for call in (lambda h: h.get_lock(), lambda h: h.acquire(), lambda h: h.release()):
+        with pytest.raises(AttributeError):
+            call(theirs)
+        with pytest.raises(AttributeError, match="lock=False"):
+            call(ours)
+    for h in (theirs, ours):
+        with pytest.raises((TypeError, AttributeError)) as info:
+            with h:
+                pass
+    assert isinstance(info.value, TypeError) and isinstance(info.value, AttributeError), info.value
+    drop(ip)
+
+
+ARRAY_TYPE_ERRORS = ["3.0", "iter([1, 2])", "None", "np.int64(3)", "np.zeros((2, 2), dtype=int)",
+                     "np.array(['a'])", "np.array([b'a'])"]
+
+
+@pytest.mark.parametrize("init", ARRAY_TYPE_ERRORS)
+def test_an_array_initializer_of_the_wrong_type_is_a_type_error_as_multiprocessings(ip, init):
+    """These were ValueErrors (a UsageError, or numpy's own); multiprocessing raises TypeError."""
+    local_helpers()
+    typecode = "d" if init.startswith("np.array") else "i"
+    with pytest.raises(TypeError):
+        MP.Array(typecode, eval(init))
+    with pytest.raises(TypeError, match="mpmagic.Array"):
+        mpmagic.Array(typecode, eval(init))
+
+
+def test_an_array_of_true_items_is_one_item_as_multiprocessings(ip):
+    local_helpers()
+    assert mpmagic.Array("i", True)[:] == MP.Array("i", True)[:] == [0]
+    assert len(mpmagic.Array("i", True)) == 1
+    drop(ip)
+
+
+@pytest.mark.parametrize("size", [2**62, 2**70])
+def test_an_array_too_large_to_address_names_its_size(ip, size):
+    """``Array('i', 2**62)`` raised "OverflowError: Python int too large to convert to C long"
+    from deep inside; multiprocessing's says "array too large": ours says which size."""
+    local_helpers()
+    with pytest.raises(OverflowError):
+        MP.Array("i", size)
+    with pytest.raises(OverflowError, match=rf"mpmagic.Array: {size:,} items of 'i'"):
+        mpmagic.Array("i", size)
+
+
+RAW_KINDS = [  # (what the notebook made, the helper the error names, a task's write, what the notebook reads after)
+    ("multiprocessing.Value('i', 0, lock=False)", "mpmagic.Value('i', 0, lock=False)", "raw.value += 1", {1, 2}),
+    ("multiprocessing.RawValue('d', 1.5)", "mpmagic.Value('d', 1.5, lock=False)", "raw.value += 1", {2.5, 3.5}),
+    ("multiprocessing.RawArray('i', 3)", "mpmagic.Array('i', 3, lock=False)", "raw[x] = 7", {(7, 7, 0)}),
+    ("multiprocessing.RawArray('c', 4)", "mpmagic.Array('c', 4, lock=False)", "raw[x] = b'x'", {(b"xx\0\0",)}),
+    ("multiprocessing.Array('d', 2, lock=False)", "mpmagic.Array('d', 2, lock=False)", "raw[x] = 7", {(7.0, 7.0)}),
+]
+
+
+@pytest.mark.parametrize("any_method", ["fork", "forkserver"], scope="session")  # (spawn sends as forkserver does)
+@pytest.mark.parametrize("made, helper, write, after", RAW_KINDS)
+def test_a_captured_multiprocessing_raw_value_names_the_mpmagic_helper(ip, any_method, made, helper, write, after):
+    """A captured ``multiprocessing.Value(..., lock=False)``, RawValue or RawArray got the
+    generic advice "Create it inside the function", which gives each task a value of its
+    own, silently. The error names the mpmagic helper with lock=False, and that works."""
+    ensure_pool(any_method)
+    run(ip, f"import multiprocessing, mpmagic\nraw = {made}\ndef touch(x):\n    {write}\n    return x")
+    for cell in ("%pmap -q touch, range(2)", "%pmap -q len, [[raw]]"):  # captured, and in an item
+        with pytest.raises(mpmagic.SerializationError) as info:
+            run(ip, cell)
+        text = str(info.value)
+        assert f"use {helper}" in text, text
+        assert "Create it inside the function" not in text and "build it inside" not in text, text
+    # what it names works: the tasks write the notebook's one (two racing `+= 1` may make one)
+    run(ip, f"raw = {helper}")
+    assert run(ip, "%pmap -q touch, range(2)") == [0, 1]
+    assert run(ip, "raw.value if isinstance(raw, mpmagic.shared.SharedValue) else (raw.raw,) if raw._spec[0] == 'c' else tuple(raw)") in after
+    drop(ip, "raw", "touch")

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import payload, waits
-from ..checks import queue_size, wait_timeout
+from ..checks import queue_maxsize, queue_size, wait_timeout
 from ..errors import UsageError
 from ..shared import IterUntilClosed, QueueClosed
 from ..shared.base import current_backend
@@ -144,8 +144,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         name: str | None = None,
         client: Any = None,
     ) -> None:
-        maxsize, producers = (queue_size(what, value, low)
-                              for what, value, low in (("maxsize", maxsize, 0), ("producers", producers, 1)))
+        maxsize, producers = queue_maxsize(maxsize), queue_size("producers", producers, 1)
         self._setup(name or f"mpmagic-queue-{uuid.uuid4().hex}", maxsize, producers, client)
 
     def _setup(self, name: str, maxsize: int, producers: int, client: Any, orphan: bool = False) -> None:

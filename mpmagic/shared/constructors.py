@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..checks import queue_size
-from ..errors import UsageError
+from ..checks import queue_maxsize, queue_size
+from ..errors import ArgumentTypeError, UsageError
 from .base import _HEADER, _backend_helper, _check_platform, _given
 from .locks import SharedEvent, SharedLock, SharedRLock
 from .queues import TABLE_BYTES, SharedQueue, _padded
@@ -24,7 +24,7 @@ def Queue(maxsize: int = 0, *, producers: int = 1, capacity: int = 1 << 20) -> S
     """A queue any process can use, like ``multiprocessing.Queue(maxsize)``.
 
     ``maxsize`` > 0 bounds the items in it (``put`` then waits, or raises
-    ``queue.Full``). ``producers``: how many ``close()`` calls end the stream.
+    ``queue.Full``); 0 or less is no bound, as in the standard library. ``producers``: how many ``close()`` calls end the stream.
     ``capacity``: bytes of the shared ring; bigger messages still pass, in
     fragments, and when the ring is full ``put`` keeps items in a backlog of
     the putting process instead of blocking.
@@ -33,7 +33,7 @@ def Queue(maxsize: int = 0, *, producers: int = 1, capacity: int = 1 << 20) -> S
     if got is not NotImplemented:
         return got
     _check_platform("Queue")
-    maxsize, producers = queue_size("maxsize", maxsize, 0), queue_size("producers", producers, 1)
+    maxsize, producers = queue_maxsize(maxsize), queue_size("producers", producers, 1)
     # (a capacity past 2**60 bytes, an exabyte, no /dev/shm holds: sys.maxsize overflowed the segment's size)
     capacity = queue_size("capacity", capacity, 4096, 1 << 60, "2**60 (bytes)")
     capacity = _padded(capacity)
@@ -66,23 +66,33 @@ def Array(typecode: Any, size_or_initializer: Any, lock: Any = True) -> SharedAr
     if got is not NotImplemented:
         return got
     init = size_or_initializer
-    if isinstance(init, int) and not isinstance(init, bool):
+    if isinstance(init, int):  # (True too: one item, as in the stdlib)
         if init < 0:
             raise UsageError(f"mpmagic.Array: size must be at least 0, not {init}")
-        return SharedArray._make(typecode, init, lock)
+        return SharedArray._make(typecode, int(init), lock)
+    # The wrong kind of initializer is a TypeError, as the stdlib's (a float, an
+    # iterator, a numpy scalar; a 2-D or text numpy array): it was a ValueError.
     try:
         length = len(init)
     except TypeError:
-        raise UsageError(
+        raise ArgumentTypeError(
             f"mpmagic.Array: size_or_initializer must be a whole number or a sequence, not {type(init).__name__}"
         ) from None
+    numpy_init = type(init).__module__ == "numpy"
+    if numpy_init and init.ndim != 1:
+        raise ArgumentTypeError(
+            f"mpmagic.Array: a numpy initializer must be one-dimensional, not of shape {init.shape} "
+            "(pass arr.ravel(), and reshape the view: np.asarray(shared).reshape(shape))"
+        )
     arr = SharedArray._make(typecode, length, lock)
-    if type(init).__module__ == "numpy" and arr._spec[0] not in "cu":
+    if numpy_init and arr._spec[0] not in "cu":
         view = arr.as_numpy()
         if init.dtype.kind in "fcb" and view.dtype.kind in "iu":
             # floats, complex or bools into an integer array: TypeError, as the
             # stdlib's (1.7 became 1 and True became 1 without a word)
             raise TypeError(f"mpmagic.Array: cannot store {init.dtype} values in an integer array {arr._spec[0]!r}")
+        if init.dtype.kind in "USV":
+            raise TypeError(f"mpmagic.Array: cannot store {init.dtype} values in a number array {arr._spec[0]!r}")
         view[:] = init
     else:
         arr._obj[:] = init if isinstance(init, (bytes, str, list)) else list(init)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import sys
 from typing import Any
 
 from ..errors import UsageError
@@ -52,6 +53,13 @@ def _lock_arg(lock: Any, kind: str) -> tuple[str, Any]:
     )
 
 
+class NoLockError(AttributeError, TypeError):
+    """A lock method (``get_lock()``, ``acquire()``, ``with v:``) of a Value or Array made
+    with ``lock=False``. multiprocessing's ``lock=False`` gives a raw ctypes object, on
+    which ``get_lock`` is an AttributeError and ``with v:`` a TypeError (Python 3.11+; an
+    AttributeError before): this is both, so code catching either behaves the same."""
+
+
 class _Synchronized(_Helper):
     """Shared ctypes data behind an optional lock (the stdlib's Synchronized)."""
 
@@ -75,6 +83,11 @@ class _Synchronized(_Helper):
         code = _typecode(typecode, cls._kind)
         mode, given = _lock_arg(lock, cls._kind)
         size = ctypes.sizeof(_TYPES[code]) * (1 if length is None else length)
+        if size > sys.maxsize - _HEADER:  # (ftruncate's "Python int too large to convert to C long" named no size)
+            raise OverflowError(
+                f"mpmagic.{cls._kind}: {length:,} items of {code!r} ({ctypes.sizeof(_TYPES[code])} bytes each) make "
+                f"{size:,} bytes, more than a process can address (sys.maxsize, {sys.maxsize:,})"
+            )
         return cls._create((code, length, mode, given), _HEADER + max(size, 1))
 
     def _sem_letters(self) -> str:
@@ -84,10 +97,23 @@ class _Synchronized(_Helper):
         if self._lock is not None:
             self._lock.after_fork()
 
+    def _no_lock(self, name: str) -> NoLockError:
+        """The error of the lock method ``name`` when there is no lock."""
+        what = "no `with` on it" if name == "__enter__" else f"no {name}()"
+        return NoLockError(
+            f"{self._describe()} was made with lock=False: it has no lock, so {what}, as multiprocessing's "
+            "lock=False value has none; make it with lock=True, or give it one: lock=mpmagic.RLock()",
+            name=name,
+            obj=self,
+        )
+
     def get_lock(self) -> Any:
-        """The lock that guards the data (an RLock unless one was given)."""
+        """The lock that guards the data (an RLock unless one was given).
+
+        With ``lock=False`` there is none: :class:`NoLockError`, an AttributeError
+        (a TypeError too), as on multiprocessing's raw ctypes object."""
         if self._lock is None:
-            raise UsageError(f"{self._describe()} was made with lock=False: it has no lock")
+            raise self._no_lock("get_lock")
         if self._spec[2] == "given":
             return self._spec[3]  # the lock it was given, itself (as the stdlib's get_lock() is)
         return self._lock
@@ -97,12 +123,18 @@ class _Synchronized(_Helper):
         return self._obj
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        if self._lock is None:
+            raise self._no_lock("acquire")
         return self.get_lock().acquire(block, timeout)
 
     def release(self) -> None:
+        if self._lock is None:
+            raise self._no_lock("release")
         self.get_lock().release()
 
     def __enter__(self) -> bool:
+        if self._lock is None:
+            raise self._no_lock("__enter__")
         return self.get_lock().acquire()
 
     def __exit__(self, *exc: Any) -> None:
@@ -180,8 +212,13 @@ class SharedArray(_Synchronized):
 
     @property
     def value(self) -> Any:
-        """For typecode 'c': the bytes up to the first NUL (like the stdlib)."""
-        return self._char_obj().value
+        """For typecode 'c': the bytes up to the first NUL (like the stdlib).
+
+        Assigning writes bytes and a NUL after them if they are shorter than the
+        array (``ValueError: byte string too long`` if longer), under the lock."""
+        obj = self._char_obj()
+        with self._lock or contextlib.nullcontext():
+            return obj.value
 
     @value.setter
     def value(self, new: Any) -> None:
@@ -191,7 +228,19 @@ class SharedArray(_Synchronized):
 
     @property
     def raw(self) -> bytes:
-        return self._char_obj().raw
+        """For typecode 'c': all its bytes, NULs included (like the stdlib).
+
+        Assigning writes any bytes-like object over the start, the rest kept
+        (``ValueError: byte string too long`` if longer), under the lock."""
+        obj = self._char_obj()
+        with self._lock or contextlib.nullcontext():
+            return obj.raw
+
+    @raw.setter
+    def raw(self, new: Any) -> None:
+        obj = self._char_obj()
+        with self._lock or contextlib.nullcontext():
+            obj.raw = new
 
     def _char_obj(self) -> Any:
         if self._spec[0] != "c":
