@@ -171,8 +171,8 @@ def advise(report: Any) -> str | None:
         seed = "" if report.extra.get("seeded") else ("random draws differ in each process unless --seed S "
                                                       "gives every item its own repeatable stream; ")
         return (f"the results differ from the serial run's: {seed}hash() of strings and set order differ "
-                "between processes, and numpy float sums may differ in the last digits (troubleshooting: "
-                "RESULTS DIFFER)")
+                "between processes, and a float sum that cancels to near zero can differ by more than the "
+                "rounding allowed for its size (troubleshooting: RESULTS DIFFER)")
     workers = max(1, report.workers)
     if oversubscribed(report):  # shown even when the estimate looks good: it counts the waiting
         cores = report.cores

@@ -32,6 +32,7 @@ from collections.abc import (
     MutableMapping,
     MutableSequence,
     MutableSet,
+    Sequence,
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
@@ -845,9 +846,9 @@ def pmap(
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
             if left_out:  # the verdict covers the items compared
                 serial, results_compared = ([r for i, r in enumerate(lst) if i not in left_out] for lst in (serial, results))
-                report.equal = _equal(serial, results_compared)
+                report.equal = _equal(serial, results_compared) or _equal_to_rounding(serial, results_compared)
             else:
-                report.equal = _equal(serial, results)
+                report.equal = _equal(serial, results) or _equal_to_rounding(serial, results)
             report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
             if report.equal is False:
                 report.extra["state"] = payload_cache.state_words(given_func)
@@ -2007,77 +2008,171 @@ def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code:
                           f"({why}); the values are kept {kept}", values) from exc
     report = values.report
     if report is not None and "serial_value" in report.extra:  # compare=True: the cell run here as rank 0 of 1
-        report.equal = _equal_reduced(report.extra["serial_value"], reduced)
+        report.equal = _equal_reduced(report.extra["serial_value"], reduced, values)
     return reduced
 
 
-# The relative tolerance of a reduced float against the serial one (docs/troubleshooting.md).
-_REL_TOL = 1e-9
+# Rounding is no difference (docs/troubleshooting.md, RESULTS DIFFER). Two floats of a
+# precision whose machine epsilon is eps (numpy.finfo of the dtype; a Python float is a
+# float64) are the same value when they differ by at most
+#   sqrt(eps) * max(|a|, |b|)                   relative: half the significant bits agree
+#   min(_ABS_ULPS * eps, sqrt(eps)) * scale     near zero: a sum that cancels (see _close)
+#   finfo.tiny                                  the smallest normal number: a zero's rounding
+# float64: 1.5e-8 relative, 2.3e-13 of the scale; float32: 3.5e-4 and 1.2e-4; float16: 3.1e-2.
+_ABS_ULPS = 1024
 
 
-def _equal_reduced(serial: Any, reduced: Any) -> bool:
+def _equal_reduced(serial: Any, reduced: Any, parts: Sequence[Any] | None = None) -> bool:
     """compare=True with reduce=: is the reduced value the serial one (the cell as
-    rank 0 of 1 does the whole work)? Floats to within 1e-9 relative: the
-    ranks' parts add up in another order than the serial loop, which changes
-    the last bits of a float sum and nothing else. That holds for the floats in
-    numpy arrays, pandas Series and DataFrames (the column sums of a split) as
-    for a Python float, and for lists, tuples and dicts of them; ints, strings,
-    shapes, indexes and dtypes add up exactly, so they are compared exactly."""
-    if _equal(serial, reduced):
-        return True
+    rank 0 of 1 does the whole work)? The ranks' parts add up in another order than
+    the serial loop, which changes the last bits of a float sum and nothing else:
+    floats (and the floats in numpy arrays, pandas Series and DataFrames, and in
+    lists, tuples and dicts of them) are compared to within their dtype's rounding
+    (``_close``), a value near zero against ``parts``, the ranks' values (a sum
+    that cancels to ~0 is as exact as the sum of its terms' magnitudes allows, not
+    as its own size). Ints, strings, shapes, indexes and dtypes add up exactly, so
+    they are compared exactly."""
+    return _equal(serial, reduced) or _equal_to_rounding(serial, reduced, parts)
+
+
+def _equal_to_rounding(serial: Any, value: Any, parts: Sequence[Any] | None = None) -> bool:
+    """``serial`` and ``value`` the same but for float rounding (``_close``): the
+    ``--compare`` verdict once the exact one (``_equal``) said no. Also for ``%pmap``'s
+    results: a worker's BLAS on one thread, or an item's array pickled contiguous, sums
+    in another order than the notebook (the last bits of a float32 matrix product)."""
     with warnings.catch_warnings():  # (warnings of our check, not of the user's code)
         warnings.simplefilter("ignore")
         try:
-            return _close(serial, reduced)
+            return _close(serial, value, parts)
         except Exception:  # (an odd object: no tolerance, the exact verdict stands)
             return False
 
 
-def _close(a: Any, b: Any) -> bool:
-    """``a`` and ``b`` the same but for float rounding (``_equal_reduced``). numpy and
-    pandas are used only when a value is theirs (so already imported: never for this)."""
+def _close(a: Any, b: Any, parts: Sequence[Any] | None = None) -> bool:
+    """``a`` and ``b`` the same but for float rounding, as the rule above ``_ABS_ULPS``
+    has it. ``parts``: the values ``b`` was reduced from (the ranks' values), or None;
+    the sum of their magnitudes is the scale of a value near zero (also of an array's
+    element; an array's own largest magnitude is one too). numpy and pandas are used
+    only when a value is theirs (so already imported: never for this)."""
     np = sys.modules.get("numpy")
-    floats: tuple[type, ...] = (float, np.floating) if np is not None else (float,)
-    real: tuple[type, ...] = (float, int, np.floating, np.integer) if np is not None else (float, int)
-    if isinstance(a, real) and isinstance(b, real) and not isinstance(a, bool) and not isinstance(b, bool):
-        if not (isinstance(a, floats) or isinstance(b, floats)):  # (two ints: they add up exactly)
-            return False
-        x: Any = a  # (a number: isinstance with a tuple built at run time narrows to object)
-        y: Any = b
-        return math.isclose(float(x), float(y), rel_tol=_REL_TOL)
+    if _is_number(np, a) and _is_number(np, b):
+        return _close_numbers(np, a, b, parts)
     if type(a) is not type(b):
         return False
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) or _close(x, y) for x, y in zip(a, b, strict=True))
+        return len(a) == len(b) and all(
+            _same(x, y) or _close(x, y, _parts_at(parts, a, i)) for i, (x, y) in enumerate(zip(a, b, strict=True)))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) or _close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) or _close(a[k], b[k], _parts_at(parts, a, k)) for k in a)
     if np is not None and isinstance(a, np.ndarray):
-        return _close_arrays(np, a, b)
+        return _close_arrays(np, a, b, _array_scale(np, parts, a.shape))
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(a, pd.Series):
-        return bool(a.index.equals(b.index)) and _close_series(np, a, b)
+        return bool(a.index.equals(b.index)) and _close_series(np, a, b, parts)
     if pd is not None and isinstance(a, pd.DataFrame):
-        return (bool(a.columns.equals(b.columns)) and bool(a.index.equals(b.index))
-                and all(_close_series(np, a.iloc[:, i], b.iloc[:, i]) for i in range(a.shape[1])))
+        if not (bool(a.columns.equals(b.columns)) and bool(a.index.equals(b.index))):
+            return False
+        frames = [p for p in parts or () if isinstance(p, pd.DataFrame)
+                  and p.columns.equals(a.columns) and p.index.equals(a.index)]
+        whole = parts is not None and len(frames) == len(parts)  # (the ranks' frames, of these columns and index)
+        return all(_close_series(np, a.iloc[:, i], b.iloc[:, i], [p.iloc[:, i] for p in frames] if whole else None)
+                   for i in range(a.shape[1]))
     return False
 
 
-def _close_arrays(np: Any, a: Any, b: Any) -> bool:
-    """Two numpy arrays of one float or complex dtype and shape, element by element to
-    within ``_REL_TOL`` of the larger (as ``math.isclose``), NaN where the other has NaN."""
+def _is_number(np: Any, x: Any) -> bool:
+    """A Python or numpy int, float or complex (not a bool)."""
+    kinds: tuple[type, ...] = (int, float, complex, np.number) if np is not None else (int, float, complex)
+    return isinstance(x, kinds) and not isinstance(x, bool)
+
+
+def _precision(np: Any, *values: Any) -> tuple[float, float] | None:
+    """(eps, tiny) of the coarsest float among ``values``: a Python float or complex is
+    a float64, a numpy scalar or array has its dtype's; None when none is a float."""
+    found: list[tuple[float, float]] = []
+    for x in values:
+        if isinstance(x, (float, complex)):
+            found.append((sys.float_info.epsilon, sys.float_info.min))
+        elif np is not None and getattr(getattr(x, "dtype", None), "kind", None) in ("f", "c"):
+            info = np.finfo(x.dtype)
+            found.append((float(info.eps), float(info.tiny)))
+    return max(found) if found else None
+
+
+def _close_numbers(np: Any, a: Any, b: Any, parts: Sequence[Any] | None) -> bool:
+    """Two numbers (``_close``): two ints exactly (they add up exactly in any order),
+    else within the rounding of the coarser float of the two."""
+    precision = _precision(np, a, b)
+    if precision is None:
+        return False
+    eps, tiny = precision
+    d, big = float(abs(a - b)), float(max(abs(a), abs(b)))
+    scale = 0.0
+    if parts is not None and all(_is_number(np, p) for p in parts):
+        scale = math.fsum(float(abs(p)) for p in parts)
+    return _near(d, big, scale if math.isfinite(scale) else 0.0, eps, tiny)
+
+
+def _near(d: float, big: float, scale: float, eps: float, tiny: float) -> bool:
+    """A difference ``d`` of values as large as ``big`` is rounding (the rule above ``_ABS_ULPS``)."""
+    rel = math.sqrt(eps)
+    return math.isfinite(d) and (d <= rel * big or d <= min(_ABS_ULPS * eps, rel) * scale or d <= tiny)
+
+
+def _parts_at(parts: Sequence[Any] | None, container: Any, key: Any) -> list[Any] | None:
+    """The ranks' values at ``key`` of a list, tuple or dict ``container`` (of their
+    type and length, or holding the key), or None when they are not all such."""
+    if parts is None:
+        return None
+    if isinstance(container, dict):
+        if all(isinstance(p, dict) and key in p for p in parts):
+            return [p[key] for p in parts]
+    elif all(type(p) is type(container) and len(p) == len(container) for p in parts):
+        return [p[key] for p in parts]
+    return None
+
+
+def _array_scale(np: Any, parts: Sequence[Any] | None, shape: tuple[int, ...]) -> Any:
+    """The sum of the magnitudes of ``parts`` (numbers or numpy arrays of ``shape``),
+    element by element (non-finite sums count 0), or 0.0 when they are not all such."""
+    if not parts:
+        return 0.0
+    try:
+        arrays = [np.asarray(p) for p in parts]
+        if any(x.shape != shape or x.dtype.kind not in "iufc" for x in arrays):
+            return 0.0
+        with np.errstate(all="ignore"):
+            total = sum(np.abs(x) for x in arrays)
+            return np.where(np.isfinite(total), total, 0.0)
+    except Exception:  # (an odd part: no scale, the value's own sizes still count)
+        return 0.0
+
+
+def _close_arrays(np: Any, a: Any, b: Any, scale: Any = 0.0) -> bool:
+    """Two numpy arrays of one float or complex dtype and shape, element by element
+    within that dtype's rounding (the rule above ``_ABS_ULPS``; the scale of an element
+    near zero is the larger of the arrays' largest finite magnitude and ``scale``, the
+    ranks' magnitudes), NaN where the other has NaN, inf where the other has it."""
     if a.shape != b.shape or a.dtype != b.dtype or a.dtype.kind not in "fc":
         return False
     a, b = np.asarray(a), np.asarray(b)  # (np.matrix: elementwise as an array)
+    info = np.finfo(a.dtype)
+    eps, tiny = float(info.eps), float(info.tiny)
+    rel = math.sqrt(eps)
     with np.errstate(all="ignore"):
-        near = np.abs(a - b) <= _REL_TOL * np.maximum(np.abs(a), np.abs(b))
+        d = np.abs(a - b)
+        big = np.maximum(np.abs(a), np.abs(b))
+        finite = big[np.isfinite(big)]
+        scale = np.maximum(float(finite.max()) if finite.size else 0.0, scale)
+        near = np.isfinite(d) & ((d <= rel * big) | (d <= min(_ABS_ULPS * eps, rel) * scale) | (d <= tiny))
         same = (a == b) | (np.isnan(a) & np.isnan(b))
     return bool(np.all(near | same))
 
 
-def _close_series(np: Any, a: Any, b: Any) -> bool:
+def _close_series(np: Any, a: Any, b: Any, parts: Sequence[Any] | None = None) -> bool:
     """Two pandas columns of one dtype (the index compared already): a float column
-    (numpy's or pandas' Float64, NA where the other has NA) to within ``_REL_TOL``,
-    any other column exactly."""
+    (numpy's or pandas' Float32/Float64, NA where the other has NA) within its dtype's
+    rounding (``_close_arrays``; ``parts``: the ranks' columns), any other exactly."""
     if a.dtype != b.dtype:
         return False
     if a.equals(b):
@@ -2088,8 +2183,17 @@ def _close_series(np: Any, a: Any, b: Any) -> bool:
     missing = a.isna().to_numpy()
     if not np.array_equal(missing, b.isna().to_numpy()):
         return False
-    dtype = "complex128" if kind == "c" else "float64"
-    return _close_arrays(np, a[~missing].to_numpy(dtype=dtype), b[~missing].to_numpy(dtype=dtype))
+    dtype = np.dtype(getattr(a.dtype, "numpy_dtype", a.dtype))  # (pandas' Float32: float32)
+    kept = ~missing
+    scale: Any = 0.0
+    pd = sys.modules.get("pandas")
+    if parts and pd is not None and all(isinstance(p, pd.Series) and p.index.equals(a.index) for p in parts):
+        try:
+            scale = _array_scale(np, [p.to_numpy(dtype=dtype, na_value=np.nan)[kept] for p in parts], (int(kept.sum()),))
+        except Exception:  # (a column that is no number: no scale)
+            scale = 0.0
+    return _close_arrays(np, a.to_numpy(dtype=dtype, na_value=np.nan)[kept],
+                         b.to_numpy(dtype=dtype, na_value=np.nan)[kept], scale)
 
 
 class CellCall:

@@ -431,7 +431,7 @@ def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip
     split = "sum(i * i for i in range(rank + 1, 1_001, size))"
     assert mpmagic.parallel(split, workers=2, reduce=sum, compare=True) == sum(i * i for i in range(1, 1_001))
     assert mpmagic.last_report().equal is True
-    # Float shares add up in another order: still the serial value (to 1e-9).
+    # Float shares add up in another order: still the serial value (to rounding).
     assert mpmagic.parallel("sum(0.1 * i for i in range(rank, 1_000, size))", workers=2, reduce=sum,
                             compare=True, show_report=True) == pytest.approx(sum(0.1 * i for i in range(1_000)))
     assert "results equal" in capsys.readouterr().out  # (the line is printed after the reduce)
@@ -444,7 +444,7 @@ def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip
     assert mpmagic.last_report().equal is None
 
 
-def test_compare_with_reduce_takes_float_arrays_and_frames_within_1e9_as_it_takes_floats(ip, local_pool):
+def test_compare_with_reduce_takes_float_arrays_and_frames_within_rounding_as_it_takes_floats(ip, local_pool):
     """--reduce sum of per-rank numpy arrays, Series or DataFrames (the column sums of a
     split) adds the shares in another order than the cell as rank 0 of 1: the last bits
     differ, as for a float, and that is the serial value. Before, only Python floats and
@@ -477,9 +477,97 @@ def test_compare_with_reduce_takes_float_arrays_and_frames_within_1e9_as_it_take
         assert report.equal is False and "by rank and size" in report.advice, (whole, report.line())
 
 
-def test_reduced_value_compared_within_1e9_only_for_floats_and_without_importing_numpy():
+def test_compare_takes_float32_rounding_and_sums_near_zero_as_equal_and_still_finds_real_differences(ip, local_pool):
+    """--compare's tolerance follows the dtype's precision and, near zero, the size of
+    what was added. Before, floats were equal only within 1e-9 of the larger, whatever
+    the dtype: the float32 column sums of a 2-rank split (3e-6 apart, float32 rounding)
+    and the column sums of centered float64 data (~1e-12, cancelling: 50% apart but 1e-17
+    of the ranks' sums) said RESULTS DIFFER, and the advice blamed the rank/size split;
+    %pmap said it for a float32 sum of a column block (the worker sums a contiguous copy)."""
+    import numpy as np
+
+    setup = ("import os, numpy as np\nrng = np.random.default_rng(0)\n"
+             "XC = rng.normal(size=(20001, 3)); XC -= XC.mean(axis=0)\n"
+             "X32 = rng.normal(size=(20001, 3)).astype(np.float32)\n"
+             "def total(block):\n    return block.sum()\n"
+             "PID = os.getpid()\n"
+             "def off_in_workers(block):\n    return block.sum() * np.float32(1.01 if os.getpid() != PID else 1)")
+    run(ip, setup)
+    rounding = ("np.array_split(X32, size)[rank].sum(axis=0)",
+                "np.array_split(XC, size)[rank].sum(axis=0)",
+                "float(np.array_split(XC[:, 1], size)[rank].sum())")
+    for share in rounding:
+        serial = run(ip, share.replace("size", "1").replace("rank", "0"))
+        split = [run(ip, share.replace("size", "2").replace("rank", str(r))) for r in (0, 1)]
+        assert not np.array_equal(serial, sum(split)), share  # (the serial oracle: the last bits differ)
+        value = cell(ip, "-n 2 -q --compare --reduce sum", share)
+        assert np.array_equal(value, sum(split)), share
+        report = mpmagic.last_report()
+        assert report.equal is True and "by rank and size" not in (report.advice or ""), (share, report.line())
+    differ = ("X32.sum(axis=0)",  # each rank does all of it
+              "np.array_split(XC, size)[rank].sum(axis=0) + (XC[5] if rank == 0 and size > 1 else 0)",  # a row twice
+              "np.array_split(X32, size)[rank].sum(axis=0) * np.float32(1.01 if size > 1 else 1)",  # 1e-2 in float32
+              "np.array_split(XC + 10, size)[rank].sum(axis=0) * (1.001 if size > 1 else 1)",  # 1e-3 in float64
+              "[1e8 + 1, -1e8][rank] if size > 1 else 0.0")  # off by one in a sum that cancels
+    for share in differ:
+        cell(ip, "-n 2 -q --compare --reduce sum", share)
+        report = mpmagic.last_report()
+        assert report.equal is False and "by rank and size" in report.advice, (share, report.line())
+    blocks = "[X32[:, 0:2], X32[:, 1:3]]"
+    serial = run(ip, f"[total(b) for b in {blocks}]")
+    assert serial != run(ip, f"[total(b.copy()) for b in {blocks}]")  # (a worker's copy sums in another order)
+    run(ip, f"%pmap -q --compare total, {blocks}")
+    assert mpmagic.last_report().equal is True, mpmagic.last_report().line()
+    run(ip, f"%pmap -q --compare off_in_workers, {blocks}")
+    assert mpmagic.last_report().equal is False, mpmagic.last_report().line()
+
+
+def test_rounding_tolerance_value_by_value_follows_the_dtype_and_the_ranks_magnitudes():
+    """The rule (docs/troubleshooting.md, RESULTS DIFFER): sqrt(eps) of the larger
+    value, or near zero min(1024 eps, sqrt(eps)) of the scale (the sum of the ranks'
+    magnitudes; for an array also its largest magnitude), or the smallest normal
+    number, with eps the dtype's (a Python float's: float64's)."""
+    import numpy as np
+    import pandas as pd
+
+    from mpmagic.api import _equal_reduced, _equal_to_rounding
+
+    f32 = np.float32
+    assert _equal_reduced(f32(1.0), f32(1.0) + f32(2e-5))  # (float32: 3.5e-4 relative)
+    assert not _equal_reduced(f32(1.0), f32(1.01)) and not _equal_reduced(f32(1.0), f32(1.001))
+    assert _equal_reduced(np.array([1.0, 2.0], f32), np.array([1.00002, 2.0], f32))
+    assert _equal_reduced(np.array([1 + 1j], np.complex64), np.array([1.00002 + 1j], np.complex64))
+    assert _equal_reduced(np.float16(1.0), np.float16(1.0) + np.float16(0.002))
+    assert _equal_reduced(np.longdouble(1) / 3, np.longdouble(1) / 3 * (1 + np.longdouble(1e-12)))
+    assert _equal_reduced(1.0, 1.0 + 1e-9) and not _equal_reduced(1.0, 1.0 + 1e-6)  # (float64: 1.5e-8)
+    assert not _equal_reduced(1.0, 1.001) and not _equal_reduced(np.array([1.0]), np.array([1.001]))
+    # Near zero: within 1024 eps of what the ranks added (float64), not of the sum itself.
+    assert _equal_reduced(1e-12, 1.2e-12, [300.0, -300.0]) and not _equal_reduced(1e-12, 1.2e-12)
+    assert not _equal_reduced(1e-12, 1.0, [300.0, -300.0])  # (an item of 1 counted twice)
+    assert not _equal_reduced(0.0, 1.0, [1e8 + 1, -1e8])  # (off by one: 2e8 * 2.3e-13 = 4.6e-5)
+    assert _equal_reduced(np.array([1e-12, 0.0]), np.array([1.2e-12, 0.0]),
+                          [np.array([300.0, 0.0]), np.array([-300.0, 0.0])])
+    assert not _equal_reduced(np.array([1e-12]), np.array([1.2e-12]))
+    assert _equal_reduced(np.array([1e6, 1e-12]), np.array([1e6, 1.2e-12]))  # (the array's largest magnitude)
+    assert not _equal_reduced(np.array([1e6, 1e-3]), np.array([1e6, 2e-3]))
+    assert _equal_reduced(pd.Series([1e-12], dtype="Float32"), pd.Series([1.2e-12], dtype="Float32"),
+                          [pd.Series([3.0], dtype="Float32"), pd.Series([-3.0], dtype="Float32")])
+    frame = pd.DataFrame({"x": [1e-12], "n": [1]})
+    assert _equal_reduced(frame, frame.assign(x=[1.2e-12]), [frame.assign(x=[300.0]), frame.assign(x=[-300.0])])
+    assert _equal_reduced([{"k": (1e-12, 1)}], [{"k": (1.2e-12, 1)}], [[{"k": (300.0, 0)}], [{"k": (-300.0, 1)}]])
+    assert _equal_reduced(0.0, 1e-310)  # (below the smallest normal number)
+    # An inf does not make every other element's difference rounding.
+    assert not _equal_reduced(np.array([np.inf, 1.0]), np.array([np.inf, 5.0]))
+    assert not _equal_reduced(np.array([np.inf]), np.array([1.0])) and not _equal_reduced(np.inf, 1.0)
+    assert not _equal_reduced(10**12, 10**12 + 1, [10**12, 1]) and not _equal_reduced(np.int64(1), np.int64(2))
+    # %pmap's results, item by item (no ranks' values): the same rule.
+    assert _equal_to_rounding([f32(1.0), "a"], [f32(1.0) + f32(2e-5), "a"])
+    assert not _equal_to_rounding([f32(1.0), "a"], [f32(1.0), "b"]) and not _equal_to_rounding([1], [2])
+
+
+def test_reduced_value_compared_within_rounding_only_for_floats_and_without_importing_numpy():
     """The tolerance, value by value: float arrays, Series and DataFrames, and lists,
-    tuples and dicts of them, to within 1e-9 relative (NaN where serial had NaN); ints,
+    tuples and dicts of them, to within their rounding (NaN where serial had NaN); ints,
     int arrays, strings, indexes and dtypes exactly. A notebook without numpy or pandas
     imported does not import them for the comparison."""
     import subprocess
