@@ -649,7 +649,9 @@ def test_a_first_calls_line_times_the_whole_call_workers_starting_included(monke
         runner()
         stopwatch = time.perf_counter() - t0
         report = mpmagic.last_report()
-        assert stopwatch - 0.005 <= report.wall <= stopwatch, (report.wall, stopwatch)
+        # The 0.2 s of finding the pool is in the wall time (not a bound on how fast
+        # the rest is: a loaded machine may spend anything between the two clocks).
+        assert 0.2 <= report.wall <= stopwatch, (report.wall, stopwatch)
 
 
 def test_a_reports_measured_fields_and_payload_costs_fill_one_dict():
