@@ -46,6 +46,7 @@ from typing import Any
 from . import debugging, worker_setup
 from .checkpoint_keys import (
     cell_key,
+    held_from_reloaded,
     item_key,
     item_keys,
     keyed_copies,
@@ -328,6 +329,7 @@ class _Plan:
         self.missing: list[int] = []  # input indices sent to the core pmap, in order
         self.unstable: str | None = None  # first reason an item's key may not repeat
         self.edited: list[tuple[str, str]] = []  # the user's modules items named, edited since loaded (_check_edited)
+        self.held: list[tuple[str, str, tuple[str, ...]]] = []  # ... holding names of a module reloaded since
         # Who hears of stored items (a background run's as_completed, a stream,
         # the user's on_chunk): a lazy input's batches are planned in the thread
         # that reads the input while a listener may be joining from another.
@@ -346,7 +348,8 @@ class _Plan:
         A batch whose items name a module of the user's (a class of ``shapes.py``)
         that changed on disk since the notebook loaded it has no keys: their key
         would follow the file, the code that computes them is the one loaded (as for
-        the function: :func:`_check_edited`; ``settle`` says so once).
+        the function: :func:`_check_edited`; ``settle`` says so once). So has a batch whose
+        items name a module holding what it took from a module reloaded after it.
         """
         base = len(self.keys)
         key_all: Callable[[list, dict], list] = keyed_copies if copy else item_keys
@@ -366,6 +369,9 @@ class _Plan:
         if used and (edited := _edited_modules(used)):
             keys = [b""] * len(keys)
             self.edited = self.edited or edited
+        elif used and (held := held_from_reloaded(sorted(used))):
+            keys = [b""] * len(keys)
+            self.held = self.held or held
         if copy:
             items = [t[2] for t in triples]
         if self.unstable is None:
@@ -488,12 +494,20 @@ def _check_edited(run: str, used: dict[str, str]) -> None:
     the old. So nothing is read or stored, as for a module the ``%%pool setup``
     imports (:func:`_check_setup_files`); after the reload the key's results are
     the new code's (the workers reload it before their next task).
+
+    The same when such a module holds what it took, when it was loaded, from a module of the
+    user's reloaded after it (``from cfg import THRESHOLD``, then cfg.py edited and only
+    ``cfg`` reloaded: ``checkpoint_keys.held_from_reloaded``): the notebook and the workers
+    that imported it run the old names, a new kernel the new ones, under one key.
     """
     edited = _edited_modules(used) if used else []
-    if not edited:
-        return
-    _warn(_edited_line(edited, "", f"{run} runs without the checkpoint (nothing read from it or stored)"))
-    raise ValueError("the user's modules changed on disk since the notebook loaded them")
+    if edited:
+        _warn(_edited_line(edited, "", f"{run} runs without the checkpoint (nothing read from it or stored)"))
+        raise ValueError("the user's modules changed on disk since the notebook loaded them")
+    held = held_from_reloaded(sorted(used)) if used else []
+    if held:
+        _warn(_held_line(held, "", f"{run} runs without the checkpoint (nothing read from it or stored)"))
+        raise ValueError("the user's modules hold names of modules reloaded after them")
 
 
 def _edited_modules(used: dict[str, str]) -> list[tuple[str, str]]:
@@ -515,6 +529,26 @@ def _edited_line(edited: list[tuple[str, str]], who: str, what: str) -> str:
             f"the notebook, and the workers that imported {it}, run the version loaded then, "
             f"a worker that loads {it} now runs the file's, and the key would be the file's; {reload} to run "
             "one version, which the checkpoint keeps")
+
+
+def _held_line(held: list[tuple[str, str, tuple[str, ...]]], who: str, what: str) -> str:
+    """The warning of a checkpointed run (``who``: what names the modules, if not the run) some
+    of whose user's modules hold what they took from a module reloaded after them (``held``:
+    ``(module, reloaded module, names)``, ``checkpoint_keys.held_from_reloaded``)."""
+    def file(name: str) -> str:
+        return os.path.basename(getattr(sys.modules.get(name), "__file__", None) or name)
+
+    mods = list(dict.fromkeys(name for name, _, _ in held))
+    parts = []
+    for name, other, took in held:
+        how = f"took {', '.join(took)} from" if took else "used"
+        parts.append(f"{file(name)} {how} {file(other)} when it was loaded, before {other} was reloaded")
+    it = "it" if len(mods) == 1 else "them"
+    reload = " and ".join(f"importlib.reload({name})" for name in mods)
+    named = f"{who} {', '.join(file(m) for m in mods)}; " if who else ""
+    return (f"mpmagic: --checkpoint: {named}{', and '.join(parts)}, so {what}: the notebook, and the workers "
+            f"that imported {it}, hold what {it} took then, a worker that loads {it} now takes what the files "
+            f"give, and the key would be the files'; {reload} to run one version, which the checkpoint keeps")
 
 
 def _setup_changed_line(run: str, what: str) -> str:
@@ -660,6 +694,9 @@ class MapCheckpoint:
         if self.plan.edited:
             (warn or _warn)(_edited_line(self.plan.edited, f"items of this run of `{self.name}` name",
                                          "they were computed without the checkpoint (not read from it nor stored)"))
+        elif self.plan.held:
+            (warn or _warn)(_held_line(self.plan.held, f"items of this run of `{self.name}` name",
+                                       "they were computed without the checkpoint (not read from it nor stored)"))
 
     def value(self, computed: list) -> list:
         """The whole input's results in input order: stored ones and ``computed`` (the missing ones')."""

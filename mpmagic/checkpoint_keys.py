@@ -48,11 +48,13 @@ import sys
 import types
 import weakref
 from collections import ChainMap
+from collections.abc import Iterable
 from typing import Any
 
 import cloudpickle
 
-from .usermodules import local_module_file
+from . import loadstamps
+from .usermodules import local_module_file, module_file, source_imports
 
 # Bump when what a key covers, or how results are stored, changes: old
 # entries then simply stop matching.
@@ -147,7 +149,9 @@ def _local_imports(name: str) -> list[tuple[str, str, list[types.FunctionType]]]
     functions taken from it)``: those functions are keyed by their code too, since
     after ``importlib.reload(m2)`` alone ``m1`` (in the notebook and in the workers)
     still runs the ``k`` it took before. A module imported inside a function's body is
-    not among them (nothing at module level names it). A scan of the module's globals,
+    not among them (nothing at module level names it), nor one it took only values from
+    (``from cfg import THRESHOLD``): :func:`_source_modules` reads those from its source.
+    A scan of the module's globals,
     ``local_module_file`` once per other module they come from."""
     module = sys.modules.get(name)
     values = list(getattr(module, "__dict__", {}).values())
@@ -169,6 +173,146 @@ def _local_imports(name: str) -> list[tuple[str, str, list[types.FunctionType]]]
         path = _module_file(other)
         if path is not None:
             out.append((other, path, taken))
+    return out
+
+
+def _package(name: str, path: str) -> str | None:
+    """The package relative imports in the module ``name`` (file ``path``) start from."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return getattr(module, "__package__", None)
+    return name if os.path.basename(path) == "__init__.py" else name.rpartition(".")[0]
+
+
+def _source_modules(name: str, path: str) -> list[tuple[str, str]]:
+    """The user's own modules the source of module ``name`` (file ``path``) imports anywhere,
+    function bodies too, as ``(module, file)``: what the globals scan (:func:`_local_imports`)
+    cannot see, ``from cfg import THRESHOLD`` (an int, which names no module) and
+    ``import cfg`` inside a function. A worker that imports ``name`` afresh runs them as
+    their files are, so the key covers those files."""
+    found = source_imports(path, _package(name, path))
+    if found is None:
+        return []
+    out = []
+    for other in found.modules:
+        if other == name:
+            continue
+        if other in sys.modules:
+            other_path = _module_file(other)
+        else:
+            parent = sys.modules.get(other.rpartition(".")[0])
+            if parent is not None and not hasattr(parent, "__path__"):
+                continue  # `from cfg import THRESHOLD`: a name, not a submodule
+            other_path = _unloaded_file(other)
+        if other_path is not None:
+            out.append((other, other_path))
+    return out
+
+
+_unloaded_files: dict[tuple[str, tuple[str, ...]], str | None] = {}  # (module, sys.path) -> module_file then
+
+
+def _unloaded_file(name: str) -> str | None:
+    """``module_file(name)`` of a module the notebook has not loaded (imported in a function's
+    body), remembered for this ``sys.path``: a search of ``sys.path`` costs ~0.1 ms, each run."""
+    key = (name, tuple(sys.path))
+    if key not in _unloaded_files:
+        if len(_unloaded_files) > 4096:
+            _unloaded_files.clear()
+        _unloaded_files[key] = module_file(name)
+    return _unloaded_files[key]
+
+
+_MISSING = object()
+_SAME_BY_PICKLE = (int, float, complex, str, bytes, bool, type(None))
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` are one object, or plain values (numbers, strings, tuples of them)
+    with the same pickle (so 0.0 and -0.0 differ): what a module took from one version
+    of another and what that module's new version holds gives the same results."""
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    if type(a) is tuple:
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) in _SAME_BY_PICKLE and pickle.dumps(a, _PROTOCOL) == pickle.dumps(b, _PROTOCOL)
+
+
+def _held_same(held: Any, now: Any) -> bool:
+    """What a module holds under a name it took with ``from m import name`` gives what
+    ``m``'s ``name`` gives now: the same object or plain value, or a function of ``m`` (the
+    key has its code: :func:`_local_imports`) with the same globals, defaults and no closure."""
+    if type(held) is types.FunctionType and type(now) is types.FunctionType:
+        return held is now or (held.__closure__ is None and now.__closure__ is None
+                               and held.__globals__ is now.__globals__
+                               and _same_value(held.__defaults__, now.__defaults__)
+                               and _same_value(held.__kwdefaults__, now.__kwdefaults__))
+    return _same_value(held, now)
+
+
+def _reloaded_after(other: str, since: int, name: str) -> bool:
+    """The user's module ``other`` was reloaded in the notebook after load number ``since``
+    (that of the module ``name``, which imports it)."""
+    number = loadstamps.reload_number(other)
+    return number is not None and number > since and other != name and _module_file(other) is not None
+
+
+def held_from_reloaded(names: Iterable[str]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """Of these loaded user modules (those a key covers), those that hold what they took,
+    when they were loaded, from a user module the notebook reloaded after them: as
+    ``(module, the reloaded module, names taken)``, no names when the module used the
+    reloaded one at its top in a way that cannot be checked (``T = cfg.THRESHOLD``,
+    ``CFG = cfg.Cfg()``, a decorator, a default).
+
+    Why: ``m5`` does ``from cfg import THRESHOLD, C``; after cfg.py is edited and only
+    ``cfg`` is reloaded, ``m5`` (in the notebook, and in the workers that imported it)
+    keeps the old names, while a worker that imports ``m5`` now takes the new ones, and
+    the key (m5.py's and cfg.py's contents) is that of a new kernel, where ``m5`` takes
+    the new ones too: a checkpointed run stored the old names' results under the new
+    kernel's key (tester-regress21). A value cannot be keyed by what it holds (unpicklable,
+    huge); what it is can be compared with what the reloaded module has under its name.
+    A name the module took and then changed itself counts only after such a reload. A
+    function taken so differs by its code, which the key has (:func:`_local_imports`).
+    A ``del sys.modules[...]`` and import again is no reload here (not seen).
+    Cost: a dict look-up per covered module, unless a module it imports was reloaded."""
+    out = []
+    for name in names:
+        module = sys.modules.get(name)
+        path = _module_file(name) if module is not None else None
+        if path is None or module is None:
+            continue
+        found = source_imports(path, getattr(module, "__package__", None))
+        if found is None:
+            continue
+        at_load = loadstamps.loaded(name, module)
+        since = at_load[1] if at_load is not None else 0  # (no record: imported before mpmagic, before any)
+
+        glob = vars(module)
+        held: dict[str, list[str]] = {}
+        for bound, source, attr, reached in found.bindings:
+            value = glob.get(bound, _MISSING) if attr != "*" else _MISSING
+            if attr is not None and isinstance(value, types.ModuleType):  # `from pkg import sub`: a module
+                source, attr, reached = value.__name__, None, (value.__name__,)
+            if attr is None:  # a module: reloaded in place, except what the top made with it then
+                if bound in found.used:
+                    for other in reached:
+                        if _reloaded_after(other, since, name):
+                            held.setdefault(other, [])
+                continue
+            if not _reloaded_after(source, since, name):
+                continue
+            now = sys.modules[source]
+            if attr == "*":
+                public = getattr(now, "__all__", None) or [k for k in vars(now) if not k.startswith("_")]
+                taken = [(k, k) for k in public if k in glob]
+            else:
+                taken = [(bound, attr)] if value is not _MISSING else []
+            for mine, theirs in taken:
+                if not _held_same(glob[mine], getattr(now, theirs, _MISSING)):
+                    held.setdefault(source, []).append(mine)
+        out += [(name, other, tuple(dict.fromkeys(took))) for other, took in held.items()]
     return out
 
 
@@ -212,9 +356,9 @@ class _KeyPickler(cloudpickle.Pickler):
 
     def _add_module(self, name: str, path: str) -> None:
         """Key the user's module ``name`` (file ``path``) by its file, and so the user's
-        modules it imports, in turn (:func:`_local_imports`): ``f`` calls ``m1.g``, which
-        calls ``m2.k``; edited and reloaded, ``m2`` kept its stored results when only the
-        modules the function names counted."""
+        modules it imports, in turn (:func:`_local_imports`, :func:`_source_modules`): ``f``
+        calls ``m1.g``, which calls ``m2.k``; edited and reloaded, ``m2`` kept its stored
+        results when only the modules the function names counted."""
         todo = [(name, path)]
         while todo:
             name, path = todo.pop()
@@ -227,6 +371,8 @@ class _KeyPickler(cloudpickle.Pickler):
                     self._add_code(other_path, func)
                 if other_path not in self.modules:
                     todo.append((other, other_path))
+            todo += [(other, other_path) for other, other_path in _source_modules(name, path)
+                     if other_path not in self.modules]
 
     def reducer_override(self, obj: Any) -> Any:
         t = type(obj)

@@ -157,3 +157,11 @@ def loaded(name: str, module: Any) -> tuple[tuple[int, int], int] | None:
     if record is None or record[0] is not getattr(module, "__spec__", None):
         return None
     return record[1], record[2]
+
+
+def reload_number(name: str) -> int | None:
+    """The load number of the notebook's latest reload of ``name`` (``importlib.reload``,
+    ``%autoreload``), None if it was never reloaded here. Later than the :func:`loaded`
+    number of a module that does ``from name import ...``: that module holds what it
+    took from the version before (``checkpoint_keys.held_from_reloaded``)."""
+    return _reloads.get(name)

@@ -17,13 +17,15 @@ This module imports no IPython (``worker_setup`` uses it) and nothing of mpmagic
 
 from __future__ import annotations
 
+import ast
 import dis
 import importlib.machinery
+import importlib.util
 import os
 import sys
 import sysconfig
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
@@ -141,3 +143,107 @@ def imported_files(code: types.CodeType) -> list[str]:
     :func:`module_file`), in order, each once."""
     files = (module_file(name) for name in imported_names(code))
     return list(dict.fromkeys(f for f in files if f is not None))
+
+
+class SourceImports(NamedTuple):
+    """What a module's source imports (:func:`source_imports`)."""
+
+    # (name bound, module, attribute or None, modules the name reaches) for each import its top
+    # runs (at import: not in a function's body): `import a.b` -> ("a", "a", None, ("a", "a.b")),
+    # `import a.b as x` -> ("x", "a.b", None, ("a.b",)), `from m import k as j` -> ("j", "m", "k", ()),
+    # `from m import *` -> ("*", "m", "*", ())
+    bindings: tuple[tuple[str, str, str | None, tuple[str, ...]], ...]
+    used: frozenset[str]  # the names its top reads when it runs (decorators and defaults too)
+    modules: tuple[str, ...]  # every module it imports anywhere, function bodies too (absolute)
+
+
+_sources: dict[tuple[str, str], tuple[tuple[int, int] | None, SourceImports | None]] = {}
+
+
+def source_imports(path: str, package: str | None) -> SourceImports | None:
+    """The imports in the source file ``path`` of a module of ``package`` (for relative
+    imports), read from its text (None if it cannot be read or parsed); remembered until
+    the file's mtime or size changes.
+
+    Why the text, not the loaded module's globals: ``from cfg import THRESHOLD`` leaves
+    nothing in the module that says it came from ``cfg`` (an int), nor does ``CFG =
+    cfg.Cfg()`` say what the module did with ``cfg`` when it ran. A checkpoint key covers
+    such a module's own imports by their file (``checkpoint_keys``), and a run sees whether
+    the module still holds what importing it now would give (see ``SourceImports``)."""
+    try:
+        st = os.stat(path)
+        stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+    except (OSError, ValueError):
+        stamp = None
+    known = _sources.get((path, package or ""))
+    if known is not None and known[0] == stamp and stamp is not None:
+        return known[1]
+    try:
+        with open(path, "rb") as f:
+            tree = ast.parse(f.read(), path)
+        found: SourceImports | None = _Imports(package).read(tree)
+    except (OSError, SyntaxError, ValueError):
+        found = None
+    _sources[(path, package or "")] = (stamp, found)
+    return found
+
+
+class _Imports(ast.NodeVisitor):
+    """Walks a module's syntax tree for :func:`source_imports`: the imports and names its top
+    runs (a function's body runs later: only its decorators and defaults run at import)."""
+
+    def __init__(self, package: str | None) -> None:
+        self.package = package
+        self.depth = 0  # > 0: inside a function's body
+        self.bindings: list[tuple[str, str, str | None, tuple[str, ...]]] = []
+        self.used: set[str] = set()
+        self.modules: list[str] = []
+
+    def read(self, tree: ast.AST) -> SourceImports:
+        """What :func:`source_imports` returns, for the module ``tree``."""
+        self.visit(tree)
+        return SourceImports(tuple(self.bindings), frozenset(self.used), tuple(dict.fromkeys(self.modules)))
+
+    def visit_Import(self, node: ast.Import) -> None:  # noqa: N802 (ast's visitor names)
+        for alias in node.names:
+            parts = alias.name.split(".")
+            reached = tuple(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+            self.modules += reached
+            if self.depth == 0:
+                if alias.asname:
+                    self.bindings.append((alias.asname, alias.name, None, (alias.name,)))
+                else:
+                    self.bindings.append((parts[0], parts[0], None, reached))
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:  # noqa: N802
+        try:
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), self.package) \
+                if node.level else (node.module or "")
+        except (ImportError, ValueError):  # (a relative import outside a package)
+            return
+        if not base:
+            return
+        self.modules.append(base)
+        for alias in node.names:
+            if alias.name != "*":
+                self.modules.append(f"{base}.{alias.name}")  # (a submodule, maybe)
+            if self.depth == 0:
+                self.bindings.append((alias.asname or alias.name, base, alias.name, ()))
+
+    def _function(self, node: ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda) -> None:
+        for deco in getattr(node, "decorator_list", ()):
+            self.visit(deco)
+        for default in (*node.args.defaults, *node.args.kw_defaults):
+            if default is not None:
+                self.visit(default)
+        self.depth += 1
+        body = node.body
+        for part in body if isinstance(body, list) else [body]:
+            self.visit(part)
+        self.depth -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function  # noqa: N815
+
+    def visit_Name(self, node: ast.Name) -> None:  # noqa: N802
+        if self.depth == 0 and isinstance(node.ctx, ast.Load):
+            self.used.add(node.id)

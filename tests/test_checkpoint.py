@@ -1213,6 +1213,97 @@ def test_a_module_the_functions_module_imports_counts_by_its_file_and_the_code_t
         sys.modules.pop("m2_tr", None)
 
 
+_CFG_V1 = "THRESHOLD = 10\nclass C:\n    def s(self):\n        return 1\n"
+_CFG_V2 = "THRESHOLD = 1000\nclass C:\n    def s(self):\n        return 7\n"
+
+
+@pytest.mark.parametrize("n, taker, took", [
+    (1, "from cfg_st1 import THRESHOLD, C\ndef g(x):\n    return x * THRESHOLD + C().s()\n", "THRESHOLD, C"),
+    (2, "from cfg_st2 import THRESHOLD\ndef g(x):\n    return x * THRESHOLD + 1\n", "THRESHOLD"),  # a value only
+    (3, "from cfg_st3 import C\nINST = C()\ndef g(x):\n    return x * 10 + INST.s()\n", "C"),  # an instance made
+    (4, "import cfg_st4\nT = cfg_st4.THRESHOLD\ndef g(x):\n    return x * T + cfg_st4.C().s()\n", ""),  # at import
+], ids=["value_and_class", "value", "instance", "module_used_at_import"])
+def test_a_module_holding_names_taken_from_a_module_reloaded_after_it_runs_without_the_checkpoint(
+        ip, store_dir, tmp_path, monkeypatch, local_pool, method, n, taker, took):
+    """tester-regress21 finding 1: m5 does `from cfg import THRESHOLD, C`; cfg.py edited and
+    cfg alone reloaded. m5 still holds the old names (the serial map gives [1, 11, 21]); the
+    checkpointed run computed that and stored it under the key of the new cfg.py, and in a new
+    kernel (where map gives [7, 1007, 2007]) it said "resumed: 3 of 3" and returned [1, 11, 21].
+    Such a run goes without the checkpoint now, after one line asking to reload m5 too; a new
+    kernel computes with the new files, and stores."""
+    from conftest import ensure_pool
+
+    from mpmagic import pool as pool_module
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _save(tmp_path / f"cfg_st{n}.py", _CFG_V1)
+    _save(tmp_path / f"m5_st{n}.py", taker)
+    imports = f"import importlib, m5_st{n}, cfg_st{n}\ndef via_st(x):\n    return m5_st{n}.g(x)\n"
+    cell = "%pmap -q --checkpoint via_st, range(3)"
+    try:
+        run(ip, imports)
+        old = run(ip, "list(map(via_st, range(3)))")
+        assert run(ip, cell) == old
+        _save(tmp_path / f"cfg_st{n}.py", _CFG_V2)
+        run(ip, f"importlib.reload(cfg_st{n})")
+        held = run(ip, "list(map(via_st, range(3)))")  # (m5 holds what it took: old THRESHOLD, old C...)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert run(ip, cell) == held
+        said = [str(w.message) for w in caught if "mpmagic: --checkpoint" in str(w.message)]
+        assert len(said) == 1, said
+        what = f"took {took} from cfg_st{n}.py" if took else f"used cfg_st{n}.py"
+        assert said[0].startswith(f"mpmagic: --checkpoint: m5_st{n}.py {what} when it was loaded, "
+                                  f"before cfg_st{n} was reloaded, so this run of `via_st` runs without the checkpoint "
+                                  "(nothing read from it or stored)"), said
+        assert said[0].endswith(f"importlib.reload(m5_st{n}) to run one version, which the checkpoint keeps")
+        assert "checkpoint" not in mpmagic.last_report().line()
+        # A new kernel: the modules imported afresh, new workers.
+        sys.modules.pop(f"m5_st{n}"), sys.modules.pop(f"cfg_st{n}")
+        pool_module.shutdown()
+        ensure_pool(method)
+        run(ip, imports)
+        oracle = run(ip, "list(map(via_st, range(3)))")
+        assert oracle not in (old, held)
+        assert run(ip, cell) == oracle
+        assert "resumed: 0 of 3" in mpmagic.last_report().line()
+        assert run(ip, cell) == oracle
+        assert "resumed: 3 of 3" in mpmagic.last_report().line()
+        # After reloading m5 too (the line's advice), one version runs: the checkpoint is used.
+        _save(tmp_path / f"cfg_st{n}.py", _CFG_V1)
+        run(ip, f"importlib.reload(cfg_st{n})\nimportlib.reload(m5_st{n})")
+        assert run(ip, cell) == old == run(ip, "list(map(via_st, range(3)))")
+        assert "resumed: 3 of 3" in mpmagic.last_report().line()  # (what the first run stored)
+    finally:
+        sys.modules.pop(f"m5_st{n}", None)
+        sys.modules.pop(f"cfg_st{n}", None)
+
+
+
+def test_run_key_covers_a_module_a_value_is_taken_from_and_one_imported_in_a_functions_body(ip, tmp_path,
+                                                                                            monkeypatch):
+    """`from cfg import THRESHOLD` (an int: nothing in the module names cfg) and `import lazy`
+    inside a function: neither cfg.py nor lazy.py was in the key, so after an edit a new kernel
+    resumed the old files' results. Their files count now, as an imported module's do."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "cfg_vk.py").write_text("THRESHOLD = 10\n")
+    (tmp_path / "lazy_vk.py").write_text("Z = 1\n")  # (never imported in the notebook)
+    (tmp_path / "m_vk.py").write_text("from cfg_vk import THRESHOLD\n"
+                                      "def g(x):\n    import lazy_vk\n    return x * THRESHOLD + lazy_vk.Z\n")
+    try:
+        run(ip, "import m_vk\ndef via_vk(x):\n    return m_vk.g(x)\n")
+        used: dict = {}
+        first = run_key(ip.user_ns["via_vk"], False, used)[0]
+        assert {"m_vk", "cfg_vk", "lazy_vk"} <= set(used)
+        _save(tmp_path / "cfg_vk.py", "THRESHOLD = 1000\n")
+        second = run_key(ip.user_ns["via_vk"], False)[0]
+        _save(tmp_path / "lazy_vk.py", "Z = 2\n")
+        assert len({first, second, run_key(ip.user_ns["via_vk"], False)[0]}) == 3
+    finally:
+        sys.modules.pop("m_vk", None)
+        sys.modules.pop("cfg_vk", None)
+
+
 def test_a_module_reloaded_in_the_notebook_is_said_to_be_reloaded_on_dask(ip, dask_cluster, request, tmp_path,
                                                                            monkeypatch, capsys):
     """Dask workers ran the old code without a word; they reload it now (test_dask.py shows the results)."""
