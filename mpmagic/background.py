@@ -57,6 +57,7 @@ from .errors import (
 )
 from .interrupts import absorb_late_interrupts
 from .report import Report
+from .timeouts import TimeoutError as WaitTimeout
 
 log = logging.getLogger("mpmagic")
 
@@ -260,21 +261,22 @@ _T = TypeVar("_T")
 
 
 def _timeout(message: str) -> BaseException:
-    """A wait's time-out, caught by ``except concurrent.futures.TimeoutError``
-    (the usual catch around ``run.result(timeout=...)``) and by ``except
-    TimeoutError``. One class from Python 3.11; before, two, and the time-out
-    is of a class that derives from both (:func:`_both_timeouts`)."""
+    """A wait's time-out (:class:`mpmagic.timeouts.TimeoutError`), caught by ``except
+    TimeoutError``, by ``except concurrent.futures.TimeoutError`` (the usual catch
+    around ``run.result(timeout=...)``) and by ``except multiprocessing.TimeoutError``
+    (ported from ``AsyncResult.get(timeout)`` / ``imap``'s ``next(timeout)``)."""
     futures_class: Any = concurrent.futures.TimeoutError  # (looked up here: tests stand in 3.10's)
-    if futures_class is TimeoutError:
-        return TimeoutError(message)
+    if issubclass(WaitTimeout, futures_class):
+        return WaitTimeout(message)
     both = _BOTH_TIMEOUTS.get(futures_class)
     if both is None:
         both = _BOTH_TIMEOUTS[futures_class] = type(
-            "TimeoutError", (futures_class, TimeoutError), {"__module__": futures_class.__module__})
+            "TimeoutError", (futures_class, WaitTimeout), {"__module__": WaitTimeout.__module__})
     return both(message)
 
 
-#: Python < 3.11: a ``TimeoutError`` that is ``concurrent.futures``' and the builtin one, by the former.
+#: A ``concurrent.futures.TimeoutError`` other than the one of ``WaitTimeout``'s bases (a
+#: test's stand-in for 3.10's): a class deriving from it and ``WaitTimeout``, by the former.
 _BOTH_TIMEOUTS: dict[Any, Any] = {}
 
 
@@ -1044,7 +1046,9 @@ def as_completed(run: Run[list[_T]] | Iterable[Run[Any]], timeout: float | None 
     before it; a map with ``errors="raise"`` stopped there, as a blocking
     ``pmap`` does, so the next ``next()`` raises ``MPMagicError`` saying so
     (not a StopIteration a loop that logs errors and goes on would take for the
-    end). ``timeout``: seconds to wait for the next chunk (TimeoutError; a
+    end), and after a cancel ``CancelledError`` again, saying how many results
+    came; the ``next()`` after that ends the loop. ``timeout``: seconds to wait
+    for the next chunk (TimeoutError, also a ``multiprocessing.TimeoutError``; a
     later ``next()`` waits again, as after an interrupt).
     Given several handles (any iterable of runs, an empty one included, as
     ``concurrent.futures.as_completed`` takes futures), yields the handles as
@@ -1150,7 +1154,8 @@ def _completed_part(state: _Arrivals) -> Iterator[Any]:
         if ended and state.seen == len(chunks):
             break
     state.over = True
-    if run._cancelled:
+    if run._cancelled:  # (the next next() says nothing more comes, as after an error)
+        state.over, state.stopped = False, True
         raise one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled"))
     if run._error is not None:
         state.over, state.stopped = False, True
@@ -1158,14 +1163,19 @@ def _completed_part(state: _Arrivals) -> Iterator[Any]:
 
 
 def _stopped_note(state: _Arrivals) -> Iterator[Any]:
-    """The one ``next()`` after the run's error: the run stopped there, so the items that
-    gave nothing will not come (an error, not a StopIteration a loop that logs errors and
-    goes on would take for every result having come)."""
+    """The one ``next()`` after the run's error or its cancel: the run stopped there, so the
+    items that gave nothing will not come (an error, not a StopIteration a loop that logs
+    errors and goes on would take for every result having come). After a cancel, a
+    ``CancelledError`` again, as a cancelled future's ``result()`` raises it each time."""
     __tracebackhide__ = True
     run = state.run
-    error = run._error
     total = run.items_total
     of = f" of {total}" if total is not None else ""
+    if run._cancelled:
+        raise one_line(CancelledError(
+            f"run {run.id} ({run.what}) was cancelled (the CancelledError raised before): {state.given}{of} results "
+            "came, the other items gave none, and nothing more comes"))
+    error = run._error
     raise one_line(MPMagicError(
         f"run {run.id} ({run.what}) stopped at the {type(error).__name__} raised before (a map with errors='raise' "
         f"stops at its first error, as a blocking pmap does): {state.given}{of} results came, the other items gave "

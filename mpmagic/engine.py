@@ -26,6 +26,7 @@ from typing import Any
 
 from . import compat, exiting
 from .jobs import flush_stdio
+from .timeouts import TimeoutError as WaitTimeout
 
 log = logging.getLogger("mpmagic")
 
@@ -242,10 +243,11 @@ class Run:
             self.calling_back = False
 
     def result(self, timeout: float | None = None) -> list:
-        """The job's results (raising its error), once it ended; TimeoutError if not in time."""
+        """The job's results (raising its error), once it ended; a wait's TimeoutError
+        (``timeouts``: ``multiprocessing``'s too) if not in time."""
         __tracebackhide__ = True
         if not self.wait(timeout):
-            raise TimeoutError(f"the run did not end within {timeout:g} s")
+            raise WaitTimeout(f"the run did not end within {timeout:g} s")
         if self.error is not None:
             raise exiting.raised(self.error)
         if self._result is None:

@@ -758,12 +758,42 @@ def test_cancelled_and_timed_out_waits_show_one_line_and_keep_their_types(ip, ns
     ip.user_ns.pop("bg_slow", None)
 
 
+def test_a_waits_timeout_is_caught_by_the_except_multiprocessing_code_had(ip, ns):
+    """AsyncResult.get(timeout) and imap's next(timeout) raise multiprocessing.TimeoutError,
+    which is not the builtin: a port that kept `except multiprocessing.TimeoutError` around
+    run.result(timeout=) / as_completed(timeout=) missed mpmagic's time-out (the builtin).
+    It is each of the three classes now, shown as before, and it pickles (a logging queue)."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import pickle
+
+    run(ip, "import mpmagic\nbg_slow = %pmap --bg -q napper, range(40)")
+    try:
+        for code in ("bg_slow.result(timeout=0.01)", "bg_slow.exception(timeout=0.01)",
+                     "next(mpmagic.as_completed(bg_slow, timeout=0.01))",
+                     "next(mpmagic.as_completed([bg_slow], timeout=0.01))"):
+            with capture_output() as cap:
+                result = ip.run_cell(code, store_history=False)
+            error = result.error_in_exec
+            assert isinstance(error, multiprocessing.TimeoutError), (code, error)
+            assert isinstance(error, TimeoutError) and isinstance(error, cf.TimeoutError), (code, error)
+            shown = (cap.stdout + cap.stderr).strip()
+            assert shown.startswith("TimeoutError: ") and len(shown.splitlines()) == 1, (code, shown)
+            again = pickle.loads(pickle.dumps(error))
+            assert type(again) is type(error) and again.args == error.args
+    finally:
+        ip.run_cell("bg_slow.cancel()", store_history=False)
+        ip.user_ns.pop("bg_slow", None)
+
+
 def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, ns, monkeypatch):
     """Before 3.11 concurrent.futures.TimeoutError is not the builtin: run.result(timeout=)
     raised the builtin, which `except concurrent.futures.TimeoutError` missed, and
     as_completed([runs], timeout=) the stdlib's own, which `except TimeoutError` missed.
-    Its class here (3.10's, stood in) must catch it, and `except TimeoutError` still."""
+    Its class here (3.10's, stood in) must catch it, and `except TimeoutError` still
+    (and `except multiprocessing.TimeoutError`, as on 3.11)."""
     import concurrent.futures as cf
+    import multiprocessing
 
     class FuturesTimeout(Exception):  # (3.10's concurrent.futures.TimeoutError: not an OSError)
         pass
@@ -778,6 +808,7 @@ def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, 
                 result = ip.run_cell(code, store_history=False)
             error = result.error_in_exec
             assert isinstance(error, FuturesTimeout) and isinstance(error, TimeoutError), (code, error)
+            assert isinstance(error, multiprocessing.TimeoutError), (code, error)
             shown = (cap.stdout + cap.stderr).strip()
             assert shown.startswith("TimeoutError: ") and len(shown.splitlines()) == 1, (code, shown)
     finally:

@@ -143,6 +143,24 @@ def test_as_completed_after_a_runs_first_error_says_the_rest_did_not_run(ns):
     assert sorted(r.index for r in results if isinstance(r, mpmagic.Failed)) == [1, 5]
 
 
+def test_as_completed_after_a_cancel_says_nothing_more_comes_not_a_silent_end(ns):
+    """A run cancelled in the middle of an as_completed loop: the loop got CancelledError, and
+    the next next() ended it (StopIteration), so a loop that logs errors and goes on took the
+    end for every result having come. As after a run's error, the next next() says so (a
+    CancelledError again, as a cancelled future's result() raises it each time), then it ends."""
+    handle = mpmagic.submit(ns["nap"], range(8), chunksize=1)
+    it = mpmagic.as_completed(handle)
+    first = next(it)
+    assert handle.cancel()
+    got = [first, *drain(it)]
+    errors = [g for g in got if isinstance(g, tuple)]
+    results = [g for g in got if not isinstance(g, tuple)]
+    assert set(results) <= set(map(ns["nap"], range(8))) and len(results) < 8, got
+    assert [name for name, _ in errors] == ["CancelledError", "CancelledError"], got
+    assert "was cancelled" in errors[0][1] and got[-1] == errors[1], got
+    assert f"{len(results)} of 8 results came" in errors[1][1] and "nothing more comes" in errors[1][1], got
+
+
 def test_as_completed_goes_on_after_a_time_out_it_raised(ns):
     """``timeout=`` bounds the wait for the next chunk; the run goes on, and so can the loop:
     it ended at the first TimeoutError (the next next() raised StopIteration)."""
