@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dis
 import errno
 import heapq
 import inspect
+import keyword
 import linecache
 import logging
 import os
@@ -491,6 +493,75 @@ class FrameInfo:
     # one met is 0): two functions of one name, file and first line (lambdas
     # on one line) are still two, as IPython tells them apart.
     code: int = 0
+    # The operation the frame failed at (see :func:`failing_op`): ``()`` a call,
+    # ``[]`` a subscript, ``.name`` an attribute, ``/``, ``<``, ``in``, ``for``...;
+    # None: another (a ``raise``).
+    op: str | None = None
+
+
+#: Binary and comparison operators a rebuilt frame can fail at (see :func:`_stub`).
+_BINARY_OPS = frozenset({"+", "-", "*", "@", "/", "//", "%", "**", "<<", ">>", "&", "^", "|"})
+_COMPARE_OPS = frozenset({"<", "<=", "==", "!=", ">", ">="})
+_CALL_OPS = frozenset({"CALL", "PRECALL", "CALL_KW", "CALL_FUNCTION_EX"})
+_OTHER_OPS = {"STORE_SUBSCR": "[]=", "DELETE_SUBSCR": "del []", "GET_ITER": "for", "FOR_ITER": "for",
+              "UNARY_NEGATIVE": "-", "UNARY_INVERT": "~"}
+
+
+#: failing_op's answers, by code and offset (a unit's failures are often at one place;
+#: reading a code's instructions takes ~50 us). Equal codes are the same bytecode.
+_failing_ops: dict[tuple[types.CodeType, int], str | None] = {}
+
+
+def failing_op(code: types.CodeType, lasti: int) -> str | None:
+    """The kind of operation ``code`` was at (instruction offset ``lasti``) when
+    its frame failed, as :attr:`FrameInfo.op` (runs in the worker; Python 3.11+).
+
+    Why: IPython's Verbose display finds a frame's failing expression with
+    ``executing``, which matches the instruction there to an expression of the
+    line *of the same kind* (a ``/`` to ``x / y``, a call to ``f(x)``), and
+    takes that expression's statement as the frame's: its function is the
+    scope whose lines and variables are shown. A rebuilt frame that failed at a
+    ``raise`` matches nothing, and on a line of two statements (``def a(x):
+    return 1 / x``) stack_data then took either one's scope: the cell's lines
+    around it and no variables. So the rebuilt frame fails at the same kind of
+    operation (:func:`_stub`).
+    """
+    if sys.version_info < (3, 11):
+        return None  # (no columns: executing compares the whole bytecode there, which a stub never matches)
+    key = (code, lasti)
+    if key not in _failing_ops:
+        if len(_failing_ops) > 1000:
+            _failing_ops.clear()
+        _failing_ops[key] = _op_at(code, lasti)
+    return _failing_ops[key]
+
+
+def _op_at(code: types.CodeType, lasti: int) -> str | None:
+    """:func:`failing_op`, not cached."""
+    instruction = None
+    for candidate in dis.get_instructions(code):  # (caches left out: a call's lasti may be one, CPython #96970)
+        if candidate.offset > lasti:
+            break
+        instruction = candidate
+    if instruction is None:
+        return None
+    name, arg = instruction.opname, instruction.argrepr
+    if name in _CALL_OPS:
+        return "()"
+    if name == "BINARY_SUBSCR" or (name == "BINARY_OP" and arg == "[]"):
+        return "[]"
+    if name in _OTHER_OPS:
+        return _OTHER_OPS[name]
+    if name == "BINARY_OP" and arg.rstrip("=") in _BINARY_OPS:
+        return arg.rstrip("=")  # (an augmented ``x /= y``: executing matches its ``/`` alike)
+    if name == "COMPARE_OP":
+        op = re.sub(r"^bool\((.*)\)$", r"\1", arg)  # (3.13: ``bool(<)`` where the result is tested)
+        return op if op in _COMPARE_OPS else None
+    if name == "CONTAINS_OP":
+        return "in"
+    if name in ("LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR") and isinstance(instruction.argval, str):
+        return "." + instruction.argval + ("=" if name == "STORE_ATTR" else "")
+    return None
 
 
 def _params(code: types.CodeType) -> dict[str, Any]:
@@ -511,22 +582,28 @@ def extract_frames(tb: types.TracebackType | None,
     frames first, then the outermost :data:`ARGUMENT_FRAMES_OUTER`.
     """
     kept = []
-    for (frame, _), fs in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), strict=False):
+    lastis = []
+    t = tb
+    while t is not None:
+        lastis.append(t.tb_lasti)
+        t = t.tb_next
+    for (frame, _), fs, lasti in zip(traceback.walk_tb(tb), traceback.extract_tb(tb), lastis, strict=False):
         if any(m in fs.filename.replace("\\", "/") for m in _INTERNAL_MARKERS):
             continue
         if MARK in frame.f_code.co_varnames:
             continue  # (the worker's item loop, copied to the map's call site: ours still, see callsite.py)
         if "__tracebackhide__" in frame.f_code.co_varnames and fs.filename.startswith(_PACKAGE_DIR):
             continue  # (ours, as IPython hides it: a pmap run serially inside a task)
-        kept.append((frame, fs))
+        kept.append((frame, fs, lasti))
     if len(kept) > _MAX_FRAMES:  # keep the start and the end, as Python's display does
         kept = kept[: _MAX_FRAMES // 2] + kept[-_MAX_FRAMES // 2 :]
     codes: dict[int, int] = {}
     frames = [FrameInfo(fs.filename, fs.lineno or 0, fs.name, fs.line or None, frame.f_code.co_firstlineno,
                         getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
                         getattr(fs, "end_colno", None),  # (3.11+ only)
-                        **_params(frame.f_code), code=codes.setdefault(id(frame.f_code), len(codes)))
-              for frame, fs in kept]
+                        **_params(frame.f_code), code=codes.setdefault(id(frame.f_code), len(codes)),
+                        op=failing_op(frame.f_code, lasti))
+              for frame, fs, lasti in kept]
     if arguments is not None:
         n = len(frames)
         inner = max(n - ARGUMENT_FRAMES_INNER, 0)
@@ -553,7 +630,29 @@ def _summary(f: FrameInfo) -> traceback.FrameSummary | tuple:
                                   colno=f.colno, end_colno=f.end_colno)
 
 
-Spot = tuple[int | None, int | None, int | None]  # where on its line(s) a frame failed: end_lineno, colno, end_colno
+# Where on its line(s) a frame failed, and at what: end_lineno, colno, end_colno, FrameInfo.op
+Spot = tuple[int | None, int | None, int | None, str | None]
+
+
+def _failing_statements(op: str | None) -> list[str]:
+    """The stub's statements (lines) that fail as the task's frame did: at an
+    operation of the same kind (``op``, see :func:`failing_op`) done on the
+    runner's ``__mpmagic_op__``, every operation of which raises the marker;
+    else (or should it not raise) at a ``raise``. (No statement binds a name:
+    a local more would leave the stub's parameters unnamed, see :func:`_stub`.)"""
+    target = "__mpmagic_op__"
+    fixed = {"()": f"{target}()", "[]": f"{target}[0]", "[]=": f"{target}[0] = 0", "del []": f"del {target}[0]",
+             "in": f"0 in {target}", "for": f"for {target}[0] in {target}: pass", "-": f"-{target}", "~": f"~{target}"}
+    name = op[1:].rstrip("=") if op and op[0] == "." else ""
+    if op in fixed:
+        statement = fixed[op]
+    elif op in _BINARY_OPS or op in _COMPARE_OPS:
+        statement = f"{target} {op} 0"
+    elif op and name.isidentifier() and not keyword.iskeyword(name):
+        statement = f"{target}.{name} = 0" if op.endswith("=") else f"{target}.{name}"
+    else:
+        return ["raise __mpmagic_exc__"]
+    return [statement, "raise __mpmagic_exc__"]
 
 
 def _stub(fr: FrameInfo, lineno: int, first: int, spots: list[Spot]) -> types.CodeType:
@@ -575,25 +674,31 @@ def _stub(fr: FrameInfo, lineno: int, first: int, spots: list[Spot]) -> types.Co
     the traceback failed: ``f(n - 1) if n % 2 else (f(n - 1))`` has two), the
     one that runs chosen by the global ``__mpmagic_at__``, so that every
     frame of one line is one code, as serially (see :func:`fake_traceback`).
+    Each fails at an operation of the kind the task's frame failed at
+    (:func:`_failing_statements`), so IPython finds the same expression there.
     """
     # (positional-only: a name of theirs may be a key of **kwargs, as for f(a, /, **kw) called f(1, a=2))
     pos = [f"p{i}" for i in range(fr.argcount)] + (["/"] if fr.argcount else [])
     star = ["*v"] if fr.varargs else (["*"] if fr.kwonlycount else [])
     kwonly = [f"k{i}" for i in range(fr.kwonlycount)]
     starstar = ["**w"] if fr.varkw else []
-    body = ([" raise __mpmagic_exc__"] if len(spots) == 1
-            else [f" if __mpmagic_at__ == {i}: raise __mpmagic_exc__" for i in range(len(spots))])
+    known = [colno is not None and end_colno is not None for _, colno, end_colno, _ in spots]
+    fail = [_failing_statements(op if ok else None) for (*_, op), ok in zip(spots, known, strict=True)]
+    body = ([f" {line}" for line in fail[0]] if len(spots) == 1
+            else [f" if __mpmagic_at__ == {i}:\n" + "\n".join(f"  {line}" for line in lines)
+                  for i, lines in enumerate(fail)])
     tree = parse(f"def f({', '.join(pos + star + kwonly + starstar)}):\n" + "\n".join(body), "<mpmagic>", "exec")
     func = tree.body[0]
     assert isinstance(func, ast.FunctionDef)
     start = lineno - first + 1
     func.end_lineno = 1
-    for statement, (end_lineno, colno, end_colno) in zip(func.body, spots, strict=True):
+    groups = [func.body] if len(spots) == 1 else [[statement] for statement in func.body]
+    for statements, (end_lineno, colno, end_colno, _) in zip(groups, spots, strict=True):
         end = start + max(0, (end_lineno or lineno) - lineno)
         col, end_col = (colno, end_colno) if colno is not None and end_colno is not None else (-1, -1)
         func.end_lineno = max(func.end_lineno, end)
-        for node in ast.walk(statement):  # (an ``if``'s test too: no instruction of the stub on another line)
-            if isinstance(node, (ast.stmt, ast.expr)):
+        for node in (node for statement in statements for node in ast.walk(statement)):
+            if isinstance(node, (ast.stmt, ast.expr)):  # (an ``if``'s test too: no instruction of the stub on another line)
                 node.lineno, node.end_lineno = start, end
                 node.col_offset, node.end_col_offset = col, end_col
     module = compile_tree(tree, "<mpmagic>", "exec")
@@ -629,7 +734,8 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
         key = (fr.filename, lineno, fr.name, first, fr.code, fr.params, fr.argcount, fr.kwonlycount,
                fr.varargs, fr.varkw)
         places = spots.setdefault(key, {})
-        placed.append((fr, lineno, first, key, places.setdefault((fr.end_lineno, fr.colno, fr.end_colno), len(places))))
+        spot = (fr.end_lineno, fr.colno, fr.end_colno, fr.op)
+        placed.append((fr, lineno, first, key, places.setdefault(spot, len(places))))
     codes: dict[tuple, types.CodeType] = {}
     head: types.TracebackType | None = None
     tail: types.TracebackType | None = None
@@ -731,7 +837,7 @@ def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType
                                  None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
-    namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__name__": "__main__"}
+    namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__mpmagic_op__": _Raiser(marker), "__name__": "__main__"}
     while True:
         code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"] = yield tb
         tb = None
@@ -767,6 +873,32 @@ def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at
 
 class _FrameMarker(Exception):
     """Raised by the one-line stubs of :func:`fake_traceback`."""
+
+
+class _Raiser:
+    """The stubs' ``__mpmagic_op__``: calling it, indexing it, an operator or
+    comparison on it, a test of ``in``, a loop over it and an attribute it has not
+    (any but ``_mpmagic_marker``) raise its marker, so a stub fails at the operation
+    the task's frame failed at (see :func:`_failing_statements`)."""
+
+    __slots__ = ("_mpmagic_marker",)
+    _mpmagic_marker: _FrameMarker
+
+    def __init__(self, marker: _FrameMarker) -> None:
+        object.__setattr__(self, "_mpmagic_marker", marker)
+
+    def _fail(self, *_: Any) -> Any:
+        raise self._mpmagic_marker
+
+    def __iter__(self) -> _Raiser:
+        return self  # (the loop fails at its step, FOR_ITER, which executing matches as GET_ITER)
+
+    __call__ = __getitem__ = __setitem__ = __delitem__ = __contains__ = __getattr__ = __setattr__ = __next__ = _fail
+    __neg__ = __invert__ = _fail
+    __lt__ = __le__ = __eq__ = __ne__ = __gt__ = __ge__ = _fail
+    __add__ = __sub__ = __mul__ = __matmul__ = __truediv__ = __floordiv__ = __mod__ = __pow__ = _fail
+    __lshift__ = __rshift__ = __and__ = __xor__ = __or__ = _fail
+    __hash__ = object.__hash__
 
 
 # --------------------------------------------------------------------------
