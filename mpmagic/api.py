@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
 from . import astlock, debugging, exiting, payload, payload_cache, serial_copy, shm, task_shell
 from .backends.base import Backend, Job
-from .cell import make_cell_spec, run_cell_code, split_last_expression
+from .cell import leave_out_unpicklable, make_cell_spec, run_cell_code, split_last_expression
 from .checks import check_delay, check_whole, run_timeout, whole
 from .cpus import recent_cpus
 from .engine import sigint_deferred
@@ -2350,9 +2350,21 @@ def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) 
     """A rank's NameError for a notebook variable the cell's code never names
     (read only by a string built at run time and given to ``exec``/``eval``):
     say why the rank has no copy, and how to send it (``errors.note_unsent_name``,
-    which a map's failing task goes through too: ``jobs.MapJob``)."""
+    which a map's failing task goes through too: ``jobs.MapJob``). Or one the cell
+    assigns, left out as it cannot be pickled (``spec.unsent``), read before the
+    cell assigned it: say why it was not sent and what to do."""
+    unsent = getattr(spec, "unsent", {})
+    if unsent:  # a notebook variable the cell assigns, not sent as it cannot be pickled (_pack_spec)
+        note_unsent_name(
+            exc, {k: v for k, v in namespace.items() if k in unsent}, (),
+            lambda name: (f"mpmagic: the notebook's {name!r} was not sent to the ranks: {unsent[name].rstrip('.')}. "
+                          f"The cell assigns {name!r}, so it ran without it, but this rank read it first: assign "
+                          f"{name!r} in the cell before reading it, or give the notebook's {name!r} a value that "
+                          "can be sent"),
+            key_errors=False,
+        )
     note_unsent_name(
-        exc, namespace, spec.names.keys() | spec.modules.keys(),
+        exc, namespace, spec.names.keys() | spec.modules.keys() | unsent.keys(),
         lambda name: (f"mpmagic: the notebook has {name!r}, but the cell's code does not name it (a string given "
                       f"to exec or eval?), so the ranks got no copy: name it in the cell, e.g. a line `{name}`, "
                       "to send it"),
@@ -2361,7 +2373,8 @@ def _note_unsent_name(exc: BaseException, namespace: dict[str, Any], spec: Any) 
 
 
 def _pack_spec(spec: Any, lease: shm.Lease | None = None) -> bytes:
-    """The cell's payload: its code and the notebook names it reads.
+    """The cell's payload: its code and the notebook names it reads (less those it
+    assigns whose values cannot be pickled: :func:`cell.leave_out_unpicklable`).
 
     With a ``lease`` (workers on this machine), numpy buffers of 1 MB or more
     among the names go into the lease's pooled shared-memory segments, as a
@@ -2378,11 +2391,8 @@ def _pack_spec(spec: Any, lease: shm.Lease | None = None) -> bytes:
             return shm.wrap(data, collector.buffers, "lend", lease)[0]
         return data
     except Exception:
-        for name, value in spec.names.items():
-            try:
-                payload.dumps_function(value, name)
-            except Exception as exc:
-                raise type(exc)(str(exc).replace("the workers", "the ranks")) from None
+        if leave_out_unpicklable(spec):  # (raises for a name the cell only reads)
+            return _pack_spec(spec, lease)
         raise
 
 

@@ -47,6 +47,9 @@ class CellSpec:
     # The lines above the body in its notebook cell (the %%parallel line): the body
     # is compiled below as many blank lines, so its line numbers are the cell's.
     line_offset: int = 0
+    # Notebook names the cell assigns whose values could not be pickled: not sent
+    # (name -> why, said if a rank reads one before assigning it: api._pack_spec).
+    unsent: dict[str, str] = field(default_factory=dict)
 
     @property
     def numbered_source(self) -> str:
@@ -106,6 +109,85 @@ def names_used(source: str, filename: str = "<cell>", tree: ast.AST | None = Non
                 names.add(name)
         scopes.extend(scope.get_children())
     return names | _names_in_code_strings(tree)
+
+
+def names_assigned(tree: ast.AST) -> set[str]:
+    """The names the code binds in its own (top-level) scope, anywhere in it: an
+    assignment's or ``del``'s target, a ``for``/``with``/``except``/``match``
+    target, an import, a ``def``/``class``, a walrus (one in a comprehension
+    too). Not the names nested functions and classes bind: those are theirs.
+
+    A notebook value of such a name that cannot be pickled is not sent: the
+    cell may never read it (``for r in ...``, ``r = None`` in an ``if``), and
+    a rank that does read it first says why it is missing (api._pack_spec).
+    """
+    bound: set[str] = set()
+    todo: list[tuple[ast.AST, bool]] = [(tree, False)]  # (node, inside a comprehension)
+    while todo:
+        node, in_comp = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)  # its body is its own scope; what is evaluated here is not
+            outer: list[ast.AST] = [*node.decorator_list]
+            if isinstance(node, ast.ClassDef):
+                outer += [*node.bases, *node.keywords]
+            else:
+                outer += [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]
+            todo.extend((n, in_comp) for n in outer)
+            continue
+        if isinstance(node, ast.Lambda):
+            todo.extend((n, in_comp) for n in [*node.args.defaults, *(d for d in node.args.kw_defaults if d)])
+            continue
+        if isinstance(node, ast.NamedExpr) and isinstance(node.target, ast.Name):
+            bound.add(node.target.id)  # (in a comprehension too: it binds in the enclosing scope)
+        elif not in_comp:
+            if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+                bound.add(node.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound |= {a.asname or a.name.partition(".")[0] for a in node.names if a.name != "*"}
+            elif isinstance(node, ast.ExceptHandler) and node.name:
+                bound.add(node.name)
+            elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+                bound.add(node.name)
+            elif isinstance(node, ast.MatchMapping) and node.rest:
+                bound.add(node.rest)
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)):
+            # Its targets are its own; the first iterable is evaluated here.
+            first, *rest = node.generators
+            todo.append((first.iter, in_comp))
+            inner: list[ast.AST] = [first.target, *first.ifs, *rest]
+            inner += [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+            todo.extend((n, True) for n in inner)
+            continue
+        todo.extend((child, in_comp) for child in ast.iter_child_nodes(node))
+    return bound
+
+
+def leave_out_unpicklable(spec: CellSpec) -> bool:
+    """Take out of ``spec.names`` the notebook values that cannot be pickled, of names
+    the cell assigns (:func:`names_assigned`), noting why in ``spec.unsent``; True if
+    any was. Called when pickling the names failed: the ranks start without them.
+
+    Serial Python runs ``for r in range(3)`` or ``r = None`` in an ``if`` without
+    ever reading the notebook's ``r``: an unpicklable one (a thread lock left by
+    earlier work) refused the whole cell. A rank that does read it before assigning
+    it raises NameError, and the notebook adds why (``api._note_unsent_name``).
+    A name the cell only reads cannot be done without: its SerializationError
+    (saying "the ranks") is raised.
+    """
+    from . import payload
+
+    assigned: set[str] | None = None
+    for name, value in list(spec.names.items()):
+        try:
+            payload.dumps_function(value, name)
+        except Exception as exc:
+            if assigned is None:
+                assigned = names_assigned(astlock.parse(spec.source))
+            if name not in assigned:
+                raise type(exc)(str(exc).replace("the workers", "the ranks")) from None
+            del spec.names[name]
+            spec.unsent[name] = str(exc).split(": ", 1)[-1]  # (what follows "cannot send r to the workers")
+    return assigned is not None
 
 
 def _reads_by_name(tree: ast.AST) -> bool:

@@ -1053,7 +1053,7 @@ class CellCheckpoint:
 
     def __init__(self, code: str, *, size: int, namespace: dict[str, Any], gather: tuple, location: Any,
                  seed: int | None = None) -> None:
-        from .cell import make_cell_spec
+        from .cell import leave_out_unpicklable, make_cell_spec
 
         self.size, self.gather = size, tuple(gather)
         self.setup_version = worker_setup.version()  # (as MapCheckpoint's: the setup the key covers)
@@ -1064,7 +1064,16 @@ class CellCheckpoint:
             # --gather names are the cell's outputs: their last values (put in the
             # notebook by the previous run) are not inputs of this one.
             names = {k: v for k, v in spec.names.items() if k not in gather}
-            self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used)
+            try:
+                self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used)
+            except Exception:
+                # Values the cell assigns that cannot be pickled: the ranks start without
+                # them (cell.leave_out_unpicklable), so the key does not cover them either.
+                if not leave_out_unpicklable(spec):
+                    raise
+                names = {k: v for k, v in spec.names.items() if k not in gather}
+                used.clear()
+                self.run, run_pickle = cell_key(code, names, spec.modules, self.gather, size, seed, used)
         except Exception as exc:
             log.debug("no key for the cell: %s", exc)
             raise ValueError("no checkpoint key for the cell") from exc

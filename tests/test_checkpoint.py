@@ -384,6 +384,21 @@ def test_parallel_checkpoint_keeps_each_ranks_value(ip, store_dir):
     assert sorted(calls(ip)) == [0, 1]
 
 
+
+def test_a_cell_assigning_an_unpicklable_notebook_name_is_checkpointed_without_it(ip, store_dir):
+    """A notebook lock of a name the cell assigns is left out of what the ranks get
+    (cell.leave_out_unpicklable), so the key does not cover it either: the cell
+    had no key (it ran without a checkpoint, every time) once the run itself worked."""
+    run(ip, "import threading\nheld_ck = threading.RLock()")
+    cell = ("with open(RECORD, 'a') as f:\n    f.write(f'{rank}\\n')\n"
+            "if rank:\n    held_ck = rank * 10\nelse:\n    held_ck = -1\nheld_ck\n")
+    assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [-1, 10]
+    assert sorted(calls(ip)) == [0, 1]
+    assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [-1, 10]
+    assert calls(ip) == [] and "resumed: 2 of 2 ranks" in api.last_report().line()
+    ip.user_ns.pop("held_ck")
+
+
 # --------------------------------------------------------------------------
 # the store: damage, foreign files, two writers, listing, the cap
 

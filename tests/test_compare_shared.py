@@ -77,7 +77,7 @@ def test_a_cell_whose_rank_0_takes_what_rank_1_puts_has_no_serial_copy(ip, pool2
     capsys.readouterr()
     with unblocked(ip.user_ns["q2"], 3) as fired:
         values = run(ip, "%%parallel -n 2 -q --compare\nif rank == 1:\n    for i in range(3):\n        q2.put(i)\n"
-                         "    r = None\nelse:\n    r = [q2.get() for _ in range(3)]\nr")
+                         "    took_q2 = None\nelse:\n    took_q2 = [q2.get() for _ in range(3)]\ntook_q2")
     assert not fired, "rank 0 alone (the serial copy) waited in q2.get() for what no rank 1 put"
     assert list(values) == [[0, 1, 2], None]
     report = mpmagic.last_report()

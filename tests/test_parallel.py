@@ -332,8 +332,71 @@ def test_a_functions_own_names_are_not_taken_from_the_notebook(ip, backend):
         == [(1, "/"), (11, "/")]
     run(ip, "K_EXPR = 'K + 1'")  # (read by eval, which no scan sees: K still goes)
     assert cell(ip, "-n 2 -q", "v = eval(K_EXPR)\nK = rank\nv, K") == [(11, 0), (11, 1)]
-    with pytest.raises(mpmagic.SerializationError, match="cannot send z"):
-        cell(ip, "-n 2 -q", "if rank:\n    z = 1\nz")  # (bound only on some paths: the notebook's may be read)
+    # Bound only on some paths: rank 0 reads the notebook's z, which cannot be sent. The cell runs
+    # without it (it assigns z), and that rank's NameError says why (test_unpicklable_names_the_cell_assigns_...).
+    with pytest.raises(mpmagic.ParallelError) as info:
+        cell(ip, "-n 2 -q", "if rank:\n    z = 1\nz")
+    assert info.value.values == {1: 1} and "the notebook's 'z' was not sent" in info.value.failures[0].__notes__[-1]
+
+
+_BUSY = "busy_lock_t1"  # (a name no other test's notebook variable has)
+
+
+def _serially(ip, body: str, rank: int, size: int):
+    """The cell run serially in the shell as ``rank`` of ``size``: the oracle. The
+    notebook's unpicklable ``busy_lock_t1`` is put back after (the cell may assign it)."""
+    lock = ip.user_ns[_BUSY]
+    try:
+        return run(ip, f"rank, size = {rank}, {size}\n{body}")
+    finally:
+        ip.user_ns[_BUSY] = lock
+        for name in ("rank", "size"):
+            ip.user_ns.pop(name, None)
+
+
+def test_unpicklable_names_the_cell_assigns_are_left_out_not_refused(ip, pool_fs, tmp_path):
+    """An unpicklable notebook variable (a thread lock left by earlier work) of a
+    name the cell assigns before reading it (in an ``if``, a ``for``, a ``with``,
+    ...) refused the cell up front with "cannot send ... to the ranks", though
+    serial Python never reads it there. It is now left out: each rank's value is
+    the cell's value run serially here as that rank. A rank that does read it
+    before assigning it raises NameError, with one line saying why it was not sent
+    and what to do; a name the cell only reads is still refused before the run."""
+    b = _BUSY
+    run(ip, f"import threading\n{b} = threading.RLock()")
+    (tmp_path / "t.txt").write_text("text")
+    bodies = [
+        f"if rank == 1:\n    {b} = None\nelse:\n    {b} = [1, 2]\n{b}",
+        f"for {b} in range(3):\n    pass\n{b} + rank",
+        f"with open({str(tmp_path / 't.txt')!r}) as {b}:\n    text = {b}.read()\n{b}.closed, text * (rank + 1)",
+        f"try:\n    1 / rank\nexcept ZeroDivisionError as {b}:\n    got = str({b})\nelse:\n    got = 'ok'\ngot",
+        f"[({b} := x) for x in range(rank + 2)]\n{b}",
+        f"match rank:\n    case 0 as {b}:\n        pass\n    case _:\n        {b} = -1\n{b}",
+        f"if rank:\n    import os as {b}\nelse:\n    from os import sep as {b}\n{b} if rank == 0 else {b}.sep",
+        f"{b} = rank * 3\nprint({b})\neval('{b} + 1')",  # (eval: no scan proves it bound first)
+        f"if rank:\n    def {b}():\n        return 'f'\nelse:\n    class {b}:\n        pass\n{b}.__name__",
+    ]
+    for body in bodies:
+        serial = [_serially(ip, body, k, 2) for k in range(2)]
+        assert cell(ip, "-n 2 -q", body) == serial, body
+        assert mpmagic.parallel(body, workers=2, namespace=ip.user_ns, show_report=False) == serial, body
+    # Read before the cell assigns it (serially: the notebook's lock): the rank says why it has none.
+    with pytest.raises(mpmagic.ParallelError) as info:
+        cell(ip, "-n 2 -q", f"if rank == 1:\n    {b} = None\n{b}")
+    assert info.value.values == {1: None}
+    exc = info.value.failures[0]
+    assert isinstance(exc, NameError) and exc.name == b
+    assert exc.__notes__[-1] == (
+        f"mpmagic: the notebook's '{b}' was not sent to the ranks: `{b}` is a _thread.RLock, which cannot be pickled "
+        "(TypeError: cannot pickle '_thread.RLock' object). A thread lock works only inside one process: create it "
+        "inside the function, or use a lock made for processes: mpmagic.Lock(). "
+        f"The cell assigns '{b}', so it ran without it, but this rank read it first: assign '{b}' in the cell "
+        f"before reading it, or give the notebook's '{b}' a value that can be sent")
+    # Only read, or assigned only in a nested function's own scope: refused before the run, as before.
+    for body in (f"{b}", f"def f():\n    {b} = 1\n    return {b}\nf(), {b}", f"[{b} for {b} in range(2)], {b}"):
+        with pytest.raises(mpmagic.SerializationError, match=f"^cannot send {b} to the ranks: `{b}` is a _thread.RLock"):
+            cell(ip, "-n 2 -q", body)
+    ip.user_ns.pop(b)
 
 
 def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, capsys):
