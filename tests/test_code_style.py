@@ -54,7 +54,8 @@ def test_user_facing_methods_of_runs_and_shared_helpers_have_docstrings():
         background.Finished: ["done", "cancelled", "wait", "cancel", "result", "info", "status_line"],
         queues.SharedQueue: ["put", "put_nowait", "get", "get_nowait", "qsize", "empty", "full", "close"],
         locks.SharedEvent: ["set", "clear", "is_set", "wait"],
-        dask_shared.DaskQueue: ["put", "put_nowait", "get", "get_nowait", "qsize", "empty", "full", "close"],
+        dask_shared.DaskQueue: ["put", "put_nowait", "get", "get_nowait", "qsize", "empty", "full", "close",
+                                "join_thread", "cancel_join_thread"],
         dask_shared.DaskLock: ["acquire", "release", "locked"],
         dask_shared.DaskEvent: ["set", "clear", "is_set", "wait"],
     }

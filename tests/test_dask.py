@@ -794,6 +794,144 @@ def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
     lock.release()
 
 
+# multiprocessing is the oracle for the Dask helpers' standard-library methods: the same
+# steps on multiprocessing's Lock and Queue and on mpmagic's Dask ones give the same outcomes.
+
+def _outcome(call, *args, **kwargs):
+    """What a call gave: its result, or the name of what it raised."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as exc:
+        return type(exc).__name__
+
+
+def _in_a_thread(call, *args, **kwargs):
+    """``_outcome``, or "still waiting" after 30 s (a call that hangs fails the test, not the run)."""
+    got = []
+    t = threading.Thread(target=lambda: got.append(_outcome(call, *args, **kwargs)), daemon=True)
+    t.start()
+    t.join(30)
+    return got[0] if got else "still waiting"
+
+
+# Run in another process with the lock as `lk`: a task (Dask) or a forked process (multiprocessing).
+_TAKE = "got = lk.acquire(timeout=5)\n"
+_GIVE_BACK = "try:\n    lk.release()\n    got = 'released'\nexcept ValueError:\n    got = 'ValueError'\n"
+
+
+def _forked(lock, code):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = ctx.SimpleQueue()
+    proc = ctx.Process(target=_run_code, args=(code, lock, out))
+    proc.start()
+    proc.join(30)
+    return out.get() if not out.empty() else "no answer"
+
+
+def _run_code(code, lock, out):
+    ns = {"lk": lock}
+    exec(code, ns)
+    out.put(ns["got"])
+
+
+def _any_handle_releases(lock, other, elsewhere):
+    """Take through one handle, release through another, here and in another process."""
+    steps = [lock.acquire(timeout=5), _outcome(other.release), other.acquire(timeout=5), _outcome(lock.release),
+             _outcome(lock.release), _outcome(other.release)]  # (the last two: nobody holds it)
+    steps += [elsewhere(lock, _TAKE), lock.locked() if hasattr(lock, "locked") else "held",
+              _outcome(lock.release), lock.acquire(timeout=5)]  # (another process took it; released here)
+    steps += [elsewhere(lock, _GIVE_BACK), lock.acquire(False), _outcome(lock.release)]  # (and the other way)
+    steps += [_in_a_thread(_with, lock), lock.acquire(False), _outcome(lock.release)]
+    return steps
+
+
+def _with(lock):
+    with lock as got:
+        return got
+
+
+@pytest.mark.timeout(120)
+def test_a_dask_lock_is_released_through_any_handle_as_a_multiprocessing_lock(dask_pool):
+    """Only the object that took a Dask lock could release it: the notebook after a task
+    took it, a task after the notebook took it, a pickled copy got "released too many
+    times" and the lock stayed held for good. multiprocessing lets any process release
+    a held lock (and raises ValueError for one nobody holds), as the local lock does."""
+    import multiprocessing as mp
+    import pickle
+
+    mp_lock = mp.Lock()
+    expected = _any_handle_releases(mp_lock, mp_lock, _forked)
+    assert expected == [True, None, True, None, "ValueError", "ValueError", True, "held", None, True,
+                        "released", True, None, True, True, None]  # (mp.Lock has no locked(): "held")
+    lock = mpmagic.Lock()
+
+    def in_a_task(lock, code):
+        return mpmagic.parallel(code + "got", workers=1, namespace={"lk": lock})[0]
+
+    got = _any_handle_releases(lock, pickle.loads(pickle.dumps(lock)), in_a_task)
+    assert got == [True, None, True, None, "ValueError", "ValueError", True, True, None, True,
+                   "released", True, None, True, True, None]
+    assert not lock.locked()
+
+
+# acquire(block, timeout) on a free and on a held lock (not block=True with no timeout on a held one: that waits)
+_ACQUIRES = [{}, {"block": False}, {"block": False, "timeout": 5}, {"block": False, "timeout": -1},
+             {"timeout": 0}, {"timeout": -1}, {"timeout": -0.5}, {"block": True, "timeout": 0.2}, {"timeout": None}]
+
+
+def _acquires(lock, holder):
+    free = []
+    for kwargs in _ACQUIRES:
+        free.append(_in_a_thread(lock.acquire, **kwargs))
+        lock.release()
+    assert holder.acquire(timeout=5)
+    held = [_in_a_thread(lock.acquire, **kwargs) for kwargs in _ACQUIRES
+            if not kwargs.get("block", True) or kwargs.get("timeout") is not None]
+    holder.release()
+    return free, held
+
+
+@pytest.mark.timeout(180)
+def test_a_dask_locks_acquire_takes_block_and_timeout_as_a_multiprocessing_lock(dask_pool):
+    """A negative timeout is 0 in multiprocessing (False at once on a held lock); on
+    Dask it was "no timeout", so acquire(timeout=-1) on a held lock waited for ever."""
+    import multiprocessing as mp
+    import pickle
+
+    mp_lock = mp.Lock()
+    expected = _acquires(mp_lock, mp_lock)
+    assert expected == ([True] * len(_ACQUIRES), [False] * (len(_ACQUIRES) - 2))
+    lock = mpmagic.Lock()
+    assert _acquires(lock, pickle.loads(pickle.dumps(lock))) == expected
+    assert not lock.locked()
+
+
+def _queue_steps(make):
+    """get/put with a negative timeout, and the stdlib's end-of-life methods."""
+    empty, full = make(), make(1)
+    full.put("x")
+    steps = [_in_a_thread(empty.get, timeout=-1), _in_a_thread(empty.get, True, -5),
+             _in_a_thread(full.put, "y", timeout=-1), _in_a_thread(full.put, "y", True, -0.5),
+             _in_a_thread(empty.put, "z", timeout=-1), _in_a_thread(empty.get, timeout=10)]
+    for q in (empty, full):
+        steps += [_outcome(q.cancel_join_thread), _outcome(q.close), _outcome(q.join_thread)]
+    return steps
+
+
+@pytest.mark.timeout(120)
+def test_a_dask_queue_takes_a_negative_timeout_and_the_stdlib_methods_as_a_multiprocessing_queue(dask_pool):
+    """A negative timeout raised ValueError (queue.Queue's rule) where multiprocessing
+    and the local queue raise queue.Empty / queue.Full at once (it counts as 0), and
+    cancel_join_thread(), which docs/shared.md says is accepted, was an AttributeError."""
+    import multiprocessing as mp
+
+    expected = _queue_steps(mp.Queue)
+    assert expected == ["Empty", "Empty", "Full", "Full", None, "z"] + [None] * 6
+    assert _queue_steps(mpmagic.Queue) == expected
+
+
 def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_cluster, dask_pool):
     """Every method of Queue, Lock and Event made on Dask, after `%pool local` and
     after reconnecting, and a Lock inside a local task: the one-line UsageError

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import queue as std_queue
 import time
@@ -181,8 +182,8 @@ class DaskQueue(_OnDask, IterUntilClosed):
         limit = _wait_for(block, timeout)
         with _pool_gone(self), _timed("Queue") as call:
             self._refuse_if_closed()
-            if not self.maxsize or limit is None:  # no bound, or no limit: Dask's put waits without logging
-                self._q.put(data, timeout=limit)
+            if not self.maxsize or limit is None:  # no bound (nothing to wait for), or no limit: Dask's
+                self._q.put(data)                   # put waits without logging
                 return
             deadline = time.monotonic() + limit
             pause = 0.001
@@ -346,7 +347,15 @@ class DaskQueue(_OnDask, IterUntilClosed):
             return int(self._closes.qsize()) >= self.producers
 
     def join_thread(self) -> None:
-        """Nothing to join (kept for ``multiprocessing.Queue`` code)."""
+        """Nothing to join: ``put`` returns once the item is in the scheduler, so no
+        item waits in this process (kept for ``multiprocessing.Queue`` code; None, as
+        multiprocessing returns)."""
+
+    def cancel_join_thread(self) -> None:
+        """``multiprocessing.Queue``'s way to keep a process's exit from waiting on
+        its unsent items: accepted and does nothing, as the local ``mpmagic.Queue``,
+        since nothing waits here to be sent (see :meth:`join_thread`), so classic
+        code that calls it runs unchanged on Dask."""
 
 
 def _rebuild_queue(name: str, maxsize: int, producers: int = 1) -> DaskQueue:
@@ -358,27 +367,33 @@ def _rebuild_queue(name: str, maxsize: int, producers: int = 1) -> DaskQueue:
 def _wait_for(block: bool, timeout: float | None) -> float | None:
     """How long a Queue's ``get``/``put`` may wait: 0 when not blocking, None for no
     limit (also a timeout too large to wait on, ``10**400``: ``checks.wait_timeout``),
-    else the seconds; a negative one is refused as ``queue.Queue`` refuses it."""
+    else the seconds. A negative timeout is 0, as in ``multiprocessing.Queue`` and the
+    local ``mpmagic.Queue`` (``queue.Empty`` / ``queue.Full`` at once), not the
+    ValueError of ``queue.Queue``: the same code behaves the same on both backends."""
     if not block:
         return 0
     limit = wait_timeout(timeout)
-    if limit is not None and limit < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return limit
+    return None if limit is None else max(0.0, limit)
 
 
 class DaskLock(_OnDask):
     """A lock held by one task (or the notebook) at a time, across the cluster.
 
     ``acquire(block=True, timeout=None)``, ``release()``, ``locked()`` and
-    ``with lock:`` as ``multiprocessing.Lock``. Built on ``distributed.Lock``,
-    whose lease is kept alive while the holder's process is alive.
+    ``with lock:`` as ``multiprocessing.Lock``: any handle may release it (the
+    notebook a lock a task took, a task one the notebook took, a pickled
+    copy), a negative timeout is 0, and releasing a lock nobody holds raises
+    ValueError. Built on ``distributed.Lock``, whose lease is kept alive while
+    the holder's process is alive (a dead holder's lease times out and the lock
+    is free again); see :func:`_released_by_name` for how a handle that did not
+    take it releases it.
     """
 
     def __init__(self, *, name: str | None = None, client: Any = None) -> None:
         self.name = name or f"mpmagic-lock-{uuid.uuid4().hex}"
         self._client = client
-        self._lock = _dask_lock(self.name, client)
+        self._lock = _released_by_name()(self.name, client)
+        self._lock.sync(self._lock.start)  # (the holder's record exists before any handle reads it)
 
     def __reduce__(self) -> tuple:
         payload.keep_alive(self)  # (a run records the helpers its payload names: serial_copy.py)
@@ -393,35 +408,37 @@ class DaskLock(_OnDask):
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         """Take the lock; True if taken (False after ``timeout`` or when not blocking).
-        A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
+
+        As ``multiprocessing.Lock.acquire``: ``block=False`` tries once (the
+        timeout is not used), a timeout of 0 or less tries once too (it was "no
+        timeout" here, so ``acquire(timeout=-1)`` on a held lock waited for ever
+        where multiprocessing and the local lock return False), None waits with
+        no limit. A timeout too large to wait on (``10**400``) is no limit
+        (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
-        if timeout is not None and timeout < 0:  # threading.Lock's "no timeout"
-            timeout = None
+        limit = 0.0 if not block else None if timeout is None else max(0.0, timeout)
         with _pool_gone(self), _timed("Lock") as call:
-            got = bool(self._lock.acquire(blocking=block, timeout=timeout if block else None))
+            got = bool(self._lock.acquire(timeout=limit))
             call.ran_out = not got
             return got
 
     def release(self) -> None:
-        """Give the lock back; ValueError if this lock object does not hold it,
-        as ``multiprocessing.Lock`` and the local ``mpmagic.Lock`` (Dask raises
-        RuntimeError), so ``except ValueError`` code works on both."""
+        """Give the lock back, whoever took it and through whichever handle, as
+        ``multiprocessing.Lock`` and the local ``mpmagic.Lock``; ValueError if
+        nobody holds it, as they do (Dask raises RuntimeError, and only for the
+        object that took it), so ``except ValueError`` code works on both."""
         with _pool_gone(self):
-            try:
-                self._lock.release()
-            except RuntimeError as exc:
-                if "Released too often" not in str(exc):
-                    raise
-                raise ValueError("semaphore or lock released too many times") from None
+            if not self._lock.sync(self._lock.release_held):
+                raise ValueError("semaphore or lock released too many times")
 
     def locked(self) -> bool:
         """Is it held (by any task or the notebook) right now? As the local ``mpmagic.Lock``."""
         with _pool_gone(self):
             return bool(self._lock.locked())
 
-    def __enter__(self) -> DaskLock:
-        self.acquire()
-        return self
+    def __enter__(self) -> bool:
+        """``with lock as got:`` gives True, as ``multiprocessing.Lock`` and the local lock."""
+        return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
@@ -435,12 +452,109 @@ def _dask_lock(name: str, client: Any) -> Any:
     return Lock(name, scheduler_rpc=client.scheduler, loop=client.loop)
 
 
+@functools.cache
+def _released_by_name() -> type:
+    """The ``distributed.Lock`` that :class:`DaskLock` wraps: one any handle releases.
+
+    Dask's lock is a semaphore of one lease in the scheduler; the object that
+    acquires it picks the lease's id, keeps it, refreshes it every
+    ``lease-timeout / 5`` and alone can release it (any other object raised
+    "Released too often", and the lock stayed held for good). Here each
+    acquire also writes its lease id to a ``distributed.Variable`` of the lock
+    (``<name>-holder``), and ``release_held`` releases the lease found there,
+    from any object in any process, after writing "" (held by nobody) there.
+
+    The holder's refresh must not bring back a lease another process released
+    (Dask's refresh adds an unknown lease back): it refreshes only a lease the
+    record still names, by acquiring it again with a timeout of 0 (which
+    refreshes a lease still held, and never waits), then reads the record once
+    more; if another process released the lease meanwhile, the record no longer
+    names it and the refresh gives back what it may have taken. A lease that is
+    no longer this object's is dropped from its list.
+
+    Made on first use, so that importing this module does not import ``distributed``.
+    """
+    from distributed import Lock
+    from distributed.utils_comm import retry_operation
+
+    class ReleasedByName(Lock):
+        def __init__(self, name: str, client: Any) -> None:
+            if client is None:
+                super().__init__(name)
+            else:
+                super().__init__(name, scheduler_rpc=client.scheduler, loop=client.loop)
+            self.holder = name + "-holder"
+            self.turns: asyncio.Lock | None = None  # this object's refresh and release, one at a time
+
+        def _turns(self) -> asyncio.Lock:
+            if self.turns is None:  # (made on the loop it serves)
+                self.turns = asyncio.Lock()
+            return self.turns
+
+        async def start(self) -> None:
+            """Register the lock and record that nobody holds it yet."""
+            await self
+            await self._record("")
+
+        async def _record(self, lease: str) -> None:
+            await retry_operation(self.scheduler.variable_set, name=self.holder, data=lease,
+                                  operation=f"mpmagic lock record: name={self.name}")
+
+        async def _recorded(self) -> str:
+            got = await retry_operation(self.scheduler.variable_get, name=self.holder, timeout=5,
+                                        operation=f"mpmagic lock holder: name={self.name}")
+            return str(got.get("value") or "")
+
+        async def _acquire(self, timeout: float | None = None) -> bool:
+            got = await super()._acquire(timeout=timeout)
+            if got:
+                await self._record(self._leases[-1])
+            return bool(got)
+
+        async def release_held(self) -> bool:
+            """Release the lock whoever holds it; False if nobody does."""
+            await self
+            async with self._turns():
+                held, lease = await asyncio.gather(
+                    self.scheduler.semaphore_value(name=self.name), self._recorded())
+                if not held or not lease:
+                    return False
+                if lease in self._leases:  # (ours: no other refresh keeps it, both at once)
+                    self._leases.remove(lease)
+                    await asyncio.gather(self._record(""), self._give_back(lease))
+                else:  # (another object's: the record first, so its refresh sees it, then the lease)
+                    await self._record("")
+                    await self._give_back(lease)
+                return True
+
+        async def _give_back(self, lease: str) -> None:
+            await retry_operation(self.scheduler.semaphore_release, name=self.name, lease_id=lease,
+                                  operation=f"mpmagic lock release: name={self.name}")
+
+        async def _refresh_leases(self) -> None:
+            if not (self.refresh_leases and self._leases):
+                return
+            async with self._turns():
+                for lease in list(self._leases):
+                    if await self._recorded() == lease:
+                        kept = await retry_operation(
+                            self.scheduler.semaphore_acquire, name=self.name, timeout=0, lease_id=lease,
+                            operation=f"mpmagic lock refresh: name={self.name}")
+                        if kept and await self._recorded() == lease:
+                            continue
+                        if kept:  # (released meanwhile: this refresh took it again)
+                            await self._give_back(lease)
+                    self._leases.remove(lease)
+
+    return ReleasedByName
+
+
 def _rebuild_lock(name: str) -> DaskLock:
     lock = DaskLock.__new__(DaskLock)
     lock.name = name
     lock._client, lock._orphan = _client_here()
     if not lock._orphan:  # (no Dask here: every method says so)
-        lock._lock = _dask_lock(name, lock._client)
+        lock._lock = _released_by_name()(name, lock._client)
     return lock
 
 
