@@ -39,6 +39,10 @@ Worker to notebook (replies; a Dask task returns the same ones)::
     Error(call, tag, index, info, partial, seconds)
     Unpicklable(call, tag, index, info)
     Missing(call, tag, key)            the function ``key`` is not cached here
+    NoFiles(call, tag, limit, errno)   the worker had no file descriptor left to load
+                                       the unit's function or items (mpmagic's own
+                                       loading, not the task: ``EMFILE``/``ENFILE``);
+                                       it runs nothing more and waits to be replaced
     Collected(call, tag, index, info)  with --errors collect, item ``index`` of the
                                        running chunk raised (before the chunk's reply:
                                        a worker that dies later in the chunk does not
@@ -221,6 +225,13 @@ class Missing(NamedTuple):
     key: bytes
 
 
+class NoFiles(NamedTuple):
+    call: int
+    tag: Any
+    limit: int | None  # the worker's soft RLIMIT_NOFILE (a task may have lowered it); None: unknown
+    errno: int  # EMFILE (the worker's own limit) or ENFILE (the system's table is full)
+
+
 class Collected(NamedTuple):
     call: int
     tag: Any
@@ -242,11 +253,11 @@ class SetupDone(NamedTuple):
 # The wire codes. Never reuse a code for another shape.
 KINDS: tuple[Any, ...] = (
     Func, Map, Cell, Context, Unmap, Stop, Ready, Out, Done, Error, Unpicklable, Missing, Import, Setup,
-    SetupDone, Reload, Outs, Collected, Forget,
+    SetupDone, Reload, Outs, Collected, Forget, NoFiles,
 )
 _CODE: dict[type, int] = {cls: i for i, cls in enumerate(KINDS)}
 _WIDTH: tuple[int, ...] = tuple(len(cls._fields) for cls in KINDS)
-REPLIES: tuple[type, ...] = (Done, Error, Unpicklable, Missing)  # answers to a unit
+REPLIES: tuple[type, ...] = (Done, Error, Unpicklable, Missing, NoFiles)  # answers to a unit
 
 
 def pack(msg: tuple) -> bytes:
@@ -322,7 +333,7 @@ def _short(obj: Any) -> str:
 
 __all__ = [
     "KINDS", "REPLIES", "Cell", "Collected", "Context", "Done", "Error", "Forget", "Func", "Import", "Map", "Missing",
-    "Out", "Outs",
+    "NoFiles", "Out", "Outs",
     "ProtocolError", "Ready", "Reload", "Setup", "SetupDone", "Stop", "Unmap", "Unpicklable", "pack", "pack_parts",
     "unpack",
 ]

@@ -471,28 +471,32 @@ before_exit = posixshm.run_exit_hooks
 _advised = False
 
 
-def advise(nbytes: int, where: str, exc: NoRoom | None = None) -> None:
+def advise(nbytes: int, where: str, exc: NoRoom | None = None, at_least: bool = False) -> None:
     # ``where`` finishes the sentence: "among the items went through the pipe".
     """One line, once per session: shared memory was too small, the pipe carried the data.
-    ``exc``: what stopped it, when it was the file-size limit (``ulimit -f``) and not /dev/shm."""
+    ``exc``: what stopped it, when it was the file-size limit (``ulimit -f``) and not /dev/shm.
+    ``at_least``: ``nbytes`` is one chunk's (the first that fell back), said as "at least":
+    the line goes out before the run's later chunks, which may fall back too (it said
+    2.8 MB where 11.2 MB went through the pipe)."""
     global _advised
     if _advised:
         return
     _advised = True
+    size = f"at least {fmt_bytes(nbytes)}" if at_least else fmt_bytes(nbytes)
     limit = exc.file_limit if exc is not None else posixshm.file_size_limit()
     if limit is not None and (exc is not None or posixshm.room()[0] > limit):
         # (a result's fallback, said in the notebook, carries no cause: the workers have the
         # notebook's file-size limit, and /dev/shm with more room than it was not the cause)
         line = (f"mpmagic: the file-size limit (ulimit -f, {fmt_bytes(limit)}) keeps /dev/shm segments "
-                f"small: {fmt_bytes(nbytes)} of array data {where} instead (slower, still correct). "
+                f"small: {size} of array data {where} instead (slower, still correct). "
                 "Raise `ulimit -f` (it limits /dev/shm segments too) to skip this note.")
         log.info(line)
         print(line, file=sys.stderr)
         return
     free, total = posixshm.room()
-    size = f"{fmt_bytes(total)}, {fmt_bytes(free)} free" if total else "size unknown"
+    room = f"{fmt_bytes(total)}, {fmt_bytes(free)} free" if total else "size unknown"
     line = (
-        f"mpmagic: /dev/shm is too small or full ({size}): {fmt_bytes(nbytes)} of array data "
+        f"mpmagic: /dev/shm is too small or full ({room}): {size} of array data "
         f"{where} instead (slower, still correct). Give it room "
         "(docker run --shm-size=1g), or send big arrays through the pipe on purpose with "
         "%config MPMagic.shm_threshold = 10**12 (mpmagic.shm.configure(threshold=...)) to skip this note."
@@ -504,14 +508,15 @@ def advise(nbytes: int, where: str, exc: NoRoom | None = None) -> None:
 _advised_files = False
 
 
-def advise_files(nbytes: int, where: str) -> None:
+def advise_files(nbytes: int, where: str, at_least: bool = False) -> None:
     """One line, once per session: the process had no file descriptor left to make
-    a segment (``ulimit -n``), the pipe carried the data (``where`` as in :func:`advise`)."""
+    a segment (``ulimit -n``), the pipe carried the data (``where``, ``at_least`` as in :func:`advise`)."""
     global _advised_files
     if _advised_files:
         return
     _advised_files = True
-    line = f"mpmagic: {fmt_bytes(nbytes)} of array data {where} instead (slower, still correct): {too_many_open_files()}."
+    size = f"at least {fmt_bytes(nbytes)}" if at_least else fmt_bytes(nbytes)
+    line = f"mpmagic: {size} of array data {where} instead (slower, still correct): {too_many_open_files()}."
     log.info(line)
     print(line, file=sys.stderr)
 
@@ -668,10 +673,11 @@ def wrap(
             inline.update(to_copy)  # through the pipe, inside the envelope
             fallback = sum(buffers[i].nbytes for i in to_copy)
             if mode == "lend":
+                # (a map's chunk, one of many: "at least"; a captured global's payload is all there is)
                 if isinstance(exc, NoRoom):
-                    advise(fallback, "among the items went through the pipe", exc)
+                    advise(fallback, "among the items went through the pipe", exc, at_least=lease is not None)
                 else:
-                    advise_files(fallback, "among the items went through the pipe")
+                    advise_files(fallback, "among the items went through the pipe", at_least=lease is not None)
             elif not isinstance(exc, NoRoom):
                 fallback = 0  # (the notebook's note would blame /dev/shm: a worker's files are its own)
         else:
@@ -891,7 +897,7 @@ _opened: set[str] = set()
 
 def _open(data: bytes, refs: list, given: str | None, writable: bool, fallback: int = 0, private: str | None = None) -> Any:
     if fallback:
-        advise(fallback, "in the results came back through the pipe")
+        advise(fallback, "in the results came back through the pipe", at_least=True)  # (one chunk's)
     segs: dict[str, Segment] = {}
     views = []
     for ref in refs:

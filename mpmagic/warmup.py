@@ -39,6 +39,7 @@ notebook-only parts import what they need inside functions.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import itertools
 import logging
@@ -827,8 +828,12 @@ class ImportLog:
             mark, start, t0, rss = self.mark(), time.time(), time.perf_counter(), resident_bytes()
             try:
                 importlib.import_module(name)
-            except Exception:  # the task that needs it will raise the real error
-                log.log(logging.DEBUG if "." in name else logging.WARNING,
+            except Exception as exc:  # the task that needs it will raise the real error
+                # A worker with no file descriptor left (its tasks left files open): not the
+                # module's fault, and its next unit's load fails too, and the pool replaces
+                # it then, with one line (backends.local.LocalBackend._no_files): no traceback here.
+                quiet = "." in name or (isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE))
+                log.log(logging.DEBUG if quiet else logging.WARNING,
                         "mpmagic: a worker could not import %s", name, exc_info=True)
                 continue
             seconds = time.perf_counter() - t0

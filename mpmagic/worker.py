@@ -11,7 +11,11 @@ and its fields are in ``mpmagic/protocol.py``:
   :class:`Loaded`: a function a task can change is loaded again for each call).
 * ``Map``: run the function over a chunk of items; reply ``Done`` (results,
   seconds, meta: which worker ran it, when, its CPU seconds and with
-  ``timing`` its slowest items), ``Error``, ``Unpicklable`` or ``Missing``.
+  ``timing`` its slowest items), ``Error``, ``Unpicklable`` or ``Missing``;
+  or ``NoFiles`` when the worker had no file descriptor left to load the
+  function or the items (its shared memory: tasks that left files open
+  used them up). That is no item's error: the notebook replaces the worker
+  and sends the unit again; the worker runs nothing more (:meth:`_Worker._unfit`).
 * ``Cell``: run a ``%%parallel`` cell body as one rank.
   While a chunk's items or a rank's cell run, the task's ``logging`` records
   (at the notebook's levels) and warnings go home with its printed output,
@@ -73,8 +77,9 @@ from . import (
 )
 from .callsite import Site, at_site
 from .cpus import run_queue_seconds
-from .errors import SerializationError
+from .errors import SerializationError, out_of_files
 from .exc_record import capture
+from .proclimits import rlimit
 from .protocol import (
     Cell,
     Collected,
@@ -86,6 +91,7 @@ from .protocol import (
     Import,
     Map,
     Missing,
+    NoFiles,
     Out,
     Outs,
     ProtocolError,
@@ -162,9 +168,15 @@ class Loaded:
     globals, over the notebook's value sent with it
     (:func:`mpmagic.worker_setup.use_set_globals`): applied again after each
     load and whenever the setup changed since.
+
+    ``no_files``: the last load failed for want of a file descriptor (its errno,
+    ``EMFILE`` or ``ENFILE``; else 0; mapping
+    a captured array's shared memory needs one for a moment): the worker's
+    state, not the function's, so the local worker asks to be replaced
+    (:meth:`_Worker._unfit`) rather than report it as the call's error.
     """
 
-    __slots__ = ("func", "data", "call", "setup", "displaced")
+    __slots__ = ("func", "data", "call", "setup", "displaced", "no_files")
 
     def __init__(self, func: Any, data: bytes | None) -> None:
         self.func = func  # the loaded function, or the ErrorInfo of its failed load
@@ -172,6 +184,7 @@ class Loaded:
         self.call: Any = None  # the call that used ``func`` last (None: not used yet)
         self.setup = -1  # the worker_setup.set_globals_version() its globals have (-1: none applied yet)
         self.displaced: dict[str, Any] | None = None  # the sent values the setup's globals replaced
+        self.no_files = 0  # see the class's docstring
 
     @classmethod
     def load(cls, data: bytes) -> Loaded:
@@ -179,7 +192,9 @@ class Loaded:
         try:
             func = payload.loads(data)
         except BaseException as exc:  # reported when the function is used
-            return cls(ErrorInfo(exc), None)
+            failed = cls(ErrorInfo(exc), None)
+            failed.no_files = _no_files_errno(exc)
+            return failed
         return cls(func, None if payload_cache.stateless(func) else data)
 
     def stale(self, call: Any) -> bool:
@@ -193,10 +208,12 @@ class Loaded:
         if self.stale(call):
             assert self.data is not None
             with imports.watching("function"):
+                self.no_files = 0
                 try:
                     self.func = payload.loads(self.data)
                 except BaseException as exc:  # (it loaded before: a changed world, reported as then)
                     self.func = ErrorInfo(exc)
+                    self.no_files = _no_files_errno(exc)
             self.setup, self.displaced = -1, None
         self.call = call
         return self.ready()
@@ -791,7 +808,8 @@ def execute_map(
     imports: ImportLog | None = None,
     noted: Callable[[int, ErrorInfo], None] | None = None,
     started: Callable[[int], None] | None = None,
-) -> Done | Error | Unpicklable:
+    unfit_without_files: bool = False,
+) -> Done | Error | Unpicklable | NoFiles:
     """Run a map chunk: load its items, run them, pack the results.
 
     ``func`` is the loaded function (or the ErrorInfo of its failed load);
@@ -800,7 +818,10 @@ def execute_map(
     worker puts big arrays in shared memory); ``position``: see :func:`run_items`;
     ``imports``: the process's import log (one-time costs since the last
     reply go home in ``meta["once"]``; a new log when not given); ``noted``,
-    ``started``: see :func:`run_items` (``started`` is used only when ``msg.item_clock``).
+    ``started``: see :func:`run_items` (``started`` is used only when ``msg.item_clock``);
+    ``unfit_without_files``: a load of the items that fails for want of a file
+    descriptor returns :class:`NoFiles` (the local worker, which the pool
+    replaces: :meth:`_Worker._unfit`) rather than the chunk's ``Error``.
     """
     call, tag = msg.call, msg.tag
     if isinstance(func, ErrorInfo):
@@ -813,6 +834,8 @@ def execute_map(
     try:
         items = payload.loads(msg.items)
     except BaseException as exc:
+        if unfit_without_files and out_of_files(exc):
+            return no_files_reply(call, tag, exc)
         return Error(call, tag, -1, ErrorInfo(exc), b"", 0.0)
     start = time.time()
     if log.mark() > mark:  # unpickling the items imported modules (a DataFrame: pandas)
@@ -906,12 +929,14 @@ def _waited(meta: dict[str, Any], before: float | None, after: float | None, sec
 
 
 def execute_cell(
-    msg: Cell, where: Any, cpu: Callable[[], float], imports: ImportLog | None = None
-) -> Done | Error | Unpicklable:
+    msg: Cell, where: Any, cpu: Callable[[], float], imports: ImportLog | None = None,
+    unfit_without_files: bool = False,
+) -> Done | Error | Unpicklable | NoFiles:
     """Run a ``%%parallel`` rank: the cell body with ``rank``/``size`` set.
 
     ``imports``: as for :func:`execute_map`; the modules the cell's payload
-    and names import are one-time costs too.
+    and names import are one-time costs too. ``unfit_without_files``: as
+    for :func:`execute_map`, for the load of the cell's payload.
     """
     from .cell import gather_check_failed, run_cell_code
 
@@ -930,6 +955,8 @@ def execute_cell(
     except BaseException as exc:  # (index -1: the rank's code never ran)
         worker_logging.end()
         debugging.end_unit()
+        if unfit_without_files and out_of_files(exc):
+            return no_files_reply(call, rank, exc)
         return Error(call, rank, -1, ErrorInfo(exc), b"", 0.0)
     try:
         log.since(mark, "function", time.perf_counter() - t0, start)
@@ -968,6 +995,18 @@ def execute_cell(
     if once is not None:
         meta["once"] = once
     return Done(call, rank, out, seconds, meta)
+
+
+def _no_files_errno(exc: BaseException) -> int:
+    """``exc``'s errno if it is the want of a file descriptor (``EMFILE``, ``ENFILE``), else 0."""
+    return exc.errno if isinstance(exc, OSError) and out_of_files(exc) and exc.errno else 0
+
+
+def no_files_reply(call: int, tag: Any, exc: BaseException) -> NoFiles:
+    """The reply of a worker that could not load a unit for want of a file
+    descriptor (``exc``: ``EMFILE`` or ``ENFILE``), with its open-file limit now
+    (a task may have lowered it) for the notebook's line."""
+    return NoFiles(call, tag, rlimit("RLIMIT_NOFILE"), getattr(exc, "errno", None) or 0)
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -1222,15 +1261,19 @@ class _Worker:
             return
         self.funcs.move_to_end(key)
         func = loaded.for_call(msg.call, self.imports)  # (a stateful one: fresh for a new call)
+        if loaded.no_files:  # its captured arrays could not be mapped: no descriptor left
+            self._unfit(NoFiles(msg.call, msg.tag, rlimit("RLIMIT_NOFILE"), loaded.no_files))
         self._capture(msg.call, msg.tag)
         try:
             reply = execute_map(
                 msg, func, self.worker_id, self._cpu_of_unit, _dumps_result, self.position, self.imports,
-                self._noter(msg) if msg.collect else None, self.started,
+                self._noter(msg) if msg.collect else None, self.started, unfit_without_files=True,
             )
         finally:
             self._leave_if_forked()
             self._release()
+        if type(reply) is NoFiles:
+            self._unfit(reply)
         if self.position is not None:
             # Between units: a death from now on (an outside SIGKILL, the OOM
             # killer) is not the fault of the unit sent next, which never
@@ -1238,6 +1281,21 @@ class _Worker:
             # Set before the reply: a death after it re-runs this unit whole.
             self.position.value = POSITION_IDLE
         self.channel.send(reply)
+
+    def _unfit(self, reply: NoFiles) -> NoReturn:
+        """This worker had no file descriptor left to load a unit (the shared memory
+        of its function's captured arrays or of its items needs one for a moment):
+        earlier tasks left files open and used up its limit. That is no item's
+        error, and every later unit would fail the same way: say so (``reply``),
+        and the notebook replaces this worker and sends the unit again
+        (``backends.local.LocalBackend._no_files``). Nothing more runs here
+        meanwhile (a unit queued behind goes to another worker: run here too,
+        its side effects would happen twice); the pipe's end, or the kill, ends it."""
+        if self.position is not None:
+            self.position.value = POSITION_IDLE  # (the unit never started)
+        self.channel.send(reply)
+        while True:
+            self._receive()  # (its end exits)
 
     def _noter(self, msg: Map) -> Callable[[int, ErrorInfo], None]:
         """What tells the notebook at once of a collected failure in the chunk ``msg``
@@ -1260,10 +1318,12 @@ class _Worker:
             self.position.value = -1  # running a rank: a death now is the rank's (no item to name)
         self._capture(msg.call, msg.tag)
         try:
-            reply = execute_cell(msg, self.worker_id, self._cpu_of_unit, self.imports)
+            reply = execute_cell(msg, self.worker_id, self._cpu_of_unit, self.imports, unfit_without_files=True)
         finally:
             self._leave_if_forked()
             self._release()
+        if type(reply) is NoFiles:
+            self._unfit(reply)
         if self.position is not None:
             self.position.value = POSITION_IDLE  # (as after a map unit: see run_map)
         self.channel.send(reply)

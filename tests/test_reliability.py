@@ -8,6 +8,7 @@ tests/test_kernel.py. docs/reliability.md maps each guarantee to its test.
 from __future__ import annotations
 
 import collections
+import errno
 import gc
 import os
 import signal
@@ -17,7 +18,7 @@ import time
 
 import psutil
 import pytest
-from conftest import chunk_row, run
+from conftest import chunk_row, ensure_pool, run
 from IPython.core.error import UsageError as IPythonUsageError
 from IPython.utils.capture import capture_output
 
@@ -1155,4 +1156,170 @@ def test_too_few_open_files_is_one_line_and_the_pool_recovers(tmp_path):
     # room for no worker at all: "use fewer workers" would not help (a pool of 1 failed the same way)
     assert "NONE too many open files: not even one worker of the pool has room to run" in done.stdout, done.stdout
     assert "use fewer workers" not in done.stdout.split("NONE", 1)[1] and "BACK [1, 2, 3, 4]" in done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+EXHAUSTS_ITS_FILES = r"""
+import os, resource
+import numpy as np
+def exhaust(x):
+    # A task that leaves files open until its worker has none left: raw descriptors
+    # (no file object a later collection would close), under a limit lowered to a few
+    # more than it holds, so the test opens a handful, not thousands. They die with
+    # the worker (the pool replaces it, or the test's restart stops it).
+    try:
+        held = len(os.listdir("/proc/self/fd"))
+    except OSError:  # (this worker ran out already: both items came here)
+        return os.getpid()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (held + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        while True:
+            os.open(os.devnull, os.O_RDONLY)
+    except OSError:
+        pass
+    return os.getpid()
+def take(a):
+    return float(a.sum())
+def opens(x):
+    with open(os.devnull):
+        return x
+arrs = [np.arange(200_000, dtype=float) + i for i in range(4)]   # 1.6 MB each: through shared memory
+X = np.arange(200_000, dtype=float)
+def usex(i):
+    return float(X[i])
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn", "fork"], scope="module")
+def test_a_worker_out_of_files_is_replaced_and_its_unit_runs_again(ip, pool2, method):
+    """A task that left files open until its worker had no descriptor left: every later
+    call whose items (or captured arrays) go through shared memory failed while the
+    worker loaded them, with a traceback through shm.py/posixshm.py/compat.py, even
+    with --errors collect, until %pool restart. The worker is replaced as a dead one is,
+    the unit runs on a new one, one line says why; results equal serial Python's. A
+    task's own open() that fails there is its error, as serially with its files used up."""
+    run(ip, EXHAUSTS_ITS_FILES)
+    serial = [float(a.sum()) for a in ip.user_ns["arrs"]]
+    try:
+        cases = [("%pmap -q take, arrs", serial),
+                 ("%pmap -q --errors collect take, arrs", serial),
+                 ("%pmap -q usex, range(4)", [0.0, 1.0, 2.0, 3.0])]  # a captured array
+        if method != "forkserver":  # (the manager's side is the same for every start method: once is enough)
+            cases = cases[:1]
+        for cell, expected in cases:
+            mpmagic.restart_pool()  # (workers that mapped no segment yet: a mapped one needs no descriptor)
+            with capture_output():
+                exhausted = set(run(ip, "%pmap -q --chunksize 1 exhaust, range(2)"))
+            with capture_output() as cap:
+                assert run(ip, cell) == expected, cell
+            shown = cap.stdout + cap.stderr
+            assert "Traceback" not in shown and "could not be loaded in a worker" not in shown, shown
+            lines = [line for line in shown.splitlines() if "had no file descriptors left" in line]
+            assert lines, shown
+            replaced = {int(line.split("(pid ")[1].split(")")[0]) for line in lines}
+            assert replaced <= exhausted and not replaced & pids(pool2), (replaced, exhausted, shown)
+            assert all(line.startswith("mpmagic: worker ") and "its tasks left files open" in line
+                       and "it was replaced" in line and "`with open(...) as f:`" in line for line in lines), lines
+        if method != "forkserver":
+            return
+        # The task's own open() with no descriptor left is its error, not the worker's
+        mpmagic.restart_pool()
+        with capture_output():
+            exhausted = set(run(ip, "%pmap -q --chunksize 1 exhaust, range(2)"))
+            failed = run(ip, "%pmap -q --errors collect --chunksize 1 opens, range(4)")
+        own = [f for f in failed if isinstance(f, mpmagic.Failed)]
+        assert own and all(isinstance(f.error, OSError) and f.error.errno == errno.EMFILE and f.pid in exhausted
+                           for f in own), failed
+        assert all(r == i for i, r in enumerate(failed) if not isinstance(r, mpmagic.Failed)), failed
+        assert {f.pid for f in own} <= pids(pool2)  # (not replaced: their tasks' errors are their own)
+    finally:
+        mpmagic.restart_pool()  # (the workers still out of files go)
+
+
+SETUP_EXHAUSTS_ITS_FILES = r"""%%pool setup
+import os, resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    while True:
+        os.open(os.devnull, os.O_RDONLY)
+except OSError:
+    pass
+"""
+
+
+def test_a_worker_out_of_files_before_any_task_fails_its_unit_in_one_line(ip):
+    """A worker with no descriptor left before it ran any task (its %%pool setup used
+    them): another would fail the same way, so its unit is not sent again without end:
+    it fails as not run, one line, no traceback; a Failed with --errors collect."""
+    ensure_pool("forkserver").wait_ready()
+    run(ip, EXHAUSTS_ITS_FILES)
+    try:
+        with capture_output():
+            run(ip, SETUP_EXHAUSTS_ITS_FILES)
+        ip.user_ns["one"] = ip.user_ns["arrs"][:1]
+        with capture_output() as cap:
+            failed = run(ip, "%pmap -q --errors collect take, one")
+        assert len(failed) == 1 and isinstance(failed[0], mpmagic.Failed), failed
+        error = failed[0].error
+        assert isinstance(error, mpmagic.WorkerLostError), error
+        assert "item 0" in str(error) and "did not run" in str(error) and "had no file descriptors left" in str(error)
+        assert "before it ran any task" in str(error) and "`ulimit -n`" in str(error), error
+        assert "Traceback" not in cap.stdout + cap.stderr
+    finally:
+        with capture_output():
+            run(ip, "%pool setup clear")
+        mpmagic.restart_pool()
+
+
+RESIZE_WITH_FEW_FILES = r"""
+import os, resource, mpmagic
+def plus1(x):
+    return x + 1
+mpmagic.use_local(2, "forkserver")
+assert mpmagic.pmap(plus1, range(4)) == [1, 2, 3, 4]
+backend = mpmagic.get_pool()
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+try:
+    mpmagic.start_pool(30)
+except mpmagic.MPMagicError as exc:
+    print("GROW", exc)
+print("SIZE", backend.workers, len(backend.slots))
+hog = []
+try:
+    while True:
+        hog.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    mpmagic.start_pool(3)
+except mpmagic.MPMagicError as exc:
+    print("NONE", exc)
+print("SIZE", backend.workers, len(backend.slots))
+for fd in hog:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print("AFTER", mpmagic.pmap(plus1, range(4)), backend.workers, len(backend.slots))
+mpmagic.stop_pool()
+"""
+
+
+def test_a_resize_with_too_few_files_leaves_the_pool_as_it_was(tmp_path):
+    """A grow that ran out of open files said "(the pool now has 10)" while the pool had
+    2 (%pool listed 2 rows under "10 workers"), and with no file left, a grow from 2 to
+    3 left 1: a failed resize keeps the pool's workers and says so."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RESIZE_WITH_FEW_FILES], capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    grow = next(line for line in lines if line.startswith("GROW"))
+    assert "too many open files: the pool could start only" in grow and "of 30 workers" in grow, lines
+    assert "raise `ulimit -n`, or resize to at most" in grow and grow.endswith("(the pool keeps its 2 workers)"), grow
+    none = next(line for line in lines if line.startswith("NONE"))
+    assert "of 3 workers" in none and none.endswith("(the pool keeps its 2 workers)"), none
+    assert [line for line in lines if line.startswith("SIZE")] == ["SIZE 2 2", "SIZE 2 2"], lines
+    assert "AFTER [1, 2, 3, 4] 2 2" in lines, lines
     assert "Traceback" not in done.stderr, done.stderr

@@ -392,6 +392,9 @@ def test_items_go_through_the_pipe_when_the_notebook_has_no_file_left(monkeypatc
     err = capfd.readouterr().err
     assert "went through the pipe instead (slower, still correct): too many open files" in err, err
     assert "`ulimit -n`" in err and "/dev/shm is too small" not in err
+    # Said with the first chunk that took the pipe, before the others: "at least" its bytes
+    # (it said 2.8 MB where 11.2 MB went through the pipe)
+    assert "mpmagic: at least " in err and "MB of array data among the items" in err, err
 
 
 def test_a_shared_array_freed_by_the_gc_in_a_thread_holding_the_segment_lock_is_no_deadlock():

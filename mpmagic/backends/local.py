@@ -22,6 +22,7 @@ starts replacements; workers ignore SIGINT.
 from __future__ import annotations
 
 import atexit
+import errno
 import itertools
 import logging
 import multiprocessing
@@ -67,6 +68,7 @@ from ..protocol import (
     Forget,
     Func,
     Missing,
+    NoFiles,
     Out,
     Outs,
     ProtocolError,
@@ -251,6 +253,9 @@ class _Slot:
     # was closed (``close``): no more units, or ``_assign`` would retry it
     # without end (or give a unit to a pipe nobody reads).
     broken: bool = False
+    # Killed (``_kill``): a worker replaced while the manager still read its messages
+    # (it had no file descriptor left: ``_no_files``) is neither replaced nor lost again.
+    killed: bool = False
     # Sends that never block the manager (pipes.py): what the pipe does not
     # take at once goes out when the selector says it is writable.
     sender: Any = None
@@ -616,6 +621,9 @@ class LocalBackend:
         # the run, which would keep its results alive after it ended.
         self._tasks_said: int | None = None
         self._grown_from: int | None = None  # the size before a call's -n grew the pool (submit)
+        # While ``resize`` starts the workers it added: the workers the pool had (a start that
+        # runs out of files or processes leaves it at that size: _files_ran_out, _tasks_ran_out).
+        self._resizing_from: int | None = None
         self._send_failures = 0  # writes to live workers that failed since a unit last went out (_replace_broken)
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
@@ -743,6 +751,20 @@ class LocalBackend:
         pool = len([s for s in self.slots if not s.temporary])  # (the started ones included)
         could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
         self._stop_started(started)
+        if asked is None and self._resizing_from is not None and self._grown_from is None:
+            # A failed resize (%pool resize, start_pool(workers=); a call's -n: below) leaves
+            # the pool as it was, its workers ran before it. It kept one fewer than it could
+            # start, and %pool said "10 workers" beside the 2 it had until the next run
+            # started the rest; with no file left, a grow from 2 to 3 left 1.
+            self.workers = self._resizing_from
+            fits = could - 1  # (one fewer, as below)
+            instead = (f"raise `ulimit -n`, or resize to at most {fits}" if fits > self.workers
+                       else "raise `ulimit -n` (or close files the notebook holds)")
+            return MPMagicError(
+                f"too many open files: the pool could start only {could} of {wanted} workers "
+                f"(the process may open {file_limit()} files): {instead} "
+                f"(the pool keeps its {self.workers} worker{'s' if self.workers != 1 else ''})"
+            )
         if asked is None:
             # One fewer when starting: a run opens files of its own. Grown for
             # this call (-n 8): no bigger than before.
@@ -771,6 +793,9 @@ class LocalBackend:
         could, wanted = (len(self.slots), asked) if asked is not None else (pool, self.workers)
         kept = len([s for s in self.slots if not s.temporary and s not in started])
         self._stop_started(started)
+        if asked is None and self._resizing_from is not None and self._grown_from is None:  # (a failed resize: as it was)
+            self.workers = self._resizing_from
+            return MPMagicError(_tasks_line(could, wanted, self.workers, kept=True))
         if asked is None:
             fits = max(kept, could - 1)  # (one fewer: a run starts threads of its own)
             self.workers = max(1, min(self.workers, fits, self._grown_from or self.workers))
@@ -1035,7 +1060,11 @@ class LocalBackend:
                         s.retiring = True
                     else:
                         self._retire(s)
-                self.start()
+                self._resizing_from = len(members)  # (a grow that fails leaves the pool at this size)
+                try:
+                    self.start()
+                finally:
+                    self._resizing_from = None
 
     def _retire(self, slot: _Slot) -> None:
         """Stop one idle worker and forget it."""
@@ -1052,6 +1081,7 @@ class LocalBackend:
         """Kill a worker at once (timeout, interrupt, abandoned work)."""
         if slot in self.slots:
             self.slots.remove(slot)
+        slot.killed = True
         _kill_group(slot.proc.pid)  # the worker and what its task started (a subprocess, a fork)
         try:
             slot.proc.kill()
@@ -1063,6 +1093,8 @@ class LocalBackend:
 
     def _replace(self, slot: _Slot) -> None:
         """Kill a worker; units of other runs queued on it go back to their runs."""
+        if slot.killed:  # (replaced already, while its messages were read: see _no_files)
+            return
         rest = list(slot.inflight)
         slot.inflight.clear()
         for run, unit in rest:
@@ -1693,8 +1725,9 @@ class LocalBackend:
         """Stop the workers busy with ``run``, showing what they printed first."""
         for slot in self._holding(run):
             self._drain(slot, seconds=_DRAIN_ON_CANCEL)
-            self._replace(slot)
-            run.workers_stopped += 1
+            if not slot.killed:  # (_no_files replaced it meanwhile)
+                self._replace(slot)
+                run.workers_stopped += 1
 
     def _end(self, run: _LocalRun, error: BaseException | None = None) -> None:
         """The run is over: nobody reads its chunks any more. Give back its segments."""
@@ -2070,6 +2103,8 @@ class LocalBackend:
             return _discard(msg)  # a reply for a unit we already gave up on
         owner, unit = slot.inflight.popleft()
         slot.deadline = None
+        if kind is NoFiles:  # the worker is unfit, whichever run the unit is of
+            return self._no_files(slot, owner, unit, msg)
         if slot.setups_ahead:  # one unit fewer before each setup still running
             slot.setups_ahead = deque(max(0, n - 1) for n in slot.setups_ahead)
         if slot.inflight and slot.inflight[0][0].job.timeout:  # (_start_clock's own first look)
@@ -2102,6 +2137,53 @@ class LocalBackend:
                 job.requeue(unit)
         except Exception as exc:  # e.g. a result that cannot be loaded here: that run's error
             self._end(owner, exc)
+
+    def _no_files(self, slot: _Slot, run: _LocalRun, unit: Any, msg: NoFiles) -> None:
+        """The worker had no file descriptor left to load ``unit`` (mapping the shared
+        memory of the function's captured arrays or of the items needs one for a
+        moment; ``worker._Worker._unfit``): tasks it ran left files open and used
+        up its limit. It cannot serve any unit that sends arrays, and a fresh worker
+        can, as serial Python can (the notebook has its descriptors): it is replaced
+        as a dead worker is, ``unit`` goes out again, and the run's cell gets one
+        line saying which worker, why, and what to do. (Before, every later call
+        that sent arrays failed with a traceback through mpmagic's shared-memory
+        code, ``--errors collect`` raised it too, until ``%pool restart``.)
+
+        A worker that had run no task yet is not fixed by another like it: the
+        unit fails as not run (a ``Failed`` with ``--errors collect``), saying so
+        in one line, and no traceback. A task's own ``EMFILE`` (its ``open()``) is
+        its error, as serially: the worker says ``NoFiles`` only for mpmagic's load.
+        """
+        opened = _open_files(slot.pid)  # (read before the kill: /proc/<pid>/fd)
+        limit = msg.limit if msg.limit is not None else _file_limit_of(slot.pid)
+        fresh = slot.tasks == 0
+        self._replace(slot)
+        if run not in self._runs or run.job.finished or run.cancel_requested:
+            return
+        what = run.job.describe_unit(unit)
+        count = f"{opened} open" if opened is not None else "all open"
+        held = count if limit is None else f"{count}, its limit is {limit}"
+        worker_named = f"worker {slot.wid} (pid {slot.pid})"
+        if msg.errno == errno.ENFILE:
+            why = (f"the system had no file descriptors left for {worker_named} to load {what} "
+                   f"(ENFILE: its open-file table is full; the worker held {count})")
+        else:
+            why = f"{worker_named} had no file descriptors left to load {what} ({held}"
+            why += ")" if fresh else ": its tasks left files open)"
+        if fresh and msg.errno == errno.ENFILE:  # (a new worker would fail the same)
+            run.job.not_run(unit, f"{why}: it was replaced; close files on this machine, or raise its "
+                                  "limit (fs.file-max)")
+        elif fresh:
+            run.job.not_run(unit, f"{why} before it ran any task (its start or its %%pool setup used them): it "
+                                  "was replaced; raise the limit (`ulimit -n` before starting Jupyter), or keep "
+                                  "fewer files open in a %%pool setup")
+        elif run.job.pinned:  # (a --keep rank's state lives on that worker: it cannot go elsewhere)
+            run.job.not_run(unit, f"{why}; the worker was replaced, and a --keep rank cannot move to another; "
+                                  "close files in the task (`with open(...) as f:`)")
+        else:
+            run.note("stderr", f"mpmagic: {why}: it was replaced, and {what} went to a new worker; "
+                               "close files in the task (`with open(...) as f:`)\n")
+            run.job.requeue(unit)
 
     def _note_memory(self, slot: _Slot, run: _LocalRun, meta: dict | None) -> None:
         """Keep the worker's reported size (its private memory: shared-memory pages
@@ -2149,6 +2231,8 @@ class LocalBackend:
 
     def _lost(self, slot: _Slot) -> None:
         """A worker died: blame its running unit, send the queued ones again."""
+        if slot.killed:  # (replaced already, while its messages were read: see _no_files)
+            return
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
         code = slot.proc.exitcode
@@ -2409,7 +2493,34 @@ _MORE_READY = 4
 # that packs four chunks of 25,000 items (~1 ms each) kept the workers idle
 # until the last one was packed (100,000 tiny items: +10 %).
 _HOLD_MAX = 16 << 10
-_WORKER_SAYS = frozenset((Out, Outs, Done, Error, Unpicklable, Missing, Collected))  # besides Ready
+_WORKER_SAYS = frozenset((Out, Outs, Done, Error, Unpicklable, Missing, Collected, NoFiles))  # besides Ready
+
+
+def _open_files(pid: int | None) -> int | None:
+    """How many files the process ``pid`` holds open (``/proc/<pid>/fd``), or None where
+    that cannot be read (no ``/proc``; the notebook itself with no descriptor left)."""
+    if pid is None:
+        return None
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def _file_limit_of(pid: int | None) -> int | None:
+    """The soft limit on open files of the process ``pid`` (``/proc/<pid>/limits``), or None
+    where that cannot be read: a worker out of files may not import ``resource`` to say it."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    soft = line.split()[3]
+                    return int(soft) if soft.isdigit() else None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _discard(msg: tuple) -> None:
@@ -2445,13 +2556,14 @@ def _room_for_files(n: int) -> None:
 _TASKS_PER_START = 4
 
 
-def _tasks_line(could: int, wanted: int, now: int | None) -> str:
-    """The one line for a pool that reached the process/thread limit."""
+def _tasks_line(could: int, wanted: int, now: int | None, kept: bool = False) -> str:
+    """The one line for a pool that reached the process/thread limit (``kept``: a failed
+    resize left the pool at its ``now`` workers)."""
     named = task_limit_named()
     if could <= 0:
         return (f"the process/thread limit ({named}) is reached: not even one worker can start; "
                 "raise `ulimit -u` (or end processes of yours), or run it serially")
-    rest = f" (the pool now has {now})" if now is not None else ""
+    rest = "" if now is None else f" (the pool keeps its {now})" if kept else f" (the pool now has {now})"
     return (f"the pool could start only {could} of {wanted} workers: the process/thread limit "
             f"({named}) was reached; use fewer workers or raise `ulimit -u`{rest}")
 
