@@ -50,6 +50,7 @@ import threading
 import time
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ import cloudpickle
 
 from . import payload
 from .checkpoint_keys import FORMAT
+from .fmt import fmt_bytes
 
 log = logging.getLogger("mpmagic")
 
@@ -98,6 +100,39 @@ _KEY = 16  # bytes per item key
 
 class CheckpointError(Exception):
     """The store could not be read or written (the run goes on without it)."""
+
+
+class Cleared(int):
+    """What ``Store.clear`` did: the number of runs deleted (it is that int), and
+
+    ``freed``: the bytes the store's files gave back to the disk; ``still_full``:
+    empty, or one sentence saying that the disk is still full and why (the
+    store's log could not be given back), so ``%pool checkpoints clear`` never
+    says "deleted" of a disk it left full.
+    """
+
+    freed: int
+    still_full: str
+
+    def __new__(cls, runs: int, freed: int = 0, still_full: str = "") -> Cleared:
+        made = super().__new__(cls, runs)
+        made.freed, made.still_full = freed, still_full
+        return made
+
+
+class _InUse(CheckpointError):
+    """The store's files cannot be deleted: another connection has it open."""
+
+
+# The stores open in this process: a store's files are deleted (``_start_afresh``)
+# only when no other connection to them is open, here or in another process.
+_live: weakref.WeakSet[Store] = weakref.WeakSet()
+
+# The byte ranges SQLite's unix VFS holds a read lock on while a connection uses
+# a store in WAL mode: the database's SHARED range (from PENDING_BYTE + 2, 510
+# bytes) and the -shm file's "DMS" byte (128). A write lock on them is granted
+# only if no other process has the store open.
+_IN_USE_LOCKS = (("", 0x40000002, 510), ("-shm", 128, 1))
 
 
 @dataclass
@@ -382,10 +417,12 @@ class Store:
         self.path = self.dir / DB_NAME
         self.blobs = self.dir / BLOBS
         self._lock = threading.RLock()
+        self._closed = False
         # Opened read-only (a folder or file this user may only read): stored
         # results are used, nothing is written (``MapCheckpoint`` says so once).
         self.readonly = False
         self.conn = self._open()
+        _live.add(self)
         if not self.readonly:
             self._clean_orphans()
 
@@ -490,6 +527,7 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self.conn.close()
 
     def _clean_orphans(self) -> None:
@@ -783,7 +821,7 @@ class Store:
             for f in self.blobs.glob(f"{run.hex()}-*.bin"):
                 f.unlink(missing_ok=True)
 
-    def _shrink(self) -> None:
+    def _shrink(self) -> sqlite3.Error | None:
         """Give free pages back to the disk when they are over ``_SHRINK`` bytes (or a
         quarter of the file, and over 1 MB).
 
@@ -794,6 +832,7 @@ class Store:
         by ``VACUUM`` (which makes it incremental too). Then the WAL is
         truncated (also when few pages are free: small results live in the
         WAL until a checkpoint, and a full disk stayed full after ``clear``). Never raises: another kernel reading the store only delays it.
+        Returns the SQLite error that stopped it, if any (a full disk: ``clear`` then starts afresh).
         """
         with self._lock:
             conn = self.conn
@@ -806,29 +845,148 @@ class Store:
                     # Few free pages, but the WAL may hold a full disk's worth (small
                     # results live in it until a checkpoint): give that back.
                     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-                    return
+                    return None
                 # (executescript: it steps each statement to its end; execute frees one page)
                 if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2:
                     conn.executescript("PRAGMA incremental_vacuum;")
                 else:
                     conn.executescript("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                return None
             except sqlite3.Error as exc:
                 log.debug("checkpoint: could not shrink %s: %s", self.path, exc)
+                return exc
             finally:
                 try:
                     conn.execute(f"PRAGMA busy_timeout = {_BUSY_WAIT * 1000}")
                 except sqlite3.Error:
                     pass
 
-    def clear(self, name: str | None = None) -> int:
-        """Delete the runs named ``name`` (every run if None); returns how many."""
-        runs = [r.key for r in self.runs() if name is None or r.name == name]
-        n = self.delete(runs)
-        if name is None and self.blobs.is_dir():  # and files no row names (left by a crash)
-            for f in self.blobs.iterdir():
-                f.unlink(missing_ok=True)
-        return n
+    def clear(self, name: str | None = None) -> Cleared:
+        """Delete the runs named ``name`` (every run if None); returns how many, and the bytes freed.
+
+        On a disk the store itself filled, SQLite can neither delete rows nor write
+        its log back into the database (both need room first), so the log kept
+        the disk full after a clear that said "deleted", or the clear was refused,
+        depending on how much room the failed write had left. A clear of every
+        run (``name`` None, or the name of every run stored) then deletes the
+        store's files and starts an empty store (``_start_afresh``): all of it
+        was to be deleted anyway. A clear of some runs deletes what it can and
+        says (``Cleared.log_left``) what stays: only a clear of every run can
+        free that disk.
+        """
+        with self._lock:
+            before = self._footprint()
+            listed = self.runs()
+            runs = [r.key for r in listed if name is None or r.name == name]
+            every = len(runs) == len(listed)
+            try:
+                n, full = self.delete(runs, shrink=False), False
+            except CheckpointError:  # (the disk is full: the rows stay)
+                if not every:
+                    raise CheckpointError(f"the disk holding {self.path} is full, so these runs' rows cannot be "
+                                          "deleted; clear every run (which deletes the store's files), or free "
+                                          "some space") from None
+                n, full = len(runs), True
+            if every and self.blobs.is_dir():  # and files no row names (left by a crash)
+                for f in self.blobs.iterdir():
+                    f.unlink(missing_ok=True)
+            stopped = None if full else self._shrink()
+            still_full = ""
+            if full or (stopped is not None and _is_full(stopped)):
+                log_size = fmt_bytes(self._log_bytes())
+                if not every:
+                    still_full = (f"the disk is still full: the store's log ({log_size}) cannot be written back "
+                                  "without room; clear every run (which deletes the store's files), or free some space")
+                else:
+                    try:
+                        self._start_afresh()
+                    except _InUse as exc:
+                        if full:
+                            raise CheckpointError(f"the disk holding {self.path} is full, so its rows cannot be "
+                                                  f"deleted, nor its files while {exc}") from None
+                        still_full = (f"the disk is still full: the store's log ({log_size}) cannot be written "
+                                      f"back without room, nor deleted while {exc}")
+            return Cleared(n, max(0, before - self._footprint()), still_full)
+
+    def _footprint(self) -> int:
+        """Bytes the store's files hold now: the database, its log and index, and ``blobs/``."""
+        total = 0
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                total += os.stat(f"{self.path}{suffix}").st_size
+            except OSError:
+                pass
+        try:
+            with os.scandir(self.blobs) as entries:
+                for entry in entries:
+                    try:
+                        total += entry.stat().st_size
+                    except OSError:
+                        pass
+        except OSError:
+            pass
+        return total
+
+    def _log_bytes(self) -> int:
+        """The size of the store's write-ahead log (``-wal``), 0 if there is none."""
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
+
+    def _start_afresh(self) -> None:
+        """Delete the store's files and open a new, empty store in their place.
+
+        For ``clear`` of every run on a disk the store filled: deleting the log
+        alone would bring back the rows it had deleted, so the database goes
+        too. Only when no other connection has the store open, in this process
+        (another ``Store`` of this folder) or in another one (a second kernel:
+        SQLite's own file locks say so, and are held while the files are
+        deleted); else raises ``_InUse`` saying what to do, and the store stays
+        as it was.
+        """
+        in_use = _InUse(f"another kernel has the checkpoint store in {self.dir} open; clear again once none "
+                        "does, or free some space")
+        if any(s is not self and s.path == self.path and not s._closed for s in list(_live)):
+            raise in_use
+        try:
+            import fcntl
+        except ImportError:  # (no POSIX locks: whether another process uses it cannot be told)
+            raise in_use from None
+        self._closed = True
+        self.conn.close()
+        fds: list[int] = []
+        free = True
+        try:
+            for suffix, start, length in _IN_USE_LOCKS:
+                try:
+                    fd = os.open(f"{self.path}{suffix}", os.O_RDWR)
+                except FileNotFoundError:
+                    continue
+                fds.append(fd)
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+                except OSError:
+                    free = False
+                    break
+            if free:  # (no one else has it open, and no one can start to while the locks are held)
+                # The log first: a database left without its log is the store as of its
+                # last checkpoint; a log left without its database could be replayed into a new one.
+                for suffix in ("-wal", "-shm", ""):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        finally:
+            for fd in fds:
+                os.close(fd)  # (drops this process's locks on the file: its only connection is closed)
+        try:
+            self.readonly = False
+            self.conn = self._open()
+            self._closed = False
+        except (sqlite3.Error, OSError) as exc:  # the disk is full of other files: the next open_store starts one
+            raise CheckpointError(f"deleted the checkpoint store's files in {self.dir}, but the disk is still "
+                                  f"full, so a new store cannot be started ({exc}); free some space") from None
+        if not free:
+            raise in_use
 
     def evict(self, max_bytes: int | None, keep: bytes | Collection[bytes] | None = None) -> list[str]:
         """Delete least recently used runs until the store holds at most ``max_bytes``.

@@ -31,6 +31,7 @@ from traitlets import (
     Float,
     Int,
     TraitError,
+    TraitType,
     Unicode,
     default,
     observe,
@@ -39,6 +40,19 @@ from traitlets import (
 from traitlets.config import LoggingConfigurable
 
 REPORT_MODES = ("auto", "line", "html", "none")
+
+
+class Size(TraitType):
+    """A memory size as ``start_pool(max_memory=)`` takes it: a whole number of bytes
+    (``0``, ``2_000_000_000``), a float, or a string with a unit (``'2GB'``), or None.
+
+    The setting's validator checks the value with ``pool.parse_memory`` (a
+    ``Unicode`` trait refused ``0`` with traitlets' "expected a unicode string"
+    though the docs say the setting takes bytes). From the command line
+    (``--MPMagic.worker_max_memory=2GB``) the text is kept as it is.
+    """
+
+    info_text = "bytes or a size such as '2GB'"
 
 
 class _ToStderr(logging.Handler):
@@ -147,11 +161,11 @@ class MPMagic(LoggingConfigurable):
 
         shm.configure(threshold=change["new"])
 
-    worker_max_memory = Unicode(
+    worker_max_memory = Size(
         None,
         allow_none=True,
-        help="A local worker holding more of its own memory than this after a task (e.g. '2GB') is "
-        "replaced before its next task (None: no limit). Private memory: shared memory it only reads "
+        help="A local worker holding more of its own memory than this after a task (bytes, or a size "
+        "such as '2GB') is replaced before its next task (None or 0: no limit). Private memory: shared memory it only reads "
         "(share(), big items) is not counted. With a limit, each worker gets one chunk at a time.",
     ).tag(config=True)
 
@@ -228,14 +242,16 @@ class MPMagic(LoggingConfigurable):
         return value
 
     @validate("worker_max_memory")
-    def _max_memory_valid(self, proposal: Any) -> str:
+    def _max_memory_valid(self, proposal: Any) -> int | float | str | None:
+        # parse_memory is start_pool(max_memory=)'s check: the refusal gives its reason.
         from .errors import UsageError
         from .pool import parse_memory
 
         try:
             parse_memory(proposal["value"])
-        except UsageError:
-            _check(proposal, False, "a size such as '2GB' or '512MiB', or None (no limit)")
+        except UsageError as err:
+            raise TraitError(f"%config MPMagic.worker_max_memory = {proposal['value']!r} refused: {err}; "
+                             "the setting keeps its value") from None
         return proposal["value"]
 
     def __init__(self, **kwargs: Any) -> None:

@@ -93,6 +93,8 @@ def _extras(p: dict[str, Any]) -> str:
 def _state(p: dict[str, Any]) -> str:
     if not p["alive"]:
         return "dead"
+    if p.get("stopped"):  # (SIGSTOP, a debugger: it runs nothing until resumed, kill -CONT PID)
+        return "stopped (kill -CONT resumes it)" + (", holds work" if p["busy"] else "")
     return "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
 
 

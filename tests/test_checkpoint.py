@@ -11,6 +11,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run
+from IPython.utils.capture import capture_output
 
 import mpmagic
 from mpmagic import api, checkpoint
@@ -1623,9 +1626,15 @@ def test_clear_on_a_full_disk_deletes_the_files_first_and_else_says_so_in_one_li
             exc.sqlite_errorcode = 13
         raise exc
 
+    store.put(b"o" * 16, "other", [(b"k" * 16, 2)])
     monkeypatch.setattr(Store, "_delete_rows", full)
-    with pytest.raises(mpmagic.MPMagicError, match="is full.*free some space"):
+    with pytest.raises(mpmagic.MPMagicError, match="is full.*clear every run.*free some space"):
         checkpoint.manage("clear", "big")
+    assert sorted(r.name for r in checkpoint.list_runs()) == ["big", "other"]
+    # Every run: the rows cannot be deleted, the store's files can (tests below).
+    with capture_output() as out:
+        checkpoint.manage("clear")
+    assert out.stdout.startswith("deleted 2 checkpointed runs from") and checkpoint.list_runs() == []
 
 
 def test_clear_and_eviction_give_the_space_back_to_the_disk(tmp_path):
@@ -1646,6 +1655,149 @@ def test_clear_and_eviction_give_the_space_back_to_the_disk(tmp_path):
     store.clear()
     assert wal.stat().st_size == 0 if wal.exists() else True
     store.close()
+
+
+class _FullDisk:
+    """A store's connection on a disk the store filled: the statements named raise SQLITE_FULL,
+    as SQLite does there (deleting rows and writing the log back both need room first)."""
+
+    def __init__(self, conn, refused):
+        self.conn, self.refused = conn, refused
+
+    def _check(self, sql):
+        if any(word in sql for word in self.refused):
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = 13
+            raise exc
+
+    def execute(self, sql, *args):
+        self._check(sql)
+        return self.conn.execute(sql, *args)
+
+    def executescript(self, sql):
+        self._check(sql)
+        return self.conn.executescript(sql)
+
+    def __enter__(self):
+        return self.conn.__enter__()
+
+    def __exit__(self, *exc):
+        return self.conn.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+# The two outcomes the tester saw on a 4 MB tmpfs the store filled, one per run:
+# the rows deleted but the log not written back ("deleted", the disk still full),
+# or the rows not deleted either (refused, "delete the folder").
+_FULL_DISK = {"rows_deleted": ("incremental_vacuum", "wal_checkpoint", "VACUUM"),
+              "nothing_deleted": ("DELETE", "incremental_vacuum", "wal_checkpoint", "VACUUM")}
+
+
+@pytest.mark.parametrize("refused", list(_FULL_DISK.values()), ids=list(_FULL_DISK))
+def test_clear_of_every_run_on_a_disk_the_store_filled_frees_its_log_and_says_how_much(ip, store_dir, refused):
+    """%pool checkpoints clear on a disk the store filled said "deleted" and left the
+    4 MB write-ahead log (0 bytes free: every later --checkpoint run warned again),
+    or refused: now the store's files are deleted and an empty store takes their place."""
+    store = checkpoint.open_store()
+    store.put(b"s" * 16, "small", [(bytes([i % 256, i // 256]) * 8, os.urandom(2000)) for i in range(300)])
+    store.put(b"t" * 16, "tiny", [(b"k" * 16, 1)])
+    wal = store_dir / (DB_NAME + "-wal")
+    logged = wal.stat().st_size
+    assert logged > 300 * 2000  # (small results live in the log until a checkpoint)
+    store.conn = _FullDisk(store.conn, refused)
+    with capture_output() as out:
+        run(ip, "%pool checkpoints clear")
+    said = out.stdout.strip()
+    assert said.startswith("deleted 2 checkpointed runs from") and len(said.splitlines()) == 1, said
+    freed = re.search(r"\((\d+) kB freed\)", said)  # (the log's 600 kB and more)
+    assert freed and int(freed.group(1)) * 1000 >= logged * 0.9, (said, logged)
+    assert not wal.exists() or wal.stat().st_size < logged // 10
+    assert checkpoint.list_runs() == [] and isinstance(checkpoint.open_store().conn, sqlite3.Connection)
+    assert run(ip, "%pmap -q --checkpoint work, range(3)") == [0, 1, 4]  # the store works again
+    assert [r.items for r in checkpoint.list_runs()] == [3]
+
+
+def test_clear_of_some_runs_on_a_disk_the_store_filled_says_the_disk_is_still_full(ip, store_dir):
+    """Only a clear of every run can delete the store's files: one of some runs
+    says truthfully that the disk stays full, and how to free it."""
+    store = checkpoint.open_store()
+    store.put(b"s" * 16, "small", [(bytes([i % 256, i // 256]) * 8, os.urandom(2000)) for i in range(300)])
+    store.put(b"t" * 16, "tiny", [(b"k" * 16, 1)])
+    store.conn = _FullDisk(store.conn, _FULL_DISK["rows_deleted"])
+    with capture_output() as out:
+        run(ip, "%pool checkpoints clear small")
+    said = out.stdout.strip()
+    assert said.startswith("deleted 1 checkpointed run named 'small' from") and len(said.splitlines()) == 1
+    assert "the disk is still full" in said and "clear every run" in said, said
+    assert [r.name for r in checkpoint.list_runs()] == ["tiny"]
+
+
+def test_clear_leaves_a_store_another_kernel_has_open_and_says_so(ip, store_dir):
+    """The store's files are deleted only when no other process has them open
+    (SQLite's own locks say so): another kernel's connection must not lose its files."""
+    store = checkpoint.open_store()
+    store.put(b"t" * 16, "tiny", [(b"k" * 16, 1)])
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); "
+         "c.execute('SELECT count(*) FROM runs').fetchall(); print('open', flush=True); sys.stdin.read()",
+         str(store_dir / DB_NAME)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "open"
+        store.conn = _FullDisk(store.conn, _FULL_DISK["nothing_deleted"])
+        with pytest.raises(mpmagic.MPMagicError, match="is full.*another kernel has the checkpoint store"):
+            checkpoint.manage("clear")
+        assert [r.name for r in checkpoint.list_runs()] == ["tiny"] and (store_dir / DB_NAME).exists()
+    finally:
+        other.communicate("", timeout=30)
+    store.conn = _FullDisk(checkpoint.open_store().conn, _FULL_DISK["nothing_deleted"])
+    with capture_output() as out:
+        checkpoint.manage("clear")
+    assert out.stdout.startswith("deleted 1 checkpointed run from") and checkpoint.list_runs() == []
+
+
+_FILL_AND_CLEAR = """
+import os, shutil, sys
+from mpmagic.checkpoint_store import Store
+folder = sys.argv[1]
+store = Store(folder)
+try:
+    for i in range(20):  # 800 kB results: rows (not blobs/), in the log until a checkpoint
+        store.put(bytes([i]) * 16, "big", [(b"k" * 16, os.urandom(800_000))])
+except Exception as exc:
+    print("full:", exc)
+print("free before:", shutil.disk_usage(folder).free)
+stored = len(store.runs())
+cleared = store.clear()
+print("cleared:", stored > 0 and int(cleared) == stored, cleared.freed > 3_000_000, repr(cleared.still_full))
+print("free after:", shutil.disk_usage(folder).free > 3_000_000)
+store.put(b"n" * 16, "next", [(b"k" * 16, os.urandom(800_000))])
+print("stored:", [(r.name, r.items) for r in store.runs()])
+"""
+
+
+def test_clear_on_a_real_disk_the_store_filled(tmp_path):
+    """The tester's case on a real 4 MB tmpfs (needs root to mount one in a private
+    mount namespace): clear frees the disk every time, and the next run stores again."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    script = tmp_path / "fill.py"
+    script.write_text(_FILL_AND_CLEAR)
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("mounting a small tmpfs needs root and unshare")
+    done = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs -o size=4M tmpfs "$1" || exit 77; exec "$2" "$3" "$1"', "sh",
+         str(folder), sys.executable, str(script)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    if done.returncode == 77:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("full:") and "disk is full" in lines[0], done.stdout
+    assert lines[1:] == ["free before: 0", "cleared: True True ''", "free after: True", "stored: [('next', 1)]"], \
+        done.stdout
 
 
 def test_the_listing_counts_distinct_items_and_tells_runs_of_one_name_apart(tmp_path):

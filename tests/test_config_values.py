@@ -247,3 +247,35 @@ def test_an_unknown_name_beside_a_refused_value_in_ipython_config_is_said_once(m
     err = capsys.readouterr().err
     assert err.count("Config option `worker` not recognized") == 1, err
     assert err.count("MPMagic.workers = -2 refused") == 1 and len(err.strip().splitlines()) == 2, err
+
+
+@pytest.mark.parametrize("value, limit", [(0, None), (2_000_000_000, 2_000_000_000), ("2GB", 2 * 10**9),
+                                          (1.5e9, 1_500_000_000), ("0", None), (None, None)])
+def test_worker_max_memory_takes_bytes_as_start_pool_does(ip, value, limit):
+    """troubleshooting.md: the setting takes bytes or a size with a unit, and 0 is no
+    limit, as start_pool(max_memory=0) does; `%config MPMagic.worker_max_memory = 0`
+    was refused with traitlets' "expected a unicode string, not the int 0"."""
+    from mpmagic import pool
+
+    with capture_output() as cap:
+        run(ip, f"%config MPMagic.worker_max_memory = {value!r}")
+    assert cap.stdout + cap.stderr == ""
+    assert config.current().worker_max_memory == value
+    assert pool._max_memory == limit == pool.parse_memory(value)
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, float("nan"), True, [1]])
+def test_worker_max_memory_refuses_what_start_pool_refuses_with_its_words(ip, bad):
+    """The refusal names the setting and gives start_pool's own reason, in one line."""
+    import mpmagic
+    from mpmagic import pool
+
+    config.current().worker_max_memory = "1GB"
+    with pytest.raises(mpmagic.UsageError) as api:
+        pool.parse_memory(bad)
+    with pytest.raises(Exception) as err:
+        config.current().worker_max_memory = bad
+    said = str(err.value)
+    assert config.current().worker_max_memory == "1GB" and pool._max_memory == 10**9
+    assert f"MPMagic.worker_max_memory = {bad!r} refused" in said and str(api.value) in said
+    assert len(said.splitlines()) == 1

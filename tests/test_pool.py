@@ -544,3 +544,56 @@ def test_a_ctrl_c_during_a_start_method_switch_lets_it_finish_and_says_so_in_one
         assert mpmagic.pmap(abs, [-1, -2]) == [1, 2] and mpmagic.get_pool() is new
     finally:
         mpmagic.stop_pool()
+
+
+def test_a_stopped_worker_is_shown_stopped_and_a_run_waiting_on_it_says_so(ip, pool2, monkeypatch, capsys):
+    """A worker stopped (SIGSTOP, a debugger) while idle: a run gave it an item and
+    waited for ever with no word while the other worker sat idle, and %pool showed it
+    idle or busy. Now %pool shows it stopped, and the run says once which item waits
+    on it and the ways out; mpmagic neither kills nor resumes it (this test does)."""
+    import threading
+    import time
+
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "_STOPPED_NOTE_AFTER", 0.2, raising=False)
+    run(ip, "%pmap -q abs, range(4)")
+    victim = pool2.slots[0].pid
+    check = getattr(local.LocalBackend, "_check_stopped", None)
+
+    def checked(self, slot, now):  # (the line is out: resume the worker, as the user would)
+        check(self, slot, now)
+        if slot.stopped_said:
+            os.kill(slot.pid, signal.SIGCONT)
+
+    if check is not None:
+        monkeypatch.setattr(local.LocalBackend, "_check_stopped", checked)
+    safety = threading.Timer(30, os.kill, (victim, signal.SIGCONT))  # (never a hung test)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        while psutil.Process(victim).status() != psutil.STATUS_STOPPED:  # (the signal lands a moment later)
+            time.sleep(0.01)
+        shown = {p["pid"]: p for p in mpmagic.pool_status().info["processes"]}
+        assert shown[victim].get("stopped") is True and not any(p.get("stopped") for p in shown.values()
+                                                                if p["pid"] != victim)
+        assert f"pid {victim}, stopped (kill -CONT resumes it)" in str(mpmagic.pool_status())
+        capsys.readouterr()
+        safety.start()
+        run(ip, "import time\ndef slow_sq(x):\n    time.sleep(0.02)\n    return x * x\n")
+        assert run(ip, "%pmap -q --chunksize 1 slow_sq, range(6)") == [x * x for x in range(6)]
+    finally:
+        safety.cancel()
+        os.kill(victim, signal.SIGCONT)
+    err = capsys.readouterr().err
+    assert err.count("is stopped") == 1, err
+    said = re.search(rf"mpmagic: worker (\d+) \(pid {victim}\) is stopped .* for (item \d); kill -CONT {victim} ", err)
+    assert said, err
+    # The line docs/troubleshooting.md shows (worker, pid and item vary) is this one.
+    from test_docs import DOCS, shown_lines_missing, standalone_error_blocks
+
+    [shown] = [t for _, t in standalone_error_blocks(DOCS / "troubleshooting.md", shown_elsewhere=True)
+               if "is stopped" in t]
+    shown = shown.replace("worker 0", f"worker {said[1]}").replace("4242", str(victim)).replace("item 4", said[2])
+    assert not shown_lines_missing(shown, err, example=False), (shown, err)
+    assert victim in [p["pid"] for p in mpmagic.pool_status().info["processes"]]  # (not killed)
+    assert not any(p.get("stopped") for p in mpmagic.pool_status().info["processes"])

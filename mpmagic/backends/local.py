@@ -263,6 +263,11 @@ class _Slot:
     # Reads that never block either: every whole message the pipe holds, in
     # one recv per wake-up (pipes.py).
     receiver: Any = None
+    # When (time.monotonic) the manager looks whether the worker is stopped (SIGSTOP, a
+    # debugger) if it still holds units: _STOPPED_NOTE_AFTER after its first unit in flight
+    # became first, then again every _STOPPED_NOTE_AFTER while they stay (_check_stopped).
+    stall_at: float | None = None
+    stopped_said: bool = False  # its runs were told it is stopped (said again once it has run again)
 
     def __post_init__(self) -> None:
         if self.conn is not None:
@@ -492,6 +497,10 @@ _SETUP_WAIT_TIMES = 10.0
 #: Seconds a run's items wait behind a worker's %%pool setup before the run says so in one line
 #: (a hung setup left an untimed run at 0% for ever, with nothing saying why: _say_setup_waits).
 _SETUP_NOTE_AFTER = 5.0
+#: Seconds a unit waits on its worker before the manager looks whether that worker is stopped
+#: (SIGSTOP, kill -STOP, a debugger): a run then said nothing and waited for ever, even for an
+#: item a stopped idle worker had been given (_check_stopped). Only then: no cost per unit.
+_STOPPED_NOTE_AFTER = 5.0
 
 
 #: How many times ``submit`` builds a run's payload again when pool stops from other
@@ -1270,6 +1279,7 @@ class LocalBackend:
                     "alive": s.proc.is_alive(),
                     "ready": s.ready,
                     "busy": s.busy,
+                    "stopped": s.pid is not None and is_stopped(s.pid),  # (SIGSTOP, a debugger: see _check_stopped)
                     "tasks": s.tasks,
                     "rss": rss,
                     "setup": worker_setup.worker_state((self.pool_key, s.wid)),  # worker setup
@@ -1606,7 +1616,7 @@ class LocalBackend:
         first: float | None = None
         idle = False
         for s in self.slots:
-            for t in (s.deadline, s.setup_deadline):
+            for t in (s.deadline, s.setup_deadline, s.stall_at):
                 if t is not None and (first is None or t < first):
                     first = t
             if not s.inflight:
@@ -1998,6 +2008,8 @@ class LocalBackend:
         self._send_failures = 0
         slot.inflight.append((run, unit))
         unit.sent_to, unit.sent_at = slot.wid, time.time()  # (--insights: a unit lost with its worker)
+        if len(slot.inflight) == 1:  # (its wait starts now: see _check_stopped)
+            slot.stall_at = time.monotonic() + _STOPPED_NOTE_AFTER
         run.units_sent = True
         if run.waiting_since is not None:  # its first unit: how long it waited for the other runs' workers
             job.waited_for_workers += time.monotonic() - run.waiting_since
@@ -2103,6 +2115,8 @@ class LocalBackend:
             return _discard(msg)  # a reply for a unit we already gave up on
         owner, unit = slot.inflight.popleft()
         slot.deadline = None
+        slot.stopped_said = False  # (it answers: it runs)
+        slot.stall_at = time.monotonic() + _STOPPED_NOTE_AFTER if slot.inflight else None
         if kind is NoFiles:  # the worker is unfit, whichever run the unit is of
             return self._no_files(slot, owner, unit, msg)
         if slot.setups_ahead:  # one unit fewer before each setup still running
@@ -2333,6 +2347,40 @@ class LocalBackend:
             if (slot.setup_since is not None and now >= slot.setup_since + _SETUP_NOTE_AFTER and slot.inflight
                     and slot in self.slots and _waits_for_setup(slot)):
                 self._say_setup_waits(slot, now)
+            if slot.stall_at is not None and now >= slot.stall_at:
+                self._check_stopped(slot, now)
+
+    def _check_stopped(self, slot: _Slot, now: float) -> None:
+        """Its first unit in flight has waited ``_STOPPED_NOTE_AFTER``: if the worker is
+        stopped (SIGSTOP, ``kill -STOP``, a debugger), tell each run with units on it,
+        once, which of its items wait and the ways out.
+
+        A stopped worker never answers, so its run waited for ever with no word,
+        and ``%pool`` showed it busy. It is neither killed nor resumed here: the
+        user (or the debugger) stopped it. Ctrl-C and ``--timeout`` end the wait
+        as for any worker. Looked at again every ``_STOPPED_NOTE_AFTER`` while the
+        unit stays (one read of ``/proc/PID/stat``), so a worker stopped during a
+        long item is told too.
+        """
+        if not slot.inflight or slot not in self.slots:
+            slot.stall_at = None
+            return
+        slot.stall_at = now + _STOPPED_NOTE_AFTER
+        if slot.pid is None or not is_stopped(slot.pid):
+            slot.stopped_said = False
+            return
+        if slot.stopped_said:
+            return
+        slot.stopped_said = True
+        waiting: dict[int, tuple[_LocalRun, list[str]]] = {}
+        for run, unit in slot.inflight:
+            if run in self._runs and not run.job.finished:
+                waiting.setdefault(id(run), (run, []))[1].append(run.job.describe_unit(unit))
+        for run, units in waiting.values():
+            run.note("stderr", f"mpmagic: worker {slot.wid} (pid {slot.pid}) is stopped (SIGSTOP, or a debugger "
+                               f"holds it), and this run waits on it for {', '.join(units)}; kill -CONT "
+                               f"{slot.pid} resumes it, Ctrl-C stops the run (and replaces the worker), "
+                               "%pool restart replaces the workers\n")
 
     def _say_setup_waits(self, slot: _Slot, now: float) -> None:
         """Tell each run whose items wait behind this worker's setup, once a run, that they
@@ -2473,6 +2521,29 @@ def _kept_line(workers: list[dict]) -> str | None:
     from ..ranks import status_line
 
     return status_line(workers)
+
+
+def is_stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (SIGSTOP, SIGTSTP, or held by a debugger)?
+
+    On Linux one read of ``/proc/PID/stat`` (state ``T``, or ``t`` for a
+    tracer's stop); elsewhere psutil's status. False when it cannot be told
+    (the process is gone).
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2:][:1] in (b"T", b"t")  # (the name, in parentheses, may hold spaces)
+    except (OSError, ValueError):
+        pass
+    if sys.platform.startswith("linux"):
+        return False  # (gone)
+    try:
+        import psutil
+
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, getattr(psutil, "STATUS_TRACING_STOP", ""))
+    except Exception:
+        return False
 
 
 def _position(slot: _Slot) -> int | None:
