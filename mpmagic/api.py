@@ -2330,6 +2330,7 @@ class CellCall:
         values = RankValues(job.results())
         values.gathered = {g: [job.gathered[r][g] for r in range(size)] for g in self.gather}
         values.ranks_without_setup = tuple(sorted(job.ranks_without_setup))
+        values.ranks_other_code = dict(job.ranks_other_code)
         return values
 
 

@@ -61,6 +61,7 @@ from .errors import set_interrupt_outcome
 from .fmt import fmt_bytes, func_name
 from .jobs import (
     Failed,
+    OtherCode,
     WithoutSetup,
     advanced_elsewhere,
     read_into,
@@ -418,6 +419,15 @@ def _without_setup_line(run: str, what: str) -> str:
             "(it failed there: see %pool), so they were not stored; a run once the setup works computes them")
 
 
+def _other_code_line(run: str, what: str, modules: Iterable[str]) -> str:
+    """The warning of a checkpointed run that ran partly on Dask workers whose copy of a user
+    module is not the file the notebook loaded (another machine's): not stored under its key."""
+    names = sorted(set(modules))
+    return (f"mpmagic: --checkpoint: {what} of {run} came from Dask workers whose {', '.join(names)} is not "
+            f"the file the notebook loaded (their own copy), so they were not stored; copy the notebook's "
+            f"file{'s' * (len(names) != 1)} to those workers' machines")
+
+
 def _ranks_without_setup_line(ranks: tuple[int, ...]) -> str:
     """The warning of a checkpointed cell some of whose ranks ran on workers without the setup:
     those ranks by number (the others ran set up), and none of the cell's values stored (all or none)."""
@@ -585,6 +595,8 @@ class MapCheckpoint:
         self.setup_version = worker_setup.version()
         self._setup_changed = False
         self._without_setup = 0  # results computed on workers whose setup failed: not stored
+        self._other_code = 0  # results computed from a Dask worker's other copy of a user module: not stored
+        self._other_modules: set[str] = set()  # those modules
         _check_setup_files(f"this run of `{self.name}`")
         used: dict[str, str] = {}
         try:
@@ -647,6 +659,10 @@ class MapCheckpoint:
         elif isinstance(results, WithoutSetup):  # not what the setup in the key gives: not stored
             self._without_setup += len(results)
             keys = [b""] * len(keys)
+        elif isinstance(results, OtherCode):  # not what the notebook's files in the key give: not stored
+            self._other_code += len(results)
+            self._other_modules.update(results.modules)
+            keys = [b""] * len(keys)
         if self.collect:  # only then can a result be a Failed: never stored
             self.writer.put(_first_puts(self.run, [(k, r) for k, r in zip(keys, results, strict=True)
                                                    if k and not isinstance(r, Failed)]))
@@ -688,6 +704,10 @@ class MapCheckpoint:
         elif self._without_setup:
             n = self._without_setup
             (warn or _warn)(_without_setup_line(f"this run of `{self.name}`", f"{n} result{'s' * (n != 1)}"))
+        if self._other_code:
+            n = self._other_code
+            (warn or _warn)(_other_code_line(f"this run of `{self.name}`", f"{n} result{'s' * (n != 1)}",
+                                             self._other_modules))
         if self.plan.unstable:
             (warn or _warn)(f"mpmagic: --checkpoint: {self.plan.unstable}; a new kernel will compute such items "
                             "again. Use sorted tuples instead of sets in items, or fix PYTHONHASHSEED")
@@ -1123,6 +1143,13 @@ class CellCheckpoint:
             return values
         if getattr(values, "ranks_without_setup", ()):  # (not what the setup in the key gives)
             self._warn(_ranks_without_setup_line(values.ranks_without_setup))
+            return values
+        other = getattr(values, "ranks_other_code", {})
+        if other:  # (not what the notebook's files in the key give)
+            ranks = sorted(other)
+            self._warn(_other_code_line("this cell", f"the values of rank{'s' * (len(ranks) != 1)} "
+                                        f"{', '.join(map(str, ranks))}", itertools.chain(*other.values()))
+                       .replace("so they were not stored", "so none of the cell's values were stored"))
             return values
         writer = _Writer(self.store, self.run, self.name)
         gathered = getattr(values, "gathered", {})

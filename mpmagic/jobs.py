@@ -321,6 +321,9 @@ class Unit:
     # Ran on a worker without the pool's %%pool setup (it failed or was skipped
     # there): the one line saying so (``Job.ran_without_setup``).
     without_setup: str | None = None
+    # Ran on a Dask worker whose copy of these user modules is not the file the notebook
+    # loaded (another machine's): its results are not the notebook's code's (``Job.ran_other_code``).
+    other_code: tuple[str, ...] = ()
     # Items of the unit (index in it -> ErrorInfo) that raised under --errors collect,
     # told by the worker before its reply (``Job.collected``): kept if it dies.
     collected: dict | None = None
@@ -335,6 +338,26 @@ class WithoutSetup(list):
     ``%%pool setup`` (it failed or was skipped there). A list like any other
     for whoever reads it; ``--checkpoint`` does not store it, since the store's
     key names the setup and these results were not computed under it."""
+
+
+class OtherCode(list):
+    """A chunk's results computed on a Dask worker whose copy of the user's ``modules`` is
+    not the file the notebook loaded (another machine's copy). A list like any other for
+    whoever reads it; ``--checkpoint`` does not store it, since the store's key covers the
+    notebook's file and these results came from another."""
+
+    modules: tuple[str, ...] = ()
+
+
+def _marked(results: list, unit: Unit) -> list:
+    """``results`` as :class:`WithoutSetup` or :class:`OtherCode` when ``unit`` ran so (not checkpointed)."""
+    if unit.without_setup is not None:
+        return WithoutSetup(results)
+    if unit.other_code:
+        marked = OtherCode(results)
+        marked.modules = unit.other_code
+        return marked
+    return results
 
 
 def note_without_setup(exc: BaseException, unit: Unit) -> None:
@@ -975,8 +998,7 @@ class MapJob:
                 if type(r) is ErrorInfo:
                     results[i] = self._collected_failed(unit, r, i)
                     failed += 1
-        if unit.without_setup is not None:
-            results = WithoutSetup(results)
+        results = _marked(results, unit)
         self._complete(unit, results, seconds, failed)
 
     def collected(self, unit: Unit, index: int, info: Any) -> None:
@@ -1008,6 +1030,12 @@ class MapJob:
         saying so). Its results are not checkpointed; a NameError of its items says so."""
         unit.without_setup = note
 
+    def ran_other_code(self, unit: Unit, modules: list[str]) -> None:
+        """The Dask worker answering ``unit`` runs ``modules`` from a file that is not the one
+        the notebook loaded (told before the reply, with a line in the cell): its results
+        are not checkpointed."""
+        unit.other_code = tuple(modules)
+
     def _deliver_partial(self, unit: Unit, partial: bytes) -> None:
         """The results a worker returned before the item that failed, accepted as
         a chunk of their own (at the failing chunk's start)."""
@@ -1018,8 +1046,7 @@ class MapJob:
             return
         if not results or unit.start < len(self._in_order):
             return
-        if unit.without_setup is not None:
-            results = WithoutSetup(results)
+        results = _marked(results, unit)
         self._results[unit.start] = results
         self.items_done += len(results)  # they ran ("failed at item 13 after 0 of 30 items" when one chunk held 0-13)
         self._accept(unit.start, results, 0)
@@ -1579,6 +1606,7 @@ class CellJob:
         self.failure_infos: dict[int, debugging.FailureInfo] = {}  # what the workers saw (for %pdebug)
         self.rank_seconds: dict[int, float] = {}
         self.ranks_without_setup: set[int] = set()  # ran on a worker without the %%pool setup (not checkpointed)
+        self.ranks_other_code: dict[int, tuple[str, ...]] = {}  # rank -> user modules its worker's copy of differs
         self.task_seconds = 0.0
         self.items_done = 0
         self.items_total = size
@@ -1725,6 +1753,11 @@ class CellJob:
         says so in one line, added to a NameError of the rank; its value is not checkpointed)."""
         unit.without_setup = note
         self.ranks_without_setup.add(unit.id)
+
+    def ran_other_code(self, unit: Unit, modules: list[str]) -> None:
+        """The Dask worker answering rank ``unit`` runs ``modules`` from a file that is not the
+        notebook's (a line in the cell says so): the cell's values are not checkpointed."""
+        self.ranks_other_code[unit.id] = tuple(modules)
 
     def came_back_late(self, unit: Unit, data: bytes) -> None:
         """A rank's value after the cell's run ended: nobody reads it; its shared memory is freed."""

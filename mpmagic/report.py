@@ -626,6 +626,8 @@ class RankValues(list):
     report: Report | None = None
     #: the ranks that ran on a worker without the ``%%pool setup`` (it failed there)
     ranks_without_setup: tuple[int, ...] = ()
+    #: rank -> the user modules it ran from a Dask worker's copy that is not the notebook's file
+    ranks_other_code: dict[int, tuple[str, ...]] = {}  # noqa: RUF012 (read only: each run sets its own)
 
 
 def _spans(indexes: list[int]) -> str:

@@ -14,6 +14,7 @@ import base64
 import html
 import importlib.util
 import io
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -292,7 +293,7 @@ def _sweep(run_on: Callable[[int], Any], serial: float, max_workers: int | None,
     from . import api
 
     _warm_up()
-    points = []
+    points: list[ScalingPoint] = []
     for k in _counts(max_workers):
         best = float("inf")
         for _ in range(max(1, repeat)):
@@ -301,5 +302,13 @@ def _sweep(run_on: Callable[[int], Any], serial: float, max_workers: int | None,
             # run_on is a blocking api.pmap / api.parallel: the report is set before it returns
             assert report is not None
             best = min(best, report.wall)
+            ran = getattr(report, "workers", k)
+            if points and isinstance(ran, int) and ran < k:
+                # A Dask cluster runs -n N on at most its worker threads: a "3 workers" point that
+                # ran on 2 was plotted against an ideal of 3x. The sweep ends at what it has.
+                noun = getattr(report, "worker_noun", "worker")
+                sys.stderr.write(f"mpmagic: --scaling: stopped at {k - 1} {noun}s: the run on {k} ran on {ran} "
+                                 f"{noun}{'s' * (ran != 1)} (all the pool had), so it is not shown\n")
+                return points
         points.append(_point(k, best, serial))
     return points

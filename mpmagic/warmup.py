@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from . import compat, loadstamps
+from . import compat, loadstamps, usermodules
 from .protocol import Import, Reload
 from .rss import resident_bytes
 
@@ -627,6 +627,7 @@ class Reloads:
         self._versions: dict[str, tuple[tuple[str, int], str | None]] = {}
         self._for_tasks: tuple[int, tuple] = (0, ())  # (len(_reloads), for_tasks()) at the last ask
         self._user_mods: list[str] = []  # the user's modules loaded in the notebook (see _scan_user_modules)
+        self._digests: dict[str, tuple[Any, tuple[int, int] | None, str | None]] = {}  # module -> (file, stat, digest)
         self._user_scanned = 0  # len(sys.modules) at that scan
         self._user_last: str | None = None  # and its last module then
 
@@ -735,10 +736,65 @@ class Reloads:
             self._for_tasks = (n, tuple((name, *self._versions[name]) for name in order))
         return self._for_tasks[1]
 
+    def loaded_for_tasks(self, key: Any) -> tuple[tuple[str, str], ...]:
+        """What a Dask task carries besides :meth:`for_tasks`: ``(module, digest)`` for each
+        user module the run's function reaches (``key``: its payload key, as given to
+        :meth:`check`, which runs first; None: a cell, which may import any, so every user
+        module loaded here) and each user module those import (their source's imports,
+        transitively), dependencies first; ``digest`` is the content hash of the file the
+        notebook loaded. The worker compares it with what it loaded itself
+        (``dask_tasks.follow_versions``): a worker process of a cluster that outlives the
+        kernel keeps the version an earlier kernel (or this one, before an edit) had it
+        import, and no reload here ever told it otherwise. A module whose file changed
+        since the notebook loaded it is left out (no file holds the notebook's version;
+        :meth:`check` said so). Per run: an ``os.stat`` per module, a hash per new version.
+        """
+        names = self._user_mods if key is None else self._user.get(key, [])
+        if not names:
+            return ()
+        order = _with_imports(names)
+        edited = set(edited_modules(order))
+        out = []
+        for name in order:
+            module = sys.modules.get(name)
+            path = getattr(module, "__file__", None)
+            if name in edited or not path:
+                continue
+            at = _file_stamp(module)
+            known = self._digests.get(name)
+            if known is None or known[0] != path or known[1] != at:
+                known = self._digests[name] = (path, at, loadstamps.digest(path))
+            if known[2] is not None:
+                out.append((name, known[2]))
+        return tuple(out)
+
     def forget(self, wid: int) -> None:
         """That worker is gone (its replacement has another id)."""
         with self._lock:
             self._rsent.pop(wid, None)
+
+
+def _with_imports(names: list[str]) -> list[str]:
+    """These user modules and the user modules loaded here that they import (read from their
+    source, transitively: ``m1`` does ``from m2 import g``), each once, a module after those
+    it imports: the order a worker reloads them in, so ``m1`` takes the new ``g``."""
+    order: list[str] = []
+    seen: set[str] = set()
+    todo: list[tuple[str, bool]] = [(name, False) for name in reversed(names)]
+    while todo and len(seen) < 1000:
+        name, done = todo.pop()
+        if done:
+            order.append(name)
+            continue
+        if name in seen or not _user_module(name):
+            continue
+        seen.add(name)
+        module = sys.modules[name]
+        path = getattr(module, "__file__", None)
+        found = usermodules.source_imports(path, getattr(module, "__package__", None) or None) if path else None
+        todo.append((name, True))
+        todo.extend((dep, False) for dep in reversed(found.modules if found is not None else ()) if dep not in seen)
+    return order
 
 
 def _reload_version(name: str) -> tuple[tuple[str, int], str | None]:

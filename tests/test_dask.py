@@ -1125,3 +1125,80 @@ def test_a_run_waiting_for_its_turn_ends_with_a_stop_as_on_the_local_pool(ip, da
             handle.result(60)
     assert "10" not in log.read_text().split()
     assert not pool_module.current_pool().running
+
+
+def _new_kernel(backend, monkeypatch, module: str) -> None:
+    """What a new kernel on the same long-lived cluster has: a connection that told the workers
+    nothing yet (the backend's notebook-side record of modules afresh), its own load numbers,
+    and ``module`` not imported yet."""
+    from mpmagic import loadstamps, warmup
+
+    monkeypatch.setattr(loadstamps, "NOTEBOOK", f"kernel-{time.monotonic_ns()}")
+    monkeypatch.setattr(backend, "_reloads", warmup.Reloads())
+    monkeypatch.setattr(backend, "_said_differs", set())
+    del sys.modules[module]
+
+
+def test_a_new_kernel_runs_the_module_it_loaded_not_the_one_a_long_lived_worker_kept(
+        ip, dask_pool, module_dirs, tmp_path, capsys, monkeypatch):
+    """A cluster we connect to outlives the kernel: a new kernel (after an edit of the user's
+    module) got the old version's results from workers that imported it for the kernel before,
+    with no line, and --checkpoint stored them under the new file's key, so every later kernel
+    resumed them. The reload before the first run did not help (nothing was "reloaded since")."""
+    here = module_dirs[0]
+    _save_module(here / "dkmod_s.py", "def g(x):\n    return ('v1', x)\n")
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
+    try:
+        run(ip, "import dkmod_s\ndef uses_s(x):\n    return dkmod_s.g(x)\n")
+        assert run(ip, "%pmap -q --checkpoint --chunksize 1 uses_s, range(8)") == [("v1", i) for i in range(8)]
+        dask_pool.client.run(lambda: __import__("dkmod_s") and None)  # (every worker has v1)
+        _save_module(here / "dkmod_s.py", "def g(x):\n    return ('v2', x)\n")
+        _new_kernel(dask_pool, monkeypatch, "dkmod_s")
+        run(ip, "import importlib, dkmod_s; importlib.reload(dkmod_s)\ndef uses_s(x):\n    return dkmod_s.g(x)\n")
+        serial = run(ip, "list(map(uses_s, range(8)))")
+        assert serial == [("v2", i) for i in range(8)]
+        capsys.readouterr()
+        assert run(ip, "%pmap -q --checkpoint --chunksize 1 uses_s, range(8)") == serial
+        assert "resumed: 0 of 8" in mpmagic.last_report().line()
+        err = capsys.readouterr().err
+        assert err.count("mpmagic: Dask workers reload dkmod_s") == 1 and "differs" not in err, err
+        assert run(ip, "%pmap -q --checkpoint --chunksize 1 uses_s, range(8)") == serial  # what was stored: v2's
+        assert "resumed: 8 of 8" in mpmagic.last_report().line()
+        assert "reload" not in capsys.readouterr().err  # (once: the workers now have v2)
+    finally:
+        run(ip, "%config MPMagic.checkpoint_dir = None")
+
+
+def test_results_of_a_worker_whose_copy_of_a_module_differs_are_not_checkpointed(
+        ip, dask_pool, module_dirs, tmp_path, capsys):
+    """A worker on another machine runs its own copy of the user's module: one line says so, and
+    --checkpoint does not store its results under the key of the notebook's file."""
+    here, there = module_dirs
+    (there / "dkmod_c.py").write_text("def f(x):\n    return ('theirs', x)\n")
+    _save_module(here / "dkmod_c.py", "def f(x):\n    return ('ours', x)\n")
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
+    try:
+        run(ip, "import dkmod_c")
+        capsys.readouterr()
+        theirs = [("theirs", i) for i in range(8)]
+        with pytest.warns(RuntimeWarning, match="8 results of this run of `f` came from Dask workers whose dkmod_c "
+                                                "is not the file the notebook loaded"):
+            assert run(ip, "%pmap -q --checkpoint --chunksize 1 dkmod_c.f, range(8)") == theirs
+        err = capsys.readouterr().err
+        assert err.count("mpmagic: dkmod_c.py on Dask worker tcp://127.0.0.1:") == 1, err
+        with pytest.warns(RuntimeWarning, match="were not stored"):  # (nothing was: all computed again)
+            assert run(ip, "%pmap -q --checkpoint --chunksize 1 dkmod_c.f, range(8)") == theirs
+        assert "resumed: 0 of 8" in mpmagic.last_report().line()
+    finally:
+        run(ip, "%config MPMagic.checkpoint_dir = None")
+
+
+def test_scaling_past_the_clusters_threads_stops_with_a_line(ip, dask_pool, capsys):
+    """``--scaling -n N`` on a cluster of fewer worker threads plotted an "N workers" point
+    that ran on fewer threads, against an ideal of Nx, with no line saying so."""
+    n = DASK_WORKERS + 1
+    result = run(ip, f"%pmap --scaling -n {n} lambda x: x, range(8)")
+    assert [p.workers for p in result.points] == list(range(1, DASK_WORKERS + 1))
+    err = capsys.readouterr().err
+    assert (f"mpmagic: --scaling: stopped at {DASK_WORKERS} worker threads: the run on {n} ran on "
+            f"{DASK_WORKERS} worker threads (all the pool had), so it is not shown") in err, err

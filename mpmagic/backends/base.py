@@ -121,6 +121,9 @@ class Job(Protocol):
     def ran_without_setup(self, unit: Any, note: str) -> None:
         """The worker answering ``unit`` (told before its reply) runs without the pool's setup: it
         failed or was skipped there. ``note``: one line saying so, added to a NameError of the unit."""
+    def ran_other_code(self, unit: Any, modules: list[str]) -> None:
+        """The Dask worker answering ``unit`` (told before its reply) runs these user modules from
+        a file that is not the one the notebook loaded: its results are not checkpointed."""
     def unpicklable(self, unit: Any, index: int | None, info: Any) -> None: ...
     def collected(self, unit: Any, index: int, info: Any) -> None:
         """Item ``index`` of the running ``unit`` raised, collected (told before the unit's

@@ -448,6 +448,7 @@ class DaskBackend:
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
         self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (each task carries them)
         self._said_differs: set[tuple[str, Any]] = set()  # (module, digest): a worker's file said to differ
+        self._said_reloaded: set[tuple] = set()  # ((module, digest), ...): workers said to reload them
         self._topic = ""
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
@@ -1363,6 +1364,8 @@ class _DaskRun:
         self.world = context.current(job.call_id, job.libs) if backend.owns_cluster else None
         # The user's modules the notebook reloaded, for each task's worker to follow (dask_tasks.follow_reloads).
         self.reloads = backend._reloads.for_tasks()
+        # The user's modules the job reaches, as the notebook loaded them (dask_tasks.follow_versions).
+        self.versions = backend._reloads.loaded_for_tasks(job.func_key if job.kind != "cell" else None)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.token = uuid.uuid4().hex[:12]
         self.topic = backend._events_topic()
@@ -1558,7 +1561,8 @@ class _DaskRun:
             prefer = self._spread_to()
             kwargs.update(workers=[prefer], allow_other_workers=True)
         future = self.client.submit(
-            dask_tasks.run_message, arg, self.payload_future, self.topic, key, self.world, self.reloads, **kwargs
+            dask_tasks.run_message, arg, self.payload_future, self.topic, key, self.world, self.reloads,
+            self.versions, **kwargs
         )
         self.tasks[key] = _Task(key, unit, future, target=target, data_future=data_future, prefer=prefer)
         future.add_done_callback(self._on_done)
@@ -1627,23 +1631,42 @@ class _DaskRun:
             job.lost(unit, "had its task cancelled on the cluster (was it restarted?)", worker_kept=True)
             return
         try:
-            n_streamed, packed, differs = reply
+            n_streamed, packed, differs, reloaded = reply
         except (TypeError, ValueError):
             raise ProtocolError(
                 f"a Dask task on {self.backend.where} replied with a {type(reply).__name__}, not mpmagic's "
                 "reply: do its workers run the same mpmagic version as the notebook?"
             ) from None
         self._await_output(task, n_streamed)
+        if reloaded:
+            self._say_reloaded(unit, reloaded)
         if differs:
             self._say_differs(unit, differs, task.worker)
+            job.ran_other_code(unit, differs)  # (before its Done: its results are not checkpointed)
         for data in packed:
             self._reply(unit, unpack(data))
+
+    def _say_reloaded(self, unit: Any, names: list[str]) -> None:
+        """A worker reloaded modules it had loaded from another version than the notebook's
+        (an earlier kernel had it import them, or this one before an edit): one line per
+        modules and notebook versions, in the cell, as the local pool's "workers reload" line."""
+        versions = dict(self.versions)
+        said = tuple((name, versions.get(name)) for name in names)
+        if said in self.backend._said_reloaded:
+            return
+        self.backend._said_reloaded.add(said)
+        shown = ", ".join(names)
+        self.job.output(unit.id, "stderr", (
+            f"mpmagic: Dask workers reload {shown}: they had imported another version of "
+            f"{'it' if len(names) == 1 else 'them'} than the notebook loaded (for an earlier kernel, or before "
+            "an edit)\n"))
 
     def _say_differs(self, unit: Any, names: list[str], worker: str | None) -> None:
         """A worker reloaded (or imported) a module the notebook reloaded from a file that is
         not the notebook's (another machine's copy): one line per module and notebook file,
         in the cell, naming that worker."""
         versions = {name: digest for name, _, digest in self.reloads}
+        versions.update(self.versions)
         for name in names:
             said = (name, versions.get(name))
             if said in self.backend._said_differs:

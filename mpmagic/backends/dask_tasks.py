@@ -35,6 +35,12 @@ and answers with the same packed replies (``mpmagic/protocol.py``), so
   process has not followed yet (a Dask worker takes no message between tasks,
   as a local worker takes ``Reload``). A worker whose copy of such a file
   differs from the notebook's (another machine) says so with its reply.
+* the user's modules a task reaches are those the notebook loaded: each task
+  carries the digest of each one's file as the notebook loaded it
+  (``warmup.Reloads.loaded_for_tasks``), and :func:`follow_versions` reloads one
+  this process loaded from another version (a cluster outlives the kernel that
+  had it import the module) when the file here is the notebook's, and says with
+  the reply when it is not (those results are then not checkpointed).
 """
 
 from __future__ import annotations
@@ -424,6 +430,95 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
     return differs
 
 
+# module name -> (the notebook's digest of it, this process's module's __spec__ then, whether this process
+# runs another version): what follow_versions found, for as long as neither changes
+_checked: dict[str, tuple[str, Any, bool]] = {}
+_digests: dict[str, tuple[tuple[int, int] | None, str | None]] = {}  # file -> (its stat, its digest then)
+
+
+def follow_versions(versions: Any, imports: ImportLog) -> tuple[list[str], list[str]]:
+    """Bring this worker process's user modules to the versions the notebook loaded, before a task.
+
+    ``versions`` is ``warmup.Reloads.loaded_for_tasks()``: ``(module, digest of the file the
+    notebook loaded)``, a module after those it imports. Why: the worker processes of a cluster
+    mpmagic connects to outlive the kernel. One that imported ``mymod`` for an earlier kernel
+    (or for this one, before an edit) kept that version, and the notebook's reloads, which
+    :func:`follow_reloads` replays, never named it: a new kernel's ``%pmap`` ran the old code
+    and ``--checkpoint`` stored its results under the new file's key.
+
+    A module this process loaded (loadstamps notes its file's stat at each load and reload
+    here too, as ``import mpmagic`` does anywhere) from the notebook's version is left alone;
+    one it loaded from another version (or at a time nobody knows: once) is reloaded when the
+    file here is the notebook's. Returns ``(reloaded, differs)``: the modules reloaded, and
+    those this process runs (or, not imported yet, will import) from a file that is not the
+    notebook's (another machine's copy): this task's results are not the notebook's code's.
+    Per task, when nothing changed: two dict lookups per module.
+    """
+    if not versions:
+        return [], []
+    modules = sys.modules
+    differs: list[str] = []
+    for name, digest in versions:
+        seen = _checked.get(name)
+        if seen is None or seen[0] != digest or seen[1] is not getattr(modules.get(name), "__spec__", None):
+            break
+        if seen[2]:
+            differs.append(name)
+    else:
+        return [], differs
+    reloaded: list[str] = []
+    differs = []
+    with _reload_lock:
+        for name, digest in versions:
+            module = modules.get(name)
+            seen = _checked.get(name)
+            if seen is None or seen[0] != digest or seen[1] is not getattr(module, "__spec__", None):
+                seen = _check_version(name, digest, module, imports, reloaded)
+            if seen[2]:
+                differs.append(name)
+        if reloaded:
+            with _funcs_lock:
+                _funcs.clear()  # (a function pickled by reference is the old module's)
+    return reloaded, differs
+
+
+def _check_version(name: str, digest: str, module: Any, imports: ImportLog, reloaded: list[str]) -> tuple:
+    """:func:`follow_versions` for one module whose state here is not known yet (under the lock)."""
+    path = getattr(module, "__file__", None) if module is not None else _source_file(name)
+    on_disk = _file_digest(path)
+    if module is not None and _loaded_digest(name, module) != digest and on_disk == digest:
+        imports.reload([name])  # (a failure is logged: the task that uses it shows the error)
+        module = sys.modules.get(name)
+        reloaded.append(name)
+    if module is None:  # its first import here reads the file as it is
+        other = on_disk is not None and on_disk != digest
+    else:
+        other = _loaded_digest(name, module) != digest
+    seen = _checked[name] = (digest, getattr(module, "__spec__", None), other)
+    return seen
+
+
+def _loaded_digest(name: str, module: Any) -> str | None:
+    """The digest of the file this process loaded ``module`` from, None when not known (loaded
+    before mpmagic was imported here, or its file changed since)."""
+    at_load = loadstamps.loaded(name, module)
+    path = getattr(module, "__file__", None)
+    if at_load is None or loadstamps.stamp(path) != at_load[0]:
+        return None
+    return _file_digest(path)
+
+
+def _file_digest(path: str | None) -> str | None:
+    """A file's content digest, read again only when its stat changed (None: no such file)."""
+    if path is None:
+        return None
+    at = loadstamps.stamp(path)
+    known = _digests.get(path)
+    if known is None or known[0] != at:
+        known = _digests[path] = (at, loadstamps.digest(path) if at is not None else None)
+    return known[1]
+
+
 def _newer(name: str, version: tuple[str, int]) -> bool:
     """Is this reload one this process has not followed for that notebook? (A notebook
     seen here for the first time: once, as for a module imported at a time nobody knows.)"""
@@ -472,8 +567,8 @@ def _adopt_context(msg: Context, call: Any) -> None:
 
 def run_message(
     data: bytes, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None = None,
-    reloads: Any = (),
-) -> tuple[int, list[bytes], list[str]]:
+    reloads: Any = (), versions: Any = (),
+) -> tuple[int, list[bytes], list[str], list[str]]:
     """Run one unit of a job in this Dask worker; return its packed replies.
 
     ``data`` is ``protocol.pack(job.message(unit))``, a ``Map`` or ``Cell``;
@@ -482,28 +577,34 @@ def run_message(
     streams output and the start and end signals; ``tag`` the task's key;
     ``world`` the notebook's context (only on the cluster mpmagic started,
     see the module's docstring); ``reloads`` the modules the notebook reloaded
-    (:func:`follow_reloads`). Returns ``(lines streamed, [Out..., reply], modules)``,
-    every message packed as a local worker packs it; the reply is a ``Done``,
-    ``Error`` or ``Unpicklable``; ``modules`` those of ``reloads`` whose file
-    here is not the one the notebook loaded.
+    (:func:`follow_reloads`); ``versions`` the user modules the task reaches, with the
+    digest of the file the notebook loaded (:func:`follow_versions`). Returns ``(lines
+    streamed, [Out..., reply], differs, reloaded)``, every message packed as a local worker
+    packs it; the reply is a ``Done``, ``Error`` or ``Unpicklable``; ``differs`` the modules
+    this process runs from a file that is not the one the notebook loaded (the results are
+    not the notebook's code's), ``reloaded`` those it reloaded because it had loaded another
+    version than the notebook's.
     """
     msg = unpack(data)
     if type(msg) not in (Map, Cell):
         raise ProtocolError(f"a Dask task runs Map or Cell messages, not {type(msg).__name__}")
     _log_event(topic, {"tag": tag, "start": True})
     try:
-        return _run(msg, func_payload, topic, tag, world, reloads)
+        return _run(msg, func_payload, topic, tag, world, reloads, versions)
     finally:  # (an abandoned task's thread is free again: see the module's docstring)
         _log_event(topic, {"tag": tag, "end": True})
 
 
 def _run(
-    msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None, reloads: Any
-) -> tuple[int, list[bytes], list[str]]:
+    msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None, reloads: Any,
+    versions: Any,
+) -> tuple[int, list[bytes], list[str], list[str]]:
     if world is not None:
         _adopt_context(world, msg.call)  # (first: its sys.path is where the reloaded modules are found)
     imports = ImportLog()
     differs = follow_reloads(reloads, imports)
+    reloaded, other = follow_versions(versions, imports)  # (after the notebook's reloads: they come first)
+    differs += [name for name in other if name not in differs]
     where = _worker_address()
     cpu0 = time.thread_time()  # this thread's: other tasks may run in the process at once
 
@@ -528,7 +629,7 @@ def _run(
         else:
             reply = execute_cell(msg, where, cpu, imports)
     rest = [pack(Out(msg.call, msg.tag, stream, text)) for stream, text in out.rest()]
-    return out.streamed, rest + [pack(reply)], differs
+    return out.streamed, rest + [pack(reply)], differs, reloaded
 
 
 # --------------------------------------------------------------------------
