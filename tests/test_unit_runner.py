@@ -162,8 +162,8 @@ def local_worker():
 
 def dask_in_process(msg, func_bytes):
     """The Dask task function called here, without a cluster."""
-    streamed, packed, differs = dask_tasks.run_message(pack(msg), func_bytes, None, "tag")
-    assert differs == []  # (no module reloaded)
+    streamed, packed, differs, reloaded = dask_tasks.run_message(pack(msg), func_bytes, None, "tag")
+    assert differs == [] and reloaded == []  # (no module of the user's here: none differs, none reloaded)
     assert streamed == 0  # no Dask worker: output comes back with the reply
     *outs, reply = [unpack(p) for p in packed]
     assert all(type(o) is Out for o in outs)
@@ -198,7 +198,7 @@ def test_local_worker_and_dask_task_reply_the_same(case, local_worker):
 def test_dask_task_on_a_real_cluster_replies_the_same(case, dask_client):
     key = uuid.uuid4().bytes
     msg, func_bytes = _message(case, key)
-    streamed, packed, _ = dask_client.submit(
+    streamed, packed, _, _ = dask_client.submit(
         dask_tasks.run_message, pack(msg), func_bytes, None, "tag", pure=False
     ).result(timeout=60)
     reply = unpack(packed[-1])
