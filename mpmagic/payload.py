@@ -22,12 +22,14 @@ import enum
 import functools
 import hashlib
 import io
+import keyword
 import multiprocessing.connection as _mp_connection
 import os
 import pickle
 import sys
 import threading
 import types
+import typing
 import weakref
 from collections import ChainMap
 from collections.abc import Callable, Iterable
@@ -103,6 +105,8 @@ _cloudpickle_code_reduce = compat.cloudpickle_code_reduce()
 # cloudpickle; what made them stale was the payload cache (payload_cache._ok).
 
 _LRU_WRAPPER = type(functools.lru_cache(maxsize=1)(lambda: None))
+_TYPE_ALIAS: Any = getattr(typing, "TypeAliasType", None)  # (Python 3.12+)
+_NEW_TYPE: Any = typing.NewType
 _OBJECT_REDUCE = (object.__reduce_ex__, object.__reduce__, getattr(object, "__getstate__", None))
 _by_reference = compat.cloudpickle_by_reference()
 
@@ -216,6 +220,143 @@ def enum_reduce(cls: type, reduced: Any) -> Any:
         return reduced
     make, args, state, _, _, _ = reduced
     return make, args, (state, members), None, None, classhome.enum_setstate
+
+
+def _enum_members_kept(reduced: Any) -> Any:
+    """cloudpickle's Enum reduction with each member that ``enum`` would not take as a
+    member by itself (a function: ``@enum.member def double(x)``) wrapped in
+    ``enum.member``.
+
+    cloudpickle rebuilds the class from ``{name: value}``: a function value became
+    a plain method there (``Op.double.name``: AttributeError in a worker, the member
+    missing from ``list(Op)``). Any other reduction is returned as it is."""
+    member = getattr(enum, "member", None)  # (Python 3.11+: before, a function is never a member)
+    if member is None or not (isinstance(reduced, tuple) and len(reduced) >= 2):
+        return reduced
+    args = reduced[1]
+    if not (isinstance(args, tuple) and len(args) > 3 and isinstance(args[3], dict)):
+        return reduced
+    members = args[3]
+    if not any(_enum_would_skip(value) for value in members.values()):
+        return reduced  # (the common case: the same bytes as cloudpickle's)
+    kept = {name: member(value) if _enum_would_skip(value) else value for name, value in members.items()}
+    return (reduced[0], (*args[:3], kept, *args[4:]), *reduced[2:])
+
+
+def _enum_would_skip(value: Any) -> bool:
+    """Would an Enum class body take ``value`` as a method, not a member (a descriptor)?"""
+    return any(hasattr(type(value), name) for name in ("__get__", "__set__", "__delete__"))
+
+
+# --------------------------------------------------------------------------
+# Notebook type aliases (``type Vec = list[float]``) and ``typing.NewType``
+#
+# Both pickle by reference (module + name): one made in the notebook is
+# ``__main__.Vec``, which a worker cannot import ("could not be loaded in a
+# worker"), and before Python 3.14 a function's annotations are evaluated when
+# its ``def`` runs, so merely annotating a mapped function with one was enough.
+# cloudpickle sends a TypeVar by value but neither of these; mpmagic sends one
+# by value when it cannot be found by name in a module the workers import.
+
+_type_alias_values: dict[int, dict[str, Any]] = {}  # an alias being loaded -> the namespace its value is read from
+
+
+def _alias_by_value(obj: Any) -> bool:
+    """Is this NewType or type alias one a worker cannot find by its module and name?"""
+    module_name = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if not isinstance(module_name, str) or not isinstance(name, str) or module_name in ("__main__", "__mp_main__"):
+        return True
+    module = sys.modules.get(module_name)
+    if module is None or module_name in _by_value_names or module_name in cloudpickle.list_registry_pickle_by_value():
+        return True
+    found: Any = module
+    for part in name.split("."):
+        found = getattr(found, part, None)
+    return found is not obj
+
+
+def _reduce_new_type(obj: Any) -> Any:
+    return _rebuild_new_type, (obj.__name__, obj.__supertype__, obj.__module__)
+
+
+def _rebuild_new_type(name: str, supertype: Any, module: str) -> Any:
+    """The receiving side of a notebook ``typing.NewType``: made again, in its module."""
+    new_type = typing.NewType(name, supertype)  # type: ignore[misc]
+    new_type.__module__ = module
+    return new_type
+
+
+def _reduce_type_alias(obj: Any) -> Any:
+    """A notebook ``type`` alias by value.
+
+    One without type parameters is made again by a ``type`` statement whose value
+    is read when asked (as the notebook's is): its value travels as the alias's
+    state, after the alias itself, so a recursive alias (``type Tree = int |
+    list[Tree]``) refers to itself. A value that cannot be evaluated (a name not
+    yet defined: serial code never asks for it unless it reads ``__value__``)
+    raises the same NameError in the worker, when read. A generic alias is made
+    again by ``TypeAliasType(name, value, type_params=...)``, its parameters the
+    ones its value uses."""
+    params = getattr(obj, "__type_params__", ())
+    value: Any = None
+    error: str | None = None
+    try:
+        value = obj.__value__
+    except NameError as e:
+        error = str(e)
+    if error is None and (params or not _spellable(obj.__name__)):
+        return _rebuild_generic_type_alias, (obj.__name__, value, params, obj.__module__)
+    if not _spellable(obj.__name__):
+        return NotImplemented  # (a name no ``type`` statement can have, and no value: by reference, as before)
+    return (_make_type_alias, (obj.__name__, obj.__module__, _param_spelling(params)),
+            (value, error), None, None, _set_type_alias_value)
+
+
+def _spellable(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
+def _param_spelling(params: tuple[Any, ...]) -> str:
+    """How a ``type`` statement names these type parameters (``T, *Ts, **P``)."""
+    spelled = []
+    for p in params:
+        kind = type(p).__name__
+        spelled.append(("*" if kind == "TypeVarTuple" else "**" if kind == "ParamSpec" else "") + p.__name__)
+    return ", ".join(spelled)
+
+
+def _make_type_alias(name: str, module: str, params: str) -> Any:
+    """A ``type`` alias named ``name`` in ``module`` whose value is read, when asked,
+    from a namespace :func:`_set_type_alias_value` fills."""
+    namespace: dict[str, Any] = {"__name__": module}
+    spelled = f"[{params}]" if params else ""
+    exec(f"type {name}{spelled} = _mpmagic_type_alias_value()", namespace)  # noqa: S102 (a name and parameters, no user code)
+    alias = namespace[name]
+    _type_alias_values[id(alias)] = namespace
+    return alias
+
+
+def _set_type_alias_value(alias: Any, state: tuple[Any, str | None]) -> Any:
+    value, error = state
+    namespace = _type_alias_values.pop(id(alias), None)
+    if namespace is not None:
+        if error is None:
+            namespace["_mpmagic_type_alias_value"] = lambda: value
+        else:
+            def _undefined() -> Any:
+                raise NameError(error)
+
+            namespace["_mpmagic_type_alias_value"] = _undefined
+    return alias
+
+
+def _rebuild_generic_type_alias(name: str, value: Any, params: tuple[Any, ...], module: str) -> Any:
+    """The receiving side of a generic notebook ``type`` alias (or one whose name no
+    ``type`` statement can spell), in its module."""
+    namespace: dict[str, Any] = {"__name__": module, "_args": (name, value, params)}
+    exec("import typing\n_alias = typing.TypeAliasType(_args[0], _args[1], type_params=_args[2])", namespace)  # noqa: S102
+    return namespace["_alias"]
 
 
 def _is_shells_get_ipython(method: types.MethodType) -> bool:
@@ -451,7 +592,13 @@ class _Pickler(cloudpickle.Pickler):
         elif isinstance(obj, type) and _sent_by_value(obj):
             classhome.sent(obj)  # (its instances coming back leave it as it is: classhome.loads)
             if isinstance(obj, enum.EnumMeta):
-                return enum_reduce(obj, super().reducer_override(obj))
+                return enum_reduce(obj, _enum_members_kept(super().reducer_override(obj)))
+        elif t is _TYPE_ALIAS and _alias_by_value(obj):
+            reduced = _reduce_type_alias(obj)
+            if reduced is not NotImplemented:
+                return reduced
+        elif t is _NEW_TYPE and _alias_by_value(obj):
+            return _reduce_new_type(obj)
         return super().reducer_override(obj)
 
     def _dynamic_function_reduce(self, func: types.FunctionType) -> Any:

@@ -6,6 +6,8 @@ shell: equal results, of the notebook's own types.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from conftest import ensure_pool, run
 
@@ -231,3 +233,77 @@ def test_the_notebooks_sys_stdout_in_a_function_is_the_tasks_own(capsys):
     finally:
         sys.stdout, sys.stderr = old
     assert task_err.getvalue() == "to stderr\n" and task_out.getvalue() == "to stdout\n"
+
+
+ALIASES = '''
+import enum, typing
+
+UserId = typing.NewType("UserId", int)
+
+def new_id(i: UserId) -> UserId:  # annotations: evaluated when the def runs
+    return (UserId(i + 1), UserId.__name__, UserId.__supertype__, UserId.__module__)
+
+class Op(enum.Enum):  # a function member (enum.member): cloudpickle's {name: value} made it a method
+    @enum.member
+    def double(x):
+        return 2 * x
+    triple = enum.member(lambda x: 3 * x)
+    ident = 1
+    limit = enum.nonmember(10)
+
+def use_op(x):
+    return [m.name for m in Op], Op.double.name, Op.double.value(x), Op.triple.value(x), Op.limit
+'''
+
+
+@pytest.fixture
+def aliases(ip):
+    run(ip, ALIASES)
+    return ip
+
+
+def test_a_notebook_newtype_and_enum_function_members_reach_the_workers(aliases, method):
+    """A notebook ``typing.NewType`` pickles by reference (``__main__.UserId``),
+    which a worker cannot import: "could not be loaded in a worker" for a function
+    merely annotated with it. An Enum member that is a function (``enum.member``)
+    came back a plain function there (``Op.double.name``: AttributeError)."""
+    ensure_pool(method)
+    same_as_serial(aliases, "new_id, [1, 2]")
+    same_as_serial(aliases, "use_op, [0, 5]")
+
+
+TYPE_ALIASES = '''
+type Vec = list[float]
+type Tree = int | list[Tree]           # recursive: its value names itself
+type Pair[T] = tuple[T, T]             # generic
+type Later = list[NotYetDefined]       # its value cannot be evaluated (serial never asks)
+
+def scale(x: float) -> Vec:            # annotations: evaluated when the def runs
+    return [x, 2 * x]
+
+def aliases_seen(x: Later) -> Pair[int]:
+    return (Vec.__name__, str(Vec.__value__), Vec.__module__, str(Tree.__value__),
+            str(Pair[int]), [p.__name__ for p in Pair.__type_params__], Later.__name__)
+
+def later_value(x):
+    try:
+        return str(Later.__value__)
+    except NameError as e:
+        return "NameError", str(e)
+'''
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="the `type` statement (PEP 695) is Python 3.12+")
+def test_a_notebook_type_alias_reaches_the_workers(ip, method):
+    """A notebook ``type`` alias (typing.TypeAliasType) pickles by reference
+    (``__main__.Vec``), which a worker cannot import: a function merely annotated
+    with it failed with "could not be loaded in a worker". It goes by value, its
+    value as in the notebook (a recursive one too), or the same NameError serial
+    raises when its value names what is not defined."""
+    run(ip, TYPE_ALIASES)
+    ensure_pool(method)
+    same_as_serial(ip, "scale, [1.0, 2.0]")
+    same_as_serial(ip, "aliases_seen, [0]")
+    same_as_serial(ip, "later_value, [0]")
+    back = run(ip, "%pmap -q lambda i: Vec, [0]")[0]
+    assert (back.__name__, back.__value__, back.__module__) == ("Vec", list[float], "__main__")
