@@ -572,7 +572,16 @@ class Run(Future[_R]):
         with _lock:
             _registry[self.id] = self
             _forget_old()
-        pump.start()
+        try:
+            pump.start()
+        except RuntimeError as exc:
+            if not exiting.no_thread_at_exit(exc):
+                raise
+            # CPython 3.12.0-3.12.2 start no thread once the interpreter exits (gh-113964):
+            # a done-callback's run during the exit wait is pumped in this thread instead
+            # (the call returns once it ended). Left unstarted, the exit waited for it for ever.
+            self._pump_thread = threading.current_thread()
+            self._pump(backend)
 
     def _pump(self, backend: Any) -> None:
         """Wait on the backend's run here, settle the handle, then call its done-callbacks."""
@@ -616,6 +625,10 @@ class Run(Future[_R]):
             # ours and mean nothing to the user; an error of our own keeps them.
             drop_our_frames(exc)
             self._error, self._error_tb = exc, exc.__traceback__
+            if exiting.began() and exiting.no_thread_at_exit(exc):
+                # (Dask's client on CPython 3.12.0-3.12.2: the exit's wait ended with the run
+                # lost, rc 0, and nothing said so)
+                exiting.say_not_finished(f"run {self.id} ({self.what})")
             if self._report is not None and self._report.kind == "pmap":
                 # Failed however it failed (the pool stopped under it, not a task):
                 # the line says "pmap failed after N of M items", never a plain timing.

@@ -330,6 +330,33 @@ def refuse_late_run() -> None:
     raise _thread_ends()
 
 
+#: What CPython says when a thread is started while the interpreter exits (3.12.0-3.12.2
+#: refuse every new thread then, gh-113964; 3.12.3 relaxed it).
+_NO_THREAD = "can't create new thread at interpreter shutdown"
+
+
+def no_thread_at_exit(error: BaseException | None) -> bool:
+    """Did ``error`` (or one it was raised from) come from a thread Python refused to
+    start because the interpreter was exiting (CPython 3.12.0-3.12.2, gh-113964)?"""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if _NO_THREAD in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def say_not_finished(what: str) -> None:
+    """One line for a run the exit meant to wait for but that failed because Python
+    refused to start a thread while exiting (Dask's client starts them as results
+    come): otherwise the script ended with rc 0 and nothing said the work was lost."""
+    version = ".".join(map(str, sys.version_info[:3]))
+    _say(f"mpmagic: {what} could not finish: Python {version} refused to start a thread while "
+         f"exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not); upgrade Python, or wait for the "
+         f"run (run.result()) before the script ends")
+
+
 def stopped_error() -> MPMagicError:
     """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`."""
     if _began:

@@ -1095,13 +1095,17 @@ if __name__ == "__main__":
 """
 
 
-def _start_script(tmp_path, method: str, seconds: float, code: str = EXIT_SCRIPT) -> subprocess.Popen:
+def _start_script(tmp_path, method: str, seconds: float, code: str = EXIT_SCRIPT,
+                  own_group: bool = False) -> subprocess.Popen:
+    """Start ``code`` as a script (``own_group``: in a process group of its own, which
+    the test kills whole if the script hangs: its forkserver and workers with it)."""
     script = tmp_path / "ends.py"
     script.write_text(code)
     out = tmp_path / "out"
     out.mkdir()
     return subprocess.Popen([sys.executable, str(script), method, str(out), str(seconds)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=own_group)
 
 
 def _gone(pids: list[int]) -> bool:
@@ -1188,14 +1192,61 @@ def test_a_run_a_done_callback_starts_during_the_exit_wait_is_waited_for_too(tmp
     exit waited for was dropped without a word (the callback's thread ended silently:
     its ``call`` never returned). That run is part of the work the exit waits for: it
     runs, its own callback too, as serially (the chain of 4 calls)."""
-    proc = _start_script(tmp_path, "forkserver", 0.1, CHAIN_SCRIPT)
-    out, err = proc.communicate(timeout=120)
+    proc = _start_script(tmp_path, "forkserver", 0.1, CHAIN_SCRIPT, own_group=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:  # (a hung script and its forkserver outlived the test for 10+ minutes)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
     assert proc.returncode == 0, err
     assert out == "ending\n"
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == sorted(
         [f"item_{n}" for n in range(4)] + [f"chained_{n}" for n in range(4)])
     waiting = r"mpmagic: waiting for 1 run in flight to finish before exit; Ctrl-C stops them"
     assert all(re.fullmatch(waiting, line) for line in err.splitlines()) and len(err.splitlines()) <= 1, err
+
+
+def _no_pump_thread_at_exit(monkeypatch) -> None:
+    """As CPython 3.12.0-3.12.2 during the exit (gh-113964): a background run's pump
+    thread is refused with their RuntimeError (every other thread starts)."""
+    start = threading.Thread.start
+
+    def refusing(thread):
+        if thread.name.startswith("mpmagic-bg-"):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", refusing)
+
+
+def test_a_run_whose_pump_thread_python_refuses_at_exit_runs_in_the_callers_thread(ns, monkeypatch):
+    """Tester (Python versions), finding 1: on 3.12.0-3.12.2 a done-callback's run during
+    the exit wait failed at ``pump.start()`` with mpmagic's traceback, stayed counted as
+    in flight, and the exit waited for it for ever. It is pumped in the calling thread
+    instead: its result is serial Python's, and nothing is left in flight."""
+    _no_pump_thread_at_exit(monkeypatch)
+    handle = mpmagic.call(ns["square"], 7)
+    assert handle.done() and handle.result() == ns["square"](7)
+    assert background._waited_at_exit() == []
+
+
+def test_a_run_lost_to_a_thread_refused_at_exit_says_so_in_one_line(ip, ns, monkeypatch, capsys):
+    """Tester (Python versions), finding 2: on 3.12.0-3.12.2, Dask's client could start no
+    thread during the exit wait; the runs failed, the script ended rc 0 and nothing said
+    so. A run that fails that way at exit says in one line that it could not finish and why."""
+    from mpmagic import exiting
+
+    run(ip, "def refused(x):\n    raise RuntimeError(\"can't create new thread at interpreter shutdown\")")
+    monkeypatch.setattr(exiting, "_began", True)
+    handle = mpmagic.call(ip.user_ns["refused"], 1)
+    with pytest.raises(RuntimeError):
+        handle.result(60)
+    lines = capsys.readouterr().err.splitlines()
+    version = ".".join(map(str, sys.version_info[:3]))
+    assert lines == [f"mpmagic: run {handle.id} (call refused) could not finish: Python {version} refused to "
+                     f"start a thread while exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not); upgrade "
+                     f"Python, or wait for the run (run.result()) before the script ends"]
 
 
 #: A non-daemon thread's ``pmap`` and a background ``call`` in flight when the script ends.

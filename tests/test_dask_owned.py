@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -457,9 +458,39 @@ def test_ctrl_c_during_the_exit_wait_on_mpmagics_own_cluster_stops_quietly(tmp_p
         "    print('ending', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if (3, 12, 0) <= sys.version_info[:3] < (3, 12, 3):
+        try:
+            _ctrl_c_or_lost_on_early_312(proc)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        return
     out, err = ctrl_c_during_the_exit_wait(proc, 2)
     assert proc.returncode == 0 and out == "ending\n", err
     assert err == "mpmagic: Ctrl-C: stopping the 2 runs in flight\n"
+
+
+def _ctrl_c_or_lost_on_early_312(proc: subprocess.Popen) -> None:
+    """The Ctrl-C test's script (two runs in flight) on CPython 3.12.0-3.12.2: they start
+    no thread at exit (gh-113964), and distributed's client starts one as a run's state
+    changes, so the runs may fail before the wait's line. Then each says so in one line
+    (they were dropped silently, rc 0); else Ctrl-C stops them as on other versions."""
+    err = proc.stderr.readline()
+    if not err.startswith("mpmagic: waiting for"):
+        lines = (err + proc.communicate(timeout=60)[1]).splitlines()
+        lost = [line for line in lines if re.fullmatch(
+            r"mpmagic: run \d \(call sleep\) could not finish: Python 3\.12\.\d refused to start a thread "
+            r"while exiting .*; upgrade Python, or wait for the run \(run\.result\(\)\) before the script ends",
+            line)]
+        waiting = r"mpmagic: waiting for 1 run in flight to finish before exit; Ctrl-C stops them"
+        assert len(lost) == 2 and all(re.fullmatch(waiting, line) for line in lines if line not in lost), lines
+        return
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out == "ending\n", err
+    assert re.fullmatch(r"mpmagic: Ctrl-C: stopping the 2 runs in flight\n(mpmagic: stopping a Dask pool at exit "
+                        r"failed: Python 3\.12\.\d refused to start a thread while exiting .*\n)?", err), err
 
 
 def test_pool_status_and_worker_wait_read_right():

@@ -118,8 +118,13 @@ def stop_all() -> None:
     for backend in list(_live_backends):
         try:
             backend.stop(timeout=1.0)
-        except Exception:  # one backend's cleanup must not stop the others'
-            log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+        except Exception as exc:  # one backend's cleanup must not stop the others'
+            if exiting.no_thread_at_exit(exc):  # (CPython 3.12.0-3.12.2: one line, not Dask's traceback)
+                log.warning("mpmagic: stopping a Dask pool at exit failed: Python %s refused to start a thread "
+                            "while exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not)",
+                            ".".join(map(str, sys.version_info[:3])))
+            else:
+                log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
 
 
 #: Seconds into the close of mpmagic's own cluster at exit after a Ctrl-C that its worker
@@ -143,8 +148,13 @@ def _stop_at_exit(at_once: bool) -> None:
     for backend in list(_live_backends):
         try:
             backend.retire(timeout=1.0, wait_busy=not at_once)
-        except Exception:  # one backend's cleanup must not stop the others'
-            log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+        except Exception as exc:  # one backend's cleanup must not stop the others'
+            if exiting.no_thread_at_exit(exc):  # (CPython 3.12.0-3.12.2: one line, not Dask's traceback)
+                log.warning("mpmagic: stopping a Dask pool at exit failed: Python %s refused to start a thread "
+                            "while exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not)",
+                            ".".join(map(str, sys.version_info[:3])))
+            else:
+                log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
 
 
 @atexit.register
