@@ -119,12 +119,18 @@ def stop_all() -> None:
         try:
             backend.stop(timeout=1.0)
         except Exception as exc:  # one backend's cleanup must not stop the others'
-            if exiting.no_thread_at_exit(exc):  # (CPython 3.12.0-3.12.2: one line, not Dask's traceback)
-                log.warning("mpmagic: stopping a Dask pool at exit failed: Python %s refused to start a thread "
-                            "while exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not)",
-                            ".".join(map(str, sys.version_info[:3])))
-            else:
-                log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+            _stop_failed(exc)
+
+
+def _stop_failed(exc: Exception) -> None:
+    """Log a Dask pool's failed stop at exit: one line where CPython 3.12.0-3.12.2
+    refused the thread Dask needed (not Dask's traceback), else with the traceback."""
+    if exiting.no_thread_at_exit(exc):
+        log.warning("mpmagic: stopping a Dask pool at exit failed: Python %s refused to start a thread "
+                    "while exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not)",
+                    ".".join(map(str, sys.version_info[:3])))
+    else:
+        log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
 
 
 #: Seconds into the close of mpmagic's own cluster at exit after a Ctrl-C that its worker
@@ -149,12 +155,7 @@ def _stop_at_exit(at_once: bool) -> None:
         try:
             backend.retire(timeout=1.0, wait_busy=not at_once)
         except Exception as exc:  # one backend's cleanup must not stop the others'
-            if exiting.no_thread_at_exit(exc):  # (CPython 3.12.0-3.12.2: one line, not Dask's traceback)
-                log.warning("mpmagic: stopping a Dask pool at exit failed: Python %s refused to start a thread "
-                            "while exiting (CPython 3.12.0-3.12.2 do; 3.12.3+ does not)",
-                            ".".join(map(str, sys.version_info[:3])))
-            else:
-                log.warning("mpmagic: stopping a Dask pool at exit failed", exc_info=True)
+            _stop_failed(exc)
 
 
 @atexit.register
