@@ -197,6 +197,58 @@ def test_the_bar_shows_during_a_run_whose_items_all_end_together(ip, pool2, sett
     assert bars[0].born_at == 0 and bars[0].closed_at == 2 and progress.last.outcome == "done"
 
 
+def test_finished_notebook_bars_release_their_widgets_beyond_the_last_few(ip, pool2, settings, monkeypatch, tmp_path):
+    """tqdm's notebook bar is ipywidgets (11 per bar), which the kernel keeps registered
+    (ipywidgets' registry, its comms) until they are closed: every run that showed a bar
+    kept them for good. The last KEEP_WIDGET_BARS finished bars stay live widgets; an older
+    one's output is replaced by its still copy (its final text and bar, as HTML), then its
+    widgets are closed: after many runs the registry holds the kept bars' widgets only."""
+    pytest.importorskip("ipywidgets")
+    import tqdm.notebook
+    from ipywidgets.widgets import widget as ipywidget
+
+    class WidgetBar(tqdm.notebook.tqdm):  # the bar tqdm.auto gives in Jupyter with ipywidgets
+        touch = ""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            open(WidgetBar.touch, "w").close()  # (the tasks end once the bar exists: never born full)
+
+    monkeypatch.setattr(progress, "_tqdm_class", lambda: WidgetBar)
+    monkeypatch.setattr(progress, "_widget_bars", progress.deque())  # (this test's bars only)
+    run(ip, UNTIL_THE_BAR)
+    run(ip, "%config MPMagic.progress_delay = 0")
+    kept = progress.KEEP_WIDGET_BARS
+    before = set(ipywidget._instances)
+    runs = kept + 15
+    with capture_output() as cap:
+        for i in range(runs):
+            WidgetBar.touch = ip.user_ns["bar_file"] = str(tmp_path / f"bar{i}")
+            assert run(ip, "%pmap -q --progress until_the_bar, [bar_file, bar_file]") == [WidgetBar.touch] * 2
+            assert progress.last.shown and progress.last.outcome == "done"
+            assert len(progress._widget_bars) == min(i + 1, kept)
+    try:
+        shown = [o for o in cap.outputs if not o.update]
+        updates = [o for o in cap.outputs if o.update]
+        assert len(shown) == runs, [o.data.keys() for o in shown]
+        bars = [o.data["application/vnd.jupyter.widget-view+json"]["model_id"] for o in shown]
+        ids = [o.transient["display_id"] for o in shown]
+        # The registry: the kept bars' widgets, nothing of the older ones.
+        added = set(ipywidget._instances) - before
+        assert added == {w.model_id for _, widgets, _ in progress._widget_bars for w in widgets}
+        assert len(added) == kept * 11
+        assert not set(bars[:-kept]) & added and set(bars[-kept:]) <= added
+        # Each retired bar's output became its still copy, in its place (by its display id), at 2 of 2.
+        assert [o.transient["display_id"] for o in updates] == ids[:-kept]
+        for still in updates:
+            assert re.fullmatch(r"pmap: 100% 2/2 \[.*item/s\]", still.data["text/plain"]), still.data
+            assert "<progress value='2' max='2'" in still.data["text/html"] and "2/2" in still.data["text/html"]
+            StrictHTML().feed(still.data["text/html"])
+    finally:
+        for entry in list(progress._widget_bars):
+            progress._retire(*entry)
+
+
 def test_no_bar_is_born_full():
     """A bar due once the run is over, or once all its items finished, is not made."""
     for ended in (True, False):
