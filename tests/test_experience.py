@@ -470,6 +470,63 @@ def _report(**kw) -> Report:
     return synthetic_report(**kw)
 
 
+OUT_OF_FILES = r"""
+import json, os, resource
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+ip = start_ipython()
+ip.run_line_magic("load_ext", "mpmagic")
+import mpmagic
+mpmagic.use_local(2, "forkserver")
+ip.run_cell("import numpy as np\ndef sq(x):\n    return x * x\ndef big(x):\n    return np.full(1_000_000, x)\n")
+assert ip.run_cell("_ = %pmap -q big, range(2)").error_in_exec is None  # (warm, and no report shown yet)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+held = []
+try:
+    while True:
+        held.append(open(os.devnull))
+except OSError:
+    pass
+with capture_output() as ok:
+    done = ip.run_cell("%pmap sq, range(4)")
+with capture_output() as failed:
+    broke = ip.run_cell("%pmap big, range(4)")
+for f in held:
+    f.close()
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(json.dumps({
+    "result": done.result, "ok_error": repr(done.error_in_exec),
+    "ok_shown": [o.data.get("text/plain", "") for o in ok.outputs], "ok_text": ok.stdout + ok.stderr,
+    "error": type(broke.error_in_exec).__name__, "message": str(broke.error_in_exec),
+    "failed_shown": [o.data.get("text/plain", "") for o in failed.outputs], "failed_text": failed.stdout + failed.stderr,
+}))
+mpmagic.stop_pool()
+"""
+
+
+def test_a_report_shows_in_a_notebook_out_of_file_descriptors(tmp_path):
+    """The report imported its advice module when first shown: in a notebook with no file
+    descriptor left, that import could not open advice.py, and the report of the very run
+    whose error said "too many open files" failed to show with an OSError from inside
+    mpmagic, chained onto that message (the report of a run that went well too). It is
+    imported with the report: both reports show, the error is mpmagic's one line on fds."""
+    pytest.importorskip("numpy")
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", OUT_OF_FILES], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["result"] == [x * x for x in range(4)] and seen["ok_error"] == "None", seen
+    assert len(seen["ok_shown"]) == 1 and seen["ok_shown"][0].startswith("pmap: 4 items on 2 workers"), seen
+    assert seen["error"] == "SerializationError" and "too many open files" in seen["message"], seen
+    assert any(shown.startswith("pmap failed at item 0 after 0 of 4 items") for shown in seen["failed_shown"]), seen
+    for text in (seen["ok_text"], seen["failed_text"], done.stderr):
+        assert "OSError" not in text and "advice.py" not in text and "Unexpected exception" not in text, text
+
+
 def test_advice_picks_the_cause_from_the_measurements():
     """Each cause from its own measurement (synthetic reports: deterministic)."""
     assert _report().advice is None  # 1.9x on 2 workers
