@@ -53,7 +53,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# (all up front, as report.py imports this module: a notebook out of file descriptors cannot import)
 from .fmt import fmt_bytes, fmt_seconds, imports_text
+from .threads import cap_for, configured, threads_per_worker
 from .waits import names as helper_names
 
 # Tasks this much slower in the workers than serially here are worth naming
@@ -109,8 +111,6 @@ def threads_oversubscribed(report: Any) -> float | None:
     A task's CPU time above its wall time means it ran several threads (BLAS,
     OpenMP); workers x those threads beyond the usable cores only take turns.
     """
-    from .threads import threads_per_worker
-
     per = threads_per_worker(report.cpu_seconds, report.task_seconds)
     cores, workers = report.cores, max(1, min(report.workers, report.chunks or report.workers))
     if per is None or not cores or per < 1.3 or workers * per <= 1.15 * cores:
@@ -129,8 +129,6 @@ def _thread_remedy(report: Any, cap: int) -> str:
     default, or a value at or below ``cap``), setting it would change nothing: the
     threads are ones the tasks start themselves (joblib's, scikit-learn's
     ``n_jobs=-1``), so that is what is named."""
-    from .threads import cap_for, configured
-
     setting = configured()
     _, notebook = cap_for(max(1, report.workers), setting)
     if setting == 0:

@@ -1034,7 +1034,16 @@ class CellOrigin:
     offset: int  # the lines above the body (the magic line, and blank lines before it)
 
 
-_cell_origins: dict[str, str] = {}  # a body's file name -> its cell's file name
+#: How many ``%%parallel`` bodies' cells :func:`cell_file` and :func:`map_cell_frames` know: the
+#: most recently run ones (each run moves its body to the end). Every distinct body run in a
+#: session was kept, for good: a long session's mapping grew by one entry per cell. What
+#: still needs a body's cell is a run of it (its ranks' errors and warnings, while it runs)
+#: and its failures (``%pdebug``, ``last_failures``): recent runs, far fewer than this.
+CELL_ORIGINS_KEPT = 256
+
+# A body's file name -> its cell's file name, in the order they last ran (oldest first).
+_cell_origins: dict[str, str] = {}
+_cell_origins_lock = threading.Lock()  # (parallel() may be called from any thread)
 
 
 def cell_origin(source: str) -> CellOrigin | None:
@@ -1085,15 +1094,23 @@ def remember_cell_origin(filename: str, origin: CellOrigin | None) -> None:
     IPython caches a cell-magic cell as its one-line transformed call: the
     raw cell is put in ``linecache`` under the cell's name, so that its lines
     show around a rank's frame (and in %pdebug).
+
+    Only the last :data:`CELL_ORIGINS_KEPT` bodies run are kept (the oldest
+    is forgotten first): a body forgotten shows under its own name,
+    ``<parallel-cell-…>``, its lines still there (``cell.register_source``).
     """
-    # The name is the body's (cell.register_source): forget what an earlier
-    # run of the same body in another cell (or through the API) said of it.
-    _cell_origins.pop(filename, None)
-    if origin is None:
-        return
-    lines = newline_ended(origin.lines)
-    linecache.cache[origin.name] = (sum(map(len, lines)), None, lines, origin.name)
-    _cell_origins[filename] = origin.name
+    with _cell_origins_lock:
+        # The name is the body's (cell.register_source): forget what an earlier
+        # run of the same body in another cell (or through the API) said of it
+        # (and, run again, it is the most recent: it goes to the end).
+        _cell_origins.pop(filename, None)
+        if origin is None:
+            return
+        lines = newline_ended(origin.lines)
+        linecache.cache[origin.name] = (sum(map(len, lines)), None, lines, origin.name)
+        _cell_origins[filename] = origin.name
+        while len(_cell_origins) > CELL_ORIGINS_KEPT:
+            del _cell_origins[next(iter(_cell_origins))]
 
 
 def newline_ended(lines: list[str]) -> list[str]:

@@ -13,15 +13,26 @@ right from the first frame. ``tqdm.auto`` gives the notebook widget in Jupyter
 ipywidgets, a text bar and one line of mpmagic's saying what to install
 (:func:`_tqdm_class`). :meth:`Progress.close` must run on every way out
 (success, error, interrupt): the API calls it in a ``finally``.
+
+A notebook bar is made of ipywidgets, which stay registered in the kernel
+(ipywidgets' own registry, and the kernel's comms) until closed: 11 per bar,
+for good, one bar per run that lasted ``delay``. Closing a widget removes it
+from the page, so the last :data:`KEEP_WIDGET_BARS` finished bars stay live
+widgets, and an older one's output is replaced by a still copy of its final
+state (the same text and bar, as HTML) before its widgets are closed
+(:func:`_keep_widget_bar`): what the kernel holds stays bounded, what the
+page shows stays the same.
 """
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 # The most recent Progress (also when closed), so a notebook or a test can
@@ -32,6 +43,14 @@ last: Progress | None = None
 NO_WIDGETS_LINE = ("mpmagic: the progress bar is text here: the notebook's bar needs ipywidgets "
                    "(pip install ipywidgets, then restart the kernel)\n")
 _said_no_widgets = False
+
+#: Finished notebook bars kept as live widgets (the most recent ones); an older one
+#: is shown as a still copy and its widgets closed (released by the kernel).
+KEEP_WIDGET_BARS = 10
+
+# The finished notebook bars still live: (their display, their widgets, the still copy), oldest first.
+_widget_bars: deque[tuple[Any, list[Any], dict[str, str]]] = deque()
+_widget_bars_lock = threading.Lock()
 
 
 def _tqdm_class() -> Any:
@@ -93,6 +112,7 @@ class Progress:
         self.closed = False
         self.outcome: str | None = None  # "done", "error" or "interrupted" after close
         self._lock = threading.Lock()
+        self._display: Any = None  # a notebook bar's display (by id), shown by us: see _keep_widget_bar
         last = self
 
     def update(self, n: int = 1) -> None:
@@ -131,14 +151,28 @@ class Progress:
 
     def _make_bar(self) -> Any:
         try:
-            bar = _tqdm_class()(
+            cls = _tqdm_class()
+            widget = _is_widget_bar(cls)
+            # A notebook bar is displayed here, by id, so that it can be replaced by its
+            # still copy once its widgets are closed (tqdm's own display has no id).
+            extra: dict[str, Any] = {"display": False} if widget else {}
+            bar = cls(
                 total=self.total,
                 desc=self.desc,
                 unit=self.unit,
                 dynamic_ncols=True,
                 mininterval=0.2,
                 leave=True,
+                **extra,
             )
+            if widget:
+                from IPython.display import display
+
+                try:
+                    self._display = display(bar.container, display_id=True)
+                except Exception:
+                    bar.close()  # (out of tqdm's record of open bars, as a bar never shown)
+                    raise
         except Exception:  # a broken display must never break the run
             self.enabled = False
             return None
@@ -164,8 +198,11 @@ class Progress:
             if outcome != "done":
                 bar.set_postfix_str(outcome, refresh=False)
             bar.close()
+            if self._display is not None:
+                _keep_widget_bar(self._display, bar.container)
         except Exception:  # a display that went away: the run's result matters, not its bar
             logging.getLogger("mpmagic").debug("mpmagic: closing the progress bar failed", exc_info=True)
+        self._display = None
 
     def __enter__(self) -> Progress:
         return self
@@ -177,3 +214,77 @@ class Progress:
             self.close("interrupted")
         else:
             self.close("error")
+
+
+def _is_widget_bar(cls: Any) -> bool:
+    """Is ``cls`` tqdm's notebook bar (ipywidgets), as ``tqdm.auto`` gives it in Jupyter?"""
+    notebook = sys.modules.get("tqdm.notebook")  # (imported by tqdm.auto for a notebook bar: never here)
+    base = getattr(notebook, "tqdm_notebook", None)
+    return isinstance(cls, type) and base is not None and issubclass(cls, base)
+
+
+def _keep_widget_bar(shown: Any, container: Any) -> None:
+    """A notebook bar finished: keep it live among the last :data:`KEEP_WIDGET_BARS`; the
+    oldest beyond them is replaced on the page by its still copy and its widgets closed."""
+    entry = (shown, _widgets_of(container), _still_copy(container))
+    with _widget_bars_lock:
+        _widget_bars.append(entry)
+        retired = [_widget_bars.popleft() for _ in range(len(_widget_bars) - KEEP_WIDGET_BARS)]
+    for old in retired:
+        _retire(*old)
+
+
+def _retire(shown: Any, widgets: list[Any], still: dict[str, str]) -> None:
+    """The bar's output becomes its still copy (first: a closed widget's view goes from the
+    page), then its widgets are closed: ipywidgets and the kernel's comms let them go."""
+    try:
+        shown.update(still, raw=True)
+    except Exception:
+        logging.getLogger("mpmagic").debug("mpmagic: replacing a finished progress bar failed", exc_info=True)
+    for widget in widgets:
+        try:
+            widget.close()
+        except Exception:
+            logging.getLogger("mpmagic").debug("mpmagic: closing a progress bar's widget failed", exc_info=True)
+
+
+def _widgets_of(root: Any) -> list[Any]:
+    """``root`` and every widget it holds (its children, their layouts and styles): tqdm's
+    bar is an HBox of two HTML and a progress widget, 11 widgets in all, each registered."""
+    try:
+        from ipywidgets import Widget
+    except Exception:
+        return [root]
+    found: list[Any] = []
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        widget = todo.pop()
+        if id(widget) in seen:
+            continue
+        seen.add(id(widget))
+        found.append(widget)
+        for name in getattr(widget, "keys", ()):
+            value = getattr(widget, name, None)
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            todo.extend(v for v in values if isinstance(v, Widget))
+    return found
+
+
+#: The bar's colour in its still copy, by tqdm's bar style (ipywidgets' colours).
+_BAR_COLOURS = {"success": "#4caf50", "danger": "#f44336", "info": "#00bcd4"}
+
+
+def _still_copy(container: Any) -> dict[str, str]:
+    """The finished bar as it looks, without widgets: its left text, its bar, its right
+    text (tqdm wrote them into the widgets as escaped HTML, figure spaces for spaces)."""
+    left, bar, right = container.children
+    colour = _BAR_COLOURS.get(getattr(bar, "bar_style", ""), "")
+    accent = f"accent-color:{colour};" if colour else ""
+    meter = (f"<progress value='{float(bar.value):g}' max='{float(bar.max):g}' "
+             f"style='flex:2;min-width:10em;{accent}'></progress>")
+    page = (f"<div class='mpmagic-progress' style='display:flex;align-items:center;gap:4px'>"
+            f"<span>{left.value}</span>{meter}<span>{right.value}</span></div>")
+    # (tqdm's split of "pmap: 100%|<bar>| 2/2 [...]" leaves the space before "2/2" to the right text)
+    plain = html.unescape(left.value + right.value).replace("\u2007", " ").strip()
+    return {"text/plain": plain, "text/html": page}

@@ -16,6 +16,11 @@ from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+# Imported up front, not when a report is first shown: a notebook out of file
+# descriptors cannot import (its .py or .pyc cannot be opened), and the report of
+# the very run that said "too many open files" failed to show with an OSError
+# from importing this, chained onto that message.
+from .advice import advise
 from .fmt import fmt_seconds, imports_text
 from .waits import names as helper_names
 
@@ -488,8 +493,6 @@ class Report:
         if not self.advice_enabled or not _setting("advice", True):
             tip = None
         else:
-            from .advice import advise
-
             tip = advise(self)
         if memo is not None:
             memo["advice"] = tip

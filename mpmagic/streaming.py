@@ -185,6 +185,12 @@ class _Reader:
         # The segment being iterated (close() closes it), weakly: its finalizer holds this reader.
         self.segment: weakref.ref[Generator] | None = None
         self.guard: weakref.finalize | None = None  # that segment's finalizer (see _dropped)
+        # The results the loop got (each chunk's, counted as it is handed out: by the run's
+        # end every one handed out was yielded or raised in its place), for a cancel's message.
+        self.given = 0
+        # The thread that loops over the stream (the one that made it, until a loop runs):
+        # close() from any other stops the run and lets that loop hear of it (close, below).
+        self.thread = threading.get_ident()
         run.add_done_callback(lambda r: feed.chunks.put((-1, _END, False)))
 
     def next_part(self) -> tuple[list, int] | None:
@@ -197,6 +203,7 @@ class _Reader:
         chunk = self.next_chunk()
         if chunk is None:
             return None
+        self.given += len(chunk[0])
         return chunk[0], 0 if chunk[1] else -1
 
     def next_chunk(self) -> tuple[list, bool] | None:
@@ -204,6 +211,7 @@ class _Reader:
         or None once the run ended and all are out."""
         if self.ended:
             return None
+        self.thread = threading.get_ident()  # (per chunk, not per item: the loop's thread)
         while True:
             try:
                 start, results, failing = self.feed.chunks.get(timeout=_RELAY_EVERY)
@@ -267,12 +275,32 @@ class _Reader:
         return (rest, failing) if rest else None
 
     def ended_with(self, exc: BaseException) -> None:
-        """The run ended with ``exc`` (raised at the stream's end): after a cancel, or the
-        input's own error (a generator that raised is finished: serial map ends there too),
-        the stream ends; after any other, the next ``next()`` says the run stopped there."""
+        """The run ended with ``exc`` (raised at the stream's end): after the input's own
+        error (a generator that raised is finished: serial map ends there too) the stream
+        ends; after any other, a cancel too, the next ``next()`` says the run stopped there
+        (a loop that logs errors and goes on must not take a StopIteration for every result
+        having come: ``as_completed`` says so too)."""
         self.over = True
-        if not isinstance(exc, CancelledError) and exc is not self.run._job.input_raised:
+        if exc is not self.run._job.input_raised:
             self.over, self.stopped_by = False, exc
+
+    def cancelled_error(self) -> CancelledError:
+        """The cancelled run's error, raised where the loop reaches the first item that
+        will not come: how many results the loop got, so a cancelled run does not pass for
+        a complete one (``as_completed`` raises its ``CancelledError`` there too)."""
+        run, n = self.run, self.given
+        total = run.items_total
+        of = f" of {total}" if total is not None else ""
+        if total is not None and n >= total:
+            got = f"the loop had got all {n} results"
+        elif not n:
+            got = f"the loop got no result; none of its{of.replace(' of', '')} items' will come"
+        elif self.ordered:
+            got = (f"the loop got the results of its first {n}{of} items; item {n} and the items after it "
+                   "will not come")
+        else:
+            got = f"the loop got {n}{of} results (as they finished); the other items' will not come"
+        return one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled: {got}"))
 
 
 def _segments(reader: _Reader) -> Generator[Generator[Any, None, None], None, None]:
@@ -327,6 +355,13 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
     run = reader.run
     try:
         run.result()  # the run's error (or CancelledError), after the results before it
+    except CancelledError as exc:
+        if not run.cancelled():  # (not the run's own cancel: raised as it is)
+            reader.ended_with(exc)
+            raise
+        cancelled = reader.cancelled_error()
+        reader.ended_with(cancelled)
+        raise cancelled from None
     except BaseException as exc:
         reader.ended_with(exc)
         hide_our_frames(exc)  # (a script's traceback: the loop's line, then the task's frames)
@@ -339,12 +374,18 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
 
 
 def _stopped(reader: _Reader) -> Generator[Any, None, None]:
-    """The one ``next()`` after the run's error that stopped it: says so (an error, not
-    the StopIteration a loop that logs errors and goes on would take for the end)."""
+    """The one ``next()`` after the run's error that stopped it, or its cancel: says so (an
+    error, not the StopIteration a loop that logs errors and goes on would take for the end).
+    After a cancel, a ``CancelledError`` again, as a cancelled future's ``result()`` raises it
+    each time (and ``as_completed`` the ``next()`` after its own)."""
     __tracebackhide__ = True
     run, exc = reader.run, reader.stopped_by
     done, total = run.items_done, run.items_total
     of = f" of {total}" if total is not None else ""
+    if isinstance(exc, CancelledError) and run.cancelled():
+        raise one_line(CancelledError(
+            f"run {run.id} ({run.what}) was cancelled (the CancelledError raised before): the loop got "
+            f"{reader.given}{of} results, the other items gave none, and nothing more comes"))
     raise one_line(MPMagicError(
         f"imap's run {run.id} ({run.what}) ended with the {type(exc).__name__} raised before ({done}{of} items "
         "finished): the items it had not given by then did not run, and nothing more comes (an error an item "
@@ -619,10 +660,17 @@ class Stream(ResultStream, Generic[_T]):
         return next(self._it)
 
     def close(self) -> None:
-        """Stop here: the rest of the run is cancelled (from any thread: a timer's, a
-        watchdog's, while the loop runs in another; that loop then ends with
-        ``CancelledError``, as after ``stream.run.cancel()``), and ``next()`` ends the stream."""
+        """Stop here: the rest of the run is cancelled, and ``next()`` ends the stream.
+
+        From another thread than the loop's (a timer's, a watchdog's) it cancels the
+        run only: that loop then gets ``CancelledError`` where the results stop, as after
+        ``stream.run.cancel()``. (The loop's segment, suspended while the loop's body ran,
+        was closed from there too, and the loop ended as if every result had come.)"""
         reader = self._reader
+        if reader is not None and reader.thread != threading.get_ident():
+            if self._run is not None:
+                _cancel_quietly(self._run)
+            return
         if reader is not None:
             reader.over = True  # (no segment after the one running now, if any)
             segment = reader.segment() if reader.segment is not None else None

@@ -559,6 +559,33 @@ def test_an_ordered_imap_yields_every_result_before_the_failing_item(ns):
     assert got == list(range(50))
 
 
+def test_an_imap_closed_from_another_thread_ends_its_loop_with_cancelled_error_not_quietly(ns):
+    """close() from a watchdog's thread while the loop's body ran closed the loop's suspended
+    segment too: the loop ended as if every result had come (StopIteration), its run cancelled.
+    The loop gets CancelledError where its results stop, saying how many it got; those are
+    serial map's first results; the next next() says it again, then the stream ends."""
+    square = ns["slow"]
+    stream = mpmagic.imap(square, range(200), chunksize=1)
+    got: list = []
+    with pytest.raises(CancelledError) as raised:
+        for value in stream:
+            got.append(value)
+            if len(got) == 3:  # the loop's body: its segment is suspended while the watchdog closes
+                watchdog = threading.Thread(target=stream.close)
+                watchdog.start()
+                watchdog.join()
+    n = len(got)
+    assert 3 <= n < 200 and got == [square(x) for x in range(n)]
+    assert str(raised.value) == (f"run {stream.run.id} (imap slow) was cancelled: the loop got the results of its "
+                                 f"first {n} of 200 items; item {n} and the items after it will not come")
+    assert stream.run.state == "cancelled"
+    with pytest.raises(CancelledError, match="nothing more comes"):
+        next(stream)
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert _no_busy_worker()
+
+
 def test_cancel_settles_a_run_whose_input_generator_is_blocked(ns):
     """The thread that reads a lazy input was blocked in the user's ``next()``
     (a queue nobody fills): cancel() waited 10 s, the run stayed "running" and

@@ -197,6 +197,58 @@ def test_the_bar_shows_during_a_run_whose_items_all_end_together(ip, pool2, sett
     assert bars[0].born_at == 0 and bars[0].closed_at == 2 and progress.last.outcome == "done"
 
 
+def test_finished_notebook_bars_release_their_widgets_beyond_the_last_few(ip, pool2, settings, monkeypatch, tmp_path):
+    """tqdm's notebook bar is ipywidgets (11 per bar), which the kernel keeps registered
+    (ipywidgets' registry, its comms) until they are closed: every run that showed a bar
+    kept them for good. The last KEEP_WIDGET_BARS finished bars stay live widgets; an older
+    one's output is replaced by its still copy (its final text and bar, as HTML), then its
+    widgets are closed: after many runs the registry holds the kept bars' widgets only."""
+    pytest.importorskip("ipywidgets")
+    import tqdm.notebook
+    from ipywidgets.widgets import widget as ipywidget
+
+    class WidgetBar(tqdm.notebook.tqdm):  # the bar tqdm.auto gives in Jupyter with ipywidgets
+        touch = ""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            open(WidgetBar.touch, "w").close()  # (the tasks end once the bar exists: never born full)
+
+    monkeypatch.setattr(progress, "_tqdm_class", lambda: WidgetBar)
+    monkeypatch.setattr(progress, "_widget_bars", progress.deque())  # (this test's bars only)
+    run(ip, UNTIL_THE_BAR)
+    run(ip, "%config MPMagic.progress_delay = 0")
+    kept = progress.KEEP_WIDGET_BARS
+    before = set(ipywidget._instances)
+    runs = kept + 15
+    with capture_output() as cap:
+        for i in range(runs):
+            WidgetBar.touch = ip.user_ns["bar_file"] = str(tmp_path / f"bar{i}")
+            assert run(ip, "%pmap -q --progress until_the_bar, [bar_file, bar_file]") == [WidgetBar.touch] * 2
+            assert progress.last.shown and progress.last.outcome == "done"
+            assert len(progress._widget_bars) == min(i + 1, kept)
+    try:
+        shown = [o for o in cap.outputs if not o.update]
+        updates = [o for o in cap.outputs if o.update]
+        assert len(shown) == runs, [o.data.keys() for o in shown]
+        bars = [o.data["application/vnd.jupyter.widget-view+json"]["model_id"] for o in shown]
+        ids = [o.transient["display_id"] for o in shown]
+        # The registry: the kept bars' widgets, nothing of the older ones.
+        added = set(ipywidget._instances) - before
+        assert added == {w.model_id for _, widgets, _ in progress._widget_bars for w in widgets}
+        assert len(added) == kept * 11
+        assert not set(bars[:-kept]) & added and set(bars[-kept:]) <= added
+        # Each retired bar's output became its still copy, in its place (by its display id), at 2 of 2.
+        assert [o.transient["display_id"] for o in updates] == ids[:-kept]
+        for still in updates:
+            assert re.fullmatch(r"pmap: 100% 2/2 \[.*item/s\]", still.data["text/plain"]), still.data
+            assert "<progress value='2' max='2'" in still.data["text/html"] and "2/2" in still.data["text/html"]
+            StrictHTML().feed(still.data["text/html"])
+    finally:
+        for entry in list(progress._widget_bars):
+            progress._retire(*entry)
+
+
 def test_no_bar_is_born_full():
     """A bar due once the run is over, or once all its items finished, is not made."""
     for ended in (True, False):
@@ -416,6 +468,63 @@ def test_advice_can_be_turned_off(ip, pool2, settings):
 
 def _report(**kw) -> Report:
     return synthetic_report(**kw)
+
+
+OUT_OF_FILES = r"""
+import json, os, resource
+from IPython.testing.globalipapp import start_ipython
+from IPython.utils.capture import capture_output
+ip = start_ipython()
+ip.run_line_magic("load_ext", "mpmagic")
+import mpmagic
+mpmagic.use_local(2, "forkserver")
+ip.run_cell("import numpy as np\ndef sq(x):\n    return x * x\ndef big(x):\n    return np.full(1_000_000, x)\n")
+assert ip.run_cell("_ = %pmap -q big, range(2)").error_in_exec is None  # (warm, and no report shown yet)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 32, hard))
+held = []
+try:
+    while True:
+        held.append(open(os.devnull))
+except OSError:
+    pass
+with capture_output() as ok:
+    done = ip.run_cell("%pmap sq, range(4)")
+with capture_output() as failed:
+    broke = ip.run_cell("%pmap big, range(4)")
+for f in held:
+    f.close()
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(json.dumps({
+    "result": done.result, "ok_error": repr(done.error_in_exec),
+    "ok_shown": [o.data.get("text/plain", "") for o in ok.outputs], "ok_text": ok.stdout + ok.stderr,
+    "error": type(broke.error_in_exec).__name__, "message": str(broke.error_in_exec),
+    "failed_shown": [o.data.get("text/plain", "") for o in failed.outputs], "failed_text": failed.stdout + failed.stderr,
+}))
+mpmagic.stop_pool()
+"""
+
+
+def test_a_report_shows_in_a_notebook_out_of_file_descriptors(tmp_path):
+    """The report imported its advice module when first shown: in a notebook with no file
+    descriptor left, that import could not open advice.py, and the report of the very run
+    whose error said "too many open files" failed to show with an OSError from inside
+    mpmagic, chained onto that message (the report of a run that went well too). It is
+    imported with the report: both reports show, the error is mpmagic's one line on fds."""
+    pytest.importorskip("numpy")
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", OUT_OF_FILES], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["result"] == [x * x for x in range(4)] and seen["ok_error"] == "None", seen
+    assert len(seen["ok_shown"]) == 1 and seen["ok_shown"][0].startswith("pmap: 4 items on 2 workers"), seen
+    assert seen["error"] == "SerializationError" and "too many open files" in seen["message"], seen
+    assert any(shown.startswith("pmap failed at item 0 after 0 of 4 items") for shown in seen["failed_shown"]), seen
+    for text in (seen["ok_text"], seen["failed_text"], done.stderr):
+        assert "OSError" not in text and "advice.py" not in text and "Unexpected exception" not in text, text
 
 
 def test_advice_picks_the_cause_from_the_measurements():

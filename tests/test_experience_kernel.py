@@ -155,3 +155,52 @@ def test_progress_bar_closed_after_interrupt(kernel):
     assert _value(msgs) == [3, 2, 1, 0, 1, 2]
     _, msgs = _execute(kc, "P.last.shown")
     assert _value(msgs) is False
+
+
+def test_finished_bars_beyond_the_last_few_become_still_copies_and_the_kernel_lets_their_widgets_go(kernel):
+    """Every run that showed a bar kept its ipywidgets (11) registered in the kernel for
+    good: ipywidgets' registry and the kernel's comms grew by a bar per long run. Past the
+    last KEEP_WIDGET_BARS, a finished bar's output is replaced (update_display_data, by its
+    display id) by its still copy, then its widgets' comms are closed."""
+    km, kc = kernel
+    reply, msgs = _execute(
+        kc,
+        "%load_ext mpmagic\n"
+        "%pool start -n 2\n"
+        "import time, mpmagic, mpmagic.progress as P\n"
+        "from ipywidgets.widgets import widget as W\n"
+        "def nap(x):\n"
+        "    time.sleep(0.05)\n"
+        "    return x\n"
+        "mpmagic.pmap(abs, range(4), show_report=False)\n"
+        "BEFORE = len(W._instances)\n"
+        "P.KEEP_WIDGET_BARS",
+    )
+    assert reply["content"]["status"] == "ok", msgs
+    kept = _value(msgs)
+    runs = kept + 2
+    reply, msgs = _execute(
+        kc,
+        f"for _ in range({runs}):\n"
+        "    assert mpmagic.pmap(nap, range(4), chunksize=1, progress=True, progress_delay=0, show_report=False) "
+        "== [0, 1, 2, 3]\n"
+        "    assert P.last.shown\n"
+        "(len(W._instances) - BEFORE, len(P._widget_bars))",
+        timeout=120,
+    )
+    assert reply["content"]["status"] == "ok", msgs
+    assert _value(msgs) == (kept * 11, kept)
+    shown = [m for m in msgs if m["msg_type"] == "display_data"
+             and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+    assert len(shown) == runs
+    ids = [m["content"]["transient"]["display_id"] for m in shown]
+    updates = [m for m in msgs if m["msg_type"] == "update_display_data"]
+    assert [m["content"]["transient"]["display_id"] for m in updates] == ids[:2]
+    for m in updates:
+        assert "<progress value='4' max='4'" in m["content"]["data"]["text/html"], m["content"]["data"]
+        assert m["content"]["data"]["text/plain"].startswith("pmap: 100% 4/4 ["), m["content"]["data"]
+    opened = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_open"}
+    closed = {m["content"]["comm_id"] for m in msgs if m["msg_type"] == "comm_close"}
+    assert len(opened) == runs * 11 and len(closed) == 2 * 11 and closed <= opened
+    retired = {m["content"]["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for m in shown[:2]}
+    assert retired <= closed  # (the two oldest bars' containers among them)

@@ -177,6 +177,37 @@ def test_the_same_parallel_body_keeps_one_file_name(ip):
     _forget_errors()
 
 
+def test_a_long_session_keeps_a_bounded_number_of_cell_origins_and_recent_cells_show_their_lines(ip):
+    """``errors._cell_origins`` (a %%parallel body's file name -> its notebook cell's) kept
+    every distinct body run, for good: one entry per cell of a long session. Only the last
+    ``CELL_ORIGINS_KEPT`` bodies run are kept; a failing cell run after many others still
+    shows its rank's frame as the cell's, with the cell's lines, and a body run again is the
+    most recent (kept) however old its first run."""
+    ensure_pool("forkserver")
+    kept = errors.CELL_ORIGINS_KEPT
+    again = "%%parallel -n 2 -q\nx = 'run again'\nrank\n"
+    for i in range(kept + 100):
+        cell = again if i % 50 == 0 else f"%%parallel -n 2 -q\nx = {i}\nrank\n"
+        result = ip.run_cell(cell, store_history=True)  # (numbered In[N], as in a notebook)
+        assert result.error_in_exec is None and result.result == [0, 1], result
+        assert len(errors._cell_origins) <= kept
+    assert len(errors._cell_origins) == kept
+    again_body = next(f for f, c in errors._cell_origins.items() if "run again" in "".join(linecache.getlines(c)))
+    assert errors.cell_file(again_body) != again_body  # (run every 50 cells: never the oldest)
+    with capture_output() as cap:
+        result = ip.run_cell("%%parallel -n 2 -q\nx = rank\nif x >= 0:\n    raise ValueError(f'rank {x} failed')\n",
+                             store_history=True)
+    text = cap.stdout + cap.stderr
+    n = result.execution_count
+    assert isinstance(result.error_in_exec, mpmagic.ParallelError)
+    for rank in (0, 1):
+        assert f"[rank {rank}] Cell In[{n}], line 4" in text, text
+        assert f"[rank {rank}] ValueError: rank {rank} failed" in text, text
+    assert "raise ValueError(f'rank {x} failed')" in text and "<parallel-cell-" not in text, text
+    assert len(errors._cell_origins) == kept
+    _forget_errors()
+
+
 def test_the_same_pmap_arguments_keep_one_file_name(ip):
     ensure_pool("forkserver")
     before = _names("<pmap-args-")

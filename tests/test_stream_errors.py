@@ -161,6 +161,42 @@ def test_as_completed_after_a_cancel_says_nothing_more_comes_not_a_silent_end(ns
     assert f"{len(results)} of 8 results came" in errors[1][1] and "nothing more comes" in errors[1][1], got
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_imap_loop_after_a_cancel_says_nothing_more_comes_not_a_silent_end(ns, ordered):
+    """A stream whose run was cancelled (run.cancel(), %pool cancel) mid-loop: a loop that logs
+    errors and goes on got one bare CancelledError, then StopIteration, as if every result had
+    come, where as_completed says so once more. It raises CancelledError where the results stop,
+    saying how many the loop got (ordered: the first item that will not come), CancelledError
+    again at the next next(), then ends. The results before it are serial map's first ones."""
+    nap = ns["nap"]
+    serial = list(map(nap, range(8)))
+    stream = mpmagic.imap(nap, range(8), chunksize=1, ordered=ordered)
+    it = iter(stream)
+    first = next(it)
+    assert stream.run.cancel()
+    got = [first, *drain(it)]
+    errors = [g for g in got if isinstance(g, tuple)]
+    results = [g for g in got if not isinstance(g, tuple)]
+    n = len(results)
+    assert 1 <= n < 8, got
+    if ordered:
+        assert results == serial[:n], got
+    else:
+        assert set(results) <= set(serial) and len(set(results)) == n, got
+    assert [name for name, _ in errors] == ["CancelledError", "CancelledError"], got
+    assert got[-2:] == errors, got  # (after every result the loop got, then the end)
+    run_name = f"run {stream.run.id} (imap nap) was cancelled"
+    if ordered:
+        assert errors[0][1] == (f"{run_name}: the loop got the results of its first {n} of 8 items; item {n} and "
+                                "the items after it will not come"), errors
+    else:
+        assert errors[0][1] == (f"{run_name}: the loop got {n} of 8 results (as they finished); the other "
+                                "items' will not come"), errors
+    assert errors[1][1] == (f"{run_name} (the CancelledError raised before): the loop got {n} of 8 results, the "
+                            "other items gave none, and nothing more comes"), errors
+    assert stream.run.state == "cancelled"
+
+
 def test_as_completed_goes_on_after_a_time_out_it_raised(ns):
     """``timeout=`` bounds the wait for the next chunk; the run goes on, and so can the loop:
     it ended at the first TimeoutError (the next next() raised StopIteration)."""
