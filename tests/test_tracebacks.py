@@ -303,6 +303,8 @@ def test_verbose_one_line_functions_as_serially(ip, local_pool, call):
     The stub now fails at the same kind of operation (a call, ``/``, a subscript, an
     attribute, a comparison, a store, a loop), so the same node is found."""
     defined(ip, ONE_LINERS)
+    for name in ("r", "y", "z"):  # (b's locals: serially, Verbose shows a notebook global of that name
+        ip.user_ns.pop(name, None)  # for a local not yet assigned; an earlier test file's `r` differed)
     _, _, serial = shown(ip, f"list(map({call}))")
     _, _, parallel = shown(ip, f"mpmagic.pmap({call})")
     assert type(parallel) is type(serial)
