@@ -34,4 +34,4 @@ def parse(source: str, filename: str = "<unknown>", mode: str = "exec") -> ast.A
 def compile_tree(tree: Any, filename: str, mode: str) -> Any:
     """``compile`` of an AST object, one thread at a time."""
     with _LOCK:
-        return compile(tree, filename, mode)
+        return compile(tree, filename, mode, dont_inherit=True)  # (not this module's `from __future__ import annotations`: a cell's annotations are objects, as serially)

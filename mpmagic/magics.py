@@ -837,7 +837,7 @@ def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.C
     # code, so the same payload key, call after call.
     filename = f"<pmap-args-{source_digest(text)}>"
     try:
-        code = compile(source, filename, "eval")
+        code = compile(source, filename, "eval", dont_inherit=True)
     except SyntaxError as exc:  # what only compiling finds (a yield outside a function)
         raise parser.usage_error(f"{text!r}: {exc.msg}") from None
     if len(_args_codes) >= _ARGS_CODES_KEPT:

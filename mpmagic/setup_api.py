@@ -68,7 +68,7 @@ def set_code(source: str, line_offset: int = 0) -> list[str]:
     ``source`` (the ``%%pool setup`` line), for the line a failure names.
     """
     __tracebackhide__ = True
-    compile(source, worker_setup.SETUP_FILENAME, "exec")  # (before asking about runs: the cell's own error first)
+    compile(source, worker_setup.SETUP_FILENAME, "exec", dont_inherit=True)  # (before asking about runs: the cell's own error first)
     bad = worker_setup.shadowing(n for n in setup_names(source) if not n.startswith("_"))
     if bad:  # (each worker checks again what the setup really defines: names made by exec, a star import...)
         raise SetupRefused(f"%%pool setup refused, nothing was sent to the workers: {worker_setup.shadow_message(bad)}")

@@ -397,7 +397,7 @@ def _eval_arguments(text: str, frame: types.FrameType) -> tuple[tuple, bool]:
         if not (isinstance(tree.body, ast.Call) and isinstance(tree.body.func, ast.Name)
                 and tree.body.func.id == collector):
             raise SyntaxError("not one call")
-        code = compile(source, filename, "eval")
+        code = compile(source, filename, "eval", dont_inherit=True)
     except SyntaxError:
         raise UsageError(f"%pmap inside a task: {text!r} is not an argument list like map()'s") from None
     namespace = {**frame.f_globals, **frame.f_locals} if frame.f_locals is not frame.f_globals else frame.f_globals

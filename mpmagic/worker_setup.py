@@ -135,7 +135,7 @@ def set_code(source: str, line_offset: int = 0, world: bytes | None = None) -> N
     ``world``: the notebook's world as the cell runs (``context.world``), which
     every worker runs it in.
     """
-    code = compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
+    code = compile(source, SETUP_FILENAME, "exec", dont_inherit=True)  # a SyntaxError now, not in every worker
     files = _imported_files(code)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
@@ -635,7 +635,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                 text = "\n" * entry.line_offset + entry.data
                 lines = text.splitlines(keepends=True)
                 linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
-                exec(compile(text, SETUP_FILENAME, "exec"), ns)
+                exec(compile(text, SETUP_FILENAME, "exec", dont_inherit=True), ns)
             else:
                 func = payload.loads(entry.data)
                 g = _by_value_globals(func)

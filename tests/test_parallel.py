@@ -739,3 +739,30 @@ def test_more_ranks_than_the_machine_runs_is_one_line_at_once(ip, pool_fs, monke
         for extra in ("", " --bg", " --scaling"):
             assert usage_error(ip, f"%%parallel -q -n {n}{extra}\nrank") == (
                 f"%%parallel: -n {shown} is more ranks than this machine can run at once {cap}"), extra
+
+
+_ANNOTATED = ("import typing\n"
+              "class Local:\n    pass\n"
+              "def f(a: int, b: Local) -> float:\n    return a\n"
+              "class Holder:\n    x: Local\n"
+              "z: float = 1.0\n"
+              "(f.__annotations__, typing.get_type_hints(Holder), __annotations__)")
+
+
+def test_a_cells_annotations_are_objects_as_serially(ip, backend):
+    """A cell's annotations are the objects they name, as serially: the cell was
+    compiled under the ``from __future__ import annotations`` of mpmagic's own
+    module (``astlock``), so ``f.__annotations__`` held strings, an annotation
+    naming nothing raised nowhere, and ``get_type_hints`` of a class naming a
+    class the cell defined failed in every rank (tester-parallel22, item 1)."""
+    serial = run(ip, _ANNOTATED)
+    assert serial[0] == {"a": int, "b": serial[0]["b"], "return": float} and serial[2] == {"z": float}
+    ranks = cell(ip, "-n 2 -q", _ANNOTATED)
+    for hints, held, module_level in ranks:
+        assert hints["a"] is int and hints["return"] is float and isinstance(hints["b"], type)
+        assert hints["b"].__name__ == "Local" and isinstance(held["x"], type)
+        assert module_level == {"z": float}
+    with pytest.raises(NameError):  # (an annotation naming nothing fails where it is evaluated, as serially)
+        run(ip, "def g(a: NoSuchName):\n    pass")
+    with pytest.raises(Exception, match="NoSuchName"):
+        cell(ip, "-n 2 -q", "def g(a: NoSuchName):\n    pass")

@@ -862,3 +862,11 @@ def test_a_setups_name_error_for_a_notebook_variable_says_why(ip, local_pool):
     with pytest.raises(mpmagic.MPMagicError) as failed:  # (a name the notebook lacks: no such line)
         run(ip, "%%pool setup\nMODEL = MPM_NO_SUCH_NAME\n")
     assert "\n" not in str(failed.value)
+
+
+def test_a_setups_annotations_are_objects_as_serially(ip, local_pool):
+    """Code of ``%%pool setup`` is compiled as a cell is, without mpmagic's own
+    ``from __future__ import annotations``: a function it defines has its
+    annotations as objects in the tasks (they were strings: tester-parallel22)."""
+    run(ip, "%%pool setup\ndef typed(a: int) -> float:\n    return a\n")
+    assert run(ip, "%pmap -q lambda x: typed.__annotations__, range(2)") == [{"a": int, "return": float}] * 2
