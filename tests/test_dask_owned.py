@@ -440,6 +440,49 @@ def test_a_script_on_mpmagics_own_cluster_ends_once_its_runs_in_flight_are_done(
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
 
 
+def test_a_worker_its_nanny_starts_again_never_runs_an_unguarded_script(tmp_path):
+    """Tester report dask22, finding 2: a script needs no ``__main__`` guard (guide.md), but
+    when an item killed its worker on ``use_dask(workers=2)``'s cluster, the nanny spawned the
+    new worker process from its own thread, later, and multiprocessing told it to run the
+    script's ``__main__``: the whole script ran again there, its ``use_dask`` started a cluster
+    of its own ("Nanny failed to start"), again and again. The script's top level must run
+    once, in the script's process, and the cluster must come back whole."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import mpmagic\n"
+        "open(os.path.join(sys.argv[1], f'top_{os.getpid()}'), 'w').close()\n"
+        "def dies_at_3(x):\n"
+        "    if x == 3:\n"
+        "        os._exit(1)\n"
+        "    return x\n"
+        "mpmagic.use_dask(workers=2)\n"
+        "client = mpmagic.get_pool().client\n"
+        "before = set(client.run(os.getpid).values())\n"
+        "results = mpmagic.pmap(dies_at_3, range(6), errors='collect', progress=False)\n"
+        "print([type(r.error).__name__ if isinstance(r, mpmagic.Failed) else r for r in results], flush=True)\n"
+        "deadline = time.monotonic() + 90\n"
+        "while True:  # until the nanny started the dead worker again (a new process)\n"
+        "    try:\n"
+        "        now = set(client.run(os.getpid).values())\n"
+        "    except OSError:\n"
+        "        now = set()\n"
+        "    if len(now) == 2 and now != before or time.monotonic() > deadline:\n"
+        "        break\n"
+        "    time.sleep(0.2)\n"
+        "print(len(now), now != before, flush=True)\n"
+        "print(mpmagic.pmap(abs, [-1, 2, -3], progress=False), flush=True)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=240)
+    tops = sorted(f.name for f in out.iterdir())
+    assert len(tops) == 1, f"the script's top level ran in {len(tops)} processes: {done.stderr}"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[0, 1, 2, 'WorkerLostError', 4, 5]\n2 True\n[1, 2, 3]\n", done.stderr
+    assert "Nanny failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_ctrl_c_during_the_exit_wait_on_mpmagics_own_cluster_stops_quietly(tmp_path):
     """Tester report (today), finding 4: Ctrl-C during the exit's wait printed
     distributed's "cannot schedule new futures after shutdown" traceback (through
