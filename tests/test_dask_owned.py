@@ -635,3 +635,35 @@ def test_numpys_error_state_reaches_every_task_on_mpmagics_own_cluster(ip):
     finally:
         np.seterr(**before)
         pool_module.shutdown()
+
+
+def test_a_parallel_cell_on_mpmagics_own_cluster_checkpoints_and_says_nothing_of_dasks_own_modules(
+        ip, tmp_path, capfd):
+    """Tester report dask22, findings 1 and 2: importing ``distributed`` puts zipp's overlay
+    (``zipp.compat.overlay.zipfile``, a namespace whose file is the standard library's
+    zipfile.py) in ``sys.modules``, and a cell, which may import any module, took it for a
+    module of the user's: every worker printed "could not reload" with a traceback of
+    mpmagic's internals, the cell said the workers' zipfile.py "differs" from the
+    notebook's, and --checkpoint stored nothing, run after run. As on the local pool: the
+    first run stores, the second resumes, and nothing else is said."""
+    pytest.importorskip("zipp.compat.overlay")
+    assert not isinstance(sys.modules.get("zipp.compat.overlay.zipfile", sys), type(sys))  # (the trap is set)
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=2)
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
+    try:
+        capfd.readouterr()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (the checkpoint's "none of the cell's values were stored")
+            assert run(ip, "%%parallel -n 2 --checkpoint\nrank * 10") == [0, 10]
+            assert "resumed: 0 of 2 ranks" in mpmagic.last_report().line()
+            assert run(ip, "%%parallel -n 2 --checkpoint\nrank * 10") == [0, 10]
+            assert "resumed: 2 of 2 ranks" in mpmagic.last_report().line()
+        out, err = capfd.readouterr()
+        for said in ("Traceback", "reload", "differs", "zipfile"):
+            assert said not in out + err, out + err
+    finally:
+        run(ip, "%config MPMagic.checkpoint_dir = None")
+        pool_module.shutdown()
