@@ -303,6 +303,18 @@ def test_workers_n_runs_at_most_n_tasks_at_once(ip, dask_pool):
     assert len(set(mpmagic.pmap(ip.user_ns["pid_of"], range(8), workers=2, chunksize=1, progress=False))) <= 2
 
 
+def test_the_line_counts_the_worker_threads_a_map_was_given_as_the_local_pool_counts_its_workers(ip, dask_pool):
+    """Tester report dask22, finding 4: dask.md said the line counts the threads the map
+    "ran on", but a map of one item (or of one chunk) says it ran on every free thread. It
+    counts the threads the map was given, as the local pool's line counts its workers
+    ("1 item on 2 workers"): one item ran on one of them."""
+    run(ip, "import os\ndef pid_of_one(x):\n    return os.getpid()\n")
+    assert len(run(ip, "%pmap -q pid_of_one, [0]")) == 1
+    assert f"pmap: 1 item on {DASK_WORKERS} worker threads (dask)" in mpmagic.last_report().line()
+    assert len(set(run(ip, "%pmap -q --chunksize 10 pid_of_one, range(10)"))) == 1  # (one chunk: one worker)
+    assert f"pmap: 10 items on {DASK_WORKERS} worker threads (dask)" in mpmagic.last_report().line()
+
+
 def test_stop_iteration_in_a_task_comes_back_as_on_the_local_pool(ip, dask_pool):
     """Value, cause and the task's frame, as the local pool gives them (Dask gave none)."""
     run(ip, "def stopit(x):\n    raise StopIteration(x)\n")
