@@ -208,6 +208,31 @@ class _FromDistributed(_ToDebugLog):
         return super().filter(record)
 
 
+class _OfOurTasks(logging.Filter):
+    """For the ``distributed.client`` logger, as long as this module is loaded: its records
+    about mpmagic's own tasks (their keys begin ``mpmagic-``) go to mpmagic's debug log;
+    any other (the user's own client's) passes.
+
+    Why: after an item killed its worker on a cluster mpmagic connected to (whose log is
+    not silenced, as is that of mpmagic's own cluster: ``_DaskLogSilenced``), the client
+    logged ``Couldn't gather 1 keys, rescheduling ('mpmagic-...',)`` into the next cell:
+    a raw Dask line where mpmagic says in its own words what became of the worker and
+    its items, about a task Dask runs again anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # (a record whose arguments do not fit its format: Dask's to show)
+            return True
+        if "'mpmagic-" not in text and '"mpmagic-' not in text:
+            return True
+        log.debug("mpmagic: Dask's client said of mpmagic's tasks: %s", text, exc_info=record.exc_info)
+        return False
+
+
+logging.getLogger("distributed.client").addFilter(_OfOurTasks())
+
+
 @contextlib.contextmanager
 def _quiet_client_log() -> Iterator[None]:
     """Closing a client whose scheduler is gone cancels its attempts to reconnect,
