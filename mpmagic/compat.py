@@ -53,7 +53,10 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   spawn or forkserver child is told, read when it starts. For the thread
   starting a worker it drops the parent's ``__main__`` (``children_ignore_main``):
   a ``%run script.py`` could make the script ``__main__`` during a
-  background start, and the child then ran the whole script.
+  background start, and the child then ran the whole script. It drops it
+  too for every child of a name a holder registered, whichever thread starts
+  it (``children_named_ignore_main``): the worker processes a Dask nanny of
+  ``use_dask()``'s cluster starts again, from a thread of its own.
 * ``ModuleSpec._initializing``: importlib's mark of a module whose import is
   running; a plain pickle naming a class of it would wait on its import lock
   (``module_initializing``).
@@ -552,18 +555,34 @@ def _tracker_function(which: str) -> Callable[..., None] | None:
 # multiprocessing.spawn.get_preparation_data: our children never run __main__
 
 _starting = threading.local()  # .on: this thread is starting a worker (or the fork server for one)
+# A child's process name -> how many holders want every child of that name to ignore __main__,
+# whichever thread starts it (children_named_ignore_main); changed under _named_lock
+_named: dict[str, int] = {}
+_named_lock = threading.Lock()
 
 
 def _main_dropped(get_preparation_data: Callable[[str], dict]) -> Callable[[str], dict]:
     def preparation_data(name: str) -> dict:
         data = get_preparation_data(name)
-        if getattr(_starting, "on", False):
+        if getattr(_starting, "on", False) or _named.get(name):
             data.pop("init_main_from_path", None)
             data.pop("init_main_from_name", None)
         return data
 
     preparation_data._mpmagic_wraps = get_preparation_data  # type: ignore[attr-defined]
     return preparation_data
+
+
+def _wrap_preparation_data() -> bool:
+    """Install the wrapper of ``multiprocessing.spawn.get_preparation_data`` (once);
+    False when there is none to wrap."""
+    spawn = _module("multiprocessing.spawn")
+    current = getattr(spawn, "get_preparation_data", None)
+    if current is None:
+        return False
+    if getattr(current, "_mpmagic_wraps", None) is None:
+        spawn.get_preparation_data = _main_dropped(current)
+    return True
 
 
 @contextmanager
@@ -581,19 +600,51 @@ def children_ignore_main() -> Iterator[bool]:
     traceback. The wrapper is installed once and changes other threads' starts in
     nothing.
     """
-    spawn = _module("multiprocessing.spawn")
-    current = getattr(spawn, "get_preparation_data", None)
-    if current is None:
+    if not _wrap_preparation_data():
         yield False
         return
-    if getattr(current, "_mpmagic_wraps", None) is None:
-        spawn.get_preparation_data = _main_dropped(current)
     before = getattr(_starting, "on", False)
     _starting.on = True
     try:
         yield True
     finally:
         _starting.on = before
+
+
+def children_named_ignore_main(name: str) -> Callable[[], None] | None:
+    """From now until the returned function is called, every spawn or forkserver child
+    whose process name is ``name`` does not run the parent's ``__main__``, whichever
+    thread starts it, and whenever; None when that cannot be arranged (no
+    ``multiprocessing.spawn.get_preparation_data``). Holders count: the name is
+    dropped when the last one lets go.
+
+    Why: a Dask nanny starts its worker process from a thread of its own, and starts
+    it again there whenever the worker dies, long after the start that
+    :func:`children_ignore_main` (a thread's) or a swapped ``sys.modules['__main__']``
+    covered. In a script without a ``__main__`` guard, an item that killed its worker
+    on ``use_dask()``'s cluster made the new worker process run the whole script
+    again, whose ``use_dask`` started a cluster of its own ("Nanny failed to start"),
+    again and again. Only the children of that name are changed.
+    """
+    if not _wrap_preparation_data():
+        return None
+    with _named_lock:
+        _named[name] = _named.get(name, 0) + 1
+    released = False
+
+    def release() -> None:
+        nonlocal released
+        with _named_lock:
+            if released:
+                return
+            released = True
+            left = _named.get(name, 0) - 1
+            if left > 0:
+                _named[name] = left
+            else:
+                _named.pop(name, None)
+
+    return release
 
 
 # --------------------------------------------------------------------------

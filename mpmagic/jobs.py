@@ -574,7 +574,7 @@ class MapJob:
         # the advice must not call that waiting a transfer cost).
         self.shared_workers = False
         self.waited_for_workers = 0.0  # seconds its first unit waited for workers busy with other runs
-        self.ran_on: int | None = None  # worker threads it ran on, when the backend says (see backends/base.py)
+        self.ran_on: int | None = None  # worker threads it was given, when the backend says (see backends/base.py)
         self.missing_module_advice: str | None = None  # (see backends/base.py)
         # (the function's notebook globals, the names sending it sent): read on a task's first NameError/KeyError
         self._sent_globals: tuple[dict[str, Any] | None, set[str]] | None = None

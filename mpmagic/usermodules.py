@@ -31,32 +31,56 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def _installed_dirs() -> tuple[str, ...]:
-    """Folders whose modules are installed code (the standard library, site-packages):
-    left out of the key, as they change only with an install."""
+    """Folders whose modules are installed code (the standard library, site-packages, the
+    user's site-packages): left out of the key, as they change only with an install."""
+    import site
+
     paths = sysconfig.get_paths()
-    dirs = {os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
-    dirs |= {os.path.realpath(p) for p in sys.path if "site-packages" in p or "dist-packages" in p}
-    return tuple(sorted(d.rstrip(os.sep) + os.sep for d in dirs))
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if k in paths}
+    dirs |= {p for p in sys.path if "site-packages" in p or "dist-packages" in p}
+    try:
+        dirs.update(site.getsitepackages())
+        dirs.add(site.getusersitepackages())
+    except AttributeError:  # (a virtualenv's old site.py)
+        pass
+    return tuple(sorted({os.path.realpath(d).rstrip(os.sep) + os.sep for d in dirs if d}))
 
 
 INSTALLED = _installed_dirs()
+_INSTALLED_PARTS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
+
+
+def _installed_real(real: str) -> bool:
+    return real.startswith(INSTALLED) or any(part in real for part in _INSTALLED_PARTS)
+
+
+def installed(path: str) -> bool:
+    """Is the file ``path`` installed code: under the standard library or a site-packages
+    folder (any one, also one not on ``sys.path``)? Symlinks resolved."""
+    return _installed_real(os.path.realpath(path))
 
 
 def local_path(path: str) -> str | None:
     """``path`` made absolute (symlinks resolved) if it is a file of the user's own code,
     None if it is installed code (standard library, site-packages) or mpmagic's."""
     path = os.path.realpath(path)
-    if path.startswith(INSTALLED) or path.startswith(_PACKAGE_DIR):
+    if _installed_real(path) or path.startswith(_PACKAGE_DIR):
         return None
     return path
 
 
 def local_module_file(module_name: Any) -> str | None:
     """The source file of the loaded module ``module_name`` when it is the user's own code
-    (a .py beside the notebook, say), not installed (standard library, site-packages) nor ours."""
+    (a .py beside the notebook, say), not installed (standard library, site-packages) nor ours.
+
+    The one test of "the user's own module": the checkpoint keys take its file, and
+    ``warmup`` (which of them the workers reload and check, for a cell every one loaded
+    here) keeps those of them it can reload. An entry of ``sys.modules`` named after a
+    package but holding a standard library file (zipp's ``zipp.compat.overlay.zipfile``,
+    which every notebook that imports ``distributed`` has) is not the user's."""
     module = sys.modules.get(module_name) if isinstance(module_name, str) else None
     path = getattr(module, "__file__", None)
-    if not path or module_name in ("__main__", "__mp_main__"):
+    if not path or not isinstance(path, str) or module_name in ("__main__", "__mp_main__"):
         return None
     return local_path(path)
 

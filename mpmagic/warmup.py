@@ -81,32 +81,15 @@ def enabled() -> bool:
 
 
 # -- the notebook side: which modules ---------------------------------------
-_site_dirs: tuple[str, ...] | None = None
-
-
 def _installed(module: Any) -> bool:
-    """Does this module come from an installed package (site-packages)?
+    """Does this module come from installed code (site-packages, the standard library)?
+    ``usermodules.installed``: the same test that tells the user's own modules apart.
 
     Modules next to the notebook (``import mylib``) are left out: they are
     cheap, often edited and reloaded, and may run code on import.
     """
-    global _site_dirs
     path = getattr(module, "__file__", None)
-    if not path:
-        return False
-    if _site_dirs is None:
-        import site
-        import sysconfig
-
-        dirs = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
-        try:
-            dirs.update(site.getsitepackages())
-            dirs.add(site.getusersitepackages())
-        except AttributeError:  # a virtualenv's old site.py
-            pass
-        _site_dirs = tuple(os.path.join(os.path.realpath(d), "") for d in dirs if d)
-    real = os.path.realpath(path)
-    return real.startswith(_site_dirs) or f"{os.sep}site-packages{os.sep}" in real or f"{os.sep}dist-packages{os.sep}" in real
+    return isinstance(path, str) and bool(path) and usermodules.installed(path)
 
 
 def _wanted(name: Any) -> bool:
@@ -423,14 +406,21 @@ def follow_autoreload() -> None:
 
 
 def _user_module(name: str) -> bool:
-    """Is ``name`` a module of the user's own (a ``.py`` beside the notebook): loaded,
-    from a file, not the standard library, not installed, not ours, not ``__main__``?"""
-    if name in ("__main__", "__mp_main__") or name.partition(".")[0] in sys.stdlib_module_names:
+    """Is ``name`` a module of the user's own (a ``.py`` beside the notebook) that the
+    workers can reload: loaded, a module (``importlib.reload`` takes nothing else), and
+    the user's code by ``usermodules.local_module_file`` (from a file, not the standard
+    library, not installed, not ours, not ``__main__``), the test the checkpoint keys use.
+
+    Why one test: this one left out site-packages only, so zipp's overlay
+    (``zipp.compat.overlay.zipfile``, a namespace holding the standard library's
+    zipfile.py, in every notebook that imports ``distributed``) was the user's here and
+    not for the keys: every Dask cell sent it, each worker failed to reload it with a
+    traceback, said its zipfile.py differed, and --checkpoint stored none of the cell's
+    values."""
+    top = name.partition(".")[0]
+    if top in sys.stdlib_module_names or top in _NOT_PRELOADED:
         return False
-    module = sys.modules.get(name)
-    if module is None or not getattr(module, "__file__", None) or name.partition(".")[0] in _NOT_PRELOADED:
-        return False
-    return not _installed(module)
+    return isinstance(sys.modules.get(name), types.ModuleType) and usermodules.local_module_file(name) is not None
 
 
 def user_modules(func: Any) -> list[str]:
@@ -898,17 +888,33 @@ class ImportLog:
                 added = after - rss if after is not None and rss is not None else None
                 self.records.append(("preload", [name], seconds, start, time.time(), added))
 
-    def reload(self, names: list[str]) -> None:
+    def reload(self, names: list[str]) -> list[str]:
         """Reload those of these modules this worker imported (the notebook reloaded
-        them); a failure is logged, not raised: the task that uses it shows the error."""
+        them); return those it could not reload. A failure is one line of the log, not
+        raised: the task that uses the module shows its own error.
+
+        The line names the module and the error, never mpmagic's traceback (it went to
+        the cell, unlabelled, once per task: its frames are ours, the module's error is
+        its last line); the traceback is at debug level. An entry of ``sys.modules``
+        that is no module (zipp's overlay: a namespace) is not reloaded (nothing
+        imported it from a file: there is nothing to reload) and counts as not
+        reloaded, in silence."""
+        failed: list[str] = []
         for name in names:
             module = sys.modules.get(name)
             if module is None:
                 continue  # never imported here: the first use imports the file as it is
+            if not isinstance(module, types.ModuleType):
+                failed.append(name)
+                continue
             try:
                 importlib.reload(module)
-            except Exception:
-                log.warning("mpmagic: a worker could not reload %s", name, exc_info=True)
+            except Exception as exc:
+                failed.append(name)
+                log.warning("mpmagic: a worker could not reload %s (%s: %s): its tasks run the version it had "
+                            "imported", name, type(exc).__name__, str(exc).replace("\n", " "))
+                log.debug("mpmagic: the failed reload of %s", name, exc_info=True)
+        return failed
 
     def take(self) -> dict[str, Any] | None:
         """The records since the last reply (for ``meta["once"]``), or None."""

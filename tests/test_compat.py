@@ -341,6 +341,37 @@ def test_a_worker_started_while_a_run_script_became_main_is_not_told_to_run_it(m
     assert seen[0]["init_main_from_path"] == script.__file__
 
 
+def test_children_of_a_registered_name_ignore_main_whichever_thread_starts_them(monkeypatch, tmp_path) -> None:
+    """A Dask nanny starts its worker again from a thread of its own, later: a script's
+    __main__ must be dropped for every child of that name, from any thread, until the
+    last holder lets go; children of other names are told as multiprocessing tells them."""
+    import multiprocessing.spawn
+    import threading
+
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "script.py")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+
+    def told(name: str) -> bool:
+        seen: list[dict] = []
+        thread = threading.Thread(target=lambda: seen.append(multiprocessing.spawn.get_preparation_data(name)))
+        thread.start()
+        thread.join()
+        return seen[0].get("init_main_from_path") == script.__file__
+
+    release = compat.children_named_ignore_main("nanny child")
+    again = compat.children_named_ignore_main("nanny child")
+    assert release is not None and again is not None
+    try:
+        assert not told("nanny child") and told("another child")
+        release()
+        release()  # (twice: counted once)
+        assert not told("nanny child")
+    finally:
+        again()
+    assert told("nanny child")
+
+
 def _committed_kb() -> int:
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("Committed_AS:"))

@@ -113,6 +113,33 @@ def test_items_that_kill_every_worker_are_named_after_dasks_retries(ip, dask_poo
     assert isinstance(res[5], mpmagic.Failed) and isinstance(res[5].error, mpmagic.WorkerLostError)
 
 
+def test_dasks_client_log_of_mpmagics_own_tasks_stays_out_of_the_cell(dask_pool, caplog):
+    """Tester report dask22, finding 3: after an item killed its worker on a connected
+    cluster, the next cell showed Dask's raw ``distributed.client - WARNING - Couldn't gather
+    1 keys, rescheduling ('mpmagic-suicide-map1-66-...',)``, where mpmagic explains worker
+    deaths in its own words (and Dask reschedules that task: nothing was lost). Records of
+    the client about mpmagic's own tasks go to mpmagic's debug log; any other is Dask's
+    to show, as before."""
+    client_log = logging.getLogger("distributed.client")
+    shown: list[str] = []
+
+    class Shown(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            shown.append(record.getMessage())
+
+    handler = Shown()
+    client_log.addHandler(handler)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="mpmagic"):
+            client_log.warning("Couldn't gather %s keys, rescheduling %s", 1,
+                               ("mpmagic-suicide-map1-66-0-0123456789ab",))
+            client_log.warning("Couldn't gather %s keys, rescheduling %s", 1, ("inc-0123",))
+    finally:
+        client_log.removeHandler(handler)
+    assert shown == ["Couldn't gather 1 keys, rescheduling ('inc-0123',)"]
+    assert "Couldn't gather 1 keys, rescheduling ('mpmagic-suicide-map1-66" in caplog.text
+
+
 def test_an_item_that_kills_its_worker_loses_no_other_item_of_its_chunk(ip, dask_pool):
     """Dask cannot say which item of a chunk killed its worker: a chunk that
     kills it again alone is run one item at a time, so, as on the local pool,

@@ -303,6 +303,18 @@ def test_workers_n_runs_at_most_n_tasks_at_once(ip, dask_pool):
     assert len(set(mpmagic.pmap(ip.user_ns["pid_of"], range(8), workers=2, chunksize=1, progress=False))) <= 2
 
 
+def test_the_line_counts_the_worker_threads_a_map_was_given_as_the_local_pool_counts_its_workers(ip, dask_pool):
+    """Tester report dask22, finding 4: dask.md said the line counts the threads the map
+    "ran on", but a map of one item (or of one chunk) says it ran on every free thread. It
+    counts the threads the map was given, as the local pool's line counts its workers
+    ("1 item on 2 workers"): one item ran on one of them."""
+    run(ip, "import os\ndef pid_of_one(x):\n    return os.getpid()\n")
+    assert len(run(ip, "%pmap -q pid_of_one, [0]")) == 1
+    assert f"pmap: 1 item on {DASK_WORKERS} worker threads (dask)" in mpmagic.last_report().line()
+    assert len(set(run(ip, "%pmap -q --chunksize 10 pid_of_one, range(10)"))) == 1  # (one chunk: one worker)
+    assert f"pmap: 10 items on {DASK_WORKERS} worker threads (dask)" in mpmagic.last_report().line()
+
+
 def test_stop_iteration_in_a_task_comes_back_as_on_the_local_pool(ip, dask_pool):
     """Value, cause and the task's frame, as the local pool gives them (Dask gave none)."""
     run(ip, "def stopit(x):\n    raise StopIteration(x)\n")
@@ -438,6 +450,49 @@ def test_a_script_on_mpmagics_own_cluster_ends_once_its_runs_in_flight_are_done(
         f"item_{x}": str(x * x) for x in (0, 1, 2, 10, 11)}
     assert sorted(t for n, t in files.items() if n.startswith("callback_")) == ["done"] * 3
     assert "Traceback" not in done.stderr and "Error" not in done.stderr, done.stderr
+
+
+def test_a_worker_its_nanny_starts_again_never_runs_an_unguarded_script(tmp_path):
+    """Tester report dask22, finding 2: a script needs no ``__main__`` guard (guide.md), but
+    when an item killed its worker on ``use_dask(workers=2)``'s cluster, the nanny spawned the
+    new worker process from its own thread, later, and multiprocessing told it to run the
+    script's ``__main__``: the whole script ran again there, its ``use_dask`` started a cluster
+    of its own ("Nanny failed to start"), again and again. The script's top level must run
+    once, in the script's process, and the cluster must come back whole."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import mpmagic\n"
+        "open(os.path.join(sys.argv[1], f'top_{os.getpid()}'), 'w').close()\n"
+        "def dies_at_3(x):\n"
+        "    if x == 3:\n"
+        "        os._exit(1)\n"
+        "    return x\n"
+        "mpmagic.use_dask(workers=2)\n"
+        "client = mpmagic.get_pool().client\n"
+        "before = set(client.run(os.getpid).values())\n"
+        "results = mpmagic.pmap(dies_at_3, range(6), errors='collect', progress=False)\n"
+        "print([type(r.error).__name__ if isinstance(r, mpmagic.Failed) else r for r in results], flush=True)\n"
+        "deadline = time.monotonic() + 90\n"
+        "while True:  # until the nanny started the dead worker again (a new process)\n"
+        "    try:\n"
+        "        now = set(client.run(os.getpid).values())\n"
+        "    except OSError:\n"
+        "        now = set()\n"
+        "    if len(now) == 2 and now != before or time.monotonic() > deadline:\n"
+        "        break\n"
+        "    time.sleep(0.2)\n"
+        "print(len(now), now != before, flush=True)\n"
+        "print(mpmagic.pmap(abs, [-1, 2, -3], progress=False), flush=True)\n"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    done = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=240)
+    tops = sorted(f.name for f in out.iterdir())
+    assert len(tops) == 1, f"the script's top level ran in {len(tops)} processes: {done.stderr}"
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[0, 1, 2, 'WorkerLostError', 4, 5]\n2 True\n[1, 2, 3]\n", done.stderr
+    assert "Nanny failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
 def test_ctrl_c_during_the_exit_wait_on_mpmagics_own_cluster_stops_quietly(tmp_path):
@@ -591,4 +646,36 @@ def test_numpys_error_state_reaches_every_task_on_mpmagics_own_cluster(ip):
         assert run(ip, "%pmap -q inv, [2, 0]") == [0.5, np.inf]
     finally:
         np.seterr(**before)
+        pool_module.shutdown()
+
+
+def test_a_parallel_cell_on_mpmagics_own_cluster_checkpoints_and_says_nothing_of_dasks_own_modules(
+        ip, tmp_path, capfd):
+    """Tester report dask22, findings 1 and 2: importing ``distributed`` puts zipp's overlay
+    (``zipp.compat.overlay.zipfile``, a namespace whose file is the standard library's
+    zipfile.py) in ``sys.modules``, and a cell, which may import any module, took it for a
+    module of the user's: every worker printed "could not reload" with a traceback of
+    mpmagic's internals, the cell said the workers' zipfile.py "differs" from the
+    notebook's, and --checkpoint stored nothing, run after run. As on the local pool: the
+    first run stores, the second resumes, and nothing else is said."""
+    pytest.importorskip("zipp.compat.overlay")
+    assert not isinstance(sys.modules.get("zipp.compat.overlay.zipfile", sys), type(sys))  # (the trap is set)
+    pool_module.shutdown()
+    mpmagic.use_dask(workers=2)
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
+    try:
+        capfd.readouterr()
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (the checkpoint's "none of the cell's values were stored")
+            assert run(ip, "%%parallel -n 2 --checkpoint\nrank * 10") == [0, 10]
+            assert "resumed: 0 of 2 ranks" in mpmagic.last_report().line()
+            assert run(ip, "%%parallel -n 2 --checkpoint\nrank * 10") == [0, 10]
+            assert "resumed: 2 of 2 ranks" in mpmagic.last_report().line()
+        out, err = capfd.readouterr()
+        for said in ("Traceback", "reload", "differs", "zipfile"):
+            assert said not in out + err, out + err
+    finally:
+        run(ip, "%config MPMagic.checkpoint_dir = None")
         pool_module.shutdown()

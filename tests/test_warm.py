@@ -489,3 +489,69 @@ def test_a_dask_worker_shared_by_two_notebooks_reloads_each_ones_reload_once(mon
     dask_tasks.follow_reloads([("shared_reload_mod", ("nb-a", 4), None)], imports)  # type: ignore[arg-type]
     dask_tasks.follow_reloads(b, imports)  # type: ignore[arg-type]
     assert len(reloaded) == 3  # (a's new reload; b's unchanged)
+
+
+def test_the_users_modules_are_those_usermodules_calls_the_users_code_and_importable_again(monkeypatch, tmp_path):
+    """Tester report dask22, finding 1: importing ``distributed`` puts zipp's overlay
+    ``zipp.compat.overlay.zipfile`` in ``sys.modules``: a namespace, not a module, whose file
+    is the standard library's zipfile.py. ``warmup`` took it for a module of the user's (it
+    left out site-packages only) while ``usermodules`` (the checkpoint keys) did not: every
+    Dask cell sent it for the workers to reload, which failed with a traceback, and its
+    values were never checkpointed. One test decides what is the user's code; warmup keeps
+    those it can reload (modules)."""
+    import zipfile
+
+    from mpmagic import usermodules
+
+    mine = tmp_path / "mine_dask22.py"
+    mine.write_text("X = 1\n")
+    module = types.ModuleType("mine_dask22")
+    module.__file__ = str(mine)
+    monkeypatch.setitem(sys.modules, "mine_dask22", module)
+    monkeypatch.setitem(sys.modules, "overlay_dask22.zipfile", types.SimpleNamespace(__file__=zipfile.__file__))
+    stdlib_file = types.ModuleType("copied_dask22")
+    stdlib_file.__file__ = zipfile.__file__  # (a module object, but the standard library's file)
+    monkeypatch.setitem(sys.modules, "copied_dask22", stdlib_file)
+    mine_too = types.SimpleNamespace(__file__=str(mine))  # (the user's file, but nothing reload takes)
+    monkeypatch.setitem(sys.modules, "not_a_module_dask22", mine_too)
+
+    assert warmup._user_module("mine_dask22") and usermodules.local_module_file("mine_dask22") == str(mine)
+    for name in ("overlay_dask22.zipfile", "copied_dask22", "not_a_module_dask22"):
+        assert not warmup._user_module(name), name
+    assert usermodules.local_module_file("overlay_dask22.zipfile") is None
+    for name in list(sys.modules):  # (zipp's own overlay among them, with distributed imported)
+        if warmup._user_module(name):
+            assert usermodules.local_module_file(name) is not None, name
+    assert not warmup._user_module("zipp.compat.overlay.zipfile")
+
+
+def test_a_dask_worker_that_cannot_reload_a_module_says_so_in_one_line(monkeypatch, tmp_path, caplog):
+    """Tester report dask22, finding 2: a module a worker could not reload printed
+    mpmagic's own traceback (``warmup.py ... importlib.reload``) in the cell, unlabelled,
+    once per task; and an entry of ``sys.modules`` that is no module (zipp's overlay) was
+    "reloaded" at all. One line naming the module and the error; a non-module is left alone
+    (neither reloaded nor said to differ)."""
+    import logging
+
+    from mpmagic import loadstamps
+    from mpmagic.backends import dask_tasks
+
+    monkeypatch.setattr(dask_tasks, "_checked", {})
+    path = tmp_path / "broken_reload_dask22.py"
+    path.write_text("X = 1\n")
+    module = types.ModuleType("broken_reload_dask22")
+    module.__file__ = str(path)  # (no spec: importlib.reload raises)
+    monkeypatch.setitem(sys.modules, "broken_reload_dask22", module)
+    overlay = types.SimpleNamespace(__file__=str(path))
+    monkeypatch.setitem(sys.modules, "overlay_dask22.zipfile", overlay)
+    digest = loadstamps.digest(str(path))
+    log = warmup.ImportLog()
+    with caplog.at_level(logging.DEBUG, logger="mpmagic"):
+        reloaded, differs = dask_tasks.follow_versions(
+            (("broken_reload_dask22", digest), ("overlay_dask22.zipfile", digest)), log)
+    assert reloaded == [] and differs == ["broken_reload_dask22"]  # (it still runs the version it had)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 1 and said[0].exc_info is None, said
+    line = said[0].getMessage()
+    assert "\n" not in line and "broken_reload_dask22" in line and "ModuleNotFoundError" in line, line
+    assert "overlay_dask22" not in caplog.text

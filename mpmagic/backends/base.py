@@ -42,8 +42,9 @@ class Job(Protocol):
     shared_workers: bool
     waited_for_workers: float
     # Set by a backend whose run used other than the workers asked for: the worker
-    # threads a map ran on at most (Dask: ``-n`` capped by the cluster's free
-    # threads); None: the workers asked for (the report's line counts them).
+    # threads a map was given (Dask: ``-n`` capped by the cluster's free threads, more
+    # if a busy one came free during it), not how many got work, as the local pool's
+    # line counts its workers; None: the workers asked for (the report's line counts them).
     ran_on: int | None
     # Set by a backend whose workers get no %pool restart or sys.path from the notebook
     # (a Dask cluster mpmagic connected to): what to do when the function needs a module

@@ -67,7 +67,7 @@ import traceback
 import uuid
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -75,7 +75,7 @@ from typing import Any, TypedDict
 from distributed import Client, LocalCluster
 from distributed.deploy.cluster import Cluster
 
-from .. import context, exiting, payload_cache, posixshm, warmup, worker_setup
+from .. import compat, context, exiting, payload_cache, posixshm, warmup, worker_setup
 from ..checks import check_real, check_whole, number_text, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
@@ -208,6 +208,31 @@ class _FromDistributed(_ToDebugLog):
         return super().filter(record)
 
 
+class _OfOurTasks(logging.Filter):
+    """For the ``distributed.client`` logger, as long as this module is loaded: its records
+    about mpmagic's own tasks (their keys begin ``mpmagic-``) go to mpmagic's debug log;
+    any other (the user's own client's) passes.
+
+    Why: after an item killed its worker on a cluster mpmagic connected to (whose log is
+    not silenced, as is that of mpmagic's own cluster: ``_DaskLogSilenced``), the client
+    logged ``Couldn't gather 1 keys, rescheduling ('mpmagic-...',)`` into the next cell:
+    a raw Dask line where mpmagic says in its own words what became of the worker and
+    its items, about a task Dask runs again anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # (a record whose arguments do not fit its format: Dask's to show)
+            return True
+        if "'mpmagic-" not in text and '"mpmagic-' not in text:
+            return True
+        log.debug("mpmagic: Dask's client said of mpmagic's tasks: %s", text, exc_info=record.exc_info)
+        return False
+
+
+logging.getLogger("distributed.client").addFilter(_OfOurTasks())
+
+
 @contextlib.contextmanager
 def _quiet_client_log() -> Iterator[None]:
     """Closing a client whose scheduler is gone cancels its attempts to reconnect,
@@ -261,6 +286,11 @@ class _DaskLogSilenced:
     def restore(self) -> None:
         if self.logger.level == _SILENT:  # (unless someone set another level meanwhile)
             self.logger.setLevel(self.level)
+
+
+# The process name Dask's nanny gives the worker process it starts (distributed.nanny.WorkerProcess):
+# those of mpmagic's own cluster never run a script's __main__ (compat.children_named_ignore_main).
+_NANNY_CHILD = "Dask Worker process (from Nanny)"
 
 
 class _OwnLocalCluster(LocalCluster):
@@ -484,6 +514,8 @@ class DaskBackend:
         # Foreground runs submitted and not ended (other threads' pmap), for the exit's wait (_waited_at_exit).
         self._foreground: weakref.WeakSet[DrivenRun] = weakref.WeakSet()
         self._silenced: _DaskLogSilenced | None = None  # Dask's log while our own cluster runs
+        # Lets its worker processes (re)start running the script's __main__ again (_start_local_cluster)
+        self._main_hidden: Callable[[], None] | None = None
         _live_backends.add(self)
         self.start()
 
@@ -528,7 +560,11 @@ class DaskBackend:
     def _start_local_cluster(self) -> None:
         n = self.requested_workers or available_cpus()
         try:
-            # Its worker processes are spawned: keep them from re-running a script's __main__.
+            # Its worker processes are spawned: keep them from re-running a script's __main__,
+            # at the start (_no_main_module) and whenever a nanny starts one again later,
+            # from its own thread (a worker died, %pool restart, a scale): as long as it runs.
+            if self._main_hidden is None:
+                self._main_hidden = compat.children_named_ignore_main(_NANNY_CHILD)
             with _no_main_module():
                 self.cluster = _OwnLocalCluster(
                     n_workers=n,
@@ -666,6 +702,9 @@ class DaskBackend:
         silenced, self._silenced = self._silenced, None
         if silenced is not None:
             silenced.restore()
+        main_hidden, self._main_hidden = self._main_hidden, None
+        if main_hidden is not None:
+            main_hidden()
 
     def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
         """Stop this pool for good: another pool replaced it (``use_local``, ``use_dask``,

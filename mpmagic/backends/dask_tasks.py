@@ -53,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -416,8 +417,7 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
         reloaded = False
         for name, version, digest in todo:
             module = sys.modules.get(name)
-            if module is not None:
-                imports.reload([name])  # (a failure is logged: the task that uses it shows the error)
+            if module is not None and not imports.reload([name]):  # (a failure is one line of the log)
                 reloaded = True
             _followed[(version[0], name)] = version[1]
             if digest is not None:
@@ -483,13 +483,22 @@ def follow_versions(versions: Any, imports: ImportLog) -> tuple[list[str], list[
 
 
 def _check_version(name: str, digest: str, module: Any, imports: ImportLog, reloaded: list[str]) -> tuple:
-    """:func:`follow_versions` for one module whose state here is not known yet (under the lock)."""
+    """:func:`follow_versions` for one module whose state here is not known yet (under the lock).
+
+    An entry of ``sys.modules`` here that is no module (zipp's overlay, a namespace holding
+    the standard library's zipfile.py, as the notebook's) was loaded from no file of the
+    user's: left alone, never said to differ (its failed reload printed a traceback, and the
+    cell's values were not checkpointed). A module whose reload fails still runs the version
+    it had (one line of the log says so): its results are not the notebook's code's."""
+    if module is not None and not isinstance(module, types.ModuleType):
+        seen = _checked[name] = (digest, getattr(module, "__spec__", None), False)
+        return seen
     path = getattr(module, "__file__", None) if module is not None else _source_file(name)
     on_disk = _file_digest(path)
     if module is not None and _loaded_digest(name, module) != digest and on_disk == digest:
-        imports.reload([name])  # (a failure is logged: the task that uses it shows the error)
+        if not imports.reload([name]):  # (a failure is one line of the log: the task shows its own error)
+            reloaded.append(name)
         module = sys.modules.get(name)
-        reloaded.append(name)
     if module is None:  # its first import here reads the file as it is
         other = on_disk is not None and on_disk != digest
     else:
