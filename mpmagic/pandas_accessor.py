@@ -77,6 +77,7 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
     """
     __tracebackhide__ = True  # (ours: a task's traceback starts at pandas' call, as serially)
     values: list = []
+    stand_in = _broadcast_stand_in(piece, options)
 
     def recorder(x: Any) -> Any:
         __tracebackhide__ = True
@@ -88,10 +89,29 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
         values.append(value)
-        return value
+        return value if stand_in is None else stand_in
 
     getattr(piece, method)(recorder, **options)
     return _pack(values)
+
+
+def _broadcast_stand_in(piece: pd.DataFrame | pd.Series, options: dict) -> Any:
+    """What the worker's ``apply(result_type="broadcast")`` over columns is given in place of ``func``'s value.
+
+    pandas writes each column's value into one array of the frame's common
+    dtype (``np.empty_like(df.values)``). The whole frame's is wider than a
+    piece's: a str next to an int column is object there, int64 in the piece
+    holding only the int column, where ``"col x"`` raised "invalid literal for
+    int()" although pandas' call on the whole succeeds. The piece's array is
+    thrown away (home assembles the whole from the recorded values, as pandas
+    does, and raises pandas' own error where it raises), so it is given a
+    zero of its own dtype, which fits. None: the value itself (rows, other result types).
+    """
+    if not isinstance(piece, pd.DataFrame) or options.get("result_type") != "broadcast":
+        return None
+    if options.get("axis", 0) not in (0, "index"):  # (a row piece holds every column: the whole's dtype)
+        return None
+    return np.zeros((), dtype=piece.values.dtype)
 
 
 class _Packed:
@@ -409,6 +429,24 @@ def _pandas_wrap(df: pd.DataFrame, func: Callable, axis: Any, result_type: Any) 
         return None
 
 
+def _raw_columns(df: pd.DataFrame, spans: list[tuple[int, int]]) -> list[pd.DataFrame]:
+    """Column pieces of ``df`` whose ``.values`` are those of ``df.values``, split by columns.
+
+    ``df.apply(func, raw=True)`` hands ``func`` the columns of ``df.values``,
+    one array of the whole frame's common dtype: float64 for int and float
+    columns, object for int and str (or bool and int, tz-aware dates and
+    ints, two nullable Int64 columns). A piece's own ``.values`` has the
+    piece's dtype (int64 for the int column alone), so ``func`` saw other
+    values, and pandas, building the result from the first value's dtype,
+    truncated the float column's 1.25 to 1. Each piece is that array's columns,
+    with their labels, as one block of its dtype (given, so that pandas infers
+    no datetimes from an object array).
+    """
+    values = df.values
+    return [pd.DataFrame(values[:, a:b], index=df.index, columns=df.columns[a:b], dtype=values.dtype, copy=False)
+            for a, b in spans]
+
+
 def _bind(func: Callable, args: tuple, kwargs: dict) -> Callable:
     return functools.partial(_call_with, func=func, args=args, kwargs=kwargs) if args or kwargs else func
 
@@ -542,10 +580,13 @@ class FrameAccessor:
         if n == 0 or df.size == 0 or _vectorized(func) or home:
             return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs)
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
+        spans = _bounds(n, pieces)
         if by_rows:
-            items = [df.iloc[a:b] for a, b in _bounds(n, pieces)]
+            items = [df.iloc[a:b] for a, b in spans]
+        elif raw and result_type != "broadcast":  # (broadcast hands func the columns, raw or not)
+            items = _raw_columns(df, spans)
         else:
-            items = [df.iloc[:, a:b] for a, b in _bounds(n, pieces)]
+            items = [df.iloc[:, a:b] for a, b in spans]
         bound = _bind(func, args, kwargs)
         options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
         task = functools.partial(_record, method="apply", options=options, func=bound)

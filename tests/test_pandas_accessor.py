@@ -450,3 +450,89 @@ def test_chunks_that_are_no_number_of_pieces_are_refused_in_one_line_as_workers_
 
     with pytest.raises(UsageError, match=rf"^chunks must be a whole number of at least 1 .*, not {re.escape(repr(chunks))}$"):
         ip.run_cell(call.format(repr(chunks))).raise_error()
+
+
+MIXED = """
+mixed = {
+    "int_float": pd.DataFrame({"x": [1, 2, 3], "y": [0.25, 0.5, 0.5]}),
+    "int_str": pd.DataFrame({"x": [1, 2, 3], "s": ["a", "b", "c"]}),
+    "bool_int": pd.DataFrame({"b": [True, False, True], "x": [1, 2, 3]}),
+    "int32_int64": pd.DataFrame({"a": np.array([1, 2, 3], dtype="int32"), "b": np.array([2**40, 1, 2], dtype="int64")}),
+    "f32_f64": pd.DataFrame({"a": np.array([0.1, 0.2, 0.3], dtype="float32"), "b": [0.1, 0.2, 0.3]}),
+    "tz_int": pd.DataFrame({"t": pd.date_range("2021", periods=3, tz="UTC"), "x": [1, 2, 3]}),
+    "Int64_Int64": pd.DataFrame({"a": pd.array([1, 2, 3], "Int64"), "b": pd.array([1, None, 3], "Int64")}),
+}
+
+def col_total(c):
+    return c.sum() if c.dtype.kind in "iufb" else 0
+
+def col_kind(c):
+    return str(c.dtype)
+
+def col_half(c):
+    return c / 2 if c.dtype.kind in "iuf" else c
+
+def col_first(c):
+    return c[0] if isinstance(c, np.ndarray) else c.iloc[0]
+
+def col_itself(c):
+    return c
+
+def col_label(c):
+    return "col " + str(c.name)
+
+def col_zero(c):
+    return 0
+"""
+
+
+def _outcome(ip, code):
+    """What a cell returned, or the exception it raised (as type and message)."""
+    try:
+        return run(ip, code), None
+    except Exception as exc:  # (compared with pandas' own)
+        return None, (type(exc), str(exc))
+
+
+def assert_as_pandas(ip, ours: str, pandas_call: str) -> None:
+    """``ours`` returns what ``pandas_call`` returns, or raises the same exception type and message."""
+    expected, expected_error = _outcome(ip, pandas_call)
+    got, error = _outcome(ip, ours)
+    assert error == expected_error, (ours, error, expected_error)
+    if expected_error is None:
+        assert_same(got, expected)
+
+
+@pytest.mark.parametrize("name", ["int_float", "int_str", "bool_int", "int32_int64", "f32_f64", "tz_int",
+                                  "Int64_Int64"])
+@pytest.mark.parametrize("func", ["col_total", "col_kind", "col_half", "col_first", "col_itself"])
+def test_raw_columns_of_mixed_dtypes_are_the_whole_frames_values_as_pandas_hands_them(ip, frame, name, func) -> None:
+    """pandas hands ``func`` the columns of ``df.values``, the whole frame's common dtype (float64 for
+    int + float, object for int + str). Each piece's own ``.values`` was of the piece's dtype:
+    ``a.sum()`` of the int column was an int, and pandas, building the result from the first value's
+    dtype, truncated the float column's 1.25 to 1 (or raised for an int column next to a str one)."""
+    run(ip, MIXED)
+    for chunks in ("", "chunks=1, ", "chunks=2, "):
+        assert_as_pandas(ip, f"mixed[{name!r}].mp.apply({func}, axis=0, raw=True, {chunks}quiet=True)",
+                         f"mixed[{name!r}].apply({func}, axis=0, raw=True)")
+
+
+@pytest.mark.parametrize("name", ["int_float", "int_str", "bool_int", "int32_int64", "f32_f64", "tz_int"])
+@pytest.mark.parametrize("func", ["col_label", "col_zero", "col_half", "col_first"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_broadcast_on_columns_of_mixed_dtypes_fills_the_whole_frames_dtype_as_pandas_does(ip, frame, name, func,
+                                                                                          raw) -> None:
+    """pandas fills one array of the whole frame's dtype (``np.empty_like(df.values)``); a piece holding only
+    the int column filled an int64 one, and a str result raised there ("invalid literal for int()") where
+    pandas succeeds, or raised another message than pandas' where both raise."""
+    run(ip, MIXED)
+    assert_as_pandas(ip, f"mixed[{name!r}].mp.apply({func}, axis=0, raw={raw}, result_type='broadcast', quiet=True)",
+                     f"mixed[{name!r}].apply({func}, axis=0, raw={raw}, result_type='broadcast')")
+
+
+def test_broadcast_raises_pandas_own_error_once_all_columns_are_in(ip, frame) -> None:
+    run(ip, MIXED + "\ndef col_wrong_length(c):\n    return [1, 2]\n")
+    with pytest.raises(ValueError, match="^could not convert string to float: 'col x'$"):
+        run(ip, "mixed['int_float'].mp.apply(col_label, result_type='broadcast', quiet=True)")
+    with pytest.raises(ValueError, match="^cannot broadcast result$"):
+        run(ip, "mixed['int_str'].mp.apply(col_wrong_length, result_type='broadcast', quiet=True)")
