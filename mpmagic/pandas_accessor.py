@@ -33,7 +33,12 @@ column order, same dtypes.
   categories, or their fill value once, not each value), and a function given
   as a string, a NumPy ufunc or a list or dict of functions (pandas runs those
   as vectorized calls on the whole column, not once per value) run pandas'
-  call here: nothing to gain from workers.
+  call here: nothing to gain from workers. No run, so no report
+  (``last_report()`` is None, not an earlier run's); ``compare=True`` says so
+  in one line.
+* ``raw=True`` over columns: pandas hands ``func`` the columns of ``df.values``
+  (the whole frame's common dtype), so the pieces are cut from that array, not
+  from the frame (whose pieces have their own dtypes).
 
 Registered only when pandas is imported (``mpmagic`` never imports pandas
 itself): at ``import mpmagic`` or ``%load_ext mpmagic`` if pandas is already
@@ -461,6 +466,50 @@ def _vectorized(func: Any) -> bool:
     return isinstance(func, (str, np.ufunc, list, tuple, dict)) or not callable(func)
 
 
+def _at_home(call: str, why: str, compare: bool, quiet: bool, pandas_call: Callable[[], Any]) -> Any:
+    """``pandas_call()``: pandas' own call on the whole object, run here (``why``: nothing for the workers).
+
+    ``pandas_call`` is a ``functools.partial``, which adds no frame of ours to
+    the traceback of an exception pandas' call raises.
+
+    No run, so no report: ``last_report()`` is None, not the run before, which
+    read as this call's (an earlier call's 50 items and RESULTS DIFFER).
+    ``compare=True`` has nothing to compare this call with: one line says so
+    (unless ``quiet``), where it was silently ignored.
+    """
+    __tracebackhide__ = True
+    from . import api
+
+    api._set_report(None)
+    result = pandas_call()
+    if compare and not quiet:
+        print(f"{call}: pandas' own call ran here, serially ({why}): nothing to compare")
+    return result
+
+
+def _vectorized_why(func: Any) -> str:
+    """Why pandas' call with this ``func`` runs here, in the words of :func:`_at_home`'s line."""
+    if isinstance(func, str):
+        return f"a function given by name, {func!r}: one vectorized call"
+    if isinstance(func, np.ufunc):
+        return f"a NumPy ufunc, np.{func.__name__}: one vectorized call"
+    if isinstance(func, (list, tuple, dict)):
+        return f"a {'dict' if isinstance(func, dict) else 'list'} of functions: vectorized calls"
+    return f"a {type(func).__name__}, which is no function pandas calls per row"
+
+
+def _distinct_why(s: pd.Series) -> str:
+    kind = "categorical" if isinstance(s.dtype, pd.CategoricalDtype) else "sparse"
+    what = "each category once" if kind == "categorical" else "its fill value once, then the stored values"
+    return f"a {kind} Series: pandas maps {what}"
+
+
+def _options_why(options: dict, per_piece: Sequence[str] = ()) -> str:
+    """The pandas options that keep the call at home (see :func:`_split_options`), as written."""
+    named = ", ".join(f"{name}={value!r}" for name, value in options.items() if name not in per_piece)
+    return f"{named}: pandas' own option, which does not mean the same on pieces"
+
+
 def _maps_distinct_values(s: pd.Series) -> bool:
     """Does pandas map this Series' distinct values rather than each value?
 
@@ -577,8 +626,11 @@ class FrameAccessor:
         n = df.shape[0] if by_rows else df.shape[1]
         extra, kwargs, home = _split_options(pd.DataFrame.apply, kwargs, ("axis", "raw", "result_type", "args"),
                                              per_piece=("by_row",))
-        if n == 0 or df.size == 0 or _vectorized(func) or home:
-            return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs)
+        why = ("an empty frame" if n == 0 or df.size == 0 else _vectorized_why(func) if _vectorized(func)
+               else _options_why(extra, ("by_row",)) if home else None)
+        if why is not None:
+            return _at_home("df.mp.apply", why, compare, quiet, functools.partial(
+                df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs))
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         spans = _bounds(n, pieces)
         if by_rows:
@@ -618,8 +670,11 @@ class SeriesAccessor:
         chunks = _own_options("series.mp.map", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
-        if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
-            return s.map(func, na_action=na_action, **extra, **kwargs)
+        why = ("a mapping: pandas looks each value up" if not callable(func) else "an empty Series" if len(s) == 0
+               else _distinct_why(s) if _maps_distinct_values(s) else _options_why(extra) if home else None)
+        if why is not None:
+            return _at_home("series.mp.map", why, compare, quiet,
+                            functools.partial(s.map, func, na_action=na_action, **extra, **kwargs))
         serial = (lambda: s.map(func, na_action=na_action, **extra, **kwargs)) if compare else None
         return self._per_value("map", {"na_action": na_action, **extra}, _bind(func, (), kwargs), workers, chunks,
                                quiet, started, serial)
@@ -638,8 +693,12 @@ class SeriesAccessor:
         chunks = _own_options("series.mp.apply", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
-        if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:
-            return s.apply(func, args, **extra, **kwargs)
+        why = (_vectorized_why(func) if _vectorized(func) else "an empty Series" if len(s) == 0
+               else _distinct_why(s) if _maps_distinct_values(s)
+               else _options_why(extra, ("convert_dtype",)) if home else None)
+        if why is not None:
+            return _at_home("series.mp.apply", why, compare, quiet,
+                            functools.partial(s.apply, func, args, **extra, **kwargs))
         serial = (lambda: s.apply(func, args, **extra, **kwargs)) if compare else None
         return self._per_value("apply", extra, _bind(func, args, kwargs), workers, chunks, quiet, started, serial)
 
@@ -696,7 +755,9 @@ class GroupByAccessor:
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
         indices = gb.indices  # group name -> positions in gb.obj
         if not indices or home:
-            return gb.apply(func, *args, **extra, **kwargs)
+            why = "no groups" if not indices else _options_why(extra, ("include_groups",))
+            return _at_home("groupby(...).mp.apply", why, compare, quiet,
+                            functools.partial(gb.apply, func, *args, **extra, **kwargs))
         names = list(indices)
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
         items = []

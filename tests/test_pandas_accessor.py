@@ -536,3 +536,38 @@ def test_broadcast_raises_pandas_own_error_once_all_columns_are_in(ip, frame) ->
         run(ip, "mixed['int_float'].mp.apply(col_label, result_type='broadcast', quiet=True)")
     with pytest.raises(ValueError, match="^cannot broadcast result$"):
         run(ip, "mixed['int_str'].mp.apply(col_wrong_length, result_type='broadcast', quiet=True)")
+
+
+@pytest.mark.parametrize(("call", "why"), [
+    ("df['x'].mp.map({1: 'a'}, compare=True)", "a mapping"),
+    ("df['y'].mp.apply(np.sqrt, compare=True)", "a NumPy ufunc"),
+    ("df[['x', 'y']].mp.apply('sum', compare=True)", "a function given by name"),
+    ("df.iloc[:0].mp.apply(row_total, axis=1, compare=True)", "an empty frame"),
+    ("df['x'].iloc[:0].mp.map(maybe_none, compare=True)", "an empty Series"),
+    ("df['tag'].mp.map(str, compare=True)", "a categorical Series"),
+    ("df['x'].mp.apply(lambda s: s * 2, by_row=False, compare=True)", "by_row=False"),
+    ("df.iloc[:0].groupby('key').mp.apply(group_spread, compare=True)", "no groups"),
+])
+def test_compare_on_a_call_that_runs_at_home_says_so_and_leaves_no_earlier_report(ip, frame, capsys, call, why) -> None:
+    """compare=True on a call the accessor hands to pandas here printed nothing, and last_report() kept the
+    run before (50 items, RESULTS DIFFER) as if it were this call's."""
+    run(ip, "earlier = df['x'].mp.map(maybe_none, quiet=True)")
+    assert mpmagic.last_report() is not None
+    capsys.readouterr()
+    run(ip, f"got = {call}")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert_same(ip.user_ns["got"], run(ip, call.replace(".mp.", ".").replace(", compare=True", "")))
+    method = call.split(".mp.")[1].split("(")[0]
+    assert len(out) == 1, out
+    assert re.fullmatch(rf"\S+\.mp\.{method}: pandas' own call ran here, serially \(.*{re.escape(why)}.*\): "
+                        r"nothing to compare", out[0]), out[0]
+    assert mpmagic.last_report() is None
+    # quiet: no line; nor without compare; neither leaves the run before as this call's report
+    capsys.readouterr()
+    run(ip, "earlier = df['x'].mp.map(maybe_none, quiet=True)")
+    run(ip, "got = " + call.replace("compare=True", "compare=True, quiet=True"))
+    assert mpmagic.last_report() is None
+    run(ip, "earlier = df['x'].mp.map(maybe_none, quiet=True)")
+    run(ip, "got = " + call.replace(", compare=True", ""))
+    assert capsys.readouterr().out == ""
+    assert mpmagic.last_report() is None
