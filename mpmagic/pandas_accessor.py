@@ -723,12 +723,29 @@ class GroupByAccessor:
         self._gb = obj
 
     def _spec(self) -> dict:
+        """The keywords that group a batch of rows again in a worker as ``self._gb`` groups the whole.
+
+        Refused, in one line saying which: a key that is not in the batch (values
+        of another object, a selected column's frame left behind) and a
+        ``pd.Grouper`` with ``freq=`` (bins cut from the whole frame's dates).
+        """
         gb = self._gb
         keys, level = _fresh_groupers(gb.keys), gb.level
+        binned = _binned(keys)
+        if binned is not None:
+            raise UsageError(_binned_refusal(binned))
         if keys is not None and isinstance(gb.obj, pd.Series) and not _are_labels(keys, gb.obj):
+            if getattr(gb, "_selection", None) is not None:  # df.groupby(key)[column]: the key is the frame's
+                raise UsageError(
+                    "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
+                    "column): use df.groupby(key).mp.apply(f) and take the column inside f"
+                )
+            name = gb.obj.name if isinstance(gb.obj.name, str) and gb.obj.name != "key" else "value"
             raise UsageError(
-                "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
-                "column): use df.groupby(key).mp.apply(f) and take the column inside f"
+                "series.groupby(...).mp.apply groups a Series by its index levels (level= or their names) only; "
+                f"got a key of type {type(keys).__name__}, values the workers' batches of rows do not hold: put "
+                f"both in one frame and group it by the key's column, pd.DataFrame({{{name!r}: series, 'key': key}})"
+                f".groupby('key').mp.apply(lambda g: f(g[{name!r}]))"
             )
         if keys is not None and not _are_labels(keys, gb.obj):
             raise UsageError(
@@ -820,6 +837,37 @@ def _is_label(key: Any, columns: Any, levels: list) -> bool:
             return _is_label(key.key, columns, levels)
         return key.level is not None and (isinstance(key.level, int) or _is_label(key.level, (), levels))
     return isinstance(key, Hashable) and (key in columns or key in levels)
+
+
+def _binned(keys: Any) -> Any:
+    """The first ``pd.Grouper`` with ``freq=`` among ``keys`` (pandas makes those a ``TimeGrouper``), or None."""
+    for key in keys if isinstance(keys, list) else [keys]:
+        if isinstance(key, pd.Grouper) and getattr(key, "freq", None) is not None:
+            return key
+    return None
+
+
+def _binned_refusal(grouper: Any) -> str:
+    """Why a ``pd.Grouper(freq=...)`` is refused, and the column that does the same binning.
+
+    A worker regroups its batch of whole groups; time bins would be cut from
+    the batch's own first date (``origin='start_day'``), not the whole frame's,
+    so the bins, and the groups, could differ. The column is already there:
+    ``freq=`` is what is refused.
+    """
+    freq = getattr(grouper.freq, "freqstr", grouper.freq)
+    if grouper.key is not None:
+        where, dates = f"key={grouper.key!r}", f"df[{grouper.key!r}].dt"
+    else:
+        level = grouper.level if grouper.level is not None else 0
+        where, dates = f"level={level!r}", f"df.index.get_level_values({level!r})"
+    # (a period of '3D' starts at each date: several days' bins are the dates floored to them)
+    several = isinstance(grouper.freq, pd.tseries.offsets.Tick) and grouper.freq.n != 1
+    bins = f"{dates}.floor({freq!r})" if several else f"{dates}.to_period({freq!r})"
+    return (f"groupby(...).mp.apply does not take a pd.Grouper with freq= ({where}, freq={freq!r}): its time bins "
+            "are cut from the whole frame's dates, which a worker's batch of groups does not have; put the bin in "
+            f"a column and group by it, df.assign(bin={bins}).groupby('bin').mp.apply(f)"
+            f"{'' if several else ' (its labels are periods)'}, or call pandas' own groupby(...).apply(f)")
 
 
 def _fresh_groupers(keys: Any) -> Any:

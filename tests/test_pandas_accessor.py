@@ -571,3 +571,29 @@ def test_compare_on_a_call_that_runs_at_home_says_so_and_leaves_no_earlier_repor
     run(ip, "got = " + call.replace(", compare=True", ""))
     assert capsys.readouterr().out == ""
     assert mpmagic.last_report() is None
+
+
+def test_a_series_grouped_by_another_is_not_told_it_selected_a_column(ip, frame) -> None:
+    with pytest.raises(mpmagic.UsageError) as err:
+        run(ip, "df['x'].groupby(df['key']).mp.apply(lambda g: g.max())")
+    text = str(err.value)
+    assert "[column]" not in text
+    assert text.startswith("series.groupby(...).mp.apply groups a Series by its index levels (level= or their names) only; "
+                           "got a key of type Series"), text
+    assert "pd.DataFrame({'x': series, 'key': key}).groupby('key').mp.apply(lambda g: f(g['x']))" in text, text
+    with pytest.raises(mpmagic.UsageError, match=re.escape("groupby(...)[column].mp.apply is not supported yet")):
+        run(ip, "df.groupby('key')['x'].mp.apply(lambda s: s.sum())")
+
+
+def test_a_grouper_with_freq_is_refused_for_its_freq_not_told_to_add_a_column(ip, frame) -> None:
+    run(ip, "days = pd.DataFrame({'store': [1, 2, 1, 2], 'day': pd.date_range('2021-01-01', periods=4)})")
+    with pytest.raises(mpmagic.UsageError) as err:
+        run(ip, "days.groupby(pd.Grouper(key='day', freq='W')).mp.apply(len)")
+    text = str(err.value)
+    assert "add it as a column" not in text
+    assert text.startswith("groupby(...).mp.apply does not take a pd.Grouper with freq= (key='day', freq='W-SUN')"), text
+    assert "days.assign(bin=days['day'].dt.to_period('W-SUN')).groupby('bin')" not in text  # (no name for the frame)
+    assert "df.assign(bin=df['day'].dt.to_period('W-SUN')).groupby('bin').mp.apply(f)" in text, text
+    with pytest.raises(mpmagic.UsageError, match=re.escape("does not take a pd.Grouper with freq= (level='when'")):
+        run(ip, "df.reset_index().set_index('when').groupby([pd.Grouper(level='when', freq='D'), 'key'])"
+                ".mp.apply(len)")
