@@ -51,6 +51,7 @@ import functools
 import inspect
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -288,11 +289,16 @@ def _bounds(n: int, pieces: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def _run(func: Callable, items: list, workers: int | None, what: str, count: int,
-         fixed: bool = False) -> tuple[list, Any]:
-    """``mpmagic.pmap(func, items)``, one item per message: (its results, its report counting ``what``).
+def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], workers: int | None, what: str,
+         chunks: int | None) -> tuple[list, Any]:
+    """``mpmagic.pmap(func, items)``, one item per message: (its results, its report of ``call``, counting ``what``).
 
-    ``fixed``: the user chose the number of pieces (``chunks=``), else it was automatic.
+    ``spans``: the [start, stop) positions of the rows, columns or groups (``what``)
+    each item holds; ``chunks``: the number of pieces the user chose (``chunks=``),
+    None when it was automatic. The report is named after the accessor's call and
+    counts its rows, columns or groups, not the pieces they travelled in, so that
+    its line and advice speak of what the user wrote (``df.mp.apply: 30 rows``,
+    ``chunks=``), not of a pmap (``pmap: 8 items``, ``--chunksize``).
     The report is shown by :func:`_report`, once the result is assembled.
     """
     __tracebackhide__ = True  # (ours, as pmap's: a task's error shows the cell's line, then the task's frames)
@@ -305,10 +311,24 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
         raise
     report = api.last_report()
     if report is not None:
-        report.items = count  # rows or groups, not the pieces they travelled in
+        count = spans[-1][1] if spans else 0
+        report.items = count
+        report.caller = call
+        report.extra["accessor"] = {"unit": what, "chunks": chunks, "per_worker": CHUNKS_PER_WORKER}
         per_piece = f"~{math.ceil(count / max(1, len(items)))} {what}"
-        report.chunksize = per_piece if fixed else f"auto ({per_piece})"
+        report.chunksize = per_piece if chunks is not None else f"auto ({per_piece})"
+        report.slowest_where = _piece_text(report.slowest_where, spans, what)
     return results, report
+
+
+def _piece_text(where: str | None, spans: list[tuple[int, int]], what: str) -> str | None:
+    """The report's slowest unit, "item 3" (the fourth piece), as the rows, columns or groups it held:
+    "the chunk of rows 30-39" (by position), or "row 30" for a piece of one."""
+    match = re.fullmatch(r"item (\d+)", where or "")
+    if match is None or int(match[1]) >= len(spans):
+        return where
+    a, b = spans[int(match[1])]
+    return f"{what[:-1]} {a}" if b - a == 1 else f"the chunk of {what} {a}-{b - 1}"
 
 
 def _report(report: Any, started: float, result: Any, quiet: bool, serial: Callable[[], Any] | None) -> None:
@@ -642,7 +662,7 @@ class FrameAccessor:
         bound = _bind(func, args, kwargs)
         options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
         task = functools.partial(_record, method="apply", options=options, func=bound)
-        parts, report = _run(task, items, workers, "rows" if by_rows else "columns", n, chunks is not None)
+        parts, report = _run("df.mp.apply", task, items, spans, workers, "rows" if by_rows else "columns", chunks)
         result = _assemble_frame(df, _unpack(parts), options, bound)
         serial = functools.partial(df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args,
                                    **extra, **kwargs)
@@ -708,9 +728,10 @@ class SeriesAccessor:
         __tracebackhide__ = True
         s = self._obj
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
-        items = [s.iloc[a:b] for a, b in _bounds(len(s), pieces)]
+        spans = _bounds(len(s), pieces)
+        items = [s.iloc[a:b] for a, b in spans]
         task = functools.partial(_record, method=method, options=options, func=func)
-        parts, report = _run(task, items, workers, "rows", len(s), chunks is not None)
+        parts, report = _run(f"series.mp.{method}", task, items, spans, workers, "rows", chunks)
         result = _replay(s, method, options, _unpack(parts), func)
         _report(report, started, result, quiet, serial)
         return result
@@ -766,7 +787,7 @@ class GroupByAccessor:
         """
         __tracebackhide__ = True
         started = time.perf_counter()
-        _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
+        chunks = _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
@@ -776,18 +797,17 @@ class GroupByAccessor:
             return _at_home("groupby(...).mp.apply", why, compare, quiet,
                             functools.partial(gb.apply, func, *args, **extra, **kwargs))
         names = list(indices)
-        pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
-        items = []
-        for a, b in _bounds(len(names), pieces):
+        spans = _bounds(len(names), chunks or _workers(workers) * CHUNKS_PER_WORKER)
+        task_items = []
+        for a, b in spans:
             batch = names[a:b]
             # rows in their original order, as pandas' own groups keep them
-            items.append(gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))))
-        task_items = [(item, names[a:b]) for item, (a, b) in zip(items, _bounds(len(names), pieces), strict=True)]
+            task_items.append((gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))), batch))
         # (a SeriesGroupBy's rows are its column already: nothing to select in the batch)
         selection = None if isinstance(gb.obj, pd.Series) else gb._selection
         task = functools.partial(_apply_batch, spec=spec, selection=selection, func=func,
                                  args=args, kwargs=kwargs, options=extra)
-        parts, report = _run(task, task_items, workers, "groups", len(names), chunks is not None)
+        parts, report = _run("groupby(...).mp.apply", task, task_items, spans, workers, "groups", chunks)
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.

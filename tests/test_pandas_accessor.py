@@ -132,8 +132,8 @@ def test_apply_on_rows_matches_pandas_with_multiindex_categorical_and_datetime(i
     capsys.readouterr()
     got = run(ip, "df.mp.apply(row_total, axis=1)")
     assert_series_equal(got, frame.apply(ip.user_ns["row_total"], axis=1), check_exact=True)
-    # The same timing line as %pmap, counting rows.
-    assert "pmap: 30 items on 2 workers (forkserver)" in capsys.readouterr().out
+    # The same timing line as %pmap, named after the call and counting rows.
+    assert "df.mp.apply: 30 rows on 2 workers (forkserver)" in capsys.readouterr().out
 
 
 def test_apply_returning_a_series_builds_the_same_frame(ip, frame) -> None:
@@ -597,3 +597,62 @@ def test_a_grouper_with_freq_is_refused_for_its_freq_not_told_to_add_a_column(ip
     with pytest.raises(mpmagic.UsageError, match=re.escape("does not take a pd.Grouper with freq= (level='when'")):
         run(ip, "df.reset_index().set_index('when').groupby([pd.Grouper(level='when', freq='D'), 'key'])"
                 ".mp.apply(len)")
+
+
+def test_the_report_names_the_accessor_call_and_counts_its_rows_columns_or_groups(ip, frame, capsys) -> None:
+    """Its line began "pmap: 8 items", the pieces of a call the user wrote as ``df.mp.apply``."""
+    for call, first, unit in [("df.mp.apply(row_total, axis=1)", "df.mp.apply: 30 rows on 2 workers", "rows"),
+                              ("df[['x', 'y']].mp.apply(lambda c: c.sum())", "df.mp.apply: 2 columns on 2 workers",
+                               "columns"),
+                              ("df['x'].mp.map(maybe_none)", "series.mp.map: 30 rows on 2 workers", "rows"),
+                              ("df['x'].mp.apply(maybe_none)", "series.mp.apply: 30 rows on 2 workers", "rows"),
+                              ("df.groupby('key').mp.apply(group_spread)",
+                               "groupby(...).mp.apply: 4 groups on 2 workers", "groups"),
+                              ("df.iloc[:1].mp.apply(row_total, axis=1)", "df.mp.apply: 1 row on ", "rows")]:
+        capsys.readouterr()
+        run(ip, f"got = {call}")
+        assert capsys.readouterr().out.startswith(first), call
+        report = mpmagic.last_report()
+        assert report.line().startswith(first)
+        assert dict(report.rows())[unit] == first.split()[1]
+        assert "items" not in dict(report.rows())
+
+
+def _accessor_report(**fields):
+    from conftest import synthetic_report
+
+    base = dict(caller="series.mp.map", items=300, extra={"accessor": {"unit": "rows", "chunks": 3, "per_worker": 4}},
+                chunksize="~100 rows", chunks=3, workers=2)
+    return synthetic_report(**{**base, **fields})
+
+
+def test_the_accessors_advice_names_its_chunks_option_not_chunksize() -> None:
+    """After ``s.mp.map(f, chunks=3)`` the advice said "drop --chunksize (automatic sizing) or make it
+    larger": the accessor takes ``chunks=``, the number of pieces (fewer pieces are larger)."""
+    small = _accessor_report(wall=0.0042, task_seconds=0.000446)
+    assert small.advice.endswith("chunks=3 cut the 300 rows into 3 pieces: leave chunks= out (4 pieces per "
+                                 "worker) or make it smaller (fewer, larger pieces), or run it serially"), small.advice
+    few = _accessor_report(chunks=1, chunksize="~300 rows",
+                           extra={"accessor": {"unit": "rows", "chunks": 1, "per_worker": 4}},
+                           wall=1.0, task_seconds=0.95, slowest_task=0.95, slowest_where="the chunk of rows 0-299")
+    assert few.advice == ("the 300 rows went in 1 piece (chunks=1), so only 1 of the 2 workers had work: pass "
+                          "chunks=2 or more, or leave it out (4 pieces per worker)"), few.advice
+    slow = _accessor_report(chunks=8, chunksize="auto (~38 rows)",
+                            extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}},
+                            wall=1.0, task_seconds=1.0, slowest_task=0.8, slowest_where="the chunk of rows 0-37")
+    assert slow.advice == ("one slow task held everything up: the chunk of rows 0-37 took 800.0 ms of the 1.00 s run "
+                           "while other workers waited: pass a larger chunks= (chunks=300 sends each row alone) so "
+                           "slow rows run in pieces of their own, or put the slow rows first"), slow.advice
+    quick = _accessor_report(chunks=8, chunksize="auto (~38 rows)",
+                             extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}},
+                             wall=0.0042, task_seconds=0.000446)
+    assert "pass chunks=2 (one larger piece per worker)" in quick.advice, quick.advice
+    lonely = _accessor_report(items=1, chunks=1, chunksize="auto (~1 rows)", wall=0.2, task_seconds=0.15,
+                              extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}})
+    assert lonely.advice.startswith("only 1 row for 2 workers"), lonely.advice
+    assert "use workers=1 or split the work into more rows" in lonely.advice, lonely.advice
+    differ = _accessor_report(equal=False, serial=0.1)
+    assert "unless the function seeds its own generator from what it is given" in differ.advice, differ.advice
+    for report in (small, few, slow, quick, lonely, differ):
+        assert "--chunksize" not in report.advice and "-n " not in report.advice and "--seed" not in report.advice
+        assert report.line().startswith("series.mp.map: ")
