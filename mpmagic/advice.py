@@ -168,6 +168,9 @@ def advise(report: Any) -> str | None:
     if report.equal is False:  # --compare: what first to look at (troubleshooting.md, RESULTS DIFFER)
         seed = "" if report.extra.get("seeded") else ("random draws differ in each process unless --seed S "
                                                       "gives every item its own repeatable stream; ")
+        if _accessor(report):  # (it takes no seed: the function seeds its own draws)
+            seed = ("random draws differ in each process unless the function seeds its own generator from what "
+                    "it is given (np.random.default_rng of a row's or group's .name, say); ")
         return (f"the results differ from the serial run's: {seed}hash() of strings and set order differ "
                 "between processes, and a float sum that cancels to near zero can differ by more than the "
                 "rounding allowed for its size (troubleshooting: RESULTS DIFFER)")
@@ -178,7 +181,7 @@ def advise(report: Any) -> str | None:
         busy = report.peak_busy or workers
         at_once = f" (up to {busy} at once)" if busy < workers else ""
         of = f"{workers} workers{at_once} share {cores} CPU core{'s' if cores != 1 else ''} on CPU-bound work"
-        setting = f"-n {cores} (or %config MPMagic.workers = {cores})"
+        setting = f"{_workers_option(report, cores)} (or %config MPMagic.workers = {cores})"
         if report.serial is not None:  # measured: the speedup is real, and no more than `cores` ran at a time
             return (f"{of}, so they take turns: no more than {cores} run at a time either way, and {setting} "
                     "does as well with less switching between them")
@@ -193,7 +196,7 @@ def advise(report: Any) -> str | None:
         )
     if not did_not_pay(report):
         return None
-    what = "ranks" if report.kind == "parallel" else "items"
+    what = report.item_noun
     home = report.home_seconds
     if home and home >= 0.5 * (report.wall - report.task_seconds / workers):  # the pandas accessor's own work
         return (
@@ -228,7 +231,8 @@ def advise(report: Any) -> str | None:
     if report.cores and workers > report.cores and report.cpu_seconds is None:
         return (
             f"{workers} workers share {report.cores} CPU core{'s' if report.cores != 1 else ''}, "
-            f"so they take turns: use -n {report.cores} (or %config MPMagic.workers = {report.cores})"
+            f"so they take turns: use {_workers_option(report, report.cores)} (or %config MPMagic.workers = "
+            f"{report.cores})"
         )
     copied = report.bytes_sent + report.bytes_back
     if copied >= LARGE_BYTES and copied / max(report.task_seconds, 1e-9) > 50e6:
@@ -261,11 +265,17 @@ def advise(report: Any) -> str | None:
         if alone and slowest >= 0.9 * report.wall:  # the run took as long as that item: nothing does better
             share = slowest / max(report.task_seconds, slowest)
             return (
-                f"one slow {'rank' if report.kind == 'parallel' else 'item'} is most of the work: {where} took "
+                f"one slow {what[:-1]} is most of the work: {where} took "
                 f"{fmt_seconds(slowest)} ({share:.0%} of the task time) and the run {fmt_seconds(report.wall)}, "
                 "so no number of workers or chunk size finishes sooner: only splitting that "
-                f"{'rank' if report.kind == 'parallel' else 'item'}'s work into smaller pieces helps"
+                f"{what[:-1]}'s work into smaller pieces helps"
             )
+        accessor = _accessor(report)
+        if accessor and accessor.get("chunks") and report.chunks and report.chunks < workers:
+            n = report.chunks
+            return (f"the {report.items} {what} went in {n} piece{'s' if n != 1 else ''} (chunks={accessor['chunks']}), "
+                    f"so only {n} of the {workers} workers had work: pass chunks={workers} or more, or leave it out "
+                    f"({_per_worker(accessor)})")
         if report.kind == "pmap" and _users_chunksize(report) and report.chunks and report.chunks < workers:
             return (
                 f"the {report.items} items went in {report.chunks} chunk{'s' if report.chunks != 1 else ''} "
@@ -281,7 +291,7 @@ def advise(report: Any) -> str | None:
             return (
                 f"{workers} {what} shared {report.cores} CPU core{'s' if report.cores != 1 else ''}, so they took "
                 f"turns, and {where or 'one task'} took {fmt_seconds(slowest)} of the {fmt_seconds(report.wall)} "
-                f"run: use -n {report.cores} to time the work alone"
+                f"run: use {_workers_option(report, report.cores)} to time the work alone"
             )
         return (
             f"one slow task held everything up: {where or 'one task'} took {fmt_seconds(slowest)} "
@@ -289,6 +299,9 @@ def advise(report: Any) -> str | None:
             + (
                 "split that rank's share of the work more evenly"
                 if report.kind == "parallel"
+                else f"pass a larger chunks= (chunks={report.items} sends each {what[:-1]} alone) so slow {what} run "
+                f"in pieces of their own, or put the slow {what} first"
+                if accessor
                 else "use --chunksize 1 so slow items run alone, or put the slow items first"
             )
         )
@@ -302,7 +315,14 @@ def advise(report: Any) -> str | None:
             per_item = report.task_seconds / max(1, report.items_run)
             fixed = _users_chunksize(report)
             setting = report.extra.get("chunksize_setting")
-            if fixed and report.extra.get("timed"):  # (automatic sizing under --timeout: chunks of 1)
+            accessor = _accessor(report)
+            if accessor and accessor.get("chunks"):  # (chunks=: a number of pieces, not a size)
+                n = accessor["chunks"]
+                fix = (f"chunks={n} cut the {report.items} {what} into {n} piece{'s' if n != 1 else ''}: leave chunks= "
+                       f"out ({_per_worker(accessor)}) or make it smaller (fewer, larger pieces)")
+            elif accessor:
+                fix = f"pass chunks={workers} (one larger piece per worker)"
+            elif fixed and report.extra.get("timed"):  # (automatic sizing under --timeout: chunks of 1)
                 fix = (("set a larger %config MPMagic.chunksize" if setting else "make --chunksize larger")
                        + " (each item is still timed alone; without a chunk size --timeout sends each item alone)")
             elif fixed:
@@ -318,7 +338,7 @@ def advise(report: Any) -> str | None:
             # (On Dask the cost per chunk is the scheduler's too: assigning, queueing on a worker.)
             cost = "Dask scheduling, sending and collecting" if report.backend == "dask" else "sending and collecting"
             return (
-                f"tasks too small for the transfer cost: each item computes in "
+                f"tasks too small for the transfer cost: each {what[:-1]} computes in "
                 f"~{fmt_seconds(per_item)}, {_chunk_words(report, fixed)} in "
                 f"~{fmt_seconds(per_chunk)}, but {cost} a chunk cost "
                 f"~{fmt_seconds(overhead)}: {fix}{_or_serially(report)}"
@@ -327,7 +347,7 @@ def advise(report: Any) -> str | None:
         return (
             f"only {report.items} {what if report.items != 1 else what[:-1]} for {workers} workers: "
             "some workers had nothing to do; "
-            f"use -n {max(1, report.items)} or split the work into more {what}"
+            f"use {_workers_option(report, max(1, report.items))} or split the work into more {what}"
         )
     overhead = report.wall - ideal
     return (
@@ -381,6 +401,28 @@ def _payload_prep(report: Any) -> str | None:
             f"in the notebook: {done}; {fix}")
 
 
+def _accessor(report: Any) -> dict | None:
+    """The pandas accessor's call (``df.mp.apply``...: ``extra["accessor"]``), or None.
+
+    Its options are ``workers=`` and ``chunks=`` (a number of pieces, ``unit``
+    rows, columns or groups each), not ``-n`` and ``--chunksize``, which the
+    advice named ("drop --chunksize (automatic sizing)" after ``s.mp.map(f, chunks=3)``).
+    """
+    accessor = report.extra.get("accessor")
+    return accessor if isinstance(accessor, dict) else None
+
+
+def _workers_option(report: Any, n: int) -> str:
+    """The option that sets ``n`` workers, as the call that made ``report`` takes it."""
+    return f"workers={n}" if _accessor(report) else f"-n {n}"
+
+
+def _per_worker(accessor: dict) -> str:
+    """The accessor's automatic number of pieces, in words."""
+    n = accessor.get("per_worker")
+    return f"{n} pieces per worker" if n else "automatic"
+
+
 def _users_chunksize(report: Any) -> bool:
     """Did the user fix the chunk size (--chunksize, %config MPMagic.chunksize)? Not when
     --timeout alone made the chunks of 1 (the advice said "drop --chunksize" to a
@@ -401,6 +443,8 @@ def _chunk_words(report: Any, fixed: bool) -> str:
     Chunks cut below the size asked (``max_tasks_per_child``) are "up to" the largest sent."""
     average = report.items_run / report.chunks
     mean = f"{average:.0f}" if average.is_integer() else f"{average:.1f}"
+    if _accessor(report):  # (pieces of rows: "~100 rows" is no size the user gave)
+        return f"a piece of {mean} {report.item_noun}" + ("" if average.is_integer() else " on average")
     largest = str(report.chunksize).rsplit("-", 1)[-1]  # ("5-40": chunks of 5 to 40 items went)
     if fixed and largest != mean:
         return f"a chunk of up to {largest} ({mean} on average)"

@@ -109,7 +109,8 @@ def last_report() -> Report | None:
     ``report.interrupted`` is True; a cell's counts the ranks that finished and,
     apart, those that had failed: ``parallel interrupted after 0 of 2 ranks
     finished, 1 failed (rank 1)``), not the report of
-    the run before it.
+    the run before it. None after a pandas accessor call (``df.mp.apply``...) that ran
+    pandas' own call here, with no run (``s.mp.map(a_dict)``, an empty frame).
     """
     return _reports.report
 
@@ -143,7 +144,9 @@ def _imported_since(mark: int) -> tuple[str, ...]:
                  and getattr(sys.modules.get(n), "__file__", None))  # (not cython_runtime and the like)
 
 
-def _set_report(report: Report) -> None:
+def _set_report(report: Report | None) -> None:
+    """Make ``report`` this thread's last one; None: the latest call made no run (a pandas
+    accessor call that ran pandas' own call here), so no earlier run's report stands for it."""
     _reports.report = report
 
 

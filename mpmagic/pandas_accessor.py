@@ -33,7 +33,12 @@ column order, same dtypes.
   categories, or their fill value once, not each value), and a function given
   as a string, a NumPy ufunc or a list or dict of functions (pandas runs those
   as vectorized calls on the whole column, not once per value) run pandas'
-  call here: nothing to gain from workers.
+  call here: nothing to gain from workers. No run, so no report
+  (``last_report()`` is None, not an earlier run's); ``compare=True`` says so
+  in one line.
+* ``raw=True`` over columns: pandas hands ``func`` the columns of ``df.values``
+  (the whole frame's common dtype), so the pieces are cut from that array, not
+  from the frame (whose pieces have their own dtypes).
 
 Registered only when pandas is imported (``mpmagic`` never imports pandas
 itself): at ``import mpmagic`` or ``%load_ext mpmagic`` if pandas is already
@@ -46,6 +51,7 @@ import functools
 import inspect
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
@@ -77,6 +83,7 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
     """
     __tracebackhide__ = True  # (ours: a task's traceback starts at pandas' call, as serially)
     values: list = []
+    stand_in = _broadcast_stand_in(piece, options)
 
     def recorder(x: Any) -> Any:
         __tracebackhide__ = True
@@ -88,10 +95,29 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
         if isinstance(value, pd.Series):
             value = value.copy(deep=False)  # as pandas does: the row it passes may be reused for the next one
         values.append(value)
-        return value
+        return value if stand_in is None else stand_in
 
     getattr(piece, method)(recorder, **options)
     return _pack(values)
+
+
+def _broadcast_stand_in(piece: pd.DataFrame | pd.Series, options: dict) -> Any:
+    """What the worker's ``apply(result_type="broadcast")`` over columns is given in place of ``func``'s value.
+
+    pandas writes each column's value into one array of the frame's common
+    dtype (``np.empty_like(df.values)``). The whole frame's is wider than a
+    piece's: a str next to an int column is object there, int64 in the piece
+    holding only the int column, where ``"col x"`` raised "invalid literal for
+    int()" although pandas' call on the whole succeeds. The piece's array is
+    thrown away (home assembles the whole from the recorded values, as pandas
+    does, and raises pandas' own error where it raises), so it is given a
+    zero of its own dtype, which fits. None: the value itself (rows, other result types).
+    """
+    if not isinstance(piece, pd.DataFrame) or options.get("result_type") != "broadcast":
+        return None
+    if options.get("axis", 0) not in (0, "index"):  # (a row piece holds every column: the whole's dtype)
+        return None
+    return np.zeros((), dtype=piece.values.dtype)
 
 
 class _Packed:
@@ -263,11 +289,16 @@ def _bounds(n: int, pieces: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
 
 
-def _run(func: Callable, items: list, workers: int | None, what: str, count: int,
-         fixed: bool = False) -> tuple[list, Any]:
-    """``mpmagic.pmap(func, items)``, one item per message: (its results, its report counting ``what``).
+def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], workers: int | None, what: str,
+         chunks: int | None) -> tuple[list, Any]:
+    """``mpmagic.pmap(func, items)``, one item per message: (its results, its report of ``call``, counting ``what``).
 
-    ``fixed``: the user chose the number of pieces (``chunks=``), else it was automatic.
+    ``spans``: the [start, stop) positions of the rows, columns or groups (``what``)
+    each item holds; ``chunks``: the number of pieces the user chose (``chunks=``),
+    None when it was automatic. The report is named after the accessor's call and
+    counts its rows, columns or groups, not the pieces they travelled in, so that
+    its line and advice speak of what the user wrote (``df.mp.apply: 30 rows``,
+    ``chunks=``), not of a pmap (``pmap: 8 items``, ``--chunksize``).
     The report is shown by :func:`_report`, once the result is assembled.
     """
     __tracebackhide__ = True  # (ours, as pmap's: a task's error shows the cell's line, then the task's frames)
@@ -280,10 +311,24 @@ def _run(func: Callable, items: list, workers: int | None, what: str, count: int
         raise
     report = api.last_report()
     if report is not None:
-        report.items = count  # rows or groups, not the pieces they travelled in
+        count = spans[-1][1] if spans else 0
+        report.items = count
+        report.caller = call
+        report.extra["accessor"] = {"unit": what, "chunks": chunks, "per_worker": CHUNKS_PER_WORKER}
         per_piece = f"~{math.ceil(count / max(1, len(items)))} {what}"
-        report.chunksize = per_piece if fixed else f"auto ({per_piece})"
+        report.chunksize = per_piece if chunks is not None else f"auto ({per_piece})"
+        report.slowest_where = _piece_text(report.slowest_where, spans, what)
     return results, report
+
+
+def _piece_text(where: str | None, spans: list[tuple[int, int]], what: str) -> str | None:
+    """The report's slowest unit, "item 3" (the fourth piece), as the rows, columns or groups it held:
+    "the chunk of rows 30-39" (by position), or "row 30" for a piece of one."""
+    match = re.fullmatch(r"item (\d+)", where or "")
+    if match is None or int(match[1]) >= len(spans):
+        return where
+    a, b = spans[int(match[1])]
+    return f"{what[:-1]} {a}" if b - a == 1 else f"the chunk of {what} {a}-{b - 1}"
 
 
 def _report(report: Any, started: float, result: Any, quiet: bool, serial: Callable[[], Any] | None) -> None:
@@ -409,6 +454,24 @@ def _pandas_wrap(df: pd.DataFrame, func: Callable, axis: Any, result_type: Any) 
         return None
 
 
+def _raw_columns(df: pd.DataFrame, spans: list[tuple[int, int]]) -> list[pd.DataFrame]:
+    """Column pieces of ``df`` whose ``.values`` are those of ``df.values``, split by columns.
+
+    ``df.apply(func, raw=True)`` hands ``func`` the columns of ``df.values``,
+    one array of the whole frame's common dtype: float64 for int and float
+    columns, object for int and str (or bool and int, tz-aware dates and
+    ints, two nullable Int64 columns). A piece's own ``.values`` has the
+    piece's dtype (int64 for the int column alone), so ``func`` saw other
+    values, and pandas, building the result from the first value's dtype,
+    truncated the float column's 1.25 to 1. Each piece is that array's columns,
+    with their labels, as one block of its dtype (given, so that pandas infers
+    no datetimes from an object array).
+    """
+    values = df.values
+    return [pd.DataFrame(values[:, a:b], index=df.index, columns=df.columns[a:b], dtype=values.dtype, copy=False)
+            for a, b in spans]
+
+
 def _bind(func: Callable, args: tuple, kwargs: dict) -> Callable:
     return functools.partial(_call_with, func=func, args=args, kwargs=kwargs) if args or kwargs else func
 
@@ -421,6 +484,50 @@ def _call_with(x: Any, func: Callable, args: tuple, kwargs: dict) -> Any:
 def _vectorized(func: Any) -> bool:
     """A function pandas does not call once per row or value: a method name, a ufunc, a list or dict of them."""
     return isinstance(func, (str, np.ufunc, list, tuple, dict)) or not callable(func)
+
+
+def _at_home(call: str, why: str, compare: bool, quiet: bool, pandas_call: Callable[[], Any]) -> Any:
+    """``pandas_call()``: pandas' own call on the whole object, run here (``why``: nothing for the workers).
+
+    ``pandas_call`` is a ``functools.partial``, which adds no frame of ours to
+    the traceback of an exception pandas' call raises.
+
+    No run, so no report: ``last_report()`` is None, not the run before, which
+    read as this call's (an earlier call's 50 items and RESULTS DIFFER).
+    ``compare=True`` has nothing to compare this call with: one line says so
+    (unless ``quiet``), where it was silently ignored.
+    """
+    __tracebackhide__ = True
+    from . import api
+
+    api._set_report(None)
+    result = pandas_call()
+    if compare and not quiet:
+        print(f"{call}: pandas' own call ran here, serially ({why}): nothing to compare")
+    return result
+
+
+def _vectorized_why(func: Any) -> str:
+    """Why pandas' call with this ``func`` runs here, in the words of :func:`_at_home`'s line."""
+    if isinstance(func, str):
+        return f"a function given by name, {func!r}: one vectorized call"
+    if isinstance(func, np.ufunc):
+        return f"a NumPy ufunc, np.{func.__name__}: one vectorized call"
+    if isinstance(func, (list, tuple, dict)):
+        return f"a {'dict' if isinstance(func, dict) else 'list'} of functions: vectorized calls"
+    return f"a {type(func).__name__}, which is no function pandas calls per row"
+
+
+def _distinct_why(s: pd.Series) -> str:
+    kind = "categorical" if isinstance(s.dtype, pd.CategoricalDtype) else "sparse"
+    what = "each category once" if kind == "categorical" else "its fill value once, then the stored values"
+    return f"a {kind} Series: pandas maps {what}"
+
+
+def _options_why(options: dict, per_piece: Sequence[str] = ()) -> str:
+    """The pandas options that keep the call at home (see :func:`_split_options`), as written."""
+    named = ", ".join(f"{name}={value!r}" for name, value in options.items() if name not in per_piece)
+    return f"{named}: pandas' own option, which does not mean the same on pieces"
 
 
 def _maps_distinct_values(s: pd.Series) -> bool:
@@ -539,17 +646,23 @@ class FrameAccessor:
         n = df.shape[0] if by_rows else df.shape[1]
         extra, kwargs, home = _split_options(pd.DataFrame.apply, kwargs, ("axis", "raw", "result_type", "args"),
                                              per_piece=("by_row",))
-        if n == 0 or df.size == 0 or _vectorized(func) or home:
-            return df.apply(func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs)
+        why = ("an empty frame" if n == 0 or df.size == 0 else _vectorized_why(func) if _vectorized(func)
+               else _options_why(extra, ("by_row",)) if home else None)
+        if why is not None:
+            return _at_home("df.mp.apply", why, compare, quiet, functools.partial(
+                df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args, **extra, **kwargs))
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
+        spans = _bounds(n, pieces)
         if by_rows:
-            items = [df.iloc[a:b] for a, b in _bounds(n, pieces)]
+            items = [df.iloc[a:b] for a, b in spans]
+        elif raw and result_type != "broadcast":  # (broadcast hands func the columns, raw or not)
+            items = _raw_columns(df, spans)
         else:
-            items = [df.iloc[:, a:b] for a, b in _bounds(n, pieces)]
+            items = [df.iloc[:, a:b] for a, b in spans]
         bound = _bind(func, args, kwargs)
         options = {"axis": axis, "raw": raw, "result_type": result_type, **extra}
         task = functools.partial(_record, method="apply", options=options, func=bound)
-        parts, report = _run(task, items, workers, "rows" if by_rows else "columns", n, chunks is not None)
+        parts, report = _run("df.mp.apply", task, items, spans, workers, "rows" if by_rows else "columns", chunks)
         result = _assemble_frame(df, _unpack(parts), options, bound)
         serial = functools.partial(df.apply, func, axis=axis, raw=raw, result_type=result_type, args=args,
                                    **extra, **kwargs)
@@ -577,8 +690,11 @@ class SeriesAccessor:
         chunks = _own_options("series.mp.map", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.map, kwargs, ("na_action",))
-        if not callable(func) or len(s) == 0 or _maps_distinct_values(s) or home:
-            return s.map(func, na_action=na_action, **extra, **kwargs)
+        why = ("a mapping: pandas looks each value up" if not callable(func) else "an empty Series" if len(s) == 0
+               else _distinct_why(s) if _maps_distinct_values(s) else _options_why(extra) if home else None)
+        if why is not None:
+            return _at_home("series.mp.map", why, compare, quiet,
+                            functools.partial(s.map, func, na_action=na_action, **extra, **kwargs))
         serial = (lambda: s.map(func, na_action=na_action, **extra, **kwargs)) if compare else None
         return self._per_value("map", {"na_action": na_action, **extra}, _bind(func, (), kwargs), workers, chunks,
                                quiet, started, serial)
@@ -597,8 +713,12 @@ class SeriesAccessor:
         chunks = _own_options("series.mp.apply", func, workers, chunks, quiet, compare)
         s = self._obj
         extra, kwargs, home = _split_options(pd.Series.apply, kwargs, ("args",), per_piece=("convert_dtype",))
-        if _vectorized(func) or len(s) == 0 or _maps_distinct_values(s) or home:
-            return s.apply(func, args, **extra, **kwargs)
+        why = (_vectorized_why(func) if _vectorized(func) else "an empty Series" if len(s) == 0
+               else _distinct_why(s) if _maps_distinct_values(s)
+               else _options_why(extra, ("convert_dtype",)) if home else None)
+        if why is not None:
+            return _at_home("series.mp.apply", why, compare, quiet,
+                            functools.partial(s.apply, func, args, **extra, **kwargs))
         serial = (lambda: s.apply(func, args, **extra, **kwargs)) if compare else None
         return self._per_value("apply", extra, _bind(func, args, kwargs), workers, chunks, quiet, started, serial)
 
@@ -608,9 +728,10 @@ class SeriesAccessor:
         __tracebackhide__ = True
         s = self._obj
         pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
-        items = [s.iloc[a:b] for a, b in _bounds(len(s), pieces)]
+        spans = _bounds(len(s), pieces)
+        items = [s.iloc[a:b] for a, b in spans]
         task = functools.partial(_record, method=method, options=options, func=func)
-        parts, report = _run(task, items, workers, "rows", len(s), chunks is not None)
+        parts, report = _run(f"series.mp.{method}", task, items, spans, workers, "rows", chunks)
         result = _replay(s, method, options, _unpack(parts), func)
         _report(report, started, result, quiet, serial)
         return result
@@ -623,12 +744,29 @@ class GroupByAccessor:
         self._gb = obj
 
     def _spec(self) -> dict:
+        """The keywords that group a batch of rows again in a worker as ``self._gb`` groups the whole.
+
+        Refused, in one line saying which: a key that is not in the batch (values
+        of another object, a selected column's frame left behind) and a
+        ``pd.Grouper`` with ``freq=`` (bins cut from the whole frame's dates).
+        """
         gb = self._gb
         keys, level = _fresh_groupers(gb.keys), gb.level
+        binned = _binned(keys)
+        if binned is not None:
+            raise UsageError(_binned_refusal(binned))
         if keys is not None and isinstance(gb.obj, pd.Series) and not _are_labels(keys, gb.obj):
+            if getattr(gb, "_selection", None) is not None:  # df.groupby(key)[column]: the key is the frame's
+                raise UsageError(
+                    "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
+                    "column): use df.groupby(key).mp.apply(f) and take the column inside f"
+                )
+            name = gb.obj.name if isinstance(gb.obj.name, str) and gb.obj.name != "key" else "value"
             raise UsageError(
-                "groupby(...)[column].mp.apply is not supported yet (the workers need the key "
-                "column): use df.groupby(key).mp.apply(f) and take the column inside f"
+                "series.groupby(...).mp.apply groups a Series by its index levels (level= or their names) only; "
+                f"got a key of type {type(keys).__name__}, values the workers' batches of rows do not hold: put "
+                f"both in one frame and group it by the key's column, pd.DataFrame({{{name!r}: series, 'key': key}})"
+                f".groupby('key').mp.apply(lambda g: f(g[{name!r}]))"
             )
         if keys is not None and not _are_labels(keys, gb.obj):
             raise UsageError(
@@ -649,26 +787,27 @@ class GroupByAccessor:
         """
         __tracebackhide__ = True
         started = time.perf_counter()
-        _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
+        chunks = _own_options("groupby(...).mp.apply", func, workers, chunks, quiet, compare)
         gb = self._gb
         spec = self._spec()
         extra, kwargs, home = _split_options(type(gb).apply, kwargs, per_piece=("include_groups",))
         indices = gb.indices  # group name -> positions in gb.obj
         if not indices or home:
-            return gb.apply(func, *args, **extra, **kwargs)
+            why = "no groups" if not indices else _options_why(extra, ("include_groups",))
+            return _at_home("groupby(...).mp.apply", why, compare, quiet,
+                            functools.partial(gb.apply, func, *args, **extra, **kwargs))
         names = list(indices)
-        pieces = chunks or _workers(workers) * CHUNKS_PER_WORKER
-        items = []
-        for a, b in _bounds(len(names), pieces):
+        spans = _bounds(len(names), chunks or _workers(workers) * CHUNKS_PER_WORKER)
+        task_items = []
+        for a, b in spans:
             batch = names[a:b]
             # rows in their original order, as pandas' own groups keep them
-            items.append(gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))))
-        task_items = [(item, names[a:b]) for item, (a, b) in zip(items, _bounds(len(names), pieces), strict=True)]
+            task_items.append((gb.obj.take(np.sort(np.concatenate([indices[name] for name in batch]))), batch))
         # (a SeriesGroupBy's rows are its column already: nothing to select in the batch)
         selection = None if isinstance(gb.obj, pd.Series) else gb._selection
         task = functools.partial(_apply_batch, spec=spec, selection=selection, func=func,
                                  args=args, kwargs=kwargs, options=extra)
-        parts, report = _run(task, task_items, workers, "groups", len(names), chunks is not None)
+        parts, report = _run("groupby(...).mp.apply", task, task_items, spans, workers, "groups", chunks)
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.
@@ -718,6 +857,37 @@ def _is_label(key: Any, columns: Any, levels: list) -> bool:
             return _is_label(key.key, columns, levels)
         return key.level is not None and (isinstance(key.level, int) or _is_label(key.level, (), levels))
     return isinstance(key, Hashable) and (key in columns or key in levels)
+
+
+def _binned(keys: Any) -> Any:
+    """The first ``pd.Grouper`` with ``freq=`` among ``keys`` (pandas makes those a ``TimeGrouper``), or None."""
+    for key in keys if isinstance(keys, list) else [keys]:
+        if isinstance(key, pd.Grouper) and getattr(key, "freq", None) is not None:
+            return key
+    return None
+
+
+def _binned_refusal(grouper: Any) -> str:
+    """Why a ``pd.Grouper(freq=...)`` is refused, and the column that does the same binning.
+
+    A worker regroups its batch of whole groups; time bins would be cut from
+    the batch's own first date (``origin='start_day'``), not the whole frame's,
+    so the bins, and the groups, could differ. The column is already there:
+    ``freq=`` is what is refused.
+    """
+    freq = getattr(grouper.freq, "freqstr", grouper.freq)
+    if grouper.key is not None:
+        where, dates = f"key={grouper.key!r}", f"df[{grouper.key!r}].dt"
+    else:
+        level = grouper.level if grouper.level is not None else 0
+        where, dates = f"level={level!r}", f"df.index.get_level_values({level!r})"
+    # (a period of '3D' starts at each date: several days' bins are the dates floored to them)
+    several = isinstance(grouper.freq, pd.tseries.offsets.Tick) and grouper.freq.n != 1
+    bins = f"{dates}.floor({freq!r})" if several else f"{dates}.to_period({freq!r})"
+    return (f"groupby(...).mp.apply does not take a pd.Grouper with freq= ({where}, freq={freq!r}): its time bins "
+            "are cut from the whole frame's dates, which a worker's batch of groups does not have; put the bin in "
+            f"a column and group by it, df.assign(bin={bins}).groupby('bin').mp.apply(f)"
+            f"{'' if several else ' (its labels are periods)'}, or call pandas' own groupby(...).apply(f)")
 
 
 def _fresh_groupers(keys: Any) -> Any:

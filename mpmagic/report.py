@@ -234,12 +234,20 @@ class Report:
         how = self.backend if not self.start_method else self.start_method
         return f"{self.workers} {self.worker_noun}{'s' if self.workers != 1 else ''} ({how})"
 
+    @property
+    def item_noun(self) -> str:
+        """What ``items`` counts, plural: "items", "ranks", or the pandas accessor's "rows",
+        "columns" or "groups" (``extra["accessor"]["unit"]``: not the pieces they went in)."""
+        if self.kind == "parallel":
+            return "ranks"
+        accessor = self.extra.get("accessor")
+        return accessor.get("unit") or "items" if isinstance(accessor, dict) else "items"
+
     def _what(self) -> str:
         if self.caller == "call":  # (mpmagic.call: one call, no items to count)
             return "1 call"
-        if self.kind == "parallel":
-            return f"{self.items} rank{'s' if self.items != 1 else ''}"
-        return f"{self.items} item{'s' if self.items != 1 else ''}"
+        noun = self.item_noun
+        return f"{self.items} {noun if self.items != 1 else noun[:-1]}"
 
     @property
     def waited_for_cores(self) -> bool:
@@ -536,7 +544,7 @@ class Report:
         """(label, value) pairs of the full report, formatted exactly as in :meth:`line`."""
         eff = self.efficiency
         rows = [
-            ("items" if self.kind == "pmap" else "ranks", str(self.items)),
+            (self.item_noun, str(self.items)),
             ("workers", self._where()),
         ]
         if self.kind == "pmap":

@@ -244,14 +244,14 @@ def test_data_work_notebook() -> None:
     for _, mean, low, high in rows:
         assert float(low) <= float(mean) <= float(high)
 
-    # The pandas accessor: its timing line counts groups / rows, and the result is pandas' own.
+    # The pandas accessor: its timing line names the call and counts groups / rows, and the result is pandas' own.
     profiles = cell_text(nb, "orders.groupby(\"customer\").mp.apply(profile)")
-    assert "pmap: 500 items on" in profiles, profiles
+    assert "groupby(...).mp.apply: 500 groups on" in profiles, profiles
     assert "same result: True" in cell_text(nb, "expected = orders.groupby")
     summary = cell_value(nb, "summary = profiles.join(customers)")
     assert all(region in summary for region in ("north", "south", "east", "west")), summary
     dayparts = cell_text(nb, "mp.map(daypart)")
-    assert "pmap: 250000 items on" in dayparts and "same result: True" in dayparts, dayparts
+    assert "series.mp.map: 250000 rows on" in dayparts and "same result: True" in dayparts, dayparts
 
 
 def test_scaling_out_notebook() -> None:

@@ -132,8 +132,8 @@ def test_apply_on_rows_matches_pandas_with_multiindex_categorical_and_datetime(i
     capsys.readouterr()
     got = run(ip, "df.mp.apply(row_total, axis=1)")
     assert_series_equal(got, frame.apply(ip.user_ns["row_total"], axis=1), check_exact=True)
-    # The same timing line as %pmap, counting rows.
-    assert "pmap: 30 items on 2 workers (forkserver)" in capsys.readouterr().out
+    # The same timing line as %pmap, named after the call and counting rows.
+    assert "df.mp.apply: 30 rows on 2 workers (forkserver)" in capsys.readouterr().out
 
 
 def test_apply_returning_a_series_builds_the_same_frame(ip, frame) -> None:
@@ -450,3 +450,209 @@ def test_chunks_that_are_no_number_of_pieces_are_refused_in_one_line_as_workers_
 
     with pytest.raises(UsageError, match=rf"^chunks must be a whole number of at least 1 .*, not {re.escape(repr(chunks))}$"):
         ip.run_cell(call.format(repr(chunks))).raise_error()
+
+
+MIXED = """
+mixed = {
+    "int_float": pd.DataFrame({"x": [1, 2, 3], "y": [0.25, 0.5, 0.5]}),
+    "int_str": pd.DataFrame({"x": [1, 2, 3], "s": ["a", "b", "c"]}),
+    "bool_int": pd.DataFrame({"b": [True, False, True], "x": [1, 2, 3]}),
+    "int32_int64": pd.DataFrame({"a": np.array([1, 2, 3], dtype="int32"), "b": np.array([2**40, 1, 2], dtype="int64")}),
+    "f32_f64": pd.DataFrame({"a": np.array([0.1, 0.2, 0.3], dtype="float32"), "b": [0.1, 0.2, 0.3]}),
+    "tz_int": pd.DataFrame({"t": pd.date_range("2021", periods=3, tz="UTC"), "x": [1, 2, 3]}),
+    "Int64_Int64": pd.DataFrame({"a": pd.array([1, 2, 3], "Int64"), "b": pd.array([1, None, 3], "Int64")}),
+}
+
+def col_total(c):
+    return c.sum() if c.dtype.kind in "iufb" else 0
+
+def col_kind(c):
+    return str(c.dtype)
+
+def col_half(c):
+    return c / 2 if c.dtype.kind in "iuf" else c
+
+def col_first(c):
+    return c[0] if isinstance(c, np.ndarray) else c.iloc[0]
+
+def col_itself(c):
+    return c
+
+def col_label(c):
+    return "col " + str(c.name)
+
+def col_zero(c):
+    return 0
+"""
+
+
+def _outcome(ip, code):
+    """What a cell returned, or the exception it raised (as type and message)."""
+    try:
+        return run(ip, code), None
+    except Exception as exc:  # (compared with pandas' own)
+        return None, (type(exc), str(exc))
+
+
+def assert_as_pandas(ip, ours: str, pandas_call: str) -> None:
+    """``ours`` returns what ``pandas_call`` returns, or raises the same exception type and message."""
+    expected, expected_error = _outcome(ip, pandas_call)
+    got, error = _outcome(ip, ours)
+    assert error == expected_error, (ours, error, expected_error)
+    if expected_error is None:
+        assert_same(got, expected)
+
+
+@pytest.mark.parametrize("name", ["int_float", "int_str", "bool_int", "int32_int64", "f32_f64", "tz_int",
+                                  "Int64_Int64"])
+@pytest.mark.parametrize("func", ["col_total", "col_kind", "col_half", "col_first", "col_itself"])
+def test_raw_columns_of_mixed_dtypes_are_the_whole_frames_values_as_pandas_hands_them(ip, frame, name, func) -> None:
+    """pandas hands ``func`` the columns of ``df.values``, the whole frame's common dtype (float64 for
+    int + float, object for int + str). Each piece's own ``.values`` was of the piece's dtype:
+    ``a.sum()`` of the int column was an int, and pandas, building the result from the first value's
+    dtype, truncated the float column's 1.25 to 1 (or raised for an int column next to a str one)."""
+    run(ip, MIXED)
+    for chunks in ("", "chunks=1, ", "chunks=2, "):
+        assert_as_pandas(ip, f"mixed[{name!r}].mp.apply({func}, axis=0, raw=True, {chunks}quiet=True)",
+                         f"mixed[{name!r}].apply({func}, axis=0, raw=True)")
+
+
+@pytest.mark.parametrize("name", ["int_float", "int_str", "bool_int", "int32_int64", "f32_f64", "tz_int"])
+@pytest.mark.parametrize("func", ["col_label", "col_zero", "col_half", "col_first"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_broadcast_on_columns_of_mixed_dtypes_fills_the_whole_frames_dtype_as_pandas_does(ip, frame, name, func,
+                                                                                          raw) -> None:
+    """pandas fills one array of the whole frame's dtype (``np.empty_like(df.values)``); a piece holding only
+    the int column filled an int64 one, and a str result raised there ("invalid literal for int()") where
+    pandas succeeds, or raised another message than pandas' where both raise."""
+    run(ip, MIXED)
+    assert_as_pandas(ip, f"mixed[{name!r}].mp.apply({func}, axis=0, raw={raw}, result_type='broadcast', quiet=True)",
+                     f"mixed[{name!r}].apply({func}, axis=0, raw={raw}, result_type='broadcast')")
+
+
+def test_broadcast_raises_pandas_own_error_once_all_columns_are_in(ip, frame) -> None:
+    run(ip, MIXED + "\ndef col_wrong_length(c):\n    return [1, 2]\n")
+    with pytest.raises(ValueError, match="^could not convert string to float: 'col x'$"):
+        run(ip, "mixed['int_float'].mp.apply(col_label, result_type='broadcast', quiet=True)")
+    with pytest.raises(ValueError, match="^cannot broadcast result$"):
+        run(ip, "mixed['int_str'].mp.apply(col_wrong_length, result_type='broadcast', quiet=True)")
+
+
+@pytest.mark.parametrize(("call", "why"), [
+    ("df['x'].mp.map({1: 'a'}, compare=True)", "a mapping"),
+    ("df['y'].mp.apply(np.sqrt, compare=True)", "a NumPy ufunc"),
+    ("df[['x', 'y']].mp.apply('sum', compare=True)", "a function given by name"),
+    ("df.iloc[:0].mp.apply(row_total, axis=1, compare=True)", "an empty frame"),
+    ("df['x'].iloc[:0].mp.map(maybe_none, compare=True)", "an empty Series"),
+    ("df['tag'].mp.map(str, compare=True)", "a categorical Series"),
+    ("df['x'].mp.apply(lambda s: s * 2, by_row=False, compare=True)", "by_row=False"),
+    ("df.iloc[:0].groupby('key').mp.apply(group_spread, compare=True)", "no groups"),
+])
+def test_compare_on_a_call_that_runs_at_home_says_so_and_leaves_no_earlier_report(ip, frame, capsys, call, why) -> None:
+    """compare=True on a call the accessor hands to pandas here printed nothing, and last_report() kept the
+    run before (50 items, RESULTS DIFFER) as if it were this call's."""
+    run(ip, "earlier = df['x'].mp.map(maybe_none, quiet=True)")
+    assert mpmagic.last_report() is not None
+    capsys.readouterr()
+    run(ip, f"got = {call}")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert_same(ip.user_ns["got"], run(ip, call.replace(".mp.", ".").replace(", compare=True", "")))
+    method = call.split(".mp.")[1].split("(")[0]
+    assert len(out) == 1, out
+    assert re.fullmatch(rf"\S+\.mp\.{method}: pandas' own call ran here, serially \(.*{re.escape(why)}.*\): "
+                        r"nothing to compare", out[0]), out[0]
+    assert mpmagic.last_report() is None
+    # quiet: no line; nor without compare; neither leaves the run before as this call's report
+    capsys.readouterr()
+    run(ip, "earlier = df['x'].mp.map(maybe_none, quiet=True)")
+    run(ip, "got = " + call.replace("compare=True", "compare=True, quiet=True"))
+    assert mpmagic.last_report() is None
+    run(ip, "earlier = df['x'].mp.map(maybe_none, quiet=True)")
+    run(ip, "got = " + call.replace(", compare=True", ""))
+    assert capsys.readouterr().out == ""
+    assert mpmagic.last_report() is None
+
+
+def test_a_series_grouped_by_another_is_not_told_it_selected_a_column(ip, frame) -> None:
+    with pytest.raises(mpmagic.UsageError) as err:
+        run(ip, "df['x'].groupby(df['key']).mp.apply(lambda g: g.max())")
+    text = str(err.value)
+    assert "[column]" not in text
+    assert text.startswith("series.groupby(...).mp.apply groups a Series by its index levels (level= or their names) only; "
+                           "got a key of type Series"), text
+    assert "pd.DataFrame({'x': series, 'key': key}).groupby('key').mp.apply(lambda g: f(g['x']))" in text, text
+    with pytest.raises(mpmagic.UsageError, match=re.escape("groupby(...)[column].mp.apply is not supported yet")):
+        run(ip, "df.groupby('key')['x'].mp.apply(lambda s: s.sum())")
+
+
+def test_a_grouper_with_freq_is_refused_for_its_freq_not_told_to_add_a_column(ip, frame) -> None:
+    run(ip, "days = pd.DataFrame({'store': [1, 2, 1, 2], 'day': pd.date_range('2021-01-01', periods=4)})")
+    with pytest.raises(mpmagic.UsageError) as err:
+        run(ip, "days.groupby(pd.Grouper(key='day', freq='W')).mp.apply(len)")
+    text = str(err.value)
+    assert "add it as a column" not in text
+    assert text.startswith("groupby(...).mp.apply does not take a pd.Grouper with freq= (key='day', freq='W-SUN')"), text
+    assert "days.assign(bin=days['day'].dt.to_period('W-SUN')).groupby('bin')" not in text  # (no name for the frame)
+    assert "df.assign(bin=df['day'].dt.to_period('W-SUN')).groupby('bin').mp.apply(f)" in text, text
+    with pytest.raises(mpmagic.UsageError, match=re.escape("does not take a pd.Grouper with freq= (level='when'")):
+        run(ip, "df.reset_index().set_index('when').groupby([pd.Grouper(level='when', freq='D'), 'key'])"
+                ".mp.apply(len)")
+
+
+def test_the_report_names_the_accessor_call_and_counts_its_rows_columns_or_groups(ip, frame, capsys) -> None:
+    """Its line began "pmap: 8 items", the pieces of a call the user wrote as ``df.mp.apply``."""
+    for call, first, unit in [("df.mp.apply(row_total, axis=1)", "df.mp.apply: 30 rows on 2 workers", "rows"),
+                              ("df[['x', 'y']].mp.apply(lambda c: c.sum())", "df.mp.apply: 2 columns on 2 workers",
+                               "columns"),
+                              ("df['x'].mp.map(maybe_none)", "series.mp.map: 30 rows on 2 workers", "rows"),
+                              ("df['x'].mp.apply(maybe_none)", "series.mp.apply: 30 rows on 2 workers", "rows"),
+                              ("df.groupby('key').mp.apply(group_spread)",
+                               "groupby(...).mp.apply: 4 groups on 2 workers", "groups"),
+                              ("df.iloc[:1].mp.apply(row_total, axis=1)", "df.mp.apply: 1 row on ", "rows")]:
+        capsys.readouterr()
+        run(ip, f"got = {call}")
+        assert capsys.readouterr().out.startswith(first), call
+        report = mpmagic.last_report()
+        assert report.line().startswith(first)
+        assert dict(report.rows())[unit] == first.split()[1]
+        assert "items" not in dict(report.rows())
+
+
+def _accessor_report(**fields):
+    from conftest import synthetic_report
+
+    base = dict(caller="series.mp.map", items=300, extra={"accessor": {"unit": "rows", "chunks": 3, "per_worker": 4}},
+                chunksize="~100 rows", chunks=3, workers=2)
+    return synthetic_report(**{**base, **fields})
+
+
+def test_the_accessors_advice_names_its_chunks_option_not_chunksize() -> None:
+    """After ``s.mp.map(f, chunks=3)`` the advice said "drop --chunksize (automatic sizing) or make it
+    larger": the accessor takes ``chunks=``, the number of pieces (fewer pieces are larger)."""
+    small = _accessor_report(wall=0.0042, task_seconds=0.000446)
+    assert small.advice.endswith("chunks=3 cut the 300 rows into 3 pieces: leave chunks= out (4 pieces per "
+                                 "worker) or make it smaller (fewer, larger pieces), or run it serially"), small.advice
+    few = _accessor_report(chunks=1, chunksize="~300 rows",
+                           extra={"accessor": {"unit": "rows", "chunks": 1, "per_worker": 4}},
+                           wall=1.0, task_seconds=0.95, slowest_task=0.95, slowest_where="the chunk of rows 0-299")
+    assert few.advice == ("the 300 rows went in 1 piece (chunks=1), so only 1 of the 2 workers had work: pass "
+                          "chunks=2 or more, or leave it out (4 pieces per worker)"), few.advice
+    slow = _accessor_report(chunks=8, chunksize="auto (~38 rows)",
+                            extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}},
+                            wall=1.0, task_seconds=1.0, slowest_task=0.8, slowest_where="the chunk of rows 0-37")
+    assert slow.advice == ("one slow task held everything up: the chunk of rows 0-37 took 800.0 ms of the 1.00 s run "
+                           "while other workers waited: pass a larger chunks= (chunks=300 sends each row alone) so "
+                           "slow rows run in pieces of their own, or put the slow rows first"), slow.advice
+    quick = _accessor_report(chunks=8, chunksize="auto (~38 rows)",
+                             extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}},
+                             wall=0.0042, task_seconds=0.000446)
+    assert "pass chunks=2 (one larger piece per worker)" in quick.advice, quick.advice
+    lonely = _accessor_report(items=1, chunks=1, chunksize="auto (~1 rows)", wall=0.2, task_seconds=0.15,
+                              extra={"accessor": {"unit": "rows", "chunks": None, "per_worker": 4}})
+    assert lonely.advice.startswith("only 1 row for 2 workers"), lonely.advice
+    assert "use workers=1 or split the work into more rows" in lonely.advice, lonely.advice
+    differ = _accessor_report(equal=False, serial=0.1)
+    assert "unless the function seeds its own generator from what it is given" in differ.advice, differ.advice
+    for report in (small, few, slow, quick, lonely, differ):
+        assert "--chunksize" not in report.advice and "-n " not in report.advice and "--seed" not in report.advice
+        assert report.line().startswith("series.mp.map: ")
