@@ -351,9 +351,11 @@ def run_cell_code(
 
         seed_rank(spec.seed, rank, getattr(spec, "seed_numpy", True), getattr(spec, "seed_torch", False))
     # Code in the cell may import from __main__ or pickle its own classes.
-    if spec.keep and as_main:  # %%parallel --keep (ranks.py): the rank's kept namespace; its own names win
+    kept = spec.keep and as_main
+    if kept:  # %%parallel --keep (ranks.py): the rank's kept namespace; its own names win
         main = kept_namespace(rank, spec.reset)
-        main.__dict__.update({k: v for k, v in ns.items() if k not in main.__dict__ or k in ("rank", "size")})
+        from_notebook = _from_notebook.setdefault(rank, {})
+        _take_notebook_names(main.__dict__, ns, {*spec.modules, *spec.names}, from_notebook)
     else:
         main = types.ModuleType("__main__")
         main.__dict__.update(ns)
@@ -361,14 +363,23 @@ def run_cell_code(
     saved_main = sys.modules.get("__main__")
     if as_main:
         sys.modules["__main__"] = main
+    body: ast.Module | None = None
+    stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
         body, last = split_last_expression(astlock.parse(source, filename))
         code = astlock.compile_tree(body, filename, "exec")
-        exec(code, ns)
+        try:
+            exec(code, ns)
+        except BaseException as exc:
+            stopped_at = _line_raised_at(exc, code)
+            raise
         value = eval(astlock.compile_tree(last, filename, "eval"), ns) if last is not None else None
     finally:
         if as_main and saved_main is not None:
             sys.modules["__main__"] = saved_main
+        if kept:  # the notebook names the rank bound are its own now (and no reference is kept to them)
+            bound = _surely_bound(body, stopped_at) if body is not None else set()
+            _forget_rebound(ns, from_notebook, bound)
     missing = [g for g in spec.gather if g not in ns]
     if missing:
         raise NameError(f"gather= (--gather): name(s) {', '.join(map(repr, missing))} not defined in the cell")
@@ -389,6 +400,65 @@ def gather_check_failed(exc: BaseException) -> bool:
 
 
 _kept: dict[int, types.ModuleType] = {}  # %%parallel --keep: rank -> its kept ``__main__`` in this worker
+# The notebook's values in a kept namespace, by rank and name: the objects the notebook
+# sent that the rank has not bound (nor deleted) since. Such a name is not the rank's:
+# the next --keep cell that reads it gets the notebook's value of then.
+_from_notebook: dict[int, dict[str, Any]] = {}
+
+
+def _take_notebook_names(kept: dict[str, Any], ns: dict[str, Any], sent: set[str],
+                         from_notebook: dict[str, Any]) -> None:
+    """Put this run's ``ns`` (the notebook's names ``sent``, ``rank``, ``size``, the
+    module's own) into the rank's ``kept`` namespace: a name the rank bound itself
+    stays as the rank left it; a notebook name the rank has not bound since it came
+    (still the very object sent, in ``from_notebook``) takes the notebook's value
+    sent now, as serially the notebook's current value is read.
+
+    Identity tells them apart (and :func:`_surely_bound`): a rank's ``x = x * 2`` (or
+    ``del x``, or a function's ``global x``) leaves another object, or none, under ``x``. A rank changing the
+    notebook's object in place (``lst.append(rank)``) binds nothing: the notebook's
+    value comes again (a copy made its own, ``mine = list(lst)``, stays).
+    """
+    for name, value in ns.items():
+        if name in sent:
+            if name not in kept or (name in from_notebook and kept[name] is from_notebook[name]):
+                kept[name] = from_notebook[name] = value
+        elif name in ("rank", "size") or name not in kept:
+            kept[name] = value
+
+
+def _forget_rebound(kept: dict[str, Any], from_notebook: dict[str, Any], bound: set[str]) -> None:
+    """After a kept rank's run: the notebook names it rebound, deleted, or ``bound`` for
+    sure (:func:`_surely_bound`: ``n = n + rank`` in rank 0 leaves the very same small int
+    under ``n``) are its own now."""
+    for name in [n for n, v in from_notebook.items() if n in bound or n not in kept or kept[n] is not v]:
+        del from_notebook[name]
+
+
+def _surely_bound(body: ast.Module, stopped_at: int | None) -> set[str]:
+    """The names the cell's top-level statements bound for sure: those of an assignment
+    (augmented too), an import, a ``def`` or ``class`` at the top level that completed
+    (every one, or those ending above ``stopped_at``, the line of the one that raised).
+    A binding in a branch or a function may not have run: identity tells there."""
+    names: set[str] = set()
+    for statement in body.body:
+        if stopped_at is not None and (statement.end_lineno or statement.lineno) >= stopped_at:
+            break
+        names |= _binds(statement)
+        if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+            names.add(statement.target.id)
+    return names
+
+
+def _line_raised_at(exc: BaseException, code: types.CodeType) -> int | None:
+    """The line of the cell's top level (``code``) that was running when ``exc`` was raised."""
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def kept_namespace(rank: int, reset_first: bool) -> types.ModuleType:
@@ -396,7 +466,9 @@ def kept_namespace(rank: int, reset_first: bool) -> types.ModuleType:
     drops every kept rank first). The notebook pins the rank to this worker (ranks.py)."""
     if reset_first:
         _kept.clear()
+        _from_notebook.clear()
     mod = _kept.get(rank)
     if mod is None:
         mod = _kept[rank] = types.ModuleType("__main__")
+        _from_notebook.pop(rank, None)
     return mod
