@@ -332,8 +332,13 @@ def run_cell_code(
 ) -> tuple[Any, dict[str, Any]]:
     """Run the cell with ``rank`` and ``size`` set; return (last value, gathered).
 
-    In a worker (``as_main``) the cell's namespace is also ``__main__`` while it
-    runs; the serial comparison run in the notebook leaves ``__main__`` alone.
+    The cell's namespace is ``sys.modules["__main__"]`` while it runs, as serial
+    code's is: a class the cell defines can be pickled (``pickle.dumps(P())``), and
+    ``import __main__`` finds the cell's names. In a worker (``as_main``) it is a
+    plain module; in the notebook (the serial run of ``--compare`` and ``--scaling``,
+    ``%pdebug``'s replay of a rank) a :class:`_NotebookMain`, through which another
+    thread's lookup of a notebook name in ``__main__`` (a background run loading a
+    notebook class) still finds the notebook's.
     ``filename``: compile under this name, whose lines ``linecache`` already
     has (``%pdebug`` replays a rank as its notebook cell); the spec's own by default.
     """
@@ -357,12 +362,11 @@ def run_cell_code(
         from_notebook = _from_notebook.setdefault(rank, {})
         _take_notebook_names(main.__dict__, ns, {*spec.modules, *spec.names}, from_notebook)
     else:
-        main = types.ModuleType("__main__")
+        main = types.ModuleType("__main__") if as_main else _NotebookMain(sys.modules.get("__main__"))
         main.__dict__.update(ns)
     ns = main.__dict__
     saved_main = sys.modules.get("__main__")
-    if as_main:
-        sys.modules["__main__"] = main
+    sys.modules["__main__"] = main
     body: ast.Module | None = None
     stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
@@ -375,8 +379,10 @@ def run_cell_code(
             raise
         value = eval(astlock.compile_tree(last, filename, "eval"), ns) if last is not None else None
     finally:
-        if as_main and saved_main is not None:
+        if saved_main is not None:
             sys.modules["__main__"] = saved_main
+        else:
+            sys.modules.pop("__main__", None)
         if kept:  # the notebook names the rank bound are its own now (and no reference is kept to them)
             bound = _surely_bound(body, stopped_at) if body is not None else set()
             _forget_rebound(ns, from_notebook, bound)
@@ -397,6 +403,25 @@ def gather_check_failed(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return tb is not None and tb.tb_frame.f_code is run_cell_code.__code__
+
+
+class _NotebookMain(types.ModuleType):
+    """The serial run's ``__main__`` in the notebook: the cell's namespace, whose
+    attributes a rank's ``__main__`` has (so pickle finds a class the cell defines),
+    with the notebook's own ``__main__`` behind it for other names. The serial run
+    is in the notebook's process while other threads may run (a background run's
+    results, loaded there, name the notebook's classes as ``__main__.Box``)."""
+
+    __slots__ = ("notebook",)  # (not in the module's __dict__: that is the cell's namespace)
+
+    def __init__(self, notebook: types.ModuleType | None) -> None:
+        super().__init__("__main__")
+        self.notebook = notebook
+
+    def __getattr__(self, name: str) -> Any:
+        if self.notebook is None or name.startswith("__"):  # (a rank's __main__ has no __file__, no __spec__)
+            raise AttributeError(f"module '__main__' has no attribute {name!r}")
+        return getattr(self.notebook, name)
 
 
 _kept: dict[int, types.ModuleType] = {}  # %%parallel --keep: rank -> its kept ``__main__`` in this worker

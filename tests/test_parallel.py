@@ -4,6 +4,7 @@ labelled output, errors and timing, on each pool in ``conftest.BACKENDS``."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -410,6 +411,23 @@ def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, cap
     assert mpmagic.last_report().serial_error == "ZeroDivisionError: division by zero"
     with pytest.raises(IPythonUsageError, match="compare without --keep"):
         cell(ip, "-n 2 -q --compare --keep", "rank")
+
+
+def test_compare_runs_the_cell_here_as_main_as_a_rank_does(ip, local_pool, capsys):
+    """A rank's namespace is ``__main__`` while it runs, as serial code's is: a cell
+    pickling a class it defines works there. ``--compare``'s serial run here was not
+    ``__main__`` and said "the serial run here raised PicklingError" (the serial time
+    only estimated). The notebook's ``__main__`` is back after it."""
+    notebook_main = sys.modules["__main__"]
+    body = ("import pickle\nimport __main__\nclass P:\n    pass\n"
+            "(type(pickle.loads(pickle.dumps(P()))) is P, __main__.P is P)")
+    capsys.readouterr()
+    assert cell(ip, "-n 2 -q --compare", body) == [(True, True), (True, True)]
+    report = mpmagic.last_report()
+    assert report.serial_error is None and "(measured" in report.line()
+    assert "serial run here raised" not in capsys.readouterr().err
+    assert report.extra["serial_value"] == (True, True)
+    assert sys.modules["__main__"] is notebook_main and "P" not in ip.user_ns
 
 
 def test_names_a_class_body_augmented_assignment_or_del_reads_are_sent(ip, backend):
