@@ -1848,9 +1848,11 @@ def parallel(
     ``block=False`` returns a :class:`~mpmagic.background.Run` handle at once
     (its ``result()`` is the values, their ``.gathered`` the ``gather`` lists).
     ``seed=S`` gives each rank its own random stream from S and its rank.
-    ``compare=True`` also runs the cell here as rank 0 of 1 and times it (not a
-    cell using an mpmagic ``Queue``, ``Value``, ``Array`` or ``Event``: rank 0
-    alone would wait for what the other ranks put; one line says so).
+    ``compare=True`` also runs the cell here as rank 0 of 1 and times it, on a
+    copy of its names as a rank gets them (the notebook's objects stay as they
+    are), its output labelled ``[serial]`` (not a cell using an mpmagic
+    ``Queue``, ``Value``, ``Array`` or ``Event``: rank 0 alone would wait for
+    what the other ranks put; one line says so).
     ``keep=True`` runs on persistent ranks: each rank keeps its namespace in
     its worker for the next ``keep=True`` call (``reset=True`` starts them afresh).
     ``reduce=FUNC`` returns ``FUNC(values)`` instead of the values (``%%parallel
@@ -1947,7 +1949,7 @@ def parallel(
     bar = Progress(workers or get_pool().workers, "parallel", "rank", progress_delay, enabled=progress)
     call = CellCall(code, namespace, gather, workers, timeout=timeout, label=label_output, insights=insights,
                     progress=bar.update, seed=seed, keep=keep, reset=reset)
-    spec, job, size = call.spec, call.job, call.size
+    job, size = call.job, call.size
     job.one_time.run_start -= time.perf_counter() - t0  # (as pmap's)
     debugging.forget()
     try:
@@ -1972,11 +1974,12 @@ def parallel(
     debugging.record_cell(job, call.spec_bytes if job.failures else b"", size)  # for %pdebug (failed ranks)
     values = call.values(sys.stderr.write)
     if compare and not _no_serial_copy(report, "the cell"):
-        mark = len(sys.modules)
-        t1 = time.perf_counter()
         try:
-            with _random_state_kept(seed is not None):
-                serial_value, _ = run_cell_code(spec, 0, 1, as_main=False)
+            serial_spec = call.serial_copy()  # (a copy of its names, as a rank gets: not timed, as a rank's load is not)
+            mark = len(sys.modules)
+            t1 = time.perf_counter()
+            with _random_state_kept(seed is not None), _labelled_here(SERIAL_LABEL if label_output else None):
+                serial_value, _ = run_cell_code(serial_spec, 0, 1, as_main=False)
         except Exception as exc:  # (e.g. 1 / (size - 1): the cell as one rank cannot run)
             drop_our_frames(exc)
             _serial_failed(report, exc, "ranks' values")
@@ -1988,6 +1991,66 @@ def parallel(
     if show_report:
         print(report.line())
     return values
+
+
+#: What ``--compare``'s serial run of a cell prints is shown after this label, as a rank's after ``[rank N] ``.
+SERIAL_LABEL = "[serial] "
+_REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
+
+
+class _LabelledStream:
+    """``sys.stdout`` or ``sys.stderr`` while ``--compare``'s serial run of a cell runs
+    here: what that run's thread writes comes with ``label`` at the start of each line
+    (after a ``\r`` that redraws one too), as the ranks' lines come with ``[rank N] ``;
+    it showed unlabelled, as if the cell itself printed it a third time. Other
+    threads' writes (a background run's output) pass as they are."""
+
+    def __init__(self, target: Any, label: str) -> None:
+        self.target = target
+        self.label = label
+        self.thread = threading.get_ident()
+        self.line_open = False  # (the run's last text did not end its line: the next continues it)
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() != self.thread or not text:
+            return self.target.write(text)
+        lines = text.split("\n")
+        last = len(lines) - 1
+        self.target.write("".join(
+            ("" if i == 0 and self.line_open else self.label)
+            + (_REDRAWN.sub(lambda _: "\r" + self.label, line) if "\r" in line else line)
+            + ("" if i == last else "\n")
+            for i, line in enumerate(lines) if i < last or line
+        ))
+        self.line_open = not text.endswith("\n")
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:  # flush, encoding, isatty, fileno...: the stream's own
+        return getattr(self.target, name)
+
+
+@contextlib.contextmanager
+def _labelled_here(label: str | None) -> Iterator[None]:
+    """While it runs, this thread's writes to ``sys.stdout`` and ``sys.stderr`` come
+    with ``label`` before each line (no label: as they are). A line the run left open
+    is ended, so that the report's line is not joined to it. The streams the run
+    found are put back, whatever it set them to (in a rank that stays in the worker)."""
+    if label is None:
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    streams = sys.stdout, sys.stderr = _LabelledStream(out, label), _LabelledStream(err, label)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = out, err
+        for stream in streams:
+            if stream.line_open:
+                stream.target.write("\n")
 
 
 def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code: str, label: str, kept: str) -> _T:
@@ -2248,6 +2311,18 @@ class CellCall:
 
             self.job = ranks.KeptCellJob(spec_bytes, self.size, insights=self.recorder, pins=self.pins, kept=kept,
                                          **kwargs)
+
+    def serial_copy(self) -> Any:
+        """The cell's spec for ``compare``'s serial run here: its notebook names pickled
+        and loaded again, as each rank gets them, so that the run changes none of the
+        notebook's own objects (a cell's ``lst.append(rank)`` made the notebook's list
+        longer, only when --compare was given). Large arrays come as the ranks get them:
+        read-only where the ranks map them read-only (views of the notebook's memory,
+        no copy), a writable copy where the ranks' are writable; a :func:`shm.share`
+        array is that very memory."""
+        lent = self.backend.shares_memory and shm.ENABLED  # (as __init__ lends them to the ranks)
+        return shm.as_lent(self.spec, lambda spec, collector: payload.dumps_function(spec, "the cell's names", collector),
+                           writable=shm.WRITABLE if lent else True, share_read_only=True)
 
     def _repack(self) -> tuple[bytes, shm.Lease | None]:
         """The cell's payload packed again into a new lease (a pool stop from another

@@ -332,8 +332,13 @@ def run_cell_code(
 ) -> tuple[Any, dict[str, Any]]:
     """Run the cell with ``rank`` and ``size`` set; return (last value, gathered).
 
-    In a worker (``as_main``) the cell's namespace is also ``__main__`` while it
-    runs; the serial comparison run in the notebook leaves ``__main__`` alone.
+    The cell's namespace is ``sys.modules["__main__"]`` while it runs, as serial
+    code's is: a class the cell defines can be pickled (``pickle.dumps(P())``), and
+    ``import __main__`` finds the cell's names. In a worker (``as_main``) it is a
+    plain module; in the notebook (the serial run of ``--compare`` and ``--scaling``,
+    ``%pdebug``'s replay of a rank) a :class:`_NotebookMain`, through which another
+    thread's lookup of a notebook name in ``__main__`` (a background run loading a
+    notebook class) still finds the notebook's.
     ``filename``: compile under this name, whose lines ``linecache`` already
     has (``%pdebug`` replays a rank as its notebook cell); the spec's own by default.
     """
@@ -351,24 +356,36 @@ def run_cell_code(
 
         seed_rank(spec.seed, rank, getattr(spec, "seed_numpy", True), getattr(spec, "seed_torch", False))
     # Code in the cell may import from __main__ or pickle its own classes.
-    if spec.keep and as_main:  # %%parallel --keep (ranks.py): the rank's kept namespace; its own names win
+    kept = spec.keep and as_main
+    if kept:  # %%parallel --keep (ranks.py): the rank's kept namespace; its own names win
         main = kept_namespace(rank, spec.reset)
-        main.__dict__.update({k: v for k, v in ns.items() if k not in main.__dict__ or k in ("rank", "size")})
+        from_notebook = _from_notebook.setdefault(rank, {})
+        _take_notebook_names(main.__dict__, ns, {*spec.modules, *spec.names}, from_notebook)
     else:
-        main = types.ModuleType("__main__")
+        main = types.ModuleType("__main__") if as_main else _NotebookMain(sys.modules.get("__main__"))
         main.__dict__.update(ns)
     ns = main.__dict__
     saved_main = sys.modules.get("__main__")
-    if as_main:
-        sys.modules["__main__"] = main
+    sys.modules["__main__"] = main
+    body: ast.Module | None = None
+    stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
         body, last = split_last_expression(astlock.parse(source, filename))
         code = astlock.compile_tree(body, filename, "exec")
-        exec(code, ns)
+        try:
+            exec(code, ns)
+        except BaseException as exc:
+            stopped_at = _line_raised_at(exc, code)
+            raise
         value = eval(astlock.compile_tree(last, filename, "eval"), ns) if last is not None else None
     finally:
-        if as_main and saved_main is not None:
+        if saved_main is not None:
             sys.modules["__main__"] = saved_main
+        else:
+            sys.modules.pop("__main__", None)
+        if kept:  # the notebook names the rank bound are its own now (and no reference is kept to them)
+            bound = _surely_bound(body, stopped_at) if body is not None else set()
+            _forget_rebound(ns, from_notebook, bound)
     missing = [g for g in spec.gather if g not in ns]
     if missing:
         raise NameError(f"gather= (--gather): name(s) {', '.join(map(repr, missing))} not defined in the cell")
@@ -388,7 +405,85 @@ def gather_check_failed(exc: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_code is run_cell_code.__code__
 
 
+class _NotebookMain(types.ModuleType):
+    """The serial run's ``__main__`` in the notebook: the cell's namespace, whose
+    attributes a rank's ``__main__`` has (so pickle finds a class the cell defines),
+    with the notebook's own ``__main__`` behind it for other names. The serial run
+    is in the notebook's process while other threads may run (a background run's
+    results, loaded there, name the notebook's classes as ``__main__.Box``)."""
+
+    __slots__ = ("notebook",)  # (not in the module's __dict__: that is the cell's namespace)
+
+    def __init__(self, notebook: types.ModuleType | None) -> None:
+        super().__init__("__main__")
+        self.notebook = notebook
+
+    def __getattr__(self, name: str) -> Any:
+        if self.notebook is None or name.startswith("__"):  # (a rank's __main__ has no __file__, no __spec__)
+            raise AttributeError(f"module '__main__' has no attribute {name!r}")
+        return getattr(self.notebook, name)
+
+
 _kept: dict[int, types.ModuleType] = {}  # %%parallel --keep: rank -> its kept ``__main__`` in this worker
+# The notebook's values in a kept namespace, by rank and name: the objects the notebook
+# sent that the rank has not bound (nor deleted) since. Such a name is not the rank's:
+# the next --keep cell that reads it gets the notebook's value of then.
+_from_notebook: dict[int, dict[str, Any]] = {}
+
+
+def _take_notebook_names(kept: dict[str, Any], ns: dict[str, Any], sent: set[str],
+                         from_notebook: dict[str, Any]) -> None:
+    """Put this run's ``ns`` (the notebook's names ``sent``, ``rank``, ``size``, the
+    module's own) into the rank's ``kept`` namespace: a name the rank bound itself
+    stays as the rank left it; a notebook name the rank has not bound since it came
+    (still the very object sent, in ``from_notebook``) takes the notebook's value
+    sent now, as serially the notebook's current value is read.
+
+    Identity tells them apart (and :func:`_surely_bound`): a rank's ``x = x * 2`` (or
+    ``del x``, or a function's ``global x``) leaves another object, or none, under ``x``. A rank changing the
+    notebook's object in place (``lst.append(rank)``) binds nothing: the notebook's
+    value comes again (a copy made its own, ``mine = list(lst)``, stays).
+    """
+    for name, value in ns.items():
+        if name in sent:
+            if name not in kept or (name in from_notebook and kept[name] is from_notebook[name]):
+                kept[name] = from_notebook[name] = value
+        elif name in ("rank", "size") or name not in kept:
+            kept[name] = value
+
+
+def _forget_rebound(kept: dict[str, Any], from_notebook: dict[str, Any], bound: set[str]) -> None:
+    """After a kept rank's run: the notebook names it rebound, deleted, or ``bound`` for
+    sure (:func:`_surely_bound`: ``n = n + rank`` in rank 0 leaves the very same small int
+    under ``n``) are its own now."""
+    for name in [n for n, v in from_notebook.items() if n in bound or n not in kept or kept[n] is not v]:
+        del from_notebook[name]
+
+
+def _surely_bound(body: ast.Module, stopped_at: int | None) -> set[str]:
+    """The names the cell's top-level statements bound for sure: those of an assignment
+    (augmented too), an import, a ``def`` or ``class`` at the top level that completed
+    (every one, or those ending above ``stopped_at``, the line of the one that raised).
+    A binding in a branch or a function may not have run: identity tells there."""
+    names: set[str] = set()
+    for statement in body.body:
+        if stopped_at is not None and (statement.end_lineno or statement.lineno) >= stopped_at:
+            break
+        names |= _binds(statement)
+        if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
+            names.add(statement.target.id)
+    return names
+
+
+def _line_raised_at(exc: BaseException, code: types.CodeType) -> int | None:
+    """The line of the cell's top level (``code``) that was running when ``exc`` was raised."""
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
 
 
 def kept_namespace(rank: int, reset_first: bool) -> types.ModuleType:
@@ -396,7 +491,9 @@ def kept_namespace(rank: int, reset_first: bool) -> types.ModuleType:
     drops every kept rank first). The notebook pins the rank to this worker (ranks.py)."""
     if reset_first:
         _kept.clear()
+        _from_notebook.clear()
     mod = _kept.get(rank)
     if mod is None:
         mod = _kept[rank] = types.ModuleType("__main__")
+        _from_notebook.pop(rank, None)
     return mod

@@ -441,7 +441,7 @@ def _pmap_parser() -> _Parser:
 def _parallel_parser() -> _Parser:
     p = _Parser(prog="%%parallel", usage="%(prog)s [options]", api="mpmagic.parallel(code, workers=n)")
     p.add_argument("-n", "--workers", type=_workers_int, help="ranks to run at once (default, or -1: the pool's size)")
-    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1 (with --reduce: say whether the reduced value equals that one); not for a cell using an mpmagic Queue, Value, Array or Event: one line says why")
+    p.add_argument("--compare", action="store_true", help="also run the cell once here with rank=0, size=1, on a copy of its names as a rank (its output labelled [serial]; with --reduce: say whether the reduced value equals that one); not for a cell using an mpmagic Queue, Value, Array or Event: one line says why")
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
     p.add_argument("--gather", metavar="NAME[,NAME]",

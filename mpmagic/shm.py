@@ -954,7 +954,7 @@ def dumps_lent(obj: Any, lease: Lease, dumps: Callable[[Any, Collector], bytes])
 
 
 def as_lent(obj: Any, dumps: Callable[[Any, Collector], bytes], threshold: int | None = None,
-            writable: bool | None = None) -> Any:
+            writable: bool | None = None, share_read_only: bool = False) -> Any:
     """``obj`` loaded again as a worker on this machine loads it from :func:`dumps_lent`:
     a copy, never ``obj`` itself (``%pdebug`` replays a failed item on it).
 
@@ -963,13 +963,17 @@ def as_lent(obj: Any, dumps: Callable[[Any, Collector], bytes], threshold: int |
     ``writable`` (:data:`WRITABLE` at the run). A buffer inside a :func:`share`
     array is that very memory, as it is in the workers. The smaller ones are
     in the pickle, as there. No segment is made: the copies are this process's.
+    ``share_read_only``: a read-only buffer is a read-only view of ``obj``'s own
+    memory, not a copy (``--compare``'s serial run of a cell: no second copy of a
+    big array, which it can read and not change, as a rank).
     """
     collector = Collector(threshold, lend=True)
     data = dumps(obj, collector)
     writable = WRITABLE if writable is None else writable
     views = []
     for b in collector.buffers:
-        view = memoryview(b) if _in_shared(b) is not None else memoryview(bytearray(b))
+        own = _in_shared(b) is not None or (share_read_only and not writable)
+        view = memoryview(b) if own else memoryview(bytearray(b))
         views.append(view if writable else view.toreadonly())
     return classhome.loads(data, buffers=views)
 

@@ -94,3 +94,34 @@ def test_keep_usage_errors(ip, local_pool):
         run(ip, "%%parallel --reset -q\nx")
     with pytest.raises(Exception, match="%pool resize 3 first"):
         run(ip, "%%parallel --keep --reset -n 3 -q\nx")
+
+
+def test_notebook_names_a_kept_rank_read_follow_the_notebook(ip, local_pool):
+    """Serially (each rank's namespace kept, the notebook's names under it), a name the
+    rank never bound is the notebook's current one: a variable, a function, an array
+    changed in the notebook after a --keep cell read them reach the next --keep cell.
+    The rank's own names (``shard``) stay, and so does a notebook name the rank rebound
+    (``x = x * 10``); one it deleted is the notebook's again."""
+    run(ip, "scale = 1\ndef f(x): return x * scale\nimport numpy as np\nbig = np.zeros(300_000)\nx = 2\ny = 3")
+    first = "%%parallel --keep --reset -q\nshard = [rank]\nx = x * 10\ndel y\n(f(10), scale, float(big[5]))"
+    assert list(run(ip, first)) == [(10, 1, 0.0), (10, 1, 0.0)]
+    run(ip, "scale = 100\ndef f(x): return -x\nbig[5] = 8\nx = 5\ny = 7")
+    assert list(run(ip, "%%parallel --keep -q\n(f(10), scale, float(big[5]), shard, x, y)")) == [
+        (-10, 100, 8.0, [0], 20, 7), (-10, 100, 8.0, [1], 20, 7)]
+    # A notebook name it read, then bound itself: its own from then on.
+    run(ip, "%%parallel --keep -q\nscale = scale + rank")
+    run(ip, "scale = 1000")
+    assert list(run(ip, "%%parallel --keep -q\nscale")) == [100, 101]
+    # A rank that failed: what its top level bound before the failing line is its own.
+    run(ip, "z = 1\nw = 2")
+    with pytest.raises(mpmagic.ParallelError, match="ZeroDivisionError"):
+        run(ip, "%%parallel --keep -q\nz = z + 0\nif rank == 1: w = w * 3\n1 / 0\nw = w + 0")
+    run(ip, "z = 10\nw = 20")
+    assert list(run(ip, "%%parallel --keep -q\n(z, w)")) == [(1, 20), (1, 6)]
+    # Deleted by the rank: the notebook's again.
+    run(ip, "%%parallel --keep -q\ndel scale")
+    assert list(run(ip, "%%parallel --keep -q\nscale")) == [1000, 1000]
+    # Changed in place by the rank: still the notebook's, whose value comes again.
+    run(ip, "lst = [1]")
+    assert list(run(ip, "%%parallel --keep -q\nlst.append(rank)\nlen(lst)")) == [2, 2]
+    assert list(run(ip, "%%parallel --keep -q\nlen(lst)")) == [1, 1]

@@ -4,6 +4,7 @@ labelled output, errors and timing, on each pool in ``conftest.BACKENDS``."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import pytest
@@ -410,6 +411,45 @@ def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, cap
     assert mpmagic.last_report().serial_error == "ZeroDivisionError: division by zero"
     with pytest.raises(IPythonUsageError, match="compare without --keep"):
         cell(ip, "-n 2 -q --compare --keep", "rank")
+
+
+def test_compare_serial_run_works_on_a_copy_and_labels_its_output(ip, local_pool, capsys):
+    """Each rank runs the cell on a copy of the notebook's names; so does --compare's
+    serial run here now (it changed the notebook's own list: ``lst`` became [1, 0]
+    only when --compare was given), and what it prints is labelled ``[serial]`` (it
+    showed a third time unlabelled, as if the cell printed it); ``--no-label`` as
+    for the ranks. Big arrays come as the ranks get them: read-only views, no copy."""
+    run(ip, "lst = [1]\nimport numpy as np\nbig = np.arange(300_000.0)")
+    body = ("lst.append(rank)\nprint('printed', rank, size)\nimport sys\nprint('warned', rank, file=sys.stderr)\n"
+            "(len(lst), big.flags.writeable, float(big[7]))")
+    capsys.readouterr()
+    assert cell(ip, "-n 2 --compare", body) == [(2, False, 7.0), (2, False, 7.0)]
+    out, err = capsys.readouterr()
+    assert run(ip, "lst") == [1]
+    assert mpmagic.last_report().extra["serial_value"] == (2, False, 7.0)
+    assert {"[rank 0] printed 0 2", "[rank 1] printed 1 2", "[serial] printed 0 1"} <= set(out.splitlines())
+    assert "[serial] warned 0" in err.splitlines()
+    assert not any(line.startswith(("printed", "warned")) for line in (out + err).splitlines())
+    capsys.readouterr()
+    cell(ip, "-n 2 -q --compare --no-label", "print('plain', rank, size)")
+    assert sorted(capsys.readouterr().out.splitlines()) == ["plain 0 1", "plain 0 2", "plain 1 2"]
+
+
+def test_compare_runs_the_cell_here_as_main_as_a_rank_does(ip, local_pool, capsys):
+    """A rank's namespace is ``__main__`` while it runs, as serial code's is: a cell
+    pickling a class it defines works there. ``--compare``'s serial run here was not
+    ``__main__`` and said "the serial run here raised PicklingError" (the serial time
+    only estimated). The notebook's ``__main__`` is back after it."""
+    notebook_main = sys.modules["__main__"]
+    body = ("import pickle\nimport __main__\nclass P:\n    pass\n"
+            "(type(pickle.loads(pickle.dumps(P()))) is P, __main__.P is P)")
+    capsys.readouterr()
+    assert cell(ip, "-n 2 -q --compare", body) == [(True, True), (True, True)]
+    report = mpmagic.last_report()
+    assert report.serial_error is None and "(measured" in report.line()
+    assert "serial run here raised" not in capsys.readouterr().err
+    assert report.extra["serial_value"] == (True, True)
+    assert sys.modules["__main__"] is notebook_main and "P" not in ip.user_ns
 
 
 def test_names_a_class_body_augmented_assignment_or_del_reads_are_sent(ip, backend):
