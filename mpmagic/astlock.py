@@ -31,7 +31,12 @@ def parse(source: str, filename: str = "<unknown>", mode: str = "exec") -> ast.A
         return ast.parse(source, filename, mode)
 
 
-def compile_tree(tree: Any, filename: str, mode: str) -> Any:
-    """``compile`` of an AST object, one thread at a time."""
+def compile_tree(tree: Any, filename: str, mode: str, flags: int = 0) -> Any:
+    """``compile`` of an AST object, one thread at a time.
+
+    With no ``flags`` the code is compiled as a notebook cell is: under no
+    ``from __future__`` import (not this module's own ``annotations``, which
+    ``compile`` would inherit: a cell's annotations would be strings). Code
+    compiled again from a module's source passes that module's future flags."""
     with _LOCK:
-        return compile(tree, filename, mode, dont_inherit=True)  # (not this module's `from __future__ import annotations`: a cell's annotations are objects, as serially)
+        return compile(tree, filename, mode, flags=flags, dont_inherit=True)

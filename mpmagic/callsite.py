@@ -56,10 +56,13 @@ as it leaves out the rest of ``worker.py``. Imports nothing of mpmagic's but
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
 import builtins
+import functools
 import linecache
+import operator
 import os
 import sys
 import threading
@@ -260,17 +263,23 @@ def _compiled_on_one_line(loop: Callable[..., Any]) -> types.CodeType | None:
         if source is None:
             return None
         tree = parse(source, original.co_filename, "exec")
-        if not _same_code(_function_code(compile_tree(tree, original.co_filename, "exec"), original.co_name), original):
+        futures = original.co_flags & _FUTURE_FLAGS  # (its module's `from __future__` imports, as it was compiled)
+        if not _same_code(_function_code(compile_tree(tree, original.co_filename, "exec", futures), original.co_name),
+                          original):
             return None
         col = -1 if sys.version_info >= (3, 11) else 0  # (3.11+: no column; 3.10 wants one)
         for node in ast.walk(tree):
             if "lineno" in node._attributes:
                 node.lineno = node.end_lineno = 1  # type: ignore[attr-defined]
                 node.col_offset = node.end_col_offset = col  # type: ignore[attr-defined]
-        code = _function_code(compile_tree(tree, original.co_filename, "exec"), original.co_name)
+        code = _function_code(compile_tree(tree, original.co_filename, "exec", futures), original.co_name)
     except (SyntaxError, ValueError, TypeError, OSError):
         return None
     return code if code is not None and MARK in code.co_varnames else None
+
+
+_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, name).compiler_flag
+                                                for name in __future__.all_feature_names), 0)
 
 
 def _function_code(module: types.CodeType, name: str) -> types.CodeType | None:
