@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import io
 import itertools
 import logging
 import re
@@ -500,7 +501,7 @@ class MapJob:
         self.input_raised: Exception | None = None
         self._input_own = False  # ``_input_error`` is the iterator's own
         self._input_asked = False  # a read was asked and is not done yet
-        self._n_read = 0  # items read so far (positions for reused_object's error)
+        self._n_read = 0  # items read so far (positions for read_ahead_refusal's error)
         self._last_read: list = []  # the last items of the read before (reused_object)
         self._input_want = 0  # how many items that read should bring (a chunk)
         self._ask_input: Callable[[], None] | None = None
@@ -628,8 +629,8 @@ class MapJob:
                 drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
                 error = exc
         keep = len(batch)
-        if (reused := reused_object(self._iter, self._n_read, self._last_read, batch)) is not None:
-            keep, error = reused  # (the items from the first of the two on were changed since they were read)
+        if (reused := read_ahead_refusal(self._iter, self._n_read, self._last_read, batch)) is not None:
+            keep, error = reused  # (the items from the first changed one on would be sent as they were not read)
         self._n_read += len(batch)
         self._last_read = batch[-2:]
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
@@ -2137,6 +2138,69 @@ def reused_object(items: Any, n_read: int, before: list, batch: list) -> tuple[i
                     f"each time (`yield copy.copy(buf)`, `buf.copy()`), or pass a list of copies; one that "
                     f"never changes goes as a list (`[obj] * n`) or bound with functools.partial")
     return None
+
+
+def _iterator_at(obj: Any, depth: int = 2) -> tuple[Any, str] | None:
+    """``(the iterator, where)`` when ``obj`` is an iterator (its type defines
+    ``__next__``) or a tuple holding one, ``depth`` tuples deep at most (map's zip
+    of several inputs holds groupby's ``(key, group)``); ``where``: "" or
+    " (at [1][1] of its tuple)". A generator or an open file is left to the
+    pickling, whose error already names the item and says what to do."""
+    kind = type(obj)
+    if kind is tuple:
+        if depth:
+            for i, x in enumerate(obj):
+                if (found := _iterator_at(x, depth - 1)) is not None:
+                    inner = found[1].removeprefix(" (at ").removesuffix(" of its tuple)")
+                    return found[0], f" (at [{i}]{inner} of its tuple)"
+        return None
+    if getattr(kind, "__next__", None) is not None and not isinstance(obj, (types.GeneratorType, io.IOBase)):
+        return obj, ""
+    return None
+
+
+def live_iterator(n_read: int, batch: list, ends_only: bool = True) -> tuple[int, UsageError] | None:
+    """A lazy input that yielded an iterator as an item (or in an item's tuples: map's
+    zip of several inputs, ``--star``'s arguments), among the ends of what was just
+    read (``batch``, the items from position ``n_read`` on): ``(how many items of
+    batch to keep, the error to raise)``, as :func:`reused_object` gives.
+
+    Items are read a chunk ahead of the calls and pickled when their chunk is sent,
+    while map() calls the function on each before it reads the next. An iterator
+    drawing on the input is emptied meanwhile: ``itertools.groupby``'s groups gave
+    ``('c', 0)`` where map gives ``('c', 3)``, silently; one drawing on a shared
+    iterator (``islice(it, 3)``) is sent before any item consumed it. Whether an
+    iterator is live cannot be told from outside, so every one is refused, with
+    the list to pass instead (a list input is read as map reads it: not checked).
+    The ends of a read cost O(1) per read, as in :func:`reused_object`; with
+    ``ends_only`` False (``compare``'s copy of the whole input) every item is looked at.
+    """
+    size = len(batch)
+    for i in sorted({*range(min(size, 3)), *range(max(0, size - 3), size)}) if ends_only else range(size):
+        if (found := _iterator_at(batch[i])) is None:
+            continue
+        it, where = found
+        kind = type(it)
+        if kind.__module__ == "itertools" and kind.__name__ == "_grouper":
+            return i, UsageError(
+                f"item {n_read + i}{where} is a live iterator (itertools.groupby's group): mpmagic reads the input "
+                "ahead of the calls and sends each item later, and reading the next group empties this one "
+                "(map() calls the function before it reads on); pass each group as a list: "
+                "((k, list(g)) for k, g in groupby(...))")
+        return i, UsageError(
+            f"item {n_read + i}{where} is an iterator ({kind.__qualname__} object): mpmagic reads the input ahead "
+            "of the calls and sends each item later, so an iterator that draws on the input or on anything shared "
+            "would be sent in a later state (map() calls the function before it reads on); yield what it gives "
+            "as a list instead (list(it))")
+    return None
+
+
+def read_ahead_refusal(items: Any, n_read: int, before: list, batch: list) -> tuple[int, UsageError] | None:
+    """The first item among those just read that reading ahead would send changed
+    (:func:`live_iterator`, :func:`reused_object`): ``(how many items of batch to
+    keep, the error to raise)``, or None when there is none."""
+    found = [r for r in (live_iterator(n_read, batch), reused_object(items, n_read, before, batch)) if r is not None]
+    return min(found, key=lambda r: r[0]) if found else None
 
 
 def drop_partial(data: bytes) -> None:
