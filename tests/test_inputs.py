@@ -423,3 +423,13 @@ def test_an_iterator_item_of_a_generator_is_refused_a_list_input_of_them_is_not(
     # A generator item is left to the pickling, whose line says what to do.
     with pytest.raises(mpmagic.SerializationError):
         mpmagic.pmap(shell.user_ns["total"], ((x for x in range(3)) for _ in range(2)))
+
+
+def test_a_generator_changing_a_global_gives_every_item_the_value_at_the_call(shell):
+    """What docs/troubleshooting.md says of it (its row said the global's last value,
+    [20, 21, 22], where the items see the value at the call: [0, 1, 2])."""
+    run(shell, "G = 0\ndef plus_g(x):\n    return x + G\n"
+               "def sets_g(n):\n    global G\n    for i in range(n):\n        G = 10 * i\n        yield i\n")
+    assert run(shell, "G = 0\nlist(map(plus_g, sets_g(3)))") == [0, 11, 22]
+    assert run(shell, "G = 0\n%pmap -q plus_g, sets_g(3)") == [0, 1, 2]
+    assert run(shell, "G = 5\n%pmap -q --chunksize 3 plus_g, sets_g(3)") == [5, 6, 7]  # (whatever the chunks)
