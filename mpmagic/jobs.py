@@ -1061,6 +1061,7 @@ class MapJob:
         run was timed, a failure known without one: the chunk planner learns nothing).
         ``failed``: how many of them are the Failed of its items that failed (``per_item``)."""
         self.outstanding.pop(unit.id, None)
+        self._lines.settle()
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
             self._accept(unit.start, results, failed)
@@ -1957,9 +1958,13 @@ class OpenLines:
     continues the line (with no new label). While the owner still runs, another
     unit's partial text waits (bars of two items do not overwrite each other),
     and its whole lines end the open line first (a newline), rather than joining it.
-    A map's unit that ended leaves its line to whoever writes next, joined as
-    serial output would be. ``label``: a cell's ``[rank N] `` for each line (and
-    after each ``\\r`` that redraws it); an open line is then always ended first.
+    A map's unit that ended leaves its line to the text that waited for it, in
+    the order it came, then to whoever writes next, joined as serial output
+    would be: ``print(x, end="")`` of eight items gives one line, as serially
+    (the text that waited went out only at a newline, or at the run's end after
+    a newline no item printed: ``<0><2>...<7>\\n<1>``). ``label``: a cell's
+    ``[rank N] `` for each line (and after each ``\\r`` that redraws it); an
+    open line is then always ended first.
     """
 
     def __init__(self, write: Callable[[str, str], None], running: Callable[[Any], bool],
@@ -1985,6 +1990,8 @@ class OpenLines:
     def feed(self, who: Any, stream: str, text: str) -> None:
         """``text`` that unit ``who`` wrote to ``stream``."""
         key = (who, stream)
+        if self.held and not self.label:  # (text that waited for a line whose unit ended goes first)
+            self.release(stream)
         text = self.held.pop(key, "") + text
         if not text:
             return
@@ -2005,6 +2012,30 @@ class OpenLines:
         else:
             self.owner[stream] = who
 
+    def release(self, stream: str) -> None:
+        """A map's text that waited for ``stream``'s line, in the order it came, once
+        the unit that has the line ended (or none has it), joined to the line as serial
+        output would be, until a unit still running has the line again."""
+        while self.held:
+            owner = self.owner.get(stream, _NO_OWNER)
+            if owner is not _NO_OWNER and self.running(owner):
+                return
+            key = next((k for k in self.held if k[1] == stream), None)
+            if key is None:
+                return
+            text = self.held.pop(key)
+            self.write(stream, text)
+            if text.endswith("\n"):
+                self.owner.pop(stream, None)
+            else:
+                self.owner[stream] = key[0]
+
+    def settle(self) -> None:
+        """A map's unit ended: text that waited for its line goes now, not at the next text."""
+        if self.held and not self.label:
+            for stream in {k[1] for k in self.held}:
+                self.release(stream)
+
     def end(self) -> None:
         """The run is over: open lines end (labelled ones), text that waited goes."""
         if self.label:
@@ -2014,12 +2045,15 @@ class OpenLines:
                 self.write(stream, self._form(who, text, False) + "\n")
         else:
             for (who, stream), text in self.held.items():
-                if stream in self.owner:  # (another unit's line is open there)
+                if stream in self.owner and self.running(self.owner[stream]):  # (cut short: an interrupt)
                     self.write(stream, "\n")
                 self.write(stream, text)
                 self.owner[stream] = who
         self.owner.clear()
         self.held.clear()
+
+
+_NO_OWNER = object()  # (OpenLines: no unit has the stream's line)
 
 
 #: Reading a chunk of a lazy input stops after this many seconds with what it has:

@@ -1212,3 +1212,23 @@ def test_a_worker_applies_pandas_display_options_once_a_task_imports_pandas(monk
         context.apply(context.current(libs=()))
         pd.reset_option("display.max_rows")
         pd.reset_option("compute.use_numexpr")
+
+
+def test_partial_lines_of_items_make_one_line_as_serially(ip, backend):
+    """Each item prints ``<x`` (flushed) and ``>`` with ``end=""``: serial output is
+    <0><1>...<7>|after. In parallel the items' order may differ (documented), but a
+    newline no item printed came in: <0><2><3><4><5><6><7>\\n<1>|after."""
+    import re
+
+    from IPython.utils.capture import capture_output
+
+    run(ip, "import time\ndef pr_end(x):\n    print(f'<{x}', end='', flush=True)\n"
+            "    time.sleep(0.05 * (x % 3))\n    print('>', end='')\n    return x\n")
+    with capture_output() as cap:
+        run(ip, "list(map(pr_end, range(8)))\nprint('|after')")
+    assert cap.stdout == "<0><1><2><3><4><5><6><7>|after\n"
+    for _ in range(3):
+        with capture_output() as cap:
+            run(ip, "_ = %pmap -q pr_end, range(8)\nprint('|after')")
+        assert cap.stdout.endswith("|after\n") and "\n" not in cap.stdout[:-1], cap.stdout
+        assert sorted(re.findall(r"<\d>", cap.stdout)) == [f"<{x}>" for x in range(8)], cap.stdout
