@@ -683,12 +683,22 @@ def test_the_notebooks_ipython_display_is_never_patched(ip):
 def test_input_in_a_task_says_why_it_cannot_read(ip, any_method):
     """``input()`` and ``getpass.getpass()`` in a task fail at once, saying why:
     on fork a worker inherited the kernel's versions, which waited for ever."""
+    import traceback
+
+    from IPython.utils.capture import capture_output
+
     ensure_pool(any_method)
-    run(ip, "import getpass\ndef ask(x):\n    return input('value? ')\n"
-            "def secret(x):\n    return getpass.getpass()")
-    for func in ("ask", "secret"):
-        with pytest.raises(EOFError, match="a task cannot read input"):
+    run(ip, "import getpass, sys\ndef ask(x):\n    return input('value? ')\n"
+            "def secret(x):\n    return getpass.getpass()\ndef reads(x):\n    return sys.stdin.readline()\n")
+    for func in ("ask", "secret", "reads"):
+        with pytest.raises(EOFError, match="a task cannot read input") as info:
             run(ip, f"%pmap -q {func}, [1]")
+        # Only the user's frames, as for any task's error (task_builtins' _no_input and read showed).
+        files = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
+        assert not [f for f in files if "task_builtins" in f], files
+        with capture_output() as cap:
+            ip.run_cell(f"%pmap -q {func}, [1]", store_history=False)
+        assert "task_builtins" not in cap.stdout + cap.stderr and f"in {func}" in cap.stdout + cap.stderr
 
 
 def test_a_task_that_forks_and_returns_in_the_child_gives_the_parents_result(ip, local_pool):
