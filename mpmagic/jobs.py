@@ -539,6 +539,10 @@ class MapJob:
         # Where the map is called (here, in the calling thread): the workers call the
         # function from a frame that looks like that line's (callsite.py).
         self.site = callsite.caller_site()
+        # A builtin eval or exec as the function reads the caller's names serially: those
+        # names, for the note on a task's NameError (_note_unsent_global); None otherwise.
+        user_func = getattr(func, "func", func) if getattr(func, "mpmagic_item", None) is not None else func  # (Seeded)
+        self._caller_names = callsite.caller_names() if user_func is eval or user_func is exec else None
         self._progress = progress
         # Measured for the report's advice and for --insights (an insights.Recorder).
         self.insights = insights
@@ -939,6 +943,17 @@ class MapJob:
         (``errors.note_unsent_name``). The notebook's namespace is the
         function's ``__globals__``, read here, on the notebook side."""
         if looked_up_name(exc) is None:  # (most errors: no look at the function)
+            return
+        if self._caller_names is not None:  # map(eval, texts): serially the caller's names
+            fname = "eval" if getattr(self.func, "func", self.func) is eval else "exec"
+            note_unsent_name(
+                exc, self._caller_names, (),
+                lambda name: (f"mpmagic: the notebook has {name!r}, but {fname} runs in a worker, where the "
+                              f"notebook's variables are not (serial map({fname}, ...) reads them where it is "
+                              f"called): map a function that names them, lambda s: {fname}(s, {{{name!r}: {name}}}), "
+                              f"or pass them as arguments"),
+                key_errors=False,
+            )
             return
         if self._sent_globals is None:
             func: Any = self.func
