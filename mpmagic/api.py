@@ -73,6 +73,7 @@ from .jobs import (
     first_failed_rank,
     helpers_used,
     item_note,
+    live_iterator,
     parallel_error_line,
 )
 from .pool import check_run_ranks, check_run_workers, forked_from_pool, get_pool
@@ -1611,11 +1612,17 @@ class _Replay:
 
 
 def _copied(source: Iterable) -> list | _Replay:
+    """A one-shot input read out for ``compare``'s two runs; an iterator among its items
+    (a groupby's group, emptied by this reading) is the error at its place, as a lazy
+    input's is (``jobs.live_iterator``): both runs stop there, after the items before it."""
     items: list = []
     try:
         items.extend(source)  # (extend keeps what was read before a raise)
     except Exception as exc:
         return _Replay(items, exc)
+    if (refused := live_iterator(0, items, ends_only=False)) is not None:
+        keep, error = refused
+        return _Replay(items[:keep], error)
     return items
 
 

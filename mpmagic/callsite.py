@@ -135,6 +135,19 @@ def caller_site() -> Site | None:
     return tuple(site)
 
 
+def caller_names() -> frozenset[str]:
+    """The names the frame serial ``map`` would have called the function from can
+    see (its globals and locals; the frame :func:`caller_site` finds): what a
+    builtin ``eval`` or ``exec`` mapped over strings reads serially, and a worker
+    has none of (``map(eval, ["AAA * 2"])`` in a notebook reads its ``AAA``)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None and _machinery(frame.f_code.co_filename):
+        frame = frame.f_back
+    if frame is None:
+        return frozenset()
+    return frozenset(frame.f_globals).union(frame.f_locals)
+
+
 def _machinery(filename: str) -> bool:
     """Is this a frame of mpmagic's or of IPython's (its magic machinery, ``run_cell``'s)?"""
     return filename.startswith(_PACKAGE_DIR) or _IPYTHON in filename or filename.startswith(_MAGIC_WRAPPER)

@@ -64,8 +64,8 @@ from .jobs import (
     OtherCode,
     WithoutSetup,
     advanced_elsewhere,
+    read_ahead_refusal,
     read_into,
-    reused_object,
     shared_generator_error,
 )
 
@@ -1003,7 +1003,7 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
                 error, done = exc, True
                 if advanced_elsewhere(exc):  # (another run, the loop or a thread is inside the generator)
                     error = shared_generator_error(iterables or (it,))
-            if (reused := reused_object(it, n_read, last, batch)) is not None:  # a reused buffer: loud
+            if (reused := read_ahead_refusal(it, n_read, last, batch)) is not None:  # a reused buffer, an iterator: loud
                 keep, error = reused
                 batch, done = batch[:keep], True
             n_read, last = n_read + len(batch), batch[-2:]

@@ -8,7 +8,8 @@ that would not reach it, and ``%pmap f, xs`` would behave differently from
 the notebook's current
 
 * working directory (``%cd``, ``os.chdir``),
-* environment variables (set, changed and removed ones),
+* environment variables (set, changed and removed ones; a changed ``TZ``
+  is applied with ``time.tzset()``, as the notebook applies it),
 * ``sys.path`` (the notebook's entries first, in its order; import caches
   are invalidated so that new directories are seen),
 * recursion limit, and the limit on converting big ints to strings
@@ -23,7 +24,8 @@ the notebook's current
   dtype (``torch.set_default_dtype``), jax's ``jax_enable_x64``, and numpy's
   error state (``np.seterr``, ``with np.errstate(...)`` around a call; see
   :func:`libraries`; only what differs from the library's default is sent,
-  and a worker imports the library to apply it),
+  and a worker imports the library to apply it), and pandas' options changed
+  from their defaults (display options wait for a task to import pandas),
 
 as one :class:`~mpmagic.protocol.Context` message, and only when it changed
 since that worker last got it: each distinct state gets a version number,
@@ -31,7 +33,7 @@ and the backend remembers which version each worker has. The worker adopts
 it again at the start of each call (:func:`reassert`), where a task of an
 earlier call changed it. Checking costs the
 notebook ~2.6 us per call (comparing against the last state; measured with 40
-environment variables); building and sending a new message happens only
+environment variables; ~1 us more with pandas imported); building and sending a new message happens only
 after a change.
 
 A notebook directory the workers cannot use (deleted under the notebook,
@@ -63,11 +65,12 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from . import payload, task_builtins
+from . import compat, payload, task_builtins
 from .protocol import Context
 
 log = logging.getLogger("mpmagic")
@@ -149,6 +152,9 @@ _environ: Callable[[], dict] = (
 )
 
 
+# time.tzset (Unix): applies a changed TZ to the C library's local time (see _adopt).
+_tzset: Callable[[], None] | None = getattr(time, "tzset", None)
+
 # sys.get_int_max_str_digits (Python 3.11, and 3.10.7 on): None where it is missing.
 _get_digits: Callable[[], int] | None = getattr(sys, "get_int_max_str_digits", None)
 _set_digits: Callable[[int], None] | None = getattr(sys, "set_int_max_str_digits", None)
@@ -167,6 +173,98 @@ def _state(libs: tuple | None = None) -> tuple:
     )
 
 
+#: The name of pandas' options among the library settings: one value, the options
+#: that differ from their defaults, as sorted ``(key, value)`` pairs.
+PANDAS_OPTIONS = "pandas options"
+
+# (the pandas module and its option store last read, a copy of the store, what was read: see _pandas_options)
+_pandas_read: tuple[Any, dict, dict, tuple] | None = None
+
+
+def _nested_copy(values: dict) -> dict:
+    """A copy of pandas' nested option dicts (the values themselves are not copied)."""
+    return {k: _nested_copy(v) if type(v) is dict else v for k, v in values.items()}
+
+
+def _travels(value: Any) -> bool:
+    """Can an option's value go to the workers (a ``display.float_format`` lambda of the notebook cannot)?"""
+    if value is None or type(value) in (bool, int, float, str):
+        return True
+    try:
+        payload.dumps_data(value)
+    except Exception:
+        log.debug("mpmagic: the pandas option value %r is not sent to workers", value, exc_info=True)
+        return False
+    return True
+
+
+def _pandas_options(pd: Any) -> tuple:
+    """The pandas options that differ from their defaults (``pd.set_option``, ``pd.options.x = ...``,
+    ``pd.option_context(...)`` around a call), as sorted ``(key, value)`` pairs.
+
+    A comparison of pandas' option store with the copy of the last read (~1 us),
+    and a walk of its ~75 options only after a change. Options are process-wide
+    (not per thread). One whose value cannot be pickled is left out (debug log)."""
+    global _pandas_read
+    last = _pandas_read
+    if last is not None and last[0] is pd and last[1] == last[2]:
+        return last[3]
+    store = compat.pandas_option_store(pd)
+    if store is None:
+        return ()
+    values, registered = store
+    changed = []
+    for key, option in list(registered.items()):
+        node: Any = values
+        try:
+            for part in key.split("."):
+                node = node[part]
+            if node is option.defval or node == option.defval:
+                continue
+        except Exception:  # (an option missing from the store; a value whose == raises)
+            continue
+        if _travels(node):
+            changed.append((key, node))
+    result = tuple(sorted(changed, key=lambda kv: kv[0]))
+    _pandas_read = (pd, values, _nested_copy(values), result)
+    return result
+
+
+#: Options that matter only to code using pandas: a worker that has not imported pandas
+#: applies them once a task has (:func:`reassert`), rather than import it for them.
+_PANDAS_LAZY = ("display.", "styler.", "plotting.")
+
+# In a worker: pandas options wait for a task to import pandas (see _PANDAS_LAZY).
+_pandas_waiting = False
+
+
+def _set_pandas_options(pd: Any, want: tuple) -> None:
+    """In a worker: pandas' options as ``want`` says (the notebook's changed ones), every
+    other one at its default. Deprecated ones are set quietly (the notebook showed
+    pandas' warning). Raises after trying them all, naming those pandas refused."""
+    store = compat.pandas_option_store(pd)
+    if store is None:
+        raise RuntimeError("this pandas keeps its options elsewhere")
+    registered = store[1]
+    current, wanted = dict(_pandas_options(pd)), dict(want)
+    refused = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for key in [k for k in current if k not in wanted and k in registered]:
+            try:
+                pd.set_option(key, registered[key].defval)
+            except Exception:
+                refused.append(key)
+        for key, value in wanted.items():
+            try:
+                if key not in current or current[key] != value:
+                    pd.set_option(key, value)
+            except Exception:
+                refused.append(key)
+    if refused:
+        raise ValueError(f"pandas refused {', '.join(refused)}")
+
+
 # The library settings carried (libraries()): name -> (module, its default, read it, set it).
 def _torch_dtype(torch: Any) -> str:
     dtype = torch.get_default_dtype()
@@ -181,6 +279,8 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
     # np.seterr(divide="raise") in the notebook: serial 1 / np.float64(0) raises FloatingPointError
     "numpy error state": ("numpy", (("divide", "warn"), ("invalid", "warn"), ("over", "warn"), ("under", "ignore")),
                           lambda n: tuple(sorted(n.geterr().items())), lambda n, v: n.seterr(**dict(v))),
+    # pd.set_option("future.infer_string", False) in the notebook: serial pd.Series(["a"]).dtype is object
+    PANDAS_OPTIONS: ("pandas", (), _pandas_options, _set_pandas_options),
 }
 
 
@@ -213,8 +313,14 @@ def _apply_libraries(libs: tuple) -> bool:
     setup's), every other one at its default. A library the worker has not
     imported is imported only to apply a setting that differs from its
     default (the notebook imported it; its tasks will). True if all applied."""
+    global _pandas_waiting
     want = dict(libs)
-    want.update(setup_libs)
+    want.update((name, value) for name, value in setup_libs.items() if name != PANDAS_OPTIONS)
+    if PANDAS_OPTIONS in setup_libs:  # (per option: the notebook's, with those the setup changed)
+        merged = {**dict(want.get(PANDAS_OPTIONS, ())), **setup_libs[PANDAS_OPTIONS]}
+        want[PANDAS_OPTIONS] = tuple(sorted(((k, v) for k, v in merged.items() if v is not _DEFAULT),
+                                            key=lambda kv: kv[0]))
+    _pandas_waiting = False
     applied = True
     for name, (module, default, read, write) in _LIBRARY_SETTINGS.items():
         value = want.get(name, default)
@@ -222,6 +328,9 @@ def _apply_libraries(libs: tuple) -> bool:
         try:
             if lib is None:
                 if value == default:
+                    continue
+                if name == PANDAS_OPTIONS and all(key.startswith(_PANDAS_LAZY) for key, _ in value):
+                    _pandas_waiting = True  # (applied once a task imports pandas: reassert)
                     continue
                 lib = importlib.import_module(module)
             if read(lib) != value:
@@ -235,6 +344,9 @@ def _apply_libraries(libs: tuple) -> bool:
 
 
 _libs_failed: set[tuple[str, Any]] = set()  # in a worker: the settings it could not apply (warned once)
+
+# A pandas option a %%pool setup put back to its default (in setup_libs[PANDAS_OPTIONS]).
+_DEFAULT: Any = object()
 
 
 def current(call: Any = None, libs: tuple | None = None) -> Context:
@@ -384,6 +496,9 @@ def reassert() -> None:
             _as_adopted = None
         if _as_adopted is None or _state() != _as_adopted:
             _adopt(*_adopted)
+        elif _pandas_waiting and "pandas" in sys.modules:  # (a task imported pandas: its display options now)
+            _apply_libraries(_adopted[6])
+            _as_adopted = None  # (taken again by the next adoption, with pandas' options in it)
 
 
 def reassert_libraries() -> None:
@@ -482,7 +597,13 @@ def _count_changes(before: tuple) -> None:
     setup_filters = (front + [f for f in setup_filters[0] if f not in front], setup_filters[1] + back)
     libs_after = dict(libraries())
     for name, (_, default, _, _) in _LIBRARY_SETTINGS.items():
-        if libs_before.get(name, default) != libs_after.get(name, default):
+        if name == PANDAS_OPTIONS:  # (per option: those the notebook changes later still reach the tasks)
+            was, now = dict(libs_before.get(name, ())), dict(libs_after.get(name, ()))
+            changes = {k: now.get(k, _DEFAULT) for k in was.keys() | now.keys()
+                       if was.get(k, _DEFAULT) != now.get(k, _DEFAULT)}
+            if changes:
+                setup_libs[name] = {**setup_libs.get(name, {}), **changes}
+        elif libs_before.get(name, default) != libs_after.get(name, default):
             setup_libs[name] = libs_after.get(name, default)
 
 
@@ -541,6 +662,24 @@ def _added_filters(before: list, after: list) -> tuple[list, list]:
 
 _cwd_failed: str | None = None  # in a worker: the directory it last failed to enter (warned once)
 
+# In a worker: the TZ its C library's local time was last set from (by _apply_tz; at first, the one it started with).
+_tz_applied: str | None = os.environ.get("TZ")
+
+
+def _apply_tz(before: str | None) -> None:
+    """In a worker, once the environment was adopted: ``time.tzset()`` when ``TZ``
+    differs from ``before`` (its value before the adoption: the notebook changed it,
+    or a task did, maybe with its own ``tzset``) or from the one last applied (a
+    ``%%pool setup`` that set it). The C library reads TZ once, when a process
+    first uses local time: the notebook's ``os.environ["TZ"] = ...; time.tzset()``
+    reached os.environ here, yet ``localtime()`` and ``datetime.fromtimestamp()``
+    kept the old zone (00:00 UTC where serial gave 09:00 JST)."""
+    global _tz_applied
+    tz = os.environ.get("TZ")
+    if (tz != before or tz != _tz_applied) and _tzset is not None:
+        _tzset()
+        _tz_applied = tz
+
 # In a worker: the world as the last ``_adopt`` left it, every part of it
 # applied (the ``_state()`` tuple, copied), or None. ``reassert`` adopts again
 # only when the world differs from it (a task changed something) or it is None
@@ -564,6 +703,7 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
         if cwd != _cwd_failed:  # once, not at every call
             _cwd_failed = cwd
             log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
+    tz = os.environ.get("TZ")
     try:
         mine = own_env | setup_env.keys()
         for name in [n for n in os.environ if (n not in env and n not in mine) or n in setup_removed]:
@@ -579,6 +719,7 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
     except Exception:
         applied = False
         log.warning("mpmagic worker: could not apply the notebook's environment", exc_info=True)
+    _apply_tz(tz)
     if sys.path[: len(path)] != path:  # (the worker's own entries may follow the notebook's)
         ours = set(path)
         sys.path[:] = list(path) + [p for p in sys.path if p not in ours]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import io
 import itertools
 import logging
 import re
@@ -500,7 +501,7 @@ class MapJob:
         self.input_raised: Exception | None = None
         self._input_own = False  # ``_input_error`` is the iterator's own
         self._input_asked = False  # a read was asked and is not done yet
-        self._n_read = 0  # items read so far (positions for reused_object's error)
+        self._n_read = 0  # items read so far (positions for read_ahead_refusal's error)
         self._last_read: list = []  # the last items of the read before (reused_object)
         self._input_want = 0  # how many items that read should bring (a chunk)
         self._ask_input: Callable[[], None] | None = None
@@ -538,6 +539,10 @@ class MapJob:
         # Where the map is called (here, in the calling thread): the workers call the
         # function from a frame that looks like that line's (callsite.py).
         self.site = callsite.caller_site()
+        # A builtin eval or exec as the function reads the caller's names serially: those
+        # names, for the note on a task's NameError (_note_unsent_global); None otherwise.
+        user_func = getattr(func, "func", func) if getattr(func, "mpmagic_item", None) is not None else func  # (Seeded)
+        self._caller_names = callsite.caller_names() if user_func is eval or user_func is exec else None
         self._progress = progress
         # Measured for the report's advice and for --insights (an insights.Recorder).
         self.insights = insights
@@ -628,8 +633,8 @@ class MapJob:
                 drop_our_frames(exc)  # raised later, from results(): the user's generator frames only
                 error = exc
         keep = len(batch)
-        if (reused := reused_object(self._iter, self._n_read, self._last_read, batch)) is not None:
-            keep, error = reused  # (the items from the first of the two on were changed since they were read)
+        if (reused := read_ahead_refusal(self._iter, self._n_read, self._last_read, batch)) is not None:
+            keep, error = reused  # (the items from the first changed one on would be sent as they were not read)
         self._n_read += len(batch)
         self._last_read = batch[-2:]
         with self._read_lock:  # (the end is known together with the last batch: never one without the other)
@@ -939,6 +944,17 @@ class MapJob:
         function's ``__globals__``, read here, on the notebook side."""
         if looked_up_name(exc) is None:  # (most errors: no look at the function)
             return
+        if self._caller_names is not None:  # map(eval, texts): serially the caller's names
+            fname = "eval" if getattr(self.func, "func", self.func) is eval else "exec"
+            note_unsent_name(
+                exc, self._caller_names, (),
+                lambda name: (f"mpmagic: the notebook has {name!r}, but {fname} runs in a worker, where the "
+                              f"notebook's variables are not (serial map({fname}, ...) reads them where it is "
+                              f"called): map a function that names them, lambda s: {fname}(s, {{{name!r}: {name}}}), "
+                              f"or pass them as arguments"),
+                key_errors=False,
+            )
+            return
         if self._sent_globals is None:
             func: Any = self.func
             if getattr(func, "mpmagic_item", None) is not None:  # seed= (seeding.Seeded): the user's function
@@ -1060,6 +1076,7 @@ class MapJob:
         run was timed, a failure known without one: the chunk planner learns nothing).
         ``failed``: how many of them are the Failed of its items that failed (``per_item``)."""
         self.outstanding.pop(unit.id, None)
+        self._lines.settle()
         if unit.start >= len(self._in_order):  # (a chunk already in place never counts twice)
             self._results[unit.start] = results  # by position: a split chunk stays in order
             self._accept(unit.start, results, failed)
@@ -1956,9 +1973,13 @@ class OpenLines:
     continues the line (with no new label). While the owner still runs, another
     unit's partial text waits (bars of two items do not overwrite each other),
     and its whole lines end the open line first (a newline), rather than joining it.
-    A map's unit that ended leaves its line to whoever writes next, joined as
-    serial output would be. ``label``: a cell's ``[rank N] `` for each line (and
-    after each ``\\r`` that redraws it); an open line is then always ended first.
+    A map's unit that ended leaves its line to the text that waited for it, in
+    the order it came, then to whoever writes next, joined as serial output
+    would be: ``print(x, end="")`` of eight items gives one line, as serially
+    (the text that waited went out only at a newline, or at the run's end after
+    a newline no item printed: ``<0><2>...<7>\\n<1>``). ``label``: a cell's
+    ``[rank N] `` for each line (and after each ``\\r`` that redraws it); an
+    open line is then always ended first.
     """
 
     def __init__(self, write: Callable[[str, str], None], running: Callable[[Any], bool],
@@ -1984,6 +2005,8 @@ class OpenLines:
     def feed(self, who: Any, stream: str, text: str) -> None:
         """``text`` that unit ``who`` wrote to ``stream``."""
         key = (who, stream)
+        if self.held and not self.label:  # (text that waited for a line whose unit ended goes first)
+            self.release(stream)
         text = self.held.pop(key, "") + text
         if not text:
             return
@@ -2004,6 +2027,30 @@ class OpenLines:
         else:
             self.owner[stream] = who
 
+    def release(self, stream: str) -> None:
+        """A map's text that waited for ``stream``'s line, in the order it came, once
+        the unit that has the line ended (or none has it), joined to the line as serial
+        output would be, until a unit still running has the line again."""
+        while self.held:
+            owner = self.owner.get(stream, _NO_OWNER)
+            if owner is not _NO_OWNER and self.running(owner):
+                return
+            key = next((k for k in self.held if k[1] == stream), None)
+            if key is None:
+                return
+            text = self.held.pop(key)
+            self.write(stream, text)
+            if text.endswith("\n"):
+                self.owner.pop(stream, None)
+            else:
+                self.owner[stream] = key[0]
+
+    def settle(self) -> None:
+        """A map's unit ended: text that waited for its line goes now, not at the next text."""
+        if self.held and not self.label:
+            for stream in {k[1] for k in self.held}:
+                self.release(stream)
+
     def end(self) -> None:
         """The run is over: open lines end (labelled ones), text that waited goes."""
         if self.label:
@@ -2013,12 +2060,15 @@ class OpenLines:
                 self.write(stream, self._form(who, text, False) + "\n")
         else:
             for (who, stream), text in self.held.items():
-                if stream in self.owner:  # (another unit's line is open there)
+                if stream in self.owner and self.running(self.owner[stream]):  # (cut short: an interrupt)
                     self.write(stream, "\n")
                 self.write(stream, text)
                 self.owner[stream] = who
         self.owner.clear()
         self.held.clear()
+
+
+_NO_OWNER = object()  # (OpenLines: no unit has the stream's line)
 
 
 #: Reading a chunk of a lazy input stops after this many seconds with what it has:
@@ -2137,6 +2187,69 @@ def reused_object(items: Any, n_read: int, before: list, batch: list) -> tuple[i
                     f"each time (`yield copy.copy(buf)`, `buf.copy()`), or pass a list of copies; one that "
                     f"never changes goes as a list (`[obj] * n`) or bound with functools.partial")
     return None
+
+
+def _iterator_at(obj: Any, depth: int = 2) -> tuple[Any, str] | None:
+    """``(the iterator, where)`` when ``obj`` is an iterator (its type defines
+    ``__next__``) or a tuple holding one, ``depth`` tuples deep at most (map's zip
+    of several inputs holds groupby's ``(key, group)``); ``where``: "" or
+    " (at [1][1] of its tuple)". A generator or an open file is left to the
+    pickling, whose error already names the item and says what to do."""
+    kind = type(obj)
+    if kind is tuple:
+        if depth:
+            for i, x in enumerate(obj):
+                if (found := _iterator_at(x, depth - 1)) is not None:
+                    inner = found[1].removeprefix(" (at ").removesuffix(" of its tuple)")
+                    return found[0], f" (at [{i}]{inner} of its tuple)"
+        return None
+    if getattr(kind, "__next__", None) is not None and not isinstance(obj, (types.GeneratorType, io.IOBase)):
+        return obj, ""
+    return None
+
+
+def live_iterator(n_read: int, batch: list, ends_only: bool = True) -> tuple[int, UsageError] | None:
+    """A lazy input that yielded an iterator as an item (or in an item's tuples: map's
+    zip of several inputs, ``--star``'s arguments), among the ends of what was just
+    read (``batch``, the items from position ``n_read`` on): ``(how many items of
+    batch to keep, the error to raise)``, as :func:`reused_object` gives.
+
+    Items are read a chunk ahead of the calls and pickled when their chunk is sent,
+    while map() calls the function on each before it reads the next. An iterator
+    drawing on the input is emptied meanwhile: ``itertools.groupby``'s groups gave
+    ``('c', 0)`` where map gives ``('c', 3)``, silently; one drawing on a shared
+    iterator (``islice(it, 3)``) is sent before any item consumed it. Whether an
+    iterator is live cannot be told from outside, so every one is refused, with
+    the list to pass instead (a list input is read as map reads it: not checked).
+    The ends of a read cost O(1) per read, as in :func:`reused_object`; with
+    ``ends_only`` False (``compare``'s copy of the whole input) every item is looked at.
+    """
+    size = len(batch)
+    for i in sorted({*range(min(size, 3)), *range(max(0, size - 3), size)}) if ends_only else range(size):
+        if (found := _iterator_at(batch[i])) is None:
+            continue
+        it, where = found
+        kind = type(it)
+        if kind.__module__ == "itertools" and kind.__name__ == "_grouper":
+            return i, UsageError(
+                f"item {n_read + i}{where} is a live iterator (itertools.groupby's group): mpmagic reads the input "
+                "ahead of the calls and sends each item later, and reading the next group empties this one "
+                "(map() calls the function before it reads on); pass each group as a list: "
+                "((k, list(g)) for k, g in groupby(...))")
+        return i, UsageError(
+            f"item {n_read + i}{where} is an iterator ({kind.__qualname__} object): mpmagic reads the input ahead "
+            "of the calls and sends each item later, so an iterator that draws on the input or on anything shared "
+            "would be sent in a later state (map() calls the function before it reads on); yield what it gives "
+            "as a list instead (list(it))")
+    return None
+
+
+def read_ahead_refusal(items: Any, n_read: int, before: list, batch: list) -> tuple[int, UsageError] | None:
+    """The first item among those just read that reading ahead would send changed
+    (:func:`live_iterator`, :func:`reused_object`): ``(how many items of batch to
+    keep, the error to raise)``, or None when there is none."""
+    found = [r for r in (live_iterator(n_read, batch), reused_object(items, n_read, before, batch)) if r is not None]
+    return min(found, key=lambda r: r[0]) if found else None
 
 
 def drop_partial(data: bytes) -> None:

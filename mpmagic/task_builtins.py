@@ -355,10 +355,12 @@ class NoInput(io.TextIOBase):
         return True
 
     def read(self, size: int | None = -1) -> str:
+        __tracebackhide__ = True  # noqa: F841 (the task's traceback ends at its input() line: errors.extract_frames)
         raise EOFError("a task cannot read input (input(), sys.stdin): it runs in a worker process with no "
                        "keyboard; read the value in the notebook and pass it in as an argument")
 
     def readline(self, size: int | None = -1) -> str:  # type: ignore[override]
+        __tracebackhide__ = True  # noqa: F841
         return self.read()
 
 
@@ -366,6 +368,7 @@ def _no_input(*args: Any, **kwargs: Any) -> str:
     """``input`` and ``getpass.getpass`` in a worker: the notebook's
     versions (ipykernel's, inherited by a fork) would wait for ever for an
     answer that can never come; this fails at once saying why."""
+    __tracebackhide__ = True  # noqa: F841
     return NoInput().read()
 
 

@@ -490,3 +490,22 @@ def test_without_warnings_filters_mutated_a_worker_swaps_filters_the_public_way(
         worker_logging._set_unit_filters(saved)
         assert warnings.filters != saved
         warnings.filters[:] = saved
+
+
+def test_a_pandas_without_its_option_store_carries_no_options(monkeypatch, caplog) -> None:
+    """The notebook's pandas options travel through pandas' private option store;
+    a pandas without it carries none (one INFO line), and a call still works."""
+    import logging
+
+    pd = pytest.importorskip("pandas")
+    assert compat.pandas_option_store(pd) is not None
+    from mpmagic import context
+
+    fake = types.ModuleType("pandas")  # (a pandas that keeps its options elsewhere)
+    monkeypatch.setattr(compat, "_pandas_store_missing", [])
+    with caplog.at_level(logging.INFO, logger="mpmagic"):
+        assert compat.pandas_option_store(fake) is None
+        assert context._pandas_options(fake) == ()
+    assert [r.getMessage() for r in caplog.records].count(
+        "mpmagic: this pandas keeps its options elsewhere; the notebook's pandas options (pd.set_option) "
+        "are not carried to the workers") == 1

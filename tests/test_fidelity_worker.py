@@ -683,12 +683,22 @@ def test_the_notebooks_ipython_display_is_never_patched(ip):
 def test_input_in_a_task_says_why_it_cannot_read(ip, any_method):
     """``input()`` and ``getpass.getpass()`` in a task fail at once, saying why:
     on fork a worker inherited the kernel's versions, which waited for ever."""
+    import traceback
+
+    from IPython.utils.capture import capture_output
+
     ensure_pool(any_method)
-    run(ip, "import getpass\ndef ask(x):\n    return input('value? ')\n"
-            "def secret(x):\n    return getpass.getpass()")
-    for func in ("ask", "secret"):
-        with pytest.raises(EOFError, match="a task cannot read input"):
+    run(ip, "import getpass, sys\ndef ask(x):\n    return input('value? ')\n"
+            "def secret(x):\n    return getpass.getpass()\ndef reads(x):\n    return sys.stdin.readline()\n")
+    for func in ("ask", "secret", "reads"):
+        with pytest.raises(EOFError, match="a task cannot read input") as info:
             run(ip, f"%pmap -q {func}, [1]")
+        # Only the user's frames, as for any task's error (task_builtins' _no_input and read showed).
+        files = [f.filename for f in traceback.extract_tb(info.value.__traceback__)]
+        assert not [f for f in files if "task_builtins" in f], files
+        with capture_output() as cap:
+            ip.run_cell(f"%pmap -q {func}, [1]", store_history=False)
+        assert "task_builtins" not in cap.stdout + cap.stderr and f"in {func}" in cap.stdout + cap.stderr
 
 
 def test_a_task_that_forks_and_returns_in_the_child_gives_the_parents_result(ip, local_pool):
@@ -1084,3 +1094,151 @@ def test_numpys_error_state_reaches_the_tasks_as_serially(ip, any_method):
             run(ip, "with np.errstate(divide='raise'):\n    mpmagic.pmap(inv, [2, 0])\n")
     finally:
         np.seterr(**before)
+
+
+def test_a_time_zone_set_in_the_notebook_after_the_pool_started_is_the_tasks(ip, any_method):
+    """``os.environ["TZ"] = "Asia/Tokyo"; time.tzset()`` in the notebook reached the
+    warm workers' os.environ, but their C library kept the zone it read at start:
+    serial localtime(0) is 09:00 JST, the tasks said 00:00 UTC. Back to UTC too."""
+    backend = ensure_pool(any_method)
+    backend.wait_ready()
+    run(ip, "import os, time, datetime\n"
+            "def local_zero(x):\n"
+            "    return (os.environ.get('TZ'), time.strftime('%H:%M %Z', time.localtime(0)),\n"
+            "            datetime.datetime.fromtimestamp(0).isoformat())\n")
+    before = os.environ.get("TZ")
+    try:
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+        assert _same_as_serial(ip, "local_zero", "range(4)")[0][1] == "00:00 UTC"  # warm workers, UTC
+        os.environ["TZ"] = "Asia/Tokyo"
+        time.tzset()
+        assert _same_as_serial(ip, "local_zero", "range(4)") == [
+            ("Asia/Tokyo", "09:00 JST", "1970-01-01T09:00:00")] * 4
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+        assert _same_as_serial(ip, "local_zero", "range(4)")[0][1] == "00:00 UTC"
+        # A task that sets its own zone (with tzset) leaves the next call in the notebook's.
+        run(ip, "def tokyo(x):\n    os.environ['TZ'] = 'Asia/Tokyo'\n    time.tzset()\n    return local_zero(x)\n")
+        assert run(ip, "%pmap -q --chunksize 1 tokyo, range(4)")[0][1] == "09:00 JST"
+        assert _same_as_serial(ip, "local_zero", "range(4)")[0][1] == "00:00 UTC"
+        # A %%pool setup's TZ is the tasks' (its environment wins), without a tzset of its own.
+        run(ip, "%%pool setup\nimport os\nos.environ['TZ'] = 'Asia/Tokyo'\n")
+        try:
+            assert run(ip, "%pmap -q --chunksize 1 local_zero, range(4)") == [
+                ("Asia/Tokyo", "09:00 JST", "1970-01-01T09:00:00")] * 4
+        finally:
+            run(ip, "%pool setup clear")
+        assert _same_as_serial(ip, "local_zero", "range(4)")[0][1] == "00:00 UTC"
+    finally:
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+PANDAS_STATE = ("def pandas_state(x):\n"
+                "    return (str(pd.Series(['a', 'b']).dtype), str(pd.Series(range(10))).count('\\n'),\n"
+                "            pd.get_option('display.precision'))\n")
+
+
+def test_the_notebooks_pandas_options_reach_the_tasks_as_serially(ip, any_method):
+    """``pd.set_option("future.infer_string", False)`` (or a display option) in the
+    notebook after the pool started: serial ``pd.Series(["a"]).dtype`` is object, the
+    tasks gave str: options were not carried to spawn or forkserver workers (fork only
+    by luck of its start). Now the changed ones go with the call, are put back to
+    pandas' defaults when the notebook resets them, follow ``option_context``, and a
+    ``%%pool setup``'s own option wins for that option alone."""
+    pd = pytest.importorskip("pandas")
+    ensure_pool(any_method).wait_ready()
+    run(ip, "import warnings, pandas as pd, mpmagic\n" + PANDAS_STATE)
+    default = run(ip, "pandas_state(0)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (pandas 3 says future.infer_string is deprecated)
+            run(ip, "pd.set_option('future.infer_string', False)\npd.set_option('display.max_rows', 4)\n"
+                    "pd.set_option('display.min_rows', 2)")
+        changed = _same_as_serial(ip, "pandas_state", "range(4)")
+        assert changed[0][0] == "object" and changed[0][1] < default[1], (changed, default)
+        short = changed[0][1]
+        run(ip, "pd.set_option('display.precision', 3)")  # a %%pool setup's option wins for that one only
+        run(ip, "%%pool setup\nimport pandas as pd\npd.set_option('display.precision', 2)\n")
+        try:
+            assert run(ip, "%pmap -q --chunksize 1 pandas_state, range(4)") == [("object", short, 2)] * 4
+            run(ip, "pd.reset_option('display.max_rows')\npd.reset_option('display.min_rows')")
+            assert run(ip, "%pmap -q --chunksize 1 pandas_state, range(4)") == [("object", default[1], 2)] * 4
+        finally:
+            run(ip, "%pool setup clear")
+        assert _same_as_serial(ip, "pandas_state", "range(4)")[0] == ("object", default[1], 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run(ip, "pd.reset_option('future.infer_string')\npd.reset_option('display.precision')")
+        assert _same_as_serial(ip, "pandas_state", "range(4)") == [default] * 4
+        got = run(ip, "with pd.option_context('display.precision', 1):\n"
+                      "    out = mpmagic.pmap(pandas_state, range(2))\nout")
+        assert got == [(default[0], default[1], 1)] * 2
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for key in ("future.infer_string", "display.max_rows", "display.min_rows", "display.precision"):
+                pd.reset_option(key)
+
+
+def test_a_worker_applies_pandas_display_options_once_a_task_imports_pandas(monkeypatch):
+    """In a worker (this process plays one) that has not imported pandas: display
+    options alone do not import it (a notebook's display.max_columns would make every
+    worker import pandas); a task's import does, and the next call applies them.
+    An option that changes results (future.*) imports pandas at once."""
+    pd = pytest.importorskip("pandas")
+    from mpmagic import context
+
+    for name in ("_adopted", "_pending", "_as_adopted", "setup_libs", "_pandas_waiting"):
+        monkeypatch.setattr(context, name, getattr(context, name))
+    imported: list[str] = []
+
+    def import_module(name: str):  # (the same pandas again: a second copy of it would be another store)
+        imported.append(name)
+        sys.modules[name] = pd
+        return pd
+
+    monkeypatch.setattr(context.importlib, "import_module", import_module)
+    try:
+        monkeypatch.delitem(sys.modules, "pandas")
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, (("display.max_rows", 7),)),)))
+        assert imported == [] and context._pandas_waiting
+        monkeypatch.setitem(sys.modules, "pandas", pd)  # a task imported it
+        context.reassert()
+        assert pd.get_option("display.max_rows") == 7 and not context._pandas_waiting
+        pd.set_option("display.max_rows", 99)  # a task's change: undone at the next call
+        context.reassert()
+        assert pd.get_option("display.max_rows") == 7
+        monkeypatch.delitem(sys.modules, "pandas")
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, (("compute.use_numexpr", False),)),)))
+        assert imported == ["pandas"]
+        assert (pd.get_option("compute.use_numexpr"), pd.get_option("display.max_rows")) == (False, 60)
+    finally:
+        sys.modules["pandas"] = pd
+        context.apply(context.current(libs=()))
+        pd.reset_option("display.max_rows")
+        pd.reset_option("compute.use_numexpr")
+
+
+def test_partial_lines_of_items_make_one_line_as_serially(ip, backend):
+    """Each item prints ``<x`` (flushed) and ``>`` with ``end=""``: serial output is
+    <0><1>...<7>|after. In parallel the items' order may differ (documented), but a
+    newline no item printed came in: <0><2><3><4><5><6><7>\\n<1>|after."""
+    import re
+
+    from IPython.utils.capture import capture_output
+
+    run(ip, "import time\ndef pr_end(x):\n    print(f'<{x}', end='', flush=True)\n"
+            "    time.sleep(0.05 * (x % 3))\n    print('>', end='')\n    return x\n")
+    with capture_output() as cap:
+        run(ip, "list(map(pr_end, range(8)))\nprint('|after')")
+    assert cap.stdout == "<0><1><2><3><4><5><6><7>|after\n"
+    for _ in range(3):
+        with capture_output() as cap:
+            run(ip, "_ = %pmap -q pr_end, range(8)\nprint('|after')")
+        assert cap.stdout.endswith("|after\n") and "\n" not in cap.stdout[:-1], cap.stdout
+        assert sorted(re.findall(r"<\d>", cap.stdout)) == [f"<{x}>" for x in range(8)], cap.stdout

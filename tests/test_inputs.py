@@ -356,3 +356,80 @@ def test_wrong_map_arguments_are_a_type_error_as_maps(args):
     with pytest.raises(TypeError) as info:
         mpmagic.pmap(*args)
     assert isinstance(info.value, mpmagic.UsageError) and "\n" not in str(info.value)
+
+
+GROUPS = (
+    "import itertools\n"
+    "DATA = sorted('abcdefghij' * 3 + 'xyz')\n"
+    "def count_group(kg):\n    return kg[0], len(list(kg[1]))\n"
+    "def count_star(k, g):\n    return k, len(list(g))\n"
+    "def total(it):\n    return sum(it)\n"
+)
+
+GROUP_LINE = (r"item 0 \(at \[1\](\[1\])? of its tuple\) is a live iterator \(itertools.groupby's group\): mpmagic reads "
+              r"the input ahead of the calls .* pass each group as a list: \(\(k, list\(g\)\) for k, g in groupby")
+
+
+@pytest.mark.parametrize("how", ["pmap", "%pmap", "%pmap --compare", "%pmap --star", "imap", "submit",
+                                 "pmap checkpoint", "several"])
+def test_groupby_groups_as_items_are_refused_not_sent_empty(shell, tmp_path, how):
+    """map(f, groupby(data)) calls f on each group before it reads the next; mpmagic
+    reads the input a chunk ahead and pickles the items later, when each group but
+    the last read is empty: ('c', 0) where map gives ('c', 3), silently, on every
+    start method. Now the run says so in one line, with the list to pass instead."""
+    import mpmagic
+
+    run(shell, GROUPS)
+    ns = shell.user_ns
+    serial = list(map(ns["count_group"], itertools.groupby(ns["DATA"])))
+    assert serial[2] == ("c", 3)  # the oracle: every group whole
+    groups = itertools.groupby(ns["DATA"])
+    with pytest.raises(ValueError, match=GROUP_LINE) as e:  # (the magic's usage error is a ValueError too)
+        if how == "pmap":
+            mpmagic.pmap(ns["count_group"], groups)
+        elif how.startswith("%pmap"):
+            func = "count_star" if "--star" in how else "count_group"
+            result = shell.run_cell(f"%pmap -q {how[6:]} {func}, itertools.groupby(DATA)", store_history=False)
+            raise result.error_in_exec
+        elif how == "imap":
+            list(mpmagic.imap(ns["count_group"], groups))
+        elif how == "submit":
+            mpmagic.submit(ns["count_group"], groups).result()
+        elif how == "pmap checkpoint":
+            mpmagic.pmap(ns["count_group"], groups, checkpoint=tmp_path)
+        else:  # zipped with another input: the group is in the argument tuple map builds
+            mpmagic.pmap(lambda n, kg: (kg[0], len(list(kg[1]))), range(40), groups)
+    assert "\n" not in str(e.value).partition("\nusage: %pmap")[0]
+    if how == "several":
+        assert str(e.value).startswith("item 0 (at [1][1] of its tuple)")
+    # What the line says to pass gives map's results.
+    assert mpmagic.pmap(ns["count_group"], ((k, list(g)) for k, g in itertools.groupby(ns["DATA"]))) == serial
+
+
+def test_an_iterator_item_of_a_generator_is_refused_a_list_input_of_them_is_not(shell):
+    """islice over one shared iterator, yielded lazily: map sums 0+1+2, then 3+4+5...;
+    read ahead, every islice was pickled before any consumed the shared iterator (each
+    summed 0+1+2). Any iterator item of a lazy input is refused; a list of iterators
+    is read as map reads it (nothing is read ahead of what map would), and runs."""
+    import mpmagic
+
+    run(shell, GROUPS)
+    shared = iter(range(30))
+    assert list(map(shell.user_ns["total"], (itertools.islice(shared, 3) for _ in range(4)))) == [3, 12, 21, 30]
+    shared = iter(range(30))
+    with pytest.raises(api.UsageError, match=r"^item 0 is an iterator \(islice object\): .*as a list instead"):
+        mpmagic.pmap(shell.user_ns["total"], (itertools.islice(shared, 3) for _ in range(4)))
+    assert mpmagic.pmap(shell.user_ns["total"], [iter([1, 2]), map(abs, [-3])]) == [3, 3]
+    # A generator item is left to the pickling, whose line says what to do.
+    with pytest.raises(mpmagic.SerializationError):
+        mpmagic.pmap(shell.user_ns["total"], ((x for x in range(3)) for _ in range(2)))
+
+
+def test_a_generator_changing_a_global_gives_every_item_the_value_at_the_call(shell):
+    """What docs/troubleshooting.md says of it (its row said the global's last value,
+    [20, 21, 22], where the items see the value at the call: [0, 1, 2])."""
+    run(shell, "G = 0\ndef plus_g(x):\n    return x + G\n"
+               "def sets_g(n):\n    global G\n    for i in range(n):\n        G = 10 * i\n        yield i\n")
+    assert run(shell, "G = 0\nlist(map(plus_g, sets_g(3)))") == [0, 11, 22]
+    assert run(shell, "G = 0\n%pmap -q plus_g, sets_g(3)") == [0, 1, 2]
+    assert run(shell, "G = 5\n%pmap -q --chunksize 3 plus_g, sets_g(3)") == [5, 6, 7]  # (whatever the chunks)

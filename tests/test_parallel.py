@@ -751,6 +751,33 @@ def test_partial_lines_of_ranks_show_at_once_each_line_from_one_rank():
     assert "".join(shown) == "end of 0 line 1\n"
 
 
+def test_a_maps_partial_lines_join_as_serially_once_the_item_holding_the_line_ended():
+    """print(f"<{x}", end="", flush=True) ... print(">", end="") in each item: serial
+    output is one line, <0><1>...<7>. Item 1's text waited while item 0 had the line,
+    then item 2 took the line when item 0 ended, and item 1's text went out only at
+    the run's end, after a newline no item printed: <0><2><3>...<7>\n<1>."""
+    from mpmagic.jobs import OpenLines
+
+    shown: list[str] = []
+    running = {0, 1}
+    lines = OpenLines(lambda stream, text: shown.append(text), running.__contains__)
+    lines.feed(0, "stdout", "<0")
+    lines.feed(1, "stdout", "<1")  # waits: item 0 has the line
+    lines.feed(0, "stdout", ">")
+    running.discard(0)
+    lines.settle()  # item 0 ended: the text that waited for its line goes, joined
+    assert "".join(shown) == "<0><1"
+    running.add(2)
+    lines.feed(2, "stdout", "<2")  # waits: item 1 has the line now
+    lines.feed(1, "stdout", ">")
+    running.discard(1)
+    lines.feed(3, "stdout", "<3")  # (item 1 ended with no settle: the waiting text still goes first)
+    lines.feed(2, "stdout", ">")  # (a unit's text comes before its end)
+    running.discard(2)
+    lines.end()
+    assert "".join(shown) == "<0><1><2><3"
+
+
 def test_a_ranks_displayed_object_says_which_rank_sent_it(ip, local_pool):
     """A rank's printed lines say ``[rank N]``; its DataFrames and figures did not, so
     with -n 2 two tables showed and nobody could tell whose was whose. A line of

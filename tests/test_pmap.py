@@ -531,3 +531,16 @@ def test_the_report_states_the_chunks_sent_not_the_sizes_planned(ip, local_pool)
         assert hi <= 5 and asked is None, mpmagic.last_report().rows()
     finally:
         pool_module.shutdown()  # (use_local keeps a limit it is not given: the next test's pool would have it)
+
+
+def test_results_that_are_one_object_serially_share_it_only_within_a_chunk(ip, backend):
+    """What docs/troubleshooting.md says: results are copies, and results of one chunk
+    may share an object (pickle keeps shared references within one pickle), results
+    of different chunks never do; none is the notebook's object."""
+    run(ip, "SHARED = []\ndef same(x):\n    return SHARED\n")
+    serial = run(ip, "list(map(same, range(4)))")
+    assert all(r is ip.user_ns["SHARED"] for r in serial)
+    apart = run(ip, "%pmap -q --chunksize 1 same, range(4)")
+    assert [r is apart[0] for r in apart] == [True, False, False, False] and apart[0] is not ip.user_ns["SHARED"]
+    together = run(ip, "%pmap -q --chunksize 4 same, range(4)")
+    assert all(r is together[0] for r in together) and together[0] is not ip.user_ns["SHARED"]
