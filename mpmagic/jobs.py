@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import gc
 import io
 import itertools
 import logging
@@ -2208,21 +2209,54 @@ def _iterator_at(obj: Any, depth: int = 2) -> tuple[Any, str] | None:
     return None
 
 
+def _shared_source(it: Any, limit: int) -> Any:
+    """An iterator ``it`` draws on (directly, through the tuple of a ``map``/``zip``/
+    ``chain``, or through another iterator it draws on, a few levels deep) that more
+    than ``limit`` references hold, that is something besides ``it`` too; or None."""
+    stack = [(it, 0)]
+    while stack:
+        obj, depth = stack.pop()
+        for source in gc.get_referents(obj):
+            if type(source) is tuple:
+                if depth < 4:
+                    stack.append((source, depth + 1))
+            elif getattr(type(source), "__next__", None) is not None:
+                if sys.getrefcount(source) > limit:
+                    return source
+                if depth < 4:
+                    stack.append((source, depth + 1))
+    return None
+
+
+@functools.cache
+def _private_refs() -> int:
+    """The references :func:`_shared_source` sees on an iterator only its holder
+    holds (its own loop's among them: how many depends on the Python's bytecode),
+    measured once on ``islice(iter(()), 0)``."""
+    limit = 1
+    while _shared_source(itertools.islice(iter(()), 0), limit) is not None:
+        limit += 1
+    return limit
+
+
 def live_iterator(n_read: int, batch: list, ends_only: bool = True) -> tuple[int, UsageError] | None:
-    """A lazy input that yielded an iterator as an item (or in an item's tuples: map's
-    zip of several inputs, ``--star``'s arguments), among the ends of what was just
-    read (``batch``, the items from position ``n_read`` on): ``(how many items of
-    batch to keep, the error to raise)``, as :func:`reused_object` gives.
+    """A lazy input that yielded a live iterator as an item (or in an item's tuples:
+    map's zip of several inputs, ``--star``'s arguments), among the ends of what was
+    just read (``batch``, the items from position ``n_read`` on): ``(how many items
+    of batch to keep, the error to raise)``, as :func:`reused_object` gives.
 
     Items are read a chunk ahead of the calls and pickled when their chunk is sent,
-    while map() calls the function on each before it reads the next. An iterator
-    drawing on the input is emptied meanwhile: ``itertools.groupby``'s groups gave
-    ``('c', 0)`` where map gives ``('c', 3)``, silently; one drawing on a shared
-    iterator (``islice(it, 3)``) is sent before any item consumed it. Whether an
-    iterator is live cannot be told from outside, so every one is refused, with
-    the list to pass instead (a list input is read as map reads it: not checked).
-    The ends of a read cost O(1) per read, as in :func:`reused_object`; with
-    ``ends_only`` False (``compare``'s copy of the whole input) every item is looked at.
+    while map() calls the function on each before it reads the next, and a worker
+    consumes a copy, never the notebook's iterator. An iterator drawing on something
+    shared is sent in another state than map() would see it: ``itertools.groupby``'s
+    groups gave ``('c', 0)`` where map gives ``('c', 3)``, silently; ``islice(it, 3)``
+    items over one shared iterator each summed the same first three. Such items
+    are refused, with the list to pass instead: a groupby group always, any other
+    iterator drawing on an iterator something else holds too. An iterator over
+    data of its own (``map(int, line.split())``) goes as before: nothing else sees
+    it consumed. A list input is read as map reads it: not checked. The ends of a
+    read cost O(1) per read, as in :func:`reused_object`; with ``ends_only`` False
+    (``compare``'s copy of the whole input) every item is looked at.
     """
     size = len(batch)
     for i in sorted({*range(min(size, 3)), *range(max(0, size - 3), size)}) if ends_only else range(size):
@@ -2236,11 +2270,13 @@ def live_iterator(n_read: int, batch: list, ends_only: bool = True) -> tuple[int
                 "ahead of the calls and sends each item later, and reading the next group empties this one "
                 "(map() calls the function before it reads on); pass each group as a list: "
                 "((k, list(g)) for k, g in groupby(...))")
-        return i, UsageError(
-            f"item {n_read + i}{where} is an iterator ({kind.__qualname__} object): mpmagic reads the input ahead "
-            "of the calls and sends each item later, so an iterator that draws on the input or on anything shared "
-            "would be sent in a later state (map() calls the function before it reads on); yield what it gives "
-            "as a list instead (list(it))")
+        source = _shared_source(it, _private_refs())
+        if source is not None:
+            return i, UsageError(
+                f"item {n_read + i}{where} is an iterator ({kind.__qualname__} object) drawing on a "
+                f"{type(source).__qualname__} the notebook holds too: a worker consumes a copy of it, later, never "
+                "the notebook's own (map() consumes it before it reads on), so the items would see it in "
+                "another state; yield what it gives as a list instead (list(it))")
     return None
 
 

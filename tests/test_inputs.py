@@ -406,20 +406,30 @@ def test_groupby_groups_as_items_are_refused_not_sent_empty(shell, tmp_path, how
     assert mpmagic.pmap(ns["count_group"], ((k, list(g)) for k, g in itertools.groupby(ns["DATA"]))) == serial
 
 
-def test_an_iterator_item_of_a_generator_is_refused_a_list_input_of_them_is_not(shell):
+def test_iterator_items_drawing_on_one_iterator_are_refused_others_run(shell):
     """islice over one shared iterator, yielded lazily: map sums 0+1+2, then 3+4+5...;
     read ahead, every islice was pickled before any consumed the shared iterator (each
-    summed 0+1+2). Any iterator item of a lazy input is refused; a list of iterators
-    is read as map reads it (nothing is read ahead of what map would), and runs."""
+    summed 0+1+2). Items drawing on one iterator are refused; iterators over data of
+    their own (a generator of ``map(int, line.split())``) run as map runs them, and a
+    list of iterators is read as map reads it (nothing is read ahead of what map would)."""
     import mpmagic
 
     run(shell, GROUPS)
     shared = iter(range(30))
     assert list(map(shell.user_ns["total"], (itertools.islice(shared, 3) for _ in range(4)))) == [3, 12, 21, 30]
     shared = iter(range(30))
-    with pytest.raises(api.UsageError, match=r"^item 0 is an iterator \(islice object\): .*as a list instead"):
+    with pytest.raises(api.UsageError, match=r"^item 0 is an iterator \(islice object\) drawing on a "
+                                             r"range_iterator the notebook holds too: .*as a list instead"):
         mpmagic.pmap(shell.user_ns["total"], (itertools.islice(shared, 3) for _ in range(4)))
+    lines = ["1 2 3", "4 5", "", "6"] * 5
+    serial = list(map(shell.user_ns["total"], (map(int, line.split()) for line in lines)))
+    assert mpmagic.pmap(shell.user_ns["total"], (map(int, line.split()) for line in lines)) == serial
+    assert mpmagic.pmap(list, (iter(line.split(" ")) for line in lines if line), chunksize=2) \
+        == list(map(list, (iter(line.split(" ")) for line in lines if line)))
     assert mpmagic.pmap(shell.user_ns["total"], [iter([1, 2]), map(abs, [-3])]) == [3, 3]
+    shared = iter(range(30))  # (drawing on it through a map of a map: refused too)
+    with pytest.raises(api.UsageError, match=r"^item 0 is an iterator \(map object\) drawing on a range_iterator"):
+        mpmagic.pmap(shell.user_ns["total"], (map(abs, map(int, itertools.islice(shared, 2))) for _ in range(3)))
     # A generator item is left to the pickling, whose line says what to do.
     with pytest.raises(mpmagic.SerializationError):
         mpmagic.pmap(shell.user_ns["total"], ((x for x in range(3)) for _ in range(2)))
