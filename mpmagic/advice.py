@@ -485,6 +485,13 @@ def _helper_waits(report: Any) -> str | None:
                 "of what filled the queue rather than beside it: give the producing to more tasks "
                 "(mpmagic.Queue(producers=N), one close() each), or map the items with %pmap when they are "
                 "known in advance")
+    if first in ("Value access", "Array access"):  # (no lock the user took: each read and write takes it)
+        update = "v.value += 1" if first == "Value access" else "a[i] += 1"
+        return (f"{head}: one task at a time reads or writes it, so those accesses ran serially; and "
+                f"`{update}` is a read then a write, not one step: what other tasks wrote in between is lost. "
+                f"Make the update with the lock held (`with {update[0]}.get_lock(): {update}`), update shared "
+                "state less often (add up a task's count and add it once), or return values and combine them "
+                "in the notebook")
     if first == "Event":
         return (f"{head} until another process set() it, doing no work meanwhile: set it sooner, or do the "
                 "work that does not need it before waiting")

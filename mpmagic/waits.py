@@ -62,6 +62,9 @@ NAMES = {
     "RLock": "mpmagic.RLock",
     "Value": "mpmagic.Value's lock",
     "Array": "mpmagic.Array's lock",
+    # The lock a read or write takes by itself (``v.value``, ``a[i]``), not one the user took:
+    "Value access": "the lock each mpmagic.Value .value read and write takes",
+    "Array access": "the lock each mpmagic.Array item read and write takes",
     "Queue": "mpmagic.Queue",
     "Event": "mpmagic.Event",
 }

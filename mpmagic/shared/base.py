@@ -297,9 +297,26 @@ class _HolderLock:
             self.owner, self.depth = me, 1
         return True
 
-    def _wait(self, timeout: float | None) -> bool:
-        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits;
-        a wait that ends by its timeout is not: serial code waits as long)."""
+    def take(self, kind: str) -> None:
+        """``acquire()`` for the helper's own access (``v.value``, ``a[i]``), its wait counted
+        as ``kind`` ("Value access"), apart from a lock the user took (``with v.get_lock():``,
+        counted as the helper's kind): a task that wrote no lock did not read that it
+        "waited on mpmagic.Value's lock", as if it had taken one (tutorial22 #4)."""
+        if self.recursive:
+            me = threading.get_ident()
+            if self.owner == me:
+                self.depth += 1
+                return
+        if not self.sem.acquire(False):
+            self._wait(None, kind)
+        self.words[self.slot] = _PID
+        if self.recursive:
+            self.owner, self.depth = me, 1
+
+    def _wait(self, timeout: float | None, kind: str | None = None) -> bool:
+        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits,
+        as ``kind``, else the lock's own; a wait that ends by its timeout is not: serial
+        code waits as long)."""
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
         ran_out = False
@@ -315,7 +332,7 @@ class _HolderLock:
                     return False
         finally:
             if not ran_out:
-                waits.add(self.kind, time.monotonic() - t0)
+                waits.add(kind or self.kind, time.monotonic() - t0)
 
     def _take_over(self) -> bool:
         """Become the holder if the recorded one is dead (the semaphore stays taken)."""
