@@ -54,6 +54,7 @@ from __future__ import annotations
 from typing import Any
 
 from .fmt import fmt_bytes, fmt_seconds, imports_text
+from .waits import TAKEOVER
 from .waits import names as helper_names
 
 # Tasks this much slower in the workers than serially here are worth naming
@@ -480,6 +481,10 @@ def _helper_waits(report: Any) -> str | None:
     head = (f"the {who} spent {fmt_seconds(waited)} of their {fmt_seconds(report.task_seconds)} waiting on "
             f"{helper_names(report.helper_wait_kinds)}")
     first = report.helper_wait_kinds[0]
+    if first == TAKEOVER:
+        return (f"{head}: an interrupted, timed-out or killed task left it held, and the next process to need "
+                "it waits a quarter of a second before it finds the holder gone and takes it over; a cost of that "
+                "stop, paid once, not of the work or of a slow producer")
     if first == "Queue":
         return (f"{head} (in get() for items, or in put() for room in a bounded queue), so they went at the pace "
                 "of what filled the queue rather than beside it: give the producing to more tasks "

@@ -56,6 +56,11 @@ from . import debugging
 #: task, may set it lower in the worker (``mpmagic.waits.NOTE_AFTER = 1``).
 NOTE_AFTER = 10.0
 
+#: The kind of a wait that ended by taking over a lock whose holder had died (an interrupted,
+#: timed-out or killed task's worker): a quarter of a second of recovery (shared.md), counted
+#: apart, so the line and advice do not blame it on a producer or on the lock's other users.
+TAKEOVER = "takeover"
+
 #: What each kind of helper is called in the report's line and advice.
 NAMES = {
     "Lock": "mpmagic.Lock",
@@ -67,6 +72,7 @@ NAMES = {
     "Array access": "the lock each mpmagic.Array item read and write takes",
     "Queue": "mpmagic.Queue",
     "Event": "mpmagic.Event",
+    TAKEOVER: "a lock a stopped process had held (until taking it over)",
 }
 
 

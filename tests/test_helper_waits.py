@@ -120,6 +120,51 @@ def test_a_read_waits_as_access_and_a_with_get_lock_as_the_lock_the_user_took(ki
     assert waits.names(("Queue", "Lock", "Event")) == "mpmagic.Queue, mpmagic.Lock and mpmagic.Event"
 
 
+def test_the_wait_to_take_over_a_dead_holders_lock_is_not_blamed_on_a_producer():
+    """tutorial22 #3: after an interrupted rank that waited in ``q.get()``, the next cell's
+    reader waited a quarter of a second to take over the dead rank's read lock; the line
+    said "they waited on mpmagic.Queue" and the advice blamed a slow producer."""
+    cell = dict(kind="parallel", items=2, workers=2, wall=0.26, task_seconds=0.26, helper_wait_seconds=0.25,
+                helper_wait_kinds=(waits.TAKEOVER,), cpu_seconds=0.01, chunks=0, chunksize="-")
+    r = synthetic_report(**cell)
+    assert "less the 250.0 ms they waited on a lock a stopped process had held (until taking it over))" in r.line()
+    assert r.advice is not None and "finds the holder gone and takes it over; a cost of that stop, paid once" \
+        in r.advice, r.advice
+    assert "Queue(producers=N)" not in r.advice and "mpmagic.Queue" not in r.text()
+
+
+def _held_by_a_dead_process(impl):
+    """Make the helper lock ``impl`` held by a process that has exited (as a killed worker leaves it)."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert impl.sem.acquire(False)
+    impl.words[impl.slot] = dead.pid
+
+
+def test_a_lock_taken_over_from_a_dead_holder_counts_its_wait_as_the_take_over():
+    """Measured: a lock whose holder died is taken over after a slice of waiting; that
+    wait is the take-over's (waits.TAKEOVER), not the lock's, and a queue whose dead
+    reader held its read lock likewise: the next get() does not count it as "Queue"."""
+    import threading
+
+    lock = mpmagic.Lock()
+    _held_by_a_dead_process(lock._lock)
+    waits.begin()
+    with pytest.warns(RuntimeWarning, match="died while holding the lock"):
+        assert lock.acquire(timeout=10) is True
+    lock.release()
+    assert set(waits.take() or {}) == {waits.TAKEOVER}
+    q = mpmagic.Queue()
+    _held_by_a_dead_process(q._r.rlock)
+    waits.begin()
+    threading.Timer(0.05, q.put, ("x",)).start()  # (comes while the reader waits for the read lock)
+    assert q.get() == "x"
+    assert waits.TAKEOVER in (waits.take() or {})
+
+
 # -- real runs ------------------------------------------------------------------------------
 
 _LOCKED = """

@@ -320,19 +320,31 @@ class _HolderLock:
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
         ran_out = False
+        took_over = None  # (the start of the slice after which the lock was taken over)
+        began = t0
         try:
             while True:
-                step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+                step = _SLICE if deadline is None else min(_SLICE, deadline - began)
                 if step > 0 and self.sem.acquire(True, step):
                     return True
                 if self._take_over():
+                    took_over = began
                     return True
-                if deadline is not None and time.monotonic() >= deadline:
+                began = time.monotonic()
+                if deadline is not None and began >= deadline:
                     ran_out = True
                     return False
         finally:
             if not ran_out:
-                waits.add(kind or self.kind, time.monotonic() - t0)
+                end = time.monotonic()
+                if took_over is None:
+                    waits.add(kind or self.kind, end - t0)
+                else:
+                    # Its holder died during the last slice (each slice checks): that slice was the
+                    # wait to recover the lock, not one for a producer or another task's use of it.
+                    if took_over > t0:
+                        waits.add(kind or self.kind, took_over - t0)
+                    waits.add(waits.TAKEOVER, end - took_over)
 
     def _take_over(self) -> bool:
         """Become the holder if the recorded one is dead (the semaphore stays taken)."""
