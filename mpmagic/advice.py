@@ -164,6 +164,12 @@ def advise(report: Any) -> str | None:
         return ("the reduced value differs from the cell's value as rank 0 of 1 (size 1): does each rank do "
                 "its share of the work by rank and size, and does --reduce combine the shares into the "
                 "whole? (troubleshooting: RESULTS DIFFER)")
+    if report.equal is False and report.extra.get("changes"):  # --compare, and the code changes a notebook list...
+        return (f"the results differ from the serial run's: {report.extra['changes']} in its workers' copies, so a "
+                "task sees only what earlier tasks on its own worker did, and the notebook's is never changed by "
+                "them (--compare's serial run here did change it): return the values and combine them in the "
+                "notebook, or share them through an mpmagic.Queue, Value or Array (troubleshooting: A task that "
+                "changes state)")
     if report.equal is False and report.extra.get("state"):  # --compare, and the code shows it keeps state
         return (f"the results differ from the serial run's: the function changes state ({report.extra['state']}); "
                 "each worker changes its own copy, so a task sees only its own worker's earlier changes "

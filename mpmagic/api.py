@@ -23,6 +23,7 @@ import time
 import types
 import unicodedata
 import warnings
+import weakref
 from collections.abc import (
     Callable,
     Container,
@@ -853,9 +854,40 @@ def pmap(
             report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
             if report.equal is False:
                 report.extra["state"] = payload_cache.state_words(given_func)
+                changes = payload_cache.container_changes(given_func)
+                if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
+                    report.extra["changes"] = payload_cache.changes_words(changes)
+    if "changes" not in report.extra:  # (else the advice says it)
+        _say_list_changes(given_func, report.serial is not None)
     if show_report:
         print(report.line())
     return results
+
+
+#: The functions (their code) whose changes to a notebook list were said (once each).
+_said_changes: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+
+
+def _say_list_changes(func: Callable, compared: bool) -> None:
+    """One line, once per function: a task changed the notebook's list it captures
+    (``results.append(x)``), which changes each worker's copy and never the notebook's:
+    the list stays empty, silently, as with ``multiprocessing`` (tutorial22 #2). Lists
+    only: a dict or set a task fills is often a worker's own cache on purpose (memoizing),
+    while a list appended to is the results the notebook expected. ``compared``: --compare's
+    serial run here did fill it, which hides the mistake."""
+    inner = func.func if isinstance(func, functools.partial) else func
+    code = getattr(getattr(inner, "__func__", inner), "__code__", None)  # (a bound method's function's)
+    if type(code) is not types.CodeType or not payload_cache.changes_captured(code) or code in _said_changes:
+        return  # (each call: a look-up in the cache of what each code object changes)
+    changes = payload_cache.container_changes(func, (list,), deep=False)
+    if not changes:
+        return
+    _said_changes.add(code)
+    filled = (" (only --compare's serial run here changed it)" if compared
+              else ": it is as it was before the run")
+    sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
+                     f"notebook{filled}; return the values (the map's results) and combine them here, or put "
+                     "them in an mpmagic.Queue\n")
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:
