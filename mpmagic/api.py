@@ -817,6 +817,7 @@ def pmap(
     try:
         results = job.results()
     except BaseException as exc:
+        _name_helpers(exc, job, given_func)
         # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
         debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
         hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
@@ -824,6 +825,8 @@ def pmap(
     finally:
         _reports.report = report = call.report(wall)
     failed = call.failed_items(results)
+    for each in failed:
+        _name_helpers(each.error, job, given_func)
     report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     left_out = _left_out_of_compare(results, job.died_under) if compare else {}
@@ -862,6 +865,15 @@ def pmap(
     if show_report:
         print(report.line())
     return results
+
+
+def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
+    """An item's error of ours naming one of the run's helpers as its worker described it
+    (``mpmagic.Queue made in cell In[4] is closed``) names it after the notebook's
+    variable the function reads (``mpmagic.Queue 'q'``): serial_copy.name_helpers."""
+    helpers = helpers_used(job)
+    if helpers and type(exc).__module__.startswith("mpmagic"):
+        serial_copy.name_helpers(exc, helpers, *serial_copy.names_read_by(func))
 
 
 #: The functions (their code) whose changes to a notebook list were said (once each).
@@ -2460,6 +2472,7 @@ class CellCall:
             for rank in sorted(job.failures):
                 exc = job.failures[rank]
                 _note_unsent_name(exc, self.namespace, self.spec)
+                serial_copy.name_helpers(exc, helpers_used(job), self.spec.names, self.namespace)  # (not the worker's words)
                 # A task's exception shows its own frames as IPython would; ours are one line.
                 text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
                 write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import compat, debugging, payload, posixshm, shm, waits
 from ..checks import wait_timeout
-from ..errors import MPMagicError, out_of_files, too_many_open_files
+from ..errors import MPMagicError, cell_label, out_of_files, too_many_open_files
 from ..fmt import fmt_bytes
 
 try:
@@ -440,6 +440,7 @@ class _Helper:
     _stem: str
     _owner_pid: int
     _origin: str  # where in its owner it was made: "rank 1", "a task"; "" in the notebook
+    _made: str = ""  # where the notebook's code made it: "on line 2 of cell In[4]"; "" not known
     _spec: tuple
     _seg: _Segment
     _sems: dict[str, Any]
@@ -460,6 +461,7 @@ class _Helper:
         names: list[tuple[str, str]] = []
         tracked = _tracked_here()
         self._origin = "" if tracked else debugging.TASK or "a worker"
+        self._made = _made_where() if tracked else ""
         for _ in range(8):
             self._stem = _new_stem()
             try:
@@ -501,13 +503,14 @@ class _Helper:
         return self
 
     @classmethod
-    def _attach(cls, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
+    def _attach(cls, stem: str, spec: tuple, owner_pid: int, origin: str = "", made: str = "") -> Any:
         with _registry_lock:
             found = _registry.get(stem)
             if found is not None:
                 return found
             self = cls.__new__(cls)
             self._stem, self._spec, self._owner_pid, self._origin = stem, spec, owner_pid, origin
+            self._made = made
             try:
                 self._seg = _Segment(stem)
                 self._sems = {
@@ -560,7 +563,17 @@ class _Helper:
         )
 
     def _describe(self) -> str:
-        return f"mpmagic.{self._kind} {self._stem.lstrip('/')}"
+        """How a message names this helper: its kind, how and where it was made
+        (``mpmagic.Queue(maxsize=5) made on line 2 of cell In[4]``, ``mpmagic.Value('i')
+        made in rank 1``), the same in every process (what it needs travels with it: _by_name).
+        Never the name of its shared memory, which tells a user nothing; a task's error
+        names it after the notebook's variable once home (``serial_copy.name_helpers``)."""
+        where = f" made in {self._origin}" if self._origin else (f" made {self._made}" if self._made else "")
+        return f"mpmagic.{self._kind}{self._made_with()}{where}"
+
+    def _made_with(self) -> str:
+        """The constructor's arguments that tell this helper from others of its kind: ``(maxsize=5)``."""
+        return ""
 
     def __reduce__(self) -> tuple:
         # Pickled into a run's payload (its function, items or cell): the run
@@ -577,8 +590,8 @@ class _Helper:
         return (self._kind, self._spec)
 
     def _by_name(self) -> tuple:
-        """What finds this helper in another process: (class, stem, spec, owner pid, origin)."""
-        return (type(self), self._stem, self._spec, self._owner_pid, self._origin)
+        """What finds this helper in another process: (class, stem, spec, owner pid, origin, made)."""
+        return (type(self), self._stem, self._spec, self._owner_pid, self._origin, self._made)
 
     # What subclasses fill in
     def _sem_letters(self) -> str:
@@ -603,9 +616,25 @@ class _Helper:
         """In a forked child: forget this process's threads and lock owners."""
 
 
-def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
+def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "", made: str = "") -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
-    return _noted(cls._attach(stem, spec, owner_pid, origin))
+    return _noted(cls._attach(stem, spec, owner_pid, origin, made))
+
+
+def _made_where() -> str:
+    """Where the user's code that makes a helper is: ``on line 2 of cell In[4]`` (an IPython
+    cell), ``on line 12 of run.py`` (a file), or "" (``<string>``, ``<stdin>``): the first
+    frame out of mpmagic. The line tells apart two helpers made in one cell."""
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    filename = frame.f_code.co_filename
+    label = cell_label(filename)
+    if label is not None:
+        return f"on line {frame.f_lineno} of cell {label}"
+    return "" if filename.startswith("<") else f"on line {frame.f_lineno} of {os.path.basename(filename)}"
 
 
 # Which helpers a pickle holds, as it is loaded (collect_attached): %pdebug asks,
@@ -634,7 +663,7 @@ def _noted(helper: Any) -> Any:
     return helper
 
 
-def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> _HolderLock:
+def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "", made: str = "") -> _HolderLock:
     """Unpickle a helper's lock (what ``get_lock()`` returned).
 
     The lock keeps its helper alive here, so a later unpickled ``v`` finds the
@@ -642,7 +671,7 @@ def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "")
     would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
     the outer). The owner's own helper needs no such reference.
     """
-    helper = _noted(cls._attach(stem, spec, owner_pid, origin))
+    helper = _noted(cls._attach(stem, spec, owner_pid, origin, made))
     if helper._owner_pid != _PID:
         helper._lock.keep = helper
     return helper._lock

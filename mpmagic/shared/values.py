@@ -94,6 +94,11 @@ class _Synchronized(_Helper):
     def _sem_letters(self) -> str:
         return "l" if self._spec[2] == "own" else ""
 
+    def _made_with(self) -> str:
+        code, length, mode, _given = self._spec
+        args = [repr(code)] + ([str(length)] if length is not None else []) + (["lock=False"] if mode == "none" else [])
+        return f"({', '.join(args)})"
+
     def _after_fork(self) -> None:
         if self._lock is not None:
             self._lock.after_fork()
