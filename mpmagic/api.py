@@ -869,7 +869,7 @@ def pmap(
 
 def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
     """An item's error of ours naming one of the run's helpers as its worker described it
-    (``mpmagic.Queue made in cell In[4] is closed``) names it after the notebook's
+    (``mpmagic.Queue made on line 2 of cell In[4] is closed``) names it after the notebook's
     variable the function reads (``mpmagic.Queue 'q'``): serial_copy.name_helpers."""
     helpers = helpers_used(job)
     if helpers and type(exc).__module__.startswith("mpmagic"):

@@ -85,11 +85,11 @@ def judge(helpers: Iterable[tuple[str, Any]], names: Mapping[str, Any],
 def name_helpers(exc: BaseException, helpers: Iterable[tuple[str, Any]], names: Mapping[str, Any],
                  fallback: Mapping[str, Any] | None = None) -> None:
     """A task's error of ours that names one of the run's helpers as the worker
-    described it (``mpmagic.Queue made in cell In[4] is closed ...``: the worker knows
+    described it (``mpmagic.Queue made on line 2 of cell In[4] is closed ...``: the worker knows
     no variable) names it after the notebook's variable instead (``mpmagic.Queue 'q'
     is closed ...``), as :func:`judge` names one (``names``, ``fallback``: the same).
     ``helpers``: the run's ``(kind, ref)`` pairs (:func:`mpmagic.jobs.helpers_used`).
-    Left as it is when no variable names it, or two described alike (made in one cell)
+    Left as it is when no variable names it, or two described alike (made on one line)
     have two names: the description still says which kind, how and where."""
     if not type(exc).__module__.startswith("mpmagic") or not exc.args or not isinstance(exc.args[0], str):
         return
