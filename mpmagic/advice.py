@@ -56,6 +56,7 @@ from typing import Any
 # (all up front, as report.py imports this module: a notebook out of file descriptors cannot import)
 from .fmt import fmt_bytes, fmt_seconds, imports_text
 from .threads import cap_for, configured, threads_per_worker
+from .waits import TAKEOVER
 from .waits import names as helper_names
 
 # Tasks this much slower in the workers than serially here are worth naming
@@ -161,6 +162,12 @@ def advise(report: Any) -> str | None:
         return ("the reduced value differs from the cell's value as rank 0 of 1 (size 1): does each rank do "
                 "its share of the work by rank and size, and does --reduce combine the shares into the "
                 "whole? (troubleshooting: RESULTS DIFFER)")
+    if report.equal is False and report.extra.get("changes"):  # --compare, and the code changes a notebook list...
+        return (f"the results differ from the serial run's: {report.extra['changes']} in its workers' copies, so a "
+                "task sees only what earlier tasks on its own worker did, and the notebook's is never changed by "
+                "them (--compare's serial run here did change it): return the values and combine them in the "
+                "notebook, or share them through an mpmagic.Queue, Value or Array (troubleshooting: A task that "
+                "changes state)")
     if report.equal is False and report.extra.get("state"):  # --compare, and the code shows it keeps state
         return (f"the results differ from the serial run's: the function changes state ({report.extra['state']}); "
                 "each worker changes its own copy, so a task sees only its own worker's earlier changes "
@@ -522,11 +529,22 @@ def _helper_waits(report: Any) -> str | None:
     head = (f"the {who} spent {fmt_seconds(waited)} of their {fmt_seconds(report.task_seconds)} waiting on "
             f"{helper_names(report.helper_wait_kinds)}")
     first = report.helper_wait_kinds[0]
+    if first == TAKEOVER:
+        return (f"{head}: an interrupted, timed-out or killed task left it held, and the next process to need "
+                "it waits a quarter of a second before it finds the holder gone and takes it over; a cost of that "
+                "stop, paid once, not of the work or of a slow producer")
     if first == "Queue":
         return (f"{head} (in get() for items, or in put() for room in a bounded queue), so they went at the pace "
                 "of what filled the queue rather than beside it: give the producing to more tasks "
                 "(mpmagic.Queue(producers=N), one close() each), or map the items with %pmap when they are "
                 "known in advance")
+    if first in ("Value access", "Array access"):  # (no lock the user took: each read and write takes it)
+        update = "v.value += 1" if first == "Value access" else "a[i] += 1"
+        return (f"{head}: one task at a time reads or writes it, so those accesses ran serially; and "
+                f"`{update}` is a read then a write, not one step: what other tasks wrote in between is lost. "
+                f"Make the update with the lock held (`with {update[0]}.get_lock(): {update}`), update shared "
+                "state less often (add up a task's count and add it once), or return values and combine them "
+                "in the notebook")
     if first == "Event":
         return (f"{head} until another process set() it, doing no work meanwhile: set it sooner, or do the "
                 "work that does not need it before waiting")

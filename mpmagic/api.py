@@ -23,6 +23,7 @@ import time
 import types
 import unicodedata
 import warnings
+import weakref
 from collections.abc import (
     Callable,
     Container,
@@ -820,6 +821,7 @@ def pmap(
     try:
         results = job.results()
     except BaseException as exc:
+        _name_helpers(exc, job, given_func)
         # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
         debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
         hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
@@ -827,6 +829,8 @@ def pmap(
     finally:
         _reports.report = report = call.report(wall)
     failed = call.failed_items(results)
+    for each in failed:
+        _name_helpers(each.error, job, given_func)
     report.failed = len(failed)
     debugging.record_map(job, func, results, failed, options)  # for %pdebug, --rerun-failed
     left_out = _left_out_of_compare(results, job.died_under) if compare else {}
@@ -850,15 +854,56 @@ def pmap(
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
             if left_out:  # the verdict covers the items compared
                 serial, results_compared = ([r for i, r in enumerate(lst) if i not in left_out] for lst in (serial, results))
-                report.equal = _equal(serial, results_compared) or _equal_to_rounding(serial, results_compared)
+                positions = [i for i in range(len(results)) if i not in left_out]
+                report.equal = compare_verdict(report, serial, results_compared, positions=positions)
             else:
-                report.equal = _equal(serial, results) or _equal_to_rounding(serial, results)
+                report.equal = compare_verdict(report, serial, results)
             report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
             if report.equal is False:
                 report.extra["state"] = payload_cache.state_words(given_func)
+                changes = payload_cache.container_changes(given_func)
+                if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
+                    report.extra["changes"] = payload_cache.changes_words(changes)
+    if "changes" not in report.extra:  # (else the advice says it)
+        _say_list_changes(given_func, report.serial is not None)
     if show_report:
         print(report.line())
     return results
+
+
+def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
+    """An item's error of ours naming one of the run's helpers as its worker described it
+    (``mpmagic.Queue made on line 2 of cell In[4] is closed``) names it after the notebook's
+    variable the function reads (``mpmagic.Queue 'q'``): serial_copy.name_helpers."""
+    helpers = helpers_used(job)
+    if helpers and type(exc).__module__.startswith("mpmagic"):
+        serial_copy.name_helpers(exc, helpers, *serial_copy.names_read_by(func))
+
+
+#: The functions (their code) whose changes to a notebook list were said (once each).
+_said_changes: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+
+
+def _say_list_changes(func: Callable, compared: bool) -> None:
+    """One line, once per function: a task changed the notebook's list it captures
+    (``results.append(x)``), which changes each worker's copy and never the notebook's:
+    the list stays empty, silently, as with ``multiprocessing`` (tutorial22 #2). Lists
+    only: a dict or set a task fills is often a worker's own cache on purpose (memoizing),
+    while a list appended to is the results the notebook expected. ``compared``: --compare's
+    serial run here did fill it, which hides the mistake."""
+    inner = func.func if isinstance(func, functools.partial) else func
+    code = getattr(getattr(inner, "__func__", inner), "__code__", None)  # (a bound method's function's)
+    if type(code) is not types.CodeType or not payload_cache.changes_captured(code) or code in _said_changes:
+        return  # (each call: a look-up in the cache of what each code object changes)
+    changes = payload_cache.container_changes(func, (list,), deep=False)
+    if not changes:
+        return
+    _said_changes.add(code)
+    filled = (" (only --compare's serial run here changed it)" if compared
+              else ": it is as it was before the run")
+    sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
+                     f"notebook{filled}; return the values (the map's results) and combine them here, or put "
+                     "them in an mpmagic.Queue\n")
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:
@@ -2081,7 +2126,7 @@ def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code:
                           f"({why}); the values are kept {kept}", values) from exc
     report = values.report
     if report is not None and "serial_value" in report.extra:  # compare=True: the cell run here as rank 0 of 1
-        report.equal = _equal_reduced(report.extra["serial_value"], reduced, values)
+        report.equal = compare_verdict(report, report.extra["serial_value"], reduced, parts=values, items=False)
     return reduced
 
 
@@ -2093,6 +2138,31 @@ def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code:
 #   finfo.tiny                                  the smallest normal number: a zero's rounding
 # float64: 1.5e-8 relative, 2.3e-13 of the scale; float32: 3.5e-4 and 1.2e-4; float16: 3.1e-2.
 _ABS_ULPS = 1024
+
+
+def compare_verdict(report: Report, serial: Any, value: Any, *, parts: Sequence[Any] | None = None,
+                    items: bool = True, positions: Sequence[int] | None = None) -> bool:
+    """``--compare``'s verdict: is ``value`` the serial ``serial``, exactly or but for
+    float rounding (``_equal_to_rounding``; ``parts``: the ranks' values a reduced value
+    came from)? When only to rounding, ``report.extra["rounding"]`` says how far apart
+    and where ("largest relative difference 2.3e-10 at item 4": ``items``, the value is
+    a map's results, item by item; ``positions``, their places in the whole input), so
+    the line never calls values that differ plain "results equal": a value that changes
+    on every call (``time.time()``) is within the tolerance too (pandas22 #3)."""
+    report.extra.pop("rounding", None)
+    if _equal(serial, value):
+        return True
+    gap = RoundingGap()
+    if not _equal_to_rounding(serial, value, parts, gap):
+        return False
+    if positions is not None:
+        gap.relative_at, gap.near_zero_at = (
+            (positions[at[0]], *at[1:]) if at and isinstance(at[0], int) and at[0] < len(positions) else at
+            for at in (gap.relative_at, gap.near_zero_at))
+    described = gap.describe(items)
+    if described:  # (none: no element differs, the values are equal item by item)
+        report.extra["rounding"] = described
+    return True
 
 
 def _equal_reduced(serial: Any, reduced: Any, parts: Sequence[Any] | None = None) -> bool:
@@ -2108,47 +2178,104 @@ def _equal_reduced(serial: Any, reduced: Any, parts: Sequence[Any] | None = None
     return _equal(serial, reduced) or _equal_to_rounding(serial, reduced, parts)
 
 
-def _equal_to_rounding(serial: Any, value: Any, parts: Sequence[Any] | None = None) -> bool:
+def _equal_to_rounding(serial: Any, value: Any, parts: Sequence[Any] | None = None,
+                       gap: RoundingGap | None = None) -> bool:
     """``serial`` and ``value`` the same but for float rounding (``_close``): the
     ``--compare`` verdict once the exact one (``_equal``) said no. Also for ``%pmap``'s
     results: a worker's BLAS on one thread, or an item's array pickled contiguous, sums
-    in another order than the notebook (the last bits of a float32 matrix product)."""
+    in another order than the notebook (the last bits of a float32 matrix product).
+    ``gap`` (when given) learns the largest difference taken as rounding, and where,
+    for the report's line: a value that differs on every call (``time.time()``, a tiny
+    random jitter) is within the tolerance too, and must show (pandas22 #3)."""
     with warnings.catch_warnings():  # (warnings of our check, not of the user's code)
         warnings.simplefilter("ignore")
         try:
-            return _close(serial, value, parts)
+            return _close(serial, value, parts, gap)
         except Exception:  # (an odd object: no tolerance, the exact verdict stands)
             return False
 
 
-def _close(a: Any, b: Any, parts: Sequence[Any] | None = None) -> bool:
+class RoundingGap:
+    """The largest difference ``--compare`` took as float rounding, and where it was.
+
+    ``relative``: the largest ``|a - b| / max(|a|, |b|)`` of the values taken as
+    equal by the relative rule, at ``relative_at``; ``near_zero``: the largest
+    ``|a - b|`` of values taken as equal only as rounding near zero, at
+    ``near_zero_at``. A place is a tuple of keys from the compared value down: a
+    list's or an array's positions, a dict's keys, a pandas column's and row's labels.
+    """
+
+    def __init__(self) -> None:
+        self.relative = 0.0
+        self.relative_at: tuple = ()
+        self.near_zero = 0.0
+        self.near_zero_at: tuple = ()
+
+    def note(self, d: float, big: float, rel: float, at: tuple) -> None:
+        """Values as large as ``big`` ``d`` apart (taken as rounding: ``rel`` is the
+        relative tolerance) at ``at``."""
+        if not d > 0:
+            return
+        if big > 0 and d <= rel * big:
+            if d / big > self.relative:
+                self.relative, self.relative_at = d / big, at
+        elif d > self.near_zero:
+            self.near_zero, self.near_zero_at = d, at
+
+    def describe(self, first_is_item: bool) -> str:
+        """``largest relative difference 2.3e-10 at item 4`` (and the largest difference near
+        zero, when there was one): ``first_is_item``, the first key is the item's position
+        (``%pmap``'s results), else the place is a subscript of the value (a reduced one)."""
+        parts = []
+        if self.relative > 0:
+            parts.append(f"largest relative difference {self.relative:.1e}{self._place(self.relative_at, first_is_item)}")
+        if self.near_zero > 0:
+            parts.append(f"largest difference near zero {self.near_zero:.1e}"
+                         f"{self._place(self.near_zero_at, first_is_item)}")
+        return "; ".join(parts)
+
+    @staticmethod
+    def _place(at: tuple, first_is_item: bool) -> str:
+        """`` at item 4[2]``, `` at [1][2]``, or "" (the value itself)."""
+        keys = [k.item() if type(k).__module__ == "numpy" and hasattr(k, "item") else k for k in at]
+        if first_is_item and keys:
+            return f" at item {keys[0]}" + "".join(f"[{k!r}]" for k in keys[1:])
+        return f" at {''.join(f'[{k!r}]' for k in keys)}" if keys else ""
+
+
+def _close(a: Any, b: Any, parts: Sequence[Any] | None = None, gap: RoundingGap | None = None,
+           at: tuple = ()) -> bool:
     """``a`` and ``b`` the same but for float rounding, as the rule above ``_ABS_ULPS``
     has it. ``parts``: the values ``b`` was reduced from (the ranks' values), or None;
     the sum of their magnitudes is the scale of a value near zero (also of an array's
     element; an array's own largest magnitude is one too). numpy and pandas are used
-    only when a value is theirs (so already imported: never for this)."""
+    only when a value is theirs (so already imported: never for this). ``gap``: told
+    each difference taken as rounding, at its place (``at``, the keys down to it)."""
     np = sys.modules.get("numpy")
     if _is_number(np, a) and _is_number(np, b):
-        return _close_numbers(np, a, b, parts)
+        return _close_numbers(np, a, b, parts, gap, at)
     if type(a) is not type(b):
         return False
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(
-            _same(x, y) or _close(x, y, _parts_at(parts, a, i)) for i, (x, y) in enumerate(zip(a, b, strict=True)))
+            _same(x, y) or _close(x, y, _parts_at(parts, a, i), gap, (*at, i))
+            for i, (x, y) in enumerate(zip(a, b, strict=True)))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) or _close(a[k], b[k], _parts_at(parts, a, k)) for k in a)
+        return a.keys() == b.keys() and all(
+            _same(a[k], b[k]) or _close(a[k], b[k], _parts_at(parts, a, k), gap, (*at, k)) for k in a)
     if np is not None and isinstance(a, np.ndarray):
-        return _close_arrays(np, a, b, _array_scale(np, parts, a.shape))
+        return _close_arrays(np, a, b, _array_scale(np, parts, a.shape), gap, at)
     pd = sys.modules.get("pandas")
     if pd is not None and isinstance(a, pd.Series):
-        return bool(a.index.equals(b.index)) and _close_series(np, a, b, parts)
+        return bool(a.index.equals(b.index)) and _close_series(np, a, b, parts, gap, at)
     if pd is not None and isinstance(a, pd.DataFrame):
         if not (bool(a.columns.equals(b.columns)) and bool(a.index.equals(b.index))):
             return False
         frames = [p for p in parts or () if isinstance(p, pd.DataFrame)
                   and p.columns.equals(a.columns) and p.index.equals(a.index)]
         whole = parts is not None and len(frames) == len(parts)  # (the ranks' frames, of these columns and index)
-        return all(_close_series(np, a.iloc[:, i], b.iloc[:, i], [p.iloc[:, i] for p in frames] if whole else None)
+        return all(_close_series(np, a.iloc[:, i], b.iloc[:, i], [p.iloc[:, i] for p in frames] if whole else None,
+                                 gap, (*at, a.columns[i]))
                    for i in range(a.shape[1]))
     return False
 
@@ -2172,9 +2299,10 @@ def _precision(np: Any, *values: Any) -> tuple[float, float] | None:
     return max(found) if found else None
 
 
-def _close_numbers(np: Any, a: Any, b: Any, parts: Sequence[Any] | None) -> bool:
+def _close_numbers(np: Any, a: Any, b: Any, parts: Sequence[Any] | None, gap: RoundingGap | None = None,
+                   at: tuple = ()) -> bool:
     """Two numbers (``_close``): two ints exactly (they add up exactly in any order),
-    else within the rounding of the coarser float of the two."""
+    else within the rounding of the coarser float of the two (told to ``gap``)."""
     precision = _precision(np, a, b)
     if precision is None:
         return False
@@ -2183,7 +2311,10 @@ def _close_numbers(np: Any, a: Any, b: Any, parts: Sequence[Any] | None) -> bool
     scale = 0.0
     if parts is not None and all(_is_number(np, p) for p in parts):
         scale = math.fsum(float(abs(p)) for p in parts)
-    return _near(d, big, scale if math.isfinite(scale) else 0.0, eps, tiny)
+    near = _near(d, big, scale if math.isfinite(scale) else 0.0, eps, tiny)
+    if near and gap is not None:
+        gap.note(d, big, math.sqrt(eps), at)
+    return near
 
 
 def _near(d: float, big: float, scale: float, eps: float, tiny: float) -> bool:
@@ -2221,11 +2352,14 @@ def _array_scale(np: Any, parts: Sequence[Any] | None, shape: tuple[int, ...]) -
         return 0.0
 
 
-def _close_arrays(np: Any, a: Any, b: Any, scale: Any = 0.0) -> bool:
+def _close_arrays(np: Any, a: Any, b: Any, scale: Any = 0.0, gap: RoundingGap | None = None, at: tuple = (),
+                  labels: Callable[[tuple], tuple] | None = None) -> bool:
     """Two numpy arrays of one float or complex dtype and shape, element by element
     within that dtype's rounding (the rule above ``_ABS_ULPS``; the scale of an element
     near zero is the larger of the arrays' largest finite magnitude and ``scale``, the
-    ranks' magnitudes), NaN where the other has NaN, inf where the other has it."""
+    ranks' magnitudes), NaN where the other has NaN, inf where the other has it. ``gap``:
+    told the largest differences taken as rounding, at ``at`` and the element's position
+    (``labels`` turns a position into the keys to show: a pandas column's row label)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.dtype.kind not in "fc":
         return False
     a, b = np.asarray(a), np.asarray(b)  # (np.matrix: elementwise as an array)
@@ -2239,10 +2373,31 @@ def _close_arrays(np: Any, a: Any, b: Any, scale: Any = 0.0) -> bool:
         scale = np.maximum(float(finite.max()) if finite.size else 0.0, scale)
         near = np.isfinite(d) & ((d <= rel * big) | (d <= min(_ABS_ULPS * eps, rel) * scale) | (d <= tiny))
         same = (a == b) | (np.isnan(a) & np.isnan(b))
-    return bool(np.all(near | same))
+    close = bool(np.all(near | same))
+    if close and gap is not None and a.size:
+        _note_array_gap(np, gap, np.where(same, 0.0, d), big, rel, at, labels)
+    return close
 
 
-def _close_series(np: Any, a: Any, b: Any, parts: Sequence[Any] | None = None) -> bool:
+def _note_array_gap(np: Any, gap: RoundingGap, d: Any, big: Any, rel: float, at: tuple,
+                    labels: Callable[[tuple], tuple] | None) -> None:
+    """Tell ``gap`` an array's largest differences taken as rounding (``d``, 0 where equal):
+    the largest relative one, and the largest of those taken only near zero."""
+    place = labels or (lambda index: index)
+    with np.errstate(all="ignore"):
+        by_rel = (d > 0) & (d <= rel * big)
+        if by_rel.any():
+            ratio = np.where(by_rel, d / np.where(by_rel, big, 1.0), 0.0)
+            i = np.unravel_index(int(np.argmax(ratio)), d.shape)
+            gap.note(float(d[i]), float(big[i]), rel, (*at, *place(tuple(int(k) for k in i))))
+        by_zero = (d > 0) & ~by_rel
+        if by_zero.any():
+            i = np.unravel_index(int(np.argmax(np.where(by_zero, d, 0.0))), d.shape)
+            gap.note(float(d[i]), float(big[i]), rel, (*at, *place(tuple(int(k) for k in i))))
+
+
+def _close_series(np: Any, a: Any, b: Any, parts: Sequence[Any] | None = None, gap: RoundingGap | None = None,
+                  at: tuple = ()) -> bool:
     """Two pandas columns of one dtype (the index compared already): a float column
     (numpy's or pandas' Float32/Float64, NA where the other has NA) within its dtype's
     rounding (``_close_arrays``; ``parts``: the ranks' columns), any other exactly."""
@@ -2265,8 +2420,10 @@ def _close_series(np: Any, a: Any, b: Any, parts: Sequence[Any] | None = None) -
             scale = _array_scale(np, [p.to_numpy(dtype=dtype, na_value=np.nan)[kept] for p in parts], (int(kept.sum()),))
         except Exception:  # (a column that is no number: no scale)
             scale = 0.0
+    rows = np.flatnonzero(kept)
     return _close_arrays(np, a.to_numpy(dtype=dtype, na_value=np.nan)[kept],
-                         b.to_numpy(dtype=dtype, na_value=np.nan)[kept], scale)
+                         b.to_numpy(dtype=dtype, na_value=np.nan)[kept], scale, gap, at,
+                         lambda index: (a.index[rows[index[0]]],))  # (a row's label, as .loc takes it)
 
 
 class CellCall:
@@ -2400,6 +2557,7 @@ class CellCall:
             for rank in sorted(job.failures):
                 exc = job.failures[rank]
                 _note_unsent_name(exc, self.namespace, self.spec)
+                serial_copy.name_helpers(exc, helpers_used(job), self.spec.names, self.namespace)  # (not the worker's words)
                 # A task's exception shows its own frames as IPython would; ours are one line.
                 text = format_exception(exc) if exc.__traceback__ is not None else f"{type(exc).__name__}: {exc}"
                 write("".join(f"[rank {rank}] {line}\n" for line in text.splitlines()))

@@ -1192,8 +1192,20 @@ def format_exception(exc: BaseException) -> str:
     """``exc`` with its (worker-side) frames as the notebook shows a traceback.
 
     In IPython: its own rendering ("Cell In[2], line 3", the cell's lines);
-    elsewhere Python's. Used for each failing ``%%parallel`` rank.
+    elsewhere Python's. Used for each failing ``%%parallel`` rank. An exception
+    with its own display (``_render_traceback_``: our errors, one line and their
+    notes) shows that, as IPython shows it for ``%pmap`` and in the notebook:
+    calling the traceback formatter directly skipped it, and a rank's closed
+    queue showed three frames of mpmagic/shared/queues.py (tutorial22 #1).
     """
+    try:
+        render = getattr(exc, "_render_traceback_", None)
+        lines = render() if callable(render) else None
+    except Exception as why:  # (a display that fails: the traceback then)
+        logger.debug("the display of %r failed: %s", exc, why)
+        lines = None
+    if isinstance(lines, list) and all(isinstance(line, str) for line in lines):
+        return "\n".join(lines)
     shell = _ipython()
     if shell is not None and not isinstance(exc, group_class()) and not isinstance(exc, SyntaxError):
         try:
@@ -1207,6 +1219,19 @@ def format_exception(exc: BaseException) -> str:
 
 
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
+def cell_label(filename: str) -> str | None:
+    """``In[4]``: the cell of the file name IPython gave its code, as its tracebacks
+    name it; None outside IPython or for any other file."""
+    fmt = getattr(getattr(_ipython(), "compile", None), "format_code_name", None)
+    if fmt is None:
+        return None
+    try:
+        named = fmt(filename)
+    except Exception:  # (an IPython whose compiler names files otherwise)
+        return None
+    return named[1] if named and isinstance(named[1], str) else None
 
 
 def cell_names(text: str) -> str:

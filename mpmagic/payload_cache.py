@@ -33,6 +33,7 @@ import dis
 import functools
 import itertools
 import operator
+import sys
 import threading
 import time
 import types
@@ -642,6 +643,204 @@ def _state_of(func: Any, found: list[str], seen: set, depth: int) -> None:
     if _extract_code_globals is not None:
         for name in _extract_code_globals(code):
             _state_of(func.__globals__.get(name), found, seen, depth + 1)
+
+
+# --------------------------------------------------------------------------
+# A task that changes a notebook list, set or dict it captures (``results.append(x)``,
+# ``seen.add(k)``, ``d[k] = v``) changes its worker's copy only: the notebook's stays as
+# it was, and a later item sees only what its own worker's items added. Read from the
+# code (tutorial22 #2): the names a load of which is followed by a mutating method, or
+# is the container of a subscript store or delete; only globals and the function's own
+# free variables (a local is LOAD_FAST: never one of them).
+
+#: The methods that change a container of each type in place.
+_MUTATORS: dict[type, frozenset[str]] = {
+    list: frozenset({"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse"}),
+    set: frozenset({"add", "update", "discard", "remove", "pop", "clear", "difference_update",
+                    "intersection_update", "symmetric_difference_update"}),
+    dict: frozenset({"update", "setdefault", "pop", "popitem", "clear"}),
+    bytearray: frozenset({"append", "extend", "insert", "pop", "remove", "clear", "reverse"}),
+    deque: frozenset({"append", "appendleft", "extend", "extendleft", "pop", "popleft", "remove", "clear",
+                      "rotate"}),
+}
+_ANY_MUTATOR = frozenset().union(*_MUTATORS.values())
+_NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
+# (pops, pushes) of the instructions a subscript's key may be made of (3.11-3.14); any
+# other between the container's load and the store makes the check give up (says nothing).
+_KEY_OPS: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_CONST", "LOAD_SMALL_INT",
+                     "LOAD_DEREF", "LOAD_NAME", "LOAD_CLASSDEREF"), (0, 1)),
+    **dict.fromkeys(("LOAD_FAST_LOAD_FAST", "LOAD_FAST_BORROW_LOAD_FAST_BORROW"), (0, 2)),
+    **dict.fromkeys(("BINARY_OP", "BINARY_SUBSCR", "COMPARE_OP", "IS_OP", "CONTAINS_OP"), (2, 1)),
+    "BINARY_SLICE": (3, 1),
+    **dict.fromkeys(("UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "TO_BOOL"), (1, 1)),
+    **dict.fromkeys(("NOP", "CACHE", "EXTENDED_ARG", "RESUME", "NOT_TAKEN"), (0, 0)),
+}
+# What each code object read changes (a plain dict: a weak one's look-up made a weak reference
+# each time, ~0.4 us of every map call; the code objects it keeps are dropped past _MAX_CODES).
+_code_changes: dict[types.CodeType, tuple[tuple[str, str], ...]] = {}
+_MAX_CODES = 1024
+
+
+@dataclass(frozen=True)
+class ContainerChange:
+    """A function's code changes a container it captures: ``func`` (its name) calls
+    ``how`` (``results.append``, ``d[...] =``) on ``name``, the notebook's global
+    (``closure`` False) or a variable of its closure, a ``kind`` ("list", "set"...)."""
+
+    func: str
+    name: str
+    kind: str
+    how: str
+    closure: bool = False
+
+
+def container_changes(func: Any, kinds: tuple[type, ...] | None = None, *, deep: bool = True) -> list[ContainerChange]:
+    """The captured lists, sets, dicts, bytearrays and deques ``func`` changes in place
+    (and, ``deep``, the notebook functions it calls, a few levels down), read from the
+    code: a mutating method called on a global or closure name bound to one, or a
+    subscript store or delete on it (``d[k] = v``, ``d[k] += 1``). ``kinds``: only
+    containers of these types. Never raises (advice only); each code object is read
+    once, so a function that changes none costs a look-up (not ``deep``: each map's call)."""
+    found: list[ContainerChange] = []
+    try:
+        _changes_of(func, found, set(), 0 if deep else 4, kinds)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return []
+    return list(dict.fromkeys(found))
+
+
+def _changes_of(func: Any, found: list[ContainerChange], seen: set, depth: int,
+                kinds: tuple[type, ...] | None) -> None:
+    if isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        func = func.__func__
+    if type(func) is not types.FunctionType or id(func) in seen or depth > 4:
+        return
+    seen.add(id(func))
+    code = func.__code__
+    changed = _changed_names(code)
+    if (not changed and depth == 4) or _by_reference(func):  # (an importable function: not the notebook's state)
+        return
+    cells = dict(zip(code.co_freevars, func.__closure__ or (), strict=False))
+    for name, how in changed:
+        closure = name in cells
+        try:
+            value = cells[name].cell_contents if closure else func.__globals__.get(name, _MISSING)
+        except ValueError:  # (an empty cell)
+            continue
+        kind = next((t for t in _MUTATORS if isinstance(value, t)), None)
+        if kind is None or (kinds is not None and not isinstance(value, kinds)):
+            continue
+        method = how[len(name) + 1:] if how.startswith(name + ".") else ""
+        if method and method not in _MUTATORS[kind]:  # (list.update is no list method: not this container)
+            continue
+        found.append(ContainerChange(func.__name__, name, kind.__name__, how, closure))
+    if _extract_code_globals is not None and depth < 4:
+        for name in _extract_code_globals(code):
+            _changes_of(func.__globals__.get(name), found, seen, depth + 1, kinds)
+
+
+def changes_captured(code: types.CodeType) -> bool:
+    """Does ``code`` change a captured name's container in place (whatever it is bound to
+    now)? A dictionary look-up once the code was read (never raises)."""
+    try:
+        return bool(_changed_names(code))
+    except Exception:  # (advice only)
+        return False
+
+
+def _changed_names(code: types.CodeType) -> tuple[tuple[str, str], ...]:
+    """(name, how) for each captured name the code (or code nested in it) changes in place:
+    ``("results", "results.append")``, ``("d", "d[...] =")``. Cached per code object."""
+    got = _code_changes.get(code)
+    if got is None:
+        out: list[tuple[str, str]] = []
+        own = set(code.co_cellvars) - set(code.co_freevars)  # (a cell the call makes: a local)
+        for c in _codes(code):
+            local = own | (set(c.co_cellvars) - set(c.co_freevars)) if c is not code else own
+            ins = [i for i in dis.get_instructions(c) if i.opname != "CACHE"]
+            for k, one in enumerate(ins):
+                if one.opname in ("LOAD_METHOD", "LOAD_ATTR") and one.argval in _ANY_MUTATOR and k:
+                    name = _captured_name(ins[k - 1], local)
+                    if name is not None:
+                        out.append((name, f"{name}.{one.argval}"))
+                elif one.opname in ("STORE_SUBSCR", "DELETE_SUBSCR"):
+                    loaded = _container_load(ins, k)
+                    name = _captured_name(loaded, local) if loaded is not None else None
+                    if name is not None:
+                        out.append((name, f"{name}[...] =" if one.opname == "STORE_SUBSCR" else f"del {name}[...]"))
+        got = tuple(dict.fromkeys(out))
+        if len(_code_changes) >= _MAX_CODES:
+            _code_changes.clear()
+        _code_changes[code] = got
+    return got
+
+
+def _captured_name(ins: dis.Instruction, local: set[str]) -> str | None:
+    """The global or free variable ``ins`` loads by itself (not a call's target, not a local cell)."""
+    if ins.opname not in _NAME_LOADS:
+        return None
+    if ins.opname == "LOAD_GLOBAL" and (ins.arg or 0) & 1:  # (with a NULL: a function about to be called)
+        return None
+    if ins.opname in ("LOAD_DEREF", "LOAD_CLASSDEREF") and ins.argval in local:
+        return None
+    return ins.argval if isinstance(ins.argval, str) else None
+
+
+def _container_load(ins: list[dis.Instruction], at: int) -> dis.Instruction | None:
+    """The instruction that loaded the container of the subscript store (or delete) at
+    ``at``, found by walking back over its key (and, for a store, its value's stack
+    moves: ``d[k] += 1`` copies and swaps), or None when the key is more than simple
+    loads and operators, or a jump lands inside it."""
+    # The container is at depth 1 below the key (a store: [value, container, key]).
+    height, target = 0, -2  # (stack positions relative to the height before the store)
+    for k in range(at - 1, -1, -1):
+        one = ins[k]
+        if one.is_jump_target and k != at - 1:
+            return None
+        arg = one.arg or 0
+        if one.opname == "SWAP":
+            if target == height - 1:
+                target = height - arg
+            elif target == height - arg:
+                target = height - 1
+            continue
+        if one.opname == "COPY":
+            if target == height - 1:
+                target = height - 1 - arg
+            height -= 1
+            continue
+        if one.opname == "LOAD_GLOBAL":
+            pops, pushes = 0, 1 + (arg & 1)
+        elif one.opname == "LOAD_ATTR":
+            pops, pushes = 1, 1 + (arg & 1 if sys.version_info >= (3, 12) else 0)
+        elif one.opname == "BUILD_TUPLE":
+            pops, pushes = arg, 1
+        elif one.opname in _KEY_OPS:
+            pops, pushes = _KEY_OPS[one.opname]
+        else:
+            return None
+        if target >= height - pushes:  # (this instruction pushed it)
+            return one if pops == 0 and pushes == 1 and target == height - 1 else None
+        height += pops - pushes
+    return None
+
+
+def changes_words(changes: list[ContainerChange]) -> str:
+    """``collect changes the notebook's list `results` (results.append)``: each function's
+    changes, a container's ways (``results.append, results.extend``) together."""
+    by_func: dict[str, dict[tuple[str, str, bool], list[str]]] = {}
+    for c in changes:
+        by_func.setdefault(c.func, {}).setdefault((c.name, c.kind, c.closure), []).append(c.how)
+    said = []
+    for func, containers in by_func.items():
+        what = [(f"the {kind} `{name}` of its closure" if closure else f"the notebook's {kind} `{name}`")
+                + f" ({', '.join(hows)})" for (name, kind, closure), hows in containers.items()]
+        listed = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
+        said.append(f"{'the lambda' if func == '<lambda>' else func} changes {listed}")
+    return "; ".join(said)
 
 
 def _codes(code: types.CodeType) -> list[types.CodeType]:

@@ -282,8 +282,9 @@ class Report:
     def _serial_text(self) -> str:
         if self.serial is not None:
             eq = ""
-            if self.equal is True:
-                eq = ", results equal"
+            if self.equal is True:  # (equal only to float rounding: how far apart, so a value that varies shows)
+                rounding = self.extra.get("rounding")
+                eq = f", results equal within float rounding: {rounding}" if rounding else ", results equal"
             elif self.equal is False:
                 eq = ", RESULTS DIFFER"
             if self.serial_imports:  # a lazy import the workers had done before (warm-up) was timed here

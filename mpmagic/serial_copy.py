@@ -82,8 +82,44 @@ def judge(helpers: Iterable[tuple[str, Any]], names: Mapping[str, Any],
     return NoSerialCopy(kind, what)
 
 
+def name_helpers(exc: BaseException, helpers: Iterable[tuple[str, Any]], names: Mapping[str, Any],
+                 fallback: Mapping[str, Any] | None = None) -> None:
+    """A task's error of ours that names one of the run's helpers as the worker
+    described it (``mpmagic.Queue made on line 2 of cell In[4] is closed ...``: the worker knows
+    no variable) names it after the notebook's variable instead (``mpmagic.Queue 'q'
+    is closed ...``), as :func:`judge` names one (``names``, ``fallback``: the same).
+    ``helpers``: the run's ``(kind, ref)`` pairs (:func:`mpmagic.jobs.helpers_used`).
+    Left as it is when no variable names it, or two described alike (made on one line)
+    have two names: the description still says which kind, how and where."""
+    if not type(exc).__module__.startswith("mpmagic") or not exc.args or not isinstance(exc.args[0], str):
+        return
+    text = exc.args[0]
+    alike: dict[str, list[tuple[str, Any]]] = {}
+    for kind, ref in helpers:
+        obj = ref() if ref is not None else None
+        describe = getattr(obj, "_describe", None)
+        if describe is None:  # (a Dask helper: its repr names it already)
+            continue
+        try:
+            said = describe()
+        except Exception:  # (a helper half gone: left as it is)
+            continue
+        if said in text and all(o is not obj for _, o in alike.get(said, [])):
+            alike.setdefault(said, []).append((kind, obj))
+    named = text
+    for said, found in sorted(alike.items(), key=lambda pair: -len(pair[0])):  # (the longest first: no part of one)
+        called = {_name_of(obj, names, fallback) for _, obj in found}
+        if len(called) == 1 and None not in called:  # (alike ones all in one list: "in 'inboxes'" says it still)
+            named = named.replace(said, f"mpmagic.{found[0][0]} {called.pop()}")
+    if named != text:
+        exc.args = (named, *exc.args[1:])
+
+
 def _name_of(obj: Any, names: Mapping[str, Any], fallback: Mapping[str, Any] | None) -> str | None:
-    """``'jobs'``, ``in 'inboxes'``, or None: how the notebook names ``obj``."""
+    """``'jobs'``, ``in 'inboxes'``, or None: how the notebook names ``obj``: by a name the
+    code reads (``names``), bound to it or to a list, tuple or dict holding it, before any
+    other of the notebook's (``fallback``; ``for each in qs: each.close()`` leaves ``each``
+    bound to the last, where the cell reads ``qs[rank]``)."""
     if obj is None:  # (dropped since the run: nothing names it any more)
         return None
     spaces = (names.items(), () if fallback is None else
@@ -92,7 +128,6 @@ def _name_of(obj: Any, names: Mapping[str, Any], fallback: Mapping[str, Any] | N
         for name, value in space:
             if value is obj:
                 return repr(name)
-    for space in spaces:
         for name, value in space:
             if _holds(value, obj):
                 return f"in {name!r}"

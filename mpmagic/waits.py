@@ -56,14 +56,23 @@ from . import debugging
 #: task, may set it lower in the worker (``mpmagic.waits.NOTE_AFTER = 1``).
 NOTE_AFTER = 10.0
 
+#: The kind of a wait that ended by taking over a lock whose holder had died (an interrupted,
+#: timed-out or killed task's worker): a quarter of a second of recovery (shared.md), counted
+#: apart, so the line and advice do not blame it on a producer or on the lock's other users.
+TAKEOVER = "takeover"
+
 #: What each kind of helper is called in the report's line and advice.
 NAMES = {
     "Lock": "mpmagic.Lock",
     "RLock": "mpmagic.RLock",
     "Value": "mpmagic.Value's lock",
     "Array": "mpmagic.Array's lock",
+    # The lock a read or write takes by itself (``v.value``, ``a[i]``), not one the user took:
+    "Value access": "the lock each mpmagic.Value .value read and write takes",
+    "Array access": "the lock each mpmagic.Array item read and write takes",
     "Queue": "mpmagic.Queue",
     "Event": "mpmagic.Event",
+    TAKEOVER: "a lock a stopped process had held (until taking it over)",
 }
 
 

@@ -894,6 +894,70 @@ def test_scaling_gives_each_run_the_lines_timeout_errors_and_seed(ip, pool2, mon
     run(ip, "%%parallel --scaling -n 1 --seed 3 --timeout 20 --no-label\nrank")
     assert seen == [dict(workers=1, namespace=ip.user_ns, timeout=20.0, seed=3, label_output=False)]
 
+def test_the_containers_a_function_changes_are_read_from_its_code_and_never_its_locals(ip):
+    """tutorial22 #2: ``results.append(x)``, ``seen.add(k)``, ``d[k] = v`` (``+=``, ``del``) on
+    a notebook list, set or dict change each worker's copy only. Read from the code: a
+    mutating method called on a captured name, or a subscript store on one; a local
+    container (LOAD_FAST), one only read, or a captured one stored *into* a local is none."""
+    from mpmagic.payload_cache import changes_words, container_changes
+
+    run(ip, "results, seen, d, TABLE = [], set(), {}, {1: 2}\n"
+            "def collect(x):\n    results.append(x)\n    return len(results)\n"
+            "def first(x):\n    new = x % 3 not in seen\n    seen.add(x % 3)\n    return new\n"
+            "def count(x):\n    d[x % 2] = d.get(x % 2, 0)\n    d[x % 2] += 1\n    del d[x % 2]\n    return x\n"
+            "def calls(x):\n    return collect(x)\n"
+            "def in_comprehension(xs):\n    return [results.extend([y]) for y in xs]\n"
+            "def clean(x):\n    local = []\n    local.append(x)\n    out = {}\n    out[x] = TABLE\n"
+            "    out[str(x)] = TABLE[1]\n    out[x] += TABLE[1]\n    out[TABLE[1]] = x\n"
+            "    TABLE.get(x)\n    return sorted(seen) + [len(results), local, out]\n"
+            "def closure():\n    acc = []\n    def inner(x):\n        acc.append(x)\n        mine = []\n"
+            "        def deep():\n            mine.append(1)\n        deep()\n        return x\n    return inner\n"
+            "inner = closure()\n"
+            "class Box:\n    def __init__(self):\n        self.items = []\n"
+            "    def add(self, x):\n        self.items.append(x)\n        return x\n")
+    ns = ip.user_ns
+    words = lambda f: changes_words(container_changes(f))  # noqa: E731
+    assert words(ns["collect"]) == words(ns["calls"]) == "collect changes the notebook's list `results` (results.append)"
+    assert words(ns["first"]) == "first changes the notebook's set `seen` (seen.add)"
+    assert words(ns["count"]) == "count changes the notebook's dict `d` (d[...] =, del d[...])"
+    assert words(ns["in_comprehension"]) == "in_comprehension changes the notebook's list `results` (results.extend)"
+    assert words(ns["inner"]) == "inner changes the list `acc` of its closure (acc.append)"
+    assert words(eval("lambda x: results.append(x)", ns)) == (
+        "the lambda changes the notebook's list `results` (results.append)")
+    for none in ("clean", "closure"):
+        assert container_changes(ns[none]) == [], none
+    assert container_changes(ns["Box"]().add) == [] and container_changes(abs) == []
+    assert container_changes(ns["first"], (list,)) == []  # (only lists asked for)
+
+
+def test_a_map_that_changes_a_notebook_list_says_so_and_its_compare_advice_names_it(ip, pool2, capsys):
+    """tutorial22 #2: --compare said RESULTS DIFFER and blamed random draws, hash() and float
+    sums for ``seen.add`` / ``results.append`` on the notebook's set or list. Its advice
+    names the change; without --compare the list stays empty silently (as with
+    multiprocessing): one line says so, once per function; a local list says nothing."""
+    # (a pid: never the serial result, so the verdict is always RESULTS DIFFER)
+    run(ip, "import os\nseen = set()\ndef first(x):\n    seen.add(x % 3)\n    return os.getpid()\n")
+    run(ip, "_ = %pmap -q --compare first, range(6)")
+    report = mpmagic.last_report()
+    assert report.equal is False
+    assert report.advice.startswith("the results differ from the serial run's: first changes the notebook's "
+                                    "set `seen` (seen.add) in its workers' copies"), report.advice
+    assert "random" not in report.advice and "A task that changes state" in report.advice
+    assert "(--compare's serial run here did change it)" in report.advice and run(ip, "seen") == {0, 1, 2}
+    capsys.readouterr()
+    run(ip, "results = []\ndef collect(x):\n    results.append(x)\n    return x\n")
+    assert run(ip, "%pmap -q collect, range(4)") == [0, 1, 2, 3]
+    assert run(ip, "results") == []  # (the workers' copies changed, as with multiprocessing)
+    err = capsys.readouterr().err
+    assert ("mpmagic: collect changes the notebook's list `results` (results.append) in the workers' copies, not "
+            "in the notebook: it is as it was before the run; return the values") in err, err
+    run(ip, "_ = %pmap -q collect, range(4)")
+    assert "results.append" not in capsys.readouterr().err  # (once per function)
+    run(ip, "def own(x):\n    results = []\n    results.append(x)\n    return results\n")
+    run(ip, "_ = %pmap -q own, range(4)")
+    assert "mpmagic:" not in capsys.readouterr().err
+
+
 def test_results_that_differ_name_the_state_the_function_changes(ip, pool2):
     """pyfeat13 finding 4: a function with `global TOTAL` or a `seen=[]` default
     got the advice about random draws and hash(); its code shows the cause."""

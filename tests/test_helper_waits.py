@@ -62,7 +62,107 @@ def test_a_consumer_ranks_wait_for_items_is_not_work():
 
 def test_the_helpers_kinds_are_named_longest_wait_first():
     assert waits.names(("Value",)) == "mpmagic.Value's lock"
+    assert waits.names(("Value access",)) == "the lock each mpmagic.Value .value read and write takes"
+
+
+def test_a_wait_in_value_access_without_a_lock_taken_is_not_said_as_a_lock_the_user_took():
+    """tutorial22 #4: ``c.value += 1`` with no ``get_lock()`` waited on the lock each read
+    and write takes; the line said "they waited on mpmagic.Value's lock", which reads as
+    if the user had taken one. It says what happened, and the advice says the increment
+    is not atomic (the count came out short: 279011 of 400000)."""
+    r = synthetic_report(wall=0.8, task_seconds=1.5, helper_wait_seconds=0.7, helper_wait_kinds=("Value access",),
+                         cpu_seconds=0.01)
+    assert ("less the 700.0 ms they waited on the lock each mpmagic.Value .value read and write takes)"
+            in r.line()), r.line()
+    assert "Value's lock" not in r.text()
+    assert r.advice is not None and "`v.value += 1` is a read then a write, not one step" in r.advice, r.advice
+    assert "`with v.get_lock(): v.value += 1`" in r.advice, r.advice
+    array = synthetic_report(wall=0.8, task_seconds=1.5, helper_wait_seconds=0.7, helper_wait_kinds=("Array access",),
+                             cpu_seconds=0.01)
+    assert "the lock each mpmagic.Array item read and write takes" in array.line()
+    assert array.advice is not None and "`with a.get_lock(): a[i] += 1`" in array.advice, array.advice
+
+
+@pytest.mark.parametrize("kind", ["Value", "Array"])
+def test_a_read_waits_as_access_and_a_with_get_lock_as_the_lock_the_user_took(kind):
+    """Which wait is which, measured: another thread holds the lock; this thread's read
+    (``v.value``, ``a[0]``) waits as "Value access" / "Array access", its ``with
+    v.get_lock():`` as "Value" / "Array" (a lock it took)."""
+    import threading
+
+    helper = mpmagic.Value("i", 0) if kind == "Value" else mpmagic.Array("i", 2)
+    read = (lambda: helper.value) if kind == "Value" else (lambda: helper[0])
+
+    def waited(access):
+        held, go = threading.Event(), threading.Event()
+
+        def hold():
+            with helper.get_lock():
+                held.set()
+                go.wait(10)
+
+        other = threading.Thread(target=hold)
+        other.start()
+        held.wait(10)
+        waits.begin()
+        threading.Timer(0.05, go.set).start()  # (lets the access below block, then frees it)
+        access()
+        other.join(10)
+        return set(waits.take() or {})
+
+    assert waited(read) == {f"{kind} access"}
+
+    def locked_read():
+        with helper.get_lock():
+            read()  # (held by this thread: takes it again, no wait)
+
+    assert waited(locked_read) == {kind}
     assert waits.names(("Queue", "Lock", "Event")) == "mpmagic.Queue, mpmagic.Lock and mpmagic.Event"
+
+
+def test_the_wait_to_take_over_a_dead_holders_lock_is_not_blamed_on_a_producer():
+    """tutorial22 #3: after an interrupted rank that waited in ``q.get()``, the next cell's
+    reader waited a quarter of a second to take over the dead rank's read lock; the line
+    said "they waited on mpmagic.Queue" and the advice blamed a slow producer."""
+    cell = dict(kind="parallel", items=2, workers=2, wall=0.26, task_seconds=0.26, helper_wait_seconds=0.25,
+                helper_wait_kinds=(waits.TAKEOVER,), cpu_seconds=0.01, chunks=0, chunksize="-")
+    r = synthetic_report(**cell)
+    assert "less the 250.0 ms they waited on a lock a stopped process had held (until taking it over))" in r.line()
+    assert r.advice is not None and "finds the holder gone and takes it over; a cost of that stop, paid once" \
+        in r.advice, r.advice
+    assert "Queue(producers=N)" not in r.advice and "mpmagic.Queue" not in r.text()
+
+
+def _held_by_a_dead_process(impl):
+    """Make the helper lock ``impl`` held by a process that has exited (as a killed worker leaves it)."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert impl.sem.acquire(False)
+    impl.words[impl.slot] = dead.pid
+
+
+def test_a_lock_taken_over_from_a_dead_holder_counts_its_wait_as_the_take_over():
+    """Measured: a lock whose holder died is taken over after a slice of waiting; that
+    wait is the take-over's (waits.TAKEOVER), not the lock's, and a queue whose dead
+    reader held its read lock likewise: the next get() does not count it as "Queue"."""
+    import threading
+
+    lock = mpmagic.Lock()
+    _held_by_a_dead_process(lock._lock)
+    waits.begin()
+    with pytest.warns(RuntimeWarning, match="died while holding the lock"):
+        assert lock.acquire(timeout=10) is True
+    lock.release()
+    assert set(waits.take() or {}) == {waits.TAKEOVER}
+    q = mpmagic.Queue()
+    _held_by_a_dead_process(q._r.rlock)
+    waits.begin()
+    threading.Timer(0.05, q.put, ("x",)).start()  # (comes while the reader waits for the read lock)
+    assert q.get() == "x"
+    assert waits.TAKEOVER in (waits.take() or {})
 
 
 # -- real runs ------------------------------------------------------------------------------

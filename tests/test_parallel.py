@@ -537,7 +537,10 @@ def test_compare_with_reduce_says_whether_the_reduced_value_is_the_serial_one(ip
     # Float shares add up in another order: still the serial value (to rounding).
     assert mpmagic.parallel("sum(0.1 * i for i in range(rank, 1_000, size))", workers=2, reduce=sum,
                             compare=True, show_report=True) == pytest.approx(sum(0.1 * i for i in range(1_000)))
-    assert "results equal" in capsys.readouterr().out  # (the line is printed after the reduce)
+    out = capsys.readouterr().out  # (the line is printed after the reduce)
+    assert "results equal" in out
+    if mpmagic.last_report().extra.get("rounding"):  # (shares added in another order: how far apart, and never plain)
+        assert "results equal within float rounding: largest relative difference " in out, out
     # Each rank doing all of it: the reduced value is twice the serial one.
     assert cell(ip, "-n 2 -q --compare --reduce sum", "sum(range(10))") == 90
     report = mpmagic.last_report()
@@ -666,6 +669,38 @@ def test_rounding_tolerance_value_by_value_follows_the_dtype_and_the_ranks_magni
     # %pmap's results, item by item (no ranks' values): the same rule.
     assert _equal_to_rounding([f32(1.0), "a"], [f32(1.0) + f32(2e-5), "a"])
     assert not _equal_to_rounding([f32(1.0), "a"], [f32(1.0), "b"]) and not _equal_to_rounding([1], [2])
+
+
+def test_a_verdict_within_rounding_says_how_far_apart_and_where():
+    """pandas22 #3: the tolerance lets through a value that differs on every call
+    (``time.time()``: 1.5e-8 of 1.8e9 is 27 s), so a verdict taken only to rounding says
+    the largest difference and its place; an exact one says nothing more."""
+    import numpy as np
+    import pandas as pd
+
+    from mpmagic.api import compare_verdict
+    from mpmagic.report import Report
+
+    def verdict(serial, value, **kw):
+        report = Report(kind="pmap", items=1, workers=1, backend="local", start_method="fork", wall=1.0, task_seconds=1.0)
+        return compare_verdict(report, serial, value, **kw), report.extra.get("rounding")
+
+    assert verdict([1.0, 2.0], [1.0, 2.0]) == (True, None)
+    assert verdict([1.0, 2.0, 3.0], [1.0, 2.0 * (1 + 1e-12), 3.0 * (1 + 4e-12)]) == (
+        True, "largest relative difference 4.0e-12 at item 2")
+    assert verdict([1.0, 2.0], [1.0, 2.0 * (1 + 1e-12)], positions=[0, 5]) == (
+        True, "largest relative difference 1.0e-12 at item 5")  # (the items left out are not counted)
+    assert verdict([1.0, 1.0], [1.0, 1.1]) == (False, None)
+    assert verdict([{"k": (0.5, np.array([1.0, 2.0]))}], [{"k": (0.5, np.array([1.0, 2.0 + 1e-12]))}]) == (
+        True, "largest relative difference 5.0e-13 at item 0['k'][1][1]")
+    series = pd.Series([3.0, 4.0], index=["a", "b"])
+    assert verdict(series, series * (1 + 1e-12), items=False) == (True, "largest relative difference 1.0e-12 at ['a']")
+    frame = pd.DataFrame({"x": [1.0, 2.0]}, index=[10, 20])
+    assert verdict(frame, frame.assign(x=[1.0, 2.0 + 2e-12]), items=False) == (
+        True, "largest relative difference 1.0e-12 at ['x'][20]")
+    # Near zero (a sum that cancels): the difference itself, the relative one is no measure there.
+    assert verdict(1e-12, 1.2e-12, parts=[300.0, -300.0], items=False) == (
+        True, "largest difference near zero 2.0e-13")
 
 
 def test_reduced_value_compared_within_rounding_only_for_floats_and_without_importing_numpy():

@@ -392,6 +392,27 @@ def test_compare_calls_equal_results_equal_even_with_nan_or_no_eq(ip, backend):
         assert mpmagic.last_report().equal is False, args  # (different results still differ)
 
 
+def test_compare_within_float_rounding_says_how_far_apart_and_never_plain_results_equal(ip, local_pool):
+    """pandas22 #3: the rounding tolerance (1.5e-8 relative for float64) is wider than
+    ``time.time()``'s or a tiny random jitter's change from call to call, which it called
+    "results equal". Equal to rounding is still equal (a worker sums in another order),
+    but the line says how far apart and where, so a value that varies shows; exactly
+    equal results keep their line."""
+    import os
+
+    run(ip, f"import os, time\nNOTEBOOK = {os.getpid()}\n"
+            "def drift(x):\n    return 1.0 + (1e-12 * x if os.getpid() == NOTEBOOK else 0.0)\n")
+    assert run(ip, "%pmap -q --compare drift, range(5)") == [1.0] * 5  # (the workers' values)
+    report = mpmagic.last_report()
+    serial = [1.0 + 1e-12 * x for x in range(5)]
+    assert report.equal is True and serial != [1.0] * 5
+    assert "results equal within float rounding: largest relative difference 4.0e-12 at item 4)" in report.line()
+    run(ip, "_ = %pmap -q --compare lambda x: time.time(), range(4)")
+    assert "results equal within float rounding: largest relative difference " in mpmagic.last_report().line()
+    run(ip, "_ = %pmap -q --compare lambda x: x / 3, range(4)")
+    assert "(measured, results equal)" in mpmagic.last_report().line()
+
+
 def test_a_walrus_in_the_arguments_binds_in_the_notebook(ip, backend):
     """``map(f, (xs := ...))`` binds ``xs``; the magic's line did not (its own locals)."""
     ip.user_ns.pop("zs", None)

@@ -468,6 +468,54 @@ def test_a_rank_under_time_above_parallel_is_named_as_its_cell(ip, local_pool):
     assert f"[rank 0] Cell In[{n}], line 4" in text and "<parallel-cell-" not in text, text
 
 
+def test_a_ranks_error_of_ours_is_one_line_naming_the_variable_as_pmaps_is(ip, local_pool):
+    """tutorial22 #1: a rank's ``q.get()`` (``q.put()``) on a closed mpmagic.Queue showed a
+    full traceback through three frames of mpmagic/shared/queues.py, where %pmap and the
+    notebook show the error's one line; and both named the queue by its /dev/shm segment
+    (``mpmagic.Queue mpsh20511_..._c4216039``), not by the notebook's ``q``."""
+    defined(ip, "import mpmagic\nq = mpmagic.Queue()\nq.close()\ndef g(x):\n    return q.get()\n")
+    _, mapped, err = shown(ip, "%pmap g, range(2)")
+    assert "QueueClosed: mpmagic.Queue 'q' is closed and every item has been taken" in mapped, mapped
+    for body, line in (("q.get()", "QueueClosed: mpmagic.Queue 'q' is closed and every item has been taken"),
+                       ("q.put(rank)", "UsageError: mpmagic.Queue 'q' is closed: nothing more can be put in it")):
+        _, text, err = shown(ip, f"%%parallel -n 2\n{body}")
+        assert isinstance(err, mpmagic.ParallelError), text
+        for rank in (0, 1):
+            assert f"[rank {rank}] {line}" in text and f"[rank {rank}] mpmagic: raised by rank {rank} of 2" in text, text
+        assert "queues.py" not in text and "Traceback" not in text and "mpsh" not in text, text
+        assert line in str(err), str(err)
+    # A user's own error still shows its frames (the cell's line), as before.
+    _, text, _ = shown(ip, "%%parallel -n 2\n1 / 0")
+    assert "[rank 0] ZeroDivisionError" in text and "----> 2 1 / 0" in text.replace("\x1b", ""), text
+
+
+def test_a_helper_no_variable_names_is_described_never_by_its_segment(ip, local_pool):
+    """The notebook's own call, and a rank's error where two queues made in one cell are
+    not told apart by a name of their own: how and where it was made (``mpmagic.Queue(maxsize=3)
+    made in cell In[N]``), never only the segment's name; alike ones in one list are ``in 'qs'``."""
+    n = defined(ip, "import mpmagic\nbounded = mpmagic.Queue(maxsize=3)\nbounded.close()\n")
+    _, text, err = shown(ip, "bounded.get()")
+    assert str(err) == f"mpmagic.Queue(maxsize=3) made on line 2 of cell In[{n}] is closed and every item has been taken"
+    # Made on one line, in one list: alike, and both "in 'qs'" (not `each`, bound to the last).
+    defined(ip, "qs = [mpmagic.Queue(), mpmagic.Queue()]\nfor each in qs:\n    each.close()\n")
+    _, text, err = shown(ip, "%%parallel -n 2\nqs[rank].get()")
+    assert "[rank 1] QueueClosed: mpmagic.Queue in 'qs' is closed and every item has been taken" in text, text
+    # Made in one cell, on two lines: each named by its own variable.
+    defined(ip, "first_q = mpmagic.Queue()\nsecond_q = mpmagic.Queue()\nfirst_q.close()\n")
+    _, text, err = shown(ip, "%%parallel -n 2\nif rank == 0:\n    first_q.get()\nelse:\n    second_q.qsize()")
+    assert "[rank 0] QueueClosed: mpmagic.Queue 'first_q' is closed" in text, text
+    # Made on one line, and named apart: described (how and where), never by the segment.
+    one, other = mpmagic.Queue(), mpmagic.Queue()
+    one.close()
+    ip.user_ns.update(one_q=one, other_q=other)
+    _, text, err = shown(ip, "%%parallel -n 2\nif rank == 0:\n    one_q.get()\nelse:\n    other_q.qsize()")
+    assert "[rank 0] QueueClosed: mpmagic.Queue made on line " in text and " of test_tracebacks.py is closed" in text
+    assert "mpsh" not in text, text
+    for name in ("one_q", "other_q", "first_q", "second_q", "qs", "each", "bounded"):
+        ip.user_ns.pop(name, None)
+    del one, other
+
+
 def _tenth(x: int) -> float:
     return 10 // (x - 2)
 

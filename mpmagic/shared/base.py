@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import compat, debugging, payload, posixshm, shm, waits
 from ..checks import wait_timeout
-from ..errors import MPMagicError, out_of_files, too_many_open_files
+from ..errors import MPMagicError, cell_label, out_of_files, too_many_open_files
 from ..fmt import fmt_bytes
 
 try:
@@ -297,25 +297,54 @@ class _HolderLock:
             self.owner, self.depth = me, 1
         return True
 
-    def _wait(self, timeout: float | None) -> bool:
-        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits;
-        a wait that ends by its timeout is not: serial code waits as long)."""
+    def take(self, kind: str) -> None:
+        """``acquire()`` for the helper's own access (``v.value``, ``a[i]``), its wait counted
+        as ``kind`` ("Value access"), apart from a lock the user took (``with v.get_lock():``,
+        counted as the helper's kind): a task that wrote no lock did not read that it
+        "waited on mpmagic.Value's lock", as if it had taken one (tutorial22 #4)."""
+        if self.recursive:
+            me = threading.get_ident()
+            if self.owner == me:
+                self.depth += 1
+                return
+        if not self.sem.acquire(False):
+            self._wait(None, kind)
+        self.words[self.slot] = _PID
+        if self.recursive:
+            self.owner, self.depth = me, 1
+
+    def _wait(self, timeout: float | None, kind: str | None = None) -> bool:
+        """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits,
+        as ``kind``, else the lock's own; a wait that ends by its timeout is not: serial
+        code waits as long)."""
         t0 = time.monotonic()
         deadline = None if timeout is None else t0 + timeout
         ran_out = False
+        took_over = None  # (the start of the slice after which the lock was taken over)
+        began = t0
         try:
             while True:
-                step = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+                step = _SLICE if deadline is None else min(_SLICE, deadline - began)
                 if step > 0 and self.sem.acquire(True, step):
                     return True
                 if self._take_over():
+                    took_over = began
                     return True
-                if deadline is not None and time.monotonic() >= deadline:
+                began = time.monotonic()
+                if deadline is not None and began >= deadline:
                     ran_out = True
                     return False
         finally:
             if not ran_out:
-                waits.add(self.kind, time.monotonic() - t0)
+                end = time.monotonic()
+                if took_over is None:
+                    waits.add(kind or self.kind, end - t0)
+                else:
+                    # Its holder died during the last slice (each slice checks): that slice was the
+                    # wait to recover the lock, not one for a producer or another task's use of it.
+                    if took_over > t0:
+                        waits.add(kind or self.kind, took_over - t0)
+                    waits.add(waits.TAKEOVER, end - took_over)
 
     def _take_over(self) -> bool:
         """Become the holder if the recorded one is dead (the semaphore stays taken)."""
@@ -411,6 +440,7 @@ class _Helper:
     _stem: str
     _owner_pid: int
     _origin: str  # where in its owner it was made: "rank 1", "a task"; "" in the notebook
+    _made: str = ""  # where the notebook's code made it: "on line 2 of cell In[4]"; "" not known
     _spec: tuple
     _seg: _Segment
     _sems: dict[str, Any]
@@ -431,6 +461,7 @@ class _Helper:
         names: list[tuple[str, str]] = []
         tracked = _tracked_here()
         self._origin = "" if tracked else debugging.TASK or "a worker"
+        self._made = _made_where() if tracked else ""
         for _ in range(8):
             self._stem = _new_stem()
             try:
@@ -472,13 +503,14 @@ class _Helper:
         return self
 
     @classmethod
-    def _attach(cls, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
+    def _attach(cls, stem: str, spec: tuple, owner_pid: int, origin: str = "", made: str = "") -> Any:
         with _registry_lock:
             found = _registry.get(stem)
             if found is not None:
                 return found
             self = cls.__new__(cls)
             self._stem, self._spec, self._owner_pid, self._origin = stem, spec, owner_pid, origin
+            self._made = made
             try:
                 self._seg = _Segment(stem)
                 self._sems = {
@@ -531,7 +563,17 @@ class _Helper:
         )
 
     def _describe(self) -> str:
-        return f"mpmagic.{self._kind} {self._stem.lstrip('/')}"
+        """How a message names this helper: its kind, how and where it was made
+        (``mpmagic.Queue(maxsize=5) made on line 2 of cell In[4]``, ``mpmagic.Value('i')
+        made in rank 1``), the same in every process (what it needs travels with it: _by_name).
+        Never the name of its shared memory, which tells a user nothing; a task's error
+        names it after the notebook's variable once home (``serial_copy.name_helpers``)."""
+        where = f" made in {self._origin}" if self._origin else (f" made {self._made}" if self._made else "")
+        return f"mpmagic.{self._kind}{self._made_with()}{where}"
+
+    def _made_with(self) -> str:
+        """The constructor's arguments that tell this helper from others of its kind: ``(maxsize=5)``."""
+        return ""
 
     def __reduce__(self) -> tuple:
         # Pickled into a run's payload (its function, items or cell): the run
@@ -548,8 +590,8 @@ class _Helper:
         return (self._kind, self._spec)
 
     def _by_name(self) -> tuple:
-        """What finds this helper in another process: (class, stem, spec, owner pid, origin)."""
-        return (type(self), self._stem, self._spec, self._owner_pid, self._origin)
+        """What finds this helper in another process: (class, stem, spec, owner pid, origin, made)."""
+        return (type(self), self._stem, self._spec, self._owner_pid, self._origin, self._made)
 
     # What subclasses fill in
     def _sem_letters(self) -> str:
@@ -574,9 +616,25 @@ class _Helper:
         """In a forked child: forget this process's threads and lock owners."""
 
 
-def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> Any:
+def _attach(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "", made: str = "") -> Any:
     """Unpickle a helper: the same object if this process has it, else attach by name."""
-    return _noted(cls._attach(stem, spec, owner_pid, origin))
+    return _noted(cls._attach(stem, spec, owner_pid, origin, made))
+
+
+def _made_where() -> str:
+    """Where the user's code that makes a helper is: ``on line 2 of cell In[4]`` (an IPython
+    cell), ``on line 12 of run.py`` (a file), or "" (``<string>``, ``<stdin>``): the first
+    frame out of mpmagic. The line tells apart two helpers made in one cell."""
+    frame: Any = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    filename = frame.f_code.co_filename
+    label = cell_label(filename)
+    if label is not None:
+        return f"on line {frame.f_lineno} of cell {label}"
+    return "" if filename.startswith("<") else f"on line {frame.f_lineno} of {os.path.basename(filename)}"
 
 
 # Which helpers a pickle holds, as it is loaded (collect_attached): %pdebug asks,
@@ -605,7 +663,7 @@ def _noted(helper: Any) -> Any:
     return helper
 
 
-def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "") -> _HolderLock:
+def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "", made: str = "") -> _HolderLock:
     """Unpickle a helper's lock (what ``get_lock()`` returned).
 
     The lock keeps its helper alive here, so a later unpickled ``v`` finds the
@@ -613,7 +671,7 @@ def _lock_of(cls: Any, stem: str, spec: tuple, owner_pid: int, origin: str = "")
     would deadlock ``with lock: v.value += 1`` (the inner acquire would wait for
     the outer). The owner's own helper needs no such reference.
     """
-    helper = _noted(cls._attach(stem, spec, owner_pid, origin))
+    helper = _noted(cls._attach(stem, spec, owner_pid, origin, made))
     if helper._owner_pid != _PID:
         helper._lock.keep = helper
     return helper._lock

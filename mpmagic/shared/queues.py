@@ -587,6 +587,11 @@ class SharedQueue(IterUntilClosed, _Helper):
     def _sem_init(self, letter: str) -> tuple[int, int]:
         return (1, 1) if letter in "mwr" else (0, _SEM_MAX)
 
+    def _made_with(self) -> str:
+        maxsize, _capacity, producers = self._spec
+        given = [f"maxsize={maxsize}"] * bool(maxsize) + [f"producers={producers}"] * (producers > 1)
+        return f"({', '.join(given)})" if given else ""
+
     def _init_memory(self) -> None:
         maxsize, capacity, producers = self._spec
         w = self._seg.words

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import UsageError
@@ -93,6 +94,11 @@ class _Synchronized(_Helper):
     def _sem_letters(self) -> str:
         return "l" if self._spec[2] == "own" else ""
 
+    def _made_with(self) -> str:
+        code, length, mode, _given = self._spec
+        args = [repr(code)] + ([str(length)] if length is not None else []) + (["lock=False"] if mode == "none" else [])
+        return f"({', '.join(args)})"
+
     def _after_fork(self) -> None:
         if self._lock is not None:
             self._lock.after_fork()
@@ -156,7 +162,7 @@ class SharedValue(_Synchronized):
         lock = self._lock
         if lock is None:
             return self._obj.value
-        lock.acquire()
+        lock.take("Value access")  # (its wait is not one on a lock the user took: waits.NAMES)
         try:
             return self._obj.value
         finally:
@@ -168,7 +174,7 @@ class SharedValue(_Synchronized):
         if lock is None:
             self._obj.value = new
             return
-        lock.acquire()
+        lock.take("Value access")
         try:
             self._obj.value = new
         finally:
@@ -199,16 +205,22 @@ class SharedArray(_Synchronized):
         lock = self._lock
         if lock is None:
             return self._obj[index]
-        with lock:
+        lock.take("Array access")  # (its wait is not one on a lock the user took: waits.NAMES)
+        try:
             return self._obj[index]
+        finally:
+            lock.release()
 
     def __setitem__(self, index: Any, value: Any) -> None:
         lock = self._lock
         if lock is None:
             self._obj[index] = value
             return
-        with lock:
+        lock.take("Array access")
+        try:
             self._obj[index] = value
+        finally:
+            lock.release()
 
     @property
     def value(self) -> Any:
@@ -217,13 +229,13 @@ class SharedArray(_Synchronized):
         Assigning writes bytes and a NUL after them if they are shorter than the
         array (``ValueError: byte string too long`` if longer), under the lock."""
         obj = self._char_obj()
-        with self._lock or contextlib.nullcontext():
+        with self._accessing():
             return obj.value
 
     @value.setter
     def value(self, new: Any) -> None:
         obj = self._char_obj()
-        with self._lock or contextlib.nullcontext():
+        with self._accessing():
             obj.value = new
 
     @property
@@ -233,14 +245,28 @@ class SharedArray(_Synchronized):
         Assigning writes any bytes-like object over the start, the rest kept
         (``ValueError: byte string too long`` if longer), under the lock."""
         obj = self._char_obj()
-        with self._lock or contextlib.nullcontext():
+        with self._accessing():
             return obj.raw
 
     @raw.setter
     def raw(self, new: Any) -> None:
         obj = self._char_obj()
-        with self._lock or contextlib.nullcontext():
+        with self._accessing():
             obj.raw = new
+
+    @contextlib.contextmanager
+    def _accessing(self) -> Iterator[None]:
+        """The lock (if any) held around one read or write of the data, its wait counted
+        as "Array access", as indexing's is (not as a lock the user took)."""
+        lock = self._lock
+        if lock is None:
+            yield
+            return
+        lock.take("Array access")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _char_obj(self) -> Any:
         if self._spec[0] != "c":
