@@ -31,7 +31,7 @@ def parse(source: str, filename: str = "<unknown>", mode: str = "exec") -> ast.A
         return ast.parse(source, filename, mode)
 
 
-def compile_tree(tree: Any, filename: str, mode: str) -> Any:
-    """``compile`` of an AST object, one thread at a time."""
+def compile_tree(tree: Any, filename: str, mode: str, flags: int = 0) -> Any:
+    """``compile`` of an AST object, one thread at a time (``flags``: ``compile``'s, e.g. ``__future__`` features)."""
     with _LOCK:
-        return compile(tree, filename, mode)
+        return compile(tree, filename, mode, flags)

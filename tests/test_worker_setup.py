@@ -862,3 +862,92 @@ def test_a_setups_name_error_for_a_notebook_variable_says_why(ip, local_pool):
     with pytest.raises(mpmagic.MPMagicError) as failed:  # (a name the notebook lacks: no such line)
         run(ip, "%%pool setup\nMODEL = MPM_NO_SUCH_NAME\n")
     assert "\n" not in str(failed.value)
+
+
+LAZY_SETUP = """
+MODEL = None
+def get_model():
+    global MODEL
+    if MODEL is None:
+        MODEL = {"w": 3}          # stands for an expensive load
+    return MODEL
+N = 0
+def bump():
+    global N, LATER
+    N += 1
+    LATER = N
+    return N
+def read_n():
+    return N
+"""
+
+
+def test_a_setup_functions_global_rebinding_is_what_tasks_read(ip, any_method):
+    """The lazy-load idiom: a setup function rebinds a setup global, and the task reads
+    the global. The setup's names were copied into builtins once, when it ended, so the
+    task read ``MODEL`` as None (TypeError on every item) where serial code (the setup
+    run once, then ``map``) reads the loaded model; also in %%parallel, on every start method."""
+    ensure_pool(any_method)
+    for name in ("MODEL", "N", "LATER", "get_model", "bump", "read_n"):
+        ip.user_ns.pop(name, None)
+    serial: dict = {}
+    exec(LAZY_SETUP, serial)
+    exec("def task(x):\n    get_model()\n    return MODEL['w'] * x\n"
+         "def counts(x):\n    b = bump()\n    return b == N == read_n() == LATER", serial)
+    run(ip, "%%pool setup\n" + LAZY_SETUP)
+    run(ip, "def _lazy_task(x):\n    get_model()\n    return MODEL['w'] * x\n"
+            "def _counts(x):\n    b = bump()\n    return b == N == read_n() == LATER")
+    assert run(ip, "%pmap -q _lazy_task, range(4)") == list(map(serial["task"], range(4))) == [0, 3, 6, 9]
+    assert run(ip, "%pmap -q --chunksize 2 _counts, range(6)") == list(map(serial["counts"], range(6)))
+    assert list(run(ip, "%%parallel -n 2 -q\nget_model()\nMODEL['w'] + rank")) == [3, 4]
+    run(ip, "%pool setup clear")  # a name a setup function made later (LATER) goes with the setup
+    run(ip, "def _has_later(x):\n    import builtins\n    return hasattr(builtins, 'LATER'), hasattr(builtins, 'MODEL')")
+    assert run(ip, "%pmap -q _has_later, range(2)") == [(False, False), (False, False)]
+
+
+def test_a_notebook_name_still_wins_over_a_rebound_setup_global(ip, local_pool):
+    """The guide's rule stays: a name the notebook defines is the notebook's in its
+    function (cloudpickle sends it along), also after a setup function rebinds its own."""
+    run(ip, "%%pool setup\n" + LAZY_SETUP)
+    run(ip, "MODEL = {'w': 100}\ndef _nb_wins(x):\n    get_model()\n    return MODEL['w'] * x, get_model()['w']")
+    try:
+        assert run(ip, "%pmap -q _nb_wins, range(3)") == [(0, 3), (100, 3), (200, 3)]
+    finally:
+        ip.user_ns.pop("MODEL", None)
+
+
+def test_a_setup_function_declaring_a_builtin_global_is_refused_before_sending(ip, local_pool):
+    """Its ``global sum; sum = 0`` would rebind the worker's builtin ``sum`` when a task calls it."""
+    before = worker_setup.version()
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\ndef reset():\n    global sum\n    sum = 0\n")
+    assert "`sum`" in str(info.value) and "nothing was sent" in str(info.value)
+    assert worker_setup.version() == before
+    assert "CACHE" in setup_api.setup_names("def f():\n    global CACHE\n    CACHE = {}\n")
+
+
+def test_a_setup_runs_in_the_builtins_and_leaves_them_as_they_were_but_its_names():
+    """The setup's globals are the worker's builtins (its functions rebind what tasks
+    read): running it there leaves no trace but its names; a patch of the builtins
+    module (``builtins.print = f``) is no name of it and is not refused."""
+    import builtins
+
+    from mpmagic import payload
+
+    space, main = dict(vars(builtins)), sys.modules["__main__"]
+    source = ('"""The setup."""\nfrom __future__ import annotations\nimport builtins\n_real_abs = builtins.abs\n'
+              "builtins.abs = lambda x: _real_abs(x) + 1\nW: int = 2\nNAME = __name__\n"
+              "def set_w(v):\n    global W, EXTRA\n    W = EXTRA = v\n")
+    try:
+        reply = worker_setup.run_setup(1, payload.dumps_data([worker_setup._Entry("code", "%%pool setup", source)]), 7)
+        assert reply.error is None and reply.names == ["NAME", "W", "_real_abs", "annotations", "builtins", "set_w"]
+        assert builtins.abs(-1) == 2 and vars(builtins)["NAME"] == "__main__"
+        vars(builtins)["set_w"](5)
+        assert vars(builtins)["W"] == vars(builtins)["EXTRA"] == 5
+        assert builtins.__name__ == "builtins" and builtins.__doc__ == space["__doc__"]
+        assert sys.modules["__main__"] is main and type(builtins) is type(sys)
+        assert "__builtins__" not in vars(builtins) and "__annotations__" not in vars(builtins)
+    finally:
+        worker_setup.run_setup(0, None, None)
+        builtins.abs = space["abs"]
+    assert vars(builtins) == space  # its names (EXTRA, bound later, too) gone with it
