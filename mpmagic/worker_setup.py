@@ -143,11 +143,28 @@ def set_code(source: str, line_offset: int = 0, world: bytes | None = None) -> N
     """
     code = compile(source, SETUP_FILENAME, "exec")  # a SyntaxError now, not in every worker
     files = _imported_files(code)
+    cache_source(source, line_offset)  # (a task's frame in a setup function shows its line here too)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
         _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset, world))
         _files[("code", "%%pool setup")] = files
         _changed()
+
+
+def cache_source(source: str, line_offset: int = 0) -> str:
+    """Put the setup cell's lines in ``linecache`` as ``<pool-setup>``, numbered as the
+    notebook cell (``line_offset`` lines above it); returns that numbered text.
+
+    The worker runs the setup under that name, and does this to name a failing
+    line; the notebook does it too: a task's frame in a function the setup
+    defined is shown here (IPython's traceback, ``traceback.format_exception``
+    of a ``Failed.error``), and without the lines it read "Could not get source"."""
+    text = "\n" * line_offset + source
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # (as a file's last line: pdb and tracebacks print it as it is)
+        lines[-1] += "\n"
+    linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
+    return text
 
 
 def add_function(func: Callable[[], Any], world: bytes | None = None) -> None:
@@ -655,9 +672,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
         with _in_builtins(patches):
             if entry.kind == "code":
                 # (numbered as the notebook cell: its failure line and its functions' frames)
-                text = "\n" * entry.line_offset + entry.data
-                lines = text.splitlines(keepends=True)
-                linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
+                text = cache_source(entry.data, entry.line_offset)
                 tree = astlock.parse(text, SETUP_FILENAME)
                 declared = declared_globals(tree)
                 bad = sorted(n for n in declared if not n.startswith("__") and n in before)
