@@ -951,3 +951,29 @@ def test_a_setup_runs_in_the_builtins_and_leaves_them_as_they_were_but_its_names
         worker_setup.run_setup(0, None, None)
         builtins.abs = space["abs"]
     assert vars(builtins) == space  # its names (EXTRA, bound later, too) gone with it
+
+
+def test_a_run_that_waited_for_a_slow_setup_says_so_not_a_transfer_cost(ip, local_pool, tmp_path, monkeypatch):
+    """The docs say a slow setup is no item's time: its wait was read as the cost of
+    sending a chunk ("sending and collecting a chunk cost ~2.50 s", speedup <0.1x)."""
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "_SETUP_NOTE_AFTER", 0.1)
+    stall = tmp_path / "STALL"
+    run(ip, f"%%pool setup\nimport os, time\nt = time.time() + 60\nwhile os.path.exists({str(stall)!r}) "
+            "and time.time() < t:\n    time.sleep(0.02)\nSTALLED = 0\n")
+    stall.touch()
+    run(ip, "%pool restart")
+    say = local.LocalBackend._say_setup_waits
+
+    def said(self, slot, now):  # the run's items are in flight behind the setup: they wait 0.3 s more at least
+        say(self, slot, now)
+        time.sleep(0.3)
+        stall.unlink(missing_ok=True)
+
+    monkeypatch.setattr(local.LocalBackend, "_say_setup_waits", said)
+    assert run(ip, "%pmap -q lambda x: x + STALLED, range(4)") == [0, 1, 2, 3]
+    report = mpmagic.last_report()
+    assert report.waited_for_setup >= 0.3 and report.setup_wait_seconds >= report.waited_for_setup
+    assert "for the %%pool setup" in report.line()
+    assert "transfer cost" not in (report.advice or "") and "sending" not in (report.advice or "")

@@ -2084,6 +2084,8 @@ class LocalBackend:
             self._cond.notify_all()
             return
         if kind is SetupDone:  # worker setup (worker_setup.py): how it went on this worker
+            if _waits_for_setup(slot):  # (its units in flight came after this setup: they waited for it)
+                _note_setup_wait(slot)
             if slot.setups_ahead:
                 slot.setups_ahead.popleft()
             slot.setup_deadline = None
@@ -2451,6 +2453,24 @@ class LocalBackend:
 def _waits_for_setup(slot: _Slot) -> bool:
     """Does the worker's first unit in flight wait for a setup it runs (or is yet to run)?"""
     return bool(slot.ready and slot.inflight and slot.setups_ahead and slot.setups_ahead[0] == 0)
+
+
+def _note_setup_wait(slot: _Slot) -> None:
+    """The setup the worker's units in flight waited for ended: add each run's wait there
+    (its first unit's, from when it was sent or the setup began, whichever is later) to
+    the run's ``job.setup_waits``, which the report says and the advice leaves out of
+    the costs of sending (a slow setup is no item's time)."""
+    now = time.time()
+    ran = time.monotonic() - slot.setup_since if slot.setup_since is not None else None
+    seen: set[int] = set()
+    for run, unit in slot.inflight:
+        if id(run) in seen or unit.sent_at is None:
+            continue
+        seen.add(id(run))
+        waited = now - unit.sent_at if ran is None else min(now - unit.sent_at, ran)
+        if waited > 0:
+            waits = run.job.setup_waits
+            waits[slot.wid] = waits.get(slot.wid, 0.0) + waited
 
 
 def _clock_runs(slot: _Slot) -> bool:
