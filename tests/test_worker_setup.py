@@ -977,3 +977,22 @@ def test_a_run_that_waited_for_a_slow_setup_says_so_not_a_transfer_cost(ip, loca
     assert report.waited_for_setup >= 0.3 and report.setup_wait_seconds >= report.waited_for_setup
     assert "for the %%pool setup" in report.line()
     assert "transfer cost" not in (report.advice or "") and "sending" not in (report.advice or "")
+
+
+def test_a_new_setup_after_a_clear_replaces_no_worker_for_the_removal_it_was_sent(ip, local_pool, capsys):
+    """After ``%pool setup clear``, a worker still to answer the empty "setup removed"
+    message was counted as running the earlier setup: a new ``%%pool setup`` killed
+    workers that were only starting ("stopped workers 2 and 3, which were still
+    running the earlier setup") though no setup was installed."""
+    run(ip, "%%pool setup\nA_SETUP = 1\n")
+    run(ip, "%pool setup clear")
+    with local_pool._lock:  # (the manager reads no answer meanwhile: the removal stays pending)
+        worker_setup.clear()  # (a new version of "no setup": sent to every worker again)
+        for slot in local_pool.slots:
+            local_pool._send_setup(slot)
+        assert all(slot.setups_ahead for slot in local_pool.slots)
+        assert local_pool.replace_setting_up() == []
+    capsys.readouterr()
+    run(ip, "%%pool setup\nB_SETUP = 2\n")
+    assert "which were still running the earlier setup" not in capsys.readouterr().out
+    assert run(ip, "%pmap -q lambda x: x + B_SETUP, range(2)") == [2, 3]

@@ -243,6 +243,9 @@ class _Slot:
     # many of its units in flight run before it. A unit with a setup ahead of it
     # starts its --timeout clock when that setup is done, not while it runs.
     setups_ahead: deque = field(default_factory=deque)
+    # Of those, in the same order: whether it is a setup to run (False: the empty "setup
+    # removed" message a clear sends, which a setup change need not replace the worker for).
+    setups_real: deque = field(default_factory=deque)
     # While its first unit (with a --timeout) waits for such a setup: when the
     # wait ends, the setup counting as stuck (_SETUP_WAIT_MIN; _check_deadlines).
     setup_deadline: float | None = None
@@ -1214,6 +1217,7 @@ class LocalBackend:
         if not slot.setups_ahead and slot.ready:
             slot.setup_since = time.monotonic()
         slot.setups_ahead.append(len(slot.inflight))
+        slot.setups_real.append(msg.payload is not None)
 
     def replace_setting_up(self) -> list[Any]:
         """Replace the workers still running (or yet to run) a setup sent to them;
@@ -1224,10 +1228,13 @@ class LocalBackend:
         would run it to its end before the new one. After an interrupted
         ``%%pool setup`` that hung (a stalled download), ``%pool setup clear``
         waited for it without a word, for ever. Their replacements start with
-        the setup as changed.
+        the setup as changed. Not a worker that has only the "setup removed"
+        message of a ``%pool setup clear`` to answer (a worker recycled or
+        started after it): there is no earlier setup to wait for, and it was
+        stopped and started again for nothing.
         """
         with self._lock:
-            stuck = [s for s in self.slots if s.setups_ahead]
+            stuck = [s for s in self.slots if any(s.setups_real)]
             for slot in stuck:
                 self._replace(slot)
         if stuck:
@@ -2088,6 +2095,7 @@ class LocalBackend:
                 _note_setup_wait(slot)
             if slot.setups_ahead:
                 slot.setups_ahead.popleft()
+                slot.setups_real.popleft()
             slot.setup_deadline = None
             slot.setup_since = time.monotonic() if slot.setups_ahead else None  # (the next one's start)
             # The unit that waited for this setup starts its time now (a slow setup
