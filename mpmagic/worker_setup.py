@@ -95,6 +95,9 @@ class _Entry:
     # given: every worker runs it there, also one started after a %cd (context.in_setup_world).
     # Not compared: the same cell run again after a %cd is the same setup.
     world: bytes | None = field(default=None, compare=False)
+    # How ``%pool setup`` shows a function: ``init('/data/model.bin')`` for a partial (``name``
+    # is the function's: ``init``); empty: ``name()``.
+    shown: str = field(default="", compare=False)
 
 
 # -- notebook side --------------------------------------------------------
@@ -172,7 +175,7 @@ def add_function(func: Callable[[], Any], world: bytes | None = None) -> None:
     (in the notebook's ``world`` of now, as :func:`set_code`)."""
     from . import payload
 
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    name, shown = function_name(func)
     data = payload.dumps_function(func, name)
     inner = func
     while isinstance(inner, functools.partial):  # on_worker_start(partial(init, v))
@@ -181,9 +184,34 @@ def add_function(func: Callable[[], Any], world: bytes | None = None) -> None:
     files = _imported_files(code) if isinstance(code, types.CodeType) else ()
     with _lock:
         _entries[:] = [e for e in _entries if not (e.kind == "func" and e.name == name)]
-        _entries.append(_Entry("func", name, data, world=world))
+        _entries.append(_Entry("func", name, data, world=world, shown=shown))
         _files[("func", name)] = files
         _changed()
+
+
+def function_name(func: Callable[[], Any]) -> tuple[str, str]:
+    """(the name of an ``on_worker_start`` function, how ``%pool setup`` shows it).
+
+    A ``functools.partial`` (the port of ``Pool(initializer=init, initargs=(path,))``)
+    is named by its function, ``init``, as a failure's line names it, and shown with
+    its arguments, ``init('/data/model.bin')``; its repr, with the function's address,
+    named it before. The same function again replaces it, as a plain function does."""
+    inner: Any = func
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    while isinstance(inner, functools.partial):
+        args[:0] = inner.args
+        kwargs = {**inner.keywords, **kwargs}
+        inner = inner.func
+    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or repr(inner)
+    if inner is func:
+        return name, ""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring, short.maxother = 40, 40
+    shown = ", ".join([*map(short.repr, args), *(f"{k}={short.repr(v)}" for k, v in kwargs.items())])
+    return name, f"{name}({shown})"
 
 
 def clear() -> None:
@@ -330,7 +358,7 @@ def describe() -> str:
             if e.kind == "code":
                 parts.append("%%pool setup\n" + e.data.rstrip())
             else:
-                parts.append(f"on_worker_start: {e.name}()")
+                parts.append(f"on_worker_start: {e.shown or e.name + '()'}")
         return "\n\n".join(parts)
 
 

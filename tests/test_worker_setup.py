@@ -5,6 +5,7 @@ worker, also in every worker started later, and its names reach mapped functions
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -996,3 +997,21 @@ def test_a_new_setup_after_a_clear_replaces_no_worker_for_the_removal_it_was_sen
     run(ip, "%%pool setup\nB_SETUP = 2\n")
     assert "which were still running the earlier setup" not in capsys.readouterr().out
     assert run(ip, "%pmap -q lambda x: x + B_SETUP, range(2)") == [2, 3]
+
+
+def test_a_failing_partial_setup_is_named_by_its_function(ip, local_pool):
+    """``on_worker_start(functools.partial(init, path))``, the port of ``Pool(initializer=,
+    initargs=)`` the docs recommend, was named by its repr with an address
+    (``functools.partial(<function init at 0x7f...>, '/nonexistent/file')``) where the
+    docs promise ``init, line N``; ``%pool setup`` showed the same repr."""
+    run(ip, "import functools\ndef _init_opens(path):\n    global HANDLE\n    HANDLE = open(path)\n")
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        run(ip, "mpmagic.on_worker_start(functools.partial(_init_opens, '/nonexistent/file'))")
+    text = str(info.value)
+    assert re.match(r"setup failed on worker \d+, _init_opens, line 4( \(`HANDLE = open\(path\)`\))?: "
+                    r"FileNotFoundError", text), text
+    assert "functools.partial" not in text and "0x" not in text
+    assert worker_setup.describe() == "on_worker_start: _init_opens('/nonexistent/file')"
+    with pytest.raises(mpmagic.MPMagicError):  # the same function again: it replaces the first, as a function does
+        run(ip, "mpmagic.on_worker_start(functools.partial(_init_opens, '/nonexistent/other'))")
+    assert worker_setup.describe() == "on_worker_start: _init_opens('/nonexistent/other')"
