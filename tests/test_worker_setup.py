@@ -1015,3 +1015,26 @@ def test_a_failing_partial_setup_is_named_by_its_function(ip, local_pool):
     with pytest.raises(mpmagic.MPMagicError):  # the same function again: it replaces the first, as a function does
         run(ip, "mpmagic.on_worker_start(functools.partial(_init_opens, '/nonexistent/other'))")
     assert worker_setup.describe() == "on_worker_start: _init_opens('/nonexistent/other')"
+
+
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")
+def test_a_setup_failing_in_recycled_workers_is_one_line_a_run_with_a_count(ip, method, capfd):
+    """A setup failing only in later workers, whose line names the worker (its own
+    message does), printed one line per recycled worker: four to a run, five to the
+    next. One line per run now, and one more at its end with how many more failed."""
+    pool_module.shutdown()
+    mpmagic.start_pool(2, method, max_tasks_per_child=1, wait=True)
+    try:
+        run(ip, "%%pool setup\nimport mpmagic\nif mpmagic.worker_id() >= 2:\n"
+                "    raise RuntimeError('late worker fails ' + str(mpmagic.worker_id()))\n")
+        for _ in range(2):
+            capfd.readouterr()
+            assert run(ip, "%pmap -q --chunksize 1 abs, range(-3, 3)") == [3, 2, 1, 0, 1, 2]
+            err = capfd.readouterr().err
+            assert err.count("setup failed on worker") == 1, err
+            more = re.findall(r"mpmagic: the %%pool setup also failed on (\d+) more workers during this run "
+                              r"\(workers [\d, and]+; %pool shows which workers are set up\)\n", err)
+            assert len(more) == 1 and int(more[0]) >= 2, err  # (items 2-5 ran on workers whose setup failed)
+    finally:
+        pool_module.shutdown()
+        ensure_pool(method)

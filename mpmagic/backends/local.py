@@ -532,6 +532,10 @@ class _LocalRun(Run):
         # start a clock: _start_clock_of): the manager's next _check_runs ends it with it, alone.
         self.failed_with: BaseException | None = None
         self.setup_wait_said = False  # told that its items wait for a worker's setup (_say_setup_waits)
+        # A worker's setup failed during it: its line was shown (once a run), and the workers whose
+        # setup failed after that, said in one line at its end (_setup_done, _end).
+        self.setup_failure_shown = False
+        self.setup_failed_more: list[Any] = []
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
@@ -608,6 +612,7 @@ class LocalBackend:
         self._runs: list[_LocalRun] = []  # in flight, in submission order
         self._submitting: set[threading.Thread] = set()  # threads in a foreground submit now (_foreground_runs)
         self._calls: dict[int, _LocalRun] = {}  # call id -> run, for replies
+        self._setup_failure_logged = 0  # the setup version a failure line was shown for (_setup_done)
         self._turn = 0  # round-robin position among runs (fair sharing of workers)
         # The manager thread now. A manager runs while it is this one: a stop
         # (None) or a later start (a new thread) makes it end at its next turn,
@@ -1252,8 +1257,30 @@ class LocalBackend:
         return f"mpmagic: worker {slot.wid} runs without the %%pool setup ({why}; see %pool)"
 
     def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
-        """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
+        """Manager only: a worker's setup reply; a failure is shown in the run in flight.
+
+        One failure line a run: with ``--max-tasks-per-child``, a setup failing in
+        later workers (its message naming the worker, so no two lines alike)
+        printed one line per recycled worker, four to a run. The workers failing
+        after the run's first line are counted, and said in one line at its end
+        (:meth:`_end`). Outside a run, a line only while none was shown for this
+        setup (%pool shows the rest).
+        """
         line = worker_setup.record((self.pool_key, slot.wid), msg)
+        failed = msg.error is not None and msg.version == worker_setup.version() and not worker_setup.is_quiet()
+        if failed and self._runs:
+            run = self._runs[0]
+            if run.setup_failure_shown:
+                run.setup_failed_more.append(slot.wid)
+                line = line.split("\n", 1)[1] if line and line.startswith(f"mpmagic: {msg.error}\n") else line
+            elif line:
+                run.setup_failure_shown = True
+                self._setup_failure_logged = msg.version
+        elif failed and line:
+            if self._setup_failure_logged == msg.version:
+                log.debug("%s", line.strip())
+                line = None
+            self._setup_failure_logged = msg.version
         if line:
             if self._runs:
                 self._runs[0].note("stderr", line)
@@ -1759,6 +1786,8 @@ class LocalBackend:
             if run.job.kind == "cell":
                 for s in [s for s in self.slots if s.temporary and not s.busy]:
                     self._retire(s)
+            if run.setup_failed_more:  # (before its end: the line is the run's last)
+                run.note("stderr", _more_setup_failures(run.setup_failed_more))
             run._finish(error)
 
     def _depth(self, job: Job) -> int:
@@ -2461,6 +2490,15 @@ class LocalBackend:
 def _waits_for_setup(slot: _Slot) -> bool:
     """Does the worker's first unit in flight wait for a setup it runs (or is yet to run)?"""
     return bool(slot.ready and slot.inflight and slot.setups_ahead and slot.setups_ahead[0] == 0)
+
+
+def _more_setup_failures(workers: list[Any]) -> str:
+    """The line at a run's end: the setup also failed on these workers, after the line it showed."""
+    n = len(workers)
+    ids = [str(w) for w in sorted(workers)]
+    them = ids[0] if n == 1 else f"{', '.join(ids[:-1])} and {ids[-1]}"
+    return (f"mpmagic: the %%pool setup also failed on {n} more worker{'s' if n != 1 else ''} during this run "
+            f"({'worker' if n == 1 else 'workers'} {them}; %pool shows which workers are set up)\n")
 
 
 def _note_setup_wait(slot: _Slot) -> None:
