@@ -15,15 +15,18 @@ and a helper called by the mapped function gets a dict of its own; every
 function (def, lambda, helper) and every ``%%parallel`` cell falls back to
 builtins for a name its globals lack, so one place covers them all. A name
 the notebook itself defines still wins: cloudpickle sends the notebook's
-value with the function. A ``%%pool setup`` cell runs with the builtins'
-namespace as its globals (:func:`_run_setup`), so its functions' globals are
-the builtins too: ``global MODEL; MODEL = load()`` in a setup function called
-by a task rebinds the builtin every task reads, as in serial code, where the
-setup and the tasks share the notebook's globals (copied into the builtins
-once, at the setup's end, a task read the value of that moment: ``None``). Except a name an ``on_worker_start`` function
+value with the function. Except a name an ``on_worker_start`` function
 assigns with ``global`` (``Pool(initializer=)``'s idiom): that value is put
 into each task's function's globals over the notebook's, as with Pool
 (:func:`use_set_globals`).
+
+A ``%%pool setup`` cell runs with the builtins' namespace as its globals
+(:func:`_run_setup`), so the globals of the functions it defines are the
+builtins too: ``global MODEL; MODEL = load()`` in a setup function a task
+calls rebinds the builtin every task reads, as in serial code, where the
+setup and the tasks share the notebook's globals. (Run in a namespace of
+its own and copied into the builtins at its end, a task read the value of
+that moment: ``None`` for a lazily loaded model.)
 
 Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
