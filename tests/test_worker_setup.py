@@ -906,6 +906,20 @@ def test_a_setup_functions_global_rebinding_is_what_tasks_read(ip, any_method):
     assert run(ip, "%pmap -q _has_later, range(2)") == [(False, False), (False, False)]
 
 
+def test_a_setup_functions_global_rebinding_is_what_tasks_read_on_dask(ip, dask_cluster):
+    """The same on Dask, whose plugin runs the setup in each worker process."""
+    for name in ("MODEL", "N", "LATER", "get_model", "bump", "read_n"):
+        ip.user_ns.pop(name, None)
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        pool_module.get_pool().client.wait_for_workers(4, timeout=60)
+        run(ip, "%%pool setup\n" + LAZY_SETUP)
+        run(ip, "def _lazy_task(x):\n    get_model()\n    return MODEL['w'] * x")
+        assert run(ip, "%pmap -q _lazy_task, range(4)") == [0, 3, 6, 9]
+    finally:
+        pool_module.shutdown()
+
+
 def test_a_notebook_name_still_wins_over_a_rebound_setup_global(ip, local_pool):
     """The guide's rule stays: a name the notebook defines is the notebook's in its
     function (cloudpickle sends it along), also after a setup function rebinds its own."""
