@@ -22,6 +22,9 @@ picked from the report's measurements, most specific first:
   modules imported during the call, the function's first loading, the
   workers' start (``report.one_time``, see warmup.py);
 * the pool was still starting during the run (workers start on first use);
+* the run's items waited for workers still running the ``%%pool setup``
+  (``report.waited_for_setup``: no item's time, and never counted as a
+  cost of sending below);
 * preparing the function here: a big mutable global it captures (an array,
   a dict of arrays, a DataFrame) compared with the workers' copy on every
   call, or copied when changed, where ``mpmagic.share`` needs neither;
@@ -232,6 +235,9 @@ def advise(report: Any) -> str | None:
             "the workers were still starting during this run (they start on first use, and "
             "this run paid for it): run it again to time the work alone"
         )
+    setup = _setup_waited(report)
+    if setup:
+        return setup
     prepared = _payload_prep(report)
     if prepared:
         return prepared
@@ -317,7 +323,8 @@ def advise(report: Any) -> str | None:
         busy = min(workers, report.chunks)  # workers that had a chunk at all
         paid_once = (report.one_time or {}).get("total", 0.0) * busy  # not a cost of sending
         prepared = report.payload_seconds * busy  # nor preparing the function, before any chunk went out
-        overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once - prepared) / report.chunks
+        setup = report.setup_wait_seconds  # nor waiting for a worker's %%pool setup
+        overhead = max(0.0, report.wall * busy - report.task_seconds - paid_once - prepared - setup) / report.chunks
         if per_chunk < overhead:
             per_item = report.task_seconds / max(1, report.items_run)
             fixed = _users_chunksize(report)
@@ -356,7 +363,7 @@ def advise(report: Any) -> str | None:
             "some workers had nothing to do; "
             f"use {_workers_option(report, max(1, report.items))} or split the work into more {what}"
         )
-    overhead = report.wall - ideal
+    overhead = report.wall - ideal - report.waited_for_setup  # (a setup's time is no cost of sending)
     return (
         f"the run spent ~{fmt_seconds(max(0.0, overhead))} beyond its share of work "
         f"({fmt_seconds(ideal)} per worker) on starting, sending and collecting: "
@@ -684,6 +691,22 @@ def _shared_workers(report: Any) -> str | None:
     return (
         f"this run {wait} another run (a background run, or another thread's), so its time counts "
         "waiting for them and says little about its own cost: time it while no other run is in flight"
+    )
+
+
+def _setup_waited(report: Any) -> str | None:
+    """The run's items waited for workers still running the ``%%pool setup`` for a good
+    share of what it lost (``report.waited_for_setup``, the longest wait of one worker):
+    a slow setup is no item's time, and the next run does not wait for it. It read as
+    a cost of sending ("sending and collecting a chunk cost ~2.50 s" for a 5 s setup)."""
+    waited = report.waited_for_setup
+    lost = report.wall - report.task_seconds / max(1, report.workers)
+    if waited < 0.005 or waited < ONE_TIME_SHARE * lost:
+        return None
+    return (
+        f"the run waited {fmt_seconds(waited)} of its {fmt_seconds(report.wall)} for workers still running the "
+        "%%pool setup (no item's time, and a run after the setup ended does not wait): run it again to time "
+        "the work alone"
     )
 
 

@@ -1527,6 +1527,9 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "timed_out": job.timed_out,
         "shared_workers": job.shared_workers,
         "waited_for_workers": job.waited_for_workers,
+        # (a worker's setup still running when the run's units came: no item's time)
+        "waited_for_setup": max(job.setup_waits.values(), default=0.0),
+        "setup_wait_seconds": sum(job.setup_waits.values()),
     }
     if cores:
         if max(workers, backend.workers) > cores:  # (never more busy at once than workers)

@@ -580,6 +580,8 @@ class MapJob:
         # the advice must not call that waiting a transfer cost).
         self.shared_workers = False
         self.waited_for_workers = 0.0  # seconds its first unit waited for workers busy with other runs
+        # worker -> seconds its units waited there for a %%pool setup still running (see backends/base.py)
+        self.setup_waits: dict[Any, float] = {}
         self.ran_on: int | None = None  # worker threads it was given, when the backend says (see backends/base.py)
         self.missing_module_advice: str | None = None  # (see backends/base.py)
         # (the function's notebook globals, the names sending it sent): read on a task's first NameError/KeyError
@@ -1653,6 +1655,7 @@ class CellJob:
         self.ran_again_cause = ""
         self.shared_workers = False  # other runs held workers meanwhile (see MapJob)
         self.waited_for_workers = 0.0
+        self.setup_waits: dict[Any, float] = {}  # (see MapJob)
         self.ran_on: int | None = None  # (a map's; see backends/base.py)
         self.missing_module_advice: str | None = None  # (a map's; see backends/base.py)
         # A rank failed while others ran: when the backend stops those still running

@@ -118,6 +118,13 @@ class Report:
     # unit waited for a worker busy with another run.
     shared_workers: bool = False
     waited_for_workers: float = 0.0
+    # The run's units waited in workers still running the %%pool setup (a slow one, whose
+    # %%pool setup wait was interrupted; a new worker's): the longest wait of one worker,
+    # and the waits of all workers together. No item's time: the line says it, and the
+    # advice leaves it out of the costs of sending (it blamed "sending and collecting a
+    # chunk cost ~2.50 s" for a 5 s setup).
+    waited_for_setup: float = 0.0
+    setup_wait_seconds: float = 0.0
     # What ``workers`` counts: "worker" (processes), or "worker thread" on Dask,
     # whose worker processes run several tasks at once (a thread each).
     worker_noun: str = "worker"
@@ -411,6 +418,14 @@ class Report:
         n = temp["workers"]
         return f"{n} temporary worker{'s' if n != 1 else ''} imported {imports_text(temp['imports'])}"
 
+    def setup_wait_mattered(self) -> bool:
+        """Did the run wait for a worker's setup a noticeable share of it (5% of the wall, 5 ms)?"""
+        return self.waited_for_setup >= 0.005 and self.waited_for_setup >= 0.05 * self.wall
+
+    def setup_wait_text(self) -> str:
+        """``waited 5.00 s for the %%pool setup`` (a worker still ran it when the run's items came)."""
+        return f"waited {fmt_seconds(self.waited_for_setup)} for the %%pool setup"
+
     def one_time_text(self) -> str:
         """``workers started 120 ms, imported numpy 290 ms, loaded the function 4.0 ms``."""
         o = self.one_time or {}
@@ -441,9 +456,11 @@ class Report:
             return f"{self.name}: {self._what()} in {fmt_seconds(self.wall)} | {resumed}"
         once = self.one_time_text() if self.one_time_mattered() else ""  # shown only when it mattered
         every = self.every_call_text() if self.every_call_mattered() else ""
+        setup = self.setup_wait_text() if self.setup_wait_mattered() else ""
         return (
             f"{self.name}: {self._what()}{failed} on {self._where()} in {fmt_seconds(self.wall)}"
             f" | {self._serial_text()} | {self._speedup_text()}" + (f" | {resumed}" if resumed else "")
+            + (f" | {setup}" if setup else "")
             + (f" | one-time: {once}" if once else "") + (f" | every call: {every}" if every else "")
             + self._ran_again_text(" | ")
         )
@@ -560,6 +577,8 @@ class Report:
             rows.append(("failed", str(self.failed) + (f" ({self.timed_out} timed out)" if self.timed_out else "")))
         if self.retried:
             rows.append(("retried", f"{self.retried} (worker died)"))
+        if self.setup_wait_mattered():
+            rows.append(("setup wait", fmt_seconds(self.waited_for_setup)))
         once = self.one_time_text() if self.one_time_mattered() else ""
         if once:
             rows.append(("one-time", once))

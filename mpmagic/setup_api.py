@@ -80,8 +80,9 @@ def setup_names(source: str) -> set[str]:
     """The names a setup's code defines at its top level, as far as its text says.
 
     Assignments (also in ``for``, ``with``, ``if``, ``try``...), ``def``,
-    ``class``, imports, and the names of a ``from M import *`` when ``M`` is
-    already imported here; not the locals of its functions, classes or
+    ``class``, imports, the names of a ``from M import *`` when ``M`` is
+    already imported here, and the names its functions declare ``global``
+    (bound when a task calls them); not the locals of its functions, classes or
     comprehensions. Names only running it shows (``exec``, ``globals()[...]``,
     a star import of a module the notebook has not imported) are checked by
     each worker before it installs them (``worker_setup.shadowing``).
@@ -125,8 +126,9 @@ def setup_names(source: str) -> set[str]:
         for child in ast.iter_child_nodes(node):
             visit(child)
 
-    visit(astlock.parse(source))
-    return names
+    tree = astlock.parse(source)
+    visit(tree)
+    return names | worker_setup.declared_globals(tree)
 
 
 def defining(name: str) -> str | None:

@@ -20,6 +20,14 @@ assigns with ``global`` (``Pool(initializer=)``'s idiom): that value is put
 into each task's function's globals over the notebook's, as with Pool
 (:func:`use_set_globals`).
 
+A ``%%pool setup`` cell runs with the builtins' namespace as its globals
+(:func:`_run_setup`), so the globals of the functions it defines are the
+builtins too: ``global MODEL; MODEL = load()`` in a setup function a task
+calls rebinds the builtin every task reads, as in serial code, where the
+setup and the tasks share the notebook's globals. (Run in a namespace of
+its own and copied into the builtins at its end, a task read the value of
+that moment: ``None`` for a lazily loaded model.)
+
 Messages (``protocol.py``): a local worker gets ``Setup(version, payload)``
 (``payload`` None: remove the names of an earlier setup) and answers
 ``SetupDone(version, worker, error, names, output, random_state)``: ``error``
@@ -52,6 +60,7 @@ This module imports no IPython.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
 import functools
@@ -67,7 +76,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import worker_logging
+from . import astlock, worker_logging
 from .protocol import Setup, SetupDone
 
 log = logging.getLogger("mpmagic")
@@ -89,6 +98,9 @@ class _Entry:
     # given: every worker runs it there, also one started after a %cd (context.in_setup_world).
     # Not compared: the same cell run again after a %cd is the same setup.
     world: bytes | None = field(default=None, compare=False)
+    # How ``%pool setup`` shows a function: ``init('/data/model.bin')`` for a partial (``name``
+    # is the function's: ``init``); empty: ``name()``.
+    shown: str = field(default="", compare=False)
 
 
 # -- notebook side --------------------------------------------------------
@@ -137,6 +149,7 @@ def set_code(source: str, line_offset: int = 0, world: bytes | None = None) -> N
     """
     code = compile(source, SETUP_FILENAME, "exec", dont_inherit=True)  # a SyntaxError now, not in every worker
     files = _imported_files(code)
+    cache_source(source, line_offset)  # (a task's frame in a setup function shows its line here too)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
         _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset, world))
@@ -144,12 +157,28 @@ def set_code(source: str, line_offset: int = 0, world: bytes | None = None) -> N
         _changed()
 
 
+def cache_source(source: str, line_offset: int = 0) -> str:
+    """Put the setup cell's lines in ``linecache`` as ``<pool-setup>``, numbered as the
+    notebook cell (``line_offset`` lines above it); returns that numbered text.
+
+    The worker runs the setup under that name, and does this to name a failing
+    line; the notebook does it too: a task's frame in a function the setup
+    defined is shown here (IPython's traceback, ``traceback.format_exception``
+    of a ``Failed.error``), and without the lines it read "Could not get source"."""
+    text = "\n" * line_offset + source
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):  # (as a file's last line: pdb and tracebacks print it as it is)
+        lines[-1] += "\n"
+    linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
+    return text
+
+
 def add_function(func: Callable[[], Any], world: bytes | None = None) -> None:
     """Add ``func`` (same name replaces) to what every worker runs at start
     (in the notebook's ``world`` of now, as :func:`set_code`)."""
     from . import payload
 
-    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
+    name, shown = function_name(func)
     data = payload.dumps_function(func, name)
     inner = func
     while isinstance(inner, functools.partial):  # on_worker_start(partial(init, v))
@@ -158,9 +187,34 @@ def add_function(func: Callable[[], Any], world: bytes | None = None) -> None:
     files = _imported_files(code) if isinstance(code, types.CodeType) else ()
     with _lock:
         _entries[:] = [e for e in _entries if not (e.kind == "func" and e.name == name)]
-        _entries.append(_Entry("func", name, data, world=world))
+        _entries.append(_Entry("func", name, data, world=world, shown=shown))
         _files[("func", name)] = files
         _changed()
+
+
+def function_name(func: Callable[[], Any]) -> tuple[str, str]:
+    """(the name of an ``on_worker_start`` function, how ``%pool setup`` shows it).
+
+    A ``functools.partial`` (the port of ``Pool(initializer=init, initargs=(path,))``)
+    is named by its function, ``init``, as a failure's line names it, and shown with
+    its arguments, ``init('/data/model.bin')``; its repr, with the function's address,
+    named it before. The same function again replaces it, as a plain function does."""
+    inner: Any = func
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    while isinstance(inner, functools.partial):
+        args[:0] = inner.args
+        kwargs = {**inner.keywords, **kwargs}
+        inner = inner.func
+    name = getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or repr(inner)
+    if inner is func:
+        return name, ""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxstring, short.maxother = 40, 40
+    shown = ", ".join([*map(short.repr, args), *(f"{k}={short.repr(v)}" for k, v in kwargs.items())])
+    return name, f"{name}({shown})"
 
 
 def clear() -> None:
@@ -307,7 +361,7 @@ def describe() -> str:
             if e.kind == "code":
                 parts.append("%%pool setup\n" + e.data.rstrip())
             else:
-                parts.append(f"on_worker_start: {e.name}()")
+                parts.append(f"on_worker_start: {e.shown or e.name + '()'}")
         return "\n\n".join(parts)
 
 
@@ -500,8 +554,10 @@ def gpu_of(wid: Any) -> str | None:
 # -- worker side ------------------------------------------------------------
 
 WORKER_ID: Any = None  # this worker's id (None in the notebook)
-_setup_module: types.ModuleType | None = None  # the last setup's namespace (see _as_main)
-_installed: dict[str, Any] = {}  # name -> the builtins value it shadowed (or _MISSING)
+_installed: dict[str, Any] = {}  # the setup's names -> the builtins value each shadowed (or _MISSING)
+# Names the setup's functions declare `global` that it did not define when it ran: bound when a task
+# calls the function, taken away with the setup as its names are (name -> the value it shadowed).
+_later: dict[str, Any] = {}
 _MISSING = object()
 # Names the setup's functions assigned with `global` (``Pool(initializer=)``'s idiom) and their values: a
 # task's function gets these over the notebook's values cloudpickle sent with it (:func:`use_set_globals`).
@@ -609,84 +665,209 @@ def random_fingerprints() -> dict[str, int]:
 
 
 def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list[str]]:
-    """(the error line or None, the names now installed)."""
-    global _setup_module
+    """(the error line or None, the names now installed).
+
+    A ``%%pool setup`` cell runs with the worker's builtins namespace as its
+    globals (see the module's docstring): its names are builtins as they are
+    bound, and its functions' ``global`` statements rebind those builtins. One
+    top-level statement at a time, as IPython runs a cell: after each, a
+    builtin it replaced (a star import, ``exec``) refuses the setup and puts
+    back every builtin as it was, before the next statement runs with it.
+    """
     _uninstall()
-    _setup_module = None
     if data is None:
         return None, []
     set_globals: dict[str, Any] = {}  # what its functions assigned with `global` (see _SET_GLOBALS)
     from . import payload
 
-    main = types.ModuleType("__main__")  # the setup's namespace, as a notebook cell's is __main__
-    main.__builtins__ = builtins  # type: ignore[attr-defined]
-    _setup_module = main  # (kept: its functions' globals)
-    ns: dict[str, Any] = main.__dict__
     try:
         entries = payload.loads(data)
     except BaseException as exc:
         return f"setup could not be loaded on worker {wid}: {type(exc).__name__}: {exc}", []
     from . import context
 
+    space = vars(builtins)
+    before = dict(space)  # the builtins a setup may not replace, and what a refusal puts back
+    patches: set[str] = set()  # names set as attributes of the module (`builtins.print = f`): patches, not names
+
+    def replaced(names: dict[str, Any]) -> list[str]:
+        return sorted(n for n, v in names.items() if not n.startswith("__") and n in before and before[n] is not v)
+
+    def install(names: dict[str, Any]) -> None:  # an on_worker_start function's globals or dict
+        bad = replaced(names)
+        if bad:
+            raise _Refused(bad)
+        space.update((n, v) for n, v in names.items() if not n.startswith("__"))
+
     def run(entry: _Entry) -> None:
-        with _as_main(main):
+        with _in_builtins(patches):
             if entry.kind == "code":
                 # (numbered as the notebook cell: its failure line and its functions' frames)
-                text = "\n" * entry.line_offset + entry.data
-                lines = text.splitlines(keepends=True)
-                linecache.cache[SETUP_FILENAME] = (len(text), None, lines, SETUP_FILENAME)
-                exec(compile(text, SETUP_FILENAME, "exec", dont_inherit=True), ns)
+                text = cache_source(entry.data, entry.line_offset)
+                tree = astlock.parse(text, SETUP_FILENAME)
+                declared = declared_globals(tree)
+                bad = sorted(n for n in declared if not n.startswith("__") and n in before)
+                if bad:  # (a task calling the function would rebind that builtin for the whole worker)
+                    raise _Refused(bad)
+                for name in declared:
+                    _later.setdefault(name, before.get(name, _MISSING))
+                for code in _statements(tree):
+                    exec(code, space)
+                    bad = _replaced_builtins(before, patches)
+                    if bad:
+                        raise _Refused(bad)
             else:
                 func = payload.loads(entry.data)
                 g = _by_value_globals(func)
-                before = dict(g) if g is not None else {}
+                seen = dict(g) if g is not None else {}
                 try:
                     out = func()
                 finally:  # (what it assigned before it raised stays, as a setup cell's earlier lines)
                     if g is not None:
                         assigned = {k: v for k, v in g.items() if not k.startswith("__")
-                                    and (k not in before or before[k] is not v)}
-                        ns.update(assigned)
+                                    and (k not in seen or seen[k] is not v)}
+                        install(assigned)
                         set_globals.update(assigned)
                 if isinstance(out, dict):
-                    ns.update(out)
+                    install(out)
 
     for entry in entries:
         try:
             # (in the notebook's directory, environment... of the moment it was given)
             context.in_setup_world(getattr(entry, "world", None), functools.partial(run, entry))
+        except _Refused as refused:  # refused before anything stays installed: a normal setup failure
+            _put_back(before, patches)
+            return _shadow_line(refused.names, wid), []
         except BaseException as exc:
-            if shadowing(ns):  # (what ran before the failing line would replace builtins: nothing installed)
-                return _shadow_line(shadowing(ns), wid), []
-            _install(ns, set_globals)  # what ran before the failing line stays usable
+            bad = _replaced_builtins(before, patches)
+            if bad:  # (what ran before the failing line replaced builtins: nothing installed)
+                _put_back(before, patches)
+                return _shadow_line(bad, wid), []
+            _settle(before, patches, set_globals)  # what ran before the failing line stays usable
             return _failure_line(exc, entry, wid), sorted(_installed)
-    bad = shadowing(ns)
-    if bad:  # refused before anything is installed: a normal setup failure, not a broken worker
-        return _shadow_line(bad, wid), []
-    _install(ns, set_globals)
+    _settle(before, patches, set_globals)
     return None, sorted(_installed)
 
 
+class _Refused(Exception):
+    """A setup replaced (or would replace) these builtins: refused, nothing installed."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__(names)
+        self.names = names
+
+
+def declared_globals(tree: ast.AST) -> set[str]:
+    """The names the functions (and classes) of a setup's code declare ``global``:
+    names of the setup too, bound when a task calls the function."""
+    return {name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names}
+
+
+def _statements(tree: ast.Module) -> Iterator[types.CodeType]:
+    """The setup's top-level statements, compiled one by one as it runs (as IPython
+    runs a cell), each with the ``from __future__`` features of those before it."""
+    import __future__
+
+    flags = 0
+    for node in tree.body:
+        yield astlock.compile_tree(ast.Module([node], type_ignores=[]), SETUP_FILENAME, "exec", flags)
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            for alias in node.names:
+                feature = getattr(__future__, alias.name, None)
+                flags |= getattr(feature, "compiler_flag", 0)
+
+
+def _replaced_builtins(before: dict[str, Any], patches: set[str]) -> list[str]:
+    """The builtins the setup replaced or deleted, from ``before`` (its snapshot): not
+    ``__dunder__`` names (restored after it), nor patches of the module (``builtins.print = f``)."""
+    space = vars(builtins)
+    return sorted(n for n, v in before.items() if not n.startswith("__") and n not in patches
+                  and space.get(n, _MISSING) is not v)
+
+
+def _put_back(before: dict[str, Any], patches: set[str]) -> None:
+    """A refused setup: every builtin as it was before it (its patches of the module stay)."""
+    space = vars(builtins)
+    for name in [n for n in space if n not in before and n not in patches]:
+        del space[name]
+    for name, value in before.items():
+        if name not in patches and space.get(name, _MISSING) is not value:
+            space[name] = value
+    _later.clear()
+
+
+def _settle(before: dict[str, Any], patches: set[str], set_globals: dict[str, Any]) -> None:
+    """After a setup ran (to its end or to the line that raised): record the names it
+    defined (what :func:`_uninstall` takes away), and put back the ``__dunder__`` names
+    running as ``__main__`` changed (``__name__``, ``__doc__``, exec's ``__builtins__``)."""
+    global _set_globals_version
+    space = vars(builtins)
+    for name in list(space):
+        if name.startswith("__"):
+            if name not in before:
+                del space[name]
+            elif space[name] is not before[name]:
+                space[name] = before[name]
+        elif name not in patches and (name not in before or space[name] is not before[name]):
+            _installed[name] = before.get(name, _MISSING)
+    for name in [n for n in _later if n in _installed]:
+        del _later[name]
+    if set_globals or _SET_GLOBALS:
+        _SET_GLOBALS.clear()
+        _SET_GLOBALS.update(set_globals)
+        _set_globals_version += 1
+
+
+class _RecordingBuiltins(types.ModuleType):
+    """The class of the builtins module while a setup runs: what is set as its
+    attribute (``builtins.print = f``, by the setup or a library it imports) is
+    a patch of the builtins, told from the names the setup's code binds in its
+    namespace: a patch is neither refused nor taken away with the setup."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if _patches is not None:
+            _patches.add(name)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name: str) -> None:
+        if _patches is not None:
+            _patches.add(name)
+        super().__delattr__(name)
+
+
+_patches: set[str] | None = None  # while a setup runs: the attributes set on the builtins module
+
+
 @contextlib.contextmanager
-def _as_main(module: types.ModuleType) -> Iterator[None]:
-    """While the setup runs, its namespace is ``sys.modules["__main__"]``.
+def _in_builtins(patches: set[str]) -> Iterator[None]:
+    """While a piece of the setup runs: the builtins module is ``sys.modules["__main__"]``,
+    named ``"__main__"``, and records the attributes set on it in ``patches``.
 
     A notebook cell runs in ``__main__``, so the setup does too: its
     ``__name__`` is ``"__main__"`` (an ``if __name__ == "__main__":`` block
-    runs, as in the notebook), and what looks the module of a class up in
+    runs, as in the notebook), the functions and classes it defines are of
+    ``__main__`` (pickled by value, as the notebook's are: a task may return
+    their instances), and what looks the module of a class up in
     ``sys.modules`` finds the setup's names (``@dataclass`` does, and failed
     with ``'NoneType' object has no attribute '__dict__'`` on a namespace
-    that was no module). The worker's own ``__main__`` is put back after: a
-    class the setup defines is then pickled by value, as the notebook's
-    classes are (a task may return its instances).
+    that was no module). The worker's own ``__main__`` and the builtins'
+    name are put back after.
     """
-    saved = sys.modules.get("__main__")
-    sys.modules["__main__"] = module
+    global _patches
+    space = vars(builtins)
+    saved_main, saved_name = sys.modules.get("__main__"), space.get("__name__")
+    sys.modules["__main__"] = builtins
+    space["__name__"] = "__main__"
+    _patches = patches
+    builtins.__class__ = _RecordingBuiltins
     try:
         yield
     finally:
-        if saved is not None:
-            sys.modules["__main__"] = saved
+        builtins.__class__ = types.ModuleType
+        _patches = None
+        space["__name__"] = saved_name
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
 
 
 def shadowing(names: Any) -> list[str]:
@@ -739,20 +920,6 @@ def _failure_line(exc: BaseException, entry: _Entry, wid: Any) -> str:
         f"setup failed on worker {wid}, {where}: {type(exc).__name__}: {exc} "
         "(the worker still runs tasks without it; fix the setup and run it again, %pool shows which workers are set up)"
     )
-
-
-def _install(ns: dict[str, Any], set_globals: dict[str, Any]) -> None:
-    global _set_globals_version
-    for name, value in ns.items():
-        if name.startswith("__"):
-            continue
-        if name not in _installed:
-            _installed[name] = getattr(builtins, name, _MISSING)
-        setattr(builtins, name, value)
-    if set_globals or _SET_GLOBALS:
-        _SET_GLOBALS.clear()
-        _SET_GLOBALS.update(set_globals)
-        _set_globals_version += 1
 
 
 def _by_value_globals(func: Any) -> dict[str, Any] | None:
@@ -822,14 +989,20 @@ def set_globals_version() -> int:
 
 
 def _uninstall() -> None:
-    for name, old in _installed.items():
+    """Take the current setup's names out of the builtins (those its functions bound
+    later with ``global`` too), putting back what they shadowed."""
+    global _set_globals_version
+    space = vars(builtins)
+    for name, old in [*_installed.items(), *_later.items()]:
         if old is _MISSING:
-            if hasattr(builtins, name):
-                delattr(builtins, name)
+            space.pop(name, None)
         else:
-            setattr(builtins, name, old)
+            space[name] = old
     _installed.clear()
-    _install({}, {})  # (and the globals the setup's functions assigned: none any more)
+    _later.clear()
+    if _SET_GLOBALS:  # (and the globals the setup's functions assigned: none any more)
+        _SET_GLOBALS.clear()
+        _set_globals_version += 1
 
 
 # -- Dask -------------------------------------------------------------------

@@ -979,3 +979,19 @@ def test_results_that_differ_name_the_state_the_function_changes(ip, pool2):
     run(ip, "import os\ndef where(x, seen=[]):\n    seen.append(x)\n    return os.getpid()\n")
     run(ip, "%pmap -q --compare where, [1, 2]")  # (a pid: never the serial result)
     assert "(its default seen (a list) keeps what tasks add)" in mpmagic.last_report().advice
+
+
+def test_a_wait_for_the_worker_setup_is_said_on_the_line_and_is_no_transfer_cost():
+    """A run behind a slow %%pool setup (its wait interrupted) was told "sending and
+    collecting a chunk cost ~2.50 s": the setup's time read as a cost of sending. The
+    line says the wait; the advice names it, and leaves it out of the transfer cost."""
+    slow = _report(items=4, chunks=4, wall=5.0, task_seconds=2e-5, waited_for_setup=4.99, setup_wait_seconds=9.9)
+    assert slow.line().endswith("| waited 4.99 s for the %%pool setup"), slow.line()
+    assert ("setup wait", "4.99 s") in slow.rows()
+    assert "transfer cost" not in slow.advice and "sending" not in slow.advice
+    assert slow.advice.startswith("the run waited 4.99 s of its 5.00 s for workers still running the %%pool setup")
+    # A short wait beside real costs of sending: those are named, without the wait in them.
+    small = _report(items=80, chunks=8, wall=1.0, task_seconds=0.01, waited_for_setup=0.1, setup_wait_seconds=0.2)
+    assert "a chunk cost ~223.8 ms" in small.advice, small.advice  # (2 x 1.0 s - 0.01 s - 0.2 s) / 8
+    assert "waited 100.0 ms for the %%pool setup" in small.line()
+    assert "setup" not in _report().line()  # (no wait, nothing said)

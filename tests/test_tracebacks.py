@@ -714,3 +714,27 @@ def test_a_deep_recursion_sends_the_arguments_of_its_first_and_last_frames_only(
     tb = errors.fake_traceback(frames)
     headers = [repr(frame.f_locals.get("k")) for frame, _ in traceback.walk_tb(tb)]
     assert headers[1:3] == ["<not sent>", "<not sent>"] and headers[-1] == str(n - 2)
+
+
+def test_a_frame_of_a_setup_function_shows_its_line(ip, local_pool):
+    """A task failing inside a function the %%pool setup defined showed IPython's
+    'Could not get source' for that frame (the notebook never had ``<pool-setup>``
+    in its linecache), in %pmap, in %%parallel's [rank N] tracebacks and in
+    ``traceback.format_exception`` of a collected failure; serially the line shows."""
+    from mpmagic import setup_api
+
+    defined(ip, "%%pool setup\nLIMIT = 3\ndef _check(x):\n    if x >= LIMIT:\n        raise ValueError(f'{x} too big')\n"
+                "    return x\n")
+    try:
+        defined(ip, "def _via_setup(x):\n    return _check(x)")
+        for code in ("%pmap -q _via_setup, range(5)", "%%parallel -n 2 -q\n_check(rank + 3)"):
+            _, text, err = shown(ip, code)
+            assert err is not None, text
+            assert "Could not get source" not in text and "raise ValueError(f'{x} too big')" in text, text
+            assert "<pool-setup>:5" in text, text  # (line 5 of the cell: the %%pool setup line is line 1)
+        _, text, err = shown(ip, "import traceback\nout = %pmap -q --errors collect _via_setup, range(5)\n"
+                                 "print(''.join(traceback.format_exception(out[3].error)))")
+        assert err is None, text
+        assert "raise ValueError(f'{x} too big')" in text, text
+    finally:
+        setup_api.clear()

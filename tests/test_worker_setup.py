@@ -5,6 +5,7 @@ worker, also in every worker started later, and its names reach mapped functions
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -870,3 +871,190 @@ def test_a_setups_annotations_are_objects_as_serially(ip, local_pool):
     annotations as objects in the tasks (they were strings: tester-parallel22)."""
     run(ip, "%%pool setup\ndef typed(a: int) -> float:\n    return a\n")
     assert run(ip, "%pmap -q lambda x: typed.__annotations__, range(2)") == [{"a": int, "return": float}] * 2
+LAZY_SETUP = """
+MODEL = None
+def get_model():
+    global MODEL
+    if MODEL is None:
+        MODEL = {"w": 3}          # stands for an expensive load
+    return MODEL
+N = 0
+def bump():
+    global N, LATER
+    N += 1
+    LATER = N
+    return N
+def read_n():
+    return N
+"""
+
+
+def test_a_setup_functions_global_rebinding_is_what_tasks_read(ip, any_method):
+    """The lazy-load idiom: a setup function rebinds a setup global, and the task reads
+    the global. The setup's names were copied into builtins once, when it ended, so the
+    task read ``MODEL`` as None (TypeError on every item) where serial code (the setup
+    run once, then ``map``) reads the loaded model; also in %%parallel, on every start method."""
+    ensure_pool(any_method)
+    for name in ("MODEL", "N", "LATER", "get_model", "bump", "read_n"):
+        ip.user_ns.pop(name, None)
+    serial: dict = {}
+    exec(LAZY_SETUP, serial)
+    exec("def task(x):\n    get_model()\n    return MODEL['w'] * x\n"
+         "def counts(x):\n    b = bump()\n    return b == N == read_n() == LATER", serial)
+    run(ip, "%%pool setup\n" + LAZY_SETUP)
+    run(ip, "def _lazy_task(x):\n    get_model()\n    return MODEL['w'] * x\n"
+            "def _counts(x):\n    b = bump()\n    return b == N == read_n() == LATER")
+    assert run(ip, "%pmap -q _lazy_task, range(4)") == list(map(serial["task"], range(4))) == [0, 3, 6, 9]
+    assert run(ip, "%pmap -q --chunksize 2 _counts, range(6)") == list(map(serial["counts"], range(6)))
+    assert list(run(ip, "%%parallel -n 2 -q\nget_model()\nMODEL['w'] + rank")) == [3, 4]
+    run(ip, "%pool setup clear")  # a name a setup function made later (LATER) goes with the setup
+    run(ip, "def _has_later(x):\n    import builtins\n    return hasattr(builtins, 'LATER'), hasattr(builtins, 'MODEL')")
+    assert run(ip, "%pmap -q _has_later, range(2)") == [(False, False), (False, False)]
+
+
+def test_a_setup_functions_global_rebinding_is_what_tasks_read_on_dask(ip, dask_cluster):
+    """The same on Dask, whose plugin runs the setup in each worker process."""
+    for name in ("MODEL", "N", "LATER", "get_model", "bump", "read_n"):
+        ip.user_ns.pop(name, None)
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        pool_module.get_pool().client.wait_for_workers(4, timeout=60)
+        run(ip, "%%pool setup\n" + LAZY_SETUP)
+        run(ip, "def _lazy_task(x):\n    get_model()\n    return MODEL['w'] * x")
+        assert run(ip, "%pmap -q _lazy_task, range(4)") == [0, 3, 6, 9]
+    finally:
+        pool_module.shutdown()
+
+
+def test_a_notebook_name_still_wins_over_a_rebound_setup_global(ip, local_pool):
+    """The guide's rule stays: a name the notebook defines is the notebook's in its
+    function (cloudpickle sends it along), also after a setup function rebinds its own."""
+    run(ip, "%%pool setup\n" + LAZY_SETUP)
+    run(ip, "MODEL = {'w': 100}\ndef _nb_wins(x):\n    get_model()\n    return MODEL['w'] * x, get_model()['w']")
+    try:
+        assert run(ip, "%pmap -q _nb_wins, range(3)") == [(0, 3), (100, 3), (200, 3)]
+    finally:
+        ip.user_ns.pop("MODEL", None)
+
+
+def test_a_setup_function_declaring_a_builtin_global_is_refused_before_sending(ip, local_pool):
+    """Its ``global sum; sum = 0`` would rebind the worker's builtin ``sum`` when a task calls it."""
+    before = worker_setup.version()
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\ndef reset():\n    global sum\n    sum = 0\n")
+    assert "`sum`" in str(info.value) and "nothing was sent" in str(info.value)
+    assert worker_setup.version() == before
+    assert "CACHE" in setup_api.setup_names("def f():\n    global CACHE\n    CACHE = {}\n")
+
+
+def test_a_setup_runs_in_the_builtins_and_leaves_them_as_they_were_but_its_names():
+    """The setup's globals are the worker's builtins (its functions rebind what tasks
+    read): running it there leaves no trace but its names; a patch of the builtins
+    module (``builtins.print = f``) is no name of it and is not refused."""
+    import builtins
+
+    from mpmagic import payload
+
+    space, main = dict(vars(builtins)), sys.modules["__main__"]
+    source = ('"""The setup."""\nfrom __future__ import annotations\nimport builtins\n_real_abs = builtins.abs\n'
+              "builtins.abs = lambda x: _real_abs(x) + 1\nW: int = 2\nNAME = __name__\n"
+              "def set_w(v):\n    global W, EXTRA\n    W = EXTRA = v\n")
+    try:
+        reply = worker_setup.run_setup(1, payload.dumps_data([worker_setup._Entry("code", "%%pool setup", source)]), 7)
+        assert reply.error is None and reply.names == ["NAME", "W", "_real_abs", "annotations", "builtins", "set_w"]
+        assert builtins.abs(-1) == 2 and vars(builtins)["NAME"] == "__main__"
+        vars(builtins)["set_w"](5)
+        assert vars(builtins)["W"] == vars(builtins)["EXTRA"] == 5
+        assert builtins.__name__ == "builtins" and builtins.__doc__ == space["__doc__"]
+        assert sys.modules["__main__"] is main and type(builtins) is type(sys)
+        assert "__builtins__" not in vars(builtins) and "__annotations__" not in vars(builtins)
+    finally:
+        worker_setup.run_setup(0, None, None)
+        builtins.abs = space["abs"]
+    assert vars(builtins) == space  # its names (EXTRA, bound later, too) gone with it
+
+
+def test_a_run_that_waited_for_a_slow_setup_says_so_not_a_transfer_cost(ip, local_pool, tmp_path, monkeypatch):
+    """The docs say a slow setup is no item's time: its wait was read as the cost of
+    sending a chunk ("sending and collecting a chunk cost ~2.50 s", speedup <0.1x)."""
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "_SETUP_NOTE_AFTER", 0.1)
+    stall = tmp_path / "STALL"
+    run(ip, f"%%pool setup\nimport os, time\nt = time.time() + 60\nwhile os.path.exists({str(stall)!r}) "
+            "and time.time() < t:\n    time.sleep(0.02)\nSTALLED = 0\n")
+    stall.touch()
+    run(ip, "%pool restart")
+    say = local.LocalBackend._say_setup_waits
+
+    def said(self, slot, now):  # the run's items are in flight behind the setup: they wait 0.3 s more at least
+        say(self, slot, now)
+        time.sleep(0.3)
+        stall.unlink(missing_ok=True)
+
+    monkeypatch.setattr(local.LocalBackend, "_say_setup_waits", said)
+    assert run(ip, "%pmap -q lambda x: x + STALLED, range(4)") == [0, 1, 2, 3]
+    report = mpmagic.last_report()
+    assert report.waited_for_setup >= 0.3 and report.setup_wait_seconds >= report.waited_for_setup
+    assert "for the %%pool setup" in report.line()
+    assert "transfer cost" not in (report.advice or "") and "sending" not in (report.advice or "")
+
+
+def test_a_new_setup_after_a_clear_replaces_no_worker_for_the_removal_it_was_sent(ip, local_pool, capsys):
+    """After ``%pool setup clear``, a worker still to answer the empty "setup removed"
+    message was counted as running the earlier setup: a new ``%%pool setup`` killed
+    workers that were only starting ("stopped workers 2 and 3, which were still
+    running the earlier setup") though no setup was installed."""
+    run(ip, "%%pool setup\nA_SETUP = 1\n")
+    run(ip, "%pool setup clear")
+    with local_pool._lock:  # (the manager reads no answer meanwhile: the removal stays pending)
+        worker_setup.clear()  # (a new version of "no setup": sent to every worker again)
+        for slot in local_pool.slots:
+            local_pool._send_setup(slot)
+        assert all(slot.setups_ahead for slot in local_pool.slots)
+        assert local_pool.replace_setting_up() == []
+    capsys.readouterr()
+    run(ip, "%%pool setup\nB_SETUP = 2\n")
+    assert "which were still running the earlier setup" not in capsys.readouterr().out
+    assert run(ip, "%pmap -q lambda x: x + B_SETUP, range(2)") == [2, 3]
+
+
+def test_a_failing_partial_setup_is_named_by_its_function(ip, local_pool):
+    """``on_worker_start(functools.partial(init, path))``, the port of ``Pool(initializer=,
+    initargs=)`` the docs recommend, was named by its repr with an address
+    (``functools.partial(<function init at 0x7f...>, '/nonexistent/file')``) where the
+    docs promise ``init, line N``; ``%pool setup`` showed the same repr."""
+    run(ip, "import functools\ndef _init_opens(path):\n    global HANDLE\n    HANDLE = open(path)\n")
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        run(ip, "mpmagic.on_worker_start(functools.partial(_init_opens, '/nonexistent/file'))")
+    text = str(info.value)
+    assert re.match(r"setup failed on worker \d+, _init_opens, line 4( \(`HANDLE = open\(path\)`\))?: "
+                    r"FileNotFoundError", text), text
+    assert "functools.partial" not in text and "0x" not in text
+    assert worker_setup.describe() == "on_worker_start: _init_opens('/nonexistent/file')"
+    with pytest.raises(mpmagic.MPMagicError):  # the same function again: it replaces the first, as a function does
+        run(ip, "mpmagic.on_worker_start(functools.partial(_init_opens, '/nonexistent/other'))")
+    assert worker_setup.describe() == "on_worker_start: _init_opens('/nonexistent/other')"
+
+
+@pytest.mark.parametrize("method", ["forkserver"], scope="session")
+def test_a_setup_failing_in_recycled_workers_is_one_line_a_run_with_a_count(ip, method, capfd):
+    """A setup failing only in later workers, whose line names the worker (its own
+    message does), printed one line per recycled worker: four to a run, five to the
+    next. One line per run now, and one more at its end with how many more failed."""
+    pool_module.shutdown()
+    mpmagic.start_pool(2, method, max_tasks_per_child=1, wait=True)
+    try:
+        run(ip, "%%pool setup\nimport mpmagic\nif mpmagic.worker_id() >= 2:\n"
+                "    raise RuntimeError('late worker fails ' + str(mpmagic.worker_id()))\n")
+        for _ in range(2):
+            capfd.readouterr()
+            assert run(ip, "%pmap -q --chunksize 1 abs, range(-3, 3)") == [3, 2, 1, 0, 1, 2]
+            err = capfd.readouterr().err
+            assert err.count("setup failed on worker") == 1, err
+            more = re.findall(r"mpmagic: the %%pool setup also failed on (\d+) more workers during this run "
+                              r"\(workers [\d, and]+; %pool shows which workers are set up\)\n", err)
+            assert len(more) == 1 and int(more[0]) >= 2, err  # (items 2-5 ran on workers whose setup failed)
+    finally:
+        pool_module.shutdown()
+        ensure_pool(method)

@@ -41,6 +41,9 @@ class Job(Protocol):
     # and how long its first unit waited for them (the report's advice reads them).
     shared_workers: bool
     waited_for_workers: float
+    # Set by the backend: worker -> seconds the run's units waited in it for a %%pool setup
+    # still running there (no item's time: the report says it, the advice leaves it out).
+    setup_waits: dict
     # Set by a backend whose run used other than the workers asked for: the worker
     # threads a map was given (Dask: ``-n`` capped by the cluster's free threads, more
     # if a busy one came free during it), not how many got work, as the local pool's

@@ -243,6 +243,9 @@ class _Slot:
     # many of its units in flight run before it. A unit with a setup ahead of it
     # starts its --timeout clock when that setup is done, not while it runs.
     setups_ahead: deque = field(default_factory=deque)
+    # Of those, in the same order: whether it is a setup to run (False: the empty "setup
+    # removed" message a clear sends, which a setup change need not replace the worker for).
+    setups_real: deque = field(default_factory=deque)
     # While its first unit (with a --timeout) waits for such a setup: when the
     # wait ends, the setup counting as stuck (_SETUP_WAIT_MIN; _check_deadlines).
     setup_deadline: float | None = None
@@ -529,6 +532,10 @@ class _LocalRun(Run):
         # start a clock: _start_clock_of): the manager's next _check_runs ends it with it, alone.
         self.failed_with: BaseException | None = None
         self.setup_wait_said = False  # told that its items wait for a worker's setup (_say_setup_waits)
+        # A worker's setup failed during it: its line was shown (once a run), and the workers whose
+        # setup failed after that, said in one line at its end (_setup_done, _end).
+        self.setup_failure_shown = False
+        self.setup_failed_more: list[Any] = []
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
@@ -605,6 +612,7 @@ class LocalBackend:
         self._runs: list[_LocalRun] = []  # in flight, in submission order
         self._submitting: set[threading.Thread] = set()  # threads in a foreground submit now (_foreground_runs)
         self._calls: dict[int, _LocalRun] = {}  # call id -> run, for replies
+        self._setup_failure_logged = 0  # the setup version a failure line was shown for (_setup_done)
         self._turn = 0  # round-robin position among runs (fair sharing of workers)
         # The manager thread now. A manager runs while it is this one: a stop
         # (None) or a later start (a new thread) makes it end at its next turn,
@@ -1214,6 +1222,7 @@ class LocalBackend:
         if not slot.setups_ahead and slot.ready:
             slot.setup_since = time.monotonic()
         slot.setups_ahead.append(len(slot.inflight))
+        slot.setups_real.append(msg.payload is not None)
 
     def replace_setting_up(self) -> list[Any]:
         """Replace the workers still running (or yet to run) a setup sent to them;
@@ -1224,10 +1233,13 @@ class LocalBackend:
         would run it to its end before the new one. After an interrupted
         ``%%pool setup`` that hung (a stalled download), ``%pool setup clear``
         waited for it without a word, for ever. Their replacements start with
-        the setup as changed.
+        the setup as changed. Not a worker that has only the "setup removed"
+        message of a ``%pool setup clear`` to answer (a worker recycled or
+        started after it): there is no earlier setup to wait for, and it was
+        stopped and started again for nothing.
         """
         with self._lock:
-            stuck = [s for s in self.slots if s.setups_ahead]
+            stuck = [s for s in self.slots if any(s.setups_real)]
             for slot in stuck:
                 self._replace(slot)
         if stuck:
@@ -1245,8 +1257,30 @@ class LocalBackend:
         return f"mpmagic: worker {slot.wid} runs without the %%pool setup ({why}; see %pool)"
 
     def _setup_done(self, slot: _Slot, msg: SetupDone) -> None:
-        """Manager only: a worker's setup reply; a failure is shown in the run in flight."""
+        """Manager only: a worker's setup reply; a failure is shown in the run in flight.
+
+        One failure line a run: with ``--max-tasks-per-child``, a setup failing in
+        later workers (its message naming the worker, so no two lines alike)
+        printed one line per recycled worker, four to a run. The workers failing
+        after the run's first line are counted, and said in one line at its end
+        (:meth:`_end`). Outside a run, a line only while none was shown for this
+        setup (%pool shows the rest).
+        """
         line = worker_setup.record((self.pool_key, slot.wid), msg)
+        failed = msg.error is not None and msg.version == worker_setup.version() and not worker_setup.is_quiet()
+        if failed and self._runs:
+            run = self._runs[0]
+            if run.setup_failure_shown:
+                run.setup_failed_more.append(slot.wid)
+                line = line.split("\n", 1)[1] if line and line.startswith(f"mpmagic: {msg.error}\n") else line
+            elif line:
+                run.setup_failure_shown = True
+                self._setup_failure_logged = msg.version
+        elif failed and line:
+            if self._setup_failure_logged == msg.version:
+                log.debug("%s", line.strip())
+                line = None
+            self._setup_failure_logged = msg.version
         if line:
             if self._runs:
                 self._runs[0].note("stderr", line)
@@ -1752,6 +1786,8 @@ class LocalBackend:
             if run.job.kind == "cell":
                 for s in [s for s in self.slots if s.temporary and not s.busy]:
                     self._retire(s)
+            if run.setup_failed_more:  # (before its end: the line is the run's last)
+                run.note("stderr", _more_setup_failures(run.setup_failed_more))
             run._finish(error)
 
     def _depth(self, job: Job) -> int:
@@ -2084,8 +2120,11 @@ class LocalBackend:
             self._cond.notify_all()
             return
         if kind is SetupDone:  # worker setup (worker_setup.py): how it went on this worker
+            if _waits_for_setup(slot):  # (its units in flight came after this setup: they waited for it)
+                _note_setup_wait(slot)
             if slot.setups_ahead:
                 slot.setups_ahead.popleft()
+                slot.setups_real.popleft()
             slot.setup_deadline = None
             slot.setup_since = time.monotonic() if slot.setups_ahead else None  # (the next one's start)
             # The unit that waited for this setup starts its time now (a slow setup
@@ -2451,6 +2490,33 @@ class LocalBackend:
 def _waits_for_setup(slot: _Slot) -> bool:
     """Does the worker's first unit in flight wait for a setup it runs (or is yet to run)?"""
     return bool(slot.ready and slot.inflight and slot.setups_ahead and slot.setups_ahead[0] == 0)
+
+
+def _more_setup_failures(workers: list[Any]) -> str:
+    """The line at a run's end: the setup also failed on these workers, after the line it showed."""
+    n = len(workers)
+    ids = [str(w) for w in sorted(workers)]
+    them = ids[0] if n == 1 else f"{', '.join(ids[:-1])} and {ids[-1]}"
+    return (f"mpmagic: the %%pool setup also failed on {n} more worker{'s' if n != 1 else ''} during this run "
+            f"({'worker' if n == 1 else 'workers'} {them}; %pool shows which workers are set up)\n")
+
+
+def _note_setup_wait(slot: _Slot) -> None:
+    """The setup the worker's units in flight waited for ended: add each run's wait there
+    (its first unit's, from when it was sent or the setup began, whichever is later) to
+    the run's ``job.setup_waits``, which the report says and the advice leaves out of
+    the costs of sending (a slow setup is no item's time)."""
+    now = time.time()
+    ran = time.monotonic() - slot.setup_since if slot.setup_since is not None else None
+    seen: set[int] = set()
+    for run, unit in slot.inflight:
+        if id(run) in seen or unit.sent_at is None:
+            continue
+        seen.add(id(run))
+        waited = now - unit.sent_at if ran is None else min(now - unit.sent_at, ran)
+        if waited > 0:
+            waits = run.job.setup_waits
+            waits[slot.wid] = waits.get(slot.wid, 0.0) + waited
 
 
 def _clock_runs(slot: _Slot) -> bool:
