@@ -11,12 +11,30 @@ mpmagic: workers import it too.
 """
 
 from __future__ import annotations
+import __future__
 
 import ast
+import sys
 import threading
 from typing import Any, Literal, overload
 
 _LOCK = threading.RLock()
+
+#: Every ``from __future__`` feature's compiler flag (``co_flags`` and ``compile``'s ``flags``).
+FUTURE_FLAGS = 0
+for _name in __future__.all_feature_names:
+    FUTURE_FLAGS |= getattr(__future__, _name).compiler_flag
+
+
+def notebook_future_flags() -> int:
+    """The ``from __future__`` features the notebook compiles its cells under: IPython
+    keeps a cell's ``from __future__ import annotations`` for every later cell, so a
+    ``%%parallel`` cell or a ``%%pool setup`` is compiled under them too, as it would
+    be serially. 0 outside IPython (read from ``sys.modules``: nothing is imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    flags = getattr(getattr(shell, "compile", None), "flags", 0)
+    return flags & FUTURE_FLAGS if isinstance(flags, int) else 0
 
 
 @overload

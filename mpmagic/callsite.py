@@ -56,13 +56,10 @@ as it leaves out the rest of ``worker.py``. Imports nothing of mpmagic's but
 """
 
 from __future__ import annotations
-import __future__
 
 import ast
 import builtins
-import functools
 import linecache
-import operator
 import os
 import sys
 import threading
@@ -70,6 +67,7 @@ import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from .astlock import FUTURE_FLAGS as _FUTURE_FLAGS
 from .astlock import compile_tree, parse
 
 #: A local variable of every item loop a copy is made of: its frames are mpmagic's
@@ -289,10 +287,6 @@ def _compiled_on_one_line(loop: Callable[..., Any]) -> types.CodeType | None:
     except (SyntaxError, ValueError, TypeError, OSError):
         return None
     return code if code is not None and MARK in code.co_varnames else None
-
-
-_FUTURE_FLAGS = functools.reduce(operator.or_, (getattr(__future__, name).compiler_flag
-                                                for name in __future__.all_feature_names), 0)
 
 
 def _function_code(module: types.CodeType, name: str) -> types.CodeType | None:

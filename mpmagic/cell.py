@@ -50,6 +50,9 @@ class CellSpec:
     # Notebook names the cell assigns whose values could not be pickled: not sent
     # (name -> why, said if a rank reads one before assigning it: api._pack_spec).
     unsent: dict[str, str] = field(default_factory=dict)
+    # The notebook's ``from __future__`` features (astlock.notebook_future_flags): the
+    # cell is compiled under them in every rank, as IPython compiles it serially.
+    future_flags: int = 0
 
     @property
     def numbered_source(self) -> str:
@@ -296,15 +299,17 @@ def make_cell_spec(
     remember_cell_origin(filename, origin)  # its frames show as the notebook cell's
     # What only compiling finds ('return' or 'await' outside a function) is found
     # here too, once, not in every rank with a traceback through the worker.
-    compile(numbered, filename, "exec", dont_inherit=True)
-    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset)
+    flags = astlock.notebook_future_flags()
+    compile(numbered, filename, "exec", flags=flags, dont_inherit=True)
+    spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset, future_flags=flags)
     for name in sorted(names_used(source, filename, tree)):
         if name in ("rank", "size") or name not in user_ns:
             continue
         value = user_ns[name]
         if isinstance(value, types.ModuleType) and (modname := _module_name(value)):
             spec.modules[name] = modname
-        elif hasattr(builtins, name) and _same(getattr(builtins, name), value):
+        elif name in vars(builtins) and _same(vars(builtins)[name], value):  # (as Python looks a builtin up:
+            # not hasattr, whose module __annotations__ getter gives builtins an empty one for good)
             continue  # (display, get_ipython: the worker has its own, see task_builtins)
         else:
             spec.names[name] = value
@@ -371,13 +376,13 @@ def run_cell_code(
     stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
         body, last = split_last_expression(astlock.parse(source, filename))
-        code = astlock.compile_tree(body, filename, "exec")
+        code = astlock.compile_tree(body, filename, "exec", spec.future_flags)
         try:
             exec(code, ns)
         except BaseException as exc:
             stopped_at = _line_raised_at(exc, code)
             raise
-        value = eval(astlock.compile_tree(last, filename, "eval"), ns) if last is not None else None
+        value = eval(astlock.compile_tree(last, filename, "eval", spec.future_flags), ns) if last is not None else None
     finally:
         if saved_main is not None:
             sys.modules["__main__"] = saved_main

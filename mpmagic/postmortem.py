@@ -370,8 +370,8 @@ def _lookup(path: str, namespace: dict) -> Any:
     first, *rest = path.split(".")
     if first in namespace:
         obj = namespace[first]
-    elif hasattr(builtins, first):
-        obj = getattr(builtins, first)
+    elif first in vars(builtins):  # (as Python looks a builtin up; not hasattr: see cell.make_cell_spec)
+        obj = vars(builtins)[first]
     else:
         raise NameError(f"name {first!r} is not defined", name=first)
     for part in rest:

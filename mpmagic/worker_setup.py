@@ -101,6 +101,9 @@ class _Entry:
     # How ``%pool setup`` shows a function: ``init('/data/model.bin')`` for a partial (``name``
     # is the function's: ``init``); empty: ``name()``.
     shown: str = field(default="", compare=False)
+    # The notebook's ``from __future__`` features when the cell was given
+    # (astlock.notebook_future_flags): the setup is compiled under them, as serially.
+    future_flags: int = 0
 
 
 # -- notebook side --------------------------------------------------------
@@ -147,12 +150,13 @@ def set_code(source: str, line_offset: int = 0, world: bytes | None = None) -> N
     ``world``: the notebook's world as the cell runs (``context.world``), which
     every worker runs it in.
     """
-    code = compile(source, SETUP_FILENAME, "exec", dont_inherit=True)  # a SyntaxError now, not in every worker
+    flags = astlock.notebook_future_flags()
+    code = compile(source, SETUP_FILENAME, "exec", flags=flags, dont_inherit=True)  # a SyntaxError now, not in every worker
     files = _imported_files(code)
     cache_source(source, line_offset)  # (a task's frame in a setup function shows its line here too)
     with _lock:
         _entries[:] = [e for e in _entries if e.kind != "code"]
-        _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset, world))
+        _entries.insert(0, _Entry("code", "%%pool setup", source, line_offset, world, future_flags=flags))
         _files[("code", "%%pool setup")] = files
         _changed()
 
@@ -711,7 +715,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                     raise _Refused(bad)
                 for name in declared:
                     _later.setdefault(name, before.get(name, _MISSING))
-                for code in _statements(tree):
+                for code in _statements(tree, entry.future_flags):
                     exec(code, space)
                     bad = _replaced_builtins(before, patches)
                     if bad:
@@ -763,12 +767,12 @@ def declared_globals(tree: ast.AST) -> set[str]:
     return {name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names}
 
 
-def _statements(tree: ast.Module) -> Iterator[types.CodeType]:
+def _statements(tree: ast.Module, flags: int = 0) -> Iterator[types.CodeType]:
     """The setup's top-level statements, compiled one by one as it runs (as IPython
-    runs a cell), each with the ``from __future__`` features of those before it."""
+    runs a cell), each with the notebook's ``from __future__`` features (``flags``)
+    and those of the statements before it."""
     import __future__
 
-    flags = 0
     for node in tree.body:
         yield astlock.compile_tree(ast.Module([node], type_ignores=[]), SETUP_FILENAME, "exec", flags)
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":

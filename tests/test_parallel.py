@@ -864,7 +864,33 @@ def test_a_cells_annotations_are_objects_as_serially(ip, backend):
         assert hints["a"] is int and hints["return"] is float and isinstance(hints["b"], type)
         assert hints["b"].__name__ == "Local" and isinstance(held["x"], type)
         assert module_level == {"z": float}
+    import builtins
+
+    assert "__annotations__" not in vars(builtins)  # (a cell reading `__annotations__` gave the builtins one)
     with pytest.raises(NameError):  # (an annotation naming nothing fails where it is evaluated, as serially)
         run(ip, "def g(a: NoSuchName):\n    pass")
     with pytest.raises(Exception, match="NoSuchName"):
         cell(ip, "-n 2 -q", "def g(a: NoSuchName):\n    pass")
+
+
+_FUTURE_CELL = ("class Node:\n    nxt: Node | None = None\n"
+                "def link(a: Node) -> Node:\n    return a\n"
+                "(Node.__annotations__, link.__annotations__)")
+
+
+def test_a_notebooks_future_annotations_reach_its_cells_as_serially(ip, backend):
+    """IPython keeps a cell's ``from __future__ import annotations`` for every later
+    cell, so serially a class annotating a field with its own name (``Node | None``)
+    runs, its annotations strings. Compiled without it, every rank raised NameError
+    (tester-regress22, item 1); without it in the notebook, annotations are objects."""
+    import __future__
+
+    flag = __future__.annotations.compiler_flag
+    run(ip, "from __future__ import annotations")
+    try:
+        serial = run(ip, _FUTURE_CELL)
+        assert serial == ({"nxt": "Node | None"}, {"a": "Node", "return": "Node"})
+        assert list(cell(ip, "-n 2 -q", _FUTURE_CELL)) == [serial, serial]
+    finally:
+        ip.compile.flags &= ~flag
+    assert cell(ip, "-n 1 -q", "def g(a: int):\n    pass\ng.__annotations__")[0] == {"a": int}

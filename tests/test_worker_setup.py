@@ -1058,3 +1058,17 @@ def test_a_setup_failing_in_recycled_workers_is_one_line_a_run_with_a_count(ip, 
     finally:
         pool_module.shutdown()
         ensure_pool(method)
+
+
+def test_a_notebooks_future_annotations_reach_its_setup_as_serially(ip, local_pool):
+    """A ``%%pool setup`` is compiled under the notebook's ``from __future__`` features,
+    as IPython compiles the cell serially: a class annotating a field with its own name
+    is set up (it failed on every worker: tester-regress22, item 1)."""
+    import __future__
+
+    run(ip, "from __future__ import annotations")
+    try:
+        run(ip, "%%pool setup\nclass Tree:\n    kids: list[Tree]\n")
+        assert run(ip, "%pmap -q lambda x: Tree.__annotations__, range(2)") == [{"kids": "list[Tree]"}] * 2
+    finally:
+        ip.compile.flags &= ~__future__.annotations.compiler_flag
