@@ -186,11 +186,12 @@ def test_a_shown_report_works_out_its_advice_and_line_once(ip, monkeypatch):
     import argparse
 
     from mpmagic import advice, magics
+    from mpmagic import report as report_module
     from mpmagic.report import Report
 
     tips = []
-    real = advice.advise
-    monkeypatch.setattr(advice, "advise", lambda report: tips.append(1) or real(report))
+    real = advice.advise  # (report imports it up front: its own name is the one it calls)
+    monkeypatch.setattr(report_module, "advise", lambda report: tips.append(1) or real(report))
     report = api.Report(kind="pmap", items=2, workers=2, backend="local", start_method="fork", wall=0.001,
                         task_seconds=0.000002, cores=2)
     lines = []
