@@ -2195,17 +2195,18 @@ def reused_object(items: Any, n_read: int, before: list, batch: list) -> tuple[i
 
 def _iterator_at(obj: Any, depth: int = 2) -> tuple[Any, str] | None:
     """``(the iterator, where)`` when ``obj`` is an iterator (its type defines
-    ``__next__``) or a tuple holding one, ``depth`` tuples deep at most (map's zip
-    of several inputs holds groupby's ``(key, group)``); ``where``: "" or
-    " (at [1][1] of its tuple)". A generator or an open file is left to the
-    pickling, whose error already names the item and says what to do."""
+    ``__next__``) or a tuple, list or dict holding one, ``depth`` containers deep at
+    most (map's zip of several inputs holds groupby's ``(key, group)``; a generator
+    may yield ``{"key": k, "rows": g}``); ``where``: "" or " (at [1]['rows'] of the
+    item)". A generator or an open file is left to the pickling, whose error
+    already names the item and says what to do."""
     kind = type(obj)
-    if kind is tuple:
+    if kind is tuple or kind is list or kind is dict:
         if depth:
-            for i, x in enumerate(obj):
+            for key, x in (obj.items() if kind is dict else enumerate(obj)):
                 if (found := _iterator_at(x, depth - 1)) is not None:
-                    inner = found[1].removeprefix(" (at ").removesuffix(" of its tuple)")
-                    return found[0], f" (at [{i}]{inner} of its tuple)"
+                    inner = found[1].removeprefix(" (at ").removesuffix(" of the item)")
+                    return found[0], f" (at [{key!r}]{inner} of the item)"
         return None
     if getattr(kind, "__next__", None) is not None and not isinstance(obj, (types.GeneratorType, io.IOBase)):
         return obj, ""
@@ -2215,8 +2216,12 @@ def _iterator_at(obj: Any, depth: int = 2) -> tuple[Any, str] | None:
 def _shared_source(it: Any, limit: int) -> Any:
     """An iterator ``it`` draws on (directly, through the tuple of a ``map``/``zip``/
     ``chain``, or through another iterator it draws on, a few levels deep) that more
-    than ``limit`` references hold, that is something besides ``it`` too; or None."""
+    references hold than ``it`` does (``limit``: the references this function sees on
+    one nothing else holds), that is something besides ``it`` too; or None. One
+    ``it`` holds twice (``zip(*[iter(s)] * 2)``, the pairing idiom) is its own."""
+    seen: dict[int, list] = {}  # id -> [the iterator, how many times it is held in it]
     stack = [(it, 0)]
+    obj = source = None
     while stack:
         obj, depth = stack.pop()
         for source in gc.get_referents(obj):
@@ -2224,19 +2229,25 @@ def _shared_source(it: Any, limit: int) -> Any:
                 if depth < 4:
                     stack.append((source, depth + 1))
             elif getattr(type(source), "__next__", None) is not None:
-                if sys.getrefcount(source) > limit:
-                    return source
+                if (entry := seen.get(id(source))) is not None:
+                    entry[1] += 1
+                    continue
+                seen[id(source)] = [source, 1]
                 if depth < 4:
                     stack.append((source, depth + 1))
+    obj = source = entry = None
+    for held, times in seen.values():
+        if sys.getrefcount(held) - times > limit:
+            return held
     return None
 
 
 @functools.cache
 def _private_refs() -> int:
     """The references :func:`_shared_source` sees on an iterator only its holder
-    holds (its own loop's among them: how many depends on the Python's bytecode),
+    holds (its own among them: how many depends on the Python's bytecode),
     measured once on ``islice(iter(()), 0)``."""
-    limit = 1
+    limit = 0
     while _shared_source(itertools.islice(iter(()), 0), limit) is not None:
         limit += 1
     return limit
@@ -2277,9 +2288,9 @@ def live_iterator(n_read: int, batch: list, ends_only: bool = True) -> tuple[int
         if source is not None:
             return i, UsageError(
                 f"item {n_read + i}{where} is an iterator ({kind.__qualname__} object) drawing on a "
-                f"{type(source).__qualname__} the notebook holds too: a worker consumes a copy of it, later, never "
-                "the notebook's own (map() consumes it before it reads on), so the items would see it in "
-                "another state; yield what it gives as a list instead (list(it))")
+                f"{type(source).__qualname__} something else holds too (the input's generator, another item): a worker "
+                "consumes a copy of it, later, never that one (map() consumes it before it reads on), so the items "
+                "would see it in another state; yield what it gives as a list instead (list(it))")
     return None
 
 

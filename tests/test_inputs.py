@@ -366,7 +366,7 @@ GROUPS = (
     "def total(it):\n    return sum(it)\n"
 )
 
-GROUP_LINE = (r"item 0 \(at \[1\](\[1\])? of its tuple\) is a live iterator \(itertools.groupby's group\): mpmagic reads "
+GROUP_LINE = (r"item 0 \(at \[1\](\[1\])? of the item\) is a live iterator \(itertools.groupby's group\): mpmagic reads "
               r"the input ahead of the calls .* pass each group as a list: \(\(k, list\(g\)\) for k, g in groupby")
 
 
@@ -401,7 +401,7 @@ def test_groupby_groups_as_items_are_refused_not_sent_empty(shell, tmp_path, how
             mpmagic.pmap(lambda n, kg: (kg[0], len(list(kg[1]))), range(40), groups)
     assert "\n" not in str(e.value).partition("\nusage: %pmap")[0]
     if how == "several":
-        assert str(e.value).startswith("item 0 (at [1][1] of its tuple)")
+        assert str(e.value).startswith("item 0 (at [1][1] of the item)")
     # What the line says to pass gives map's results.
     assert mpmagic.pmap(ns["count_group"], ((k, list(g)) for k, g in itertools.groupby(ns["DATA"]))) == serial
 
@@ -419,7 +419,7 @@ def test_iterator_items_drawing_on_one_iterator_are_refused_others_run(shell):
     assert list(map(shell.user_ns["total"], (itertools.islice(shared, 3) for _ in range(4)))) == [3, 12, 21, 30]
     shared = iter(range(30))
     with pytest.raises(api.UsageError, match=r"^item 0 is an iterator \(islice object\) drawing on a "
-                                             r"range_iterator the notebook holds too: .*as a list instead"):
+                                             r"range_iterator something else holds too .*as a list instead"):
         mpmagic.pmap(shell.user_ns["total"], (itertools.islice(shared, 3) for _ in range(4)))
     lines = ["1 2 3", "4 5", "", "6"] * 5
     serial = list(map(shell.user_ns["total"], (map(int, line.split()) for line in lines)))
@@ -427,6 +427,15 @@ def test_iterator_items_drawing_on_one_iterator_are_refused_others_run(shell):
     assert mpmagic.pmap(list, (iter(line.split(" ")) for line in lines if line), chunksize=2) \
         == list(map(list, (iter(line.split(" ")) for line in lines if line)))
     assert mpmagic.pmap(shell.user_ns["total"], [iter([1, 2]), map(abs, [-3])]) == [3, 3]
+    pairs = ["abcd", "efgh"] * 4  # (the pairing idiom: one iterator held twice by its own zip)
+    assert mpmagic.pmap(list, (zip(*[iter(w)] * 2) for w in pairs)) == list(map(list, (zip(*[iter(w)] * 2)
+                                                                                    for w in pairs)))
+    shared = iter(range(30))  # (held in a list or a dict of the item: refused too)
+    with pytest.raises(api.UsageError, match=r"^item 0 \(at \[0\] of the item\) is an iterator \(islice"):
+        mpmagic.pmap(lambda its: sum(its[0]), ([itertools.islice(shared, 3)] for _ in range(6)))
+    data = sorted("aabbbc" * 2)
+    with pytest.raises(api.UsageError, match=r"^item 0 \(at \['rows'\] of the item\) is a live iterator"):
+        mpmagic.pmap(lambda d: len(list(d["rows"])), ({"key": k, "rows": g} for k, g in itertools.groupby(data)))
     shared = iter(range(30))  # (drawing on it through a map of a map: refused too)
     with pytest.raises(api.UsageError, match=r"^item 0 is an iterator \(map object\) drawing on a range_iterator"):
         mpmagic.pmap(shell.user_ns["total"], (map(abs, map(int, itertools.islice(shared, 2))) for _ in range(3)))
