@@ -1134,6 +1134,59 @@ def test_a_module_edited_and_not_reloaded_runs_without_the_checkpoint_so_its_old
         sys.modules.pop(mod, None)
 
 
+EDIT_DEFS = """
+import importlib, os, time, {mod}
+NEW_SOURCE = "def g(x):\\n    return ('NEW', x)  # saved while the run went on\\n"
+EDIT_MARK = {mark!r}
+def f_edit(x):
+    path = {mod}.__file__
+    if x == 0 and os.path.exists(EDIT_MARK):  # the user saves {mod}.py (no reload) while the run goes on
+        st = os.stat(path)
+        with open(path, 'w') as fh:
+            fh.write(NEW_SOURCE)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    elif x == 1 and os.path.exists(EDIT_MARK):  # (item 1's worker, which imported it too, waits for the save)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with open(path) as fh:
+                if 'NEW' in fh.read():
+                    break
+            time.sleep(0.01)
+    return {mod}.g(x)
+"""
+
+
+def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its_new_code(
+        ip, tmp_path, monkeypatch, capsys):
+    """Without --checkpoint too: the run's results mixed the two versions (serial map gives the
+    old code's) and nothing said so; the start's line is said only when the file changed before
+    the run. Now one line when a worker is found to run a version saved during the run, and none
+    when no worker did (the same call after the reload)."""
+    mod = "plainedit"
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
+        mpmagic.start_pool(workers=2, start_method="forkserver", max_tasks_per_child=1, wait=True)
+        capsys.readouterr()
+        mixed = run(ip, "%pmap -q --chunksize 1 f_edit, range(6)")
+        assert mixed[0] == ("old", 0) and mixed[2:] == [("NEW", x) for x in range(2, 6)], mixed
+        err = capsys.readouterr().err
+        assert err.count(f"mpmagic: {mod}.py changed on disk while this run went on: worker ") == 1, err
+        assert "so the items it runs use the file's new code, where serial Python" in err
+        assert f"importlib.reload({mod}) (or put the old file back)" in err
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")  # (the new code, in the notebook and the workers)
+        assert run(ip, "%pmap -q --chunksize 1 f_edit, range(6)") == run(ip, "list(map(f_edit, range(6)))")
+        assert "changed on disk" not in capsys.readouterr().err
+    finally:
+        sys.modules.pop(mod, None)
+        mpmagic.stop_pool()
+
+
 def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_checkpoint_off(
         ip, store_dir, tmp_path, monkeypatch, local_pool):
     """A %%parallel cell's modules travel by name, and were keyed by name: a module of the
