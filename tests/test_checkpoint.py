@@ -1156,6 +1156,51 @@ def f_edit(x):
 """
 
 
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_a_module_saved_while_a_checkpointed_run_goes_on_stores_none_of_its_new_codes_results(
+        ip, store_dir, tmp_path, monkeypatch, capsys, start):
+    """tester-bg22: mymod.py saved with new code (not reloaded) while a blocking `--checkpoint` run
+    went on. Workers that imported it after the save (here recycled by max_tasks_per_child) ran the
+    new file: the results mixed both versions (serial map gives the old code's: the notebook has it
+    loaded), nothing said so, and the mix was stored under the old file's key for good (the old file
+    back, or a new kernel, "resumed" the new code's results). The check of the files ran only at the
+    run's start; now a chunk is stored only while the files the key covers are as keyed."""
+    mod = f"blockedit_{start}"
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
+        mpmagic.start_pool(workers=2, start_method=start, max_tasks_per_child=1, wait=True)
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mixed = run(ip, "%pmap -q --checkpoint --chunksize 1 f_edit, range(8)")
+        # (documented: a worker that imports the module now runs the file's code)
+        assert mixed[0] == ("old", 0) and mixed[2:] == [("NEW", x) for x in range(2, 8)], mixed
+        err = capsys.readouterr().err
+        assert err.count(f"mpmagic: {mod}.py changed on disk while this run went on") == 1, err
+        assert f"importlib.reload({mod})" in err
+        said = [str(w.message) for w in caught if "mpmagic: --checkpoint:" in str(w.message)]
+        assert len(said) == 1 and f"{mod}.py changed on disk while this run of `f_edit` went on" in said[0], said
+        assert f"importlib.reload({mod})" in said[0] and "not stored" in said[0]
+        # The old file back, reloaded: the run's own key again, which must hold no new code's result.
+        _save(source, "def g(x):\n    return ('old', x)\n")
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")
+        oracle = run(ip, "list(map(f_edit, range(8)))")
+        assert oracle == [("old", x) for x in range(8)]
+        assert run(ip, "%pmap -q --checkpoint f_edit, range(8)") == oracle
+        assert "resumed: 0 of 8 items from the checkpoint, 8 computed" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint f_edit, range(8)") == oracle  # (stored now: one version)
+        assert "resumed: 8 of 8" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop(mod, None)
+        mpmagic.stop_pool()
+
+
 def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its_new_code(
         ip, tmp_path, monkeypatch, capsys):
     """Without --checkpoint too: the run's results mixed the two versions (serial map gives the
