@@ -1232,6 +1232,58 @@ def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its
         mpmagic.stop_pool()
 
 
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_a_module_saved_while_a_checkpointed_cell_runs_stores_none_of_its_ranks_values(
+        ip, store_dir, tmp_path, monkeypatch, capsys, start):
+    """The same for `%%parallel --checkpoint`: rank 0 imports the module, then the file is saved
+    with new code (not reloaded); rank 1 imports it after that and runs the new code. The ranks'
+    values, stored when the cell ended, went under the old file's key."""
+    mod = f"celledit_{start}"
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cell = textwrap.dedent(f"""\
+        import os, time
+        if rank == 1 and os.path.exists(EDIT_MARK):  # imports it once the file was saved
+            deadline = time.time() + 60
+            while time.time() < deadline and not os.path.exists(EDIT_MARK + '.saved'):
+                time.sleep(0.01)
+        import {mod}
+        if rank == 0 and os.path.exists(EDIT_MARK):  # the user saves {mod}.py (no reload) meanwhile
+            st = os.stat({mod}.__file__)
+            with open({mod}.__file__, 'w') as fh:
+                fh.write(NEW_SOURCE)
+            os.utime({mod}.__file__, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+            open(EDIT_MARK + '.saved', 'w').close()
+        {mod}.g(rank)
+        """)
+    try:
+        run(ip, f"import importlib, {mod}\nEDIT_MARK = {str(mark)!r}\n"
+                "NEW_SOURCE = \"def g(x):\\n    return ('NEW', x)  # saved while the cell ran\\n\"")
+        mpmagic.start_pool(workers=2, start_method=start, wait=True)
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [("old", 0), ("NEW", 1)]
+        err = capsys.readouterr().err
+        assert err.count(f"mpmagic: {mod}.py changed on disk while this run went on") == 1, err
+        said = [str(w.message) for w in caught if "mpmagic: --checkpoint:" in str(w.message)]
+        assert len(said) == 1 and f"{mod}.py changed on disk while this cell went on" in said[0], said
+        assert f"importlib.reload({mod})" in said[0] and "not stored" in said[0]
+        _save(source, "def g(x):\n    return ('old', x)\n")
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")
+        oracle = [run(ip, cell.replace("rank", str(r))) for r in range(2)]  # serial: the cell, rank by rank
+        assert oracle == [("old", 0), ("old", 1)]
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == oracle
+        assert "resumed: 0 of 2" in api.last_report().line()
+    finally:
+        sys.modules.pop(mod, None)
+        mpmagic.stop_pool()
+
+
 def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_checkpoint_off(
         ip, store_dir, tmp_path, monkeypatch, local_pool):
     """A %%parallel cell's modules travel by name, and were keyed by name: a module of the
@@ -1259,6 +1311,36 @@ def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_che
         assert "resumed: 2 of 2" in api.last_report().line()
     finally:
         sys.modules.pop("cellmod_ck", None)
+
+
+@pytest.mark.parametrize("imported_here", [True, False])
+def test_a_module_a_parallel_cell_imports_itself_counts_by_its_file(
+        ip, store_dir, tmp_path, monkeypatch, local_pool, imported_here):
+    """A cell whose code imports the user's module itself (`import cellmod_in` in the cell) was
+    keyed without it (only modules named by notebook globals counted): edited and reloaded (or
+    only edited, when the notebook never imported it), the cell's old values were resumed where
+    its ranks, and the cell run serially, give the new ones."""
+    mod = f"cellmod_in_{imported_here}"
+    path = tmp_path / f"{mod}.py"
+    _save(path, "def g(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cell = f"import {mod}\nv = {mod}.g(rank)\nv\n"
+    try:
+        run(ip, "import importlib" + (f", {mod}" if imported_here else ""))
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 2]
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 2]
+        assert "resumed: 2 of 2" in api.last_report().line()
+        _save(path, "def g(x):\n    return x * 100\n")
+        if imported_here:
+            run(ip, f"importlib.reload({mod})")
+        else:  # (the workers keep what they imported: new ones import the file)
+            mpmagic.restart_pool()
+        values = list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell))
+        assert "resumed: 0 of 2" in api.last_report().line()
+        oracle = [run(ip, cell.replace("rank", str(r))) for r in range(2)]  # serial: the cell, rank by rank
+        assert values == oracle == [0, 100]
+    finally:
+        sys.modules.pop(mod, None)
 
 
 def test_items_of_a_class_from_a_module_edited_and_not_reloaded_are_not_read_or_stored(ip, store_dir, tmp_path,
