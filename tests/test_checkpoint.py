@@ -1198,7 +1198,9 @@ def test_a_module_saved_while_a_checkpointed_run_goes_on_stores_none_of_its_new_
         assert "resumed: 8 of 8" in mpmagic.last_report().line()
     finally:
         sys.modules.pop(mod, None)
-        mpmagic.stop_pool()
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
 
 
 def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its_new_code(
@@ -1229,7 +1231,9 @@ def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its
         assert "changed on disk" not in capsys.readouterr().err
     finally:
         sys.modules.pop(mod, None)
-        mpmagic.stop_pool()
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
 
 
 @pytest.mark.parametrize("start", ["forkserver", "spawn"])
@@ -1281,7 +1285,9 @@ def test_a_module_saved_while_a_checkpointed_cell_runs_stores_none_of_its_ranks_
         assert "resumed: 0 of 2" in api.last_report().line()
     finally:
         sys.modules.pop(mod, None)
-        mpmagic.stop_pool()
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
 
 
 def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_checkpoint_off(

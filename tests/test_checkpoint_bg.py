@@ -682,5 +682,7 @@ def test_a_module_saved_while_a_background_run_goes_on_stores_none_of_its_new_co
         assert "resumed: 0 of 8 items from the checkpoint, 8 computed" in again.report().line()
     finally:
         sys.modules.pop(mod, None)
-        mpmagic.stop_pool()
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
         checkpoint.close_stores()
