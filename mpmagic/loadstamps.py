@@ -131,11 +131,6 @@ def install() -> None:
         sys.meta_path.insert(0, _FINDER)
 
 
-def uninstall() -> None:
-    """Take it out (this process keeps no record of its loads from now on)."""
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _LoadStamps)]
-
-
 def report_loads(skip: tuple[str, ...]) -> None:
     """In a local pool's worker (``worker.main``): note each module it (re)loads from now on
     from a source file not under ``skip`` (installed code, mpmagic's), with the file's stamp
