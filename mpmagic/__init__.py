@@ -33,8 +33,8 @@ from .errors import (
 from .loadstamps import install as _note_loads
 
 # Note the file of each module the notebook (re)loads from now on, so a run can
-# tell when a worker would load another version of it (loadstamps.py; workers
-# take the finder out in worker.main).
+# tell when a worker would load another version of it (loadstamps.py; a local
+# pool's worker reports its own loads of the user's files: worker.main).
 _note_loads()
 
 # The rest of the API is imported on first use (PEP 562). Why: every worker

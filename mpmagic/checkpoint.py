@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import debugging, worker_setup
+from . import debugging, loadstamps, worker_setup
 from .checkpoint_keys import (
     cell_key,
     held_from_reloaded,
@@ -331,6 +331,7 @@ class _Plan:
         self.unstable: str | None = None  # first reason an item's key may not repeat
         self.edited: list[tuple[str, str]] = []  # the user's modules items named, edited since loaded (_check_edited)
         self.held: list[tuple[str, str, tuple[str, ...]]] = []  # ... holding names of a module reloaded since
+        self.files = _KeyedFiles()  # the user's modules the items' keys cover (the run's: MapCheckpoint)
         # Who hears of stored items (a background run's as_completed, a stream,
         # the user's on_chunk): a lazy input's batches are planned in the thread
         # that reads the input while a listener may be joining from another.
@@ -373,6 +374,8 @@ class _Plan:
         elif used and (held := held_from_reloaded(sorted(used))):
             keys = [b""] * len(keys)
             self.held = self.held or held
+        elif used:  # stored only while their files stay as keyed
+            self.files.add(used)
         if copy:
             items = [t[2] for t in triples]
         if self.unstable is None:
@@ -561,6 +564,73 @@ def _held_line(held: list[tuple[str, str, tuple[str, ...]]], who: str, what: str
             f"give, and the key would be the files'; {reload} to run one version, which the checkpoint keeps")
 
 
+_CHANGED = (-1, -1, -1)  # a file's signature that no file has: it changed before it was noted
+
+
+class _KeyedFiles:
+    """The files of the user's modules a checkpointed run's keys cover, as they were when keyed,
+    and whether one changed since (:meth:`unchanged`, asked before each chunk is stored).
+
+    Why: a key covers such a file by its contents at the run's start, when it was still the
+    version the notebook loaded (:func:`_check_edited`). A worker that imports it later
+    (recycled by ``max_tasks_per_child``, added by ``%pool resize``, replacing a dead one)
+    runs the file as it is then: saved meanwhile with new code, that worker's results are
+    the new code's, where the notebook and serial Python run the old. Stored under the old
+    file's key, they came back for good: the old file back, or a new kernel, "resumed" them.
+    A worker imports a file before its results come home, so a file still as keyed when a
+    chunk arrives was as keyed when each of its items ran. Once one changed, nothing more
+    of the run is stored, the chunks of workers that still run the old code too: which
+    worker ran which version is only known in the local pool, and a reload or a new kernel
+    gives a new key anyway (only the old file back, unchanged, would find them again).
+
+    The signature is the file's ``(mtime_ns, size, inode)`` (``loadstamps.signature``):
+    an ``os.stat`` per file per chunk, ~1 us each (and nothing for a run that uses none).
+    Items are keyed in batches (a lazy input's during the run): their modules join as keyed.
+    """
+
+    def __init__(self) -> None:
+        # file -> (module, its signature when keyed); replaced whole when one joins: read meanwhile
+        # by the thread that stores chunks (a background run's, a stream's: the pool's manager)
+        self._files: dict[str, tuple[str, tuple[int, int, int] | None]] = {}
+        self.changed: tuple[str, str] | None = None  # the first found changed: (module, file's base name)
+        self.held_back = 0  # results not stored since
+
+    def add(self, used: dict[str, str]) -> None:
+        """Note the files of ``used`` (module -> file, as a key covers them) not noted yet, as
+        they are now; one that is no longer the version the notebook loaded counts as changed
+        (it changed since ``_check_edited`` looked, or the item batch's check, ``_Plan.add``)."""
+        new: dict[str, tuple[str, tuple[int, int, int] | None]] = {}
+        for name, path in used.items():
+            if path in self._files or path in new:
+                continue
+            sig = loadstamps.signature(path)
+            at_load = loadstamps.loaded(name, sys.modules.get(name))
+            new[path] = (name, _CHANGED if sig is not None and at_load is not None and sig[:2] != at_load[0]
+                         else sig)
+        if new:
+            self._files = {**self._files, **new}
+
+    def unchanged(self) -> bool:
+        """Is every noted file still as it was noted? False for good once one is not."""
+        if self.changed is not None:
+            return False
+        for path, (name, sig) in self._files.items():
+            if loadstamps.signature(path) != sig:
+                self.changed = (name, os.path.basename(path))
+                return False
+        return True
+
+
+def _changed_line(run: str, changed: tuple[str, str], what: str) -> str:
+    """The warning of a checkpointed run (``run``: "this run of `f`", "this cell") during which
+    a user's module file its key covers (``changed``: module, file name) changed on disk."""
+    name, file = changed
+    return (f"mpmagic: --checkpoint: {file} changed on disk while {run} went on, so {what}: a worker that "
+            f"imported it since runs the file's new code, the notebook the version it loaded, and the key is "
+            f"the old file's; importlib.reload({name}) (or restart the kernel) and run it again to compute and "
+            "store them with one version")
+
+
 def _setup_changed_line(run: str, what: str) -> str:
     """The warning of a checkpointed run whose worker setup changed between its keying and its start."""
     return (f"mpmagic: --checkpoint: the worker setup changed while {run} started, so it ran under the new "
@@ -619,6 +689,7 @@ class MapCheckpoint:
         self.background = background
         self.writer = _Writer(self.store, self.run, self.name)
         self.plan = _Plan()
+        self.plan.files.add(used)  # results are stored only while these files stay as keyed
         _in_flight(self.run, +1)  # the size cap never evicts a run still being written
         self._settled = False
         self._stopped = False  # cancelled: the user's on_chunk is not called any more (stop)
@@ -656,6 +727,9 @@ class MapCheckpoint:
         keys = [plan.keys[i] for i in positions]
         if not self._same_setup():
             keys = [b""] * len(keys)  # (an item without a key is not stored)
+        elif not plan.files.unchanged():  # a user's module saved since: a worker may run its new code
+            plan.files.held_back += sum(1 for r in results if not isinstance(r, Failed))
+            keys = [b""] * len(keys)
         elif isinstance(results, WithoutSetup):  # not what the setup in the key gives: not stored
             self._without_setup += len(results)
             keys = [b""] * len(keys)
@@ -699,6 +773,12 @@ class MapCheckpoint:
             self.writer.finish(warn or _warn)
         finally:
             _in_flight(self.run, -1)
+        files = self.plan.files
+        if files.changed is not None and files.held_back:
+            n = files.held_back
+            (warn or _warn)(_changed_line(f"this run of `{self.name}`", files.changed,
+                                          f"{'its result' if n == 1 else f'its {n} results'} that came after "
+                                          f"{'was' if n == 1 else 'were'} not stored"))
         if self._setup_changed:
             (warn or _warn)(_setup_changed_line(f"this run of `{self.name}`", "its results"))
         elif self._without_setup:
@@ -1098,6 +1178,8 @@ class CellCheckpoint:
             log.debug("no key for the cell: %s", exc)
             raise ValueError("no checkpoint key for the cell") from exc
         _check_edited("this cell", used)
+        self.files = _KeyedFiles()  # the ranks' values are stored only while these stay as keyed
+        self.files.add(used)
         self.store = open_store(location)
         if self.store is None:  # (it warned) the cell runs as a plain one
             raise ValueError("no checkpoint store for the cell")
@@ -1140,6 +1222,10 @@ class CellCheckpoint:
         """
         if worker_setup.version() != self.setup_version:
             self._warn(_setup_changed_line("this cell", "its ranks' values"))
+            return values
+        if not self.files.unchanged() and (changed := self.files.changed) is not None:
+            # a user's module saved meanwhile: a rank that imported it since ran its new code
+            self._warn(_changed_line("this cell", changed, "its ranks' values were not stored"))
             return values
         if getattr(values, "ranks_without_setup", ()):  # (not what the setup in the key gives)
             self._warn(_ranks_without_setup_line(values.ranks_without_setup))

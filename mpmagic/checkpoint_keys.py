@@ -54,7 +54,7 @@ from typing import Any
 import cloudpickle
 
 from . import loadstamps
-from .usermodules import local_module_file, module_file, source_imports
+from .usermodules import imported_names, local_module_file, module_file, source_imports
 
 # Bump when what a key covers, or how results are stored, changes: old
 # entries then simply stop matching.
@@ -510,11 +510,35 @@ def cell_key(source: str, names: dict, modules: dict, gather: tuple, size: int,
     h.update(source.encode())
     # The modules the cell imports travel by name: those of the user's own count by their
     # file, as a module a function names (an edited and reloaded one kept its stored values).
-    # (Only then in the pickle: the keys of cells without such modules stay as they were.)
-    local = [sys.modules[m] for m in sorted(set(modules.values())) if local_module_file(m) is not None]
+    # So do those its code imports itself (`import mymod` in the cell): edited and reloaded,
+    # the cell's old values were resumed. (Only then in the pickle, or the hash: the keys of
+    # cells without such modules stay as they were.)
+    own = _cell_imports(source)
+    loaded = set(modules.values()) | {m for m in own if m in sys.modules}
+    local = [sys.modules[m] for m in sorted(loaded) if local_module_file(m) is not None]
+    for name, path in sorted(own.items()):
+        if name not in sys.modules:  # not imported here: by its file, as a rank imports it
+            h.update(b"module " + _file_digest(path))
+            if used is not None:
+                used[name] = path
     what = (sorted(names.items()), sorted(modules.items()), *([local] if local else []))
     data = _key_pickle(what, h, captures=True, used=used)
     return _digest(h, data), data
+
+
+def _cell_imports(source: str) -> dict[str, str]:
+    """The user's own modules a cell's code imports itself, name -> file (``usermodules.module_file``:
+    found as import finds them, without importing them here); none when it does not compile."""
+    try:
+        code = compile(source, "<cell>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return {}
+    out = {}
+    for name in imported_names(code):
+        path = module_file(name)
+        if path is not None:
+            out[name] = path
+    return out
 
 
 _local_names: dict[str, bytes | None] = {}  # module name -> how a pickle names it, if it is the user's own

@@ -10,8 +10,9 @@ after the second save. And a reload of ``m1`` (which does ``from m2 import
 g``) before one of ``m2`` leaves the notebook's ``m1.g`` old; workers
 reloading in ``sys.modules`` order (``m2`` first) gave the new one.
 
-So ``import mpmagic`` puts a finder at the front of ``sys.meta_path`` (the
-notebook only: ``worker.main`` takes it out of workers). It finds nothing
+So ``import mpmagic`` puts a finder at the front of ``sys.meta_path`` (a
+local pool's worker keeps it too and reports its loads of the user's files:
+:func:`report_loads`). It finds nothing
 itself: it asks the finders after it, returns their spec unchanged (so no
 finder runs twice), and for a spec of a ``.py`` file notes the file's
 ``(mtime_ns, size)`` and a load number. ``importlib.reload`` (and
@@ -53,6 +54,10 @@ _numbers = itertools.count(1)
 # Load numbers are this process's: a Dask worker serving several notebooks tells
 # theirs apart by this (see dask_tasks.follow_reloads).
 NOTEBOOK = uuid.uuid4().hex[:12]
+# In a local pool's worker (report_loads): the modules it (re)loaded from a source file
+# outside ``_skip`` since its last reply, each with its file's stamp then (take_loads).
+_fresh: dict[str, tuple[int, int]] | None = None
+_skip: tuple[str, ...] = ()
 
 
 class _LoadStamps:
@@ -80,6 +85,8 @@ class _LoadStamps:
                     _loads[name] = (spec, at_load, number)
                     if name in sys.modules:  # (importlib.reload looks for the spec of a module it has)
                         _reloads[name] = number
+                    if _fresh is not None and not origin.startswith(_skip):
+                        _fresh[name] = at_load
             return spec
         return None
 
@@ -95,6 +102,16 @@ def stamp(path: Any) -> tuple[int, int] | None:
     except (OSError, TypeError, ValueError):
         return None
     return st.st_mtime_ns, st.st_size
+
+
+def signature(path: str) -> tuple[int, int, int] | None:
+    """A source file's ``(mtime_ns, size, inode)`` (None when it cannot be read): the
+    :func:`stamp` and the inode, which an editor's save by rename changes too."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def digest(path: Any) -> str | None:
@@ -114,9 +131,31 @@ def install() -> None:
         sys.meta_path.insert(0, _FINDER)
 
 
-def uninstall() -> None:
-    """Take it out (a worker: it reloads what the notebook says, and keeps no record)."""
-    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _LoadStamps)]
+def report_loads(skip: tuple[str, ...]) -> None:
+    """In a local pool's worker (``worker.main``): note each module it (re)loads from now on
+    from a source file not under ``skip`` (installed code, mpmagic's), with the file's stamp
+    then, for its next reply to take home (:func:`take_loads`).
+
+    Why: a worker that imports the user's ``mymod.py`` after it was saved with new code
+    (not reloaded in the notebook: recycled by ``max_tasks_per_child``, added by a resize,
+    replacing a dead worker) runs the new file, where the notebook and serial Python run
+    the version loaded. The notebook compares these stamps with its own and says so
+    (``LocalBackend._say_other_versions``). Cost: the finder's stat per ``.py`` import, and
+    a dict lookup per reply. The records a fork copied from the notebook are of the modules
+    it inherited, which are the notebook's versions: they stay, and are not reported."""
+    global _fresh, _skip
+    _skip = skip
+    _fresh = {}
+    install()
+
+
+def take_loads() -> dict[str, tuple[int, int]] | None:
+    """The loads :func:`report_loads` noted since the last call (None when none)."""
+    global _fresh
+    if not _fresh:
+        return None
+    loads, _fresh = _fresh, {}
+    return loads
 
 
 def reexecuted(module: Any) -> None:

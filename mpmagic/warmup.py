@@ -620,6 +620,9 @@ class Reloads:
         self._digests: dict[str, tuple[Any, tuple[int, int] | None, str | None]] = {}  # module -> (file, stat, digest)
         self._user_scanned = 0  # len(sys.modules) at that scan
         self._user_last: str | None = None  # and its last module then
+        # function payload key -> the user's modules it reaches and those they import (see versions);
+        # dropped at a reload found (what a reloaded module imports may have changed)
+        self._run_modules: dict[Any, list[str]] = {}
 
     def check(self, func: Any, key: Any) -> bool:
         """Before a run (of ``func``; None: a cell): queue a reload in every worker of
@@ -646,6 +649,7 @@ class Reloads:
                 if old is not None:
                     reloaded.append(name)
         if reloaded:
+            self._run_modules.clear()
             reloaded.sort(key=lambda n: (loadstamps.loaded(n, sys.modules.get(n)) or ((0, 0), 0))[1])
             shown = ", ".join(reloaded)
             for name in reloaded:
@@ -675,6 +679,35 @@ class Reloads:
             self._user[key] = names
         self._say_edited(names + [n for n in reloaded if n not in names])
         return bool(reloaded)
+
+    def versions(self, func: Any, key: Any) -> dict[str, tuple[int, int]]:
+        """The user's modules a run of ``func`` may use (those it reaches and those they import;
+        a cell, ``func`` None: every one loaded here), each with its file's ``(mtime_ns, size)``
+        now, where that is the version the notebook loaded: what a worker that imports one
+        during the run is to find (``LocalBackend._say_other_versions``). A module whose file
+        changed before the run is left out: the run's start says so (:meth:`_say_edited`).
+        After :meth:`check`, which found ``func``'s modules. Per run: two ``os.stat`` per
+        module (the list is kept per function), nothing for a function that uses none."""
+        if func is None:
+            names = self._user_mods
+        else:
+            found = self._run_modules.get(key)
+            if found is None:
+                direct = self._user.get(key) or []
+                found = _with_imports(direct) if direct else []
+                if len(self._run_modules) > 10_000:
+                    self._run_modules.clear()
+                self._run_modules[key] = found
+            names = found
+        if not names:
+            return {}
+        edited = set(edited_modules(names))
+        out = {}
+        for name in names:
+            stamp = _file_stamp(sys.modules.get(name)) if name not in edited else None
+            if stamp is not None:
+                out[name] = stamp
+        return out
 
     @staticmethod
     def _say_edited(names: list[str]) -> None:

@@ -894,6 +894,9 @@ def execute_map(
         once = log.take()  # one-time costs since the last Done (an Error reply has no meta: they wait)
         if once is not None:
             meta["once"] = once
+        loads = loadstamps.take_loads()  # the user's modules loaded since (local workers: see report_loads)
+        if loads is not None:
+            meta["loads"] = loads
         return Done(call, tag, data, seconds, meta)
     return Error(call, tag, error[0], error[1], data, seconds)
 
@@ -994,6 +997,9 @@ def execute_cell(
     once = log.take()
     if once is not None:
         meta["once"] = once
+    loads = loadstamps.take_loads()  # (as execute_map's)
+    if loads is not None:
+        meta["loads"] = loads
     return Done(call, rank, out, seconds, meta)
 
 
@@ -1381,6 +1387,15 @@ def _first_unpicklable(results: list) -> int | None:
     return None
 
 
+def _not_the_users() -> tuple[str, ...]:
+    """The folders of installed code (this Python's prefixes) and of mpmagic itself: the
+    modules a worker loads from them are not reported home (``loadstamps.report_loads``).
+    Not ``usermodules.INSTALLED``: its ``sysconfig`` and ``realpath`` calls would cost every
+    worker's start, and a module left in only goes home (the notebook looks up its own)."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, os.path.dirname(__file__)}
+    return tuple(sorted(d for d in (os.path.join(p, "") for p in dirs if p) if len(d) > 1))
+
+
 def main(
     conn: Connection, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None,
     stamp: Any = None,
@@ -1404,7 +1419,7 @@ def main(
     except OSError:
         pass
     _die_with_the_forkserver(parent_pid)  # a task holding the GIL does not outlive a killed notebook
-    loadstamps.uninstall()  # the notebook's record of its loads (a fork copies it): workers keep none
+    loadstamps.report_loads(_not_the_users())  # the user's modules it loads: their files' stamps go home
     worker_logging.drop_inherited_handlers()  # a task's records reach the notebook's handlers from home, once
     task_builtins.use_task_backend()  # (before anything imports matplotlib)
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)

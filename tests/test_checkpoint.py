@@ -1134,6 +1134,162 @@ def test_a_module_edited_and_not_reloaded_runs_without_the_checkpoint_so_its_old
         sys.modules.pop(mod, None)
 
 
+EDIT_DEFS = """
+import importlib, os, time, {mod}
+NEW_SOURCE = "def g(x):\\n    return ('NEW', x)  # saved while the run went on\\n"
+EDIT_MARK = {mark!r}
+def f_edit(x):
+    path = {mod}.__file__
+    if x == 0 and os.path.exists(EDIT_MARK):  # the user saves {mod}.py (no reload) while the run goes on
+        st = os.stat(path)
+        with open(path, 'w') as fh:
+            fh.write(NEW_SOURCE)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    elif x == 1 and os.path.exists(EDIT_MARK):  # (item 1's worker, which imported it too, waits for the save)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with open(path) as fh:
+                if 'NEW' in fh.read():
+                    break
+            time.sleep(0.01)
+    return {mod}.g(x)
+"""
+
+
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_a_module_saved_while_a_checkpointed_run_goes_on_stores_none_of_its_new_codes_results(
+        ip, store_dir, tmp_path, monkeypatch, capsys, start):
+    """tester-bg22: mymod.py saved with new code (not reloaded) while a blocking `--checkpoint` run
+    went on. Workers that imported it after the save (here recycled by max_tasks_per_child) ran the
+    new file: the results mixed both versions (serial map gives the old code's: the notebook has it
+    loaded), nothing said so, and the mix was stored under the old file's key for good (the old file
+    back, or a new kernel, "resumed" the new code's results). The check of the files ran only at the
+    run's start; now a chunk is stored only while the files the key covers are as keyed."""
+    mod = f"blockedit_{start}"
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
+        mpmagic.start_pool(workers=2, start_method=start, max_tasks_per_child=1, wait=True)
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mixed = run(ip, "%pmap -q --checkpoint --chunksize 1 f_edit, range(8)")
+        # (documented: a worker that imports the module now runs the file's code)
+        assert mixed[0] == ("old", 0) and mixed[2:] == [("NEW", x) for x in range(2, 8)], mixed
+        err = capsys.readouterr().err
+        assert err.count(f"mpmagic: {mod}.py changed on disk while this run went on") == 1, err
+        assert f"importlib.reload({mod})" in err
+        said = [str(w.message) for w in caught if "mpmagic: --checkpoint:" in str(w.message)]
+        assert len(said) == 1 and f"{mod}.py changed on disk while this run of `f_edit` went on" in said[0], said
+        assert f"importlib.reload({mod})" in said[0] and "not stored" in said[0]
+        # The old file back, reloaded: the run's own key again, which must hold no new code's result.
+        _save(source, "def g(x):\n    return ('old', x)\n")
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")
+        oracle = run(ip, "list(map(f_edit, range(8)))")
+        assert oracle == [("old", x) for x in range(8)]
+        assert run(ip, "%pmap -q --checkpoint f_edit, range(8)") == oracle
+        assert "resumed: 0 of 8 items from the checkpoint, 8 computed" in mpmagic.last_report().line()
+        assert run(ip, "%pmap -q --checkpoint f_edit, range(8)") == oracle  # (stored now: one version)
+        assert "resumed: 8 of 8" in mpmagic.last_report().line()
+    finally:
+        sys.modules.pop(mod, None)
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
+
+
+def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its_new_code(
+        ip, tmp_path, monkeypatch, capsys):
+    """Without --checkpoint too: the run's results mixed the two versions (serial map gives the
+    old code's) and nothing said so; the start's line is said only when the file changed before
+    the run. Now one line when a worker is found to run a version saved during the run, and none
+    when no worker did (the same call after the reload)."""
+    mod = "plainedit"
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
+        mpmagic.start_pool(workers=2, start_method="forkserver", max_tasks_per_child=1, wait=True)
+        capsys.readouterr()
+        mixed = run(ip, "%pmap -q --chunksize 1 f_edit, range(6)")
+        assert mixed[0] == ("old", 0) and mixed[2:] == [("NEW", x) for x in range(2, 6)], mixed
+        err = capsys.readouterr().err
+        assert err.count(f"mpmagic: {mod}.py changed on disk while this run went on: worker ") == 1, err
+        assert "so the items it runs use the file's new code, where serial Python" in err
+        assert f"importlib.reload({mod}) (or put the old file back)" in err
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")  # (the new code, in the notebook and the workers)
+        assert run(ip, "%pmap -q --chunksize 1 f_edit, range(6)") == run(ip, "list(map(f_edit, range(6)))")
+        assert "changed on disk" not in capsys.readouterr().err
+    finally:
+        sys.modules.pop(mod, None)
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
+
+
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_a_module_saved_while_a_checkpointed_cell_runs_stores_none_of_its_ranks_values(
+        ip, store_dir, tmp_path, monkeypatch, capsys, start):
+    """The same for `%%parallel --checkpoint`: rank 0 imports the module, then the file is saved
+    with new code (not reloaded); rank 1 imports it after that and runs the new code. The ranks'
+    values, stored when the cell ended, went under the old file's key."""
+    mod = f"celledit_{start}"
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cell = textwrap.dedent(f"""\
+        import os, time
+        if rank == 1 and os.path.exists(EDIT_MARK):  # imports it once the file was saved
+            deadline = time.time() + 60
+            while time.time() < deadline and not os.path.exists(EDIT_MARK + '.saved'):
+                time.sleep(0.01)
+        import {mod}
+        if rank == 0 and os.path.exists(EDIT_MARK):  # the user saves {mod}.py (no reload) meanwhile
+            st = os.stat({mod}.__file__)
+            with open({mod}.__file__, 'w') as fh:
+                fh.write(NEW_SOURCE)
+            os.utime({mod}.__file__, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+            open(EDIT_MARK + '.saved', 'w').close()
+        {mod}.g(rank)
+        """)
+    try:
+        run(ip, f"import importlib, {mod}\nEDIT_MARK = {str(mark)!r}\n"
+                "NEW_SOURCE = \"def g(x):\\n    return ('NEW', x)  # saved while the cell ran\\n\"")
+        mpmagic.start_pool(workers=2, start_method=start, wait=True)
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [("old", 0), ("NEW", 1)]
+        err = capsys.readouterr().err
+        assert err.count(f"mpmagic: {mod}.py changed on disk while this run went on") == 1, err
+        said = [str(w.message) for w in caught if "mpmagic: --checkpoint:" in str(w.message)]
+        assert len(said) == 1 and f"{mod}.py changed on disk while this cell went on" in said[0], said
+        assert f"importlib.reload({mod})" in said[0] and "not stored" in said[0]
+        _save(source, "def g(x):\n    return ('old', x)\n")
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")
+        oracle = [run(ip, cell.replace("rank", str(r))) for r in range(2)]  # serial: the cell, rank by rank
+        assert oracle == [("old", 0), ("old", 1)]
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == oracle
+        assert "resumed: 0 of 2" in api.last_report().line()
+    finally:
+        sys.modules.pop(mod, None)
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
+
+
 def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_checkpoint_off(
         ip, store_dir, tmp_path, monkeypatch, local_pool):
     """A %%parallel cell's modules travel by name, and were keyed by name: a module of the
@@ -1161,6 +1317,36 @@ def test_a_parallel_cells_own_module_counts_by_its_file_and_edited_turns_the_che
         assert "resumed: 2 of 2" in api.last_report().line()
     finally:
         sys.modules.pop("cellmod_ck", None)
+
+
+@pytest.mark.parametrize("imported_here", [True, False])
+def test_a_module_a_parallel_cell_imports_itself_counts_by_its_file(
+        ip, store_dir, tmp_path, monkeypatch, local_pool, imported_here):
+    """A cell whose code imports the user's module itself (`import cellmod_in` in the cell) was
+    keyed without it (only modules named by notebook globals counted): edited and reloaded (or
+    only edited, when the notebook never imported it), the cell's old values were resumed where
+    its ranks, and the cell run serially, give the new ones."""
+    mod = f"cellmod_in_{imported_here}"
+    path = tmp_path / f"{mod}.py"
+    _save(path, "def g(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cell = f"import {mod}\nv = {mod}.g(rank)\nv\n"
+    try:
+        run(ip, "import importlib" + (f", {mod}" if imported_here else ""))
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 2]
+        assert list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell)) == [1, 2]
+        assert "resumed: 2 of 2" in api.last_report().line()
+        _save(path, "def g(x):\n    return x * 100\n")
+        if imported_here:
+            run(ip, f"importlib.reload({mod})")
+        else:  # (the workers keep what they imported: new ones import the file)
+            mpmagic.restart_pool()
+        values = list(ip.run_cell_magic("parallel", "-n 2 -q --checkpoint", cell))
+        assert "resumed: 0 of 2" in api.last_report().line()
+        oracle = [run(ip, cell.replace("rank", str(r))) for r in range(2)]  # serial: the cell, rank by rank
+        assert values == oracle == [0, 100]
+    finally:
+        sys.modules.pop(mod, None)
 
 
 def test_items_of_a_class_from_a_module_edited_and_not_reloaded_are_not_read_or_stored(ip, store_dir, tmp_path,

@@ -10,6 +10,8 @@ dir (``%config MPMagic.checkpoint_dir``).
 from __future__ import annotations
 
 import multiprocessing
+import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import CancelledError
@@ -612,3 +614,75 @@ def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, 
     printed = capsys.readouterr().err.count("could not write to the checkpoint store")
     logged = sum("could not write" in r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert printed + logged == 1, (printed, logged)
+
+
+# --------------------------------------------------------------------------
+# a module of the user's saved while the run goes on
+
+EDIT_DEFS = """
+import importlib, os, time, {mod}
+NEW_SOURCE = "def g(x):\\n    return ('NEW', x)  # saved while the run went on\\n"
+EDIT_MARK = {mark!r}
+def f_edit(x):
+    path = {mod}.__file__
+    if x == 0 and os.path.exists(EDIT_MARK):  # the user saves {mod}.py (no reload) while the run goes on
+        st = os.stat(path)
+        with open(path, 'w') as fh:
+            fh.write(NEW_SOURCE)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    elif x == 1 and os.path.exists(EDIT_MARK):  # (item 1's worker, which imported it too, waits for the save)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with open(path) as fh:
+                if 'NEW' in fh.read():
+                    break
+            time.sleep(0.01)
+    return {mod}.g(x)
+"""
+
+
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_a_module_saved_while_a_background_run_goes_on_stores_none_of_its_new_codes_results(
+        ip, tmp_path, monkeypatch, start):
+    """tester-bg22: mymod.py saved with new code (not reloaded) while a `--bg --checkpoint` run was in
+    flight. Workers that imported it after the save (recycled by max_tasks_per_child, added by a
+    resize, replacing a crashed one) ran the new file: the run's results mixed both versions (serial
+    map gives the old code's, which the notebook has loaded), nothing said so, and the mix was stored
+    under the old file's key for good: the old file back (or a new kernel) "resumed" the new code's
+    results. Now no result is stored once the file changed, and two lines say what happened."""
+    mod = f"bgedit_{start}"
+    source = tmp_path / f"{mod}.py"
+    source.write_text("def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
+    try:
+        run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
+        mpmagic.start_pool(workers=2, start_method=start, max_tasks_per_child=1, wait=True)
+        handle = run(ip, "%pmap --bg --checkpoint --chunksize 1 f_edit, range(8)")
+        mixed = handle.result(120)
+        # (documented: a worker that imports the module now runs the file's code)
+        assert mixed[0] == ("old", 0) and mixed[2:] == [("NEW", x) for x in range(2, 8)], mixed
+        out = handle.output
+        assert out.count(f"mpmagic: {mod}.py changed on disk while this run went on") == 1, out
+        assert f"importlib.reload({mod})" in out
+        said = [line for line in out.splitlines() if line.startswith("mpmagic: --checkpoint:")]
+        assert len(said) == 1 and f"{mod}.py changed on disk while this run of `f_edit` went on" in said[0], out
+        assert f"importlib.reload({mod})" in said[0] and "not stored" in said[0]
+        # The old file back, reloaded: the run's own key again, which must hold no new code's result.
+        source.write_text("def g(x):\n    return ('old', x)\n")
+        os.utime(source, ns=(time.time_ns(), time.time_ns() + 20_000_000_000))
+        mark.unlink()
+        run(ip, f"importlib.reload({mod})")
+        oracle = run(ip, "list(map(f_edit, range(8)))")
+        assert oracle == [("old", x) for x in range(8)]
+        again = run(ip, "%pmap --bg --checkpoint -q f_edit, range(8)")
+        assert again.result(120) == oracle
+        assert "resumed: 0 of 8 items from the checkpoint, 8 computed" in again.report().line()
+    finally:
+        sys.modules.pop(mod, None)
+        from mpmagic import pool as pool_module
+
+        pool_module.shutdown()  # (this test's pool, its start method and recycling, is not the next test's)
+        checkpoint.close_stores()

@@ -271,6 +271,9 @@ class _Slot:
     # became first, then again every _STOPPED_NOTE_AFTER while they stay (_check_stopped).
     stall_at: float | None = None
     stopped_said: bool = False  # its runs were told it is stopped (said again once it has run again)
+    # The user's modules it (re)loaded, each with its file's (mtime_ns, size) then, as its replies
+    # told (worker: loadstamps.report_loads): one saved since the notebook loaded it runs new code.
+    loads: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.conn is not None:
@@ -536,6 +539,10 @@ class _LocalRun(Run):
         # setup failed after that, said in one line at its end (_setup_done, _end).
         self.setup_failure_shown = False
         self.setup_failed_more: list[Any] = []
+        # The user's modules it may use, with their files' stamps at its start (warmup.Reloads.versions),
+        # and those a worker was found to run another version of (_say_other_versions: said once).
+        self.file_versions: dict[str, tuple[int, int]] = {}
+        self.versions_said: set[str] = set()
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run; its busy workers are stopped and replaced (what they printed first is shown).
@@ -1413,6 +1420,7 @@ class LocalBackend:
         if job.func is not None:  # warm: modules a map's function needs, sent ahead of it
             self.warmth.want_for(job.func, job.func_key)
         self.warmth.reloads.check(job.func, job.func_key)  # the user's modules the notebook reloaded since
+        versions = self.warmth.reloads.versions(job.func, job.func_key)  # (what a worker importing one must find)
         # A stop from another thread (%pool restart, stop_pool) may have landed since the job
         # built its payload, or be unlinking segments still: ``start`` waits until it is over,
         # and a payload naming a segment it unlinked is built again for the pool as it is now
@@ -1435,6 +1443,7 @@ class LocalBackend:
             job.prefill()  # a lazy input's first chunk, read here before the lock (nothing for a cell)
         run = _LocalRun(self, job, limit)
         run.background = background
+        run.file_versions = versions
         interrupt: KeyboardInterrupt | None = None
         with self._lock:
             # The pool stopped (%pool stop / restart, from another thread) while this
@@ -2154,6 +2163,8 @@ class LocalBackend:
             return _discard(msg)  # a reply for a unit we already gave up on
         owner, unit = slot.inflight.popleft()
         slot.deadline = None
+        if kind is Done and msg.meta is not None and "loads" in msg.meta:  # (a run cut off's reply too)
+            slot.loads.update(msg.meta["loads"])
         slot.stopped_said = False  # (it answers: it runs)
         slot.stall_at = time.monotonic() + _STOPPED_NOTE_AFTER if slot.inflight else None
         if kind is NoFiles:  # the worker is unfit, whichever run the unit is of
@@ -2176,6 +2187,8 @@ class LocalBackend:
                 if note is not None:
                     job.ran_without_setup(unit, note)
             if kind is Done:
+                if slot.loads and owner.file_versions:
+                    self._say_other_versions(slot, owner)
                 self._note_memory(slot, owner, msg.meta)
                 if slot.temporary and msg.meta is not None:
                     # Its imports are not one-time: the next cell starts new temporary workers (warmup.OneTimeCosts).
@@ -2237,6 +2250,31 @@ class LocalBackend:
             run.note("stderr", f"mpmagic: {why}: it was replaced, and {what} went to a new worker; "
                                "close files in the task (`with open(...) as f:`)\n")
             run.job.requeue(unit)
+
+    @staticmethod
+    def _say_other_versions(slot: _Slot, run: _LocalRun) -> None:
+        """Say once per run and module when the worker that answered ``run`` runs a newer
+        version of a user module the run may use than the notebook's at the run's start.
+
+        The file was saved while the run went on (not reloaded here), and this worker
+        imported it since (recycled by ``max_tasks_per_child``, added by ``%pool resize``,
+        replacing a dead one): its items ran the new code, where serial Python, and the
+        workers that imported it before, run the version the notebook loaded. Nothing
+        said it: the run's start had found the file as loaded. Only a worker's version
+        saved later than the one at the start counts (one that failed to follow a reload
+        here runs an older one: not this). A ``--checkpoint`` run stores none of what came
+        after the save (``checkpoint._KeyedFiles``). Per reply: a dict lookup per module."""
+        for name, at_start in run.file_versions.items():
+            here = slot.loads.get(name)
+            if here is None or here == at_start or here[0] <= at_start[0] or name in run.versions_said:
+                continue
+            run.versions_said.add(name)
+            shown = os.path.basename(getattr(sys.modules.get(name), "__file__", None) or name)
+            run.note("stderr", (
+                f"mpmagic: {shown} changed on disk while this run went on: worker {slot.wid} imported it since, so "
+                f"the items it runs use the file's new code, where serial Python (and the workers that imported it "
+                f"before) runs the version the notebook loaded; importlib.reload({name}) (or put the old file "
+                f"back) and run again to get one version\n"))
 
     def _note_memory(self, slot: _Slot, run: _LocalRun, meta: dict | None) -> None:
         """Keep the worker's reported size (its private memory: shared-memory pages
