@@ -428,8 +428,10 @@ def test_iterator_items_drawing_on_one_iterator_are_refused_others_run(shell):
         == list(map(list, (iter(line.split(" ")) for line in lines if line)))
     assert mpmagic.pmap(shell.user_ns["total"], [iter([1, 2]), map(abs, [-3])]) == [3, 3]
     pairs = ["abcd", "efgh"] * 4  # (the pairing idiom: one iterator held twice by its own zip)
-    assert mpmagic.pmap(list, (zip(*[iter(w)] * 2) for w in pairs)) == list(map(list, (zip(*[iter(w)] * 2)
-                                                                                    for w in pairs)))
+    def paired(w: str) -> zip:
+        return zip(*[iter(w)] * 2, strict=False)
+
+    assert mpmagic.pmap(list, (paired(w) for w in pairs)) == list(map(list, (paired(w) for w in pairs)))
     shared = iter(range(30))  # (held in a list or a dict of the item: refused too)
     with pytest.raises(api.UsageError, match=r"^item 0 \(at \[0\] of the item\) is an iterator \(islice"):
         mpmagic.pmap(lambda its: sum(its[0]), ([itertools.islice(shared, 3)] for _ in range(6)))
