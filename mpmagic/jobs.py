@@ -542,7 +542,7 @@ class MapJob:
         # function from a frame that looks like that line's (callsite.py).
         self.site = callsite.caller_site()
         # A builtin eval or exec as the function reads the caller's names serially: those
-        # names, for the note on a task's NameError (_note_unsent_global); None otherwise.
+        # names and whose they are, for the note on a task's NameError (_note_unsent_global); None otherwise.
         user_func = getattr(func, "func", func) if getattr(func, "mpmagic_item", None) is not None else func  # (Seeded)
         self._caller_names = callsite.caller_names() if user_func is eval or user_func is exec else None
         self._progress = progress
@@ -950,10 +950,11 @@ class MapJob:
             return
         if self._caller_names is not None:  # map(eval, texts): serially the caller's names
             fname = "eval" if getattr(self.func, "func", self.func) is eval else "exec"
+            whose = self._caller_names  # (name -> "the notebook", "the calling function")
             note_unsent_name(
-                exc, self._caller_names, (),
-                lambda name: (f"mpmagic: the notebook has {name!r}, but {fname} runs in a worker, where the "
-                              f"notebook's variables are not (serial map({fname}, ...) reads them where it is "
+                exc, whose, (),
+                lambda name: (f"mpmagic: {whose[name]} has {name!r}, but {fname} runs in a worker, where "
+                              f"{whose[name]}'s variables are not (serial map({fname}, ...) reads them where it is "
                               f"called): map a function that names them, lambda s: {fname}(s, {{{name!r}: {name}}}), "
                               f"or pass them as arguments"),
                 key_errors=False,
