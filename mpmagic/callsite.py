@@ -133,17 +133,23 @@ def caller_site() -> Site | None:
     return tuple(site)
 
 
-def caller_names() -> frozenset[str]:
+def caller_names() -> dict[str, str]:
     """The names the frame serial ``map`` would have called the function from can
-    see (its globals and locals; the frame :func:`caller_site` finds): what a
-    builtin ``eval`` or ``exec`` mapped over strings reads serially, and a worker
-    has none of (``map(eval, ["AAA * 2"])`` in a notebook reads its ``AAA``)."""
+    see (its globals and locals; the frame :func:`caller_site` finds), each with whose
+    it is in words: "the notebook" (a global), "the calling function" (a local of the
+    function that called ``map``, which wins over a global of its name, as ``eval``
+    reads it). What a builtin ``eval`` or ``exec`` mapped over strings reads serially,
+    and a worker has none of (``map(eval, ["AAA * 2"])`` in a notebook reads its ``AAA``)."""
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None and _machinery(frame.f_code.co_filename):
         frame = frame.f_back
     if frame is None:
-        return frozenset()
-    return frozenset(frame.f_globals).union(frame.f_locals)
+        return {}
+    names = dict.fromkeys(frame.f_globals, "the notebook")
+    local = frame.f_locals
+    if local is not frame.f_globals:  # (a cell's top level: its locals are the notebook's globals)
+        names.update(dict.fromkeys(local, "the calling function"))
+    return names
 
 
 def _machinery(filename: str) -> bool:

@@ -238,31 +238,48 @@ _PANDAS_LAZY = ("display.", "styler.", "plotting.")
 _pandas_waiting = False
 
 
+class _Refused(Exception):
+    """The settings a worker's library refused: ``(what, value, reason)`` each, ``value``
+    :data:`_DEFAULT` where it was to be put back to the library's default."""
+
+    def __init__(self, refused: list[tuple[str, Any, str]]) -> None:
+        super().__init__(", ".join(what for what, _, _ in refused))
+        self.refused = refused
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none): pandas'
+    reason for refusing an option, shown in the line for the notebook."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _set_pandas_options(pd: Any, want: tuple) -> None:
     """In a worker: pandas' options as ``want`` says (the notebook's changed ones), every
     other one at its default. Deprecated ones are set quietly (the notebook showed
-    pandas' warning). Raises after trying them all, naming those pandas refused."""
+    pandas' warning). Raises :class:`_Refused` after trying them all, with each option
+    pandas refused and pandas' reason (a plotting backend only the notebook can import:
+    the others are still set)."""
     store = compat.pandas_option_store(pd)
     if store is None:
         raise RuntimeError("this pandas keeps its options elsewhere")
     registered = store[1]
     current, wanted = dict(_pandas_options(pd)), dict(want)
-    refused = []
+    refused: list[tuple[str, Any, str]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for key in [k for k in current if k not in wanted and k in registered]:
             try:
                 pd.set_option(key, registered[key].defval)
-            except Exception:
-                refused.append(key)
+            except Exception as exc:
+                refused.append((key, _DEFAULT, _reason(exc)))
         for key, value in wanted.items():
             try:
                 if key not in current or current[key] != value:
                     pd.set_option(key, value)
-            except Exception:
-                refused.append(key)
+            except Exception as exc:
+                refused.append((key, value, _reason(exc)))
     if refused:
-        raise ValueError(f"pandas refused {', '.join(refused)}")
+        raise _Refused(refused)
 
 
 # The library settings carried (libraries()): name -> (module, its default, read it, set it).
@@ -335,15 +352,69 @@ def _apply_libraries(libs: tuple) -> bool:
                 lib = importlib.import_module(module)
             if read(lib) != value:
                 write(lib, value)
-        except Exception:
+        except Exception as exc:
             applied = False
-            if (name, value) not in _libs_failed:  # (once: the next calls try again, quietly)
-                _libs_failed.add((name, value))
-                log.warning("mpmagic worker: could not set %s to the notebook's %r", name, value, exc_info=True)
+            failed = _failure_key(name, value)
+            if failed not in _libs_failed:  # (once: the next calls try again, quietly)
+                _libs_failed.add(failed)
+                log.debug("mpmagic worker: could not set %s to the notebook's %r", name, value, exc_info=True)
+                _tell_notebook(_refusal_lines(name, value, exc))
     return applied
 
 
-_libs_failed: set[tuple[str, Any]] = set()  # in a worker: the settings it could not apply (warned once)
+_libs_failed: set[Any] = set()  # in a worker: the settings it could not apply (said once)
+
+
+def _failure_key(name: str, value: Any) -> Any:
+    """What :data:`_libs_failed` remembers of a setting: ``(name, value)``, or its repr
+    where the value cannot be hashed (a pandas option holding a dict or a list)."""
+    try:
+        hash(value)
+    except TypeError:
+        return (name, repr(value))
+    return (name, value)
+
+
+def _refusal_lines(name: str, value: Any, exc: BaseException) -> list[str]:
+    """The lines for the notebook about a library setting this worker could not apply:
+    one per pandas option pandas refused, with pandas' reason and what to do; one for
+    any other setting. Never mpmagic's traceback (it was printed by every worker, even
+    for tasks that never used the library, and hid pandas' reason)."""
+    if name != PANDAS_OPTIONS or not isinstance(exc, _Refused):
+        return [f"mpmagic: the workers could not set {name} to the notebook's {value!r} ({type(exc).__name__}: "
+                f"{_reason(exc)}), so their tasks run without it"]
+    lines = []
+    for key, wanted, reason in exc.refused:
+        if wanted is _DEFAULT:
+            lines.append(f"mpmagic: the workers' pandas refused to put option {key} back to its default "
+                         f"({reason}), so their tasks keep the value it had there: %pool restart starts workers "
+                         "at pandas' defaults")
+        else:
+            lines.append(f"mpmagic: the workers' pandas refused the notebook's option {key} = {wanted!r} "
+                         f"({reason}), so their tasks run without it: set it in a %%pool setup, or reset it "
+                         f"in the notebook (pd.reset_option({key!r}))")
+    return lines
+
+
+# In a worker: the lines about settings it could not apply, until its next reply takes
+# them home (take_notes); a Dask worker's tasks adopt the context in threads of their own.
+_notes: list[str] = []
+_notes_lock = threading.Lock()
+
+
+def _tell_notebook(lines: list[str]) -> None:
+    with _notes_lock:
+        _notes.extend(lines)
+
+
+def take_notes() -> list[str]:
+    """In a worker: the lines for the notebook since the last call (a library setting it
+    could not apply), cleared. They go home in a unit's reply (``meta["notes"]``), and
+    the run shows each line once, whichever of its workers sent it (``jobs``)."""
+    with _notes_lock:
+        notes = _notes[:]
+        _notes.clear()
+    return notes
 
 # A pandas option a %%pool setup put back to its default (in setup_libs[PANDAS_OPTIONS]).
 _DEFAULT: Any = object()
@@ -757,4 +828,5 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
                        list(argv_now))
 
 
-__all__ = ["apply", "current", "fallback_dir", "key", "libraries", "reassert", "take_note", "workers_dir"]
+__all__ = ["apply", "current", "fallback_dir", "key", "libraries", "reassert", "take_note", "take_notes",
+           "workers_dir"]

@@ -530,6 +530,7 @@ class MapJob:
         self.items_total = n_items
         self.n_chunks = 0
         self._out = out or _print_stream
+        self._notes_said: set[str] = set()  # the workers' lines this run showed (say_notes)
         # Given the job's writer and its dict's own test, not closures over the job:
         # those made a cycle that kept every finished job (its payload: the pickle of
         # all it captures) until a full collection. ``redirect`` follows ``_out``.
@@ -541,7 +542,7 @@ class MapJob:
         # function from a frame that looks like that line's (callsite.py).
         self.site = callsite.caller_site()
         # A builtin eval or exec as the function reads the caller's names serially: those
-        # names, for the note on a task's NameError (_note_unsent_global); None otherwise.
+        # names and whose they are, for the note on a task's NameError (_note_unsent_global); None otherwise.
         user_func = getattr(func, "func", func) if getattr(func, "mpmagic_item", None) is not None else func  # (Seeded)
         self._caller_names = callsite.caller_names() if user_func is eval or user_func is exec else None
         self._progress = progress
@@ -949,10 +950,11 @@ class MapJob:
             return
         if self._caller_names is not None:  # map(eval, texts): serially the caller's names
             fname = "eval" if getattr(self.func, "func", self.func) is eval else "exec"
+            whose = self._caller_names  # (name -> "the notebook", "the calling function")
             note_unsent_name(
-                exc, self._caller_names, (),
-                lambda name: (f"mpmagic: the notebook has {name!r}, but {fname} runs in a worker, where the "
-                              f"notebook's variables are not (serial map({fname}, ...) reads them where it is "
+                exc, whose, (),
+                lambda name: (f"mpmagic: {whose[name]} has {name!r}, but {fname} runs in a worker, where "
+                              f"{whose[name]}'s variables are not (serial map({fname}, ...) reads them where it is "
                               f"called): map a function that names them, lambda s: {fname}(s, {{{name!r}: {name}}}), "
                               f"or pass them as arguments"),
                 key_errors=False,
@@ -982,7 +984,8 @@ class MapJob:
         ``worker``, ``start``/``end`` (epoch seconds), ``cpu``, ``runq`` (seconds waiting for a core),
         ``helper_wait`` ({kind: seconds} blocked in mpmagic's helpers) and, with insights,
         ``item_top`` (index, seconds) of its slowest items (or ``item_seconds``, all of them) and ``transfer`` seconds;
-        ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note); ``failed``, with
+        ``once``: one-time costs the worker paid (warmup.OneTimeCosts.note); ``notes``: its lines
+        for the notebook (:func:`say_notes`); ``failed``, with
         ``per_item``: how many results are an item's ErrorInfo (absent: look for them)."""
         self.bytes_back += len(data)
         # Results count as packed items do: later chunks stay under the planner's
@@ -997,6 +1000,8 @@ class MapJob:
             if "helper_wait" in meta:
                 add_waits(self.helper_wait, meta["helper_wait"])
             self.one_time.note(meta)
+            if "notes" in meta:
+                say_notes(meta["notes"], self._notes_said, self._out)
             if "end" in meta and len(self.spans) < MAX_SPANS:
                 self.spans.append((meta["start"], meta["end"]))
         if self.insights is not None:
@@ -1632,6 +1637,7 @@ class CellJob:
         self.items_total = size
         self.n_chunks = size
         self._out = out or _print_stream
+        self._notes_said: set[str] = set()  # see MapJob
         self.log_context = worker_logging.notebook_context()  # see MapJob
         self._warnings = worker_logging.WarningRelay()
         self._label = label
@@ -1795,6 +1801,8 @@ class CellJob:
             if "helper_wait" in meta:
                 add_waits(self.helper_wait, meta["helper_wait"])
             self.one_time.note(meta)
+            if "notes" in meta:
+                say_notes(meta["notes"], self._notes_said, self._out)
             if "end" in meta and len(self.spans) < MAX_SPANS:
                 self.spans.append((meta["start"], meta["end"]))
         if self.insights is not None:
@@ -2329,6 +2337,16 @@ def _load_failure_note(info: Any, advice: str | None = None) -> str:
             "If you installed it or changed sys.path after the pool started, run mpmagic.restart_pool() "
             "(%pool restart); otherwise install it in the environment the workers run in"))
     return note
+
+
+def say_notes(notes: list[str], said: set[str], out: Callable[[str, str], None]) -> None:
+    """A unit's ``meta["notes"]`` (its worker's lines for the notebook: a pandas option
+    it could not set, ``context.take_notes``) on the run's stderr, each line once per
+    run (``said``): every worker refusing the same option sent the same line."""
+    for line in notes:
+        if line not in said:
+            said.add(line)
+            out("stderr", line + "\n")
 
 
 def _print_stream(stream: str, text: str) -> None:

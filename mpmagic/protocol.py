@@ -194,7 +194,9 @@ class Done(NamedTuple):
     # mpmagic's Lock / Value's lock / Queue / Event, only when it was: mpmagic.waits);
     # with timing item_top/items_timed/transfer; "once":
     # {"imports": [(why, [names], seconds|None, start_epoch, end_epoch)], "load": seconds}
-    # when the worker paid one-time costs since its last reply (see warmup.ImportLog);
+    # when the worker paid one-time costs since its last reply (see warmup.ImportLog); "notes":
+    # its lines for the notebook since its last reply (a pandas option it could not set:
+    # context.take_notes, shown once per run by jobs.say_notes);
     # "failed": with Map.collect, how many of the chunk's results are an ErrorInfo (0: the
     # notebook need not look for them); "temporary": True, added here by the local pool's
     # loop for a cell's temporary worker

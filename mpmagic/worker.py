@@ -897,6 +897,7 @@ def execute_map(
         loads = loadstamps.take_loads()  # the user's modules loaded since (local workers: see report_loads)
         if loads is not None:
             meta["loads"] = loads
+        _take_notes(meta)
         return Done(call, tag, data, seconds, meta)
     return Error(call, tag, error[0], error[1], data, seconds)
 
@@ -1000,7 +1001,17 @@ def execute_cell(
     loads = loadstamps.take_loads()  # (as execute_map's)
     if loads is not None:
         meta["loads"] = loads
+    _take_notes(meta)
     return Done(call, rank, out, seconds, meta)
+
+
+def _take_notes(meta: dict[str, Any]) -> None:
+    """``meta["notes"]``: this worker's lines for the notebook since its last reply (a
+    pandas option it could not set: ``context.take_notes``), shown once per run at home
+    however many workers send the same line. An Error reply has no meta: they wait."""
+    notes = context.take_notes()
+    if notes:
+        meta["notes"] = notes
 
 
 def _no_files_errno(exc: BaseException) -> int:

@@ -586,6 +586,30 @@ def test_an_imap_closed_from_another_thread_ends_its_loop_with_cancelled_error_n
     assert _no_busy_worker()
 
 
+@pytest.mark.parametrize("items", [1, 10])
+def test_an_imap_closed_before_its_loop_began_says_none_of_its_items_will_come(ns, items):
+    """close() from another thread before the loop's first next(): "the loop got no result;
+    none of its 10 items' will come" (a stray apostrophe; "its 1 items" for one item).
+    Its items wait on an Event nobody sets, so none can finish before the close."""
+    run(ns["get_ipython"](), "import mpmagic\ngate = mpmagic.Event()\ndef gated(x):\n    gate.wait()\n    return x")
+    stream = mpmagic.imap(ns["gated"], range(items), chunksize=1)
+    watchdog = threading.Thread(target=stream.close)
+    watchdog.start()
+    watchdog.join()
+    with pytest.raises(CancelledError) as raised:
+        for _ in stream:
+            pass
+    none = "its one item will not come" if items == 1 else "none of its 10 items will come"
+    assert str(raised.value) == f"run {stream.run.id} (imap gated) was cancelled: the loop got no result; {none}"
+    with pytest.raises(CancelledError) as again:
+        next(stream)
+    assert str(again.value) == (f"run {stream.run.id} (imap gated) was cancelled (the CancelledError raised before): "
+                                "the loop got no result, and nothing more comes")
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert _no_busy_worker(10.0)
+
+
 def test_cancel_settles_a_run_whose_input_generator_is_blocked(ns):
     """The thread that reads a lazy input was blocked in the user's ``next()``
     (a queue nobody fills): cancel() waited 10 s, the run stayed "running" and

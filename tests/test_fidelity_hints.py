@@ -71,27 +71,35 @@ def test_a_global_read_by_name_at_run_time_says_why_it_is_missing(ip, pool2, fun
     assert any("not sent with the function" in n for n in failed.error.__notes__)
 
 
-@pytest.mark.parametrize("how", ["%pmap eval", "%pmap exec", "pmap in a function", "seed"])
+@pytest.mark.parametrize("how", ["%pmap eval", "%pmap exec", "pmap in a function", "a local shadowing",
+                                 "a global in a function", "seed"])
 def test_builtin_eval_or_exec_as_the_function_says_the_notebooks_names_are_not_in_the_worker(ip, pool2, how):
     """map(eval, ["K_HINT * 2"]) reads the caller's names (a notebook's, a function's
     locals); in a worker it raised a bare NameError, where eval inside a notebook
-    function got the note above. Now the same kind of note, with the fix."""
+    function got the note above. Now the same kind of note, with the fix. A local of
+    the function that calls pmap is the calling function's, not "the notebook has"
+    (a local shadowing a notebook variable of the same name too: eval reads the local)."""
     from IPython.utils.capture import capture_output
 
     run(ip, LOOKUPS + "import mpmagic\n"
-                      "def in_function():\n    LOCAL_HINT = 3\n    return mpmagic.pmap(eval, ['LOCAL_HINT'])\n")
+                      "def in_function():\n    LOCAL_HINT = 3\n    return mpmagic.pmap(eval, ['LOCAL_HINT'])\n"
+                      "def shadowing():\n    K_HINT = 5\n    return mpmagic.pmap(eval, ['K_HINT'])\n"
+                      "def global_in_function():\n    return mpmagic.pmap(eval, ['K_HINT'])\n")
     assert run(ip, "list(map(eval, ['K_HINT * 2']))") == [14]  # (the oracle)
-    code, name, fname = {
-        "%pmap eval": ("%pmap -q eval, ['K_HINT * 2']", "K_HINT", "eval"),
-        "%pmap exec": ("%pmap -q exec, ['K_HINT * 2']", "K_HINT", "exec"),
-        "pmap in a function": ("in_function()", "LOCAL_HINT", "eval"),  # (serially: the function's locals)
-        "seed": ("%pmap -q --seed 1 eval, ['K_HINT * 2']", "K_HINT", "eval"),
+    code, name, fname, who = {
+        "%pmap eval": ("%pmap -q eval, ['K_HINT * 2']", "K_HINT", "eval", "the notebook"),
+        "%pmap exec": ("%pmap -q exec, ['K_HINT * 2']", "K_HINT", "exec", "the notebook"),
+        # (serially: the function's locals)
+        "pmap in a function": ("in_function()", "LOCAL_HINT", "eval", "the calling function"),
+        "a local shadowing": ("shadowing()", "K_HINT", "eval", "the calling function"),
+        "a global in a function": ("global_in_function()", "K_HINT", "eval", "the notebook"),
+        "seed": ("%pmap -q --seed 1 eval, ['K_HINT * 2']", "K_HINT", "eval", "the notebook"),
     }[how]
     with capture_output():
         error = ip.run_cell(code, store_history=False).error_in_exec
     assert isinstance(error, NameError), error
     notes = [n for n in error.__notes__ if "worker" in n and name in n]
-    assert notes == [f"mpmagic: the notebook has {name!r}, but {fname} runs in a worker, where the notebook's "
+    assert notes == [f"mpmagic: {who} has {name!r}, but {fname} runs in a worker, where {who}'s "
                      f"variables are not (serial map({fname}, ...) reads them where it is called): map a function "
                      f"that names them, lambda s: {fname}(s, {{{name!r}: {name}}}), or pass them as arguments"], notes
     with capture_output():

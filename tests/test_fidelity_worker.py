@@ -13,6 +13,7 @@ serial Python. None of them loses a worker.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -1060,17 +1061,21 @@ def test_a_worker_puts_library_settings_back_and_imports_only_to_change_one(monk
 
 
 def test_a_library_setting_a_worker_cannot_apply_is_warned_once(monkeypatch, fake_numeric_libs, caplog):
+    """Said once, as one line for the notebook (``take_notes``, shown by the run) with
+    the reason, not as the worker's own log record with mpmagic's traceback."""
     from mpmagic import context
 
     torch, _ = fake_numeric_libs
     for name in ("_adopted", "_pending", "_as_adopted", "_libs_failed"):
         monkeypatch.setattr(context, name, type(getattr(context, name))() if name == "_libs_failed"
                             else getattr(context, name))
+    context.take_notes()
     monkeypatch.setattr(torch, "set_grad_enabled", lambda mode: 1 / 0)
     context.apply(context.current(libs=(("torch grad mode", False),)))
     context.reassert()  # (tried again at the next call, quietly)
-    assert [r.getMessage() for r in caplog.records].count("mpmagic worker: could not set torch grad mode to "
-                                                          "the notebook's False") == 1
+    assert context.take_notes() == ["mpmagic: the workers could not set torch grad mode to the notebook's False "
+                                    "(ZeroDivisionError: division by zero), so their tasks run without it"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records
     context.apply(context.current(libs=()))
 
 
@@ -1183,6 +1188,69 @@ def test_the_notebooks_pandas_options_reach_the_tasks_as_serially(ip, any_method
             warnings.simplefilter("ignore")
             for key in ("future.infer_string", "display.max_rows", "display.min_rows", "display.precision"):
                 pd.reset_option(key)
+
+
+def test_a_pandas_option_the_workers_refuse_is_one_line_naming_it_and_pandas_reason(ip, any_method, capfd):
+    """``pd.set_option("plotting.backend", "nbplot")`` with a backend module only the
+    notebook has: each worker printed mpmagic's own traceback (``pandas refused
+    plotting.backend``, pandas' reason lost, nothing said of what to do), even for
+    tasks that never use pandas. Now one line in the run, whichever workers refused
+    it, with pandas' reason and the way out; later runs on those workers say nothing
+    more; the tasks run and give serial ``map``'s values."""
+    import types
+
+    pd = pytest.importorskip("pandas")
+    ensure_pool(any_method).wait_ready()
+    run(ip, "import sys, types, pandas as pd\ndef plain(x):\n    return x * 2\n")
+    run(ip, "%%parallel -n 2 -q\nimport pandas")  # (both workers have pandas: the option is applied, not waited on)
+    name = f"nbplot_{any_method}"
+    module = types.ModuleType(name)
+    module.plot = lambda *args, **kwargs: None  # (what pandas asks of a plotting backend)
+    sys.modules[name] = module  # (after the workers started: theirs has no such module)
+    try:
+        pd.set_option("plotting.backend", name)
+        capfd.readouterr()
+        assert run(ip, "%%parallel -n 2 -q\nrank * 2") == [0, 2]  # (one rank per worker: both refuse it)
+        serial = run(ip, "list(map(plain, range(6)))")
+        assert run(ip, "%pmap -q --chunksize 1 plain, range(6)") == serial
+        out, err = capfd.readouterr()
+        lines = [line for line in (out + err).splitlines() if "plotting.backend" in line]
+        assert len(lines) == 1, out + err
+        assert "Traceback" not in out + err and "context.py" not in out + err, out + err
+        assert f"Could not find plotting backend '{name}'" in lines[0], lines  # (pandas' own reason)
+        assert f"{name!r}" in lines[0] and "%%pool setup" in lines[0], lines
+        assert "pd.reset_option('plotting.backend')" in lines[0], lines
+    finally:
+        pd.reset_option("plotting.backend")
+        del sys.modules[name]
+        run(ip, "%pmap -q plain, range(2)")  # (the workers follow the notebook back to its default)
+
+
+def test_a_library_setting_refused_in_a_worker_goes_home_as_one_line_without_a_traceback(monkeypatch):
+    """In a worker (this process plays one): each pandas option pandas refuses is a
+    line for the notebook (``take_notes``) with pandas' own reason, once per
+    setting, the others still applied."""
+    pd = pytest.importorskip("pandas")
+    from mpmagic import context
+
+    for name in ("_adopted", "_pending", "_as_adopted", "setup_libs"):
+        monkeypatch.setattr(context, name, getattr(context, name))
+    monkeypatch.setattr(context, "_libs_failed", set())
+    context.take_notes()
+    wanted = (("display.max_rows", 7), ("display.precision", "three"))
+    try:
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, wanted),)))
+        context.reassert()  # (tried again at the next call, quietly)
+        assert pd.get_option("display.max_rows") == 7
+        notes = context.take_notes()
+        assert notes == [
+            "mpmagic: the workers' pandas refused the notebook's option display.precision = 'three' (Value must "
+            "be a nonnegative integer or None), so their tasks run without it: set it in a %%pool setup, "
+            "or reset it in the notebook (pd.reset_option('display.precision'))"], notes
+        assert context.take_notes() == []
+    finally:
+        context.apply(context.current(libs=()))
+        pd.reset_option("display.max_rows")
 
 
 def test_a_worker_applies_pandas_display_options_once_a_task_imports_pandas(monkeypatch):

@@ -187,14 +187,45 @@ def test_an_imap_loop_after_a_cancel_says_nothing_more_comes_not_a_silent_end(ns
     assert got[-2:] == errors, got  # (after every result the loop got, then the end)
     run_name = f"run {stream.run.id} (imap nap) was cancelled"
     if ordered:
-        assert errors[0][1] == (f"{run_name}: the loop got the results of its first {n} of 8 items; item {n} and "
-                                "the items after it will not come"), errors
+        got = "the result of its first item (of 8)" if n == 1 else f"the results of its first {n} of 8 items"
+        rest = "item 7, its last, will not come" if n == 7 else f"item {n} and the items after it will not come"
+        assert errors[0][1] == f"{run_name}: the loop got {got}; {rest}", errors
     else:
-        assert errors[0][1] == (f"{run_name}: the loop got {n} of 8 results (as they finished); the other "
-                                "items' will not come"), errors
-    assert errors[1][1] == (f"{run_name} (the CancelledError raised before): the loop got {n} of 8 results, the "
-                            "other items gave none, and nothing more comes"), errors
+        rest = "the other item will not come" if n == 7 else "the other items will not come"
+        assert errors[0][1] == f"{run_name}: the loop got {n} of 8 results (as they finished); {rest}", errors
+    others = "the other item gave none" if n == 7 else "the other items gave none"
+    assert errors[1][1] == (f"{run_name} (the CancelledError raised before): the loop got {n} of 8 results, "
+                            f"{others}, and nothing more comes"), errors
     assert stream.run.state == "cancelled"
+
+
+def test_a_cancelled_imaps_message_reads_right_for_none_one_and_many_items():
+    """"none of its 10 items' will come": a stray apostrophe, and "none of its 1 items",
+    "its first 1 of 8 items", "item 7 and the items after it" for the last item. Each
+    count now has its own words, ordered or not, and after it the next next()'s."""
+    from mpmagic.streaming import cancelled_words, stopped_words
+
+    assert cancelled_words(0, 10, True) == "the loop got no result; none of its 10 items will come"
+    assert cancelled_words(0, None, False) == "the loop got no result; none of its items will come"
+    assert cancelled_words(0, 1, True) == "the loop got no result; its one item will not come"
+    assert cancelled_words(1, 8, True) == ("the loop got the result of its first item (of 8); item 1 and the items "
+                                           "after it will not come")
+    assert cancelled_words(3, 8, True) == ("the loop got the results of its first 3 of 8 items; item 3 and the items "
+                                           "after it will not come")
+    assert cancelled_words(7, 8, True) == "the loop got the results of its first 7 of 8 items; item 7, its last, will not come"
+    assert cancelled_words(1, None, True) == "the loop got the result of its first item; item 1 and the items after it will not come"
+    assert cancelled_words(1, 8, False) == "the loop got 1 of 8 results (as they finished); the other items will not come"
+    assert cancelled_words(7, 8, False) == "the loop got 7 of 8 results (as they finished); the other item will not come"
+    assert cancelled_words(1, None, False) == "the loop got 1 result (as they finished); the other items will not come"
+    assert cancelled_words(1, 1, True) == "the loop had got its one result"
+    assert cancelled_words(8, 8, False) == "the loop had got all 8 results"
+    assert cancelled_words(0, 0, True) == "the loop had no item to get a result for"
+    assert stopped_words(0, 10) == "the loop got no result, and nothing more comes"
+    assert stopped_words(1, 8) == "the loop got 1 of 8 results, the other items gave none, and nothing more comes"
+    assert stopped_words(7, 8) == "the loop got 7 of 8 results, the other item gave none, and nothing more comes"
+    assert stopped_words(1, None) == "the loop got 1 result, the other items gave none, and nothing more comes"
+    assert stopped_words(1, 1) == "the loop had got its one result, and nothing more comes"
+    assert stopped_words(8, 8) == "the loop had got all 8 results, and nothing more comes"
 
 
 def test_as_completed_goes_on_after_a_time_out_it_raised(ns):
