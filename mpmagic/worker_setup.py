@@ -567,6 +567,9 @@ _MISSING = object()
 # task's function gets these over the notebook's values cloudpickle sent with it (:func:`use_set_globals`).
 _SET_GLOBALS: dict[str, Any] = {}
 _set_globals_version = 0
+# The current ``%%pool setup`` cell's own builtins (its functions' ``__builtins__``, see :func:`_own_builtins`):
+# where its names go when the setup is removed, so that its functions still patched in somewhere find them.
+_shadow: dict[str, Any] | None = None
 
 
 def worker_id() -> int | str | None:
@@ -715,7 +718,9 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                     raise _Refused(bad)
                 for name in declared:
                     _later.setdefault(name, before.get(name, _MISSING))
+                own = _own_builtins(before)
                 for code in _statements(tree, entry.future_flags):
+                    space["__builtins__"] = own  # (taken out again by _settle or _put_back)
                     exec(code, space)
                     bad = _replaced_builtins(before, patches)
                     if bad:
@@ -751,6 +756,24 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
             return _failure_line(exc, entry, wid), sorted(_installed)
     _settle(before, patches, set_globals)
     return None, sorted(_installed)
+
+
+def _own_builtins(before: dict[str, Any]) -> dict[str, Any]:
+    """The builtins of the setup cell's code and functions: a copy of the worker's
+    (``before``), into which :func:`_uninstall` moves the setup's names when it
+    is removed.
+
+    The setup's globals are the builtins' namespace, so a name it reads is looked
+    up there first; its own builtins are only read for a name missing there, that
+    is once the setup is gone: a function of it still in use (a patch,
+    ``json.dumps = sorted_dumps`` reading ``_dumps``; a thread, an ``atexit``
+    handler) then finds the names of its setup there, as before (a NameError on
+    every call). Python fixes a function's builtins when the function is made
+    (``__builtins__``: the globals' ``__builtins__``, or the builtins of the code
+    making it), so the setup's functions and those they make keep these."""
+    global _shadow
+    _shadow = dict(before)
+    return _shadow
 
 
 class _Refused(Exception):
@@ -994,16 +1017,24 @@ def set_globals_version() -> int:
 
 def _uninstall() -> None:
     """Take the current setup's names out of the builtins (those its functions bound
-    later with ``global`` too), putting back what they shadowed."""
-    global _set_globals_version
+    later with ``global`` too), putting back what they shadowed.
+
+    The setup's own functions keep them (in their ``__builtins__``, see
+    :func:`_own_builtins`): a wrapper it patched in (``builtins.print = myprint``
+    reading ``_orig``) stays in running workers and goes on working, as serially,
+    where the notebook keeps the names; tasks no longer see them."""
+    global _set_globals_version, _shadow
     space = vars(builtins)
     for name, old in [*_installed.items(), *_later.items()]:
+        if _shadow is not None and name in space:  # (as it is now: a global rebinding's value too)
+            _shadow[name] = space[name]
         if old is _MISSING:
             space.pop(name, None)
         else:
             space[name] = old
     _installed.clear()
     _later.clear()
+    _shadow = None
     if _SET_GLOBALS:  # (and the globals the setup's functions assigned: none any more)
         _SET_GLOBALS.clear()
         _set_globals_version += 1

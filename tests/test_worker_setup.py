@@ -1072,3 +1072,70 @@ def test_a_notebooks_future_annotations_reach_its_setup_as_serially(ip, local_po
         assert run(ip, "%pmap -q lambda x: Tree.__annotations__, range(2)") == [{"kids": "list[Tree]"}] * 2
     finally:
         ip.compile.flags &= ~__future__.annotations.compiler_flag
+
+
+PATCH_SETUP = """import builtins, json, sys
+_orig = builtins.print
+_dumps = json.dumps
+sys._mpm_unpatched = (_orig, _dumps)
+def myprint(*a, **k):
+    _orig('P:', *a, **k)
+def sorted_dumps(o, **k):
+    return _dumps(o, sort_keys=True, **k)
+builtins.print = myprint
+json.dumps = sorted_dumps
+"""
+
+
+@pytest.mark.parametrize("removal", ["%pool setup clear", "%%pool setup\nOTHER = 1\n"])
+def test_a_setups_patch_keeps_working_after_the_setup_is_removed(ip, local_pool, removal):
+    """A setup patches ``builtins.print`` and ``json.dumps`` with wrappers that read its own
+    names (``_orig``, ``_dumps``). Running workers keep the patches after a clear or a
+    replacing setup (as the docs say), and the wrappers still find those names, as
+    serially (the notebook keeps them): they raised NameError on every print and dumps,
+    the setup's names having been popped from the builtins the wrappers' globals are.
+    Tasks themselves no longer see the names."""
+    for name in ("_orig", "_dumps", "myprint", "sorted_dumps", "OTHER"):
+        ip.user_ns.pop(name, None)
+    run(ip, "def _patched(x):\n    import io, json\n    buf = io.StringIO()\n    print(x, file=buf)\n"
+            "    return buf.getvalue(), json.dumps({'b': 1, 'a': x})")
+    expected = [(f"P: {x}\n", f'{{"a": {x}, "b": 1}}') for x in range(4)]
+    try:
+        run(ip, "%%pool setup\n" + PATCH_SETUP)
+        assert run(ip, "%pmap -q --chunksize 1 _patched, range(4)") == expected
+        run(ip, removal)
+        assert run(ip, "%pmap -q --chunksize 1 _patched, range(4)") == expected
+        assert run(ip, "%%parallel -n 2 -q\nimport io\nbuf = io.StringIO()\nprint(rank, file=buf)\nbuf.getvalue()") \
+            == ["P: 0\n", "P: 1\n"]
+        with pytest.raises(NameError):  # the names went with the setup: a task reading one fails as before
+            run(ip, "%pmap -q lambda x: _dumps, range(2)")
+    finally:  # (the patches stay in running workers: undo them for the tests after this one)
+        run(ip, "%%pool setup\nimport builtins, json, sys\nbuiltins.print, json.dumps = sys._mpm_unpatched\n")
+        run(ip, "%pool setup clear")
+
+
+def test_a_removed_setups_functions_still_read_its_names_tasks_do_not():
+    """In the worker process itself: after the setup is removed, its patch of ``abs``
+    (and a function one of its functions makes later) still reads ``_real_abs`` and the
+    last value a ``global`` rebinding gave ``W``; the builtins are as before the setup."""
+    import builtins
+
+    from mpmagic import payload
+
+    space = dict(vars(builtins))
+    source = ("import builtins\n_real_abs = builtins.abs\nW = 1\n"
+              "def patched(x):\n    return _real_abs(x) + W\nbuiltins.abs = patched\n"
+              "def set_w(v):\n    global W\n    W = v\n"
+              "def maker():\n    return lambda: _real_abs(-W)\n")
+    try:
+        reply = worker_setup.run_setup(1, payload.dumps_data([worker_setup._Entry("code", "%%pool setup", source)]), 7)
+        assert reply.error is None and builtins.abs(-1) == 2
+        vars(builtins)["set_w"](5)
+        made = vars(builtins)["maker"]
+        worker_setup.run_setup(0, None, None)
+        assert builtins.abs(-1) == 6 and made()() == 5
+        assert not hasattr(builtins, "_real_abs") and not hasattr(builtins, "W")
+    finally:
+        worker_setup.run_setup(0, None, None)
+        builtins.abs = space["abs"]
+    assert vars(builtins) == space
