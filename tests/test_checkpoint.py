@@ -1156,6 +1156,17 @@ def f_edit(x):
 """
 
 
+def module_to_edit(tmp_path: Path, monkeypatch, mod: str) -> tuple[Path, Path]:
+    """``mod.py`` (old code: ``g(x)`` gives ``('old', x)``) importable from ``tmp_path``, and the
+    mark file whose presence tells item 0 (rank 0) to save the new code while the run goes on."""
+    source = tmp_path / f"{mod}.py"
+    _save(source, "def g(x):\n    return ('old', x)\n")
+    mark = tmp_path / "edit-now"
+    mark.touch()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return source, mark
+
+
 @pytest.mark.parametrize("start", ["forkserver", "spawn"])
 def test_a_module_saved_while_a_checkpointed_run_goes_on_stores_none_of_its_new_codes_results(
         ip, store_dir, tmp_path, monkeypatch, capsys, start):
@@ -1166,11 +1177,7 @@ def test_a_module_saved_while_a_checkpointed_run_goes_on_stores_none_of_its_new_
     back, or a new kernel, "resumed" the new code's results). The check of the files ran only at the
     run's start; now a chunk is stored only while the files the key covers are as keyed."""
     mod = f"blockedit_{start}"
-    source = tmp_path / f"{mod}.py"
-    _save(source, "def g(x):\n    return ('old', x)\n")
-    mark = tmp_path / "edit-now"
-    mark.touch()
-    monkeypatch.syspath_prepend(str(tmp_path))
+    source, mark = module_to_edit(tmp_path, monkeypatch, mod)
     try:
         run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
         mpmagic.start_pool(workers=2, start_method=start, max_tasks_per_child=1, wait=True)
@@ -1210,11 +1217,7 @@ def test_a_module_saved_while_a_plain_run_goes_on_is_said_where_a_worker_ran_its
     the run. Now one line when a worker is found to run a version saved during the run, and none
     when no worker did (the same call after the reload)."""
     mod = "plainedit"
-    source = tmp_path / f"{mod}.py"
-    _save(source, "def g(x):\n    return ('old', x)\n")
-    mark = tmp_path / "edit-now"
-    mark.touch()
-    monkeypatch.syspath_prepend(str(tmp_path))
+    source, mark = module_to_edit(tmp_path, monkeypatch, mod)
     try:
         run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))
         mpmagic.start_pool(workers=2, start_method="forkserver", max_tasks_per_child=1, wait=True)
@@ -1243,11 +1246,7 @@ def test_a_module_saved_while_a_checkpointed_cell_runs_stores_none_of_its_ranks_
     with new code (not reloaded); rank 1 imports it after that and runs the new code. The ranks'
     values, stored when the cell ended, went under the old file's key."""
     mod = f"celledit_{start}"
-    source = tmp_path / f"{mod}.py"
-    _save(source, "def g(x):\n    return ('old', x)\n")
-    mark = tmp_path / "edit-now"
-    mark.touch()
-    monkeypatch.syspath_prepend(str(tmp_path))
+    source, mark = module_to_edit(tmp_path, monkeypatch, mod)
     cell = textwrap.dedent(f"""\
         import os, time
         if rank == 1 and os.path.exists(EDIT_MARK):  # imports it once the file was saved

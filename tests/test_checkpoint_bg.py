@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ensure_pool, run, trickle_results
+from test_checkpoint import EDIT_DEFS, module_to_edit
 
 import mpmagic
 from mpmagic import api, checkpoint
@@ -619,26 +620,6 @@ def test_a_store_that_cannot_be_written_is_said_once_by_a_checkpointed_imap(ns, 
 # --------------------------------------------------------------------------
 # a module of the user's saved while the run goes on
 
-EDIT_DEFS = """
-import importlib, os, time, {mod}
-NEW_SOURCE = "def g(x):\\n    return ('NEW', x)  # saved while the run went on\\n"
-EDIT_MARK = {mark!r}
-def f_edit(x):
-    path = {mod}.__file__
-    if x == 0 and os.path.exists(EDIT_MARK):  # the user saves {mod}.py (no reload) while the run goes on
-        st = os.stat(path)
-        with open(path, 'w') as fh:
-            fh.write(NEW_SOURCE)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    elif x == 1 and os.path.exists(EDIT_MARK):  # (item 1's worker, which imported it too, waits for the save)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            with open(path) as fh:
-                if 'NEW' in fh.read():
-                    break
-            time.sleep(0.01)
-    return {mod}.g(x)
-"""
 
 
 @pytest.mark.parametrize("start", ["forkserver", "spawn"])
@@ -651,11 +632,7 @@ def test_a_module_saved_while_a_background_run_goes_on_stores_none_of_its_new_co
     under the old file's key for good: the old file back (or a new kernel) "resumed" the new code's
     results. Now no result is stored once the file changed, and two lines say what happened."""
     mod = f"bgedit_{start}"
-    source = tmp_path / f"{mod}.py"
-    source.write_text("def g(x):\n    return ('old', x)\n")
-    mark = tmp_path / "edit-now"
-    mark.touch()
-    monkeypatch.syspath_prepend(str(tmp_path))
+    source, mark = module_to_edit(tmp_path, monkeypatch, mod)
     run(ip, f"%config MPMagic.checkpoint_dir = {str(tmp_path / 'ckpt')!r}")
     try:
         run(ip, EDIT_DEFS.format(mod=mod, mark=str(mark)))

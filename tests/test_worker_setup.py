@@ -826,9 +826,10 @@ def test_clearing_a_setup_that_never_ends_replaces_its_workers(ip, local_pool, t
     assert run(ip, "%pmap -q lambda x: x + 1, range(4)") == [1, 2, 3, 4]
 
 
-def test_a_run_waiting_for_a_setup_says_so(ip, local_pool, tmp_path, monkeypatch, capsys):
-    """An untimed run behind a setup that hung sat at 0% for ever with no word:
-    one line says the workers still run the setup, and how to get out."""
+def _workers_in_a_stalled_setup(ip, tmp_path, monkeypatch):
+    """Restart the pool into a setup that waits while the file ``STALL`` exists (a line about
+    the wait comes after 0.1 s): (mpmagic.backends.local, that file, the backend's own
+    ``_say_setup_waits``, for a test to wrap)."""
     from mpmagic.backends import local
 
     monkeypatch.setattr(local, "_SETUP_NOTE_AFTER", 0.1)
@@ -837,7 +838,13 @@ def test_a_run_waiting_for_a_setup_says_so(ip, local_pool, tmp_path, monkeypatch
             "and time.time() < t:\n    time.sleep(0.02)\nSTALLED = 0\n")
     stall.touch()
     run(ip, "%pool restart")
-    say = local.LocalBackend._say_setup_waits
+    return local, stall, local.LocalBackend._say_setup_waits
+
+
+def test_a_run_waiting_for_a_setup_says_so(ip, local_pool, tmp_path, monkeypatch, capsys):
+    """An untimed run behind a setup that hung sat at 0% for ever with no word:
+    one line says the workers still run the setup, and how to get out."""
+    local, stall, say = _workers_in_a_stalled_setup(ip, tmp_path, monkeypatch)
 
     def said(self, slot, now):  # (the line is out: the setup may end now)
         say(self, slot, now)
@@ -977,15 +984,7 @@ def test_a_setup_runs_in_the_builtins_and_leaves_them_as_they_were_but_its_names
 def test_a_run_that_waited_for_a_slow_setup_says_so_not_a_transfer_cost(ip, local_pool, tmp_path, monkeypatch):
     """The docs say a slow setup is no item's time: its wait was read as the cost of
     sending a chunk ("sending and collecting a chunk cost ~2.50 s", speedup <0.1x)."""
-    from mpmagic.backends import local
-
-    monkeypatch.setattr(local, "_SETUP_NOTE_AFTER", 0.1)
-    stall = tmp_path / "STALL"
-    run(ip, f"%%pool setup\nimport os, time\nt = time.time() + 60\nwhile os.path.exists({str(stall)!r}) "
-            "and time.time() < t:\n    time.sleep(0.02)\nSTALLED = 0\n")
-    stall.touch()
-    run(ip, "%pool restart")
-    say = local.LocalBackend._say_setup_waits
+    local, stall, say = _workers_in_a_stalled_setup(ip, tmp_path, monkeypatch)
 
     def said(self, slot, now):  # the run's items are in flight behind the setup: they wait 0.3 s more at least
         say(self, slot, now)
