@@ -55,6 +55,7 @@ from .errors import (
     one_line,
     one_line_interrupt,
 )
+from .fmt import cancelled_words, stopped_words
 from .interrupts import absorb_late_interrupts
 from .report import Report
 from .timeouts import TimeoutError as WaitTimeout
@@ -1169,7 +1170,8 @@ def _completed_part(state: _Arrivals) -> Iterator[Any]:
     state.over = True
     if run._cancelled:  # (the next next() says nothing more comes, as after an error)
         state.over, state.stopped = False, True
-        raise one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled"))
+        raise one_line(CancelledError(  # (imap's words: "its one item will not come", never "0 of 1 results")
+            f"run {run.id} ({run.what}) was cancelled: {cancelled_words(state.given, run.items_total, False)}"))
     if run._error is not None:
         state.over, state.stopped = False, True
         run._raise_error()
@@ -1182,18 +1184,14 @@ def _stopped_note(state: _Arrivals) -> Iterator[Any]:
     ``CancelledError`` again, as a cancelled future's ``result()`` raises it each time."""
     __tracebackhide__ = True
     run = state.run
-    total = run.items_total
-    of = f" of {total}" if total is not None else ""
+    got = stopped_words(state.given, run.items_total)  # (imap's words, right for none, one and many items)
     if run._cancelled:
-        raise one_line(CancelledError(
-            f"run {run.id} ({run.what}) was cancelled (the CancelledError raised before): {state.given}{of} results "
-            "came, the other items gave none, and nothing more comes"))
+        raise one_line(CancelledError(f"run {run.id} ({run.what}) was cancelled (the CancelledError raised before): {got}"))
     error = run._error
     raise one_line(MPMagicError(
         f"run {run.id} ({run.what}) stopped at the {type(error).__name__} raised before (a map with errors='raise' "
-        f"stops at its first error, as a blocking pmap does): {state.given}{of} results came, the other items gave "
-        "none, and nothing more comes; with errors='collect' a run goes on, each failed item an mpmagic.Failed in "
-        "its place"))
+        f"stops at its first error, as a blocking pmap does): {got}; with errors='collect' a run goes on, each "
+        "failed item an mpmagic.Failed in its place"))
     yield  # (a generator: the chain iterates it)
 
 

@@ -119,3 +119,44 @@ def fmt_bytes(n: float | None) -> str:
         if round(abs(n)) < 1000 or unit == "TB":
             return f"{n:,.0f} {unit}"
     raise AssertionError("unreachable")
+
+
+def _results_words(n: int, total: int | None) -> str:
+    """``n`` results in words: "1 result", "3 results", "3 of 8 results", "1 of 8 results"."""
+    return f"{n} of {total} results" if total is not None else f"{n} result{'s' if n != 1 else ''}"
+
+
+def cancelled_words(n: int, total: int | None, ordered: bool) -> str:
+    """What the loop of a cancelled imap (or ``as_completed``) got, and which items will not come, for
+    ``n`` results given of ``total`` items (None: an input of unknown length), in
+    words right for none, one and many ("none of its 10 items will come", "its one
+    item will not come", "item 7, its last, will not come")."""
+    if total is not None and n >= total:
+        if total == 0:
+            return "the loop had no item to get a result for"
+        return "the loop had got its one result" if total == 1 else f"the loop had got all {n} results"
+    if not n:
+        if total == 1:
+            return "the loop got no result; its one item will not come"
+        return f"the loop got no result; none of its {'' if total is None else f'{total} '}items will come"
+    left = None if total is None else total - n
+    if ordered:
+        got = ("the result of its first item" + ("" if total is None else f" (of {total})") if n == 1
+               else f"the results of its first {n}{'' if total is None else f' of {total}'} items")
+        rest = f"item {n}, its last, will not come" if left == 1 else f"item {n} and the items after it will not come"
+        return f"the loop got {got}; {rest}"
+    rest = "the other item will not come" if left == 1 else "the other items will not come"
+    return f"the loop got {_results_words(n, total)} (as they finished); {rest}"
+
+
+def stopped_words(n: int, total: int | None) -> str:
+    """The next ``next()`` after a cancelled imap's ``CancelledError`` (or an ``as_completed``
+    loop's, or its run's first error): what the loop got
+    (``n`` results of ``total`` items), in words right for none, one and many."""
+    if not n:
+        return "the loop got no result, and nothing more comes"
+    if total is not None and n >= total:
+        return "the loop had got its one result, and nothing more comes" if total == 1 else (
+            f"the loop had got all {n} results, and nothing more comes")
+    others = "the other item gave none" if total is not None and total - n == 1 else "the other items gave none"
+    return f"the loop got {_results_words(n, total)}, {others}, and nothing more comes"

@@ -158,7 +158,39 @@ def test_as_completed_after_a_cancel_says_nothing_more_comes_not_a_silent_end(ns
     assert set(results) <= set(map(ns["nap"], range(8))) and len(results) < 8, got
     assert [name for name, _ in errors] == ["CancelledError", "CancelledError"], got
     assert "was cancelled" in errors[0][1] and got[-1] == errors[1], got
-    assert f"{len(results)} of 8 results came" in errors[1][1] and "nothing more comes" in errors[1][1], got
+    assert f"the loop got {len(results)} of 8 results, the other item" in errors[1][1], got
+    assert "nothing more comes" in errors[1][1], got
+
+
+def test_as_completeds_cancel_and_stop_messages_read_right_for_one_item(ns):
+    """as_completed over a cancelled run of one item said "0 of 1 results came, the other
+    items gave none" (and "1 of 1 results came" had the result come first): its
+    words are imap's now (``streaming.cancelled_words``, ``stopped_words``), the first
+    CancelledError saying what the loop got too. After a run's first error likewise:
+    "0 of 1 results came" read as one item that was there."""
+    handle = mpmagic.submit(ns["nap"], [5], chunksize=1)
+    assert handle.cancel()
+    got = drain(mpmagic.as_completed(handle))
+    results = [g for g in got if not isinstance(g, tuple)]
+    errors = [g for g in got if isinstance(g, tuple)]
+    assert results == [] and [name for name, _ in errors] == ["CancelledError", "CancelledError"], got
+    name = f"run {handle.id} (pmap nap) was cancelled"
+    assert errors[0][1] == f"{name}: the loop got no result; its one item will not come", errors
+    assert errors[1][1] == (f"{name} (the CancelledError raised before): the loop got no result, "
+                            "and nothing more comes"), errors
+    failing = mpmagic.submit(ns["f"], [1], chunksize=1)
+    assert failing.wait(60)
+    got = drain(mpmagic.as_completed(failing))
+    assert got[0] == ("ValueError", "bad item 1") and got[1][0] == "MPMagicError", got
+    assert ": the loop got no result, and nothing more comes; with errors='collect'" in got[1][1], got
+    assert "0 of 1" not in got[1][1] and "the other items" not in got[1][1], got
+    several = mpmagic.submit(ns["f"], range(4), chunksize=1)
+    assert several.wait(60)
+    got = drain(mpmagic.as_completed(several))
+    n = len([g for g in got if not isinstance(g, tuple)])
+    others = "the other item gave none" if n == 3 else "the other items gave none"
+    words = "the loop got no result" if n == 0 else f"the loop got {n} of 4 results, {others}"
+    assert f": {words}, and nothing more comes;" in got[-1][1], got
 
 
 @pytest.mark.parametrize("ordered", [True, False])
