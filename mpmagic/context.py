@@ -268,18 +268,39 @@ def _set_pandas_options(pd: Any, want: tuple) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for key in [k for k in current if k not in wanted and k in registered]:
+            if (key, _DEFAULT) in _pandas_refused:
+                continue
             try:
                 pd.set_option(key, registered[key].defval)
             except Exception as exc:
                 refused.append((key, _DEFAULT, _reason(exc)))
         for key, value in wanted.items():
+            if _failure_key(key, value) in _pandas_refused:
+                continue
             try:
                 if key not in current or current[key] != value:
                     pd.set_option(key, value)
             except Exception as exc:
                 refused.append((key, value, _reason(exc)))
     if refused:
+        _pandas_refused.update(_failure_key(key, value) for key, value, _ in refused)
         raise _Refused(refused)
+
+
+# In a worker: the pandas options its pandas refused, as ``(option, value)`` (``_DEFAULT``:
+# put back to its default; see :func:`_failure_key`). Not tried again at each call, nor in
+# each Dask task: a plotting backend the worker cannot import cost ~3.5 ms per try, at every
+# call, for the worker's whole life. A new context from the notebook (it changed something:
+# a sys.path entry may bring the backend) or a new %%pool setup (which may import it) clears
+# it: tried once more then.
+_pandas_refused: set[Any] = set()
+
+
+def _pandas_wanted(value: tuple) -> tuple:
+    """The notebook's pandas options ``value`` but those this worker's pandas refused
+    (:data:`_pandas_refused`): what the worker compares its own with, so that an option it
+    cannot take does not make every call set them all again."""
+    return tuple(kv for kv in value if _failure_key(*kv) not in _pandas_refused)
 
 
 # The library settings carried (libraries()): name -> (module, its default, read it, set it).
@@ -350,10 +371,18 @@ def _apply_libraries(libs: tuple) -> bool:
                     _pandas_waiting = True  # (applied once a task imports pandas: reassert)
                     continue
                 lib = importlib.import_module(module)
+            if name == PANDAS_OPTIONS and _pandas_refused:
+                value = _pandas_wanted(value)  # (those refused are not tried again: _pandas_refused)
             if read(lib) != value:
                 write(lib, value)
         except Exception as exc:
             applied = False
+            if name == PANDAS_OPTIONS and isinstance(exc, _Refused):  # (said once per option and value)
+                exc.refused = [each for each in exc.refused if (name, *_failure_key(*each[:2])) not in _libs_failed]
+                _libs_failed.update((name, *_failure_key(*each[:2])) for each in exc.refused)
+                if exc.refused:
+                    _tell_notebook(_refusal_lines(name, value, exc))
+                continue
             failed = _failure_key(name, value)
             if failed not in _libs_failed:  # (once: the next calls try again, quietly)
                 _libs_failed.add(failed)
@@ -362,7 +391,7 @@ def _apply_libraries(libs: tuple) -> bool:
     return applied
 
 
-_libs_failed: set[Any] = set()  # in a worker: the settings it could not apply (said once)
+_libs_failed: set[Any] = set()  # in a worker: the settings it could not apply (said once; a pandas option each)
 
 
 def _failure_key(name: str, value: Any) -> Any:
@@ -515,6 +544,7 @@ def apply(msg: Context) -> None:
         return
     global _pending
     _pending = list(packed)
+    _pandas_refused.clear()  # (the notebook changed something: a refused option is tried once more)
     _adopted = (cwd, env, path, limit, digits, _load_filters(), libs, argv)
     _adopt(*_adopted)
 
@@ -620,6 +650,7 @@ def keep_setup_changes(run: Any) -> Any:
     setup_env.clear()
     setup_removed.clear()
     setup_libs.clear()
+    _pandas_refused.clear()  # (a setup may make a refused option possible: tried once more)
     own_cwd, setup_limit, setup_digits, setup_filters = None, None, None, ([], [])
     if _adopted is not None:  # the notebook's world, without the last setup's changes
         _adopt(*_adopted)

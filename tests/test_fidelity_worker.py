@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+from typing import Any
 
 import pytest
 from conftest import ensure_pool, low_recursion_limit, run
@@ -1251,6 +1252,56 @@ def test_a_library_setting_refused_in_a_worker_goes_home_as_one_line_without_a_t
     finally:
         context.apply(context.current(libs=()))
         pd.reset_option("display.max_rows")
+
+
+def test_a_pandas_option_a_worker_refused_is_not_tried_again_at_every_call(monkeypatch):
+    """In a worker (this process plays one): an option its pandas refused (a plotting
+    backend only the notebook can import: ~3.5 ms per try) was tried again at the start
+    of every call, and in every Dask task, for the worker's whole life. The worker now
+    remembers the (option, value) refused: not tried again, and said once, while the
+    other options still follow the notebook's. A new context from the notebook (it
+    changed something: a sys.path entry may bring the backend) or a new %%pool setup
+    tries it once more, quietly where it was said; another value of it is tried and said."""
+    pd = pytest.importorskip("pandas")
+    from mpmagic import context
+
+    for name in ("_adopted", "_pending", "_as_adopted", "setup_libs"):
+        monkeypatch.setattr(context, name, getattr(context, name))
+    monkeypatch.setattr(context, "_libs_failed", set())
+    monkeypatch.setattr(context, "_pandas_refused", set(), raising=False)
+    tries: list[tuple[str, Any]] = []
+    real_set = pd.set_option
+
+    def set_option(key: str, value: Any) -> None:
+        tries.append((key, value))
+        real_set(key, value)
+
+    monkeypatch.setattr(pd, "set_option", set_option)
+    context.take_notes()
+    wanted = (("display.max_rows", 7), ("display.precision", "three"))
+    try:
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, wanted),)))
+        for _ in range(5):  # (five calls: each starts with reassert; a task changes another option)
+            pd.options.display.max_rows = 99
+            context.reassert()
+            assert pd.get_option("display.max_rows") == 7  # (the other option still follows the notebook)
+            context.reassert_libraries()  # (a Dask task's)
+        assert tries.count(("display.precision", "three")) == 1, tries
+        notes = context.take_notes()
+        assert len(notes) == 1 and "display.precision = 'three'" in notes[0], notes
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, (*wanted, ("display.max_columns", 5))),)))
+        context.reassert()
+        assert tries.count(("display.precision", "three")) == 2 and context.take_notes() == [], tries
+        assert pd.get_option("display.max_columns") == 5
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, (("display.precision", "four"),)),)))
+        context.reassert()
+        assert tries.count(("display.precision", "four")) == 1, tries
+        notes = context.take_notes()
+        assert len(notes) == 1 and "display.precision = 'four'" in notes[0], notes
+    finally:
+        context.apply(context.current(libs=()))
+        for key in ("display.max_rows", "display.max_columns"):
+            pd.reset_option(key)
 
 
 def test_a_worker_applies_pandas_display_options_once_a_task_imports_pandas(monkeypatch):
