@@ -2033,8 +2033,7 @@ def parallel(
             serial_spec = call.serial_copy()  # (a copy of its names, as a rank gets: not timed, as a rank's load is not)
             mark = len(sys.modules)
             t1 = time.perf_counter()
-            with _random_state_kept(seed is not None), _labelled_here(SERIAL_LABEL if label_output else None):
-                serial_value, _ = run_cell_code(serial_spec, 0, 1, as_main=False)
+            serial_value = run_cell_serially(serial_spec, seed is not None, label_output)
         except Exception as exc:  # (e.g. 1 / (size - 1): the cell as one rank cannot run)
             drop_our_frames(exc)
             _serial_failed(report, exc, "ranks' values")
@@ -2053,21 +2052,103 @@ SERIAL_LABEL = "[serial] "
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
 
 
+def serial_cell_copy(spec: Any, backend: Backend) -> Any:
+    """A cell's spec for a serial run here (``--compare``'s, ``--scaling``'s): its notebook
+    names pickled and loaded again, as each rank of a run on ``backend`` gets them, so
+    that the run changes none of the notebook's own objects (a cell's ``lst.append(rank)``
+    made the notebook's list longer, only when --compare or --scaling was given). Large
+    arrays come as the ranks get them: read-only where the ranks map them read-only
+    (views of the notebook's memory, no copy), a writable copy where the ranks' are
+    writable; a :func:`shm.share` array is that very memory."""
+    lent = backend.shares_memory and shm.ENABLED  # (as CellCall lends them to the ranks)
+    return shm.as_lent(spec, lambda spec, collector: payload.dumps_function(spec, "the cell's names", collector),
+                       writable=shm.WRITABLE if lent else True, share_read_only=True)
+
+
+def serial_map_copy(obj: Any, backend: Backend, what: str = "the function") -> Any:
+    """A map's function, or its items, for ``--scaling``'s serial runs here: pickled and
+    loaded again, as a worker of a run on ``backend`` gets them (what the function
+    captures too: a notebook list it appends to, a dict it fills), so that the serial runs
+    change none of the notebook's objects, as the parallel runs change none. They called
+    the function on the notebook's own, two or more times (before the points and after
+    them): a list appended to held twice the items, and the points after the first serial
+    run shipped the longer list. Large arrays come as the workers get them
+    (:func:`serial_cell_copy`). (``--compare``'s serial run of a map calls the function
+    as it is, once: serial ``map`` in the notebook.)"""
+    lent = backend.shares_memory and shm.ENABLED
+    return shm.as_lent(obj, lambda each, collector: payload.dumps_function(each, what, collector),
+                       writable=shm.WRITABLE if lent else True, share_read_only=True)
+
+
+def run_cell_serially(spec: Any, seeded: bool, label: bool) -> Any:
+    """A cell's serial run here (``--compare``'s, ``--scaling``'s), on ``spec`` (a copy:
+    :func:`serial_cell_copy`): rank 0 of 1, as ``__main__``; its value. ``seeded``: the
+    notebook's own random state is put back after it (``seed=``: rank 0's stream).
+    ``label``: what it prints, its threads included, comes after ``[serial] ``."""
+    __tracebackhide__ = True
+    with _random_state_kept(seeded), _labelled_here(SERIAL_LABEL if label else None):
+        value, _ = run_cell_code(spec, 0, 1, as_main=False)
+    return value
+
+
+# The threads of each labelled serial run in progress (its own, and those started from
+# them while it runs): a rank's threads print into its output, labelled as the rank, so a
+# serial run's threads' lines are labelled [serial] too. threading.Thread.start is wrapped
+# while any run is in progress (one at a time per thread that starts one; several at once).
+_run_threads: list[weakref.WeakSet[threading.Thread]] = []
+_run_threads_lock = threading.Lock()
+_thread_start: Callable[..., Any] | None = None  # the Thread.start the wrapper calls (while installed)
+
+
+def _start_in_run(self: threading.Thread, *args: Any, **kwargs: Any) -> Any:
+    """``threading.Thread.start`` while a labelled serial run runs: a thread started by one
+    of the run's threads is the run's too (marked before it starts: its first line counts)."""
+    starter = threading.current_thread()
+    for threads in list(_run_threads):
+        if starter in threads:
+            threads.add(self)
+    start = _thread_start if _thread_start is not None else _THREAD_START
+    return start(self, *args, **kwargs)
+
+
+_THREAD_START = threading.Thread.start
+
+
+@contextlib.contextmanager
+def _threads_of_this_run() -> Iterator[weakref.WeakSet[threading.Thread]]:
+    """The set of this serial run's threads (this one, and those it starts while it runs)."""
+    global _thread_start
+    threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet([threading.current_thread()])
+    with _run_threads_lock:
+        if not _run_threads and threading.Thread.start is not _start_in_run:
+            _thread_start = threading.Thread.start
+            threading.Thread.start = _start_in_run  # type: ignore[method-assign]
+        _run_threads.append(threads)
+    try:
+        yield threads
+    finally:
+        with _run_threads_lock:
+            _run_threads.remove(threads)
+            if not _run_threads and threading.Thread.start is _start_in_run:
+                threading.Thread.start = _thread_start or _THREAD_START  # type: ignore[method-assign]
+
+
 class _LabelledStream:
     """``sys.stdout`` or ``sys.stderr`` while ``--compare``'s serial run of a cell runs
-    here: what that run's thread writes comes with ``label`` at the start of each line
+    here: what that run's threads write (its own, and those the cell starts, as a rank's
+    threads write into the rank's output) comes with ``label`` at the start of each line
     (after a ``\r`` that redraws one too), as the ranks' lines come with ``[rank N] ``;
     it showed unlabelled, as if the cell itself printed it a third time. Other
     threads' writes (a background run's output) pass as they are."""
 
-    def __init__(self, target: Any, label: str) -> None:
+    def __init__(self, target: Any, label: str, threads: weakref.WeakSet[threading.Thread]) -> None:
         self.target = target
         self.label = label
-        self.thread = threading.get_ident()
+        self.threads = threads
         self.line_open = False  # (the run's last text did not end its line: the next continues it)
 
     def write(self, text: str) -> int:
-        if threading.get_ident() != self.thread or not text:
+        if not text or threading.current_thread() not in self.threads:
             return self.target.write(text)
         lines = text.split("\n")
         last = len(lines) - 1
@@ -2090,22 +2171,24 @@ class _LabelledStream:
 
 @contextlib.contextmanager
 def _labelled_here(label: str | None) -> Iterator[None]:
-    """While it runs, this thread's writes to ``sys.stdout`` and ``sys.stderr`` come
-    with ``label`` before each line (no label: as they are). A line the run left open
+    """While it runs, this thread's writes to ``sys.stdout`` and ``sys.stderr`` (and
+    those of the threads it starts, and theirs) come with ``label`` before each line
+    (no label: as they are); other threads' pass as they are. A line the run left open
     is ended, so that the report's line is not joined to it. The streams the run
     found are put back, whatever it set them to (in a rank that stays in the worker)."""
     if label is None:
         yield
         return
-    out, err = sys.stdout, sys.stderr
-    streams = sys.stdout, sys.stderr = _LabelledStream(out, label), _LabelledStream(err, label)
-    try:
-        yield
-    finally:
-        sys.stdout, sys.stderr = out, err
-        for stream in streams:
-            if stream.line_open:
-                stream.target.write("\n")
+    with _threads_of_this_run() as threads:
+        out, err = sys.stdout, sys.stderr
+        streams = sys.stdout, sys.stderr = _LabelledStream(out, label, threads), _LabelledStream(err, label, threads)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
+            for stream in streams:
+                if stream.line_open:
+                    stream.target.write("\n")
 
 
 def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code: str, label: str, kept: str) -> _T:
@@ -2480,16 +2563,9 @@ class CellCall:
                                          **kwargs)
 
     def serial_copy(self) -> Any:
-        """The cell's spec for ``compare``'s serial run here: its notebook names pickled
-        and loaded again, as each rank gets them, so that the run changes none of the
-        notebook's own objects (a cell's ``lst.append(rank)`` made the notebook's list
-        longer, only when --compare was given). Large arrays come as the ranks get them:
-        read-only where the ranks map them read-only (views of the notebook's memory,
-        no copy), a writable copy where the ranks' are writable; a :func:`shm.share`
-        array is that very memory."""
-        lent = self.backend.shares_memory and shm.ENABLED  # (as __init__ lends them to the ranks)
-        return shm.as_lent(self.spec, lambda spec, collector: payload.dumps_function(spec, "the cell's names", collector),
-                           writable=shm.WRITABLE if lent else True, share_read_only=True)
+        """The cell's spec for ``compare``'s serial run here: a copy of its notebook names,
+        as each rank gets them (:func:`serial_cell_copy`)."""
+        return serial_cell_copy(self.spec, self.backend)
 
     def _repack(self) -> tuple[bytes, shm.Lease | None]:
         """The cell's payload packed again into a new lease (a pool stop from another

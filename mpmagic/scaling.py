@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import check_whole
+from .errors import add_note, drop_our_frames
 from .fmt import fmt_seconds
 
 
@@ -179,11 +180,14 @@ def pmap_scaling(
     every parallel run; the serial runs here take ``errors`` (``"collect"``
     keeps a failing item's place) and ``seed`` (the same per-item streams),
     but nothing here can stop an item: ``timeout`` and ``retries`` bound the
-    parallel runs only.
+    parallel runs only. The serial runs call a copy of the function (one for
+    them all, as a worker keeps its own) on a copy of the items, made as a
+    worker's are: the notebook's objects stay as they were (a function
+    appending to a notebook list leaves it as the parallel runs do).
     """
     __tracebackhide__ = True
     from . import api
-    from .pool import check_run_workers
+    from .pool import check_run_workers, get_pool
 
     # pmap's own checks, before anything is read (a bare TypeError came from the reading
     # below, and a FUNC that is not callable from the first serial call)
@@ -195,15 +199,25 @@ def pmap_scaling(
 
         seed = _check_seed(seed)
     data = _read_input(taken)
-    serial_func, serial_data, serial_star = func, data, star
-    if seed is not None:  # the same per-item streams as the parallel runs (api.seeded)
-        serial_func, serial_data, serial_star = api.seeded(func, serial_data, star, seed)
+    backend = get_pool()
+    # The serial runs call a copy of the function made as a worker's is (api.serial_map_copy),
+    # one for them all, as a worker keeps its copy from call to call (a cache it fills, a
+    # first call's set-up: the second serial timing is warm, as the points are), on a copy
+    # of the items made for each run, as each run sends its own (not timed, as a worker's
+    # load is not). The notebook's objects stay as the parallel points leave them.
+    copied_func = api.serial_map_copy(func, backend)
 
-    def serial_run() -> None:
+    def serial_run() -> float:
         __tracebackhide__ = True
+        serial_func, serial_data = copied_func, api.serial_map_copy(data, backend, "the items")
+        serial_star = star
+        if seed is not None:  # the same per-item streams as the parallel runs (api.seeded)
+            serial_func, serial_data, serial_star = api.seeded(serial_func, serial_data, star, seed)
+        t0 = time.perf_counter()
         with api._random_state_kept(seed is not None):  # (the notebook's own random state stays)
             # note_items: a failing item's error names it, as a parallel run's does
             api._serial_map(serial_func, serial_data, serial_star, errors == "collect", note_items=True)
+        return time.perf_counter() - t0
 
     first = _best_of(serial_run, repeat)
     points = _sweep(lambda k: api.pmap(func, *data, workers=k, star=star, chunksize=chunksize, errors=errors,
@@ -236,11 +250,15 @@ def parallel_scaling(
     does), so N ranks each do 1/N of it. ``timeout``, ``seed`` and
     ``label_output`` are ``parallel``'s, given to every parallel run; the
     serial run here takes ``seed`` (rank 0's stream) but cannot be stopped,
-    so ``timeout`` bounds the parallel runs only.
+    so ``timeout`` bounds the parallel runs only. The serial run is
+    ``compare=True``'s: on a copy of the cell's names as a rank gets them (the
+    notebook's objects stay as they are), as ``__main__``, its output labelled
+    ``[serial]`` (``label_output``).
     """
+    __tracebackhide__ = True
     from . import api
-    from .cell import make_cell_spec, run_cell_code
-    from .pool import check_run_ranks
+    from .cell import make_cell_spec
+    from .pool import check_run_ranks, get_pool
 
     if max_workers is not None:  # (refused before the serial run, not after 1..N as a list of N counts)
         check_run_ranks(check_whole("max_workers", max_workers))
@@ -252,9 +270,25 @@ def parallel_scaling(
         spec.seed_numpy = uses_numpy(code)
         spec.seed_torch = uses_torch(code)
 
-    def serial_run() -> None:
-        with api._random_state_kept(seed is not None):
-            run_cell_code(spec, 0, 1, as_main=False)
+    backend = get_pool()
+
+    def serial_run() -> float:
+        # --compare's serial run (api.run_cell_serially): on a copy of the cell's names made
+        # as a rank's is (not timed, as a rank's load is not), as __main__, its output
+        # labelled [serial] as the ranks' are [rank N]. It ran on the notebook's own objects:
+        # a cell's lst.append(rank) grew the notebook's list at each serial run, and the
+        # ranks of the points after it got the longer list.
+        __tracebackhide__ = True
+        copy = api.serial_cell_copy(spec, backend)
+        t0 = time.perf_counter()
+        try:
+            api.run_cell_serially(copy, seed is not None, label_output)
+        except BaseException as exc:  # (1 / (size - 1): which run raised, as a map's item is named)
+            if not isinstance(exc, KeyboardInterrupt):
+                add_note(exc, "mpmagic: raised by --scaling's serial run here (the cell as rank 0 of size 1)")
+                drop_our_frames(exc)  # (the cell's frames only, as --compare's serial run's error)
+            raise
+        return time.perf_counter() - t0
 
     first = _best_of(serial_run, repeat)
     points = _sweep(lambda k: api.parallel(code, workers=k, namespace=namespace, timeout=timeout, seed=seed,
@@ -263,18 +297,17 @@ def parallel_scaling(
     return Scaling("parallel", serial, points, title="%%parallel cell")
 
 
-def _best_of(run: Callable[[], Any], repeat: int) -> float:
-    """The best of ``repeat`` timings of ``run()`` (as each point is the best of its runs)."""
+def _best_of(run: Callable[[], float], repeat: int) -> float:
+    """The best of ``repeat`` runs' timings (``run()`` returns the seconds it took: what it
+    prepares first, a cell's copy of its names, is not timed), as each point is the best of its runs."""
     __tracebackhide__ = True
     best = float("inf")
     for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, run())
     return best
 
 
-def _serial_after(run: Callable[[], Any], first: float, points: list) -> float:
+def _serial_after(run: Callable[[], float], first: float, points: list) -> float:
     """The serial time: the best of the timings before the points and one after them.
 
     A single serial timing taken first ran cold (first call, caches, clocks

@@ -628,6 +628,48 @@ def test_scaling_of_a_cell(ip, pool2, settings):
     assert isinstance(result.figure, Figure)
 
 
+def test_scaling_of_a_cell_runs_serially_as_compare_does_on_a_copy_as_main_labelled(ip, pool2, settings, capsys):
+    """--scaling's serial runs of a cell ran on the notebook's own objects: a cell's
+    ``lst.append(rank)`` made the notebook's list longer at each serial run (and the
+    ranks of the runs after it got the longer list), where --compare's serial run works
+    on a copy, as a rank does, as ``__main__``, its output labelled ``[serial]``.
+    They are that same run now: the notebook's list stays as it was."""
+    run(ip, "lst = [1]")
+    notebook_main = sys.modules["__main__"]
+    body = ("import pickle, __main__\nclass P:\n    pass\npickle.dumps(P())\nassert __main__.P is P\n"
+            "lst.append(rank)\nassert len(lst) == 2, lst\nprint('printed', rank, size)\nrank")
+    capsys.readouterr()
+    result = run(ip, f"%%parallel --scaling\n{body}")
+    out = capsys.readouterr().out.splitlines()
+    assert [p.workers for p in result.points] == [1, 2]
+    assert run(ip, "lst") == [1] and sys.modules["__main__"] is notebook_main and "P" not in ip.user_ns
+    assert out.count("[serial] printed 0 1") == 2, out  # (timed before the points and after them)
+    assert "[rank 1] printed 1 2" in out and not any(line.startswith("printed") for line in out), out
+    capsys.readouterr()
+    run(ip, f"%%parallel --scaling -n 1 --no-label\n{body}")
+    assert run(ip, "lst") == [1]
+    assert capsys.readouterr().out.splitlines().count("printed 0 1") == 3  # (2 serial runs, 1 rank of 1)
+
+
+def test_scaling_of_a_map_leaves_the_notebooks_objects_as_they_were(ip, pool2, settings, capsys):
+    """--scaling's serial runs of a map called the function on the notebook's own
+    objects, two or more times (before the points and after them): a function
+    appending to a notebook list left it with twice the items (serial ``map`` once: once),
+    the points after the first serial run shipped the longer list to the workers, an
+    item changed in place was changed twice, and the line that the notebook's list "is
+    as it was before the run" was false. Each serial run now works on a copy of the
+    function and its items made as a worker's is, as the parallel points do."""
+    run(ip, "seen = []\nrows = [[0], [1], [2]]\n"
+            "def side(row):\n    seen.append(row[0])\n    row.append(len(seen))\n    return len(seen)\n")
+    result = run(ip, "%pmap --scaling side, rows")
+    assert [p.workers for p in result.points] == [1, 2] and result.serial > 0
+    assert run(ip, "seen") == [] and run(ip, "rows") == [[0], [1], [2]]
+    err = capsys.readouterr().err
+    assert "it is as it was before the run" in err, err  # (now true)
+    result = run(ip, "%pmap --scaling -n 1 --seed 4 side, rows")
+    assert run(ip, "seen") == [] and run(ip, "rows") == [[0], [1], [2]]
+
+
 def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

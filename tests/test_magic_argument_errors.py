@@ -86,6 +86,18 @@ def test_scaling_stops_at_a_failing_item_with_its_note(ip, names):
     assert "mpmagic: raised by item 1 of the input: fails_at_2(2)" in said and "mpmagic/" not in said, said
 
 
+def test_scaling_of_a_cell_whose_serial_run_fails_says_it_was_the_serial_run(ip, names):
+    """A cell that cannot run as one rank (``1 / (size - 1)``) stopped --scaling with the
+    cell's bare traceback, read as the cell failing on the ranks; a failing item of a map
+    says which item, and this says it was the serial run here, as rank 0 of size 1."""
+    with capture_output() as cap:
+        result = ip.run_cell("%%parallel --scaling -n 1\n1 / (size - 1)", store_history=False)
+    assert isinstance(result.error_in_exec, ZeroDivisionError)
+    said = cap.stdout + cap.stderr
+    assert "mpmagic: raised by --scaling's serial run here (the cell as rank 0 of size 1)" in said, said
+    assert "mpmagic/" not in said, said
+
+
 @pytest.mark.parametrize("args", ["f, None", "None, [1]", "f, 5", "f, IterNotIter()", "f", "f, xs, chunksize=2"])
 def test_a_wrong_func_or_iterable_is_caught_as_serial_maps_type_error(ip, names, args):
     """``try: r = %pmap f, None`` / ``except TypeError:`` did not catch it: the magic

@@ -435,6 +435,62 @@ def test_compare_serial_run_works_on_a_copy_and_labels_its_output(ip, local_pool
     assert sorted(capsys.readouterr().out.splitlines()) == ["plain 0 1", "plain 0 2", "plain 1 2"]
 
 
+def test_compare_labels_what_threads_the_cell_starts_print_in_its_serial_run(ip, local_pool, capsys):
+    """A rank's output is all the rank's, its threads' too (the worker's stdout is the
+    rank's). --compare's serial run here labelled only its own thread's lines: a
+    ``threading.Thread(target=...)`` the cell starts (and one that thread starts, a
+    ThreadPoolExecutor's) printed unlabelled, as if the cell itself printed it a third time."""
+    body = ("import threading, sys\nfrom concurrent.futures import ThreadPoolExecutor\n"
+            "def say(what):\n    print('thread', what, rank, size)\n    print('err', what, rank, file=sys.stderr)\n"
+            "def nested():\n    t = threading.Thread(target=say, args=('inner',))\n    t.start()\n    t.join()\n"
+            "t = threading.Thread(target=say, args=('outer',))\nt.start()\nt.join()\n"
+            "t = threading.Thread(target=nested)\nt.start()\nt.join()\n"
+            "with ThreadPoolExecutor(2) as ex:\n    list(ex.map(say, ['pooled']))\nrank")
+    capsys.readouterr()
+    assert cell(ip, "-n 2 -q --compare", body) == [0, 1]
+    out, err = capsys.readouterr()
+    for what in ("outer", "inner", "pooled"):
+        assert f"[serial] thread {what} 0 1" in out.splitlines(), out
+        assert f"[serial] err {what} 0" in err.splitlines(), err
+        assert f"[rank 1] thread {what} 1 2" in out.splitlines(), out
+    assert not any(line.startswith(("thread", "err")) for line in (out + err).splitlines()), out + err
+
+
+def test_the_serial_runs_label_is_only_for_the_runs_own_threads():
+    """Threads that the serial run did not start (a background run's, another cell's
+    timer) write as they are while it runs; those it starts, and theirs, are labelled."""
+    import io
+    import threading
+
+    from mpmagic.api import _labelled_here
+
+    buffer = io.StringIO()
+    go, done = threading.Event(), threading.Event()
+
+    def outsider() -> None:
+        go.wait(30)
+        print("outsider")
+        done.set()
+
+    before = threading.Thread(target=outsider)
+    before.start()
+    real_out = sys.stdout
+    sys.stdout = buffer
+    try:
+        with _labelled_here("[serial] "):
+            print("own")
+            go.set()
+            assert done.wait(30)
+            inner = threading.Thread(target=lambda: print("started"))
+            inner.start()
+            inner.join()
+    finally:
+        sys.stdout = real_out
+        before.join(30)
+    assert sorted(buffer.getvalue().splitlines()) == ["[serial] own", "[serial] started", "outsider"]
+    assert threading.Thread.start is threading.Thread.__dict__["start"]  # (put back as it was)
+
+
 def test_compare_runs_the_cell_here_as_main_as_a_rank_does(ip, local_pool, capsys):
     """A rank's namespace is ``__main__`` while it runs, as serial code's is: a cell
     pickling a class it defines works there. ``--compare``'s serial run here was not
