@@ -165,6 +165,10 @@ def advise(report: Any) -> str | None:
         return ("the reduced value differs from the cell's value as rank 0 of 1 (size 1): does each rank do "
                 "its share of the work by rank and size, and does --reduce combine the shares into the "
                 "whole? (troubleshooting: RESULTS DIFFER)")
+    if report.equal is False and report.extra.get("failed_only_here"):  # --compare --errors collect
+        return (f"the results differ from the serial run's: {report.extra['failed_only_here']} and not in the "
+                "workers: does the function read what only one side has (a file, an environment variable, a "
+                "notebook object changed since, the process itself)? (troubleshooting: RESULTS DIFFER)")
     if report.equal is False and report.extra.get("changes"):  # --compare, and the code changes a notebook list...
         return (f"the results differ from the serial run's: {report.extra['changes']} in its workers' copies, so a "
                 "task sees only what earlier tasks on its own worker did, and the notebook's is never changed by "

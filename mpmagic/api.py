@@ -852,6 +852,7 @@ def pmap(
         else:
             report.serial = time.perf_counter() - t1
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
+            apart = _failed_only_here(serial, results, left_out)
             if left_out:  # the verdict covers the items compared
                 serial, results_compared = ([r for i, r in enumerate(lst) if i not in left_out] for lst in (serial, results))
                 positions = [i for i in range(len(results)) if i not in left_out]
@@ -860,6 +861,8 @@ def pmap(
                 report.equal = compare_verdict(report, serial, results)
             report.extra["seeded"] = seed is not None  # (the advice on differing results: advice.py)
             if report.equal is False:
+                if apart:  # (errors="collect": the cause, not random draws or hash())
+                    report.extra["failed_only_here"] = apart
                 report.extra["state"] = payload_cache.state_words(given_func)
                 changes = payload_cache.container_changes(given_func)
                 if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
@@ -869,6 +872,22 @@ def pmap(
     if show_report:
         print(report.line())
     return results
+
+
+def _failed_only_here(serial: list, results: list, left_out: Container[int]) -> str | None:
+    """``compare`` with ``errors="collect"``: the items that raised in the serial run here
+    and not in the workers, in words for the advice ("items 1 and 3 raised only in the
+    serial run here (RuntimeError: not here 1)"), or None. Such items are why the results
+    differ (the function reads what only the workers have: a file, a variable, the process),
+    where the advice named random draws and hash()."""
+    here = [i for i, (s, r) in enumerate(zip(serial, results, strict=False))
+            if i not in left_out and isinstance(s, Failed) and not isinstance(r, Failed)]
+    if not here:
+        return None
+    shown = [str(i) for i in here[:8]] + (["..."] if len(here) > 8 else [])
+    which = (f"item {shown[0]}" if len(here) == 1 else
+             f"items {', '.join(shown[:-1])} and {shown[-1]}" if len(here) <= 8 else f"items {', '.join(shown)}")
+    return f"{which} raised only in the serial run here ({debugging.exception_line(serial[here[0]].error)})"
 
 
 def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:

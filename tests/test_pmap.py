@@ -446,6 +446,22 @@ def test_compare_whose_serial_run_raises_keeps_the_parallel_results(ip, backend,
     assert "estimated: the --compare run here raised RuntimeError" in report.line()
 
 
+def test_compare_with_collect_names_the_items_that_failed_only_in_the_serial_run(ip, local_pool):
+    """errors="collect": items that raised only in the serial run here (the function reads
+    what only the workers have) made RESULTS DIFFER with the advice on random draws,
+    hash() and set order, none of which was the cause. The advice names those items and
+    the serial run's error, as the line does when errors="raise" stops the serial run."""
+    run(ip, "import os\nNOTEBOOK_PID = os.getpid()\ndef not_here_at_odd(x):\n"
+            "    if x % 2 and os.getpid() == NOTEBOOK_PID:\n        raise RuntimeError(f'not here {x}')\n"
+            "    return x * 2\n")
+    assert run(ip, "%pmap -q --compare --errors collect not_here_at_odd, range(4)") == [0, 2, 4, 6]
+    report = mpmagic.last_report()
+    assert report.equal is False and report.serial is not None
+    assert report.advice is not None and "random draws" not in report.advice, report.advice
+    assert report.advice.startswith("the results differ from the serial run's: items 1 and 3 raised only in the "
+                                    "serial run here (RuntimeError: not here 1)"), report.advice
+
+
 def test_double_dash_ends_the_options(ip, backend):
     """``--`` ends the options as on a command line ("unknown option --" before)."""
     assert run(ip, "%pmap -q -- abs, [-1, 2]") == [1, 2]
