@@ -362,6 +362,8 @@ def _apply_libraries(libs: tuple) -> bool:
     applied = True
     for name, (module, default, read, write) in _LIBRARY_SETTINGS.items():
         value = want.get(name, default)
+        if name == PANDAS_OPTIONS:
+            _forget_said_options(value)
         lib = sys.modules.get(module)
         try:
             if lib is None:
@@ -392,6 +394,16 @@ def _apply_libraries(libs: tuple) -> bool:
 
 
 _libs_failed: set[Any] = set()  # in a worker: the settings it could not apply (said once; a pandas option each)
+
+
+def _forget_said_options(wanted: tuple) -> None:
+    """In a worker: the pandas options said refused (:data:`_libs_failed`) that the notebook
+    no longer wants (it reset them) are forgotten, so that setting one again is a change,
+    said again. One ``set`` walk of a few entries, only while some were said."""
+    said = [each for each in _libs_failed if len(each) == 3 and each[0] == PANDAS_OPTIONS and each[2] is not _DEFAULT]
+    if said:
+        now = {_failure_key(key, value) for key, value in wanted}
+        _libs_failed.difference_update(each for each in said if each[1:] not in now)
 
 
 def _failure_key(name: str, value: Any) -> Any:

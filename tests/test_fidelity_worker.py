@@ -1298,6 +1298,11 @@ def test_a_pandas_option_a_worker_refused_is_not_tried_again_at_every_call(monke
         assert tries.count(("display.precision", "four")) == 1, tries
         notes = context.take_notes()
         assert len(notes) == 1 and "display.precision = 'four'" in notes[0], notes
+        context.apply(context.current(libs=()))  # the notebook reset it (pd.reset_option), then set it again
+        context.apply(context.current(libs=((context.PANDAS_OPTIONS, (("display.precision", "four"),)),)))
+        context.reassert()
+        notes = context.take_notes()  # (a change: said again)
+        assert len(notes) == 1 and "display.precision = 'four'" in notes[0], notes
     finally:
         context.apply(context.current(libs=()))
         for key in ("display.max_rows", "display.max_columns"):
