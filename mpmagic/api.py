@@ -282,8 +282,13 @@ def _equal_anyway(a: Any, b: Any) -> bool:
         return False
     if isinstance(a, Failed):  # (errors="collect": the same item failing the same way)
         return a.index == b.index and type(a.error) is type(b.error) and str(a.error) == str(b.error)
+    if isinstance(a, complex) or (getattr(a, "shape", None) == () and getattr(getattr(a, "dtype", None), "kind", "")
+                                  == "c"):  # (a NaN part: the same where each part is the same, or both NaN)
+        return _same_part(float(a.real), float(b.real)) and _same_part(float(a.imag), float(b.imag))
     if isinstance(a, float) or getattr(a, "shape", None) == ():  # (a numpy scalar too: np.float32)
         return bool(a != a and b != b)  # (both NaN)
+    if type(a).__name__ == "Decimal" and type(a).__module__ in ("decimal", "_decimal", "_pydecimal"):
+        return bool(a.is_qnan() and b.is_qnan()) or bool(a.is_snan() and b.is_snan())  # (NaN: never == itself)
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
@@ -311,6 +316,11 @@ def _equal_anyway(a: Any, b: Any) -> bool:
         except Exception:
             return False
     return False
+
+
+def _same_part(x: float, y: float) -> bool:
+    """One part of two complex results: equal, or both NaN."""
+    return x == y or (x != x and y != y)
 
 
 class MapArgs(NamedTuple):

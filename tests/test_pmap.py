@@ -392,6 +392,27 @@ def test_compare_calls_equal_results_equal_even_with_nan_or_no_eq(ip, backend):
         assert mpmagic.last_report().equal is False, args  # (different results still differ)
 
 
+def test_compare_takes_a_complex_or_decimal_nan_as_the_same_result():
+    """``complex(nan, 1)`` and ``Decimal('NaN')`` are never == themselves, as a float NaN:
+    the same results from the workers said RESULTS DIFFER. A complex NaN is the same where
+    each part is (a numpy one's "both NaN" took nan+1j and nan+2j for the same)."""
+    import decimal
+
+    import numpy as np
+
+    from mpmagic.api import _equal
+
+    nan = float("nan")
+    assert _equal(complex(nan, 1), complex(nan, 1)) and _equal([complex(1, nan)], [complex(1, nan)])
+    assert not _equal(complex(nan, 1), complex(nan, 2)) and not _equal(complex(nan, 1), complex(1, nan))
+    assert _equal(np.complex128(complex(nan, 1)), np.complex128(complex(nan, 1)))
+    assert not _equal(np.complex128(complex(nan, 1)), np.complex128(complex(nan, 2)))
+    assert _equal(decimal.Decimal("NaN"), decimal.Decimal("NaN")) and _equal({"d": decimal.Decimal("NaN")},
+                                                                             {"d": decimal.Decimal("NaN")})
+    assert not _equal(decimal.Decimal("NaN"), decimal.Decimal("1")) and _equal(np.float64(nan), np.float64(nan))
+    assert not _equal(decimal.Decimal("NaN"), decimal.Decimal("sNaN"))
+
+
 def test_compare_within_float_rounding_says_how_far_apart_and_never_plain_results_equal(ip, local_pool):
     """pandas22 #3: the rounding tolerance (1.5e-8 relative for float64) is wider than
     ``time.time()``'s or a tiny random jitter's change from call to call, which it called
