@@ -2063,8 +2063,8 @@ def parallel(
             mark = len(sys.modules)
             t1 = time.perf_counter()
             serial_value = run_cell_serially(serial_spec, seed is not None, label_output)
-        except Exception as exc:  # (e.g. 1 / (size - 1): the cell as one rank cannot run)
-            drop_our_frames(exc)
+        except (Exception, SystemExit) as exc:  # (1 / (size - 1): the cell as one rank cannot run; sys.exit() is
+            drop_our_frames(exc)                 # a rank's error in the workers too, and escaped here with the values)
             _serial_failed(report, exc, "ranks' values")
         else:
             report.serial = time.perf_counter() - t1

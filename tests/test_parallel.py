@@ -413,6 +413,18 @@ def test_compare_whose_serial_run_raises_keeps_the_ranks_values(ip, backend, cap
         cell(ip, "-n 2 -q --compare --keep", "rank")
 
 
+def test_compare_whose_serial_run_exits_keeps_the_ranks_values(ip, local_pool, capsys):
+    """``sys.exit()`` in the serial run (the cell as one rank exits where ranks of 2 do
+    not) escaped --compare, IPython's "To exit: use 'exit'" instead of the ranks' values,
+    and -o stored nothing; a rank's sys.exit() is its error, and so is the serial run's
+    here, as a map's serial run takes an item's sys.exit()."""
+    capsys.readouterr()
+    assert cell(ip, "-n 2 -q --compare -o vals", "import sys\nif size == 1:\n    sys.exit(3)\nrank") == [0, 1]
+    assert run(ip, "vals") == [0, 1]
+    assert "the serial run here raised SystemExit: 3" in capsys.readouterr().err
+    assert mpmagic.last_report().serial_error == "SystemExit: 3"
+
+
 def test_compare_serial_run_works_on_a_copy_and_labels_its_output(ip, local_pool, capsys):
     """Each rank runs the cell on a copy of the notebook's names; so does --compare's
     serial run here now (it changed the notebook's own list: ``lst`` became [1, 0]
