@@ -180,8 +180,9 @@ def advise(report: Any) -> str | None:
                 "each worker changes its own copy, so a task sees only its own worker's earlier changes "
                 "(troubleshooting: A task that changes state)")
     if report.equal is False:  # --compare: what first to look at (troubleshooting.md, RESULTS DIFFER)
-        seed = "" if report.extra.get("seeded") else ("random draws differ in each process unless --seed S "
-                                                      "gives every item its own repeatable stream; ")
+        seed = ("draws from a generator made without a seed (np.random.default_rng(), os.urandom, uuid.uuid4()) "
+                "differ on every call: seed it from the item; ") if report.extra.get("seeded") else (
+            "random draws differ in each process unless --seed S gives every item its own repeatable stream; ")
         if _accessor(report):  # (it takes no seed: the function seeds its own draws)
             seed = ("random draws differ in each process unless the function seeds its own generator from what "
                     "it is given (np.random.default_rng of a row's or group's .name, say); ")
