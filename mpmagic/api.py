@@ -49,6 +49,7 @@ from .errors import (
     STOPPED_OUTCOME,
     ArgumentTypeError,
     ParallelError,
+    SerializationError,
     TaskTimeoutError,
     UsageError,
     add_note,
@@ -2090,8 +2091,15 @@ def serial_cell_copy(spec: Any, backend: Backend) -> Any:
     (views of the notebook's memory, no copy), a writable copy where the ranks' are
     writable; a :func:`shm.share` array is that very memory."""
     lent = backend.shares_memory and shm.ENABLED  # (as CellCall lends them to the ranks)
-    return shm.as_lent(spec, lambda spec, collector: payload.dumps_function(spec, "the cell's names", collector),
-                       writable=shm.WRITABLE if lent else True, share_read_only=True)
+    try:
+        return shm.as_lent(spec, lambda spec, collector: payload.dumps_function(spec, "the cell's names", collector),
+                           writable=shm.WRITABLE if lent else True, share_read_only=True)
+    except Exception:
+        # A name the cell assigns whose notebook value cannot be pickled is left out, as for the
+        # ranks (_pack_spec); one it only reads is refused naming it, as for them.
+        if leave_out_unpicklable(spec):
+            return serial_cell_copy(spec, backend)
+        raise
 
 
 def serial_map_copy(obj: Any, backend: Backend, what: str = "the function") -> Any:
@@ -2105,8 +2113,23 @@ def serial_map_copy(obj: Any, backend: Backend, what: str = "the function") -> A
     (:func:`serial_cell_copy`). (``--compare``'s serial run of a map calls the function
     as it is, once: serial ``map`` in the notebook.)"""
     lent = backend.shares_memory and shm.ENABLED
-    return shm.as_lent(obj, lambda each, collector: payload.dumps_function(each, what, collector),
-                       writable=shm.WRITABLE if lent else True, share_read_only=True)
+    try:
+        return shm.as_lent(obj, lambda each, collector: payload.dumps_function(each, what, collector),
+                           writable=shm.WRITABLE if lent else True, share_read_only=True)
+    except SerializationError:
+        if what == "the items":  # (one that cannot be sent is named as a run names it: "item 1 (<lock>)")
+            from .jobs import short_repr
+
+            for lst in obj:
+                for i, item in enumerate(lst):
+                    try:
+                        payload.dumps_data(item)
+                    except Exception as exc:
+                        raise SerializationError(
+                            f"cannot send item {i} ({short_repr(item)}) to the workers: "
+                            + payload.explain_unpicklable(item, f"item {i}", exc, item=True).split(": ", 1)[1]
+                        ) from None
+        raise
 
 
 def run_cell_serially(spec: Any, seeded: bool, label: bool) -> Any:

@@ -98,6 +98,25 @@ def test_scaling_of_a_cell_whose_serial_run_fails_says_it_was_the_serial_run(ip,
     assert "mpmagic/" not in said, said
 
 
+def test_scaling_copies_for_its_serial_runs_what_the_runs_send_and_says_what_cannot_be_sent_as_they_do(ip, names):
+    """--scaling's serial runs work on copies made as the runs' are: what cannot be sent is
+    named as a run names it ("item 1 (<lock>)", "lk"), never as the copy's pickle path, and a
+    cell that assigns the notebook name holding a lock runs, as it does on the ranks."""
+    run(ip, "import threading\nlk = threading.Lock()\nwith_lock = [1, lk, 3]\ndef one(x):\n    return 1\n")
+    plain, said = outcome(ip, "%pmap -q one, with_lock")
+    scaled, said = outcome(ip, "%pmap --scaling -n 1 -q one, with_lock")
+    assert plain[:2] == ("exc", "SerializationError") and scaled == plain, (scaled, plain)
+    assert "cannot send item 1 (<unlocked _thread.lock" in scaled[2], scaled
+    errors = []
+    for line in ("%%parallel -q -n 1\nwith lk:\n    pass\nrank", "%%parallel --scaling -n 1\nwith lk:\n    pass\nrank"):
+        with capture_output():
+            errors.append(str(ip.run_cell(line, store_history=False).error_in_exec))
+    assert errors[0] == errors[1] and errors[0].startswith("cannot send lk to the ranks: `lk` is a _thread.lock"), errors
+    with capture_output():
+        result = ip.run_cell("%%parallel --scaling -n 1\nlk = 5\nlk", store_history=False)
+    assert result.error_in_exec is None and [p.workers for p in result.result.points] == [1]
+
+
 @pytest.mark.parametrize("args", ["f, None", "None, [1]", "f, 5", "f, IterNotIter()", "f", "f, xs, chunksize=2"])
 def test_a_wrong_func_or_iterable_is_caught_as_serial_maps_type_error(ip, names, args):
     """``try: r = %pmap f, None`` / ``except TypeError:`` did not catch it: the magic
