@@ -877,23 +877,44 @@ def _map_keywords(args: tuple, keywords: dict[str, Any], text: str, parser: _Par
     return args
 
 
+def _code_and_comment(text: str) -> tuple[str, str]:
+    """``text`` (map()'s argument list as written) without its final ``# comment``, and
+    that comment ("" if none), found as Python finds it (a ``#`` in a string is no comment)."""
+    comment = None
+    try:
+        for token in tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__):
+            if token.type == tokenize.COMMENT:
+                comment = token.start
+    except (tokenize.TokenError, SyntaxError):
+        pass  # (an unclosed bracket: the comments before it were seen)
+    if comment is None:
+        return text, ""
+    row, col = comment
+    at = sum(len(line) for line in text.splitlines(keepends=True)[: row - 1]) + col
+    return text[:at].rstrip(), text[at:].strip()
+
+
 def _option_words(text: str, parser: _Parser) -> list[str]:
-    """The words of ``text`` (map()'s argument list as written) that are one of the magic's options."""
+    """The words of ``text`` (map()'s argument list as written) that are one of the magic's
+    options; none in its comment (``f, xs  # -n 2 was too slow`` has none)."""
     actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
-    return [w for w in re.findall(r"(?:^|(?<=[\s,]))(--?[A-Za-z][\w-]*)", text) if w in actions]
+    code = _code_and_comment(text)[0]
+    return [w for w in re.findall(r"(?:^|(?<=[\s,]))(--?[A-Za-z][\w-]*)", code) if w in actions]
 
 
 def _options_after(text: str, parser: _Parser) -> str:
     """``; options go before FUNC: %pmap --compare f, xs`` when ``text`` has options after the
-    arguments (a command line's habit, read as Python there), else ""."""
+    arguments (a command line's habit, read as Python there), else "". A final comment stays
+    at the end of the line shown (before FUNC it would make the rest of the line a comment)."""
     words = _option_words(text, parser)
     if not words:
         return ""
-    at = re.search(rf"(?:^|(?<=[\s,])){re.escape(words[0])}(?![\w-])", text)
+    code, comment = _code_and_comment(text)
+    at = re.search(rf"(?:^|(?<=[\s,])){re.escape(words[0])}(?![\w-])", code)
     if at is None:
         return ""
-    args, options = text[:at.start()].strip().rstrip(","), text[at.start():].strip()
-    return f"; options go before FUNC: {parser.prog} {options} {args}"
+    args, options = code[:at.start()].strip().rstrip(","), code[at.start():].strip()
+    return f"; options go before FUNC: {parser.prog} {options} {args}" + (f"  {comment}" if comment else "")
 
 
 _arg_names = itertools.count()

@@ -34,6 +34,7 @@ import dis
 import hashlib
 import importlib
 import linecache
+import shlex
 import sys
 import tokenize
 import types
@@ -81,6 +82,20 @@ def _first_word(text: str) -> tuple[str, str]:
     return parts[0], parts[1] if len(parts) > 1 else ""
 
 
+def _unquoted(word: str) -> str:
+    """An option's word with its shell quotes taken off, as ``%%parallel`` and ``%pool``
+    read theirs (``shlex``): ``-n '2'`` and ``--timeout="1.5"`` are ``-n 2`` and
+    ``--timeout=1.5`` (they were refused: ``"'2'" is not a whole number``). A word
+    without quotes, or not quoted as a shell word, stays as written."""
+    if "'" not in word and '"' not in word:
+        return word
+    try:
+        words = shlex.split(word)
+    except ValueError:  # an unclosed quote: the parser names the word as written
+        return word
+    return words[0] if len(words) == 1 else word
+
+
 def _takes_next_word(head: str, actions: Any) -> bool:
     """Is the word after option ``head`` its value (``-n 2``; ``-qn 2``, the last of combined flags)?"""
     action = actions.get(head.split("=", 1)[0])
@@ -100,7 +115,8 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     whether a ``--`` ended the options (the rest is then the arguments, however it reads).
 
     The rest (map()'s argument list) is Python and is never tokenized as
-    shell words, so its quotes and spaces survive untouched. Words are split
+    shell words, so its quotes and spaces survive untouched; an option's word
+    loses its shell quotes, as ``%%parallel``'s (``-n '2'``: see :func:`_unquoted`). Words are split
     at any whitespace (a tab too), and short flags may be combined as
     argparse takes them (``-qn 2``, ``-qn2``).
     """
@@ -111,13 +127,14 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
         head, tail = _first_word(rest)
         if head == "--":  # the end of the options, as on a command line: the rest is ARGS
             return tokens, tail, True
+        head = _unquoted(head)
         tokens.append(head)
         rest = tail
         if _takes_next_word(head, actions):
             if not rest:
                 break
             value, rest = _first_word(rest)
-            tokens.append(value)
+            tokens.append(_unquoted(value))
     return tokens, rest, False
 
 

@@ -107,6 +107,42 @@ def test_options_written_after_the_arguments_get_a_hint_and_keep_maps_meaning(ip
     assert isinstance(err, TypeError) and not getattr(err, "__notes__", None)
 
 
+@pytest.mark.parametrize("line, hint, serial", [
+    ("%pmap abs, xs -n 2  # was slow", "%pmap -n 2 abs, xs  # was slow", "map(abs, xs)"),
+    ("%pmap -q abs, xs --compare # see -n", "%pmap --compare abs, xs  # see -n", "map(abs, xs)"),
+    ("%pmap len, ['#'] -n 2", "%pmap -n 2 len, ['#']", "map(len, ['#'])"),
+])
+def test_the_options_go_before_func_hint_keeps_a_comment_at_the_end(ip, pool2, line, hint, serial):
+    """``%pmap f, xs -n 2  # note`` was told ``%pmap -n 2  # note f, xs``: copied, that line
+    is all comment after the options (FUNC and ITERABLE gone). The comment stays last."""
+    ip.user_ns.update(xs=[1, -2])
+    err, _, _ = error_of(ip, line)
+    said = [*str(err).splitlines()[:1], *getattr(err, "__notes__", [])]
+    assert any(said_line.endswith(f"options go before FUNC: {hint}") for said_line in said), said
+    fixed = ip.run_cell(hint.replace("%pmap", "%pmap -q", 1), store_history=False).result
+    assert fixed == list(eval(serial, ip.user_ns))
+
+
+@pytest.mark.parametrize("line", ["%pmap abs xs  # -n 2 was slow", "%pmap abs, undefined_name  # --compare"])
+def test_an_option_in_the_comment_gets_no_options_go_before_func_hint(ip, pool2, line):
+    err, _, _ = error_of(ip, line)
+    assert "options go before FUNC" not in str(err) and not getattr(err, "__notes__", None), err
+
+
+@pytest.mark.parametrize("line", ["%pmap -q -n '2' abs, xs", '%pmap -q -n "2" --timeout="30" abs, xs',
+                                  "%pmap -q --errors 'collect' --seed '3' abs, xs"])
+def test_pmap_takes_quoted_option_values_as_parallel_does(ip, pool2, line):
+    """``%%parallel -n '2'`` runs (its line is read as shell words) but ``%pmap -n '2'``
+    said ``"'2'" is not a whole number``: an option's value loses its quotes in both;
+    the argument list keeps its own (``'2'`` there is a str)."""
+    ip.user_ns.update(xs=[1, -2, -3])
+    assert ip.run_cell(line, store_history=False).result == list(map(abs, ip.user_ns["xs"]))
+    assert ip.run_cell("%%parallel -q -n '2'\nrank", store_history=False).result == [0, 1]
+    assert ip.run_cell("%pmap -q -n '2' len, ['ab', \"'c'\"]", store_history=False).result == [2, 3]
+    err, _, _ = error_of(ip, "%pmap -q -n 'x' abs, xs")
+    assert str(err).startswith("%pmap: argument -n/--workers: 'x' is not a whole number"), err
+
+
 def test_pmap_takes_maps_keywords_as_this_pythons_map_does(ip, pool2, monkeypatch):
     """``**{}`` is no keyword for map() (it was refused); ``strict=`` is map()'s from 3.14."""
     from mpmagic import magics
