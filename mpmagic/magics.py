@@ -637,6 +637,23 @@ def _closes_more_than_opened(text: str) -> str | None:
     return None
 
 
+def _never_closed(text: str) -> str | None:
+    """The first opening bracket in ``text`` that is never closed (the '[' of ``f, [1, 2``),
+    or None; read token by token, as :func:`_closes_more_than_opened` reads them."""
+    opened: list[str] = []
+    try:
+        for token in tokenize.generate_tokens(iter([text + "\n"]).__next__):
+            if token.type != tokenize.OP:
+                continue
+            if token.string in _OPENERS:
+                opened.append(token.string)
+            elif token.string in _CLOSERS and opened:
+                opened.pop()
+    except (tokenize.TokenError, SyntaxError):
+        pass  # (the end of the text inside a bracket: what was opened so far is what counts)
+    return opened[0] if opened else None
+
+
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
                    local_ns: dict[str, Any] | None = None, ended: bool = False) -> tuple:
     """Evaluate ``text`` as the argument list of ``map()`` in the user's namespace.
@@ -813,12 +830,20 @@ def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.C
 
     try:
         tree = ast.parse(source, mode="eval")
-    except SyntaxError:
+    except SyntaxError as exc:
         # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
         # of the line happens to parse once the call's own ')' is added.
         if (bracket := _closes_more_than_opened(text)) is not None:
             raise unbalanced(bracket) from None
         hint = parser.dash_hint(text) or ("" if ended else _options_after(text, parser))  # (after a --, the user's words are ARGS)
+        if not hint and (bracket := _never_closed(text)) is not None:
+            # (Python's own words would name the collector's ')': "does not match opening parenthesis '['")
+            hint = f": its '{bracket}' is never closed"
+        elif not hint and exc.msg != "invalid syntax" and "parenthesis" not in exc.msg:
+            # Python's words where they say more and are about the user's text, as map(...) would
+            # show them: "Perhaps you forgot a comma?" (``f xs``), "Generator expression must be
+            # parenthesized" (``f, x for x in xs``), "unterminated string literal"
+            hint = f" (Python: {exc.msg})"
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s{hint}") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == collector):

@@ -401,6 +401,27 @@ def test_after_a_double_dash_the_arguments_get_no_options_go_before_func_hint(ip
     err, _, _ = error_of(ip, "%pmap -q -- abs, xs --compare")
     assert isinstance(err, NameError) and not getattr(err, "__notes__", None)
     assert first_line_of_usage_error(ip, "%pmap -q -- abs, xs -n 2") == \
-        "%pmap: 'abs, xs -n 2' is not an argument list like map()'s"
+        "%pmap: 'abs, xs -n 2' is not an argument list like map()'s (Python: invalid syntax. Perhaps you forgot a comma?)"
     err, _, _ = error_of(ip, "%pmap -q abs, xs --compare")  # (without the --: the hint, as before)
     assert err.__notes__ == ["options go before FUNC: %pmap --compare abs, xs"]
+
+
+@pytest.mark.parametrize("args, said", [
+    ("abs, [1, 2,", "its '[' is never closed"),
+    ("(abs, xs", "its '(' is never closed"),
+    ("abs, {1: 2  # }", "its '{' is never closed"),
+    ("abs xs", " (Python: invalid syntax. Perhaps you forgot a comma?)"),
+    ("abs, [1 2]", " (Python: invalid syntax. Perhaps you forgot a comma?)"),
+    ("abs, x for x in xs", " (Python: Generator expression must be parenthesized)"),
+    ("abs, 'x", " (Python: unterminated string literal (detected at line 1))"),
+])
+def test_an_argument_list_that_is_not_python_says_why_as_map_would(ip, pool2, args, said):
+    """``%pmap f, [1, 2,`` and ``%pmap f xs`` said only "is not an argument list like
+    map()'s"; ``map(...)`` with the same text names the unclosed bracket, the missing
+    comma or the unparenthesized generator: now the line does too."""
+    ip.user_ns["xs"] = [1, 2]
+    with capture_output():
+        serial = ip.run_cell(f"map({args}\n)", store_history=False).error_before_exec
+    assert isinstance(serial, SyntaxError)  # (map() refuses the text too)
+    assert first_line_of_usage_error(ip, f"%pmap -q {args}") == \
+        f"%pmap: {args!r} is not an argument list like map()'s" + (said if said.startswith(" ") else f": {said}")
