@@ -275,7 +275,10 @@ class _Parser(argparse.ArgumentParser):
         # (each name and what it sets: -n and --workers are one option; another magic's names too)
         names = {**{option: actions[option].dest for option in actions}, **{o: o for o in self.elsewhere}}
         begun = [option for option in names if option.startswith(name)]
-        if len(name) > 3 and len({names[option] for option in begun}) == 1:
+        cased = [option for option in names if option.lower() == name.lower()]  # (-N, -Q: the Shift key)
+        if cased:
+            close = cased[0]
+        elif len(name) > 3 and len({names[option] for option in begun}) == 1:
             close = begun[0]
         else:
             bare = {option.lstrip("-"): option for option in names}
