@@ -154,6 +154,10 @@ REFUSED = [
      "imap(f, zip(xs, ys, strict=True), star=True)", TypeError),
     (lambda: mpmagic.pmap(abs, XS, verbose=True), "pmap() got an unexpected keyword argument 'verbose'",
      "(it takes workers=, chunksize=, star=,", TypeError),
+    (lambda: mpmagic.start_pool(n=2), "start_pool() got an unexpected keyword argument 'n'",
+     "; did you mean workers=?", TypeError),
+    (lambda: mpmagic.use_local(processes=2), "use_local() got an unexpected keyword argument 'processes'",
+     "; did you mean workers=?", TypeError),
 ]
 
 
