@@ -138,6 +138,9 @@ class _Parser(argparse.ArgumentParser):
         # elsewhere: an option the magic has not but its sibling has (``%%parallel --retries``),
         # and what to write instead, said in place of a guess at a close name (unknown()).
         self.elsewhere: dict[str, str] = {}
+        # extra_words: for words past those the line takes (``%pool checkpoints clear a b``), the
+        # refusal naming the first and what its subcommand takes, from what was parsed (None: unknown()'s).
+        self.extra_words: Callable[[argparse.Namespace, list[str]], str | None] | None = None
         # An option that takes a value is given once a line (_GivenOnce); the words it was
         # given as, read by the action just after argparse converted them (_get_values).
         self._written = threading.local()
@@ -183,7 +186,8 @@ class _Parser(argparse.ArgumentParser):
         else:
             opts, extra = self.parse_known_args(args, namespace)
         if extra:
-            raise self.usage_error(self.unknown(extra[0]))
+            said = None if extra[0].startswith("-") or self.extra_words is None else self.extra_words(opts, extra)
+            raise self.usage_error(said or self.unknown(extra[0]))
         return opts
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:  # type: ignore[override]
@@ -504,7 +508,20 @@ def _pool_parser() -> _Parser:
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
     p.add_argument("--tls-key", help="dask: client key for tls:// addresses")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler (default: 10)")
+    p.extra_words = _pool_extra_words
     return p
+
+
+def _pool_extra_words(opts: argparse.Namespace, extra: list[str]) -> str | None:
+    """``unexpected argument 'b': %pool checkpoints takes clear NAME`` for words past the
+    three %pool reads, naming the first word ``opts.action`` does not take, as
+    _check_pool_line says it for fewer (it said only ``unexpected argument 'b'``); None
+    for an unknown subcommand (unknown() then names the word)."""
+    if opts.action not in _POOL_ACTIONS:
+        return None
+    takes = _POOL_WORDS.get(opts.action, ())
+    words = [w for w in (opts.target, opts.name) if w is not None] + extra
+    return f"unexpected argument {words[len(takes)]!r}: %pool {opts.action} takes {' '.join(takes) or 'none'}"
 
 
 def _options_ended(parser: _Parser, tokens: list[str]) -> list[str]:

@@ -425,3 +425,19 @@ def test_an_argument_list_that_is_not_python_says_why_as_map_would(ip, pool2, ar
     assert isinstance(serial, SyntaxError)  # (map() refuses the text too)
     assert first_line_of_usage_error(ip, f"%pmap -q {args}") == \
         f"%pmap: {args!r} is not an argument list like map()'s" + (said if said.startswith(" ") else f": {said}")
+
+
+@pytest.mark.parametrize("line, said", [
+    ("%pool checkpoints clear a b", "%pool: unexpected argument 'b': %pool checkpoints takes clear NAME"),
+    ("%pool resize 2 3 4", "%pool: unexpected argument '3': %pool resize takes N"),
+    ("%pool setup clear a b", "%pool: unexpected argument 'a': %pool setup takes clear"),
+    ("%pool runs a b c", "%pool: unexpected argument 'a': %pool runs takes none"),
+    ("%pool stop a", "%pool: unexpected argument 'a': %pool stop takes none"),  # (fewer: as before)
+])
+def test_pool_names_the_first_word_its_subcommand_does_not_take_and_what_it_takes(ip, pool2, line, said):
+    """Past the three words %pool reads, argparse's refusal named the last word alone
+    (``unexpected argument 'b'``); with fewer, the first extra word and what the subcommand
+    takes were named. Now alike, and nothing is done."""
+    backend, workers = pool.current_pool(), pool2.workers
+    assert first_line_of_usage_error(ip, line) == said
+    assert pool.current_pool() is backend and backend.workers == workers
