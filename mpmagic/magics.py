@@ -1498,7 +1498,7 @@ class MPMagics(Magics):
 
             if not opts.target:
                 raise UsageError("cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)")
-            if not opts.target.isdigit():
+            if not opts.target.isdigit() or int(opts.target) == 0:  # (IDs count from 1: 0 is none of them)
                 raise UsageError(f"cancel needs a run's ID (a whole number from 1), not {opts.target!r}: "
                                  "for example %pool cancel 3 (%pool runs lists them)")
             run = background.get_run(int(opts.target))
