@@ -40,7 +40,15 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 from . import astlock, debugging, exiting, payload, payload_cache, serial_copy, shm, task_shell
 from .backends.base import Backend, Job
 from .cell import leave_out_unpicklable, make_cell_spec, run_cell_code, split_last_expression
-from .checks import check_delay, check_whole, run_timeout, whole
+from .checks import (
+    check_delay,
+    check_flags,
+    check_whole,
+    keyword_names,
+    run_timeout,
+    unexpected_keyword,
+    whole,
+)
 from .cpus import recent_cpus
 from .engine import sigint_deferred
 from .errors import (
@@ -346,6 +354,7 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
         raise ArgumentTypeError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
     if not iterables:
         raise ArgumentTypeError("give at least one iterable to map over, as with map(func, iterable)")
+    check_flags(star=star)
     check_not_async(func, several=star or len(iterables) > 1)
     taken = tuple(_take(it, i) for i, it in enumerate(iterables, 2))
     checked = MapArgs(taken, _check_workers(workers), None if chunksize is None else check_whole("chunksize", chunksize),
@@ -713,6 +722,7 @@ def pmap(
     on_chunk: Callable[[int, list[Any]], None] | None = None,
     block: bool = True,
     seed: int | None = None,
+    **refused: Any,
 ) -> list[_T] | list[_T | Failed] | Run[list[_T]] | Run[list[_T | Failed]]:
     """Parallel ``map(func, *iterables)`` on the managed pool; results in input order.
 
@@ -750,9 +760,12 @@ def pmap(
     with any number of workers or chunk size (docs/guide.md, "Setting up workers").
     """
     __tracebackhide__ = True
+    if refused:  # (a keyword of another library's or a magic's, ``n=4``: Python's error, with what was meant)
+        raise one_line(unexpected_keyword("pmap", refused, keyword_names(pmap)))
     given = iterables
     iterables, workers, chunksize, timeout, retries = check_map_args(func, iterables, workers, chunksize, timeout,
                                                                      errors, star, retries, checkpoint)
+    check_flags(compare=compare, show_report=show_report, progress=progress, insights=insights, block=block)
     progress_delay = _check_progress_delay(progress_delay)
     _check_on_chunk(on_chunk)
     if not block:  # the run reads its input later, in its own thread: it takes it as it is now
@@ -1297,7 +1310,7 @@ def _no_block(caller: str, refused: dict[str, Any]) -> None:
                          "mpmagic.pmap(..., compare=True) runs both (from a coroutine: in asyncio.to_thread)")
     if refused:
         # (Python's own TypeError and words, shown as its one line: not with this frame of ours)
-        raise one_line(TypeError(f"{caller}() got an unexpected keyword argument {next(iter(refused))!r}"))
+        raise one_line(unexpected_keyword(caller, refused, keyword_names(submit if caller == "submit" else apmap)))
 
 
 #: Seconds between wake-ups of the event loop while ``apmap`` waits: ipykernel
@@ -1912,6 +1925,7 @@ def parallel(
     reset: bool = False,
     *,
     reduce: Callable[[RankValues], _T] | None = None,
+    **refused: Any,
 ) -> RankValues | Run[RankValues] | _T:
     """Run ``code`` in ``workers`` processes at once (SPMD), like MPI.
 
@@ -1952,11 +1966,15 @@ def parallel(
             f"parallel() takes the cell's code as a string (mpmagic.parallel('print(rank)', workers=2)), not {kind}: "
             "to run a function in parallel use mpmagic.pmap(func, items), e.g. mpmagic.pmap(func, range(n)) for n calls"
         )
+    if refused:  # (``n=4``, a magic's option: Python's error, with what was meant)
+        raise one_line(unexpected_keyword("parallel", refused, keyword_names(parallel)))
     workers = _check_workers(workers)
     if workers is not None:  # (before anything is built per rank: -n 10**30 ran out of memory first)
         check_run_ranks(workers)
     timeout = run_timeout(timeout)
     progress_delay = _check_progress_delay(progress_delay)
+    check_flags(compare=compare, label_output=label_output, show_report=show_report, progress=progress,
+                insights=insights, block=block, keep=keep, reset=reset)
     if seed is not None:  # (a plain int from here on: the checkpoint's key and the ranks' streams)
         from .seeding import _check_seed
 

@@ -171,3 +171,74 @@ def check_delay(name: str, value: object) -> float:
     """A delay such as ``progress_delay``: a plain float of seconds, 0 or more and
     finite (as ``%config MPMagic.progress_delay`` takes it)."""
     return check_real(name, value, "a number of seconds (0 or more)", lambda seconds: 0 <= seconds < math.inf)
+
+
+def check_flags(**flags: object) -> None:
+    """A ``UsageError`` for the first of the API's on/off options (``star``, ``compare``,
+    ``block``...) that is not True or False: ``star must be True or False, not 'False'``.
+
+    Why: each was read by its truth, so ``compare="no"`` or ``star="False"`` (a
+    string, as a config file or a form gives it) switched the option on without a
+    word, and ``star="yes"`` over ints failed in the workers with ``'int' object is
+    not iterable``. What ``if`` reads as True or False without a doubt is taken: a
+    bool, a numpy bool (``arr.any()``), 0 and 1, and None (off, as the default).
+    """
+    for name, value in flags.items():
+        if value is None or isinstance(value, bool) or whole(value) in (0, 1) or _numpy_bool(value):
+            continue
+        raise UsageError(f"{name} must be True or False, not {number_text(value)}")
+
+
+def _numpy_bool(value: object) -> bool:
+    """Is ``value`` a numpy bool (``np.True_``), without importing numpy."""
+    kind = type(value)
+    return kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
+
+
+#: Keyword arguments written for the API's (another library's name, or a magic's option
+#: as the line spells it), with the API's own name: ``pmap(f, xs, n=4)`` is ``workers=4``.
+KEYWORD_ALIASES: dict[str, str] = {
+    "n": "workers", "n_jobs": "workers", "processes": "workers", "max_workers": "workers",
+    "num_workers": "workers", "nworkers": "workers", "n_workers": "workers", "nprocs": "workers",
+    "jobs": "workers", "chunk_size": "chunksize", "chunk": "chunksize", "chunks": "chunksize", "quiet": "show_report", "q": "show_report",
+    "label": "label_output", "no_label": "label_output", "retry": "retries", "max_retries": "retries",
+}
+
+#: What to write instead of a keyword of ``map()``'s that the API has no parameter for.
+KEYWORD_INSTEAD: dict[str, str] = {
+    "strict": "zip the iterables as map(..., strict=True) does, with star=True: "
+              "{caller}(f, zip(xs, ys, strict=True), star=True)",
+}
+
+
+def unexpected_keyword(caller: str, refused: dict[str, object], known: tuple[str, ...]) -> TypeError:
+    """Python's TypeError for ``caller()``'s first keyword in ``refused`` that it has no
+    parameter for, with the one it may have meant (``pmap(f, xs, n=4)``: ``workers=``,
+    as ``%pmap -n 4``; ``chunk_size=``: ``chunksize=``); Python 3.11's said only
+    ``got an unexpected keyword argument 'n'``."""
+    import difflib
+
+    name = next(iter(refused))
+    said = f"{caller}() got an unexpected keyword argument {name!r}"
+    if name in KEYWORD_INSTEAD and "star" in known:
+        return TypeError(f"{said}: {KEYWORD_INSTEAD[name].format(caller=caller)}")
+    meant = KEYWORD_ALIASES.get(name)
+    if meant not in known:
+        meant = None
+    if meant is None:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.7)  # (0.6 took strict for star)
+        meant = close[0] if close else None
+    if meant == "show_report":
+        return TypeError(f"{said}; did you mean show_report=? (a call shows no report unless show_report=True)")
+    if meant is not None:
+        return TypeError(f"{said}; did you mean {meant}=?")
+    return TypeError(f"{said} (it takes {', '.join(k + '=' for k in known)})")
+
+
+def keyword_names(func: Callable[..., object], skip: int = 1) -> tuple[str, ...]:
+    """The parameters of ``func`` a call names, in order: all but its first ``skip``
+    (the function or code given first) and its ``*`` / ``**`` ones."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in list(inspect.signature(func).parameters.values())[skip:] if p.kind in kinds)

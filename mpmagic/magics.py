@@ -138,6 +138,9 @@ class _Parser(argparse.ArgumentParser):
         # elsewhere: an option the magic has not but its sibling has (``%%parallel --retries``),
         # and what to write instead, said in place of a guess at a close name (unknown()).
         self.elsewhere: dict[str, str] = {}
+        # extra_words: for words past those the line takes (``%pool checkpoints clear a b``), the
+        # refusal naming the first and what its subcommand takes, from what was parsed (None: unknown()'s).
+        self.extra_words: Callable[[argparse.Namespace, list[str]], str | None] | None = None
         # An option that takes a value is given once a line (_GivenOnce); the words it was
         # given as, read by the action just after argparse converted them (_get_values).
         self._written = threading.local()
@@ -183,7 +186,8 @@ class _Parser(argparse.ArgumentParser):
         else:
             opts, extra = self.parse_known_args(args, namespace)
         if extra:
-            raise self.usage_error(self.unknown(extra[0]))
+            said = None if extra[0].startswith("-") or self.extra_words is None else self.extra_words(opts, extra)
+            raise self.usage_error(said or self.unknown(extra[0]))
         return opts
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:  # type: ignore[override]
@@ -275,7 +279,10 @@ class _Parser(argparse.ArgumentParser):
         # (each name and what it sets: -n and --workers are one option; another magic's names too)
         names = {**{option: actions[option].dest for option in actions}, **{o: o for o in self.elsewhere}}
         begun = [option for option in names if option.startswith(name)]
-        if len(name) > 3 and len({names[option] for option in begun}) == 1:
+        cased = [option for option in names if option.lower() == name.lower()]  # (-N, -Q: the Shift key)
+        if cased:
+            close = cased[0]
+        elif len(name) > 3 and len({names[option] for option in begun}) == 1:
             close = begun[0]
         else:
             bare = {option.lstrip("-"): option for option in names}
@@ -501,7 +508,20 @@ def _pool_parser() -> _Parser:
     p.add_argument("--tls-cert", help="dask: client certificate for tls:// addresses")
     p.add_argument("--tls-key", help="dask: client key for tls:// addresses")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="dask: seconds to wait for the scheduler (default: 10)")
+    p.extra_words = _pool_extra_words
     return p
+
+
+def _pool_extra_words(opts: argparse.Namespace, extra: list[str]) -> str | None:
+    """``unexpected argument 'b': %pool checkpoints takes clear NAME`` for words past the
+    three %pool reads, naming the first word ``opts.action`` does not take, as
+    _check_pool_line says it for fewer (it said only ``unexpected argument 'b'``); None
+    for an unknown subcommand (unknown() then names the word)."""
+    if opts.action not in _POOL_ACTIONS:
+        return None
+    takes = _POOL_WORDS.get(opts.action, ())
+    words = [w for w in (opts.target, opts.name) if w is not None] + extra
+    return f"unexpected argument {words[len(takes)]!r}: %pool {opts.action} takes {' '.join(takes) or 'none'}"
 
 
 def _options_ended(parser: _Parser, tokens: list[str]) -> list[str]:
@@ -635,6 +655,23 @@ def _closes_more_than_opened(text: str) -> str | None:
     except tokenize.TokenError:  # an unclosed bracket or string: nothing closed too early so far
         pass
     return None
+
+
+def _never_closed(text: str) -> str | None:
+    """The first opening bracket in ``text`` that is never closed (the '[' of ``f, [1, 2``),
+    or None; read token by token, as :func:`_closes_more_than_opened` reads them."""
+    opened: list[str] = []
+    try:
+        for token in tokenize.generate_tokens(iter([text + "\n"]).__next__):
+            if token.type != tokenize.OP:
+                continue
+            if token.string in _OPENERS:
+                opened.append(token.string)
+            elif token.string in _CLOSERS and opened:
+                opened.pop()
+    except (tokenize.TokenError, SyntaxError):
+        pass  # (the end of the text inside a bracket: what was opened so far is what counts)
+    return opened[0] if opened else None
 
 
 def _eval_map_args(text: str, user_ns: dict[str, Any], parser: _Parser,
@@ -813,12 +850,20 @@ def _args_code(text: str, parser: _Parser, ended: bool = False) -> tuple[types.C
 
     try:
         tree = ast.parse(source, mode="eval")
-    except SyntaxError:
+    except SyntaxError as exc:
         # ``f, xs)[0]``: a stray ')' is named as such, whether or not the rest
         # of the line happens to parse once the call's own ')' is added.
         if (bracket := _closes_more_than_opened(text)) is not None:
             raise unbalanced(bracket) from None
         hint = parser.dash_hint(text) or ("" if ended else _options_after(text, parser))  # (after a --, the user's words are ARGS)
+        if not hint and (bracket := _never_closed(text)) is not None:
+            # (Python's own words would name the collector's ')': "does not match opening parenthesis '['")
+            hint = f": its '{bracket}' is never closed"
+        elif not hint and exc.msg != "invalid syntax" and "parenthesis" not in exc.msg:
+            # Python's words where they say more and are about the user's text, as map(...) would
+            # show them: "Perhaps you forgot a comma?" (``f xs``), "Generator expression must be
+            # parenthesized" (``f, x for x in xs``), "unterminated string literal"
+            hint = f" (Python: {exc.msg})"
         raise parser.usage_error(f"{text!r} is not an argument list like map()'s{hint}") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == collector):
@@ -877,23 +922,44 @@ def _map_keywords(args: tuple, keywords: dict[str, Any], text: str, parser: _Par
     return args
 
 
+def _code_and_comment(text: str) -> tuple[str, str]:
+    """``text`` (map()'s argument list as written) without its final ``# comment``, and
+    that comment ("" if none), found as Python finds it (a ``#`` in a string is no comment)."""
+    comment = None
+    try:
+        for token in tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__):
+            if token.type == tokenize.COMMENT:
+                comment = token.start
+    except (tokenize.TokenError, SyntaxError):
+        pass  # (an unclosed bracket: the comments before it were seen)
+    if comment is None:
+        return text, ""
+    row, col = comment
+    at = sum(len(line) for line in text.splitlines(keepends=True)[: row - 1]) + col
+    return text[:at].rstrip(), text[at:].strip()
+
+
 def _option_words(text: str, parser: _Parser) -> list[str]:
-    """The words of ``text`` (map()'s argument list as written) that are one of the magic's options."""
+    """The words of ``text`` (map()'s argument list as written) that are one of the magic's
+    options; none in its comment (``f, xs  # -n 2 was too slow`` has none)."""
     actions = parser._option_string_actions  # noqa: SLF001 - argparse has no public table
-    return [w for w in re.findall(r"(?:^|(?<=[\s,]))(--?[A-Za-z][\w-]*)", text) if w in actions]
+    code = _code_and_comment(text)[0]
+    return [w for w in re.findall(r"(?:^|(?<=[\s,]))(--?[A-Za-z][\w-]*)", code) if w in actions]
 
 
 def _options_after(text: str, parser: _Parser) -> str:
     """``; options go before FUNC: %pmap --compare f, xs`` when ``text`` has options after the
-    arguments (a command line's habit, read as Python there), else ""."""
+    arguments (a command line's habit, read as Python there), else "". A final comment stays
+    at the end of the line shown (before FUNC it would make the rest of the line a comment)."""
     words = _option_words(text, parser)
     if not words:
         return ""
-    at = re.search(rf"(?:^|(?<=[\s,])){re.escape(words[0])}(?![\w-])", text)
+    code, comment = _code_and_comment(text)
+    at = re.search(rf"(?:^|(?<=[\s,])){re.escape(words[0])}(?![\w-])", code)
     if at is None:
         return ""
-    args, options = text[:at.start()].strip().rstrip(","), text[at.start():].strip()
-    return f"; options go before FUNC: {parser.prog} {options} {args}"
+    args, options = code[:at.start()].strip().rstrip(","), code[at.start():].strip()
+    return f"; options go before FUNC: {parser.prog} {options} {args}" + (f"  {comment}" if comment else "")
 
 
 _arg_names = itertools.count()
@@ -1432,7 +1498,7 @@ class MPMagics(Magics):
 
             if not opts.target:
                 raise UsageError("cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)")
-            if not opts.target.isdigit():
+            if not opts.target.isdigit() or int(opts.target) == 0:  # (IDs count from 1: 0 is none of them)
                 raise UsageError(f"cancel needs a run's ID (a whole number from 1), not {opts.target!r}: "
                                  "for example %pool cancel 3 (%pool runs lists them)")
             run = background.get_run(int(opts.target))

@@ -26,7 +26,7 @@ from .backends.local import (
     check_tasks_per_child,
     pool_size,
 )
-from .checks import real, whole
+from .checks import keyword_names, real, unexpected_keyword, whole
 from .engine import sigint_deferred
 from .errors import UsageError, one_line, one_line_interrupt
 from .fmt import fmt_seconds
@@ -329,6 +329,7 @@ def start_pool(
     wait: bool = False,
     max_memory: int | str | None = None,
     gpus: str | Iterable[int | str] | None = None,
+    **refused: Any,
 ) -> Backend:
     """Start (or re-create, if its settings change) the local pool.
 
@@ -367,6 +368,8 @@ def start_pool(
     settings dropped. Only the wait for the new workers (``wait=True``) is cut
     short; they go on starting.
     """
+    if refused:  # (``n=4``, joblib's ``n_jobs=4``: Python's error, with what was meant)
+        raise one_line(unexpected_keyword("start_pool", refused, keyword_names(start_pool, skip=0)))
     who = _who("start_pool()")
     current = current_pool()
     _refuse_local_options(current, start_method, max_tasks_per_child, max_memory)
@@ -562,7 +565,7 @@ def _restart_now(
 
 def use_local(
     workers: int | None = None, start_method: str | None = None, max_tasks_per_child: int | None = None,
-    max_memory: int | str | None = None,
+    max_memory: int | str | None = None, **refused: Any,
 ) -> Backend:
     """Switch back to processes on this machine (stops a Dask backend).
 
@@ -570,6 +573,8 @@ def use_local(
     pool it makes or keeps).
     """
     global _backend
+    if refused:
+        raise one_line(unexpected_keyword("use_local", refused, keyword_names(use_local, skip=0)))
     _check_local_options(workers, start_method, max_tasks_per_child, max_memory)  # (before a Dask pool stops)
     if max_memory is not None:
         set_max_memory(max_memory)

@@ -34,7 +34,7 @@ from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .background import ResultStream
-from .checks import check_whole
+from .checks import check_flags, check_whole, keyword_names, unexpected_keyword
 from .errors import MPMagicError, hide_our_frames, one_line
 from .fmt import cancelled_words, stopped_words
 from .jobs import Failed, MapJob, ToRaise
@@ -550,6 +550,7 @@ def imap(
         buffer = check_whole("buffer", buffer)
     iterables, workers, chunksize, timeout, retries = api.check_map_args(func, iterables, workers, chunksize, timeout,
                                                                          errors, star, retries, checkpoint)
+    check_flags(ordered=ordered, insights=insights)
     if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
         func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():
@@ -617,7 +618,7 @@ def _refuse(refused: dict[str, Any]) -> None:
         raise UsageError("imap() takes no progress=: the loop over its results shows the progress; wrap it "
                          "in tqdm (for r in tqdm(mpmagic.imap(f, xs), total=len(xs)): ...)")
     if refused:
-        raise one_line(TypeError(f"imap() got an unexpected keyword argument {next(iter(refused))!r}"))
+        raise one_line(unexpected_keyword("imap", refused, keyword_names(imap)))
 
 
 def _running(gen: Generator) -> bool:

@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import dis
 import hashlib
 import importlib
 import linecache
+import re
+import shlex
 import sys
 import tokenize
 import types
@@ -81,6 +84,20 @@ def _first_word(text: str) -> tuple[str, str]:
     return parts[0], parts[1] if len(parts) > 1 else ""
 
 
+def _unquoted(word: str) -> str:
+    """An option's word with its shell quotes taken off, as ``%%parallel`` and ``%pool``
+    read theirs (``shlex``): ``-n '2'`` and ``--timeout="1.5"`` are ``-n 2`` and
+    ``--timeout=1.5`` (they were refused: ``"'2'" is not a whole number``). A word
+    without quotes, or not quoted as a shell word, stays as written."""
+    if "'" not in word and '"' not in word:
+        return word
+    try:
+        words = shlex.split(word)
+    except ValueError:  # an unclosed quote: the parser names the word as written
+        return word
+    return words[0] if len(words) == 1 else word
+
+
 def _takes_next_word(head: str, actions: Any) -> bool:
     """Is the word after option ``head`` its value (``-n 2``; ``-qn 2``, the last of combined flags)?"""
     action = actions.get(head.split("=", 1)[0])
@@ -100,7 +117,8 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
     whether a ``--`` ended the options (the rest is then the arguments, however it reads).
 
     The rest (map()'s argument list) is Python and is never tokenized as
-    shell words, so its quotes and spaces survive untouched. Words are split
+    shell words, so its quotes and spaces survive untouched; an option's word
+    loses its shell quotes, as ``%%parallel``'s (``-n '2'``: see :func:`_unquoted`). Words are split
     at any whitespace (a tab too), and short flags may be combined as
     argparse takes them (``-qn 2``, ``-qn2``).
     """
@@ -111,13 +129,14 @@ def split_options(line: str, parser: argparse.ArgumentParser) -> tuple[list[str]
         head, tail = _first_word(rest)
         if head == "--":  # the end of the options, as on a command line: the rest is ARGS
             return tokens, tail, True
+        head = _unquoted(head)
         tokens.append(head)
         rest = tail
         if _takes_next_word(head, actions):
             if not rest:
                 break
             value, rest = _first_word(rest)
-            tokens.append(value)
+            tokens.append(_unquoted(value))
     return tokens, rest, False
 
 
@@ -143,10 +162,44 @@ def without_final_semicolon(text: str) -> tuple[str, bool]:
 
 
 class _TaskParser(argparse.ArgumentParser):
-    """The ``%pmap`` line's options in a task: each mistake one UsageError line."""
+    """The ``%pmap`` line's options in a task: each mistake one UsageError line, in the
+    magic's words (argparse's own said ``invalid int value: 'abc'`` and ``unrecognized
+    arguments: --tiemout``, where the notebook's ``%pmap`` names the option meant)."""
 
     def error(self, message: str) -> Any:
+        unknown = re.fullmatch(r"unrecognized arguments: (\S+).*", message)
+        if unknown is not None:
+            message = self.unknown(unknown.group(1))
         raise UsageError(f"%pmap inside a task: {message}")
+
+    def unknown(self, token: str) -> str:
+        """``unknown option --tiemout; did you mean --timeout?``, as the magic says it."""
+        if not token.startswith("-"):
+            return f"unexpected argument {token!r}"
+        name = token.split("=", 1)[0]
+        actions = self._option_string_actions
+        cased = [option for option in actions if option.lower() == name.lower()]  # (-N: the Shift key)
+        bare = {option.lstrip("-"): option for option in actions}
+        found = cased or [bare[b] for b in difflib.get_close_matches(name.lstrip("-"), list(bare), n=1, cutoff=0.6)]
+        if not found:
+            return f"unknown option {name}"
+        return f"unknown option {name}; did you mean {'/'.join(actions[found[0]].option_strings)}?"
+
+
+def _whole_word(text: str) -> int:
+    """An option's whole number, refused as the magic refuses it (its range is the API's check)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _seconds_word(text: str) -> float:
+    """An option's seconds, refused as the magic refuses them (its range is the API's check)."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
 
 
 _parser: _TaskParser | None = None
@@ -159,15 +212,15 @@ def _pmap_parser() -> _TaskParser:
     if _parser is None:
         p = _TaskParser(prog="%pmap", add_help=False, allow_abbrev=False)
         p.add_argument("-h", "--help", action="store_true")
-        p.add_argument("-n", "--workers", type=int)
-        p.add_argument("--chunksize", type=int)
+        p.add_argument("-n", "--workers", type=_whole_word)
+        p.add_argument("--chunksize", type=_whole_word)
         p.add_argument("--star", action="store_true")
         p.add_argument("--compare", action="store_true")
         p.add_argument("-q", "--quiet", action="store_true")
         p.add_argument("--errors", choices=("raise", "collect"), default="raise")
-        p.add_argument("--timeout", type=float)
-        p.add_argument("--retries", type=int, default=0)
-        p.add_argument("--seed", type=int)
+        p.add_argument("--timeout", type=_seconds_word)
+        p.add_argument("--retries", type=_whole_word, default=0)
+        p.add_argument("--seed", type=_whole_word)
         p.add_argument("--rerun-failed", action="store_true")
         p.add_argument("--bg", action="store_true")
         p.add_argument("--progress", dest="progress", action="store_true", default=None)

@@ -42,6 +42,16 @@ def test_numpy_numbers_are_the_numbers_they_are(pool2):
     assert mpmagic.start_pool(workers=N) is pool2 and pool2.workers == 2
 
 
+def test_an_on_off_option_takes_what_if_reads_as_true_or_false(pool2):
+    """True/False, a numpy bool (``arr.any()``), 0/1 and None are taken for the options
+    that are on or off (a string or 2 is refused: see REFUSED)."""
+    serial = list(map(abs, XS))
+    assert mpmagic.pmap(abs, XS, star=np.False_, compare=np.bool_(False), progress=0, insights=None) == serial
+    assert mpmagic.pmap(abs, XS, show_report=False, block=np.True_) == serial
+    assert list(mpmagic.imap(abs, XS, ordered=1)) == serial
+    assert mpmagic.parallel("rank", workers=2, label_output=np.True_, keep=0, namespace={}) == [0, 1]
+
+
 def test_checked_values_are_plain_ints_and_floats():
     """They travel to the workers and into the reports as plain numbers, not numpy scalars."""
     checked = api.check_map_args(abs, (XS,), N, np.int32(3), np.float32(0.5), "raise", False, np.uint8(1))
@@ -122,6 +132,32 @@ REFUSED = [
     (lambda: mpmagic.rerun_failed(star=True), "rerun_failed() takes no star=", "star", UsageError),
     (lambda: mpmagic.use_dask("tcp://127.0.0.1:9", bogus=1), "use_dask() got an unexpected keyword argument 'bogus'",
      "scheduler_file", TypeError),
+    # an on/off option is True or False: "False" and "no" were true, so the option was on
+    (lambda: mpmagic.pmap(abs, XS, star="False"), "star must be True or False", "'False'", UsageError),
+    (lambda: mpmagic.pmap(abs, XS, compare="no"), "compare must be True or False", "'no'", UsageError),
+    (lambda: mpmagic.pmap(abs, XS, block="x"), "block must be True or False", "'x'", UsageError),
+    (lambda: mpmagic.submit(abs, XS, show_report=2), "show_report must be True or False", "2", UsageError),
+    (lambda: mpmagic.imap(abs, XS, ordered="x"), "ordered must be True or False", "'x'", UsageError),
+    (lambda: mpmagic.parallel("rank", keep="yes", namespace={}), "keep must be True or False", "'yes'", UsageError),
+    (lambda: mpmagic.parallel("rank", label_output="False", namespace={}), "label_output must be True or False",
+     "'False'", UsageError),
+    # a keyword the API has no parameter for: Python's error, with the one meant (Python 3.11's named none)
+    (lambda: mpmagic.pmap(abs, XS, n=2), "pmap() got an unexpected keyword argument 'n'", "; did you mean workers=?",
+     TypeError),
+    (lambda: mpmagic.parallel("rank", n_jobs=2), "parallel() got an unexpected keyword argument 'n_jobs'",
+     "; did you mean workers=?", TypeError),
+    (lambda: mpmagic.submit(abs, XS, chunk_size=2), "submit() got an unexpected keyword argument 'chunk_size'",
+     "; did you mean chunksize=?", TypeError),
+    (lambda: mpmagic.pmap(abs, XS, timout=2), "pmap() got an unexpected keyword argument 'timout'",
+     "; did you mean timeout=?", TypeError),
+    (lambda: mpmagic.imap(pow, XS, XS, strict=True), "imap() got an unexpected keyword argument 'strict'",
+     "imap(f, zip(xs, ys, strict=True), star=True)", TypeError),
+    (lambda: mpmagic.pmap(abs, XS, verbose=True), "pmap() got an unexpected keyword argument 'verbose'",
+     "(it takes workers=, chunksize=, star=,", TypeError),
+    (lambda: mpmagic.start_pool(n=2), "start_pool() got an unexpected keyword argument 'n'",
+     "; did you mean workers=?", TypeError),
+    (lambda: mpmagic.use_local(processes=2), "use_local() got an unexpected keyword argument 'processes'",
+     "; did you mean workers=?", TypeError),
 ]
 
 

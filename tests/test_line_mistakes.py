@@ -107,6 +107,42 @@ def test_options_written_after_the_arguments_get_a_hint_and_keep_maps_meaning(ip
     assert isinstance(err, TypeError) and not getattr(err, "__notes__", None)
 
 
+@pytest.mark.parametrize("line, hint, serial", [
+    ("%pmap abs, xs -n 2  # was slow", "%pmap -n 2 abs, xs  # was slow", "map(abs, xs)"),
+    ("%pmap -q abs, xs --compare # see -n", "%pmap --compare abs, xs  # see -n", "map(abs, xs)"),
+    ("%pmap len, ['#'] -n 2", "%pmap -n 2 len, ['#']", "map(len, ['#'])"),
+])
+def test_the_options_go_before_func_hint_keeps_a_comment_at_the_end(ip, pool2, line, hint, serial):
+    """``%pmap f, xs -n 2  # note`` was told ``%pmap -n 2  # note f, xs``: copied, that line
+    is all comment after the options (FUNC and ITERABLE gone). The comment stays last."""
+    ip.user_ns.update(xs=[1, -2])
+    err, _, _ = error_of(ip, line)
+    said = [*str(err).splitlines()[:1], *getattr(err, "__notes__", [])]
+    assert any(said_line.endswith(f"options go before FUNC: {hint}") for said_line in said), said
+    fixed = ip.run_cell(hint.replace("%pmap", "%pmap -q", 1), store_history=False).result
+    assert fixed == list(eval(serial, ip.user_ns))
+
+
+@pytest.mark.parametrize("line", ["%pmap abs xs  # -n 2 was slow", "%pmap abs, undefined_name  # --compare"])
+def test_an_option_in_the_comment_gets_no_options_go_before_func_hint(ip, pool2, line):
+    err, _, _ = error_of(ip, line)
+    assert "options go before FUNC" not in str(err) and not getattr(err, "__notes__", None), err
+
+
+@pytest.mark.parametrize("line", ["%pmap -q -n '2' abs, xs", '%pmap -q -n "2" --timeout="30" abs, xs',
+                                  "%pmap -q --errors 'collect' --seed '3' abs, xs"])
+def test_pmap_takes_quoted_option_values_as_parallel_does(ip, pool2, line):
+    """``%%parallel -n '2'`` runs (its line is read as shell words) but ``%pmap -n '2'``
+    said ``"'2'" is not a whole number``: an option's value loses its quotes in both;
+    the argument list keeps its own (``'2'`` there is a str)."""
+    ip.user_ns.update(xs=[1, -2, -3])
+    assert ip.run_cell(line, store_history=False).result == list(map(abs, ip.user_ns["xs"]))
+    assert ip.run_cell("%%parallel -q -n '2'\nrank", store_history=False).result == [0, 1]
+    assert ip.run_cell("%pmap -q -n '2' len, ['ab', \"'c'\"]", store_history=False).result == [2, 3]
+    err, _, _ = error_of(ip, "%pmap -q -n 'x' abs, xs")
+    assert str(err).startswith("%pmap: argument -n/--workers: 'x' is not a whole number"), err
+
+
 def test_pmap_takes_maps_keywords_as_this_pythons_map_does(ip, pool2, monkeypatch):
     """``**{}`` is no keyword for map() (it was refused); ``strict=`` is map()'s from 3.14."""
     from mpmagic import magics
@@ -365,6 +401,43 @@ def test_after_a_double_dash_the_arguments_get_no_options_go_before_func_hint(ip
     err, _, _ = error_of(ip, "%pmap -q -- abs, xs --compare")
     assert isinstance(err, NameError) and not getattr(err, "__notes__", None)
     assert first_line_of_usage_error(ip, "%pmap -q -- abs, xs -n 2") == \
-        "%pmap: 'abs, xs -n 2' is not an argument list like map()'s"
+        "%pmap: 'abs, xs -n 2' is not an argument list like map()'s (Python: invalid syntax. Perhaps you forgot a comma?)"
     err, _, _ = error_of(ip, "%pmap -q abs, xs --compare")  # (without the --: the hint, as before)
     assert err.__notes__ == ["options go before FUNC: %pmap --compare abs, xs"]
+
+
+@pytest.mark.parametrize("args, said", [
+    ("abs, [1, 2,", "its '[' is never closed"),
+    ("(abs, xs", "its '(' is never closed"),
+    ("abs, {1: 2  # }", "its '{' is never closed"),
+    ("abs xs", " (Python: invalid syntax. Perhaps you forgot a comma?)"),
+    ("abs, [1 2]", " (Python: invalid syntax. Perhaps you forgot a comma?)"),
+    ("abs, x for x in xs", " (Python: Generator expression must be parenthesized)"),
+    ("abs, 'x", " (Python: unterminated string literal (detected at line 1))"),
+])
+def test_an_argument_list_that_is_not_python_says_why_as_map_would(ip, pool2, args, said):
+    """``%pmap f, [1, 2,`` and ``%pmap f xs`` said only "is not an argument list like
+    map()'s"; ``map(...)`` with the same text names the unclosed bracket, the missing
+    comma or the unparenthesized generator: now the line does too."""
+    ip.user_ns["xs"] = [1, 2]
+    with capture_output():
+        serial = ip.run_cell(f"map({args}\n)", store_history=False).error_before_exec
+    assert isinstance(serial, SyntaxError)  # (map() refuses the text too)
+    assert first_line_of_usage_error(ip, f"%pmap -q {args}") == \
+        f"%pmap: {args!r} is not an argument list like map()'s" + (said if said.startswith(" ") else f": {said}")
+
+
+@pytest.mark.parametrize("line, said", [
+    ("%pool checkpoints clear a b", "%pool: unexpected argument 'b': %pool checkpoints takes clear NAME"),
+    ("%pool resize 2 3 4", "%pool: unexpected argument '3': %pool resize takes N"),
+    ("%pool setup clear a b", "%pool: unexpected argument 'a': %pool setup takes clear"),
+    ("%pool runs a b c", "%pool: unexpected argument 'a': %pool runs takes none"),
+    ("%pool stop a", "%pool: unexpected argument 'a': %pool stop takes none"),  # (fewer: as before)
+])
+def test_pool_names_the_first_word_its_subcommand_does_not_take_and_what_it_takes(ip, pool2, line, said):
+    """Past the three words %pool reads, argparse's refusal named the last word alone
+    (``unexpected argument 'b'``); with fewer, the first extra word and what the subcommand
+    takes were named. Now alike, and nothing is done."""
+    backend, workers = pool.current_pool(), pool2.workers
+    assert first_line_of_usage_error(ip, line) == said
+    assert pool.current_pool() is backend and backend.workers == workers

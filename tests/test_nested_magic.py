@@ -87,8 +87,31 @@ def test_options_a_serial_map_cannot_take_are_refused_or_named(ip, pool2, capfd)
     assert run(ip, "%pmap -q timed, [1]") == [[10]]
     assert "%pmap called inside a worker runs serially in that worker (a worker process cannot start workers of " \
            "its own); --timeout, -n are not applied there" in capfd.readouterr().err
-    with pytest.raises(mpmagic.UsageError, match="%pmap inside a task: unrecognized arguments: --worker"):
+    with pytest.raises(mpmagic.UsageError, match=r"^%pmap inside a task: unknown option --worker; did you mean "
+                                                 r"-n/--workers\?"):
         run(ip, "%pmap -q unknown, [1]")
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ("-n abc", "argument -n/--workers: 'abc' is not a whole number"),
+    ("--timeout x", "argument --timeout: 'x' is not a number of seconds"),
+    ("--seed 1.5", "argument --seed: '1.5' is not a whole number"),
+    ("--tiemout 3", "unknown option --tiemout; did you mean --timeout?"),
+    ("-N 2", "unknown option -N; did you mean -n/--workers?"),
+])
+def test_a_mistake_in_a_tasks_pmap_line_is_said_in_the_magics_words(ip, pool2, options, says):
+    """argparse's own words reached the user from a task: ``invalid int value: 'abc'``,
+    ``unrecognized arguments: --tiemout``; the notebook's ``%pmap`` names the value and
+    the option meant, and so does the task's line now."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, f"def tenfold(x):\n    return x * 10\ndef h(x):\n    r = %pmap -q {options} tenfold, [x]\n    return r")
+    with capture_output():
+        notebook = ip.run_cell(f"%pmap -q {options} tenfold, [1]", store_history=False).error_in_exec
+    assert str(notebook).startswith(f"%pmap: {says}"), notebook  # (the notebook's line says it so)
+    with pytest.raises(mpmagic.UsageError) as task:
+        run(ip, "%pmap -q h, [1]")
+    assert str(task.value).splitlines()[0] == f"%pmap inside a task: {says}"
 
 
 @pytest.mark.parametrize(("body", "says"), [

@@ -225,6 +225,9 @@ def test_a_refused_pool_option_changes_nothing_before_it_is_refused():
     ("%pool cancel", "%pool: cancel needs a run's ID: for example %pool cancel 3 (%pool runs lists them)"),
     ("%pool cancel -1", "%pool: cancel needs a run's ID (a whole number from 1), not '-1': for example "
                         "%pool cancel 3 (%pool runs lists them)"),
+    # (0 was looked up: "no run with id 0", while -1 and x were told IDs count from 1)
+    ("%pool cancel 0", "%pool: cancel needs a run's ID (a whole number from 1), not '0': for example "
+                       "%pool cancel 3 (%pool runs lists them)"),
 ])
 def test_what_a_subcommand_does_not_take_is_a_usage_error_not_ignored(ip, line, first):
     from IPython.core.error import UsageError

@@ -87,6 +87,11 @@ TYPOS = [
     ("%%parallel -n 2 extra\nrank", "%%parallel: unexpected argument 'extra'"),
     ("%pool start --worker 2", "%pool: unknown option --worker; did you mean -n/--workers?"),
     ("%pool start --start-metod spawn", "%pool: unknown option --start-metod; did you mean --start-method?"),
+    # a short option in the other case (the Shift key) was named with no suggestion
+    ("%pmap -N 2 abs, [1]", "%pmap: unknown option -N; did you mean -n/--workers?"),
+    ("%pmap -Q abs, [1]", "%pmap: unknown option -Q; did you mean -q/--quiet?"),
+    ("%%parallel -O out\nrank", "%%parallel: unknown option -O; did you mean -o/--output?"),
+    ("%pool start -N 2", "%pool: unknown option -N; did you mean -n/--workers?"),
 ]
 
 OTHER_USAGE_ERRORS = [
