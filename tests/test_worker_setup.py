@@ -1138,3 +1138,78 @@ def test_a_removed_setups_functions_still_read_its_names_tasks_do_not():
         worker_setup.run_setup(0, None, None)
         builtins.abs = space["abs"]
     assert vars(builtins) == space
+
+
+def test_a_setup_may_bind_exit_and_the_other_site_helpers_as_serially(ip, local_pool):
+    """``exit = False`` passed the notebook's check (IPython hides ``exit`` while a cell
+    runs) and was refused by every worker (site's ``exit`` is a builtin there), a line
+    per worker. Serially the setup binds it: ``site``'s interactive helpers are no
+    builtins a library uses (``python -S`` has none), so both sides accept them."""
+    assert worker_setup.shadowing(["exit", "quit", "help", "copyright", "credits", "license", "type"]) == ["type"]
+    serial: dict = {}
+    exec("exit = False\nhelp = 'no help'\nMODEL = 1\n", serial)
+    exec("def task(x):\n    return exit, help, MODEL + x", serial)
+    run(ip, "%%pool setup\nexit = False\nhelp = 'no help'\nMODEL = 1\n")
+    run(ip, "def _site_task(x):\n    return exit, help, MODEL + x")
+    assert run(ip, "%pmap -q --chunksize 1 _site_task, range(4)") == list(map(serial["task"], range(4)))
+    # (IPython's exit and quit are one object: it went as `quit` for both names)
+    assert run(ip, "%pmap -q lambda x: (exit, type(quit).__name__), range(2)") == [(False, "Quitter")] * 2
+    assert list(run(ip, "%%parallel -n 2 -q\nexit")) == [False, False]
+    run(ip, "%pool setup clear")  # the workers' own helpers are back
+    run(ip, "def _helpers_back(x):\n    import builtins\n    return callable(builtins.exit), callable(builtins.help)")
+    assert run(ip, "%pmap -q --chunksize 1 _helpers_back, range(4)") == [(True, True)] * 4
+
+
+LATE_NAMES_SETUP = """
+def load():
+    globals()['LAZY_A'] = 1
+    exec('LAZY_B = 2', globals())
+    return LAZY_A + LAZY_B
+"""
+
+
+@pytest.mark.parametrize("removal", ["%pool setup clear", "%%pool setup\nOTHER = 1\n"])
+def test_names_a_setup_function_writes_into_its_globals_go_with_the_setup(ip, local_pool, removal):
+    """A setup function a task calls writes ``globals()['LAZY_A']`` (or execs into its
+    globals): those names stayed after a clear or a replacing setup, where names
+    bound with ``global`` went; tasks still saw them."""
+    ip.user_ns.pop("OTHER", None)
+    run(ip, "%%pool setup\n" + LATE_NAMES_SETUP)
+    assert run(ip, "%pmap -q --chunksize 1 lambda x: load(), range(4)") == [3] * 4
+    assert run(ip, "%pmap -q --chunksize 1 lambda x: (LAZY_A, LAZY_B), range(4)") == [(1, 2)] * 4
+    run(ip, removal)
+    run(ip, "def _late_left(x):\n    import builtins\n"
+            "    return [n for n in ('LAZY_A', 'LAZY_B', '__builtins__', 'display') if n in vars(builtins)]")
+    assert run(ip, "%pmap -q --chunksize 1 _late_left, range(4)") == [["display"]] * 4
+
+
+def test_a_setups_dunder_name_is_what_tasks_read(ip, local_pool):
+    """``__version__ = "1.2"`` in a setup was dropped silently (NameError in the tasks);
+    a dunder of the builtins module itself (``__name__``) is refused up front."""
+    run(ip, '%%pool setup\n__version__ = "1.2"\nfrom math import pi as __pi__\n')
+    assert run(ip, "%pmap -q lambda x: (__version__, round(__pi__, 2)), range(2)") == [("1.2", 3.14)] * 2
+    run(ip, "%pool setup clear")
+    with pytest.raises(NameError):
+        run(ip, "%pmap -q lambda x: __version__, range(2)")
+    before = worker_setup.version()
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\n__name__ = 'mine'\n")
+    assert "`__name__`" in str(info.value) and "nothing was sent" in str(info.value) and "\n" not in str(info.value)
+    assert worker_setup.version() == before
+
+
+def test_instances_of_a_setup_class_from_two_workers_are_of_one_class(ip, local_pool):
+    """cloudpickle rebuilt the setup's class by value once per worker it came from, so
+    results of two workers were of two classes (``type(a) is type(b)`` False) where
+    serially they are one; a changed class in a new setup is a new class."""
+    run(ip, "%%pool setup\nclass SetupPoint:\n    def __init__(self, x):\n        self.x = x\n")
+    run(ip, "def _make_point(x):\n    import time, mpmagic\n    time.sleep(0.3)\n"
+            "    return SetupPoint(x), mpmagic.worker_id()")
+    out = run(ip, "%pmap -q --chunksize 1 _make_point, range(6)")
+    assert len({w for _, w in out}) == 2, out  # (both workers made some)
+    assert len({type(p) for p, _ in out}) == 1 and [p.x for p, _ in out] == list(range(6))
+    first = type(out[0][0])
+    run(ip, "%%pool setup\nclass SetupPoint:\n    def __init__(self, x):\n        self.x = -x\n")
+    out = run(ip, "%pmap -q --chunksize 1 _make_point, range(6)")
+    assert len({type(p) for p, _ in out}) == 1 and type(out[0][0]) is not first
+    assert [p.x for p, _ in out] == [-x for x in range(6)]
