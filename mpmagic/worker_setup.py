@@ -776,10 +776,13 @@ def _track_classes(entries: list[_Entry]) -> None:
     notebook rebuilds it once; each worker made a random one, so results of two
     workers came home as instances of two classes (``type(a) is type(b)`` False,
     ``isinstance`` against the class of another worker's result False), where
-    serially there is one. A changed cell is another text: its class, another id."""
+    serially there is one. A changed cell is another text: its class, another id.
+    Each is also the worker's own class for ``classhome``: an instance the notebook
+    sends back (with its copy of the class) left the class with the copy's methods,
+    whose globals were a snapshot (a setup global rebound later was not seen)."""
     import hashlib
 
-    from . import compat
+    from . import classhome, compat
 
     codes = [e for e in entries if e.kind == "code"]
     if not codes:
@@ -789,6 +792,7 @@ def _track_classes(entries: list[_Entry]) -> None:
         value = vars(builtins).get(name)
         if isinstance(value, type) and value.__module__ == "__main__" and value.__qualname__ == name:
             compat.cloudpickle_track_class(value, f"mpmagic-setup-{digest}-{name}")
+            classhome.own(value)  # (an instance sent back by the notebook leaves its methods as they are)
 
 
 def _watch() -> None:

@@ -1213,3 +1213,49 @@ def test_instances_of_a_setup_class_from_two_workers_are_of_one_class(ip, local_
     out = run(ip, "%pmap -q --chunksize 1 _make_point, range(6)")
     assert len({type(p) for p, _ in out}) == 1 and type(out[0][0]) is not first
     assert [p.x for p, _ in out] == [-x for x in range(6)]
+
+
+def test_a_setup_class_sent_back_to_the_workers_keeps_its_own_methods(ip, any_method):
+    """An instance of a setup's class that came home and goes back to a task (an item)
+    replaced the worker's class's methods with copies whose globals were a snapshot
+    of the names they read: the setup's ``SCALE`` rebound later was not seen, also by
+    new instances (``SP(1).scaled()`` 1 where serially 10)."""
+    ensure_pool(any_method)
+    setup = ("SCALE = 1\nclass ScaledPoint:\n    def __init__(self, x):\n        self.x = x\n"
+             "    def scaled(self):\n        return self.x * SCALE\n"
+             "def set_scale(v):\n    global SCALE\n    SCALE = v\n    return v\n")
+    serial: dict = {}
+    exec(setup, serial)
+    exec("def back(p):\n    return isinstance(p, ScaledPoint), set_scale(10), p.scaled(), ScaledPoint(1).scaled()", serial)
+    expected = [serial["back"](serial["ScaledPoint"](x)) for x in range(4)]
+    run(ip, "%%pool setup\n" + setup)
+    ip.user_ns["_points"] = run(ip, "%pmap -q --chunksize 1 lambda x: ScaledPoint(x), range(4)")
+    run(ip, "def _back(p):\n    return isinstance(p, ScaledPoint), set_scale(10), p.scaled(), ScaledPoint(1).scaled()")
+    assert run(ip, "%pmap -q --chunksize 1 _back, _points") == expected == [(True, 10, 10 * x, 10) for x in range(4)]
+
+
+def test_exit_dunders_late_names_and_classes_of_a_setup_on_dask(ip, dask_cluster):
+    """The same on Dask, whose plugin runs the setup in each worker process: ``exit``
+    bindable, ``__version__`` carried, a ``globals()`` write taken away by a clear, and a
+    setup class's instances from several workers one class that keeps its methods."""
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        pool_module.get_pool().client.wait_for_workers(4, timeout=60)
+        run(ip, "%%pool setup\nexit = False\n__version__ = '1.2'\nSCALE = 1\nclass DaskPoint:\n"
+                "    def __init__(self, x):\n        self.x = x\n    def scaled(self):\n        return self.x * SCALE\n"
+                "def late():\n    globals()['LATE_D'] = 1\n    return LATE_D\n"
+                "def set_scale(v):\n    global SCALE\n    SCALE = v\n    return v\n")
+        run(ip, "def _dask_make(x):\n    import time, mpmagic\n    time.sleep(0.2)\n"
+                "    return exit, __version__, late(), DaskPoint(x), mpmagic.worker_id()")
+        out = run(ip, "%pmap -q --chunksize 1 _dask_make, range(8)")
+        assert [t[:3] for t in out] == [(False, "1.2", 1)] * 8
+        assert len({t[4] for t in out}) >= 2 and len({type(t[3]) for t in out}) == 1, out
+        ip.user_ns["_dask_points"] = [t[3] for t in out]
+        assert run(ip, "%pmap -q --chunksize 1 lambda p: (set_scale(10), p.scaled(), DaskPoint(1).scaled()), "
+                       "_dask_points") == [(10, 10 * x, 10) for x in range(8)]
+        run(ip, "%pool setup clear")
+        run(ip, "def _dask_left(x):\n    import builtins, time\n    time.sleep(0.1)\n"
+                "    return [n for n in ('LATE_D', '__version__', 'DaskPoint') if n in vars(builtins)], callable(exit)")
+        assert run(ip, "%pmap -q --chunksize 1 _dask_left, range(8)") == [([], True)] * 8
+    finally:
+        pool_module.shutdown()
