@@ -1259,3 +1259,13 @@ def test_exit_dunders_late_names_and_classes_of_a_setup_on_dask(ip, dask_cluster
         assert run(ip, "%pmap -q --chunksize 1 _dask_left, range(8)") == [([], True)] * 8
     finally:
         pool_module.shutdown()
+
+
+def test_a_setups_top_level_await_says_why_and_what_to_do(ip, local_pool):
+    """IPython runs a cell's top-level ``await``; a setup said only "syntax error: 'await'
+    outside function", of code that runs in the notebook (as %%parallel now says why)."""
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\nimport asyncio\nawait asyncio.sleep(0)\n")
+    text = str(info.value)
+    assert "syntax error on line 3: 'await' outside function; " in text and "\n" not in text.split("\nusage")[0]
+    assert "without IPython's top-level await" in text and "asyncio.run(main())" in text
