@@ -697,6 +697,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
     before = dict(space)  # the builtins a setup may not replace, and what a refusal puts back
     patches: set[str] = set()  # names set as attributes of the module (`builtins.print = f`): patches, not names
     dunders: set[str] = set()  # the setup's own ``__dunder__`` names (``__version__ = "1.2"``): carried as the others
+    classes: set[str] = set()  # the names of the classes the setup cell defines (``class Point:``)
 
     def replaced(names: dict[str, Any]) -> list[str]:
         return sorted(n for n, v in names.items() if not n.startswith("__") and n in before and before[n] is not v
@@ -723,6 +724,7 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                 for name in declared:
                     _later.setdefault(name, before.get(name, _MISSING))
                 dunders.update(n for n in bound_dunders(tree) | declared if _carried_dunder(n, before))
+                classes.update(defined_classes(tree))
                 own = _own_builtins(before)
                 for code in _statements(tree, entry.future_flags):
                     space["__builtins__"] = own  # (taken out again by _settle or _put_back)
@@ -759,15 +761,15 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                 return _shadow_line(bad, wid), []
             _settle(before, patches, set_globals, dunders)  # what ran before the failing line stays usable
             _watch()
-            _track_classes(entries)
+            _track_classes(entries, classes)
             return _failure_line(exc, entry, wid), sorted(_installed)
     _settle(before, patches, set_globals, dunders)
     _watch()
-    _track_classes(entries)
+    _track_classes(entries, classes)
     return None, sorted(_installed)
 
 
-def _track_classes(entries: list[_Entry]) -> None:
+def _track_classes(entries: list[_Entry], classes: set[str]) -> None:
     """Give each class the setup cell defines at its top level the same cloudpickle tracker
     id in every worker: one made from the cell's text and the class's name.
 
@@ -777,6 +779,8 @@ def _track_classes(entries: list[_Entry]) -> None:
     workers came home as instances of two classes (``type(a) is type(b)`` False,
     ``isinstance`` against the class of another worker's result False), where
     serially there is one. A changed cell is another text: its class, another id.
+    Only the ``classes`` the cell's own ``class`` statements made: a notebook class
+    (an ``on_worker_start`` dict's) keeps the notebook's id, which finds it there.
     Each is also the worker's own class for ``classhome``: an instance the notebook
     sends back (with its copy of the class) left the class with the copy's methods,
     whose globals were a snapshot (a setup global rebound later was not seen)."""
@@ -788,7 +792,7 @@ def _track_classes(entries: list[_Entry]) -> None:
     if not codes:
         return
     digest = hashlib.blake2b("\0".join(e.data for e in codes).encode(), digest_size=12).hexdigest()
-    for name in _installed:
+    for name in sorted(classes & _installed.keys()):
         value = vars(builtins).get(name)
         if isinstance(value, type) and value.__module__ == "__main__" and value.__qualname__ == name:
             compat.cloudpickle_track_class(value, f"mpmagic-setup-{digest}-{name}")
@@ -868,6 +872,20 @@ def dunder_shadowing(names: Any) -> list[str]:
     replace in the worker; its own (``__version__``) are carried as its other names."""
     return sorted(n for n in names if isinstance(n, str) and n.startswith("__") and n.endswith("__")
                   and (hasattr(builtins, n) or n in _PYTHONS_DUNDERS))
+
+
+def defined_classes(tree: ast.AST) -> set[str]:
+    """The names of the classes a setup's code defines at its top level (also in an
+    ``if``, ``try``, ``with``...), not in its functions or classes."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.ClassDef):
+            found.add(node.name)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+    return found
 
 
 def declared_globals(tree: ast.AST) -> set[str]:
@@ -969,9 +987,16 @@ def _late_names() -> dict[str, Any]:
     (``display``, ``get_ipython``: a Dask task adds them where missing)."""
     if _baseline is None:
         return {}
-    return {name: _MISSING for name, value in vars(builtins).items()
-            if name not in _baseline and name not in _later
-            and not str(getattr(value, "__module__", "")).startswith("mpmagic.")}
+    return {name: _MISSING for name, value in list(vars(builtins).items())
+            if name not in _baseline and name not in _later and not _of_mpmagic(value)}
+
+
+def _of_mpmagic(value: Any) -> bool:
+    """Whether ``value`` is one of mpmagic's own (a function of its modules)."""
+    try:
+        return str(getattr(value, "__module__", "")).startswith("mpmagic.")
+    except Exception:  # (an odd object whose attribute lookup raises: not ours)
+        return False
 
 
 @contextlib.contextmanager

@@ -1269,3 +1269,14 @@ def test_a_setups_top_level_await_says_why_and_what_to_do(ip, local_pool):
     text = str(info.value)
     assert "syntax error on line 3: 'await' outside function; " in text and "\n" not in text.split("\nusage")[0]
     assert "without IPython's top-level await" in text and "asyncio.run(main())" in text
+
+
+def test_a_notebook_class_an_on_worker_start_dict_names_comes_home_as_the_notebooks(ip, local_pool):
+    """Only the classes a setup cell defines get a setup tracker id: a notebook class the
+    dict of an ``on_worker_start`` function gives under its own name keeps the notebook's
+    id, so its instances are of the notebook's class (``isinstance`` holds)."""
+    run(ip, "%%pool setup\nX = 1\n")
+    run(ip, "class _NbKind:\n    pass\ndef _gives_class():\n    return {'_NbKind2': _NbKind, '_NbKind': _NbKind}\n"
+            "mpmagic.on_worker_start(_gives_class)")
+    out = run(ip, "%pmap -q --chunksize 1 lambda x: _NbKind2(), range(4)")
+    assert [isinstance(a, ip.user_ns["_NbKind"]) for a in out] == [True] * 4
