@@ -944,6 +944,9 @@ def _settle(before: dict[str, Any], patches: set[str], set_globals: dict[str, An
                 space[name] = before[name]
         elif name not in patches and (name not in before or space[name] is not before[name]):
             _installed[name] = before.get(name, _MISSING)
+    for name in SITE_HELPERS & before.keys():  # (``del exit``: put back with the setup's removal)
+        if name not in space and name not in patches:
+            _installed[name] = before[name]
     for name in [n for n in _later if n in _installed]:
         del _later[name]
     if set_globals or _SET_GLOBALS:

@@ -1158,6 +1158,9 @@ def test_a_setup_may_bind_exit_and_the_other_site_helpers_as_serially(ip, local_
     run(ip, "%pool setup clear")  # the workers' own helpers are back
     run(ip, "def _helpers_back(x):\n    import builtins\n    return callable(builtins.exit), callable(builtins.help)")
     assert run(ip, "%pmap -q --chunksize 1 _helpers_back, range(4)") == [(True, True)] * 4
+    run(ip, "%%pool setup\ndel exit\n")  # (deleted, as serially: put back with the setup)
+    run(ip, "%pool setup clear")
+    assert run(ip, "%pmap -q --chunksize 1 _helpers_back, range(4)") == [(True, True)] * 4
 
 
 LATE_NAMES_SETUP = """
