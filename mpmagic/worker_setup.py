@@ -832,8 +832,11 @@ class _Refused(Exception):
 
 
 # Dunders Python itself writes in a module's namespace as its code runs (exec's ``__builtins__``,
-# annotations): never a setup's own name, even where its code assigns them.
-_PYTHONS_DUNDERS = frozenset({"__builtins__", "__annotations__", "__annotate__", "__conditional_annotations__"})
+# annotations), and a module's own hooks (PEP 562: a ``__getattr__`` in the builtins' namespace would
+# answer every missing attribute of the module, so ``hasattr(builtins, x)`` is always True): never a
+# setup's own name, refused where its code binds them.
+_PYTHONS_DUNDERS = frozenset({"__builtins__", "__annotations__", "__annotate__", "__conditional_annotations__",
+                              "__getattr__", "__dir__"})
 
 
 def _carried_dunder(name: str, before: dict[str, Any]) -> bool:

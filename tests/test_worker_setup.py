@@ -1198,6 +1198,8 @@ def test_a_setups_dunder_name_is_what_tasks_read(ip, local_pool):
     with pytest.raises(IPythonUsageError) as info:
         run(ip, "%%pool setup\n__name__ = 'mine'\n")
     assert "`__name__`" in str(info.value) and "nothing was sent" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(IPythonUsageError, match="`__getattr__`"):  # (PEP 562: every builtin lookup would find one)
+        run(ip, "%%pool setup\ndef __getattr__(name):\n    return 1\n")
     assert worker_setup.version() == before
 
 
