@@ -302,6 +302,8 @@ def make_cell_spec(
     flags = astlock.notebook_future_flags()
     compile(numbered, filename, "exec", flags=flags, dont_inherit=True)
     spec = CellSpec(source=source, filename=filename, gather=tuple(gather), line_offset=offset, future_flags=flags)
+    from . import payload
+
     for name in sorted(names_used(source, filename, tree)):
         if name in ("rank", "size") or name not in user_ns:
             continue
@@ -312,7 +314,7 @@ def make_cell_spec(
             # not hasattr, whose module __annotations__ getter gives builtins an empty one for good)
             continue  # (display, get_ipython: the worker has its own, see task_builtins)
         else:
-            spec.names[name] = value
+            spec.names[name] = payload.worker_exit_for(name, value)  # (IPython's exit: the worker's, by its name)
     return spec
 
 

@@ -43,6 +43,17 @@ def sent(cls: type) -> None:
         pass
 
 
+def own(cls: type) -> None:
+    """``cls`` is this process's own, though in no module: a class a worker's ``%%pool setup``
+    defined (its module, ``__main__`` while the setup ran, is not the worker's ``__main__``).
+    Its instances coming back from the notebook, which sends its copy with the class's tracker
+    id, leave its methods as they are (their globals are the setup's live names)."""
+    try:
+        _own.add(cls)
+    except TypeError:  # (not weakly referenceable)
+        pass
+
+
 def _class_setstate(cls: type, state: Any) -> type:
     if cls in _own:
         return cls  # ours, found by its tracker id: its own methods (their globals are the live module's) stay

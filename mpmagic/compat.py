@@ -90,7 +90,10 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   ``_extract_code_globals`` and ``_should_pickle_by_reference``: the payload
   cache's fast check of what a function captures; ``_class_setstate``: what
   loading a class by value calls, skipped for the notebook's own classes
-  (``classhome``), whose methods it replaced with a worker's copies.
+  (``classhome``), whose methods it replaced with a worker's copies;
+  ``_DYNAMIC_CLASS_TRACKER_BY_CLASS``/``_BY_ID``: a class a ``%%pool setup``
+  defines gets the same tracker id in every worker, so its instances come home
+  as one class (``cloudpickle_track_class``).
 * pandas' ``pandas._config.config._global_config`` and ``_registered_options``:
   the notebook's changed pandas options, read at each call in ~1 us (a
   comparison with the last copy), where ``pd.get_option`` for every option
@@ -800,6 +803,25 @@ def cloudpickle_class_setstate() -> Callable[[type, Any], type] | None:
     """What a cloudpickle pickle calls to set a class's state (by this name), or None:
     loads then leave it to cloudpickle (the notebook's class gets the worker's copies)."""
     return _cloudpickle_internal("_class_setstate")
+
+
+def cloudpickle_track_class(cls: type, tracker_id: str) -> bool:
+    """Make ``tracker_id`` the id cloudpickle sends ``cls`` by value with (its
+    ``_DYNAMIC_CLASS_TRACKER_BY_CLASS`` / ``_BY_ID``); False where this cloudpickle
+    has no such trackers: the class then gets its own random id, as before (the
+    instances of a setup's class from two workers come home as two classes)."""
+    by_class = _cloudpickle_internal("_DYNAMIC_CLASS_TRACKER_BY_CLASS")
+    by_id = _cloudpickle_internal("_DYNAMIC_CLASS_TRACKER_BY_ID")
+    lock = _cloudpickle_internal("_DYNAMIC_CLASS_TRACKER_LOCK")
+    if by_class is None or by_id is None or lock is None:
+        return False
+    try:
+        with lock:
+            by_class[cls] = tracker_id
+            by_id[tracker_id] = cls
+    except TypeError:  # (not weakly referenceable)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------

@@ -1718,7 +1718,9 @@ def _pool_setup(target: str | None, cell: str | None, shell: Any = None) -> Any:
             raise UsageError(f"line {lineno} of the cell ({text!r}) is IPython syntax ({what}); "
                              f"the setup runs plain Python in every worker: {instead.format(pmap='')}") from None
         where = f" on line {_cell_lineno(cell, exc.lineno)}" if exc.lineno else ""  # (the %%pool line is line 1)
-        raise UsageError(f"the setup cell has a syntax error{where}: {exc.msg}") from None
+        hint = ("; the setup runs as plain Python in every worker, without IPython's top-level await: put the "
+                "awaits in an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
+        raise UsageError(f"the setup cell has a syntax error{where}: {exc.msg}{hint}") from None
     if errors:
         more = f" (and on {len(errors) - 1} more worker{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
         raise MPMagicError(errors[0] + more + _notebook_name_hint(errors[0], shell))

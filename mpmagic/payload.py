@@ -530,11 +530,31 @@ def _exit_name(obj: Any) -> str:
 
 
 def _worker_exit(name: str) -> Any:
-    """A task's ``exit``/``quit``: the worker's builtin (site's), or ``sys.exit``."""
+    """A task's ``exit``/``quit``: the worker's builtin (site's, or a setup's ``exit = ...``), or ``sys.exit``."""
     import builtins
 
     found = getattr(builtins, name, None)
     return found if found is not None else sys.exit
+
+
+class WorkerExit:
+    """Stands for the notebook's ``exit`` or ``quit`` (IPython's, one object for both) sent
+    under that ``name``: the worker's own of that name (:func:`_worker_exit`). Pickled as
+    the object alone it was always ``quit``, also for a task's ``exit`` (so a setup's
+    ``exit = False`` was not what the task read, as serially)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return _worker_exit, (self.name,)
+
+
+def worker_exit_for(name: str, value: Any) -> Any:
+    """``value`` sent as the global ``name``: a :class:`WorkerExit` for IPython's ``exit``/``quit``."""
+    if name in ("exit", "quit") and _is_ipython_exit(value):
+        return WorkerExit(name)
+    return value
 
 
 _PIPE_REFUSAL = "a Pipe end is a file descriptor of this process"
@@ -607,7 +627,20 @@ class _Pickler(cloudpickle.Pickler):
         # line finds them in a task (task_shell runs it there).
         reduced = super()._dynamic_function_reduce(func)
         _with_magic_line_globals(func, reduced)
+        _exit_by_name(reduced)
         return reduced
+
+
+def _exit_by_name(reduced: Any) -> None:
+    """In cloudpickle's reduction of a function: its globals ``exit`` and ``quit`` that are
+    IPython's go as the worker's own of that name (:class:`WorkerExit`)."""
+    try:
+        sent = reduced[2][1]["__globals__"]
+    except (IndexError, KeyError, TypeError):  # (another cloudpickle's layout: the reducer's "quit" then)
+        return
+    for name in ("exit", "quit"):
+        if name in sent:
+            sent[name] = worker_exit_for(name, sent[name])
 
 
 def _with_magic_line_globals(func: types.FunctionType, reduced: Any) -> None:

@@ -69,7 +69,8 @@ def set_code(source: str, line_offset: int = 0) -> list[str]:
     """
     __tracebackhide__ = True
     compile(source, worker_setup.SETUP_FILENAME, "exec", dont_inherit=True)  # (before asking about runs: the cell's own error first)
-    bad = worker_setup.shadowing(n for n in setup_names(source) if not n.startswith("_"))
+    names = setup_names(source)
+    bad = worker_setup.dunder_shadowing(names) + worker_setup.shadowing(n for n in names if not n.startswith("_"))
     if bad:  # (each worker checks again what the setup really defines: names made by exec, a star import...)
         raise SetupRefused(f"%%pool setup refused, nothing was sent to the workers: {worker_setup.shadow_message(bad)}")
     world = context.world()  # (it runs in the notebook's directory, environment... of now, in every worker)

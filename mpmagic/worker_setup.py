@@ -696,15 +696,20 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
     space = vars(builtins)
     before = dict(space)  # the builtins a setup may not replace, and what a refusal puts back
     patches: set[str] = set()  # names set as attributes of the module (`builtins.print = f`): patches, not names
+    dunders: set[str] = set()  # the setup's own ``__dunder__`` names (``__version__ = "1.2"``): carried as the others
+    classes: set[str] = set()  # the names of the classes the setup cell defines (``class Point:``)
 
     def replaced(names: dict[str, Any]) -> list[str]:
-        return sorted(n for n, v in names.items() if not n.startswith("__") and n in before and before[n] is not v)
+        return sorted(n for n, v in names.items() if not n.startswith("__") and n in before and before[n] is not v
+                      and n not in SITE_HELPERS)
 
     def install(names: dict[str, Any]) -> None:  # an on_worker_start function's globals or dict
         bad = replaced(names)
         if bad:
             raise _Refused(bad)
-        space.update((n, v) for n, v in names.items() if not n.startswith("__"))
+        mine = {n: v for n, v in names.items() if not n.startswith("__") or _carried_dunder(n, before)}
+        dunders.update(n for n in mine if n.startswith("__"))
+        space.update(mine)
 
     def run(entry: _Entry) -> None:
         with _in_builtins(patches):
@@ -713,11 +718,13 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
                 text = cache_source(entry.data, entry.line_offset)
                 tree = astlock.parse(text, SETUP_FILENAME)
                 declared = declared_globals(tree)
-                bad = sorted(n for n in declared if not n.startswith("__") and n in before)
+                bad = sorted(n for n in declared if not n.startswith("__") and n in before and n not in SITE_HELPERS)
                 if bad:  # (a task calling the function would rebind that builtin for the whole worker)
                     raise _Refused(bad)
                 for name in declared:
                     _later.setdefault(name, before.get(name, _MISSING))
+                dunders.update(n for n in bound_dunders(tree) | declared if _carried_dunder(n, before))
+                classes.update(defined_classes(tree))
                 own = _own_builtins(before)
                 for code in _statements(tree, entry.future_flags):
                     space["__builtins__"] = own  # (taken out again by _settle or _put_back)
@@ -752,10 +759,50 @@ def _run_setup(ver: int, data: bytes | None, wid: Any) -> tuple[str | None, list
             if bad:  # (what ran before the failing line replaced builtins: nothing installed)
                 _put_back(before, patches)
                 return _shadow_line(bad, wid), []
-            _settle(before, patches, set_globals)  # what ran before the failing line stays usable
+            _settle(before, patches, set_globals, dunders)  # what ran before the failing line stays usable
+            _watch()
+            _track_classes(entries, classes)
             return _failure_line(exc, entry, wid), sorted(_installed)
-    _settle(before, patches, set_globals)
+    _settle(before, patches, set_globals, dunders)
+    _watch()
+    _track_classes(entries, classes)
     return None, sorted(_installed)
+
+
+def _track_classes(entries: list[_Entry], classes: set[str]) -> None:
+    """Give each class the setup cell defines at its top level the same cloudpickle tracker
+    id in every worker: one made from the cell's text and the class's name.
+
+    A setup's class is of ``__main__`` in the worker (see :func:`_in_builtins`), so
+    cloudpickle sends its instances' class by value, with a tracker id by which the
+    notebook rebuilds it once; each worker made a random one, so results of two
+    workers came home as instances of two classes (``type(a) is type(b)`` False,
+    ``isinstance`` against the class of another worker's result False), where
+    serially there is one. A changed cell is another text: its class, another id.
+    Only the ``classes`` the cell's own ``class`` statements made: a notebook class
+    (an ``on_worker_start`` dict's) keeps the notebook's id, which finds it there.
+    Each is also the worker's own class for ``classhome``: an instance the notebook
+    sends back (with its copy of the class) left the class with the copy's methods,
+    whose globals were a snapshot (a setup global rebound later was not seen)."""
+    import hashlib
+
+    from . import classhome, compat
+
+    codes = [e for e in entries if e.kind == "code"]
+    if not codes:
+        return
+    digest = hashlib.blake2b("\0".join(e.data for e in codes).encode(), digest_size=12).hexdigest()
+    for name in sorted(classes & _installed.keys()):
+        value = vars(builtins).get(name)
+        if isinstance(value, type) and value.__module__ == "__main__" and value.__qualname__ == name:
+            compat.cloudpickle_track_class(value, f"mpmagic-setup-{digest}-{name}")
+            classhome.own(value)  # (an instance sent back by the notebook leaves its methods as they are)
+
+
+def _watch() -> None:
+    """The setup settled: note the names the builtins have now (:data:`_baseline`)."""
+    global _baseline
+    _baseline = frozenset(vars(builtins))
 
 
 def _own_builtins(before: dict[str, Any]) -> dict[str, Any]:
@@ -784,6 +831,66 @@ class _Refused(Exception):
         self.names = names
 
 
+# Dunders Python itself writes in a module's namespace as its code runs (exec's ``__builtins__``,
+# annotations), and a module's own hooks (PEP 562: a ``__getattr__`` in the builtins' namespace would
+# answer every missing attribute of the module, so ``hasattr(builtins, x)`` is always True): never a
+# setup's own name, refused where its code binds them.
+_PYTHONS_DUNDERS = frozenset({"__builtins__", "__annotations__", "__annotate__", "__conditional_annotations__",
+                              "__getattr__", "__dir__"})
+
+
+def _carried_dunder(name: str, before: dict[str, Any]) -> bool:
+    """Whether the ``__dunder__`` ``name`` a setup binds is carried to the tasks as its other
+    names: yes unless the builtins module has it (``__name__``, ``__doc__``: the notebook
+    refuses those, :func:`dunder_shadowing`) or Python writes it itself."""
+    return name.startswith("__") and name not in before and name not in _PYTHONS_DUNDERS
+
+
+def bound_dunders(tree: ast.AST) -> set[str]:
+    """The ``__dunder__`` names a setup's code binds at its top level (``__version__ = "1.2"``,
+    ``import x as __x__``, a ``def __f__``), not in its functions, classes or comprehensions."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        name = None
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = node.name
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            name = node.id
+        elif isinstance(node, ast.alias):
+            name = node.asname or node.name.split(".")[0]
+        if name is not None and name.startswith("__") and name.endswith("__"):
+            found.add(name)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.ListComp,
+                             ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def dunder_shadowing(names: Any) -> list[str]:
+    """The ``__dunder__`` names among ``names`` a setup may not bind: those of the builtins
+    module itself (``__name__``, ``__doc__``, ``__import__``...), which a setup's names would
+    replace in the worker; its own (``__version__``) are carried as its other names."""
+    return sorted(n for n in names if isinstance(n, str) and n.startswith("__") and n.endswith("__")
+                  and (hasattr(builtins, n) or n in _PYTHONS_DUNDERS))
+
+
+def defined_classes(tree: ast.AST) -> set[str]:
+    """The names of the classes a setup's code defines at its top level (also in an
+    ``if``, ``try``, ``with``...), not in its functions or classes."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.ClassDef):
+            found.add(node.name)
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            stack.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def declared_globals(tree: ast.AST) -> set[str]:
     """The names the functions (and classes) of a setup's code declare ``global``:
     names of the setup too, bound when a task calls the function."""
@@ -809,7 +916,7 @@ def _replaced_builtins(before: dict[str, Any], patches: set[str]) -> list[str]:
     ``__dunder__`` names (restored after it), nor patches of the module (``builtins.print = f``)."""
     space = vars(builtins)
     return sorted(n for n, v in before.items() if not n.startswith("__") and n not in patches
-                  and space.get(n, _MISSING) is not v)
+                  and n not in SITE_HELPERS and space.get(n, _MISSING) is not v)
 
 
 def _put_back(before: dict[str, Any], patches: set[str]) -> None:
@@ -823,20 +930,26 @@ def _put_back(before: dict[str, Any], patches: set[str]) -> None:
     _later.clear()
 
 
-def _settle(before: dict[str, Any], patches: set[str], set_globals: dict[str, Any]) -> None:
+def _settle(before: dict[str, Any], patches: set[str], set_globals: dict[str, Any], dunders: set[str]) -> None:
     """After a setup ran (to its end or to the line that raised): record the names it
     defined (what :func:`_uninstall` takes away), and put back the ``__dunder__`` names
-    running as ``__main__`` changed (``__name__``, ``__doc__``, exec's ``__builtins__``)."""
+    running as ``__main__`` changed (``__name__``, ``__doc__``, exec's ``__builtins__``);
+    the ``dunders`` the setup bound itself (``__version__``) are names of it as the others."""
     global _set_globals_version
     space = vars(builtins)
     for name in list(space):
         if name.startswith("__"):
-            if name not in before:
+            if name in dunders and name not in before:
+                _installed[name] = _MISSING
+            elif name not in before:
                 del space[name]
             elif space[name] is not before[name]:
                 space[name] = before[name]
         elif name not in patches and (name not in before or space[name] is not before[name]):
             _installed[name] = before.get(name, _MISSING)
+    for name in SITE_HELPERS & before.keys():  # (``del exit``: put back with the setup's removal)
+        if name not in space and name not in patches:
+            _installed[name] = before[name]
     for name in [n for n in _later if n in _installed]:
         del _later[name]
     if set_globals or _SET_GLOBALS:
@@ -863,6 +976,33 @@ class _RecordingBuiltins(types.ModuleType):
 
 
 _patches: set[str] | None = None  # while a setup runs: the attributes set on the builtins module
+# The names in the builtins' namespace when the installed setup had run, its own included (None: no
+# setup installed). A name there at its removal that was not then, a setup function wrote later into
+# its globals (``globals()[k] = v``, ``exec(src, globals())``): a name of the setup, taken away with
+# it (:func:`_uninstall`) as a name it binds with ``global`` is.
+_baseline: frozenset[str] | None = None
+
+
+def _late_names() -> dict[str, Any]:
+    """The names added to the builtins' namespace since the installed setup ran, other
+    than with ``global`` (those are in :data:`_later`), each mapped to ``_MISSING``.
+
+    Those a task's code sets on the builtins module then go too (a library's
+    ``builtins.ic = ic`` in a task: nothing tells it from a setup function's
+    ``globals()['ic'] = ic``, the two write the same dict), but not mpmagic's own
+    (``display``, ``get_ipython``: a Dask task adds them where missing)."""
+    if _baseline is None:
+        return {}
+    return {name: _MISSING for name, value in list(vars(builtins).items())
+            if name not in _baseline and name not in _later and not _of_mpmagic(value)}
+
+
+def _of_mpmagic(value: Any) -> bool:
+    """Whether ``value`` is one of mpmagic's own (a function of its modules)."""
+    try:
+        return str(getattr(value, "__module__", "")).startswith("mpmagic.")
+    except Exception:  # (an odd object whose attribute lookup raises: not ours)
+        return False
 
 
 @contextlib.contextmanager
@@ -897,6 +1037,20 @@ def _in_builtins(patches: set[str]) -> Iterator[None]:
             sys.modules["__main__"] = saved_main
 
 
+# The names ``site`` adds to the builtins for the interactive prompt (``python -S`` has none; IPython
+# hides ``exit`` and ``quit`` while a cell runs, a worker has them): no library relies on them, so a
+# setup may bind them as any name, as serially (``exit = False`` passed the notebook's check and was
+# refused by every worker, whose builtins have site's ``exit``).
+SITE_HELPERS = frozenset({"exit", "quit", "help", "copyright", "credits", "license"})
+
+
+def is_builtin_name(name: str) -> bool:
+    """Whether a setup binding ``name`` would replace a Python builtin (the same answer in the
+    notebook and in every worker: ``site``'s interactive helpers are not counted, see
+    :data:`SITE_HELPERS`)."""
+    return name not in SITE_HELPERS and hasattr(builtins, name)
+
+
 def shadowing(names: Any) -> list[str]:
     """The names among ``names`` a setup may not define: those of Python builtins.
 
@@ -904,11 +1058,12 @@ def shadowing(names: Any) -> list[str]:
     docstring), so ``type = 'resnet50'`` or ``from numpy import *`` (``sum``,
     ``max``, ``round``...) would replace the real ones for all the code of the
     worker: mpmagic's own, multiprocessing's, Dask's, every library's.
-    ``__dunder__`` names are never installed, so never refused; nor is a name
-    whose value (``names`` a dict) is that builtin itself (``from builtins import *``).
+    ``__dunder__`` names are checked by the notebook (:func:`dunder_shadowing`);
+    nor is a name refused whose value (``names`` a dict) is that builtin itself
+    (``from builtins import *``), nor one of ``site``'s helpers (``exit``...).
     """
     values = names if isinstance(names, dict) else {}
-    return sorted(n for n in names if isinstance(n, str) and not n.startswith("__") and hasattr(builtins, n)
+    return sorted(n for n in names if isinstance(n, str) and not n.startswith("__") and is_builtin_name(n)
                   and (n not in values or values[n] is not getattr(builtins, n)))
 
 
@@ -1023,9 +1178,11 @@ def _uninstall() -> None:
     :func:`_own_builtins`): a wrapper it patched in (``builtins.print = myprint``
     reading ``_orig``) stays in running workers and goes on working, as serially,
     where the notebook keeps the names; tasks no longer see them."""
-    global _set_globals_version, _shadow
+    global _set_globals_version, _shadow, _baseline
     space = vars(builtins)
-    for name, old in [*_installed.items(), *_later.items()]:
+    late = _late_names()
+    _baseline = None
+    for name, old in [*_installed.items(), *_later.items(), *late.items()]:
         if _shadow is not None and name in space:  # (as it is now: a global rebinding's value too)
             _shadow[name] = space[name]
         if old is _MISSING:

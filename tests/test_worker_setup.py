@@ -1138,3 +1138,150 @@ def test_a_removed_setups_functions_still_read_its_names_tasks_do_not():
         worker_setup.run_setup(0, None, None)
         builtins.abs = space["abs"]
     assert vars(builtins) == space
+
+
+def test_a_setup_may_bind_exit_and_the_other_site_helpers_as_serially(ip, local_pool):
+    """``exit = False`` passed the notebook's check (IPython hides ``exit`` while a cell
+    runs) and was refused by every worker (site's ``exit`` is a builtin there), a line
+    per worker. Serially the setup binds it: ``site``'s interactive helpers are no
+    builtins a library uses (``python -S`` has none), so both sides accept them."""
+    assert worker_setup.shadowing(["exit", "quit", "help", "copyright", "credits", "license", "type"]) == ["type"]
+    serial: dict = {}
+    exec("exit = False\nhelp = 'no help'\nMODEL = 1\n", serial)
+    exec("def task(x):\n    return exit, help, MODEL + x", serial)
+    run(ip, "%%pool setup\nexit = False\nhelp = 'no help'\nMODEL = 1\n")
+    run(ip, "def _site_task(x):\n    return exit, help, MODEL + x")
+    assert run(ip, "%pmap -q --chunksize 1 _site_task, range(4)") == list(map(serial["task"], range(4)))
+    # (IPython's exit and quit are one object: it went as `quit` for both names)
+    assert run(ip, "%pmap -q lambda x: (exit, type(quit).__name__), range(2)") == [(False, "Quitter")] * 2
+    assert list(run(ip, "%%parallel -n 2 -q\nexit")) == [False, False]
+    run(ip, "%pool setup clear")  # the workers' own helpers are back
+    run(ip, "def _helpers_back(x):\n    import builtins\n    return callable(builtins.exit), callable(builtins.help)")
+    assert run(ip, "%pmap -q --chunksize 1 _helpers_back, range(4)") == [(True, True)] * 4
+    run(ip, "%%pool setup\ndel exit\n")  # (deleted, as serially: put back with the setup)
+    run(ip, "%pool setup clear")
+    assert run(ip, "%pmap -q --chunksize 1 _helpers_back, range(4)") == [(True, True)] * 4
+
+
+LATE_NAMES_SETUP = """
+def load():
+    globals()['LAZY_A'] = 1
+    exec('LAZY_B = 2', globals())
+    return LAZY_A + LAZY_B
+"""
+
+
+@pytest.mark.parametrize("removal", ["%pool setup clear", "%%pool setup\nOTHER = 1\n"])
+def test_names_a_setup_function_writes_into_its_globals_go_with_the_setup(ip, local_pool, removal):
+    """A setup function a task calls writes ``globals()['LAZY_A']`` (or execs into its
+    globals): those names stayed after a clear or a replacing setup, where names
+    bound with ``global`` went; tasks still saw them."""
+    ip.user_ns.pop("OTHER", None)
+    run(ip, "%%pool setup\n" + LATE_NAMES_SETUP)
+    assert run(ip, "%pmap -q --chunksize 1 lambda x: load(), range(4)") == [3] * 4
+    assert run(ip, "%pmap -q --chunksize 1 lambda x: (LAZY_A, LAZY_B), range(4)") == [(1, 2)] * 4
+    run(ip, removal)
+    run(ip, "def _late_left(x):\n    import builtins\n"
+            "    return [n for n in ('LAZY_A', 'LAZY_B', '__builtins__', 'display') if n in vars(builtins)]")
+    assert run(ip, "%pmap -q --chunksize 1 _late_left, range(4)") == [["display"]] * 4
+
+
+def test_a_setups_dunder_name_is_what_tasks_read(ip, local_pool):
+    """``__version__ = "1.2"`` in a setup was dropped silently (NameError in the tasks);
+    a dunder of the builtins module itself (``__name__``) is refused up front."""
+    run(ip, '%%pool setup\n__version__ = "1.2"\nfrom math import pi as __pi__\n')
+    assert run(ip, "%pmap -q lambda x: (__version__, round(__pi__, 2)), range(2)") == [("1.2", 3.14)] * 2
+    run(ip, "%pool setup clear")
+    with pytest.raises(NameError):
+        run(ip, "%pmap -q lambda x: __version__, range(2)")
+    before = worker_setup.version()
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\n__name__ = 'mine'\n")
+    assert "`__name__`" in str(info.value) and "nothing was sent" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(IPythonUsageError, match="`__getattr__`"):  # (PEP 562: every builtin lookup would find one)
+        run(ip, "%%pool setup\ndef __getattr__(name):\n    return 1\n")
+    assert worker_setup.version() == before
+
+
+def test_instances_of_a_setup_class_from_two_workers_are_of_one_class(ip, local_pool):
+    """cloudpickle rebuilt the setup's class by value once per worker it came from, so
+    results of two workers were of two classes (``type(a) is type(b)`` False) where
+    serially they are one; a changed class in a new setup is a new class."""
+    run(ip, "%%pool setup\nclass SetupPoint:\n    def __init__(self, x):\n        self.x = x\n")
+    run(ip, "def _make_point(x):\n    import time, mpmagic\n    time.sleep(0.3)\n"
+            "    return SetupPoint(x), mpmagic.worker_id()")
+    out = run(ip, "%pmap -q --chunksize 1 _make_point, range(6)")
+    assert len({w for _, w in out}) == 2, out  # (both workers made some)
+    assert len({type(p) for p, _ in out}) == 1 and [p.x for p, _ in out] == list(range(6))
+    first = type(out[0][0])
+    run(ip, "%%pool setup\nclass SetupPoint:\n    def __init__(self, x):\n        self.x = -x\n")
+    out = run(ip, "%pmap -q --chunksize 1 _make_point, range(6)")
+    assert len({type(p) for p, _ in out}) == 1 and type(out[0][0]) is not first
+    assert [p.x for p, _ in out] == [-x for x in range(6)]
+
+
+def test_a_setup_class_sent_back_to_the_workers_keeps_its_own_methods(ip, any_method):
+    """An instance of a setup's class that came home and goes back to a task (an item)
+    replaced the worker's class's methods with copies whose globals were a snapshot
+    of the names they read: the setup's ``SCALE`` rebound later was not seen, also by
+    new instances (``SP(1).scaled()`` 1 where serially 10)."""
+    ensure_pool(any_method)
+    setup = ("SCALE = 1\nclass ScaledPoint:\n    def __init__(self, x):\n        self.x = x\n"
+             "    def scaled(self):\n        return self.x * SCALE\n"
+             "def set_scale(v):\n    global SCALE\n    SCALE = v\n    return v\n")
+    serial: dict = {}
+    exec(setup, serial)
+    exec("def back(p):\n    return isinstance(p, ScaledPoint), set_scale(10), p.scaled(), ScaledPoint(1).scaled()", serial)
+    expected = [serial["back"](serial["ScaledPoint"](x)) for x in range(4)]
+    run(ip, "%%pool setup\n" + setup)
+    ip.user_ns["_points"] = run(ip, "%pmap -q --chunksize 1 lambda x: ScaledPoint(x), range(4)")
+    run(ip, "def _back(p):\n    return isinstance(p, ScaledPoint), set_scale(10), p.scaled(), ScaledPoint(1).scaled()")
+    assert run(ip, "%pmap -q --chunksize 1 _back, _points") == expected == [(True, 10, 10 * x, 10) for x in range(4)]
+
+
+def test_exit_dunders_late_names_and_classes_of_a_setup_on_dask(ip, dask_cluster):
+    """The same on Dask, whose plugin runs the setup in each worker process: ``exit``
+    bindable, ``__version__`` carried, a ``globals()`` write taken away by a clear, and a
+    setup class's instances from several workers one class that keeps its methods."""
+    mpmagic.use_dask(dask_cluster.address)
+    try:
+        pool_module.get_pool().client.wait_for_workers(4, timeout=60)
+        run(ip, "%%pool setup\nexit = False\n__version__ = '1.2'\nSCALE = 1\nclass DaskPoint:\n"
+                "    def __init__(self, x):\n        self.x = x\n    def scaled(self):\n        return self.x * SCALE\n"
+                "def late():\n    globals()['LATE_D'] = 1\n    return LATE_D\n"
+                "def set_scale(v):\n    global SCALE\n    SCALE = v\n    return v\n")
+        run(ip, "def _dask_make(x):\n    import time, mpmagic\n    time.sleep(0.2)\n"
+                "    return exit, __version__, late(), DaskPoint(x), mpmagic.worker_id()")
+        out = run(ip, "%pmap -q --chunksize 1 _dask_make, range(8)")
+        assert [t[:3] for t in out] == [(False, "1.2", 1)] * 8
+        assert len({t[4] for t in out}) >= 2 and len({type(t[3]) for t in out}) == 1, out
+        ip.user_ns["_dask_points"] = [t[3] for t in out]
+        assert run(ip, "%pmap -q --chunksize 1 lambda p: (set_scale(10), p.scaled(), DaskPoint(1).scaled()), "
+                       "_dask_points") == [(10, 10 * x, 10) for x in range(8)]
+        run(ip, "%pool setup clear")
+        run(ip, "def _dask_left(x):\n    import builtins, time\n    time.sleep(0.1)\n"
+                "    return [n for n in ('LATE_D', '__version__', 'DaskPoint') if n in vars(builtins)], callable(exit)")
+        assert run(ip, "%pmap -q --chunksize 1 _dask_left, range(8)") == [([], True)] * 8
+    finally:
+        pool_module.shutdown()
+
+
+def test_a_setups_top_level_await_says_why_and_what_to_do(ip, local_pool):
+    """IPython runs a cell's top-level ``await``; a setup said only "syntax error: 'await'
+    outside function", of code that runs in the notebook (as %%parallel now says why)."""
+    with pytest.raises(IPythonUsageError) as info:
+        run(ip, "%%pool setup\nimport asyncio\nawait asyncio.sleep(0)\n")
+    text = str(info.value)
+    assert "syntax error on line 3: 'await' outside function; " in text and "\n" not in text.split("\nusage")[0]
+    assert "without IPython's top-level await" in text and "asyncio.run(main())" in text
+
+
+def test_a_notebook_class_an_on_worker_start_dict_names_comes_home_as_the_notebooks(ip, local_pool):
+    """Only the classes a setup cell defines get a setup tracker id: a notebook class the
+    dict of an ``on_worker_start`` function gives under its own name keeps the notebook's
+    id, so its instances are of the notebook's class (``isinstance`` holds)."""
+    run(ip, "%%pool setup\nX = 1\n")
+    run(ip, "class _NbKind:\n    pass\ndef _gives_class():\n    return {'_NbKind2': _NbKind, '_NbKind': _NbKind}\n"
+            "mpmagic.on_worker_start(_gives_class)")
+    out = run(ip, "%pmap -q --chunksize 1 lambda x: _NbKind2(), range(4)")
+    assert [isinstance(a, ip.user_ns["_NbKind"]) for a in out] == [True] * 4
