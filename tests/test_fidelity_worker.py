@@ -1381,3 +1381,25 @@ def test_partial_lines_of_items_make_one_line_as_serially(ip, backend):
             run(ip, "_ = %pmap -q pr_end, range(8)\nprint('|after')")
         assert cap.stdout.endswith("|after\n") and "\n" not in cap.stdout[:-1], cap.stdout
         assert sorted(re.findall(r"<\d>", cap.stdout)) == [f"<{x}>" for x in range(8)], cap.stdout
+
+
+def test_the_notebooks_decimal_context_is_the_tasks(ip, any_method):
+    """``decimal.getcontext().prec = 5`` (or a trap set) in the notebook was not carried:
+    serial Decimal(1) / Decimal(3) is 0.33333, the tasks computed 28 digits; a trapped
+    Inexact raised serially, the tasks returned a value. Back to the default too."""
+    import decimal
+
+    ensure_pool(any_method)
+    run(ip, "import decimal\ndef third(x):\n    return str(decimal.Decimal(x) / decimal.Decimal(3))\n")
+    before = decimal.getcontext().copy()
+    try:
+        decimal.getcontext().prec = 5
+        assert _same_as_serial(ip, "third", "[1, 2]") == ["0.33333", "0.66667"]
+        decimal.getcontext().traps[decimal.Inexact] = True
+        with pytest.raises(decimal.Inexact):
+            run(ip, "%pmap -q third, [1, 2]")
+        assert _same_as_serial(ip, "third", "[3, 6]") == ["1", "2"]
+        decimal.setcontext(decimal.Context())
+        assert _same_as_serial(ip, "third", "[1]") == ["0.3333333333333333333333333333"]
+    finally:
+        decimal.setcontext(before)
