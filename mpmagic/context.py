@@ -24,7 +24,8 @@ the notebook's current
   those the notebook has imported: torch's grad mode (``torch.no_grad()``
   around a call: read in the calling thread, where it lives) and default
   dtype (``torch.set_default_dtype``), jax's ``jax_enable_x64``, and numpy's
-  error state (``np.seterr``, ``with np.errstate(...)`` around a call), and
+  error state (``np.seterr``, ``with np.errstate(...)`` around a call) and
+  numpy 2's print options (``np.set_printoptions``, ``np.printoptions``), and
   the calling thread's ``decimal`` context (precision, rounding, traps; see
   :func:`libraries`; only what differs from the library's default is sent,
   and a worker imports the library to apply it), and pandas' options changed
@@ -36,7 +37,7 @@ and the backend remembers which version each worker has. The worker adopts
 it again at the start of each call (:func:`reassert`), where a task of an
 earlier call changed it. Checking costs the
 notebook ~2.6 us per call (comparing against the last state; measured with 40
-environment variables; ~1 us more with pandas imported); building and sending a new message happens only
+environment variables; ~1 us more with pandas imported, ~1 us more with decimal imported); building and sending a new message happens only
 after a change.
 
 A notebook directory the workers cannot use (deleted under the notebook,
@@ -47,7 +48,7 @@ its parent's directory, which failed), and the run shows one line saying so,
 once (:func:`take_note`). Serial ``map`` does not care where it runs; a
 task that reads a relative path failed there in the notebook too.
 
-Deliberately not carried (see docs/troubleshooting.md): numpy's print
+Deliberately not carried (see docs/troubleshooting.md): numpy 1's print
 options, the locale,
 the random generators' state, signal handlers and thread-local state
 (torch's grad mode excepted, see above). They
@@ -358,7 +359,7 @@ _decimal_signals: tuple[Any, tuple] = (None, ())  # (the decimal module, its (na
 def _decimal_context(decimal: Any) -> tuple:
     """The calling thread's decimal context as ``(prec, rounding, Emin, Emax, capitals,
     clamp, the names of the signals it traps)`` (its flags are state, not settings).
-    A context's attributes and nine trap lookups (~0.5 us), per call once decimal is imported."""
+    A context's attributes and nine trap lookups (~1 us), per call once decimal is imported."""
     global _decimal_signals
     if _decimal_signals[0] is not decimal:
         _decimal_signals = (decimal, tuple((name, getattr(decimal, name)) for name in _DECIMAL_SIGNALS))
@@ -375,6 +376,38 @@ def _set_decimal_context(decimal: Any, value: tuple) -> None:
                                        clamp=clamp, traps=[getattr(decimal, name) for name in traps]))
 
 
+_np_print: tuple[Any, tuple] = (None, ())  # (numpy's print options dict last read, what it gave)
+
+
+def _numpy_print_options(np: Any) -> tuple:
+    """numpy's print options in the calling thread's context that differ from numpy's defaults
+    (``np.set_printoptions(precision=2)``, ``with np.printoptions(...)`` around a call), as
+    sorted ``(name, value)`` pairs; one whose value cannot be pickled (a ``formatter`` of
+    lambdas) is left out. numpy 2 keeps them in a ContextVar that each change replaces:
+    a lookup and an identity check per call (~0.1 us). numpy 1's (a dict changed in place)
+    are not read: () there."""
+    global _np_print
+    module = sys.modules.get("numpy._core.printoptions")
+    var = getattr(module, "format_options", None)
+    if var is None:
+        return ()
+    options = var.get()
+    if options is _np_print[0]:
+        return _np_print[1]
+    default = getattr(module, "default_format_options_dict", {})
+    changed = tuple(sorted((k, v) for k, v in options.items() if (k not in default or default[k] != v) and _travels(v)))
+    _np_print = (options, changed)
+    return changed
+
+
+def _set_numpy_print_options(np: Any, value: tuple) -> None:
+    """This thread's context's numpy print options: numpy's defaults with ``value``'s."""
+    module = sys.modules.get("numpy._core.printoptions")
+    if module is None:
+        raise RuntimeError("this numpy keeps its print options elsewhere (numpy 1)")
+    module.format_options.set({**module.default_format_options_dict, **dict(value)})
+
+
 _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any, Any], Any]]] = {
     "torch grad mode": ("torch", True, lambda t: bool(t.is_grad_enabled()), lambda t, v: t.set_grad_enabled(v)),
     "torch default dtype": ("torch", "float32", _torch_dtype, lambda t, v: t.set_default_dtype(getattr(t, v))),
@@ -383,6 +416,8 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
     # np.seterr(divide="raise") in the notebook: serial 1 / np.float64(0) raises FloatingPointError
     "numpy error state": ("numpy", (("divide", "warn"), ("invalid", "warn"), ("over", "warn"), ("under", "ignore")),
                           lambda n: tuple(sorted(n.geterr().items())), lambda n, v: n.seterr(**dict(v))),
+    # np.set_printoptions(precision=2) in the notebook: serial str(np.array([1/3])) is '[0.33]'
+    "numpy print options": ("numpy", (), _numpy_print_options, _set_numpy_print_options),
     # decimal.getcontext().prec = 5 in the notebook: serial Decimal(1) / Decimal(3) is 0.33333, not 28 digits
     "decimal context": ("decimal", (28, "ROUND_HALF_EVEN", -999999, 999999, 1, 0,
                                     ("DivisionByZero", "InvalidOperation", "Overflow")),

@@ -1403,3 +1403,23 @@ def test_the_notebooks_decimal_context_is_the_tasks(ip, any_method):
         assert _same_as_serial(ip, "third", "[1]") == ["0.3333333333333333333333333333"]
     finally:
         decimal.setcontext(before)
+
+
+def test_numpys_print_options_reach_the_tasks_as_serially(ip, any_method):
+    """``np.set_printoptions(precision=2)`` in the notebook (or ``with np.printoptions(...)``
+    around a call) was not carried: serial str(np.array([1/3])) is '[0.33]', the tasks
+    gave '[0.33333333]'. Back to numpy's defaults too."""
+    np = pytest.importorskip("numpy")
+    if "numpy._core.printoptions" not in sys.modules:
+        pytest.skip("numpy 1 keeps its print options in a dict changed in place: not carried")
+    ensure_pool(any_method)
+    run(ip, "import numpy as np, mpmagic\ndef shown(x):\n    return str(np.array([x / 3]))\n")
+    before = np.get_printoptions()
+    try:
+        np.set_printoptions(precision=2)
+        assert _same_as_serial(ip, "shown", "[1]") == ["[0.33]"]
+        np.set_printoptions(**before)
+        assert _same_as_serial(ip, "shown", "[1]") == ["[0.33333333]"]
+        assert run(ip, "with np.printoptions(precision=3):\n    out = mpmagic.pmap(shown, [1])\nout") == ["[0.333]"]
+    finally:
+        np.set_printoptions(**before)
