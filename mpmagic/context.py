@@ -25,7 +25,8 @@ the notebook's current
   around a call: read in the calling thread, where it lives) and default
   dtype (``torch.set_default_dtype``), jax's ``jax_enable_x64``, and numpy's
   error state (``np.seterr``, ``with np.errstate(...)`` around a call) and
-  numpy 2's print options (``np.set_printoptions``, ``np.printoptions``), and
+  numpy 2's print options (``np.set_printoptions``, ``np.printoptions``), the
+  socket default timeout (``socket.setdefaulttimeout``), and
   the calling thread's ``decimal`` context (precision, rounding, traps; see
   :func:`libraries`; only what differs from the library's default is sent,
   and a worker imports the library to apply it), and pandas' options changed
@@ -418,6 +419,8 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
                           lambda n: tuple(sorted(n.geterr().items())), lambda n, v: n.seterr(**dict(v))),
     # np.set_printoptions(precision=2) in the notebook: serial str(np.array([1/3])) is '[0.33]'
     "numpy print options": ("numpy", (), _numpy_print_options, _set_numpy_print_options),
+    # socket.setdefaulttimeout(3) in the notebook: a serial urlopen() without a timeout gives up after 3 s
+    "socket default timeout": ("socket", None, lambda s: s.getdefaulttimeout(), lambda s, v: s.setdefaulttimeout(v)),
     # decimal.getcontext().prec = 5 in the notebook: serial Decimal(1) / Decimal(3) is 0.33333, not 28 digits
     "decimal context": ("decimal", (28, "ROUND_HALF_EVEN", -999999, 999999, 1, 0,
                                     ("DivisionByZero", "InvalidOperation", "Overflow")),

@@ -1423,3 +1423,21 @@ def test_numpys_print_options_reach_the_tasks_as_serially(ip, any_method):
         assert run(ip, "with np.printoptions(precision=3):\n    out = mpmagic.pmap(shown, [1])\nout") == ["[0.333]"]
     finally:
         np.set_printoptions(**before)
+
+
+def test_the_notebooks_socket_default_timeout_is_the_tasks(ip, any_method):
+    """``socket.setdefaulttimeout(3)`` in the notebook was not carried: serially a socket
+    made without a timeout (``urlopen(url)``, a client library's) gives up after 3 s, in
+    the tasks it waited forever. Back to None too."""
+    import socket
+
+    ensure_pool(any_method)
+    run(ip, "import socket\ndef made_timeout(x):\n    with socket.socket() as s:\n        return s.gettimeout()\n")
+    before = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(3.0)
+        assert _same_as_serial(ip, "made_timeout", "[0, 1]") == [3.0, 3.0]
+        socket.setdefaulttimeout(None)
+        assert _same_as_serial(ip, "made_timeout", "[0, 1]") == [None, None]
+    finally:
+        socket.setdefaulttimeout(before)
