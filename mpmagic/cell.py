@@ -14,6 +14,7 @@ import builtins
 import hashlib
 import importlib
 import linecache
+import logging
 import symtable
 import sys
 import types
@@ -23,6 +24,8 @@ from typing import Any
 from . import astlock
 from .errors import cell_origin, newline_ended, remember_cell_origin
 from .worker_setup import use_set_globals_in
+
+log = logging.getLogger("mpmagic")
 
 
 def source_digest(text: str) -> str:
@@ -368,6 +371,7 @@ def run_cell_code(
         main = kept_namespace(rank, spec.reset)
         from_notebook = _from_notebook.setdefault(rank, {})
         _take_notebook_names(main.__dict__, ns, {*spec.modules, *spec.names}, from_notebook)
+        bindings = _Bindings()
     else:
         main = types.ModuleType("__main__") if as_main else _NotebookMain(sys.modules.get("__main__"))
         main.__dict__.update(ns)
@@ -378,6 +382,10 @@ def run_cell_code(
     stopped_at: int | None = None  # (the line of the top-level statement that raised)
     try:
         body, last = split_last_expression(astlock.parse(source, filename))
+        if kept and from_notebook:  # (what the rank binds of the notebook's names, as it runs: _mark_bindings)
+            body, last, marks = _marked(body, last, set(from_notebook), source, filename)
+            if marks:  # (only then: a cell's globals() shows this name while it runs)
+                ns[_BOUND] = bindings
         code = astlock.compile_tree(body, filename, "exec", spec.future_flags)
         try:
             exec(code, ns)
@@ -391,8 +399,10 @@ def run_cell_code(
         else:
             sys.modules.pop("__main__", None)
         if kept:  # the notebook names the rank bound are its own now (and no reference is kept to them)
+            if ns.get(_BOUND) is bindings:
+                del ns[_BOUND]
             bound = _surely_bound(body, stopped_at) if body is not None else set()
-            _forget_rebound(ns, from_notebook, bound)
+            _forget_rebound(ns, from_notebook, bound | bindings.names)
     missing = [g for g in spec.gather if g not in ns]
     if missing:
         raise NameError(f"gather= (--gather): name(s) {', '.join(map(repr, missing))} not defined in the cell")
@@ -480,6 +490,125 @@ def _surely_bound(body: ast.Module, stopped_at: int | None) -> set[str]:
         if isinstance(statement, ast.AugAssign) and isinstance(statement.target, ast.Name):
             names.add(statement.target.id)
     return names
+
+
+# The name under which a kept rank's cell finds :class:`_Bindings` while it runs (then removed).
+_BOUND = "__mpmagic_bound__"
+
+
+class _Bindings:
+    """What a kept rank's cell bound as it ran, among the notebook's names it was given:
+    called (``__mpmagic_bound__(value, "x")``) by the code :func:`_mark_bindings` adds
+    after each binding of one of them inside a branch, loop, ``with`` or ``try``, or
+    around a walrus. Returns ``value`` (the walrus's: an expression stays one). In the
+    cell's namespace only while a cell with such a binding runs (its ``globals()`` show
+    it then: there is no other place its code can find it)."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __call__(self, value: Any, *names: str) -> Any:
+        self.names.update(names)
+        return value
+
+
+def _marker(names: list[str], at: ast.AST) -> ast.stmt:
+    """The statement ``__mpmagic_bound__(None, *names)``, at ``at``'s place (its lines)."""
+    call = ast.Call(ast.Name(_BOUND, ast.Load()), [ast.Constant(None), *(ast.Constant(n) for n in names)], [])
+    return ast.copy_location(ast.Expr(call), at)
+
+
+class _MarkWalrus(ast.NodeTransformer):
+    """``(x := v)`` of a watched name as ``__mpmagic_bound__((x := v), "x")``; not inside a
+    ``lambda`` (its walrus binds the lambda's own name), nor a nested ``def`` or class."""
+
+    def __init__(self, watched: set[str]) -> None:
+        self.watched = watched
+
+    def visit_NamedExpr(self, node: ast.NamedExpr) -> ast.expr:
+        self.generic_visit(node)
+        if node.target.id not in self.watched:
+            return node
+        call = ast.Call(ast.Name(_BOUND, ast.Load()), [node, ast.Constant(node.target.id)], [])
+        return ast.copy_location(call, node)
+
+    def visit_Lambda(self, node: ast.Lambda) -> ast.Lambda:
+        return node
+
+
+def _mark_bindings(body: list[ast.stmt], watched: set[str], nested: bool = False) -> list[ast.stmt]:
+    """``body`` (a kept rank's cell) with a call of :class:`_Bindings` where a name of
+    ``watched`` (the notebook's, not the rank's yet) is bound inside a compound statement
+    (after an assignment, import, ``def`` or ``class``; first in the body of a ``for``
+    binding its target or a ``with`` binding its ``as``), and around each walrus. Why:
+    a top-level binding is known for sure (:func:`_surely_bound`), and identity tells
+    other cases apart, but ``if rank == 0: k = k + 0`` leaves the very same object under
+    ``k``: serially the assignment happened, and ``k`` is the rank's. Only what ran is
+    recorded (a branch not taken binds nothing). A nested ``def``'s code is left alone
+    (its names are its own; a ``global`` there rebinding the same object is not seen)."""
+    walrus = _MarkWalrus(watched)
+    out: list[ast.stmt] = []
+    for statement in body:
+        if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for field in ("decorator_list", "bases", "keywords"):
+                if hasattr(statement, field):
+                    setattr(statement, field, [walrus.visit(e) for e in getattr(statement, field)])
+        else:
+            for field, value in ast.iter_fields(statement):
+                if isinstance(value, ast.expr):
+                    setattr(statement, field, walrus.visit(value))
+                elif isinstance(value, list) and value and isinstance(value[0], ast.stmt):
+                    setattr(statement, field, _mark_bindings(value, watched, nested=True))
+                elif isinstance(value, list):
+                    new = []
+                    for item in value:
+                        if isinstance(item, ast.expr):
+                            item = walrus.visit(item)
+                        elif isinstance(item, (ast.ExceptHandler, ast.match_case)):
+                            item.body = _mark_bindings(item.body, watched, nested=True)
+                        elif isinstance(item, ast.withitem):
+                            item.context_expr = walrus.visit(item.context_expr)
+                        elif isinstance(item, ast.keyword):
+                            item.value = walrus.visit(item.value)
+                        new.append(item)
+                    setattr(statement, field, new)
+        out.append(statement)
+        if isinstance(statement, (ast.For, ast.AsyncFor)):
+            names = sorted({n.id for n in _plain_names(statement.target)} & watched)
+            if names:
+                statement.body.insert(0, _marker(names, statement.body[0]))
+        elif isinstance(statement, (ast.With, ast.AsyncWith)):
+            names = sorted({n.id for item in statement.items if item.optional_vars is not None
+                            for n in _plain_names(item.optional_vars)} & watched)
+            if names:
+                statement.body.insert(0, _marker(names, statement.body[0]))
+        elif nested:
+            names = sorted((_binds(statement) | ({statement.target.id} if isinstance(statement, ast.AugAssign)
+                                                 and isinstance(statement.target, ast.Name) else set()))
+                           & watched)
+            if names:
+                out.append(_marker(names, statement))
+    return out
+
+
+def _marked(body: ast.Module, last: ast.Expression | None, watched: set[str], source: str,
+            filename: str) -> tuple[ast.Module, ast.Expression | None, bool]:
+    """The cell's ``body`` and ``last`` expression with :func:`_mark_bindings`' calls, and
+    whether it has any; the cell as parsed again, unmarked, should that fail (a syntax
+    node it does not know: identity then tells the rank's names, as before)."""
+    try:
+        marked = ast.Module(_mark_bindings(body.body, watched), body.type_ignores)
+        if last is not None:
+            last = ast.Expression(_MarkWalrus(watched).visit(last.body))
+        marks = any(isinstance(node, ast.Name) and node.id == _BOUND
+                    for tree in (marked, last) if tree is not None for node in ast.walk(tree))
+        ast.fix_missing_locations(marked)
+        if last is not None:
+            ast.fix_missing_locations(last)
+        return marked, last, marks
+    except Exception:
+        log.debug("mpmagic: could not mark the bindings of a kept rank's cell", exc_info=True)
+        return (*split_last_expression(astlock.parse(source, filename)), False)
 
 
 def _line_raised_at(exc: BaseException, code: types.CodeType) -> int | None:

@@ -424,11 +424,13 @@ def _without_setup_line(run: str, what: str) -> str:
 
 def _other_code_line(run: str, what: str, modules: Iterable[str]) -> str:
     """The warning of a checkpointed run that ran partly on Dask workers whose copy of a user
-    module is not the file the notebook loaded (another machine's): not stored under its key."""
+    module is not the file the notebook loaded (another machine's), or that could not reload
+    it (they run the version they had; the run's line before says which): not stored under its key."""
     names = sorted(set(modules))
     return (f"mpmagic: --checkpoint: {what} of {run} came from Dask workers whose {', '.join(names)} is not "
-            f"the file the notebook loaded (their own copy), so they were not stored; copy the notebook's "
-            f"file{'s' * (len(names) != 1)} to those workers' machines")
+            f"the file the notebook loaded (their own copy, or an older version they could not reload: see the "
+            f"line above), so they were not stored; copy the notebook's file{'s' * (len(names) != 1)} to those "
+            f"workers' machines, or fix what the reload raised")
 
 
 def _ranks_without_setup_line(ranks: tuple[int, ...]) -> str:

@@ -8,8 +8,10 @@ that would not reach it, and ``%pmap f, xs`` would behave differently from
 the notebook's current
 
 * working directory (``%cd``, ``os.chdir``),
-* environment variables (set, changed and removed ones; a changed ``TZ``
-  is applied with ``time.tzset()``, as the notebook applies it),
+* environment variables (set, changed and removed ones), and the local
+  time zone the notebook has in effect (:func:`tz_in_effect`: the ``TZ`` of
+  its last ``time.tzset()``; a ``TZ`` set without one is in os.environ but
+  not in ``localtime()``, there as in the tasks),
 * ``sys.path`` (the notebook's entries first, in its order; import caches
   are invalidated so that new directories are seen),
 * recursion limit, and the limit on converting big ints to strings
@@ -22,7 +24,10 @@ the notebook's current
   those the notebook has imported: torch's grad mode (``torch.no_grad()``
   around a call: read in the calling thread, where it lives) and default
   dtype (``torch.set_default_dtype``), jax's ``jax_enable_x64``, and numpy's
-  error state (``np.seterr``, ``with np.errstate(...)`` around a call; see
+  error state (``np.seterr``, ``with np.errstate(...)`` around a call) and
+  numpy 2's print options (``np.set_printoptions``, ``np.printoptions``), the
+  socket default timeout (``socket.setdefaulttimeout``), and
+  the calling thread's ``decimal`` context (precision, rounding, traps; see
   :func:`libraries`; only what differs from the library's default is sent,
   and a worker imports the library to apply it), and pandas' options changed
   from their defaults (display options wait for a task to import pandas),
@@ -33,7 +38,7 @@ and the backend remembers which version each worker has. The worker adopts
 it again at the start of each call (:func:`reassert`), where a task of an
 earlier call changed it. Checking costs the
 notebook ~2.6 us per call (comparing against the last state; measured with 40
-environment variables; ~1 us more with pandas imported); building and sending a new message happens only
+environment variables; ~1 us more with pandas imported, ~1 us more with decimal imported); building and sending a new message happens only
 after a change.
 
 A notebook directory the workers cannot use (deleted under the notebook,
@@ -44,8 +49,8 @@ its parent's directory, which failed), and the run shows one line saying so,
 once (:func:`take_note`). Serial ``map`` does not care where it runs; a
 task that reads a relative path failed there in the notebook too.
 
-Deliberately not carried (see docs/troubleshooting.md): ``decimal``
-contexts, numpy's print options, the locale,
+Deliberately not carried (see docs/troubleshooting.md): numpy 1's print
+options, the locale,
 the random generators' state, signal handlers and thread-local state
 (torch's grad mode excepted, see above). They
 are per-thread or per-library state that the task can set itself in one
@@ -170,7 +175,63 @@ def _state(libs: tuple | None = None) -> tuple:
         warnings.filters,
         libraries() if libs is None else libs,
         sys.argv,
+        tz_in_effect(),
     )
+
+
+# The notebook's local time zone is the one its C library last read TZ for (``time.tzset()``,
+# or glibc's ``mktime``), not os.environ's TZ: ``os.environ["TZ"] = "Asia/Tokyo"`` without a
+# tzset leaves ``localtime()`` in the old zone. Tasks must compute in the zone in effect.
+# Timestamps whose local time tells zones apart: January and July of 1970, 2000, 2010, 2024.
+_PROBES = (0, 15638400, 946684800, 962409600, 1262304000, 1277942400, 1704067200, 1719792000)
+_UNREAD: Any = object()
+_TZ_KEY: Any = b"TZ" if isinstance(getattr(os.environ, "_data", None), dict) else "TZ"  # (its key in _environ())
+_tz_eff: str | None = None  # the TZ the C library's local time was last set from (None: unset, the system's)
+_tz_raw: Any = _UNREAD  # _environ()'s TZ at the last look
+_tz_names: Any = None  # time.tzname at the last look (each time.tzset() replaces the tuple)
+_tz_pending = False  # os.environ's TZ is not the one in effect (changed without a tzset)
+_tz_now: tuple = (None, ())  # what tz_in_effect returns: (_tz_eff, the fingerprint of the zone in effect)
+
+
+def _fingerprint() -> tuple:
+    """The local time zone in effect, as the UTC offset and name of each of :data:`_PROBES` (~8 us)."""
+    out = []
+    for t in _PROBES:
+        lt = time.localtime(t)
+        out.append((lt.tm_gmtoff, lt.tm_zone))
+    return tuple(out)
+
+
+def _recent() -> tuple:
+    """The last two :data:`_PROBES` of :func:`_fingerprint` (~2 us): has the zone in effect changed?"""
+    a, b = time.localtime(_PROBES[-2]), time.localtime(_PROBES[-1])
+    return ((a.tm_gmtoff, a.tm_zone), (b.tm_gmtoff, b.tm_zone))
+
+
+def tz_in_effect() -> tuple:
+    """``(TZ, fingerprint)``: the ``TZ`` value (None: unset) the process's local time
+    was last set from, and :func:`_fingerprint` of that zone.
+
+    Costs a dict lookup and three comparisons (~0.2 us) while os.environ's TZ is the
+    one in effect. After ``time.tzset()`` (a new ``time.tzname``) or a change of TZ,
+    os.environ's TZ is in effect if the zone changed (a fingerprint, ~8 us, once).
+    While the notebook's TZ waits for a tzset, two probes per read (~2 us) see
+    glibc's ``mktime`` apply it (it reads TZ again, and leaves ``time.tzname``).
+    (A TZ set, applied and changed again between two runs is not seen: the workers
+    then say their zone differs, see :func:`_apply_tz`.)"""
+    global _tz_eff, _tz_raw, _tz_names, _tz_now, _tz_pending
+    raw = _environ().get(_TZ_KEY)
+    names = time.tzname
+    if names is _tz_names and raw == _tz_raw and (not _tz_pending or _recent() == _tz_now[1][-2:]):
+        return _tz_now
+    env = os.environ.get("TZ")
+    fp = _fingerprint()
+    if _tz_raw is _UNREAD or names is not _tz_names or fp != _tz_now[1]:
+        _tz_eff = env
+    _tz_raw, _tz_names, _tz_pending = raw, names, env != _tz_eff
+    if _tz_now != (_tz_eff, fp):
+        _tz_now = (_tz_eff, fp)
+    return _tz_now
 
 
 #: The name of pandas' options among the library settings: one value, the options
@@ -309,6 +370,66 @@ def _torch_dtype(torch: Any) -> str:
     return "float32" if dtype is torch.float32 else str(dtype).rpartition(".")[2]  # (str() costs ~1.3 us)
 
 
+# decimal's signals, by name, in the order a context's traps are read and written.
+_DECIMAL_SIGNALS = ("Clamped", "DivisionByZero", "FloatOperation", "Inexact", "InvalidOperation", "Overflow",
+                    "Rounded", "Subnormal", "Underflow")
+
+
+_decimal_signals: tuple[Any, tuple] = (None, ())  # (the decimal module, its (name, signal) pairs)
+
+
+def _decimal_context(decimal: Any) -> tuple:
+    """The calling thread's decimal context as ``(prec, rounding, Emin, Emax, capitals,
+    clamp, the names of the signals it traps)`` (its flags are state, not settings).
+    A context's attributes and nine trap lookups (~1 us), per call once decimal is imported."""
+    global _decimal_signals
+    if _decimal_signals[0] is not decimal:
+        _decimal_signals = (decimal, tuple((name, getattr(decimal, name)) for name in _DECIMAL_SIGNALS))
+    c = decimal.getcontext()
+    traps = c.traps
+    return (c.prec, c.rounding, c.Emin, c.Emax, c.capitals, c.clamp,
+            tuple([name for name, signal in _decimal_signals[1] if traps[signal]]))
+
+
+def _set_decimal_context(decimal: Any, value: tuple) -> None:
+    """This thread's decimal context as :func:`_decimal_context` read it (its flags cleared)."""
+    prec, rounding, emin, emax, capitals, clamp, traps = value
+    decimal.setcontext(decimal.Context(prec=prec, rounding=rounding, Emin=emin, Emax=emax, capitals=capitals,
+                                       clamp=clamp, traps=[getattr(decimal, name) for name in traps]))
+
+
+_np_print: tuple[Any, tuple] = (None, ())  # (numpy's print options dict last read, what it gave)
+
+
+def _numpy_print_options(np: Any) -> tuple:
+    """numpy's print options in the calling thread's context that differ from numpy's defaults
+    (``np.set_printoptions(precision=2)``, ``with np.printoptions(...)`` around a call), as
+    sorted ``(name, value)`` pairs; one whose value cannot be pickled (a ``formatter`` of
+    lambdas) is left out. numpy 2 keeps them in a ContextVar that each change replaces:
+    a lookup and an identity check per call (~0.1 us). numpy 1's (a dict changed in place)
+    are not read: () there."""
+    global _np_print
+    module = sys.modules.get("numpy._core.printoptions")
+    var = getattr(module, "format_options", None)
+    if var is None:
+        return ()
+    options = var.get()
+    if options is _np_print[0]:
+        return _np_print[1]
+    default = getattr(module, "default_format_options_dict", {})
+    changed = tuple(sorted((k, v) for k, v in options.items() if (k not in default or default[k] != v) and _travels(v)))
+    _np_print = (options, changed)
+    return changed
+
+
+def _set_numpy_print_options(np: Any, value: tuple) -> None:
+    """This thread's context's numpy print options: numpy's defaults with ``value``'s."""
+    module = sys.modules.get("numpy._core.printoptions")
+    if module is None:
+        raise RuntimeError("this numpy keeps its print options elsewhere (numpy 1)")
+    module.format_options.set({**module.default_format_options_dict, **dict(value)})
+
+
 _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any, Any], Any]]] = {
     "torch grad mode": ("torch", True, lambda t: bool(t.is_grad_enabled()), lambda t, v: t.set_grad_enabled(v)),
     "torch default dtype": ("torch", "float32", _torch_dtype, lambda t, v: t.set_default_dtype(getattr(t, v))),
@@ -317,6 +438,14 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
     # np.seterr(divide="raise") in the notebook: serial 1 / np.float64(0) raises FloatingPointError
     "numpy error state": ("numpy", (("divide", "warn"), ("invalid", "warn"), ("over", "warn"), ("under", "ignore")),
                           lambda n: tuple(sorted(n.geterr().items())), lambda n, v: n.seterr(**dict(v))),
+    # np.set_printoptions(precision=2) in the notebook: serial str(np.array([1/3])) is '[0.33]'
+    "numpy print options": ("numpy", (), _numpy_print_options, _set_numpy_print_options),
+    # socket.setdefaulttimeout(3) in the notebook: a serial urlopen() without a timeout gives up after 3 s
+    "socket default timeout": ("socket", None, lambda s: s.getdefaulttimeout(), lambda s, v: s.setdefaulttimeout(v)),
+    # decimal.getcontext().prec = 5 in the notebook: serial Decimal(1) / Decimal(3) is 0.33333, not 28 digits
+    "decimal context": ("decimal", (28, "ROUND_HALF_EVEN", -999999, 999999, 1, 0,
+                                    ("DivisionByZero", "InvalidOperation", "Overflow")),
+                        _decimal_context, _set_decimal_context),
     # pd.set_option("future.infer_string", False) in the notebook: serial pd.Series(["a"]).dtype is object
     PANDAS_OPTIONS: ("pandas", (), _pandas_options, _set_pandas_options),
 }
@@ -481,13 +610,14 @@ def current(call: Any = None, libs: tuple | None = None) -> Context:
         enterable = state[0] is not None and os.access(state[0], os.X_OK)
         if _last_msg is None or state != _last_state or enterable != _last_enterable:
             _last_enterable = enterable
-            cwd, env, path, limit, digits, filters, libs, argv = state
+            cwd, env, path, limit, digits, filters, libs, argv, tz = state
             # Copies: the live objects keep changing under the comparison.
-            _last_state = (cwd, dict(env), list(path), limit, digits, list(filters), libs, list(argv))
+            _last_state = (cwd, dict(env), list(path), limit, digits, list(filters), libs, list(argv), tz)
             _version += 1
             where, reason = workers_dir(cwd, read=False)
             _note_problem(cwd, where, reason)
-            body = (where, dict(os.environ), list(path), limit, digits, _pack_filters(filters), libs, list(argv))
+            body = (where, dict(os.environ), list(path), limit, digits, _pack_filters(filters), libs, list(argv),
+                    tz)
             _last_msg = Context(_version, payload.dumps_data(body))
         _last_call = call
         return _last_msg
@@ -550,14 +680,14 @@ def apply(msg: Context) -> None:
     """
     global _adopted
     try:
-        cwd, env, path, limit, digits, packed, libs, argv = payload.loads(msg.state)
+        cwd, env, path, limit, digits, packed, libs, argv, tz = payload.loads(msg.state)
     except Exception:
         log.warning("mpmagic worker: could not load the notebook's context", exc_info=True)
         return
     global _pending
     _pending = list(packed)
     _pandas_refused.clear()  # (the notebook changed something: a refused option is tried once more)
-    _adopted = (cwd, env, path, limit, digits, _load_filters(), libs, argv)
+    _adopted = (cwd, env, path, limit, digits, _load_filters(), libs, argv, tz)
     _adopt(*_adopted)
 
 
@@ -743,7 +873,7 @@ def in_setup_world(state: bytes | None, run: Callable[[], Any]) -> Any:
     if _mark is None or state is None:
         return run()
     try:
-        cwd, env, path, limit, digits, packed, libs, argv = payload.loads(state)
+        cwd, env, path, limit, digits, packed, libs, argv, tz = payload.loads(state)
     except Exception:
         log.warning("mpmagic worker: could not load the world of the setup's cell", exc_info=True)
         return run()
@@ -755,7 +885,7 @@ def in_setup_world(state: bytes | None, run: Callable[[], Any]) -> Any:
                 filters.append(payload.loads(data))
             except Exception:
                 log.debug("mpmagic worker: a warnings filter of the setup's cell not loaded", exc_info=True)
-    _adopt(cwd, env, path, limit, digits, filters, libs, argv)
+    _adopt(cwd, env, path, limit, digits, filters, libs, argv, tz)
     _mark = _snapshot()
     return run()
 
@@ -776,23 +906,75 @@ def _added_filters(before: list, after: list) -> tuple[list, list]:
 
 _cwd_failed: str | None = None  # in a worker: the directory it last failed to enter (warned once)
 
-# In a worker: the TZ its C library's local time was last set from (by _apply_tz; at first, the one it started with).
-_tz_applied: str | None = os.environ.get("TZ")
+# In a worker: the notebook's (TZ, fingerprint) _apply_tz last applied ((TZ, None): a setup's TZ; _UNREAD:
+# not yet), and time.tzname right after (a task's own time.tzset() replaces it).
+_tz_applied: Any = _UNREAD
+_tz_applied_names: Any = None
+_tz_told: set[tuple] = set()  # in a worker: the zones it could not match to the notebook's (said once)
 
 
-def _apply_tz(before: str | None) -> None:
-    """In a worker, once the environment was adopted: ``time.tzset()`` when ``TZ``
-    differs from ``before`` (its value before the adoption: the notebook changed it,
-    or a task did, maybe with its own ``tzset``) or from the one last applied (a
-    ``%%pool setup`` that set it). The C library reads TZ once, when a process
-    first uses local time: the notebook's ``os.environ["TZ"] = ...; time.tzset()``
-    reached os.environ here, yet ``localtime()`` and ``datetime.fromtimestamp()``
-    kept the old zone (00:00 UTC where serial gave 09:00 JST)."""
-    global _tz_applied
-    tz = os.environ.get("TZ")
-    if (tz != before or tz != _tz_applied) and _tzset is not None:
+def _set_tz(tz: str | None) -> None:
+    """os.environ's TZ set to ``tz`` (None: removed)."""
+    if tz is None:
+        os.environ.pop("TZ", None)
+    else:
+        os.environ["TZ"] = tz
+
+
+def _apply_tz(before: str | None, tz: tuple | None) -> None:
+    """In a worker, once the environment was adopted: its local time zone the notebook's
+    in effect (``tz``, :func:`tz_in_effect` there), with os.environ's TZ the notebook's.
+
+    The C library reads TZ only at ``tzset`` (glibc's ``mktime`` too): the notebook's
+    ``os.environ["TZ"] = ...; time.tzset()`` reached os.environ here, yet ``localtime()``
+    kept the old zone (00:00 UTC where serial gave 09:00 JST); and the notebook's
+    ``os.environ["TZ"] = ...`` without a tzset, applied here, gave the tasks a zone the
+    notebook's ``localtime()`` does not have. So ``tzset`` runs with the TZ in effect
+    there, then os.environ's TZ is put back to the notebook's. A ``%%pool setup``'s TZ wins
+    (applied as it stands). Done again when a task changed TZ or called ``tzset``.
+
+    The zone is then compared with the notebook's (the fingerprint): where it differs (the
+    notebook set TZ, applied it and changed it again between two runs; or changed it
+    without tzset before mpmagic first looked), the system's zone is tried, and if that
+    differs too, the notebook is told in one line (once) what the tasks' zone is."""
+    global _tz_applied, _tz_applied_names, _tz_eff, _tz_raw, _tz_names, _tz_now, _tz_pending
+    if _tzset is None:
+        return
+    env = os.environ.get("TZ")
+    if tz is None or "TZ" in setup_env or "TZ" in setup_removed:
+        want, fp = env, None
+    else:
+        want, fp = tz
+    asked = (want, fp)
+    if asked == _tz_applied and env == before and time.tzname is _tz_applied_names:
+        return
+    mine = None
+    for candidate in (want, None) if fp is not None and want is not None else (want,):
+        if candidate != env:
+            _set_tz(candidate)
         _tzset()
-        _tz_applied = tz
+        if candidate != env:
+            _set_tz(env)
+        mine = _fingerprint()
+        if fp is None or mine == fp:
+            want = candidate
+            break
+    else:
+        _set_tz(want)
+        _tzset()
+        _set_tz(env)
+        mine = _fingerprint()
+        if (want, fp) not in _tz_told:
+            _tz_told.add((want, fp))
+            zone = f"TZ={want!r}" if want is not None else "the system's zone (TZ unset)"
+            _tell_notebook([f"mpmagic: the workers' local time zone differs from the notebook's (its TZ was changed "
+                            f"and applied with time.tzset() or time.mktime(), then changed again, or changed without "
+                            f"time.tzset() before mpmagic ran), so their tasks use {zone}: call time.tzset() "
+                            f"in the notebook after setting os.environ['TZ']"])
+    _tz_applied, _tz_applied_names = asked, time.tzname
+    # (this worker's own tz_in_effect, which _state() reads: the zone just applied)
+    _tz_eff, _tz_raw, _tz_names, _tz_now = want, _environ().get(_TZ_KEY), time.tzname, (want, mine)
+    _tz_pending = env != want
 
 # In a worker: the world as the last ``_adopt`` left it, every part of it
 # applied (the ``_state()`` tuple, copied), or None. ``reassert`` adopts again
@@ -803,7 +985,7 @@ _as_adopted: tuple | None = None
 
 
 def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filters: list, libs: tuple = (),
-           argv: list[str] | None = None) -> None:
+           argv: list[str] | None = None, tz: tuple | None = None) -> None:
     if own_cwd is not None:
         cwd = own_cwd
     global _cwd_failed, _as_adopted
@@ -817,7 +999,7 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
         if cwd != _cwd_failed:  # once, not at every call
             _cwd_failed = cwd
             log.warning("mpmagic worker: cannot change to the notebook's directory %s: %s", cwd, exc)
-    tz = os.environ.get("TZ")
+    tz_before = os.environ.get("TZ")
     try:
         mine = own_env | setup_env.keys()
         for name in [n for n in os.environ if (n not in env and n not in mine) or n in setup_removed]:
@@ -833,7 +1015,7 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
     except Exception:
         applied = False
         log.warning("mpmagic worker: could not apply the notebook's environment", exc_info=True)
-    _apply_tz(tz)
+    _apply_tz(tz_before, tz)
     if sys.path[: len(path)] != path:  # (the worker's own entries may follow the notebook's)
         ours = set(path)
         sys.path[:] = list(path) + [p for p in sys.path if p not in ours]
@@ -866,9 +1048,9 @@ def _adopt(cwd: str, env: dict, path: list, limit: int, digits: int | None, filt
         sys.argv = list(argv)  # (rebound, as the notebook's `sys.argv = [...]` does)
     applied = _apply_libraries(libs) and applied
     if applied:
-        cwd_now, env_now, path_now, limit_now, digits_now, filters_now, libs_now, argv_now = _state()
+        cwd_now, env_now, path_now, limit_now, digits_now, filters_now, libs_now, argv_now, tz_now = _state()
         _as_adopted = (cwd_now, dict(env_now), list(path_now), limit_now, digits_now, list(filters_now), libs_now,
-                       list(argv_now))
+                       list(argv_now), tz_now)
 
 
 __all__ = ["apply", "current", "fallback_dir", "key", "libraries", "reassert", "take_note", "take_notes",

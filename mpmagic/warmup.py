@@ -859,6 +859,7 @@ class ImportLog:
     def __init__(self) -> None:
         self.records: list[tuple] = []  # (why, [top-level names], seconds or None, start, end)
         self.load = 0.0  # seconds spent unpickling functions (their imports included)
+        self.errors: dict[str, str] = {}  # module -> why reload() could not reload it, on one line
 
     @staticmethod
     def mark() -> int:
@@ -923,8 +924,9 @@ class ImportLog:
 
     def reload(self, names: list[str]) -> list[str]:
         """Reload those of these modules this worker imported (the notebook reloaded
-        them); return those it could not reload. A failure is one line of the log, not
-        raised: the task that uses the module shows its own error.
+        them); return those it could not reload, each with its error on one line in
+        :attr:`errors`. A failure is one line of the log, not raised: the task that
+        uses the module shows its own error.
 
         The line names the module and the error, never mpmagic's traceback (it went to
         the cell, unlabelled, once per task: its frames are ours, the module's error is
@@ -944,8 +946,9 @@ class ImportLog:
                 importlib.reload(module)
             except Exception as exc:
                 failed.append(name)
-                log.warning("mpmagic: a worker could not reload %s (%s: %s): its tasks run the version it had "
-                            "imported", name, type(exc).__name__, str(exc).replace("\n", " "))
+                self.errors[name] = f"{type(exc).__name__}: {' '.join(str(exc).split())}".rstrip(": ")
+                log.warning("mpmagic: a worker could not reload %s (%s): its tasks run the version it had "
+                            "imported", name, self.errors[name])
                 log.debug("mpmagic: the failed reload of %s", name, exc_info=True)
         return failed
 

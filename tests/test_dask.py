@@ -1122,6 +1122,32 @@ def test_a_worker_whose_copy_of_a_reloaded_module_differs_says_so_once(ip, dask_
     assert "mpmagic: dkmod_d.py on Dask worker tcp://127.0.0.1:" in err
 
 
+def test_a_worker_that_cannot_reload_an_unchanged_file_says_why_not_that_it_differs(
+        ip, dask_pool, module_dirs, capsys):
+    """The workers' file is the notebook's, but their reload of it fails (here: v2 raises
+    off the main thread, where a Dask task runs): the line said the file "differs from
+    the file the notebook loaded", a false cause. It says the worker could not reload
+    it, with the error, and that its tasks ran the version it had."""
+    here = module_dirs[0]
+    _save_module(here / "dkmod_f.py", "def f(x):\n    return ('v1', x)\n")
+    run(ip, "import importlib, dkmod_f")
+    dask_pool.client.run(lambda: __import__("dkmod_f") and None)  # (every worker has v1)
+    _save_module(here / "dkmod_f.py", "import threading\n"
+                 "if threading.current_thread() is not threading.main_thread():\n"
+                 "    raise ImportError('dkmod_f needs the main thread')\n"
+                 "def f(x):\n    return ('v2', x)\n")
+    run(ip, "importlib.reload(dkmod_f)")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q --chunksize 1 dkmod_f.f, range(8)") == [("v1", i) for i in range(8)]
+    err = capsys.readouterr().err
+    assert "differs" not in err, err
+    lines = [line for line in err.splitlines() if "dkmod_f" in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("mpmagic: Dask worker tcp://127.0.0.1:"), lines
+    assert lines[0].endswith(" could not reload dkmod_f (ImportError: dkmod_f needs the main thread): its tasks "
+                             "run the version of dkmod_f it had imported, not the notebook's"), lines
+
+
 def test_a_failed_call_on_dask_names_the_call_as_on_the_local_pool(ip, dask_pool):
     """mpmagic.call on Dask: the same job, so the same words ("raised in the call f(0)",
     "call failed"), never "item 0"."""

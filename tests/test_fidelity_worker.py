@@ -1144,6 +1144,77 @@ def test_a_time_zone_set_in_the_notebook_after_the_pool_started_is_the_tasks(ip,
         time.tzset()
 
 
+def test_a_time_zone_the_notebook_has_not_applied_is_not_the_tasks(ip, any_method):
+    """``os.environ["TZ"] = "Asia/Tokyo"`` in the notebook WITHOUT ``time.tzset()``:
+    the notebook's localtime() keeps its zone (the C library reads TZ at tzset), but
+    the workers switched to the new one (00:00 UTC serially, 09:00 JST in the tasks).
+    The tasks' zone is the notebook's in effect: its last tzset's, or the one a
+    ``time.mktime`` applied (glibc's mktime reads TZ again); os.environ is the notebook's."""
+    backend = ensure_pool(any_method)
+    backend.wait_ready()
+    run(ip, "import os, time, datetime\n"
+            "def local_now(x):\n"
+            "    return (os.environ.get('TZ'), time.strftime('%H:%M %Z', time.localtime(0)),\n"
+            "            datetime.datetime.fromtimestamp(0).isoformat(),\n"
+            "            datetime.datetime.now().astimezone().utcoffset())\n")
+    before = os.environ.get("TZ")
+    try:
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+        assert _same_as_serial(ip, "local_now", "range(4)")[0][1] == "00:00 UTC"
+        os.environ["TZ"] = "Asia/Tokyo"  # (not applied: no tzset)
+        assert _same_as_serial(ip, "local_now", "range(4)")[0][:2] == ("Asia/Tokyo", "00:00 UTC")
+        time.tzset()  # (applied now, the environment unchanged)
+        assert _same_as_serial(ip, "local_now", "range(4)")[0][1] == "09:00 JST"
+        os.environ["TZ"] = "UTC"  # (not applied)
+        assert _same_as_serial(ip, "local_now", "range(4)")[0][:2] == ("UTC", "09:00 JST")
+        time.mktime(time.localtime(0))  # (glibc's mktime applies it, time.tzname unchanged)
+        assert _same_as_serial(ip, "local_now", "range(4)")[0][:2] == ("UTC", time.strftime("%H:%M %Z",
+                                                                                              time.localtime(0)))
+        os.environ.pop("TZ")  # (unset, not applied: still the notebook's zone in effect)
+        expected = time.strftime("%H:%M %Z", time.localtime(0))
+        assert _same_as_serial(ip, "local_now", "range(4)")[0][:2] == (None, expected)
+    finally:
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
+def test_a_time_zone_applied_and_changed_between_two_runs_is_said_in_one_line(ip, any_method, capfd):
+    """The notebook's ``TZ = "Asia/Tokyo"; time.tzset(); TZ = "UTC"`` between two runs:
+    its zone is JST, os.environ's TZ UTC; mpmagic never saw Asia/Tokyo, so the tasks
+    cannot take it: they run in UTC and the run says so in one line, once."""
+    backend = ensure_pool(any_method)
+    backend.wait_ready()
+    run(ip, "import time\ndef local_zero(x):\n    return time.strftime('%H:%M %Z', time.localtime(0))\n")
+    before = os.environ.get("TZ")
+    try:
+        os.environ["TZ"] = "UTC"
+        time.tzset()
+        assert _same_as_serial(ip, "local_zero", "range(4)")[0] == "00:00 UTC"
+        capfd.readouterr()
+        os.environ["TZ"] = "Asia/Tokyo"
+        time.tzset()
+        os.environ["TZ"] = "UTC"
+        assert run(ip, "list(map(local_zero, range(4)))")[0] == "09:00 JST"  # (the oracle)
+        assert run(ip, "%pmap -q local_zero, range(4)")[0] == "00:00 UTC"
+        assert run(ip, "%pmap -q local_zero, range(4)")[0] == "00:00 UTC"
+        out = capfd.readouterr()
+        lines = [line for line in (out.out + out.err).splitlines() if "local time zone" in line]
+        assert lines == ["mpmagic: the workers' local time zone differs from the notebook's (its TZ was changed and "
+                         "applied with time.tzset() or time.mktime(), then changed again, or changed without "
+                         "time.tzset() before mpmagic ran), so their tasks use TZ='UTC': call time.tzset() in "
+                         "the notebook after setting os.environ['TZ']"], out
+    finally:
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
+
+
 PANDAS_STATE = ("def pandas_state(x):\n"
                 "    return (str(pd.Series(['a', 'b']).dtype), str(pd.Series(range(10))).count('\\n'),\n"
                 "            pd.get_option('display.precision'))\n")
@@ -1366,3 +1437,63 @@ def test_partial_lines_of_items_make_one_line_as_serially(ip, backend):
             run(ip, "_ = %pmap -q pr_end, range(8)\nprint('|after')")
         assert cap.stdout.endswith("|after\n") and "\n" not in cap.stdout[:-1], cap.stdout
         assert sorted(re.findall(r"<\d>", cap.stdout)) == [f"<{x}>" for x in range(8)], cap.stdout
+
+
+def test_the_notebooks_decimal_context_is_the_tasks(ip, any_method):
+    """``decimal.getcontext().prec = 5`` (or a trap set) in the notebook was not carried:
+    serial Decimal(1) / Decimal(3) is 0.33333, the tasks computed 28 digits; a trapped
+    Inexact raised serially, the tasks returned a value. Back to the default too."""
+    import decimal
+
+    ensure_pool(any_method)
+    run(ip, "import decimal\ndef third(x):\n    return str(decimal.Decimal(x) / decimal.Decimal(3))\n")
+    before = decimal.getcontext().copy()
+    try:
+        decimal.getcontext().prec = 5
+        assert _same_as_serial(ip, "third", "[1, 2]") == ["0.33333", "0.66667"]
+        decimal.getcontext().traps[decimal.Inexact] = True
+        with pytest.raises(decimal.Inexact):
+            run(ip, "%pmap -q third, [1, 2]")
+        assert _same_as_serial(ip, "third", "[3, 6]") == ["1", "2"]
+        decimal.setcontext(decimal.Context())
+        assert _same_as_serial(ip, "third", "[1]") == ["0.3333333333333333333333333333"]
+    finally:
+        decimal.setcontext(before)
+
+
+def test_numpys_print_options_reach_the_tasks_as_serially(ip, any_method):
+    """``np.set_printoptions(precision=2)`` in the notebook (or ``with np.printoptions(...)``
+    around a call) was not carried: serial str(np.array([1/3])) is '[0.33]', the tasks
+    gave '[0.33333333]'. Back to numpy's defaults too."""
+    np = pytest.importorskip("numpy")
+    if "numpy._core.printoptions" not in sys.modules:
+        pytest.skip("numpy 1 keeps its print options in a dict changed in place: not carried")
+    ensure_pool(any_method)
+    run(ip, "import numpy as np, mpmagic\ndef shown(x):\n    return str(np.array([x / 3]))\n")
+    before = np.get_printoptions()
+    try:
+        np.set_printoptions(precision=2)
+        assert _same_as_serial(ip, "shown", "[1]") == ["[0.33]"]
+        np.set_printoptions(**before)
+        assert _same_as_serial(ip, "shown", "[1]") == ["[0.33333333]"]
+        assert run(ip, "with np.printoptions(precision=3):\n    out = mpmagic.pmap(shown, [1])\nout") == ["[0.333]"]
+    finally:
+        np.set_printoptions(**before)
+
+
+def test_the_notebooks_socket_default_timeout_is_the_tasks(ip, any_method):
+    """``socket.setdefaulttimeout(3)`` in the notebook was not carried: serially a socket
+    made without a timeout (``urlopen(url)``, a client library's) gives up after 3 s, in
+    the tasks it waited forever. Back to None too."""
+    import socket
+
+    ensure_pool(any_method)
+    run(ip, "import socket\ndef made_timeout(x):\n    with socket.socket() as s:\n        return s.gettimeout()\n")
+    before = socket.getdefaulttimeout()
+    try:
+        socket.setdefaulttimeout(3.0)
+        assert _same_as_serial(ip, "made_timeout", "[0, 1]") == [3.0, 3.0]
+        socket.setdefaulttimeout(None)
+        assert _same_as_serial(ip, "made_timeout", "[0, 1]") == [None, None]
+    finally:
+        socket.setdefaulttimeout(before)

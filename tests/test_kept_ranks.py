@@ -125,3 +125,26 @@ def test_notebook_names_a_kept_rank_read_follow_the_notebook(ip, local_pool):
     run(ip, "lst = [1]")
     assert list(run(ip, "%%parallel --keep -q\nlst.append(rank)\nlen(lst)")) == [2, 2]
     assert list(run(ip, "%%parallel --keep -q\nlen(lst)")) == [1, 1]
+
+
+def test_a_notebook_name_a_kept_rank_rebinds_to_the_same_object_in_a_branch_is_the_ranks(ip, local_pool):
+    """Serially the cell's assignment happened, so the name is the rank's from then on:
+    ``if rank == 0: k = k + 0`` (the very same small int), ``m = m`` in a loop, a loop's
+    target, a ``with ... as``, a walrus. Identity alone said "not bound": the
+    notebook's later value came. A branch that did not run, or a function's local of
+    the same name, binds nothing: those stay the notebook's."""
+    run(ip, "import contextlib\nk, m, n, p, q, c, r, s = 1, 'a', 7, 3, 4, 5, 6, 8")
+    cell = ("%%parallel --keep --reset -q\n"
+            "if rank == 0:\n    k = k + 0\n"
+            "for _ in range(1):\n    m = m\n"
+            "while True:\n    n = n * 1\n    break\n"
+            "if (p := p) and rank == 1:\n    pass\n"
+            "for q in [q]:\n    pass\n"
+            "with contextlib.nullcontext(c) as c:\n    pass\n"
+            "if rank == 5:\n    r = r\n"
+            "def g():\n    s = s_ = 0\n    return s_\n"
+            "g()")
+    assert list(run(ip, cell)) == [0, 0]
+    run(ip, "k, m, n, p, q, c, r, s = 10, 'b', 70, 30, 40, 50, 60, 80")
+    assert list(run(ip, "%%parallel --keep -q\n(k, m, n, p, q, c, r, s)")) == [
+        (1, "a", 7, 3, 4, 5, 60, 80), (10, "a", 7, 3, 4, 5, 60, 80)]

@@ -488,7 +488,8 @@ class DaskBackend:
         self._own_setup_key: Any = ("dask-own", next(_SETUP_KEYS))  # (see _setup_key)
         self._setup_errors: list[str] = []  # worker setup failures found when connecting (worker_setup.py)
         self._reloads = warmup.Reloads()  # the user's modules reloaded in the notebook (each task carries them)
-        self._said_differs: set[tuple[str, Any]] = set()  # (module, digest): a worker's file said to differ
+        # (module, digest[, error]): a worker's file said to differ, or its reload to have failed
+        self._said_differs: set[tuple] = set()
         self._said_reloaded: set[tuple] = set()  # ((module, digest), ...): workers said to reload them
         self._topic = ""
         self._topic_client: Any = None
@@ -1692,7 +1693,7 @@ class _DaskRun:
             self._say_reloaded(unit, reloaded)
         if differs:
             self._say_differs(unit, differs, task.worker)
-            job.ran_other_code(unit, differs)  # (before its Done: its results are not checkpointed)
+            job.ran_other_code(unit, [entry if isinstance(entry, str) else entry[0] for entry in differs])  # (before its Done: its results are not checkpointed)
         for data in packed:
             self._reply(unit, unpack(data))
 
@@ -1711,17 +1712,24 @@ class _DaskRun:
             f"{'it' if len(names) == 1 else 'them'} than the notebook loaded (for an earlier kernel, or before "
             "an edit)\n"))
 
-    def _say_differs(self, unit: Any, names: list[str], worker: str | None) -> None:
+    def _say_differs(self, unit: Any, entries: list[str | tuple[str, str]], worker: str | None) -> None:
         """A worker reloaded (or imported) a module the notebook reloaded from a file that is
-        not the notebook's (another machine's copy): one line per module and notebook file,
-        in the cell, naming that worker."""
+        not the notebook's (another machine's copy), or could not reload it (an entry
+        ``(name, error)``: its file is the notebook's, the reload raised): one line per module
+        and notebook file, in the cell, naming that worker."""
         versions = {name: digest for name, _, digest in self.reloads}
         versions.update(self.versions)
-        for name in names:
-            said = (name, versions.get(name))
+        for entry in entries:
+            name, error = (entry, None) if isinstance(entry, str) else entry
+            said = (name, versions.get(name)) if error is None else (name, versions.get(name), error)
             if said in self.backend._said_differs:
                 continue
             self.backend._said_differs.add(said)
+            if error is not None:
+                self.job.output(unit.id, "stderr", (
+                    f"mpmagic: Dask worker {worker or 'of the cluster'} could not reload {name} ({error}): its tasks "
+                    f"run the version of {name} it had imported, not the notebook's\n"))
+                continue
             module = sys.modules.get(name)
             shown = os.path.basename(getattr(module, "__file__", None) or name)
             self.job.output(unit.id, "stderr", (

@@ -34,7 +34,8 @@ and answers with the same packed replies (``mpmagic/protocol.py``), so
   (``warmup.Reloads.for_tasks``), and :func:`follow_reloads` reloads those this
   process has not followed yet (a Dask worker takes no message between tasks,
   as a local worker takes ``Reload``). A worker whose copy of such a file
-  differs from the notebook's (another machine) says so with its reply.
+  differs from the notebook's (another machine), or that could not reload it,
+  says so with its reply.
 * the user's modules a task reaches are those the notebook loaded: each task
   carries the digest of each one's file as the notebook loaded it
   (``warmup.Reloads.loaded_for_tasks``), and :func:`follow_versions` reloads one
@@ -395,11 +396,45 @@ _reload_lock = threading.Lock()
 _followed: dict[tuple[str, str], int] = {}
 
 
-def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
+# A module whose reload here failed: what follow_reloads and follow_versions return for it, with
+# the names of the modules whose file differs: (name, the reload's error on one line).
+Failed = tuple[str, str]
+
+# module name -> (its __spec__ after a reload here that failed, the error on one line): that module
+# still runs the version it had, although its __spec__ (and loadstamps' record) is the new file's
+_reload_failed: dict[str, tuple[Any, str]] = {}
+
+
+def _reload(name: str, imports: ImportLog) -> bool:
+    """Reload ``name`` (imported here); True if it was, else its failure noted in :data:`_reload_failed`."""
+    if not imports.reload([name]):
+        _reload_failed.pop(name, None)
+        return True
+    if name in imports.errors:  # (no error: no module to reload, zipp's overlay, nothing to say)
+        _reload_failed[name] = (getattr(sys.modules.get(name), "__spec__", None), imports.errors[name])
+    return False
+
+
+def _failed_reload(name: str, module: Any) -> str | None:
+    """The error of the failed reload ``module`` (``sys.modules[name]`` here) stands on, or None."""
+    record = _reload_failed.get(name)
+    if record is None or module is None or record[0] is not getattr(module, "__spec__", None):
+        return None
+    return record[1]
+
+
+def entry_name(entry: str | Failed) -> str:
+    """The module an entry of a task's ``differs`` names (see :data:`Failed`)."""
+    return entry if isinstance(entry, str) else entry[0]
+
+
+def follow_reloads(reloads: Any, imports: ImportLog) -> list[str | Failed]:
     """Reload here the user's modules the notebook reloaded that this worker process
     has not followed yet, in the order given (the notebook's: ``m1`` does ``from m2
     import g``); return the names of those whose file here differs from the one the
-    notebook loaded (a worker on another machine runs its own copy).
+    notebook loaded (a worker on another machine runs its own copy), and as
+    ``(name, error)`` those whose file is the notebook's but whose reload failed
+    here (they run the version this process had: not the notebook's code either).
 
     ``reloads`` is ``warmup.Reloads.for_tasks()``: ``(module, (notebook, load number),
     digest)``. A module this process has not imported is only noted (its first
@@ -411,19 +446,23 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
     """
     if not reloads or all(_followed.get((version[0], name)) == version[1] for name, version, _ in reloads):
         return []
-    differs: list[str] = []
+    differs: list[str | Failed] = []
     with _reload_lock:
         todo = [(name, version, digest) for name, version, digest in reloads if _newer(name, version)]
         reloaded = False
         for name, version, digest in todo:
             module = sys.modules.get(name)
-            if module is not None and not imports.reload([name]):  # (a failure is one line of the log)
+            if module is not None and _reload(name, imports):  # (a failure is one line of the log)
                 reloaded = True
             _followed[(version[0], name)] = version[1]
+            failed = _failed_reload(name, sys.modules.get(name))
             if digest is not None:
                 path = getattr(sys.modules.get(name), "__file__", None) or _source_file(name)
                 if path is not None and loadstamps.digest(path) != digest:
                     differs.append(name)
+                    continue
+            if failed is not None:
+                differs.append((name, failed))
         if reloaded:
             with _funcs_lock:
                 _funcs.clear()
@@ -431,12 +470,12 @@ def follow_reloads(reloads: Any, imports: ImportLog) -> list[str]:
 
 
 # module name -> (the notebook's digest of it, this process's module's __spec__ then, whether this process
-# runs another version): what follow_versions found, for as long as neither changes
-_checked: dict[str, tuple[str, Any, bool]] = {}
+# runs another version: True, or the error of its failed reload): what follow_versions found, for as long as neither changes
+_checked: dict[str, tuple[str, Any, bool | str]] = {}  # (the third: the failed reload's error, see Failed)
 _digests: dict[str, tuple[tuple[int, int] | None, str | None]] = {}  # file -> (its stat, its digest then)
 
 
-def follow_versions(versions: Any, imports: ImportLog) -> tuple[list[str], list[str]]:
+def follow_versions(versions: Any, imports: ImportLog) -> tuple[list[str], list[str | Failed]]:
     """Bring this worker process's user modules to the versions the notebook loaded, before a task.
 
     ``versions`` is ``warmup.Reloads.loaded_for_tasks()``: ``(module, digest of the file the
@@ -451,19 +490,19 @@ def follow_versions(versions: Any, imports: ImportLog) -> tuple[list[str], list[
     one it loaded from another version (or at a time nobody knows: once) is reloaded when the
     file here is the notebook's. Returns ``(reloaded, differs)``: the modules reloaded, and
     those this process runs (or, not imported yet, will import) from a file that is not the
-    notebook's (another machine's copy): this task's results are not the notebook's code's.
-    Per task, when nothing changed: two dict lookups per module.
+    notebook's (another machine's copy), or as ``(name, error)`` whose reload here failed
+    (it runs the version it had): this task's results are not the notebook's code's. Per task, when nothing changed: two dict lookups per module.
     """
     if not versions:
         return [], []
     modules = sys.modules
-    differs: list[str] = []
+    differs: list[str | Failed] = []
     for name, digest in versions:
         seen = _checked.get(name)
         if seen is None or seen[0] != digest or seen[1] is not getattr(modules.get(name), "__spec__", None):
             break
         if seen[2]:
-            differs.append(name)
+            differs.append(name if seen[2] is True else (name, seen[2]))
     else:
         return [], differs
     reloaded: list[str] = []
@@ -475,7 +514,7 @@ def follow_versions(versions: Any, imports: ImportLog) -> tuple[list[str], list[
             if seen is None or seen[0] != digest or seen[1] is not getattr(module, "__spec__", None):
                 seen = _check_version(name, digest, module, imports, reloaded)
             if seen[2]:
-                differs.append(name)
+                differs.append(name if seen[2] is True else (name, seen[2]))
         if reloaded:
             with _funcs_lock:
                 _funcs.clear()  # (a function pickled by reference is the old module's)
@@ -489,18 +528,25 @@ def _check_version(name: str, digest: str, module: Any, imports: ImportLog, relo
     the standard library's zipfile.py, as the notebook's) was loaded from no file of the
     user's: left alone, never said to differ (its failed reload printed a traceback, and the
     cell's values were not checkpointed). A module whose reload fails still runs the version
-    it had (one line of the log says so): its results are not the notebook's code's."""
+    it had (one line of the log says so): its results are not the notebook's code's, and its
+    entry holds the reload's error (the line in the cell says why, not that the file differs:
+    the file here is the notebook's)."""
+    seen: tuple[str, Any, bool | str]
     if module is not None and not isinstance(module, types.ModuleType):
         seen = _checked[name] = (digest, getattr(module, "__spec__", None), False)
         return seen
     path = getattr(module, "__file__", None) if module is not None else _source_file(name)
     on_disk = _file_digest(path)
     if module is not None and _loaded_digest(name, module) != digest and on_disk == digest:
-        if not imports.reload([name]):  # (a failure is one line of the log: the task shows its own error)
+        if _reload(name, imports):  # (a failure is one line of the log: the task shows its own error)
             reloaded.append(name)
         module = sys.modules.get(name)
+    failed = _failed_reload(name, module)
+    other: bool | str
     if module is None:  # its first import here reads the file as it is
         other = on_disk is not None and on_disk != digest
+    elif failed is not None and on_disk == digest:
+        other = failed
     else:
         other = _loaded_digest(name, module) != digest
     seen = _checked[name] = (digest, getattr(module, "__spec__", None), other)
@@ -509,10 +555,10 @@ def _check_version(name: str, digest: str, module: Any, imports: ImportLog, relo
 
 def _loaded_digest(name: str, module: Any) -> str | None:
     """The digest of the file this process loaded ``module`` from, None when not known (loaded
-    before mpmagic was imported here, or its file changed since)."""
+    before mpmagic was imported here, or its file changed since, or its reload failed)."""
     at_load = loadstamps.loaded(name, module)
     path = getattr(module, "__file__", None)
-    if at_load is None or loadstamps.stamp(path) != at_load[0]:
+    if at_load is None or _failed_reload(name, module) is not None or loadstamps.stamp(path) != at_load[0]:
         return None
     return _file_digest(path)
 
@@ -577,7 +623,7 @@ def _adopt_context(msg: Context, call: Any) -> None:
 def run_message(
     data: bytes, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None = None,
     reloads: Any = (), versions: Any = (),
-) -> tuple[int, list[bytes], list[str], list[str]]:
+) -> tuple[int, list[bytes], list[str | Failed], list[str]]:
     """Run one unit of a job in this Dask worker; return its packed replies.
 
     ``data`` is ``protocol.pack(job.message(unit))``, a ``Map`` or ``Cell``;
@@ -591,7 +637,8 @@ def run_message(
     streamed, [Out..., reply], differs, reloaded)``, every message packed as a local worker
     packs it; the reply is a ``Done``, ``Error`` or ``Unpicklable``; ``differs`` the modules
     this process runs from a file that is not the one the notebook loaded (the results are
-    not the notebook's code's), ``reloaded`` those it reloaded because it had loaded another
+    not the notebook's code's), or as ``(name, error)`` whose reload failed here,
+    ``reloaded`` those it reloaded because it had loaded another
     version than the notebook's.
     """
     msg = unpack(data)
@@ -607,13 +654,14 @@ def run_message(
 def _run(
     msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None, reloads: Any,
     versions: Any,
-) -> tuple[int, list[bytes], list[str], list[str]]:
+) -> tuple[int, list[bytes], list[str | Failed], list[str]]:
     if world is not None:
         _adopt_context(world, msg.call)  # (first: its sys.path is where the reloaded modules are found)
     imports = ImportLog()
     differs = follow_reloads(reloads, imports)
     reloaded, other = follow_versions(versions, imports)  # (after the notebook's reloads: they come first)
-    differs += [name for name in other if name not in differs]
+    named = {entry_name(entry) for entry in differs}
+    differs += [entry for entry in other if entry_name(entry) not in named]
     where = _worker_address()
     cpu0 = time.thread_time()  # this thread's: other tasks may run in the process at once
 
