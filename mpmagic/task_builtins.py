@@ -24,7 +24,8 @@ IPython shell, no keyboard and no notebook to draw in, so there:
   (:func:`matplotlib_backend`), whose ``show()`` sends the figures home.
 
 Installed by the local worker at start (over a fork's copies of IPython's)
-and by a Dask task before it runs (where missing). Imports no IPython.
+and by a Dask task before it runs (where missing; never in the notebook's own
+process, whose threads a Dask worker may be). Imports no IPython.
 """
 
 from __future__ import annotations
@@ -309,18 +310,25 @@ class IPythonDisplayHook(importlib.abc.MetaPathFinder):
         return None
 
 
+def _notebooks_own_process() -> bool:
+    """Is this the notebook's (or a script's) own process, where a Dask worker may run
+    tasks in threads (``Client(processes=False)``)? It is where an IPython shell runs or
+    an mpmagic pool was made: a worker's set-up must leave that process's display,
+    console and debugger as they are (a local worker, forked from it, says ``force``)."""
+    shell = sys.modules.get("IPython.core.interactiveshell")
+    pool = sys.modules.get("mpmagic.pool")
+    return bool((shell is not None and shell.InteractiveShell.initialized())
+                or (pool is not None and pool.current_pool() is not None))
+
+
 def ipython_display(force: bool = False) -> None:
     """IPython's display functions in this process become ours, now and when
     imported later (:class:`IPythonDisplayHook`). Without ``force`` (a Dask
     worker, which may be a thread of the notebook itself) only where no
     IPython shell runs and no mpmagic pool was made in the process (never in
     the notebook's own process, nor a script's that runs Dask in threads)."""
-    if not force:
-        shell = sys.modules.get("IPython.core.interactiveshell")
-        pool = sys.modules.get("mpmagic.pool")
-        if (shell is not None and shell.InteractiveShell.initialized()) or (
-                pool is not None and pool.current_pool() is not None):
-            return
+    if not force and _notebooks_own_process():
+        return
     if not any(isinstance(f, IPythonDisplayHook) for f in sys.meta_path):
         sys.meta_path.insert(0, IPythonDisplayHook())
     _patch_ipython_display()
@@ -389,13 +397,16 @@ def _no_breakpoint(*args: Any, **kwargs: Any) -> None:
 _console_gone = False
 
 
-def no_console() -> None:
+def no_console(force: bool = False) -> None:
     """A worker's ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once
     with an EOFError that says why (see :class:`NoInput`), and ``breakpoint()``
     is skipped with a line saying so. Once per process (a local worker at its
-    start; a Dask worker at its first task of ours)."""
+    start, with ``force``: a fork copied the notebook's shell and pool; a Dask
+    worker at its first task of ours). Without ``force``, never in the notebook's
+    own process (a Dask worker in its threads): its ``input()``, ``sys.stdin`` and
+    debugger (pdb reads its commands through ``input()``) stay the notebook's."""
     global _console_gone
-    if _console_gone:
+    if _console_gone or (not force and _notebooks_own_process()):
         return
     _console_gone = True
     import getpass  # (small; patched now, else its own fallback printed "Password input may be echoed")

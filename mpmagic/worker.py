@@ -1438,7 +1438,7 @@ def main(
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     task_builtins.install(force=True)  # display() and get_ipython(): ours, also over a fork's copies of IPython's
-    task_builtins.no_console()  # input() in a task: an EOFError saying why, never a wait; breakpoint() skipped
+    task_builtins.no_console(force=True)  # input() in a task: an EOFError saying why, never a wait; breakpoint() skipped
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     posixshm.mark_serving(parent_pid)  # another notebook's sweep leaves ours to us if ours dies
     debugging.WORKER_ID = worker_id  # named in a failure's details

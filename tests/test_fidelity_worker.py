@@ -682,6 +682,31 @@ def test_the_notebooks_ipython_display_is_never_patched(ip):
     assert not any(isinstance(f, task_builtins.IPythonDisplayHook) for f in sys.meta_path)
 
 
+def test_a_dask_task_run_in_the_notebooks_own_process_leaves_its_console(ip, monkeypatch):
+    """A Dask cluster in the notebook's own process (``Client(processes=False)``, or a
+    task run in-process as tests/test_warm.py does): the task's worker set-up made the
+    notebook's ``input()``, ``sys.stdin``, ``getpass.getpass`` and ``breakpoint()`` a
+    worker's for good: every later ``input()`` raised "a task cannot read input", and
+    ``%pdebug``/``%debug`` quit at once (pdb reads its commands through ``input()``)."""
+    import builtins
+    import getpass
+    import uuid
+
+    from mpmagic import payload, task_builtins
+    from mpmagic.backends import dask_tasks
+    from mpmagic.protocol import Done, Map, pack, unpack
+
+    console = [(builtins, "input"), (sys, "stdin"), (getpass, "getpass"), (sys, "breakpointhook"),
+               (task_builtins, "_console_gone")]
+    before = [getattr(owner, name) for owner, name in console]
+    for owner, name in console:  # (put back even if the set-up replaces them: later tests read input)
+        monkeypatch.setattr(owner, name, getattr(owner, name))
+    msg = pack(Map(1, 0, uuid.uuid4().bytes, False, False, payload.dumps_data([1, -2]), False, 1))
+    done = unpack(dask_tasks.run_message(msg, payload.dumps_function(abs), None, "tag")[1][-1])
+    assert type(done) is Done and payload.loads(done.data) == list(map(abs, [1, -2]))
+    assert [getattr(owner, name) for owner, name in console] == before
+
+
 def test_input_in_a_task_says_why_it_cannot_read(ip, any_method):
     """``input()`` and ``getpass.getpass()`` in a task fail at once, saying why:
     on fork a worker inherited the kernel's versions, which waited for ever."""

@@ -172,6 +172,8 @@ def test_a_repeated_pmap_line_is_parsed_and_compiled_once_and_evaluated_each_tim
     parses = []
     real_parse = ast.parse
     monkeypatch.setattr(magics.ast, "parse", lambda *a, **k: parses.append(a) or real_parse(*a, **k))
+    # (the cache as in a fresh kernel: this test run twice in one process found its line compiled already)
+    monkeypatch.setattr(magics, "_args_codes", {})
     parser = magics._pmap_parser()
     ns = {"xs": [1, 2], "__mpmagic_args__": 7}
     line = "abs, xs  # a note"

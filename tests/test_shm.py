@@ -62,13 +62,19 @@ def test_sweep_stale_leaves_a_dead_notebook_s_names_to_its_running_workers():
         posixshm.unlink(name)
 
 
-def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run():
+def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run(monkeypatch):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # exited and reaped: no such process now
     assert not posixshm.pid_alive(dead_pid)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # Dead to this process only (a live process): another pytest session's pool start
+    # sweeps the real dead pid's name too, maybe first, and this sweep then counted 0.
+    dead_here = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    real_alive = posixshm.pid_alive
+    monkeypatch.setattr(posixshm, "pid_alive", lambda pid: pid != dead_here.pid and real_alive(pid))
     made = {
         "dead": f"mpm_{posixshm.owned_by(dead_pid)}p1_0",
+        "dead_here": f"mpm_{posixshm.owned_by(dead_here.pid)}p1_0",
         "alive": f"mpm_{posixshm.owned_by(alive.pid)}p1_0",
         "ours": f"mpm_{posixshm.owned_by(os.getpid())}test_0",
         "odd": "mpm_notapid_0",
@@ -78,13 +84,14 @@ def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run():
             posixshm.create(name, 4096).close()
         swept = shm.sweep_stale()
         left = set(posixshm.names("mpm_"))
-        assert made["dead"] not in left
+        assert made["dead"] not in left and made["dead_here"] not in left
         assert {made["alive"], made["ours"], made["odd"]} <= left
-        assert swept >= 1
+        assert swept >= 1  # (dead_here's, which no other sweep takes)
         assert shm.sweep_stale() == 0 or made["dead"] not in set(posixshm.names("mpm_"))
     finally:
-        alive.kill()
-        alive.wait()
+        for proc in (alive, dead_here):
+            proc.kill()
+            proc.wait()
         for name in made.values():
             posixshm.unlink(name)
 
@@ -167,8 +174,14 @@ def test_a_pool_starts_past_another_users_leftovers_it_may_not_remove(monkeypatc
     from mpmagic import compat
     from mpmagic import pool as pool_module
 
-    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                                  capture_output=True, text=True).stdout)
+    # The leftovers' owner is dead to this process only: a live process whose pid
+    # this process's sweeps judge gone. Another pytest session's pool start on the
+    # machine sweeps every dead pid's names: it took ``refused`` (its unlink is not
+    # the one patched here) or ``theirs`` before the chown, and the checks failed.
+    owner = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    dead_pid = owner.pid
+    real_alive = posixshm.pid_alive
+    monkeypatch.setattr(posixshm, "pid_alive", lambda pid: pid != dead_pid and real_alive(pid))
     theirs, refused = (f"mpm_{posixshm.owned_by(dead_pid)}p{dead_pid}_{i}" for i in (0, 1))
     real_unlink = compat.shm_unlink
 
@@ -193,6 +206,8 @@ def test_a_pool_starts_past_another_users_leftovers_it_may_not_remove(monkeypatc
         monkeypatch.undo()
         for name in (theirs, refused):
             posixshm.unlink(name)
+        owner.kill()
+        owner.wait()
 
 
 def test_a_taken_segment_name_is_skipped_for_another(monkeypatch):
