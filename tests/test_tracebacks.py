@@ -303,8 +303,10 @@ def test_verbose_one_line_functions_as_serially(ip, local_pool, call):
     The stub now fails at the same kind of operation (a call, ``/``, a subscript, an
     attribute, a comparison, a store, a loop), so the same node is found."""
     defined(ip, ONE_LINERS)
-    for name in ("r", "y", "z"):  # (b's locals: serially, Verbose shows a notebook global of that name
-        ip.user_ns.pop(name, None)  # for a local not yet assigned; an earlier test file's `r` differed)
+    for name in ("r", "y", "z", "i"):  # (b's locals and the comprehensions' `i`: serially, Verbose shows a
+        ip.user_ns.pop(name, None)  # notebook global of a name on the line that the frame has not bound;
+    # an earlier test file's `r` differed, and test_shared's `for i in range(50_000)` left i = 49999, shown
+    # in spread's frame serially whenever both files ran in one process)
     _, _, serial = shown(ip, f"list(map({call}))")
     _, _, parallel = shown(ip, f"mpmagic.pmap({call})")
     assert type(parallel) is type(serial)
