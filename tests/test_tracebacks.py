@@ -563,7 +563,9 @@ def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, caps
     """Python 3.10 prints no ``__notes__``: a plain script lost "raised by item 3 of the
     input" and showed api.py's frame. The hook mpmagic gives 3.10 (in place of Python's
     own only) prints them as 3.11 does, without our frames (a refusal raised deep in
-    mpmagic has four)."""
+    mpmagic has four), and each note once also where the ``exceptiongroup`` backport has
+    patched ``TracebackException`` to print notes (pytest 9 imports it on 3.10: every
+    note was printed twice)."""
     from mpmagic import errors
 
     def inverse(x):
@@ -582,6 +584,7 @@ def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, caps
         assert shown.startswith("Traceback (most recent call last):\n"), shown
         assert shown.endswith(f"{wanted[what]}\n") and f"{os.sep}mpmagic{os.sep}" not in shown, shown
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.delitem(sys.modules, "exceptiongroup", raising=False)  # (a script that has not imported it)
     errors._show_notes_at_top_level()
     assert sys.excepthook is errors.print_with_notes
     monkeypatch.setattr(sys, "excepthook", print)  # another hook (IPython's): left alone
