@@ -752,7 +752,12 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
                 if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
                     names["co_qualname"] = name
                 stub = _stub(fr, lineno, first, list(spots[key]))
+                # (An unused constant, the frame's code number: code objects compare by value, and
+                # stack_data counts repeated frames in a Counter, so two functions' stubs that came
+                # out alike, as on 3.10, which records no columns, were one group. Serially
+                # `f = lambda n: g(n); g = lambda n: f(n - 1)` are two.)
                 code = _stub_codes[full] = stub.replace(co_filename=sys.intern(fr.filename), co_firstlineno=first,
+                                                         co_consts=(*stub.co_consts, ("mpmagic code", fr.code)),
                                                          **names)
             codes[key] = code
         tb = _run_stub(code, _arguments(fr, code), at)
