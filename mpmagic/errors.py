@@ -752,7 +752,12 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
                 if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
                     names["co_qualname"] = name
                 stub = _stub(fr, lineno, first, list(spots[key]))
+                # (An unused constant, the frame's code number: code objects compare by value, and
+                # stack_data counts repeated frames in a Counter, so two functions' stubs that came
+                # out alike, as on 3.10, which records no columns, were one group. Serially
+                # `f = lambda n: g(n); g = lambda n: f(n - 1)` are two.)
                 code = _stub_codes[full] = stub.replace(co_filename=sys.intern(fr.filename), co_firstlineno=first,
+                                                         co_consts=(*stub.co_consts, ("mpmagic code", fr.code)),
                                                          **names)
             codes[key] = code
         tb = _run_stub(code, _arguments(fr, code), at)
@@ -980,7 +985,12 @@ def _show_notes_at_top_level() -> None:
 def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
     """``sys.excepthook`` as Python 3.11 prints: each exception of the chain with its
     notes, and without mpmagic's own frames (a ``raise`` in mpmagic adds its frame on
-    3.10, which the traceback cannot drop; here the print drops it)."""
+    3.10, which the traceback cannot drop; here the print drops it).
+
+    The notes are added only where the formatting does not print them itself: the
+    ``exceptiongroup`` backport, once imported (pytest, IPython 8 and anyio import it on
+    3.10), patches ``TracebackException`` to keep and print each exception's
+    ``__notes__``, and adding them too printed every note twice."""
     shown = traceback.TracebackException(exc_type, exc, tb, compact=True)
     seen: set[int] = set()
     todo = [(shown, exc)]
@@ -992,7 +1002,8 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
         one.stack = traceback.StackSummary.from_list(
             [f for f in one.stack if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)])
         notes = getattr(value, "__notes__", None)
-        if sys.version_info < (3, 11) and isinstance(notes, (list, tuple)) and notes:  # (as 3.11: after the message)
+        if (sys.version_info < (3, 11) and isinstance(notes, (list, tuple)) and notes
+                and "__notes__" not in vars(one)):  # (as 3.11: after the message; the backport's prints its own)
             one._str = "\n".join([one._str or "", *(str(n) for n in notes)])  # type: ignore[attr-defined]
         for link, linked in ((one.__cause__, value.__cause__), (one.__context__, value.__context__)):
             if link is not None and linked is not None:

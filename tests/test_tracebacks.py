@@ -303,8 +303,10 @@ def test_verbose_one_line_functions_as_serially(ip, local_pool, call):
     The stub now fails at the same kind of operation (a call, ``/``, a subscript, an
     attribute, a comparison, a store, a loop), so the same node is found."""
     defined(ip, ONE_LINERS)
-    for name in ("r", "y", "z"):  # (b's locals: serially, Verbose shows a notebook global of that name
-        ip.user_ns.pop(name, None)  # for a local not yet assigned; an earlier test file's `r` differed)
+    for name in ("r", "y", "z", "i"):  # (b's locals and the comprehensions' `i`: serially, Verbose shows a
+        ip.user_ns.pop(name, None)  # notebook global of a name on the line that the frame has not bound;
+    # an earlier test file's `r` differed, and test_shared's `for i in range(50_000)` left i = 49999, shown
+    # in spread's frame serially whenever both files ran in one process)
     _, _, serial = shown(ip, f"list(map({call}))")
     _, _, parallel = shown(ip, f"mpmagic.pmap({call})")
     assert type(parallel) is type(serial)
@@ -561,7 +563,9 @@ def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, caps
     """Python 3.10 prints no ``__notes__``: a plain script lost "raised by item 3 of the
     input" and showed api.py's frame. The hook mpmagic gives 3.10 (in place of Python's
     own only) prints them as 3.11 does, without our frames (a refusal raised deep in
-    mpmagic has four)."""
+    mpmagic has four), and each note once also where the ``exceptiongroup`` backport has
+    patched ``TracebackException`` to print notes (pytest 9 imports it on 3.10: every
+    note was printed twice)."""
     from mpmagic import errors
 
     def inverse(x):
@@ -580,6 +584,7 @@ def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, caps
         assert shown.startswith("Traceback (most recent call last):\n"), shown
         assert shown.endswith(f"{wanted[what]}\n") and f"{os.sep}mpmagic{os.sep}" not in shown, shown
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.delitem(sys.modules, "exceptiongroup", raising=False)  # (a script that has not imported it)
     errors._show_notes_at_top_level()
     assert sys.excepthook is errors.print_with_notes
     monkeypatch.setattr(sys, "excepthook", print)  # another hook (IPython's): left alone
