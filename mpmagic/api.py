@@ -752,6 +752,8 @@ def pmap(
     if not block:
         from . import background
 
+        if seed is None and not _in_worker_process():  # (as a blocking run's: said as the run starts)
+            _say_random_draws(given_func, workers, advised=False)
         if _in_worker_process():
             raise UsageError(
                 f"a background run (block=False, submit) cannot start {_where_no_pool()}: this process cannot start "
@@ -912,7 +914,7 @@ def _say_list_changes(func: Callable, compared: bool) -> None:
 _said_draws: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
 
 
-def _say_random_draws(func: Callable, workers: int, advised: bool) -> None:
+def _say_random_draws(func: Callable, workers: int | None, advised: bool, accessor: bool = False) -> None:
     """One line, once per function: its random draws cannot mean what they mean serially
     (random23). A generator object it captures (``rng = np.random.default_rng(0)``) goes
     to each worker as a copy in the state of the call, so two workers drew the same
@@ -920,20 +922,24 @@ def _say_random_draws(func: Callable, workers: int, advised: bool) -> None:
     state is each worker's own: a seed the notebook set (``random.seed(0)``) reaches no
     worker, so the results differ from serial and from one run to the next, silently
     (said only once the notebook seeded that state; else serial draws are as unrepeatable).
-    ``advised``: --compare's advice line says the results differ and why, already."""
+    ``workers``: those the run may use (None: the pool's). ``advised``: --compare's advice
+    line says the results differ and why, already. ``accessor``: the pandas accessor's run
+    (it has no seed=: the remedy is a generator seeded from what each call is given)."""
     inner = func.func if isinstance(func, functools.partial) else func
-    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
-    if type(code) is not types.CodeType or code in _said_draws:
-        return
-    uses = payload_cache.random_uses(func)
+    if not accessor and getattr(inner, "__module__", None) == "mpmagic.pandas_accessor":
+        return  # (the accessor says it, with its own remedy: pandas_accessor._run)
+    uses = [u for u in payload_cache.random_uses(func) if u.code is None or u.code not in _said_draws]
     if not uses:
         return
     use = uses[0]
     if use.source == "generator":
-        what = (f"the {use.kind} it is given as argument {use.name}" if isinstance(func, functools.partial)
-                and use.name in {str(k) for k in [*range(len(func.args)), *(func.keywords or {})]}
-                else f"the notebook's {use.kind} `{use.name}`")
-        alike = "so workers draw the same numbers, and " if workers > 1 else ""
+        what = f"the {use.kind} it is given as argument {use.name}" if use.argument else (
+            f"the notebook's {use.kind} `{use.name}`")
+        if workers is None:
+            from . import pool
+
+            workers = getattr(pool.current_pool(), "workers", 2)
+        alike = "so workers draw the same numbers, and " if not isinstance(workers, int) or workers > 1 else ""
         line = (f"{use.func} draws from {what}: each worker draws from its own copy of it as it was at the call, "
                 f"{alike}the notebook's does not move on (a next call draws the same numbers again)")
     else:
@@ -945,9 +951,12 @@ def _say_random_draws(func: Callable, workers: int, advised: bool) -> None:
         line = (f"{use.func} draws from {state}, which the notebook seeded: each worker draws from a state of "
                 "its own, not the notebook's, so the numbers differ from a serial run's and from one run to the "
                 "next, and the notebook's state does not move on")
-    _said_draws.add(code)
-    sys.stderr.write(f"mpmagic: {line}; for draws that differ per item and repeat on any number of workers use "
-                     "--seed S (seed=S), and mpmagic.rng() for a Generator\n")
+    if use.code is not None:
+        _said_draws.add(use.code)
+    remedy = ("seed a generator in the function from what it is given (np.random.default_rng of a row's or "
+              "group's .name)" if accessor else "use --seed S (seed=S), and mpmagic.rng() for a Generator")
+    sys.stderr.write(f"mpmagic: {line}; for draws that differ per item and repeat on any number of workers "
+                     f"{remedy}\n")
 
 
 # A notebook cell that seeds random's or numpy's global state (not a %%pool setup or a

@@ -33,6 +33,7 @@ import dis
 import functools
 import itertools
 import operator
+import random
 import sys
 import threading
 import time
@@ -864,26 +865,26 @@ def _codes(code: types.CodeType) -> list[types.CodeType]:
 @dataclass(frozen=True)
 class RandomUse:
     """``func`` (its name) draws from ``source``: "generator" (the notebook's object
-    ``name``, a ``kind`` such as "numpy Generator"), "random" or "numpy" (that module's
-    global state, through the notebook's name ``name``)."""
+    ``name``, a ``kind`` such as "numpy Generator"; ``argument``: given as that argument
+    of a ``functools.partial``), "random" or "numpy" (that module's global state, through
+    the notebook's name ``name``). ``code``: the code object of the function that draws
+    (what "once per function" counts)."""
 
     func: str
     source: str
     name: str
     kind: str = ""
+    argument: bool = False
+    code: Any = field(default=None, compare=False)
 
 
 def random_uses(func: Any) -> list[RandomUse]:
-    """What ``func`` (and the notebook functions it calls) draws random numbers from,
-    beyond its own arguments: captured generators first. Never raises (it only decides
-    a line of advice); nothing is imported (numpy is looked at only if imported)."""
+    """What ``func`` (and the notebook functions it calls, or a partial holds: the user's
+    function in the pandas accessor's task) draws random numbers from, beyond its own
+    arguments: captured generators first. Never raises (it only decides a line of advice);
+    nothing is imported (numpy is looked at only if imported)."""
     found: list[RandomUse] = []
     try:
-        if isinstance(func, functools.partial):  # (a generator bound as an argument: partial(f, rng=rng))
-            for k, v in [*enumerate(func.args), *(func.keywords or {}).items()]:
-                kind = _generator_kind(v)
-                if kind:
-                    found.append(RandomUse(func_name_of(func.func), "generator", str(k), kind))
         _uses_of(func, found, set(), 0)
     except Exception:  # (advice only: nothing odd may break a run)
         return []
@@ -897,23 +898,38 @@ def func_name_of(f: Any) -> str:
     return "the lambda" if name == "<lambda>" else name
 
 
+# (the drawing machinery of random and numpy, read once numpy.random is imported: _kinds)
+_kinds_for: list[Any] = [object(), None]
+
+
+def _kinds() -> tuple[Any, Any, Any, Any, tuple[tuple[type, str], ...]]:
+    """``(random's hidden instance, numpy, numpy.random, numpy's legacy global RandomState,
+    ((generator type, its words)...))``, from what is imported (nothing is imported)."""
+    npr = sys.modules.get("numpy.random")
+    if _kinds_for[0] is not npr:
+        np = sys.modules.get("numpy")
+        kinds: list[tuple[type, str]] = [(random.Random, "random.Random")]
+        legacy = None
+        if npr is not None:
+            legacy = getattr(getattr(npr, "mtrand", None), "_rand", None)
+            for attr, words in (("Generator", "numpy Generator"), ("RandomState", "numpy RandomState"),
+                                ("BitGenerator", "numpy bit generator")):
+                t = getattr(npr, attr, None)
+                if isinstance(t, type):
+                    kinds.append((t, words))
+        _kinds_for[:] = [npr, (getattr(random, "_inst", None), np, npr, legacy, tuple(kinds))]
+    return _kinds_for[1]
+
+
 def _generator_kind(v: Any) -> str:
     """"numpy Generator", "numpy RandomState", "numpy bit generator" or "random.Random" for
     a random generator object of the notebook's own (not a module's global one), else ""."""
-    import random
-
-    if isinstance(v, random.Random):
-        return "" if v is getattr(random, "_inst", None) else "random.Random"
-    np = sys.modules.get("numpy")
-    npr = getattr(np, "random", None) if np is not None else None
-    if npr is None or isinstance(v, (type, types.ModuleType)):
+    inst, _, _, legacy, kinds = _kinds()
+    if v is inst or v is legacy:
         return ""
-    if isinstance(v, getattr(npr, "Generator", ())):
-        return "numpy Generator"
-    if isinstance(v, getattr(npr, "RandomState", ())):
-        return "" if v is getattr(getattr(npr, "mtrand", None), "_rand", None) else "numpy RandomState"
-    if isinstance(v, getattr(npr, "BitGenerator", ())):
-        return "numpy bit generator"
+    for t, words in kinds:
+        if isinstance(v, t):
+            return words
     return ""
 
 
@@ -922,27 +938,21 @@ def _global_draw(value: Any, name: str, chains: frozenset[tuple[str, ...]]) -> s
     (``chains``: the code's ``name.attr.attr`` look-ups), draws from that module's global
     state: a drawing function looked up on it (``random.random()``, ``np.random.rand()``),
     or such a function imported by itself (``from random import choice``)."""
-    import random
-
-    inst = getattr(random, "_inst", None)
-    np = sys.modules.get("numpy")
-    npr = getattr(np, "random", None) if np is not None else None
-    legacy = getattr(getattr(npr, "mtrand", None), "_rand", None) if npr is not None else None
-    owner = getattr(value, "__self__", None)
-    if value is random:
-        return "random" if any(c[0] == name and len(c) > 1 and getattr(getattr(random, c[1], None), "__self__",
-                                                                       None) is inst for c in chains) else ""
-    if inst is not None and owner is inst:
-        return "random"
-    if legacy is None:
+    inst, np, npr, legacy, _ = _kinds()
+    if type(value) is types.ModuleType:
+        if value is random:
+            return "random" if any(c[0] == name and len(c) > 1 and getattr(getattr(random, c[1], None), "__self__",
+                                                                           None) is inst for c in chains) else ""
+        at = 1 if value is npr else 2 if value is np and npr is not None else 0
+        if at and legacy is not None and any(
+                c[0] == name and len(c) > at and (at == 1 or c[1] == "random")
+                and getattr(getattr(npr, c[at], None), "__self__", None) is legacy for c in chains):
+            return "numpy"
         return ""
-    if owner is legacy:
-        return "numpy"
-    at = 1 if value is npr else 2 if value is np else 0
-    if at and any(c[0] == name and len(c) > at and (at == 1 or c[1] == "random")
-                  and getattr(getattr(npr, c[at], None), "__self__", None) is legacy for c in chains):
-        return "numpy"
-    return ""
+    owner = getattr(value, "__self__", None)  # (from random import choice: a bound method of random's instance)
+    if owner is None:
+        return ""
+    return "random" if owner is inst else "numpy" if legacy is not None and owner is legacy else ""
 
 
 _LOOKUPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
@@ -970,6 +980,19 @@ def _chains(code: types.CodeType) -> frozenset[tuple[str, ...]]:
 
 def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
     if isinstance(func, functools.partial):
+        if id(func) in seen or depth > 4:
+            return
+        seen.add(id(func))
+        inner = func.func
+        while isinstance(inner, functools.partial):
+            inner = inner.func
+        code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+        for k, v in [*enumerate(func.args), *(func.keywords or {}).items()]:
+            kind = _generator_kind(v)
+            if kind:  # (a generator bound as an argument: partial(f, rng=rng))
+                found.append(RandomUse(func_name_of(inner), "generator", str(k), kind, True, code))
+            elif callable(v) and not isinstance(v, type):  # (the accessor's task holds the user's function)
+                _uses_of(v, found, seen, depth + 1)
         func = func.func
     if isinstance(func, types.MethodType):
         func = func.__func__
@@ -985,16 +1008,19 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
         except ValueError:
             continue
     for name, v in values:
-        if type(v) is types.FunctionType:
+        t = type(v)
+        if t is types.FunctionType:
             _uses_of(v, found, seen, depth + 1)
+            continue
+        if t in _ATOMIC or t is type:  # (most of what code reads: nothing random about them)
             continue
         kind = _generator_kind(v)
         if kind:
-            found.append(RandomUse(func_name_of(func), "generator", name, kind))
+            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
             continue
         source = _global_draw(v, name, chains)
         if source:
-            found.append(RandomUse(func_name_of(func), source, name))
+            found.append(RandomUse(func_name_of(func), source, name, code=code))
 
 
 # (per code object: its look-up chains, and the globals it reads; kept as _code_changes is)

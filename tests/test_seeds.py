@@ -229,7 +229,8 @@ def test_a_captured_generator_says_workers_draw_from_copies(ip, local_pool, caps
     mpmagic.api._said_draws.clear()  # (once per function: an equal function of the other start method's run)
     run(ip, "import numpy as np, random, mpmagic, functools\nrng = np.random.default_rng(0)\n"
             "def _g(x):\n    return float(rng.random())\n"
-            "def _calls_g(x):\n    return _g(x)\n"
+            "def _g2(x):\n    return float(rng.random())\n"
+            "def _calls_g(x):\n    return _g2(x)\n"
             "def _own(x):\n    return float(np.random.default_rng(x).random())\n"
             "gen = random.Random(3)\ndef _r(x, g=None):\n    return g.random()\n")
     serial = [float(v) for v in np.random.default_rng(0).random(6)]
@@ -243,12 +244,16 @@ def test_a_captured_generator_says_workers_draw_from_copies(ip, local_pool, caps
     run(ip, "_ = %pmap -q _g, range(4)")
     assert "mpmagic:" not in capsys.readouterr().err  # (once per function)
     run(ip, "_ = %pmap -q _calls_g, range(4)")  # (through a notebook function it calls)
-    assert "mpmagic: _g draws from the notebook's numpy Generator `rng`" in capsys.readouterr().err
+    assert "mpmagic: _g2 draws from the notebook's numpy Generator `rng`" in capsys.readouterr().err
     run(ip, "_ = %pmap -q functools.partial(_r, g=gen), range(4)")
     assert "mpmagic: _r draws from the random.Random it is given as argument g:" in capsys.readouterr().err
     run(ip, "_ = %pmap -q _own, range(4)")
     run(ip, "_ = %pmap -q --seed 1 lambda x: float(rng.random()), range(4)")
     assert "mpmagic:" not in capsys.readouterr().err
+    run(ip, "def _bg(x):\n    return float(rng.random())\n")
+    run(ip, "_h = %pmap --bg -q _bg, range(4)")  # (a background run says it as it starts)
+    ip.user_ns["_h"].result(60)
+    assert "mpmagic: _bg draws from the notebook's numpy Generator `rng`" in capsys.readouterr().err
 
 
 def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, capsys):
