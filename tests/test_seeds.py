@@ -181,7 +181,7 @@ def test_seed_seeds_torch_when_the_notebook_uses_it(ip, fake_torch):
     assert list(ranks) == one[:2]
 
 
-def test_a_seeded_run_leaves_the_workers_own_random_state(ip, local_pool):
+def test_a_seeded_run_leaves_the_workers_own_random_state(ip, backend):
     """A --seed run left each worker's global state at its last item's stream: the next
     unseeded map went on with those streams, so it drew the same numbers in every session
     on every start method (and two workers whose last seeded items were alike drew alike),
