@@ -776,6 +776,8 @@ def pmap(
     if not block:
         from . import background
 
+        if seed is None and not _in_worker_process():  # (as a blocking run's: said as the run starts)
+            _say_random_draws(given_func, workers, advised=False)
         if _in_worker_process():
             raise UsageError(
                 f"a background run (block=False, submit) cannot start {_where_no_pool()}: this process cannot start "
@@ -893,6 +895,8 @@ def pmap(
                     report.extra["changes"] = payload_cache.changes_words(changes)
     if "changes" not in report.extra:  # (else the advice says it)
         _say_list_changes(given_func, report.serial is not None)
+    if seed is None:  # (seed=: every item draws from its own stream, the same as serially)
+        _say_random_draws(given_func, report.workers, advised=show_report and report.equal is False)
     if show_report:
         print(report.line())
     return results
@@ -947,6 +951,90 @@ def _say_list_changes(func: Callable, compared: bool) -> None:
     sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
                      f"notebook{filled}; return the values (the map's results) and combine them here, or put "
                      "them in an mpmagic.Queue\n")
+
+
+#: The functions (their code) whose random draws were said (once each).
+_said_draws: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+
+
+def _say_random_draws(func: Callable, workers: int | None, advised: bool, accessor: bool = False) -> None:
+    """One line, once per function: its random draws cannot mean what they mean serially
+    (random23). A generator object it captures (``rng = np.random.default_rng(0)``) goes
+    to each worker as a copy in the state of the call, so two workers drew the same
+    numbers (serially: one stream, going on), silently. ``random``'s or numpy's global
+    state is each worker's own: a seed the notebook set (``random.seed(0)``) reaches no
+    worker, so the results differ from serial and from one run to the next, silently
+    (said only once the notebook seeded that state; else serial draws are as unrepeatable).
+    ``workers``: those the run may use (None: the pool's). ``advised``: --compare's advice
+    line says the results differ and why, already. ``accessor``: the pandas accessor's run
+    (it has no seed=: the remedy is a generator seeded from what each call is given)."""
+    inner = func.func if isinstance(func, functools.partial) else func
+    if not accessor and getattr(inner, "__module__", None) == "mpmagic.pandas_accessor":
+        return  # (the accessor says it, with its own remedy: pandas_accessor._run)
+    uses = [u for u in payload_cache.random_uses(func) if u.code is None or u.code not in _said_draws]
+    if not uses:
+        return
+    use = uses[0]
+    if use.source == "generator":
+        what = f"the {use.kind} it is given as argument {use.name}" if use.argument else (
+            f"the notebook's {use.kind} `{use.name}`")
+        if workers is None:
+            from . import pool
+
+            workers = getattr(pool.current_pool(), "workers", 2)
+        alike = "so workers draw the same numbers, and " if not isinstance(workers, int) or workers > 1 else ""
+        line = (f"{use.func} draws from {what}: each worker draws from its own copy of it as it was at the call, "
+                f"{alike}the notebook's does not move on (a next call draws the same numbers again)")
+    else:
+        seeded = notebook_seeded()
+        use = next((u for u in uses if u.source in seeded), None)  # type: ignore[assignment]
+        if use is None or advised:
+            return
+        state = "random's global state" if use.source == "random" else "numpy.random's global state"
+        line = (f"{use.func} draws from {state}, which the notebook seeded: each worker draws from a state of "
+                "its own, not the notebook's, so the numbers differ from a serial run's and from one run to the "
+                "next, and the notebook's state does not move on")
+    if use.code is not None:
+        _said_draws.add(use.code)
+    remedy = ("seed a generator in the function from what it is given (np.random.default_rng of a row's or "
+              "group's .name)" if accessor else "use --seed S (seed=S), and mpmagic.rng() for a Generator")
+    sys.stderr.write(f"mpmagic: {line}; for draws that differ per item and repeat on any number of workers "
+                     f"{remedy}\n")
+
+
+# A notebook cell that seeds random's or numpy's global state (not a %%pool setup or a
+# %%parallel cell: those run in the workers). An argument is required: random.seed()
+# reseeds from the OS, as unrepeatable as no seed.
+_SEEDS = {
+    "random": re.compile(r"(?<![\w.])random\.(?:seed\s*\(\s*[^)\s]|setstate\s*\()"),
+    "numpy": re.compile(r"\b(?:np|numpy)\.random\.(?:seed\s*\(\s*[^)\s]|set_state\s*\()"),
+    "both": re.compile(r"\b(?:set_seed|seed_everything|set_random_seed|seed_all)\s*\(\s*[^)\s]"),
+}
+_seed_scan: list[Any] = [None, 0, set()]  # [the shell, cells read, the states seeded so far]
+
+
+def notebook_seeded() -> set[str]:
+    """"random" and/or "numpy": the global states a cell of this IPython session seeded
+    (``random.seed(0)``, ``np.random.seed(0)``, a library's ``set_seed(0)``), read from
+    its input history, each cell once. Empty outside IPython (nothing is imported)."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    cells = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
+    if not isinstance(cells, list):
+        return set()
+    if _seed_scan[0] is not shell or _seed_scan[1] > len(cells):
+        _seed_scan[:] = [shell, 0, set()]
+    found: set[str] = _seed_scan[2]
+    for cell in cells[_seed_scan[1]:]:
+        if not isinstance(cell, str) or "seed" not in cell and "_state" not in cell:
+            continue
+        if cell.lstrip().startswith(("%%pool", "%%parallel")):
+            continue
+        for state, pattern in _SEEDS.items():
+            if pattern.search(cell):
+                found.update(("random", "numpy") if state == "both" else (state,))
+    _seed_scan[1] = len(cells)
+    return found
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:
@@ -1487,6 +1575,10 @@ class _random_state_kept:  # noqa: N801 (used as a function: `with _random_state
     def __exit__(self, etype: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         if self.saved is not None:
             import random
+
+            from . import seeding
+
+            seeding.forget()  # (what its first item kept: restored here, never by a later call)
 
             random.setstate(self.saved[0])
             np, torch = sys.modules.get("numpy"), sys.modules.get("torch")

@@ -31,6 +31,8 @@ the notebook's current
   :func:`libraries`; only what differs from the library's default is sent,
   and a worker imports the library to apply it), and pandas' options changed
   from their defaults (display options wait for a task to import pandas),
+  and ``tempfile.tempdir`` (``tempfile.tempdir = "/scratch"``: where a task's
+  ``NamedTemporaryFile()`` and ``mkdtemp()`` go),
 
 as one :class:`~mpmagic.protocol.Context` message, and only when it changed
 since that worker last got it: each distinct state gets a version number,
@@ -448,6 +450,10 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
                         _decimal_context, _set_decimal_context),
     # pd.set_option("future.infer_string", False) in the notebook: serial pd.Series(["a"]).dtype is object
     PANDAS_OPTIONS: ("pandas", (), _pandas_options, _set_pandas_options),
+    # tempfile.tempdir = "/scratch" in the notebook: serial NamedTemporaryFile() makes its file there (random23).
+    # Its value as the notebook has it, cached "/tmp" included: a worker's cached one never overrides it, and
+    # None (put back) makes the worker read TMPDIR again at its next use, as the notebook does.
+    "tempfile.tempdir": ("tempfile", None, lambda t: t.tempdir, lambda t, v: setattr(t, "tempdir", v)),
 }
 
 

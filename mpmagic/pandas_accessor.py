@@ -310,6 +310,7 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         _own_notes(exc)
         raise
     report = api.last_report()
+    api._say_random_draws(func, workers, advised=False, accessor=True)  # (rng.random() of the notebook's rng...)
     if report is not None:
         count = spans[-1][1] if spans else 0
         report.items = count

@@ -33,6 +33,7 @@ import dis
 import functools
 import itertools
 import operator
+import random
 import sys
 import threading
 import time
@@ -850,3 +851,189 @@ def _codes(code: types.CodeType) -> list[types.CodeType]:
         if type(c) is types.CodeType:
             out += _codes(c)
     return out
+
+
+# --------------------------------------------------------------------------
+# Random draws a task makes that cannot mean what they mean serially (random23): from a
+# generator object the function captures (each worker draws from its own copy, as it was
+# at the call: two workers draw the same numbers, and the notebook's never moves on), or
+# from ``random``'s or numpy's global state (each worker's own, never the notebook's: a
+# seed the notebook set does not reach them). Read from the code and the values of the
+# names it reads, through the notebook functions it calls, a few levels down.
+
+
+@dataclass(frozen=True)
+class RandomUse:
+    """``func`` (its name) draws from ``source``: "generator" (the notebook's object
+    ``name``, a ``kind`` such as "numpy Generator"; ``argument``: given as that argument
+    of a ``functools.partial``), "random" or "numpy" (that module's global state, through
+    the notebook's name ``name``). ``code``: the code object of the function that draws
+    (what "once per function" counts)."""
+
+    func: str
+    source: str
+    name: str
+    kind: str = ""
+    argument: bool = False
+    code: Any = field(default=None, compare=False)
+
+
+def random_uses(func: Any) -> list[RandomUse]:
+    """What ``func`` (and the notebook functions it calls, or a partial holds: the user's
+    function in the pandas accessor's task) draws random numbers from, beyond its own
+    arguments: captured generators first. Never raises (it only decides a line of advice);
+    nothing is imported (numpy is looked at only if imported)."""
+    found: list[RandomUse] = []
+    try:
+        _uses_of(func, found, set(), 0)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return []
+    found = list(dict.fromkeys(found))
+    return sorted(found, key=lambda u: u.source != "generator")
+
+
+def func_name_of(f: Any) -> str:
+    """A function's name for a line (a lambda: "the lambda")."""
+    name = getattr(getattr(f, "__func__", f), "__name__", None) or type(f).__name__
+    return "the lambda" if name == "<lambda>" else name
+
+
+# (the drawing machinery of random and numpy, read once numpy.random is imported: _kinds)
+_kinds_for: list[Any] = [object(), None]
+
+
+def _kinds() -> tuple[Any, Any, Any, Any, tuple[tuple[type, str], ...]]:
+    """``(random's hidden instance, numpy, numpy.random, numpy's legacy global RandomState,
+    ((generator type, its words)...))``, from what is imported (nothing is imported)."""
+    npr = sys.modules.get("numpy.random")
+    if _kinds_for[0] is not npr:
+        np = sys.modules.get("numpy")
+        kinds: list[tuple[type, str]] = [(random.Random, "random.Random")]
+        legacy = None
+        if npr is not None:
+            legacy = getattr(getattr(npr, "mtrand", None), "_rand", None)
+            for attr, words in (("Generator", "numpy Generator"), ("RandomState", "numpy RandomState"),
+                                ("BitGenerator", "numpy bit generator")):
+                t = getattr(npr, attr, None)
+                if isinstance(t, type):
+                    kinds.append((t, words))
+        _kinds_for[:] = [npr, (getattr(random, "_inst", None), np, npr, legacy, tuple(kinds))]
+    return _kinds_for[1]
+
+
+def _generator_kind(v: Any) -> str:
+    """"numpy Generator", "numpy RandomState", "numpy bit generator" or "random.Random" for
+    a random generator object of the notebook's own (not a module's global one), else ""."""
+    inst, _, _, legacy, kinds = _kinds()
+    if v is inst or v is legacy:
+        return ""
+    for t, words in kinds:
+        if isinstance(v, t):
+            return words
+    return ""
+
+
+def _global_draw(value: Any, name: str, chains: frozenset[tuple[str, ...]]) -> str:
+    """"random" or "numpy" when ``value``, the notebook's ``name`` the code reads
+    (``chains``: the code's ``name.attr.attr`` look-ups), draws from that module's global
+    state: a drawing function looked up on it (``random.random()``, ``np.random.rand()``),
+    or such a function imported by itself (``from random import choice``)."""
+    inst, np, npr, legacy, _ = _kinds()
+    if type(value) is types.ModuleType:
+        if value is random:
+            return "random" if any(c[0] == name and len(c) > 1 and getattr(getattr(random, c[1], None), "__self__",
+                                                                           None) is inst for c in chains) else ""
+        at = 1 if value is npr else 2 if value is np and npr is not None else 0
+        if at and legacy is not None and any(
+                c[0] == name and len(c) > at and (at == 1 or c[1] == "random")
+                and getattr(getattr(npr, c[at], None), "__self__", None) is legacy for c in chains):
+            return "numpy"
+        return ""
+    owner = getattr(value, "__self__", None)  # (from random import choice: a bound method of random's instance)
+    if owner is None:
+        return ""
+    return "random" if owner is inst else "numpy" if legacy is not None and owner is legacy else ""
+
+
+_LOOKUPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
+
+
+def _chains(code: types.CodeType) -> frozenset[tuple[str, ...]]:
+    """The ``name.attr.attr`` look-ups of ``code`` and the code nested in it: a name's
+    load followed by attribute loads (``np.random.rand`` -> ``("np", "random", "rand")``)."""
+    out: set[tuple[str, ...]] = set()
+    for c in _codes(code):
+        chain: list[str] = []
+        for ins in dis.get_instructions(c):
+            if ins.opname == "CACHE":
+                continue
+            if ins.opname in ("LOAD_ATTR", "LOAD_METHOD") and chain:
+                chain.append(str(ins.argval))
+                continue
+            if len(chain) > 1:
+                out.add(tuple(chain))
+            chain = [str(ins.argval)] if ins.opname in _LOOKUPS else []
+        if len(chain) > 1:
+            out.add(tuple(chain))
+    return frozenset(out)
+
+
+def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
+    if isinstance(func, functools.partial):
+        if id(func) in seen or depth > 4:
+            return
+        seen.add(id(func))
+        inner = func.func
+        while isinstance(inner, functools.partial):
+            inner = inner.func
+        code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+        for k, v in [*enumerate(func.args), *(func.keywords or {}).items()]:
+            kind = _generator_kind(v)
+            if kind:  # (a generator bound as an argument: partial(f, rng=rng))
+                found.append(RandomUse(func_name_of(inner), "generator", str(k), kind, True, code))
+            elif callable(v) and not isinstance(v, type):  # (the accessor's task holds the user's function)
+                _uses_of(v, found, seen, depth + 1)
+        func = func.func
+    if isinstance(func, types.MethodType):
+        func = func.__func__
+    if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
+        return
+    seen.add(id(func))
+    code = func.__code__
+    chains, reads = _read(code)
+    values = [(n, func.__globals__.get(n, _MISSING)) for n in reads]
+    for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
+        try:
+            values.append((name, cell.cell_contents))
+        except ValueError:
+            continue
+    for name, v in values:
+        t = type(v)
+        if t is types.FunctionType:
+            _uses_of(v, found, seen, depth + 1)
+            continue
+        if t in _ATOMIC or t is type:  # (most of what code reads: nothing random about them)
+            continue
+        kind = _generator_kind(v)
+        if kind:
+            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
+            continue
+        source = _global_draw(v, name, chains)
+        if source:
+            found.append(RandomUse(func_name_of(func), source, name, code=code))
+
+
+# (per code object: its look-up chains, and the globals it reads; kept as _code_changes is)
+_code_reads: dict[types.CodeType, tuple[frozenset[tuple[str, ...]], tuple[str, ...]]] = {}
+
+
+def _read(code: types.CodeType) -> tuple[frozenset[tuple[str, ...]], tuple[str, ...]]:
+    """:func:`_chains` of ``code``, and the globals it reads (cloudpickle's list: those its
+    payload captures), read once per code object."""
+    got = _code_reads.get(code)
+    if got is None:
+        reads = tuple(_extract_code_globals(code)) if _extract_code_globals is not None else ()
+        if len(_code_reads) >= _MAX_CODES:
+            _code_reads.clear()
+        _code_reads[code] = got = (_chains(code), reads)
+    return got

@@ -39,6 +39,9 @@ if TYPE_CHECKING:
     import numpy
 
 _current: Any = None  # the running item's Generator (or the key to make it lazily)
+# The global states the first seeded item (or rank) found, put back by restore(): None when
+# nothing is seeded over. (random's, numpy's, torch's; None for one not seeded.)
+_saved: tuple[Any, Any, Any] | None = None
 
 
 def _check_seed(seed: Any) -> int:
@@ -83,7 +86,8 @@ def _seed_torch(words: list[int]) -> None:
 
 def enter(seed: int, key: int, numpy: bool = True, torch: bool = False) -> None:
     """Seed ``random`` (with ``numpy``, numpy's global state; with ``torch``,
-    torch's default generator) for stream ``key`` of ``seed``."""
+    torch's default generator) for stream ``key`` of ``seed``. The states found
+    before the first seeded item are kept for :func:`restore`."""
     global _current
     np: Any = None
     if numpy or "numpy" in sys.modules:
@@ -91,6 +95,8 @@ def enter(seed: int, key: int, numpy: bool = True, torch: bool = False) -> None:
             import numpy as np
         except ImportError:
             pass
+    if _saved is None:  # (after numpy's import: a state it seeds over is kept, never one it had not yet)
+        _save(numpy and np is not None, torch)
     if np is None:  # (not imported: the same words as numpy's, in pure Python)
         words = _state_words(seed, key)
         random.seed(int.from_bytes(b"".join(w.to_bytes(4, "little") for w in words), "little"))
@@ -106,6 +112,46 @@ def enter(seed: int, key: int, numpy: bool = True, torch: bool = False) -> None:
     if torch:
         _seed_torch([int(w) for w in state[2:]])
     _current = ss
+
+
+def _save(numpy: bool, torch: bool) -> None:
+    """Keep the global states :func:`enter` is about to seed over (numpy's, torch's
+    only where they are imported and seeded: ~70 us for numpy's, so once per call)."""
+    global _saved
+    if torch and "torch" not in sys.modules:  # (imported first, as _seed_torch does, so its state is kept)
+        try:
+            importlib.import_module("torch")
+        except ImportError:
+            pass
+    np, th = sys.modules.get("numpy"), sys.modules.get("torch")
+    _saved = (random.getstate(),
+              np.random.get_state() if numpy and np is not None else None,
+              th.get_rng_state() if torch and th is not None else None)
+
+
+def restore() -> None:
+    """Put back the global states the seeded items of a call found (a worker, at its
+    first unit of the next call, and before a setup runs). A seeded call otherwise left
+    a worker drawing on from its last item's stream: the next unseeded call drew the
+    same numbers in every session, and workers whose last items were alike drew alike.
+    The serial run leaves the notebook's state as it was likewise (api._random_state_kept)."""
+    global _saved
+    if _saved is None:
+        return
+    saved, _saved = _saved, None
+    random.setstate(saved[0])
+    np, th = sys.modules.get("numpy"), sys.modules.get("torch")
+    if saved[1] is not None and np is not None:
+        np.random.set_state(saved[1])
+    if saved[2] is not None and th is not None:
+        th.set_rng_state(saved[2])
+
+
+def forget() -> None:
+    """Drop what :func:`enter` kept, without putting it back (the notebook's serial run
+    restores the notebook's states itself)."""
+    global _saved
+    _saved = None
 
 
 # numpy.random.SeedSequence's mixing (numpy/random/bit_generator.pyx), for random's seed without numpy.
@@ -207,4 +253,4 @@ def seed_rank(seed: int | None, rank: int, numpy: bool = True, torch: bool = Fal
         enter(seed, rank, numpy, torch)
 
 
-__all__ = ["rng", "Seeded", "seed_rank", "enter", "uses_numpy", "uses_torch"]
+__all__ = ["rng", "Seeded", "seed_rank", "enter", "restore", "forget", "uses_numpy", "uses_torch"]

@@ -69,6 +69,7 @@ from . import (
     payload,
     payload_cache,
     posixshm,
+    seeding,
     shm,
     task_builtins,
     waits,
@@ -1217,6 +1218,8 @@ class _Worker:
             elif kind is Setup:  # worker setup (worker_setup.py): run it, say how it went
                 from .worker_setup import run_setup
 
+                seeding.restore()  # (a --seed call's streams end here: the setup seeds what the worker had)
+
                 self.channel.send(context.keep_setup_changes(
                     functools.partial(run_setup, msg.version, msg.payload, self.worker_id)))
             elif kind is Stop:
@@ -1263,9 +1266,11 @@ class _Worker:
 
     def _new_call(self, call: Any) -> None:
         """The first unit of a call on this worker: the notebook's world again
-        (a task of an earlier call may have changed its directory, environment...)."""
+        (a task of an earlier call may have changed its directory, environment...),
+        and the worker's random states from before a seeded call (seeding.restore)."""
         if call != self._call:
             self._call = call
+            seeding.restore()  # the worker's own random states again, after a --seed call's streams
             context.reassert()
 
     def run_map(self, msg: Map) -> None:

@@ -615,7 +615,12 @@ def reseed_fresh() -> None:
     every fork worker would draw the same "random" numbers (numpy#9650).
     numpy and torch (whose default generator a fork copies the same way) are
     reseeded only if already imported (a later import seeds itself from the OS).
+    What the parent's seeded run kept to restore (seeding._saved) is the parent's:
+    dropped, or the worker's first call would put the parent's state back.
     """
+    from . import seeding
+
+    seeding.forget()
     random.seed(os.urandom(32))
     np = sys.modules.get("numpy")
     if np is not None:

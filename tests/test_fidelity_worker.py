@@ -389,6 +389,34 @@ def test_sys_argv_set_after_the_pool_started(ip, local_pool):
         sys.argv = before
 
 
+def test_tempfile_tempdir_set_in_the_notebook(ip, local_pool, tmp_path):
+    """random23: ``tempfile.tempdir = "/scratch"`` in the notebook: serial tempfile calls
+    make their files there; the workers' tempfile kept its own (/tmp, cached at its first
+    use), so a task's NamedTemporaryFile, mkdtemp and gettempdir() went to /tmp, silently.
+    Put back to None, the notebook's next use reads TMPDIR again: so do the workers'."""
+    import tempfile
+
+    local_pool.wait_ready()
+    run(ip, "import tempfile, os\ndef tmp_where(x):\n"
+            "    with tempfile.NamedTemporaryFile(delete=False) as f:\n        pass\n"
+            "    d = tempfile.mkdtemp()\n    os.rmdir(d)\n    os.unlink(f.name)\n"
+            "    return tempfile.gettempdir(), os.path.dirname(f.name), os.path.dirname(d)\n")
+    before = tempfile.tempdir
+    scratch = str(tmp_path)
+    try:
+        tempfile.gettempdir()  # (cached here: as a notebook's is)
+        run(ip, "_ = %pmap -q tmp_where, range(2)")  # (cached in the workers too)
+        tempfile.tempdir = scratch
+        assert _same_as_serial(ip, "tmp_where") == [(scratch, scratch, scratch)] * 3
+        tempfile.tempdir = None
+        os.environ["TMPDIR"] = str(tmp_path / "sub")
+        os.mkdir(tmp_path / "sub")
+        assert _same_as_serial(ip, "tmp_where") == [(str(tmp_path / "sub"),) * 3] * 3
+    finally:
+        os.environ.pop("TMPDIR", None)
+        tempfile.tempdir = before
+
+
 @pytest.mark.parametrize("method", ["forkserver"], scope="session")  # (the limit travels with each call, as the int digits limit below)
 def test_recursion_limit(ip, local_pool):
     run(ip, "import sys\ndef deep(n):\n    return n if n == 0 else deep(n - 1)\n"

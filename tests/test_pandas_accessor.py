@@ -656,3 +656,24 @@ def test_the_accessors_advice_names_its_chunks_option_not_chunksize() -> None:
     for report in (small, few, slow, quick, lonely, differ):
         assert "--chunksize" not in report.advice and "-n " not in report.advice and "--seed" not in report.advice
         assert report.line().startswith("series.mp.map: ")
+
+
+def test_a_captured_generator_says_workers_draw_from_copies(ip, pool2, capsys):
+    """random23: ``df.mp.apply(f, axis=1)`` with ``f`` drawing from the notebook's
+    ``rng = np.random.default_rng(0)``: each worker drew from a copy, so rows of two
+    workers got the same numbers, silently (serial df.apply: one stream). One line says
+    so, once per function, with the accessor's remedy (it has no seed=)."""
+    mpmagic.api._said_draws.clear()
+    run(ip, "import numpy as np, pandas as pd\nrng = np.random.default_rng(0)\n"
+            "_rows = pd.DataFrame({'a': range(8)})\n"
+            "def _acc_draw(r):\n    return float(rng.random())\n")
+    run(ip, "_ = _rows.mp.apply(_acc_draw, axis=1, quiet=True)")
+    err = capsys.readouterr().err
+    assert ("mpmagic: _acc_draw draws from the notebook's numpy Generator `rng`: each worker draws from its own "
+            "copy of it as it was at the call, so workers draw the same numbers") in err, err
+    assert err.rstrip().endswith("seed a generator in the function from what it is given "
+                                 "(np.random.default_rng of a row's or group's .name)"), err
+    assert err.count("mpmagic:") == 1
+    run(ip, "_ = _rows.groupby('a').mp.apply(lambda g: _acc_draw(g), quiet=True)")  # (another function: the lambda)
+    run(ip, "_ = _rows.mp.apply(_acc_draw, axis=1, quiet=True)")
+    assert capsys.readouterr().err.count("mpmagic:") == 0  # (once per function: _acc_draw's was said)

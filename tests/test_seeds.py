@@ -179,3 +179,120 @@ def test_seed_seeds_torch_when_the_notebook_uses_it(ip, fake_torch):
     assert fake_torch.get_rng_state() == mine  # the serial run left the notebook's generator as it was
     ranks = run(ip, "%%parallel -n 2 -q --seed 5\ntorch.rand()")
     assert list(ranks) == one[:2]
+
+
+def test_a_seeded_run_leaves_the_workers_own_random_state(ip, backend):
+    """A --seed run left each worker's global state at its last item's stream: the next
+    unseeded map went on with those streams, so it drew the same numbers in every session
+    on every start method (and two workers whose last seeded items were alike drew alike),
+    though the docs say workers never share a state without --seed. As the serial run
+    leaves the notebook's state as it was, the workers go back to their own."""
+    import random
+
+    import numpy as np
+
+    from mpmagic import seeding
+
+    run(ip, DRAW + "import time\ndef _nos(x):\n    time.sleep(0.02)\n"
+            "    return random.random(), float(np.random.rand())\n")
+    saved = random.getstate(), np.random.get_state()
+    try:  # each stream's next draws after its item's one (what a worker left on it would give)
+        nexts: tuple[set, set] = (set(), set())
+        for i in range(8):
+            seeding.enter(7, i)
+            random.random(), np.random.rand()
+            for _ in range(8):
+                nexts[0].add(random.random())
+                nexts[1].add(float(np.random.rand()))
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        seeding._current = None
+        seeding.forget()
+    for cell in ("%pmap -q --seed 7 --chunksize 1 _draw, range(8)",
+                 "%pmap -q --seed 7 --chunksize 4 _draw, range(8)",
+                 "%%parallel -n 2 -q --seed 7\nrandom.random(), np.random.rand()"):
+        run(ip, cell)
+        after = run(ip, "%pmap -q --chunksize 1 _nos, range(8)")
+        for k in (0, 1):  # random's and numpy's draws: no two alike, none going on with a seeded stream
+            drawn = {r[k] for r in after}
+            assert len(drawn) == 8 and not drawn & nexts[k], (cell, after)
+
+
+def test_a_captured_generator_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """random23: ``rng = np.random.default_rng(0)`` read by the mapped function went to each
+    worker as a copy in the call's state: two workers drew the same numbers, silently, where
+    serial map() draws one stream on ([0.637, 0.637, 0.270, 0.041, 0.270, 0.041] for serial's
+    6 distinct). One line says so, once per function; --seed says nothing."""
+    import numpy as np
+
+    mpmagic.api._said_draws.clear()  # (once per function: an equal function of the other start method's run)
+    run(ip, "import numpy as np, random, mpmagic, functools\nrng = np.random.default_rng(0)\n"
+            "def _g(x):\n    return float(rng.random())\n"
+            "def _g2(x):\n    return float(rng.random())\n"
+            "def _calls_g(x):\n    return _g2(x)\n"
+            "def _own(x):\n    return float(np.random.default_rng(x).random())\n"
+            "gen = random.Random(3)\ndef _r(x, g=None):\n    return g.random()\n")
+    serial = [float(v) for v in np.random.default_rng(0).random(6)]
+    got = run(ip, "%pmap -q --chunksize 1 _g, range(6)")
+    assert len(set(serial)) == 6 and set(got) <= set(serial)  # (each a draw of a copy of the stream)
+    err = capsys.readouterr().err
+    assert ("mpmagic: _g draws from the notebook's numpy Generator `rng`: each worker draws from its own copy of "
+            "it as it was at the call, so workers draw the same numbers, and the notebook's does not move on (a "
+            "next call draws the same numbers again); for draws that differ per item and repeat on any number of "
+            "workers use --seed S (seed=S), and mpmagic.rng() for a Generator\n") in err, err
+    run(ip, "_ = %pmap -q _g, range(4)")
+    assert "mpmagic:" not in capsys.readouterr().err  # (once per function)
+    run(ip, "_ = %pmap -q _calls_g, range(4)")  # (through a notebook function it calls)
+    assert "mpmagic: _g2 draws from the notebook's numpy Generator `rng`" in capsys.readouterr().err
+    run(ip, "_ = %pmap -q functools.partial(_r, g=gen), range(4)")
+    assert "mpmagic: _r draws from the random.Random it is given as argument g:" in capsys.readouterr().err
+    run(ip, "_ = %pmap -q _own, range(4)")
+    run(ip, "_ = %pmap -q --seed 1 lambda x: float(rng.random()), range(4)")
+    assert "mpmagic:" not in capsys.readouterr().err
+    run(ip, "def _bg(x):\n    return float(rng.random())\n")
+    run(ip, "_h = %pmap --bg -q _bg, range(4)")  # (a background run says it as it starts)
+    ip.user_ns["_h"].result(60)
+    assert "mpmagic: _bg draws from the notebook's numpy Generator `rng`" in capsys.readouterr().err
+
+
+def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, capsys):
+    """random23: ``random.seed(0)`` (or ``np.random.seed(0)``) in the notebook, then a map
+    of a function drawing from that global state: serially a repeatable stream; the
+    workers draw from their own states, different on every run, silently. One line
+    says so, once per function (not before the notebook seeds; not with --seed)."""
+    import random
+
+    run(ip, "import random, numpy as np\nfrom random import choice\n"
+            "def _a(x):\n    return random.random()\n"
+            "def _b(x):\n    return float(np.random.rand())\n"
+            "def _c(x):\n    return choice([1, 2, 3])\n")
+    # (as if the session's cells so far seeded nothing: the other start method's run did)
+    mpmagic.api._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    mpmagic.api._said_draws.clear()
+    run(ip, "_ = %pmap -q _a, range(4)")
+    assert "mpmagic:" not in capsys.readouterr().err  # (not seeded: serial draws do not repeat either)
+    ip.run_cell("random.seed(0)", store_history=True)
+    random_serial = [random.random() for _ in range(4)]
+    random.seed(0)
+    got = run(ip, "%pmap -q _a, range(4)")
+    assert got != random_serial
+    err = capsys.readouterr().err
+    assert ("mpmagic: _a draws from random's global state, which the notebook seeded: each worker draws from a "
+            "state of its own, not the notebook's, so the numbers differ from a serial run's and from one run to "
+            "the next, and the notebook's state does not move on; for draws that differ per item and repeat on "
+            "any number of workers use --seed S (seed=S)") in err, err
+    run(ip, "_ = %pmap -q _a, range(4)")
+    run(ip, "_ = %pmap -q _b, range(4)")  # (numpy's state: not seeded yet)
+    assert "mpmagic:" not in capsys.readouterr().err
+    ip.run_cell("np.random.seed(0)", store_history=True)
+    run(ip, "_ = %pmap -q _b, range(4)")
+    run(ip, "_ = %pmap -q _c, range(4)")
+    err = capsys.readouterr().err
+    assert "mpmagic: _b draws from numpy.random's global state, which the notebook seeded" in err, err
+    assert "mpmagic: _c draws from random's global state" in err, err
+    run(ip, "def _d(x):\n    return random.random()\n")
+    run(ip, "_ = %pmap -q --seed 3 _d, range(4)")
+    ip.run_cell("%%pool setup\nimport random\nrandom.seed(0)", store_history=True)  # (seeds the workers)
+    run(ip, "%pool setup clear")
+    assert "_d draws" not in capsys.readouterr().err

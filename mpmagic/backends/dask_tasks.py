@@ -59,7 +59,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .. import context, loadstamps, task_builtins, worker_logging
+from .. import context, loadstamps, seeding, task_builtins, worker_logging
 from ..protocol import Cell, Context, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
 from ..worker import Loaded, execute_cell, execute_map
@@ -651,10 +651,24 @@ def run_message(
         _log_event(topic, {"tag": tag, "end": True})
 
 
+_seeds_call: list[Any] = [None]  # the call of the last task here (_random_states_back)
+
+
+def _random_states_back(call: Any) -> None:
+    """The first task of a new call here: this worker's own random states again, after a
+    --seed call's items left them on their streams (seeding.restore), as a local worker
+    puts them back at its next call: the next unseeded call went on with those streams."""
+    with _context_lock:
+        if _seeds_call[0] != call:
+            _seeds_call[0] = call
+            seeding.restore()
+
+
 def _run(
     msg: Any, func_payload: bytes | None, topic: str | None, tag: Any, world: Context | None, reloads: Any,
     versions: Any,
 ) -> tuple[int, list[bytes], list[str | Failed], list[str]]:
+    _random_states_back(msg.call)
     if world is not None:
         _adopt_context(world, msg.call)  # (first: its sys.path is where the reloaded modules are found)
     imports = ImportLog()
