@@ -219,6 +219,7 @@ def load_ipython_extension(ipython: Any) -> None:
     from . import exiting, pool
 
     exiting.watch_shell(pool.at_shell_exit, ipython)  # (also for the user's own multiprocessing helpers)
+    exiting.kill_on_sigterm(pool.kill_workers_now)  # a SIGTERMed kernel's workers go with it (reliability.md §4)
     from . import warmup
 
     warmup.follow_autoreload()  # IPython's in-place %autoreload counts as a reload (workers follow it)

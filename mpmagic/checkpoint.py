@@ -56,8 +56,8 @@ from .checkpoint_keys import (
 )
 from .checkpoint_store import CheckpointError, Packed, RunInfo, Store, pack
 from .checkpoint_store import warn as _warn
+from .errors import STOPPED_OUTCOME, interrupt_outcome, run_interrupted, set_interrupt_outcome
 from .errors import renumber_items as _renumber
-from .errors import set_interrupt_outcome
 from .fmt import fmt_bytes, func_name
 from .jobs import (
     Failed,
@@ -197,6 +197,7 @@ class _Writer:
     def __init__(self, store: Store | None, run: bytes, name: str) -> None:
         self.store, self.run, self.name = store, run, name
         self.bytes = 0
+        self.items = 0  # results queued to be stored (all stored once finish() returns without an error)
         self.error: BaseException | None = None
         self._queue: collections.deque = collections.deque()
         self._queued = 0  # bytes in _queue
@@ -232,6 +233,7 @@ class _Writer:
                 self._cond.wait(1.0)
             self._queue.append((packed, size))
             self._queued += size
+            self.items += len(pairs)
             self._cond.notify_all()
 
     def _take(self) -> tuple[list[Packed], bool]:
@@ -837,6 +839,25 @@ class MapCheckpoint:
             report.extra["checkpoint"] = {"resumed": self.resumed, "total": self.total,
                                           "computed": self.total - self.resumed}
 
+    def kept(self) -> str:
+        """After ``settle``: what the store keeps of this run, as the clause an
+        interrupt's line ends with ("" when nothing could be stored: the store is
+        read-only or a write failed, as settle warned)."""
+        writer = self.writer
+        if writer.store is None or writer.store.readonly or writer.error is not None:
+            return ""
+        kept = self.resumed + writer.items
+        if type(self.items) not in (list, tuple, range):  # (a lazy input: its length is unknown)
+            return (f"; its checkpoint keeps the results of {kept} item{'s' * (kept != 1)}: the same call again "
+                    "computes only the others") if kept else "; no item of it had finished, so its checkpoint keeps none"
+        total = self.total
+        if not kept:
+            return "; no item of it had finished, so its checkpoint keeps none"
+        if kept >= total:
+            return f"; its checkpoint keeps the results of all its {total} items: the same call again computes none"
+        return (f"; its checkpoint keeps the results of {kept} of its {total} items: the same call again computes "
+                f"only the other {total - kept}")
+
     def stop(self) -> None:
         """The run is being cancelled: chunks still arriving are stored, and the user's
         ``on_chunk`` is not called for them (``cancel()`` returns at once)."""
@@ -994,6 +1015,12 @@ def checkpointed_pmap(
             before = get_report()
             try:
                 computed = core(func, todo, star=ck.star, errors=errors, on_chunk=ck.on_chunk, **kwargs)
+            except KeyboardInterrupt as exc:
+                # The chunks that came are stored first (a second interrupt there says so itself);
+                # then the line says what the checkpoint keeps, which the plain run's cannot know.
+                ck.settle()
+                set_interrupt_outcome(exc, (interrupt_outcome(exc) or STOPPED_OUTCOME) + ck.kept())
+                raise run_interrupted("mpmagic.pmap", exc) from None
             except Exception as exc:
                 ran = get_report()  # (the core run's, unless it raised before it made one)
                 ck.failed(exc, ran if ran is not before else None)

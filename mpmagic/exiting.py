@@ -128,6 +128,46 @@ def ipython_shell() -> Any | None:
     return None if ipython is None else ipython.get_ipython()
 
 
+def kill_on_sigterm(kill: Callable[[], None]) -> None:
+    """On SIGTERM, call ``kill()`` (SIGKILL the pool's workers), then end as the
+    handler that was there would have (the default: die of the SIGTERM).
+
+    Jupyter SIGTERMs a kernel that did not answer its shutdown request in time,
+    and Python's default action ends it at once, no exit hook run. A fork or
+    spawn worker notices its notebook's death from a thread, which cannot run
+    while its task holds the GIL in C code: such workers ran on for the rest of
+    the task (for ever, reparented to init). ``kill`` must only send signals:
+    it runs in the middle of whatever the main thread was doing. Installed from
+    the main thread only (``%load_ext``), once, and not over a handler that was
+    not installed from Python (it could not be put back) or one that ignores it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+    except ValueError:
+        return
+    if previous is None or previous == signal.SIG_IGN or getattr(previous, "mpmagic_kills", False):
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        try:
+            kill()
+        except Exception:  # never in the way of the process's end
+            logging.getLogger("mpmagic").debug("killing the workers on SIGTERM failed", exc_info=True)
+        signal.signal(signal.SIGTERM, previous)
+        if callable(previous):
+            previous(signum, frame)
+        else:  # SIG_DFL: die of it, as without us
+            signal.raise_signal(signum)
+
+    on_sigterm.mpmagic_kills = True  # type: ignore[attr-defined]
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:
+        pass
+
+
 def watch_shell(release: Callable[[], None], shell: Any | None = None) -> None:
     """When ``shell`` (None: the running IPython shell, if any) is told to exit,
     call ``release()`` to free what it stands for, then stop multiprocessing's

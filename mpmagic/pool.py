@@ -24,6 +24,7 @@ from .backends.local import (
     check_rank_count,
     check_start_method,
     check_tasks_per_child,
+    kill_group,
     pool_size,
 )
 from .checks import keyword_names, real, unexpected_keyword, whole
@@ -84,6 +85,17 @@ def _made(backend: Backend) -> Backend:
     _backend = backend
     exiting.watch_shell(at_shell_exit)
     return backend
+
+
+def kill_workers_now() -> None:
+    """SIGKILL the current local pool's workers and what their tasks started (their
+    process groups), nothing else: for a SIGTERM of the notebook
+    (``exiting.kill_on_sigterm``), which runs it wherever the main thread was."""
+    backend = _backend
+    if not isinstance(backend, LocalBackend):
+        return
+    for slot in list(backend.slots):
+        kill_group(slot.pid)
 
 
 def at_shell_exit() -> None:

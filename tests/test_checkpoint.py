@@ -570,6 +570,40 @@ def test_a_run_says_when_it_waits_for_another_process_holding_the_store(tmp_path
     checkpoint.close_stores()  # (after the write that waited)
 
 
+def test_an_interrupted_run_says_how_many_items_its_checkpoint_keeps(ip, store_dir, tmp_path):
+    """Ctrl-C during a checkpointed run said only "the work still running was stopped
+    and its workers replaced", as for a plain run whose results are all lost: not that
+    the items that had finished are in the checkpoint, nor that the same call again
+    computes only the others. The line now says both, and the count is what the next
+    run takes from the store."""
+    from mpmagic.errors import STOPPED_OUTCOME
+
+    gate = tmp_path / "gate"
+    run(ip, f"GATE = {str(gate)!r}\n"
+            "import os, signal, threading, time, mpmagic\n"
+            "def gated(x):\n"
+            "    work(x)\n"
+            "    while x >= 4 and not os.path.exists(GATE):\n"
+            "        time.sleep(0.02)\n"
+            "    return x * x\n"
+            "got = []\n"
+            "def press_after_four(start, results):\n"
+            "    got.extend(results)\n"
+            "    if len(got) == 4:  # (the others wait for the gate: no more come)\n"
+            "        threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()\n")
+    call = f"mpmagic.pmap(gated, range(8), chunksize=1, checkpoint={str(store_dir)!r}"
+    with capture_output():
+        result = ip.run_cell(call + ", on_chunk=press_after_four)", store_history=False)
+    err = result.error_in_exec
+    assert isinstance(err, KeyboardInterrupt), err
+    assert str(err) == (f"mpmagic.pmap interrupted: {STOPPED_OUTCOME}; its checkpoint keeps the results of 4 of "
+                        "its 8 items: the same call again computes only the other 4"), str(err)
+    calls(ip)
+    gate.touch()
+    assert run(ip, call + ")") == [x * x for x in range(8)]
+    assert sorted(calls(ip)) == [4, 5, 6, 7]
+
+
 def _writer(folder: str, run_id: int, n: int, barrier) -> None:
     store = Store(folder)
     barrier.wait(60)  # both write at once: 2 x 200 small transactions interleave

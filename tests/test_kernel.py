@@ -448,6 +448,41 @@ def test_workers_in_a_task_holding_the_gil_end_with_a_killed_notebook(kill):
                 p.kill()
 
 
+@pytest.mark.parametrize("method", ["spawn"])  # (fork too; forkserver workers die with the forkserver)
+def test_a_sigtermed_kernels_workers_in_a_task_holding_the_gil_end_with_it(method):
+    """SIGTERM (Jupyter's next step when a shutdown request is not answered in time)
+    ended the kernel without any cleanup, and a spawn or fork worker notices its
+    notebook's death from a thread that cannot run while its task holds the GIL:
+    its workers ran on for the rest of the task (for ever, reparented to init).
+    The kernel now kills its workers' process groups first, then dies of the
+    SIGTERM as before."""
+    k = Kernel()
+    workers: list[psutil.Process] = []
+    try:
+        k.ok(f"%load_ext mpmagic\n%pool start -n 2 --start-method {method}\n"
+             "def hold(x):\n    print('holding', flush=True)\n    return sum(range(10**13))\n")
+        pids = k.value("[s.pid for s in __import__('mpmagic').get_pool().slots]")
+        workers = [psutil.Process(pid) for pid in pids]
+        k.kc.execute("%pmap -q hold, range(2)")
+        deadline = time.monotonic() + 30
+        while sum(p.cpu_times().user for p in workers) < 0.3:  # (both in the task, holding the GIL)
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.1)
+        os.kill(k.pid, signal.SIGTERM)
+        k.km.provisioner.process.wait(10)
+        assert k.km.provisioner.process.returncode == -signal.SIGTERM  # (it died of the SIGTERM, as before)
+        alive = _still_running(workers, time.monotonic() + 5.0)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        for p in workers:  # (a failure here must not leave them spinning)
+            if p.is_running():
+                p.kill()
+        try:
+            k.close()
+        except Exception:
+            pass
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_forkserver_the_notebook_stops_itself_leaves_at_once(monkeypatch):
     """The forkserver's exit waited up to 1 s for its notebook to die, also when

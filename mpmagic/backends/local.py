@@ -2757,6 +2757,10 @@ def _kill_group(pid: int | None) -> None:
         pass  # nothing left in the group, or it is not ours (never made: see worker.main)
 
 
+#: For the pool's SIGTERM handler (``pool.kill_workers_now``).
+kill_group = _kill_group
+
+
 # Stopped processes an inline reap left running (no thread to spare, see
 # _reap_later): the next reap collects them.
 _unreaped: list = []
