@@ -93,6 +93,7 @@ _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
 _SETUP_KEYS = itertools.count(1)  # mpmagic's own clusters' setup stamp keys (DaskBackend._setup_key)
 _CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its worker processes are killed
 _KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
+_ABANDONED_ASKED = 1.0  # seconds between asking the workers which tasks given up on still run
 # The most ranks a cell may ask of a cluster not yet connected (one worker process each):
 # beyond any cluster's size, refused before one unit per rank is built (check_ranks).
 _MOST_RANKS = 65_536
@@ -503,6 +504,7 @@ class DaskBackend:
         # worker leaves); runs send no work there meanwhile (see _plan).
         self._abandoned: dict[str, str] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # keys of tasks whose end event came (recent ones)
+        self._abandoned_asked = 0.0  # when the workers were last asked which of those still run (_expire_abandoned)
         # Workers of mpmagic's own cluster it killed (a timeout, an interrupt, a cancel):
         # address -> when. Gone, though the scheduler lists them for a moment: runs
         # leave them out (``_nthreads``) and wait for no task of theirs.
@@ -1089,10 +1091,40 @@ class DaskBackend:
             for key, address in list(self._abandoned.items()):
                 if address not in nthreads:
                     del self._abandoned[key]
+        self._expire_abandoned()
+        with self._lock:
             busy: dict[str, int] = {}
             for address in self._abandoned.values():
                 busy[address] = busy.get(address, 0) + 1
             return busy
+
+    def _expire_abandoned(self) -> None:
+        """Forget the tasks given up on that their workers no longer run.
+
+        A mark is cleared by the task's end event, but that event does not
+        always come: after the client reconnected to the scheduler its topic
+        is no longer subscribed, and an event can be lost on the way. The
+        worker then stayed "busy" for the rest of the session, and every later
+        run (``--scaling`` too) left it out. So, at most once a second while
+        marks are left, the marked workers are asked which mpmagic tasks they
+        run (``dask_tasks.running_tags``); a worker that does not answer keeps
+        its marks."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._abandoned or now - self._abandoned_asked < _ABANDONED_ASKED:
+                return
+            self._abandoned_asked = now
+            marked = dict(self._abandoned)
+        try:  # (not under self._lock: Dask's thread takes it for events while this waits on that thread)
+            replies = self.client.run(dask_tasks.running_tags, workers=sorted(set(marked.values())), on_error="return")
+        except Exception:
+            log.debug("mpmagic: could not ask the Dask workers which tasks they still run", exc_info=True)
+            return
+        with self._lock:
+            for key, address in marked.items():
+                tags = replies.get(address)
+                if isinstance(tags, list) and key not in tags:
+                    self._abandoned.pop(key, None)
 
     def _plan(
         self, nthreads: dict[str, int], workers: int | None, depth: int, quiet: bool = False
