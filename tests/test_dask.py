@@ -1249,6 +1249,12 @@ def test_results_of_a_worker_whose_copy_of_a_module_differs_are_not_checkpointed
 def test_scaling_past_the_clusters_threads_stops_with_a_line(ip, dask_pool, capsys):
     """``--scaling -n N`` on a cluster of fewer worker threads plotted an "N workers" point
     that ran on fewer threads, against an ideal of Nx, with no line saying so."""
+    # Tasks earlier tests gave up on may still run on the session's cluster (Dask
+    # cannot stop them): wait until they have returned, so every thread is there.
+    deadline = time.monotonic() + 60
+    while dask_pool._busy(dask_pool._nthreads(fresh=True)):
+        assert time.monotonic() < deadline, f"tasks earlier tests gave up on still run: {dask_pool._abandoned}"
+        time.sleep(0.2)
     n = DASK_WORKERS + 1
     result = run(ip, f"%pmap --scaling -n {n} lambda x: x, range(8)")
     assert [p.workers for p in result.points] == list(range(1, DASK_WORKERS + 1))

@@ -290,6 +290,98 @@ def test_after_a_timeout_the_next_run_leaves_the_still_busy_worker_out(ip, dask_
         release.write_text("")  # the stuck task returns: later tests have every worker
 
 
+def test_a_task_given_up_on_whose_end_event_is_lost_holds_its_worker_only_while_it_runs(
+    ip, dask_pool, tmp_path, capsys, monkeypatch
+):
+    """A worker was marked busy with a timed-out task until that task's end event
+    came. The event never comes once the client's topic subscription is gone (a
+    reconnect to the scheduler drops it) or the event is lost: the worker stayed
+    "busy" for the rest of the session, and every later run, ``--scaling`` too,
+    left it out. Here the subscription is dropped while the task runs."""
+    from mpmagic.backends import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "_ABANDONED_ASKED", 0.0, raising=False)  # (ask the workers on every run)
+    hung, release, done = tmp_path / "hung_pid", tmp_path / "release", tmp_path / "done"
+    run(ip, "import os, time\n"
+            "def hang_once(x):\n"
+            f"    if x == 1:\n        open({str(hung)!r}, 'w').write(str(os.getpid()))\n"
+            f"        while not os.path.exists({str(release)!r}) and time.sleep(0.05) is None:\n            pass\n"
+            f"        open({str(done)!r}, 'w').write('')\n"
+            "    return x\n"
+            "def where(x):\n    time.sleep(0.05)\n    return os.getpid()\n")
+    client, topic = dask_pool.client, None
+    try:
+        with pytest.raises(mpmagic.TaskTimeoutError):
+            run(ip, "%pmap -q --timeout 0.5 hang_once, range(4)")
+        topic = dask_pool._topic
+        client.unsubscribe_topic(topic)  # the stuck task's end event now reaches no one
+        capsys.readouterr()
+        # Still running: its worker is still left out (the workers are asked).
+        pids = run(ip, "%pmap -q --chunksize 1 where, range(12)")
+        assert int(hung.read_text()) not in pids
+        assert "still busy with a task an earlier timeout or interrupt gave up on" in capsys.readouterr().err
+        release.write_text("")
+        deadline = time.monotonic() + 60
+        while not done.exists() or any(dask_pool.client.run(dask_backend.dask_tasks.running_tags).values()):
+            assert time.monotonic() < deadline, "the released task did not return within 60 s"
+            time.sleep(0.05)
+        # Returned, its end event lost: every worker thread is the run's again.
+        run(ip, "%pmap -q --chunksize 1 where, range(12)")
+        assert "still busy" not in capsys.readouterr().err
+        assert f"pmap: 12 items on {DASK_WORKERS} worker threads (dask)" in mpmagic.last_report().line()
+        assert dask_pool._abandoned == {}
+    finally:
+        release.write_text("")
+        if topic is not None:
+            client.subscribe_topic(topic, dask_pool._on_event)
+
+
+def _payload_lost(payload_key: str, flag: str | None):
+    """A stand-in for ``dask_tasks.run_message`` that fails as Dask does when it runs a
+    task on a worker that lost the function's payload (``KeyError: 'mpmagic-payload-...'``,
+    raised before the task's function runs): once (the first task to take ``flag``),
+    or every time (``flag`` None)."""
+
+    def run_message(data, func_payload, *rest):
+        from mpmagic.backends import dask_tasks
+
+        if flag is None:
+            raise KeyError(payload_key)
+        try:
+            os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return dask_tasks.run_message(data, func_payload, *rest)
+        raise KeyError(payload_key)
+
+    return run_message
+
+
+def test_a_task_whose_worker_lost_the_functions_payload_is_sent_again(ip, dask_pool, tmp_path, monkeypatch):
+    """A map on a cluster where a worker died failed with "Dask could not run item 7:
+    KeyError: 'mpmagic-payload-...'": Dask ran the task on a worker that no longer held
+    the payload it thought was there. None of the task's code ran: it goes out again
+    (with a new payload), and the map's results are the serial ones. If it keeps
+    happening, one line says what was lost, not a bare KeyError."""
+    from mpmagic.backends import dask as dask_backend
+
+    run(ip, "def triple(x):\n    return 3 * x\n")
+    assert run(ip, "%pmap -q --chunksize 1 triple, range(8)") == [3 * x for x in range(8)]
+    payload_key = next(reversed(dask_pool._payloads.values())).key
+    monkeypatch.setattr(dask_backend.dask_tasks, "run_message", _payload_lost(payload_key, str(tmp_path / "once")))
+    assert run(ip, "%pmap -q --chunksize 1 triple, range(8)") == [3 * x for x in range(8)]
+    assert (tmp_path / "once").exists()  # (one task did fail so)
+    assert payload_key not in {f.key for f in dask_pool._payloads.values()}  # (the lost key is not used again)
+
+    monkeypatch.setattr(dask_backend.dask_tasks, "run_message", _payload_lost(payload_key, None))
+    with pytest.raises(mpmagic.MPMagicError) as info:
+        run(ip, "%pmap -q --chunksize 1 triple, range(8)")
+    msg = str(info.value)
+    assert "\n" not in msg and "the worker it went to no longer held the function's payload" in msg, msg
+    assert "4 times in a row" in msg and "run the call again" in msg, msg
+    monkeypatch.undo()
+    assert run(ip, "%pmap -q --chunksize 1 triple, range(8)") == [3 * x for x in range(8)]
+
+
 def test_workers_n_runs_at_most_n_tasks_at_once(ip, dask_pool):
     """``-n 1`` ran on every Dask worker while its report said "on 1 worker"."""
     run(ip, "import os, time\ndef pid_of(x):\n    time.sleep(0.05)\n    return os.getpid()\n")

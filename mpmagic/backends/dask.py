@@ -93,6 +93,8 @@ _PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
 _SETUP_KEYS = itertools.count(1)  # mpmagic's own clusters' setup stamp keys (DaskBackend._setup_key)
 _CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its worker processes are killed
 _KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
+_LOST_INPUT_RESENDS = 3  # times a unit is sent again after Dask lost one of its inputs on a worker
+_ABANDONED_ASKED = 1.0  # seconds between asking the workers which tasks given up on still run
 # The most ranks a cell may ask of a cluster not yet connected (one worker process each):
 # beyond any cluster's size, refused before one unit per rank is built (check_ranks).
 _MOST_RANKS = 65_536
@@ -503,6 +505,7 @@ class DaskBackend:
         # worker leaves); runs send no work there meanwhile (see _plan).
         self._abandoned: dict[str, str] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # keys of tasks whose end event came (recent ones)
+        self._abandoned_asked = 0.0  # when the workers were last asked which of those still run (_expire_abandoned)
         # Workers of mpmagic's own cluster it killed (a timeout, an interrupt, a cancel):
         # address -> when. Gone, though the scheduler lists them for a moment: runs
         # leave them out (``_nthreads``) and wait for no task of theirs.
@@ -1089,10 +1092,40 @@ class DaskBackend:
             for key, address in list(self._abandoned.items()):
                 if address not in nthreads:
                     del self._abandoned[key]
+        self._expire_abandoned()
+        with self._lock:
             busy: dict[str, int] = {}
             for address in self._abandoned.values():
                 busy[address] = busy.get(address, 0) + 1
             return busy
+
+    def _expire_abandoned(self) -> None:
+        """Forget the tasks given up on that their workers no longer run.
+
+        A mark is cleared by the task's end event, but that event does not
+        always come: after the client reconnected to the scheduler its topic
+        is no longer subscribed, and an event can be lost on the way. The
+        worker then stayed "busy" for the rest of the session, and every later
+        run (``--scaling`` too) left it out. So, at most once a second while
+        marks are left, the marked workers are asked which mpmagic tasks they
+        run (``dask_tasks.running_tags``); a worker that does not answer keeps
+        its marks."""
+        now = time.monotonic()
+        with self._lock:
+            if not self._abandoned or now - self._abandoned_asked < _ABANDONED_ASKED:
+                return
+            self._abandoned_asked = now
+            marked = dict(self._abandoned)
+        try:  # (not under self._lock: Dask's thread takes it for events while this waits on that thread)
+            replies = self.client.run(dask_tasks.running_tags, workers=sorted(set(marked.values())), on_error="return")
+        except Exception:
+            log.debug("mpmagic: could not ask the Dask workers which tasks they still run", exc_info=True)
+            return
+        with self._lock:
+            for key, address in marked.items():
+                tags = replies.get(address)
+                if isinstance(tags, list) and key not in tags:
+                    self._abandoned.pop(key, None)
 
     def _plan(
         self, nthreads: dict[str, int], workers: int | None, depth: int, quiet: bool = False
@@ -1807,6 +1840,25 @@ class _DaskRun:
                        "died, and so did the workers Dask and then mpmagic ran them on again (KilledWorker)")
             self.job.lost(task.unit, how, worker_kept=True)
             return
+        found = self._lost_input(task, exc)
+        if found is not None:
+            lost, lost_key = found
+            if self.resent.get(task.unit.id, 0) < _LOST_INPUT_RESENDS:
+                # Dask ran the task on a worker that no longer held an input it
+                # thought was there (a worker of the cluster died or left meanwhile:
+                # its bookkeeping of who holds what races with that). Not the unit's
+                # fault, and none of its code ran: send it again.
+                log.debug("mpmagic: %s lost %s on its worker: sent again", task.describe(self.job), lost)
+                self.resent[task.unit.id] = self.resent.get(task.unit.id, 0) + 1
+                if lost == "the function's payload":
+                    self._renew_payload()
+                self.job.requeue(task.unit)
+                return
+            raise MPMagicError(
+                f"Dask could not run {task.describe(self.job)}: the worker it went to no longer held {lost} "
+                f"(KeyError: {lost_key!r}), {self.resent[task.unit.id] + 1} times in a row; Dask loses track of "
+                "such data when workers of the cluster die or leave: run the call again"
+            ) from None
         if isinstance(exc, ImportError) and "mpmagic" in str(exc):
             raise MPMagicError(
                 f"the Dask workers of {self.backend.where} cannot import mpmagic ({exc}): install "
@@ -1819,6 +1871,35 @@ class _DaskRun:
         raise MPMagicError(
             f"Dask could not run {task.describe(self.job)}: {type(exc).__name__}: {exc}"
         ) from exc
+
+    def _lost_input(self, task: _Task, exc: BaseException | None) -> tuple[str, Any] | None:
+        """What ``exc`` says the task's worker lacked when Dask began it, and its key, if it is
+        Dask's ``KeyError`` for one of the task's own inputs: "the function's payload"
+        (its :func:`dask_tasks.hold` result) or "the unit's data" (a large unit's
+        scattered message). Such a KeyError is raised by Dask before the task's
+        function runs (``Worker._prepare_args_for_execution``), never by the user's
+        code (its errors come back in the task's reply)."""
+        if not isinstance(exc, KeyError) or not exc.args:
+            return None
+        key = exc.args[0]
+        payload = self.payload_future
+        if (payload is not None and key == payload.key) or (isinstance(key, str) and key.startswith("mpmagic-payload-")):
+            return "the function's payload", key
+        if task.data_future is not None and key == task.data_future.key:
+            return "the unit's data", key
+        return None
+
+    def _renew_payload(self) -> None:
+        """A new hold task for the function's payload (new key), for the units sent
+        from now on: the old one's key is the one a worker's bookkeeping lost."""
+        key, data = self.job.func_key, self.job.func_payload
+        if key is None or data is None:
+            return
+        backend = self.backend
+        with backend._lock:
+            if backend._payloads.get(key) is self.payload_future:
+                del backend._payloads[key]
+        self.payload_future = backend._payload_future(key, data, self.restrict)
 
     def _scheduler_reachable(self) -> bool:
         """Does the scheduler's port still take a connection (1 s at most)?"""

@@ -27,7 +27,10 @@ and answers with the same packed replies (``mpmagic/protocol.py``), so
   shared and may be on other machines, and gets none of it.
 * every task logs a start event and, whatever happens, an end event: the
   notebook knows when a task it gave up on (timeout, interrupt) frees its
-  worker thread, and sends no new work there meanwhile.
+  worker thread, and sends no new work there meanwhile. Each process also
+  keeps the tags of the tasks it runs (:func:`running_tags`): the notebook asks
+  for them when an end event is late (a lost event must not mark a worker busy
+  for good).
 * the user's modules the notebook reloaded (``importlib.reload``,
   ``%autoreload``) are reloaded here too, before the task runs, once per worker
   process and in the notebook's order: each task carries the notebook's list
@@ -68,6 +71,11 @@ _CACHE_SIZE = 16  # loaded functions kept per worker process
 _FLUSH_INTERVAL = 0.1  # seconds between streamed output events of one task
 _funcs: OrderedDict[Any, Loaded] = OrderedDict()  # by key, or (key, call) for a stateful function
 _funcs_lock = threading.Lock()
+# Tasks running in this process now: tag -> the address of the worker running it
+# (an in-process cluster has several workers in one process). The notebook asks
+# for them (:func:`running_tags`) when a task it gave up on sent no end event.
+_running: dict[Any, str | None] = {}
+_running_lock = threading.Lock()
 log = logging.getLogger("mpmagic")
 
 
@@ -644,10 +652,14 @@ def run_message(
     msg = unpack(data)
     if type(msg) not in (Map, Cell):
         raise ProtocolError(f"a Dask task runs Map or Cell messages, not {type(msg).__name__}")
+    with _running_lock:
+        _running[tag] = _worker_address()
     _log_event(topic, {"tag": tag, "start": True})
     try:
         return _run(msg, func_payload, topic, tag, world, reloads, versions)
     finally:  # (an abandoned task's thread is free again: see the module's docstring)
+        with _running_lock:
+            _running.pop(tag, None)
         _log_event(topic, {"tag": tag, "end": True})
 
 
@@ -662,6 +674,19 @@ def _random_states_back(call: Any) -> None:
         if _seeds_call[0] != call:
             _seeds_call[0] = call
             seeding.restore()
+
+
+def running_tags(dask_worker: Any = None) -> list[Any]:
+    """The tags of the mpmagic tasks this worker runs now, for ``Client.run``.
+
+    The notebook asks when it marked a worker busy with a task it gave up on
+    and that task's end event has not come: it never comes if the notebook's
+    client reconnected meanwhile (its topic subscription is not renewed) or
+    the event was lost on the way. Without this, the worker stayed "busy" for
+    the rest of the session."""
+    address = getattr(dask_worker, "address", None)
+    with _running_lock:
+        return [tag for tag, where in _running.items() if address is None or where in (address, None)]
 
 
 def _run(
