@@ -1030,11 +1030,35 @@ def notebook_seeded() -> set[str]:
             continue
         if cell.lstrip().startswith(("%%pool", "%%parallel")):
             continue
+        code = _code_only(cell)
         for state, pattern in _SEEDS.items():
-            if pattern.search(cell):
+            if pattern.search(code):
                 found.update(("random", "numpy") if state == "both" else (state,))
     _seed_scan[1] = len(cells)
     return found
+
+
+def _code_only(cell: str) -> str:
+    """``cell`` without its comments and strings (``# np.random.seed(0) was here`` seeds
+    nothing); the cell as it is where it cannot be read as Python tokens (a ``!ls`` line)."""
+    import io
+    import tokenize
+
+    skip = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    lines = cell.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    chars = list(cell)
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(cell).readline):
+            if t.type in skip:  # (blanked where it is, so the rest reads as it was written)
+                for at in range(starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1]):
+                    if chars[at] != "\n":
+                        chars[at] = " "
+    except Exception:  # (tokenize.TokenError, SyntaxError on 3.12+: a shell escape, an unclosed bracket)
+        return cell
+    return "".join(chars)
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:

@@ -1016,11 +1016,37 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             continue
         kind = _generator_kind(v)
         if kind:
-            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
+            if not _only_tested(code, name):  # (``x if rng is None else ...``: nothing drawn)
+                found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
             continue
         source = _global_draw(v, name, chains)
         if source:
             found.append(RandomUse(func_name_of(func), source, name, code=code))
+
+
+# (what follows a load that only tests it against None: ``rng is None``, ``if rng is not None``)
+_NONE_TESTS = ("IS_OP", "COMPARE_OP")
+
+
+def _only_tested(code: types.CodeType, name: str) -> bool:
+    """Whether each load of ``name`` in ``code`` (and the code nested in it) only tests it
+    against None (``x if rng is None else x + 1``): a function reading the notebook's
+    generator so draws nothing from it, the same serially and in the workers."""
+    loads = 0
+    for c in _codes(code):
+        ins = [i for i in dis.get_instructions(c) if i.opname != "CACHE"]
+        for k, one in enumerate(ins):
+            if one.opname not in _LOOKUPS or one.argval != name:
+                continue
+            loads += 1
+            after = ins[k + 1:k + 3]
+            if after and after[0].opname.endswith(("IF_NONE", "IF_NOT_NONE")):
+                continue
+            if (len(after) == 2 and after[0].opname == "LOAD_CONST" and after[0].argval is None
+                    and after[1].opname in _NONE_TESTS):
+                continue
+            return False
+    return loads > 0
 
 
 # (per code object: its look-up chains, and the globals it reads; kept as _code_changes is)

@@ -296,3 +296,30 @@ def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, ca
     ip.run_cell("%%pool setup\nimport random\nrandom.seed(0)", store_history=True)  # (seeds the workers)
     run(ip, "%pool setup clear")
     assert "_d draws" not in capsys.readouterr().err
+
+
+def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
+    """A function that reads the notebook's generator only to test it against None
+    (``x if rng is None else x + 1``) draws nothing from it: serially and in the workers
+    the results are the same, so no line of random draws. A seed written in a comment or
+    a string of a cell (``# np.random.seed(0) was here``) seeded nothing: a function
+    drawing from numpy's global state is as unrepeatable serially."""
+    import numpy as np
+
+    from mpmagic import payload_cache
+
+    rng = np.random.default_rng(0)
+    ns = {"rng": rng}
+    exec("def tested(x):\n    return x if rng is None else x + 1\n"
+         "def tested2(x):\n    if rng is not None and x:\n        return 1\n    return rng == None\n"
+         "def draws(x):\n    return rng.random() if rng is not None else x\n", ns)
+    assert [x if rng is None else x + 1 for x in range(3)] == list(map(ns["tested"], range(3)))
+    assert payload_cache.random_uses(ns["tested"]) == []
+    assert payload_cache.random_uses(ns["tested2"]) == []
+    assert [u.name for u in payload_cache.random_uses(ns["draws"])] == ["rng"]
+    mpmagic.api._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    ip.run_cell("# np.random.seed(0) was here\n_s = 'random.seed(1)'\n_t = '''\nnp.random.seed(2)'''",
+                store_history=True)
+    assert mpmagic.api.notebook_seeded() == set()
+    ip.run_cell("np.random.seed(0)  # random.seed(1) too", store_history=True)
+    assert mpmagic.api.notebook_seeded() == {"numpy"}
