@@ -172,10 +172,25 @@ def kill_on_sigterm(kill: Callable[[], None]) -> None:
         signal.raise_signal(signum)  # SIG_DFL: die of it, as without us
 
     on_sigterm.mpmagic_kills = True  # type: ignore[attr-defined]
+    on_sigterm.mpmagic_previous = previous  # type: ignore[attr-defined]  # (a fork worker's: forget_sigterm_handler)
     try:
         signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:
         pass
+
+
+def forget_sigterm_handler() -> None:
+    """In a worker forked from a notebook that installed :func:`kill_on_sigterm`'s
+    handler: put back the one that was there before it (the default, mostly). The
+    notebook's handler has nothing to kill here, and a Python handler cannot run while
+    a task holds the GIL, where the default action ends the process at once: the pool's
+    terminate() of a busy fork worker waited for its task (a stop ~1 s longer)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if getattr(handler, "mpmagic_kills", False):
+        try:
+            signal.signal(signal.SIGTERM, handler.mpmagic_previous)  # type: ignore[union-attr]
+        except (ValueError, TypeError, AttributeError):  # (not the main thread; an odd handler)
+            pass
 
 
 def watch_shell(release: Callable[[], None], shell: Any | None = None) -> None:
