@@ -868,7 +868,8 @@ class RandomUse:
     ``name``, a ``kind`` such as "numpy Generator"; ``argument``: given as that argument
     of a ``functools.partial``), "random" or "numpy" (that module's global state, through
     the notebook's name ``name``). ``code``: the code object of the function that draws
-    (what "once per function" counts)."""
+    (what "once per function" counts; a generator's own method given as the function:
+    ``(id(generator), method name)``, as it cannot be weakly referenced)."""
 
     func: str
     source: str
@@ -876,6 +877,7 @@ class RandomUse:
     kind: str = ""
     argument: bool = False
     code: Any = field(default=None, compare=False)
+    default: bool = False  # (``name`` is the argument whose default it is: ``def f(x, r=rng)``)
 
 
 def random_uses(func: Any) -> list[RandomUse]:
@@ -994,12 +996,27 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             elif callable(v) and not isinstance(v, type):  # (the accessor's task holds the user's function)
                 _uses_of(v, found, seen, depth + 1)
         func = func.func
+    owner = getattr(func, "__self__", None)
+    if owner is not None and type(func) is not types.FunctionType and not isinstance(owner, types.ModuleType):
+        kind = _generator_kind(owner)  # (pmap(rng.random, ...): the notebook's generator's own method)
+        if kind:
+            name = next((k for k, v in getattr(sys.modules.get("__main__"), "__dict__", {}).items()
+                         if v is owner and not k.startswith("_")), "")
+            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=(id(owner), func_name_of(func))))
+            return
     if isinstance(func, types.MethodType):
         func = func.__func__
     if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
         return
     seen.add(id(func))
     code = func.__code__
+    positional = code.co_varnames[:code.co_argcount]
+    defaults = [*zip(positional[len(positional) - len(func.__defaults__ or ()):], func.__defaults__ or (),
+                     strict=True), *(func.__kwdefaults__ or {}).items()]
+    for name, v in defaults:  # (def f(x, r=rng): the default goes with the function, a copy per worker)
+        kind = _generator_kind(v) if type(v) not in _ATOMIC else ""
+        if kind:
+            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code, default=True))
     chains, reads = _read(code)
     values = [(n, func.__globals__.get(n, _MISSING)) for n in reads]
     for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):

@@ -323,3 +323,29 @@ def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
     assert mpmagic.api.notebook_seeded() == set()
     ip.run_cell("np.random.seed(0)  # random.seed(1) too", store_history=True)
     assert mpmagic.api.notebook_seeded() == {"numpy"}
+
+
+def test_a_generator_as_a_default_or_the_function_itself_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """random23's line missed two ways a notebook's generator goes to the workers as a
+    copy: as a default argument (``def f(x, r=rng)``) and as the function itself
+    (``pmap(rng.random, ...)``, its bound method). Serial map() draws one stream on
+    (distinct numbers); two workers drew the same numbers from their copies, silently.
+    The line names each, once."""
+    import numpy as np
+
+    mpmagic.api._said_draws.clear()
+    mpmagic.api._said_methods.clear()
+    run(ip, "import numpy as np\nrng = np.random.default_rng(0)\n"
+            "def _dflt(x, r=rng):\n    return float(r.random())\n")
+    serial = [float(v) for v in np.random.default_rng(0).random(6)]
+    got = run(ip, "%pmap -q --chunksize 1 _dflt, range(6)")
+    assert len(set(serial)) == 6 and set(got) <= set(serial)
+    err = capsys.readouterr().err
+    assert ("mpmagic: _dflt draws from the numpy Generator its argument r defaults to: each worker draws from its "
+            "own copy of it as it was at the call") in err, err
+    got = run(ip, "[float(v[0]) for v in mpmagic.pmap(rng.random, [1] * 6, chunksize=1)]")
+    assert set(got) <= set(serial)
+    err = capsys.readouterr().err
+    assert "mpmagic: random draws from the notebook's numpy Generator `rng`: each worker draws from its own" in err
+    run(ip, "_ = mpmagic.pmap(rng.random, [1] * 2)")
+    assert "mpmagic:" not in capsys.readouterr().err  # (once)
