@@ -1002,7 +1002,9 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
         if kind:
             name = next((k for k, v in getattr(sys.modules.get("__main__"), "__dict__", {}).items()
                          if v is owner and not k.startswith("_")), "")
-            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=(id(owner), func_name_of(func))))
+            method = func_name_of(func)  # (said as rng.random: "random" alone reads as the module)
+            found.append(RandomUse(f"{name}.{method}" if name else method, "generator", name, kind,
+                                   code=(id(owner), method)))
             return
     if isinstance(func, types.MethodType):
         func = func.__func__

@@ -346,6 +346,6 @@ def test_a_generator_as_a_default_or_the_function_itself_says_workers_draw_from_
     got = run(ip, "[float(v[0]) for v in mpmagic.pmap(rng.random, [1] * 6, chunksize=1)]")
     assert set(got) <= set(serial)
     err = capsys.readouterr().err
-    assert "mpmagic: random draws from the notebook's numpy Generator `rng`: each worker draws from its own" in err
+    assert "mpmagic: rng.random draws from the notebook's numpy Generator `rng`: each worker draws from its own" in err
     run(ip, "_ = mpmagic.pmap(rng.random, [1] * 2)")
     assert "mpmagic:" not in capsys.readouterr().err  # (once)
