@@ -1047,6 +1047,7 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
 _NONE_TESTS = ("IS_OP", "COMPARE_OP")
 
 
+@functools.lru_cache(maxsize=256)  # (each call of a function that tests a generator: read once)
 def _only_tested(code: types.CodeType, name: str) -> bool:
     """Whether each load of ``name`` in ``code`` (and the code nested in it) only tests it
     against None (``x if rng is None else x + 1``): a function reading the notebook's
