@@ -929,8 +929,9 @@ def _generator_kind(v: Any) -> str:
     inst, _, _, legacy, kinds = _kinds()
     if v is inst or v is legacy:
         return ""
+    cls = type(v)  # (its own type: isinstance asks a __class__ that may raise, or say Generator in a Mock)
     for t, words in kinds:
-        if isinstance(v, t):
+        if issubclass(cls, t):
             return words
     return ""
 
@@ -1038,7 +1039,10 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             if not _only_tested(code, name):  # (``x if rng is None else ...``: nothing drawn)
                 found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
             continue
-        source = _global_draw(v, name, chains)
+        try:
+            source = _global_draw(v, name, chains)
+        except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
+            continue
         if source:
             found.append(RandomUse(func_name_of(func), source, name, code=code))
 

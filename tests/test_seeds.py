@@ -349,3 +349,30 @@ def test_a_generator_as_a_default_or_the_function_itself_says_workers_draw_from_
     assert "mpmagic: rng.random draws from the notebook's numpy Generator `rng`: each worker draws from its own" in err
     run(ip, "_ = mpmagic.pmap(rng.random, [1] * 2)")
     assert "mpmagic:" not in capsys.readouterr().err  # (once)
+
+
+def test_an_odd_global_neither_hides_nor_fakes_a_generators_draws():
+    """The draws line reads the values of the names a function reads. An object whose
+    ``__class__`` raises (a lazy proxy) made the whole reading give up, so the function's
+    real draws from ``rng`` went unsaid; one whose ``__class__`` says numpy Generator (a
+    ``Mock(spec=Generator)``) was said as a generator the function draws from. The
+    value's own type decides, and no code of the value runs."""
+    from unittest import mock
+
+    import numpy as np
+
+    from mpmagic import payload_cache
+
+    class Lazy:
+        @property
+        def __class__(self):  # type: ignore[override]
+            raise RuntimeError("not loaded")
+
+        def __getattr__(self, name):
+            raise RuntimeError("not loaded")
+
+    ns = {"rng": np.random.default_rng(0), "lazy": Lazy(), "fake": mock.Mock(spec=np.random.Generator)}
+    exec("def draws(x):\n    return (lazy, rng.random())\n"
+         "def fakes(x):\n    return fake.random()\n", ns)
+    assert [u.name for u in payload_cache.random_uses(ns["draws"])] == ["rng"]
+    assert payload_cache.random_uses(ns["fakes"]) == []
