@@ -957,6 +957,18 @@ def _say_list_changes(func: Callable, compared: bool) -> None:
 _said_draws: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
 
 
+#: A generator's own method given as the function (``pmap(rng.random, ...)``), said once:
+#: ``(id(generator), method name)`` (a numpy generator cannot be weakly referenced).
+_said_methods: set[Any] = set()
+
+
+def _draws_said(code: Any) -> bool:
+    """Whether the draws of the function ``code`` stands for were said already."""
+    if isinstance(code, types.CodeType):
+        return code in _said_draws
+    return code is not None and code in _said_methods
+
+
 def _say_random_draws(func: Callable, workers: int | None, advised: bool, accessor: bool = False) -> None:
     """One line, once per function: its random draws cannot mean what they mean serially
     (random23). A generator object it captures (``rng = np.random.default_rng(0)``) goes
@@ -971,13 +983,15 @@ def _say_random_draws(func: Callable, workers: int | None, advised: bool, access
     inner = func.func if isinstance(func, functools.partial) else func
     if not accessor and getattr(inner, "__module__", None) == "mpmagic.pandas_accessor":
         return  # (the accessor says it, with its own remedy: pandas_accessor._run)
-    uses = [u for u in payload_cache.random_uses(func) if u.code is None or u.code not in _said_draws]
+    uses = [u for u in payload_cache.random_uses(func) if not _draws_said(u.code)]
     if not uses:
         return
     use = uses[0]
     if use.source == "generator":
-        what = f"the {use.kind} it is given as argument {use.name}" if use.argument else (
-            f"the notebook's {use.kind} `{use.name}`")
+        what = (f"the {use.kind} it is given as argument {use.name}" if use.argument
+                else f"the {use.kind} its argument {use.name} defaults to" if use.default
+                else f"the notebook's {use.kind} `{use.name}`" if use.name else f"the notebook's {use.kind} it is a "
+                "method of")
         if workers is None:
             from . import pool
 
@@ -994,8 +1008,12 @@ def _say_random_draws(func: Callable, workers: int | None, advised: bool, access
         line = (f"{use.func} draws from {state}, which the notebook seeded: each worker draws from a state of "
                 "its own, not the notebook's, so the numbers differ from a serial run's and from one run to the "
                 "next, and the notebook's state does not move on")
-    if use.code is not None:
+    if isinstance(use.code, types.CodeType):
         _said_draws.add(use.code)
+    elif use.code is not None:
+        if len(_said_methods) > 1000:
+            _said_methods.clear()
+        _said_methods.add(use.code)
     remedy = ("seed a generator in the function from what it is given (np.random.default_rng of a row's or "
               "group's .name)" if accessor else "use --seed S (seed=S), and mpmagic.rng() for a Generator")
     sys.stderr.write(f"mpmagic: {line}; for draws that differ per item and repeat on any number of workers "
@@ -1030,11 +1048,35 @@ def notebook_seeded() -> set[str]:
             continue
         if cell.lstrip().startswith(("%%pool", "%%parallel")):
             continue
+        code = _code_only(cell)
         for state, pattern in _SEEDS.items():
-            if pattern.search(cell):
+            if pattern.search(code):
                 found.update(("random", "numpy") if state == "both" else (state,))
     _seed_scan[1] = len(cells)
     return found
+
+
+def _code_only(cell: str) -> str:
+    """``cell`` without its comments and strings (``# np.random.seed(0) was here`` seeds
+    nothing); the cell as it is where it cannot be read as Python tokens (a ``!ls`` line)."""
+    import io
+    import tokenize
+
+    skip = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
+    lines = cell.splitlines(keepends=True)
+    starts = [0]
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    chars = list(cell)
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(cell).readline):
+            if t.type in skip:  # (blanked where it is, so the rest reads as it was written)
+                for at in range(starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1]):
+                    if chars[at] != "\n":
+                        chars[at] = " "
+    except Exception:  # (tokenize.TokenError, SyntaxError on 3.12+: a shell escape, an unclosed bracket)
+        return cell
+    return "".join(chars)
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:

@@ -540,7 +540,8 @@ def _mark_bindings(body: list[ast.stmt], watched: set[str], nested: bool = False
     """``body`` (a kept rank's cell) with a call of :class:`_Bindings` where a name of
     ``watched`` (the notebook's, not the rank's yet) is bound inside a compound statement
     (after an assignment, import, ``def`` or ``class``; first in the body of a ``for``
-    binding its target or a ``with`` binding its ``as``), and around each walrus. Why:
+    binding its target or a ``with`` binding its ``as``), around each walrus, and in the
+    guard of a ``match`` case whose pattern captures one (:func:`_mark_captures`). Why:
     a top-level binding is known for sure (:func:`_surely_bound`), and identity tells
     other cases apart, but ``if rank == 0: k = k + 0`` leaves the very same object under
     ``k``: serially the assignment happened, and ``k`` is the rank's. Only what ran is
@@ -564,7 +565,10 @@ def _mark_bindings(body: list[ast.stmt], watched: set[str], nested: bool = False
                     for item in value:
                         if isinstance(item, ast.expr):
                             item = walrus.visit(item)
-                        elif isinstance(item, (ast.ExceptHandler, ast.match_case)):
+                        elif isinstance(item, ast.match_case):
+                            item.body = _mark_bindings(item.body, watched, nested=True)
+                            _mark_captures(item, watched)
+                        elif isinstance(item, ast.ExceptHandler):
                             item.body = _mark_bindings(item.body, watched, nested=True)
                         elif isinstance(item, ast.withitem):
                             item.context_expr = walrus.visit(item.context_expr)
@@ -589,6 +593,22 @@ def _mark_bindings(body: list[ast.stmt], watched: set[str], nested: bool = False
             if names:
                 out.append(_marker(names, statement))
     return out
+
+
+def _mark_captures(case: ast.match_case, watched: set[str]) -> None:
+    """``case``'s guard records the watched names its pattern captures (``case k:``,
+    ``case [m, *n]:``, ``{**p}``): a guard runs exactly when the pattern matched, and the
+    names are bound then, whether the guard holds or not (as CPython binds them)."""
+    names = sorted({n for node in ast.walk(case.pattern)
+                    for n in ((node.name,) if isinstance(node, (ast.MatchAs, ast.MatchStar)) else
+                              (node.rest,) if isinstance(node, ast.MatchMapping) else ())
+                    if n is not None} & watched)
+    if not names:
+        return
+    call = ast.Call(ast.Name(_BOUND, ast.Load()), [ast.Constant(True), *(ast.Constant(n) for n in names)], [])
+    ast.copy_location(call, case.pattern)
+    guard = _MarkWalrus(watched).visit(case.guard) if case.guard is not None else None
+    case.guard = call if guard is None else ast.copy_location(ast.BoolOp(ast.And(), [call, guard]), guard)
 
 
 def _marked(body: ast.Module, last: ast.Expression | None, watched: set[str], source: str,

@@ -137,7 +137,10 @@ def kill_on_sigterm(kill: Callable[[], None]) -> None:
     spawn worker notices its notebook's death from a thread, which cannot run
     while its task holds the GIL in C code: such workers ran on for the rest of
     the task (for ever, reparented to init). ``kill`` must only send signals:
-    it runs in the middle of whatever the main thread was doing. Installed from
+    it runs in the middle of whatever the main thread was doing. A handler the
+    notebook installed before is called instead, and ``kill()`` only if it raises
+    SystemExit: a handler that lets the process go on (a graceful stop's flag)
+    keeps its workers, as it keeps everything else. Installed from
     the main thread only (``%load_ext``), once, and not over a handler that was
     not installed from Python (it could not be put back) or one that ignores it.
     """
@@ -150,22 +153,44 @@ def kill_on_sigterm(kill: Callable[[], None]) -> None:
     if previous is None or previous == signal.SIG_IGN or getattr(previous, "mpmagic_kills", False):
         return
 
-    def on_sigterm(signum: int, frame: Any) -> None:
+    def killed() -> None:
         try:
             kill()
         except Exception:  # never in the way of the process's end
             logging.getLogger("mpmagic").debug("killing the workers on SIGTERM failed", exc_info=True)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if callable(previous):  # the notebook's own handler decides: a graceful stop's flag goes on running
+            try:
+                previous(signum, frame)
+            except SystemExit:  # (it ends the process: its workers with it)
+                killed()
+                raise
+            return  # (the process goes on, and so do its workers; this handler stays for the next SIGTERM)
+        killed()
         signal.signal(signal.SIGTERM, previous)
-        if callable(previous):
-            previous(signum, frame)
-        else:  # SIG_DFL: die of it, as without us
-            signal.raise_signal(signum)
+        signal.raise_signal(signum)  # SIG_DFL: die of it, as without us
 
     on_sigterm.mpmagic_kills = True  # type: ignore[attr-defined]
+    on_sigterm.mpmagic_previous = previous  # type: ignore[attr-defined]  # (a fork worker's: forget_sigterm_handler)
     try:
         signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:
         pass
+
+
+def forget_sigterm_handler() -> None:
+    """In a worker forked from a notebook that installed :func:`kill_on_sigterm`'s
+    handler: put back the one that was there before it (the default, mostly). The
+    notebook's handler has nothing to kill here, and a Python handler cannot run while
+    a task holds the GIL, where the default action ends the process at once: the pool's
+    terminate() of a busy fork worker waited for its task (a stop ~1 s longer)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if getattr(handler, "mpmagic_kills", False):
+        try:
+            signal.signal(signal.SIGTERM, handler.mpmagic_previous)  # type: ignore[union-attr]
+        except (ValueError, TypeError, AttributeError):  # (not the main thread; an odd handler)
+            pass
 
 
 def watch_shell(release: Callable[[], None], shell: Any | None = None) -> None:

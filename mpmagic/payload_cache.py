@@ -868,7 +868,8 @@ class RandomUse:
     ``name``, a ``kind`` such as "numpy Generator"; ``argument``: given as that argument
     of a ``functools.partial``), "random" or "numpy" (that module's global state, through
     the notebook's name ``name``). ``code``: the code object of the function that draws
-    (what "once per function" counts)."""
+    (what "once per function" counts; a generator's own method given as the function:
+    ``(id(generator), method name)``, as it cannot be weakly referenced)."""
 
     func: str
     source: str
@@ -876,6 +877,7 @@ class RandomUse:
     kind: str = ""
     argument: bool = False
     code: Any = field(default=None, compare=False)
+    default: bool = False  # (``name`` is the argument whose default it is: ``def f(x, r=rng)``)
 
 
 def random_uses(func: Any) -> list[RandomUse]:
@@ -927,8 +929,9 @@ def _generator_kind(v: Any) -> str:
     inst, _, _, legacy, kinds = _kinds()
     if v is inst or v is legacy:
         return ""
+    cls = type(v)  # (its own type: isinstance asks a __class__ that may raise, or say Generator in a Mock)
     for t, words in kinds:
-        if isinstance(v, t):
+        if issubclass(cls, t):
             return words
     return ""
 
@@ -994,12 +997,29 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             elif callable(v) and not isinstance(v, type):  # (the accessor's task holds the user's function)
                 _uses_of(v, found, seen, depth + 1)
         func = func.func
+    owner = getattr(func, "__self__", None)
+    if owner is not None and type(func) is not types.FunctionType and not isinstance(owner, types.ModuleType):
+        kind = _generator_kind(owner)  # (pmap(rng.random, ...): the notebook's generator's own method)
+        if kind:
+            name = next((k for k, v in getattr(sys.modules.get("__main__"), "__dict__", {}).items()
+                         if v is owner and not k.startswith("_")), "")
+            method = func_name_of(func)  # (said as rng.random: "random" alone reads as the module)
+            found.append(RandomUse(f"{name}.{method}" if name else method, "generator", name, kind,
+                                   code=(id(owner), method)))
+            return
     if isinstance(func, types.MethodType):
         func = func.__func__
     if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
         return
     seen.add(id(func))
     code = func.__code__
+    positional = code.co_varnames[:code.co_argcount]
+    defaults = [*zip(positional[len(positional) - len(func.__defaults__ or ()):], func.__defaults__ or (),
+                     strict=True), *(func.__kwdefaults__ or {}).items()]
+    for name, v in defaults:  # (def f(x, r=rng): the default goes with the function, a copy per worker)
+        kind = _generator_kind(v) if type(v) not in _ATOMIC else ""
+        if kind:
+            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code, default=True))
     chains, reads = _read(code)
     values = [(n, func.__globals__.get(n, _MISSING)) for n in reads]
     for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
@@ -1016,11 +1036,41 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             continue
         kind = _generator_kind(v)
         if kind:
-            found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
+            if not _only_tested(code, name):  # (``x if rng is None else ...``: nothing drawn)
+                found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
             continue
-        source = _global_draw(v, name, chains)
+        try:
+            source = _global_draw(v, name, chains)
+        except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
+            continue
         if source:
             found.append(RandomUse(func_name_of(func), source, name, code=code))
+
+
+# (what follows a load that only tests it against None: ``rng is None``, ``if rng is not None``)
+_NONE_TESTS = ("IS_OP", "COMPARE_OP")
+
+
+@functools.lru_cache(maxsize=256)  # (each call of a function that tests a generator: read once)
+def _only_tested(code: types.CodeType, name: str) -> bool:
+    """Whether each load of ``name`` in ``code`` (and the code nested in it) only tests it
+    against None (``x if rng is None else x + 1``): a function reading the notebook's
+    generator so draws nothing from it, the same serially and in the workers."""
+    loads = 0
+    for c in _codes(code):
+        ins = [i for i in dis.get_instructions(c) if i.opname != "CACHE"]
+        for k, one in enumerate(ins):
+            if one.opname not in _LOOKUPS or one.argval != name:
+                continue
+            loads += 1
+            after = ins[k + 1:k + 3]
+            if after and after[0].opname.endswith(("IF_NONE", "IF_NOT_NONE")):
+                continue
+            if (len(after) == 2 and after[0].opname == "LOAD_CONST" and after[0].argval is None
+                    and after[1].opname in _NONE_TESTS):
+                continue
+            return False
+    return loads > 0
 
 
 # (per code object: its look-up chains, and the globals it reads; kept as _code_changes is)

@@ -65,6 +65,7 @@ from . import (
     compat,
     context,
     debugging,
+    exiting,
     loadstamps,
     payload,
     payload_cache,
@@ -1440,6 +1441,7 @@ def main(
     task_builtins.use_task_backend()  # (before anything imports matplotlib)
     start_worker(init, worker_id)  # before anything imports numpy (the variables are read at load)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exiting.forget_sigterm_handler()  # (a fork of a notebook that ran %load_ext: its handler is the notebook's)
     if hasattr(signal, "pthread_sigmask"):  # started with SIGINT blocked (see local.py)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     task_builtins.install(force=True)  # display() and get_ipython(): ours, also over a fork's copies of IPython's

@@ -148,3 +148,24 @@ def test_a_notebook_name_a_kept_rank_rebinds_to_the_same_object_in_a_branch_is_t
     run(ip, "k, m, n, p, q, c, r, s = 10, 'b', 70, 30, 40, 50, 60, 80")
     assert list(run(ip, "%%parallel --keep -q\n(k, m, n, p, q, c, r, s)")) == [
         (1, "a", 7, 3, 4, 5, 60, 80), (10, "a", 7, 3, 4, 5, 60, 80)]
+
+
+def test_a_notebook_name_a_match_pattern_captures_in_a_kept_rank_is_the_ranks(ip, local_pool):
+    """A ``match`` case's capture pattern binds as an assignment does: ``case k:`` (the
+    very same object as the notebook's ``k``), ``case [m, *n]:`` and a mapping's
+    ``**p``. Serially the name is the rank's from then on; it stayed the notebook's, and
+    the next --keep cell got the notebook's later value. A case that did not match
+    binds nothing: that name stays the notebook's."""
+    run(ip, "k, m, n, p, r = 1, 2, [3], {}, 6")
+    cell = ("%%parallel --keep --reset -q\n"
+            "match k:\n    case k:\n        pass\n"
+            "match [m, *n]:\n    case [m, *n]:\n        pass\n"
+            "match {'a': 1, **p}:\n    case {'a': 1, **p}:\n        pass\n"
+            "match 0:\n    case 1:\n        pass\n    case [r]:\n        pass\n"
+            "0")
+    ns = {"k": 1, "m": 2, "n": [3], "p": {}, "r": 6}
+    exec("match k:\n    case k:\n        pass\nmatch [m, *n]:\n    case [m, *n]:\n        pass\n", ns)
+    assert ns["k"] == 1 and ns["m"] == 2 and ns["n"] == [3]
+    assert list(run(ip, cell)) == [0, 0]
+    run(ip, "k, m, n, p, r = 10, 20, [30], {'x': 1}, 60")
+    assert list(run(ip, "%%parallel --keep -q\n(k, m, n, p, r)")) == [(1, 2, [3], {}, 60)] * 2

@@ -483,6 +483,36 @@ def test_a_sigtermed_kernels_workers_in_a_task_holding_the_gil_end_with_it(metho
             pass
 
 
+def test_a_notebooks_own_sigterm_handler_decides_whether_the_workers_die():
+    """A notebook that installed its own SIGTERM handler before ``%load_ext`` (a flag
+    for a graceful stop: the process goes on) had its pool's workers SIGKILLed at the
+    first SIGTERM, its running work lost and the workers replaced, and the
+    handler's own stayed in place of mpmagic's from then on. Serially the notebook's
+    handler alone decides: its workers die only where it ends the process
+    (``sys.exit()`` in it), and mpmagic's stays for the next SIGTERM."""
+    script = (
+        "import os, signal, sys\n"
+        "from mpmagic import exiting\n"
+        "got, killed = [], []\n"
+        "def mine(signum, frame):\n"
+        "    got.append(signum)\n"
+        "    if len(got) == 2:\n"
+        "        sys.exit(3)\n"
+        "signal.signal(signal.SIGTERM, mine)\n"
+        "exiting.kill_on_sigterm(lambda: killed.append(1))\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print(got, killed, getattr(signal.getsignal(signal.SIGTERM), 'mpmagic_kills', False), flush=True)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "finally:\n"
+        "    print(got, killed, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.stdout.splitlines() == ["[15] [] True", "[15, 15] [1]"], (done.stdout, done.stderr)
+    assert done.returncode == 3, done.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_forkserver_the_notebook_stops_itself_leaves_at_once(monkeypatch):
     """The forkserver's exit waited up to 1 s for its notebook to die, also when

@@ -80,3 +80,35 @@ def test_shared_value_made_after_the_fork(ip, fork_pool):
         "        counter.value += 1\n",
     )
     assert ip.user_ns["counter"].value == 1000
+
+
+def _sigterm_handler(_: object) -> str:
+    import signal
+
+    handler = signal.getsignal(signal.SIGTERM)
+    return getattr(handler, "name", None) or getattr(handler, "__qualname__", repr(handler))
+
+
+def test_fork_workers_do_not_carry_the_notebooks_sigterm_handler(ip):
+    """``%load_ext`` installs a SIGTERM handler in the notebook (exiting.kill_on_sigterm:
+    kill the workers, then die). A fork worker inherited it: a Python handler, which
+    cannot run while a task holds the GIL, where the default action ends the process at
+    once, so stopping a pool whose fork worker was busy in C code took ~1 s longer (its
+    terminate() waited for the task). A fork worker puts back the handler that was
+    there before mpmagic's (the default here), as a spawn worker has it."""
+    import signal
+
+    from mpmagic import exiting
+
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        exiting.kill_on_sigterm(lambda: None)
+        assert getattr(signal.getsignal(signal.SIGTERM), "mpmagic_kills", False)
+        pool_module = mpmagic.pool
+        pool_module.shutdown()
+        mpmagic.use_local(2, "fork")
+        assert mpmagic.pmap(_sigterm_handler, range(2)) == ["SIG_DFL", "SIG_DFL"]
+    finally:
+        mpmagic.pool.shutdown()
+        signal.signal(signal.SIGTERM, saved)

@@ -296,3 +296,83 @@ def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, ca
     ip.run_cell("%%pool setup\nimport random\nrandom.seed(0)", store_history=True)  # (seeds the workers)
     run(ip, "%pool setup clear")
     assert "_d draws" not in capsys.readouterr().err
+
+
+def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
+    """A function that reads the notebook's generator only to test it against None
+    (``x if rng is None else x + 1``) draws nothing from it: serially and in the workers
+    the results are the same, so no line of random draws. A seed written in a comment or
+    a string of a cell (``# np.random.seed(0) was here``) seeded nothing: a function
+    drawing from numpy's global state is as unrepeatable serially."""
+    import numpy as np
+
+    from mpmagic import payload_cache
+
+    rng = np.random.default_rng(0)
+    ns = {"rng": rng}
+    exec("def tested(x):\n    return x if rng is None else x + 1\n"
+         "def tested2(x):\n    if rng is not None and x:\n        return 1\n    return rng == None\n"
+         "def draws(x):\n    return rng.random() if rng is not None else x\n", ns)
+    assert [x if rng is None else x + 1 for x in range(3)] == list(map(ns["tested"], range(3)))
+    assert payload_cache.random_uses(ns["tested"]) == []
+    assert payload_cache.random_uses(ns["tested2"]) == []
+    assert [u.name for u in payload_cache.random_uses(ns["draws"])] == ["rng"]
+    mpmagic.api._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    ip.run_cell("# np.random.seed(0) was here\n_s = 'random.seed(1)'\n_t = '''\nnp.random.seed(2)'''",
+                store_history=True)
+    assert mpmagic.api.notebook_seeded() == set()
+    ip.run_cell("np.random.seed(0)  # random.seed(1) too", store_history=True)
+    assert mpmagic.api.notebook_seeded() == {"numpy"}
+
+
+def test_a_generator_as_a_default_or_the_function_itself_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """random23's line missed two ways a notebook's generator goes to the workers as a
+    copy: as a default argument (``def f(x, r=rng)``) and as the function itself
+    (``pmap(rng.random, ...)``, its bound method). Serial map() draws one stream on
+    (distinct numbers); two workers drew the same numbers from their copies, silently.
+    The line names each, once."""
+    import numpy as np
+
+    mpmagic.api._said_draws.clear()
+    mpmagic.api._said_methods.clear()
+    run(ip, "import numpy as np\nrng = np.random.default_rng(0)\n"
+            "def _dflt(x, r=rng):\n    return float(r.random())\n")
+    serial = [float(v) for v in np.random.default_rng(0).random(6)]
+    got = run(ip, "%pmap -q --chunksize 1 _dflt, range(6)")
+    assert len(set(serial)) == 6 and set(got) <= set(serial)
+    err = capsys.readouterr().err
+    assert ("mpmagic: _dflt draws from the numpy Generator its argument r defaults to: each worker draws from its "
+            "own copy of it as it was at the call") in err, err
+    got = run(ip, "[float(v[0]) for v in mpmagic.pmap(rng.random, [1] * 6, chunksize=1)]")
+    assert set(got) <= set(serial)
+    err = capsys.readouterr().err
+    assert "mpmagic: rng.random draws from the notebook's numpy Generator `rng`: each worker draws from its own" in err
+    run(ip, "_ = mpmagic.pmap(rng.random, [1] * 2)")
+    assert "mpmagic:" not in capsys.readouterr().err  # (once)
+
+
+def test_an_odd_global_neither_hides_nor_fakes_a_generators_draws():
+    """The draws line reads the values of the names a function reads. An object whose
+    ``__class__`` raises (a lazy proxy) made the whole reading give up, so the function's
+    real draws from ``rng`` went unsaid; one whose ``__class__`` says numpy Generator (a
+    ``Mock(spec=Generator)``) was said as a generator the function draws from. The
+    value's own type decides, and no code of the value runs."""
+    from unittest import mock
+
+    import numpy as np
+
+    from mpmagic import payload_cache
+
+    class Lazy:
+        @property
+        def __class__(self):  # type: ignore[override]
+            raise RuntimeError("not loaded")
+
+        def __getattr__(self, name):
+            raise RuntimeError("not loaded")
+
+    ns = {"rng": np.random.default_rng(0), "lazy": Lazy(), "fake": mock.Mock(spec=np.random.Generator)}
+    exec("def draws(x):\n    return (lazy, rng.random())\n"
+         "def fakes(x):\n    return fake.random()\n", ns)
+    assert [u.name for u in payload_cache.random_uses(ns["draws"])] == ["rng"]
+    assert payload_cache.random_uses(ns["fakes"]) == []
