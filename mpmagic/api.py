@@ -766,6 +766,7 @@ def pmap(
     iterables, workers, chunksize, timeout, retries = check_map_args(func, iterables, workers, chunksize, timeout,
                                                                      errors, star, retries, checkpoint)
     check_flags(compare=compare, show_report=show_report, progress=progress, insights=insights, block=block)
+    block = True if block is None else block  # (None: the default, as for the options off by default)
     progress_delay = _check_progress_delay(progress_delay)
     _check_on_chunk(on_chunk)
     if not block:  # the run reads its input later, in its own thread: it takes it as it is now
@@ -2109,6 +2110,8 @@ def parallel(
     progress_delay = _check_progress_delay(progress_delay)
     check_flags(compare=compare, label_output=label_output, show_report=show_report, progress=progress,
                 insights=insights, block=block, keep=keep, reset=reset)
+    block = True if block is None else block  # (None: each option's default, on or off)
+    label_output = True if label_output is None else label_output
     if seed is not None:  # (a plain int from here on: the checkpoint's key and the ranks' streams)
         from .seeding import _check_seed
 

@@ -52,6 +52,17 @@ def test_an_on_off_option_takes_what_if_reads_as_true_or_false(pool2):
     assert mpmagic.parallel("rank", workers=2, label_output=np.True_, keep=0, namespace={}) == [0, 1]
 
 
+def test_none_for_an_on_off_option_is_its_default(pool2, capsys):
+    """None is the option's default, on or off: ``block=None`` is a blocking call (it
+    returned a background run, as block=False), ``label_output=None`` labels (the
+    default), ``compare=None`` compares nothing (the default)."""
+    serial = list(map(abs, XS))
+    assert mpmagic.pmap(abs, XS, block=None, compare=None) == serial
+    assert mpmagic.parallel("print(rank)", workers=2, label_output=None, block=None, namespace={}) == [None, None]
+    out = capsys.readouterr().out
+    assert "[rank 0] 0" in out and "[rank 1] 1" in out, out
+
+
 def test_checked_values_are_plain_ints_and_floats():
     """They travel to the workers and into the reports as plain numbers, not numpy scalars."""
     checked = api.check_map_args(abs, (XS,), N, np.int32(3), np.float32(0.5), "raise", False, np.uint8(1))
