@@ -37,7 +37,17 @@ from collections.abc import (
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
-from . import astlock, debugging, exiting, payload, payload_cache, serial_copy, shm, task_shell
+from . import (
+    astlock,
+    debugging,
+    draws,
+    exiting,
+    payload,
+    payload_cache,
+    serial_copy,
+    shm,
+    task_shell,
+)
 from .backends.base import Backend, Job
 from .cell import leave_out_unpicklable, make_cell_spec, run_cell_code, split_last_expression
 from .checks import (
@@ -778,7 +788,7 @@ def pmap(
         from . import background
 
         if seed is None and not _in_worker_process():  # (as a blocking run's: said as the run starts)
-            _say_random_draws(given_func, workers, advised=False)
+            draws.say_random_draws(given_func, workers, advised=False)
         if _in_worker_process():
             raise UsageError(
                 f"a background run (block=False, submit) cannot start {_where_no_pool()}: this process cannot start "
@@ -897,7 +907,7 @@ def pmap(
     if "changes" not in report.extra:  # (else the advice says it)
         _say_list_changes(given_func, report.serial is not None)
     if seed is None:  # (seed=: every item draws from its own stream, the same as serially)
-        _say_random_draws(given_func, report.workers, advised=show_report and report.equal is False)
+        draws.say_random_draws(given_func, report.workers, advised=show_report and report.equal is False)
     if show_report:
         print(report.line())
     return results
@@ -952,132 +962,6 @@ def _say_list_changes(func: Callable, compared: bool) -> None:
     sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
                      f"notebook{filled}; return the values (the map's results) and combine them here, or put "
                      "them in an mpmagic.Queue\n")
-
-
-#: The functions (their code) whose random draws were said (once each).
-_said_draws: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
-
-
-#: A generator's own method given as the function (``pmap(rng.random, ...)``), said once:
-#: ``(id(generator), method name)`` (a numpy generator cannot be weakly referenced).
-_said_methods: set[Any] = set()
-
-
-def _draws_said(code: Any) -> bool:
-    """Whether the draws of the function ``code`` stands for were said already."""
-    if isinstance(code, types.CodeType):
-        return code in _said_draws
-    return code is not None and code in _said_methods
-
-
-def _say_random_draws(func: Callable, workers: int | None, advised: bool, accessor: bool = False) -> None:
-    """One line, once per function: its random draws cannot mean what they mean serially
-    (random23). A generator object it captures (``rng = np.random.default_rng(0)``) goes
-    to each worker as a copy in the state of the call, so two workers drew the same
-    numbers (serially: one stream, going on), silently. ``random``'s or numpy's global
-    state is each worker's own: a seed the notebook set (``random.seed(0)``) reaches no
-    worker, so the results differ from serial and from one run to the next, silently
-    (said only once the notebook seeded that state; else serial draws are as unrepeatable).
-    ``workers``: those the run may use (None: the pool's). ``advised``: --compare's advice
-    line says the results differ and why, already. ``accessor``: the pandas accessor's run
-    (it has no seed=: the remedy is a generator seeded from what each call is given)."""
-    inner = func.func if isinstance(func, functools.partial) else func
-    if not accessor and getattr(inner, "__module__", None) == "mpmagic.pandas_accessor":
-        return  # (the accessor says it, with its own remedy: pandas_accessor._run)
-    uses = [u for u in payload_cache.random_uses(func) if not _draws_said(u.code)]
-    if not uses:
-        return
-    use = uses[0]
-    if use.source == "generator":
-        what = (f"the {use.kind} it is given as argument {use.name}" if use.argument
-                else f"the {use.kind} its argument {use.name} defaults to" if use.default
-                else f"the notebook's {use.kind} `{use.name}`" if use.name else f"the notebook's {use.kind} it is a "
-                "method of")
-        if workers is None:
-            from . import pool
-
-            workers = getattr(pool.current_pool(), "workers", 2)
-        alike = "so workers draw the same numbers, and " if not isinstance(workers, int) or workers > 1 else ""
-        line = (f"{use.func} draws from {what}: each worker draws from its own copy of it as it was at the call, "
-                f"{alike}the notebook's does not move on (a next call draws the same numbers again)")
-    else:
-        seeded = notebook_seeded()
-        use = next((u for u in uses if u.source in seeded), None)  # type: ignore[assignment]
-        if use is None or advised:
-            return
-        state = "random's global state" if use.source == "random" else "numpy.random's global state"
-        line = (f"{use.func} draws from {state}, which the notebook seeded: each worker draws from a state of "
-                "its own, not the notebook's, so the numbers differ from a serial run's and from one run to the "
-                "next, and the notebook's state does not move on")
-    if isinstance(use.code, types.CodeType):
-        _said_draws.add(use.code)
-    elif use.code is not None:
-        if len(_said_methods) > 1000:
-            _said_methods.clear()
-        _said_methods.add(use.code)
-    remedy = ("seed a generator in the function from what it is given (np.random.default_rng of a row's or "
-              "group's .name)" if accessor else "use --seed S (seed=S), and mpmagic.rng() for a Generator")
-    sys.stderr.write(f"mpmagic: {line}; for draws that differ per item and repeat on any number of workers "
-                     f"{remedy}\n")
-
-
-# A notebook cell that seeds random's or numpy's global state (not a %%pool setup or a
-# %%parallel cell: those run in the workers). An argument is required: random.seed()
-# reseeds from the OS, as unrepeatable as no seed.
-_SEEDS = {
-    "random": re.compile(r"(?<![\w.])random\.(?:seed\s*\(\s*[^)\s]|setstate\s*\()"),
-    "numpy": re.compile(r"\b(?:np|numpy)\.random\.(?:seed\s*\(\s*[^)\s]|set_state\s*\()"),
-    "both": re.compile(r"\b(?:set_seed|seed_everything|set_random_seed|seed_all)\s*\(\s*[^)\s]"),
-}
-_seed_scan: list[Any] = [None, 0, set()]  # [the shell, cells read, the states seeded so far]
-
-
-def notebook_seeded() -> set[str]:
-    """"random" and/or "numpy": the global states a cell of this IPython session seeded
-    (``random.seed(0)``, ``np.random.seed(0)``, a library's ``set_seed(0)``), read from
-    its input history, each cell once. Empty outside IPython (nothing is imported)."""
-    ipython = sys.modules.get("IPython")
-    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
-    cells = getattr(getattr(shell, "history_manager", None), "input_hist_raw", None)
-    if not isinstance(cells, list):
-        return set()
-    if _seed_scan[0] is not shell or _seed_scan[1] > len(cells):
-        _seed_scan[:] = [shell, 0, set()]
-    found: set[str] = _seed_scan[2]
-    for cell in cells[_seed_scan[1]:]:
-        if not isinstance(cell, str) or "seed" not in cell and "_state" not in cell:
-            continue
-        if cell.lstrip().startswith(("%%pool", "%%parallel")):
-            continue
-        code = _code_only(cell)
-        for state, pattern in _SEEDS.items():
-            if pattern.search(code):
-                found.update(("random", "numpy") if state == "both" else (state,))
-    _seed_scan[1] = len(cells)
-    return found
-
-
-def _code_only(cell: str) -> str:
-    """``cell`` without its comments and strings (``# np.random.seed(0) was here`` seeds
-    nothing); the cell as it is where it cannot be read as Python tokens (a ``!ls`` line)."""
-    import io
-    import tokenize
-
-    skip = {tokenize.COMMENT, tokenize.STRING, getattr(tokenize, "FSTRING_MIDDLE", tokenize.STRING)}
-    lines = cell.splitlines(keepends=True)
-    starts = [0]
-    for line in lines:
-        starts.append(starts[-1] + len(line))
-    chars = list(cell)
-    try:
-        for t in tokenize.generate_tokens(io.StringIO(cell).readline):
-            if t.type in skip:  # (blanked where it is, so the rest reads as it was written)
-                for at in range(starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1]):
-                    if chars[at] != "\n":
-                        chars[at] = " "
-    except Exception:  # (tokenize.TokenError, SyntaxError on 3.12+: a shell escape, an unclosed bracket)
-        return cell
-    return "".join(chars)
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:

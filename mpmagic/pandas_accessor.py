@@ -302,7 +302,7 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
     The report is shown by :func:`_report`, once the result is assembled.
     """
     __tracebackhide__ = True  # (ours, as pmap's: a task's error shows the cell's line, then the task's frames)
-    from . import api
+    from . import api, draws
 
     try:
         results = api.pmap(func, items, workers=workers, chunksize=1)
@@ -310,7 +310,7 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         _own_notes(exc)
         raise
     report = api.last_report()
-    api._say_random_draws(func, workers, advised=False, accessor=True)  # (rng.random() of the notebook's rng...)
+    draws.say_random_draws(func, workers, advised=False, accessor=True)  # (rng.random() of the notebook's rng...)
     if report is not None:
         count = spans[-1][1] if spans else 0
         report.items = count

@@ -663,7 +663,7 @@ def test_a_captured_generator_says_workers_draw_from_copies(ip, pool2, capsys):
     ``rng = np.random.default_rng(0)``: each worker drew from a copy, so rows of two
     workers got the same numbers, silently (serial df.apply: one stream). One line says
     so, once per function, with the accessor's remedy (it has no seed=)."""
-    mpmagic.api._said_draws.clear()
+    mpmagic.draws._said_draws.clear()
     run(ip, "import numpy as np, pandas as pd\nrng = np.random.default_rng(0)\n"
             "_rows = pd.DataFrame({'a': range(8)})\n"
             "def _acc_draw(r):\n    return float(rng.random())\n")

@@ -226,7 +226,7 @@ def test_a_captured_generator_says_workers_draw_from_copies(ip, local_pool, caps
     6 distinct). One line says so, once per function; --seed says nothing."""
     import numpy as np
 
-    mpmagic.api._said_draws.clear()  # (once per function: an equal function of the other start method's run)
+    mpmagic.draws._said_draws.clear()  # (once per function: an equal function of the other start method's run)
     run(ip, "import numpy as np, random, mpmagic, functools\nrng = np.random.default_rng(0)\n"
             "def _g(x):\n    return float(rng.random())\n"
             "def _g2(x):\n    return float(rng.random())\n"
@@ -268,8 +268,8 @@ def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, ca
             "def _b(x):\n    return float(np.random.rand())\n"
             "def _c(x):\n    return choice([1, 2, 3])\n")
     # (as if the session's cells so far seeded nothing: the other start method's run did)
-    mpmagic.api._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
-    mpmagic.api._said_draws.clear()
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    mpmagic.draws._said_draws.clear()
     run(ip, "_ = %pmap -q _a, range(4)")
     assert "mpmagic:" not in capsys.readouterr().err  # (not seeded: serial draws do not repeat either)
     ip.run_cell("random.seed(0)", store_history=True)
@@ -306,7 +306,7 @@ def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
     drawing from numpy's global state is as unrepeatable serially."""
     import numpy as np
 
-    from mpmagic import payload_cache
+    from mpmagic import draws
 
     rng = np.random.default_rng(0)
     ns = {"rng": rng}
@@ -314,15 +314,15 @@ def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
          "def tested2(x):\n    if rng is not None and x:\n        return 1\n    return rng == None\n"
          "def draws(x):\n    return rng.random() if rng is not None else x\n", ns)
     assert [x if rng is None else x + 1 for x in range(3)] == list(map(ns["tested"], range(3)))
-    assert payload_cache.random_uses(ns["tested"]) == []
-    assert payload_cache.random_uses(ns["tested2"]) == []
-    assert [u.name for u in payload_cache.random_uses(ns["draws"])] == ["rng"]
-    mpmagic.api._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    assert draws.random_uses(ns["tested"]) == []
+    assert draws.random_uses(ns["tested2"]) == []
+    assert [u.name for u in draws.random_uses(ns["draws"])] == ["rng"]
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
     ip.run_cell("# np.random.seed(0) was here\n_s = 'random.seed(1)'\n_t = '''\nnp.random.seed(2)'''",
                 store_history=True)
-    assert mpmagic.api.notebook_seeded() == set()
+    assert mpmagic.draws.notebook_seeded() == set()
     ip.run_cell("np.random.seed(0)  # random.seed(1) too", store_history=True)
-    assert mpmagic.api.notebook_seeded() == {"numpy"}
+    assert mpmagic.draws.notebook_seeded() == {"numpy"}
 
 
 def test_a_generator_as_a_default_or_the_function_itself_says_workers_draw_from_copies(ip, local_pool, capsys):
@@ -333,8 +333,8 @@ def test_a_generator_as_a_default_or_the_function_itself_says_workers_draw_from_
     The line names each, once."""
     import numpy as np
 
-    mpmagic.api._said_draws.clear()
-    mpmagic.api._said_methods.clear()
+    mpmagic.draws._said_draws.clear()
+    mpmagic.draws._said_methods.clear()
     run(ip, "import numpy as np\nrng = np.random.default_rng(0)\n"
             "def _dflt(x, r=rng):\n    return float(r.random())\n")
     serial = [float(v) for v in np.random.default_rng(0).random(6)]
@@ -361,7 +361,7 @@ def test_an_odd_global_neither_hides_nor_fakes_a_generators_draws():
 
     import numpy as np
 
-    from mpmagic import payload_cache
+    from mpmagic import draws
 
     class Lazy:
         @property
@@ -374,5 +374,5 @@ def test_an_odd_global_neither_hides_nor_fakes_a_generators_draws():
     ns = {"rng": np.random.default_rng(0), "lazy": Lazy(), "fake": mock.Mock(spec=np.random.Generator)}
     exec("def draws(x):\n    return (lazy, rng.random())\n"
          "def fakes(x):\n    return fake.random()\n", ns)
-    assert [u.name for u in payload_cache.random_uses(ns["draws"])] == ["rng"]
-    assert payload_cache.random_uses(ns["fakes"]) == []
+    assert [u.name for u in draws.random_uses(ns["draws"])] == ["rng"]
+    assert draws.random_uses(ns["fakes"]) == []
