@@ -376,3 +376,50 @@ def test_an_odd_global_neither_hides_nor_fakes_a_generators_draws():
          "def fakes(x):\n    return fake.random()\n", ns)
     assert [u.name for u in draws.random_uses(ns["draws"])] == ["rng"]
     assert draws.random_uses(ns["fakes"]) == []
+
+
+def test_an_object_holding_a_generator_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """A notebook object holding a generator (``sim = Sim(np.random.default_rng(0))``,
+    ``sim.step()`` drawing from ``self.rng``) goes to each worker as a copy too: two
+    workers drew the same numbers where serial map() draws one stream on, and nothing
+    was said (only the function's own names were looked at). One level into an
+    instance of a notebook class is read: its ``__dict__`` and ``__slots__``."""
+    import numpy as np
+
+    mpmagic.draws._said_draws.clear()
+    run(ip, "import numpy as np\nclass _Sim:\n    def __init__(self, rng):\n        self.rng = rng\n"
+            "    def step(self):\n        return float(self.rng.random())\n"
+            "sim = _Sim(np.random.default_rng(0))\n")
+    serial = [float(v) for v in np.random.default_rng(0).random(6)]
+    got = run(ip, "%pmap -q --chunksize 1 lambda i: sim.step(), range(6)")
+    assert len(set(serial)) == 6 and set(got) <= set(serial)  # (each a draw of a copy of the stream)
+    err = capsys.readouterr().err
+    assert ("mpmagic: the lambda draws from the notebook's numpy Generator `sim.rng`: each worker draws from its "
+            "own copy of it as it was at the call, so workers draw the same numbers") in err, err
+    run(ip, "def _direct(i):\n    return float(sim.rng.random())\n_ = %pmap -q _direct, range(2)")
+    assert "mpmagic: _direct draws from the notebook's numpy Generator `sim.rng`" in capsys.readouterr().err
+
+
+def test_an_object_holding_a_generator_it_does_not_draw_from_says_nothing():
+    """The look into a notebook object is one level, only for what the function uses of it:
+    a generator attribute the function neither reads nor a method it calls reads says
+    nothing; an object that raises on every look never makes the reading raise."""
+    from mpmagic import draws
+
+    ns: dict = {"__name__": "__main__"}
+    exec("class Holder:\n    def __init__(self, rng):\n        self.rng = rng\n        self.name = 'h'\n"
+         "    def label(self):\n        return self.name\n    def draw(self):\n        return self.rng.random()\n"
+         "class Slotted:\n    __slots__ = ('gen', 'unset')\n    def __init__(self, gen):\n        self.gen = gen\n"
+         "    def draw(self):\n        return self.gen.random()\n"
+         "class Odd:\n    def __getattribute__(self, name):\n        raise RuntimeError('no')\n"
+         "h = Holder(__import__('numpy').random.default_rng(0))\ns = Slotted(__import__('random').Random(1))\n"
+         "odd = Odd()\n"
+         "def names(x):\n    return h.name, h.label()\n"
+         "def draws(x):\n    return h.draw()\n"
+         "def slots(x):\n    return s.draw()\n"
+         "def odd_one(x):\n    return odd.draw()\n", ns)
+    assert draws.random_uses(ns["names"]) == []
+    assert [(u.name, u.kind) for u in draws.random_uses(ns["draws"])] == [("h.rng", "numpy Generator")]
+    assert [(u.name, u.kind) for u in draws.random_uses(ns["slots"])] == [("s.gen", "random.Random")]
+    assert draws.random_uses(ns["odd_one"]) == []
+
