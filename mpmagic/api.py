@@ -2048,6 +2048,8 @@ def parallel(
     if checkpoint and (keep or reset):
         raise UsageError("keep=True (--keep) and checkpoint (--checkpoint) do not go together: a kept rank's "
                          "state changes with each run, and a checkpoint skips the runs it has stored")
+    if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
+        draws.say_cell_draws(code, namespace)
     if not block:
         from . import background
 

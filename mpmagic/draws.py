@@ -425,6 +425,56 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
                      f"{remedy}\n")
 
 
+#: The ``%%parallel`` cells (hashes of their text) whose draws were said (once each).
+_said_cells: set[int] = set()
+
+
+def say_cell_draws(code: str, namespace: Any) -> None:
+    """One line, once per cell text: a ``%%parallel`` cell (``code``, reading the notebook's
+    ``namespace``) draws from ``random``'s or numpy's global state, which a notebook cell
+    seeded (``random.seed(0)``). Run once per rank here, the cell would draw successive
+    numbers of that seeded stream; each rank draws from its worker's own state instead,
+    silently. Not said for a cell that seeds the state itself (``random.seed(rank)``); the
+    caller skips it with ``--seed``. Advice only: it never raises."""
+    try:
+        key = hash(code)
+        if key in _said_cells:
+            return
+        seeded = notebook_seeded()
+        if not seeded:
+            return
+        if any(pattern.search(_code_only(code)) for pattern in _SEEDS.values()):
+            return  # (the cell seeds its own state: a rank draws what the cell run here would)
+        compiled = compile(code, "<cell>", "exec", dont_inherit=True)
+    except Exception:  # (not Python as written, an odd namespace: nothing said)
+        return
+    chains = _chains(compiled)
+    modules = {"random": random, "np": sys.modules.get("numpy"), "numpy": sys.modules.get("numpy")}
+    source = ""
+    for name in sorted({n for c in _codes(compiled) for n in c.co_names}):
+        try:
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING:  # (``import random`` in the cell: the module it imports)
+                value = modules.get(name)
+            if value is None or type(value) in _ATOMIC:
+                continue
+            source = _global_draw(value, name, chains)
+        except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
+            continue
+        if source in seeded:
+            break
+    else:
+        return
+    if len(_said_cells) > 1000:
+        _said_cells.clear()
+    _said_cells.add(key)
+    state = "random's global state" if source == "random" else "numpy.random's global state"
+    sys.stderr.write(f"mpmagic: the cell draws from {state}, which the notebook seeded: each rank draws from its "
+                     "worker's own state, not the notebook's, so the numbers differ from the cell run once per rank "
+                     "here and from one run to the next; for draws that differ per rank and repeat use --seed S "
+                     "(each rank its own stream from S and its rank)\n")
+
+
 # A notebook cell that seeds random's or numpy's global state (not a %%pool setup or a
 # %%parallel cell: those run in the workers). An argument is required: random.seed()
 # reseeds from the OS, as unrepeatable as no seed.

@@ -423,3 +423,38 @@ def test_an_object_holding_a_generator_it_does_not_draw_from_says_nothing():
     assert [(u.name, u.kind) for u in draws.random_uses(ns["slots"])] == [("s.gen", "random.Random")]
     assert draws.random_uses(ns["odd_one"]) == []
 
+
+def test_a_parallel_cell_drawing_from_a_global_state_the_notebook_seeded_says_so(ip, local_pool, capsys):
+    """``random.seed(0)`` in the notebook, then ``%%parallel -n 2`` drawing ``random.random()``:
+    the cell run once per rank here draws successive numbers of the seeded stream; each
+    worker drew from its own state instead, and nothing was said (the line was %pmap's
+    only). One line says so, once per cell text; not with --seed, not for a cell that
+    draws nothing or seeds the state itself."""
+    import random
+
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    mpmagic.draws._said_cells.clear()
+    run(ip, "import random, numpy as np")
+    cell = "%%parallel -n 2 -q\nrandom.random()"
+    run(ip, cell)
+    assert "mpmagic:" not in capsys.readouterr().err  # (not seeded: the cell run here does not repeat either)
+    ip.run_cell("random.seed(0)", store_history=True)
+    serial = [random.random() for _rank in range(2)]  # (the cell run once per rank here, after the seed)
+    random.seed(0)
+    got = run(ip, cell)
+    assert list(got) != serial
+    err = capsys.readouterr().err
+    assert ("mpmagic: the cell draws from random's global state, which the notebook seeded: each rank draws from "
+            "its worker's own state, not the notebook's, so the numbers differ from the cell run once per rank "
+            "here and from one run to the next; for draws that differ per rank and repeat use --seed S (each rank "
+            "its own stream from S and its rank)\n") in err, err
+    run(ip, cell)  # (once per cell text)
+    run(ip, "%%parallel -n 2 -q --seed 1\nrandom.random() + 1")
+    run(ip, "%%parallel -n 2 -q\nrank + 1")
+    run(ip, "%%parallel -n 2 -q\nrandom.seed(rank)\nrandom.random()")
+    run(ip, "%%parallel -n 2 -q\nnp.random.rand()")  # (numpy's state: not seeded)
+    assert "mpmagic:" not in capsys.readouterr().err
+    ip.run_cell("np.random.seed(0)", store_history=True)
+    run(ip, "%%parallel -n 2 -q\nnp.random.rand()")
+    assert "mpmagic: the cell draws from numpy.random's global state, which the notebook seeded" in \
+        capsys.readouterr().err
