@@ -157,7 +157,14 @@ def advise(report: Any) -> str | None:
     (a 60 s item read as "sending and collecting a chunk cost ~3.09 s", a cell that used
     both its workers was told to use -n 1). docs/experience.md: "no speedup, no advice"."""
 
-    if report.interrupted or report.failed or report.extra.get("error"):
+    if report.interrupted or report.extra.get("error"):
+        return None
+    if report.equal is False and report.extra.get("failed_only_there"):  # --compare --errors collect
+        return (f"the results differ from the serial run's: {report.extra['failed_only_there']} and not in the "
+                "serial run here: does the function read what only one side has (a file, an environment "
+                "variable, a notebook object changed since, the process itself)? (troubleshooting: RESULTS "
+                "DIFFER)")
+    if report.failed:
         return None
     if report.items == 0 and report.caller != "call":  # an empty map ran nothing: nothing to advise on
         return None

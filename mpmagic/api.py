@@ -890,6 +890,7 @@ def pmap(
             report.serial = time.perf_counter() - t1
             report.serial_imports = _imported_since(mark)  # (timed here; the workers had them warm)
             apart = _failed_only_here(serial, results, left_out)
+            apart_there = _failed_only_there(serial, results, left_out)
             if left_out:  # the verdict covers the items compared
                 serial, results_compared = ([r for i, r in enumerate(lst) if i not in left_out] for lst in (serial, results))
                 positions = [i for i in range(len(results)) if i not in left_out]
@@ -900,6 +901,8 @@ def pmap(
             if report.equal is False:
                 if apart:  # (errors="collect": the cause, not random draws or hash())
                     report.extra["failed_only_here"] = apart
+                if apart_there:  # (the other way round: the advice speaks despite the failed items)
+                    report.extra["failed_only_there"] = apart_there
                 report.extra["state"] = payload_cache.state_words(given_func)
                 changes = payload_cache.container_changes(given_func)
                 if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
@@ -919,14 +922,28 @@ def _failed_only_here(serial: list, results: list, left_out: Container[int]) -> 
     serial run here (RuntimeError: not here 1)"), or None. Such items are why the results
     differ (the function reads what only the workers have: a file, a variable, the process),
     where the advice named random draws and hash()."""
-    here = [i for i, (s, r) in enumerate(zip(serial, results, strict=False))
-            if i not in left_out and isinstance(s, Failed) and not isinstance(r, Failed)]
-    if not here:
+    return _failed_on_one_side(serial, results, left_out, "the serial run here")
+
+
+def _failed_only_there(serial: list, results: list, left_out: Container[int]) -> str | None:
+    """``compare`` with ``errors="collect"``: the items that raised in the workers and not
+    in the serial run here, in words for the advice ("items 1 and 3 raised only in the
+    workers (ValueError: there 1)"), or None. The function reads what only the notebook
+    has; the advice, silent for a run with failed items, names them (advice.advise)."""
+    return _failed_on_one_side(results, serial, left_out, "the workers")
+
+
+def _failed_on_one_side(failing: list, other: list, left_out: Container[int], where: str) -> str | None:
+    """The items (first 8) that are ``Failed`` in ``failing`` and not in ``other``, and the
+    first one's error, as "items 1 and 3 raised only in WHERE (Error: text)"; None if none."""
+    apart = [i for i, (f, o) in enumerate(zip(failing, other, strict=False))
+             if i not in left_out and isinstance(f, Failed) and not isinstance(o, Failed)]
+    if not apart:
         return None
-    shown = [str(i) for i in here[:8]] + (["..."] if len(here) > 8 else [])
-    which = (f"item {shown[0]}" if len(here) == 1 else
-             f"items {', '.join(shown[:-1])} and {shown[-1]}" if len(here) <= 8 else f"items {', '.join(shown)}")
-    return f"{which} raised only in the serial run here ({debugging.exception_line(serial[here[0]].error)})"
+    shown = [str(i) for i in apart[:8]] + (["..."] if len(apart) > 8 else [])
+    which = (f"item {shown[0]}" if len(apart) == 1 else
+             f"items {', '.join(shown[:-1])} and {shown[-1]}" if len(apart) <= 8 else f"items {', '.join(shown)}")
+    return f"{which} raised only in {where} ({debugging.exception_line(failing[apart[0]].error)})"
 
 
 def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
@@ -2031,6 +2048,8 @@ def parallel(
     if checkpoint and (keep or reset):
         raise UsageError("keep=True (--keep) and checkpoint (--checkpoint) do not go together: a kept rank's "
                          "state changes with each run, and a checkpoint skips the runs it has stored")
+    if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
+        draws.say_cell_draws(code, namespace)
     if not block:
         from . import background
 

@@ -187,6 +187,13 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
                                    code=(id(owner), method)))
             return
     if isinstance(func, types.MethodType):
+        if owner is not None and _notebook_class(type(owner)):  # (pmap(sim.step, ...): sim holds a generator)
+            method = func.__name__
+            name = next((k for k, v in getattr(sys.modules.get("__main__"), "__dict__", {}).items()
+                         if v is owner and not k.startswith("_")), "")
+            for attr, kind in _held_generators(owner, name, frozenset({(name, method)})):
+                found.append(RandomUse(f"{name}.{method}" if name else method, "generator",
+                                       f"{name}.{attr}" if name else attr, kind, code=func.__func__.__code__))
         func = func.__func__
     if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
         return
@@ -218,12 +225,95 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             if not _only_tested(code, name):  # (``x if rng is None else ...``: nothing drawn)
                 found.append(RandomUse(func_name_of(func), "generator", name, kind, code=code))
             continue
+        held = _held_generators(v, name, chains)
+        if held:  # (sim.step() drawing from sim.rng: a copy of the object, its generator too, per worker)
+            found.extend(RandomUse(func_name_of(func), "generator", f"{name}.{attr}", kind, code=code)
+                         for attr, kind in held)
+            continue
         try:
             source = _global_draw(v, name, chains)
         except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
             continue
         if source:
             found.append(RandomUse(func_name_of(func), source, name, code=code))
+
+
+#: How many of an object's attributes the draws line looks at (bounded work per object).
+_MAX_HELD = 64
+
+
+def _notebook_class(cls: type) -> bool:
+    """Whether ``cls`` was defined in the notebook (or the script run as ``__main__``):
+    the objects the draws line looks into, one level (a library's are left alone)."""
+    return type(cls.__dict__.get("__module__")) is str and cls.__dict__["__module__"] == "__main__"
+
+
+def _held_generators(value: Any, name: str, chains: frozenset[tuple[str, ...]]) -> list[tuple[str, str]]:
+    """``[(attribute, kind)]``: the generators ``value``, an instance of a notebook class the
+    code reads as ``name``, holds one level down (its ``__dict__``, its ``__slots__``: the first
+    :data:`_MAX_HELD`) that the code draws from: read as ``name.attr`` (``sim.rng.random()``),
+    or named in a method it calls on it (``sim.step()``, whose code reads ``self.rng``). The
+    object goes to each worker as a copy, its generator too, as a captured generator does.
+    No code of the object runs (its type's and object's own dictionaries are read); never raises."""
+    try:
+        cls = type(value)
+        if not _notebook_class(cls):
+            return []
+        used = {c[1] for c in chains if c[0] == name and len(c) > 1}
+        if not used:
+            return []
+        items: list[tuple[str, Any]] = []
+        try:
+            own = object.__getattribute__(value, "__dict__")
+        except AttributeError:
+            own = None
+        if type(own) is dict:
+            for attr, v in own.items():
+                if len(items) >= _MAX_HELD:
+                    break
+                items.append((attr, v))
+        for klass in cls.__mro__[:8]:
+            slots = klass.__dict__.get("__slots__", ())
+            for attr in (slots,) if isinstance(slots, str) else slots if isinstance(slots, (tuple, list)) else ():
+                slot = klass.__dict__.get(attr)
+                if type(slot) is types.MemberDescriptorType and len(items) < _MAX_HELD:
+                    try:
+                        items.append((attr, slot.__get__(value, cls)))
+                    except AttributeError:  # (a slot not set)
+                        continue
+        found = []
+        for attr, v in items:
+            if type(v) in _ATOMIC or not isinstance(attr, str):
+                continue
+            kind = _generator_kind(v)
+            if kind and (attr in used or any(attr in _names_in(_static_function(cls, m)) for m in used)):
+                found.append((attr, kind))
+        return found
+    except Exception:  # (advice only: an odd object says nothing)
+        return []
+
+
+def _static_function(cls: type, name: str) -> Any:
+    """The function ``cls.name`` is (a method, a staticmethod's, a classmethod's, a property's
+    getter), found in the classes' own dictionaries (no descriptor runs), or None."""
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            f = klass.__dict__[name]
+            f = f.fget if isinstance(f, property) else getattr(f, "__func__", f)
+            return f if type(f) is types.FunctionType else None
+    return None
+
+
+def _names_in(func: Any) -> frozenset[str]:
+    """The names (attributes, globals) ``func``'s code and the code nested in it use."""
+    if func is None:
+        return frozenset()
+    return _code_names(func.__code__)
+
+
+@functools.lru_cache(maxsize=256)  # (a method called at each map: read once)
+def _code_names(code: types.CodeType) -> frozenset[str]:
+    return frozenset(n for c in _codes(code) for n in c.co_names)
 
 
 # (what follows a load that only tests it against None: ``rng is None``, ``if rng is not None``)
@@ -333,6 +423,56 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
               "group's .name)" if accessor else "use --seed S (seed=S), and mpmagic.rng() for a Generator")
     sys.stderr.write(f"mpmagic: {line}; for draws that differ per item and repeat on any number of workers "
                      f"{remedy}\n")
+
+
+#: The ``%%parallel`` cells (hashes of their text) whose draws were said (once each).
+_said_cells: set[int] = set()
+
+
+def say_cell_draws(code: str, namespace: Any) -> None:
+    """One line, once per cell text: a ``%%parallel`` cell (``code``, reading the notebook's
+    ``namespace``) draws from ``random``'s or numpy's global state, which a notebook cell
+    seeded (``random.seed(0)``). Run once per rank here, the cell would draw successive
+    numbers of that seeded stream; each rank draws from its worker's own state instead,
+    silently. Not said for a cell that seeds the state itself (``random.seed(rank)``); the
+    caller skips it with ``--seed``. Advice only: it never raises."""
+    try:
+        key = hash(code)
+        if key in _said_cells:
+            return
+        seeded = notebook_seeded()
+        if not seeded:
+            return
+        if any(pattern.search(_code_only(code)) for pattern in _SEEDS.values()):
+            return  # (the cell seeds its own state: a rank draws what the cell run here would)
+        compiled = compile(code, "<cell>", "exec", dont_inherit=True)
+    except Exception:  # (not Python as written, an odd namespace: nothing said)
+        return
+    chains = _chains(compiled)
+    modules = {"random": random, "np": sys.modules.get("numpy"), "numpy": sys.modules.get("numpy")}
+    source = ""
+    for name in sorted({n for c in _codes(compiled) for n in c.co_names}):
+        try:
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING:  # (``import random`` in the cell: the module it imports)
+                value = modules.get(name)
+            if value is None or type(value) in _ATOMIC:
+                continue
+            source = _global_draw(value, name, chains)
+        except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
+            continue
+        if source in seeded:
+            break
+    else:
+        return
+    if len(_said_cells) > 1000:
+        _said_cells.clear()
+    _said_cells.add(key)
+    state = "random's global state" if source == "random" else "numpy.random's global state"
+    sys.stderr.write(f"mpmagic: the cell draws from {state}, which the notebook seeded: each rank draws from its "
+                     "worker's own state, not the notebook's, so the numbers differ from the cell run once per rank "
+                     "here and from one run to the next; for draws that differ per rank and repeat use --seed S "
+                     "(each rank its own stream from S and its rank)\n")
 
 
 # A notebook cell that seeds random's or numpy's global state (not a %%pool setup or a

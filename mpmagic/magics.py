@@ -515,13 +515,20 @@ def _pool_parser() -> _Parser:
 def _pool_extra_words(opts: argparse.Namespace, extra: list[str]) -> str | None:
     """``unexpected argument 'b': %pool checkpoints takes clear NAME`` for words past the
     three %pool reads, naming the first word ``opts.action`` does not take, as
-    _check_pool_line says it for fewer (it said only ``unexpected argument 'b'``); None
-    for an unknown subcommand (unknown() then names the word)."""
+    _check_pool_line says it for fewer (it said only ``unexpected argument 'b'``). For an
+    unknown subcommand, that first (``%pool foo a b c`` named 'c' as unexpected)."""
     if opts.action not in _POOL_ACTIONS:
-        return None
+        return _unknown_pool_action(opts.action)
     takes = _POOL_WORDS.get(opts.action, ())
     words = [w for w in (opts.target, opts.name) if w is not None] + extra
     return f"unexpected argument {words[len(takes)]!r}: %pool {opts.action} takes {' '.join(takes) or 'none'}"
+
+
+def _unknown_pool_action(action: str) -> str:
+    """``unknown subcommand 'strat'; did you mean start?``, or the list of those %pool takes."""
+    close = difflib.get_close_matches(action, _POOL_ACTIONS, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else f" (it takes {', '.join(_POOL_ACTIONS)})"
+    return f"unknown subcommand {action!r}{hint}"
 
 
 def _options_ended(parser: _Parser, tokens: list[str]) -> list[str]:
@@ -1419,9 +1426,7 @@ class MPMagics(Magics):
         if opts.help:
             return _show_help(MPMagics.pool)
         if opts.action not in _POOL_ACTIONS:
-            close = difflib.get_close_matches(opts.action, _POOL_ACTIONS, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]}?" if close else f" (it takes {', '.join(_POOL_ACTIONS)})"
-            raise parser.usage_error(f"unknown subcommand {opts.action!r}{hint}")
+            raise parser.usage_error(_unknown_pool_action(opts.action))
         if cell is not None and opts.action != "setup":
             raise parser.usage_error("only %%pool setup takes a cell (the code every worker runs at start)")
         _check_pool_line(parser, opts, tokens)

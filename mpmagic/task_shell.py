@@ -79,9 +79,21 @@ class TaskShellError(AttributeError):
 
 
 def _first_word(text: str) -> tuple[str, str]:
-    """``text``'s first word and the rest, split at any run of whitespace."""
+    """``text``'s first word and the rest, split at any run of whitespace, or at a ``#``
+    outside quotes: the line after the options is Python, where ``#`` starts a comment
+    (``--timeout 5# why`` is ``--timeout 5``, as %%parallel's and %pool's lines read it;
+    it was refused as "'5#' is not a number of seconds"). The comment stays in the rest."""
     parts = text.split(None, 1)
-    return parts[0], parts[1] if len(parts) > 1 else ""
+    word, rest = parts[0], parts[1] if len(parts) > 1 else ""
+    quote = ""
+    for at, char in enumerate(word):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and at > 0:  # (a word that is all comment is the caller's: not an option)
+            return word[:at], text.lstrip()[at:]
+    return word, rest
 
 
 def _unquoted(word: str) -> str:

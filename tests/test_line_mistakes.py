@@ -73,6 +73,9 @@ def test_help_option_prints_the_magics_help_and_runs_nothing(ip, cell, magic):
     ("%pool strat", "unknown subcommand 'strat'; did you mean start?"),
     ("%pool stauts", "unknown subcommand 'stauts'; did you mean status?"),
     ("%pool frobnicate", "unknown subcommand 'frobnicate' (it takes status, start, stop,"),
+    # more words than %pool reads: the unknown subcommand first (it said "unexpected argument 'c'")
+    ("%pool foo a b c", "unknown subcommand 'foo' (it takes status, start, stop,"),
+    ("%pool strat a b c", "unknown subcommand 'strat'; did you mean start?"),
 ])
 def test_pool_names_a_misspelled_option_or_subcommand_wherever_it_is(ip, line, said):
     err, _, _ = error_of(ip, line)

@@ -14,6 +14,16 @@ def test_pmap_line_may_end_with_a_comment(ip, backend) -> None:
     assert run(ip, "%pmap -q abs, [-1, -2]  # absolute values, (unbalanced") == [1, 2]
 
 
+def test_an_option_word_stops_at_a_comment_as_python_reads_it(ip, backend) -> None:
+    """``%pmap --timeout 5# why`` said "'5#' is not a number of seconds": the line after the
+    options is Python, and a ``#`` starts its comment, as %%parallel's and %pool's lines read it."""
+    for line in ("%pmap -q --timeout 5# c abs, [-1]", "%pmap -q# c abs, [-1]", "%pmap -q -n 2#two abs, [-1]",
+                 "%pmap -q --errors collect# c abs, [-1]"):  # (all after the # is the comment, as with a space)
+        with pytest.raises(Exception, match="missing FUNC and ITERABLE"):
+            run(ip, line)
+    assert run(ip, "%pmap -q --timeout '5' len, ['#a']") == [2]  # (a # in the arguments' string is no comment)
+
+
 def test_parallel_line_may_end_with_a_comment(ip, backend) -> None:
     assert run(ip, "%%parallel -n 2 -q   # two ranks\nrank + 1") == [1, 2]
 

@@ -483,6 +483,24 @@ def test_compare_with_collect_names_the_items_that_failed_only_in_the_serial_run
                                     "serial run here (RuntimeError: not here 1)"), report.advice
 
 
+def test_compare_with_collect_names_the_items_that_failed_only_in_the_workers(ip, local_pool):
+    """errors="collect": items that raised only in the workers (the function reads what
+    only the notebook has) made RESULTS DIFFER with no advice at all, advice being skipped
+    for a run with failed items. The advice names those items and the first worker error,
+    as it does for items that failed only in the serial run."""
+    run(ip, "import os\nNOTEBOOK_PID = os.getpid()\ndef only_here_at_odd(x):\n"
+            "    if x % 2 and os.getpid() != NOTEBOOK_PID:\n        raise RuntimeError(f'not there {x}')\n"
+            "    return x * 2\n")
+    results = run(ip, "%pmap -q --compare --errors collect only_here_at_odd, range(4)")
+    assert [r for i, r in enumerate(results) if i % 2 == 0] == [0, 4]
+    assert all(isinstance(results[i], mpmagic.Failed) for i in (1, 3))
+    report = mpmagic.last_report()
+    assert report.equal is False and report.failed == 2
+    assert report.advice is not None, report.line()
+    assert report.advice.startswith("the results differ from the serial run's: items 1 and 3 raised only in the "
+                                    "workers (RuntimeError: not there 1)"), report.advice
+
+
 def test_double_dash_ends_the_options(ip, backend):
     """``--`` ends the options as on a command line ("unknown option --" before)."""
     assert run(ip, "%pmap -q -- abs, [-1, 2]") == [1, 2]

@@ -376,3 +376,85 @@ def test_an_odd_global_neither_hides_nor_fakes_a_generators_draws():
          "def fakes(x):\n    return fake.random()\n", ns)
     assert [u.name for u in draws.random_uses(ns["draws"])] == ["rng"]
     assert draws.random_uses(ns["fakes"]) == []
+
+
+def test_an_object_holding_a_generator_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """A notebook object holding a generator (``sim = Sim(np.random.default_rng(0))``,
+    ``sim.step()`` drawing from ``self.rng``) goes to each worker as a copy too: two
+    workers drew the same numbers where serial map() draws one stream on, and nothing
+    was said (only the function's own names were looked at). One level into an
+    instance of a notebook class is read: its ``__dict__`` and ``__slots__``."""
+    import numpy as np
+
+    mpmagic.draws._said_draws.clear()
+    run(ip, "import numpy as np\nclass _Sim:\n    def __init__(self, rng):\n        self.rng = rng\n"
+            "    def step(self):\n        return float(self.rng.random())\n"
+            "sim = _Sim(np.random.default_rng(0))\n")
+    serial = [float(v) for v in np.random.default_rng(0).random(6)]
+    got = run(ip, "%pmap -q --chunksize 1 lambda i: sim.step(), range(6)")
+    assert len(set(serial)) == 6 and set(got) <= set(serial)  # (each a draw of a copy of the stream)
+    err = capsys.readouterr().err
+    assert ("mpmagic: the lambda draws from the notebook's numpy Generator `sim.rng`: each worker draws from its "
+            "own copy of it as it was at the call, so workers draw the same numbers") in err, err
+    run(ip, "def _direct(i):\n    return float(sim.rng.random())\n_ = %pmap -q _direct, range(2)")
+    assert "mpmagic: _direct draws from the notebook's numpy Generator `sim.rng`" in capsys.readouterr().err
+
+
+def test_an_object_holding_a_generator_it_does_not_draw_from_says_nothing():
+    """The look into a notebook object is one level, only for what the function uses of it:
+    a generator attribute the function neither reads nor a method it calls reads says
+    nothing; an object that raises on every look never makes the reading raise."""
+    from mpmagic import draws
+
+    ns: dict = {"__name__": "__main__"}
+    exec("class Holder:\n    def __init__(self, rng):\n        self.rng = rng\n        self.name = 'h'\n"
+         "    def label(self):\n        return self.name\n    def draw(self):\n        return self.rng.random()\n"
+         "class Slotted:\n    __slots__ = ('gen', 'unset')\n    def __init__(self, gen):\n        self.gen = gen\n"
+         "    def draw(self):\n        return self.gen.random()\n"
+         "class Odd:\n    def __getattribute__(self, name):\n        raise RuntimeError('no')\n"
+         "h = Holder(__import__('numpy').random.default_rng(0))\ns = Slotted(__import__('random').Random(1))\n"
+         "odd = Odd()\n"
+         "def names(x):\n    return h.name, h.label()\n"
+         "def draws(x):\n    return h.draw()\n"
+         "def slots(x):\n    return s.draw()\n"
+         "def odd_one(x):\n    return odd.draw()\n", ns)
+    assert draws.random_uses(ns["names"]) == []
+    assert [(u.name, u.kind) for u in draws.random_uses(ns["draws"])] == [("h.rng", "numpy Generator")]
+    assert [(u.name, u.kind) for u in draws.random_uses(ns["slots"])] == [("s.gen", "random.Random")]
+    assert draws.random_uses(ns["odd_one"]) == []
+
+
+def test_a_parallel_cell_drawing_from_a_global_state_the_notebook_seeded_says_so(ip, local_pool, capsys):
+    """``random.seed(0)`` in the notebook, then ``%%parallel -n 2`` drawing ``random.random()``:
+    the cell run once per rank here draws successive numbers of the seeded stream; each
+    worker drew from its own state instead, and nothing was said (the line was %pmap's
+    only). One line says so, once per cell text; not with --seed, not for a cell that
+    draws nothing or seeds the state itself."""
+    import random
+
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]
+    mpmagic.draws._said_cells.clear()
+    run(ip, "import random, numpy as np")
+    cell = "%%parallel -n 2 -q\nrandom.random()"
+    run(ip, cell)
+    assert "mpmagic:" not in capsys.readouterr().err  # (not seeded: the cell run here does not repeat either)
+    ip.run_cell("random.seed(0)", store_history=True)
+    serial = [random.random() for _rank in range(2)]  # (the cell run once per rank here, after the seed)
+    random.seed(0)
+    got = run(ip, cell)
+    assert list(got) != serial
+    err = capsys.readouterr().err
+    assert ("mpmagic: the cell draws from random's global state, which the notebook seeded: each rank draws from "
+            "its worker's own state, not the notebook's, so the numbers differ from the cell run once per rank "
+            "here and from one run to the next; for draws that differ per rank and repeat use --seed S (each rank "
+            "its own stream from S and its rank)\n") in err, err
+    run(ip, cell)  # (once per cell text)
+    run(ip, "%%parallel -n 2 -q --seed 1\nrandom.random() + 1")
+    run(ip, "%%parallel -n 2 -q\nrank + 1")
+    run(ip, "%%parallel -n 2 -q\nrandom.seed(rank)\nrandom.random()")
+    run(ip, "%%parallel -n 2 -q\nnp.random.rand()")  # (numpy's state: not seeded)
+    assert "mpmagic:" not in capsys.readouterr().err
+    ip.run_cell("np.random.seed(0)", store_history=True)
+    run(ip, "%%parallel -n 2 -q\nnp.random.rand()")
+    assert "mpmagic: the cell draws from numpy.random's global state, which the notebook seeded" in \
+        capsys.readouterr().err
