@@ -634,6 +634,7 @@ def test_scaling_of_a_cell_runs_serially_as_compare_does_on_a_copy_as_main_label
     ranks of the runs after it got the longer list), where --compare's serial run works
     on a copy, as a rank does, as ``__main__``, its output labelled ``[serial]``.
     They are that same run now: the notebook's list stays as it was."""
+    ip.user_ns.pop("P", None)  # (a notebook P an earlier test left: the cell's class must not become it)
     run(ip, "lst = [1]")
     notebook_main = sys.modules["__main__"]
     body = ("import pickle, __main__\nclass P:\n    pass\npickle.dumps(P())\nassert __main__.P is P\n"
