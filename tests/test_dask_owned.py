@@ -336,6 +336,41 @@ def test_a_task_given_up_on_whose_end_event_is_lost_holds_its_worker_only_while_
             client.subscribe_topic(topic, dask_pool._on_event)
 
 
+def test_a_marked_worker_that_does_not_answer_never_holds_a_run(ip, dask_pool, monkeypatch):
+    """The question which tasks given up on still run (``Client.run`` to the marked
+    workers, no timeout of its own) went out from the run itself: a marked worker that
+    does not answer (its event loop stalled by a task holding the GIL, or dying) kept
+    the run waiting for good. It goes on in its own thread; the run waits 2 s at most,
+    leaves the marked worker out, and its results are map()'s."""
+    from mpmagic.backends import dask as dask_backend
+
+    monkeypatch.setattr(dask_backend, "_ABANDONED_ASKED", 0.0, raising=False)
+    answer = threading.Event()
+    client = dask_pool.client
+
+    def no_answer(*args, **kwargs):
+        answer.wait(60)
+        return {}
+
+    address = sorted(client.scheduler_info()["workers"])[0]
+    got: list = []
+    caller = threading.Thread(target=lambda: got.append(mpmagic.pmap(abs, range(-6, 6), show_report=False)),
+                              daemon=True)
+    try:
+        monkeypatch.setattr(client, "run", no_answer)
+        with dask_pool._lock:
+            dask_pool._abandoned["mpmagic-test-never-answered"] = address
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), "the run waited on a worker that does not answer"
+        assert got == [list(map(abs, range(-6, 6)))]
+    finally:
+        answer.set()
+        caller.join(30)
+        with dask_pool._lock:
+            dask_pool._abandoned.pop("mpmagic-test-never-answered", None)
+
+
 def _payload_lost(payload_key: str, flag: str | None):
     """A stand-in for ``dask_tasks.run_message`` that fails as Dask does when it runs a
     task on a worker that lost the function's payload (``KeyError: 'mpmagic-payload-...'``,

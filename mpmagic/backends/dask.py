@@ -95,6 +95,7 @@ _CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its
 _KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
 _LOST_INPUT_RESENDS = 3  # times a unit is sent again after Dask lost one of its inputs on a worker
 _ABANDONED_ASKED = 1.0  # seconds between asking the workers which tasks given up on still run
+_ABANDONED_WAIT = 2.0  # seconds a run waits for their answer (the question goes on in its thread)
 # The most ranks a cell may ask of a cluster not yet connected (one worker process each):
 # beyond any cluster's size, refused before one unit per rank is built (check_ranks).
 _MOST_RANKS = 65_536
@@ -506,6 +507,7 @@ class DaskBackend:
         self._abandoned: dict[str, str] = {}
         self._ended: OrderedDict[str, None] = OrderedDict()  # keys of tasks whose end event came (recent ones)
         self._abandoned_asked = 0.0  # when the workers were last asked which of those still run (_expire_abandoned)
+        self._abandoned_asking = False  # that question is out (its thread: _ask_abandoned)
         # Workers of mpmagic's own cluster it killed (a timeout, an interrupt, a cancel):
         # address -> when. Gone, though the scheduler lists them for a moment: runs
         # leave them out (``_nthreads``) and wait for no task of theirs.
@@ -1109,19 +1111,35 @@ class DaskBackend:
         run (``--scaling`` too) left it out. So, at most once a second while
         marks are left, the marked workers are asked which mpmagic tasks they
         run (``dask_tasks.running_tags``); a worker that does not answer keeps
-        its marks."""
+        its marks. The asking runs in a thread of its own, one at a time, and
+        a run waits on it for 2 s at most: ``Client.run`` has no timeout, and a marked worker
+        whose event loop a task holding the GIL stalls, or one dying, kept a
+        run that asked it waiting (a map whose item killed its worker hung
+        past the test's 300 s)."""
         now = time.monotonic()
         with self._lock:
-            if not self._abandoned or now - self._abandoned_asked < _ABANDONED_ASKED:
+            if (not self._abandoned or now - self._abandoned_asked < _ABANDONED_ASKED
+                    or self._abandoned_asking):
                 return
             self._abandoned_asked = now
+            self._abandoned_asking = True
             marked = dict(self._abandoned)
-        try:  # (not under self._lock: Dask's thread takes it for events while this waits on that thread)
-            replies = self.client.run(dask_tasks.running_tags, workers=sorted(set(marked.values())), on_error="return")
+        asking = threading.Thread(target=self._ask_abandoned, args=(marked,), name="mpmagic-dask-ask-busy",
+                                  daemon=True)
+        asking.start()
+        asking.join(_ABANDONED_WAIT)  # (the answer, for this run, when it comes soon; else the marks stay)
+
+    def _ask_abandoned(self, marked: dict[str, str]) -> None:
+        """:meth:`_expire_abandoned`'s question, in its own thread: drop the marks of
+        ``marked`` (task key -> worker address) whose workers answered without them."""
+        try:
+            replies = self.client.run(dask_tasks.running_tags, workers=sorted(set(marked.values())),
+                                      on_error="return")
         except Exception:
             log.debug("mpmagic: could not ask the Dask workers which tasks they still run", exc_info=True)
-            return
+            replies = {}
         with self._lock:
+            self._abandoned_asking = False
             for key, address in marked.items():
                 tags = replies.get(address)
                 if isinstance(tags, list) and key not in tags:
