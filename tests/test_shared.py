@@ -618,6 +618,97 @@ def test_taking_over_a_dead_holders_lock_keeps_the_callers_timeout():
     gc.collect()
 
 
+class _InterruptedRightAfterTaking:
+    """A lock's semaphore whose next successful take is followed by Ctrl-C, as when
+    SIGINT's handler runs the moment ``sem.acquire`` returned (between bytecodes):
+    deterministic, where a timed SIGINT hits that moment once in hundreds."""
+
+    def __init__(self, sem, how: str) -> None:
+        self.sem, self.how, self.fired = sem, how, False
+
+    def acquire(self, *args):
+        got = self.sem.acquire(*args)
+        if got and not self.fired:
+            self.fired = True
+            if self.how == "signal":
+                signal.raise_signal(signal.SIGINT)  # the handler runs right after this call returns
+            else:
+                raise KeyboardInterrupt
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self.sem, name)
+
+
+def _interruptible_locks():
+    lock, rlock = mpmagic.Lock(), mpmagic.RLock()
+    value, given = mpmagic.Value("i", 0), mpmagic.Value("i", 0, lock=mpmagic.Lock())
+    return [  # (what `with` takes, the _HolderLock underneath, what keeps the helper alive)
+        ("Lock", lock, lock._lock, lock),
+        ("RLock", rlock, rlock._lock, rlock),
+        ("Value.get_lock()", value.get_lock(), value._lock, value),
+        ("with Value", value, value._lock, value),
+        ("Value(lock=Lock())", given, given._lock, given),
+    ]
+
+
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "signal"])
+@pytest.mark.parametrize("call", ["with", "acquire", "value"])
+def test_an_interrupt_right_after_the_lock_is_taken_leaves_it_free(how, call):
+    """Ctrl-C landing just after ``with lock:`` took the semaphore (before the ``with``
+    was under way) left the lock held by nobody for good: the next ``with lock:`` in
+    the notebook or any task waited for ever (its holder pid is alive). Now the
+    interrupted acquire gives it back: the KeyboardInterrupt goes through, and the
+    lock is free (serial code that was interrupted there holds no lock either)."""
+    assert threading.current_thread() is threading.main_thread()
+    for what, cm, impl, _keep in _interruptible_locks():
+        if call == "value" and not what.startswith("with Value"):
+            continue
+        impl.sem = _InterruptedRightAfterTaking(impl.sem, how)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if call == "with":
+                    with cm:
+                        raise AssertionError(f"{what}: the body ran")
+                elif call == "acquire":
+                    cm.acquire()
+                else:
+                    cm.value += 1  # (the Value's own access takes the lock too)
+        finally:
+            impl.sem = impl.sem.sem
+        assert impl.sem.acquire(False), f"{what}: the interrupted {call} left the lock held ({impl!r})"
+        impl.sem.release()
+        assert impl.words[impl.slot] == 0 and impl.depth == 0 and impl.owner is None, what
+        with cm if call != "value" else cm.get_lock():  # and it works on
+            pass
+
+
+def test_an_interrupt_right_after_a_take_over_leaves_the_lock_free():
+    """The same moment after taking a dead holder's lock over (no semaphore take):
+    the interrupted acquire gives it back too, instead of keeping it for this pid."""
+    lock = mpmagic.Lock()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    impl = lock._lock
+    assert impl.sem.acquire(False)  # taken by a process that then died
+    impl.words[impl.slot] = dead.pid
+    real = impl._take_over
+
+    def take_over_then_interrupt() -> bool:
+        assert real()
+        raise KeyboardInterrupt
+
+    impl._take_over = take_over_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="died while holding"):
+            with lock:
+                raise AssertionError("the body ran")
+    finally:
+        del impl._take_over
+    assert lock.acquire(timeout=5), f"the interrupted take-over left it held ({lock!r})"
+    lock.release()
+
+
 def test_dropping_the_helper_releases_its_names(ip):
     local_helpers()
     run(ip, "import mpmagic\ntmp_q = mpmagic.Queue()\ntmp_v = mpmagic.Value('i')\ntmp_e = mpmagic.Event()")

@@ -8,7 +8,7 @@ classes give it the standard library's API and a name to travel by.
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
 
 from .. import waits
 from ..checks import wait_timeout
@@ -37,11 +37,16 @@ class SharedLock(_Helper):
     def _after_fork(self) -> None:
         self._lock.after_fork()
 
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
+    # ``with lock:`` calls the inner lock's own methods (a property hands them over
+    # when the ``with`` begins, before the lock is taken): a frame of ours around
+    # them was a moment where Ctrl-C left the lock held by nobody (_HolderLock._drop_if_taken).
+    @property
+    def __enter__(self) -> Callable[[], bool]:
+        return self._lock.acquire
 
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+    @property
+    def __exit__(self) -> Callable[..., None]:
+        return self._lock.__exit__
 
     def locked(self) -> bool:
         """Is it held (by any process) right now?"""

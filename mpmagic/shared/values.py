@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import UsageError
@@ -138,13 +138,20 @@ class _Synchronized(_Helper):
             raise self._no_lock("release")
         self.get_lock().release()
 
-    def __enter__(self) -> bool:
+    # Properties, looked up when the ``with`` begins: ``with v:`` calls the lock's own
+    # methods, no frame of ours between them and the ``with`` where Ctrl-C would leave
+    # the lock held by nobody (see _HolderLock._drop_if_taken).
+    @property
+    def __enter__(self) -> Callable[[], bool]:
         if self._lock is None:
             raise self._no_lock("__enter__")
-        return self.get_lock().acquire()
+        return self.get_lock().acquire
 
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+    @property
+    def __exit__(self) -> Callable[..., None]:
+        if self._lock is None:
+            raise self._no_lock("__exit__")
+        return self.get_lock().__exit__
 
 
 class SharedValue(_Synchronized):
