@@ -709,6 +709,72 @@ def test_an_interrupt_right_after_a_take_over_leaves_the_lock_free():
     lock.release()
 
 
+def test_an_interrupt_right_after_a_values_own_access_took_its_lock_leaves_it_free():
+    """``v.value += 1`` takes the lock, then a ``try`` releases it: Ctrl-C right after
+    the take returned (before the ``try``) left the lock held for good. Now the
+    take is inside the ``try``, which releases what it took (and only that: a
+    ``with v.get_lock():`` around it keeps its own hold)."""
+    for v in (mpmagic.Value("i", 0), mpmagic.Value("i", 0, lock=mpmagic.Lock())):
+        impl = v._lock
+        real = impl.take
+
+        def take_then_interrupt(kind: str, real=real) -> None:
+            real(kind)
+            raise KeyboardInterrupt  # as SIGINT's handler, run when take() returned
+
+        impl.take = take_then_interrupt
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                v.value += 1
+            with pytest.raises(KeyboardInterrupt):
+                v.value = 5
+        finally:
+            del impl.take
+        assert impl.sem.acquire(False), f"the interrupted v.value left its lock held ({impl!r})"
+        impl.sem.release()
+        if impl.recursive:  # an outer hold stays held after an interrupted inner access
+            with v.get_lock():
+                impl.take = take_then_interrupt
+                try:
+                    with pytest.raises(KeyboardInterrupt):
+                        v.value += 1
+                finally:
+                    del impl.take
+                assert impl.depth == 1 and impl.sem._is_zero()
+            assert not impl.sem._is_zero()
+        v.value += 1
+        assert v.value == 1
+
+
+def test_an_interrupt_right_after_a_queue_get_took_its_read_lock_loses_nothing():
+    """``q.get()`` takes the queue's read lock, then a ``try`` releases it: Ctrl-C right
+    after the take left it held, and every later ``get()`` on an empty queue waited
+    for ever (or raised Empty with items in it). Now the next ``get()`` works."""
+    q = mpmagic.Queue()  # (empty: a get() that finds an item takes no read lock)
+    real = q._read_lock
+
+    def read_lock_then_interrupt(*args) -> bool:
+        assert real(*args)
+        raise KeyboardInterrupt
+
+    q._read_lock = read_lock_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            q.get(timeout=5)
+    finally:
+        del q._read_lock
+    rlock = q._r.rlock
+    assert rlock.sem.acquire(False), f"the interrupted get() left the queue's read lock held ({rlock!r})"
+    rlock.sem.release()
+    later = threading.Thread(target=lambda: (time.sleep(0.2), q.put("a"), q.put("b")))
+    later.start()  # (a get() that waits for its item takes the read lock)
+    assert q.get(timeout=30) == "a"
+    assert q.get(timeout=30) == "b"
+    later.join()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.3)
+
+
 def test_dropping_the_helper_releases_its_names(ip):
     local_helpers()
     run(ip, "import mpmagic\ntmp_q = mpmagic.Queue()\ntmp_v = mpmagic.Value('i')\ntmp_e = mpmagic.Event()")

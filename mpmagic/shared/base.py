@@ -277,7 +277,7 @@ class _HolderLock:
         self.recursive = recursive
         self.what = what  # shown in the takeover warning; None for internal locks
         self.kind = kind  # whose wait the time blocked here is (mpmagic.waits): "Lock", "Value", "Queue"...
-        self.owner: int | None = None  # thread ident (recursive locks)
+        self.owner: int | None = None  # the thread that holds it (any thread may release a plain lock)
         self.depth = 0
         self.took_over = 0  # the thread that took the lock over, until its acquire returns (_drop_if_taken)
         self.helper: tuple | None = None  # how to find it again elsewhere (see __reduce__)
@@ -298,8 +298,7 @@ class _HolderLock:
                 if not block or not self._wait(timeout):
                     return False
             self.words[self.slot] = _PID
-            if self.recursive:
-                self.owner, self.depth = me, 1
+            self.owner, self.depth = me, 1  # (a plain lock's too: held_here)
             self.took_over = 0
             return True
         except BaseException:
@@ -325,8 +324,7 @@ class _HolderLock:
             if not sem.acquire(False):
                 self._wait(None, kind)
             self.words[self.slot] = _PID
-            if self.recursive:
-                self.owner, self.depth = me, 1
+            self.owner, self.depth = me, 1  # (a plain lock's too: held_here)
             self.took_over = 0
         except BaseException:
             self._drop_if_taken(before, me)
@@ -347,8 +345,7 @@ class _HolderLock:
         if self.took_over == me or (sem._count() > before and sem._is_mine()):
             self.took_over = 0
             self.words[self.slot] = 0
-            if self.recursive:
-                self.owner, self.depth = None, 0
+            self.owner, self.depth = None, 0
             sem.release()
 
     def _wait(self, timeout: float | None, kind: str | None = None) -> bool:
@@ -414,7 +411,7 @@ class _HolderLock:
             self.depth -= 1
             if self.depth:
                 return
-            self.owner = None
+        self.owner, self.depth = None, 0
         self.words[self.slot] = 0
         self.sem.release()
 
@@ -427,9 +424,18 @@ class _HolderLock:
             self.depth -= 1
             if self.depth:
                 return
-            self.owner = None
+        self.owner, self.depth = None, 0
         self.words[self.slot] = 0
         self.sem.release()
+
+    def held_here(self, me: int) -> int:
+        """How many times thread ``me`` holds the lock now (0, or an RLock's depth).
+
+        For code that takes the lock and then runs a ``try`` that releases it:
+        Ctrl-C can land right after the take returned, before the ``try``. Taking
+        inside the ``try`` and releasing if ``held_here`` rose covers that moment
+        (a Value's ``v.value``, a Queue's read lock)."""
+        return self.depth if self.owner == me else 0
 
     def after_fork(self) -> None:
         self.owner, self.depth = None, 0

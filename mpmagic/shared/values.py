@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -169,11 +170,14 @@ class SharedValue(_Synchronized):
         lock = self._lock
         if lock is None:
             return self._obj.value
-        lock.take("Value access")  # (its wait is not one on a lock the user took: waits.NAMES)
-        try:
+        me = threading.get_ident()
+        held = lock.held_here(me)
+        try:  # (the take inside: Ctrl-C right after it still releases, see held_here)
+            lock.take("Value access")  # (its wait is not one on a lock the user took: waits.NAMES)
             return self._obj.value
         finally:
-            lock.release()
+            if lock.held_here(me) > held:
+                lock.release()
 
     @value.setter
     def value(self, new: Any) -> None:
@@ -181,11 +185,14 @@ class SharedValue(_Synchronized):
         if lock is None:
             self._obj.value = new
             return
-        lock.take("Value access")
+        me = threading.get_ident()
+        held = lock.held_here(me)
         try:
+            lock.take("Value access")
             self._obj.value = new
         finally:
-            lock.release()
+            if lock.held_here(me) > held:
+                lock.release()
 
     def __repr__(self) -> str:
         return f"<mpmagic.Value {self._spec[0]!r} {self._obj.value!r}>"
