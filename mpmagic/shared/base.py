@@ -287,7 +287,7 @@ class _HolderLock:
         lock's ``__enter__``, itself: see :meth:`_drop_if_taken` for why."""
         if timeout is not None:  # (10**400: no limit, as threading.TIMEOUT_MAX is, not OverflowError in _wait)
             timeout = wait_timeout(timeout)
-        me = threading.get_ident()
+        me = _get_ident()
         if self.recursive and self.owner == me:
             self.depth += 1
             return True
@@ -314,7 +314,7 @@ class _HolderLock:
         as ``kind`` ("Value access"), apart from a lock the user took (``with v.get_lock():``,
         counted as the helper's kind): a task that wrote no lock did not read that it
         "waited on mpmagic.Value's lock", as if it had taken one (tutorial22 #4)."""
-        me = threading.get_ident()
+        me = _get_ident()
         if self.recursive and self.owner == me:
             self.depth += 1
             return
@@ -466,6 +466,8 @@ class _HolderLock:
         kind = "RLock" if self.recursive else "Lock"
         return f"<mpmagic {kind} of {self.what} {'held by pid ' + str(holder) if holder else 'free'}>"
 
+
+_get_ident = threading.get_ident  # (a global: acquire is hot)
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
