@@ -7,6 +7,7 @@ functions live in a ``__main__`` without a file, as in a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import multiprocessing
@@ -681,6 +682,11 @@ def test_an_interrupt_right_after_the_lock_is_taken_leaves_it_free(how, call):
         assert impl.words[impl.slot] == 0 and impl.depth == 0 and impl.owner is None, what
         with cm if call != "value" else cm.get_lock():  # and it works on
             pass
+        if call == "with":  # (ExitStack reads __enter__ on the class: type(cm).__enter__(cm))
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(cm)
+                assert impl.sem._is_zero(), what
+            assert not impl.sem._is_zero(), what
 
 
 def test_an_interrupt_right_after_a_take_over_leaves_the_lock_free():

@@ -469,6 +469,31 @@ class _HolderLock:
 
 _get_ident = threading.get_ident  # (a global: acquire is hot)
 
+
+class _LockSide:
+    """``__enter__`` / ``__exit__`` of a helper with a lock (Lock, RLock, Value, Array):
+    the inner :class:`_HolderLock`'s own ``acquire`` / ``__exit__``, handed over when the
+    ``with`` begins (before the lock is taken). A method of ours calling them was a
+    frame where Ctrl-C, right after the take returned, left the lock held by nobody
+    (:meth:`_HolderLock._drop_if_taken`). A descriptor, not a property: read on the
+    class (``contextlib.ExitStack`` does ``type(cm).__enter__(cm)``) it is still callable."""
+
+    __slots__ = ("exit",)
+
+    def __init__(self, exit: bool) -> None:
+        self.exit = exit
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:
+            return self._by_class
+        lock = obj._lock
+        if lock is None:  # a Value made with lock=False: its NoLockError
+            raise obj._no_lock("__exit__" if self.exit else "__enter__")
+        return lock.__exit__ if self.exit else lock.acquire
+
+    def _by_class(self, obj: Any, *exc: Any) -> Any:
+        return self.__get__(obj)(*exc)
+
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 

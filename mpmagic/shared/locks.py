@@ -8,11 +8,10 @@ classes give it the standard library's API and a name to travel by.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from .. import waits
 from ..checks import wait_timeout
-from .base import _SEM_MAX, _SLICE, _Helper, _notify, _wait
+from .base import _SEM_MAX, _SLICE, _Helper, _LockSide, _notify, _wait
 
 # --------------------------------------------------------------------------
 # Lock, RLock, Event
@@ -37,16 +36,9 @@ class SharedLock(_Helper):
     def _after_fork(self) -> None:
         self._lock.after_fork()
 
-    # ``with lock:`` calls the inner lock's own methods (a property hands them over
-    # when the ``with`` begins, before the lock is taken): a frame of ours around
-    # them was a moment where Ctrl-C left the lock held by nobody (_HolderLock._drop_if_taken).
-    @property
-    def __enter__(self) -> Callable[[], bool]:
-        return self._lock.acquire
-
-    @property
-    def __exit__(self) -> Callable[..., None]:
-        return self._lock.__exit__
+    # ``with lock:`` calls the inner lock's own methods (see _LockSide).
+    __enter__ = _LockSide(exit=False)
+    __exit__ = _LockSide(exit=True)
 
     def locked(self) -> bool:
         """Is it held (by any process) right now?"""

@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from threading import get_ident as _get_ident
 from typing import Any
 
 from ..errors import UsageError
-from .base import _HEADER, _check_platform, _Helper
+from .base import _HEADER, _check_platform, _Helper, _LockSide
 from .locks import SharedLock
 
 # --------------------------------------------------------------------------
@@ -139,20 +139,9 @@ class _Synchronized(_Helper):
             raise self._no_lock("release")
         self.get_lock().release()
 
-    # Properties, looked up when the ``with`` begins: ``with v:`` calls the lock's own
-    # methods, no frame of ours between them and the ``with`` where Ctrl-C would leave
-    # the lock held by nobody (see _HolderLock._drop_if_taken).
-    @property
-    def __enter__(self) -> Callable[[], bool]:
-        if self._lock is None:
-            raise self._no_lock("__enter__")
-        return self.get_lock().acquire
-
-    @property
-    def __exit__(self) -> Callable[..., None]:
-        if self._lock is None:
-            raise self._no_lock("__exit__")
-        return self.get_lock().__exit__
+    # ``with v:`` calls the lock's own methods (see _LockSide).
+    __enter__ = _LockSide(exit=False)
+    __exit__ = _LockSide(exit=True)
 
 
 class SharedValue(_Synchronized):
