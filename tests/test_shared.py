@@ -7,6 +7,7 @@ functions live in a ``__main__`` without a file, as in a notebook.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import multiprocessing
@@ -616,6 +617,168 @@ def test_taking_over_a_dead_holders_lock_keeps_the_callers_timeout():
     lock.release()
     del lock
     gc.collect()
+
+
+class _InterruptedRightAfterTaking:
+    """A lock's semaphore whose next successful take is followed by Ctrl-C, as when
+    SIGINT's handler runs the moment ``sem.acquire`` returned (between bytecodes):
+    deterministic, where a timed SIGINT hits that moment once in hundreds."""
+
+    def __init__(self, sem, how: str) -> None:
+        self.sem, self.how, self.fired = sem, how, False
+
+    def acquire(self, *args):
+        got = self.sem.acquire(*args)
+        if got and not self.fired:
+            self.fired = True
+            if self.how == "signal":
+                signal.raise_signal(signal.SIGINT)  # the handler runs right after this call returns
+            else:
+                raise KeyboardInterrupt
+        return got
+
+    def __getattr__(self, name):
+        return getattr(self.sem, name)
+
+
+def _interruptible_locks():
+    lock, rlock = mpmagic.Lock(), mpmagic.RLock()
+    value, given = mpmagic.Value("i", 0), mpmagic.Value("i", 0, lock=mpmagic.Lock())
+    return [  # (what `with` takes, the _HolderLock underneath, what keeps the helper alive)
+        ("Lock", lock, lock._lock, lock),
+        ("RLock", rlock, rlock._lock, rlock),
+        ("Value.get_lock()", value.get_lock(), value._lock, value),
+        ("with Value", value, value._lock, value),
+        ("Value(lock=Lock())", given, given._lock, given),
+    ]
+
+
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "signal"])
+@pytest.mark.parametrize("call", ["with", "acquire", "value"])
+def test_an_interrupt_right_after_the_lock_is_taken_leaves_it_free(how, call):
+    """Ctrl-C landing just after ``with lock:`` took the semaphore (before the ``with``
+    was under way) left the lock held by nobody for good: the next ``with lock:`` in
+    the notebook or any task waited for ever (its holder pid is alive). Now the
+    interrupted acquire gives it back: the KeyboardInterrupt goes through, and the
+    lock is free (serial code that was interrupted there holds no lock either)."""
+    assert threading.current_thread() is threading.main_thread()
+    for what, cm, impl, _keep in _interruptible_locks():
+        if call == "value" and not what.startswith("with Value"):
+            continue
+        impl.sem = _InterruptedRightAfterTaking(impl.sem, how)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if call == "with":
+                    with cm:
+                        raise AssertionError(f"{what}: the body ran")
+                elif call == "acquire":
+                    cm.acquire()
+                else:
+                    cm.value += 1  # (the Value's own access takes the lock too)
+        finally:
+            impl.sem = impl.sem.sem
+        assert impl.sem.acquire(False), f"{what}: the interrupted {call} left the lock held ({impl!r})"
+        impl.sem.release()
+        assert impl.words[impl.slot] == 0 and impl.depth == 0 and impl.owner is None, what
+        with cm if call != "value" else cm.get_lock():  # and it works on
+            pass
+        if call == "with":  # (ExitStack reads __enter__ on the class: type(cm).__enter__(cm))
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(cm)
+                assert impl.sem._is_zero(), what
+            assert not impl.sem._is_zero(), what
+
+
+def test_an_interrupt_right_after_a_take_over_leaves_the_lock_free():
+    """The same moment after taking a dead holder's lock over (no semaphore take):
+    the interrupted acquire gives it back too, instead of keeping it for this pid."""
+    lock = mpmagic.Lock()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    impl = lock._lock
+    assert impl.sem.acquire(False)  # taken by a process that then died
+    impl.words[impl.slot] = dead.pid
+    real = impl._take_over
+
+    def take_over_then_interrupt() -> bool:
+        assert real()
+        raise KeyboardInterrupt
+
+    impl._take_over = take_over_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt), pytest.warns(RuntimeWarning, match="died while holding"):
+            with lock:
+                raise AssertionError("the body ran")
+    finally:
+        del impl._take_over
+    assert lock.acquire(timeout=5), f"the interrupted take-over left it held ({lock!r})"
+    lock.release()
+
+
+def test_an_interrupt_right_after_a_values_own_access_took_its_lock_leaves_it_free():
+    """``v.value += 1`` takes the lock, then a ``try`` releases it: Ctrl-C right after
+    the take returned (before the ``try``) left the lock held for good. Now the
+    take is inside the ``try``, which releases what it took (and only that: a
+    ``with v.get_lock():`` around it keeps its own hold)."""
+    for v in (mpmagic.Value("i", 0), mpmagic.Value("i", 0, lock=mpmagic.Lock())):
+        impl = v._lock
+        real = impl.take
+
+        def take_then_interrupt(kind: str, real=real) -> None:
+            real(kind)
+            raise KeyboardInterrupt  # as SIGINT's handler, run when take() returned
+
+        impl.take = take_then_interrupt
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                v.value += 1
+            with pytest.raises(KeyboardInterrupt):
+                v.value = 5
+        finally:
+            del impl.take
+        assert impl.sem.acquire(False), f"the interrupted v.value left its lock held ({impl!r})"
+        impl.sem.release()
+        if impl.recursive:  # an outer hold stays held after an interrupted inner access
+            with v.get_lock():
+                impl.take = take_then_interrupt
+                try:
+                    with pytest.raises(KeyboardInterrupt):
+                        v.value += 1
+                finally:
+                    del impl.take
+                assert impl.depth == 1 and impl.sem._is_zero()
+            assert not impl.sem._is_zero()
+        v.value += 1
+        assert v.value == 1
+
+
+def test_an_interrupt_right_after_a_queue_get_took_its_read_lock_loses_nothing():
+    """``q.get()`` takes the queue's read lock, then a ``try`` releases it: Ctrl-C right
+    after the take left it held, and every later ``get()`` on an empty queue waited
+    for ever (or raised Empty with items in it). Now the next ``get()`` works."""
+    q = mpmagic.Queue()  # (empty: a get() that finds an item takes no read lock)
+    real = q._read_lock
+
+    def read_lock_then_interrupt(*args) -> bool:
+        assert real(*args)
+        raise KeyboardInterrupt
+
+    q._read_lock = read_lock_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            q.get(timeout=5)
+    finally:
+        del q._read_lock
+    rlock = q._r.rlock
+    assert rlock.sem.acquire(False), f"the interrupted get() left the queue's read lock held ({rlock!r})"
+    rlock.sem.release()
+    later = threading.Thread(target=lambda: (time.sleep(0.2), q.put("a"), q.put("b")))
+    later.start()  # (a get() that waits for its item takes the read lock)
+    assert q.get(timeout=30) == "a"
+    assert q.get(timeout=30) == "b"
+    later.join()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.3)
 
 
 def test_dropping_the_helper_releases_its_names(ip):

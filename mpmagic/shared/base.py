@@ -277,41 +277,76 @@ class _HolderLock:
         self.recursive = recursive
         self.what = what  # shown in the takeover warning; None for internal locks
         self.kind = kind  # whose wait the time blocked here is (mpmagic.waits): "Lock", "Value", "Queue"...
-        self.owner: int | None = None  # thread ident (recursive locks)
+        self.owner: int | None = None  # the thread that holds it (any thread may release a plain lock)
         self.depth = 0
+        self.took_over = 0  # the thread that took the lock over, until its acquire returns (_drop_if_taken)
         self.helper: tuple | None = None  # how to find it again elsewhere (see __reduce__)
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock (``multiprocessing.Lock.acquire``'s arguments). Also the
+        lock's ``__enter__``, itself: see :meth:`_drop_if_taken` for why."""
         if timeout is not None:  # (10**400: no limit, as threading.TIMEOUT_MAX is, not OverflowError in _wait)
             timeout = wait_timeout(timeout)
-        if self.recursive:
-            me = threading.get_ident()
-            if self.owner == me:
-                self.depth += 1
-                return True
-        if not self.sem.acquire(False):
-            if not block or not self._wait(timeout):
-                return False
-        self.words[self.slot] = _PID
-        if self.recursive:
-            self.owner, self.depth = me, 1
-        return True
+        me = _get_ident()
+        if self.recursive and self.owner == me:
+            self.depth += 1
+            return True
+        sem = self.sem
+        before = sem._count()
+        try:
+            if not sem.acquire(False):
+                if not block or not self._wait(timeout):
+                    return False
+            self.words[self.slot] = _PID
+            self.owner, self.depth = me, 1  # (a plain lock's too: held_here)
+            self.took_over = 0
+            return True
+        except BaseException:
+            self._drop_if_taken(before, me)
+            raise
+
+    # ``with lock:`` calls acquire itself: a frame of ours between it and the ``with``
+    # would be a moment where an interrupt leaves the lock held (_drop_if_taken).
+    __enter__ = acquire
 
     def take(self, kind: str) -> None:
         """``acquire()`` for the helper's own access (``v.value``, ``a[i]``), its wait counted
         as ``kind`` ("Value access"), apart from a lock the user took (``with v.get_lock():``,
         counted as the helper's kind): a task that wrote no lock did not read that it
         "waited on mpmagic.Value's lock", as if it had taken one (tutorial22 #4)."""
-        if self.recursive:
-            me = threading.get_ident()
-            if self.owner == me:
-                self.depth += 1
-                return
-        if not self.sem.acquire(False):
-            self._wait(None, kind)
-        self.words[self.slot] = _PID
-        if self.recursive:
-            self.owner, self.depth = me, 1
+        me = _get_ident()
+        if self.recursive and self.owner == me:
+            self.depth += 1
+            return
+        sem = self.sem
+        before = sem._count()
+        try:
+            if not sem.acquire(False):
+                self._wait(None, kind)
+            self.words[self.slot] = _PID
+            self.owner, self.depth = me, 1  # (a plain lock's too: held_here)
+            self.took_over = 0
+        except BaseException:
+            self._drop_if_taken(before, me)
+            raise
+
+    def _drop_if_taken(self, before: int, me: int) -> None:
+        """An exception (Ctrl-C's KeyboardInterrupt) cut :meth:`acquire` short: if it
+        came after the semaphore was taken, give it back, so the lock is free rather
+        than held by nobody for good (the ``with`` that would release it never began).
+
+        Python runs a signal handler between bytecodes, e.g. right after the call
+        ``sem.acquire`` returned True, whose result is then lost: what tells is the
+        semaphore's own count of this process's takes, and which thread took last
+        (``_is_mine``; another thread may have taken it meanwhile), or the take-over
+        this thread recorded. ``multiprocessing.Lock`` has the same gap, narrower
+        (CPython's ``with`` statement; bpo-29988)."""
+        sem = self.sem
+        if self.took_over == me or (sem._count() > before and sem._is_mine()):
+            self.took_over = 0
+            self.words[self.slot] = 0
+            self.owner, self.depth = None, 0
+            sem.release()
 
     def _wait(self, timeout: float | None, kind: str | None = None) -> bool:
         """The lock was taken: wait for it (the only path that is timed, see mpmagic.waits,
@@ -351,11 +386,13 @@ class _HolderLock:
         holder = self.words[self.slot]
         if not holder or _alive(holder):
             return False
+        me = threading.get_ident()
         try:
             with self.seg.guard():
                 if self.words[self.slot] != holder:
                     return False  # another waiter took it over first
                 self.words[self.slot] = _PID
+                self.took_over = me  # (no call between: an interrupt finds it, _drop_if_taken)
         except (FileNotFoundError, BlockingIOError):
             return False  # the helper is gone, or another waiter is taking it over now
         if self.what:
@@ -374,15 +411,31 @@ class _HolderLock:
             self.depth -= 1
             if self.depth:
                 return
-            self.owner = None
+        self.owner, self.depth = None, 0
         self.words[self.slot] = 0
         self.sem.release()
 
-    def __enter__(self) -> bool:
-        return self.acquire()
-
     def __exit__(self, *exc: Any) -> None:
-        self.release()
+        # release()'s body, not a call to it: one frame less where an interrupt could
+        # land before the semaphore is given back.
+        if self.recursive:
+            if self.owner != threading.get_ident():
+                raise RuntimeError("cannot release an RLock this thread does not hold")
+            self.depth -= 1
+            if self.depth:
+                return
+        self.owner, self.depth = None, 0
+        self.words[self.slot] = 0
+        self.sem.release()
+
+    def held_here(self, me: int) -> int:
+        """How many times thread ``me`` holds the lock now (0, or an RLock's depth).
+
+        For code that takes the lock and then runs a ``try`` that releases it:
+        Ctrl-C can land right after the take returned, before the ``try``. Taking
+        inside the ``try`` and releasing if ``held_here`` rose covers that moment
+        (a Value's ``v.value``, a Queue's read lock)."""
+        return self.depth if self.owner == me else 0
 
     def after_fork(self) -> None:
         self.owner, self.depth = None, 0
@@ -413,6 +466,33 @@ class _HolderLock:
         kind = "RLock" if self.recursive else "Lock"
         return f"<mpmagic {kind} of {self.what} {'held by pid ' + str(holder) if holder else 'free'}>"
 
+
+_get_ident = threading.get_ident  # (a global: acquire is hot)
+
+
+class _LockSide:
+    """``__enter__`` / ``__exit__`` of a helper with a lock (Lock, RLock, Value, Array):
+    the inner :class:`_HolderLock`'s own ``acquire`` / ``__exit__``, handed over when the
+    ``with`` begins (before the lock is taken). A method of ours calling them was a
+    frame where Ctrl-C, right after the take returned, left the lock held by nobody
+    (:meth:`_HolderLock._drop_if_taken`). A descriptor, not a property: read on the
+    class (``contextlib.ExitStack`` does ``type(cm).__enter__(cm)``) it is still callable."""
+
+    __slots__ = ("exit",)
+
+    def __init__(self, exit: bool) -> None:
+        self.exit = exit
+
+    def __get__(self, obj: Any, cls: Any = None) -> Any:
+        if obj is None:
+            return self._by_class
+        lock = obj._lock
+        if lock is None:  # a Value made with lock=False: its NoLockError
+            raise obj._no_lock("__exit__" if self.exit else "__enter__")
+        return lock.__exit__ if self.exit else lock.acquire
+
+    def _by_class(self, obj: Any, *exc: Any) -> Any:
+        return self.__get__(obj)(*exc)
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 

@@ -8,11 +8,10 @@ classes give it the standard library's API and a name to travel by.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from .. import waits
 from ..checks import wait_timeout
-from .base import _SEM_MAX, _SLICE, _Helper, _notify, _wait
+from .base import _SEM_MAX, _SLICE, _Helper, _LockSide, _notify, _wait
 
 # --------------------------------------------------------------------------
 # Lock, RLock, Event
@@ -37,11 +36,9 @@ class SharedLock(_Helper):
     def _after_fork(self) -> None:
         self._lock.after_fork()
 
-    def __enter__(self) -> bool:
-        return self._lock.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+    # ``with lock:`` calls the inner lock's own methods (see _LockSide).
+    __enter__ = _LockSide(exit=False)
+    __exit__ = _LockSide(exit=True)
 
     def locked(self) -> bool:
         """Is it held (by any process) right now?"""

@@ -732,12 +732,14 @@ class SharedQueue(IterUntilClosed, _Helper):
                 raise queue.Empty  # nothing in the ring, no backlog anywhere: nothing to wait for
         since = time.monotonic()  # (the wait began: see _say_waiting)
         deadline = None if timeout is None else since + timeout
-        if not self._read_lock(block, timeout, since):
-            raise queue.Empty
-        try:
+        me = threading.get_ident()
+        try:  # (the take inside: Ctrl-C right after it still releases, see _HolderLock.held_here)
+            if not self._read_lock(block, timeout, since):
+                raise queue.Empty
             return self._take_waiting(block, deadline, since)
         finally:
-            r.rlock.release()
+            if r.rlock.held_here(me):
+                r.rlock.release()
 
     def _read_lock(self, block: bool, timeout: float | None, since: float) -> bool:
         """Take the read lock, which another consumer holds while it waits for the

@@ -6,10 +6,11 @@ import contextlib
 import ctypes
 import sys
 from collections.abc import Iterator
+from threading import get_ident as _get_ident
 from typing import Any
 
 from ..errors import UsageError
-from .base import _HEADER, _check_platform, _Helper
+from .base import _HEADER, _check_platform, _Helper, _LockSide
 from .locks import SharedLock
 
 # --------------------------------------------------------------------------
@@ -138,13 +139,9 @@ class _Synchronized(_Helper):
             raise self._no_lock("release")
         self.get_lock().release()
 
-    def __enter__(self) -> bool:
-        if self._lock is None:
-            raise self._no_lock("__enter__")
-        return self.get_lock().acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._lock.release()
+    # ``with v:`` calls the lock's own methods (see _LockSide).
+    __enter__ = _LockSide(exit=False)
+    __exit__ = _LockSide(exit=True)
 
 
 class SharedValue(_Synchronized):
@@ -162,11 +159,14 @@ class SharedValue(_Synchronized):
         lock = self._lock
         if lock is None:
             return self._obj.value
-        lock.take("Value access")  # (its wait is not one on a lock the user took: waits.NAMES)
-        try:
+        me = _get_ident()
+        held = lock.depth if lock.owner == me else 0  # (lock.held_here, inlined: v.value is hot)
+        try:  # (the take inside: Ctrl-C right after it still releases, see _HolderLock.held_here)
+            lock.take("Value access")  # (its wait is not one on a lock the user took: waits.NAMES)
             return self._obj.value
         finally:
-            lock.release()
+            if lock.owner == me and lock.depth > held:
+                lock.release()
 
     @value.setter
     def value(self, new: Any) -> None:
@@ -174,11 +174,14 @@ class SharedValue(_Synchronized):
         if lock is None:
             self._obj.value = new
             return
-        lock.take("Value access")
+        me = _get_ident()
+        held = lock.depth if lock.owner == me else 0
         try:
+            lock.take("Value access")
             self._obj.value = new
         finally:
-            lock.release()
+            if lock.owner == me and lock.depth > held:
+                lock.release()
 
     def __repr__(self) -> str:
         return f"<mpmagic.Value {self._spec[0]!r} {self._obj.value!r}>"
