@@ -16,27 +16,6 @@ from mpmagic import advice, pool, threads
 from mpmagic.cpus import available_cpus
 from mpmagic.report import Report
 
-
-@pytest.fixture(autouse=True)
-def _no_thread_variables_in_the_notebook():
-    """The notebook's environment sets none of threads.THREAD_VARS during each test, and
-    gets back after it what it had before.
-
-    These tests check the default cap, which a variable of the notebook's wins over
-    (OMP_NUM_THREADS=2 exported in the shell that runs pytest made the workers run 2
-    threads where the cap is 1). ``limit_in_worker``, called here in the notebook's own
-    process, writes os.environ itself: it left OMP_NUM_THREADS=2 and MKL_NUM_THREADS=3
-    behind, so test_threads.py run a second time in one process (or after a file that
-    calls it) saw its fork workers uncapped. (Runs before ``local_pool``: its workers
-    start without them.)
-    """
-    saved = {var: os.environ.pop(var) for var in threads.THREAD_VARS if var in os.environ}
-    yield
-    for var in threads.THREAD_VARS:
-        os.environ.pop(var, None)
-    os.environ.update(saved)
-
-
 INFO = (
     "import os\n"
     "def _threads(x):\n"
@@ -47,7 +26,6 @@ INFO = (
 
 
 def test_default_cap_reported_by_threadpoolctl(ip, local_pool):
-    run(ip, "%pool restart")  # (the session's pool may have started while the notebook set a variable)
     run(ip, INFO)
     cap = max(1, available_cpus() // local_pool.workers)
     for env, nums in run(ip, "%pmap -q _threads, range(2)"):
@@ -132,8 +110,9 @@ def test_cap_for_sends_the_notebooks_variables(monkeypatch):
 def test_a_users_omp_num_threads_also_wins_for_the_blas_libraries_that_fall_back_to_it(monkeypatch):
     """OMP_NUM_THREADS=2 in the notebook (the HPC habit): the worker set
     OPENBLAS_NUM_THREADS=1, which OpenBLAS reads first, so the workers' BLAS ran
-    1 thread while the notebook's ran 2 and the guide said the user's variable wins.
-    (The module's fixture takes back what limit_in_worker sets here, in the notebook's process.)"""
+    1 thread while the notebook's ran 2 and the guide said the user's variable wins."""
+    for var in threads.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # (a forkserver's stale value)
     threads.limit_in_worker(1, {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "3"})
     assert os.environ["OMP_NUM_THREADS"] == "2" and "OPENBLAS_NUM_THREADS" not in os.environ
