@@ -404,7 +404,10 @@ class _HolderLock:
             )
         return True
 
-    def release(self) -> None:
+    def release(self, *_exc: Any) -> None:
+        """Give the lock back; also its ``__exit__`` itself: a method of ours calling
+        release would be one more frame where an interrupt could land before the
+        semaphore is given back."""
         if self.recursive:
             if self.owner != threading.get_ident():
                 raise RuntimeError("cannot release an RLock this thread does not hold")
@@ -415,18 +418,7 @@ class _HolderLock:
         self.words[self.slot] = 0
         self.sem.release()
 
-    def __exit__(self, *exc: Any) -> None:
-        # release()'s body, not a call to it: one frame less where an interrupt could
-        # land before the semaphore is given back.
-        if self.recursive:
-            if self.owner != threading.get_ident():
-                raise RuntimeError("cannot release an RLock this thread does not hold")
-            self.depth -= 1
-            if self.depth:
-                return
-        self.owner, self.depth = None, 0
-        self.words[self.slot] = 0
-        self.sem.release()
+    __exit__ = release
 
     def held_here(self, me: int) -> int:
         """How many times thread ``me`` holds the lock now (0, or an RLock's depth).
