@@ -431,12 +431,25 @@ def _semaphores_open_in(pid: int) -> set[tuple[str, int]]:
     return {(f[3], int(f[4])) for f in fields if len(f) > 5}
 
 
+#: What the last look at the run's processes saw: their pids and /dev/shm's semaphores.
+_last_look: tuple[frozenset[int], frozenset[tuple[str, int]]] | None = None
+
+
 def pytest_runtest_logfinish(nodeid, location):
-    """Note the semaphores the run's other processes hold (a few ms; see leftover_semaphores)."""
+    """Note the semaphores the run's other processes hold (see leftover_semaphores).
+
+    Reading every process's memory map costs ~5-10 ms a test (~15-25 s of the
+    suite), so it is read again only when a process of the run started or ended,
+    or a semaphore was made or unlinked since the last look (a listing, ~0.1 ms)."""
+    global _last_look
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
         return
+    look = (frozenset(c.pid for c in children), frozenset(_semaphore_files()))
+    if look == _last_look:
+        return
+    _last_look = look
     for child in children:
         _semaphores_seen.update(_semaphores_open_in(child.pid))
 
