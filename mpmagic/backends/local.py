@@ -477,6 +477,25 @@ exiting.on_stop(lambda: stop_all(wait_busy=False))
 _worker_processes: weakref.WeakSet = weakref.WeakSet()
 
 
+#: The longest a fork waits for another thread's import to end (_wait_for_imports_elsewhere).
+_IMPORT_WAIT = 30.0
+
+
+def _wait_for_imports_elsewhere() -> None:
+    """Before forking a worker: wait until no other thread is importing a module.
+
+    A fork copies a module half imported, with its import lock held by a thread
+    the child does not have: the child's first use of it waits for that lock for
+    ever. A notebook's first cell ``%load_ext mpmagic`` then ``import numpy``
+    forked the workers in the background while numpy was half imported, and the
+    first item using numpy hung. Bounded (``_IMPORT_WAIT``): an import that waits
+    on this pool (a module calling pmap at import) would otherwise wait for ever.
+    """
+    deadline = time.monotonic() + _IMPORT_WAIT
+    while compat.imports_elsewhere() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def forget_after_fork() -> None:
     """In a forked child: the pools are the parent's, not this process's to stop at exit
     (``pool._after_fork_in_child``), and neither are their workers: multiprocessing's
@@ -835,6 +854,7 @@ class LocalBackend:
         room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
         if self.start_method == "fork":
             self._say_fork_hazard()
+            _wait_for_imports_elsewhere()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         try:
             return self._start_worker(parent_conn, child_conn, temporary)
