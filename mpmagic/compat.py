@@ -842,9 +842,10 @@ def module_initializing(module: types.ModuleType) -> bool:
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
-def imports_elsewhere() -> list[str]:
-    """The modules that threads other than this one are importing now: their
-    import locks (importlib's per-module ``_ModuleLock``) are held by them.
+def imports_elsewhere() -> list[tuple[str, int]]:
+    """(module, thread id) for each module a thread other than this one is
+    importing now: its import lock (importlib's per-module ``_ModuleLock``) is
+    held by that thread.
 
     Empty when not known (an importlib without these internals): a fork then
     goes ahead, as it would without mpmagic.
@@ -856,12 +857,12 @@ def imports_elsewhere() -> list[str]:
     except Exception:
         return []
     me = threading.get_ident()
-    names = []
+    names: list[tuple[str, int]] = []
     for name, ref in refs:
         lock = ref()
         owner = getattr(lock, "owner", None)
         if owner is not None and owner != me:
-            names.append(name)
+            names.append((name, owner))
     return names
 
 

@@ -144,3 +144,30 @@ def test_workers_forked_while_the_notebook_imports_a_module_get_the_module_whole
         importer.join()
         mpmagic.pool.shutdown()
         sys.modules.pop(name, None)
+
+
+def test_a_module_that_maps_as_it_is_imported_is_not_waited_for_by_the_forks_its_run_needs(tmp_path, monkeypatch):
+    """The other side of waiting for imports before a fork: a module whose top level
+    calls pmap (``import pipeline``) holds its import lock for the whole run, and a
+    worker the run needs forked then (here: recycled after each item) must not wait
+    for that import, which waits for the run."""
+    import sys
+    import threading
+
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "_IMPORT_WAIT", 90.0)  # (a wait would show as a hang, not as seconds)
+    name = f"maps_on_import_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("import mpmagic\nRESULT = mpmagic.pmap(abs, range(-4, 0), chunksize=1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mpmagic.pool.shutdown()
+    mpmagic.start_pool(workers=2, start_method="fork", max_tasks_per_child=1)
+    importer = threading.Thread(target=__import__, args=(name,), daemon=True)
+    try:
+        importer.start()
+        importer.join(60)
+        assert not importer.is_alive(), "the import's run waited on its own forks"
+        assert sys.modules[name].RESULT == [4, 3, 2, 1]
+    finally:
+        mpmagic.pool.shutdown()
+        sys.modules.pop(name, None)

@@ -488,12 +488,33 @@ def _wait_for_imports_elsewhere() -> None:
     the child does not have: the child's first use of it waits for that lock for
     ever. A notebook's first cell ``%load_ext mpmagic`` then ``import numpy``
     forked the workers in the background while numpy was half imported, and the
-    first item using numpy hung. Bounded (``_IMPORT_WAIT``): an import that waits
-    on this pool (a module calling pmap at import) would otherwise wait for ever.
+    first item using numpy hung. Not for a thread whose import is waiting in
+    mpmagic (a module that calls pmap as it is imported: its run needs this
+    worker, and its functions are sent by value), nor longer than ``_IMPORT_WAIT``.
     """
     deadline = time.monotonic() + _IMPORT_WAIT
-    while compat.imports_elsewhere() and time.monotonic() < deadline:
+    while _importing_elsewhere() and time.monotonic() < deadline:
         time.sleep(0.005)
+
+
+_IMPORTLIB = frozenset({"_frozen_importlib", "_frozen_importlib_external", "importlib._bootstrap",
+                        "importlib._bootstrap_external"})
+
+
+def _importing_elsewhere() -> bool:
+    """Is another thread running a module's import now, not waiting in mpmagic
+    inside it (its innermost frames, before the import's own, are mpmagic's)?"""
+    frames = sys._current_frames()
+    for _, owner in compat.imports_elsewhere():
+        frame = frames.get(owner)
+        while frame is not None:
+            name = frame.f_globals.get("__name__") or ""
+            if name == "mpmagic" or name.startswith("mpmagic."):
+                break  # (waiting in mpmagic, called from the module's top level)
+            if name in _IMPORTLIB:
+                return True  # (the import itself runs: it ends without this pool)
+            frame = frame.f_back
+    return False
 
 
 def forget_after_fork() -> None:
