@@ -1943,7 +1943,8 @@ class LocalBackend:
         # replaced after an interrupt or a crash (spawn: ~1 s to start) was given its
         # share of the next map at once, and the run waited for it while the ready
         # worker sat idle (4 chunks of 40 ms took 1.1 s, the report blaming transfer).
-        some_ready = any(s.ready and not s.broken and not s.over_memory for s in pool)
+        some_ready = any(s.ready and not s.broken and not s.over_memory and not (saturable and self._saturated(s))
+                         for s in pool)
         for level in range(2):
             if level:
                 for r in maps:
