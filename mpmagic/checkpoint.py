@@ -1420,6 +1420,12 @@ def manage(action: str | None, name: str | None = None) -> Any:
     if store.readonly:
         raise MPMagicError(f"%pool checkpoints clear: the checkpoint store in {folder} is read-only for this "
                            "user: nothing was deleted")
+    if name is not None:  # (a name no run has, a typo: say which there are, and touch nothing)
+        names = sorted({r.name for r in store.runs()})
+        if name not in names:
+            print(f"no checkpointed run named {name!r} in {folder}: nothing was deleted "
+                  f"(stored: {', '.join(names) or 'none'}; %pool checkpoints lists them)")
+            return None
     try:
         n = store.clear(name)
     except (CheckpointError, sqlite3.Error, OSError) as exc:

@@ -60,6 +60,10 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
 * ``ModuleSpec._initializing``: importlib's mark of a module whose import is
   running; a plain pickle naming a class of it would wait on its import lock
   (``module_initializing``).
+* ``importlib._bootstrap._module_locks`` and a module lock's ``owner``: the
+  modules another thread is importing now (``imports_elsewhere``). A worker
+  forked meanwhile copies the module half run, with its lock held by a thread
+  the child does not have: the child's first use of it waited for ever.
 * ``multiprocessing.process._children``: the set of ``Process`` objects
   multiprocessing's exit hook terminates and joins. A bare ``os.fork()`` child
   of the notebook inherits it with the notebook's workers in it, and its exit
@@ -836,6 +840,30 @@ def module_initializing(module: types.ModuleType) -> bool:
     pickle of its classes may then wait on that lock, as it would without mpmagic.
     """
     return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def imports_elsewhere() -> list[tuple[str, int]]:
+    """(module, thread id) for each module a thread other than this one is
+    importing now: its import lock (importlib's per-module ``_ModuleLock``) is
+    held by that thread.
+
+    Empty when not known (an importlib without these internals): a fork then
+    goes ahead, as it would without mpmagic.
+    """
+    try:
+        from importlib import _bootstrap
+
+        refs = list(_bootstrap._module_locks.items())  # type: ignore[attr-defined]
+    except Exception:
+        return []
+    me = threading.get_ident()
+    names: list[tuple[str, int]] = []
+    for name, ref in refs:
+        lock = ref()
+        owner = getattr(lock, "owner", None)
+        if owner is not None and owner != me:
+            names.append((name, owner))
+    return names
 
 
 # --------------------------------------------------------------------------

@@ -638,6 +638,13 @@ def test_pool_checkpoints_lists_clears_by_name_and_the_cap_evicts_lru(ip, store_
     run(ip, "%pool checkpoints clear other")
     listing = repr(run(ip, "%pool checkpoints"))
     assert "other" not in listing and "work" in listing
+    # A name no run has (a typo): it said "deleted 0 checkpointed runs named 'wrok' ... (4.2 kB
+    # freed)", the bytes being the store's log written back, and named none of the runs there.
+    with capture_output() as cap:
+        run(ip, "%pool checkpoints clear wrok")
+    assert cap.stdout == (f"no checkpointed run named 'wrok' in {checkpoint.directory()}: nothing was deleted "
+                          "(stored: work; %pool checkpoints lists them)\n")
+    assert "work" in repr(run(ip, "%pool checkpoints"))
     run(ip, "%config MPMagic.checkpoint_max_bytes = 100")
     run(ip, "%pmap -q --checkpoint other, range(5)")  # the newest run stays; work goes
     names = [r.name for r in checkpoint.list_runs()]

@@ -11,6 +11,8 @@ code run with each rank by hand) is the oracle.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import ensure_pool, run
 from IPython.utils.capture import capture_output
@@ -112,3 +114,60 @@ def test_fork_workers_do_not_carry_the_notebooks_sigterm_handler(ip):
     finally:
         mpmagic.pool.shutdown()
         signal.signal(signal.SIGTERM, saved)
+
+
+def test_workers_forked_while_the_notebook_imports_a_module_get_the_module_whole(ip, tmp_path, monkeypatch):
+    """A notebook's first cell ``%load_ext mpmagic`` then ``import numpy`` (the
+    data_work example on fork): the pool forked its workers in the background
+    while numpy was half imported, and a fork copies the module's import lock,
+    held by a thread the child does not have. The first item that used numpy
+    waited for that lock for ever. Now a fork waits until other threads' imports
+    are done: here a module that takes a second to import, forked meanwhile."""
+    import sys
+    import threading
+
+    name = f"slow_import_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("import time\ntime.sleep(1.0)\nVALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importer = threading.Thread(target=__import__, args=(name,))
+    mpmagic.pool.shutdown()
+    try:
+        importer.start()
+        while name not in sys.modules:  # (the import is under way: its lock is held)
+            pass
+        mpmagic.use_local(2, "fork")
+        mpmagic.get_pool().start()  # the workers fork now
+        run(ip, "def value_of(name):\n    import importlib\n    return importlib.import_module(name).VALUE\n")
+        done = mpmagic.submit(ip.user_ns["value_of"], [name] * 2)
+        assert done.result(timeout=30) == [42, 42]
+    finally:
+        importer.join()
+        mpmagic.pool.shutdown()
+        sys.modules.pop(name, None)
+
+
+def test_a_module_that_maps_as_it_is_imported_is_not_waited_for_by_the_forks_its_run_needs(tmp_path, monkeypatch):
+    """The other side of waiting for imports before a fork: a module whose top level
+    calls pmap (``import pipeline``) holds its import lock for the whole run, and a
+    worker the run needs forked then (here: recycled after each item) must not wait
+    for that import, which waits for the run."""
+    import sys
+    import threading
+
+    from mpmagic.backends import local
+
+    monkeypatch.setattr(local, "_IMPORT_WAIT", 90.0)  # (a wait would show as a hang, not as seconds)
+    name = f"maps_on_import_{os.getpid()}"
+    (tmp_path / f"{name}.py").write_text("import mpmagic\nRESULT = mpmagic.pmap(abs, range(-4, 0), chunksize=1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mpmagic.pool.shutdown()
+    mpmagic.start_pool(workers=2, start_method="fork", max_tasks_per_child=1)
+    importer = threading.Thread(target=__import__, args=(name,), daemon=True)
+    try:
+        importer.start()
+        importer.join(60)
+        assert not importer.is_alive(), "the import's run waited on its own forks"
+        assert sys.modules[name].RESULT == [4, 3, 2, 1]
+    finally:
+        mpmagic.pool.shutdown()
+        sys.modules.pop(name, None)

@@ -477,6 +477,46 @@ exiting.on_stop(lambda: stop_all(wait_busy=False))
 _worker_processes: weakref.WeakSet = weakref.WeakSet()
 
 
+#: The longest a fork waits for another thread's import to end (_wait_for_imports_elsewhere).
+_IMPORT_WAIT = 30.0
+
+
+def _wait_for_imports_elsewhere() -> None:
+    """Before forking a worker: wait until no other thread is importing a module.
+
+    A fork copies a module half imported, with its import lock held by a thread
+    the child does not have: the child's first use of it waits for that lock for
+    ever. A notebook's first cell ``%load_ext mpmagic`` then ``import numpy``
+    forked the workers in the background while numpy was half imported, and the
+    first item using numpy hung. Not for a thread whose import is waiting in
+    mpmagic (a module that calls pmap as it is imported: its run needs this
+    worker, and its functions are sent by value), nor longer than ``_IMPORT_WAIT``.
+    """
+    deadline = time.monotonic() + _IMPORT_WAIT
+    while _importing_elsewhere() and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+_IMPORTLIB = frozenset({"_frozen_importlib", "_frozen_importlib_external", "importlib._bootstrap",
+                        "importlib._bootstrap_external"})
+
+
+def _importing_elsewhere() -> bool:
+    """Is another thread running a module's import now, not waiting in mpmagic
+    inside it (its innermost frames, before the import's own, are mpmagic's)?"""
+    frames = sys._current_frames()
+    for _, owner in compat.imports_elsewhere():
+        frame = frames.get(owner)
+        while frame is not None:
+            name = frame.f_globals.get("__name__") or ""
+            if name == "mpmagic" or name.startswith("mpmagic."):
+                break  # (waiting in mpmagic, called from the module's top level)
+            if name in _IMPORTLIB:
+                return True  # (the import itself runs: it ends without this pool)
+            frame = frame.f_back
+    return False
+
+
 def forget_after_fork() -> None:
     """In a forked child: the pools are the parent's, not this process's to stop at exit
     (``pool._after_fork_in_child``), and neither are their workers: multiprocessing's
@@ -835,6 +875,7 @@ class LocalBackend:
         room_for_tasks(_TASKS_PER_START + 2 * len([s for s in self.slots if not s.ready]))
         if self.start_method == "fork":
             self._say_fork_hazard()
+            _wait_for_imports_elsewhere()
         parent_conn, child_conn = self.ctx.Pipe(duplex=True)
         try:
             return self._start_worker(parent_conn, child_conn, temporary)
@@ -1897,6 +1938,13 @@ class LocalBackend:
             return
         pool = [s for s in self.slots if not s.temporary and not s.retiring]
         saturable = bool(self.max_tasks_per_child)  # (else only over_memory saturates a worker: _saturated)
+        # A worker still starting takes units only while no worker is ready (a pool
+        # starting cold). Beside a ready one it waits for its own Ready: a worker
+        # replaced after an interrupt or a crash (spawn: ~1 s to start) was given its
+        # share of the next map at once, and the run waited for it while the ready
+        # worker sat idle (4 chunks of 40 ms took 1.1 s, the report blaming transfer).
+        some_ready = any(s.ready and not s.broken and not s.over_memory and not (saturable and self._saturated(s))
+                         for s in pool)
         for level in range(2):
             if level:
                 for r in maps:
@@ -1908,6 +1956,8 @@ class LocalBackend:
             # each one at most, so going through them in pool order is that order.
             for slot in pool:
                 if len(slot.inflight) != level or slot.broken or slot.over_memory or (saturable and self._saturated(slot)):
+                    continue
+                if some_ready and not slot.ready:
                     continue
                 # A run may find its input just ran out (an iterator of exactly
                 # N chunks): then the next run in turn gets this worker.
