@@ -88,16 +88,46 @@ def record(backend: Any, size: int, placed: dict[int, int]) -> None:
     _size = size
 
 
-def status_line(processes: list[dict]) -> str | None:
-    """``%pool``'s line about kept ranks, with their workers' memory (``processes``: its rows)."""
+def status_line(processes: list[dict], pool_key: Any) -> str | None:
+    """``%pool``'s line about kept ranks, with their workers' memory (``processes``: its rows,
+    of the pool ``pool_key``).
+
+    Ranks whose worker is gone (the pool was stopped or restarted, the worker died or
+    was replaced, or they were kept in another pool) are said once, with what to do,
+    not one "(gone)" per rank: their state went with those workers, and the next
+    ``--keep`` cell raises until ``--reset`` (:func:`check`).
+    """
     if not _kept:
         return None
-    rss = {p["id"]: p.get("rss") for p in processes}
-    parts = []
-    for rank, (_, wid, _) in sorted(_kept.items()):
-        mb = rss.get(wid)
-        parts.append(f"rank {rank} on worker {wid}" + (f" ({fmt_bytes(mb)} own memory)" if mb else " (gone)"))
-    return "kept ranks (%%parallel --keep): " + ", ".join(parts)
+    live = {p["id"]: p.get("rss") for p in processes if p.get("alive")}
+    parts, gone = [], []
+    for rank, (key, wid, _) in sorted(_kept.items()):
+        if key != pool_key or wid not in live:
+            gone.append(rank)
+            continue
+        mb = live[wid]
+        parts.append(f"rank {rank} on worker {wid}" + (f" ({fmt_bytes(mb)} own memory)" if mb else ""))
+    clauses = [", ".join(parts)] if parts else []
+    if gone:
+        one = len(gone) == 1
+        clauses.append(f"rank{'' if one else 's'} {_spans(gone)} went with the worker{'' if one else 's'} "
+                       f"that held {'it' if one else 'them'} (stopped, restarted or died): "
+                       "the next --keep cell needs --reset")
+    return "kept ranks (%%parallel --keep): " + "; ".join(clauses)
+
+
+def _spans(numbers: list[int]) -> str:
+    """Sorted ``numbers`` as runs: ``0-3, 5`` (a pool of 32 ranks gone is one short clause)."""
+    out: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(out)
 
 
 class KeptCellJob(CellJob):

@@ -169,3 +169,30 @@ def test_a_notebook_name_a_match_pattern_captures_in_a_kept_rank_is_the_ranks(ip
     assert list(run(ip, cell)) == [0, 0]
     run(ip, "k, m, n, p, r = 10, 20, [30], {'x': 1}, 60")
     assert list(run(ip, "%%parallel --keep -q\n(k, m, n, p, r)")) == [(1, 2, [3], {}, 60)] * 2
+
+
+def test_pool_status_says_once_that_kept_ranks_went_with_a_restarted_pool(ip, pool2):
+    """After a restart (or a stop) the ranks' workers are gone: %pool says so in one clause,
+    with what to do, not "(gone)" per rank; the next --keep cell still says the state is lost."""
+    run(ip, "%%parallel --keep -q\nacc = rank")
+    assert "rank 0 on worker" in str(mpmagic.pool_status())
+    pool2.restart()
+    line = next(s for s in str(mpmagic.pool_status()).splitlines() if "kept ranks" in s)
+    assert line.strip() == ("kept ranks (%%parallel --keep): ranks 0-1 went with the workers that held them "
+                            "(stopped, restarted or died): the next --keep cell needs --reset")
+    with pytest.raises(mpmagic.MPMagicError, match="rank 0's kept state is gone"):
+        run(ip, "%%parallel --keep -q\nacc")
+    assert list(run(ip, "%%parallel --keep --reset -q\nacc = rank\nacc")) == [0, 1]
+    line = next(s for s in str(mpmagic.pool_status()).splitlines() if "kept ranks" in s)
+    assert "went with" not in line and ", rank 1 on worker" in line
+
+
+def test_pool_status_tells_kept_ranks_of_another_pool_from_this_pools_workers(pool2):
+    """A kept rank recorded in another pool (same worker id, other pool key) is not on this pool's worker."""
+    ranks._kept[0] = (pool2.pool_key, pool2.slots[0].wid, None)
+    ranks._kept[1] = (object(), pool2.slots[1].wid, None)
+    line = ranks.status_line(pool2.status()["processes"], pool2.pool_key)
+    assert line is not None and line.startswith(f"kept ranks (%%parallel --keep): rank 0 on worker {pool2.slots[0].wid} (")
+    assert line.endswith("; rank 1 went with the worker that held it (stopped, restarted or died): "
+                         "the next --keep cell needs --reset")
+    assert ranks._spans([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"

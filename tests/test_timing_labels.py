@@ -53,7 +53,7 @@ def test_a_size_reads_the_same_everywhere_in_the_units_max_memory_is_parsed_in(m
     text = str(status.PoolStatus(info))
     assert "max memory per worker: 1.5 GB" in text and "1.5 GB own memory" in text
     monkeypatch.setattr(ranks, "_kept", {0: (b"k", 0, 1)})
-    assert ranks.status_line([{"id": 0, "rss": n}]).endswith("(1.5 GB own memory)")
+    assert ranks.status_line([{"id": 0, "alive": True, "rss": n}], b"k").endswith("(1.5 GB own memory)")
     monkeypatch.setattr(posixshm, "room", lambda: (n, 2 * n))
     assert "no room for 1.5 GB (1.5 GB free of 3.0 GB)" in str(posixshm.NoRoom(n))
 

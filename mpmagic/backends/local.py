@@ -1381,7 +1381,7 @@ class LocalBackend:
             "max_tasks_per_child": self.max_tasks_per_child,
             "max_memory": self.max_memory,
             "preloaded": self.warmth.describe(),  # warm: modules the workers import, their memory (warmup.py)
-            "kept": _kept_line(workers),  # %%parallel --keep (ranks.py)
+            "kept": _kept_line(workers, self.pool_key),  # %%parallel --keep (ranks.py)
             "shm": _shm_held(),
         }
 
@@ -2670,11 +2670,11 @@ def _shm_held() -> dict[str, int]:
     return shm.held()
 
 
-def _kept_line(workers: list[dict]) -> str | None:
+def _kept_line(workers: list[dict], pool_key: int) -> str | None:
     """``%pool``'s line about the kept ranks of ``%%parallel --keep`` (ranks.py)."""
     from ..ranks import status_line
 
-    return status_line(workers)
+    return status_line(workers, pool_key)
 
 
 def is_stopped(pid: int) -> bool:
