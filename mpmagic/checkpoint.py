@@ -1431,8 +1431,8 @@ def manage(action: str | None, name: str | None = None) -> Any:
     except (CheckpointError, sqlite3.Error, OSError) as exc:
         raise MPMagicError(f"%pool checkpoints clear: {exc}") from None
     what = f"named {name!r} " if name else ""
-    # What the disk got back, measured on the store's files: a clear that said only
-    # "deleted" left a full disk full (the rows went, the log kept their bytes).
+    # What it deleted: the runs' sizes, as the listing shows them (Store.clear); a disk
+    # the store filled and the clear left full says so (still_full), never only "deleted".
     freed = f" ({fmt_bytes(n.freed)} freed)" if n.freed else ""
     print(f"deleted {n} checkpointed run{'s' if n != 1 else ''} {what}from {folder}{freed}"
           + (f"; {n.still_full}" if n.still_full else ""))

@@ -105,7 +105,9 @@ class CheckpointError(Exception):
 class Cleared(int):
     """What ``Store.clear`` did: the number of runs deleted (it is that int), and
 
-    ``freed``: the bytes the store's files gave back to the disk; ``still_full``:
+    ``freed``: the bytes of the runs deleted, their sizes as ``%pool checkpoints``
+    lists them (with files no row named, when every run went), or, for a store
+    started afresh on a full disk, what its deleted files held; ``still_full``:
     empty, or one sentence saying that the disk is still full and why (the
     store's log could not be given back), so ``%pool checkpoints clear`` never
     says "deleted" of a disk it left full.
@@ -118,6 +120,14 @@ class Cleared(int):
         made = super().__new__(cls, runs)
         made.freed, made.still_full = freed, still_full
         return made
+
+
+def _size_of(path: Path) -> int:
+    """A file's size in bytes, 0 if it is gone."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 class _InUse(CheckpointError):
@@ -863,7 +873,7 @@ class Store:
                     pass
 
     def clear(self, name: str | None = None) -> Cleared:
-        """Delete the runs named ``name`` (every run if None); returns how many, and the bytes freed.
+        """Delete the runs named ``name`` (every run if None); returns how many, and their bytes (``Cleared``).
 
         On a disk the store itself filled, SQLite can neither delete rows nor write
         its log back into the database (both need room first), so the log kept
@@ -880,6 +890,10 @@ class Store:
             listed = self.runs()
             runs = [r.key for r in listed if name is None or r.name == name]
             every = len(runs) == len(listed)
+            # What this clear deletes: the runs' sizes as ``%pool checkpoints`` lists them
+            # (their rows and files), not the store's files before and after (a clear of a
+            # 170 B run said "50 kB freed": the other runs' log written back, counted too).
+            deleted = sum(r.size for r in listed if name is None or r.name == name)
             try:
                 n, full = self.delete(runs, shrink=False), False
             except CheckpointError:  # (the disk is full: the rows stay)
@@ -890,7 +904,9 @@ class Store:
                 n, full = len(runs), True
             if every and self.blobs.is_dir():  # and files no row names (left by a crash)
                 for f in self.blobs.iterdir():
+                    deleted += _size_of(f)
                     f.unlink(missing_ok=True)
+            afresh = False
             stopped = None if full else self._shrink()
             still_full = ""
             if full or (stopped is not None and _is_full(stopped)):
@@ -901,13 +917,15 @@ class Store:
                 else:
                     try:
                         self._start_afresh()
+                        afresh = True
                     except _InUse as exc:
                         if full:
                             raise CheckpointError(f"the disk holding {self.path} is full, so its rows cannot be "
                                                   f"deleted, nor its files while {exc}") from None
                         still_full = (f"the disk is still full: the store's log ({log_size}) cannot be written "
                                       f"back without room, nor deleted while {exc}")
-            return Cleared(n, max(0, before - self._footprint()), still_full)
+            # A store started afresh: its files were deleted, all of them (measured on them).
+            return Cleared(n, max(0, before - self._footprint()) if afresh else deleted, still_full)
 
     def _footprint(self) -> int:
         """Bytes the store's files hold now: the database, its log and index, and ``blobs/``."""

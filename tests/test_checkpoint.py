@@ -29,6 +29,7 @@ import mpmagic
 from mpmagic import api, checkpoint
 from mpmagic.checkpoint_keys import item_key, keyed_copy, run_key, unstable_reason
 from mpmagic.checkpoint_store import DB_NAME, Store
+from mpmagic.fmt import fmt_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -2103,3 +2104,29 @@ def test_a_store_under_a_folder_that_may_not_be_entered_warns_and_the_run_goes_o
     assert [str(w.message) for w in caught] == [
         f"mpmagic: cannot open the checkpoint store in {store} (PermissionError: {denied}); "
         "running without a checkpoint"]
+
+
+def test_pool_checkpoints_clear_of_a_run_frees_the_size_the_listing_shows(ip, store_dir):
+    """%pool checkpoints listed a run of 170 B and its clear said "(50 kB freed)": the
+    store's files measured before and after, the log of the other runs written back
+    too. Now the clear says what it deleted: the run's size as the listing shows it
+    (its rows and its files), whatever else the store gave back."""
+    import numpy as np
+
+    store = checkpoint.open_store()
+    store.put(b"w" * 16, "work", [(i.to_bytes(16, "big"), os.urandom(2000)) for i in range(100)])  # (in the log)
+    store.put(b"t" * 16, "tiny", [(b"k" * 16, 1)])
+    store.put(b"a" * 16, "arrays", [(b"a" * 16, np.ones(150_000))])  # (1.2 MB: in blobs/)
+    sizes = {r.name: r.size for r in checkpoint.list_runs()}
+    files = sum(f.stat().st_size for f in (store_dir / "blobs").iterdir())
+    assert files > 150_000 * 8 and sizes["arrays"] >= files * 0.99 and sizes["tiny"] < 1000
+    listing = repr(run(ip, "%pool checkpoints"))
+    for name in ("tiny", "arrays"):
+        row = next(line for line in listing.splitlines() if line.split()[:1] == [name])
+        assert f" {fmt_bytes(sizes[name])} " in row
+        with capture_output() as cap:
+            run(ip, f"%pool checkpoints clear {name}")
+        assert cap.stdout == (f"deleted 1 checkpointed run named {name!r} from {checkpoint.directory()} "
+                              f"({fmt_bytes(sizes[name])} freed)\n")
+    assert not list((store_dir / "blobs").iterdir())
+    assert [r.name for r in checkpoint.list_runs()] == ["work"]
