@@ -156,13 +156,20 @@ def defining(name: str) -> str | None:
 def clear() -> list[str]:
     """``%pool setup clear``: remove the setup; running workers drop its names now.
 
-    Refused while runs are in flight, as any setup change (:func:`_change`).
+    Refused while runs are in flight, as any setup change (:func:`_change`). With no
+    setup there is nothing to remove: one line says so, and nothing is changed (it
+    said "worker setup removed ... running ones dropped its names" of a setup there
+    was not).
     """
     __tracebackhide__ = True
+    if not worker_setup.has_setup():
+        sys.stdout.write(NONE_TO_CLEAR)
+        return []
     return _change(worker_setup.clear, "%pool setup clear", start=False, done=CLEARED)
 
 
 CLEARED = "worker setup removed: workers started from now on run none, running ones dropped its names\n"
+NONE_TO_CLEAR = "no worker setup to remove (%pool setup shows none): nothing changed\n"
 
 
 def _change(change: Callable[[], None], what: str, *, start: bool, interrupt_as: str | None = None,

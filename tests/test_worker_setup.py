@@ -1285,3 +1285,21 @@ def test_a_notebook_class_an_on_worker_start_dict_names_comes_home_as_the_notebo
             "mpmagic.on_worker_start(_gives_class)")
     out = run(ip, "%pmap -q --chunksize 1 lambda x: _NbKind2(), range(4)")
     assert [isinstance(a, ip.user_ns["_NbKind"]) for a in out] == [True] * 4
+
+
+def test_setup_clear_with_no_setup_says_nothing_changed(ip, pool2):
+    """%pool setup clear with no setup said "worker setup removed: ... running ones dropped
+    its names", of a setup there was not; now it says there was none, and changes nothing."""
+    from IPython.utils.capture import capture_output
+
+    worker_setup.clear()
+    setup_api.apply_now()
+    pids = [s.pid for s in pool2.slots]
+    with capture_output() as cap:
+        run(ip, "%pool setup clear")
+    assert cap.stdout == "no worker setup to remove (%pool setup shows none): nothing changed\n"
+    assert [s.pid for s in pool2.slots] == pids and not worker_setup.has_setup()
+    run(ip, "%%pool setup\nA_SETUP = 1")
+    with capture_output() as cap:
+        run(ip, "%pool setup clear")
+    assert cap.stdout.startswith(setup_api.CLEARED) and not worker_setup.has_setup()
