@@ -90,12 +90,21 @@ def _extras(p: dict[str, Any]) -> str:
     return "".join(f", {v}" for v in (p.get("setup"), p.get("gpu") and f"GPU {p['gpu']}") if v)
 
 
+# A local worker listed beyond the pool's size (``leaving``), so that the heading's
+# "1 worker" and two busy rows under it (a resize while both were busy) read as one story.
+_LEAVING = {
+    "resize": ", stops once idle (beyond the pool's size: %pool resize)",
+    "ranks": ", stops once idle (an extra worker for a cell's ranks)",
+}
+
+
 def _state(p: dict[str, Any]) -> str:
     if not p["alive"]:
         return "dead"
+    leaving = _LEAVING.get(p.get("leaving") or "", "")
     if p.get("stopped"):  # (SIGSTOP, a debugger: it runs nothing until resumed, kill -CONT PID)
-        return "stopped (kill -CONT resumes it)" + (", holds work" if p["busy"] else "")
-    return "busy" if p["busy"] else ("idle" if p["ready"] else "starting")
+        return "stopped (kill -CONT resumes it)" + (", holds work" if p["busy"] else "") + leaving
+    return ("busy" if p["busy"] else ("idle" if p["ready"] else "starting")) + leaving
 
 
 def _run_cells(r: dict[str, Any]) -> list[str]:

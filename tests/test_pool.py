@@ -638,3 +638,22 @@ def test_a_map_after_a_worker_was_replaced_runs_on_the_ready_worker_not_behind_t
         os.kill(starting, signal.SIGCONT)
     assert pids == [survivor] * 4
     backend.wait_ready()
+
+
+def test_status_marks_the_listed_workers_that_stop_once_idle(pool2):
+    """%pool resize 1 while both workers were busy said "pool: local, 1 worker" and listed two
+    busy workers, nothing telling which one stops once idle (nor a cell's extra workers for its
+    ranks, %%parallel -n 4 on 2 workers): each such row now says so."""
+    from mpmagic.status import _local_lines
+
+    with pool2._lock:  # (the manager stops an idle worker so marked: not before the flags are back)
+        retiring, extra = pool2.slots
+        retiring.retiring, extra.temporary = True, True
+        try:
+            info = pool2.status()
+        finally:
+            retiring.retiring, extra.temporary = False, False
+    rows = {line.split(":")[0].strip(): line for line in _local_lines(dict(info, workers=1))}
+    assert ", stops once idle (beyond the pool's size: %pool resize), " in rows[f"worker {retiring.wid}"]
+    assert ", stops once idle (an extra worker for a cell's ranks), " in rows[f"worker {extra.wid}"]
+    assert "stops once idle" not in "\n".join(_local_lines(pool2.status()))

@@ -1363,6 +1363,8 @@ class LocalBackend:
                     "busy": s.busy,
                     "stopped": s.pid is not None and is_stopped(s.pid),  # (SIGSTOP, a debugger: see _check_stopped)
                     "tasks": s.tasks,
+                    # Listed beyond the pool's size until idle: a shrink's busy worker, a cell's extra one.
+                    "leaving": "resize" if s.retiring else ("ranks" if s.temporary else None),
                     "rss": rss,
                     "setup": worker_setup.worker_state((self.pool_key, s.wid)),  # worker setup
                     "gpu": worker_setup.gpu_of((self.pool_key, s.wid)),
