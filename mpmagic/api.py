@@ -15,6 +15,7 @@ import inspect
 import itertools
 import keyword
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -1607,11 +1608,11 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "shared_workers": job.shared_workers,
         "waited_for_workers": job.waited_for_workers,
         # (a worker's setup still running when the run's units came: no item's time)
-        "waited_for_setup": max(job.setup_waits.values(), default=0.0),
+        "waited_for_setup": max(job.setup_waits.values()) if job.setup_waits else 0.0,
         "setup_wait_seconds": sum(job.setup_waits.values()),
     }
     if cores:
-        if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
+        if workers > cores or backend.workers > cores:  # (never more busy at once than workers)
             fields["peak_busy"], fields["over_cores_seconds"] = _busy_at_once(job.spans, cores)
         # The libraries first: a function that uses none of them (looked up in a
         # cache) skips the cap's reads of the notebook's environment.
@@ -1706,6 +1707,8 @@ def _length(iterables: tuple) -> int | None:
             continue
         except Exception:  # no length (an iterator; or its __len__ raised, which map never calls)
             return None
+    if len(lengths) == 1:  # (one iterable, the usual: its length, with no call of min)
+        return lengths[0]
     return min(lengths) if lengths else None
 
 
@@ -1761,8 +1764,6 @@ def _in_worker_process() -> bool:
     which multiprocessing forbids to have children, or in a process forked from
     the notebook after its pool was made (``pool.forked_from_pool``: that pool
     is the parent's)."""
-    import multiprocessing
-
     return bool(multiprocessing.current_process().daemon) or forked_from_pool()
 
 

@@ -91,8 +91,11 @@ _last_retired = 0  # the number of the newest in ``_retired`` (0: none yet)
 # their keys are retired at the backend's next look, before the entry is dropped
 # (by the next call here: the function a run kept alive dies after it ended).
 _died: list[tuple[int, bool]] = []
-# How this thread's last call was served, for its run's report (see :func:`last_served`).
+# How this thread's last call was served, for its run's report (see :func:`last_served`):
+# ``served`` (how, bytes, segment name) and ``freed`` (seconds), one attribute each (a
+# thread-local's attribute costs ~1 us to set: one per field was ~4 us a warm call).
 _last = threading.local()
+_NOT_SERVED = ("fast", 0, None)
 
 
 def last_served() -> tuple[str, int]:
@@ -102,7 +105,8 @@ def last_served() -> tuple[str, int]:
     workers' shared-memory copy: unchanged) or ``("built", n)`` (``n`` bytes
     copied into shared memory). A job reads it right after building its
     payload, so that the report can say what the call spent there."""
-    return getattr(_last, "how", "fast"), getattr(_last, "bytes", 0)
+    how, copies, _ = getattr(_last, "served", _NOT_SERVED)
+    return how, copies
 
 
 def last_freed() -> float:
@@ -121,13 +125,12 @@ def last_segment() -> str | None:
     (``LocalBackend.stop``): a run whose payload was built before a stop from
     another thread checks it is still there before the run is handed over, and
     builds its payload again if not (``jobs.MapJob.payload_lost``)."""
-    return getattr(_last, "segment", None)
+    return getattr(_last, "served", _NOT_SERVED)[2]
 
 
 def _served(how: str, copies: int, segment: shm.Segment | None) -> None:
     stats[how] += 1
-    _last.how, _last.bytes = how, copies
-    _last.segment = segment.name if segment is not None else None
+    _last.served = (how, copies, segment.name if segment is not None else None)
 
 
 def function_payload(
@@ -487,6 +490,8 @@ def _by_reference(obj: Any) -> bool:
     """Pickled by name (an importable module's function or class), not by value?"""
     if _should_pickle_by_reference is None:
         return False
+    if type(obj) is types.FunctionType and obj.__module__ == "__main__":
+        return False  # (a notebook's function: cloudpickle's answer, without its look-ups, at each call)
     try:
         return bool(_should_pickle_by_reference(obj))
     except Exception:
