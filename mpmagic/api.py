@@ -1616,7 +1616,8 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
             fields["peak_busy"], fields["over_cores_seconds"] = _busy_at_once(job.spans, cores)
         # The libraries first: a function that uses none of them (looked up in a
         # cache) skips the cap's reads of the notebook's environment.
-        used = tuple(sorted({m.partition(".")[0] for m in libs()} & _THREADED_LIBS))
+        modules = libs()
+        used = tuple(sorted({m.partition(".")[0] for m in modules} & _THREADED_LIBS)) if modules else ()
         capped = _threads_capped(backend.workers, cores) if used else None
         if capped is not None:
             fields["capped_threads"], fields["capped_libs"] = capped, used
@@ -1629,7 +1630,7 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     fields["runq_seconds"] = job.runq_seconds
     helpers = job.helper_wait  # (seconds blocked in mpmagic's helpers, by kind: MapJob, CellJob)
     fields["helper_wait_seconds"] = sum(helpers.values())
-    fields["helper_wait_kinds"] = tuple(sorted(helpers, key=lambda kind: -helpers[kind]))
+    fields["helper_wait_kinds"] = tuple(sorted(helpers, key=lambda kind: -helpers[kind])) if helpers else ()
     fields["slowest_task"] = job.slowest_task or None
     fields["slowest_where"] = job.slowest_where
     fields["insights"] = recorder.finish(workers) if recorder is not None else None
