@@ -1417,9 +1417,9 @@ class MapJob:
         """The function's payload, from ``payload_cache`` (reused when nothing it captures changed)."""
         self._release_payload_segment()
         t0 = time.perf_counter()
-        with payload.keeping(self.kept), _same_machine(self.shared_memory):
-            self.func_key, self.func_payload = payload_cache.function_payload(
-                self.func, self.shared_memory, hold=True)
+        # (the run keeps the helpers it names, and memmaps go by reference here: function_payload's kept, shared)
+        self.func_key, self.func_payload = payload_cache.function_payload(
+            self.func, self.shared_memory, hold=True, kept=self.kept)
         self.payload_seconds += time.perf_counter() - t0
         self.payload_freed_seconds += payload_cache.last_freed()
         self.payload_served = payload_cache.last_served()

@@ -29,6 +29,7 @@ its function captured by value.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import functools
 import itertools
@@ -134,12 +135,20 @@ def _served(how: str, copies: int, segment: shm.Segment | None) -> None:
 
 
 def function_payload(
-    func: Any, shared: bool = False, what: str = "the function", hold: bool = False
+    func: Any, shared: bool = False, what: str = "the function", hold: bool = False,
+    kept: dict[int, Any] | None = None,
 ) -> tuple[bytes, bytes]:
     """``(key, payload)`` for ``func``: reused when unchanged, built when not.
 
     ``shared``: large buffers the function captures go into a shared-memory
-    segment (only for workers on this machine).
+    segment (only for workers on this machine), and file-backed memmaps it
+    captures go by reference (``payload.memmaps_by_reference``).
+
+    ``kept``: the run's dict of the shared helpers its payload names (see
+    ``payload.keeping``), given those a pickling here found. (The caller's own
+    ``keeping`` and ``memmaps_by_reference`` around this call cost four
+    thread-local stores at each warm call, served without pickling: they are
+    taken here, around the pickling alone.)
 
     ``hold``: the caller takes a reference on that segment (its name:
     :func:`last_segment`) and gives it back with ``shm.let_go(name)`` once
@@ -175,7 +184,7 @@ def function_payload(
             if hold and entry.segment is not None and shm.pool().hold(entry.segment.name):
                 held = entry.segment.name
     try:
-        key, data, held = _serve(func, shared, what, slot, entry, held, hold)
+        key, data, held = _serve(func, shared, what, slot, entry, held, hold, kept)
     except BaseException:
         if held is not None:
             shm.let_go(held)
@@ -184,7 +193,8 @@ def function_payload(
 
 
 def _serve(
-    func: Any, shared: bool, what: str, slot: tuple[int, bool], entry: _Entry | None, held: str | None, hold: bool
+    func: Any, shared: bool, what: str, slot: tuple[int, bool], entry: _Entry | None, held: str | None, hold: bool,
+    keep: dict[int, Any] | None = None,
 ) -> tuple[bytes, bytes, str | None]:
     """:func:`function_payload`'s work once the entry is looked up: ``(key, payload,
     the segment now held for the caller)``; ``held`` is the one held so far."""
@@ -196,11 +206,12 @@ def _serve(
 
     collector = shm.Collector(lend=True) if shared else None
     found: dict[int, Any] = {}
-    with payload.keeping(found):
+    with payload.keeping(found), payload.memmaps_by_reference() if shared else contextlib.nullcontext():
         inband = payload.dumps_function(func, what, collector)
     kept: tuple = ()
     if found:  # (the run being built keeps them: see payload.keeping)
-        payload.keep_all(found.values())
+        if keep is not None:
+            keep.update((id(h), h) for h in found.values())
         kept = tuple(weakref.ref(h) for h in found.values())
     buffers = collector.buffers if collector is not None else []
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
