@@ -15,6 +15,7 @@ import inspect
 import itertools
 import keyword
 import math
+import multiprocessing
 import os
 import re
 import sys
@@ -1607,15 +1608,16 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
         "shared_workers": job.shared_workers,
         "waited_for_workers": job.waited_for_workers,
         # (a worker's setup still running when the run's units came: no item's time)
-        "waited_for_setup": max(job.setup_waits.values(), default=0.0),
+        "waited_for_setup": max(job.setup_waits.values()) if job.setup_waits else 0.0,
         "setup_wait_seconds": sum(job.setup_waits.values()),
     }
     if cores:
-        if max(workers, backend.workers) > cores:  # (never more busy at once than workers)
+        if workers > cores or backend.workers > cores:  # (never more busy at once than workers)
             fields["peak_busy"], fields["over_cores_seconds"] = _busy_at_once(job.spans, cores)
         # The libraries first: a function that uses none of them (looked up in a
         # cache) skips the cap's reads of the notebook's environment.
-        used = tuple(sorted({m.partition(".")[0] for m in libs()} & _THREADED_LIBS))
+        modules = libs()
+        used = tuple(sorted({m.partition(".")[0] for m in modules} & _THREADED_LIBS)) if modules else ()
         capped = _threads_capped(backend.workers, cores) if used else None
         if capped is not None:
             fields["capped_threads"], fields["capped_libs"] = capped, used
@@ -1628,7 +1630,7 @@ def _measured(job: Any, backend: Backend, cold: bool, recorder: Recorder | None,
     fields["runq_seconds"] = job.runq_seconds
     helpers = job.helper_wait  # (seconds blocked in mpmagic's helpers, by kind: MapJob, CellJob)
     fields["helper_wait_seconds"] = sum(helpers.values())
-    fields["helper_wait_kinds"] = tuple(sorted(helpers, key=lambda kind: -helpers[kind]))
+    fields["helper_wait_kinds"] = tuple(sorted(helpers, key=lambda kind: -helpers[kind])) if helpers else ()
     fields["slowest_task"] = job.slowest_task or None
     fields["slowest_where"] = job.slowest_where
     fields["insights"] = recorder.finish(workers) if recorder is not None else None
@@ -1706,6 +1708,8 @@ def _length(iterables: tuple) -> int | None:
             continue
         except Exception:  # no length (an iterator; or its __len__ raised, which map never calls)
             return None
+    if len(lengths) == 1:  # (one iterable, the usual: its length, with no call of min)
+        return lengths[0]
     return min(lengths) if lengths else None
 
 
@@ -1761,8 +1765,6 @@ def _in_worker_process() -> bool:
     which multiprocessing forbids to have children, or in a process forked from
     the notebook after its pool was made (``pool.forked_from_pool``: that pool
     is the parent's)."""
-    import multiprocessing
-
     return bool(multiprocessing.current_process().daemon) or forked_from_pool()
 
 

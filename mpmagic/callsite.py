@@ -64,6 +64,7 @@ import os
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -119,18 +120,48 @@ def caller_site() -> Site | None:
         return None
     # Each frame's line read once: ``f_lineno`` walks the code's line table
     # (read twice, in the test and in the tuple, it was half of this call).
-    line = frame.f_lineno
+    traced = sys.gettrace() is not None
+    line = frame.f_lineno if traced else _line(frame)
     if not line:  # (3.11+: None where a frame has no line)
         return None
     site = [_frame(frame, line)]
     frame = frame.f_back
     while frame is not None and len(site) <= ANCESTORS and not _machinery(frame.f_code.co_filename):
-        line = frame.f_lineno
+        line = frame.f_lineno if traced else _line(frame)
         if not line:
             break
         site.append(_frame(frame, line))
         frame = frame.f_back
     return tuple(site)
+
+
+# (id of a code object, instruction offset) -> (a weak reference to that code, its line): what
+# ``f_lineno`` says of a frame there. It walks the code's line table from its start at each
+# read: a map called from a long function or script (a benchmark's loop) paid ~10 us a call
+# for its line, the same at each call from that place.
+_lines: dict[tuple[int, int], tuple[Any, int | None]] = {}
+_MAX_LINES = 1024
+
+
+def _line(frame: types.FrameType) -> int | None:
+    """``frame.f_lineno``, looked up by the frame's code and instruction when read there before.
+
+    Not for a frame of a thread that runs a trace function (the caller checks
+    ``sys.gettrace()``): tracing may set a frame's line itself (a debugger's jump)."""
+    code = frame.f_code
+    key = (id(code), frame.f_lasti)
+    known = _lines.get(key)
+    if known is not None and known[0]() is code:
+        return known[1]
+    line = frame.f_lineno
+    try:
+        ref = weakref.ref(code)
+    except TypeError:  # (a code object that cannot be weakly referenced: read each time)
+        return line
+    if len(_lines) >= _MAX_LINES:
+        _lines.clear()
+    _lines[key] = (ref, line)
+    return line
 
 
 def caller_names() -> dict[str, str]:

@@ -184,7 +184,9 @@ def check_flags(**flags: object) -> None:
     bool, a numpy bool (``arr.any()``), 0 and 1, and None (off, as the default).
     """
     for name, value in flags.items():
-        if value is None or isinstance(value, bool) or whole(value) in (0, 1) or _numpy_bool(value):
+        if value is None or value is True or value is False:  # (the usual values: no call)
+            continue
+        if isinstance(value, bool) or whole(value) in (0, 1) or _numpy_bool(value):
             continue
         raise UsageError(f"{name} must be True or False, not {number_text(value)}")
 

@@ -24,6 +24,7 @@ and never IPython (workers import it).
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
 import os
 import signal
@@ -573,8 +574,7 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
     lent = None
     if job.shared_memory:  # (a MapJob: the one kind recorded here)
-        from . import shm
-
+        shm = _module("shm")
         lent = (shm.THRESHOLD, shm.WRITABLE)
     _runs.last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
@@ -585,9 +585,15 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
 def _loads_mark() -> int:
     """A load number later than every module load so far (``loadstamps``): a module
     whose latest reload is numbered after it was reloaded after the run."""
-    from . import loadstamps
+    return _module("loadstamps").next_number()
 
-    return loadstamps.next_number()
+
+def _module(name: str) -> Any:
+    """mpmagic's module ``name`` (this module imports none at import time): found in
+    ``sys.modules`` as a rule, at each run (``from . import`` ran the import system's
+    look-ups in Python, ~1 us each), imported when it is not there yet."""
+    module = sys.modules.get(f"{__package__}.{name}")
+    return module if module is not None else importlib.import_module(f".{name}", __package__)
 
 
 def name_func(before: LastRun | None, text: str | None) -> None:

@@ -69,6 +69,8 @@ def random_uses(func: Any) -> list[RandomUse]:
         _uses_of(func, found, set(), 0)
     except Exception:  # (advice only: nothing odd may break a run)
         return []
+    if not found:  # (the usual: nothing drawn, nothing to order)
+        return found
     found = list(dict.fromkeys(found))
     return sorted(found, key=lambda u: u.source != "generator")
 

@@ -791,14 +791,17 @@ class MapJob:
             if limit is not None:
                 size = max(1, min(size, limit))
             if self._seq is not None:
-                end = min(self._next_start + size, self._seq_len)
+                end = self._next_start + size
+                if self._seq_len < end:  # (min(end, self._seq_len), with no call: at each unit)
+                    end = self._seq_len
                 chunk = self._seq[self._next_start : end]
                 # A slice goes as it is: a range's as the range itself (a few bytes,
                 # where the list of its numbers was most of the notebook's time per
                 # tiny item), a tuple's uncopied; the workers iterate and index
                 # either as they would a list.
                 items: Any = chunk
-                if end >= min(self._seq_len, len(self._seq)):  # (a list that shrank meanwhile ends sooner)
+                now = len(self._seq)
+                if end >= (now if now < self._seq_len else self._seq_len):  # (a list that shrank meanwhile ends sooner)
                     self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             else:
                 lazy = self._lazy_items(size)
@@ -1414,9 +1417,9 @@ class MapJob:
         """The function's payload, from ``payload_cache`` (reused when nothing it captures changed)."""
         self._release_payload_segment()
         t0 = time.perf_counter()
-        with payload.keeping(self.kept), _same_machine(self.shared_memory):
-            self.func_key, self.func_payload = payload_cache.function_payload(
-                self.func, self.shared_memory, hold=True)
+        # (the run keeps the helpers it names, and memmaps go by reference here: function_payload's kept, shared)
+        self.func_key, self.func_payload = payload_cache.function_payload(
+            self.func, self.shared_memory, hold=True, kept=self.kept)
         self.payload_seconds += time.perf_counter() - t0
         self.payload_freed_seconds += payload_cache.last_freed()
         self.payload_served = payload_cache.last_served()

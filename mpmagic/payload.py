@@ -803,10 +803,24 @@ def dumps_plain(obj: Any) -> bytes | None:
 
 def dumps_atoms(items: Any) -> bytes | None:
     """:func:`dumps_plain` of a chunk of items, a ``range`` included (a map's
-    usual chunk): None for anything else."""
-    if type(items) is range:
+    usual chunk): None for anything else.
+
+    A short list or tuple of :data:`_ATOMS` (a warm small map's chunk) goes by
+    ``pickle.dumps``: the same bytes (the C pickler writes atoms in builtin
+    containers itself, asking no ``reducer_override``), without making a
+    :class:`_PlainPickler` and its stream (~1 us a chunk). Longer chunks are
+    not checked first (see :class:`_PlainPickler`: the check costs more than
+    the pickling per element)."""
+    kind = type(items)
+    if kind is range:
         return pickle.dumps(items, PROTOCOL)  # (a global: builtins.range)
+    if (kind is list or kind is tuple) and len(items) <= _FEW_ATOMS and all_atoms(items):
+        return pickle.dumps(items, PROTOCOL)
     return dumps_plain(items)
+
+
+# A chunk of at most this many items is checked for atoms before it is pickled (dumps_atoms).
+_FEW_ATOMS = 16
 
 
 def _only_atoms(obj: Any, nbytes: int) -> bool:

@@ -29,6 +29,7 @@ its function captured by value.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import functools
 import itertools
@@ -91,8 +92,11 @@ _last_retired = 0  # the number of the newest in ``_retired`` (0: none yet)
 # their keys are retired at the backend's next look, before the entry is dropped
 # (by the next call here: the function a run kept alive dies after it ended).
 _died: list[tuple[int, bool]] = []
-# How this thread's last call was served, for its run's report (see :func:`last_served`).
+# How this thread's last call was served, for its run's report (see :func:`last_served`):
+# ``served`` (how, bytes, segment name) and ``freed`` (seconds), one attribute each (a
+# thread-local's attribute costs ~1 us to set: one per field was ~4 us a warm call).
 _last = threading.local()
+_NOT_SERVED = ("fast", 0, None)
 
 
 def last_served() -> tuple[str, int]:
@@ -102,7 +106,8 @@ def last_served() -> tuple[str, int]:
     workers' shared-memory copy: unchanged) or ``("built", n)`` (``n`` bytes
     copied into shared memory). A job reads it right after building its
     payload, so that the report can say what the call spent there."""
-    return getattr(_last, "how", "fast"), getattr(_last, "bytes", 0)
+    how, copies, _ = getattr(_last, "served", _NOT_SERVED)
+    return how, copies
 
 
 def last_freed() -> float:
@@ -121,22 +126,29 @@ def last_segment() -> str | None:
     (``LocalBackend.stop``): a run whose payload was built before a stop from
     another thread checks it is still there before the run is handed over, and
     builds its payload again if not (``jobs.MapJob.payload_lost``)."""
-    return getattr(_last, "segment", None)
+    return getattr(_last, "served", _NOT_SERVED)[2]
 
 
 def _served(how: str, copies: int, segment: shm.Segment | None) -> None:
     stats[how] += 1
-    _last.how, _last.bytes = how, copies
-    _last.segment = segment.name if segment is not None else None
+    _last.served = (how, copies, segment.name if segment is not None else None)
 
 
 def function_payload(
-    func: Any, shared: bool = False, what: str = "the function", hold: bool = False
+    func: Any, shared: bool = False, what: str = "the function", hold: bool = False,
+    kept: dict[int, Any] | None = None,
 ) -> tuple[bytes, bytes]:
     """``(key, payload)`` for ``func``: reused when unchanged, built when not.
 
     ``shared``: large buffers the function captures go into a shared-memory
-    segment (only for workers on this machine).
+    segment (only for workers on this machine), and file-backed memmaps it
+    captures go by reference (``payload.memmaps_by_reference``).
+
+    ``kept``: the run's dict of the shared helpers its payload names (see
+    ``payload.keeping``), given those a pickling here found. (The caller's own
+    ``keeping`` and ``memmaps_by_reference`` around this call cost four
+    thread-local stores at each warm call, served without pickling: they are
+    taken here, around the pickling alone.)
 
     ``hold``: the caller takes a reference on that segment (its name:
     :func:`last_segment`) and gives it back with ``shm.let_go(name)`` once
@@ -172,7 +184,7 @@ def function_payload(
             if hold and entry.segment is not None and shm.pool().hold(entry.segment.name):
                 held = entry.segment.name
     try:
-        key, data, held = _serve(func, shared, what, slot, entry, held, hold)
+        key, data, held = _serve(func, shared, what, slot, entry, held, hold, kept)
     except BaseException:
         if held is not None:
             shm.let_go(held)
@@ -181,7 +193,8 @@ def function_payload(
 
 
 def _serve(
-    func: Any, shared: bool, what: str, slot: tuple[int, bool], entry: _Entry | None, held: str | None, hold: bool
+    func: Any, shared: bool, what: str, slot: tuple[int, bool], entry: _Entry | None, held: str | None, hold: bool,
+    keep: dict[int, Any] | None = None,
 ) -> tuple[bytes, bytes, str | None]:
     """:func:`function_payload`'s work once the entry is looked up: ``(key, payload,
     the segment now held for the caller)``; ``held`` is the one held so far."""
@@ -193,11 +206,12 @@ def _serve(
 
     collector = shm.Collector(lend=True) if shared else None
     found: dict[int, Any] = {}
-    with payload.keeping(found):
+    with payload.keeping(found), payload.memmaps_by_reference() if shared else contextlib.nullcontext():
         inband = payload.dumps_function(func, what, collector)
     kept: tuple = ()
     if found:  # (the run being built keeps them: see payload.keeping)
-        payload.keep_all(found.values())
+        if keep is not None:
+            keep.update((id(h), h) for h in found.values())
         kept = tuple(weakref.ref(h) for h in found.values())
     buffers = collector.buffers if collector is not None else []
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
@@ -487,6 +501,8 @@ def _by_reference(obj: Any) -> bool:
     """Pickled by name (an importable module's function or class), not by value?"""
     if _should_pickle_by_reference is None:
         return False
+    if type(obj) is types.FunctionType and obj.__module__ == "__main__":
+        return False  # (a notebook's function: cloudpickle's answer, without its look-ups, at each call)
     try:
         return bool(_should_pickle_by_reference(obj))
     except Exception:

@@ -160,9 +160,10 @@ class Report:
         to its parameter and stored each in turn (~200 bytecodes a ``pmap``). A field
         left out takes its default; a missing required field or an unknown name is
         refused with the TypeError ``__init__`` raises."""
-        missing = _REQUIRED - given.keys()
-        unknown = given.keys() - _FIELD_NAMES
-        if missing or unknown:
+        names = given.keys()
+        # (a missing required field or an unknown name, asked as subset tests: the set
+        # differences built two sets of ~60 names each, ~5 us a run)
+        if not (names >= _REQUIRED and names <= _FIELD_NAMES):
             return cls(**given)  # (its error, in its words)
         report = cls.__new__(cls)
         # (simple defaults are class attributes; each default_factory makes a new value)

@@ -384,3 +384,29 @@ def test_caller_site_keeps_the_callers_above_the_map_up_to_mpmagics_or_ipythons(
     assert all(f[0] == __name__ and f[1] == __file__ for f in site[:3]) and len(site) == 1 + callsite.ANCESTORS
     # (past pytest's frames, a pmap run serially from mpmagic's own code: the callers stop there)
     assert callsite._machinery(callsite.__file__) and not callsite._machinery(__file__)
+
+
+def test_the_sites_line_is_each_calls_own_from_two_lines_and_from_a_function_defined_again():
+    """A site's lines are kept by code object and instruction (``callsite._line``: reading
+    ``f_lineno`` walks the code's line table at each call). Each call still names the
+    line serial Python's frame names: two calls of one function, each twice (the second
+    from what was kept), and functions defined again and again with the call one line
+    lower each time (a new code object, which may take a freed one's address)."""
+    from mpmagic import callsite
+
+    def two_places():
+        first = (callsite.caller_site(), sys._getframe().f_lineno)
+        second = (callsite.caller_site(), sys._getframe().f_lineno)
+        return first, second
+
+    for _ in range(2):
+        for site, line in two_places():
+            assert site is not None and site[0][2] == line and site[0][3] == "two_places"
+    for blank in range(6):
+        namespace = {"callsite": callsite, "sys": sys}
+        source = "\n" * blank + "def f():\n    return callsite.caller_site(), sys._getframe().f_lineno\n"
+        exec(compile(source, "<cell>", "exec"), namespace)
+        for _ in range(2):
+            site, line = namespace["f"]()
+            assert site is not None and site[0][1:] == ("<cell>", blank + 2, "f") and line == blank + 2
+        del namespace

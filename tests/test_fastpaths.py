@@ -566,7 +566,9 @@ def test_a_chunk_of_atoms_is_pickled_as_dumps_data_would_with_no_lease():
         pass
 
     nested = [(1, "a"), [2.5, None], {"k": (b"v",)}, {3}, frozenset({4})]
-    for items in ([1, 2.5, "x", b"y", None, True, bytearray(b"z")], (1, 2), range(3, 90, 4), [], nested):
+    # (short lists and tuples of atoms go by pickle.dumps, longer ones by the plain pickler: the same bytes)
+    for items in ([1, 2.5, "x", b"y", None, True, bytearray(b"z")], (1, 2), range(3, 90, 4), [], nested,
+                  ["s"] * payload._FEW_ATOMS, list(range(payload._FEW_ATOMS + 1)), tuple(range(40))):
         assert payload.dumps_atoms(items) == payload.dumps_data(items)
         assert pickle.loads(payload.dumps_atoms(items)) == items
     for items in ([1, Int(2)], [1, [Int(2)]], [Fraction(1, 3)], [int], [len], [(1, object())]):

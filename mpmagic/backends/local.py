@@ -1981,6 +1981,14 @@ class LocalBackend:
         ~150 ms, ~50 ms now (issue 15's fairness row).
         """
         n = len(maps)
+        if n == 1 and not level and not maps[0].limit:
+            # One map run in flight with no worker limit (a warm call's usual case), at
+            # the first depth: what the loop below finds (that run or none; the turn 0).
+            run = maps[0]
+            if not run.job.has_work or run.cancel_requested or run not in self._runs:
+                return None
+            self._turn = 0
+            return run
         best: tuple[bool, int, int] | None = None  # (background, workers held, k)
         for k in range(n):
             run = maps[(self._turn + k) % n]
