@@ -41,7 +41,7 @@ class ChunkPlanner:
         # tiny items (100,000) after its first three results.
         self.ramp = ramp
         self._largest = 0
-        self.workers = workers if workers > 1 else 1  # (max(1, workers), at every run)
+        self.workers = max(1, workers)
         self.fixed = chunksize
         self.target = target
         self.max_chunk = max_chunk
@@ -73,40 +73,27 @@ class ChunkPlanner:
         size = self._adaptive()
         return min(size, max(1, 2 * self._largest)) if self.ramp else size
 
-    # (Each unit of every run asks _adaptive: its minimums and maximums of two numbers are
-    # conditional expressions, written as ``min``/``max`` choose (``max(a, b)``: ``b if b > a
-    # else a``), where the builtins' calls were ~17 a warm 2-item map, ~0.3 us each.)
     def _adaptive(self) -> int:
-        if self.n_items is None:
-            remaining = None
-        else:
-            left = self.n_items - self.sent
-            remaining = left if left > 1 else 1  # max(1, left)
-        per_item = self.per_item
-        if per_item is None:
+        remaining = None if self.n_items is None else max(1, self.n_items - self.sent)
+        if self.per_item is None:
             # Before any measurement: a small first chunk per worker.
             if remaining is None:
                 return 1
-            size = remaining // (self.workers * 4)
-            size = 16 if 16 < size else size  # min(size, 16)
+            size = min(remaining // (self.workers * 4), 16)
         else:
-            per = 1e-9 if 1e-9 > per_item else per_item  # max(per_item, 1e-9)
-            size = int(self.target / per)
+            size = int(self.target / max(self.per_item, 1e-9))
         if self.bytes_per_item:
-            most = int(self.max_bytes / self.bytes_per_item)
-            size = most if most < size else size  # min(size, most)
-        if per_item is None:
-            return size if size > 1 else 1  # max(1, size)
+            size = min(size, int(self.max_bytes / self.bytes_per_item))
+        if self.per_item is None:
+            return max(1, size)
         if remaining is not None:
             # Keep the tail balanced: at least ~2 chunks per worker remain...
-            share = math.ceil(remaining / (self.workers * 2))
-            size = share if share < size else size  # min(size, share)
+            size = min(size, math.ceil(remaining / (self.workers * 2)))
             # ...but never chunks so short that the message costs more than the work
             # (tiny items would otherwise end in dozens of 1-item round trips).
-            floor = int(self.min_seconds / per)
+            floor = int(self.min_seconds / max(self.per_item, 1e-9))
             if self.bytes_per_item:
-                most = int(self.max_bytes / self.bytes_per_item)
-                floor = most if most < floor else floor  # min(floor, most)
+                floor = min(floor, int(self.max_bytes / self.bytes_per_item))
             # ...and never fewer chunks than workers: a time remembered from an
             # earlier call may be wrong for these items, and items may wait on
             # one another (queues, events), so each worker gets a share. Once
@@ -122,14 +109,11 @@ class ChunkPlanner:
             if remaining <= 2 * floor * self.workers:
                 if self._tail is None:
                     rounds = 2 if remaining >= floor * self.workers else 1
-                    tail = remaining // (rounds * self.workers)
-                    self._tail = tail if tail > 1 else 1  # max(1, tail)
+                    self._tail = max(1, remaining // (rounds * self.workers))
                 size = remaining if remaining < 2 * self._tail else self._tail
-                size = self.max_chunk if self.max_chunk < size else size  # min(size, max_chunk)
-                return size if size > 1 else 1  # max(1, size)
-            size = floor if floor > size else size  # max(size, floor)
-        size = self.max_chunk if self.max_chunk < size else size  # min(size, max_chunk)
-        return size if size > 1 else 1  # max(1, size)
+                return max(1, min(size, self.max_chunk))
+            size = max(size, floor)
+        return max(1, min(size, self.max_chunk))
 
     def record(self, n_items: int, seconds: float) -> None:
         """Feed back the compute time a worker measured for a chunk."""
@@ -156,14 +140,12 @@ class ChunkPlanner:
         """Feed back how many bytes a chunk of ``n_items`` packed into."""
         if n_items > 0:
             b = nbytes / n_items
-            was = self.bytes_per_item or 0.0
-            self.bytes_per_item = was if was > b else b  # max(b, was): each reply's and unit's, no call
+            self.bytes_per_item = max(b, self.bytes_per_item or 0.0)
 
     def note_sent(self, n: int) -> None:
         """A chunk of ``n`` items went out: what the report states as its size."""
         self.sent += n
-        if n > self._largest:  # max(self._largest, n)
-            self._largest = n
+        self._largest = max(self._largest, n)
         self._lone_last = None if n in self.sizes_used else n
         self.sizes_used.add(n)
 

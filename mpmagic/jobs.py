@@ -791,17 +791,14 @@ class MapJob:
             if limit is not None:
                 size = max(1, min(size, limit))
             if self._seq is not None:
-                end = self._next_start + size
-                if self._seq_len < end:  # (min(end, self._seq_len), with no call: at each unit)
-                    end = self._seq_len
+                end = min(self._next_start + size, self._seq_len)
                 chunk = self._seq[self._next_start : end]
                 # A slice goes as it is: a range's as the range itself (a few bytes,
                 # where the list of its numbers was most of the notebook's time per
                 # tiny item), a tuple's uncopied; the workers iterate and index
                 # either as they would a list.
                 items: Any = chunk
-                now = len(self._seq)
-                if end >= (now if now < self._seq_len else self._seq_len):  # (a list that shrank meanwhile ends sooner)
+                if end >= min(self._seq_len, len(self._seq)):  # (a list that shrank meanwhile ends sooner)
                     self.exhausted = True  # (a list's end is known now: no empty unit asked for after it)
             else:
                 lazy = self._lazy_items(size)

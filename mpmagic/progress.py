@@ -103,7 +103,7 @@ class Progress:
         self.total = total
         self.desc = desc
         self.unit = unit
-        self.delay = delay if delay > 0.0 else 0.0  # (max(0.0, delay), at every run)
+        self.delay = max(0.0, delay)
         self.enabled = enabled
         self.n = 0
         self.t0 = time.perf_counter()
