@@ -121,6 +121,29 @@ def test_a_users_omp_num_threads_also_wins_for_the_blas_libraries_that_fall_back
     assert threads._threads_wanted("openblas") == 2 and threads._threads_wanted("mkl") == 3
 
 
+def test_a_cap_a_forkserver_worker_found_set_already_is_its_own(monkeypatch):
+    """A forkserver worker starts with the fork server's environment, as it was when the
+    server started: one started while the notebook had OMP_NUM_THREADS=1 (Dask's nanny
+    sets it there) gave its workers that value. The cap of 1 did not change it, so the
+    worker did not count it as its own, and the notebook's environment, without it
+    since, removed it at the first call: the workers ran with no cap at all
+    (OMP_NUM_THREADS None where the cap is 1). Every variable the cap sets is the
+    worker's, whether or not its value was there before."""
+    from mpmagic import context, worker_setup
+
+    for var in threads.THREAD_VARS:  # (setenv first: an absent variable's delenv records nothing to undo)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (the fork server's, equal to the cap)
+    monkeypatch.setattr(context, "own_env", set())
+    monkeypatch.setattr(worker_setup, "WORKER_ID", None)
+    monkeypatch.setattr(worker_setup, "reseed_fresh", lambda: None)  # (the notebook's random state stays)
+    monkeypatch.setattr(threads, "_CAPPED_LIBS", ())  # (the notebook's loaded BLAS keeps its threads)
+    worker_setup.start_worker({"threads": 1, "thread_vars": {"MKL_NUM_THREADS": "3"}}, 7)
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "3"
+    assert set(threads.THREAD_VARS) <= context.own_env, context.own_env
+
+
 def test_advice_names_thread_oversubscription():
     r = Report(kind="pmap", items=16, workers=2, backend="local", start_method="forkserver",
                wall=4.0, task_seconds=8.0, chunks=16, chunksize="auto", cores=2, cpu_seconds=24.0)
