@@ -38,6 +38,7 @@ from IPython.display import display
 from . import api, astlock, config, debugging, pool, scaling
 from .backends.local import START_METHODS, start_method_refused, tasks_per_child_refused
 from .cell import source_digest
+from .checks import size_said_as
 from .errors import (
     STOPPED_OUTCOME,
     MPMagicError,
@@ -1075,8 +1076,9 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
         if isinstance(exc, UsageError):
             if came_from_worker(exc):
                 return
-            # (the API's ArgumentTypeError stays a TypeError, its UsageError a ValueError)
-            raise parser.usage_error(str(exc), like=exc) from None
+            # (the API's ArgumentTypeError stays a TypeError, its UsageError a ValueError; a size
+            # refused is said as the line gave it: -n 1000, not the API's workers = 1000)
+            raise parser.usage_error(size_said_as(exc, "-n"), like=exc) from None
         if isinstance(exc, KeyboardInterrupt):
             if self.serial_pass is not None and self.serial_pass():
                 values = "results" if parser.prog == "%pmap" else "ranks' values"
@@ -1396,8 +1398,9 @@ class MPMagics(Magics):
             return self._pool(opts)
         except (RunsInFlight, SetupRefused) as exc:  # not a mistake in the line: no usage line under it
             raise IPythonUsageError(str(exc)) from None
-        except UsageError as exc:
-            raise parser.usage_error(str(exc)) from None
+        except UsageError as exc:  # (a size refused as the line gave it: -n 1000, or resize 1000)
+            given = "resize" if opts.action == "resize" and opts.target and not opts.workers else "-n"
+            raise parser.usage_error(size_said_as(exc, given)) from None
         except KeyboardInterrupt as exc:
             if opts.action not in ("start", "restart", "resize", "local", "dask") or hasattr(exc, "_render_traceback_"):
                 raise  # (one line already: what the interrupted start or stop finished first)

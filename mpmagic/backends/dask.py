@@ -76,7 +76,7 @@ from distributed import Client, LocalCluster, Nanny
 from distributed.deploy.cluster import Cluster
 
 from .. import compat, context, exiting, payload_cache, posixshm, warmup, worker_setup
-from ..checks import check_real, check_whole, number_text, whole
+from ..checks import check_real, check_whole, number_text, size_refused, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
@@ -895,16 +895,17 @@ class DaskBackend:
                 raise self._too_few_workers(size, have)
             return
         if size > _MOST_RANKS:
-            raise UsageError(f"-n {number_text(size)} is more ranks than mpmagic runs at once (at most "
-                             f"{_MOST_RANKS}: each rank is a Dask worker process of its own)")
+            raise size_refused("{} is more ranks than mpmagic runs at once (at most "
+                               f"{_MOST_RANKS}: each rank is a Dask worker process of its own)", size)
 
     def _too_few_workers(self, size: int, have: int) -> UsageError:
         """The error for a cell of ``size`` ranks on a cluster of ``have`` worker processes."""
-        return UsageError(
-            f"-n {number_text(size)} needs {number_text(size)} Dask worker processes at once (one per rank), and "
-            f"{self.where} has {have}: use -n {have} or fewer, or add workers"
-            + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
-        )
+        where = str(self.where).replace("{", "{{").replace("}", "}}")  # (a template: see size_refused)
+        return size_refused(
+            f"{{}} needs {number_text(size)} Dask worker processes at once (one per rank), and "
+            f"{where} has {have}: use {{}} or fewer, or add workers"
+            + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)"),
+            size, have)
 
     def resize(self, workers: int) -> None:
         """Scale the local cluster mpmagic started (-1: one worker per usable CPU); a cluster
