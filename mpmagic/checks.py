@@ -51,6 +51,32 @@ def number_text(value: object) -> str:
     return f"{sign}{size // 10 ** (digits - 6)}... ({digits} digits)"
 
 
+def size_refused(template: str, *sizes: object, keyword: str = "workers") -> UsageError:
+    """The UsageError refusing a number of workers or ranks: ``template`` with each ``{}``
+    one of ``sizes`` as a call gives it (``workers = 1000``); a magic says it as its line
+    gave it (``-n 1000``, :func:`size_said_as`).
+
+    Why: ``%pmap -n 1000`` was refused as ``workers = 1000``, in the API's words, where
+    ``%%parallel -n 1000`` said ``-n 1000``, and so did ``parallel(code, workers=1000)``,
+    in the magic's words: each now names what its user typed.
+    """
+    shown = tuple(number_text(size) for size in sizes)
+    error = UsageError(template.format(*(f"{keyword} = {size}" for size in shown)))
+    error.mpmagic_sizes = (template, shown)  # type: ignore[attr-defined]  # (read by size_said_as)
+    return error
+
+
+def size_said_as(error: BaseException, option: str) -> str:
+    """``error``'s message as a magic says it: a refusal of :func:`size_refused` with
+    its sizes as ``option N`` (``-n 1000``, as the line gave them); any other error's
+    message as it is."""
+    sizes = getattr(error, "mpmagic_sizes", None)
+    if sizes is None:
+        return str(error)
+    template, shown = sizes
+    return str(template.format(*(f"{option} {size}" for size in shown)))
+
+
 def whole(value: object) -> int | None:
     """``value`` as a plain int if it is a whole number (``operator.index`` takes it:
     ``int``, ``numpy.int64``...), not a bool; else None."""

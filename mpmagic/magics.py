@@ -38,6 +38,7 @@ from IPython.display import display
 from . import api, astlock, config, debugging, pool, scaling
 from .backends.local import START_METHODS, start_method_refused, tasks_per_child_refused
 from .cell import source_digest
+from .checks import size_said_as
 from .errors import (
     STOPPED_OUTCOME,
     MPMagicError,
@@ -50,7 +51,13 @@ from .errors import (
 )
 from .jobs import SAY_RETRIES_AT
 from .setup_api import RunsInFlight, SetupRefused
-from .task_shell import _takes_next_word, split_options, without_final_semicolon
+from .task_shell import (
+    OnceParser,
+    _takes_next_word,
+    split_options,
+    without_final_semicolon,
+    without_given,
+)
 
 _INTERRUPTED = "{magic} interrupted: {outcome}"
 # An interrupt that escapes a magic outside its run (_one_line_interrupts): what it says.
@@ -116,7 +123,7 @@ def _usage_class(like: BaseException | type[BaseException] | None) -> type[IPyth
     return IPythonUsageError
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OnceParser):
     """argparse for a magic's line: no abbreviations, and errors as a short usage error.
 
     Every error is two lines: what is wrong (an unknown option names the
@@ -141,11 +148,7 @@ class _Parser(argparse.ArgumentParser):
         # extra_words: for words past those the line takes (``%pool checkpoints clear a b``), the
         # refusal naming the first and what its subcommand takes, from what was parsed (None: unknown()'s).
         self.extra_words: Callable[[argparse.Namespace, list[str]], str | None] | None = None
-        # An option that takes a value is given once a line (_GivenOnce); the words it was
-        # given as, read by the action just after argparse converted them (_get_values).
-        self._written = threading.local()
-        self.register("action", None, _GivenOnce)
-        self.register("action", "store", _GivenOnce)
+        # (An option that takes a value is given once a line: OnceParser.)
         # argparse's own -h would print and exit: the magic prints its help itself (_show_help).
         self.add_argument("-h", "--help", action="store_true", help="show this help (as %(prog)s? does); run nothing")
 
@@ -192,12 +195,12 @@ class _Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:  # type: ignore[override]
         opts, extra = super().parse_known_args(self._negatives_attached(args), namespace)
-        return _without_given(opts), extra
+        return without_given(opts), extra
 
     def parse_known_intermixed_args(self, args: Any = None,  # type: ignore[override]
                                     namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
         opts, extra = super().parse_known_intermixed_args(self._negatives_attached(args), namespace)
-        return _without_given(opts), extra
+        return without_given(opts), extra
 
     def _negatives_attached(self, args: Any) -> Any:
         """``args`` with a value that starts like a negative number attached to its option
@@ -234,17 +237,6 @@ class _Parser(argparse.ArgumentParser):
             out.append(word)
             at += 1
         return out
-
-    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
-        values = super()._get_values(action, arg_strings)
-        self._written.words = list(arg_strings)  # (for the action argparse calls next: _GivenOnce)
-        return values
-
-    def written(self, values: Any) -> str:
-        """The words the option argparse is storing now was given as (``-1GB``, not
-        ``values``, what they were read as: ``-n -1`` is None), for a message."""
-        words = self._written.__dict__.pop("words", None)
-        return repr(values) if words is None else " ".join(shlex.quote(word) for word in words)
 
     def dash_hint(self, text: str) -> str:
         """``; '—compare' starts with an em dash (U+2014), not the ASCII '-' or '--' ...`` for the first
@@ -301,40 +293,6 @@ _OTHER_DASHES = "\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 
 #: A value argparse would take for an option (``-1GB``, ``-1e3``, ``-.5s``): see _Parser._negatives_attached.
 _LOOKS_NEGATIVE = re.compile(r"-\.?\d")
-
-#: Where a parse keeps the options given so far on its namespace (_GivenOnce); gone before a magic reads it.
-_GIVEN = "_mpmagic_given_options"
-
-
-def _without_given(opts: argparse.Namespace) -> argparse.Namespace:
-    """``opts`` without _GivenOnce's record of the options given (the magics read ``vars(opts)``)."""
-    vars(opts).pop(_GIVEN, None)
-    return opts
-
-
-class _GivenOnce(argparse.Action):
-    """argparse's ``store`` for the magics' options, each given at most once a line.
-
-    ``store`` kept the last value and dropped the first without a word
-    (``%pmap --timeout 5 --timeout 0.01`` stopped items at 0.01 s, and
-    ``%%parallel --reduce max --reduce min`` returned the min): an option that
-    takes a value, given twice, is now refused in one line naming the option
-    and both values as written. (A flag given twice, ``-q -q``, says the same
-    thing twice and stays accepted; a positional word is stored as before.)
-    """
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        if self.option_strings:
-            written = parser.written(values) if isinstance(parser, _Parser) else repr(values)
-            given = vars(namespace).setdefault(_GIVEN, {})
-            if self.dest in given:
-                raise argparse.ArgumentError(
-                    None, f"{'/'.join(self.option_strings)} given twice ({given[self.dest]}, then {written}): "
-                          "give it once")
-            given[self.dest] = written
-        setattr(namespace, self.dest, values)
-
 
 def _int_at_least(minimum: int, words: str) -> Callable[[str], int]:
     """An argparse ``type`` for whole numbers >= ``minimum`` (``words`` says so in errors)."""
@@ -1118,8 +1076,9 @@ class _magic_errors:  # noqa: N801 (used as a function: `with _magic_errors(pars
         if isinstance(exc, UsageError):
             if came_from_worker(exc):
                 return
-            # (the API's ArgumentTypeError stays a TypeError, its UsageError a ValueError)
-            raise parser.usage_error(str(exc), like=exc) from None
+            # (the API's ArgumentTypeError stays a TypeError, its UsageError a ValueError; a size
+            # refused is said as the line gave it: -n 1000, not the API's workers = 1000)
+            raise parser.usage_error(size_said_as(exc, "-n"), like=exc) from None
         if isinstance(exc, KeyboardInterrupt):
             if self.serial_pass is not None and self.serial_pass():
                 values = "results" if parser.prog == "%pmap" else "ranks' values"
@@ -1439,8 +1398,9 @@ class MPMagics(Magics):
             return self._pool(opts)
         except (RunsInFlight, SetupRefused) as exc:  # not a mistake in the line: no usage line under it
             raise IPythonUsageError(str(exc)) from None
-        except UsageError as exc:
-            raise parser.usage_error(str(exc)) from None
+        except UsageError as exc:  # (a size refused as the line gave it: -n 1000, or resize 1000)
+            given = "resize" if opts.action == "resize" and opts.target and not opts.workers else "-n"
+            raise parser.usage_error(size_said_as(exc, given)) from None
         except KeyboardInterrupt as exc:
             if opts.action not in ("start", "restart", "resize", "local", "dask") or hasattr(exc, "_render_traceback_"):
                 raise  # (one line already: what the interrupted start or stop finished first)

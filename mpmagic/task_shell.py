@@ -38,6 +38,7 @@ import linecache
 import re
 import shlex
 import sys
+import threading
 import tokenize
 import types
 import weakref
@@ -173,10 +174,76 @@ def without_final_semicolon(text: str) -> tuple[str, bool]:
     return text, False
 
 
-class _TaskParser(argparse.ArgumentParser):
+#: Where a parse keeps the options given so far on its namespace (GivenOnce); gone before the options are read.
+_GIVEN = "_mpmagic_given_options"
+
+
+def without_given(opts: argparse.Namespace) -> argparse.Namespace:
+    """``opts`` without :class:`GivenOnce`'s record of the options given (the magics read ``vars(opts)``)."""
+    vars(opts).pop(_GIVEN, None)
+    return opts
+
+
+class GivenOnce(argparse.Action):
+    """argparse's ``store`` for the magics' options, each given at most once a line.
+
+    ``store`` kept the last value and dropped the first without a word
+    (``%pmap --timeout 5 --timeout 0.01`` stopped items at 0.01 s, and
+    ``%%parallel --reduce max --reduce min`` returned the min): an option that
+    takes a value, given twice, is now refused in one line naming the option
+    and both values as written. (A flag given twice, ``-q -q``, says the same
+    thing twice and stays accepted; a positional word is stored as before.)
+    The notebook's magics and a ``%pmap`` line run in a task (whose ``-n 2 -n 3``
+    the task took as ``-n 3``) refuse it alike: both parsers are :class:`OnceParser`.
+    """
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if self.option_strings:
+            written = parser.written(values) if isinstance(parser, OnceParser) else repr(values)
+            given = vars(namespace).setdefault(_GIVEN, {})
+            if self.dest in given:
+                raise argparse.ArgumentError(
+                    None, f"{'/'.join(self.option_strings)} given twice ({given[self.dest]}, then {written}): "
+                          "give it once")
+            given[self.dest] = written
+        setattr(namespace, self.dest, values)
+
+
+class OnceParser(argparse.ArgumentParser):
+    """An argparse parser whose options that take a value are given once a line
+    (:class:`GivenOnce`), refused in the words they were written as: the base of the
+    notebook's magics' parser (``magics._Parser``) and of a task's ``%pmap`` line's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The words the option being stored was given as, read by the action just after
+        # argparse converted them (_get_values).
+        self._written = threading.local()
+        self.register("action", None, GivenOnce)
+        self.register("action", "store", GivenOnce)
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        values = super()._get_values(action, arg_strings)
+        self._written.words = list(arg_strings)  # (for the action argparse calls next: GivenOnce)
+        return values
+
+    def written(self, values: Any) -> str:
+        """The words the option argparse is storing now was given as (``-1GB``, not
+        ``values``, what they were read as: ``-n -1`` is None), for a message."""
+        words = self._written.__dict__.pop("words", None)
+        return repr(values) if words is None else " ".join(shlex.quote(word) for word in words)
+
+
+class _TaskParser(OnceParser):
     """The ``%pmap`` line's options in a task: each mistake one UsageError line, in the
     magic's words (argparse's own said ``invalid int value: 'abc'`` and ``unrecognized
-    arguments: --tiemout``, where the notebook's ``%pmap`` names the option meant)."""
+    arguments: --tiemout``, where the notebook's ``%pmap`` names the option meant), an
+    option given twice too (``-n 2 -n 3`` ran as ``-n 3``, refused in the notebook)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:  # type: ignore[override]
+        opts, extra = super().parse_known_args(args, namespace)
+        return without_given(opts), extra
 
     def error(self, message: str) -> Any:
         unknown = re.fullmatch(r"unrecognized arguments: (\S+).*", message)

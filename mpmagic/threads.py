@@ -93,17 +93,27 @@ _OMP_FALLBACK = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS", 
 _LIB_VARS = {"openblas": "OPENBLAS_NUM_THREADS", "mkl": "MKL_NUM_THREADS", "blis": "BLIS_NUM_THREADS"}
 
 
-def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
+def limit_in_worker(n: int | None, notebook: dict[str, str]) -> list[str]:
     """In a starting worker: cap BLAS/OpenMP threads at ``n`` (None: no cap).
 
     ``notebook`` (from ``cap_for``): the notebook's values of THREAD_VARS,
     which win over the cap; the other variables get ``n``. Libraries already
     loaded (a fork worker inherits the notebook's numpy) are set through
     threadpoolctl to what the variables now say, the user's values included.
+
+    Returns the variables it set: the worker's own from then on
+    (``context.own_env``), also those whose value was there already. A
+    forkserver worker starts with the fork server's environment: a server
+    started while the notebook had ``OMP_NUM_THREADS=1`` gave it that value,
+    which the cap of 1 did not change, so it was not counted as the worker's,
+    and the notebook's environment, from which the user had removed it since,
+    then removed it from the worker: no cap at all.
     """
+    own = []
     for var in THREAD_VARS:
         if var in notebook:
             os.environ[var] = notebook[var]
+            own.append(var)
         elif var in _OMP_FALLBACK and "OMP_NUM_THREADS" in notebook:
             # The user's OMP_NUM_THREADS governs these libraries when their own
             # variable is unset, as in the notebook: a cap set here was read
@@ -111,6 +121,7 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
             os.environ.pop(var, None)
         elif n:
             os.environ[var] = str(n)
+            own.append(var)
         else:
             # No cap and not set in the notebook: a value the fork server started
             # with is stale (the notebook's context removes it, but only after
@@ -128,6 +139,7 @@ def limit_in_worker(n: int | None, notebook: dict[str, str]) -> None:
                     lib.set_num_threads(want)
         except Exception:
             log.warning("mpmagic: could not cap the worker's BLAS/OpenMP threads at %s", n, exc_info=True)
+    return own
 
 
 def _cap_numba() -> None:

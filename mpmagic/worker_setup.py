@@ -602,9 +602,14 @@ def start_worker(info: dict[str, Any] | None, wid: Any) -> None:
     before = dict(os.environ)
     if info.get("gpu") is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(info["gpu"])
-    threads.limit_in_worker(info.get("threads"), info.get("thread_vars", {}))
-    # What it set is its own: the notebook's environment (context.py) must not undo it.
+    capped = threads.limit_in_worker(info.get("threads"), info.get("thread_vars", {}))
+    # What it set is its own: the notebook's environment (context.py) must not undo it. What it set
+    # is counted also when the value was there already (a fork server's, from an older notebook
+    # environment): the notebook's, without it since, removed it (no thread cap at all).
     context.own_env.update(k for k, v in os.environ.items() if before.get(k) != v)
+    context.own_env.update(capped)
+    if info.get("gpu") is not None:
+        context.own_env.add("CUDA_VISIBLE_DEVICES")
     reseed_fresh()
 
 

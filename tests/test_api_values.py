@@ -215,7 +215,7 @@ def test_more_ranks_than_the_machine_runs_are_refused_before_anything_per_rank(p
     for block in (True, False):
         with pytest.raises(UsageError) as info:
             mpmagic.parallel("rank", workers=workers, namespace={}, block=block)
-        assert str(info.value) == (f"-n {shown} is more ranks than this machine can run at once "
+        assert str(info.value) == (f"workers = {shown} is more ranks than this machine can run at once "
                                    f"(at most {max_workers()} with {available_cpus()} CPUs)")
     assert mpmagic.last_report() is before  # (no run started)
     assert pool_module.current_pool() is pool2 and pool2.workers == 2
@@ -246,12 +246,12 @@ def test_a_dask_pool_refuses_more_ranks_than_its_worker_processes_before_connect
     backend.client, backend._most_workers, backend.address, backend.scheduler_file = None, 0, None, None
     backend.owns_cluster, backend.requested_workers = True, 2
     backend.check_ranks(2)
-    with pytest.raises(UsageError, match=r"^-n 3 needs 3 Dask worker processes at once \(one per rank\), and the "
-                                         r"local Dask cluster has 2: use -n 2 or fewer"):
+    with pytest.raises(UsageError, match=r"^workers = 3 needs 3 Dask worker processes at once \(one per rank\), "
+                                         r"and the local Dask cluster has 2: use workers = 2 or fewer"):
         backend.check_ranks(3)
     backend.owns_cluster, backend.address = False, "tcp://10.0.0.1:8786"
     backend.check_ranks(1000)  # (perhaps: the run counts the workers once connected)
-    with pytest.raises(UsageError, match=r"^-n 10\*\*400 is more ranks than mpmagic runs at once \(at most 65536"):
+    with pytest.raises(UsageError, match=r"^workers = 10\*\*400 is more ranks than mpmagic runs at once \(at most 65536"):
         backend.check_ranks(10**400)
 
 
@@ -309,7 +309,7 @@ def test_pool_dask_n_past_the_machines_limit_is_one_usage_line(ip, no_local_clus
 
     with capture_output() as cap:
         result = ip.run_cell("%pool dask -n 100000", store_history=False)
-    assert "workers = 100000 is more processes than this machine can run at once" in str(result.error_in_exec)
+    assert "%pool: -n 100000 is more processes than this machine can run at once" in str(result.error_in_exec)
     assert "was made" not in cap.stdout + cap.stderr
 
 

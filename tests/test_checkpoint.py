@@ -240,7 +240,7 @@ def test_a_line_mistake_is_refused_also_when_every_item_is_stored(ip, store_dir)
             f"(at most {max_workers()} with {available_cpus()} CPUs)")
     with pytest.raises(IPythonUsageError) as info:
         run(ip, "%pmap -q --checkpoint -n 100000 work, [1, 2]")
-    assert str(info.value).splitlines()[0] == f"%pmap: {said}"
+    assert str(info.value).splitlines()[0] == "%pmap: " + said.replace("workers = ", "-n ")  # (as the line said it)
     for call in (lambda: mpmagic.pmap(ip.user_ns["work"], [1, 2], workers=100000, checkpoint=True),
                  lambda: mpmagic.submit(ip.user_ns["work"], [1, 2], workers=100000, checkpoint=True),
                  lambda: list(mpmagic.imap(ip.user_ns["work"], [1, 2], workers=100000, checkpoint=True))):

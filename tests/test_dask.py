@@ -166,7 +166,7 @@ def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):
     with pytest.raises(IPythonUsageError) as info:
         run(ip, f"%%parallel -q -n {n}\nrank")
     msg = str(info.value)
-    assert f"-n {n} needs {n} Dask worker processes" in msg and f"has {DASK_WORKERS}" in msg
+    assert f"-n {n} needs {n} Dask worker processes" in msg and f"has {DASK_WORKERS}: use -n {DASK_WORKERS} or fewer" in msg
 
 
 def test_rank_output_is_streamed_while_the_rank_runs(dask_pool, monkeypatch):

@@ -455,12 +455,26 @@ def test_stop_iteration_in_a_task_comes_back_as_on_the_local_pool(ip, dask_pool)
 def test_the_notebooks_world_reaches_the_tasks_of_mpmagics_own_cluster(ip, tmp_path):
     """The LocalCluster mpmagic starts runs on this machine: its tasks see the
     notebook's directory, variables, sys.path and recursion limit, as serial
-    code and the local pool do (they saw the worker's own, silently)."""
+    code and the local pool do (they saw the worker's own, silently).
+
+    And the notebook's environment stays its own: Dask's nanny, which runs in the
+    notebook's process, sets its ``pre-spawn-environ`` (OMP_NUM_THREADS=1...) and
+    PYTHONHASHSEED there to start each worker, and left them: a later local pool's
+    workers took OMP_NUM_THREADS=1 as the user's, over their cap. The workers keep
+    Dask's thread caps, as before."""
+    import dask.config
+    import distributed  # noqa: F401 - (its configuration)
+
+    dasks = {**dask.config.get("distributed.nanny.pre-spawn-environ"), "PYTHONHASHSEED": "6640"}
+    notebook = {name: os.environ.get(name) for name in dasks}
     (tmp_path / "mod_of_the_notebook.py").write_text("V = 42\n")
     pool_module.shutdown()
     mpmagic.use_dask(workers=1)
     here = os.getcwd()
     try:
+        assert {name: os.environ.get(name) for name in dasks} == notebook
+        run(ip, "import os\ndef _omp(_):\n    return os.environ.get('OMP_NUM_THREADS')")
+        assert run(ip, "%pmap -q _omp, [0]") == [os.environ.get("OMP_NUM_THREADS", str(dasks["OMP_NUM_THREADS"]))]
         run(ip, "import os, sys\n"
                 f"os.chdir({str(tmp_path)!r}); os.environ['MPM_WORLD'] = 'hello'\n"
                 f"sys.path.insert(0, {str(tmp_path)!r}); __limit = sys.getrecursionlimit(); sys.setrecursionlimit(4321)\n"
@@ -470,6 +484,7 @@ def test_the_notebooks_world_reaches_the_tasks_of_mpmagics_own_cluster(ip, tmp_p
                 "            sys.getrecursionlimit(), open('mod_of_the_notebook.py').read())\n")
         expected = run(ip, "world(0)")
         assert run(ip, "%pmap -q world, [0, 1]") == [expected, expected]
+        assert {name: os.environ.get(name) for name in dasks} == notebook
     finally:
         run(ip, "sys.setrecursionlimit(__limit); sys.path.remove(sys.path[0]); os.environ.pop('MPM_WORLD')")
         os.chdir(here)

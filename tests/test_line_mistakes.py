@@ -27,6 +27,43 @@ def test_pmap_over_the_machines_cap_shows_no_report_of_a_run(ip):
     assert api.last_report() is before and shown == 0 and "stopped by" not in said
 
 
+def _too_many(size: str, what: str) -> str:
+    from mpmagic.backends.local import available_cpus, max_workers
+
+    return f"{size} is more {what} than this machine can run at once (at most {max_workers()} with {available_cpus()} CPUs)"
+
+
+@pytest.mark.parametrize("cell, said", [
+    ("%pmap -q -n 1000 abs, [1]", ("%pmap: -n 1000", "processes")),
+    ("%pmap -q --workers=1000 --scaling abs, [1]", ("%pmap: -n 1000", "processes")),
+    ("%%parallel -q -n 1000\nrank", ("%%parallel: -n 1000", "ranks")),
+    ("%pool start -n 1000", ("%pool: -n 1000", "processes")),
+    ("%pool resize -n 1000", ("%pool: -n 1000", "processes")),
+    ("%pool resize 1000", ("%pool: resize 1000", "processes")),
+])
+def test_too_many_workers_is_said_in_the_words_the_line_gave_them(ip, pool2, cell, said):
+    """``%pmap -n 1000`` was refused as "workers = 1000", the API's keyword, where
+    ``%%parallel -n 1000`` said "-n 1000": a magic now says the size as its line gave
+    it, and the API (next test) as its call did, nothing run or changed."""
+    before, backend, workers = api.last_report(), pool.current_pool(), pool2.workers
+    assert first_line_of_usage_error(ip, cell) == _too_many(*said)
+    assert api.last_report() is before and pool.current_pool() is backend and backend.workers == workers
+
+
+def test_too_many_workers_is_said_with_the_calls_keyword(pool2):
+    """``parallel(code, workers=1000)`` was refused as "-n 1000", the magic's option."""
+    import mpmagic
+
+    for call, what in [(lambda: mpmagic.pmap(abs, [1], workers=1000), "processes"),
+                       (lambda: mpmagic.parallel("rank", workers=1000, namespace={}), "ranks"),
+                       (lambda: mpmagic.parallel("rank", workers=1000, namespace={}, block=False), "ranks"),
+                       (lambda: mpmagic.start_pool(1000), "processes")]:
+        with pytest.raises(mpmagic.UsageError) as info:
+            call()
+        assert str(info.value) == _too_many("workers = 1000", what)
+    assert pool.current_pool() is pool2 and pool2.workers == 2
+
+
 @pytest.mark.parametrize("line", ["%pool stop -n2", "%pool status -n2", "%pool runs -n5", "%pool setup -n3",
                                   "%pool stop -n 2", "%pool stop --workers=2"])
 def test_pool_refuses_an_option_its_subcommand_ignores_however_written(ip, line):

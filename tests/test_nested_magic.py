@@ -98,6 +98,9 @@ def test_options_a_serial_map_cannot_take_are_refused_or_named(ip, pool2, capfd)
     ("--seed 1.5", "argument --seed: '1.5' is not a whole number"),
     ("--tiemout 3", "unknown option --tiemout; did you mean --timeout?"),
     ("-N 2", "unknown option -N; did you mean -n/--workers?"),
+    # (an option given twice: the task's line took the last, -n 3, where the notebook's refuses it)
+    ("-n 2 -n 3", "-n/--workers given twice (2, then 3): give it once"),
+    ("--errors collect --errors=raise", "--errors given twice (collect, then raise): give it once"),
 ])
 def test_a_mistake_in_a_tasks_pmap_line_is_said_in_the_magics_words(ip, pool2, options, says):
     """argparse's own words reached the user from a task: ``invalid int value: 'abc'``,

@@ -16,6 +16,22 @@ from mpmagic import advice, pool, threads
 from mpmagic.cpus import available_cpus
 from mpmagic.report import Report
 
+
+def no_thread_variables(monkeypatch) -> None:
+    """None of threads.THREAD_VARS in the notebook's environment for this test, and after
+    it what there was before, whatever the test (``limit_in_worker`` run here) set.
+
+    Each is set first, then deleted: ``monkeypatch.delenv`` of an absent variable
+    records nothing to undo, so OMP_NUM_THREADS=2 and MKL_NUM_THREADS=3, which
+    ``limit_in_worker`` wrote here, stayed for the rest of the session, and
+    test_threads.py run a second time in one process found its workers taking
+    them as the notebook's (OpenBLAS at 2 threads where the cap is 1).
+    """
+    for var in threads.THREAD_VARS:
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+
+
 INFO = (
     "import os\n"
     "def _threads(x):\n"
@@ -111,14 +127,34 @@ def test_a_users_omp_num_threads_also_wins_for_the_blas_libraries_that_fall_back
     """OMP_NUM_THREADS=2 in the notebook (the HPC habit): the worker set
     OPENBLAS_NUM_THREADS=1, which OpenBLAS reads first, so the workers' BLAS ran
     1 thread while the notebook's ran 2 and the guide said the user's variable wins."""
-    for var in threads.THREAD_VARS:
-        monkeypatch.delenv(var, raising=False)
+    no_thread_variables(monkeypatch)  # (what limit_in_worker sets here is taken back after)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # (a forkserver's stale value)
     threads.limit_in_worker(1, {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "3"})
     assert os.environ["OMP_NUM_THREADS"] == "2" and "OPENBLAS_NUM_THREADS" not in os.environ
     assert os.environ["MKL_NUM_THREADS"] == "3"  # (the user's own wins)
     assert os.environ["POLARS_MAX_THREADS"] == "1"  # (polars does not read OMP_NUM_THREADS: capped)
     assert threads._threads_wanted("openblas") == 2 and threads._threads_wanted("mkl") == 3
+
+
+def test_a_cap_a_forkserver_worker_found_set_already_is_its_own(monkeypatch):
+    """A forkserver worker starts with the fork server's environment, as it was when the
+    server started: one started while the notebook had OMP_NUM_THREADS=1 (Dask's nanny
+    sets it there) gave its workers that value. The cap of 1 did not change it, so the
+    worker did not count it as its own, and the notebook's environment, without it
+    since, removed it at the first call: the workers ran with no cap at all
+    (OMP_NUM_THREADS None where the cap is 1). Every variable the cap sets is the
+    worker's, whether or not its value was there before."""
+    from mpmagic import context, worker_setup
+
+    no_thread_variables(monkeypatch)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (the fork server's, equal to the cap)
+    monkeypatch.setattr(context, "own_env", set())
+    monkeypatch.setattr(worker_setup, "WORKER_ID", None)
+    monkeypatch.setattr(worker_setup, "reseed_fresh", lambda: None)  # (the notebook's random state stays)
+    monkeypatch.setattr(threads, "_CAPPED_LIBS", ())  # (the notebook's loaded BLAS keeps its threads)
+    worker_setup.start_worker({"threads": 1, "thread_vars": {"MKL_NUM_THREADS": "3"}}, 7)
+    assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["MKL_NUM_THREADS"] == "3"
+    assert set(threads.THREAD_VARS) <= context.own_env, context.own_env
 
 
 def test_advice_names_thread_oversubscription():

@@ -72,11 +72,11 @@ from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny
 from distributed.deploy.cluster import Cluster
 
 from .. import compat, context, exiting, payload_cache, posixshm, warmup, worker_setup
-from ..checks import check_real, check_whole, number_text, whole
+from ..checks import check_real, check_whole, number_text, size_refused, whole
 from ..cpus import available_cpus
 from ..engine import DrivenRun
 from ..errors import MPMagicError, UsageError, set_interrupt_outcome
@@ -314,6 +314,73 @@ class _OwnLocalCluster(LocalCluster):
 
     def _update_worker_status(self, op: str, msg: Any) -> None:  # (SpecCluster's adds the hard close)
         Cluster._update_worker_status(self, op, msg)
+
+
+class _NotebookEnvironTaken:
+    """What the nannies of mpmagic's own cluster set in the notebook's ``os.environ`` to
+    start their workers, taken back once none is starting one (:class:`_OwnNanny`).
+
+    A variable the notebook had gets its value back; one it had not is removed; one
+    the notebook changed meanwhile (no longer the nanny's value) is left as it is.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._starting = 0
+        self._before: dict[str, str | None] = {}  # the notebook's values, before the first nanny's
+        self._set: dict[str, str] = {}  # what the nannies set
+
+    def enter(self, env: dict[str, str]) -> None:
+        """A nanny is about to start its worker with ``env`` set in this process."""
+        with self._lock:
+            if not self._starting:
+                self._before, self._set = {}, {}
+            for name, value in env.items():
+                if name not in self._set:
+                    self._before.setdefault(name, os.environ.get(name))
+                self._set[name] = str(value)
+            self._starting += 1
+
+    def leave(self) -> None:
+        """A nanny's worker started (or failed to): the last one puts the notebook's values back."""
+        with self._lock:
+            self._starting -= 1
+            if self._starting:
+                return
+            for name, value in self._set.items():
+                if os.environ.get(name) != value:
+                    continue  # (changed since: the notebook's now)
+                before = self._before.get(name)
+                if before is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = before
+
+
+_notebook_environ = _NotebookEnvironTaken()
+
+
+class _OwnNanny(Nanny):
+    """The nanny of mpmagic's own ``LocalCluster``: what it sets in the notebook's
+    environment to start a worker is taken back once the worker started.
+
+    A LocalCluster's nannies run in the notebook's process, and each puts Dask's
+    ``distributed.nanny.pre-spawn-environ`` (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1,
+    OPENBLAS_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_) and PYTHONHASHSEED=6640 into
+    ``os.environ`` before it spawns its worker (they must be there as the worker's
+    process starts), and leaves them: ``%pool dask`` left them in the notebook for
+    good, where a later local pool's workers took OMP_NUM_THREADS=1 as the user's
+    own, over their cap (and a fork server started then passed it on, stale), and
+    every subprocess of the notebook inherited them. The workers keep them
+    (``dask_tasks._adopt_context`` counts them as the workers' own).
+    """
+
+    async def instantiate(self) -> Any:
+        _notebook_environ.enter(self.pre_spawn_env)
+        try:
+            return await super().instantiate()
+        finally:
+            _notebook_environ.leave()
 
 
 def _security(address: str | None, ca: str | None, cert: str | None, key: str | None) -> Any:
@@ -576,6 +643,7 @@ class DaskBackend:
                     n_workers=n,
                     threads_per_worker=1,
                     processes=True,
+                    worker_class=_OwnNanny,  # (the notebook's environment stays the notebook's)
                     host="127.0.0.1",
                     dashboard_address=":0",  # never a fixed port another cluster holds
                     silence_logs=_SILENT,  # (mpmagic says in one line what became of a worker)
@@ -827,16 +895,17 @@ class DaskBackend:
                 raise self._too_few_workers(size, have)
             return
         if size > _MOST_RANKS:
-            raise UsageError(f"-n {number_text(size)} is more ranks than mpmagic runs at once (at most "
-                             f"{_MOST_RANKS}: each rank is a Dask worker process of its own)")
+            raise size_refused("{} is more ranks than mpmagic runs at once (at most "
+                               f"{_MOST_RANKS}: each rank is a Dask worker process of its own)", size)
 
     def _too_few_workers(self, size: int, have: int) -> UsageError:
         """The error for a cell of ``size`` ranks on a cluster of ``have`` worker processes."""
-        return UsageError(
-            f"-n {number_text(size)} needs {number_text(size)} Dask worker processes at once (one per rank), and "
-            f"{self.where} has {have}: use -n {have} or fewer, or add workers"
-            + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)")
-        )
+        where = str(self.where).replace("{", "{{").replace("}", "}}")  # (a template: see size_refused)
+        return size_refused(
+            f"{{}} needs {number_text(size)} Dask worker processes at once (one per rank), and "
+            f"{where} has {have}: use {{}} or fewer, or add workers"
+            + (" (start_pool(workers=N), %pool resize N)" if self.owns_cluster else " (`dask worker ADDRESS`, or scale the cluster)"),
+            size, have)
 
     def resize(self, workers: int) -> None:
         """Scale the local cluster mpmagic started (-1: one worker per usable CPU); a cluster

@@ -55,7 +55,7 @@ from .. import (
     worker,
     worker_setup,
 )
-from ..checks import check_whole, number_text, whole
+from ..checks import check_whole, size_refused, whole
 from ..cpus import available_cpus
 from ..engine import Run, sigint_deferred
 from ..errors import MPMagicError, UsageError, describe_exitcode, file_limit, out_of_files
@@ -140,10 +140,8 @@ def _check_size(n: object, what: str = "workers") -> int:
     hint = " or -1 (one per usable CPU)" if what == "workers" else ""
     size = check_whole(what, n, 1, f"a whole number of at least 1{hint}")
     if size > max_workers():
-        raise UsageError(
-            f"{what} = {number_text(size)} is more processes than this machine can run at once "
-            f"(at most {max_workers()} with {available_cpus()} CPUs)"
-        )
+        raise size_refused("{} is more processes than this machine can run at once "
+                           f"(at most {max_workers()} with {available_cpus()} CPUs)", size, keyword=what)
     return size
 
 
@@ -158,8 +156,8 @@ def check_rank_count(size: int) -> None:
     """
     cap = max_workers()
     if size > cap:
-        raise UsageError(f"-n {number_text(size)} is more ranks than this machine can run at once "
-                         f"(at most {cap} with {available_cpus()} CPUs)")
+        raise size_refused("{} is more ranks than this machine can run at once "
+                           f"(at most {cap} with {available_cpus()} CPUs)", size)
 
 
 def start_method_refused(method: object) -> str | None:
