@@ -796,6 +796,7 @@ def pmap(
                 "or start the run from the notebook"
             )
         background.check_options(compare=compare)
+        _say_list_changes(given_func, False, started=True)  # (a blocking run's: said once it ended)
         one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
         what = f"call {func_name(_called(given_func))}" if one else f"pmap {func_name(func)}"
         finish = _first_result if one else _results_then_drop_input
@@ -957,16 +958,26 @@ def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
 
 #: The functions (their code) whose changes to a notebook list were said (once each).
 _said_changes: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+#: The notebook lists whose bound method mapped was said, with the method ((id, name): a list takes no weak reference).
+_said_methods: set[tuple[int, str]] = set()
+#: The methods of a list that change it in place (``map(results.append, items)``).
+_LIST_CHANGERS = frozenset({"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+                            "__setitem__", "__delitem__", "__iadd__", "__imul__"})
 
 
-def _say_list_changes(func: Callable, compared: bool) -> None:
+def _say_list_changes(func: Callable, compared: bool, started: bool = False) -> None:
     """One line, once per function: a task changed the notebook's list it captures
     (``results.append(x)``), which changes each worker's copy and never the notebook's:
     the list stays empty, silently, as with ``multiprocessing`` (tutorial22 #2). Lists
     only: a dict or set a task fills is often a worker's own cache on purpose (memoizing),
     while a list appended to is the results the notebook expected. ``compared``: --compare's
-    serial run here did fill it, which hides the mistake."""
+    serial run here did fill it, which hides the mistake. ``started``: said as the run starts
+    (imap, submit, the pandas accessor), not once it ended. The function may also be a bound
+    method of a notebook list itself (``pmap(results.append, items)``), which has no code to read."""
     inner = func.func if isinstance(func, functools.partial) else func
+    if isinstance(inner, (types.BuiltinMethodType, types.MethodWrapperType)):
+        _say_list_method(inner, compared, started)
+        return
     code = getattr(getattr(inner, "__func__", inner), "__code__", None)  # (a bound method's function's)
     if type(code) is not types.CodeType or not payload_cache.changes_captured(code) or code in _said_changes:
         return  # (each call: a look-up in the cache of what each code object changes)
@@ -975,10 +986,33 @@ def _say_list_changes(func: Callable, compared: bool) -> None:
         return
     _said_changes.add(code)
     filled = (" (only --compare's serial run here changed it)" if compared
-              else ": it is as it was before the run")
+              else ": it stays as it was before the run" if started else ": it is as it was before the run")
     sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
                      f"notebook{filled}; return the values (the map's results) and combine them here, or put "
                      "them in an mpmagic.Queue\n")
+
+
+def _say_list_method(method: Any, compared: bool, started: bool) -> None:
+    """``pmap(results.append, items)``: the bound method of a list the notebook holds
+    (a global of ``__main__``) changes each worker's copy of the list, never the
+    notebook's: one line, once per list and method. A list no notebook name holds
+    (``[].append``) is seen by nobody, serially either: nothing is said."""
+    target = getattr(method, "__self__", None)
+    name = getattr(method, "__name__", "")
+    if not isinstance(target, list) or name not in _LIST_CHANGERS or (id(target), name) in _said_methods:
+        return
+    main = getattr(sys.modules.get("__main__"), "__dict__", {})
+    held = next((k for k, v in list(main.items()) if v is target and not k.startswith("_")), None)
+    if held is None:
+        return
+    if len(_said_methods) > 1024:  # (ids of lists long gone: bounded)
+        _said_methods.clear()
+    _said_methods.add((id(target), name))
+    filled = (" (only --compare's serial run here changed it)" if compared
+              else ": it stays as it was before the run" if started else ": it is as it was before the run")
+    sys.stderr.write(f"mpmagic: {held}.{name} changes the notebook's list `{held}` in the workers' copies, not in "
+                     f"the notebook{filled}; call it here (for x in items: {held}.{name}(x)): a list's method is no "
+                     "work to spread over workers\n")
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:
