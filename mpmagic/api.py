@@ -49,7 +49,13 @@ from . import (
     task_shell,
 )
 from .backends.base import Backend, Job
-from .cell import leave_out_unpicklable, make_cell_spec, run_cell_code, split_last_expression
+from .cell import (
+    leave_out_unpicklable,
+    make_cell_spec,
+    names_assigned,
+    run_cell_code,
+    split_last_expression,
+)
 from .checks import (
     check_delay,
     check_flags,
@@ -77,6 +83,7 @@ from .errors import (
     interrupt_outcome,
     note_unsent_name,
     one_line,
+    remember_rank_names,
     render_traceback,
     run_interrupted,
     set_interrupt_outcome,
@@ -2084,6 +2091,7 @@ def parallel(
                          "state changes with each run, and a checkpoint skips the runs it has stored")
     if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
         draws.say_cell_draws(code, namespace)
+    _remember_rank_names(code)  # (the notebook's NameError for one of them says where it went)
     if not block:
         from . import background
 
@@ -2172,6 +2180,16 @@ def parallel(
 #: What ``--compare``'s serial run of a cell prints is shown after this label, as a rank's after ``[rank N] ``.
 SERIAL_LABEL = "[serial] "
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
+
+
+def _remember_rank_names(code: str) -> None:
+    """The names the cell binds at its top level, for the notebook's ``NameError`` of one of
+    them (``errors.note_rank_name``). Never raises: a cell that does not parse says so itself."""
+    try:
+        names = names_assigned(astlock.parse(code))
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return
+    remember_rank_names(names, code_snippet(code))
 
 
 def serial_cell_copy(spec: Any, backend: Backend) -> Any:

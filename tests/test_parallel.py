@@ -967,3 +967,23 @@ def test_a_notebooks_future_annotations_reach_its_cells_as_serially(ip, backend)
     finally:
         ip.compile.flags &= ~flag
     assert cell(ip, "-n 1 -q", "def g(a: int):\n    pass\ng.__annotations__")[0] == {"a": int}
+
+
+def test_a_name_only_the_ranks_assigned_says_so_at_the_notebooks_name_error(ip, pool2):
+    """fidelity24: the cell run once per rank by hand leaves its names in the notebook;
+    a %%parallel cell binds them in its ranks' workers only, and the next cell's
+    ``NameError`` said nothing of why. Its traceback now ends with one line naming the
+    cell and --gather; a name no parallel cell assigned gets Python's error alone."""
+    run(ip, "%%parallel -n 2 -q --gather _par_kept\n_par_only = rank * 2\n_par_kept = rank\n"
+            "def _par_fn():\n    return 1\n")
+    assert run(ip, "_par_kept") == [0, 1]  # (--gather: in the notebook)
+    for code, name in (("_par_only + 1", "_par_only"), ("_par_fn()", "_par_fn")):
+        with capture_output() as cap:
+            result = ip.run_cell(code, store_history=False)
+        assert type(result.error_in_exec) is NameError, result.error_in_exec
+        assert (f"mpmagic: `{name}` was assigned by a %%parallel cell (`_par_only = rank * 2 …`) in its ranks' "
+                f"processes, not in the notebook: --gather {name} brings it back (a list, one value per rank)"
+                ) in cap.stdout, cap.stdout
+    with capture_output() as cap:
+        result = ip.run_cell("_par_never_assigned", store_history=False)
+    assert type(result.error_in_exec) is NameError and "mpmagic:" not in cap.stdout, cap.stdout
