@@ -178,6 +178,11 @@ def looked_up_name(exc: BaseException, key_errors: bool = True) -> str | None:
     return None
 
 
+#: The builtins through which code reads its globals by a name built at run time
+#: (``globals()['K']``): a KeyError of other code is a dict's own, as serially.
+_GLOBALS_BY_NAME = frozenset({"globals", "vars"})
+
+
 def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, key_errors: bool = True) -> None:
     """Say why a task could not find a notebook variable, and how to send it.
 
@@ -185,12 +190,16 @@ def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, k
     function's): one read only by a name built at run time (``eval(name)``,
     ``globals()[name]``) is not sent. When the exception's missing name
     (:func:`looked_up_name`) is in the notebook's ``namespace`` and not among
-    the ``sent`` names, ``note(name)`` (one line) is added to it, once. Only
-    the notebook side calls this: ``namespace`` is the notebook's.
+    the ``sent`` names, ``note(name)`` (one line) is added to it, once. A
+    KeyError only when the code reads ``globals()`` or ``vars()``: any other is a
+    dict's own (``row['price']`` while the notebook has a ``price``), raised
+    serially the same. Only the notebook side calls this: ``namespace`` is the notebook's.
     """
     name = looked_up_name(exc, key_errors)
     if name is None or name not in namespace or name in sent:
         return
+    if type(exc) is KeyError and not _GLOBALS_BY_NAME & set(sent):
+        return  # (``row['price']`` with a notebook ``price``: serially the same KeyError, nothing unsent)
     text = note(name)
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, (list, tuple)) or text not in notes:

@@ -119,6 +119,28 @@ def test_a_key_the_notebook_does_not_have_gets_no_hint(ip, pool2):
     assert not any("not sent" in n for n in info.value.__notes__)
 
 
+
+def test_a_dicts_key_error_for_a_key_named_as_a_notebook_variable_gets_no_hint(ip, pool2):
+    """fidelity24: ``{'other': 1}[name]`` (``row['price']``) raises the same KeyError serially
+    when the notebook happens to have a variable of that name; the hint said the notebook's
+    variable was not sent (read by a name built at run time?), which no code of the
+    function did: a KeyError is hinted only for code that reads globals() or vars()."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, LOOKUPS)
+    f = ip.user_ns["by_dict"]
+    with pytest.raises(KeyError) as serial:
+        list(map(f, ["K_HINT"]))
+    with pytest.raises(KeyError) as info:
+        mpmagic.pmap(f, ["K_HINT"])
+    assert info.value.args == serial.value.args
+    assert not any("not sent" in n or "does not name it" in n for n in info.value.__notes__), info.value.__notes__
+    with capture_output():
+        error = ip.run_cell("%%parallel -n 1 -q\n{'other': 1}['K_HINT']\n", store_history=False).error_in_exec
+    notes = error.failures[0].__notes__
+    assert type(error.failures[0]) is KeyError and not any("does not name it" in n for n in notes), notes
+
+
 # -- section 8: a singledispatch function defined in the notebook ----------------
 
 
