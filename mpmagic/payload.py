@@ -1234,6 +1234,8 @@ def _too_deep_advice(verb: str = "send") -> str:
 
 
 _MEMORYVIEW = "Send the array it views (it keeps its dtype and shape), or bytes(view)."
+ITERATOR_ADVICE = ("A generator or iterator is consumed where it is made: turn it into a list first "
+                   "(`data = list(gen)`), or pass it to %pmap as the iterable to map over.")
 
 
 def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -> str:
@@ -1261,10 +1263,7 @@ def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -
     if isinstance(bad, (types.GeneratorType, types.AsyncGeneratorType)) or (
         hasattr(bad, "__next__") and not hasattr(bad, "__len__")
     ):
-        return (
-            "A generator or iterator is consumed where it is made: turn it into a list "
-            "first (`data = list(gen)`), or pass it to %pmap as the iterable to map over."
-        )
+        return ITERATOR_ADVICE
     if "lock" in tname or "semaphore" in tname or "condition" in tname or "event" in tname:
         return (
             "A thread lock works only inside one process: create it inside the function, "
@@ -1281,6 +1280,27 @@ def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -
         "Create it inside the function (or once per worker, e.g. a module-level cache "
         "filled on first use) instead of capturing it from the notebook."
     )
+
+
+def mapped_input_advice(exc: SerializationError, func: Any, iterables: tuple | None) -> None:
+    """The function cannot be sent because it captures a generator (an iterator) that
+    is also the map's input (``pmap(k, gen)`` with ``next(gen)`` in ``k``): the advice to
+    "pass it to %pmap as the iterable" is what was done. Said instead: serially each
+    call takes the item the map would have read next, which workers cannot share."""
+    if not iterables or not exc.args or ITERATOR_ADVICE not in str(exc.args[0]):
+        return
+    try:
+        found = find_unpicklable(func, getattr(func, "__name__", "func"))
+    except Exception:  # (advice only)
+        return
+    if found is None or not any(found[1] is it for it in iterables):
+        return
+    name = found[0].rpartition(" -> ")[2]
+    exc.args = (str(exc.args[0]).replace(ITERATOR_ADVICE, (
+        f"`{name}` is also the input this map reads: serially each call's next() takes the item the map would "
+        "have read next, and the workers cannot share the notebook's generator. Give each call what it reads "
+        f"as its item instead (pairs: zip({name}, {name}) with --star, star=True)."
+    )), *exc.args[1:])
 
 
 def result_advice(text: str) -> str:

@@ -169,3 +169,17 @@ def test_a_type_whose_qualname_holds_its_module_is_named_once(ip, pool2):
     with pytest.raises(SerializationError) as info:
         run(ip, "%pmap -q lambda x: sf, [1]")
     assert "is a fakejit.ScriptFunction, which cannot be pickled" in str(info.value)
+
+
+def test_a_function_that_reads_the_generator_it_maps_over_is_told_so(ip, pool2):
+    """fidelity24: ``pmap(k, gen)`` with ``k`` calling ``next(gen)`` (serially, each call
+    takes the item map would have read next): the function cannot be sent, and the
+    advice said to "pass it to %pmap as the iterable to map over", which it was."""
+    run(ip, "_fh_gen = (i for i in range(6))\ndef _fh_pair(x):\n    return (x, next(_fh_gen))\n")
+    with pytest.raises(SerializationError) as info:
+        mpmagic.pmap(ip.user_ns["_fh_pair"], ip.user_ns["_fh_gen"])
+    text = str(info.value)
+    assert "pass it to %pmap as the iterable" not in text, text
+    assert ("`_fh_gen` is also the input this map reads: serially each call's next() takes the item the map would "
+            "have read next, and the workers cannot share the notebook's generator") in text, text
+    assert next(ip.user_ns["_fh_gen"]) == 0  # (nothing read: the run did not start)
