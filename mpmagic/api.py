@@ -804,6 +804,7 @@ def pmap(
             )
         background.check_options(compare=compare)
         _say_list_changes(given_func, False, started=True)  # (a blocking run's: said once it ended)
+        _say_iterator_copies(given_func)
         one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
         what = f"call {func_name(_called(given_func))}" if one else f"pmap {func_name(func)}"
         finish = _first_result if one else _results_then_drop_input
@@ -917,6 +918,8 @@ def pmap(
                     report.extra["changes"] = payload_cache.changes_words(changes)
     if "changes" not in report.extra:  # (else the advice says it)
         _say_list_changes(given_func, report.serial is not None)
+    if report.equal is not False:  # (else the advice names it: state_words)
+        _say_iterator_copies(given_func)
     if seed is None:  # (seed=: every item draws from its own stream, the same as serially)
         draws.say_random_draws(given_func, report.workers, advised=show_report and report.equal is False)
     if show_report:
@@ -997,6 +1000,28 @@ def _say_list_changes(func: Callable, compared: bool, started: bool = False) -> 
     sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
                      f"notebook{filled}; return the values (the map's results) and combine them here, or put "
                      "them in an mpmagic.Queue\n")
+
+
+#: The functions (their code) whose captured iterators were said (once each).
+_said_iterators: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+
+
+def _say_iterator_copies(func: Callable) -> None:
+    """One line, once per function: it reads an iterator the notebook holds (``ids =
+    itertools.count()``, ``next(ids)`` for unique ids): each worker advances its own copy,
+    from the iterator's state at the call, so items can get the same values where serially
+    one iterator goes on, silently (and the notebook's never moves)."""
+    inner = func.func if isinstance(func, functools.partial) else func
+    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+    if type(code) is not types.CodeType or code in _said_iterators:
+        return
+    uses = payload_cache.iterators_advanced(func)
+    if not uses:
+        return
+    _said_iterators.add(code)
+    sys.stderr.write(f"mpmagic: {uses[0].words()} in each worker's copy, from where it was at the call, so items "
+                     f"can get the same values (serially one iterator goes on); take its values here and pass them "
+                     f"with the items (zip({uses[0].name}, items), with star=True / --star)\n")
 
 
 def _say_list_method(method: Any, compared: bool, started: bool) -> None:

@@ -183,3 +183,29 @@ def test_a_function_that_reads_the_generator_it_maps_over_is_told_so(ip, pool2):
     assert ("`_fh_gen` is also the input this map reads: serially each call's next() takes the item the map would "
             "have read next, and the workers cannot share the notebook's generator") in text, text
     assert next(ip.user_ns["_fh_gen"]) == 0  # (nothing read: the run did not start)
+
+
+def test_a_captured_iterator_says_each_worker_advances_its_own_copy(ip, pool2, capsys):
+    """fidelity24: ``ids = itertools.count()`` and ``next(ids)`` in the mapped function (unique
+    ids, serially 0, 1, 2...): each worker advanced its own copy of the iterator as it was at
+    the call, so items got the same ids, silently, and --compare's advice blamed random draws
+    and hash(). One line says so, once per function; the advice names the iterator."""
+    from mpmagic.payload_cache import state_words
+
+    run(ip, "import itertools\n_fh_ids = itertools.count()\n_fh_rows = iter(range(100))\n"
+            "def _fh_tag(x):\n    return (next(_fh_ids), x)\n"
+            "def _fh_calls_tag(x):\n    return _fh_tag(x)\n"
+            "def _fh_row(x):\n    return next(_fh_rows) + x\n")
+    tag = ip.user_ns["_fh_tag"]
+    capsys.readouterr()
+    assert sorted(x for _, x in mpmagic.pmap(tag, "abcd", show_report=False)) == list("abcd")
+    err = capsys.readouterr().err
+    assert ("mpmagic: _fh_tag advances the notebook's iterator `_fh_ids` (an itertools.count) in each worker's "
+            "copy, from where it was at the call, so items can get the same values (serially one iterator goes on)"
+            ) in err, err
+    mpmagic.pmap(tag, "ab", show_report=False)
+    assert "mpmagic:" not in capsys.readouterr().err  # (once per function)
+    assert state_words(tag) == state_words(ip.user_ns["_fh_calls_tag"]) == (
+        "_fh_tag advances the notebook's iterator `_fh_ids` (an itertools.count)")
+    assert state_words(ip.user_ns["_fh_row"]) == "_fh_row advances the notebook's iterator `_fh_rows` (a range_iterator)"
+    assert next(ip.user_ns["_fh_ids"]) == 0  # (the notebook's own never moved)
