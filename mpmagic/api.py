@@ -53,6 +53,7 @@ from .cell import (
     leave_out_unpicklable,
     make_cell_spec,
     names_assigned,
+    names_used,
     run_cell_code,
     split_last_expression,
 )
@@ -2116,7 +2117,7 @@ def parallel(
                          "state changes with each run, and a checkpoint skips the runs it has stored")
     if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
         draws.say_cell_draws(code, namespace)
-    _remember_rank_names(code)  # (the notebook's NameError for one of them says where it went)
+    _read_cell(code, namespace, keep)  # (names it binds, for a NameError here; iterators it reads)
     if not block:
         from . import background
 
@@ -2207,14 +2208,38 @@ SERIAL_LABEL = "[serial] "
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
 
 
-def _remember_rank_names(code: str) -> None:
-    """The names the cell binds at its top level, for the notebook's ``NameError`` of one of
-    them (``errors.note_rank_name``). Never raises: a cell that does not parse says so itself."""
+#: The cells (hash of their text) whose notebook iterators were said (once each).
+_said_cell_iterators: set[int] = set()
+
+
+def _read_cell(code: str, namespace: Mapping[str, Any], keep: bool) -> None:
+    """What a cell's text tells before its run: the names it binds at its top level, for the
+    notebook's ``NameError`` of one of them (``errors.note_rank_name``), and the notebook
+    iterators it reads (``next(ids)`` of ``ids = itertools.count()``): each rank advances its
+    own copy, from where it was at the run, so ranks get the same values where the cell run
+    once per rank here takes successive ones: one line, once per cell text (not ``keep``:
+    a kept rank's name is its own after its first run). Never raises: a cell that does not
+    parse says so itself."""
     try:
-        names = names_assigned(astlock.parse(code))
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        tree = astlock.parse(code)
+        names = names_assigned(tree)
+        read = sorted(names_used(code, tree=tree)) if not keep and hash(code) not in _said_cell_iterators else []
+    except Exception:  # (advice only: the run says what is wrong with the cell)
         return
     remember_rank_names(names, code_snippet(code))
+    for name in read:
+        kind = payload_cache.iterator_kind(namespace.get(name))
+        if kind is None:
+            continue
+        if len(_said_cell_iterators) > 1024:
+            _said_cell_iterators.clear()
+        _said_cell_iterators.add(hash(code))
+        use = payload_cache.IteratorUse("the cell", name, kind)
+        sys.stderr.write(f"mpmagic: {use.words()} in each rank's copy, from where it was at the run, so ranks can "
+                         "get the same values (the cell run once per rank here: one iterator goes on); take its "
+                         f"values here and pass them by rank (vals = [next({name}) for _ in range(n)], then "
+                         "vals[rank] in the cell)\n")
+        return
 
 
 def serial_cell_copy(spec: Any, backend: Backend) -> Any:

@@ -635,11 +635,16 @@ def iterators_advanced(func: Any) -> list[IteratorUse]:
     return list(dict.fromkeys(found))
 
 
-def _advanced_iterator(value: Any) -> bool:
+def iterator_kind(value: Any) -> str | None:
+    """``itertools.count``, ``list_iterator``: the type of ``value`` when it is an iterator
+    a task's copy of which advances apart from the notebook's; else None. Not a
+    generator or a file (those cannot be sent: their own error says so), nor ours."""
     t = type(value)
-    return (hasattr(t, "__next__") and getattr(t, "__iter__", None) is not None and not isinstance(value, type)
-            and not isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType))
-            and not hasattr(value, "fileno") and not t.__module__.startswith("mpmagic"))
+    if (not hasattr(t, "__next__") or getattr(t, "__iter__", None) is None or isinstance(value, type)
+            or isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType))
+            or hasattr(value, "fileno") or t.__module__.startswith("mpmagic")):
+        return None
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def _iterators_of(func: Any, found: list[IteratorUse], seen: set, depth: int) -> None:
@@ -660,9 +665,8 @@ def _iterators_of(func: Any, found: list[IteratorUse], seen: set, depth: int) ->
     if _extract_code_globals is not None:
         named += [(name, func.__globals__.get(name, _MISSING), False) for name in _extract_code_globals(code)]
     for name, value, closure in named:
-        if _advanced_iterator(value):
-            t = type(value)
-            kind = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+        kind = iterator_kind(value)
+        if kind is not None:
             found.append(IteratorUse(func.__name__, name, kind, closure))
         elif type(value) is types.FunctionType:
             _iterators_of(value, found, seen, depth + 1)

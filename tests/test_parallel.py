@@ -987,3 +987,17 @@ def test_a_name_only_the_ranks_assigned_says_so_at_the_notebooks_name_error(ip, 
     with capture_output() as cap:
         result = ip.run_cell("_par_never_assigned", store_history=False)
     assert type(result.error_in_exec) is NameError and "mpmagic:" not in cap.stdout, cap.stdout
+
+
+def test_a_cell_that_reads_a_notebook_iterator_says_each_rank_advances_its_own_copy(ip, pool2, capsys):
+    """fidelity24: ``next(ids)`` of the notebook's ``ids = itertools.count()`` in a cell: run
+    once per rank by hand, ranks get 0 and 1; each rank advanced its own copy and got 0,
+    silently. One line says so, once per cell text."""
+    run(ip, "import itertools\n_par_ids = itertools.count()\n")
+    capsys.readouterr()
+    assert list(run(ip, "%%parallel -n 2 -q\nnext(_par_ids)")) == [0, 0]
+    err = capsys.readouterr().err
+    assert ("mpmagic: the cell advances the notebook's iterator `_par_ids` (an itertools.count) in each rank's copy, "
+            "from where it was at the run, so ranks can get the same values") in err, err
+    run(ip, "%%parallel -n 2 -q\nnext(_par_ids)")
+    assert "mpmagic:" not in capsys.readouterr().err  # (once per cell text)
