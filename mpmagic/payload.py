@@ -126,6 +126,16 @@ def _rebuild_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
+def _rebuild_cached_property(func: Any, attrname: str | None, doc: str | None) -> functools.cached_property:
+    """The receiving side of a ``functools.cached_property`` of a class sent by value: the
+    property of the same function again. Python 3.11's holds a thread lock, which no
+    pickler can send; the worker's own property makes its own (3.12's has none)."""
+    prop = functools.cached_property(func)
+    prop.attrname = attrname
+    prop.__doc__ = doc
+    return prop
+
+
 def slot_names(cls: type) -> list[str]:
     """Names of the ``__slots__`` of ``cls`` and its bases (not ``__dict__``/``__weakref__``)."""
     names: list[str] = []
@@ -591,6 +601,9 @@ class _Pickler(cloudpickle.Pickler):
             if wrapped is not None and _sent_by_value(wrapped):
                 params = obj.cache_parameters()
                 return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
+        elif t is functools.cached_property and _sent_by_value(obj.func):
+            # (a notebook class's: Python 3.11's holds an RLock, "cannot pickle '_thread.RLock' object")
+            return _rebuild_cached_property, (obj.func, obj.attrname, obj.__doc__)
         elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value_cached(t):
             return _rebuild_slotted, (t, _slotted_state(obj))
         elif t is types.MethodType and _is_shells_get_ipython(obj):
