@@ -136,6 +136,33 @@ def _rebuild_cached_property(func: Any, attrname: str | None, doc: str | None) -
     return prop
 
 
+def _singledispatch_parts(func: Any) -> tuple[Any, list[tuple[Any, Any]]] | None:
+    """A notebook ``functools.singledispatch`` function's default implementation and its
+    other (class, implementation) pairs, or None for any other object."""
+    if type(func) is not types.FunctionType or not _library_function(func):
+        return None
+    registry = vars(func).get("registry")
+    if registry is None or "dispatch" not in vars(func) or object not in registry:
+        return None
+    return registry[object], [(cls, impl) for cls, impl in registry.items() if cls is not object]
+
+
+def _rebuild_singledispatch(default: Any, impls: list[tuple[Any, Any]], attrs: dict[str, Any]) -> Any:
+    """The receiving side of a notebook ``functools.singledispatch`` function: the same
+    implementations registered again (its dispatch cache, a WeakKeyDictionary, cannot be
+    pickled: the worker's fills as it dispatches), with the attributes the user set on it."""
+    func = functools.singledispatch(default)
+    for cls, impl in impls:
+        func.register(cls, impl)
+    vars(func).update(attrs)
+    return func
+
+
+# (what functools.singledispatch sets on its wrapper, made again by _rebuild_singledispatch)
+_SINGLEDISPATCH_OWN = frozenset({"register", "dispatch", "registry", "_clear_cache", "__wrapped__", "__module__",
+                                 "__name__", "__qualname__", "__doc__", "__dict__", "__annotations__"})
+
+
 def slot_names(cls: type) -> list[str]:
     """Names of the ``__slots__`` of ``cls`` and its bases (not ``__dict__``/``__weakref__``)."""
     names: list[str] = []
@@ -601,6 +628,11 @@ class _Pickler(cloudpickle.Pickler):
             if wrapped is not None and _sent_by_value(wrapped):
                 params = obj.cache_parameters()
                 return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
+        elif t is types.FunctionType and "registry" in vars(obj) and _sent_by_value(obj):
+            parts = _singledispatch_parts(obj)
+            if parts is not None:  # (functools.singledispatch: its WeakKeyDictionary cache cannot go)
+                attrs = {k: v for k, v in vars(obj).items() if k not in _SINGLEDISPATCH_OWN}
+                return _rebuild_singledispatch, (*parts, attrs)
         elif t is functools.cached_property and _sent_by_value(obj.func):
             # (a notebook class's: Python 3.11's holds an RLock, "cannot pickle '_thread.RLock' object")
             return _rebuild_cached_property, (obj.func, obj.attrname, obj.__doc__)
