@@ -53,7 +53,6 @@ from .cell import (
     leave_out_unpicklable,
     make_cell_spec,
     names_assigned,
-    names_used,
     run_cell_code,
     split_last_expression,
 )
@@ -84,7 +83,7 @@ from .errors import (
     interrupt_outcome,
     note_unsent_name,
     one_line,
-    remember_rank_names,
+    remember_rank_cell,
     render_traceback,
     run_interrupted,
     set_interrupt_outcome,
@@ -2117,7 +2116,8 @@ def parallel(
                          "state changes with each run, and a checkpoint skips the runs it has stored")
     if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
         draws.say_cell_draws(code, namespace)
-    _read_cell(code, namespace, keep)  # (names it binds, for a NameError here; iterators it reads)
+    # (the names it binds, read only at the notebook's NameError of one of them: errors.note_rank_name)
+    remember_rank_cell(code, functools.partial(_names_bound, code))
     if not block:
         from . import background
 
@@ -2208,32 +2208,33 @@ SERIAL_LABEL = "[serial] "
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
 
 
+def _names_bound(code: str) -> set[str]:
+    """The names the cell binds at its top level (none when it does not parse)."""
+    try:
+        return names_assigned(astlock.parse(code))
+    except Exception:  # (advice only: the run said what is wrong with the cell)
+        return set()
+
+
 #: The cells (hash of their text) whose notebook iterators were said (once each).
 _said_cell_iterators: set[int] = set()
 
 
-def _read_cell(code: str, namespace: Mapping[str, Any], keep: bool) -> None:
-    """What a cell's text tells before its run: the names it binds at its top level, for the
-    notebook's ``NameError`` of one of them (``errors.note_rank_name``), and the notebook
-    iterators it reads (``next(ids)`` of ``ids = itertools.count()``): each rank advances its
-    own copy, from where it was at the run, so ranks get the same values where the cell run
-    once per rank here takes successive ones: one line, once per cell text (not ``keep``:
-    a kept rank's name is its own after its first run). Never raises: a cell that does not
-    parse says so itself."""
-    try:
-        tree = astlock.parse(code)
-        names = names_assigned(tree)
-        read = sorted(names_used(code, tree=tree)) if not keep and hash(code) not in _said_cell_iterators else []
-    except Exception:  # (advice only: the run says what is wrong with the cell)
+def _say_cell_iterators(spec: Any) -> None:
+    """The notebook iterators a cell reads (``next(ids)`` of ``ids = itertools.count()``, among
+    the names sent with it): each rank advances its own copy, from where it was at the run,
+    so ranks get the same values where the cell run once per rank here takes successive
+    ones. One line, once per cell text. Advice only: never raises."""
+    key = hash(spec.source)
+    if key in _said_cell_iterators:
         return
-    remember_rank_names(names, code_snippet(code))
-    for name in read:
-        kind = payload_cache.iterator_kind(namespace.get(name))
+    for name, value in spec.names.items():
+        kind = payload_cache.iterator_kind(value)
         if kind is None:
             continue
         if len(_said_cell_iterators) > 1024:
             _said_cell_iterators.clear()
-        _said_cell_iterators.add(hash(code))
+        _said_cell_iterators.add(key)
         use = payload_cache.IteratorUse("the cell", name, kind)
         sys.stderr.write(f"mpmagic: {use.words()} in each rank's copy, from where it was at the run, so ranks can "
                          "get the same values (the cell run once per rank here: one iterator goes on); take its "
@@ -2736,6 +2737,8 @@ class CellCall:
             hint = ("; a rank runs the cell as plain Python, without IPython's top-level await: put the awaits in "
                     "an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
             raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}{hint}") from None
+        if not (keep or reset):  # (a kept rank's name is its own after its first run)
+            _say_cell_iterators(self.spec)
         if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
             from .seeding import _check_seed, uses_numpy, uses_torch
 

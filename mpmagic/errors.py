@@ -13,6 +13,7 @@ import ast
 import builtins
 import dis
 import errno
+import functools
 import heapq
 import inspect
 import keyword
@@ -25,12 +26,13 @@ import sys
 import threading
 import traceback
 import types
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from .astlock import compile_tree, parse
 from .callsite import MARK
+from .fmt import code_snippet
 from .proclimits import rlimit
 
 logger = logging.getLogger("mpmagic")
@@ -1372,21 +1374,20 @@ def drop_our_frames(exc: BaseException) -> None:
         t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
 
 
-#: The names %%parallel cells bound in their ranks (never in the notebook): name -> the cell's start.
-_rank_names: dict[str, str] = {}
-_RANK_NAMES_KEPT = 4096
+#: The latest %%parallel cells (``parallel()``), newest last: (the cell's code, the names it
+#: binds at its top level, read only when the notebook's NameError asks: parsing a cell costs
+#: ~0.2 ms, a run's overhead ~1 ms).
+_rank_cells: list[tuple[str, Callable[[], set[str]]]] = []
+_RANK_CELLS_KEPT = 32
 
 
-def remember_rank_names(names: Iterable[str], snippet: str) -> None:
-    """A %%parallel cell (``parallel()``) binds ``names`` in its ranks' processes, where
-    the cell run once per rank by hand would have bound them in the notebook: the
-    notebook's later ``NameError`` for one of them says so (:func:`note_rank_name`).
-    ``snippet``: the cell's start, as a background run's label quotes it."""
-    if len(_rank_names) > _RANK_NAMES_KEPT:
-        _rank_names.clear()
-    for name in names:
-        _rank_names.pop(name, None)  # (the latest cell's, last in the dict)
-        _rank_names[name] = snippet
+def remember_rank_cell(code: str, names_bound: Callable[[], set[str]]) -> None:
+    """A %%parallel cell (``parallel()``) binds names in its ranks' processes, where the
+    cell run once per rank by hand would have bound them in the notebook: the notebook's
+    later ``NameError`` for one of them says so (:func:`note_rank_name`). ``names_bound``:
+    what the cell binds, asked then."""
+    _rank_cells.append((code, functools.lru_cache(maxsize=1)(names_bound)))
+    del _rank_cells[:-_RANK_CELLS_KEPT]
 
 
 def note_rank_name(exc: BaseException, namespace: Any) -> None:
@@ -1394,10 +1395,12 @@ def note_rank_name(exc: BaseException, namespace: Any) -> None:
     one note naming that cell and ``--gather``. Not a task's error (the note is the
     notebook's), nor a name the notebook has (a ``NameError`` of some other scope)."""
     name = getattr(exc, "name", None) if type(exc) is NameError else None
-    snippet = _rank_names.get(name) if isinstance(name, str) else None
-    if snippet is None or came_from_worker(exc) or name in namespace:
+    if not isinstance(name, str) or came_from_worker(exc) or name in namespace:
         return
-    note = (f"{_NOTE_PREFIX}`{name}` was assigned by a %%parallel cell (`{snippet}`) in its ranks' processes, not in "
+    code = next((code for code, bound in reversed(_rank_cells) if name in bound()), None)
+    if code is None:
+        return
+    note = (f"{_NOTE_PREFIX}`{name}` was assigned by a %%parallel cell (`{code_snippet(code)}`) in its ranks' processes, not in "
             f"the notebook: --gather {name} brings it back (a list, one value per rank)")
     if note not in (getattr(exc, "__notes__", None) or ()):
         add_note(exc, note)
@@ -1435,7 +1438,7 @@ def install_display(shell: Any) -> None:
             BaseException.__setattr__(value, "__traceback__", tb)
             exc_tuple = (etype, value, tb)
             tb_offset = 0 if tb_offset is None else tb_offset  # (as above)
-        if isinstance(value, NameError) and _rank_names:  # (a name only a %%parallel cell's ranks bound)
+        if isinstance(value, NameError) and _rank_cells:  # (a name only a %%parallel cell's ranks bound)
             note_rank_name(value, shell.user_ns)
         return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
 
