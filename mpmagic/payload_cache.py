@@ -620,7 +620,8 @@ class IteratorUse:
         """``f advances the notebook's iterator `ids` (an itertools.count)``."""
         whose = f"the iterator `{self.name}` of its closure" if self.closure else f"the notebook's iterator `{self.name}`"
         article = "an" if self.kind[:1] in "aeiou" else "a"
-        return f"{self.func} advances {whose} ({article} {self.kind})"
+        func = "the lambda" if self.func == "<lambda>" else self.func  # (as changes_words says it)
+        return f"{func} advances {whose} ({article} {self.kind})"
 
 
 def iterators_advanced(func: Any) -> list[IteratorUse]:

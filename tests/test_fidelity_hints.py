@@ -218,3 +218,5 @@ def test_a_captured_iterator_says_each_worker_advances_its_own_copy(ip, pool2, c
         "_fh_tag advances the notebook's iterator `_fh_ids` (an itertools.count)")
     assert state_words(ip.user_ns["_fh_row"]) == "_fh_row advances the notebook's iterator `_fh_rows` (a range_iterator)"
     assert next(ip.user_ns["_fh_ids"]) == 0  # (the notebook's own never moved)
+    assert state_words(eval("lambda x: next(_fh_ids)", ip.user_ns)) == (
+        "the lambda advances the notebook's iterator `_fh_ids` (an itertools.count)")
