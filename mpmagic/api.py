@@ -50,7 +50,13 @@ from . import (
     task_shell,
 )
 from .backends.base import Backend, Job
-from .cell import leave_out_unpicklable, make_cell_spec, run_cell_code, split_last_expression
+from .cell import (
+    leave_out_unpicklable,
+    make_cell_spec,
+    names_assigned,
+    run_cell_code,
+    split_last_expression,
+)
 from .checks import (
     check_delay,
     check_flags,
@@ -78,6 +84,7 @@ from .errors import (
     interrupt_outcome,
     note_unsent_name,
     one_line,
+    remember_rank_cell,
     render_traceback,
     run_interrupted,
     set_interrupt_outcome,
@@ -797,6 +804,8 @@ def pmap(
                 "or start the run from the notebook"
             )
         background.check_options(compare=compare)
+        _say_list_changes(given_func, False, started=True)  # (a blocking run's: said once it ended)
+        _say_iterator_copies(given_func)
         one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
         what = f"call {func_name(_called(given_func))}" if one else f"pmap {func_name(func)}"
         finish = _first_result if one else _results_then_drop_input
@@ -910,6 +919,9 @@ def pmap(
                     report.extra["changes"] = payload_cache.changes_words(changes)
     if "changes" not in report.extra:  # (else the advice says it)
         _say_list_changes(given_func, report.serial is not None)
+    # (not when the payload was reused by its fast check: all it captures is immutable, no iterator)
+    if report.equal is not False and job.payload_served[0] != "fast":  # (else the advice names it: state_words)
+        _say_iterator_copies(given_func)
     if seed is None:  # (seed=: every item draws from its own stream, the same as serially)
         draws.say_random_draws(given_func, report.workers, advised=show_report and report.equal is False)
     if show_report:
@@ -958,16 +970,26 @@ def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
 
 #: The functions (their code) whose changes to a notebook list were said (once each).
 _said_changes: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+#: The notebook lists whose bound method mapped was said, with the method ((id, name): a list takes no weak reference).
+_said_methods: set[tuple[int, str]] = set()
+#: The methods of a list that change it in place (``map(results.append, items)``).
+_LIST_CHANGERS = frozenset({"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+                            "__setitem__", "__delitem__", "__iadd__", "__imul__"})
 
 
-def _say_list_changes(func: Callable, compared: bool) -> None:
+def _say_list_changes(func: Callable, compared: bool, started: bool = False) -> None:
     """One line, once per function: a task changed the notebook's list it captures
     (``results.append(x)``), which changes each worker's copy and never the notebook's:
     the list stays empty, silently, as with ``multiprocessing`` (tutorial22 #2). Lists
     only: a dict or set a task fills is often a worker's own cache on purpose (memoizing),
     while a list appended to is the results the notebook expected. ``compared``: --compare's
-    serial run here did fill it, which hides the mistake."""
+    serial run here did fill it, which hides the mistake. ``started``: said as the run starts
+    (imap, submit, the pandas accessor), not once it ended. The function may also be a bound
+    method of a notebook list itself (``pmap(results.append, items)``), which has no code to read."""
     inner = func.func if isinstance(func, functools.partial) else func
+    if isinstance(inner, (types.BuiltinMethodType, types.MethodWrapperType)):
+        _say_list_method(inner, compared, started)
+        return
     code = getattr(getattr(inner, "__func__", inner), "__code__", None)  # (a bound method's function's)
     if type(code) is not types.CodeType or not payload_cache.changes_captured(code) or code in _said_changes:
         return  # (each call: a look-up in the cache of what each code object changes)
@@ -976,10 +998,55 @@ def _say_list_changes(func: Callable, compared: bool) -> None:
         return
     _said_changes.add(code)
     filled = (" (only --compare's serial run here changed it)" if compared
-              else ": it is as it was before the run")
+              else ": it stays as it was before the run" if started else ": it is as it was before the run")
     sys.stderr.write(f"mpmagic: {payload_cache.changes_words(changes)} in the workers' copies, not in the "
                      f"notebook{filled}; return the values (the map's results) and combine them here, or put "
                      "them in an mpmagic.Queue\n")
+
+
+#: The functions (their code) whose captured iterators were said (once each).
+_said_iterators: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+
+
+def _say_iterator_copies(func: Callable) -> None:
+    """One line, once per function: it reads an iterator the notebook holds (``ids =
+    itertools.count()``, ``next(ids)`` for unique ids): each worker advances its own copy,
+    from the iterator's state at the call, so items can get the same values where serially
+    one iterator goes on, silently (and the notebook's never moves)."""
+    inner = func.func if isinstance(func, functools.partial) else func
+    code = getattr(getattr(inner, "__func__", inner), "__code__", None)
+    if type(code) is not types.CodeType or code in _said_iterators:
+        return
+    uses = payload_cache.iterators_advanced(func)
+    if not uses:
+        return
+    _said_iterators.add(code)
+    sys.stderr.write(f"mpmagic: {uses[0].words()} in each worker's copy, from where it was at the call, so items "
+                     f"can get the same values (serially one iterator goes on); take its values here and pass them "
+                     f"with the items (zip({uses[0].name}, items), with star=True / --star)\n")
+
+
+def _say_list_method(method: Any, compared: bool, started: bool) -> None:
+    """``pmap(results.append, items)``: the bound method of a list the notebook holds
+    (a global of ``__main__``) changes each worker's copy of the list, never the
+    notebook's: one line, once per list and method. A list no notebook name holds
+    (``[].append``) is seen by nobody, serially either: nothing is said."""
+    target = getattr(method, "__self__", None)
+    name = getattr(method, "__name__", "")
+    if not isinstance(target, list) or name not in _LIST_CHANGERS or (id(target), name) in _said_methods:
+        return
+    main = getattr(sys.modules.get("__main__"), "__dict__", {})
+    held = next((k for k, v in list(main.items()) if v is target and not k.startswith("_")), None)
+    if held is None:
+        return
+    if len(_said_methods) > 1024:  # (ids of lists long gone: bounded)
+        _said_methods.clear()
+    _said_methods.add((id(target), name))
+    filled = (" (only --compare's serial run here changed it)" if compared
+              else ": it stays as it was before the run" if started else ": it is as it was before the run")
+    sys.stderr.write(f"mpmagic: {held}.{name} changes the notebook's list `{held}` in the workers' copies, not in "
+                     f"the notebook{filled}; call it here (for x in items: {held}.{name}(x)): a list's method is no "
+                     "work to spread over workers\n")
 
 
 def seeded(func: Callable[..., Any], iterables: tuple, star: bool, seed: int) -> tuple[Callable[..., Any], tuple, bool]:
@@ -2052,6 +2119,8 @@ def parallel(
                          "state changes with each run, and a checkpoint skips the runs it has stored")
     if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
         draws.say_cell_draws(code, namespace)
+    # (the names it binds, read only at the notebook's NameError of one of them: errors.note_rank_name)
+    remember_rank_cell(code, functools.partial(_names_bound, code))
     if not block:
         from . import background
 
@@ -2140,6 +2209,41 @@ def parallel(
 #: What ``--compare``'s serial run of a cell prints is shown after this label, as a rank's after ``[rank N] ``.
 SERIAL_LABEL = "[serial] "
 _REDRAWN = re.compile(r"\r(?=[^\r\n])")  # a carriage return that text overwrites the line after
+
+
+def _names_bound(code: str) -> set[str]:
+    """The names the cell binds at its top level (none when it does not parse)."""
+    try:
+        return names_assigned(astlock.parse(code))
+    except Exception:  # (advice only: the run said what is wrong with the cell)
+        return set()
+
+
+#: The cells (hash of their text) whose notebook iterators were said (once each).
+_said_cell_iterators: set[int] = set()
+
+
+def _say_cell_iterators(spec: Any) -> None:
+    """The notebook iterators a cell reads (``next(ids)`` of ``ids = itertools.count()``, among
+    the names sent with it): each rank advances its own copy, from where it was at the run,
+    so ranks get the same values where the cell run once per rank here takes successive
+    ones. One line, once per cell text. Advice only: never raises."""
+    key = hash(spec.source)
+    if key in _said_cell_iterators:
+        return
+    for name, value in spec.names.items():
+        kind = payload_cache.iterator_kind(value)
+        if kind is None:
+            continue
+        if len(_said_cell_iterators) > 1024:
+            _said_cell_iterators.clear()
+        _said_cell_iterators.add(key)
+        use = payload_cache.IteratorUse("the cell", name, kind)
+        sys.stderr.write(f"mpmagic: {use.words()} in each rank's copy, from where it was at the run, so ranks can "
+                         "get the same values (the cell run once per rank here: one iterator goes on); take its "
+                         f"values here and pass them by rank (vals = [next({name}) for _ in range(n)], then "
+                         "vals[rank] in the cell)\n")
+        return
 
 
 def serial_cell_copy(spec: Any, backend: Backend) -> Any:
@@ -2636,6 +2740,8 @@ class CellCall:
             hint = ("; a rank runs the cell as plain Python, without IPython's top-level await: put the awaits in "
                     "an async def and run it with asyncio.run(main())") if "'await' outside" in exc.msg else ""
             raise UsageError(f"the cell has a syntax error on line {exc.lineno}: {exc.msg}{hint}") from None
+        if not (keep or reset):  # (a kept rank's name is its own after its first run)
+            _say_cell_iterators(self.spec)
         if seed is not None:  # per-rank random streams (seeding.py), set by run_cell_code
             from .seeding import _check_seed, uses_numpy, uses_torch
 

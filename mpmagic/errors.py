@@ -13,6 +13,7 @@ import ast
 import builtins
 import dis
 import errno
+import functools
 import heapq
 import inspect
 import keyword
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 
 from .astlock import compile_tree, parse
 from .callsite import MARK
+from .fmt import code_snippet
 from .proclimits import rlimit
 
 logger = logging.getLogger("mpmagic")
@@ -178,6 +180,11 @@ def looked_up_name(exc: BaseException, key_errors: bool = True) -> str | None:
     return None
 
 
+#: The builtins through which code reads its globals by a name built at run time
+#: (``globals()['K']``): a KeyError of other code is a dict's own, as serially.
+_GLOBALS_BY_NAME = frozenset({"globals", "vars"})
+
+
 def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, key_errors: bool = True) -> None:
     """Say why a task could not find a notebook variable, and how to send it.
 
@@ -185,12 +192,16 @@ def note_unsent_name(exc: BaseException, namespace: Any, sent: Any, note: Any, k
     function's): one read only by a name built at run time (``eval(name)``,
     ``globals()[name]``) is not sent. When the exception's missing name
     (:func:`looked_up_name`) is in the notebook's ``namespace`` and not among
-    the ``sent`` names, ``note(name)`` (one line) is added to it, once. Only
-    the notebook side calls this: ``namespace`` is the notebook's.
+    the ``sent`` names, ``note(name)`` (one line) is added to it, once. A
+    KeyError only when the code reads ``globals()`` or ``vars()``: any other is a
+    dict's own (``row['price']`` while the notebook has a ``price``), raised
+    serially the same. Only the notebook side calls this: ``namespace`` is the notebook's.
     """
     name = looked_up_name(exc, key_errors)
     if name is None or name not in namespace or name in sent:
         return
+    if type(exc) is KeyError and not _GLOBALS_BY_NAME & set(sent):
+        return  # (``row['price']`` with a notebook ``price``: serially the same KeyError, nothing unsent)
     text = note(name)
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, (list, tuple)) or text not in notes:
@@ -1363,6 +1374,38 @@ def drop_our_frames(exc: BaseException) -> None:
         t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
 
 
+#: The latest %%parallel cells (``parallel()``), newest last: (the cell's code, the names it
+#: binds at its top level, read only when the notebook's NameError asks: parsing a cell costs
+#: ~0.2 ms, a run's overhead ~1 ms).
+_rank_cells: list[tuple[str, Callable[[], set[str]]]] = []
+_RANK_CELLS_KEPT = 32
+
+
+def remember_rank_cell(code: str, names_bound: Callable[[], set[str]]) -> None:
+    """A %%parallel cell (``parallel()``) binds names in its ranks' processes, where the
+    cell run once per rank by hand would have bound them in the notebook: the notebook's
+    later ``NameError`` for one of them says so (:func:`note_rank_name`). ``names_bound``:
+    what the cell binds, asked then."""
+    _rank_cells.append((code, functools.lru_cache(maxsize=1)(names_bound)))
+    del _rank_cells[:-_RANK_CELLS_KEPT]
+
+
+def note_rank_name(exc: BaseException, namespace: Any) -> None:
+    """The notebook's own ``NameError`` for a name only a %%parallel cell's ranks bound:
+    one note naming that cell and ``--gather``. Not a task's error (the note is the
+    notebook's), nor a name the notebook has (a ``NameError`` of some other scope)."""
+    name = getattr(exc, "name", None) if type(exc) is NameError else None
+    if not isinstance(name, str) or came_from_worker(exc) or name in namespace:
+        return
+    code = next((code for code, bound in reversed(_rank_cells) if name in bound()), None)
+    if code is None:
+        return
+    note = (f"{_NOTE_PREFIX}`{name}` was assigned by a %%parallel cell (`{code_snippet(code)}`) in its ranks' processes, not in "
+            f"the notebook: --gather {name} brings it back (a list, one value per rank)")
+    if note not in (getattr(exc, "__notes__", None) or ()):
+        add_note(exc, note)
+
+
 def install_display(shell: Any) -> None:
     """Wrap ``shell.showtraceback`` for task SyntaxErrors and ExceptionGroups."""
     original = shell.showtraceback
@@ -1395,6 +1438,8 @@ def install_display(shell: Any) -> None:
             BaseException.__setattr__(value, "__traceback__", tb)
             exc_tuple = (etype, value, tb)
             tb_offset = 0 if tb_offset is None else tb_offset  # (as above)
+        if isinstance(value, NameError) and _rank_cells:  # (a name only a %%parallel cell's ranks bound)
+            note_rank_name(value, shell.user_ns)
         return original(exc_tuple, filename, tb_offset, exception_only, running_compiled_code)
 
     showtraceback._mpmagic = True  # type: ignore[attr-defined]

@@ -452,7 +452,11 @@ class MapJob:
         if func_payload is not None:
             self.func_payload, self.func_key = func_payload, payload.payload_key(func_payload)
         else:  # reused from the last call when nothing it captures changed
-            self._build_payload()
+            try:
+                self._build_payload()
+            except SerializationError as exc:  # (a generator it reads that is its input too: said so)
+                payload.mapped_input_advice(exc, func, iterables)
+                raise
         self.star = star
         self.collect = collect
         # A failed item stands in its place (a Failed) and the run goes on, the chunk's

@@ -311,6 +311,8 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         raise
     report = api.last_report()
     draws.say_random_draws(func, workers, advised=False, accessor=True)  # (rng.random() of the notebook's rng...)
+    api._say_list_changes(_users_function(func), False)  # (results.append(x) of the notebook's list)
+    api._say_iterator_copies(_users_function(func))  # (next(ids) of the notebook's itertools.count)
     if report is not None:
         count = spans[-1][1] if spans else 0
         report.items = count
@@ -471,6 +473,13 @@ def _raw_columns(df: pd.DataFrame, spans: list[tuple[int, int]]) -> list[pd.Data
     values = df.values
     return [pd.DataFrame(values[:, a:b], index=df.index, columns=df.columns[a:b], dtype=values.dtype, copy=False)
             for a, b in spans]
+
+
+def _users_function(task: Callable) -> Callable:
+    """The user's function a task of ours wraps (``partial(_record, func=partial(_call_with, func=f))``: f)."""
+    while isinstance(task, functools.partial) and "func" in task.keywords:
+        task = task.keywords["func"]
+    return task
 
 
 def _bind(func: Callable, args: tuple, kwargs: dict) -> Callable:

@@ -126,6 +126,43 @@ def _rebuild_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
     return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
+def _rebuild_cached_property(func: Any, attrname: str | None, doc: str | None) -> functools.cached_property:
+    """The receiving side of a ``functools.cached_property`` of a class sent by value: the
+    property of the same function again. Python 3.11's holds a thread lock, which no
+    pickler can send; the worker's own property makes its own (3.12's has none)."""
+    prop = functools.cached_property(func)
+    prop.attrname = attrname
+    prop.__doc__ = doc
+    return prop
+
+
+def _singledispatch_parts(func: Any) -> tuple[Any, list[tuple[Any, Any]]] | None:
+    """A notebook ``functools.singledispatch`` function's default implementation and its
+    other (class, implementation) pairs, or None for any other object."""
+    if type(func) is not types.FunctionType or not _library_function(func):
+        return None
+    registry = vars(func).get("registry")
+    if registry is None or "dispatch" not in vars(func) or object not in registry:
+        return None
+    return registry[object], [(cls, impl) for cls, impl in registry.items() if cls is not object]
+
+
+def _rebuild_singledispatch(default: Any, impls: list[tuple[Any, Any]], attrs: dict[str, Any]) -> Any:
+    """The receiving side of a notebook ``functools.singledispatch`` function: the same
+    implementations registered again (its dispatch cache, a WeakKeyDictionary, cannot be
+    pickled: the worker's fills as it dispatches), with the attributes the user set on it."""
+    func = functools.singledispatch(default)
+    for cls, impl in impls:
+        func.register(cls, impl)
+    vars(func).update(attrs)
+    return func
+
+
+# (what functools.singledispatch sets on its wrapper, made again by _rebuild_singledispatch)
+_SINGLEDISPATCH_OWN = frozenset({"register", "dispatch", "registry", "_clear_cache", "__wrapped__", "__module__",
+                                 "__name__", "__qualname__", "__doc__", "__dict__", "__annotations__"})
+
+
 def slot_names(cls: type) -> list[str]:
     """Names of the ``__slots__`` of ``cls`` and its bases (not ``__dict__``/``__weakref__``)."""
     names: list[str] = []
@@ -591,6 +628,14 @@ class _Pickler(cloudpickle.Pickler):
             if wrapped is not None and _sent_by_value(wrapped):
                 params = obj.cache_parameters()
                 return _rebuild_lru_cache, (wrapped, params["maxsize"], params["typed"])
+        elif t is types.FunctionType and "registry" in vars(obj) and _sent_by_value(obj):
+            parts = _singledispatch_parts(obj)
+            if parts is not None:  # (functools.singledispatch: its WeakKeyDictionary cache cannot go)
+                attrs = {k: v for k, v in vars(obj).items() if k not in _SINGLEDISPATCH_OWN}
+                return _rebuild_singledispatch, (*parts, attrs)
+        elif t is functools.cached_property and _sent_by_value(obj.func):
+            # (a notebook class's: Python 3.11's holds an RLock, "cannot pickle '_thread.RLock' object")
+            return _rebuild_cached_property, (obj.func, obj.attrname, obj.__doc__)
         elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value_cached(t):
             return _rebuild_slotted, (t, _slotted_state(obj))
         elif t is types.MethodType and _is_shells_get_ipython(obj):
@@ -1248,6 +1293,8 @@ def _too_deep_advice(verb: str = "send") -> str:
 
 
 _MEMORYVIEW = "Send the array it views (it keeps its dtype and shape), or bytes(view)."
+ITERATOR_ADVICE = ("A generator or iterator is consumed where it is made: turn it into a list first "
+                   "(`data = list(gen)`), or pass it to %pmap as the iterable to map over.")
 
 
 def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -> str:
@@ -1275,10 +1322,7 @@ def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -
     if isinstance(bad, (types.GeneratorType, types.AsyncGeneratorType)) or (
         hasattr(bad, "__next__") and not hasattr(bad, "__len__")
     ):
-        return (
-            "A generator or iterator is consumed where it is made: turn it into a list "
-            "first (`data = list(gen)`), or pass it to %pmap as the iterable to map over."
-        )
+        return ITERATOR_ADVICE
     if "lock" in tname or "semaphore" in tname or "condition" in tname or "event" in tname:
         return (
             "A thread lock works only inside one process: create it inside the function, "
@@ -1295,6 +1339,27 @@ def advice_for(bad: Any, exc: BaseException | None = None, item: bool = False) -
         "Create it inside the function (or once per worker, e.g. a module-level cache "
         "filled on first use) instead of capturing it from the notebook."
     )
+
+
+def mapped_input_advice(exc: SerializationError, func: Any, iterables: tuple | None) -> None:
+    """The function cannot be sent because it captures a generator (an iterator) that
+    is also the map's input (``pmap(k, gen)`` with ``next(gen)`` in ``k``): the advice to
+    "pass it to %pmap as the iterable" is what was done. Said instead: serially each
+    call takes the item the map would have read next, which workers cannot share."""
+    if not iterables or not exc.args or ITERATOR_ADVICE not in str(exc.args[0]):
+        return
+    try:
+        found = find_unpicklable(func, getattr(func, "__name__", "func"))
+    except Exception:  # (advice only)
+        return
+    if found is None or not any(found[1] is it for it in iterables):
+        return
+    name = found[0].rpartition(" -> ")[2]
+    exc.args = (str(exc.args[0]).replace(ITERATOR_ADVICE, (
+        f"`{name}` is also the input this map reads: serially each call's next() takes the item the map would "
+        "have read next, and the workers cannot share the notebook's generator. Give each call what it reads "
+        f"as its item instead (pairs: zip({name}, {name}) with --star, star=True)."
+    )), *exc.args[1:])
 
 
 def result_advice(text: str) -> str:

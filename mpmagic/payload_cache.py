@@ -616,20 +616,95 @@ def _writes_state(code: types.CodeType) -> bool:
     return any(_writes_state(c) for c in code.co_consts if type(c) is types.CodeType)
 
 
+# --------------------------------------------------------------------------
+# An iterator a task advances (``ids = itertools.count()``, ``next(ids)`` in the function):
+# each worker gets a copy in its state at the call and advances that one, so two workers
+# give the same values (serially: one iterator, going on), and the notebook's never moves.
+
+
+@dataclass(frozen=True)
+class IteratorUse:
+    """``func`` (its name) reads ``name``, an iterator of the notebook's (``closure``: of its
+    closure), of the type ``kind`` (``itertools.count``, ``list_iterator``)."""
+
+    func: str
+    name: str
+    kind: str
+    closure: bool = False
+
+    def words(self) -> str:
+        """``f advances the notebook's iterator `ids` (an itertools.count)``."""
+        whose = f"the iterator `{self.name}` of its closure" if self.closure else f"the notebook's iterator `{self.name}`"
+        article = "an" if self.kind[:1] in "aeiou" else "a"
+        func = "the lambda" if self.func == "<lambda>" else self.func  # (as changes_words says it)
+        return f"{func} advances {whose} ({article} {self.kind})"
+
+
+def iterators_advanced(func: Any) -> list[IteratorUse]:
+    """The iterators ``func`` captures (globals its code names, its closure), and those the
+    notebook functions it calls capture, a few levels down: reading one advances it. Not a
+    generator or a file (those cannot be sent: their own error says so). Never raises (advice only)."""
+    found: list[IteratorUse] = []
+    try:
+        _iterators_of(func, found, set(), 0)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return []
+    return list(dict.fromkeys(found))
+
+
+def iterator_kind(value: Any) -> str | None:
+    """``itertools.count``, ``list_iterator``: the type of ``value`` when it is an iterator
+    a task's copy of which advances apart from the notebook's; else None. Not a
+    generator or a file (those cannot be sent: their own error says so), nor ours."""
+    t = type(value)
+    if (not hasattr(t, "__next__") or getattr(t, "__iter__", None) is None or isinstance(value, type)
+            or isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType))
+            or hasattr(value, "fileno") or t.__module__.startswith("mpmagic")):
+        return None
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _iterators_of(func: Any, found: list[IteratorUse], seen: set, depth: int) -> None:
+    if isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        func = func.__func__
+    if type(func) is not types.FunctionType or id(func) in seen or depth > 4 or _by_reference(func):
+        return
+    seen.add(id(func))
+    code = func.__code__
+    named: list[tuple[str, Any, bool]] = []
+    for name, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
+        try:
+            named.append((name, cell.cell_contents, True))
+        except ValueError:  # (an empty cell)
+            continue
+    if _extract_code_globals is not None:
+        named += [(name, func.__globals__.get(name, _MISSING), False) for name in _extract_code_globals(code)]
+    for name, value, closure in named:
+        kind = iterator_kind(value)
+        if kind is not None:
+            found.append(IteratorUse(func.__name__, name, kind, closure))
+        elif type(value) is types.FunctionType:
+            _iterators_of(value, found, seen, depth + 1)
+
+
 def state_words(func: Any) -> str | None:
     """The state ``func`` visibly changes, in words, or None: for the advice on
     results that differ from serial (``--compare``).
 
     Read from its code and defaults, and those of the notebook functions it
     calls: globals it assigns (``global TOTAL``), cells it assigns
-    (``nonlocal n``), a list, dict or set default (``seen=[]``), and the
-    attributes a bound method's code sets (``self.n += x``).
+    (``nonlocal n``), a list, dict or set default (``seen=[]``), the
+    attributes a bound method's code sets (``self.n += x``), and the iterators
+    it reads (``next(ids)``: :func:`iterators_advanced`).
     """
     found: list[str] = []
     try:
         _state_of(func, found, set(), 0)
     except Exception:  # (advice only: nothing odd may break a run)
         return None
+    found += [use.words() for use in iterators_advanced(func)]
     return ", ".join(dict.fromkeys(found)) or None
 
 

@@ -1041,3 +1041,26 @@ def test_a_wait_for_the_worker_setup_is_said_on_the_line_and_is_no_transfer_cost
     assert "a chunk cost ~223.8 ms" in small.advice, small.advice  # (2 x 1.0 s - 0.01 s - 0.2 s) / 8
     assert "waited 100.0 ms for the %%pool setup" in small.line()
     assert "setup" not in _report().line()  # (no wait, nothing said)
+
+
+def test_a_bound_list_method_mapped_and_imap_and_submit_say_the_notebook_list_is_not_changed(ip, pool2, capsys):
+    """fidelity24: serially ``list(map(lst.append, items))`` fills ``lst``; mapped, each
+    worker appends to its copy and the notebook's list stays empty, and nothing said so
+    (the note read only a function's code: a bound method has none). imap, submit (--bg)
+    which run a map too, said nothing even for a function (the pandas accessor: test_pandas_accessor)."""
+    run(ip, "import mpmagic\nbag = []")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q bag.append, [1, 2, 3]") == [None, None, None]
+    assert run(ip, "bag") == []  # (as the note says: the workers' copies changed)
+    err = capsys.readouterr().err
+    assert "mpmagic: bag.append changes the notebook's list `bag` in the workers' copies, not in the notebook" in err, err
+    run(ip, "_ = %pmap -q bag.append, [1, 2, 3]")
+    assert "bag.append" not in capsys.readouterr().err  # (once per list and method)
+    run(ip, "_ = %pmap -q [].append, [1, 2, 3]")  # (a list no name holds: nobody sees it anyway)
+    assert "mpmagic:" not in capsys.readouterr().err
+    for n, code in enumerate(("list(mpmagic.imap(keep{n}, [1, 2]))", "mpmagic.submit(keep{n}, [1, 2]).result(timeout=60)")):
+        run(ip, f"def keep{n}(x):\n    bag.append(x)\n    return x\n")  # (a function of its own: said once each)
+        capsys.readouterr()
+        assert run(ip, code.format(n=n)) == [1, 2] and run(ip, "bag") == [], code
+        err = capsys.readouterr().err
+        assert f"mpmagic: keep{n} changes the notebook's list `bag` (bag.append) in the workers' copies" in err, (code, err)

@@ -119,23 +119,54 @@ def test_a_key_the_notebook_does_not_have_gets_no_hint(ip, pool2):
     assert not any("not sent" in n for n in info.value.__notes__)
 
 
+
+def test_a_dicts_key_error_for_a_key_named_as_a_notebook_variable_gets_no_hint(ip, pool2):
+    """fidelity24: ``{'other': 1}[name]`` (``row['price']``) raises the same KeyError serially
+    when the notebook happens to have a variable of that name; the hint said the notebook's
+    variable was not sent (read by a name built at run time?), which no code of the
+    function did: a KeyError is hinted only for code that reads globals() or vars()."""
+    from IPython.utils.capture import capture_output
+
+    run(ip, LOOKUPS)
+    f = ip.user_ns["by_dict"]
+    with pytest.raises(KeyError) as serial:
+        list(map(f, ["K_HINT"]))
+    with pytest.raises(KeyError) as info:
+        mpmagic.pmap(f, ["K_HINT"])
+    assert info.value.args == serial.value.args
+    assert not any("not sent" in n or "does not name it" in n for n in info.value.__notes__), info.value.__notes__
+    with capture_output():
+        error = ip.run_cell("%%parallel -n 1 -q\n{'other': 1}['K_HINT']\n", store_history=False).error_in_exec
+    notes = error.failures[0].__notes__
+    assert type(error.failures[0]) is KeyError and not any("does not name it" in n for n in notes), notes
+
+
 # -- section 8: a singledispatch function defined in the notebook ----------------
 
 
-def test_a_notebook_singledispatch_function_is_named_as_what_cannot_be_sent(ip, pool2):
+def test_a_notebook_singledispatch_function_is_sent_and_dispatches_as_serially(ip, pool2):
+    """Its dispatch cache (a WeakKeyDictionary) cannot be pickled, so a notebook
+    singledispatch function was refused (fidelity24: serial map runs it). It goes as its
+    implementations, registered again in the worker, and dispatches as here: a notebook
+    class registered too, a method of a notebook class (singledispatchmethod) as well."""
     run(ip, "import functools\n"
+            "class Shape:\n    pass\n"
             "@functools.singledispatch\n"
             "def describe_hint(x):\n    return 'object'\n"
             "@describe_hint.register\n"
-            "def _(x: int):\n    return 'int'\n")
-    f = ip.user_ns["describe_hint"]
-    assert list(map(f, [1, "a"])) == ["int", "object"]  # serial works; the workers cannot get it
-    with pytest.raises(SerializationError) as info:
-        mpmagic.pmap(f, [1, "a"])
-    text = str(info.value)
-    assert "`describe_hint` is a functools.singledispatch function defined in the notebook" in text
-    assert "Define it in a module the workers can import, or map a plain function" in text
-    assert "is a dict" not in text and "Create it inside the function" not in text and "\n" not in text
+            "def _(x: int):\n    return 'int'\n"
+            "@describe_hint.register(Shape)\n"
+            "def _(x):\n    return 'shape'\n"
+            "class Dispatching:\n"
+            "    @functools.singledispatchmethod\n"
+            "    def kind(self, x):\n        return 'object'\n"
+            "    @kind.register\n"
+            "    def _(self, x: str):\n        return 'str'\n")
+    f, items = ip.user_ns["describe_hint"], [1, "a", ip.user_ns["Shape"](), True]
+    assert mpmagic.pmap(f, items) == list(map(f, items)) == ["int", "object", "shape", "int"]
+    kind = ip.user_ns["Dispatching"]().kind
+    assert mpmagic.pmap(kind, [1, "a"]) == list(map(kind, [1, "a"])) == ["object", "str"]
+    assert f.registry.keys() == {object, int, ip.user_ns["Shape"]}  # (the notebook's own is as it was)
 
 
 def test_a_type_whose_qualname_holds_its_module_is_named_once(ip, pool2):
@@ -147,3 +178,45 @@ def test_a_type_whose_qualname_holds_its_module_is_named_once(ip, pool2):
     with pytest.raises(SerializationError) as info:
         run(ip, "%pmap -q lambda x: sf, [1]")
     assert "is a fakejit.ScriptFunction, which cannot be pickled" in str(info.value)
+
+
+def test_a_function_that_reads_the_generator_it_maps_over_is_told_so(ip, pool2):
+    """fidelity24: ``pmap(k, gen)`` with ``k`` calling ``next(gen)`` (serially, each call
+    takes the item map would have read next): the function cannot be sent, and the
+    advice said to "pass it to %pmap as the iterable to map over", which it was."""
+    run(ip, "_fh_gen = (i for i in range(6))\ndef _fh_pair(x):\n    return (x, next(_fh_gen))\n")
+    with pytest.raises(SerializationError) as info:
+        mpmagic.pmap(ip.user_ns["_fh_pair"], ip.user_ns["_fh_gen"])
+    text = str(info.value)
+    assert "pass it to %pmap as the iterable" not in text, text
+    assert ("`_fh_gen` is also the input this map reads: serially each call's next() takes the item the map would "
+            "have read next, and the workers cannot share the notebook's generator") in text, text
+    assert next(ip.user_ns["_fh_gen"]) == 0  # (nothing read: the run did not start)
+
+
+def test_a_captured_iterator_says_each_worker_advances_its_own_copy(ip, pool2, capsys):
+    """fidelity24: ``ids = itertools.count()`` and ``next(ids)`` in the mapped function (unique
+    ids, serially 0, 1, 2...): each worker advanced its own copy of the iterator as it was at
+    the call, so items got the same ids, silently, and --compare's advice blamed random draws
+    and hash(). One line says so, once per function; the advice names the iterator."""
+    from mpmagic.payload_cache import state_words
+
+    run(ip, "import itertools\n_fh_ids = itertools.count()\n_fh_rows = iter(range(100))\n"
+            "def _fh_tag(x):\n    return (next(_fh_ids), x)\n"
+            "def _fh_calls_tag(x):\n    return _fh_tag(x)\n"
+            "def _fh_row(x):\n    return next(_fh_rows) + x\n")
+    tag = ip.user_ns["_fh_tag"]
+    capsys.readouterr()
+    assert sorted(x for _, x in mpmagic.pmap(tag, "abcd", show_report=False)) == list("abcd")
+    err = capsys.readouterr().err
+    assert ("mpmagic: _fh_tag advances the notebook's iterator `_fh_ids` (an itertools.count) in each worker's "
+            "copy, from where it was at the call, so items can get the same values (serially one iterator goes on)"
+            ) in err, err
+    mpmagic.pmap(tag, "ab", show_report=False)
+    assert "mpmagic:" not in capsys.readouterr().err  # (once per function)
+    assert state_words(tag) == state_words(ip.user_ns["_fh_calls_tag"]) == (
+        "_fh_tag advances the notebook's iterator `_fh_ids` (an itertools.count)")
+    assert state_words(ip.user_ns["_fh_row"]) == "_fh_row advances the notebook's iterator `_fh_rows` (a range_iterator)"
+    assert next(ip.user_ns["_fh_ids"]) == 0  # (the notebook's own never moved)
+    assert state_words(eval("lambda x: next(_fh_ids)", ip.user_ns)) == (
+        "the lambda advances the notebook's iterator `_fh_ids` (an itertools.count)")

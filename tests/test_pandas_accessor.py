@@ -677,3 +677,16 @@ def test_a_captured_generator_says_workers_draw_from_copies(ip, pool2, capsys):
     run(ip, "_ = _rows.groupby('a').mp.apply(lambda g: _acc_draw(g), quiet=True)")  # (another function: the lambda)
     run(ip, "_ = _rows.mp.apply(_acc_draw, axis=1, quiet=True)")
     assert capsys.readouterr().err.count("mpmagic:") == 0  # (once per function: _acc_draw's was said)
+
+
+def test_a_function_that_appends_to_a_notebook_list_says_the_list_is_not_changed(ip, pool2, capsys):
+    """fidelity24: serial ``s.map(f)`` with ``f`` appending to the notebook's ``bag`` fills it;
+    the accessor's workers fill their copies, and nothing said so (pmap's note read the
+    accessor's task, not the function it wraps). One line, as pmap's."""
+    run(ip, "import pandas as pd\n_acc_bag = []\ndef _acc_keep(x):\n    _acc_bag.append(x)\n    return x\n")
+    capsys.readouterr()
+    assert run(ip, "pd.Series([1, 2]).mp.map(_acc_keep, quiet=True).tolist()") == [1, 2]
+    assert run(ip, "_acc_bag") == []
+    err = capsys.readouterr().err
+    assert ("mpmagic: _acc_keep changes the notebook's list `_acc_bag` (_acc_bag.append) in the workers' copies, "
+            "not in the notebook: it is as it was before the run") in err, err

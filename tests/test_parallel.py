@@ -967,3 +967,37 @@ def test_a_notebooks_future_annotations_reach_its_cells_as_serially(ip, backend)
     finally:
         ip.compile.flags &= ~flag
     assert cell(ip, "-n 1 -q", "def g(a: int):\n    pass\ng.__annotations__")[0] == {"a": int}
+
+
+def test_a_name_only_the_ranks_assigned_says_so_at_the_notebooks_name_error(ip, pool2):
+    """fidelity24: the cell run once per rank by hand leaves its names in the notebook;
+    a %%parallel cell binds them in its ranks' workers only, and the next cell's
+    ``NameError`` said nothing of why. Its traceback now ends with one line naming the
+    cell and --gather; a name no parallel cell assigned gets Python's error alone."""
+    run(ip, "%%parallel -n 2 -q --gather _par_kept\n_par_only = rank * 2\n_par_kept = rank\n"
+            "def _par_fn():\n    return 1\n")
+    assert run(ip, "_par_kept") == [0, 1]  # (--gather: in the notebook)
+    for code, name in (("_par_only + 1", "_par_only"), ("_par_fn()", "_par_fn")):
+        with capture_output() as cap:
+            result = ip.run_cell(code, store_history=False)
+        assert type(result.error_in_exec) is NameError, result.error_in_exec
+        assert (f"mpmagic: `{name}` was assigned by a %%parallel cell (`_par_only = rank * 2 …`) in its ranks' "
+                f"processes, not in the notebook: --gather {name} brings it back (a list, one value per rank)"
+                ) in cap.stdout, cap.stdout
+    with capture_output() as cap:
+        result = ip.run_cell("_par_never_assigned", store_history=False)
+    assert type(result.error_in_exec) is NameError and "mpmagic:" not in cap.stdout, cap.stdout
+
+
+def test_a_cell_that_reads_a_notebook_iterator_says_each_rank_advances_its_own_copy(ip, pool2, capsys):
+    """fidelity24: ``next(ids)`` of the notebook's ``ids = itertools.count()`` in a cell: run
+    once per rank by hand, ranks get 0 and 1; each rank advanced its own copy and got 0,
+    silently. One line says so, once per cell text."""
+    run(ip, "import itertools\n_par_ids = itertools.count()\n")
+    capsys.readouterr()
+    assert list(run(ip, "%%parallel -n 2 -q\nnext(_par_ids)")) == [0, 0]
+    err = capsys.readouterr().err
+    assert ("mpmagic: the cell advances the notebook's iterator `_par_ids` (an itertools.count) in each rank's copy, "
+            "from where it was at the run, so ranks can get the same values") in err, err
+    run(ip, "%%parallel -n 2 -q\nnext(_par_ids)")
+    assert "mpmagic:" not in capsys.readouterr().err  # (once per cell text)

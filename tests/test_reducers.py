@@ -307,3 +307,38 @@ def test_a_notebook_type_alias_reaches_the_workers(ip, method):
     same_as_serial(ip, "later_value, [0]")
     back = run(ip, "%pmap -q lambda i: Vec, [0]")[0]
     assert (back.__name__, back.__value__, back.__module__) == ("Vec", list[float], "__main__")
+
+
+CACHED = '''
+import functools
+
+class Circle:
+    """A notebook class with a cached_property (Python 3.11's holds a thread lock)."""
+    def __init__(self, r):
+        self.r = r
+    @functools.cached_property
+    def area(self):
+        return 3 * self.r * self.r
+    def scaled(self, k):
+        return self.area * k
+
+def area_of(r):
+    return Circle(r).area
+
+def cached_area(c):
+    c.area
+    return c.__dict__["area"], c.area
+'''
+
+
+def test_a_notebook_class_with_a_cached_property_is_sent(ip, pool2):
+    """fidelity24: a notebook class using ``functools.cached_property`` could not be sent on
+    Python 3.11 (``Circle -> area -> lock is a _thread.RLock ... create it inside the
+    function``: the lock is functools'), though serial map runs it. It goes as the property
+    of its function, made again in the worker, where it caches as it does here."""
+    run(ip, CACHED)
+    assert same_as_serial(ip, "area_of, [1, 2]") == [3, 12]
+    assert same_as_serial(ip, "Circle(2).scaled, [1, 2]") == [12, 24]
+    assert same_as_serial(ip, "cached_area, [Circle(1), Circle(3)]") == [(3, 3), (27, 27)]
+    returned = run(ip, "%pmap -q Circle, [5]")[0]
+    assert type(returned) is ip.user_ns["Circle"] and returned.area == 75
