@@ -653,6 +653,27 @@ def test_event_and_unsupported_helpers(dask_pool):
         mpmagic.Array("d", 4)
 
 
+def test_a_local_helper_a_dask_worker_of_another_machine_cannot_open_says_so(dask_pool):
+    """A Value (or Queue) made while the local pool was current lives in this machine's
+    shared memory: a cluster of this machine opens it, a worker on another machine
+    (or container, with its own /dev/shm and pids) cannot. There it said "the process
+    that made it has exited (kernel restarted or shut down?). Make a new mpmagic.Value
+    in the notebook": the kernel runs, and on Dask a new Value is refused. Such a
+    helper is simulated by one whose memory and maker this worker cannot find."""
+    from mpmagic.shared.base import _attach
+    from mpmagic.shared.values import SharedValue
+
+    maker = psutil.Popen([sys.executable, "-c", "pass"])
+    maker.wait()
+    v = SharedValue._make("i", None, True)  # (the local kind, with Dask current)
+    kind, stem, spec, _pid, origin, made = v._by_name()
+    elsewhere = (kind, stem + "x", spec, maker.pid, origin, made)  # its memory, its maker: not here
+    with pytest.raises(Exception) as got:
+        dask_pool.client.submit(_attach, *elsewhere, pure=False).result(timeout=60)
+    message = str(got.value)
+    assert "has exited" not in message and "another machine" in message, message
+    assert "Dask worker tcp://" in message and "Make a new mpmagic.Value(...) in the notebook" not in message
+    assert "return values from the tasks" in message, message
 def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
     """On Dask, as on the local pool (test_engine), on_chunk runs in the
     calling thread: a run started from it gives serial map's results; one
