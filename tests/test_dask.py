@@ -653,6 +653,30 @@ def test_event_and_unsupported_helpers(dask_pool):
         mpmagic.Array("d", 4)
 
 
+def test_the_value_refusals_variable_advice_works_as_written(dask_pool):
+    """mpmagic.Value on Dask said "guard a distributed.Variable with an mpmagic.Lock":
+    a ``Variable('n')`` made in the notebook then failed at its first use with Dask's
+    RuntimeError ("object not properly initialized"), since mpmagic's client is not
+    Dask's default one. The refusal now gives the call, and that call works: many
+    tasks add to one counter under the lock, as to a Value under get_lock()."""
+    with pytest.raises(mpmagic.UsageError) as refused:
+        mpmagic.Value("i", 0)
+    assert "distributed.Variable(name, client=mpmagic.get_pool().client)" in str(refused.value)
+    from distributed import Variable
+
+    counter = Variable("mpmagic-test-counter", client=mpmagic.get_pool().client)
+    counter.set(0)
+    lock = mpmagic.Lock()
+
+    def add_one(x):
+        with lock:
+            counter.set(counter.get() + 1)
+        return x
+
+    assert mpmagic.pmap(add_one, range(12)) == list(range(12))
+    assert counter.get() == 12
+    counter.delete()
+
 def test_a_local_helper_a_dask_worker_of_another_machine_cannot_open_says_so(dask_pool):
     """A Value (or Queue) made while the local pool was current lives in this machine's
     shared memory: a cluster of this machine opens it, a worker on another machine
