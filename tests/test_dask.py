@@ -1026,6 +1026,21 @@ def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_c
         q.qsize()
 
 
+def test_pool_dask_again_with_the_same_address_keeps_the_connection(ip, dask_cluster, dask_pool):
+    """Running the cell that connects again (``%pool dask ADDRESS``, the same scheduler)
+    closed the connection and made a new one: a background run in flight failed with
+    "the pool was stopped while this run was in flight", and a Queue made on it said it
+    "belonged to a Dask pool that was stopped" (though its scheduler still held it).
+    As ``%pool local`` keeps a running local pool, it now keeps the connection."""
+    run(ip, "import time\ndef nap_sq(x):\n    time.sleep(0.2)\n    return x * x\n")
+    q = mpmagic.Queue()
+    q.put("made before")
+    handle = mpmagic.pmap(ip.user_ns["nap_sq"], range(8), chunksize=1, block=False)
+    run(ip, f"%pool dask {dask_cluster.address}")
+    assert pool_module.current_pool() is dask_pool
+    assert handle.result(timeout=60) == [x * x for x in range(8)]
+    assert q.get(timeout=10) == "made before"
+
 def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip, dask_cluster, dask_pool,
                                                                                monkeypatch, capsys):
     """A shared cluster: another client's task holds a worker, and `%%parallel -n 4`
