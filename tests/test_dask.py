@@ -1040,6 +1040,13 @@ def test_pool_dask_again_with_the_same_address_keeps_the_connection(ip, dask_clu
     assert pool_module.current_pool() is dask_pool
     assert handle.result(timeout=60) == [x * x for x in range(8)]
     assert q.get(timeout=10) == "made before"
+    # More workers than the cluster has, in time: an error, and the pool stays as it was.
+    timeout = dask_pool.timeout
+    with pytest.raises(mpmagic.MPMagicError, match=f"fewer than the {DASK_WORKERS + 1} asked for"):
+        mpmagic.use_dask(dask_cluster.address, workers=DASK_WORKERS + 1, timeout=0.5)
+    assert pool_module.current_pool() is dask_pool and dask_pool.timeout == timeout
+    assert dask_pool.requested_workers is None
+    assert mpmagic.pmap(ip.user_ns["nap_sq"], [3]) == [9]
 
 def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip, dask_cluster, dask_pool,
                                                                                monkeypatch, capsys):

@@ -548,13 +548,18 @@ class DaskBackend:
             workers = None
         if workers is not None:
             workers = check_whole("workers", workers, 1, "a whole number of at least 1 or -1 (one per usable CPU)")
+        timeout_before = self.timeout
         if options.get("timeout") is not None:
             self.timeout = float(check_real("timeout", options["timeout"], "a number of seconds greater than 0",
                                             lambda seconds: seconds > 0))
-        self.start()
-        if workers is not None:
-            self.requested_workers = workers
-            self._wait_for_workers(workers)
+        try:
+            self.start()
+            if workers is not None:
+                self._wait_for_workers(workers)
+                self.requested_workers = workers
+        except BaseException:  # (too few workers in time: the pool stays as it was, as a new one's failure leaves it)
+            self.timeout = timeout_before
+            raise
         return True
 
     @property
