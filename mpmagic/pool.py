@@ -608,7 +608,9 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
     scheduler it describes), ``tls_ca_file``/``tls_cert``/``tls_key`` (for
     ``tls://``), ``timeout`` (seconds to wait for the scheduler, default 10).
     A scheduler that cannot be reached in time is an error and the current
-    pool stays. See docs/dask.md.
+    pool stays. The same scheduler again (address or file, and certificates)
+    keeps the current connection, with its runs in flight and helpers.
+    See docs/dask.md.
     """
     try:
         from .backends.dask import DaskBackend
@@ -622,6 +624,8 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
             raise one_line(TypeError(f"use_dask() got an unexpected keyword argument {name!r}; its options are "
                                      f"{', '.join(takes)}"))
     with _lock:
+        if isinstance(_backend, DaskBackend) and _backend.kept_for(address, **options):
+            return _backend
         new = DaskBackend(address, **options)
         old = _backend
         _made(new)

@@ -653,6 +653,51 @@ def test_event_and_unsupported_helpers(dask_pool):
         mpmagic.Array("d", 4)
 
 
+def test_the_value_refusals_variable_advice_works_as_written(dask_pool):
+    """mpmagic.Value on Dask said "guard a distributed.Variable with an mpmagic.Lock":
+    a ``Variable('n')`` made in the notebook then failed at its first use with Dask's
+    RuntimeError ("object not properly initialized"), since mpmagic's client is not
+    Dask's default one. The refusal now gives the call, and that call works: many
+    tasks add to one counter under the lock, as to a Value under get_lock()."""
+    with pytest.raises(mpmagic.UsageError) as refused:
+        mpmagic.Value("i", 0)
+    assert "distributed.Variable(name, client=mpmagic.get_pool().client)" in str(refused.value)
+    from distributed import Variable
+
+    counter = Variable("mpmagic-test-counter", client=mpmagic.get_pool().client)
+    counter.set(0)
+    lock = mpmagic.Lock()
+
+    def add_one(x):
+        with lock:
+            counter.set(counter.get() + 1)
+        return x
+
+    assert mpmagic.pmap(add_one, range(12)) == list(range(12))
+    assert counter.get() == 12
+    counter.delete()
+
+def test_a_local_helper_a_dask_worker_of_another_machine_cannot_open_says_so(dask_pool):
+    """A Value (or Queue) made while the local pool was current lives in this machine's
+    shared memory: a cluster of this machine opens it, a worker on another machine
+    (or container, with its own /dev/shm and pids) cannot. There it said "the process
+    that made it has exited (kernel restarted or shut down?). Make a new mpmagic.Value
+    in the notebook": the kernel runs, and on Dask a new Value is refused. Such a
+    helper is simulated by one whose memory and maker this worker cannot find."""
+    from mpmagic.shared.base import _attach
+    from mpmagic.shared.values import SharedValue
+
+    maker = psutil.Popen([sys.executable, "-c", "pass"])
+    maker.wait()
+    v = SharedValue._make("i", None, True)  # (the local kind, with Dask current)
+    kind, stem, spec, _pid, origin, made = v._by_name()
+    elsewhere = (kind, stem + "x", spec, maker.pid, origin, made)  # its memory, its maker: not here
+    with pytest.raises(Exception) as got:
+        dask_pool.client.submit(_attach, *elsewhere, pure=False).result(timeout=60)
+    message = str(got.value)
+    assert "has exited" not in message and "another machine" in message, message
+    assert "Dask worker tcp://" in message and "Make a new mpmagic.Value(...) in the notebook" not in message
+    assert "return values from the tasks" in message, message
 def test_on_chunk_on_dask_as_on_the_local_pool(ip, dask_pool):
     """On Dask, as on the local pool (test_engine), on_chunk runs in the
     calling thread: a run started from it gives serial map's results; one
@@ -980,6 +1025,28 @@ def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_c
     with pytest.raises(mpmagic.UsageError, match="belonged to a Dask pool that was stopped"):
         q.qsize()
 
+
+def test_pool_dask_again_with_the_same_address_keeps_the_connection(ip, dask_cluster, dask_pool):
+    """Running the cell that connects again (``%pool dask ADDRESS``, the same scheduler)
+    closed the connection and made a new one: a background run in flight failed with
+    "the pool was stopped while this run was in flight", and a Queue made on it said it
+    "belonged to a Dask pool that was stopped" (though its scheduler still held it).
+    As ``%pool local`` keeps a running local pool, it now keeps the connection."""
+    run(ip, "import time\ndef nap_sq(x):\n    time.sleep(0.2)\n    return x * x\n")
+    q = mpmagic.Queue()
+    q.put("made before")
+    handle = mpmagic.pmap(ip.user_ns["nap_sq"], range(8), chunksize=1, block=False)
+    run(ip, f"%pool dask {dask_cluster.address}")
+    assert pool_module.current_pool() is dask_pool
+    assert handle.result(timeout=60) == [x * x for x in range(8)]
+    assert q.get(timeout=10) == "made before"
+    # More workers than the cluster has, in time: an error, and the pool stays as it was.
+    timeout = dask_pool.timeout
+    with pytest.raises(mpmagic.MPMagicError, match=f"fewer than the {DASK_WORKERS + 1} asked for"):
+        mpmagic.use_dask(dask_cluster.address, workers=DASK_WORKERS + 1, timeout=0.5)
+    assert pool_module.current_pool() is dask_pool and dask_pool.timeout == timeout
+    assert dask_pool.requested_workers is None
+    assert mpmagic.pmap(ip.user_ns["nap_sq"], [3]) == [9]
 
 def test_a_rank_waiting_for_a_worker_busy_with_another_clients_task_is_named(ip, dask_cluster, dask_pool,
                                                                                monkeypatch, capsys):

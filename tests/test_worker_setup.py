@@ -189,8 +189,10 @@ def test_dask_setup_plugin(ip, dask_cluster):
         backend.client.wait_for_workers(4, timeout=60)
         assert run(ip, "%pmap -q --chunksize 1 lambda x: EXTRA, range(8)") == [7] * 8
         # A new backend on the same cluster: the old one's stop (which removes
-        # its plugin and names) must not take the new one's setup away.
-        mpmagic.use_dask(dask_cluster.address)
+        # its plugin and names) must not take the new one's setup away. (Through
+        # its scheduler file: the same address again keeps the connection.)
+        mpmagic.use_dask(scheduler_file=dask_cluster.scheduler_file)
+        assert pool_module.get_pool() is not backend
         pool_module.get_pool().client.wait_for_workers(4, timeout=60)
         assert run(ip, "%pmap -q --chunksize 1 lambda x: EXTRA, range(8)") == [7] * 8
     finally:

@@ -538,6 +538,8 @@ class DaskBackend:
         if self.owns_cluster and any((tls_ca_file, tls_cert, tls_key)):
             raise UsageError("the --tls-* options are for connecting to a tls:// scheduler: give its ADDRESS too")
         self.security = _security(address, tls_ca_file, tls_cert, tls_key)
+        # How it was told to connect (for a cluster it did not start): use_dask with the same is this pool again.
+        self._connected_as = (address, scheduler_file, tls_ca_file, tls_cert, tls_key)
         self.requested_workers = workers
         self.timeout = float(timeout)
         self.client: Any = None
@@ -593,6 +595,40 @@ class DaskBackend:
         self.start()
 
     # -- lifecycle ---------------------------------------------------------
+    def kept_for(self, address: str | None, **options: Any) -> bool:
+        """Is ``use_dask(address, **options)`` this connection again (``%pool dask ADDRESS``
+        run once more, the same scheduler and certificates)? Then this pool stays,
+        connected again if it was stopped, with the new ``timeout`` and ``workers`` to
+        wait for: a new connection would fail the runs in flight and orphan the helpers
+        made on this one, as ``%pool stop`` does, for a scheduler that never changed.
+        A cluster mpmagic started (no address) is never kept: ``%pool dask`` starts one."""
+        if self.owns_cluster or self._retired or (address is None and options.get("scheduler_file") is None):
+            return False
+        given = (
+            None if address is None else _scheduler_address(address), options.get("scheduler_file"),
+            options.get("tls_ca_file"), options.get("tls_cert"), options.get("tls_key"),
+        )
+        if given != self._connected_as:
+            return False
+        workers = options.get("workers")
+        if whole(workers) == -1:
+            workers = None
+        if workers is not None:
+            workers = check_whole("workers", workers, 1, "a whole number of at least 1 or -1 (one per usable CPU)")
+        timeout_before = self.timeout
+        if options.get("timeout") is not None:
+            self.timeout = float(check_real("timeout", options["timeout"], "a number of seconds greater than 0",
+                                            lambda seconds: seconds > 0))
+        try:
+            self.start()
+            if workers is not None:
+                self._wait_for_workers(workers)
+                self.requested_workers = workers
+        except BaseException:  # (too few workers in time: the pool stays as it was, as a new one's failure leaves it)
+            self.timeout = timeout_before
+            raise
+        return True
+
     @property
     def running(self) -> bool:
         return self.client is not None and self.client.status == "running"

@@ -632,7 +632,9 @@ _NO_SHARED_MEMORY = (
     "mpmagic.{kind} needs memory shared with the notebook, which Dask workers (possibly on other "
     "machines) do not have. On Dask, return values from the tasks and combine them in the notebook "
     "(total = sum(%pmap f, items)), or send updates through an mpmagic.Queue and add them up, or "
-    "guard a distributed.Variable with an mpmagic.Lock; `%pool local` brings {kind} back."
+    "guard a distributed.Variable(name, client=mpmagic.get_pool().client) with an mpmagic.Lock (made in "
+    "the notebook, a Variable needs mpmagic's client: it is not Dask's default one); `%pool local` brings "
+    "{kind} back."
 )
 
 

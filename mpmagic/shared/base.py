@@ -611,6 +611,9 @@ class _Helper:
     def _gone(self) -> SharedObjectGone:
         if self._origin:
             return self._gone_with_its_task()
+        dask_worker = debugging._dask_worker()
+        if dask_worker is not None and not _alive(self._owner_pid):
+            return self._not_on_this_machine(dask_worker)
         if _alive(self._owner_pid):
             why = "released it (the object was dropped there, e.g. deleted or replaced)"
         else:
@@ -618,6 +621,32 @@ class _Helper:
         return SharedObjectGone(
             f"{self._describe()} is gone: the process that made it (pid {self._owner_pid}) {why}. "
             f"Make a new mpmagic.{self._kind}(...) in the notebook and pass that one."
+        )
+
+    def _not_on_this_machine(self, dask_worker: str) -> SharedObjectGone:
+        """Made in the notebook while the local pool was current, opened in a Dask task
+        whose worker finds neither its memory nor its maker: that worker runs on
+        another machine (or container), not the notebook's (which sent this task, so
+        it runs). A new helper of this kind made in the notebook is what works there:
+        a Queue, Lock or Event made with the Dask pool current is Dask's own; a Value
+        or Array has no Dask form (``mpmagic.Value`` on Dask says what to do)."""
+        if self._kind in ("Value", "Array"):
+            instead = (
+                f"Dask has no mpmagic.{self._kind}: return values from the tasks and combine them "
+                "in the notebook, or send updates through an mpmagic.Queue made with the Dask pool current"
+            )
+        elif self._kind == "RLock":
+            instead = "Make a new mpmagic.Lock() in the notebook now that the Dask pool is current (RLock has no Dask form) and pass that one"
+        else:
+            instead = (
+                f"Make a new mpmagic.{self._kind}() in the notebook now that the Dask pool is current "
+                "(it lives in the scheduler, for every worker) and pass that one"
+            )
+        return SharedObjectGone(
+            f"{self._describe()} cannot be opened on Dask worker {dask_worker}: it is in the shared "
+            f"memory of the machine of the process that made it (pid {self._owner_pid}, with the local "
+            "pool current), and this worker runs on another machine (or container) that does not "
+            f"share it. {instead}."
         )
 
     def _gone_with_its_task(self) -> SharedObjectGone:
