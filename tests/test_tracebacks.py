@@ -236,18 +236,18 @@ def test_recursion_collapses_as_serially(ip, local_pool):
     rebuilt traceback had a code object per place: IPython (which groups frames
     by code and line) showed an extra frame and "[... skipping similar frames:
     down at line 3 (72 times), down at line 3 (72 times)]" where serial says
-    "down at line 3 (27 times)"; mutual recursion likewise. (Lines counted from
-    the ``def``: the cell's line 4, as the display says.) A depth of 30 shows it as well as 150 did, at
-    a fifth of the cost: IPython's Context and Verbose displays scan every loaded
+    "down at line 3 (17 times)"; mutual recursion likewise. (Lines counted from
+    the ``def``: the cell's line 4, as the display says.) A depth of 20 shows it as well as 150 did, at
+    a seventh of the cost: IPython's Context and Verbose displays scan every loaded
     module once per frame (``inspect.getmodule``), ~2 ms a frame once the suite
     has loaded pandas, Dask and Jupyter."""
     defined(ip, "import mpmagic\n" + RECURSIONS)
-    shown = _as_serial(ip, "down, [30]", ("Plain", "Context", "Verbose"))
-    assert "[... skipping similar frames: down at line 4 (27 times)]" in shown["Context"], shown["Context"]
-    _as_serial(ip, "a, [30]", ("Plain", "Context", "Verbose"))
-    _as_serial(ip, "f, [30]", ("Context",))
+    shown = _as_serial(ip, "down, [20]", ("Plain", "Context", "Verbose"))
+    assert "[... skipping similar frames: down at line 4 (17 times)]" in shown["Context"], shown["Context"]
+    _as_serial(ip, "a, [10]", ("Plain", "Context", "Verbose"))  # (a and b in turn: 20 frames)
+    _as_serial(ip, "f, [20]", ("Context",))
     before = sys.getrecursionlimit()
-    sys.setrecursionlimit(low_recursion_limit())  # (see test_deep_recursion_is_collapsed)
+    sys.setrecursionlimit(low_recursion_limit(50))  # (see test_deep_recursion_is_collapsed)
     try:
         _as_serial(ip, "up, [0]", ("Context",))  # (Plain shows every frame: as many as the depth allows)
     finally:
