@@ -804,8 +804,7 @@ def pmap(
                 "or start the run from the notebook"
             )
         background.check_options(compare=compare)
-        _say_list_changes(given_func, False, started=True)  # (a blocking run's: said once it ended)
-        _say_iterator_copies(given_func)
+        say_copied_state(given_func, started=True)  # (a blocking run's: said once it ended)
         one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
         what = f"call {func_name(_called(given_func))}" if one else f"pmap {func_name(func)}"
         finish = _first_result if one else _results_then_drop_input
@@ -975,6 +974,15 @@ _said_methods: set[tuple[int, str]] = set()
 #: The methods of a list that change it in place (``map(results.append, items)``).
 _LIST_CHANGERS = frozenset({"append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
                             "__setitem__", "__delitem__", "__iadd__", "__imul__"})
+
+
+def say_copied_state(func: Callable, started: bool = False) -> None:
+    """The notes for notebook state a run's tasks change or advance in the workers'
+    copies only (a list it appends to, an iterator it reads), said as a run starts
+    (a background run, a stream, the pandas accessor); a blocking pmap says them
+    once it ended, with what its report knows."""
+    _say_list_changes(func, False, started=started)
+    _say_iterator_copies(func)
 
 
 def _say_list_changes(func: Callable, compared: bool, started: bool = False) -> None:

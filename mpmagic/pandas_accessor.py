@@ -311,8 +311,7 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         raise
     report = api.last_report()
     draws.say_random_draws(func, workers, advised=False, accessor=True)  # (rng.random() of the notebook's rng...)
-    api._say_list_changes(_users_function(func), False)  # (results.append(x) of the notebook's list)
-    api._say_iterator_copies(_users_function(func))  # (next(ids) of the notebook's itertools.count)
+    api.say_copied_state(_users_function(func))  # (results.append(x) of a notebook list, next(ids) of its count())
     if report is not None:
         count = spans[-1][1] if spans else 0
         report.items = count

@@ -552,8 +552,7 @@ def imap(
                                                                          errors, star, retries, checkpoint)
     check_flags(ordered=ordered, insights=insights)
     if not api._in_worker_process():  # (serially there: the list is the worker's own)
-        api._say_list_changes(func, False, started=True)
-        api._say_iterator_copies(func)
+        api.say_copied_state(func, started=True)
     if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
         func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():

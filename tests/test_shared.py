@@ -590,16 +590,23 @@ def test_a_taken_over_lock_warns_at_the_users_line_not_ours(pool2):
     assert len(where) == 1 and where[0][0].startswith("<parallel-cell-") and where[0][1] == 6, where
 
 
-def test_taking_over_a_dead_holders_lock_keeps_the_callers_timeout():
-    """The take-over's flock never waits: while another process holds it (taking
-    the lock over itself), a waiter goes on waiting on the semaphore, and its
-    timeout holds. Before, a blocking flock made acquire(timeout=...) hang."""
+def _lock_held_by_a_dead_process():
+    """An mpmagic Lock whose semaphore a process took and then died holding:
+    (the lock, its implementation, the dead process)."""
     lock = mpmagic.Lock()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     impl = lock._lock
     assert impl.sem.acquire(False)  # taken by a process that then died
     impl.words[impl.slot] = dead.pid
+    return lock, impl, dead
+
+
+def test_taking_over_a_dead_holders_lock_keeps_the_callers_timeout():
+    """The take-over's flock never waits: while another process holds it (taking
+    the lock over itself), a waiter goes on waiting on the semaphore, and its
+    timeout holds. Before, a blocking flock made acquire(timeout=...) hang."""
+    lock, impl, dead = _lock_held_by_a_dead_process()
     other = os.open(f"{SHM}/{impl.seg.name.lstrip('/')}", os.O_RDWR)  # another waiter's guard
     got: list[bool] = []
     try:
@@ -692,12 +699,7 @@ def test_an_interrupt_right_after_the_lock_is_taken_leaves_it_free(how, call):
 def test_an_interrupt_right_after_a_take_over_leaves_the_lock_free():
     """The same moment after taking a dead holder's lock over (no semaphore take):
     the interrupted acquire gives it back too, instead of keeping it for this pid."""
-    lock = mpmagic.Lock()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    impl = lock._lock
-    assert impl.sem.acquire(False)  # taken by a process that then died
-    impl.words[impl.slot] = dead.pid
+    lock, impl, dead = _lock_held_by_a_dead_process()
     real = impl._take_over
 
     def take_over_then_interrupt() -> bool:
