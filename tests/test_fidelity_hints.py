@@ -144,7 +144,7 @@ def test_a_dicts_key_error_for_a_key_named_as_a_notebook_variable_gets_no_hint(i
 # -- section 8: a singledispatch function defined in the notebook ----------------
 
 
-def test_a_notebook_singledispatch_function_is_sent_and_dispatches_as_serially(ip, pool2):
+def test_a_notebook_singledispatch_function_is_sent_and_dispatches_as_serially(ip, backend):
     """Its dispatch cache (a WeakKeyDictionary) cannot be pickled, so a notebook
     singledispatch function was refused (fidelity24: serial map runs it). It goes as its
     implementations, registered again in the worker, and dispatches as here: a notebook

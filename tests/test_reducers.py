@@ -331,7 +331,7 @@ def cached_area(c):
 '''
 
 
-def test_a_notebook_class_with_a_cached_property_is_sent(ip, pool2):
+def test_a_notebook_class_with_a_cached_property_is_sent(ip, backend):
     """fidelity24: a notebook class using ``functools.cached_property`` could not be sent on
     Python 3.11 (``Circle -> area -> lock is a _thread.RLock ... create it inside the
     function``: the lock is functools'), though serial map runs it. It goes as the property
