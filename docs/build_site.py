@@ -76,7 +76,9 @@ def execute(path: Path, timeout: int = 240) -> Path:
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+    # A cell's last outputs are waited for 30 s after its reply (nbclient's 4 s can drop a
+    # final print on a loaded machine), and outputs still missing then are an error.
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", iopub_timeout=30, raise_on_iopub_timeout=True,
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     return save_executed(path, nb)
 
