@@ -125,6 +125,11 @@ class Resume(Protocol):
         """``emit(start, results)`` for the stored stretches, now and as a lazy input finds more."""
         ...
 
+    def say_to(self, warn: Callable[[str], None]) -> None:
+        """What the store says while the run goes on (another process holds it) goes to
+        ``warn``: the run's live area, not the cell running then."""
+        ...
+
     def settle(self, warn: Callable[[str], None] | None = None) -> None:
         """The backend's run ended (however): wait until what it accepted is stored."""
         ...
@@ -335,6 +340,8 @@ class Run(Future[_R]):
         self._arrived = threading.Condition()
         relay = live == "relay" or (live is None and relay_output.get())
         self._sink = _Sink(self, False if relay else _in_kernel() if live is None else bool(live), relay=relay)
+        if resume is not None:
+            resume.say_to(self._warn)
 
     # -- counts and state ------------------------------------------------------
     @property

@@ -172,6 +172,11 @@ def close_stores() -> None:
     _stores.clear()
 
 
+def _to_stderr(line: str) -> None:
+    """``line`` on the notebook's ``sys.stderr`` (a blocking run's: its cell's)."""
+    sys.stderr.write(line + "\n")
+
+
 class _Writer:
     """Stores accepted chunks from a thread of its own; after a failure, stops storing.
 
@@ -194,8 +199,11 @@ class _Writer:
     the batch was unbounded; the queue held a copy of each, too).
     """
 
-    def __init__(self, store: Store | None, run: bytes, name: str) -> None:
+    def __init__(self, store: Store | None, run: bytes, name: str, say: Callable[[str], None] | None = None) -> None:
         self.store, self.run, self.name = store, run, name
+        # Where the line this thread says goes (see _waiting): the notebook's stderr, in the cell
+        # of a blocking run; a background run's live area (``say_to``), never the cell running then.
+        self.say: Callable[[str], None] = say or _to_stderr
         self.bytes = 0
         self.items = 0  # results queued to be stored (all stored once finish() returns without an error)
         self.error: BaseException | None = None
@@ -211,8 +219,7 @@ class _Writer:
         """A write waited ~1 s for another process's lock on the store: say so, once a run."""
         if not self.waited and self.store is not None:
             self.waited = True
-            sys.stderr.write(f"mpmagic: waiting for the checkpoint store {self.store.dir}, in use by another "
-                             "process…\n")
+            self.say(f"mpmagic: waiting for the checkpoint store {self.store.dir}, in use by another process…")
 
     def put(self, pairs: list[tuple[bytes, Any]]) -> None:
         """Queue ``(item key, result)`` pairs to be stored as one chunk, as they are now
@@ -766,6 +773,12 @@ class MapCheckpoint:
         self._setup_changed = True
         return False
 
+    def say_to(self, warn: Callable[[str], None]) -> None:
+        """A background run's lines said while it runs (the store held by another process)
+        go to ``warn`` (its live area): the writer's thread wrote them on ``sys.stderr``, in
+        whichever cell ran then."""
+        self.writer.say = warn
+
     # -- after it --------------------------------------------------------------------
     def settle(self, warn: Callable[[str], None] | None = None) -> None:
         """The run ended (however): wait until every accepted chunk is stored; warn once if
@@ -1219,6 +1232,7 @@ class CellCheckpoint:
         self.found = _load(self.store, self.run, self.rank_keys)
         self.name = "%%parallel: " + (code.strip().splitlines() or [""])[0][:40]
         self._warn: Callable[[str], None] = _warn
+        self._say: Callable[[str], None] | None = None  # a background run's live area (say_to)
 
     @property
     def complete(self) -> bool:
@@ -1239,6 +1253,10 @@ class CellCheckpoint:
 
     def stored_segments(self, emit: Callable[[int, list], None]) -> None:
         """(A cell's handle has no ``as_completed``: nothing to tell.)"""
+
+    def say_to(self, warn: Callable[[str], None]) -> None:
+        """A background cell's lines said while its values are stored go to ``warn`` (as MapCheckpoint's)."""
+        self._say = warn
 
     def settle(self, warn: Callable[[str], None] | None = None) -> None:
         self._warn = warn or _warn  # stored in value(), once the ranks' values are known
@@ -1266,7 +1284,7 @@ class CellCheckpoint:
                                         f"{', '.join(map(str, ranks))}", itertools.chain(*other.values()))
                        .replace("so they were not stored", "so none of the cell's values were stored"))
             return values
-        writer = _Writer(self.store, self.run, self.name)
+        writer = _Writer(self.store, self.run, self.name, self._say)
         gathered = getattr(values, "gathered", {})
         writer.put([(self.rank_keys[r], (v, {g: gathered[g][r] for g in self.gather})) for r, v in enumerate(values)])
         writer.finish(self._warn)

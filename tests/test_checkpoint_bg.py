@@ -401,6 +401,29 @@ def test_another_process_writing_the_store_while_a_background_run_does_loses_not
     store.close()
 
 
+def test_a_background_runs_wait_for_the_store_is_said_in_its_live_area_not_the_cell_running_then(
+        ns, monkeypatch, capfd):
+    """The line saying a run waits for another process holding the store came from the
+    writer thread's ``sys.stderr``: for a ``--bg`` run, in whichever cell ran then
+    (a later ``print``'s, in a real kernel), and not in the run's live area nor its
+    ``output``. It goes where the run's other lines go."""
+    from test_checkpoint import _hold_the_store
+
+    from mpmagic import checkpoint_store
+
+    monkeypatch.setattr(checkpoint_store, "_SAY_WAITING", 0.1)
+    folder = ns["FOLDER"]
+    mpmagic.pmap(abs, [1], checkpoint=True)  # (the store is open)
+    holder = _hold_the_store(folder, 0.3)
+    handle = mpmagic.submit(ns["work"], range(2), checkpoint=True)
+    assert handle.result(30) == [0, 1]
+    holder.join()
+    line = f"mpmagic: waiting for the checkpoint store {folder}, in use by another process…"
+    err = capfd.readouterr().err
+    assert line not in err
+    assert handle.output.count(line) == 1, (handle.output, err)
+
+
 def test_an_unpicklable_function_with_bg_checkpoint_fails_as_without_checkpoint(ip, ns):
     run(ip, "import threading\nLOCK = threading.Lock()\ndef locked(x):\n    with LOCK:\n        return x\n")
     errors = []
