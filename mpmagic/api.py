@@ -2363,7 +2363,8 @@ class _LabelledStream:
     threads write into the rank's output) comes with ``label`` at the start of each line
     (after a ``\r`` that redraws one too), as the ranks' lines come with ``[rank N] ``;
     it showed unlabelled, as if the cell itself printed it a third time. Other
-    threads' writes (a background run's output) pass as they are."""
+    threads' writes (a background run's output) pass as they are, and so does
+    everything once the run ended (:meth:`end`): a handler the run made keeps the stream."""
 
     def __init__(self, target: Any, label: str, threads: weakref.WeakSet[threading.Thread]) -> None:
         self.target = target
@@ -2389,6 +2390,13 @@ class _LabelledStream:
         for line in lines:
             self.write(line)
 
+    def end(self) -> None:
+        """The run ended: from now on every write passes as it is. What the run kept of
+        ``sys.stdout`` / ``sys.stderr`` (``logging.basicConfig()``'s handler, a ``file=``
+        default) still writes here: it labelled every later line of the notebook's main
+        thread (``[serial] WARNING:root:...``) for good, where serially it writes plain."""
+        self.threads = weakref.WeakSet()
+
     def __getattr__(self, name: str) -> Any:  # flush, encoding, isatty, fileno...: the stream's own
         return getattr(self.target, name)
 
@@ -2411,6 +2419,7 @@ def _labelled_here(label: str | None) -> Iterator[None]:
         finally:
             sys.stdout, sys.stderr = out, err
             for stream in streams:
+                stream.end()
                 if stream.line_open:
                     stream.target.write("\n")
 

@@ -503,6 +503,29 @@ def test_the_serial_runs_label_is_only_for_the_runs_own_threads():
     assert threading.Thread.start is threading.Thread.__dict__["start"]  # (put back as it was)
 
 
+def test_a_stream_the_serial_run_kept_is_unlabelled_once_the_run_ended():
+    """The serial run's ``logging.basicConfig()`` (any ``StreamHandler()``, a ``print``
+    default ``file=sys.stdout``) kept the labelling stream it found as ``sys.stderr``:
+    every later log line of the notebook showed ``[serial] WARNING:root:later``,
+    for good. Serially the handler writes to the cell's stderr as it is; once the run
+    ended, what is written to that stream passes unlabelled."""
+    import io
+
+    from mpmagic.api import _labelled_here
+
+    buffer = io.StringIO()
+    real_out = sys.stdout
+    sys.stdout = buffer
+    try:
+        with _labelled_here("[serial] "):
+            kept = sys.stdout
+            print("during", file=kept)
+        print("later", file=kept)
+    finally:
+        sys.stdout = real_out
+    assert buffer.getvalue().splitlines() == ["[serial] during", "later"]
+
+
 def test_compare_runs_the_cell_here_as_main_as_a_rank_does(ip, local_pool, capsys):
     """A rank's namespace is ``__main__`` while it runs, as serial code's is: a cell
     pickling a class it defines works there. ``--compare``'s serial run here was not
