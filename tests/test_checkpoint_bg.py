@@ -407,21 +407,30 @@ def test_a_background_runs_wait_for_the_store_is_said_in_its_live_area_not_the_c
     writer thread's ``sys.stderr``: for a ``--bg`` run, in whichever cell ran then
     (a later ``print``'s, in a real kernel), and not in the run's live area nor its
     ``output``. It goes where the run's other lines go."""
-    from test_checkpoint import _hold_the_store
+    import sqlite3
 
     from mpmagic import checkpoint_store
+    from mpmagic.checkpoint_store import DB_NAME
 
     monkeypatch.setattr(checkpoint_store, "_SAY_WAITING", 0.1)
     folder = ns["FOLDER"]
     mpmagic.pmap(abs, [1], checkpoint=True)  # (the store is open)
-    holder = _hold_the_store(folder, 0.3)
-    handle = mpmagic.submit(ns["work"], range(2), checkpoint=True)
-    assert handle.result(30) == [0, 1]
-    holder.join()
     line = f"mpmagic: waiting for the checkpoint store {folder}, in use by another process…"
-    err = capfd.readouterr().err
-    assert line not in err
-    assert handle.output.count(line) == 1, (handle.output, err)
+    other = sqlite3.connect(folder / DB_NAME, isolation_level=None)  # (another kernel's long write)
+    other.execute("BEGIN EXCLUSIVE")
+    err = ""
+    try:
+        handle = mpmagic.submit(ns["work"], range(2), checkpoint=True)
+        deadline = time.monotonic() + 30
+        while line not in handle.output + err and time.monotonic() < deadline:  # (the write waits: said)
+            time.sleep(0.02)
+            err += capfd.readouterr().err
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert handle.result(30) == [0, 1]
+    assert line not in err + capfd.readouterr().err
+    assert handle.output.count(line) == 1
 
 
 def test_an_unpicklable_function_with_bg_checkpoint_fails_as_without_checkpoint(ip, ns):
