@@ -544,9 +544,10 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
 
     ``results`` is None when the run raised; ``failed`` the ``jobs.Failed``
     among them (``errors="collect"``; the caller has them, and this module
-    must not import ``jobs``). ``items``: the input as a list, when the job
-    read it lazily but it can be listed again (several lists zipped); only
-    asked for when the run raised. Cheap when nothing failed: the run is
+    must not import ``jobs``). ``items``: the input as a list of the record's own
+    (several lists zipped, a list copied, a set or dict listed: ``api._listed_again``),
+    kept rather than the job's input, the user's list, which the notebook may change
+    before the re-run; only asked for when the run raised. Cheap when nothing failed: the run is
     remembered without its results. Each thread has its own last run
     (:class:`_ThreadRuns`).
     """
@@ -569,7 +570,7 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
         failures.append(job.failure_info or FailureInfo(job.failure, index=job.failure_index))
-        if inputs is None:
+        if items is not None:
             inputs = items
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
     lent = None

@@ -442,6 +442,28 @@ def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
     assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(ratio, [1, 2, 3, 4], (1, 0, 1, 0)))")
 
 
+@pytest.mark.parametrize(("data", "change"), [
+    ("list(range(40))", "data.reverse()"),
+    ("list(range(40))", "data.clear()"),
+    ("set(range(40))", "data.clear()"),
+    ("{i: -i for i in range(40)}", "data.clear()"),
+    ("'abcdefghij' * 4", "data = None"),
+])
+def test_rerun_failed_after_a_raise_runs_the_input_the_run_had_whatever_the_notebook_did_to_it(
+        ip, fs_pool, data, change):
+    """The record kept the user's list itself: reversed before --rerun-failed, the items
+    never run were read from the reversed list, mixed silently with the first run's
+    results (item 3's place got f(36)); cleared, an IndexError of ours. A set, dict or
+    str was said to be "an iterator that is used up", which it is not. Serial map's
+    oracle: f over the input as the failed call had it."""
+    run(ip, "def code(x):\n    if x in (3, 'd'):\n        raise ValueError(x)\n    return str(x) * 2\n"
+            f"data = {data}\nbefore = list(data)")
+    with pytest.raises(ValueError):
+        run(ip, "%pmap -q --chunksize 2 code, data")
+    run(ip, f"{change}\ndef code(x):\n    return str(x) * 2\n")
+    assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(code, before))")
+
+
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
     # last_failures() names its input, as a collect run's Failed does (errors='raise' recorded item None)
