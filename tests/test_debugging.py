@@ -346,6 +346,22 @@ def test_pdebug_on_a_parallel_rank_replays_with_its_rank_and_size(ip, local_pool
     assert "(1, 2, 7)" in out
 
 
+@pytest.mark.parametrize("errors", ["raise", "collect"])
+def test_pdebug_replays_the_item_as_its_worker_got_it_though_the_notebook_changed_it_since(
+        ip, fs_pool, capsys, errors):
+    """The replay pickled the notebook's own object when %pdebug ran: a row the notebook
+    changed in place after the failure (``rows[3]['v'] = 100``) replayed in its new state,
+    did not fail, and %pdebug blamed the worker ("the failure depended on the worker")."""
+    run(ip, "def value(row):\n    if row['v'] == 3:\n        raise ValueError(row)\n    return row['v']\n"
+            "rows = [{'v': i} for i in range(6)]")
+    ip.run_cell(f"%pmap -q --errors {errors} value, rows", store_history=False)
+    run(ip, "rows[3]['v'] = 100")  # the notebook goes on with its data
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug 3" if errors == "collect" else "%pdebug", "p row\nq\n", capsys)
+    assert "did not fail when replayed here" not in out
+    assert "raise ValueError(row)" in out and "ipdb> {'v': 3}\n" in out
+
+
 def test_a_failure_that_does_not_repeat_here_says_so_in_one_line(ip, local_pool, capsys):
     run(ip, "import os\ndef where(x):\n    here = os.getpid()\n    if here != NOTEBOOK:\n        raise RuntimeError('only in a worker')\n    return x\n")
     run(ip, "NOTEBOOK = os.getpid()")
