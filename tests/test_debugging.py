@@ -480,6 +480,16 @@ def test_rerun_failed_after_a_raise_runs_the_input_the_run_had_whatever_the_note
     assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(code, before))")
 
 
+def test_a_re_runs_unsendable_item_is_named_by_its_place_in_the_input_throughout_its_error(ip, fs_pool):
+    """The re-run renumbered "cannot send item 2 (...)" but not the explanation's own
+    name for it: "... to the workers: `item 0` is a _thread.lock", two places for one item."""
+    run(ip, "import threading\ndef kind(x):\n    return type(x).__name__\nmixed = [1, 2, threading.Lock(), 4]")
+    first = ip.run_cell("%pmap -q kind, mixed", store_history=False).error_in_exec
+    again = ip.run_cell("%pmap -q --rerun-failed", store_history=False).error_in_exec
+    assert isinstance(again, mpmagic.SerializationError) and "`item 2` is a _thread.lock" in str(first)
+    assert "cannot send item 2 " in str(again) and "`item 2` is a _thread.lock" in str(again), str(again)
+
+
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):
     run(ip, "import os\ndef crash(x):\n    os._exit(3)\n")
     # last_failures() names its input, as a collect run's Failed does (errors='raise' recorded item None)
