@@ -605,6 +605,8 @@ def keep_items_as_sent(failures: list[FailureInfo], by_reference: bool = False) 
     (``rows[3]['v'] = 100``) replayed in its new state, did not fail, and the
     failure was blamed on the worker. ``by_reference``: the run lent its large
     buffers (a memmap goes by its file, as to the workers)."""
+    if not failures:  # (every run that did not fail: nothing to look up)
+        return
     payload = _module("payload")
     pickled = 0
     for info in failures:
