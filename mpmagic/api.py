@@ -1760,11 +1760,22 @@ def payload_repr(obj: Any) -> str:
 
 
 def _listed_again(iterables: tuple) -> list | None:
-    """The items of several lists (tuples, ranges) zipped, as ``map`` pairs them:
-    the input of a failed run that ``--rerun-failed`` can send again. None for
-    one iterable (the job keeps a sequence itself) or any that is read once."""
-    if len(iterables) > 1 and all(type(it) in (list, tuple, range) for it in iterables):
-        return list(zip(*iterables, strict=False))
+    """The input of a run that raised, as a list of its own, for ``--rerun-failed``
+    (the items that never ran are sent from it): several lists (tuples, ranges)
+    zipped, as ``map`` pairs them; one list copied (its pointers: ~10 ms per million
+    items), as a set, dict, dict view, str or bytes is listed, in ``map``'s order.
+    The user's own list was kept: reversed or cleared before the re-run, its new
+    items were sent, mixed silently with the first run's results (or an IndexError),
+    and a set or dict was refused as "an iterator that is used up". None for a tuple
+    or range (the job keeps those: they cannot change), and for an input read once
+    or not copied here (an iterator; a numpy array or pandas object: its memory)."""
+    if len(iterables) > 1:
+        if all(type(it) in (list, tuple, range) for it in iterables):
+            return list(zip(*iterables, strict=False))
+        return None
+    kind = type(iterables[0])
+    if kind in _REITERABLE and kind is not tuple and kind is not range:
+        return list(iterables[0])
     return None
 
 

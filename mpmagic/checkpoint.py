@@ -64,6 +64,7 @@ from .jobs import (
     OtherCode,
     WithoutSetup,
     advanced_elsewhere,
+    input_raised_it,
     read_ahead_refusal,
     read_into,
     shared_generator_error,
@@ -1118,10 +1119,12 @@ def _lazy(it: Any, plan: _Plan, store: Store | None, run: bytes, read_first: boo
         last: list = []
         while not done:
             batch: list = []
-            error: Exception | None = None
+            error: BaseException | None = None
             try:
                 done = read_into(batch, it, _LAZY_BATCH)  # (stops after 20 ms with what it has: a slow input)
-            except Exception as exc:  # the input's own error: after the items it gave
+            except BaseException as exc:  # the input's own error: after the items it gave
+                if not input_raised_it(exc):  # (Ctrl-C, in the main thread)
+                    raise
                 error, done = exc, True
                 if advanced_elsewhere(exc):  # (another run, the loop or a thread is inside the generator)
                     error = shared_generator_error(iterables or (it,))

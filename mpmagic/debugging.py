@@ -24,6 +24,7 @@ and never IPython (workers import it).
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import logging
 import os
@@ -406,6 +407,10 @@ class FailureInfo:
     frames: list = field(default_factory=list, repr=False)
     exc_text: str = ""
     outside: str = ""
+    # The item's pickle as the run ended (``payload.dumps_data``, as its chunk was sent), when
+    # small (see keep_items_as_sent): %pdebug replays that, not the notebook's own object,
+    # which the notebook may change in place after the run.
+    sent: bytes | None = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
@@ -544,9 +549,10 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
 
     ``results`` is None when the run raised; ``failed`` the ``jobs.Failed``
     among them (``errors="collect"``; the caller has them, and this module
-    must not import ``jobs``). ``items``: the input as a list, when the job
-    read it lazily but it can be listed again (several lists zipped); only
-    asked for when the run raised. Cheap when nothing failed: the run is
+    must not import ``jobs``). ``items``: the input as a list of the record's own
+    (several lists zipped, a list copied, a set or dict listed: ``api._listed_again``),
+    kept rather than the job's input, the user's list, which the notebook may change
+    before the re-run; only asked for when the run raised. Cheap when nothing failed: the run is
     remembered without its results. Each thread has its own last run
     (:class:`_ThreadRuns`).
     """
@@ -569,17 +575,51 @@ def record_map(job: Any, func: Any, results: list | None, failed: list, options:
     elif results is None and job.failure is not None:
         # (the first failing item in input order, as serial map raises: jobs.MapJob._settle)
         failures.append(job.failure_info or FailureInfo(job.failure, index=job.failure_index))
-        if inputs is None:
+        if items is not None:
             inputs = items
         full = job.results_so_far(MISSING, None if inputs is None else len(inputs))
     lent = None
     if job.shared_memory:  # (a MapJob: the one kind recorded here)
         shm = _module("shm")
         lent = (shm.THRESHOLD, shm.WRITABLE)
+    keep_items_as_sent(failures, by_reference=lent is not None)
     _runs.last = LastRun(
         "map", job.func_payload, failures, func=func, star=job.star, collect=job.collect,
         options=options, results=full, inputs=inputs if failures else None, lent=lent, loads_mark=_loads_mark(),
     )
+
+
+#: A failed item's pickle is kept (``FailureInfo.sent``) up to this size, and the pickling
+#: stops once this much was pickled: a row or a dict costs ~1 us and a few hundred bytes; a
+#: large array's pickle would be its memory again (it is pickled from the notebook's object
+#: when replayed, as before).
+SENT_KEPT_BYTES = 64 * 1024
+SENT_PICKLED_BYTES = 16 * 1024 * 1024
+
+
+def keep_items_as_sent(failures: list[FailureInfo], by_reference: bool = False) -> None:
+    """Keep each failed item's pickle, made as its chunk's was, for ``%pdebug``.
+
+    The replay ran on a copy pickled from the notebook's own object when
+    ``%pdebug`` ran: a row the notebook changed in place after the run
+    (``rows[3]['v'] = 100``) replayed in its new state, did not fail, and the
+    failure was blamed on the worker. ``by_reference``: the run lent its large
+    buffers (a memmap goes by its file, as to the workers)."""
+    if not failures:  # (every run that did not fail: nothing to look up)
+        return
+    payload = _module("payload")
+    pickled = 0
+    for info in failures:
+        if info.outside or info.sent is not None or pickled > SENT_PICKLED_BYTES:
+            continue
+        try:
+            with payload.memmaps_by_reference() if by_reference else contextlib.nullcontext():
+                data = payload.dumps_data(info.item)
+        except Exception:  # (it cannot be copied: the replay says so, as before)
+            continue
+        pickled += len(data)
+        if len(data) <= SENT_KEPT_BYTES:
+            info.sent = data
 
 
 def _loads_mark() -> int:

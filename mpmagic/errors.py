@@ -1473,7 +1473,10 @@ def describe_exitcode(exitcode: int | None) -> str:
     return f"exited unexpectedly with exit code {exitcode}"
 
 
-_ITEM_REF = re.compile(r"\bitem (\d+)(?= of the input| \()")
+# "item N of the input", "item N (<its repr>)", and the path to what cannot be pickled in it,
+# "`item N`" / "`item N -> k -> 'a'`" (``payload.explain_unpicklable``): a re-run renumbered
+# the first and left the path at its own place, "cannot send item 2 (...): `item 0` is a lock".
+_ITEM_REF = re.compile(r"\bitem (\d+)(?= of the input| \(|`| ->)")
 
 
 def renumber_items(exc: BaseException, positions: list[int]) -> None:

@@ -500,10 +500,10 @@ class MapJob:
         self._reading_taken = 0  # how many of its items the manager took already
         self._reading_since = 0.0
         self._input_done = False  # the iterator ended, or raised (``_input_error``)
-        self._input_error: Exception | None = None
+        self._input_error: BaseException | None = None
         # The input's own error (its iterator raised it; not one of ours about it), once it
         # is the run's: a stream ends after it, as serial map over a generator that raised.
-        self.input_raised: Exception | None = None
+        self.input_raised: BaseException | None = None
         self._input_own = False  # ``_input_error`` is the iterator's own
         self._input_asked = False  # a read was asked and is not done yet
         self._n_read = 0  # items read so far (positions for read_ahead_refusal's error)
@@ -620,21 +620,24 @@ class MapJob:
         One chunk at a time: the backend sends it while the next is read
         (reading several before any went out left the workers idle meanwhile).
         An exception of the input is kept and raised by ``next_unit`` once the
-        items before it went out (as the run's error, like serial map's);
-        KeyboardInterrupt is not caught: Ctrl-C here is the waiting thread's.
+        items before it went out (as the run's error, like serial map's), a
+        ``SystemExit`` too; a KeyboardInterrupt in the main thread is not caught:
+        Ctrl-C there is the waiting thread's (see :func:`input_raised_it`).
         """
         if self._iter is None or self._input_done:
             self._input_asked = False
             return
         want = max(1, self._input_want if n is None else n)
         batch: list = []
-        error: Exception | None = None
+        error: BaseException | None = None
         exhausted = False
         with self._read_lock:  # (the manager may take the items read so far: see _take_reading)
             self._reading, self._reading_taken, self._reading_since = batch, 0, time.monotonic()
         try:
             exhausted = read_into(batch, self._iter, want)
-        except Exception as exc:
+        except BaseException as exc:
+            if not input_raised_it(exc):
+                raise
             if advanced_elsewhere(exc):  # (another run, the loop or a thread is inside the generator)
                 error = shared_generator_error(self._iterables)
             else:
@@ -876,7 +879,7 @@ class MapJob:
                     "slice in the task\n"))
                 return
 
-    def _input_failed(self, index: int, error: Exception, why: str, settle: bool = True) -> None:
+    def _input_failed(self, index: int, error: BaseException, why: str, settle: bool = True) -> None:
         """The input itself failed at position ``index`` (its iterator raised, or
         the item cannot be pickled): nothing from there on goes out. Kept like an
         item's error, so that, as in serial map, an item before it that fails
@@ -2114,6 +2117,17 @@ def read_into(batch: list, items: Iterator, want: int) -> bool:
             return False
         step *= 2
     return False
+
+
+def input_raised_it(exc: BaseException) -> bool:
+    """Is ``exc``, raised while an input was read, the input's own error, to be raised
+    after the items it gave (as serial map raises it)? All but a KeyboardInterrupt in
+    the main thread: that is the user's Ctrl-C, landing while a blocking run read its
+    input. A background run or a stream reads in its own thread, where no Ctrl-C lands,
+    so there a KeyboardInterrupt, like a SystemExit or GeneratorExit anywhere, is the
+    input's raise: it escaped the reading and ended the run at once, and the loop lost
+    the results of the items before it."""
+    return not (isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread())
 
 
 def advanced_elsewhere(exc: BaseException) -> bool:

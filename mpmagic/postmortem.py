@@ -107,8 +107,9 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         )
     if last.results is None:
         raise UsageError(
-            "the last run's input was an iterator that is used up, so its missing items cannot be sent "
-            "again: run it with errors='collect' (or a list) to be able to re-run what failed"
+            "the last run's input was read as it went and not kept (an iterator, or a numpy array or pandas "
+            "object, which is not copied), so its missing items cannot be sent again: run it with "
+            "errors='collect' (or over a list) to be able to re-run what failed"
         )
     func_text = None  # (a function given here is named by no line: see _rerun_function)
     which = None
@@ -543,11 +544,15 @@ def _item_as_sent(last: LastRun, failure: FailureInfo) -> Any:
     workers map them), a file-backed memmap opened again from its file. Never the
     notebook's own object: the worker's changes to its copy stayed there, and so
     do the replay's (an item normalised in place, a dict the function updates).
+    A small item is loaded from its pickle made as the run ended (``failure.sent``),
+    so a change the notebook made to its object since is not replayed either.
     A cell has no item (its names are in its payload, loaded apart): None."""
     if last.kind == "cell":
         return None
     item = failure.item
     try:
+        if failure.sent is not None:  # (pickled as the run ended: the notebook may have changed its object since)
+            return payload.loads(failure.sent)
         if last.lent is None:  # (Dask, or no shared memory here: every buffer inside the pickle)
             return payload.loads(payload.dumps_data(item))
         with payload.memmaps_by_reference():

@@ -583,6 +583,30 @@ def test_a_checkpointed_input_that_raises_gives_every_item_before_its_error(ns, 
     assert calls(ns) == []  # every one was stored
 
 
+@pytest.mark.parametrize("how", ["imap", "as_completed"])
+def test_a_checkpointed_input_raising_systemexit_gives_and_stores_every_item_before_it(ns, how):
+    """A SystemExit from the input, read in the run's own thread, is its own error as a
+    KeyError is: it escaped the checkpoint's reading and ended the run at once, so the
+    loop got none of the items before it (nor were they stored)."""
+    def until_20():
+        yield from range(20)
+        raise SystemExit(4)
+
+    work, got = ns["work"], []
+    with pytest.raises(SystemExit):
+        if how == "imap":
+            for value in mpmagic.imap(work, until_20(), checkpoint=True):
+                got.append(value)
+        else:
+            for value in mpmagic.as_completed(mpmagic.submit(work, until_20(), checkpoint=True)):
+                got.append(value)
+    oracle = list(map(work, range(20)))
+    assert sorted(got) == sorted(oracle)  # as serial map gives them, then its SystemExit
+    calls(ns)
+    assert mpmagic.pmap(work, range(20), checkpoint=True) == oracle
+    assert calls(ns) == []  # every one was stored
+
+
 def _gated(prefix: range, tail: range, gate):
     """``prefix``, then ``tail`` once ``gate`` is set (an input the notebook feeds later)."""
     yield from prefix

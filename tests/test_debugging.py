@@ -346,6 +346,22 @@ def test_pdebug_on_a_parallel_rank_replays_with_its_rank_and_size(ip, local_pool
     assert "(1, 2, 7)" in out
 
 
+@pytest.mark.parametrize("errors", ["raise", "collect"])
+def test_pdebug_replays_the_item_as_its_worker_got_it_though_the_notebook_changed_it_since(
+        ip, fs_pool, capsys, errors):
+    """The replay pickled the notebook's own object when %pdebug ran: a row the notebook
+    changed in place after the failure (``rows[3]['v'] = 100``) replayed in its new state,
+    did not fail, and %pdebug blamed the worker ("the failure depended on the worker")."""
+    run(ip, "def value(row):\n    if row['v'] == 3:\n        raise ValueError(row)\n    return row['v']\n"
+            "rows = [{'v': i} for i in range(6)]")
+    ip.run_cell(f"%pmap -q --errors {errors} value, rows", store_history=False)
+    run(ip, "rows[3]['v'] = 100")  # the notebook goes on with its data
+    capsys.readouterr()
+    out = _debug(ip, "%pdebug 3" if errors == "collect" else "%pdebug", "p row\nq\n", capsys)
+    assert "did not fail when replayed here" not in out
+    assert "raise ValueError(row)" in out and "ipdb> {'v': 3}\n" in out
+
+
 def test_a_failure_that_does_not_repeat_here_says_so_in_one_line(ip, local_pool, capsys):
     run(ip, "import os\ndef where(x):\n    here = os.getpid()\n    if here != NOTEBOOK:\n        raise RuntimeError('only in a worker')\n    return x\n")
     run(ip, "NOTEBOOK = os.getpid()")
@@ -440,6 +456,38 @@ def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
     assert (info.index, info.item) == (1, (2, 0))
     run(ip, "def ratio(a, b):\n    return a / b if b else -1\n")
     assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(ratio, [1, 2, 3, 4], (1, 0, 1, 0)))")
+
+
+@pytest.mark.parametrize(("data", "change"), [
+    ("list(range(40))", "data.reverse()"),
+    ("list(range(40))", "data.clear()"),
+    ("set(range(40))", "data.clear()"),
+    ("{i: -i for i in range(40)}", "data.clear()"),
+    ("'abcdefghij' * 4", "data = None"),
+])
+def test_rerun_failed_after_a_raise_runs_the_input_the_run_had_whatever_the_notebook_did_to_it(
+        ip, fs_pool, data, change):
+    """The record kept the user's list itself: reversed before --rerun-failed, the items
+    never run were read from the reversed list, mixed silently with the first run's
+    results (item 3's place got f(36)); cleared, an IndexError of ours. A set, dict or
+    str was said to be "an iterator that is used up", which it is not. Serial map's
+    oracle: f over the input as the failed call had it."""
+    run(ip, "def code(x):\n    if x in (3, 'd'):\n        raise ValueError(x)\n    return str(x) * 2\n"
+            f"data = {data}\nbefore = list(data)")
+    with pytest.raises(ValueError):
+        run(ip, "%pmap -q --chunksize 2 code, data")
+    run(ip, f"{change}\ndef code(x):\n    return str(x) * 2\n")
+    assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(code, before))")
+
+
+def test_a_re_runs_unsendable_item_is_named_by_its_place_in_the_input_throughout_its_error(ip, fs_pool):
+    """The re-run renumbered "cannot send item 2 (...)" but not the explanation's own
+    name for it: "... to the workers: `item 0` is a _thread.lock", two places for one item."""
+    run(ip, "import threading\ndef kind(x):\n    return type(x).__name__\nmixed = [1, 2, threading.Lock(), 4]")
+    first = ip.run_cell("%pmap -q kind, mixed", store_history=False).error_in_exec
+    again = ip.run_cell("%pmap -q --rerun-failed", store_history=False).error_in_exec
+    assert isinstance(again, mpmagic.SerializationError) and "`item 2` is a _thread.lock" in str(first)
+    assert "cannot send item 2 " in str(again) and "`item 2` is a _thread.lock" in str(again), str(again)
 
 
 def test_pdebug_does_not_replay_an_item_whose_worker_died(ip, local_pool):

@@ -106,6 +106,34 @@ def test_an_input_that_raises_ends_the_loop_as_it_ends_serial_map(ns):
     assert drain(iter(mpmagic.imap(f, until_3(), chunksize=1))) == serial
 
 
+@pytest.mark.parametrize("exc", [SystemExit(3), GeneratorExit(), KeyboardInterrupt("from the input")],
+                         ids=["SystemExit", "GeneratorExit", "KeyboardInterrupt"])
+def test_an_input_raising_a_base_exception_gives_the_items_before_it_as_serial_map(ns, exc):
+    """An input is read in the run's own thread (imap, submit), where no Ctrl-C lands: a
+    SystemExit, GeneratorExit or KeyboardInterrupt there is the input's own error, raised
+    after the results of the items it gave, as serial map raises it. It escaped the reading
+    and ended the run at once: the loop lost the results before it (2 of 5 here)."""
+    def until_5():
+        yield from range(5)
+        raise exc
+
+    def drain_all(it: Iterator[Any]) -> list[Any]:
+        out: list[Any] = []
+        try:
+            out.extend(it)
+        except BaseException as e:  # (SystemExit and the others are no Exception)
+            out.append(type(e).__name__)
+        return out
+
+    serial = drain_all(map(ns["g"], until_5()))
+    assert serial == [0, 10, 20, 30, 40, type(exc).__name__]
+    assert drain_all(iter(mpmagic.imap(ns["g"], until_5(), chunksize=1))) == serial
+    handle = mpmagic.submit(ns["g"], until_5(), chunksize=1)
+    got = drain_all(mpmagic.as_completed(handle))  # (as they finished)
+    assert (sorted(got[:-1]), got[-1:]) == (serial[:-1], serial[-1:])
+    assert type(handle.exception(timeout=30)) is type(exc)
+
+
 def test_an_item_that_cannot_be_sent_ends_the_stream_saying_so_not_silently(ns):
     """Serial map would go on past an item mpmagic cannot send; the stream cannot:
     after that item's error, the next next() says the run ended there, then the stream ends."""
