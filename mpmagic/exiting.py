@@ -422,11 +422,17 @@ def say_not_finished(what: str) -> None:
          f"run (run.result()) before the script ends")
 
 
-def stopped_error() -> MPMagicError:
-    """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`."""
+def stopped_error(by: str | None = None) -> MPMagicError:
+    """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`.
+
+    ``by``: what stopped it, in the user's words (``%pool dask``, ``stop_pool()``: the
+    backend's ``stopped_by``). Without it the line left the user guessing whether the
+    run, a worker or something they did ended it."""
     if _began:
         return StoppedAtExit("the pool was stopped at exit while this run was in flight")
-    return MPMagicError("the pool was stopped while this run was in flight")
+    if by is None:
+        return MPMagicError("the pool was stopped while this run was in flight: run it again")
+    return MPMagicError(f"the pool was stopped by {by} while this run was in flight: run it again")
 
 
 def raised(error: BaseException) -> BaseException:

@@ -1453,7 +1453,8 @@ class MPMagics(Magics):
         elif action == "dask":
             kwargs = {k: v for k, v in vars(opts).items()
                       if k in ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout") and v is not None}
-            pool.use_dask(opts.target, **kwargs)
+            with pool.said_as("%pool dask"):
+                pool.use_dask(opts.target, **kwargs)
         elif action == "runs":
             from . import background
 

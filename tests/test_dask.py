@@ -1241,7 +1241,7 @@ def test_a_run_waiting_for_its_turn_ends_with_a_stop_as_on_the_local_pool(ip, da
         time.sleep(0.05)
     run(ip, "%pool stop")
     for handle in (first, second):
-        with pytest.raises(mpmagic.MPMagicError, match="the pool was stopped while this run was in flight"):
+        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped by %pool stop while this run was in flight: run it again$"):
             handle.result(60)
     assert "10" not in log.read_text().split()
     assert not pool_module.current_pool().running

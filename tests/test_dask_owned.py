@@ -186,7 +186,7 @@ def test_pool_restart_cuts_a_background_run_off_as_on_the_local_pool(ip):
         with pytest.raises(mpmagic.MPMagicError) as info:
             handle.result(timeout=30)
         assert not isinstance(info.value, mpmagic.WorkerLostError)
-        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert str(info.value) == "the pool was stopped by %pool restart while this run was in flight: run it again"
         assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
     finally:
         pool_module.shutdown()
@@ -212,7 +212,7 @@ def test_a_run_that_chose_a_dask_pool_replaced_by_use_local_fails_and_starts_no_
     try:
         with pytest.raises(mpmagic.MPMagicError) as info:
             mpmagic.pmap(abs, [-1, -2])
-        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert str(info.value) == "the pool was stopped by use_local() while this run was in flight: run it again"
         assert not old.running and old.client is None and old.cluster is None  # not started again
         with pytest.raises(mpmagic.MPMagicError, match="replaced by another one .* mpmagic.get_pool"):
             old.start()  # nothing starts it again
@@ -243,7 +243,7 @@ def test_a_result_dask_cannot_fetch_as_the_pool_stops_blames_the_stop(dask_pool,
     def result_as_the_pool_stops(self, timeout=None):
         if not stopped and sys._getframe(1).f_code.co_name == "_finish":  # (the run's fetch of a result)
             stopped.append(True)
-            stop = threading.Thread(target=dask_pool.stop)  # (use_local() in another thread)
+            stop = threading.Thread(target=dask_pool.stop, kwargs={"by": "use_local()"})  # (as use_local() in another thread)
             stop.start()
             stop.join()
             raise RuntimeError("ConnectionPool is closed")  # what Dask's closed client said
@@ -254,7 +254,7 @@ def test_a_result_dask_cannot_fetch_as_the_pool_stops_blames_the_stop(dask_pool,
         mpmagic.pmap(abs, range(-3, 0))
     monkeypatch.undo()
     assert stopped
-    assert str(info.value) == "the pool was stopped while this run was in flight"
+    assert str(info.value) == "the pool was stopped by use_local() while this run was in flight: run it again"
     assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # (the next run connects again)
 
 
@@ -821,3 +821,4 @@ def test_a_parallel_cell_on_mpmagics_own_cluster_checkpoints_and_says_nothing_of
     finally:
         run(ip, "%config MPMagic.checkpoint_dir = None")
         pool_module.shutdown()
+

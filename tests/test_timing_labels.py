@@ -491,7 +491,7 @@ def test_a_cell_the_pool_was_stopped_under_says_so_and_gets_no_advice(pool2):
     stop = threading.Timer(0.6, mpmagic.stop_pool)
     stop.start()
     try:
-        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+        with pytest.raises(mpmagic.MPMagicError, match=r"^the pool was stopped by stop_pool\(\) while this run was in flight: run it again$"):
             mpmagic.parallel(code, workers=2, namespace={})
         report = mpmagic.last_report()
         assert report.kind == "parallel" and re.fullmatch(line, report.text()), report.text()
@@ -500,7 +500,7 @@ def test_a_cell_the_pool_was_stopped_under_says_so_and_gets_no_advice(pool2):
         while handle.items_done < 1:
             time.sleep(0.02)
         mpmagic.stop_pool()
-        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+        with pytest.raises(mpmagic.MPMagicError, match=r"^the pool was stopped by stop_pool\(\) while this run was in flight: run it again$"):
             handle.result(timeout=30)
         assert re.fullmatch(line, handle.report().text()), handle.report().text()
     finally:

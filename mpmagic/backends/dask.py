@@ -555,6 +555,7 @@ class DaskBackend:
         # Stops and restarts so far: a run in flight when it changes was cut
         # off by the user (``%pool stop``/``restart``), not by the cluster.
         self.stops = 0
+        self.stopped_by: str | None = None  # what made the last stop or restart, in the user's words (see stop)
         self._retired = False  # replaced by another pool (see retire): never started or connected again
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._own_setup_key: Any = ("dask-own", next(_SETUP_KEYS))  # (see _setup_key)
@@ -788,13 +789,15 @@ class DaskBackend:
                 raise MPMagicError(f"{have} within {wait:g} s: {todo}")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = 2.0, kill_after: float | None = None) -> None:
+    def stop(self, timeout: float = 2.0, kill_after: float | None = None, *, by: str | None = None) -> None:
         """Disconnect; a local cluster mpmagic started is shut down (its processes end).
         ``kill_after``: its worker processes are killed that many seconds into the close
-        (busy ones end then, not when the close gives up on them)."""
+        (busy ones end then, not when the close gives up on them). ``by``: what asked
+        for the stop, in the user's words, kept as ``stopped_by`` for the runs it fails."""
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
+            self.stopped_by = by  # (before the count: a run that sees the count reads this)
             self.stops += 1
             self._payloads.clear()
             self._nthreads_cache = None
@@ -816,7 +819,7 @@ class DaskBackend:
         if main_hidden is not None:
             main_hidden()
 
-    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True, *, by: str | None = None) -> None:
         """Stop this pool for good: another pool replaced it (``use_local``, ``use_dask``,
         the extension's unload), or the exit. Dask's tasks are cancelled; ``wait_busy=False``
         (a Ctrl-C at exit) kills the busy workers of mpmagic's own cluster after
@@ -824,14 +827,14 @@ class DaskBackend:
 
         A run that chose this pool just before it was replaced (another thread's ``pmap``,
         waiting for its turn while ``use_local()`` stopped the cluster) then fails with
-        "the pool was stopped while this run was in flight"; nothing starts or connects
+        "the pool was stopped by BY while this run was in flight: run it again"; nothing starts or connects
         it again. Its run used to start a new cluster: its worker process ran on, out of
         ``%pool``'s sight and out of ``stop_pool()``'s reach, one more per switch, until
-        the interpreter exited.
+        the interpreter exited. ``by``: what replaced it, as ``stop``'s.
         """
         with self._lock:
             self._retired = True
-        self.stop(timeout, kill_after=None if wait_busy else _CLOSE_AT_ONCE)
+        self.stop(timeout, kill_after=None if wait_busy else _CLOSE_AT_ONCE, by=by)
 
     @staticmethod
     def _close_cluster(cluster: Any, timeout: float, kill_after: float | None = None) -> None:
@@ -871,8 +874,8 @@ class DaskBackend:
         except Exception:
             pass
 
-    def restart(self, wait: bool = True) -> None:
-        """Start afresh. On the ``LocalCluster`` mpmagic started, restart every worker
+    def restart(self, wait: bool = True, *, by: str | None = None) -> None:
+        """Start afresh (``by``: as ``stop``'s). On the ``LocalCluster`` mpmagic started, restart every worker
         process (``client.restart()``: clears their state, stops tasks an interrupt
         left running, releases every key; ``wait``: until they are back). On a
         cluster it connected to, restart nothing (its workers may serve others):
@@ -888,6 +891,7 @@ class DaskBackend:
                 "restart them where the cluster runs.\n"
             )
             return
+        self.stopped_by = by  # (before the count: a run that sees the count reads this)
         self.stops += 1  # (its tasks are cancelled: a run in flight says the pool was stopped)
         self._new_setup_key()  # new processes import the setup's modules as they are now
         if worker_setup.has_setup():
@@ -1470,14 +1474,14 @@ class DaskBackend:
         __tracebackhide__ = True
         with self._lock:
             if self._retired or self.stops != stops_before:  # (replaced or stopped while it waited for its turn)
-                raise _stopped_error()
+                raise _stopped_error(self.stopped_by)
             self.start()
             stops = self.stops
         try:
             run = self._prepare(job, workers, stops)
         except Exception:
             if self.stops != stops:  # stopped (or replaced) from another thread meanwhile: the stop is the cause
-                raise _stopped_error() from None
+                raise _stopped_error(self.stopped_by) from None
             raise
         run.execute()
 
@@ -1618,7 +1622,7 @@ class _DaskRun:
                 # Dask's own error as the pool stopped under the run (a submit to the
                 # closed client): the stop is the cause, not the run's items.
                 log.debug("mpmagic: a Dask run failed as the pool stopped", exc_info=True)
-                raise _stopped_error() from None
+                raise _stopped_error(self.backend.stopped_by) from None
             raise
         finally:
             self.backend._event_sink = None
@@ -1937,7 +1941,7 @@ class _DaskRun:
         closed"): the run fails as stopped, blaming no item."""
         self.tasks.pop(task.key, None)
         if self.backend.stops != self.stops:
-            raise _stopped_error()
+            raise _stopped_error(self.backend.stopped_by)
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, KilledWorker):
@@ -2116,7 +2120,7 @@ class _DaskRun:
         """
         backend = self.backend
         if backend.stops != self.stops:
-            raise _stopped_error()
+            raise _stopped_error(backend.stopped_by)
         lost = reason == "scheduler-connection-lost" or self.client.status != "running"
         if not lost and reason != "scheduler-restart":
             return
