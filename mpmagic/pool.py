@@ -610,7 +610,9 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
     ``tls://``), ``timeout`` (seconds to wait for the scheduler, default 10).
     A scheduler that cannot be reached in time is an error and the current
     pool stays. The same scheduler again (address or file, and certificates)
-    keeps the current connection, with its runs in flight and helpers.
+    keeps the current connection, with its runs in flight and helpers; so does
+    a local cluster again (no address) while on the one mpmagic started: a new
+    ``workers`` scales it.
     See docs/dask.md.
     """
     try:

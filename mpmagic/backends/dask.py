@@ -597,23 +597,36 @@ class DaskBackend:
 
     # -- lifecycle ---------------------------------------------------------
     def kept_for(self, address: str | None, **options: Any) -> bool:
-        """Is ``use_dask(address, **options)`` this connection again (``%pool dask ADDRESS``
-        run once more, the same scheduler and certificates)? Then this pool stays,
-        connected again if it was stopped, with the new ``timeout`` and ``workers`` to
-        wait for: a new connection would fail the runs in flight and orphan the helpers
-        made on this one, as ``%pool stop`` does, for a scheduler that never changed.
-        A cluster mpmagic started (no address) is never kept: ``%pool dask`` starts one."""
-        if self.owns_cluster or self._retired or (address is None and options.get("scheduler_file") is None):
+        """Is ``use_dask(address, **options)`` this pool again? Then it stays, started
+        again if it was stopped, with the new ``timeout``:
+
+        - ``%pool dask ADDRESS`` run once more (the same scheduler and certificates):
+          the connection, waiting for ``workers`` if given. A new connection would fail
+          the runs in flight and orphan the helpers made on this one, as ``%pool stop``
+          does, for a scheduler that never changed.
+        - ``%pool dask [-n N]`` run once more, on the cluster mpmagic started: that
+          cluster, scaled to ``workers`` if given and different (``resize``). It was
+          closed and a new one started (seconds of start, the runs in flight failed,
+          the workers' state and helpers gone) for the very shape it already had.
+        """
+        if self._retired:
             return False
-        given = (
-            None if address is None else _scheduler_address(address), options.get("scheduler_file"),
-            options.get("tls_ca_file"), options.get("tls_cert"), options.get("tls_key"),
-        )
-        if given != self._connected_as:
+        own = address is None and options.get("scheduler_file") is None
+        if own != self.owns_cluster:
             return False
+        if own:
+            if any(options.get(name) is not None for name in ("tls_ca_file", "tls_cert", "tls_key")):
+                return False  # (refused by the new pool's check, in its words)
+        else:
+            given = (
+                None if address is None else _scheduler_address(address), options.get("scheduler_file"),
+                options.get("tls_ca_file"), options.get("tls_cert"), options.get("tls_key"),
+            )
+            if given != self._connected_as:
+                return False
         workers = options.get("workers")
         if whole(workers) == -1:
-            workers = None
+            workers = available_cpus() if own else None
         if workers is not None:
             workers = check_whole("workers", workers, 1, "a whole number of at least 1 or -1 (one per usable CPU)")
         timeout_before = self.timeout
@@ -621,10 +634,15 @@ class DaskBackend:
             self.timeout = float(check_real("timeout", options["timeout"], "a number of seconds greater than 0",
                                             lambda seconds: seconds > 0))
         try:
-            self.start()
-            if workers is not None:
-                self._wait_for_workers(workers)
-                self.requested_workers = workers
+            if own:
+                if workers is not None and workers != self.workers:
+                    self.resize(workers)  # (not running: the size it starts at below)
+                self.start()
+            else:
+                self.start()
+                if workers is not None:
+                    self._wait_for_workers(workers)
+                    self.requested_workers = workers
         except BaseException:  # (too few workers in time: the pool stays as it was, as a new one's failure leaves it)
             self.timeout = timeout_before
             raise
