@@ -159,7 +159,7 @@ def _stopped(call: Any, t0: float, exc: BaseException) -> None:
     its ``on_chunk`` raised, the pool was stopped under it), so that ``last_report()``
     is not the run before it."""
     try:
-        report = call.report(time.perf_counter() - t0, stopped_by=type(exc).__name__)
+        report = call.report(time.perf_counter() - t0, stopped_by=exiting.stop_cause(exc))
     except Exception:  # (never in the way of the error itself)
         report = None
     _reports.report = report

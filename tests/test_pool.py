@@ -422,7 +422,7 @@ def test_a_run_the_pool_was_stopped_under_names_what_stopped_it(ip, pool2):
     start method (``%pool start --start-method fork``: a new pool) stopped its pool
     failed with "the pool was stopped while this run was in flight": it did not say
     what stopped it, so the user could not tell their own line from a crash. It
-    names the line the user typed, and what to do."""
+    names the line the user typed, and what to do; so does the run's report."""
     import time
 
     try:
@@ -437,6 +437,9 @@ def test_a_run_the_pool_was_stopped_under_names_what_stopped_it(ip, pool2):
             with pytest.raises(mpmagic.MPMagicError) as info:
                 handle.result(timeout=30)
             assert str(info.value) == f"the pool was stopped by {by} while this run was in flight: run it again"
+            # Its report's line too (it said "pmap failed after 2 of 40 items", as if an item had).
+            line = rf"pmap stopped by {re.escape(by)} after \d+ of 40 items finished, \S+ m?s"
+            assert re.fullmatch(line, handle.report().text()), handle.report().text()
     finally:
         ensure_pool("forkserver")
 
