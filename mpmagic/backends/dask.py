@@ -820,6 +820,10 @@ class DaskBackend:
             self._payloads.clear()
             self._nthreads_cache = None
             self._killed.clear()
+        if client is not None and by is not None:
+            from .dask_shared import closed_by  # (the helpers made on it name the stop)
+
+            closed_by(client, by)
         if client is not None and not self.owns_cluster and worker_setup.has_setup():
             worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:
