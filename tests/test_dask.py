@@ -1331,3 +1331,31 @@ def test_scaling_past_the_clusters_threads_stops_with_a_line(ip, dask_pool, caps
     err = capsys.readouterr().err
     assert (f"mpmagic: --scaling: stopped at {DASK_WORKERS} worker threads: the run on {n} ran on "
             f"{DASK_WORKERS} worker threads (all the pool had), so it is not shown") in err, err
+
+
+def test_a_scheduler_port_that_takes_one_connection_more_as_it_dies_is_not_reachable(monkeypatch):
+    """The scheduler killed mid-map: the run's result fetch failed (CommClosedError),
+    and the check that tells a lost scheduler from an item's failure connected to its
+    port once more, on a loaded machine, before its listening socket closed: the run
+    blamed an item ("Dask could not run item 1: CommClosedError: ... Stream is
+    closed"). The port is asked again before anything is blamed on an item."""
+    from types import SimpleNamespace
+
+    from mpmagic.backends import dask as dask_backend
+
+    tries: list[tuple] = []
+
+    def once_then_refused(address, timeout=None):
+        tries.append(address)
+        if len(tries) > 1:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return SimpleNamespace(close=lambda: None)
+
+    monkeypatch.setattr(dask_backend.socket, "create_connection", once_then_refused)
+    monkeypatch.setattr(dask_backend, "_REACH_PAUSE", 0.0, raising=False)  # (no wait between the tries)
+    run_ = SimpleNamespace(client=SimpleNamespace(scheduler=SimpleNamespace(address="tcp://127.0.0.1:8786")))
+    assert dask_backend._DaskRun._scheduler_reachable(run_) is False
+    assert tries == [("127.0.0.1", 8786)] * 2
+    tries.clear()
+    monkeypatch.setattr(dask_backend.socket, "create_connection", lambda address, timeout=None: SimpleNamespace(close=lambda: None))
+    assert dask_backend._DaskRun._scheduler_reachable(run_) is True  # (alive: every try connects)
