@@ -35,6 +35,7 @@ from collections.abc import (
     MutableSequence,
     MutableSet,
     Sequence,
+    Sized,
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
 
@@ -158,7 +159,7 @@ def _stopped(call: Any, t0: float, exc: BaseException) -> None:
     its ``on_chunk`` raised, the pool was stopped under it), so that ``last_report()``
     is not the run before it."""
     try:
-        report = call.report(time.perf_counter() - t0, stopped_by=type(exc).__name__)
+        report = call.report(time.perf_counter() - t0, stopped_by=exiting.stop_cause(exc))
     except Exception:  # (never in the way of the error itself)
         report = None
     _reports.report = report
@@ -361,6 +362,19 @@ class MapArgs(NamedTuple):
     retries: int
 
 
+def _never_called(iterables: tuple) -> str:
+    """What ``check_map_args`` adds to its refusal of a FUNC that is not callable when an
+    input is known to be empty (a sized iterable of length 0): serial ``map(1, [])`` gives
+    ``[]`` without a word, as it never calls FUNC, so the refusal says why pmap differs
+    (it checks FUNC first: a mistake in the line must not wait for a non-empty input)."""
+    try:
+        empty = any(isinstance(it, Sized) and len(it) == 0 for it in iterables)
+    except Exception:  # (a __len__ of the user's that fails: no note, the refusal stands)
+        empty = False
+    return (" (serial map() gives [] here only because the input is empty and it never calls it; "
+            "pmap checks the function first)") if empty else ""
+
+
 def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, timeout: Any, errors: Any,
                    star: bool, retries: Any = 0, checkpoint: Any = False) -> MapArgs:
     """UsageError for arguments ``pmap`` (and ``imap``) cannot take, in the user's words;
@@ -369,7 +383,8 @@ def check_map_args(func: Any, iterables: tuple, workers: Any, chunksize: Any, ti
     too large to wait on ``inf``: see ``checks.run_timeout``), to use from then on."""
     __tracebackhide__ = True
     if not callable(func):
-        raise ArgumentTypeError(f"the first argument must be a function to map, not {type(func).__name__} {payload_repr(func)}")
+        raise ArgumentTypeError(f"the first argument must be a function to map, not {type(func).__name__} "
+                                f"{payload_repr(func)}{_never_called(iterables)}")
     if not iterables:
         raise ArgumentTypeError("give at least one iterable to map over, as with map(func, iterable)")
     check_flags(star=star)

@@ -658,8 +658,8 @@ class Run(Future[_R]):
         stopped under it); a cell's report then says so and counts the ranks that
         finished, as the blocking ``parallel``'s (a map's: ``_pump`` marks it failed).
         """
-        if stopped is not None and self._job.kind == "cell":
-            return self._call.report(wall, stopped_by=type(stopped).__name__)
+        if stopped is not None and (self._job.kind == "cell" or isinstance(stopped, exiting.PoolStopped)):
+            return self._call.report(wall, stopped_by=exiting.stop_cause(stopped))
         report = self._call.report(wall)
         # (an imap stream's too: its failed items, raised in its loop, did not stop it)
         if (getattr(self._call, "collect", False) or self._streamed) and not report.failed:

@@ -96,8 +96,21 @@ _waits_over = False  # the second wait ended: the pools are being stopped
 _calling_back = threading.local()  # .depth: this thread is calling a run's done-callbacks
 
 
-class StoppedAtExit(MPMagicError):
+class PoolStopped(MPMagicError):
+    """A run the pool was stopped under; ``by``: what stopped it, in the user's words
+    (``%pool stop``, ``stop_pool()``; None: nothing said), for its report's line.
+    To the user it is the MPMagicError the docs name: the class only carries ``by``."""
+
+    by: str | None = None
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"MPMagicError: {self}"] + list(getattr(self, "__notes__", ()))
+
+
+class StoppedAtExit(PoolStopped):
     """A run the exit's stop ended (the pool was stopped at exit while it was in flight)."""
+
+    by = "the exit"
 
 
 def _thread_ends() -> SystemExit:
@@ -422,11 +435,29 @@ def say_not_finished(what: str) -> None:
          f"run (run.result()) before the script ends")
 
 
-def stopped_error() -> MPMagicError:
-    """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`."""
+def stopped_error(by: str | None = None) -> MPMagicError:
+    """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`.
+
+    ``by``: what stopped it, in the user's words (``%pool dask``, ``stop_pool()``: the
+    backend's ``stopped_by``). Without it the line left the user guessing whether the
+    run, a worker or something they did ended it."""
     if _began:
         return StoppedAtExit("the pool was stopped at exit while this run was in flight")
-    return MPMagicError("the pool was stopped while this run was in flight")
+    if by is None:
+        return PoolStopped("the pool was stopped while this run was in flight: run it again")
+    error = PoolStopped(f"the pool was stopped by {by} while this run was in flight: run it again")
+    error.by = by
+    return error
+
+
+def stop_cause(error: BaseException) -> str:
+    """What stopped a run, for its report's line ("pmap stopped by %pool stop after 4 of 20
+    items finished"): the pool's stop as the user made it, or the error's class name (the
+    run's own ``on_chunk`` raised). The line said "stopped by MPMagicError" for a pool stop,
+    right above the error that named ``%pool stop``."""
+    if isinstance(error, PoolStopped):
+        return error.by or "the pool's stop"
+    return type(error).__name__
 
 
 def raised(error: BaseException) -> BaseException:

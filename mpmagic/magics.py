@@ -1453,7 +1453,14 @@ class MPMagics(Magics):
         elif action == "dask":
             kwargs = {k: v for k, v in vars(opts).items()
                       if k in ("workers", "scheduler_file", "tls_ca_file", "tls_cert", "tls_key", "timeout") and v is not None}
-            pool.use_dask(opts.target, **kwargs)
+            before = pool.current_pool()
+            size_before = before.workers if before is not None and before.name == "dask" and before.running else None
+            with pool.said_as("%pool dask"):
+                now = pool.use_dask(opts.target, **kwargs)
+            status = pool.pool_status()
+            if now is before:
+                status.notice = _kept_dask(now, size_before)
+            return status
         elif action == "runs":
             from . import background
 
@@ -1735,6 +1742,25 @@ def _switched(before: Any, now: Any, size_before: int | None = None) -> str:
         f"%pool local: stopped the previous local workers ({getattr(before, 'start_method', '?')}) "
         "and started new ones with the settings given"
     )
+
+
+def _kept_dask(now: Any, size_before: int | None) -> str:
+    """What ``%pool dask`` did when it kept the Dask pool it was on (``use_dask``'s
+    ``kept_for``: the same cluster asked for again), in one line: a cell run twice
+    must not leave the user wondering whether their cluster, its workers' state and
+    the runs in flight were thrown away. ``size_before``: its workers before, if running."""
+    if not now.owns_cluster:
+        where = f"the Dask scheduler at {now.address}" if now.address else now.where
+        return f"%pool dask: already connected to {where}; kept the connection (nothing was stopped)"
+    where = f" ({now.scheduler_address})" if now.scheduler_address else ""
+    workers = f"{now.workers} worker{'s' if now.workers != 1 else ''}"
+    if size_before is None:
+        return f"%pool dask: started mpmagic's local Dask cluster again{where} with {workers}"
+    head = f"%pool dask: already on the local Dask cluster mpmagic started{where}"
+    if now.workers != size_before:
+        what = "stopped" if now.workers < size_before else "started"
+        return f"{head}; resized from {size_before} to {workers} ({what} {abs(now.workers - size_before)})"
+    return f"{head}; kept it with its {workers} (nothing was restarted)"
 
 
 def _show_help(magic: Callable) -> None:

@@ -104,7 +104,7 @@ def at_shell_exit() -> None:
     included (their runs end anyway: not 2 s of waiting for them). What the
     exit hooks would do, which a kernel's shutdown may never run; the helper
     processes are stopped after it (``exiting.watch_shell``)."""
-    release_everything(wait_busy=False)
+    release_everything(wait_busy=False, by="the shell's exit")
 
 
 #: True in a process forked from one whose pool had been made (a ``multiprocessing.Process``
@@ -365,7 +365,8 @@ def start_pool(
     Another ``start_method`` or ``max_tasks_per_child`` than the running pool's
     replaces the pool (its workers cannot change either): runs other threads
     have in flight on it, or are starting on it, fail with "the pool was
-    stopped while this run was in flight", as after ``stop_pool()``, and the
+    stopped by start_pool() while this run was in flight: run it again" (as
+    after ``stop_pool()``, naming it), and the
     old pool never starts again. ``workers`` and ``max_memory`` are changed
     in place.
 
@@ -430,17 +431,17 @@ def _start_now(
             max_tasks_per_child = _tasks_limit(max_tasks_per_child, old.max_tasks_per_child)
         new = LocalBackend(workers, start_method, max_tasks_per_child or None, max_memory=_max_memory)
         if old is not None:
-            _retire(old)
+            _retire(old, by=_who("start_pool()"))
         _made(new).start()
         return new
 
 
-def _retire(backend: Backend, wait_busy: bool = True) -> None:
+def _retire(backend: Backend, wait_busy: bool = True, *, by: str) -> None:
     """Stop ``backend``, which another replaces (or none, at unload): it stays
     stopped for good (``Backend.retire``, local or Dask), so a run that chose it
     just before fails cleanly instead of starting workers (a Dask cluster) nobody
-    would stop."""
-    backend.retire(wait_busy=wait_busy)
+    would stop. ``by``: what replaced it, in the user's words, for those runs."""
+    backend.retire(wait_busy=wait_busy, by=by)
 
 
 #: What ``start_pool(gpus=)`` takes, as its refusals say it.
@@ -483,7 +484,7 @@ def _set_gpus(gpus: list[str]) -> None:
             raise UsageError(f"gpus= is for the local pool, and the pool is on {_backend.name} (use_local() first); "
                              "Dask workers pick their own devices")
         if worker_setup.set_gpus(gpus) and _backend is not None and _backend.running:
-            _backend.stop()
+            _backend.stop(by=_who("start_pool()"))
 
 
 def stop_pool() -> None:
@@ -497,7 +498,7 @@ def stop_pool() -> None:
     with _finished_then_interrupt(lambda: STOP_INTERRUPTED.format(who=who)):
         with _lock:
             if _backend is not None:
-                _backend.stop()
+                _backend.stop(by=who)
 
 
 def restart_pool(wait: bool = True) -> Backend:
@@ -563,15 +564,15 @@ def _restart_now(
         # Made (and its settings checked) before the old pool stops: a bad one leaves it running.
         new = LocalBackend(workers or backend.workers, start_method or backend.start_method,
                            limit, max_memory=_max_memory)
-        _retire(backend)
+        _retire(backend, by=_who("restart_with()"))
         _made(new).start()
         return new
     if workers is not None and workers != backend.workers:
         if isinstance(backend, LocalBackend):
             workers = pool_size(workers)  # before the stop: a size refused leaves the pool running
-            backend.stop()
+            backend.stop(by=_who("restart_with()"))
         backend.resize(workers)
-    backend.restart(wait)
+    backend.restart(wait, by=_who("restart_with()"))
     return backend
 
 
@@ -592,7 +593,7 @@ def use_local(
         set_max_memory(max_memory)
     with _lock:
         if _backend is not None and not isinstance(_backend, LocalBackend):
-            _retire(_backend)
+            _retire(_backend, by=_who("use_local()"))
             _backend = None
         with said_as("use_local()"):
             return start_pool(workers, start_method, max_tasks_per_child)
@@ -609,7 +610,9 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
     ``tls://``), ``timeout`` (seconds to wait for the scheduler, default 10).
     A scheduler that cannot be reached in time is an error and the current
     pool stays. The same scheduler again (address or file, and certificates)
-    keeps the current connection, with its runs in flight and helpers.
+    keeps the current connection, with its runs in flight and helpers; so does
+    a local cluster again (no address) while on the one mpmagic started: a new
+    ``workers`` scales it.
     See docs/dask.md.
     """
     try:
@@ -630,7 +633,7 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
         old = _backend
         _made(new)
         if old is not None:
-            _retire(old)
+            _retire(old, by=_who("use_dask()"))
             if old.name == "dask" and new.running:
                 # Its stop removed the worker setup's plugin (and names) from the
                 # cluster, which may be the one the new backend just set up.
@@ -638,24 +641,26 @@ def use_dask(address: str | None = None, **options: Any) -> Backend:
         return new
 
 
-def shutdown(wait_busy: bool = True) -> None:
+def shutdown(wait_busy: bool = True, by: str = "%unload_ext mpmagic") -> None:
     """Stop and forget the current backend (extension unload; ``wait_busy=False``:
-    busy local workers are not given time to finish, see ``LocalBackend.stop``)."""
+    busy local workers are not given time to finish, see ``LocalBackend.stop``;
+    ``by``: what stops it, for the runs it fails)."""
     global _backend
     with _lock:
         if _backend is not None:
-            _retire(_backend, wait_busy)
+            _retire(_backend, wait_busy, by=by)
         _backend = None
 
 
-def release_everything(wait_busy: bool = True) -> None:
+def release_everything(wait_busy: bool = True, by: str = "the exit") -> None:
     """Stop every pool and free all this process's shared memory and helpers now:
     what its exit hooks do, for a kernel whose exit hooks may not run.
-    ``wait_busy=False``: busy workers are terminated at once (a shutdown)."""
+    ``wait_busy=False``: busy workers are terminated at once (a shutdown);
+    ``by``: what stops them, for the runs it fails."""
     from . import shm
     from .backends import local
 
-    shutdown(wait_busy)
+    shutdown(wait_busy, by)
     local.stop_all(wait_busy)
     if "mpmagic.backends.dask" in sys.modules:  # (never imported: no Dask pool to stop)
         sys.modules["mpmagic.backends.dask"].stop_all()

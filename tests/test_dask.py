@@ -1014,8 +1014,11 @@ def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_c
     calls = [q.qsize, lambda: q.put(1), q.close, lambda: q.closed, lambda: lock.acquire(timeout=1), lock.release,
              lock.locked, ev.set, ev.clear, ev.is_set, lambda: ev.wait(0.1)]
     run(ip, "%pool local -n 2")
+    # (named: what stopped it, not the list of every way a pool stops)
+    said = (r"^<mpmagic\.(Queue|Lock|Event) on Dask '[^']+'> belonged to a Dask pool that was stopped by "
+            r"%pool local: make a new one with mpmagic\.\1\(\) on the current pool$")
     for call in calls:
-        with pytest.raises(mpmagic.UsageError, match="belonged to a Dask pool that was stopped"):
+        with pytest.raises(mpmagic.UsageError, match=said):
             call()
     with pytest.raises(mpmagic.UsageError, match=r"mpmagic.Lock on Dask .* belonged to a Dask pool that was"):
         run(ip, "def usel(x):\n    with dl:\n        return x\n%pmap -q usel, range(2)")
@@ -1241,7 +1244,7 @@ def test_a_run_waiting_for_its_turn_ends_with_a_stop_as_on_the_local_pool(ip, da
         time.sleep(0.05)
     run(ip, "%pool stop")
     for handle in (first, second):
-        with pytest.raises(mpmagic.MPMagicError, match="the pool was stopped while this run was in flight"):
+        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped by %pool stop while this run was in flight: run it again$"):
             handle.result(60)
     assert "10" not in log.read_text().split()
     assert not pool_module.current_pool().running
@@ -1328,3 +1331,31 @@ def test_scaling_past_the_clusters_threads_stops_with_a_line(ip, dask_pool, caps
     err = capsys.readouterr().err
     assert (f"mpmagic: --scaling: stopped at {DASK_WORKERS} worker threads: the run on {n} ran on "
             f"{DASK_WORKERS} worker threads (all the pool had), so it is not shown") in err, err
+
+
+def test_a_scheduler_port_that_takes_one_connection_more_as_it_dies_is_not_reachable(monkeypatch):
+    """The scheduler killed mid-map: the run's result fetch failed (CommClosedError),
+    and the check that tells a lost scheduler from an item's failure connected to its
+    port once more, on a loaded machine, before its listening socket closed: the run
+    blamed an item ("Dask could not run item 1: CommClosedError: ... Stream is
+    closed"). The port is asked again before anything is blamed on an item."""
+    from types import SimpleNamespace
+
+    from mpmagic.backends import dask as dask_backend
+
+    tries: list[tuple] = []
+
+    def once_then_refused(address, timeout=None):
+        tries.append(address)
+        if len(tries) > 1:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return SimpleNamespace(close=lambda: None)
+
+    monkeypatch.setattr(dask_backend.socket, "create_connection", once_then_refused)
+    monkeypatch.setattr(dask_backend, "_REACH_PAUSE", 0.0, raising=False)  # (no wait between the tries)
+    run_ = SimpleNamespace(client=SimpleNamespace(scheduler=SimpleNamespace(address="tcp://127.0.0.1:8786")))
+    assert dask_backend._DaskRun._scheduler_reachable(run_) is False
+    assert tries == [("127.0.0.1", 8786)] * 2
+    tries.clear()
+    monkeypatch.setattr(dask_backend.socket, "create_connection", lambda address, timeout=None: SimpleNamespace(close=lambda: None))
+    assert dask_backend._DaskRun._scheduler_reachable(run_) is True  # (alive: every try connects)

@@ -186,7 +186,7 @@ def test_pool_restart_cuts_a_background_run_off_as_on_the_local_pool(ip):
         with pytest.raises(mpmagic.MPMagicError) as info:
             handle.result(timeout=30)
         assert not isinstance(info.value, mpmagic.WorkerLostError)
-        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert str(info.value) == "the pool was stopped by %pool restart while this run was in flight: run it again"
         assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
     finally:
         pool_module.shutdown()
@@ -212,7 +212,7 @@ def test_a_run_that_chose_a_dask_pool_replaced_by_use_local_fails_and_starts_no_
     try:
         with pytest.raises(mpmagic.MPMagicError) as info:
             mpmagic.pmap(abs, [-1, -2])
-        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert str(info.value) == "the pool was stopped by use_local() while this run was in flight: run it again"
         assert not old.running and old.client is None and old.cluster is None  # not started again
         with pytest.raises(mpmagic.MPMagicError, match="replaced by another one .* mpmagic.get_pool"):
             old.start()  # nothing starts it again
@@ -243,7 +243,7 @@ def test_a_result_dask_cannot_fetch_as_the_pool_stops_blames_the_stop(dask_pool,
     def result_as_the_pool_stops(self, timeout=None):
         if not stopped and sys._getframe(1).f_code.co_name == "_finish":  # (the run's fetch of a result)
             stopped.append(True)
-            stop = threading.Thread(target=dask_pool.stop)  # (use_local() in another thread)
+            stop = threading.Thread(target=dask_pool.stop, kwargs={"by": "use_local()"})  # (as use_local() in another thread)
             stop.start()
             stop.join()
             raise RuntimeError("ConnectionPool is closed")  # what Dask's closed client said
@@ -254,7 +254,7 @@ def test_a_result_dask_cannot_fetch_as_the_pool_stops_blames_the_stop(dask_pool,
         mpmagic.pmap(abs, range(-3, 0))
     monkeypatch.undo()
     assert stopped
-    assert str(info.value) == "the pool was stopped while this run was in flight"
+    assert str(info.value) == "the pool was stopped by use_local() while this run was in flight: run it again"
     assert mpmagic.pmap(abs, [-1, -2]) == [1, 2]  # (the next run connects again)
 
 
@@ -821,3 +821,44 @@ def test_a_parallel_cell_on_mpmagics_own_cluster_checkpoints_and_says_nothing_of
     finally:
         run(ip, "%config MPMagic.checkpoint_dir = None")
         pool_module.shutdown()
+
+
+def test_pool_dask_again_keeps_mpmagics_own_cluster_and_a_new_n_scales_it(monkeypatch):
+    """``%pool dask -n 2`` run a second time (a cell run again) closed the cluster
+    mpmagic had started and started another of the same shape: ~7 s, the runs in
+    flight and the helpers made on it lost, and no word of it. It is kept (started
+    again if it was stopped), a new ``-n`` scales it, and one line says which. (The
+    decision on a pool never started here: its start is a stand-in; the real thing
+    is the notebook check in the report of this fix.)"""
+    from types import SimpleNamespace
+
+    from mpmagic.backends.dask import DaskBackend
+    from mpmagic.magics import _kept_dask
+
+    started: list[str] = []
+    monkeypatch.setattr(DaskBackend, "start", lambda self: started.append("start"))
+    own = DaskBackend(workers=2)
+    started.clear()
+    assert own.kept_for(None, workers=2) and own.requested_workers == 2 and started == ["start"]
+    assert own.kept_for(None) and own.requested_workers == 2  # (no -n: as it is)
+    assert own.kept_for(None, workers=3, timeout=5) and own.requested_workers == 3 and own.timeout == 5
+    assert not own.kept_for("tcp://127.0.0.1:8786", workers=3)  # a scheduler elsewhere: a new pool
+    assert not own.kept_for(None, scheduler_file="sched.json")
+    own._retired = True
+    assert not own.kept_for(None, workers=3)  # replaced since: never started again
+
+    def kept(workers: int) -> SimpleNamespace:
+        return SimpleNamespace(owns_cluster=True, scheduler_address="tcp://127.0.0.1:40000", workers=workers)
+
+    head = "%pool dask: already on the local Dask cluster mpmagic started (tcp://127.0.0.1:40000); "
+    assert _kept_dask(kept(2), 2) == head + "kept it with its 2 workers (nothing was restarted)"
+    assert _kept_dask(kept(1), 2) == head + "resized from 2 to 1 worker (stopped 1)"
+    assert _kept_dask(kept(4), 2) == head + "resized from 2 to 4 workers (started 2)"
+    assert _kept_dask(kept(2), None) == ("%pool dask: started mpmagic's local Dask cluster again "
+                                         "(tcp://127.0.0.1:40000) with 2 workers")
+    connected = SimpleNamespace(owns_cluster=False, address="tcp://10.0.0.5:8786", where="tcp://10.0.0.5:8786")
+    assert _kept_dask(connected, 3) == ("%pool dask: already connected to the Dask scheduler at tcp://10.0.0.5:8786; "
+                                        "kept the connection (nothing was stopped)")
+    by_file = SimpleNamespace(owns_cluster=False, address=None, where="the scheduler in sched.json")
+    assert _kept_dask(by_file, 3) == ("%pool dask: already connected to the scheduler in sched.json; "
+                                      "kept the connection (nothing was stopped)")

@@ -905,14 +905,14 @@ def test_a_stop_while_another_thread_submits_fails_that_run_at_once(then_start):
         backend.start()
         submitter.start()
         assert reading.wait(HANG)
-        backend.stop()
+        backend.stop(by="%pool stop")
         if then_start:
             backend.start()
         stopped.set()
         submitter.join(HANG)
         with pytest.raises(mpmagic.MPMagicError) as info:
             runs[0].result(timeout=5)
-        assert str(info.value) == "the pool was stopped while this run was in flight"
+        assert str(info.value) == "the pool was stopped by %pool stop while this run was in flight: run it again"
         assert backend._runs == []
         assert backend.submit(MapJob(abs, [-1, -2], 2, False, 1)).result(HANG) == [1, 2]
     finally:

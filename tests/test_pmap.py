@@ -104,6 +104,26 @@ def test_empty_input(ip, backend):
     assert run(ip, "%pmap -q lambda x: x, []") == []
 
 
+def test_a_function_that_is_not_callable_over_an_empty_input_says_why_serial_map_gives_nothing(ip, capsys):
+    """``list(map(1, []))`` is ``[]`` (map never calls 1), while ``pmap(1, [])`` and
+    ``%pmap 1, []`` were refused as for any input: a user checking against serial
+    code saw no reason for the difference. The refusal stands (a mistake in the line
+    must not wait for a non-empty input) and says why serial map() gave nothing."""
+    assert list(map(1, [])) == []  # type: ignore[call-overload]  # (the oracle)
+    said = ("the first argument must be a function to map, not int 1 (serial map() gives [] here only because "
+            "the input is empty and it never calls it; pmap checks the function first)")
+    with pytest.raises(mpmagic.ArgumentTypeError) as info:
+        mpmagic.pmap(1, [])
+    assert isinstance(info.value, TypeError) and str(info.value) == said
+    result = ip.run_cell("%pmap 1, []", store_history=False)
+    assert isinstance(result.error_in_exec, IPythonUsageError)
+    assert str(result.error_in_exec).splitlines()[0] == f"%pmap: {said}"
+    with pytest.raises(mpmagic.ArgumentTypeError) as info:  # (an input not known empty: no note)
+        mpmagic.pmap(1, iter([]))
+    assert str(info.value) == "the first argument must be a function to map, not int 1"
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_star_and_the_classic_sum_of_squares(ip, backend):
     run(
         ip,

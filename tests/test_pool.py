@@ -304,8 +304,8 @@ def test_a_ctrl_c_between_a_restarts_stop_and_start_is_held_until_the_new_pool_s
     mpmagic.get_pool().start()
     real_stop = LocalBackend.stop
 
-    def stop_then_interrupt(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
-        real_stop(self, timeout, wait_busy)
+    def stop_then_interrupt(self, timeout: float = 2.0, wait_busy: bool = True, *, by: str | None = None) -> None:
+        real_stop(self, timeout, wait_busy, by=by)
         os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, once the old workers are gone
 
     monkeypatch.setattr(LocalBackend, "stop", stop_then_interrupt)
@@ -417,6 +417,33 @@ def test_pool_help_names_its_positionals_as_the_reference_does():
     assert "\n  target " not in text and "\n  name " not in text, text
 
 
+def test_a_run_the_pool_was_stopped_under_names_what_stopped_it(ip, pool2):
+    """A background run in flight when ``%pool stop``, ``%pool restart`` or a new
+    start method (``%pool start --start-method fork``: a new pool) stopped its pool
+    failed with "the pool was stopped while this run was in flight": it did not say
+    what stopped it, so the user could not tell their own line from a crash. It
+    names the line the user typed, and what to do; so does the run's report."""
+    import time
+
+    try:
+        for line, by in (("%pool stop", "%pool stop"), ("%pool restart", "%pool restart"),
+                         ("%pool start --start-method fork", "%pool start")):
+            handle = mpmagic.pmap(time.sleep, [0.1] * 40, chunksize=1, block=False)
+            deadline = time.monotonic() + 30
+            while not handle.items_done:  # (in flight: a unit came back, most are to come)
+                assert time.monotonic() < deadline and not handle.done(), repr(handle)
+                time.sleep(0.01)
+            run(ip, line)
+            with pytest.raises(mpmagic.MPMagicError) as info:
+                handle.result(timeout=30)
+            assert str(info.value) == f"the pool was stopped by {by} while this run was in flight: run it again"
+            # Its report's line too (it said "pmap failed after 2 of 40 items", as if an item had).
+            line = rf"pmap stopped by {re.escape(by)} after \d+ of 40 items finished, \S+ m?s"
+            assert re.fullmatch(line, handle.report().text()), handle.report().text()
+    finally:
+        ensure_pool("forkserver")
+
+
 def test_a_run_that_picked_a_pool_just_replaced_fails_cleanly_and_never_starts_it_again(pool2):
     """A run that chose the pool (``get_pool()``) just before another thread's
     ``start_pool(start_method=...)`` replaced it reached the old pool's
@@ -438,7 +465,7 @@ def test_a_run_that_picked_a_pool_just_replaced_fails_cleanly_and_never_starts_i
 
     old.warmth.want_for = switch_then_go_on
     try:
-        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+        with pytest.raises(mpmagic.MPMagicError, match=r"^the pool was stopped by start_pool\(\) while this run was in flight: run it again$"):
             mpmagic.pmap(abs, [-1, -2])
         new = switched[0]
         assert new is not old and pool_module.current_pool() is new and new.start_method == "fork"

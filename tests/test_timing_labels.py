@@ -487,11 +487,11 @@ def test_a_cell_the_pool_was_stopped_under_says_so_and_gets_no_advice(pool2):
     # (rank 1 sleeps on past the stop, not for long: a stop gives a busy worker up to 2 s to finish)
     code = "import time\ntime.sleep(0 if rank == 0 else 1.5)\nrank\n"
     mpmagic.pmap(abs, range(2))  # (the workers up: rank 0 ends before the stop)
-    line = r"parallel stopped by MPMagicError after 1 of 2 ranks finished, \S+ m?s"
+    line = r"parallel stopped by stop_pool\(\) after 1 of 2 ranks finished, \S+ m?s"
     stop = threading.Timer(0.6, mpmagic.stop_pool)
     stop.start()
     try:
-        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+        with pytest.raises(mpmagic.MPMagicError, match=r"^the pool was stopped by stop_pool\(\) while this run was in flight: run it again$"):
             mpmagic.parallel(code, workers=2, namespace={})
         report = mpmagic.last_report()
         assert report.kind == "parallel" and re.fullmatch(line, report.text()), report.text()
@@ -500,7 +500,7 @@ def test_a_cell_the_pool_was_stopped_under_says_so_and_gets_no_advice(pool2):
         while handle.items_done < 1:
             time.sleep(0.02)
         mpmagic.stop_pool()
-        with pytest.raises(mpmagic.MPMagicError, match="^the pool was stopped while this run was in flight$"):
+        with pytest.raises(mpmagic.MPMagicError, match=r"^the pool was stopped by stop_pool\(\) while this run was in flight: run it again$"):
             handle.result(timeout=30)
         assert re.fullmatch(line, handle.report().text()), handle.report().text()
     finally:

@@ -178,12 +178,18 @@ class Backend(Protocol):
     def cold(self) -> bool: ...  # workers not all up yet (the next run pays for their start)
     def start(self) -> None: ...
     def wait_ready(self, timeout: float = 60.0) -> None: ...
-    def stop(self, timeout: float = 2.0) -> None: ...
-    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
-        """Stop for good: another pool replaced this one. Nothing starts it again, and a
-        run that chose it just before fails with "the pool was stopped while this run was
-        in flight" (``wait_busy=False``: busy local workers get no time to finish)."""
-    def restart(self, wait: bool = True) -> None: ...  # wait: until the workers are ready again
+    # What made the last stop or restart, in the user's words (``%pool stop``, ``use_dask()``;
+    # None: nothing said): the runs it failed name it ("the pool was stopped by %pool dask
+    # while this run was in flight: run it again"). ``by`` below sets it.
+    stopped_by: str | None
+
+    def stop(self, timeout: float = 2.0, *, by: str | None = None) -> None: ...
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True, *, by: str | None = None) -> None:
+        """Stop for good: another pool replaced this one (``by``, in the user's words).
+        Nothing starts it again, and a run that chose it just before fails with "the pool
+        was stopped by BY while this run was in flight: run it again" (``wait_busy=False``:
+        busy local workers get no time to finish)."""
+    def restart(self, wait: bool = True, *, by: str | None = None) -> None: ...  # wait: until the workers are ready again
     def resize(self, workers: int) -> None: ...
     # A usage error for a map's ``workers`` this backend could never run (the local
     # pool's cap), asked before the run is made: a mistake in the call makes no report.

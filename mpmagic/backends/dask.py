@@ -555,6 +555,7 @@ class DaskBackend:
         # Stops and restarts so far: a run in flight when it changes was cut
         # off by the user (``%pool stop``/``restart``), not by the cluster.
         self.stops = 0
+        self.stopped_by: str | None = None  # what made the last stop or restart, in the user's words (see stop)
         self._retired = False  # replaced by another pool (see retire): never started or connected again
         self._nthreads_cache: tuple[float, dict[str, int]] | None = None
         self._own_setup_key: Any = ("dask-own", next(_SETUP_KEYS))  # (see _setup_key)
@@ -596,23 +597,36 @@ class DaskBackend:
 
     # -- lifecycle ---------------------------------------------------------
     def kept_for(self, address: str | None, **options: Any) -> bool:
-        """Is ``use_dask(address, **options)`` this connection again (``%pool dask ADDRESS``
-        run once more, the same scheduler and certificates)? Then this pool stays,
-        connected again if it was stopped, with the new ``timeout`` and ``workers`` to
-        wait for: a new connection would fail the runs in flight and orphan the helpers
-        made on this one, as ``%pool stop`` does, for a scheduler that never changed.
-        A cluster mpmagic started (no address) is never kept: ``%pool dask`` starts one."""
-        if self.owns_cluster or self._retired or (address is None and options.get("scheduler_file") is None):
+        """Is ``use_dask(address, **options)`` this pool again? Then it stays, started
+        again if it was stopped, with the new ``timeout``:
+
+        - ``%pool dask ADDRESS`` run once more (the same scheduler and certificates):
+          the connection, waiting for ``workers`` if given. A new connection would fail
+          the runs in flight and orphan the helpers made on this one, as ``%pool stop``
+          does, for a scheduler that never changed.
+        - ``%pool dask [-n N]`` run once more, on the cluster mpmagic started: that
+          cluster, scaled to ``workers`` if given and different (``resize``). It was
+          closed and a new one started (seconds of start, the runs in flight failed,
+          the workers' state and helpers gone) for the very shape it already had.
+        """
+        if self._retired:
             return False
-        given = (
-            None if address is None else _scheduler_address(address), options.get("scheduler_file"),
-            options.get("tls_ca_file"), options.get("tls_cert"), options.get("tls_key"),
-        )
-        if given != self._connected_as:
+        own = address is None and options.get("scheduler_file") is None
+        if own != self.owns_cluster:
             return False
+        if own:
+            if any(options.get(name) is not None for name in ("tls_ca_file", "tls_cert", "tls_key")):
+                return False  # (refused by the new pool's check, in its words)
+        else:
+            given = (
+                None if address is None else _scheduler_address(address), options.get("scheduler_file"),
+                options.get("tls_ca_file"), options.get("tls_cert"), options.get("tls_key"),
+            )
+            if given != self._connected_as:
+                return False
         workers = options.get("workers")
         if whole(workers) == -1:
-            workers = None
+            workers = available_cpus() if own else None
         if workers is not None:
             workers = check_whole("workers", workers, 1, "a whole number of at least 1 or -1 (one per usable CPU)")
         timeout_before = self.timeout
@@ -620,10 +634,15 @@ class DaskBackend:
             self.timeout = float(check_real("timeout", options["timeout"], "a number of seconds greater than 0",
                                             lambda seconds: seconds > 0))
         try:
-            self.start()
-            if workers is not None:
-                self._wait_for_workers(workers)
-                self.requested_workers = workers
+            if own:
+                if workers is not None and workers != self.workers:
+                    self.resize(workers)  # (not running: the size it starts at below)
+                self.start()
+            else:
+                self.start()
+                if workers is not None:
+                    self._wait_for_workers(workers)
+                    self.requested_workers = workers
         except BaseException:  # (too few workers in time: the pool stays as it was, as a new one's failure leaves it)
             self.timeout = timeout_before
             raise
@@ -788,17 +807,23 @@ class DaskBackend:
                 raise MPMagicError(f"{have} within {wait:g} s: {todo}")
             time.sleep(0.1)
 
-    def stop(self, timeout: float = 2.0, kill_after: float | None = None) -> None:
+    def stop(self, timeout: float = 2.0, kill_after: float | None = None, *, by: str | None = None) -> None:
         """Disconnect; a local cluster mpmagic started is shut down (its processes end).
         ``kill_after``: its worker processes are killed that many seconds into the close
-        (busy ones end then, not when the close gives up on them)."""
+        (busy ones end then, not when the close gives up on them). ``by``: what asked
+        for the stop, in the user's words, kept as ``stopped_by`` for the runs it fails."""
         with self._lock:
             client, cluster = self.client, self.cluster
             self.client = self.cluster = None
+            self.stopped_by = by  # (before the count: a run that sees the count reads this)
             self.stops += 1
             self._payloads.clear()
             self._nthreads_cache = None
             self._killed.clear()
+        if client is not None and by is not None:
+            from .dask_shared import closed_by  # (the helpers made on it name the stop)
+
+            closed_by(client, by)
         if client is not None and not self.owns_cluster and worker_setup.has_setup():
             worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:
@@ -816,7 +841,7 @@ class DaskBackend:
         if main_hidden is not None:
             main_hidden()
 
-    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True, *, by: str | None = None) -> None:
         """Stop this pool for good: another pool replaced it (``use_local``, ``use_dask``,
         the extension's unload), or the exit. Dask's tasks are cancelled; ``wait_busy=False``
         (a Ctrl-C at exit) kills the busy workers of mpmagic's own cluster after
@@ -824,14 +849,14 @@ class DaskBackend:
 
         A run that chose this pool just before it was replaced (another thread's ``pmap``,
         waiting for its turn while ``use_local()`` stopped the cluster) then fails with
-        "the pool was stopped while this run was in flight"; nothing starts or connects
+        "the pool was stopped by BY while this run was in flight: run it again"; nothing starts or connects
         it again. Its run used to start a new cluster: its worker process ran on, out of
         ``%pool``'s sight and out of ``stop_pool()``'s reach, one more per switch, until
-        the interpreter exited.
+        the interpreter exited. ``by``: what replaced it, as ``stop``'s.
         """
         with self._lock:
             self._retired = True
-        self.stop(timeout, kill_after=None if wait_busy else _CLOSE_AT_ONCE)
+        self.stop(timeout, kill_after=None if wait_busy else _CLOSE_AT_ONCE, by=by)
 
     @staticmethod
     def _close_cluster(cluster: Any, timeout: float, kill_after: float | None = None) -> None:
@@ -871,8 +896,8 @@ class DaskBackend:
         except Exception:
             pass
 
-    def restart(self, wait: bool = True) -> None:
-        """Start afresh. On the ``LocalCluster`` mpmagic started, restart every worker
+    def restart(self, wait: bool = True, *, by: str | None = None) -> None:
+        """Start afresh (``by``: as ``stop``'s). On the ``LocalCluster`` mpmagic started, restart every worker
         process (``client.restart()``: clears their state, stops tasks an interrupt
         left running, releases every key; ``wait``: until they are back). On a
         cluster it connected to, restart nothing (its workers may serve others):
@@ -888,6 +913,7 @@ class DaskBackend:
                 "restart them where the cluster runs.\n"
             )
             return
+        self.stopped_by = by  # (before the count: a run that sees the count reads this)
         self.stops += 1  # (its tasks are cancelled: a run in flight says the pool was stopped)
         self._new_setup_key()  # new processes import the setup's modules as they are now
         if worker_setup.has_setup():
@@ -1470,14 +1496,14 @@ class DaskBackend:
         __tracebackhide__ = True
         with self._lock:
             if self._retired or self.stops != stops_before:  # (replaced or stopped while it waited for its turn)
-                raise _stopped_error()
+                raise _stopped_error(self.stopped_by)
             self.start()
             stops = self.stops
         try:
             run = self._prepare(job, workers, stops)
         except Exception:
             if self.stops != stops:  # stopped (or replaced) from another thread meanwhile: the stop is the cause
-                raise _stopped_error() from None
+                raise _stopped_error(self.stopped_by) from None
             raise
         run.execute()
 
@@ -1544,6 +1570,13 @@ def _run_name(job: Job) -> str:
     """What a run is called (``%pool runs``): a map's function's name, or its type's (a partial); "cell"."""
     func = job.func
     return "cell" if func is None else getattr(func, "__name__", type(func).__name__)
+
+
+#: How many times, and how far apart (s), a run whose result fetch failed with an
+#: OSError asks whether the scheduler still takes connections (_scheduler_reachable):
+#: only on that failure, so the ~0.5 s it may add is paid only by a run that fails.
+_REACH_TRIES = 3
+_REACH_PAUSE = 0.25
 
 
 class _DaskRun:
@@ -1618,7 +1651,7 @@ class _DaskRun:
                 # Dask's own error as the pool stopped under the run (a submit to the
                 # closed client): the stop is the cause, not the run's items.
                 log.debug("mpmagic: a Dask run failed as the pool stopped", exc_info=True)
-                raise _stopped_error() from None
+                raise _stopped_error(self.backend.stopped_by) from None
             raise
         finally:
             self.backend._event_sink = None
@@ -1937,7 +1970,7 @@ class _DaskRun:
         closed"): the run fails as stopped, blaming no item."""
         self.tasks.pop(task.key, None)
         if self.backend.stops != self.stops:
-            raise _stopped_error()
+            raise _stopped_error(self.backend.stopped_by)
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, KilledWorker):
@@ -2025,17 +2058,25 @@ class _DaskRun:
         self.payload_future = backend._payload_future(key, data, self.restrict)
 
     def _scheduler_reachable(self) -> bool:
-        """Does the scheduler's port still take a connection (1 s at most)?"""
+        """Does the scheduler's port still take a connection? Asked :data:`_REACH_TRIES`
+        times, :data:`_REACH_PAUSE` apart (1 s at most each): a scheduler being killed
+        closed the client's connection (the fetch's ``CommClosedError``) and still took
+        one connection more on a loaded machine, its listening socket not yet closed,
+        so the run blamed an item for the scheduler's death ("Dask could not run item
+        1: CommClosedError: ... Stream is closed"; 1 run of the suite's in a few)."""
         address = getattr(self.client.scheduler, "address", "") or ""
         host_port = address.partition("://")[2]
         host, _, port = host_port.rpartition(":")
         if not host or not port.isdigit():
             return True  # (an in-process cluster: nothing to reach)
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
-            return True
-        except OSError:
-            return False
+        for attempt in range(_REACH_TRIES):
+            if attempt:
+                time.sleep(_REACH_PAUSE)
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=1.0).close()
+            except OSError:
+                return False
+        return True
 
     # -- timeouts and lost ranks ---------------------------------------------
     def _check_deadlines(self) -> None:
@@ -2116,7 +2157,7 @@ class _DaskRun:
         """
         backend = self.backend
         if backend.stops != self.stops:
-            raise _stopped_error()
+            raise _stopped_error(backend.stopped_by)
         lost = reason == "scheduler-connection-lost" or self.client.status != "running"
         if not lost and reason != "scheduler-restart":
             return

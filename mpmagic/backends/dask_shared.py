@@ -31,6 +31,7 @@ import logging
 import queue as std_queue
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,9 +69,26 @@ def _timed(kind: str) -> Iterator[_Call]:
             waits.add(kind, time.monotonic() - t0)
 
 
+#: What closed each client a Dask pool closed, in the user's words (``%pool local``,
+#: ``stop_pool()``; see :func:`closed_by`), for the helpers made on it.
+_closed_by: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def closed_by(client: Any, by: str) -> None:
+    """``client`` was closed by ``by`` (a Dask pool's stop): a helper made on it says so.
+    It listed every way a pool stops ("use_local(), stop_pool(); %pool local, %pool
+    stop") and left the user to guess which of their lines it was."""
+    try:
+        _closed_by[client] = by
+    except TypeError:  # (a client that takes no weak reference: the line lists the ways)
+        pass
+
+
 def _gone_error(helper: Any) -> UsageError:
     kind = type(helper).__name__.removeprefix("Dask")
-    return UsageError(f"{helper!r} belonged to a Dask pool that was stopped (use_local(), stop_pool(); %pool local, %pool stop): make a "
+    by = _closed_by.get(helper._client) if helper._client is not None else None
+    how = f"by {by}" if by else "(use_local(), stop_pool(); %pool local, %pool stop)"
+    return UsageError(f"{helper!r} belonged to a Dask pool that was stopped {how}: make a "
                       f"new one with mpmagic.{kind}() on the current pool")
 
 

@@ -552,10 +552,11 @@ _STOPPED_NOTE_AFTER = 5.0
 _PAYLOAD_TRIES = 4
 
 
-def _stopped_error() -> MPMagicError:
-    """What a run gets when the pool stops under it (in flight, or while it was being submitted);
-    the exit's stop says so (``exiting.StoppedAtExit``: a daemon thread waiting on it ends silently)."""
-    return exiting.stopped_error()
+def _stopped_error(by: str | None) -> MPMagicError:
+    """What a run gets when the pool stops under it (in flight, or while it was being submitted),
+    naming what stopped it (``by``: the backend's ``stopped_by``); the exit's stop says so
+    (``exiting.StoppedAtExit``: a daemon thread waiting on it ends silently)."""
+    return exiting.stopped_error(by)
 
 
 class _LocalRun(Run):
@@ -665,6 +666,7 @@ class LocalBackend:
         self._manager: threading.Thread | None = None
         self._stopping: threading.Thread | None = None  # the thread stopping the pool (see stop); start waits
         self._stops = 0  # pool stops so far (see stop)
+        self.stopped_by: str | None = None  # what made the last stop, in the user's words (see stop)
         self._retired = False  # replaced by another pool (see retire): never started again
         # The current manager's wakeup pipe: each manager opens its own and closes it as it ends.
         self._wake_r, self._wake_w = -1, -1
@@ -991,8 +993,13 @@ class LocalBackend:
             self._calls.pop(run.job.call_id, None)
         run._finish()
 
-    def stop(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+    def stop(self, timeout: float = 2.0, wait_busy: bool = True, *, by: str | None = None) -> None:
         """Stop every worker: ask politely, then terminate, then kill.
+
+        ``by``: what asked for the stop, in the user's words (``%pool stop``,
+        ``stop_pool()``), kept as ``stopped_by``: the runs it fails say it ("the
+        pool was stopped by %pool stop while this run was in flight"), not only
+        that something did.
 
         ``wait_busy=False`` (a kernel's shutdown, ``pool.at_shell_exit``):
         workers busy with a unit are terminated at once instead of being given
@@ -1014,6 +1021,7 @@ class LocalBackend:
                 self._cond.wait()  # another thread's stop: over first (it took what there was)
             self._stopping = me
             manager, self._manager = self._manager, None  # it ends at its next turn, touching nothing
+            self.stopped_by = by  # (before the count: a submit that sees the count reads this)
             self._stops += 1
             runs = list(self._runs)
             self._runs.clear()
@@ -1021,34 +1029,34 @@ class LocalBackend:
             slots, self.slots = self.slots, []
             self._wake()  # (under the lock: the manager closes its pipe only under it)
         try:
-            self._stop_workers(manager, runs, slots, timeout, wait_busy)
+            self._stop_workers(manager, runs, slots, timeout, wait_busy, by)
         finally:
             with self._lock:
                 self._stopping = None
                 self._cond.notify_all()
 
-    def retire(self, timeout: float = 2.0, wait_busy: bool = True) -> None:
+    def retire(self, timeout: float = 2.0, wait_busy: bool = True, *, by: str | None = None) -> None:
         """Stop this pool for good: another pool replaced it (a new start method or
         recycling limit, ``use_dask``, the extension's unload).
 
         A run that chose this pool just before it was replaced (another thread's
         ``pmap`` between ``get_pool()`` and ``submit``) then fails with "the pool was
-        stopped while this run was in flight", as one a stop overtook while it
+        stopped by BY while this run was in flight: run it again", as one a stop overtook while it
         started; nothing starts this pool again. Its ``submit`` restarted it: its
         workers ran on, out of ``%pool``'s sight and out of ``stop_pool()``'s reach,
-        until the interpreter exited.
+        until the interpreter exited. ``by``: what replaced it, as ``stop``'s.
         """
         with self._lock:
             self._retired = True
-        self.stop(timeout, wait_busy)
+        self.stop(timeout, wait_busy, by=by)
 
     def _stop_workers(self, manager: threading.Thread | None, runs: list[_LocalRun], slots: list[_Slot],
-                      timeout: float, wait_busy: bool = True) -> None:
+                      timeout: float, wait_busy: bool = True, by: str | None = None) -> None:
         """``stop``'s work once it took the manager, the runs and the workers (no lock held)."""
         if manager is not None and manager is not threading.current_thread():
             manager.join(5.0)  # (it ends at once: woken, it finds it is no longer the manager)
         for run in runs:  # whoever waits on them must not hang
-            run._finish(_stopped_error())
+            run._finish(_stopped_error(by))
         for s in slots:
             try:
                 s.send(_STOP)
@@ -1081,13 +1089,13 @@ class LocalBackend:
         self._retired_seen = payload_cache.last_retired()  # (the next workers never held those)
         shm.take_unmapped()
 
-    def restart(self, wait: bool = True) -> None:
+    def restart(self, wait: bool = True, *, by: str | None = None) -> None:
         """Stop and start again with the same settings (clears the workers' state).
 
         ``wait``: return once every worker is ready; otherwise at once, while they
-        start in the background (the next run waits for them).
+        start in the background (the next run waits for them). ``by``: as ``stop``'s.
         """
-        self.stop()
+        self.stop(by=by)
         self.start()
         if wait:
             self.wait_ready()
@@ -1502,7 +1510,7 @@ class LocalBackend:
                     wake, interrupt = True, exc
         if stopped:  # it fails at once, as the runs in flight at the stop did
             job.release_shared()
-            run._finish(_stopped_error())
+            run._finish(_stopped_error(self.stopped_by))
             return run
         if wake:
             self._wake()
