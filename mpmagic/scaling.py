@@ -24,6 +24,9 @@ from .checks import check_whole
 from .errors import add_note, drop_our_frames
 from .fmt import fmt_seconds
 
+#: Said, in a terminal and in Jupyter, where the plot would be without matplotlib.
+PLOT_NEEDS = '(the plot needs matplotlib: pip install "mpmagic[plot]")'
+
 
 @dataclass
 class ScalingPoint:
@@ -75,15 +78,16 @@ class Scaling:
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.table())
         if importlib.util.find_spec("matplotlib") is None:
-            p.text('\n(the plot needs matplotlib: pip install "mpmagic[plot]")')
+            p.text("\n" + PLOT_NEEDS)
 
     def _repr_html_(self) -> str:
         """In Jupyter: the plot (when matplotlib is there), then the measured points as a small table."""
         png = self._repr_png_()
-        img = ""
         if png is not None:
             img = (f"<img alt='measured speedup against workers' "
                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
+        else:  # (the table alone said nothing of the plot a notebook user came for)
+            img = f"<div>{html.escape(PLOT_NEEDS)}</div>"
         th = "padding:2px 10px;text-align:right;font-weight:600"
         td = "padding:2px 10px;text-align:right"
         head = "".join(f"<th style='{th}'>{h}</th>" for h in ("workers", "wall", "speedup", "ideal", "efficiency"))
