@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import check_whole
-from .errors import add_note, drop_our_frames
+from .errors import add_note, drop_our_frames, one_line
 from .fmt import fmt_seconds
 
 #: Said, in a terminal and in Jupyter, where the plot would be without matplotlib.
@@ -69,7 +69,8 @@ class Scaling:
         """Save the figure (PNG, SVG, PDF... by the file's extension)."""
         fig = self.figure
         if fig is None:
-            raise ImportError('saving the scaling plot needs matplotlib: pip install "mpmagic[plot]"')
+            # (one line, as every missing extra is said: not a traceback through this method)
+            raise one_line(ImportError('saving the scaling plot needs matplotlib: pip install "mpmagic[plot]"'))
         fig.savefig(path, **kwargs)
 
     def __str__(self) -> str:

@@ -687,6 +687,9 @@ def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeyp
     assert [row.split()[0] for row in table[2:]] == ["1", "2"]
     needs = 'needs matplotlib: pip install "mpmagic[plot]"'
     assert needs in IPython.lib.pretty.pretty(result) and html.unescape(result._repr_html_()).count(needs) == 1
+    with pytest.raises(ImportError, match=re.escape(needs[6:])) as saving:  # (one line, as %pool dask's)
+        result.savefig(os.devnull)
+    assert saving.value._render_traceback_() == [f"ImportError: {saving.value}"]
     run(ip, "%pmap -q --insights nap, [0.02] * 2")
     insights = mpmagic.last_report().insights
     assert insights.figure() is None and html.unescape(insights._repr_html_()).count(needs) == 1
