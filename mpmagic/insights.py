@@ -181,6 +181,8 @@ class Recorder:
 TEXT_LEGEND = "'#' a task running, '.' idle"
 LOST_LEGEND = "'!' a task stopped (timed out, or its worker died)"
 LOST_COLOUR = "#9d9d9d"
+#: Under the text timeline in Jupyter without matplotlib (the chart it stands for).
+CHART_NEEDS = '(the chart of the timeline needs matplotlib: pip install "mpmagic[plot]")'
 
 
 def _legend(fig: Any, ax: Any, palette: tuple[str, str], kind: str, lost: bool = False) -> None:
@@ -352,8 +354,8 @@ class Insights:
         png = self._png()
         if png is not None:
             chart = f"<img alt='timeline of tasks per worker' src='data:image/png;base64,{base64.b64encode(png).decode()}'/>"
-        else:
-            chart = f"<pre>{html.escape(self.timeline_text())}</pre>"
+        else:  # (the text timeline, saying why it is not the chart)
+            chart = f"<pre>{html.escape(self.timeline_text())}</pre><div>{html.escape(CHART_NEEDS)}</div>"
         return (
             "<div class='mpmagic-insights'>"
             f"<table><caption style='text-align:left'><b>insights</b>: {html.escape(self._header())}</caption>"

@@ -410,7 +410,8 @@ def _parallel_parser() -> _Parser:
     p.add_argument("-o", "--output", metavar="NAME", help="store the list of last values in NAME")
     p.add_argument("--reduce", metavar="FUNC", help="combine the ranks' values with FUNC (e.g. sum)")
     p.add_argument("--gather", metavar="NAME[,NAME]",
-                   help="bring these variables of every rank back as lists (names separated by commas or spaces); "
+                   help="bring these variables of every rank back as lists (names separated by commas, or by spaces "
+                        "within quotes: --gather 'x y'); "
                         "with --bg they are in the handle's result().gathered, a dict of those lists")
     p.add_argument("--timeout", type=_positive_float, help="seconds a rank may run before it is stopped")
     p.add_argument("-q", "--quiet", action="store_true", help="do not print the timing report")

@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .checks import check_whole
-from .errors import add_note, drop_our_frames
+from .errors import add_note, drop_our_frames, one_line
 from .fmt import fmt_seconds
+
+#: Said, in a terminal and in Jupyter, where the plot would be without matplotlib.
+PLOT_NEEDS = '(the plot needs matplotlib: pip install "mpmagic[plot]")'
 
 
 @dataclass
@@ -66,7 +69,8 @@ class Scaling:
         """Save the figure (PNG, SVG, PDF... by the file's extension)."""
         fig = self.figure
         if fig is None:
-            raise ImportError('saving the scaling plot needs matplotlib: pip install "mpmagic[plot]"')
+            # (one line, as every missing extra is said: not a traceback through this method)
+            raise one_line(ImportError('saving the scaling plot needs matplotlib: pip install "mpmagic[plot]"'))
         fig.savefig(path, **kwargs)
 
     def __str__(self) -> str:
@@ -75,15 +79,16 @@ class Scaling:
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(self.table())
         if importlib.util.find_spec("matplotlib") is None:
-            p.text('\n(the plot needs matplotlib: pip install "mpmagic[plot]")')
+            p.text("\n" + PLOT_NEEDS)
 
     def _repr_html_(self) -> str:
         """In Jupyter: the plot (when matplotlib is there), then the measured points as a small table."""
         png = self._repr_png_()
-        img = ""
         if png is not None:
             img = (f"<img alt='measured speedup against workers' "
                    f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
+        else:  # (the table alone said nothing of the plot a notebook user came for)
+            img = f"<div>{html.escape(PLOT_NEEDS)}</div>"
         th = "padding:2px 10px;text-align:right;font-weight:600"
         td = "padding:2px 10px;text-align:right"
         head = "".join(f"<th style='{th}'>{h}</th>" for h in ("workers", "wall", "speedup", "ideal", "efficiency"))

@@ -7,6 +7,7 @@ functions defined by ``run_cell`` so they live in a file-less ``__main__``.
 
 from __future__ import annotations
 
+import html
 import io
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import time
 from html.parser import HTMLParser
 
+import IPython.lib.pretty
 import pytest
 from conftest import ensure_pool, run, synthetic_report
 from IPython.utils.capture import capture_output
@@ -672,6 +674,9 @@ def test_scaling_of_a_map_leaves_the_notebooks_objects_as_they_were(ip, pool2, s
 
 
 def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeypatch):
+    """Without matplotlib the series is a table, and says what the plot needs: in a
+    terminal and in Jupyter (whose HTML showed the table alone, the plot missing unsaid),
+    as the insights' timeline does in Jupyter."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     result = run(ip, "%pmap --scaling nap, [0.02] * 4")
@@ -680,6 +685,14 @@ def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeyp
     assert "serial" in table[0] and "measured" in table[0]
     assert table[1].split() == ["workers", "wall", "speedup", "ideal", "efficiency"]
     assert [row.split()[0] for row in table[2:]] == ["1", "2"]
+    needs = 'needs matplotlib: pip install "mpmagic[plot]"'
+    assert needs in IPython.lib.pretty.pretty(result) and html.unescape(result._repr_html_()).count(needs) == 1
+    with pytest.raises(ImportError, match=re.escape(needs[6:])) as saving:  # (one line, as %pool dask's)
+        result.savefig(os.devnull)
+    assert saving.value._render_traceback_() == [f"ImportError: {saving.value}"]
+    run(ip, "%pmap -q --insights nap, [0.02] * 2")
+    insights = mpmagic.last_report().insights
+    assert insights.figure() is None and html.unescape(insights._repr_html_()).count(needs) == 1
 
 
 # -- insights ------------------------------------------------------------------
