@@ -993,6 +993,26 @@ def _show_notes_at_top_level() -> None:
         sys.excepthook = print_with_notes
 
 
+def _notes_or_our_frames(exc: BaseException, tb: types.TracebackType | None) -> bool:
+    """Has ``exc`` (raised with ``tb``), or an exception it was raised from or while
+    handling, notes or a frame in mpmagic: what :func:`print_with_notes` prints its own way?"""
+    todo: list[tuple[BaseException | None, types.TracebackType | None]] = [(exc, tb)]
+    seen: set[int] = set()
+    while todo:
+        one, at = todo.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        if getattr(one, "__notes__", None):
+            return True
+        while at is not None:
+            if os.path.abspath(at.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+                return True
+            at = at.tb_next
+        todo += [(linked, linked.__traceback__) for linked in (one.__cause__, one.__context__) if linked is not None]
+    return False
+
+
 def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
     """``sys.excepthook`` as Python 3.11 prints: each exception of the chain with its
     notes, and without mpmagic's own frames (a ``raise`` in mpmagic adds its frame on
@@ -1001,7 +1021,14 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
     The notes are added only where the formatting does not print them itself: the
     ``exceptiongroup`` backport, once imported (pytest, IPython 8 and anyio import it on
     3.10), patches ``TracebackException`` to keep and print each exception's
-    ``__notes__``, and adding them too printed every note twice."""
+    ``__notes__``, and adding them too printed every note twice.
+
+    An error with neither (a script's own, after a map's failure installed the hook)
+    goes to Python's printer: only it adds 3.10's "Did you mean: 'append'?" to a
+    NameError or AttributeError (the ``traceback`` module does from 3.12 on)."""
+    if not _notes_or_our_frames(exc, tb):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
     shown = traceback.TracebackException(exc_type, exc, tb, compact=True)
     seen: set[int] = set()
     todo = [(shown, exc)]
