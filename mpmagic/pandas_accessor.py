@@ -47,13 +47,17 @@ imported, else after the first notebook cell that imports it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import math
 import re
+import sys
 import time
-from collections.abc import Callable, Hashable, Sequence
+import types
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +72,33 @@ log = logging.getLogger("mpmagic")
 ACCESSOR = "mp"
 #: Row chunks per worker: enough for an uneven tail, few enough that each is worth a message.
 CHUNKS_PER_WORKER = 4
+
+
+#: The warnings pandas charges to this module's lines: its remarks about a call (pandas 2's
+#: "DataFrameGroupBy.apply operated on the grouping columns"), charged to the first frame
+#: outside pandas, which serially is the user's line and here is ours.
+_OURS = re.escape(__name__) + r"\Z"
+
+
+@contextlib.contextmanager
+def _charged_to(caller: types.FrameType) -> Iterator[None]:
+    """The block's warnings that pandas charges to this module's lines are charged to
+    ``caller``'s line (the user's call of the accessor), as serially; the others show
+    as they came. The filters are applied once, to where each is charged."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:  # (shown also when the block raised, as serially before the error)
+        for w in caught:
+            if w.filename == __file__:
+                names = caller.f_globals
+                warnings.warn_explicit(w.message, w.category, caller.f_code.co_filename, caller.f_lineno,
+                                       module=names.get("__name__"),
+                                       registry=names.setdefault("__warningregistry__", {}), module_globals=names)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 # --------------------------------------------------------------------------
@@ -173,7 +204,11 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
                 _note(exc, f"group {_label(group.name)}")
                 raise
 
-    grouped.apply(record, **options)
+    with warnings.catch_warnings():
+        # (pandas' remarks about the call: the notebook's own apply, which assembles the
+        # result, makes them too and charges them to the user's line, see _charged_to)
+        warnings.filterwarnings("ignore", module=_OURS)
+        grouped.apply(record, **options)
     return [found[_group_key(name)] for name in names]
 
 
@@ -820,7 +855,8 @@ class GroupByAccessor:
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.
-        result = gb.apply(_lookup, values, func, args, kwargs, **extra)
+        with _charged_to(sys._getframe(1)):
+            result = gb.apply(_lookup, values, func, args, kwargs, **extra)
         _report(report, started, result, quiet, (lambda: gb.apply(func, *args, **extra, **kwargs)) if compare else None)
         return result
 
