@@ -1341,12 +1341,18 @@ def hide_our_frames(exc: BaseException) -> None:
     go, but the entries after it are replaced in place, so only that frame of
     ours is shown there."""
     if came_from_worker(exc):
-        caught = exc.__traceback__
-        kept = _without_hidden_frames(caught)
-        # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
-        BaseException.__setattr__(exc, "__traceback__", kept)
-        if sys.version_info < (3, 11) and caught is not None and (kept is None or kept.tb_frame is not caught.tb_frame):
-            caught.tb_next = kept
+        _replace_traceback(exc, _without_hidden_frames(exc.__traceback__))
+
+
+def _replace_traceback(exc: BaseException, kept: types.TracebackType | None) -> None:
+    """``exc``'s traceback becomes ``kept``, for a bare ``raise`` in the ``except`` that
+    caught it too: before Python 3.11 that re-raises the traceback it caught, whose first
+    entry (the frame of that ``except``) stays and is linked to ``kept``."""
+    caught = exc.__traceback__
+    # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
+    BaseException.__setattr__(exc, "__traceback__", kept)
+    if sys.version_info < (3, 11) and caught is not None and (kept is None or kept.tb_frame is not caught.tb_frame):
+        caught.tb_next = kept
 
 
 def _user_code_under_us(tb: types.TracebackType | None) -> bool:
@@ -1396,9 +1402,7 @@ def drop_our_frames(exc: BaseException) -> None:
     if raised_by_our_call(exc) or exc.__traceback__ is None:
         return
     entries = _entries(exc.__traceback__)
-    # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
-    BaseException.__setattr__(exc, "__traceback__", _relink(
-        t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
+    _replace_traceback(exc, _relink(t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
 
 
 #: The latest %%parallel cells (``parallel()``), newest last: (the cell's code, the names it
