@@ -3,7 +3,9 @@
 ``os.cpu_count()`` counts the machine's CPUs, not the ones a container or a
 ``taskset`` lets this process run on. The pool's default size is the smaller
 of the CPU affinity mask and the cgroup CPU quota, so that it never starts
-more busy processes than there are cores to run them.
+more busy processes than there are cores to run them; or, on Python 3.13+,
+the count the user told Python (``-X cpu_count=N``, ``PYTHON_CPU_COUNT=N``),
+which ``multiprocessing.Pool()`` takes as its size there.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import threading
 import time
 
@@ -36,8 +39,29 @@ def _cgroup_quota() -> float | None:
     return None
 
 
+def _told_cpu_count() -> int | None:
+    """The CPUs Python 3.13+ was told this process has (``-X cpu_count=N``, else
+    ``PYTHON_CPU_COUNT=N``; ``default`` is no count), as ``os.process_cpu_count()``
+    and ``multiprocessing.Pool()`` take them; None when it was told none, or is older.
+    For containers whose limits neither the affinity mask nor a quota shows."""
+    process_cpu_count = getattr(os, "process_cpu_count", None)
+    if process_cpu_count is None:
+        return None
+    told = sys._xoptions.get("cpu_count")  # (-X wins over the environment, as in Python)
+    if told is None and not sys.flags.ignore_environment:
+        told = os.environ.get("PYTHON_CPU_COUNT")
+    if told is None or told == "default":
+        return None
+    count = process_cpu_count()
+    return count if isinstance(count, int) and count >= 1 else None
+
+
 def available_cpus() -> int:
-    """CPUs this process may use: affinity mask and cgroup quota, at least 1."""
+    """CPUs this process may use: affinity mask and cgroup quota, at least 1; the
+    count Python was told instead, when it was told one (Python 3.13+)."""
+    told = _told_cpu_count()
+    if told is not None:
+        return told
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

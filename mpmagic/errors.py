@@ -993,6 +993,26 @@ def _show_notes_at_top_level() -> None:
         sys.excepthook = print_with_notes
 
 
+def _notes_or_our_frames(exc: BaseException, tb: types.TracebackType | None) -> bool:
+    """Has ``exc`` (raised with ``tb``), or an exception it was raised from or while
+    handling, notes or a frame in mpmagic: what :func:`print_with_notes` prints its own way?"""
+    todo: list[tuple[BaseException | None, types.TracebackType | None]] = [(exc, tb)]
+    seen: set[int] = set()
+    while todo:
+        one, at = todo.pop()
+        if one is None or id(one) in seen:
+            continue
+        seen.add(id(one))
+        if getattr(one, "__notes__", None):
+            return True
+        while at is not None:
+            if os.path.abspath(at.tb_frame.f_code.co_filename).startswith(_PACKAGE_DIR + os.sep):
+                return True
+            at = at.tb_next
+        todo += [(linked, linked.__traceback__) for linked in (one.__cause__, one.__context__) if linked is not None]
+    return False
+
+
 def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: types.TracebackType | None) -> None:
     """``sys.excepthook`` as Python 3.11 prints: each exception of the chain with its
     notes, and without mpmagic's own frames (a ``raise`` in mpmagic adds its frame on
@@ -1001,7 +1021,14 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
     The notes are added only where the formatting does not print them itself: the
     ``exceptiongroup`` backport, once imported (pytest, IPython 8 and anyio import it on
     3.10), patches ``TracebackException`` to keep and print each exception's
-    ``__notes__``, and adding them too printed every note twice."""
+    ``__notes__``, and adding them too printed every note twice.
+
+    An error with neither (a script's own, after a map's failure installed the hook)
+    goes to Python's printer: only it adds 3.10's "Did you mean: 'append'?" to a
+    NameError or AttributeError (the ``traceback`` module does from 3.12 on)."""
+    if not _notes_or_our_frames(exc, tb):
+        sys.__excepthook__(exc_type, exc, tb)
+        return
     shown = traceback.TracebackException(exc_type, exc, tb, compact=True)
     seen: set[int] = set()
     todo = [(shown, exc)]
@@ -1314,12 +1341,18 @@ def hide_our_frames(exc: BaseException) -> None:
     go, but the entries after it are replaced in place, so only that frame of
     ours is shown there."""
     if came_from_worker(exc):
-        caught = exc.__traceback__
-        kept = _without_hidden_frames(caught)
-        # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
-        BaseException.__setattr__(exc, "__traceback__", kept)
-        if sys.version_info < (3, 11) and caught is not None and (kept is None or kept.tb_frame is not caught.tb_frame):
-            caught.tb_next = kept
+        _replace_traceback(exc, _without_hidden_frames(exc.__traceback__))
+
+
+def _replace_traceback(exc: BaseException, kept: types.TracebackType | None) -> None:
+    """``exc``'s traceback becomes ``kept``, for a bare ``raise`` in the ``except`` that
+    caught it too: before Python 3.11 that re-raises the traceback it caught, whose first
+    entry (the frame of that ``except``) stays and is linked to ``kept``."""
+    caught = exc.__traceback__
+    # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
+    BaseException.__setattr__(exc, "__traceback__", kept)
+    if sys.version_info < (3, 11) and caught is not None and (kept is None or kept.tb_frame is not caught.tb_frame):
+        caught.tb_next = kept
 
 
 def _user_code_under_us(tb: types.TracebackType | None) -> bool:
@@ -1369,9 +1402,7 @@ def drop_our_frames(exc: BaseException) -> None:
     if raised_by_our_call(exc) or exc.__traceback__ is None:
         return
     entries = _entries(exc.__traceback__)
-    # (past the class's own __setattr__, as raise sets it: a frozen dataclass's refuses)
-    BaseException.__setattr__(exc, "__traceback__", _relink(
-        t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
+    _replace_traceback(exc, _relink(t for t in entries if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)))
 
 
 #: The latest %%parallel cells (``parallel()``), newest last: (the cell's code, the names it

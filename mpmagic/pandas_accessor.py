@@ -52,7 +52,10 @@ import inspect
 import logging
 import math
 import re
+import sys
 import time
+import types
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -68,6 +71,42 @@ log = logging.getLogger("mpmagic")
 ACCESSOR = "mp"
 #: Row chunks per worker: enough for an uneven tail, few enough that each is worth a message.
 CHUNKS_PER_WORKER = 4
+
+
+#: The warnings pandas charges to this module's lines: its remarks about a call (pandas 2's
+#: "DataFrameGroupBy.apply operated on the grouping columns"), charged to the first frame
+#: outside pandas, which serially is the user's line and here is ours.
+_OURS = re.escape(__name__) + r"\Z"
+
+
+class _ChargedToCaller:
+    """``with _ChargedToCaller():`` the block's warnings that pandas charges to this
+    module's lines are charged to the line that called the accessor (the first frame
+    outside this module), as serially; the others show as they came. The filters are
+    applied once, to where each is charged. A class, not a generator: an error raised in
+    the block gets no frame of ours."""
+
+    __slots__ = ("_recording", "_caught")
+
+    def __enter__(self) -> None:
+        self._recording = warnings.catch_warnings(record=True)
+        caught = self._recording.__enter__()  # (the list it records into: empty yet)
+        self._caught = caught if caught is not None else []
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._recording.__exit__(*exc_info)  # (shown also when the block raised, as serially before the error)
+        caller: types.FrameType | None = sys._getframe(1)
+        while caller is not None and caller.f_code.co_filename == __file__:
+            caller = caller.f_back
+        for w in self._caught:
+            if w.filename == __file__ and caller is not None:
+                names = caller.f_globals
+                warnings.warn_explicit(w.message, w.category, caller.f_code.co_filename, caller.f_lineno,
+                                       module=names.get("__name__"),
+                                       registry=names.setdefault("__warningregistry__", {}), module_globals=names)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 # --------------------------------------------------------------------------
@@ -173,7 +212,11 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
                 _note(exc, f"group {_label(group.name)}")
                 raise
 
-    grouped.apply(record, **options)
+    with warnings.catch_warnings():
+        # (pandas' remarks about the call: the notebook's own apply, which assembles the
+        # result, makes them too and charges them to the user's line, see _ChargedToCaller)
+        warnings.filterwarnings("ignore", module=_OURS)
+        grouped.apply(record, **options)
     return [found[_group_key(name)] for name in names]
 
 
@@ -354,7 +397,9 @@ def _report(report: Any, started: float, result: Any, quiet: bool, serial: Calla
     elif serial is not None:
         t0 = time.perf_counter()
         try:
-            expected = serial()
+            with warnings.catch_warnings():  # (pandas' remarks about the call: the run's own said them)
+                warnings.filterwarnings("ignore", module=_OURS)
+                expected = serial()
         except Exception as exc:
             report.serial_error = f"{type(exc).__name__}: {exc}"
         else:
@@ -510,7 +555,8 @@ def _at_home(call: str, why: str, compare: bool, quiet: bool, pandas_call: Calla
     from . import api
 
     api._set_report(None)
-    result = pandas_call()
+    with _ChargedToCaller():
+        result = pandas_call()
     if compare and not quiet:
         print(f"{call}: pandas' own call ran here, serially ({why}): nothing to compare")
     return result
@@ -820,7 +866,8 @@ class GroupByAccessor:
         values = {_group_key(name): value for (_, batch), part in zip(task_items, parts, strict=True)
                   for name, value in zip(batch, part, strict=True)}
         # pandas itself assembles the result from the values computed in the workers.
-        result = gb.apply(_lookup, values, func, args, kwargs, **extra)
+        with _ChargedToCaller():
+            result = gb.apply(_lookup, values, func, args, kwargs, **extra)
         _report(report, started, result, quiet, (lambda: gb.apply(func, *args, **extra, **kwargs)) if compare else None)
         return result
 

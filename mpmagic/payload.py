@@ -158,6 +158,47 @@ def _rebuild_singledispatch(default: Any, impls: list[tuple[Any, Any]], attrs: d
     return func
 
 
+def _rebuild_singledispatchmethod(dispatcher: Any, func: Any, attrs: dict[str, Any]) -> Any:
+    """The receiving side of a ``functools.singledispatchmethod`` (a notebook class's
+    method): the worker's own, with the dispatcher sent (every implementation registered).
+    Python 3.13.0's keeps the bound methods it made in a WeakKeyDictionary (gh-85160,
+    dropped again by gh-127750), which no pickler can send: the worker's fills its own."""
+    method = functools.singledispatchmethod(func)
+    method.dispatcher = dispatcher
+    vars(method).update(attrs)
+    return method
+
+
+def _singledispatchmethod_binding(func: Any) -> tuple[Any, Any, Any] | None:
+    """For the function a ``functools.singledispatchmethod`` gave for ``obj.method``
+    or ``cls.method``: that singledispatchmethod (its ``register`` is the method's),
+    the instance and the class it was bound to; None for any other function."""
+    if not _library_function(func):
+        return None
+    method = getattr(vars(func).get("register"), "__self__", None)
+    if type(method) is not functools.singledispatchmethod:
+        return None
+    cells = dict(zip(func.__code__.co_freevars, func.__closure__ or (), strict=True))
+    if "obj" not in cells or "cls" not in cells:
+        return None
+    return method, cells["obj"].cell_contents, cells["cls"].cell_contents
+
+
+def _rebind_singledispatchmethod(method: Any, obj: Any, cls: Any, attrs: dict[str, Any]) -> Any:
+    """The receiving side of a method a ``functools.singledispatchmethod`` gave: the
+    worker's own binding of it. Python 3.13.0's captures the dispatcher's ``dispatch``
+    itself, whose cache (a WeakKeyDictionary) cannot be pickled; the others capture the
+    singledispatchmethod, sent as the same again."""
+    bound = method.__get__(obj, cls)
+    vars(bound).update(attrs)
+    return bound
+
+
+# (a singledispatchmethod's attributes _rebuild_singledispatchmethod makes or passes itself;
+# _all_weakrefable_instances: the cache's companion in 3.13's pre-releases)
+_SINGLEDISPATCHMETHOD_OWN = frozenset({"dispatcher", "func", "_method_cache", "_all_weakrefable_instances"})
+
+
 # (what functools.singledispatch sets on its wrapper, made again by _rebuild_singledispatch)
 _SINGLEDISPATCH_OWN = frozenset({"register", "dispatch", "registry", "_clear_cache", "__wrapped__", "__module__",
                                  "__name__", "__qualname__", "__doc__", "__dict__", "__annotations__"})
@@ -633,9 +674,17 @@ class _Pickler(cloudpickle.Pickler):
             if parts is not None:  # (functools.singledispatch: its WeakKeyDictionary cache cannot go)
                 attrs = {k: v for k, v in vars(obj).items() if k not in _SINGLEDISPATCH_OWN}
                 return _rebuild_singledispatch, (*parts, attrs)
+        elif t is types.FunctionType and "register" in vars(obj) and (
+                binding := _singledispatchmethod_binding(obj)) is not None:
+            # (``obj.method`` of a notebook class: Python 3.13.0's captures a WeakKeyDictionary)
+            return _rebind_singledispatchmethod, (*binding, {k: v for k, v in vars(obj).items() if k != "register"})
         elif t is functools.cached_property and _sent_by_value(obj.func):
             # (a notebook class's: Python 3.11's holds an RLock, "cannot pickle '_thread.RLock' object")
             return _rebuild_cached_property, (obj.func, obj.attrname, obj.__doc__)
+        elif t is functools.singledispatchmethod:
+            # (a notebook class's method: Python 3.13.0's holds a WeakKeyDictionary of bound methods)
+            attrs = {k: v for k, v in vars(obj).items() if k not in _SINGLEDISPATCHMETHOD_OWN}
+            return _rebuild_singledispatchmethod, (obj.dispatcher, obj.func, attrs)
         elif hasattr(t, "__slots__") and not isinstance(obj, type) and _slotted_by_value_cached(t):
             return _rebuild_slotted, (t, _slotted_state(obj))
         elif t is types.MethodType and _is_shells_get_ipython(obj):

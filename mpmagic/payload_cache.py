@@ -756,7 +756,10 @@ _MUTATORS: dict[type, frozenset[str]] = {
 }
 _ANY_MUTATOR = frozenset().union(*_MUTATORS.values())
 _NAME_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF"})
-# (pops, pushes) of the instructions a subscript's key may be made of (3.11-3.14); any
+# LOAD_GLOBAL's arg holds a "push a NULL too" bit from 3.11 on (a function about to be
+# called); on 3.10 it is the name's number alone, whose low bit means nothing.
+_GLOBAL_NULL_BIT = 1 if sys.version_info >= (3, 11) else 0
+# (pops, pushes) of the instructions a subscript's key may be made of (3.10-3.14); any
 # other between the container's load and the store makes the check give up (says nothing).
 _KEY_OPS: dict[str, tuple[int, int]] = {
     **dict.fromkeys(("LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_FAST_BORROW", "LOAD_CONST", "LOAD_SMALL_INT",
@@ -766,6 +769,11 @@ _KEY_OPS: dict[str, tuple[int, int]] = {
     "BINARY_SLICE": (3, 1),
     **dict.fromkeys(("UNARY_NEGATIVE", "UNARY_NOT", "UNARY_INVERT", "TO_BOOL"), (1, 1)),
     **dict.fromkeys(("NOP", "CACHE", "EXTENDED_ARG", "RESUME", "NOT_TAKEN"), (0, 0)),
+    # (Python 3.10: an operator of its own per operation, BINARY_OP's from 3.11 on)
+    **dict.fromkeys([f"{kind}_{op}" for kind in ("BINARY", "INPLACE") for op in (
+        "ADD", "SUBTRACT", "MULTIPLY", "MATRIX_MULTIPLY", "TRUE_DIVIDE", "FLOOR_DIVIDE", "MODULO", "POWER",
+        "LSHIFT", "RSHIFT", "AND", "OR", "XOR")], (2, 1)),
+    "UNARY_POSITIVE": (1, 1),
 }
 # What each code object read changes (a plain dict: a weak one's look-up made a weak reference
 # each time, ~0.4 us of every map call; the code objects it keeps are dropped past _MAX_CODES).
@@ -873,7 +881,7 @@ def _captured_name(ins: dis.Instruction, local: set[str]) -> str | None:
     """The global or free variable ``ins`` loads by itself (not a call's target, not a local cell)."""
     if ins.opname not in _NAME_LOADS:
         return None
-    if ins.opname == "LOAD_GLOBAL" and (ins.arg or 0) & 1:  # (with a NULL: a function about to be called)
+    if ins.opname == "LOAD_GLOBAL" and (ins.arg or 0) & _GLOBAL_NULL_BIT:  # (with a NULL: a function to call)
         return None
     if ins.opname in ("LOAD_DEREF", "LOAD_CLASSDEREF") and ins.argval in local:
         return None
@@ -903,8 +911,16 @@ def _container_load(ins: list[dis.Instruction], at: int) -> dis.Instruction | No
                 target = height - 1 - arg
             height -= 1
             continue
+        if one.opname == "DUP_TOP_TWO":  # (3.10's COPY 2; COPY 2: ``d[k] += 1``)
+            if target >= height - 2:
+                target -= 2
+            height -= 2
+            continue
+        if one.opname == "ROT_THREE":  # (3.10's SWAP 3; SWAP 2: the top goes under the next two)
+            target = {height - 3: height - 1, height - 2: height - 3, height - 1: height - 2}.get(target, target)
+            continue
         if one.opname == "LOAD_GLOBAL":
-            pops, pushes = 0, 1 + (arg & 1)
+            pops, pushes = 0, 1 + (arg & _GLOBAL_NULL_BIT)
         elif one.opname == "LOAD_ATTR":
             pops, pushes = 1, 1 + (arg & 1 if sys.version_info >= (3, 12) else 0)
         elif one.opname == "BUILD_TUPLE":

@@ -844,15 +844,18 @@ def test_a_waits_timeout_is_caught_as_both_timeout_errors_as_on_python_3_10(ip, 
     """Before 3.11 concurrent.futures.TimeoutError is not the builtin: run.result(timeout=)
     raised the builtin, which `except concurrent.futures.TimeoutError` missed, and
     as_completed([runs], timeout=) the stdlib's own, which `except TimeoutError` missed.
-    Its class here (3.10's, stood in) must catch it, and `except TimeoutError` still
-    (and `except multiprocessing.TimeoutError`, as on 3.11)."""
+    Its class here (3.10's, stood in from 3.11 on; 3.10's own there) must catch it, and
+    `except TimeoutError` still (and `except multiprocessing.TimeoutError`, as on 3.11).
+    (The stand-in on 3.10 hid the class the stdlib's as_completed raises there.)"""
     import concurrent.futures as cf
     import multiprocessing
 
-    class FuturesTimeout(Exception):  # (3.10's concurrent.futures.TimeoutError: not an OSError)
-        pass
+    if cf.TimeoutError is TimeoutError:
+        class StandIn(Exception):  # (3.10's concurrent.futures.TimeoutError: not an OSError)
+            pass
 
-    monkeypatch.setattr(cf, "TimeoutError", FuturesTimeout)
+        monkeypatch.setattr(cf, "TimeoutError", StandIn)
+    FuturesTimeout = cf.TimeoutError
     run(ip, "import mpmagic\nbg_slow = %pmap --bg -q napper, range(40)")
     try:
         for code in ("bg_slow.result(timeout=0.01)", "bg_slow.exception(timeout=0.01)",

@@ -251,7 +251,7 @@ def test_data_work_notebook() -> None:
         assert float(low) <= float(mean) <= float(high)
 
     # The pandas accessor: its timing line names the call and counts groups / rows, and the result is pandas' own.
-    profiles = cell_text(nb, "orders.groupby(\"customer\").mp.apply(profile)")
+    profiles = cell_text(nb, "orders.groupby(\"customer\")[bought].mp.apply(profile)")
     assert "groupby(...).mp.apply: 500 groups on" in profiles, profiles
     assert "same result: True" in cell_text(nb, "expected = orders.groupby")
     summary = cell_value(nb, "summary = profiles.join(customers)")

@@ -215,6 +215,29 @@ def test_groupby_raises_the_exception_pandas_raises(ip, frame) -> None:
         run(ip, "df.groupby('key').mp.apply(group_fails, quiet=True)")
 
 
+def test_groupby_apply_warns_as_pandas_does_at_the_users_line(ip, frame) -> None:
+    """pandas 2 (the newest on Python 3.10) deprecates an apply that hands ``func`` the
+    grouping columns, charged to the first frame outside pandas: serially the user's line.
+    ``.mp.apply`` warned twice, at the accessor's own lines (pandas_accessor.py:176 from
+    the workers, 823 here; a call run at home and compare's serial run, at theirs).
+    Where pandas says nothing (pandas 3) neither does it."""
+    import warnings
+
+    def said(code: str) -> list[tuple]:
+        with warnings.catch_warnings(record=True) as caught, capture_output() as cap:
+            warnings.simplefilter("always")
+            run(ip, code)
+        relayed = [line for line in cap.stderr.splitlines() if re.search(r"\w+Warning: ", line)]
+        return [(w.category, str(w.message), w.filename.startswith("<ipython-input-")) for w in caught] + relayed
+
+    for call, options in (("df.groupby('key').apply(group_stats)", "quiet=True"),
+                          ("df.groupby('key').apply(group_stats)", "compare=True, quiet=True"),  # (its own run)
+                          ("df.iloc[:0].groupby('key').apply(group_spread)", "quiet=True")):  # (run here)
+        serial = said(call)
+        assert said(call.replace(".apply(", ".mp.apply(")[:-1] + f", {options})") == serial, (call, options)
+        assert all(charged for *_, charged in serial), serial
+
+
 def test_a_failure_names_the_row_or_group_not_the_piece(ip, frame) -> None:
     # (it said "raised by item 3 of the input", counting the accessor's own pieces)
     with pytest.raises(ZeroDivisionError) as row:

@@ -91,6 +91,24 @@ def test_default_size_follows_affinity_and_quota(monkeypatch):
     assert cpus.available_cpus() == 1
 
 
+def test_default_size_is_the_cpu_count_python_was_told(monkeypatch):
+    """Python 3.13's ``-X cpu_count=N`` / ``PYTHON_CPU_COUNT=N`` make
+    ``os.process_cpu_count()``, and so ``multiprocessing.Pool()``'s size, N; the pool
+    counted the affinity mask and the quota only (2 workers with PYTHON_CPU_COUNT=1).
+    Below 3.13 the test gives ``os`` the function, as 3.13 has it."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(cpus, "_cgroup_quota", lambda: None)
+    monkeypatch.setattr(os, "process_cpu_count", lambda: 1, raising=False)
+    monkeypatch.delitem(sys._xoptions, "cpu_count", raising=False)
+    monkeypatch.setenv("PYTHON_CPU_COUNT", "1")
+    assert cpus.available_cpus() == 1
+    monkeypatch.setitem(sys._xoptions, "cpu_count", "default")  # (-X wins over the environment)
+    assert cpus.available_cpus() == 4
+    monkeypatch.delitem(sys._xoptions, "cpu_count")
+    monkeypatch.delenv("PYTHON_CPU_COUNT")
+    assert cpus.available_cpus() == 4  # (told nothing: the affinity mask, whatever process_cpu_count says)
+
+
 def test_default_start_method_is_forkserver_on_linux_and_spawn_elsewhere():
     """The documented default: forkserver on Linux (spawn-safe, fast to start), spawn elsewhere."""
     from mpmagic.backends.local import default_start_method

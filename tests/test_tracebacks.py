@@ -599,6 +599,23 @@ def test_python_3_10s_hook_prints_the_item_note_and_no_frame_of_ours(pool2, caps
     assert sys.excepthook is print
 
 
+def test_python_3_10s_hook_leaves_an_error_without_notes_or_our_frames_to_python(capsys):
+    """Once a map's failure got its note, the hook mpmagic gives 3.10 printed every
+    later error of the script, serial ones too, without what only Python's own printer
+    adds there: "Did you mean: 'append'?" (the ``traceback`` module adds it from 3.12)."""
+    from mpmagic import errors
+
+    try:
+        [].apend  # noqa: B018
+    except AttributeError as error:
+        exc = error
+    sys.__excepthook__(type(exc), exc, exc.__traceback__)
+    python = capsys.readouterr().err
+    errors.print_with_notes(type(exc), exc, exc.__traceback__)
+    assert capsys.readouterr().err == python
+    assert python.endswith("Did you mean: 'append'?\n"), python
+
+
 def _frame_headers(text: str) -> list[str]:
     """The "Cell In[N], line L, in f(...)" lines of a displayed traceback."""
     return re.findall(r"^Cell In\[\d+\], line \d+, in .*$", text, flags=re.M)
