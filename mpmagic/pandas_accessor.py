@@ -60,6 +60,7 @@ import numpy as np
 import pandas as pd
 from pandas.core.groupby import DataFrameGroupBy, SeriesGroupBy
 
+from . import worker_logging
 from .checks import check_whole
 from .errors import UsageError, add_note
 
@@ -97,7 +98,8 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
         values.append(value)
         return value if stand_in is None else stand_in
 
-    getattr(piece, method)(recorder, **options)
+    with worker_logging.naming_items(lambda: _nth(piece, options, len(values))):  # ([row 'r57'], not [item 4])
+        getattr(piece, method)(recorder, **options)
     return _pack(values)
 
 
@@ -163,17 +165,23 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
     if selection is not None:
         grouped = grouped[selection]
 
+    running: list = []  # the name of the group func is running on (for a record's label)
+
     def record(group: Any) -> None:
         __tracebackhide__ = True
         key = _group_key(group.name)
         if key in wanted:  # observed=False may also show empty groups of absent categories
+            running.append(group.name)
             try:
                 found[key] = func(group, *args, **kwargs)
             except BaseException as exc:
                 _note(exc, f"group {_label(group.name)}")
                 raise
+            finally:
+                running.clear()
 
-    grouped.apply(record, **options)
+    with worker_logging.naming_items(lambda: f"group {_label(running[0])}" if running else ""):
+        grouped.apply(record, **options)
     return [found[_group_key(name)] for name in names]
 
 
@@ -193,6 +201,12 @@ def _note(exc: BaseException, what: str) -> None:
 
 def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:
     """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label."""
+    return _nth(piece, options, k, x) or f"the value {_label(x)}"
+
+
+def _nth(piece: pd.DataFrame | pd.Series, options: dict, k: int, x: Any = None) -> str:
+    """The ``k``-th row or column pandas' call on ``piece`` hands ``func`` (``x``, if given), by its label:
+    "row 'r57'", "column 'b'"; "" where there is none (``k`` past the last: pandas' own call, after them)."""
     try:
         if isinstance(piece, pd.DataFrame):
             rows = options.get("axis", 0) in (1, "columns")
@@ -204,7 +218,7 @@ def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> st
             index = index[piece.notna().to_numpy()]
         return f"row {_label(index[k])}"
     except Exception:  # (never hide func's own error behind ours)
-        return f"the value {_label(x)}"
+        return ""
 
 
 def _label(label: Any, limit: int = 80) -> str:

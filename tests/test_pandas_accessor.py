@@ -690,3 +690,33 @@ def test_a_function_that_appends_to_a_notebook_list_says_the_list_is_not_changed
     err = capsys.readouterr().err
     assert ("mpmagic: _acc_keep changes the notebook's list `_acc_bag` (_acc_bag.append) in the workers' copies, "
             "not in the notebook: it is as it was before the run") in err, err
+
+
+def test_a_task_s_log_records_and_warnings_name_the_row_or_group_not_the_piece(ip, pool2, capsys,
+                                                                              notebook_warnings):
+    """A record or warning made by ``f`` in ``s.mp.map(f)`` came labelled ``[item 4]``:
+    the fifth piece of rows the accessor cut, which the user never numbered (row 57
+    of 100, row 'r57'). Labelled by the row, column or group ``f`` was given, in the
+    words of the accessor's error notes ("raised by row 'r57'")."""
+    run(ip, "import logging, warnings, pandas as pd\n"
+            "_acc_s = pd.Series(range(100), index=[f'r{i}' for i in range(100)])\n"
+            "_acc_gf = pd.DataFrame({'k': [i // 10 for i in range(100)], 'v': range(100)})\n"
+            "def _acc_talk(v):\n"
+            "    if v == 57:\n"
+            "        logging.getLogger('acc').warning('at %s', v)\n"
+            "        warnings.warn(f'careful {v}', UserWarning)\n"
+            "    return v\n"
+            "_acc_log = logging.getLogger('acc')\n"
+            "_acc_log.propagate = False\n"  # (shown on this test's stderr, not kept by pytest's log capture)
+            "_acc_log.addHandler(logging.StreamHandler())\n")
+    capsys.readouterr()
+    run(ip, "_ = _acc_s.mp.map(_acc_talk, quiet=True, chunks=8)")
+    err = capsys.readouterr().err
+    assert "[row 'r57'] WARNING:acc:at 57\n" in err, err
+    assert re.search(r"^\[row 'r57'\] .*: UserWarning: careful 57$", err, re.M), err
+    assert "[item" not in err, err
+    run(ip, "_ = _acc_gf.groupby('k').mp.apply(lambda g: _acc_talk(g['v'].iloc[7]), quiet=True, chunks=3)")
+    err = capsys.readouterr().err
+    assert "[group 5] WARNING:acc:at 57\n" in err, err
+    assert "[item" not in err, err
+    run(ip, "_acc_log.handlers.clear()\n_acc_log.propagate = True")
