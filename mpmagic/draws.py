@@ -57,6 +57,9 @@ class RandomUse:
     argument: bool = False
     code: Any = field(default=None, compare=False)
     default: bool = False  # (``name`` is the argument whose default it is: ``def f(x, r=rng)``)
+    # (``name`` is a drawing function imported from a global state, ``from numpy.random import rand``:
+    # a method of that state's object, which goes to each worker as a copy, as a captured generator does)
+    imported: bool = False
 
 
 def random_uses(func: Any) -> list[RandomUse]:
@@ -236,8 +239,14 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             source = _global_draw(v, name, chains)
         except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
             continue
-        if source:
+        if source and type(v) is not types.ModuleType:  # (from numpy.random import rand: a copy per worker)
+            found.append(RandomUse(func_name_of(func), "generator", name, _STATE_WORDS[source], code=code,
+                                   imported=True))
+        elif source:  # (np.random.rand(): each worker's own global state)
             found.append(RandomUse(func_name_of(func), source, name, code=code))
+
+
+_STATE_WORDS = {"random": "random's global state", "numpy": "numpy.random's global state"}
 
 
 #: How many of an object's attributes the draws line looks at (bounded work per object).
@@ -384,6 +393,8 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
     state is each worker's own: a seed the notebook set (``random.seed(0)``) reaches no
     worker, so the results differ from serial and from one run to the next, silently
     (said only once the notebook seeded that state; else serial draws are as unrepeatable).
+    A drawing function imported from a global state (``from numpy.random import rand``) is
+    a method of that state's object, which goes to each worker as a copy: said as a generator.
     ``workers``: those the run may use (None: the pool's). ``advised``: --compare's advice
     line says the results differ and why, already. ``accessor``: the pandas accessor's run
     (it has no seed=: the remedy is a generator seeded from what each call is given)."""
@@ -395,7 +406,8 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
         return
     use = uses[0]
     if use.source == "generator":
-        what = (f"the {use.kind} it is given as argument {use.name}" if use.argument
+        what = (f"{use.kind}, through `{use.name}` imported from it" if use.imported
+                else f"the {use.kind} it is given as argument {use.name}" if use.argument
                 else f"the {use.kind} its argument {use.name} defaults to" if use.default
                 else f"the notebook's {use.kind} `{use.name}`" if use.name else f"the notebook's {use.kind} it is a "
                 "method of")

@@ -298,6 +298,30 @@ def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, ca
     assert "_d draws" not in capsys.readouterr().err
 
 
+def test_a_drawing_function_imported_from_a_global_state_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """``from numpy.random import rand`` (or ``from random import random``) read by the
+    mapped function is a method of the module's global state object, and goes to each
+    worker with a copy of that object: two workers drew the same numbers, seeded or not
+    (serially: one stream, going on). Nothing was said before the notebook seeded the
+    state, and then the line said each worker drew from "a state of its own"."""
+    mpmagic.draws._said_draws.clear()
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]  # (nothing seeded)
+    run(ip, "from numpy.random import rand as _np_rand\nfrom random import random as _py_random\n"
+            "def _imp_np(x):\n    return float(_np_rand())\n"
+            "def _imp_py(x):\n    return _py_random()\n")
+    got = run(ip, "%pmap -q --chunksize 1 _imp_np, range(4)")
+    assert len(set(got)) < 4  # (each worker's first draw is the same number: copies of one state)
+    err = capsys.readouterr().err
+    assert ("mpmagic: _imp_np draws from numpy.random's global state, through `_np_rand` imported from it: each "
+            "worker draws from its own copy of it as it was at the call, so workers draw the same numbers, and the "
+            "notebook's does not move on (a next call draws the same numbers again); for draws that differ per "
+            "item and repeat on any number of workers use --seed S (seed=S), and mpmagic.rng() for a "
+            "Generator\n") in err, err
+    run(ip, "_ = %pmap -q --chunksize 1 _imp_py, range(4)")
+    assert ("mpmagic: _imp_py draws from random's global state, through `_py_random` imported from it: each "
+            "worker draws from its own copy") in capsys.readouterr().err
+
+
 def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
     """A function that reads the notebook's generator only to test it against None
     (``x if rng is None else x + 1``) draws nothing from it: serially and in the workers
