@@ -448,6 +448,35 @@ def test_an_object_holding_a_generator_it_does_not_draw_from_says_nothing():
     assert draws.random_uses(ns["odd_one"]) == []
 
 
+def test_a_parallel_cell_drawing_from_a_notebook_generator_says_ranks_draw_from_copies(ip, local_pool, capsys):
+    """``rng = np.random.default_rng(0)`` in the notebook, then ``%%parallel -n 2`` drawing
+    ``rng.random()``: the cell run once per rank here draws two successive numbers; each
+    rank drew from its own copy of ``rng`` as it was at the run, so both ranks got the same
+    number, silently (the line was %pmap's only). Also through a notebook function the
+    cell calls, and through a function imported from a global state (a copy of that
+    state's object). Nothing for a cell that makes its own generator or only tests it."""
+    mpmagic.draws._said_cells.clear()
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]  # (nothing seeded)
+    run(ip, "import numpy as np\n_cell_rng = np.random.default_rng(0)\nfrom numpy.random import rand as _cell_rand\n"
+            "def _cell_draw():\n    return float(_cell_rng.random())\n")
+    got = run(ip, "%%parallel -n 2 -q\nfloat(_cell_rng.random())")
+    assert got[0] == got[1]
+    assert ("mpmagic: the cell draws from the notebook's numpy Generator `_cell_rng`: each rank draws from its own "
+            "copy of it as it was at the run, so ranks draw the same numbers, and the notebook's does not move on "
+            "(a next run draws the same numbers again); for draws that differ per rank and repeat use --seed S and "
+            "mpmagic.rng() for a Generator (each rank its own stream from S and its rank)\n") in capsys.readouterr().err
+    run(ip, "%%parallel -n 2 -q\n_cell_draw()")
+    assert "mpmagic: the cell draws from the notebook's numpy Generator `_cell_rng`: each rank draws from its own " \
+        "copy" in capsys.readouterr().err
+    run(ip, "%%parallel -n 2 -q\nfloat(_cell_rand())")
+    assert ("mpmagic: the cell draws from numpy.random's global state, through `_cell_rand` imported from it: each "
+            "rank draws from its own copy") in capsys.readouterr().err
+    run(ip, "%%parallel -n 2 -q\n_cell_rng = np.random.default_rng(rank)\nfloat(_cell_rng.random())")
+    run(ip, "%%parallel -n 2 -q\n_cell_rng is None")
+    run(ip, "%%parallel -n 2 -q --seed 1\nfloat(_cell_rng.random()) + 1")
+    assert "mpmagic:" not in capsys.readouterr().err
+
+
 def test_a_parallel_cell_drawing_from_a_global_state_the_notebook_seeded_says_so(ip, local_pool, capsys):
     """``random.seed(0)`` in the notebook, then ``%%parallel -n 2`` drawing ``random.random()``:
     the cell run once per rank here draws successive numbers of the seeded stream; each
