@@ -322,6 +322,28 @@ def test_a_drawing_function_imported_from_a_global_state_says_workers_draw_from_
             "worker draws from its own copy") in capsys.readouterr().err
 
 
+def test_one_generator_given_as_several_items_says_they_draw_the_same_numbers(ip, local_pool, capsys):
+    """numpy's advice is to pass the generator: ``map(simulate, params, [rng] * n)`` draws one
+    stream serially, each item going on from the last; each item went to the workers as a
+    copy of ``rng`` in its state at the call, so every item drew the same numbers, silently.
+    One line says so; a generator per item (``rng.spawn(n)``) says nothing."""
+    run(ip, "import numpy as np, itertools\n_items_rng = np.random.default_rng(0)\n"
+            "def _sim(p, g):\n    return p + float(g.random())\n")
+    got = run(ip, "%pmap -q --chunksize 1 _sim, [0, 0, 0, 0], [_items_rng] * 4")
+    assert len(set(got)) == 1  # (serially four successive draws of one stream)
+    err = capsys.readouterr().err
+    assert ("mpmagic: items 0 and 1 hold the same numpy Generator: each item gets its own copy of it as it was at "
+            "the call, so they draw the same numbers (serially: one stream, each item going on from the last), and "
+            "the notebook's does not move on; give each item its own generator (rng.spawn(n) makes n independent "
+            "ones)\n") in err, err
+    assert err.count("mpmagic:") == 1  # (once per run)
+    run(ip, "_ = %pmap -q _sim, range(3), itertools.repeat(_items_rng, 3)")
+    assert "items 0 and 1 hold the same numpy Generator" in capsys.readouterr().err
+    run(ip, "_ = %pmap -q _sim, range(4), _items_rng.spawn(4)")
+    run(ip, "_ = %pmap -q lambda g: float(g.random()), _items_rng.spawn(4)")
+    assert "mpmagic:" not in capsys.readouterr().err
+
+
 def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
     """A function that reads the notebook's generator only to test it against None
     (``x if rng is None else x + 1``) draws nothing from it: serially and in the workers
