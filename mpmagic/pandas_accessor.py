@@ -321,6 +321,9 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
     try:
         results = api.pmap(func, items, workers=workers, chunksize=1)
     except BaseException as exc:
+        stop = _functions_stop(exc)
+        if stop is not None:
+            raise stop from None
         _own_notes(exc)
         raise
     report = api.last_report()
@@ -335,6 +338,23 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         report.chunksize = per_piece if chunks is not None else f"auto ({per_piece})"
         report.slowest_where = _piece_text(report.slowest_where, spans, what)
     return results, report
+
+
+def _functions_stop(exc: BaseException) -> StopIteration | None:
+    """The ``StopIteration`` ``func`` raised, when the pool made it its item's ``RuntimeError``.
+
+    The pool does so because a task's StopIteration would end a serial ``map()``
+    early; pandas' own call lets it through instead (``s.map(f)`` raises it), so
+    the accessor raises it as pandas would, with its note naming the row (the
+    RuntimeError said "raised in a worker by pandas' own call", which it was not).
+    None for any other exception, and for a StopIteration pandas' call raised itself.
+    """
+    cause = exc.__cause__
+    if type(exc) is not RuntimeError or not isinstance(cause, StopIteration):
+        return None
+    notes = getattr(cause, "__notes__", None)
+    named = isinstance(notes, list) and any(isinstance(n, str) and n.startswith(_RAISED_BY) for n in notes)
+    return cause if named else None
 
 
 def _piece_text(where: str | None, spans: list[tuple[int, int]], what: str) -> str | None:

@@ -720,3 +720,19 @@ def test_a_task_s_log_records_and_warnings_name_the_row_or_group_not_the_piece(i
     assert "[group 5] WARNING:acc:at 57\n" in err, err
     assert "[item" not in err, err
     run(ip, "_acc_log.handlers.clear()\n_acc_log.propagate = True")
+
+
+def test_a_stop_iteration_the_function_raises_comes_back_as_pandas_lets_it_through(ip, pool2):
+    """pandas' map lets a function's StopIteration through (``s.map(f)`` raises it); the
+    pool makes a task's StopIteration a RuntimeError (it would end a serial ``map()``
+    early), so ``s.mp.map(f)`` raised that RuntimeError, noted "raised in a worker by
+    pandas' own call, not by the function", which was the function's. Now the
+    function's StopIteration, naming its row, as serially."""
+    run(ip, "import pandas as pd\ndef _acc_stop(v):\n    if v == 2:\n        next(iter([]))\n    return v\n")
+    with pytest.raises(StopIteration):
+        run(ip, "pd.Series([1, 2, 3]).map(_acc_stop)")
+    with pytest.raises(StopIteration) as got:
+        run(ip, "pd.Series([1, 2, 3]).mp.map(_acc_stop, quiet=True)")
+    notes = getattr(got.value, "__notes__", [])
+    assert "mpmagic: raised by row 1" in notes, notes
+    assert not any("pandas' own call" in note for note in notes), notes
