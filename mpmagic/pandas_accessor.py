@@ -236,15 +236,20 @@ def _label(label: Any, limit: int = 80) -> str:
 def _own_notes(exc: BaseException) -> None:
     """Drop the pool's "raised by item N of the input" note, whose N counts the accessor's pieces.
 
-    The worker named the row or group instead (``_note``); if it did not,
-    pandas' own call raised, not ``func``. A note starting with "mpmagic: "
+    The worker named the row or group instead (``_note``), on the exception or on
+    its cause (``func``'s KeyboardInterrupt, which the pool makes a RuntimeError);
+    if it did not, pandas' own call raised, not ``func``. A note starting with "mpmagic: "
     stays, as it tells the display the exception came from a worker.
     """
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, (list, tuple)) or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
         return
     named = any(isinstance(n, str) and n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes)
-    fix = "" if named else "mpmagic: raised in a worker by pandas' own call, not by the function"
+    # (a KeyboardInterrupt func raised comes as the pool's RuntimeError: the row is named on its cause)
+    cause_notes = getattr(exc.__cause__, "__notes__", None)
+    by_cause = next((n for n in cause_notes if isinstance(n, str) and n.startswith(_RAISED_BY)
+                     and not n.startswith(_ITEM_NOTE)), None) if isinstance(cause_notes, list) else None
+    fix = "" if named else by_cause or "mpmagic: raised in a worker by pandas' own call, not by the function"
 
     def keep(lines: list) -> list:
         out = []

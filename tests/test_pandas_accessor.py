@@ -736,3 +736,16 @@ def test_a_stop_iteration_the_function_raises_comes_back_as_pandas_lets_it_throu
     notes = getattr(got.value, "__notes__", [])
     assert "mpmagic: raised by row 1" in notes, notes
     assert not any("pandas' own call" in note for note in notes), notes
+
+
+def test_a_keyboard_interrupt_the_function_raises_names_its_row_not_pandas(ip, pool2):
+    """A KeyboardInterrupt the function raises itself comes back as the pool's RuntimeError
+    (a KeyboardInterrupt in the notebook means the run was interrupted), whose cause
+    carried the row's note: the error said "raised in a worker by pandas' own call, not
+    by the function", which it was not. It names the row."""
+    run(ip, "import pandas as pd\ndef _acc_ki(v):\n    if v == 2:\n        raise KeyboardInterrupt('mine')\n    return v\n")
+    with pytest.raises(RuntimeError) as got:
+        run(ip, "pd.Series([1, 2, 3]).mp.map(_acc_ki, quiet=True)")
+    notes = getattr(got.value, "__notes__", [])
+    assert "mpmagic: raised by row 1" in notes, notes
+    assert not any("pandas' own call" in note for note in notes), notes
