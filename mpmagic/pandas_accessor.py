@@ -42,7 +42,7 @@ column order, same dtypes.
 
 Registered only when pandas is imported (``mpmagic`` never imports pandas
 itself): at ``import mpmagic`` or ``%load_ext mpmagic`` if pandas is already
-imported, else after the first notebook cell that imports it.
+imported, else as soon as a cell or a script imports it (``pandas_hook``).
 """
 
 from __future__ import annotations

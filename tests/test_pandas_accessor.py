@@ -111,6 +111,18 @@ def test_pandas_is_never_imported_by_mpmagic_itself() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_a_script_importing_mpmagic_before_pandas_has_the_accessor() -> None:
+    """``import mpmagic`` then ``import pandas`` (the order isort and ruff sort a script's
+    imports in) left DataFrames without ``.mp`` (AttributeError): only ``%load_ext``
+    waited for pandas' import, and ``import mpmagic`` registered it only when pandas
+    was imported already. mpmagic still imports no pandas itself."""
+    code = ("import sys\nimport mpmagic\nbefore = 'pandas' in sys.modules\nimport pandas as pd\n"
+            "print(before, all(hasattr(o, 'mp') for o in (pd.DataFrame(), pd.Series(dtype=int))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPMAGIC_PRESTART": "0"})
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+
+
 def test_the_accessor_appears_as_soon_as_a_cell_imports_pandas() -> None:
     code = textwrap.dedent(
         """
