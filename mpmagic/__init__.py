@@ -338,7 +338,9 @@ def unload_ipython_extension(ipython: Any) -> None:
     ipython.magics_manager.registry.pop("DebugMagics", None)
 
 
-if "pandas" in sys.modules:  # `import pandas; import mpmagic` in a script: df.mp is there
-    from . import pandas_accessor as _pandas_accessor
+# A script's df.mp: now if pandas is imported (`import pandas; import mpmagic`), else as soon
+# as it is: isort and ruff sort `import mpmagic` before `import pandas`, and DataFrames had no
+# `.mp` there (only %load_ext waited for pandas). A finder, no import of pandas (pandas_hook.py).
+from . import pandas_hook as _pandas_hook  # noqa: E402
 
-    _pandas_accessor.register()
+_pandas_hook.install()

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .cell import names_used
 from .payload_cache import (
     _ATOMIC,
     _MAX_CODES,
@@ -57,6 +58,9 @@ class RandomUse:
     argument: bool = False
     code: Any = field(default=None, compare=False)
     default: bool = False  # (``name`` is the argument whose default it is: ``def f(x, r=rng)``)
+    # (``name`` is a drawing function imported from a global state, ``from numpy.random import rand``:
+    # a method of that state's object, which goes to each worker as a copy, as a captured generator does)
+    imported: bool = False
 
 
 def random_uses(func: Any) -> list[RandomUse]:
@@ -236,8 +240,14 @@ def _uses_of(func: Any, found: list[RandomUse], seen: set, depth: int) -> None:
             source = _global_draw(v, name, chains)
         except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
             continue
-        if source:
+        if source and type(v) is not types.ModuleType:  # (from numpy.random import rand: a copy per worker)
+            found.append(RandomUse(func_name_of(func), "generator", name, _STATE_WORDS[source], code=code,
+                                   imported=True))
+        elif source:  # (np.random.rand(): each worker's own global state)
             found.append(RandomUse(func_name_of(func), source, name, code=code))
+
+
+_STATE_WORDS = {"random": "random's global state", "numpy": "numpy.random's global state"}
 
 
 #: How many of an object's attributes the draws line looks at (bounded work per object).
@@ -384,6 +394,8 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
     state is each worker's own: a seed the notebook set (``random.seed(0)``) reaches no
     worker, so the results differ from serial and from one run to the next, silently
     (said only once the notebook seeded that state; else serial draws are as unrepeatable).
+    A drawing function imported from a global state (``from numpy.random import rand``) is
+    a method of that state's object, which goes to each worker as a copy: said as a generator.
     ``workers``: those the run may use (None: the pool's). ``advised``: --compare's advice
     line says the results differ and why, already. ``accessor``: the pandas accessor's run
     (it has no seed=: the remedy is a generator seeded from what each call is given)."""
@@ -395,7 +407,8 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
         return
     use = uses[0]
     if use.source == "generator":
-        what = (f"the {use.kind} it is given as argument {use.name}" if use.argument
+        what = (f"{use.kind}, through `{use.name}` imported from it" if use.imported
+                else f"the {use.kind} it is given as argument {use.name}" if use.argument
                 else f"the {use.kind} its argument {use.name} defaults to" if use.default
                 else f"the notebook's {use.kind} `{use.name}`" if use.name else f"the notebook's {use.kind} it is a "
                 "method of")
@@ -433,27 +446,91 @@ _said_cells: set[int] = set()
 
 def say_cell_draws(code: str, namespace: Any) -> None:
     """One line, once per cell text: a ``%%parallel`` cell (``code``, reading the notebook's
-    ``namespace``) draws from ``random``'s or numpy's global state, which a notebook cell
-    seeded (``random.seed(0)``). Run once per rank here, the cell would draw successive
-    numbers of that seeded stream; each rank draws from its worker's own state instead,
-    silently. Not said for a cell that seeds the state itself (``random.seed(rank)``); the
-    caller skips it with ``--seed``. Advice only: it never raises."""
+    ``namespace``) draws what the cell run once per rank here would not. A generator the
+    notebook made (``rng.random()``, also through a notebook function the cell calls, or a
+    function imported from a global state, ``from numpy.random import rand``) goes to each
+    rank as a copy in its state at the run: the ranks drew the same numbers, where the cell
+    run here draws successive ones. ``random``'s or numpy's global state, which a notebook
+    cell seeded (``random.seed(0)``): each rank draws from its worker's own state instead.
+    Silently, both. Not said for a cell that seeds the state itself (``random.seed(rank)``)
+    or makes its own generator; the caller skips it with ``--seed``. Advice only: it never raises."""
     try:
         key = hash(code)
         if key in _said_cells:
             return
-        seeded = notebook_seeded()
-        if not seeded:
-            return
-        if any(pattern.search(_code_only(code)) for pattern in _SEEDS.values()):
-            return  # (the cell seeds its own state: a rank draws what the cell run here would)
         compiled = compile(code, "<cell>", "exec", dont_inherit=True)
+        names = sorted(names_used(code))  # (the notebook's names it reads: not a rank's own, not attributes)
     except Exception:  # (not Python as written, an odd namespace: nothing said)
         return
     chains = _chains(compiled)
+    line = _cell_copy_line(compiled, names, namespace, chains)
+    if line is None:
+        line = _cell_seeded_line(code, _loaded_names(compiled), namespace, chains)
+    if line is None:
+        return
+    if len(_said_cells) > 1000:
+        _said_cells.clear()
+    _said_cells.add(key)
+    sys.stderr.write(f"mpmagic: the cell draws from {line}; for draws that differ per rank and repeat use "
+                     "--seed S" + (" and mpmagic.rng() for a Generator" if "copy" in line else "")
+                     + " (each rank its own stream from S and its rank)\n")
+
+
+def _cell_copy_line(compiled: types.CodeType, names: list[str], namespace: Any,
+                    chains: frozenset[tuple[str, ...]]) -> str | None:
+    """The line's words for a notebook generator the cell draws from (each rank a copy), or None."""
+    for name in names:
+        try:
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING or type(value) in _ATOMIC or type(value) is type:
+                continue
+            if type(value) is types.FunctionType:  # (a notebook function the cell calls)
+                use = next((u for u in random_uses(value) if u.source == "generator"), None)
+                what = None if use is None else _copied_words(use)
+            elif (kind := _generator_kind(value)) and not _only_tested(compiled, name):
+                what = f"the notebook's {kind} `{name}`"
+            elif held := _held_generators(value, name, chains):
+                what = f"the notebook's {held[0][1]} `{name}.{held[0][0]}`"
+            elif (source := _global_draw(value, name, chains)) and type(value) is not types.ModuleType:
+                what = f"{_STATE_WORDS[source]}, through `{name}` imported from it"
+            else:
+                what = None
+        except Exception:  # (a value whose __getattr__ raises: it draws nothing of ours to say)
+            continue
+        if what is not None:
+            return (f"{what}: each rank draws from its own copy of it as it was at the run, so ranks draw the same "
+                    "numbers, and the notebook's does not move on (a next run draws the same numbers again)")
+    return None
+
+
+def _copied_words(use: RandomUse) -> str | None:
+    """What a notebook function draws from, in the cell's line: a generator it reads (as
+    :func:`say_random_draws` says it), None for one given as an argument or a default
+    (the cell's own call decides what it passes)."""
+    if use.imported:
+        return f"{use.kind}, through `{use.name}` imported from it"
+    if use.argument or use.default or not use.name:
+        return None
+    return f"the notebook's {use.kind} `{use.name}`"
+
+
+def _loaded_names(compiled: types.CodeType) -> list[str]:
+    """The names the cell's code looks up as names (``random`` of ``import random`` in the
+    cell too), not the attributes it reads (``rand`` of ``rs.rand()``, which is no draw
+    from the global ``rand`` the notebook may have imported)."""
+    return sorted({str(ins.argval) for c in _codes(compiled) for ins in dis.get_instructions(c)
+                   if ins.opname in ("LOAD_NAME", "LOAD_GLOBAL")})
+
+
+def _cell_seeded_line(code: str, names: list[str], namespace: Any, chains: frozenset[tuple[str, ...]]) -> str | None:
+    """The line's words for a global state the notebook seeded that the cell draws from, or None."""
+    seeded = notebook_seeded()
+    if not seeded:
+        return None
+    if any(pattern.search(_code_only(code)) for pattern in _SEEDS.values()):
+        return None  # (the cell seeds its own state: a rank draws what the cell run here would)
     modules = {"random": random, "np": sys.modules.get("numpy"), "numpy": sys.modules.get("numpy")}
-    source = ""
-    for name in sorted({n for c in _codes(compiled) for n in c.co_names}):
+    for name in names:
         try:
             value = namespace.get(name, _MISSING)
             if value is _MISSING:  # (``import random`` in the cell: the module it imports)
@@ -464,17 +541,11 @@ def say_cell_draws(code: str, namespace: Any) -> None:
         except Exception:  # (a value whose __getattr__ raises: it draws nothing of random's or numpy's)
             continue
         if source in seeded:
-            break
-    else:
-        return
-    if len(_said_cells) > 1000:
-        _said_cells.clear()
-    _said_cells.add(key)
-    state = "random's global state" if source == "random" else "numpy.random's global state"
-    sys.stderr.write(f"mpmagic: the cell draws from {state}, which the notebook seeded: each rank draws from its "
-                     "worker's own state, not the notebook's, so the numbers differ from the cell run once per rank "
-                     "here and from one run to the next; for draws that differ per rank and repeat use --seed S "
-                     "(each rank its own stream from S and its rank)\n")
+            state = "random's global state" if source == "random" else "numpy.random's global state"
+            return (f"{state}, which the notebook seeded: each rank draws from its worker's own state, not the "
+                    "notebook's, so the numbers differ from the cell run once per rank here and from one run to "
+                    "the next")
+    return None
 
 
 # A notebook cell that seeds random's or numpy's global state (not a %%pool setup or a

@@ -32,6 +32,7 @@ from . import (
     context,
     debugging,
     display_relay,
+    generator_items,
     payload,
     payload_cache,
     shm,
@@ -554,6 +555,8 @@ class MapJob:
         self.insights = insights
         self.bytes_sent = 0
         self._views_said = False  # (the note on torch views carrying their whole storage: once per run)
+        # The generator objects the items held so far (see _note_shared_generator); None once said.
+        self._generators: dict[int, tuple[Any, int]] | None = {}
         self.bytes_back = 0
         self.bytes_shared = 0  # numpy buffers among the items copied into shared memory
         self.cpu_seconds: float | None = None  # CPU seconds the workers reported, if they did
@@ -820,6 +823,8 @@ class MapJob:
             # lease (an atom never travels in shared memory) and no helper to keep.
             lease = None
             data = payload.dumps_atoms(items)
+            if data is None and self._generators is not None:  # (objects: one generator in two items?)
+                self._note_shared_generator(items, self._next_start)
             if data is None:
                 lease = shm.Lease() if self.shared_memory else None
             try:
@@ -855,6 +860,16 @@ class MapJob:
         if self._errors:
             self._settle()  # (an input error: decided once this unit, before it, is back)
         return unit
+
+    def _note_shared_generator(self, items: Any, start: int) -> None:
+        """One line (once per run) when two items hold the same random generator object
+        (``map(simulate, params, [rng] * n)``, as numpy advises passing a generator): each
+        item gets its own copy of it, so all of them drew the same numbers, silently."""
+        seen = self._generators
+        line = None if seen is None else generator_items.shared_generator(items, start, seen)
+        if line is not None:
+            self._generators = None  # (said; the generators held meanwhile are let go)
+            self._out("stderr", f"mpmagic: {line}\n")
 
     def _note_tensor_views(self, items: Any, start: int) -> None:
         """One line (once per run) when an item is a torch tensor viewing a much

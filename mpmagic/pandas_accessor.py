@@ -42,7 +42,7 @@ column order, same dtypes.
 
 Registered only when pandas is imported (``mpmagic`` never imports pandas
 itself): at ``import mpmagic`` or ``%load_ext mpmagic`` if pandas is already
-imported, else after the first notebook cell that imports it.
+imported, else as soon as a cell or a script imports it (``pandas_hook``).
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ import numpy as np
 import pandas as pd
 from pandas.core.groupby import DataFrameGroupBy, SeriesGroupBy
 
+from . import worker_logging
 from .checks import check_whole
 from .errors import UsageError, add_note
 
@@ -136,7 +137,8 @@ def _record(piece: pd.DataFrame | pd.Series, method: str, options: dict, func: C
         values.append(value)
         return value if stand_in is None else stand_in
 
-    getattr(piece, method)(recorder, **options)
+    with worker_logging.naming_items(lambda: _nth(piece, options, len(values))):  # ([row 'r57'], not [item 4])
+        getattr(piece, method)(recorder, **options)
     return _pack(values)
 
 
@@ -202,17 +204,23 @@ def _apply_groups(batch: pd.DataFrame | pd.Series, names: list, spec: dict, sele
     if selection is not None:
         grouped = grouped[selection]
 
+    running: list = []  # the name of the group func is running on (for a record's label)
+
     def record(group: Any) -> None:
         __tracebackhide__ = True
         key = _group_key(group.name)
         if key in wanted:  # observed=False may also show empty groups of absent categories
+            running.append(group.name)
             try:
                 found[key] = func(group, *args, **kwargs)
             except BaseException as exc:
                 _note(exc, f"group {_label(group.name)}")
                 raise
+            finally:
+                running.clear()
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), worker_logging.naming_items(
+            lambda: f"group {_label(running[0])}" if running else ""):
         # (pandas' remarks about the call: the notebook's own apply, which assembles the
         # result, makes them too and charges them to the user's line, see _ChargedToCaller)
         warnings.filterwarnings("ignore", module=_OURS)
@@ -236,6 +244,12 @@ def _note(exc: BaseException, what: str) -> None:
 
 def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> str:
     """The row, column or value ``x``, the ``k``-th that pandas' call on ``piece`` handed ``func``, by its label."""
+    return _nth(piece, options, k, x) or f"the value {_label(x)}"
+
+
+def _nth(piece: pd.DataFrame | pd.Series, options: dict, k: int, x: Any = None) -> str:
+    """The ``k``-th row or column pandas' call on ``piece`` hands ``func`` (``x``, if given), by its label:
+    "row 'r57'", "column 'b'"; "" where there is none (``k`` past the last: pandas' own call, after them)."""
     try:
         if isinstance(piece, pd.DataFrame):
             rows = options.get("axis", 0) in (1, "columns")
@@ -247,7 +261,7 @@ def _which(piece: pd.DataFrame | pd.Series, options: dict, x: Any, k: int) -> st
             index = index[piece.notna().to_numpy()]
         return f"row {_label(index[k])}"
     except Exception:  # (never hide func's own error behind ours)
-        return f"the value {_label(x)}"
+        return ""
 
 
 def _label(label: Any, limit: int = 80) -> str:
@@ -265,15 +279,20 @@ def _label(label: Any, limit: int = 80) -> str:
 def _own_notes(exc: BaseException) -> None:
     """Drop the pool's "raised by item N of the input" note, whose N counts the accessor's pieces.
 
-    The worker named the row or group instead (``_note``); if it did not,
-    pandas' own call raised, not ``func``. A note starting with "mpmagic: "
+    The worker named the row or group instead (``_note``), on the exception or on
+    its cause (``func``'s KeyboardInterrupt, which the pool makes a RuntimeError);
+    if it did not, pandas' own call raised, not ``func``. A note starting with "mpmagic: "
     stays, as it tells the display the exception came from a worker.
     """
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, (list, tuple)) or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
         return
     named = any(isinstance(n, str) and n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes)
-    fix = "" if named else "mpmagic: raised in a worker by pandas' own call, not by the function"
+    # (a KeyboardInterrupt func raised comes as the pool's RuntimeError: the row is named on its cause)
+    cause_notes = getattr(exc.__cause__, "__notes__", None)
+    by_cause = next((n for n in cause_notes if isinstance(n, str) and n.startswith(_RAISED_BY)
+                     and not n.startswith(_ITEM_NOTE)), None) if isinstance(cause_notes, list) else None
+    fix = "" if named else by_cause or "mpmagic: raised in a worker by pandas' own call, not by the function"
 
     def keep(lines: list) -> list:
         out = []
@@ -350,6 +369,9 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
     try:
         results = api.pmap(func, items, workers=workers, chunksize=1)
     except BaseException as exc:
+        stop = _functions_stop(exc)
+        if stop is not None:
+            raise stop from None
         _own_notes(exc)
         raise
     report = api.last_report()
@@ -364,6 +386,23 @@ def _run(call: str, func: Callable, items: list, spans: list[tuple[int, int]], w
         report.chunksize = per_piece if chunks is not None else f"auto ({per_piece})"
         report.slowest_where = _piece_text(report.slowest_where, spans, what)
     return results, report
+
+
+def _functions_stop(exc: BaseException) -> StopIteration | None:
+    """The ``StopIteration`` ``func`` raised, when the pool made it its item's ``RuntimeError``.
+
+    The pool does so because a task's StopIteration would end a serial ``map()``
+    early; pandas' own call lets it through instead (``s.map(f)`` raises it), so
+    the accessor raises it as pandas would, with its note naming the row (the
+    RuntimeError said "raised in a worker by pandas' own call", which it was not).
+    None for any other exception, and for a StopIteration pandas' call raised itself.
+    """
+    cause = exc.__cause__
+    if type(exc) is not RuntimeError or not isinstance(cause, StopIteration):
+        return None
+    notes = getattr(cause, "__notes__", None)
+    named = isinstance(notes, list) and any(isinstance(n, str) and n.startswith(_RAISED_BY) for n in notes)
+    return cause if named else None
 
 
 def _piece_text(where: str | None, spans: list[tuple[int, int]], what: str) -> str | None:

@@ -325,19 +325,29 @@ def is_stale(name: str, prefix: str) -> bool:
 # sweep of dead owners leaves the names of a notebook whose workers still run.
 
 _SERVING = "mpmagic-serves-"
-_serving: list = []  # this worker's socket (kept open for its life)
+_serving: list[int] = []  # this worker's socket's descriptor (kept open for its life)
 
 
 def mark_serving(notebook_pid: int) -> None:
-    """In a worker: say, for the life of this process, that it serves ``notebook_pid``."""
+    """In a worker: say, for the life of this process, that it serves ``notebook_pid``.
+
+    The socket is kept as a bare descriptor, which the process's exit closes: a
+    socket object left for Python's shutdown to collect said "ResourceWarning:
+    unclosed <socket.socket ...>" in every spawn worker of a notebook that shows
+    those warnings (``-X dev``), whose filters the workers take.
+    """
     try:
         import socket
 
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(f"\0{_SERVING}{owned_by(notebook_pid)}{os.getpid()}")
-    except (OSError, AttributeError, ValueError):  # no abstract sockets (not Linux): sweeps do not wait
+    except (OSError, AttributeError):  # no Unix sockets: sweeps do not wait
         return
-    _serving.append(sock)
+    try:
+        sock.bind(f"\0{_SERVING}{owned_by(notebook_pid)}{os.getpid()}")
+    except (OSError, ValueError):  # no abstract sockets (not Linux): sweeps do not wait
+        sock.close()
+        return
+    _serving.append(sock.detach())
 
 
 def _served_owners() -> set[str]:

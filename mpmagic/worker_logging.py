@@ -20,7 +20,8 @@ and survives an interrupt or a worker's death up to the last line sent.
   logging" below),
   and a handler on its root logger writes each record as one marked line:
   the record's fields and its lines for the cell, ``[item 3] WARNING:root:text``
-  (``logging.BASIC_FORMAT`` behind the item label; a ``%%parallel`` rank's
+  (``logging.BASIC_FORMAT`` behind the item label, or the row or group a
+  pandas accessor's task names, :func:`naming_items`; a ``%%parallel`` rank's
   lines get ``[rank N]`` from the cell's own output labelling). At home the
   record goes to the notebook's logger of its name (:func:`deliver`: its file
   and other handlers, ``propagate``), and its lines show exactly when serial
@@ -56,6 +57,7 @@ wrap the running of the items or the cell in :func:`begin`/:func:`end`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.machinery
@@ -71,6 +73,7 @@ import threading
 import traceback
 import types
 import warnings
+from collections.abc import Callable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -212,10 +215,49 @@ def _running_item(frame: types.FrameType | None) -> int | None:
     return None
 
 
+# What a task names the thing it is working on now, by the thread running its unit:
+# the pandas accessor's items are pieces of a frame the user never numbered, so its
+# records say ``[row 'r57']`` or ``[group 5]``, not ``[item 4]`` (see :func:`naming_items`).
+_namers: dict[int, Callable[[], str]] = {}
+
+
+@contextlib.contextmanager
+def naming_items(namer: Callable[[], str]) -> Iterator[None]:
+    """While the block runs, this thread's records and warnings (and those of the
+    threads its task starts) are labelled ``[namer()]`` instead of ``[item N]``.
+
+    ``namer`` is called only when a record or warning is made (nothing per row);
+    it returns "" when it names nothing (pandas' own call warned between rows):
+    the line is then unlabelled. A cell rank's lines stay unlabelled here (the
+    cell's output labelling names the rank).
+    """
+    ident = threading.get_ident()
+    outer = _namers.get(ident)
+    _namers[ident] = namer
+    try:
+        yield
+    finally:
+        if outer is None:
+            _namers.pop(ident, None)
+        else:
+            _namers[ident] = outer
+
+
+def _named(namer: Callable[[], str]) -> str:
+    try:
+        name = namer()
+    except Exception:  # (a label only: never a task's error)
+        return ""
+    return f"[{name}] " if name else ""
+
+
 def label() -> str:
     """``[item N] `` for a map item, empty for a cell rank (labelled at home)."""
     if _unit.start is None:
         return ""
+    namer = _namers.get(threading.get_ident())
+    if namer is not None:
+        return _named(namer)
     i = _running_item(sys._getframe(1))
     return f"[item {_unit.start + i}] " if i is not None else ""
 
@@ -233,6 +275,9 @@ def _owner() -> tuple[str, dict] | None:
         return None
     if start is None:
         return "", seen
+    namer = _namers.get(ident)
+    if namer is not None:
+        return _named(namer), seen
     i = _running_item(sys._current_frames().get(ident))
     return (f"[item {start + i}] " if i is not None else ""), seen
 

@@ -111,6 +111,18 @@ def test_pandas_is_never_imported_by_mpmagic_itself() -> None:
     assert out.stdout.split() == ["False", "False"]
 
 
+def test_a_script_importing_mpmagic_before_pandas_has_the_accessor() -> None:
+    """``import mpmagic`` then ``import pandas`` (the order isort and ruff sort a script's
+    imports in) left DataFrames without ``.mp`` (AttributeError): only ``%load_ext``
+    waited for pandas' import, and ``import mpmagic`` registered it only when pandas
+    was imported already. mpmagic still imports no pandas itself."""
+    code = ("import sys\nimport mpmagic\nbefore = 'pandas' in sys.modules\nimport pandas as pd\n"
+            "print(before, all(hasattr(o, 'mp') for o in (pd.DataFrame(), pd.Series(dtype=int))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPMAGIC_PRESTART": "0"})
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
+
+
 def test_the_accessor_appears_as_soon_as_a_cell_imports_pandas() -> None:
     code = textwrap.dedent(
         """
@@ -713,3 +725,62 @@ def test_a_function_that_appends_to_a_notebook_list_says_the_list_is_not_changed
     err = capsys.readouterr().err
     assert ("mpmagic: _acc_keep changes the notebook's list `_acc_bag` (_acc_bag.append) in the workers' copies, "
             "not in the notebook: it is as it was before the run") in err, err
+
+
+def test_a_task_s_log_records_and_warnings_name_the_row_or_group_not_the_piece(ip, pool2, capsys,
+                                                                              notebook_warnings):
+    """A record or warning made by ``f`` in ``s.mp.map(f)`` came labelled ``[item 4]``:
+    the fifth piece of rows the accessor cut, which the user never numbered (row 57
+    of 100, row 'r57'). Labelled by the row, column or group ``f`` was given, in the
+    words of the accessor's error notes ("raised by row 'r57'")."""
+    run(ip, "import logging, warnings, pandas as pd\n"
+            "_acc_s = pd.Series(range(100), index=[f'r{i}' for i in range(100)])\n"
+            "_acc_gf = pd.DataFrame({'k': [i // 10 for i in range(100)], 'v': range(100)})\n"
+            "def _acc_talk(v):\n"
+            "    if v == 57:\n"
+            "        logging.getLogger('acc').warning('at %s', v)\n"
+            "        warnings.warn(f'careful {v}', UserWarning)\n"
+            "    return v\n"
+            "_acc_log = logging.getLogger('acc')\n"
+            "_acc_log.propagate = False\n"  # (shown on this test's stderr, not kept by pytest's log capture)
+            "_acc_log.addHandler(logging.StreamHandler())\n")
+    capsys.readouterr()
+    run(ip, "_ = _acc_s.mp.map(_acc_talk, quiet=True, chunks=8)")
+    err = capsys.readouterr().err
+    assert "[row 'r57'] WARNING:acc:at 57\n" in err, err
+    assert re.search(r"^\[row 'r57'\] .*: UserWarning: careful 57$", err, re.M), err
+    assert "[item" not in err, err
+    run(ip, "_ = _acc_gf.groupby('k').mp.apply(lambda g: _acc_talk(g['v'].iloc[7]), quiet=True, chunks=3)")
+    err = capsys.readouterr().err
+    assert "[group 5] WARNING:acc:at 57\n" in err, err
+    assert "[item" not in err, err
+    run(ip, "_acc_log.handlers.clear()\n_acc_log.propagate = True")
+
+
+def test_a_stop_iteration_the_function_raises_comes_back_as_pandas_lets_it_through(ip, pool2):
+    """pandas' map lets a function's StopIteration through (``s.map(f)`` raises it); the
+    pool makes a task's StopIteration a RuntimeError (it would end a serial ``map()``
+    early), so ``s.mp.map(f)`` raised that RuntimeError, noted "raised in a worker by
+    pandas' own call, not by the function", which was the function's. Now the
+    function's StopIteration, naming its row, as serially."""
+    run(ip, "import pandas as pd\ndef _acc_stop(v):\n    if v == 2:\n        next(iter([]))\n    return v\n")
+    with pytest.raises(StopIteration):
+        run(ip, "pd.Series([1, 2, 3]).map(_acc_stop)")
+    with pytest.raises(StopIteration) as got:
+        run(ip, "pd.Series([1, 2, 3]).mp.map(_acc_stop, quiet=True)")
+    notes = getattr(got.value, "__notes__", [])
+    assert "mpmagic: raised by row 1" in notes, notes
+    assert not any("pandas' own call" in note for note in notes), notes
+
+
+def test_a_keyboard_interrupt_the_function_raises_names_its_row_not_pandas(ip, pool2):
+    """A KeyboardInterrupt the function raises itself comes back as the pool's RuntimeError
+    (a KeyboardInterrupt in the notebook means the run was interrupted), whose cause
+    carried the row's note: the error said "raised in a worker by pandas' own call, not
+    by the function", which it was not. It names the row."""
+    run(ip, "import pandas as pd\ndef _acc_ki(v):\n    if v == 2:\n        raise KeyboardInterrupt('mine')\n    return v\n")
+    with pytest.raises(RuntimeError) as got:
+        run(ip, "pd.Series([1, 2, 3]).mp.map(_acc_ki, quiet=True)")
+    notes = getattr(got.value, "__notes__", [])
+    assert "mpmagic: raised by row 1" in notes, notes
+    assert not any("pandas' own call" in note for note in notes), notes

@@ -298,6 +298,52 @@ def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, ca
     assert "_d draws" not in capsys.readouterr().err
 
 
+def test_a_drawing_function_imported_from_a_global_state_says_workers_draw_from_copies(ip, local_pool, capsys):
+    """``from numpy.random import rand`` (or ``from random import random``) read by the
+    mapped function is a method of the module's global state object, and goes to each
+    worker with a copy of that object: two workers drew the same numbers, seeded or not
+    (serially: one stream, going on). Nothing was said before the notebook seeded the
+    state, and then the line said each worker drew from "a state of its own"."""
+    mpmagic.draws._said_draws.clear()
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]  # (nothing seeded)
+    run(ip, "from numpy.random import rand as _np_rand\nfrom random import random as _py_random\n"
+            "def _imp_np(x):\n    return float(_np_rand())\n"
+            "def _imp_py(x):\n    return _py_random()\n")
+    got = run(ip, "%pmap -q --chunksize 1 _imp_np, range(4)")
+    assert len(set(got)) < 4  # (each worker's first draw is the same number: copies of one state)
+    err = capsys.readouterr().err
+    assert ("mpmagic: _imp_np draws from numpy.random's global state, through `_np_rand` imported from it: each "
+            "worker draws from its own copy of it as it was at the call, so workers draw the same numbers, and the "
+            "notebook's does not move on (a next call draws the same numbers again); for draws that differ per "
+            "item and repeat on any number of workers use --seed S (seed=S), and mpmagic.rng() for a "
+            "Generator\n") in err, err
+    run(ip, "_ = %pmap -q --chunksize 1 _imp_py, range(4)")
+    assert ("mpmagic: _imp_py draws from random's global state, through `_py_random` imported from it: each "
+            "worker draws from its own copy") in capsys.readouterr().err
+
+
+def test_one_generator_given_as_several_items_says_they_draw_the_same_numbers(ip, local_pool, capsys):
+    """numpy's advice is to pass the generator: ``map(simulate, params, [rng] * n)`` draws one
+    stream serially, each item going on from the last; each item went to the workers as a
+    copy of ``rng`` in its state at the call, so every item drew the same numbers, silently.
+    One line says so; a generator per item (``rng.spawn(n)``) says nothing."""
+    run(ip, "import numpy as np, itertools\n_items_rng = np.random.default_rng(0)\n"
+            "def _sim(p, g):\n    return p + float(g.random())\n")
+    got = run(ip, "%pmap -q --chunksize 1 _sim, [0, 0, 0, 0], [_items_rng] * 4")
+    assert len(set(got)) == 1  # (serially four successive draws of one stream)
+    err = capsys.readouterr().err
+    assert ("mpmagic: items 0 and 1 hold the same numpy Generator: each item gets its own copy of it as it was at "
+            "the call, so they draw the same numbers (serially: one stream, each item going on from the last), and "
+            "the notebook's does not move on; give each item its own generator (rng.spawn(n) makes n independent "
+            "ones)\n") in err, err
+    assert err.count("mpmagic:") == 1  # (once per run)
+    run(ip, "_ = %pmap -q _sim, range(3), itertools.repeat(_items_rng, 3)")
+    assert "items 0 and 1 hold the same numpy Generator" in capsys.readouterr().err
+    run(ip, "_ = %pmap -q _sim, range(4), _items_rng.spawn(4)")
+    run(ip, "_ = %pmap -q lambda g: float(g.random()), _items_rng.spawn(4)")
+    assert "mpmagic:" not in capsys.readouterr().err
+
+
 def test_a_generator_only_tested_or_a_seed_in_a_comment_says_nothing(ip):
     """A function that reads the notebook's generator only to test it against None
     (``x if rng is None else x + 1``) draws nothing from it: serially and in the workers
@@ -422,6 +468,35 @@ def test_an_object_holding_a_generator_it_does_not_draw_from_says_nothing():
     assert [(u.name, u.kind) for u in draws.random_uses(ns["draws"])] == [("h.rng", "numpy Generator")]
     assert [(u.name, u.kind) for u in draws.random_uses(ns["slots"])] == [("s.gen", "random.Random")]
     assert draws.random_uses(ns["odd_one"]) == []
+
+
+def test_a_parallel_cell_drawing_from_a_notebook_generator_says_ranks_draw_from_copies(ip, local_pool, capsys):
+    """``rng = np.random.default_rng(0)`` in the notebook, then ``%%parallel -n 2`` drawing
+    ``rng.random()``: the cell run once per rank here draws two successive numbers; each
+    rank drew from its own copy of ``rng`` as it was at the run, so both ranks got the same
+    number, silently (the line was %pmap's only). Also through a notebook function the
+    cell calls, and through a function imported from a global state (a copy of that
+    state's object). Nothing for a cell that makes its own generator or only tests it."""
+    mpmagic.draws._said_cells.clear()
+    mpmagic.draws._seed_scan[:] = [ip, len(ip.history_manager.input_hist_raw), set()]  # (nothing seeded)
+    run(ip, "import numpy as np\n_cell_rng = np.random.default_rng(0)\nfrom numpy.random import rand as _cell_rand\n"
+            "def _cell_draw():\n    return float(_cell_rng.random())\n")
+    got = run(ip, "%%parallel -n 2 -q\nfloat(_cell_rng.random())")
+    assert got[0] == got[1]
+    assert ("mpmagic: the cell draws from the notebook's numpy Generator `_cell_rng`: each rank draws from its own "
+            "copy of it as it was at the run, so ranks draw the same numbers, and the notebook's does not move on "
+            "(a next run draws the same numbers again); for draws that differ per rank and repeat use --seed S and "
+            "mpmagic.rng() for a Generator (each rank its own stream from S and its rank)\n") in capsys.readouterr().err
+    run(ip, "%%parallel -n 2 -q\n_cell_draw()")
+    assert "mpmagic: the cell draws from the notebook's numpy Generator `_cell_rng`: each rank draws from its own " \
+        "copy" in capsys.readouterr().err
+    run(ip, "%%parallel -n 2 -q\nfloat(_cell_rand())")
+    assert ("mpmagic: the cell draws from numpy.random's global state, through `_cell_rand` imported from it: each "
+            "rank draws from its own copy") in capsys.readouterr().err
+    run(ip, "%%parallel -n 2 -q\n_cell_rng = np.random.default_rng(rank)\nfloat(_cell_rng.random())")
+    run(ip, "%%parallel -n 2 -q\n_cell_rng is None")
+    run(ip, "%%parallel -n 2 -q --seed 1\nfloat(_cell_rng.random()) + 1")
+    assert "mpmagic:" not in capsys.readouterr().err
 
 
 def test_a_parallel_cell_drawing_from_a_global_state_the_notebook_seeded_says_so(ip, local_pool, capsys):

@@ -55,11 +55,23 @@ def test_sweep_stale_leaves_a_dead_notebook_s_names_to_its_running_workers():
         posixshm.mark_serving(dead_pid)  # as its worker would
         shm.sweep_stale()
         assert name in posixshm.names("mpsh")
-        posixshm._serving.pop().close()  # the worker is gone
+        os.close(posixshm._serving.pop())  # the worker is gone
         shm.sweep_stale()
         assert name not in posixshm.names("mpsh")
     finally:
         posixshm.unlink(name)
+
+
+def test_a_worker_s_serving_mark_says_no_resource_warning_at_its_exit():
+    """A spawn worker exits through Python's own shutdown, which collected its
+    "serving" socket unclosed: under a notebook showing ResourceWarnings
+    (``-X dev``, ``warnings.simplefilter("default")``, whose filters its workers
+    take), every worker printed "unclosed <socket.socket ... mpmagic-serves-...>"
+    as the pool stopped, about a socket of ours that was meant to live that long."""
+    code = "import os; from mpmagic import posixshm; posixshm.mark_serving(os.getpid()); print('marked')"
+    out = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout == "marked\n"
+    assert "ResourceWarning" not in out.stderr, out.stderr
 
 
 def test_sweep_stale_removes_only_segments_of_notebooks_that_no_longer_run(monkeypatch):
