@@ -121,6 +121,12 @@ def fmt_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+def noun(plural: str, n: int | None) -> str:
+    """``plural`` ("items", "ranks", "rows") as a count of ``n`` takes it: singular for
+    exactly one ("0 of 1 item", "1 item"), as the run's lines say it."""
+    return plural[:-1] if n == 1 and plural.endswith("s") else plural
+
+
 def _results_words(n: int, total: int | None) -> str:
     """``n`` results in words: "1 result", "3 results", "3 of 8 results", "1 of 8 results"."""
     return f"{n} of {total} results" if total is not None else f"{n} result{'s' if n != 1 else ''}"

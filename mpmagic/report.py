@@ -21,7 +21,7 @@ from typing import Any
 # the very run that said "too many open files" failed to show with an OSError
 # from importing this, chained onto that message.
 from .advice import advise
-from .fmt import fmt_seconds, imports_text
+from .fmt import fmt_seconds, imports_text, noun
 from .waits import names as helper_names
 
 # Items under this many seconds each: the workers' time around each call (their
@@ -299,7 +299,7 @@ class Report:
                 eq += f"; it imported {_names(self.serial_imports)} here"
             left_out = self.extra.get("compare_left_out", 0)  # (items not run here: they killed a worker or timed out)
             ran = self.items_run  # (--compare times the items computed, not those a checkpoint resumed)
-            of = f" for {ran - left_out} of {ran} items" if left_out else ""
+            of = f" for {ran - left_out} of {ran} {noun('items', ran)}" if left_out else ""
             return f"serial {fmt_seconds(self.serial)} (measured{of}{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
@@ -386,6 +386,7 @@ class Report:
                 failed = f", {self.failed} failed" + (f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})"
                                                       if ranks else "")
             how = "interrupted" if self.interrupted else f"stopped by {stopped}"
+            what = noun(what, self.items if self.total is None else self.total)
             return f"{self.name} {how} after {self.items}{of} {what} finished{failed}, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
@@ -501,7 +502,8 @@ class Report:
         if not c:
             return ""
         what = "items" if self.kind == "pmap" else "ranks"
-        return f"resumed: {c['resumed']:,} of {c['total']:,} {what} from the checkpoint, {c['computed']:,} computed"
+        return (f"resumed: {c['resumed']:,} of {c['total']:,} {noun(what, c['total'])} from the checkpoint, "
+                f"{c['computed']:,} computed")
 
     def __str__(self) -> str:
         return self.line()
