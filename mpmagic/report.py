@@ -21,7 +21,7 @@ from typing import Any
 # the very run that said "too many open files" failed to show with an OSError
 # from importing this, chained onto that message.
 from .advice import advise
-from .fmt import fmt_seconds, imports_text, noun
+from .fmt import fmt_efficiency, fmt_seconds, fmt_speedup, imports_text, noun
 from .waits import names as helper_names
 
 # Items under this many seconds each: the workers' time around each call (their
@@ -346,12 +346,7 @@ class Report:
         return text
 
     def _speedup_text(self) -> str:
-        sp = self.speedup
-        if sp is None:
-            return "speedup n/a"
-        if sp < 0.1:  # "~0.0x" reads as "nothing happened"; two digits of a tiny ratio mean nothing
-            return "speedup <0.1x"
-        return f"speedup {sp:.2f}x" if self.serial is not None else f"speedup ~{sp:.1f}x"
+        return f"speedup {fmt_speedup(self.speedup, measured=self.serial is not None)}"
 
     def _chunk_text(self) -> str:
         """``auto: 1 item per chunk, 8 chunks`` from the planner's ``auto (1)`` or a fixed ``5``."""
@@ -574,7 +569,7 @@ class Report:
             ("wall", fmt_seconds(self.wall)),
             ("serial", self._serial_text().removeprefix("serial ")),
             ("speedup", self._speedup_text().removeprefix("speedup ")),
-            ("efficiency", "-" if eff is None else f"{eff:.0%}"),
+            ("efficiency", fmt_efficiency(eff)),
         ]
         if self.failed:
             rows.append(("failed", str(self.failed) + (f" ({self.timed_out} timed out)" if self.timed_out else "")))
