@@ -91,7 +91,7 @@ from .errors import (
     set_interrupt_outcome,
     unsafe_here,
 )
-from .fmt import code_snippet, func_name
+from .fmt import code_snippet, func_name, noun
 from .insights import Recorder
 from .interrupts import absorb_late_interrupts
 from .interrupts import restore as restore_interrupts
@@ -1578,7 +1578,7 @@ async def apmap(
         await loop.run_in_executor(None, run.cancel)
         run._sink.relay_here()
         message = (f"mpmagic.apmap was cancelled: run {run.id} ({run.what}) stopped after {run.items_done} of "
-                   f"{run.items_total if run.items_total is not None else '?'} items")
+                   f"{run.items_total if run.items_total is not None else '?'} {noun('items', run.items_total)}")
         # str(exc) too, not only the rendered line: a kernel's error reply carries str(exc) as
         # its evalue, which nbclient, papermill and logs show ("CancelledError: " alone before).
         exc.args = (message,)

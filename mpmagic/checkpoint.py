@@ -868,6 +868,8 @@ class MapCheckpoint:
         if not kept:
             return "; no item of it had finished, so its checkpoint keeps none"
         if kept >= total:
+            if total == 1:
+                return "; its checkpoint keeps the result of its one item: the same call again computes none"
             return f"; its checkpoint keeps the results of all its {total} items: the same call again computes none"
         return (f"; its checkpoint keeps the results of {kept} of its {total} items: the same call again computes "
                 f"only the other {total - kept}")

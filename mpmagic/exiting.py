@@ -435,17 +435,24 @@ def say_not_finished(what: str) -> None:
          f"run (run.result()) before the script ends")
 
 
+#: What stops the pools when an IPython shell is told to exit (``pool.at_shell_exit``), as
+#: a run's error names it.
+SHELL_EXIT = "the shell's exit"
+
+
 def stopped_error(by: str | None = None) -> MPMagicError:
     """What a run gets when the pool stops under it: at exit, a :class:`StoppedAtExit`.
 
     ``by``: what stopped it, in the user's words (``%pool dask``, ``stop_pool()``: the
     backend's ``stopped_by``). Without it the line left the user guessing whether the
-    run, a worker or something they did ended it."""
+    run, a worker or something they did ended it. No "run it again" when the shell's
+    exit stopped it (:data:`SHELL_EXIT`): there is no "again" in a shell that is ending."""
     if _began:
         return StoppedAtExit("the pool was stopped at exit while this run was in flight")
     if by is None:
         return PoolStopped("the pool was stopped while this run was in flight: run it again")
-    error = PoolStopped(f"the pool was stopped by {by} while this run was in flight: run it again")
+    again = "" if by == SHELL_EXIT else ": run it again"
+    error = PoolStopped(f"the pool was stopped by {by} while this run was in flight{again}")
     error.by = by
     return error
 

@@ -121,6 +121,31 @@ def fmt_bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+def fmt_speedup(sp: float | None, measured: bool = True) -> str:
+    """A speedup as a run's report shows it: "1.50x" (measured), "~1.5x" (estimated),
+    "<0.1x" below a tenth ("0.00x" read as "nothing happened"; two digits of a
+    tiny ratio mean nothing), "n/a" when there is none. The scaling table's too."""
+    if sp is None:
+        return "n/a"
+    if sp < 0.1:
+        return "<0.1x"
+    return f"{sp:.2f}x" if measured else f"~{sp:.1f}x"
+
+
+def fmt_efficiency(eff: float | None) -> str:
+    """An efficiency (speedup per worker) as a percentage: "75%", "<1%" for one that
+    would round to "0%" (as the "<0.1x" speedup beside it), "-" when there is none."""
+    if eff is None:
+        return "-"
+    return "<1%" if 0 < eff < 0.005 else f"{eff:.0%}"
+
+
+def noun(plural: str, n: int | None) -> str:
+    """``plural`` ("items", "ranks", "rows") as a count of ``n`` takes it: singular for
+    exactly one ("0 of 1 item", "1 item"), as the run's lines say it."""
+    return plural[:-1] if n == 1 and plural.endswith("s") else plural
+
+
 def _results_words(n: int, total: int | None) -> str:
     """``n`` results in words: "1 result", "3 results", "3 of 8 results", "1 of 8 results"."""
     return f"{n} of {total} results" if total is not None else f"{n} result{'s' if n != 1 else ''}"

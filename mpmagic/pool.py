@@ -104,7 +104,7 @@ def at_shell_exit() -> None:
     included (their runs end anyway: not 2 s of waiting for them). What the
     exit hooks would do, which a kernel's shutdown may never run; the helper
     processes are stopped after it (``exiting.watch_shell``)."""
-    release_everything(wait_busy=False, by="the shell's exit")
+    release_everything(wait_busy=False, by=exiting.SHELL_EXIT)
 
 
 #: True in a process forked from one whose pool had been made (a ``multiprocessing.Process``

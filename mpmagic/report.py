@@ -21,7 +21,7 @@ from typing import Any
 # the very run that said "too many open files" failed to show with an OSError
 # from importing this, chained onto that message.
 from .advice import advise
-from .fmt import fmt_seconds, imports_text
+from .fmt import fmt_efficiency, fmt_seconds, fmt_speedup, imports_text, noun
 from .waits import names as helper_names
 
 # Items under this many seconds each: the workers' time around each call (their
@@ -299,7 +299,7 @@ class Report:
                 eq += f"; it imported {_names(self.serial_imports)} here"
             left_out = self.extra.get("compare_left_out", 0)  # (items not run here: they killed a worker or timed out)
             ran = self.items_run  # (--compare times the items computed, not those a checkpoint resumed)
-            of = f" for {ran - left_out} of {ran} items" if left_out else ""
+            of = f" for {ran - left_out} of {ran} {noun('items', ran)}" if left_out else ""
             return f"serial {fmt_seconds(self.serial)} (measured{of}{eq})"
         if self.serial_error is not None:
             return f"serial ~{fmt_seconds(self.estimated_serial)} (estimated: the --compare run here raised {self.serial_error})"
@@ -346,12 +346,7 @@ class Report:
         return text
 
     def _speedup_text(self) -> str:
-        sp = self.speedup
-        if sp is None:
-            return "speedup n/a"
-        if sp < 0.1:  # "~0.0x" reads as "nothing happened"; two digits of a tiny ratio mean nothing
-            return "speedup <0.1x"
-        return f"speedup {sp:.2f}x" if self.serial is not None else f"speedup ~{sp:.1f}x"
+        return f"speedup {fmt_speedup(self.speedup, measured=self.serial is not None)}"
 
     def _chunk_text(self) -> str:
         """``auto: 1 item per chunk, 8 chunks`` from the planner's ``auto (1)`` or a fixed ``5``."""
@@ -386,6 +381,7 @@ class Report:
                 failed = f", {self.failed} failed" + (f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})"
                                                       if ranks else "")
             how = "interrupted" if self.interrupted else f"stopped by {stopped}"
+            what = noun(what, self.items if self.total is None else self.total)
             return f"{self.name} {how} after {self.items}{of} {what} finished{failed}, {took}"
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
@@ -501,7 +497,8 @@ class Report:
         if not c:
             return ""
         what = "items" if self.kind == "pmap" else "ranks"
-        return f"resumed: {c['resumed']:,} of {c['total']:,} {what} from the checkpoint, {c['computed']:,} computed"
+        return (f"resumed: {c['resumed']:,} of {c['total']:,} {noun(what, c['total'])} from the checkpoint, "
+                f"{c['computed']:,} computed")
 
     def __str__(self) -> str:
         return self.line()
@@ -572,7 +569,7 @@ class Report:
             ("wall", fmt_seconds(self.wall)),
             ("serial", self._serial_text().removeprefix("serial ")),
             ("speedup", self._speedup_text().removeprefix("speedup ")),
-            ("efficiency", "-" if eff is None else f"{eff:.0%}"),
+            ("efficiency", fmt_efficiency(eff)),
         ]
         if self.failed:
             rows.append(("failed", str(self.failed) + (f" ({self.timed_out} timed out)" if self.timed_out else "")))

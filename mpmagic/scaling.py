@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from .checks import check_whole
 from .errors import add_note, drop_our_frames, one_line
-from .fmt import fmt_seconds
+from .fmt import fmt_efficiency, fmt_seconds, fmt_speedup
 
 #: Said, in a terminal and in Jupyter, where the plot would be without matplotlib.
 PLOT_NEEDS = '(the plot needs matplotlib: pip install "mpmagic[plot]")'
@@ -54,7 +54,8 @@ class Scaling:
         out.append(f"  {'workers':>7}  {'wall':>9}  {'speedup':>7}  {'ideal':>5}  {'efficiency':>10}")
         for p in self.points:
             out.append(
-                f"  {p.workers:>7}  {fmt_seconds(p.wall):>9}  {p.speedup:>6.2f}x  {p.workers:>4}x  {p.efficiency:>10.0%}"
+                f"  {p.workers:>7}  {fmt_seconds(p.wall):>9}  {fmt_speedup(p.speedup):>7}  {p.workers:>4}x  "
+                f"{fmt_efficiency(p.efficiency):>10}"
             )
         return "\n".join(out)
 
@@ -94,7 +95,8 @@ class Scaling:
         head = "".join(f"<th style='{th}'>{h}</th>" for h in ("workers", "wall", "speedup", "ideal", "efficiency"))
         body = "".join(
             "<tr>" + "".join(f"<td style='{td}'>{v}</td>" for v in (
-                p.workers, html.escape(fmt_seconds(p.wall)), f"{p.speedup:.2f}x", f"{p.workers}x", f"{p.efficiency:.0%}"))
+                p.workers, html.escape(fmt_seconds(p.wall)), html.escape(fmt_speedup(p.speedup)), f"{p.workers}x",
+                html.escape(fmt_efficiency(p.efficiency))))
             + "</tr>"
             for p in self.points
         )
@@ -127,7 +129,7 @@ def _plot(result: Scaling) -> Any:
     ax.axhline(1.0, color="#bbbbbb", linewidth=0.8)
     ax.plot(ws, [p.speedup for p in result.points], "o-", color="#4c78a8", label="measured")
     for p in result.points:
-        ax.annotate(f"{p.speedup:.2f}x", (p.workers, p.speedup), textcoords="offset points",
+        ax.annotate(fmt_speedup(p.speedup), (p.workers, p.speedup), textcoords="offset points",
                     xytext=(4, -12), fontsize="small")
     ax.set_xlim(0, top + 0.5)
     ax.set_ylim(0, max([top] + [p.speedup for p in result.points]) * 1.15)

@@ -193,6 +193,26 @@ def test_a_resumed_runs_time_per_item_is_of_the_items_it_computed(ip, store_dir)
         assert "ns each" not in report.line(), report.line()
 
 
+def test_lines_about_one_item_say_item_not_items():
+    """"resumed: 0 of 1 items" where the failure line said "of 1 item"."""
+    from types import SimpleNamespace
+
+    from conftest import synthetic_report
+
+    one = {"resumed": 0, "total": 1, "computed": 1}
+    assert "resumed: 0 of 1 item from the checkpoint, 1 computed" in synthetic_report(
+        items=1, total=1, extra={"checkpoint": one}).line()
+    assert "resumed: 0 of 1 rank from the checkpoint" in synthetic_report(
+        kind="parallel", items=1, extra={"checkpoint": one}).line()
+    assert "resumed: 3 of 8 items" in synthetic_report(extra={"checkpoint": {**one, "resumed": 3, "total": 8}}).line()
+    assert "interrupted after 0 of 1 item finished" in synthetic_report(
+        items=0, total=1, interrupted=True, failed=1).line()
+    assert "for 0 of 1 item)" in synthetic_report(items=1, serial=1.0, extra={"compare_left_out": 1}).line()
+    writer = SimpleNamespace(store=SimpleNamespace(readonly=False), error=None, items=1)
+    kept = checkpoint.MapCheckpoint.kept(SimpleNamespace(writer=writer, resumed=0, items=[1], total=1))
+    assert kept == "; its checkpoint keeps the result of its one item: the same call again computes none"
+
+
 def test_rerun_computes_nothing_new_items_only_they_and_report_says_so(ip, store_dir):
     assert run(ip, "%pmap -q --checkpoint work, range(30)") == [x * x for x in range(30)]
     assert sorted(calls(ip)) == list(range(30))

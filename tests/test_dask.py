@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 import psutil
 import pytest
@@ -860,10 +861,16 @@ def test_queue_put_after_close_raises_as_the_local_one(dask_pool):
 
 def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
     lock = mpmagic.Lock()
-    with pytest.raises(ValueError, match="released too many times"):
+    with pytest.raises(ValueError, match="^semaphore or lock released too many times$") as info:
         lock.release()
+    # (no frame of ours under the caller's line, as multiprocessing's; IPython shows the last frame even when hidden)
+    assert [f.f_code.co_filename for f, _ in traceback.walk_tb(info.value.__traceback__)] == [__file__]
     assert lock.acquire(timeout=5)
     lock.release()
+    with pytest.raises(ValueError, match="released too many times") as info:
+        with lock:
+            lock.release()
+    assert [f.f_code.co_filename for f, _ in traceback.walk_tb(info.value.__traceback__)] == [__file__]
 
 
 # multiprocessing is the oracle for the Dask helpers' standard-library methods: the same

@@ -673,6 +673,20 @@ def test_scaling_of_a_map_leaves_the_notebooks_objects_as_they_were(ip, pool2, s
     assert run(ip, "seen") == [] and run(ip, "rows") == [[0], [1], [2]]
 
 
+def test_scaling_table_formats_a_tiny_speedup_as_the_report_line():
+    """The table said "0.00x" and "0%" where the run's line says "<0.1x"."""
+    from mpmagic.scaling import Scaling, ScalingPoint
+
+    result = Scaling("pmap", 0.001, [ScalingPoint(1, 0.5, 0.002, 0.002), ScalingPoint(2, 0.5, 1.5, 0.75)])
+    tiny, fine = (row.split() for row in result.table().splitlines()[2:])
+    report = synthetic_report(wall=0.5, serial=0.001)
+    assert tiny[3] == report._speedup_text().removeprefix("speedup ") == "<0.1x"
+    assert tiny[-1] == dict(report.rows())["efficiency"] == "<1%"
+    assert fine[3] == "1.50x" and fine[-1] == "75%"
+    cells = [html.unescape(c) for c in re.findall(r"<td[^>]*>([^<]*)</td>", result._repr_html_())]
+    assert cells[2:5:2] == ["<0.1x", "<1%"] and cells[7:10:2] == ["1.50x", "75%"]
+
+
 def test_scaling_without_matplotlib_is_a_text_table(ip, pool2, settings, monkeypatch):
     """Without matplotlib the series is a table, and says what the plot needs: in a
     terminal and in Jupyter (whose HTML showed the table alone, the plot missing unsaid),

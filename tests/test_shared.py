@@ -20,6 +20,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -496,6 +497,21 @@ def test_clear_errors_for_misuse(ip):
         import multiprocessing
 
         mpmagic.Value("i", 0, lock=multiprocessing.Lock())
+
+
+def test_releasing_a_lock_not_held_shows_the_callers_line_only(ip):
+    """As ``multiprocessing.Lock().release()``: ValueError with its text and no
+    frame of ours (IPython shows the last frame even when hidden)."""
+    local_helpers()
+    for lock in (mpmagic.Lock(), multiprocessing.Lock()):
+        with pytest.raises(ValueError, match="^semaphore or lock released too many times$") as info:
+            lock.release()
+        files = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(info.value.__traceback__)]
+        assert files == [__file__], files
+        with pytest.raises(ValueError, match="released too many times") as info:
+            with lock:
+                lock.release()
+        assert not any("mpmagic" in f.f_code.co_filename for f, _ in traceback.walk_tb(info.value.__traceback__))
 
 
 def test_helper_whose_owner_dropped_it(ip, method):

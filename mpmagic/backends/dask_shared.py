@@ -440,14 +440,21 @@ class DaskLock(_OnDask):
             call.ran_out = not got
             return got
 
-    def release(self) -> None:
+    def release(self, *_exc: Any) -> None:
         """Give the lock back, whoever took it and through whichever handle, as
         ``multiprocessing.Lock`` and the local ``mpmagic.Lock``; ValueError if
         nobody holds it, as they do (Dask raises RuntimeError, and only for the
-        object that took it), so ``except ValueError`` code works on both."""
+        object that took it), so ``except ValueError`` code works on both.
+        Also its ``__exit__``, so that error shows no frame of ours either."""
         with _pool_gone(self):
-            if not self._lock.sync(self._lock.release_held):
+            released = self._lock.sync(self._lock.release_held)
+        if not released:
+            try:
                 raise ValueError("semaphore or lock released too many times")
+            except ValueError as exc:
+                # At the caller's line only, as multiprocessing's (see the local lock's release)
+                exc.__traceback__ = None
+                raise
 
     def locked(self) -> bool:
         """Is it held (by any task or the notebook) right now? As the local ``mpmagic.Lock``."""
@@ -458,8 +465,7 @@ class DaskLock(_OnDask):
         """``with lock as got:`` gives True, as ``multiprocessing.Lock`` and the local lock."""
         return self.acquire()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+    __exit__ = release
 
 
 def _dask_lock(name: str, client: Any) -> Any:

@@ -416,7 +416,14 @@ class _HolderLock:
                 return
         self.owner, self.depth = None, 0
         self.words[self.slot] = 0
-        self.sem.release()
+        try:
+            self.sem.release()
+        except ValueError as exc:
+            # Not held: multiprocessing's error, at the caller's line as its own is (a bare
+            # raise adds no entry for this frame from 3.11, and IPython shows a last frame
+            # even with __tracebackhide__).
+            exc.__traceback__ = None
+            raise
 
     __exit__ = release
 
