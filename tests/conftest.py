@@ -421,12 +421,27 @@ def pytest_collection_finish(session):
         _notebooks = notebooks.execute_in_background(names)
 
 
+def wait_for_work_beside() -> None:
+    """Until the work started beside the tests (``pytest_collection_finish``) has ended."""
+    if _soak_module is not None:
+        _soak_module.wait_soak()
+    if _notebooks is not None:
+        _notebooks.join(600)
+
+
+@pytest.fixture
+def no_work_beside():
+    """For a test that counts this process's children or threads: the chaos soak and
+    the notebooks' kernels, started beside the first tests, have ended (in the usual
+    order they ended long before; a session listing such a test first waits here)."""
+    wait_for_work_beside()
+
+
 def pytest_sessionfinish(session, exitstatus):
     """No worker may outlive the test run: stop everything, then check."""
     if _soak_module is not None:  # (a session stopped before its test: its soak ends here)
         _soak_module.stop_soak()
-    if _notebooks is not None:  # (each ends in its cell timeout at worst; their kernels go with them)
-        _notebooks.join(600)
+    wait_for_work_beside()  # (the notebooks: each ends in its cell timeout at worst, its kernel with it)
     collect_everything()  # (garbage among what the modules set aside too, as without the freeze)
     pool_module.shutdown()
     deadline = time.monotonic() + 10

@@ -12,6 +12,7 @@ the tests before it (``start_soak``).
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from collections import Counter
@@ -55,7 +56,6 @@ class _Soak:
     so that no pipe fills while nobody reads it."""
 
     def __init__(self) -> None:
-        import subprocess
         import tempfile
 
         benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
@@ -69,9 +69,10 @@ class _Soak:
             self.proc.wait(timeout)
         finally:
             self.stop()
-        self.out.seek(0)
-        self.err.seek(0)
-        return self.out.read(), self.err.read()
+        with self.out, self.err:
+            self.out.seek(0)
+            self.err.seek(0)
+            return self.out.read(), self.err.read()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -93,6 +94,15 @@ def stop_soak() -> None:
     """End a soak whose test did not collect it (the session stopped early)."""
     if _soak is not None:
         _soak.stop()
+
+
+def wait_soak() -> None:
+    """Until the soak's process has ended (its test still reads what it printed)."""
+    if _soak is not None:
+        try:
+            _soak.proc.wait(240)
+        except subprocess.TimeoutExpired:
+            _soak.stop()  # (its test then fails: no SUMMARY line)
 
 
 def test_a_hundred_chaotic_calls_end_right_and_leak_nothing():
