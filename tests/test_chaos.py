@@ -6,11 +6,13 @@ SIGINTs to the notebook from timer threads, items that raise or hang past
 ``--timeout``, ``--errors collect``, ``--retries``, large numpy arrays through
 shared memory, ``mpmagic.Queue`` producers, ``%%parallel`` cells with a
 temporary worker, and calls from a second thread, each judged against serial
-Python. Small items and short sleeps keep it to about 20 s here.
+Python. Small items and short sleeps keep it to about 10 s here, run beside
+the tests before it (``start_soak``).
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import types
 from collections import Counter
@@ -40,16 +42,77 @@ print("SUMMARY " + json.dumps({{"problems": s.problems, "outcomes": s.outcomes, 
                                 "leaks": s.leaks, "trend": s.trend}}, default=str))
 """
 
+SOAK_TEST = "test_a_hundred_chaotic_calls_end_right_and_leak_nothing"
+
+
+class _Soak:
+    """The soak's interpreter, started by ``start_soak`` when the session begins.
+
+    The soak is ~10 s of wall time and ~1 s of CPU (its items sleep, its faults
+    wait on timers): conftest.py starts it once the tests are collected, so it
+    runs beside the tests before this one and its test only collects what it
+    printed. Its process, its workers and the faults it sends are its own (its
+    SIGINTs go to itself, its SIGKILLs to its workers); its output goes to files,
+    so that no pipe fills while nobody reads it."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, "-c", _SOAK.format(benchmarks=benchmarks)],
+                                     stdout=self.out, stderr=self.err, text=True)
+
+    def finish(self, timeout: float) -> tuple[str, str]:
+        """Its (stdout, stderr) once it ended; killed if it has not within ``timeout`` s."""
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.stop()
+        with self.out, self.err:
+            self.out.seek(0)
+            self.err.seek(0)
+            return self.out.read(), self.err.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_soak: _Soak | None = None
+
+
+def start_soak() -> None:
+    """Start the soak now (conftest.py calls this when the session's tests include its test)."""
+    global _soak
+    if _soak is None:
+        _soak = _Soak()
+
+
+def stop_soak() -> None:
+    """End a soak whose test did not collect it (the session stopped early)."""
+    if _soak is not None:
+        _soak.stop()
+
+
+def wait_soak() -> None:
+    """Until the soak's process has ended (its test still reads what it printed)."""
+    if _soak is not None:
+        try:
+            _soak.proc.wait(240)
+        except subprocess.TimeoutExpired:
+            _soak.stop()  # (its test then fails: no SUMMARY line)
+
 
 def test_a_hundred_chaotic_calls_end_right_and_leak_nothing():
     import json
-    import subprocess
 
-    benchmarks = str(Path(__file__).resolve().parent.parent / "benchmarks")
-    proc = subprocess.run([sys.executable, "-c", _SOAK.format(benchmarks=benchmarks)],
-                          capture_output=True, text=True, timeout=240)
-    print(proc.stdout[-4000:], proc.stderr[-4000:])
-    [line] = [ln for ln in proc.stdout.splitlines() if ln.startswith("SUMMARY ")]
+    start_soak()  # (already running, unless this test was run without conftest.py's hook)
+    assert _soak is not None
+    stdout, stderr = _soak.finish(timeout=240)
+    print(stdout[-4000:], stderr[-4000:])
+    [line] = [ln for ln in stdout.splitlines() if ln.startswith("SUMMARY ")]
     data = json.loads(line.removeprefix("SUMMARY "))
     summary = types.SimpleNamespace(problems=data["problems"], outcomes=Counter(data["outcomes"]),
                                     faults=Counter(data["faults"]), leaks=data["leaks"])

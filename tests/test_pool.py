@@ -15,6 +15,10 @@ import mpmagic
 from mpmagic import cpus
 from mpmagic import pool as pool_module
 
+# Tests here count this process's children (and threads): the work started beside
+# the first tests (conftest.py: the chaos soak, the notebooks' kernels) has ended.
+pytestmark = pytest.mark.usefixtures("no_work_beside")
+
 
 def _alive(pid: int) -> bool:
     try:

@@ -25,6 +25,10 @@ from IPython.utils.capture import capture_output
 import mpmagic
 from mpmagic import pool as pool_module
 
+# Tests here count this process's children (and threads): the work started beside
+# the first tests (conftest.py: the chaos soak, the notebooks' kernels) has ended.
+pytestmark = pytest.mark.usefixtures("no_work_beside")
+
 # Long sessions: the full counts of issue 5 (2,000 %pmap calls, 200 %%parallel
 # cells) on the default start method; fewer on the others unless MPMAGIC_LONG=1.
 LONG = os.environ.get("MPMAGIC_LONG") == "1"
