@@ -391,20 +391,16 @@ def collect_everything() -> None:
 
 #: tests/test_chaos.py, once its soak was started beside the session's first tests.
 _soak_module: Any = None
-#: The thread executing the example notebooks beside the tests (test_notebooks.execute_in_background).
-_notebooks: Any = None
 
 
 def pytest_collection_finish(session):
-    """Start the chaos soak (tests/test_chaos.py) and the example notebooks' executions
-    as the tests begin, if the session's tests read them.
+    """Start the chaos soak (tests/test_chaos.py) as the tests begin, if it is among them.
 
     The soak runs in its own interpreter for ~10 s, nearly all of it waiting (its
-    items sleep, its faults wait on timers: ~1 s of CPU); the notebooks take ~15 s
-    two at a time, with kernel starts and cells that wait. Started here they run
-    beside the tests before theirs, which only read their outcome: less of the
+    items sleep, its faults wait on timers: ~1 s of CPU). Started here it runs beside
+    the tests before it, and its test only reads its outcome: ~10 s less of the
     session's wall time, every check the same."""
-    global _soak_module, _notebooks
+    global _soak_module
     if session.config.option.collectonly:
         return
     for item in session.items:
@@ -412,28 +408,20 @@ def pytest_collection_finish(session):
         if module is not None and item.name == getattr(module, "SOAK_TEST", None):
             _soak_module = module
             module.start_soak()
-            break
-    # The example notebooks the session's tests read (test_notebooks, the docs site's
-    # build), executed from now in a thread, two at a time, as their tests would.
-    notebooks = sys.modules.get("test_notebooks")
-    names = notebooks.notebooks_read_by(session.items) if notebooks is not None else []
-    if names:
-        _notebooks = notebooks.execute_in_background(names)
+            return
 
 
 def wait_for_work_beside() -> None:
     """Until the work started beside the tests (``pytest_collection_finish``) has ended."""
     if _soak_module is not None:
         _soak_module.wait_soak()
-    if _notebooks is not None:
-        _notebooks.join(600)
 
 
 @pytest.fixture
 def no_work_beside():
-    """For a test that counts this process's children or threads: the chaos soak and
-    the notebooks' kernels, started beside the first tests, have ended (in the usual
-    order they ended long before; a session listing such a test first waits here)."""
+    """For a test that counts this process's children or threads: the chaos soak,
+    started beside the first tests, has ended (in the usual order it ended long
+    before; a session listing such a test first waits here)."""
     wait_for_work_beside()
 
 
@@ -441,7 +429,6 @@ def pytest_sessionfinish(session, exitstatus):
     """No worker may outlive the test run: stop everything, then check."""
     if _soak_module is not None:  # (a session stopped before its test: its soak ends here)
         _soak_module.stop_soak()
-    wait_for_work_beside()  # (the notebooks: each ends in its cell timeout at worst, its kernel with it)
     collect_everything()  # (garbage among what the modules set aside too, as without the freeze)
     pool_module.shutdown()
     deadline = time.monotonic() + 10

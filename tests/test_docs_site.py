@@ -2,9 +2,8 @@
 
 ``docs/build_site.py --strict`` (MkDocs + Material + mkdocs-jupyter) fails on
 a broken link or anchor and on a notebook that raises. The notebooks are the
-ones ``tests/test_notebooks.py`` executes: once per session, from its start
-beside the other tests (conftest.py), or by whichever test reads one first
-(tests/executed_notebooks.py).
+ones ``tests/test_notebooks.py`` executes: whichever test runs first executes
+each one, once per session (tests/executed_notebooks.py).
 """
 
 from __future__ import annotations

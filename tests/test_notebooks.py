@@ -13,7 +13,6 @@ import ast
 import asyncio
 import re
 import sys
-import threading
 from pathlib import Path
 
 import executed_notebooks
@@ -71,49 +70,6 @@ def execute_all(names: list[str], timeout: int = 180, at_once: int = 2) -> None:
         await asyncio.gather(*(one(name, turns) for name in todo))
 
     asyncio.run(every())
-
-
-def execute_in_background(names: list[str], timeout: int = 240, at_once: int = 2) -> threading.Thread:
-    """Start executing ``names`` in a thread, ``at_once`` at a time, as ``execute_all`` does.
-
-    conftest.py calls this as the session's tests begin: the notebooks, ~15 s on two
-    cores, run beside the tests before the ones that read them (``executed_notebooks.reuse``
-    waits for each). ``timeout`` is the one the docs site's build gives every notebook.
-    """
-    futures = executed_notebooks.pending([n for n in names if executed_notebooks.reuse(n) is None])
-
-    async def one(name: str, turns: asyncio.Semaphore) -> None:
-        async with turns:
-            try:
-                nb = nbformat.read(EXAMPLES / name, as_version=4)
-                await notebook_client(nb, timeout).async_execute()
-                executed_notebooks.keep(name, nb)
-            except BaseException as exc:  # (CellExecutionError with the cell's traceback): raised by reuse
-                futures[name].set_exception(exc)
-            else:
-                futures[name].set_result(nb)
-
-    async def every() -> None:
-        turns = asyncio.Semaphore(at_once)
-        await asyncio.gather(*(one(name, turns) for name in futures))
-
-    thread = threading.Thread(target=asyncio.run, args=(every(),), name="notebooks", daemon=True)
-    thread.start()
-    return thread
-
-
-def notebooks_read_by(items: list) -> list[str]:
-    """The example notebooks the given test items read executed (for conftest.py)."""
-    names: set[str] = set()
-    for item in items:
-        module = getattr(getattr(item, "module", None), "__name__", "")
-        if "executed" in getattr(item, "fixturenames", ()):  # tests/test_docs_site.py's build
-            names.update(NOTEBOOKS)
-        elif module == "test_notebooks":
-            param = getattr(getattr(item, "callspec", None), "params", {}).get("name")
-            own = re.fullmatch(r"test_(\w+)_notebook", item.name)
-            names.update(n for n in (param, own and own[1] + ".ipynb") if n in NOTEBOOKS)
-    return sorted(names)
 
 
 def find_cell(nb: nbformat.NotebookNode, marker: str) -> list:

@@ -16,7 +16,7 @@ from mpmagic import cpus
 from mpmagic import pool as pool_module
 
 # Tests here count this process's children (and threads): the work started beside
-# the first tests (conftest.py: the chaos soak, the notebooks' kernels) has ended.
+# the first tests (conftest.py: the chaos soak) has ended.
 pytestmark = pytest.mark.usefixtures("no_work_beside")
 
 
