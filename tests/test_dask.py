@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import queue
 import signal
 import socket
@@ -623,12 +624,18 @@ def test_waiting_on_a_queue_logs_no_error_and_consumers_share_its_items(ip, dask
 
 
 def test_lock_serializes_read_modify_write_across_workers(ip, dask_pool, tmp_path):
+    """16 bumps under the lock count 16. The lock's lease outlasts a loaded
+    machine's stalls (30 s by default: a holder's worker starved that long lost
+    the lease, another task entered, and the count came out short)."""
+    import dask
+
     counter = tmp_path / "counter"
     counter.write_text("0")
+    with dask.config.set({"distributed.scheduler.locks.lease-timeout": "600s"}):
+        run(ip, "import mpmagic\nlock = mpmagic.Lock()\n")  # (its lease timeout: fixed as it is made)
     run(
         ip,
-        "import mpmagic, time\n"
-        "lock = mpmagic.Lock()\n"
+        "import time\n"
         f"def bump(x, path={str(counter)!r}):\n"
         "    with lock:\n"
         "        n = int(open(path).read())\n"
@@ -641,6 +648,28 @@ def test_lock_serializes_read_modify_write_across_workers(ip, dask_pool, tmp_pat
     lock = ip.user_ns["lock"]
     assert lock.acquire(timeout=5) and lock.locked()
     lock.release()
+
+
+def test_a_holders_lapsed_lease_says_so_at_release_and_frees_no_other_holder(dask_pool):
+    """A holder blocked past Dask's lease-timeout (a task holding the GIL) lost its
+    lease: the scheduler dropped it and let another in. Its release said "released
+    too many times", or released the other holder's lock; it says what happened."""
+    lock, other = mpmagic.Lock(), None
+    inner = lock._lock
+    assert lock.acquire(timeout=5)
+    lease = inner._leases[-1]
+    inner.seen[lease] -= inner.lease_timeout + 5  # (its refreshes stopped that long ago ...)
+    inner.refresh_leases = False
+    dask_pool.client.sync(dask_pool.client.scheduler.semaphore_release, name=lock.name, lease_id=lease)
+    other = pickle.loads(pickle.dumps(lock))  # (... the scheduler dropped it; another handle takes the lock)
+    assert other.acquire(timeout=5)
+    with pytest.raises(ValueError, match=r"lease expired after \d+\.\d s without a refresh.*lease-timeout"):
+        lock.release()
+    assert lock.locked()  # (the other holder's lease is still its own)
+    other.release()
+    assert not lock.locked()
+    with pytest.raises(ValueError, match="released too many times"):
+        lock.release()
 
 
 def test_event_and_unsupported_helpers(dask_pool):

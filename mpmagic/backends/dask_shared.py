@@ -447,7 +447,18 @@ class DaskLock(_OnDask):
         object that took it), so ``except ValueError`` code works on both.
         Also its ``__exit__``, so that error shows no frame of ours either."""
         with _pool_gone(self):
-            released = self._lock.sync(self._lock.release_held)
+            released, lapsed = self._lock.sync(self._lock.release_held)
+        if lapsed is not None:
+            try:
+                raise ValueError(
+                    f"{self!r}: this holder's lease expired after {lapsed:.1f} s without a refresh "
+                    f"(its worker was blocked: a task holding the GIL, a busy event loop), so another "
+                    f"task may have held the lock meanwhile; raise Dask's "
+                    f"distributed.scheduler.locks.lease-timeout (now {self._lock.lease_timeout:g} s) "
+                    f"above the longest a holder can be blocked")
+            except ValueError as exc:
+                exc.__traceback__ = None
+                raise
         if not released:
             try:
                 raise ValueError("semaphore or lock released too many times")
@@ -496,6 +507,15 @@ def _released_by_name() -> type:
     names it and the refresh gives back what it may have taken. A lease that is
     no longer this object's is dropped from its list.
 
+    A lease the holder's process did not refresh for ``lease-timeout`` seconds
+    (a task holding the GIL or blocking the worker's event loop that long) may
+    have been dropped by the scheduler, and another task let in: unlike
+    ``multiprocessing.Lock``, mutual exclusion was lost. The object notes when
+    it last took or refreshed each of its leases (``seen``); a release finding
+    its lease lapsed that long, and the lock no longer its own (free, or
+    another's), gives the lapse back instead of releasing anything (not the
+    other holder's lease), so the release says so in one line.
+
     Made on first use, so that importing this module does not import ``distributed``.
     """
     from distributed import Lock
@@ -509,6 +529,9 @@ def _released_by_name() -> type:
                 super().__init__(name, scheduler_rpc=client.scheduler, loop=client.loop)
             self.holder = name + "-holder"
             self.turns: asyncio.Lock | None = None  # this object's refresh and release, one at a time
+            self.seen: dict[str, float] = {}  # its leases: when last taken or refreshed (time.monotonic)
+            self.lapsed: float | None = None  # the longest a lease it held went unrefreshed past the timeout
+            self.lease_timeout = _lease_timeout()
 
         def _turns(self) -> asyncio.Lock:
             if self.turns is None:  # (made on the loop it serves)
@@ -532,24 +555,49 @@ def _released_by_name() -> type:
         async def _acquire(self, timeout: float | None = None) -> bool:
             got = await super()._acquire(timeout=timeout)
             if got:
+                self.seen[self._leases[-1]] = time.monotonic()
+                self.lapsed = None
                 await self._record(self._leases[-1])
             return bool(got)
 
-        async def release_held(self) -> bool:
-            """Release the lock whoever holds it; False if nobody does."""
+        def _lapse(self, lease: str) -> float | None:
+            """How long ``lease`` of this object went unrefreshed, if past the timeout."""
+            since = self.seen.get(lease)
+            if since is None or self.lease_timeout is None:
+                return None
+            gap = time.monotonic() - since
+            return gap if gap > self.lease_timeout else None
+
+        def _note_lapse(self, lease: str) -> None:
+            gap = self._lapse(lease)
+            if gap is not None:
+                self.lapsed = max(gap, self.lapsed or 0.0)
+
+        async def release_held(self) -> tuple[bool, float | None]:
+            """Release the lock whoever holds it: (False if nobody does, and how
+            long this object's own lease went unrefreshed past the timeout if it
+            did and the lock is no longer that lease's: then nothing is released)."""
             await self
             async with self._turns():
                 held, lease = await asyncio.gather(
                     self.scheduler.semaphore_value(name=self.name), self._recorded())
+                for own in list(self.seen):
+                    self._note_lapse(own)
+                lapsed, self.lapsed = self.lapsed, None
+                if lapsed is not None and not (held and lease in self.seen):
+                    self.seen.clear()  # (its hold is over: lost, and told once)
+                    self._leases.clear()
+                    return False, lapsed
+                self.seen.pop(lease, None)
                 if not held or not lease:
-                    return False
+                    return False, None
                 if lease in self._leases:  # (ours: no other refresh keeps it, both at once)
                     self._leases.remove(lease)
                     await asyncio.gather(self._record(""), self._give_back(lease))
                 else:  # (another object's: the record first, so its refresh sees it, then the lease)
                     await self._record("")
                     await self._give_back(lease)
-                return True
+                return True, None
 
         async def _give_back(self, lease: str) -> None:
             await retry_operation(self.scheduler.semaphore_release, name=self.name, lease_id=lease,
@@ -560,17 +608,29 @@ def _released_by_name() -> type:
                 return
             async with self._turns():
                 for lease in list(self._leases):
+                    self._note_lapse(lease)  # (before the refresh: it may have expired meanwhile)
                     if await self._recorded() == lease:
                         kept = await retry_operation(
                             self.scheduler.semaphore_acquire, name=self.name, timeout=0, lease_id=lease,
                             operation=f"mpmagic lock refresh: name={self.name}")
                         if kept and await self._recorded() == lease:
+                            self.seen[lease] = time.monotonic()
                             continue
                         if kept:  # (released meanwhile: this refresh took it again)
                             await self._give_back(lease)
                     self._leases.remove(lease)
+                    self.seen.pop(lease, None)
 
     return ReleasedByName
+
+
+def _lease_timeout() -> float | None:
+    """Dask's ``distributed.scheduler.locks.lease-timeout`` here, in seconds (None: "inf")."""
+    import dask
+    from dask.utils import parse_timedelta
+
+    value = dask.config.get("distributed.scheduler.locks.lease-timeout")
+    return None if value == "inf" else parse_timedelta(value, default="s")
 
 
 def _rebuild_lock(name: str) -> DaskLock:
