@@ -401,10 +401,11 @@ class DaskLock(_OnDask):
     ``with lock:`` as ``multiprocessing.Lock``: any handle may release it (the
     notebook a lock a task took, a task one the notebook took, a pickled
     copy), a negative timeout is 0, and releasing a lock nobody holds raises
-    ValueError. Built on ``distributed.Lock``, whose lease is kept alive while
-    the holder's process is alive (a dead holder's lease times out and the lock
-    is free again); see :func:`_released_by_name` for how a handle that did not
-    take it releases it.
+    ValueError. Built on ``distributed.Lock``, whose lease the holder's process
+    refreshes on its event loop (a dead holder's lease times out and the lock is
+    free again; so does a holder's blocked longer than Dask's lease-timeout, and
+    its release then says so); see :func:`_released_by_name` for how a handle
+    that did not take it releases it.
     """
 
     def __init__(self, *, name: str | None = None, client: Any = None) -> None:
