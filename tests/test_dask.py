@@ -387,7 +387,7 @@ def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
 
     cluster = DaskProcesses(tmp_path, n_commands=1, per_command=2).start()
     try:
-        mpmagic.use_dask(cluster.address, timeout=2)
+        mpmagic.use_dask(cluster.address, timeout=1)
         mark = tmp_path / "item3"
         run(ip, f"import time, pathlib\ndef slow_item(x):\n    time.sleep(0.3)\n    if x == 3:\n"
                 f"        pathlib.Path({str(mark)!r}).touch()\n    return x\n")
@@ -411,7 +411,7 @@ def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
             for f in failed:
                 assert isinstance(f.error, mpmagic.WorkerLostError) and str(f.error).startswith(
                     f"item {f.index} ({f.index}) did not run: every worker of the Dask cluster at {cluster.address} "
-                    "left during this run, and none joined within 2 s")
+                    "left during this run, and none joined within 1 s")
                 assert "rerun_failed()" in str(f.error) and "`%pool local`" in str(f.error)
             return
         with pytest.raises(mpmagic.MPMagicError) as info:
@@ -419,7 +419,7 @@ def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
         assert time.monotonic() - t0 < 15
         msg = str(info.value)
         assert f"every worker of the Dask cluster at {cluster.address} left during this run" in msg
-        assert "of 40 items finished" in msg and "none joined within the timeout of 2 s" in msg
+        assert "of 40 items finished" in msg and "none joined within the timeout of 1 s" in msg
         assert f"`dask worker {cluster.address}`" in msg and "`%pool local`" in msg
     finally:
         pool_module.shutdown()
