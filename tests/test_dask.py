@@ -194,9 +194,17 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     # The tasks run until the test releases them (at most 30 s): a cluster mpmagic only
     # connected to keeps running them after the interrupt, and the last map waits for them.
     release = tmp_path / "release"
-    run(ip, f"import os, time\ndef sleepy(x):\n    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
+    run(ip, f"import os, time\ndef sleepy(x):\n    open(os.path.join({str(tmp_path)!r}, f'began{{x}}'), 'w').close()\n"
+            f"    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
             " and time.monotonic() - t < 30:\n        time.sleep(0.02)\n    return x\n")
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+
+    def interrupt_once_both_workers_run_a_task() -> None:  # (not on a fixed 1.5 s timer)
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("began*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt_once_both_workers_run_a_task, daemon=True)
     timer.start()
     capsys.readouterr()
     t0 = time.monotonic()
@@ -204,7 +212,7 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
         with pytest.raises(KeyboardInterrupt) as info:
             mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
         returned = time.monotonic() - t0
-        # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
+        # The interrupt came once two tasks ran: back long before the 30 s tasks end (a bound
         # that catches a hang, not slowness on a loaded machine).
         assert returned < 20
         # One line, the interrupt's, as on the local pool: it names the running tasks and their workers.
