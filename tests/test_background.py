@@ -495,14 +495,14 @@ def test_a_failed_background_run_shows_what_a_blocking_run_shows_however_often_r
 
 @pytest.mark.parametrize("wait", ["r.result()", "for v in mpmagic.as_completed(r):\n    pass"])
 def test_an_interrupted_wait_on_a_background_run_says_in_one_line_that_the_run_goes_on(ip, ns, wait):
-    run(ip, "import mpmagic\nr = mpmagic.submit(napper, range(8), chunksize=1)")  # ~2 s on 2 workers
-    text, err = interrupted_cell(ip, wait)
+    run(ip, "import mpmagic\nr = mpmagic.submit(napper, range(4), chunksize=1)")  # ~1 s on 2 workers
+    text, err = interrupted_cell(ip, wait, after=0.4)  # (mid-run, 0.6 s before its end at the earliest)
     handle = ip.user_ns["r"]
     assert type(err) is KeyboardInterrupt
     what = "result()" if "result" in wait else "as_completed"
     assert text.strip() == (f"KeyboardInterrupt: {what} interrupted: run {handle.id} (pmap napper) goes on in the "
                             f"background; cancel() on its handle (or %pool cancel {handle.id}) stops it"), text
-    assert handle.result(60) == list(range(8))  # it did go on, to the end
+    assert handle.result(60) == list(range(4))  # it did go on, to the end
 
 
 def test_an_interrupted_imap_says_in_one_line_that_its_run_was_cancelled(ip, ns):

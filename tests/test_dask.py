@@ -195,9 +195,17 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     # The tasks run until the test releases them (at most 30 s): a cluster mpmagic only
     # connected to keeps running them after the interrupt, and the last map waits for them.
     release = tmp_path / "release"
-    run(ip, f"import os, time\ndef sleepy(x):\n    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
+    run(ip, f"import os, time\ndef sleepy(x):\n    open(os.path.join({str(tmp_path)!r}, f'began{{x}}'), 'w').close()\n"
+            f"    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
             " and time.monotonic() - t < 30:\n        time.sleep(0.02)\n    return x\n")
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+
+    def interrupt_once_both_workers_run_a_task() -> None:  # (not on a fixed 1.5 s timer)
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("began*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt_once_both_workers_run_a_task, daemon=True)
     timer.start()
     capsys.readouterr()
     t0 = time.monotonic()
@@ -205,7 +213,7 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
         with pytest.raises(KeyboardInterrupt) as info:
             mpmagic.pmap(ip.user_ns["sleepy"], range(20), chunksize=1)
         returned = time.monotonic() - t0
-        # The interrupt came at 1.5 s: back long before the 30 s tasks end (a bound
+        # The interrupt came once two tasks ran: back long before the 30 s tasks end (a bound
         # that catches a hang, not slowness on a loaded machine).
         assert returned < 20
         # One line, the interrupt's, as on the local pool: it names the running tasks and their workers.
@@ -388,7 +396,7 @@ def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
 
     cluster = DaskProcesses(tmp_path, n_commands=1, per_command=2).start()
     try:
-        mpmagic.use_dask(cluster.address, timeout=2)
+        mpmagic.use_dask(cluster.address, timeout=1)
         mark = tmp_path / "item3"
         run(ip, f"import time, pathlib\ndef slow_item(x):\n    time.sleep(0.3)\n    if x == 3:\n"
                 f"        pathlib.Path({str(mark)!r}).touch()\n    return x\n")
@@ -412,7 +420,7 @@ def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
             for f in failed:
                 assert isinstance(f.error, mpmagic.WorkerLostError) and str(f.error).startswith(
                     f"item {f.index} ({f.index}) did not run: every worker of the Dask cluster at {cluster.address} "
-                    "left during this run, and none joined within 2 s")
+                    "left during this run, and none joined within 1 s")
                 assert "rerun_failed()" in str(f.error) and "`%pool local`" in str(f.error)
             return
         with pytest.raises(mpmagic.MPMagicError) as info:
@@ -420,7 +428,7 @@ def test_a_map_fails_in_time_once_every_worker_is_gone(ip, tmp_path, errors):
         assert time.monotonic() - t0 < 15
         msg = str(info.value)
         assert f"every worker of the Dask cluster at {cluster.address} left during this run" in msg
-        assert "of 40 items finished" in msg and "none joined within the timeout of 2 s" in msg
+        assert "of 40 items finished" in msg and "none joined within the timeout of 1 s" in msg
         assert f"`dask worker {cluster.address}`" in msg and "`%pool local`" in msg
     finally:
         pool_module.shutdown()

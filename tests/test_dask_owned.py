@@ -491,7 +491,7 @@ def test_the_notebooks_world_reaches_the_tasks_of_mpmagics_own_cluster(ip, tmp_p
         pool_module.shutdown()
 
 
-def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip, capsys):
+def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip, capsys, tmp_path):
     """Dask cannot stop a running task: on the cluster mpmagic started, an
     interrupt kills the workers running them (new ones start), and the message
     says that, not that they were "stopped and replaced" as on the local pool.
@@ -501,8 +501,16 @@ def test_interrupt_on_mpmagics_own_cluster_kills_the_busy_workers_and_says_so(ip
     try:
         backend = pool_module.get_pool()
         before = set(_pids(backend).values())
-        run(ip, "import time\ndef sleeps(x):\n    time.sleep(30)\n    return x\n")
-        timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
+        began = tmp_path / "began"
+        run(ip, f"import time\ndef sleeps(x):\n    open({str(began)!r}, 'w').close()\n    time.sleep(30)\n    return x\n")
+
+        def interrupt_once_a_task_runs() -> None:  # (not on a fixed 1.5 s timer)
+            deadline = time.monotonic() + 30
+            while not began.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            os.kill(os.getpid(), signal.SIGINT)
+
+        timer = threading.Thread(target=interrupt_once_a_task_runs, daemon=True)
         timer.start()
         with pytest.raises(KeyboardInterrupt) as info:
             run(ip, "%pmap -q sleeps, range(3)")

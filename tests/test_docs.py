@@ -41,6 +41,7 @@ toolchain.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -477,6 +478,7 @@ def test_markers_are_rare_and_used_right() -> None:
 
 def test_relative_links_resolve() -> None:
     broken = []
+    anchors_of = functools.cache(anchors)  # (each page parsed once, not again for each link to it)
     for page in PAGES:
         for line, href in links(page):
             if re.match(r"^[a-z][a-z0-9+.-]*:", href):  # http:, https:, mailto: ...
@@ -486,7 +488,7 @@ def test_relative_links_resolve() -> None:
             where = f"{page.relative_to(ROOT)}:{line}: {href}"
             if not target.exists():
                 broken.append(f"{where} (no such file)")
-            elif anchor and target.suffix == ".md" and anchor not in anchors(target):
+            elif anchor and target.suffix == ".md" and anchor not in anchors_of(target):
                 broken.append(f"{where} (no heading #{anchor} in {target.name})")
             elif ROOT not in target.parents and target != ROOT:
                 broken.append(f"{where} (outside the repository)")

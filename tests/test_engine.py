@@ -758,20 +758,37 @@ def test_a_rank_that_fails_while_others_run_is_said_at_once_and_kept_on_interrup
     nothing until it ended, and once interrupted the error was lost for good.
     Now a line says so at once, and %pdebug / last_failures() keep it; the
     interrupt's line names it (and keeps it), and the report counts it as failed."""
-    from mpmagic import jobs
+    from mpmagic import display_relay, jobs
 
     monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 30.0)  # (the user interrupts before the abort)
     run(ip, "import mpmagic\nq = mpmagic.Queue()")
+    said = threading.Event()
+    show = display_relay.print_output
+
+    def show_then_mark(stream: str, text: str) -> None:  # (the line printed in the cell)
+        show(stream, text)
+        if "while other ranks still run" in text:
+            said.set()
+
+    monkeypatch.setattr(display_relay, "print_output", show_then_mark)
     capfd.readouterr()
-    timer = threading.Timer(1.5, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
-    timer.start()
+    over = threading.Event()
+
+    def interrupt_once_said() -> None:  # (the user reads the line, then interrupts: not a fixed 1.5 s)
+        if said.wait(30) and not over.is_set():
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    user = threading.Thread(target=interrupt_once_said, daemon=True)
+    user.start()
     try:
         with pytest.raises(KeyboardInterrupt) as info:
             run(ip, "%%parallel -n 2 -q\n"
                     "if rank == 0:\n    raise ValueError('no input file')\n"
                     "else:\n    q.get()\n")
     finally:
-        timer.cancel()
+        over.set()
+        said.set()
+        user.join()
     err = capfd.readouterr().err
     assert "rank 0 failed (ValueError: no input file) while other ranks still run" in err
     assert [(f.rank, type(f.error).__name__) for f in mpmagic.last_failures()] == [(0, "ValueError")]

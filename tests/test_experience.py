@@ -859,23 +859,35 @@ def test_pool_status_renders_as_html(ip, pool2):
     ("%pmap --compare slow_here, range(4)", "results"),
     ("%%parallel -n 2 --compare\nslow_here(rank)", "ranks' values"),
 ])
-def test_an_interrupt_of_the_serial_compare_run_says_no_worker_was_stopped(ip, pool2, cell, values):
+def test_an_interrupt_of_the_serial_compare_run_says_no_worker_was_stopped(ip, pool2, cell, values, tmp_path):
     """--compare's serial run is here, after the parallel run: an interrupt there stops
     no worker, and the message says so, not the one of an interrupted parallel run."""
     import os
     import signal
     import threading
 
-    run(ip, "import os, time\nHOME_PID = os.getpid()\n"
-            "def slow_here(x):\n    if os.getpid() == HOME_PID:\n        time.sleep(30)\n    return x\n")
+    here = tmp_path / "serial_run_began"
+    run(ip, f"import os, time\nHOME_PID = os.getpid()\n"
+            f"def slow_here(x):\n    if os.getpid() == HOME_PID:\n        open({str(here)!r}, 'w').close()\n"
+            "        time.sleep(30)\n    return x\n")
     replaced = pool2.status()["workers_replaced"]
-    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    over = threading.Event()
+
+    def interrupt_in_the_serial_run() -> None:  # (once it began, not on a fixed 1.5 s timer)
+        deadline = time.monotonic() + 30
+        while not here.exists() and not over.is_set() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not over.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    user = threading.Thread(target=interrupt_in_the_serial_run, daemon=True)
+    user.start()
     try:
         with capture_output():
             err = ip.run_cell(cell, store_history=False).error_in_exec
     finally:
-        timer.cancel()
+        over.set()
+        user.join()
     magic = cell.split()[0]
     assert type(err) is KeyboardInterrupt
     assert str(err) == (
