@@ -22,6 +22,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
+from itertools import islice
 from typing import Any
 
 from . import compat, exiting
@@ -70,6 +72,8 @@ class Run:
         self.interrupted = False
         self.items_total: int | None = job.items_total
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        # The event the waiting thread took off the queue, until its dispatch begins (see wait).
+        self._hand: list[tuple] = []
         self._ended = compat.fast_event()  # (a reentrant lock's: see compat)
         self._pumped = False  # the end event was taken by a waiting thread
         self._chunk_error = False  # on_chunk raised: the run stops with its error
@@ -161,22 +165,33 @@ class Run:
         before it were taken, so the end is taken here instead. The caller's
         second wait blocked on a queue nobody would fill again, under
         ``sigint_deferred`` (so more presses did nothing): the kernel hung.
+
+        Nothing queued is lost to an interrupt: an event taken off the queue goes
+        into ``_hand`` inside one C call (``list.extend`` pulling it through
+        ``islice``), where no Ctrl-C can land, and leaves it only as its dispatch
+        begins; the next wait (``api``'s, after the cancel) dispatches it first.
+        ``ev = get()`` lost the event when the Ctrl-C landed right after the get
+        returned: a rank's failure line, or what a task printed just before the
+        interrupt, queued but never shown, though serial code had shown it.
         """
         __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
+        hand = self._hand
         with self._wait_lock:
             while not self._pumped:
-                if self._ended.is_set() and self._events.empty():
-                    self._end_here()  # (its end event was taken by an interrupted wait, or is on its way)
-                    break
-                try:
-                    if deadline is None:
-                        ev = self._events.get()
-                    else:
-                        ev = self._events.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    return False
-                self._dispatch(ev)
+                if not hand:
+                    if self._ended.is_set() and self._events.empty():
+                        self._end_here()  # (its end event was taken by an interrupted wait, or is on its way)
+                        break
+                    get = self._events.get
+                    if deadline is not None:
+                        get = partial(get, timeout=max(0.0, deadline - time.monotonic()))
+                    try:
+                        hand.extend(islice(iter(get, None), 1))  # (no event is None: this takes one)
+                    except queue.Empty:
+                        return False
+                ev = hand[0]
+                self._dispatch(ev)  # (takes it out of ``_hand`` as it begins)
                 if ev[0] == "out" and self._events.empty():
                     self._idle_flush()  # (output is not flushed line by line: jobs._print_stream)
                 if deadline is not None and not self._pumped and time.monotonic() >= deadline:
@@ -184,6 +199,7 @@ class Run:
         return True
 
     def _dispatch(self, ev: tuple) -> None:
+        del self._hand[0]  # (a statement, not a call: a Ctrl-C lands before it or after it, not in between)
         kind = ev[0]
         if kind == "out":
             if self.interrupted and self._events.qsize() > KEPT_AT_INTERRUPT:

@@ -1435,3 +1435,34 @@ def test_pmap_interrupted_right_after_its_run_ended_raises_the_interrupt_not_a_h
     assert "no worker was stopped or replaced" in str(caught.value)  # it had ended: nothing was stopped
     monkeypatch.undo()
     assert mpmagic.pmap(sq, range(20)) == list(map(sq, range(20)))
+
+
+@pytest.mark.parametrize("marker", ["while other ranks still run", "printed by rank 1"])
+def test_output_queued_just_before_an_interrupt_is_shown(ip, local_pool, capfd, monkeypatch, marker):
+    """The interrupt comes right after a line was queued for the cell (rank 0's
+    failure line, or what a rank printed), before the waiting thread printed it:
+    serial code would have shown it, so the interrupted cell shows it too, before
+    the interrupt's own line. The interrupt could land right after the wait took the
+    line off the queue, before it was printed: the line was lost."""
+    from mpmagic import engine, jobs
+
+    monkeypatch.setattr(jobs, "RANK_FAILURE_GRACE", 30.0)  # (the user interrupts before the abort)
+    run(ip, "import mpmagic\nq = mpmagic.Queue()")
+    emit = engine.Run._emit_out
+    sent = threading.Event()
+
+    def emit_then_interrupt(self, stream: str, text: str) -> None:  # (the interrupt as the line is queued)
+        emit(self, stream, text)
+        if marker in text and not sent.is_set():
+            sent.set()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    monkeypatch.setattr(engine.Run, "_emit_out", emit_then_interrupt)
+    capfd.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run(ip, "%%parallel -n 2 -q\n"
+                "if rank == 0:\n    raise ValueError('no input file')\n"
+                "else:\n    print('printed by rank 1', flush=True)\n    q.get()\n")
+    assert sent.is_set()
+    out, err = capfd.readouterr()
+    assert marker in out + err
