@@ -234,11 +234,18 @@ _RAISED_BY = "mpmagic: raised by "
 _ITEM_NOTE = "mpmagic: raised by item "
 
 
+def _row_note(exc: BaseException | None) -> str | None:
+    """The note on ``exc`` naming the row, column or group ``func`` raised on (``_note``), if any."""
+    notes = getattr(exc, "__notes__", None)
+    if not isinstance(notes, (list, tuple)):
+        return None
+    return next((n for n in notes if isinstance(n, str) and n.startswith(_RAISED_BY)
+                 and not n.startswith(_ITEM_NOTE)), None)
+
+
 def _note(exc: BaseException, what: str) -> None:
     """Name the row, column or group ``func`` failed on, as a note (once: the first, innermost, wins)."""
-    notes = getattr(exc, "__notes__", None)
-    notes = [n for n in notes if isinstance(n, str)] if isinstance(notes, (list, tuple)) else []
-    if not any(n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes):
+    if _row_note(exc) is None:
         add_note(exc, f"{_RAISED_BY}{what}")  # (never raising: func's own error stays)
 
 
@@ -287,12 +294,9 @@ def _own_notes(exc: BaseException) -> None:
     notes = getattr(exc, "__notes__", None)
     if not isinstance(notes, (list, tuple)) or not any(isinstance(n, str) and n.startswith(_ITEM_NOTE) for n in notes):
         return
-    named = any(isinstance(n, str) and n.startswith(_RAISED_BY) and not n.startswith(_ITEM_NOTE) for n in notes)
     # (a KeyboardInterrupt func raised comes as the pool's RuntimeError: the row is named on its cause)
-    cause_notes = getattr(exc.__cause__, "__notes__", None)
-    by_cause = next((n for n in cause_notes if isinstance(n, str) and n.startswith(_RAISED_BY)
-                     and not n.startswith(_ITEM_NOTE)), None) if isinstance(cause_notes, list) else None
-    fix = "" if named else by_cause or "mpmagic: raised in a worker by pandas' own call, not by the function"
+    fix = ("" if _row_note(exc) is not None
+           else _row_note(exc.__cause__) or "mpmagic: raised in a worker by pandas' own call, not by the function")
 
     def keep(lines: list) -> list:
         out = []
@@ -400,9 +404,7 @@ def _functions_stop(exc: BaseException) -> StopIteration | None:
     cause = exc.__cause__
     if type(exc) is not RuntimeError or not isinstance(cause, StopIteration):
         return None
-    notes = getattr(cause, "__notes__", None)
-    named = isinstance(notes, list) and any(isinstance(n, str) and n.startswith(_RAISED_BY) for n in notes)
-    return cause if named else None
+    return cause if _row_note(cause) is not None else None
 
 
 def _piece_text(where: str | None, spans: list[tuple[int, int]], what: str) -> str | None:

@@ -766,11 +766,7 @@ def test_a_stop_iteration_the_function_raises_comes_back_as_pandas_lets_it_throu
     run(ip, "import pandas as pd\ndef _acc_stop(v):\n    if v == 2:\n        next(iter([]))\n    return v\n")
     with pytest.raises(StopIteration):
         run(ip, "pd.Series([1, 2, 3]).map(_acc_stop)")
-    with pytest.raises(StopIteration) as got:
-        run(ip, "pd.Series([1, 2, 3]).mp.map(_acc_stop, quiet=True)")
-    notes = getattr(got.value, "__notes__", [])
-    assert "mpmagic: raised by row 1" in notes, notes
-    assert not any("pandas' own call" in note for note in notes), notes
+    _raises_noted_with_its_row(ip, "_acc_stop", StopIteration)
 
 
 def test_a_keyboard_interrupt_the_function_raises_names_its_row_not_pandas(ip, pool2):
@@ -779,8 +775,14 @@ def test_a_keyboard_interrupt_the_function_raises_names_its_row_not_pandas(ip, p
     carried the row's note: the error said "raised in a worker by pandas' own call, not
     by the function", which it was not. It names the row."""
     run(ip, "import pandas as pd\ndef _acc_ki(v):\n    if v == 2:\n        raise KeyboardInterrupt('mine')\n    return v\n")
-    with pytest.raises(RuntimeError) as got:
-        run(ip, "pd.Series([1, 2, 3]).mp.map(_acc_ki, quiet=True)")
+    _raises_noted_with_its_row(ip, "_acc_ki", RuntimeError)
+
+
+def _raises_noted_with_its_row(ip, func: str, expected: type[BaseException]) -> None:
+    """``pd.Series([1, 2, 3]).mp.map(func)`` raises ``expected``, noted as raised by row 1
+    (where ``func`` raises), not as raised by pandas' own call."""
+    with pytest.raises(expected) as got:
+        run(ip, f"pd.Series([1, 2, 3]).mp.map({func}, quiet=True)")
     notes = getattr(got.value, "__notes__", [])
     assert "mpmagic: raised by row 1" in notes, notes
     assert not any("pandas' own call" in note for note in notes), notes
