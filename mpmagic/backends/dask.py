@@ -84,7 +84,7 @@ from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
-from .local import _no_main_module, _stopped_error, pool_size
+from .local import _no_main_module, pool_size
 
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
@@ -1496,14 +1496,14 @@ class DaskBackend:
         __tracebackhide__ = True
         with self._lock:
             if self._retired or self.stops != stops_before:  # (replaced or stopped while it waited for its turn)
-                raise _stopped_error(self.stopped_by)
+                raise exiting.stopped_error(self.stopped_by)
             self.start()
             stops = self.stops
         try:
             run = self._prepare(job, workers, stops)
         except Exception:
             if self.stops != stops:  # stopped (or replaced) from another thread meanwhile: the stop is the cause
-                raise _stopped_error(self.stopped_by) from None
+                raise exiting.stopped_error(self.stopped_by) from None
             raise
         run.execute()
 
@@ -1651,7 +1651,7 @@ class _DaskRun:
                 # Dask's own error as the pool stopped under the run (a submit to the
                 # closed client): the stop is the cause, not the run's items.
                 log.debug("mpmagic: a Dask run failed as the pool stopped", exc_info=True)
-                raise _stopped_error(self.backend.stopped_by) from None
+                raise exiting.stopped_error(self.backend.stopped_by) from None
             raise
         finally:
             self.backend._event_sink = None
@@ -1970,7 +1970,7 @@ class _DaskRun:
         closed"): the run fails as stopped, blaming no item."""
         self.tasks.pop(task.key, None)
         if self.backend.stops != self.stops:
-            raise _stopped_error(self.backend.stopped_by)
+            raise exiting.stopped_error(self.backend.stopped_by)
         from distributed.scheduler import KilledWorker
 
         if isinstance(exc, KilledWorker):
@@ -2157,7 +2157,7 @@ class _DaskRun:
         """
         backend = self.backend
         if backend.stops != self.stops:
-            raise _stopped_error(backend.stopped_by)
+            raise exiting.stopped_error(backend.stopped_by)
         lost = reason == "scheduler-connection-lost" or self.client.status != "running"
         if not lost and reason != "scheduler-restart":
             return

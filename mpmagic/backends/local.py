@@ -552,13 +552,6 @@ _STOPPED_NOTE_AFTER = 5.0
 _PAYLOAD_TRIES = 4
 
 
-def _stopped_error(by: str | None) -> MPMagicError:
-    """What a run gets when the pool stops under it (in flight, or while it was being submitted),
-    naming what stopped it (``by``: the backend's ``stopped_by``); the exit's stop says so
-    (``exiting.StoppedAtExit``: a daemon thread waiting on it ends silently)."""
-    return exiting.stopped_error(by)
-
-
 class _LocalRun(Run):
     """One job in flight on the local pool. Its state belongs to the manager thread."""
 
@@ -1056,7 +1049,7 @@ class LocalBackend:
         if manager is not None and manager is not threading.current_thread():
             manager.join(5.0)  # (it ends at once: woken, it finds it is no longer the manager)
         for run in runs:  # whoever waits on them must not hang
-            run._finish(_stopped_error(by))
+            run._finish(exiting.stopped_error(by))
         for s in slots:
             try:
                 s.send(_STOP)
@@ -1510,7 +1503,7 @@ class LocalBackend:
                     wake, interrupt = True, exc
         if stopped:  # it fails at once, as the runs in flight at the stop did
             job.release_shared()
-            run._finish(_stopped_error(self.stopped_by))
+            run._finish(exiting.stopped_error(self.stopped_by))
             return run
         if wake:
             self._wake()
