@@ -49,6 +49,7 @@ from .errors import (
     interrupt_outcome,
     one_line_interrupt,
 )
+from .fmt import noun
 from .jobs import SAY_RETRIES_AT
 from .setup_api import RunsInFlight, SetupRefused
 from .task_shell import (
@@ -1754,7 +1755,7 @@ def _kept_dask(now: Any, size_before: int | None) -> str:
         where = f"the Dask scheduler at {now.address}" if now.address else now.where
         return f"%pool dask: already connected to {where}; kept the connection (nothing was stopped)"
     where = f" ({now.scheduler_address})" if now.scheduler_address else ""
-    workers = f"{now.workers} worker{'s' if now.workers != 1 else ''}"
+    workers = f"{now.workers} {noun('workers', now.workers)}"
     if size_before is None:
         return f"%pool dask: started mpmagic's local Dask cluster again{where} with {workers}"
     head = f"%pool dask: already on the local Dask cluster mpmagic started{where}"
