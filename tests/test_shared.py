@@ -514,6 +514,22 @@ def test_releasing_a_lock_not_held_shows_the_callers_line_only(ip):
         assert not any("mpmagic" in f.f_code.co_filename for f, _ in traceback.walk_tb(info.value.__traceback__))
 
 
+def test_releasing_an_rlock_not_held_is_caught_as_multiprocessing_and_threading_code_catch_it(ip, pool2):
+    """``multiprocessing.RLock().release()`` by a thread that does not hold it raises
+    AssertionError, ``threading.RLock``'s RuntimeError: a port catches either, in the
+    notebook and in a task, at the caller's line only (it was RuntimeError alone)."""
+    with pytest.raises(AssertionError):
+        multiprocessing.RLock().release()  # (the oracle)
+    run(ip, "import mpmagic\nrl = mpmagic.RLock()")
+    for expected in (AssertionError, RuntimeError):
+        with pytest.raises(expected, match="does not hold") as info:
+            run(ip, "rl.release()")
+        assert not any("mpmagic" in f.f_code.co_filename for f, _ in traceback.walk_tb(info.value.__traceback__))
+    caught = parallel(ip, "try:\n    rl.release()\nexcept AssertionError as exc:\n    caught = isinstance(exc, RuntimeError)\ncaught", n=2)
+    assert caught == [True, True]
+    drop(ip, "rl")
+
+
 def test_helper_whose_owner_dropped_it(ip, method):
     ensure_pool(method)
     run(ip, "import pickle\ngone = mpmagic.Value('i', 7)\nstale = pickle.dumps(gone)")

@@ -45,6 +45,14 @@ class NoSharedMemory(MPMagicError, MemoryError):
     """``/dev/shm`` cannot hold a new helper: it is full or too small (a container's 64 MB)."""
 
 
+class RLockNotHeldError(AssertionError, RuntimeError):
+    """``release()`` of an RLock by a thread that does not hold it.
+
+    ``multiprocessing.RLock`` raises AssertionError there, ``threading.RLock``
+    RuntimeError: code ported from either keeps its ``except`` clause. Not an
+    :class:`MPMagicError`: IPython shows the caller's line, as for theirs."""
+
+
 class QueueClosed(MPMagicError, queue.Empty):
     """``get`` on a queue that is closed and drained: nothing more will come.
 
@@ -410,7 +418,11 @@ class _HolderLock:
         semaphore is given back."""
         if self.recursive:
             if self.owner != threading.get_ident():
-                raise RuntimeError("cannot release an RLock this thread does not hold")
+                try:
+                    raise RLockNotHeldError("cannot release an RLock this thread does not hold")
+                except RLockNotHeldError as exc:
+                    exc.__traceback__ = None  # (the caller's line only, as the ValueError below)
+                    raise
             self.depth -= 1
             if self.depth:
                 return
