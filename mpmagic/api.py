@@ -35,6 +35,7 @@ from collections.abc import (
     MutableSequence,
     MutableSet,
     Sequence,
+    Set,
     Sized,
 )
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, TypeVar, overload
@@ -884,7 +885,8 @@ def pmap(
     except BaseException as exc:
         _name_helpers(exc, job, given_func)
         # (for %pdebug, --rerun-failed: several lists are zipped, read lazily, yet can be listed again)
-        debugging.record_map(job, func, None, [], options, items=_listed_again(iterables))
+        debugging.record_map(job, func, None, [], options,
+                             items=_listed_again(iterables, given if seed is None else None))
         hide_our_frames(exc)  # (a script's traceback: the caller's line, then the task's frames)
         raise
     finally:
@@ -1774,7 +1776,7 @@ def payload_repr(obj: Any) -> str:
     return short_repr(obj, 40)
 
 
-def _listed_again(iterables: tuple) -> list | None:
+def _listed_again(iterables: tuple, given: tuple | None = None) -> list | None:
     """The input of a run that raised, as a list of its own, for ``--rerun-failed``
     (the items that never ran are sent from it): several lists (tuples, ranges)
     zipped, as ``map`` pairs them; one list copied (its pointers: ~10 ms per million
@@ -1783,14 +1785,38 @@ def _listed_again(iterables: tuple) -> list | None:
     items were sent, mixed silently with the first run's results (or an IndexError),
     and a set or dict was refused as "an iterator that is used up". None for a tuple
     or range (the job keeps those: they cannot change), and for an input read once
-    or not copied here (an iterator; a numpy array or pandas object: its memory)."""
-    if len(iterables) > 1:
-        if all(type(it) in (list, tuple, range) for it in iterables):
-            return list(zip(*iterables, strict=False))
+    or not copied here (an iterator; a numpy array or pandas object: its memory).
+
+    ``given``: the iterables as the caller passed them (None when the run maps others:
+    ``seed``'s; ``compare`` may have zipped them into one list). A sequence, set or mapping the run read through its one iterator
+    (:class:`_Taken`: a deque, an ``array.array``, a ``UserList``, an ``OrderedDict``)
+    is read again from the caller's object: it gives the same items each time, as
+    the builtin containers do. It was refused as "read as it went and not kept (an
+    iterator...)". Another iterable's ``__iter__`` is not called again: it may hand
+    its data out once (a queue drain), and the re-run would send other items."""
+    if given is None or len(given) != len(iterables):  # (compare zipped one-shot inputs into one list)
+        given = iterables
+    again = [_read_again(it, g) for it, g in zip(iterables, given, strict=True)]
+    if any(it is None for it in again):
         return None
-    kind = type(iterables[0])
-    if kind in _REITERABLE and kind is not tuple and kind is not range:
-        return list(iterables[0])
+    if len(again) > 1:
+        return list(zip(*again, strict=False))
+    if type(again[0]) in (tuple, range):
+        return None
+    return list(again[0])
+
+
+#: Kinds of iterable whose ``__iter__`` gives the same items each time, by their contract.
+_CONTAINERS = (Sequence, Set, Mapping)
+
+
+def _read_again(taken: Any, given: Any) -> Any:
+    """What gives ``map``'s items of one input again (``taken``, or the caller's
+    ``given`` container when the run read the one iterator it gave), or None."""
+    if type(taken) in _REITERABLE:
+        return taken
+    if type(taken) is _Taken and isinstance(given, _CONTAINERS):
+        return given
     return None
 
 

@@ -107,8 +107,8 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         )
     if last.results is None:
         raise UsageError(
-            "the last run's input was read as it went and not kept (an iterator, or a numpy array or pandas "
-            "object, which is not copied), so its missing items cannot be sent again: run it with "
+            "the last run's input was read as it went and not kept (an iterator, an iterable that is not a "
+            "sequence, set or mapping, or a numpy array or pandas object, which is not copied), so its missing items cannot be sent again: run it with "
             "errors='collect' (or over a list) to be able to re-run what failed"
         )
     func_text = None  # (a function given here is named by no line: see _rerun_function)

@@ -456,6 +456,13 @@ def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
     assert (info.index, info.item) == (1, (2, 0))
     run(ip, "def ratio(a, b):\n    return a / b if b else -1\n")
     assert run(ip, "%pmap -q --rerun-failed") == run(ip, "list(map(ratio, [1, 2, 3, 4], (1, 0, 1, 0)))")
+    # a deque and an array.array, which map reads through their own iterators (and --compare, which lists them)
+    for options in ("", "--compare"):
+        run(ip, "import array, collections\ndef ratio(a, b):\n    return a / b\n")
+        with pytest.raises(ZeroDivisionError):
+            run(ip, f"%pmap -q {options} --chunksize 1 ratio, collections.deque([1, 2, 3, 4]), array.array('i', (1, 0, 1, 0))")
+        run(ip, "def ratio(a, b):\n    return a / b if b else -1\n")
+        assert run(ip, "%pmap -q --rerun-failed") == [1.0, -1, 3.0, -1]
 
 
 @pytest.mark.parametrize(("data", "change"), [
@@ -464,15 +471,21 @@ def test_rerun_failed_after_a_raising_run_over_several_lists(ip, fs_pool):
     ("set(range(40))", "data.clear()"),
     ("{i: -i for i in range(40)}", "data.clear()"),
     ("'abcdefghij' * 4", "data = None"),
+    # containers map() takes through their own iterator: "read as it went and not kept (an iterator, ...)"
+    ("collections.deque(range(40))", "data.clear()"),
+    ("array.array('i', range(40))", "data.reverse()"),
+    ("collections.UserList(range(40))", "data.clear()"),
+    ("collections.OrderedDict.fromkeys(range(40))", "data.clear()"),
 ])
 def test_rerun_failed_after_a_raise_runs_the_input_the_run_had_whatever_the_notebook_did_to_it(
         ip, fs_pool, data, change):
     """The record kept the user's list itself: reversed before --rerun-failed, the items
     never run were read from the reversed list, mixed silently with the first run's
     results (item 3's place got f(36)); cleared, an IndexError of ours. A set, dict or
-    str was said to be "an iterator that is used up", which it is not. Serial map's
+    str was said to be "an iterator that is used up", which it is not (a deque, array or
+    UserList, "read as it went and not kept (an iterator...)"). Serial map's
     oracle: f over the input as the failed call had it."""
-    run(ip, "def code(x):\n    if x in (3, 'd'):\n        raise ValueError(x)\n    return str(x) * 2\n"
+    run(ip, "import array, collections\ndef code(x):\n    if x in (3, 'd'):\n        raise ValueError(x)\n    return str(x) * 2\n"
             f"data = {data}\nbefore = list(data)")
     with pytest.raises(ValueError):
         run(ip, "%pmap -q --chunksize 2 code, data")
