@@ -39,6 +39,7 @@ import sqlite3
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,20 @@ def _readonly_note(store: Store) -> None:
     if store.readonly:
         _warn(f"mpmagic: the checkpoint store in {store.dir} is read-only for this user: stored results "
               "are used, but what this run computes is not stored")
+
+
+def stored_name(func: Callable) -> str:
+    """The name a map's stored run goes by (``%pool checkpoints`` lists it, ``clear NAME``
+    takes it, the run's lines say it): a function's qualified name (``Model.fit``), a
+    bound method's by the class of its object (``Left.step`` for a ``step`` that ``Left``
+    inherits). By ``__name__`` alone, two classes' ``run`` methods were two rows ``run``,
+    one of them unclearable without the other."""
+    if isinstance(func, types.MethodType):
+        owner = func.__self__
+        return f"{(owner if isinstance(owner, type) else type(owner)).__qualname__}.{func.__name__}"
+    if isinstance(func, (types.FunctionType, types.BuiltinFunctionType)):
+        return func.__qualname__
+    return func_name(func)
 
 
 def _why(path: Path, exc: BaseException) -> str:
@@ -671,7 +686,7 @@ class MapCheckpoint:
         else:
             self.items, self.star = zip(*iterables, strict=False), True
         self.iterables = iterables  # (to name one that another thread is running: see _lazy)
-        self.name = func_name(func)
+        self.name = stored_name(func)
         # The worker setup the key covers (read before it): results are stored only
         # while it is still the setup (``_same_setup``).
         self.setup_version = worker_setup.version()

@@ -674,6 +674,19 @@ def test_pool_checkpoints_lists_clears_by_name_and_the_cap_evicts_lru(ip, store_
     assert repr(run(ip, "%pool checkpoints")).startswith("no checkpoints in")
 
 
+def test_pool_checkpoints_names_a_method_by_its_objects_class_and_clears_it_by_that_name(ip, store_dir):
+    """Two classes' ``run`` methods (and two subclasses' inherited ``step``) were each listed
+    as ``run`` (``step``): which stored runs were whose, and what to clear, could not be told."""
+    run(ip, "class Fast:\n    def run(self, x):\n        return x\nclass Slow:\n    def run(self, x):\n        return -x\n"
+            "class Base:\n    def step(self, x):\n        return x\nclass Left(Base):\n    pass\n"
+            "class Right(Base):\n    pass\n")
+    for obj in ("Fast()", "Slow()", "Left()", "Right()"):
+        run(ip, f"%pmap -q --checkpoint {obj}.{'step' if obj in ('Left()', 'Right()') else 'run'}, range(3)")
+    assert sorted(r.name for r in checkpoint.list_runs()) == ["Fast.run", "Left.step", "Right.step", "Slow.run"]
+    run(ip, "%pool checkpoints clear Slow.run")
+    assert sorted(r.name for r in checkpoint.list_runs()) == ["Fast.run", "Left.step", "Right.step"]
+
+
 def test_dask_backend_stores_results_on_the_notebook_side(ip, store_dir, dask_cluster, request):
     from conftest import ensure_pool
 
