@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import dis
 import errno
 import functools
 import heapq
 import inspect
+import io
 import keyword
 import linecache
 import logging
@@ -1025,7 +1027,9 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
 
     An error with neither (a script's own, after a map's failure installed the hook)
     goes to Python's printer: only it adds 3.10's "Did you mean: 'append'?" to a
-    NameError or AttributeError (the ``traceback`` module does from 3.12 on)."""
+    NameError or AttributeError (the ``traceback`` module does from 3.12 on); one raised
+    while handling a map's error (printed here, for that error's note) gets it from
+    there too (:func:`_suggestion`)."""
     if not _notes_or_our_frames(exc, tb):
         sys.__excepthook__(exc_type, exc, tb)
         return
@@ -1039,6 +1043,8 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
         seen.add(id(one))
         one.stack = traceback.StackSummary.from_list(
             [f for f in one.stack if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)])
+        if isinstance(value, (NameError, AttributeError)) and sys.version_info < (3, 12):
+            one._str = (one._str or "") + _suggestion(value)  # type: ignore[attr-defined]
         notes = getattr(value, "__notes__", None)
         if (sys.version_info < (3, 11) and isinstance(notes, (list, tuple)) and notes
                 and "__notes__" not in vars(one)):  # (as 3.11: after the message; the backport's prints its own)
@@ -1047,6 +1053,25 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
             if link is not None and linked is not None:
                 todo.append((link, linked))
     sys.stderr.write("".join(shown.format()))
+
+
+def _suggestion(exc: NameError | AttributeError) -> str:
+    """``. Did you mean: 'values'?``, as Python's own printer adds it after the message
+    of ``exc``, or "". Before 3.12 only that printer computes it (in C, from the
+    frame the error was raised in): it prints ``exc`` alone (no chain) into a
+    buffer, and the suggestion is read off the end of its message line."""
+    printed = io.StringIO()
+    chain = exc.__cause__, exc.__context__, exc.__suppress_context__
+    exc.__cause__ = exc.__context__ = None
+    try:
+        with contextlib.redirect_stderr(printed):
+            sys.__excepthook__(type(exc), exc, exc.__traceback__)
+    except Exception:  # (no suggestion rather than no traceback)
+        return ""
+    finally:
+        exc.__cause__, exc.__context__, exc.__suppress_context__ = chain
+    found = re.search(re.escape(str(exc)) + r"(\. Did you mean: .*\?)$", printed.getvalue(), flags=re.M)
+    return found.group(1) if found else ""
 
 
 def show_without_frames(exc: BaseException) -> None:

@@ -616,6 +616,30 @@ def test_python_3_10s_hook_leaves_an_error_without_notes_or_our_frames_to_python
     assert python.endswith("Did you mean: 'append'?\n"), python
 
 
+def test_python_3_10s_hook_keeps_did_you_mean_of_an_error_raised_while_handling_a_maps(capsys):
+    """A script's NameError in the ``except`` around a failed map (whose error has our
+    note) went to the hook's own printing, for the note: it lost Python's "Did you mean:
+    'values'?" (only Python's printer adds it before 3.12)."""
+    from mpmagic import errors
+
+    def inverse(x):
+        return 1 / x
+
+    values = [1, 0]
+    try:
+        try:
+            mpmagic.pmap(inverse, values)
+        except ZeroDivisionError:
+            valuse  # noqa: B018, F821
+    except NameError as error:
+        exc = error
+    errors.print_with_notes(type(exc), exc, exc.__traceback__)
+    shown = capsys.readouterr().err
+    assert "mpmagic: raised by item 1 of the input: inverse(0)\n" in shown, shown
+    assert shown.endswith("NameError: name 'valuse' is not defined. Did you mean: 'values'?\n"), shown
+    del values
+
+
 def _frame_headers(text: str) -> list[str]:
     """The "Cell In[N], line L, in f(...)" lines of a displayed traceback."""
     return re.findall(r"^Cell In\[\d+\], line \d+, in .*$", text, flags=re.M)
