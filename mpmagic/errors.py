@@ -1369,6 +1369,16 @@ def hide_our_frames(exc: BaseException) -> None:
         _replace_traceback(exc, _without_hidden_frames(exc.__traceback__))
 
 
+def interrupted_at_callers_line(exc: BaseException) -> None:
+    """A Ctrl-C that landed in a shared helper's wait (``q.get()``, ``q.put()`` on a
+    full queue, ``lock.acquire()``, ``ev.wait()``) leaves with the caller's line and
+    no frame of ours (code of the user's it ran, an item's ``__setstate__``, stays):
+    the user interrupted their own line, and our frames (four for a ``q.get()``) say
+    nothing to them, in a notebook or a script. Called in the ``except`` of the
+    helper's public method, before a bare ``raise`` (see :func:`hide_our_frames`)."""
+    _replace_traceback(exc, without_our_frames(exc.__traceback__))
+
+
 def _replace_traceback(exc: BaseException, kept: types.TracebackType | None) -> None:
     """``exc``'s traceback becomes ``kept``, for a bare ``raise`` in the ``except`` that
     caught it too: before Python 3.11 that re-raises the traceback it caught, whose first

@@ -896,6 +896,17 @@ def test_queue_put_after_close_raises_as_the_local_one(dask_pool):
         q.get(timeout=5)
 
 
+def test_ctrl_c_in_a_queue_get_shows_the_users_line_and_no_frame_of_ours(ip, dask_pool):
+    """As the local queue's: the interrupt showed DaskQueue.get and _get under the user's line."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic\nwaiting = mpmagic.Queue()")
+    shown, error = interrupted_cell(ip, "waiting.get()", after=0.2)
+    assert isinstance(error, KeyboardInterrupt) and "----> 1 waiting.get()" in shown, shown
+    assert not any("mpmagic" in f.f_code.co_filename for f, _ in traceback.walk_tb(error.__traceback__)), shown
+    ip.user_ns.pop("waiting")
+
+
 def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
     lock = mpmagic.Lock()
     with pytest.raises(ValueError, match="^semaphore or lock released too many times$") as info:

@@ -530,6 +530,26 @@ def test_releasing_an_rlock_not_held_is_caught_as_multiprocessing_and_threading_
     drop(ip, "rl")
 
 
+def test_ctrl_c_in_a_helpers_wait_shows_the_users_line_and_no_frame_of_ours(ip):
+    """Ctrl-C in ``q.get()`` showed four frames of ours under the user's line (queues.py
+    three times, base.py's ``_wait``), ``lock.acquire()`` and ``ev.wait()`` two: they say
+    nothing to the user, who interrupted their own line (a script's traceback too)."""
+    from conftest import interrupted_cell
+
+    local_helpers()
+    run(ip, "import mpmagic\nempty = mpmagic.Queue(maxsize=1)\nfull = mpmagic.Queue(maxsize=1)\nfull.put(0)\n"
+            "held = mpmagic.Lock()\nheld.acquire()\nunset = mpmagic.Event()")
+    for line in ("empty.get(timeout=60)", "full.put(1)", "with held:\n    pass", "unset.wait()"):
+        shown, error = interrupted_cell(ip, line, after=0.05)
+        assert isinstance(error, KeyboardInterrupt), (line, shown)
+        assert "----> 1 " + line.splitlines()[0] in shown, shown
+        assert "mpmagic" not in shown and not any(
+            "mpmagic" in f.f_code.co_filename for f, _ in traceback.walk_tb(error.__traceback__)), shown
+    assert run(ip, "full.get(), held.locked(), empty.qsize()") == (0, True, 0)  # (nothing half-done)
+    run(ip, "held.release()")
+    drop(ip, "empty", "full", "held", "unset")
+
+
 def test_helper_whose_owner_dropped_it(ip, method):
     ensure_pool(method)
     run(ip, "import pickle\ngone = mpmagic.Value('i', 7)\nstale = pickle.dumps(gone)")

@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import payload, waits
 from ..checks import queue_maxsize, queue_size, wait_timeout
-from ..errors import UsageError
+from ..errors import UsageError, interrupted_at_callers_line
 from ..shared import IterUntilClosed, QueueClosed
 from ..shared.base import current_backend
 
@@ -240,14 +240,18 @@ class DaskQueue(_OnDask, IterUntilClosed):
         is taken only once one is there, under a lock all consumers share, so
         another consumer cannot take it in between and leave this one waiting.
         """
-        with _pool_gone(self), _timed("Queue") as call:
-            try:
-                return self._get(block, timeout)
-            except QueueClosed:  # (ended by close(): a wait for the producers)
-                raise
-            except std_queue.Empty:
-                call.ran_out = True
-                raise
+        try:
+            with _pool_gone(self), _timed("Queue") as call:
+                try:
+                    return self._get(block, timeout)
+                except QueueClosed:  # (ended by close(): a wait for the producers)
+                    raise
+                except std_queue.Empty:
+                    call.ran_out = True
+                    raise
+        except KeyboardInterrupt as exc:  # (the user's line, as the local queue's)
+            interrupted_at_callers_line(exc)
+            raise
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         limit = _wait_for(block, timeout)

@@ -27,7 +27,13 @@ from typing import Any
 
 from .. import compat, debugging, payload, posixshm, shm, waits
 from ..checks import wait_timeout
-from ..errors import MPMagicError, cell_label, out_of_files, too_many_open_files
+from ..errors import (
+    MPMagicError,
+    cell_label,
+    interrupted_at_callers_line,
+    out_of_files,
+    too_many_open_files,
+)
 from ..fmt import fmt_bytes
 
 try:
@@ -309,8 +315,10 @@ class _HolderLock:
             self.owner, self.depth = me, 1  # (a plain lock's too: held_here)
             self.took_over = 0
             return True
-        except BaseException:
+        except BaseException as exc:
             self._drop_if_taken(before, me)
+            if isinstance(exc, KeyboardInterrupt):  # (the user's ``lock.acquire()`` / ``with lock:``)
+                interrupted_at_callers_line(exc)
             raise
 
     # ``with lock:`` calls acquire itself: a frame of ours between it and the ``with``

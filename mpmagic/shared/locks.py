@@ -11,6 +11,7 @@ import time
 
 from .. import waits
 from ..checks import wait_timeout
+from ..errors import interrupted_at_callers_line
 from .base import _SEM_MAX, _SLICE, _Helper, _LockSide, _notify, _wait
 
 # --------------------------------------------------------------------------
@@ -108,7 +109,12 @@ class SharedEvent(_Helper):
                     "or give wait() a timeout",
                     since,
                 )
-            if _wait(self._sem, step, "Event"):
+            try:
+                woken = _wait(self._sem, step, "Event")
+            except KeyboardInterrupt as exc:
+                interrupted_at_callers_line(exc)
+                raise
+            if woken:
                 _notify(self._sem)  # pass the wake-up on to the next waiter
         return True
 

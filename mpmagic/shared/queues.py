@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import classhome, compat, payload, posixshm, waits
 from ..checks import wait_timeout
-from ..errors import UsageError
+from ..errors import UsageError, interrupted_at_callers_line
 from . import base
 from .base import (
     _HEADER,
@@ -661,7 +661,11 @@ class SharedQueue(IterUntilClosed, _Helper):
             if left <= 0:
                 waits.timed_out(before)  # (serial code waits as long: work, see mpmagic.waits)
                 raise queue.Full
-            _wait(r.count_room, left, "Queue")
+            try:
+                _wait(r.count_room, left, "Queue")
+            except KeyboardInterrupt as exc:
+                interrupted_at_callers_line(exc)
+                raise
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``, as ``multiprocessing.Queue.put_nowait``:
@@ -699,17 +703,21 @@ class SharedQueue(IterUntilClosed, _Helper):
         the queue is empty, then raises ``queue.Empty``; raises :class:`QueueClosed`
         once the queue is closed and drained. An instance of a notebook class a task
         put keeps the notebook's class as it is (``classhome.loads_item``), as a map's results do."""
-        if timeout is None or not block:
-            return classhome.loads_item(self._take(block, timeout))
-        before = waits.mark()
         try:
-            data = self._take(block, timeout)
-        except QueueClosed:  # (ended by close(): a wait for the producers, not by the timeout)
+            if timeout is None or not block:
+                return classhome.loads_item(self._take(block, timeout))
+            before = waits.mark()
+            try:
+                data = self._take(block, timeout)
+            except QueueClosed:  # (ended by close(): a wait for the producers, not by the timeout)
+                raise
+            except queue.Empty:
+                waits.timed_out(before)  # (serial code waits as long: work, see mpmagic.waits)
+                raise
+            return classhome.loads_item(data)
+        except KeyboardInterrupt as exc:
+            interrupted_at_callers_line(exc)
             raise
-        except queue.Empty:
-            waits.timed_out(before)  # (serial code waits as long: work, see mpmagic.waits)
-            raise
-        return classhome.loads_item(data)
 
     def get_nowait(self) -> Any:
         """``get(block=False)``, as ``multiprocessing.Queue.get_nowait``:
