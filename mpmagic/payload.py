@@ -1561,10 +1561,39 @@ def _through_library(obj: Any, root: str, chain: list, text: str, exc: BaseExcep
         return (f"`{name}` is a functools.singledispatch function defined in the notebook, which cannot be sent: "
                 f"its dispatch cache is a WeakKeyDictionary ({type(exc).__name__}: {exc}). Define it in a module the workers can import, "
                 "or map a plain function defined in the notebook that does the dispatch (if isinstance(x, int): ...)")
+    if k and isinstance(objects[k - 1], _WEAK_CONTAINERS):  # (its _remove callback, a closure on a weak reference)
+        return _weak_container(objects[k - 2] if k > 1 else None, " -> ".join(parts[:k]), parts[k - 1],
+                               objects[k - 1], exc)
     module = func.__code__.co_filename.rsplit(os.sep, 1)[-1].removesuffix(".py")
     return (f"`{name}` is made by the standard library's {module} (its {func.__name__}), whose internals cannot be "
             f"sent {why}. Define it in a module the workers can import, or map a plain function defined in the "
             "notebook that does the same")
+
+
+_WEAK_CONTAINERS = (weakref.WeakValueDictionary, weakref.WeakKeyDictionary, weakref.WeakSet)
+
+
+def _weak_container(holder: Any, name: str, attr: str, container: Any, exc: BaseException) -> str:
+    """The message for a weakref container on the path (``holder``'s ``attr``), which
+    cannot be pickled: its ``_remove`` callback holds a weak reference. It said that
+    `... -> instances -> _remove` "is made by the standard library's weakref (its
+    remove)", and to define "it" in a module: neither the class nor the attribute named."""
+    kind = f"weakref.{type(container).__name__}"
+    why = f"which cannot be pickled: its entries are weak references ({type(exc).__name__}: {exc})"
+    if isinstance(holder, type):
+        cls = holder.__qualname__
+        return (f"`{name}`: the class attribute {cls}.{attr} is a {kind}, {why}. {cls} is defined in the "
+                f"notebook, so it is sent with its class attributes: define {cls} in a module the workers can "
+                f"import (a .py file next to the notebook; a module's class is sent by name, and each worker has "
+                f"its own {cls}.{attr}, as each process has), or keep the {kind} out of the class (a global of "
+                "such a module)")
+    if isinstance(holder, types.FunctionType) or holder is None:  # (a global or a capture of the function)
+        return (f"`{name}` is a {kind}, {why}. Make it in a module the workers can import (each worker has its "
+                "own, as each process has), or inside the function, rather than send the notebook's")
+    owner = type(holder).__qualname__
+    return (f"`{name}`: the attribute {attr} of a {owner} is a {kind}, {why}. Leave it out of what the {owner} "
+            f"pickles (a __getstate__ without it, and a __setstate__ that makes a new one), or define {owner} "
+            "in a module the workers can import and make the object in the function")
 
 
 def explain_unpicklable(obj: Any, what: str, exc: BaseException, item: bool = False) -> str:

@@ -400,6 +400,8 @@ def test_error_texts_on_the_pages_are_what_the_code_says(docs_shell, tmp_path) -
 TABLE_CASES: list[tuple[str, str | None]] = [
     ("%pool bogus", "%pool: unknown subcommand 'bogus'"),
     ("%pool stauts", "unknown subcommand 'stauts'"),
+    ("import weakref\nclass Registry:\n    instances = weakref.WeakValueDictionary()\n\ndef f(x):\n    return Registry\n\n"
+     "%pmap -q f, [1]", "cannot send the function to the workers: `f -> Registry"),
     ("%pool resize 2 --gpus 0,1", "--gpus goes with start"),
     ("%%parallel -n 2 -q --reduce\nrank", "%%parallel: argument --reduce"),
     ("%%parallel -n 2 -q --reduce ''\nrank", "%%parallel: --reduce needs"),

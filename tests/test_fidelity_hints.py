@@ -178,6 +178,21 @@ def test_a_notebook_singledispatch_function_is_sent_and_dispatches_as_serially(i
     assert f.registry.keys() == {object, int, ip.user_ns["Shape"]}  # (the notebook's own is as it was)
 
 
+def test_a_class_attribute_holding_a_weak_dictionary_is_named_with_what_to_do(ip, pool2):
+    """It said `work -> Registry -> instances -> _remove` "is made by the standard library's
+    weakref (its remove)" and to "define it in a module": neither the class attribute
+    nor a fix that applies (the class, sent by value from the notebook, goes to a module)."""
+    run(ip, "import weakref\nclass Registry:\n    instances = weakref.WeakValueDictionary()\n"
+            "def _fh_work(x):\n    return Registry, x\n")
+    for line, path in (("_fh_work, [1]", "_fh_work -> Registry -> instances"),
+                       ("lambda r: r, [Registry()]", "item 0 -> __class__ -> instances")):
+        with pytest.raises(SerializationError) as info:
+            run(ip, f"%pmap -q {line}")
+        text = str(info.value)
+        assert f"`{path}`: the class attribute Registry.instances is a weakref.WeakValueDictionary" in text, text
+        assert "define Registry in a module the workers can import" in text and "_remove" not in text, text
+
+
 def test_a_type_whose_qualname_holds_its_module_is_named_once(ip, pool2):
     """torch's ScriptFunction (module torch.jit, qualname torch.jit.ScriptFunction)
     was named "torch.jit.torch.jit.ScriptFunction"."""
