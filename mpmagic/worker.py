@@ -429,6 +429,11 @@ class _Held:
         self.last = 0.0  # when the last batch went home
         self.flush_due = False  # a flush() asked for partial lines too (sent by the next batch)
         self.tail = tail
+        if tail is not None:  # a process a task forks writes its own text: never into this worker's copy
+            os.register_at_fork(after_in_child=self._drop_tail)
+
+    def _drop_tail(self) -> None:
+        self.tail = None
 
     def add(self, stream: str, s: str) -> bool:
         """Hold ``s``; False when its copy found no room in ``tail`` (send what is held)."""
