@@ -54,7 +54,7 @@ import threading
 import time
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from heapq import nlargest
 from itertools import starmap
 from operator import itemgetter
@@ -1192,6 +1192,78 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
     os._exit(code)
 
 
+class _AfterUnits:
+    """``sys.stdout`` / ``sys.stderr`` of a worker between units: the worker's own fd,
+    as ``sys.__stdout__`` / ``sys.__stderr__``, but each line a thread started by a
+    ``%%parallel`` rank writes is labelled ``[rank N] ``, as that rank's own lines are.
+
+    What a rank's thread printed after the rank ended went to the fd unlabelled (in
+    Jupyter: shown in the cell running then, as a serial thread's print is), so a
+    user could not tell which rank said it; and as ``print`` writes its pieces one by
+    one, two ranks' lines came mixed (``late from rank late from rank 1``). ``ranks``
+    maps a thread to the rank that started it (:meth:`_Worker._release`); each thread's
+    text goes out a whole line at a time (a partial one at its ``flush()``, or as the
+    next unit starts), other threads' unlabelled.
+    """
+
+    def __init__(self, fd_stream: Any, ranks: dict[int, int]) -> None:
+        self.fd_stream = fd_stream
+        self.ranks = ranks
+        self.partial: dict[int, str] = {}  # thread -> its line not ended yet
+        self.open: set[int] = set()  # threads whose partial line went out (its rest is not labelled again)
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:  # (encoding, fileno, isatty, buffer...: the fd stream's)
+        return getattr(self.fd_stream, name)
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        ident = threading.get_ident()
+        with self.lock:
+            text = self.partial.pop(ident, "") + s
+            cut = text.rfind("\n") + 1
+            if cut < len(text):
+                self.partial[ident] = text[cut:]
+            if cut:
+                self._out(ident, text[:cut])
+        return len(s)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        with self.lock:
+            ident = threading.get_ident()
+            text = self.partial.pop(ident, "")
+            if text:
+                self._out(ident, text)
+                self.open.add(ident)
+        self.fd_stream.flush()
+
+    def flush_all(self) -> None:
+        """Every thread's partial line goes out (a unit starts: its text goes home instead)."""
+        with self.lock:
+            for ident, text in list(self.partial.items()):
+                self._out(ident, text)
+                self.open.add(ident)
+            self.partial.clear()
+
+    def _out(self, ident: int, text: str) -> None:
+        rank = self.ranks.get(ident)
+        if rank is not None:
+            first = ident not in self.open
+            text = "".join((f"[rank {rank}] " if i or first else "") + line
+                           for i, line in enumerate(text.splitlines(keepends=True)))
+        self.open.discard(ident)
+        try:
+            self.fd_stream.write(text)
+            self.fd_stream.flush()
+        except (OSError, ValueError):  # (the fd is gone: nowhere to show it, as before)
+            pass
+
+
 def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
     """Stream a task's printed lines home while it runs, not only when it ends."""
     while True:
@@ -1228,6 +1300,12 @@ class _Worker:
         self.parent_pid = parent_pid
         self.out = _StreamToParent(self.channel, "stdout", tail=_Tail(tail) if tail is not None else None)
         self.err = _StreamToParent(self.channel, "stderr", sibling=self.out)
+        self._threads_before = self._threads_after = 0  # threading.active_count() as a unit starts, ends
+        self.thread_ranks: dict[int, int] = {}  # a thread a %%parallel rank started -> that rank
+        self.threads_seen: set[int | None] = set()  # the threads alive as a unit started (new ones: its own)
+        # sys.stdout / sys.stderr between units (None where the process has none: print() then prints nothing)
+        self.after_out = _AfterUnits(sys.__stdout__, self.thread_ranks) if sys.__stdout__ is not None else None
+        self.after_err = _AfterUnits(sys.__stderr__, self.thread_ranks) if sys.__stderr__ is not None else None
         try:
             threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
             threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
@@ -1235,6 +1313,15 @@ class _Worker:
             os._exit(EXIT_NO_THREADS)  # the pool says so in one line (backends.local._lost), no traceback
 
     def _capture(self, call, tag) -> None:
+        running = threading.active_count()
+        if running != self._threads_after:  # (threads started or ended between units: none is this unit's)
+            self.threads_seen = {t.ident for t in threading.enumerate()}
+            for ended in [i for i in self.thread_ranks if i not in self.threads_seen]:  # (its ident may come again)
+                del self.thread_ranks[ended]
+        self._threads_before = running
+        for after in (self.after_out, self.after_err):
+            if after is not None and after.partial:
+                after.flush_all()
         for s in (self.out, self.err):
             # last = 0: a task's first line goes home at once (then at most every
             # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
@@ -1249,9 +1336,25 @@ class _Worker:
         if os.getpid() != self.pid:
             os._exit(0)
 
-    def _release(self) -> None:
+    def _release(self, rank: int | None = None) -> None:
+        """The unit ended: its text goes home; ``rank``: it was that %%parallel rank,
+        whose threads still running are labelled as its own when they print (_AfterUnits)."""
         self.out.finish()  # (both streams' text: they share one buffer)
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        if threading.active_count() > self._threads_before:  # (a unit that started no thread pays nothing)
+            self._note_threads(rank)
+        self._threads_after = threading.active_count()
+        sys.stdout, sys.stderr = self.after_out, self.after_err
+
+    def _note_threads(self, rank: int | None) -> None:
+        """The threads the unit started (alive now, not as it started) are ``rank``'s."""
+        alive = {t.ident for t in threading.enumerate()}
+        for ident in [i for i in self.thread_ranks if i not in alive]:  # (ended: its ident may come again)
+            del self.thread_ranks[ident]
+        self.threads_seen &= alive
+        for new in alive - self.threads_seen:
+            self.threads_seen.add(new)
+            if rank is not None and new is not None:
+                self.thread_ranks[new] = rank
 
     def _unit_starts(self) -> None:
         """Mark the CPU clock where a unit (a chunk, a rank) starts: see :meth:`_cpu_of_unit`."""
@@ -1430,7 +1533,7 @@ class _Worker:
             reply = execute_cell(msg, self.worker_id, self._cpu_of_unit, self.imports, unfit_without_files=True)
         finally:
             self._leave_if_forked()
-            self._release()
+            self._release(msg.tag)
         if type(reply) is NoFiles:
             self._unfit(reply)
         if self.position is not None:
