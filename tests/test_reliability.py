@@ -167,6 +167,32 @@ def test_what_a_task_printed_just_before_its_worker_died_is_shown_before_the_err
     assert_healed(ip, pool2)
 
 
+def test_what_a_task_printed_just_before_an_interrupt_is_shown(ip, pool2, tmp_path):
+    """The interrupt comes right after the task printed two lines (its worker is stopped):
+    both show, as serially. The second, held for the worker's next batch, was lost."""
+    marker = tmp_path / "printed"
+    ip.user_ns["marker"] = str(marker)
+    run(ip, "import time\n"
+            "def says_then_waits(x):\n"
+            "    print('first', x)\n"
+            "    print('second', x)\n"
+            "    open(marker, 'w').close()\n"
+            "    time.sleep(30)\n")
+
+    def interrupt_once_printed() -> None:
+        deadline = time.monotonic() + HANG_BOUND
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_printed, daemon=True).start()
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q says_then_waits, [0]", store_history=False)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt), result.error_in_exec
+    assert cap.stdout.startswith("first 0\nsecond 0\n"), cap.stdout
+    assert_healed(ip, pool2)
+
+
 @BOTH_METHODS
 @pytest.mark.parametrize("func", [*sorted(DEATHS), "out_of_memory"])
 def test_worker_death_collect_keeps_computed_results(ip, pool2, func):
