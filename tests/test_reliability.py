@@ -167,6 +167,18 @@ def test_what_a_task_printed_just_before_its_worker_died_is_shown_before_the_err
     assert_healed(ip, pool2)
 
 
+def test_what_a_task_printed_just_before_its_timeout_stopped_it_is_shown(ip, pool2):
+    """The item prints two lines and overruns its --timeout at once: both show before the
+    timeout's error. The second, held for the worker's next batch, was lost with the worker."""
+    run(ip, "import time\ndef says_then_overruns(x):\n    print('first', x)\n    print('second', x)\n"
+            "    time.sleep(30)\n")
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q --timeout 0.05 says_then_overruns, [0]", store_history=False)
+    assert isinstance(result.error_in_exec, mpmagic.TaskTimeoutError), result.error_in_exec
+    assert cap.stdout.startswith("first 0\nsecond 0\nTaskTimeoutError: item 0 (0) ran past"), cap.stdout
+    assert_healed(ip, pool2)
+
+
 def test_what_a_task_printed_just_before_an_interrupt_is_shown(ip, pool2, tmp_path):
     """The interrupt comes right after the task printed two lines (its worker is stopped):
     both show, as serially. The second, held for the worker's next batch, was lost."""

@@ -2494,6 +2494,7 @@ class LocalBackend:
                     if deadline > now:
                         slot.deadline = deadline
                         continue
+                self._show_tail(slot)  # (what it printed last, before the line that blames it)
                 run, unit = slot.inflight.popleft()
                 self._replace(slot)
                 if run in self._runs and not run.job.finished:
