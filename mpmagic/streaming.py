@@ -23,6 +23,7 @@ items only, back among the stored ones); unordered, first, as they are found.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import os
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, overload
 
 from .background import ResultStream
 from .checks import check_flags, check_whole, keyword_names, unexpected_keyword
+from .engine import sigint_deferred
 from .errors import MPMagicError, hide_our_frames, one_line
 from .fmt import cancelled_words, stopped_words
 from .jobs import Failed, MapJob, ToRaise
@@ -176,9 +178,12 @@ class _Reader:
         self.waiting: dict[int, tuple[list, bool]] = {}  # ordered: chunks that came before an earlier one
         self.ended = False
         self.dropped = False  # the stream was dropped (its finalizer ran): its cancel was asked, never waited for
-        # The rest of a chunk whose item's error a segment raised, and where it goes on.
+        # The results being yielded (the rest of a chunk whose item's error a segment raised),
+        # and where the next segment goes on (-1: from the start, no ToRaise among them).
         self.held: list | None = None
         self.held_at = 0
+        self.hand: list[tuple] = []  # the feed's entry taken, until its results are placed (see fill)
+        self._get = functools.partial(feed.chunks.get, timeout=_RELAY_EVERY)
         self.over = False  # nothing more comes: the stream ends at the next next()
         # The run ended with an error that stopped it (not an item's own, not the input's):
         # the next next() says so, once, rather than ending as if every item had been given.
@@ -194,49 +199,70 @@ class _Reader:
         self.thread = threading.get_ident()
         run.add_done_callback(lambda r: feed.chunks.put((-1, _END, False)))
 
-    def next_part(self) -> tuple[list, int] | None:
-        """The next results to yield (possibly none) and where a ToRaise may stand among them
-        (-1: nowhere), or None once the run ended and all are out."""
-        held = self.held
-        if held is not None:
-            self.held = None
-            return held, self.held_at
-        chunk = self.next_chunk()
-        if chunk is None:
-            return None
-        self.given += len(chunk[0])
-        return chunk[0], 0 if chunk[1] else -1
+    def fill(self) -> list | None:
+        """The next results to yield, made ``held`` (from ``held_at``: -1, no ToRaise
+        among them; they stay held until the segment yields them), or None once the
+        run ended and all are out.
 
-    def next_chunk(self) -> tuple[list, bool] | None:
-        """The next results to yield (possibly empty) and whether a ToRaise is among them,
-        or None once the run ended and all are out."""
-        if self.ended:
-            return None
-        self.thread = threading.get_ident()  # (per chunk, not per item: the loop's thread)
-        while True:
+        Nothing is lost to a Ctrl-C on the way, so that the loop, run again, goes on
+        where it was (after a run that had ended: with every result still to come).
+        A feed's entry is taken into ``hand`` inside one C call (``list.extend``
+        pulling it through ``islice``), where no Ctrl-C can land, and leaves it as its
+        results are placed, with SIGINT deferred (``_place``): the interrupt is raised
+        once they are in ``held``. ``start, results, failing = get()`` lost the entry
+        when the Ctrl-C landed right after the get returned, or while the tasks'
+        output was printed after it: the loop went on without that chunk's results
+        (ordered, without any later one either), and without the end marker it waited
+        for ever."""
+        if self.held is not None:
+            return self.held
+        hand = self.hand
+        while not self.ended:
+            self.thread = threading.get_ident()  # (per chunk, not per item: the loop's thread)
+            if not hand:
+                self._take()
+            self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
+            with sigint_deferred():
+                self._place(hand.pop())
+            if self.held is not None:
+                return self.held
+        return None
+
+    def _take(self) -> None:
+        """Wait for the feed's next entry, into ``hand`` (see ``fill``)."""
+        hand, get = self.hand, self._get
+        while not hand:
             try:
-                start, results, failing = self.feed.chunks.get(timeout=_RELAY_EVERY)
-                break
+                hand.extend(itertools.islice(iter(get, None), 1))  # (no entry is None: this takes one)
             except queue.Empty:
                 # What the tasks print shows while the loop waits, as a blocking
                 # %pmap shows it (it waited for the chunk's results: a task that
                 # printed and then ran for a minute showed nothing for a minute).
                 self.run._sink.relay_here()
-        self.run._sink.relay_here()  # what the tasks printed, in the consumer's cell
+
+    def _place(self, entry: tuple[int | None, Any, bool]) -> None:
+        """A feed's entry taken: its results (in order, with those that waited for it)
+        go to ``held``; a chunk that came before an earlier one waits; the end marker
+        ends the reading."""
+        start, results, failing = entry
         if results is _END:
-            return self._rest()
+            self._rest()
+            return
         if start is None:  # stored items (unordered, --checkpoint)
-            return results, False
+            self._hold(results, failing)
+            return
         if not self.ordered:
             self._taken(1)
-            return results, failing
+            self._hold(results, failing)
+            return
         # Ordered: a chunk that came before an earlier one still counts as held,
         # so a slow early chunk cannot make the notebook hold all the later ones.
         first = self.next_index
         if start == first and not self.waiting:  # the usual case: in order already, no copy
             self.next_index += len(results)
             self._taken(1)
-            return self._placed(first, results), failing
+            self._hold(self._placed(first, results), failing)
+            return
         self.waiting[start] = (results, failing)
         ready: list = []
         n = 0
@@ -249,7 +275,14 @@ class _Reader:
             n += 1
         if n:
             self._taken(n)
-        return self._placed(first, ready), any_failing
+            self._hold(self._placed(first, ready), any_failing)
+
+    def _hold(self, results: list, failing: bool) -> None:
+        """The next results to yield (none: nothing to hold), counted as handed out: by the
+        run's end every one handed out was yielded or raised in its place."""
+        if results:
+            self.held, self.held_at = results, 0 if failing else -1
+            self.given += len(results)
 
     def _placed(self, first: int, computed: list) -> list:
         """Computed results from computed item ``first`` on, with the stored items among them."""
@@ -259,7 +292,7 @@ class _Reader:
         if self.feed.taken(n):
             self.run._engine_run.nudge()
 
-    def _rest(self) -> tuple[list, bool] | None:
+    def _rest(self) -> None:
         """At the end: what still waits in order (ordered, after a failure: up to the gap)."""
         self.ended = True  # the end marker was taken: nothing more comes
         first = self.next_index
@@ -273,7 +306,7 @@ class _Reader:
         self.waiting.clear()
         if self.resume is not None and self.ordered:  # and the stored items after them
             rest = self.resume.in_input_order(first, rest) + self.resume.stored_until(self.next_index)
-        return (rest, failing) if rest else None
+        self._hold(rest, failing)
 
     def ended_with(self, exc: BaseException) -> None:
         """The run ended with ``exc`` (raised at the stream's end): after the input's own
@@ -317,15 +350,16 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
     __tracebackhide__ = True
     left = False  # the segment ended as it should (the end, an item's error): nothing to cancel
     try:
-        while (part := reader.next_part()) is not None:
-            chunk, at = part
+        while (chunk := reader.fill()) is not None:
+            at = reader.held_at
             if at < 0:
+                reader.held = None  # (no call from here to the first yield: a Ctrl-C lands before it or after)
                 yield from chunk
                 continue
             for i in range(at, len(chunk)):
                 result = chunk[i]
+                reader.held_at = i + 1  # the next segment goes on from there (after an error, a Ctrl-C)
                 if type(result) is ToRaise:
-                    reader.held, reader.held_at = chunk, i + 1  # the next segment goes on from there
                     left = True
                     try:  # (from the traceback it was rebuilt with, each time: one error may stand for several items)
                         raise result.error.with_traceback(result.tb)
@@ -333,6 +367,7 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
                         hide_our_frames(exc)  # (as a blocking pmap raises it: the loop's line, the task's frames)
                         raise
                 yield result
+            reader.held = None
         left = True
     except KeyboardInterrupt:  # in our wait for the next chunk (the loop's own body raises in the user's frame)
         if left:  # (an item's own error, of a class deriving from it, raised in its place: not an interrupt)
@@ -388,7 +423,6 @@ def _interrupted(run: Any) -> KeyboardInterrupt:
     """Interrupted while waiting for results: the stream's run is cancelled (its busy
     workers replaced, as for ``%pmap``), and the one line says so."""
     from .background import interrupted
-    from .engine import sigint_deferred
     from .errors import IDLE_OUTCOME, NOT_STARTED_OUTCOME, STOPPED_OUTCOME
 
     stopped = False

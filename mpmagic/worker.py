@@ -54,7 +54,7 @@ import threading
 import time
 import types
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from heapq import nlargest
 from itertools import starmap
 from operator import itemgetter
@@ -344,23 +344,105 @@ class _Channel:
                 self.sending = False
 
 
+#: Bytes of the shared memory in which a local worker keeps a copy of the output it
+#: holds (:class:`_Tail`): far more than the ~50 ms of a task's text it holds at most
+#: (a flood beyond it is sent at once, with its next write).
+TAIL_BYTES = 1 << 16
+_TAIL_HEAD = 8  # the used length, written after the text it covers
+# Where the text switches streams: 0xFF, a byte UTF-8 never has, then the stream's.
+_TO_STREAM = {"stdout": b"\xffo", "stderr": b"\xffe"}
+_FROM_STREAM = {ord("o"): "stdout", ord("e"): "stderr"}
+
+
+class _Tail:
+    """A copy of the text a worker's streams hold and have not sent, in memory shared
+    with the notebook (``backends.local``'s ``_Slot.tail``, made by ``tail_memory``).
+
+    A worker that dies (a segfault, SIGKILL, ``os._exit``) sends nothing more: what its
+    task printed in its last ~50 ms, held for the next batch (:class:`_StreamToParent`),
+    was lost, though these are the lines that say where it was, and a terminal shows
+    them serially. The notebook reads them here (:func:`read_tail`) and shows them before
+    the death's line. The text is UTF-8, a stream's switch marked by ``_TO_STREAM``; the
+    used length, in the first 8 bytes, is written after the text, so a reader never sees
+    a write half copied. One slice store a write (~0.4 us; a print makes two writes or more).
+    """
+
+    __slots__ = ("text", "used_at", "used", "stream")
+
+    def __init__(self, shared: Any) -> None:
+        view = memoryview(shared).cast("B")
+        self.used_at = view[:_TAIL_HEAD].cast("q")
+        self.text = view[_TAIL_HEAD:]
+        self.used = 0
+        self.stream = ""
+
+    def add(self, stream: str, s: str) -> bool:
+        """Copy one write; False when there is no room (the caller sends what it holds)."""
+        data = s.encode("utf-8", "surrogatepass")
+        if stream != self.stream:
+            data = _TO_STREAM[stream] + data
+        at = self.used
+        end = at + len(data)
+        if end > len(self.text):
+            return False
+        self.text[at:end] = data
+        self.used = self.used_at[0] = end
+        self.stream = stream
+        return True
+
+    def reset(self, pieces: list[list]) -> None:
+        """What is still held after a batch went home (a partial line kept back, or nothing)."""
+        self.used = self.used_at[0] = 0
+        self.stream = ""
+        for stream, texts in pieces:
+            self.add(stream, "".join(texts))
+
+
+def tail_memory(ctx: Any) -> Any:
+    """The shared memory of a local worker's :class:`_Tail` (the notebook makes it)."""
+    return ctx.RawArray("B", TAIL_BYTES)
+
+
+def read_tail(shared: Any) -> list[tuple[str, str]]:
+    """What a dead worker's streams held and never sent, as ``(stream, text)`` in the order written."""
+    view = memoryview(shared).cast("B")
+    used = view[:_TAIL_HEAD].cast("q")[0]
+    data = bytes(view[_TAIL_HEAD : _TAIL_HEAD + max(0, min(used, len(view) - _TAIL_HEAD))])
+    out: list[tuple[str, str]] = []
+    for part in data.split(b"\xff")[1:]:  # (every copy starts with its stream's marker)
+        stream = _FROM_STREAM.get(part[0]) if part else None
+        text = part[1:].decode("utf-8", "replace")
+        if stream is not None and text:
+            out.append((stream, text))
+    return out
+
+
 class _Held:
     """What a worker's two streams hold, in the order written: ``pieces`` is a list
-    of ``[stream, [texts]]`` (consecutive writes to one stream share a piece)."""
+    of ``[stream, [texts]]`` (consecutive writes to one stream share a piece), and
+    a copy the notebook reads if the worker dies (``tail``: a local worker's)."""
 
-    __slots__ = ("pieces", "last", "flush_due")
+    __slots__ = ("pieces", "last", "flush_due", "tail")
 
-    def __init__(self) -> None:
+    def __init__(self, tail: _Tail | None = None) -> None:
         self.pieces: list[list] = []
         self.last = 0.0  # when the last batch went home
         self.flush_due = False  # a flush() asked for partial lines too (sent by the next batch)
+        self.tail = tail
+        if tail is not None:  # a process a task forks writes its own text: never into this worker's copy
+            os.register_at_fork(after_in_child=self._drop_tail)
 
-    def add(self, stream: str, s: str) -> None:
+    def _drop_tail(self) -> None:
+        self.tail = None
+
+    def add(self, stream: str, s: str) -> bool:
+        """Hold ``s``; False when its copy found no room in ``tail`` (send what is held)."""
         pieces = self.pieces
         if pieces and pieces[-1][0] == stream:
             pieces[-1][1].append(s)
         else:
             pieces.append([stream, [s]])
+        return self.tail is None or self.tail.add(stream, s)
 
     def take(self, whole: bool) -> list[tuple[str, str]]:
         """The held text as ``(stream, text)`` pieces in the order written, each
@@ -382,6 +464,8 @@ class _Held:
             else:
                 out.append((stream, text))
         self.pieces = [[stream, [text]] for stream, text in carry.items()]
+        if self.tail is not None:
+            self.tail.reset(self.pieces)
         if whole:
             self.flush_due = False
         if len(out) > _MAX_SWITCHES:  # one text per stream, in the order they began (see _MAX_SWITCHES)
@@ -412,14 +496,15 @@ class _StreamToParent(io.TextIOBase):
     re-entrant for that reason.
     """
 
-    def __init__(self, channel: _Channel, stream: str, sibling: _StreamToParent | None = None) -> None:
+    def __init__(self, channel: _Channel, stream: str, sibling: _StreamToParent | None = None,
+                 tail: _Tail | None = None) -> None:
         self.channel = channel
         self.stream = stream
         self.call: Any = None
         self.tag: Any = None
         self.sibling = sibling
         self._closed = False  # a task's sys.stdout.close() (see close)
-        self.held: _Held = _Held() if sibling is None else sibling.held
+        self.held: _Held = _Held(tail) if sibling is None else sibling.held
         self.lock: threading.RLock = threading.RLock() if sibling is None else sibling.lock
         self._in_write: list[int] = [0] if sibling is None else sibling._in_write  # (shared: one per worker)
         if sibling is not None:
@@ -481,13 +566,13 @@ class _StreamToParent(io.TextIOBase):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
         with self.lock:
             held = self.held
-            held.add(self.stream, s)
+            copied = held.add(self.stream, s)
             if self._in_write[0] or self.channel.sending:  # re-entered (see the class): keep it for later
                 return len(s)
-            if "\n" in s and time.monotonic() - held.last > _FLUSH_INTERVAL:
+            if not copied or "\n" in s and time.monotonic() - held.last > _FLUSH_INTERVAL:
                 self._in_write[0] += 1
                 try:
-                    self._send(held.flush_due)
+                    self._send(held.flush_due or not copied)  # (no room for its copy: all of it goes)
                 finally:
                     self._in_write[0] -= 1
         return len(s)
@@ -1107,6 +1192,78 @@ def _exit_notebook_gone(parent_pid: int, code: int) -> NoReturn:
     os._exit(code)
 
 
+class _AfterUnits:
+    """``sys.stdout`` / ``sys.stderr`` of a worker between units: the worker's own fd,
+    as ``sys.__stdout__`` / ``sys.__stderr__``, but each line a thread started by a
+    ``%%parallel`` rank writes is labelled ``[rank N] ``, as that rank's own lines are.
+
+    What a rank's thread printed after the rank ended went to the fd unlabelled (in
+    Jupyter: shown in the cell running then, as a serial thread's print is), so a
+    user could not tell which rank said it; and as ``print`` writes its pieces one by
+    one, two ranks' lines came mixed (``late from rank late from rank 1``). ``ranks``
+    maps a thread to the rank that started it (:meth:`_Worker._release`); each thread's
+    text goes out a whole line at a time (a partial one at its ``flush()``, or as the
+    next unit starts), other threads' unlabelled.
+    """
+
+    def __init__(self, fd_stream: Any, ranks: dict[int, int]) -> None:
+        self.fd_stream = fd_stream
+        self.ranks = ranks
+        self.partial: dict[int, str] = {}  # thread -> its line not ended yet
+        self.open: set[int] = set()  # threads whose partial line went out (its rest is not labelled again)
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:  # (encoding, fileno, isatty, buffer...: the fd stream's)
+        return getattr(self.fd_stream, name)
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        ident = threading.get_ident()
+        with self.lock:
+            text = self.partial.pop(ident, "") + s
+            cut = text.rfind("\n") + 1
+            if cut < len(text):
+                self.partial[ident] = text[cut:]
+            if cut:
+                self._out(ident, text[:cut])
+        return len(s)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        with self.lock:
+            ident = threading.get_ident()
+            text = self.partial.pop(ident, "")
+            if text:
+                self._out(ident, text)
+                self.open.add(ident)
+        self.fd_stream.flush()
+
+    def flush_all(self) -> None:
+        """Every thread's partial line goes out (a unit starts: its text goes home instead)."""
+        with self.lock:
+            for ident, text in list(self.partial.items()):
+                self._out(ident, text)
+                self.open.add(ident)
+            self.partial.clear()
+
+    def _out(self, ident: int, text: str) -> None:
+        rank = self.ranks.get(ident)
+        if rank is not None:
+            first = ident not in self.open
+            text = "".join((f"[rank {rank}] " if i or first else "") + line
+                           for i, line in enumerate(text.splitlines(keepends=True)))
+        self.open.discard(ident)
+        try:
+            self.fd_stream.write(text)
+            self.fd_stream.flush()
+        except (OSError, ValueError):  # (the fd is gone: nowhere to show it, as before)
+            pass
+
+
 def _flush_stale_output(streams: tuple[_StreamToParent, ...]) -> None:
     """Stream a task's printed lines home while it runs, not only when it ends."""
     while True:
@@ -1126,7 +1283,8 @@ EXIT_NO_THREADS = 75
 
 class _Worker:
     def __init__(
-        self, conn: Connection, parent_pid: int, worker_id: int, position: Any = None, stamp: Any = None
+        self, conn: Connection, parent_pid: int, worker_id: int, position: Any = None, stamp: Any = None,
+        tail: Any = None,
     ) -> None:
         self.channel = _Channel(conn)
         self.reader = MessageReader(self.channel.fd)
@@ -1140,8 +1298,14 @@ class _Worker:
         self.imports = ImportLog()  # preloads, and one-time costs since the last reply (warmup.py)
         self.func_segments: dict[bytes, set[str]] = {}  # key -> shared segments it maps
         self.parent_pid = parent_pid
-        self.out = _StreamToParent(self.channel, "stdout")
+        self.out = _StreamToParent(self.channel, "stdout", tail=_Tail(tail) if tail is not None else None)
         self.err = _StreamToParent(self.channel, "stderr", sibling=self.out)
+        self._threads_before = self._threads_after = 0  # threading.active_count() as a unit starts, ends
+        self.thread_ranks: dict[int, int] = {}  # a thread a %%parallel rank started -> that rank
+        self.threads_seen: set[int | None] = set()  # the threads alive as a unit started (new ones: its own)
+        # sys.stdout / sys.stderr between units (None where the process has none: print() then prints nothing)
+        self.after_out = _AfterUnits(sys.__stdout__, self.thread_ranks) if sys.__stdout__ is not None else None
+        self.after_err = _AfterUnits(sys.__stderr__, self.thread_ranks) if sys.__stderr__ is not None else None
         try:
             threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
             threading.Thread(target=_flush_stale_output, args=((self.out, self.err),), daemon=True).start()
@@ -1149,6 +1313,15 @@ class _Worker:
             os._exit(EXIT_NO_THREADS)  # the pool says so in one line (backends.local._lost), no traceback
 
     def _capture(self, call, tag) -> None:
+        running = threading.active_count()
+        if running != self._threads_after:  # (threads started or ended between units: none is this unit's)
+            self.threads_seen = {t.ident for t in threading.enumerate()}
+            for ended in [i for i in self.thread_ranks if i not in self.threads_seen]:  # (its ident may come again)
+                del self.thread_ranks[ended]
+        self._threads_before = running
+        for after in (self.after_out, self.after_err):
+            if after is not None and after.partial:
+                after.flush_all()
         for s in (self.out, self.err):
             # last = 0: a task's first line goes home at once (then at most every
             # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
@@ -1163,9 +1336,25 @@ class _Worker:
         if os.getpid() != self.pid:
             os._exit(0)
 
-    def _release(self) -> None:
+    def _release(self, rank: int | None = None) -> None:
+        """The unit ended: its text goes home; ``rank``: it was that %%parallel rank,
+        whose threads still running are labelled as its own when they print (_AfterUnits)."""
         self.out.finish()  # (both streams' text: they share one buffer)
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+        if threading.active_count() > self._threads_before:  # (a unit that started no thread pays nothing)
+            self._note_threads(rank)
+        self._threads_after = threading.active_count()
+        sys.stdout, sys.stderr = self.after_out, self.after_err
+
+    def _note_threads(self, rank: int | None) -> None:
+        """The threads the unit started (alive now, not as it started) are ``rank``'s."""
+        alive = {t.ident for t in threading.enumerate()}
+        for ident in [i for i in self.thread_ranks if i not in alive]:  # (ended: its ident may come again)
+            del self.thread_ranks[ident]
+        self.threads_seen &= alive
+        for new in alive - self.threads_seen:
+            self.threads_seen.add(new)
+            if rank is not None and new is not None:
+                self.thread_ranks[new] = rank
 
     def _unit_starts(self) -> None:
         """Mark the CPU clock where a unit (a chunk, a rank) starts: see :meth:`_cpu_of_unit`."""
@@ -1344,7 +1533,7 @@ class _Worker:
             reply = execute_cell(msg, self.worker_id, self._cpu_of_unit, self.imports, unfit_without_files=True)
         finally:
             self._leave_if_forked()
-            self._release()
+            self._release(msg.tag)
         if type(reply) is NoFiles:
             self._unfit(reply)
         if self.position is not None:
@@ -1415,14 +1604,15 @@ def _not_the_users() -> tuple[str, ...]:
 
 def main(
     conn: Connection, parent_pid: int, worker_id: int, position: Any = None, init: dict | None = None,
-    stamp: Any = None,
+    stamp: Any = None, tail: Any = None,
 ) -> None:
     """Entry point of a worker process (the target of ``Process``).
 
     ``init`` (``worker_setup.start_info``): ``threads``/``thread_vars`` (the
     BLAS/OpenMP cap, and the notebook's own thread variables, which win over it) and ``gpu`` (``CUDA_VISIBLE_DEVICES``), applied first.
     ``position`` and ``stamp``: the running item's position and start, shared
-    with the notebook (:func:`run_items`, :func:`item_clock`).
+    with the notebook (:func:`run_items`, :func:`item_clock`); ``tail``: the
+    output it holds, copied where the notebook reads it if it dies (:class:`_Tail`).
     """
     from .worker_setup import start_worker
 
@@ -1449,7 +1639,7 @@ def main(
     shm.NOTEBOOK_PID = parent_pid  # segments this worker makes carry the notebook's pid
     posixshm.mark_serving(parent_pid)  # another notebook's sweep leaves ours to us if ours dies
     debugging.WORKER_ID = worker_id  # named in a failure's details
-    _Worker(conn, parent_pid, worker_id, position, stamp).serve()
+    _Worker(conn, parent_pid, worker_id, position, stamp, tail).serve()
     # A "stop": the process ends with os._exit (forkserver) or without dropping
     # a kept rank's namespace, so the helpers its tasks made (a --keep rank's
     # inbox) are released here, not left in /dev/shm.

@@ -522,6 +522,50 @@ def test_as_completed_of_something_else_says_what_it_takes(given, named):
         mpmagic.as_completed(given)  # at the call, not at the first next() (a cell's handle was refused late)
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_ctrl_c_as_imap_takes_a_chunk_loses_none_of_its_results(ns, monkeypatch, ordered):
+    """The run had ended (every chunk waits in the feed), and the Ctrl-C lands as the
+    loop takes the first chunk, while the tasks' output is printed: the interrupt's line
+    says the run had ended, and the loop, run again, gives every result, as a loop over
+    a list goes on where it was interrupted. That chunk was lost (ordered, every later
+    one with it: the stream ended with no result)."""
+    stream = mpmagic.imap(ns["square"], range(8), chunksize=2, ordered=ordered)
+    assert stream.run.wait(60)
+    sink = stream.run._sink
+    relay, pressed = sink.relay_here, []
+
+    def relay_interrupted() -> None:  # (its first call comes right after the first chunk was taken)
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt
+        relay()
+
+    monkeypatch.setattr(sink, "relay_here", relay_interrupted)
+    with pytest.raises(KeyboardInterrupt, match=f"its run {stream.run.id} .* had ended"):
+        next(stream)
+    assert sorted(stream) == [x * x for x in range(8)] and pressed
+
+
+def test_a_ctrl_c_as_imap_takes_its_end_does_not_leave_the_loop_waiting_for_ever(ns):
+    """The Ctrl-C lands right after the reader took the run's end off the feed: the
+    loop, run again, ends. It waited for ever for the end it had taken."""
+    from mpmagic import interrupts
+
+    interrupts.restore()  # (an interrupt just before, the last test's: this one is not a repeat of it)
+    stream = mpmagic.imap(ns["slow"], range(4), chunksize=1)
+    main = threading.main_thread().ident
+    stream.run.add_done_callback(lambda r: signal.pthread_kill(main, signal.SIGINT))  # (after the end is queued)
+    got: list = []
+    with pytest.raises(KeyboardInterrupt, match="had ended"):
+        for value in stream:  # (waits for the end on the feed when it is queued)
+            got.append(value)
+    rest: list = []
+    loop = threading.Thread(target=lambda: rest.extend(stream), daemon=True)
+    loop.start()
+    loop.join(10)
+    assert not loop.is_alive() and got + rest == list(map(ns["slow"], range(4)))
+
+
 def test_as_completed_refuses_an_imap_stream_without_consuming_it(ns):
     stream = mpmagic.imap(_scaled_sum, range(3), range(3))
     with pytest.raises(UsageError, match="or an iterable of run handles, not Stream$"):

@@ -61,7 +61,10 @@ class Kernel:
         # The native "python3" spec runs "python", which jupyter_client replaces
         # with this interpreter (sys.executable): the venv with mpmagic in it.
         self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # Without pytest's marker: ipykernel shows what is written to its fd 1/2 (a worker's
+        # own output) in the cell running, as in Jupyter, only outside pytest.
+        env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+        self.km.start_kernel(cwd=str(REPO), env={**env, "PYTHONUNBUFFERED": "1"})
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
@@ -257,6 +260,16 @@ def test_parallel_labelled_output_arrives_in_that_cell(kernel):
         for i in range(3):
             assert f"[rank {rank}] line {i} of rank {rank}\n" in out
     assert reply.result() == "[0, 10]"
+
+
+def test_what_a_ranks_thread_prints_after_the_rank_ended_is_labelled_with_that_rank(kernel):
+    """A thread rank 0 started prints after rank 0 ended (rank 1 still runs): its line
+    is labelled as rank 0's own, and whole (it came unlabelled: a worker between units
+    wrote to its own fd, which the kernel shows in the cell running then)."""
+    reply = kernel.ok("%%parallel -n 2 -q\nimport threading, time\nif rank == 0:\n"
+                      "    threading.Thread(target=lambda: (time.sleep(0.2), print('late from rank', rank))).start()\n"
+                      "else:\n    time.sleep(0.6)\n")
+    assert "[rank 0] late from rank 0\n" in reply.stream(), (reply.outputs, reply.others)
 
 
 def test_interrupt_during_parallel_returns_quickly_and_the_pool_works(kernel):

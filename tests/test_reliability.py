@@ -143,6 +143,68 @@ def test_worker_death_in_pmap_names_item_and_signal(ip, pool2, func):
     assert_healed(ip, pool2)
 
 
+@pytest.mark.parametrize("func", ["exits", "sigkilled", "segfaults"])
+def test_what_a_task_printed_just_before_its_worker_died_is_shown_before_the_error(ip, pool2, func):
+    """The lines a task printed right before its worker died (held for the worker's next
+    batch of output, sent every 50 ms) were lost: the last lines before a segfault, the
+    ones that say where it was. Serially, in a terminal, they show (stdout line-buffered,
+    stderr unbuffered). Only the unit's first line, sent at once, came."""
+    run(ip, CRASHERS)
+    run(ip, "import sys\n"
+            "def dies_talking(x):\n"
+            "    print('item', x, 'starts')\n"
+            "    if x == 1:\n"
+            "        print('loading the model')\n"
+            "        sys.stderr.write('warming up\\n')\n"
+            f"        {func}(5)\n"
+            "    return x\n")
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q dies_talking, [1]", store_history=False)
+    assert isinstance(result.error_in_exec, mpmagic.WorkerLostError), result.error_in_exec
+    printed = "item 1 starts\nloading the model\nWorkerLostError: the worker running item 0 (1) "
+    assert cap.stdout.startswith(printed), cap.stdout  # (then the error IPython shows)
+    assert cap.stderr == "warming up\n", cap.stderr
+    assert_healed(ip, pool2)
+
+
+def test_what_a_task_printed_just_before_its_timeout_stopped_it_is_shown(ip, pool2):
+    """The item prints two lines and overruns its --timeout at once: both show before the
+    timeout's error. The second, held for the worker's next batch, was lost with the worker."""
+    run(ip, "import time\ndef says_then_overruns(x):\n    print('first', x)\n    print('second', x)\n"
+            "    time.sleep(30)\n")
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q --timeout 0.05 says_then_overruns, [0]", store_history=False)
+    assert isinstance(result.error_in_exec, mpmagic.TaskTimeoutError), result.error_in_exec
+    assert cap.stdout.startswith("first 0\nsecond 0\nTaskTimeoutError: item 0 (0) ran past"), cap.stdout
+    assert_healed(ip, pool2)
+
+
+def test_what_a_task_printed_just_before_an_interrupt_is_shown(ip, pool2, tmp_path):
+    """The interrupt comes right after the task printed two lines (its worker is stopped):
+    both show, as serially. The second, held for the worker's next batch, was lost."""
+    marker = tmp_path / "printed"
+    ip.user_ns["marker"] = str(marker)
+    run(ip, "import time\n"
+            "def says_then_waits(x):\n"
+            "    print('first', x)\n"
+            "    print('second', x)\n"
+            "    open(marker, 'w').close()\n"
+            "    time.sleep(30)\n")
+
+    def interrupt_once_printed() -> None:
+        deadline = time.monotonic() + HANG_BOUND
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_printed, daemon=True).start()
+    with capture_output() as cap:
+        result = ip.run_cell("%pmap -q says_then_waits, [0]", store_history=False)
+    assert isinstance(result.error_in_exec, KeyboardInterrupt), result.error_in_exec
+    assert cap.stdout.startswith("first 0\nsecond 0\n"), cap.stdout
+    assert_healed(ip, pool2)
+
+
 @BOTH_METHODS
 @pytest.mark.parametrize("func", [*sorted(DEATHS), "out_of_memory"])
 def test_worker_death_collect_keeps_computed_results(ip, pool2, func):

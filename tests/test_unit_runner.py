@@ -252,3 +252,30 @@ EXPECTED = {
 
 def test_every_case_has_an_expectation():
     assert set(EXPECTED) == set(ALL)
+
+
+def test_between_units_a_ranks_threads_lines_go_out_whole_and_labelled_others_as_they_are():
+    """``worker._AfterUnits``, a worker's sys.stdout between units: a line a thread of
+    rank 0 prints is labelled with that rank and goes out whole, though another thread
+    prints its pieces in between (``print`` writes them one by one: two ranks' lines
+    came mixed); the other thread, no rank's, unlabelled."""
+    import io
+
+    fd_stream = io.StringIO()
+    ranks: dict[int, int] = {}
+    after = worker._AfterUnits(fd_stream, ranks)
+    turns = threading.Barrier(2)
+
+    def say(rank: int | None) -> None:
+        if rank is not None:
+            ranks[threading.get_ident()] = rank
+        for piece in ("late", " from ", str(rank), "\n"):
+            turns.wait()  # (the two threads write their pieces in turn)
+            after.write(piece)
+
+    threads = [threading.Thread(target=say, args=(rank,)) for rank in (0, None)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(fd_stream.getvalue().splitlines(keepends=True)) == ["[rank 0] late from 0\n", "late from None\n"]

@@ -234,6 +234,9 @@ class _Slot:
     # started, written only in chunks of several items under a --timeout
     # (worker.item_clock), so that each item gets the timeout (_check_deadlines).
     stamp: Any = None
+    # Shared with the worker too: the output it holds and has not sent (worker._Tail),
+    # shown if it dies or is stopped before sending it (LocalBackend._show_tail).
+    tail: Any = None
     rss: int | None = None  # its own (private) bytes after its last task, as it reported (rss.private_bytes)
     over_memory: bool = False  # above the pool's max_memory: replaced once idle
     setup_sent: int = 0  # the worker setup version sent to it (worker_setup.py; 0: none)
@@ -901,6 +904,7 @@ class LocalBackend:
         _widen(child_conn)
         position = self.ctx.RawValue("q", worker.POSITION_IDLE)
         stamp = self.ctx.RawValue("d", 0.0)
+        tail = worker.tail_memory(self.ctx)
         wid = self._next_wid
         self._next_wid += 1
         # worker setup (worker_setup.py): thread caps and GPU, applied before it imports anything
@@ -909,7 +913,7 @@ class LocalBackend:
         )
         proc = self.ctx.Process(
             target=worker.main,
-            args=(child_conn, os.getpid(), wid, position, init, stamp),
+            args=(child_conn, os.getpid(), wid, position, init, stamp, tail),
             name=f"mpmagic-worker-{wid}",
             daemon=True,
         )
@@ -923,7 +927,7 @@ class LocalBackend:
         child_conn.close()
         return _Slot(
             wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position,
-            stamp=stamp,
+            stamp=stamp, tail=tail,
         )
 
     def preload(self, names: list[str]) -> None:
@@ -1821,6 +1825,7 @@ class LocalBackend:
         for slot in self._holding(run):
             self._drain(slot, seconds=_DRAIN_ON_CANCEL)
             if not slot.killed:  # (_no_files replaced it meanwhile)
+                self._show_tail(slot)
                 self._replace(slot)
                 run.workers_stopped += 1
 
@@ -2379,12 +2384,28 @@ class LocalBackend:
             except OSError:
                 log.debug("mpmagic: worker %s gone: its mappings went with it", slot.wid)
 
+    def _show_tail(self, slot: _Slot) -> None:
+        """What the worker held of its task's output and never sent (it died, or is stopped
+        now), shown in the run of its running unit (``worker._Tail``): a task's last lines
+        before a segfault were lost, though they say where it was."""
+        if slot.tail is None or not slot.inflight:
+            return
+        run, unit = slot.inflight[0]
+        if run not in self._runs or run.job.finished:
+            return
+        try:
+            for stream, text in worker.read_tail(slot.tail):
+                run.job.output(unit.id, stream, text)
+        except Exception:  # (never a reason to fail the manager)
+            log.debug("mpmagic: could not show what worker %s held of its output", slot.wid, exc_info=True)
+
     def _lost(self, slot: _Slot) -> None:
         """A worker died: blame its running unit, send the queued ones again."""
         if slot.killed:  # (replaced already, while its messages were read: see _no_files)
             return
         slot.proc.join(0.1)
         shm.sweep_worker(slot.pid)  # results it made but never handed over
+        self._show_tail(slot)  # what its task printed last, before the line that blames it
         code = slot.proc.exitcode
         # It could not start its threads (ulimit -u): not replaced. Only a worker
         # that never said it was ready: its threads start before that, and a task
@@ -2473,6 +2494,7 @@ class LocalBackend:
                     if deadline > now:
                         slot.deadline = deadline
                         continue
+                self._show_tail(slot)  # (what it printed last, before the line that blames it)
                 run, unit = slot.inflight.popleft()
                 self._replace(slot)
                 if run in self._runs and not run.job.finished:
