@@ -8,6 +8,7 @@ a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -1161,6 +1162,44 @@ def test_a_module_the_connected_clusters_workers_cannot_import_gets_advice_for_t
         del sys.modules["dkmod_nowhere"]
     text = "".join(traceback.format_exception_only(info.value))
     assert "Install it (or put its file) where the Dask workers run" in text and "%pool restart)" not in text
+    assert f"(Dask worker {mpmagic.last_failures()[0].worker})" in text  # which one lacks it
+
+
+def test_an_item_importing_a_module_a_connected_worker_lacks_names_the_module_and_worker(
+        ip, dask_pool, tmp_path, monkeypatch):
+    """The notebook imports the module, the worker cannot (another environment): serial code
+    would not raise, so the error says which worker lacks it and what to do (it said only
+    "No module named ...", as if the notebook lacked it too), collected or raised, map or rank."""
+    import traceback
+
+    (tmp_path / "dkmod_item.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("dkmod_item")  # (the notebook can)
+
+    def f(x):
+        import dkmod_item
+
+        return dkmod_item.X + x
+
+    workers = set(dask_pool.client.nthreads())
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            mpmagic.pmap(f, [1])
+        failed = mpmagic.pmap(f, [1, 2], errors="collect")
+        with pytest.raises(mpmagic.ParallelError) as ranks:
+            mpmagic.parallel("import dkmod_item", workers=1)
+    finally:
+        del sys.modules["dkmod_item"]
+    errors = [info.value, failed[0].error, ranks.value.failures[0]]
+    for exc in errors:
+        text = "".join(traceback.format_exception_only(exc))
+        named = [w for w in workers if f"mpmagic: the notebook imports dkmod_item, but Dask worker {w} " in text]
+        assert len(named) == 1, text
+        assert "Install it (or put its file) where the Dask workers run" in text
+    # A module the notebook cannot import either fails as serial code fails: no note.
+    with pytest.raises(ModuleNotFoundError) as info:
+        mpmagic.pmap(lambda x: __import__("dkmod_not_anywhere"), [1])
+    assert "Dask worker" not in "".join(traceback.format_exception_only(info.value))
 
 
 def _save_module(path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
