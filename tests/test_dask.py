@@ -1074,6 +1074,37 @@ def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_c
         q.qsize()
 
 
+def test_helpers_whose_scheduler_connection_was_lost_say_so_not_that_the_pool_was_stopped(
+        ip, dask_cluster, dask_pool, monkeypatch):
+    """The scheduler died (or restarted) under a connected notebook: a Queue's call while
+    Dask's client was reconnecting ended, 10 s later, in Dask's CommClosedError with forty
+    lines of its internals; once the client had closed itself, the helpers said they
+    "belonged to a Dask pool that was stopped (use_local(), stop_pool(); %pool local,
+    %pool stop)", none of which the user had done."""
+    from distributed.comm.core import CommClosedError
+
+    q, lock = mpmagic.Queue(), mpmagic.Lock()
+    lost = (rf"^<mpmagic\.(Queue|Lock) on Dask '[^']+'> was lost with the connection to the Dask scheduler at "
+            rf"{dask_cluster.address} \(the scheduler stopped or restarted, or the network dropped\): make a new "
+            r"one with mpmagic\.\1\(\) once the scheduler is back \(the next run reconnects\)$")
+
+    def refused() -> int:
+        raise CommClosedError("ConnectionPool closing.")
+
+    with monkeypatch.context() as m:  # (the client reconnecting, the scheduler not answering)
+        m.setattr(dask_pool.client, "status", "connecting")
+        m.setattr(q._q, "qsize", refused)
+        with pytest.raises(mpmagic.UsageError, match=lost):
+            q.qsize()
+    dask_pool.client.close()  # (as Dask's client closes itself when it cannot reconnect)
+    for call in (q.qsize, lambda: lock.acquire(timeout=1)):
+        with pytest.raises(mpmagic.UsageError, match=lost):
+            call()
+    assert mpmagic.pmap(abs, [-1]) == [1]  # the next run reconnects
+    with pytest.raises(mpmagic.UsageError, match=lost):
+        q.qsize()
+
+
 def test_pool_dask_again_with_the_same_address_keeps_the_connection(ip, dask_cluster, dask_pool):
     """Running the cell that connects again (``%pool dask ADDRESS``, the same scheduler)
     closed the connection and made a new one: a background run in flight failed with

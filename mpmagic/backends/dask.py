@@ -669,6 +669,10 @@ class DaskBackend:
                                    "extension's unload) and stays stopped: mpmagic.get_pool() is the pool now")
             if self.running:
                 return
+            if self.client is not None:  # (it lost its scheduler: the helpers made on it say so)
+                from .dask_shared import connection_lost
+
+                connection_lost(self.client, self.scheduler_address or self.where)
             self._close_quietly()
             if self.owns_cluster:
                 self._start_local_cluster()

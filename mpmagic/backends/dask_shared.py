@@ -84,12 +84,52 @@ def closed_by(client: Any, by: str) -> None:
         pass
 
 
+#: The clients that lost their scheduler (its address), for the helpers made on them.
+_lost: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def connection_lost(client: Any, where: str) -> None:
+    """``client`` lost its scheduler at ``where`` (the pool closes it to connect again):
+    a helper made on it says so, not that a pool was stopped (the user stopped none)."""
+    try:
+        _lost[client] = where
+    except TypeError:  # (a client that takes no weak reference: the line lists the ways)
+        pass
+
+
 def _gone_error(helper: Any) -> UsageError:
     kind = type(helper).__name__.removeprefix("Dask")
-    by = _closed_by.get(helper._client) if helper._client is not None else None
+    client = helper._client
+    by = _closed_by.get(client) if client is not None else None
+    if by is None and client is not None:
+        # Closed by nobody's stop: Dask's client closes itself when it cannot reconnect
+        # to its scheduler (it is still the pool's), or the pool closed it to connect again.
+        where = _scheduler_of(client)
+        if where is not None:
+            return _lost_error(helper, where)
     how = f"by {by}" if by else "(use_local(), stop_pool(); %pool local, %pool stop)"
     return UsageError(f"{helper!r} belonged to a Dask pool that was stopped {how}: make a "
                       f"new one with mpmagic.{kind}() on the current pool")
+
+
+def _lost_error(helper: Any, where: str) -> UsageError:
+    """The one line for a helper whose client lost the scheduler it lives in."""
+    kind = type(helper).__name__.removeprefix("Dask")
+    return UsageError(f"{helper!r} was lost with the connection to the Dask scheduler at {where} (the scheduler "
+                      f"stopped or restarted, or the network dropped): make a new one with mpmagic.{kind}() once "
+                      "the scheduler is back (the next run reconnects)")
+
+
+def _scheduler_of(client: Any) -> str | None:
+    """The scheduler ``client`` lost (its address): the one it was connected to when the pool
+    closed it to connect again, or the pool's while it is still the pool's client; None for
+    a client a pool's stop closed."""
+    if client in _lost:
+        return _lost[client]
+    backend = current_backend()
+    if getattr(backend, "client", None) is client:
+        return str(getattr(backend, "scheduler_address", None) or getattr(backend, "where", "its address"))
+    return None
 
 
 @contextlib.contextmanager
@@ -108,6 +148,14 @@ def _pool_gone(helper: Any) -> Iterator[None]:
         if not any(sign in str(exc) for sign in _GONE_SIGNS):
             raise
         raise _gone_error(helper) from None
+    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:  # (two classes before 3.11)
+        # The notebook's client lost its scheduler (it was reconnecting, and gave up:
+        # Dask's CommClosedError, "ConnectionPool closing", after its 10 s).
+        if client is None or client.status == "running":
+            raise
+        logging.getLogger("mpmagic").debug("mpmagic: a Dask helper's call failed as its client lost the scheduler",
+                                           exc_info=exc)
+        raise _lost_error(helper, _scheduler_of(client) or "its address") from None
 
 
 class _OnDask:
