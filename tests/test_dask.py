@@ -233,6 +233,38 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
 
 
+def test_an_interrupt_names_running_tasks_whose_start_event_has_not_come(ip, dask_pool, monkeypatch, tmp_path):
+    """A task's start event trails its start on a loaded machine: an interrupt then counted
+    the running tasks as queued ("its 8 queued Dask tasks were cancelled; the pool is
+    ready for the next run") while they ran on, and the next run was sent to their busy
+    workers. The workers the scheduler has the unseen tasks on are asked which they run."""
+    from mpmagic.backends import dask as dask_backend
+
+    event = dask_backend._DaskRun._event
+    monkeypatch.setattr(dask_backend._DaskRun, "_event", lambda run, ev: None if ev.get("start") else event(run, ev))
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef held(x):\n    open(os.path.join({str(tmp_path)!r}, f'began{{x}}'), 'w').close()\n"
+            f"    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
+            " and time.monotonic() - t < 10:\n        time.sleep(0.02)\n    return x\n")
+
+    def interrupt_once_every_worker_runs_one() -> None:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("began*"))) < DASK_WORKERS and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_every_worker_runs_one, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            mpmagic.pmap(ip.user_ns["held"], range(8), chunksize=1)
+        msg = str(info.value)
+        assert f"; the {DASK_WORKERS} already running (item " in msg and "; on tcp://127.0.0.1:" in msg, msg
+        assert "the pool is ready" not in msg and "the next run waits until they return" in msg
+        assert sum(dask_pool._busy(dask_pool._nthreads(fresh=True)).values()) == DASK_WORKERS  # later runs wait
+    finally:
+        release.touch()
+
+
 def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool, tmp_path):
     """On a cluster mpmagic only connected to: the stuck item is named and the
     run ends. Whether that cluster's worker is restarted is not asserted here

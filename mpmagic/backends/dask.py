@@ -2362,6 +2362,44 @@ class _DaskRun:
         seen = {t.worker for t in running}
         return {a for a, ks in processing.items() if a not in seen and any(str(k) in keys for k in ks)}
 
+    def _running_unseen(self, tasks: list[_Task]) -> list[_Task]:
+        """Tasks of a cluster mpmagic connected to that run though their start event has not
+        come (it trails the start on a loaded machine): an interrupt counted them as queued
+        and cancelled ("the pool is ready for the next run") while they ran on, and later
+        runs were sent to their busy workers. The workers the scheduler has them on are
+        asked which mpmagic tasks they run (``dask_tasks.running_tags``, within
+        :data:`_ABANDONED_WAIT`); those found get their worker, as if their event had come."""
+        unseen = {t.key: t for t in tasks if t.started is None and not t.future.done()}
+        if not unseen:
+            return []
+        try:
+            processing = self.client.processing()
+        except Exception:  # (the scheduler did not answer: they count as queued)
+            log.debug("mpmagic: asking the scheduler where a run's tasks are failed", exc_info=True)
+            return []
+        where = sorted(a for a, keys in processing.items() if any(str(k) in unseen for k in keys))
+        if not where:
+            return []
+        replies: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                replies.update(self.client.run(dask_tasks.running_tags, workers=where, on_error="return"))
+            except Exception:
+                log.debug("mpmagic: could not ask the Dask workers which tasks they run", exc_info=True)
+
+        asking = threading.Thread(target=ask, name="mpmagic-dask-ask-running", daemon=True)
+        asking.start()
+        asking.join(_ABANDONED_WAIT)
+        found = []
+        for address, tags in dict(replies).items():
+            for tag in tags if isinstance(tags, list) else []:
+                task = unseen.pop(tag, None)
+                if task is not None:
+                    task.started, task.worker = time.monotonic(), address
+                    found.append(task)
+        return found
+
     def _abandon(self, interrupted: bool, stop: bool = False) -> str | None:
         """Cancel every future of this run. Tasks already running cannot be
         stopped by Dask: with ``stop`` (an interrupt, a cancel) their workers are
@@ -2384,6 +2422,8 @@ class _DaskRun:
         running = [t for t in tasks if t.started is not None and not t.future.done()]
         backend = self.backend
         unseen = self._started_unseen(tasks, running) if (stop or interrupted) and backend.owns_cluster else set()
+        if not backend.owns_cluster and (stop or interrupted):
+            running += self._running_unseen(tasks)
         self._cancel([t.future for t in tasks])
         backend._give_up(running, stop=stop or interrupted)
         if unseen:
