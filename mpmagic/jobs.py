@@ -1280,6 +1280,19 @@ class MapJob:
             exc = WorkerLostError(f"the worker running {what} {reason}{fate}")
         self._fail_or_collect(unit, exc, None)
 
+    def ran_again_elsewhere(self, unit: Unit, index: int) -> None:
+        """The backend's engine ran ``unit`` again on another worker after its worker died or
+        left running item ``index`` of it (Dask's own retry, with no --retries): that item
+        ran twice, side effects too, and so did the items before it, whose results died
+        with the worker. The report says so as for a --retries retry (``retried``,
+        ``ran_again``); ``--compare`` leaves the item out of its serial run."""
+        index = max(0, min(index, unit.count - 1))
+        self.retried += 1
+        self.died_under.add(unit.start + index)
+        if index:
+            self.ran_again.extend(range(unit.start, unit.start + index))
+            self.ran_again_cause = "died" if self.ran_again_cause in ("", "died") else "died or was stopped at --timeout"
+
     def not_run(self, unit: Unit, reason: str) -> None:
         """``unit`` could not run at all: the backend had no worker for it (every
         worker of a Dask cluster left, and none joined in time). Its items fail
@@ -1922,6 +1935,9 @@ class CellJob:
 
     def collected(self, unit: Unit, index: int, info: Any) -> None:
         """(Only a map's chunk under --errors collect reports an item's failure early.)"""
+
+    def ran_again_elsewhere(self, unit: Unit, index: int) -> None:
+        """(Only a map's chunk is said to have run again on another worker.)"""
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)

@@ -83,14 +83,31 @@ def test_a_maps_chunks_are_spread_over_the_workers(dask_pool):
         assert len(set(pids)) == DASK_WORKERS, pids
 
 
-def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool):
+def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool, tmp_path):
+    """Dask runs the item its dying worker was running again, elsewhere: it ran twice (its
+    side effects too), and the report says so as the local pool's --retries does (it said
+    nothing)."""
     pids = worker_pids(dask_pool)
-    run(ip, "import time\ndef slow_square(x):\n    time.sleep(0.3)\n    return x * x\n")
+    run(ip, f"import os, time\ndef slow_square(x):\n    open(os.path.join({str(tmp_path)!r}, f'{{os.getpid()}}-{{x}}'), "
+            "'w').close()\n    time.sleep(0.3)\n    return x * x\n")
     victim = sorted(pids.values())[0]
-    threading.Timer(0.8, os.kill, (victim, signal.SIGKILL)).start()
+
+    def kill_in_its_second_item() -> None:  # (its first item's start surely heard of)
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob(f"{victim}-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.15)
+        os.kill(victim, signal.SIGKILL)
+
+    threading.Thread(target=kill_in_its_second_item, daemon=True).start()
     res = run(ip, "%pmap -q --chunksize 1 slow_square, range(16)")
     assert res == [x * x for x in range(16)]
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    twice = {int(p.name.split("-")[1]) for p in tmp_path.iterdir()
+             if sum(1 for q in tmp_path.iterdir() if q.name.split("-")[1] == p.name.split("-")[1]) > 1}
+    assert len(twice) == 1, sorted(p.name for p in tmp_path.iterdir())
+    report = mpmagic.last_report()
+    assert report.retried == 1 and "(1 retried after its worker died)" in str(report)
 
 
 def test_items_that_kill_every_worker_are_named_after_dasks_retries(ip, dask_pool):
