@@ -282,6 +282,39 @@ def test_an_interrupt_names_running_tasks_whose_start_event_has_not_come(ip, das
         release.touch()
 
 
+@pytest.mark.parametrize("waits_in", ["Queue.get", "Event.wait"])
+def test_a_task_given_up_while_it_waits_in_a_helper_frees_its_worker(ip, dask_pool, tmp_path, waits_in):
+    """An interrupted run on a cluster mpmagic connected to: Dask cannot stop a running task,
+    and one waiting in q.get() for an item nobody will put (or ev.wait() for a set() that never
+    comes) held its worker for good: the next run waited for it for ever. The helper's wait
+    is mpmagic's own loop: it sees that its task was given up (its worker marks it cancelled)
+    and stops, so the worker is free again."""
+    from mpmagic.backends import dask_tasks
+
+    q, ev = mpmagic.Queue(), mpmagic.Event()
+    began = tmp_path / "began"
+    call = "q.get()" if waits_in == "Queue.get" else "ev.wait()"
+
+    def waiter(x):
+        began.touch()
+        return eval(call, {"q": q, "ev": ev})
+
+    def interrupt_once_it_waits() -> None:
+        deadline = time.monotonic() + 30
+        while not began.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_it_waits, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        mpmagic.pmap(waiter, [0])
+    deadline = time.monotonic() + 5
+    while any(dask_pool.client.run(dask_tasks.running_tags).values()):
+        assert time.monotonic() < deadline, (waits_in, dask_pool.client.run(dask_tasks.running_tags))
+        time.sleep(0.05)
+
+
 def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool, tmp_path):
     """On a cluster mpmagic only connected to: the stuck item is named and the
     run ends. Whether that cluster's worker is restarted is not asserted here

@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import payload, waits
 from ..checks import queue_maxsize, queue_size, wait_timeout
-from ..errors import UsageError
+from ..errors import MPMagicError, UsageError
 from ..shared import IterUntilClosed, QueueClosed
 from ..shared.base import current_backend
 
@@ -156,6 +156,32 @@ def _pool_gone(helper: Any) -> Iterator[None]:
         logging.getLogger("mpmagic").debug("mpmagic: a Dask helper's call failed as its client lost the scheduler",
                                            exc_info=exc)
         raise _lost_error(helper, _scheduler_of(client) or "its address") from None
+
+
+def _given_up() -> bool:
+    """Did the notebook give up the Dask task this thread runs (an interrupt, a cancel, a
+    ``--timeout``)? Dask cannot stop a running task: its worker only marks it cancelled
+    (``distributed.worker.thread_state.key`` names the task of an executor thread). A task
+    waiting in a helper for what will never come (a ``q.get()`` on a queue nobody fills
+    any more, an ``ev.wait()``) held its worker for good on a cluster mpmagic connected to,
+    and the next run waited for it for ever. Not in a task (the notebook): False."""
+    try:
+        from distributed.worker import get_worker, thread_state
+
+        key = getattr(thread_state, "key", None)
+        if key is None:
+            return False
+        task = get_worker().state.tasks.get(key)
+    except Exception:  # (not in a Dask worker's task thread)
+        return False
+    return task is not None and task.state == "cancelled"
+
+
+def _stop_if_given_up(call: str) -> None:
+    """A helper's wait in a task the notebook gave up ends here (see :func:`_given_up`)."""
+    if _given_up():
+        raise MPMagicError(f"mpmagic: {call} stopped waiting: the notebook gave up this Dask task (an interrupt, a "
+                           "cancel or its --timeout), and Dask cannot stop a running task: this frees its worker")
 
 
 class _OnDask:
@@ -314,6 +340,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
             now = time.monotonic()
             if (deadline is not None and now >= deadline) or now >= next_close_check:
                 next_close_check = now + self._SLICE
+                _stop_if_given_up("mpmagic.Queue.get()")
                 if self.closed and self.qsize() == 0:
                     raise QueueClosed(f"{self!r} is closed and every item has been taken")
                 if deadline is not None and time.monotonic() >= deadline:
@@ -694,6 +721,8 @@ def _rebuild_lock(name: str) -> DaskLock:
 class DaskEvent(_OnDask):
     """A flag tasks can wait on: ``set``, ``clear``, ``is_set``, ``wait(timeout)``."""
 
+    _SLICE = 1.0  # seconds a wait takes in one go (one round trip each), between looks at its task
+
     def __init__(self, *, name: str | None = None, client: Any = None) -> None:
         from distributed import Event
 
@@ -735,19 +764,27 @@ class DaskEvent(_OnDask):
         A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
         with _pool_gone(self), _timed("Event") as call:
-            if timeout is None and waits.watching():
-                since = time.monotonic()
-                if self._event.wait(waits.NOTE_AFTER):
+            since = time.monotonic()
+            deadline = None if timeout is None else since + timeout
+            noted = timeout is not None or not waits.watching()
+            # In slices: the wait ends when its task is given up (_given_up), and a task's
+            # wait with no timeout says so once it has lasted NOTE_AFTER.
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if bool(self._event.wait(self._SLICE if left is None else min(left, self._SLICE))):
                     return True
-                waits.note_long_wait(
-                    "mpmagic.Event.wait()",
-                    "the event is not set; if no process will set() it, it waits for ever: interrupt to stop it, "
-                    "or give wait() a timeout",
-                    since,
-                )
-            is_set = bool(self._event.wait(timeout))
-            call.ran_out = not is_set
-            return is_set
+                if left is not None and left <= self._SLICE:
+                    call.ran_out = True
+                    return False
+                _stop_if_given_up("mpmagic.Event.wait()")
+                if not noted and time.monotonic() - since >= waits.NOTE_AFTER:
+                    noted = True
+                    waits.note_long_wait(
+                        "mpmagic.Event.wait()",
+                        "the event is not set; if no process will set() it, it waits for ever: interrupt to stop it, "
+                        "or give wait() a timeout",
+                        since,
+                    )
 
 
 def _rebuild_event(name: str) -> DaskEvent:
