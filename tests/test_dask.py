@@ -1555,3 +1555,18 @@ def test_a_scheduler_port_that_takes_one_connection_more_as_it_dies_is_not_reach
     tries.clear()
     monkeypatch.setattr(dask_backend.socket, "create_connection", lambda address, timeout=None: SimpleNamespace(close=lambda: None))
     assert dask_backend._DaskRun._scheduler_reachable(run_) is True  # (alive: every try connects)
+
+
+def test_the_advice_on_an_item_dask_ran_again_speaks_of_dasks_retry_not_of_retries():
+    """An item Dask ran again after its worker died or left (no --retries asked): the advice
+    said "(--retries) ... starting a new worker", the local pool's words."""
+    from conftest import synthetic_report
+
+    from mpmagic.advice import advise
+
+    said = advise(synthetic_report(backend="dask", retried=1, wall=2.0, task_seconds=1.0))
+    assert said is not None and said.startswith(
+        "1 item ran again after its worker died or left the cluster (Dask ran it again on another worker)")
+    assert "--retries" not in said and "starting a new worker" not in said
+    local = advise(synthetic_report(retried=1, wall=2.0, task_seconds=1.0))
+    assert local is not None and local.startswith("1 item ran again after its worker died (--retries)")
