@@ -282,22 +282,23 @@ def test_an_interrupt_names_running_tasks_whose_start_event_has_not_come(ip, das
         release.touch()
 
 
-@pytest.mark.parametrize("waits_in", ["Queue.get", "Event.wait"])
+@pytest.mark.parametrize("waits_in", ["Queue.get", "Event.wait", "Lock.acquire"])
 def test_a_task_given_up_while_it_waits_in_a_helper_frees_its_worker(ip, dask_pool, tmp_path, waits_in):
     """An interrupted run on a cluster mpmagic connected to: Dask cannot stop a running task,
-    and one waiting in q.get() for an item nobody will put (or ev.wait() for a set() that never
-    comes) held its worker for good: the next run waited for it for ever. The helper's wait
-    is mpmagic's own loop: it sees that its task was given up (its worker marks it cancelled)
-    and stops, so the worker is free again."""
+    and one waiting in q.get() for an item nobody will put (ev.wait() for a set() that never
+    comes, lk.acquire() of a lock the notebook holds) held its worker for good: the next run
+    waited for it for ever. The helper's wait is mpmagic's own loop: it sees that its task
+    was given up (its worker marks it cancelled) and stops, so the worker is free again."""
     from mpmagic.backends import dask_tasks
 
-    q, ev = mpmagic.Queue(), mpmagic.Event()
+    q, ev, lk = mpmagic.Queue(), mpmagic.Event(), mpmagic.Lock()
+    lk.acquire()
     began = tmp_path / "began"
-    call = "q.get()" if waits_in == "Queue.get" else "ev.wait()"
+    call = {"Queue.get": "q.get()", "Event.wait": "ev.wait()", "Lock.acquire": "lk.acquire()"}[waits_in]
 
     def waiter(x):
         began.touch()
-        return eval(call, {"q": q, "ev": ev})
+        return eval(call, {"q": q, "ev": ev, "lk": lk})
 
     def interrupt_once_it_waits() -> None:
         deadline = time.monotonic() + 30
@@ -313,6 +314,7 @@ def test_a_task_given_up_while_it_waits_in_a_helper_frees_its_worker(ip, dask_po
     while any(dask_pool.client.run(dask_tasks.running_tags).values()):
         assert time.monotonic() < deadline, (waits_in, dask_pool.client.run(dask_tasks.running_tags))
         time.sleep(0.05)
+    lk.release()
 
 
 def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool, tmp_path):

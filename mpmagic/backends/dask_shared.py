@@ -165,16 +165,25 @@ def _given_up() -> bool:
     waiting in a helper for what will never come (a ``q.get()`` on a queue nobody fills
     any more, an ``ev.wait()``) held its worker for good on a cluster mpmagic connected to,
     and the next run waited for it for ever. Not in a task (the notebook): False."""
+    key = _task_key()
+    if key is None:
+        return False
     try:
-        from distributed.worker import get_worker, thread_state
+        from distributed.worker import get_worker
 
-        key = getattr(thread_state, "key", None)
-        if key is None:
-            return False
         task = get_worker().state.tasks.get(key)
-    except Exception:  # (not in a Dask worker's task thread)
+    except Exception:  # (not in a Dask worker)
         return False
     return task is not None and task.state == "cancelled"
+
+
+def _task_key() -> Any:
+    """The key of the Dask task this thread runs (a worker's executor thread), else None."""
+    try:
+        from distributed.worker import thread_state
+    except ImportError:
+        return None
+    return getattr(thread_state, "key", None)
 
 
 def _stop_if_given_up(call: str) -> None:
@@ -512,9 +521,27 @@ class DaskLock(_OnDask):
         timeout = wait_timeout(timeout)
         limit = 0.0 if not block else None if timeout is None else max(0.0, timeout)
         with _pool_gone(self), _timed("Lock") as call:
-            got = bool(self._lock.acquire(timeout=limit))
+            got = self._acquire(limit)
             call.ran_out = not got
             return got
+
+    _SLICE = 1.0  # seconds a task's acquire waits in one go, between looks at its task
+
+    def _acquire(self, limit: float | None) -> bool:
+        """Dask's acquire; in a task, in slices that end when the task is given up
+        (:func:`_given_up`: else it held its worker for as long as the lock stayed taken,
+        for good if its holder was the interrupted notebook). Dask's lock keeps no queue
+        of waiters (they retry), so a slice loses no place in line."""
+        if (limit is not None and limit <= self._SLICE) or _task_key() is None:
+            return bool(self._lock.acquire(timeout=limit))
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._lock.acquire(timeout=self._SLICE if left is None else min(left, self._SLICE)):
+                return True
+            if left is not None and left <= self._SLICE:
+                return False
+            _stop_if_given_up("mpmagic.Lock.acquire()")
 
     def release(self, *_exc: Any) -> None:
         """Give the lock back, whoever took it and through whichever handle, as
