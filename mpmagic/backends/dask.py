@@ -1618,6 +1618,9 @@ class _DaskRun:
         self.payload_future: Any = None
         self.resent: dict[int, int] = {}  # unit id -> times resent after losing its scattered data
         self.killed: set[int] = set()  # units already resent once after a KilledWorker
+        # Such units that had started on their dead worker: unit id -> the item it was running.
+        # Their run alone that finishes ran those items a second time (the report says so).
+        self.started_before: dict[int, int] = {}
         self.quarantine: deque[Any] = deque()  # such units, waiting to run alone
         self.solo = False  # a quarantined unit is running: nothing else is sent
         # One-item units split from a chunk that killed its worker even alone
@@ -1938,12 +1941,15 @@ class _DaskRun:
         job = self.job
         if isinstance(msg, Out):
             job.output(unit.id, msg.stream, msg.text)
-        elif isinstance(msg, Done):
+        elif isinstance(msg, (Done, Error)):
             self.backend.tasks_run += unit.count
-            job.done(unit, msg.data, msg.seconds, msg.meta)
-        elif isinstance(msg, Error):
-            self.backend.tasks_run += unit.count
-            job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
+            started = self.started_before.pop(unit.id, None)
+            if started is not None:  # run alone after its worker died under it: those items ran twice
+                job.ran_again_elsewhere(unit, started)
+            if isinstance(msg, Done):
+                job.done(unit, msg.data, msg.seconds, msg.meta)
+            else:
+                job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
         elif isinstance(msg, Unpicklable):
             job.unpicklable(unit, msg.index, msg.info)
         else:
@@ -1987,7 +1993,10 @@ class _DaskRun:
                 # its worker again, it is the culprit; if not, it was innocent.
                 self.killed.add(task.unit.id)
                 self.quarantine.append(task.unit)
+                if task.started is not None:
+                    self.started_before[task.unit.id] = task.item or 0
                 return
+            self.started_before.pop(task.unit.id, None)  # (the culprit: it is reported lost, not run again)
             if task.unit.count > 1:  # (a map's chunk: a rank is one unit of one item)
                 # A chunk that killed its worker alone: one of its items did, and
                 # Dask cannot say which. Each item runs alone in turn, so only
