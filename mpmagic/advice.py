@@ -228,10 +228,16 @@ def advise(report: Any) -> str | None:
         )
     if report.retried:  # the lost attempt and the new worker are in the wall time, in no task time
         n = report.retried
+        which = f"{n} item{'s' if n != 1 else ''} ran again after {'its worker' if n == 1 else 'their workers'}"
+        if report.backend == "dask":  # (Dask's own retry, with no --retries: the worker died or left the cluster)
+            return (
+                f"{which} died or left the cluster (Dask ran {'it' if n == 1 else 'them'} again on another worker): "
+                "the run paid for the lost work, and an item with side effects had them twice; find out why the "
+                "worker went (memory? a crash in a library? the cluster scaled down?): see docs/troubleshooting.md"
+            )
         return (
-            f"{n} item{'s' if n != 1 else ''} ran again after {'its worker' if n == 1 else 'their workers'} died "
-            "(--retries): the run paid for the lost work and for starting a new worker; find out why the worker "
-            "died (memory? a crash in a library?): see docs/troubleshooting.md"
+            f"{which} died (--retries): the run paid for the lost work and for starting a new worker; find out why the "
+            "worker died (memory? a crash in a library?): see docs/troubleshooting.md"
         )
     repeated = _ranks_repeat_the_work(report)
     if repeated:

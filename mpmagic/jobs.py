@@ -13,6 +13,7 @@ import contextlib
 import enum
 import functools
 import gc
+import importlib.util
 import io
 import itertools
 import logging
@@ -1059,15 +1060,17 @@ class MapJob:
         idx = unit.start + index
         item = self._shown(unit.items[index])[0]
         error = rebuild_exception(info, self._where(idx, unit.items[index]))
-        self._noted(error, unit)
+        self._noted(error, unit, info)
         return self._failed_type(idx, item, error, debugging.failure_of(error, info, index=idx, item=item))
 
-    def _noted(self, exc: BaseException, unit: Unit) -> None:
+    def _noted(self, exc: BaseException, unit: Unit, info: Any) -> None:
         """The notes an item's error gets here (a write to a read-only shared array, a daemonic
-        process, a notebook name not sent, a worker without the setup), raised or collected."""
+        process, a module only the notebook imports, a notebook name not sent, a worker without
+        the setup), raised or collected. ``info``: the worker's ErrorInfo of it."""
         if self.shared_memory and _read_only_write(exc):
             add_note(exc, _read_only_note(exc))
         _note_daemonic(exc)
+        note_missing_module(exc, info, self.missing_module_advice)
         self._note_unsent_global(exc)
         note_without_setup(exc, unit)
 
@@ -1190,7 +1193,7 @@ class MapJob:
             exc = rebuild_exception(info, self._where(idx, unit.items[index]))
             if idx not in self._errors:
                 self._infos[idx] = debugging.failure_of(exc, info, index=idx, item=self._shown(unit.items[index])[0])
-            self._noted(exc, unit)
+            self._noted(exc, unit, info)
         if unit.lease is not None:  # no worker reads this chunk any more
             unit.lease.release()
         self._fail(idx, exc)
@@ -1276,6 +1279,19 @@ class MapJob:
                 fate += f"; sent {unit.attempts + 1} times (--retries {self.retries}), its worker died each time"
             exc = WorkerLostError(f"the worker running {what} {reason}{fate}")
         self._fail_or_collect(unit, exc, None)
+
+    def ran_again_elsewhere(self, unit: Unit, index: int) -> None:
+        """The backend's engine ran ``unit`` again on another worker after its worker died or
+        left running item ``index`` of it (Dask's own retry, with no --retries): that item
+        ran twice, side effects too, and so did the items before it, whose results died
+        with the worker. The report says so as for a --retries retry (``retried``,
+        ``ran_again``); ``--compare`` leaves the item out of its serial run."""
+        index = max(0, min(index, unit.count - 1))
+        self.retried += 1
+        self.died_under.add(unit.start + index)
+        if index:
+            self.ran_again.extend(range(unit.start, unit.start + index))
+            self.ran_again_cause = "died" if self.ran_again_cause in ("", "died") else "died or was stopped at --timeout"
 
     def not_run(self, unit: Unit, reason: str) -> None:
         """``unit`` could not run at all: the backend had no worker for it (every
@@ -1905,6 +1921,8 @@ class CellJob:
         if self.lease is not None and _read_only_write(self.failures[unit.id]):
             add_note(self.failures[unit.id], _read_only_note(self.failures[unit.id]))
         _note_daemonic(self.failures[unit.id])
+        if index == 0:  # (the rank's own code raised it)
+            note_missing_module(self.failures[unit.id], info, self.missing_module_advice)
         note_without_setup(self.failures[unit.id], unit)
         # (index -1: the cell's names could not be loaded in the worker, the rank's code never ran;
         # 1: it ran to its end, and the --gather check after it failed: neither is the code's own error)
@@ -1917,6 +1935,9 @@ class CellJob:
 
     def collected(self, unit: Unit, index: int, info: Any) -> None:
         """(Only a map's chunk under --errors collect reports an item's failure early.)"""
+
+    def ran_again_elsewhere(self, unit: Unit, index: int) -> None:
+        """(Only a map's chunk is said to have run again on another worker.)"""
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -2363,13 +2384,51 @@ GATHER_UNSET = ("the rank's code ran to its end without setting that variable, a
 
 def _load_failure_note(info: Any, advice: str | None = None) -> str:
     """Why a worker could not load the function or its items, and what to do
-    (``advice``: the backend's, when a restart cannot help: see ``Job.missing_module_advice``)."""
+    (``advice``: the backend's, when a restart cannot help: see ``Job.missing_module_advice``;
+    the worker is named then, as its environment is not the notebook's)."""
     note = f"mpmagic: {LOAD_FAILED}"
     if info.type_name in ("ModuleNotFoundError", "ImportError"):
-        note += ": a module the notebook imports cannot be imported there. " + (advice or (
+        worker = _worker_address(info) if advice else None
+        there = f"there (Dask worker {worker})" if worker else "there"
+        note += f": a module the notebook imports cannot be imported {there}. " + (advice or (
             "If you installed it or changed sys.path after the pool started, run mpmagic.restart_pool() "
             "(%pool restart); otherwise install it in the environment the workers run in"))
     return note
+
+
+def _worker_address(info: Any) -> str | None:
+    """The Dask worker's address a failure's ``info`` says it ran on (a local worker has a number)."""
+    worker = (getattr(info, "context", None) or {}).get("worker")
+    return worker if isinstance(worker, str) else None
+
+
+def note_missing_module(exc: BaseException, info: Any, advice: str | None) -> None:
+    """A task's own ``import`` failed on a worker whose environment is not the notebook's
+    (``advice`` set: a Dask cluster mpmagic connected to) for a module the notebook
+    imports: serial code would not have raised, so a note names the module, that worker
+    and what to do (Python's "No module named ..." alone read as if the notebook lacked it).
+    A module the notebook cannot import either fails as serial code fails: no note."""
+    name = getattr(exc, "name", None)
+    worker = _worker_address(info)
+    if not advice or not isinstance(exc, ModuleNotFoundError) or not isinstance(name, str) or worker is None:
+        return
+    if not _notebook_imports(name):
+        return
+    add_note(exc, f"mpmagic: the notebook imports {name}, but Dask worker {worker} cannot. {advice}")
+
+
+def _notebook_imports(name: str) -> bool:
+    """Can the notebook import module ``name``? Found as import finds it, importing nothing
+    (a submodule is looked for only under a package the notebook has loaded)."""
+    if name in sys.modules:
+        return True
+    parent = name.rpartition(".")[0]
+    if parent and parent not in sys.modules:
+        return False
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def say_notes(notes: list[str], said: set[str], out: Callable[[str, str], None]) -> None:

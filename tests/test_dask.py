@@ -8,6 +8,7 @@ a wrong address, interrupts, restarts, the helpers and ``%pool dask``.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import pickle
@@ -82,14 +83,31 @@ def test_a_maps_chunks_are_spread_over_the_workers(dask_pool):
         assert len(set(pids)) == DASK_WORKERS, pids
 
 
-def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool):
+def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool, tmp_path):
+    """Dask runs the item its dying worker was running again, elsewhere: it ran twice (its
+    side effects too), and the report says so as the local pool's --retries does (it said
+    nothing)."""
     pids = worker_pids(dask_pool)
-    run(ip, "import time\ndef slow_square(x):\n    time.sleep(0.3)\n    return x * x\n")
+    run(ip, f"import os, time\ndef slow_square(x):\n    open(os.path.join({str(tmp_path)!r}, f'{{os.getpid()}}-{{x}}'), "
+            "'w').close()\n    time.sleep(0.3)\n    return x * x\n")
     victim = sorted(pids.values())[0]
-    threading.Timer(0.8, os.kill, (victim, signal.SIGKILL)).start()
+
+    def kill_in_its_second_item() -> None:  # (its first item's start surely heard of)
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob(f"{victim}-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.15)
+        os.kill(victim, signal.SIGKILL)
+
+    threading.Thread(target=kill_in_its_second_item, daemon=True).start()
     res = run(ip, "%pmap -q --chunksize 1 slow_square, range(16)")
     assert res == [x * x for x in range(16)]
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE
+    twice = {int(p.name.split("-")[1]) for p in tmp_path.iterdir()
+             if sum(1 for q in tmp_path.iterdir() if q.name.split("-")[1] == p.name.split("-")[1]) > 1}
+    assert len(twice) == 1, sorted(p.name for p in tmp_path.iterdir())
+    report = mpmagic.last_report()
+    assert report.retried == 1 and "(1 retried after its worker died)" in str(report)
 
 
 def test_items_that_kill_every_worker_are_named_after_dasks_retries(ip, dask_pool):
@@ -230,6 +248,73 @@ def test_interrupt_cancels_and_reports_running_tasks_then_restart(ip, dask_pool,
     finally:
         release.touch()
     assert run(ip, "%pmap -q abs, [-1, -2]") == [1, 2]
+
+
+def test_an_interrupt_names_running_tasks_whose_start_event_has_not_come(ip, dask_pool, monkeypatch, tmp_path):
+    """A task's start event trails its start on a loaded machine: an interrupt then counted
+    the running tasks as queued ("its 8 queued Dask tasks were cancelled; the pool is
+    ready for the next run") while they ran on, and the next run was sent to their busy
+    workers. The workers the scheduler has the unseen tasks on are asked which they run."""
+    from mpmagic.backends import dask as dask_backend
+
+    event = dask_backend._DaskRun._event
+    monkeypatch.setattr(dask_backend._DaskRun, "_event", lambda run, ev: None if ev.get("start") else event(run, ev))
+    release = tmp_path / "release"
+    run(ip, f"import os, time\ndef held(x):\n    open(os.path.join({str(tmp_path)!r}, f'began{{x}}'), 'w').close()\n"
+            f"    t = time.monotonic()\n    while not os.path.exists({str(release)!r})"
+            " and time.monotonic() - t < 10:\n        time.sleep(0.02)\n    return x\n")
+
+    def interrupt_once_every_worker_runs_one() -> None:
+        deadline = time.monotonic() + 30
+        while len(list(tmp_path.glob("began*"))) < DASK_WORKERS and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_every_worker_runs_one, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            mpmagic.pmap(ip.user_ns["held"], range(8), chunksize=1)
+        msg = str(info.value)
+        assert f"; the {DASK_WORKERS} already running (item " in msg and "; on tcp://127.0.0.1:" in msg, msg
+        assert "the pool is ready" not in msg and "the next run waits until they return" in msg
+        assert sum(dask_pool._busy(dask_pool._nthreads(fresh=True)).values()) == DASK_WORKERS  # later runs wait
+    finally:
+        release.touch()
+
+
+@pytest.mark.parametrize("waits_in", ["Queue.get", "Event.wait", "Lock.acquire"])
+def test_a_task_given_up_while_it_waits_in_a_helper_frees_its_worker(ip, dask_pool, tmp_path, waits_in):
+    """An interrupted run on a cluster mpmagic connected to: Dask cannot stop a running task,
+    and one waiting in q.get() for an item nobody will put (ev.wait() for a set() that never
+    comes, lk.acquire() of a lock the notebook holds) held its worker for good: the next run
+    waited for it for ever. The helper's wait is mpmagic's own loop: it sees that its task
+    was given up (its worker marks it cancelled) and stops, so the worker is free again."""
+    from mpmagic.backends import dask_tasks
+
+    q, ev, lk = mpmagic.Queue(), mpmagic.Event(), mpmagic.Lock()
+    lk.acquire()
+    began = tmp_path / "began"
+    call = {"Queue.get": "q.get()", "Event.wait": "ev.wait()", "Lock.acquire": "lk.acquire()"}[waits_in]
+
+    def waiter(x):
+        began.touch()
+        return eval(call, {"q": q, "ev": ev, "lk": lk})
+
+    def interrupt_once_it_waits() -> None:
+        deadline = time.monotonic() + 30
+        while not began.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_it_waits, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        mpmagic.pmap(waiter, [0])
+    deadline = time.monotonic() + 5
+    while any(dask_pool.client.run(dask_tasks.running_tags).values()):
+        assert time.monotonic() < deadline, (waits_in, dask_pool.client.run(dask_tasks.running_tags))
+        time.sleep(0.05)
+    lk.release()
 
 
 def test_timeout_names_the_item_and_ends_the_run(ip, dask_pool, tmp_path):
@@ -1084,6 +1169,37 @@ def test_helpers_of_a_stopped_dask_pool_say_so_in_one_line_everywhere(ip, dask_c
         q.qsize()
 
 
+def test_helpers_whose_scheduler_connection_was_lost_say_so_not_that_the_pool_was_stopped(
+        ip, dask_cluster, dask_pool, monkeypatch):
+    """The scheduler died (or restarted) under a connected notebook: a Queue's call while
+    Dask's client was reconnecting ended, 10 s later, in Dask's CommClosedError with forty
+    lines of its internals; once the client had closed itself, the helpers said they
+    "belonged to a Dask pool that was stopped (use_local(), stop_pool(); %pool local,
+    %pool stop)", none of which the user had done."""
+    from distributed.comm.core import CommClosedError
+
+    q, lock = mpmagic.Queue(), mpmagic.Lock()
+    lost = (rf"^<mpmagic\.(Queue|Lock) on Dask '[^']+'> was lost with the connection to the Dask scheduler at "
+            rf"{dask_cluster.address} \(the scheduler stopped or restarted, or the network dropped\): make a new "
+            r"one with mpmagic\.\1\(\) once the scheduler is back \(the next run reconnects\)$")
+
+    def refused() -> int:
+        raise CommClosedError("ConnectionPool closing.")
+
+    with monkeypatch.context() as m:  # (the client reconnecting, the scheduler not answering)
+        m.setattr(dask_pool.client, "status", "connecting")
+        m.setattr(q._q, "qsize", refused)
+        with pytest.raises(mpmagic.UsageError, match=lost):
+            q.qsize()
+    dask_pool.client.close()  # (as Dask's client closes itself when it cannot reconnect)
+    for call in (q.qsize, lambda: lock.acquire(timeout=1)):
+        with pytest.raises(mpmagic.UsageError, match=lost):
+            call()
+    assert mpmagic.pmap(abs, [-1]) == [1]  # the next run reconnects
+    with pytest.raises(mpmagic.UsageError, match=lost):
+        q.qsize()
+
+
 def test_pool_dask_again_with_the_same_address_keeps_the_connection(ip, dask_cluster, dask_pool):
     """Running the cell that connects again (``%pool dask ADDRESS``, the same scheduler)
     closed the connection and made a new one: a background run in flight failed with
@@ -1172,6 +1288,44 @@ def test_a_module_the_connected_clusters_workers_cannot_import_gets_advice_for_t
         del sys.modules["dkmod_nowhere"]
     text = "".join(traceback.format_exception_only(info.value))
     assert "Install it (or put its file) where the Dask workers run" in text and "%pool restart)" not in text
+    assert f"(Dask worker {mpmagic.last_failures()[0].worker})" in text  # which one lacks it
+
+
+def test_an_item_importing_a_module_a_connected_worker_lacks_names_the_module_and_worker(
+        ip, dask_pool, tmp_path, monkeypatch):
+    """The notebook imports the module, the worker cannot (another environment): serial code
+    would not raise, so the error says which worker lacks it and what to do (it said only
+    "No module named ...", as if the notebook lacked it too), collected or raised, map or rank."""
+    import traceback
+
+    (tmp_path / "dkmod_item.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("dkmod_item")  # (the notebook can)
+
+    def f(x):
+        import dkmod_item
+
+        return dkmod_item.X + x
+
+    workers = set(dask_pool.client.nthreads())
+    try:
+        with pytest.raises(ModuleNotFoundError) as info:
+            mpmagic.pmap(f, [1])
+        failed = mpmagic.pmap(f, [1, 2], errors="collect")
+        with pytest.raises(mpmagic.ParallelError) as ranks:
+            mpmagic.parallel("import dkmod_item", workers=1)
+    finally:
+        del sys.modules["dkmod_item"]
+    errors = [info.value, failed[0].error, ranks.value.failures[0]]
+    for exc in errors:
+        text = "".join(traceback.format_exception_only(exc))
+        named = [w for w in workers if f"mpmagic: the notebook imports dkmod_item, but Dask worker {w} " in text]
+        assert len(named) == 1, text
+        assert "Install it (or put its file) where the Dask workers run" in text
+    # A module the notebook cannot import either fails as serial code fails: no note.
+    with pytest.raises(ModuleNotFoundError) as info:
+        mpmagic.pmap(lambda x: __import__("dkmod_not_anywhere"), [1])
+    assert "Dask worker" not in "".join(traceback.format_exception_only(info.value))
 
 
 def _save_module(path, text: str, n: list[int] = [0]) -> None:  # noqa: B006 (a counter)
@@ -1414,3 +1568,18 @@ def test_a_scheduler_port_that_takes_one_connection_more_as_it_dies_is_not_reach
     tries.clear()
     monkeypatch.setattr(dask_backend.socket, "create_connection", lambda address, timeout=None: SimpleNamespace(close=lambda: None))
     assert dask_backend._DaskRun._scheduler_reachable(run_) is True  # (alive: every try connects)
+
+
+def test_the_advice_on_an_item_dask_ran_again_speaks_of_dasks_retry_not_of_retries():
+    """An item Dask ran again after its worker died or left (no --retries asked): the advice
+    said "(--retries) ... starting a new worker", the local pool's words."""
+    from conftest import synthetic_report
+
+    from mpmagic.advice import advise
+
+    said = advise(synthetic_report(backend="dask", retried=1, wall=2.0, task_seconds=1.0))
+    assert said is not None and said.startswith(
+        "1 item ran again after its worker died or left the cluster (Dask ran it again on another worker)")
+    assert "--retries" not in said and "starting a new worker" not in said
+    local = advise(synthetic_report(retried=1, wall=2.0, task_seconds=1.0))
+    assert local is not None and local.startswith("1 item ran again after its worker died (--retries)")

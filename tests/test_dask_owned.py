@@ -731,6 +731,13 @@ def _exits_at_1(x):
     return x
 
 
+def _noted_slowly(x, folder):
+    """Item ``x`` leaves a file named after its worker's pid and itself, then takes 0.3 s."""
+    open(os.path.join(folder, f"{os.getpid()}-{x}"), "w").close()
+    time.sleep(0.3)
+    return x
+
+
 def _shape(results: list) -> list:
     """Results with each Failed as (index, input, error type): the local pool's and Dask's messages differ."""
     return [(r.index, r.item, type(r.error)) if isinstance(r, mpmagic.Failed) else r for r in results]
@@ -744,7 +751,7 @@ def _wait_for_nannies(backend, n: int, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2, capfd):
+def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2, capfd, tmp_path):
     """A task that calls os._exit: every collect run returns what the local pool
     does, and the workers come back. Dask's LocalCluster closed a nanny for good
     when its worker was not back ``lost-worker-timeout`` after it left (15 s; 0.1
@@ -773,6 +780,24 @@ def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2, c
             backend.cluster.sync(nanny.close)
             assert mpmagic.pmap(abs, [-1, -2], progress=False) == [1, 2]
             _wait_for_nannies(backend, 2)
+            # A worker killed from outside in its second item: mpmagic runs that item again, alone; it
+            # ran twice, and the report says so as the local pool's --retries (it said nothing).
+            folder = tmp_path / "ran"
+            folder.mkdir()
+            victim = sorted(_pids(backend).values())[0]
+
+            def kill_in_its_second_item() -> None:
+                deadline = time.monotonic() + 30
+                while len(list(folder.glob(f"{victim}-*"))) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                time.sleep(0.15)
+                os.kill(victim, signal.SIGKILL)
+
+            threading.Thread(target=kill_in_its_second_item, daemon=True).start()
+            assert mpmagic.pmap(_noted_slowly, range(8), [str(folder)] * 8, chunksize=1, progress=False) == list(range(8))
+            ran = [p.name.split("-")[1] for p in folder.iterdir()]
+            assert len(ran) == 9 and len(set(ran)) == 8, sorted(ran)
+            assert mpmagic.last_report().retried == 1
         finally:
             pool_module.shutdown()
 

@@ -137,6 +137,9 @@ class Job(Protocol):
     ) -> None: ...
     def not_run(self, unit: Any, reason: str) -> None:
         """``unit`` could not run at all (no worker to run it, for ``reason``): its items fail as not run."""
+    def ran_again_elsewhere(self, unit: Any, index: int) -> None:
+        """The cluster ran ``unit`` again on another worker (Dask's own retry) after its worker died
+        or left running its item ``index``: the report says so. A cell: never called."""
     def requeue(self, unit: Any) -> None: ...
     def abort(self) -> None:
         """``abort_at`` came: from now on a unit given back (``requeue``) is stopped, not sent

@@ -669,6 +669,10 @@ class DaskBackend:
                                    "extension's unload) and stays stopped: mpmagic.get_pool() is the pool now")
             if self.running:
                 return
+            if self.client is not None:  # (it lost its scheduler: the helpers made on it say so)
+                from .dask_shared import connection_lost
+
+                connection_lost(self.client, self.scheduler_address or self.where)
             self._close_quietly()
             if self.owns_cluster:
                 self._start_local_cluster()
@@ -1614,6 +1618,9 @@ class _DaskRun:
         self.payload_future: Any = None
         self.resent: dict[int, int] = {}  # unit id -> times resent after losing its scattered data
         self.killed: set[int] = set()  # units already resent once after a KilledWorker
+        # Such units that had started on their dead worker: unit id -> the item it was running.
+        # Their run alone that finishes ran those items a second time (the report says so).
+        self.started_before: dict[int, int] = {}
         self.quarantine: deque[Any] = deque()  # such units, waiting to run alone
         self.solo = False  # a quarantined unit is running: nothing else is sent
         # One-item units split from a chunk that killed its worker even alone
@@ -1739,6 +1746,9 @@ class _DaskRun:
                 task.item_started = time.monotonic()
             return
         if ev.get("start"):
+            if task.started is not None and self.job.kind == "map":
+                # Dask runs it again: its worker died or left running it (allowed-failures).
+                self.job.ran_again_elsewhere(task.unit, task.item or 0)
             task.started = time.monotonic()
             task.item = task.item_started = None  # (Dask may run it again after its worker died)
             task.worker = ev.get("worker")
@@ -1931,12 +1941,15 @@ class _DaskRun:
         job = self.job
         if isinstance(msg, Out):
             job.output(unit.id, msg.stream, msg.text)
-        elif isinstance(msg, Done):
+        elif isinstance(msg, (Done, Error)):
             self.backend.tasks_run += unit.count
-            job.done(unit, msg.data, msg.seconds, msg.meta)
-        elif isinstance(msg, Error):
-            self.backend.tasks_run += unit.count
-            job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
+            started = self.started_before.pop(unit.id, None)
+            if started is not None:  # run alone after its worker died under it: those items ran twice
+                job.ran_again_elsewhere(unit, started)
+            if isinstance(msg, Done):
+                job.done(unit, msg.data, msg.seconds, msg.meta)
+            else:
+                job.error(unit, msg.index, msg.info, msg.partial, msg.seconds)
         elif isinstance(msg, Unpicklable):
             job.unpicklable(unit, msg.index, msg.info)
         else:
@@ -1980,7 +1993,10 @@ class _DaskRun:
                 # its worker again, it is the culprit; if not, it was innocent.
                 self.killed.add(task.unit.id)
                 self.quarantine.append(task.unit)
+                if task.started is not None:
+                    self.started_before[task.unit.id] = task.item or 0
                 return
+            self.started_before.pop(task.unit.id, None)  # (the culprit: it is reported lost, not run again)
             if task.unit.count > 1:  # (a map's chunk: a rank is one unit of one item)
                 # A chunk that killed its worker alone: one of its items did, and
                 # Dask cannot say which. Each item runs alone in turn, so only
@@ -2358,6 +2374,44 @@ class _DaskRun:
         seen = {t.worker for t in running}
         return {a for a, ks in processing.items() if a not in seen and any(str(k) in keys for k in ks)}
 
+    def _running_unseen(self, tasks: list[_Task]) -> list[_Task]:
+        """Tasks of a cluster mpmagic connected to that run though their start event has not
+        come (it trails the start on a loaded machine): an interrupt counted them as queued
+        and cancelled ("the pool is ready for the next run") while they ran on, and later
+        runs were sent to their busy workers. The workers the scheduler has them on are
+        asked which mpmagic tasks they run (``dask_tasks.running_tags``, within
+        :data:`_ABANDONED_WAIT`); those found get their worker, as if their event had come."""
+        unseen = {t.key: t for t in tasks if t.started is None and not t.future.done()}
+        if not unseen:
+            return []
+        try:
+            processing = self.client.processing()
+        except Exception:  # (the scheduler did not answer: they count as queued)
+            log.debug("mpmagic: asking the scheduler where a run's tasks are failed", exc_info=True)
+            return []
+        where = sorted(a for a, keys in processing.items() if any(str(k) in unseen for k in keys))
+        if not where:
+            return []
+        replies: dict[str, Any] = {}
+
+        def ask() -> None:
+            try:
+                replies.update(self.client.run(dask_tasks.running_tags, workers=where, on_error="return"))
+            except Exception:
+                log.debug("mpmagic: could not ask the Dask workers which tasks they run", exc_info=True)
+
+        asking = threading.Thread(target=ask, name="mpmagic-dask-ask-running", daemon=True)
+        asking.start()
+        asking.join(_ABANDONED_WAIT)
+        found = []
+        for address, tags in dict(replies).items():
+            for tag in tags if isinstance(tags, list) else []:
+                task = unseen.pop(tag, None)
+                if task is not None:
+                    task.started, task.worker = time.monotonic(), address
+                    found.append(task)
+        return found
+
     def _abandon(self, interrupted: bool, stop: bool = False) -> str | None:
         """Cancel every future of this run. Tasks already running cannot be
         stopped by Dask: with ``stop`` (an interrupt, a cancel) their workers are
@@ -2380,6 +2434,8 @@ class _DaskRun:
         running = [t for t in tasks if t.started is not None and not t.future.done()]
         backend = self.backend
         unseen = self._started_unseen(tasks, running) if (stop or interrupted) and backend.owns_cluster else set()
+        if not backend.owns_cluster and (stop or interrupted):
+            running += self._running_unseen(tasks)
         self._cancel([t.future for t in tasks])
         backend._give_up(running, stop=stop or interrupted)
         if unseen:

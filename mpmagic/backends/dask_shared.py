@@ -37,7 +37,7 @@ from typing import Any
 
 from .. import payload, waits
 from ..checks import queue_maxsize, queue_size, wait_timeout
-from ..errors import UsageError, interrupted_at_callers_line
+from ..errors import MPMagicError, UsageError, interrupted_at_callers_line
 from ..shared import IterUntilClosed, QueueClosed
 from ..shared.base import current_backend
 
@@ -84,12 +84,52 @@ def closed_by(client: Any, by: str) -> None:
         pass
 
 
+#: The clients that lost their scheduler (its address), for the helpers made on them.
+_lost: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def connection_lost(client: Any, where: str) -> None:
+    """``client`` lost its scheduler at ``where`` (the pool closes it to connect again):
+    a helper made on it says so, not that a pool was stopped (the user stopped none)."""
+    try:
+        _lost[client] = where
+    except TypeError:  # (a client that takes no weak reference: the line lists the ways)
+        pass
+
+
 def _gone_error(helper: Any) -> UsageError:
     kind = type(helper).__name__.removeprefix("Dask")
-    by = _closed_by.get(helper._client) if helper._client is not None else None
+    client = helper._client
+    by = _closed_by.get(client) if client is not None else None
+    if by is None and client is not None:
+        # Closed by nobody's stop: Dask's client closes itself when it cannot reconnect
+        # to its scheduler (it is still the pool's), or the pool closed it to connect again.
+        where = _scheduler_of(client)
+        if where is not None:
+            return _lost_error(helper, where)
     how = f"by {by}" if by else "(use_local(), stop_pool(); %pool local, %pool stop)"
     return UsageError(f"{helper!r} belonged to a Dask pool that was stopped {how}: make a "
                       f"new one with mpmagic.{kind}() on the current pool")
+
+
+def _lost_error(helper: Any, where: str) -> UsageError:
+    """The one line for a helper whose client lost the scheduler it lives in."""
+    kind = type(helper).__name__.removeprefix("Dask")
+    return UsageError(f"{helper!r} was lost with the connection to the Dask scheduler at {where} (the scheduler "
+                      f"stopped or restarted, or the network dropped): make a new one with mpmagic.{kind}() once "
+                      "the scheduler is back (the next run reconnects)")
+
+
+def _scheduler_of(client: Any) -> str | None:
+    """The scheduler ``client`` lost (its address): the one it was connected to when the pool
+    closed it to connect again, or the pool's while it is still the pool's client; None for
+    a client a pool's stop closed."""
+    if client in _lost:
+        return _lost[client]
+    backend = current_backend()
+    if getattr(backend, "client", None) is client:
+        return str(getattr(backend, "scheduler_address", None) or getattr(backend, "where", "its address"))
+    return None
 
 
 @contextlib.contextmanager
@@ -108,6 +148,49 @@ def _pool_gone(helper: Any) -> Iterator[None]:
         if not any(sign in str(exc) for sign in _GONE_SIGNS):
             raise
         raise _gone_error(helper) from None
+    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:  # (two classes before 3.11)
+        # The notebook's client lost its scheduler (it was reconnecting, and gave up:
+        # Dask's CommClosedError, "ConnectionPool closing", after its 10 s).
+        if client is None or client.status == "running":
+            raise
+        logging.getLogger("mpmagic").debug("mpmagic: a Dask helper's call failed as its client lost the scheduler",
+                                           exc_info=exc)
+        raise _lost_error(helper, _scheduler_of(client) or "its address") from None
+
+
+def _given_up() -> bool:
+    """Did the notebook give up the Dask task this thread runs (an interrupt, a cancel, a
+    ``--timeout``)? Dask cannot stop a running task: its worker only marks it cancelled
+    (``distributed.worker.thread_state.key`` names the task of an executor thread). A task
+    waiting in a helper for what will never come (a ``q.get()`` on a queue nobody fills
+    any more, an ``ev.wait()``) held its worker for good on a cluster mpmagic connected to,
+    and the next run waited for it for ever. Not in a task (the notebook): False."""
+    key = _task_key()
+    if key is None:
+        return False
+    try:
+        from distributed.worker import get_worker
+
+        task = get_worker().state.tasks.get(key)
+    except Exception:  # (not in a Dask worker)
+        return False
+    return task is not None and task.state == "cancelled"
+
+
+def _task_key() -> Any:
+    """The key of the Dask task this thread runs (a worker's executor thread), else None."""
+    try:
+        from distributed.worker import thread_state
+    except ImportError:
+        return None
+    return getattr(thread_state, "key", None)
+
+
+def _stop_if_given_up(call: str) -> None:
+    """A helper's wait in a task the notebook gave up ends here (see :func:`_given_up`)."""
+    if _given_up():
+        raise MPMagicError(f"mpmagic: {call} stopped waiting: the notebook gave up this Dask task (an interrupt, a "
+                           "cancel or its --timeout), and Dask cannot stop a running task: this frees its worker")
 
 
 class _OnDask:
@@ -270,6 +353,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
             now = time.monotonic()
             if (deadline is not None and now >= deadline) or now >= next_close_check:
                 next_close_check = now + self._SLICE
+                _stop_if_given_up("mpmagic.Queue.get()")
                 if self.closed and self.qsize() == 0:
                     raise QueueClosed(f"{self!r} is closed and every item has been taken")
                 if deadline is not None and time.monotonic() >= deadline:
@@ -441,9 +525,27 @@ class DaskLock(_OnDask):
         timeout = wait_timeout(timeout)
         limit = 0.0 if not block else None if timeout is None else max(0.0, timeout)
         with _pool_gone(self), _timed("Lock") as call:
-            got = bool(self._lock.acquire(timeout=limit))
+            got = self._acquire(limit)
             call.ran_out = not got
             return got
+
+    _SLICE = 1.0  # seconds a task's acquire waits in one go, between looks at its task
+
+    def _acquire(self, limit: float | None) -> bool:
+        """Dask's acquire; in a task, in slices that end when the task is given up
+        (:func:`_given_up`: else it held its worker for as long as the lock stayed taken,
+        for good if its holder was the interrupted notebook). Dask's lock keeps no queue
+        of waiters (they retry), so a slice loses no place in line."""
+        if (limit is not None and limit <= self._SLICE) or _task_key() is None:
+            return bool(self._lock.acquire(timeout=limit))
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self._lock.acquire(timeout=self._SLICE if left is None else min(left, self._SLICE)):
+                return True
+            if left is not None and left <= self._SLICE:
+                return False
+            _stop_if_given_up("mpmagic.Lock.acquire()")
 
     def release(self, *_exc: Any) -> None:
         """Give the lock back, whoever took it and through whichever handle, as
@@ -650,6 +752,8 @@ def _rebuild_lock(name: str) -> DaskLock:
 class DaskEvent(_OnDask):
     """A flag tasks can wait on: ``set``, ``clear``, ``is_set``, ``wait(timeout)``."""
 
+    _SLICE = 1.0  # seconds a wait takes in one go (one round trip each), between looks at its task
+
     def __init__(self, *, name: str | None = None, client: Any = None) -> None:
         from distributed import Event
 
@@ -691,19 +795,27 @@ class DaskEvent(_OnDask):
         A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
         with _pool_gone(self), _timed("Event") as call:
-            if timeout is None and waits.watching():
-                since = time.monotonic()
-                if self._event.wait(waits.NOTE_AFTER):
+            since = time.monotonic()
+            deadline = None if timeout is None else since + timeout
+            noted = timeout is not None or not waits.watching()
+            # In slices: the wait ends when its task is given up (_given_up), and a task's
+            # wait with no timeout says so once it has lasted NOTE_AFTER.
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if bool(self._event.wait(self._SLICE if left is None else min(left, self._SLICE))):
                     return True
-                waits.note_long_wait(
-                    "mpmagic.Event.wait()",
-                    "the event is not set; if no process will set() it, it waits for ever: interrupt to stop it, "
-                    "or give wait() a timeout",
-                    since,
-                )
-            is_set = bool(self._event.wait(timeout))
-            call.ran_out = not is_set
-            return is_set
+                if left is not None and left <= self._SLICE:
+                    call.ran_out = True
+                    return False
+                _stop_if_given_up("mpmagic.Event.wait()")
+                if not noted and time.monotonic() - since >= waits.NOTE_AFTER:
+                    noted = True
+                    waits.note_long_wait(
+                        "mpmagic.Event.wait()",
+                        "the event is not set; if no process will set() it, it waits for ever: interrupt to stop it, "
+                        "or give wait() a timeout",
+                        since,
+                    )
 
 
 def _rebuild_event(name: str) -> DaskEvent:
