@@ -795,11 +795,15 @@ class DaskEvent(_OnDask):
         A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
         with _pool_gone(self), _timed("Event") as call:
+            if _task_key() is None:  # (the notebook: no task to give up, one wait, as Dask's)
+                is_set = bool(self._event.wait(timeout))
+                call.ran_out = not is_set
+                return is_set
             since = time.monotonic()
             deadline = None if timeout is None else since + timeout
             noted = timeout is not None or not waits.watching()
-            # In slices: the wait ends when its task is given up (_given_up), and a task's
-            # wait with no timeout says so once it has lasted NOTE_AFTER.
+            # A task's: in slices, so that the wait ends when its task is given up
+            # (_given_up); with no timeout it says so once it has lasted NOTE_AFTER.
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if bool(self._event.wait(self._SLICE if left is None else min(left, self._SLICE))):
