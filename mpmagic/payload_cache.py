@@ -783,15 +783,18 @@ _MAX_CODES = 1024
 
 @dataclass(frozen=True)
 class ContainerChange:
-    """A function's code changes a container it captures: ``func`` (its name) calls
-    ``how`` (``results.append``, ``d[...] =``) on ``name``, the notebook's global
-    (``closure`` False) or a variable of its closure, a ``kind`` ("list", "set"...)."""
+    """A function's code changes state the notebook holds: ``func`` (its name) does
+    ``how`` (``results.append``, ``d[...] =``, ``TOTAL +=``, ``self.n +=``) to ``name``,
+    of a ``kind`` ("list", "int", a class's name). ``where`` it lives: "global" (the
+    notebook's), "closure" (a variable of the function's closure), "default" (a default
+    argument's value), "object" (the object a bound method or callable instance is
+    called on; ``name`` the notebook's variable holding it, or "")."""
 
     func: str
     name: str
     kind: str
     how: str
-    closure: bool = False
+    where: str = "global"
 
 
 def container_changes(func: Any, kinds: tuple[type, ...] | None = None, *, deep: bool = True) -> list[ContainerChange]:
@@ -835,7 +838,7 @@ def _changes_of(func: Any, found: list[ContainerChange], seen: set, depth: int,
         method = how[len(name) + 1:] if how.startswith(name + ".") else ""
         if method and method not in _MUTATORS[kind]:  # (list.update is no list method: not this container)
             continue
-        found.append(ContainerChange(func.__name__, name, kind.__name__, how, closure))
+        found.append(ContainerChange(func.__name__, name, kind.__name__, how, "closure" if closure else "global"))
     if _extract_code_globals is not None and depth < 4:
         for name in _extract_code_globals(code):
             _changes_of(func.__globals__.get(name), found, seen, depth + 1, kinds)
@@ -935,19 +938,204 @@ def _container_load(ins: list[dis.Instruction], at: int) -> dis.Instruction | No
     return None
 
 
+#: How changes_words names the state a change is made to, by its ContainerChange.where.
+_WHERE_WORDS = {"global": "the notebook's {kind} `{name}`", "closure": "the {kind} `{name}` of its closure",
+                "default": "the {kind} `{name}` of its defaults", "object": "the notebook's {kind} object `{name}`",
+                "unnamed": "its {kind} object"}
+
+
 def changes_words(changes: list[ContainerChange]) -> str:
     """``collect changes the notebook's list `results` (results.append)``: each function's
     changes, a container's ways (``results.append, results.extend``) together."""
-    by_func: dict[str, dict[tuple[str, str, bool], list[str]]] = {}
+    by_func: dict[str, dict[tuple[str, str, str], list[str]]] = {}
     for c in changes:
-        by_func.setdefault(c.func, {}).setdefault((c.name, c.kind, c.closure), []).append(c.how)
+        by_func.setdefault(c.func, {}).setdefault((c.name, c.kind, c.where), []).append(c.how)
     said = []
     for func, containers in by_func.items():
-        what = [(f"the {kind} `{name}` of its closure" if closure else f"the notebook's {kind} `{name}`")
-                + f" ({', '.join(hows)})" for (name, kind, closure), hows in containers.items()]
+        what = [_WHERE_WORDS[where if name or where != "object" else "unnamed"].format(kind=kind, name=name)
+                + f" ({', '.join(hows)})" for (name, kind, where), hows in containers.items()]
         listed = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
         said.append(f"{'the lambda' if func == '<lambda>' else func} changes {listed}")
     return "; ".join(said)
+
+
+# --------------------------------------------------------------------------
+# State a task adds to that the notebook holds outside any container it captures: a global
+# or a closure's variable it accumulates (``TOTAL += x``, ``n = n + x``), an attribute of the
+# object a bound method or callable instance runs on (``self.n += x``, ``self.items.append``),
+# a list default it fills (``seen=[]``, ``seen.append``). Serially each call sees the earlier
+# ones' and the notebook keeps them; in the workers each changes its worker's copy, the
+# notebook's stays as it was and results can differ (``[0, 1, 3, 6]`` there ``[0, 1, 3, 3]``),
+# silently. Only what reads its own value back (an augmented or self-referencing assignment,
+# a list filled in place): a global assigned once from a call (``MODEL = load()``, a worker's
+# own lazy set-up on purpose) is not accumulated state, and says nothing.
+
+# The 3.10 opcodes of a binary operation (3.11 on: BINARY_OP, whose argrepr is the operator).
+_OPERATORS_310 = {"ADD": "+", "SUBTRACT": "-", "MULTIPLY": "*", "MATRIX_MULTIPLY": "@", "TRUE_DIVIDE": "/",
+                  "FLOOR_DIVIDE": "//", "MODULO": "%", "POWER": "**", "LSHIFT": "<<", "RSHIFT": ">>",
+                  "AND": "&", "OR": "|", "XOR": "^"}
+_NAME_STORES = {"STORE_GLOBAL": ("global", ("LOAD_GLOBAL", "LOAD_NAME")),
+                "STORE_DEREF": ("nonlocal", ("LOAD_DEREF", "LOAD_CLASSDEREF"))}
+# What each code object read accumulates ((scope, name, how), scope "global", "nonlocal",
+# "attr" (its first argument's), "attr_list" or "local_list"), bounded as _code_changes.
+_code_accumulations: dict[types.CodeType, tuple[tuple[str, str, str], ...]] = {}
+
+
+def _operator(ins: dis.Instruction) -> str | None:
+    """``+=`` or ``+`` for a binary operation's instruction (3.10's named ones too), else None."""
+    if ins.opname == "BINARY_OP":  # (3.14's subscript, BINARY_OP "[]", is none)
+        return ins.argrepr if ins.argrepr.rstrip("=") in _OPERATORS_310.values() else None
+    kind, _, op = ins.opname.partition("_")
+    if kind in ("BINARY", "INPLACE") and op in _OPERATORS_310:
+        return _OPERATORS_310[op] + ("=" if kind == "INPLACE" else "")
+    return None
+
+
+def _assigned(op: str, target: str) -> str:
+    """How an accumulation reads: ``TOTAL +=`` (augmented), ``n = n + ...`` (not)."""
+    return f"{target} {op}" if op.endswith("=") else f"{target} = {target} {op} ..."
+
+
+def _loads_self(ins: dis.Instruction, first: str) -> bool:
+    """``ins`` loads the code's first argument by itself (LOAD_FAST, 3.14's LOAD_FAST_BORROW...)."""
+    return ins.opname.startswith("LOAD_FAST") and ins.argval == first
+
+
+def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str], ...]:
+    """(scope, name, how) for what ``code`` (itself, not code nested in it) accumulates:
+    a global or free variable stored from a binary operation after a load of it
+    (``("global", "TOTAL", "TOTAL +=")``), an attribute of its first argument likewise
+    (``("attr", "n", "self.n +=")``), a list method called on such an attribute
+    (``("attr_list", "items", "self.items.append")``) or on an argument
+    (``("local_list", "seen", "seen.append")``: a default's value if the function has one).
+    Cached per code object; the caller resolves what each name holds."""
+    got = _code_accumulations.get(code)
+    if got is not None:
+        return got
+    out: list[tuple[str, str, str]] = []
+    ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    loaded = {(i.opname, i.argval) for i in ins}
+    first = code.co_varnames[0] if code.co_argcount else None
+    params = set(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+    for k, one in enumerate(ins):
+        before = ins[k - 1] if k else None
+        op = _operator(before) if before is not None else None
+        if one.opname in _NAME_STORES and op is not None:
+            scope, loads = _NAME_STORES[one.opname]
+            if (scope == "global" or one.argval in code.co_freevars) and any((o, one.argval) in loaded for o in loads):
+                out.append((scope, one.argval, _assigned(op, one.argval)))
+        elif one.opname == "STORE_ATTR" and first is not None and k >= 2:
+            # self.n += x: ... BINARY_OP +=, SWAP 2 (3.10: ROT_TWO), STORE_ATTR n, the object
+            # loaded and copied before its LOAD_ATTR; self.n = self.n + x: BINARY_OP +,
+            # LOAD_FAST self, STORE_ATTR n.
+            op = _operator(ins[k - 2])
+            if op is None:
+                continue
+            if before is not None and _loads_self(before, first) and not op.endswith("="):
+                read = any(_loads_self(a, first) and b.opname == "LOAD_ATTR" and b.argval == one.argval
+                           for a, b in itertools.pairwise(ins))
+            elif before is not None and before.opname in ("SWAP", "ROT_TWO") and op.endswith("="):
+                read = any(_loads_self(a, first) and b.opname in ("COPY", "DUP_TOP") and c.opname == "LOAD_ATTR"
+                           and c.argval == one.argval for a, b, c in zip(ins, ins[1:], ins[2:], strict=False))
+            else:
+                read = False
+            if read:
+                out.append(("attr", one.argval, _assigned(op, f"{first}.{one.argval}")))
+        elif one.opname in ("LOAD_METHOD", "LOAD_ATTR") and one.argval in _MUTATORS[list] and before is not None:
+            if (first is not None and k >= 2 and before.opname == "LOAD_ATTR" and isinstance(before.argval, str)
+                    and _loads_self(ins[k - 2], first)):
+                out.append(("attr_list", before.argval, f"{first}.{before.argval}.{one.argval}"))
+            elif before.opname.startswith("LOAD_FAST") and before.argval in params and before.argval != first:
+                out.append(("local_list", before.argval, f"{before.argval}.{one.argval}"))
+    got = tuple(dict.fromkeys(out))
+    if len(_code_accumulations) >= _MAX_CODES:
+        _code_accumulations.clear()
+    _code_accumulations[code] = got
+    return got
+
+
+def accumulates(code: types.CodeType) -> bool:
+    """Might ``code`` accumulate state the notebook holds (:func:`state_kept_apart`)? A
+    dictionary look-up once the code was read (never raises)."""
+    try:
+        return bool(_accumulated(code))
+    except Exception:  # (advice only)
+        return False
+
+
+def function_of(func: Any) -> tuple[types.FunctionType | None, Any]:
+    """The Python function a map calls for ``func`` and the object it is called on: a bound
+    method's (not a class's: a classmethod), a callable instance's ``__call__`` (the
+    instance), a partial's function; (None, None) for a builtin or anything else."""
+    if isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        owner = func.__self__
+        func = func.__func__
+        if isinstance(owner, (type, types.ModuleType)):
+            owner = None
+    elif not isinstance(func, (type, types.FunctionType, types.BuiltinFunctionType)):
+        # (a callable instance: its class's __call__, looked up as a call does, in the class's MRO)
+        owner = func
+        func = next((vars(k)["__call__"] for k in type(func).__mro__ if "__call__" in vars(k)), None)
+    else:
+        owner = None
+    return (func, owner) if type(func) is types.FunctionType else (None, None)
+
+
+def state_kept_apart(func: Any, positional: int | None = None) -> list[ContainerChange]:
+    """The state the notebook holds that ``func`` itself accumulates (not the functions it
+    calls): its globals and closure variables (``TOTAL += x``), the attributes of the object
+    it runs on (``self.n += x``, ``self.items.append``: a list), the list defaults it fills
+    (``seen.append``): each worker changes its own copy of each. ``positional``: how many
+    arguments each call is given (a map's iterables), so a default they replace is not
+    counted; None (unknown: ``star``) counts keyword-only defaults only. Never raises (advice only)."""
+    try:
+        return _state_kept_apart(func, positional)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return []
+
+
+def _state_kept_apart(func: Any, positional: int | None) -> list[ContainerChange]:
+    given = func.args if isinstance(func, functools.partial) else ()
+    keywords = func.keywords if isinstance(func, functools.partial) else {}
+    f, owner = function_of(func)
+    if f is None or _by_reference(f):  # (an importable function: not the notebook's code)
+        return []
+    code = f.__code__
+    cells = dict(zip(code.co_freevars, f.__closure__ or (), strict=False))
+    named = code.co_varnames[:code.co_argcount]
+    defaults = {**dict(zip(named[code.co_argcount - len(f.__defaults__ or ()):], f.__defaults__ or (), strict=False)),
+                **(f.__kwdefaults__ or {})}
+    passed = (owner is not None) + len(given) + (code.co_argcount if positional is None else positional)
+    for name in (*named[:passed], *keywords):  # (the call gives these: their defaults are not used)
+        defaults.pop(name, None)
+    subject = f"{type(owner).__name__}.{f.__name__}" if owner is not None else f.__name__
+    found: list[ContainerChange] = []
+    for scope, name, how in _accumulated(code):
+        if scope == "global":
+            value = f.__globals__.get(name, _MISSING)
+            if value is not _MISSING:
+                found.append(ContainerChange(subject, name, type(value).__name__, how, "global"))
+        elif scope == "nonlocal" and name in cells:
+            try:
+                value = cells[name].cell_contents
+            except ValueError:  # (an empty cell)
+                continue
+            found.append(ContainerChange(subject, name, type(value).__name__, how, "closure"))
+        elif scope in ("attr", "attr_list") and owner is not None:
+            if scope == "attr_list" and not isinstance(getattr(owner, "__dict__", {}).get(name), list):
+                continue
+            found.append(ContainerChange(subject, _notebook_name(owner), type(owner).__name__, how, "object"))
+        elif scope == "local_list" and isinstance(defaults.get(name, _MISSING), list):
+            found.append(ContainerChange(subject, name, "list", how, "default"))
+    return list(dict.fromkeys(found))
+
+
+def _notebook_name(obj: Any) -> str:
+    """The notebook's variable (a global of ``__main__``, not ``_``-named) holding ``obj``, or ""."""
+    main = getattr(sys.modules.get("__main__"), "__dict__", {})
+    return next((k for k, v in list(main.items()) if v is obj and not k.startswith("_")), "")
 
 
 def _codes(code: types.CodeType) -> list[types.CodeType]:
