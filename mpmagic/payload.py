@@ -272,6 +272,23 @@ _ENUM_OWN = frozenset({"_value_", "_name_", "__objclass__", "_sort_order_"})
 _cloudpickle_class_setstate = compat.cloudpickle_class_setstate()
 
 
+def _keeping_qualname(cls: type, reduced: Any) -> Any:
+    """cloudpickle's reduction of the by-value class ``cls``, with its ``__qualname__``.
+
+    cloudpickle makes the class again from its ``__name__`` alone: a nested notebook
+    class was ``Inner`` in a task (a dataclass's repr ``Inner(x=1)``, serially
+    ``Outer.Inner(x=1)``), and a class a task made in a function came back as ``Point``
+    where serial code has ``make.<locals>.Point``. The qualified name goes in the class's
+    state, which cloudpickle's ``_class_setstate`` sets on the class. A class whose two
+    names are one is pickled as cloudpickle does (the same bytes)."""
+    qualname = cls.__qualname__
+    if (qualname == cls.__name__ or not (isinstance(reduced, tuple) and len(reduced) == 6)
+            or reduced[5] is not _cloudpickle_class_setstate):
+        return reduced  # (or another cloudpickle's shape: as it is)
+    make, args, (attrs, slots), listitems, dictitems, setstate = reduced
+    return make, args, ({**attrs, "__qualname__": qualname}, slots), listitems, dictitems, setstate
+
+
 def enum_reduce(cls: type, reduced: Any) -> Any:
     """cloudpickle's reduction of the notebook Enum ``cls``, with its members' attributes.
 
@@ -705,8 +722,10 @@ class _Pickler(cloudpickle.Pickler):
                 return reference
         elif isinstance(obj, type) and _sent_by_value(obj):
             classhome.sent(obj)  # (its instances coming back leave it as it is: classhome.loads)
+            reduced = _keeping_qualname(obj, super().reducer_override(obj))
             if isinstance(obj, enum.EnumMeta):
-                return enum_reduce(obj, _enum_members_kept(super().reducer_override(obj)))
+                return enum_reduce(obj, _enum_members_kept(reduced))
+            return reduced
         elif t is _TYPE_ALIAS and _alias_by_value(obj):
             reduced = _reduce_type_alias(obj)
             if reduced is not NotImplemented:

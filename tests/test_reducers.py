@@ -347,3 +347,33 @@ def test_a_notebook_class_with_a_cached_property_is_sent(ip, backend):
     assert same_as_serial(ip, "cached_area, [Circle(1), Circle(3)]") == [(3, 3), (27, 27)]
     returned = run(ip, "%pmap -q Circle, [5]")[0]
     assert type(returned) is ip.user_ns["Circle"] and returned.area == 75
+
+
+QUALNAMES = '''
+import dataclasses
+
+class Outer:
+    @dataclasses.dataclass
+    class Inner:
+        x: int
+
+def shown(x):
+    return repr(Outer.Inner(x)), type(Outer.Inner(x)).__qualname__
+
+def made_here(x):
+    @dataclasses.dataclass
+    class Point:
+        x: int
+    return Point(x)
+'''
+
+
+def test_a_class_keeps_its_qualified_name_both_ways(ip, local_pool):
+    """fidelity26: cloudpickle rebuilds a class sent by value from its ``__name__``: a nested
+    notebook class was ``Inner`` in a task (a dataclass's repr ``Inner(x=1)``, serially
+    ``Outer.Inner(x=1)``), and a class a task made came back as ``Point``, not
+    ``made_here.<locals>.Point``. Its ``__qualname__`` goes with it."""
+    run(ip, QUALNAMES)
+    assert same_as_serial(ip, "shown, [1]") == [("Outer.Inner(x=1)", "Outer.Inner")]
+    back = run(ip, "%pmap -q made_here, [1]")[0]
+    assert type(back).__qualname__ == "made_here.<locals>.Point" and repr(back) == repr(run(ip, "made_here(1)"))
