@@ -1001,10 +1001,24 @@ def _loads_self(ins: dis.Instruction, first: str) -> bool:
     return ins.opname.startswith("LOAD_FAST") and ins.argval == first
 
 
+def _lines(ins: list[dis.Instruction]) -> list[int | None]:
+    """The source line of each instruction: 3.13 on, its ``line_number``; before, the
+    ``starts_line`` of the last instruction that started one."""
+    out: list[int | None] = []
+    line = None
+    for i in ins:
+        start = getattr(i, "line_number", None) if sys.version_info >= (3, 13) else i.starts_line
+        if start is not None:
+            line = start
+        out.append(line)
+    return out
+
+
 def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str], ...]:
     """(scope, name, how) for what ``code`` (itself, not code nested in it) accumulates:
-    a global or free variable stored from a binary operation after a load of it
-    (``("global", "TOTAL", "TOTAL +=")``), an attribute of its first argument likewise
+    a global or free variable stored from a binary operation after a load of it on the
+    same line (``("global", "TOTAL", "TOTAL +=")``; ``print(LAST)`` then ``LAST = x * 2``
+    is no accumulation), an attribute of its first argument likewise
     (``("attr", "n", "self.n +=")``), a list method called on such an attribute
     (``("attr_list", "items", "self.items.append")``) or on an argument
     (``("local_list", "seen", "seen.append")``: a default's value if the function has one).
@@ -1014,7 +1028,9 @@ def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str], ...]:
         return got
     out: list[tuple[str, str, str]] = []
     ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
-    loaded = {(i.opname, i.argval) for i in ins}
+    lines = _lines(ins)
+    # (what each line loads: a self-referencing assignment reads the name in its own statement)
+    loaded = {(i.opname, i.argval, line) for i, line in zip(ins, lines, strict=True)}
     first = code.co_varnames[0] if code.co_argcount else None
     params = set(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
     for k, one in enumerate(ins):
@@ -1022,21 +1038,24 @@ def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str], ...]:
         op = _operator(before) if before is not None else None
         if one.opname in _NAME_STORES and op is not None:
             scope, loads = _NAME_STORES[one.opname]
-            if (scope == "global" or one.argval in code.co_freevars) and any((o, one.argval) in loaded for o in loads):
+            if (scope == "global" or one.argval in code.co_freevars) and any(
+                    (o, one.argval, lines[k]) in loaded for o in loads):
                 out.append((scope, one.argval, _assigned(op, one.argval)))
         elif one.opname == "STORE_ATTR" and first is not None and k >= 2:
             # self.n += x: ... BINARY_OP +=, SWAP 2 (3.10: ROT_TWO), STORE_ATTR n, the object
             # loaded and copied before its LOAD_ATTR; self.n = self.n + x: BINARY_OP +,
-            # LOAD_FAST self, STORE_ATTR n.
+            # LOAD_FAST self, STORE_ATTR n, self.n loaded on the same line.
             op = _operator(ins[k - 2])
             if op is None:
                 continue
+            same_line = [i for i, line in zip(ins[:k], lines, strict=False) if line == lines[k]]
             if before is not None and _loads_self(before, first) and not op.endswith("="):
                 read = any(_loads_self(a, first) and b.opname == "LOAD_ATTR" and b.argval == one.argval
-                           for a, b in itertools.pairwise(ins))
+                           for a, b in itertools.pairwise(same_line))
             elif before is not None and before.opname in ("SWAP", "ROT_TWO") and op.endswith("="):
                 read = any(_loads_self(a, first) and b.opname in ("COPY", "DUP_TOP") and c.opname == "LOAD_ATTR"
-                           and c.argval == one.argval for a, b, c in zip(ins, ins[1:], ins[2:], strict=False))
+                           and c.argval == one.argval
+                           for a, b, c in zip(same_line, same_line[1:], same_line[2:], strict=False))
             else:
                 read = False
             if read:

@@ -1053,14 +1053,15 @@ def test_state_a_function_accumulates_is_read_from_its_code(ip):
     """What payload_cache.state_kept_apart reads: an augmented or self-referencing assignment
     to a global, a nonlocal or an attribute of the object a bound method or callable instance
     runs on, a list attribute of that object or a list default filled in place. A global set
-    once from a call (a worker's lazy set-up), a default the map's items replace, a local, an
-    unbound class's attribute say nothing."""
+    once from a call (a worker's lazy set-up) or from what another statement read, a default
+    the map's items replace, a local, an unbound class's attribute say nothing."""
     from mpmagic.payload_cache import changes_words, state_kept_apart
 
     run(ip, "import functools\nTOTAL, MODEL = 0, None\n"
             "def total(x):\n    global TOTAL\n    TOTAL += x\n    return TOTAL\n"
             "def spelled(k, x):\n    global TOTAL\n    TOTAL = TOTAL + k * x\n    return TOTAL\n"
             "def lazy(x):\n    global MODEL\n    if MODEL is None:\n        MODEL = dict(a=1)\n    return x\n"
+            "def last(x):\n    global MODEL\n    print(MODEL)\n    MODEL = x * 2\n    return x\n"
             "def counter():\n    n = 0\n    def inc(x):\n        nonlocal n\n        n += x\n        return n\n"
             "    return inc\ninc = counter()\n"
             "def nth(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n"
@@ -1081,7 +1082,7 @@ def test_state_a_function_accumulates_is_read_from_its_code(ip):
     assert words(ns["acc"].add) == "Acc.add changes the notebook's Acc object `acc` (self.n +=, self.items.append)"
     assert words(ns["acc"]) == "Acc.__call__ changes the notebook's Acc object `acc` (s.n = s.n + ...)"
     assert words(ns["Acc"]().add) == "Acc.add changes its Acc object (self.n +=, self.items.append)"
-    for none in (ns["lazy"], ns["local"], ns["acc"].setup, ns["Acc"].add, abs, len):
+    for none in (ns["lazy"], ns["last"], ns["local"], ns["acc"].setup, ns["Acc"].add, abs, len):
         assert state_kept_apart(none, 1) == [], none
     assert state_kept_apart(ns["nth"], 2) == [] and state_kept_apart(ns["nth"], None) == []  # (the items give seen)
 
