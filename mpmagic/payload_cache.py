@@ -962,7 +962,8 @@ def changes_words(changes: list[ContainerChange]) -> str:
 # --------------------------------------------------------------------------
 # State a task adds to that the notebook holds outside any container it captures: a global
 # or a closure's variable it accumulates (``TOTAL += x``, ``n = n + x``), an attribute of the
-# object a bound method or callable instance runs on (``self.n += x``, ``self.items.append``),
+# object a bound method or callable instance runs on (``self.n += x``, ``self.items.append``)
+# or of a notebook object it captures (``acc.n += x``),
 # a list default it fills (``seen=[]``, ``seen.append``). Serially each call sees the earlier
 # ones' and the notebook keeps them; in the workers each changes its worker's copy, the
 # notebook's stays as it was and results can differ (``[0, 1, 3, 6]`` there ``[0, 1, 3, 3]``),
@@ -976,9 +977,8 @@ _OPERATORS_310 = {"ADD": "+", "SUBTRACT": "-", "MULTIPLY": "*", "MATRIX_MULTIPLY
                   "AND": "&", "OR": "|", "XOR": "^"}
 _NAME_STORES = {"STORE_GLOBAL": ("global", ("LOAD_GLOBAL", "LOAD_NAME")),
                 "STORE_DEREF": ("nonlocal", ("LOAD_DEREF", "LOAD_CLASSDEREF"))}
-# What each code object read accumulates ((scope, name, how), scope "global", "nonlocal",
-# "attr" (its first argument's), "attr_list" or "local_list"), bounded as _code_changes.
-_code_accumulations: dict[types.CodeType, tuple[tuple[str, str, str], ...]] = {}
+# What each code object read accumulates (_accumulated), bounded as _code_changes.
+_code_accumulations: dict[types.CodeType, tuple[tuple[str, str, str, str], ...]] = {}
 
 
 def _operator(ins: dis.Instruction) -> str | None:
@@ -996,11 +996,6 @@ def _assigned(op: str, target: str) -> str:
     return f"{target} {op}" if op.endswith("=") else f"{target} = {target} {op} ..."
 
 
-def _loads_self(ins: dis.Instruction, first: str) -> bool:
-    """``ins`` loads the code's first argument by itself (LOAD_FAST, 3.14's LOAD_FAST_BORROW...)."""
-    return ins.opname.startswith("LOAD_FAST") and ins.argval == first
-
-
 def _lines(ins: list[dis.Instruction]) -> list[int | None]:
     """The source line of each instruction: 3.13 on, its ``line_number``; before, the
     ``starts_line`` of the last instruction that started one."""
@@ -1014,19 +1009,33 @@ def _lines(ins: list[dis.Instruction]) -> list[int | None]:
     return out
 
 
-def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str], ...]:
-    """(scope, name, how) for what ``code`` (itself, not code nested in it) accumulates:
-    a global or free variable stored from a binary operation after a load of it on the
-    same line (``("global", "TOTAL", "TOTAL +=")``; ``print(LAST)`` then ``LAST = x * 2``
-    is no accumulation), an attribute of its first argument likewise
-    (``("attr", "n", "self.n +=")``), a list method called on such an attribute
-    (``("attr_list", "items", "self.items.append")``) or on an argument
-    (``("local_list", "seen", "seen.append")``: a default's value if the function has one).
-    Cached per code object; the caller resolves what each name holds."""
+def _holder(ins: dis.Instruction, first: str | None, freevars: tuple[str, ...]) -> tuple[str, str] | None:
+    """Whose attribute an instruction's load is the object of: ("self", name) for the code's
+    first argument (LOAD_FAST, 3.14's LOAD_FAST_BORROW...), ("global", name) for a global
+    loaded alone (not a call's target: no NULL), ("closure", name) for a free variable; else None."""
+    if ins.opname.startswith("LOAD_FAST") and first is not None and ins.argval == first:
+        return "self", first
+    if ins.opname == "LOAD_GLOBAL" and not (ins.arg or 0) & _GLOBAL_NULL_BIT and isinstance(ins.argval, str):
+        return "global", ins.argval
+    if ins.opname == "LOAD_DEREF" and ins.argval in freevars:
+        return "closure", ins.argval
+    return None
+
+
+def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str, str], ...]:
+    """(scope, name, attribute, how) for what ``code`` (itself, not code nested in it)
+    accumulates: a global or free variable stored from a binary operation after a load of
+    it on the same line (``("global", "TOTAL", "", "TOTAL +=")``; ``print(LAST)`` then
+    ``LAST = x * 2`` is no accumulation); an attribute likewise, of its first argument, a
+    global or a free variable (``("attr self", "self", "n", "self.n +=")``, ``("attr global",
+    "acc", "n", "acc.n +=")``); a list method called on such an attribute (``("list self",
+    "self", "items", "self.items.append")``) or on an argument (``("list local", "seen", "",
+    "seen.append")``: a default's value if the function has one). Cached per code object;
+    the caller resolves what each name holds."""
     got = _code_accumulations.get(code)
     if got is not None:
         return got
-    out: list[tuple[str, str, str]] = []
+    out: list[tuple[str, str, str, str]] = []
     ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
     lines = _lines(ins)
     # (what each line loads: a self-referencing assignment reads the name in its own statement)
@@ -1040,32 +1049,37 @@ def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str], ...]:
             scope, loads = _NAME_STORES[one.opname]
             if (scope == "global" or one.argval in code.co_freevars) and any(
                     (o, one.argval, lines[k]) in loaded for o in loads):
-                out.append((scope, one.argval, _assigned(op, one.argval)))
-        elif one.opname == "STORE_ATTR" and first is not None and k >= 2:
-            # self.n += x: ... BINARY_OP +=, SWAP 2 (3.10: ROT_TWO), STORE_ATTR n, the object
-            # loaded and copied before its LOAD_ATTR; self.n = self.n + x: BINARY_OP +,
-            # LOAD_FAST self, STORE_ATTR n, self.n loaded on the same line.
+                out.append((scope, one.argval, "", _assigned(op, one.argval)))
+        elif one.opname == "STORE_ATTR" and before is not None and k >= 2:
+            # obj.n += x: obj loaded, COPY 1 (3.10: DUP_TOP), LOAD_ATTR n, ..., BINARY_OP +=,
+            # SWAP 2 (3.10: ROT_TWO), STORE_ATTR n; obj.n = obj.n + x: obj, LOAD_ATTR n, ...,
+            # BINARY_OP +, obj loaded again, STORE_ATTR n. Both on the store's line.
             op = _operator(ins[k - 2])
             if op is None:
                 continue
             same_line = [i for i, line in zip(ins[:k], lines, strict=False) if line == lines[k]]
-            if before is not None and _loads_self(before, first) and not op.endswith("="):
-                read = any(_loads_self(a, first) and b.opname == "LOAD_ATTR" and b.argval == one.argval
-                           for a, b in itertools.pairwise(same_line))
-            elif before is not None and before.opname in ("SWAP", "ROT_TWO") and op.endswith("="):
-                read = any(_loads_self(a, first) and b.opname in ("COPY", "DUP_TOP") and c.opname == "LOAD_ATTR"
-                           and c.argval == one.argval
-                           for a, b, c in zip(same_line, same_line[1:], same_line[2:], strict=False))
-            else:
-                read = False
-            if read:
-                out.append(("attr", one.argval, _assigned(op, f"{first}.{one.argval}")))
-        elif one.opname in ("LOAD_METHOD", "LOAD_ATTR") and one.argval in _MUTATORS[list] and before is not None:
-            if (first is not None and k >= 2 and before.opname == "LOAD_ATTR" and isinstance(before.argval, str)
-                    and _loads_self(ins[k - 2], first)):
-                out.append(("attr_list", before.argval, f"{first}.{before.argval}.{one.argval}"))
-            elif before.opname.startswith("LOAD_FAST") and before.argval in params and before.argval != first:
-                out.append(("local_list", before.argval, f"{before.argval}.{one.argval}"))
+            holder = None
+            if not op.endswith("="):
+                holder = _holder(before, first, code.co_freevars)
+                if holder is not None and not any(
+                        _holder(a, first, code.co_freevars) == holder and b.opname == "LOAD_ATTR"
+                        and b.argval == one.argval for a, b in itertools.pairwise(same_line)):
+                    holder = None
+            elif before.opname in ("SWAP", "ROT_TWO"):
+                holder = next((h for a, b, c in zip(same_line, same_line[1:], same_line[2:], strict=False)
+                               if b.opname in ("COPY", "DUP_TOP") and c.opname == "LOAD_ATTR"
+                               and c.argval == one.argval and (h := _holder(a, first, code.co_freevars))), None)
+            if holder is not None:
+                out.append((f"attr {holder[0]}", holder[1], one.argval, _assigned(op, f"{holder[1]}.{one.argval}")))
+        elif one.opname in ("LOAD_METHOD", "LOAD_ATTR") and one.argval in _MUTATORS[list]:
+            if before is not None and before.opname == "LOAD_ATTR" and isinstance(before.argval, str) and k >= 2:
+                holder = _holder(ins[k - 2], first, code.co_freevars)
+                if holder is not None:
+                    out.append((f"list {holder[0]}", holder[1], before.argval,
+                                f"{holder[1]}.{before.argval}.{one.argval}"))
+            elif (before is not None and before.opname.startswith("LOAD_FAST") and before.argval in params
+                  and before.argval != first):
+                out.append(("list local", before.argval, "", f"{before.argval}.{one.argval}"))
     got = tuple(dict.fromkeys(out))
     if len(_code_accumulations) >= _MAX_CODES:
         _code_accumulations.clear()
@@ -1105,7 +1119,8 @@ def function_of(func: Any) -> tuple[types.FunctionType | None, Any]:
 def state_kept_apart(func: Any, positional: int | None = None) -> list[ContainerChange]:
     """The state the notebook holds that ``func`` itself accumulates (not the functions it
     calls): its globals and closure variables (``TOTAL += x``), the attributes of the object
-    it runs on (``self.n += x``, ``self.items.append``: a list), the list defaults it fills
+    it runs on (``self.n += x``, ``self.items.append``: a list) and of the notebook objects it
+    captures (``acc.n += x``; not a module's: the worker's own), the list defaults it fills
     (``seen.append``): each worker changes its own copy of each. ``positional``: how many
     arguments each call is given (a map's iterables), so a default they replace is not
     counted; None (unknown: ``star``) counts keyword-only defaults only. Never raises (advice only)."""
@@ -1131,23 +1146,33 @@ def _state_kept_apart(func: Any, positional: int | None) -> list[ContainerChange
         defaults.pop(name, None)
     subject = f"{type(owner).__name__}.{f.__name__}" if owner is not None else f.__name__
     found: list[ContainerChange] = []
-    for scope, name, how in _accumulated(code):
+    for scope, name, attr, how in _accumulated(code):
+        holder = _MISSING
+        if scope in ("global", "attr global", "list global"):
+            holder = f.__globals__.get(name, _MISSING)
+        elif scope in ("nonlocal", "attr closure", "list closure") and name in cells:
+            with contextlib.suppress(ValueError):  # (an empty cell)
+                holder = cells[name].cell_contents
+        elif scope in ("attr self", "list self") and owner is not None:
+            holder, name = owner, _notebook_name(owner)
+        elif scope == "list local":
+            holder = defaults.get(name, _MISSING)
+        if holder is _MISSING or isinstance(holder, types.ModuleType):  # (a module's state is the worker's own)
+            continue
+        if scope.startswith("list ") and not isinstance(
+                holder if scope == "list local" else getattr(holder, "__dict__", {}).get(attr), list):
+            continue
+        kind = type(holder).__name__
         if scope == "global":
-            value = f.__globals__.get(name, _MISSING)
-            if value is not _MISSING:
-                found.append(ContainerChange(subject, name, type(value).__name__, how, "global"))
-        elif scope == "nonlocal" and name in cells:
-            try:
-                value = cells[name].cell_contents
-            except ValueError:  # (an empty cell)
-                continue
-            found.append(ContainerChange(subject, name, type(value).__name__, how, "closure"))
-        elif scope in ("attr", "attr_list") and owner is not None:
-            if scope == "attr_list" and not isinstance(getattr(owner, "__dict__", {}).get(name), list):
-                continue
-            found.append(ContainerChange(subject, _notebook_name(owner), type(owner).__name__, how, "object"))
-        elif scope == "local_list" and isinstance(defaults.get(name, _MISSING), list):
-            found.append(ContainerChange(subject, name, "list", how, "default"))
+            found.append(ContainerChange(subject, name, kind, how, "global"))
+        elif scope == "nonlocal":
+            found.append(ContainerChange(subject, name, kind, how, "closure"))
+        elif scope == "list local":
+            found.append(ContainerChange(subject, name, kind, how, "default"))
+        elif scope.endswith(" closure"):
+            found.append(ContainerChange(subject, name, f"{kind} object", how, "closure"))
+        else:  # (self, or a global: the notebook's object, by its variable if one holds it)
+            found.append(ContainerChange(subject, name, kind, how, "object"))
     return list(dict.fromkeys(found))
 
 
