@@ -1022,12 +1022,14 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
         _say_list_method(inner, compared, started)
         return
     function = payload_cache.function_of(inner)[0]  # (a bound method's, a callable instance's __call__)
-    code = function.__code__ if function is not None else None
-    if code is None or code in _said_changes:
+    if function is None:
+        return
+    code = function.__code__
+    captured, accumulates = payload_cache.changes_captured(code), payload_cache.accumulates(code)
+    if not (captured or accumulates) or code in _said_changes:
         return  # (each call: look-ups in the caches of what each code object changes)
-    changes = (payload_cache.container_changes(func, (list,), deep=False)
-               if payload_cache.changes_captured(code) else [])
-    if payload_cache.accumulates(code):
+    changes = payload_cache.container_changes(func, (list,), deep=False) if captured else []
+    if accumulates:
         changes += [c for c in payload_cache.state_kept_apart(func, positional) if c not in changes]
     if not changes:
         return

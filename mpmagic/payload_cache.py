@@ -1090,16 +1090,21 @@ def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str, str], ...]:
 def accumulates(code: types.CodeType) -> bool:
     """Might ``code`` accumulate state the notebook holds (:func:`state_kept_apart`)? A
     dictionary look-up once the code was read (never raises)."""
-    try:
-        return bool(_accumulated(code))
-    except Exception:  # (advice only)
-        return False
+    got = _code_accumulations.get(code)  # (each map's call: a look-up alone)
+    if got is None:
+        try:
+            got = _accumulated(code)
+        except Exception:  # (advice only)
+            return False
+    return bool(got)
 
 
 def function_of(func: Any) -> tuple[types.FunctionType | None, Any]:
     """The Python function a map calls for ``func`` and the object it is called on: a bound
     method's (not a class's: a classmethod), a callable instance's ``__call__`` (the
     instance), a partial's function; (None, None) for a builtin or anything else."""
+    if type(func) is types.FunctionType:  # (most maps: at once)
+        return func, None
     if isinstance(func, functools.partial):
         func = func.func
     if isinstance(func, types.MethodType):
