@@ -1631,7 +1631,19 @@ def explain_unpicklable(obj: Any, what: str, exc: BaseException, item: bool = Fa
         advice = _PIPE_ADVICE
     elif (inside := _through_library(obj, root, chain, text, exc)) is not None:
         return f"cannot send {what} to the workers: {inside}."
+    elif bad is obj and what == "the function" and not _too_deep(exc):
+        advice = _MAPPED_ITSELF_ADVICE
     else:
         advice = advice_for(bad, exc, item)
     return f"cannot send {what} to the workers: {text}. {advice}"
+
+
+#: A map's callable that cannot be pickled itself (``np.frompyfunc(f, 1, 1)``, a C callable
+#: made in the notebook): nothing captures it, so advice_for's "create it inside the function
+#: instead of capturing it" did not apply.
+_MAPPED_ITSELF_ADVICE = (
+    "It is the function mapped itself: map a plain function defined in the notebook that does the same, "
+    "or one that makes this callable inside the task (each call, or once per worker in a module-level "
+    "cache filled on first use)."
+)
 

@@ -377,3 +377,20 @@ def test_a_class_keeps_its_qualified_name_both_ways(ip, local_pool):
     assert same_as_serial(ip, "shown, [1]") == [("Outer.Inner(x=1)", "Outer.Inner")]
     back = run(ip, "%pmap -q made_here, [1]")[0]
     assert type(back).__qualname__ == "made_here.<locals>.Point" and repr(back) == repr(run(ip, "made_here(1)"))
+
+
+def test_a_mapped_callable_that_cannot_be_sent_is_told_to_map_a_function_not_to_stop_capturing_it(ip, pool2):
+    """fidelity26: ``%pmap np.frompyfunc(g, 1, 1), xs`` (a ufunc made in the notebook)
+    was told "Create it inside the function ... instead of capturing it from the
+    notebook": it is the function mapped, captured by nothing. The advice says what to map."""
+    from mpmagic.errors import SerializationError
+
+    run(ip, "import numpy as np\ndef twice(x):\n    return 2 * x\nvectorized = np.frompyfunc(twice, 1, 1)\n")
+    with pytest.raises(SerializationError) as info:
+        ip.run_cell("%pmap -q vectorized, [1, 2]").raise_error()
+    text = str(info.value)
+    assert text.startswith("cannot send the function to the workers: `twice (vectorized)` is a numpy.ufunc"), text
+    assert "capturing it" not in text and "It is the function mapped itself" in text, text
+    with pytest.raises(SerializationError) as info:  # (captured by a lambda: the advice as before)
+        ip.run_cell("%pmap -q lambda x: vectorized(x), [1, 2]").raise_error()
+    assert "instead of capturing it from the notebook" in str(info.value), info.value
