@@ -1162,8 +1162,8 @@ def _state_kept_apart(func: Any, positional: int | None) -> list[ContainerChange
             holder, name = owner, _notebook_name(owner)
         elif scope == "list local":
             holder = defaults.get(name, _MISSING)
-        if holder is _MISSING or isinstance(holder, types.ModuleType):  # (a module's state is the worker's own)
-            continue
+        if holder is _MISSING or isinstance(holder, types.ModuleType) or _shared_on_purpose(holder):
+            continue  # (a module's state is the worker's own; a shared helper's the notebook's too)
         if scope.startswith("list ") and not isinstance(
                 holder if scope == "list local" else getattr(holder, "__dict__", {}).get(attr), list):
             continue
@@ -1179,6 +1179,12 @@ def _state_kept_apart(func: Any, positional: int | None) -> list[ContainerChange
         else:  # (self, or a global: the notebook's object, by its variable if one holds it)
             found.append(ContainerChange(subject, name, kind, how, "object"))
     return list(dict.fromkeys(found))
+
+
+def _shared_on_purpose(obj: Any) -> bool:
+    """An object tasks change for the notebook to see: mpmagic's Value, Array, Queue...
+    (``counter.value += 1``), a ``multiprocessing`` Manager's proxy."""
+    return str(type(obj).__module__).split(".", 1)[0] in ("mpmagic", "multiprocessing")
 
 
 def _notebook_name(obj: Any) -> str:

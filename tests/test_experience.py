@@ -1053,7 +1053,8 @@ def test_state_a_function_accumulates_is_read_from_its_code(ip):
     """What payload_cache.state_kept_apart reads: an augmented or self-referencing assignment
     to a global, a nonlocal or an attribute of the object a bound method or callable instance
     runs on (or of a notebook object it captures), a list attribute of that object or a list
-    default filled in place. A module's attribute (the worker's own module), a global set
+    default filled in place. A module's attribute (the worker's own module), a shared helper's
+    (mpmagic.Value: the notebook sees it), a global set
     once from a call (a worker's lazy set-up) or from what another statement read, a default
     the map's items replace, a local, an unbound class's attribute say nothing."""
     from mpmagic.payload_cache import changes_words, state_kept_apart
@@ -1077,7 +1078,9 @@ def test_state_a_function_accumulates_is_read_from_its_code(ip):
             "def held():\n    box = Acc()\n    def put(x):\n        box.n = box.n + x\n        return box.n\n"
             "    return put\nput = held()\n"
             "import types\nmod = types.ModuleType('mod')\nmod.n = 0\n"
-            "def in_module(x):\n    mod.n += x\n    return x\n")
+            "def in_module(x):\n    mod.n += x\n    return x\n"
+            "import mpmagic\ncounter = mpmagic.Value('i', 0)\n"
+            "def count(x):\n    with counter.get_lock():\n        counter.value += 1\n    return x\n")
     ns = ip.user_ns
     words = lambda f, positional=1: changes_words(state_kept_apart(f, positional))  # noqa: E731
     assert words(ns["total"]) == "total changes the notebook's int `TOTAL` (TOTAL +=)"
@@ -1090,7 +1093,8 @@ def test_state_a_function_accumulates_is_read_from_its_code(ip):
     assert words(ns["Acc"]().add) == "Acc.add changes its Acc object (self.n +=, self.items.append)"
     assert words(ns["tally"]) == "tally changes the notebook's Acc object `acc` (acc.n +=, acc.items.append)"
     assert words(ns["put"]) == "put changes the Acc object `box` of its closure (box.n = box.n + ...)"
-    for none in (ns["lazy"], ns["last"], ns["local"], ns["acc"].setup, ns["Acc"].add, ns["in_module"], abs, len):
+    for none in (ns["lazy"], ns["last"], ns["local"], ns["acc"].setup, ns["Acc"].add, ns["in_module"], ns["count"],
+                 abs, len):
         assert state_kept_apart(none, 1) == [], none
     assert state_kept_apart(ns["nth"], 2) == [] and state_kept_apart(ns["nth"], None) == []  # (the items give seen)
 
