@@ -963,13 +963,13 @@ def changes_words(changes: list[ContainerChange]) -> str:
 # State a task adds to that the notebook holds outside any container it captures: a global
 # or a closure's variable it accumulates (``TOTAL += x``, ``n = n + x``), an attribute of the
 # object a bound method or callable instance runs on (``self.n += x``, ``self.items.append``)
-# or of a notebook object it captures (``acc.n += x``),
-# a list default it fills (``seen=[]``, ``seen.append``). Serially each call sees the earlier
-# ones' and the notebook keeps them; in the workers each changes its worker's copy, the
-# notebook's stays as it was and results can differ (``[0, 1, 3, 6]`` there ``[0, 1, 3, 3]``),
-# silently. Only what reads its own value back (an augmented or self-referencing assignment,
-# a list filled in place): a global assigned once from a call (``MODEL = load()``, a worker's
-# own lazy set-up on purpose) is not accumulated state, and says nothing.
+# or of a notebook object it captures (``acc.n += x``), a list default it fills (``seen=[]``,
+# ``seen.append``). Serially each call sees the earlier ones' and the notebook keeps them; in
+# the workers each changes its worker's copy, the notebook's stays as it was and results can
+# differ (``[0, 1, 3, 6]`` there ``[0, 1, 3, 3]``), silently. Only what reads its own value back
+# (an augmented or self-referencing assignment, a list filled in place): a global assigned once
+# from a call (``MODEL = load()``, a worker's own lazy set-up on purpose) is not accumulated
+# state, and says nothing; nor does a module's attribute or a shared helper's (mpmagic.Value).
 
 # The 3.10 opcodes of a binary operation (3.11 on: BINARY_OP, whose argrepr is the operator).
 _OPERATORS_310 = {"ADD": "+", "SUBTRACT": "-", "MULTIPLY": "*", "MATRIX_MULTIPLY": "@", "TRUE_DIVIDE": "/",
