@@ -394,3 +394,38 @@ def test_a_mapped_callable_that_cannot_be_sent_is_told_to_map_a_function_not_to_
     with pytest.raises(SerializationError) as info:  # (captured by a lambda: the advice as before)
         ip.run_cell("%pmap -q lambda x: vectorized(x), [1, 2]").raise_error()
     assert "instead of capturing it from the notebook" in str(info.value), info.value
+
+
+PROXY = '''
+class Proxy:
+    def __init__(self, target):
+        self.target = target
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+    def shout(self, x):
+        return self.upper() + str(x)
+
+wrapped = Proxy("ab")
+'''
+
+
+def test_a_delegating_getattr_that_recurses_as_pickle_rebuilds_its_object_says_why(ip, pool2):
+    """fidelity26: a wrapper whose ``__getattr__`` reads ``self.target`` runs serially, and in a
+    map failed with a bare RecursionError (its method mapped: "could not be loaded in a
+    worker") or with "Return types the notebook can import" (returned): pickle asks the new
+    object for ``__setstate__`` before its attributes are set, and ``__getattr__`` calls
+    itself for ``self.target``. The error names the method and the fix."""
+    from mpmagic.errors import SerializationError
+
+    run(ip, PROXY)
+    assert run(ip, "list(map(wrapped.shout, [1]))") == ["AB1"]
+    with pytest.raises(RecursionError) as info:
+        ip.run_cell("%pmap -q wrapped.shout, [1]").raise_error()
+    said = " ".join(getattr(info.value, "__notes__", []))
+    assert "__getattr__ recursed while pickle rebuilt its object" in said, said
+    assert "raise AttributeError for names that start with '__'" in said, said
+    with pytest.raises(SerializationError) as info:
+        ip.run_cell("%pmap -q Proxy, ['a']").raise_error()
+    text = str(info.value)
+    assert "Proxy.__getattr__ recursed while pickle rebuilt a Proxy" in text, text
+    assert "Return types the notebook can import" not in text, text
