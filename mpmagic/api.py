@@ -943,7 +943,8 @@ def pmap(
                     report.extra["failed_only_here"] = apart
                 if apart_there:  # (the other way round: the advice speaks despite the failed items)
                     report.extra["failed_only_there"] = apart_there
-                report.extra["state"] = payload_cache.state_words(given_func)
+                report.extra["state"] = payload_cache.state_words(given_func) or payload_cache.changes_words(
+                    payload_cache.state_kept_apart(given_func, None if star_mode else len(iterables))) or None
                 changes = payload_cache.container_changes(given_func)
                 if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
                     report.extra["changes"] = payload_cache.changes_words(changes)

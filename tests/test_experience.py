@@ -1144,6 +1144,12 @@ def test_results_that_differ_name_the_state_the_function_changes(ip, pool2):
     run(ip, "import os\ndef where(x, seen=[]):\n    seen.append(x)\n    return os.getpid()\n")
     run(ip, "%pmap -q --compare where, [1, 2]")  # (a pid: never the serial result)
     assert "(its default seen (a list) keeps what tasks add)" in mpmagic.last_report().advice
+    # (fidelity26: a notebook object the function captures and adds to: the advice blamed random draws)
+    run(ip, "class Box:\n    n = 0\nbox = Box()\ndef tally(x):\n    box.n += x\n    return os.getpid()\n")
+    run(ip, "%pmap -q --compare tally, [1, 2]")
+    advice = mpmagic.last_report().advice
+    assert "changes state (tally changes the notebook's Box object `box` (box.n +=))" in advice, advice
+    assert "random" not in advice, advice
 
 
 def test_a_wait_for_the_worker_setup_is_said_on_the_line_and_is_no_transfer_cost():
