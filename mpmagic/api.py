@@ -321,7 +321,21 @@ def _equal_anyway(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        if len(a) != len(b):
+            return False
+        # ({nan: 1}: each copy's NaN key is another object, never == itself: the keys == does
+        # not match are paired as a set's elements are, with their values)
+        rest = [k for k in b if k not in a]
+        for k in a:
+            if k in b:
+                if not _same(a[k], b[k]):
+                    return False
+                continue
+            match = next((i for i, y in enumerate(rest) if _same(k, y) and _same(a[k], b[y])), None)
+            if match is None:
+                return False
+            rest.pop(match)
+        return True
     if isinstance(a, (set, frozenset)):  # {nan}: each copy's NaN is another object, never == itself
         if len(a) != len(b):
             return False
@@ -820,7 +834,7 @@ def pmap(
                 "or start the run from the notebook"
             )
         background.check_options(compare=compare)
-        say_copied_state(given_func, started=True)  # (a blocking run's: said once it ended)
+        say_copied_state(given_func, started=True, positional=None if star else len(iterables))  # (a blocking run's: once it ended)
         one = _map_caller.get() == "call"  # mpmagic.call: result() is the one call's value
         what = f"call {func_name(_called(given_func))}" if one else f"pmap {func_name(func)}"
         finish = _first_result if one else _results_then_drop_input
@@ -929,12 +943,13 @@ def pmap(
                     report.extra["failed_only_here"] = apart
                 if apart_there:  # (the other way round: the advice speaks despite the failed items)
                     report.extra["failed_only_there"] = apart_there
-                report.extra["state"] = payload_cache.state_words(given_func)
+                report.extra["state"] = payload_cache.state_words(given_func) or payload_cache.changes_words(
+                    payload_cache.state_kept_apart(given_func, None if star_mode else len(iterables))) or None
                 changes = payload_cache.container_changes(given_func)
                 if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
                     report.extra["changes"] = payload_cache.changes_words(changes)
-    if "changes" not in report.extra:  # (else the advice says it)
-        _say_list_changes(given_func, report.serial is not None)
+    if "changes" not in report.extra and not report.extra.get("state"):  # (else the advice says it)
+        _say_state_changes(given_func, report.serial is not None, positional=None if star_mode else len(iterables))
     # (not when the payload was reused by its fast check: all it captures is immutable, no iterator)
     if report.equal is not False and job.payload_served[0] != "fast":  # (else the advice names it: state_words)
         _say_iterator_copies(given_func)
@@ -993,32 +1008,44 @@ _LIST_CHANGERS = frozenset({"append", "extend", "insert", "pop", "remove", "clea
                             "__setitem__", "__delitem__", "__iadd__", "__imul__"})
 
 
-def say_copied_state(func: Callable, started: bool = False) -> None:
+def say_copied_state(func: Callable, started: bool = False, positional: int | None = None) -> None:
     """The notes for notebook state a run's tasks change or advance in the workers'
     copies only (a list it appends to, an iterator it reads), said as a run starts
     (a background run, a stream, the pandas accessor); a blocking pmap says them
-    once it ended, with what its report knows."""
-    _say_list_changes(func, False, started=started)
+    once it ended, with what its report knows. ``positional``: how many arguments each task
+    is given (the map's iterables; None: not known, ``star``)."""
+    _say_state_changes(func, False, started=started, positional=positional)
     _say_iterator_copies(func)
 
 
-def _say_list_changes(func: Callable, compared: bool, started: bool = False) -> None:
+def _say_state_changes(func: Callable, compared: bool, started: bool = False, positional: int | None = None) -> None:
     """One line, once per function: a task changed the notebook's list it captures
-    (``results.append(x)``), which changes each worker's copy and never the notebook's:
-    the list stays empty, silently, as with ``multiprocessing`` (tutorial22 #2). Lists
-    only: a dict or set a task fills is often a worker's own cache on purpose (memoizing),
-    while a list appended to is the results the notebook expected. ``compared``: --compare's
-    serial run here did fill it, which hides the mistake. ``started``: said as the run starts
-    (imap, submit, the pandas accessor), not once it ended. The function may also be a bound
-    method of a notebook list itself (``pmap(results.append, items)``), which has no code to read."""
+    (``results.append(x)``), or state it accumulates (``global TOTAL; TOTAL += x``, a
+    ``nonlocal`` counter, ``self.n += x`` on the notebook object whose method is mapped, a
+    ``seen=[]`` default it fills: payload_cache.state_kept_apart), which changes each
+    worker's copy and never the notebook's: the list stays empty, the counter at 0, and each
+    task sees only its own worker's earlier changes, silently, as with ``multiprocessing``
+    (tutorial22 #2). Lists only among captured containers: a dict or set a task fills is often
+    a worker's own cache on purpose (memoizing), while a list appended to is the results the
+    notebook expected. ``compared``: --compare's serial run here did change it, which hides the
+    mistake. ``started``: said as the run starts (imap, submit, the pandas accessor), not once it
+    ended. The function may also be a bound method of a notebook list itself
+    (``pmap(results.append, items)``), which has no code to read. ``positional``: how many
+    arguments each task is given (a default they replace is no state; None: not known)."""
     inner = func.func if isinstance(func, functools.partial) else func
     if isinstance(inner, (types.BuiltinMethodType, types.MethodWrapperType)):
         _say_list_method(inner, compared, started)
         return
-    code = getattr(getattr(inner, "__func__", inner), "__code__", None)  # (a bound method's function's)
-    if type(code) is not types.CodeType or not payload_cache.changes_captured(code) or code in _said_changes:
-        return  # (each call: a look-up in the cache of what each code object changes)
-    changes = payload_cache.container_changes(func, (list,), deep=False)
+    function = payload_cache.function_of(inner)[0]  # (a bound method's, a callable instance's __call__)
+    if function is None:
+        return
+    code = function.__code__
+    captured, accumulates = payload_cache.changes_captured(code), payload_cache.accumulates(code)
+    if not (captured or accumulates) or code in _said_changes:
+        return  # (each call: look-ups in the caches of what each code object changes)
+    changes = payload_cache.container_changes(func, (list,), deep=False) if captured else []
+    if accumulates:
+        changes += [c for c in payload_cache.state_kept_apart(func, positional) if c not in changes]
     if not changes:
         return
     _said_changes.add(code)

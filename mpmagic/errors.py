@@ -125,14 +125,43 @@ class SerializationError(MPMagicError):
     """Something could not be pickled to go to a worker, or to come back."""
 
 
+def getattr_recursion(type_name: str, function: str | None) -> str | None:
+    """Why loading a pickle failed, when it was a RecursionError in a ``__getattr__``
+    (``function``: the innermost frame's function, qualified where known): a delegating
+    wrapper (``return getattr(self.target, name)``) runs serially, but pickle asks the
+    object it rebuilds for ``__setstate__`` before setting its attributes, and reading
+    ``self.target`` there calls ``__getattr__`` again, for ever. None for any other failure."""
+    if type_name != "RecursionError" or not function or function.rpartition(".")[2] != "__getattr__":
+        return None
+    owner = function.rpartition(".")[0].rpartition(".")[2]  # ("make.<locals>.Proxy.__getattr__": Proxy)
+    rebuilt = f"a {owner}" if owner and not owner.startswith("<") else "its object"
+    return (f"{function} recursed while pickle rebuilt {rebuilt} (serial code never copies it): pickle asks the "
+            "new object for __setstate__ before its attributes are set, and an attribute __getattr__ reads "
+            "(say self.target) is not there yet, so __getattr__ calls itself; in __getattr__, raise AttributeError "
+            "for names that start with '__' (or read the attribute as self.__dict__['target'])")
+
+
+def _innermost_function(tb: types.TracebackType | None) -> str | None:
+    """The qualified name (3.11+; else the name) of the function a traceback ends in."""
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    code = tb.tb_frame.f_code
+    return str(getattr(code, "co_qualname", code.co_name))
+
+
 def unloadable_results(what: str, exc: BaseException) -> SerializationError:
     """The error for results that came back but cannot be loaded in the notebook.
 
     When the loading failed with one of our own errors (a shared helper made in
     the task, released by its worker: ``SharedObjectGone``), that error's advice
-    is the one to follow, not advice about importable types."""
+    is the one to follow, not advice about importable types; so is the reason a
+    class's ``__getattr__`` recursed (:func:`getattr_recursion`)."""
     if isinstance(exc, MPMagicError):
         return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: {exc}")
+    if (recursed := getattr_recursion(type(exc).__name__, _innermost_function(exc.__traceback__))) is not None:
+        return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: {recursed}.")
     if out_of_files(exc):  # (mapping its shared memory needs a descriptor for a moment: not the type's fault)
         return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: "
                                   f"{too_many_open_files()}")

@@ -53,6 +53,7 @@ from .errors import (
     add_note,
     drop_our_frames,
     fake_traceback,
+    getattr_recursion,
     looked_up_name,
     note_unsent_name,
     raised_by_our_call,
@@ -2387,7 +2388,10 @@ def _load_failure_note(info: Any, advice: str | None = None) -> str:
     (``advice``: the backend's, when a restart cannot help: see ``Job.missing_module_advice``;
     the worker is named then, as its environment is not the notebook's)."""
     note = f"mpmagic: {LOAD_FAILED}"
-    if info.type_name in ("ModuleNotFoundError", "ImportError"):
+    recursed = getattr_recursion(info.type_name, info.frames[-1].name if info.frames else None)
+    if recursed is not None:  # (a wrapper's __getattr__: serial code never pickles the object)
+        note += f": {recursed}"
+    elif info.type_name in ("ModuleNotFoundError", "ImportError"):
         worker = _worker_address(info) if advice else None
         there = f"there (Dask worker {worker})" if worker else "there"
         note += f": a module the notebook imports cannot be imported {there}. " + (advice or (

@@ -272,6 +272,23 @@ _ENUM_OWN = frozenset({"_value_", "_name_", "__objclass__", "_sort_order_"})
 _cloudpickle_class_setstate = compat.cloudpickle_class_setstate()
 
 
+def _keeping_qualname(cls: type, reduced: Any) -> Any:
+    """cloudpickle's reduction of the by-value class ``cls``, with its ``__qualname__``.
+
+    cloudpickle makes the class again from its ``__name__`` alone: a nested notebook
+    class was ``Inner`` in a task (a dataclass's repr ``Inner(x=1)``, serially
+    ``Outer.Inner(x=1)``), and a class a task made in a function came back as ``Point``
+    where serial code has ``make.<locals>.Point``. The qualified name goes in the class's
+    state, which cloudpickle's ``_class_setstate`` sets on the class. A class whose two
+    names are one is pickled as cloudpickle does (the same bytes)."""
+    qualname = cls.__qualname__
+    if (qualname == cls.__name__ or not (isinstance(reduced, tuple) and len(reduced) == 6)
+            or reduced[5] is not _cloudpickle_class_setstate):
+        return reduced  # (or another cloudpickle's shape: as it is)
+    make, args, (attrs, slots), listitems, dictitems, setstate = reduced
+    return make, args, ({**attrs, "__qualname__": qualname}, slots), listitems, dictitems, setstate
+
+
 def enum_reduce(cls: type, reduced: Any) -> Any:
     """cloudpickle's reduction of the notebook Enum ``cls``, with its members' attributes.
 
@@ -705,8 +722,10 @@ class _Pickler(cloudpickle.Pickler):
                 return reference
         elif isinstance(obj, type) and _sent_by_value(obj):
             classhome.sent(obj)  # (its instances coming back leave it as it is: classhome.loads)
+            reduced = _keeping_qualname(obj, super().reducer_override(obj))
             if isinstance(obj, enum.EnumMeta):
-                return enum_reduce(obj, _enum_members_kept(super().reducer_override(obj)))
+                return enum_reduce(obj, _enum_members_kept(reduced))
+            return reduced
         elif t is _TYPE_ALIAS and _alias_by_value(obj):
             reduced = _reduce_type_alias(obj)
             if reduced is not NotImplemented:
@@ -1612,7 +1631,19 @@ def explain_unpicklable(obj: Any, what: str, exc: BaseException, item: bool = Fa
         advice = _PIPE_ADVICE
     elif (inside := _through_library(obj, root, chain, text, exc)) is not None:
         return f"cannot send {what} to the workers: {inside}."
+    elif bad is obj and what == "the function" and not _too_deep(exc):
+        advice = _MAPPED_ITSELF_ADVICE
     else:
         advice = advice_for(bad, exc, item)
     return f"cannot send {what} to the workers: {text}. {advice}"
+
+
+#: A map's callable that cannot be pickled itself (``np.frompyfunc(f, 1, 1)``, a C callable
+#: made in the notebook): nothing captures it, so advice_for's "create it inside the function
+#: instead of capturing it" did not apply.
+_MAPPED_ITSELF_ADVICE = (
+    "It is the function mapped itself: map a plain function defined in the notebook that does the same, "
+    "or one that makes this callable inside the task (each call, or once per worker in a module-level "
+    "cache filled on first use)."
+)
 

@@ -783,15 +783,18 @@ _MAX_CODES = 1024
 
 @dataclass(frozen=True)
 class ContainerChange:
-    """A function's code changes a container it captures: ``func`` (its name) calls
-    ``how`` (``results.append``, ``d[...] =``) on ``name``, the notebook's global
-    (``closure`` False) or a variable of its closure, a ``kind`` ("list", "set"...)."""
+    """A function's code changes state the notebook holds: ``func`` (its name) does
+    ``how`` (``results.append``, ``d[...] =``, ``TOTAL +=``, ``self.n +=``) to ``name``,
+    of a ``kind`` ("list", "int", a class's name). ``where`` it lives: "global" (the
+    notebook's), "closure" (a variable of the function's closure), "default" (a default
+    argument's value), "object" (the object a bound method or callable instance is
+    called on; ``name`` the notebook's variable holding it, or "")."""
 
     func: str
     name: str
     kind: str
     how: str
-    closure: bool = False
+    where: str = "global"
 
 
 def container_changes(func: Any, kinds: tuple[type, ...] | None = None, *, deep: bool = True) -> list[ContainerChange]:
@@ -835,7 +838,7 @@ def _changes_of(func: Any, found: list[ContainerChange], seen: set, depth: int,
         method = how[len(name) + 1:] if how.startswith(name + ".") else ""
         if method and method not in _MUTATORS[kind]:  # (list.update is no list method: not this container)
             continue
-        found.append(ContainerChange(func.__name__, name, kind.__name__, how, closure))
+        found.append(ContainerChange(func.__name__, name, kind.__name__, how, "closure" if closure else "global"))
     if _extract_code_globals is not None and depth < 4:
         for name in _extract_code_globals(code):
             _changes_of(func.__globals__.get(name), found, seen, depth + 1, kinds)
@@ -935,19 +938,259 @@ def _container_load(ins: list[dis.Instruction], at: int) -> dis.Instruction | No
     return None
 
 
+#: How changes_words names the state a change is made to, by its ContainerChange.where.
+_WHERE_WORDS = {"global": "the notebook's {kind} `{name}`", "closure": "the {kind} `{name}` of its closure",
+                "default": "the {kind} `{name}` of its defaults", "object": "the notebook's {kind} object `{name}`",
+                "unnamed": "its {kind} object"}
+
+
 def changes_words(changes: list[ContainerChange]) -> str:
     """``collect changes the notebook's list `results` (results.append)``: each function's
     changes, a container's ways (``results.append, results.extend``) together."""
-    by_func: dict[str, dict[tuple[str, str, bool], list[str]]] = {}
+    by_func: dict[str, dict[tuple[str, str, str], list[str]]] = {}
     for c in changes:
-        by_func.setdefault(c.func, {}).setdefault((c.name, c.kind, c.closure), []).append(c.how)
+        by_func.setdefault(c.func, {}).setdefault((c.name, c.kind, c.where), []).append(c.how)
     said = []
     for func, containers in by_func.items():
-        what = [(f"the {kind} `{name}` of its closure" if closure else f"the notebook's {kind} `{name}`")
-                + f" ({', '.join(hows)})" for (name, kind, closure), hows in containers.items()]
+        what = [_WHERE_WORDS[where if name or where != "object" else "unnamed"].format(kind=kind, name=name)
+                + f" ({', '.join(hows)})" for (name, kind, where), hows in containers.items()]
         listed = what[0] if len(what) == 1 else ", ".join(what[:-1]) + " and " + what[-1]
         said.append(f"{'the lambda' if func == '<lambda>' else func} changes {listed}")
     return "; ".join(said)
+
+
+# --------------------------------------------------------------------------
+# State a task adds to that the notebook holds outside any container it captures: a global
+# or a closure's variable it accumulates (``TOTAL += x``, ``n = n + x``), an attribute of the
+# object a bound method or callable instance runs on (``self.n += x``, ``self.items.append``)
+# or of a notebook object it captures (``acc.n += x``), a list default it fills (``seen=[]``,
+# ``seen.append``). Serially each call sees the earlier ones' and the notebook keeps them; in
+# the workers each changes its worker's copy, the notebook's stays as it was and results can
+# differ (``[0, 1, 3, 6]`` there ``[0, 1, 3, 3]``), silently. Only what reads its own value back
+# (an augmented or self-referencing assignment, a list filled in place): a global assigned once
+# from a call (``MODEL = load()``, a worker's own lazy set-up on purpose) is not accumulated
+# state, and says nothing; nor does a module's attribute or a shared helper's (mpmagic.Value).
+
+# The 3.10 opcodes of a binary operation (3.11 on: BINARY_OP, whose argrepr is the operator).
+_OPERATORS_310 = {"ADD": "+", "SUBTRACT": "-", "MULTIPLY": "*", "MATRIX_MULTIPLY": "@", "TRUE_DIVIDE": "/",
+                  "FLOOR_DIVIDE": "//", "MODULO": "%", "POWER": "**", "LSHIFT": "<<", "RSHIFT": ">>",
+                  "AND": "&", "OR": "|", "XOR": "^"}
+_NAME_STORES = {"STORE_GLOBAL": ("global", ("LOAD_GLOBAL", "LOAD_NAME")),
+                "STORE_DEREF": ("nonlocal", ("LOAD_DEREF", "LOAD_CLASSDEREF"))}
+# What each code object read accumulates (_accumulated), bounded as _code_changes.
+_code_accumulations: dict[types.CodeType, tuple[tuple[str, str, str, str], ...]] = {}
+
+
+def _operator(ins: dis.Instruction) -> str | None:
+    """``+=`` or ``+`` for a binary operation's instruction (3.10's named ones too), else None."""
+    if ins.opname == "BINARY_OP":  # (3.14's subscript, BINARY_OP "[]", is none)
+        return ins.argrepr if ins.argrepr.rstrip("=") in _OPERATORS_310.values() else None
+    kind, _, op = ins.opname.partition("_")
+    if kind in ("BINARY", "INPLACE") and op in _OPERATORS_310:
+        return _OPERATORS_310[op] + ("=" if kind == "INPLACE" else "")
+    return None
+
+
+def _assigned(op: str, target: str) -> str:
+    """How an accumulation reads: ``TOTAL +=`` (augmented), ``n = n + ...`` (not)."""
+    return f"{target} {op}" if op.endswith("=") else f"{target} = {target} {op} ..."
+
+
+def _lines(ins: list[dis.Instruction]) -> list[int | None]:
+    """The source line of each instruction: 3.13 on, its ``line_number``; before, the
+    ``starts_line`` of the last instruction that started one."""
+    out: list[int | None] = []
+    line = None
+    for i in ins:
+        start = getattr(i, "line_number", None) if sys.version_info >= (3, 13) else i.starts_line
+        if start is not None:
+            line = start
+        out.append(line)
+    return out
+
+
+def _holder(ins: dis.Instruction, first: str | None, freevars: tuple[str, ...]) -> tuple[str, str] | None:
+    """Whose attribute an instruction's load is the object of: ("self", name) for the code's
+    first argument (LOAD_FAST, 3.14's LOAD_FAST_BORROW...), ("global", name) for a global
+    loaded alone (not a call's target: no NULL), ("closure", name) for a free variable; else None."""
+    if ins.opname.startswith("LOAD_FAST") and first is not None and ins.argval == first:
+        return "self", first
+    if ins.opname == "LOAD_GLOBAL" and not (ins.arg or 0) & _GLOBAL_NULL_BIT and isinstance(ins.argval, str):
+        return "global", ins.argval
+    if ins.opname == "LOAD_DEREF" and ins.argval in freevars:
+        return "closure", ins.argval
+    return None
+
+
+def _accumulated(code: types.CodeType) -> tuple[tuple[str, str, str, str], ...]:
+    """(scope, name, attribute, how) for what ``code`` (itself, not code nested in it)
+    accumulates: a global or free variable stored from a binary operation after a load of
+    it on the same line (``("global", "TOTAL", "", "TOTAL +=")``; ``print(LAST)`` then
+    ``LAST = x * 2`` is no accumulation); an attribute likewise, of its first argument, a
+    global or a free variable (``("attr self", "self", "n", "self.n +=")``, ``("attr global",
+    "acc", "n", "acc.n +=")``); a list method called on such an attribute (``("list self",
+    "self", "items", "self.items.append")``) or on an argument (``("list local", "seen", "",
+    "seen.append")``: a default's value if the function has one). Cached per code object;
+    the caller resolves what each name holds."""
+    got = _code_accumulations.get(code)
+    if got is not None:
+        return got
+    out: list[tuple[str, str, str, str]] = []
+    ins = [i for i in dis.get_instructions(code) if i.opname != "CACHE"]
+    lines = _lines(ins)
+    # (what each line loads: a self-referencing assignment reads the name in its own statement)
+    loaded = {(i.opname, i.argval, line) for i, line in zip(ins, lines, strict=True)}
+    first = code.co_varnames[0] if code.co_argcount else None
+    params = set(code.co_varnames[:code.co_argcount + code.co_kwonlyargcount])
+    for k, one in enumerate(ins):
+        before = ins[k - 1] if k else None
+        op = _operator(before) if before is not None else None
+        if one.opname in _NAME_STORES and op is not None:
+            scope, loads = _NAME_STORES[one.opname]
+            if (scope == "global" or one.argval in code.co_freevars) and any(
+                    (o, one.argval, lines[k]) in loaded for o in loads):
+                out.append((scope, one.argval, "", _assigned(op, one.argval)))
+        elif one.opname == "STORE_ATTR" and before is not None and k >= 2:
+            # obj.n += x: obj loaded, COPY 1 (3.10: DUP_TOP), LOAD_ATTR n, ..., BINARY_OP +=,
+            # SWAP 2 (3.10: ROT_TWO), STORE_ATTR n; obj.n = obj.n + x: obj, LOAD_ATTR n, ...,
+            # BINARY_OP +, obj loaded again, STORE_ATTR n. Both on the store's line.
+            op = _operator(ins[k - 2])
+            if op is None:
+                continue
+            same_line = [i for i, line in zip(ins[:k], lines, strict=False) if line == lines[k]]
+            holder = None
+            if not op.endswith("="):
+                holder = _holder(before, first, code.co_freevars)
+                if holder is not None and not any(
+                        _holder(a, first, code.co_freevars) == holder and b.opname == "LOAD_ATTR"
+                        and b.argval == one.argval for a, b in itertools.pairwise(same_line)):
+                    holder = None
+            elif before.opname in ("SWAP", "ROT_TWO"):
+                holder = next((h for a, b, c in zip(same_line, same_line[1:], same_line[2:], strict=False)
+                               if b.opname in ("COPY", "DUP_TOP") and c.opname == "LOAD_ATTR"
+                               and c.argval == one.argval and (h := _holder(a, first, code.co_freevars))), None)
+            if holder is not None:
+                out.append((f"attr {holder[0]}", holder[1], one.argval, _assigned(op, f"{holder[1]}.{one.argval}")))
+        elif one.opname in ("LOAD_METHOD", "LOAD_ATTR") and one.argval in _MUTATORS[list]:
+            if before is not None and before.opname == "LOAD_ATTR" and isinstance(before.argval, str) and k >= 2:
+                holder = _holder(ins[k - 2], first, code.co_freevars)
+                if holder is not None:
+                    out.append((f"list {holder[0]}", holder[1], before.argval,
+                                f"{holder[1]}.{before.argval}.{one.argval}"))
+            elif (before is not None and before.opname.startswith("LOAD_FAST") and before.argval in params
+                  and before.argval != first):
+                out.append(("list local", before.argval, "", f"{before.argval}.{one.argval}"))
+    got = tuple(dict.fromkeys(out))
+    if len(_code_accumulations) >= _MAX_CODES:
+        _code_accumulations.clear()
+    _code_accumulations[code] = got
+    return got
+
+
+def accumulates(code: types.CodeType) -> bool:
+    """Might ``code`` accumulate state the notebook holds (:func:`state_kept_apart`)? A
+    dictionary look-up once the code was read (never raises)."""
+    got = _code_accumulations.get(code)  # (each map's call: a look-up alone)
+    if got is None:
+        try:
+            got = _accumulated(code)
+        except Exception:  # (advice only)
+            return False
+    return bool(got)
+
+
+def function_of(func: Any) -> tuple[types.FunctionType | None, Any]:
+    """The Python function a map calls for ``func`` and the object it is called on: a bound
+    method's (not a class's: a classmethod), a callable instance's ``__call__`` (the
+    instance), a partial's function; (None, None) for a builtin or anything else."""
+    if type(func) is types.FunctionType:  # (most maps: at once)
+        return func, None
+    if isinstance(func, functools.partial):
+        func = func.func
+    if isinstance(func, types.MethodType):
+        owner = func.__self__
+        func = func.__func__
+        if isinstance(owner, (type, types.ModuleType)):
+            owner = None
+    elif not isinstance(func, (type, types.FunctionType, types.BuiltinFunctionType)):
+        # (a callable instance: its class's __call__, looked up as a call does, in the class's MRO)
+        owner = func
+        func = next((vars(k)["__call__"] for k in type(func).__mro__ if "__call__" in vars(k)), None)
+    else:
+        owner = None
+    return (func, owner) if type(func) is types.FunctionType else (None, None)
+
+
+def state_kept_apart(func: Any, positional: int | None = None) -> list[ContainerChange]:
+    """The state the notebook holds that ``func`` itself accumulates (not the functions it
+    calls): its globals and closure variables (``TOTAL += x``), the attributes of the object
+    it runs on (``self.n += x``, ``self.items.append``: a list) and of the notebook objects it
+    captures (``acc.n += x``; not a module's: the worker's own), the list defaults it fills
+    (``seen.append``): each worker changes its own copy of each. ``positional``: how many
+    arguments each call is given (a map's iterables), so a default they replace is not
+    counted; None (unknown: ``star``) counts keyword-only defaults only. Never raises (advice only)."""
+    try:
+        return _state_kept_apart(func, positional)
+    except Exception:  # (advice only: nothing odd may break a run)
+        return []
+
+
+def _state_kept_apart(func: Any, positional: int | None) -> list[ContainerChange]:
+    given = func.args if isinstance(func, functools.partial) else ()
+    keywords = func.keywords if isinstance(func, functools.partial) else {}
+    f, owner = function_of(func)
+    if f is None or _by_reference(f):  # (an importable function: not the notebook's code)
+        return []
+    code = f.__code__
+    cells = dict(zip(code.co_freevars, f.__closure__ or (), strict=False))
+    named = code.co_varnames[:code.co_argcount]
+    defaults = {**dict(zip(named[code.co_argcount - len(f.__defaults__ or ()):], f.__defaults__ or (), strict=False)),
+                **(f.__kwdefaults__ or {})}
+    passed = (owner is not None) + len(given) + (code.co_argcount if positional is None else positional)
+    for name in (*named[:passed], *keywords):  # (the call gives these: their defaults are not used)
+        defaults.pop(name, None)
+    subject = f"{type(owner).__name__}.{f.__name__}" if owner is not None else f.__name__
+    found: list[ContainerChange] = []
+    for scope, name, attr, how in _accumulated(code):
+        holder = _MISSING
+        if scope in ("global", "attr global", "list global"):
+            holder = f.__globals__.get(name, _MISSING)
+        elif scope in ("nonlocal", "attr closure", "list closure") and name in cells:
+            with contextlib.suppress(ValueError):  # (an empty cell)
+                holder = cells[name].cell_contents
+        elif scope in ("attr self", "list self") and owner is not None:
+            holder, name = owner, _notebook_name(owner)
+        elif scope == "list local":
+            holder = defaults.get(name, _MISSING)
+        if holder is _MISSING or isinstance(holder, types.ModuleType) or _shared_on_purpose(holder):
+            continue  # (a module's state is the worker's own; a shared helper's the notebook's too)
+        if scope.startswith("list ") and not isinstance(
+                holder if scope == "list local" else getattr(holder, "__dict__", {}).get(attr), list):
+            continue
+        kind = type(holder).__name__
+        if scope == "global":
+            found.append(ContainerChange(subject, name, kind, how, "global"))
+        elif scope == "nonlocal":
+            found.append(ContainerChange(subject, name, kind, how, "closure"))
+        elif scope == "list local":
+            found.append(ContainerChange(subject, name, kind, how, "default"))
+        elif scope.endswith(" closure"):
+            found.append(ContainerChange(subject, name, f"{kind} object", how, "closure"))
+        else:  # (self, or a global: the notebook's object, by its variable if one holds it)
+            found.append(ContainerChange(subject, name, kind, how, "object"))
+    return list(dict.fromkeys(found))
+
+
+def _shared_on_purpose(obj: Any) -> bool:
+    """An object tasks change for the notebook to see: mpmagic's Value, Array, Queue...
+    (``counter.value += 1``), a ``multiprocessing`` Manager's proxy."""
+    return str(type(obj).__module__).split(".", 1)[0] in ("mpmagic", "multiprocessing")
+
+
+def _notebook_name(obj: Any) -> str:
+    """The notebook's variable (a global of ``__main__``, not ``_``-named) holding ``obj``, or ""."""
+    main = getattr(sys.modules.get("__main__"), "__dict__", {})
+    return next((k for k, v in list(main.items()) if v is obj and not k.startswith("_")), "")
 
 
 def _codes(code: types.CodeType) -> list[types.CodeType]:

@@ -586,7 +586,7 @@ def imap(
                                                                          errors, star, retries, checkpoint)
     check_flags(ordered=ordered, insights=insights)
     if not api._in_worker_process():  # (serially there: the list is the worker's own)
-        api.say_copied_state(func, started=True)
+        api.say_copied_state(func, started=True, positional=None if star else len(iterables))
     if seed is not None:  # (before the checkpoint's key, as pmap: a seeded run is stored apart)
         func, iterables, star = api.seeded(func, iterables, star, seed)
     if api._in_worker_process():

@@ -1049,6 +1049,80 @@ def test_a_map_that_changes_a_notebook_list_says_so_and_its_compare_advice_names
     assert "mpmagic:" not in capsys.readouterr().err
 
 
+def test_state_a_function_accumulates_is_read_from_its_code(ip):
+    """What payload_cache.state_kept_apart reads: an augmented or self-referencing assignment
+    to a global, a nonlocal or an attribute of the object a bound method or callable instance
+    runs on (or of a notebook object it captures), a list attribute of that object or a list
+    default filled in place. A module's attribute (the worker's own module), a shared helper's
+    (mpmagic.Value: the notebook sees it), a global set
+    once from a call (a worker's lazy set-up) or from what another statement read, a default
+    the map's items replace, a local, an unbound class's attribute say nothing."""
+    from mpmagic.payload_cache import changes_words, state_kept_apart
+
+    run(ip, "import functools\nTOTAL, MODEL = 0, None\n"
+            "def total(x):\n    global TOTAL\n    TOTAL += x\n    return TOTAL\n"
+            "def spelled(k, x):\n    global TOTAL\n    TOTAL = TOTAL + k * x\n    return TOTAL\n"
+            "def lazy(x):\n    global MODEL\n    if MODEL is None:\n        MODEL = dict(a=1)\n    return x\n"
+            "def last(x):\n    global MODEL\n    print(MODEL)\n    MODEL = x * 2\n    return x\n"
+            "def counter():\n    n = 0\n    def inc(x):\n        nonlocal n\n        n += x\n        return n\n"
+            "    return inc\ninc = counter()\n"
+            "def nth(x, seen=[]):\n    seen.append(x)\n    return len(seen)\n"
+            "def local(x):\n    out = [0]\n    out.append(x)\n    n = 0\n    n += x\n    return out, n\n"
+            "class Acc:\n    def __init__(self):\n        self.n, self.items, self.cache = 0, [], None\n"
+            "    def add(self, x):\n        self.n += x\n        self.items.append(x)\n        return self.n\n"
+            "    def setup(self, x):\n        if self.cache is None:\n            self.cache = dict(a=x)\n"
+            "        return x\n"
+            "    def __call__(s, x):\n        s.n = s.n + x\n        return s.n\n"
+            "acc = Acc()\n"
+            "def tally(x):\n    acc.n += x\n    acc.items.append(x)\n    return acc.n\n"
+            "def held():\n    box = Acc()\n    def put(x):\n        box.n = box.n + x\n        return box.n\n"
+            "    return put\nput = held()\n"
+            "import types\nmod = types.ModuleType('mod')\nmod.n = 0\n"
+            "def in_module(x):\n    mod.n += x\n    return x\n"
+            "import mpmagic\ncounter = mpmagic.Value('i', 0)\n"
+            "def count(x):\n    with counter.get_lock():\n        counter.value += 1\n    return x\n")
+    ns = ip.user_ns
+    words = lambda f, positional=1: changes_words(state_kept_apart(f, positional))  # noqa: E731
+    assert words(ns["total"]) == "total changes the notebook's int `TOTAL` (TOTAL +=)"
+    assert words(ns["functools"].partial(ns["spelled"], 2)) == (
+        "spelled changes the notebook's int `TOTAL` (TOTAL = TOTAL + ...)")
+    assert words(ns["inc"]) == "inc changes the int `n` of its closure (n +=)"
+    assert words(ns["nth"]) == "nth changes the list `seen` of its defaults (seen.append)"
+    assert words(ns["acc"].add) == "Acc.add changes the notebook's Acc object `acc` (self.n +=, self.items.append)"
+    assert words(ns["acc"]) == "Acc.__call__ changes the notebook's Acc object `acc` (s.n = s.n + ...)"
+    assert words(ns["Acc"]().add) == "Acc.add changes its Acc object (self.n +=, self.items.append)"
+    assert words(ns["tally"]) == "tally changes the notebook's Acc object `acc` (acc.n +=, acc.items.append)"
+    assert words(ns["put"]) == "put changes the Acc object `box` of its closure (box.n = box.n + ...)"
+    for none in (ns["lazy"], ns["last"], ns["local"], ns["acc"].setup, ns["Acc"].add, ns["in_module"], ns["count"],
+                 abs, len):
+        assert state_kept_apart(none, 1) == [], none
+    assert state_kept_apart(ns["nth"], 2) == [] and state_kept_apart(ns["nth"], None) == []  # (the items give seen)
+
+
+def test_a_map_that_accumulates_notebook_state_says_so_once(ip, pool2, capsys):
+    """fidelity26: ``global TOTAL; TOTAL += x``, ``self.n += x`` on the notebook object whose
+    method is mapped, a nonlocal counter, a ``seen=[]`` default: serially the notebook's
+    state changes and each call sees the earlier ones' (``[0, 1, 3, 6]``); mapped, each
+    worker changed its own copy (``[0, 1, 3, 3]``), the notebook's stayed at 0, and nothing
+    said so (only a captured list was noted). One line says so, once per function."""
+    run(ip, "TOTAL = 0\ndef total(x):\n    global TOTAL\n    TOTAL += x\n    return TOTAL\n"
+            "class Acc:\n    def __init__(self):\n        self.n = 0\n"
+            "    def add(self, x):\n        self.n += x\n        return self.n\n"
+            "acc = Acc()\n")
+    capsys.readouterr()
+    run(ip, "_ = %pmap -q total, range(4)")
+    assert run(ip, "TOTAL") == 0
+    err = capsys.readouterr().err
+    assert ("mpmagic: total changes the notebook's int `TOTAL` (TOTAL +=) in the workers' copies, not in the "
+            "notebook: it is as it was before the run; return the values") in err, err
+    run(ip, "_ = %pmap -q total, range(4)")
+    assert "TOTAL" not in capsys.readouterr().err  # (once per function)
+    run(ip, "_ = %pmap -q acc.add, range(4)")
+    assert run(ip, "acc.n") == 0
+    err = capsys.readouterr().err
+    assert "mpmagic: Acc.add changes the notebook's Acc object `acc` (self.n +=) in the workers' copies" in err, err
+
+
 def test_results_that_differ_name_the_state_the_function_changes(ip, pool2):
     """pyfeat13 finding 4: a function with `global TOTAL` or a `seen=[]` default
     got the advice about random draws and hash(); its code shows the cause."""
@@ -1070,6 +1144,12 @@ def test_results_that_differ_name_the_state_the_function_changes(ip, pool2):
     run(ip, "import os\ndef where(x, seen=[]):\n    seen.append(x)\n    return os.getpid()\n")
     run(ip, "%pmap -q --compare where, [1, 2]")  # (a pid: never the serial result)
     assert "(its default seen (a list) keeps what tasks add)" in mpmagic.last_report().advice
+    # (fidelity26: a notebook object the function captures and adds to: the advice blamed random draws)
+    run(ip, "class Box:\n    n = 0\nbox = Box()\ndef tally(x):\n    box.n += x\n    return os.getpid()\n")
+    run(ip, "%pmap -q --compare tally, [1, 2]")
+    advice = mpmagic.last_report().advice
+    assert "changes state (tally changes the notebook's Box object `box` (box.n +=))" in advice, advice
+    assert "random" not in advice, advice
 
 
 def test_a_wait_for_the_worker_setup_is_said_on_the_line_and_is_no_transfer_cost():

@@ -347,3 +347,85 @@ def test_a_notebook_class_with_a_cached_property_is_sent(ip, backend):
     assert same_as_serial(ip, "cached_area, [Circle(1), Circle(3)]") == [(3, 3), (27, 27)]
     returned = run(ip, "%pmap -q Circle, [5]")[0]
     assert type(returned) is ip.user_ns["Circle"] and returned.area == 75
+
+
+QUALNAMES = '''
+import dataclasses
+
+class Outer:
+    @dataclasses.dataclass
+    class Inner:
+        x: int
+
+def shown(x):
+    return repr(Outer.Inner(x)), type(Outer.Inner(x)).__qualname__
+
+def made_here(x):
+    @dataclasses.dataclass
+    class Point:
+        x: int
+    return Point(x)
+'''
+
+
+def test_a_class_keeps_its_qualified_name_both_ways(ip, local_pool):
+    """fidelity26: cloudpickle rebuilds a class sent by value from its ``__name__``: a nested
+    notebook class was ``Inner`` in a task (a dataclass's repr ``Inner(x=1)``, serially
+    ``Outer.Inner(x=1)``), and a class a task made came back as ``Point``, not
+    ``made_here.<locals>.Point``. Its ``__qualname__`` goes with it."""
+    run(ip, QUALNAMES)
+    assert same_as_serial(ip, "shown, [1]") == [("Outer.Inner(x=1)", "Outer.Inner")]
+    back = run(ip, "%pmap -q made_here, [1]")[0]
+    assert type(back).__qualname__ == "made_here.<locals>.Point" and repr(back) == repr(run(ip, "made_here(1)"))
+
+
+def test_a_mapped_callable_that_cannot_be_sent_is_told_to_map_a_function_not_to_stop_capturing_it(ip, pool2):
+    """fidelity26: ``%pmap np.frompyfunc(g, 1, 1), xs`` (a ufunc made in the notebook)
+    was told "Create it inside the function ... instead of capturing it from the
+    notebook": it is the function mapped, captured by nothing. The advice says what to map."""
+    from mpmagic.errors import SerializationError
+
+    run(ip, "import numpy as np\ndef twice(x):\n    return 2 * x\nvectorized = np.frompyfunc(twice, 1, 1)\n")
+    with pytest.raises(SerializationError) as info:
+        ip.run_cell("%pmap -q vectorized, [1, 2]").raise_error()
+    text = str(info.value)
+    assert text.startswith("cannot send the function to the workers: `twice (vectorized)` is a numpy.ufunc"), text
+    assert "capturing it" not in text and "It is the function mapped itself" in text, text
+    with pytest.raises(SerializationError) as info:  # (captured by a lambda: the advice as before)
+        ip.run_cell("%pmap -q lambda x: vectorized(x), [1, 2]").raise_error()
+    assert "instead of capturing it from the notebook" in str(info.value), info.value
+
+
+PROXY = '''
+class Proxy:
+    def __init__(self, target):
+        self.target = target
+    def __getattr__(self, name):
+        return getattr(self.target, name)
+    def shout(self, x):
+        return self.upper() + str(x)
+
+wrapped = Proxy("ab")
+'''
+
+
+def test_a_delegating_getattr_that_recurses_as_pickle_rebuilds_its_object_says_why(ip, pool2):
+    """fidelity26: a wrapper whose ``__getattr__`` reads ``self.target`` runs serially, and in a
+    map failed with a bare RecursionError (its method mapped: "could not be loaded in a
+    worker") or with "Return types the notebook can import" (returned): pickle asks the new
+    object for ``__setstate__`` before its attributes are set, and ``__getattr__`` calls
+    itself for ``self.target``. The error names the method and the fix."""
+    from mpmagic.errors import SerializationError
+
+    run(ip, PROXY)
+    assert run(ip, "list(map(wrapped.shout, [1]))") == ["AB1"]
+    with pytest.raises(RecursionError) as info:
+        ip.run_cell("%pmap -q wrapped.shout, [1]").raise_error()
+    said = " ".join(getattr(info.value, "__notes__", []))
+    assert "__getattr__ recursed while pickle rebuilt its object" in said, said
+    assert "raise AttributeError for names that start with '__'" in said, said
+    with pytest.raises(SerializationError) as info:
+        ip.run_cell("%pmap -q Proxy, ['a']").raise_error()
+    text = str(info.value)
+    assert "Proxy.__getattr__ recursed while pickle rebuilt a Proxy" in text, text
+    assert "Return types the notebook can import" not in text, text

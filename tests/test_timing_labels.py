@@ -67,6 +67,17 @@ def test_equal_results_in_tuples_with_arrays_and_sets_with_nan_are_equal():
         assert not _equal(a, b), (a, b)
 
 
+def test_dicts_keyed_by_nan_come_back_equal():
+    """fidelity26: ``%pmap --compare lambda x: {float('nan'): x}, [0]`` said RESULTS DIFFER
+    (and blamed random draws and hash()): each copy's NaN key is another object, never
+    == itself, so ``keys() ==`` failed. Keys == does not match are paired as a set's are."""
+    nan = float("nan")
+    for value in [{nan: 1}, {nan: 1, "a": 2}, {(nan, 1): [nan]}, {nan: {nan: 0}}]:
+        assert _equal(value, pickle.loads(pickle.dumps(value))), value
+    for a, b in [({nan: 1}, {nan: 2}), ({nan: 1}, {1.0: 1}), ({nan: 1, "a": 2}, {nan: 1, "b": 2}), ({nan: 1}, {})]:
+        assert not _equal(a, b) and not _equal(b, a), (a, b)
+
+
 class _Frame:
     """A polars-like frame: ``==`` gives no bool, ``equals`` ignores the dtype (as polars' does)."""
 
