@@ -152,6 +152,7 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
     failures = []
     for i, r in zip(todo, again, strict=True):
         if isinstance(r, Failed):
+            renumber_items(r.error, todo)  # (a lost worker's, a time-out's line names the item: the input's)
             info = r.info if r.info is not None else FailureInfo(r.error)
             r = Failed(i, r.item, r.error, info)
             info.index, info.item = i, r.item
