@@ -34,6 +34,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -648,6 +649,21 @@ def name_func(before: LastRun | None, text: str | None) -> None:
 def last_run() -> LastRun | None:
     """This thread's last run's record (for ``postmortem.py``)."""
     return _runs.last
+
+
+def last_run_ref() -> Callable[[], LastRun | None]:
+    """This thread's last run's record, held weakly: what a ``%pmap`` line keeps of the
+    record before its run (for :func:`name_func`'s ``before``). Its frame held the record
+    itself, and the error of a run that failed by a time-out or a lost worker (made here,
+    raised through that frame) keeps the frame in its traceback, so the record of the
+    run, its inputs and its report: each such failure kept every earlier one alive."""
+    last = _runs.last
+    return _no_run if last is None else weakref.ref(last)
+
+
+def _no_run() -> None:
+    """:func:`last_run_ref` when there was no record."""
+    return None
 
 
 def set_last_run(run: LastRun | None) -> None:

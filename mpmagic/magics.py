@@ -1168,7 +1168,7 @@ class MPMagics(Magics):
                                             chunksize=opts.chunksize, errors=opts.errors, timeout=opts.timeout,
                                             retries=opts.retries, seed=opts.seed)
         before = api.last_report()
-        recorded = debugging.last_run()
+        recorded = debugging.last_run_ref()
         try:
             with _magic_errors(parser, _compare_finished(opts.compare, before)):
                 result = api.pmap(
@@ -1222,7 +1222,7 @@ class MPMagics(Magics):
             func = args[0] if args else None  # (a comment alone gives no FUNC: the last run's, as with none)
         from .postmortem import rerun_failed
 
-        recorded = debugging.last_run()
+        recorded = debugging.last_run_ref()
         try:
             with _magic_errors(parser):
                 return rerun_failed(func, namespace=self._user_ns, **options)
@@ -1230,13 +1230,13 @@ class MPMagics(Magics):
             if func is not None:  # (the re-run's record: FUNC given here is how it names the function now)
                 self._name_func(recorded, rest, local_ns)
 
-    def _name_func(self, recorded: Any, rest: str, local_ns: dict[str, Any] | None) -> None:
+    def _name_func(self, recorded: Callable[[], Any], rest: str, local_ns: dict[str, Any] | None) -> None:
         """Keep FUNC as this line wrote it with the run the line recorded (``recorded``: the
-        record before it ran), for ``--rerun-failed`` to look it up again, as written, among
+        record before it ran, weakly: ``debugging.last_run_ref``), for ``--rerun-failed`` to look it up again, as written, among
         the notebook's names: so only when it was evaluated there, not among a function's
         locals (a ``%pmap`` line in a ``def``), which a later cell does not see."""
         if local_ns is None or local_ns is self._user_ns:
-            debugging.name_func(recorded, _func_text(rest))
+            debugging.name_func(recorded(), _func_text(rest))
 
     def _pmap_bg(self, parser: _Parser, opts: argparse.Namespace, args: tuple) -> Any:
         """``%pmap --bg``: the run's handle at once; its live area shows in this cell."""

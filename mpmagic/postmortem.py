@@ -134,20 +134,25 @@ def rerun_failed(func: Any = None, namespace: dict | None = None, **options: Any
         ran = last_run()  # (the re-run's record, when it ran: api.pmap records a run that raised)
         if ran is None or ran is last:
             _remember_rerun(last, func, full, [], func_text)
-            raise
-        info = ran.failures[0] if ran.failures else None
-        if info is not None and info.index is not None:
-            info.index, info.item = todo[info.index], items[info.index]
-        # Items that finished before the failure keep their results: a re-run runs them no more.
-        for i, r in zip(todo, ran.results or (), strict=False):
-            if r is not MISSING:
-                full[i] = r
-        _renumber_report(api.last_report(), todo, full)
-        _remember_rerun(last, func, full, [info] if info is not None else [], func_text)
+        else:
+            info = ran.failures[0] if ran.failures else None
+            if info is not None and info.index is not None:
+                info.index, info.item = todo[info.index], items[info.index]
+            # Items that finished before the failure keep their results: a re-run runs them no more.
+            for i, r in zip(todo, ran.results or (), strict=False):
+                if r is not MISSING:
+                    full[i] = r
+            _renumber_report(api.last_report(), todo, full)
+            _remember_rerun(last, func, full, [info] if info is not None else [], func_text)
+        # The error's traceback keeps this frame (a time-out's, a lost worker's: made here): not
+        # the record it replaced too, whose error's frame held the one before, and so on for
+        # every failed re-run of the session.
+        del last, ran
         raise
     failures = []
     for i, r in zip(todo, again, strict=True):
         if isinstance(r, Failed):
+            renumber_items(r.error, todo)  # (a lost worker's, a time-out's line names the item: the input's)
             info = r.info if r.info is not None else FailureInfo(r.error)
             r = Failed(i, r.item, r.error, info)
             info.index, info.item = i, r.item

@@ -238,3 +238,16 @@ def test_a_failed_imap_loop_is_named_when_pdebug_and_rerun_act_on_an_older_run(i
     assert re.search(r"started in the background since, had [123] failed items?, and a background run or an imap "
                      r"stream keeps nothing to replay: its loop raised each failed item's error in its place",
                      str(result.error_in_exec)), result.error_in_exec
+
+
+def test_a_collecting_rerun_names_each_failed_item_by_its_place_in_the_input(ip, local_pool, capsys):
+    """A re-run's own failures (a lost worker's, a time-out's: their message names
+    the item) said "item 0" of the re-run for item 2 of the input, beside
+    ``Failed.index`` 2, as a raising re-run's error already did not."""
+    run(ip, "import os\ndef rerun_lost(x):\n    if x == 2:\n        os._exit(3)\n    return x\n")
+    first = run(ip, "%pmap -q --errors collect --chunksize 1 rerun_lost, [0, 1, 2]")
+    assert isinstance(first[2], mpmagic.Failed) and "item 2" in str(first[2].error), first
+    again, _ = _rerun(ip, capsys, "%pmap -q --rerun-failed --chunksize 1")
+    assert again[:2] == [0, 1] and isinstance(again[2], mpmagic.Failed), again
+    assert again[2].index == 2 and isinstance(again[2].error, mpmagic.WorkerLostError)
+    assert "item 2" in str(again[2].error) and "item 0" not in str(again[2].error), str(again[2].error)

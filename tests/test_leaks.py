@@ -118,6 +118,32 @@ def test_a_failed_run_leaves_nothing_behind_once_its_error_is_dropped(ip, kind):
     assert not backend._runs and not backend._calls
 
 
+@pytest.mark.parametrize("again", ["%pmap -q --chunksize 1 leak_dies, range(8)", "%pmap -q --rerun-failed"])
+def test_a_failed_pmap_line_keeps_no_earlier_failed_run_alive(ip, again):
+    """A time-out's or a lost worker's error is made here and raised through the
+    ``%pmap`` magic's frame (and ``rerun_failed``'s), which its traceback keeps (in
+    ``sys.last_value`` and in the run's record, for %pdebug). That frame held the
+    record of the run before it, whose error's frame held the one before that...:
+    each such failure of a long session kept every earlier one alive, with its
+    inputs and report."""
+    ensure_pool("forkserver")
+    run(ip, TASKS)
+    _forget_errors()
+    with capture_output():
+        ip.run_cell("%pmap -q --chunksize 1 leak_dies, range(8)", store_history=False)
+    records = []
+    for _ in range(2):
+        with capture_output():
+            result = ip.run_cell(again, store_history=False)
+        assert isinstance(result.error_in_exec, mpmagic.WorkerLostError), result
+        records.append(weakref.ref(debugging.last_run()))
+        del result
+    assert records[1]() is not None  # (the last failure stays, for %pdebug)
+    assert _settle(lambda: records[0]() is None, bound=5.0), [
+        type(r).__name__ for r in gc.get_referrers(records[0]())]
+    _forget_errors()
+
+
 def test_kept_rank_exceptions_do_not_keep_their_cell_run_alive(ip):
     """The ranks' own exceptions (``ParallelError.failures``), kept after the
     ParallelError itself (raised through the API's frames) is dropped."""
