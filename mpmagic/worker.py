@@ -112,7 +112,6 @@ from .warmup import ImportLog
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
-_CACHE_SIZE = 16  # function payloads kept per worker (one the notebook replaced goes at once: Forget)
 _TOP_ITEMS = 5  # --insights: per chunk, the slowest items whose times are sent home
 _FLUSH_INTERVAL = 0.05  # seconds between streamed output messages
 #: A batch of output (at most _FLUSH_INTERVAL of a unit's text) that switches between
@@ -176,13 +175,17 @@ class Loaded:
     a captured array's shared memory needs one for a moment): the worker's
     state, not the function's, so the local worker asks to be replaced
     (:meth:`_Worker._unfit`) rather than report it as the call's error.
+
+    ``size``: its payload's length, what the worker's cache counts against its
+    byte budget (``payload_cache.excess``).
     """
 
-    __slots__ = ("func", "data", "call", "setup", "displaced", "no_files")
+    __slots__ = ("func", "data", "call", "setup", "displaced", "no_files", "size")
 
-    def __init__(self, func: Any, data: bytes | None) -> None:
+    def __init__(self, func: Any, data: bytes | None, size: int = 0) -> None:
         self.func = func  # the loaded function, or the ErrorInfo of its failed load
         self.data = data  # the payload, kept only to load a stateful function again
+        self.size = size  # bytes of payload it came from (see the class's docstring)
         self.call: Any = None  # the call that used ``func`` last (None: not used yet)
         self.setup = -1  # the worker_setup.set_globals_version() its globals have (-1: none applied yet)
         self.displaced: dict[str, Any] | None = None  # the sent values the setup's globals replaced
@@ -194,10 +197,14 @@ class Loaded:
         try:
             func = payload.loads(data)
         except BaseException as exc:  # reported when the function is used
-            failed = cls(ErrorInfo(exc), None)
+            failed = cls(ErrorInfo(exc), None, len(data))
             failed.no_files = _no_files_errno(exc)
             return failed
-        return cls(func, None if payload_cache.stateless(func) else data)
+        return cls(func, None if payload_cache.stateless(func) else data, len(data))
+
+    def nbytes(self) -> int:
+        """:attr:`size` (the cache's measure of this entry: ``payload_cache.excess``)."""
+        return self.size
 
     def stale(self, call: Any) -> bool:
         """Would a unit of ``call`` need the function loaded again (a stateful
@@ -1434,8 +1441,8 @@ class _Worker:
         segments = shm.opened()  # captured arrays mapped from shared memory
         if segments:
             self.func_segments[key] = segments
-        while len(self.funcs) > _CACHE_SIZE:
-            old, _ = self.funcs.popitem(last=False)
+        for old in payload_cache.excess(self.funcs, Loaded.nbytes):  # (the least recently used first)
+            del self.funcs[old]
             self.func_segments.pop(old, None)
 
     def forget(self, keys: list) -> None:

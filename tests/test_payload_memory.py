@@ -151,6 +151,74 @@ def test_dask_workers_forget_the_payloads_the_notebook_dropped():
     dask_tasks._funcs.clear()
 
 
+def _payloads(count: int, size: int = 0) -> list[tuple[bytes, bytes]]:
+    """``(key, payload)`` of ``count`` distinct functions, each capturing ``size`` bytes by value."""
+    from mpmagic import payload
+
+    out = []
+    for k in range(count):
+        f = eval(f"lambda x: len(B) + x + {k}", {"B": bytes([k % 256]) * size, "__name__": "__main__"})
+        out.append((f"f{k}-{size}".encode(), payload.dumps_function(f, "the function")))  # (any distinct key)
+    return out
+
+
+def test_workers_keep_many_small_functions_and_few_big_ones():
+    """A notebook cycling through 17 tiny functions (a cell each, run again and again)
+    had every worker load each one again at every call: it kept its 16 most recent
+    whatever their size. Now a worker (local or Dask) keeps up to 64 and, past its
+    16 most recent, only while their payloads come to 32 MB (the oldest go first):
+    big captured globals cost what 16 of them did. The cache's rule, checked on the
+    worker's own load path (no process)."""
+    import types
+    from collections import OrderedDict
+
+    from mpmagic import payload_cache
+    from mpmagic.warmup import ImportLog
+    from mpmagic.worker import _Worker
+
+    def worker() -> types.SimpleNamespace:
+        return types.SimpleNamespace(funcs=OrderedDict(), func_segments={}, imports=ImportLog())
+
+    small = _payloads(65)
+    w = worker()
+    for key, data in small[:64]:
+        _Worker.load_function(w, key, data)
+    assert list(w.funcs) == [key for key, _ in small[:64]]  # (the 16 most recent before)
+    _Worker.load_function(w, *small[64])
+    assert list(w.funcs) == [key for key, _ in small[1:]]  # the least recently used went
+    dask_tasks._funcs.clear()
+    for k, (key, data) in enumerate(small[:20]):
+        assert dask_tasks._function(key, data, ImportLog(), call=0)(1) == 1 + k
+    assert len(dask_tasks._funcs) == 20
+    dask_tasks._funcs.clear()
+
+    big = _payloads(20, 3 << 20)  # (3 MB each: 16 of them are past the budget)
+    w = worker()
+    for key, data in big:
+        _Worker.load_function(w, key, data)
+    assert list(w.funcs) == [key for key, _ in big[-16:]]  # the 16 most recent: as before, no more
+    for key, data in small[:30]:
+        _Worker.load_function(w, key, data)
+    kept = [loaded.size for loaded in w.funcs.values()]
+    assert len(kept) == 16 + 30 - 6 and sum(kept) <= payload_cache.KEEP_BYTES  # 10 big ones went for the small
+    assert list(w.funcs)[-30:] == [key for key, _ in small[:30]]
+
+
+def test_the_notebook_keeps_the_payloads_of_many_small_functions():
+    """The notebook's payload cache kept 32 functions and told the workers to drop
+    the ones it dropped: cycling through 40 built every payload again at each call
+    (pickled, sent, loaded). It keeps 64 small ones now."""
+    from mpmagic import payload_cache
+
+    funcs = [eval(f"lambda x: x + {k}", {"__name__": "__main__"}) for k in range(40)]
+    for f in funcs:
+        payload_cache.function_payload(f)
+    before = dict(payload_cache.stats)
+    for f in funcs:
+        payload_cache.function_payload(f)
+    assert payload_cache.stats["fast"] - before["fast"] == 40, (before, payload_cache.stats)
+
+
 @pytest.mark.parametrize("how", ["pmap", "parallel", "submit", "imap"])
 def test_a_finished_run_leaves_no_cyclic_garbage(ip, backend, how):
     """A finished run's job (and its pickled payload) must go when the last

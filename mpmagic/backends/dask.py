@@ -2536,7 +2536,7 @@ def _replicate_quietly(client: Any, future: Any) -> None:
 def _forget_quietly(client: Any, keys: list[bytes]) -> None:
     try:
         client.run(dask_tasks.forget, keys, on_error="ignore")
-    except Exception:  # memory only: each worker's own limit (dask_tasks._CACHE_SIZE) still holds
+    except Exception:  # memory only: each worker's own limit (payload_cache.excess) still holds
         log.debug("mpmagic: telling the workers which payloads were dropped failed", exc_info=True)
 
 

@@ -62,12 +62,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .. import context, loadstamps, seeding, task_builtins, worker_logging
+from .. import context, loadstamps, payload_cache, seeding, task_builtins, worker_logging
 from ..protocol import Cell, Context, Map, Out, ProtocolError, pack, unpack
 from ..warmup import ImportLog
 from ..worker import Loaded, execute_cell, execute_map
 
-_CACHE_SIZE = 16  # loaded functions kept per worker process
 _FLUSH_INTERVAL = 0.1  # seconds between streamed output events of one task
 _funcs: OrderedDict[Any, Loaded] = OrderedDict()  # by key, or (key, call) for a stateful function
 _funcs_lock = threading.Lock()
@@ -362,8 +361,8 @@ def _function(key: bytes, data: bytes, imports: ImportLog, call: Any) -> Any:
             copies = [k for k in _funcs if type(k) is tuple and k[0] == key]
             for old in copies[:-_COPIES_PER_FUNCTION]:  # (oldest first)
                 del _funcs[old]
-        while len(_funcs) > _CACHE_SIZE:
-            _funcs.popitem(last=False)
+        for old in payload_cache.excess(_funcs, Loaded.nbytes):  # (the least recently used first)
+            del _funcs[old]
         return fresh.ready()
 
 

@@ -2359,7 +2359,7 @@ class LocalBackend:
         """Tell every worker which payloads the notebook's cache dropped since it last
         looked (``payload_cache.retired_since``): the function was defined again, a
         global it captures was rebound, or it was collected. Each worker kept its
-        own loaded copy of each (up to ``worker._CACHE_SIZE``), with all the function
+        own loaded copy of each (within ``payload_cache.excess``), with all the function
         captured by value: re-running the cell that defines ``f`` over a 100 MB
         table added 100 MB to every worker, each time."""
         keys, self._retired_seen = payload_cache.retired_since(self._retired_seen)
@@ -2738,10 +2738,12 @@ def _position(slot: _Slot) -> int | None:
 
 
 _STOP = pack(Stop())
-# Payload and context keys remembered per worker: a worker keeps only its 16
-# most recent functions (worker._CACHE_SIZE) and answers "missing" for one it
-# dropped, so the notebook's record of them need not grow for the worker's life.
-_KNOWN_MAX = 64
+# Payload and context keys remembered per worker: a worker keeps only its most
+# recent functions (at most payload_cache.KEEP_FUNCTIONS) and answers "missing" for
+# one it dropped, so the notebook's record of them need not grow for the worker's
+# life. Room for all it keeps and the contexts beside: cleared at 64, a notebook
+# cycling through 64 functions sent every payload again once the contexts filled it.
+_KNOWN_MAX = 2 * payload_cache.KEEP_FUNCTIONS
 # Extra looks (select with no wait) for replies that came while the manager
 # handled the last ones, before it takes its next step.
 _MORE_READY = 4
