@@ -679,6 +679,9 @@ class DaskBackend:
             else:
                 self._connect()
             self.scheduler_address = self.client.scheduler.address or self.scheduler_address
+            from .dask_shared import serving
+
+            serving(self.client, self.scheduler_address or self.where)  # (a helper says where it was lost)
             if self.requested_workers and not self.owns_cluster:
                 self._wait_for_workers(self.requested_workers)
             if self.owns_cluster:  # new worker processes: what they import is stamped afresh
@@ -824,10 +827,12 @@ class DaskBackend:
             self._payloads.clear()
             self._nthreads_cache = None
             self._killed.clear()
-        if client is not None and by is not None:
-            from .dask_shared import closed_by  # (the helpers made on it name the stop)
+        if client is not None:
+            from .dask_shared import closed_by, serving  # (the helpers made on it name the stop)
 
-            closed_by(client, by)
+            serving(client, None)
+            if by is not None:
+                closed_by(client, by)
         if client is not None and not self.owns_cluster and worker_setup.has_setup():
             worker_setup.dask_remove(client)  # worker setup: leave a shared cluster as we found it
         if client is not None:

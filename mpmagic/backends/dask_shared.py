@@ -97,6 +97,22 @@ def connection_lost(client: Any, where: str) -> None:
         pass
 
 
+#: The client of the running Dask pool and its scheduler's address (see :func:`serving`).
+_serving: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def serving(client: Any, where: str | None) -> None:
+    """``client`` is the Dask pool's, connected to the scheduler ``where`` (None: the pool
+    stopped it): a helper whose call fails as the client lost that scheduler says where."""
+    try:
+        if where is None:
+            _serving.pop(client, None)
+        else:
+            _serving[client] = where
+    except TypeError:  # (a client that takes no weak reference: "its address")
+        pass
+
+
 def _gone_error(helper: Any) -> UsageError:
     kind = type(helper).__name__.removeprefix("Dask")
     client = helper._client
@@ -126,10 +142,7 @@ def _scheduler_of(client: Any) -> str | None:
     a client a pool's stop closed."""
     if client in _lost:
         return _lost[client]
-    backend = current_backend()
-    if getattr(backend, "client", None) is client:
-        return str(getattr(backend, "scheduler_address", None) or getattr(backend, "where", "its address"))
-    return None
+    return _serving.get(client)
 
 
 @contextlib.contextmanager
