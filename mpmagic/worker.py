@@ -410,6 +410,11 @@ def tail_memory(ctx: Any) -> Any:
     return ctx.RawArray("B", TAIL_BYTES)
 
 
+def clear_tail(shared: Any) -> None:
+    """Empty a stopped worker's tail for a new worker (``LocalBackend`` reuses them)."""
+    memoryview(shared).cast("B")[:_TAIL_HEAD].cast("q")[0] = 0
+
+
 def read_tail(shared: Any) -> list[tuple[str, str]]:
     """What a dead worker's streams held and never sent, as ``(stream, text)`` in the order written."""
     view = memoryview(shared).cast("B")

@@ -476,6 +476,8 @@ exiting.on_stop(lambda: stop_all(wait_busy=False))
 #: Every worker ``Process`` this process started and has not forgotten (slots and
 #: those being reaped): a forked child takes them out of multiprocessing's children.
 _worker_processes: weakref.WeakSet = weakref.WeakSet()
+#: Worker processes reaped by a reaper thread (:func:`_reaped`): none writes its output tail.
+_reaped_processes: weakref.WeakSet = weakref.WeakSet()
 
 
 #: The longest a fork waits for another thread's import to end (_wait_for_imports_elsewhere).
@@ -688,6 +690,9 @@ class LocalBackend:
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
         self._fork_said: set[str] = set()  # fork hazards said already (see _say_fork_hazard)
+        # The output tails (worker._Tail) of stopped workers, with their processes: one
+        # goes to a new worker once its process was reaped (see _tail_for_new_worker).
+        self._spare_tails: list[tuple[Any, Any, bool]] = []
         # Tells this pool's worker 0 from another pool's (worker setup, kept ranks).
         self.pool_key = next(_setup_keys)
         _live_backends.add(self)
@@ -904,7 +909,7 @@ class LocalBackend:
         _widen(child_conn)
         position = self.ctx.RawValue("q", worker.POSITION_IDLE)
         stamp = self.ctx.RawValue("d", 0.0)
-        tail = worker.tail_memory(self.ctx)
+        tail = self._tail_for_new_worker()
         wid = self._next_wid
         self._next_wid += 1
         # worker setup (worker_setup.py): thread caps and GPU, applied before it imports anything
@@ -929,6 +934,29 @@ class LocalBackend:
             wid, proc, parent_conn, time.monotonic(), pid=proc.pid, temporary=temporary, position=position,
             stamp=stamp, tail=tail,
         )
+
+    def _tail_for_new_worker(self) -> Any:
+        """The shared memory of a new worker's output tail: a stopped worker's once
+        nothing writes it any more (SIGKILLed: no instruction of it runs after the signal,
+        sent before this worker starts; stopped: once reaped), else a new one.
+
+        Each is 64 KB of multiprocessing's shared heap, whose arenas under 4 MB are
+        never given back: a new tail for each replacement (a session killing and
+        replacing workers, ``--timeout``, interrupts) left the notebook a new arena
+        file open now and then, for good."""
+        spare = self._spare_tails
+        for k, (proc, tail, killed) in enumerate(spare):
+            if killed or proc in _reaped_processes:
+                del spare[k]
+                worker.clear_tail(tail)
+                return tail
+        return worker.tail_memory(self.ctx)
+
+    def _spare_tail(self, slot: _Slot, killed: bool = False) -> None:
+        """A stopped worker's output tail, for a later worker (``killed``: by SIGKILL)."""
+        if slot.tail is not None:
+            self._spare_tails.append((slot.proc, slot.tail, killed))
+            slot.tail = None
 
     def preload(self, names: list[str]) -> None:
         """Have every worker import these modules in the background (warm workers:
@@ -1143,6 +1171,7 @@ class LocalBackend:
         except Exception:
             log.debug("mpmagic: worker %s gone before stop", slot.wid)
         slot.close()
+        self._spare_tail(slot)
         _reap_later(slot.proc)
 
     def _kill(self, slot: _Slot) -> None:
@@ -1156,6 +1185,7 @@ class LocalBackend:
         except Exception:
             log.debug("mpmagic: could not kill worker %s", slot.wid, exc_info=True)
         slot.close()
+        self._spare_tail(slot, killed=True)
         _reap_later(slot.proc)
         self.workers_replaced += 1
 
@@ -2898,3 +2928,5 @@ def _reaped(proc) -> None:
         proc.close()
     except ValueError:  # still running after SIGKILL and 10 s: left to the OS
         log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
+    else:
+        _reaped_processes.add(proc)  # (its output tail may go to a new worker)
