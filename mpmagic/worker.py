@@ -281,7 +281,20 @@ class MessageReader:
         return data
 
     def read(self) -> bytes | bytearray:
-        """The next message."""
+        """The next message. A small one wholly read already (a unit's, as a rule)
+        is cut from what is held here, without the two :meth:`_take` calls."""
+        held, at = self.held, self.at
+        if len(held) == at:  # (nothing held: read what has arrived)
+            held, at = os.read(self.fd, _READ_AHEAD), 0
+            if not held:
+                raise EOFError
+            self.held, self.at = held, 0
+        if len(held) - at >= _HEAD.size:
+            (n,) = _HEAD.unpack_from(held, at)
+            start = at + _HEAD.size
+            if 0 <= n < _READ_INTO and start + n <= len(held):
+                self.at = start + n
+                return held[start : start + n]
         (n,) = _HEAD.unpack(self._take(_HEAD.size))
         if n == -1:
             (n,) = _LONG.unpack(self._take(_LONG.size))
