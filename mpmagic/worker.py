@@ -1332,15 +1332,18 @@ class _Worker:
             for ended in [i for i in self.thread_ranks if i not in self.threads_seen]:  # (its ident may come again)
                 del self.thread_ranks[ended]
         self._threads_before = running
-        for after in (self.after_out, self.after_err):
-            if after is not None and after.partial:
-                after.flush_all()
-        for s in (self.out, self.err):
-            # last = 0: a task's first line goes home at once (then at most every
-            # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
-            s.call, s.tag, s._closed = call, tag, False
-        self.out.held.last = 0.0
-        sys.stdout, sys.stderr = self.out, self.err
+        after_out, after_err = self.after_out, self.after_err
+        if after_out is not None and after_out.partial:
+            after_out.flush_all()
+        if after_err is not None and after_err.partial:
+            after_err.flush_all()
+        out, err = self.out, self.err
+        out.call, out.tag, out._closed = call, tag, False
+        err.call, err.tag, err._closed = call, tag, False
+        # last = 0: a task's first line goes home at once (then at most every
+        # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
+        out.held.last = 0.0
+        sys.stdout, sys.stderr = out, err
 
     def _leave_if_forked(self) -> None:
         """A task that called ``os.fork()`` and returned in the child: the child
@@ -1353,9 +1356,11 @@ class _Worker:
         """The unit ended: its text goes home; ``rank``: it was that %%parallel rank,
         whose threads still running are labelled as its own when they print (_AfterUnits)."""
         self.out.finish()  # (both streams' text: they share one buffer)
-        if threading.active_count() > self._threads_before:  # (a unit that started no thread pays nothing)
+        running = threading.active_count()  # (a lock and two lengths in Python: read once, as a rule)
+        if running > self._threads_before:  # (a unit that started no thread pays nothing)
             self._note_threads(rank)
-        self._threads_after = threading.active_count()
+            running = threading.active_count()
+        self._threads_after = running
         sys.stdout, sys.stderr = self.after_out, self.after_err
 
     def _note_threads(self, rank: int | None) -> None:
