@@ -602,6 +602,8 @@ def take_notes() -> list[str]:
     """In a worker: the lines for the notebook since the last call (a library setting it
     could not apply), cleared. They go home in a unit's reply (``meta["notes"]``), and
     the run shows each line once, whichever of its workers sent it (``jobs``)."""
+    if not _notes:  # (every unit's reply asks: no lock while there is nothing)
+        return []
     with _notes_lock:
         notes = _notes[:]
         _notes.clear()
