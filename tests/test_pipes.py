@@ -251,6 +251,22 @@ def test_the_receiver_cuts_one_read_into_every_whole_message():
         assert rx.read() == ([], False) and rx.empty  # nothing more, and it says so without blocking
 
 
+def test_the_receiver_gives_a_message_read_alone_as_it_gives_one_cut_from_several():
+    """One whole message in a read (a worker's reply, as a rule) is taken straight from
+    the read, the same bytes and type as a message cut from a read holding several."""
+    a, b, rx = _socketpair_receiver()
+    with a, b:
+        alone = []
+        for message in (b"reply", b"", b"r" * 5000):
+            a.sendall(_framed(message))
+            got, closed = rx.read()
+            alone += got
+        a.sendall(_framed(b"reply", b"", b"r" * 5000))
+        together, _ = rx.read()
+        assert alone == together == [b"reply", b"", b"r" * 5000]
+        assert [type(m) for m in alone] == [type(m) for m in together] == [bytearray] * 3
+
+
 def test_the_receiver_keeps_a_partial_message_until_the_rest_comes():
     """A message cut anywhere, even inside its 4-byte header, comes out whole once."""
     data = _framed(b"first", b"x" * 70_000, b"last")
