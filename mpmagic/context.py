@@ -457,20 +457,35 @@ _LIBRARY_SETTINGS: dict[str, tuple[str, Any, Callable[[Any], Any], Callable[[Any
 }
 
 
+# The modules of the settings, and (the ones of them imported at the last read of
+# libraries(), the settings of those: (name, module, default, read) in order).
+_LIBRARY_MODULES = frozenset(module for module, _, _, _ in _LIBRARY_SETTINGS.values())
+_readable: tuple[Any, tuple] = (None, ())
+
+
 def libraries() -> tuple:
     """The settings of imported numeric libraries that differ from their
     defaults, as ``(name, value)`` pairs: what tasks must compute with.
 
     Read where a run is made (the job, in the calling thread: torch's grad
     mode is per thread, and ``with torch.no_grad(): %pmap ...`` sets the
-    notebook's). A library that is not imported costs a dict lookup; torch
-    and jax imported, 1-3 us in all. A setting that cannot be read (a library half
-    imported) is left out.
+    notebook's); in a worker at each call's start (:func:`reassert`). Which
+    of the libraries are imported is one set intersection in C, and only
+    their settings are walked: looking each of the nine up in turn was ~200
+    Python bytecodes per read with two of them imported (socket, tempfile),
+    a tenth of a worker's warm unit. torch and jax imported, 1-3 us in all.
+    A setting that cannot be read (a library half imported) is left out.
     """
+    global _readable
+    imported = sys.modules.keys() & _LIBRARY_MODULES  # (iterates the nine, looked up in sys.modules)
+    if imported != _readable[0]:
+        _readable = (imported, tuple((name, module, default, read)
+                                     for name, (module, default, read, _) in _LIBRARY_SETTINGS.items()
+                                     if module in imported))
     out = []
-    for name, (module, default, read, _) in _LIBRARY_SETTINGS.items():
+    for name, module, default, read in _readable[1]:
         lib = sys.modules.get(module)
-        if lib is None:
+        if lib is None:  # (a None entry in sys.modules: the module is blocked)
             continue
         try:
             value = read(lib)
@@ -587,6 +602,8 @@ def take_notes() -> list[str]:
     """In a worker: the lines for the notebook since the last call (a library setting it
     could not apply), cleared. They go home in a unit's reply (``meta["notes"]``), and
     the run shows each line once, whichever of its workers sent it (``jobs``)."""
+    if not _notes:  # (every unit's reply asks: no lock while there is nothing)
+        return []
     with _notes_lock:
         notes = _notes[:]
         _notes.clear()

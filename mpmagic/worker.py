@@ -288,7 +288,20 @@ class MessageReader:
         return data
 
     def read(self) -> bytes | bytearray:
-        """The next message."""
+        """The next message. A small one wholly read already (a unit's, as a rule)
+        is cut from what is held here, without the two :meth:`_take` calls."""
+        held, at = self.held, self.at
+        if len(held) == at:  # (nothing held: read what has arrived)
+            held, at = os.read(self.fd, _READ_AHEAD), 0
+            if not held:
+                raise EOFError
+            self.held, self.at = held, 0
+        if len(held) - at >= _HEAD.size:
+            (n,) = _HEAD.unpack_from(held, at)
+            start = at + _HEAD.size
+            if 0 <= n < _READ_INTO and start + n <= len(held):
+                self.at = start + n
+                return held[start : start + n]
         (n,) = _HEAD.unpack(self._take(_HEAD.size))
         if n == -1:
             (n,) = _LONG.unpack(self._take(_LONG.size))
@@ -1331,15 +1344,18 @@ class _Worker:
             for ended in [i for i in self.thread_ranks if i not in self.threads_seen]:  # (its ident may come again)
                 del self.thread_ranks[ended]
         self._threads_before = running
-        for after in (self.after_out, self.after_err):
-            if after is not None and after.partial:
-                after.flush_all()
-        for s in (self.out, self.err):
-            # last = 0: a task's first line goes home at once (then at most every
-            # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
-            s.call, s.tag, s._closed = call, tag, False
-        self.out.held.last = 0.0
-        sys.stdout, sys.stderr = self.out, self.err
+        after_out, after_err = self.after_out, self.after_err
+        if after_out is not None and after_out.partial:
+            after_out.flush_all()
+        if after_err is not None and after_err.partial:
+            after_err.flush_all()
+        out, err = self.out, self.err
+        out.call, out.tag, out._closed = call, tag, False
+        err.call, err.tag, err._closed = call, tag, False
+        # last = 0: a task's first line goes home at once (then at most every
+        # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
+        out.held.last = 0.0
+        sys.stdout, sys.stderr = out, err
 
     def _leave_if_forked(self) -> None:
         """A task that called ``os.fork()`` and returned in the child: the child
@@ -1352,9 +1368,11 @@ class _Worker:
         """The unit ended: its text goes home; ``rank``: it was that %%parallel rank,
         whose threads still running are labelled as its own when they print (_AfterUnits)."""
         self.out.finish()  # (both streams' text: they share one buffer)
-        if threading.active_count() > self._threads_before:  # (a unit that started no thread pays nothing)
+        running = threading.active_count()  # (a lock and two lengths in Python: read once, as a rule)
+        if running > self._threads_before:  # (a unit that started no thread pays nothing)
             self._note_threads(rank)
-        self._threads_after = threading.active_count()
+            running = threading.active_count()
+        self._threads_after = running
         sys.stdout, sys.stderr = self.after_out, self.after_err
 
     def _note_threads(self, rank: int | None) -> None:

@@ -1550,3 +1550,23 @@ def test_the_notebooks_socket_default_timeout_is_the_tasks(ip, any_method):
         assert _same_as_serial(ip, "made_timeout", "[0, 1]") == [None, None]
     finally:
         socket.setdefaulttimeout(before)
+
+
+def test_the_library_settings_read_follow_the_libraries_imported_since_the_last_read(monkeypatch):
+    """``context.libraries`` walks only the settings of the libraries imported (which ones
+    are is read again at each call): a library imported after a read, or a module blocked
+    by a ``None`` in ``sys.modules``, changes what the next read gives."""
+    import types
+
+    from mpmagic import context
+
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(jax_enable_x64=True))
+    monkeypatch.delitem(sys.modules, "jax", raising=False)
+    before = context.libraries()
+    assert "jax_enable_x64" not in dict(before)
+    monkeypatch.setitem(sys.modules, "jax", fake)
+    assert dict(context.libraries())["jax_enable_x64"] is True
+    monkeypatch.setitem(sys.modules, "jax", None)
+    assert context.libraries() == before
+    monkeypatch.delitem(sys.modules, "jax")
+    assert context.libraries() == before

@@ -104,6 +104,33 @@ def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
         b.close()
 
 
+def test_the_worker_reads_small_messages_that_arrive_a_few_bytes_at_a_time():
+    """A small message cut from what is held (MessageReader.read's quick path) and one
+    whose head or body is still on its way (read on from the pipe) read back the same."""
+    from mpmagic.worker import MessageReader
+
+    a, b = socket.socketpair()
+    messages = [b"ab", b"", b"context" * 3, b"x", b"chunk" * 7]
+    wire = b"".join(bytes(v) for m in messages for v in frame(m))
+
+    def write_slowly():
+        with a:
+            for i in range(0, len(wire), 3):  # pieces that cut heads and bodies, some holding two messages' parts
+                a.sendall(wire[i : i + 3])
+                time.sleep(0.001)
+
+    writer = threading.Thread(target=write_slowly)
+    writer.start()
+    try:
+        reader = MessageReader(b.fileno())
+        assert [reader.read() for _ in messages] == messages
+        with pytest.raises(EOFError):
+            reader.read()
+    finally:
+        writer.join(30)
+        b.close()
+
+
 def test_the_worker_reads_small_messages_sent_together_in_one_read(monkeypatch):
     """A small message is one read of the pipe, not one for its head and one for
     its body, and messages that arrived together (a context, a function, a chunk)
@@ -222,6 +249,22 @@ def test_the_receiver_cuts_one_read_into_every_whole_message():
         got, closed = rx.read()
         assert got == [b"one", b"", b"three" * 100] and not closed
         assert rx.read() == ([], False) and rx.empty  # nothing more, and it says so without blocking
+
+
+def test_the_receiver_gives_a_message_read_alone_as_it_gives_one_cut_from_several():
+    """One whole message in a read (a worker's reply, as a rule) is taken straight from
+    the read, the same bytes and type as a message cut from a read holding several."""
+    a, b, rx = _socketpair_receiver()
+    with a, b:
+        alone = []
+        for message in (b"reply", b"", b"r" * 5000):
+            a.sendall(_framed(message))
+            got, closed = rx.read()
+            alone += got
+        a.sendall(_framed(b"reply", b"", b"r" * 5000))
+        together, _ = rx.read()
+        assert alone == together == [b"reply", b"", b"r" * 5000]
+        assert [type(m) for m in alone] == [type(m) for m in together] == [bytearray] * 3
 
 
 def test_the_receiver_keeps_a_partial_message_until_the_rest_comes():

@@ -177,8 +177,11 @@ class Receiver:
                     messages.append(body)
                     self._body = None
                 continue
-            self._buf += view[:n]
-            self._cut(messages)
+            if not self._buf and n >= _HEAD.size and _HEAD.unpack_from(view)[0] == n - _HEAD.size:
+                messages.append(bytearray(view[_HEAD.size : n]))  # (one whole message, as a reply is as a rule)
+            else:
+                self._buf += view[:n]
+                self._cut(messages)
             if n < _READ and self._body is None:
                 self.empty = True  # (bytes that came since wake the selector again)
                 break
