@@ -57,6 +57,7 @@ from .errors import (
 )
 from .fmt import cancelled_words, stopped_words
 from .interrupts import absorb_late_interrupts
+from .interrupts import restore as restore_interrupts
 from .report import Report
 from .timeouts import TimeoutError as WaitTimeout
 
@@ -436,6 +437,7 @@ class Run(Future[_R]):
         is one usage line, not a TypeError from ``threading``; ``inf`` waits with no limit)."""
         __tracebackhide__ = True
         seconds = wait_timeout(timeout)
+        restore_interrupts()  # this wait's interrupt is its own, not a repeat of an earlier one's
         try:
             return self._done.wait(seconds)
         except KeyboardInterrupt:
@@ -562,6 +564,7 @@ class Run(Future[_R]):
 
     # -- the pump (its own thread) ---------------------------------------------
     def _start(self, backend: Any, workers: int | None) -> None:
+        restore_interrupts()  # (as a blocking run's start: an interrupt of this run or its stream is its own)
         # The exit waits for this run from its submit on (the pool may be starting for it):
         # its pump, made here, is started once the run is the backend's (_waited_at_exit).
         pump = self._pump_thread = threading.Thread(target=self._pump, args=(backend,), daemon=True,

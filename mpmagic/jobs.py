@@ -1812,7 +1812,7 @@ class CellJob:
         return f"rank {unit.id}"
 
     def message(self, unit: Unit) -> Cell:
-        return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context))
+        return Cell(self.call_id, unit.id, self.size, unit.data, (None, self.log_context), self._label)
 
     def ran_without_setup(self, unit: Unit, note: str) -> None:
         """The worker answering rank ``unit`` runs without the pool's setup (``note``

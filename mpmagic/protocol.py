@@ -13,7 +13,7 @@ Notebook to worker (requests)::
     Func(key, payload)                 cache a cloudpickled function under its key
     Map(call, tag, key, star, collect, items, timing, block, log_context, item_clock, site)
                                        run the function over a chunk of items
-    Cell(call, tag, size, payload, log_context)
+    Cell(call, tag, size, payload, log_context, label)
                                        run a %%parallel cell body as rank ``tag``
     Context(version, state)            the notebook's world (see context.py)
     Unmap(names)                       these shared-memory segments are gone
@@ -116,6 +116,7 @@ class Cell(NamedTuple):
     size: int
     payload: bytes
     log_context: tuple | None = None  # (None, logger levels): see Map
+    label: bool = True  # its lines are labelled [rank N] (not with --no-label): its threads' after it too
 
 
 class Context(NamedTuple):

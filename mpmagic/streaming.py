@@ -39,6 +39,7 @@ from .checks import check_flags, check_whole, keyword_names, unexpected_keyword
 from .engine import sigint_deferred
 from .errors import MPMagicError, hide_our_frames, one_line
 from .fmt import cancelled_words, stopped_words
+from .interrupts import restore as restore_interrupts
 from .jobs import Failed, MapJob, ToRaise
 
 if TYPE_CHECKING:
@@ -349,6 +350,7 @@ def _segment(reader: _Reader) -> Generator[Any, None, None]:
     items: ~5 ms less); only a chunk holding a failed item is gone through one by one."""
     __tracebackhide__ = True
     left = False  # the segment ended as it should (the end, an item's error): nothing to cancel
+    restore_interrupts()  # (a loop's first wait: its interrupt is its own, not a repeat of an earlier run's)
     try:
         while (chunk := reader.fill()) is not None:
             at = reader.held_at

@@ -1563,7 +1563,7 @@ class _Worker:
             reply = execute_cell(msg, self.worker_id, self._cpu_of_unit, self.imports, unfit_without_files=True)
         finally:
             self._leave_if_forked()
-            self._release(msg.tag)
+            self._release(msg.tag if msg.label else None)  # (--no-label: its threads' lines unlabelled too)
         if type(reply) is NoFiles:
             self._unfit(reply)
         if self.position is not None:

@@ -549,9 +549,6 @@ def test_a_ctrl_c_as_imap_takes_a_chunk_loses_none_of_its_results(ns, monkeypatc
 def test_a_ctrl_c_as_imap_takes_its_end_does_not_leave_the_loop_waiting_for_ever(ns):
     """The Ctrl-C lands right after the reader took the run's end off the feed: the
     loop, run again, ends. It waited for ever for the end it had taken."""
-    from mpmagic import interrupts
-
-    interrupts.restore()  # (an interrupt just before, the last test's: this one is not a repeat of it)
     stream = mpmagic.imap(ns["slow"], range(4), chunksize=1)
     main = threading.main_thread().ident
     stream.run.add_done_callback(lambda r: signal.pthread_kill(main, signal.SIGINT))  # (after the end is queued)
@@ -1541,3 +1538,30 @@ def test_a_cells_run_label_quotes_its_start_and_marks_what_was_cut(ip, ns, monke
 
     monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(io.BytesIO(), encoding="ascii"))
     assert code_snippet("a\nb") == "a ..."  # (an ASCII terminal: as fmt.micro's "us")
+
+
+@pytest.mark.parametrize("started", ["before", "after"])
+@pytest.mark.parametrize("how", ["result", "imap"])
+def test_the_first_ctrl_c_in_a_new_wait_acts_even_just_after_an_interrupted_run(ns, how, started):
+    """Half a second after an interrupted run, presses are taken as repeats of it
+    (interrupts.py). A background run started then (or before), and waited for, took
+    the user's first Ctrl-C for such a repeat and dropped it: the wait went on to the
+    run's end."""
+    from mpmagic import interrupts
+
+    def start():
+        return mpmagic.submit(ns["napper"], [1, 2, 3, 4], chunksize=1) if how == "result" else \
+            mpmagic.imap(ns["napper"], [1, 2, 3, 4], chunksize=1)
+
+    handle = start() if started == "before" else None
+    interrupts.absorb_late_interrupts(30)  # (as an interrupted run leaves it, for long)
+    try:
+        handle = handle or start()
+        main = threading.main_thread().ident
+        threading.Timer(0.1, lambda: signal.pthread_kill(main, signal.SIGINT)).start()
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt, match="interrupted"):
+            handle.result() if how == "result" else list(handle)
+        assert time.monotonic() - t0 < 0.9
+    finally:
+        interrupts.restore()

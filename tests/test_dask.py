@@ -282,23 +282,26 @@ def test_an_interrupt_names_running_tasks_whose_start_event_has_not_come(ip, das
         release.touch()
 
 
-@pytest.mark.parametrize("waits_in", ["Queue.get", "Event.wait", "Lock.acquire"])
+@pytest.mark.parametrize("waits_in", ["Queue.get", "Queue.put", "Event.wait", "Lock.acquire"])
 def test_a_task_given_up_while_it_waits_in_a_helper_frees_its_worker(ip, dask_pool, tmp_path, waits_in):
     """An interrupted run on a cluster mpmagic connected to: Dask cannot stop a running task,
     and one waiting in q.get() for an item nobody will put (ev.wait() for a set() that never
-    comes, lk.acquire() of a lock the notebook holds) held its worker for good: the next run
-    waited for it for ever. The helper's wait is mpmagic's own loop: it sees that its task
-    was given up (its worker marks it cancelled) and stops, so the worker is free again."""
+    comes, lk.acquire() of a lock the notebook holds, full.put() on a full bounded queue nobody
+    reads) held its worker for good: the next run waited for it for ever. The helper's wait
+    is mpmagic's own loop: it sees that its task was given up (its worker marks it cancelled)
+    and stops, so the worker is free again."""
     from mpmagic.backends import dask_tasks
 
-    q, ev, lk = mpmagic.Queue(), mpmagic.Event(), mpmagic.Lock()
+    q, ev, lk, full = mpmagic.Queue(), mpmagic.Event(), mpmagic.Lock(), mpmagic.Queue(maxsize=1)
     lk.acquire()
+    full.put(0)
     began = tmp_path / "began"
-    call = {"Queue.get": "q.get()", "Event.wait": "ev.wait()", "Lock.acquire": "lk.acquire()"}[waits_in]
+    call = {"Queue.get": "q.get()", "Queue.put": "full.put(1)", "Event.wait": "ev.wait()",
+            "Lock.acquire": "lk.acquire()"}[waits_in]
 
     def waiter(x):
         began.touch()
-        return eval(call, {"q": q, "ev": ev, "lk": lk})
+        return eval(call, {"q": q, "ev": ev, "lk": lk, "full": full})
 
     def interrupt_once_it_waits() -> None:
         deadline = time.monotonic() + 30

@@ -270,6 +270,11 @@ def test_what_a_ranks_thread_prints_after_the_rank_ended_is_labelled_with_that_r
                       "    threading.Thread(target=lambda: (time.sleep(0.2), print('late from rank', rank))).start()\n"
                       "else:\n    time.sleep(0.6)\n")
     assert "[rank 0] late from rank 0\n" in reply.stream(), (reply.outputs, reply.others)
+    # --no-label: the rank's own lines are not labelled, nor are its thread's (they were)
+    reply = kernel.ok("%%parallel -n 2 -q --no-label\nimport threading, time\nif rank == 0:\n"
+                      "    threading.Thread(target=lambda: (time.sleep(0.2), print('late from rank', rank))).start()\n"
+                      "else:\n    time.sleep(0.6)\n")
+    assert "late from rank 0\n" in reply.stream() and "[rank" not in reply.stream(), (reply.outputs, reply.others)
 
 
 def test_interrupt_during_parallel_returns_quickly_and_the_pool_works(kernel):

@@ -1412,11 +1412,18 @@ def test_dask_helpers_take_a_timeout_too_large_to_wait_on_as_no_limit():
     lock, event = object.__new__(DaskLock), object.__new__(DaskEvent)
     lock._lock = event._event = Waits()
     assert lock.acquire(timeout=HUGE) is True and event.wait(HUGE) is True
+    class Room(Waits):
+        def qsize(self):
+            return 0
+
+        def release(self):
+            pass
+
     q = object.__new__(DaskQueue)
-    q.maxsize, q._q, q._taker = 1, Waits(), Waits()
+    q.maxsize, q._q, q._taker, q._giver = 1, Room(), Waits(), Room()
     q._refuse_if_closed = lambda: None
-    q.put(1, timeout=HUGE)
-    assert asked == [("acquire", None), ("wait", None), ("put", None)]
+    q.put(1, timeout=HUGE)  # (a bounded put waits in mpmagic's loop: Dask is asked one slice at a time)
+    assert asked == [("acquire", None), ("wait", None), ("acquire", DaskQueue._SLICE), ("put", DaskQueue._SLICE)]
     # (a negative timeout is 0, as in multiprocessing, not queue.Queue's ValueError: test_dask.py runs it)
     assert [_wait_for(block, t) for block, t in ((True, -1), (True, -0.5), (True, 2), (False, 2))] == [0, 0, 2, 0]
     for option in ("maxsize", "producers"):

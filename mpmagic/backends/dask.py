@@ -2478,8 +2478,6 @@ class _DaskRun:
             f"end in the background at {backend.where} (its workers are not mpmagic's to restart), their results "
             f"dropped, and {later}"
         )
-        sys.stderr.flush()
-        return outcome
 
 
 def _cancel_reason(future: Any) -> str | None:

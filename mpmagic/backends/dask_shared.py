@@ -268,6 +268,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
         self.name, self.maxsize, self.producers = name, maxsize, producers
         self._client, self._orphan = client, orphan
         self._taker: Any = None  # the lock consumers take items under (made on the first get)
+        self._giver: Any = None  # the lock producers put items under, in a bounded queue (the first put)
         if orphan:  # (no Dask here: every method says so)
             return
         self._q = Queue(name=name, client=client, maxsize=maxsize)
@@ -287,33 +288,64 @@ class DaskQueue(_OnDask, IterUntilClosed):
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Add ``obj`` at the end; with a bound, wait for room (or raise queue.Full).
 
-        A bounded queue with a time limit (``put_nowait``, ``timeout=``) waits
-        by looking at the queue's size, as ``get`` does: a ``distributed.Queue.put``
-        that timed out on a full queue made the scheduler log an error with its
-        traceback (~20 lines in the cell) before each ``queue.Full``.
+        A bounded queue waits for room by looking at the queue's size, as ``get``
+        does: a ``distributed.Queue.put`` that timed out on a full queue made the
+        scheduler log an error with its traceback (~20 lines in the cell) before
+        each ``queue.Full``; and one with no time limit waited inside Dask, where a
+        task the notebook gave up never saw it (``_stop_if_given_up``) and kept its
+        worker for good.
         """
         data = payload.dumps_checked(obj, "an item put in the queue")
         limit = _wait_for(block, timeout)
         with _pool_gone(self), _timed("Queue") as call:
             self._refuse_if_closed()
-            if not self.maxsize or limit is None:  # no bound (nothing to wait for), or no limit: Dask's
-                self._q.put(data)                   # put waits without logging
+            if not self.maxsize:  # no bound: nothing to wait for
+                self._q.put(data)
                 return
-            deadline = time.monotonic() + limit
+            deadline = None if limit is None else time.monotonic() + limit
             pause = 0.001
+            next_check = time.monotonic() + self._SLICE
             while True:
-                if self._q.qsize() < self.maxsize:
-                    try:
-                        self._q.put(data, timeout=self._SLICE)  # (room was there: at once; a lost race logs once)
-                        return
-                    except (TimeoutError, asyncio.TimeoutError):  # (Dask's; a class of its own before 3.11)
-                        pass
-                left = deadline - time.monotonic()
+                lock_wait = self._SLICE if deadline is None else max(0.01, deadline - time.monotonic())
+                if self._q.qsize() < self.maxsize and self._give(data, lock_wait):
+                    return
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + self._SLICE
+                    _stop_if_given_up("mpmagic.Queue.put()")
+                left = self._POLL if deadline is None else deadline - now
                 if left <= 0:
                     call.ran_out = True
                     raise std_queue.Full
                 time.sleep(min(pause, left))
                 pause = min(pause * 2, self._POLL)
+
+    def _give(self, data: bytes, lock_wait: float) -> bool:
+        """Put ``data`` if there is room; never waits for room (for the producers' lock,
+        up to ``lock_wait`` seconds). As :meth:`_take`: under a lock all producers share,
+        so the room seen is still there for the ``put``, which finds it at once. Without
+        it, producers racing for the one free place each waited in Dask's ``put`` until
+        its timeout, which the scheduler logs with its traceback (24 tracebacks for 3
+        producers of 4 items on a ``maxsize=1`` queue)."""
+        if self._giver is None:
+            self._giver = _dask_lock(self.name + "-give", self._client)
+        try:
+            got = self._giver.acquire(timeout=lock_wait)
+        except BaseException:  # (as _take: a lease taken as the interrupt came is given back)
+            _release_quietly(self._giver)
+            raise
+        if not got:
+            return False
+        try:
+            if self._q.qsize() >= self.maxsize:
+                return False  # (another producer filled it while this one waited for the lock)
+            try:
+                self._q.put(data, timeout=self._SLICE)
+            except (TimeoutError, asyncio.TimeoutError):  # (Dask's; a class of its own before 3.11)
+                return False
+        finally:
+            self._giver.release()
+        return True
 
     def _refuse_if_closed(self) -> None:
         """UsageError (a ValueError), as the local Queue: an item put after the end of the
@@ -408,7 +440,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
             # Ctrl-C while the acquire was in flight: it may still have completed on
             # the client's loop, and a lease nobody releases would stop every
             # consumer's get for good.
-            self._release_quietly()
+            _release_quietly(self._taker)
             raise
         if not got:
             return False, None
@@ -422,13 +454,6 @@ class DaskQueue(_OnDask, IterUntilClosed):
         finally:
             self._taker.release()
         return True, payload.loads(data)
-
-    def _release_quietly(self) -> None:
-        try:
-            self._taker.release()  # (a RuntimeError when this consumer holds no lease: nothing to give back)
-        except Exception:
-            logging.getLogger("mpmagic").debug("mpmagic: no consumer lock to release after an interrupt",
-                                               exc_info=True)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``, as ``multiprocessing.Queue.put_nowait`` and
@@ -597,6 +622,14 @@ class DaskLock(_OnDask):
         return self.acquire()
 
     __exit__ = release
+
+
+def _release_quietly(lock: Any) -> None:
+    """Give back a queue's consumers' or producers' ``lock`` after an interrupt of its acquire."""
+    try:
+        lock.release()  # (a RuntimeError when this thread holds no lease: nothing to give back)
+    except Exception:
+        logging.getLogger("mpmagic").debug("mpmagic: no queue lock to release after an interrupt", exc_info=True)
 
 
 def _dask_lock(name: str, client: Any) -> Any:
