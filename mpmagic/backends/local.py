@@ -690,9 +690,10 @@ class LocalBackend:
         self._interrupted_at = float("-inf")
         self.warmth = warmup.Warmth()  # modules the workers import because the notebook did (warmup.py)
         self._fork_said: set[str] = set()  # fork hazards said already (see _say_fork_hazard)
-        # The output tails (worker._Tail) of stopped workers, with their processes: one
-        # goes to a new worker once its process was reaped (see _tail_for_new_worker).
-        self._spare_tails: list[tuple[Any, Any, bool]] = []
+        # The output tails (worker._Tail) of stopped workers, with their processes (held
+        # weakly: a stopped worker's Process and pipes go as before): one goes to a new
+        # worker once nothing writes it (see _tail_for_new_worker).
+        self._spare_tails: list[tuple[weakref.ref, Any, bool]] = []
         # Tells this pool's worker 0 from another pool's (worker setup, kept ranks).
         self.pool_key = next(_setup_keys)
         _live_backends.add(self)
@@ -945,8 +946,9 @@ class LocalBackend:
         replacing workers, ``--timeout``, interrupts) left the notebook a new arena
         file open now and then, for good."""
         spare = self._spare_tails
-        for k, (proc, tail, killed) in enumerate(spare):
-            if killed or proc in _reaped_processes:
+        for k, (ref, tail, killed) in enumerate(spare):
+            proc = ref()
+            if killed or proc is None or proc in _reaped_processes:
                 del spare[k]
                 worker.clear_tail(tail)
                 return tail
@@ -955,7 +957,7 @@ class LocalBackend:
     def _spare_tail(self, slot: _Slot, killed: bool = False) -> None:
         """A stopped worker's output tail, for a later worker (``killed``: by SIGKILL)."""
         if slot.tail is not None:
-            self._spare_tails.append((slot.proc, slot.tail, killed))
+            self._spare_tails.append((weakref.ref(slot.proc), slot.tail, killed))
             slot.tail = None
 
     def preload(self, names: list[str]) -> None:
