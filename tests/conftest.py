@@ -183,6 +183,22 @@ def trickle_results(stream_of) -> tuple[list, int | None]:
     return got, put_at_first
 
 
+def kill_in_its_second_item(folder, pid: int) -> None:
+    """In a thread: SIGKILL worker ``pid`` ~0.15 s into its second item, told by the files
+    its items write in ``folder`` (``{pid}-{item}``): its first item's start is surely
+    heard of by then (a Dask worker killed while it runs an item Dask then runs again)."""
+    import threading
+
+    def kill() -> None:
+        deadline = time.monotonic() + 30
+        while len(list(folder.glob(f"{pid}-*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.15)
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+
+
 def low_recursion_limit(headroom: int = 100) -> int:
     """A recursion limit ``headroom`` frames above the caller's depth: a RecursionError
     test's tracebacks stay short (about ``headroom`` frames here, a few more in a worker,

@@ -22,7 +22,13 @@ import traceback
 
 import psutil
 import pytest
-from conftest import DASK_WORKERS, check_lazy_inputs_equal_serial, ensure_pool, run
+from conftest import (
+    DASK_WORKERS,
+    check_lazy_inputs_equal_serial,
+    ensure_pool,
+    kill_in_its_second_item,
+    run,
+)
 from IPython.core.error import UsageError as IPythonUsageError
 
 import mpmagic
@@ -92,14 +98,7 @@ def test_worker_killed_during_a_map_dask_retries_it(ip, dask_pool, tmp_path):
             "'w').close()\n    time.sleep(0.3)\n    return x * x\n")
     victim = sorted(pids.values())[0]
 
-    def kill_in_its_second_item() -> None:  # (its first item's start surely heard of)
-        deadline = time.monotonic() + 30
-        while len(list(tmp_path.glob(f"{victim}-*"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.15)
-        os.kill(victim, signal.SIGKILL)
-
-    threading.Thread(target=kill_in_its_second_item, daemon=True).start()
+    kill_in_its_second_item(tmp_path, victim)
     res = run(ip, "%pmap -q --chunksize 1 slow_square, range(16)")
     assert res == [x * x for x in range(16)]
     assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == psutil.STATUS_ZOMBIE

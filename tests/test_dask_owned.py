@@ -20,7 +20,13 @@ import traceback
 
 import cloudpickle
 import pytest
-from conftest import DASK_WORKERS, ctrl_c_during_the_exit_wait, ensure_pool, run
+from conftest import (
+    DASK_WORKERS,
+    ctrl_c_during_the_exit_wait,
+    ensure_pool,
+    kill_in_its_second_item,
+    run,
+)
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -786,14 +792,7 @@ def test_a_task_that_kills_its_worker_leaves_mpmagics_own_cluster_whole(pool2, c
             folder.mkdir()
             victim = sorted(_pids(backend).values())[0]
 
-            def kill_in_its_second_item() -> None:
-                deadline = time.monotonic() + 30
-                while len(list(folder.glob(f"{victim}-*"))) < 2 and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                time.sleep(0.15)
-                os.kill(victim, signal.SIGKILL)
-
-            threading.Thread(target=kill_in_its_second_item, daemon=True).start()
+            kill_in_its_second_item(folder, victim)
             assert mpmagic.pmap(_noted_slowly, range(8), [str(folder)] * 8, chunksize=1, progress=False) == list(range(8))
             ran = [p.name.split("-")[1] for p in folder.iterdir()]
             assert len(ran) == 9 and len(set(ran)) == 8, sorted(ran)

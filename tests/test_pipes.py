@@ -74,6 +74,21 @@ def test_a_message_in_parts_arrives_as_one():
         theirs.close()
 
 
+def _writing_slowly(sock: socket.socket, wire: bytes, step: int, pause: float) -> threading.Thread:
+    """A started thread writing ``wire`` into ``sock`` ``step`` bytes at a time, ``pause``
+    seconds apart, then closing it (a reader sees the pipe's end)."""
+
+    def write() -> None:
+        with sock:
+            for i in range(0, len(wire), step):
+                sock.sendall(wire[i : i + step])
+                time.sleep(pause)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    return writer
+
+
 def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
     """worker.MessageReader reads each framed message back, small ones as bytes
     and big ones (read into one buffer of their size) however the pipe splits
@@ -85,14 +100,7 @@ def test_the_worker_reads_what_was_framed_whole_however_it_arrives():
     messages = [b"", b"small", big, b"after", b"x" * 70_000, b"tail"]
     wire = b"".join(bytes(v) for m in messages for v in frame(m))
 
-    def write_slowly():
-        with a:
-            for i in range(0, len(wire), 700_001):  # pieces that cut the headers and the big body
-                a.sendall(wire[i : i + 700_001])
-                time.sleep(0.002)
-
-    writer = threading.Thread(target=write_slowly)
-    writer.start()
+    writer = _writing_slowly(a, wire, 700_001, 0.002)  # (pieces that cut the headers and the big body)
     try:
         reader = MessageReader(b.fileno())
         got = [reader.read() for _ in messages]
@@ -113,14 +121,7 @@ def test_the_worker_reads_small_messages_that_arrive_a_few_bytes_at_a_time():
     messages = [b"ab", b"", b"context" * 3, b"x", b"chunk" * 7]
     wire = b"".join(bytes(v) for m in messages for v in frame(m))
 
-    def write_slowly():
-        with a:
-            for i in range(0, len(wire), 3):  # pieces that cut heads and bodies, some holding two messages' parts
-                a.sendall(wire[i : i + 3])
-                time.sleep(0.001)
-
-    writer = threading.Thread(target=write_slowly)
-    writer.start()
+    writer = _writing_slowly(a, wire, 3, 0.001)  # (pieces that cut heads and bodies, some holding two messages' parts)
     try:
         reader = MessageReader(b.fileno())
         assert [reader.read() for _ in messages] == messages
