@@ -81,13 +81,24 @@ def find_cell(nb: nbformat.NotebookNode, marker: str) -> list:
 
 
 def cell_text(nb: nbformat.NotebookNode, marker: str) -> str:
-    """All the text the code cell containing ``marker`` showed (streams, plain text, HTML)."""
+    """All the text the code cell containing ``marker`` showed (streams, plain text, HTML).
+
+    Consecutive stream outputs of one stream are one text, as Jupyter shows them: the
+    kernel sends what a ``print`` wrote in pieces when its 0.2 s flush timer lands between
+    them (``total:`` and `` 3333...`` came as two outputs, read as two lines)."""
     cells = find_cell(nb, marker)
     parts = []
+    last_stream = None
     for out in cells[0].outputs:
         if out.output_type == "stream":
-            parts.append(out.text)
-        elif out.output_type in ("display_data", "execute_result"):
+            if last_stream == out.name:
+                parts[-1] += out.text
+            else:
+                parts.append(out.text)
+            last_stream = out.name
+            continue
+        last_stream = None
+        if out.output_type in ("display_data", "execute_result"):
             parts.extend(str(v) for k, v in out.data.items() if k.startswith("text/"))
     return "\n".join(parts)
 
