@@ -141,6 +141,12 @@ def getattr_recursion(type_name: str, function: str | None) -> str | None:
             "for names that start with '__' (or read the attribute as self.__dict__['target'])")
 
 
+def getattr_recursion_in(exc: BaseException) -> str | None:
+    """:func:`getattr_recursion` for an exception at hand (its traceback's innermost
+    function, qualified: "Proxy.__getattr__"): why loading a pickle raised ``exc``."""
+    return getattr_recursion(type(exc).__name__, _innermost_function(exc.__traceback__))
+
+
 def _innermost_function(tb: types.TracebackType | None) -> str | None:
     """The qualified name (3.11+; else the name) of the function a traceback ends in."""
     while tb is not None and tb.tb_next is not None:
@@ -160,7 +166,7 @@ def unloadable_results(what: str, exc: BaseException) -> SerializationError:
     class's ``__getattr__`` recursed (:func:`getattr_recursion`)."""
     if isinstance(exc, MPMagicError):
         return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: {exc}")
-    if (recursed := getattr_recursion(type(exc).__name__, _innermost_function(exc.__traceback__))) is not None:
+    if (recursed := getattr_recursion_in(exc)) is not None:
         return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: {recursed}.")
     if out_of_files(exc):  # (mapping its shared memory needs a descriptor for a moment: not the type's fault)
         return SerializationError(f"{what} came back from the worker but cannot be loaded in the notebook: "

@@ -54,6 +54,7 @@ from .errors import (
     drop_our_frames,
     fake_traceback,
     getattr_recursion,
+    getattr_recursion_in,
     looked_up_name,
     note_unsent_name,
     raised_by_our_call,
@@ -1919,6 +1920,8 @@ class CellJob:
     def error(self, unit: Unit, index: int, info: Any, partial: bytes, seconds: float) -> None:
         self.outstanding.pop(unit.id, None)
         self.failures[unit.id] = rebuild_exception(info, f"mpmagic: raised by rank {unit.id} of {self.size}")
+        if index < 0 and (recursed := getattr_recursion_in(self.failures[unit.id])) is not None:
+            add_note(self.failures[unit.id], f"mpmagic: {CELL_LOAD_FAILED}: {recursed}")  # (a map's: _load_failure_note)
         if self.lease is not None and _read_only_write(self.failures[unit.id]):
             add_note(self.failures[unit.id], _read_only_note(self.failures[unit.id]))
         _note_daemonic(self.failures[unit.id])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest import ensure_pool, run
+from conftest import ensure_pool, low_recursion_limit, run
 
 import mpmagic
 
@@ -431,3 +431,25 @@ def test_a_delegating_getattr_that_recurses_as_pickle_rebuilds_its_object_says_w
     text = str(info.value)
     assert "Proxy.__getattr__ recursed while pickle rebuilt a Proxy" in text, text
     assert "Return types the notebook can import" not in text, text
+
+
+def test_a_delegating_getattr_sent_to_a_parallel_cell_says_why(ip, pool2):
+    """small27: the same wrapper sent to a ``%%parallel`` cell (a name the cell uses) failed
+    each rank with a bare RecursionError (note: "raised by rank 0 of 2" only): the cell's names
+    are loaded before its code runs, and the note of the map path was not given there."""
+    from mpmagic.errors import ParallelError
+
+    run(ip, PROXY)
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(low_recursion_limit())  # (travels to the workers: short tracebacks to show)
+    try:
+        with pytest.raises(ParallelError) as info:
+            mpmagic.parallel("wrapped.shout(rank)", workers=2, namespace=ip.user_ns, label_output=False)
+    finally:
+        sys.setrecursionlimit(before)
+    assert sorted(info.value.failures) == [0, 1], info.value
+    for rank, failure in info.value.failures.items():
+        said = " ".join(getattr(failure, "__notes__", []))
+        assert f"raised by rank {rank} of 2 mpmagic: the cell's names could not be loaded in the worker" in said, said
+        assert "__getattr__ recursed while pickle rebuilt its object" in said, said  # (as the map's API path)
+        assert "raise AttributeError for names that start with '__'" in said, said
