@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import threading
 
 import psutil
 import pytest
@@ -706,3 +707,23 @@ def test_status_marks_the_listed_workers_that_stop_once_idle(pool2):
     assert ", stops once idle (beyond the pool's size: %pool resize), " in rows[f"worker {retiring.wid}"]
     assert ", stops once idle (an extra worker for a cell's ranks), " in rows[f"worker {extra.wid}"]
     assert "stops once idle" not in "\n".join(_local_lines(pool2.status()))
+
+
+def test_the_managers_lines_with_no_run_in_flight_go_to_the_next_runs_cell(pool2, monkeypatch, capsys):
+    """small27: a line of the manager thread's with no run in flight (the fork-hazard line of a
+    replacement worker it forks, a replacement's setup failure) was written (or logged) from
+    that thread, landing in whichever Jupyter cell ran then: it is held and said first in the
+    next run's cell."""
+    from mpmagic import threads
+
+    line = "mpmagic: (a fork hazard the notebook's threads make)"
+    monkeypatch.setattr(threads, "fork_hazard", lambda: line)
+    with pool2._lock:  # (as the manager forks a replacement: in its thread, under the lock, no run in flight)
+        manager, pool2._manager = pool2._manager, threading.current_thread()
+        try:
+            pool2._say_fork_hazard()
+        finally:
+            pool2._manager = manager
+    assert line not in capsys.readouterr().err
+    assert mpmagic.pmap(abs, [-1]) == [1]
+    assert line + "\n" in capsys.readouterr().err
