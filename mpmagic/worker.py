@@ -529,6 +529,9 @@ class _StreamToParent(io.TextIOBase):
         self.tag: Any = None
         self.sibling = sibling
         self._closed = False  # a task's sys.stdout.close() (see close)
+        # Between units: the worker's stream then (its _AfterUnits), which takes what is
+        # written here (see write); None while a unit runs.
+        self.after: Any = None
         self.held: _Held = _Held(tail) if sibling is None else sibling.held
         self.lock: threading.RLock = threading.RLock() if sibling is None else sibling.lock
         self._in_write: list[int] = [0] if sibling is None else sibling._in_write  # (shared: one per worker)
@@ -589,6 +592,13 @@ class _StreamToParent(io.TextIOBase):
             raise ValueError("I/O operation on closed file.")
         if not isinstance(s, str):
             raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        after = self.after
+        if after is not None:
+            # The unit ended: this stream was kept (``out = sys.stdout`` in a thread the
+            # task started) and is written after. Sent home, it went with the unit's
+            # call, which takes no output any more: dropped without a word. It goes
+            # where ``print`` goes between units, labelled as a rank's (_AfterUnits).
+            return after.write(s)
         with self.lock:
             held = self.held
             copied = held.add(self.stream, s)
@@ -619,6 +629,10 @@ class _StreamToParent(io.TextIOBase):
         after every line still sends a message per interval, not per line)."""
         if self._closed:
             raise ValueError("I/O operation on closed file.")
+        after = self.after
+        if after is not None:  # (between units: see write)
+            after.flush()
+            return
         with self.lock:
             if self._in_write[0] or self.channel.sending:  # (re-entered: see the class)
                 self.held.flush_due = True
@@ -1350,8 +1364,8 @@ class _Worker:
         if after_err is not None and after_err.partial:
             after_err.flush_all()
         out, err = self.out, self.err
-        out.call, out.tag, out._closed = call, tag, False
-        err.call, err.tag, err._closed = call, tag, False
+        out.call, out.tag, out._closed, out.after = call, tag, False, None
+        err.call, err.tag, err._closed, err.after = call, tag, False, None
         # last = 0: a task's first line goes home at once (then at most every
         # _FLUSH_INTERVAL), so it is seen even if the task is killed soon after.
         out.held.last = 0.0
@@ -1373,6 +1387,9 @@ class _Worker:
             self._note_threads(rank)
             running = threading.active_count()
         self._threads_after = running
+        # (a stream of the unit's kept by its task writes where print writes now; a line
+        # written between the finish above and this goes home with the next unit's)
+        self.out.after, self.err.after = self.after_out, self.after_err
         sys.stdout, sys.stderr = self.after_out, self.after_err
 
     def _note_threads(self, rank: int | None) -> None:

@@ -277,6 +277,17 @@ def test_what_a_ranks_thread_prints_after_the_rank_ended_is_labelled_with_that_r
     assert "late from rank 0\n" in reply.stream() and "[rank" not in reply.stream(), (reply.outputs, reply.others)
 
 
+
+def test_what_a_ranks_thread_writes_through_a_stream_it_kept_after_the_rank_ended_shows_too(kernel):
+    """small27: the same thread writing through the stream it kept (``out = sys.stdout``, a
+    logging handler's stream) was dropped without a word: sent home with the ended rank's
+    output, which no longer took any. It shows as its print does, labelled with its rank."""
+    kernel.ok("%%parallel -n 2 -q\nimport sys, threading, time\nout = sys.stdout\nif rank == 0:\n"
+              "    threading.Thread(target=lambda: (time.sleep(0.3), out.write(f'kept by rank {rank}\\n'))).start()\n")
+    reply = kernel.ok("import time\ntime.sleep(0.8)")  # (the run ended: its worker's line shows in the cell running)
+    assert "[rank 0] kept by rank 0\n" in reply.stream(), (reply.outputs, reply.others)
+
+
 def test_interrupt_during_parallel_returns_quickly_and_the_pool_works(kernel):
     before = worker_pids(kernel)
     reply = kernel.execute(
