@@ -1398,10 +1398,14 @@ class _Worker:
         for ident in [i for i in self.thread_ranks if i not in alive]:  # (ended: its ident may come again)
             del self.thread_ranks[ident]
         self.threads_seen &= alive
+        started = []
         for new in alive - self.threads_seen:
             self.threads_seen.add(new)
-            if rank is not None and new is not None:
-                self.thread_ranks[new] = rank
+            if new is not None:
+                started.append(new)
+                if rank is not None:
+                    self.thread_ranks[new] = rank
+        worker_logging.adopt_threads(started, alive)  # (their later records: as the unit's looked)
 
     def _unit_starts(self) -> None:
         """Mark the CPU clock where a unit (a chunk, a rank) starts: see :meth:`_cpu_of_unit`."""

@@ -47,7 +47,9 @@ and survives an interrupt or a worker's death up to the last line sent.
   made (read from its thread's stack), and a warning is sent home like the
   unit's own. Where no unit or several run (a Dask worker, whose output is
   captured per thread) they go where they went before (unlabelled records,
-  the worker's own ``showwarning``).
+  the worker's own ``showwarning``). A record such a thread makes after its unit
+  ended, while no unit runs, is written on the worker's stream between units as the
+  unit's records looked (:func:`adopt_threads`, ``_TaskHandler._as_its_unit``).
 
 What a unit carries: the ``log_context`` field of its ``Map`` or ``Cell``
 message (``protocol.py``), ``(first item index or None, levels bytes)``;
@@ -73,7 +75,7 @@ import threading
 import traceback
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -412,6 +414,10 @@ class _TaskHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if not (_unit.active or _running):
+            left = _late_threads.get(record.thread) if record.thread is not None else None
+            if left is not None:  # a thread an ended unit started: as that unit's records looked
+                self._as_its_unit(record, left)
+                return
             # Not during a task (the worker's own threads): as without this handler.
             last = logging.lastResort
             if last is not None and record.levelno >= last.level and not _handled_elsewhere(record.name):
@@ -442,6 +448,45 @@ class _TaskHandler(logging.Handler):
             sys.stderr.write(MARK + json.dumps(fields) + "\n")
         except Exception:
             self.handleError(record)
+
+
+    def _as_its_unit(self, record: logging.LogRecord, left: list[logging.Handler]) -> None:
+        """A record a unit's thread made after the unit ended (no unit runs): no run takes
+        it home any more, so it is written here, on the worker's stream between units
+        (which labels a rank's thread's lines ``[rank N]``: ``worker._AfterUnits``), in the
+        format the unit's own records had: through the console handlers the unit left on
+        the root logger (``left``: its ``logging.basicConfig(format=..., force=True)``,
+        undone for later units by :func:`_restore`), else ours (``logging.BASIC_FORMAT``,
+        as the notebook showed them). It went to ``logging.lastResort`` instead, the
+        message alone: ``late`` for ``WARNING:calc:late``."""
+        try:
+            if left:
+                for handler in left:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+                return
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+
+# The threads that units started and that outlived them (``worker._Worker`` says which,
+# :func:`adopt_threads`) -> the root logger's handlers the unit left, other than ours
+# (``[]``: none of its own). Their records made while no unit runs look like the unit's.
+_late_threads: dict[int, list[logging.Handler]] = {}
+# The root's handlers the last unit to end left, taken by end() before _restore: None when
+# no unit changed the root's handlers.
+_left_handlers: list[logging.Handler] | None = None
+
+
+def adopt_threads(idents: Iterable[int], alive: set[int | None]) -> None:
+    """Threads the unit that just ended started (``idents``) are its: their later records
+    look like its own (see ``_TaskHandler._as_its_unit``). Threads no longer ``alive`` are
+    forgotten (an ident may come again)."""
+    for ident in [i for i in _late_threads if i not in alive]:
+        del _late_threads[ident]
+    for ident in idents:
+        _late_threads[ident] = list(_left_handlers or ())
 
 
 def _handled_elsewhere(name: str) -> bool:
@@ -1088,6 +1133,7 @@ def end() -> None:
     with _lock:
         _running -= 1
         _units.pop(threading.get_ident(), None)
+        _keep_left_handlers()
         if _running == 0 and (_changed or _disable_before is not None):
             _restore()  # (what the units changed of logging)
         if _running == 0 and HOOKS_PER_UNIT:
@@ -1100,6 +1146,18 @@ def end() -> None:
                 warnings.resetwarnings()
                 warnings.filters.extend(_saved_filters)  # type: ignore[attr-defined]  # (a list, see above)
             _saved_filters = None
+
+
+def _keep_left_handlers() -> None:
+    """Before the units' end undoes it (:func:`_restore`): the root logger's handlers a
+    unit left there, if it changed them (``logging.basicConfig(force=True)``), for its
+    threads' later records (:func:`adopt_threads`). Under ``_lock``."""
+    global _left_handlers
+    root = logging.getLogger()
+    if root not in _changed:
+        _left_handlers = None
+        return
+    _left_handlers = [h for h in root.handlers if not isinstance(h, _TaskHandler) and _to_console(h)]
 
 
 # --------------------------------------------------------------------------

@@ -288,6 +288,26 @@ def test_what_a_ranks_thread_writes_through_a_stream_it_kept_after_the_rank_ende
     assert "[rank 0] kept by rank 0\n" in reply.stream(), (reply.outputs, reply.others)
 
 
+
+LATE_RECORDS = """%%parallel -n 2 -q
+import logging, threading, time
+if rank == 0:
+    logging.basicConfig(format="R %(levelname)s %(message)s", force=True)
+logging.getLogger("calc").warning("during rank %d", rank)
+threading.Thread(target=lambda: (time.sleep(0.3), logging.getLogger("calc").warning("late from rank %d", rank))).start()
+"""
+
+
+def test_what_a_ranks_thread_logs_after_the_rank_ended_looks_like_the_ranks_own_records(kernel):
+    """small27: a rank's thread logging after the rank ended printed the bare message
+    (``logging.lastResort``: ``[rank 1] late from rank 1``), not as the rank's records showed
+    (``[rank 1] WARNING:calc:during rank 1``), nor in the format the rank itself had set
+    (``logging.basicConfig(format=..., force=True)``, undone once the rank ended)."""
+    during = kernel.ok(LATE_RECORDS).stream("stderr")
+    assert "[rank 0] R WARNING during rank 0\n" in during and "[rank 1] WARNING:calc:during rank 1\n" in during, during
+    late = kernel.ok("import time\ntime.sleep(0.8)").stream("stderr")  # (the run ended: shown in the cell running)
+    assert "[rank 0] R WARNING late from rank 0\n" in late and "[rank 1] WARNING:calc:late from rank 1\n" in late, late
+
 def test_interrupt_during_parallel_returns_quickly_and_the_pool_works(kernel):
     before = worker_pids(kernel)
     reply = kernel.execute(
