@@ -687,6 +687,21 @@ def test_pool_checkpoints_names_a_method_by_its_objects_class_and_clears_it_by_t
     assert sorted(r.name for r in checkpoint.list_runs()) == ["Fast.run", "Left.step", "Right.step"]
 
 
+
+def test_two_objects_of_one_class_are_two_keys_of_one_name_and_never_take_each_others_results(ip, store_dir):
+    """small27 (a guard, not a fix): ``a.step`` then ``b.step`` share the name ``Model.step``,
+    but each run's key covers its object's state (it is pickled with the method), so ``b``
+    computes its own results, and each resumes from its own, as docs/checkpoint.md says."""
+    run(ip, "class Model:\n    def __init__(self, k):\n        self.k = k\n    def step(self, x):\n"
+            "        return x * self.k\na, b = Model(10), Model(100)\n")
+    assert run(ip, "%pmap -q --checkpoint a.step, range(4)") == [0, 10, 20, 30]
+    assert run(ip, "%pmap -q --checkpoint b.step, range(4)") == [0, 100, 200, 300]
+    assert "resumed: 0 of 4" in api.last_report().line()
+    assert run(ip, "%pmap -q --checkpoint b.step, range(4)") == [0, 100, 200, 300]
+    assert "resumed: 4 of 4" in api.last_report().line()
+    runs = [r for r in checkpoint.list_runs() if r.name == "Model.step"]
+    assert len(runs) == 2 and runs[0].key != runs[1].key, runs
+
 def test_dask_backend_stores_results_on_the_notebook_side(ip, store_dir, dask_cluster, request):
     from conftest import ensure_pool
 
