@@ -73,6 +73,19 @@ class ChunkPlanner:
         size = self._adaptive()
         return min(size, max(1, 2 * self._largest)) if self.ramp else size
 
+    def pair_size(self) -> int:
+        """The next two chunks' sizes together, cut as one chunk (``jobs.MapJob.next_unit``'s
+        ``pair``: the backend would queue both on the same worker, one behind the other).
+        A fixed size, or a ramp, stays as it is: one chunk."""
+        first = self.size_hint()
+        if self.fixed or self.ramp:
+            return first
+        self.sent += first  # (the second as if the first were sent: the tail's split is the same)
+        try:
+            return first + self.size_hint()
+        finally:
+            self.sent -= first
+
     def _adaptive(self) -> int:
         remaining = None if self.n_items is None else max(1, self.n_items - self.sent)
         if self.per_item is None:

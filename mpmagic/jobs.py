@@ -779,9 +779,14 @@ class MapJob:
     def drop_orphans(self, live: set[int]) -> None:
         """Nothing to drop: no unit of a map is pinned to a worker."""
 
-    def next_unit(self, limit: int | None = None) -> Unit | None:
+    def next_unit(self, limit: int | None = None, pair: bool = False) -> Unit | None:
         """The next chunk to send, or None; at most ``limit`` items if given (what
-        the worker it goes to may still run under ``max_tasks_per_child``)."""
+        the worker it goes to may still run under ``max_tasks_per_child``).
+
+        ``pair``: the backend would queue this chunk and the next one on the same
+        worker, one behind the other (``backends/local``'s pipelining): a list's,
+        tuple's or range's two chunks are cut as one (``ChunkPlanner.pair_size``),
+        one message and one reply fewer."""
         if self.failure is not None:
             return None
         if self._errors:
@@ -800,7 +805,7 @@ class MapJob:
         else:
             if self.exhausted:
                 return None
-            size = self.planner.next_size()
+            size = self.planner.pair_size() if pair and self._seq is not None else self.planner.next_size()
             if limit is not None:
                 size = max(1, min(size, limit))
             if self._seq is not None:
@@ -1779,8 +1784,8 @@ class CellJob:
         """The error of the rank that failed first, or None (``results`` raises them all together)."""
         return self.failures[first_failed_rank(self.failures)] if self.failures else None
 
-    def next_unit(self, limit: int | None = None) -> Unit | None:
-        """The next rank (one item: any ``limit`` fits it)."""
+    def next_unit(self, limit: int | None = None, pair: bool = False) -> Unit | None:
+        """The next rank (one item: any ``limit`` fits it; ``pair`` is a map's)."""
         if not self._pending:
             return None
         unit = self._pending.popleft()

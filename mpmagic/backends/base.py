@@ -95,9 +95,10 @@ class Job(Protocol):
     def has_work(self) -> bool: ...
     @property
     def failed(self) -> bool: ...
-    def next_unit(self, limit: int | None = None) -> Any:
+    def next_unit(self, limit: int | None = None, pair: bool = False) -> Any:
         """The next unit to send, or None; a map's has at most ``limit`` items (a worker's
-        ``max_tasks_per_child`` allowance), a rank is always one."""
+        ``max_tasks_per_child`` allowance), a rank is always one. ``pair``: a map's next
+        two chunks as one (both would queue on the same worker)."""
     def next_unit_for(self, wid: int) -> Any:
         """The next unit that may run on worker ``wid`` (a pinned job's; otherwise ``next_unit()``)."""
     def drop_orphans(self, live: set[int]) -> None:

@@ -2018,6 +2018,7 @@ class LocalBackend:
         # worker sat idle (4 chunks of 40 ms took 1.1 s, the report blaming transfer).
         some_ready = any(s.ready and not s.broken and not s.over_memory and not (saturable and self._saturated(s))
                          for s in pool)
+        paired: list[_Slot] = []  # given two chunks as one at level 0: what level 1 would have queued there
         for level in range(2):
             if level:
                 for r in maps:
@@ -2030,7 +2031,7 @@ class LocalBackend:
             for slot in pool:
                 if len(slot.inflight) != level or slot.broken or slot.over_memory or (saturable and self._saturated(slot)):
                     continue
-                if some_ready and not slot.ready:
+                if (some_ready and not slot.ready) or (level and paired and slot in paired):
                     continue
                 # A run may find its input just ran out (an iterator of exactly
                 # N chunks): then the next run in turn gets this worker.
@@ -2038,7 +2039,11 @@ class LocalBackend:
                     chosen = self._next_run(maps, slot, level)
                     if chosen is None:
                         break
-                    self._give(chosen, slot)
+                    # (a run alone in flight never pairs: each of its short chunks has a worker of its own)
+                    pair = not level and len(self._runs) > 1 and self._pairs(chosen, slot, pool, some_ready, saturable)
+                    if pair:
+                        paired.append(slot)
+                    self._give(chosen, slot, pair)
 
     def _next_run(self, maps: list[_LocalRun], slot: _Slot, level: int) -> _LocalRun | None:
         """The next map run that may put a unit on ``slot`` at this depth.
@@ -2085,9 +2090,49 @@ class LocalBackend:
         self._turn = (self._turn + k + 1) % n
         return maps[(self._turn - 1) % n]
 
-    def _give(self, run: _LocalRun, slot: _Slot) -> None:
+    def _pairs(self, run: _LocalRun, slot: _Slot, pool: list[_Slot], some_ready: bool, saturable: bool) -> bool:
+        """Would this hand-out queue ``run``'s next two chunks both on ``slot``, the
+        second behind the first (its pipelining, level 1)? Then they go as one chunk
+        (``next_unit``'s ``pair``): one message, one reply and one wake-up of the
+        worker and of this thread fewer, the same items on the same worker in the
+        same order. Runs from several threads at once queued each run's two short
+        chunks on one worker so, while the other worker served other runs.
+
+        Only for chunks this short (together under the planner's floor, the work
+        too small to cut finer): a longer first chunk runs while the second is
+        packed (the 100,000-item row). And only when no other idle worker would
+        take the second chunk in this pass: none is idle, or each idle one goes
+        to a run that holds no worker yet (fewest-held first: ``_next_run``).
+        """
+        job = run.job
+        if job.kind != "map" or self._depth(job) < 2:
+            return False
+        planner = job.planner
+        per_item = planner.per_item
+        if planner.fixed or planner.ramp or per_item is None:
+            return False
+        size = 2 * planner.size_hint()
+        if per_item * size >= planner.min_seconds or (planner.bytes_per_item or 0) * size > 8 << 20:  # (as _depth)
+            return False
+        idle = 0
+        for s in pool:
+            if s is slot or s.inflight or s.broken or s.over_memory or (saturable and self._saturated(s)):
+                continue
+            if some_ready and not s.ready:
+                continue
+            idle += 1
+        if not idle:
+            return True
+        rivals = 0  # runs each idle worker takes before this one: holding none, not behind it (background)
+        for r in self._runs:
+            if (r is not run and r.job.kind == "map" and not r.cancel_requested and (run.background or not r.background)
+                    and r.job.has_work and not self._holding(r)):
+                rivals += 1
+        return rivals >= idle
+
+    def _give(self, run: _LocalRun, slot: _Slot, pair: bool = False) -> None:
         try:
-            unit = run.job.next_unit(self._allowance(slot))
+            unit = run.job.next_unit(self._allowance(slot), pair=True) if pair else run.job.next_unit(self._allowance(slot))
         except Exception as exc:  # an item that cannot be sent: the run's error
             self._end(run, exc)
             return
