@@ -59,6 +59,10 @@ class Latch:
     threads on a loaded machine); here a lock made held is the gate (~0.5 us in all):
     ``set`` opens it, and each ``wait`` passes it and opens it again for the next
     waiter. Waits on it are interrupted by Ctrl-C in the main thread, as an Event's are.
+    (One that lands between a wait passing the gate and opening it again leaves it shut:
+    every wait reads the flag first, so only a wait already blocked then, with no
+    timeout, would stay; the one wait on a run's end, ``_LocalRun.cancel``, waits in
+    slices of at most ``_CANCEL_CHECK`` seconds.)
     """
 
     __slots__ = ("_flag", "_gate")
