@@ -948,13 +948,16 @@ def pmap(
                 changes = payload_cache.container_changes(given_func)
                 if changes:  # (results.append(x): the advice says what happened, not random draws or hash())
                     report.extra["changes"] = payload_cache.changes_words(changes)
+    # (the function's notes in the payload cache: what these looks found at the runs before)
+    notes = job.payload_notes if job.func is given_func else None
     if "changes" not in report.extra and not report.extra.get("state"):  # (else the advice says it)
-        _say_state_changes(given_func, report.serial is not None, positional=None if star_mode else len(iterables))
+        _say_state_changes(given_func, report.serial is not None, positional=None if star_mode else len(iterables),
+                           notes=notes)
     # (not when the payload was reused by its fast check: all it captures is immutable, no iterator)
     if report.equal is not False and job.payload_served[0] != "fast":  # (else the advice names it: state_words)
         _say_iterator_copies(given_func)
     if seed is None:  # (seed=: every item draws from its own stream, the same as serially)
-        draws.say_random_draws(given_func, report.workers, advised=show_report and report.equal is False)
+        draws.say_random_draws(given_func, report.workers, advised=show_report and report.equal is False, notes=notes)
     if show_report:
         print(report.line())
     return results
@@ -1001,6 +1004,7 @@ def _name_helpers(exc: BaseException, job: MapJob, func: Callable) -> None:
 
 #: The functions (their code) whose changes to a notebook list were said (once each).
 _said_changes: weakref.WeakSet[types.CodeType] = weakref.WeakSet()
+_UNSAID: Any = object()  # (no look kept in a function's notes: see _say_state_changes)
 #: The notebook lists whose bound method mapped was said, with the method ((id, name): a list takes no weak reference).
 _said_methods: set[tuple[int, str]] = set()
 #: The methods of a list that change it in place (``map(results.append, items)``).
@@ -1018,7 +1022,8 @@ def say_copied_state(func: Callable, started: bool = False, positional: int | No
     _say_iterator_copies(func)
 
 
-def _say_state_changes(func: Callable, compared: bool, started: bool = False, positional: int | None = None) -> None:
+def _say_state_changes(func: Callable, compared: bool, started: bool = False, positional: int | None = None,
+                       notes: dict | None = None) -> None:
     """One line, once per function: a task changed the notebook's list it captures
     (``results.append(x)``), or state it accumulates (``global TOTAL; TOTAL += x``, a
     ``nonlocal`` counter, ``self.n += x`` on the notebook object whose method is mapped, a
@@ -1031,7 +1036,12 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
     mistake. ``started``: said as the run starts (imap, submit, the pandas accessor), not once it
     ended. The function may also be a bound method of a notebook list itself
     (``pmap(results.append, items)``), which has no code to read. ``positional``: how many
-    arguments each task is given (a default they replace is no state; None: not known)."""
+    arguments each task is given (a default they replace is no state; None: not known).
+    ``notes``: the function's notes in the payload cache (``payload_cache.last_notes``: the
+    function and all it captures are the objects of the runs before); once a look found
+    nothing to say for these arguments, it is not made again."""
+    if notes is not None and notes.get("state", _UNSAID) == positional:
+        return  # (nothing changed, found by a look at these very objects)
     inner = func.func if isinstance(func, functools.partial) else func
     if isinstance(inner, (types.BuiltinMethodType, types.MethodWrapperType)):
         _say_list_method(inner, compared, started)
@@ -1042,11 +1052,15 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
     code = function.__code__
     captured, accumulates = payload_cache.changes_captured(code), payload_cache.accumulates(code)
     if not (captured or accumulates) or code in _said_changes:
+        if notes is not None and not (captured or accumulates):
+            notes["state"] = positional
         return  # (each call: look-ups in the caches of what each code object changes)
     changes = payload_cache.container_changes(func, (list,), deep=False) if captured else []
     if accumulates:
         changes += [c for c in payload_cache.state_kept_apart(func, positional) if c not in changes]
     if not changes:
+        if notes is not None:
+            notes["state"] = positional
         return
     _said_changes.add(code)
     filled = (" (only --compare's serial run here changed it)" if compared

@@ -196,6 +196,8 @@ def queue_maxsize(value: object) -> int:
 def check_delay(name: str, value: object) -> float:
     """A delay such as ``progress_delay``: a plain float of seconds, 0 or more and
     finite (as ``%config MPMagic.progress_delay`` takes it)."""
+    if type(value) is float and 0 <= value < math.inf:  # (the usual, every pmap's default: no closure, no calls)
+        return value
     return check_real(name, value, "a number of seconds (0 or more)", lambda seconds: 0 <= seconds < math.inf)
 
 

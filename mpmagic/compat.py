@@ -83,9 +83,6 @@ Why private APIs at all: the public ones cost too much or cannot do the job.
   them). A script's exit waits there for its runs in flight (``exiting``):
   in ``atexit`` it was too late for a Dask ``LocalCluster`` in this process,
   which then took no task (``register_before_threads_join``).
-* ``threading.Event``'s ``_cond`` and ``_flag``: a run's end flag made with a
-  reentrant lock, without ``Event.__init__``'s three caught AttributeErrors
-  (~1.5 us of every submit: ``fast_event``).
 * ``warnings._filters_mutated``: a worker swaps a unit's warning filters in
   one step and tells ``warnings`` they changed, where the public route is
   ``resetwarnings`` plus an ``extend`` (``warnings_filters_mutated``).
@@ -363,34 +360,7 @@ def _libc_mmap() -> Any:
 
 
 # --------------------------------------------------------------------------
-# threading.Event's parts, warnings' "filters changed" call
-
-
-class _ReentrantEvent(threading.Event):
-    """A ``threading.Event`` whose condition holds a reentrant lock (``threading.Condition``'s
-    own default). On an Event's plain lock, the condition's making looked for three methods
-    only a reentrant lock has and caught three AttributeErrors: ~2/3 of making an Event
-    (~1.5 us of every run's submit). Sets ``Event``'s private ``_cond``/``_flag`` itself."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition(threading.RLock())
-        self._flag = False
-
-
-_event_parts: list[bool] = []  # [does threading.Event keep _cond and _flag?], checked once
-
-
-def _has_event_parts(event: Any) -> bool:
-    return isinstance(getattr(event, "_cond", None), threading.Condition) and getattr(event, "_flag", None) is False
-
-
-def fast_event() -> threading.Event:
-    """A new ``threading.Event``, made without its ~1.5 us of caught exceptions
-    (:class:`_ReentrantEvent`). Fallback where ``Event`` keeps no ``_cond``/``_flag``:
-    a plain ``threading.Event()`` (the same behaviour, ~1.5 us slower)."""
-    if not _event_parts:
-        _event_parts.append(_has_event_parts(threading.Event()))
-    return _ReentrantEvent() if _event_parts[0] else threading.Event()
+# warnings' "filters changed" call
 
 
 def warnings_filters_mutated() -> Callable[[], None] | None:
@@ -928,7 +898,6 @@ def report() -> dict[str, bool]:
         "multiprocessing.process._children": isinstance(
             getattr(_module("multiprocessing.process"), "_children", None), set
         ),
-        "threading.Event._cond/_flag": _has_event_parts(threading.Event()),
         "threading._register_atexit": callable(getattr(threading, "_register_atexit", None)),
         "warnings._filters_mutated": warnings_filters_mutated() is not None,
         "cloudpickle._code_reduce": cloudpickle_code_reduce() is not None,

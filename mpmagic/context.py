@@ -146,6 +146,8 @@ def _note_problem(cwd: str | None, where: str, reason: str | None) -> None:
 def take_note() -> str | None:
     """The one line about the notebook's directory a run should show now (once), or None."""
     global _note
+    if _note is None:  # (every unit sent asks: no lock while there is nothing)
+        return None
     with _lock:
         note, _note = _note, None
         return note

@@ -386,7 +386,8 @@ def _draws_said(code: Any) -> bool:
     return code is not None and code in _said_methods
 
 
-def say_random_draws(func: Callable, workers: int | None, advised: bool, accessor: bool = False) -> None:
+def say_random_draws(func: Callable, workers: int | None, advised: bool, accessor: bool = False,
+                     notes: dict | None = None) -> None:
     """One line, once per function: its random draws cannot mean what they mean serially
     (random23). A generator object it captures (``rng = np.random.default_rng(0)``) goes
     to each worker as a copy in the state of the call, so two workers drew the same
@@ -398,11 +399,22 @@ def say_random_draws(func: Callable, workers: int | None, advised: bool, accesso
     a method of that state's object, which goes to each worker as a copy: said as a generator.
     ``workers``: those the run may use (None: the pool's). ``advised``: --compare's advice
     line says the results differ and why, already. ``accessor``: the pandas accessor's run
-    (it has no seed=: the remedy is a generator seeded from what each call is given)."""
+    (it has no seed=: the remedy is a generator seeded from what each call is given).
+    ``notes``: the function's notes in the payload cache (``payload_cache.last_notes``: its
+    fast check served this run, so the function and all it reads are the objects of the
+    runs before): once a look found nothing drawn, with ``numpy.random`` as imported now
+    (what numpy's global state and generator types are read from), the look is not made
+    again (~200 bytecodes of every warm call)."""
     inner = func.func if isinstance(func, functools.partial) else func
     if not accessor and getattr(inner, "__module__", None) == "mpmagic.pandas_accessor":
         return  # (the accessor says it, with its own remedy: pandas_accessor._run)
-    uses = [u for u in random_uses(func) if not _draws_said(u.code)]
+    npr = sys.modules.get("numpy.random")
+    if notes is not None and notes.get("draws", _MISSING) is npr:
+        return  # (nothing drawn, found by a look at these very objects)
+    found = random_uses(func)
+    if notes is not None and not found:
+        notes["draws"] = npr
+    uses = [u for u in found if not _draws_said(u.code)]
     if not uses:
         return
     use = uses[0]

@@ -445,6 +445,9 @@ class MapJob:
         # array spends them comparing it with the workers' copy, and its report says so.
         self.payload_seconds = 0.0
         self.payload_served: tuple[str, int] = ("given", 0)
+        # The function's notes in the payload cache when its fast check served it (what the
+        # run's notes found looking at it, to skip next time: payload_cache.last_notes), or None.
+        self.payload_notes: dict | None = None
         # Of payload_seconds, freeing the copies of arrays the notebook dropped (payload_cache.last_freed).
         self.payload_freed_seconds = 0.0
         # The segment holding the payload's copy of the function's captured arrays (see
@@ -1465,6 +1468,7 @@ class MapJob:
         self.payload_seconds += time.perf_counter() - t0
         self.payload_freed_seconds += payload_cache.last_freed()
         self.payload_served = payload_cache.last_served()
+        self.payload_notes = payload_cache.last_notes()
         self._payload_segment = name = payload_cache.last_segment()
         if name is not None:  # (held: see function_payload; let go once, whichever comes first)
             self._let_go = weakref.finalize(self, shm.let_go, name)

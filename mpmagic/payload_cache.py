@@ -85,6 +85,10 @@ class _Entry:
     # weakref.finalize of the arrays copied into ``segment``: their death drops the entry
     watch: list = field(default_factory=list)
     retired: bool = False  # its key was given to the workers to drop already (see retired_since)
+    # What a run's notes found looking at the function (``api``, ``draws``: nothing to say),
+    # good while ``captured`` holds the same objects: handed to the runs it serves by the
+    # fast check (:func:`last_notes`), emptied when ``captured`` is replaced.
+    notes: dict = field(default_factory=dict)
 
 
 _entries: OrderedDict[tuple[int, bool], _Entry] = OrderedDict()
@@ -105,10 +109,11 @@ _last_retired = 0  # the number of the newest in ``_retired`` (0: none yet)
 # (by the next call here: the function a run kept alive dies after it ended).
 _died: list[tuple[int, bool]] = []
 # How this thread's last call was served, for its run's report (see :func:`last_served`):
-# ``served`` (how, bytes, segment name) and ``freed`` (seconds), one attribute each (a
-# thread-local's attribute costs ~1 us to set: one per field was ~4 us a warm call).
+# ``served`` (how, bytes, segment name, the entry's notes when served by the fast check)
+# and ``freed`` (seconds), one attribute each (a thread-local's attribute costs ~1 us to
+# set: one per field was ~4 us a warm call).
 _last = threading.local()
-_NOT_SERVED = ("fast", 0, None)
+_NOT_SERVED = ("fast", 0, None, None)
 
 
 def last_served() -> tuple[str, int]:
@@ -118,7 +123,7 @@ def last_served() -> tuple[str, int]:
     workers' shared-memory copy: unchanged) or ``("built", n)`` (``n`` bytes
     copied into shared memory). A job reads it right after building its
     payload, so that the report can say what the call spent there."""
-    how, copies, _ = getattr(_last, "served", _NOT_SERVED)
+    how, copies, _, _ = getattr(_last, "served", _NOT_SERVED)
     return how, copies
 
 
@@ -141,9 +146,19 @@ def last_segment() -> str | None:
     return getattr(_last, "served", _NOT_SERVED)[2]
 
 
-def _served(how: str, copies: int, segment: shm.Segment | None) -> None:
+def last_notes() -> dict | None:
+    """The notes of the function this thread's last :func:`function_payload` served by
+    the fast check (None: served otherwise): a dict the callers' looks at the function
+    (``api``'s notes, ``draws``) keep what they found in, to skip the look at the next
+    run it serves. Good for as long as the fast check serves it: the function and every
+    object its payload depends on are the same objects, none of which can change in
+    place (a new object, or a payload built again, starts a new dict)."""
+    return getattr(_last, "served", _NOT_SERVED)[3]
+
+
+def _served(how: str, copies: int, segment: shm.Segment | None, notes: dict | None = None) -> None:
     stats[how] += 1
-    _last.served = (how, copies, segment.name if segment is not None else None)
+    _last.served = (how, copies, segment.name if segment is not None else None, notes)
 
 
 def function_payload(
@@ -213,7 +228,7 @@ def _serve(
     captured = _capture(func)
     if (entry is not None and captured is not None and entry.captured is not None and _same(entry.captured, captured)
             and _keep_again(entry)):
-        _served("fast", 0, entry.segment)
+        _served("fast", 0, entry.segment, entry.notes)
         return entry.key, entry.data, held
 
     collector = shm.Collector(lend=True) if shared else None
@@ -229,6 +244,7 @@ def _serve(
     if entry is not None and entry.inband == inband and _same_buffers(entry, buffers):
         _served("same", _copied_bytes(entry.segment, entry.refs), entry.segment)
         entry.captured, entry.kept = captured, kept
+        entry.notes = {}  # (what was found of the objects it captured before: not of these)
         if entry.segment is not None:
             _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
         with _lock:

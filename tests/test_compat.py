@@ -452,25 +452,6 @@ def test_a_failed_fixed_mapping_never_unmaps_a_range_it_may_not_own(tmp_path, mo
     assert len(compat._orphans) == (0 if covered else 1)
 
 
-def test_a_python_whose_event_keeps_no_cond_or_flag_gets_a_plain_event(monkeypatch) -> None:
-    """A run's end flag sets Event's private _cond/_flag itself (a reentrant lock's,
-    ~1.5 us less per submit); where Event keeps neither, it is a plain Event."""
-    import threading
-
-    fast = compat.fast_event()
-    assert isinstance(fast, threading.Event) and not fast.is_set()
-    with fast._cond:  # type: ignore[attr-defined]
-        with fast._cond:  # type: ignore[attr-defined]  # (reentrant)
-            fast.set()
-    assert fast.wait(0)
-    assert not compat._has_event_parts(types.SimpleNamespace(_flag=False))
-    monkeypatch.setattr(compat, "_event_parts", [False])
-    plain = compat.fast_event()
-    assert type(plain) is threading.Event
-    plain.set()
-    assert plain.wait(0)
-
-
 def test_without_warnings_filters_mutated_a_worker_swaps_filters_the_public_way(monkeypatch) -> None:
     """warnings._filters_mutated is private (3.14 renames it): without it, a unit's filters
     go in and come out through resetwarnings and simplefilter, and still work."""

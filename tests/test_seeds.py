@@ -256,6 +256,30 @@ def test_a_captured_generator_says_workers_draw_from_copies(ip, local_pool, caps
     assert "mpmagic: _bg draws from the notebook's numpy Generator `rng`" in capsys.readouterr().err
 
 
+def test_a_warm_function_drawing_nothing_is_looked_at_again_only_once_what_it_reads_changes(ip, pool2, monkeypatch,
+                                                                                          capsys):
+    """The draws line and the state line look at the function and what it reads after every
+    run. A function served by the payload cache's fast check (itself and all it reads the
+    same objects, none of which can change in place) that the looks found nothing in is not
+    looked at again (payload_cache.last_notes): ~270 bytecodes of every warm call. A global
+    it reads rebound to a generator is a new object: the next run looks, and says it."""
+    from mpmagic import api, draws, payload_cache
+
+    run(ip, "import random, mpmagic\n_R = 5\ndef _late_draw(x):\n    return _R if type(_R) is int else _R.random()\n")
+    looks: list[str] = []
+    random_uses, accumulates = draws.random_uses, payload_cache.accumulates
+    monkeypatch.setattr(draws, "random_uses", lambda f: looks.append("draws") or random_uses(f))
+    monkeypatch.setattr(api.payload_cache, "accumulates", lambda code: looks.append("state") or accumulates(code))
+    for _ in range(4):
+        assert run(ip, "mpmagic.pmap(_late_draw, range(2))") == [5, 5]
+    # (the first run builds the payload; the second, served fast, looks and keeps what it found)
+    assert looks == ["state", "draws"] * 2
+    run(ip, "_R = random.Random(0)")
+    run(ip, "_ = mpmagic.pmap(_late_draw, range(2))")
+    assert looks[4:] == ["state", "draws"]
+    assert "mpmagic: _late_draw draws from the notebook's random.Random `_R`" in capsys.readouterr().err
+
+
 def test_draws_from_a_global_state_the_notebook_seeded_say_so(ip, local_pool, capsys):
     """random23: ``random.seed(0)`` (or ``np.random.seed(0)``) in the notebook, then a map
     of a function drawing from that global state: serially a repeatable stream; the
