@@ -180,6 +180,28 @@ def test_ranks_run_on_distinct_worker_processes(ip, dask_pool):
     assert set(pids) == set(worker_pids(dask_pool).values())
 
 
+def test_a_rank_dask_runs_again_after_its_worker_died_is_said_as_a_retry(ip, dask_pool, monkeypatch):
+    """A worker that dies mid-rank and comes back at its address (a cluster started with
+    ``--worker-port``; the 0.5 s look at the workers missed its absence): Dask runs the rank
+    there again, its side effects twice, and the report said nothing of it where a map's
+    rerun is said as a retry. Dask's second start of rank 1 is played here (the session's
+    workers come back at new ports, where a pinned rank never runs again)."""
+    from mpmagic.backends import dask as dask_backend
+
+    event = dask_backend._DaskRun._event
+
+    def started_twice(run, ev):
+        task = run.tasks.get(ev.get("tag", ""))
+        if ev.get("start") and task is not None and task.unit.id == 1 and task.started is None:
+            event(run, ev)  # (the first start; the one below is Dask's rerun's)
+        event(run, ev)
+
+    monkeypatch.setattr(dask_backend._DaskRun, "_event", started_twice)
+    assert run(ip, "%%parallel -q -n 2\nrank * 10") == [0, 10]
+    report = mpmagic.last_report()
+    assert report.retried == 1 and "2 ranks (1 retried after its worker died) on" in str(report), str(report)
+
+
 def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):
     n = DASK_WORKERS + 1
     with pytest.raises(IPythonUsageError) as info:

@@ -1771,8 +1771,9 @@ class _DaskRun:
                 task.item_started = time.monotonic()
             return
         if ev.get("start"):
-            if task.started is not None and self.job.kind == "map":
-                # Dask runs it again: its worker died or left running it (allowed-failures).
+            if task.started is not None:
+                # Dask runs it again: its worker died or left running it (allowed-failures); a
+                # rank only where its worker came back at its address (pinned: _check_rank_workers).
                 self.job.ran_again_elsewhere(task.unit, task.item or 0)
             task.started = time.monotonic()
             task.item = task.item_started = None  # (Dask may run it again after its worker died)
