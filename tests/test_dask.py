@@ -1016,6 +1016,26 @@ def test_ctrl_c_in_a_queue_get_shows_the_users_line_and_no_frame_of_ours(ip, das
     ip.user_ns.pop("waiting")
 
 
+def test_ctrl_c_in_a_lock_event_or_full_queue_wait_shows_the_users_line_alone(ip, dask_pool):
+    """As the local helpers' (test_shared): a Ctrl-C in ``lock.acquire()`` or ``ev.wait()``
+    showed seven frames of distributed's client and threading's under the user's line, and
+    in a full queue's ``put()`` ours too (Queue.get's were gone already)."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic\nheld = mpmagic.Lock()\nheld.acquire()\nunset = mpmagic.Event()\n"
+            "full = mpmagic.Queue(maxsize=1)\nfull.put(0)")
+    for line in ("held.acquire()", "with held:\n    pass", "unset.wait()", "full.put(1)"):
+        shown, error = interrupted_cell(ip, line, after=0.2)
+        assert isinstance(error, KeyboardInterrupt) and "----> 1 " + line.splitlines()[0] in shown, shown
+        files = [f.f_code.co_filename for f, _ in traceback.walk_tb(error.__traceback__)]
+        assert not any(("mpmagic" in f or "distributed" in f or "threading" in f) for f in files), (line, files)
+        assert "distributed" not in shown and "threading" not in shown, shown
+    assert run(ip, "held.locked(), full.qsize(), unset.is_set()") == (True, 1, False)  # (nothing half-done)
+    run(ip, "held.release()")
+    for name in ("held", "unset", "full"):
+        ip.user_ns.pop(name)
+
+
 def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
     lock = mpmagic.Lock()
     with pytest.raises(ValueError, match="^semaphore or lock released too many times$") as info:

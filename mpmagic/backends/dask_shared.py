@@ -28,7 +28,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import queue as std_queue
+import threading
 import time
 import uuid
 import weakref
@@ -67,6 +69,22 @@ def _timed(kind: str) -> Iterator[_Call]:
     finally:
         if not call.ran_out:
             waits.add(kind, time.monotonic() - t0)
+
+
+@functools.cache
+def _waited_in() -> tuple[str, ...]:
+    """Where a helper's call waits for the scheduler: ``distributed``'s client (its
+    ``sync``) and the ``threading.Event`` that waits on. A Ctrl-C lands there, and
+    their frames (seven of a ``lock.acquire()``) go with ours: the user sees their
+    line, as the local helpers show it (``errors.interrupted_at_callers_line``)."""
+    import distributed
+
+    return (os.path.dirname(os.path.abspath(distributed.__file__)) + os.sep, threading.__file__)
+
+
+def _interrupted(exc: BaseException) -> None:
+    """A Ctrl-C in a helper's wait leaves with the caller's line alone (see :func:`_waited_in`)."""
+    interrupted_at_callers_line(exc, _waited_in())
 
 
 #: What closed each client a Dask pool closed, in the user's words (``%pool local``,
@@ -297,6 +315,13 @@ class DaskQueue(_OnDask, IterUntilClosed):
         """
         data = payload.dumps_checked(obj, "an item put in the queue")
         limit = _wait_for(block, timeout)
+        try:
+            self._put(data, limit)
+        except KeyboardInterrupt as exc:  # (the user's line, as the local queue's)
+            _interrupted(exc)
+            raise
+
+    def _put(self, data: bytes, limit: float | None) -> None:
         with _pool_gone(self), _timed("Queue") as call:
             self._refuse_if_closed()
             if not self.maxsize:  # no bound: nothing to wait for
@@ -378,7 +403,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
                     call.ran_out = True
                     raise
         except KeyboardInterrupt as exc:  # (the user's line, as the local queue's)
-            interrupted_at_callers_line(exc)
+            _interrupted(exc)
             raise
 
     def _get(self, block: bool, timeout: float | None) -> Any:
@@ -562,10 +587,14 @@ class DaskLock(_OnDask):
         (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
         limit = 0.0 if not block else None if timeout is None else max(0.0, timeout)
-        with _pool_gone(self), _timed("Lock") as call:
-            got = self._acquire(limit)
-            call.ran_out = not got
-            return got
+        try:
+            with _pool_gone(self), _timed("Lock") as call:
+                got = self._acquire(limit)
+                call.ran_out = not got
+                return got
+        except KeyboardInterrupt as exc:  # (the user's line, as the local lock's)
+            _interrupted(exc)
+            raise
 
     _SLICE = 1.0  # seconds a task's acquire waits in one go, between looks at its task
 
@@ -617,10 +646,9 @@ class DaskLock(_OnDask):
         with _pool_gone(self):
             return bool(self._lock.locked())
 
-    def __enter__(self) -> bool:
-        """``with lock as got:`` gives True, as ``multiprocessing.Lock`` and the local lock."""
-        return self.acquire()
-
+    # ``with lock as got:`` gives True, as ``multiprocessing.Lock`` and the local lock. No
+    # frame of its own: a Ctrl-C in its wait shows the user's ``with`` line alone (acquire's).
+    __enter__ = acquire
     __exit__ = release
 
 
@@ -840,6 +868,13 @@ class DaskEvent(_OnDask):
         timeout says so once it has lasted :data:`mpmagic.waits.NOTE_AFTER` seconds.
         A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
+        try:
+            return self._wait(timeout)
+        except KeyboardInterrupt as exc:  # (the user's line, as the local event's)
+            _interrupted(exc)
+            raise
+
+    def _wait(self, timeout: float | None) -> bool:
         with _pool_gone(self), _timed("Event") as call:
             if _task_key() is None:  # (the notebook: no task to give up, one wait, as Dask's)
                 is_set = bool(self._event.wait(timeout))
