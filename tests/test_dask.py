@@ -1036,6 +1036,24 @@ def test_ctrl_c_in_a_lock_event_or_full_queue_wait_shows_the_users_line_alone(ip
         ip.user_ns.pop(name)
 
 
+def test_an_interrupted_lock_acquire_takes_nothing_once_the_holder_releases(ip, dask_pool):
+    """As an interrupted ``multiprocessing.Lock.acquire``: Dask's scheduler went on waiting to
+    grant the interrupted acquire's lease, and granted it when the holder released the lock; no
+    process refreshed it, so the lock stayed taken until Dask's lease timeout (the next
+    ``acquire()`` anywhere waited ~40 s)."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic, pickle\nwanted = mpmagic.Lock()\nholder = pickle.loads(pickle.dumps(wanted))\n"
+            "holder.acquire()")
+    shown, error = interrupted_cell(ip, "wanted.acquire()", after=0.2)
+    assert isinstance(error, KeyboardInterrupt), shown
+    run(ip, "holder.release()")
+    assert run(ip, "wanted.acquire(timeout=3)") is True  # (False: the lease nobody refreshed held it)
+    run(ip, "wanted.release()")
+    for name in ("wanted", "holder"):
+        ip.user_ns.pop(name)
+
+
 def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
     lock = mpmagic.Lock()
     with pytest.raises(ValueError, match="^semaphore or lock released too many times$") as info:

@@ -590,9 +590,13 @@ class DaskLock(_OnDask):
         try:
             with _pool_gone(self), _timed("Lock") as call:
                 got = self._acquire(limit)
+                self._lock.pending = None  # (its result reached us: nothing to withdraw)
                 call.ran_out = not got
                 return got
         except KeyboardInterrupt as exc:  # (the user's line, as the local lock's)
+            pending, self._lock.pending = self._lock.pending, None
+            if pending is not None:  # (nothing taken stays taken: see withdraw)
+                self._lock.loop.add_callback(self._lock.withdraw, *pending)
             _interrupted(exc)
             raise
 
@@ -713,6 +717,9 @@ def _released_by_name() -> type:
             self.seen: dict[str, float] = {}  # its leases: when last taken or refreshed (time.monotonic)
             self.lapsed: float | None = None  # the longest a lease it held went unrefreshed past the timeout
             self.lease_timeout = _lease_timeout()
+            # The last acquire whose result has not reached its caller: its lease id and deadline
+            # (time.monotonic, None: no limit); see withdraw.
+            self.pending: tuple[str, float | None] | None = None
 
         def _turns(self) -> asyncio.Lock:
             if self.turns is None:  # (made on the loop it serves)
@@ -734,12 +741,39 @@ def _released_by_name() -> type:
             return str(got.get("value") or "")
 
         async def _acquire(self, timeout: float | None = None) -> bool:
-            got = await super()._acquire(timeout=timeout)
+            # (Dask's Semaphore._acquire, with the lease id kept while it is in flight: see withdraw)
+            await self
+            lease = uuid.uuid4().hex
+            self.pending = (lease, None if timeout is None else time.monotonic() + timeout)
+            got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=timeout,
+                                        lease_id=lease, operation=f"mpmagic lock acquire: name={self.name}")
             if got:
-                self.seen[self._leases[-1]] = time.monotonic()
+                self._leases.append(lease)
+                self.seen[lease] = time.monotonic()
                 self.lapsed = None
-                await self._record(self._leases[-1])
-            return bool(got)
+                await self._record(lease)
+            return bool(got)  # (``pending`` stays: the caller clears it once the result reached it)
+
+        async def withdraw(self, lease: str, deadline: float | None) -> None:
+            """The acquire of ``lease`` was interrupted (Ctrl-C) in flight: give back what it
+            took or will take. Dask's scheduler goes on waiting to grant it when the client
+            gives up, and a lease nobody refreshes held the lock for its lease timeout once
+            its holder released it (the next ``acquire()`` anywhere waited ~40 s, where an
+            interrupted ``multiprocessing.Lock.acquire`` takes nothing). The same lease is
+            asked for until the interrupted acquire's deadline (Dask's acquire is idempotent:
+            this returns when the scheduler grants it to either), then given back."""
+            if lease in self._leases:  # (taken, and the interrupt came as its holder was recorded)
+                self._leases.remove(lease)
+                self.seen.pop(lease, None)
+                if await self._recorded() == lease:
+                    await self._record("")
+                await self._give_back(lease)
+                return
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=left,
+                                        lease_id=lease, operation=f"mpmagic lock withdraw: name={self.name}")
+            if got:
+                await self._give_back(lease)
 
         def _lapse(self, lease: str) -> float | None:
             """How long ``lease`` of this object went unrefreshed, if past the timeout."""
