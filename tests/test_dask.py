@@ -1054,6 +1054,26 @@ def test_an_interrupted_lock_acquire_takes_nothing_once_the_holder_releases(ip, 
         ip.user_ns.pop(name)
 
 
+def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):
+    """The same for a queue's consumers' lock: a Ctrl-C in the notebook's ``q.get()`` while
+    another consumer held it (two round trips of each take) left a lease nobody refreshed,
+    and every consumer's ``get`` waited ~40 s for Dask's lease timeout."""
+    import signal
+
+    from mpmagic.backends.dask_shared import _dask_lock
+
+    q = mpmagic.Queue()
+    consumer = _dask_lock(q.name + "-take", dask_pool.client)  # (another consumer, mid-take)
+    consumer.acquire()
+    timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        q.get()
+    consumer.release()
+    q.put(1)
+    assert q.get(timeout=3) == 1  # (queue.Empty: the lease nobody refreshed held the lock)
+
+
 def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):
     lock = mpmagic.Lock()
     with pytest.raises(ValueError, match="^semaphore or lock released too many times$") as info:

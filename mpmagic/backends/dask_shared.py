@@ -357,8 +357,9 @@ class DaskQueue(_OnDask, IterUntilClosed):
         try:
             got = self._giver.acquire(timeout=lock_wait)
         except BaseException:  # (as _take: a lease taken as the interrupt came is given back)
-            _release_quietly(self._giver)
+            _give_back_interrupted(self._giver)
             raise
+        self._giver.pending = None  # (its result reached us: nothing to withdraw)
         if not got:
             return False
         try:
@@ -463,10 +464,11 @@ class DaskQueue(_OnDask, IterUntilClosed):
             got = self._taker.acquire(timeout=lock_wait)
         except BaseException:
             # Ctrl-C while the acquire was in flight: it may still have completed on
-            # the client's loop, and a lease nobody releases would stop every
-            # consumer's get for good.
-            _release_quietly(self._taker)
+            # the client's loop, or complete on the scheduler later, and a lease nobody
+            # releases (or refreshes) stopped every consumer's get (for ~40 s).
+            _give_back_interrupted(self._taker)
             raise
+        self._taker.pending = None  # (its result reached us: nothing to withdraw)
         if not got:
             return False, None
         try:
@@ -594,9 +596,8 @@ class DaskLock(_OnDask):
                 call.ran_out = not got
                 return got
         except KeyboardInterrupt as exc:  # (the user's line, as the local lock's)
-            pending, self._lock.pending = self._lock.pending, None
-            if pending is not None:  # (nothing taken stays taken: see withdraw)
-                self._lock.loop.add_callback(self._lock.withdraw, *pending)
+            if self._lock.pending is not None:  # (nothing taken stays taken: _withdrawable)
+                _give_back_interrupted(self._lock)
             _interrupted(exc)
             raise
 
@@ -664,12 +665,76 @@ def _release_quietly(lock: Any) -> None:
         logging.getLogger("mpmagic").debug("mpmagic: no queue lock to release after an interrupt", exc_info=True)
 
 
-def _dask_lock(name: str, client: Any) -> Any:
-    from distributed import Lock
+def _give_back_interrupted(lock: Any) -> None:
+    """After an interrupt of ``lock``'s acquire: give back what it took or will take (see
+    :func:`_withdrawable`); a lock that does not track its acquire is released if it holds."""
+    pending, lock.pending = getattr(lock, "pending", None), None
+    if pending is None:
+        _release_quietly(lock)
+    else:
+        lock.loop.add_callback(lock.withdraw, *pending)
 
+
+def _dask_lock(name: str, client: Any) -> Any:
+    """A queue's consumers' or producers' lock (:func:`_withdrawable`)."""
+    lock = _withdrawable()
     if client is None:
-        return Lock(name)
-    return Lock(name, scheduler_rpc=client.scheduler, loop=client.loop)
+        return lock(name)
+    return lock(name, scheduler_rpc=client.scheduler, loop=client.loop)
+
+
+@functools.cache
+def _withdrawable() -> type:
+    """A ``distributed.Lock`` whose interrupted acquire takes nothing, as an interrupted
+    ``multiprocessing.Lock.acquire``. Dask's scheduler goes on waiting to grant the lease
+    a cancelled acquire asked for, and grants it once the lock is free: nobody refreshes
+    that lease, so the lock stayed taken for its lease timeout (~40 s: every consumer's
+    ``get`` of a queue waited that long after a Ctrl-C in the notebook's). Each acquire
+    keeps its lease id (``pending``) until its caller clears it on the result; after an
+    interrupt ``withdraw`` asks for that same lease until the acquire's deadline (Dask's
+    acquire is idempotent: it returns when the scheduler grants the lease to either) and
+    gives it back. Made on first use, so that importing this module does not import ``distributed``."""
+    from distributed import Lock
+    from distributed.utils_comm import retry_operation
+
+    class Withdrawable(Lock):
+        # The last acquire whose result has not reached its caller: its lease id and
+        # deadline (time.monotonic, None: no limit).
+        pending: tuple[str, float | None] | None = None
+
+        async def _acquire(self, timeout: float | None = None) -> bool:
+            # (Dask's Semaphore._acquire, with the lease id kept while it is in flight)
+            await self
+            lease = uuid.uuid4().hex
+            self.pending = (lease, None if timeout is None else time.monotonic() + timeout)
+            got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=timeout,
+                                        lease_id=lease, operation=f"mpmagic lock acquire: name={self.name}")
+            if got:
+                self._leases.append(lease)
+                await self._taken(lease)
+            return bool(got)  # (``pending`` stays: the caller clears it once the result reached it)
+
+        async def _taken(self, lease: str) -> None:
+            """What a subclass does once ``lease`` is taken (before the acquire returns)."""
+
+        async def withdraw(self, lease: str, deadline: float | None) -> None:
+            """Give back what the interrupted acquire of ``lease`` took or will take."""
+            if lease in self._leases:  # (taken: the interrupt came as it returned)
+                self._leases.remove(lease)
+                await self._untaken(lease)
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=left,
+                                            lease_id=lease, operation=f"mpmagic lock withdraw: name={self.name}")
+                if not got:
+                    return
+            await retry_operation(self.scheduler.semaphore_release, name=self.name, lease_id=lease,
+                                  operation=f"mpmagic lock withdraw release: name={self.name}")
+
+        async def _untaken(self, lease: str) -> None:
+            """What a subclass undoes of :meth:`_taken` for ``lease`` before it is given back."""
+
+    return Withdrawable
 
 
 @functools.cache
@@ -701,12 +766,13 @@ def _released_by_name() -> type:
     another's), gives the lapse back instead of releasing anything (not the
     other holder's lease), so the release says so in one line.
 
+    An interrupted acquire takes nothing (:func:`_withdrawable`, which this lock builds on).
+
     Made on first use, so that importing this module does not import ``distributed``.
     """
-    from distributed import Lock
     from distributed.utils_comm import retry_operation
 
-    class ReleasedByName(Lock):
+    class ReleasedByName(_withdrawable()):  # type: ignore[misc]
         def __init__(self, name: str, client: Any) -> None:
             if client is None:
                 super().__init__(name)
@@ -717,9 +783,6 @@ def _released_by_name() -> type:
             self.seen: dict[str, float] = {}  # its leases: when last taken or refreshed (time.monotonic)
             self.lapsed: float | None = None  # the longest a lease it held went unrefreshed past the timeout
             self.lease_timeout = _lease_timeout()
-            # The last acquire whose result has not reached its caller: its lease id and deadline
-            # (time.monotonic, None: no limit); see withdraw.
-            self.pending: tuple[str, float | None] | None = None
 
         def _turns(self) -> asyncio.Lock:
             if self.turns is None:  # (made on the loop it serves)
@@ -740,40 +803,15 @@ def _released_by_name() -> type:
                                         operation=f"mpmagic lock holder: name={self.name}")
             return str(got.get("value") or "")
 
-        async def _acquire(self, timeout: float | None = None) -> bool:
-            # (Dask's Semaphore._acquire, with the lease id kept while it is in flight: see withdraw)
-            await self
-            lease = uuid.uuid4().hex
-            self.pending = (lease, None if timeout is None else time.monotonic() + timeout)
-            got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=timeout,
-                                        lease_id=lease, operation=f"mpmagic lock acquire: name={self.name}")
-            if got:
-                self._leases.append(lease)
-                self.seen[lease] = time.monotonic()
-                self.lapsed = None
-                await self._record(lease)
-            return bool(got)  # (``pending`` stays: the caller clears it once the result reached it)
+        async def _taken(self, lease: str) -> None:
+            self.seen[lease] = time.monotonic()
+            self.lapsed = None
+            await self._record(lease)
 
-        async def withdraw(self, lease: str, deadline: float | None) -> None:
-            """The acquire of ``lease`` was interrupted (Ctrl-C) in flight: give back what it
-            took or will take. Dask's scheduler goes on waiting to grant it when the client
-            gives up, and a lease nobody refreshes held the lock for its lease timeout once
-            its holder released it (the next ``acquire()`` anywhere waited ~40 s, where an
-            interrupted ``multiprocessing.Lock.acquire`` takes nothing). The same lease is
-            asked for until the interrupted acquire's deadline (Dask's acquire is idempotent:
-            this returns when the scheduler grants it to either), then given back."""
-            if lease in self._leases:  # (taken, and the interrupt came as its holder was recorded)
-                self._leases.remove(lease)
-                self.seen.pop(lease, None)
-                if await self._recorded() == lease:
-                    await self._record("")
-                await self._give_back(lease)
-                return
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=left,
-                                        lease_id=lease, operation=f"mpmagic lock withdraw: name={self.name}")
-            if got:
-                await self._give_back(lease)
+        async def _untaken(self, lease: str) -> None:
+            self.seen.pop(lease, None)
+            if await self._recorded() == lease:
+                await self._record("")
 
         def _lapse(self, lease: str) -> float | None:
             """How long ``lease`` of this object went unrefreshed, if past the timeout."""
