@@ -1404,14 +1404,17 @@ def hide_our_frames(exc: BaseException) -> None:
         _replace_traceback(exc, _without_hidden_frames(exc.__traceback__))
 
 
-def interrupted_at_callers_line(exc: BaseException) -> None:
+def interrupted_at_callers_line(exc: BaseException, waited_in: tuple[str, ...] = ()) -> None:
     """A Ctrl-C that landed in a shared helper's wait (``q.get()``, ``q.put()`` on a
     full queue, ``lock.acquire()``, ``ev.wait()``) leaves with the caller's line and
     no frame of ours (code of the user's it ran, an item's ``__setstate__``, stays):
     the user interrupted their own line, and our frames (four for a ``q.get()``) say
-    nothing to them, in a notebook or a script. Called in the ``except`` of the
-    helper's public method, before a bare ``raise`` (see :func:`hide_our_frames`)."""
-    _replace_traceback(exc, without_our_frames(exc.__traceback__))
+    nothing to them, in a notebook or a script. ``waited_in``: the files (or folders,
+    ending in a separator) of the library the helper waits in, whose frames go too
+    (a Dask helper: ``distributed``'s client and ``threading``, seven frames of a
+    ``lock.acquire()``). Called in the ``except`` of the helper's public method,
+    before a bare ``raise`` (see :func:`hide_our_frames`)."""
+    _replace_traceback(exc, without_our_frames(exc.__traceback__, waited_in))
 
 
 def _replace_traceback(exc: BaseException, kept: types.TracebackType | None) -> None:
@@ -1450,10 +1453,12 @@ def _relink(entries: Any) -> types.TracebackType | None:
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-def without_our_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+def without_our_frames(tb: types.TracebackType | None, also: tuple[str, ...] = ()) -> types.TracebackType | None:
     """``tb`` without mpmagic's own frames (None if it had no others): what a
-    user's code did, without the machinery that called it."""
-    return _relink(t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR))
+    user's code did, without the machinery that called it. ``also``: the files
+    (or folders) of other machinery whose frames go too."""
+    drop = (_PACKAGE_DIR, *also)
+    return _relink(t for t in _entries(tb) if not t.tb_frame.f_code.co_filename.startswith(drop))
 
 
 def raised_by_our_call(exc: BaseException) -> bool:

@@ -1704,7 +1704,7 @@ class CellJob:
         self.slowest_where: str | None = None
         self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
         self.spans: list[tuple[float, float]] = []  # (start, end) of ranks: how many ran at once (report)
-        self.retried = 0  # (ranks are never retried)
+        self.retried = 0  # ranks Dask ran again after their worker died (ran_again_elsewhere)
         self.timed_out = 0
         self.ran_again: list[int] = []  # (a rank is one unit of one item)
         self.ran_again_cause = ""
@@ -1950,7 +1950,10 @@ class CellJob:
         """(Only a map's chunk under --errors collect reports an item's failure early.)"""
 
     def ran_again_elsewhere(self, unit: Unit, index: int) -> None:
-        """(Only a map's chunk is said to have run again on another worker.)"""
+        """Dask ran rank ``unit.id`` again after its worker died running it (the worker came
+        back at the address the rank is pinned to): the rank ran twice, side effects too. The
+        report says so as for a map's item (``retried``)."""
+        self.retried += 1
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)

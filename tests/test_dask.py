@@ -180,6 +180,28 @@ def test_ranks_run_on_distinct_worker_processes(ip, dask_pool):
     assert set(pids) == set(worker_pids(dask_pool).values())
 
 
+def test_a_rank_dask_runs_again_after_its_worker_died_is_said_as_a_retry(ip, dask_pool, monkeypatch):
+    """A worker that dies mid-rank and comes back at its address (a cluster started with
+    ``--worker-port``; the 0.5 s look at the workers missed its absence): Dask runs the rank
+    there again, its side effects twice, and the report said nothing of it where a map's
+    rerun is said as a retry. Dask's second start of rank 1 is played here (the session's
+    workers come back at new ports, where a pinned rank never runs again)."""
+    from mpmagic.backends import dask as dask_backend
+
+    event = dask_backend._DaskRun._event
+
+    def started_twice(run, ev):
+        task = run.tasks.get(ev.get("tag", ""))
+        if ev.get("start") and task is not None and task.unit.id == 1 and task.started is None:
+            event(run, ev)  # (the first start; the one below is Dask's rerun's)
+        event(run, ev)
+
+    monkeypatch.setattr(dask_backend._DaskRun, "_event", started_twice)
+    assert run(ip, "%%parallel -q -n 2\nrank * 10") == [0, 10]
+    report = mpmagic.last_report()
+    assert report.retried == 1 and "2 ranks (1 retried after its worker died) on" in str(report), str(report)
+
+
 def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):
     n = DASK_WORKERS + 1
     with pytest.raises(IPythonUsageError) as info:
@@ -992,6 +1014,64 @@ def test_ctrl_c_in_a_queue_get_shows_the_users_line_and_no_frame_of_ours(ip, das
     assert isinstance(error, KeyboardInterrupt) and "----> 1 waiting.get()" in shown, shown
     assert not any("mpmagic" in f.f_code.co_filename for f, _ in traceback.walk_tb(error.__traceback__)), shown
     ip.user_ns.pop("waiting")
+
+
+def test_ctrl_c_in_a_lock_event_or_full_queue_wait_shows_the_users_line_alone(ip, dask_pool):
+    """As the local helpers' (test_shared): a Ctrl-C in ``lock.acquire()`` or ``ev.wait()``
+    showed seven frames of distributed's client and threading's under the user's line, and
+    in a full queue's ``put()`` ours too (Queue.get's were gone already)."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic\nheld = mpmagic.Lock()\nheld.acquire()\nunset = mpmagic.Event()\n"
+            "full = mpmagic.Queue(maxsize=1)\nfull.put(0)")
+    for line in ("held.acquire()", "with held:\n    pass", "unset.wait()", "full.put(1)"):
+        shown, error = interrupted_cell(ip, line, after=0.2)
+        assert isinstance(error, KeyboardInterrupt) and "----> 1 " + line.splitlines()[0] in shown, shown
+        files = [f.f_code.co_filename for f, _ in traceback.walk_tb(error.__traceback__)]
+        assert not any(("mpmagic" in f or "distributed" in f or "threading" in f) for f in files), (line, files)
+        assert "distributed" not in shown and "threading" not in shown, shown
+    assert run(ip, "held.locked(), full.qsize(), unset.is_set()") == (True, 1, False)  # (nothing half-done)
+    run(ip, "held.release()")
+    for name in ("held", "unset", "full"):
+        ip.user_ns.pop(name)
+
+
+def test_an_interrupted_lock_acquire_takes_nothing_once_the_holder_releases(ip, dask_pool):
+    """As an interrupted ``multiprocessing.Lock.acquire``: Dask's scheduler went on waiting to
+    grant the interrupted acquire's lease, and granted it when the holder released the lock; no
+    process refreshed it, so the lock stayed taken until Dask's lease timeout (the next
+    ``acquire()`` anywhere waited ~40 s)."""
+    from conftest import interrupted_cell
+
+    run(ip, "import mpmagic, pickle\nwanted = mpmagic.Lock()\nholder = pickle.loads(pickle.dumps(wanted))\n"
+            "holder.acquire()")
+    shown, error = interrupted_cell(ip, "wanted.acquire()", after=0.2)
+    assert isinstance(error, KeyboardInterrupt), shown
+    run(ip, "holder.release()")
+    assert run(ip, "wanted.acquire(timeout=3)") is True  # (False: the lease nobody refreshed held it)
+    run(ip, "wanted.release()")
+    for name in ("wanted", "holder"):
+        ip.user_ns.pop(name)
+
+
+def test_an_interrupted_queue_get_leaves_the_consumers_lock_free(dask_pool):
+    """The same for a queue's consumers' lock: a Ctrl-C in the notebook's ``q.get()`` while
+    another consumer held it (two round trips of each take) left a lease nobody refreshed,
+    and every consumer's ``get`` waited ~40 s for Dask's lease timeout."""
+    import signal
+
+    from mpmagic.backends.dask_shared import _dask_lock
+
+    q = mpmagic.Queue()
+    consumer = _dask_lock(q.name + "-take", dask_pool.client)  # (another consumer, mid-take)
+    consumer.acquire()
+    timer = threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        q.get()
+    consumer.release()
+    q.put(1)
+    assert q.get(timeout=3) == 1  # (queue.Empty: the lease nobody refreshed held the lock)
 
 
 def test_lock_release_unheld_raises_valueerror_as_locally(dask_pool):

@@ -407,11 +407,11 @@ def test_a_task_whose_worker_lost_the_functions_payload_is_sent_again(ip, dask_p
 
     run(ip, "def triple(x):\n    return 3 * x\n")
     assert run(ip, "%pmap -q --chunksize 1 triple, range(8)") == [3 * x for x in range(8)]
-    payload_key = next(reversed(dask_pool._payloads.values())).key
+    payload_key = next(reversed(dask_pool._payloads.values())).future.key
     monkeypatch.setattr(dask_backend.dask_tasks, "run_message", _payload_lost(payload_key, str(tmp_path / "once")))
     assert run(ip, "%pmap -q --chunksize 1 triple, range(8)") == [3 * x for x in range(8)]
     assert (tmp_path / "once").exists()  # (one task did fail so)
-    assert payload_key not in {f.key for f in dask_pool._payloads.values()}  # (the lost key is not used again)
+    assert payload_key not in {held.future.key for held in dask_pool._payloads.values()}  # (the lost key is not used again)
 
     monkeypatch.setattr(dask_backend.dask_tasks, "run_message", _payload_lost(payload_key, None))
     with pytest.raises(mpmagic.MPMagicError) as info:

@@ -134,6 +134,28 @@ def test_dask_workers_drop_the_payloads_the_notebook_replaced(ip, dask_cluster, 
     assert len(backend._payloads) <= 2  # the last version's, and abs's
 
 
+def test_the_dask_backend_keeps_the_payloads_of_many_small_functions(dask_cluster, request, monkeypatch):
+    """The Dask backend kept the hold tasks of its 8 most recent functions whatever their
+    size: a notebook cycling through 12 tiny ones sent each payload to the cluster again at
+    every call (a new hold task, replicated to every worker). It keeps small ones as the
+    workers keep loaded functions (``payload_cache.excess``) and big ones as before."""
+    from mpmagic import payload_cache
+
+    backend = ensure_pool("dask", request)
+    small, extra = _payloads(12), _payloads(13)[-1]
+    try:
+        first = [backend._payload_future(key, data) for key, data in small]
+        backend.client.gather(first)  # (all computed: a pending one is reused only by a run free of restrictions)
+        again = [backend._payload_future(key, data) for key, data in small]
+        assert [f.key for f in again] == [f.key for f in first]  # (the first 4 were sent again)
+        monkeypatch.setattr(payload_cache, "KEEP_BYTES", 0)  # (as if they were big)
+        backend._payload_future(*extra)
+        assert list(backend._payloads) == [key for key, _ in [*small[-7:], extra]]  # the 8 most recent, as before
+    finally:
+        for key, _ in [*small, extra]:
+            backend._payloads.pop(key, None)
+
+
 def test_dask_workers_forget_the_payloads_the_notebook_dropped():
     """A Dask worker process keeps loaded functions by key as a local worker does:
     the keys each task carries as retired are dropped there."""

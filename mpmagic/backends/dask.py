@@ -70,7 +70,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 from distributed import Client, LocalCluster, Nanny
 from distributed.deploy.cluster import Cluster
@@ -89,7 +89,14 @@ from .local import _no_main_module, pool_size
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
 _RESULT_OUTPUT_GRACE = 1.0  # seconds to wait for output events that trail a result
 _CANCEL_BUDGET = 1.5  # seconds an interrupt may spend cancelling before it returns
-_PAYLOADS_KEPT = 8  # function payloads kept on the cluster between calls
+# Function payloads kept on the cluster between calls (their hold futures: a copy of the
+# bytes on every worker): the ``_PAYLOADS_ALWAYS`` most recent, and up to
+# ``payload_cache.KEEP_FUNCTIONS`` within ``payload_cache.KEEP_BYTES`` (``payload_cache.excess``,
+# the rule of each worker's loaded functions). A notebook cycling through 12 tiny functions
+# sent each one again at every call when 8 were kept whatever their size (a new hold task,
+# replicated to every worker, the old one released: +20 ms a call, docs/performance.md); big
+# payloads still cost no more than the 8 most recent did.
+_PAYLOADS_ALWAYS = 8
 _SETUP_KEYS = itertools.count(1)  # mpmagic's own clusters' setup stamp keys (DaskBackend._setup_key)
 _CLOSE_GRACE = 5.0  # seconds mpmagic's own cluster may take to close before its worker processes are killed
 _KILLED_LISTED = 60.0  # seconds a worker mpmagic killed is left out while the scheduler still lists it
@@ -403,6 +410,17 @@ def _security(address: str | None, ca: str | None, cert: str | None, key: str | 
     return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
+class _HeldPayload(NamedTuple):
+    """A function payload kept on the cluster: the future of its hold task, and its size in bytes."""
+
+    future: Any
+    size: int
+
+
+def _held_bytes(held: _HeldPayload) -> int:
+    return held.size
+
+
 class _TaskEvent(TypedDict, total=False):
     """What a task logs on the run's event topic (``dask_tasks._log_event``)."""
 
@@ -567,7 +585,7 @@ class DaskBackend:
         self._topic = ""
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
-        self._payloads: OrderedDict[bytes, Any] = OrderedDict()  # func_key -> future of its hold task
+        self._payloads: OrderedDict[bytes, _HeldPayload] = OrderedDict()  # func_key -> its hold task (_payload_future)
         # The last payload the notebook's cache dropped that the cluster was told of (_forget_retired).
         self._retired_seen = payload_cache.last_retired()
         # Tasks this notebook gave up on while they ran (a timeout, an interrupt,
@@ -1350,7 +1368,8 @@ class DaskBackend:
         with self._lock:
             if payload_cache.news(self._retired_seen):
                 self._forget_retired()
-            fut = self._payloads.get(key)
+            held = self._payloads.get(key)
+            fut = held.future if held is not None else None
             if fut is not None and (fut.status == "finished" or (fut.status == "pending" and workers is None)):
                 self._payloads.move_to_end(key)
                 return fut
@@ -1363,9 +1382,10 @@ class DaskBackend:
             # chunks there (Dask places tasks near their data).
             # (In the background: a slow or dying worker must not hold the call.)
             threading.Thread(target=_replicate_quietly, args=(self.client, fut), daemon=True).start()
-            self._payloads[key] = fut
-            while len(self._payloads) > _PAYLOADS_KEPT:
-                self._payloads.popitem(last=False)
+            self._payloads.pop(key, None)  # (a newer one's place: the most recent)
+            self._payloads[key] = _HeldPayload(fut, len(data))
+            for old in payload_cache.excess(self._payloads, _held_bytes, _PAYLOADS_ALWAYS):
+                del self._payloads[old]  # (released on the cluster)
             return fut
 
     def _forget_retired(self) -> None:
@@ -1751,8 +1771,9 @@ class _DaskRun:
                 task.item_started = time.monotonic()
             return
         if ev.get("start"):
-            if task.started is not None and self.job.kind == "map":
-                # Dask runs it again: its worker died or left running it (allowed-failures).
+            if task.started is not None:
+                # Dask runs it again: its worker died or left running it (allowed-failures); a
+                # rank only where its worker came back at its address (pinned: _check_rank_workers).
                 self.job.ran_again_elsewhere(task.unit, task.item or 0)
             task.started = time.monotonic()
             task.item = task.item_started = None  # (Dask may run it again after its worker died)
@@ -2074,7 +2095,8 @@ class _DaskRun:
             return
         backend = self.backend
         with backend._lock:
-            if backend._payloads.get(key) is self.payload_future:
+            held = backend._payloads.get(key)
+            if held is not None and held.future is self.payload_future:
                 del backend._payloads[key]
         self.payload_future = backend._payload_future(key, data, self.restrict)
 

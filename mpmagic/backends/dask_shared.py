@@ -28,7 +28,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import queue as std_queue
+import threading
 import time
 import uuid
 import weakref
@@ -67,6 +69,22 @@ def _timed(kind: str) -> Iterator[_Call]:
     finally:
         if not call.ran_out:
             waits.add(kind, time.monotonic() - t0)
+
+
+@functools.cache
+def _waited_in() -> tuple[str, ...]:
+    """Where a helper's call waits for the scheduler: ``distributed``'s client (its
+    ``sync``) and the ``threading.Event`` that waits on. A Ctrl-C lands there, and
+    their frames (seven of a ``lock.acquire()``) go with ours: the user sees their
+    line, as the local helpers show it (``errors.interrupted_at_callers_line``)."""
+    import distributed
+
+    return (os.path.dirname(os.path.abspath(distributed.__file__)) + os.sep, threading.__file__)
+
+
+def _interrupted(exc: BaseException) -> None:
+    """A Ctrl-C in a helper's wait leaves with the caller's line alone (see :func:`_waited_in`)."""
+    interrupted_at_callers_line(exc, _waited_in())
 
 
 #: What closed each client a Dask pool closed, in the user's words (``%pool local``,
@@ -297,6 +315,13 @@ class DaskQueue(_OnDask, IterUntilClosed):
         """
         data = payload.dumps_checked(obj, "an item put in the queue")
         limit = _wait_for(block, timeout)
+        try:
+            self._put(data, limit)
+        except KeyboardInterrupt as exc:  # (the user's line, as the local queue's)
+            _interrupted(exc)
+            raise
+
+    def _put(self, data: bytes, limit: float | None) -> None:
         with _pool_gone(self), _timed("Queue") as call:
             self._refuse_if_closed()
             if not self.maxsize:  # no bound: nothing to wait for
@@ -332,8 +357,9 @@ class DaskQueue(_OnDask, IterUntilClosed):
         try:
             got = self._giver.acquire(timeout=lock_wait)
         except BaseException:  # (as _take: a lease taken as the interrupt came is given back)
-            _release_quietly(self._giver)
+            _give_back_interrupted(self._giver)
             raise
+        self._giver.pending = None  # (its result reached us: nothing to withdraw)
         if not got:
             return False
         try:
@@ -378,7 +404,7 @@ class DaskQueue(_OnDask, IterUntilClosed):
                     call.ran_out = True
                     raise
         except KeyboardInterrupt as exc:  # (the user's line, as the local queue's)
-            interrupted_at_callers_line(exc)
+            _interrupted(exc)
             raise
 
     def _get(self, block: bool, timeout: float | None) -> Any:
@@ -438,10 +464,11 @@ class DaskQueue(_OnDask, IterUntilClosed):
             got = self._taker.acquire(timeout=lock_wait)
         except BaseException:
             # Ctrl-C while the acquire was in flight: it may still have completed on
-            # the client's loop, and a lease nobody releases would stop every
-            # consumer's get for good.
-            _release_quietly(self._taker)
+            # the client's loop, or complete on the scheduler later, and a lease nobody
+            # releases (or refreshes) stopped every consumer's get (for ~40 s).
+            _give_back_interrupted(self._taker)
             raise
+        self._taker.pending = None  # (its result reached us: nothing to withdraw)
         if not got:
             return False, None
         try:
@@ -562,10 +589,17 @@ class DaskLock(_OnDask):
         (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
         limit = 0.0 if not block else None if timeout is None else max(0.0, timeout)
-        with _pool_gone(self), _timed("Lock") as call:
-            got = self._acquire(limit)
-            call.ran_out = not got
-            return got
+        try:
+            with _pool_gone(self), _timed("Lock") as call:
+                got = self._acquire(limit)
+                self._lock.pending = None  # (its result reached us: nothing to withdraw)
+                call.ran_out = not got
+                return got
+        except KeyboardInterrupt as exc:  # (the user's line, as the local lock's)
+            if self._lock.pending is not None:  # (nothing taken stays taken: _withdrawable)
+                _give_back_interrupted(self._lock)
+            _interrupted(exc)
+            raise
 
     _SLICE = 1.0  # seconds a task's acquire waits in one go, between looks at its task
 
@@ -617,10 +651,9 @@ class DaskLock(_OnDask):
         with _pool_gone(self):
             return bool(self._lock.locked())
 
-    def __enter__(self) -> bool:
-        """``with lock as got:`` gives True, as ``multiprocessing.Lock`` and the local lock."""
-        return self.acquire()
-
+    # ``with lock as got:`` gives True, as ``multiprocessing.Lock`` and the local lock. No
+    # frame of its own: a Ctrl-C in its wait shows the user's ``with`` line alone (acquire's).
+    __enter__ = acquire
     __exit__ = release
 
 
@@ -632,12 +665,76 @@ def _release_quietly(lock: Any) -> None:
         logging.getLogger("mpmagic").debug("mpmagic: no queue lock to release after an interrupt", exc_info=True)
 
 
-def _dask_lock(name: str, client: Any) -> Any:
-    from distributed import Lock
+def _give_back_interrupted(lock: Any) -> None:
+    """After an interrupt of ``lock``'s acquire: give back what it took or will take (see
+    :func:`_withdrawable`); a lock that does not track its acquire is released if it holds."""
+    pending, lock.pending = getattr(lock, "pending", None), None
+    if pending is None:
+        _release_quietly(lock)
+    else:
+        lock.loop.add_callback(lock.withdraw, *pending)
 
+
+def _dask_lock(name: str, client: Any) -> Any:
+    """A queue's consumers' or producers' lock (:func:`_withdrawable`)."""
+    lock = _withdrawable()
     if client is None:
-        return Lock(name)
-    return Lock(name, scheduler_rpc=client.scheduler, loop=client.loop)
+        return lock(name)
+    return lock(name, scheduler_rpc=client.scheduler, loop=client.loop)
+
+
+@functools.cache
+def _withdrawable() -> type:
+    """A ``distributed.Lock`` whose interrupted acquire takes nothing, as an interrupted
+    ``multiprocessing.Lock.acquire``. Dask's scheduler goes on waiting to grant the lease
+    a cancelled acquire asked for, and grants it once the lock is free: nobody refreshes
+    that lease, so the lock stayed taken for its lease timeout (~40 s: every consumer's
+    ``get`` of a queue waited that long after a Ctrl-C in the notebook's). Each acquire
+    keeps its lease id (``pending``) until its caller clears it on the result; after an
+    interrupt ``withdraw`` asks for that same lease until the acquire's deadline (Dask's
+    acquire is idempotent: it returns when the scheduler grants the lease to either) and
+    gives it back. Made on first use, so that importing this module does not import ``distributed``."""
+    from distributed import Lock
+    from distributed.utils_comm import retry_operation
+
+    class Withdrawable(Lock):
+        # The last acquire whose result has not reached its caller: its lease id and
+        # deadline (time.monotonic, None: no limit).
+        pending: tuple[str, float | None] | None = None
+
+        async def _acquire(self, timeout: float | None = None) -> bool:
+            # (Dask's Semaphore._acquire, with the lease id kept while it is in flight)
+            await self
+            lease = uuid.uuid4().hex
+            self.pending = (lease, None if timeout is None else time.monotonic() + timeout)
+            got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=timeout,
+                                        lease_id=lease, operation=f"mpmagic lock acquire: name={self.name}")
+            if got:
+                self._leases.append(lease)
+                await self._taken(lease)
+            return bool(got)  # (``pending`` stays: the caller clears it once the result reached it)
+
+        async def _taken(self, lease: str) -> None:
+            """What a subclass does once ``lease`` is taken (before the acquire returns)."""
+
+        async def withdraw(self, lease: str, deadline: float | None) -> None:
+            """Give back what the interrupted acquire of ``lease`` took or will take."""
+            if lease in self._leases:  # (taken: the interrupt came as it returned)
+                self._leases.remove(lease)
+                await self._untaken(lease)
+            else:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                got = await retry_operation(self.scheduler.semaphore_acquire, name=self.name, timeout=left,
+                                            lease_id=lease, operation=f"mpmagic lock withdraw: name={self.name}")
+                if not got:
+                    return
+            await retry_operation(self.scheduler.semaphore_release, name=self.name, lease_id=lease,
+                                  operation=f"mpmagic lock withdraw release: name={self.name}")
+
+        async def _untaken(self, lease: str) -> None:
+            """What a subclass undoes of :meth:`_taken` for ``lease`` before it is given back."""
+
+    return Withdrawable
 
 
 @functools.cache
@@ -669,12 +766,13 @@ def _released_by_name() -> type:
     another's), gives the lapse back instead of releasing anything (not the
     other holder's lease), so the release says so in one line.
 
+    An interrupted acquire takes nothing (:func:`_withdrawable`, which this lock builds on).
+
     Made on first use, so that importing this module does not import ``distributed``.
     """
-    from distributed import Lock
     from distributed.utils_comm import retry_operation
 
-    class ReleasedByName(Lock):
+    class ReleasedByName(_withdrawable()):  # type: ignore[misc]
         def __init__(self, name: str, client: Any) -> None:
             if client is None:
                 super().__init__(name)
@@ -705,13 +803,15 @@ def _released_by_name() -> type:
                                         operation=f"mpmagic lock holder: name={self.name}")
             return str(got.get("value") or "")
 
-        async def _acquire(self, timeout: float | None = None) -> bool:
-            got = await super()._acquire(timeout=timeout)
-            if got:
-                self.seen[self._leases[-1]] = time.monotonic()
-                self.lapsed = None
-                await self._record(self._leases[-1])
-            return bool(got)
+        async def _taken(self, lease: str) -> None:
+            self.seen[lease] = time.monotonic()
+            self.lapsed = None
+            await self._record(lease)
+
+        async def _untaken(self, lease: str) -> None:
+            self.seen.pop(lease, None)
+            if await self._recorded() == lease:
+                await self._record("")
 
         def _lapse(self, lease: str) -> float | None:
             """How long ``lease`` of this object went unrefreshed, if past the timeout."""
@@ -840,6 +940,13 @@ class DaskEvent(_OnDask):
         timeout says so once it has lasted :data:`mpmagic.waits.NOTE_AFTER` seconds.
         A timeout too large to wait on (``10**400``) is no limit (``checks.wait_timeout``)."""
         timeout = wait_timeout(timeout)
+        try:
+            return self._wait(timeout)
+        except KeyboardInterrupt as exc:  # (the user's line, as the local event's)
+            _interrupted(exc)
+            raise
+
+    def _wait(self, timeout: float | None) -> bool:
         with _pool_gone(self), _timed("Event") as call:
             if _task_key() is None:  # (the notebook: no task to give up, one wait, as Dask's)
                 is_set = bool(self._event.wait(timeout))
