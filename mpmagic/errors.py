@@ -1078,7 +1078,9 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
         one.stack = traceback.StackSummary.from_list(
             [f for f in one.stack if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)])
         if isinstance(value, (NameError, AttributeError)) and sys.version_info < (3, 12):
-            one._str = (one._str or "") + _suggestion(value)  # type: ignore[attr-defined]
+            said, text = _suggestion(value), getattr(one, "_str", None) or ""
+            if not text.endswith(said):  # (newer exceptiongroup backports add it themselves on 3.10)
+                one._str = text + said  # type: ignore[attr-defined]
         notes = getattr(value, "__notes__", None)
         if (sys.version_info < (3, 11) and isinstance(notes, (list, tuple)) and notes
                 and "__notes__" not in vars(one)):  # (as 3.11: after the message; the backport's prints its own)
