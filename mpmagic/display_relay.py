@@ -28,6 +28,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .progress import clear_for_output
 from .task_builtins import DISPLAY_ID, MARK, UPDATE
 
 log = logging.getLogger("mpmagic")
@@ -82,7 +83,9 @@ def print_output(stream: str, text: str) -> None:
     PYTHONIOENCODING=ascii``, a terminal in an ASCII locale; the worker's own
     stream is UTF-8) gets it with backslash escapes (``na\\xefve``), as Python
     writes such text to stderr: a UnicodeEncodeError here named no item and
-    lost the run's results."""
+    lost the run's results. A text progress bar on the line is taken off it first
+    (:func:`progress.clear_for_output`): the text was glued to the bar's frame."""
+    clear_for_output()
     if stream == "display":
         show(text, lambda t: write_encodable(sys.stdout, t))
     else:

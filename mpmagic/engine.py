@@ -29,6 +29,7 @@ from typing import Any
 
 from . import exiting
 from .jobs import flush_stdio
+from .progress import redraw_after_output
 from .timeouts import TimeoutError as WaitTimeout
 
 log = logging.getLogger("mpmagic")
@@ -286,7 +287,9 @@ class Run:
 
     def _idle_flush(self) -> None:
         """Nothing more to print for now: flush the notebook's streams, so what
-        was printed shows while the run goes on."""
+        was printed shows while the run goes on, and draw again the text bar the
+        output took off its line (``progress.clear_for_output``)."""
+        redraw_after_output()
         flush_stdio()
 
     def _call_on_chunk(self, start: int, results: list) -> None:

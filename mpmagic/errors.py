@@ -757,8 +757,11 @@ def _stub(fr: FrameInfo, lineno: int, first: int, spots: list[Spot]) -> types.Co
 _stub_codes: dict[tuple, types.CodeType] = {}
 
 
-def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
+def fake_traceback(frames: list[FrameInfo], last_names: tuple[str, ...] = ()) -> types.TracebackType | None:
     """A real traceback object whose frames are ``frames`` (file, line, name).
+
+    ``last_names``: names the last frame has (as globals of its stub, valued None), which
+    Python's printer may suggest for a NameError (:func:`suggested_name`).
 
     Repeats are told as serially: IPython collapses a recursion ("[... skipping
     similar frames: f at line 3 (147 times)]", stack_data's ``RepeatedFrames``)
@@ -787,7 +790,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
     codes: dict[tuple, types.CodeType] = {}
     head: types.TracebackType | None = None
     tail: types.TracebackType | None = None
-    for fr, lineno, first, key, at in placed:
+    for k, (fr, lineno, first, key, at) in enumerate(placed):
         code = codes.get(key)
         if code is None:
             full = (*key, *spots[key])
@@ -808,7 +811,7 @@ def fake_traceback(frames: list[FrameInfo]) -> types.TracebackType | None:
                                                          co_consts=(*stub.co_consts, ("mpmagic code", fr.code)),
                                                          **names)
             codes[key] = code
-        tb = _run_stub(code, _arguments(fr, code), at)
+        tb = _run_stub(code, _arguments(fr, code), at, last_names if k == len(placed) - 1 else ())
         if tb is None:
             continue
         tb.tb_next = None
@@ -886,15 +889,15 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
         logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
 
 
-def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType, tuple[list, dict, list, dict], int],
-                                 None]:
+def _stub_runner() -> Generator[types.TracebackType | None,
+                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, tuple[str, ...]], None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
     namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__mpmagic_op__": _Raiser(marker), "__name__": "__main__"}
     while True:
-        code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"] = yield tb
+        code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"], names = yield tb
         tb = None
-        func = types.FunctionType(code, namespace)
+        func = types.FunctionType(code, {**dict.fromkeys(names), **namespace} if names else namespace)
         func.__defaults__ = tuple(positional)
         func.__kwdefaults__ = kwonly
         try:
@@ -909,16 +912,18 @@ def _stub_runner() -> Generator[types.TracebackType | None, tuple[types.CodeType
             m.__traceback__ = m.__context__ = None
 
 
-def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at: int = 0) -> types.TracebackType | None:
+def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at: int = 0,
+              names: tuple[str, ...] = ()) -> types.TracebackType | None:
     """The traceback of one stub (a function's code) called with ``arguments`` (see
-    :func:`_arguments`) in this thread's runner, raising at its spot ``at`` (see :func:`_stub`)."""
+    :func:`_arguments`) in this thread's runner, raising at its spot ``at`` (see :func:`_stub`),
+    with ``names`` among its globals (see :func:`fake_traceback`)."""
     runner = getattr(_runners, "runner", None)
     if runner is None:
         runner = _stub_runner()
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send((code, arguments, at))
+        return runner.send((code, arguments, at, names))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise
@@ -1079,7 +1084,9 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
         one.stack = traceback.StackSummary.from_list(
             [f for f in one.stack if not os.path.abspath(f.filename).startswith(_PACKAGE_DIR + os.sep)])
         if isinstance(value, (NameError, AttributeError)) and sys.version_info < (3, 12):
-            one._str = (one._str or "") + _suggestion(value)  # type: ignore[attr-defined]
+            said, text = _suggestion(value), getattr(one, "_str", None) or ""
+            if not text.endswith(said):  # (newer exceptiongroup backports add it themselves on 3.10)
+                one._str = text + said  # type: ignore[attr-defined]
         notes = getattr(value, "__notes__", None)
         if (sys.version_info < (3, 11) and isinstance(notes, (list, tuple)) and notes
                 and "__notes__" not in vars(one)):  # (as 3.11: after the message; the backport's prints its own)
@@ -1088,6 +1095,51 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
             if link is not None and linked is not None:
                 todo.append((link, linked))
     sys.stderr.write("".join(shown.format()))
+
+
+def suggested_name(exc: BaseException) -> tuple[str | None, bool]:
+    """For ``exc``, a NameError, in the process that raised it (a worker:
+    ``exc_record.capture``): the name Python's printer suggests there (or None), and
+    whether the frame that raised it is a ``__main__`` function's (the notebook's,
+    or a script's).
+
+    Python makes "Did you mean: 'totals'?" from the names of the frame that raised
+    the NameError (its variables, globals and builtins). The notebook's copy of a
+    task's frames has none of them, and a worker has only the globals a notebook
+    function uses: the notebook finds the name again from this one and its own
+    globals (:func:`home_suggestion`), and the copy of the last frame has it among
+    its globals (:func:`fake_traceback`), so the notebook's printer suggests it."""
+    if not isinstance(exc, NameError) or exc.__traceback__ is None:
+        return None, False
+    last = exc.__traceback__
+    while last.tb_next is not None:
+        last = last.tb_next
+    found = re.fullmatch(r"\. Did you mean: '(.+)'\?", _suggestion(exc))
+    return (found.group(1) if found and found.group(1).isidentifier() else None,
+            last.tb_frame.f_globals.get("__name__") == "__main__")
+
+
+def home_suggestion(wrong: str | None, worker: str | None, main: bool) -> str | None:
+    """The name serial Python would suggest for ``wrong``: the best of what the worker
+    suggested (``worker``, from the frame's own names) and, for a ``__main__``
+    function (``main``), the notebook's globals, chosen by Python's own printer, as a
+    NameError raised in a throwaway frame with those names (valued None) as globals."""
+    if not wrong or not wrong.isidentifier() or not (worker or main):
+        return worker
+    module = sys.modules.get("__main__")
+    names = dict.fromkeys(vars(module) if main and module is not None else ())
+    if worker:
+        names[worker] = None
+    names.pop(wrong, None)
+    names.pop("__builtins__", None)  # (exec puts the real ones in)
+    try:
+        exec(compile(wrong, "<mpmagic>", "eval"), names)  # (a bare name, looked up in ``names``)
+    except NameError as exc:
+        found = re.fullmatch(r"\. Did you mean: '(.+)'\?", _suggestion(exc))
+        return found.group(1) if found and found.group(1).isidentifier() else None
+    except Exception:
+        pass
+    return worker
 
 
 def _suggestion(exc: NameError | AttributeError) -> str:

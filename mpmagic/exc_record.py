@@ -39,7 +39,9 @@ from .errors import (
     extract_frames,
     fake_traceback,
     group_class,
+    home_suggestion,
     map_cell_frames,
+    suggested_name,
 )
 
 logger = logging.getLogger("mpmagic")
@@ -67,6 +69,8 @@ class ExcRecord:
     suppress_context: bool = False
     children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
     fields: dict[str, bytes] | None = None  # the C-level fields of a builtin base (errno, lineno, name...): see _c_fields
+    suggested: str | None = None  # a NameError's "Did you mean" name, found where it was raised: see errors.suggested_name
+    main_frame: bool = False  # (a NameError's) raised in a __main__ function: the notebook's globals count too
 
 
 class UnsentArgument:
@@ -135,6 +139,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None, *,
     rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__, arguments))
     seen[id(exc)] = rec
     rec.fields = _c_fields(exc)
+    rec.suggested, rec.main_frame = suggested_name(exc)
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         rec.notes = [str(n) for n in notes]
@@ -364,7 +369,9 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     memo[id(rec)] = exc
     if rec.notes is not None:
         _restore(exc, "__notes__", list(rec.notes), rec)
-    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames)), rec)
+    suggested = home_suggestion(getattr(exc, "name", None), rec.suggested, rec.main_frame) if isinstance(
+        exc, NameError) else None
+    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames), (suggested,) if suggested else ()), rec)
     if rec.cause is not None:
         _restore(exc, "__cause__", rebuild(rec.cause, memo), rec)
     if rec.context is not None:

@@ -48,6 +48,30 @@ _said_no_widgets = False
 #: is shown as a still copy and its widgets closed (released by the kernel).
 KEEP_WIDGET_BARS = 10
 
+# The text bars on screen now (made, not closed): see clear_for_output.
+_text_bars: list[Progress] = []
+
+
+def clear_for_output() -> None:
+    """A task's output is about to be printed here: take the text bars off their line.
+
+    A text bar (a terminal; Jupyter without ipywidgets) ends its line without a
+    newline and redraws it with ``\\r``: a task's line printed meanwhile was glued
+    to it (``pmap:  17%|█▋      | 1/6 [00:01<00:05,  1.00s/item]item 2``). The
+    bar comes back once the output has been printed (:func:`redraw_after_output`)
+    or on its next update, whichever is first: once per burst of output, not per line."""
+    if _text_bars:
+        for bar in tuple(_text_bars):
+            bar._clear()
+
+
+def redraw_after_output() -> None:
+    """The output came so far is printed: draw the text bars it took off their line again."""
+    if _text_bars:
+        for bar in tuple(_text_bars):
+            bar._redraw()
+
+
 # The finished notebook bars still live: (their display, their widgets, the still copy), oldest first.
 _widget_bars: deque[tuple[Any, list[Any], dict[str, str]]] = deque()
 _widget_bars_lock = threading.Lock()
@@ -113,6 +137,7 @@ class Progress:
         self.outcome: str | None = None  # "done", "error" or "interrupted" after close
         self._lock = threading.Lock()
         self._display: Any = None  # a notebook bar's display (by id), shown by us: see _keep_widget_bar
+        self._cleared = False  # a text bar taken off its line for a task's output: see clear_for_output
         last = self
 
     def update(self, n: int = 1) -> None:
@@ -125,7 +150,11 @@ class Progress:
                 if time.perf_counter() - self.t0 >= self.delay:
                     self._show()
             else:
-                self.bar.update(n)
+                drawn = self.bar.update(n)
+                if self._cleared:
+                    self._cleared = False
+                    if not drawn:
+                        self.bar.refresh()
 
     def due_in(self) -> float | None:
         """Seconds until the bar is due (0: now), or None when no bar is to be made."""
@@ -148,6 +177,20 @@ class Progress:
         self.shown = self.bar is not None
         if self.bar is not None and self.n:
             self.bar.update(self.n)
+        if self.bar is not None and self._display is None and not _is_widget_bar(type(self.bar)):
+            _text_bars.append(self)
+
+    def _clear(self) -> None:
+        with self._lock:
+            if self.bar is not None and not self.closed and not self._cleared:
+                self._cleared = True
+                self.bar.clear()
+
+    def _redraw(self) -> None:
+        with self._lock:
+            if self._cleared and not self.closed:
+                self._cleared = False
+                self.bar.refresh()
 
     def _make_bar(self) -> Any:
         try:
@@ -194,6 +237,8 @@ class Progress:
             bar = self.bar  # kept, closed, so its final count can be read
         if bar is None:
             return
+        if self in _text_bars:
+            _text_bars.remove(self)
         try:
             if outcome != "done":
                 bar.set_postfix_str(outcome, refresh=False)

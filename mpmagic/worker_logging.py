@@ -576,6 +576,9 @@ def _module_of(filename: str, lineno: int) -> str:
 
 _original_showwarning = warnings.showwarning
 
+# The handlers drop_inherited_handlers took off, held for the worker's life: see there.
+_dropped: list[logging.Handler] = []
+
 
 def drop_inherited_handlers() -> None:
     """In a local worker as it starts: take off every logger the handlers it
@@ -585,11 +588,17 @@ def drop_inherited_handlers() -> None:
     handlers (:func:`deliver`): a copy here wrote every record a second time.
     ``NullHandler`` s stay (they write nothing, and tell ``logging.lastResort``
     a library has its logging in hand). Handlers ``%%pool setup`` or a task
-    adds later are kept."""
+    adds later are kept. The ones taken off are held in :data:`_dropped`: let
+    go, a stream only its handler referred to was finalized here, which wrote
+    what the notebook had not flushed yet to its file a second time and, with
+    warnings shown (``-X dev``), printed
+    ``ResourceWarning: unclosed file`` from this module for each fork worker
+    (Python 3.13's Jupyter kernel: ipykernel's own handler)."""
     global _installed, _hooks_in
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     for logger in loggers:
         if isinstance(logger, logging.Logger) and logger.handlers:
+            _dropped.extend(h for h in logger.handlers if not isinstance(h, logging.NullHandler))
             logger.handlers = [h for h in logger.handlers if isinstance(h, logging.NullHandler)]
     _installed = _hooks_in = False  # (our own handler too, if the parent had one: the first unit installs it)
 

@@ -167,6 +167,49 @@ def test_no_progress_bar_for_short_runs(ip, pool2, settings, bars):
     assert progress.last.shown and len(bars) == 1
 
 
+def _screen(text: str) -> list[str]:
+    """The lines a terminal shows for ``text``: ``\\r`` goes back to the line's
+    start, and what follows overwrites what was there."""
+    lines = []
+    for raw in text.split("\n"):
+        line: list[str] = []
+        for part in raw.split("\r"):
+            line[:len(part)] = part
+        lines.append("".join(line).rstrip())
+    return lines
+
+
+@pytest.mark.parametrize("cell", [
+    "%pmap -q --progress --chunksize 1 says, range(4)",
+    "%%parallel -n 2 -q --progress\nsays(rank)\n",
+])
+def test_task_output_starts_its_own_line_under_a_text_bar(ip, pool2, settings, monkeypatch, cell):
+    """A text bar (a terminal, Jupyter without ipywidgets) ends its line without a
+    newline, and redraws it with \\r: a task's line printed meanwhile was glued to
+    it, ``pmap:  17%|█▋      | 1/6 [00:01<00:05,  1.00s/item]item 2``, as IPython
+    in a terminal showed it. The bar is taken off its line while output prints,
+    and drawn again after it."""
+    screen = io.StringIO()
+
+    class ScreenBar(std_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, file=sys.stdout, **kwargs)  # (the same terminal as the tasks' output)
+
+    monkeypatch.setattr(progress, "_tqdm_class", lambda: ScreenBar)
+    run(ip, "def says(x):\n    print(f'said {x}')\n    return x\n")
+    run(ip, "%config MPMagic.progress_delay = 0")
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    run(ip, cell)
+    monkeypatch.undo()
+    assert progress.last.shown  # (a bar was on the line)
+    lines = _screen(screen.getvalue())
+    said = [i for i, line in enumerate(lines) if "said" in line]
+    assert said and all(re.fullmatch(r"(\[rank \d\] )?said \d", lines[i]) for i in said), screen.getvalue()
+    [done] = [i for i, line in enumerate(lines) if re.search(r"\| ([24])/\1 \[", line)]
+    assert done > said[-1], screen.getvalue()  # (the bar's last frame under the output)
+
+
 #: Tasks that end only once the bar exists (or after 10 s: then the bar came too late).
 UNTIL_THE_BAR = """
 import os, time

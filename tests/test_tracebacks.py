@@ -640,6 +640,26 @@ def test_python_3_10s_hook_keeps_did_you_mean_of_an_error_raised_while_handling_
     del values
 
 
+@pytest.mark.parametrize("body, name", [
+    ("return totls + x", "totals"),  # the notebook's global
+    ("local_total = x\n    return locl_total", "local_total"),  # the function's own variable
+])
+def test_a_tasks_name_error_suggests_what_serial_python_suggests(ip, local_pool, capsys, body, name):
+    """Python's printer (a script's ``sys.excepthook``, ``traceback`` from 3.12) adds
+    "Did you mean: 'totals'?" to a NameError from the names of the frame that raised
+    it. A task's came without it: that frame is the worker's, and the notebook's copy
+    of it (``errors.fake_traceback``) had none of its names. The worker finds the name
+    and the copy carries it."""
+    defined(ip, f"totals = 5\ndef typo(x):\n    {body}\n")
+    said = []
+    for call in ("typo(1)", "%pmap -q typo, [1]"):
+        _, _, exc = shown(ip, call)
+        assert isinstance(exc, NameError)
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        said += [line for line in capsys.readouterr().err.splitlines() if line.startswith("NameError")]
+    assert said[0].endswith(f". Did you mean: '{name}'?") and said == [said[0]] * 2, said
+
+
 def _frame_headers(text: str) -> list[str]:
     """The "Cell In[N], line L, in f(...)" lines of a displayed traceback."""
     return re.findall(r"^Cell In\[\d+\], line \d+, in .*$", text, flags=re.M)

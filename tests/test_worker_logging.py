@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import sys
+import warnings
 
 import pytest
 from conftest import run
@@ -575,6 +578,51 @@ def test_a_forked_workers_copy_of_a_notebook_file_handler_writes_nothing(ip, tmp
         handler.close()
         pool_module.shutdown()
     assert sorted(path.read_text().split()) == ["calc:w0", "calc:w1", "calc:w2", "calc:w3"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_workers_dropped_copies_of_the_notebooks_handlers_are_not_finalized_there(tmp_path):
+    """A fork worker takes its copies of the notebook's handlers off its loggers as
+    it starts (``drop_inherited_handlers``). Left to the garbage collector, their
+    streams were finalized in the worker: with warnings shown (``-X dev``,
+    ``warnings.simplefilter("default")``) each fork worker printed ``.../mpmagic/
+    worker_logging.py:548: ResourceWarning: unclosed file <_io.TextIOWrapper name=45
+    ...>`` in the notebook (Python 3.13's Jupyter kernel: ipykernel's own handler),
+    and text the notebook had not flushed yet was written to the file a second
+    time (the worker flushed its copy as it closed it)."""
+    from mpmagic.worker_logging import drop_inherited_handlers
+
+    path = tmp_path / "nb.log"
+    logger = logging.getLogger("mpmagic-test-inherited")
+    handler = logging.StreamHandler(open(path, "w"))  # (the handler holds the only reference)
+    logger.addHandler(handler)
+    handler.stream.write("header\n")  # (not flushed yet)
+    read, write = os.pipe()
+    try:
+        with warnings.catch_warnings():  # (pytest's threads: Python 3.12+ warns about any fork)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the worker: what it saw goes home through the pipe
+            try:
+                del handler
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always")
+                    drop_inherited_handlers()
+                    gc.collect()
+                said = [f"{w.category.__name__}: {w.message}" for w in seen]
+                said += [f"handlers left: {logger.handlers}"] if logger.handlers else []
+                os.write(write, "\n".join(said).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read, "rb") as pipe:
+            said = pipe.read().decode()
+        os.waitpid(pid, 0)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        handler.stream.close()  # (a StreamHandler leaves its stream open: the notebook closes it)
+    assert (said, path.read_text()) == ("", "header\n")
 
 
 MUTING = """
