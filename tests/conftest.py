@@ -265,7 +265,8 @@ def dask_cluster(tmp_path_factory):
     yield cluster
     if getattr(pool_module.current_pool(), "name", None) == "dask":
         pool_module.shutdown()
-    cluster.stop()
+    killed = cluster.stop()  # (what is left after it: the session's end says, pytest_sessionfinish)
+    assert not killed, f"Dask processes that did not end within 10 s of their SIGTERM, killed: {killed}"
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

@@ -3,8 +3,8 @@ processes on 127.0.0.1, started as the user would start them.
 
 Each process gets its own session (``start_new_session=True``), so a
 notebook interrupt (SIGINT to the test's process group) never reaches them,
-and :meth:`DaskProcesses.stop` kills each whole process group (the worker's
-nanny and the worker process it runs), so nothing outlives the tests. If the
+and :meth:`DaskProcesses.stop` ends each whole process group (the worker's
+nanny and the worker processes it runs), so nothing outlives the tests. If the
 test run itself is killed (no teardown runs), Linux ends each command too:
 it asks for SIGTERM at its parent's death (``prctl(PR_SET_PDEATHSIG)``, see
 ``_DIE_WITH_PARENT``), and dask's commands stop their nannies on SIGTERM.
@@ -66,6 +66,7 @@ class DaskProcesses:
         self.env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD": "forkserver", **(env or {})}
         self.scheduler_file = str(self.workdir / "scheduler.json")
         self.procs: list[subprocess.Popen] = []
+        self.logs: dict[int, str] = {}  # (a command's pid: its log's name)
         self.address = ""
 
     def _tls_args(self) -> list[str]:
@@ -85,6 +86,7 @@ class DaskProcesses:
                 start_new_session=True,
             )
         self.procs.append(proc)
+        self.logs[proc.pid] = log
         return proc
 
     def start(self, timeout: float = 60.0) -> DaskProcesses:
@@ -145,23 +147,33 @@ class DaskProcesses:
         except OSError:
             return ""
 
-    def stop(self) -> None:
-        """End every process group this started, letting each one clean up.
+    def stop(self) -> list[str]:
+        """End every process this started, in Dask's own order; return what
+        had to be killed (nothing, when each process ended on its SIGTERM).
 
-        SIGTERM to each group, then a wait until every process of it has gone
-        but multiprocessing's resource tracker (a nanny's queues are named
-        semaphores in /dev/shm: the tracker unlinks those its dead processes left,
-        once the last of them has exited, and it ignores SIGTERM). SIGKILL only
-        for what is still there after that: a SIGKILL to the whole group at once
-        killed the tracker mid-cleanup and left a nanny's 6 semaphores behind.
+        First each ``dask worker`` command alone gets a SIGTERM: its nannies
+        close their worker processes (which tell the scheduler, still up, that
+        they leave) and the command exits. Its workers must not get that SIGTERM
+        too (a SIGTERM to the whole group did): a worker that died before its
+        nanny had handled the signal was, to the nanny, a worker that died, and
+        it started another, which its close then waited for. Then the
+        scheduler, once no worker is left to tell it anything.
+
+        Then a wait until every process of the groups has gone but
+        multiprocessing's resource tracker (a nanny's queues are named
+        semaphores in /dev/shm: the tracker unlinks those its dead processes
+        left, once the last of them has exited, and it ignores SIGTERM). SIGKILL
+        only for what is still there after that: a SIGKILL to the whole group at
+        once killed the tracker mid-cleanup and left a nanny's 6 semaphores behind.
         """
         groups = [p.pid for p in self.procs]
-        for p in self.procs:
-            _signal_group(p, signal.SIGTERM)
-        _wait_until(lambda: not [q for q in _members(groups) if not _is_tracker(q)], 10)
-        for q in _members(groups):
-            if not _is_tracker(q):
-                _kill(q)
+        self._stop_commands(self.procs[1:], "End worker")
+        self._stop_commands(self.procs[:1], "End scheduler")
+        _wait_until(lambda: not _non_trackers(groups), 10)
+        killed = []
+        for q in _non_trackers(groups):
+            killed.append(_describe(q))
+            _kill(q)
         _wait_until(lambda: not _members(groups), 5)  # (the trackers: unlink, then exit)
         for p in self.procs:
             _signal_group(p, signal.SIGKILL)
@@ -170,6 +182,37 @@ class DaskProcesses:
             except subprocess.TimeoutExpired:
                 pass
         self.procs.clear()
+        return killed
+
+    def _stop_commands(self, commands: list[subprocess.Popen], last_line: str) -> None:
+        """SIGTERM to each command alone; once each has closed what it runs (logged
+        ``last_line``), SIGTERM to its whole group: what is left is the command's
+        exit (~1 s collecting its garbage; dask's handler is gone after the first
+        signal) and, for ``dask worker``, its fork server."""
+        for p in commands:
+            _signal(p, signal.SIGTERM)
+        _wait_until(lambda: all(p.poll() is not None or last_line in self.log(self.logs[p.pid]) for p in commands), 10)
+        for p in commands:
+            _signal_group(p, signal.SIGTERM)
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the command alone (nothing once it has exited and been reaped)."""
+    try:
+        proc.send_signal(sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _non_trackers(groups: list[int]) -> list[psutil.Process]:
+    return [q for q in _members(groups) if not _is_tracker(q)]
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid}: {' '.join(proc.cmdline())[:100]}"
+    except psutil.Error:
+        return str(proc.pid)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

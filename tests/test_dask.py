@@ -577,7 +577,9 @@ def test_tls_needs_all_certificate_options(tmp_path):
 
 
 def test_tls_connection_with_generated_certificates(ip, tmp_path):
-    from dask_cluster import DaskProcesses, make_certificates
+    """A TLS cluster: a run on it; certificates of another CA refused in time; and its stop
+    (tests/dask_cluster.py) ends every process on its SIGTERM, leaving none."""
+    from dask_cluster import DaskProcesses, _members, make_certificates
 
     certs = make_certificates(tmp_path)
     cluster = DaskProcesses(tmp_path, n_commands=1, per_command=1, protocol="tls", tls=certs).start()
@@ -601,7 +603,11 @@ def test_tls_connection_with_generated_certificates(ip, tmp_path):
         assert time.monotonic() - t0 < 10
     finally:
         pool_module.shutdown()
-        cluster.stop()
+        groups = [p.pid for p in cluster.procs]
+        killed = cluster.stop()
+    # Each process ended on its SIGTERM (none waited for, then killed), and none is left.
+    assert not killed, f"Dask processes that did not end within 10 s of their SIGTERM, killed: {killed}"
+    assert not _members(groups)
 
 
 def test_local_cluster_from_the_magic_and_back_to_local(ip):
