@@ -1114,9 +1114,7 @@ def suggested_name(exc: BaseException) -> tuple[str | None, bool]:
     last = exc.__traceback__
     while last.tb_next is not None:
         last = last.tb_next
-    found = re.fullmatch(r"\. Did you mean: '(.+)'\?", _suggestion(exc))
-    return (found.group(1) if found and found.group(1).isidentifier() else None,
-            last.tb_frame.f_globals.get("__name__") == "__main__")
+    return _suggested(exc), last.tb_frame.f_globals.get("__name__") == "__main__"
 
 
 def home_suggestion(wrong: str | None, worker: str | None, main: bool) -> str | None:
@@ -1135,11 +1133,16 @@ def home_suggestion(wrong: str | None, worker: str | None, main: bool) -> str | 
     try:
         exec(compile(wrong, "<mpmagic>", "eval"), names)  # (a bare name, looked up in ``names``)
     except NameError as exc:
-        found = re.fullmatch(r"\. Did you mean: '(.+)'\?", _suggestion(exc))
-        return found.group(1) if found and found.group(1).isidentifier() else None
+        return _suggested(exc)
     except Exception:
         pass
     return worker
+
+
+def _suggested(exc: NameError) -> str | None:
+    """The name of Python's "Did you mean" for ``exc`` (:func:`_suggestion`), or None."""
+    found = re.fullmatch(r"\. Did you mean: '(.+)'\?", _suggestion(exc))
+    return found.group(1) if found and found.group(1).isidentifier() else None
 
 
 def _suggestion(exc: NameError | AttributeError) -> str:

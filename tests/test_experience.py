@@ -1078,18 +1078,26 @@ def test_a_map_that_changes_a_notebook_list_says_so_and_its_compare_advice_names
                                     "set `seen` (seen.add) in its workers' copies"), report.advice
     assert "random" not in report.advice and "A task that changes state" in report.advice
     assert "(--compare's serial run here did change it)" in report.advice and run(ip, "seen") == {0, 1, 2}
-    capsys.readouterr()
     run(ip, "results = []\ndef collect(x):\n    results.append(x)\n    return x\n")
-    assert run(ip, "%pmap -q collect, range(4)") == [0, 1, 2, 3]
+    assert said_once(ip, capsys, "%pmap -q collect, range(4)", "results.append", (
+        "mpmagic: collect changes the notebook's list `results` (results.append) in the workers' copies, not "
+        "in the notebook: it is as it was before the run; return the values")) == [0, 1, 2, 3]
     assert run(ip, "results") == []  # (the workers' copies changed, as with multiprocessing)
-    err = capsys.readouterr().err
-    assert ("mpmagic: collect changes the notebook's list `results` (results.append) in the workers' copies, not "
-            "in the notebook: it is as it was before the run; return the values") in err, err
-    run(ip, "_ = %pmap -q collect, range(4)")
-    assert "results.append" not in capsys.readouterr().err  # (once per function)
     run(ip, "def own(x):\n    results = []\n    results.append(x)\n    return results\n")
     run(ip, "_ = %pmap -q own, range(4)")
     assert "mpmagic:" not in capsys.readouterr().err
+
+
+def said_once(ip, capsys, line: str, name: str, said: str) -> object:
+    """Run the magic ``line`` twice: the first run's stderr has ``said``, the second's no
+    mention of ``name`` (a note is said once per function); the first run's value."""
+    capsys.readouterr()
+    value = run(ip, line)
+    err = capsys.readouterr().err
+    assert said in err, err
+    run(ip, line)
+    assert name not in capsys.readouterr().err  # (once per function)
+    return value
 
 
 def test_state_a_function_accumulates_is_read_from_its_code(ip):
@@ -1152,14 +1160,10 @@ def test_a_map_that_accumulates_notebook_state_says_so_once(ip, pool2, capsys):
             "class Acc:\n    def __init__(self):\n        self.n = 0\n"
             "    def add(self, x):\n        self.n += x\n        return self.n\n"
             "acc = Acc()\n")
-    capsys.readouterr()
-    run(ip, "_ = %pmap -q total, range(4)")
+    said_once(ip, capsys, "%pmap -q total, range(4)", "TOTAL", (
+        "mpmagic: total changes the notebook's int `TOTAL` (TOTAL +=) in the workers' copies, not in the "
+        "notebook: it is as it was before the run; return the values"))
     assert run(ip, "TOTAL") == 0
-    err = capsys.readouterr().err
-    assert ("mpmagic: total changes the notebook's int `TOTAL` (TOTAL +=) in the workers' copies, not in the "
-            "notebook: it is as it was before the run; return the values") in err, err
-    run(ip, "_ = %pmap -q total, range(4)")
-    assert "TOTAL" not in capsys.readouterr().err  # (once per function)
     run(ip, "_ = %pmap -q acc.add, range(4)")
     assert run(ip, "acc.n") == 0
     err = capsys.readouterr().err

@@ -70,6 +70,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, NamedTuple, TypedDict
 
 from distributed import Client, LocalCluster, Nanny
@@ -415,10 +416,6 @@ class _HeldPayload(NamedTuple):
 
     future: Any
     size: int
-
-
-def _held_bytes(held: _HeldPayload) -> int:
-    return held.size
 
 
 class _TaskEvent(TypedDict, total=False):
@@ -1384,7 +1381,7 @@ class DaskBackend:
             threading.Thread(target=_replicate_quietly, args=(self.client, fut), daemon=True).start()
             self._payloads.pop(key, None)  # (a newer one's place: the most recent)
             self._payloads[key] = _HeldPayload(fut, len(data))
-            for old in payload_cache.excess(self._payloads, _held_bytes, _PAYLOADS_ALWAYS):
+            for old in payload_cache.excess(self._payloads, attrgetter("size"), _PAYLOADS_ALWAYS):
                 del self._payloads[old]  # (released on the cluster)
             return fut
 
