@@ -444,32 +444,77 @@ def no_work_beside():
     wait_for_work_beside()
 
 
+#: This process only reports the tests pytest-xdist's test processes run (set at the
+#: session's start): it starts nothing, and checks nothing of its own.
+_reporting_only = False
+
+
+def pytest_sessionstart(session):
+    global _reporting_only
+    _reporting_only = session.config.pluginmanager.has_plugin("dsession")
+
+
+#: What the processes of a pytest-xdist run (``dev.py test`` runs two) found left at
+#: their session's end, as the one that reports heard it (``pytest_testnodedown``).
+_left_in_xdist_workers: list[str] = []
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """(pytest-xdist, in the process that reports) A test process ended: keep what its
+    session's end found left. Its exit status alone would not fail the run."""
+    output = getattr(node, "workeroutput", None) or {}
+    _left_in_xdist_workers.extend(f"[{node.gateway.id}] {line}" for line in output.get("mpmagic_left", ()))
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """No worker may outlive the test run: stop everything, then check."""
+    """No worker may outlive the test run: stop everything, then check.
+
+    Under pytest-xdist each test process checks what it started (its own descendants,
+    segments and semaphores) and sends what it found to the process that reports,
+    which starts nothing itself and fails the run on what they sent."""
+    if _reporting_only:
+        for line in _left_in_xdist_workers:
+            print(f"\n{line}")
+        if _left_in_xdist_workers:
+            session.exitstatus = 1
+        return
+    found = _left_at_the_end()
+    for line in found:
+        print(f"\n{line}")
+    if found:
+        session.exitstatus = 1
+        output = getattr(session.config, "workeroutput", None)
+        if output is not None:  # (an xdist test process: the reporting one says it)
+            output["mpmagic_left"] = found
+
+
+def _left_at_the_end() -> list[str]:
+    """Stop every pool, then what is left of this process's run: one line each kind."""
+    found = []
     if _soak_module is not None:  # (a session stopped before its test: its soak ends here)
         _soak_module.stop_soak()
     collect_everything()  # (garbage among what the modules set aside too, as without the freeze)
     pool_module.shutdown()
-    deadline = time.monotonic() + 10
+    # (10 s for the run's processes to end; tests/test_session_checks.py's runs, less)
+    deadline = time.monotonic() + float(os.environ.get("MPMAGIC_TESTS_LEFT_WAIT", "10"))
     left = leftover_processes()
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
         left = leftover_processes()
     if left:
         desc = [(p.pid, " ".join(p.cmdline())[:80]) for p in left if p.is_running()]
-        print(f"\nLEAKED PROCESSES after the test session: {desc}")
-        session.exitstatus = 1
+        found.append(f"LEAKED PROCESSES after the test session: {desc}")
     segments = leftover_segments()
     if segments:
-        print(f"\nLEAKED SHARED MEMORY after the test session: {segments}")
-        session.exitstatus = 1
+        found.append(f"LEAKED SHARED MEMORY after the test session: {segments}")
     helpers = sys.modules.get("mpmagic.shared.base")
     if helpers is not None:  # (what this process's exit does: its own helpers' names go)
         helpers.release_all()
     semaphores = leftover_semaphores()
     if semaphores:
-        print(f"\nLEAKED SEMAPHORES after the test session (seen open in a process of the run): {semaphores}")
-        session.exitstatus = 1
+        found.append(f"LEAKED SEMAPHORES after the test session (seen open in a process of the run): {semaphores}")
+    return found
 
 
 #: Named semaphores (``/dev/shm/sem.*``) that a process this run started had open at
@@ -499,6 +544,8 @@ def pytest_runtest_logfinish(nodeid, location):
     suite), so it is read again only when a process of the run started or ended,
     or a semaphore was made or unlinked since the last look (a listing, ~0.1 ms)."""
     global _last_look
+    if _reporting_only:  # (the test processes look at theirs)
+        return
     try:
         children = psutil.Process().children(recursive=True)
     except psutil.Error:
