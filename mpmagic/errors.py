@@ -811,7 +811,11 @@ def fake_traceback(frames: list[FrameInfo], last_names: tuple[str, ...] = ()) ->
                                                          co_consts=(*stub.co_consts, ("mpmagic code", fr.code)),
                                                          **names)
             codes[key] = code
-        tb = _run_stub(code, _arguments(fr, code), at, last_names if k == len(placed) - 1 else ())
+        arguments = _arguments(fr, code)
+        globals_names: tuple[str, ...] = ()
+        if k == len(placed) - 1:
+            arguments, globals_names = _with_self_attribute(fr, arguments, last_names)
+        tb = _run_stub(code, arguments, at, globals_names)
         if tb is None:
             continue
         tb.tb_next = None
@@ -839,15 +843,34 @@ _runners = threading.local()
 class _WorkerValue:
     """What a rebuilt frame's parameter holds: its ``repr`` is the worker's repr
     of the value (``%xmode Verbose`` shows ``f(x=1)``), or ``<not sent>`` for a
-    value the worker did not send (see :data:`ARGUMENT_FRAMES_INNER`)."""
+    value the worker did not send (see :data:`ARGUMENT_FRAMES_INNER`). (Its one
+    attribute has a name no task's ``self`` has: Python 3.12 suggests
+    "self.text" for a NameError of ``text`` in a frame whose ``self`` has one.)"""
 
-    __slots__ = ("text",)
+    __slots__ = ("_mpmagic_text",)
 
     def __init__(self, text: str | None = None) -> None:
-        self.text = "<not sent>" if text is None else text
+        self._mpmagic_text = "<not sent>" if text is None else text
 
     def __repr__(self) -> str:
-        return self.text
+        return self._mpmagic_text
+
+
+class _WorkerSelf(_WorkerValue):
+    """The ``self`` of a rebuilt frame whose task's ``self`` had the attribute a
+    NameError named (``attribute``), which this one has too (valued None), so that
+    Python 3.12's printer suggests "Did you mean: 'self.total'?" there, as serially."""
+
+    __slots__ = ("_mpmagic_attribute",)
+
+    def __init__(self, text: str, attribute: str) -> None:
+        super().__init__(text)
+        self._mpmagic_attribute = attribute
+
+    def __getattr__(self, name: str) -> Any:
+        if name == self._mpmagic_attribute:
+            return None
+        raise AttributeError(name)
 
 
 def _arguments(fr: FrameInfo, code: types.CodeType) -> tuple[list, dict, list, dict]:
@@ -863,6 +886,27 @@ def _arguments(fr: FrameInfo, code: types.CodeType) -> tuple[list, dict, list, d
                 for i in range(max(len(values.star), min(values.star_len, STAR_ITEMS)))]
     starstar = {key: _WorkerValue(text) for key, text in values.starstar or ()} if fr.varkw else {}
     return named[:fr.argcount], kwonly, star, starstar
+
+
+def _with_self_attribute(fr: FrameInfo, arguments: tuple[list, dict, list, dict],
+                         names: tuple[str, ...]) -> tuple[tuple[list, dict, list, dict], tuple[str, ...]]:
+    """``arguments`` and ``names`` of the last frame's stub (see :func:`fake_traceback`),
+    where a name ``self.total`` (what serial Python 3.12 suggests there) becomes a
+    ``self`` parameter that has the attribute ``total`` (:class:`_WorkerSelf`)."""
+    attributes = [name.removeprefix("self.") for name in names if name.startswith("self.")]
+    if not attributes:
+        return arguments, names
+    positional, kwonly, star, starstar = arguments
+    named = fr.params[:fr.argcount + fr.kwonlycount]
+    if "self" in named:
+        at = named.index("self")
+        value = positional[at] if at < fr.argcount else kwonly.get("self")
+        self_value = _WorkerSelf(repr(value), attributes[0])
+        if at < fr.argcount:
+            positional = [*positional[:at], self_value, *positional[at + 1:]]
+        else:
+            kwonly = {**kwonly, "self": self_value}
+    return (positional, kwonly, star, starstar), tuple(name for name in names if not name.startswith("self."))
 
 
 def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> None:
@@ -883,8 +927,9 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
         return  # (not the frame whose locals were taken)
     try:
         for name, value in tb.tb_frame.f_locals.items():
-            if isinstance(value, _WorkerValue) and value.text == "<not sent>" and isinstance(captured.get(name), str):
-                value.text = captured[name]
+            if (isinstance(value, _WorkerValue) and value._mpmagic_text == "<not sent>"
+                    and isinstance(captured.get(name), str)):
+                value._mpmagic_text = captured[name]
     except Exception:  # (cosmetic: never an error of ours in place of the task's)
         logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
 
@@ -1097,52 +1142,151 @@ def print_with_notes(exc_type: type[BaseException], exc: BaseException, tb: type
     sys.stderr.write("".join(shown.format()))
 
 
-def suggested_name(exc: BaseException) -> tuple[str | None, bool]:
+# Python offers no "Did you mean" from a list of this many names or more (3.11's C printer
+# checks each of the frame's lists, locals, globals and builtins, on its own and skips one of
+# 750 or more; 3.13's, and ``traceback`` from 3.12, join the three and give none past 750):
+# a longer list is sent cut to this length, which is "too many" under every rule.
+_MAX_SCOPE_NAMES = 751
+
+
+@dataclass(frozen=True)
+class NameScope:
+    """What the frame that raised a NameError had, for the notebook to find the name
+    Python's printer suggests there (:func:`suggested_name`, :func:`home_suggestion`).
+
+    ``varnames``: its code's local variable names (``co_varnames``, which 3.11's printer
+    checks, bound or not); ``bound``: the names of its ``f_locals`` (the bound ones, with
+    its cell and free variables: 3.12's ``traceback`` and 3.13's printer check these),
+    or for a module's frame (``module``: a ``%%parallel`` cell, whose locals are its
+    globals) the names of its namespace; each cut to :data:`_MAX_SCOPE_NAMES`.
+    ``self_has``: (3.12 on) it has a ``self`` with an attribute of the wrong name, which
+    Python then suggests ("Did you mean: 'self.total'?") before any other name."""
+
+    suggested: str | None = None  # what the worker's printer suggested
+    main: bool = False  # a __main__ frame (the notebook's function, or cell): the notebook's globals are its globals
+    module: bool = False
+    varnames: tuple[str, ...] = ()
+    bound: tuple[str, ...] = ()
+    self_has: bool = False
+
+
+def suggested_name(exc: BaseException) -> NameScope | None:
     """For ``exc``, a NameError, in the process that raised it (a worker:
-    ``exc_record.capture``): the name Python's printer suggests there (or None), and
-    whether the frame that raised it is a ``__main__`` function's (the notebook's,
-    or a script's).
+    ``exc_record.capture``): the name Python's printer suggests there, and the names
+    the frame that raised it had (:class:`NameScope`); None for another exception.
 
     Python makes "Did you mean: 'totals'?" from the names of the frame that raised
     the NameError (its variables, globals and builtins). The notebook's copy of a
     task's frames has none of them, and a worker has only the globals a notebook
-    function uses: the notebook finds the name again from this one and its own
-    globals (:func:`home_suggestion`), and the copy of the last frame has it among
-    its globals (:func:`fake_traceback`), so the notebook's printer suggests it."""
+    function uses: for a ``__main__`` frame the notebook asks its printer again with
+    this frame's names and its own globals (:func:`home_suggestion`), and the copy of
+    the last frame has the answer among its globals (:func:`fake_traceback`), so the
+    notebook's printer suggests it. A frame of another module has its own globals
+    in the worker: what the worker's printer said stands."""
     if not isinstance(exc, NameError) or exc.__traceback__ is None:
-        return None, False
+        return None
     last = exc.__traceback__
     while last.tb_next is not None:
         last = last.tb_next
-    return _suggested(exc), last.tb_frame.f_globals.get("__name__") == "__main__"
-
-
-def home_suggestion(wrong: str | None, worker: str | None, main: bool) -> str | None:
-    """The name serial Python would suggest for ``wrong``: the best of what the worker
-    suggested (``worker``, from the frame's own names) and, for a ``__main__``
-    function (``main``), the notebook's globals, chosen by Python's own printer, as a
-    NameError raised in a throwaway frame with those names (valued None) as globals."""
-    if not wrong or not wrong.isidentifier() or not (worker or main):
-        return worker
-    module = sys.modules.get("__main__")
-    names = dict.fromkeys(vars(module) if main and module is not None else ())
-    if worker:
-        names[worker] = None
-    names.pop(wrong, None)
-    names.pop("__builtins__", None)  # (exec puts the real ones in)
+    frame = last.tb_frame
+    suggested = _suggested(exc)
+    main = frame.f_globals.get("__name__") == "__main__"
+    if not main:
+        return NameScope(suggested)
     try:
-        exec(compile(wrong, "<mpmagic>", "eval"), names)  # (a bare name, looked up in ``names``)
+        names = frame.f_locals  # (a module's frame: its globals; 3.13: a proxy of the function's variables)
+        module = names is frame.f_globals
+        bound = tuple(name for name, _ in zip(names, range(_MAX_SCOPE_NAMES), strict=False))
+        wrong, self_value = getattr(exc, "name", None), names.get("self", _ABSENT)
+    except Exception:  # (no suggestion rather than no traceback)
+        return NameScope(suggested, main)
+    self_has = False
+    if sys.version_info >= (3, 12) and self_value is not _ABSENT and isinstance(wrong, str):
+        try:  # (as Python's printer does: its own hasattr, which may run the class's __getattr__)
+            self_has = hasattr(self_value, wrong)
+        except Exception:
+            pass
+    return NameScope(suggested, main, module, () if module else frame.f_code.co_varnames[:_MAX_SCOPE_NAMES], bound,
+                     self_has)
+
+
+_ABSENT = object()
+
+# The names the copy of a NameError's last frame has where serial Python suggests none
+# (see exc_record): more than any printer checks, so that its few own names and the
+# builtins (which 3.13 checks joined with the globals) give none either.
+NO_SUGGESTION = tuple(f"__mpmagic_{i}__" for i in range(_MAX_SCOPE_NAMES))
+
+
+def home_suggestion(wrong: str | None, scope: NameScope | None) -> str | None:
+    """The name serial Python would suggest for ``wrong`` (or ``self.wrong``), raised in
+    the frame ``scope`` describes (see :func:`suggested_name`).
+
+    For a ``__main__`` frame, Python's own printer (:func:`_suggested`) is asked in a
+    throwaway frame with that frame's names and, as globals, the notebook's (valued
+    None): a function's frame is a function with its local variables (the bound ones
+    valued None, the others declared only) and its cell and free ones (free ones
+    here), so the printer's rules of this Python (which lists, joined or not, and how
+    many names are too many) apply as they would serially; a ``%%parallel`` cell's is
+    a module's, whose globals are the notebook's and the names the cell had bound."""
+    if scope is None or not scope.main or not wrong or not wrong.isidentifier() or keyword.iskeyword(wrong):
+        return scope.suggested if scope is not None else None
+    module = sys.modules.get("__main__")
+    names: dict[str, Any] = dict.fromkeys(vars(module) if module is not None else ())
+    try:
+        if scope.module:
+            names.update(dict.fromkeys(name for name in scope.bound if name not in names))
+            names.pop(wrong, None)
+            names.pop("__builtins__", None)  # (exec puts the real ones in)
+            if scope.self_has:
+                names["self"] = types.SimpleNamespace(**{wrong: None})
+            exec(compile(wrong, "<mpmagic>", "eval"), names)  # (a bare name, looked up in ``names``)
+        else:
+            names.pop(wrong, None)
+            names.pop("__builtins__", None)
+            probe, arguments = _probe(wrong, scope, names)
+            probe(*arguments)
     except NameError as exc:
         return _suggested(exc)
-    except Exception:
-        pass
-    return worker
+    except Exception:  # (a name list Python would not compile: what the worker said)
+        logger.debug("no suggestion found for %r", wrong, exc_info=True)
+    return scope.suggested
+
+
+def _probe(wrong: str, scope: NameScope, names: dict[str, Any]) -> tuple[types.FunctionType, list[Any]]:
+    """A function whose frame has the variables of ``scope``'s and ``names`` as its
+    globals, which raises NameError for ``wrong``; and the arguments to call it with.
+
+    Its parameters are the frame's local variable names (``co_varnames``, in their
+    order: Python suggests the first of equally near names), and those not bound
+    there are deleted before the raise; its frame's other bound names (cell and
+    free variables) are free variables here. ``self``, when the frame's had the
+    attribute ``wrong`` (``scope.self_has``), is an object that has it too.
+    (A name that is not an identifier, as a comprehension's ``.0``, is left out.)"""
+    usable = [n for n in dict.fromkeys(scope.varnames) if n != wrong and n.isidentifier() and not keyword.iskeyword(n)]
+    bound = set(scope.bound)
+    free = [n for n in scope.bound if n not in scope.varnames and n != wrong and n.isidentifier()
+            and not keyword.iskeyword(n)]
+    body = [f"  del {', '.join(unbound)}" for unbound in [[n for n in usable if n not in bound]] if unbound]
+    body += [f"  ({', '.join(free)},)"] if free else []  # (read: free variables of the function)
+    # (names no task's wrong name is: ``return probe`` would read the enclosing function's)
+    source = (f"def __mpmagic_outer__():\n {' = '.join([*free, 'None'])}\n def __mpmagic_probe__({', '.join(usable)}):\n"
+              + "".join(line + "\n" for line in body) + f"  return {wrong}\n return __mpmagic_probe__\n")
+    outer = next(c for c in compile(source, "<mpmagic>", "exec").co_consts if isinstance(c, types.CodeType))
+    code = next(c for c in outer.co_consts if isinstance(c, types.CodeType))
+    closure = tuple(types.CellType(None) for _ in code.co_freevars)
+    arguments: list[Any] = [None] * len(usable)
+    if scope.self_has and "self" in usable:
+        arguments[usable.index("self")] = types.SimpleNamespace(**{wrong: None})
+    return types.FunctionType(code, names, code.co_name, None, closure), arguments
 
 
 def _suggested(exc: NameError) -> str | None:
-    """The name of Python's "Did you mean" for ``exc`` (:func:`_suggestion`), or None."""
+    """The name of Python's "Did you mean" for ``exc`` (:func:`_suggestion`), or None;
+    ``self.total`` for an attribute of the frame's ``self`` (Python 3.12 on)."""
     found = re.fullmatch(r"\. Did you mean: '(.+)'\?", _suggestion(exc))
-    return found.group(1) if found and found.group(1).isidentifier() else None
+    name = found.group(1).removeprefix("self.") if found else ""
+    return found.group(1) if found and name.isidentifier() else None
 
 
 def _suggestion(exc: NameError | AttributeError) -> str:

@@ -34,7 +34,9 @@ from typing import Any
 
 from . import payload
 from .errors import (
+    NO_SUGGESTION,
     FrameInfo,
+    NameScope,
     RemoteError,
     extract_frames,
     fake_traceback,
@@ -69,8 +71,7 @@ class ExcRecord:
     suppress_context: bool = False
     children: list[ExcRecord] | None = None  # an ExceptionGroup's exceptions
     fields: dict[str, bytes] | None = None  # the C-level fields of a builtin base (errno, lineno, name...): see _c_fields
-    suggested: str | None = None  # a NameError's "Did you mean" name, found where it was raised: see errors.suggested_name
-    main_frame: bool = False  # (a NameError's) raised in a __main__ function: the notebook's globals count too
+    name_scope: NameScope | None = None  # a NameError's "Did you mean" and the names of where it was raised: see errors.suggested_name
 
 
 class UnsentArgument:
@@ -139,7 +140,7 @@ def capture(exc: BaseException, _depth: int = 0, _seen: dict | None = None, *,
     rec = ExcRecord(type(exc).__qualname__, _safe_str(exc), text, extract_frames(exc.__traceback__, arguments))
     seen[id(exc)] = rec
     rec.fields = _c_fields(exc)
-    rec.suggested, rec.main_frame = suggested_name(exc)
+    rec.name_scope = suggested_name(exc)
     notes = getattr(exc, "__notes__", None)
     if isinstance(notes, list):
         rec.notes = [str(n) for n in notes]
@@ -369,15 +370,25 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     memo[id(rec)] = exc
     if rec.notes is not None:
         _restore(exc, "__notes__", list(rec.notes), rec)
-    suggested = home_suggestion(getattr(exc, "name", None), rec.suggested, rec.main_frame) if isinstance(
-        exc, NameError) else None
-    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames), (suggested,) if suggested else ()), rec)
+    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames), _last_names(exc, rec)), rec)
     if rec.cause is not None:
         _restore(exc, "__cause__", rebuild(rec.cause, memo), rec)
     if rec.context is not None:
         _restore(exc, "__context__", rebuild(rec.context, memo), rec)
     _restore(exc, "__suppress_context__", rec.suppress_context, rec)
     return exc
+
+
+def _last_names(exc: BaseException, rec: ExcRecord) -> tuple[str, ...]:
+    """The names the copy of the last frame of ``exc``, a NameError, has (see
+    ``errors.fake_traceback``): the one serial Python suggests there
+    (``errors.home_suggestion``), or enough names that Python suggests none, as
+    serially (the copy's own few names and the builtins may hold a near one)."""
+    wrong = getattr(exc, "name", None)
+    if not isinstance(exc, NameError) or not isinstance(wrong, str):
+        return ()
+    suggested = home_suggestion(wrong, rec.name_scope)
+    return (suggested,) if suggested else NO_SUGGESTION
 
 
 def _keep_qualname(cls: type, qualname: str) -> None:

@@ -640,24 +640,83 @@ def test_python_3_10s_hook_keeps_did_you_mean_of_an_error_raised_while_handling_
     del values
 
 
-@pytest.mark.parametrize("body, name", [
-    ("return totls + x", "totals"),  # the notebook's global
-    ("local_total = x\n    return locl_total", "local_total"),  # the function's own variable
+@pytest.fixture
+def few_globals(ip):
+    """The notebook's namespace with IPython's own names only (``__name__``, ``In``, ``_i``),
+    for the test: those earlier tests and cells left (``_i12``, ``_12``, their
+    definitions) are set aside, and come back after it, and the test's own go. Python
+    offers no "Did you mean" among too many names (see ``errors._MAX_SCOPE_NAMES``),
+    so what a NameError suggests depends on how long the session ran."""
+    ns = ip.user_ns
+
+    def extra(name: str) -> bool:
+        return not (name in ip.user_ns_hidden or name.startswith("__") or name in ("_", "_i", "_ii", "_iii"))
+
+    aside = {name: value for name, value in ns.items() if extra(name)}
+    for name in aside:
+        del ns[name]
+    yield ns
+    for name in [name for name in ns if extra(name)]:
+        del ns[name]
+    ns.update(aside)
+
+
+def _said(ip, capsys, calls: list[str]) -> list[str]:
+    """The NameError line Python's printer (a script's ``sys.excepthook``) prints for
+    each call's error (a %%parallel cell's: its rank 0's)."""
+    said = []
+    for call in calls:
+        _, text, exc = shown(ip, call)
+        exc = exc.failures[0] if isinstance(exc, mpmagic.ParallelError) else exc
+        assert isinstance(exc, NameError), text
+        sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        said += [line for line in capsys.readouterr().err.splitlines() if line.startswith("NameError")]
+    return said
+
+
+def _many_globals(ns: dict, count: int = 800) -> None:
+    """A long session's namespace: more names than Python suggests from."""
+    ns.update((f"_dummy_{i}", None) for i in range(count))
+
+
+@pytest.mark.parametrize("globals_", ["few", "many"])
+@pytest.mark.parametrize("body, name, local", [
+    ("return totls + x", "totals", False),  # the notebook's global
+    ("local_total = x\n    return locl_total", "local_total", True),  # the function's own variable
 ])
-def test_a_tasks_name_error_suggests_what_serial_python_suggests(ip, local_pool, capsys, body, name):
+def test_a_tasks_name_error_suggests_what_serial_python_suggests(ip, local_pool, capsys, few_globals, globals_,
+                                                                 body, name, local):
     """Python's printer (a script's ``sys.excepthook``, ``traceback`` from 3.12) adds
     "Did you mean: 'totals'?" to a NameError from the names of the frame that raised
     it. A task's came without it: that frame is the worker's, and the notebook's copy
     of it (``errors.fake_traceback``) had none of its names. The worker finds the name
-    and the copy carries it."""
+    and the copy carries it. With more than 750 notebook globals (a long session's
+    ``_i12`` names) Python suggests no global, but still the function's own variable
+    (3.11, 3.12: its printer checks the code's variables, the globals and the
+    builtins each on its own), where %pmap's said nothing: the notebook looked for the
+    name among its globals only."""
+    if globals_ == "many":
+        _many_globals(few_globals)
     defined(ip, f"totals = 5\ndef typo(x):\n    {body}\n")
-    said = []
-    for call in ("typo(1)", "%pmap -q typo, [1]"):
-        _, _, exc = shown(ip, call)
-        assert isinstance(exc, NameError)
-        sys.__excepthook__(type(exc), exc, exc.__traceback__)
-        said += [line for line in capsys.readouterr().err.splitlines() if line.startswith("NameError")]
-    assert said[0].endswith(f". Did you mean: '{name}'?") and said == [said[0]] * 2, said
+    said = _said(ip, capsys, ["typo(1)", "%pmap -q typo, [1]"])
+    suggests = globals_ == "few" or (local and sys.version_info < (3, 13))  # (3.13: 750 names at most, all joined)
+    assert said[0].endswith(f". Did you mean: '{name}'?") if suggests else "Did you mean" not in said[0], said
+    assert said == [said[0]] * 2, said
+
+
+@pytest.mark.parametrize("globals_", ["few", "many"])
+def test_a_parallel_cells_name_error_suggests_what_serial_python_suggests(ip, local_pool, capsys, few_globals,
+                                                                          globals_):
+    """A %%parallel cell's frame is a module's: its names are the notebook's globals,
+    with those the cell bound before the error (``cell_total`` here: the serial run,
+    second, binds it too)."""
+    if globals_ == "many":
+        _many_globals(few_globals)
+    cell = "cell_total = 1\ncell_totl + rank"
+    said = _said(ip, capsys, [f"%%parallel -n 1 -q\n{cell}", f"rank = 0\n{cell}"])
+    if globals_ == "few":
+        assert said[0].endswith(". Did you mean: 'cell_total'?"), said
+    assert said == [said[0]] * 2, said
 
 
 def _frame_headers(text: str) -> list[str]:
