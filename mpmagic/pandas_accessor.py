@@ -1041,3 +1041,8 @@ def unregister() -> None:
         if isinstance(target.__dict__.get(ACCESSOR), _Accessor):
             delattr(target, ACCESSOR)
 
+
+# pandas' import at this module's top ran ``import mpmagic``'s wait for pandas
+# (pandas_hook) while this module was half made: the wait asked for the accessor here.
+if globals().pop("register_when_made", False):
+    register()

@@ -22,6 +22,13 @@ log = logging.getLogger("mpmagic")
 
 
 def _register() -> None:
+    made = sys.modules.get(f"{__package__}.pandas_accessor")
+    if made is not None and getattr(made.__spec__, "_initializing", False):  # (as importlib tells it)
+        # pandas was imported by that module itself (``import mpmagic``, then ``from
+        # mpmagic.pandas_accessor import ...``, or a worker unpickling one of its
+        # functions), which is half made: it registers at its end.
+        setattr(made, "register_when_made", True)  # noqa: B010 (a name the module reads at its end)
+        return
     try:
         from . import pandas_accessor
 

@@ -123,6 +123,20 @@ def test_a_script_importing_mpmagic_before_pandas_has_the_accessor() -> None:
     assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("first", ["import mpmagic.pandas_accessor", "from mpmagic.pandas_accessor import register"])
+def test_importing_the_accessors_module_before_pandas_adds_the_accessor_quietly(first) -> None:
+    """The accessor's module imports pandas: with ``import mpmagic``'s wait for pandas
+    (pandas_hook) in place, that import ran the hook while the module was half made
+    ("could not add the pandas accessor", a circular-import traceback), and DataFrames
+    got no ``.mp``. A worker unpickling a function of that module before pandas (a
+    spawn worker's first ``df.mp`` task) printed the same traceback."""
+    code = (f"import sys\nimport mpmagic\nbefore = 'pandas' in sys.modules\n{first}\nimport pandas as pd\n"
+            "print(before, all(hasattr(o, 'mp') for o in (pd.DataFrame(), pd.Series(dtype=int))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPMAGIC_PRESTART": "0"})
+    assert out.stdout.split() == ["False", "True"] and not out.stderr, out.stdout + out.stderr
+
+
 def test_the_accessor_appears_as_soon_as_a_cell_imports_pandas() -> None:
     code = textwrap.dedent(
         """
