@@ -69,6 +69,7 @@ from .checks import (
     whole,
 )
 from .cpus import recent_cpus
+from .engine import Run as EngineRun
 from .engine import sigint_deferred
 from .errors import (
     IDLE_OUTCOME,
@@ -1691,13 +1692,19 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
     __tracebackhide__ = True
     restore_interrupts()  # this run's interrupt is its own, not a repeat of the last one's
     try:
-        run = backend.submit(job, workers=workers)
+        handed: EngineRun | None = None
         try:
+            handed = run = backend.submit(job, workers=workers)
             due = bar.due_in()
             if due is not None and (due == 0 or not run.wait(due)):
                 bar.show(ended=run.done())
             run.wait()
         except KeyboardInterrupt as exc:
+            # (no handle: the Ctrl-C came as submit handed the run over; None: before it began)
+            found = handed or backend.run_of(job)
+            if found is None:
+                raise
+            run = found
             with sigint_deferred():  # a second Ctrl-C must not cut the cleanup short
                 stopped = run.cancel(interrupted=True)
                 run.wait()  # what its workers printed before they stopped (at once if it had ended)

@@ -47,6 +47,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
 from . import ansi, debugging, display_relay, exiting
 from .checks import wait_timeout
+from .engine import sigint_deferred
 from .errors import (
     MPMagicError,
     UsageError,
@@ -575,6 +576,11 @@ class Run(Future[_R]):
             self._engine_run = backend.submit(self._job, workers=workers, background=True)
             self._engine_run.label = f"run {self.id} ({self.what})"
         except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
+            begun = backend.run_of(self._job)  # (a Ctrl-C as submit handed the run over: it began)
+            if begun is not None:
+                with sigint_deferred():
+                    begun.cancel(interrupted=True)
+                    begun.wait()
             with _lock:
                 _pumping.discard(self)
             self._error, self._error_tb = exc, exc.__traceback__

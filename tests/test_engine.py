@@ -1475,3 +1475,36 @@ def test_output_queued_just_before_an_interrupt_is_shown(ip, local_pool, capfd, 
     assert sent.is_set()
     out, err = capfd.readouterr()
     assert marker in out + err
+
+
+@pytest.mark.parametrize("call", ["%pmap -q held, range(2)", "mpmagic.submit(held, range(2))"])
+@pytest.mark.parametrize("where", ["_submit", "submit"])
+def test_a_ctrl_c_as_submit_hands_the_run_over_cancels_that_run(ip, local_pool, monkeypatch, where, call):
+    """Found by the suite under load: the interrupt test's Ctrl-C (a timer, 0.5 s in) landed
+    after ``submit`` had put the run in flight and sent its units, but before its caller held
+    the handle (here: as ``_submit`` returns into ``submit``'s ``finally``, and as ``submit``
+    returns into its caller). The KeyboardInterrupt went up without cancelling anything: the
+    run's items kept both workers busy (for ever, for a loop), and the next call waited behind
+    them. Now the caller finds the run the interrupt hit by its job (``Backend.run_of``) and
+    cancels it, as an interrupt of its wait does; a background run's too (its handle never
+    came back, and nothing would have ended it)."""
+    from mpmagic.backends import local
+
+    run(ip, "import time, mpmagic\ndef held(x):\n    time.sleep(30)\n    return x\n")
+    backend = mpmagic.get_pool()
+    hits = []
+    handing = getattr(local.LocalBackend, where)
+
+    def interrupted(self, *args, **kwargs):
+        handed = handing(self, *args, **kwargs)
+        if not hits:
+            hits.append(1)
+            raise KeyboardInterrupt  # (a SIGINT handled at the return)
+        return handed
+
+    monkeypatch.setattr(local.LocalBackend, where, interrupted)
+    with pytest.raises(KeyboardInterrupt):  # (for submit, a background run: nothing is left running either)
+        run(ip, call)
+    assert hits == [1]
+    assert not backend._runs, backend._runs  # (the interrupted run is not in flight: cancelled)
+    assert run(ip, "%pmap -q abs, [-1, -2, 3]") == [1, 2, 3]

@@ -215,6 +215,10 @@ class Backend(Protocol):
     # The ids of those replaced; Dask: none (its workers run the plugin as the cluster starts them).
     def replace_setting_up(self) -> list[Any]: ...
     def submit(self, job: Job, workers: int | None = None, background: bool = False) -> Run: ...
+    # The run of ``job`` in flight, if any: a Ctrl-C that lands as ``submit`` hands its run
+    # over (after the run began, before the caller holds it) reaches a caller with no
+    # handle, which finds the run here to cancel it. None once it ended, or before it began.
+    def run_of(self, job: Job) -> Run | None: ...
 
 
 if TYPE_CHECKING:  # mypy checks here that every job class has every member of Job, with its types

@@ -1446,6 +1446,11 @@ class DaskBackend:
             self._foreground.add(run)
         return run
 
+    def run_of(self, job: Job) -> DrivenRun | None:
+        """None (see ``Backend.run_of``): a Dask run begins in the first wait on its
+        handle (``engine.DrivenRun``), so one its caller never held has sent nothing."""
+        return None
+
     def _take_turn(self, run: DrivenRun) -> None:
         """Acquire ``_run_lock`` for ``run``: runs take turns on this backend.
 

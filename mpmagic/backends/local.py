@@ -1588,6 +1588,11 @@ class LocalBackend:
             raise interrupt
         return run
 
+    def run_of(self, job: Job) -> _LocalRun | None:
+        """The run of ``job`` in flight, if any (see ``Backend.run_of``)."""
+        with self._lock:
+            return self._calls.get(job.call_id)
+
     def _step_here(self, job: Job) -> bool:
         """The manager's next step, taken by ``submit`` (under the lock): the new
         run's first units go out now, not after a thread wake-up (~40-60 us of a
@@ -1627,14 +1632,18 @@ class LocalBackend:
     def run(self, job: Job, workers: int | None = None) -> None:
         """Submit ``job`` and wait for it here (Ctrl-C cancels it); raise what stopped it."""
         __tracebackhide__ = True
-        run = self.submit(job, workers)
+        handed: _LocalRun | None = None
         try:
-            run.wait()
+            handed = self.submit(job, workers)
+            handed.wait()
         except KeyboardInterrupt:
-            with sigint_deferred():
-                run.cancel(interrupted=True)
-                run.wait()
+            run = handed or self.run_of(job)  # (None: it hit before the run began, or after it ended)
+            if run is not None:
+                with sigint_deferred():
+                    run.cancel(interrupted=True)
+                    run.wait()
             raise
+        run = handed
         if run.error is not None:
             raise exiting.raised(run.error)
 
