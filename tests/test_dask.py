@@ -203,6 +203,30 @@ def test_a_rank_dask_runs_again_after_its_worker_died_is_said_as_a_retry(ip, das
     assert report.retried == 1 and "2 ranks (1 retried after its worker died) on" in str(report), str(report)
 
 
+def test_a_rank_dask_runs_again_is_said_when_another_rank_fails(ip, dask_pool, monkeypatch, capsys):
+    """As above, but rank 0 fails: the cell's error and its report said nothing of
+    rank 1's second run (its side effects twice). They say it as a map's failure
+    says an item retried after its worker died (``Report.failed_line``)."""
+    from mpmagic.backends import dask as dask_backend
+
+    event = dask_backend._DaskRun._event
+
+    def started_twice(run, ev):
+        task = run.tasks.get(ev.get("tag", ""))
+        if ev.get("start") and task is not None and task.unit.id == 1 and task.started is None:
+            event(run, ev)
+        event(run, ev)
+
+    monkeypatch.setattr(dask_backend._DaskRun, "_event", started_twice)
+    with pytest.raises(mpmagic.ParallelError) as info:
+        run(ip, "%%parallel -q -n 2\nif rank == 0:\n    1 / 0\nrank * 10")
+    report = mpmagic.last_report()
+    assert report.retried == 1, str(report)
+    said = "1 retried after its worker died"
+    assert said in report.failed_line(), report.failed_line()
+    assert str(info.value).endswith(f"; {said} (rank 1)"), str(info.value)
+
+
 def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):
     n = DASK_WORKERS + 1
     with pytest.raises(IPythonUsageError) as info:
