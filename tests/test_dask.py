@@ -31,6 +31,7 @@ from conftest import (
     run,
 )
 from IPython.core.error import UsageError as IPythonUsageError
+from IPython.utils.capture import capture_output
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -225,6 +226,33 @@ def test_a_rank_dask_runs_again_is_said_when_another_rank_fails(ip, dask_pool, m
     said = "1 retried after its worker died"
     assert said in report.failed_line(), report.failed_line()
     assert str(info.value).endswith(f"; {said} (rank 1)"), str(info.value)
+
+
+def test_the_backends_line_from_its_own_thread_between_runs_waits_for_the_next_runs_cell(ip, dask_pool,
+                                                                                           monkeypatch, capsys):
+    """A worker mpmagic gave up on and could not kill is restarted by Dask in a thread of
+    its own (``_restart_quietly``, up to Dask's 30 s): its failure line was written from
+    that thread, into whichever cell ran then (in Jupyter maybe one that has nothing to do
+    with the pool), or none. It is held, and said first in the next run's cell, as the
+    local pool holds its manager's lines (``base.HeldLines``)."""
+    def refused(*args, **kwargs):
+        raise OSError("no nanny there")
+
+    monkeypatch.setattr(dask_pool.client, "restart_workers", refused)
+    before = set(threading.enumerate())
+    assert dask_pool._kill_workers({"tcp://127.0.0.1:9"}) == []
+    for thread in set(threading.enumerate()) - before:
+        thread.join(10)
+    assert "could not restart" not in capsys.readouterr().err  # (said in no cell yet)
+    with capture_output() as cell:
+        assert run(ip, "%%parallel -q -n 1\nprint('mine')\nrank") == [0]
+    said = cell.stderr.splitlines()
+    assert said[0].startswith("mpmagic: could not restart Dask worker tcp://127.0.0.1:9 to stop a task mpmagic gave up "
+                              "on (no nanny there)"), cell.stderr
+    assert "mine" in cell.stdout
+    with capture_output() as cell:
+        run(ip, "%%parallel -q -n 1\nrank")
+    assert "could not restart" not in cell.stderr  # (said once)
 
 
 def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):
