@@ -1272,15 +1272,15 @@ def suggestion_globals(wrong: str, scope: NameScope | None) -> dict[str, Any]:
         return dict.fromkeys(NO_SUGGESTION)
     if suggested.startswith("self."):  # (see _with_self_attribute)
         return {suggested: None}
-    module = sys.modules.get("__main__")
-    notebook = vars(module) if module is not None else {}
-    if scope is None or not scope.main or suggested in scope.bound:
+    if scope is None or suggested in scope.bound:
         return {suggested: _WorkerValue()}
+    module = sys.modules.get("__main__")
+    notebook = vars(module) if module is not None and scope.main else {}
     if suggested in notebook:
         return {suggested: notebook[suggested]}
-    if suggested in scope.varnames or not hasattr(builtins, suggested):  # (a variable not bound yet)
-        return {suggested: _WorkerValue()}
-    return {}
+    if suggested not in scope.varnames and hasattr(builtins, suggested):
+        return {}
+    return {suggested: _WorkerValue()}  # (a variable not bound yet; a global of another module's frame)
 
 
 def _probe(wrong: str, scope: NameScope, names: dict[str, Any]) -> tuple[types.FunctionType, list[Any]]:
