@@ -2978,7 +2978,8 @@ class CellCall:
             # The line names the rank that failed first in time: the cause (the ranks
             # stopped after it, or timed out waiting on it, follow from it).
             cause = first_failed_rank(job.failures)
-            error = ParallelError(parallel_error_line(job.failures, size), dict(job.failures), dict(job.values))
+            error = ParallelError(parallel_error_line(job.failures, size, job.retried_ranks), dict(job.failures),
+                                  dict(job.values))
             # Its traceback goes on into that rank's frames, as a map's task error does:
             # %debug stops at the rank's line, not at this raise (IPython shows the error as one line).
             ordered = [job.failures[cause], *(e for _, e in sorted(job.failures.items()))]

@@ -757,11 +757,12 @@ def _stub(fr: FrameInfo, lineno: int, first: int, spots: list[Spot]) -> types.Co
 _stub_codes: dict[tuple, types.CodeType] = {}
 
 
-def fake_traceback(frames: list[FrameInfo], last_names: tuple[str, ...] = ()) -> types.TracebackType | None:
+def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = None) -> types.TracebackType | None:
     """A real traceback object whose frames are ``frames`` (file, line, name).
 
-    ``last_names``: names the last frame has (as globals of its stub, valued None), which
-    Python's printer may suggest for a NameError (:func:`suggested_name`).
+    ``last_names``: names the last frame has, with their values (as globals of its
+    stub), which Python's printer may suggest for a NameError (:func:`suggested_name`,
+    :func:`suggestion_globals`).
 
     Repeats are told as serially: IPython collapses a recursion ("[... skipping
     similar frames: f at line 3 (147 times)]", stack_data's ``RepeatedFrames``)
@@ -812,8 +813,8 @@ def fake_traceback(frames: list[FrameInfo], last_names: tuple[str, ...] = ()) ->
                                                          **names)
             codes[key] = code
         arguments = _arguments(fr, code)
-        globals_names: tuple[str, ...] = ()
-        if k == len(placed) - 1:
+        globals_names: dict[str, Any] = {}
+        if k == len(placed) - 1 and last_names:
             arguments, globals_names = _with_self_attribute(fr, arguments, last_names)
         tb = _run_stub(code, arguments, at, globals_names)
         if tb is None:
@@ -889,7 +890,7 @@ def _arguments(fr: FrameInfo, code: types.CodeType) -> tuple[list, dict, list, d
 
 
 def _with_self_attribute(fr: FrameInfo, arguments: tuple[list, dict, list, dict],
-                         names: tuple[str, ...]) -> tuple[tuple[list, dict, list, dict], tuple[str, ...]]:
+                         names: dict[str, Any]) -> tuple[tuple[list, dict, list, dict], dict[str, Any]]:
     """``arguments`` and ``names`` of the last frame's stub (see :func:`fake_traceback`),
     where a name ``self.total`` (what serial Python 3.12 suggests there) becomes a
     ``self`` parameter that has the attribute ``total`` (:class:`_WorkerSelf`)."""
@@ -906,7 +907,7 @@ def _with_self_attribute(fr: FrameInfo, arguments: tuple[list, dict, list, dict]
             positional = [*positional[:at], self_value, *positional[at + 1:]]
         else:
             kwonly = {**kwonly, "self": self_value}
-    return (positional, kwonly, star, starstar), tuple(name for name in names if not name.startswith("self."))
+    return (positional, kwonly, star, starstar), {name: v for name, v in names.items() if not name.startswith("self.")}
 
 
 def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> None:
@@ -914,7 +915,9 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
     ``<not sent>`` the reprs the worker took of that frame's locals
     (``debugging.failure_context``), so ``%xmode Verbose`` shows ``f(x=0, y=2)``
     as for a local error (the frames' own :class:`FrameValues` have them
-    already, unless the exception came as words only: a RemoteError)."""
+    already, unless the exception came as words only: a RemoteError); and so
+    the frame's own variable a NameError suggests, one of its globals there
+    (:func:`suggestion_globals`)."""
     tb = exc.__traceback__
     where = (context or {}).get("where")
     captured = (context or {}).get("locals") or {}
@@ -926,7 +929,7 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
     if (code.co_filename, tb.tb_lineno, code.co_name) != tuple(where):
         return  # (not the frame whose locals were taken)
     try:
-        for name, value in tb.tb_frame.f_locals.items():
+        for name, value in [*tb.tb_frame.f_locals.items(), *tb.tb_frame.f_globals.items()]:
             if (isinstance(value, _WorkerValue) and value._mpmagic_text == "<not sent>"
                     and isinstance(captured.get(name), str)):
                 value._mpmagic_text = captured[name]
@@ -935,14 +938,14 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
 
 
 def _stub_runner() -> Generator[types.TracebackType | None,
-                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, tuple[str, ...]], None]:
+                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, dict[str, Any]], None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
     namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__mpmagic_op__": _Raiser(marker), "__name__": "__main__"}
     while True:
         code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"], names = yield tb
         tb = None
-        func = types.FunctionType(code, {**dict.fromkeys(names), **namespace} if names else namespace)
+        func = types.FunctionType(code, {**names, **namespace} if names else namespace)
         func.__defaults__ = tuple(positional)
         func.__kwdefaults__ = kwonly
         try:
@@ -958,7 +961,7 @@ def _stub_runner() -> Generator[types.TracebackType | None,
 
 
 def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at: int = 0,
-              names: tuple[str, ...] = ()) -> types.TracebackType | None:
+              names: dict[str, Any] | None = None) -> types.TracebackType | None:
     """The traceback of one stub (a function's code) called with ``arguments`` (see
     :func:`_arguments`) in this thread's runner, raising at its spot ``at`` (see :func:`_stub`),
     with ``names`` among its globals (see :func:`fake_traceback`)."""
@@ -968,7 +971,7 @@ def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send((code, arguments, at, names))
+        return runner.send((code, arguments, at, names or {}))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise
@@ -1251,6 +1254,33 @@ def home_suggestion(wrong: str | None, scope: NameScope | None) -> str | None:
     except Exception:  # (a name list Python would not compile: what the worker said)
         logger.debug("no suggestion found for %r", wrong, exc_info=True)
     return scope.suggested
+
+
+def suggestion_globals(wrong: str, scope: NameScope | None) -> dict[str, Any]:
+    """The globals the copy of the last frame of a NameError for ``wrong``, raised in
+    the frame ``scope`` describes, has (see :func:`fake_traceback`): the name serial
+    Python suggests there (:func:`home_suggestion`), with what serial ``%xmode Verbose``
+    shows for it when the failing line uses it too (``return totals + totls``): the
+    frame's own variable (a ``%%parallel`` cell's: a name of its namespace), or a
+    name of another module's frame, as the worker's repr (a :class:`_WorkerValue` that
+    :func:`show_captured_values` fills, else ``<not sent>``); else the notebook's
+    value; a builtin name none (the printer finds it among the builtins); or, where
+    serial Python suggests none, enough names that the copy's own few and the
+    builtins give none either (:data:`NO_SUGGESTION`)."""
+    suggested = home_suggestion(wrong, scope)
+    if not suggested:
+        return dict.fromkeys(NO_SUGGESTION)
+    if suggested.startswith("self."):  # (see _with_self_attribute)
+        return {suggested: None}
+    if scope is None or suggested in scope.bound:
+        return {suggested: _WorkerValue()}
+    module = sys.modules.get("__main__")
+    notebook = vars(module) if module is not None and scope.main else {}
+    if suggested in notebook:
+        return {suggested: notebook[suggested]}
+    if suggested not in scope.varnames and hasattr(builtins, suggested):
+        return {}
+    return {suggested: _WorkerValue()}  # (a variable not bound yet; a global of another module's frame)
 
 
 def _probe(wrong: str, scope: NameScope, names: dict[str, Any]) -> tuple[types.FunctionType, list[Any]]:

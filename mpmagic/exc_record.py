@@ -34,16 +34,15 @@ from typing import Any
 
 from . import payload
 from .errors import (
-    NO_SUGGESTION,
     FrameInfo,
     NameScope,
     RemoteError,
     extract_frames,
     fake_traceback,
     group_class,
-    home_suggestion,
     map_cell_frames,
     suggested_name,
+    suggestion_globals,
 )
 
 logger = logging.getLogger("mpmagic")
@@ -379,16 +378,15 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     return exc
 
 
-def _last_names(exc: BaseException, rec: ExcRecord) -> tuple[str, ...]:
-    """The names the copy of the last frame of ``exc``, a NameError, has (see
-    ``errors.fake_traceback``): the one serial Python suggests there
-    (``errors.home_suggestion``), or enough names that Python suggests none, as
-    serially (the copy's own few names and the builtins may hold a near one)."""
+def _last_names(exc: BaseException, rec: ExcRecord) -> dict[str, Any]:
+    """The names, with their values, the copy of the last frame of ``exc``, a
+    NameError, has (see ``errors.fake_traceback``): the one serial Python suggests
+    there, or enough names that Python suggests none, as serially (the copy's own
+    few names and the builtins may hold a near one): ``errors.suggestion_globals``."""
     wrong = getattr(exc, "name", None)
     if not isinstance(exc, NameError) or not isinstance(wrong, str):
-        return ()
-    suggested = home_suggestion(wrong, rec.name_scope)
-    return (suggested,) if suggested else NO_SUGGESTION
+        return {}
+    return suggestion_globals(wrong, rec.name_scope)
 
 
 def _keep_qualname(cls: type, qualname: str) -> None:

@@ -146,6 +146,12 @@ def noun(plural: str, n: int | None) -> str:
     return plural[:-1] if n == 1 and plural.endswith("s") else plural
 
 
+def retried_words(n: int) -> str:
+    """``1 retried after its worker died``: ``n`` items (or ranks) that ran again, side
+    effects too, after their worker died: the report's words, and a cell's error's."""
+    return f"{n} retried after {'its worker' if n == 1 else 'their workers'} died"
+
+
 def _results_words(n: int, total: int | None) -> str:
     """``n`` results in words: "1 result", "3 results", "3 of 8 results", "1 of 8 results"."""
     return f"{n} of {total} results" if total is not None else f"{n} result{'s' if n != 1 else ''}"

@@ -63,7 +63,7 @@ from .errors import (
     unloadable_results,
 )
 from .exc_record import rebuild
-from .fmt import fmt_bytes, func_name
+from .fmt import fmt_bytes, func_name, retried_words
 from .protocol import Cell, Map
 from .warmup import OneTimeCosts
 from .worker import ErrorInfo
@@ -1607,9 +1607,12 @@ def first_failed_rank(failures: dict[int, BaseException]) -> int:
     return min(failures)
 
 
-def parallel_error_line(failures: dict[int, BaseException], size: int) -> str:
+def parallel_error_line(failures: dict[int, BaseException], size: int, retried: Sequence[int] = ()) -> str:
     """A cell's ``ParallelError`` line: how many ranks failed, the first one's error,
-    and which ranks were stopped because of it (``CellJob.abort``)."""
+    which ranks were stopped because of it (``CellJob.abort``), and the ranks in
+    ``retried``, which the backend ran again after their worker died (Dask's own retry,
+    ``CellJob.ran_again_elsewhere``): their side effects ran twice, as the report of a
+    cell that succeeded says."""
     n = len(failures)
     ranks = ", ".join(str(r) for r in sorted(failures))
     cause = first_failed_rank(failures)
@@ -1624,6 +1627,9 @@ def parallel_error_line(failures: dict[int, BaseException], size: int) -> str:
                  f"{errors[0].cause_rank} failed: {_ABORTED}")
         if any(e.kept_lost for e in errors):
             text += f"; their kept state (--keep) went with their workers: {_NEEDS_RESET}"
+    if retried:
+        again = sorted(set(retried))
+        text += f"; {retried_words(len(retried))} (rank{'s' if len(again) != 1 else ''} {', '.join(map(str, again))})"
     return text
 
 
@@ -1705,6 +1711,7 @@ class CellJob:
         self.one_time = OneTimeCosts()  # imports in the workers (warmup.py)
         self.spans: list[tuple[float, float]] = []  # (start, end) of ranks: how many ran at once (report)
         self.retried = 0  # ranks Dask ran again after their worker died (ran_again_elsewhere)
+        self.retried_ranks: list[int] = []  # (which: the ParallelError line names them)
         self.timed_out = 0
         self.ran_again: list[int] = []  # (a rank is one unit of one item)
         self.ran_again_cause = ""
@@ -1952,8 +1959,10 @@ class CellJob:
     def ran_again_elsewhere(self, unit: Unit, index: int) -> None:
         """Dask ran rank ``unit.id`` again after its worker died running it (the worker came
         back at the address the rank is pinned to): the rank ran twice, side effects too. The
-        report says so as for a map's item (``retried``)."""
+        report says so as for a map's item (``retried``), and so does the cell's error if
+        another rank fails (``parallel_error_line``)."""
         self.retried += 1
+        self.retried_ranks.append(unit.id)
 
     def unpicklable(self, unit: Unit, index: int | None, info: Any) -> None:
         self.outstanding.pop(unit.id, None)
@@ -2030,7 +2039,8 @@ class CellJob:
         self.flush_output()
         if self.failures:
             first = self.failures[first_failed_rank(self.failures)]
-            raise ParallelError(parallel_error_line(self.failures, self.size), dict(self.failures)) from first
+            raise ParallelError(parallel_error_line(self.failures, self.size, self.retried_ranks),
+                                dict(self.failures)) from first
         return [self.values[r] for r in range(self.size)]
 
 

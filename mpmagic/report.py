@@ -21,7 +21,7 @@ from typing import Any
 # the very run that said "too many open files" failed to show with an OSError
 # from importing this, chained onto that message.
 from .advice import advise
-from .fmt import fmt_efficiency, fmt_seconds, fmt_speedup, imports_text, noun
+from .fmt import fmt_efficiency, fmt_seconds, fmt_speedup, imports_text, noun, retried_words
 from .waits import names as helper_names
 
 # Items under this many seconds each: the workers' time around each call (their
@@ -383,16 +383,19 @@ class Report:
             how = "interrupted" if self.interrupted else f"stopped by {stopped}"
             what = noun(what, self.items if self.total is None else self.total)
             return f"{self.name} {how} after {self.items}{of} {what} finished{failed}, {took}"
+        # (what ran twice before the run failed, side effects too: said as of a run that succeeded)
+        retried = f", {self._retried_text()}" if self.retried else ""
         if self.kind == "parallel":
             ranks = ", ".join(map(str, self.failed_ranks))
             which = f" (rank{'s' if len(self.failed_ranks) != 1 else ''} {ranks})" if ranks else ""
-            return f"parallel: {self.failed} of {self.items} ranks failed{which}, {took}"
+            return f"parallel: {self.failed} of {self.items} ranks failed{which}{retried}, {took}"
         at = "" if self.failed_at is None else f" at item {self.failed_at}"
         of = "" if self.total is None else f" of {self.total}"
         done = f"{self.items}{of} item{'s' if (self.total if self.total is not None else self.items) != 1 else ''}"
         if self.extra.get("stopped_by"):  # the run's own error (its on_chunk raised), not an item's
-            return f"{self.name} stopped by {self.extra['stopped_by']} after {done} finished, {took}{self._ran_again_text(' | ')}"
-        return f"{self.name} failed{at} after {done}, {took}{self._ran_again_text(' | ')}"
+            return (f"{self.name} stopped by {self.extra['stopped_by']} after {done} finished{retried}, {took}"
+                    f"{self._ran_again_text(' | ')}")
+        return f"{self.name} failed{at} after {done}{retried}, {took}{self._ran_again_text(' | ')}"
 
     def one_time_mattered(self) -> bool:
         """Did one-time costs take a noticeable share of the run (5% of the wall, 5 ms)?"""
@@ -488,8 +491,12 @@ class Report:
         """`` (1 failed, 1 retried after its worker died)``; `` (1 timed out)``."""
         parts = [self._failures()] if self.failed else []
         if self.retried:
-            parts.append(f"{self.retried} retried after {'its worker' if self.retried == 1 else 'their workers'} died")
+            parts.append(self._retried_text())
         return f" ({', '.join(parts)})" if parts else ""
+
+    def _retried_text(self) -> str:
+        """``1 retried after its worker died``: items (ranks) that ran again, side effects too."""
+        return retried_words(self.retried)
 
     def _resumed_text(self) -> str:
         """With --checkpoint: how much came from the store (checkpoint.py fills extra["checkpoint"])."""

@@ -31,6 +31,7 @@ from conftest import (
     run,
 )
 from IPython.core.error import UsageError as IPythonUsageError
+from IPython.utils.capture import capture_output
 
 import mpmagic
 from mpmagic import pool as pool_module
@@ -201,6 +202,57 @@ def test_a_rank_dask_runs_again_after_its_worker_died_is_said_as_a_retry(ip, das
     assert run(ip, "%%parallel -q -n 2\nrank * 10") == [0, 10]
     report = mpmagic.last_report()
     assert report.retried == 1 and "2 ranks (1 retried after its worker died) on" in str(report), str(report)
+
+
+def test_a_rank_dask_runs_again_is_said_when_another_rank_fails(ip, dask_pool, monkeypatch, capsys):
+    """As above, but rank 0 fails: the cell's error and its report said nothing of
+    rank 1's second run (its side effects twice). They say it as a map's failure
+    says an item retried after its worker died (``Report.failed_line``)."""
+    from mpmagic.backends import dask as dask_backend
+
+    event = dask_backend._DaskRun._event
+
+    def started_twice(run, ev):
+        task = run.tasks.get(ev.get("tag", ""))
+        if ev.get("start") and task is not None and task.unit.id == 1 and task.started is None:
+            event(run, ev)
+        event(run, ev)
+
+    monkeypatch.setattr(dask_backend._DaskRun, "_event", started_twice)
+    with pytest.raises(mpmagic.ParallelError) as info:
+        run(ip, "%%parallel -q -n 2\nif rank == 0:\n    1 / 0\nrank * 10")
+    report = mpmagic.last_report()
+    assert report.retried == 1, str(report)
+    said = "1 retried after its worker died"
+    assert said in report.failed_line(), report.failed_line()
+    assert str(info.value).endswith(f"; {said} (rank 1)"), str(info.value)
+
+
+def test_the_backends_line_from_its_own_thread_between_runs_waits_for_the_next_runs_cell(ip, dask_pool,
+                                                                                           monkeypatch, capsys):
+    """A worker mpmagic gave up on and could not kill is restarted by Dask in a thread of
+    its own (``_restart_quietly``, up to Dask's 30 s): its failure line was written from
+    that thread, into whichever cell ran then (in Jupyter maybe one that has nothing to do
+    with the pool), or none. It is held, and said first in the next run's cell, as the
+    local pool holds its manager's lines (``base.HeldLines``)."""
+    def refused(*args, **kwargs):
+        raise OSError("no nanny there")
+
+    monkeypatch.setattr(dask_pool.client, "restart_workers", refused)
+    before = set(threading.enumerate())
+    assert dask_pool._kill_workers({"tcp://127.0.0.1:9"}) == []
+    for thread in set(threading.enumerate()) - before:
+        thread.join(10)
+    assert "could not restart" not in capsys.readouterr().err  # (said in no cell yet)
+    with capture_output() as cell:
+        assert run(ip, "%%parallel -q -n 1\nprint('mine')\nrank") == [0]
+    said = cell.stderr.splitlines()
+    assert said[0].startswith("mpmagic: could not restart Dask worker tcp://127.0.0.1:9 to stop a task mpmagic gave up "
+                              "on (no nanny there)"), cell.stderr
+    assert "mine" in cell.stdout
+    with capture_output() as cell:
+        run(ip, "%%parallel -q -n 1\nrank")
+    assert "could not restart" not in cell.stderr  # (said once)
 
 
 def test_more_ranks_than_dask_workers_is_a_clear_error(ip, dask_pool):

@@ -39,6 +39,13 @@ def each_dies_once(x):
             os.kill(os.getpid(), signal.SIGKILL)
     return x * x
 
+def dies_first_time_then_fails(x):
+    # As dies_first_time, and item 7 raises (after item 3's worker died).
+    if x == 7:
+        time.sleep(0.3)
+        raise ValueError("item 7")
+    return dies_first_time(x)
+
 def always_dies(x):
     # Item 2 kills every worker it runs on.
     if x == 2:
@@ -74,6 +81,21 @@ def test_retries_resend_the_item_whose_worker_died(ip, killers):
     assert backend.workers_replaced > replaced  # a worker really died
     report = mpmagic.last_report()  # the lost attempt is in the wall time: the report says why
     assert report.retried == 1 and "8 items (1 retried after its worker died)" in report.line()
+
+
+def test_a_failed_run_says_the_items_retried_before_it_failed(ip, killers):
+    """Item 3 ran twice (its side effects too) before item 7 failed the run: the
+    report said "1 retried after its worker died" of a run that succeeded, and
+    nothing of one that failed (``mpmagic.last_report()``: "pmap failed at item 7 after
+    7 of 8 items")."""
+    _, tries = killers
+    with capture_output():
+        result = ip.run_cell("%pmap -q --chunksize 1 --retries 1 dies_first_time_then_fails, range(8)",
+                             store_history=False)
+    assert isinstance(result.error_in_exec, ValueError), result.error_in_exec
+    assert attempts(tries) == 2
+    report = mpmagic.last_report()
+    assert report.retried == 1 and "1 retried after its worker died" in report.line(), report.line()
 
 
 def test_without_retries_the_same_death_is_an_error(ip, killers):

@@ -719,6 +719,26 @@ def test_a_parallel_cells_name_error_suggests_what_serial_python_suggests(ip, lo
     assert said == [said[0]] * 2, said
 
 
+@pytest.mark.parametrize("kind", ["forkserver", "spawn"])
+@pytest.mark.parametrize("code", [
+    "totals = 5\ndef typo(x):\n    return totals + totls\n",  # the notebook's global
+    "def typo(x):\n    totals = x + 4\n    return totals + totls\n",  # the function's own variable
+    "def typo(totals):\n    return totals + totls\n",  # its parameter
+    "def typo(x):\n    return abs(x) + abss(x)\n",  # a builtin (Verbose shows none)
+])
+def test_a_suggested_name_on_the_failing_line_shows_its_value_as_serially(ip, few_globals, kind, request, code):
+    """The copy of a NameError's last frame has the name Python suggests ("Did you
+    mean: 'totals'?") among its globals, for the notebook's printer to suggest it
+    (``errors.fake_traceback``): valued None, ``%xmode Verbose`` showed ``totals = None``
+    on ``return totals + totls`` where serial shows the notebook's ``totals = 5``, or
+    the function's own variable's value."""
+    ensure_pool(kind, request)
+    defined(ip, "import mpmagic\n" + code)
+    shown_ = _as_serial(ip, "typo, [1]", ("Plain", "Context", "Verbose"))
+    assert re.search(r"\btotals = [15]\b", shown_["Verbose"]) if "totals" in code else "abs = " not in shown_["Verbose"], \
+        shown_["Verbose"]
+
+
 def _frame_headers(text: str) -> list[str]:
     """The "Cell In[N], line L, in f(...)" lines of a displayed traceback."""
     return re.findall(r"^Cell In\[\d+\], line \d+, in .*$", text, flags=re.M)

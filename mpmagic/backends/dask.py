@@ -85,6 +85,7 @@ from ..fmt import func_name
 from ..protocol import Done, Error, Out, ProtocolError, Unpicklable, pack, unpack
 from . import dask_tasks
 from .base import Job
+from .held_lines import HeldLines
 from .local import _no_main_module, pool_size
 
 _LARGE_MESSAGE = 1_000_000  # bytes: bigger units are scattered, not put in the task graph
@@ -582,6 +583,10 @@ class DaskBackend:
         self._topic = ""
         self._topic_client: Any = None
         self._event_sink: Any = None  # the running job's inbox
+        # Lines of mpmagic's own threads here (a worker given up on that Dask could not
+        # restart, a cancel that failed): said by the run's thread, in its cell, as the
+        # local pool's manager's are (_run, _DaskRun._loop and _cancel say them).
+        self._said_later = HeldLines()
         self._payloads: OrderedDict[bytes, _HeldPayload] = OrderedDict()  # func_key -> its hold task (_payload_future)
         # The last payload the notebook's cache dropped that the cluster was told of (_forget_retired).
         self._retired_seen = payload_cache.last_retired()
@@ -1223,7 +1228,8 @@ class DaskBackend:
         self._forget_workers(cluster, killed)
         rest = sorted(addresses - set(killed))
         if rest:  # (no nanny process found: Dask's own restart, in the background; busy until then)
-            threading.Thread(target=_restart_quietly, args=(self.client, rest), daemon=True).start()
+            threading.Thread(target=_restart_quietly, args=(self.client, rest, self._said_later.hold),
+                             daemon=True).start()
         return killed
 
     @staticmethod
@@ -1525,6 +1531,7 @@ class DaskBackend:
 
     def _run(self, job: Job, workers: int | None, stops_before: int) -> None:
         __tracebackhide__ = True
+        self._said_later.say()  # (what mpmagic's threads had to say while no run was in flight: this run's cell, first)
         with self._lock:
             if self._retired or self.stops != stops_before:  # (replaced or stopped while it waited for its turn)
                 raise exiting.stopped_error(self.stopped_by)
@@ -1694,6 +1701,7 @@ class _DaskRun:
     def _loop(self) -> None:
         job = self.job
         while not job.finished:
+            self.backend._said_later.say()  # (a line of mpmagic's own threads meanwhile: in this cell)
             self._check_cluster()
             self._submit_more()
             if job.finished:
@@ -2383,9 +2391,11 @@ class _DaskRun:
         """Cancel, but never let a slow scheduler hold the notebook past the budget."""
         if not futures or self.client.status != "running":
             return  # (a client that lost its scheduler cancelled every future itself)
-        t = threading.Thread(target=_cancel_quietly, args=(self.client, futures), daemon=True)
+        t = threading.Thread(target=_cancel_quietly, args=(self.client, futures, self.backend._said_later.hold),
+                             daemon=True)
         t.start()
         t.join(_CANCEL_BUDGET)
+        self.backend._said_later.say()  # (its failure within the budget: in this cell; a later one, the next run's)
 
     def _started_unseen(self, tasks: list[_Task], running: list[_Task]) -> set[str]:
         """Workers of mpmagic's own cluster the scheduler has this run's tasks on, with
@@ -2567,23 +2577,28 @@ def _forget_quietly(client: Any, keys: list[bytes]) -> None:
         log.debug("mpmagic: telling the workers which payloads were dropped failed", exc_info=True)
 
 
-def _restart_quietly(client: Any, addresses: list[str]) -> None:
+def _restart_quietly(client: Any, addresses: list[str], say: Callable[[str], None]) -> None:
     """Restart workers through their nannies (a background thread: it may take
-    Dask's 30 s limit)."""
+    Dask's 30 s limit); ``say`` holds its failure's line for a run's cell
+    (``held_lines``: printed from here, it landed in whichever cell ran then)."""
     try:
         client.restart_workers(addresses, timeout=30.0, raise_for_error=False)
     except Exception as exc:
-        sys.stderr.write(
+        say(
             f"mpmagic: could not restart Dask worker{'s' if len(addresses) != 1 else ''} {', '.join(addresses)} "
             f"to stop a task mpmagic gave up on ({exc}); it runs on there until it returns\n"
         )
 
 
-def _cancel_quietly(client: Any, futures: list) -> None:
+def _cancel_quietly(client: Any, futures: list, say: Callable[[str], None]) -> None:
+    """Cancel ``futures`` (a background thread: ``_DaskRun._cancel`` waits for it a
+    while); ``say`` holds its failure's line for a run's cell (see ``_restart_quietly``)."""
     try:
         client.cancel(futures, force=True)
-    except Exception:
-        log.warning("mpmagic: cancelling %d Dask tasks failed", len(futures), exc_info=True)
+    except Exception as exc:
+        log.debug("mpmagic: cancelling %d Dask tasks failed", len(futures), exc_info=True)
+        say(f"mpmagic: cancelling {len(futures)} Dask task{'s' if len(futures) != 1 else ''} failed "
+            f"({type(exc).__name__}: {exc}); they may run on until they return\n")
 
 
 __all__ = ["DaskBackend"]

@@ -82,6 +82,7 @@ from ..protocol import (
     unpack,
 )
 from .base import Job
+from .held_lines import HeldLines
 from .pipes import Receiver, Sender
 
 log = logging.getLogger("mpmagic")
@@ -692,9 +693,8 @@ class LocalBackend:
         self._fork_said: set[str] = set()  # fork hazards said already (see _say_fork_hazard)
         # Lines the manager had for the notebook while no run was in flight (a replacement
         # worker's setup failure or fork hazard): said in the next run's cell, first (see
-        # _hold, _say_held). Guarded by _lock.
-        self._said_later: list[str] = []
-        self._said_later_more = 0  # lines past _SAID_LATER_MAX, counted only
+        # _say_or_hold, submit).
+        self._said_later = HeldLines()
         # The output tails (worker._Tail) of stopped workers, with their processes (held
         # weakly: a stopped worker's Process and pipes go as before): one goes to a new
         # worker once nothing writes it (see _tail_for_new_worker).
@@ -1376,34 +1376,16 @@ class LocalBackend:
     def _say_or_hold(self, line: str) -> None:
         """The pool's own ``line`` (ending in a newline) for the notebook: written here
         in a caller's thread (the notebook's: its cell); from the manager, in the first
-        run in flight's cell, or, with none, held for the next run (:meth:`_hold`). The
-        manager never prints: its thread's output landed in whichever cell ran then, in
-        Jupyter maybe one that has nothing to do with the pool."""
+        run in flight's cell, or, with none, held for the next run (``held_lines``: the
+        next run says it first, from ``submit``). The manager never prints: its thread's
+        output landed in whichever cell ran then, in Jupyter maybe one that has nothing
+        to do with the pool."""
         if threading.current_thread() is not self._manager:
             sys.stderr.write(line)
         elif self._runs:
             self._runs[0].note("stderr", line)
         else:
-            self._hold(line)
-
-    def _hold(self, text: str) -> None:
-        """Keep ``text`` (whole lines) for the next run's cell (:meth:`_say_held`); past
-        ``_SAID_LATER_MAX`` lines, only counted. Manager only (under ``_lock``)."""
-        for line in text.splitlines(keepends=True):
-            if len(self._said_later) < _SAID_LATER_MAX:
-                self._said_later.append(line if line.endswith("\n") else line + "\n")
-            else:
-                self._said_later_more += 1
-
-    def _say_held(self) -> None:
-        """Write the lines held while no run was in flight, in the calling thread (a new
-        run's, before its own output: its cell). Under ``_lock``."""
-        if not self._said_later:
-            return
-        held, more, self._said_later, self._said_later_more = self._said_later, self._said_later_more, [], 0
-        if more:
-            held.append(f"mpmagic: ... and {more:,} more line{'s' * (more != 1)} held while no run was in flight\n")
-        sys.stderr.write("".join(held))
+            self._said_later.hold(line)
 
     # -- status ------------------------------------------------------------
     def __repr__(self) -> str:
@@ -1561,7 +1543,7 @@ class LocalBackend:
             # The pool stopped (%pool stop / restart, from another thread) while this
             # read its input: handed to the manager now, nobody would ever end the run.
             stopped = retired or self._stops != stops or not self._manager_alive() or lost
-            self._say_held()  # (what the pool had to say while no run was in flight: in this run's cell, first)
+            self._said_later.say()  # (what the pool had to say while no run was in flight: in this run's cell, first)
             if not stopped:
                 self.calls_run += 1
                 self._runs.append(run)
@@ -2872,9 +2854,6 @@ _MORE_READY = 4
 # that packs four chunks of 25,000 items (~1 ms each) kept the workers idle
 # until the last one was packed (100,000 tiny items: +10 %).
 _HOLD_MAX = 16 << 10
-# Lines held while no run was in flight (_hold): a replacement failing its setup again and
-# again is not kept for ever; past these, the next run says how many there were.
-_SAID_LATER_MAX = 200
 _WORKER_SAYS = frozenset((Out, Outs, Done, Error, Unpicklable, Missing, Collected, NoFiles))  # besides Ready
 
 
