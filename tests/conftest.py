@@ -454,6 +454,27 @@ def pytest_sessionstart(session):
     _reporting_only = session.config.pluginmanager.has_plugin("dsession")
 
 
+#: Test files that share what a session made once (``--dist loadfile`` keeps each file in
+#: one process; these go to one process together): the example notebooks, executed once
+#: (tests/executed_notebooks.py), whose outputs both check.
+_FILES_TOGETHER = {"tests/test_docs_site.py": "tests/test_notebooks.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """(pytest-xdist) ``--dist loadfile``, with the files of :data:`_FILES_TOGETHER` as one."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class _FilesTogether(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return _FILES_TOGETHER.get(scope, scope)
+
+    return _FilesTogether(config, log)
+
+
 #: What the processes of a pytest-xdist run (``dev.py test`` runs two) found left at
 #: their session's end, as the one that reports heard it (``pytest_testnodedown``).
 _left_in_xdist_workers: list[str] = []
