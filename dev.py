@@ -71,8 +71,10 @@ def test(args: list[str]) -> int:
 #: The suite waits far more than it computes (workers and kernels start, items sleep,
 #: timeouts run out): two pytest processes (pytest-xdist), each test file in one of them
 #: with its tests in their usual order, take ~7 minutes where one takes ~10.5 on a
-#: 2-core machine. ``python3 dev.py test -n 0`` runs it in one process.
-PYTEST_PROCESSES = ["-n", "2", "--dist", "loadfile"]
+#: 2-core machine. ``python3 dev.py test -n 0`` runs it in one process. A test that hangs
+#: past its timeout ends its process (pyproject.toml): the run stops there and says which
+#: test (xdist would start another process to run the test's file again, and hang again).
+PYTEST_PROCESSES = ["-n", "2", "--dist", "loadfile", "--max-worker-restart", "0"]
 
 
 def docs() -> int:
