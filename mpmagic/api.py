@@ -14,6 +14,7 @@ import functools
 import inspect
 import itertools
 import keyword
+import logging
 import math
 import multiprocessing
 import os
@@ -2507,14 +2508,45 @@ def _labelled_here(label: str | None) -> Iterator[None]:
     with _threads_of_this_run() as threads:
         out, err = sys.stdout, sys.stderr
         streams = sys.stdout, sys.stderr = _LabelledStream(out, label, threads), _LabelledStream(err, label, threads)
+        handlers = _handlers_labelled(streams)
         try:
             yield
         finally:
             sys.stdout, sys.stderr = out, err
+            for handler, labelled, found in handlers:
+                if handler.stream is labelled:  # (one the run set to another stream is its own)
+                    handler.setStream(found)
             for stream in streams:
                 stream.end()
                 if stream.line_open:
                     stream.target.write("\n")
+
+
+def _handlers_labelled(streams: tuple[_LabelledStream, ...]) -> list[tuple[logging.StreamHandler, Any, Any]]:
+    """The notebook's logging handlers on the streams the serial run found
+    (``logging.basicConfig()`` of an earlier cell holds the notebook's stderr as it
+    was then) write to the labelling ones while it runs, so its records show as
+    ``[serial] INFO:calc:...``, as the ranks' show as ``[rank 1] INFO:calc:...``: they
+    showed unlabelled, as if the cell logged a third time. Other threads' records
+    still pass as they are (:class:`_LabelledStream`). Each as (handler, the labelling
+    stream, the stream it had), for putting back."""
+    by_target = {id(stream.target): stream for stream in streams}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found: dict[int, logging.StreamHandler] = {}
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # (a PlaceHolder has none)
+            if isinstance(handler, logging.StreamHandler) and id(getattr(handler, "stream", None)) in by_target:
+                found[id(handler)] = handler
+    swapped = []
+    for handler in found.values():
+        labelled = by_target[id(handler.stream)]
+        try:
+            before = handler.setStream(labelled)
+        except Exception:  # (a handler whose stream cannot be set stays as it is: unlabelled, as before)
+            continue
+        if before is not None:
+            swapped.append((handler, labelled, before))
+    return swapped
 
 
 def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code: str, label: str, kept: str) -> _T:
