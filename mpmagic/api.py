@@ -1031,9 +1031,9 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
     ``seen=[]`` default it fills: payload_cache.state_kept_apart), which changes each
     worker's copy and never the notebook's: the list stays empty, the counter at 0, and each
     task sees only its own worker's earlier changes, silently, as with ``multiprocessing``
-    (tutorial22 #2). Lists only among captured containers: a dict or set a task fills is often
-    a worker's own cache on purpose (memoizing), while a list appended to is the results the
-    notebook expected. ``compared``: --compare's serial run here did change it, which hides the
+    (tutorial22 #2). Lists and numpy arrays only among captured containers: a dict or set a
+    task fills is often a worker's own cache on purpose (memoizing), while a list appended to,
+    or an array filled by item (``out[i] = x``), is the results the notebook expected. ``compared``: --compare's serial run here did change it, which hides the
     mistake. ``started``: said as the run starts (imap, submit, the pandas accessor), not once it
     ended. The function may also be a bound method of a notebook list itself
     (``pmap(results.append, items)``), which has no code to read. ``positional``: how many
@@ -1056,7 +1056,7 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
         if notes is not None and not (captured or accumulates):
             notes["state"] = positional
         return  # (each call: look-ups in the caches of what each code object changes)
-    changes = payload_cache.container_changes(func, (list,), deep=False) if captured else []
+    changes = payload_cache.container_changes(func, payload_cache.filled_kinds(), deep=False) if captured else []
     if accumulates:
         changes += [c for c in payload_cache.state_kept_apart(func, positional) if c not in changes]
     if not changes:
