@@ -2515,7 +2515,8 @@ def _labelled_here(label: str | None) -> Iterator[None]:
             sys.stdout, sys.stderr = out, err
             for handler, labelled, found in handlers:
                 if handler.stream is labelled:  # (one the run set to another stream is its own)
-                    handler.setStream(found)
+                    with contextlib.suppress(Exception):
+                        handler.setStream(found)
             for stream in streams:
                 stream.end()
                 if stream.line_open:
@@ -2531,21 +2532,21 @@ def _handlers_labelled(streams: tuple[_LabelledStream, ...]) -> list[tuple[loggi
     still pass as they are (:class:`_LabelledStream`). Each as (handler, the labelling
     stream, the stream it had), for putting back."""
     by_target = {id(stream.target): stream for stream in streams}
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    found: dict[int, logging.StreamHandler] = {}
-    for logger in loggers:
-        for handler in getattr(logger, "handlers", ()):  # (a PlaceHolder has none)
-            if isinstance(handler, logging.StreamHandler) and id(getattr(handler, "stream", None)) in by_target:
-                found[id(handler)] = handler
-    swapped = []
-    for handler in found.values():
-        labelled = by_target[id(handler.stream)]
-        try:
+    swapped: list[tuple[logging.StreamHandler, Any, Any]] = []
+    try:
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        found: dict[int, logging.StreamHandler] = {}
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", ()):  # (a PlaceHolder has none)
+                if isinstance(handler, logging.StreamHandler) and id(getattr(handler, "stream", None)) in by_target:
+                    found[id(handler)] = handler
+        for handler in found.values():
+            labelled = by_target[id(handler.stream)]
             before = handler.setStream(labelled)
-        except Exception:  # (a handler whose stream cannot be set stays as it is: unlabelled, as before)
-            continue
-        if before is not None:
-            swapped.append((handler, labelled, before))
+            if before is not None:
+                swapped.append((handler, labelled, before))
+    except Exception:  # (labels only: a handler of odd make stays as it is, and the run goes on)
+        pass
     return swapped
 
 
