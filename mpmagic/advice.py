@@ -640,20 +640,25 @@ def _every_call(report: Any, lost: float) -> str | None:
     them (untimed: inside the ranks' times)."""
     temp = (report.one_time or {}).get("temporary") or {}
     imports = temp.get("imports") or {}
-    if not imports:
-        return None
     untimed = any(t is None for t in imports.values())
-    if not untimed and temp.get("import_seconds", 0.0) < ONE_TIME_SHARE * lost:
+    imported = bool(imports) and (untimed or temp.get("import_seconds", 0.0) >= ONE_TIME_SHARE * lost)
+    start = temp.get("start", 0.0)
+    slow_start = start >= 0.005 and start >= ONE_TIME_SHARE * lost  # (a spawn worker: ~0.5 s, every call)
+    if not (imported or slow_start):
         return None
     n, size = temp["workers"], report.workers
     pool = temp.get("pool") or max(1, size - n)
+    head = f"the {n} temporary worker{'s' if n != 1 else ''} started for the ranks beyond the pool's {pool} "
+    instead = f"(or -n {pool} runs the ranks on the pool's workers)"
+    took = f"took {fmt_seconds(start)} to start" if slow_start else ""
+    if not imported:
+        return f"{head}{took} during this call, and every call starts new ones: %pool resize {size} keeps {size} workers {instead}"
     them = "it" if len(imports) == 1 and ", " not in next(iter(imports)) else "them"
     inside = " (inside the ranks' times)" if untimed else ""
     return (
-        f"the {n} temporary worker{'s' if n != 1 else ''} started for the ranks beyond the pool's {pool} "
-        f"imported {imports_text(_short(imports))} during this call{inside}, and every call starts new ones, "
-        f"which import {them} again: %pool resize {size} keeps {size} workers that have {them} "
-        f"(or -n {pool} runs the ranks on the pool's workers)"
+        f"{head}{took + ' and ' if took else ''}imported {imports_text(_short(imports))} during this call{inside}, "
+        f"and every call starts new ones, which import {them} again: %pool resize {size} keeps {size} workers "
+        f"that have {them} {instead}"
     )
 
 

@@ -14,6 +14,7 @@ import functools
 import inspect
 import itertools
 import keyword
+import logging
 import math
 import multiprocessing
 import os
@@ -1031,9 +1032,9 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
     ``seen=[]`` default it fills: payload_cache.state_kept_apart), which changes each
     worker's copy and never the notebook's: the list stays empty, the counter at 0, and each
     task sees only its own worker's earlier changes, silently, as with ``multiprocessing``
-    (tutorial22 #2). Lists only among captured containers: a dict or set a task fills is often
-    a worker's own cache on purpose (memoizing), while a list appended to is the results the
-    notebook expected. ``compared``: --compare's serial run here did change it, which hides the
+    (tutorial22 #2). Lists and numpy arrays only among captured containers: a dict or set a
+    task fills is often a worker's own cache on purpose (memoizing), while a list appended to,
+    or an array filled by item (``out[i] = x``), is the results the notebook expected. ``compared``: --compare's serial run here did change it, which hides the
     mistake. ``started``: said as the run starts (imap, submit, the pandas accessor), not once it
     ended. The function may also be a bound method of a notebook list itself
     (``pmap(results.append, items)``), which has no code to read. ``positional``: how many
@@ -1056,7 +1057,7 @@ def _say_state_changes(func: Callable, compared: bool, started: bool = False, po
         if notes is not None and not (captured or accumulates):
             notes["state"] = positional
         return  # (each call: look-ups in the caches of what each code object changes)
-    changes = payload_cache.container_changes(func, (list,), deep=False) if captured else []
+    changes = payload_cache.container_changes(func, payload_cache.filled_kinds(), deep=False) if captured else []
     if accumulates:
         changes += [c for c in payload_cache.state_kept_apart(func, positional) if c not in changes]
     if not changes:
@@ -2514,14 +2515,46 @@ def _labelled_here(label: str | None) -> Iterator[None]:
     with _threads_of_this_run() as threads:
         out, err = sys.stdout, sys.stderr
         streams = sys.stdout, sys.stderr = _LabelledStream(out, label, threads), _LabelledStream(err, label, threads)
+        handlers = _handlers_labelled(streams)
         try:
             yield
         finally:
             sys.stdout, sys.stderr = out, err
+            for handler, labelled, found in handlers:
+                if handler.stream is labelled:  # (one the run set to another stream is its own)
+                    with contextlib.suppress(Exception):
+                        handler.setStream(found)
             for stream in streams:
                 stream.end()
                 if stream.line_open:
                     stream.target.write("\n")
+
+
+def _handlers_labelled(streams: tuple[_LabelledStream, ...]) -> list[tuple[logging.StreamHandler, Any, Any]]:
+    """The notebook's logging handlers on the streams the serial run found
+    (``logging.basicConfig()`` of an earlier cell holds the notebook's stderr as it
+    was then) write to the labelling ones while it runs, so its records show as
+    ``[serial] INFO:calc:...``, as the ranks' show as ``[rank 1] INFO:calc:...``: they
+    showed unlabelled, as if the cell logged a third time. Other threads' records
+    still pass as they are (:class:`_LabelledStream`). Each as (handler, the labelling
+    stream, the stream it had), for putting back."""
+    by_target = {id(stream.target): stream for stream in streams}
+    swapped: list[tuple[logging.StreamHandler, Any, Any]] = []
+    try:
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        found: dict[int, logging.StreamHandler] = {}
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", ()):  # (a PlaceHolder has none)
+                if isinstance(handler, logging.StreamHandler) and id(getattr(handler, "stream", None)) in by_target:
+                    found[id(handler)] = handler
+        for handler in found.values():
+            labelled = by_target[id(handler.stream)]
+            before = handler.setStream(labelled)
+            if before is not None:
+                swapped.append((handler, labelled, before))
+    except Exception:  # (labels only: a handler of odd make stays as it is, and the run goes on)
+        pass
+    return swapped
 
 
 def reduce_values(reducer: Callable[[RankValues], _T], values: RankValues, code: str, label: str, kept: str) -> _T:

@@ -545,6 +545,10 @@ class FrameInfo:
     # ``[]`` a subscript, ``.name`` an attribute, ``/``, ``<``, ``in``, ``for``...;
     # None: another (a ``raise``).
     op: str | None = None
+    # The code's qualified name (``Model.predict``, ``outer.<locals>.inner``; 3.11+):
+    # IPython names a frame by it, from the code object where it finds no source
+    # scope for the frame (a Jupyter kernel's cells); None: ``name``.
+    qualname: str | None = None
 
 
 #: Binary and comparison operators a rebuilt frame can fail at (see :func:`_stub`).
@@ -650,7 +654,7 @@ def extract_frames(tb: types.TracebackType | None,
                         getattr(fs, "end_lineno", None), getattr(fs, "colno", None),
                         getattr(fs, "end_colno", None),  # (3.11+ only)
                         **_params(frame.f_code), code=codes.setdefault(id(frame.f_code), len(codes)),
-                        op=failing_op(frame.f_code, lasti))
+                        op=failing_op(frame.f_code, lasti), qualname=getattr(frame.f_code, "co_qualname", None))
               for frame, fs, lasti in kept]
     if arguments is not None:
         n = len(frames)
@@ -783,7 +787,7 @@ def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = 
     for fr in frames:
         lineno = max(fr.lineno, 1)
         first = fr.first if 0 < fr.first <= lineno else lineno
-        key = (fr.filename, lineno, fr.name, first, fr.code, fr.params, fr.argcount, fr.kwonlycount,
+        key = (fr.filename, lineno, fr.name, fr.qualname, first, fr.code, fr.params, fr.argcount, fr.kwonlycount,
                fr.varargs, fr.varkw)
         places = spots.setdefault(key, {})
         spot = (fr.end_lineno, fr.colno, fr.end_colno, fr.op)
@@ -801,8 +805,8 @@ def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = 
                     _stub_codes.clear()
                 name = sys.intern(fr.name)
                 names: dict[str, Any] = {"co_name": name}
-                if sys.version_info >= (3, 11):  # tracebacks name the frame by its qualified name
-                    names["co_qualname"] = name
+                if sys.version_info >= (3, 11):  # IPython names the frame by its qualified name
+                    names["co_qualname"] = sys.intern(fr.qualname or name)
                 stub = _stub(fr, lineno, first, list(spots[key]))
                 # (An unused constant, the frame's code number: code objects compare by value, and
                 # stack_data counts repeated frames in a Counter, so two functions' stubs that came

@@ -33,6 +33,7 @@ import contextlib
 import dis
 import functools
 import itertools
+import mmap
 import operator
 import sys
 import threading
@@ -890,16 +891,42 @@ def _changes_of(func: Any, found: list[ContainerChange], seen: set, depth: int,
             value = cells[name].cell_contents if closure else func.__globals__.get(name, _MISSING)
         except ValueError:  # (an empty cell)
             continue
-        kind = next((t for t in _MUTATORS if isinstance(value, t)), None)
+        kind = next((t for t in _MUTATORS if isinstance(value, t)), None) or _copied_array(value)
         if kind is None or (kinds is not None and not isinstance(value, kinds)):
             continue
         method = how[len(name) + 1:] if how.startswith(name + ".") else ""
-        if method and method not in _MUTATORS[kind]:  # (list.update is no list method: not this container)
+        if method and method not in _MUTATORS.get(kind, ()):  # (list.update is no list method; an array: items only)
             continue
         found.append(ContainerChange(func.__name__, name, kind.__name__, how, "closure" if closure else "global"))
     if _extract_code_globals is not None and depth < 4:
         for name in _extract_code_globals(code):
             _changes_of(func.__globals__.get(name), found, seen, depth + 1, kinds)
+
+
+def filled_kinds() -> tuple[type, ...]:
+    """The captured containers a task fills that the notebook meant as its results: lists
+    (``results.append(x)``) and numpy arrays (``out[i] = x``, the classic parallel fill;
+    :func:`_copied_array`), as opposed to a dict or set, often a worker's own cache on purpose."""
+    numpy = sys.modules.get("numpy")
+    return (list,) if numpy is None else (list, numpy.ndarray)
+
+
+def _copied_array(value: Any) -> type | None:
+    """The type of a numpy array whose items a task writes in its worker's copy only
+    (a notebook array filled by item: ``out[i] = x``), else None: not an array, or one
+    the workers write into for real, its memory a file or shared memory mapped again
+    in each worker (an ``np.memmap``; a :func:`shm.share` array)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or not isinstance(value, numpy.ndarray):
+        return None
+    base = value
+    while isinstance(base.base, numpy.ndarray):
+        base = base.base  # (a view: the array that holds the memory)
+    if isinstance(base, numpy.memmap) or isinstance(base.base, mmap.mmap):
+        return None
+    if value.nbytes and shm.shared_place(value.__array_interface__["data"][0], value.nbytes) is not None:
+        return None
+    return type(value)
 
 
 def changes_captured(code: types.CodeType) -> bool:

@@ -18,8 +18,8 @@ IPython shell, no keyboard and no notebook to draw in, so there:
   ``def`` (``r = %pmap f, xs``, ``!cmd``), gets ``task_shell``'s stand-in,
   which runs a ``%pmap`` line serially and refuses the rest in one line;
 * ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once with an
-  EOFError saying why, and ``breakpoint()`` is skipped with one line pointing
-  to ``%pdebug`` (:func:`no_console`);
+  EOFError saying why, and ``breakpoint()`` and ``pdb.set_trace()`` are skipped
+  with one line pointing to ``%pdebug`` (:func:`no_console`);
 * the notebook's inline matplotlib backend becomes ``task_matplotlib``
   (:func:`matplotlib_backend`), whose ``show()`` sends the figures home.
 
@@ -37,6 +37,7 @@ import io
 import json
 import os
 import sys
+import types
 from typing import Any
 
 from . import task_shell
@@ -380,18 +381,46 @@ def _no_input(*args: Any, **kwargs: Any) -> str:
     return NoInput().read()
 
 
-_breakpoint_said = False
+_skipped_said: set[str] = set()  # what this worker said it skips (each once)
+
+
+def _skipped(what: str) -> None:
+    """Say once per worker that ``what`` (a way into the debugger) is skipped in a task."""
+    if what not in _skipped_said:
+        _skipped_said.add(what)
+        sys.stderr.write(f"mpmagic: {what} in a task is skipped: a worker has no console to debug in. After a "
+                         "failure, %pdebug replays the item in the notebook under the debugger\n")
 
 
 def _no_breakpoint(*args: Any, **kwargs: Any) -> None:
     """``breakpoint()`` in a task: there is no console to debug in (spawn and
     forkserver opened pdb on a closed stdin and ended the cell with a hidden
     BdbQuit; fork skipped it silently). Skipped, said once per worker."""
-    global _breakpoint_said
-    if not _breakpoint_said:
-        _breakpoint_said = True
-        sys.stderr.write("mpmagic: breakpoint() in a task is skipped: a worker has no console to debug in. After a "
-                         "failure, %pdebug replays the item in the notebook under the debugger\n")
+    _skipped("breakpoint()")
+
+
+def _skip_console_debuggers() -> None:
+    """``pdb.set_trace()`` (and IPython's or ipdb's ``set_trace()``, all ``bdb.Bdb``'s)
+    in a task is skipped as ``breakpoint()`` is, when the debugger would read its
+    commands from the worker's stdin (:class:`NoInput`): pdb read EOF there and quit
+    with a BdbQuit, which IPython hides, so the cell ended with no result and no
+    error. A debugger given a stdin of its own (``pdb.Pdb(stdin=...)``) and a
+    tracer with none (a ``bdb.Bdb`` subclass that only logs) run as they are."""
+    import bdb
+
+    real = bdb.Bdb.set_trace
+    if getattr(real, "_mpmagic_skips", False):
+        return
+
+    def set_trace(self: bdb.Bdb, frame: types.FrameType | None = None, *args: Any, **kwargs: Any) -> None:
+        if not isinstance(getattr(self, "stdin", None), NoInput):
+            # (its caller's frame, as Bdb's own takes when given none: not this one)
+            return real(self, sys._getframe(1) if frame is None else frame, *args, **kwargs)
+        _skipped("set_trace()")  # (pdb's, IPython's, ipdb's: a kernel's fork may have any of them as pdb.Pdb)
+        return None
+
+    set_trace._mpmagic_skips = True  # type: ignore[attr-defined]
+    bdb.Bdb.set_trace = set_trace  # type: ignore[method-assign]
 
 
 _console_gone = False
@@ -399,9 +428,9 @@ _console_gone = False
 
 def no_console(force: bool = False) -> None:
     """A worker's ``input()``, ``getpass.getpass()`` and ``sys.stdin`` fail at once
-    with an EOFError that says why (see :class:`NoInput`), and ``breakpoint()``
-    is skipped with a line saying so. Once per process (a local worker at its
-    start, with ``force``: a fork copied the notebook's shell and pool; a Dask
+    with an EOFError that says why (see :class:`NoInput`), and ``breakpoint()`` and
+    ``pdb.set_trace()`` are skipped with a line saying so. Once per process (a local
+    worker at its start, with ``force``: a fork copied the notebook's shell and pool; a Dask
     worker at its first task of ours). Without ``force``, never in the notebook's
     own process (a Dask worker in its threads): its ``input()``, ``sys.stdin`` and
     debugger (pdb reads its commands through ``input()``) stay the notebook's."""
@@ -412,6 +441,7 @@ def no_console(force: bool = False) -> None:
     import getpass  # (small; patched now, else its own fallback printed "Password input may be echoed")
 
     sys.breakpointhook = _no_breakpoint
+    _skip_console_debuggers()
     sys.stdin = NoInput()
     builtins.input = _no_input
     getpass.getpass = _no_input

@@ -1028,6 +1028,7 @@ class OneTimeCosts:
         self.task_imports: dict[str, set] = {}  # modules the tasks imported (inside their times) -> workers
         self.preloading = False  # the run waited for a background preload (the notebook had imported it)
         self.temporary: set = set()  # a cell's temporary workers that ran ranks (their costs recur)
+        self.temporary_first: dict[Any, float] = {}  # temporary worker -> epoch seconds its first rank began
         self.temporary_modules: dict[str, float | None] = {}  # as ``modules``, of the temporary workers
 
     def note(self, meta: dict) -> None:
@@ -1038,6 +1039,8 @@ class OneTimeCosts:
         worker = meta.get("worker")
         if meta.get("temporary"):
             self.temporary.add(worker)
+            if start is not None and start < self.temporary_first.get(worker, start + 1.0):
+                self.temporary_first[worker] = start
         once = meta.get("once")
         if not once:
             return
@@ -1082,7 +1085,8 @@ class OneTimeCosts:
                 waited = self.first_start - self.run_start
                 started = waited if waited > 0.0 else 0.0
             return {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": started, "total": started,
-                    "preloading": self.preloading, "task_imports": (), "task_import_workers": 0, "temporary": None}
+                    "preloading": self.preloading, "task_imports": (), "task_import_workers": 0,
+                    "temporary": self._temporary()}
         workers = (set(self.imports) | set(self.loads)) - self.temporary
         total = max((self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in workers), default=0.0)
         if cold and self.first_start is not None:
@@ -1103,15 +1107,26 @@ class OneTimeCosts:
     def _temporary(self) -> dict[str, Any] | None:
         """What the cell's temporary workers paid: ``workers`` (how many ran ranks),
         ``imports`` (as the summary's, a None time for one the rank's code made inside
-        its time), ``import_seconds``, ``load`` and ``total`` (the most one of them
-        paid); None when they imported nothing and loaded nothing."""
+        its time), ``import_seconds``, ``load``, ``start`` (the longest any took to
+        start: its first rank began that long after the run did, less its imports and
+        loading) and ``total`` (the most one of them paid, starting included); None
+        when they imported nothing, loaded nothing and started at once. A spawn
+        worker takes ~0.5 s to start, and every such cell starts new ones: a
+        ``%%parallel -n 4`` on 2 workers was told to give its workers more work."""
+        if not self.temporary:
+            return None  # (every warm run's summary asks: at once, see summary)
         paid = [w for w in self.temporary if w in self.imports or w in self.loads]
-        if not paid or not (self.temporary_modules or any(self.loads.get(w, 0.0) for w in paid)):
+        costs = bool(paid) and bool(self.temporary_modules or any(self.loads.get(w, 0.0) for w in paid))
+        started = max((first - self.run_start - self.imports.get(w, 0.0) - self.loads.get(w, 0.0)
+                       for w, first in self.temporary_first.items()), default=0.0)
+        started = max(0.0, started)
+        if not costs and started <= 0.0:
             return None
         return {
             "workers": len(self.temporary),
             "imports": dict(self.temporary_modules),
-            "import_seconds": max(self.imports.get(w, 0.0) for w in paid),
-            "load": max(self.loads.get(w, 0.0) for w in paid),
-            "total": max(self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in paid),
+            "import_seconds": max((self.imports.get(w, 0.0) for w in paid), default=0.0),
+            "load": max((self.loads.get(w, 0.0) for w in paid), default=0.0),
+            "start": started,
+            "total": max((self.imports.get(w, 0.0) + self.loads.get(w, 0.0) for w in paid), default=0.0) + started,
         }

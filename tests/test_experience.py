@@ -1088,6 +1088,27 @@ def test_a_map_that_changes_a_notebook_list_says_so_and_its_compare_advice_names
     assert "mpmagic:" not in capsys.readouterr().err
 
 
+def test_a_map_that_fills_a_notebook_array_says_so_as_for_a_list(ip, pool2, capsys):
+    """The classic parallel fill (``out = np.zeros(n)``, ``def fill(i): out[i] = ...``):
+    serially the array is filled; a map filled each worker's copy and left the notebook's
+    zeros, silently (a list appended to said so). One line, once per function; an array
+    the workers write into for real (``mpmagic.share``: the very shared memory) and a local
+    array say nothing."""
+    run(ip, "import numpy as np\nout = np.zeros(4)\ndef fill(i):\n    out[i] = i * 2\n    return i\n")
+    assert said_once(ip, capsys, "%pmap -q fill, range(4)", "out[...]", (
+        "mpmagic: fill changes the notebook's ndarray `out` (out[...] =) in the workers' copies, not in "
+        "the notebook: it is as it was before the run; return the values")) == [0, 1, 2, 3]
+    assert run(ip, "out.tolist()") == [0.0] * 4
+    run(ip, "import mpmagic\nshared_out = mpmagic.share(np.zeros(4))\n"
+            "def fill_shared(i):\n    shared_out[i] = 1\n    return i\n"
+            "def own_array(i):\n    a = np.zeros(2)\n    a[0] = i\n    return a\n")
+    capsys.readouterr()
+    run(ip, "_ = %pmap -q --errors collect fill_shared, range(2)")  # (read-only in the workers, as documented)
+    run(ip, "_ = %pmap -q own_array, range(2)")
+    assert "mpmagic:" not in capsys.readouterr().err
+    run(ip, "del shared_out, fill_shared\nimport gc\ngc.collect()")  # (its segment: freed with the array)
+
+
 def said_once(ip, capsys, line: str, name: str, said: str) -> object:
     """Run the magic ``line`` twice: the first run's stderr has ``said``, the second's no
     mention of ``name`` (a note is said once per function); the first run's value."""

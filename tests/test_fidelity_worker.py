@@ -776,6 +776,24 @@ def test_breakpoint_in_a_task_is_skipped_with_a_line_pointing_to_pdebug(ip, any_
     assert "breakpoint() in a task is skipped" in capsys.readouterr().err
 
 
+def test_pdb_set_trace_in_a_task_is_skipped_as_breakpoint_is(ip, local_pool, capsys):
+    """``import pdb; pdb.set_trace()`` (the classic form; IPython's ``set_trace`` alike)
+    opened pdb on the worker's stdin, which has no keyboard: pdb quit with a BdbQuit,
+    which IPython hides, so the cell ended with no result and no error. A debugger
+    given a stdin of its own still reads it."""
+    run(ip, "import pdb\nfrom IPython.core.debugger import set_trace\n"
+            "def classic(x):\n    pdb.set_trace()\n    return x + 1\n"
+            "def ipython_one(x):\n    set_trace()\n    return x * 2\n"
+            "def scripted(x):\n    import io, sys\n    p = pdb.Pdb(stdin=io.StringIO('p x + 100\\ncont\\n'), stdout=sys.stdout)\n"
+            "    p.use_rawinput = False\n    p.set_trace()\n    return x\n")
+    capsys.readouterr()
+    assert run(ip, "%pmap -q classic, [1, 2]") == [2, 3]
+    assert "mpmagic: set_trace() in a task is skipped" in capsys.readouterr().err
+    assert run(ip, "%pmap -q ipython_one, [1, 2]") == [2, 4]
+    assert run(ip, "%pmap -q scripted, [1]") == [1]
+    assert "101" in capsys.readouterr().out
+
+
 def test_a_pool_started_inside_a_task_fails_with_a_line_saying_why(ip, local_pool):
     """multiprocessing's bare "daemonic processes are not allowed to have
     children" gets a note saying why and what to do instead."""

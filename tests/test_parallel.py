@@ -468,6 +468,35 @@ def test_compare_labels_what_threads_the_cell_starts_print_in_its_serial_run(ip,
     assert not any(line.startswith(("thread", "err")) for line in (out + err).splitlines()), out + err
 
 
+def test_compare_labels_the_log_records_of_its_serial_run_as_the_ranks_are(ip, local_pool, capsys):
+    """A notebook's ``logging.basicConfig()`` of an earlier cell (a handler holding the
+    notebook's stderr as it was then): the ranks' records show as ``[rank 1]
+    INFO:calc:...``, the serial run's showed unlabelled, as if the cell logged a third
+    time. Its records are labelled ``[serial]`` while it runs; the handler is the
+    notebook's again after it (a later record is plain)."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)  # (as basicConfig() in an earlier cell: the stream it found)
+    handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    logger = logging.getLogger("mpm_serial_calc")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    run(ip, "import logging\ncalc = logging.getLogger('mpm_serial_calc')")
+    try:
+        capsys.readouterr()
+        assert cell(ip, "-n 2 -q --compare", "calc.info('rank %s', rank)\nrank") == [0, 1]
+        err = capsys.readouterr().err.splitlines()
+        assert {"[rank 0] INFO:mpm_serial_calc:rank 0", "[rank 1] INFO:mpm_serial_calc:rank 1",
+                "[serial] INFO:mpm_serial_calc:rank 0"} <= set(err), err
+        assert not any(line.startswith("INFO") for line in err), err
+        logger.info("later")
+        assert capsys.readouterr().err.splitlines() == ["INFO:mpm_serial_calc:later"]
+        assert handler.stream is sys.stderr
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+
 def test_the_serial_runs_label_is_only_for_the_runs_own_threads():
     """Threads that the serial run did not start (a background run's, another cell's
     timer) write as they are while it runs; those it starts, and theirs, are labelled."""

@@ -1132,6 +1132,31 @@ def test_ranks_beyond_the_pool_at_ulimit_u_fail_with_the_one_line(ip, pool2, mon
     assert list(mpmagic.parallel("rank", workers=2)) == [0, 1]
 
 
+def test_a_reap_once_the_exit_hook_ran_leaves_the_process_to_multiprocessings_join():
+    """A retired worker's reaper thread closed its process while multiprocessing's exit
+    hook joined it: "Exception ignored in atexit callback ... ValueError: process object
+    is closed" at the end of a script (a %%parallel -n 4 on 2 workers, a busy machine).
+    Once our exit hook ran (before multiprocessing's), a reap leaves the process open."""
+    import multiprocessing
+
+    from mpmagic.backends import local
+
+    proc = multiprocessing.get_context("fork").Process(target=int, daemon=True)
+    proc.start()
+    proc.join(5)
+    with local._closing:
+        local._exit_joins = True  # (as _at_exit leaves it)
+    try:
+        local._reaped(proc)
+        proc.join()  # (what multiprocessing's exit hook does: it raised ValueError)
+        assert proc.exitcode == 0
+    finally:
+        local._exit_joins = False
+    local._reaped(proc)
+    with pytest.raises(ValueError, match="closed"):  # (before the exit: closed at once, as ever)
+        proc.join()
+
+
 def test_a_reap_with_no_thread_to_spare_does_not_wait_seconds(monkeypatch):
     """No thread for the reaper (ulimit -u): the inline reap waited up to 10 s for a
     process that did not stop by itself, under the pool's lock (every run stalled)."""

@@ -423,6 +423,31 @@ def test_real_kernel_shows_cell_numbers_for_tasks_and_ranks(kernel):
     assert "[rank 1] Cell In[4], line 3" in shown_text and "ipykernel_" not in shown_text, shown_text
 
 
+def _kernel_frame_headers(reply) -> list[str]:
+    """The "Cell In[N], line L, in f(...)" lines of a kernel cell's error."""
+    text = ANSI.sub("", "\n".join(line for t, c in reply.outputs if t == "error" for line in c["traceback"]))
+    return re.findall(r"^Cell In\[\d+\], line \d+, in .*$", text, flags=re.M)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="frames are named by their qualified name from 3.11")
+def test_real_kernel_names_task_frames_by_their_qualified_name_as_serially(kernel):
+    """A kernel names a method's frame ``in Model.predict(self, x)`` and a nested
+    function's ``in Model.scale.<locals>.inner(y)`` (the code's qualified name);
+    a task's said ``in predict(self, x)`` and ``in inner(y)``."""
+    kernel.ok("class Model:\n    def __init__(self, k):\n        self.k = k\n"
+              "    def predict(self, x):\n        return self.scale(x)\n"
+              "    def scale(self, x):\n        def inner(y):\n            return y / self.k\n"
+              "        return inner(x)\n"
+              "model = Model(0)\n")
+    serial = kernel.execute("list(map(model.predict, [1]))")
+    parallel = kernel.execute("%pmap -q model.predict, [1]")
+    assert serial.ename == parallel.ename == "ZeroDivisionError"
+    headers = _kernel_frame_headers(parallel)
+    assert headers[-3:] == _kernel_frame_headers(serial)[-3:], (serial.outputs, parallel.outputs)
+    assert headers[-1].endswith("in Model.scale.<locals>.inner(y)") and headers[-3].endswith(
+        "in Model.predict(self, x)"), headers
+
+
 # --------------------------------------------------------------------------
 # Where on the line: Python 3.11+ marks the failing expression (``~~^~~``)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import pytest
 from conftest import synthetic_report
 
 from mpmagic import warmup
+from mpmagic.fmt import fmt_seconds
 from mpmagic.protocol import Import
 from mpmagic.report import Report
 
@@ -256,8 +258,10 @@ def test_a_cells_temporary_workers_imports_are_counted_apart_from_the_pools():
             "imports": [("preload", ["numpy"], 0.07, t, t + 0.07 + 0.001 * w)], "load": 0.0}})
     s = costs.summary(cold=False)
     assert (s["imports"], s["import_seconds"], s["total"]) == ({}, 0.0, 0.0)
+    # (their first ranks began 80 ms into the run, 73 ms of it importing: 7 ms starting)
     assert s["temporary"] == {"workers": 2, "imports": {"numpy": pytest.approx(0.073)},
-                              "import_seconds": pytest.approx(0.073), "load": 0.0, "total": pytest.approx(0.073)}
+                              "import_seconds": pytest.approx(0.073), "load": 0.0, "start": pytest.approx(0.008, abs=1e-6),
+                              "total": pytest.approx(0.081, abs=1e-6)}
     # A first call: the pool's workers paid it once, the temporary ones as every call's will.
     costs.note({"worker": 0, "start": t, "once": {"imports": [("function", ["numpy"], 0.29, t, t + 0.29)],
                                                   "load": 0.3}})
@@ -315,9 +319,44 @@ def test_every_cell_call_on_temporary_workers_is_told_it_pays_their_imports_agai
         if call:
             assert name not in report.one_time["imports"]  # (the pool's workers had it: nothing one-time)
         advice = every_call(report, lost=report.wall)
-        assert advice is not None and advice.startswith(f"the 2 temporary workers started for the ranks beyond the "
-                                                        f"pool's 2 imported {name} during this call"), advice
+        # (and how long they took to start, when that mattered too)
+        assert advice is not None and re.match(f"the 2 temporary workers started for the ranks beyond the pool's 2 "
+                                               rf"(took [\d.]+ m?s to start and )?imported {name} during this call",
+                                               advice), advice
         assert "next call will not pay" not in (report.advice or "")
+
+
+def test_every_cell_call_on_temporary_workers_is_told_their_start_as_for_their_imports(pool2):
+    """A %%parallel -n 4 on 2 workers starts 2 temporary workers on every call (a spawn
+    worker: ~0.5 s); the line said nothing of it and the advice said "give the workers
+    more work per call". Their start is an every-call cost, named with its cure."""
+    import mpmagic
+    from mpmagic.advice import _every_call as every_call
+
+    for _ in range(2):
+        assert mpmagic.parallel("rank", workers=4, namespace={}) == [0, 1, 2, 3]
+        report = mpmagic.last_report()
+        temp = report.one_time["temporary"]
+        assert temp["workers"] == 2 and temp["start"] > 0.0 and temp["total"] >= temp["start"], report.one_time
+        assert report.every_call_text().startswith("2 temporary workers started ("), report.every_call_text()
+        advice = every_call(report, lost=report.wall)
+        assert advice == (f"the 2 temporary workers started for the ranks beyond the pool's 2 took "
+                          f"{fmt_seconds(temp['start'])} to start during this call, and every call starts new ones: "
+                          "%pool resize 4 keeps 4 workers (or -n 2 runs the ranks on the pool's workers)"), advice
+
+
+def test_temporary_workers_that_started_slowly_and_imported_are_told_both():
+    temp = {"workers": 2, "imports": {"numpy": 0.3}, "import_seconds": 0.3, "load": 0.0, "start": 0.5,
+            "total": 0.8, "pool": 2}
+    once = {"imports": {}, "import_seconds": 0.0, "load": 0.0, "start": 0.0, "total": 0.0, "preloading": False,
+            "temporary": temp}
+    r = _report(kind="parallel", items=4, workers=4, wall=0.9, task_seconds=0.16, chunks=0, cores=None,
+                one_time=once)
+    assert r.line().endswith("| every call: 2 temporary workers started (500.0 ms) and imported numpy (300.0 ms)")
+    assert r.advice == ("the 2 temporary workers started for the ranks beyond the pool's 2 took 500.0 ms to start "
+                        "and imported numpy (300.0 ms) during this call, and every call starts new ones, which import "
+                        "it again: %pool resize 4 keeps 4 workers that have it (or -n 2 runs the ranks on the "
+                        "pool's workers)")
 
 
 def test_the_import_log_notices_new_modules_only():

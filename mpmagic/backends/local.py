@@ -451,9 +451,12 @@ def _at_exit() -> None:
     first. Run after it, this found the workers dead, and the manager started
     replacements, which failed on forkserver with a traceback.
     """
+    global _exit_joins
     stop_now = exiting.wait_for_runs()
     with exiting.sigint_dropped():
         stop_all(wait_busy=not stop_now)
+    with _closing:
+        _exit_joins = True  # (from here on a reaper thread leaves its process to multiprocessing's hook: _reaped)
 
 
 def _foreground_runs() -> list[tuple[Any, threading.Thread]]:
@@ -2951,6 +2954,13 @@ kill_group = _kill_group
 # _reap_later): the next reap collects them.
 _unreaped: list = []
 _unreaped_lock = threading.Lock()
+# Set by the exit hook (_at_exit), which runs before multiprocessing's: that one then
+# joins every child it knows, a retired worker's too, and a reaper thread closing such a
+# process meanwhile made its join raise ("Exception ignored in atexit callback ...
+# ValueError: process object is closed": a script whose %%parallel -n 4 ran on 2
+# workers, on a busy machine). ``_closing`` makes the check and the close one step.
+_exit_joins = False
+_closing = threading.Lock()
 
 
 def _reap_later(proc) -> None:
@@ -2997,9 +3007,12 @@ def _reaped(proc) -> None:
     reference to its Process goes)."""
     _kill_group(proc.pid)
     shm.sweep_worker(proc.pid)
-    try:
-        proc.close()
-    except ValueError:  # still running after SIGKILL and 10 s: left to the OS
-        log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
-    else:
-        _reaped_processes.add(proc)  # (its output tail may go to a new worker)
+    with _closing:
+        if _exit_joins:
+            return  # (multiprocessing's exit hook joins it, and the process's exit frees its pipes)
+        try:
+            proc.close()
+        except ValueError:  # still running after SIGKILL and 10 s: left to the OS
+            log.debug("mpmagic: worker pid %s did not stop; its pipes stay open", proc.pid)
+            return
+    _reaped_processes.add(proc)  # (its output tail may go to a new worker)
