@@ -451,5 +451,6 @@ def test_a_delegating_getattr_sent_to_a_parallel_cell_says_why(ip, pool2):
     for rank, failure in info.value.failures.items():
         said = " ".join(getattr(failure, "__notes__", []))
         assert f"raised by rank {rank} of 2 mpmagic: the cell's names could not be loaded in the worker" in said, said
-        assert "__getattr__ recursed while pickle rebuilt its object" in said, said  # (as the map's API path)
+        # (as the map's API path; its frame qualified, the class is named, as for a result)
+        assert "Proxy.__getattr__ recursed while pickle rebuilt a Proxy" in said, said
         assert "raise AttributeError for names that start with '__'" in said, said
