@@ -81,21 +81,35 @@ def chunk_row(report, n_items: int) -> tuple[int, int, int | None, int]:
     return lo, hi, asked, chunks
 
 
-def interrupted_cell(ip, code: str, after: float = 0.6) -> tuple[str, BaseException | None]:
+def interrupted_cell(ip, code: str, after: float = 0.6, started: Any = None) -> tuple[str, BaseException | None]:
     """Run ``code`` as a cell and interrupt it ``after`` seconds in (SIGINT to the
-    main thread, as the kernel's interrupt): (what it showed, its error)."""
+    main thread, as the kernel's interrupt): (what it showed, its error). With
+    ``started`` (a path a task creates as it begins), ``after`` seconds after that file
+    exists: a test of what an interrupt of running work says must not depend on the
+    run's start taking less than ``after`` (on a loaded machine it took more)."""
     import signal
     import threading
 
     from IPython.utils.capture import capture_output
 
-    timer = threading.Timer(after, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    cancelled = threading.Event()
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while started is not None and not os.path.exists(started) and time.monotonic() < deadline:
+            if cancelled.wait(0.01):
+                return
+        if not cancelled.wait(after):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    timer = threading.Thread(target=interrupt, daemon=True)
     timer.start()
     try:
         with capture_output() as cap:
             result = ip.run_cell(code, store_history=False)
     finally:
-        timer.cancel()
+        cancelled.set()
+        timer.join()
     return cap.stdout + cap.stderr, result.error_in_exec
 
 
