@@ -47,7 +47,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
 from . import ansi, debugging, display_relay, exiting
 from .checks import wait_timeout
-from .engine import sigint_deferred
+from .engine import sigint_deferred, wait_in_slices
 from .errors import (
     MPMagicError,
     UsageError,
@@ -440,7 +440,7 @@ class Run(Future[_R]):
         seconds = wait_timeout(timeout)
         restore_interrupts()  # this wait's interrupt is its own, not a repeat of an earlier one's
         try:
-            return self._done.wait(seconds)
+            return wait_in_slices(self._done.wait, seconds)
         except KeyboardInterrupt:
             raise self._interrupted(what) from None
 
@@ -1170,7 +1170,7 @@ def _completed_part(state: _Arrivals) -> Iterator[Any]:
         with run._arrived:
             while state.seen == len(chunks) and not run.done():
                 try:
-                    arrived = run._arrived.wait(timeout)
+                    arrived = wait_in_slices(run._arrived.wait, timeout)
                 except KeyboardInterrupt:  # the loop stops here, the run goes on (say so)
                     raise run._interrupted("as_completed") from None
                 if not arrived:

@@ -49,6 +49,29 @@ PROGRESS_EVERY = 0.1
 #: before the interrupt, are the ones shown.
 KEPT_AT_INTERRUPT = 200
 
+#: Seconds between a main-thread wait's looks at a SIGINT another thread took. The
+#: kernel's interrupt (and a terminal's Ctrl-C) is sent to the process, and Linux may
+#: hand it to any thread that does not block it (another one when the main thread has
+#: a signal pending, as a SIGCHLD of a stopped worker): Python's handler then runs
+#: there, and the main thread, blocked in its queue's get, was never woken to raise
+#: the KeyboardInterrupt: a run of a loop was never interrupted (the suite hung so).
+SIGNAL_POLL = 0.2
+
+
+def wait_in_slices(wait: Callable[[float | None], bool], timeout: float | None = None) -> bool:
+    """``wait(timeout)`` (an Event's or a Condition's ``wait``), in the main thread in
+    slices of :data:`SIGNAL_POLL` seconds, so that a SIGINT another thread took raises
+    its KeyboardInterrupt here (see :data:`SIGNAL_POLL`); in another thread as it is."""
+    if _thread.get_ident() != threading.main_thread().ident:
+        return wait(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = SIGNAL_POLL if deadline is None else min(SIGNAL_POLL, max(0.0, deadline - time.monotonic()))
+        if wait(left):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
 
 class Latch:
     """A flag set once and never cleared, waited on from any thread: ``is_set``,
@@ -226,6 +249,9 @@ class Run:
         __tracebackhide__ = True
         deadline = None if timeout is None else time.monotonic() + timeout
         hand = self._hand
+        # (the main thread's wait wakes to act on a SIGINT another thread took: SIGNAL_POLL)
+        main = _thread.get_ident() == threading.main_thread().ident
+        polled = partial(self._events.get, timeout=SIGNAL_POLL)
         with self._wait_lock:
             while not self._pumped:
                 if not hand:
@@ -234,10 +260,15 @@ class Run:
                         break
                     get = self._events.get
                     if deadline is not None:
-                        get = partial(get, timeout=max(0.0, deadline - time.monotonic()))
+                        left = max(0.0, deadline - time.monotonic())
+                        get = partial(get, timeout=min(left, SIGNAL_POLL) if main else left)
+                    elif main:
+                        get = polled
                     try:
                         hand.extend(islice(iter(get, None), 1))  # (no event is None: this takes one)
                     except queue.Empty:
+                        if main and (deadline is None or time.monotonic() < deadline):
+                            continue  # (a look at the signals: Python runs their handlers here, between calls)
                         return False
                 ev = hand[0]
                 self._dispatch(ev)  # (takes it out of ``_hand`` as it begins)

@@ -1508,3 +1508,50 @@ def test_a_ctrl_c_as_submit_hands_the_run_over_cancels_that_run(ip, local_pool, 
     assert hits == [1]
     assert not backend._runs, backend._runs  # (the interrupted run is not in flight: cancelled)
     assert run(ip, "%pmap -q abs, [-1, -2, 3]") == [1, 2, 3]
+
+
+def test_a_sigint_another_thread_took_still_interrupts_the_main_threads_wait(ip, local_pool):
+    """Found by the suite under load (the docs test's interrupt of a map of an endless loop
+    never came): the kernel's interrupt is sent to the process, and Linux may hand it to
+    another thread (when the main thread has a signal pending, a stopped worker's SIGCHLD).
+    Python's handler ran there, and the main thread, blocked in its wait for the run's next
+    event, was never woken to raise the KeyboardInterrupt: for a loop, never. The wait now
+    looks at the signals every ``engine.SIGNAL_POLL`` seconds."""
+    run(ip, "import time\ndef held(x):\n    t = time.monotonic()\n    while time.monotonic() - t < 30:\n        pass\n    return x\n")
+    backend = mpmagic.get_pool()
+
+    def in_this_thread() -> None:  # (the SIGINT handled in this timer's thread, not the main one)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    # (1.6 s in: past the wait for the progress bar's delay, which wakes the main thread at 1 s)
+    timer = threading.Timer(1.6, in_this_thread)
+    t0 = time.monotonic()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        run(ip, "%pmap -q held, range(2)")
+    assert time.monotonic() - t0 < 10  # (before: when the items ended, 30 s in; for a loop, never)
+    assert not backend._runs, backend._runs  # (cancelled, as an interrupt of the wait does)
+    assert run(ip, "%pmap -q abs, [-1, 2]") == [1, 2]
+
+
+def test_a_sigint_another_thread_took_still_interrupts_a_wait_on_a_background_run(ip, local_pool):
+    """The same for ``handle.result()`` (an Event's wait, with no limit): the interrupt stops
+    the waiting, as a SIGINT the main thread took does, and the run goes on."""
+    run(ip, "import time, mpmagic\ndef held(x):\n    t = time.monotonic()\n    while time.monotonic() - t < 30:\n"
+            "        pass\n    return x\n")
+    handle = run(ip, "mpmagic.submit(held, range(2))")
+
+    def in_this_thread() -> None:
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    timer = threading.Timer(0.5, in_this_thread)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted"):
+            handle.result()
+        assert time.monotonic() - t0 < 10  # (before: when the run ended, 30 s in)
+        assert not handle.done()  # (the waiting stopped, not the run)
+    finally:
+        handle.cancel()
+    assert run(ip, "%pmap -q abs, [-1, 2]") == [1, 2]
