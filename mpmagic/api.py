@@ -2229,7 +2229,7 @@ def parallel(
     if seed is None:  # (after reduce='s own call: said once; seed=: each rank its own stream, as said)
         draws.say_cell_draws(code, namespace)
     # (the names it binds, read only at the notebook's NameError of one of them: errors.note_rank_name)
-    remember_rank_cell(code, functools.partial(_names_bound, code))
+    remember_rank_cell(code, functools.partial(_names_bound, code), gather)
     if not block:
         from . import background
 

@@ -28,7 +28,7 @@ import sys
 import threading
 import traceback
 import types
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -1715,17 +1715,18 @@ def drop_our_frames(exc: BaseException) -> None:
 
 #: The latest %%parallel cells (``parallel()``), newest last: (the cell's code, the names it
 #: binds at its top level, read only when the notebook's NameError asks: parsing a cell costs
-#: ~0.2 ms, a run's overhead ~1 ms).
-_rank_cells: list[tuple[str, Callable[[], set[str]]]] = []
+#: ~0.2 ms, a run's overhead ~1 ms; the names its ``--gather`` asked for).
+_rank_cells: list[tuple[str, Callable[[], set[str]], frozenset[str]]] = []
 _RANK_CELLS_KEPT = 32
 
 
-def remember_rank_cell(code: str, names_bound: Callable[[], set[str]]) -> None:
+def remember_rank_cell(code: str, names_bound: Callable[[], set[str]], gathered: Iterable[str] = ()) -> None:
     """A %%parallel cell (``parallel()``) binds names in its ranks' processes, where the
     cell run once per rank by hand would have bound them in the notebook: the notebook's
     later ``NameError`` for one of them says so (:func:`note_rank_name`). ``names_bound``:
-    what the cell binds, asked then."""
-    _rank_cells.append((code, functools.lru_cache(maxsize=1)(names_bound)))
+    what the cell binds, asked then; ``gathered``: its ``--gather`` names (one of them
+    missing in the notebook is a gather that failed, not one to advise)."""
+    _rank_cells.append((code, functools.lru_cache(maxsize=1)(names_bound), frozenset(gathered)))
     del _rank_cells[:-_RANK_CELLS_KEPT]
 
 
@@ -1736,11 +1737,14 @@ def note_rank_name(exc: BaseException, namespace: Any) -> None:
     name = getattr(exc, "name", None) if type(exc) is NameError else None
     if not isinstance(name, str) or came_from_worker(exc) or name in namespace:
         return
-    code = next((code for code, bound in reversed(_rank_cells) if name in bound()), None)
-    if code is None:
+    found = next(((code, gathered) for code, bound, gathered in reversed(_rank_cells) if name in bound()), None)
+    if found is None:
         return
+    code, gathered = found
+    cure = (f"that cell's --gather {name} did not bring it back (the run failed, or a rank did not set it: its error "
+            "said which)" if name in gathered else f"--gather {name} brings it back (a list, one value per rank)")
     note = (f"{_NOTE_PREFIX}`{name}` was assigned by a %%parallel cell (`{code_snippet(code)}`) in its ranks' processes, not in "
-            f"the notebook: --gather {name} brings it back (a list, one value per rank)")
+            f"the notebook: {cure}")
     if note not in (getattr(exc, "__notes__", None) or ()):
         add_note(exc, note)
 

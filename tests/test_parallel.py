@@ -1041,6 +1041,23 @@ def test_a_name_only_the_ranks_assigned_says_so_at_the_notebooks_name_error(ip, 
     assert type(result.error_in_exec) is NameError and "mpmagic:" not in cap.stdout, cap.stdout
 
 
+def test_a_name_a_failed_gather_did_not_bring_back_is_not_told_to_gather_it(ip, pool2):
+    """The name's note said "--gather x brings it back" when the cell had --gather x
+    already and the gather failed (a rank never set it): it says that run's --gather did
+    not bring it back, and that its error said why."""
+    from mpmagic.errors import ParallelError
+
+    with pytest.raises(ParallelError):
+        run(ip, "%%parallel -n 2 -q --gather _par_unset\nif rank == 0:\n    _par_unset = 1\n")
+    with capture_output() as cap:
+        result = ip.run_cell("_par_unset", store_history=False)
+    assert type(result.error_in_exec) is NameError, result.error_in_exec
+    assert "--gather _par_unset brings it back" not in cap.stdout, cap.stdout
+    assert ("mpmagic: `_par_unset` was assigned by a %%parallel cell (`if rank == 0: …`) in its ranks' processes, "
+            "not in the notebook: that cell's --gather _par_unset did not bring it back (the run failed, or a rank "
+            "did not set it: its error said which)") in cap.stdout, cap.stdout
+
+
 def test_a_cell_that_reads_a_notebook_iterator_says_each_rank_advances_its_own_copy(ip, pool2, capsys):
     """fidelity24: ``next(ids)`` of the notebook's ``ids = itertools.count()`` in a cell: run
     once per rank by hand, ranks get 0 and 1; each rank advanced its own copy and got 0,
