@@ -71,7 +71,6 @@ from .checks import (
 )
 from .cpus import recent_cpus
 from .engine import Run as EngineRun
-from .engine import sigint_deferred
 from .errors import (
     IDLE_OUTCOME,
     NOT_STARTED_OUTCOME,
@@ -1702,13 +1701,11 @@ def _run_with_progress(backend: Backend, job: Job, bar: Progress, workers: int |
             run.wait()
         except KeyboardInterrupt as exc:
             # (no handle: the Ctrl-C came as submit handed the run over; None: before it began)
-            found = handed or backend.run_of(job)
-            if found is None:
+            hit = handed or backend.run_of(job)
+            if hit is None:
                 raise
-            run = found
-            with sigint_deferred():  # a second Ctrl-C must not cut the cleanup short
-                stopped = run.cancel(interrupted=True)
-                run.wait()  # what its workers printed before they stopped (at once if it had ended)
+            run = hit
+            stopped = run.cancel_interrupted()
             if not run.workers_stopped and interrupt_outcome(exc) is None:
                 # (no worker was busy with it, or it had just ended as the interrupt came: the
                 # one line must not say its workers were replaced)

@@ -47,7 +47,7 @@ from typing import Any, NoReturn, Protocol, TypeVar, cast, overload
 
 from . import ansi, debugging, display_relay, exiting
 from .checks import wait_timeout
-from .engine import sigint_deferred, wait_in_slices
+from .engine import wait_in_slices
 from .errors import (
     MPMagicError,
     UsageError,
@@ -578,9 +578,7 @@ class Run(Future[_R]):
         except BaseException as exc:  # e.g. more ranks than the machine can run: raised here, now
             begun = backend.run_of(self._job)  # (a Ctrl-C as submit handed the run over: it began)
             if begun is not None:
-                with sigint_deferred():
-                    begun.cancel(interrupted=True)
-                    begun.wait()
+                begun.cancel_interrupted()
             with _lock:
                 _pumping.discard(self)
             self._error, self._error_tb = exc, exc.__traceback__

@@ -251,7 +251,7 @@ class Run:
         hand = self._hand
         # (the main thread's wait wakes to act on a SIGINT another thread took: SIGNAL_POLL)
         main = _thread.get_ident() == threading.main_thread().ident
-        polled = partial(self._events.get, timeout=SIGNAL_POLL)
+        polled = partial(self._events.get, timeout=SIGNAL_POLL) if main else None
         with self._wait_lock:
             while not self._pumped:
                 if not hand:
@@ -262,7 +262,7 @@ class Run:
                     if deadline is not None:
                         left = max(0.0, deadline - time.monotonic())
                         get = partial(get, timeout=min(left, SIGNAL_POLL) if main else left)
-                    elif main:
+                    elif polled is not None:
                         get = polled
                     try:
                         hand.extend(islice(iter(get, None), 1))  # (no event is None: this takes one)
@@ -351,6 +351,15 @@ class Run:
         if self._result is None:
             self._result = self.job.results()
         return self._result
+
+    def cancel_interrupted(self) -> bool:
+        """Cancel the run a Ctrl-C hit and wait for its end (what its workers printed
+        before they stopped shows; at once if it had ended), a second Ctrl-C deferred
+        meanwhile: it must not cut the cleanup short. What :meth:`cancel` returned."""
+        with sigint_deferred():
+            stopped = self.cancel(interrupted=True)
+            self.wait()
+        return stopped
 
     def cancel(self, interrupted: bool = False, wait: bool = True) -> bool:
         """Stop the run: its queued units are dropped, workers busy with it replaced.

@@ -1297,11 +1297,13 @@ def _probe(wrong: str, scope: NameScope, names: dict[str, Any]) -> tuple[types.F
     free variables) are free variables here. ``self``, when the frame's had the
     attribute ``wrong`` (``scope.self_has``), is an object that has it too.
     (A name that is not an identifier, as a comprehension's ``.0``, is left out.)"""
-    usable = [n for n in dict.fromkeys(scope.varnames) if n != wrong and n.isidentifier() and not keyword.iskeyword(n)]
-    bound = set(scope.bound)
-    free = [n for n in scope.bound if n not in scope.varnames and n != wrong and n.isidentifier()
-            and not keyword.iskeyword(n)]
-    body = [f"  del {', '.join(unbound)}" for unbound in [[n for n in usable if n not in bound]] if unbound]
+    def writable(name: str) -> bool:
+        return name != wrong and name.isidentifier() and not keyword.iskeyword(name)
+
+    usable = [n for n in dict.fromkeys(scope.varnames) if writable(n)]
+    free = [n for n in scope.bound if n not in scope.varnames and writable(n)]
+    unbound = [n for n in usable if n not in set(scope.bound)]
+    body = [f"  del {', '.join(unbound)}"] if unbound else []
     body += [f"  ({', '.join(free)},)"] if free else []  # (read: free variables of the function)
     # (names no task's wrong name is: ``return probe`` would read the enclosing function's)
     source = (f"def __mpmagic_outer__():\n {' = '.join([*free, 'None'])}\n def __mpmagic_probe__({', '.join(usable)}):\n"

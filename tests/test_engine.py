@@ -1510,6 +1510,12 @@ def test_a_ctrl_c_as_submit_hands_the_run_over_cancels_that_run(ip, local_pool, 
     assert run(ip, "%pmap -q abs, [-1, -2, 3]") == [1, 2, 3]
 
 
+def _sigint_in_this_thread() -> None:
+    """A SIGINT handled in the calling thread (a timer's), not the main one, as Linux may
+    hand a process's interrupt to any thread."""
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+
 def test_a_sigint_another_thread_took_still_interrupts_the_main_threads_wait(ip, local_pool):
     """Found by the suite under load (the docs test's interrupt of a map of an endless loop
     never came): the kernel's interrupt is sent to the process, and Linux may hand it to
@@ -1520,11 +1526,8 @@ def test_a_sigint_another_thread_took_still_interrupts_the_main_threads_wait(ip,
     run(ip, "import time\ndef held(x):\n    t = time.monotonic()\n    while time.monotonic() - t < 30:\n        pass\n    return x\n")
     backend = mpmagic.get_pool()
 
-    def in_this_thread() -> None:  # (the SIGINT handled in this timer's thread, not the main one)
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-
     # (1.6 s in: past the wait for the progress bar's delay, which wakes the main thread at 1 s)
-    timer = threading.Timer(1.6, in_this_thread)
+    timer = threading.Timer(1.6, _sigint_in_this_thread)
     t0 = time.monotonic()
     timer.start()
     with pytest.raises(KeyboardInterrupt):
@@ -1541,10 +1544,7 @@ def test_a_sigint_another_thread_took_still_interrupts_a_wait_on_a_background_ru
             "        pass\n    return x\n")
     handle = run(ip, "mpmagic.submit(held, range(2))")
 
-    def in_this_thread() -> None:
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
-
-    timer = threading.Timer(0.5, in_this_thread)
+    timer = threading.Timer(0.5, _sigint_in_this_thread)
     t0 = time.monotonic()
     timer.start()
     try:

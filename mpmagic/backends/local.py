@@ -1567,9 +1567,7 @@ class LocalBackend:
             # Ctrl-C while the step ran: this run is the one it hit, but the
             # caller never got its handle. Cancel it (outside the lock: the
             # manager ends it) as the caller's wait would have.
-            with sigint_deferred():
-                run.cancel(interrupted=True)
-                run.wait()
+            run.cancel_interrupted()
             raise interrupt
         return run
 
@@ -1622,11 +1620,9 @@ class LocalBackend:
             handed = self.submit(job, workers)
             handed.wait()
         except KeyboardInterrupt:
-            run = handed or self.run_of(job)  # (None: it hit before the run began, or after it ended)
-            if run is not None:
-                with sigint_deferred():
-                    run.cancel(interrupted=True)
-                    run.wait()
+            hit = handed or self.run_of(job)  # (None: it hit before the run began, or after it ended)
+            if hit is not None:
+                hit.cancel_interrupted()
             raise
         run = handed
         if run.error is not None:
