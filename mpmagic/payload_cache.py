@@ -41,7 +41,7 @@ import time
 import types
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -83,8 +83,12 @@ class _Entry:
     # pickled it would. Weak, so the cache never keeps a helper the notebook dropped.
     kept: tuple = ()
     writable: bool = False  # shm.WRITABLE when built (the envelope says how workers map it)
-    # weakref.finalize of the arrays copied into ``segment``: their death drops the entry
-    watch: list = field(default_factory=list)
+    # Where the function reaches each array copied into ``segment`` (:class:`_Place`): the
+    # next call that finds one gone from there (dropped, rebound, resized) drops the entry
+    places: tuple = ()
+    # id -> weakref.finalize of the copied arrays it found nowhere so (a DataFrame's
+    # blocks): their death drops the entry (see _watch_arrays)
+    watch: dict = field(default_factory=dict)
     retired: bool = False  # its key was given to the workers to drop already (see retired_since)
     # What a run's notes found looking at the function (``api``, ``draws``: nothing to say),
     # good while ``captured`` holds the same objects: handed to the runs it serves by the
@@ -97,6 +101,8 @@ _lock = threading.RLock()
 # Entries whose function, or a captured array copied into their segment, was
 # collected: dropped on the next call (never from the collector's thread).
 _dead: list[tuple[int, bool]] = []
+# The entries with places to look at (``_Entry.places``): each call looks (``_sweep``).
+_watching: dict[tuple[int, bool], _Entry] = {}
 stats = {"fast": 0, "same": 0, "built": 0}  # how calls were served (tests, benchmarks)
 # The keys of the payloads dropped here, newest last, numbered (under ``_lock``):
 # workers still holding one may let it go (see :func:`retired_since`). Bounded:
@@ -191,6 +197,8 @@ def function_payload(
     slot = (id(func), shared)
     held: str | None = None  # the segment this call holds for its caller (hold=True)
     with _lock:
+        if _watching:
+            _sweep(keep=slot)
         if _dead:  # (the copies of arrays the notebook dropped: timed apart, see last_freed)
             t0 = time.perf_counter()
             _drop_dead(keep=slot)
@@ -247,9 +255,10 @@ def _serve(
         entry.captured, entry.kept = captured, kept
         entry.notes = {}  # (what was found of the objects it captured before: not of these)
         if entry.segment is not None:
-            _watch_arrays(entry, slot, buffers)  # (the arrays may be new ones, equal to the old)
+            _watch_arrays(entry, slot, func, buffers)  # (the arrays may be new ones, equal to the old)
         with _lock:
             _entries.move_to_end(slot)
+            _track(slot, entry)
         return entry.key, entry.data, held
 
     if held is not None:  # (the old entry's segment: not what this payload names)
@@ -274,7 +283,7 @@ def _serve(
         return key, data, held
     new = _Entry(ref, shared, captured, inband, key, data, segment, refs, kept, shm.WRITABLE)
     if segment is not None:
-        _watch_arrays(new, slot, buffers)
+        _watch_arrays(new, slot, func, buffers)
     with _lock:
         if segment is not None:
             shm.pool().hold(segment.name)  # the cache's reference (let go by _drop)
@@ -282,6 +291,7 @@ def _serve(
                 held = segment.name
         _drop(slot)
         _entries[slot] = new
+        _track(slot, new)
         for old in excess(_entries, _entry_bytes, _MAX_ENTRIES):
             _drop(old)
     return new.key, new.data, held
@@ -317,37 +327,231 @@ def _entry_bytes(entry: _Entry) -> int:
     return len(entry.data) + inband + _copied_bytes(entry.segment, entry.refs)
 
 
-def _watch_arrays(entry: _Entry, slot: tuple[int, bool], buffers: list) -> None:
+def _watch_arrays(entry: _Entry, slot: tuple[int, bool], func: Any, buffers: list) -> None:
     """Drop ``entry`` (and free its segment) once an array copied into it is gone.
 
     The function outlives its captured arrays in a notebook (``del A`` leaves
     ``f`` defined), and with it the entry: without this, a deleted 400 MB
-    global kept its 400 MB copy in /dev/shm until the pool stopped. The
-    watch is on the array that owns the memory (a view's base), which the
-    notebook holds as long as the data is there to be captured; an owner
-    that was gone by now (made while pickling) is not watched.
+    global kept its 400 MB copy in /dev/shm until the pool stopped. Each array
+    that owns the memory (a view's base) is found again where the function
+    reaches it (:class:`_Place`: the global ``A``, ``d["A"]``, ``obj.A``, a
+    closure's or a default's), which each call looks at (``_sweep``): gone from
+    there, or resized, the entry goes. No weak reference to the array: numpy
+    refuses to resize an array one points to, refcheck or not ("cannot resize
+    an array that references or is referenced by another object"), which broke
+    ``A.resize(n)`` after a map. An array found nowhere so (a DataFrame's
+    blocks, past ``_FIND_DEPTH`` steps) gets a ``weakref.finalize``, as all did;
+    an owner that was gone by now (made while pickling) is not watched.
     """
-    for old in entry.watch:
-        old.detach()
-    entry.watch = []
-    owners = {}
-    for b in buffers:
-        owner = b.obj
-        while getattr(owner, "base", None) is not None and type(owner.base) is type(owner):
-            owner = owner.base  # (a numpy view: its base array holds the memory)
-        owners[id(owner)] = owner
+    owners = {id(o): o for o in map(_owner, [b.obj for b in buffers])}  # (no loop variable keeps one)
     buffers.clear()
-    refs = []
-    for owner in owners.values():
+    if (entry.places or entry.watch) and set(owners) == {p.owner for p in entry.places}.union(entry.watch) and all(
+            w.alive for w in entry.watch.values()) and all(_there(p, func) for p in entry.places):
+        return  # (the same arrays, where they were: the warm call of a function that captures one)
+    live = _still_alive(owners)
+    places = _find_places(func, live)
+    watch = {}
+    for key, owner in live.items():
+        if key not in places:
+            with contextlib.suppress(TypeError):  # (cannot be watched: freed with the function, as before)
+                watch[key] = weakref.finalize(owner, _dead.append, slot)
+    for old in entry.watch.values():
+        old.detach()
+    entry.places, entry.watch = tuple(places.values()), watch
+
+
+def _still_alive(owners: dict[int, Any]) -> dict[int, Any]:
+    """``owners`` (emptied) less those only it held (a copy made while pickling).
+
+    Told by weak references dropped before this returns (numpy refuses to resize
+    an array only while one exists); one that takes none counts as alive (found
+    again, or not watched)."""
+    refs = [_weak(o) for o in owners.values()]
+    owners.clear()
+    return {id(o): o for o in (ref() for ref in refs) if o is not None}
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _track(slot: tuple[int, bool], entry: _Entry) -> None:
+    """Let each call look at ``entry``'s places if it is the cache's entry for ``slot`` (under ``_lock``)."""
+    if entry.places and _entries.get(slot) is entry:
+        _watching[slot] = entry
+    elif _watching.get(slot) is entry:
+        del _watching[slot]
+
+
+def _owner(obj: Any) -> Any:
+    """The array that owns ``obj``'s memory: a numpy view's base, its base's...; else ``obj``."""
+    while getattr(obj, "base", None) is not None and type(obj.base) is type(obj):
+        obj = obj.base
+    return obj
+
+
+# --------------------------------------------------------------------------
+# Where a function reaches the arrays it captures: found once, looked at each call
+
+#: The steps from a function to a captured array the cache looks for (``d["a"]`` of a
+#: global ``d``: 2), the objects it visits at most, and the largest container it looks
+#: in. Past them the array is watched by a weak reference (see _watch_arrays).
+_FIND_DEPTH = 6
+_FIND_VISITS = 10_000
+_FIND_ITEMS = 10_000
+
+#: A step of a :class:`_Place`: an object of this type gives the next one as ``get(obj, key)``.
+#: The ``get`` are C functions (getattr, operator.getitem, object.__getattribute__): a
+#: global's place is looked at in well under a microsecond, at each call (see _sweep).
+_Step = tuple[type, Callable[[Any, Any], Any], Any]
+_getitem = operator.getitem
+_getattr_plain = object.__getattribute__  # (an object's __dict__: no __getattr__ of the user's)
+
+
+def _class(obj: Any, _: Any) -> Any:
+    return type(obj)  # (a notebook class goes by value with its instances: its attributes too)
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where a function reaches an array copied into its entry's segment: ``steps`` from
+    the function to an object of type ``kind`` whose memory belongs to the array
+    ``owner`` (its id; ``nbytes``: its size then)."""
+
+    steps: tuple[_Step, ...]
+    kind: type
+    owner: int
+    nbytes: int | None
+
+
+def _there(place: _Place, func: Any) -> bool:
+    """Does ``func`` still reach the same array, of the same size, at ``place``?
+
+    By identity (an ``id``, as the array is not held: a new array there that took
+    its address counts as it; the function's next call compares its bytes anyway).
+    Each step checks the type it was found with, so no code of the user's runs here
+    (an item of a dict, list or tuple, an attribute from an object's ``__dict__``)."""
+    obj = func
+    try:
+        for kind, get, key in place.steps:
+            if type(obj) is not kind:
+                return False
+            obj = get(obj, key)
+    except Exception:  # (a name deleted, an item popped, a list shortened)
+        return False
+    if type(obj) is not place.kind:
+        return False
+    owner = _owner(obj)
+    return id(owner) == place.owner and getattr(owner, "nbytes", None) == place.nbytes
+
+
+def _sweep(keep: tuple[int, bool] | None = None) -> None:
+    """Mark dead (``_dead``) each entry whose function no longer reaches one of its copied
+    arrays where it did: ``del A``, ``A = ...``, ``d.pop("A")``, ``A.resize(n)``
+    (under ``_lock``). ``keep``: the slot of the function being called now, which
+    looks at its own arrays (its payload pickled again: see _watch_arrays)."""
+    for slot, entry in _watching.items():
+        if slot != keep:
+            func = entry.func()
+            for place in entry.places:
+                if func is None or not _there(place, func):
+                    _dead.append(slot)
+                    break
+
+
+def _find_places(func: Any, owners: dict[int, Any]) -> dict[int, _Place]:
+    """Where ``func`` reaches each of ``owners`` (arrays by id), breadth first: its globals,
+    closure, defaults, the notebook functions it names, dicts, lists and tuples, objects'
+    attributes and their notebook classes'; within ``_FIND_DEPTH`` steps and
+    ``_FIND_VISITS`` objects (at each payload built, and a warm call whose arrays are new)."""
+    found: dict[int, _Place] = {}
+    if not owners or _extract_code_globals is None:
+        return found
+    kinds = {type(o) for o in owners.values()}
+    seen = {id(func)}
+    level: list[tuple[tuple[_Step, ...], Any]] = [((), func)]
+    visits = 0
+    try:
+        for _ in range(_FIND_DEPTH):
+            following = []
+            for steps, obj in level:
+                for step, child in _children(obj):
+                    t = type(child)
+                    if t in _ATOMIC or id(child) in seen:
+                        continue
+                    seen.add(id(child))
+                    path = steps + step
+                    if t in kinds:
+                        owner = _owner(child)
+                        if id(owner) in owners and id(owner) not in found:
+                            found[id(owner)] = _Place(path, t, id(owner), getattr(owner, "nbytes", None))
+                            if len(found) == len(owners):
+                                return found
+                        continue
+                    visits += 1
+                    if visits > _FIND_VISITS:
+                        return found
+                    following.append((path, child))
+            level = following
+    except Exception:  # (a container changed by another thread meanwhile: those found so far)
+        pass
+    return found
+
+
+def _children(obj: Any) -> Iterator[tuple[tuple[_Step, ...], Any]]:
+    """``(steps, child)`` of what ``obj``'s pickle holds (see :class:`_Place`)."""
+    t = type(obj)
+    if t is types.FunctionType:
+        if _by_reference(obj):
+            return
+        assert _extract_code_globals is not None  # (_find_places checks it first)
+        g = obj.__globals__
+        for name in _extract_code_globals(obj.__code__):
+            v = g.get(name, _MISSING)
+            if v is not _MISSING:
+                yield ((t, getattr, "__globals__"), (dict, _getitem, name)), v
+        for i, cell in enumerate(obj.__closure__ or ()):
+            with contextlib.suppress(ValueError):  # (an empty cell)
+                yield ((t, getattr, "__closure__"), (tuple, _getitem, i),
+                       (types.CellType, getattr, "cell_contents")), cell.cell_contents
+        for i, v in enumerate(obj.__defaults__ or ()):
+            yield ((t, getattr, "__defaults__"), (tuple, _getitem, i)), v
+        for name, v in (obj.__kwdefaults__ or {}).items():
+            yield ((t, getattr, "__kwdefaults__"), (dict, _getitem, name)), v
+        for name, v in obj.__dict__.items():
+            yield ((t, getattr, "__dict__"), (dict, _getitem, name)), v
+    elif t is types.MethodType:
+        yield ((t, getattr, "__self__"),), obj.__self__
+        yield ((t, getattr, "__func__"),), obj.__func__
+    elif t is functools.partial:
+        yield ((t, getattr, "func"),), obj.func
+        for i, v in enumerate(obj.args):
+            yield ((t, getattr, "args"), (tuple, _getitem, i)), v
+        for name, v in obj.keywords.items():
+            yield ((t, getattr, "keywords"), (dict, _getitem, name)), v
+    elif t is dict:
+        if len(obj) <= _FIND_ITEMS:
+            for key, v in list(obj.items()):
+                if type(key) in _ATOMIC or (type(key) is tuple and all(type(k) in _ATOMIC for k in key)):
+                    yield ((t, _getitem, key),), v  # (not a key of the user's type: no __eq__ of theirs each call)
+    elif t is list or t is tuple:
+        if len(obj) <= _FIND_ITEMS:
+            for i, v in enumerate(list(obj)):
+                yield ((t, _getitem, i),), v
+    elif t is not types.ModuleType and not (isinstance(obj, type) and _by_reference(obj)):
         try:
-            refs.append(weakref.ref(owner))
-        except TypeError:
-            continue  # (cannot be watched: freed with the function, as before)
-    del owners
-    for ref in refs:
-        owner = ref()
-        if owner is not None:
-            entry.watch.append(weakref.finalize(owner, _dead.append, slot))
+            attrs = _getattr_plain(obj, "__dict__")
+        except Exception:  # (no __dict__: an array, a builtin, slots)
+            return
+        if type(attrs) in (dict, types.MappingProxyType) and len(attrs) <= _FIND_ITEMS:
+            for name, v in list(attrs.items()):
+                if type(name) is str:
+                    yield ((t, _getattr_plain, "__dict__"), (type(attrs), _getitem, name)), v
+        if not isinstance(obj, type):
+            yield ((t, _class, None),), t
 
 
 def _drop_dead(keep: tuple[int, bool] | None = None) -> None:
@@ -367,6 +571,7 @@ def _drop_dead(keep: tuple[int, bool] | None = None) -> None:
 def release_dead() -> None:
     """Free the shared-memory copies of arrays the notebook dropped (``%pool`` calls it)."""
     with _lock:
+        _sweep()
         _drop_dead()
 
 
@@ -381,8 +586,10 @@ def _drop(slot: tuple[int, bool]) -> None:
     entry = _entries.pop(slot, None)
     if entry is None:
         return
-    for watch in entry.watch:
+    for watch in entry.watch.values():
         watch.detach()
+    if _watching.get(slot) is entry:
+        del _watching[slot]
     if entry.segment is not None:
         shm.let_go(entry.segment.name)  # (unlinked now, or when the last run naming it ends: SegmentPool.hold)
     if not entry.retired:

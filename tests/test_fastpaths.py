@@ -217,6 +217,52 @@ def test_captured_array_copy_is_freed_with_the_array(ip, local_pool):
     assert not copy & set(our_segments("l"))
 
 
+def test_a_captured_array_resizes_after_a_map_as_serially_and_its_copy_still_goes_with_it(ip, pool2):
+    """numpy refuses to resize an array a weak reference points to ("cannot resize an array
+    that references or is referenced by another object", refcheck or not): the cache's
+    ``weakref.finalize`` on each captured array (to free its copy with it) broke
+    ``big.resize(n)`` after a map, for a global, a dict's item, an attribute, a closure's or a
+    default's array alike. Now it finds each again where the function reaches it: resized,
+    the next map sees the new size; dropped (``del``, rebound, popped), its copy goes."""
+    run(ip, f"import numpy as np\nbig = np.zeros({BIG})\ntables = {{'t': np.ones({BIG})}}\n"
+            f"class Box:\n    pass\nbox = Box()\nbox.a = np.full({BIG}, 2.0)\n"
+            f"def make(c):\n    def inner(i, d=np.full({BIG}, 4.0)):\n"
+            "        return [a.shape[0] + float(a.sum()) + i for a in (big, tables['t'], box.a, c, d)]\n"
+            f"    return inner\nsizes = make(np.full({BIG}, 3.0))")
+    before = set(our_segments("l"))
+    serial = run(ip, "list(map(sizes, [1]))")
+    assert run(ip, "%pmap -q sizes, [1]") == serial
+    copy = set(our_segments("l")) - before
+    assert len(copy) == 1
+    resize = (f"big.resize({2 * BIG})\ntables['t'].resize({3 * BIG})\nbox.a.resize({BIG // 2}, refcheck=False)\n"
+              f"sizes.__closure__[0].cell_contents.resize({BIG + 7})\nsizes.__defaults__[0].resize({BIG - 7})")
+    run(ip, resize)  # (refcheck=True: nothing else refers to them, serially or after a map)
+    serial = run(ip, "list(map(sizes, [1]))")
+    assert run(ip, "%pmap -q sizes, [1]") == serial
+    assert not copy & set(our_segments("l"))  # (changed: built again)
+    copy = set(our_segments("l")) - before
+    run(ip, "tables.pop('t')\nimport gc\ngc.collect()")  # (the function lives on, its array is gone)
+    run(ip, "%pmap -q abs, [-1]")
+    assert not copy & set(our_segments("l"))
+    run(ip, "del big, tables, box, sizes, make")
+
+
+def test_a_captured_array_found_nowhere_by_place_is_still_freed_with_it(ip, pool2):
+    """An array the cache cannot find again where the function reaches it (here a dict's
+    item under a frozenset key; a DataFrame's blocks alike) is watched by a weak
+    reference, as all were: its copy still goes with it."""
+    run(ip, f"import numpy as np\nodd = {{frozenset({{1}}): np.ones({BIG})}}\n"
+            "def odd_sum(i):\n    return float(odd[frozenset({1})].sum()) + i")
+    before = set(our_segments("l"))
+    assert run(ip, "%pmap -q odd_sum, [1]") == [BIG + 1.0]
+    copy = set(our_segments("l")) - before
+    assert len(copy) == 1
+    run(ip, "odd.clear()\nimport gc\ngc.collect()")
+    run(ip, "%pmap -q abs, [-1]")
+    assert not copy & set(our_segments("l"))
+    run(ip, "del odd, odd_sum")
+
+
 def test_strided_views_of_a_shared_array_travel_without_copies(ip, local_pool):
     """Column blocks and reversed views of a share() array reach the workers as the
     same memory with the same strides: read-only, no copy, sums equal to serial."""
