@@ -415,6 +415,10 @@ def _class(obj: Any, _: Any) -> Any:
     return type(obj)  # (a notebook class goes by value with its instances: its attributes too)
 
 
+def _slot(obj: Any, member: Any) -> Any:
+    return member.__get__(obj)  # (the slot itself: no __getattribute__ of the user's)
+
+
 @dataclass(frozen=True)
 class _Place:
     """Where a function reaches an array copied into its entry's segment: ``steps`` from
@@ -465,8 +469,9 @@ def _sweep(keep: tuple[int, bool] | None = None) -> None:
 def _find_places(func: Any, owners: dict[int, Any]) -> dict[int, _Place]:
     """Where ``func`` reaches each of ``owners`` (arrays by id), breadth first: its globals,
     closure, defaults, the notebook functions it names, dicts, lists and tuples, objects'
-    attributes and their notebook classes'; within ``_FIND_DEPTH`` steps and
-    ``_FIND_VISITS`` objects (at each payload built, and a warm call whose arrays are new)."""
+    attributes (``__dict__``, ``__slots__``) and their notebook classes'; within
+    ``_FIND_DEPTH`` steps and ``_FIND_VISITS`` objects (at each payload built, and at a
+    warm call whose arrays are new ones)."""
     found: dict[int, _Place] = {}
     if not owners or _extract_code_globals is None:
         return found
@@ -545,12 +550,17 @@ def _children(obj: Any) -> Iterator[tuple[tuple[_Step, ...], Any]]:
         try:
             attrs = _getattr_plain(obj, "__dict__")
         except Exception:  # (no __dict__: an array, a builtin, slots)
-            return
+            attrs = None
         if type(attrs) in (dict, types.MappingProxyType) and len(attrs) <= _FIND_ITEMS:
             for name, v in list(attrs.items()):
                 if type(name) is str:
                     yield ((t, _getattr_plain, "__dict__"), (type(attrs), _getitem, name)), v
         if not isinstance(obj, type):
+            for cls in t.__mro__:
+                for member in list(vars(cls).values()):
+                    if type(member) is types.MemberDescriptorType:  # (a __slots__ name)
+                        with contextlib.suppress(AttributeError):  # (not set)
+                            yield ((t, _slot, member),), member.__get__(obj)
             yield ((t, _class, None),), t
 
 

@@ -225,7 +225,7 @@ def test_a_captured_array_resizes_after_a_map_as_serially_and_its_copy_still_goe
     default's array alike. Now it finds each again where the function reaches it: resized,
     the next map sees the new size; dropped (``del``, rebound, popped), its copy goes."""
     run(ip, f"import numpy as np\nbig = np.zeros({BIG})\ntables = {{'t': np.ones({BIG})}}\n"
-            f"class Box:\n    pass\nbox = Box()\nbox.a = np.full({BIG}, 2.0)\n"
+            f"class Box:\n    __slots__ = ('a', '__dict__')\nbox = Box()\nbox.a = np.full({BIG}, 2.0)\n"
             f"def make(c):\n    def inner(i, d=np.full({BIG}, 4.0)):\n"
             "        return [a.shape[0] + float(a.sum()) + i for a in (big, tables['t'], box.a, c, d)]\n"
             f"    return inner\nsizes = make(np.full({BIG}, 3.0))")
