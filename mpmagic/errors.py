@@ -781,6 +781,8 @@ def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = 
     frame), with one raise per spot in it (:func:`_stub`); and file and name are
     interned strings. The stubs run in this thread's :func:`_stub_runner`, so
     that the frames hold nothing of the code that rebuilt the exception (see there).
+    The last frame's globals are its own (:class:`_FrameGlobals`): the raising
+    frame's other variables go there (:func:`show_captured_values`).
     """
     spots: dict[tuple, dict[Spot, int]] = {}
     placed = []
@@ -817,9 +819,11 @@ def fake_traceback(frames: list[FrameInfo], last_names: dict[str, Any] | None = 
                                                          **names)
             codes[key] = code
         arguments = _arguments(fr, code)
-        globals_names: dict[str, Any] = {}
-        if k == len(placed) - 1 and last_names:
-            arguments, globals_names = _with_self_attribute(fr, arguments, last_names)
+        globals_names: dict[str, Any] | None = None
+        if k == len(placed) - 1:  # (globals of its own: show_captured_values adds the frame's other variables)
+            globals_names = {}
+            if last_names:
+                arguments, globals_names = _with_self_attribute(fr, arguments, last_names)
         tb = _run_stub(code, arguments, at, globals_names)
         if tb is None:
             continue
@@ -921,7 +925,11 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
     as for a local error (the frames' own :class:`FrameValues` have them
     already, unless the exception came as words only: a RemoteError); and so
     the frame's own variable a NameError suggests, one of its globals there
-    (:func:`suggestion_globals`)."""
+    (:func:`suggestion_globals`). Its other variables become its globals
+    (:func:`_show_other_variables`): Verbose lists them under the failing line.
+
+    The frame is the worker's one whose locals were taken (``context["where"]``),
+    a ``%%parallel`` body's named as its notebook cell (:func:`cell_file`)."""
     tb = exc.__traceback__
     where = (context or {}).get("where")
     captured = (context or {}).get("locals") or {}
@@ -930,26 +938,57 @@ def show_captured_values(exc: BaseException, context: dict[str, Any] | None) -> 
     while tb.tb_next is not None:
         tb = tb.tb_next
     code = tb.tb_frame.f_code
-    if (code.co_filename, tb.tb_lineno, code.co_name) != tuple(where):
+    filename, lineno, function = where
+    if (tb.tb_lineno, code.co_name) != (lineno, function) or code.co_filename not in (filename, cell_file(filename)):
         return  # (not the frame whose locals were taken)
     try:
         for name, value in [*tb.tb_frame.f_locals.items(), *tb.tb_frame.f_globals.items()]:
             if (isinstance(value, _WorkerValue) and value._mpmagic_text == "<not sent>"
                     and isinstance(captured.get(name), str)):
                 value._mpmagic_text = captured[name]
+        _show_other_variables(exc, tb.tb_frame, captured)
     except Exception:  # (cosmetic: never an error of ours in place of the task's)
         logger.debug("mpmagic: the raising frame's values not shown", exc_info=True)
 
 
+class _FrameGlobals(dict):
+    """The globals of the copy of a traceback's last frame: its own (the other
+    frames' copies share their runner's), so the raising frame's variables can be
+    added to it (:func:`_show_other_variables`)."""
+
+
+def _show_other_variables(exc: BaseException, frame: types.FrameType, captured: dict[str, Any]) -> None:
+    """The worker's reprs (``captured``) of the raising frame's variables that its
+    copy (``frame``) has not among its parameters or globals, added to its globals as
+    :class:`_WorkerValue`: ``%xmode Verbose`` lists the variables of the failing line
+    (``x = 2`` under ``return 1 / (x - 2)``), read from the frame's locals and globals,
+    and the copy's locals are only the function's parameters (a ``%%parallel`` cell's
+    frame, a module's, has none). A NameError keeps them only if Python's "Did you
+    mean" there stays what it was (:func:`suggestion_globals` chose the names it reads)."""
+    shown = frame.f_globals
+    if type(shown) is not _FrameGlobals:
+        return  # (a frame whose globals its runner's other copies share)
+    added = {name: _WorkerValue(text) for name, text in captured.items()
+             if isinstance(text, str) and name not in frame.f_locals and name not in shown}
+    if not added:
+        return
+    said = _suggestion(exc) if isinstance(exc, NameError) else ""
+    shown.update(added)
+    if isinstance(exc, NameError) and _suggestion(exc) != said:
+        for name in added:
+            del shown[name]
+
+
 def _stub_runner() -> Generator[types.TracebackType | None,
-                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, dict[str, Any]], None]:
+                                 tuple[types.CodeType, tuple[list, dict, list, dict], int, dict[str, Any] | None],
+                                 None]:
     marker = _FrameMarker()
     tb: types.TracebackType | None = None
     namespace: dict[str, Any] = {"__mpmagic_exc__": marker, "__mpmagic_op__": _Raiser(marker), "__name__": "__main__"}
     while True:
         code, (positional, kwonly, star, starstar), namespace["__mpmagic_at__"], names = yield tb
         tb = None
-        func = types.FunctionType(code, {**names, **namespace} if names else namespace)
+        func = types.FunctionType(code, namespace if names is None else _FrameGlobals({**names, **namespace}))
         func.__defaults__ = tuple(positional)
         func.__kwdefaults__ = kwonly
         try:
@@ -968,14 +1007,14 @@ def _run_stub(code: types.CodeType, arguments: tuple[list, dict, list, dict], at
               names: dict[str, Any] | None = None) -> types.TracebackType | None:
     """The traceback of one stub (a function's code) called with ``arguments`` (see
     :func:`_arguments`) in this thread's runner, raising at its spot ``at`` (see :func:`_stub`),
-    with ``names`` among its globals (see :func:`fake_traceback`)."""
+    with globals of its own holding ``names`` (see :func:`fake_traceback`); None: the runner's."""
     runner = getattr(_runners, "runner", None)
     if runner is None:
         runner = _stub_runner()
         next(runner)
         _runners.runner = runner
     try:
-        return runner.send((code, arguments, at, names or {}))
+        return runner.send((code, arguments, at, names))
     except BaseException:  # (a KeyboardInterrupt inside it ends the generator): a new one next time
         _runners.runner = None
         raise

@@ -833,6 +833,37 @@ def test_verbose_shows_each_frames_arguments_as_serially(ip, kind, request):
         assert parallel == serial, (code, serial, parallel)
 
 
+def _variables(text: str) -> list[str]:
+    """The ``name = value`` lines ``%xmode Verbose`` lists under a frame's failing line
+    (not an expression's, ``x - 2 = 0``: the worker sends reprs, not values)."""
+    return re.findall(r"^ {8}[A-Za-z_]\w* = .*$", text, flags=re.M)
+
+
+def test_verbose_lists_the_raising_frames_own_variables_as_serially(ip, local_pool):
+    """Under ``%xmode Verbose`` IPython lists the variables of a frame's failing line
+    with their values: serially ``x = 2`` under ``y = 1 / (x - 2)``. A rank's frame
+    (a %%parallel cell's own code) listed none, and a task's only its arguments: the
+    notebook's copy of the raising frame had no other variable. The worker's reprs of
+    that frame's variables (``debugging.failure_context``) are the copy's now: the
+    rank's and the task's values, never the notebook's ``x``."""
+    defined(ip, "import mpmagic\ndef doubled(v):\n    x = v * 2\n    return 1 / (x - 2)\n")
+    ip.user_ns["x"] = 100
+    serial = _as_serial(ip, "doubled, [1]", ("Verbose",))["Verbose"]
+    assert _variables(serial) == ["        x = 2"], serial
+    ip.run_line_magic("xmode", "Verbose")
+    try:
+        _, serial, _ = shown(ip, "rank = 1\nx = rank * 2\ny = 1 / (x - 2)")
+        ip.user_ns["x"] = 100
+        _, parallel, err = shown(ip, "%%parallel -n 2 -q\nx = rank * 2\ny = 1 / (x - 2)")
+    finally:
+        ip.run_line_magic("xmode", "Context")
+        for name in ("x", "rank"):
+            ip.user_ns.pop(name, None)
+    assert isinstance(err, mpmagic.ParallelError) and list(err.failures) == [1], parallel
+    rank_1 = "\n".join(line.removeprefix("[rank 1] ") for line in parallel.splitlines() if line.startswith("[rank 1]"))
+    assert _variables(rank_1) == _variables(serial) == ["        x = 2"], (rank_1, serial)
+
+
 def test_verbose_arguments_whose_repr_fails_or_hangs_do_not_stop_the_error(ip, local_pool):
     """An argument's repr is taken in the worker as the raising frame's locals are:
     one that raises shows why, one that hangs is stopped after a second (the
