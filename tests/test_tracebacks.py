@@ -399,6 +399,26 @@ def test_a_function_that_cannot_load_in_a_worker_shows_no_frame_of_ours(ip, loca
         sys.modules.pop("made_after_the_pool_started", None)
 
 
+@pytest.mark.parametrize("call", ["abs, [1], [2]", "len, [1, 2]", "one, [1], [2]"])
+def test_an_error_with_no_frame_of_the_task_shows_the_calling_line_as_serially(ip, local_pool, call):
+    """A builtin's error (``abs()`` of two arguments, ``len(1)``) or a call with the
+    wrong arguments raises before any frame of the task's: serially IPython shows the
+    cell's line that called the map, then the error. A task's showed the error alone,
+    as an error of ours that no call of the function raised (its load failing in the
+    worker) does. Now its calling line, in the API and in the magic (whose line IPython
+    shows as its call, ``get_ipython().run_line_magic(...)``, as for any task's error)."""
+    defined(ip, "import mpmagic\ndef one(x):\n    return x\n")
+    _as_serial(ip, call, ("Plain", "Context", "Verbose"))
+    n, serial, _ = shown(ip, f"list(map({call}))")
+    m, parallel, err = shown(ip, f"%pmap -q {call}")
+    assert isinstance(err, TypeError) and "mpmagic: raised by item 0 of the input" in parallel, parallel
+    assert "_render_traceback_" not in vars(err)  # (its vars as serially)
+    assert_clean(parallel)
+    assert parallel.replace(f"Cell In[{m}]", f"Cell In[{n}]").replace(
+        f"get_ipython().run_line_magic('pmap', '-q {call}')", f"list(map({call}))").startswith(serial.rstrip("\n")), \
+        (parallel, serial)
+
+
 # --------------------------------------------------------------------------
 # A real kernel: ipykernel names cells /tmp/ipykernel_NNN/NNN.py
 
