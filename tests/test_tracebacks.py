@@ -9,6 +9,8 @@ notebook; the text checked is what IPython displays (captured output).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
@@ -762,6 +764,53 @@ def test_a_parallel_cells_name_error_suggests_what_serial_python_suggests(ip, lo
     if globals_ == "few":
         assert said[0].endswith(". Did you mean: 'cell_total'?"), said
     assert said == [said[0]] * 2, said
+
+
+def _said_by_both(ip, calls: list[str]) -> list[tuple[str, str]]:
+    """The NameError line of each call's error (a %%parallel cell's: its rank 0's) as
+    ``sys.excepthook``'s printer (a script's) and as the ``traceback`` module
+    (``traceback.print_exc``, ``logging.exception``) print it: on Python 3.12 their rules differ."""
+    said = []
+    for call in calls:
+        _, text, exc = shown(ip, call)
+        exc = exc.failures[0] if isinstance(exc, mpmagic.ParallelError) else exc
+        assert isinstance(exc, NameError), text
+        printed = io.StringIO()
+        with contextlib.redirect_stderr(printed):
+            sys.__excepthook__(type(exc), exc, exc.__traceback__)
+        hook = [line for line in printed.getvalue().splitlines() if line.startswith("NameError")]
+        listed = [line for line in "".join(traceback.format_exception(exc)).splitlines() if line.startswith("NameError")]
+        said.append((hook[-1], listed[-1]))
+    return said
+
+
+@pytest.mark.parametrize("code, cell", [
+    ("def typo(x):\n    if x > 5:\n        total = 1\n    return totl + x\n", False),  # a local not bound yet
+    ("def _make():\n    total = 1\n    def typo(x):\n        return (total, totl)\n    return typo\n"
+     "typo = _make()\n", False),  # a closure's variable
+    ("def typo(x):\n    total = 1\n    return totl + x\n", False),  # a bound local, past 750 globals
+    ("def typo(x):\n    return lenn(x)\n", False),  # a builtin, past 750 globals
+    ("", True),  # a %%parallel cell's own name among 400 globals (the traceback module counts them twice)
+])
+def test_each_printer_suggests_for_a_tasks_name_error_what_it_suggests_serially(ip, local_pool, few_globals,
+                                                                                 code, cell):
+    """Python 3.12's two printers of "Did you mean" differ even serially: ``sys.excepthook``'s
+    checks the code's variables (bound or not), the globals and the builtins each on its
+    own (a list of 750 names or more skipped); the ``traceback`` module's
+    (``traceback.print_exc``, ``logging.exception``) the bound variables, closure ones too, globals and
+    builtins joined (none past 750 in all). A task's copy followed the excepthook's
+    answer for both: ``traceback`` suggested 'total' for a local not bound yet, and none
+    for a closure's variable, where serially the reverse. Each says what it says serially."""
+    if cell:
+        _many_globals(few_globals, 400)
+        calls = ["%%parallel -n 1 -q\ncell_total = 1\ncell_totl + rank", "rank = 0\ncell_total = 1\ncell_totl + rank"]
+    else:
+        if "lenn" in code or "total = 1\n    return" in code:
+            _many_globals(few_globals)
+        defined(ip, code)
+        calls = ["typo(1)", "%pmap -q typo, [1]"]
+    said = _said_by_both(ip, calls)
+    assert said[1] == said[0], said
 
 
 @pytest.mark.parametrize("kind", ["forkserver", "spawn"])
