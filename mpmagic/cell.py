@@ -21,7 +21,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import astlock, compat
+from . import astlock
 from .errors import cell_origin, newline_ended, remember_cell_origin
 from .worker_setup import use_set_globals_in
 
@@ -300,8 +300,6 @@ def make_cell_spec(
     tree = astlock.parse(numbered)  # (a SyntaxError is raised here, as the docstring says)
     filename = register_source(numbered)
     remember_cell_origin(filename, origin)  # its frames show as the notebook cell's
-    if origin is not None:  # (IPython's tracebacks find a rank's failing expression and variables there)
-        compat.parse_magic_cell(origin.name, origin.offset)
     # What only compiling finds ('return' or 'await' outside a function) is found
     # here too, once, not in every rank with a traceback through the worker.
     flags = astlock.notebook_future_flags()

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import payload
+from . import compat, payload
 from .errors import (
     FrameInfo,
     NameScope,
@@ -369,7 +369,10 @@ def rebuild(rec: ExcRecord, _memo: dict | None = None) -> BaseException:
     memo[id(rec)] = exc
     if rec.notes is not None:
         _restore(exc, "__notes__", list(rec.notes), rec)
-    _restore(exc, "__traceback__", fake_traceback(map_cell_frames(rec.frames), *_last_names(exc, rec)), rec)
+    frames = map_cell_frames(rec.frames)
+    for cell in {mapped.filename for mapped, sent in zip(frames, rec.frames, strict=True) if mapped is not sent}:
+        compat.parse_magic_cell(cell)  # (a rank's frame: IPython reads its failing expression and variables there)
+    _restore(exc, "__traceback__", fake_traceback(frames, *_last_names(exc, rec)), rec)
     if rec.cause is not None:
         _restore(exc, "__cause__", rebuild(rec.cause, memo), rec)
     if rec.context is not None:

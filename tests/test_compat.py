@@ -506,7 +506,7 @@ def test_a_magic_cells_source_parses_past_its_magic_line_and_survives_an_executi
     name = "<mpmagic-test-magic-cell>"
     lines = ["%%parallel -n 2\n", "x = rank * 2\n", "y = 1 / (x - 2)\n"]
     monkeypatch.setitem(linecache.cache, name, (sum(map(len, lines)), None, lines, name))
-    assert compat.parse_magic_cell(name, 1) is True
+    assert compat.parse_magic_cell(name) is True
     for cls in (executing.Source, stack_data.Source):
         source = cls.for_filename(name)
         assert source.tree is not None and [type(s).__name__ for s in source.tree.body] == ["Assign", "Assign"]
@@ -514,5 +514,5 @@ def test_a_magic_cells_source_parses_past_its_magic_line_and_survives_an_executi
     other = "<mpmagic-test-magic-cell-2>"
     monkeypatch.setitem(linecache.cache, other, (sum(map(len, lines)), None, lines, other))
     monkeypatch.delattr(executing.Source, "_for_filename_and_lines")
-    assert compat.parse_magic_cell(other, 1) is False
+    assert compat.parse_magic_cell(other) is False
     assert compat.report()["executing.Source._for_filename_and_lines"] is False
