@@ -857,7 +857,7 @@ def parse_magic_cell(filename: str) -> bool:
     Called when a rank's frame is rebuilt there (``exc_record.rebuild``), not at each
     run: the two parses cost ~7 ms for a cell of 50 lines, a run ~1 ms.
 
-    True when done; False (logged at DEBUG) where neither library is loaded or their
+    True when done; False (logged at DEBUG) where neither library is installed or their
     internals differ: the frame shows its lines, no variables.
     """
     lines = tuple(linecache.getlines(filename))
@@ -869,7 +869,8 @@ def parse_magic_cell(filename: str) -> bool:
             break
     done = False
     for module in ("executing", "stack_data"):  # (stack_data's Source keeps a cache of its own)
-        cls = getattr(sys.modules.get(module), "Source", None)
+        # (imported here if need be: IPython imports them at its first traceback, which may be this one's)
+        cls = getattr(_module(module), "Source", None)
         try:
             source = cls._for_filename_and_lines(filename, lines)  # type: ignore[union-attr]
             if source.tree is None:

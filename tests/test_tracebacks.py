@@ -933,6 +933,26 @@ def test_verbose_lists_the_raising_frames_own_variables_as_serially(ip, local_po
     assert _variables(rank_1) == _variables(serial) == ["        x = 2"], (rank_1, serial)
 
 
+def test_verbose_lists_the_failing_lines_variables_of_a_frame_with_many(ip, local_pool):
+    """The worker sends the reprs of 20 of the raising frame's variables (``debugging.MAX_LOCALS``):
+    the first 20, which for a rank were the notebook's names the cell reads, never the
+    ``x`` of its failing line. Those of the failing line go first."""
+    names = [f"given_{i}" for i in range(25)]
+    ip.user_ns.update(dict.fromkeys(names, 0))
+    cell = f"total = {' + '.join(names)}\nx = rank * 2\ny = 1 / (x - total)"
+    try:
+        ip.run_line_magic("xmode", "Verbose")
+        _, serial, _ = shown(ip, f"rank = 0\n{cell}")
+        _, text, err = shown(ip, f"%%parallel -n 1 -q\n{cell}")
+    finally:
+        ip.run_line_magic("xmode", "Context")
+        for name in [*names, "rank", "total", "x"]:
+            ip.user_ns.pop(name, None)
+    assert isinstance(err, mpmagic.ParallelError), text
+    assert _variables(text.replace("[rank 0] ", "")) == _variables(serial) == ["        total = 0", "        x = 0"], \
+        (text, serial)
+
+
 def test_verbose_arguments_whose_repr_fails_or_hangs_do_not_stop_the_error(ip, local_pool):
     """An argument's repr is taken in the worker as the raising frame's locals are:
     one that raises shows why, one that hangs is stopped after a second (the
